@@ -1,0 +1,38 @@
+// Raw-pointer kernels of the cpp backend. Callers (bindings.cpp) have checked
+// dtype, contiguity and every extent; these functions trust their arguments.
+// Shapes are written out: N rows of L latent dimensions, K samples.
+#pragma once
+
+#include <cstdint>
+
+namespace fastvae {
+
+// Fill out[i] = randn(seed, offset0 + i) for i < n (the tl.randn stream).
+void randn_fill(uint64_t seed, uint64_t offset0, int64_t n, float* out);
+void randn_fill(uint64_t seed, uint64_t offset0, int64_t n, double* out);
+// The two float32 uniforms behind each normal, for bit-exactness tests.
+void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* u2);
+
+// mu, logvar: (N, L); z: (K, N, L); kl: (N,).
+template <typename T>
+void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t K,
+                           int64_t N, int64_t L, T* z, T* kl, int n_threads);
+
+// dz: (K, N, L); dkl: (N,); mu, logvar, dmu, dlogvar: (N, L).
+template <typename T>
+void sample_normal_backward(const T* dz, const T* dkl, const T* mu, const T* logvar,
+                            uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu,
+                            T* dlogvar, int n_threads);
+
+// mu, logvar and (optional, may be null together) prior_mu, prior_logvar: (N, L); kl: (N,).
+template <typename T>
+void kl_normal_forward(const T* mu, const T* logvar, const T* prior_mu, const T* prior_logvar,
+                       int64_t N, int64_t L, T* kl, int n_threads);
+
+// dkl: (N,); the rest (N, L). dprior_* are written only when the prior is given.
+template <typename T>
+void kl_normal_backward(const T* dkl, const T* mu, const T* logvar, const T* prior_mu,
+                        const T* prior_logvar, int64_t N, int64_t L, T* dmu, T* dlogvar,
+                        T* dprior_mu, T* dprior_logvar, int n_threads);
+
+}  // namespace fastvae

@@ -1,0 +1,164 @@
+// sample_normal on the CPU: z = mu + exp(logvar / 2) * eps with eps from the
+// Philox stream at the element's flat index in (K, N, L), and the analytic
+// KL(q || N(0, I)) per row. The backward regenerates eps instead of reading it.
+//
+// Work is split into tiles of whole rows; within a tile the transcendental
+// work runs in fixed-size blocks through target_clones functions, so one
+// portable binary uses AVX-512 or AVX2 where the CPU has it (no -march=native).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops.h"
+#include "philox.h"
+
+namespace fastvae {
+namespace {
+
+constexpr int64_t kBlock = 512;        // elements per vector block (stack buffers)
+constexpr int64_t kTileElems = 8192;   // elements per parallel work item
+
+#define FASTVAE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+FASTVAE_CLONES void randn_block_f32(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = randn_from_bits_f32(philox_2x(seed, offset0 + static_cast<uint64_t>(i)));
+  }
+}
+
+// out[i] = exp(scale * x[i])
+FASTVAE_CLONES void exp_block_f32(const float* x, float scale, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = fast_exp(scale * x[i]);
+}
+
+void randn_block(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
+  randn_block_f32(seed, offset0, n, out);
+}
+
+void randn_block(uint64_t seed, uint64_t offset0, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = randn_from_bits_f64(philox_2x(seed, offset0 + static_cast<uint64_t>(i)));
+  }
+}
+
+// s[i] = exp(logvar[i] / 2)
+void half_exp_block(const float* lv, int64_t n, float* s) { exp_block_f32(lv, 0.5f, n, s); }
+
+void half_exp_block(const double* lv, int64_t n, double* s) {
+  for (int64_t i = 0; i < n; ++i) s[i] = std::exp(0.5 * lv[i]);
+}
+
+// Per-row values of a tile spread to its elements: rows are runs of L in the
+// flat index, so one walk replaces a division per element.
+template <typename T>
+void spread_rows(const T* row_values, int64_t first_elem, int64_t n, int64_t L, T* out) {
+  int64_t row = first_elem / L;
+  int64_t col = first_elem % L;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = row_values[row];
+    if (++col == L) {
+      col = 0;
+      ++row;
+    }
+  }
+}
+
+int64_t rows_per_tile(int64_t L) { return std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1)); }
+
+}  // namespace
+
+void randn_fill(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
+  randn_block(seed, offset0, n, out);
+}
+
+void randn_fill(uint64_t seed, uint64_t offset0, int64_t n, double* out) {
+  randn_block(seed, offset0, n, out);
+}
+
+void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* u2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Philox2 w = philox_2x(seed, offset0 + static_cast<uint64_t>(i));
+    u1[i] = uniform_from_bits(w.r0);
+    u2[i] = uniform_from_bits(w.r1);
+  }
+}
+
+template <typename T>
+void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t K,
+                           int64_t N, int64_t L, T* z, T* kl, int n_threads) {
+  const int64_t NL = N * L;
+  const int64_t tile_rows = rows_per_tile(L);
+  const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    const int64_t r0 = tile * tile_rows;
+    const int64_t r1 = std::min(N, r0 + tile_rows);
+    // KL terms are summed in double: cheap here and it keeps long rows exact.
+    std::vector<double> kl_acc(static_cast<size_t>(r1 - r0), 0.0);
+    T s[kBlock], eps[kBlock];
+    for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, r1 * L - b0);
+      half_exp_block(logvar + b0, n, s);
+      int64_t row = b0 / L - r0, col = b0 % L;
+      for (int64_t i = 0; i < n; ++i) {
+        const double m = mu[b0 + i], lv = logvar[b0 + i], var = double(s[i]) * s[i];
+        kl_acc[row] += var + m * m - 1.0 - lv;
+        if (++col == L) {
+          col = 0;
+          ++row;
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t base = k * NL + b0;
+        randn_block(seed, static_cast<uint64_t>(base), n, eps);
+        T* zk = z + base;
+        const T* mk = mu + b0;
+        for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
+      }
+    }
+    for (int64_t r = r0; r < r1; ++r) kl[r] = static_cast<T>(0.5 * kl_acc[r - r0]);
+  }
+}
+
+template <typename T>
+void sample_normal_backward(const T* dz, const T* dkl, const T* mu, const T* logvar,
+                            uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu,
+                            T* dlogvar, int n_threads) {
+  const int64_t NL = N * L;
+  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t b0 = blk * kBlock;
+    const int64_t n = std::min(kBlock, NL - b0);
+    T s[kBlock], eps[kBlock], g_kl[kBlock], acc_mu[kBlock], acc_lv[kBlock];
+    half_exp_block(logvar + b0, n, s);
+    spread_rows(dkl, b0, n, L, g_kl);
+    for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t base = k * NL + b0;
+      randn_block(seed, static_cast<uint64_t>(base), n, eps);
+      const T* g = dz + base;
+      for (int64_t i = 0; i < n; ++i) {
+        acc_mu[i] += g[i];
+        acc_lv[i] += g[i] * eps[i];
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      dmu[b0 + i] = acc_mu[i] + g_kl[i] * mu[b0 + i];
+      dlogvar[b0 + i] = T(0.5) * (acc_lv[i] * s[i] + g_kl[i] * (s[i] * s[i] - T(1)));
+    }
+  }
+}
+
+template void sample_normal_forward<float>(const float*, const float*, uint64_t, int64_t,
+                                           int64_t, int64_t, float*, float*, int);
+template void sample_normal_forward<double>(const double*, const double*, uint64_t, int64_t,
+                                            int64_t, int64_t, double*, double*, int);
+template void sample_normal_backward<float>(const float*, const float*, const float*,
+                                            const float*, uint64_t, int64_t, int64_t, int64_t,
+                                            float*, float*, int);
+template void sample_normal_backward<double>(const double*, const double*, const double*,
+                                             const double*, uint64_t, int64_t, int64_t,
+                                             int64_t, double*, double*, int);
+
+}  // namespace fastvae

@@ -1,0 +1,120 @@
+"""Which implementation serves an op: the backend choice, the loaders of the
+compiled extension and of the Triton kernels, and output allocation.
+
+Automatic choice: CUDA tensors -> "triton", CPU tensors -> "cpp".
+FASTVAE_BACKEND=reference|cpp|triton overrides it (read at every call, so it
+can be changed at run time). "triton" on CPU tensors runs the Triton
+interpreter, which needs TRITON_INTERPRET=1 set before Triton is imported.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+OPS = ("sample_normal", "kl_normal")
+
+_BUILD_HINT = (
+    "fastvae's C++ extension (fastvae._C) is not built or failed to load{why}. "
+    "Build it with `pip install -e .` (or `python setup.py build_ext --inplace`) from the "
+    "fastvae source tree; set FASTVAE_BACKEND=reference to run the slow plain-PyTorch ops instead."
+)
+
+
+@functools.cache
+def _load_cpp():
+    """The extension module, or the ImportError that explains why it is missing."""
+    try:
+        return importlib.import_module("fastvae._C")
+    except ImportError as err:
+        return err
+
+
+def cpp_module():
+    """fastvae._C, or a RuntimeError that says how to build it."""
+    mod = _load_cpp()
+    if isinstance(mod, ImportError):
+        raise RuntimeError(_BUILD_HINT.format(why=f" ({mod})")) from mod
+    return mod
+
+
+def cpp_available() -> bool:
+    return not isinstance(_load_cpp(), ImportError)
+
+
+@functools.cache
+def triton_module(op: str):
+    """fastvae.kernels.<op> (imports Triton on first use)."""
+    return importlib.import_module(f"fastvae.kernels.{op}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _warn_missing_cpp() -> None:
+    warnings.warn(
+        _BUILD_HINT.format(why="") + " Falling back to the reference backend for CPU tensors.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def requested_backend() -> str | None:
+    """The FASTVAE_BACKEND override, validated; None when unset or empty."""
+    name = os.environ.get("FASTVAE_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"FASTVAE_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
+    """The backend that runs ops on tensors of this device."""
+    device_type = torch.device(device).type
+    name = requested_backend()
+    if name is None:
+        if device_type == "cuda":
+            return "triton"
+        if cpp_available():
+            return "cpp"
+        if warn:
+            _warn_missing_cpp()
+        return "reference"
+    if name == "cpp" and device_type != "cpu":
+        raise ValueError(f"FASTVAE_BACKEND=cpp serves CPU tensors only, got a {device_type} tensor")
+    if name == "triton" and device_type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "FASTVAE_BACKEND=triton on CPU tensors runs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before Python starts"
+        )
+    if name == "triton" and device_type not in ("cpu", "cuda"):
+        raise ValueError(f"the triton backend serves CUDA tensors, got a {device_type} tensor")
+    return name
+
+
+def backend_info(device: torch.device | str = "cpu") -> dict[str, str]:
+    """Which backend serves each op for tensors on ``device``, e.g.
+    ``{"sample_normal": "cpp", "kl_normal": "cpp"}``; a missing C++ extension
+    shows as ``"reference (cpp extension missing)"``."""
+    name = backend_for(device, warn=False)
+    if name == "reference" and requested_backend() is None:
+        name = "reference (cpp extension missing)"
+    return {op: name for op in OPS}
+
+
+def empty_output(shape, *, like: torch.Tensor) -> torch.Tensor:
+    """Fresh output buffer for a kernel to fill. Every op allocates through here
+    so that tests can poison outputs with NaN and catch unwritten elements."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def num_threads() -> int:
+    """OpenMP threads for the cpp backend: follows torch.get_num_threads()."""
+    return max(1, torch.get_num_threads())

@@ -1,0 +1,62 @@
+"""Argument checks shared by the public functions. Each error names the
+offending argument with its shape, dtype or device. Checks look only at
+metadata, never at values, so they cost no host synchronisation and trace
+under torch.compile without a graph break."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The cpp and reference backends compute in the input dtype; half precision
+# is read natively only by the Triton kernels.
+FULL_DTYPES = (torch.float32, torch.float64)
+
+
+def float_tensors(**tensors: torch.Tensor) -> None:
+    """All arguments are floating-point tensors of one dtype on one device."""
+    first_name, first = None, None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                f"float64), got dtype {t.dtype}"
+            )
+        if first is None:
+            first_name, first = name, t
+            continue
+        if t.dtype != first.dtype:
+            raise TypeError(f"dtype mismatch: {first_name} is {first.dtype}, {name} is {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"device mismatch: {first_name} is on {first.device}, {name} is on {t.device}")
+
+
+def same_shape(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.shape != t0.shape:
+            raise ValueError(
+                f"shape mismatch: {name0} has shape {tuple(t0.shape)}, {name} has shape {tuple(t.shape)}"
+            )
+
+
+def event_dim(name: str, t: torch.Tensor) -> None:
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have a last (event) dimension, got a 0-d tensor")
+
+
+def positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def dtype_for_backend(backend: str, dtype: torch.dtype) -> None:
+    if backend != "triton" and dtype not in FULL_DTYPES:
+        raise TypeError(
+            f"the {backend} backend supports float32 and float64, got {dtype}; "
+            "float16/bfloat16 inputs run on the triton backend (CUDA tensors)"
+        )

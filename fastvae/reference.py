@@ -1,0 +1,169 @@
+"""Plain-PyTorch reference of every fastvae op: the test oracle and the
+``reference`` backend.
+
+Everything here is written for clarity, not speed, and runs in float64 when
+given float64. The Philox stream is emulated with int64 tensor arithmetic so
+that the reference draws exactly the noise the kernels draw (see the RNG
+contract in docs/architecture.md): the float32 uniforms are bit-exact, and the
+Box-Muller transform is then evaluated in float64.
+
+Functions named ``<op>`` are differentiable (plain autograd) and serve as the
+oracle for gradients; ``<op>_forward`` / ``<op>_backward`` are the explicit
+formulas that the reference backend runs inside the custom ops.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
+_TWO_PI = 6.283185307179586
+_MIN_U1 = 1.0e-7
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of a * b for a constant a < 2**32 and b < 2**32.
+
+    b is split in 16-bit halves so every partial product fits in int64.
+    """
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = ((p_hi << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """First two words of Philox4x32-10 at counter (lo(offset), hi(offset), 0, 0),
+    key (lo(seed), hi(seed)), as uint32 values held in int64 tensors."""
+    offsets = offsets.to(torch.int64)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1
+
+
+def uniform_from_bits(bits: Tensor) -> Tensor:
+    """Triton's uint_to_uniform_float: int32 view, negatives folded by ~x, scaled (float32)."""
+    x = torch.where(bits >= 2**31, bits - 2**32, bits)
+    x = torch.where(x < 0, ~x, x)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def philox_uniform(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The two float32 uniforms in [0, 1) behind the normal at each offset."""
+    r0, r1 = philox_bits(seed, offsets)
+    return uniform_from_bits(r0), uniform_from_bits(r1)
+
+
+def philox_randn(seed: int, offsets: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Standard normals of the tl.randn stream at the given flat offsets.
+
+    u1 is clamped to 1e-7 and theta = float32(2*pi) * u2 is formed in float32
+    exactly as the kernels do; log, sqrt and cos then run in float64.
+    """
+    u1, u2 = philox_uniform(seed, offsets)
+    u1 = torch.clamp_min(u1, _MIN_U1)
+    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * u2
+    eps = torch.sqrt(-2.0 * torch.log(u1.double())) * torch.cos(theta.double())
+    return eps.to(dtype)
+
+
+def sample_noise(seed: int, n_samples: int, shape: torch.Size, dtype, device) -> Tensor:
+    """eps of shape (n_samples, *shape): element (k, i) uses offset k * numel + i."""
+    numel = math.prod(shape)
+    offsets = torch.arange(n_samples * numel, dtype=torch.int64, device=device)
+    return philox_randn(seed, offsets, dtype).reshape(n_samples, *shape)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------
+# sample_normal
+# --------------------------------------------------------------------------
+
+
+def sample_normal(mu: Tensor, logvar: Tensor, seed: int, n_samples: int) -> tuple[Tensor, Tensor]:
+    """z = mu + exp(logvar / 2) * eps, shape (n_samples, ..., L), and
+    kl = KL(N(mu, diag(exp(logvar))) || N(0, I)) summed over L, shape (...).
+
+    Differentiable with plain autograd; computed in the dtype of the inputs.
+    """
+    eps = sample_noise(seed, n_samples, mu.shape, mu.dtype, mu.device)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    kl = 0.5 * torch.sum(torch.exp(logvar) + mu * mu - 1.0 - logvar, dim=-1)
+    return z, kl
+
+
+def sample_normal_forward(mu: Tensor, logvar: Tensor, seed: int, z: Tensor, kl: Tensor) -> None:
+    """Writes sample_normal into z (K, N, L) and kl (N,); inputs (N, L)."""
+    acc = _compute_dtype(mu)
+    zr, klr = sample_normal(mu.to(acc), logvar.to(acc), seed, z.shape[0])
+    z.copy_(zr)
+    kl.copy_(klr)
+
+
+def sample_normal_backward(dz: Tensor, dkl: Tensor, mu: Tensor, logvar: Tensor, seed: int,
+                           dmu: Tensor, dlogvar: Tensor) -> None:
+    """dmu = sum_k dz + dkl * mu;  dlogvar = sum_k dz * eps * s / 2 + dkl * (exp(logvar) - 1) / 2."""
+    acc = _compute_dtype(mu)
+    mu, logvar, dz, dkl = mu.to(acc), logvar.to(acc), dz.to(acc), dkl.to(acc)
+    eps = sample_noise(seed, dz.shape[0], mu.shape, acc, mu.device)
+    s = torch.exp(0.5 * logvar)
+    dmu.copy_(dz.sum(0) + dkl[..., None] * mu)
+    dlogvar.copy_(0.5 * (dz * eps).sum(0) * s + 0.5 * dkl[..., None] * (torch.exp(logvar) - 1.0))
+
+
+# --------------------------------------------------------------------------
+# kl_normal
+# --------------------------------------------------------------------------
+
+
+def kl_normal(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
+              prior_logvar: Tensor | None = None) -> Tensor:
+    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) summed over the last dim;
+    the prior is N(0, I) when both prior arguments are None."""
+    if prior_mu is None:
+        return 0.5 * torch.sum(torch.exp(logvar) + mu * mu - 1.0 - logvar, dim=-1)
+    d = mu - prior_mu
+    return 0.5 * torch.sum(prior_logvar - logvar + (torch.exp(logvar) + d * d) * torch.exp(-prior_logvar) - 1.0, dim=-1)
+
+
+def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
+    acc = _compute_dtype(mu)
+    up = (lambda t: None if t is None else t.to(acc))
+    kl.copy_(kl_normal(up(mu), up(logvar), up(prior_mu), up(prior_logvar)))
+
+
+def kl_normal_backward(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
+    acc = _compute_dtype(mu)
+    g = dkl.to(acc)[..., None]
+    mu, logvar = mu.to(acc), logvar.to(acc)
+    var = torch.exp(logvar)
+    if prior_mu is None:
+        dmu.copy_(g * mu)
+        dlogvar.copy_(0.5 * g * (var - 1.0))
+        return
+    prior_mu, prior_logvar = prior_mu.to(acc), prior_logvar.to(acc)
+    inv_pvar = torch.exp(-prior_logvar)
+    d = mu - prior_mu
+    dmu.copy_(g * d * inv_pvar)
+    dprior_mu.copy_(-g * d * inv_pvar)
+    dlogvar.copy_(0.5 * g * (var * inv_pvar - 1.0))
+    dprior_logvar.copy_(0.5 * g * (1.0 - (var + d * d) * inv_pvar))

@@ -1,0 +1,73 @@
+"""The noise stream shared by every Triton kernel (and reproduced by csrc/philox.h
+and fastvae.reference): Triton's Philox4x32-10 at the element's flat int64
+offset, turned into a standard normal the way tl.randn does it."""
+import triton
+import triton.language as tl
+
+# -- math helpers -----------------------------------------------------------
+
+
+@triton.jit
+def randn(seed, offsets, ACC: tl.constexpr):
+    """tl.randn(seed, offsets), with log/sqrt/cos evaluated in ACC.
+
+    For ACC = float32 this is tl.randn itself. For float64 the uniforms and
+    theta are still the float32 values of the stream, so float32 and float64
+    tensors see the same noise.
+    """
+    r0, r1, _, _ = tl.randint4x(seed, offsets)
+    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(r0))
+    theta = 6.283185307179586 * tl.uint_to_uniform_float(r1)
+    return tl.sqrt(-2.0 * tl.log(u1.to(ACC))) * tl.cos(theta.to(ACC))
+
+
+# -- kernels ------------------------------------------------------------------
+
+
+@triton.jit
+def _uniform_kernel(
+    seed_ptr,  # (): int64
+    u1_ptr,  # (n,): float32
+    u2_ptr,  # (n,): float32
+    offset0,  # first Philox offset
+    n,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    r0, r1, _, _ = tl.randint4x(tl.load(seed_ptr), offset0 + idx)
+    tl.store(u1_ptr + idx, tl.uint_to_uniform_float(r0), mask=mask)
+    tl.store(u2_ptr + idx, tl.uint_to_uniform_float(r1), mask=mask)
+
+
+@triton.jit
+def _randn_kernel(
+    seed_ptr,  # (): int64
+    out_ptr,  # (n,): float32 or float64
+    offset0,
+    n,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    eps = randn(tl.load(seed_ptr), offset0 + idx, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + idx, eps, mask=mask)
+
+
+# -- launchers ----------------------------------------------------------------
+
+
+def uniform_fill(seed, offset0: int, u1, u2) -> None:
+    """u1, u2 (n,) float32 <- the two uniforms behind each normal at offset0 + i."""
+    n = u1.numel()
+    BLOCK = 1024
+    _uniform_kernel[(triton.cdiv(n, BLOCK),)](seed, u1, u2, offset0, n, BLOCK=BLOCK)
+
+
+def randn_fill(seed, offset0: int, out) -> None:
+    """out (n,) <- randn(seed, offset0 + i)."""
+    n = out.numel()
+    BLOCK = 1024
+    _randn_kernel[(triton.cdiv(n, BLOCK),)](seed, out, offset0, n, BLOCK=BLOCK)
