@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from . import _validate, reference
-from ._backend import backend_for, cpp_module, empty_output, num_threads, triton_module
+from . import _backend
+from ._backend import backend_for, cpp_module, num_threads, triton_module
 from .sample_normal import _flat
 
 
@@ -24,7 +25,7 @@ def kl_normal_op(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logv
     mu2, lv2 = _flat(mu), _flat(logvar)
     pm2 = None if prior_mu is None else _flat(prior_mu)
     plv2 = None if prior_logvar is None else _flat(prior_logvar)
-    kl = empty_output((mu2.shape[0],), like=mu)
+    kl = _backend.empty_output((mu2.shape[0],), like=mu)
     if backend == "cpp":
         cpp_module().kl_normal_forward(_np(mu2), _np(lv2), _np(pm2), _np(plv2), kl.numpy(), num_threads())
     elif backend == "triton":
@@ -52,9 +53,9 @@ def kl_normal_backward_op(
     has_prior = prior_mu is not None
     pm2 = _flat(prior_mu) if has_prior else None
     plv2 = _flat(prior_logvar) if has_prior else None
-    dmu, dlv = empty_output((N, L), like=mu), empty_output((N, L), like=mu)
-    dpm = empty_output((N, L) if has_prior else (0,), like=mu)
-    dplv = empty_output((N, L) if has_prior else (0,), like=mu)
+    dmu, dlv = _backend.empty_output((N, L), like=mu), _backend.empty_output((N, L), like=mu)
+    dpm = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
+    dplv = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
     dpm_arg, dplv_arg = (dpm, dplv) if has_prior else (None, None)
     if backend == "cpp":
         cpp_module().kl_normal_backward(

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _validate, reference
-from ._backend import backend_for, cpp_module, empty_output, num_threads, triton_module
+from . import _backend
+from ._backend import backend_for, cpp_module, num_threads, triton_module
 
 _SEED_HIGH = 2**63 - 1
 
@@ -43,8 +44,8 @@ def sample_normal_op(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -
     _validate.dtype_for_backend(backend, mu.dtype)
     mu2, lv2 = _flat(mu), _flat(logvar)
     N, L = mu2.shape
-    z = empty_output((n_samples, N, L), like=mu)
-    kl = empty_output((N,), like=mu)
+    z = _backend.empty_output((n_samples, N, L), like=mu)
+    kl = _backend.empty_output((N,), like=mu)
     if backend == "cpp":
         cpp_module().sample_normal_forward(
             mu2.detach().numpy(), lv2.detach().numpy(), int(seed), z.numpy(), kl.numpy(), num_threads()
@@ -70,8 +71,8 @@ def sample_normal_backward_op(dz: Tensor, dkl: Tensor, mu: Tensor, logvar: Tenso
     K = dz.shape[0]
     dz3 = dz.to(mu.dtype).reshape(K, N, L).contiguous()
     dkl1 = dkl.to(mu.dtype).reshape(N).contiguous()
-    dmu = empty_output((N, L), like=mu)
-    dlv = empty_output((N, L), like=mu)
+    dmu = _backend.empty_output((N, L), like=mu)
+    dlv = _backend.empty_output((N, L), like=mu)
     if backend == "cpp":
         cpp_module().sample_normal_backward(
             dz3.detach().numpy(), dkl1.detach().numpy(), mu2.detach().numpy(), lv2.detach().numpy(),

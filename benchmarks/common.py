@@ -1,0 +1,324 @@
+"""Shared pieces of the fastvae benchmarks: timing, the copy-bandwidth roofline,
+peak memory, run metadata, and the markdown / JSON output.
+
+Conventions (see /work/shared/guide/perf.md): every figure is a median taken in
+the same run as the baselines and the copy bandwidth it is compared with, because
+these machines are shared and absolute times drift between runs.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# -- timing --------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _do_bench():
+    """triton.testing.do_bench, or None. Triton is only imported for CUDA runs."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
+
+
+def time_ms(
+    fn: Callable[..., Any],
+    device: torch.device,
+    *,
+    setup: Callable[[], Any] | None = None,
+    repeats: int = 20,
+    warmup: int = 2,
+) -> list[float]:
+    """Wall times of ``fn`` in milliseconds, one per repetition.
+
+    With ``setup``, each repetition first calls ``setup()`` outside the timed
+    region and passes its result to ``fn``: this is how a backward is timed on a
+    fresh autograd graph (a graph is consumed by the backward, so it must be
+    rebuilt every time, and building it is the forward we do not want to count).
+
+    On CUDA without setup this defers to triton.testing.do_bench (which flushes
+    L2 between calls and picks its own repetition count) and returns its median
+    as a single figure; with setup it uses CUDA events and flushes L2 by hand.
+    """
+    if device.type == "cuda":
+        return _time_cuda_ms(fn, device, setup=setup, repeats=repeats, warmup=warmup)
+
+    for _ in range(warmup):
+        out = fn(setup()) if setup else fn()
+        del out
+    times = []
+    for _ in range(repeats):
+        arg = setup() if setup else None
+        start = time.perf_counter()
+        out = fn(arg) if setup else fn()
+        stop = time.perf_counter()
+        # Outputs are dropped after the clock stops so that freeing them (munmap
+        # of large buffers) is not charged to the call.
+        del out, arg
+        times.append((stop - start) * 1e3)
+    return times
+
+
+def _time_cuda_ms(fn, device, *, setup, repeats, warmup) -> list[float]:
+    do_bench = _do_bench()
+    if setup is None and do_bench is not None:
+        try:
+            return [float(do_bench(fn, return_mode="median"))]
+        except TypeError:  # older Triton: no return_mode
+            return [float(do_bench(fn, quantiles=[0.5])[0])]
+
+    # 256 MB is larger than any current L2, so zeroing it evicts the inputs.
+    flush = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
+    for _ in range(warmup):
+        out = fn(setup()) if setup else fn()
+        del out
+    times = []
+    for _ in range(repeats):
+        arg = setup() if setup else None
+        flush.zero_()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(arg) if setup else fn()
+        stop.record()
+        torch.cuda.synchronize(device)
+        del out, arg
+        times.append(start.elapsed_time(stop))
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+# -- roofline ------------------------------------------------------------------
+
+
+def copy_bandwidth_gbs(device: torch.device, *, mbytes: int = 256, repeats: int = 10) -> dict[str, Any]:
+    """Bandwidth of ``dst.copy_(src)`` for an ``mbytes`` MB float32 tensor into a
+    preallocated buffer, counting read + write bytes: the practical ceiling for
+    a memory-bound op on this machine, measured in the same run as the op."""
+    n = mbytes * 2**20 // 4
+    src = torch.rand(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = time_ms(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
+    moved = 2 * src.numel() * src.element_size()
+    return {
+        "bytes_per_copy": moved,
+        "tensor_mbytes": mbytes,
+        "median_ms": median(times),
+        "times_ms": times,
+        "gbs": moved / (median(times) * 1e-3) / 1e9,
+    }
+
+
+def gbs(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+# -- peak memory ---------------------------------------------------------------
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """Extra memory that ``fn`` needs at its peak, above what is live before it.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: tracemalloc does not see torch's
+    allocator, so this reads the process's peak RSS (VmHWM), reset beforehand
+    through /proc/self/clear_refs so that earlier work (imports, torch.compile,
+    warm-up) does not set the high-water mark. Run it in a fresh subprocess per
+    implementation so that allocator caches of other implementations do not
+    interfere. Without /proc it falls back to ru_maxrss, which is not reset.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        del out
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"method": "torch.cuda.max_memory_allocated", "peak_mb": (peak - base) / 2**20}
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS
+        base_kb = _proc_status_kb("VmRSS")
+        out = fn()
+        del out
+        peak_kb = _proc_status_kb("VmHWM")
+        if base_kb is not None and peak_kb is not None:
+            return {"method": "VmHWM - VmRSS (clear_refs reset)", "peak_mb": (peak_kb - base_kb) / 1024}
+    except OSError:
+        pass
+    import resource
+
+    out = fn()
+    del out
+    # ru_maxrss is in KiB on Linux, bytes on macOS; it is the whole-process peak.
+    scale = 1 if sys.platform == "darwin" else 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return {"method": "ru_maxrss (whole process, not reset)", "peak_mb": peak / 2**20}
+
+
+def run_child_json(args: list[str], *, timeout: float = 600) -> dict[str, Any]:
+    """Run ``python -m <args>`` from the repository root and parse the last line
+    of its stdout as JSON (how subprocess measurements report back)."""
+    # glibc keeps freed heap memory in the process (and raises its mmap threshold
+    # after large frees), so warm-up calls would leave memory that later calls
+    # reuse and the peak RSS would not move. A fixed threshold makes every large
+    # buffer its own mapping, returned to the OS when freed, so RSS tracks live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- metadata ------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def device_tag(device: torch.device) -> str:
+    """Short file-name tag: "cpu", or the GPU name slugged ("nvidia-h100-80gb-hbm3")."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str | None]:
+    v: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": None,
+    }
+    try:
+        import numpy
+
+        v["numpy"] = numpy.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            v["triton"] = triton.__version__
+        except ImportError:
+            pass
+    try:
+        import fastvae
+
+        v["fastvae"] = fastvae.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def metadata(device: torch.device) -> dict[str, Any]:
+    """Everything needed to tell where and how a result file was produced."""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch_num_threads": torch.get_num_threads(),
+            # Other work on a shared machine shows here and explains noisy figures.
+            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "device": str(device),
+        "device_name": device_name(device),
+        "versions": versions(),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("FASTVAE_", "OMP_", "TRITON_", "TORCHINDUCTOR_"))},
+    }
+
+
+# -- output --------------------------------------------------------------------
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; numbers are expected already formatted as strings."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def write_json(path: Path | str, payload: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

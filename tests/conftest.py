@@ -1,0 +1,59 @@
+"""Shared fixtures: the backends under test, NaN-poisoned outputs, Hypothesis profiles.
+
+One pytest process tests the reference and cpp backends (and compiled Triton
+when a CUDA device is present). The Triton interpreter needs TRITON_INTERPRET=1
+before Triton is imported, so tests/test_triton_interpreter.py re-runs the op
+tests in a child process with that set; there the only backend is triton on CPU.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import fastvae._backend
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+settings.register_profile(
+    "ci", max_examples=15, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev", max_examples=100, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _backend_params():
+    if INTERPRET:
+        return [pytest.param(("triton", "cpu"), id="triton-interpreter")]
+    params = [pytest.param(("reference", "cpu"), id="reference"), pytest.param(("cpp", "cpu"), id="cpp")]
+    params.append(
+        pytest.param(
+            ("triton", "cuda"), id="triton-cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        )
+    )
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request, monkeypatch):
+    """(backend name, device): FASTVAE_BACKEND is set for the test's duration."""
+    name, device = request.param
+    monkeypatch.setenv("FASTVAE_BACKEND", name)
+    return name, device
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_outputs(monkeypatch):
+    """Every fresh op output starts as NaN, so an element a kernel forgot to write fails."""
+    real = fastvae._backend.empty_output
+
+    def poisoned(shape, *, like):
+        out = real(shape, like=like)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(fastvae._backend, "empty_output", poisoned)

@@ -1,0 +1,70 @@
+"""Backend choice, the FASTVAE_BACKEND override and the missing-extension message."""
+import pytest
+import torch
+
+import fastvae
+from conftest import INTERPRET
+from fastvae import _backend
+
+pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
+
+
+def test_default_cpu_backend_is_cpp(monkeypatch):
+    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    assert fastvae.backend_info("cpu") == {"sample_normal": "cpp", "kl_normal": "cpp"}
+    assert _backend.backend_for("cuda") == "triton"
+
+
+def test_override(monkeypatch):
+    monkeypatch.setenv("FASTVAE_BACKEND", "reference")
+    assert fastvae.backend_info("cpu") == {op: "reference" for op in _backend.OPS}
+    assert _backend.backend_for("cuda") == "reference"
+    monkeypatch.setenv("FASTVAE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        fastvae.backend_info()
+    monkeypatch.setenv("FASTVAE_BACKEND", "cpp")
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        _backend.backend_for("cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fastvae.sample_normal(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_missing_extension_is_explained(monkeypatch):
+    monkeypatch.setattr(_backend, "_load_cpp", lambda: ImportError("no module named fastvae._C"))
+    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    _backend._warn_missing_cpp.cache_clear()
+    with pytest.warns(RuntimeWarning, match="pip install -e ."):
+        z, kl = fastvae.sample_normal(torch.zeros(2, 3), torch.zeros(2, 3))
+    assert fastvae.backend_info()["sample_normal"] == "reference (cpp extension missing)"
+    monkeypatch.setenv("FASTVAE_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="not built"):
+        fastvae.sample_normal(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_cpp_boundary_checks_shapes_and_dtypes():
+    """The extension refuses arrays whose extents or dtypes do not match, before touching memory."""
+    from fastvae import _C
+
+    mu = torch.zeros(4, 3).numpy()
+    z = torch.zeros(2, 4, 3).numpy()
+    with pytest.raises(ValueError, match="kl: expected shape"):
+        _C.sample_normal_forward(mu, mu, 1, z, torch.zeros(5).numpy(), 1)
+    with pytest.raises(ValueError, match="logvar: expected shape"):
+        _C.sample_normal_forward(mu, torch.zeros(4, 2).numpy(), 1, z, torch.zeros(4).numpy(), 1)
+    with pytest.raises(TypeError, match="logvar: expected dtype"):
+        _C.sample_normal_forward(mu, mu.astype("float64"), 1, z, torch.zeros(4).numpy(), 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.sample_normal_forward(mu, torch.zeros(3, 4).numpy().T, 1, z, torch.zeros(4).numpy(), 1)
+    with pytest.raises(ValueError, match="read-only"):
+        ro = torch.zeros(4).numpy()
+        ro.flags.writeable = False
+        _C.sample_normal_forward(mu, mu, 1, z, ro, 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        _C.sample_normal_forward(mu, mu, 1, z, torch.zeros(4).numpy(), 0)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        _C.kl_normal_forward(torch.zeros(2, 2, dtype=torch.int32).numpy(), mu, None, None, torch.zeros(2).numpy(), 1)

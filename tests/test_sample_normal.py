@@ -1,0 +1,244 @@
+"""sample_normal against the float64 reference, per backend (see conftest.py)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae import reference
+from fastvae.sample_normal import draw_seed, sample_normal_backward_op, sample_normal_op
+from helpers import assert_close, seed_tensor
+
+# L values: odd, powers of two and +-1, and longer than one Triton block (1024)
+LATENT = [1, 2, 3, 7, 31, 32, 33, 100, 1025, 1537]
+
+
+@st.composite
+def problems(draw, max_logvar=30.0):
+    """(batch shape, L, n_samples, float64 seed, logvar bound) with K*B*L kept small."""
+    L = draw(st.sampled_from(LATENT))
+    max_rows = max(1, 6000 // L)
+    batch = tuple(draw(st.lists(st.integers(1, 7), min_size=0, max_size=2)))
+    while math.prod(batch) > max_rows:
+        batch = batch[1:]
+    n_samples = draw(st.sampled_from([None, 1, 2, 3, 5]))
+    data_seed = draw(st.integers(0, 2**31 - 1))
+    lv_bound = draw(st.sampled_from([1.0, 5.0, max_logvar]))
+    return batch, L, n_samples, data_seed, lv_bound
+
+
+def make_inputs(batch, L, data_seed, lv_bound, dtype, device, requires_grad=False):
+    g = torch.Generator().manual_seed(data_seed)
+    mu = (torch.randn((*batch, L), generator=g, dtype=torch.float64) * 3).to(dtype)
+    logvar = ((torch.rand((*batch, L), generator=g, dtype=torch.float64) * 2 - 1) * lv_bound).to(dtype)
+    mu, logvar = mu.to(device), logvar.to(device)
+    return mu.requires_grad_(requires_grad), logvar.requires_grad_(requires_grad)
+
+
+
+def reference_pieces(mu, logvar, seed, K):
+    """float64 reference outputs plus the tolerance scales of each output."""
+    mu64, lv64 = mu.detach().double().cpu(), logvar.detach().double().cpu()
+    eps = reference.sample_noise(seed, K, mu64.shape, torch.float64, "cpu")
+    s = torch.exp(0.5 * lv64)
+    z = mu64 + s * eps
+    kl = reference.kl_normal(mu64, lv64)
+    z_scale = mu64.abs() + s * (eps.abs() + 1.0)
+    kl_scale = 0.5 * torch.sum(torch.exp(lv64) + mu64 * mu64 + 1.0 + lv64.abs(), dim=-1)
+    return eps, s, z, kl, z_scale, kl_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(problem=problems())
+def test_forward_matches_reference(backend, dtype, problem):
+    _, device = backend
+    batch, L, n_samples, data_seed, lv_bound = problem
+    mu, logvar = make_inputs(batch, L, data_seed, lv_bound, dtype, device)
+    gen_seed = data_seed + 1
+    z, kl = fastvae.sample_normal(mu, logvar, n_samples, generator=torch.Generator(device).manual_seed(gen_seed))
+    seed = int(draw_seed(torch.device(device), torch.Generator(device).manual_seed(gen_seed)))
+    K = 1 if n_samples is None else n_samples
+    _, _, z_ref, kl_ref, z_scale, kl_scale = reference_pieces(mu, logvar, seed, K)
+    if n_samples is None:
+        z_ref, z_scale = z_ref[0], z_scale[0]
+    assert z.dtype == dtype and kl.dtype == dtype
+    assert_close(z, z_ref, z_scale, "z")
+    assert_close(kl, kl_ref, kl_scale, "kl")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(problem=problems())
+def test_backward_matches_reference_autograd(backend, dtype, problem):
+    """Gradients of the op against autograd through the differentiable reference."""
+    _, device = backend
+    batch, L, n_samples, data_seed, lv_bound = problem
+    K = 1 if n_samples is None else n_samples
+    mu, logvar = make_inputs(batch, L, data_seed, lv_bound, dtype, device, requires_grad=True)
+    seed = data_seed * 7919 + 13
+    g = torch.Generator().manual_seed(data_seed + 2)
+    gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64)
+    gk = torch.randn(batch, generator=g, dtype=torch.float64)
+
+    z, kl = sample_normal_op(mu, logvar, seed_tensor(seed, device), K)
+    dmu, dlv = torch.autograd.grad((z, kl), (mu, logvar), (gz.to(dtype).to(device), gk.to(dtype).to(device)))
+
+    mu64 = mu.detach().double().cpu().requires_grad_()
+    lv64 = logvar.detach().double().cpu().requires_grad_()
+    z_ref, kl_ref = reference.sample_normal(mu64, lv64, seed, K)
+    gz_r, gk_r = gz.to(dtype).double(), gk.to(dtype).double()
+    dmu_ref, dlv_ref = torch.autograd.grad((z_ref, kl_ref), (mu64, lv64), (gz_r, gk_r))
+
+    eps = reference.sample_noise(seed, K, mu64.shape, torch.float64, "cpu")
+    var = torch.exp(lv64.detach())
+    dmu_scale = gz_r.abs().sum(0) + (gk_r[..., None] * mu64.detach()).abs()
+    dlv_scale = 0.5 * (gz_r * eps).abs().sum(0) * var.sqrt() + 0.5 * gk_r.abs()[..., None] * (var + 1.0)
+    assert_close(dmu, dmu_ref, dmu_scale, "dmu")
+    assert_close(dlv, dlv_ref, dlv_scale, "dlogvar")
+
+
+@pytest.mark.parametrize("lv", [-30.0, 30.0])
+def test_extreme_logvar_is_finite(backend, lv):
+    _, device = backend
+    mu = torch.linspace(-5, 5, 3 * 37, device=device).reshape(3, 37).requires_grad_()
+    logvar = torch.full((3, 37), lv, device=device, requires_grad=True)
+    z, kl = fastvae.sample_normal(mu, logvar, 4)
+    (z.sum() + kl.sum()).backward()
+    for t in (z, kl, mu.grad, logvar.grad):
+        assert torch.isfinite(t).all()
+
+
+def test_moments_of_samples(backend):
+    """z ~ N(mu, s^2): mean, variance and the 1-sigma mass within 5 standard errors."""
+    _, device = backend
+    n_rows, L, K = 64, 50, 40  # n = 128000 samples
+    mu = torch.full((n_rows, L), 1.5, device=device)
+    logvar = torch.full((n_rows, L), math.log(0.25), device=device)
+    torch.manual_seed(1234)
+    z, _ = fastvae.sample_normal(mu, logvar, K)
+    x = ((z.double() - 1.5) / 0.5).flatten().cpu()
+    n = x.numel()
+    assert abs(x.mean().item()) < 5 / math.sqrt(n)
+    assert abs(x.var().item() - 1.0) < 5 * math.sqrt(2 / n)
+    p1 = 0.6826894921370859
+    assert abs((x.abs() < 1).double().mean().item() - p1) < 5 * math.sqrt(p1 * (1 - p1) / n)
+    # independence across samples k and across neighbouring elements
+    e = x.reshape(K, n_rows * L)
+    assert abs((e[:-1] * e[1:]).mean().item()) < 5 / math.sqrt(e[1:].numel())
+    assert abs((e[:, :-1] * e[:, 1:]).mean().item()) < 5 / math.sqrt(e[:, 1:].numel())
+
+
+def test_reproducible_and_independent(backend):
+    _, device = backend
+    mu = torch.zeros(16, 9, device=device)
+    logvar = torch.zeros(16, 9, device=device)
+    torch.manual_seed(7)
+    z1, _ = fastvae.sample_normal(mu, logvar, 3)
+    z2, _ = fastvae.sample_normal(mu, logvar, 3)
+    torch.manual_seed(7)
+    z1_again, _ = fastvae.sample_normal(mu, logvar, 3)
+    assert torch.equal(z1, z1_again)
+    assert not torch.equal(z1, z2)
+    assert abs((z1 * z2).mean().item()) < 5 / math.sqrt(z1.numel())
+    za, _ = fastvae.sample_normal(mu, logvar, 3, generator=torch.Generator(device).manual_seed(99))
+    zb, _ = fastvae.sample_normal(mu, logvar, 3, generator=torch.Generator(device).manual_seed(99))
+    assert torch.equal(za, zb)
+
+
+def test_n_samples_none_is_first_sample(backend):
+    _, device = backend
+    mu, logvar = make_inputs((4,), 5, 0, 1.0, torch.float32, device)
+    z1, kl1 = fastvae.sample_normal(mu, logvar, generator=torch.Generator(device).manual_seed(3))
+    zk, klk = fastvae.sample_normal(mu, logvar, 1, generator=torch.Generator(device).manual_seed(3))
+    assert z1.shape == (4, 5) and zk.shape == (1, 4, 5)
+    assert torch.equal(z1, zk[0]) and torch.equal(kl1, klk)
+
+
+def test_non_contiguous_inputs(backend):
+    _, device = backend
+    base_mu, base_lv = make_inputs((6, 10), 8, 5, 2.0, torch.float32, device)
+    mu, logvar = base_mu.transpose(0, 1)[:, ::2], base_lv.transpose(0, 1)[:, ::2]
+    assert not mu.is_contiguous()
+    gen = lambda: torch.Generator(device).manual_seed(11)  # noqa: E731
+    z, kl = fastvae.sample_normal(mu, logvar, 2, generator=gen())
+    z_c, kl_c = fastvae.sample_normal(mu.contiguous(), logvar.contiguous(), 2, generator=gen())
+    assert torch.equal(z, z_c) and torch.equal(kl, kl_c)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,)])
+def test_empty_batches(backend, shape):
+    _, device = backend
+    mu = torch.zeros(shape, device=device, requires_grad=True)
+    logvar = torch.zeros(shape, device=device, requires_grad=True)
+    z, kl = fastvae.sample_normal(mu, logvar, 2)
+    assert z.shape == (2, *shape) and kl.shape == shape[:-1]
+    assert torch.equal(kl, torch.zeros(shape[:-1], device=device))
+    (z.sum() + kl.sum()).backward()
+    assert mu.grad.shape == shape
+
+
+def test_no_noise_saved_for_backward(backend):
+    """Only mu, logvar and the seed are saved: nothing of size K x B x L."""
+    _, device = backend
+    mu, logvar = make_inputs((32,), 16, 0, 1.0, torch.float32, device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        z, kl = fastvae.sample_normal(mu, logvar, 8)
+    assert saved and max(saved) <= mu.numel()
+    (z.sum() + kl.sum()).backward()
+
+
+def test_gradcheck_float64(backend):
+    name, device = backend
+    mu, logvar = make_inputs((3,), 5, 4, 2.0, torch.float64, device, requires_grad=True)
+    seed = seed_tensor(12345, device)
+    assert torch.autograd.gradcheck(lambda m, lv: sample_normal_op(m, lv, seed, 3), (mu, logvar))
+
+
+def test_opcheck(backend):
+    _, device = backend
+    mu, logvar = make_inputs((4, 3), 6, 8, 2.0, torch.float32, device, requires_grad=True)
+    seed = seed_tensor(2024, device)
+    torch.library.opcheck(sample_normal_op, (mu, logvar, seed, 3))
+    dz = torch.randn(3, 4, 3, 6, device=device)
+    dkl = torch.randn(4, 3, device=device)
+    torch.library.opcheck(sample_normal_backward_op, (dz, dkl, mu.detach(), logvar.detach(), seed))
+
+
+def test_errors_on_bad_input(backend):
+    _, device = backend
+    mu = torch.zeros(4, 3, device=device)
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(4, 2\)"):
+        fastvae.sample_normal(mu, torch.zeros(4, 2, device=device))
+    with pytest.raises(TypeError, match="float64"):
+        fastvae.sample_normal(mu, torch.zeros(4, 3, dtype=torch.float64, device=device))
+    with pytest.raises(TypeError, match="int64"):
+        fastvae.sample_normal(torch.zeros(4, 3, dtype=torch.int64, device=device), mu)
+    with pytest.raises(ValueError, match="device"):
+        fastvae.sample_normal(mu, torch.zeros(4, 3, device="meta"))
+    with pytest.raises(ValueError, match="n_samples"):
+        fastvae.sample_normal(mu, mu, 0)
+    with pytest.raises(TypeError, match="n_samples"):
+        fastvae.sample_normal(mu, mu, 2.0)
+    with pytest.raises(ValueError, match="0-d"):
+        fastvae.sample_normal(torch.zeros((), device=device), torch.zeros((), device=device))
+    with pytest.raises(TypeError, match="Tensor"):
+        fastvae.sample_normal([1.0], mu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    """bf16/fp16 run on triton with float32 accumulation; cpp and reference refuse them."""
+    name, device = backend
+    mu, logvar = make_inputs((5,), 37, 3, 3.0, dtype, device)
+    if name != "triton":
+        with pytest.raises(TypeError, match=str(dtype).split(".")[-1]):
+            fastvae.sample_normal(mu, logvar, 2)
+        return
+    seed = 77
+    z, kl = sample_normal_op(mu, logvar, seed_tensor(seed, device), 2)
+    _, _, z_ref, kl_ref, z_scale, kl_scale = reference_pieces(mu, logvar, seed, 2)
+    assert z.dtype == dtype
+    assert_close(z, z_ref, z_scale, "z")
+    assert_close(kl, kl_ref, kl_scale, "kl")
