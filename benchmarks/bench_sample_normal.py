@@ -12,7 +12,9 @@ Implementations, side by side in one run:
   fastvae[<name>]  fastvae.sample_normal on the backend <name> (default: the one
                    fastvae picks for the device: cpp on CPU, triton on CUDA).
 
-Modes, each a median over --repeats repetitions after warm-up:
+Modes, each a median over --repeats repetitions after warm-up (on CPU all
+cases of one K are timed round-robin, so that bursts of other load on a shared
+machine hit every case alike):
   forward   the training forward: inputs require grad, so the autograd graph
             and whatever it saves are built, as they would be in training;
   backward  torch.autograd.grad of (z, kl) w.r.t. (mu, logvar) with fixed random
@@ -31,7 +33,7 @@ measured on CUDA always, and on CPU with --memory, one fresh subprocess per
 implementation and K (peak RSS).
 
 Reproduce (from the repository root):
-  python -m benchmarks.bench_sample_normal                 # full run, ~3 min on 2 CPU cores
+  python -m benchmarks.bench_sample_normal                 # full run, ~1.5 min on 2 CPU cores
   python -m benchmarks.bench_sample_normal --quick         # tiny smoke run
   python -m benchmarks.bench_sample_normal --memory        # also peak memory on CPU
   FASTVAE_BACKEND=reference python -m benchmarks.bench_sample_normal --quick
@@ -189,22 +191,27 @@ def measure_memory(impl: Impl, K: int, args, device: torch.device) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-B", type=int, default=65536, help="batch size (default 65536)")
+    p.add_argument("-B", type=int, default=None, help="batch size (default 65536)")
     p.add_argument("-L", type=int, default=32, help="latent size (default 32)")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 16], help="numbers of samples K (default 1 16)")
+    p.add_argument("--ks", type=int, nargs="+", default=None, help="numbers of samples K (default 1 16)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 20 for K<8, else 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each measurement (default 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fastvae-backends", nargs="+", default=None,
                    help="fastvae backends to time (default: the one fastvae picks for the device)")
-    p.add_argument("--copy-mb", type=int, default=256, help="tensor size of the copy-bandwidth probe")
+    p.add_argument("--copy-mb", type=int, default=None, help="MB copied by the copy-bandwidth probe (default 256)")
     p.add_argument("--memory", action="store_true", help="also measure peak memory on CPU (subprocesses)")
-    p.add_argument("--quick", action="store_true", help="tiny smoke run: B=4096, K=1 4, 3 repeats")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke run: B=4096, K=1 4, 3 repeats (flags given explicitly still apply)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sample_normal-<tag>.json)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.B, args.ks, args.repeats, args.warmup, args.copy_mb = 4096, [1, 4], 3, 1, 32
+    # Defaults are filled in here so that --quick changes only what was not given.
+    defaults = dict(B=4096, ks=[1, 4], repeats=3, warmup=1, copy_mb=32) if args.quick else \
+        dict(B=65536, ks=[1, 16], repeats=None, warmup=2, copy_mb=256)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.fastvae_backends is None:
         args.fastvae_backends = [default_fastvae_backend(torch.device(args.device))]
     return args
@@ -242,13 +249,17 @@ def main(argv=None) -> None:
                 warmups.append({"impl": impl.name, "K": K, "first_call_s": time.perf_counter() - t0})
                 fn()
 
-        # Implementations are interleaved within each mode so that the figures
-        # being compared are taken as close together in time as possible.
+        # All (mode, implementation) cases of one K are timed interleaved, so the
+        # figures compared with each other are taken as close in time as possible.
+        cases = {}
         for mode in MODES:
             for impl in impls:
                 fn, setup = mode_callables(impl, mode, mu, logvar, gz, gk, K)
-                with fastvae_backend(impl.backend):
-                    times = common.time_ms(fn, device, setup=setup, repeats=repeats, warmup=args.warmup)
+                cases[(mode, impl.name)] = (fn, setup, lambda b=impl.backend: fastvae_backend(b))
+        all_times = common.time_interleaved_ms(cases, device, repeats=repeats, warmup=args.warmup)
+        for mode in MODES:
+            for impl in impls:
+                times = all_times[(mode, impl.name)]
                 med = common.median(times)
                 nbytes = min_bytes(args.B, args.L, K, mode)
                 records.append({
@@ -303,6 +314,7 @@ def main(argv=None) -> None:
         "copy_bandwidth": copy,
         "results": records,
         "first_calls": warmups,
+        "loadavg_at_end": common.loadavg(),
         "peak_memory": memory,
         "table_markdown": table,
     }

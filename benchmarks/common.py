@@ -80,6 +80,44 @@ def time_ms(
     return times
 
 
+def time_interleaved_ms(
+    cases: dict[Any, tuple[Callable, Callable | None, Callable[[], Any]]],
+    device: torch.device,
+    *,
+    repeats: int = 20,
+    warmup: int = 2,
+) -> dict[Any, list[float]]:
+    """Times of several cases, ``name -> (fn, setup, context)``, where ``context()``
+    returns a context manager entered around every call of that case.
+
+    On CPU the cases are timed round-robin, one call each per round, with the
+    starting case rotated every round: on a shared 2-core machine another
+    process can steal a core for seconds, and interleaving spreads such bursts
+    over all cases instead of hitting whichever one was being timed, so that
+    ratios between cases stay meaningful. On CUDA each case is timed in one block.
+    """
+    names = list(cases)
+    if device.type == "cuda":
+        out = {}
+        for name in names:
+            fn, setup, context = cases[name]
+            with context():
+                out[name] = time_ms(fn, device, setup=setup, repeats=repeats, warmup=warmup)
+        return out
+
+    for name in names:
+        fn, setup, context = cases[name]
+        with context():
+            time_ms(fn, device, setup=setup, repeats=0, warmup=warmup)
+    out = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, setup, context = cases[name]
+            with context():
+                out[name] += time_ms(fn, device, setup=setup, repeats=1, warmup=0)
+    return out
+
+
 def _time_cuda_ms(fn, device, *, setup, repeats, warmup) -> list[float]:
     do_bench = _do_bench()
     if setup is None and do_bench is not None:
@@ -274,10 +312,24 @@ def versions() -> dict[str, str | None]:
     return v
 
 
+def command_line() -> str:
+    """The command as typed: under ``python -m`` sys.argv[0] is the file path,
+    so the module name is put back from __main__.__spec__."""
+    import shlex
+
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["python", "-m", main_spec.name] if main_spec is not None else ["python", sys.argv[0]]
+    return shlex.join(head + sys.argv[1:])
+
+
+def loadavg() -> list[float] | None:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def metadata(device: torch.device) -> dict[str, Any]:
     """Everything needed to tell where and how a result file was produced."""
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "argv": sys.argv,
         "cwd": os.getcwd(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -289,7 +341,7 @@ def metadata(device: torch.device) -> dict[str, Any]:
             "cpu_count": os.cpu_count(),
             "torch_num_threads": torch.get_num_threads(),
             # Other work on a shared machine shows here and explains noisy figures.
-            "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "loadavg_at_start": loadavg(),
         },
         "device": str(device),
         "device_name": device_name(device),

@@ -28,29 +28,44 @@ struct Philox2 {
   uint32_t r0, r1;
 };
 
+// The ten round keys of one seed: the same for every element, so they are
+// computed once per block instead of once per element.
+struct PhiloxKeys {
+  uint64_t k0[10], k1[10];
+  explicit PhiloxKeys(uint64_t seed) {
+    uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      k0[round] = a;
+      k1[round] = b;
+      a += kPhiloxKeyA;
+      b += kPhiloxKeyB;
+    }
+  }
+};
+
 // Ten rounds of Philox4x32 on counter (lo(offset), hi(offset), 0, 0) and key
 // (lo(seed), hi(seed)); returns the first two output words, which are all that
 // tl.randn consumes.
-inline Philox2 philox_2x(uint64_t seed, uint64_t offset) {
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = static_cast<uint32_t>(offset);
-  uint32_t c1 = static_cast<uint32_t>(offset >> 32);
-  uint32_t c2 = 0, c3 = 0;
+//
+// The 32-bit state words live in 64-bit lanes and are never masked back to 32
+// bits: every multiply reads only the low half of its operand (one vpmuludq,
+// no shuffles), XOR is bitwise, and the result takes the low halves, so the
+// garbage that collects in the high halves never reaches the output.
+inline Philox2 philox_2x(const PhiloxKeys& keys, uint64_t offset) {
+  constexpr uint64_t kLow = 0xffffffffull;
+  uint64_t c0 = offset & kLow, c1 = offset >> 32, c2 = 0, c3 = 0;
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(kPhiloxRoundA) * c0;
-    const uint64_t p2 = static_cast<uint64_t>(kPhiloxRoundB) * c2;
-    const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(p2);
-    c3 = static_cast<uint32_t>(p0);
+    const uint64_t p0 = (c0 & kLow) * kPhiloxRoundA;
+    const uint64_t p2 = (c2 & kLow) * kPhiloxRoundB;
+    const uint64_t n0 = (p2 >> 32) ^ c1 ^ keys.k0[round];
+    const uint64_t n2 = (p0 >> 32) ^ c3 ^ keys.k1[round];
+    c1 = p2;
+    c3 = p0;
     c0 = n0;
     c2 = n2;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
   }
-  return {c0, c1};
+  return {static_cast<uint32_t>(c0), static_cast<uint32_t>(c1)};
 }
 
 // Triton's uint_to_uniform_float for 32-bit words: reinterpret as int32, fold

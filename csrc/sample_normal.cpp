@@ -18,11 +18,15 @@ namespace {
 constexpr int64_t kBlock = 512;        // elements per vector block (stack buffers)
 constexpr int64_t kTileElems = 8192;   // elements per parallel work item
 
-#define FASTVAE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// x86-64-v4 (AVX-512 F/BW/DQ/VL) vectorizes the 64-bit Philox lanes about 3x
+// better than plain avx512f under GCC 12; v3 is AVX2 + FMA.
+#define FASTVAE_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 FASTVAE_CLONES void randn_block_f32(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
+  const PhiloxKeys keys(seed);
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = randn_from_bits_f32(philox_2x(seed, offset0 + static_cast<uint64_t>(i)));
+    out[i] = randn_from_bits_f32(philox_2x(keys, offset0 + static_cast<uint64_t>(i)));
   }
 }
 
@@ -36,8 +40,9 @@ void randn_block(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
 }
 
 void randn_block(uint64_t seed, uint64_t offset0, int64_t n, double* out) {
+  const PhiloxKeys keys(seed);
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = randn_from_bits_f64(philox_2x(seed, offset0 + static_cast<uint64_t>(i)));
+    out[i] = randn_from_bits_f64(philox_2x(keys, offset0 + static_cast<uint64_t>(i)));
   }
 }
 
@@ -76,8 +81,9 @@ void randn_fill(uint64_t seed, uint64_t offset0, int64_t n, double* out) {
 }
 
 void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* u2) {
+  const PhiloxKeys keys(seed);
   for (int64_t i = 0; i < n; ++i) {
-    const Philox2 w = philox_2x(seed, offset0 + static_cast<uint64_t>(i));
+    const Philox2 w = philox_2x(keys, offset0 + static_cast<uint64_t>(i));
     u1[i] = uniform_from_bits(w.r0);
     u2[i] = uniform_from_bits(w.r1);
   }
