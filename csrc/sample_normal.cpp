@@ -3,8 +3,7 @@
 // KL(q || N(0, I)) per row. The backward regenerates eps instead of reading it.
 //
 // Work is split into tiles of whole rows; within a tile the transcendental
-// work runs in fixed-size blocks through target_clones functions, so one
-// portable binary uses AVX-512 or AVX2 where the CPU has it (no -march=native).
+// work runs in fixed-size blocks through FASTVAE_CLONES functions (ops.h).
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -18,10 +17,6 @@ namespace {
 constexpr int64_t kBlock = 512;        // elements per vector block (stack buffers)
 constexpr int64_t kTileElems = 8192;   // elements per parallel work item
 
-// x86-64-v4 (AVX-512 F/BW/DQ/VL) vectorizes the 64-bit Philox lanes about 3x
-// better than plain avx512f under GCC 12; v3 is AVX2 + FMA.
-#define FASTVAE_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 FASTVAE_CLONES void randn_block_f32(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
   const PhiloxKeys keys(seed);
@@ -99,21 +94,12 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t 
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     const int64_t r0 = tile * tile_rows;
     const int64_t r1 = std::min(N, r0 + tile_rows);
-    // KL terms are summed in double: cheap here and it keeps long rows exact.
-    std::vector<double> kl_acc(static_cast<size_t>(r1 - r0), 0.0);
+    // The tile's mu and logvar stay in cache for the sampling loop below.
+    kl_rows<T>(mu, logvar, nullptr, nullptr, r0, r1, L, kl);
     T s[kBlock], eps[kBlock];
     for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
       const int64_t n = std::min(kBlock, r1 * L - b0);
       half_exp_block(logvar + b0, n, s);
-      int64_t row = b0 / L - r0, col = b0 % L;
-      for (int64_t i = 0; i < n; ++i) {
-        const double m = mu[b0 + i], lv = logvar[b0 + i], var = double(s[i]) * s[i];
-        kl_acc[row] += var + m * m - 1.0 - lv;
-        if (++col == L) {
-          col = 0;
-          ++row;
-        }
-      }
       for (int64_t k = 0; k < K; ++k) {
         const int64_t base = k * NL + b0;
         randn_block(seed, static_cast<uint64_t>(base), n, eps);
@@ -122,7 +108,6 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t 
         for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
       }
     }
-    for (int64_t r = r0; r < r1; ++r) kl[r] = static_cast<T>(0.5 * kl_acc[r - r0]);
   }
 }
 
