@@ -16,7 +16,7 @@ import fastvae._backend
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 settings.register_profile(
-    "ci", max_examples=15, deadline=None, derandomize=True,
+    "ci", max_examples=40, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(

@@ -242,3 +242,20 @@ def test_half_precision(backend, dtype):
     assert z.dtype == dtype
     assert_close(z, z_ref, z_scale, "z")
     assert_close(kl, kl_ref, kl_scale, "kl")
+
+
+@pytest.mark.parametrize("use", ["z", "kl"])
+def test_gradient_through_one_output(backend, use):
+    """A loss that uses only z or only kl gets the gradient of that output alone."""
+    _, device = backend
+    mu, logvar = make_inputs((5,), 6, 1, 2.0, torch.float64, device, requires_grad=True)
+    seed = 99
+    z, kl = sample_normal_op(mu, logvar, seed_tensor(seed, device), 2)
+    out = z.sum() if use == "z" else kl.sum()
+    dmu, dlv = torch.autograd.grad(out, (mu, logvar))
+    mu64 = mu.detach().cpu().requires_grad_()
+    lv64 = logvar.detach().cpu().requires_grad_()
+    z_ref, kl_ref = reference.sample_normal(mu64, lv64, seed, 2)
+    dmu_ref, dlv_ref = torch.autograd.grad(z_ref.sum() if use == "z" else kl_ref.sum(), (mu64, lv64))
+    torch.testing.assert_close(dmu.cpu(), dmu_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dlv.cpu(), dlv_ref, rtol=1e-12, atol=1e-12)
