@@ -1,0 +1,82 @@
+// The checked boundary between NumPy buffers and raw pointers, shared by the
+// per-op binding files. Tensors arrive as NumPy views of torch's CPU memory
+// (zero copy); every array is checked for dtype, C-contiguity, writability and
+// exact extents before a raw pointer is taken, so the kernels never see an
+// out-of-bounds shape.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastvae::bind {
+
+namespace py = pybind11;
+
+
+inline std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (d) s += ", ";
+    s += std::to_string(a.shape(d));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Checks `a` against dtype T, C-contiguity and the exact shape, and returns its data.
+template <typename T>
+T* checked(py::array& a, const char* name, const std::vector<int64_t>& shape, bool writable) {
+  if (!a.dtype().is(py::dtype::of<T>())) {
+    throw py::type_error(std::string(name) + ": expected dtype " +
+                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(a.dtype())));
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    throw py::value_error(std::string(name) + ": array must be C-contiguous");
+  }
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t d = 0; ok && d < shape.size(); ++d) ok = a.shape(d) == shape[d];
+  if (!ok) {
+    std::string want = "(";
+    for (size_t d = 0; d < shape.size(); ++d) want += (d ? ", " : "") + std::to_string(shape[d]);
+    throw py::value_error(std::string(name) + ": expected shape " + want + "), got " +
+                          shape_str(a));
+  }
+  if (writable) {
+    if (!a.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+    return static_cast<T*>(a.mutable_data());
+  }
+  return const_cast<T*>(static_cast<const T*>(a.data()));
+}
+
+inline void check_2d(const py::array& a, const char* name) {
+  if (a.ndim() != 2) {
+    throw py::value_error(std::string(name) + ": expected a 2-d (N, L) array, got shape " +
+                          shape_str(a));
+  }
+}
+
+inline int check_threads(int n_threads) {
+  if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
+  return n_threads;
+}
+
+// Calls the float32 or float64 instantiation according to the dtype of `first`.
+template <typename F32, typename F64>
+auto by_dtype(const py::array& first, F32 f32, F64 f64) {
+  if (first.dtype().is(py::dtype::of<float>())) return f32();
+  if (first.dtype().is(py::dtype::of<double>())) return f64();
+  throw py::type_error("cpp backend supports float32 and float64, got " +
+                       std::string(py::str(first.dtype())));
+}
+
+
+// One per op file; PYBIND11_MODULE in bindings.cpp calls them all.
+void bind_philox(py::module_& m);
+void bind_sample_normal(py::module_& m);
+void bind_kl_normal(py::module_& m);
+
+}  // namespace fastvae::bind

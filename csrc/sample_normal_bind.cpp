@@ -1,0 +1,62 @@
+// Python bindings of sample_normal (checked buffers -> sample_normal.cpp).
+#include "buffers.h"
+#include "ops.h"
+
+namespace fastvae::bind {
+namespace {
+
+template <typename T>
+void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, py::array z,
+                             py::array kl, int n_threads) {
+  check_2d(mu, "mu");
+  const int64_t N = mu.shape(0), L = mu.shape(1);
+  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
+  const int64_t K = z.shape(0);
+  const T* m = checked<T>(mu, "mu", {N, L}, false);
+  const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
+  T* zp = checked<T>(z, "z", {K, N, L}, true);
+  T* klp = checked<T>(kl, "kl", {N}, true);
+  py::gil_scoped_release release;
+  fastvae::sample_normal_forward<T>(m, lv, seed, K, N, L, zp, klp, n_threads);
+}
+
+template <typename T>
+void sample_normal_backward_t(py::array dz, py::array dkl, py::array mu, py::array logvar,
+                              uint64_t seed, py::array dmu, py::array dlogvar, int n_threads) {
+  check_2d(mu, "mu");
+  const int64_t N = mu.shape(0), L = mu.shape(1);
+  if (dz.ndim() != 3) throw py::value_error("dz: expected a 3-d (K, N, L) array, got " + shape_str(dz));
+  const int64_t K = dz.shape(0);
+  const T* g = checked<T>(dz, "dz", {K, N, L}, false);
+  const T* gk = checked<T>(dkl, "dkl", {N}, false);
+  const T* m = checked<T>(mu, "mu", {N, L}, false);
+  const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
+  T* dm = checked<T>(dmu, "dmu", {N, L}, true);
+  T* dlv = checked<T>(dlogvar, "dlogvar", {N, L}, true);
+  py::gil_scoped_release release;
+  fastvae::sample_normal_backward<T>(g, gk, m, lv, seed, K, N, L, dm, dlv, n_threads);
+}
+
+}  // namespace
+
+void bind_sample_normal(py::module_& m) {
+  m.def("sample_normal_forward", [](py::array mu, py::array logvar, uint64_t seed, py::array z,
+                                    py::array kl, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(mu, [&] { sample_normal_forward_t<float>(mu, logvar, seed, z, kl, n_threads); },
+             [&] { sample_normal_forward_t<double>(mu, logvar, seed, z, kl, n_threads); });
+  }, py::arg("mu"), py::arg("logvar"), py::arg("seed"), py::arg("z"), py::arg("kl"),
+     py::arg("n_threads"));
+
+  m.def("sample_normal_backward", [](py::array dz, py::array dkl, py::array mu,
+                                     py::array logvar, uint64_t seed, py::array dmu,
+                                     py::array dlogvar, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(mu,
+             [&] { sample_normal_backward_t<float>(dz, dkl, mu, logvar, seed, dmu, dlogvar, n_threads); },
+             [&] { sample_normal_backward_t<double>(dz, dkl, mu, logvar, seed, dmu, dlogvar, n_threads); });
+  }, py::arg("dz"), py::arg("dkl"), py::arg("mu"), py::arg("logvar"), py::arg("seed"),
+     py::arg("dmu"), py::arg("dlogvar"), py::arg("n_threads"));
+}
+
+}  // namespace fastvae::bind
