@@ -78,5 +78,7 @@ auto by_dtype(const py::array& first, F32 f32, F64 f64) {
 void bind_philox(py::module_& m);
 void bind_sample_normal(py::module_& m);
 void bind_kl_normal(py::module_& m);
+void bind_gaussian_log_prob(py::module_& m);
+void bind_bernoulli_log_prob(py::module_& m);
 
 }  // namespace fastvae::bind

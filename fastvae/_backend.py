@@ -16,7 +16,7 @@ import warnings
 import torch
 
 BACKENDS = ("reference", "cpp", "triton")
-OPS = ("sample_normal", "kl_normal")
+OPS = ("sample_normal", "kl_normal", "gaussian_log_prob", "bernoulli_log_prob")
 
 _BUILD_HINT = (
     "fastvae's C++ extension (fastvae._C) is not built or failed to load{why}. "

@@ -167,3 +167,86 @@ def kl_normal_backward(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dp
     dprior_mu.copy_(-g * d * inv_pvar)
     dlogvar.copy_(0.5 * g * (var * inv_pvar - 1.0))
     dprior_logvar.copy_(0.5 * g * (1.0 - (var + d * d) * inv_pvar))
+
+
+
+# --------------------------------------------------------------------------
+# gaussian_log_prob, bernoulli_log_prob
+#
+# Kernel layout (set up by fastvae/likelihood.py): mean (K, P, D); x (P, D)
+# broadcast over K, or (K, P, D); the variance parameter v is (K, P, D),
+# (P, D) or (D,). Plain broadcasting covers every case here.
+# --------------------------------------------------------------------------
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def softplus(r: Tensor) -> Tensor:
+    """log(1 + e^r) without overflow or the cut-off torch's softplus applies at r > 20."""
+    return torch.logaddexp(torch.zeros_like(r), r)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """-0.5 * sum((x - mean)^2 * exp(-logvar) + logvar + log 2 pi) over the last dim (broadcasting)."""
+    return -0.5 * torch.sum((x - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI, dim=-1)
+
+
+def gaussian_log_prob_softplus(x: Tensor, mean: Tensor, softplus_var: Tensor, delta: float) -> Tensor:
+    """The same with variance softplus(softplus_var) + delta (the lecture notes' decoder)."""
+    var = softplus(softplus_var) + delta
+    return -0.5 * torch.sum((x - mean) ** 2 / var + torch.log(var) + LOG_2PI, dim=-1)
+
+
+def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
+    """sum(x * logits - softplus(logits)) over the last dim: log Bernoulli(x; sigmoid(logits))."""
+    return torch.sum(x * logits - softplus(logits), dim=-1)
+
+
+def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
+    acc = _compute_dtype(mean)
+    x, mean, v = x.to(acc), mean.to(acc), var_param.to(acc)
+    if softplus_mode:
+        out.copy_(gaussian_log_prob_softplus(x, mean, v, delta))
+    else:
+        out.copy_(gaussian_log_prob(x, mean, v))
+
+
+def _sum_to(t: Tensor, shape) -> Tensor:
+    """Sum a broadcast gradient back to an operand's shape."""
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    return t
+
+
+def gaussian_log_prob_backward(g, x, mean, var_param, softplus_mode, delta, dx, dmean, dvar) -> None:
+    """d/dmean = g (x - m) / var;  d/dlogvar = g ((x - m)^2 / var - 1) / 2;
+    softplus: d/dr = g ((x - m)^2 / var^2 - 1 / var) / 2 * sigmoid(r);  d/dx = -d/dmean."""
+    acc = _compute_dtype(mean)
+    x, mean, v, g = x.to(acc), mean.to(acc), var_param.to(acc), g.to(acc)[..., None]
+    diff = x - mean
+    if softplus_mode:
+        var = softplus(v) + delta
+        inv = 1.0 / var
+        gv = 0.5 * g * (diff * diff * inv * inv - inv) * torch.sigmoid(v)
+    else:
+        inv = torch.exp(-v)
+        gv = 0.5 * g * (diff * diff * inv - 1.0)
+    gm = g * diff * inv
+    dmean.copy_(gm)
+    dvar.copy_(_sum_to(gv, dvar.shape))
+    if dx is not None:
+        dx.copy_(_sum_to(-gm, dx.shape))
+
+
+def bernoulli_log_prob_forward(x, logits, out) -> None:
+    acc = _compute_dtype(logits)
+    out.copy_(bernoulli_log_prob(x.to(acc), logits.to(acc)))
+
+
+def bernoulli_log_prob_backward(g, x, logits, dx, dlogits) -> None:
+    """d/dlogits = g (x - sigmoid(l));  d/dx = g l."""
+    acc = _compute_dtype(logits)
+    x, logits, g = x.to(acc), logits.to(acc), g.to(acc)[..., None]
+    dlogits.copy_(g * (x - torch.sigmoid(logits)))
+    if dx is not None:
+        dx.copy_(_sum_to(g * logits, dx.shape))

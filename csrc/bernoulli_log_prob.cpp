@@ -1,0 +1,120 @@
+// bernoulli_log_prob on the CPU: out[k, p] = sum_d(x[p,d] l - softplus(l)),
+// l = logits[k, p, d], with softplus(l) = max(l, 0) + log1p(e^-|l|) so that
+// |l| of 100 and beyond stays exact. x is broadcast over K, never copied.
+#include <algorithm>
+#include <cmath>
+
+#include "fastmath.h"
+#include "likelihood.h"
+
+namespace fastvae {
+namespace {
+
+constexpr int64_t kRowsPerTask = 16;
+
+inline float softplus_t(float x) { return fast_softplus(x); }
+inline double softplus_t(double x) { return softplus_f64(x); }
+inline float sigmoid_t(float x) { return fast_sigmoid(x); }
+inline double sigmoid_t(double x) { return sigmoid_f64(x); }
+
+template <typename T>
+inline void forward_rows(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,
+                         int64_t p0, int64_t p1, T* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* xp = x + p * D;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t r = k * P + p;
+      const T* l = logits + r * D;
+      double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) acc += double(xp[d] * l[d] - softplus_t(l[d]));
+      out[r] = T(acc);
+    }
+  }
+}
+
+// dlogits = g (x - sigmoid(l)); dx = sum_k g l.
+template <typename T>
+inline void backward_rows(const T* g, const T* x, const T* logits, int64_t K, int64_t P,
+                          int64_t D, int64_t p0, int64_t p1, T* dx, T* dlogits) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* xp = x + p * D;
+    T* dxp = dx ? dx + p * D : nullptr;
+    if (dxp) std::fill(dxp, dxp + D, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t r = k * P + p;
+      const T gr = g[r];
+      const T* l = logits + r * D;
+      T* dl = dlogits + r * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        dl[d] = gr * (xp[d] - sigmoid_t(l[d]));
+        if (dxp) dxp[d] += gr * l[d];
+      }
+    }
+  }
+}
+
+FASTVAE_CLONES void forward_rows_f32(const float* x, const float* logits, int64_t K, int64_t P,
+                                     int64_t D, int64_t p0, int64_t p1, float* out) {
+  forward_rows<float>(x, logits, K, P, D, p0, p1, out);
+}
+
+FASTVAE_CLONES void backward_rows_f32(const float* g, const float* x, const float* logits,
+                                      int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,
+                                      float* dx, float* dlogits) {
+  backward_rows<float>(g, x, logits, K, P, D, p0, p1, dx, dlogits);
+}
+
+void forward_task(const float* x, const float* l, int64_t K, int64_t P, int64_t D, int64_t p0,
+                  int64_t p1, float* out) {
+  forward_rows_f32(x, l, K, P, D, p0, p1, out);
+}
+void forward_task(const double* x, const double* l, int64_t K, int64_t P, int64_t D, int64_t p0,
+                  int64_t p1, double* out) {
+  forward_rows<double>(x, l, K, P, D, p0, p1, out);
+}
+void backward_task(const float* g, const float* x, const float* l, int64_t K, int64_t P,
+                   int64_t D, int64_t p0, int64_t p1, float* dx, float* dl) {
+  backward_rows_f32(g, x, l, K, P, D, p0, p1, dx, dl);
+}
+void backward_task(const double* g, const double* x, const double* l, int64_t K, int64_t P,
+                   int64_t D, int64_t p0, int64_t p1, double* dx, double* dl) {
+  backward_rows<double>(g, x, l, K, P, D, p0, p1, dx, dl);
+}
+
+}  // namespace
+
+template <typename T>
+void bernoulli_log_prob_forward(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,
+                                T* out, int n_threads) {
+  const int64_t tasks = (P + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t p0 = t * kRowsPerTask;
+    forward_task(x, logits, K, P, D, p0, std::min(P, p0 + kRowsPerTask), out);
+  }
+}
+
+template <typename T>
+void bernoulli_log_prob_backward(const T* g, const T* x, const T* logits, int64_t K, int64_t P,
+                                 int64_t D, T* dx, T* dlogits, int n_threads) {
+  const int64_t tasks = (P + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t p0 = t * kRowsPerTask;
+    backward_task(g, x, logits, K, P, D, p0, std::min(P, p0 + kRowsPerTask), dx, dlogits);
+  }
+}
+
+template void bernoulli_log_prob_forward<float>(const float*, const float*, int64_t, int64_t,
+                                                int64_t, float*, int);
+template void bernoulli_log_prob_forward<double>(const double*, const double*, int64_t, int64_t,
+                                                 int64_t, double*, int);
+template void bernoulli_log_prob_backward<float>(const float*, const float*, const float*,
+                                                 int64_t, int64_t, int64_t, float*, float*, int);
+template void bernoulli_log_prob_backward<double>(const double*, const double*, const double*,
+                                                  int64_t, int64_t, int64_t, double*, double*,
+                                                  int);
+
+}  // namespace fastvae

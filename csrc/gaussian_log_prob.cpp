@@ -1,0 +1,338 @@
+// gaussian_log_prob on the CPU:
+//   out[k, p] = -0.5 * sum_d((x[p,d] - m[k,p,d])^2 / var + log var + log 2 pi)
+// with var = exp(v) (log-variance) or softplus(v) + delta, v laid out per
+// element, per x row or per dimension (likelihood.h). x is read once per
+// (k, p) row from cache, never copied K times; the backward fuses dmean, dv
+// and dx into one pass.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "fastmath.h"
+#include "likelihood.h"
+
+namespace fastvae {
+namespace {
+
+constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+constexpr int64_t kRowsPerTask = 16;
+
+inline float exp_t(float x) { return fast_exp(x); }
+inline double exp_t(double x) { return std::exp(x); }
+inline float softplus_t(float x) { return fast_softplus(x); }
+inline double softplus_t(double x) { return softplus_f64(x); }
+inline float sigmoid_t(float x) { return fast_sigmoid(x); }
+inline double sigmoid_t(double x) { return sigmoid_f64(x); }
+// var >= delta > 0 is a normal float; inf and NaN pass through unchanged.
+inline float log_var_t(float v) {
+  return v < std::numeric_limits<float>::max() ? fast_log_positive(v) : v;
+}
+inline double log_var_t(double v) { return std::log(v); }
+
+// 1/var and log var of one element.
+template <typename T, bool kSoftplus>
+inline void inv_and_log_var(T v, T delta, T& inv, T& log_var) {
+  if (kSoftplus) {
+    const T var = softplus_t(v) + delta;
+    inv = T(1) / var;
+    log_var = log_var_t(var);
+  } else {
+    inv = exp_t(-v);
+    log_var = v;
+  }
+}
+
+// sum_d((x - m)^2 / var + log var) over one row with var per element.
+template <typename T, bool kSoftplus>
+inline double row_sum_element(const T* x, const T* m, const T* v, T delta, int64_t D) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) {
+    T inv, log_var;
+    inv_and_log_var<T, kSoftplus>(v[d], delta, inv, log_var);
+    const T diff = x[d] - m[d];
+    acc += double(diff * diff * inv + log_var);
+  }
+  return acc;
+}
+
+// sum_d (x - m)^2 * inv over one row with a shared 1/var row.
+template <typename T>
+inline double row_sum_shared(const T* x, const T* m, const T* inv, int64_t D) {
+  double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < D; ++d) {
+    const T diff = x[d] - m[d];
+    acc += double(diff * diff * inv[d]);
+  }
+  return acc;
+}
+
+// Backward of one (k, p) row, var per element: writes dmean and dv, and
+// subtracts into dx_acc (the sum over k) when it is given.
+template <typename T, bool kSoftplus>
+inline void row_grad_element(const T* x, const T* m, const T* v, T delta, T g, int64_t D,
+                             T* dmean, T* dv, T* dx_acc) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const T diff = x[d] - m[d];
+    T inv, log_var;
+    inv_and_log_var<T, kSoftplus>(v[d], delta, inv, log_var);
+    const T gm = g * diff * inv;
+    dmean[d] = gm;
+    if (kSoftplus) {
+      dv[d] = T(0.5) * g * (diff * diff * inv * inv - inv) * sigmoid_t(v[d]);
+    } else {
+      dv[d] = T(0.5) * g * (diff * diff * inv - T(1));
+    }
+    if (dx_acc) dx_acc[d] -= gm;
+  }
+}
+
+// Backward of one row with a shared 1/var row: dmean, dx_acc as above, and
+// a_acc[d] += g (x - m)^2, from which the shared dv is formed per x row.
+template <typename T>
+inline void row_grad_shared(const T* x, const T* m, const T* inv, T g, int64_t D, T* dmean,
+                            double* a_acc, T* dx_acc) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const T diff = x[d] - m[d];
+    const T gm = g * diff * inv[d];
+    dmean[d] = gm;
+    a_acc[d] += double(g * diff * diff);
+    if (dx_acc) dx_acc[d] -= gm;
+  }
+}
+
+// 1/var of a shared row and the row's sum of log var.
+template <typename T>
+double shared_inv_row(const T* v, bool softplus, T delta, int64_t D, T* inv) {
+  double sum_log_var = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    T lv;
+    if (softplus) {
+      inv_and_log_var<T, true>(v[d], delta, inv[d], lv);
+    } else {
+      inv_and_log_var<T, false>(v[d], delta, inv[d], lv);
+    }
+    sum_log_var += double(lv);
+  }
+  return sum_log_var;
+}
+
+// dv of a shared row from A = sum g (x - m)^2 and G = sum g over its rows:
+// logvar: (inv A - G) / 2;  softplus: (inv^2 A - inv G) / 2 * sigmoid(v).
+template <typename T>
+void shared_dv_row(const T* v, const T* inv, const double* a, double G, bool softplus,
+                   int64_t D, T* dv) {
+  for (int64_t d = 0; d < D; ++d) {
+    const double iv = inv[d];
+    dv[d] = softplus ? T(0.5 * (iv * iv * a[d] - iv * G) * double(sigmoid_t(v[d])))
+                     : T(0.5 * (iv * a[d] - G));
+  }
+}
+
+// The hot loops of one task of x rows [p0, p1). Templates are inlined into
+// each ISA clone of the float32 entry points below.
+template <typename T>
+inline void forward_rows(const T* x, const T* mean, const T* v, VarLayout layout, bool softplus,
+                         T delta, int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,
+                         const T* dim_inv, double dim_log_var, T* inv_row, T* out) {
+  const double log2pi = double(D) * kLog2Pi;
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* xp = x + p * D;
+    double shared_log_var = dim_log_var;
+    const T* inv = dim_inv;
+    if (layout == VarLayout::kRow) {
+      shared_log_var = shared_inv_row(v + p * D, softplus, delta, D, inv_row);
+      inv = inv_row;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t r = k * P + p;
+      const T* m = mean + r * D;
+      double s;
+      if (layout == VarLayout::kElement) {
+        s = softplus ? row_sum_element<T, true>(xp, m, v + r * D, delta, D)
+                     : row_sum_element<T, false>(xp, m, v + r * D, delta, D);
+      } else {
+        s = row_sum_shared(xp, m, inv, D) + shared_log_var;
+      }
+      out[r] = T(-0.5 * (s + log2pi));
+    }
+  }
+}
+
+template <typename T>
+inline void backward_rows(const T* g, const T* x, const T* mean, const T* v, VarLayout layout,
+                          bool softplus, T delta, int64_t K, int64_t P, int64_t D, int64_t p0,
+                          int64_t p1, const T* dim_inv, T* inv_row, double* a_acc,
+                          double* dim_a, double& dim_g, T* dx, T* dmean, T* dv) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* xp = x + p * D;
+    T* dxp = dx ? dx + p * D : nullptr;
+    if (dxp) std::fill(dxp, dxp + D, T(0));
+    const T* inv = dim_inv;
+    if (layout == VarLayout::kRow) {
+      shared_inv_row(v + p * D, softplus, delta, D, inv_row);
+      inv = inv_row;
+    }
+    if (layout != VarLayout::kElement) std::fill(a_acc, a_acc + D, 0.0);
+    double g_sum = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t r = k * P + p;
+      const T gr = g[r];
+      if (layout == VarLayout::kElement) {
+        if (softplus) {
+          row_grad_element<T, true>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D,
+                                    dv + r * D, dxp);
+        } else {
+          row_grad_element<T, false>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D,
+                                     dv + r * D, dxp);
+        }
+      } else {
+        row_grad_shared(xp, mean + r * D, inv, gr, D, dmean + r * D, a_acc, dxp);
+        g_sum += double(gr);
+      }
+    }
+    if (layout == VarLayout::kRow) {
+      shared_dv_row(v + p * D, inv, a_acc, g_sum, softplus, D, dv + p * D);
+    } else if (layout == VarLayout::kDim) {
+      for (int64_t d = 0; d < D; ++d) dim_a[d] += a_acc[d];
+      dim_g += g_sum;
+    }
+  }
+}
+
+FASTVAE_CLONES void forward_rows_f32(const float* x, const float* mean, const float* v,
+                                     VarLayout layout, bool softplus, float delta, int64_t K,
+                                     int64_t P, int64_t D, int64_t p0, int64_t p1,
+                                     const float* dim_inv, double dim_log_var, float* inv_row,
+                                     float* out) {
+  forward_rows<float>(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
+                      dim_log_var, inv_row, out);
+}
+
+FASTVAE_CLONES void backward_rows_f32(const float* g, const float* x, const float* mean,
+                                      const float* v, VarLayout layout, bool softplus,
+                                      float delta, int64_t K, int64_t P, int64_t D, int64_t p0,
+                                      int64_t p1, const float* dim_inv, float* inv_row,
+                                      double* a_acc, double* dim_a, double& dim_g, float* dx,
+                                      float* dmean, float* dv) {
+  backward_rows<float>(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
+                       inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);
+}
+
+void forward_task(const float* x, const float* mean, const float* v, VarLayout layout,
+                  bool softplus, float delta, int64_t K, int64_t P, int64_t D, int64_t p0,
+                  int64_t p1, const float* dim_inv, double dim_log_var, float* inv_row,
+                  float* out) {
+  forward_rows_f32(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv, dim_log_var,
+                   inv_row, out);
+}
+
+void forward_task(const double* x, const double* mean, const double* v, VarLayout layout,
+                  bool softplus, double delta, int64_t K, int64_t P, int64_t D, int64_t p0,
+                  int64_t p1, const double* dim_inv, double dim_log_var, double* inv_row,
+                  double* out) {
+  forward_rows<double>(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
+                       dim_log_var, inv_row, out);
+}
+
+void backward_task(const float* g, const float* x, const float* mean, const float* v,
+                   VarLayout layout, bool softplus, float delta, int64_t K, int64_t P, int64_t D,
+                   int64_t p0, int64_t p1, const float* dim_inv, float* inv_row, double* a_acc,
+                   double* dim_a, double& dim_g, float* dx, float* dmean, float* dv) {
+  backward_rows_f32(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv, inv_row,
+                    a_acc, dim_a, dim_g, dx, dmean, dv);
+}
+
+void backward_task(const double* g, const double* x, const double* mean, const double* v,
+                   VarLayout layout, bool softplus, double delta, int64_t K, int64_t P,
+                   int64_t D, int64_t p0, int64_t p1, const double* dim_inv, double* inv_row,
+                   double* a_acc, double* dim_a, double& dim_g, double* dx, double* dmean,
+                   double* dv) {
+  backward_rows<double>(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
+                        inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);
+}
+
+int64_t n_tasks(int64_t P) { return (P + kRowsPerTask - 1) / kRowsPerTask; }
+
+}  // namespace
+
+template <typename T>
+void gaussian_log_prob_forward(const T* x, const T* mean, const T* v, VarLayout layout,
+                               bool softplus, double delta, int64_t K, int64_t P, int64_t D,
+                               T* out, int n_threads) {
+  // A per-dimension variance is turned into one 1/var row up front.
+  std::vector<T> dim_inv(layout == VarLayout::kDim ? D : 0);
+  double dim_log_var = 0.0;
+  if (layout == VarLayout::kDim) dim_log_var = shared_inv_row(v, softplus, T(delta), D, dim_inv.data());
+  const int64_t tasks = n_tasks(P);
+#pragma omp parallel num_threads(n_threads)
+  {
+    std::vector<T> inv_row(layout == VarLayout::kRow ? D : 0);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t p0 = t * kRowsPerTask;
+      forward_task(x, mean, v, layout, softplus, T(delta), K, P, D, p0,
+                   std::min(P, p0 + kRowsPerTask), dim_inv.data(), dim_log_var, inv_row.data(),
+                   out);
+    }
+  }
+}
+
+template <typename T>
+void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* v,
+                                VarLayout layout, bool softplus, double delta, int64_t K,
+                                int64_t P, int64_t D, T* dx, T* dmean, T* dv, int n_threads) {
+  const bool dim = layout == VarLayout::kDim;
+  std::vector<T> dim_inv(dim ? D : 0);
+  if (dim) shared_inv_row(v, softplus, T(delta), D, dim_inv.data());
+  // Per-dimension dv sums over every row: each thread keeps its own partial
+  // sums, added in thread order afterwards (deterministic for a fixed count).
+  std::vector<double> dim_a(dim ? size_t(n_threads) * D : 0, 0.0);
+  std::vector<double> dim_g(size_t(n_threads), 0.0);
+  const int64_t tasks = n_tasks(P);
+#pragma omp parallel num_threads(n_threads)
+  {
+    const int tid = omp_get_thread_num();
+    std::vector<T> inv_row(layout == VarLayout::kRow ? D : 0);
+    std::vector<double> a_acc(layout == VarLayout::kElement ? 0 : D);
+    double* my_a = dim ? dim_a.data() + size_t(tid) * D : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t p0 = t * kRowsPerTask;
+      backward_task(g, x, mean, v, layout, softplus, T(delta), K, P, D, p0,
+                    std::min(P, p0 + kRowsPerTask), dim_inv.data(), inv_row.data(),
+                    a_acc.data(), my_a, dim_g[tid], dx, dmean, dv);
+    }
+  }
+  if (dim) {
+    std::vector<double> a(D, 0.0);
+    double G = 0.0;
+    for (int t = 0; t < n_threads; ++t) {
+      for (int64_t d = 0; d < D; ++d) a[d] += dim_a[size_t(t) * D + d];
+      G += dim_g[t];
+    }
+    shared_dv_row(v, dim_inv.data(), a.data(), G, softplus, D, dv);
+  }
+}
+
+template void gaussian_log_prob_forward<float>(const float*, const float*, const float*,
+                                               VarLayout, bool, double, int64_t, int64_t,
+                                               int64_t, float*, int);
+template void gaussian_log_prob_forward<double>(const double*, const double*, const double*,
+                                                VarLayout, bool, double, int64_t, int64_t,
+                                                int64_t, double*, int);
+template void gaussian_log_prob_backward<float>(const float*, const float*, const float*,
+                                                const float*, VarLayout, bool, double, int64_t,
+                                                int64_t, int64_t, float*, float*, float*, int);
+template void gaussian_log_prob_backward<double>(const double*, const double*, const double*,
+                                                 const double*, VarLayout, bool, double,
+                                                 int64_t, int64_t, int64_t, double*, double*,
+                                                 double*, int);
+
+}  // namespace fastvae

@@ -1,0 +1,39 @@
+// Raw-pointer kernels of gaussian_log_prob and bernoulli_log_prob (cpp backend).
+//
+// Layout, set up by fastvae/_likelihood_layout.py: the decoder output is
+// (K, P, D) and x is (P, D), broadcast over K without a copy. The Gaussian
+// variance parameter v (a log-variance, or the softplus pre-activation) is
+// either per element (K, P, D), per x row (P, D), or per dimension (D,); the
+// last two share one 1/var row across K, so no exp runs per element.
+// The result is (K, P). dx, when asked for, sums over K.
+#pragma once
+
+#include <cstdint>
+
+#include "ops.h"
+
+namespace fastvae {
+
+enum class VarLayout : int { kElement = 0, kRow = 1, kDim = 2 };
+
+template <typename T>
+void gaussian_log_prob_forward(const T* x, const T* mean, const T* v, VarLayout layout,
+                               bool softplus, double delta, int64_t K, int64_t P, int64_t D,
+                               T* out, int n_threads);
+
+// g: (K, P). dx: (P, D) or null; dmean: (K, P, D); dv: the shape of v.
+template <typename T>
+void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* v,
+                                VarLayout layout, bool softplus, double delta, int64_t K,
+                                int64_t P, int64_t D, T* dx, T* dmean, T* dv, int n_threads);
+
+template <typename T>
+void bernoulli_log_prob_forward(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,
+                                T* out, int n_threads);
+
+// g: (K, P). dx: (P, D) or null; dlogits: (K, P, D).
+template <typename T>
+void bernoulli_log_prob_backward(const T* g, const T* x, const T* logits, int64_t K, int64_t P,
+                                 int64_t D, T* dx, T* dlogits, int n_threads);
+
+}  // namespace fastvae

@@ -1,0 +1,136 @@
+// Python bindings of gaussian_log_prob and bernoulli_log_prob (checked
+// buffers -> gaussian_log_prob.cpp, bernoulli_log_prob.cpp).
+#include "buffers.h"
+#include "likelihood.h"
+
+namespace fastvae::bind {
+namespace {
+
+struct Dims {
+  int64_t K, P, D;
+};
+
+Dims decoder_dims(const py::array& mean) {
+  if (mean.ndim() != 3) {
+    throw py::value_error("mean: expected a 3-d (K, P, D) array, got " + shape_str(mean));
+  }
+  return {mean.shape(0), mean.shape(1), mean.shape(2)};
+}
+
+// The variance layout follows from v's rank: (K, P, D), (P, D) or (D,).
+VarLayout var_layout(const py::array& v, const Dims& s, std::vector<int64_t>& shape) {
+  switch (v.ndim()) {
+    case 3: shape = {s.K, s.P, s.D}; return VarLayout::kElement;
+    case 2: shape = {s.P, s.D}; return VarLayout::kRow;
+    case 1: shape = {s.D}; return VarLayout::kDim;
+    default:
+      throw py::value_error("v: expected (K, P, D), (P, D) or (D,), got " + shape_str(v));
+  }
+}
+
+template <typename T>
+T* optional_out(py::object a, py::array& holder, const char* name, std::vector<int64_t> shape) {
+  if (a.is_none()) return nullptr;
+  holder = a.cast<py::array>();
+  return checked<T>(holder, name, shape, true);
+}
+
+template <typename T>
+void gaussian_forward_t(py::array x, py::array mean, py::array v, bool softplus, double delta,
+                        py::array out, int n_threads) {
+  const Dims s = decoder_dims(mean);
+  std::vector<int64_t> v_shape;
+  const VarLayout layout = var_layout(v, s, v_shape);
+  const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
+  const T* mp = checked<T>(mean, "mean", {s.K, s.P, s.D}, false);
+  const T* vp = checked<T>(v, "v", v_shape, false);
+  T* op = checked<T>(out, "out", {s.K, s.P}, true);
+  py::gil_scoped_release release;
+  gaussian_log_prob_forward<T>(xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, op, n_threads);
+}
+
+template <typename T>
+void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, bool softplus,
+                         double delta, py::object dx, py::array dmean, py::array dv,
+                         int n_threads) {
+  const Dims s = decoder_dims(mean);
+  std::vector<int64_t> v_shape;
+  const VarLayout layout = var_layout(v, s, v_shape);
+  const T* gp = checked<T>(g, "g", {s.K, s.P}, false);
+  const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
+  const T* mp = checked<T>(mean, "mean", {s.K, s.P, s.D}, false);
+  const T* vp = checked<T>(v, "v", v_shape, false);
+  py::array dx_holder;
+  T* dxp = optional_out<T>(dx, dx_holder, "dx", {s.P, s.D});
+  T* dmp = checked<T>(dmean, "dmean", {s.K, s.P, s.D}, true);
+  T* dvp = checked<T>(dv, "dv", v_shape, true);
+  py::gil_scoped_release release;
+  gaussian_log_prob_backward<T>(gp, xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, dxp, dmp,
+                                dvp, n_threads);
+}
+
+template <typename T>
+void bernoulli_forward_t(py::array x, py::array logits, py::array out, int n_threads) {
+  const Dims s = decoder_dims(logits);
+  const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
+  const T* lp = checked<T>(logits, "logits", {s.K, s.P, s.D}, false);
+  T* op = checked<T>(out, "out", {s.K, s.P}, true);
+  py::gil_scoped_release release;
+  bernoulli_log_prob_forward<T>(xp, lp, s.K, s.P, s.D, op, n_threads);
+}
+
+template <typename T>
+void bernoulli_backward_t(py::array g, py::array x, py::array logits, py::object dx,
+                          py::array dlogits, int n_threads) {
+  const Dims s = decoder_dims(logits);
+  const T* gp = checked<T>(g, "g", {s.K, s.P}, false);
+  const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
+  const T* lp = checked<T>(logits, "logits", {s.K, s.P, s.D}, false);
+  py::array dx_holder;
+  T* dxp = optional_out<T>(dx, dx_holder, "dx", {s.P, s.D});
+  T* dlp = checked<T>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
+  py::gil_scoped_release release;
+  bernoulli_log_prob_backward<T>(gp, xp, lp, s.K, s.P, s.D, dxp, dlp, n_threads);
+}
+
+}  // namespace
+
+void bind_gaussian_log_prob(py::module_& m) {
+  m.def("gaussian_log_prob_forward", [](py::array x, py::array mean, py::array v, bool softplus,
+                                        double delta, py::array out, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(mean, [&] { gaussian_forward_t<float>(x, mean, v, softplus, delta, out, n_threads); },
+             [&] { gaussian_forward_t<double>(x, mean, v, softplus, delta, out, n_threads); });
+  }, py::arg("x"), py::arg("mean"), py::arg("v"), py::arg("softplus"), py::arg("delta"),
+     py::arg("out"), py::arg("n_threads"));
+
+  m.def("gaussian_log_prob_backward", [](py::array g, py::array x, py::array mean, py::array v,
+                                         bool softplus, double delta, py::object dx,
+                                         py::array dmean, py::array dv, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(mean,
+             [&] { gaussian_backward_t<float>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); },
+             [&] { gaussian_backward_t<double>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); });
+  }, py::arg("g"), py::arg("x"), py::arg("mean"), py::arg("v"), py::arg("softplus"),
+     py::arg("delta"), py::arg("dx").none(true), py::arg("dmean"), py::arg("dv"),
+     py::arg("n_threads"));
+}
+
+void bind_bernoulli_log_prob(py::module_& m) {
+  m.def("bernoulli_log_prob_forward", [](py::array x, py::array logits, py::array out,
+                                         int n_threads) {
+    check_threads(n_threads);
+    by_dtype(logits, [&] { bernoulli_forward_t<float>(x, logits, out, n_threads); },
+             [&] { bernoulli_forward_t<double>(x, logits, out, n_threads); });
+  }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
+
+  m.def("bernoulli_log_prob_backward", [](py::array g, py::array x, py::array logits,
+                                          py::object dx, py::array dlogits, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(logits, [&] { bernoulli_backward_t<float>(g, x, logits, dx, dlogits, n_threads); },
+             [&] { bernoulli_backward_t<double>(g, x, logits, dx, dlogits, n_threads); });
+  }, py::arg("g"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),
+     py::arg("dlogits"), py::arg("n_threads"));
+}
+
+}  // namespace fastvae::bind

@@ -1,0 +1,89 @@
+"""How x and the decoder outputs of the likelihood ops meet the kernels.
+
+The decoder output (mean, or logits) has shape (K, ..., D) or (..., D); x
+broadcasts against it. The kernels see one layout: the decoder output as
+(K, P, D) and x as (P, D), broadcast over K by indexing (no K copies of x).
+The public functions bring their arguments into one of these forms; only an
+unusual broadcast (say x of shape (1, D) against a (B, D) output) is
+materialized with expand, whose autograd sums gradients back to x's shape.
+
+The Gaussian variance parameter v goes to the kernel as
+- (K, P, D): one value per element (a decoder that predicts its variance);
+- (P, D): shared over K, one per x row;
+- (D,): one per dimension, or a scalar spread over D (fixed or learned
+  scale): then 1/var is computed once per dimension, not once per element.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _broadcast_error(name: str, t: Tensor, out_name: str, out: Tensor) -> ValueError:
+    return ValueError(
+        f"{name} of shape {tuple(t.shape)} does not broadcast against {out_name} of shape "
+        f"{tuple(out.shape)} (the result keeps {out_name}'s leading shape)"
+    )
+
+
+def _strip_leading_ones(t: Tensor, ndim: int) -> Tensor:
+    """Drop leading size-1 dims until t has at most ndim dims (a view)."""
+    while t.dim() > ndim and t.shape[0] == 1:
+        t = t[0]
+    return t
+
+
+def broadcast_x(x: Tensor, out: Tensor, out_name: str) -> Tensor:
+    """x as out's shape, or as out.shape[1:] (broadcast over K), for the ops."""
+    try:
+        full = torch.broadcast_shapes(x.shape, out.shape)
+    except RuntimeError:
+        full = None
+    if full != out.shape:
+        raise _broadcast_error("x", x, out_name, out)
+    if x.shape == out.shape:
+        return x
+    x = _strip_leading_ones(x, out.dim() - 1)
+    if out.dim() >= 1 and x.shape == out.shape[1:]:
+        return x
+    return x.expand(out.shape)
+
+
+def broadcast_var(v: Tensor, name: str, x: Tensor, mean: Tensor) -> Tensor:
+    """v in one of the three kernel forms (see the module docstring)."""
+    try:
+        full = torch.broadcast_shapes(v.shape, mean.shape)
+    except RuntimeError:
+        full = None
+    if full != mean.shape:
+        raise _broadcast_error(name, v, "mean", mean)
+    if v.shape == mean.shape:
+        return v
+    D = mean.shape[-1]
+    v_min = _strip_leading_ones(v, 1)
+    if v_min.dim() <= 1:  # scalar, (1,) or (D,): one value per dimension
+        return v_min.reshape(-1).expand(D) if v_min.numel() == 1 else v_min
+    if x.dim() < mean.dim() and _strip_leading_ones(v, x.dim()).shape == x.shape:
+        return _strip_leading_ones(v, x.dim())
+    return v.expand(mean.shape)
+
+
+def kernel_views(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor, int, int, int]:
+    """Inside an op: (x as contiguous (P, D), out as contiguous (K, P, D), K, P, D)."""
+    D = out.shape[-1]
+    if x.dim() == out.dim():
+        K, P = 1, math.prod(out.shape[:-1])
+    else:
+        K, P = out.shape[0], math.prod(out.shape[1:-1])
+    return x.reshape(P, D).contiguous(), out.reshape(K, P, D).contiguous(), K, P, D
+
+
+def kernel_var(v: Tensor, K: int, P: int, D: int) -> Tensor:
+    """v as contiguous (K, P, D), (P, D) or (D,), from the forms broadcast_var returns."""
+    if v.dim() == 1 and v.shape[0] == D and K * P * D != D:
+        return v.contiguous()
+    if v.numel() == K * P * D:
+        return v.reshape(K, P, D).contiguous()
+    return v.reshape(P, D).contiguous()

@@ -1,0 +1,233 @@
+"""Triton kernels of gaussian_log_prob:
+    out[k, p] = -0.5 * sum_d((x[p, d] - mean[k, p, d])^2 / var + log var + log 2 pi)
+with var = exp(v) or softplus(v) + delta, and the fused backward.
+
+Layout (set up by fastvae/_likelihood_layout.py): mean (K, P, D); x (P, D),
+broadcast over K by indexing, never copied; v (K, P, D) per element
+(LAYOUT 0), (P, D) per x row (LAYOUT 1) or (D,) per dimension (LAYOUT 2).
+Each program owns BLOCK_P rows of x and walks every k for them, so dx (and a
+per-row v's gradient) is summed over K in registers.
+"""
+import torch
+import triton
+import triton.language as tl
+
+LOG_2PI = 1.8378770664093453
+MAX_BLOCK_D = 1024  # columns per inner step; longer rows loop over D
+TILE = 4096  # target elements per program (BLOCK_P * BLOCK_D)
+ELEMENT, ROW, DIM = 0, 1, 2
+
+# -- math helpers -------------------------------------------------------------
+
+
+@triton.jit
+def log1p_unit(t):
+    """log(1 + t) for t in [0, 1] (Goldberg's correction; libdevice log1p is
+    missing under the interpreter)."""
+    u = 1.0 + t
+    du = u - 1.0
+    return tl.where(du == 0.0, t, tl.log(u) * (t / tl.where(du == 0.0, 1.0, du)))
+
+
+@triton.jit
+def softplus(r):
+    return tl.maximum(r, 0.0) + log1p_unit(tl.exp(-tl.abs(r)))
+
+
+@triton.jit
+def sigmoid(r):
+    e = tl.exp(-tl.abs(r))
+    s = 1.0 / (1.0 + e)
+    return tl.where(r >= 0.0, s, e * s)
+
+
+@triton.jit
+def _inv_and_log_var(v, DELTA: tl.constexpr, SOFTPLUS: tl.constexpr):
+    if SOFTPLUS:
+        # tl.full keeps DELTA exact in float64 (a bare Python float would be float32)
+        var = softplus(v) + tl.full([], DELTA, v.dtype)
+        return 1.0 / var, tl.log(var)
+    else:
+        return tl.exp(-v), v
+
+
+# -- kernels ------------------------------------------------------------------
+
+
+@triton.jit
+def _gaussian_log_prob_fwd_kernel(
+    x_ptr,  # (P, D)
+    mean_ptr,  # (K, P, D)
+    v_ptr,  # (K, P, D) | (P, D) | (D,)
+    out_ptr,  # (K, P)
+    K,
+    P,
+    D,
+    LAYOUT: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    DELTA: tl.constexpr,  # variance floor of the softplus form
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    row_ok = rows < P
+    for k in range(K):
+        r = k * P + rows  # decoder rows, int64
+        acc = tl.zeros([BLOCK_P], dtype=ACC)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            mask = row_ok[:, None] & col_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+            m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+            if LAYOUT == 0:
+                v = tl.load(v_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+            elif LAYOUT == 1:
+                v = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+            else:
+                v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+            inv, log_var = _inv_and_log_var(v, DELTA, SOFTPLUS)
+            diff = x - m
+            acc += tl.sum(tl.where(mask, diff * diff * inv + log_var, 0.0), axis=1)
+        out = -0.5 * (acc + D * tl.full([BLOCK_P], LOG_2PI, ACC))
+        tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _gaussian_log_prob_bwd_kernel(
+    g_ptr,  # (K, P)
+    x_ptr,  # (P, D)
+    mean_ptr,  # (K, P, D)
+    v_ptr,  # (K, P, D) | (P, D) | (D,)
+    dx_ptr,  # (P, D), written when HAS_DX
+    dmean_ptr,  # (K, P, D)
+    dv_ptr,  # LAYOUT 0: (K, P, D); 1: (P, D); 2: partial sums (n_programs, D)
+    gsum_ptr,  # LAYOUT 2: partial sums of g, (n_programs,)
+    K,
+    P,
+    D,
+    LAYOUT: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    DELTA: tl.constexpr,  # variance floor of the softplus form
+    HAS_DX: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    row_ok = rows < P
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        if LAYOUT == 1:
+            v_shared = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        elif LAYOUT == 2:
+            v_shared = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        else:
+            v_shared = tl.zeros([1, BLOCK_D], dtype=ACC)  # unused: v varies per element
+        inv_shared, _ = _inv_and_log_var(v_shared, DELTA, SOFTPLUS)
+        dx_acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
+        a_acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)  # sum_k g (x - m)^2
+        g_acc = tl.zeros([BLOCK_P], dtype=ACC)  # sum_k g
+        for k in range(K):
+            r = k * P + rows
+            g = tl.load(g_ptr + r, mask=row_ok, other=0.0).to(ACC)
+            m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+            diff = x - m
+            if LAYOUT == 0:
+                v = tl.load(v_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+                inv, _ = _inv_and_log_var(v, DELTA, SOFTPLUS)
+                if SOFTPLUS:
+                    dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
+                else:
+                    dv = 0.5 * g[:, None] * (diff * diff * inv - 1.0)
+                tl.store(dv_ptr + r[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+            else:
+                inv = inv_shared
+                a_acc += g[:, None] * diff * diff
+                g_acc += g
+            gm = g[:, None] * diff * inv
+            tl.store(dmean_ptr + r[:, None] * D + cols[None, :], gm.to(dmean_ptr.dtype.element_ty), mask=mask)
+            dx_acc -= gm
+        if HAS_DX:
+            tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
+        if LAYOUT == 1:
+            # dv of a shared row from A = sum g (x-m)^2 and G = sum g
+            if SOFTPLUS:
+                dv = 0.5 * (inv_shared * inv_shared * a_acc - inv_shared * g_acc[:, None]) * sigmoid(v_shared)
+            else:
+                dv = 0.5 * (inv_shared * a_acc - g_acc[:, None])
+            tl.store(dv_ptr + rows[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        if LAYOUT == 2:
+            tl.store(dv_ptr + pid * D + cols, tl.sum(tl.where(mask, a_acc, 0.0), axis=0), mask=col_ok)
+            if d0 == 0:
+                tl.store(gsum_ptr + pid, tl.sum(g_acc, axis=0))
+
+
+# -- launchers ----------------------------------------------------------------
+
+
+def _blocks(P: int, D: int) -> tuple[int, int]:
+    BLOCK_D = min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_D)
+    BLOCK_P = max(1, min(TILE // BLOCK_D, triton.next_power_of_2(max(P, 1))))
+    return BLOCK_P, BLOCK_D
+
+
+def _acc(dtype: torch.dtype):
+    # float64 stays float64; bf16, fp16 and fp32 accumulate in fp32
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _layout(v) -> int:
+    return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
+
+
+def gaussian_log_prob_forward(x, mean, v, softplus_mode: bool, delta: float, out) -> None:
+    """out (K, P) <- log N(x; mean, var(v)) summed over D; see the module docstring for shapes."""
+    K, P, D = mean.shape
+    if K * P == 0:
+        return
+    BLOCK_P, BLOCK_D = _blocks(P, D)
+    _gaussian_log_prob_fwd_kernel[(triton.cdiv(P, BLOCK_P),)](
+        x, mean, v, out, K, P, D,
+        LAYOUT=_layout(v), SOFTPLUS=softplus_mode, DELTA=delta, ACC=_acc(mean.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+    )
+
+
+def gaussian_log_prob_backward(g, x, mean, v, softplus_mode: bool, delta: float, dx, dmean, dv) -> None:
+    """dmean (K, P, D), dv (v's shape) and, when dx is not None, dx (P, D) <- gradients given g (K, P)."""
+    K, P, D = mean.shape
+    if K * P * D == 0:
+        if dx is not None:
+            dx.zero_()
+        dv.zero_()
+        return
+    layout = _layout(v)
+    BLOCK_P, BLOCK_D = _blocks(P, D)
+    grid = triton.cdiv(P, BLOCK_P)
+    acc_dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    if layout == DIM:
+        # per-program partial sums, reduced below: (D,) values summed over all rows
+        dv_arg = torch.empty((grid, D), dtype=acc_dtype, device=mean.device)
+        gsum = torch.empty((grid,), dtype=acc_dtype, device=mean.device)
+    else:
+        dv_arg, gsum = dv, dv
+    _gaussian_log_prob_bwd_kernel[(grid,)](
+        g, x, mean, v, dx if dx is not None else dmean, dmean, dv_arg, gsum, K, P, D,
+        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, ACC=_acc(mean.dtype),
+        BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+    )
+    if layout == DIM:
+        a, G = dv_arg.sum(0), gsum.sum()
+        vv = v.to(acc_dtype)
+        if softplus_mode:
+            inv = 1.0 / (torch.logaddexp(torch.zeros_like(vv), vv) + delta)
+            dv.copy_(0.5 * (inv * inv * a - inv * G) * torch.sigmoid(vv))
+        else:
+            inv = torch.exp(-vv)
+            dv.copy_(0.5 * (inv * a - G))
