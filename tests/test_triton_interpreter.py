@@ -18,7 +18,13 @@ import fastvae
 from conftest import INTERPRET
 
 TESTS = Path(__file__).parent
-OP_TESTS = ["test_sample_normal.py", "test_kl_normal.py", "test_philox.py"]
+OP_TESTS = [
+    "test_sample_normal.py",
+    "test_kl_normal.py",
+    "test_philox.py",
+    "test_gaussian_log_prob.py",
+    "test_bernoulli_log_prob.py",
+]
 
 
 def _interpreter_env():

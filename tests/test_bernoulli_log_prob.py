@@ -1,0 +1,123 @@
+"""bernoulli_log_prob against the float64 reference, per backend (see conftest.py)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae import reference
+from fastvae.bernoulli_log_prob import bernoulli_log_prob_backward_op, bernoulli_log_prob_op
+from helpers import assert_close
+
+DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025, 1537]
+
+
+@st.composite
+def problems(draw):
+    D = draw(st.sampled_from(DIMS))
+    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
+    K = draw(st.sampled_from([None, 1, 2, 5]))
+    while math.prod(batch) * (K or 1) * D > 12000 and batch:
+        batch = batch[1:]
+    return dict(D=D, batch=batch, K=K, x_kind=draw(st.sampled_from(["binary", "unit"])),
+                bound=draw(st.sampled_from([3.0, 30.0, 90.0, 200.0])), x_grad=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(p=problems())
+def test_forward_backward_match_reference(backend, dtype, p):
+    _, device = backend
+    g = torch.Generator().manual_seed(p["seed"])
+    D, batch, K = p["D"], p["batch"], p["K"]
+    out_shape = (*(() if K is None else (K,)), *batch, D)
+    x = torch.rand((*batch, D), generator=g, dtype=torch.float64)
+    if p["x_kind"] == "binary":
+        x = (x > 0.5).double()
+    logits = (torch.rand(out_shape, generator=g, dtype=torch.float64) * 2 - 1) * p["bound"]
+    x = x.to(dtype).to(device).requires_grad_(p["x_grad"])
+    logits = logits.to(dtype).to(device).requires_grad_()
+    inputs = [t for t in (x, logits) if t.requires_grad]
+
+    out = fastvae.bernoulli_log_prob(x, logits)
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, up.to(dtype).to(device))
+
+    x64 = x.detach().double().cpu().requires_grad_(p["x_grad"])
+    l64 = logits.detach().double().cpu().requires_grad_()
+    ref = reference.bernoulli_log_prob(x64, l64)
+    ref_grads = torch.autograd.grad(ref, [t for t in (x64, l64) if t.requires_grad], up.to(dtype).double())
+    terms = (x64.detach() * l64.detach()).abs() + reference.softplus(l64.detach())
+    assert out.shape == ref.shape
+    assert_close(out, ref.detach(), terms.sum(-1), "log_prob")
+    elem = up.abs()[..., None] * (1.0 + l64.detach().abs())
+    for t, got, want in zip(inputs, grads, ref_grads):
+        scale = elem
+        while scale.dim() > want.dim():
+            scale = scale.sum(0)
+        assert_close(got, want, scale, "dx" if t is x else "dlogits")
+
+
+@pytest.mark.parametrize("lg", [-90.0, 90.0, -1000.0, 1000.0])
+def test_large_logits_are_exact(backend, lg):
+    """softplus(90) is 90 to float32 precision and softplus(-90) is ~1e-39: no inf, no NaN, no cut-off."""
+    _, device = backend
+    x = torch.tensor([[0.0, 1.0, 0.25]], device=device)
+    logits = torch.full((2, 1, 3), lg, device=device, requires_grad=True)
+    out = fastvae.bernoulli_log_prob(x, logits)
+    expected = (x.double().cpu() * lg - max(lg, 0.0) - math.log1p(math.exp(-abs(lg)))).sum(-1).expand(2, 1)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-6, atol=0)
+    (dl,) = torch.autograd.grad(out.sum(), [logits])
+    torch.testing.assert_close(dl.double().cpu(), (x.double().cpu() - (1.0 if lg > 0 else 0.0)).expand(2, 1, 3),
+                               rtol=0, atol=1e-30)
+
+
+def test_gradcheck_float64(backend):
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    logits = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64) * 4).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(bernoulli_log_prob_op, (x, logits))
+    assert torch.autograd.gradcheck(bernoulli_log_prob_op, (x, logits[0]))
+
+
+def test_opcheck(backend):
+    _, device = backend
+    x = torch.rand(3, 7, device=device, requires_grad=True)
+    logits = torch.randn(2, 3, 7, device=device, requires_grad=True)
+    torch.library.opcheck(bernoulli_log_prob_op, (x, logits))
+    torch.library.opcheck(bernoulli_log_prob_op, (x.detach(), logits))
+    for need_dx in (False, True):
+        torch.library.opcheck(bernoulli_log_prob_backward_op, (torch.randn(2, 3, device=device), x.detach(), logits.detach(), need_dx))
+
+
+def test_errors_on_bad_input(backend):
+    _, device = backend
+    logits = torch.zeros(2, 4, 3, device=device)
+    with pytest.raises(ValueError, match=r"x of shape \(4, 2\)"):
+        fastvae.bernoulli_log_prob(torch.zeros(4, 2, device=device), logits)
+    with pytest.raises(TypeError, match="bool"):
+        fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.bool, device=device), logits)
+    with pytest.raises(TypeError, match="float64"):
+        fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64, device=device), logits)
+    with pytest.raises(ValueError, match="0-d"):
+        fastvae.bernoulli_log_prob(torch.zeros((), device=device), torch.zeros((), device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    name, device = backend
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(4, 37, generator=g) > 0.5).to(dtype).to(device)
+    logits = (torch.randn(3, 4, 37, generator=g) * 5).to(dtype).to(device)
+    if name != "triton":
+        with pytest.raises(TypeError, match=str(dtype).split(".")[-1]):
+            fastvae.bernoulli_log_prob(x, logits)
+        return
+    out = fastvae.bernoulli_log_prob(x, logits)
+    x64, l64 = x.double().cpu(), logits.double().cpu()
+    terms = ((x64 * l64).abs() + reference.softplus(l64)).sum(-1)
+    assert out.dtype == dtype
+    assert_close(out, reference.bernoulli_log_prob(x64, l64), terms, "log_prob")

@@ -1,0 +1,223 @@
+"""gaussian_log_prob against the float64 reference, per backend (see conftest.py)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae import reference
+from fastvae.gaussian_log_prob import gaussian_log_prob_backward_op, gaussian_log_prob_op
+from helpers import assert_close
+
+# D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
+DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025, 1537]
+VARIANCES = ["element", "row", "dim", "scalar", "scale_float", "scale_tensor", "default",
+             "softplus_element", "softplus_dim"]
+
+
+@st.composite
+def problems(draw):
+    D = draw(st.sampled_from(DIMS))
+    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
+    K = draw(st.sampled_from([None, 1, 2, 5]))  # None: no sample dim, x has mean's shape
+    while math.prod(batch) * (K or 1) * D > 12000 and batch:
+        batch = batch[1:]
+    return dict(
+        D=D, batch=batch, K=K, variance=draw(st.sampled_from(VARIANCES)),
+        x_grad=draw(st.booleans()), lv_bound=draw(st.sampled_from([1.0, 5.0, 20.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def build(p, dtype, device):
+    """(x, mean, kwargs for fastvae, reference closure over float64 copies, inputs to differentiate)."""
+    g = torch.Generator().manual_seed(p["seed"])
+    D, batch, K = p["D"], p["batch"], p["K"]
+    out_shape = (*(() if K is None else (K,)), *batch, D)
+
+    def rnd(shape, kind="normal", bound=1.0):
+        t = torch.randn(shape, generator=g, dtype=torch.float64) * 2 if kind == "normal" else \
+            (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        return t.to(dtype).to(device).requires_grad_()
+
+    x = rnd((*batch, D)).detach().requires_grad_(p["x_grad"])
+    mean = rnd(out_shape)
+    var, kw = p["variance"], {}
+    b = p["lv_bound"]
+    if var in ("element", "softplus_element"):
+        v = rnd(out_shape, "uniform", b)
+    elif var == "row":
+        v = rnd((*batch, D), "uniform", b)
+    elif var in ("dim", "softplus_dim"):
+        v = rnd((D,), "uniform", b)
+    elif var == "scalar":
+        v = rnd((), "uniform", b)
+    elif var == "scale_tensor":
+        v = (torch.rand((), generator=g, dtype=torch.float64) + 0.1).to(dtype).to(device).requires_grad_()
+    else:
+        v = None
+    if var.startswith("softplus"):
+        kw = dict(softplus_var=v, delta=1e-3)
+    elif var == "scale_tensor":
+        kw = dict(scale=v)
+    elif var == "scale_float":
+        kw = dict(scale=0.7)
+    elif var != "default":
+        kw = dict(logvar=v)
+    inputs = [t for t in (x, mean, v) if t is not None and t.requires_grad]
+    return x, mean, v, kw, inputs
+
+
+def reference_of(x, mean, v, kw):
+    """float64 value and the per-row scale of its terms (for the tolerance)."""
+    x, mean = x.double().cpu(), mean.double().cpu()
+    v = None if v is None else v.double().cpu()
+    if "softplus_var" in kw:
+        var = reference.softplus(v) + kw["delta"]
+        out = reference.gaussian_log_prob_softplus(x, mean, v, kw["delta"])
+    else:
+        lv = v if "logvar" in kw else 2 * torch.log(v) if "scale" in kw and v is not None else \
+            torch.tensor(2 * math.log(kw.get("scale", 1.0)), dtype=torch.float64)
+        var = torch.exp(lv)
+        out = reference.gaussian_log_prob(x, mean, lv)
+    terms = ((x - mean) ** 2 / var + torch.log(var).abs() + reference.LOG_2PI).sum(-1)
+    return out, terms, var
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(p=problems())
+def test_forward_backward_match_reference(backend, dtype, p):
+    _, device = backend
+    x, mean, v, kw, inputs = build(p, dtype, device)
+    out = fastvae.gaussian_log_prob(x, mean, **kw)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, g.to(dtype).to(device))
+
+    leaves = {id(t): t.detach().double().cpu().requires_grad_() for t in inputs}
+    as64 = lambda t: None if t is None else leaves.get(id(t), t.detach().double().cpu())  # noqa: E731
+    kw64 = {k: as64(a) if isinstance(a, torch.Tensor) else a for k, a in kw.items()}
+    ref, terms, var = reference_of(as64(x), as64(mean), as64(v), kw64)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert_close(out, ref.detach(), terms.detach(), "log_prob")
+    ref_grads = torch.autograd.grad(ref, [leaves[id(t)] for t in inputs], g.to(dtype).double())
+    # every gradient element is a sum over K (and rows) of g * O((x-m)^2/var + 1)
+    x64, m64 = x.detach().double().cpu(), mean.detach().double().cpu()
+    elem = g.abs()[..., None] * ((x64 - m64) ** 2 / var.detach() + (x64 - m64).abs() / var.detach() + 1.0)
+    # a scale tensor's gradient is the log-variance one times d(2 log s)/ds = 2/s
+    chain = 2.0 / v.detach().double().cpu() if "scale" in kw and v is not None else 1.0
+    for t, got, want in zip(inputs, grads, ref_grads):
+        scale = elem
+        while scale.dim() > max(want.dim(), 1):
+            scale = scale.sum(0)
+        if want.dim() <= 1 and scale.shape != want.shape:
+            scale = scale.reshape(-1, scale.shape[-1]).sum(0)
+            scale = scale.sum() if want.dim() == 0 else scale
+        name = "dx" if t is x else "dmean" if t is mean else "dvar"
+        assert_close(got, want, scale * (chain if t is v else 1.0), name)
+
+
+def test_x_is_not_copied_per_sample(backend):
+    """x (B, D) against mean (K, B, D): the op sees x at its own size, and dx sums over K."""
+    _, device = backend
+    x = torch.randn(4, 9, device=device, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(3, 4, 9, device=device, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = fastvae.gaussian_log_prob(x, mean)
+    assert (4, 9) in saved and (3, 4, 9) in saved and max(math.prod(s) for s in saved) == 3 * 4 * 9
+    (dx,) = torch.autograd.grad(out.sum(), [x])
+    torch.testing.assert_close(dx, (mean - x).detach().sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64(backend):
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731
+    x, mean = r(3, 5), r(2, 3, 5)
+    for v, sp in ((r(2, 3, 5), False), (r(3, 5), False), (r(5), False), (r(2, 3, 5), True), (r(5), True)):
+        assert torch.autograd.gradcheck(lambda a, b, c: gaussian_log_prob_op(a, b, c, sp, 1e-3), (x, mean, v))
+
+
+def test_opcheck(backend):
+    _, device = backend
+    x = torch.randn(3, 7, device=device, requires_grad=True)
+    mean = torch.randn(2, 3, 7, device=device, requires_grad=True)
+    for v in (torch.randn(2, 3, 7, device=device), torch.randn(3, 7, device=device), torch.randn(7, device=device)):
+        for sp in (False, True):
+            torch.library.opcheck(gaussian_log_prob_op, (x, mean, v.requires_grad_(), sp, 1e-4))
+    g = torch.randn(2, 3, device=device)
+    for need_dx in (False, True):
+        torch.library.opcheck(gaussian_log_prob_backward_op, (g, x.detach(), mean.detach(), torch.randn(7, device=device), False, 1e-4, need_dx))
+
+
+def test_extreme_log_variance_is_finite(backend):
+    _, device = backend
+    x = torch.randn(5, 33, device=device)
+    mean = torch.randn(2, 5, 33, device=device, requires_grad=True)
+    for lv in (-30.0, 30.0):
+        logvar = torch.full((2, 5, 33), lv, device=device, requires_grad=True)
+        out = fastvae.gaussian_log_prob(x, mean, logvar)
+        grads = torch.autograd.grad(out.sum(), [mean, logvar])
+        assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)
+
+
+def test_unusual_broadcast_is_materialized(backend):
+    _, device = backend
+    x = torch.randn(1, 6, device=device, dtype=torch.float64, requires_grad=True)
+    mean = torch.randn(4, 6, device=device, dtype=torch.float64)
+    out = fastvae.gaussian_log_prob(x, mean, scale=0.5)
+    ref = reference.gaussian_log_prob(x, mean, torch.tensor(2 * math.log(0.5), dtype=torch.float64))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    (dx,) = torch.autograd.grad(out.sum(), [x])
+    assert dx.shape == (1, 6)
+
+
+def test_empty(backend):
+    _, device = backend
+    mean = torch.zeros(2, 0, 5, device=device, requires_grad=True)
+    out = fastvae.gaussian_log_prob(torch.zeros(0, 5, device=device), mean)
+    assert out.shape == (2, 0)
+    out.sum().backward()
+    assert mean.grad.shape == (2, 0, 5)
+
+
+def test_errors_on_bad_input(backend):
+    _, device = backend
+    x = torch.zeros(4, 3, device=device)
+    mean = torch.zeros(2, 4, 3, device=device)
+    with pytest.raises(ValueError, match=r"x of shape \(5, 3\)"):
+        fastvae.gaussian_log_prob(torch.zeros(5, 3, device=device), mean)
+    with pytest.raises(ValueError, match=r"logvar of shape \(2,\)"):
+        fastvae.gaussian_log_prob(x, mean, torch.zeros(2, device=device))
+    with pytest.raises(TypeError, match="float64"):
+        fastvae.gaussian_log_prob(x.double(), mean)
+    with pytest.raises(TypeError, match="int64"):
+        fastvae.gaussian_log_prob(torch.zeros(4, 3, dtype=torch.int64, device=device), mean)
+    with pytest.raises(ValueError, match="at most one"):
+        fastvae.gaussian_log_prob(x, mean, torch.zeros(3, device=device), scale=2.0)
+    with pytest.raises(ValueError, match="scale"):
+        fastvae.gaussian_log_prob(x, mean, scale=-1.0)
+    with pytest.raises(ValueError, match="delta"):
+        fastvae.gaussian_log_prob(x, mean, softplus_var=torch.zeros(3, device=device), delta=0.0)
+    with pytest.raises(ValueError, match="device"):
+        fastvae.gaussian_log_prob(torch.zeros(4, 3, device="meta"), mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    """bf16/fp16 inputs run on triton with float32 accumulation; cpp and reference refuse them."""
+    name, device = backend
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 37, generator=g).to(dtype).to(device)
+    mean = torch.randn(3, 4, 37, generator=g).to(dtype).to(device).requires_grad_()
+    logvar = (torch.rand(3, 4, 37, generator=g) * 2 - 1).to(dtype).to(device).requires_grad_()
+    if name != "triton":
+        with pytest.raises(TypeError, match=str(dtype).split(".")[-1]):
+            fastvae.gaussian_log_prob(x, mean, logvar)
+        return
+    out = fastvae.gaussian_log_prob(x, mean, logvar)
+    assert out.dtype == dtype
+    ref, terms, _ = reference_of(x, mean.detach(), logvar.detach(), dict(logvar=logvar))
+    assert_close(out, ref, terms, "log_prob")
