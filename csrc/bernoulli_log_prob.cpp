@@ -12,13 +12,13 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 16;
 
-inline float softplus_t(float x) { return fast_softplus(x); }
-inline double softplus_t(double x) { return softplus_f64(x); }
-inline float sigmoid_t(float x) { return fast_sigmoid(x); }
-inline double sigmoid_t(double x) { return sigmoid_f64(x); }
+FASTVAE_INLINE float softplus_t(float x) { return fast_softplus(x); }
+FASTVAE_INLINE double softplus_t(double x) { return softplus_f64(x); }
+FASTVAE_INLINE float sigmoid_t(float x) { return fast_sigmoid(x); }
+FASTVAE_INLINE double sigmoid_t(double x) { return sigmoid_f64(x); }
 
 template <typename T>
-inline void forward_rows(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,
+FASTVAE_INLINE void forward_rows(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,
                          int64_t p0, int64_t p1, T* out) {
   for (int64_t p = p0; p < p1; ++p) {
     const T* xp = x + p * D;
@@ -35,7 +35,7 @@ inline void forward_rows(const T* x, const T* logits, int64_t K, int64_t P, int6
 
 // dlogits = g (x - sigmoid(l)); dx = sum_k g l.
 template <typename T>
-inline void backward_rows(const T* g, const T* x, const T* logits, int64_t K, int64_t P,
+FASTVAE_INLINE void backward_rows(const T* g, const T* x, const T* logits, int64_t K, int64_t P,
                           int64_t D, int64_t p0, int64_t p1, T* dx, T* dlogits) {
   for (int64_t p = p0; p < p1; ++p) {
     const T* xp = x + p * D;

@@ -20,89 +20,90 @@ namespace {
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 constexpr int64_t kRowsPerTask = 16;
 
-inline float exp_t(float x) { return fast_exp(x); }
-inline double exp_t(double x) { return std::exp(x); }
-inline float softplus_t(float x) { return fast_softplus(x); }
-inline double softplus_t(double x) { return softplus_f64(x); }
-inline float sigmoid_t(float x) { return fast_sigmoid(x); }
-inline double sigmoid_t(double x) { return sigmoid_f64(x); }
+FASTVAE_INLINE float exp_t(float x) { return fast_exp(x); }
+FASTVAE_INLINE double exp_t(double x) { return std::exp(x); }
+FASTVAE_INLINE float softplus_t(float x) { return fast_softplus(x); }
+FASTVAE_INLINE double softplus_t(double x) { return softplus_f64(x); }
+FASTVAE_INLINE float sigmoid_t(float x) { return fast_sigmoid(x); }
+FASTVAE_INLINE double sigmoid_t(double x) { return sigmoid_f64(x); }
 // var >= delta > 0 is a normal float; inf and NaN pass through unchanged.
-inline float log_var_t(float v) {
+FASTVAE_INLINE float log_var_t(float v) {
   return v < std::numeric_limits<float>::max() ? fast_log_positive(v) : v;
 }
-inline double log_var_t(double v) { return std::log(v); }
+FASTVAE_INLINE double log_var_t(double v) { return std::log(v); }
 
-// 1/var and log var of one element.
+// 1/var and log var of one element (returned by value: references to locals
+// keep GCC from vectorizing the loops that call this).
+template <typename T>
+struct InvLogVar {
+  T inv, log_var;
+};
+
 template <typename T, bool kSoftplus>
-inline void inv_and_log_var(T v, T delta, T& inv, T& log_var) {
+FASTVAE_INLINE InvLogVar<T> inv_and_log_var(T v, T delta) {
   if (kSoftplus) {
     const T var = softplus_t(v) + delta;
-    inv = T(1) / var;
-    log_var = log_var_t(var);
-  } else {
-    inv = exp_t(-v);
-    log_var = v;
+    return {T(1) / var, log_var_t(var)};
   }
+  return {exp_t(-v), v};
 }
 
 // sum_d((x - m)^2 / var + log var) over one row with var per element.
 template <typename T, bool kSoftplus>
-inline double row_sum_element(const T* x, const T* m, const T* v, T delta, int64_t D) {
-  double acc = 0.0;
+FASTVAE_INLINE double row_sum_element(const T* x, const T* m, const T* v, T delta, int64_t D) {
+  T acc = 0;  // float32 accumulation: the simd lanes keep 16 partial sums
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) {
-    T inv, log_var;
-    inv_and_log_var<T, kSoftplus>(v[d], delta, inv, log_var);
+    const InvLogVar<T> w = inv_and_log_var<T, kSoftplus>(v[d], delta);
     const T diff = x[d] - m[d];
-    acc += double(diff * diff * inv + log_var);
+    acc += diff * diff * w.inv + w.log_var;
   }
   return acc;
 }
 
 // sum_d (x - m)^2 * inv over one row with a shared 1/var row.
 template <typename T>
-inline double row_sum_shared(const T* x, const T* m, const T* inv, int64_t D) {
-  double acc = 0.0;
+FASTVAE_INLINE double row_sum_shared(const T* x, const T* m, const T* inv, int64_t D) {
+  T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) {
     const T diff = x[d] - m[d];
-    acc += double(diff * diff * inv[d]);
+    acc += diff * diff * inv[d];
   }
   return acc;
 }
 
-// Backward of one (k, p) row, var per element: writes dmean and dv, and
-// subtracts into dx_acc (the sum over k) when it is given.
+// Backward of one (k, p) row, var per element: writes dmean, and dv when it
+// is given, and subtracts into dx_acc (the sum over k) when it is given.
 template <typename T, bool kSoftplus>
-inline void row_grad_element(const T* x, const T* m, const T* v, T delta, T g, int64_t D,
+FASTVAE_INLINE void row_grad_element(const T* x, const T* m, const T* v, T delta, T g, int64_t D,
                              T* dmean, T* dv, T* dx_acc) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     const T diff = x[d] - m[d];
-    T inv, log_var;
-    inv_and_log_var<T, kSoftplus>(v[d], delta, inv, log_var);
+    const T inv = inv_and_log_var<T, kSoftplus>(v[d], delta).inv;
     const T gm = g * diff * inv;
     dmean[d] = gm;
-    if (kSoftplus) {
-      dv[d] = T(0.5) * g * (diff * diff * inv * inv - inv) * sigmoid_t(v[d]);
-    } else {
-      dv[d] = T(0.5) * g * (diff * diff * inv - T(1));
+    if (dv) {
+      dv[d] = kSoftplus ? T(0.5) * g * (diff * diff * inv * inv - inv) * sigmoid_t(v[d])
+                        : T(0.5) * g * (diff * diff * inv - T(1));
     }
     if (dx_acc) dx_acc[d] -= gm;
   }
 }
 
 // Backward of one row with a shared 1/var row: dmean, dx_acc as above, and
-// a_acc[d] += g (x - m)^2, from which the shared dv is formed per x row.
+// (when a_acc is given) a_acc[d] += g (x - m)^2, from which the shared dv is
+// formed per x row.
 template <typename T>
-inline void row_grad_shared(const T* x, const T* m, const T* inv, T g, int64_t D, T* dmean,
-                            double* a_acc, T* dx_acc) {
+FASTVAE_INLINE void row_grad_shared(const T* x, const T* m, const T* inv, T g, int64_t D,
+                                    T* dmean, T* a_acc, T* dx_acc) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     const T diff = x[d] - m[d];
     const T gm = g * diff * inv[d];
     dmean[d] = gm;
-    a_acc[d] += double(g * diff * diff);
+    if (a_acc) a_acc[d] += g * diff * diff;
     if (dx_acc) dx_acc[d] -= gm;
   }
 }
@@ -112,33 +113,31 @@ template <typename T>
 double shared_inv_row(const T* v, bool softplus, T delta, int64_t D, T* inv) {
   double sum_log_var = 0.0;
   for (int64_t d = 0; d < D; ++d) {
-    T lv;
-    if (softplus) {
-      inv_and_log_var<T, true>(v[d], delta, inv[d], lv);
-    } else {
-      inv_and_log_var<T, false>(v[d], delta, inv[d], lv);
-    }
-    sum_log_var += double(lv);
+    const InvLogVar<T> w = softplus ? inv_and_log_var<T, true>(v[d], delta)
+                                    : inv_and_log_var<T, false>(v[d], delta);
+    inv[d] = w.inv;
+    sum_log_var += double(w.log_var);
   }
   return sum_log_var;
 }
 
 // dv of a shared row from A = sum g (x - m)^2 and G = sum g over its rows:
 // logvar: (inv A - G) / 2;  softplus: (inv^2 A - inv G) / 2 * sigmoid(v).
-template <typename T>
-void shared_dv_row(const T* v, const T* inv, const double* a, double G, bool softplus,
+template <typename T, typename A>
+void shared_dv_row(const T* v, const T* inv, const A* a, double G, bool softplus,
                    int64_t D, T* dv) {
   for (int64_t d = 0; d < D; ++d) {
     const double iv = inv[d];
-    dv[d] = softplus ? T(0.5 * (iv * iv * a[d] - iv * G) * double(sigmoid_t(v[d])))
-                     : T(0.5 * (iv * a[d] - G));
+    const double ad = a[d];
+    dv[d] = softplus ? T(0.5 * (iv * iv * ad - iv * G) * double(sigmoid_t(v[d])))
+                     : T(0.5 * (iv * ad - G));
   }
 }
 
 // The hot loops of one task of x rows [p0, p1). Templates are inlined into
 // each ISA clone of the float32 entry points below.
 template <typename T>
-inline void forward_rows(const T* x, const T* mean, const T* v, VarLayout layout, bool softplus,
+FASTVAE_INLINE void forward_rows(const T* x, const T* mean, const T* v, VarLayout layout, bool softplus,
                          T delta, int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,
                          const T* dim_inv, double dim_log_var, T* inv_row, T* out) {
   const double log2pi = double(D) * kLog2Pi;
@@ -165,11 +164,15 @@ inline void forward_rows(const T* x, const T* mean, const T* v, VarLayout layout
   }
 }
 
+// dv may be null (its argument needs no gradient, e.g. a fixed scale): then
+// no (x - m)^2 sums are formed at all.
 template <typename T>
-inline void backward_rows(const T* g, const T* x, const T* mean, const T* v, VarLayout layout,
-                          bool softplus, T delta, int64_t K, int64_t P, int64_t D, int64_t p0,
-                          int64_t p1, const T* dim_inv, T* inv_row, double* a_acc,
-                          double* dim_a, double& dim_g, T* dx, T* dmean, T* dv) {
+FASTVAE_INLINE void backward_rows(const T* g, const T* x, const T* mean, const T* v,
+                                  VarLayout layout, bool softplus, T delta, int64_t K, int64_t P,
+                                  int64_t D, int64_t p0, int64_t p1, const T* dim_inv, T* inv_row,
+                                  T* a_row, double* dim_a, double& dim_g, T* dx, T* dmean, T* dv) {
+  const bool shared = layout != VarLayout::kElement;
+  T* a_acc = shared && dv ? a_row : nullptr;
   for (int64_t p = p0; p < p1; ++p) {
     const T* xp = x + p * D;
     T* dxp = dx ? dx + p * D : nullptr;
@@ -179,28 +182,27 @@ inline void backward_rows(const T* g, const T* x, const T* mean, const T* v, Var
       shared_inv_row(v + p * D, softplus, delta, D, inv_row);
       inv = inv_row;
     }
-    if (layout != VarLayout::kElement) std::fill(a_acc, a_acc + D, 0.0);
+    if (a_acc) std::fill(a_acc, a_acc + D, T(0));
     double g_sum = 0.0;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t r = k * P + p;
       const T gr = g[r];
-      if (layout == VarLayout::kElement) {
-        if (softplus) {
-          row_grad_element<T, true>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D,
-                                    dv + r * D, dxp);
-        } else {
-          row_grad_element<T, false>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D,
-                                     dv + r * D, dxp);
-        }
+      T* dvr = dv ? dv + r * D : nullptr;
+      if (!shared && softplus) {
+        row_grad_element<T, true>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D, dvr,
+                                  dxp);
+      } else if (!shared) {
+        row_grad_element<T, false>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D, dvr,
+                                   dxp);
       } else {
         row_grad_shared(xp, mean + r * D, inv, gr, D, dmean + r * D, a_acc, dxp);
         g_sum += double(gr);
       }
     }
-    if (layout == VarLayout::kRow) {
+    if (a_acc && layout == VarLayout::kRow) {
       shared_dv_row(v + p * D, inv, a_acc, g_sum, softplus, D, dv + p * D);
-    } else if (layout == VarLayout::kDim) {
-      for (int64_t d = 0; d < D; ++d) dim_a[d] += a_acc[d];
+    } else if (a_acc) {
+      for (int64_t d = 0; d < D; ++d) dim_a[d] += double(a_acc[d]);
       dim_g += g_sum;
     }
   }
@@ -219,7 +221,7 @@ FASTVAE_CLONES void backward_rows_f32(const float* g, const float* x, const floa
                                       const float* v, VarLayout layout, bool softplus,
                                       float delta, int64_t K, int64_t P, int64_t D, int64_t p0,
                                       int64_t p1, const float* dim_inv, float* inv_row,
-                                      double* a_acc, double* dim_a, double& dim_g, float* dx,
+                                      float* a_acc, double* dim_a, double& dim_g, float* dx,
                                       float* dmean, float* dv) {
   backward_rows<float>(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
                        inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);
@@ -243,7 +245,7 @@ void forward_task(const double* x, const double* mean, const double* v, VarLayou
 
 void backward_task(const float* g, const float* x, const float* mean, const float* v,
                    VarLayout layout, bool softplus, float delta, int64_t K, int64_t P, int64_t D,
-                   int64_t p0, int64_t p1, const float* dim_inv, float* inv_row, double* a_acc,
+                   int64_t p0, int64_t p1, const float* dim_inv, float* inv_row, float* a_acc,
                    double* dim_a, double& dim_g, float* dx, float* dmean, float* dv) {
   backward_rows_f32(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv, inv_row,
                     a_acc, dim_a, dim_g, dx, dmean, dv);
@@ -289,28 +291,29 @@ void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* 
                                 VarLayout layout, bool softplus, double delta, int64_t K,
                                 int64_t P, int64_t D, T* dx, T* dmean, T* dv, int n_threads) {
   const bool dim = layout == VarLayout::kDim;
+  const bool dim_dv = dim && dv != nullptr;
   std::vector<T> dim_inv(dim ? D : 0);
   if (dim) shared_inv_row(v, softplus, T(delta), D, dim_inv.data());
   // Per-dimension dv sums over every row: each thread keeps its own partial
   // sums, added in thread order afterwards (deterministic for a fixed count).
-  std::vector<double> dim_a(dim ? size_t(n_threads) * D : 0, 0.0);
+  std::vector<double> dim_a(dim_dv ? size_t(n_threads) * D : 0, 0.0);
   std::vector<double> dim_g(size_t(n_threads), 0.0);
   const int64_t tasks = n_tasks(P);
 #pragma omp parallel num_threads(n_threads)
   {
     const int tid = omp_get_thread_num();
     std::vector<T> inv_row(layout == VarLayout::kRow ? D : 0);
-    std::vector<double> a_acc(layout == VarLayout::kElement ? 0 : D);
-    double* my_a = dim ? dim_a.data() + size_t(tid) * D : nullptr;
+    std::vector<T> a_row(layout == VarLayout::kElement ? 0 : D);
+    double* my_a = dim_dv ? dim_a.data() + size_t(tid) * D : nullptr;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t p0 = t * kRowsPerTask;
       backward_task(g, x, mean, v, layout, softplus, T(delta), K, P, D, p0,
                     std::min(P, p0 + kRowsPerTask), dim_inv.data(), inv_row.data(),
-                    a_acc.data(), my_a, dim_g[tid], dx, dmean, dv);
+                    a_row.data(), my_a, dim_g[tid], dx, dmean, dv);
     }
   }
-  if (dim) {
+  if (dim_dv) {
     std::vector<double> a(D, 0.0);
     double G = 0.0;
     for (int t = 0; t < n_threads; ++t) {

@@ -21,7 +21,7 @@ void gaussian_log_prob_forward(const T* x, const T* mean, const T* v, VarLayout 
                                bool softplus, double delta, int64_t K, int64_t P, int64_t D,
                                T* out, int n_threads);
 
-// g: (K, P). dx: (P, D) or null; dmean: (K, P, D); dv: the shape of v.
+// g: (K, P). dx: (P, D) or null; dmean: (K, P, D); dv: the shape of v, or null.
 template <typename T>
 void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* v,
                                 VarLayout layout, bool softplus, double delta, int64_t K,

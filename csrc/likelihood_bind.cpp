@@ -51,7 +51,7 @@ void gaussian_forward_t(py::array x, py::array mean, py::array v, bool softplus,
 
 template <typename T>
 void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, bool softplus,
-                         double delta, py::object dx, py::array dmean, py::array dv,
+                         double delta, py::object dx, py::array dmean, py::object dv,
                          int n_threads) {
   const Dims s = decoder_dims(mean);
   std::vector<int64_t> v_shape;
@@ -63,7 +63,8 @@ void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, 
   py::array dx_holder;
   T* dxp = optional_out<T>(dx, dx_holder, "dx", {s.P, s.D});
   T* dmp = checked<T>(dmean, "dmean", {s.K, s.P, s.D}, true);
-  T* dvp = checked<T>(dv, "dv", v_shape, true);
+  py::array dv_holder;
+  T* dvp = optional_out<T>(dv, dv_holder, "dv", v_shape);
   py::gil_scoped_release release;
   gaussian_log_prob_backward<T>(gp, xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, dxp, dmp,
                                 dvp, n_threads);
@@ -106,13 +107,13 @@ void bind_gaussian_log_prob(py::module_& m) {
 
   m.def("gaussian_log_prob_backward", [](py::array g, py::array x, py::array mean, py::array v,
                                          bool softplus, double delta, py::object dx,
-                                         py::array dmean, py::array dv, int n_threads) {
+                                         py::array dmean, py::object dv, int n_threads) {
     check_threads(n_threads);
     by_dtype(mean,
              [&] { gaussian_backward_t<float>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); },
              [&] { gaussian_backward_t<double>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); });
   }, py::arg("g"), py::arg("x"), py::arg("mean"), py::arg("v"), py::arg("softplus"),
-     py::arg("delta"), py::arg("dx").none(true), py::arg("dmean"), py::arg("dv"),
+     py::arg("delta"), py::arg("dx").none(true), py::arg("dmean"), py::arg("dv").none(true),
      py::arg("n_threads"));
 }
 

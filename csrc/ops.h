@@ -16,6 +16,10 @@
 #define FASTVAE_CLONES
 #endif
 
+// Helpers whose loops must be vectorized inside each clone: without forced
+// inlining GCC may compile them once, for the baseline ISA, and call that.
+#define FASTVAE_INLINE inline __attribute__((always_inline))
+
 namespace fastvae {
 
 // Fill out[i] = randn(seed, offset0 + i) for i < n (the tl.randn stream).

@@ -49,35 +49,39 @@ def _(x, mean, v, softplus, delta):
     "fastvae::gaussian_log_prob_backward", mutates_args=(), device_types=("cpu", "cuda")
 )
 def gaussian_log_prob_backward_op(
-    g: Tensor, x: Tensor, mean: Tensor, v: Tensor, softplus: bool, delta: float, need_dx: bool
+    g: Tensor, x: Tensor, mean: Tensor, v: Tensor, softplus: bool, delta: float, need_dx: bool, need_dv: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dmean, dv) in the shapes of x, mean and v; dx is an empty (0,)
-    tensor unless need_dx (then x's gradient is summed over K in the kernel)."""
+    """(dx, dmean, dv) in the shapes of x, mean and v. dx and dv are empty (0,)
+    tensors unless asked for (x's gradient is summed over K in the kernel; a
+    fixed scale needs no dv, which saves its reductions)."""
     backend = backend_for(mean.device)
     x2, m3, K, P, D = kernel_views(x, mean)
     v_k = kernel_var(v, K, P, D)
     g2 = g.to(mean.dtype).reshape(K, P).contiguous()
     dx = _backend.empty_output((P, D) if need_dx else (0,), like=mean)
     dmean = _backend.empty_output((K, P, D), like=mean)
-    dv = _backend.empty_output(v_k.shape, like=mean)
+    dv = _backend.empty_output(v_k.shape if need_dv else (0,), like=mean)
     dx_arg = dx if need_dx else None
+    dv_arg = dv if need_dv else None
     if backend == "cpp":
         cpp_module().gaussian_log_prob_backward(
-            _np(g2), _np(x2), _np(m3), _np(v_k), softplus, delta, _np(dx_arg), dmean.numpy(), dv.numpy(),
+            _np(g2), _np(x2), _np(m3), _np(v_k), softplus, delta, _np(dx_arg), dmean.numpy(), _np(dv_arg),
             num_threads(),
         )
     elif backend == "triton":
         triton_module("gaussian_log_prob").gaussian_log_prob_backward(
-            g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv
+            g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv_arg
         )
     else:
-        reference.gaussian_log_prob_backward(g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv)
-    return (dx.reshape(x.shape) if need_dx else dx), dmean.reshape(mean.shape), dv.reshape(v.shape)
+        reference.gaussian_log_prob_backward(g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv_arg)
+    dx = dx.reshape(x.shape) if need_dx else dx
+    return dx, dmean.reshape(mean.shape), dv.reshape(v.shape) if need_dv else dv
 
 
 @gaussian_log_prob_backward_op.register_fake
-def _(g, x, mean, v, softplus, delta, need_dx):
-    return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(mean), torch.empty_like(v))
+def _(g, x, mean, v, softplus, delta, need_dx, need_dv):
+    return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(mean),
+            v.new_empty(v.shape if need_dv else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -88,9 +92,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g):
     x, mean, v = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, dmean, dv = gaussian_log_prob_backward_op(g, x, mean, v, ctx.softplus, ctx.delta, need_dx)
-    return (dx if need_dx else None), dmean, dv, None, None
+    need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dx, dmean, dv = gaussian_log_prob_backward_op(g, x, mean, v, ctx.softplus, ctx.delta, need_dx, need_dv)
+    return (dx if need_dx else None), dmean, (dv if need_dv else None), None, None
 
 
 gaussian_log_prob_op.register_autograd(_backward, setup_context=_setup_context)

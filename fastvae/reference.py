@@ -233,7 +233,8 @@ def gaussian_log_prob_backward(g, x, mean, var_param, softplus_mode, delta, dx, 
         gv = 0.5 * g * (diff * diff * inv - 1.0)
     gm = g * diff * inv
     dmean.copy_(gm)
-    dvar.copy_(_sum_to(gv, dvar.shape))
+    if dvar is not None:
+        dvar.copy_(_sum_to(gv, dvar.shape))
     if dx is not None:
         dx.copy_(_sum_to(-gm, dx.shape))
 

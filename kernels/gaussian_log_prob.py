@@ -103,7 +103,7 @@ def _gaussian_log_prob_bwd_kernel(
     v_ptr,  # (K, P, D) | (P, D) | (D,)
     dx_ptr,  # (P, D), written when HAS_DX
     dmean_ptr,  # (K, P, D)
-    dv_ptr,  # LAYOUT 0: (K, P, D); 1: (P, D); 2: partial sums (n_programs, D)
+    dv_ptr,  # when HAS_DV: LAYOUT 0: (K, P, D); 1: (P, D); 2: partial sums (n_programs, D)
     gsum_ptr,  # LAYOUT 2: partial sums of g, (n_programs,)
     K,
     P,
@@ -112,6 +112,7 @@ def _gaussian_log_prob_bwd_kernel(
     SOFTPLUS: tl.constexpr,
     DELTA: tl.constexpr,  # variance floor of the softplus form
     HAS_DX: tl.constexpr,
+    HAS_DV: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -142,11 +143,12 @@ def _gaussian_log_prob_bwd_kernel(
             if LAYOUT == 0:
                 v = tl.load(v_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
                 inv, _ = _inv_and_log_var(v, DELTA, SOFTPLUS)
-                if SOFTPLUS:
-                    dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
-                else:
-                    dv = 0.5 * g[:, None] * (diff * diff * inv - 1.0)
-                tl.store(dv_ptr + r[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+                if HAS_DV:
+                    if SOFTPLUS:
+                        dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
+                    else:
+                        dv = 0.5 * g[:, None] * (diff * diff * inv - 1.0)
+                    tl.store(dv_ptr + r[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
             else:
                 inv = inv_shared
                 a_acc += g[:, None] * diff * diff
@@ -156,14 +158,14 @@ def _gaussian_log_prob_bwd_kernel(
             dx_acc -= gm
         if HAS_DX:
             tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
-        if LAYOUT == 1:
+        if LAYOUT == 1 and HAS_DV:
             # dv of a shared row from A = sum g (x-m)^2 and G = sum g
             if SOFTPLUS:
                 dv = 0.5 * (inv_shared * inv_shared * a_acc - inv_shared * g_acc[:, None]) * sigmoid(v_shared)
             else:
                 dv = 0.5 * (inv_shared * a_acc - g_acc[:, None])
             tl.store(dv_ptr + rows[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
-        if LAYOUT == 2:
+        if LAYOUT == 2 and HAS_DV:
             tl.store(dv_ptr + pid * D + cols, tl.sum(tl.where(mask, a_acc, 0.0), axis=0), mask=col_ok)
             if d0 == 0:
                 tl.store(gsum_ptr + pid, tl.sum(g_acc, axis=0))
@@ -200,29 +202,30 @@ def gaussian_log_prob_forward(x, mean, v, softplus_mode: bool, delta: float, out
 
 
 def gaussian_log_prob_backward(g, x, mean, v, softplus_mode: bool, delta: float, dx, dmean, dv) -> None:
-    """dmean (K, P, D), dv (v's shape) and, when dx is not None, dx (P, D) <- gradients given g (K, P)."""
+    """dmean (K, P, D) and, when they are not None, dv (v's shape) and dx (P, D)
+    <- gradients given g (K, P)."""
     K, P, D = mean.shape
     if K * P * D == 0:
-        if dx is not None:
-            dx.zero_()
-        dv.zero_()
+        for t in (dx, dv):
+            if t is not None:
+                t.zero_()
         return
     layout = _layout(v)
     BLOCK_P, BLOCK_D = _blocks(P, D)
     grid = triton.cdiv(P, BLOCK_P)
     acc_dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32
-    if layout == DIM:
+    if layout == DIM and dv is not None:
         # per-program partial sums, reduced below: (D,) values summed over all rows
         dv_arg = torch.empty((grid, D), dtype=acc_dtype, device=mean.device)
         gsum = torch.empty((grid,), dtype=acc_dtype, device=mean.device)
     else:
-        dv_arg, gsum = dv, dv
+        dv_arg = gsum = dv if dv is not None else dmean
     _gaussian_log_prob_bwd_kernel[(grid,)](
         g, x, mean, v, dx if dx is not None else dmean, dmean, dv_arg, gsum, K, P, D,
-        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, ACC=_acc(mean.dtype),
+        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, HAS_DV=dv is not None, ACC=_acc(mean.dtype),
         BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
-    if layout == DIM:
+    if layout == DIM and dv is not None:
         a, G = dv_arg.sum(0), gsum.sum()
         vv = v.to(acc_dtype)
         if softplus_mode:

@@ -26,7 +26,7 @@ def problems(draw):
         batch = batch[1:]
     return dict(
         D=D, batch=batch, K=K, variance=draw(st.sampled_from(VARIANCES)),
-        x_grad=draw(st.booleans()), lv_bound=draw(st.sampled_from([1.0, 5.0, 20.0])),
+        x_grad=draw(st.booleans()), v_grad=draw(st.booleans()), lv_bound=draw(st.sampled_from([1.0, 5.0, 20.0])),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -58,6 +58,8 @@ def build(p, dtype, device):
         v = (torch.rand((), generator=g, dtype=torch.float64) + 0.1).to(dtype).to(device).requires_grad_()
     else:
         v = None
+    if v is not None:
+        v.requires_grad_(p["v_grad"])
     if var.startswith("softplus"):
         kw = dict(softplus_var=v, delta=1e-3)
     elif var == "scale_tensor":
@@ -149,7 +151,9 @@ def test_opcheck(backend):
             torch.library.opcheck(gaussian_log_prob_op, (x, mean, v.requires_grad_(), sp, 1e-4))
     g = torch.randn(2, 3, device=device)
     for need_dx in (False, True):
-        torch.library.opcheck(gaussian_log_prob_backward_op, (g, x.detach(), mean.detach(), torch.randn(7, device=device), False, 1e-4, need_dx))
+        for need_dv in (False, True):
+            args = (g, x.detach(), mean.detach(), torch.randn(7, device=device), False, 1e-4, need_dx, need_dv)
+            torch.library.opcheck(gaussian_log_prob_backward_op, args)
 
 
 def test_extreme_log_variance_is_finite(backend):

@@ -1,0 +1,44 @@
+"""Benchmark of fastvae.bernoulli_log_prob: forward, backward, forward+backward
+against eager PyTorch (binary_cross_entropy_with_logits, as users write it)
+and torch.compile of it, float32, x (B, D) broadcast against logits (K, B, D).
+
+Reproduce: python -m benchmarks.bench_bernoulli_log_prob [--quick]
+"""
+import torch
+import torch.nn.functional as F
+
+import fastvae
+
+from . import harness
+
+
+def eager(x, logits):
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+def cases(B, D, ks):
+    out = []
+    for K in ks:
+        def make(device, K=K):
+            g = torch.Generator().manual_seed(0)
+            x = (torch.rand(B, D, generator=g) > 0.5).float().to(device)
+            logits = (torch.randn(K, B, D, generator=g) * 3).to(device).requires_grad_()
+            return (x, logits), [logits], torch.randn(K, B, generator=g).to(device)
+
+        fwd = 4 * (B * D + K * B * D + K * B)
+        bwd = 4 * (K * B + B * D + K * B * D + K * B * D)
+        out.append(harness.Case(f"K={K}", {"B": B, "D": D, "K": K}, make,
+                                {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}))
+    return out
+
+
+def main(argv=None):
+    args = harness.parser(__doc__.split("\n")[0]).parse_args(argv)
+    B, D, ks = (512, 784, [1, 4]) if args.quick else (4096, 784, [1, 8])
+    impls = harness.baseline_impls(eager, fastvae.bernoulli_log_prob, "bernoulli_log_prob",
+                                   torch.device(args.device), args.fastvae_backends)
+    harness.run("bernoulli_log_prob", f"bernoulli_log_prob, B={B}, D={D}, float32", cases(B, D, ks), impls, args)
+
+
+if __name__ == "__main__":
+    main()

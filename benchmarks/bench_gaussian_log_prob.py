@@ -1,0 +1,76 @@
+"""Benchmark of fastvae.gaussian_log_prob: forward, backward, forward+backward
+against eager PyTorch and torch.compile of it, float32, x of shape (B, D)
+broadcast against decoder means of shape (K, B, D).
+
+Variances: "logvar" (a decoder that predicts a per-element log-variance, the
+most bytes) and "scale" (a fixed standard deviation: the squared-error case).
+Effective bandwidth counts the fewest bytes: forward reads x once, mean (and
+logvar) once and writes the (K, B) result; backward reads them again with the
+upstream gradient and writes dmean (and dlogvar).
+
+Reproduce: python -m benchmarks.bench_gaussian_log_prob [--quick]
+"""
+import math
+
+import torch
+
+import fastvae
+
+from . import harness
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def eager_logvar(x, mean, logvar):
+    """As users write it: broadcasting does the K copies of x implicitly."""
+    return -0.5 * torch.sum((x - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI, dim=-1)
+
+
+def eager_scale(x, mean):
+    return -0.5 * torch.sum((x - mean) ** 2 / 0.25 + math.log(0.25) + LOG_2PI, dim=-1)
+
+
+def cases(B, D, ks, variance):
+    out = []
+    for K in ks:
+        def make(device, K=K):
+            g = torch.Generator().manual_seed(0)
+            x = torch.rand(B, D, generator=g).to(device)
+            mean = torch.rand(K, B, D, generator=g).to(device).requires_grad_()
+            up = torch.randn(K, B, generator=g).to(device)
+            if variance == "logvar":
+                logvar = (torch.randn(K, B, D, generator=g) - 2).to(device).requires_grad_()
+                return (x, mean, logvar), [mean, logvar], up
+            return (x, mean), [mean], up
+
+        n = 4  # float32 bytes
+        per_out = 2 if variance == "logvar" else 1  # mean (and logvar): read, and their grads written
+        fwd = n * (B * D + per_out * K * B * D + K * B)
+        bwd = n * (K * B + B * D + per_out * K * B * D + per_out * K * B * D)
+        out.append(harness.Case(f"K={K}", {"B": B, "D": D, "K": K, "variance": variance}, make,
+                                {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}))
+    return out
+
+
+def main(argv=None):
+    p = harness.parser(__doc__.split("\n")[0])
+    p.add_argument("--variance", choices=["logvar", "scale"], nargs="+", default=["logvar", "scale"])
+    args = p.parse_args(argv)
+    B, D, ks = (512, 784, [1, 4]) if args.quick else (4096, 784, [1, 8])
+    device = torch.device(args.device)
+    for variance in args.variance:
+        if variance == "logvar":
+            impls = harness.baseline_impls(eager_logvar, lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv),
+                                           "gaussian_log_prob", device, args.fastvae_backends)
+        else:
+            impls = harness.baseline_impls(eager_scale, lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.5),
+                                           "gaussian_log_prob", device, args.fastvae_backends)
+        out = args.out and args.out.replace(".json", f"-{variance}.json")
+        run_args = p.parse_args(argv)
+        run_args.out = out
+        harness.run(f"gaussian_log_prob-{variance}", f"gaussian_log_prob ({variance}), B={B}, D={D}, float32",
+                    cases(B, D, ks, variance), impls, run_args)
+
+
+if __name__ == "__main__":
+    main()
