@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fastvae::bind {
 
 namespace py = pybind11;
@@ -27,6 +31,24 @@ inline std::string shape_str(const py::array& a) {
 }
 
 // Checks `a` against dtype T, C-contiguity and the exact shape, and returns its data.
+// Large outputs are fresh allocations whose first touch costs a page fault
+// per 4 KiB (about half the time of a K = 16 sample_normal); asking for
+// transparent huge pages on the 2 MiB-aligned interior before the kernel
+// writes cuts that several-fold. Advice only: failure changes nothing.
+inline void advise_huge_pages(void* data, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (nbytes < 2 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (p + nbytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)nbytes;
+#endif
+}
+
 template <typename T>
 T* checked(py::array& a, const char* name, const std::vector<int64_t>& shape, bool writable) {
   if (!a.dtype().is(py::dtype::of<T>())) {
@@ -47,6 +69,7 @@ T* checked(py::array& a, const char* name, const std::vector<int64_t>& shape, bo
   }
   if (writable) {
     if (!a.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+    advise_huge_pages(a.mutable_data(), size_t(a.nbytes()));
     return static_cast<T*>(a.mutable_data());
   }
   return const_cast<T*>(static_cast<const T*>(a.data()));
@@ -78,6 +101,8 @@ auto by_dtype(const py::array& first, F32 f32, F64 f64) {
 void bind_philox(py::module_& m);
 void bind_sample_normal(py::module_& m);
 void bind_kl_normal(py::module_& m);
+void bind_logmeanexp(py::module_& m);
+void bind_latent_log_ratio(py::module_& m);
 void bind_gaussian_log_prob(py::module_& m);
 void bind_bernoulli_log_prob(py::module_& m);
 

@@ -2,6 +2,7 @@
 // buffers -> gaussian_log_prob.cpp, bernoulli_log_prob.cpp).
 #include "buffers.h"
 #include "likelihood.h"
+#include "optional_buffers.h"
 
 namespace fastvae::bind {
 namespace {
@@ -26,13 +27,6 @@ VarLayout var_layout(const py::array& v, const Dims& s, std::vector<int64_t>& sh
     default:
       throw py::value_error("v: expected (K, P, D), (P, D) or (D,), got " + shape_str(v));
   }
-}
-
-template <typename T>
-T* optional_out(py::object a, py::array& holder, const char* name, std::vector<int64_t> shape) {
-  if (a.is_none()) return nullptr;
-  holder = a.cast<py::array>();
-  return checked<T>(holder, name, shape, true);
 }
 
 template <typename T>
@@ -61,10 +55,10 @@ void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, 
   const T* mp = checked<T>(mean, "mean", {s.K, s.P, s.D}, false);
   const T* vp = checked<T>(v, "v", v_shape, false);
   py::array dx_holder;
-  T* dxp = optional_out<T>(dx, dx_holder, "dx", {s.P, s.D});
+  T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
   T* dmp = checked<T>(dmean, "dmean", {s.K, s.P, s.D}, true);
   py::array dv_holder;
-  T* dvp = optional_out<T>(dv, dv_holder, "dv", v_shape);
+  T* dvp = checked_or_null<T>(dv, dv_holder, "dv", v_shape, true);
   py::gil_scoped_release release;
   gaussian_log_prob_backward<T>(gp, xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, dxp, dmp,
                                 dvp, n_threads);
@@ -88,7 +82,7 @@ void bernoulli_backward_t(py::array g, py::array x, py::array logits, py::object
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
   const T* lp = checked<T>(logits, "logits", {s.K, s.P, s.D}, false);
   py::array dx_holder;
-  T* dxp = optional_out<T>(dx, dx_holder, "dx", {s.P, s.D});
+  T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
   T* dlp = checked<T>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
   py::gil_scoped_release release;
   bernoulli_log_prob_backward<T>(gp, xp, lp, s.K, s.P, s.D, dxp, dlp, n_threads);
