@@ -8,6 +8,8 @@ PYBIND11_MODULE(_C, m) {
   fastvae::bind::bind_philox(m);
   fastvae::bind::bind_sample_normal(m);
   fastvae::bind::bind_kl_normal(m);
+  fastvae::bind::bind_logmeanexp(m);
+  fastvae::bind::bind_latent_log_ratio(m);
   fastvae::bind::bind_gaussian_log_prob(m);
   fastvae::bind::bind_bernoulli_log_prob(m);
 }

@@ -7,6 +7,11 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - kl_normal(mu, logvar, prior_mu=None, prior_logvar=None) -> kl
 - gaussian_log_prob(x, mean, logvar=None, *, scale=None, softplus_var=None, delta=1e-6)
 - bernoulli_log_prob(x, logits)
+- logmeanexp(lw, dim=0, keepdim=False), importance_weights(lw, dim=0),
+  effective_sample_size(lw, dim=0, keepdim=False)
+- logmeanexp_state(lw, dim=0), merge_logmeanexp_states(*states),
+  logmeanexp_from_state(state), all_reduce_logmeanexp_state(state, group=None)
+- latent_log_ratio(z, mu, logvar, *, stop_score=False)
 
 backend_info(device) reports which backend serves each op.
 """
@@ -14,6 +19,17 @@ from ._backend import backend_info
 from .bernoulli_log_prob import bernoulli_log_prob
 from .gaussian_log_prob import gaussian_log_prob
 from .kl_normal import kl_normal
+from .latent_log_ratio import latent_log_ratio
+from .logmeanexp import (
+    LogMeanExpState,
+    all_reduce_logmeanexp_state,
+    effective_sample_size,
+    importance_weights,
+    logmeanexp,
+    logmeanexp_from_state,
+    logmeanexp_state,
+    merge_logmeanexp_states,
+)
 from .sample_normal import sample_normal
 
 __all__ = [
@@ -21,6 +37,15 @@ __all__ = [
     "kl_normal",
     "gaussian_log_prob",
     "bernoulli_log_prob",
+    "logmeanexp",
+    "importance_weights",
+    "effective_sample_size",
+    "logmeanexp_state",
+    "merge_logmeanexp_states",
+    "logmeanexp_from_state",
+    "all_reduce_logmeanexp_state",
+    "LogMeanExpState",
+    "latent_log_ratio",
     "backend_info",
 ]
 __version__ = "0.1.0"

@@ -16,7 +16,8 @@ import warnings
 import torch
 
 BACKENDS = ("reference", "cpp", "triton")
-OPS = ("sample_normal", "kl_normal", "gaussian_log_prob", "bernoulli_log_prob")
+OPS = ("sample_normal", "kl_normal", "gaussian_log_prob", "bernoulli_log_prob",
+       "logmeanexp", "importance_weights", "effective_sample_size", "latent_log_ratio")
 
 _BUILD_HINT = (
     "fastvae's C++ extension (fastvae._C) is not built or failed to load{why}. "

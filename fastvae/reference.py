@@ -251,3 +251,115 @@ def bernoulli_log_prob_backward(g, x, logits, dx, dlogits) -> None:
     dlogits.copy_(g * (x - torch.sigmoid(logits)))
     if dx is not None:
         dx.copy_(_sum_to(g * logits, dx.shape))
+
+
+# ==========================================================================
+# Importance weighting (logmeanexp, importance_weights, effective_sample_size)
+# and latent_log_ratio. Log-weights lw are (K, ...), reduced over the leading
+# sample dim K. A column's state is (m, s): m the largest non-NaN log-weight
+# (-inf if none), s = sum_k exp(lw_k - shift(m)) with shift(m) = m when finite,
+# else 0. The differentiable oracles below route their gradients around the
+# empty (all -inf) columns with where() on safe values, so those get zero
+# gradients instead of inf * 0 = NaN.
+# ==========================================================================
+
+
+def _lme_shift(m: Tensor) -> Tensor:
+    return torch.where(m.isinf(), torch.zeros_like(m), m)
+
+
+def logmeanexp_state(lw: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, s) over dim 0; m carries no gradient (the shift cancels in every
+    quantity derived from the state), s does."""
+    m = torch.where(torch.isnan(lw), torch.full_like(lw, -math.inf), lw).amax(0).detach()
+    return m, torch.exp(lw - _lme_shift(m)).sum(0)
+
+
+def logmeanexp(lw: Tensor) -> Tensor:
+    """log(mean_k exp(lw_k)) over dim 0: -inf with zero gradient for an all -inf column."""
+    m, s = logmeanexp_state(lw)
+    empty = s == 0
+    out = _lme_shift(m) + torch.log(torch.where(empty, torch.ones_like(s), s)) - math.log(lw.shape[0])
+    return torch.where(empty, torch.full_like(s, -math.inf), out)
+
+
+def importance_weights(lw: Tensor) -> Tensor:
+    """softmax over dim 0; all-zero weights for an all -inf column."""
+    m, s = logmeanexp_state(lw)
+    return torch.exp(lw - _lme_shift(m)) / torch.where(s == 0, torch.ones_like(s), s)
+
+
+def effective_sample_size(lw: Tensor) -> Tensor:
+    """1 / sum_k w_k^2 of the normalized weights; 0 for an all -inf column."""
+    q = importance_weights(lw).square().sum(0)
+    empty = q == 0
+    return torch.where(empty, torch.zeros_like(q), 1.0 / torch.where(empty, torch.ones_like(q), q))
+
+
+def logmeanexp_forward(lw, mx, s, out, ess) -> None:
+    """mx, s (M,) <- the state of lw (K, M); out = logmeanexp and
+    ess = s^2 / sum_k exp(2 (lw_k - shift)) (0 if s = 0) when given."""
+    x = lw.to(_compute_dtype(lw))
+    m_ref, s_ref = logmeanexp_state(x)
+    mx.copy_(m_ref)
+    s.copy_(s_ref)
+    if out is not None:
+        out.copy_(logmeanexp(x))
+    if ess is not None:
+        s2 = torch.exp(2.0 * (x - _lme_shift(m_ref))).sum(0)
+        ess.copy_(torch.where(s_ref == 0, torch.zeros_like(s_ref), s_ref * s_ref / s2))
+
+
+def logmeanexp_backward(lw, mx, s, g, g_s, ess, dlw) -> None:
+    """dlw = e * (a + b e), e = exp(lw - mx) (exp(lw) where mx = -inf); per column, inv = 1 / s
+    (0 where s = 0): a = g inv + g_s, b = 0 without ess; a = 2 g ess inv,
+    b = -a ess inv with ess."""
+    acc = _compute_dtype(lw)
+    mx = mx.to(acc)
+    # shift by mx itself unless it is -inf (a +inf column then gives 0, and NaN
+    # at the +inf entry, as the gradient of torch.logsumexp)
+    e = torch.exp(lw.to(acc) - torch.where(mx == -math.inf, torch.zeros_like(mx), mx))
+    s, g = s.to(acc), g.to(acc)
+    inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+    if ess is None:
+        a = g * inv + (0.0 if g_s is None else g_s.to(acc))
+        dlw.copy_(e * a)
+    else:
+        ess = ess.to(acc)
+        dlw.copy_(2.0 * g * ess * inv * e * (1.0 - ess * inv * e))
+
+
+def importance_weights_backward(gw, w, dlw) -> None:
+    """dlw = w * (gw - sum_k gw * w)."""
+    acc = _compute_dtype(w)
+    gw, w = gw.to(acc), w.to(acc)
+    dlw.copy_(w * (gw - (gw * w).sum(0)))
+
+
+def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool = False) -> Tensor:
+    """log N(z; 0, I) - log N(z; mu, diag(exp(logvar))) summed over the last dim:
+    0.5 * sum(eps^2 - z^2 + logvar), eps = (z - mu) exp(-logvar / 2).
+    stop_score: mu and logvar enter detached (STL / DReG), z keeps its gradient."""
+    if stop_score:
+        mu, logvar = mu.detach(), logvar.detach()
+    eps = (z - mu) * torch.exp(-0.5 * logvar)
+    return 0.5 * torch.sum(eps * eps - z * z + logvar, dim=-1)
+
+
+def latent_log_ratio_forward(z, mu, logvar, r) -> None:
+    """r (K, N) <- latent_log_ratio of z (K, N, L), mu, logvar (N, L)."""
+    acc = _compute_dtype(mu)
+    r.copy_(latent_log_ratio(z.to(acc), mu.to(acc), logvar.to(acc)))
+
+
+def latent_log_ratio_backward(g, z, mu, logvar, dz, dmu, dlogvar) -> None:
+    """dz = g (eps / s - z); dmu = -sum_k g eps / s; dlogvar = sum_k g (1 - eps^2) / 2,
+    s = exp(logvar / 2); dmu, dlogvar None in the stop-the-score mode."""
+    acc = _compute_dtype(mu)
+    g, z, mu, logvar = g.to(acc)[..., None], z.to(acc), mu.to(acc), logvar.to(acc)
+    inv_s = torch.exp(-0.5 * logvar)
+    eps = (z - mu) * inv_s
+    dz.copy_(g * (eps * inv_s - z))
+    if dmu is not None:
+        dmu.copy_(-(g * eps).sum(0) * inv_s)
+        dlogvar.copy_(0.5 * (g * (1.0 - eps * eps)).sum(0))

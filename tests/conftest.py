@@ -5,13 +5,21 @@ when a CUDA device is present). The Triton interpreter needs TRITON_INTERPRET=1
 before Triton is imported, so tests/test_triton_interpreter.py re-runs the op
 tests in a child process with that set; there the only backend is triton on CPU.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# A fresh inductor cache per run: a cached compiled graph can outlive a change
+# to a custom op's schema and call it with the old arguments.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvae-inductor-")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
-import fastvae._backend
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import fastvae._backend  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -22,6 +22,8 @@ OP_TESTS = [
     "test_sample_normal.py",
     "test_kl_normal.py",
     "test_philox.py",
+    "test_logmeanexp.py",
+    "test_latent_log_ratio.py",
     "test_gaussian_log_prob.py",
     "test_bernoulli_log_prob.py",
 ]

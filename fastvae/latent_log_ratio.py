@@ -1,0 +1,135 @@
+"""latent_log_ratio: log p(z) - log q(z|x) per sample, fused, for the prior
+p = N(0, I) and the encoder's q = N(mu, diag(exp(logvar))):
+
+    r = sum_l(-z^2 / 2 + eps^2 / 2 + logvar / 2),   eps = (z - mu) exp(-logvar / 2)
+
+(the log 2pi terms cancel). z carries K samples, (K, ..., L), of the (..., L)
+encoder outputs, which the kernels read once per sample instead of
+broadcasting them in memory.
+
+Two gradient modes: full (plain autograd semantics), and ``stop_score=True``
+(STL, Roeder et al. 2017; DReG, Tucker et al. 2018): the explicit mu and logvar
+arguments of log q get no gradient, while the path through z keeps its
+gradient; when z comes from fastvae.sample_normal that path still reaches mu
+and logvar through the reparameterization.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, _validate, reference
+from ._backend import backend_for, cpp_module, num_threads, triton_module
+from .kl_normal import _np
+from .sample_normal import _flat
+
+# -- custom ops ----------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::latent_log_ratio", mutates_args=(), device_types=("cpu", "cuda"))
+def latent_log_ratio_op(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
+    """r (K, ...) for z (K, ..., L) and mu, logvar (..., L); stop_score only
+    changes the gradient."""
+    backend = backend_for(z.device)
+    _validate.dtype_for_backend(backend, z.dtype)
+    mu2, lv2 = _flat(mu), _flat(logvar)
+    N, L = mu2.shape
+    K = z.shape[0]
+    z3 = z.reshape(K, N, L).contiguous()
+    r = _backend.empty_output((K, N), like=z)
+    if backend == "cpp":
+        cpp_module().latent_log_ratio_forward(_np(z3), _np(mu2), _np(lv2), r.numpy(), num_threads())
+    elif backend == "triton":
+        triton_module("latent_log_ratio").latent_log_ratio_forward(z3, mu2, lv2, r)
+    else:
+        reference.latent_log_ratio_forward(z3, mu2, lv2, r)
+    return r.reshape(z.shape[:-1])
+
+
+@latent_log_ratio_op.register_fake
+def _(z, mu, logvar, stop_score):
+    return z.new_empty(z.shape[:-1])
+
+
+@torch.library.custom_op("fastvae::latent_log_ratio_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def latent_log_ratio_backward_op(
+    grad: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dz (K, ..., L), dmu, dlogvar (..., L)); with stop_score the last two are
+    empty (0,)-shaped tensors and are not computed."""
+    backend = backend_for(z.device)
+    mu2, lv2 = _flat(mu), _flat(logvar)
+    N, L = mu2.shape
+    K = z.shape[0]
+    z3 = z.reshape(K, N, L).contiguous()
+    g = grad.to(z.dtype).reshape(K, N).contiguous()
+    dz = _backend.empty_output((K, N, L), like=z)
+    dmu = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
+    dlv = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
+    dmu_arg, dlv_arg = (None, None) if stop_score else (dmu, dlv)
+    if backend == "cpp":
+        cpp_module().latent_log_ratio_backward(
+            _np(g), _np(z3), _np(mu2), _np(lv2), _np(dz), _np(dmu_arg), _np(dlv_arg), num_threads()
+        )
+    elif backend == "triton":
+        triton_module("latent_log_ratio").latent_log_ratio_backward(g, z3, mu2, lv2, dz, dmu_arg, dlv_arg)
+    else:
+        reference.latent_log_ratio_backward(g, z3, mu2, lv2, dz, dmu_arg, dlv_arg)
+    if not stop_score:
+        dmu, dlv = dmu.reshape(mu.shape), dlv.reshape(mu.shape)
+    return dz.reshape(z.shape), dmu, dlv
+
+
+@latent_log_ratio_backward_op.register_fake
+def _(grad, z, mu, logvar, stop_score):
+    shape = (0,) if stop_score else mu.shape
+    return torch.empty_like(z), mu.new_empty(shape), mu.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    z, mu, logvar, stop_score = inputs
+    ctx.stop_score = stop_score
+    ctx.save_for_backward(z, mu, logvar)
+
+
+def _backward(ctx, grad):
+    z, mu, logvar = ctx.saved_tensors
+    dz, dmu, dlv = latent_log_ratio_backward_op(grad, z, mu, logvar, ctx.stop_score)
+    if ctx.stop_score:
+        return dz, None, None, None
+    return dz, dmu, dlv, None
+
+
+latent_log_ratio_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public function -----------------------------------------------------------
+
+
+def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, *, stop_score: bool = False) -> Tensor:
+    """log N(z; 0, I) - log N(z; mu, diag(exp(logvar))), summed over the last dim.
+
+    Args:
+        z: samples of shape (K, ..., L), or (..., L) for a single sample.
+        mu, logvar: the encoder outputs, shape (..., L), shared by the K samples.
+        stop_score: False for plain autograd gradients; True for the "stop the
+            score" estimators (STL, DReG): mu and logvar get no gradient from
+            this term, z keeps its (path) gradient.
+
+    Returns:
+        r of shape (K, ...) (or (...)): sum(-z^2/2 + eps^2/2 + logvar/2) with
+        eps = (z - mu) exp(-logvar/2). Added to log p(x|z) it gives the
+        importance log-weight log p(x, z) - log q(z|x) of fastvae.logmeanexp.
+    """
+    _validate.float_tensors(z=z, mu=mu, logvar=logvar)
+    _validate.event_dim("mu", mu)
+    _validate.same_shape(mu=mu, logvar=logvar)
+    if not isinstance(stop_score, bool):
+        raise TypeError(f"stop_score must be a bool, got {type(stop_score).__name__}")
+    if z.shape == mu.shape:
+        return latent_log_ratio_op(z.unsqueeze(0), mu, logvar, stop_score)[0]
+    if z.dim() == mu.dim() + 1 and z.shape[1:] == mu.shape:
+        return latent_log_ratio_op(z, mu, logvar, stop_score)
+    raise ValueError(
+        f"z of shape {tuple(z.shape)} must have mu's shape {tuple(mu.shape)} or (K, *{tuple(mu.shape)})"
+    )

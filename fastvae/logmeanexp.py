@@ -1,0 +1,449 @@
+"""Importance weighting over the sample dimension K: logmeanexp, the normalized
+importance weights, the effective sample size, and the (max, sumexp) state
+that lets K be streamed in chunks or split across processes.
+
+Layout: the custom ops reduce over the leading dimension of lw (K, ...); the
+public functions take any ``dim`` and move it to the front (``movedim``, a
+view). The op then hands its kernels one contiguous (K, M) layout, M the
+product of the other dimensions, so a ``dim`` other than the leading one costs
+one transposing copy.
+
+The state of a column is (max, sumexp): max is its largest non-NaN log-weight
+(-inf when it has none) and sumexp = sum_k exp(lw_k - shift) with shift = max
+when max is finite and 0 otherwise. So an all -inf column is (-inf, 0), whose
+logmeanexp is -inf with a zero gradient, never exp(-inf - (-inf)) = NaN; a NaN
+log-weight makes sumexp, and everything derived from it, NaN. States merge
+associatively: (m1, s1) + (m2, s2) = (M, s1 e^(m1 - M) + s2 e^(m2 - M)) with
+M = max(m1, m2), an empty side contributing 0.
+
+Two kernels serve the ops: ``logmeanexp_forward`` (one pass over lw with a
+running max and sum per column: the state, and optionally logmeanexp and the
+effective sample size) and ``logmeanexp_backward`` (one pass reading lw and
+writing e * (a + b e), e = exp(lw - max), with per-column a and b: the
+logmeanexp and ESS gradients, and with a = 1 / sumexp the normalized weights
+themselves, which are the gradient of log-sum-exp). A third,
+``importance_weights_backward``, is the softmax backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _backend, _validate, reference
+from ._backend import backend_for, cpp_module, num_threads, triton_module
+from .kl_normal import _np
+
+_NEG_INF = float("-inf")
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The state is a reduction: float32 or wider even for half-precision lw.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _columns(lw: Tensor) -> Tensor:
+    """(K, ...) -> contiguous (K, M)."""
+    return lw.reshape(lw.shape[0], math.prod(lw.shape[1:])).contiguous()
+
+
+def _state_buffers(lw: Tensor, M: int) -> tuple[Tensor, Tensor]:
+    dtype = _state_dtype(lw.dtype)
+    like = lw if lw.dtype == dtype else lw.new_empty((0,), dtype=dtype)
+    return _backend.empty_output((M,), like=like), _backend.empty_output((M,), like=like)
+
+
+def _column_vector(t: Tensor | None, M: int, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype).reshape(M).contiguous()
+
+
+def _run_forward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, out: Tensor | None, ess: Tensor | None) -> None:
+    """mx, s (M,) <- the column states of lw2 (K, M); out, ess (M,) when given."""
+    if backend == "cpp":
+        cpp_module().logmeanexp_forward(_np(lw2), _np(mx), _np(s), _np(out), _np(ess), num_threads())
+    elif backend == "triton":
+        triton_module("logmeanexp").logmeanexp_forward(lw2, mx, s, out, ess)
+    else:
+        reference.logmeanexp_forward(lw2, mx, s, out, ess)
+
+
+def _run_backward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, g: Tensor,
+                  g_s: Tensor | None, ess: Tensor | None, dlw: Tensor) -> None:
+    """dlw (K, M) <- e * (a + b e), per-column a, b from g, g_s, ess (see csrc/logmeanexp.h)."""
+    if backend == "cpp":
+        cpp_module().logmeanexp_backward(
+            _np(lw2), _np(mx), _np(s), _np(g), _np(g_s), _np(ess), _np(dlw), num_threads()
+        )
+    elif backend == "triton":
+        triton_module("logmeanexp").logmeanexp_backward(lw2, mx, s, g, g_s, ess, dlw)
+    else:
+        reference.logmeanexp_backward(lw2, mx, s, g, g_s, ess, dlw)
+
+
+# -- custom ops: logmeanexp -----------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::logmeanexp", mutates_args=(), device_types=("cpu", "cuda"))
+def logmeanexp_op(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, max, sumexp), each of shape (...), over the leading dim of lw (K, ...).
+
+    out is logmeanexp in lw's dtype; max and sumexp are the column state in
+    float32 (float64 for float64 lw). max carries no gradient (it is a shift
+    that cancels in every quantity derived from the state); sumexp does.
+    """
+    backend = backend_for(lw.device)
+    _validate.dtype_for_backend(backend, lw.dtype)
+    lw2 = _columns(lw)
+    M = lw2.shape[1]
+    out = _backend.empty_output((M,), like=lw)
+    mx, s = _state_buffers(lw, M)
+    _run_forward(backend, lw2, mx, s, out, None)
+    shape = lw.shape[1:]
+    return out.reshape(shape), mx.reshape(shape), s.reshape(shape)
+
+
+@logmeanexp_op.register_fake
+def _(lw):
+    dtype = _state_dtype(lw.dtype)
+    shape = lw.shape[1:]
+    return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastvae::logmeanexp_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def logmeanexp_backward_op(
+    grad_out: Tensor, grad_sumexp: Tensor | None, lw: Tensor, max: Tensor, sumexp: Tensor
+) -> Tensor:
+    """dlw (K, ...) = exp(lw - max) * (grad_out / sumexp + grad_sumexp), with
+    1 / sumexp taken as 0 for an all -inf column (so its gradient is 0)."""
+    backend = backend_for(lw.device)
+    lw2 = _columns(lw)
+    K, M = lw2.shape
+    dtype = _state_dtype(lw.dtype)
+    dlw = _backend.empty_output((K, M), like=lw)
+    _run_backward(
+        backend, lw2, _column_vector(max, M, dtype), _column_vector(sumexp, M, dtype),
+        _column_vector(grad_out, M, dtype), _column_vector(grad_sumexp, M, dtype), None, dlw,
+    )
+    return dlw.reshape(lw.shape)
+
+
+@logmeanexp_backward_op.register_fake
+def _(grad_out, grad_sumexp, lw, max, sumexp):
+    return torch.empty_like(lw)
+
+
+def _logmeanexp_setup_context(ctx, inputs, output):
+    (lw,) = inputs
+    _, mx, s = output
+    ctx.mark_non_differentiable(mx)
+    ctx.save_for_backward(lw, mx, s)
+
+
+def _logmeanexp_backward(ctx, grad_out, grad_max, grad_sumexp):
+    lw, mx, s = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(s)
+    return logmeanexp_backward_op(grad_out, grad_sumexp, lw, mx, s)
+
+
+logmeanexp_op.register_autograd(_logmeanexp_backward, setup_context=_logmeanexp_setup_context)
+
+
+# -- custom ops: effective_sample_size ------------------------------------------
+
+
+@torch.library.custom_op("fastvae::effective_sample_size", mutates_args=(), device_types=("cpu", "cuda"))
+def effective_sample_size_op(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(ess, max, sumexp), each of shape (...), over the leading dim of lw (K, ...).
+
+    ess = 1 / sum_k w_k^2 for w = softmax_k(lw), computed in the same single
+    pass as the state as sumexp^2 / sum_k exp(2 (lw_k - shift)); 0 for an all
+    -inf column. max and sumexp are saved for the backward and carry no gradient.
+    """
+    backend = backend_for(lw.device)
+    _validate.dtype_for_backend(backend, lw.dtype)
+    lw2 = _columns(lw)
+    M = lw2.shape[1]
+    ess = _backend.empty_output((M,), like=lw)
+    mx, s = _state_buffers(lw, M)
+    _run_forward(backend, lw2, mx, s, None, ess)
+    shape = lw.shape[1:]
+    return ess.reshape(shape), mx.reshape(shape), s.reshape(shape)
+
+
+@effective_sample_size_op.register_fake
+def _(lw):
+    dtype = _state_dtype(lw.dtype)
+    shape = lw.shape[1:]
+    return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op(
+    "fastvae::effective_sample_size_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def effective_sample_size_backward_op(
+    grad_ess: Tensor, lw: Tensor, max: Tensor, sumexp: Tensor, ess: Tensor
+) -> Tensor:
+    """dlw (K, ...) = 2 g ess w (1 - ess w), w = exp(lw - max) / sumexp
+    (0 for an all -inf column)."""
+    backend = backend_for(lw.device)
+    lw2 = _columns(lw)
+    K, M = lw2.shape
+    dtype = _state_dtype(lw.dtype)
+    dlw = _backend.empty_output((K, M), like=lw)
+    _run_backward(
+        backend, lw2, _column_vector(max, M, dtype), _column_vector(sumexp, M, dtype),
+        _column_vector(grad_ess, M, dtype), None, _column_vector(ess, M, dtype), dlw,
+    )
+    return dlw.reshape(lw.shape)
+
+
+@effective_sample_size_backward_op.register_fake
+def _(grad_ess, lw, max, sumexp, ess):
+    return torch.empty_like(lw)
+
+
+def _ess_setup_context(ctx, inputs, output):
+    (lw,) = inputs
+    ess, mx, s = output
+    ctx.mark_non_differentiable(mx, s)
+    ctx.save_for_backward(lw, mx, s, ess)
+
+
+def _ess_backward(ctx, grad_ess, grad_max, grad_sumexp):
+    lw, mx, s, ess = ctx.saved_tensors
+    return effective_sample_size_backward_op(grad_ess, lw, mx, s, ess)
+
+
+effective_sample_size_op.register_autograd(_ess_backward, setup_context=_ess_setup_context)
+
+
+# -- custom ops: importance_weights ---------------------------------------------
+
+
+@torch.library.custom_op("fastvae::importance_weights", mutates_args=(), device_types=("cpu", "cuda"))
+def importance_weights_op(lw: Tensor) -> Tensor:
+    """w = softmax over the leading dim of lw (K, ...), same shape; an all -inf
+    column gets weights 0 (not NaN)."""
+    backend = backend_for(lw.device)
+    _validate.dtype_for_backend(backend, lw.dtype)
+    lw2 = _columns(lw)
+    K, M = lw2.shape
+    mx, s = _state_buffers(lw, M)
+    _run_forward(backend, lw2, mx, s, None, None)
+    # softmax is the gradient of log-sum-exp: the backward kernel with g = 1
+    w = _backend.empty_output((K, M), like=lw)
+    _run_backward(backend, lw2, mx, s, torch.ones_like(s), None, None, w)
+    return w.reshape(lw.shape)
+
+
+@importance_weights_op.register_fake
+def _(lw):
+    return torch.empty_like(lw)
+
+
+@torch.library.custom_op(
+    "fastvae::importance_weights_backward", mutates_args=(), device_types=("cpu", "cuda")
+)
+def importance_weights_backward_op(grad_w: Tensor, w: Tensor) -> Tensor:
+    """dlw (K, ...) = w * (grad_w - sum_k grad_w * w), the softmax backward."""
+    backend = backend_for(w.device)
+    w2 = _columns(w)
+    K, M = w2.shape
+    g2 = grad_w.to(w.dtype).reshape(K, M).contiguous()
+    dlw = _backend.empty_output((K, M), like=w)
+    if backend == "cpp":
+        cpp_module().importance_weights_backward(_np(g2), _np(w2), _np(dlw), num_threads())
+    elif backend == "triton":
+        triton_module("logmeanexp").importance_weights_backward(g2, w2, dlw)
+    else:
+        reference.importance_weights_backward(g2, w2, dlw)
+    return dlw.reshape(w.shape)
+
+
+@importance_weights_backward_op.register_fake
+def _(grad_w, w):
+    return torch.empty_like(w)
+
+
+def _iw_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _iw_backward(ctx, grad_w):
+    (w,) = ctx.saved_tensors
+    return importance_weights_backward_op(grad_w, w)
+
+
+importance_weights_op.register_autograd(_iw_backward, setup_context=_iw_setup_context)
+
+
+# -- public functions -----------------------------------------------------------
+
+
+def _sample_dim(lw: Tensor, dim) -> int:
+    """Validates lw and dim (metadata only) and returns dim in [0, lw.dim())."""
+    _validate.float_tensors(lw=lw)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if lw.dim() == 0:
+        raise ValueError("lw must have a sample dimension, got a 0-d tensor")
+    if not -lw.dim() <= dim < lw.dim():
+        raise ValueError(f"dim={dim} is out of range for lw of shape {tuple(lw.shape)}")
+    dim %= lw.dim()
+    if lw.shape[dim] == 0:
+        raise ValueError(f"lw of shape {tuple(lw.shape)} has no samples along dim={dim}")
+    return dim
+
+
+def logmeanexp(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
+    """log(mean_k exp(lw_k)) over ``dim``: the importance-weighted (IWAE) bound
+    when lw holds log p(x, z_k) - log q(z_k | x).
+
+    Args:
+        lw: log-weights, e.g. (K, B) with the K samples along ``dim``; any
+            floating dtype (float16/bfloat16 on the triton backend).
+        dim: the sample dimension (default 0, negative counts from the end).
+        keepdim: keep ``dim`` with size 1.
+
+    Returns:
+        m + log(sum_k exp(lw_k - m)) - log K with m the column max, in lw's
+        dtype (accumulated in float32, float64 for float64). One pass over lw.
+        A column of only -inf gives -inf and a zero gradient, a NaN anywhere in
+        a column gives NaN, and a +inf gives +inf (and NaN gradient, as
+        torch.logsumexp). The gradient is grad * softmax_k(lw).
+    """
+    dim = _sample_dim(lw, dim)
+    out = logmeanexp_op(lw.movedim(dim, 0))[0]
+    return out.unsqueeze(dim) if keepdim else out
+
+
+def importance_weights(lw: Tensor, dim: int = 0) -> Tensor:
+    """Self-normalized importance weights softmax(lw) over ``dim``, shape of lw.
+
+    A column of only -inf gets weights 0 (where torch.softmax gives NaN), with
+    a zero gradient. Differentiable (softmax backward).
+    """
+    dim = _sample_dim(lw, dim)
+    return importance_weights_op(lw.movedim(dim, 0)).movedim(0, dim)
+
+
+def effective_sample_size(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
+    """Kish's effective sample size 1 / sum_k w_k^2 of the normalized weights
+    w = softmax(lw) over ``dim``: between 1 (one sample carries all the weight)
+    and K (equal weights).
+
+    Computed in one pass over lw (no weights tensor). A column of only -inf
+    gives 0 (no sample carries weight). Differentiable:
+    d ess / d lw_k = 2 ess w_k (1 - ess w_k).
+    """
+    dim = _sample_dim(lw, dim)
+    ess = effective_sample_size_op(lw.movedim(dim, 0))[0]
+    return ess.unsqueeze(dim) if keepdim else ess
+
+
+# -- streaming state ------------------------------------------------------------
+
+
+class LogMeanExpState(NamedTuple):
+    """Sufficient statistics of logmeanexp over some samples, per column.
+
+    max: the largest non-NaN log-weight (-inf if none); no gradient.
+    sumexp: sum_k exp(lw_k - shift), shift = max if finite else 0; differentiable.
+    count: the number of samples folded in (int, or an int64 tensor after a
+        collective).
+    Both tensors are float32 (float64 for float64 log-weights).
+    """
+
+    max: Tensor
+    sumexp: Tensor
+    count: int | Tensor
+
+
+def logmeanexp_state(lw: Tensor, dim: int = 0) -> LogMeanExpState:
+    """The (max, sumexp, count) state of lw over ``dim``, from one pass over lw.
+
+    For K too large for one tensor (or spread over processes): take the state
+    of each chunk, combine with :func:`merge_logmeanexp_states` (or
+    :func:`all_reduce_logmeanexp_state`), finish with
+    :func:`logmeanexp_from_state`. The result equals logmeanexp over all the
+    samples, gradient included (sumexp is differentiable; max is a shift that
+    cancels, so it carries none).
+    """
+    dim = _sample_dim(lw, dim)
+    _, mx, s = logmeanexp_op(lw.movedim(dim, 0))
+    return LogMeanExpState(mx, s, lw.shape[dim])
+
+
+def _shift(m: Tensor) -> Tensor:
+    return torch.where(m.isinf(), 0.0, m)
+
+
+def _rescale(m_old: Tensor, m_new: Tensor) -> Tensor:
+    """exp(shift(m_old) - shift(m_new)); 0 for an empty state, whose sumexp is 0
+    (or NaN, which the product keeps)."""
+    return torch.where(m_old == _NEG_INF, 0.0, torch.exp(_shift(m_old) - _shift(m_new)))
+
+
+def _check_state(name: str, state) -> LogMeanExpState:
+    if not (isinstance(state, tuple) and len(state) == 3):
+        raise TypeError(f"{name} must be a LogMeanExpState (max, sumexp, count), got {type(state).__name__}")
+    m, s, n = state
+    _validate.float_tensors(**{f"{name}.max": m, f"{name}.sumexp": s})
+    _validate.same_shape(**{f"{name}.max": m, f"{name}.sumexp": s})
+    if isinstance(n, bool) or not isinstance(n, (int, Tensor)):
+        raise TypeError(f"{name}.count must be an int or a tensor, got {type(n).__name__}")
+    return LogMeanExpState(m, s, n)
+
+
+def merge_logmeanexp_states(*states: LogMeanExpState) -> LogMeanExpState:
+    """Combines the states of disjoint sample sets (same columns) into the state
+    of their union. Associative and commutative; an all -inf column adds
+    nothing to the sum (its samples still count in the mean). Plain tensor
+    arithmetic on the (...)-shaped states: differentiable through sumexp and
+    traceable by torch.compile."""
+    if not states:
+        raise ValueError("merge_logmeanexp_states needs at least one state")
+    m, s, n = _check_state("states[0]", states[0])
+    for i, other in enumerate(states[1:], 1):
+        m2, s2, n2 = _check_state(f"states[{i}]", other)
+        if m2.shape != m.shape or m2.dtype != m.dtype or m2.device != m.device:
+            raise ValueError(
+                f"states[{i}] has max of shape {tuple(m2.shape)} ({m2.dtype}, {m2.device}), "
+                f"states[0] of shape {tuple(m.shape)} ({m.dtype}, {m.device})"
+            )
+        new_m = torch.maximum(m, m2)
+        s = s * _rescale(m, new_m) + s2 * _rescale(m2, new_m)
+        m, n = new_m, n + n2
+    return LogMeanExpState(m, s, n)
+
+
+def logmeanexp_from_state(state: LogMeanExpState) -> Tensor:
+    """logmeanexp of the samples a state summarizes: shift + log(sumexp) - log(count);
+    -inf (with zero gradient) for an empty column."""
+    m, s, n = _check_state("state", state)
+    empty = s == 0
+    # log of a safe value, then where: the -inf branch must not send inf * 0 = NaN back
+    log_s = torch.log(torch.where(empty, 1.0, s))
+    log_n = math.log(n) if isinstance(n, int) else torch.log(n.to(s.dtype))
+    return torch.where(empty, _NEG_INF, _shift(m) + log_s - log_n)
+
+
+def all_reduce_logmeanexp_state(state: LogMeanExpState, group=None) -> LogMeanExpState:
+    """The merged state of every rank's state (torch.distributed; each rank
+    holds the state of its own samples of the same columns). Two all_reduce
+    calls (MAX of max, then SUM of the rescaled sumexp) and one for the count,
+    which comes back as an int64 tensor. For evaluation: no gradient flows
+    through the collectives."""
+    import torch.distributed as dist
+
+    m, s, n = _check_state("state", state)
+    m_all = m.detach().clone()
+    dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
+    s_all = (s.detach() * _rescale(m.detach(), m_all)).contiguous()
+    dist.all_reduce(s_all, op=dist.ReduceOp.SUM, group=group)
+    n_all = torch.as_tensor(n, dtype=torch.int64, device=m.device).clone()
+    dist.all_reduce(n_all, op=dist.ReduceOp.SUM, group=group)
+    return LogMeanExpState(m_all, s_all, n_all)

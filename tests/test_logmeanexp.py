@@ -1,0 +1,541 @@
+"""logmeanexp, importance_weights, effective_sample_size and the streaming
+state, against the float64 reference, per backend (see conftest.py)."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvae
+from conftest import INTERPRET
+from fastvae import reference
+from fastvae.logmeanexp import (
+    effective_sample_size_backward_op,
+    effective_sample_size_op,
+    importance_weights_backward_op,
+    importance_weights_op,
+    logmeanexp_backward_op,
+    logmeanexp_op,
+)
+from fastvae.sample_normal import sample_normal_op
+from helpers import RTOL, assert_close
+
+INF = math.inf
+# K: one sample, small odd, a power of two, and past one Triton tile of rows
+SAMPLES = [1, 2, 3, 7, 64, 100, 1025]
+
+
+@st.composite
+def problems(draw):
+    """A log-weight tensor description: K samples along `dim` of a small batch."""
+    K = draw(st.sampled_from(SAMPLES))
+    batch = list(draw(st.lists(st.integers(1, 7), min_size=0, max_size=2)))
+    while K * math.prod(batch) > 6000 and batch:
+        batch = batch[1:]
+    dim = draw(st.integers(0, len(batch)))
+    return dict(
+        K=K, batch=batch, dim=dim, keepdim=draw(st.booleans()),
+        bound=draw(st.sampled_from([1.0, 30.0, 1.0e4])),
+        neg_inf=draw(st.sampled_from(["none", "entries", "columns"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make_lw(p, dtype, device):
+    """(lw with the samples along p["dim"], the same as float64 (K, ...) for the reference)."""
+    g = torch.Generator().manual_seed(p["seed"])
+    K, batch = p["K"], p["batch"]
+    lw = (torch.rand((K, *batch), generator=g, dtype=torch.float64) * 2 - 1) * p["bound"]
+    if p["neg_inf"] == "entries":
+        lw[torch.rand(lw.shape, generator=g) < 0.3] = -INF
+    elif p["neg_inf"] == "columns" and lw[0].numel() > 0:
+        cols = torch.rand(lw.shape[1:], generator=g) < 0.4
+        lw[:, cols] = -INF
+    lw = lw.to(dtype)
+    return lw.movedim(0, p["dim"]).to(device).requires_grad_(), lw.double()
+
+
+def state_terms(lw64):
+    """Per-column shift and |lw - shift| of the float64 (K, ...) log-weights, the
+    magnitudes the tolerances scale with."""
+    m, _ = reference.logmeanexp_state(lw64)
+    shift = torch.where(m.isinf(), torch.zeros_like(m), m)
+    dist = torch.where(torch.isinf(lw64), torch.zeros_like(lw64), (lw64 - shift).abs())
+    return shift, dist
+
+
+def flushed(dtype, multiplier):
+    """A scale allowing the absolute error of exp() results below the smallest
+    normal float being flushed to 0 (as fast_exp does, and the GPU's
+    ex2.approx.ftz): up to tiny * multiplier, multiplier being what scales e."""
+    return torch.finfo(dtype).tiny / RTOL[dtype] * multiplier
+
+
+def assert_close_or_inf(actual, expected, scale, name):
+    """assert_close on the finite reference values; exact equality on infinite ones."""
+    fin = torch.isfinite(expected)
+    a = actual.detach().double().cpu()
+    assert torch.equal(a[~fin], expected[~fin]), f"{name}: {a[~fin]} != {expected[~fin]}"
+    assert_close(actual.detach().cpu()[fin], expected[fin], scale.expand_as(expected)[fin], name)
+
+
+def to_front(t, dim, keepdim):
+    """An output over `dim` (kept or not) or a (dim-placed) input, as (K, ...)-aligned."""
+    return t.squeeze(dim) if keepdim else t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(p=problems())
+def test_logmeanexp_forward_backward(backend, dtype, p):
+    _, device = backend
+    lw, lw64 = make_lw(p, dtype, device)
+    K, dim = p["K"], p["dim"]
+    out = fastvae.logmeanexp(lw, dim=dim, keepdim=p["keepdim"])
+    assert out.dtype == dtype
+    expected_shape = list(lw.shape)
+    if p["keepdim"]:
+        expected_shape[dim] = 1
+    else:
+        del expected_shape[dim]
+    assert list(out.shape) == expected_shape
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
+    (dlw,) = torch.autograd.grad(out, lw, g.to(dtype).to(device))
+
+    x = lw64.clone().requires_grad_()
+    ref = reference.logmeanexp(x)
+    g64 = to_front(g.to(dtype).double(), dim, p["keepdim"])
+    (dref,) = torch.autograd.grad(ref, x, g64)
+    shift, dist = state_terms(lw64)
+    assert_close_or_inf(to_front(out, dim, p["keepdim"]), ref.detach(), shift.abs() + math.log(K) + 1.0, "out")
+    w = reference.importance_weights(lw64)
+    assert_close(dlw.movedim(dim, 0), dref, g64.abs() * (w * (1.0 + dist) + flushed(dtype, 1.0)), "dlw")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(p=problems())
+def test_importance_weights_forward_backward(backend, dtype, p):
+    _, device = backend
+    lw, lw64 = make_lw(p, dtype, device)
+    K, dim = p["K"], p["dim"]
+    w = fastvae.importance_weights(lw, dim=dim)
+    assert w.shape == lw.shape and w.dtype == dtype
+    gw = torch.randn(lw.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
+    (dlw,) = torch.autograd.grad(w, lw, gw.to(dtype).to(device))
+
+    x = lw64.clone().requires_grad_()
+    w_ref = reference.importance_weights(x)
+    gw64 = gw.to(dtype).double().movedim(dim, 0)
+    (dref,) = torch.autograd.grad(w_ref, x, gw64)
+    _, dist = state_terms(lw64)
+    w_ref = w_ref.detach()
+    cond = 1.0 + dist + math.log(K)
+    assert_close(w.movedim(dim, 0), w_ref, w_ref * cond, "w")
+    dot = (gw64.abs() * w_ref).sum(0)
+    dlw_scale = (gw64.abs() + dot) * (w_ref * cond + flushed(dtype, 1.0))
+    assert_close(dlw.movedim(dim, 0), dref, dlw_scale, "dlw")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(p=problems())
+def test_effective_sample_size_forward_backward(backend, dtype, p):
+    _, device = backend
+    lw, lw64 = make_lw(p, dtype, device)
+    K, dim = p["K"], p["dim"]
+    ess = fastvae.effective_sample_size(lw, dim=dim, keepdim=p["keepdim"])
+    g = torch.randn(ess.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
+    (dlw,) = torch.autograd.grad(ess, lw, g.to(dtype).to(device))
+
+    x = lw64.clone().requires_grad_()
+    ess_ref = reference.effective_sample_size(x)
+    g64 = to_front(g.to(dtype).double(), dim, p["keepdim"])
+    (dref,) = torch.autograd.grad(ess_ref, x, g64)
+    ess_ref = ess_ref.detach()
+    assert ((ess_ref == 0) | ((ess_ref >= 1 - 1e-9) & (ess_ref <= K + 1e-9))).all()
+    _, dist = state_terms(lw64)
+    cond = 1.0 + math.log(K)
+    assert_close(to_front(ess, dim, p["keepdim"]), ess_ref, ess_ref * cond, "ess")
+    w = reference.importance_weights(lw64)
+    dlw_scale = 2 * g64.abs() * ess_ref * (1 + ess_ref * w) * (w * (cond + dist) + flushed(dtype, 1.0))
+    assert_close(dlw.movedim(dim, 0), dref, dlw_scale, "dlw")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(p=problems(), cuts=st.lists(st.floats(0, 1), min_size=0, max_size=3), data=st.data())
+def test_state_merge_equals_logmeanexp(backend, dtype, p, cuts, data):
+    """Chunks of K folded into states, merged in any grouping, give logmeanexp
+    over all samples, gradient included."""
+    _, device = backend
+    lw, lw64 = make_lw(p, dtype, device)
+    K, dim = p["K"], p["dim"]
+    bounds = sorted({0, K, *(int(c * K) for c in cuts)})
+    chunks = [lw.narrow(dim, a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    states = [fastvae.logmeanexp_state(c, dim=dim) for c in chunks]
+    for c, st_ in zip(chunks, states):
+        m_ref, s_ref = reference.logmeanexp_state(c.detach().double().cpu().movedim(dim, 0))
+        assert torch.equal(st_.max.double().cpu(), m_ref)
+        assert_close(st_.sumexp, s_ref, s_ref * (1.0 + math.log(K)), "sumexp")
+        assert st_.count == c.shape[dim]
+    if data.draw(st.booleans(), label="right-nested"):
+        merged = states[-1]
+        for s in reversed(states[:-1]):
+            merged = fastvae.merge_logmeanexp_states(s, merged)
+    else:
+        merged = fastvae.merge_logmeanexp_states(*states)
+    assert merged.count == K
+    out = fastvae.logmeanexp_from_state(merged)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
+    (dlw,) = torch.autograd.grad(out, lw, g.to(out.dtype).to(device))
+
+    x = lw64.clone().requires_grad_()
+    ref = reference.logmeanexp(x)
+    (dref,) = torch.autograd.grad(ref, x, g.to(out.dtype).double())
+    shift, dist = state_terms(lw64)
+    assert_close_or_inf(out, ref.detach(), shift.abs() + math.log(K) + 1.0, "out")
+    w = reference.importance_weights(lw64)
+    assert_close(dlw.movedim(dim, 0), dref, g.abs() * (w * (1.0 + dist) + flushed(dtype, 1.0)), "dlw")
+
+
+def test_all_neg_inf_columns(backend):
+    """-inf everywhere in a column: logmeanexp -inf with zero gradient, weights 0,
+    ESS 0, state (-inf, 0) that merges as the neutral element; never NaN."""
+    _, device = backend
+    lw = torch.tensor([[-INF, 0.5, -INF], [-INF, -1.0, -INF], [-INF, 2.0, 3.0]], device=device)
+    lw.requires_grad_()
+    out = fastvae.logmeanexp(lw)
+    (d,) = torch.autograd.grad(out.sum(), lw)
+    assert out[0] == -INF and out[2].item() == pytest.approx(3.0 - math.log(3), rel=1e-6)
+    assert torch.equal(d[:, 0], torch.zeros(3, device=device))
+    assert torch.equal(d[:, 2], torch.tensor([0.0, 0.0, 1.0], device=device))
+    w = fastvae.importance_weights(lw)
+    (dw,) = torch.autograd.grad((w * torch.arange(9.0, device=device).reshape(3, 3)).sum(), lw)
+    assert torch.equal(w[:, 0], torch.zeros(3, device=device)) and torch.equal(dw[:, 0], torch.zeros(3, device=device))
+    ess = fastvae.effective_sample_size(lw)
+    (de,) = torch.autograd.grad(ess.sum(), lw)
+    assert ess[0] == 0 and ess[2] == 1 and torch.equal(de[:, 0], torch.zeros(3, device=device))
+    assert not any(torch.isnan(t).any() for t in (out, d, w, dw, ess, de))
+
+    empty = fastvae.logmeanexp_state(lw[:2, 0:1])
+    assert empty.max.item() == -INF and empty.sumexp.item() == 0
+    full = fastvae.logmeanexp_state(lw[:, 1:2])
+    for merged in (fastvae.merge_logmeanexp_states(empty, full), fastvae.merge_logmeanexp_states(full, empty)):
+        assert merged.count == 5
+        out_m = fastvae.logmeanexp_from_state(merged)
+        expect = torch.logsumexp(lw[:, 1].detach().double(), 0) - math.log(5)
+        assert abs(out_m.item() - expect.item()) < 1e-6
+    both_empty = fastvae.merge_logmeanexp_states(empty, empty)
+    assert fastvae.logmeanexp_from_state(both_empty).item() == -INF
+
+
+def test_nan_propagates(backend):
+    """A NaN log-weight makes its column NaN (value and gradient); other columns are untouched."""
+    _, device = backend
+    lw = torch.tensor([[0.0, 1.0], [float("nan"), 2.0], [3.0, -INF]], dtype=torch.float64, device=device)
+    lw.requires_grad_()
+    out = fastvae.logmeanexp(lw)
+    (d,) = torch.autograd.grad(out.sum(), lw)
+    assert torch.isnan(out[0]) and torch.isnan(d[:, 0]).all()
+    ref = torch.logsumexp(lw[:, 1].detach().cpu(), 0) - math.log(3)
+    assert abs(out[1].item() - ref.item()) < 1e-12
+    assert not torch.isnan(d[:, 1]).any()
+    w = fastvae.importance_weights(lw)
+    ess = fastvae.effective_sample_size(lw)
+    assert torch.isnan(w[:, 0]).all() and not torch.isnan(w[:, 1]).any()
+    assert torch.isnan(ess[0]) and not torch.isnan(ess[1])
+    state = fastvae.logmeanexp_state(lw)
+    assert torch.isnan(state.sumexp[0])
+    merged = fastvae.merge_logmeanexp_states(state, fastvae.logmeanexp_state(lw[2:]))
+    assert torch.isnan(fastvae.logmeanexp_from_state(merged)[0])
+
+
+def test_plus_inf_like_torch_logsumexp(backend):
+    """Like torch.logsumexp: a +inf log-weight makes logmeanexp +inf, with
+    gradient 0 for the column's finite entries (however large) and NaN at +inf."""
+    _, device = backend
+    lw = torch.tensor([[INF, 0.0], [100.0, 5.0]], device=device, requires_grad=True)
+    out = fastvae.logmeanexp(lw)
+    (d,) = torch.autograd.grad(out.sum(), lw)
+    x = lw.detach().cpu().requires_grad_()
+    (d_torch,) = torch.autograd.grad(torch.logsumexp(x, 0).sum(), x)
+    assert out[0] == INF and torch.isfinite(out[1])
+    assert torch.isnan(d[0, 0]) and d[1, 0] == 0
+    torch.testing.assert_close(d[:, 1].cpu(), d_torch[:, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_log_weights_exact(backend, dtype):
+    """Log-weights of +-1e4 (and spreads of 2e4 in one column) to float64 rounding."""
+    _, device = backend
+    vals = torch.tensor([[1e4, -1e4, -1e4, 9999.0, 0.0],
+                         [1e4 - 0.5, 1e4, -1e4, -9999.0, -1e4],
+                         [-1e4, -1e4 + 3.0, -1e4, 9998.5, 1e4]], dtype=torch.float64)
+    lw = vals.to(dtype).to(device).requires_grad_()
+    out = fastvae.logmeanexp(lw)
+    (d,) = torch.autograd.grad(out, lw, torch.ones_like(out))
+    x = vals.to(dtype).double().requires_grad_()
+    ref = reference.logmeanexp(x)
+    (dref,) = torch.autograd.grad(ref.sum(), x)
+    shift, dist = state_terms(x.detach())
+    assert_close(out, ref.detach(), shift.abs() + math.log(3) + 1, "out")
+    assert_close(d, dref, reference.importance_weights(x.detach()) * (1 + dist) + flushed(dtype, 1.0), "dlw")
+    ess = fastvae.effective_sample_size(lw)
+    ess_ref = reference.effective_sample_size(x.detach())
+    assert_close(ess, ess_ref, ess_ref * 3, "ess")
+
+
+def test_single_sample(backend):
+    """K = 1: logmeanexp is lw itself, the weight 1, the ESS 1, the gradient g."""
+    _, device = backend
+    lw = torch.tensor([[-3.5, 0.0, 7.25, -INF]], device=device, requires_grad=True)
+    out = fastvae.logmeanexp(lw)
+    g = torch.tensor([1.5, -2.0, 0.25, 3.0], device=device)
+    (d,) = torch.autograd.grad(out, lw, g)
+    assert torch.equal(out, lw[0].detach())
+    assert torch.equal(d[0, :3], g[:3]) and d[0, 3] == 0
+    assert torch.equal(fastvae.importance_weights(lw)[0], torch.tensor([1.0, 1.0, 1.0, 0.0], device=device))
+    assert torch.equal(fastvae.effective_sample_size(lw), torch.tensor([1.0, 1.0, 1.0, 0.0], device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_k(backend, dtype):
+    """K = 100003 samples streamed through the running (max, sum) state (and, on
+    the triton backend, split over programs and merged), for a few columns:
+    random, half -inf, all -inf except the last sample, all -inf."""
+    _, device = backend
+    K = 100003
+    g = torch.Generator().manual_seed(5)
+    lw64 = torch.randn(K, 4, generator=g, dtype=torch.float64) * 10
+    lw64[: K // 2, 1] = -INF
+    lw64[:-1, 2] = -INF
+    lw64[:, 3] = -INF
+    lw = lw64.to(dtype).to(device).requires_grad_()
+    x = lw64.to(dtype).double().requires_grad_()
+    gout = torch.tensor([1.0, -0.5, 2.0, 1.0], dtype=torch.float64)
+
+    out = fastvae.logmeanexp(lw)
+    (d,) = torch.autograd.grad(out, lw, gout.to(dtype).to(device))
+    ref = reference.logmeanexp(x)
+    (dref,) = torch.autograd.grad(ref, x, gout)
+    shift, dist = state_terms(x.detach())
+    assert_close_or_inf(out, ref.detach(), shift.abs() + math.log(K) + 1, "out")
+    w = reference.importance_weights(x.detach())
+    assert_close(d, dref, gout.abs() * (w * (1 + dist) + flushed(dtype, 1.0)), "dlw")
+    assert_close(fastvae.importance_weights(lw), w, w * (1 + dist + math.log(K)), "w")
+    ess = fastvae.effective_sample_size(lw)
+    ess_ref = reference.effective_sample_size(x.detach())
+    assert_close(ess, ess_ref, ess_ref * (1 + math.log(K)), "ess")
+    assert ess[3] == 0 and ess[2] == 1
+
+
+def test_dim_keepdim_and_non_contiguous(backend):
+    _, device = backend
+    base = torch.randn(6, 5, 4, device=device) * 3
+    lw = base.transpose(0, 2)  # (4, 5, 6), non-contiguous; samples along the last dim
+    assert not lw.is_contiguous()
+    out = fastvae.logmeanexp(lw, dim=-1, keepdim=True)
+    assert out.shape == (4, 5, 1)
+    expect = fastvae.logmeanexp(lw.contiguous().movedim(-1, 0))
+    assert torch.equal(out[..., 0], expect)
+    w = fastvae.importance_weights(lw, dim=2)
+    assert w.shape == lw.shape
+    assert torch.equal(w, fastvae.importance_weights(lw.movedim(2, 0).contiguous()).movedim(0, 2))
+    ess = fastvae.effective_sample_size(lw, dim=1, keepdim=True)
+    assert ess.shape == (4, 1, 6)
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (3, 0, 2)])
+def test_empty_batch(backend, shape):
+    _, device = backend
+    lw = torch.zeros(shape, device=device, requires_grad=True)
+    out = fastvae.logmeanexp(lw)
+    assert out.shape == shape[1:]
+    (out.sum() + fastvae.importance_weights(lw).sum() + fastvae.effective_sample_size(lw).sum()).backward()
+    assert lw.grad.shape == shape
+
+
+def test_saves_no_extra_k_sized_buffer(backend):
+    """The logmeanexp backward needs lw and the (M,)-sized state: nothing else of size K x M."""
+    _, device = backend
+    lw = torch.randn(64, 32, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = fastvae.logmeanexp(lw)
+    assert sorted(saved) == [32, 32, 64 * 32]
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    """bf16/fp16 run on triton with float32 accumulation and a float32 state;
+    cpp and reference refuse them."""
+    name, device = backend
+    lw = (torch.randn(37, 9, generator=torch.Generator().manual_seed(0)) * 4).to(dtype).to(device)
+    if name != "triton":
+        with pytest.raises(TypeError, match=str(dtype).split(".")[-1]):
+            fastvae.logmeanexp(lw)
+        return
+    x = lw.double().cpu()
+    out = fastvae.logmeanexp(lw)
+    assert out.dtype == dtype
+    shift, dist = state_terms(x)
+    assert_close(out, reference.logmeanexp(x), shift.abs() + math.log(37) + 1, "out")
+    state = fastvae.logmeanexp_state(lw)
+    assert state.sumexp.dtype == torch.float32
+    w = fastvae.importance_weights(lw)
+    w_ref = reference.importance_weights(x)
+    assert_close(w, w_ref, w_ref * (1 + dist), "w")
+
+
+def test_gradcheck_float64(backend):
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    lw = (torch.randn(5, 3, generator=g, dtype=torch.float64) * 2).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: logmeanexp_op(x)[0], (lw,))
+    assert torch.autograd.gradcheck(lambda x: effective_sample_size_op(x)[0], (lw,))
+    assert torch.autograd.gradcheck(importance_weights_op, (lw,))
+    # the state alone is not a function of lw (its max is a shift without a
+    # gradient); what is derived from it is
+    chunks = lambda x: fastvae.logmeanexp_from_state(  # noqa: E731
+        fastvae.merge_logmeanexp_states(fastvae.logmeanexp_state(x[:2]), fastvae.logmeanexp_state(x[2:])))
+    assert torch.autograd.gradcheck(chunks, (lw,))
+
+
+def test_opcheck(backend):
+    _, device = backend
+    lw = torch.randn(6, 2, 3, device=device, requires_grad=True)
+    torch.library.opcheck(logmeanexp_op, (lw,))
+    torch.library.opcheck(effective_sample_size_op, (lw,))
+    torch.library.opcheck(importance_weights_op, (lw,))
+    out, mx, s = logmeanexp_op(lw.detach())
+    ess = effective_sample_size_op(lw.detach())[0]
+    g = torch.randn(2, 3, device=device)
+    torch.library.opcheck(logmeanexp_backward_op, (g, torch.randn(2, 3, device=device), lw.detach(), mx, s))
+    torch.library.opcheck(logmeanexp_backward_op, (g, None, lw.detach(), mx, s))
+    torch.library.opcheck(effective_sample_size_backward_op, (g, lw.detach(), mx, s, ess))
+    w = importance_weights_op(lw.detach())
+    torch.library.opcheck(importance_weights_backward_op, (torch.randn_like(w), w))
+
+
+def test_errors_on_bad_input(backend):
+    _, device = backend
+    lw = torch.zeros(4, 3, device=device)
+    with pytest.raises(ValueError, match=r"dim=2 is out of range for lw of shape \(4, 3\)"):
+        fastvae.logmeanexp(lw, dim=2)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        fastvae.importance_weights(lw, dim=1.0)
+    with pytest.raises(ValueError, match=r"shape \(0, 3\) has no samples"):
+        fastvae.effective_sample_size(torch.zeros(0, 3, device=device))
+    with pytest.raises(ValueError, match="0-d"):
+        fastvae.logmeanexp(torch.zeros((), device=device))
+    with pytest.raises(TypeError, match="int64"):
+        fastvae.logmeanexp(torch.zeros(4, 3, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="Tensor"):
+        fastvae.logmeanexp([1.0, 2.0])
+    s1 = fastvae.logmeanexp_state(lw)
+    s2 = fastvae.logmeanexp_state(torch.zeros(4, 2, device=device))
+    with pytest.raises(ValueError, match=r"states\[1\] has max of shape \(2,\)"):
+        fastvae.merge_logmeanexp_states(s1, s2)
+    with pytest.raises(TypeError, match="LogMeanExpState"):
+        fastvae.logmeanexp_from_state(lw)
+    with pytest.raises(ValueError, match="at least one"):
+        fastvae.merge_logmeanexp_states()
+
+
+# -- main process only: the C++ boundary, torch.compile, torch.distributed --------
+
+main_process_only = pytest.mark.skipif(INTERPRET, reason="main-process tests (cpp backend)")
+
+
+@main_process_only
+def test_cpp_boundary_checks():
+    """The extension refuses mismatched extents, dtypes and non-arrays before touching memory."""
+    from fastvae import _C
+
+    lw = torch.zeros(5, 3).numpy()
+    m, s = torch.zeros(3).numpy(), torch.zeros(3).numpy()
+    with pytest.raises(ValueError, match="sumexp: expected shape"):
+        _C.logmeanexp_forward(lw, m, torch.zeros(4).numpy(), None, None, 1)
+    with pytest.raises(TypeError, match="max: expected dtype"):
+        _C.logmeanexp_forward(lw, m.astype("float64"), s, None, None, 1)
+    with pytest.raises(TypeError, match="out: expected a NumPy array"):
+        _C.logmeanexp_forward(lw, m, s, [0.0, 0.0, 0.0], None, 1)
+    with pytest.raises(ValueError, match="lw: expected a 2-d"):
+        _C.logmeanexp_forward(torch.zeros(5).numpy(), m, s, None, None, 1)
+    with pytest.raises(ValueError, match="dlw: expected shape"):
+        _C.logmeanexp_backward(lw, m, s, m, None, None, torch.zeros(5, 2).numpy(), 1)
+    with pytest.raises(ValueError, match="at most one"):
+        _C.logmeanexp_backward(lw, m, s, m, m, m, lw.copy(), 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        _C.importance_weights_backward(lw, lw, lw.copy(), 0)
+
+
+def iwae_loss(enc, dec, x, seed, k):
+    """IWAE bound through the fastvae ops, with the ESS as a side output."""
+    mu, logvar = enc(x).chunk(2, dim=-1)
+    z, _ = sample_normal_op(mu, logvar, seed, k)
+    log_px = -0.5 * ((dec(z) - x) ** 2).sum(-1)
+    lw = log_px + fastvae.latent_log_ratio(z, mu, logvar)
+    state = fastvae.merge_logmeanexp_states(fastvae.logmeanexp_state(lw[:2]), fastvae.logmeanexp_state(lw[2:]))
+    bound = fastvae.logmeanexp(lw, dim=0) + 0 * fastvae.logmeanexp_from_state(state)
+    return -bound.mean(), fastvae.effective_sample_size(lw.detach()).mean()
+
+
+@main_process_only
+def test_iwae_step_compiles_fullgraph(monkeypatch):
+    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    enc, dec = torch.nn.Linear(10, 6), torch.nn.Linear(3, 10)
+    x = torch.randn(8, 10)
+    params = list(enc.parameters()) + list(dec.parameters())
+    seed = torch.tensor(777)
+    loss_e, ess_e = iwae_loss(enc, dec, x, seed, 5)
+    grads_e = torch.autograd.grad(loss_e, params)
+    loss_c, ess_c = torch.compile(iwae_loss, fullgraph=True)(enc, dec, x, seed, 5)
+    grads_c = torch.autograd.grad(loss_c, params)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ess_c, ess_e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+_DIST_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, fastvae
+    rank, world, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    lw = torch.load(sys.argv[4])
+    # rank r holds its own (uneven) share of the samples; rank 1's first column is all -inf
+    bounds = [0, 3, lw.shape[0]]
+    state = fastvae.logmeanexp_state(lw[bounds[rank]:bounds[rank + 1]])
+    merged = fastvae.all_reduce_logmeanexp_state(state)
+    if rank == 0:
+        torch.save((fastvae.logmeanexp_from_state(merged), merged.count), sys.argv[5])
+    dist.destroy_process_group()
+""")
+
+
+@main_process_only
+def test_all_reduce_state_across_processes(tmp_path):
+    """Two gloo ranks, each with part of the samples, merge to the logmeanexp of all."""
+    lw = torch.randn(11, 4, dtype=torch.float64) * 5
+    lw[3:, 0] = -INF
+    torch.save(lw, tmp_path / "lw.pt")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    env = dict(os.environ, FASTVAE_BACKEND="cpp", OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no dependence on the hostname resolving
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _DIST_WORKER, str(r), "2", init, str(tmp_path / "lw.pt"),
+                          str(tmp_path / "out.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    out, count = torch.load(tmp_path / "out.pt")
+    assert int(count) == 11
+    ref = reference.logmeanexp(lw)
+    assert_close(out, ref, ref.abs() + math.log(11) + 1, "out")
