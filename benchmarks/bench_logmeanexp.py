@@ -57,7 +57,7 @@ import torch
 import fastvae
 
 from . import common
-from .bench_sample_normal import Impl, default_fastvae_backend, fastvae_backend
+from .harness import Impl, default_fastvae_backend, fastvae_backend
 
 OP = "logmeanexp"
 MODES = ("forward", "backward", "fwd+bwd")
@@ -158,7 +158,7 @@ def parse_args(argv=None):
             setattr(args, name, value)
     args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     if args.fastvae_backends is None:
-        args.fastvae_backends = [default_fastvae_backend(torch.device(args.device))]
+        args.fastvae_backends = [default_fastvae_backend(torch.device(args.device), "logmeanexp")]
     return args
 
 

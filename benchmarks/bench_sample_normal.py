@@ -42,20 +42,17 @@ Results go to benchmarks/results/sample_normal-<device-tag>.json (--out to overr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 import fastvae
 
 from . import common
+from .harness import Impl, default_fastvae_backend, fastvae_backend
 
 OP = "sample_normal"
 MODES = ("forward", "backward", "fwd+bwd")
@@ -68,36 +65,6 @@ def eager_sample_normal(mu: torch.Tensor, logvar: torch.Tensor, n_samples: int):
     z = mu + torch.exp(0.5 * logvar) * eps
     kl = 0.5 * torch.sum(torch.exp(logvar) + mu * mu - 1 - logvar, -1)
     return z, kl
-
-
-@dataclass
-class Impl:
-    name: str
-    fn: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-    backend: str | None = None  # FASTVAE_BACKEND while this implementation runs
-
-
-@contextlib.contextmanager
-def fastvae_backend(name: str | None):
-    """fastvae reads FASTVAE_BACKEND at every call, forward and backward alike,
-    so it is pinned for the whole measurement of one implementation."""
-    if name is None:
-        yield
-        return
-    old = os.environ.get("FASTVAE_BACKEND")
-    os.environ["FASTVAE_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FASTVAE_BACKEND"]
-        else:
-            os.environ["FASTVAE_BACKEND"] = old
-
-
-def default_fastvae_backend(device: torch.device) -> str:
-    # backend_info says "reference (cpp extension missing)" when it falls back.
-    return fastvae.backend_info(device)[OP].split()[0]
 
 
 def make_impls(backends: list[str]) -> list[Impl]:
@@ -213,7 +180,7 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.fastvae_backends is None:
-        args.fastvae_backends = [default_fastvae_backend(torch.device(args.device))]
+        args.fastvae_backends = [default_fastvae_backend(torch.device(args.device), OP)]
     return args
 
 

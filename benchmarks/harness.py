@@ -56,11 +56,17 @@ def fastvae_backend(name: str | None):
             os.environ["FASTVAE_BACKEND"] = old
 
 
+def default_fastvae_backend(device: torch.device, op: str) -> str:
+    """The backend fastvae picks for op on device (backend_info says
+    "reference (cpp extension missing)" when it falls back)."""
+    return fastvae.backend_info(device)[op].split()[0]
+
+
 def baseline_impls(eager: Callable, fastvae_fn: Callable, op: str, device: torch.device,
                    backends: list[str] | None) -> list[Impl]:
     """eager, torch.compile(eager) and fastvae on each backend (default: the one it picks)."""
     if backends is None:
-        backends = [fastvae.backend_info(device)[op].split()[0]]
+        backends = [default_fastvae_backend(device, op)]
     impls = [Impl("eager", eager), Impl("compiled", torch.compile(eager, dynamic=False))]
     return impls + [Impl(f"fastvae[{b}]", fastvae_fn, b) for b in backends]
 
