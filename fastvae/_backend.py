@@ -116,6 +116,11 @@ def empty_output(shape, *, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def numpy_view(t: torch.Tensor | None):
+    """The zero-copy NumPy view the cpp backend takes (None stays None)."""
+    return None if t is None else t.detach().numpy()
+
+
 def num_threads() -> int:
     """OpenMP threads for the cpp backend: follows torch.get_num_threads()."""
     return max(1, torch.get_num_threads())

@@ -9,11 +9,9 @@ from torch import Tensor
 
 from . import _backend, _validate, reference
 from ._backend import backend_for, cpp_module, num_threads, triton_module
+from ._backend import numpy_view as _np
 from ._likelihood_layout import broadcast_var, broadcast_x, kernel_var, kernel_views
 
-
-def _np(t: Tensor | None):
-    return None if t is None else t.detach().numpy()
 
 
 # -- custom ops ----------------------------------------------------------------

@@ -7,11 +7,9 @@ from torch import Tensor
 from . import _validate, reference
 from . import _backend
 from ._backend import backend_for, cpp_module, num_threads, triton_module
+from ._backend import numpy_view as _np
 from .sample_normal import _flat
 
-
-def _np(t: Tensor | None):
-    return None if t is None else t.detach().numpy()
 
 
 # -- custom ops ----------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _backend, _validate, reference
 from ._backend import backend_for, cpp_module, num_threads, triton_module
-from .kl_normal import _np
+from ._backend import numpy_view as _np
 from .sample_normal import _flat
 
 # -- custom ops ----------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import _validate, reference
 from . import _backend
 from ._backend import backend_for, cpp_module, num_threads, triton_module
+from ._backend import numpy_view as _np
 
 _SEED_HIGH = 2**63 - 1
 
@@ -48,7 +49,7 @@ def sample_normal_op(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -
     kl = _backend.empty_output((N,), like=mu)
     if backend == "cpp":
         cpp_module().sample_normal_forward(
-            mu2.detach().numpy(), lv2.detach().numpy(), int(seed), z.numpy(), kl.numpy(), num_threads()
+            _np(mu2), _np(lv2), int(seed), z.numpy(), kl.numpy(), num_threads()
         )
     elif backend == "triton":
         triton_module("sample_normal").sample_normal_forward(mu2, lv2, seed, z, kl)
@@ -75,7 +76,7 @@ def sample_normal_backward_op(dz: Tensor, dkl: Tensor, mu: Tensor, logvar: Tenso
     dlv = _backend.empty_output((N, L), like=mu)
     if backend == "cpp":
         cpp_module().sample_normal_backward(
-            dz3.detach().numpy(), dkl1.detach().numpy(), mu2.detach().numpy(), lv2.detach().numpy(),
+            _np(dz3), _np(dkl1), _np(mu2), _np(lv2),
             int(seed), dmu.numpy(), dlv.numpy(), num_threads(),
         )
     elif backend == "triton":
