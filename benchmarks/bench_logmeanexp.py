@@ -57,7 +57,7 @@ import torch
 import fastvae
 
 from . import common
-from .harness import Impl, default_fastvae_backend, fastvae_backend
+from .harness import Impl, default_fastvae_backend, fastvae_backend, mode_callables
 
 OP = "logmeanexp"
 MODES = ("forward", "backward", "fwd+bwd")
@@ -91,22 +91,6 @@ def make_inputs(K: int, B: int, device: torch.device):
     lw = (torch.randn(K, B, generator=g, dtype=DTYPE) * 10 - 100).to(device).requires_grad_()
     grad = torch.randn(B, generator=g, dtype=DTYPE).to(device)
     return lw, grad
-
-
-def mode_callables(impl: Impl, mode: str, lw, grad):
-    """(fn, setup) for common.time_ms."""
-
-    def forward():
-        return impl.fn(lw)
-
-    def grads(out):
-        return torch.autograd.grad(out, lw, grad)
-
-    if mode == "forward":
-        return forward, None
-    if mode == "backward":
-        return grads, forward
-    return (lambda: grads(forward())), None
 
 
 def log(msg: str) -> None:
@@ -182,7 +166,7 @@ def main(argv=None) -> None:
         # The first calls compile (torch.compile forward and backward graphs) and
         # warm allocators; their time is recorded but kept out of the figures.
         for impl in impls:
-            fn, _ = mode_callables(impl, "fwd+bwd", lw, grad)
+            fn, _ = mode_callables(impl, "fwd+bwd", (lw,), lw, grad)
             with fastvae_backend(impl.backend):
                 common.sync(device)
                 t0 = time.perf_counter()
@@ -194,7 +178,7 @@ def main(argv=None) -> None:
         cases = {}
         for mode in MODES:
             for impl in impls:
-                fn, setup = mode_callables(impl, mode, lw, grad)
+                fn, setup = mode_callables(impl, mode, (lw,), lw, grad)
                 cases[(mode, impl.name)] = (fn, setup, lambda b=impl.backend: fastvae_backend(b))
         all_times = common.time_interleaved_ms(cases, device, repeats=args.repeats, warmup=args.warmup)
         for mode in MODES:

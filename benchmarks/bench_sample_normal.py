@@ -52,7 +52,7 @@ import torch
 import fastvae
 
 from . import common
-from .harness import Impl, default_fastvae_backend, fastvae_backend
+from .harness import Impl, default_fastvae_backend, fastvae_backend, mode_callables
 
 OP = "sample_normal"
 MODES = ("forward", "backward", "fwd+bwd")
@@ -95,22 +95,6 @@ def make_inputs(B: int, L: int, K: int, device: torch.device):
     return mu, logvar, gz, gk
 
 
-def mode_callables(impl: Impl, mode: str, mu, logvar, gz, gk, K: int):
-    """(fn, setup) for common.time_ms."""
-
-    def forward():
-        return impl.fn(mu, logvar, K)
-
-    def grads(out):
-        return torch.autograd.grad(out, (mu, logvar), (gz, gk))
-
-    if mode == "forward":
-        return forward, None
-    if mode == "backward":
-        return grads, forward
-    return (lambda: grads(forward())), None
-
-
 def default_repeats(K: int) -> int:
     # K=16 moves ~10x more data per call; fewer repeats keep the run short.
     return 20 if K < 8 else 10
@@ -129,7 +113,7 @@ def memory_child(args) -> None:
     K = args.ks[0]
     impl = next(i for i in make_impls(args.fastvae_backends) if i.name == args.memory_child)
     mu, logvar, gz, gk = make_inputs(args.B, args.L, K, device)
-    fn, _ = mode_callables(impl, "fwd+bwd", mu, logvar, gz, gk, K)
+    fn, _ = mode_callables(impl, "fwd+bwd", (mu, logvar, K), (mu, logvar), (gz, gk))
     with fastvae_backend(impl.backend):
         for _ in range(2):  # compile and warm allocator caches before the peak is reset
             fn()
@@ -141,7 +125,7 @@ def memory_child(args) -> None:
 def measure_memory(impl: Impl, K: int, args, device: torch.device) -> dict:
     if device.type == "cuda":
         mu, logvar, gz, gk = make_inputs(args.B, args.L, K, device)
-        fn, _ = mode_callables(impl, "fwd+bwd", mu, logvar, gz, gk, K)
+        fn, _ = mode_callables(impl, "fwd+bwd", (mu, logvar, K), (mu, logvar), (gz, gk))
         with fastvae_backend(impl.backend):
             fn()
             return common.peak_memory_mb(fn, device)
@@ -207,7 +191,7 @@ def main(argv=None) -> None:
         # The first calls compile (torch.compile forward and backward graphs) and
         # warm allocators; their time is recorded but kept out of the figures.
         for impl in impls:
-            fn, _ = mode_callables(impl, "fwd+bwd", mu, logvar, gz, gk, K)
+            fn, _ = mode_callables(impl, "fwd+bwd", (mu, logvar, K), (mu, logvar), (gz, gk))
             with fastvae_backend(impl.backend):
                 common.sync(device)
                 t0 = time.perf_counter()
@@ -221,7 +205,7 @@ def main(argv=None) -> None:
         cases = {}
         for mode in MODES:
             for impl in impls:
-                fn, setup = mode_callables(impl, mode, mu, logvar, gz, gk, K)
+                fn, setup = mode_callables(impl, mode, (mu, logvar, K), (mu, logvar), (gz, gk))
                 cases[(mode, impl.name)] = (fn, setup, lambda b=impl.backend: fastvae_backend(b))
         all_times = common.time_interleaved_ms(cases, device, repeats=repeats, warmup=args.warmup)
         for mode in MODES:

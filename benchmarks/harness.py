@@ -71,7 +71,10 @@ def baseline_impls(eager: Callable, fastvae_fn: Callable, op: str, device: torch
     return impls + [Impl(f"fastvae[{b}]", fastvae_fn, b) for b in backends]
 
 
-def _callables(impl: Impl, mode: str, args: tuple, wrt: list[torch.Tensor], g: torch.Tensor):
+def mode_callables(impl: Impl, mode: str, args: tuple, wrt, g):
+    """(fn, setup) for common.time_ms: the forward impl.fn(*args), the backward
+    torch.autograd.grad of its output w.r.t. wrt with upstream g, or both."""
+
     def forward():
         return impl.fn(*args)
 
@@ -109,7 +112,7 @@ def run(name: str, title: str, cases: list[Case], impls: list[Impl], args) -> di
     for case in cases:
         args_, wrt, g = case.make_inputs(device)
         for impl in impls:  # compile and warm up outside the figures
-            fn, _ = _callables(impl, "fwd+bwd", args_, wrt, g)
+            fn, _ = mode_callables(impl, "fwd+bwd", args_, wrt, g)
             with fastvae_backend(impl.backend):
                 common.sync(device)
                 t0 = time.perf_counter()
@@ -119,7 +122,7 @@ def run(name: str, title: str, cases: list[Case], impls: list[Impl], args) -> di
         timed = {}
         for mode in MODES:
             for impl in impls:
-                fn, setup = _callables(impl, mode, args_, wrt, g)
+                fn, setup = mode_callables(impl, mode, args_, wrt, g)
                 timed[(mode, impl.name)] = (fn, setup, lambda b=impl.backend: fastvae_backend(b))
         times = common.time_interleaved_ms(timed, device, repeats=repeats, warmup=args.warmup)
         for mode in MODES:

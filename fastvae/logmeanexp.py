@@ -69,6 +69,25 @@ def _run_forward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, out: Tensor |
         reference.logmeanexp_forward(lw2, mx, s, out, ess)
 
 
+def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(logmeanexp or ESS, max, sumexp) of lw (K, ...), each (...), in one pass."""
+    backend = backend_for(lw.device)
+    _validate.dtype_for_backend(backend, lw.dtype)
+    lw2 = _columns(lw)
+    M = lw2.shape[1]
+    value = _backend.empty_output((M,), like=lw)
+    mx, s = _state_buffers(lw, M)
+    _run_forward(backend, lw2, mx, s, None if ess else value, value if ess else None)
+    shape = lw.shape[1:]
+    return value.reshape(shape), mx.reshape(shape), s.reshape(shape)
+
+
+def _fake_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = _state_dtype(lw.dtype)
+    shape = lw.shape[1:]
+    return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
+
+
 def _run_backward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, g: Tensor,
                   g_s: Tensor | None, ess: Tensor | None, dlw: Tensor) -> None:
     """dlw (K, M) <- e * (a + b e), per-column a, b from g, g_s, ess (see csrc/logmeanexp.h)."""
@@ -93,22 +112,12 @@ def logmeanexp_op(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     float32 (float64 for float64 lw). max carries no gradient (it is a shift
     that cancels in every quantity derived from the state); sumexp does.
     """
-    backend = backend_for(lw.device)
-    _validate.dtype_for_backend(backend, lw.dtype)
-    lw2 = _columns(lw)
-    M = lw2.shape[1]
-    out = _backend.empty_output((M,), like=lw)
-    mx, s = _state_buffers(lw, M)
-    _run_forward(backend, lw2, mx, s, out, None)
-    shape = lw.shape[1:]
-    return out.reshape(shape), mx.reshape(shape), s.reshape(shape)
+    return _forward_with_state(lw, ess=False)
 
 
 @logmeanexp_op.register_fake
 def _(lw):
-    dtype = _state_dtype(lw.dtype)
-    shape = lw.shape[1:]
-    return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
+    return _fake_with_state(lw)
 
 
 @torch.library.custom_op("fastvae::logmeanexp_backward", mutates_args=(), device_types=("cpu", "cuda"))
@@ -162,22 +171,12 @@ def effective_sample_size_op(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     pass as the state as sumexp^2 / sum_k exp(2 (lw_k - shift)); 0 for an all
     -inf column. max and sumexp are saved for the backward and carry no gradient.
     """
-    backend = backend_for(lw.device)
-    _validate.dtype_for_backend(backend, lw.dtype)
-    lw2 = _columns(lw)
-    M = lw2.shape[1]
-    ess = _backend.empty_output((M,), like=lw)
-    mx, s = _state_buffers(lw, M)
-    _run_forward(backend, lw2, mx, s, None, ess)
-    shape = lw.shape[1:]
-    return ess.reshape(shape), mx.reshape(shape), s.reshape(shape)
+    return _forward_with_state(lw, ess=True)
 
 
 @effective_sample_size_op.register_fake
 def _(lw):
-    dtype = _state_dtype(lw.dtype)
-    shape = lw.shape[1:]
-    return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
+    return _fake_with_state(lw)
 
 
 @torch.library.custom_op(
