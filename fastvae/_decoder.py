@@ -1,0 +1,62 @@
+"""log p(x | z) from whatever the user's decoder returned: the one convention
+shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
+
+- likelihood="gaussian": decode(z) returns the mean (unit variance, i.e. the
+  squared-error loss plus a constant) or a (mean, logvar) pair (a decoder
+  that learns its variance; logvar per element or broadcastable to the mean).
+- likelihood="bernoulli": decode(z) returns the logits.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .bernoulli_log_prob import bernoulli_log_prob
+from .gaussian_log_prob import gaussian_log_prob
+
+LIKELIHOODS = ("gaussian", "bernoulli")
+
+
+def check_likelihood(likelihood: Any) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
+def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"decode must return a tensor as the {name}, got {type(out).__name__}")
+    want = (*sample_shape, *x.shape)
+    if tuple(out.shape) != want:
+        raise ValueError(
+            f"decode returned a {name} of shape {tuple(out.shape)}; expected {want} "
+            f"(sample shape {sample_shape} followed by x's shape {tuple(x.shape)})"
+        )
+    return out
+
+
+def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[int, ...]) -> Tensor:
+    """log p(x | z) summed over x's event dimension, shape (*sample_shape, B).
+
+    Args:
+        x: data (B, D).
+        out: decode(z) for z of shape (*sample_shape, B, L).
+        likelihood: "gaussian" or "bernoulli" (see the module docstring).
+        sample_shape: () for one sample, (K,) for K samples.
+    """
+    if likelihood == "bernoulli":
+        logits = _check_output("logits", out, x, sample_shape)
+        return bernoulli_log_prob(x, logits)
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(
+                f"for likelihood='gaussian' decode returns the mean or a (mean, logvar) pair, "
+                f"got a sequence of {len(out)} items"
+            )
+        mean = _check_output("mean", out[0], x, sample_shape)
+        logvar = out[1]
+        if not isinstance(logvar, Tensor):
+            raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
+        return gaussian_log_prob(x, mean, logvar)
+    mean = _check_output("mean", out, x, sample_shape)
+    return gaussian_log_prob(x, mean)
