@@ -13,6 +13,12 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   logmeanexp_from_state(state), all_reduce_logmeanexp_state(state, group=None)
 - latent_log_ratio(z, mu, logvar, *, stop_score=False)
 
+Objectives (fastvae/objectives.py), higher is better:
+
+- elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator)
+- iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator)
+- elbo_terms(...) -> ELBOTerms, iwae_terms(...) -> IWAETerms: the bound and its terms
+
 backend_info(device) reports which backend serves each op.
 """
 from ._backend import backend_info
@@ -30,6 +36,7 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
+from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .sample_normal import sample_normal
 
 __all__ = [
@@ -47,5 +54,11 @@ __all__ = [
     "LogMeanExpState",
     "latent_log_ratio",
     "backend_info",
+    "elbo",
+    "elbo_terms",
+    "ELBOTerms",
+    "iwae",
+    "iwae_terms",
+    "IWAETerms",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,300 @@
+"""The training objectives users call: fastvae.elbo and fastvae.iwae (and their
+*_terms variants for logging), built from the fused ops.
+
+Both take the encoder's output (mu, logvar) for x and a decode callable, and
+return a bound on log p(x) (higher is better; minimize its negative). Noise is
+drawn inside sample_normal from a seed taken from torch's generator, so
+torch.manual_seed / generator= make a call repeatable, and nothing of size
+K x B x L is stored for the backward.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _validate
+from ._decoder import check_likelihood, decoder_log_prob
+from .kl_normal import kl_normal
+from .latent_log_ratio import latent_log_ratio
+from .logmeanexp import effective_sample_size, logmeanexp
+from .sample_normal import sample_normal
+
+REDUCTIONS = ("mean", "sum", "none")
+ESTIMATORS = ("iwae", "dreg", "stl")
+
+
+class ELBOTerms(NamedTuple):
+    """What fastvae.elbo_terms returns, every field reduced like the bound."""
+
+    elbo: Tensor  # reconstruction - beta * kl
+    reconstruction: Tensor  # E_q[log p(x | z)], averaged over the n_samples draws
+    kl: Tensor  # the KL term as it enters the bound: after free bits, before beta
+
+
+class IWAETerms(NamedTuple):
+    """What fastvae.iwae_terms returns, every field reduced like the bound
+    except log_weights, which is always the per-sample (k, ...) tensor."""
+
+    bound: Tensor  # the IWAE (alpha = 0) or Renyi bound
+    reconstruction: Tensor  # mean over the k samples of log p(x | z_k)
+    kl: Tensor  # analytic KL(q(z|x) || N(0, I)); the bound does not use it
+    ess: Tensor  # effective sample size of the k importance weights, in [1, k]
+    log_weights: Tensor  # log p(x, z_k) - log q(z_k | x), shape (k, ...)
+
+
+# -- argument checks -----------------------------------------------------------
+
+
+def _check_inputs(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, reduction: Any) -> None:
+    _validate.float_tensors(x=x, mu=mu, logvar=logvar)
+    _validate.event_dim("x", x)
+    _validate.event_dim("mu", mu)
+    _validate.same_shape(mu=mu, logvar=logvar)
+    if x.shape[:-1] != mu.shape[:-1]:
+        raise ValueError(
+            f"x and mu must share their batch shape (all but the last dimension): x has shape "
+            f"{tuple(x.shape)}, mu has shape {tuple(mu.shape)}"
+        )
+    if not callable(decode):
+        raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_real(name: str, value: Any, *, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _reduce(t: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return t.mean()
+    if reduction == "sum":
+        return t.sum()
+    return t
+
+
+# -- ELBO -----------------------------------------------------------------------
+
+
+def _free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
+    """Per-example KL (...) whose batch mean is sum_j max(free_bits, mean_b KL_bj).
+
+    A latent dimension whose KL, averaged over the batch, is below the floor
+    contributes the constant floor to every example (so no gradient pushes it
+    further down); the others contribute their own KL. The batch mean of the
+    result is exactly the free-bits KL of Kingma et al. (2016), and reduction
+    "none" stays consistent with "mean".
+    """
+    # kl_normal on (..., L, 1) gives the per-dimension KL (..., L) with the fused op.
+    per_dim = kl_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1))
+    batch_mean = per_dim.reshape(-1, per_dim.shape[-1]).mean(0)  # (L,)
+    floored = torch.where(batch_mean < free_bits, torch.full_like(per_dim, free_bits), per_dim)
+    return floored.sum(-1)
+
+
+def elbo_terms(
+    x: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    decode: Callable[[Tensor], Any],
+    *,
+    likelihood: str = "gaussian",
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    n_samples: int = 1,
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> ELBOTerms:
+    """fastvae.elbo, returning the bound with its reconstruction and KL terms
+    (one pass; for logging). Arguments as fastvae.elbo."""
+    _check_inputs(x, mu, logvar, decode, reduction)
+    check_likelihood(likelihood)
+    _validate.positive_int("n_samples", n_samples)
+    _check_real("beta", beta, minimum=0.0)
+    _check_real("free_bits", free_bits, minimum=0.0)
+
+    z, kl = sample_normal(mu, logvar, None if n_samples == 1 else n_samples, generator=generator)
+    sample_shape = () if n_samples == 1 else (n_samples,)
+    reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape)
+    if n_samples > 1:
+        reconstruction = reconstruction.mean(0)
+    if free_bits > 0:
+        kl = _free_bits_kl(mu, logvar, free_bits)
+    elbo = reconstruction - beta * kl
+    return ELBOTerms(*(_reduce(t, reduction) for t in (elbo, reconstruction, kl)))
+
+
+def elbo(
+    x: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    decode: Callable[[Tensor], Any],
+    *,
+    likelihood: str = "gaussian",
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    n_samples: int = 1,
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The evidence lower bound E_q[log p(x|z)] - beta * KL(q(z|x) || N(0, I)).
+
+    Higher is better: train with ``loss = -fastvae.elbo(...)``.
+
+    Args:
+        x: data of shape (B, D) (any leading batch shape (..., D) works).
+        mu, logvar: the encoder's output for x, shape (B, L): q(z|x) =
+            N(mu, diag(exp(logvar))).
+        decode: any callable z -> decoder output (an nn.Module, a lambda, a
+            conditional decoder closing over labels). It gets z of shape
+            (B, L), or (n_samples, B, L) when n_samples > 1, and returns, for
+            likelihood="gaussian", the mean (unit variance: squared error) or a
+            (mean, logvar) pair (learned variance); for "bernoulli", the logits.
+            Outputs have x's shape with the sample dimension in front.
+        likelihood: "gaussian" or "bernoulli".
+        beta: weight of the KL term (beta-VAE); >= 0.
+        free_bits: per-latent-dimension KL floor lambda >= 0 (Kingma et al.
+            2016): each dimension's KL, averaged over the batch, is replaced by
+            max(lambda, that average), so dimensions below the floor get no
+            gradient pushing them further down. The floor is applied first,
+            then beta: elbo = reconstruction - beta * sum_j max(lambda, mean_b KL_bj).
+            With reduction="none" a floored dimension contributes lambda to
+            every example, so the per-example values average to the same bound.
+        n_samples: z samples per example; the reconstruction term is averaged
+            over them (the KL is analytic). The decoder runs once on all of them.
+        reduction: "mean" over the batch (default), "sum", or "none" (per example).
+        generator: torch.Generator for the noise seed (default: torch's default
+            generator of mu's device, so torch.manual_seed applies).
+
+    Returns:
+        The ELBO, a scalar (or per-example for reduction="none").
+
+    The sampling, KL, and likelihood run in fused kernels; no noise tensor and
+    no K-fold copy of x is stored for the backward. Compiles under
+    torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
+    use fastvae.elbo_terms.
+    """
+    return elbo_terms(
+        x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
+        n_samples=n_samples, reduction=reduction, generator=generator,
+    ).elbo
+
+
+# -- IWAE -----------------------------------------------------------------------
+
+
+def _dreg_z_scale(z: Tensor, lw: Tensor, alpha: float) -> None:
+    """DReG (Tucker et al. 2018): the encoder gets sum_k c_k dlw_k/dz_k dz_k/dphi
+    with the score term (d log q / d phi) dropped and replaced by its
+    reparameterized equivalent. For the bound (1/(1-a)) logmeanexp((1-a) lw),
+    with v = softmax((1-a) lw), c_k = v_k (a + (1-a) v_k): w~^2 at a = 0. The
+    bound's own gradient already carries v_k on z_k, so a hook on z multiplies
+    by (a + (1-a) v_k); z only feeds the encoder (through sample_normal), so the
+    decoder's gradient stays the IWAE one."""
+    v = torch.softmax((1.0 - alpha) * lw.detach(), dim=0)
+    v = torch.nan_to_num(v)  # an all -inf column: no weight anywhere, no gradient
+    scale = (alpha + (1.0 - alpha) * v).unsqueeze(-1)
+    z.register_hook(lambda g: g * scale)
+
+
+def _bound(lw: Tensor, alpha: float) -> Tensor:
+    if alpha == 0:
+        return logmeanexp(lw, 0)
+    if alpha == 1:  # the limit of the Renyi bound: the Monte Carlo ELBO
+        return lw.mean(0)
+    return logmeanexp((1.0 - alpha) * lw, 0) / (1.0 - alpha)
+
+
+def iwae_terms(
+    x: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    decode: Callable[[Tensor], Any],
+    *,
+    k: int = 5,
+    likelihood: str = "gaussian",
+    estimator: str = "iwae",
+    alpha: float = 0.0,
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> IWAETerms:
+    """fastvae.iwae, returning the bound with its terms (reconstruction, KL,
+    ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
+    _check_inputs(x, mu, logvar, decode, reduction)
+    check_likelihood(likelihood)
+    _validate.positive_int("k", k)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_real("alpha", alpha)
+
+    z, kl = sample_normal(mu, logvar, k, generator=generator)
+    reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,))
+    lw = reconstruction + latent_log_ratio(z, mu, logvar, stop_score=estimator != "iwae")
+    if estimator == "dreg":
+        _dreg_z_scale(z, lw, alpha)
+    bound = _bound(lw, alpha)
+    with torch.no_grad():
+        ess = effective_sample_size(lw.detach(), 0)
+    return IWAETerms(
+        _reduce(bound, reduction), _reduce(reconstruction.mean(0), reduction),
+        _reduce(kl, reduction), _reduce(ess, reduction), lw,
+    )
+
+
+def iwae(
+    x: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    decode: Callable[[Tensor], Any],
+    *,
+    k: int = 5,
+    likelihood: str = "gaussian",
+    estimator: str = "iwae",
+    alpha: float = 0.0,
+    reduction: str = "mean",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The importance-weighted bound log (1/k) sum_k w_k (Burda et al. 2015),
+    log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q(z|x).
+
+    Higher is better: train with ``loss = -fastvae.iwae(...)``.
+
+    Args:
+        x, mu, logvar, decode, likelihood, reduction, generator: as fastvae.elbo;
+            decode gets z of shape (k, B, L) and runs once per call.
+        k: importance samples per example (>= 1; k = 1 is the Monte Carlo ELBO).
+        estimator: the gradient estimator; all three return the same value for
+            the same seed.
+            "iwae": plain reparameterization gradients.
+            "dreg": doubly reparameterized (Tucker et al. 2018): the encoder
+                gradient weights each sample's path derivative by w~_k^2 (for
+                alpha != 0 by v_k (alpha + (1-alpha) v_k), v = softmax((1-alpha) lw))
+                and drops the score term; unbiased for the same expectation as
+                "iwae", with lower variance. The decoder gradient equals "iwae"'s.
+            "stl": sticking the landing (Roeder et al. 2017): the score term
+                is dropped and the path derivative weighted by w~_k. Unbiased at
+                k = 1; biased for k > 1 (Tucker et al. 2018), but low variance.
+        alpha: Renyi-alpha (variational Renyi) bound
+            logmeanexp((1-alpha) lw) / (1-alpha). alpha = 0 is IWAE; alpha -> 1
+            tends to the ELBO mean_k lw_k, and alpha = 1 returns exactly that.
+
+    Returns:
+        The bound, a scalar (or per-example for reduction="none").
+
+    All three estimators compile under torch.compile(fullgraph=True) ("dreg"'s
+    backward hook on z is traced by Dynamo; the compiled gradients equal the
+    eager ones). A generator must be created outside the compiled function.
+    For the terms as well (reconstruction, KL, ESS, log-weights), use
+    fastvae.iwae_terms.
+    """
+    return iwae_terms(
+        x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
+        alpha=alpha, reduction=reduction, generator=generator,
+    ).bound

@@ -1,0 +1,386 @@
+"""fastvae.elbo / fastvae.iwae against hand-written torch.distributions objectives
+in float64 with the same samples, per backend; their identities; the gradient
+estimators (DReG, STL) against independent references; validation; compile."""
+import math
+
+import pytest
+import torch
+import torch.distributions as D
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvae
+from conftest import INTERPRET
+from fastvae import reference
+from helpers import assert_close
+
+SEED_HIGH = 2**63 - 1
+
+
+def same_noise(seed, n_samples, shape):
+    """The eps fastvae draws with generator=torch.Generator().manual_seed(seed)."""
+    philox_seed = int(torch.randint(0, SEED_HIGH, (), generator=torch.Generator().manual_seed(seed)))
+    return reference.sample_noise(philox_seed, n_samples, torch.Size(shape), torch.float64, "cpu")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class Model(torch.nn.Module):
+    """A small decoder; encoder outputs are leaf tensors so their gradients are
+    the encoder gradients."""
+
+    def __init__(self, L, D_, likelihood, learned_var=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.likelihood, self.learned_var = likelihood, learned_var
+        self.lin = torch.nn.Linear(L, D_ * (2 if learned_var else 1)).double()
+
+    def forward(self, z):
+        out = torch.tanh(self.lin(z)) * 3
+        if self.learned_var:
+            mean, lv = out.chunk(2, -1)
+            return mean, lv
+        return out
+
+
+def ref_log_lik(model, x, z):
+    out = model(z)
+    if model.likelihood == "bernoulli":
+        return D.Bernoulli(logits=out).log_prob(x).sum(-1)
+    if model.learned_var:
+        mean, lv = out
+        return D.Normal(mean, torch.exp(lv / 2)).log_prob(x).sum(-1)
+    return D.Normal(out, 1.0).log_prob(x).sum(-1)
+
+
+def ref_log_weights(model, x, mu, logvar, eps, stop_score=False):
+    z = mu + torch.exp(logvar / 2) * eps
+    qm, qlv = (mu.detach(), logvar.detach()) if stop_score else (mu, logvar)
+    log_q = D.Normal(qm, torch.exp(qlv / 2)).log_prob(z).sum(-1)
+    log_p = D.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    return ref_log_lik(model, x, z) + log_p - log_q
+
+
+def ref_renyi(lw, alpha):
+    if alpha == 1:
+        return lw.mean(0)
+    K = lw.shape[0]
+    return (torch.logsumexp((1 - alpha) * lw, 0) - math.log(K)) / (1 - alpha)
+
+
+def make_problem(B, L, D_, likelihood, learned_var=False, seed=0, lv_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    if likelihood == "bernoulli":
+        x = (torch.rand(B, D_, generator=g, dtype=torch.float64) < 0.5).double()
+    else:
+        x = torch.randn(B, D_, generator=g, dtype=torch.float64)
+    mu = torch.randn(B, L, generator=g, dtype=torch.float64).requires_grad_()
+    logvar = (lv_scale * torch.randn(B, L, generator=g, dtype=torch.float64)).requires_grad_()
+    return x, mu, logvar, Model(L, D_, likelihood, learned_var, seed)
+
+
+def grads(value, mu, logvar, model):
+    params = [mu, logvar, *model.parameters()]
+    g = torch.autograd.grad(value, params)
+    return g[:2], g[2:]
+
+
+def check_all(name, actual, expected):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, e.abs() + 1.0, f"{name}[{i}]")
+
+
+problem_params = st.fixed_dictionaries(dict(
+    B=st.sampled_from([1, 3, 8]),
+    L=st.sampled_from([1, 2, 5]),
+    D_=st.sampled_from([1, 3, 17]),
+    likelihood=st.sampled_from(["gaussian", "bernoulli"]),
+    learned_var=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+))
+
+
+# -- values and gradients against torch.distributions -------------------------
+
+
+@given(p=problem_params, n_samples=st.sampled_from([1, 4]), beta=st.sampled_from([1.0, 0.25]),
+       reduction=st.sampled_from(["mean", "sum", "none"]))
+def test_elbo_matches_torch_distributions(backend, p, n_samples, beta, reduction):
+    learned = p["learned_var"] and p["likelihood"] == "gaussian"
+    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"])
+    out = fastvae.elbo_terms(x, mu, logvar, model, likelihood=p["likelihood"], beta=beta,
+                             n_samples=n_samples, reduction=reduction, generator=gen(p["seed"]))
+
+    eps = same_noise(p["seed"], n_samples, mu.shape)
+    rec = ref_log_lik(model, x, mu + torch.exp(logvar / 2) * eps).mean(0)
+    kl = D.kl_divergence(D.Normal(mu, torch.exp(logvar / 2)), D.Normal(0.0, 1.0)).sum(-1)
+    red = {"mean": torch.mean, "sum": torch.sum, "none": lambda t: t}[reduction]
+    expected = [red(rec - beta * kl), red(rec), red(kl)]
+    check_all("elbo_terms", list(out), expected)
+    if reduction == "none":
+        expected[0] = expected[0].sum()
+        out = out._replace(elbo=out.elbo.sum())
+    check_all("elbo grads", sum(grads(out.elbo, mu, logvar, model), ()),
+              sum(grads(expected[0], mu, logvar, model), ()))
+
+
+@given(p=problem_params, k=st.sampled_from([1, 2, 7]), alpha=st.sampled_from([0.0, 0.5, 1.0, -0.5]),
+       estimator=st.sampled_from(["iwae", "stl"]))
+def test_iwae_and_stl_match_torch_distributions(backend, p, k, alpha, estimator):
+    learned = p["learned_var"] and p["likelihood"] == "gaussian"
+    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"])
+    out = fastvae.iwae_terms(x, mu, logvar, model, k=k, likelihood=p["likelihood"], estimator=estimator,
+                             alpha=alpha, reduction="sum", generator=gen(p["seed"]))
+
+    eps = same_noise(p["seed"], k, mu.shape)
+    lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=estimator == "stl")
+    bound = ref_renyi(lw, alpha).sum()
+    z = mu + torch.exp(logvar / 2) * eps
+    w = torch.softmax(lw, 0)
+    kl = D.kl_divergence(D.Normal(mu, torch.exp(logvar / 2)), D.Normal(0.0, 1.0)).sum(-1)
+    check_all("iwae_terms", [out.bound, out.reconstruction, out.kl, out.ess, out.log_weights],
+              [bound, ref_log_lik(model, x, z).mean(0).sum(), kl.sum(), (1 / (w**2).sum(0)).sum(), lw])
+    check_all(f"{estimator} grads", sum(grads(out.bound, mu, logvar, model), ()),
+              sum(grads(bound, mu, logvar, model), ()))
+
+
+@given(p=problem_params, k=st.sampled_from([1, 3, 8]), alpha=st.sampled_from([0.0, 0.5, -1.0, 1.0]))
+def test_dreg_matches_explicit_formula_and_hooked_reference(backend, p, k, alpha):
+    """Encoder: sum_k c_k dlw_k/dz_k dz_k/dphi with c = v (alpha + (1 - alpha) v),
+    v = softmax((1 - alpha) lw) (w~^2 at alpha = 0, Tucker et al. 2018), built
+    without hooks; and the same from a reference with a hook on z. Decoder:
+    the IWAE gradient."""
+    learned = p["learned_var"] and p["likelihood"] == "gaussian"
+    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"])
+    out = fastvae.iwae(x, mu, logvar, model, k=k, likelihood=p["likelihood"], estimator="dreg",
+                       alpha=alpha, reduction="sum", generator=gen(p["seed"]))
+    (dmu, dlv), ddec = grads(out, mu, logvar, model)
+
+    eps = same_noise(p["seed"], k, mu.shape)
+    lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=True)
+    v = torch.softmax((1 - alpha) * lw, 0).detach()
+    surrogate = ((v * (alpha + (1 - alpha) * v)) * lw).sum()
+    (emu, elv), _ = grads(surrogate, mu, logvar, model)
+    lw_full = ref_log_weights(model, x, mu, logvar, eps)
+    _, edec = grads(ref_renyi(lw_full, alpha).sum(), mu, logvar, model)
+    assert_close(out, ref_renyi(lw_full, alpha).sum(), lw_full.abs().sum() + 1, "dreg value")
+    check_all("dreg encoder", [dmu, dlv], [emu, elv])
+    check_all("dreg decoder", ddec, edec)
+
+    # the reference the issue names: the IWAE objective with a hook on z
+    z = mu + torch.exp(logvar / 2) * eps
+    lw_h = ref_log_lik(model, x, z) + D.Normal(0.0, 1.0).log_prob(z).sum(-1) \
+        - D.Normal(mu.detach(), torch.exp(logvar.detach() / 2)).log_prob(z).sum(-1)
+    z.register_hook(lambda g: g * (alpha + (1 - alpha) * v).unsqueeze(-1))
+    (hmu, hlv), _ = grads(ref_renyi(lw_h, alpha).sum(), mu, logvar, model)
+    check_all("dreg vs hooked reference", [dmu, dlv], [hmu, hlv])
+
+
+# -- identities ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_iwae_k1_is_the_monte_carlo_elbo(backend, likelihood):
+    x, mu, logvar, model = make_problem(5, 3, 6, likelihood, seed=1)
+    bound = fastvae.iwae(x, mu, logvar, model, k=1, likelihood=likelihood, reduction="none", generator=gen(9))
+    eps = same_noise(9, 1, mu.shape)
+    mc_elbo = ref_log_weights(model, x, mu, logvar, eps)[0]
+    assert_close(bound, mc_elbo, mc_elbo.abs() + 1, "k=1")
+    # all three estimators return the same value for the same seed
+    for est in ("dreg", "stl"):
+        other = fastvae.iwae(x, mu, logvar, model, k=1, likelihood=likelihood, estimator=est,
+                             reduction="none", generator=gen(9))
+        assert torch.equal(other, bound)
+
+
+def test_renyi_alpha_limits(backend):
+    x, mu, logvar, model = make_problem(4, 3, 5, "gaussian", seed=2)
+    kw = dict(k=6, reduction="none")
+    iwae = fastvae.iwae(x, mu, logvar, model, generator=gen(3), **kw)
+    assert torch.equal(fastvae.iwae(x, mu, logvar, model, alpha=0.0, generator=gen(3), **kw), iwae)
+    lw = fastvae.iwae_terms(x, mu, logvar, model, generator=gen(3), **kw).log_weights
+    at_one = fastvae.iwae(x, mu, logvar, model, alpha=1.0, generator=gen(3), **kw)
+    near_one = fastvae.iwae(x, mu, logvar, model, alpha=1 - 1e-7, generator=gen(3), **kw)
+    assert torch.equal(at_one, lw.mean(0))
+    assert torch.allclose(near_one, at_one, rtol=0, atol=1e-5 * (1 + lw.var(0).max().item()))
+    # monotone in alpha: the Renyi bound decreases as alpha grows
+    a = [fastvae.iwae(x, mu, logvar, model, alpha=al, generator=gen(3), **kw) for al in (-1.0, 0.0, 0.5, 1.0)]
+    for hi, lo in zip(a, a[1:]):
+        assert (hi >= lo - 1e-12).all()
+
+
+def test_iwae_bound_does_not_decrease_with_k_on_average():
+    x, mu, logvar, model = make_problem(2000, 2, 4, "gaussian", seed=3, lv_scale=0.5)
+    with torch.no_grad():
+        means = [fastvae.iwae(x, mu, logvar, model, k=k, generator=gen(k)).item() for k in (1, 4, 32)]
+    assert means[0] < means[1] < means[2], means
+
+
+def test_decoder_gradient_of_iwae_and_dreg_agree(backend):
+    x, mu, logvar, model = make_problem(6, 3, 5, "bernoulli", seed=4)
+    _, a = grads(fastvae.iwae(x, mu, logvar, model, k=5, likelihood="bernoulli", generator=gen(1)), mu, logvar, model)
+    _, b = grads(fastvae.iwae(x, mu, logvar, model, k=5, likelihood="bernoulli", estimator="dreg",
+                              generator=gen(1)), mu, logvar, model)
+    for u, w in zip(a, b):
+        assert torch.equal(u, w)
+
+
+# -- estimator statistics ---------------------------------------------------------
+
+
+def _encoder_gradients(estimator, k, n):
+    """n independent estimates of d bound / d (mu, logvar) for one fixed x:
+    rows of leaf encoder outputs, one per replicate (reduction="sum" keeps
+    them separate)."""
+    torch.manual_seed(0)
+    model = Model(2, 4, "gaussian", seed=5)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.3]], dtype=torch.float64).expand(n, 4)
+    mu = torch.tensor([[0.3, -0.2]], dtype=torch.float64).repeat(n, 1).requires_grad_()
+    logvar = torch.tensor([[-0.5, 0.4]], dtype=torch.float64).repeat(n, 1).requires_grad_()
+    bound = fastvae.iwae(x, mu, logvar, model, k=k, estimator=estimator, reduction="sum", generator=gen(77))
+    dmu, dlv = torch.autograd.grad(bound, [mu, logvar])
+    return torch.cat([dmu, dlv], 1)  # (n, 4)
+
+
+@pytest.mark.parametrize("k", [1, 8])
+def test_dreg_is_unbiased_with_lower_variance(k):
+    n = 20000
+    g_iwae, g_dreg, g_stl = (_encoder_gradients(e, k, n) for e in ("iwae", "dreg", "stl"))
+    # paired difference (same seed, same samples): zero mean within 4.5 standard errors
+    diff = g_iwae - g_dreg
+    z = diff.mean(0) / (diff.std(0) / math.sqrt(n))
+    assert (z.abs() < 4.5).all(), z
+    assert (g_dreg.var(0) < g_iwae.var(0)).all()
+    if k == 1:  # STL equals DReG at k = 1 (unbiased for the ELBO)
+        torch.testing.assert_close(g_stl, g_dreg, rtol=1e-10, atol=1e-12)
+
+
+# -- free bits, reductions, decoders ----------------------------------------------
+
+
+def test_free_bits_floor_per_dimension_then_beta(backend):
+    x, mu, logvar, model = make_problem(6, 4, 5, "gaussian", seed=6)
+    with torch.no_grad():
+        mu[:, 0] *= 0.01  # dimension 0: KL far below the floor
+        logvar[:, 0] *= 0.01
+        mu[:, 1] += 3.0  # dimension 1: far above
+    lam, beta = 0.2, 0.5
+    out = fastvae.elbo_terms(x, mu, logvar, model, free_bits=lam, beta=beta, generator=gen(2))
+    per_dim = 0.5 * (logvar.exp() + mu**2 - 1 - logvar)
+    kl_fb = torch.clamp(per_dim.mean(0), min=lam).sum()
+    assert_close(out.kl, kl_fb, per_dim.abs().sum() + 1, "free-bits kl")
+    assert_close(out.elbo, out.reconstruction - beta * kl_fb, out.reconstruction.abs() + kl_fb + 1, "elbo")
+    # per-example values average to the same bound; floored dimensions get no KL gradient
+    none = fastvae.elbo_terms(x, mu, logvar, model, free_bits=lam, beta=beta, reduction="none", generator=gen(2))
+    assert_close(none.kl.mean(), out.kl, out.kl.abs() + 1, "none vs mean")
+    dmu, dlv = torch.autograd.grad(out.kl, [mu, logvar])
+    assert (per_dim.mean(0)[0] < lam) and (per_dim.mean(0)[1] > lam)
+    assert torch.all(dmu[:, 0] == 0) and torch.all(dlv[:, 0] == 0)
+    assert torch.all(dmu[:, 1] != 0)
+
+
+def test_conditional_decoder_closing_over_labels(backend):
+    """A conditional VAE needs nothing special: decode closes over the labels."""
+    x, mu, logvar, _ = make_problem(6, 3, 5, "gaussian", seed=7)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    dec = torch.nn.Linear(3 + 3, 5).double()
+    onehot = torch.nn.functional.one_hot(labels, 3).double()
+
+    def decode(z):  # z: (B, L) or (k, B, L)
+        return dec(torch.cat([z, onehot.expand(*z.shape[:-1], 3)], -1))
+
+    for value in (fastvae.elbo(x, mu, logvar, decode, n_samples=3, generator=gen(1)),
+                  fastvae.iwae(x, mu, logvar, decode, k=4, generator=gen(1))):
+        assert torch.isfinite(value)
+        gw = torch.autograd.grad(value, dec.weight)[0]
+        assert torch.isfinite(gw).all() and gw[:, 3:].abs().sum() > 0  # the labels reach the loss
+
+
+def test_all_neg_inf_log_weights_give_neg_inf_and_no_nan_gradient(backend):
+    """A decoder that puts zero probability on x (Bernoulli logits of -inf on a 1)."""
+    x = torch.ones(2, 3, dtype=torch.float64)
+    mu = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
+    logvar = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
+    decode = lambda z: torch.full((*z.shape[:-1], 3), -math.inf, dtype=torch.float64) + 0 * z.sum(-1, keepdim=True)
+    for est in ("iwae", "dreg", "stl"):
+        b = fastvae.iwae(x, mu, logvar, decode, k=3, likelihood="bernoulli", estimator=est,
+                         reduction="none", generator=gen(1))
+        assert torch.all(b == -math.inf)
+
+
+# -- validation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(likelihood="poisson"), ValueError, "likelihood"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(n_samples=0), ValueError, "n_samples"),
+    (dict(beta=-1.0), ValueError, "beta"),
+    (dict(free_bits=float("nan")), ValueError, "free_bits"),
+])
+def test_elbo_validation(kwargs, err, match):
+    x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
+    with pytest.raises(err, match=match):
+        fastvae.elbo(x, mu, logvar, model, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(k=0), ValueError, "k must be >= 1"),
+    (dict(k=2.0), TypeError, "k must be an int"),
+    (dict(estimator="vimco"), ValueError, "estimator"),
+    (dict(alpha=float("inf")), ValueError, "alpha"),
+])
+def test_iwae_validation(kwargs, err, match):
+    x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
+    with pytest.raises(err, match=match):
+        fastvae.iwae(x, mu, logvar, model, **kwargs)
+
+
+def test_shape_errors_name_the_argument():
+    x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
+    with pytest.raises(ValueError, match="x and mu must share their batch shape"):
+        fastvae.elbo(x[:2], mu, logvar, model)
+    with pytest.raises(ValueError, match="shape mismatch: mu .* logvar"):
+        fastvae.iwae(x, mu, logvar[:, :1], model)
+    with pytest.raises(ValueError, match=r"decode returned a mean of shape \(4, 3, 5\); expected \(4, 3, 4\)"):
+        fastvae.iwae(x, mu, logvar, lambda z: torch.zeros(*z.shape[:-1], 5, dtype=z.dtype), k=4)
+    with pytest.raises(ValueError, match="logits of shape"):
+        fastvae.elbo(x, mu, logvar, lambda z: z, likelihood="bernoulli")
+    with pytest.raises(ValueError, match=r"\(mean, logvar\) pair"):
+        fastvae.elbo(x, mu, logvar, lambda z: (model(z), model(z), model(z)))
+    with pytest.raises(TypeError, match="decode must be callable"):
+        fastvae.elbo(x, mu, logvar, "decoder")
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        fastvae.elbo(x.float(), mu, logvar, model)
+
+
+# -- torch.compile -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRET, reason="compile tests run in the main process (cpp backend)")
+@pytest.mark.parametrize("estimator", ["iwae", "dreg", "stl"])
+def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimator):
+    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    enc, dec = torch.nn.Linear(12, 6), torch.nn.Linear(3, 12)
+    x = torch.randn(8, 12)
+    params = [*enc.parameters(), *dec.parameters()]
+
+    def loss(x):
+        mu, logvar = enc(x).chunk(2, -1)
+        return -(fastvae.elbo(x, mu, logvar, dec, beta=0.5, free_bits=0.1)
+                 + fastvae.iwae(x, mu, logvar, dec, k=4, estimator=estimator)
+                 + fastvae.iwae(torch.sigmoid(x), mu, logvar, dec, k=3, likelihood="bernoulli", alpha=0.5))
+
+    torch.manual_seed(5)
+    eager = loss(x)
+    eager_grads = torch.autograd.grad(eager, params)
+    torch.manual_seed(5)
+    compiled = torch.compile(loss, fullgraph=True)(x)
+    compiled_grads = torch.autograd.grad(compiled, params)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
