@@ -255,6 +255,10 @@ def test_dreg_is_unbiased_with_lower_variance(k):
     assert (g_dreg.var(0) < g_iwae.var(0)).all()
     if k == 1:  # STL equals DReG at k = 1 (unbiased for the ELBO)
         torch.testing.assert_close(g_stl, g_dreg, rtol=1e-10, atol=1e-12)
+    else:  # ... and is biased for k > 1 (Tucker et al. 2018), as documented
+        diff = g_iwae - g_stl
+        z = diff.mean(0) / (diff.std(0) / math.sqrt(n))
+        assert (z.abs() > 20).any(), z
 
 
 # -- free bits, reductions, decoders ----------------------------------------------

@@ -1,0 +1,31 @@
+"""The examples run (small settings) and do what they say."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import INTERPRET
+
+pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process test")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conditional_vae_trains(monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    bound = load("conditional_vae").main(epochs=3)
+    assert -40 < bound < 0  # nats per 8x8 digit after 3 epochs (the untrained model is near -45)
+    assert capsys.readouterr().out.count("\n") >= 8  # the 8 rows of sampled digits
+
+
+def test_estimator_snr_shape_of_the_table():
+    snr = load("estimator_snr")
+    g = snr.encoder_gradients("dreg", 10, 200)
+    assert g.shape == (200, 4) and g.isfinite().all()
