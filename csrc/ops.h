@@ -22,9 +22,15 @@
 
 namespace fastvae {
 
-// Fill out[i] = randn(seed, offset0 + i) for i < n (the tl.randn stream).
-void randn_fill(uint64_t seed, uint64_t offset0, int64_t n, float* out);
-void randn_fill(uint64_t seed, uint64_t offset0, int64_t n, double* out);
+// The tl.randn stream read as a (rows, cols) block with a row stride:
+// out[r * cols + c] = randn(seed, offset0 + r * row_stride + c). A 1-d fill is
+// rows = 1; the evaluation noise (one row per example, its samples' counters
+// contiguous) is a block with row_stride = K * L. Callers check that the last
+// offset fits in int64, as Triton's offsets do.
+void randn_fill(uint64_t seed, uint64_t offset0, int64_t rows, int64_t cols,
+                uint64_t row_stride, float* out, int n_threads);
+void randn_fill(uint64_t seed, uint64_t offset0, int64_t rows, int64_t cols,
+                uint64_t row_stride, double* out, int n_threads);
 // The two float32 uniforms behind each normal, for bit-exactness tests.
 void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* u2);
 

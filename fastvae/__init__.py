@@ -19,10 +19,24 @@ Objectives (fastvae/objectives.py), higher is better:
 - iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator)
 - elbo_terms(...) -> ELBOTerms, iwae_terms(...) -> IWAETerms: the bound and its terms
 
+Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
+
+- log_likelihood(x, encode, decode, *, k=5000, likelihood, chunk_size, generator,
+  progress, return_stats, memory_budget, shard, group) -> (B,) or LogLikelihoodStats
+- evaluate(data, encode, decode, *, k=5000, ...) -> EvaluationResult
+- reconstruction_probability(x, encode, decode, *, n_samples=100, ...): the anomaly score
+
 backend_info(device) reports which backend serves each op.
 """
 from ._backend import backend_info
 from .bernoulli_log_prob import bernoulli_log_prob
+from .evaluation import (
+    EvaluationResult,
+    LogLikelihoodStats,
+    evaluate,
+    log_likelihood,
+    reconstruction_probability,
+)
 from .gaussian_log_prob import gaussian_log_prob
 from .kl_normal import kl_normal
 from .latent_log_ratio import latent_log_ratio
@@ -60,5 +74,10 @@ __all__ = [
     "iwae",
     "iwae_terms",
     "IWAETerms",
+    "log_likelihood",
+    "evaluate",
+    "reconstruction_probability",
+    "LogLikelihoodStats",
+    "EvaluationResult",
 ]
 __version__ = "0.1.0"

@@ -83,6 +83,17 @@ def philox_randn(seed: int, offsets: Tensor, dtype: torch.dtype = torch.float64)
     return eps.to(dtype)
 
 
+def randn_fill(seed: int, offset0: int, out: Tensor, row_stride: int | None = None) -> None:
+    """out (n,) <- the normals at offsets offset0 + i; out (rows, cols) <- the
+    normals at offset0 + r * row_stride + c (row_stride defaulting to cols)."""
+    rows, cols = (1, out.shape[0]) if out.dim() == 1 else out.shape
+    stride = cols if row_stride is None else row_stride
+    r = torch.arange(rows, dtype=torch.int64, device=out.device)
+    c = torch.arange(cols, dtype=torch.int64, device=out.device)
+    offsets = offset0 + r[:, None] * stride + c
+    out.copy_(philox_randn(seed, offsets, out.dtype).reshape(out.shape))
+
+
 def sample_noise(seed: int, n_samples: int, shape: torch.Size, dtype, device) -> Tensor:
     """eps of shape (n_samples, *shape): element (k, i) uses offset k * numel + i."""
     numel = math.prod(shape)

@@ -44,16 +44,21 @@ def _uniform_kernel(
 @triton.jit
 def _randn_kernel(
     seed_ptr,  # (): int64
-    out_ptr,  # (n,): float32 or float64
-    offset0,
-    n,
+    out_ptr,  # (rows, cols): float32 or float64, contiguous
+    offset0,  # Philox offset of out[0, 0]
+    cols,
+    row_stride,  # Philox offsets between the starts of consecutive rows
+    col_blocks,  # cdiv(cols, BLOCK)
     BLOCK: tl.constexpr,
 ):
+    # One program per (row, block of columns): a 1-d grid, because grid
+    # dimensions 1 and 2 are capped at 65535 on CUDA and rows can exceed that.
     pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < n
-    eps = randn(tl.load(seed_ptr), offset0 + idx, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + idx, eps, mask=mask)
+    row = pid // col_blocks
+    col = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < cols
+    eps = randn(tl.load(seed_ptr), offset0 + row * row_stride + col, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * cols + col, eps, mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -66,8 +71,14 @@ def uniform_fill(seed, offset0: int, u1, u2) -> None:
     _uniform_kernel[(triton.cdiv(n, BLOCK),)](seed, u1, u2, offset0, n, BLOCK=BLOCK)
 
 
-def randn_fill(seed, offset0: int, out) -> None:
-    """out (n,) <- randn(seed, offset0 + i)."""
-    n = out.numel()
+def randn_fill(seed, offset0: int, out, row_stride: int | None = None) -> None:
+    """out (n,) <- randn(seed, offset0 + i); out (rows, cols) <- randn(seed,
+    offset0 + r * row_stride + c), row_stride defaulting to cols. out is contiguous."""
+    rows, cols = (1, out.shape[0]) if out.dim() == 1 else out.shape
+    if row_stride is None:
+        row_stride = cols
     BLOCK = 1024
-    _randn_kernel[(triton.cdiv(n, BLOCK),)](seed, out, offset0, n, BLOCK=BLOCK)
+    col_blocks = triton.cdiv(cols, BLOCK)
+    if rows * col_blocks == 0:
+        return
+    _randn_kernel[(rows * col_blocks,)](seed, out, offset0, cols, row_stride, col_blocks, BLOCK=BLOCK)

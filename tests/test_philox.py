@@ -77,3 +77,74 @@ def test_triton_helper_is_tl_randn():
     kernel[(3,)](seed_tensor(seed, "cpu"), expected, offset0, n, BLOCK=1024)
     _, _, eps = fill(seed, offset0, n)
     assert torch.equal(eps, expected)
+
+
+# -- the strided fill: out[r, c] = randn(seed, offset0 + r * row_stride + c) ------
+
+
+def fill_strided(seed, offset0, out, row_stride):
+    """The backend under test's 2-d fill (cpp here, with 2 threads; triton in the interpreter process)."""
+    if INTERPRET:
+        from fastvae.kernels import philox
+
+        philox.randn_fill(seed_tensor(seed, "cpu"), offset0, out, row_stride)
+    else:
+        from fastvae import _C
+
+        _C.randn_fill(seed, offset0, out.numpy(), row_stride, 2)
+    return out
+
+
+@given(seed=seeds, offset0=offsets, rows=st.integers(1, 6), cols=st.integers(1, 1100),
+       stride=st.one_of(st.integers(0, 5000), st.just(2**33 + 1)), f64=st.booleans())
+def test_strided_fill_matches_reference(seed, offset0, rows, cols, stride, f64):
+    """Rows of any stride (overlapping, gapped, past 2**32) against the reference at the same offsets."""
+    dtype = torch.float64 if f64 else torch.float32
+    out = fill_strided(seed, offset0, torch.full((rows, cols), float("nan"), dtype=dtype), stride)
+    expected = torch.empty(rows, cols, dtype=torch.float64)
+    reference.randn_fill(seed, offset0, expected, stride)
+    offs = offset0 + torch.arange(rows)[:, None] * stride + torch.arange(cols)
+    assert torch.equal(expected, reference.philox_randn(seed, offs))
+    assert not out.isnan().any()
+    if f64:
+        assert torch.allclose(out, expected, rtol=1e-13, atol=1e-13)
+    else:
+        assert ((out.double() - expected).abs() <= 2e-6 * expected.abs() + 1e-6).all()
+
+
+@given(seed=seeds, offset0=st.integers(0, 2**40), rows=st.integers(1, 5), cols=st.integers(1, 700))
+def test_contiguous_strided_fill_is_the_1d_fill(seed, offset0, rows, cols):
+    """row_stride = cols (also the default) reads the 1-d stream: bit for bit, same backend."""
+    flat = fill(seed, offset0, rows * cols)[2]
+    block = fill_strided(seed, offset0, torch.empty(rows, cols), cols)
+    assert torch.equal(block.flatten(), flat)
+    default = fill_strided(seed, offset0, torch.empty(rows, cols), None)
+    assert torch.equal(default, block)
+
+
+@pytest.mark.skipif(INTERPRET, reason="checks the C++ binding")
+def test_cpp_fill_threads_and_bounds():
+    from fastvae import _C
+
+    one, many = torch.empty(37, 1500), torch.empty(37, 1500)
+    _C.randn_fill(5, 3, one.numpy(), 4000, 1)
+    _C.randn_fill(5, 3, many.numpy(), 4000, 2)
+    assert torch.equal(one, many)
+    with pytest.raises(ValueError, match="2-d out only"):
+        _C.randn_fill(5, 0, torch.empty(4).numpy(), 4)
+    with pytest.raises(ValueError, match="row_stride must be >= 0"):
+        _C.randn_fill(5, 0, torch.empty(2, 4).numpy(), -1)
+    with pytest.raises(ValueError, match="exceeds 2\\*\\*63 - 1"):
+        _C.randn_fill(5, 2**63 - 7, torch.empty(2, 4).numpy(), 4)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.randn_fill(5, 0, torch.empty(4, 2).t().numpy(), 4)
+    with pytest.raises(ValueError, match="1-d .* or 2-d"):
+        _C.randn_fill(5, 0, torch.empty(2, 2, 2).numpy())
+    with pytest.raises(TypeError, match="float32 and float64"):
+        _C.randn_fill(5, 0, torch.empty(2, 4, dtype=torch.float16).numpy())
+    with pytest.raises(ValueError, match="n_threads"):
+        _C.randn_fill(5, 0, torch.empty(2, 4).numpy(), None, 0)
+    # the largest offset that fits is accepted, and is the reference's value there
+    out = torch.empty(1, 1, dtype=torch.float64)
+    _C.randn_fill(5, 2**63 - 1, out.numpy(), 0)
+    assert torch.allclose(out[0], reference.philox_randn(5, torch.tensor([2**63 - 1])), rtol=1e-13, atol=0)

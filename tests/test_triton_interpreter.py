@@ -26,6 +26,7 @@ OP_TESTS = [
     "test_latent_log_ratio.py",
     "test_gaussian_log_prob.py",
     "test_bernoulli_log_prob.py",
+    "test_evaluation.py",
 ]
 
 

@@ -1,0 +1,503 @@
+"""Large-K evaluation of a VAE: the importance-sampled log-likelihood
+(Burda et al. 2015), its dataset mean, and the reconstruction probability
+(the anomaly score of An & Cho 2015).
+
+For each example x with encoder output q(z|x) = N(mu, diag(exp(logvar))):
+
+    log p̂(x) = log (1/K) Σ_k w_k,  w_k = p(x|z_k) p(z_k) / q(z_k|x),  z_k ~ q(z|x)
+
+K is streamed in chunks: a chunk's K_c samples of n examples are decoded in
+one batched call, z (K_c, n, L) -> decode -> (K_c, n, D), and its log-weights
+are folded into the running (max, sumexp) states of fastvae.logmeanexp_state
+(one for w and one for w², which gives the standard error and the ESS), so
+memory is bounded by one chunk whatever K is. The noise of sample k of the
+example with global index g sits at Philox offset g·K·L + k·L + l
+(fastvae/_noise.py), so the result does not depend on the chunk size, on how
+a dataset is cut into batches, or on how many processes share the work: only
+on the seed. When torch.distributed is initialized, every rank passes the same
+data and the examples (or the samples) are split over the ranks; the merged
+result equals the single-process one. See docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _validate
+from ._decoder import check_likelihood, decoder_log_prob
+from ._noise import evaluation_noise
+from .latent_log_ratio import latent_log_ratio
+from .logmeanexp import (
+    LogMeanExpState,
+    all_reduce_logmeanexp_state,
+    logmeanexp_from_state,
+    logmeanexp_state,
+    merge_logmeanexp_states,
+)
+from .sample_normal import draw_seed
+
+# Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
+# the K = 5000, B = 256, D = 784 evaluation at ~30 chunks of ~160 samples, big
+# enough that the decoder's matrix products run at full speed.
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+SHARDS = ("examples", "samples", None)
+
+
+class LogLikelihoodStats(NamedTuple):
+    """Per-example results of ``return_stats=True``, each of shape (B,).
+
+    log_likelihood: the estimate log p̂(x) (or the reconstruction probability).
+    stderr: delta-method standard error of that log estimate from the spread of
+        the K importance weights, sqrt(s²_w / K) / mean(w) with s²_w the
+        unbiased sample variance: ≈ sqrt(1/ESS − 1/K). NaN for K = 1 (one
+        sample says nothing about its spread).
+    ess: effective sample size (Σw)² / Σw², in [1, K]; 0 when every weight is 0.
+    """
+    log_likelihood: Tensor
+    stderr: Tensor
+    ess: Tensor
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What :func:`evaluate` returns (floats in nats unless said otherwise).
+
+    log_likelihood: mean of log p̂(x) over the dataset.
+    stderr: its standard error across examples, std / sqrt(N) (NaN for N = 1).
+    nll: −log_likelihood.
+    bits_per_dim: nll / (D · ln 2), with no dequantization offset.
+    mc_stderr: the part of the uncertainty due to the finite K alone,
+        sqrt(Σ stderr_b²) / N from the per-example standard errors.
+    n_examples, dim, k: N, D and the K used.
+    per_example: the (N,) estimates log p̂(x_b), in data order.
+    """
+    log_likelihood: float
+    stderr: float
+    nll: float
+    bits_per_dim: float
+    mc_stderr: float
+    n_examples: int
+    dim: int
+    k: int
+    per_example: Tensor
+
+
+@dataclass(frozen=True)
+class _Config:
+    k: int
+    likelihood: str
+    with_ratio: bool  # log w includes log p(z) − log q(z|x) (False: reconstruction probability)
+    chunk_size: int | None
+    memory_budget: int
+    shard: str | None
+    group: Any
+
+
+# -- argument checks -------------------------------------------------------------
+
+
+def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, group, with_ratio) -> _Config:
+    _validate.positive_int(k_name, k)
+    check_likelihood(likelihood)
+    if chunk_size is not None:
+        _validate.positive_int("chunk_size", chunk_size)
+    if memory_budget is None:
+        memory_budget = DEFAULT_MEMORY_BUDGET
+    _validate.positive_int("memory_budget", memory_budget)
+    if shard not in SHARDS:
+        raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
+    return _Config(k, likelihood, with_ratio, chunk_size, memory_budget, shard, group)
+
+
+def _check_x(x: Any, what: str = "x") -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2:
+        raise ValueError(f"{what} must have shape (B, D) (flatten images first), got {tuple(x.shape)}")
+
+
+def _encode(encode: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
+    out = encode(x)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"encode(x) must return a (mu, logvar) pair, got {type(out).__name__}"
+                        + (f" of {len(out)} items" if isinstance(out, (tuple, list)) else ""))
+    mu, logvar = out
+    _validate.float_tensors(mu=mu, logvar=logvar)
+    _validate.same_shape(mu=mu, logvar=logvar)
+    if mu.dim() != 2 or mu.shape[0] != x.shape[0] or mu.shape[1] < 1:
+        raise ValueError(f"encode(x) returned mu of shape {tuple(mu.shape)}; expected (B, L) with "
+                         f"B = {x.shape[0]} for x of shape {tuple(x.shape)}")
+    if mu.dtype != x.dtype or mu.device != x.device:
+        raise TypeError(f"encode(x) returned {mu.dtype} on {mu.device}; x is {x.dtype} on {x.device}")
+    return mu, logvar
+
+
+# -- the chunk loop ---------------------------------------------------------------
+
+
+def _chunk_plan(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int) -> tuple[int, int]:
+    """(samples per chunk, examples per block). With chunk_size=None the chunk
+    is the largest that keeps K_c · n · (2D + 3L) · itemsize bytes within the
+    memory budget: D for the decoder output and D more for its intermediate
+    activations and the likelihood's temporaries, 3L for eps, the scale and z.
+    If even one sample of every example is too much, the examples are split."""
+    if cfg.chunk_size is not None:
+        return max(1, min(cfg.chunk_size, k_count)), max(n, 1)
+    per = itemsize * (2 * D + 3 * L)
+    kc = max(1, min(k_count, cfg.memory_budget // max(1, per * n)))
+    nb = max(1, min(n, cfg.memory_budget // (per * kc)))
+    return kc, nb
+
+
+def _empty_state(n: int, count: int, like: Tensor) -> LogMeanExpState:
+    """The state of no examples (n = 0) or of no samples (count = 0, a rank
+    whose share of K is empty): (-inf, 0), which merges as nothing."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return LogMeanExpState(torch.full((n,), float("-inf"), dtype=dtype, device=like.device),
+                           torch.zeros((n,), dtype=dtype, device=like.device), count)
+
+
+def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Config, seed: Tensor,
+            g0: int, k0: int, k1: int, bar) -> tuple[LogMeanExpState, LogMeanExpState]:
+    """States of log w and of 2 log w over samples [k0, k1) of K for the n
+    local examples, whose global indices start at g0."""
+    n, D = x.shape
+    L = mu.shape[1]
+    if k1 <= k0 or n == 0:
+        return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
+    kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size())
+    std = torch.exp(0.5 * logvar)
+    firsts, seconds = [], []
+    for b0 in range(0, n, nb):
+        b1 = min(n, b0 + nb)
+        xb, mb, lb, sb = x[b0:b1], mu[b0:b1], logvar[b0:b1], std[b0:b1]
+        run1 = run2 = None
+        for c0 in range(k0, k1, kc):
+            c1 = min(k1, c0 + kc)
+            eps = evaluation_noise(seed, first_example=g0 + b0, n_examples=b1 - b0, n_samples=cfg.k,
+                                   k0=c0, k1=c1, latent=L, dtype=mu.dtype, device=mu.device)
+            z = (mb + sb * eps).to(mu.dtype).contiguous()
+            lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,))
+            if cfg.with_ratio:
+                lw = lw + latent_log_ratio(z, mb, lb)
+            # 2 * lw of a half-precision model would overflow at |lw| > 32752
+            lw = lw if lw.dtype in (torch.float32, torch.float64) else lw.float()
+            s1, s2 = logmeanexp_state(lw), logmeanexp_state(2 * lw)
+            run1 = s1 if run1 is None else merge_logmeanexp_states(run1, s1)
+            run2 = s2 if run2 is None else merge_logmeanexp_states(run2, s2)
+            if bar is not None:
+                bar.update(1)
+        firsts.append(run1)
+        seconds.append(run2)
+
+    def cat(states):
+        return LogMeanExpState(torch.cat([s.max for s in states]), torch.cat([s.sumexp for s in states]), k1 - k0)
+
+    return cat(firsts), cat(seconds)
+
+
+def _n_steps(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int) -> int:
+    if n == 0 or k_count == 0:
+        return 0
+    kc, nb = _chunk_plan(cfg, n, k_count, D, L, itemsize)
+    return math.ceil(n / nb) * math.ceil(k_count / kc)
+
+
+def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int) -> LogLikelihoodStats:
+    """log p̂, its delta-method standard error and the ESS from the states of
+    log w and 2 log w: with r = mean(w²) / mean(w)² = K / ESS,
+    se(log p̂)² = s²_w / (K mean(w)²) = (r − 1) / (K − 1)."""
+    lme1, lme2 = logmeanexp_from_state(st1), logmeanexp_from_state(st2)
+    zero = lme1 == float("-inf")
+    ratio = torch.exp(torch.where(zero, 0.0, lme2 - 2 * lme1))
+    ess = torch.where(zero, 0.0, K / ratio)
+    if K > 1:
+        stderr = torch.sqrt(torch.clamp_min(ratio - 1, 0.0) / (K - 1))
+        stderr = torch.where(zero, float("nan"), stderr)
+    else:
+        stderr = torch.full_like(lme1, float("nan"))
+    return LogLikelihoodStats(lme1, stderr, ess)
+
+
+# -- torch.distributed --------------------------------------------------------------
+
+
+def _distributed(cfg: _Config) -> tuple[int, int] | None:
+    """(rank, world size) of the group when the work is to be sharded, else None."""
+    if cfg.shard is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size(cfg.group)
+    return None if world == 1 else (dist.get_rank(cfg.group), world)
+
+
+def _collective_device(group) -> torch.device:
+    import torch.distributed as dist
+
+    # NCCL moves CUDA tensors only; gloo and the others take CPU tensors.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _split(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous, balanced share of rank: sizes differ by at most one."""
+    return total * rank // world, total * (rank + 1) // world
+
+
+def _shared_seed(device: torch.device, generator, cfg: _Config) -> Tensor:
+    """One seed per call; under sharding rank 0's, so every rank draws from the
+    same stream (each rank's generator still advances, as without sharding)."""
+    seed = draw_seed(device, generator)
+    if _distributed(cfg) is None:
+        return seed
+    import torch.distributed as dist
+
+    src = 0 if cfg.group is None else dist.get_global_rank(cfg.group, 0)
+    shared = seed.to(_collective_device(cfg.group))
+    dist.broadcast(shared, src=src, group=cfg.group)
+    return shared.to(device)
+
+
+def _all_reduce_states(st1, st2, cfg: _Config):
+    dev = _collective_device(cfg.group)
+    out = []
+    for st in (st1, st2):
+        local = LogMeanExpState(st.max.to(dev), st.sumexp.to(dev), st.count)
+        merged = all_reduce_logmeanexp_state(local, group=cfg.group)
+        out.append(LogMeanExpState(merged.max.to(st.max.device), merged.sumexp.to(st.max.device), cfg.k))
+    return out
+
+
+def _all_gather_examples(stats: LogLikelihoodStats, B: int, world: int, cfg: _Config) -> LogLikelihoodStats:
+    """Each rank's stats of its slice of the batch -> the stats of the whole batch
+    on every rank. Slices are padded to one size, since all_gather wants it."""
+    import torch.distributed as dist
+
+    dev, out_dev = _collective_device(cfg.group), stats.log_likelihood.device
+    width = math.ceil(B / world)
+    local = torch.stack(tuple(stats)).to(dev)
+    padded = torch.zeros((3, width), dtype=local.dtype, device=dev)
+    padded[:, : local.shape[1]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=cfg.group)
+    sizes = [_split(B, r, world)[1] - _split(B, r, world)[0] for r in range(world)]
+    full = torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=1).to(out_dev)
+    return LogLikelihoodStats(full[0], full[1], full[2])
+
+
+# -- one batch ------------------------------------------------------------------------
+
+
+def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed: Tensor, g0: int,
+              progress: bool) -> LogLikelihoodStats:
+    """Per-example stats of the batch x, whose first example has global index g0."""
+    B = x.shape[0]
+    dist_info = _distributed(cfg)
+    rank, world = dist_info if dist_info is not None else (0, 1)
+    by_examples = dist_info is not None and cfg.shard == "examples"
+    b0, b1 = _split(B, rank, world) if by_examples else (0, B)
+    k0, k1 = _split(cfg.k, rank, world) if dist_info is not None and cfg.shard == "samples" else (0, cfg.k)
+    xs = x[b0:b1]
+    if b1 > b0:
+        mu, logvar = _encode(encode, xs)
+    else:
+        # No examples on this rank: nothing to encode, but the collectives still run.
+        mu = logvar = xs.new_empty((0, 1))
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        total = _n_steps(cfg, b1 - b0, k1 - k0, x.shape[1], mu.shape[1], x.element_size())
+        bar = tqdm(total=total, unit="chunk", desc="log-likelihood", leave=False)
+    try:
+        st1, st2 = _states(xs, mu, logvar, decode, cfg, seed, g0 + b0, k0, k1, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if dist_info is None:
+        return _stats(st1, st2, cfg.k)
+    if cfg.shard == "samples":
+        return _stats(*_all_reduce_states(st1, st2, cfg), cfg.k)
+    return _all_gather_examples(_stats(st1, st2, cfg.k), B, world, cfg)
+
+
+# -- public functions ----------------------------------------------------------------
+
+
+def log_likelihood(
+    x: Tensor,
+    encode: Callable[[Tensor], tuple[Tensor, Tensor]],
+    decode: Callable[[Tensor], Any],
+    *,
+    k: int = 5000,
+    likelihood: str = "gaussian",
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    return_stats: bool = False,
+    memory_budget: int | None = None,
+    shard: str | None = "examples",
+    group=None,
+) -> Tensor | LogLikelihoodStats:
+    """Importance-sampled estimate of log p(x) per example with K samples
+    from the encoder's q(z|x) as the proposal (the IWAE bound of Burda et al.
+    2015, whose expectation rises to log p(x) as K grows).
+
+    Args:
+        x: data (B, D), float32 or float64 (flatten images first).
+        encode: x (B, D) -> (mu, logvar), each (B, L): q(z|x) = N(mu, diag(exp(logvar))).
+        decode: z (K_c, B, L) -> the decoder output for every sample, shape
+            (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
+            (mean, logvar) pair, for "bernoulli" the logits.
+        k: samples per example (K >= 1; 5000 is the usual report).
+        likelihood: "gaussian" or "bernoulli".
+        chunk_size: samples decoded per call. None picks the largest chunk that
+            fits ``memory_budget`` (and splits the batch when one sample of
+            every example does not). The result does not depend on it.
+        generator: torch.Generator the one Philox seed of the call is drawn
+            from (default: torch's default generator of x's device).
+        progress: show a tqdm bar over the chunks.
+        return_stats: return a :class:`LogLikelihoodStats` (estimate, its
+            standard error, ESS) instead of the estimate alone.
+        memory_budget: bytes per chunk for chunk_size=None (default
+            ``fastvae.evaluation.DEFAULT_MEMORY_BUDGET``, 256 MiB).
+        shard: when torch.distributed is initialized (and the group has more
+            than one rank): "examples" splits the batch over the ranks,
+            "samples" splits K; None computes everything on every rank. Every
+            rank passes the same x, draws the same noise (rank 0's seed) and
+            gets the same result as one process would.
+        group: the torch.distributed process group (default: the world).
+
+    Returns:
+        (B,) estimates log p̂(x) in nats (float32, or float64 for float64 x),
+        or LogLikelihoodStats with return_stats=True.
+
+    Runs under torch.no_grad(); put the model in eval mode first.
+    """
+    cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
+                  shard=shard, group=group, with_ratio=True)
+    return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
+
+
+def reconstruction_probability(
+    x: Tensor,
+    encode: Callable[[Tensor], tuple[Tensor, Tensor]],
+    decode: Callable[[Tensor], Any],
+    *,
+    n_samples: int = 100,
+    likelihood: str = "gaussian",
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    return_stats: bool = False,
+    memory_budget: int | None = None,
+    shard: str | None = "examples",
+    group=None,
+) -> Tensor | LogLikelihoodStats:
+    """The anomaly score of An & Cho (2015): log (1/L) Σ_l p(x|z_l) with
+    z_l ~ q(z|x), per example; low values flag anomalies.
+
+    It differs from :func:`log_likelihood` only in the weights: here
+    w_l = p(x|z_l), without the prior-to-posterior ratio p(z_l) / q(z_l|x).
+    So it measures how well x is reconstructed from its own posterior: it is
+    not an estimate of, nor a bound on, log p(x), and it ignores how far q(z|x)
+    sits from the prior (the KL term), so an input that the encoder maps to an
+    unusual region of latent space but that decodes well still scores high.
+    As L grows it converges to log E_q[p(x|z)] (from below on average).
+
+    Same arguments, streaming path, noise layout, sharding and
+    ``return_stats`` as log_likelihood, with n_samples (L) in place of k.
+    """
+    cfg = _config("n_samples", n_samples, likelihood=likelihood, chunk_size=chunk_size,
+                  memory_budget=memory_budget, shard=shard, group=group, with_ratio=False)
+    return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
+
+
+def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
+    _check_x(x)
+    with torch.no_grad():
+        seed = _shared_seed(x.device, generator, cfg)
+        stats = _estimate(x, encode, decode, cfg, seed, 0, progress)
+    return stats if return_stats else stats.log_likelihood
+
+
+def evaluate(
+    data: Iterable,
+    encode: Callable[[Tensor], tuple[Tensor, Tensor]],
+    decode: Callable[[Tensor], Any],
+    *,
+    k: int = 5000,
+    likelihood: str = "gaussian",
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool | None = None,
+    memory_budget: int | None = None,
+    shard: str | None = "examples",
+    group=None,
+) -> EvaluationResult:
+    """Dataset log-likelihood: :func:`log_likelihood` over every batch of
+    ``data`` (a DataLoader or any iterable of (B, D) tensors, or of tuples
+    whose first element is that tensor, e.g. (x, y)).
+
+    Example g of the dataset (counted across batches) always gets the same
+    samples for a given seed, so the result does not depend on the batch size.
+    progress: True shows a tqdm bar over the batches, False is silent, None
+    (default) shows it only once a run has taken more than 2 seconds. Under
+    torch.distributed every rank iterates the same data (no DistributedSampler)
+    and each batch is sharded as in log_likelihood; every rank gets the result.
+    Other arguments as in log_likelihood; returns an :class:`EvaluationResult`.
+    """
+    cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
+                  shard=shard, group=group, with_ratio=True)
+    dist_info = _distributed(cfg)
+    show = progress is not False and (dist_info is None or dist_info[0] == 0)
+    total = len(data) if hasattr(data, "__len__") else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="batch", desc="evaluate", disable=not show,
+               delay=0 if progress else 2.0)
+    lls, ses, seed, D, g = [], [], None, None, 0
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(data):
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                _check_x(x, f"batch {i}")
+                if D is None:
+                    D = x.shape[1]
+                    seed = _shared_seed(x.device, generator, cfg)
+                elif x.shape[1] != D:
+                    raise ValueError(f"batch {i} has D = {x.shape[1]}; earlier batches have D = {D}")
+                stats = _estimate(x, encode, decode, cfg, seed, g, False)
+                g += x.shape[0]
+                lls.append(stats.log_likelihood)
+                ses.append(stats.stderr)
+                bar.update(1)
+    finally:
+        bar.close()
+    if g == 0:
+        raise ValueError("evaluate: data yielded no examples")
+    ll = torch.cat(lls).double()
+    se = torch.cat(ses).double()
+    mean = ll.mean().item()
+    spread = math.sqrt(((ll - mean) ** 2).sum().item() / (g - 1)) if g > 1 else float("nan")
+    nll = -mean
+    return EvaluationResult(
+        log_likelihood=mean,
+        stderr=spread / math.sqrt(g),
+        nll=nll,
+        bits_per_dim=nll / (D * math.log(2)),
+        mc_stderr=math.sqrt((se ** 2).sum().item()) / g,
+        n_examples=g,
+        dim=D,
+        k=k,
+        per_example=torch.cat(lls),
+    )

@@ -1,0 +1,487 @@
+"""Large-K evaluation: log_likelihood, reconstruction_probability, evaluate.
+
+Checked against a plain-PyTorch oracle that draws the documented noise
+(eps[g, k, l] at Philox offset g*K*L + k*L + l) with the reference Philox, and
+against the closed-form log p(x) of probabilistic PCA; chunk-, batch- and
+process-count invariance; the strided noise fill on every backend.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastvae
+from conftest import INTERPRET
+from fastvae import reference
+from fastvae._noise import evaluation_noise, randn_fill
+from fastvae.evaluation import EvaluationResult, LogLikelihoodStats, evaluate, log_likelihood
+from fastvae.evaluation import reconstruction_probability
+from fastvae.sample_normal import draw_seed
+from helpers import assert_close, seed_tensor
+
+F64 = torch.float64
+LOG_2PI = math.log(2 * math.pi)
+main_process_only = pytest.mark.skipif(INTERPRET, reason="main-process tests (backend-independent)")
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+def mlp_model(D, L, kind, *, seed=0, dtype=F64, hidden=8):
+    """A small nonlinear encoder/decoder pair; kind: "mean", "pair" (mean, logvar) or "bernoulli"."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
+
+    We, Wmu, Wlv = w(D, hidden, scale=1 / math.sqrt(D)), w(hidden, L), w(hidden, L, scale=0.3)
+    Wd, Wout, Wvar = w(L, hidden), w(hidden, D, scale=0.5), w(hidden, D, scale=0.2)
+    bias = w(D)
+
+    def encode(x):
+        h = torch.tanh(x @ We)
+        return h @ Wmu, h @ Wlv - 0.5
+
+    def decode(z):
+        h = torch.tanh(z @ Wd)
+        out = h @ Wout + bias
+        return (out, h @ Wvar) if kind == "pair" else out
+
+    return encode, decode
+
+
+def make_data(B, D, kind, *, seed=1, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bernoulli":
+        return (torch.rand(B, D, generator=g, dtype=F64) < 0.4).to(dtype)
+    return torch.randn(B, D, generator=g, dtype=F64).to(dtype)
+
+
+def likelihood_of(kind):
+    return "bernoulli" if kind == "bernoulli" else "gaussian"
+
+
+def ppca(B=16, D=10, L=3, sigma=0.5, seed=0):
+    """Probabilistic PCA with orthogonal columns of W, so that the exact posterior is diagonal.
+
+    Returns x (B, D), exact log p(x) (B,), the exact posterior (mean, logvar) as
+    an encoder, the decoder ((mean, logvar) of p(x|z)) and the parts (W, b, sigma).
+    """
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(D, L, generator=g, dtype=F64))
+    W = U * torch.linspace(2.0, 0.5, L, dtype=F64)
+    b = torch.randn(D, generator=g, dtype=F64)
+    z = torch.randn(B, L, generator=g, dtype=F64)
+    x = z @ W.T + b + sigma * torch.randn(B, D, generator=g, dtype=F64)
+    cov = W @ W.T + sigma**2 * torch.eye(D, dtype=F64)
+    exact = torch.distributions.MultivariateNormal(b, covariance_matrix=cov).log_prob(x)
+    # M = W^T W + sigma^2 I is diagonal because W's columns are orthogonal
+    m_diag = (W * W).sum(0) + sigma**2
+    post_logvar = torch.log(sigma**2 / m_diag)
+
+    def encode(xx):
+        mu = (xx - b) @ W / m_diag
+        return mu, post_logvar.expand_as(mu)
+
+    x_logvar = torch.full((D,), math.log(sigma**2), dtype=F64)
+
+    def decode(zz):
+        return zz @ W.T + b, x_logvar
+
+    return x, exact, encode, decode, (W, b, sigma)
+
+
+# -- the oracle ----------------------------------------------------------------------
+
+
+def oracle_log_weights(x, encode, decode, K, seed, kind, with_ratio, first_example=0):
+    """(K, B) log-weights in plain PyTorch with the documented noise layout,
+    and a scale for each example bounding the size of the terms summed."""
+    mu, logvar = encode(x)
+    B, L = mu.shape
+    g = first_example + torch.arange(B)[None, :, None]
+    offsets = g * K * L + torch.arange(K)[:, None, None] * L + torch.arange(L)
+    eps = reference.philox_randn(seed, offsets).to(x.dtype)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    out = decode(z)
+    if kind == "bernoulli":
+        terms = x * out - F.softplus(out)
+    else:
+        mean, lv = out if kind == "pair" else (out, torch.zeros_like(out))
+        lv = lv.expand_as(mean)
+        terms = -0.5 * ((x - mean) ** 2 * torch.exp(-lv) + lv + LOG_2PI)
+    lw = terms.sum(-1)
+    size = terms.abs().sum(-1)
+    if with_ratio:
+        ratio_terms = -0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar
+        lw = lw + ratio_terms.sum(-1)
+        size = size + ratio_terms.abs().sum(-1)
+    return lw, size
+
+
+def oracle_stats(lw):
+    """log-mean-exp, ESS and delta-method standard error of (K, B) log-weights."""
+    K = lw.shape[0]
+    ll = torch.logsumexp(lw, 0) - math.log(K)
+    w = torch.exp(lw - lw.max(0).values)
+    ess = w.sum(0) ** 2 / (w**2).sum(0)
+    se = w.std(0) / (math.sqrt(K) * w.mean(0)) if K > 1 else torch.full_like(ll, math.nan)
+    return ll, se, ess
+
+
+def seed_of(gen_seed):
+    """The Philox seed a call with generator=torch.Generator().manual_seed(gen_seed) uses."""
+    return int(draw_seed(torch.device("cpu"), torch.Generator().manual_seed(gen_seed)))
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# -- the noise ------------------------------------------------------------------------
+
+
+@given(seed=st.integers(0, 2**63 - 1), offset0=st.integers(0, 2**36), rows=st.integers(0, 5),
+       cols=st.integers(1, 600), stride=st.integers(0, 2000), f64=st.booleans())
+def test_randn_fill_dispatch(backend, seed, offset0, rows, cols, stride, f64):
+    """fastvae._noise.randn_fill on the backend under test equals the reference fill."""
+    dtype = F64 if f64 else torch.float32
+    out = randn_fill(seed_tensor(seed, "cpu"), offset0, torch.full((rows, cols), math.nan, dtype=dtype), stride)
+    expected = torch.empty(rows, cols, dtype=F64)
+    reference.randn_fill(seed, offset0, expected, stride)
+    if f64:
+        assert torch.allclose(out, expected, rtol=1e-13, atol=1e-13)
+    else:
+        assert not out.isnan().any()
+        assert ((out.double() - expected).abs() <= 2e-6 * expected.abs() + 1e-6).all()
+    flat = randn_fill(seed_tensor(seed, "cpu"), offset0, torch.empty(cols, dtype=F64))
+    assert torch.allclose(flat, reference.philox_randn(seed, offset0 + torch.arange(cols)), rtol=1e-13, atol=1e-13)
+
+
+@main_process_only
+def test_randn_fill_rejects_bad_arguments():
+    s = seed_tensor(3, "cpu")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        randn_fill(s, 0, torch.empty(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous 1-d or 2-d"):
+        randn_fill(s, 0, torch.empty(4, 3).t())
+    with pytest.raises(ValueError, match="2-d out only"):
+        randn_fill(s, 0, torch.empty(4), 2)
+    with pytest.raises(ValueError, match="offset0 must be an int >= 0"):
+        randn_fill(s, -1, torch.empty(4))
+    with pytest.raises(ValueError, match="row_stride must be an int >= 0"):
+        randn_fill(s, 0, torch.empty(2, 4), -3)
+    with pytest.raises(ValueError, match="exceeds 2\\*\\*63 - 1"):
+        randn_fill(s, 2**63 - 3, torch.empty(4))
+
+
+@given(g0=st.integers(0, 10**6), n=st.integers(1, 4), K=st.integers(1, 9), L=st.integers(1, 5), data=st.data())
+def test_evaluation_noise_layout(backend, g0, n, K, L, data):
+    """Samples [k0, k1) of examples g0.. are the normals at offsets g*K*L + k*L + l."""
+    k0 = data.draw(st.integers(0, K - 1))
+    k1 = data.draw(st.integers(k0 + 1, K))
+    eps = evaluation_noise(seed_tensor(99, "cpu"), first_example=g0, n_examples=n, n_samples=K,
+                           k0=k0, k1=k1, latent=L, dtype=F64, device="cpu")
+    g = g0 + torch.arange(n)[None, :, None]
+    k = torch.arange(k0, k1)[:, None, None]
+    expected = reference.philox_randn(99, g * K * L + k * L + torch.arange(L))
+    assert eps.shape == (k1 - k0, n, L)
+    assert torch.allclose(eps, expected, rtol=1e-13, atol=1e-13)
+
+
+# -- against the oracle -------------------------------------------------------------
+
+
+KINDS = ("mean", "pair", "bernoulli")
+
+
+@given(B=st.integers(1, 5), D=st.integers(1, 40), L=st.integers(1, 4), K=st.integers(1, 12),
+       kind=st.sampled_from(KINDS), with_ratio=st.booleans(), model_seed=st.integers(0, 100),
+       chunk=st.one_of(st.none(), st.integers(1, 14)))
+def test_matches_oracle_float64(backend, B, D, L, K, kind, with_ratio, model_seed, chunk):
+    """Estimate, standard error and ESS equal the plain-PyTorch computation from the same noise."""
+    encode, decode = mlp_model(D, L, kind, seed=model_seed)
+    x = make_data(B, D, kind, seed=model_seed + 1)
+    fn, k_arg = (log_likelihood, "k") if with_ratio else (reconstruction_probability, "n_samples")
+    stats = fn(x, encode, decode, **{k_arg: K}, likelihood=likelihood_of(kind), chunk_size=chunk,
+               generator=gen(model_seed), return_stats=True)
+    assert isinstance(stats, LogLikelihoodStats)
+    lw, size = oracle_log_weights(x, encode, decode, K, seed_of(model_seed), kind, with_ratio)
+    ll, se, ess = oracle_stats(lw)
+    scale = 1 + size.max(0).values  # an error in any log-weight moves the result by at most this much
+    assert_close(stats.log_likelihood, ll, scale, "log_likelihood")
+    assert_close(stats.ess, ess, ess * 4 * scale, "ess")
+    if K == 1:
+        assert stats.stderr.isnan().all()
+    else:
+        # compared squared: se**2 = (r - 1) / (K - 1) with r = K / ESS is well-conditioned, se near 0 is not
+        r = K / ess
+        assert_close(stats.stderr**2, se**2, 4 * r * scale / (K - 1), "stderr**2")
+    assert ((stats.ess >= 1 - 1e-9) & (stats.ess <= K + 1e-9)).all()
+
+
+def test_float32_matches_float64_oracle(backend):
+    """float32 inputs: float32 noise and arithmetic, the same estimate to float32 rounding."""
+    B, D, L, K = 4, 30, 3, 9
+    encode64, decode64 = mlp_model(D, L, "pair", seed=5)
+    encode32, decode32 = mlp_model(D, L, "pair", seed=5, dtype=torch.float32)
+    x = make_data(B, D, "pair", seed=6)
+    out = log_likelihood(x.float(), encode32, decode32, k=K, chunk_size=4, generator=gen(2))
+    assert out.dtype == torch.float32
+    lw, size = oracle_log_weights(x, encode64, decode64, K, seed_of(2), "pair", True)
+    ll, _, _ = oracle_stats(lw)
+    # float32 rounding of the encoder, the noise and the decoder, relayed through tanh layers
+    assert not out.isnan().any()
+    assert ((out.double() - ll).abs() <= 1e-4 * (1 + size.max(0).values)).all()
+
+
+# -- probabilistic PCA: the closed form -------------------------------------------------
+
+
+@pytest.mark.parametrize("K", [1, 7])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_exact_posterior_gives_exact_log_likelihood(backend, K, chunk):
+    """With q the exact posterior every log-weight is log p(x): the estimate is exact at any K."""
+    x, exact, encode, decode, _ = ppca()
+    stats = log_likelihood(x, encode, decode, k=K, chunk_size=chunk, return_stats=True, generator=gen(0))
+    assert_close(stats.log_likelihood, exact, exact.abs() * 100, "log_likelihood")  # ~1e-10
+    assert (stats.ess - K).abs().max() <= 1e-9 * K
+    if K == 1:
+        assert stats.stderr.isnan().all()
+    else:
+        assert (stats.stderr >= 0).all() and stats.stderr.max() <= 1e-6
+
+
+@main_process_only
+def test_worse_posterior_gap_shrinks_with_k():
+    """With a shifted, inflated q the estimate lies below log p(x) and rises toward it as K grows."""
+    x, exact, encode, decode, _ = ppca(B=64)
+
+    def worse(xx):
+        mu, lv = encode(xx)
+        return mu + 0.4, lv + 0.8
+
+    gaps, stderrs = [], []
+    for K in (1, 10, 100, 1000):
+        stats = log_likelihood(x, worse, decode, k=K, generator=gen(4), return_stats=True)
+        gaps.append((exact - stats.log_likelihood).mean().item())
+        stderrs.append(stats.stderr.mean().item() if K > 1 else math.inf)
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3], gaps
+    assert gaps[0] > 1.0  # a visibly worse q
+    # the bound holds in expectation: at large K the mean gap is >= 0 up to its Monte Carlo error
+    assert gaps[3] > -3 * stderrs[3] / math.sqrt(64)
+    assert gaps[3] < 0.1 * gaps[0]
+
+
+@main_process_only
+def test_reconstruction_probability_converges_to_closed_form():
+    """log (1/L) sum p(x|z_l) -> log E_q p(x|z) = log N(x; W m + b, sigma^2 I + W S W^T)."""
+    x, exact, encode, decode, (W, b, sigma) = ppca(B=8)
+    mu, logvar = encode(x)
+    cov = W @ torch.diag(torch.exp(logvar[0])) @ W.T + sigma**2 * torch.eye(x.shape[1], dtype=F64)
+    target = torch.distributions.MultivariateNormal(mu @ W.T + b, covariance_matrix=cov).log_prob(x)
+    stats = reconstruction_probability(x, encode, decode, n_samples=4000, generator=gen(8), return_stats=True)
+    assert ((stats.log_likelihood - target).abs() <= 4 * stats.stderr + 1e-3).all()
+    # not the log-likelihood: it leaves out the KL of q to the prior
+    assert ((stats.log_likelihood - exact).abs() > 10 * stats.stderr).all()
+
+
+# -- invariance ----------------------------------------------------------------------
+
+
+@main_process_only
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_size_does_not_change_the_result(kind):
+    B, D, L, K = 6, 25, 3, 11
+    encode, decode = mlp_model(D, L, kind, seed=3)
+    x = make_data(B, D, kind)
+    lik = likelihood_of(kind)
+    base = log_likelihood(x, encode, decode, k=K, likelihood=lik, chunk_size=K, generator=gen(1))
+    others = [log_likelihood(x, encode, decode, k=K, likelihood=lik, chunk_size=c, generator=gen(1))
+              for c in (1, 3, 7, 50, None)]
+    # a budget too small for one sample of every example: one example per block
+    others.append(log_likelihood(x, encode, decode, k=K, likelihood=lik, memory_budget=1, generator=gen(1)))
+    for out in others:
+        assert_close(out, base, 1 + base.abs(), "chunked")
+    out32 = [log_likelihood(x.float(), *mlp_model(D, L, kind, seed=3, dtype=torch.float32), k=K,
+                            likelihood=lik, chunk_size=c, generator=gen(1)) for c in (1, 4, None)]
+    for out in out32[1:]:
+        assert_close(out, out32[0], 1 + out32[0].abs(), "chunked float32")
+
+
+@main_process_only
+def test_seed_and_generator():
+    encode, decode = mlp_model(8, 2, "mean")
+    x = make_data(3, 8, "mean")
+    a = log_likelihood(x, encode, decode, k=5, generator=gen(7))
+    assert torch.equal(a, log_likelihood(x, encode, decode, k=5, generator=gen(7)))
+    assert not torch.equal(a, log_likelihood(x, encode, decode, k=5, generator=gen(8)))
+    torch.manual_seed(11)
+    b = log_likelihood(x, encode, decode, k=5)
+    c = log_likelihood(x, encode, decode, k=5)
+    torch.manual_seed(11)
+    assert torch.equal(b, log_likelihood(x, encode, decode, k=5))
+    assert not torch.equal(b, c)
+
+
+# -- evaluate ----------------------------------------------------------------------------
+
+
+@main_process_only
+def test_evaluate_is_batch_size_invariant_and_reports_the_summary():
+    N, D, L, K = 10, 12, 2, 6
+    encode, decode = mlp_model(D, L, "bernoulli", seed=2)
+    x = make_data(N, D, "bernoulli", seed=3)
+    y = torch.arange(N)
+    full = log_likelihood(x, encode, decode, k=K, likelihood="bernoulli", generator=gen(5), return_stats=True)
+    for batch_size in (1, 3, 4, N):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+        res = evaluate(loader, encode, decode, k=K, likelihood="bernoulli", generator=gen(5), progress=False)
+        assert isinstance(res, EvaluationResult)
+        assert_close(res.per_example, full.log_likelihood, 1 + full.log_likelihood.abs(), "per_example")
+    ll = full.log_likelihood
+    assert res.n_examples == N and res.dim == D and res.k == K
+    assert math.isclose(res.log_likelihood, ll.mean().item(), rel_tol=1e-12)
+    assert math.isclose(res.stderr, (ll.std() / math.sqrt(N)).item(), rel_tol=1e-12)
+    assert res.nll == -res.log_likelihood
+    assert math.isclose(res.bits_per_dim, res.nll / (D * math.log(2)), rel_tol=1e-14)
+    assert math.isclose(res.mc_stderr, (full.stderr**2).sum().sqrt().item() / N, rel_tol=1e-12)
+    # plain tensors as batches, and g continues across them
+    res2 = evaluate([x[:7], x[7:]], encode, decode, k=K, likelihood="bernoulli", generator=gen(5), progress=False)
+    assert_close(res2.per_example, ll, 1 + ll.abs(), "tensor batches")
+    one = evaluate([x[:1]], encode, decode, k=K, likelihood="bernoulli", progress=False)
+    assert one.n_examples == 1 and math.isnan(one.stderr)
+
+
+@main_process_only
+def test_progress_bar_only_when_asked(capsys):
+    encode, decode = mlp_model(5, 2, "mean")
+    x = make_data(4, 5, "mean")
+    log_likelihood(x, encode, decode, k=4, chunk_size=1)
+    evaluate([x, x], encode, decode, k=4, progress=False)
+    evaluate([x, x], encode, decode, k=4)  # the default shows a bar only after 2 s
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    log_likelihood(x, encode, decode, k=4, chunk_size=1, progress=True)
+    assert "log-likelihood" in capsys.readouterr().err
+    evaluate([x, x], encode, decode, k=4, progress=True)
+    assert "evaluate" in capsys.readouterr().err
+
+
+@main_process_only
+def test_all_zero_weights_give_minus_inf_not_nan():
+    """A decoder putting the mean at infinity gives log p(x|z) = -inf: the estimate is -inf, ESS 0."""
+    encode, _ = mlp_model(4, 2, "mean")
+    x = make_data(3, 4, "mean")
+    stats = log_likelihood(x, encode, lambda z: torch.full((*z.shape[:2], 4), math.inf, dtype=F64),
+                           k=5, return_stats=True)
+    assert (stats.log_likelihood == -math.inf).all()
+    assert (stats.ess == 0).all()
+
+
+# -- argument checks ----------------------------------------------------------------------
+
+
+@main_process_only
+def test_validation_errors():
+    encode, decode = mlp_model(6, 2, "mean")
+    x = make_data(3, 6, "mean")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        log_likelihood(x, encode, decode, k=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        log_likelihood(x, encode, decode, k=2.5)
+    with pytest.raises(TypeError, match="k must be an int"):
+        log_likelihood(x, encode, decode, k=True)
+    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+        reconstruction_probability(x, encode, decode, n_samples=0)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        log_likelihood(x, encode, decode, k=4, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        log_likelihood(x, encode, decode, k=4, chunk_size=2.0)
+    with pytest.raises(ValueError, match="memory_budget must be >= 1"):
+        log_likelihood(x, encode, decode, k=4, memory_budget=0)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        log_likelihood(x, encode, decode, k=4, likelihood="poisson")
+    with pytest.raises(ValueError, match="shard must be one of"):
+        log_likelihood(x, encode, decode, k=4, shard="both")
+    with pytest.raises(ValueError, match="shape \\(B, D\\)"):
+        log_likelihood(x[0], encode, decode, k=4)
+    with pytest.raises(TypeError, match="floating-point"):
+        log_likelihood(x.long(), encode, decode, k=4)
+    with pytest.raises(TypeError, match="\\(mu, logvar\\) pair, got Tensor"):
+        log_likelihood(x, lambda xx: encode(xx)[0], decode, k=4)
+    with pytest.raises(TypeError, match="pair, got tuple of 3 items"):
+        log_likelihood(x, lambda xx: (*encode(xx), None), decode, k=4)
+    with pytest.raises(ValueError, match="mu of shape \\(2, 2\\); expected \\(B, L\\) with B = 3"):
+        log_likelihood(x, lambda xx: tuple(t[:2] for t in encode(xx)), decode, k=4)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        log_likelihood(x, lambda xx: (encode(xx)[0], encode(xx)[1][:, :1]), decode, k=4)
+    with pytest.raises(TypeError, match="float32 on cpu; x is torch.float64"):
+        log_likelihood(x, lambda xx: tuple(t.float() for t in encode(xx)), decode, k=4)
+    with pytest.raises(ValueError, match="decode returned a mean of shape \\(3, 3, 5\\); expected \\(3, 3, 6\\)"):
+        log_likelihood(x, encode, lambda z: decode(z)[..., :5], k=4, chunk_size=3)
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate([], encode, decode, k=4)
+    with pytest.raises(ValueError, match="batch 1 has D = 5; earlier batches have D = 6"):
+        evaluate([x, x[:, :5]], encode, decode, k=4, progress=False)
+    with pytest.raises(TypeError, match="batch 0 must be a floating-point tensor"):
+        evaluate([("a", "b")], encode, decode, k=4)
+
+
+# -- torch.distributed -------------------------------------------------------------------
+
+_DIST_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[5])
+    from test_evaluation import gen, make_data, mlp_model
+    from fastvae.evaluation import evaluate, log_likelihood
+    rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    encode, decode = mlp_model(9, 2, "pair", seed=4)
+    x = make_data(5, 9, "pair")
+    results = {}
+    for shard in ("examples", "samples"):
+        for B in (5, 1):  # 5 does not split evenly; with 1 example, rank 1 has none
+            s = log_likelihood(x[:B], encode, decode, k=7, chunk_size=3, generator=gen(3), shard=shard,
+                               return_stats=True)
+            results[(shard, B)] = tuple(s)
+        results[(shard, "evaluate")] = evaluate([x[:2], x[2:]], encode, decode, k=7, generator=gen(3),
+                                                shard=shard, progress=False).per_example
+    torch.save(results, f"{out}.{rank}")
+    dist.destroy_process_group()
+""")
+
+
+@main_process_only
+def test_two_processes_give_the_single_process_result(tmp_path):
+    """gloo, 2 ranks: example and sample sharding both equal one process with the same seed."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    env = dict(os.environ, FASTVAE_BACKEND="cpp", OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", _DIST_WORKER, str(r), "2", init, str(tmp_path / "out"),
+                               tests_dir], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    encode, decode = mlp_model(9, 2, "pair", seed=4)
+    x = make_data(5, 9, "pair")
+    single_eval = evaluate([x], encode, decode, k=7, generator=gen(3), progress=False).per_example
+    for rank in range(2):
+        results = torch.load(tmp_path / f"out.{rank}")
+        for shard in ("examples", "samples"):
+            for B in (5, 1):
+                single = log_likelihood(x[:B], encode, decode, k=7, generator=gen(3), return_stats=True)
+                for got, want, name in zip(results[(shard, B)], single, single._fields):
+                    scale = 1 + want.abs() if name != "stderr" else 1 + want
+                    assert_close(got, want, scale * 10, f"{shard}, B={B}, rank {rank}: {name}")
+            got = results[(shard, "evaluate")]
+            assert_close(got, single_eval, 1 + single_eval.abs(), f"{shard} evaluate, rank {rank}")
