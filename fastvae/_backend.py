@@ -121,6 +121,14 @@ def numpy_view(t: torch.Tensor | None):
     return None if t is None else t.detach().numpy()
 
 
-def num_threads() -> int:
-    """OpenMP threads for the cpp backend: follows torch.get_num_threads()."""
-    return max(1, torch.get_num_threads())
+# Elements a cpp kernel call must have per extra OpenMP thread. Waking a thread
+# costs microseconds, and far more when the other cores are busy (the team
+# waits at the barrier for a descheduled thread), while a kernel covers
+# 16384 elements in about 10-50 us: smaller calls run on the calling thread.
+MIN_WORK_PER_THREAD = 1 << 14
+
+
+def num_threads(work: int) -> int:
+    """OpenMP threads for a cpp kernel over ``work`` elements: torch.get_num_threads(),
+    but only as many as there are MIN_WORK_PER_THREAD elements for."""
+    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))

@@ -46,7 +46,7 @@ def randn_fill(seed: Tensor, offset0: int, out: Tensor, row_stride: int | None =
         return out
     backend = backend_for(out.device)
     if backend == "cpp":
-        cpp_module().randn_fill(int(seed), offset0, out.numpy(), row_stride, num_threads())
+        cpp_module().randn_fill(int(seed), offset0, out.numpy(), row_stride, num_threads(out.numel()))
     elif backend == "triton":
         triton_module("philox").randn_fill(seed.to(out.device), offset0, out, row_stride)
     else:

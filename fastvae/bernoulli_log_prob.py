@@ -24,7 +24,7 @@ def bernoulli_log_prob_op(x: Tensor, logits: Tensor) -> Tensor:
     x2, l3, K, P, D = kernel_views(x, logits)
     out = _backend.empty_output((K, P), like=logits)
     if backend == "cpp":
-        cpp_module().bernoulli_log_prob_forward(_np(x2), _np(l3), out.numpy(), num_threads())
+        cpp_module().bernoulli_log_prob_forward(_np(x2), _np(l3), out.numpy(), num_threads(l3.numel()))
     elif backend == "triton":
         triton_module("bernoulli_log_prob").bernoulli_log_prob_forward(x2, l3, out)
     else:
@@ -49,7 +49,7 @@ def bernoulli_log_prob_backward_op(g: Tensor, x: Tensor, logits: Tensor, need_dx
     dlogits = _backend.empty_output((K, P, D), like=logits)
     dx_arg = dx if need_dx else None
     if backend == "cpp":
-        cpp_module().bernoulli_log_prob_backward(_np(g2), _np(x2), _np(l3), _np(dx_arg), dlogits.numpy(), num_threads())
+        cpp_module().bernoulli_log_prob_backward(_np(g2), _np(x2), _np(l3), _np(dx_arg), dlogits.numpy(), num_threads(dlogits.numel()))
     elif backend == "triton":
         triton_module("bernoulli_log_prob").bernoulli_log_prob_backward(g2, x2, l3, dx_arg, dlogits)
     else:

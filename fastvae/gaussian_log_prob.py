@@ -29,7 +29,7 @@ def gaussian_log_prob_op(x: Tensor, mean: Tensor, v: Tensor, softplus: bool, del
     out = _backend.empty_output((K, P), like=mean)
     if backend == "cpp":
         cpp_module().gaussian_log_prob_forward(
-            _np(x2), _np(m3), _np(v_k), softplus, delta, out.numpy(), num_threads()
+            _np(x2), _np(m3), _np(v_k), softplus, delta, out.numpy(), num_threads(m3.numel())
         )
     elif backend == "triton":
         triton_module("gaussian_log_prob").gaussian_log_prob_forward(x2, m3, v_k, softplus, delta, out)
@@ -64,7 +64,7 @@ def gaussian_log_prob_backward_op(
     if backend == "cpp":
         cpp_module().gaussian_log_prob_backward(
             _np(g2), _np(x2), _np(m3), _np(v_k), softplus, delta, _np(dx_arg), dmean.numpy(), _np(dv_arg),
-            num_threads(),
+            num_threads(dmean.numel()),
         )
     elif backend == "triton":
         triton_module("gaussian_log_prob").gaussian_log_prob_backward(

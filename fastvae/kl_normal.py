@@ -25,7 +25,7 @@ def kl_normal_op(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logv
     plv2 = None if prior_logvar is None else _flat(prior_logvar)
     kl = _backend.empty_output((mu2.shape[0],), like=mu)
     if backend == "cpp":
-        cpp_module().kl_normal_forward(_np(mu2), _np(lv2), _np(pm2), _np(plv2), kl.numpy(), num_threads())
+        cpp_module().kl_normal_forward(_np(mu2), _np(lv2), _np(pm2), _np(plv2), kl.numpy(), num_threads(mu2.numel()))
     elif backend == "triton":
         triton_module("kl_normal").kl_normal_forward(mu2, lv2, pm2, plv2, kl)
     else:
@@ -58,7 +58,7 @@ def kl_normal_backward_op(
     if backend == "cpp":
         cpp_module().kl_normal_backward(
             _np(g), _np(mu2), _np(lv2), _np(pm2), _np(plv2), dmu.numpy(), dlv.numpy(),
-            _np(dpm_arg), _np(dplv_arg), num_threads(),
+            _np(dpm_arg), _np(dplv_arg), num_threads(mu2.numel()),
         )
     elif backend == "triton":
         triton_module("kl_normal").kl_normal_backward(g, mu2, lv2, pm2, plv2, dmu, dlv, dpm_arg, dplv_arg)

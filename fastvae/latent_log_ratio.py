@@ -38,7 +38,7 @@ def latent_log_ratio_op(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool)
     z3 = z.reshape(K, N, L).contiguous()
     r = _backend.empty_output((K, N), like=z)
     if backend == "cpp":
-        cpp_module().latent_log_ratio_forward(_np(z3), _np(mu2), _np(lv2), r.numpy(), num_threads())
+        cpp_module().latent_log_ratio_forward(_np(z3), _np(mu2), _np(lv2), r.numpy(), num_threads(z3.numel()))
     elif backend == "triton":
         triton_module("latent_log_ratio").latent_log_ratio_forward(z3, mu2, lv2, r)
     else:
@@ -69,7 +69,7 @@ def latent_log_ratio_backward_op(
     dmu_arg, dlv_arg = (None, None) if stop_score else (dmu, dlv)
     if backend == "cpp":
         cpp_module().latent_log_ratio_backward(
-            _np(g), _np(z3), _np(mu2), _np(lv2), _np(dz), _np(dmu_arg), _np(dlv_arg), num_threads()
+            _np(g), _np(z3), _np(mu2), _np(lv2), _np(dz), _np(dmu_arg), _np(dlv_arg), num_threads(z3.numel())
         )
     elif backend == "triton":
         triton_module("latent_log_ratio").latent_log_ratio_backward(g, z3, mu2, lv2, dz, dmu_arg, dlv_arg)

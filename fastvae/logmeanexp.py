@@ -62,7 +62,7 @@ def _column_vector(t: Tensor | None, M: int, dtype: torch.dtype) -> Tensor | Non
 def _run_forward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, out: Tensor | None, ess: Tensor | None) -> None:
     """mx, s (M,) <- the column states of lw2 (K, M); out, ess (M,) when given."""
     if backend == "cpp":
-        cpp_module().logmeanexp_forward(_np(lw2), _np(mx), _np(s), _np(out), _np(ess), num_threads())
+        cpp_module().logmeanexp_forward(_np(lw2), _np(mx), _np(s), _np(out), _np(ess), num_threads(lw2.numel()))
     elif backend == "triton":
         triton_module("logmeanexp").logmeanexp_forward(lw2, mx, s, out, ess)
     else:
@@ -93,7 +93,7 @@ def _run_backward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, g: Tensor,
     """dlw (K, M) <- e * (a + b e), per-column a, b from g, g_s, ess (see csrc/logmeanexp.h)."""
     if backend == "cpp":
         cpp_module().logmeanexp_backward(
-            _np(lw2), _np(mx), _np(s), _np(g), _np(g_s), _np(ess), _np(dlw), num_threads()
+            _np(lw2), _np(mx), _np(s), _np(g), _np(g_s), _np(ess), _np(dlw), num_threads(lw2.numel())
         )
     elif backend == "triton":
         triton_module("logmeanexp").logmeanexp_backward(lw2, mx, s, g, g_s, ess, dlw)
@@ -254,7 +254,7 @@ def importance_weights_backward_op(grad_w: Tensor, w: Tensor) -> Tensor:
     g2 = grad_w.to(w.dtype).reshape(K, M).contiguous()
     dlw = _backend.empty_output((K, M), like=w)
     if backend == "cpp":
-        cpp_module().importance_weights_backward(_np(g2), _np(w2), _np(dlw), num_threads())
+        cpp_module().importance_weights_backward(_np(g2), _np(w2), _np(dlw), num_threads(dlw.numel()))
     elif backend == "triton":
         triton_module("logmeanexp").importance_weights_backward(g2, w2, dlw)
     else:

@@ -49,7 +49,7 @@ def sample_normal_op(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -
     kl = _backend.empty_output((N,), like=mu)
     if backend == "cpp":
         cpp_module().sample_normal_forward(
-            _np(mu2), _np(lv2), int(seed), z.numpy(), kl.numpy(), num_threads()
+            _np(mu2), _np(lv2), int(seed), z.numpy(), kl.numpy(), num_threads(z.numel())
         )
     elif backend == "triton":
         triton_module("sample_normal").sample_normal_forward(mu2, lv2, seed, z, kl)
@@ -77,7 +77,7 @@ def sample_normal_backward_op(dz: Tensor, dkl: Tensor, mu: Tensor, logvar: Tenso
     if backend == "cpp":
         cpp_module().sample_normal_backward(
             _np(dz3), _np(dkl1), _np(mu2), _np(lv2),
-            int(seed), dmu.numpy(), dlv.numpy(), num_threads(),
+            int(seed), dmu.numpy(), dlv.numpy(), num_threads(dz3.numel()),
         )
     elif backend == "triton":
         triton_module("sample_normal").sample_normal_backward(dz3, dkl1, mu2, lv2, seed, dmu, dlv)
