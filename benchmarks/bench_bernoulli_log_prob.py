@@ -2,7 +2,7 @@
 against eager PyTorch (binary_cross_entropy_with_logits, as users write it)
 and torch.compile of it, float32, x (B, D) broadcast against logits (K, B, D).
 
-Reproduce: python -m benchmarks.bench_bernoulli_log_prob [--quick]
+Reproduce: python -m benchmarks.bench_bernoulli_log_prob [--quick] [--memory]
 """
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,13 @@ def cases(B, D, ks):
     return out
 
 
-def main(argv=None):
-    args = harness.parser(__doc__.split("\n")[0]).parse_args(argv)
+def main(argv=None) -> dict | None:
+    args = harness.parse_args(harness.parser(__doc__.split("\n")[0]), argv)
     B, D, ks = (512, 784, [1, 4]) if args.quick else (4096, 784, [1, 8])
     impls = harness.baseline_impls(eager, fastvae.bernoulli_log_prob, "bernoulli_log_prob",
                                    torch.device(args.device), args.fastvae_backends)
-    harness.run("bernoulli_log_prob", f"bernoulli_log_prob, B={B}, D={D}, float32", cases(B, D, ks), impls, args)
+    return harness.run(__spec__.name, "bernoulli_log_prob", f"bernoulli_log_prob, B={B}, D={D}, float32",
+                       cases(B, D, ks), impls, args)
 
 
 if __name__ == "__main__":

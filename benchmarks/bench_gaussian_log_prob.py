@@ -8,8 +8,11 @@ Effective bandwidth counts the fewest bytes: forward reads x once, mean (and
 logvar) once and writes the (K, B) result; backward reads them again with the
 upstream gradient and writes dmean (and dlogvar).
 
-Reproduce: python -m benchmarks.bench_gaussian_log_prob [--quick]
+Reproduce: python -m benchmarks.bench_gaussian_log_prob [--quick] [--memory]
+Results: one JSON per variance, gaussian_log_prob-<variance>-<device-tag>.json;
+main() returns the list of their payloads.
 """
+import argparse
 import math
 
 import torch
@@ -52,24 +55,25 @@ def cases(B, D, ks, variance):
     return out
 
 
-def main(argv=None):
+def main(argv=None) -> list[dict] | None:
     p = harness.parser(__doc__.split("\n")[0])
     p.add_argument("--variance", choices=["logvar", "scale"], nargs="+", default=["logvar", "scale"])
-    args = p.parse_args(argv)
+    args = harness.parse_args(p, argv)
     B, D, ks = (512, 784, [1, 4]) if args.quick else (4096, 784, [1, 8])
     device = torch.device(args.device)
+    fns = {"logvar": (eager_logvar, lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)),
+           "scale": (eager_scale, lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.5))}
+    payloads = []
     for variance in args.variance:
-        if variance == "logvar":
-            impls = harness.baseline_impls(eager_logvar, lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv),
-                                           "gaussian_log_prob", device, args.fastvae_backends)
-        else:
-            impls = harness.baseline_impls(eager_scale, lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.5),
-                                           "gaussian_log_prob", device, args.fastvae_backends)
-        out = args.out and args.out.replace(".json", f"-{variance}.json")
-        run_args = p.parse_args(argv)
-        run_args.out = out
-        harness.run(f"gaussian_log_prob-{variance}", f"gaussian_log_prob ({variance}), B={B}, D={D}, float32",
-                    cases(B, D, ks, variance), impls, run_args)
+        impls = harness.baseline_impls(*fns[variance], "gaussian_log_prob", device, args.fastvae_backends)
+        run_args = argparse.Namespace(**vars(args))
+        run_args.out = args.out and args.out.replace(".json", f"-{variance}.json")
+        # A memory subprocess measures one variance: the last --variance given wins.
+        run_args.argv = [*args.argv, "--variance", variance]
+        payloads.append(harness.run(__spec__.name, f"gaussian_log_prob-{variance}",
+                                    f"gaussian_log_prob ({variance}), B={B}, D={D}, float32",
+                                    cases(B, D, ks, variance), impls, run_args))
+    return None if args.memory_child else payloads
 
 
 if __name__ == "__main__":

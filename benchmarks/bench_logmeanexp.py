@@ -29,7 +29,7 @@ median time (forward: read lw, write the (B,) output; backward: read lw, the
 same machine measured in the same run (copy_ of a 256 MB float32 tensor into a
 preallocated buffer, counting read + write). The default shapes (10 MB and
 16 MB of log-weights) fit in a large L3 cache, so a copy of their own size
-(--copy-mb, default 16) is measured too and printed beside it: that is the
+(--input-copy-mb, default 16) is measured too and printed beside it: that is the
 ceiling that applies here, and on these shapes the op is bound by its one exp
 per element per pass rather than by memory.
 
@@ -37,7 +37,8 @@ On CPU the benchmark first tells glibc to keep freed memory mapped
 (keep_freed_memory; --default-malloc leaves it alone), so that page faults on
 fresh output buffers, which cost far more than the ops on the VMs this runs on
 and land on whichever case happens to allocate after a trim, stay out of the
-figures of every implementation.
+figures of every implementation. (The --memory subprocesses leave malloc as
+common.run_child_json sets it, so that their RSS follows the live tensors.)
 
 Reproduce (from the repository root):
   python -m benchmarks.bench_logmeanexp            # full run, ~1 min on 2 CPU cores
@@ -46,21 +47,17 @@ Results go to benchmarks/results/logmeanexp-<device-tag>.json (--out to override
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import math
 import sys
-import time
 
 import torch
 
 import fastvae
 
-from . import common
-from .harness import Impl, default_fastvae_backend, fastvae_backend, mode_callables
+from . import common, harness
 
 OP = "logmeanexp"
-MODES = ("forward", "backward", "fwd+bwd")
 DTYPE = torch.float32
 
 
@@ -69,20 +66,11 @@ def eager_logmeanexp(lw: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(lw, 0) - math.log(lw.shape[0])
 
 
-def make_impls(backends: list[str]) -> list[Impl]:
-    # dynamic=False: one graph specialised per shape, the best case for the baseline.
-    compiled = torch.compile(eager_logmeanexp, dynamic=False)
-    impls = [Impl("eager", eager_logmeanexp), Impl("compiled", compiled)]
-    for b in backends:
-        impls.append(Impl(f"fastvae[{b}]", lambda lw: fastvae.logmeanexp(lw, 0), b))
-    return impls
-
-
-def min_bytes(K: int, B: int, mode: str, itemsize: int = 4) -> int:
+def min_bytes(K: int, B: int, itemsize: int = 4) -> dict[str, int]:
     """Fewest bytes each mode must move: lw read once per pass, outputs written once."""
     fwd = (K * B + B) * itemsize  # lw -> out
     bwd = (K * B + B + K * B) * itemsize  # lw, grad -> dlw (the (B,) state is noise)
-    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}
 
 
 def make_inputs(K: int, B: int, device: torch.device):
@@ -90,11 +78,7 @@ def make_inputs(K: int, B: int, device: torch.device):
     # log-weights of a trained IWAE spread over tens of nats within a column
     lw = (torch.randn(K, B, generator=g, dtype=DTYPE) * 10 - 100).to(device).requires_grad_()
     grad = torch.randn(B, generator=g, dtype=DTYPE).to(device)
-    return lw, grad
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    return (lw,), [lw], grad
 
 
 def keep_freed_memory() -> dict | None:
@@ -118,121 +102,33 @@ def keep_freed_memory() -> dict | None:
     return settings if ok else None
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> dict | None:
+    p = harness.parser(__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=None,
-                   help="KxB pairs, e.g. 5000x512 64x65536 (the default)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 30)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each measurement (default 3)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fastvae-backends", nargs="+", default=None,
-                   help="fastvae backends to time (default: the one fastvae picks for the device)")
-    p.add_argument("--copy-mb", type=int, default=None,
-                   help="MB of the second, input-sized copy probe (default 16; the first copies 256 MB)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run: 500x64 and 16x4096, 3 repeats (flags given explicitly still apply)")
+                   help="KxB pairs, e.g. 5000x512 64x65536 (the default; 500x64 16x4096 with --quick)")
+    p.add_argument("--input-copy-mb", type=int, default=None,
+                   help="MB of the second, input-sized copy probe (default 16, 1 with --quick)")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc's malloc settings alone (see keep_freed_memory)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/logmeanexp-<tag>.json)")
-    args = p.parse_args(argv)
-    defaults = dict(shapes=["500x64", "16x4096"], repeats=3, warmup=1, copy_mb=1) if args.quick else \
-        dict(shapes=["5000x512", "64x65536"], repeats=30, warmup=3, copy_mb=16)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
-    if args.fastvae_backends is None:
-        args.fastvae_backends = [default_fastvae_backend(torch.device(args.device), "logmeanexp")]
-    return args
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
+    p.set_defaults(warmup=3)
+    args = harness.parse_args(p, argv)
+    shapes = args.shapes or (["500x64", "16x4096"] if args.quick else ["5000x512", "64x65536"])
+    input_copy_mb = args.input_copy_mb or (1 if args.quick else 16)
     device = torch.device(args.device)
-    malloc = None if args.default_malloc or device.type != "cpu" else keep_freed_memory()
-    torch.manual_seed(0)
-    meta = common.metadata(device)
-    log(f"{meta['device_name']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    keep = not (args.default_malloc or args.memory_child or device.type != "cpu")
+    malloc = keep_freed_memory() if keep else None
 
-    copy = common.copy_bandwidth_gbs(device, mbytes=32 if args.quick else 256)
-    copy_same = common.copy_bandwidth_gbs(device, mbytes=args.copy_mb, repeats=30)
-    log(f"copy bandwidth: {copy['gbs']:.1f} GB/s ({copy['tensor_mbytes']} MB), "
-        f"{copy_same['gbs']:.1f} GB/s ({args.copy_mb} MB), read + write")
-
-    impls = make_impls(args.fastvae_backends)
-    records, warmups = [], []
-    for K, B in args.shapes:
-        lw, grad = make_inputs(K, B, device)
-        # The first calls compile (torch.compile forward and backward graphs) and
-        # warm allocators; their time is recorded but kept out of the figures.
-        for impl in impls:
-            fn, _ = mode_callables(impl, "fwd+bwd", (lw,), lw, grad)
-            with fastvae_backend(impl.backend):
-                common.sync(device)
-                t0 = time.perf_counter()
-                fn()
-                common.sync(device)
-                warmups.append({"impl": impl.name, "K": K, "B": B, "first_call_s": time.perf_counter() - t0})
-                fn()
-
-        cases = {}
-        for mode in MODES:
-            for impl in impls:
-                fn, setup = mode_callables(impl, mode, (lw,), lw, grad)
-                cases[(mode, impl.name)] = (fn, setup, lambda b=impl.backend: fastvae_backend(b))
-        all_times = common.time_interleaved_ms(cases, device, repeats=args.repeats, warmup=args.warmup)
-        for mode in MODES:
-            for impl in impls:
-                times = all_times[(mode, impl.name)]
-                med = common.median(times)
-                nbytes = min_bytes(K, B, mode)
-                records.append({
-                    "impl": impl.name, "K": K, "B": B, "mode": mode,
-                    "median_ms": med, "times_ms": times, "min_bytes": nbytes,
-                    "gbs": common.gbs(nbytes, med), "pct_copy_bw": 100 * common.gbs(nbytes, med) / copy["gbs"],
-                })
-                log(f"K={K:<5} B={B:<6} {mode:<8} {impl.name:<14} {med:9.3f} ms")
-        del lw, grad
-
-    # Speedups compare medians of the same (shape, mode) taken in this run.
-    by_key = {(r["impl"], r["K"], r["B"], r["mode"]): r for r in records}
-    for r in records:
-        key = (r["K"], r["B"], r["mode"])
-        r["speedup_vs_eager"] = by_key[("eager", *key)]["median_ms"] / r["median_ms"]
-        r["speedup_vs_compiled"] = by_key[("compiled", *key)]["median_ms"] / r["median_ms"]
-
-    headers = ["impl", "K x B", "mode", "median ms", "GB/s", "% copy BW", "vs eager", "vs compiled"]
-    rows = []
-    for K, B in args.shapes:
-        for mode in MODES:
-            for impl in impls:
-                r = by_key[(impl.name, K, B, mode)]
-                rows.append([impl.name, f"{K}x{B}", mode, common.fmt(r["median_ms"], 3), common.fmt(r["gbs"], 1),
-                             common.fmt(r["pct_copy_bw"], 1), common.fmt(r["speedup_vs_eager"]) + "x",
-                             common.fmt(r["speedup_vs_compiled"]) + "x"])
-
-    title = (f"logmeanexp over K, float32, {meta['device_name']}, {torch.get_num_threads()} threads; "
-             f"copy bandwidth (read + write) {copy['gbs']:.1f} GB/s for {copy['tensor_mbytes']} MB "
-             f"(the % column), {copy_same['gbs']:.1f} GB/s for {args.copy_mb} MB")
-    table = common.markdown_table(headers, rows)
-    print(f"\n{title}\n\n{table}\n")
-
-    tag = common.device_tag(device) + ("-quick" if args.quick else "")
-    out = args.out or common.RESULTS_DIR / f"{OP}-{tag}.json"
-    payload = {
-        "op": OP,
-        **meta,
-        "config": {"shapes": [list(s) for s in args.shapes], "dtype": "float32", "repeats": args.repeats,
-                   "warmup": args.warmup, "fastvae_backends": args.fastvae_backends, "modes": list(MODES),
-                   "input": "lw = 10 * randn - 100", "malloc_settings": malloc},
-        "copy_bandwidth": copy,
-        "copy_bandwidth_input_sized": copy_same,
-        "results": records,
-        "first_calls": warmups,
-        "loadavg_at_end": common.loadavg(),
-        "table_markdown": table,
-    }
-    log(f"wrote {common.write_json(out, payload)}")
+    cases = []
+    for K, B in (tuple(int(v) for v in s.lower().split("x")) for s in shapes):
+        cases.append(harness.Case(f"{K}x{B}", {"K": K, "B": B}, lambda dev, K=K, B=B: make_inputs(K, B, dev),
+                                  min_bytes(K, B), repeats=30))
+    impls = harness.baseline_impls(eager_logmeanexp, lambda lw: fastvae.logmeanexp(lw, 0), OP, device,
+                                   args.fastvae_backends)
+    copy_same = None if args.memory_child else common.copy_bandwidth_gbs(device, mbytes=input_copy_mb, repeats=30)
+    title = "logmeanexp over K, float32" + (
+        f" (an input-sized {input_copy_mb} MB copy: {copy_same['gbs']:.1f} GB/s)" if copy_same else "")
+    extra = {"copy_bandwidth_input_sized": copy_same, "malloc_settings": malloc, "input": "lw = 10 * randn - 100"}
+    return harness.run(__spec__.name, OP, title, cases, impls, args, extra)
 
 
 if __name__ == "__main__":

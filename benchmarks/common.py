@@ -1,9 +1,28 @@
 """Shared pieces of the fastvae benchmarks: timing, the copy-bandwidth roofline,
-peak memory, run metadata, and the markdown / JSON output.
+memory, run metadata, and the markdown / JSON output.
 
 Conventions (see /work/shared/guide/perf.md): every figure is a median taken in
 the same run as the baselines and the copy bandwidth it is compared with, because
 these machines are shared and absolute times drift between runs.
+
+Memory, two figures per implementation and case, both of forward+backward:
+  peak MB         the extra memory at the peak of one forward+backward call, above
+                  the inputs, parameters and upstream gradients that are live
+                  before it (so it counts the outputs, the gradients, what is saved
+                  for the backward and every temporary). CUDA:
+                  torch.cuda.max_memory_allocated. CPU: the process's peak RSS
+                  (VmHWM, reset through /proc/self/clear_refs) in a fresh child
+                  process per (case, implementation), with glibc told to give
+                  every buffer over 64 KB its own mapping so RSS follows the live
+                  tensors (peak_memory_mb, run_child_json). Opt-in (--memory): a
+                  child per case costs an interpreter start and, for compiled
+                  baselines, a compile (mostly served by inductor's on-disk cache).
+  activations MB  the bytes the autograd graph holds for the backward after the
+                  forward, not counting tensors that are live anyway (inputs,
+                  parameters): the sum over distinct storages of tensors packed
+                  through torch.autograd.graph.saved_tensors_hooks
+                  (saved_tensor_bytes). Exact and cheap, measured in every run; it
+                  is where stored noise and K-times copies of x show up.
 """
 from __future__ import annotations
 
@@ -15,9 +34,11 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,6 +63,12 @@ def _do_bench():
     return do_bench
 
 
+def _warm_up(fn: Callable[..., Any], setup: Callable[[], Any] | None, warmup: int) -> None:
+    for _ in range(warmup):
+        out = fn(setup()) if setup else fn()
+        del out
+
+
 def time_ms(
     fn: Callable[..., Any],
     device: torch.device,
@@ -64,9 +91,7 @@ def time_ms(
     if device.type == "cuda":
         return _time_cuda_ms(fn, device, setup=setup, repeats=repeats, warmup=warmup)
 
-    for _ in range(warmup):
-        out = fn(setup()) if setup else fn()
-        del out
+    _warm_up(fn, setup, warmup)
     times = []
     for _ in range(repeats):
         arg = setup() if setup else None
@@ -128,9 +153,7 @@ def _time_cuda_ms(fn, device, *, setup, repeats, warmup) -> list[float]:
 
     # 256 MB is larger than any current L2, so zeroing it evicts the inputs.
     flush = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
-    for _ in range(warmup):
-        out = fn(setup()) if setup else fn()
-        del out
+    _warm_up(fn, setup, warmup)
     times = []
     for _ in range(repeats):
         arg = setup() if setup else None
@@ -230,6 +253,27 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> dict[str, Any
     return {"method": "ru_maxrss (whole process, not reset)", "peak_mb": peak / 2**20}
 
 
+def saved_tensor_bytes(fn: Callable[[], Any], live: Iterable[torch.Tensor] = ()) -> dict[str, Any]:
+    """Bytes that autograd keeps for the backward of ``fn()``: distinct storages of
+    the tensors packed by saved_tensors_hooks (custom autograd Functions and
+    torch.compile's compiled graphs save through the same hooks). ``live`` are
+    tensors that exist anyway (inputs, parameters); their storages are reported
+    apart, so that ``activation_mb`` is the memory a forward adds for its backward."""
+    live_keys = {t.untyped_storage().data_ptr() for t in live}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    activation = sum(n for k, n in saved.items() if k not in live_keys)
+    return {"saved_mb": sum(saved.values()) / 2**20, "activation_mb": activation / 2**20}
+
+
 def run_child_json(args: list[str], *, timeout: float = 600) -> dict[str, Any]:
     """Run ``python -m <args>`` from the repository root and parse the last line
     of its stdout as JSON (how subprocess measurements report back)."""
@@ -239,7 +283,8 @@ def run_child_json(args: list[str], *, timeout: float = 600) -> dict[str, Any]:
     # buffer its own mapping, returned to the OS when freed, so RSS tracks live tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     proc = subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -276,7 +321,7 @@ def device_tag(device: torch.device) -> str:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=False
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -318,7 +363,9 @@ def command_line() -> str:
     import shlex
 
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    head = ["python", "-m", main_spec.name] if main_spec is not None else ["python", sys.argv[0]]
+    # `python -m pkg` runs pkg.__main__; the command typed was `python -m pkg`.
+    module = main_spec.name.removesuffix(".__main__") if main_spec is not None else None
+    head = ["python", "-m", module] if module else ["python", sys.argv[0]]
     return shlex.join(head + sys.argv[1:])
 
 
@@ -369,8 +416,72 @@ def fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def result_path(name: str, device: torch.device, quick: bool, out: str | Path | None = None) -> Path:
+    """Where a benchmark writes its JSON: ``out`` if given, else
+    benchmarks/results/<name>-<device-tag>.json for full runs. --quick runs are
+    smoke tests whose figures mean nothing, so they go to a temporary folder and
+    never into results/."""
+    if out:
+        return Path(out)
+    folder = Path(tempfile.gettempdir()) / "fastvae-bench-quick" if quick else RESULTS_DIR
+    return folder / f"{name}-{device_tag(device)}{'-quick' if quick else ''}.json"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def write_json(path: Path | str, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+# -- the suite summary -----------------------------------------------------------
+
+BASELINES = ("eager", "compiled")
+
+
+def summary_rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (benchmark, case, fastvae implementation), with the baselines
+    of the same case beside it: forward+backward, the mode the targets are stated
+    in, or forward for a benchmark that has no backward (evaluation). Records
+    without a mode, or payloads without records, are left out."""
+    rows = []
+    for p in payloads:
+        modes = {r.get("mode") for r in p.get("results", [])}
+        mode = "fwd+bwd" if "fwd+bwd" in modes else "forward"
+        records = [r for r in p.get("results", []) if r.get("mode") == mode and "impl" in r]
+        by_impl = {(r.get("case"), r["impl"]): r for r in records}
+        for r in records:
+            if r["impl"] in BASELINES:
+                continue
+            base = {b: by_impl.get((r.get("case"), b), {}) for b in BASELINES}
+            impls = {"eager": base["eager"], "compiled": base["compiled"], "fastvae": r}
+            rows.append({
+                "op": p.get("op"), "case": r.get("case"), "impl": r["impl"], "mode": mode,
+                **{f"{k}_ms": v.get("median_ms") for k, v in impls.items()},
+                "speedup_vs_eager": r.get("speedup_vs_eager"),
+                "speedup_vs_compiled": r.get("speedup_vs_compiled"),
+                "gbs": r.get("gbs"), "pct_copy_bw": r.get("pct_copy_bw"),
+                "copy_gbs": (p.get("copy_bandwidth") or {}).get("gbs"),
+                **{f"{k}_activation_mb": v.get("activation_mb") for k, v in impls.items()},
+                **{f"{k}_peak_mb": v.get("peak_mb") for k, v in impls.items()},
+            })
+    return rows
+
+
+def _triple(row: dict[str, Any], field: str, digits: int = 1) -> str:
+    """eager / compiled / fastvae values of one field, or n/a when none was measured."""
+    values = [row.get(f"{k}_{field}") for k in ("eager", "compiled", "fastvae")]
+    return "n/a" if all(v is None for v in values) else " / ".join(fmt(v, digits) for v in values)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["benchmark", "case", "mode", "fastvae", "eager ms", "compiled ms", "fastvae ms", "vs eager", "vs compiled",
+               "% copy BW", "activations MB (e / c / f)", "peak MB (e / c / f)"]
+    table = [[r["op"], r["case"], r["mode"], r["impl"], fmt(r["eager_ms"], 3), fmt(r["compiled_ms"], 3),
+              fmt(r["fastvae_ms"], 3), fmt_ratio(r["speedup_vs_eager"]), fmt_ratio(r["speedup_vs_compiled"]),
+              fmt(r["pct_copy_bw"], 0), _triple(r, "activation_mb"), _triple(r, "peak_mb")] for r in rows]
+    return markdown_table(headers, table)

@@ -1,18 +1,25 @@
-"""A generic forward / backward / forward+backward benchmark of one op against
-its eager and torch.compile baselines, built on common.py. An op's benchmark
-script supplies its cases (problem sizes), the implementations and the fewest
-bytes each mode must move; this runs them interleaved in one process, prints
-the markdown table and writes the JSON.
+"""A generic forward / backward / forward+backward benchmark of one op (or one
+training step) against its eager and torch.compile baselines, built on
+common.py. A benchmark script supplies its cases (problem sizes), the
+implementations and the fewest bytes each mode must move; this runs them
+interleaved in one process, measures memory (common.py's docstring says how),
+prints the markdown table, writes the JSON and returns it.
+
+Implementations named "eager" and "compiled" are the baselines every other one
+is compared with, per case and mode.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -21,22 +28,26 @@ import fastvae
 from . import common
 
 MODES = ("forward", "backward", "fwd+bwd")
+DEFAULT_REPEATS = 15
 
 
 @dataclass
 class Impl:
     name: str
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., Any]
     backend: str | None = None  # FASTVAE_BACKEND while this implementation runs
 
 
 @dataclass
 class Case:
-    label: str  # e.g. "K=8"
+    label: str  # e.g. "K=8"; unique within one run
     params: dict[str, Any]
     # device -> (positional args of fn, tensors to differentiate, upstream gradient)
-    make_inputs: Callable[[torch.device], tuple[tuple, list[torch.Tensor], torch.Tensor]]
-    min_bytes: dict[str, int] = field(default_factory=dict)  # mode -> bytes
+    make_inputs: Callable[[torch.device], tuple[tuple, list[torch.Tensor], Any]]
+    # mode -> fewest bytes it must move; None where bandwidth means nothing (a
+    # training step is bound by its matrix products, not by memory)
+    min_bytes: dict[str, int] | None = field(default=None)
+    repeats: int | None = None  # default for this case when --repeats is not given
 
 
 @contextlib.contextmanager
@@ -67,6 +78,7 @@ def baseline_impls(eager: Callable, fastvae_fn: Callable, op: str, device: torch
     """eager, torch.compile(eager) and fastvae on each backend (default: the one it picks)."""
     if backends is None:
         backends = [default_fastvae_backend(device, op)]
+    # dynamic=False: one graph specialised per shape, the best case for the baseline.
     impls = [Impl("eager", eager), Impl("compiled", torch.compile(eager, dynamic=False))]
     return impls + [Impl(f"fastvae[{b}]", fastvae_fn, b) for b in backends]
 
@@ -90,68 +102,179 @@ def mode_callables(impl: Impl, mode: str, args: tuple, wrt, g):
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None, help=f"timed repetitions (default {DEFAULT_REPEATS})")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each case before timing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fastvae-backends", nargs="+", default=None)
-    p.add_argument("--copy-mb", type=int, default=256)
+    p.add_argument("--fastvae-backends", nargs="+", default=None,
+                   help="fastvae backends to time (default: the one fastvae picks for the device)")
+    p.add_argument("--copy-mb", type=int, default=None,
+                   help="MB copied by the copy-bandwidth probe (default 256, 32 with --quick)")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure the peak memory of fwd+bwd (CPU: one subprocess per case and implementation)")
     p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats: a smoke run")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<name>-<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/<name>-<device>.json; --quick: a temporary folder)")
+    # How run() tells a memory subprocess which measurement it is for.
+    p.add_argument("--memory-child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     return p
 
 
-def run(name: str, title: str, cases: list[Case], impls: list[Impl], args) -> dict:
-    """Times every (case, mode, impl), prints the table, writes the JSON; returns the payload."""
-    device = torch.device(args.device)
-    meta = common.metadata(device)
-    print(f"{meta['device_name']}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-          file=sys.stderr)
-    copy = common.copy_bandwidth_gbs(device, mbytes=args.copy_mb)
-    repeats = 3 if args.quick else args.repeats
-    records, first_calls = [], []
-    for case in cases:
-        args_, wrt, g = case.make_inputs(device)
-        for impl in impls:  # compile and warm up outside the figures
-            fn, _ = mode_callables(impl, "fwd+bwd", args_, wrt, g)
-            with fastvae_backend(impl.backend):
-                common.sync(device)
-                t0 = time.perf_counter()
-                fn()
-                common.sync(device)
-                first_calls.append({"impl": impl.name, "case": case.label, "first_call_s": time.perf_counter() - t0})
-        timed = {}
-        for mode in MODES:
-            for impl in impls:
-                fn, setup = mode_callables(impl, mode, args_, wrt, g)
-                timed[(mode, impl.name)] = (fn, setup, lambda b=impl.backend: fastvae_backend(b))
-        times = common.time_interleaved_ms(timed, device, repeats=repeats, warmup=args.warmup)
-        for mode in MODES:
-            for impl in impls:
-                med = common.median(times[(mode, impl.name)])
-                nbytes = case.min_bytes[mode]
-                records.append({
-                    "impl": impl.name, "case": case.label, **case.params, "mode": mode,
-                    "median_ms": med, "times_ms": times[(mode, impl.name)], "min_bytes": nbytes,
-                    "gbs": common.gbs(nbytes, med), "pct_copy_bw": 100 * common.gbs(nbytes, med) / copy["gbs"],
-                })
-                print(f"{case.label:<6} {mode:<8} {impl.name:<16} {med:9.3f} ms", file=sys.stderr)
-        del args_, wrt, g
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """p.parse_args, keeping the argument list: memory subprocesses replay it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.copy_mb is None:
+        args.copy_mb = 32 if args.quick else 256
+    return args
 
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- memory --------------------------------------------------------------------
+
+
+def peak_memory(case: Case, impl: Impl, device: torch.device) -> dict:
+    """Peak memory of one fwd+bwd call, in this process, after two calls that
+    compile and warm up (common.peak_memory_mb subtracts what is live before)."""
+    args, wrt, g = case.make_inputs(device)
+    fn, _ = mode_callables(impl, "fwd+bwd", args, wrt, g)
+    with fastvae_backend(impl.backend):
+        for _ in range(2):
+            fn()
+        gc.collect()
+        return common.peak_memory_mb(fn, device)
+
+
+def measure_peak_memory(module: str, case: Case, impl: Impl, args, device: torch.device) -> dict:
+    """peak_memory on CUDA in this process (the allocator's own statistics), on
+    CPU in a fresh `python -m module <same arguments> --memory-child ...`."""
+    if device.type == "cuda":
+        return peak_memory(case, impl, device)
+    return common.run_child_json([module, *args.argv, "--memory-child", case.label, impl.name])
+
+
+def saved_bytes(impl: Impl, args: tuple, wrt: list[torch.Tensor]) -> dict:
+    live = [t for t in (*args, *wrt) if isinstance(t, torch.Tensor)]
+    with fastvae_backend(impl.backend):
+        return common.saved_tensor_bytes(lambda: impl.fn(*args), live)
+
+
+# -- the run -------------------------------------------------------------------
+
+
+def add_speedups(records: list[dict]) -> None:
+    """Ratios of medians of the same case and mode, taken in this run."""
     by_key = {(r["impl"], r["case"], r["mode"]): r for r in records}
     for r in records:
-        r["speedup_vs_eager"] = by_key[("eager", r["case"], r["mode"])]["median_ms"] / r["median_ms"]
-        r["speedup_vs_compiled"] = by_key[("compiled", r["case"], r["mode"])]["median_ms"] / r["median_ms"]
-    headers = ["impl", "case", "mode", "median ms", "GB/s", "% copy BW", "vs eager", "vs compiled"]
-    rows = [[r["impl"], r["case"], r["mode"], common.fmt(r["median_ms"], 3), common.fmt(r["gbs"], 1),
-             common.fmt(r["pct_copy_bw"], 1), common.fmt(r["speedup_vs_eager"]) + "x",
-             common.fmt(r["speedup_vs_compiled"]) + "x"]
-            for case in cases for mode in MODES for impl in impls
-            for r in [by_key[(impl.name, case.label, mode)]]]
-    table = common.markdown_table(headers, rows)
-    print(f"\n{title}, {meta['device_name']}; copy bandwidth {copy['gbs']:.1f} GB/s (read + write)\n\n{table}\n")
-    payload = {"op": name, **meta, "title": title, "copy_bandwidth": copy, "repeats": repeats,
-               "results": records, "first_calls": first_calls, "table_markdown": table}
-    tag = common.device_tag(device) + ("-quick" if args.quick else "")
-    out = args.out or common.RESULTS_DIR / f"{name}-{tag}.json"
-    print(f"wrote {common.write_json(out, payload)}", file=sys.stderr)
+        for base in ("eager", "compiled"):
+            ref = by_key.get((base, r["case"], r["mode"]))
+            r[f"speedup_vs_{base}"] = ref["median_ms"] / r["median_ms"] if ref else None
+
+
+def first_calls(case: Case, impls: list[Impl], inputs, device: torch.device) -> list[dict]:
+    """Compile and warm up every implementation outside the figures; the time
+    of each first call (compilation included) is recorded."""
+    out = []
+    for impl in impls:
+        fn, _ = mode_callables(impl, "fwd+bwd", *inputs)
+        with fastvae_backend(impl.backend):
+            common.sync(device)
+            t0 = time.perf_counter()
+            fn()
+            common.sync(device)
+            out.append({"impl": impl.name, "case": case.label, "first_call_s": time.perf_counter() - t0})
+    return out
+
+
+def time_case(case: Case, impls: list[Impl], inputs, copy_gbs: float, args, device: torch.device) -> list[dict]:
+    """Every (mode, implementation) of one case, timed interleaved."""
+    repeats = 3 if args.quick else args.repeats or case.repeats or DEFAULT_REPEATS
+    timed = {}
+    for mode in MODES:
+        for impl in impls:
+            fn, setup = mode_callables(impl, mode, *inputs)
+            timed[(mode, impl.name)] = (fn, setup, lambda b=impl.backend: fastvae_backend(b))
+    times = common.time_interleaved_ms(timed, device, repeats=repeats, warmup=args.warmup)
+    saved = {impl.name: saved_bytes(impl, inputs[0], inputs[1]) for impl in impls}
+    records = []
+    for mode in MODES:
+        for impl in impls:
+            med = common.median(times[(mode, impl.name)])
+            nbytes = case.min_bytes[mode] if case.min_bytes else None
+            bw = common.gbs(nbytes, med) if nbytes else None
+            records.append({
+                "impl": impl.name, "case": case.label, **case.params, "mode": mode, "repeats": repeats,
+                "median_ms": med, "times_ms": times[(mode, impl.name)], "min_bytes": nbytes,
+                "gbs": bw, "pct_copy_bw": 100 * bw / copy_gbs if bw else None, **saved[impl.name],
+            })
+            log(f"{case.label:<10} {mode:<8} {impl.name:<22} {med:9.3f} ms")
+    return records
+
+
+def table(cases: list[Case], impls: list[Impl], records: list[dict]) -> str:
+    by_key = {(r["impl"], r["case"], r["mode"]): r for r in records}
+    memory = any("peak_mb" in r for r in records)
+    headers = ["impl", "case", "mode", "median ms", "GB/s", "% copy BW", "vs eager", "vs compiled",
+               "activations MB"] + (["peak MB"] if memory else [])
+    rows = []
+    for case in cases:
+        for mode in MODES:
+            for impl in impls:
+                r = by_key[(impl.name, case.label, mode)]
+                row = [impl.name, case.label, mode, common.fmt(r["median_ms"], 3), common.fmt(r["gbs"], 1),
+                       common.fmt(r["pct_copy_bw"], 1), common.fmt_ratio(r["speedup_vs_eager"]),
+                       common.fmt_ratio(r["speedup_vs_compiled"]), common.fmt(r["activation_mb"], 1)]
+                if memory:
+                    row.append(common.fmt(r.get("peak_mb"), 1) if mode == "fwd+bwd" else "")
+                rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl], args,
+        extra: dict | None = None) -> dict | None:
+    """Times every (case, mode, impl), prints the table, writes the JSON and
+    returns the payload. ``module`` is the benchmark's module name (its
+    ``__spec__.name``), rerun as the memory subprocess; in that subprocess
+    (--memory-child) this measures one peak, prints it as JSON and returns None.
+    ``extra`` goes into the payload as is."""
+    device = torch.device(args.device)
+    if args.memory_child:
+        label, impl_name = args.memory_child
+        case = next(c for c in cases if c.label == label)
+        print(json.dumps(peak_memory(case, next(i for i in impls if i.name == impl_name), device)))
+        return None
+
+    torch.manual_seed(0)
+    meta = common.metadata(device)
+    log(f"{meta['device_name']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    copy = common.copy_bandwidth_gbs(device, mbytes=args.copy_mb)
+    log(f"copy bandwidth: {copy['gbs']:.1f} GB/s (read + write, {args.copy_mb} MB)")
+    records, warmups = [], []
+    for case in cases:
+        inputs = case.make_inputs(device)
+        warmups += first_calls(case, impls, inputs, device)
+        records += time_case(case, impls, inputs, copy["gbs"], args, device)
+        del inputs
+    if args.memory or device.type == "cuda":
+        fwd_bwd = {(r["impl"], r["case"]): r for r in records if r["mode"] == "fwd+bwd"}
+        for case in cases:
+            for impl in impls:
+                m = measure_peak_memory(module, case, impl, args, device)
+                fwd_bwd[(impl.name, case.label)].update(peak_mb=m["peak_mb"], peak_method=m["method"])
+                log(f"{case.label:<10} peak     {impl.name:<22} {m['peak_mb']:9.1f} MB ({m['method']})")
+    add_speedups(records)
+
+    title = f"{title}, {meta['device_name']}; copy bandwidth {copy['gbs']:.1f} GB/s (read + write)"
+    md = table(cases, impls, records)
+    print(f"\n{title}\n\n{md}\n")
+    payload = {"op": name, **meta, "title": title, "copy_bandwidth": copy,
+               "config": {"quick": args.quick, "warmup": args.warmup, "modes": list(MODES),
+                          "impls": [{"name": i.name, "fastvae_backend": i.backend} for i in impls],
+                          "cases": [{"label": c.label, **c.params} for c in cases]},
+               **(extra or {}), "results": records, "first_calls": warmups,
+               "loadavg_at_end": common.loadavg(), "table_markdown": md}
+    log(f"wrote {common.write_json(common.result_path(name, device, args.quick, args.out), payload)}")
     return payload

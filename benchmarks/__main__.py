@@ -1,0 +1,144 @@
+"""The fastvae benchmark suite: every op, one training step and the K = 5000
+evaluation, in one command.
+
+  python -m benchmarks                   # full run; results in benchmarks/results/
+  python -m benchmarks --quick           # smoke run (tiny sizes); results in a temporary folder
+  python -m benchmarks --only train_step logmeanexp --device cuda
+
+Each benchmark runs in its own subprocess (`python -m benchmarks.bench_<name>`,
+so that its figures start from a fresh allocator and fresh compile caches) and
+writes its own JSON; the suite then writes
+  suite-<device-tag>.json   metadata + every benchmark's payload + the summary rows,
+  suite-<device-tag>.md     the summary table (forward+backward) and every
+                            benchmark's own table,
+  suite-<device-tag>-speedup.png, -bandwidth.png   (benchmarks/plots.py),
+and, in a full run, each benchmark's JSON under its usual name
+(<op>-<device-tag>.json) in the same folder. benchmarks/README.md says what the
+columns mean. Run it on a quiet machine: the figures are medians, but a
+benchmark that shares its cores measures the other load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import common
+
+BENCHMARKS = ["sample_normal", "gaussian_log_prob", "bernoulli_log_prob", "logmeanexp", "train_step",
+              "log_likelihood"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def available(name: str) -> bool:
+    return (Path(__file__).parent / f"bench_{name}.py").exists()
+
+
+def memory_flags(name: str, memory: bool) -> list[str]:
+    """bench_log_likelihood measures peak memory unless told not to; the others
+    (harness.parser) only when asked."""
+    if name == "log_likelihood":
+        return [] if memory else ["--no-memory"]
+    return ["--memory"] if memory else []
+
+
+def run_benchmark(name: str, args, folder: Path) -> list[dict]:
+    """Runs one benchmark in a subprocess (its output goes to this terminal) and
+    returns the payloads it wrote into ``folder``."""
+    cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--device", args.device,
+           "--out", str(folder / f"{name}.json")]
+    cmd += ["--quick"] * args.quick + memory_flags(name, not args.no_memory)
+    log(f"\n=== {name}: {' '.join(cmd[1:])}")
+    folder.mkdir(parents=True)
+    subprocess.run(cmd, cwd=common.REPO_ROOT, check=True)
+    return [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+
+
+def suite_markdown(suite: dict) -> str:
+    m = suite["machine"]
+    lines = [
+        f"# fastvae benchmarks, {suite['device_name']}",
+        "",
+        (f"`{suite['command']}`; commit {suite['git_commit']}; torch {suite['versions']['torch']}, "
+         f"triton {suite['versions']['triton']}; {m['torch_num_threads']} threads of {m['cpu_count']} CPUs; "
+         f"{suite['timestamp']}; load average at start "
+         f"{' '.join(f'{x:.2f}' for x in m['loadavg_at_start'] or [])}."),
+        "",
+        "## Summary: forward+backward (forward for evaluation), medians of one run",
+        "",
+        ("Speedups are ratios of medians taken in the same run; % copy BW is the effective bandwidth "
+         "(fewest bytes / median) over the copy bandwidth measured in the same run; activations are "
+         "the bytes kept for the backward beyond inputs and parameters; peak is one call's peak above "
+         "what was live before it (e / c / f: eager / torch.compile / fastvae). See benchmarks/README.md."),
+        "",
+        common.summary_table(suite["summary"]),
+    ]
+    for failure in suite["failures"]:
+        lines += ["", f"**{failure['benchmark']} failed**: {failure['error']}"]
+    for p in suite["payloads"]:
+        lines += ["", f"## {p.get('op')}", "", p.get("title", ""), "", p.get("table_markdown", "")]
+        if p.get("fastvae_compile"):
+            lines += ["", f"torch.compile of the fastvae step: `{json.dumps(p['fastvae_compile'])}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats: a smoke run, not figures")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None, metavar="NAME",
+                   help=f"run only these ({', '.join(BENCHMARKS)})")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="default benchmarks/results/ (full run) or a temporary folder (--quick)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    out_dir = args.out_dir or common.result_path("suite", device, args.quick).parent
+    stem = common.result_path("suite", device, args.quick).stem
+    names = [n for n in (args.only or BENCHMARKS) if available(n)]
+    log(f"benchmarks: {', '.join(names)} (not present: {', '.join(n for n in BENCHMARKS if not available(n)) or '-'})")
+
+    meta = common.metadata(device)
+    start = time.perf_counter()
+    payloads, failures = [], []
+    with tempfile.TemporaryDirectory(prefix="fastvae-suite-") as tmp:
+        for name in names:
+            try:
+                payloads += run_benchmark(name, args, Path(tmp) / name)
+            except subprocess.CalledProcessError as e:  # the others still run and are reported
+                failures.append({"benchmark": name, "error": f"exit status {e.returncode}"})
+                log(f"=== {name} FAILED (exit status {e.returncode})")
+    if not args.quick:  # each benchmark's file where it writes it when run alone
+        for payload in payloads:
+            common.write_json(out_dir / common.result_path(payload["op"], device, False).name, payload)
+
+    suite = {"op": "suite", **meta, "benchmarks": names, "failures": failures, "elapsed_s": time.perf_counter() - start,
+             "summary": common.summary_rows(payloads), "payloads": payloads}
+    log(f"\nwrote {common.write_json(out_dir / f'{stem}.json', suite)}")
+    md = suite_markdown(suite)
+    (out_dir / f"{stem}.md").write_text(md)
+    log(f"wrote {out_dir / f'{stem}.md'}")
+    try:
+        from .plots import write_plots
+
+        for path in write_plots(suite, out_dir, stem):
+            log(f"wrote {path}")
+    except ImportError as e:
+        log(f"no plots ({e}); pip install -e '.[bench]' adds matplotlib")
+    print("\n" + common.summary_table(suite["summary"]))
+    if failures:
+        sys.exit(1)
+    return suite
+
+
+if __name__ == "__main__":
+    main()
