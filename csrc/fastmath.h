@@ -101,14 +101,15 @@ inline float fast_cos_nonneg(float x) {
   return negate ? -v : v;
 }
 
-// log(1 + t) for t in [0, 1]: log of u = 1 + t, corrected for the rounding of
-// u (Goldberg's trick), so tiny t keep full relative accuracy.
+// log(1 + t) for t in [0, 1]: log of u = 1 + t plus the rounding of u,
+// log(1 + t) = log(u) + log(1 + (t - du)/u) ~ log(u) + (t - du)/u, du = u - 1
+// exact. 1/u is replaced by 2 - u: off by t^2/u, times |t - du| <= 2^-24, which
+// is below float rounding for every t. No division and no branch, and tiny t
+// (u == 1) give t exactly.
 inline float fast_log1p_unit(float t) {
   const float u = 1.0f + t;
   const float du = u - 1.0f;
-  // du == 0 means t is below float epsilon: log1p(t) = t to within rounding
-  const float corr = du == 0.0f ? 1.0f : t / du;
-  return du == 0.0f ? t : fast_log_positive(u) * corr;
+  return fast_log_positive(u) + (t - du) * (2.0f - u);
 }
 
 // softplus(l) = log(1 + e^l) = max(l, 0) + log1p(e^-|l|), exact for |l| large.

@@ -218,6 +218,13 @@ def test_iwae_bound_does_not_decrease_with_k_on_average():
     assert means[0] < means[1] < means[2], means
 
 
+def test_estimators_return_the_same_value_for_the_same_seed(backend):
+    x, mu, logvar, model = make_problem(6, 3, 5, "gaussian", learned_var=True, seed=8)
+    values = [fastvae.iwae(x, mu, logvar, model, k=7, estimator=e, alpha=0.3, reduction="none",
+                           generator=gen(4)) for e in ("iwae", "dreg", "stl")]
+    assert torch.equal(values[0], values[1]) and torch.equal(values[0], values[2])
+
+
 def test_decoder_gradient_of_iwae_and_dreg_agree(backend):
     x, mu, logvar, model = make_problem(6, 3, 5, "bernoulli", seed=4)
     _, a = grads(fastvae.iwae(x, mu, logvar, model, k=5, likelihood="bernoulli", generator=gen(1)), mu, logvar, model)
