@@ -104,15 +104,15 @@ def train(model: VAE, loss_fn, train_x, test_x, *, epochs: int, batch: int, lr: 
     hist = History()
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(len(train_x), generator=gen).to(train_x.device)
-        total = 0.0
+        total = torch.zeros((), device=train_x.device)  # summed on the device: no sync per step
         for i in range(0, len(train_x), batch):
             xb = train_x[perm[i:i + batch]]
             loss = loss_fn(model, xb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(xb)
-        hist.train_loss.append(total / len(train_x))
+            total += loss.detach() * len(xb)
+        hist.train_loss.append(total.item() / len(train_x))
         if epoch % eval_every == 0 or epoch == epochs:
             hist.test_bound.append((epoch, held_out_elbo(model, test_x)))
     return hist

@@ -18,7 +18,7 @@ from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob
 from .kl_normal import kl_normal
 from .latent_log_ratio import latent_log_ratio
-from .logmeanexp import effective_sample_size, logmeanexp
+from .logmeanexp import effective_sample_size, importance_weights, logmeanexp
 from .sample_normal import sample_normal
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -198,8 +198,7 @@ def _dreg_z_scale(z: Tensor, lw: Tensor, alpha: float) -> None:
     bound's own gradient already carries v_k on z_k, so a hook on z multiplies
     by (a + (1-a) v_k); z only feeds the encoder (through sample_normal), so the
     decoder's gradient stays the IWAE one."""
-    v = torch.softmax((1.0 - alpha) * lw.detach(), dim=0)
-    v = torch.nan_to_num(v)  # an all -inf column: no weight anywhere, no gradient
+    v = importance_weights((1.0 - alpha) * lw.detach(), 0)  # 0 for an all -inf column
     scale = (alpha + (1.0 - alpha) * v).unsqueeze(-1)
     z.register_hook(lambda g: g * scale)
 
@@ -210,6 +209,23 @@ def _bound(lw: Tensor, alpha: float) -> Tensor:
     if alpha == 1:  # the limit of the Renyi bound: the Monte Carlo ELBO
         return lw.mean(0)
     return logmeanexp((1.0 - alpha) * lw, 0) / (1.0 - alpha)
+
+
+def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator):
+    """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and iwae_terms."""
+    _check_inputs(x, mu, logvar, decode, reduction)
+    check_likelihood(likelihood)
+    _validate.positive_int("k", k)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_real("alpha", alpha)
+
+    z, kl = sample_normal(mu, logvar, k, generator=generator)
+    reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,))
+    lw = reconstruction + latent_log_ratio(z, mu, logvar, stop_score=estimator != "iwae")
+    if estimator == "dreg":
+        _dreg_z_scale(z, lw, alpha)
+    return _bound(lw, alpha), reconstruction, kl, lw
 
 
 def iwae_terms(
@@ -227,19 +243,10 @@ def iwae_terms(
 ) -> IWAETerms:
     """fastvae.iwae, returning the bound with its terms (reconstruction, KL,
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
-    _check_inputs(x, mu, logvar, decode, reduction)
-    check_likelihood(likelihood)
-    _validate.positive_int("k", k)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    _check_real("alpha", alpha)
-
-    z, kl = sample_normal(mu, logvar, k, generator=generator)
-    reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,))
-    lw = reconstruction + latent_log_ratio(z, mu, logvar, stop_score=estimator != "iwae")
-    if estimator == "dreg":
-        _dreg_z_scale(z, lw, alpha)
-    bound = _bound(lw, alpha)
+    bound, reconstruction, kl, lw = _iwae(
+        x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
+        alpha=alpha, reduction=reduction, generator=generator,
+    )
     with torch.no_grad():
         ess = effective_sample_size(lw.detach(), 0)
     return IWAETerms(
@@ -294,7 +301,8 @@ def iwae(
     For the terms as well (reconstruction, KL, ESS, log-weights), use
     fastvae.iwae_terms.
     """
-    return iwae_terms(
+    bound = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
         alpha=alpha, reduction=reduction, generator=generator,
-    ).bound
+    )[0]
+    return _reduce(bound, reduction)  # no ESS pass: only iwae_terms reports it
