@@ -110,10 +110,17 @@ def backend_info(device: torch.device | str = "cpu") -> dict[str, str]:
     return {op: name for op in OPS}
 
 
-def empty_output(shape, *, like: torch.Tensor) -> torch.Tensor:
-    """Fresh output buffer for a kernel to fill. Every op allocates through here
-    so that tests can poison outputs with NaN and catch unwritten elements."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+def empty_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Fresh output buffer for a kernel to fill, on like's device with like's
+    dtype (or ``dtype``). Every op allocates through here so that tests can
+    poison outputs with NaN and catch unwritten elements."""
+    return torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reductions and noise run in float32, or float64 for float64 inputs
+    (never in half precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def numpy_view(t: torch.Tensor | None):

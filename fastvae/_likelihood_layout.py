@@ -35,7 +35,7 @@ def _strip_leading_ones(t: Tensor, ndim: int) -> Tensor:
     return t
 
 
-def _broadcasts_to(shape, target) -> bool:
+def broadcasts_to(shape, target) -> bool:
     """shape broadcasts to target unchanged (torch.broadcast_shapes(shape,
     target) == target), checked in plain Python: torch.broadcast_shapes costs
     tens of microseconds per call, as much as a small op's kernel."""
@@ -46,7 +46,7 @@ def _broadcasts_to(shape, target) -> bool:
 
 def broadcast_x(x: Tensor, out: Tensor, out_name: str) -> Tensor:
     """x as out's shape, or as out.shape[1:] (broadcast over K), for the ops."""
-    if not _broadcasts_to(x.shape, out.shape):
+    if not broadcasts_to(x.shape, out.shape):
         raise _broadcast_error("x", x, out_name, out)
     if x.shape == out.shape:
         return x
@@ -58,7 +58,7 @@ def broadcast_x(x: Tensor, out: Tensor, out_name: str) -> Tensor:
 
 def broadcast_var(v: Tensor, name: str, x: Tensor, mean: Tensor) -> Tensor:
     """v in one of the three kernel forms (see the module docstring)."""
-    if not _broadcasts_to(v.shape, mean.shape):
+    if not broadcasts_to(v.shape, mean.shape):
         raise _broadcast_error(name, v, "mean", mean)
     if v.shape == mean.shape:
         return v

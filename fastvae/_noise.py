@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _validate, reference
-from ._backend import backend_for, cpp_module, num_threads, triton_module
+from ._backend import accumulation_dtype, backend_for, cpp_module, num_threads, triton_module
 
 _MAX_OFFSET = 2**63 - 1  # Triton's offsets are int64
 
@@ -62,7 +62,6 @@ def evaluation_noise(seed: Tensor, *, first_example: int, n_examples: int, n_sam
     dtype, float32 otherwise (half-precision models cast z themselves)."""
     _validate.positive_int("latent", latent)
     width = (k1 - k0) * latent
-    eps_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    block = torch.empty((n_examples, width), dtype=eps_dtype, device=device)
+    block = torch.empty((n_examples, width), dtype=accumulation_dtype(dtype), device=device)
     randn_fill(seed, (first_example * n_samples + k0) * latent, block, n_samples * latent)
     return block.view(n_examples, k1 - k0, latent).transpose(0, 1)

@@ -11,7 +11,6 @@ from ._backend import numpy_view as _np
 from ._likelihood_layout import broadcast_x, kernel_views
 
 
-
 # -- custom ops ----------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from ._backend import accumulation_dtype
 from ._decoder import check_likelihood, decoder_log_prob
 from ._noise import evaluation_noise
 from .latent_log_ratio import latent_log_ratio
@@ -115,8 +116,7 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
 
 
 def _check_x(x: Any, what: str = "x") -> None:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    _validate.float_tensors(**{what: x})
     if x.dim() != 2:
         raise ValueError(f"{what} must have shape (B, D) (flatten images first), got {tuple(x.shape)}")
 
@@ -157,7 +157,7 @@ def _chunk_plan(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: in
 def _empty_state(n: int, count: int, like: Tensor) -> LogMeanExpState:
     """The state of no examples (n = 0) or of no samples (count = 0, a rank
     whose share of K is empty): (-inf, 0), which merges as nothing."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(like.dtype)
     return LogMeanExpState(torch.full((n,), float("-inf"), dtype=dtype, device=like.device),
                            torch.zeros((n,), dtype=dtype, device=like.device), count)
 
@@ -172,6 +172,7 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
         return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
     kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size())
     std = torch.exp(0.5 * logvar)
+    run_dtype = accumulation_dtype(mu.dtype)
     firsts, seconds = [], []
     for b0 in range(0, n, nb):
         b1 = min(n, b0 + nb)
@@ -182,11 +183,11 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
             eps = evaluation_noise(seed, first_example=g0 + b0, n_examples=b1 - b0, n_samples=cfg.k,
                                    k0=c0, k1=c1, latent=L, dtype=mu.dtype, device=mu.device)
             z = (mb + sb * eps).to(mu.dtype).contiguous()
-            lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,))
+            # a half-precision model's terms are widened before they are added
+            # (and doubled for the w^2 state), so lw is not rounded to half
+            lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,)).to(run_dtype)
             if cfg.with_ratio:
-                lw = lw + latent_log_ratio(z, mb, lb)
-            # 2 * lw of a half-precision model would overflow at |lw| > 32752
-            lw = lw if lw.dtype in (torch.float32, torch.float64) else lw.float()
+                lw = lw + latent_log_ratio(z, mb, lb).to(run_dtype)
             s1, s2 = logmeanexp_state(lw), logmeanexp_state(2 * lw)
             run1 = s1 if run1 is None else merge_logmeanexp_states(run1, s1)
             run2 = s2 if run2 is None else merge_logmeanexp_states(run2, s2)
@@ -353,7 +354,8 @@ def log_likelihood(
     2015, whose expectation rises to log p(x) as K grows).
 
     Args:
-        x: data (B, D), float32 or float64 (flatten images first).
+        x: data (B, D), float32 or float64, or float16/bfloat16 on CUDA
+            (log-weights accumulate in float32); flatten images first.
         encode: x (B, D) -> (mu, logvar), each (B, L): q(z|x) = N(mu, diag(exp(logvar))).
         decode: z (K_c, B, L) -> the decoder output for every sample, shape
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
@@ -485,10 +487,11 @@ def evaluate(
         bar.close()
     if g == 0:
         raise ValueError("evaluate: data yielded no examples")
-    ll = torch.cat(lls).double()
+    per_example = torch.cat(lls)
+    ll = per_example.double()
     se = torch.cat(ses).double()
     mean = ll.mean().item()
-    spread = math.sqrt(((ll - mean) ** 2).sum().item() / (g - 1)) if g > 1 else float("nan")
+    spread = ll.std().item() if g > 1 else float("nan")
     nll = -mean
     return EvaluationResult(
         log_likelihood=mean,
@@ -499,5 +502,5 @@ def evaluate(
         n_examples=g,
         dim=D,
         k=k,
-        per_example=torch.cat(lls),
+        per_example=per_example,
     )

@@ -13,7 +13,6 @@ from ._backend import numpy_view as _np
 from ._likelihood_layout import broadcast_var, broadcast_x, kernel_var, kernel_views
 
 
-
 # -- custom ops ----------------------------------------------------------------
 
 

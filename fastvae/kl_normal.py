@@ -6,10 +6,10 @@ from torch import Tensor
 
 from . import _validate, reference
 from . import _backend
+from ._likelihood_layout import broadcasts_to
 from ._backend import backend_for, cpp_module, num_threads, triton_module
 from ._backend import numpy_view as _np
 from .sample_normal import _flat
-
 
 
 # -- custom ops ----------------------------------------------------------------
@@ -125,11 +125,7 @@ def kl_normal(
     _validate.event_dim("mu", mu)
     _validate.same_shape(mu=mu, logvar=logvar)
     for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
-        try:
-            shape = torch.broadcast_shapes(p.shape, mu.shape)
-        except RuntimeError:
-            shape = None
-        if shape != mu.shape:
+        if not broadcasts_to(p.shape, mu.shape):
             raise ValueError(
                 f"{name} of shape {tuple(p.shape)} does not broadcast to mu's shape {tuple(mu.shape)}"
             )

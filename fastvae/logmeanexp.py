@@ -39,20 +39,14 @@ from ._backend import numpy_view as _np
 _NEG_INF = float("-inf")
 
 
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    # The state is a reduction: float32 or wider even for half-precision lw.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _columns(lw: Tensor) -> Tensor:
     """(K, ...) -> contiguous (K, M)."""
     return lw.reshape(lw.shape[0], math.prod(lw.shape[1:])).contiguous()
 
 
 def _state_buffers(lw: Tensor, M: int) -> tuple[Tensor, Tensor]:
-    dtype = _state_dtype(lw.dtype)
-    like = lw if lw.dtype == dtype else lw.new_empty((0,), dtype=dtype)
-    return _backend.empty_output((M,), like=like), _backend.empty_output((M,), like=like)
+    dtype = _backend.accumulation_dtype(lw.dtype)
+    return _backend.empty_output((M,), like=lw, dtype=dtype), _backend.empty_output((M,), like=lw, dtype=dtype)
 
 
 def _column_vector(t: Tensor | None, M: int, dtype: torch.dtype) -> Tensor | None:
@@ -83,7 +77,7 @@ def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tenso
 
 
 def _fake_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dtype = _state_dtype(lw.dtype)
+    dtype = _backend.accumulation_dtype(lw.dtype)
     shape = lw.shape[1:]
     return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
 
@@ -129,7 +123,7 @@ def logmeanexp_backward_op(
     backend = backend_for(lw.device)
     lw2 = _columns(lw)
     K, M = lw2.shape
-    dtype = _state_dtype(lw.dtype)
+    dtype = _backend.accumulation_dtype(lw.dtype)
     dlw = _backend.empty_output((K, M), like=lw)
     _run_backward(
         backend, lw2, _column_vector(max, M, dtype), _column_vector(sumexp, M, dtype),
@@ -190,7 +184,7 @@ def effective_sample_size_backward_op(
     backend = backend_for(lw.device)
     lw2 = _columns(lw)
     K, M = lw2.shape
-    dtype = _state_dtype(lw.dtype)
+    dtype = _backend.accumulation_dtype(lw.dtype)
     dlw = _backend.empty_output((K, M), like=lw)
     _run_backward(
         backend, lw2, _column_vector(max, M, dtype), _column_vector(sumexp, M, dtype),

@@ -184,7 +184,7 @@ def kl_normal_backward(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dp
 # --------------------------------------------------------------------------
 # gaussian_log_prob, bernoulli_log_prob
 #
-# Kernel layout (set up by fastvae/likelihood.py): mean (K, P, D); x (P, D)
+# Kernel layout (set up by fastvae/_likelihood_layout.py): mean (K, P, D); x (P, D)
 # broadcast over K, or (K, P, D); the variance parameter v is (K, P, D),
 # (P, D) or (D,). Plain broadcasting covers every case here.
 # --------------------------------------------------------------------------
@@ -286,12 +286,15 @@ def logmeanexp_state(lw: Tensor) -> tuple[Tensor, Tensor]:
     return m, torch.exp(lw - _lme_shift(m)).sum(0)
 
 
+def _logmeanexp_from_state(m: Tensor, s: Tensor, K: int) -> Tensor:
+    empty = s == 0
+    out = _lme_shift(m) + torch.log(torch.where(empty, torch.ones_like(s), s)) - math.log(K)
+    return torch.where(empty, torch.full_like(s, -math.inf), out)
+
+
 def logmeanexp(lw: Tensor) -> Tensor:
     """log(mean_k exp(lw_k)) over dim 0: -inf with zero gradient for an all -inf column."""
-    m, s = logmeanexp_state(lw)
-    empty = s == 0
-    out = _lme_shift(m) + torch.log(torch.where(empty, torch.ones_like(s), s)) - math.log(lw.shape[0])
-    return torch.where(empty, torch.full_like(s, -math.inf), out)
+    return _logmeanexp_from_state(*logmeanexp_state(lw), lw.shape[0])
 
 
 def importance_weights(lw: Tensor) -> Tensor:
@@ -315,7 +318,7 @@ def logmeanexp_forward(lw, mx, s, out, ess) -> None:
     mx.copy_(m_ref)
     s.copy_(s_ref)
     if out is not None:
-        out.copy_(logmeanexp(x))
+        out.copy_(_logmeanexp_from_state(m_ref, s_ref, x.shape[0]))
     if ess is not None:
         s2 = torch.exp(2.0 * (x - _lme_shift(m_ref))).sum(0)
         ess.copy_(torch.where(s_ref == 0, torch.zeros_like(s_ref), s_ref * s_ref / s2))

@@ -60,8 +60,8 @@ def nan_poisoned_outputs(monkeypatch):
     """Every fresh op output starts as NaN, so an element a kernel forgot to write fails."""
     real = fastvae._backend.empty_output
 
-    def poisoned(shape, *, like):
-        out = real(shape, like=like)
+    def poisoned(shape, *, like, dtype=None):
+        out = real(shape, like=like, dtype=dtype)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(fastvae._backend, "empty_output", poisoned)

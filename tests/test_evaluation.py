@@ -431,7 +431,7 @@ def test_validation_errors():
         evaluate([], encode, decode, k=4)
     with pytest.raises(ValueError, match="batch 1 has D = 5; earlier batches have D = 6"):
         evaluate([x, x[:, :5]], encode, decode, k=4, progress=False)
-    with pytest.raises(TypeError, match="batch 0 must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="batch 0 must be a torch.Tensor"):
         evaluate([("a", "b")], encode, decode, k=4)
 
 
