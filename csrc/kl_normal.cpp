@@ -114,14 +114,12 @@ void kl_grad_rows(const double* g, const double* mu, const double* lv, const dou
 
 }  // namespace
 
-template <>
-void kl_rows<float>(const float* mu, const float* lv, const float* pm, const float* plv,
+void kl_rows(const float* mu, const float* lv, const float* pm, const float* plv,
                     int64_t r0, int64_t r1, int64_t L, float* kl) {
   kl_rows_f32(mu, lv, pm, plv, r0, r1, L, kl);
 }
 
-template <>
-void kl_rows<double>(const double* mu, const double* lv, const double* pm, const double* plv,
+void kl_rows(const double* mu, const double* lv, const double* pm, const double* plv,
                      int64_t r0, int64_t r1, int64_t L, double* kl) {
   kl_rows_f64(mu, lv, pm, plv, r0, r1, L, kl);
 }
@@ -133,7 +131,7 @@ void kl_normal_forward(const T* mu, const T* logvar, const T* prior_mu, const T*
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t t = 0; t < n_tasks; ++t) {
     const int64_t r0 = t * kRowsPerTask;
-    kl_rows<T>(mu, logvar, prior_mu, prior_logvar, r0, std::min(N, r0 + kRowsPerTask), L, kl);
+    kl_rows(mu, logvar, prior_mu, prior_logvar, r0, std::min(N, r0 + kRowsPerTask), L, kl);
   }
 }
 

@@ -1,5 +1,6 @@
 // Python bindings of kl_normal (checked buffers -> kl_normal.cpp).
 #include "buffers.h"
+#include "optional_buffers.h"
 #include "ops.h"
 
 namespace fastvae::bind {
@@ -15,15 +16,9 @@ void kl_normal_forward_t(py::array mu, py::array logvar, py::object prior_mu,
   }
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
-  const T* pm = nullptr;
-  const T* plv = nullptr;
   py::array pm_a, plv_a;  // keep the arrays alive while their pointers are used
-  if (!prior_mu.is_none()) {
-    pm_a = prior_mu.cast<py::array>();
-    plv_a = prior_logvar.cast<py::array>();
-    pm = checked<T>(pm_a, "prior_mu", {N, L}, false);
-    plv = checked<T>(plv_a, "prior_logvar", {N, L}, false);
-  }
+  const T* pm = checked_or_null<T>(prior_mu, pm_a, "prior_mu", {N, L}, false);
+  const T* plv = checked_or_null<T>(prior_logvar, plv_a, "prior_logvar", {N, L}, false);
   T* klp = checked<T>(kl, "kl", {N}, true);
   py::gil_scoped_release release;
   fastvae::kl_normal_forward<T>(m, lv, pm, plv, N, L, klp, n_threads);
@@ -45,21 +40,11 @@ void kl_normal_backward_t(py::array dkl, py::array mu, py::array logvar, py::obj
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
   T* dm = checked<T>(dmu, "dmu", {N, L}, true);
   T* dlv = checked<T>(dlogvar, "dlogvar", {N, L}, true);
-  const T* pm = nullptr;
-  const T* plv = nullptr;
-  T* dpm = nullptr;
-  T* dplv = nullptr;
-  py::array pm_a, plv_a, dpm_a, dplv_a;
-  if (has_prior) {
-    pm_a = prior_mu.cast<py::array>();
-    plv_a = prior_logvar.cast<py::array>();
-    dpm_a = dprior_mu.cast<py::array>();
-    dplv_a = dprior_logvar.cast<py::array>();
-    pm = checked<T>(pm_a, "prior_mu", {N, L}, false);
-    plv = checked<T>(plv_a, "prior_logvar", {N, L}, false);
-    dpm = checked<T>(dpm_a, "dprior_mu", {N, L}, true);
-    dplv = checked<T>(dplv_a, "dprior_logvar", {N, L}, true);
-  }
+  py::array pm_a, plv_a, dpm_a, dplv_a;  // keep the arrays alive while their pointers are used
+  const T* pm = checked_or_null<T>(prior_mu, pm_a, "prior_mu", {N, L}, false);
+  const T* plv = checked_or_null<T>(prior_logvar, plv_a, "prior_logvar", {N, L}, false);
+  T* dpm = checked_or_null<T>(dprior_mu, dpm_a, "dprior_mu", {N, L}, true);
+  T* dplv = checked_or_null<T>(dprior_logvar, dplv_a, "dprior_logvar", {N, L}, true);
   py::gil_scoped_release release;
   fastvae::kl_normal_backward<T>(gk, m, lv, pm, plv, N, L, dm, dlv, dpm, dplv, n_threads);
 }

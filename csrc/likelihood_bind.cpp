@@ -1,5 +1,8 @@
 // Python bindings of gaussian_log_prob and bernoulli_log_prob (checked
 // buffers -> gaussian_log_prob.cpp, bernoulli_log_prob.cpp).
+#include <cmath>
+#include <limits>
+
 #include "buffers.h"
 #include "likelihood.h"
 #include "optional_buffers.h"
@@ -29,9 +32,21 @@ VarLayout var_layout(const py::array& v, const Dims& s, std::vector<int64_t>& sh
   }
 }
 
+// The kernels take var >= delta > 0 to be a normal number of T (fast_log
+// reads its exponent bits): a delta that is 0, subnormal or not finite in T
+// is refused here.
+template <typename T>
+void check_delta(double delta) {
+  if (!(std::isfinite(delta) && T(delta) >= std::numeric_limits<T>::min())) {
+    throw py::value_error("delta must be finite and at least the smallest normal number of the "
+                          "dtype, got " + std::to_string(delta));
+  }
+}
+
 template <typename T>
 void gaussian_forward_t(py::array x, py::array mean, py::array v, bool softplus, double delta,
                         py::array out, int n_threads) {
+  check_delta<T>(delta);
   const Dims s = decoder_dims(mean);
   std::vector<int64_t> v_shape;
   const VarLayout layout = var_layout(v, s, v_shape);
@@ -47,6 +62,7 @@ template <typename T>
 void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, bool softplus,
                          double delta, py::object dx, py::array dmean, py::object dv,
                          int n_threads) {
+  check_delta<T>(delta);
   const Dims s = decoder_dims(mean);
   std::vector<int64_t> v_shape;
   const VarLayout layout = var_layout(v, s, v_shape);

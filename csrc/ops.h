@@ -51,9 +51,10 @@ void kl_normal_forward(const T* mu, const T* logvar, const T* prior_mu, const T*
                        int64_t N, int64_t L, T* kl, int n_threads);
 
 // kl[r] for rows r0 <= r < r1 of (N, L) inputs (shared by sample_normal).
-template <typename T>
-void kl_rows(const T* mu, const T* logvar, const T* prior_mu, const T* prior_logvar,
-             int64_t r0, int64_t r1, int64_t L, T* kl);
+void kl_rows(const float* mu, const float* logvar, const float* prior_mu,
+             const float* prior_logvar, int64_t r0, int64_t r1, int64_t L, float* kl);
+void kl_rows(const double* mu, const double* logvar, const double* prior_mu,
+             const double* prior_logvar, int64_t r0, int64_t r1, int64_t L, double* kl);
 
 // dkl: (N,); the rest (N, L). dprior_* are written only when the prior is given.
 template <typename T>

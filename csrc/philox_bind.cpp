@@ -3,6 +3,21 @@
 #include "ops.h"
 
 namespace fastvae::bind {
+namespace {
+
+// The last offset must fit in int64, the type of Triton's offsets, so that
+// every backend draws the same counters; checked without overflowing.
+void check_last_offset(const char* fn, uint64_t offset0, int64_t rows, int64_t cols, int64_t stride) {
+  if (rows <= 0 || cols <= 0) return;
+  const unsigned __int128 last = static_cast<unsigned __int128>(offset0) +
+                                 static_cast<unsigned __int128>(rows - 1) * uint64_t(stride) +
+                                 uint64_t(cols - 1);
+  if (last > static_cast<unsigned __int128>(INT64_MAX)) {
+    throw py::value_error(std::string(fn) + ": the last Philox offset exceeds 2**63 - 1");
+  }
+}
+
+}  // namespace
 
 void bind_philox(py::module_& m) {
   m.def("randn_fill", [](uint64_t seed, uint64_t offset0, py::array out, py::object row_stride,
@@ -18,16 +33,7 @@ void bind_philox(py::module_& m) {
     const int64_t cols = out.ndim() == 2 ? out.shape(1) : out.shape(0);
     const int64_t stride = row_stride.is_none() ? cols : row_stride.cast<int64_t>();
     if (stride < 0) throw py::value_error("row_stride must be >= 0, got " + std::to_string(stride));
-    // The last offset must fit in int64, the type of Triton's offsets, so that
-    // every backend draws the same counters; checked without overflowing.
-    if (rows > 0 && cols > 0) {
-      const unsigned __int128 last = static_cast<unsigned __int128>(offset0) +
-                                     static_cast<unsigned __int128>(rows - 1) * uint64_t(stride) +
-                                     uint64_t(cols - 1);
-      if (last > static_cast<unsigned __int128>(INT64_MAX)) {
-        throw py::value_error("randn_fill: the last Philox offset exceeds 2**63 - 1");
-      }
-    }
+    check_last_offset("randn_fill", offset0, rows, cols, stride);
     const std::vector<int64_t> shape = out.ndim() == 2 ? std::vector<int64_t>{rows, cols}
                                                        : std::vector<int64_t>{cols};
     by_dtype(out,
@@ -46,6 +52,7 @@ void bind_philox(py::module_& m) {
   m.def("uniform_fill", [](uint64_t seed, uint64_t offset0, py::array u1, py::array u2) {
     if (u1.ndim() != 1) throw py::value_error("u1: expected a 1-d array, got " + shape_str(u1));
     const int64_t n = u1.shape(0);
+    check_last_offset("uniform_fill", offset0, 1, n, n);
     float* a = checked<float>(u1, "u1", {n}, true);
     float* b = checked<float>(u2, "u2", {n}, true);
     py::gil_scoped_release r;

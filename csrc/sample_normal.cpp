@@ -115,7 +115,7 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t 
     const int64_t r0 = tile * tile_rows;
     const int64_t r1 = std::min(N, r0 + tile_rows);
     // The tile's mu and logvar stay in cache for the sampling loop below.
-    kl_rows<T>(mu, logvar, nullptr, nullptr, r0, r1, L, kl);
+    kl_rows(mu, logvar, nullptr, nullptr, r0, r1, L, kl);
     T s[kBlock], eps[kBlock];
     for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
       const int64_t n = std::min(kBlock, r1 * L - b0);

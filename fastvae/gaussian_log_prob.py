@@ -147,6 +147,10 @@ def gaussian_log_prob(
         tensors["scale"] = scale
     _validate.float_tensors(**tensors)
     _validate.event_dim("mean", mean)
+    # var >= delta must be a normal number in the kernels' compute dtype
+    tiny = torch.finfo(_backend.accumulation_dtype(mean.dtype)).tiny
+    if delta < tiny:
+        raise ValueError(f"delta must be at least {tiny} (the smallest normal {mean.dtype} number), got {delta!r}")
     x_b = broadcast_x(x, mean, "mean")
 
     softplus = softplus_var is not None

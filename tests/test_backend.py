@@ -68,3 +68,13 @@ def test_cpp_boundary_checks_shapes_and_dtypes():
         _C.sample_normal_forward(mu, mu, 1, z, torch.zeros(4).numpy(), 0)
     with pytest.raises(TypeError, match="float32 and float64"):
         _C.kl_normal_forward(torch.zeros(2, 2, dtype=torch.int32).numpy(), mu, None, None, torch.zeros(2).numpy(), 1)
+    # an optional buffer that is not an array is refused, not converted (a copy would swallow writes)
+    with pytest.raises(TypeError, match="prior_mu: expected a NumPy array or None"):
+        _C.kl_normal_forward(mu, mu, [[0.0] * 3] * 4, mu, torch.zeros(4).numpy(), 1)
+    # a variance floor the float32 kernel cannot represent as a normal number
+    x = torch.zeros(4, 3).numpy()
+    with pytest.raises(ValueError, match="delta"):
+        _C.gaussian_log_prob_forward(x, z, torch.zeros(3).numpy(), True, 1e-45, torch.zeros(2, 4).numpy(), 1)
+    # the last Philox offset must fit in int64, for the uniforms too
+    with pytest.raises(ValueError, match="2\*\*63"):
+        _C.uniform_fill(1, 2**63 - 2, torch.zeros(4).numpy(), torch.zeros(4).numpy())

@@ -205,6 +205,8 @@ def test_errors_on_bad_input(backend):
         fastvae.gaussian_log_prob(x, mean, scale=-1.0)
     with pytest.raises(ValueError, match="delta"):
         fastvae.gaussian_log_prob(x, mean, softplus_var=torch.zeros(3, device=device), delta=0.0)
+    with pytest.raises(ValueError, match="smallest normal"):
+        fastvae.gaussian_log_prob(x, mean, softplus_var=torch.zeros(3, device=device), delta=1e-45)
     with pytest.raises(ValueError, match="device"):
         fastvae.gaussian_log_prob(torch.zeros(4, 3, device="meta"), mean)
 
