@@ -51,8 +51,10 @@ inline float fast_exp(float x) {
   return x != x ? x : y;
 }
 
-// log(u) for finite u > 0 of normal magnitude (Cephes logf, about 1 ulp).
-// Only called on uniforms in [1e-7, 1), so no special cases are needed.
+// log(u) for finite u > 0 of normal magnitude (Cephes logf, about 1 ulp): the
+// Philox uniforms, variances (floored at a normal delta at the boundary), 1 + t
+// in log1p. It reads the exponent bits, so 0, subnormals, inf and NaN give
+// wrong values; callers that can see them (logmeanexp's sums) select around it.
 inline float fast_log_positive(float u) {
   const uint32_t b = float_bits(u);
   int32_t e = static_cast<int32_t>((b >> 23) & 0xffu) - 127;

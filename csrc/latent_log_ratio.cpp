@@ -3,8 +3,9 @@
 // "stop the score" mode (STL, DReG), where only the path through z has one.
 //
 // exp(-logvar / 2) is computed once per row of mu and reused by the K samples
-// of that row. Row sums accumulate in double: eps^2 and z^2 can both be large
-// and cancel.
+// of that row. Row sums accumulate in double: the per-element terms
+// eps^2 - z^2 (each formed in T) have both signs and can be large, so a sum
+// over L in T would lose a small total to rounding.
 #include "latent_log_ratio.h"
 
 #include <algorithm>

@@ -90,7 +90,9 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
     assert impls >= {"eager", "compiled"} and len(impls) == 3
     assert len(payload["results"]) == 2 * 3 * len(harness.MODES)
     for r in payload["results"]:
-        assert r["median_ms"] > 0 and r["activation_mb"] >= 0
+        assert r["median_ms"] > 0
+        if r["impl"].startswith("fastvae"):  # it keeps only its inputs for the backward
+            assert r["activation_mb"] == 0
         if r["impl"] == "eager":
             assert r["speedup_vs_eager"] == 1.0
 
@@ -98,4 +100,5 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
 def test_peak_memory_child():
     """The subprocess that --memory starts for one (case, implementation)."""
     m = common.run_child_json(["benchmarks.bench_bernoulli_log_prob", "--quick", "--memory-child", "K=1", "eager"])
-    assert m["peak_mb"] >= 0 and m["method"]
+    # the quick K=1 case allocates a (1, 512, 784) float32 output and gradient: 3 MB
+    assert m["peak_mb"] > 1 and m["method"]

@@ -361,14 +361,21 @@ def test_evaluate_is_batch_size_invariant_and_reports_the_summary():
 
 
 @main_process_only
-def test_progress_bar_only_when_asked(capsys):
+def test_progress_bar_only_when_asked(capsys, monkeypatch):
     encode, decode = mlp_model(5, 2, "mean")
     x = make_data(4, 5, "mean")
     log_likelihood(x, encode, decode, k=4, chunk_size=1)
     evaluate([x, x], encode, decode, k=4, progress=False)
-    evaluate([x, x], encode, decode, k=4)  # the default shows a bar only after 2 s
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+    # the default (progress=None) asks tqdm for a bar that appears only after 2 s
+    import tqdm.auto
+    seen = []
+    real = tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **kw: seen.append(kw) or real(*a, **{**kw, "disable": True}))
+    evaluate([x, x], encode, decode, k=4)
+    assert len(seen) == 1 and seen[0]["delay"] == 2.0 and not seen[0]["disable"]
+    monkeypatch.setattr(tqdm.auto, "tqdm", real)
     log_likelihood(x, encode, decode, k=4, chunk_size=1, progress=True)
     assert "log-likelihood" in capsys.readouterr().err
     evaluate([x, x], encode, decode, k=4, progress=True)

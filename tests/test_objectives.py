@@ -319,6 +319,8 @@ def test_all_neg_inf_log_weights_give_neg_inf_and_no_nan_gradient(backend):
         b = fastvae.iwae(x, mu, logvar, decode, k=3, likelihood="bernoulli", estimator=est,
                          reduction="none", generator=gen(1))
         assert torch.all(b == -math.inf)
+        dmu, dlv = torch.autograd.grad(b.sum(), [mu, logvar])
+        assert not dmu.isnan().any() and not dlv.isnan().any(), est
 
 
 # -- validation ---------------------------------------------------------------------

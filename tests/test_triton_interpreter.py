@@ -39,7 +39,9 @@ def _interpreter_env():
 def test_op_tests_under_triton_interpreter():
     pytest.importorskip("triton")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(TESTS / t) for t in OP_TESTS]]
-    proc = subprocess.run(cmd, env=_interpreter_env(), cwd=TESTS.parent, capture_output=True, text=True)
+    # a hung interpreter must fail the run, not stall CI
+    proc = subprocess.run(cmd, env=_interpreter_env(), cwd=TESTS.parent, capture_output=True, text=True,
+                          timeout=1200)
     tail = (proc.stdout + proc.stderr)[-6000:]
     # exit 5 means no test ran: the interpreter run must have tested something
     assert proc.returncode == 0, f"interpreter tests failed (exit {proc.returncode}):\n{tail}"
