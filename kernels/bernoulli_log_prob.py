@@ -7,7 +7,8 @@ Layout: logits (K, P, D); x (P, D) broadcast over K by indexing, never copied.
 import triton
 import triton.language as tl
 
-from .gaussian_log_prob import _acc, _blocks, sigmoid, softplus
+from ._common import acc_dtype, blocks, sigmoid, softplus
+from .gaussian_log_prob import MAX_BLOCK_D
 
 # -- kernels ------------------------------------------------------------------
 
@@ -81,9 +82,9 @@ def bernoulli_log_prob_forward(x, logits, out) -> None:
     K, P, D = logits.shape
     if K * P == 0:
         return
-    BLOCK_P, BLOCK_D = _blocks(P, D)
+    BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
     _bernoulli_log_prob_fwd_kernel[(triton.cdiv(P, BLOCK_P),)](
-        x, logits, out, K, P, D, ACC=_acc(logits.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D
+        x, logits, out, K, P, D, ACC=acc_dtype(logits.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D
     )
 
 
@@ -94,8 +95,8 @@ def bernoulli_log_prob_backward(g, x, logits, dx, dlogits) -> None:
         if dx is not None:
             dx.zero_()
         return
-    BLOCK_P, BLOCK_D = _blocks(P, D)
+    BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
     _bernoulli_log_prob_bwd_kernel[(triton.cdiv(P, BLOCK_P),)](
         g, x, logits, dx if dx is not None else dlogits, dlogits, K, P, D,
-        HAS_DX=dx is not None, ACC=_acc(logits.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+        HAS_DX=dx is not None, ACC=acc_dtype(logits.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )

@@ -12,33 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype, blocks, sigmoid, softplus
+
 LOG_2PI = 1.8378770664093453
 MAX_BLOCK_D = 1024  # columns per inner step; longer rows loop over D
-TILE = 4096  # target elements per program (BLOCK_P * BLOCK_D)
 ELEMENT, ROW, DIM = 0, 1, 2
 
 # -- math helpers -------------------------------------------------------------
-
-
-@triton.jit
-def log1p_unit(t):
-    """log(1 + t) for t in [0, 1] (Goldberg's correction; libdevice log1p is
-    missing under the interpreter)."""
-    u = 1.0 + t
-    du = u - 1.0
-    return tl.where(du == 0.0, t, tl.log(u) * (t / tl.where(du == 0.0, 1.0, du)))
-
-
-@triton.jit
-def softplus(r):
-    return tl.maximum(r, 0.0) + log1p_unit(tl.exp(-tl.abs(r)))
-
-
-@triton.jit
-def sigmoid(r):
-    e = tl.exp(-tl.abs(r))
-    s = 1.0 / (1.0 + e)
-    return tl.where(r >= 0.0, s, e * s)
 
 
 @triton.jit
@@ -174,16 +154,6 @@ def _gaussian_log_prob_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def _blocks(P: int, D: int) -> tuple[int, int]:
-    BLOCK_D = min(triton.next_power_of_2(max(D, 1)), MAX_BLOCK_D)
-    BLOCK_P = max(1, min(TILE // BLOCK_D, triton.next_power_of_2(max(P, 1))))
-    return BLOCK_P, BLOCK_D
-
-
-def _acc(dtype: torch.dtype):
-    # float64 stays float64; bf16, fp16 and fp32 accumulate in fp32
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
 
 def _layout(v) -> int:
     return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
@@ -194,10 +164,10 @@ def gaussian_log_prob_forward(x, mean, v, softplus_mode: bool, delta: float, out
     K, P, D = mean.shape
     if K * P == 0:
         return
-    BLOCK_P, BLOCK_D = _blocks(P, D)
+    BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
     _gaussian_log_prob_fwd_kernel[(triton.cdiv(P, BLOCK_P),)](
         x, mean, v, out, K, P, D,
-        LAYOUT=_layout(v), SOFTPLUS=softplus_mode, DELTA=delta, ACC=_acc(mean.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+        LAYOUT=_layout(v), SOFTPLUS=softplus_mode, DELTA=delta, ACC=acc_dtype(mean.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
 
 
@@ -211,23 +181,23 @@ def gaussian_log_prob_backward(g, x, mean, v, softplus_mode: bool, delta: float,
                 t.zero_()
         return
     layout = _layout(v)
-    BLOCK_P, BLOCK_D = _blocks(P, D)
+    BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
     grid = triton.cdiv(P, BLOCK_P)
-    acc_dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32
+    part_dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32  # partial sums
     if layout == DIM and dv is not None:
         # per-program partial sums, reduced below: (D,) values summed over all rows
-        dv_arg = torch.empty((grid, D), dtype=acc_dtype, device=mean.device)
-        gsum = torch.empty((grid,), dtype=acc_dtype, device=mean.device)
+        dv_arg = torch.empty((grid, D), dtype=part_dtype, device=mean.device)
+        gsum = torch.empty((grid,), dtype=part_dtype, device=mean.device)
     else:
         dv_arg = gsum = dv if dv is not None else dmean
     _gaussian_log_prob_bwd_kernel[(grid,)](
         g, x, mean, v, dx if dx is not None else dmean, dmean, dv_arg, gsum, K, P, D,
-        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, HAS_DV=dv is not None, ACC=_acc(mean.dtype),
+        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, HAS_DV=dv is not None, ACC=acc_dtype(mean.dtype),
         BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
     if layout == DIM and dv is not None:
         a, G = dv_arg.sum(0), gsum.sum()
-        vv = v.to(acc_dtype)
+        vv = v.to(part_dtype)
         if softplus_mode:
             inv = 1.0 / (torch.logaddexp(torch.zeros_like(vv), vv) + delta)
             dv.copy_(0.5 * (inv * inv * a - inv * G) * torch.sigmoid(vv))

@@ -6,7 +6,8 @@ Layout: mu, logvar, prior_mu, prior_logvar (N, L) contiguous; kl, dkl (N,).
 import triton
 import triton.language as tl
 
-from .sample_normal import _acc, _blocks
+from ._common import acc_dtype, blocks
+from .sample_normal import MAX_BLOCK_L
 
 # -- math helpers -------------------------------------------------------------
 
@@ -112,10 +113,10 @@ def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
         kl.zero_()
         return
     has_prior = prior_mu is not None
-    BLOCK_N, BLOCK_L = _blocks(N, L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _kl_normal_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         mu, logvar, prior_mu if has_prior else mu, prior_logvar if has_prior else logvar, kl,
-        N, L, HAS_PRIOR=has_prior, ACC=_acc(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        N, L, HAS_PRIOR=has_prior, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )
 
 
@@ -125,11 +126,11 @@ def kl_normal_backward(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dp
     if N * L == 0:
         return
     has_prior = prior_mu is not None
-    BLOCK_N, BLOCK_L = _blocks(N, L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _kl_normal_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         dkl, mu, logvar,
         prior_mu if has_prior else mu, prior_logvar if has_prior else logvar,
         dmu, dlogvar,
         dprior_mu if has_prior else dmu, dprior_logvar if has_prior else dlogvar,
-        N, L, HAS_PRIOR=has_prior, ACC=_acc(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        N, L, HAS_PRIOR=has_prior, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )

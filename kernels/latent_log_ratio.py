@@ -8,7 +8,8 @@ the K samples (read per sample, never broadcast in memory); r, g (K, N).
 import triton
 import triton.language as tl
 
-from .sample_normal import _acc, _blocks
+from ._common import acc_dtype, blocks
+from .sample_normal import MAX_BLOCK_L
 
 # -- kernels ------------------------------------------------------------------
 
@@ -103,9 +104,9 @@ def latent_log_ratio_forward(z, mu, logvar, r) -> None:
     if L == 0:
         r.zero_()
         return
-    BLOCK_N, BLOCK_L = _blocks(N, L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _latent_log_ratio_fwd_kernel[(triton.cdiv(N, BLOCK_N) * K,)](
-        z, mu, logvar, r, N, L, ACC=_acc(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        z, mu, logvar, r, N, L, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )
 
 
@@ -121,8 +122,8 @@ def latent_log_ratio_backward(g, z, mu, logvar, dz, dmu, dlogvar) -> None:
             dmu.zero_()
             dlogvar.zero_()
         return
-    BLOCK_N, BLOCK_L = _blocks(N, L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _latent_log_ratio_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         g, z, mu, logvar, dz, dz if stop_score else dmu, dz if stop_score else dlogvar, N, L, N * L, K,
-        STOP_SCORE=stop_score, ACC=_acc(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )

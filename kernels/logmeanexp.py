@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .sample_normal import _acc
+from ._common import acc_dtype, blocks
 
-TILE = 4096  # elements per program tile (BLOCK_K * BLOCK_M)
 MAX_BLOCK_M = 128  # columns per tile; the rest of the tile goes to rows
 CHUNKS_PER_SPLIT = 16  # a K-split folds at most this many tiles before the merge
 MIN_PROGRAMS_PER_SM = 4  # on a GPU, split K until the grid has this many programs per SM
@@ -220,12 +219,6 @@ def _importance_weights_bwd_kernel(
 # -- launchers ----------------------------------------------------------------------
 
 
-def _blocks(K: int, M: int) -> tuple[int, int]:
-    BLOCK_M = min(triton.next_power_of_2(max(M, 1)), MAX_BLOCK_M)
-    BLOCK_K = max(1, min(TILE // BLOCK_M, triton.next_power_of_2(max(K, 1))))
-    return BLOCK_K, BLOCK_M
-
-
 def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) -> int:
     """How many programs share one column's K: enough that none folds more than
     CHUNKS_PER_SPLIT tiles, and on a GPU enough to fill its SMs."""
@@ -243,8 +236,8 @@ def logmeanexp_forward(lw, mx, sumexp, out, ess) -> None:
     K, M = lw.shape
     if M == 0:
         return
-    acc = _acc(lw.dtype)
-    BLOCK_K, BLOCK_M = _blocks(K, M)
+    acc = acc_dtype(lw.dtype)
+    BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
     splits = _splits(K, M, BLOCK_K, BLOCK_M, lw.device)
     rows_per_split = triton.cdiv(triton.cdiv(max(K, 1), BLOCK_K), splits) * BLOCK_K
     splits = triton.cdiv(max(K, 1), rows_per_split)
@@ -271,11 +264,11 @@ def logmeanexp_backward(lw, mx, sumexp, g, g_sumexp, ess, dlw) -> None:
     K, M = lw.shape
     if K * M == 0:
         return
-    BLOCK_K, BLOCK_M = _blocks(K, M)
+    BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
     has_gs, has_ess = g_sumexp is not None, ess is not None
     _logmeanexp_bwd_kernel[(triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),)](
         lw, mx, sumexp, g, g_sumexp if has_gs else g, ess if has_ess else g, dlw, K, M,
-        HAS_G_SUMEXP=has_gs, HAS_ESS=has_ess, ACC=_acc(lw.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        HAS_G_SUMEXP=has_gs, HAS_ESS=has_ess, ACC=acc_dtype(lw.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
     )
 
 
@@ -284,7 +277,7 @@ def importance_weights_backward(gw, w, dlw) -> None:
     K, M = w.shape
     if K * M == 0:
         return
-    BLOCK_K, BLOCK_M = _blocks(K, M)
+    BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
     _importance_weights_bwd_kernel[(triton.cdiv(M, BLOCK_M),)](
-        gw, w, dlw, K, M, ACC=_acc(w.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        gw, w, dlw, K, M, ACC=acc_dtype(w.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
     )

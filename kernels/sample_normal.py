@@ -5,14 +5,13 @@ eps from (seed, offset) instead of storing it.
 Layout: mu, logvar (N, L) contiguous; z, dz (K, N, L); kl, dkl (N,). The
 offset of z[k, n, l] is k * N * L + n * L + l (int64).
 """
-import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype, blocks
 from .philox import randn
 
 MAX_BLOCK_L = 1024  # columns per inner step; longer rows loop over L
-TILE = 4096  # target elements per program (BLOCK_N * BLOCK_L)
 
 # -- kernels ------------------------------------------------------------------
 
@@ -99,27 +98,16 @@ def _sample_normal_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def _blocks(N: int, L: int) -> tuple[int, int]:
-    BLOCK_L = min(triton.next_power_of_2(max(L, 1)), MAX_BLOCK_L)
-    BLOCK_N = max(1, min(TILE // BLOCK_L, triton.next_power_of_2(max(N, 1))))
-    return BLOCK_N, BLOCK_L
-
-
-def _acc(dtype: torch.dtype):
-    # float64 stays float64; bf16, fp16 and fp32 accumulate in fp32
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def sample_normal_forward(mu, logvar, seed, z, kl) -> None:
     """z (K, N, L), kl (N,) <- sample_normal of mu, logvar (N, L); seed: () int64 tensor."""
     K, N, L = z.shape
     if N * L == 0:
         kl.zero_()
         return
-    BLOCK_N, BLOCK_L = _blocks(N, L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     grid = (triton.cdiv(N, BLOCK_N),)
     _sample_normal_fwd_kernel[grid](
-        mu, logvar, seed, z, kl, N, L, N * L, K, ACC=_acc(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L
+        mu, logvar, seed, z, kl, N, L, N * L, K, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L
     )
 
 
@@ -128,9 +116,9 @@ def sample_normal_backward(dz, dkl, mu, logvar, seed, dmu, dlogvar) -> None:
     K, N, L = dz.shape
     if N * L == 0:
         return
-    BLOCK_N, BLOCK_L = _blocks(N, L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     grid = (triton.cdiv(N, BLOCK_N),)
     _sample_normal_bwd_kernel[grid](
         dz, dkl, mu, logvar, seed, dmu, dlogvar, N, L, N * L, K,
-        ACC=_acc(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from conftest import INTERPRET
 from fastvae.__main__ import main

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import fastvae
 from conftest import INTERPRET
 from fastvae import reference
 from fastvae._noise import evaluation_noise, randn_fill
