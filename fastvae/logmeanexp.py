@@ -82,9 +82,17 @@ def _fake_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
 
 
-def _run_backward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, g: Tensor,
-                  g_s: Tensor | None, ess: Tensor | None, dlw: Tensor) -> None:
-    """dlw (K, M) <- e * (a + b e), per-column a, b from g, g_s, ess (see csrc/logmeanexp.h)."""
+def _backward_with_state(lw: Tensor, mx: Tensor, s: Tensor, g: Tensor,
+                         g_s: Tensor | None, ess: Tensor | None) -> Tensor:
+    """dlw (K, ...) = e * (a + b e), e = exp(lw - max), with per-column a, b
+    from g and either g_s (logmeanexp) or ess (effective_sample_size); see
+    csrc/logmeanexp.h. The one backward of both ops."""
+    backend = backend_for(lw.device)
+    lw2 = _columns(lw)
+    K, M = lw2.shape
+    dtype = _backend.accumulation_dtype(lw.dtype)
+    mx, s, g, g_s, ess = (_column_vector(t, M, dtype) for t in (mx, s, g, g_s, ess))
+    dlw = _backend.empty_output((K, M), like=lw)
     if backend == "cpp":
         cpp_module().logmeanexp_backward(
             _np(lw2), _np(mx), _np(s), _np(g), _np(g_s), _np(ess), _np(dlw), num_threads(lw2.numel())
@@ -93,6 +101,7 @@ def _run_backward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, g: Tensor,
         triton_module("logmeanexp").logmeanexp_backward(lw2, mx, s, g, g_s, ess, dlw)
     else:
         reference.logmeanexp_backward(lw2, mx, s, g, g_s, ess, dlw)
+    return dlw.reshape(lw.shape)
 
 
 # -- custom ops: logmeanexp -----------------------------------------------------
@@ -120,16 +129,7 @@ def logmeanexp_backward_op(
 ) -> Tensor:
     """dlw (K, ...) = exp(lw - max) * (grad_out / sumexp + grad_sumexp), with
     1 / sumexp taken as 0 for an all -inf column (so its gradient is 0)."""
-    backend = backend_for(lw.device)
-    lw2 = _columns(lw)
-    K, M = lw2.shape
-    dtype = _backend.accumulation_dtype(lw.dtype)
-    dlw = _backend.empty_output((K, M), like=lw)
-    _run_backward(
-        backend, lw2, _column_vector(max, M, dtype), _column_vector(sumexp, M, dtype),
-        _column_vector(grad_out, M, dtype), _column_vector(grad_sumexp, M, dtype), None, dlw,
-    )
-    return dlw.reshape(lw.shape)
+    return _backward_with_state(lw, max, sumexp, grad_out, grad_sumexp, None)
 
 
 @logmeanexp_backward_op.register_fake
@@ -181,16 +181,7 @@ def effective_sample_size_backward_op(
 ) -> Tensor:
     """dlw (K, ...) = 2 g ess w (1 - ess w), w = exp(lw - max) / sumexp
     (0 for an all -inf column)."""
-    backend = backend_for(lw.device)
-    lw2 = _columns(lw)
-    K, M = lw2.shape
-    dtype = _backend.accumulation_dtype(lw.dtype)
-    dlw = _backend.empty_output((K, M), like=lw)
-    _run_backward(
-        backend, lw2, _column_vector(max, M, dtype), _column_vector(sumexp, M, dtype),
-        _column_vector(grad_ess, M, dtype), None, _column_vector(ess, M, dtype), dlw,
-    )
-    return dlw.reshape(lw.shape)
+    return _backward_with_state(lw, max, sumexp, grad_ess, None, ess)
 
 
 @effective_sample_size_backward_op.register_fake
@@ -223,13 +214,10 @@ def importance_weights_op(lw: Tensor) -> Tensor:
     backend = backend_for(lw.device)
     _validate.dtype_for_backend(backend, lw.dtype)
     lw2 = _columns(lw)
-    K, M = lw2.shape
-    mx, s = _state_buffers(lw, M)
+    mx, s = _state_buffers(lw, lw2.shape[1])
     _run_forward(backend, lw2, mx, s, None, None)
     # softmax is the gradient of log-sum-exp: the backward kernel with g = 1
-    w = _backend.empty_output((K, M), like=lw)
-    _run_backward(backend, lw2, mx, s, torch.ones_like(s), None, None, w)
-    return w.reshape(lw.shape)
+    return _backward_with_state(lw2, mx, s, torch.ones_like(s), None, None).reshape(lw.shape)
 
 
 @importance_weights_op.register_fake
