@@ -38,3 +38,34 @@ def assert_close(actual, expected, scale, name=""):
 
 def seed_tensor(value, device):
     return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def gen(seed):
+    """A CPU torch.Generator seeded with ``seed``, for generator= arguments."""
+    return torch.Generator().manual_seed(seed)
+
+
+def philox_seed_of(gen_seed):
+    """The Philox seed a call with generator=gen(gen_seed) draws."""
+    from fastvae.sample_normal import draw_seed
+
+    return int(draw_seed(torch.device("cpu"), gen(gen_seed)))
+
+
+def run_gloo_ranks(script, args_of_rank, tmp_path, n=2, timeout=180):
+    """Runs ``python -c script rank n init *args_of_rank(rank)`` for n gloo
+    ranks on this machine (cpp backend, one thread each) and fails with the
+    ranks' output if any exits non-zero."""
+    import os
+    import subprocess
+    import sys
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    env = dict(os.environ, FASTVAE_BACKEND="cpp", OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no dependence on the hostname resolving
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(n), init, *args_of_rank(r)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(n)]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]

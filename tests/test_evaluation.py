@@ -7,8 +7,6 @@ process-count invariance; the strided noise fill on every backend.
 """
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,8 +20,7 @@ from fastvae import reference
 from fastvae._noise import evaluation_noise, randn_fill
 from fastvae.evaluation import EvaluationResult, LogLikelihoodStats, evaluate, log_likelihood
 from fastvae.evaluation import reconstruction_probability
-from fastvae.sample_normal import draw_seed
-from helpers import assert_close, seed_tensor
+from helpers import assert_close, gen, philox_seed_of, run_gloo_ranks, seed_tensor
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)
@@ -135,15 +132,6 @@ def oracle_stats(lw):
     return ll, se, ess
 
 
-def seed_of(gen_seed):
-    """The Philox seed a call with generator=torch.Generator().manual_seed(gen_seed) uses."""
-    return int(draw_seed(torch.device("cpu"), torch.Generator().manual_seed(gen_seed)))
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 # -- the noise ------------------------------------------------------------------------
 
 
@@ -212,7 +200,7 @@ def test_matches_oracle_float64(backend, B, D, L, K, kind, with_ratio, model_see
     stats = fn(x, encode, decode, **{k_arg: K}, likelihood=likelihood_of(kind), chunk_size=chunk,
                generator=gen(model_seed), return_stats=True)
     assert isinstance(stats, LogLikelihoodStats)
-    lw, size = oracle_log_weights(x, encode, decode, K, seed_of(model_seed), kind, with_ratio)
+    lw, size = oracle_log_weights(x, encode, decode, K, philox_seed_of(model_seed), kind, with_ratio)
     ll, se, ess = oracle_stats(lw)
     scale = 1 + size.max(0).values  # an error in any log-weight moves the result by at most this much
     assert_close(stats.log_likelihood, ll, scale, "log_likelihood")
@@ -234,7 +222,7 @@ def test_float32_matches_float64_oracle(backend):
     x = make_data(B, D, "pair", seed=6)
     out = log_likelihood(x.float(), encode32, decode32, k=K, chunk_size=4, generator=gen(2))
     assert out.dtype == torch.float32
-    lw, size = oracle_log_weights(x, encode64, decode64, K, seed_of(2), "pair", True)
+    lw, size = oracle_log_weights(x, encode64, decode64, K, philox_seed_of(2), "pair", True)
     ll, _, _ = oracle_stats(lw)
     # float32 rounding of the encoder, the noise and the decoder, relayed through tanh layers
     assert not out.isnan().any()
@@ -468,16 +456,8 @@ _DIST_WORKER = textwrap.dedent("""
 @main_process_only
 def test_two_processes_give_the_single_process_result(tmp_path):
     """gloo, 2 ranks: example and sample sharding both equal one process with the same seed."""
-    init = f"file://{tmp_path / 'rendezvous'}"
-    env = dict(os.environ, FASTVAE_BACKEND="cpp", OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    procs = [subprocess.Popen([sys.executable, "-c", _DIST_WORKER, str(r), "2", init, str(tmp_path / "out"),
-                               tests_dir], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    logs = [p.communicate(timeout=180)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    run_gloo_ranks(_DIST_WORKER, lambda r: [str(tmp_path / "out"), tests_dir], tmp_path)
     encode, decode = mlp_model(9, 2, "pair", seed=4)
     x = make_data(5, 9, "pair")
     single_eval = evaluate([x], encode, decode, k=7, generator=gen(3), progress=False).per_example

@@ -1,9 +1,6 @@
 """logmeanexp, importance_weights, effective_sample_size and the streaming
 state, against the float64 reference, per backend (see conftest.py)."""
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,7 +20,7 @@ from fastvae.logmeanexp import (
     logmeanexp_op,
 )
 from fastvae.sample_normal import sample_normal_op
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, run_gloo_ranks
 
 INF = math.inf
 # K: one sample, small odd, a power of two, and past one Triton tile of rows
@@ -524,17 +521,7 @@ def test_all_reduce_state_across_processes(tmp_path):
     lw = torch.randn(11, 4, dtype=torch.float64) * 5
     lw[3:, 0] = -INF
     torch.save(lw, tmp_path / "lw.pt")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    env = dict(os.environ, FASTVAE_BACKEND="cpp", OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # no dependence on the hostname resolving
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _DIST_WORKER, str(r), "2", init, str(tmp_path / "lw.pt"),
-                          str(tmp_path / "out.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=180)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    run_gloo_ranks(_DIST_WORKER, lambda r: [str(tmp_path / "lw.pt"), str(tmp_path / "out.pt")], tmp_path)
     out, count = torch.load(tmp_path / "out.pt")
     assert int(count) == 11
     ref = reference.logmeanexp(lw)

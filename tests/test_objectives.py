@@ -12,19 +12,12 @@ from hypothesis import strategies as st
 import fastvae
 from conftest import INTERPRET
 from fastvae import reference
-from helpers import assert_close
-
-SEED_HIGH = 2**63 - 1
+from helpers import assert_close, gen, philox_seed_of
 
 
 def same_noise(seed, n_samples, shape):
-    """The eps fastvae draws with generator=torch.Generator().manual_seed(seed)."""
-    philox_seed = int(torch.randint(0, SEED_HIGH, (), generator=torch.Generator().manual_seed(seed)))
-    return reference.sample_noise(philox_seed, n_samples, torch.Size(shape), torch.float64, "cpu")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+    """The eps fastvae draws with generator=gen(seed)."""
+    return reference.sample_noise(philox_seed_of(seed), n_samples, torch.Size(shape), torch.float64, "cpu")
 
 
 class Model(torch.nn.Module):
