@@ -12,10 +12,6 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 16;
 
-FASTVAE_INLINE float softplus_t(float x) { return fast_softplus(x); }
-FASTVAE_INLINE double softplus_t(double x) { return softplus_f64(x); }
-FASTVAE_INLINE float sigmoid_t(float x) { return fast_sigmoid(x); }
-FASTVAE_INLINE double sigmoid_t(double x) { return sigmoid_f64(x); }
 
 template <typename T>
 FASTVAE_INLINE void forward_rows(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,

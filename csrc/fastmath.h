@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "ops.h"
+
 namespace fastvae {
 
 inline uint32_t float_bits(float x) {
@@ -127,11 +129,17 @@ inline float fast_sigmoid(float l) {
   return l >= 0.0f ? r : e * r;
 }
 
-inline double softplus_f64(double l) {
+// The overloads the kernels' templates call: the fast float versions above,
+// libm for double (the float64 path is the precise one). always_inline so
+// they are compiled into each ISA clone of the calling loop.
+FASTVAE_INLINE float exp_t(float x) { return fast_exp(x); }
+FASTVAE_INLINE double exp_t(double x) { return std::exp(x); }
+FASTVAE_INLINE float softplus_t(float x) { return fast_softplus(x); }
+FASTVAE_INLINE double softplus_t(double l) {
   return (l > 0.0 ? l : 0.0) + std::log1p(std::exp(-std::fabs(l)));
 }
-
-inline double sigmoid_f64(double l) {
+FASTVAE_INLINE float sigmoid_t(float x) { return fast_sigmoid(x); }
+FASTVAE_INLINE double sigmoid_t(double l) {
   const double e = std::exp(-std::fabs(l));
   return l >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
 }

@@ -20,12 +20,6 @@ namespace {
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 constexpr int64_t kRowsPerTask = 16;
 
-FASTVAE_INLINE float exp_t(float x) { return fast_exp(x); }
-FASTVAE_INLINE double exp_t(double x) { return std::exp(x); }
-FASTVAE_INLINE float softplus_t(float x) { return fast_softplus(x); }
-FASTVAE_INLINE double softplus_t(double x) { return softplus_f64(x); }
-FASTVAE_INLINE float sigmoid_t(float x) { return fast_sigmoid(x); }
-FASTVAE_INLINE double sigmoid_t(double x) { return sigmoid_f64(x); }
 // var >= delta > 0 is a normal float; inf and NaN pass through unchanged.
 FASTVAE_INLINE float log_var_t(float v) {
   return v < std::numeric_limits<float>::max() ? fast_log_positive(v) : v;

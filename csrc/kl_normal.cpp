@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "fastmath.h"
 #include "ops.h"
-#include "philox.h"
 
 namespace fastvae {
 namespace {
@@ -13,91 +13,63 @@ constexpr int64_t kRowsPerTask = 256;
 
 // Row sums accumulate in double: terms span exp(30) = 1e13 down to 1e-7, and
 // the simd reduction keeps the loop vectorized all the same.
-FASTVAE_CLONES void kl_rows_f32(const float* mu, const float* lv, const float* pm,
-                                const float* plv, int64_t r0, int64_t r1, int64_t L,
-                                float* kl) {
+template <typename T>
+FASTVAE_INLINE void kl_rows_t(const T* mu, const T* lv, const T* pm, const T* plv, int64_t r0,
+                              int64_t r1, int64_t L, T* kl) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * L;
     double acc = 0.0;
     if (pm == nullptr) {
 #pragma omp simd reduction(+ : acc)
-      for (int64_t i = o; i < o + L; ++i) {
-        acc += double(fast_exp(lv[i]) + mu[i] * mu[i] - 1.0f - lv[i]);
-      }
+      for (int64_t i = o; i < o + L; ++i) acc += double(exp_t(lv[i]) + mu[i] * mu[i] - T(1) - lv[i]);
     } else {
 #pragma omp simd reduction(+ : acc)
       for (int64_t i = o; i < o + L; ++i) {
-        const float d = mu[i] - pm[i];
-        acc += double(plv[i] - lv[i] + (fast_exp(lv[i]) + d * d) * fast_exp(-plv[i]) - 1.0f);
+        const T d = mu[i] - pm[i];
+        acc += double(plv[i] - lv[i] + (exp_t(lv[i]) + d * d) * exp_t(-plv[i]) - T(1));
       }
     }
-    kl[r] = static_cast<float>(0.5 * acc);
-  }
-}
-
-void kl_rows_f64(const double* mu, const double* lv, const double* pm, const double* plv,
-                 int64_t r0, int64_t r1, int64_t L, double* kl) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t o = r * L;
-    double acc = 0.0;
-    for (int64_t i = o; i < o + L; ++i) {
-      if (pm == nullptr) {
-        acc += std::exp(lv[i]) + mu[i] * mu[i] - 1.0 - lv[i];
-      } else {
-        const double d = mu[i] - pm[i];
-        acc += plv[i] - lv[i] + (std::exp(lv[i]) + d * d) * std::exp(-plv[i]) - 1.0;
-      }
-    }
-    kl[r] = 0.5 * acc;
+    kl[r] = static_cast<T>(0.5 * acc);
   }
 }
 
 // Gradients of rows [r0, r1); g = dkl.
-FASTVAE_CLONES void kl_grad_rows_f32(const float* g, const float* mu, const float* lv,
-                                     const float* pm, const float* plv, int64_t r0, int64_t r1,
-                                     int64_t L, float* dmu, float* dlv, float* dpm, float* dplv) {
+template <typename T>
+FASTVAE_INLINE void kl_grad_rows_t(const T* g, const T* mu, const T* lv, const T* pm, const T* plv,
+                                   int64_t r0, int64_t r1, int64_t L, T* dmu, T* dlv, T* dpm,
+                                   T* dplv) {
   for (int64_t r = r0; r < r1; ++r) {
-    const float gr = g[r];
+    const T gr = g[r];
     const int64_t o = r * L;
     if (pm == nullptr) {
       for (int64_t i = o; i < o + L; ++i) {
         dmu[i] = gr * mu[i];
-        dlv[i] = 0.5f * gr * (fast_exp(lv[i]) - 1.0f);
+        dlv[i] = T(0.5) * gr * (exp_t(lv[i]) - T(1));
       }
     } else {
       for (int64_t i = o; i < o + L; ++i) {
-        const float inv_pvar = fast_exp(-plv[i]);
-        const float d = mu[i] - pm[i];
-        const float var = fast_exp(lv[i]);
+        const T inv_pvar = exp_t(-plv[i]);
+        const T d = mu[i] - pm[i];
+        const T var = exp_t(lv[i]);
         dmu[i] = gr * d * inv_pvar;
         dpm[i] = -dmu[i];
-        dlv[i] = 0.5f * gr * (var * inv_pvar - 1.0f);
-        dplv[i] = 0.5f * gr * (1.0f - (var + d * d) * inv_pvar);
+        dlv[i] = T(0.5) * gr * (var * inv_pvar - T(1));
+        dplv[i] = T(0.5) * gr * (T(1) - (var + d * d) * inv_pvar);
       }
     }
   }
 }
 
-void kl_grad_rows_f64(const double* g, const double* mu, const double* lv, const double* pm,
-                      const double* plv, int64_t r0, int64_t r1, int64_t L, double* dmu,
-                      double* dlv, double* dpm, double* dplv) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const double gr = g[r];
-    for (int64_t i = r * L; i < (r + 1) * L; ++i) {
-      if (pm == nullptr) {
-        dmu[i] = gr * mu[i];
-        dlv[i] = 0.5 * gr * (std::exp(lv[i]) - 1.0);
-      } else {
-        const double inv_pvar = std::exp(-plv[i]);
-        const double d = mu[i] - pm[i];
-        const double var = std::exp(lv[i]);
-        dmu[i] = gr * d * inv_pvar;
-        dpm[i] = -dmu[i];
-        dlv[i] = 0.5 * gr * (var * inv_pvar - 1.0);
-        dplv[i] = 0.5 * gr * (1.0 - (var + d * d) * inv_pvar);
-      }
-    }
-  }
+// float runs in the ISA clones; double is the precise (libm) path.
+FASTVAE_CLONES void kl_rows_f32(const float* mu, const float* lv, const float* pm,
+                                const float* plv, int64_t r0, int64_t r1, int64_t L, float* kl) {
+  kl_rows_t(mu, lv, pm, plv, r0, r1, L, kl);
+}
+
+FASTVAE_CLONES void kl_grad_rows_f32(const float* g, const float* mu, const float* lv,
+                                     const float* pm, const float* plv, int64_t r0, int64_t r1,
+                                     int64_t L, float* dmu, float* dlv, float* dpm, float* dplv) {
+  kl_grad_rows_t(g, mu, lv, pm, plv, r0, r1, L, dmu, dlv, dpm, dplv);
 }
 
 void kl_grad_rows(const float* g, const float* mu, const float* lv, const float* pm,
@@ -109,7 +81,7 @@ void kl_grad_rows(const float* g, const float* mu, const float* lv, const float*
 void kl_grad_rows(const double* g, const double* mu, const double* lv, const double* pm,
                   const double* plv, int64_t r0, int64_t r1, int64_t L, double* dmu,
                   double* dlv, double* dpm, double* dplv) {
-  kl_grad_rows_f64(g, mu, lv, pm, plv, r0, r1, L, dmu, dlv, dpm, dplv);
+  kl_grad_rows_t(g, mu, lv, pm, plv, r0, r1, L, dmu, dlv, dpm, dplv);
 }
 
 }  // namespace
@@ -121,7 +93,7 @@ void kl_rows(const float* mu, const float* lv, const float* pm, const float* plv
 
 void kl_rows(const double* mu, const double* lv, const double* pm, const double* plv,
                      int64_t r0, int64_t r1, int64_t L, double* kl) {
-  kl_rows_f64(mu, lv, pm, plv, r0, r1, L, kl);
+  kl_rows_t(mu, lv, pm, plv, r0, r1, L, kl);
 }
 
 template <typename T>

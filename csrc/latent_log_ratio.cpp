@@ -12,7 +12,7 @@
 #include <cmath>
 #include <vector>
 
-#include "fastmath.h"  // fast_exp
+#include "fastmath.h"  // exp_t
 #include "ops.h"       // FASTVAE_CLONES, FASTVAE_INLINE
 
 namespace fastvae {
@@ -20,8 +20,6 @@ namespace {
 
 constexpr int64_t kSamplesPerTask = 64;  // forward work item: one row of mu, up to 64 samples
 
-FASTVAE_INLINE float exp_of(float x) { return fast_exp(x); }
-FASTVAE_INLINE double exp_of(double x) { return std::exp(x); }
 
 // inv_s[l] = exp(-logvar[l] / 2); returns sum_l logvar[l] / 2.
 template <typename T>
@@ -30,7 +28,7 @@ FASTVAE_INLINE double inv_std(const T* __restrict lv, int64_t L,
   double half_lv = 0.0;
 #pragma omp simd reduction(+ : half_lv)
   for (int64_t l = 0; l < L; ++l) {
-    inv_s[l] = exp_of(T(-0.5) * lv[l]);
+    inv_s[l] = exp_t(T(-0.5) * lv[l]);
     half_lv += 0.5 * double(lv[l]);
   }
   return half_lv;

@@ -46,8 +46,6 @@ constexpr int64_t kTileElems = 16384;    // elements per elementwise work item (
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
 
-FASTVAE_INLINE float exp_of(float x) { return fast_exp(x); }
-FASTVAE_INLINE double exp_of(double x) { return std::exp(x); }
 
 // exp(x) for x = a log-weight minus the max of its column: x <= 0, or -inf
 // (-> 0), or NaN (-> NaN). That range lets it skip most of fast_exp's work
@@ -94,7 +92,7 @@ FASTVAE_INLINE T shift_of(T m) {
 // was seen, and the factor 0 keeps either.
 template <typename T>
 FASTVAE_INLINE T rescale(T m_old, T m_new) {
-  const T f = exp_of(shift_of(m_old) - shift_of(m_new));
+  const T f = exp_t(shift_of(m_old) - shift_of(m_new));
   return m_old == -kInf<T> ? T(0) : f;
 }
 
