@@ -35,10 +35,6 @@ BENCHMARKS = ["sample_normal", "gaussian_log_prob", "bernoulli_log_prob", "logme
               "log_likelihood"]
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def available(name: str) -> bool:
     return (Path(__file__).parent / f"bench_{name}.py").exists()
 
@@ -57,7 +53,7 @@ def run_benchmark(name: str, args, folder: Path) -> list[dict]:
     cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--device", args.device,
            "--out", str(folder / f"{name}.json")]
     cmd += ["--quick"] * args.quick + memory_flags(name, not args.no_memory)
-    log(f"\n=== {name}: {' '.join(cmd[1:])}")
+    common.log(f"\n=== {name}: {' '.join(cmd[1:])}")
     folder.mkdir(parents=True)
     subprocess.run(cmd, cwd=common.REPO_ROOT, check=True)
     return [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
@@ -105,7 +101,7 @@ def main(argv=None) -> dict:
     out_dir = args.out_dir or common.result_path("suite", device, args.quick).parent
     stem = common.result_path("suite", device, args.quick).stem
     names = [n for n in (args.only or BENCHMARKS) if available(n)]
-    log(f"benchmarks: {', '.join(names)} (not present: {', '.join(n for n in BENCHMARKS if not available(n)) or '-'})")
+    common.log(f"benchmarks: {', '.join(names)} (not present: {', '.join(n for n in BENCHMARKS if not available(n)) or '-'})")
 
     meta = common.metadata(device)
     start = time.perf_counter()
@@ -116,24 +112,24 @@ def main(argv=None) -> dict:
                 payloads += run_benchmark(name, args, Path(tmp) / name)
             except subprocess.CalledProcessError as e:  # the others still run and are reported
                 failures.append({"benchmark": name, "error": f"exit status {e.returncode}"})
-                log(f"=== {name} FAILED (exit status {e.returncode})")
+                common.log(f"=== {name} FAILED (exit status {e.returncode})")
     if not args.quick:  # each benchmark's file where it writes it when run alone
         for payload in payloads:
             common.write_json(out_dir / common.result_path(payload["op"], device, False).name, payload)
 
     suite = {"op": "suite", **meta, "benchmarks": names, "failures": failures, "elapsed_s": time.perf_counter() - start,
              "summary": common.summary_rows(payloads), "payloads": payloads}
-    log(f"\nwrote {common.write_json(out_dir / f'{stem}.json', suite)}")
+    common.log(f"\nwrote {common.write_json(out_dir / f'{stem}.json', suite)}")
     md = suite_markdown(suite)
     (out_dir / f"{stem}.md").write_text(md)
-    log(f"wrote {out_dir / f'{stem}.md'}")
+    common.log(f"wrote {out_dir / f'{stem}.md'}")
     try:
         from .plots import write_plots
 
         for path in write_plots(suite, out_dir, stem):
-            log(f"wrote {path}")
+            common.log(f"wrote {path}")
     except ImportError as e:
-        log(f"no plots ({e}); pip install -e '.[bench]' adds matplotlib")
+        common.log(f"no plots ({e}); pip install -e '.[bench]' adds matplotlib")
     print("\n" + common.summary_table(suite["summary"]))
     if failures:
         sys.exit(1)

@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 import time
 
 import torch
@@ -87,7 +86,7 @@ def naive_log_likelihood(x, encode, decode, k):
         z = mu + std * eps
         logits = decode(z)
         log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
-        # log p(z) - log q(z|x); the log(2 pi) terms cancel
+        # log p(z) - log q(z|x); the common.log(2 pi) terms cancel
         log_ratio = (-0.5 * z * z + 0.5 * eps * eps + 0.5 * logvar).sum(-1)
         return torch.logsumexp(log_px + log_ratio, dim=0) - math.log(k)
 
@@ -146,10 +145,6 @@ def examples_for(impl: str, args) -> int:
     return args.B
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # -- peak memory in a subprocess -------------------------------------------------------
 
 
@@ -206,14 +201,14 @@ def main(argv=None) -> dict | None:
 
     device = torch.device(args.device)
     meta = common.metadata(device)
-    log(f"{meta['device_name']}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    common.log(f"{meta['device_name']}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"fastvae backend {fastvae.backend_info(device)['logmeanexp']}")
     encode, decode = make_model(device)
     skipped, notes = {}, {}
     args.naive_examples, reason = naive_fit(args.k, args.B, device)
     if reason:
         (notes if args.naive_examples else skipped)["naive"] = reason
-        log(f"naive: {reason}")
+        common.log(f"naive: {reason}")
     impls = [i for i in IMPLS if i not in skipped]
     inputs = {i: make_data(examples_for(i, args), device) for i in impls}
 
@@ -225,7 +220,7 @@ def main(argv=None) -> dict | None:
         common.sync(device)
         first_calls[impl] = time.perf_counter() - t0
         estimates[impl] = out.double().mean().item()
-        log(f"{impl:<12} first call {first_calls[impl]:8.2f} s, mean log p(x) {estimates[impl]:.3f}")
+        common.log(f"{impl:<12} first call {first_calls[impl]:8.2f} s, mean log p(x) {estimates[impl]:.3f}")
 
     cases = {impl: ((lambda i=impl: FUNCTIONS[i](inputs[i], encode, decode, args.k)), None, contextlib.nullcontext)
              for impl in impls}
@@ -235,7 +230,7 @@ def main(argv=None) -> dict | None:
     if not args.no_memory:
         for impl in impls:
             memory[impl] = measure_memory(impl, args, device)
-            log(f"{impl:<12} peak {memory[impl]['peak_mb']:9.1f} MB ({memory[impl]['method']})")
+            common.log(f"{impl:<12} peak {memory[impl]['peak_mb']:9.1f} MB ({memory[impl]['method']})")
 
     records, rows = [], []
     for impl in impls:
@@ -288,7 +283,7 @@ def main(argv=None) -> dict | None:
         "loadavg_at_end": common.loadavg(),
         "table_markdown": table,
     }
-    log(f"wrote {common.write_json(out, payload)}")
+    common.log(f"wrote {common.write_json(out, payload)}")
     return payload
 
 

@@ -50,7 +50,7 @@ import fastvae
 from . import harness
 
 OP = "train_step"
-LOG_2PI = math.log(2 * math.pi)
+from fastvae.reference import LOG_2PI
 
 
 class MLPVAE(nn.Module):

@@ -49,6 +49,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # -- timing --------------------------------------------------------------------
 
 
+def log(msg: str) -> None:
+    """Progress lines go to stderr, so stdout keeps only the tables."""
+    print(msg, file=sys.stderr, flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -129,10 +129,6 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
     return args
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # -- memory --------------------------------------------------------------------
 
 
@@ -210,7 +206,7 @@ def time_case(case: Case, impls: list[Impl], inputs, copy_gbs: float, args, devi
                 "median_ms": med, "times_ms": times[(mode, impl.name)], "min_bytes": nbytes,
                 "gbs": bw, "pct_copy_bw": 100 * bw / copy_gbs if bw else None, **saved[impl.name],
             })
-            log(f"{case.label:<10} {mode:<8} {impl.name:<22} {med:9.3f} ms")
+            common.log(f"{case.label:<10} {mode:<8} {impl.name:<22} {med:9.3f} ms")
     return records
 
 
@@ -249,9 +245,9 @@ def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl]
 
     torch.manual_seed(0)
     meta = common.metadata(device)
-    log(f"{meta['device_name']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    common.log(f"{meta['device_name']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     copy = common.copy_bandwidth_gbs(device, mbytes=args.copy_mb)
-    log(f"copy bandwidth: {copy['gbs']:.1f} GB/s (read + write, {args.copy_mb} MB)")
+    common.log(f"copy bandwidth: {copy['gbs']:.1f} GB/s (read + write, {args.copy_mb} MB)")
     records, warmups = [], []
     for case in cases:
         inputs = case.make_inputs(device)
@@ -264,7 +260,7 @@ def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl]
             for impl in impls:
                 m = measure_peak_memory(module, case, impl, args, device)
                 fwd_bwd[(impl.name, case.label)].update(peak_mb=m["peak_mb"], peak_method=m["method"])
-                log(f"{case.label:<10} peak     {impl.name:<22} {m['peak_mb']:9.1f} MB ({m['method']})")
+                common.log(f"{case.label:<10} peak     {impl.name:<22} {m['peak_mb']:9.1f} MB ({m['method']})")
     add_speedups(records)
 
     title = f"{title}, {meta['device_name']}; copy bandwidth {copy['gbs']:.1f} GB/s (read + write)"
@@ -276,5 +272,5 @@ def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl]
                           "cases": [{"label": c.label, **c.params} for c in cases]},
                **(extra or {}), "results": records, "first_calls": warmups,
                "loadavg_at_end": common.loadavg(), "table_markdown": md}
-    log(f"wrote {common.write_json(common.result_path(name, device, args.quick, args.out), payload)}")
+    common.log(f"wrote {common.write_json(common.result_path(name, device, args.quick, args.out), payload)}")
     return payload
