@@ -14,6 +14,7 @@ main() returns the list of their payloads.
 """
 import argparse
 import math
+from pathlib import Path
 
 import torch
 
@@ -67,7 +68,8 @@ def main(argv=None) -> list[dict] | None:
     for variance in args.variance:
         impls = harness.baseline_impls(*fns[variance], "gaussian_log_prob", device, args.fastvae_backends)
         run_args = argparse.Namespace(**vars(args))
-        run_args.out = args.out and args.out.replace(".json", f"-{variance}.json")
+        # one file per variance, whatever suffix --out has
+        run_args.out = args.out and str(Path(args.out).with_name(f"{Path(args.out).stem}-{variance}.json"))
         # A memory subprocess measures one variance: the last --variance given wins.
         run_args.argv = [*args.argv, "--variance", variance]
         payloads.append(harness.run(__spec__.name, f"gaussian_log_prob-{variance}",

@@ -269,13 +269,14 @@ def _shared_seed(device: torch.device, generator, cfg: _Config) -> Tensor:
 
 
 def _all_reduce_states(st1, st2, cfg: _Config):
+    """Both states merged over the ranks in one all_reduce_logmeanexp_state
+    (the states are per column, so they can be stacked)."""
     dev = _collective_device(cfg.group)
-    out = []
-    for st in (st1, st2):
-        local = LogMeanExpState(st.max.to(dev), st.sumexp.to(dev), st.count)
-        merged = all_reduce_logmeanexp_state(local, group=cfg.group)
-        out.append(LogMeanExpState(merged.max.to(st.max.device), merged.sumexp.to(st.max.device), cfg.k))
-    return out
+    local = LogMeanExpState(torch.stack([st1.max, st2.max]).to(dev),
+                            torch.stack([st1.sumexp, st2.sumexp]).to(dev), st1.count)
+    merged = all_reduce_logmeanexp_state(local, group=cfg.group)
+    home = st1.max.device
+    return [LogMeanExpState(merged.max[i].to(home), merged.sumexp[i].to(home), cfg.k) for i in (0, 1)]
 
 
 def _all_gather_examples(stats: LogLikelihoodStats, B: int, world: int, cfg: _Config) -> LogLikelihoodStats:
