@@ -69,3 +69,22 @@ def run_gloo_ranks(script, args_of_rank, tmp_path, n=2, timeout=180):
              for r in range(n)]
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+
+
+def assert_compiled_matches_eager(fn, args, params, *, torch_seed=0, rtol=1e-5, atol=1e-5, grad_rtol=1e-4):
+    """fn(*args) under torch.compile(fullgraph=True) gives eager's values and
+    gradients w.r.t. params (the same torch seed before each run, so the same
+    Philox seed is drawn). fn returns a scalar loss or (loss, *extra outputs)."""
+    def run(f):
+        torch.manual_seed(torch_seed)
+        out = f(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        return outs, torch.autograd.grad(outs[0], params)
+
+    torch._dynamo.reset()
+    eager, eager_grads = run(fn)
+    compiled, compiled_grads = run(torch.compile(fn, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=grad_rtol, atol=atol)

@@ -5,6 +5,7 @@ import torch
 import fastvae
 from conftest import INTERPRET
 from fastvae.sample_normal import sample_normal_op
+from helpers import assert_compiled_matches_eager
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compile tests run in the main process (cpp backend)")
 
@@ -38,16 +39,7 @@ def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, x = TinyVAE(), torch.randn(8, 12)
-    params = list(model.parameters())
-    torch.manual_seed(1)  # the same Philox seed is drawn in both runs
-    eager = loss_public_api(model, x)
-    eager_grads = torch.autograd.grad(eager, params)
-    torch.manual_seed(1)
-    compiled = torch.compile(loss_public_api, fullgraph=True)(model, x)
-    compiled_grads = torch.autograd.grad(compiled, params)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert_compiled_matches_eager(loss_public_api, (model, x), list(model.parameters()), torch_seed=1)
 
 
 def test_compiled_matches_eager_for_same_seed(monkeypatch):
@@ -55,11 +47,5 @@ def test_compiled_matches_eager_for_same_seed(monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, x = TinyVAE(), torch.randn(8, 12)
-    seed = torch.tensor(4242)
-    eager = loss_with_seed(model, x, seed)
-    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
-    compiled = torch.compile(loss_with_seed, fullgraph=True)(model, x, seed)
-    compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    for a, b in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(loss_with_seed, (model, x, torch.tensor(4242)), list(model.parameters()),
+                                  atol=1e-6, grad_rtol=1e-5)

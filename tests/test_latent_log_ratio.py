@@ -11,7 +11,7 @@ from conftest import INTERPRET
 from fastvae import reference
 from fastvae.latent_log_ratio import latent_log_ratio_backward_op, latent_log_ratio_op
 from fastvae.sample_normal import sample_normal_op
-from helpers import assert_close, seed_tensor
+from helpers import assert_close, assert_compiled_matches_eager, seed_tensor
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)
 LATENT = [1, 2, 3, 7, 32, 33, 100, 1025, 1537]
@@ -234,10 +234,4 @@ def test_compiles_fullgraph(monkeypatch, stop_score):
     enc, dec = torch.nn.Linear(6, 4), torch.nn.Linear(2, 6)
     x, seed = torch.randn(5, 6), torch.tensor(99)
     params = list(enc.parameters()) + list(dec.parameters())
-    eager = stl_loss(enc, dec, x, seed, stop_score)
-    grads_e = torch.autograd.grad(eager, params)
-    compiled = torch.compile(stl_loss, fullgraph=True)(enc, dec, x, seed, stop_score)
-    grads_c = torch.autograd.grad(compiled, params)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads_c, grads_e):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_compiled_matches_eager(stl_loss, (enc, dec, x, seed, stop_score), params, atol=1e-6, grad_rtol=1e-5)
