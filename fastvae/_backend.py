@@ -13,6 +13,8 @@ import importlib
 import os
 import warnings
 
+from typing import NamedTuple
+
 import torch
 
 BACKENDS = ("reference", "cpp", "triton")
@@ -121,6 +123,30 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Reductions and noise run in float32, or float64 for float64 inputs
     (never in half precision)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Seed(NamedTuple):
+    """A Philox seed argument of a kernel: the 0-d int64 tensor itself for the
+    Triton kernels (no host sync), its value for the cpp and reference ones."""
+
+    tensor: torch.Tensor
+
+
+def launch(backend: str, op: str, kernel: str, *args, work: int) -> None:
+    """Runs ``kernel`` (e.g. "sample_normal_forward") of ``op`` on ``backend``
+    with the same arguments on every backend: tensors (None for an absent
+    optional one), Python scalars and Seed. The cpp backend gets the tensors
+    as NumPy views and a thread count for ``work`` elements."""
+    if backend == "cpp":
+        cpp_args = (int(a.tensor) if isinstance(a, Seed) else numpy_view(a) if isinstance(a, torch.Tensor) or a is None
+                    else a for a in args)
+        getattr(cpp_module(), kernel)(*cpp_args, num_threads(work))
+    elif backend == "triton":
+        getattr(triton_module(op), kernel)(*(a.tensor if isinstance(a, Seed) else a for a in args))
+    else:
+        from . import reference
+
+        getattr(reference, kernel)(*(int(a.tensor) if isinstance(a, Seed) else a for a in args))
 
 
 def numpy_view(t: torch.Tensor | None):

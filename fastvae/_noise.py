@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validate, reference
-from ._backend import accumulation_dtype, backend_for, cpp_module, num_threads, triton_module
+from . import _backend, _validate
+from ._backend import accumulation_dtype, backend_for
 
 _MAX_OFFSET = 2**63 - 1  # Triton's offsets are int64
 
@@ -45,12 +45,10 @@ def randn_fill(seed: Tensor, offset0: int, out: Tensor, row_stride: int | None =
     if rows * cols == 0:
         return out
     backend = backend_for(out.device)
-    if backend == "cpp":
-        cpp_module().randn_fill(int(seed), offset0, out.numpy(), row_stride, num_threads(out.numel()))
-    elif backend == "triton":
-        triton_module("philox").randn_fill(seed.to(out.device), offset0, out, row_stride)
-    else:
-        reference.randn_fill(int(seed), offset0, out, row_stride)
+    _backend.launch(
+        backend, "philox", "randn_fill", _backend.Seed(seed.to(out.device)), offset0, out, row_stride,
+        work=out.numel(),
+    )
     return out
 
 

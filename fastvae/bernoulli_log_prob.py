@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, reference
-from ._backend import backend_for, cpp_module, num_threads, triton_module
-from ._backend import numpy_view as _np
+from . import _backend, _validate
+from ._backend import backend_for
 from ._likelihood_layout import broadcast_x, kernel_views
 
 
@@ -22,12 +21,9 @@ def bernoulli_log_prob_op(x: Tensor, logits: Tensor) -> Tensor:
     _validate.dtype_for_backend(backend, logits.dtype)
     x2, l3, K, P, D = kernel_views(x, logits)
     out = _backend.empty_output((K, P), like=logits)
-    if backend == "cpp":
-        cpp_module().bernoulli_log_prob_forward(_np(x2), _np(l3), out.numpy(), num_threads(l3.numel()))
-    elif backend == "triton":
-        triton_module("bernoulli_log_prob").bernoulli_log_prob_forward(x2, l3, out)
-    else:
-        reference.bernoulli_log_prob_forward(x2, l3, out)
+    _backend.launch(
+        backend, "bernoulli_log_prob", "bernoulli_log_prob_forward", x2, l3, out, work=l3.numel(),
+    )
     return out.reshape(logits.shape[:-1])
 
 
@@ -47,12 +43,9 @@ def bernoulli_log_prob_backward_op(g: Tensor, x: Tensor, logits: Tensor, need_dx
     dx = _backend.empty_output((P, D) if need_dx else (0,), like=logits)
     dlogits = _backend.empty_output((K, P, D), like=logits)
     dx_arg = dx if need_dx else None
-    if backend == "cpp":
-        cpp_module().bernoulli_log_prob_backward(_np(g2), _np(x2), _np(l3), _np(dx_arg), dlogits.numpy(), num_threads(dlogits.numel()))
-    elif backend == "triton":
-        triton_module("bernoulli_log_prob").bernoulli_log_prob_backward(g2, x2, l3, dx_arg, dlogits)
-    else:
-        reference.bernoulli_log_prob_backward(g2, x2, l3, dx_arg, dlogits)
+    _backend.launch(
+        backend, "bernoulli_log_prob", "bernoulli_log_prob_backward", g2, x2, l3, dx_arg, dlogits, work=dlogits.numel(),
+    )
     return (dx.reshape(x.shape) if need_dx else dx), dlogits.reshape(logits.shape)
 
 

@@ -7,9 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, reference
-from ._backend import backend_for, cpp_module, num_threads, triton_module
-from ._backend import numpy_view as _np
+from . import _backend, _validate
+from ._backend import backend_for
 from ._likelihood_layout import broadcast_var, broadcast_x, kernel_var, kernel_views
 
 
@@ -26,14 +25,11 @@ def gaussian_log_prob_op(x: Tensor, mean: Tensor, v: Tensor, softplus: bool, del
     x2, m3, K, P, D = kernel_views(x, mean)
     v_k = kernel_var(v, K, P, D)
     out = _backend.empty_output((K, P), like=mean)
-    if backend == "cpp":
-        cpp_module().gaussian_log_prob_forward(
-            _np(x2), _np(m3), _np(v_k), softplus, delta, out.numpy(), num_threads(m3.numel())
-        )
-    elif backend == "triton":
-        triton_module("gaussian_log_prob").gaussian_log_prob_forward(x2, m3, v_k, softplus, delta, out)
-    else:
-        reference.gaussian_log_prob_forward(x2, m3, v_k, softplus, delta, out)
+    _backend.launch(
+        backend, "gaussian_log_prob", "gaussian_log_prob_forward",
+        x2, m3, v_k, softplus, delta, out,
+        work=m3.numel(),
+    )
     return out.reshape(mean.shape[:-1])
 
 
@@ -60,17 +56,11 @@ def gaussian_log_prob_backward_op(
     dv = _backend.empty_output(v_k.shape if need_dv else (0,), like=mean)
     dx_arg = dx if need_dx else None
     dv_arg = dv if need_dv else None
-    if backend == "cpp":
-        cpp_module().gaussian_log_prob_backward(
-            _np(g2), _np(x2), _np(m3), _np(v_k), softplus, delta, _np(dx_arg), dmean.numpy(), _np(dv_arg),
-            num_threads(dmean.numel()),
-        )
-    elif backend == "triton":
-        triton_module("gaussian_log_prob").gaussian_log_prob_backward(
-            g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv_arg
-        )
-    else:
-        reference.gaussian_log_prob_backward(g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv_arg)
+    _backend.launch(
+        backend, "gaussian_log_prob", "gaussian_log_prob_backward",
+        g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv_arg,
+        work=dmean.numel(),
+    )
     dx = dx.reshape(x.shape) if need_dx else dx
     return dx, dmean.reshape(mean.shape), dv.reshape(v.shape) if need_dv else dv
 

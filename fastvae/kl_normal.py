@@ -4,11 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _validate, reference
-from . import _backend
+from . import _backend, _validate
 from ._likelihood_layout import broadcasts_to
-from ._backend import backend_for, cpp_module, num_threads, triton_module
-from ._backend import numpy_view as _np
+from ._backend import backend_for
 from .sample_normal import _flat
 
 
@@ -24,12 +22,7 @@ def kl_normal_op(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logv
     pm2 = None if prior_mu is None else _flat(prior_mu)
     plv2 = None if prior_logvar is None else _flat(prior_logvar)
     kl = _backend.empty_output((mu2.shape[0],), like=mu)
-    if backend == "cpp":
-        cpp_module().kl_normal_forward(_np(mu2), _np(lv2), _np(pm2), _np(plv2), kl.numpy(), num_threads(mu2.numel()))
-    elif backend == "triton":
-        triton_module("kl_normal").kl_normal_forward(mu2, lv2, pm2, plv2, kl)
-    else:
-        reference.kl_normal_forward(mu2, lv2, pm2, plv2, kl)
+    _backend.launch(backend, "kl_normal", "kl_normal_forward", mu2, lv2, pm2, plv2, kl, work=mu2.numel())
     return kl.reshape(mu.shape[:-1])
 
 
@@ -55,15 +48,11 @@ def kl_normal_backward_op(
     dpm = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
     dplv = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
     dpm_arg, dplv_arg = (dpm, dplv) if has_prior else (None, None)
-    if backend == "cpp":
-        cpp_module().kl_normal_backward(
-            _np(g), _np(mu2), _np(lv2), _np(pm2), _np(plv2), dmu.numpy(), dlv.numpy(),
-            _np(dpm_arg), _np(dplv_arg), num_threads(mu2.numel()),
-        )
-    elif backend == "triton":
-        triton_module("kl_normal").kl_normal_backward(g, mu2, lv2, pm2, plv2, dmu, dlv, dpm_arg, dplv_arg)
-    else:
-        reference.kl_normal_backward(g, mu2, lv2, pm2, plv2, dmu, dlv, dpm_arg, dplv_arg)
+    _backend.launch(
+        backend, "kl_normal", "kl_normal_backward",
+        g, mu2, lv2, pm2, plv2, dmu, dlv, dpm_arg, dplv_arg,
+        work=mu2.numel(),
+    )
     if has_prior:
         dpm, dplv = dpm.reshape(mu.shape), dplv.reshape(mu.shape)
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape), dpm, dplv

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, reference
-from ._backend import backend_for, cpp_module, num_threads, triton_module
-from ._backend import numpy_view as _np
+from . import _backend, _validate
+from ._backend import backend_for
 from .sample_normal import _flat
 
 # -- custom ops ----------------------------------------------------------------
@@ -37,12 +36,9 @@ def latent_log_ratio_op(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool)
     K = z.shape[0]
     z3 = z.reshape(K, N, L).contiguous()
     r = _backend.empty_output((K, N), like=z)
-    if backend == "cpp":
-        cpp_module().latent_log_ratio_forward(_np(z3), _np(mu2), _np(lv2), r.numpy(), num_threads(z3.numel()))
-    elif backend == "triton":
-        triton_module("latent_log_ratio").latent_log_ratio_forward(z3, mu2, lv2, r)
-    else:
-        reference.latent_log_ratio_forward(z3, mu2, lv2, r)
+    _backend.launch(
+        backend, "latent_log_ratio", "latent_log_ratio_forward", z3, mu2, lv2, r, work=z3.numel(),
+    )
     return r.reshape(z.shape[:-1])
 
 
@@ -67,14 +63,11 @@ def latent_log_ratio_backward_op(
     dmu = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
     dlv = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
     dmu_arg, dlv_arg = (None, None) if stop_score else (dmu, dlv)
-    if backend == "cpp":
-        cpp_module().latent_log_ratio_backward(
-            _np(g), _np(z3), _np(mu2), _np(lv2), _np(dz), _np(dmu_arg), _np(dlv_arg), num_threads(z3.numel())
-        )
-    elif backend == "triton":
-        triton_module("latent_log_ratio").latent_log_ratio_backward(g, z3, mu2, lv2, dz, dmu_arg, dlv_arg)
-    else:
-        reference.latent_log_ratio_backward(g, z3, mu2, lv2, dz, dmu_arg, dlv_arg)
+    _backend.launch(
+        backend, "latent_log_ratio", "latent_log_ratio_backward",
+        g, z3, mu2, lv2, dz, dmu_arg, dlv_arg,
+        work=z3.numel(),
+    )
     if not stop_score:
         dmu, dlv = dmu.reshape(mu.shape), dlv.reshape(mu.shape)
     return dz.reshape(z.shape), dmu, dlv

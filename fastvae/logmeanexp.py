@@ -32,9 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, reference
-from ._backend import backend_for, cpp_module, num_threads, triton_module
-from ._backend import numpy_view as _np
+from . import _backend, _validate
+from ._backend import backend_for
 
 _NEG_INF = float("-inf")
 
@@ -55,12 +54,7 @@ def _column_vector(t: Tensor | None, M: int, dtype: torch.dtype) -> Tensor | Non
 
 def _run_forward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, out: Tensor | None, ess: Tensor | None) -> None:
     """mx, s (M,) <- the column states of lw2 (K, M); out, ess (M,) when given."""
-    if backend == "cpp":
-        cpp_module().logmeanexp_forward(_np(lw2), _np(mx), _np(s), _np(out), _np(ess), num_threads(lw2.numel()))
-    elif backend == "triton":
-        triton_module("logmeanexp").logmeanexp_forward(lw2, mx, s, out, ess)
-    else:
-        reference.logmeanexp_forward(lw2, mx, s, out, ess)
+    _backend.launch(backend, "logmeanexp", "logmeanexp_forward", lw2, mx, s, out, ess, work=lw2.numel())
 
 
 def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,14 +87,9 @@ def _backward_with_state(lw: Tensor, mx: Tensor, s: Tensor, g: Tensor,
     dtype = _backend.accumulation_dtype(lw.dtype)
     mx, s, g, g_s, ess = (_column_vector(t, M, dtype) for t in (mx, s, g, g_s, ess))
     dlw = _backend.empty_output((K, M), like=lw)
-    if backend == "cpp":
-        cpp_module().logmeanexp_backward(
-            _np(lw2), _np(mx), _np(s), _np(g), _np(g_s), _np(ess), _np(dlw), num_threads(lw2.numel())
-        )
-    elif backend == "triton":
-        triton_module("logmeanexp").logmeanexp_backward(lw2, mx, s, g, g_s, ess, dlw)
-    else:
-        reference.logmeanexp_backward(lw2, mx, s, g, g_s, ess, dlw)
+    _backend.launch(
+        backend, "logmeanexp", "logmeanexp_backward", lw2, mx, s, g, g_s, ess, dlw, work=lw2.numel(),
+    )
     return dlw.reshape(lw.shape)
 
 
@@ -235,12 +224,7 @@ def importance_weights_backward_op(grad_w: Tensor, w: Tensor) -> Tensor:
     K, M = w2.shape
     g2 = grad_w.to(w.dtype).reshape(K, M).contiguous()
     dlw = _backend.empty_output((K, M), like=w)
-    if backend == "cpp":
-        cpp_module().importance_weights_backward(_np(g2), _np(w2), _np(dlw), num_threads(dlw.numel()))
-    elif backend == "triton":
-        triton_module("logmeanexp").importance_weights_backward(g2, w2, dlw)
-    else:
-        reference.importance_weights_backward(g2, w2, dlw)
+    _backend.launch(backend, "logmeanexp", "importance_weights_backward", g2, w2, dlw, work=dlw.numel())
     return dlw.reshape(w.shape)
 
 

@@ -12,10 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import _validate, reference
-from . import _backend
-from ._backend import backend_for, cpp_module, num_threads, triton_module
-from ._backend import numpy_view as _np
+from . import _backend, _validate
+from ._backend import backend_for
 
 _SEED_HIGH = 2**63 - 1
 
@@ -47,14 +45,11 @@ def sample_normal_op(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -
     N, L = mu2.shape
     z = _backend.empty_output((n_samples, N, L), like=mu)
     kl = _backend.empty_output((N,), like=mu)
-    if backend == "cpp":
-        cpp_module().sample_normal_forward(
-            _np(mu2), _np(lv2), int(seed), z.numpy(), kl.numpy(), num_threads(z.numel())
-        )
-    elif backend == "triton":
-        triton_module("sample_normal").sample_normal_forward(mu2, lv2, seed, z, kl)
-    else:
-        reference.sample_normal_forward(mu2, lv2, int(seed), z, kl)
+    _backend.launch(
+        backend, "sample_normal", "sample_normal_forward",
+        mu2, lv2, _backend.Seed(seed), z, kl,
+        work=z.numel(),
+    )
     return z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])
 
 
@@ -74,15 +69,11 @@ def sample_normal_backward_op(dz: Tensor, dkl: Tensor, mu: Tensor, logvar: Tenso
     dkl1 = dkl.to(mu.dtype).reshape(N).contiguous()
     dmu = _backend.empty_output((N, L), like=mu)
     dlv = _backend.empty_output((N, L), like=mu)
-    if backend == "cpp":
-        cpp_module().sample_normal_backward(
-            _np(dz3), _np(dkl1), _np(mu2), _np(lv2),
-            int(seed), dmu.numpy(), dlv.numpy(), num_threads(dz3.numel()),
-        )
-    elif backend == "triton":
-        triton_module("sample_normal").sample_normal_backward(dz3, dkl1, mu2, lv2, seed, dmu, dlv)
-    else:
-        reference.sample_normal_backward(dz3, dkl1, mu2, lv2, int(seed), dmu, dlv)
+    _backend.launch(
+        backend, "sample_normal", "sample_normal_backward",
+        dz3, dkl1, mu2, lv2, _backend.Seed(seed), dmu, dlv,
+        work=dz3.numel(),
+    )
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape)
 
 
