@@ -30,7 +30,6 @@ inline std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// Checks `a` against dtype T, C-contiguity and the exact shape, and returns its data.
 // Large outputs are fresh allocations whose first touch costs a page fault
 // per 4 KiB (about half the time of a K = 16 sample_normal); asking for
 // transparent huge pages on the 2 MiB-aligned interior before the kernel
@@ -49,6 +48,10 @@ inline void advise_huge_pages(void* data, size_t nbytes) {
 #endif
 }
 
+// Checks `a` against dtype T, C-contiguity, writability and the exact shape,
+// and returns its data. Outputs must not overlap inputs (the kernels mark
+// their pointers __restrict): the front end always passes fresh outputs, and
+// direct callers of fastvae._C must do the same.
 template <typename T>
 T* checked(py::array& a, const char* name, const std::vector<int64_t>& shape, bool writable) {
   if (!a.dtype().is(py::dtype::of<T>())) {

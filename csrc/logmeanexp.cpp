@@ -503,10 +503,9 @@ void importance_weights_backward(const T* gw, const T* w, int64_t K, int64_t M, 
   {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tasks; ++t) {
-      const int64_t j0 = (t % p.n_blocks) * p.cols, sp = t / p.n_blocks;
-      const int64_t k0 = sp * p.split_rows, rows = std::min(K, k0 + p.split_rows) - k0;
-      iw_dot_any(gw + k0 * M + j0, w + k0 * M + j0, M, rows, std::min(p.cols, M - j0),
-                 dots.data() + sp * M + j0);
+      const Task a = task_at(p, t, K, M);
+      iw_dot_any(gw + a.k0 * M + a.j0, w + a.k0 * M + a.j0, M, a.k1 - a.k0, a.w,
+                 dots.data() + (t / p.n_blocks) * M + a.j0);
     }
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < M; ++j) {
@@ -514,10 +513,9 @@ void importance_weights_backward(const T* gw, const T* w, int64_t K, int64_t M, 
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tasks; ++t) {
-      const int64_t j0 = (t % p.n_blocks) * p.cols, sp = t / p.n_blocks;
-      const int64_t k0 = sp * p.split_rows, rows = std::min(K, k0 + p.split_rows) - k0;
-      iw_grad_any(gw + k0 * M + j0, w + k0 * M + j0, M, rows, std::min(p.cols, M - j0),
-                  dots.data() + j0, dlw + k0 * M + j0);
+      const Task a = task_at(p, t, K, M);
+      iw_grad_any(gw + a.k0 * M + a.j0, w + a.k0 * M + a.j0, M, a.k1 - a.k0, a.w,
+                  dots.data() + a.j0, dlw + a.k0 * M + a.j0);
     }
   }
 }

@@ -101,9 +101,6 @@ def latent_log_ratio_forward(z, mu, logvar, r) -> None:
     K, N, L = z.shape
     if K * N == 0:
         return
-    if L == 0:
-        r.zero_()
-        return
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _latent_log_ratio_fwd_kernel[(triton.cdiv(N, BLOCK_N) * K,)](
         z, mu, logvar, r, N, L, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
