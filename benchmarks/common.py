@@ -378,6 +378,15 @@ def loadavg() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+# How time_interleaved_ms takes its figures, recorded with every result.
+TIMING_METHOD = {
+    "cpu": "time.perf_counter around one call; cases round-robin, --repeats calls each; median",
+    "cuda": "without per-call setup (forward, fwd+bwd): triton.testing.do_bench's median over its own "
+            "repeat count (times_ms holds that one median); with setup (backward): CUDA events around "
+            "each of --repeats calls, L2 flushed before each; median",
+}
+
+
 def metadata(device: torch.device) -> dict[str, Any]:
     """Everything needed to tell where and how a result file was produced."""
     return {
@@ -397,6 +406,7 @@ def metadata(device: torch.device) -> dict[str, Any]:
         },
         "device": str(device),
         "device_name": device_name(device),
+        "timing": TIMING_METHOD[device.type],
         "versions": versions(),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("FASTVAE_", "OMP_", "TRITON_", "TORCHINDUCTOR_"))},
     }
