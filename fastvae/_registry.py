@@ -1,0 +1,93 @@
+"""The op registry: every op, its kernels, and each kernel's argument names.
+
+This is the one place a kernel's arguments are defined. The front end calls
+every backend by keyword from it (``_backend.launch``), and
+``tests/test_registry.py`` fails when the reference function, the Triton
+launcher or the C++ binding spells them differently. The public op list
+(``backend_info``), the interpreter test run and the benchmark list derive
+from ``OPS``.
+
+Argument names follow three rules:
+- the upstream gradient of an output ``o`` is ``grad_o`` (``grad_out`` for an
+  op's main output ``out``);
+- the gradient a backward kernel writes for an input ``i`` is ``d<i>``;
+- the streaming log-sum-exp state is ``lw_max`` and ``sumexp`` everywhere.
+Outputs are written in place by the kernel; optional tensors may be None.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Kernel(NamedTuple):
+    """One kernel: the function of this name in ``fastvae.reference``, in
+    ``fastvae.kernels.<module>`` (Triton) and in ``fastvae._C`` (which adds a
+    trailing ``n_threads``)."""
+
+    name: str
+    module: str  # the file stem under kernels/ (and of the op's front end)
+    args: tuple[str, ...]
+    triton: bool = True  # False: reference and C++ only
+
+
+class Op(NamedTuple):
+    """A public op: its kernels and the test module that checks it (also run
+    under the Triton interpreter when ``interpret`` is true)."""
+
+    name: str
+    kernels: tuple[str, ...]
+    test: str
+    benchmark: str | None  # benchmarks/bench_<benchmark>.py
+
+
+def _k(name: str, module: str, args: str, triton: bool = True) -> Kernel:
+    return Kernel(name, module, tuple(args.split()), triton)
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    _k("randn_fill", "philox", "seed offset0 out row_stride"),
+    _k("uniform_fill", "philox", "seed offset0 u1 u2", triton=False),
+    _k("sample_normal_forward", "sample_normal", "mu logvar seed z kl"),
+    _k("sample_normal_backward", "sample_normal", "grad_z grad_kl mu logvar seed dmu dlogvar"),
+    _k("kl_normal_forward", "kl_normal", "mu logvar prior_mu prior_logvar kl"),
+    _k("kl_normal_backward", "kl_normal",
+       "grad_kl mu logvar prior_mu prior_logvar dmu dlogvar dprior_mu dprior_logvar"),
+    _k("gaussian_log_prob_forward", "gaussian_log_prob", "x mean var_param softplus_mode delta out"),
+    _k("gaussian_log_prob_backward", "gaussian_log_prob",
+       "grad_out x mean var_param softplus_mode delta dx dmean dvar_param"),
+    _k("bernoulli_log_prob_forward", "bernoulli_log_prob", "x logits out"),
+    _k("bernoulli_log_prob_backward", "bernoulli_log_prob", "grad_out x logits dx dlogits"),
+    _k("logmeanexp_forward", "logmeanexp", "lw lw_max sumexp out ess"),
+    _k("logmeanexp_backward", "logmeanexp", "grad_out grad_sumexp lw lw_max sumexp ess dlw"),
+    _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
+    _k("latent_log_ratio_forward", "latent_log_ratio", "z mu logvar out"),
+    _k("latent_log_ratio_backward", "latent_log_ratio", "grad_out z mu logvar dz dmu dlogvar"),
+)}
+
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("sample_normal", ("sample_normal_forward", "sample_normal_backward", "randn_fill"),
+       "test_sample_normal.py", "sample_normal"),
+    Op("kl_normal", ("kl_normal_forward", "kl_normal_backward"), "test_kl_normal.py", "kl_normal"),
+    Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),
+       "test_gaussian_log_prob.py", "gaussian_log_prob"),
+    Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
+       "test_bernoulli_log_prob.py", "bernoulli_log_prob"),
+    Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward"), "test_logmeanexp.py", "logmeanexp"),
+    Op("importance_weights", ("importance_weights_backward", "logmeanexp_backward"),
+       "test_logmeanexp.py", "logmeanexp"),
+    Op("effective_sample_size", ("logmeanexp_forward", "logmeanexp_backward"),
+       "test_logmeanexp.py", "logmeanexp"),
+    Op("latent_log_ratio", ("latent_log_ratio_forward", "latent_log_ratio_backward"),
+       "test_latent_log_ratio.py", "latent_log_ratio"),
+)}
+
+# Test modules above the ops that reach a Triton kernel: run under the
+# interpreter too, next to every op's own test module.
+INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py")
+
+
+def interpreter_test_modules() -> list[str]:
+    """Every test module the Triton interpreter run must include, in order."""
+    seen = dict.fromkeys(op.test for op in OPS.values())
+    seen.update(dict.fromkeys(INTERPRETED_TESTS))
+    return list(seen)
