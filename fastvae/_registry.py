@@ -58,7 +58,7 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("bernoulli_log_prob_forward", "bernoulli_log_prob", "x logits out"),
     _k("bernoulli_log_prob_backward", "bernoulli_log_prob", "grad_out x logits dx dlogits"),
     _k("logmeanexp_forward", "logmeanexp", "lw lw_max sumexp out ess"),
-    _k("logmeanexp_backward", "logmeanexp", "grad_out grad_sumexp lw lw_max sumexp ess dlw"),
+    _k("logmeanexp_backward", "logmeanexp", "lw lw_max sumexp grad_out grad_sumexp ess dlw"),
     _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
     _k("latent_log_ratio_forward", "latent_log_ratio", "z mu logvar out"),
     _k("latent_log_ratio_backward", "latent_log_ratio", "grad_out z mu logvar dz dmu dlogvar"),
