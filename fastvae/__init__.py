@@ -26,9 +26,11 @@ Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
 - evaluate(data, encode, decode, *, k=5000, ...) -> EvaluationResult
 - reconstruction_probability(x, encode, decode, *, n_samples=100, ...): the anomaly score
 
-backend_info(device) reports which backend serves each op.
+backend_info(device) reports which backend serves each op; set_backend(name) and
+use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
+does at import.
 """
-from ._backend import backend_info
+from ._backend import backend_info, set_backend, use_backend
 from .bernoulli_log_prob import bernoulli_log_prob
 from .evaluation import (
     EvaluationResult,
@@ -68,6 +70,8 @@ __all__ = [
     "LogMeanExpState",
     "latent_log_ratio",
     "backend_info",
+    "set_backend",
+    "use_backend",
     "elbo",
     "elbo_terms",
     "ELBOTerms",

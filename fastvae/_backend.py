@@ -1,25 +1,26 @@
-"""Which implementation serves an op: the backend choice, the loaders of the
-compiled extension and of the Triton kernels, and output allocation.
+"""Which implementation serves an op, and how a kernel is run on it.
 
-Automatic choice: CUDA tensors -> "triton", CPU tensors -> "cpp".
-FASTVAE_BACKEND=reference|cpp|triton overrides it (read at every call, so it
-can be changed at run time). "triton" on CPU tensors runs the Triton
+Automatic choice: CUDA tensors -> "triton", CPU tensors -> "cpp" (the
+reference, with a warning, when the extension is missing).
+FASTVAE_BACKEND=reference|cpp|triton overrides it; it is read once, when
+fastvae is imported, because reading the environment on every call cost more
+than a small kernel. Change it at run time with ``set_backend`` or the
+``use_backend`` context manager. "triton" on CPU tensors runs the Triton
 interpreter, which needs TRITON_INTERPRET=1 set before Triton is imported.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
 import warnings
 
-from typing import NamedTuple
-
 import torch
 
+from . import _registry
+
 BACKENDS = ("reference", "cpp", "triton")
-OPS = ("sample_normal", "kl_normal", "gaussian_log_prob", "bernoulli_log_prob",
-       "logmeanexp", "importance_weights", "effective_sample_size", "latent_log_ratio")
 
 _BUILD_HINT = (
     "fastvae's C++ extension (fastvae._C) is not built or failed to load{why}. "
@@ -49,10 +50,9 @@ def cpp_available() -> bool:
     return not isinstance(_load_cpp(), ImportError)
 
 
-@functools.cache
-def triton_module(op: str):
-    """fastvae.kernels.<op> (imports Triton on first use)."""
-    return importlib.import_module(f"fastvae.kernels.{op}")
+def triton_module(module: str):
+    """fastvae.kernels.<module> (imports Triton on first use)."""
+    return importlib.import_module(f"fastvae.kernels.{module}")
 
 
 def _interpreting() -> bool:
@@ -68,9 +68,8 @@ def _warn_missing_cpp() -> None:
     )
 
 
-def requested_backend() -> str | None:
-    """The FASTVAE_BACKEND override, validated; None when unset or empty."""
-    name = os.environ.get("FASTVAE_BACKEND", "").strip().lower()
+def _parse(name: str | None) -> str | None:
+    name = (name or "").strip().lower()
     if not name:
         return None
     if name not in BACKENDS:
@@ -78,10 +77,38 @@ def requested_backend() -> str | None:
     return name
 
 
-def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
-    """The backend that runs ops on tensors of this device."""
-    device_type = torch.device(device).type
-    name = requested_backend()
+_override: str | None = _parse(os.environ.get("FASTVAE_BACKEND"))
+_chosen: dict[str, str] = {}  # device type -> backend, valid until the override changes
+
+
+def requested_backend() -> str | None:
+    """The override in force (FASTVAE_BACKEND at import, or set_backend); None for automatic."""
+    return _override
+
+
+def set_backend(name: str | None) -> None:
+    """Serve every op with backend ``name`` ("reference", "cpp" or "triton"),
+    or choose by device again with None. Replaces FASTVAE_BACKEND, which is
+    read once at import."""
+    global _override
+    _override = _parse(name)
+    _chosen.clear()
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """``with fastvae.use_backend("reference"): ...`` runs the block on that
+    backend and restores the previous choice afterwards."""
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _choose(device_type: str, warn: bool) -> str:
+    name = _override
     if name is None:
         if device_type == "cuda":
             return "triton"
@@ -91,10 +118,10 @@ def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
             _warn_missing_cpp()
         return "reference"
     if name == "cpp" and device_type != "cpu":
-        raise ValueError(f"FASTVAE_BACKEND=cpp serves CPU tensors only, got a {device_type} tensor")
+        raise ValueError(f"the cpp backend serves CPU tensors only, got a {device_type} tensor")
     if name == "triton" and device_type == "cpu" and not _interpreting():
         raise RuntimeError(
-            "FASTVAE_BACKEND=triton on CPU tensors runs the Triton interpreter: set "
+            "the triton backend on CPU tensors runs the Triton interpreter: set "
             "TRITON_INTERPRET=1 in the environment before Python starts"
         )
     if name == "triton" and device_type not in ("cpu", "cuda"):
@@ -102,14 +129,24 @@ def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
     return name
 
 
+def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
+    """The backend that runs ops on tensors of this device."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    try:
+        return _chosen[device_type]
+    except KeyError:
+        name = _chosen[device_type] = _choose(device_type, warn)
+        return name
+
+
 def backend_info(device: torch.device | str = "cpu") -> dict[str, str]:
     """Which backend serves each op for tensors on ``device``, e.g.
-    ``{"sample_normal": "cpp", "kl_normal": "cpp"}``; a missing C++ extension
-    shows as ``"reference (cpp extension missing)"``."""
+    ``{"sample_normal": "cpp", "kl_normal": "cpp", ...}``; a missing C++
+    extension shows as ``"reference (cpp extension missing)"``."""
     name = backend_for(device, warn=False)
-    if name == "reference" and requested_backend() is None:
+    if name == "reference" and _override is None:
         name = "reference (cpp extension missing)"
-    return {op: name for op in OPS}
+    return {op: name for op in _registry.OPS}
 
 
 def empty_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -120,38 +157,53 @@ def empty_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Reductions and noise run in float32, or float64 for float64 inputs
-    (never in half precision)."""
+    """The one accumulation rule: reductions and noise run in float32, or
+    float64 for float64 inputs (never in half precision)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class Seed(NamedTuple):
-    """A Philox seed argument of a kernel: the 0-d int64 tensor itself for the
-    Triton kernels (no host sync), its value for the cpp and reference ones."""
-
-    tensor: torch.Tensor
+_functions: dict[tuple[str, str], object] = {}
 
 
-def launch(backend: str, op: str, kernel: str, *args, work: int) -> None:
-    """Runs ``kernel`` (e.g. "sample_normal_forward") of ``op`` on ``backend``
-    with the same arguments on every backend: tensors (None for an absent
-    optional one), Python scalars and Seed. The cpp backend gets the tensors
-    as NumPy views and a thread count for ``work`` elements."""
+def kernel_function(backend: str, kernel: str):
+    """The function that runs ``kernel`` on ``backend`` (looked up once)."""
+    try:
+        return _functions[backend, kernel]
+    except KeyError:
+        pass
+    module = _registry.KERNELS[kernel].module
     if backend == "cpp":
-        cpp_args = (int(a.tensor) if isinstance(a, Seed) else numpy_view(a) if isinstance(a, torch.Tensor) or a is None
-                    else a for a in args)
-        getattr(cpp_module(), kernel)(*cpp_args, num_threads(work))
+        owner = cpp_module()
     elif backend == "triton":
-        getattr(triton_module(op), kernel)(*(a.tensor if isinstance(a, Seed) else a for a in args))
+        owner = triton_module(module)
     else:
-        from . import reference
+        from . import reference as owner
+    fn = _functions[backend, kernel] = getattr(owner, kernel)
+    return fn
 
-        getattr(reference, kernel)(*(int(a.tensor) if isinstance(a, Seed) else a for a in args))
 
-
-def numpy_view(t: torch.Tensor | None):
-    """The zero-copy NumPy view the cpp backend takes (None stays None)."""
-    return None if t is None else t.detach().numpy()
+def launch(backend: str, kernel: str, work: int, **args) -> None:
+    """Runs ``kernel`` on ``backend`` with the arguments named in its registry
+    entry, by keyword and in that order (a call that differs raises).
+    Tensors are passed as they are (None for an absent optional one), the
+    Philox ``seed`` as a 0-d int64 tensor: Triton reads it on the device (no
+    host sync); the cpp and reference kernels take its value, and cpp takes
+    NumPy views of the tensors and a thread count for ``work`` elements."""
+    if tuple(args) != _registry.KERNELS[kernel].args:
+        raise TypeError(f"{kernel} takes ({', '.join(_registry.KERNELS[kernel].args)}), got ({', '.join(args)})")
+    fn = kernel_function(backend, kernel)
+    if backend == "cpp":
+        for name, value in args.items():
+            if isinstance(value, torch.Tensor):
+                args[name] = int(value) if name == "seed" else value.detach().numpy()
+        fn(**args, n_threads=num_threads(work))
+        return
+    if backend == "reference" and "seed" in args:
+        args["seed"] = int(args["seed"])
+    # The op has no autograd kernel (autograd wraps it from outside), so torch
+    # code inside a kernel must not record a graph onto the fresh outputs.
+    with torch.no_grad():
+        fn(**args)
 
 
 # Elements a cpp kernel call must have per extra OpenMP thread. Waking a thread

@@ -19,6 +19,8 @@ import math
 
 from torch import Tensor
 
+from ._validate import broadcasts_to
+
 
 def _broadcast_error(name: str, t: Tensor, out_name: str, out: Tensor) -> ValueError:
     return ValueError(
@@ -32,15 +34,6 @@ def _strip_leading_ones(t: Tensor, ndim: int) -> Tensor:
     while t.dim() > ndim and t.shape[0] == 1:
         t = t[0]
     return t
-
-
-def broadcasts_to(shape, target) -> bool:
-    """shape broadcasts to target unchanged (torch.broadcast_shapes(shape,
-    target) == target), checked in plain Python: torch.broadcast_shapes costs
-    tens of microseconds per call, as much as a small op's kernel."""
-    if len(shape) > len(target):
-        return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def broadcast_x(x: Tensor, out: Tensor, out_name: str) -> Tensor:

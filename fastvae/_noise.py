@@ -44,11 +44,8 @@ def randn_fill(seed: Tensor, offset0: int, out: Tensor, row_stride: int | None =
         raise ValueError("randn_fill: the last Philox offset exceeds 2**63 - 1")
     if rows * cols == 0:
         return out
-    backend = backend_for(out.device)
-    _backend.launch(
-        backend, "philox", "randn_fill", _backend.Seed(seed.to(out.device)), offset0, out, row_stride,
-        work=out.numel(),
-    )
+    _backend.launch(backend_for(out.device), "randn_fill", out.numel(),
+                    seed=seed.to(out.device), offset0=offset0, out=out, row_stride=row_stride)
     return out
 
 

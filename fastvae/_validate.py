@@ -60,3 +60,12 @@ def dtype_for_backend(backend: str, dtype: torch.dtype) -> None:
             f"the {backend} backend supports float32 and float64, got {dtype}; "
             "float16/bfloat16 inputs run on the triton backend (CUDA tensors)"
         )
+
+
+def broadcasts_to(shape, target) -> bool:
+    """shape broadcasts to target unchanged (torch.broadcast_shapes(shape,
+    target) == target), checked in plain Python: torch.broadcast_shapes costs
+    tens of microseconds per call, as much as a small op's kernel."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))

@@ -6,66 +6,61 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._backend import backend_for
 from ._likelihood_layout import broadcast_x, kernel_views
+from ._op import define
 
 
-# -- custom ops ----------------------------------------------------------------
-
-
-@torch.library.custom_op("fastvae::bernoulli_log_prob", mutates_args=(), device_types=("cpu", "cuda"))
-def bernoulli_log_prob_op(x: Tensor, logits: Tensor) -> Tensor:
+def _forward(x: Tensor, logits: Tensor) -> Tensor:
     """sum_D(x * logits - softplus(logits)), shape logits.shape[:-1]; x is
     logits' shape or logits.shape[1:] (broadcast over K)."""
-    backend = backend_for(logits.device)
+    backend = _backend.backend_for(logits.device)
     _validate.dtype_for_backend(backend, logits.dtype)
     x2, l3, K, P, D = kernel_views(x, logits)
     out = _backend.empty_output((K, P), like=logits)
-    _backend.launch(
-        backend, "bernoulli_log_prob", "bernoulli_log_prob_forward", x2, l3, out, work=l3.numel(),
-    )
+    _backend.launch(backend, "bernoulli_log_prob_forward", l3.numel(), x=x2, logits=l3, out=out)
     return out.reshape(logits.shape[:-1])
 
 
-@bernoulli_log_prob_op.register_fake
-def _(x, logits):
-    return logits.new_empty(logits.shape[:-1])
-
-
-@torch.library.custom_op(
-    "fastvae::bernoulli_log_prob_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
-def bernoulli_log_prob_backward_op(g: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> tuple[Tensor, Tensor]:
+def _backward(grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> tuple[Tensor, Tensor]:
     """(dx, dlogits); dx is an empty (0,) tensor unless need_dx."""
-    backend = backend_for(logits.device)
+    backend = _backend.backend_for(logits.device)
     x2, l3, K, P, D = kernel_views(x, logits)
-    g2 = g.to(logits.dtype).reshape(K, P).contiguous()
     dx = _backend.empty_output((P, D) if need_dx else (0,), like=logits)
     dlogits = _backend.empty_output((K, P, D), like=logits)
-    dx_arg = dx if need_dx else None
     _backend.launch(
-        backend, "bernoulli_log_prob", "bernoulli_log_prob_backward", g2, x2, l3, dx_arg, dlogits, work=dlogits.numel(),
+        backend, "bernoulli_log_prob_backward", dlogits.numel(),
+        grad_out=grad_out.to(logits.dtype).reshape(K, P).contiguous(), x=x2, logits=l3,
+        dx=dx if need_dx else None, dlogits=dlogits,
     )
     return (dx.reshape(x.shape) if need_dx else dx), dlogits.reshape(logits.shape)
 
 
-@bernoulli_log_prob_backward_op.register_fake
-def _(g, x, logits, need_dx):
-    return x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(logits)
+bernoulli_log_prob_op = define(
+    "bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor",
+    _forward,
+    lambda x, logits: logits.new_empty(logits.shape[:-1]),
+)
+bernoulli_log_prob_backward_op = define(
+    "bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> (Tensor, Tensor)",
+    _backward,
+    lambda grad_out, x, logits, need_dx: (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(logits)),
+)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+class BernoulliLogProb(torch.autograd.Function):
+    """Autograd of fastvae::bernoulli_log_prob: saves x and logits."""
 
+    @staticmethod
+    def forward(ctx, x, logits):
+        ctx.save_for_backward(x, logits)
+        return bernoulli_log_prob_op(x, logits)
 
-def _backward(ctx, g):
-    x, logits = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, dlogits = bernoulli_log_prob_backward_op(g, x, logits, need_dx)
-    return (dx if need_dx else None), dlogits
-
-
-bernoulli_log_prob_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, logits = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        dx, dlogits = bernoulli_log_prob_backward_op(grad_out, x, logits, need_dx)
+        return (dx if need_dx else None), dlogits
 
 
 # -- public function -----------------------------------------------------------
@@ -89,4 +84,4 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
     """
     _validate.float_tensors(x=x, logits=logits)
     _validate.event_dim("logits", logits)
-    return bernoulli_log_prob_op(broadcast_x(x, logits, "logits"), logits)
+    return BernoulliLogProb.apply(broadcast_x(x, logits, "logits"), logits)

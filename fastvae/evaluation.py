@@ -39,7 +39,7 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
-from .sample_normal import draw_seed
+from ._op import draw_seed
 
 # Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
 # the K = 5000, B = 256, D = 784 evaluation at ~30 chunks of ~160 samples, big

@@ -8,83 +8,80 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._backend import backend_for
 from ._likelihood_layout import broadcast_var, broadcast_x, kernel_var, kernel_views
+from ._op import define
 
 
-# -- custom ops ----------------------------------------------------------------
-
-
-@torch.library.custom_op("fastvae::gaussian_log_prob", mutates_args=(), device_types=("cpu", "cuda"))
-def gaussian_log_prob_op(x: Tensor, mean: Tensor, v: Tensor, softplus: bool, delta: float) -> Tensor:
-    """log N(x; mean, var) summed over D, shape mean.shape[:-1]. var = exp(v), or
-    softplus(v) + delta when softplus is set. x is mean's shape or mean.shape[1:];
-    v is mean's shape, x's shape (shared over K) or (D,)."""
-    backend = backend_for(mean.device)
+def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float) -> Tensor:
+    """log N(x; mean, var) summed over D, shape mean.shape[:-1]. var =
+    exp(var_param), or softplus(var_param) + delta in softplus_mode. x is
+    mean's shape or mean.shape[1:]; var_param is mean's shape, x's shape
+    (shared over K) or (D,)."""
+    backend = _backend.backend_for(mean.device)
     _validate.dtype_for_backend(backend, mean.dtype)
     x2, m3, K, P, D = kernel_views(x, mean)
-    v_k = kernel_var(v, K, P, D)
     out = _backend.empty_output((K, P), like=mean)
     _backend.launch(
-        backend, "gaussian_log_prob", "gaussian_log_prob_forward",
-        x2, m3, v_k, softplus, delta, out,
-        work=m3.numel(),
+        backend, "gaussian_log_prob_forward", m3.numel(),
+        x=x2, mean=m3, var_param=kernel_var(var_param, K, P, D), softplus_mode=softplus_mode, delta=delta,
+        out=out,
     )
     return out.reshape(mean.shape[:-1])
 
 
-@gaussian_log_prob_op.register_fake
-def _(x, mean, v, softplus, delta):
-    return mean.new_empty(mean.shape[:-1])
-
-
-@torch.library.custom_op(
-    "fastvae::gaussian_log_prob_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
-def gaussian_log_prob_backward_op(
-    g: Tensor, x: Tensor, mean: Tensor, v: Tensor, softplus: bool, delta: float, need_dx: bool, need_dv: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dmean, dv) in the shapes of x, mean and v. dx and dv are empty (0,)
-    tensors unless asked for (x's gradient is summed over K in the kernel; a
-    fixed scale needs no dv, which saves its reductions)."""
-    backend = backend_for(mean.device)
+def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float,
+              need_dx: bool, need_dvar_param: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dmean, dvar_param) in the shapes of x, mean and var_param. dx and
+    dvar_param are empty (0,) tensors unless asked for (x's gradient is summed
+    over K in the kernel; a fixed scale needs no variance gradient, which saves
+    its reductions)."""
+    backend = _backend.backend_for(mean.device)
     x2, m3, K, P, D = kernel_views(x, mean)
-    v_k = kernel_var(v, K, P, D)
-    g2 = g.to(mean.dtype).reshape(K, P).contiguous()
+    v = kernel_var(var_param, K, P, D)
     dx = _backend.empty_output((P, D) if need_dx else (0,), like=mean)
     dmean = _backend.empty_output((K, P, D), like=mean)
-    dv = _backend.empty_output(v_k.shape if need_dv else (0,), like=mean)
-    dx_arg = dx if need_dx else None
-    dv_arg = dv if need_dv else None
+    dv = _backend.empty_output(v.shape if need_dvar_param else (0,), like=mean)
     _backend.launch(
-        backend, "gaussian_log_prob", "gaussian_log_prob_backward",
-        g2, x2, m3, v_k, softplus, delta, dx_arg, dmean, dv_arg,
-        work=dmean.numel(),
+        backend, "gaussian_log_prob_backward", dmean.numel(),
+        grad_out=grad_out.to(mean.dtype).reshape(K, P).contiguous(), x=x2, mean=m3, var_param=v,
+        softplus_mode=softplus_mode, delta=delta,
+        dx=dx if need_dx else None, dmean=dmean, dvar_param=dv if need_dvar_param else None,
     )
     dx = dx.reshape(x.shape) if need_dx else dx
-    return dx, dmean.reshape(mean.shape), dv.reshape(v.shape) if need_dv else dv
+    return dx, dmean.reshape(mean.shape), dv.reshape(var_param.shape) if need_dvar_param else dv
 
 
-@gaussian_log_prob_backward_op.register_fake
-def _(g, x, mean, v, softplus, delta, need_dx, need_dv):
-    return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(mean),
-            v.new_empty(v.shape if need_dv else (0,)))
+gaussian_log_prob_op = define(
+    "gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor",
+    _forward,
+    lambda x, mean, var_param, softplus_mode, delta: mean.new_empty(mean.shape[:-1]),
+)
+gaussian_log_prob_backward_op = define(
+    "gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
+    " float delta, bool need_dx, bool need_dvar_param) -> (Tensor, Tensor, Tensor)",
+    _backward,
+    lambda grad_out, x, mean, var_param, softplus_mode, delta, need_dx, need_dvar_param: (
+        x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(mean),
+        var_param.new_empty(var_param.shape if need_dvar_param else (0,))),
+)
 
 
-def _setup_context(ctx, inputs, output):
-    x, mean, v, softplus, delta = inputs
-    ctx.softplus, ctx.delta = softplus, delta
-    ctx.save_for_backward(x, mean, v)
+class GaussianLogProb(torch.autograd.Function):
+    """Autograd of fastvae::gaussian_log_prob: saves x, mean and var_param."""
 
+    @staticmethod
+    def forward(ctx, x, mean, var_param, softplus_mode, delta):
+        ctx.softplus_mode, ctx.delta = softplus_mode, delta
+        ctx.save_for_backward(x, mean, var_param)
+        return gaussian_log_prob_op(x, mean, var_param, softplus_mode, delta)
 
-def _backward(ctx, g):
-    x, mean, v = ctx.saved_tensors
-    need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dx, dmean, dv = gaussian_log_prob_backward_op(g, x, mean, v, ctx.softplus, ctx.delta, need_dx, need_dv)
-    return (dx if need_dx else None), dmean, (dv if need_dv else None), None, None
-
-
-gaussian_log_prob_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, var_param = ctx.saved_tensors
+        need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        dx, dmean, dv = gaussian_log_prob_backward_op(
+            grad_out, x, mean, var_param, ctx.softplus_mode, ctx.delta, need_dx, need_dv)
+        return (dx if need_dx else None), dmean, (dv if need_dv else None), None, None
 
 
 # -- public function -----------------------------------------------------------
@@ -155,4 +152,4 @@ def gaussian_log_prob(
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"scale must be a float > 0 or a tensor, got {scale!r}")
         v = torch.full((mean.shape[-1],), 2.0 * math.log(scale), dtype=mean.dtype, device=mean.device)
-    return gaussian_log_prob_op(x_b, mean, v, softplus, float(delta))
+    return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))

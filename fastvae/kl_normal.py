@@ -5,80 +5,82 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._likelihood_layout import broadcasts_to
-from ._backend import backend_for
-from .sample_normal import _flat
+from ._op import define, flat
 
 
-# -- custom ops ----------------------------------------------------------------
-
-
-@torch.library.custom_op("fastvae::kl_normal", mutates_args=(), device_types=("cpu", "cuda"))
-def kl_normal_op(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
+def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
     """kl (...) for mu, logvar and (optional, same shape) prior_mu, prior_logvar (..., L)."""
-    backend = backend_for(mu.device)
+    backend = _backend.backend_for(mu.device)
     _validate.dtype_for_backend(backend, mu.dtype)
-    mu2, lv2 = _flat(mu), _flat(logvar)
-    pm2 = None if prior_mu is None else _flat(prior_mu)
-    plv2 = None if prior_logvar is None else _flat(prior_logvar)
+    mu2 = flat(mu)
     kl = _backend.empty_output((mu2.shape[0],), like=mu)
-    _backend.launch(backend, "kl_normal", "kl_normal_forward", mu2, lv2, pm2, plv2, kl, work=mu2.numel())
+    _backend.launch(
+        backend, "kl_normal_forward", mu2.numel(),
+        mu=mu2, logvar=flat(logvar),
+        prior_mu=None if prior_mu is None else flat(prior_mu),
+        prior_logvar=None if prior_logvar is None else flat(prior_logvar),
+        kl=kl,
+    )
     return kl.reshape(mu.shape[:-1])
 
 
-@kl_normal_op.register_fake
-def _(mu, logvar, prior_mu, prior_logvar):
-    return mu.new_empty(mu.shape[:-1])
-
-
-@torch.library.custom_op("fastvae::kl_normal_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def kl_normal_backward_op(
-    dkl: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
+              prior_logvar: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dmu, dlogvar, dprior_mu, dprior_logvar); the prior gradients are empty
     (0,)-shaped tensors when no prior is given."""
-    backend = backend_for(mu.device)
-    mu2, lv2 = _flat(mu), _flat(logvar)
+    backend = _backend.backend_for(mu.device)
+    mu2 = flat(mu)
     N, L = mu2.shape
-    g = dkl.to(mu.dtype).reshape(N).contiguous()
     has_prior = prior_mu is not None
-    pm2 = _flat(prior_mu) if has_prior else None
-    plv2 = _flat(prior_logvar) if has_prior else None
     dmu, dlv = _backend.empty_output((N, L), like=mu), _backend.empty_output((N, L), like=mu)
     dpm = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
     dplv = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
-    dpm_arg, dplv_arg = (dpm, dplv) if has_prior else (None, None)
     _backend.launch(
-        backend, "kl_normal", "kl_normal_backward",
-        g, mu2, lv2, pm2, plv2, dmu, dlv, dpm_arg, dplv_arg,
-        work=mu2.numel(),
+        backend, "kl_normal_backward", mu2.numel(),
+        grad_kl=grad_kl.to(mu.dtype).reshape(N).contiguous(), mu=mu2, logvar=flat(logvar),
+        prior_mu=flat(prior_mu) if has_prior else None,
+        prior_logvar=flat(prior_logvar) if has_prior else None,
+        dmu=dmu, dlogvar=dlv, dprior_mu=dpm if has_prior else None, dprior_logvar=dplv if has_prior else None,
     )
     if has_prior:
         dpm, dplv = dpm.reshape(mu.shape), dplv.reshape(mu.shape)
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape), dpm, dplv
 
 
-@kl_normal_backward_op.register_fake
-def _(dkl, mu, logvar, prior_mu, prior_logvar):
+def _backward_fake(grad_kl, mu, logvar, prior_mu, prior_logvar):
     prior_shape = mu.shape if prior_mu is not None else (0,)
     return (torch.empty_like(mu), torch.empty_like(mu), mu.new_empty(prior_shape), mu.new_empty(prior_shape))
 
 
-def _setup_context(ctx, inputs, output):
-    mu, logvar, prior_mu, prior_logvar = inputs
-    ctx.has_prior = prior_mu is not None
-    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+kl_normal_op = define(
+    "kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
+    _forward,
+    lambda mu, logvar, prior_mu, prior_logvar: mu.new_empty(mu.shape[:-1]),
+)
+kl_normal_backward_op = define(
+    "kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    _backward,
+    _backward_fake,
+)
 
 
-def _backward(ctx, dkl):
-    mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-    dmu, dlv, dpm, dplv = kl_normal_backward_op(dkl, mu, logvar, prior_mu, prior_logvar)
-    if not ctx.has_prior:
-        return dmu, dlv, None, None
-    return dmu, dlv, dpm, dplv
+class KLNormal(torch.autograd.Function):
+    """Autograd of fastvae::kl_normal."""
 
+    @staticmethod
+    def forward(ctx, mu, logvar, prior_mu, prior_logvar):
+        ctx.has_prior = prior_mu is not None
+        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+        return kl_normal_op(mu, logvar, prior_mu, prior_logvar)
 
-kl_normal_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_kl):
+        mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
+        dmu, dlv, dpm, dplv = kl_normal_backward_op(grad_kl, mu, logvar, prior_mu, prior_logvar)
+        if not ctx.has_prior:
+            return dmu, dlv, None, None
+        return dmu, dlv, dpm, dplv
 
 
 # -- public function -----------------------------------------------------------
@@ -109,15 +111,15 @@ def kl_normal(
         _validate.float_tensors(mu=mu, logvar=logvar)
         _validate.event_dim("mu", mu)
         _validate.same_shape(mu=mu, logvar=logvar)
-        return kl_normal_op(mu, logvar, None, None)
+        return KLNormal.apply(mu, logvar, None, None)
     _validate.float_tensors(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     _validate.event_dim("mu", mu)
     _validate.same_shape(mu=mu, logvar=logvar)
     for name, p in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
-        if not broadcasts_to(p.shape, mu.shape):
+        if not _validate.broadcasts_to(p.shape, mu.shape):
             raise ValueError(
                 f"{name} of shape {tuple(p.shape)} does not broadcast to mu's shape {tuple(mu.shape)}"
             )
     # expand is a view; the op makes it contiguous, and autograd's expand
     # backward sums the prior gradients back to the prior's own shape
-    return kl_normal_op(mu, logvar, prior_mu.expand(mu.shape), prior_logvar.expand(mu.shape))
+    return KLNormal.apply(mu, logvar, prior_mu.expand(mu.shape), prior_logvar.expand(mu.shape))

@@ -19,81 +19,80 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._backend import backend_for
-from .sample_normal import _flat
-
-# -- custom ops ----------------------------------------------------------------
+from ._op import define, flat
 
 
-@torch.library.custom_op("fastvae::latent_log_ratio", mutates_args=(), device_types=("cpu", "cuda"))
-def latent_log_ratio_op(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
+def _forward(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
     """r (K, ...) for z (K, ..., L) and mu, logvar (..., L); stop_score only
     changes the gradient."""
-    backend = backend_for(z.device)
+    backend = _backend.backend_for(z.device)
     _validate.dtype_for_backend(backend, z.dtype)
-    mu2, lv2 = _flat(mu), _flat(logvar)
+    mu2 = flat(mu)
     N, L = mu2.shape
     K = z.shape[0]
-    z3 = z.reshape(K, N, L).contiguous()
-    r = _backend.empty_output((K, N), like=z)
+    out = _backend.empty_output((K, N), like=z)
     _backend.launch(
-        backend, "latent_log_ratio", "latent_log_ratio_forward", z3, mu2, lv2, r, work=z3.numel(),
+        backend, "latent_log_ratio_forward", K * N * L,
+        z=z.reshape(K, N, L).contiguous(), mu=mu2, logvar=flat(logvar), out=out,
     )
-    return r.reshape(z.shape[:-1])
+    return out.reshape(z.shape[:-1])
 
 
-@latent_log_ratio_op.register_fake
-def _(z, mu, logvar, stop_score):
-    return z.new_empty(z.shape[:-1])
-
-
-@torch.library.custom_op("fastvae::latent_log_ratio_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def latent_log_ratio_backward_op(
-    grad: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(grad_out: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool
+              ) -> tuple[Tensor, Tensor, Tensor]:
     """(dz (K, ..., L), dmu, dlogvar (..., L)); with stop_score the last two are
     empty (0,)-shaped tensors and are not computed."""
-    backend = backend_for(z.device)
-    mu2, lv2 = _flat(mu), _flat(logvar)
+    backend = _backend.backend_for(z.device)
+    mu2 = flat(mu)
     N, L = mu2.shape
     K = z.shape[0]
-    z3 = z.reshape(K, N, L).contiguous()
-    g = grad.to(z.dtype).reshape(K, N).contiguous()
     dz = _backend.empty_output((K, N, L), like=z)
     dmu = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
     dlv = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
-    dmu_arg, dlv_arg = (None, None) if stop_score else (dmu, dlv)
     _backend.launch(
-        backend, "latent_log_ratio", "latent_log_ratio_backward",
-        g, z3, mu2, lv2, dz, dmu_arg, dlv_arg,
-        work=z3.numel(),
+        backend, "latent_log_ratio_backward", K * N * L,
+        grad_out=grad_out.to(z.dtype).reshape(K, N).contiguous(), z=z.reshape(K, N, L).contiguous(),
+        mu=mu2, logvar=flat(logvar), dz=dz, dmu=None if stop_score else dmu, dlogvar=None if stop_score else dlv,
     )
     if not stop_score:
         dmu, dlv = dmu.reshape(mu.shape), dlv.reshape(mu.shape)
     return dz.reshape(z.shape), dmu, dlv
 
 
-@latent_log_ratio_backward_op.register_fake
-def _(grad, z, mu, logvar, stop_score):
+def _backward_fake(grad_out, z, mu, logvar, stop_score):
     shape = (0,) if stop_score else mu.shape
     return torch.empty_like(z), mu.new_empty(shape), mu.new_empty(shape)
 
 
-def _setup_context(ctx, inputs, output):
-    z, mu, logvar, stop_score = inputs
-    ctx.stop_score = stop_score
-    ctx.save_for_backward(z, mu, logvar)
+latent_log_ratio_op = define(
+    "latent_log_ratio(Tensor z, Tensor mu, Tensor logvar, bool stop_score) -> Tensor",
+    _forward,
+    lambda z, mu, logvar, stop_score: z.new_empty(z.shape[:-1]),
+)
+latent_log_ratio_backward_op = define(
+    "latent_log_ratio_backward(Tensor grad_out, Tensor z, Tensor mu, Tensor logvar, bool stop_score)"
+    " -> (Tensor, Tensor, Tensor)",
+    _backward,
+    _backward_fake,
+)
 
 
-def _backward(ctx, grad):
-    z, mu, logvar = ctx.saved_tensors
-    dz, dmu, dlv = latent_log_ratio_backward_op(grad, z, mu, logvar, ctx.stop_score)
-    if ctx.stop_score:
-        return dz, None, None, None
-    return dz, dmu, dlv, None
+class LatentLogRatio(torch.autograd.Function):
+    """Autograd of fastvae::latent_log_ratio: saves z, mu and logvar."""
 
+    @staticmethod
+    def forward(ctx, z, mu, logvar, stop_score):
+        ctx.stop_score = stop_score
+        ctx.save_for_backward(z, mu, logvar)
+        return latent_log_ratio_op(z, mu, logvar, stop_score)
 
-latent_log_ratio_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, mu, logvar = ctx.saved_tensors
+        dz, dmu, dlv = latent_log_ratio_backward_op(grad_out, z, mu, logvar, ctx.stop_score)
+        if ctx.stop_score:
+            return dz, None, None, None
+        return dz, dmu, dlv, None
 
 
 # -- public function -----------------------------------------------------------
@@ -120,9 +119,9 @@ def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, *, stop_score: bool 
     if not isinstance(stop_score, bool):
         raise TypeError(f"stop_score must be a bool, got {type(stop_score).__name__}")
     if z.shape == mu.shape:
-        return latent_log_ratio_op(z.unsqueeze(0), mu, logvar, stop_score)[0]
+        return LatentLogRatio.apply(z.unsqueeze(0), mu, logvar, stop_score)[0]
     if z.dim() == mu.dim() + 1 and z.shape[1:] == mu.shape:
-        return latent_log_ratio_op(z, mu, logvar, stop_score)
+        return LatentLogRatio.apply(z, mu, logvar, stop_score)
     raise ValueError(
         f"z of shape {tuple(z.shape)} must have mu's shape {tuple(mu.shape)} or (K, *{tuple(mu.shape)})"
     )

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._backend import backend_for
+from ._op import define
 
 _NEG_INF = float("-inf")
 
@@ -52,22 +52,25 @@ def _column_vector(t: Tensor | None, M: int, dtype: torch.dtype) -> Tensor | Non
     return None if t is None else t.to(dtype).reshape(M).contiguous()
 
 
-def _run_forward(backend: str, lw2: Tensor, mx: Tensor, s: Tensor, out: Tensor | None, ess: Tensor | None) -> None:
-    """mx, s (M,) <- the column states of lw2 (K, M); out, ess (M,) when given."""
-    _backend.launch(backend, "logmeanexp", "logmeanexp_forward", lw2, mx, s, out, ess, work=lw2.numel())
+def _state(backend: str, lw2: Tensor, out: Tensor | None = None, ess: Tensor | None = None
+           ) -> tuple[Tensor, Tensor]:
+    """The column states (lw_max, sumexp), each (M,), of lw2 (K, M); out and
+    ess (M,) are written too when given."""
+    lw_max, sumexp = _state_buffers(lw2, lw2.shape[1])
+    _backend.launch(backend, "logmeanexp_forward", lw2.numel(), lw=lw2, lw_max=lw_max, sumexp=sumexp,
+                    out=out, ess=ess)
+    return lw_max, sumexp
 
 
 def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(logmeanexp or ESS, max, sumexp) of lw (K, ...), each (...), in one pass."""
-    backend = backend_for(lw.device)
+    """(logmeanexp or ESS, lw_max, sumexp) of lw (K, ...), each (...), in one pass."""
+    backend = _backend.backend_for(lw.device)
     _validate.dtype_for_backend(backend, lw.dtype)
     lw2 = _columns(lw)
-    M = lw2.shape[1]
-    value = _backend.empty_output((M,), like=lw)
-    mx, s = _state_buffers(lw, M)
-    _run_forward(backend, lw2, mx, s, None if ess else value, value if ess else None)
+    value = _backend.empty_output((lw2.shape[1],), like=lw)
+    lw_max, sumexp = _state(backend, lw2, out=None if ess else value, ess=value if ess else None)
     shape = lw.shape[1:]
-    return value.reshape(shape), mx.reshape(shape), s.reshape(shape)
+    return value.reshape(shape), lw_max.reshape(shape), sumexp.reshape(shape)
 
 
 def _fake_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,173 +79,142 @@ def _fake_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
 
 
-def _backward_with_state(lw: Tensor, mx: Tensor, s: Tensor, g: Tensor,
-                         g_s: Tensor | None, ess: Tensor | None) -> Tensor:
-    """dlw (K, ...) = e * (a + b e), e = exp(lw - max), with per-column a, b
-    from g and either g_s (logmeanexp) or ess (effective_sample_size); see
-    csrc/logmeanexp.h. The one backward of both ops."""
-    backend = backend_for(lw.device)
+def _backward_with_state(lw: Tensor, lw_max: Tensor, sumexp: Tensor, grad_out: Tensor,
+                         grad_sumexp: Tensor | None, ess: Tensor | None) -> Tensor:
+    """dlw (K, ...) = e * (a + b e), e = exp(lw - lw_max), with per-column a, b
+    from grad_out and either grad_sumexp (logmeanexp) or ess
+    (effective_sample_size); see csrc/logmeanexp.h. The one backward of both ops."""
+    backend = _backend.backend_for(lw.device)
     lw2 = _columns(lw)
     K, M = lw2.shape
     dtype = _backend.accumulation_dtype(lw.dtype)
-    mx, s, g, g_s, ess = (_column_vector(t, M, dtype) for t in (mx, s, g, g_s, ess))
     dlw = _backend.empty_output((K, M), like=lw)
     _backend.launch(
-        backend, "logmeanexp", "logmeanexp_backward", lw2, mx, s, g, g_s, ess, dlw, work=lw2.numel(),
+        backend, "logmeanexp_backward", lw2.numel(),
+        lw=lw2, lw_max=_column_vector(lw_max, M, dtype), sumexp=_column_vector(sumexp, M, dtype),
+        grad_out=_column_vector(grad_out, M, dtype), grad_sumexp=_column_vector(grad_sumexp, M, dtype),
+        ess=_column_vector(ess, M, dtype), dlw=dlw,
     )
     return dlw.reshape(lw.shape)
 
 
-# -- custom ops: logmeanexp -----------------------------------------------------
+# -- logmeanexp ---------------------------------------------------------------
 
-
-@torch.library.custom_op("fastvae::logmeanexp", mutates_args=(), device_types=("cpu", "cuda"))
-def logmeanexp_op(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, max, sumexp), each of shape (...), over the leading dim of lw (K, ...).
-
-    out is logmeanexp in lw's dtype; max and sumexp are the column state in
-    float32 (float64 for float64 lw). max carries no gradient (it is a shift
-    that cancels in every quantity derived from the state); sumexp does.
-    """
-    return _forward_with_state(lw, ess=False)
-
-
-@logmeanexp_op.register_fake
-def _(lw):
-    return _fake_with_state(lw)
-
-
-@torch.library.custom_op("fastvae::logmeanexp_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def logmeanexp_backward_op(
-    grad_out: Tensor, grad_sumexp: Tensor | None, lw: Tensor, max: Tensor, sumexp: Tensor
-) -> Tensor:
-    """dlw (K, ...) = exp(lw - max) * (grad_out / sumexp + grad_sumexp), with
-    1 / sumexp taken as 0 for an all -inf column (so its gradient is 0)."""
-    return _backward_with_state(lw, max, sumexp, grad_out, grad_sumexp, None)
-
-
-@logmeanexp_backward_op.register_fake
-def _(grad_out, grad_sumexp, lw, max, sumexp):
-    return torch.empty_like(lw)
-
-
-def _logmeanexp_setup_context(ctx, inputs, output):
-    (lw,) = inputs
-    _, mx, s = output
-    ctx.mark_non_differentiable(mx)
-    ctx.save_for_backward(lw, mx, s)
-
-
-def _logmeanexp_backward(ctx, grad_out, grad_max, grad_sumexp):
-    lw, mx, s = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(s)
-    return logmeanexp_backward_op(grad_out, grad_sumexp, lw, mx, s)
-
-
-logmeanexp_op.register_autograd(_logmeanexp_backward, setup_context=_logmeanexp_setup_context)
-
-
-# -- custom ops: effective_sample_size ------------------------------------------
-
-
-@torch.library.custom_op("fastvae::effective_sample_size", mutates_args=(), device_types=("cpu", "cuda"))
-def effective_sample_size_op(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(ess, max, sumexp), each of shape (...), over the leading dim of lw (K, ...).
-
-    ess = 1 / sum_k w_k^2 for w = softmax_k(lw), computed in the same single
-    pass as the state as sumexp^2 / sum_k exp(2 (lw_k - shift)); 0 for an all
-    -inf column. max and sumexp are saved for the backward and carry no gradient.
-    """
-    return _forward_with_state(lw, ess=True)
-
-
-@effective_sample_size_op.register_fake
-def _(lw):
-    return _fake_with_state(lw)
-
-
-@torch.library.custom_op(
-    "fastvae::effective_sample_size_backward", mutates_args=(), device_types=("cpu", "cuda")
+logmeanexp_op = define(
+    "logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)",
+    lambda lw: _forward_with_state(lw, ess=False),
+    _fake_with_state,
 )
-def effective_sample_size_backward_op(
-    grad_ess: Tensor, lw: Tensor, max: Tensor, sumexp: Tensor, ess: Tensor
-) -> Tensor:
-    """dlw (K, ...) = 2 g ess w (1 - ess w), w = exp(lw - max) / sumexp
-    (0 for an all -inf column)."""
-    return _backward_with_state(lw, max, sumexp, grad_ess, None, ess)
+logmeanexp_backward_op = define(
+    "logmeanexp_backward(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor",
+    lambda grad_out, grad_sumexp, lw, lw_max, sumexp: _backward_with_state(
+        lw, lw_max, sumexp, grad_out, grad_sumexp, None),
+    lambda grad_out, grad_sumexp, lw, lw_max, sumexp: torch.empty_like(lw),
+)
 
 
-@effective_sample_size_backward_op.register_fake
-def _(grad_ess, lw, max, sumexp, ess):
-    return torch.empty_like(lw)
+class LogMeanExp(torch.autograd.Function):
+    """Autograd of fastvae::logmeanexp, whose outputs are (out, lw_max, sumexp)
+    over the leading dim of lw (K, ...): out in lw's dtype, the column state in
+    float32 (float64 for float64 lw). lw_max carries no gradient (a shift that
+    cancels in every quantity derived from the state); sumexp does. The
+    backward is exp(lw - lw_max) * (grad_out / sumexp + grad_sumexp), with
+    1 / sumexp taken as 0 for an all -inf column (so its gradient is 0)."""
+
+    @staticmethod
+    def forward(ctx, lw):
+        out, lw_max, sumexp = logmeanexp_op(lw)
+        ctx.mark_non_differentiable(lw_max)
+        ctx.save_for_backward(lw, lw_max, sumexp)
+        return out, lw_max, sumexp
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lw_max, grad_sumexp):
+        lw, lw_max, sumexp = ctx.saved_tensors
+        return logmeanexp_backward_op(grad_out, grad_sumexp, lw, lw_max, sumexp)
 
 
-def _ess_setup_context(ctx, inputs, output):
-    (lw,) = inputs
-    ess, mx, s = output
-    ctx.mark_non_differentiable(mx, s)
-    ctx.save_for_backward(lw, mx, s, ess)
+# -- effective_sample_size ----------------------------------------------------
+
+effective_sample_size_op = define(
+    "effective_sample_size(Tensor lw) -> (Tensor, Tensor, Tensor)",
+    lambda lw: _forward_with_state(lw, ess=True),
+    _fake_with_state,
+)
+effective_sample_size_backward_op = define(
+    "effective_sample_size_backward(Tensor grad_ess, Tensor lw, Tensor lw_max, Tensor sumexp, Tensor ess) -> Tensor",
+    lambda grad_ess, lw, lw_max, sumexp, ess: _backward_with_state(lw, lw_max, sumexp, grad_ess, None, ess),
+    lambda grad_ess, lw, lw_max, sumexp, ess: torch.empty_like(lw),
+)
 
 
-def _ess_backward(ctx, grad_ess, grad_max, grad_sumexp):
-    lw, mx, s, ess = ctx.saved_tensors
-    return effective_sample_size_backward_op(grad_ess, lw, mx, s, ess)
+class EffectiveSampleSize(torch.autograd.Function):
+    """Autograd of fastvae::effective_sample_size, whose outputs are (ess,
+    lw_max, sumexp): ess = 1 / sum_k w_k^2 for w = softmax_k(lw), from the same
+    single pass as the state, as sumexp^2 / sum_k exp(2 (lw_k - shift)); 0 for
+    an all -inf column. The backward is 2 g ess w (1 - ess w)."""
+
+    @staticmethod
+    def forward(ctx, lw):
+        ess, lw_max, sumexp = effective_sample_size_op(lw)
+        ctx.mark_non_differentiable(lw_max, sumexp)
+        ctx.save_for_backward(lw, lw_max, sumexp, ess)
+        return ess, lw_max, sumexp
+
+    @staticmethod
+    def backward(ctx, grad_ess, grad_lw_max, grad_sumexp):
+        lw, lw_max, sumexp, ess = ctx.saved_tensors
+        return effective_sample_size_backward_op(grad_ess, lw, lw_max, sumexp, ess)
 
 
-effective_sample_size_op.register_autograd(_ess_backward, setup_context=_ess_setup_context)
+# -- importance_weights -------------------------------------------------------
 
 
-# -- custom ops: importance_weights ---------------------------------------------
-
-
-@torch.library.custom_op("fastvae::importance_weights", mutates_args=(), device_types=("cpu", "cuda"))
-def importance_weights_op(lw: Tensor) -> Tensor:
+def _importance_weights(lw: Tensor) -> Tensor:
     """w = softmax over the leading dim of lw (K, ...), same shape; an all -inf
     column gets weights 0 (not NaN)."""
-    backend = backend_for(lw.device)
+    backend = _backend.backend_for(lw.device)
     _validate.dtype_for_backend(backend, lw.dtype)
     lw2 = _columns(lw)
-    mx, s = _state_buffers(lw, lw2.shape[1])
-    _run_forward(backend, lw2, mx, s, None, None)
-    # softmax is the gradient of log-sum-exp: the backward kernel with g = 1
-    return _backward_with_state(lw2, mx, s, torch.ones_like(s), None, None).reshape(lw.shape)
+    lw_max, sumexp = _state(backend, lw2)
+    # softmax is the gradient of log-sum-exp: the backward kernel with grad_out = 1
+    return _backward_with_state(lw2, lw_max, sumexp, torch.ones_like(sumexp), None, None).reshape(lw.shape)
 
 
-@importance_weights_op.register_fake
-def _(lw):
-    return torch.empty_like(lw)
-
-
-@torch.library.custom_op(
-    "fastvae::importance_weights_backward", mutates_args=(), device_types=("cpu", "cuda")
-)
-def importance_weights_backward_op(grad_w: Tensor, w: Tensor) -> Tensor:
+def _importance_weights_backward(grad_w: Tensor, w: Tensor) -> Tensor:
     """dlw (K, ...) = w * (grad_w - sum_k grad_w * w), the softmax backward."""
-    backend = backend_for(w.device)
+    backend = _backend.backend_for(w.device)
     w2 = _columns(w)
     K, M = w2.shape
-    g2 = grad_w.to(w.dtype).reshape(K, M).contiguous()
     dlw = _backend.empty_output((K, M), like=w)
-    _backend.launch(backend, "logmeanexp", "importance_weights_backward", g2, w2, dlw, work=dlw.numel())
+    _backend.launch(backend, "importance_weights_backward", dlw.numel(),
+                    grad_w=grad_w.to(w.dtype).reshape(K, M).contiguous(), w=w2, dlw=dlw)
     return dlw.reshape(w.shape)
 
 
-@importance_weights_backward_op.register_fake
-def _(grad_w, w):
-    return torch.empty_like(w)
+importance_weights_op = define(
+    "importance_weights(Tensor lw) -> Tensor", _importance_weights, lambda lw: torch.empty_like(lw),
+)
+importance_weights_backward_op = define(
+    "importance_weights_backward(Tensor grad_w, Tensor w) -> Tensor",
+    _importance_weights_backward,
+    lambda grad_w, w: torch.empty_like(w),
+)
 
 
-def _iw_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output)
+class ImportanceWeights(torch.autograd.Function):
+    """Autograd of fastvae::importance_weights: saves the weights only."""
 
+    @staticmethod
+    def forward(ctx, lw):
+        w = importance_weights_op(lw)
+        ctx.save_for_backward(w)
+        return w
 
-def _iw_backward(ctx, grad_w):
-    (w,) = ctx.saved_tensors
-    return importance_weights_backward_op(grad_w, w)
-
-
-importance_weights_op.register_autograd(_iw_backward, setup_context=_iw_setup_context)
+    @staticmethod
+    def backward(ctx, grad_w):
+        (w,) = ctx.saved_tensors
+        return importance_weights_backward_op(grad_w, w)
 
 
 # -- public functions -----------------------------------------------------------
@@ -281,7 +253,7 @@ def logmeanexp(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
         torch.logsumexp). The gradient is grad * softmax_k(lw).
     """
     dim = _sample_dim(lw, dim)
-    out = logmeanexp_op(lw.movedim(dim, 0))[0]
+    out = LogMeanExp.apply(lw.movedim(dim, 0))[0]
     return out.unsqueeze(dim) if keepdim else out
 
 
@@ -292,7 +264,7 @@ def importance_weights(lw: Tensor, dim: int = 0) -> Tensor:
     a zero gradient. Differentiable (softmax backward).
     """
     dim = _sample_dim(lw, dim)
-    return importance_weights_op(lw.movedim(dim, 0)).movedim(0, dim)
+    return ImportanceWeights.apply(lw.movedim(dim, 0)).movedim(0, dim)
 
 
 def effective_sample_size(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
@@ -305,7 +277,7 @@ def effective_sample_size(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Te
     d ess / d lw_k = 2 ess w_k (1 - ess w_k).
     """
     dim = _sample_dim(lw, dim)
-    ess = effective_sample_size_op(lw.movedim(dim, 0))[0]
+    ess = EffectiveSampleSize.apply(lw.movedim(dim, 0))[0]
     return ess.unsqueeze(dim) if keepdim else ess
 
 
@@ -338,8 +310,8 @@ def logmeanexp_state(lw: Tensor, dim: int = 0) -> LogMeanExpState:
     cancels, so it carries none).
     """
     dim = _sample_dim(lw, dim)
-    _, mx, s = logmeanexp_op(lw.movedim(dim, 0))
-    return LogMeanExpState(mx, s, lw.shape[dim])
+    _, lw_max, sumexp = LogMeanExp.apply(lw.movedim(dim, 0))
+    return LogMeanExpState(lw_max, sumexp, lw.shape[dim])
 
 
 def _shift(m: Tensor) -> Tensor:

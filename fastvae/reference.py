@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._backend import accumulation_dtype
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
 _PHILOX_KEY_B = 0xBB67AE85
@@ -102,7 +104,7 @@ def sample_noise(seed: int, n_samples: int, shape: torch.Size, dtype, device) ->
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(x.dtype)
 
 
 # --------------------------------------------------------------------------
@@ -130,15 +132,16 @@ def sample_normal_forward(mu: Tensor, logvar: Tensor, seed: int, z: Tensor, kl: 
     kl.copy_(klr)
 
 
-def sample_normal_backward(dz: Tensor, dkl: Tensor, mu: Tensor, logvar: Tensor, seed: int,
+def sample_normal_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: int,
                            dmu: Tensor, dlogvar: Tensor) -> None:
-    """dmu = sum_k dz + dkl * mu;  dlogvar = sum_k dz * eps * s / 2 + dkl * (exp(logvar) - 1) / 2."""
+    """dmu = sum_k grad_z + grad_kl * mu;
+    dlogvar = sum_k grad_z * eps * s / 2 + grad_kl * (exp(logvar) - 1) / 2."""
     acc = _compute_dtype(mu)
-    mu, logvar, dz, dkl = mu.to(acc), logvar.to(acc), dz.to(acc), dkl.to(acc)
-    eps = sample_noise(seed, dz.shape[0], mu.shape, acc, mu.device)
+    mu, logvar, grad_z, grad_kl = mu.to(acc), logvar.to(acc), grad_z.to(acc), grad_kl.to(acc)
+    eps = sample_noise(seed, grad_z.shape[0], mu.shape, acc, mu.device)
     s = torch.exp(0.5 * logvar)
-    dmu.copy_(dz.sum(0) + dkl[..., None] * mu)
-    dlogvar.copy_(0.5 * (dz * eps).sum(0) * s + 0.5 * dkl[..., None] * (torch.exp(logvar) - 1.0))
+    dmu.copy_(grad_z.sum(0) + grad_kl[..., None] * mu)
+    dlogvar.copy_(0.5 * (grad_z * eps).sum(0) * s + 0.5 * grad_kl[..., None] * (torch.exp(logvar) - 1.0))
 
 
 # --------------------------------------------------------------------------
@@ -162,9 +165,9 @@ def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
     kl.copy_(kl_normal(up(mu), up(logvar), up(prior_mu), up(prior_logvar)))
 
 
-def kl_normal_backward(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
+def kl_normal_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
     acc = _compute_dtype(mu)
-    g = dkl.to(acc)[..., None]
+    g = grad_kl.to(acc)[..., None]
     mu, logvar = mu.to(acc), logvar.to(acc)
     var = torch.exp(logvar)
     if prior_mu is None:
@@ -229,11 +232,11 @@ def _sum_to(t: Tensor, shape) -> Tensor:
     return t
 
 
-def gaussian_log_prob_backward(g, x, mean, var_param, softplus_mode, delta, dx, dmean, dvar) -> None:
+def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode, delta, dx, dmean, dvar_param) -> None:
     """d/dmean = g (x - m) / var;  d/dlogvar = g ((x - m)^2 / var - 1) / 2;
     softplus: d/dr = g ((x - m)^2 / var^2 - 1 / var) / 2 * sigmoid(r);  d/dx = -d/dmean."""
     acc = _compute_dtype(mean)
-    x, mean, v, g = x.to(acc), mean.to(acc), var_param.to(acc), g.to(acc)[..., None]
+    x, mean, v, g = x.to(acc), mean.to(acc), var_param.to(acc), grad_out.to(acc)[..., None]
     diff = x - mean
     if softplus_mode:
         var = softplus(v) + delta
@@ -244,8 +247,8 @@ def gaussian_log_prob_backward(g, x, mean, var_param, softplus_mode, delta, dx, 
         gv = 0.5 * g * (diff * diff * inv - 1.0)
     gm = g * diff * inv
     dmean.copy_(gm)
-    if dvar is not None:
-        dvar.copy_(_sum_to(gv, dvar.shape))
+    if dvar_param is not None:
+        dvar_param.copy_(_sum_to(gv, dvar_param.shape))
     if dx is not None:
         dx.copy_(_sum_to(-gm, dx.shape))
 
@@ -255,10 +258,10 @@ def bernoulli_log_prob_forward(x, logits, out) -> None:
     out.copy_(bernoulli_log_prob(x.to(acc), logits.to(acc)))
 
 
-def bernoulli_log_prob_backward(g, x, logits, dx, dlogits) -> None:
+def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     """d/dlogits = g (x - sigmoid(l));  d/dx = g l."""
     acc = _compute_dtype(logits)
-    x, logits, g = x.to(acc), logits.to(acc), g.to(acc)[..., None]
+    x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
     dlogits.copy_(g * (x - torch.sigmoid(logits)))
     if dx is not None:
         dx.copy_(_sum_to(g * logits, dx.shape))
@@ -310,13 +313,13 @@ def effective_sample_size(lw: Tensor) -> Tensor:
     return torch.where(empty, torch.zeros_like(q), 1.0 / torch.where(empty, torch.ones_like(q), q))
 
 
-def logmeanexp_forward(lw, mx, s, out, ess) -> None:
-    """mx, s (M,) <- the state of lw (K, M); out = logmeanexp and
-    ess = s^2 / sum_k exp(2 (lw_k - shift)) (0 if s = 0) when given."""
+def logmeanexp_forward(lw, lw_max, sumexp, out, ess) -> None:
+    """lw_max, sumexp (M,) <- the state of lw (K, M); out = logmeanexp and
+    ess = sumexp^2 / sum_k exp(2 (lw_k - shift)) (0 if sumexp = 0) when given."""
     x = lw.to(_compute_dtype(lw))
     m_ref, s_ref = logmeanexp_state(x)
-    mx.copy_(m_ref)
-    s.copy_(s_ref)
+    lw_max.copy_(m_ref)
+    sumexp.copy_(s_ref)
     if out is not None:
         out.copy_(_logmeanexp_from_state(m_ref, s_ref, x.shape[0]))
     if ess is not None:
@@ -324,30 +327,30 @@ def logmeanexp_forward(lw, mx, s, out, ess) -> None:
         ess.copy_(torch.where(s_ref == 0, torch.zeros_like(s_ref), s_ref * s_ref / s2))
 
 
-def logmeanexp_backward(lw, mx, s, g, g_s, ess, dlw) -> None:
-    """dlw = e * (a + b e), e = exp(lw - mx) (exp(lw) where mx = -inf); per column, inv = 1 / s
-    (0 where s = 0): a = g inv + g_s, b = 0 without ess; a = 2 g ess inv,
-    b = -a ess inv with ess."""
+def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> None:
+    """dlw = e * (a + b e), e = exp(lw - lw_max) (exp(lw) where lw_max = -inf); per column,
+    inv = 1 / sumexp (0 where sumexp = 0): a = grad_out inv + grad_sumexp, b = 0 without
+    ess; a = 2 grad_out ess inv, b = -a ess inv with ess."""
     acc = _compute_dtype(lw)
-    mx = mx.to(acc)
-    # shift by mx itself unless it is -inf (a +inf column then gives 0, and NaN
+    mx = lw_max.to(acc)
+    # shift by lw_max itself unless it is -inf (a +inf column then gives 0, and NaN
     # at the +inf entry, as the gradient of torch.logsumexp)
     e = torch.exp(lw.to(acc) - torch.where(mx == -math.inf, torch.zeros_like(mx), mx))
-    s, g = s.to(acc), g.to(acc)
+    s, g = sumexp.to(acc), grad_out.to(acc)
     inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
     if ess is None:
-        a = g * inv + (0.0 if g_s is None else g_s.to(acc))
+        a = g * inv + (0.0 if grad_sumexp is None else grad_sumexp.to(acc))
         dlw.copy_(e * a)
     else:
         ess = ess.to(acc)
         dlw.copy_(2.0 * g * ess * inv * e * (1.0 - ess * inv * e))
 
 
-def importance_weights_backward(gw, w, dlw) -> None:
-    """dlw = w * (gw - sum_k gw * w)."""
+def importance_weights_backward(grad_w, w, dlw) -> None:
+    """dlw = w * (grad_w - sum_k grad_w * w)."""
     acc = _compute_dtype(w)
-    gw, w = gw.to(acc), w.to(acc)
-    dlw.copy_(w * (gw - (gw * w).sum(0)))
+    grad_w, w = grad_w.to(acc), w.to(acc)
+    dlw.copy_(w * (grad_w - (grad_w * w).sum(0)))
 
 
 def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool = False) -> Tensor:
@@ -360,17 +363,17 @@ def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool = F
     return 0.5 * torch.sum(eps * eps - z * z + logvar, dim=-1)
 
 
-def latent_log_ratio_forward(z, mu, logvar, r) -> None:
-    """r (K, N) <- latent_log_ratio of z (K, N, L), mu, logvar (N, L)."""
+def latent_log_ratio_forward(z, mu, logvar, out) -> None:
+    """out (K, N) <- latent_log_ratio of z (K, N, L), mu, logvar (N, L)."""
     acc = _compute_dtype(mu)
-    r.copy_(latent_log_ratio(z.to(acc), mu.to(acc), logvar.to(acc)))
+    out.copy_(latent_log_ratio(z.to(acc), mu.to(acc), logvar.to(acc)))
 
 
-def latent_log_ratio_backward(g, z, mu, logvar, dz, dmu, dlogvar) -> None:
+def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None:
     """dz = g (eps / s - z); dmu = -sum_k g eps / s; dlogvar = sum_k g (1 - eps^2) / 2,
-    s = exp(logvar / 2); dmu, dlogvar None in the stop-the-score mode."""
+    with g = grad_out and s = exp(logvar / 2); dmu, dlogvar None in the stop-the-score mode."""
     acc = _compute_dtype(mu)
-    g, z, mu, logvar = g.to(acc)[..., None], z.to(acc), mu.to(acc), logvar.to(acc)
+    g, z, mu, logvar = grad_out.to(acc)[..., None], z.to(acc), mu.to(acc), logvar.to(acc)
     inv_s = torch.exp(-0.5 * logvar)
     eps = (z - mu) * inv_s
     dz.copy_(g * (eps * inv_s - z))

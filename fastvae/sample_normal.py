@@ -7,93 +7,68 @@ K x B x L is saved (only mu, logvar and the seed).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._backend import backend_for
-
-_SEED_HIGH = 2**63 - 1
+from ._op import define, draw_seed, flat
 
 
-def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """A 0-d int64 Philox seed drawn from torch's generator (the default one of
-    ``device``, or ``generator``), so torch.manual_seed makes runs repeatable
-    and two calls get independent noise. Stays on the device: no host sync."""
-    gen_device = device if generator is None else generator.device
-    seed = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=gen_device, generator=generator)
-    return seed.to(device)
-
-
-def _flat(t: Tensor) -> Tensor:
-    """(..., L) -> contiguous (N, L)."""
-    L = t.shape[-1]
-    return t.reshape(math.prod(t.shape[:-1]), L).contiguous()
-
-
-# -- custom ops ----------------------------------------------------------------
-
-
-@torch.library.custom_op("fastvae::sample_normal", mutates_args=(), device_types=("cpu", "cuda"))
-def sample_normal_op(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
+def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
     """z (n_samples, ..., L) and kl (...) for mu, logvar (..., L)."""
-    backend = backend_for(mu.device)
+    backend = _backend.backend_for(mu.device)
     _validate.dtype_for_backend(backend, mu.dtype)
-    mu2, lv2 = _flat(mu), _flat(logvar)
+    mu2, lv2 = flat(mu), flat(logvar)
     N, L = mu2.shape
     z = _backend.empty_output((n_samples, N, L), like=mu)
     kl = _backend.empty_output((N,), like=mu)
-    _backend.launch(
-        backend, "sample_normal", "sample_normal_forward",
-        mu2, lv2, _backend.Seed(seed), z, kl,
-        work=z.numel(),
-    )
+    _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed, z=z, kl=kl)
     return z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])
 
 
-@sample_normal_op.register_fake
-def _(mu, logvar, seed, n_samples):
-    return mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1])
-
-
-@torch.library.custom_op("fastvae::sample_normal_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def sample_normal_backward_op(dz: Tensor, dkl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """dmu, dlogvar (..., L) from dz (K, ..., L) and dkl (...); eps is regenerated from seed."""
-    backend = backend_for(mu.device)
-    mu2, lv2 = _flat(mu), _flat(logvar)
+def _backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """dmu, dlogvar (..., L) from grad_z (K, ..., L) and grad_kl (...); eps is regenerated from seed."""
+    backend = _backend.backend_for(mu.device)
+    mu2, lv2 = flat(mu), flat(logvar)
     N, L = mu2.shape
-    K = dz.shape[0]
-    dz3 = dz.to(mu.dtype).reshape(K, N, L).contiguous()
-    dkl1 = dkl.to(mu.dtype).reshape(N).contiguous()
+    K = grad_z.shape[0]
     dmu = _backend.empty_output((N, L), like=mu)
     dlv = _backend.empty_output((N, L), like=mu)
     _backend.launch(
-        backend, "sample_normal", "sample_normal_backward",
-        dz3, dkl1, mu2, lv2, _backend.Seed(seed), dmu, dlv,
-        work=dz3.numel(),
+        backend, "sample_normal_backward", K * N * L,
+        grad_z=grad_z.to(mu.dtype).reshape(K, N, L).contiguous(),
+        grad_kl=grad_kl.to(mu.dtype).reshape(N).contiguous(),
+        mu=mu2, logvar=lv2, seed=seed, dmu=dmu, dlogvar=dlv,
     )
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape)
 
 
-@sample_normal_backward_op.register_fake
-def _(dz, dkl, mu, logvar, seed):
-    return torch.empty_like(mu), torch.empty_like(logvar)
+sample_normal_op = define(
+    "sample_normal(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor)",
+    _forward,
+    lambda mu, logvar, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1])),
+)
+sample_normal_backward_op = define(
+    "sample_normal_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed)"
+    " -> (Tensor, Tensor)",
+    _backward,
+    lambda grad_z, grad_kl, mu, logvar, seed: (torch.empty_like(mu), torch.empty_like(logvar)),
+)
 
 
-def _setup_context(ctx, inputs, output):
-    mu, logvar, seed, n_samples = inputs
-    ctx.save_for_backward(mu, logvar, seed)
+class SampleNormal(torch.autograd.Function):
+    """Autograd of fastvae::sample_normal: saves mu, logvar and the seed only."""
 
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, n_samples):
+        ctx.save_for_backward(mu, logvar, seed)
+        return sample_normal_op(mu, logvar, seed, n_samples)
 
-def _backward(ctx, dz, dkl):
-    mu, logvar, seed = ctx.saved_tensors
-    dmu, dlogvar = sample_normal_backward_op(dz, dkl, mu, logvar, seed)
-    return dmu, dlogvar, None, None
-
-
-sample_normal_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, seed = ctx.saved_tensors
+        dmu, dlogvar = sample_normal_backward_op(grad_z, grad_kl, mu, logvar, seed)
+        return dmu, dlogvar, None, None
 
 
 # -- public function -----------------------------------------------------------
@@ -129,5 +104,5 @@ def sample_normal(
     if n_samples is not None:
         _validate.positive_int("n_samples", n_samples)
     seed = draw_seed(mu.device, generator)
-    z, kl = sample_normal_op(mu, logvar, seed, 1 if n_samples is None else n_samples)
+    z, kl = SampleNormal.apply(mu, logvar, seed, 1 if n_samples is None else n_samples)
     return (z[0] if n_samples is None else z), kl

@@ -48,11 +48,19 @@ def _backend_params():
 
 
 @pytest.fixture(params=_backend_params())
-def backend(request, monkeypatch):
-    """(backend name, device): FASTVAE_BACKEND is set for the test's duration."""
+def backend(request):
+    """(backend name, device): that backend serves every op for the test's duration."""
     name, device = request.param
-    monkeypatch.setenv("FASTVAE_BACKEND", name)
+    fastvae._backend.set_backend(name)
     return name, device
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    """A test that picks a backend must not leak the choice into the next one."""
+    previous = fastvae._backend.requested_backend()
+    yield
+    fastvae._backend.set_backend(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,7 @@ def gen(seed):
 
 def philox_seed_of(gen_seed):
     """The Philox seed a call with generator=gen(gen_seed) draws."""
-    from fastvae.sample_normal import draw_seed
+    from fastvae._op import draw_seed
 
     return int(draw_seed(torch.device("cpu"), gen(gen_seed)))
 

@@ -4,31 +4,31 @@ import torch
 
 import fastvae
 from conftest import INTERPRET
-from fastvae import _backend
+from fastvae import _backend, _registry
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
 
 
-def test_default_cpu_backend_is_cpp(monkeypatch):
-    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
-    assert fastvae.backend_info("cpu") == {op: "cpp" for op in _backend.OPS}
+def test_default_cpu_backend_is_cpp():
+    fastvae.set_backend(None)
+    assert fastvae.backend_info("cpu") == {op: "cpp" for op in _registry.OPS}
     assert _backend.backend_for("cuda") == "triton"
 
 
 def test_override(monkeypatch):
-    monkeypatch.setenv("FASTVAE_BACKEND", "reference")
-    assert fastvae.backend_info("cpu") == {op: "reference" for op in _backend.OPS}
+    fastvae._backend.set_backend("reference")
+    assert fastvae.backend_info("cpu") == {op: "reference" for op in _registry.OPS}
     assert _backend.backend_for("cuda") == "reference"
-    monkeypatch.setenv("FASTVAE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="bogus"):
-        fastvae.backend_info()
-    monkeypatch.setenv("FASTVAE_BACKEND", "cpp")
+        fastvae.set_backend("bogus")
+    assert _backend.requested_backend() == "reference"  # a refused name changes nothing
+    fastvae._backend.set_backend("cpp")
     with pytest.raises(ValueError, match="CPU tensors only"):
         _backend.backend_for("cuda")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    fastvae._backend.set_backend("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fastvae.sample_normal(torch.zeros(2, 3), torch.zeros(2, 3))
@@ -36,12 +36,12 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_missing_extension_is_explained(monkeypatch):
     monkeypatch.setattr(_backend, "_load_cpp", lambda: ImportError("no module named fastvae._C"))
-    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    fastvae._backend.set_backend(None)
     _backend._warn_missing_cpp.cache_clear()
     with pytest.warns(RuntimeWarning, match="pip install -e ."):
         z, kl = fastvae.sample_normal(torch.zeros(2, 3), torch.zeros(2, 3))
     assert fastvae.backend_info()["sample_normal"] == "reference (cpp extension missing)"
-    monkeypatch.setenv("FASTVAE_BACKEND", "cpp")
+    fastvae._backend.set_backend("cpp")
     with pytest.raises(RuntimeError, match="not built"):
         fastvae.sample_normal(torch.zeros(2, 3), torch.zeros(2, 3))
 
@@ -76,5 +76,26 @@ def test_cpp_boundary_checks_shapes_and_dtypes():
     with pytest.raises(ValueError, match="delta"):
         _C.gaussian_log_prob_forward(x, z, torch.zeros(3).numpy(), True, 1e-45, torch.zeros(2, 4).numpy(), 1)
     # the last Philox offset must fit in int64, for the uniforms too
-    with pytest.raises(ValueError, match="2\*\*63"):
+    with pytest.raises(ValueError, match=r"2\*\*63"):
         _C.uniform_fill(1, 2**63 - 2, torch.zeros(4).numpy(), torch.zeros(4).numpy())
+
+
+def test_use_backend_restores_the_previous_choice():
+    fastvae.set_backend("cpp")
+    with fastvae.use_backend("reference"):
+        assert _backend.backend_for("cpu") == "reference"
+    assert _backend.backend_for("cpu") == "cpp"
+
+
+def test_environment_is_read_once_at_import(monkeypatch):
+    """FASTVAE_BACKEND set after import changes nothing: reading it per call cost
+    more than a small kernel. set_backend is the run-time switch."""
+    fastvae.set_backend(None)
+    monkeypatch.setenv("FASTVAE_BACKEND", "reference")
+    assert _backend.backend_for("cpu") == "cpp"
+    import subprocess
+    import sys
+
+    code = "import fastvae; print(fastvae.backend_info()['sample_normal'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "reference"

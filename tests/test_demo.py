@@ -3,6 +3,8 @@ import math
 
 import pytest
 
+import fastvae._backend
+
 from conftest import INTERPRET
 from fastvae.__main__ import main
 
@@ -12,7 +14,7 @@ pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process test")
 def test_main_job_trains_evaluates_and_writes_png(tmp_path, capsys, monkeypatch):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    fastvae._backend.set_backend(None)
     png = tmp_path / "digits.png"
     report = main(["--epochs", "4", "--k", "4", "--k-eval", "64", "--out", str(png)])
     out = capsys.readouterr().out

@@ -12,6 +12,8 @@ import fastvae
 from conftest import INTERPRET
 from fastvae import reference
 from fastvae.logmeanexp import (
+    EffectiveSampleSize,
+    LogMeanExp,
     effective_sample_size_backward_op,
     effective_sample_size_op,
     importance_weights_backward_op,
@@ -19,7 +21,7 @@ from fastvae.logmeanexp import (
     logmeanexp_backward_op,
     logmeanexp_op,
 )
-from fastvae.sample_normal import sample_normal_op
+from fastvae.sample_normal import SampleNormal, sample_normal_op
 from helpers import RTOL, assert_close, assert_compiled_matches_eager, run_gloo_ranks
 
 INF = math.inf
@@ -391,8 +393,8 @@ def test_gradcheck_float64(backend):
     _, device = backend
     g = torch.Generator().manual_seed(0)
     lw = (torch.randn(5, 3, generator=g, dtype=torch.float64) * 2).to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: logmeanexp_op(x)[0], (lw,))
-    assert torch.autograd.gradcheck(lambda x: effective_sample_size_op(x)[0], (lw,))
+    assert torch.autograd.gradcheck(lambda x: LogMeanExp.apply(x)[0], (lw,))
+    assert torch.autograd.gradcheck(lambda x: EffectiveSampleSize.apply(x)[0], (lw,))
     assert torch.autograd.gradcheck(importance_weights_op, (lw,))
     # the state alone is not a function of lw (its max is a shift without a
     # gradient); what is derived from it is
@@ -407,8 +409,8 @@ def test_opcheck(backend):
     torch.library.opcheck(logmeanexp_op, (lw,))
     torch.library.opcheck(effective_sample_size_op, (lw,))
     torch.library.opcheck(importance_weights_op, (lw,))
-    out, mx, s = logmeanexp_op(lw.detach())
-    ess = effective_sample_size_op(lw.detach())[0]
+    out, mx, s = LogMeanExp.apply(lw.detach())
+    ess = EffectiveSampleSize.apply(lw.detach())[0]
     g = torch.randn(2, 3, device=device)
     torch.library.opcheck(logmeanexp_backward_op, (g, torch.randn(2, 3, device=device), lw.detach(), mx, s))
     torch.library.opcheck(logmeanexp_backward_op, (g, None, lw.detach(), mx, s))
@@ -473,7 +475,7 @@ def test_cpp_boundary_checks():
 def iwae_loss(enc, dec, x, seed, k):
     """IWAE bound through the fastvae ops, with the ESS as a side output."""
     mu, logvar = enc(x).chunk(2, dim=-1)
-    z, _ = sample_normal_op(mu, logvar, seed, k)
+    z, _ = SampleNormal.apply(mu, logvar, seed, k)
     log_px = -0.5 * ((dec(z) - x) ** 2).sum(-1)
     lw = log_px + fastvae.latent_log_ratio(z, mu, logvar)
     state = fastvae.merge_logmeanexp_states(fastvae.logmeanexp_state(lw[:2]), fastvae.logmeanexp_state(lw[2:]))
@@ -483,7 +485,7 @@ def iwae_loss(enc, dec, x, seed, k):
 
 @main_process_only
 def test_iwae_step_compiles_fullgraph(monkeypatch):
-    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    fastvae._backend.set_backend(None)
     torch._dynamo.reset()
     torch.manual_seed(0)
     enc, dec = torch.nn.Linear(10, 6), torch.nn.Linear(3, 10)

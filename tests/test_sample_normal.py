@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae import reference
-from fastvae.sample_normal import draw_seed, sample_normal_backward_op, sample_normal_op
+from fastvae._op import draw_seed
+from fastvae.sample_normal import SampleNormal, sample_normal_backward_op, sample_normal_op
 from helpers import assert_close, seed_tensor
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)
@@ -81,7 +82,7 @@ def test_backward_matches_reference_autograd(backend, dtype, problem):
     gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64)
     gk = torch.randn(batch, generator=g, dtype=torch.float64)
 
-    z, kl = sample_normal_op(mu, logvar, seed_tensor(seed, device), K)
+    z, kl = SampleNormal.apply(mu, logvar, seed_tensor(seed, device), K)
     dmu, dlv = torch.autograd.grad((z, kl), (mu, logvar), (gz.to(dtype).to(device), gk.to(dtype).to(device)))
 
     mu64 = mu.detach().double().cpu().requires_grad_()
@@ -103,7 +104,7 @@ def test_extreme_logvar_matches_reference(backend, lv):
     _, device = backend
     mu = torch.linspace(-5, 5, 3 * 37, device=device).reshape(3, 37).requires_grad_()
     logvar = torch.full((3, 37), lv, device=device, requires_grad=True)
-    z, kl = sample_normal_op(mu, logvar, seed_tensor(77, device), 4)
+    z, kl = SampleNormal.apply(mu, logvar, seed_tensor(77, device), 4)
     (z.sum() + kl.sum()).backward()
     mu64 = mu.detach().double().cpu().requires_grad_()
     lv64 = logvar.detach().double().cpu().requires_grad_()
@@ -200,7 +201,7 @@ def test_gradcheck_float64(backend):
     name, device = backend
     mu, logvar = make_inputs((3,), 5, 4, 2.0, torch.float64, device, requires_grad=True)
     seed = seed_tensor(12345, device)
-    assert torch.autograd.gradcheck(lambda m, lv: sample_normal_op(m, lv, seed, 3), (mu, logvar))
+    assert torch.autograd.gradcheck(lambda m, lv: SampleNormal.apply(m, lv, seed, 3), (mu, logvar))
 
 
 def test_opcheck(backend):
@@ -244,7 +245,7 @@ def test_half_precision(backend, dtype):
             fastvae.sample_normal(mu, logvar, 2)
         return
     seed = 77
-    z, kl = sample_normal_op(mu, logvar, seed_tensor(seed, device), 2)
+    z, kl = SampleNormal.apply(mu, logvar, seed_tensor(seed, device), 2)
     _, _, z_ref, kl_ref, z_scale, kl_scale = reference_pieces(mu, logvar, seed, 2)
     assert z.dtype == dtype
     assert_close(z, z_ref, z_scale, "z")
@@ -257,7 +258,7 @@ def test_gradient_through_one_output(backend, use):
     _, device = backend
     mu, logvar = make_inputs((5,), 6, 1, 2.0, torch.float64, device, requires_grad=True)
     seed = 99
-    z, kl = sample_normal_op(mu, logvar, seed_tensor(seed, device), 2)
+    z, kl = SampleNormal.apply(mu, logvar, seed_tensor(seed, device), 2)
     out = z.sum() if use == "z" else kl.sum()
     dmu, dlv = torch.autograd.grad(out, (mu, logvar))
     mu64 = mu.detach().cpu().requires_grad_()

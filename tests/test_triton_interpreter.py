@@ -16,18 +16,10 @@ import torch
 import fastvae
 
 from conftest import INTERPRET
+from fastvae._registry import interpreter_test_modules
 
 TESTS = Path(__file__).parent
-OP_TESTS = [
-    "test_sample_normal.py",
-    "test_kl_normal.py",
-    "test_philox.py",
-    "test_logmeanexp.py",
-    "test_latent_log_ratio.py",
-    "test_gaussian_log_prob.py",
-    "test_bernoulli_log_prob.py",
-    "test_evaluation.py",
-]
+OP_TESTS = interpreter_test_modules()  # every op's test module, and those above the ops
 
 
 def _interpreter_env():
@@ -71,7 +63,7 @@ def test_cpp_and_triton_draw_the_same_samples(tmp_path, monkeypatch):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     z_triton, kl_triton = torch.load(tmp_path / "out.pt")
-    monkeypatch.setenv("FASTVAE_BACKEND", "cpp")
+    fastvae._backend.set_backend("cpp")
     torch.manual_seed(31337)
     z_cpp, kl_cpp = fastvae.sample_normal(mu, logvar, 3)
     s = torch.exp(0.5 * logvar)

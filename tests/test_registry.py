@@ -1,0 +1,76 @@
+"""The op registry is the one definition of each kernel's arguments: every
+backend must spell them as it does, and every op must have its test module and
+benchmark."""
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import INTERPRET
+from fastvae import _backend, _registry, reference
+
+pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
+
+ROOT = Path(__file__).parent.parent
+KERNELS = list(_registry.KERNELS.values())
+
+
+def _params(fn) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_reference_matches_the_registry(kernel):
+    assert _params(getattr(reference, kernel.name)) == kernel.args
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k.triton], ids=lambda k: k.name)
+def test_triton_launcher_matches_the_registry(kernel):
+    pytest.importorskip("triton")
+    assert _params(getattr(_backend.triton_module(kernel.module), kernel.name)) == kernel.args
+
+
+def _cpp_params(fn) -> tuple[str, ...]:
+    """Argument names from pybind11's signature line, e.g. 'f(x: numpy.ndarray, n: int) -> None'."""
+    signature = fn.__doc__.splitlines()[0]
+    inner = signature[signature.index("(") + 1: signature.rindex(") ->")]
+    return tuple(re.findall(r"(?:^|, )(\w+):", inner))
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_cpp_binding_matches_the_registry(kernel):
+    """The cpp backend adds a trailing thread count (the uniforms are a test hook, serial)."""
+    extra = () if kernel.name == "uniform_fill" else ("n_threads",)
+    assert _cpp_params(getattr(_backend.cpp_module(), kernel.name)) == kernel.args + extra
+
+
+def test_every_cpp_function_is_registered():
+    cpp = _backend.cpp_module()
+    bound = {name for name in dir(cpp) if not name.startswith("_") and callable(getattr(cpp, name))}
+    assert bound == set(_registry.KERNELS)
+
+
+def test_launch_refuses_arguments_that_differ_from_the_registry():
+    with pytest.raises(TypeError, match=r"kl_normal_forward takes \(mu, logvar, prior_mu, prior_logvar, kl\)"):
+        _backend.launch("reference", "kl_normal_forward", 1, logvar=None, mu=None, prior_mu=None,
+                        prior_logvar=None, kl=None)
+
+
+@pytest.mark.parametrize("op", _registry.OPS.values(), ids=lambda op: op.name)
+def test_every_op_has_its_kernels_tests_and_benchmark(op):
+    assert set(op.kernels) <= set(_registry.KERNELS)
+    assert (ROOT / "tests" / op.test).exists()
+    assert (ROOT / "benchmarks" / f"bench_{op.benchmark}.py").exists()
+
+
+def test_interpreter_run_covers_every_module_that_reaches_a_triton_kernel():
+    """A test module that calls an op (or an objective built on them) and is left
+    out of the interpreter run would leave Triton code untested."""
+    modules = set(_registry.interpreter_test_modules())
+    main_process_only = {"test_backend.py", "test_registry.py", "test_triton_interpreter.py", "test_benchmarks.py",
+                         "test_demo.py", "test_examples.py", "test_compile.py", "test_aot.py",
+                         "test_cpp_boundary.py"}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        if path.name not in main_process_only:
+            assert path.name in modules, f"{path.name} is missing from the Triton interpreter run"
