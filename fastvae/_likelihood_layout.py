@@ -80,3 +80,35 @@ def kernel_var(v: Tensor, K: int, P: int, D: int) -> Tensor:
     if v.numel() == K * P * D:
         return v.reshape(K, P, D).contiguous()
     return v.reshape(P, D).contiguous()
+
+
+# The cpp kernels give each OpenMP task CPP_ROWS_PER_TASK rows of x with all K
+# samples of them (so dx sums over K in registers). With fewer rows than that
+# per thread (one example against K samples in evaluation, or x of shape
+# (1, D) against a (B, D) output, where the B rows are K = B "samples" of one x
+# row) most threads would idle: then x is copied per sample, which costs one
+# extra pass over a K x P x D buffer, and the K * P rows become the tasks.
+CPP_ROWS_PER_TASK = 16
+
+
+def fold_samples(backend: str, out3: Tensor, threads: int) -> bool:
+    """Whether to run (K, P, D) as (1, K * P, D) with x copied per sample."""
+    K, P, _ = out3.shape
+    return backend == "cpp" and threads > 1 and K > 1 and P < CPP_ROWS_PER_TASK * threads
+
+
+def folded(x2: Tensor, out3: Tensor, var_param: Tensor | None = None):
+    """(x2, out3, var_param) of a (K, P, D) problem, var_param in a kernel_var
+    form, as a (1, K * P, D) problem; per-row gradients come back through
+    unfold_rows."""
+    K, P, D = out3.shape
+    if var_param is not None and var_param.dim() == 3:  # per element
+        var_param = var_param.reshape(1, K * P, D)
+    elif var_param is not None and var_param.dim() == 2:  # per x row: now per sample and row
+        var_param = var_param.expand(K, P, D).reshape(K * P, D)
+    return x2.expand(K, P, D).reshape(K * P, D), out3.reshape(1, K * P, D), var_param
+
+
+def unfold_rows(t: Tensor, K: int, P: int) -> Tensor:
+    """A per-row gradient (K * P, D) of a folded problem summed back to (P, D)."""
+    return t.reshape(K, P, t.shape[-1]).sum(0)

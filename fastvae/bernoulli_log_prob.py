@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._likelihood_layout import broadcast_x, kernel_views
+from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, unfold_rows
 from ._op import define
 
 
@@ -16,7 +16,9 @@ def _forward(x: Tensor, logits: Tensor) -> Tensor:
     backend = _backend.backend_for(logits.device)
     _validate.dtype_for_backend(backend, logits.dtype)
     x2, l3, K, P, D = kernel_views(x, logits)
-    out = _backend.empty_output((K, P), like=logits)
+    if fold_samples(backend, l3, _backend.num_threads(l3.numel())):
+        x2, l3, _ = folded(x2, l3)
+    out = _backend.empty_output(l3.shape[:2], like=logits)
     _backend.launch(backend, "bernoulli_log_prob_forward", l3.numel(), x=x2, logits=l3, out=out)
     return out.reshape(logits.shape[:-1])
 
@@ -25,13 +27,18 @@ def _backward(grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> tup
     """(dx, dlogits); dx is an empty (0,) tensor unless need_dx."""
     backend = _backend.backend_for(logits.device)
     x2, l3, K, P, D = kernel_views(x, logits)
-    dx = _backend.empty_output((P, D) if need_dx else (0,), like=logits)
-    dlogits = _backend.empty_output((K, P, D), like=logits)
+    fold = fold_samples(backend, l3, _backend.num_threads(l3.numel()))
+    if fold:
+        x2, l3, _ = folded(x2, l3)
+    dx = _backend.empty_output((l3.shape[1], D) if need_dx else (0,), like=logits)
+    dlogits = _backend.empty_output(l3.shape, like=logits)
     _backend.launch(
         backend, "bernoulli_log_prob_backward", dlogits.numel(),
-        grad_out=grad_out.to(logits.dtype).reshape(K, P).contiguous(), x=x2, logits=l3,
+        grad_out=grad_out.to(logits.dtype).reshape(l3.shape[:2]).contiguous(), x=x2, logits=l3,
         dx=dx if need_dx else None, dlogits=dlogits,
     )
+    if fold and need_dx:
+        dx = unfold_rows(dx, K, P)
     return (dx.reshape(x.shape) if need_dx else dx), dlogits.reshape(logits.shape)
 
 

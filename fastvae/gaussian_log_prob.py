@@ -8,7 +8,15 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._likelihood_layout import broadcast_var, broadcast_x, kernel_var, kernel_views
+from ._likelihood_layout import (
+    broadcast_var,
+    broadcast_x,
+    fold_samples,
+    folded,
+    kernel_var,
+    kernel_views,
+    unfold_rows,
+)
 from ._op import define
 
 
@@ -20,11 +28,13 @@ def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, de
     backend = _backend.backend_for(mean.device)
     _validate.dtype_for_backend(backend, mean.dtype)
     x2, m3, K, P, D = kernel_views(x, mean)
-    out = _backend.empty_output((K, P), like=mean)
+    v = kernel_var(var_param, K, P, D)
+    if fold_samples(backend, m3, _backend.num_threads(m3.numel())):
+        x2, m3, v = folded(x2, m3, v)
+    out = _backend.empty_output(m3.shape[:2], like=mean)
     _backend.launch(
         backend, "gaussian_log_prob_forward", m3.numel(),
-        x=x2, mean=m3, var_param=kernel_var(var_param, K, P, D), softplus_mode=softplus_mode, delta=delta,
-        out=out,
+        x=x2, mean=m3, var_param=v, softplus_mode=softplus_mode, delta=delta, out=out,
     )
     return out.reshape(mean.shape[:-1])
 
@@ -38,15 +48,23 @@ def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, soft
     backend = _backend.backend_for(mean.device)
     x2, m3, K, P, D = kernel_views(x, mean)
     v = kernel_var(var_param, K, P, D)
-    dx = _backend.empty_output((P, D) if need_dx else (0,), like=mean)
-    dmean = _backend.empty_output((K, P, D), like=mean)
+    fold = fold_samples(backend, m3, _backend.num_threads(m3.numel()))
+    if fold:
+        x2, m3, v = folded(x2, m3, v)
+    rows = m3.shape[1]
+    dx = _backend.empty_output((rows, D) if need_dx else (0,), like=mean)
+    dmean = _backend.empty_output(m3.shape, like=mean)
     dv = _backend.empty_output(v.shape if need_dvar_param else (0,), like=mean)
     _backend.launch(
         backend, "gaussian_log_prob_backward", dmean.numel(),
-        grad_out=grad_out.to(mean.dtype).reshape(K, P).contiguous(), x=x2, mean=m3, var_param=v,
+        grad_out=grad_out.to(mean.dtype).reshape(m3.shape[:2]).contiguous(), x=x2, mean=m3, var_param=v,
         softplus_mode=softplus_mode, delta=delta,
         dx=dx if need_dx else None, dmean=dmean, dvar_param=dv if need_dvar_param else None,
     )
+    if fold and need_dx:
+        dx = unfold_rows(dx, K, P)
+    if fold and need_dvar_param and var_param.numel() == P * D and v.dim() == 2:
+        dv = unfold_rows(dv, K, P)
     dx = dx.reshape(x.shape) if need_dx else dx
     return dx, dmean.reshape(mean.shape), dv.reshape(var_param.shape) if need_dvar_param else dv
 

@@ -17,9 +17,9 @@ from torch import Tensor
 from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob
 from .kl_normal import kl_normal
-from .latent_log_ratio import latent_log_ratio
-from .logmeanexp import effective_sample_size, importance_weights, logmeanexp
-from .sample_normal import sample_normal
+from .latent_log_ratio import LatentLogRatio
+from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
+from .sample_normal import sample_normal_unchecked
 
 REDUCTIONS = ("mean", "sum", "none")
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -120,7 +120,7 @@ def elbo_terms(
     _check_real("beta", beta, minimum=0.0)
     _check_real("free_bits", free_bits, minimum=0.0)
 
-    z, kl = sample_normal(mu, logvar, None if n_samples == 1 else n_samples, generator=generator)
+    z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
     sample_shape = () if n_samples == 1 else (n_samples,)
     reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape)
     if n_samples > 1:
@@ -198,17 +198,17 @@ def _dreg_z_scale(z: Tensor, lw: Tensor, alpha: float) -> None:
     bound's own gradient already carries v_k on z_k, so a hook on z multiplies
     by (a + (1-a) v_k); z only feeds the encoder (through sample_normal), so the
     decoder's gradient stays the IWAE one."""
-    v = importance_weights((1.0 - alpha) * lw.detach(), 0)  # 0 for an all -inf column
+    v = ImportanceWeights.apply((1.0 - alpha) * lw.detach())  # 0 for an all -inf column
     scale = (alpha + (1.0 - alpha) * v).unsqueeze(-1)
     z.register_hook(lambda g: g * scale)
 
 
 def _bound(lw: Tensor, alpha: float) -> Tensor:
     if alpha == 0:
-        return logmeanexp(lw, 0)
+        return LogMeanExp.apply(lw)[0]
     if alpha == 1:  # the limit of the Renyi bound: the Monte Carlo ELBO
         return lw.mean(0)
-    return logmeanexp((1.0 - alpha) * lw, 0) / (1.0 - alpha)
+    return LogMeanExp.apply((1.0 - alpha) * lw)[0] / (1.0 - alpha)
 
 
 def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator):
@@ -220,9 +220,10 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_real("alpha", alpha)
 
-    z, kl = sample_normal(mu, logvar, k, generator=generator)
+    z, kl = sample_normal_unchecked(mu, logvar, k, generator)
     reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,))
-    lw = reconstruction + latent_log_ratio(z, mu, logvar, stop_score=estimator != "iwae")
+    # the arguments were checked above and z is sample_normal's: the ops are called unchecked
+    lw = reconstruction + LatentLogRatio.apply(z, mu, logvar, estimator != "iwae")
     if estimator == "dreg":
         _dreg_z_scale(z, lw, alpha)
     return _bound(lw, alpha), reconstruction, kl, lw
@@ -248,7 +249,7 @@ def iwae_terms(
         alpha=alpha, reduction=reduction, generator=generator,
     )
     with torch.no_grad():
-        ess = effective_sample_size(lw.detach(), 0)
+        ess = EffectiveSampleSize.apply(lw.detach())[0]
     return IWAETerms(
         _reduce(bound, reduction), _reduce(reconstruction.mean(0), reduction),
         _reduce(kl, reduction), _reduce(ess, reduction), lw,

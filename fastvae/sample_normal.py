@@ -103,6 +103,13 @@ def sample_normal(
     _validate.same_shape(mu=mu, logvar=logvar)
     if n_samples is not None:
         _validate.positive_int("n_samples", n_samples)
+    return sample_normal_unchecked(mu, logvar, n_samples, generator)
+
+
+def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,
+                            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """sample_normal for arguments the caller has validated (the objectives):
+    checks cost as much as a small kernel, so they run once per call."""
     seed = draw_seed(mu.device, generator)
     z, kl = SampleNormal.apply(mu, logvar, seed, 1 if n_samples is None else n_samples)
     return (z[0] if n_samples is None else z), kl
