@@ -201,8 +201,14 @@ def softplus(r: Tensor) -> Tensor:
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    """-0.5 * sum((x - mean)^2 * exp(-logvar) + logvar + log 2 pi) over the last dim (broadcasting)."""
-    return -0.5 * torch.sum((x - mean) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI, dim=-1)
+    """-0.5 * sum((x - mean)^2 * exp(-logvar) + logvar + log 2 pi) over the last dim (broadcasting).
+
+    Where x == mean exactly the squared term is 0 whatever the variance: an
+    underflowing variance (exp(-logvar) = inf) must not give 0 * inf = NaN, in
+    the value or, through the unselected branch of a where, in the gradient."""
+    diff = x - mean
+    exact = diff == 0
+    return -0.5 * torch.sum(diff * diff * torch.exp(-torch.where(exact, 0.0, logvar)) + logvar + LOG_2PI, dim=-1)
 
 
 def gaussian_log_prob_softplus(x: Tensor, mean: Tensor, softplus_var: Tensor, delta: float) -> Tensor:
@@ -211,9 +217,17 @@ def gaussian_log_prob_softplus(x: Tensor, mean: Tensor, softplus_var: Tensor, de
     return -0.5 * torch.sum((x - mean) ** 2 / var + torch.log(var) + LOG_2PI, dim=-1)
 
 
+def _times(a: Tensor, b: Tensor) -> Tensor:
+    """a * b with 0 * inf = 0: a certain outcome weighted by zero contributes nothing."""
+    zero = a == 0
+    return torch.where(zero, 0.0, a) * torch.where(zero, 0.0, b)
+
+
 def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
-    """sum(x * logits - softplus(logits)) over the last dim: log Bernoulli(x; sigmoid(logits))."""
-    return torch.sum(x * logits - softplus(logits), dim=-1)
+    """sum(x * logits - softplus(logits)) over the last dim: log Bernoulli(x; sigmoid(logits)),
+    written -(x softplus(-l) + (1 - x) softplus(l)) so that saturated logits (+-inf) give
+    0 where the outcome is certain and right and -inf where it is certain and wrong."""
+    return -torch.sum(_times(x, softplus(-logits)) + _times(1.0 - x, softplus(logits)), dim=-1)
 
 
 def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
@@ -243,7 +257,7 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode, delt
         inv = 1.0 / var
         gv = 0.5 * g * (diff * diff * inv * inv - inv) * torch.sigmoid(v)
     else:
-        inv = torch.exp(-v)
+        inv = torch.where(diff == 0, 0.0, torch.exp(-v))  # x == mean: no 0 * inf
         gv = 0.5 * g * (diff * diff * inv - 1.0)
     gm = g * diff * inv
     dmean.copy_(gm)
@@ -262,7 +276,7 @@ def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     """d/dlogits = g (x - sigmoid(l));  d/dx = g l."""
     acc = _compute_dtype(logits)
     x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
-    dlogits.copy_(g * (x - torch.sigmoid(logits)))
+    dlogits.copy_(_times(g, x - torch.sigmoid(logits)))
     if dx is not None:
         dx.copy_(_sum_to(g * logits, dx.shape))
 

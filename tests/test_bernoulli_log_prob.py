@@ -121,3 +121,24 @@ def test_half_precision(backend, dtype):
     terms = ((x64 * l64).abs() + reference.softplus(l64)).sum(-1)
     assert out.dtype == dtype
     assert_close(out, reference.bernoulli_log_prob(x64, l64), terms, "log_prob")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturated_logits_give_the_limit_not_nan(backend, dtype):
+    """logits of +-inf: 0 where the outcome is certain and right, -inf where it is
+    certain and wrong, and the gradient x - sigmoid(l), which is 0 where exact."""
+    _, device = backend
+    x = torch.tensor([0.0, 1.0, 0.25, 0.0, 1.0, 0.25], dtype=dtype, device=device)
+    lg = torch.tensor([math.inf] * 3 + [-math.inf] * 3, dtype=dtype, device=device)
+    logits = lg[:, None].clone().requires_grad_()  # one element per row: each limit on its own
+    out = fastvae.bernoulli_log_prob(x[:, None], logits)
+    expected = torch.tensor([-math.inf, 0.0, -math.inf, 0.0, -math.inf, -math.inf], dtype=torch.float64)
+    assert torch.equal(out.double().cpu(), expected)
+    (dl,) = torch.autograd.grad(out.sum(), [logits])
+    expected_grad = (x - (lg > 0).to(dtype)).double().cpu()
+    assert torch.equal(dl[:, 0].double().cpu(), expected_grad)
+    # one saturated, certain-and-right sample among finite ones changes nothing
+    mixed = torch.tensor([[math.inf, 2.0, -1.0]], dtype=dtype, device=device)
+    xm = torch.tensor([[1.0, 1.0, 0.0]], dtype=dtype, device=device)
+    finite = fastvae.bernoulli_log_prob(xm[:, 1:], mixed[:, 1:])
+    torch.testing.assert_close(fastvae.bernoulli_log_prob(xm, mixed), finite)

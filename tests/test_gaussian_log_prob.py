@@ -234,3 +234,22 @@ def test_half_precision(backend, dtype):
     assert out.dtype == dtype
     ref, terms, _ = reference_of(x, mean.detach(), logvar.detach(), dict(logvar=logvar))
     assert_close(out, ref, terms, "log_prob")
+
+
+def test_underflowing_variance_at_an_exact_match_is_finite(backend):
+    """x == mean with logvar = -100 in float32: exp(100) overflows, and the squared
+    term must be 0, not 0 * inf = NaN, in the value and the gradients."""
+    _, device = backend
+    x = torch.zeros(2, 5, device=device)
+    mean = torch.zeros(3, 2, 5, device=device, requires_grad=True)
+    for layout in ("element", "row", "dim"):
+        shape = {"element": (3, 2, 5), "row": (2, 5), "dim": (5,)}[layout]
+        logvar = torch.full(shape, -100.0, device=device, requires_grad=True)
+        out = fastvae.gaussian_log_prob(x, mean, logvar)
+        expected = -0.5 * 5 * (-100.0 + math.log(2 * math.pi))  # 245.405
+        torch.testing.assert_close(out.double().cpu(), torch.full((3, 2), expected, dtype=torch.float64),
+                                   rtol=1e-6, atol=0, msg=layout)
+        dmean, dlv = torch.autograd.grad(out.sum(), [mean, logvar])
+        assert torch.equal(dmean.cpu(), torch.zeros(3, 2, 5)), layout
+        per_element = torch.full((3, 2, 5), -0.5)
+        torch.testing.assert_close(dlv.cpu(), per_element.sum_to_size(shape), msg=layout)
