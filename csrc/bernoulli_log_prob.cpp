@@ -13,6 +13,21 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;
 
 
+// x l - softplus(l) written as -(x softplus(-l) + (1 - x) softplus(l)), with
+// one exp and one log1p: a saturated logit (+-inf) then gives 0 where the
+// outcome is certain and right and -inf where it is certain and wrong, since a
+// zero weight times an infinite softplus counts as 0 (not 0 * inf = NaN).
+template <typename T>
+FASTVAE_INLINE T weighted(T w, T s) { return w == T(0) ? T(0) : w * s; }
+
+template <typename T>
+FASTVAE_INLINE T log_prob_term(T x, T l) {
+  const T t = softplus_t(-std::fabs(l));  // log1p(e^-|l|)
+  const T sp = (l > T(0) ? l : T(0)) + t;
+  const T sp_neg = (l < T(0) ? -l : T(0)) + t;
+  return -(weighted(x, sp_neg) + weighted(T(1) - x, sp));
+}
+
 template <typename T>
 FASTVAE_INLINE void forward_rows(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,
                          int64_t p0, int64_t p1, T* out) {
@@ -23,7 +38,7 @@ FASTVAE_INLINE void forward_rows(const T* x, const T* logits, int64_t K, int64_t
       const T* l = logits + r * D;
       double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < D; ++d) acc += double(xp[d] * l[d] - softplus_t(l[d]));
+      for (int64_t d = 0; d < D; ++d) acc += double(log_prob_term(xp[d], l[d]));
       out[r] = T(acc);
     }
   }
@@ -44,7 +59,7 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* x, const T* logits, int64
       T* dl = dlogits + r * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
-        dl[d] = gr * (xp[d] - sigmoid_t(l[d]));
+        dl[d] = weighted(gr, xp[d] - sigmoid_t(l[d]));  // exact where saturated: 0
         if (dxp) dxp[d] += gr * l[d];
       }
     }

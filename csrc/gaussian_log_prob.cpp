@@ -42,6 +42,13 @@ FASTVAE_INLINE InvLogVar<T> inv_and_log_var(T v, T delta) {
   return {exp_t(-v), v};
 }
 
+// (x - m)^2 / var and (x - m) / var that are 0 where x == m exactly, even
+// when 1/var overflowed (an underflowing variance): never 0 * inf = NaN.
+template <typename T>
+FASTVAE_INLINE T sq_over_var(T diff, T inv) { return diff == T(0) ? T(0) : diff * diff * inv; }
+template <typename T>
+FASTVAE_INLINE T over_var(T diff, T inv) { return diff == T(0) ? T(0) : diff * inv; }
+
 // sum_d((x - m)^2 / var + log var) over one row with var per element.
 template <typename T, bool kSoftplus>
 FASTVAE_INLINE double row_sum_element(const T* x, const T* m, const T* v, T delta, int64_t D) {
@@ -50,7 +57,7 @@ FASTVAE_INLINE double row_sum_element(const T* x, const T* m, const T* v, T delt
   for (int64_t d = 0; d < D; ++d) {
     const InvLogVar<T> w = inv_and_log_var<T, kSoftplus>(v[d], delta);
     const T diff = x[d] - m[d];
-    acc += diff * diff * w.inv + w.log_var;
+    acc += sq_over_var(diff, w.inv) + w.log_var;
   }
   return acc;
 }
@@ -62,7 +69,7 @@ FASTVAE_INLINE double row_sum_shared(const T* x, const T* m, const T* inv, int64
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) {
     const T diff = x[d] - m[d];
-    acc += diff * diff * inv[d];
+    acc += sq_over_var(diff, inv[d]);
   }
   return acc;
 }
@@ -76,11 +83,11 @@ FASTVAE_INLINE void row_grad_element(const T* x, const T* m, const T* v, T delta
   for (int64_t d = 0; d < D; ++d) {
     const T diff = x[d] - m[d];
     const T inv = inv_and_log_var<T, kSoftplus>(v[d], delta).inv;
-    const T gm = g * diff * inv;
+    const T gm = g * over_var(diff, inv);
     dmean[d] = gm;
     if (dv) {
       dv[d] = kSoftplus ? T(0.5) * g * (diff * diff * inv * inv - inv) * sigmoid_t(v[d])
-                        : T(0.5) * g * (diff * diff * inv - T(1));
+                        : T(0.5) * g * (sq_over_var(diff, inv) - T(1));
     }
     if (dx_acc) dx_acc[d] -= gm;
   }
@@ -95,7 +102,7 @@ FASTVAE_INLINE void row_grad_shared(const T* x, const T* m, const T* inv, T g, i
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     const T diff = x[d] - m[d];
-    const T gm = g * diff * inv[d];
+    const T gm = g * over_var(diff, inv[d]);
     dmean[d] = gm;
     if (a_acc) a_acc[d] += g * diff * diff;
     if (dx_acc) dx_acc[d] -= gm;
@@ -123,8 +130,9 @@ void shared_dv_row(const T* v, const T* inv, const A* a, double G, bool softplus
   for (int64_t d = 0; d < D; ++d) {
     const double iv = inv[d];
     const double ad = a[d];
+    // ad == 0 (every x == m) with an overflowed iv is 0, not NaN
     dv[d] = softplus ? T(0.5 * (iv * iv * ad - iv * G) * double(sigmoid_t(v[d])))
-                     : T(0.5 * (iv * ad - G));
+                     : T(0.5 * ((ad == 0.0 ? 0.0 : iv * ad) - G));
   }
 }
 

@@ -35,7 +35,7 @@ void kl_normal_backward_t(py::array dkl, py::array mu, py::array logvar, py::obj
       has_prior != !dprior_logvar.is_none()) {
     throw py::value_error("prior_mu, prior_logvar, dprior_mu, dprior_logvar: all or none");
   }
-  const T* gk = checked<T>(dkl, "dkl", {N}, false);
+  const T* gk = checked<T>(dkl, "grad_kl", {N}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
   T* dm = checked<T>(dmu, "dmu", {N, L}, true);
@@ -70,7 +70,7 @@ void bind_kl_normal(py::module_& m) {
                                                dlogvar, dprior_mu, dprior_logvar, n_threads); },
              [&] { kl_normal_backward_t<double>(dkl, mu, logvar, prior_mu, prior_logvar, dmu,
                                                 dlogvar, dprior_mu, dprior_logvar, n_threads); });
-  }, py::arg("dkl"), py::arg("mu"), py::arg("logvar"), py::arg("prior_mu").none(true),
+  }, py::arg("grad_kl"), py::arg("mu"), py::arg("logvar"), py::arg("prior_mu").none(true),
      py::arg("prior_logvar").none(true), py::arg("dmu"), py::arg("dlogvar"),
      py::arg("dprior_mu").none(true), py::arg("dprior_logvar").none(true),
      py::arg("n_threads"));

@@ -15,7 +15,7 @@ void latent_log_ratio_forward_t(py::array z, py::array mu, py::array logvar, py:
   const T* zp = checked<T>(z, "z", {K, N, L}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
-  T* rp = checked<T>(r, "r", {K, N}, true);
+  T* rp = checked<T>(r, "out", {K, N}, true);
   py::gil_scoped_release release;
   fastvae::latent_log_ratio_forward<T>(zp, m, lv, K, N, L, rp, n_threads);
 }
@@ -28,7 +28,7 @@ void latent_log_ratio_backward_t(py::array g, py::array z, py::array mu, py::arr
   const int64_t N = mu.shape(0), L = mu.shape(1);
   if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
   const int64_t K = z.shape(0);
-  const T* gp = checked<T>(g, "g", {K, N}, false);
+  const T* gp = checked<T>(g, "grad_out", {K, N}, false);
   const T* zp = checked<T>(z, "z", {K, N, L}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
@@ -51,7 +51,7 @@ void bind_latent_log_ratio(py::module_& m) {
     check_threads(n_threads);
     by_dtype(mu, [&] { latent_log_ratio_forward_t<float>(z, mu, logvar, r, n_threads); },
              [&] { latent_log_ratio_forward_t<double>(z, mu, logvar, r, n_threads); });
-  }, py::arg("z"), py::arg("mu"), py::arg("logvar"), py::arg("r"), py::arg("n_threads"));
+  }, py::arg("z"), py::arg("mu"), py::arg("logvar"), py::arg("out"), py::arg("n_threads"));
 
   m.def("latent_log_ratio_backward", [](py::array g, py::array z, py::array mu,
                                         py::array logvar, py::array dz, py::object dmu,
@@ -60,7 +60,7 @@ void bind_latent_log_ratio(py::module_& m) {
     by_dtype(mu,
              [&] { latent_log_ratio_backward_t<float>(g, z, mu, logvar, dz, dmu, dlogvar, n_threads); },
              [&] { latent_log_ratio_backward_t<double>(g, z, mu, logvar, dz, dmu, dlogvar, n_threads); });
-  }, py::arg("g"), py::arg("z"), py::arg("mu"), py::arg("logvar"), py::arg("dz"),
+  }, py::arg("grad_out"), py::arg("z"), py::arg("mu"), py::arg("logvar"), py::arg("dz"),
      py::arg("dmu").none(true), py::arg("dlogvar").none(true), py::arg("n_threads"));
 }
 

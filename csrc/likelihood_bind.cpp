@@ -28,7 +28,7 @@ VarLayout var_layout(const py::array& v, const Dims& s, std::vector<int64_t>& sh
     case 2: shape = {s.P, s.D}; return VarLayout::kRow;
     case 1: shape = {s.D}; return VarLayout::kDim;
     default:
-      throw py::value_error("v: expected (K, P, D), (P, D) or (D,), got " + shape_str(v));
+      throw py::value_error("var_param: expected (K, P, D), (P, D) or (D,), got " + shape_str(v));
   }
 }
 
@@ -52,7 +52,7 @@ void gaussian_forward_t(py::array x, py::array mean, py::array v, bool softplus,
   const VarLayout layout = var_layout(v, s, v_shape);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
   const T* mp = checked<T>(mean, "mean", {s.K, s.P, s.D}, false);
-  const T* vp = checked<T>(v, "v", v_shape, false);
+  const T* vp = checked<T>(v, "var_param", v_shape, false);
   T* op = checked<T>(out, "out", {s.K, s.P}, true);
   py::gil_scoped_release release;
   gaussian_log_prob_forward<T>(xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, op, n_threads);
@@ -66,15 +66,15 @@ void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, 
   const Dims s = decoder_dims(mean);
   std::vector<int64_t> v_shape;
   const VarLayout layout = var_layout(v, s, v_shape);
-  const T* gp = checked<T>(g, "g", {s.K, s.P}, false);
+  const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
   const T* mp = checked<T>(mean, "mean", {s.K, s.P, s.D}, false);
-  const T* vp = checked<T>(v, "v", v_shape, false);
+  const T* vp = checked<T>(v, "var_param", v_shape, false);
   py::array dx_holder;
   T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
   T* dmp = checked<T>(dmean, "dmean", {s.K, s.P, s.D}, true);
   py::array dv_holder;
-  T* dvp = checked_or_null<T>(dv, dv_holder, "dv", v_shape, true);
+  T* dvp = checked_or_null<T>(dv, dv_holder, "dvar_param", v_shape, true);
   py::gil_scoped_release release;
   gaussian_log_prob_backward<T>(gp, xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, dxp, dmp,
                                 dvp, n_threads);
@@ -94,7 +94,7 @@ template <typename T>
 void bernoulli_backward_t(py::array g, py::array x, py::array logits, py::object dx,
                           py::array dlogits, int n_threads) {
   const Dims s = decoder_dims(logits);
-  const T* gp = checked<T>(g, "g", {s.K, s.P}, false);
+  const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
   const T* lp = checked<T>(logits, "logits", {s.K, s.P, s.D}, false);
   py::array dx_holder;
@@ -112,7 +112,7 @@ void bind_gaussian_log_prob(py::module_& m) {
     check_threads(n_threads);
     by_dtype(mean, [&] { gaussian_forward_t<float>(x, mean, v, softplus, delta, out, n_threads); },
              [&] { gaussian_forward_t<double>(x, mean, v, softplus, delta, out, n_threads); });
-  }, py::arg("x"), py::arg("mean"), py::arg("v"), py::arg("softplus"), py::arg("delta"),
+  }, py::arg("x"), py::arg("mean"), py::arg("var_param"), py::arg("softplus_mode"), py::arg("delta"),
      py::arg("out"), py::arg("n_threads"));
 
   m.def("gaussian_log_prob_backward", [](py::array g, py::array x, py::array mean, py::array v,
@@ -122,8 +122,8 @@ void bind_gaussian_log_prob(py::module_& m) {
     by_dtype(mean,
              [&] { gaussian_backward_t<float>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); },
              [&] { gaussian_backward_t<double>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); });
-  }, py::arg("g"), py::arg("x"), py::arg("mean"), py::arg("v"), py::arg("softplus"),
-     py::arg("delta"), py::arg("dx").none(true), py::arg("dmean"), py::arg("dv").none(true),
+  }, py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("var_param"), py::arg("softplus_mode"),
+     py::arg("delta"), py::arg("dx").none(true), py::arg("dmean"), py::arg("dvar_param").none(true),
      py::arg("n_threads"));
 }
 
@@ -140,7 +140,7 @@ void bind_bernoulli_log_prob(py::module_& m) {
     check_threads(n_threads);
     by_dtype(logits, [&] { bernoulli_backward_t<float>(g, x, logits, dx, dlogits, n_threads); },
              [&] { bernoulli_backward_t<double>(g, x, logits, dx, dlogits, n_threads); });
-  }, py::arg("g"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),
+  }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),
      py::arg("dlogits"), py::arg("n_threads"));
 }
 

@@ -20,7 +20,7 @@ void logmeanexp_forward_t(py::array lw, py::array max, py::array sumexp, const p
   check_columns(lw, "lw");
   const int64_t K = lw.shape(0), M = lw.shape(1);
   const T* x = checked<T>(lw, "lw", {K, M}, false);
-  T* mx = checked<T>(max, "max", {M}, true);
+  T* mx = checked<T>(max, "lw_max", {M}, true);
   T* s = checked<T>(sumexp, "sumexp", {M}, true);
   py::array out_a, ess_a;
   T* o = checked_or_null<T>(out, out_a, "out", {M}, true);
@@ -36,11 +36,11 @@ void logmeanexp_backward_t(py::array lw, py::array max, py::array sumexp, py::ar
   check_columns(lw, "lw");
   const int64_t K = lw.shape(0), M = lw.shape(1);
   const T* x = checked<T>(lw, "lw", {K, M}, false);
-  const T* mx = checked<T>(max, "max", {M}, false);
+  const T* mx = checked<T>(max, "lw_max", {M}, false);
   const T* s = checked<T>(sumexp, "sumexp", {M}, false);
-  const T* gp = checked<T>(g, "g", {M}, false);
+  const T* gp = checked<T>(g, "grad_out", {M}, false);
   py::array gs_a, ess_a;
-  const T* gs = checked_or_null<T>(g_sumexp, gs_a, "g_sumexp", {M}, false);
+  const T* gs = checked_or_null<T>(g_sumexp, gs_a, "grad_sumexp", {M}, false);
   const T* e = checked_or_null<T>(ess, ess_a, "ess", {M}, false);
   if (gs != nullptr && e != nullptr) {
     throw py::value_error("g_sumexp and ess: at most one of them may be given");
@@ -54,7 +54,7 @@ template <typename T>
 void importance_weights_backward_t(py::array gw, py::array w, py::array dlw, int n_threads) {
   check_columns(w, "w");
   const int64_t K = w.shape(0), M = w.shape(1);
-  const T* g = checked<T>(gw, "gw", {K, M}, false);
+  const T* g = checked<T>(gw, "grad_w", {K, M}, false);
   const T* wp = checked<T>(w, "w", {K, M}, false);
   T* d = checked<T>(dlw, "dlw", {K, M}, true);
   py::gil_scoped_release release;
@@ -69,7 +69,7 @@ void bind_logmeanexp(py::module_& m) {
     check_threads(n_threads);
     by_dtype(lw, [&] { logmeanexp_forward_t<float>(lw, max, sumexp, out, ess, n_threads); },
              [&] { logmeanexp_forward_t<double>(lw, max, sumexp, out, ess, n_threads); });
-  }, py::arg("lw"), py::arg("max"), py::arg("sumexp"), py::arg("out").none(true),
+  }, py::arg("lw"), py::arg("lw_max"), py::arg("sumexp"), py::arg("out").none(true),
      py::arg("ess").none(true), py::arg("n_threads"),
      "Column states (max, sumexp) of (K, M) log-weights; out = logmeanexp and ess when given.");
 
@@ -80,8 +80,8 @@ void bind_logmeanexp(py::module_& m) {
     by_dtype(lw,
              [&] { logmeanexp_backward_t<float>(lw, max, sumexp, g, g_sumexp, ess, dlw, n_threads); },
              [&] { logmeanexp_backward_t<double>(lw, max, sumexp, g, g_sumexp, ess, dlw, n_threads); });
-  }, py::arg("lw"), py::arg("max"), py::arg("sumexp"), py::arg("g"),
-     py::arg("g_sumexp").none(true), py::arg("ess").none(true), py::arg("dlw"),
+  }, py::arg("lw"), py::arg("lw_max"), py::arg("sumexp"), py::arg("grad_out"),
+     py::arg("grad_sumexp").none(true), py::arg("ess").none(true), py::arg("dlw"),
      py::arg("n_threads"),
      "dlw = e * (a + b e), e = exp(lw - max), per-column a, b (see csrc/logmeanexp.h).");
 
@@ -90,7 +90,7 @@ void bind_logmeanexp(py::module_& m) {
     check_threads(n_threads);
     by_dtype(w, [&] { importance_weights_backward_t<float>(gw, w, dlw, n_threads); },
              [&] { importance_weights_backward_t<double>(gw, w, dlw, n_threads); });
-  }, py::arg("gw"), py::arg("w"), py::arg("dlw"), py::arg("n_threads"),
+  }, py::arg("grad_w"), py::arg("w"), py::arg("dlw"), py::arg("n_threads"),
      "Softmax backward over K: dlw = w * (gw - sum_k gw * w).");
 }
 

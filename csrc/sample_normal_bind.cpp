@@ -25,10 +25,10 @@ void sample_normal_backward_t(py::array dz, py::array dkl, py::array mu, py::arr
                               uint64_t seed, py::array dmu, py::array dlogvar, int n_threads) {
   check_2d(mu, "mu");
   const int64_t N = mu.shape(0), L = mu.shape(1);
-  if (dz.ndim() != 3) throw py::value_error("dz: expected a 3-d (K, N, L) array, got " + shape_str(dz));
+  if (dz.ndim() != 3) throw py::value_error("grad_z: expected a 3-d (K, N, L) array, got " + shape_str(dz));
   const int64_t K = dz.shape(0);
-  const T* g = checked<T>(dz, "dz", {K, N, L}, false);
-  const T* gk = checked<T>(dkl, "dkl", {N}, false);
+  const T* g = checked<T>(dz, "grad_z", {K, N, L}, false);
+  const T* gk = checked<T>(dkl, "grad_kl", {N}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
   T* dm = checked<T>(dmu, "dmu", {N, L}, true);
@@ -55,7 +55,7 @@ void bind_sample_normal(py::module_& m) {
     by_dtype(mu,
              [&] { sample_normal_backward_t<float>(dz, dkl, mu, logvar, seed, dmu, dlogvar, n_threads); },
              [&] { sample_normal_backward_t<double>(dz, dkl, mu, logvar, seed, dmu, dlogvar, n_threads); });
-  }, py::arg("dz"), py::arg("dkl"), py::arg("mu"), py::arg("logvar"), py::arg("seed"),
+  }, py::arg("grad_z"), py::arg("grad_kl"), py::arg("mu"), py::arg("logvar"), py::arg("seed"),
      py::arg("dmu"), py::arg("dlogvar"), py::arg("n_threads"));
 }
 

@@ -22,17 +22,16 @@ from typing import NamedTuple
 class Kernel(NamedTuple):
     """One kernel: the function of this name in ``fastvae.reference``, in
     ``fastvae.kernels.<module>`` (Triton) and in ``fastvae._C`` (which adds a
-    trailing ``n_threads``)."""
+    trailing ``n_threads``, except for the serial test hook uniform_fill)."""
 
     name: str
     module: str  # the file stem under kernels/ (and of the op's front end)
     args: tuple[str, ...]
-    triton: bool = True  # False: reference and C++ only
 
 
 class Op(NamedTuple):
-    """A public op: its kernels and the test module that checks it (also run
-    under the Triton interpreter when ``interpret`` is true)."""
+    """A public op: its kernels, the test module that checks it (also run
+    under the Triton interpreter) and its benchmark."""
 
     name: str
     kernels: tuple[str, ...]
@@ -40,13 +39,13 @@ class Op(NamedTuple):
     benchmark: str | None  # benchmarks/bench_<benchmark>.py
 
 
-def _k(name: str, module: str, args: str, triton: bool = True) -> Kernel:
-    return Kernel(name, module, tuple(args.split()), triton)
+def _k(name: str, module: str, args: str) -> Kernel:
+    return Kernel(name, module, tuple(args.split()))
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("randn_fill", "philox", "seed offset0 out row_stride"),
-    _k("uniform_fill", "philox", "seed offset0 u1 u2", triton=False),
+    _k("uniform_fill", "philox", "seed offset0 u1 u2"),
     _k("sample_normal_forward", "sample_normal", "mu logvar seed z kl"),
     _k("sample_normal_backward", "sample_normal", "grad_z grad_kl mu logvar seed dmu dlogvar"),
     _k("kl_normal_forward", "kl_normal", "mu logvar prior_mu prior_logvar kl"),

@@ -85,6 +85,14 @@ def philox_randn(seed: int, offsets: Tensor, dtype: torch.dtype = torch.float64)
     return eps.to(dtype)
 
 
+def uniform_fill(seed: int, offset0: int, u1: Tensor, u2: Tensor) -> None:
+    """u1, u2 (n,) <- the two float32 uniforms behind the normal at offset0 + i."""
+    offsets = offset0 + torch.arange(u1.numel(), dtype=torch.int64, device=u1.device)
+    a, b = philox_uniform(seed, offsets)
+    u1.copy_(a)
+    u2.copy_(b)
+
+
 def randn_fill(seed: int, offset0: int, out: Tensor, row_stride: int | None = None) -> None:
     """out (n,) <- the normals at offsets offset0 + i; out (rows, cols) <- the
     normals at offset0 + r * row_stride + c (row_stride defaulting to cols)."""
@@ -218,8 +226,9 @@ def gaussian_log_prob_softplus(x: Tensor, mean: Tensor, softplus_var: Tensor, de
 
 
 def _times(a: Tensor, b: Tensor) -> Tensor:
-    """a * b with 0 * inf = 0: a certain outcome weighted by zero contributes nothing."""
-    zero = a == 0
+    """a * b with 0 * inf = 0: a certain outcome weighted by zero contributes nothing.
+    Only those elements are masked, so every other one keeps its gradient."""
+    zero = (a == 0) & b.isinf()
     return torch.where(zero, 0.0, a) * torch.where(zero, 0.0, b)
 
 

@@ -88,8 +88,8 @@ def bernoulli_log_prob_forward(x, logits, out) -> None:
     )
 
 
-def bernoulli_log_prob_backward(g, x, logits, dx, dlogits) -> None:
-    """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients given g (K, P)."""
+def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
+    """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients given grad_out (K, P)."""
     K, P, D = logits.shape
     if K * P * D == 0:
         if dx is not None:
@@ -97,6 +97,6 @@ def bernoulli_log_prob_backward(g, x, logits, dx, dlogits) -> None:
         return
     BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
     _bernoulli_log_prob_bwd_kernel[(triton.cdiv(P, BLOCK_P),)](
-        g, x, logits, dx if dx is not None else dlogits, dlogits, K, P, D,
+        grad_out, x, logits, dx if dx is not None else dlogits, dlogits, K, P, D,
         HAS_DX=dx is not None, ACC=acc_dtype(logits.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )

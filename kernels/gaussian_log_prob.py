@@ -159,48 +159,48 @@ def _layout(v) -> int:
     return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
 
 
-def gaussian_log_prob_forward(x, mean, v, softplus_mode: bool, delta: float, out) -> None:
-    """out (K, P) <- log N(x; mean, var(v)) summed over D; see the module docstring for shapes."""
+def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
+    """out (K, P) <- log N(x; mean, var(var_param)) summed over D; see the module docstring for shapes."""
     K, P, D = mean.shape
     if K * P == 0:
         return
     BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
     _gaussian_log_prob_fwd_kernel[(triton.cdiv(P, BLOCK_P),)](
-        x, mean, v, out, K, P, D,
-        LAYOUT=_layout(v), SOFTPLUS=softplus_mode, DELTA=delta, ACC=acc_dtype(mean.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+        x, mean, var_param, out, K, P, D,
+        LAYOUT=_layout(var_param), SOFTPLUS=softplus_mode, DELTA=delta, ACC=acc_dtype(mean.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
 
 
-def gaussian_log_prob_backward(g, x, mean, v, softplus_mode: bool, delta: float, dx, dmean, dv) -> None:
-    """dmean (K, P, D) and, when they are not None, dv (v's shape) and dx (P, D)
-    <- gradients given g (K, P)."""
+def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool, delta: float, dx, dmean, dvar_param) -> None:
+    """dmean (K, P, D) and, when they are not None, dvar_param (var_param's shape) and dx (P, D)
+    <- gradients given grad_out (K, P)."""
     K, P, D = mean.shape
     if K * P * D == 0:
-        for t in (dx, dv):
+        for t in (dx, dvar_param):
             if t is not None:
                 t.zero_()
         return
-    layout = _layout(v)
+    layout = _layout(var_param)
     BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
     grid = triton.cdiv(P, BLOCK_P)
     part_dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32  # partial sums
-    if layout == DIM and dv is not None:
+    if layout == DIM and dvar_param is not None:
         # per-program partial sums, reduced below: (D,) values summed over all rows
         dv_arg = torch.empty((grid, D), dtype=part_dtype, device=mean.device)
         gsum = torch.empty((grid,), dtype=part_dtype, device=mean.device)
     else:
-        dv_arg = gsum = dv if dv is not None else dmean
+        dv_arg = gsum = dvar_param if dvar_param is not None else dmean
     _gaussian_log_prob_bwd_kernel[(grid,)](
-        g, x, mean, v, dx if dx is not None else dmean, dmean, dv_arg, gsum, K, P, D,
-        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, HAS_DV=dv is not None, ACC=acc_dtype(mean.dtype),
+        grad_out, x, mean, var_param, dx if dx is not None else dmean, dmean, dv_arg, gsum, K, P, D,
+        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, HAS_DV=dvar_param is not None, ACC=acc_dtype(mean.dtype),
         BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
     )
-    if layout == DIM and dv is not None:
+    if layout == DIM and dvar_param is not None:
         a, G = dv_arg.sum(0), gsum.sum()
-        vv = v.to(part_dtype)
+        vv = var_param.to(part_dtype)
         if softplus_mode:
             inv = 1.0 / (torch.logaddexp(torch.zeros_like(vv), vv) + delta)
-            dv.copy_(0.5 * (inv * inv * a - inv * G) * torch.sigmoid(vv))
+            dvar_param.copy_(0.5 * (inv * inv * a - inv * G) * torch.sigmoid(vv))
         else:
             inv = torch.exp(-vv)
-            dv.copy_(0.5 * (inv * a - G))
+            dvar_param.copy_(0.5 * (inv * a - G))

@@ -120,7 +120,7 @@ def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
     )
 
 
-def kl_normal_backward(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
+def kl_normal_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
     """dmu, dlogvar (and dprior_mu, dprior_logvar when the prior is given) <- gradients of kl_normal."""
     N, L = mu.shape
     if N * L == 0:
@@ -128,7 +128,7 @@ def kl_normal_backward(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dp
     has_prior = prior_mu is not None
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _kl_normal_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
-        dkl, mu, logvar,
+        grad_kl, mu, logvar,
         prior_mu if has_prior else mu, prior_logvar if has_prior else logvar,
         dmu, dlogvar,
         dprior_mu if has_prior else dmu, dprior_logvar if has_prior else dlogvar,

@@ -96,20 +96,20 @@ def _latent_log_ratio_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def latent_log_ratio_forward(z, mu, logvar, r) -> None:
-    """r (K, N) <- latent_log_ratio of z (K, N, L) and mu, logvar (N, L)."""
+def latent_log_ratio_forward(z, mu, logvar, out) -> None:
+    """out (K, N) <- latent_log_ratio of z (K, N, L) and mu, logvar (N, L)."""
     K, N, L = z.shape
     if K * N == 0:
         return
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _latent_log_ratio_fwd_kernel[(triton.cdiv(N, BLOCK_N) * K,)](
-        z, mu, logvar, r, N, L, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        z, mu, logvar, out, N, L, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )
 
 
-def latent_log_ratio_backward(g, z, mu, logvar, dz, dmu, dlogvar) -> None:
+def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None:
     """dz (K, N, L) and, unless dmu and dlogvar are None (stop the score),
-    dmu, dlogvar (N, L) <- gradients of latent_log_ratio given g (K, N)."""
+    dmu, dlogvar (N, L) <- gradients of latent_log_ratio given grad_out (K, N)."""
     K, N, L = z.shape
     if N * L == 0:
         return
@@ -121,6 +121,6 @@ def latent_log_ratio_backward(g, z, mu, logvar, dz, dmu, dlogvar) -> None:
         return
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     _latent_log_ratio_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
-        g, z, mu, logvar, dz, dz if stop_score else dmu, dz if stop_score else dlogvar, N, L, N * L, K,
+        grad_out, z, mu, logvar, dz, dz if stop_score else dmu, dz if stop_score else dlogvar, N, L, N * L, K,
         STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )

@@ -230,8 +230,8 @@ def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) ->
     return max(1, min(splits, chunks))
 
 
-def logmeanexp_forward(lw, mx, sumexp, out, ess) -> None:
-    """mx, sumexp (M,) <- the column states of lw (K, M); out (logmeanexp) and
+def logmeanexp_forward(lw, lw_max, sumexp, out, ess) -> None:
+    """lw_max, sumexp (M,) <- the column states of lw (K, M); out (logmeanexp) and
     ess (effective sample size), both (M,), when not None."""
     K, M = lw.shape
     if M == 0:
@@ -251,33 +251,33 @@ def logmeanexp_forward(lw, mx, sumexp, out, ess) -> None:
     )
     FINISH_BLOCK = min(triton.next_power_of_2(M), 1024)
     _logmeanexp_finish_kernel[(triton.cdiv(M, FINISH_BLOCK),)](
-        part_m, part_s, part_s2, mx, sumexp,
+        part_m, part_s, part_s2, lw_max, sumexp,
         out if out is not None else sumexp, ess if has_ess else sumexp,
         K, M, splits, HAS_OUT=out is not None, HAS_ESS=has_ess, ACC=acc, BLOCK_M=FINISH_BLOCK,
     )
 
 
-def logmeanexp_backward(lw, mx, sumexp, g, g_sumexp, ess, dlw) -> None:
-    """dlw (K, M) <- e * (a + b e), e = exp(lw - mx) (exp(lw) where mx = -inf), with per column
-    a = g / sumexp + g_sumexp, b = 0 (ess None), or a = 2 g ess / sumexp,
+def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> None:
+    """dlw (K, M) <- e * (a + b e), e = exp(lw - lw_max) (exp(lw) where lw_max = -inf), with per column
+    a = grad_out / sumexp + grad_sumexp, b = 0 (ess None), or a = 2 grad_out ess / sumexp,
     b = -a ess / sumexp (1 / sumexp read as 0 for an empty column)."""
     K, M = lw.shape
     if K * M == 0:
         return
     BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
-    has_gs, has_ess = g_sumexp is not None, ess is not None
+    has_gs, has_ess = grad_sumexp is not None, ess is not None
     _logmeanexp_bwd_kernel[(triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),)](
-        lw, mx, sumexp, g, g_sumexp if has_gs else g, ess if has_ess else g, dlw, K, M,
+        lw, lw_max, sumexp, grad_out, grad_sumexp if has_gs else grad_out, ess if has_ess else grad_out, dlw, K, M,
         HAS_G_SUMEXP=has_gs, HAS_ESS=has_ess, ACC=acc_dtype(lw.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
     )
 
 
-def importance_weights_backward(gw, w, dlw) -> None:
-    """dlw (K, M) <- w * (gw - sum_k gw * w) for gw, w (K, M)."""
+def importance_weights_backward(grad_w, w, dlw) -> None:
+    """dlw (K, M) <- w * (grad_w - sum_k grad_w * w) for grad_w, w (K, M)."""
     K, M = w.shape
     if K * M == 0:
         return
     BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
     _importance_weights_bwd_kernel[(triton.cdiv(M, BLOCK_M),)](
-        gw, w, dlw, K, M, ACC=acc_dtype(w.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        grad_w, w, dlw, K, M, ACC=acc_dtype(w.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
     )

@@ -111,14 +111,14 @@ def sample_normal_forward(mu, logvar, seed, z, kl) -> None:
     )
 
 
-def sample_normal_backward(dz, dkl, mu, logvar, seed, dmu, dlogvar) -> None:
-    """dmu, dlogvar (N, L) <- gradients of sample_normal given dz (K, N, L), dkl (N,)."""
-    K, N, L = dz.shape
+def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> None:
+    """dmu, dlogvar (N, L) <- gradients of sample_normal given grad_z (K, N, L), grad_kl (N,)."""
+    K, N, L = grad_z.shape
     if N * L == 0:
         return
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
     grid = (triton.cdiv(N, BLOCK_N),)
     _sample_normal_bwd_kernel[grid](
-        dz, dkl, mu, logvar, seed, dmu, dlogvar, N, L, N * L, K,
+        grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar, N, L, N * L, K,
         ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )

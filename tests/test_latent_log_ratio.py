@@ -210,7 +210,7 @@ def test_cpp_boundary_checks():
     from fastvae import _C
 
     z, mu, r = torch.zeros(2, 4, 3).numpy(), torch.zeros(4, 3).numpy(), torch.zeros(2, 4).numpy()
-    with pytest.raises(ValueError, match="r: expected shape"):
+    with pytest.raises(ValueError, match="out: expected shape"):
         _C.latent_log_ratio_forward(z, mu, mu, torch.zeros(2, 3).numpy(), 1)
     with pytest.raises(ValueError, match="z: expected shape"):
         _C.latent_log_ratio_forward(torch.zeros(2, 4, 2).numpy(), mu, mu, r, 1)
