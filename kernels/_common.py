@@ -1,10 +1,27 @@
-"""What the Triton kernels share: the accumulation dtype, the block shapes of
-a row-by-column tile, and the numerically safe softplus / sigmoid."""
+"""What the Triton kernels share: the accumulation dtype, the launch geometry,
+and the numerically safe softplus / sigmoid.
+
+Geometry. An H100 has 132 SMs, so a launch needs at least 2 * 132 programs to
+keep every SM busy while one program waits on memory. The kernels tile rows
+(a sample's row of L or D values, or a column of log-weights) in blocks of
+BLOCK_ROWS rows and at most MAX_BLOCK_COLS columns (longer rows loop). Block
+shapes depend only on the row length, bucketed to a power of two, never on the
+number of rows, samples or batch size: a training or evaluation run whose
+batch size or K varies compiles no new variants. Row and sample counts are
+also exempt from Triton's integer specialization (do_not_specialize), which
+would otherwise compile one variant per divisibility class of the batch size.
+"""
 import torch
 import triton
 import triton.language as tl
 
-TILE = 4096  # target elements per program (BLOCK_ROWS * BLOCK_COLS)
+# 2 programs per SM of an H100 (132 SMs): the fewest programs a reduction over
+# samples is split into, so that even one row of data fills the GPU.
+TARGET_PROGRAMS = 264
+# Rows per program. Small enough that the smallest training shape the kernels
+# are sized for (K = 5 samples of B = 256 rows) launches over 264 programs.
+BLOCK_ROWS = 4
+MAX_BLOCK_COLS = 1024
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -12,12 +29,45 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def blocks(rows: int, cols: int, max_cols: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_COLS) of a TILE-element tile: as many columns as the
-    rows have, up to max_cols (longer rows loop), the rest of the tile to rows."""
-    block_cols = min(triton.next_power_of_2(max(cols, 1)), max_cols)
-    block_rows = max(1, min(TILE // block_cols, triton.next_power_of_2(max(rows, 1))))
-    return block_rows, block_cols
+# Backward kernels keep accumulator tiles live across their loop over samples:
+# half the columns per step keeps them in registers at 8 warps.
+MAX_BLOCK_COLS_BACKWARD = 512
+
+
+def block_cols(cols: int, max_cols: int = MAX_BLOCK_COLS) -> int:
+    """Columns per inner step: the row length rounded up to a power of two, at
+    most max_cols (longer rows loop)."""
+    return min(triton.next_power_of_2(max(cols, 1)), max_cols)
+
+
+def num_warps(block_cols: int, fp64: bool = False, per_thread: int = 8) -> int:
+    """Warps for a BLOCK_ROWS x block_cols tile: about per_thread float32
+    elements per thread per live tile (half for float64, whose registers are
+    twice as wide), from 1 warp for short rows to 8. ptxas reports no spills
+    at these sizes for fp32/bf16/fp16 (python -m fastvae.kernels.aot); kernels
+    that generate noise hold Philox's state too and ask for per_thread=4."""
+    per_thread = max(1, per_thread // 2) if fp64 else per_thread
+    return max(1, min(8, BLOCK_ROWS * block_cols // (32 * per_thread)))
+
+
+def sample_splits(samples: int, row_blocks: int) -> tuple[int, int]:
+    """(splits, samples_per_split) for a kernel that sums over samples: each
+    program owns a block of rows and a contiguous range of samples, and writes
+    a partial sum that a second pass reduces in a fixed order (deterministic,
+    no atomics). Enough splits to launch TARGET_PROGRAMS programs."""
+    if samples <= 1:
+        return 1, max(samples, 1)
+    splits = min(samples, max(1, triton.cdiv(TARGET_PROGRAMS, max(row_blocks, 1))))
+    per_split = triton.cdiv(samples, splits)
+    return triton.cdiv(samples, per_split), per_split
+
+
+def blocks(rows: int, cols: int, max_cols: int, tile: int = 4096) -> tuple[int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS) of a row-by-column tile of about ``tile``
+    elements: as many columns as the rows have, up to max_cols, the rest of the
+    tile to rows; independent of the number of rows (no recompilation per batch)."""
+    cols_block = min(triton.next_power_of_2(max(cols, 1)), max_cols)
+    return max(1, tile // cols_block), cols_block
 
 
 @triton.jit

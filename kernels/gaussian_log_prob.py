@@ -5,158 +5,182 @@ with var = exp(v) or softplus(v) + delta, and the fused backward.
 Layout (set up by fastvae/_likelihood_layout.py): mean (K, P, D); x (P, D),
 broadcast over K by indexing, never copied; v (K, P, D) per element
 (LAYOUT 0), (P, D) per x row (LAYOUT 1) or (D,) per dimension (LAYOUT 2).
-Each program owns BLOCK_P rows of x and walks every k for them, so dx (and a
-per-row v's gradient) is summed over K in registers.
+The forward tiles the K * P decoder rows. The backward gives each program rows
+of x and a range of samples: dmean (and a per-element dv) per sample, and
+partial sums over its samples of what is summed over K (dx; for a shared
+variance A = sum g (x - m)^2 and G = sum g), which the launcher reduces in a
+fixed order and turns into dv (docs/triton.md).
+
+Where x == mean exactly, (x - m)^2 / var is 0 whatever the variance, so an
+underflowing variance (1/var = inf) gives no 0 * inf = NaN.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, blocks, sigmoid, softplus
+from ._common import BLOCK_ROWS, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits, sigmoid, softplus
 
-LOG_2PI = 1.8378770664093453
-MAX_BLOCK_D = 1024  # columns per inner step; longer rows loop over D
+LOG_2PI: tl.constexpr = tl.constexpr(1.8378770664093453)
 ELEMENT, ROW, DIM = 0, 1, 2
 
 # -- math helpers -------------------------------------------------------------
 
 
 @triton.jit
-def _inv_and_log_var(v, DELTA: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _inv_and_log_var(v, delta, SOFTPLUS: tl.constexpr):
     if SOFTPLUS:
-        # tl.full keeps DELTA exact in float64 (a bare Python float would be float32)
-        var = softplus(v) + tl.full([], DELTA, v.dtype)
+        var = softplus(v) + delta
         return 1.0 / var, tl.log(var)
     else:
         return tl.exp(-v), v
 
 
+@triton.jit
+def _over_var(diff, inv):
+    """(x - m) / var, 0 where x == m even if 1/var overflowed."""
+    return tl.where(diff == 0.0, 0.0, diff * inv)
+
+
+@triton.jit
+def _load_var(v_ptr, r, p, cols, mask, D, LAYOUT: tl.constexpr, ACC: tl.constexpr):
+    """The variance parameter of decoder rows r (x rows p) at cols, per LAYOUT."""
+    if LAYOUT == 0:
+        return tl.load(v_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    elif LAYOUT == 1:
+        return tl.load(v_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    else:
+        return tl.load(v_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+
+
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "KP"])
 def _gaussian_log_prob_fwd_kernel(
     x_ptr,  # (P, D)
-    mean_ptr,  # (K, P, D)
+    mean_ptr,  # (K, P, D) = (KP, D) decoder rows
     v_ptr,  # (K, P, D) | (P, D) | (D,)
-    out_ptr,  # (K, P)
-    K,
+    delta_ptr,  # (): the variance floor of the softplus form, in ACC
+    out_ptr,  # (K, P) = (KP,)
     P,
+    KP,
     D,
     LAYOUT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
-    DELTA: tl.constexpr,  # variance floor of the softplus form
     ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    row_ok = rows < P
-    for k in range(K):
-        r = k * P + rows  # decoder rows, int64
-        acc = tl.zeros([BLOCK_P], dtype=ACC)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            mask = row_ok[:, None] & col_ok[None, :]
-            x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-            m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-            if LAYOUT == 0:
-                v = tl.load(v_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-            elif LAYOUT == 1:
-                v = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-            else:
-                v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-            inv, log_var = _inv_and_log_var(v, DELTA, SOFTPLUS)
-            diff = x - m
-            acc += tl.sum(tl.where(mask, diff * diff * inv + log_var, 0.0), axis=1)
-        out = -0.5 * (acc + D * tl.full([BLOCK_P], LOG_2PI, ACC))
-        tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_ok = r < KP
+    p = r % P
+    delta = tl.load(delta_ptr)
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = r_ok[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        inv, log_var = _inv_and_log_var(_load_var(v_ptr, r, p, cols, mask, D, LAYOUT, ACC), delta, SOFTPLUS)
+        diff = x - m
+        acc += tl.sum(tl.where(mask, diff * _over_var(diff, inv) + log_var, 0.0), axis=1)
+    out = -0.5 * (acc + D * tl.full([BLOCK_R], LOG_2PI, ACC))  # log 2 pi in ACC, not float32
+    tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "K", "K_PER"])
 def _gaussian_log_prob_bwd_kernel(
-    g_ptr,  # (K, P)
+    grad_out_ptr,  # (K, P)
     x_ptr,  # (P, D)
     mean_ptr,  # (K, P, D)
     v_ptr,  # (K, P, D) | (P, D) | (D,)
-    dx_ptr,  # (P, D), written when HAS_DX
+    delta_ptr,  # ()
     dmean_ptr,  # (K, P, D)
-    dv_ptr,  # when HAS_DV: LAYOUT 0: (K, P, D); 1: (P, D); 2: partial sums (n_programs, D)
-    gsum_ptr,  # LAYOUT 2: partial sums of g, (n_programs,)
-    K,
+    dv_ptr,  # LAYOUT 0 with HAS_DV: (K, P, D)
+    part_dx_ptr,  # (splits, P, D): -sum_k dmean over the split, when HAS_DX
+    part_a_ptr,  # LAYOUT 1: (splits, P, D); LAYOUT 2: (programs, D): sum g (x - m)^2, when HAS_DV
+    part_g_ptr,  # LAYOUT 1: (splits, P); LAYOUT 2: (programs,): sum g, when HAS_DV
     P,
     D,
+    K,
+    K_PER,  # samples per split
     LAYOUT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
-    DELTA: tl.constexpr,  # variance floor of the softplus form
     HAS_DX: tl.constexpr,
     HAS_DV: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    row_blocks = tl.cdiv(P, BLOCK_R)
+    split = pid // row_blocks
+    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < P
+    k0 = split * K_PER
+    k1 = tl.minimum(k0 + K_PER, K)
+    delta = tl.load(delta_ptr)
+    g_acc = tl.zeros([BLOCK_R], dtype=ACC)  # sum_k g, for a shared variance
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        if LAYOUT == 1:
-            v_shared = tl.load(v_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        elif LAYOUT == 2:
-            v_shared = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        else:
-            v_shared = tl.zeros([1, BLOCK_D], dtype=ACC)  # unused: v varies per element
-        inv_shared, _ = _inv_and_log_var(v_shared, DELTA, SOFTPLUS)
-        dx_acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
-        a_acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)  # sum_k g (x - m)^2
-        g_acc = tl.zeros([BLOCK_P], dtype=ACC)  # sum_k g
-        for k in range(K):
+        if LAYOUT != 0:
+            inv_shared, log_var_unused = _inv_and_log_var(
+                _load_var(v_ptr, rows, rows, cols, mask, D, LAYOUT, ACC), delta, SOFTPLUS)
+        dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+        a_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)  # sum_k g (x - m)^2
+        g_acc = tl.zeros([BLOCK_R], dtype=ACC)
+        for k in range(k0, k1):
             r = k * P + rows
-            g = tl.load(g_ptr + r, mask=row_ok, other=0.0).to(ACC)
+            g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)
             m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
             diff = x - m
             if LAYOUT == 0:
-                v = tl.load(v_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-                inv, _ = _inv_and_log_var(v, DELTA, SOFTPLUS)
+                v = _load_var(v_ptr, r, rows, cols, mask, D, LAYOUT, ACC)
+                inv, log_var_unused = _inv_and_log_var(v, delta, SOFTPLUS)
                 if HAS_DV:
                     if SOFTPLUS:
                         dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
                     else:
-                        dv = 0.5 * g[:, None] * (diff * diff * inv - 1.0)
+                        dv = 0.5 * g[:, None] * (diff * _over_var(diff, inv) - 1.0)
                     tl.store(dv_ptr + r[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
             else:
                 inv = inv_shared
                 a_acc += g[:, None] * diff * diff
                 g_acc += g
-            gm = g[:, None] * diff * inv
+            gm = g[:, None] * _over_var(diff, inv)
             tl.store(dmean_ptr + r[:, None] * D + cols[None, :], gm.to(dmean_ptr.dtype.element_ty), mask=mask)
             dx_acc -= gm
         if HAS_DX:
-            tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(part_dx_ptr + split * P * D + rows[:, None] * D + cols[None, :], dx_acc, mask=mask)
         if LAYOUT == 1 and HAS_DV:
-            # dv of a shared row from A = sum g (x-m)^2 and G = sum g
-            if SOFTPLUS:
-                dv = 0.5 * (inv_shared * inv_shared * a_acc - inv_shared * g_acc[:, None]) * sigmoid(v_shared)
-            else:
-                dv = 0.5 * (inv_shared * a_acc - g_acc[:, None])
-            tl.store(dv_ptr + rows[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+            tl.store(part_a_ptr + split * P * D + rows[:, None] * D + cols[None, :], a_acc, mask=mask)
         if LAYOUT == 2 and HAS_DV:
-            tl.store(dv_ptr + pid * D + cols, tl.sum(tl.where(mask, a_acc, 0.0), axis=0), mask=col_ok)
-            if d0 == 0:
-                tl.store(gsum_ptr + pid, tl.sum(g_acc, axis=0))
+            tl.store(part_a_ptr + pid * D + cols, tl.sum(tl.where(mask, a_acc, 0.0), axis=0), mask=col_ok)
+    if LAYOUT == 1 and HAS_DV:
+        tl.store(part_g_ptr + split * P + rows, g_acc, mask=row_ok)
+    if LAYOUT == 2 and HAS_DV:
+        tl.store(part_g_ptr + pid, tl.sum(g_acc, axis=0))
 
 
 # -- launchers ----------------------------------------------------------------
 
 
-
 def _layout(v) -> int:
     return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _delta(delta: float, mean) -> torch.Tensor:
+    # a tensor, so that float64 kernels read delta exactly (a float argument
+    # is float32) and a new delta compiles nothing
+    return torch.full((), delta, dtype=_acc(mean.dtype), device=mean.device)
 
 
 def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
@@ -164,14 +188,16 @@ def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: fl
     K, P, D = mean.shape
     if K * P == 0:
         return
-    BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
-    _gaussian_log_prob_fwd_kernel[(triton.cdiv(P, BLOCK_P),)](
-        x, mean, var_param, out, K, P, D,
-        LAYOUT=_layout(var_param), SOFTPLUS=softplus_mode, DELTA=delta, ACC=acc_dtype(mean.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+    BLOCK_D = block_cols(D)
+    _gaussian_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_ROWS),)](
+        x, mean, var_param, _delta(delta, mean), out, P, K * P, D,
+        LAYOUT=_layout(var_param), SOFTPLUS=softplus_mode, ACC=acc_dtype(mean.dtype),
+        BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
     )
 
 
-def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool, delta: float, dx, dmean, dvar_param) -> None:
+def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool, delta: float, dx, dmean,
+                               dvar_param) -> None:
     """dmean (K, P, D) and, when they are not None, dvar_param (var_param's shape) and dx (P, D)
     <- gradients given grad_out (K, P)."""
     K, P, D = mean.shape
@@ -181,26 +207,35 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
                 t.zero_()
         return
     layout = _layout(var_param)
-    BLOCK_P, BLOCK_D = blocks(P, D, MAX_BLOCK_D)
-    grid = triton.cdiv(P, BLOCK_P)
-    part_dtype = torch.float64 if mean.dtype == torch.float64 else torch.float32  # partial sums
-    if layout == DIM and dvar_param is not None:
-        # per-program partial sums, reduced below: (D,) values summed over all rows
-        dv_arg = torch.empty((grid, D), dtype=part_dtype, device=mean.device)
-        gsum = torch.empty((grid,), dtype=part_dtype, device=mean.device)
-    else:
-        dv_arg = gsum = dvar_param if dvar_param is not None else dmean
-    _gaussian_log_prob_bwd_kernel[(grid,)](
-        grad_out, x, mean, var_param, dx if dx is not None else dmean, dmean, dv_arg, gsum, K, P, D,
-        LAYOUT=layout, SOFTPLUS=softplus_mode, DELTA=delta, HAS_DX=dx is not None, HAS_DV=dvar_param is not None, ACC=acc_dtype(mean.dtype),
-        BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D,
+    has_dx, has_dv = dx is not None, dvar_param is not None
+    BLOCK_D = block_cols(D, MAX_BLOCK_COLS_BACKWARD)
+    row_blocks = triton.cdiv(P, BLOCK_ROWS)
+    sums_over_k = has_dx or (has_dv and layout != ELEMENT)
+    splits, per_split = sample_splits(K, row_blocks) if sums_over_k else (K, 1)
+    acc, device = _acc(mean.dtype), mean.device
+    part_dx = torch.empty((splits, P, D) if has_dx else (1,), dtype=acc, device=device)
+    shared_dv = has_dv and layout != ELEMENT
+    part_a = torch.empty(((splits, P, D) if layout == ROW else (row_blocks * splits, D)) if shared_dv else (1,),
+                         dtype=acc, device=device)
+    part_g = torch.empty(((splits, P) if layout == ROW else (row_blocks * splits,)) if shared_dv else (1,),
+                         dtype=acc, device=device)
+    delta_t = _delta(delta, mean)
+    _gaussian_log_prob_bwd_kernel[(row_blocks * splits,)](
+        grad_out, x, mean, var_param, delta_t, dmean, dvar_param if layout == ELEMENT and has_dv else dmean,
+        part_dx, part_a, part_g, P, D, K, per_split,
+        LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, ACC=acc_dtype(mean.dtype),
+        BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
     )
-    if layout == DIM and dvar_param is not None:
-        a, G = dv_arg.sum(0), gsum.sum()
-        vv = var_param.to(part_dtype)
+    if has_dx:
+        dx.copy_(part_dx.sum(0))
+    if shared_dv:
+        # dv of a shared variance from A = sum g (x - m)^2 and G = sum g over its rows
+        a = part_a.sum(0)
+        G = part_g.sum(0)[:, None] if layout == ROW else part_g.sum()
+        v = var_param.to(acc)
         if softplus_mode:
-            inv = 1.0 / (torch.logaddexp(torch.zeros_like(vv), vv) + delta)
-            dvar_param.copy_(0.5 * (inv * inv * a - inv * G) * torch.sigmoid(vv))
+            inv = 1.0 / (torch.logaddexp(torch.zeros_like(v), v) + delta_t)
+            dvar_param.copy_(0.5 * (inv * inv * a - inv * G) * torch.sigmoid(v))
         else:
-            inv = torch.exp(-vv)
-            dvar_param.copy_(0.5 * (inv * a - G))
+            inv_a = torch.where(a == 0, 0.0, torch.exp(-v) * a)  # every x == m: 0, not 0 * inf
+            dvar_param.copy_(0.5 * (inv_a - G))

@@ -7,7 +7,11 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, blocks
-from .sample_normal import MAX_BLOCK_L
+from ._common import MAX_BLOCK_COLS as MAX_BLOCK_L
+
+# 1024 elements a program at 4 warps: 8 a thread, which ptxas keeps in
+# registers for the backward's five live tiles (4096 spilled).
+KL_TILE = 1024
 
 # -- math helpers -------------------------------------------------------------
 
@@ -113,7 +117,7 @@ def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
         kl.zero_()
         return
     has_prior = prior_mu is not None
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
     _kl_normal_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         mu, logvar, prior_mu if has_prior else mu, prior_logvar if has_prior else logvar, kl,
         N, L, HAS_PRIOR=has_prior, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
@@ -126,7 +130,7 @@ def kl_normal_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar
     if N * L == 0:
         return
     has_prior = prior_mu is not None
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
     _kl_normal_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         grad_kl, mu, logvar,
         prior_mu if has_prior else mu, prior_logvar if has_prior else logvar,

@@ -3,94 +3,96 @@ summed over L, i.e. 0.5 * sum(eps^2 - z^2 + logvar) with eps = (z - mu) e^(-logv
 and its gradient in full or in the "stop the score" mode (dz only).
 
 Layout: z, dz (K, N, L) contiguous; mu, logvar, dmu, dlogvar (N, L), shared by
-the K samples (read per sample, never broadcast in memory); r, g (K, N).
+the K samples (read per sample, never broadcast in memory); out, grad_out (K, N).
+The forward tiles the K * N sample rows; the backward gives each program rows
+of mu and a range of samples, with partial sums for dmu and dlogvar reduced by
+the launcher in a fixed order (docs/triton.md).
 """
+import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, blocks
-from .sample_normal import MAX_BLOCK_L
+from ._common import BLOCK_ROWS, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits
 
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "KN"])
 def _latent_log_ratio_fwd_kernel(
-    z_ptr,  # (K, N, L)
+    z_ptr,  # (K, N, L) = (KN, L) sample rows
     mu_ptr,  # (N, L)
     logvar_ptr,  # (N, L)
-    r_ptr,  # (K, N)
+    out_ptr,  # (K, N) = (KN,)
     N,
+    KN,
     L,
     ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    # one flat grid dimension (sample k, row block): a GPU's second one allows
-    # only 65535 programs, fewer than the samples of a large-K evaluation
     pid = tl.program_id(0).to(tl.int64)
-    n_row_blocks = tl.cdiv(N, BLOCK_N)
-    k = pid // n_row_blocks
-    rows = (pid % n_row_blocks) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
-    acc = tl.zeros([BLOCK_N], dtype=ACC)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_ok = r < KN
+    n = r % N
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
-        mask = row_ok[:, None] & (cols < L)[None, :]
-        idx = rows[:, None] * L + cols[None, :]
+        mask = r_ok[:, None] & (cols < L)[None, :]
+        idx = n[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
-        z = tl.load(z_ptr + k * N * L + idx, mask=mask, other=0.0).to(ACC)
+        z = tl.load(z_ptr + r[:, None] * L + cols[None, :], mask=mask, other=0.0).to(ACC)
         eps = (z - mu) * tl.exp(-0.5 * lv)
         acc += tl.sum(tl.where(mask, eps * eps - z * z + lv, 0.0), axis=1)
-    tl.store(r_ptr + k * N + rows, (0.5 * acc).to(r_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(out_ptr + r, (0.5 * acc).to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "K_PER"])
 def _latent_log_ratio_bwd_kernel(
-    g_ptr,  # (K, N)
+    grad_out_ptr,  # (K, N)
     z_ptr,  # (K, N, L)
     mu_ptr,  # (N, L)
     logvar_ptr,  # (N, L)
     dz_ptr,  # (K, N, L)
-    dmu_ptr,  # (N, L), unused if STOP_SCORE
-    dlogvar_ptr,  # (N, L), unused if STOP_SCORE
+    part_mu_ptr,  # (splits, N, L): -sum_k g eps / s over the split, unless STOP_SCORE
+    part_lv_ptr,  # (splits, N, L): sum_k g (1 - eps^2) / 2 over the split, unless STOP_SCORE
     N,
     L,
-    NL,  # N * L: the offset stride of one sample
     K,
+    K_PER,  # samples per split
     STOP_SCORE: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_blocks = tl.cdiv(N, BLOCK_R)
+    split = pid // row_blocks
+    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
+    k0 = split * K_PER
+    k1 = tl.minimum(k0 + K_PER, K)
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
         mask = row_ok[:, None] & (cols < L)[None, :]
         idx = rows[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
-        lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
-        inv_s = tl.exp(-0.5 * lv)
-        acc_mu = tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)
-        acc_lv = tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)
-        off = idx  # int64 offsets, advanced per sample: k * N * L overflows int32
-        g_off = rows
-        for _ in range(K):
-            g = tl.load(g_ptr + g_off, mask=row_ok, other=0.0).to(ACC)[:, None]
+        inv_s = tl.exp(-0.5 * tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC))
+        acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+        acc_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+        for k in range(k0, k1):
+            off = k * N * L + idx  # int64: k * N * L overflows int32
+            g = tl.load(grad_out_ptr + k * N + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
             z = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC)
             eps = (z - mu) * inv_s
             tl.store(dz_ptr + off, (g * (eps * inv_s - z)).to(dz_ptr.dtype.element_ty), mask=mask)
             if not STOP_SCORE:
                 acc_mu += g * eps
                 acc_lv += g * (1.0 - eps * eps)
-            off += NL
-            g_off += N
         if not STOP_SCORE:
-            tl.store(dmu_ptr + idx, (-acc_mu * inv_s).to(dmu_ptr.dtype.element_ty), mask=mask)
-            tl.store(dlogvar_ptr + idx, (0.5 * acc_lv).to(dlogvar_ptr.dtype.element_ty), mask=mask)
+            part = split * N * L + idx
+            tl.store(part_mu_ptr + part, -acc_mu * inv_s, mask=mask)
+            tl.store(part_lv_ptr + part, 0.5 * acc_lv, mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -101,9 +103,10 @@ def latent_log_ratio_forward(z, mu, logvar, out) -> None:
     K, N, L = z.shape
     if K * N == 0:
         return
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
-    _latent_log_ratio_fwd_kernel[(triton.cdiv(N, BLOCK_N) * K,)](
-        z, mu, logvar, out, N, L, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+    BLOCK_L = block_cols(L)
+    _latent_log_ratio_fwd_kernel[(triton.cdiv(K * N, BLOCK_ROWS),)](
+        z, mu, logvar, out, N, K * N, L, ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+        num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )
 
 
@@ -114,13 +117,20 @@ def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None
     if N * L == 0:
         return
     stop_score = dmu is None
-    if K == 0:
-        if not stop_score:
-            dmu.zero_()
-            dlogvar.zero_()
-        return
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
-    _latent_log_ratio_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
-        grad_out, z, mu, logvar, dz, dz if stop_score else dmu, dz if stop_score else dlogvar, N, L, N * L, K,
-        STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
-    )
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    BLOCK_L = block_cols(L, MAX_BLOCK_COLS_BACKWARD)
+    row_blocks = triton.cdiv(N, BLOCK_ROWS)
+    # without dmu and dlogvar nothing is summed over samples: one sample per program
+    splits, per_split = (max(K, 1), 1) if stop_score else sample_splits(K, row_blocks)
+    part_shape = (1,) if stop_score else (splits, N, L)
+    part_mu = torch.zeros(part_shape, dtype=acc, device=mu.device)
+    part_lv = torch.zeros_like(part_mu)
+    if K > 0:
+        _latent_log_ratio_bwd_kernel[(row_blocks * splits,)](
+            grad_out, z, mu, logvar, dz, part_mu, part_lv, N, L, K, per_split,
+            STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+            num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
+        )
+    if not stop_score:
+        dmu.copy_(part_mu.sum(0))
+        dlogvar.copy_(part_lv.sum(0))

@@ -17,11 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, blocks
+from ._common import TARGET_PROGRAMS, acc_dtype, blocks
 
 MAX_BLOCK_M = 128  # columns per tile; the rest of the tile goes to rows
 CHUNKS_PER_SPLIT = 16  # a K-split folds at most this many tiles before the merge
-MIN_PROGRAMS_PER_SM = 4  # on a GPU, split K until the grid has this many programs per SM
 
 # -- math helpers ---------------------------------------------------------------
 
@@ -221,12 +220,14 @@ def _importance_weights_bwd_kernel(
 
 def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) -> int:
     """How many programs share one column's K: enough that none folds more than
-    CHUNKS_PER_SPLIT tiles, and on a GPU enough to fill its SMs."""
+    CHUNKS_PER_SPLIT tiles, and off the interpreter enough to launch
+    TARGET_PROGRAMS programs. The geometry follows from the shapes alone, so
+    the ahead-of-time tool (meta tensors) sees what a GPU runs; the
+    interpreter, at about 1 ms a program, keeps the fewest."""
     chunks = triton.cdiv(max(K, 1), BLOCK_K)
     splits = triton.cdiv(chunks, CHUNKS_PER_SPLIT)
-    if device.type == "cuda":
-        programs = MIN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(splits, triton.cdiv(programs, triton.cdiv(M, BLOCK_M)))
+    if device.type != "cpu":
+        splits = max(splits, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(M, BLOCK_M)))
     return max(1, min(splits, chunks))
 
 
@@ -269,6 +270,7 @@ def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> 
     _logmeanexp_bwd_kernel[(triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),)](
         lw, lw_max, sumexp, grad_out, grad_sumexp if has_gs else grad_out, ess if has_ess else grad_out, dlw, K, M,
         HAS_G_SUMEXP=has_gs, HAS_ESS=has_ess, ACC=acc_dtype(lw.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        num_warps=8,  # 16 elements a thread: 4 warps spilled in fp16
     )
 
 

@@ -2,97 +2,97 @@
 with the analytic KL(q || N(0, I)) per row, and the backward that regenerates
 eps from (seed, offset) instead of storing it.
 
-Layout: mu, logvar (N, L) contiguous; z, dz (K, N, L); kl, dkl (N,). The
-offset of z[k, n, l] is k * N * L + n * L + l (int64).
+Layout: mu, logvar (N, L) contiguous; z, grad_z (K, N, L); kl, grad_kl (N,).
+The offset of z[k, n, l] is k * N * L + n * L + l (int64).
+
+Geometry (docs/triton.md): the forward tiles the K * N sample rows of z, so a
+large-K evaluation of one example is as parallel as a training batch. The
+backward sums over K: each program owns BLOCK_ROWS rows of mu and a range of
+samples, writes partial sums, and the launcher reduces them in a fixed order.
 """
+import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, blocks
+from ._common import BLOCK_ROWS, acc_dtype, block_cols, num_warps, sample_splits
 from .philox import randn
-
-MAX_BLOCK_L = 1024  # columns per inner step; longer rows loop over L
 
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "KN"])
 def _sample_normal_fwd_kernel(
     mu_ptr,  # (N, L)
     logvar_ptr,  # (N, L)
     seed_ptr,  # (): int64
-    z_ptr,  # (K, N, L)
+    z_ptr,  # (K, N, L) = (KN, L) sample rows
     kl_ptr,  # (N,)
     N,
+    KN,  # K * N
     L,
-    NL,  # N * L: the offset stride of one sample
-    K,
     ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # sample rows k * N + n
+    r_ok = r < KN
+    n = r % N
     seed = tl.load(seed_ptr)
-    kl = tl.zeros([BLOCK_N], dtype=ACC)
+    kl = tl.zeros([BLOCK_R], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
-        mask = row_ok[:, None] & (cols < L)[None, :]
-        idx = rows[:, None] * L + cols[None, :]
+        mask = r_ok[:, None] & (cols < L)[None, :]
+        idx = n[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
         kl += tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=1)
-        off = idx
-        for _ in range(K):
-            eps = randn(seed, off, ACC)
-            tl.store(z_ptr + off, (mu + s * eps).to(z_ptr.dtype.element_ty), mask=mask)
-            off += NL
-    tl.store(kl_ptr + rows, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=row_ok)
+        off = r[:, None] * L + cols[None, :]
+        eps = randn(seed, off, ACC)
+        tl.store(z_ptr + off, (mu + s * eps).to(z_ptr.dtype.element_ty), mask=mask)
+    # the first sample's rows carry the KL of their row
+    tl.store(kl_ptr + r, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=r < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K", "K_PER"])
 def _sample_normal_bwd_kernel(
-    dz_ptr,  # (K, N, L)
-    dkl_ptr,  # (N,)
-    mu_ptr,  # (N, L)
+    grad_z_ptr,  # (K, N, L)
     logvar_ptr,  # (N, L)
     seed_ptr,  # (): int64
-    dmu_ptr,  # (N, L)
-    dlogvar_ptr,  # (N, L)
+    part_mu_ptr,  # (splits, N, L): sum over the split's samples of grad_z
+    part_lv_ptr,  # (splits, N, L): sum over the split's samples of grad_z * eps * s / 2
     N,
     L,
-    NL,  # N * L: the offset stride of one sample
     K,
+    K_PER,  # samples per split
     ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_blocks = tl.cdiv(N, BLOCK_R)
+    split = pid // row_blocks
+    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
+    k0 = split * K_PER
+    k1 = tl.minimum(k0 + K_PER, K)
     seed = tl.load(seed_ptr)
-    g_kl = tl.load(dkl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
         mask = row_ok[:, None] & (cols < L)[None, :]
         idx = rows[:, None] * L + cols[None, :]
-        mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
-        lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
-        s = tl.exp(0.5 * lv)
-        acc_mu = tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)
-        acc_lv = tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)
-        off = idx
-        for _ in range(K):
-            g = tl.load(dz_ptr + off, mask=mask, other=0.0).to(ACC)
+        s = tl.exp(0.5 * tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC))
+        acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+        acc_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+        for k in range(k0, k1):
+            off = k * N * L + idx
+            g = tl.load(grad_z_ptr + off, mask=mask, other=0.0).to(ACC)
             acc_mu += g
             acc_lv += g * randn(seed, off, ACC)
-            off += NL
-        dmu = acc_mu + g_kl * mu
-        dlv = 0.5 * (acc_lv * s + g_kl * (s * s - 1.0))
-        tl.store(dmu_ptr + idx, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
-        tl.store(dlogvar_ptr + idx, dlv.to(dlogvar_ptr.dtype.element_ty), mask=mask)
+        part = split * N * L + idx
+        tl.store(part_mu_ptr + part, acc_mu, mask=mask)
+        tl.store(part_lv_ptr + part, 0.5 * acc_lv * s, mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -104,21 +104,36 @@ def sample_normal_forward(mu, logvar, seed, z, kl) -> None:
     if N * L == 0:
         kl.zero_()
         return
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
-    grid = (triton.cdiv(N, BLOCK_N),)
-    _sample_normal_fwd_kernel[grid](
-        mu, logvar, seed, z, kl, N, L, N * L, K, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L
+    if K == 0:  # the KL still has to be written
+        z = torch.empty((1, N, L), dtype=z.dtype, device=z.device)
+    BLOCK_L = block_cols(L)
+    KN = z.shape[0] * N
+    _sample_normal_fwd_kernel[(triton.cdiv(KN, BLOCK_ROWS),)](
+        mu, logvar, seed, z, kl, N, KN, L,
+        ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+        num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )
 
 
 def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> None:
-    """dmu, dlogvar (N, L) <- gradients of sample_normal given grad_z (K, N, L), grad_kl (N,)."""
+    """dmu, dlogvar (N, L) <- gradients of sample_normal given grad_z (K, N, L), grad_kl (N,):
+    dmu = sum_k grad_z + grad_kl mu, dlogvar = sum_k grad_z eps s / 2 + grad_kl (s^2 - 1) / 2."""
     K, N, L = grad_z.shape
     if N * L == 0:
         return
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L)
-    grid = (triton.cdiv(N, BLOCK_N),)
-    _sample_normal_bwd_kernel[grid](
-        grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar, N, L, N * L, K,
-        ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
-    )
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    BLOCK_L = block_cols(L)
+    row_blocks = triton.cdiv(N, BLOCK_ROWS)
+    splits, per_split = sample_splits(K, row_blocks)
+    part_mu = torch.zeros((splits, N, L), dtype=acc, device=mu.device)
+    part_lv = torch.zeros_like(part_mu)
+    if K > 0:
+        _sample_normal_bwd_kernel[(row_blocks * splits,)](
+            grad_z, logvar, seed, part_mu, part_lv, N, L, K, per_split,
+            ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+            num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64, per_thread=4),
+        )
+    g_kl = grad_kl.to(acc)[:, None]
+    var = torch.exp(logvar.to(acc))
+    dmu.copy_(part_mu.sum(0) + g_kl * mu.to(acc))
+    dlogvar.copy_(part_lv.sum(0) + 0.5 * g_kl * (var - 1.0))

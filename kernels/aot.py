@@ -1,0 +1,253 @@
+"""Compile every Triton kernel of fastvae ahead of time for a GPU, without one.
+
+    python -m fastvae.kernels.aot                       # sm_90 and sm_80, every op, shape and dtype
+    python -m fastvae.kernels.aot --arch sm_90 --op sample_normal --shape K=50,B=256,L=32,D=784
+    python -m fastvae.kernels.aot --json                # one JSON object per launch
+
+Each op's launchers run with torch "meta" tensors (shapes and dtypes, no
+data: every pointer counts as 16-byte aligned, as a fresh CUDA allocation is).
+Triton's own launcher path (binder, argument packing, ASTSource) is replayed
+up to ``triton.compile`` for ``GPUTarget("cuda", 90 or 80, 32)``, so what
+compiles here is what a GPU would run; ptxas (shipped with Triton) reports
+registers and spills. Each distinct variant compiles once. The exit status is
+1 if any variant fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+from triton.runtime import jit
+
+from fastvae import _registry
+
+TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
+SMS = {"sm_90": 132, "sm_80": 108}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+TRAINING = [dict(K=K, B=B, L=L, D=D) for K, B, L, D in
+            itertools.product((1, 5, 50), (64, 256, 1024), (16, 32, 128), (64, 784, 3072, 12288))]
+EVALUATION = [dict(K=5000, B=B, L=32, D=784) for B in (1, 64, 256)]
+SHAPES = TRAINING + EVALUATION
+
+
+def meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def calls(op: str, s: dict, dtype: torch.dtype):
+    """(kernel, arguments) of every launch the op makes at shape s: the
+    forward and backward in each mode the front end uses (a training decoder
+    of D outputs per sample; log-weights of K samples for B examples)."""
+    K, B, L, D = s["K"], s["B"], s["L"], s["D"]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
+    seed = meta(dtype=torch.int64)
+    if op == "sample_normal":
+        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, z=m(K, B, L), kl=m(B))
+        yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), mu=m(B, L), logvar=m(B, L), seed=seed,
+                                             dmu=m(B, L), dlogvar=m(B, L))
+        yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
+    elif op == "kl_normal":
+        for prior in (None, m(B, L)):
+            yield "kl_normal_forward", dict(mu=m(B, L), logvar=m(B, L), prior_mu=prior, prior_logvar=prior, kl=m(B))
+            yield "kl_normal_backward", dict(grad_kl=m(B), mu=m(B, L), logvar=m(B, L), prior_mu=prior,
+                                             prior_logvar=prior, dmu=m(B, L), dlogvar=m(B, L),
+                                             dprior_mu=prior, dprior_logvar=prior)
+    elif op == "latent_log_ratio":
+        yield "latent_log_ratio_forward", dict(z=m(K, B, L), mu=m(B, L), logvar=m(B, L), out=m(K, B))
+        for stop in (False, True):
+            d = None if stop else m(B, L)
+            yield "latent_log_ratio_backward", dict(grad_out=m(K, B), z=m(K, B, L), mu=m(B, L), logvar=m(B, L),
+                                                    dz=m(K, B, L), dmu=d, dlogvar=d)
+    elif op == "gaussian_log_prob":
+        for var_shape, softplus in itertools.product(((K, B, D), (B, D), (D,)), (False, True)):
+            args = dict(x=m(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=softplus, delta=1e-6)
+            yield "gaussian_log_prob_forward", dict(args, out=m(K, B))
+            for need_dx, need_dv in ((False, True), (True, False)):
+                yield "gaussian_log_prob_backward", dict(
+                    grad_out=m(K, B), **args, dx=m(B, D) if need_dx else None, dmean=m(K, B, D),
+                    dvar_param=m(*var_shape) if need_dv else None)
+    elif op == "bernoulli_log_prob":
+        yield "bernoulli_log_prob_forward", dict(x=m(B, D), logits=m(K, B, D), out=m(K, B))
+        for dx in (None, m(B, D)):
+            yield "bernoulli_log_prob_backward", dict(grad_out=m(K, B), x=m(B, D), logits=m(K, B, D), dx=dx,
+                                                      dlogits=m(K, B, D))
+    elif op in ("logmeanexp", "importance_weights", "effective_sample_size"):
+        state = dict(lw_max=meta(B, dtype=acc), sumexp=meta(B, dtype=acc))
+        ess = op == "effective_sample_size"
+        yield "logmeanexp_forward", dict(lw=m(K, B), **state, out=None if ess else m(B), ess=m(B) if ess else None)
+        yield "logmeanexp_backward", dict(lw=m(K, B), **state, grad_out=meta(B, dtype=acc),
+                                          grad_sumexp=None if ess else meta(B, dtype=acc),
+                                          ess=meta(B, dtype=acc) if ess else None, dlw=m(K, B))
+        if op == "importance_weights":
+            yield "importance_weights_backward", dict(grad_w=m(K, B), w=m(K, B), dlw=m(K, B))
+    else:
+        raise ValueError(f"unknown op {op!r}")
+
+
+@dataclass
+class Launch:
+    op: str
+    kernel: str
+    launcher: str
+    arch: str
+    dtype: str
+    shape: dict
+    grid: tuple
+    num_warps: int
+    key: tuple
+    source: object = field(repr=False)
+    options: object = field(repr=False)
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+
+@contextlib.contextmanager
+def recording(arch: str, launches: list):
+    """Within the block, every ``kernel[grid](...)`` is recorded instead of run:
+    Triton's launcher up to the compile call, for the target arch."""
+    backend = make_backend(TARGETS[arch])
+    binders = {}
+    original = jit.JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kwargs["debug"] = kwargs.get("debug", self.debug) or triton.knobs.runtime.debug
+        kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+        kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
+        if self not in binders:
+            binders[self] = jit.create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binders[self](*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
+        grid = grid(bound) if callable(grid) else grid
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        key = (self.fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items(), key=str)),
+               repr(sorted(attrs.items(), key=str)), options.num_warps, options.num_stages)
+        launches.append(Launch("", self.fn.__name__, "", arch, "", {}, grid, options.num_warps, key,
+                               ASTSource(self, signature, constexprs, attrs), options))
+
+    jit.JITFunction.run = run
+    try:
+        yield
+    finally:
+        jit.JITFunction.run = original
+
+
+_PTXAS = re.compile(r"Used (\d+) registers.*?(?:(\d+) bytes spill stores, (\d+) bytes spill loads)?", re.S)
+
+
+def compile_variant(launch: Launch, cache: dict) -> dict:
+    """Registers, spill bytes and any error of the launch's variant (compiled once)."""
+    if launch.key in cache:
+        return cache[launch.key]
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            compiled = triton.compile(launch.source, target=TARGETS[launch.arch], options=launch.options.__dict__)
+        info = _resources(compiled, log.getvalue())
+    except Exception as err:  # noqa: BLE001 (every compile failure is reported, not raised)
+        info = {"ok": False, "registers": None, "spill_bytes": None, "error": f"{type(err).__name__}: {err}"[:2000]}
+    cache[launch.key] = info
+    return info
+
+
+def _resources(compiled, ptxas_log: str) -> dict:
+    regs = re.search(r"Used (\d+) registers", ptxas_log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+    if regs is None:  # no ptxas log: read the cubin's resource usage
+        import os
+        import subprocess
+        import tempfile
+
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+        return {"ok": True, "registers": int(found[1]) if found else None,
+                "spill_bytes": int(found[4]) if found else None, "error": None}
+    return {"ok": True, "registers": int(regs[1]),
+            "spill_bytes": int(spills[1]) + int(spills[2]) if spills else 0, "error": None}
+
+
+def collect(archs, ops, shapes, dtypes) -> list[Launch]:
+    """Every launch of every op at every shape and dtype, per arch (not compiled)."""
+    from fastvae._backend import triton_module
+
+    launches = []
+    for arch in archs:
+        with recording(arch, launches):
+            for op, shape, dtype_name in itertools.product(ops, shapes, dtypes):
+                for kernel, args in calls(op, shape, DTYPES[dtype_name]):
+                    if tuple(args) != _registry.KERNELS[kernel].args:
+                        raise AssertionError(f"{kernel}: arguments {tuple(args)} differ from the registry")
+                    first = len(launches)
+                    getattr(triton_module(_registry.KERNELS[kernel].module), kernel)(**args)
+                    for launch in launches[first:]:
+                        launch.op, launch.launcher, launch.dtype, launch.shape = op, kernel, dtype_name, shape
+    return launches
+
+
+def parse_shape(text: str) -> dict:
+    shape = dict(K=50, B=256, L=32, D=784)
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in shape:
+            raise argparse.ArgumentTypeError(f"unknown dimension {name!r} (use K, B, L, D)")
+        shape[name.strip()] = int(value)
+    return shape
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvae.kernels.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", choices=sorted(TARGETS), default=["sm_90", "sm_80"])
+    parser.add_argument("--op", nargs="+", choices=list(_registry.OPS), default=None)
+    parser.add_argument("--shape", type=parse_shape, action="append",
+                        help="K=..,B=..,L=..,D=.. (unnamed dimensions: K=50,B=256,L=32,D=784); repeatable")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--json", action="store_true", help="one JSON object per launch")
+    args = parser.parse_args(argv)
+    ops = args.op or [op for op in _registry.OPS if op not in ("importance_weights", "effective_sample_size")] + [
+        "importance_weights", "effective_sample_size"]
+    launches = collect(args.arch, ops, args.shape or SHAPES, args.dtype)
+    cache: dict = {}
+    failures = 0
+    if not args.json:
+        print(f"{'op':20} {'kernel':34} {'arch':6} {'dtype':9} {'shape':28} {'programs':>9} {'warps':>5} "
+              f"{'regs':>5} {'spill':>6}  status")
+    for launch in launches:
+        info = compile_variant(launch, cache)
+        failures += not info["ok"]
+        row = {"op": launch.op, "kernel": launch.kernel, "launcher": launch.launcher, "arch": launch.arch,
+               "dtype": launch.dtype, "shape": launch.shape, "grid": list(launch.grid), "programs": launch.programs,
+               "num_warps": launch.num_warps, **info}
+        if args.json:
+            print(json.dumps(row))
+        else:
+            shape = ",".join(f"{k}={v}" for k, v in launch.shape.items())
+            status = "ok" if info["ok"] else "FAILED: " + info["error"].splitlines()[0][:80]
+            print(f"{launch.op:20} {launch.kernel:34} {launch.arch:6} {launch.dtype:9} {shape:28} "
+                  f"{launch.programs:>9} {launch.num_warps:>5} {info['registers'] or '-':>5} "
+                  f"{'-' if info['spill_bytes'] is None else info['spill_bytes']:>6}  {status}")
+    summary = (f"{len(launches)} launches, {len(cache)} distinct variants compiled, {failures} failed "
+               f"({', '.join(args.arch)})")
+    print(summary, file=sys.stderr)
+    return 1 if any(not info["ok"] for info in cache.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
