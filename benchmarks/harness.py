@@ -52,19 +52,12 @@ class Case:
 
 @contextlib.contextmanager
 def fastvae_backend(name: str | None):
-    """fastvae reads FASTVAE_BACKEND at every call, forward and backward alike."""
+    """Runs the block with fastvae's ops on backend ``name`` (None: by device)."""
     if name is None:
         yield
         return
-    old = os.environ.get("FASTVAE_BACKEND")
-    os.environ["FASTVAE_BACKEND"] = name
-    try:
+    with fastvae.use_backend(name):
         yield
-    finally:
-        if old is None:
-            del os.environ["FASTVAE_BACKEND"]
-        else:
-            os.environ["FASTVAE_BACKEND"] = old
 
 
 def default_fastvae_backend(device: torch.device, op: str) -> str:

@@ -47,15 +47,27 @@ def num_warps(block_cols: int, fp64: bool = False, per_thread: int = 8) -> int:
     at these sizes for fp32/bf16/fp16 (python -m fastvae.kernels.aot); kernels
     that generate noise hold Philox's state too and ask for per_thread=4."""
     per_thread = max(1, per_thread // 2) if fp64 else per_thread
-    return max(1, min(8, BLOCK_ROWS * block_cols // (32 * per_thread)))
+    return max(1, min(8, BLOCK_ROWS * block_cols // (32 * per_thread)))  # GPU tiles
 
 
-def sample_splits(samples: int, row_blocks: int) -> tuple[int, int]:
+# The Triton interpreter (CPU tensors) costs about 1 ms a program whatever its
+# size: there, programs take many rows and all samples.
+INTERPRETER_BLOCK_ROWS = 256
+
+
+def block_rows(device: torch.device) -> int:
+    """Rows per program: BLOCK_ROWS on a GPU (and for the ahead-of-time tool's
+    meta tensors), INTERPRETER_BLOCK_ROWS under the interpreter."""
+    return INTERPRETER_BLOCK_ROWS if device.type == "cpu" else BLOCK_ROWS
+
+
+def sample_splits(samples: int, row_blocks: int, device: torch.device) -> tuple[int, int]:
     """(splits, samples_per_split) for a kernel that sums over samples: each
     program owns a block of rows and a contiguous range of samples, and writes
     a partial sum that a second pass reduces in a fixed order (deterministic,
-    no atomics). Enough splits to launch TARGET_PROGRAMS programs."""
-    if samples <= 1:
+    no atomics). Enough splits to launch TARGET_PROGRAMS programs (one split
+    under the interpreter)."""
+    if samples <= 1 or device.type == "cpu":
         return 1, max(samples, 1)
     splits = min(samples, max(1, triton.cdiv(TARGET_PROGRAMS, max(row_blocks, 1))))
     per_split = triton.cdiv(samples, splits)

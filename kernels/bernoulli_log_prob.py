@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK_ROWS, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits, sigmoid, softplus
+from ._common import block_rows, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits, sigmoid, softplus
 
 # -- math helpers -------------------------------------------------------------
 
@@ -105,11 +105,12 @@ def _bernoulli_log_prob_bwd_kernel(
 def bernoulli_log_prob_forward(x, logits, out) -> None:
     """out (K, P) <- sum_d(x l - softplus(l)) for x (P, D), logits (K, P, D)."""
     K, P, D = logits.shape
+    rows = block_rows(logits.device)  # rows per program
     if K * P == 0:
         return
     BLOCK_D = block_cols(D)
-    _bernoulli_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_ROWS),)](
-        x, logits, out, P, K * P, D, ACC=acc_dtype(logits.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_D,
+    _bernoulli_log_prob_fwd_kernel[(triton.cdiv(K * P, rows),)](
+        x, logits, out, P, K * P, D, ACC=acc_dtype(logits.dtype), BLOCK_R=rows, BLOCK_D=BLOCK_D,
         num_warps=num_warps(BLOCK_D, logits.dtype == torch.float64),
     )
 
@@ -117,20 +118,21 @@ def bernoulli_log_prob_forward(x, logits, out) -> None:
 def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients given grad_out (K, P)."""
     K, P, D = logits.shape
+    rows = block_rows(logits.device)  # rows per program
     if K * P * D == 0:
         if dx is not None:
             dx.zero_()
         return
     has_dx = dx is not None
     BLOCK_D = block_cols(D, MAX_BLOCK_COLS_BACKWARD)
-    row_blocks = triton.cdiv(P, BLOCK_ROWS)
+    row_blocks = triton.cdiv(P, rows)
     # without dx nothing is summed over samples: one sample per program
-    splits, per_split = sample_splits(K, row_blocks) if has_dx else (K, 1)
+    splits, per_split = sample_splits(K, row_blocks, logits.device) if has_dx else (K, 1)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     part_dx = torch.empty((splits, P, D) if has_dx else (1,), dtype=acc, device=logits.device)
     _bernoulli_log_prob_bwd_kernel[(row_blocks * splits,)](
         grad_out, x, logits, dlogits, part_dx, P, D, K, per_split,
-        HAS_DX=has_dx, ACC=acc_dtype(logits.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_D,
+        HAS_DX=has_dx, ACC=acc_dtype(logits.dtype), BLOCK_R=rows, BLOCK_D=BLOCK_D,
         num_warps=num_warps(BLOCK_D, logits.dtype == torch.float64),
     )
     if has_dx:

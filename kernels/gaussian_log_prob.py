@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK_ROWS, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits, sigmoid, softplus
+from ._common import block_rows, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits, sigmoid, softplus
 
 LOG_2PI: tl.constexpr = tl.constexpr(1.8378770664093453)
 ELEMENT, ROW, DIM = 0, 1, 2
@@ -186,13 +186,14 @@ def _delta(delta: float, mean) -> torch.Tensor:
 def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
     """out (K, P) <- log N(x; mean, var(var_param)) summed over D; see the module docstring for shapes."""
     K, P, D = mean.shape
+    rows = block_rows(mean.device)  # rows per program
     if K * P == 0:
         return
     BLOCK_D = block_cols(D)
-    _gaussian_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_ROWS),)](
+    _gaussian_log_prob_fwd_kernel[(triton.cdiv(K * P, rows),)](
         x, mean, var_param, _delta(delta, mean), out, P, K * P, D,
         LAYOUT=_layout(var_param), SOFTPLUS=softplus_mode, ACC=acc_dtype(mean.dtype),
-        BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
+        BLOCK_R=rows, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
     )
 
 
@@ -201,6 +202,7 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
     """dmean (K, P, D) and, when they are not None, dvar_param (var_param's shape) and dx (P, D)
     <- gradients given grad_out (K, P)."""
     K, P, D = mean.shape
+    rows = block_rows(mean.device)  # rows per program
     if K * P * D == 0:
         for t in (dx, dvar_param):
             if t is not None:
@@ -209,9 +211,9 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
     layout = _layout(var_param)
     has_dx, has_dv = dx is not None, dvar_param is not None
     BLOCK_D = block_cols(D, MAX_BLOCK_COLS_BACKWARD)
-    row_blocks = triton.cdiv(P, BLOCK_ROWS)
+    row_blocks = triton.cdiv(P, rows)
     sums_over_k = has_dx or (has_dv and layout != ELEMENT)
-    splits, per_split = sample_splits(K, row_blocks) if sums_over_k else (K, 1)
+    splits, per_split = sample_splits(K, row_blocks, mean.device) if sums_over_k else (K, 1)
     acc, device = _acc(mean.dtype), mean.device
     part_dx = torch.empty((splits, P, D) if has_dx else (1,), dtype=acc, device=device)
     shared_dv = has_dv and layout != ELEMENT
@@ -224,7 +226,7 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
         grad_out, x, mean, var_param, delta_t, dmean, dvar_param if layout == ELEMENT and has_dv else dmean,
         part_dx, part_a, part_g, P, D, K, per_split,
         LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, ACC=acc_dtype(mean.dtype),
-        BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
+        BLOCK_R=rows, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
     )
     if has_dx:
         dx.copy_(part_dx.sum(0))

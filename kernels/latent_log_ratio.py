@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK_ROWS, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits
+from ._common import block_rows, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits
 
 # -- kernels ------------------------------------------------------------------
 
@@ -101,11 +101,12 @@ def _latent_log_ratio_bwd_kernel(
 def latent_log_ratio_forward(z, mu, logvar, out) -> None:
     """out (K, N) <- latent_log_ratio of z (K, N, L) and mu, logvar (N, L)."""
     K, N, L = z.shape
+    rows = block_rows(z.device)  # rows per program
     if K * N == 0:
         return
     BLOCK_L = block_cols(L)
-    _latent_log_ratio_fwd_kernel[(triton.cdiv(K * N, BLOCK_ROWS),)](
-        z, mu, logvar, out, N, K * N, L, ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+    _latent_log_ratio_fwd_kernel[(triton.cdiv(K * N, rows),)](
+        z, mu, logvar, out, N, K * N, L, ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
         num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )
 
@@ -114,21 +115,22 @@ def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None
     """dz (K, N, L) and, unless dmu and dlogvar are None (stop the score),
     dmu, dlogvar (N, L) <- gradients of latent_log_ratio given grad_out (K, N)."""
     K, N, L = z.shape
+    rows = block_rows(z.device)  # rows per program
     if N * L == 0:
         return
     stop_score = dmu is None
     acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
     BLOCK_L = block_cols(L, MAX_BLOCK_COLS_BACKWARD)
-    row_blocks = triton.cdiv(N, BLOCK_ROWS)
+    row_blocks = triton.cdiv(N, rows)
     # without dmu and dlogvar nothing is summed over samples: one sample per program
-    splits, per_split = (max(K, 1), 1) if stop_score else sample_splits(K, row_blocks)
+    splits, per_split = (max(K, 1), 1) if stop_score else sample_splits(K, row_blocks, z.device)
     part_shape = (1,) if stop_score else (splits, N, L)
     part_mu = torch.zeros(part_shape, dtype=acc, device=mu.device)
     part_lv = torch.zeros_like(part_mu)
     if K > 0:
         _latent_log_ratio_bwd_kernel[(row_blocks * splits,)](
             grad_out, z, mu, logvar, dz, part_mu, part_lv, N, L, K, per_split,
-            STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+            STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
             num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
         )
     if not stop_score:

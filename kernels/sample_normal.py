@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK_ROWS, acc_dtype, block_cols, num_warps, sample_splits
+from ._common import block_rows, acc_dtype, block_cols, num_warps, sample_splits
 from .philox import randn
 
 # -- kernels ------------------------------------------------------------------
@@ -101,6 +101,7 @@ def _sample_normal_bwd_kernel(
 def sample_normal_forward(mu, logvar, seed, z, kl) -> None:
     """z (K, N, L), kl (N,) <- sample_normal of mu, logvar (N, L); seed: () int64 tensor."""
     K, N, L = z.shape
+    rows = block_rows(mu.device)  # rows per program
     if N * L == 0:
         kl.zero_()
         return
@@ -108,9 +109,9 @@ def sample_normal_forward(mu, logvar, seed, z, kl) -> None:
         z = torch.empty((1, N, L), dtype=z.dtype, device=z.device)
     BLOCK_L = block_cols(L)
     KN = z.shape[0] * N
-    _sample_normal_fwd_kernel[(triton.cdiv(KN, BLOCK_ROWS),)](
+    _sample_normal_fwd_kernel[(triton.cdiv(KN, rows),)](
         mu, logvar, seed, z, kl, N, KN, L,
-        ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+        ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
         num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )
 
@@ -119,18 +120,19 @@ def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> N
     """dmu, dlogvar (N, L) <- gradients of sample_normal given grad_z (K, N, L), grad_kl (N,):
     dmu = sum_k grad_z + grad_kl mu, dlogvar = sum_k grad_z eps s / 2 + grad_kl (s^2 - 1) / 2."""
     K, N, L = grad_z.shape
+    rows = block_rows(mu.device)  # rows per program
     if N * L == 0:
         return
     acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
     BLOCK_L = block_cols(L)
-    row_blocks = triton.cdiv(N, BLOCK_ROWS)
-    splits, per_split = sample_splits(K, row_blocks)
+    row_blocks = triton.cdiv(N, rows)
+    splits, per_split = sample_splits(K, row_blocks, mu.device)
     part_mu = torch.zeros((splits, N, L), dtype=acc, device=mu.device)
     part_lv = torch.zeros_like(part_mu)
     if K > 0:
         _sample_normal_bwd_kernel[(row_blocks * splits,)](
             grad_z, logvar, seed, part_mu, part_lv, N, L, K, per_split,
-            ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_L=BLOCK_L,
+            ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
             num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64, per_thread=4),
         )
     g_kl = grad_kl.to(acc)[:, None]
