@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
     out_dir = args.out_dir or common.result_path("suite", device, args.quick).parent
     stem = common.result_path("suite", device, args.quick).stem
     names = [n for n in (args.only or BENCHMARKS) if available(n)]
-    common.log(f"benchmarks: {', '.join(names)} (not present: {', '.join(n for n in BENCHMARKS if not available(n)) or '-'})")
+    missing = ", ".join(n for n in BENCHMARKS if not available(n)) or "-"
+    common.log(f"benchmarks: {', '.join(names)} (not present: {missing})")
 
     meta = common.metadata(device)
     start = time.perf_counter()

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 import fastvae
+from fastvae.reference import LOG_2PI
 
 from . import harness
-
-from fastvae.reference import LOG_2PI
 
 
 def eager_logvar(x, mean, logvar):

@@ -46,8 +46,9 @@ def main(argv=None) -> dict | None:
     p = harness.parser(__doc__.split("\n")[0])
     args = harness.parse_args(p, argv)
     B = 4096 if args.quick else 65536
+    ks = [1, 4] if args.quick else [1, 16]
     cases = [harness.Case(f"K={K}", {"B": B, "L": 32, "K": K}, lambda device, K=K: make_inputs(B, 32, K, device),
-                          min_bytes(B, 32, K), repeats=20 if K < 8 else 10) for K in ([1, 4] if args.quick else [1, 16])]
+                          min_bytes(B, 32, K), repeats=20 if K < 8 else 10) for K in ks]
     impls = harness.baseline_impls(eager_latent_log_ratio, fastvae.latent_log_ratio, OP, torch.device(args.device),
                                    args.fastvae_backends)
     return harness.run(__spec__.name, OP, f"latent_log_ratio, B={B}, L=32, float32", cases, impls, args)

@@ -249,7 +249,8 @@ def main(argv=None) -> dict | None:
     fast = next(r for r in records if r["impl"] == "fastvae")
     for r in records:
         r["speedup_of_fastvae"] = r["ms_per_example"] / fast["ms_per_example"]
-        rows.append([r["impl"], r["examples"], common.fmt(r["measured_ms"] / 1e3, 2), common.fmt(r["ms_per_example"], 1),
+        rows.append([r["impl"], r["examples"], common.fmt(r["measured_ms"] / 1e3, 2),
+                     common.fmt(r["ms_per_example"], 1),
                      common.fmt(r["estimated_s_for_B"], 2), common.fmt(r["speedup_of_fastvae"]) + "x",
                      common.fmt(r["peak_memory"]["peak_mb"], 0) if r["peak_memory"] else "n/a",
                      common.fmt(r["mean_log_likelihood"], 2)])

@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvae
+from fastvae.reference import LOG_2PI
 
 from . import harness
 
 OP = "train_step"
-from fastvae.reference import LOG_2PI
 
 
 class MLPVAE(nn.Module):

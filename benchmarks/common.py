@@ -498,7 +498,8 @@ def _triple(row: dict[str, Any], field: str, digits: int = 1) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    headers = ["benchmark", "case", "mode", "fastvae", "eager ms", "compiled ms", "fastvae ms", "vs eager", "vs compiled",
+    headers = ["benchmark", "case", "mode", "fastvae", "eager ms", "compiled ms", "fastvae ms", "vs eager",
+               "vs compiled",
                "% copy BW", "activations MB (e / c / f)", "peak MB (e / c / f)"]
     table = [[r["op"], r["case"], r["mode"], r["impl"], fmt(r["eager_ms"], 3), fmt(r["compiled_ms"], 3),
               fmt(r["fastvae_ms"], 3), fmt_ratio(r["speedup_vs_eager"]), fmt_ratio(r["speedup_vs_compiled"]),

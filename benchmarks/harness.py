@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import sys
 import time
 from collections.abc import Callable

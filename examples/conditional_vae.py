@@ -27,7 +27,7 @@ def main(epochs: int = 30, latent: int = 4, batch: int = 100) -> float:
             x, y = train_x[i:i + batch], F.one_hot(labels[i:i + batch], 10).float()
             mu, logvar = enc(torch.cat([x, y], -1)).chunk(2, -1)
 
-            def decode(z):  # z is (B, L), or (k, B, L) for iwae: broadcast the labels over k
+            def decode(z, y=y):  # z is (B, L), or (k, B, L) for iwae: broadcast the labels over k
                 return dec(torch.cat([z, y.expand(*z.shape[:-1], 10)], -1))
 
             loss = -fastvae.iwae(x, mu, logvar, decode, k=8, likelihood="bernoulli", estimator="dreg")

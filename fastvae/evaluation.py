@@ -21,8 +21,9 @@ result equals the single-process one. See docs/evaluation.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from . import _validate
 from ._backend import accumulation_dtype
 from ._decoder import check_likelihood, decoder_log_prob
 from ._noise import evaluation_noise
+from ._op import draw_seed
 from .latent_log_ratio import latent_log_ratio
 from .logmeanexp import (
     LogMeanExpState,
@@ -39,7 +41,6 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
-from ._op import draw_seed
 
 # Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
 # the K = 5000, B = 256, D = 784 evaluation at ~30 chunks of ~160 samples, big

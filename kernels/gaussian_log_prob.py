@@ -18,7 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_rows, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits, sigmoid, softplus
+from ._common import (
+    MAX_BLOCK_COLS_BACKWARD,
+    acc_dtype,
+    block_cols,
+    block_rows,
+    num_warps,
+    sample_splits,
+    sigmoid,
+    softplus,
+)
 
 LOG_2PI: tl.constexpr = tl.constexpr(1.8378770664093453)
 ELEMENT, ROW, DIM = 0, 1, 2

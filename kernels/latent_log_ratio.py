@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_rows, MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, num_warps, sample_splits
+from ._common import MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, block_rows, num_warps, sample_splits
 
 # -- kernels ------------------------------------------------------------------
 

@@ -41,7 +41,9 @@ def _uniform_kernel(
     tl.store(u2_ptr + idx, tl.uint_to_uniform_float(r1), mask=mask)
 
 
-@triton.jit
+# offsets, strides and widths vary with the evaluation chunk: no variant per
+# divisibility class of them
+@triton.jit(do_not_specialize=["offset0", "cols", "row_stride", "col_blocks"])
 def _randn_kernel(
     seed_ptr,  # (): int64
     out_ptr,  # (rows, cols): float32 or float64, contiguous

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_rows, acc_dtype, block_cols, num_warps, sample_splits
+from ._common import acc_dtype, block_cols, block_rows, num_warps, sample_splits
 from .philox import randn
 
 # -- kernels ------------------------------------------------------------------

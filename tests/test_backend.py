@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import fastvae
-from conftest import INTERPRET
 from fastvae import _backend, _registry
+
+from conftest import INTERPRET
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import fastvae
 from fastvae import reference
 from fastvae.bernoulli_log_prob import BernoulliLogProb, bernoulli_log_prob_backward_op, bernoulli_log_prob_op
+
 from helpers import assert_close
 
 DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025, 1537]
@@ -90,7 +91,8 @@ def test_opcheck(backend):
     torch.library.opcheck(bernoulli_log_prob_op, (x, logits))
     torch.library.opcheck(bernoulli_log_prob_op, (x.detach(), logits))
     for need_dx in (False, True):
-        torch.library.opcheck(bernoulli_log_prob_backward_op, (torch.randn(2, 3, device=device), x.detach(), logits.detach(), need_dx))
+        args = (torch.randn(2, 3, device=device), x.detach(), logits.detach(), need_dx)
+        torch.library.opcheck(bernoulli_log_prob_backward_op, args)
 
 
 def test_errors_on_bad_input(backend):

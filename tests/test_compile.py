@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import fastvae
+from fastvae.sample_normal import SampleNormal
+
 from conftest import INTERPRET
-from fastvae.sample_normal import SampleNormal, sample_normal_op
 from helpers import assert_compiled_matches_eager
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compile tests run in the main process (cpp backend)")

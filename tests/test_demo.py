@@ -4,9 +4,9 @@ import math
 import pytest
 
 import fastvae._backend
+from fastvae.__main__ import main
 
 from conftest import INTERPRET
-from fastvae.__main__ import main
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process test")
 

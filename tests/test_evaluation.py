@@ -15,11 +15,17 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import INTERPRET
 from fastvae import reference
 from fastvae._noise import evaluation_noise, randn_fill
-from fastvae.evaluation import EvaluationResult, LogLikelihoodStats, evaluate, log_likelihood
-from fastvae.evaluation import reconstruction_probability
+from fastvae.evaluation import (
+    EvaluationResult,
+    LogLikelihoodStats,
+    evaluate,
+    log_likelihood,
+    reconstruction_probability,
+)
+
+from conftest import INTERPRET
 from helpers import assert_close, gen, philox_seed_of, run_gloo_ranks, seed_tensor
 
 F64 = torch.float64

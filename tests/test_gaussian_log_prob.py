@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import fastvae
 from fastvae import reference
 from fastvae.gaussian_log_prob import GaussianLogProb, gaussian_log_prob_backward_op, gaussian_log_prob_op
+
 from helpers import assert_close
 
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
@@ -139,7 +140,7 @@ def test_gradcheck_float64(backend):
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731
     x, mean = r(3, 5), r(2, 3, 5)
     for v, sp in ((r(2, 3, 5), False), (r(3, 5), False), (r(5), False), (r(2, 3, 5), True), (r(5), True)):
-        assert torch.autograd.gradcheck(lambda a, b, c: GaussianLogProb.apply(a, b, c, sp, 1e-3), (x, mean, v))
+        assert torch.autograd.gradcheck(lambda a, b, c, sp=sp: GaussianLogProb.apply(a, b, c, sp, 1e-3), (x, mean, v))
 
 
 def test_opcheck(backend):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import fastvae
 from fastvae import reference
 from fastvae.kl_normal import KLNormal, kl_normal_backward_op, kl_normal_op
+
 from helpers import assert_close
 
 LATENT = [1, 2, 3, 7, 32, 33, 100, 1025, 1537]
@@ -45,7 +46,8 @@ def test_forward_backward_match_reference(backend, dtype, problem):
     if prior != "none":
         pshape = (*batch, L) if prior == "full" else (L,)
         # |prior_logvar| <= 10 keeps exp(-plv) * exp(lv) inside float32 range
-        args += [make(pshape, 0, g, dtype, device, "normal"), make(pshape, min(lv_bound, 10.0), g, dtype, device, "uniform")]
+        args += [make(pshape, 0, g, dtype, device, "normal"),
+                 make(pshape, min(lv_bound, 10.0), g, dtype, device, "uniform")]
     gk = torch.randn(batch, generator=g, dtype=torch.float64)
 
     kl = fastvae.kl_normal(*args)
@@ -55,7 +57,8 @@ def test_forward_backward_match_reference(backend, dtype, problem):
     if prior == "none":
         kl_ref = reference.kl_normal(*args64)
     else:
-        kl_ref = reference.kl_normal(args64[0], args64[1], args64[2].expand_as(args64[0]), args64[3].expand_as(args64[0]))
+        prior = (args64[2].expand_as(args64[0]), args64[3].expand_as(args64[0]))
+        kl_ref = reference.kl_normal(args64[0], args64[1], *prior)
     grads_ref = torch.autograd.grad(kl_ref, args64, gk.to(dtype).double())
 
     m, v = args64[0].detach(), torch.exp(args64[1].detach())

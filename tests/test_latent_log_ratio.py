@@ -7,10 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastvae
-from conftest import INTERPRET
 from fastvae import reference
 from fastvae.latent_log_ratio import LatentLogRatio, latent_log_ratio_backward_op, latent_log_ratio_op
-from fastvae.sample_normal import SampleNormal, sample_normal_op
+from fastvae.sample_normal import SampleNormal
+
+from conftest import INTERPRET
 from helpers import assert_close, assert_compiled_matches_eager, seed_tensor
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)

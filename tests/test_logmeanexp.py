@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastvae
-from conftest import INTERPRET
 from fastvae import reference
 from fastvae.logmeanexp import (
     EffectiveSampleSize,
@@ -22,7 +21,9 @@ from fastvae.logmeanexp import (
     logmeanexp_backward_op,
     logmeanexp_op,
 )
-from fastvae.sample_normal import SampleNormal, sample_normal_op
+from fastvae.sample_normal import SampleNormal
+
+from conftest import INTERPRET
 from helpers import RTOL, assert_close, assert_compiled_matches_eager, run_gloo_ranks
 
 INF = math.inf

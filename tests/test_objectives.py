@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastvae
-from conftest import INTERPRET
 from fastvae import reference
+
+from conftest import INTERPRET
 from helpers import assert_close, assert_compiled_matches_eager, gen, philox_seed_of
 
 

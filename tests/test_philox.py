@@ -8,8 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import INTERPRET
 from fastvae import reference
+
+from conftest import INTERPRET
 from helpers import seed_tensor
 
 seeds = st.one_of(st.integers(0, 2**63 - 1), st.sampled_from([0, 1, 2**32 - 1, 2**32, 2**63 - 1]))

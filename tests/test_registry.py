@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import INTERPRET
 from fastvae import _backend, _registry, reference
+
+from conftest import INTERPRET
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
 

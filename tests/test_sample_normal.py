@@ -10,6 +10,7 @@ import fastvae
 from fastvae import reference
 from fastvae._op import draw_seed
 from fastvae.sample_normal import SampleNormal, sample_normal_backward_op, sample_normal_op
+
 from helpers import assert_close, seed_tensor
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import fastvae
+from fastvae._registry import interpreter_test_modules
 
 from conftest import INTERPRET
-from fastvae._registry import interpreter_test_modules
 
 TESTS = Path(__file__).parent
 OP_TESTS = interpreter_test_modules()  # every op's test module, and those above the ops
