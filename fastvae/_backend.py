@@ -195,7 +195,9 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
     if backend == "cpp":
         for name, value in args.items():
             if isinstance(value, torch.Tensor):
-                args[name] = int(value) if name == "seed" else value.detach().numpy()
+                # detach only what requires grad: it costs as much as the view
+                args[name] = (int(value) if name == "seed" else
+                              value.detach().numpy() if value.requires_grad else value.numpy())
         fn(**args, n_threads=num_threads(work))
         return
     if backend == "reference" and "seed" in args:

@@ -45,5 +45,7 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor
 
 def flat(t: Tensor) -> Tensor:
     """(..., L) -> contiguous (N, L)."""
+    if t.dim() == 2 and t.is_contiguous():
+        return t
     L = t.shape[-1]
     return t.reshape(math.prod(t.shape[:-1]), L).contiguous()

@@ -100,6 +100,24 @@ def _free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
     return floored.sum(-1)
 
 
+def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator):
+    """(elbo, reconstruction, kl), unreduced: the one pass of elbo and elbo_terms."""
+    _check_inputs(x, mu, logvar, decode, reduction)
+    check_likelihood(likelihood)
+    _validate.positive_int("n_samples", n_samples)
+    _check_real("beta", beta, minimum=0.0)
+    _check_real("free_bits", free_bits, minimum=0.0)
+
+    z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
+    sample_shape = () if n_samples == 1 else (n_samples,)
+    reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape)
+    if n_samples > 1:
+        reconstruction = reconstruction.mean(0)
+    if free_bits > 0:
+        kl = _free_bits_kl(mu, logvar, free_bits)
+    return reconstruction - (kl if beta == 1.0 else beta * kl), reconstruction, kl
+
+
 def elbo_terms(
     x: Tensor,
     mu: Tensor,
@@ -115,21 +133,9 @@ def elbo_terms(
 ) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
-    _check_inputs(x, mu, logvar, decode, reduction)
-    check_likelihood(likelihood)
-    _validate.positive_int("n_samples", n_samples)
-    _check_real("beta", beta, minimum=0.0)
-    _check_real("free_bits", free_bits, minimum=0.0)
-
-    z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
-    sample_shape = () if n_samples == 1 else (n_samples,)
-    reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape)
-    if n_samples > 1:
-        reconstruction = reconstruction.mean(0)
-    if free_bits > 0:
-        kl = _free_bits_kl(mu, logvar, free_bits)
-    elbo = reconstruction - beta * kl
-    return ELBOTerms(*(_reduce(t, reduction) for t in (elbo, reconstruction, kl)))
+    terms = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
+                  n_samples=n_samples, reduction=reduction, generator=generator)
+    return ELBOTerms(*(_reduce(t, reduction) for t in terms))
 
 
 def elbo(
@@ -182,10 +188,9 @@ def elbo(
     torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
     use fastvae.elbo_terms.
     """
-    return elbo_terms(
-        x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
-        n_samples=n_samples, reduction=reduction, generator=generator,
-    ).elbo
+    bound, _, _ = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
+                        n_samples=n_samples, reduction=reduction, generator=generator)
+    return _reduce(bound, reduction)  # the terms are not reduced: each reduction is a node in the graph
 
 
 # -- IWAE -----------------------------------------------------------------------
