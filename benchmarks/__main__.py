@@ -29,10 +29,12 @@ from pathlib import Path
 
 import torch
 
+from fastvae import _registry
+
 from . import common
 
-BENCHMARKS = ["sample_normal", "gaussian_log_prob", "bernoulli_log_prob", "logmeanexp", "train_step",
-              "log_likelihood"]
+# every op's benchmark (from the registry), then those above the ops
+BENCHMARKS = list(dict.fromkeys(op.benchmark for op in _registry.OPS.values())) + ["train_step", "log_likelihood"]
 
 
 def available(name: str) -> bool:
@@ -132,6 +134,12 @@ def main(argv=None) -> dict:
     except ImportError as e:
         common.log(f"no plots ({e}); pip install -e '.[bench]' adds matplotlib")
     print("\n" + common.summary_table(suite["summary"]))
+    try:  # the GPU model (model, not measured) needs only triton, not a GPU
+        from . import gpu_model
+
+        gpu_model.main(["--out", str(out_dir / "gpu-model.json")])
+    except ImportError as e:
+        common.log(f"no GPU model ({e}): it needs triton")
     if failures:
         sys.exit(1)
     return suite

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvae._backend import accumulation_dtype
+
 # 2 programs per SM of an H100 (132 SMs): the fewest programs a reduction over
 # samples is split into, so that even one row of data fills the GPU.
 TARGET_PROGRAMS = 264
@@ -25,8 +27,9 @@ MAX_BLOCK_COLS = 1024
 
 
 def acc_dtype(dtype: torch.dtype):
-    """float64 stays float64; bf16, fp16 and fp32 accumulate in fp32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton type of fastvae's one accumulation rule (_backend.accumulation_dtype):
+    float64 stays float64; bf16, fp16 and fp32 accumulate in fp32."""
+    return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
 # Backward kernels keep accumulator tiles live across their loop over samples:

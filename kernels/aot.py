@@ -31,6 +31,7 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime import jit
 
 from fastvae import _registry
+from fastvae._backend import accumulation_dtype
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 SMS = {"sm_90": 132, "sm_80": 108}
@@ -50,7 +51,7 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     forward and backward in each mode the front end uses (a training decoder
     of D outputs per sample; log-weights of K samples for B examples)."""
     K, B, L, D = s["K"], s["B"], s["L"], s["D"]
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
     seed = meta(dtype=torch.int64)
     if op == "sample_normal":

@@ -14,6 +14,7 @@ import triton.language as tl
 from ._common import (
     MAX_BLOCK_COLS_BACKWARD,
     acc_dtype,
+    accumulation_dtype,
     block_cols,
     block_rows,
     num_warps,
@@ -137,7 +138,7 @@ def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     row_blocks = triton.cdiv(P, rows)
     # without dx nothing is summed over samples: one sample per program
     splits, per_split = sample_splits(K, row_blocks, logits.device) if has_dx else (K, 1)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     part_dx = torch.empty((splits, P, D) if has_dx else (1,), dtype=acc, device=logits.device)
     _bernoulli_log_prob_bwd_kernel[(row_blocks * splits,)](
         grad_out, x, logits, dlogits, part_dx, P, D, K, per_split,

@@ -21,6 +21,7 @@ import triton.language as tl
 from ._common import (
     MAX_BLOCK_COLS_BACKWARD,
     acc_dtype,
+    accumulation_dtype,
     block_cols,
     block_rows,
     num_warps,
@@ -182,14 +183,10 @@ def _layout(v) -> int:
     return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _delta(delta: float, mean) -> torch.Tensor:
     # a tensor, so that float64 kernels read delta exactly (a float argument
     # is float32) and a new delta compiles nothing
-    return torch.full((), delta, dtype=_acc(mean.dtype), device=mean.device)
+    return torch.full((), delta, dtype=accumulation_dtype(mean.dtype), device=mean.device)
 
 
 def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
@@ -223,7 +220,7 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
     row_blocks = triton.cdiv(P, rows)
     sums_over_k = has_dx or (has_dv and layout != ELEMENT)
     splits, per_split = sample_splits(K, row_blocks, mean.device) if sums_over_k else (K, 1)
-    acc, device = _acc(mean.dtype), mean.device
+    acc, device = accumulation_dtype(mean.dtype), mean.device
     part_dx = torch.empty((splits, P, D) if has_dx else (1,), dtype=acc, device=device)
     shared_dv = has_dv and layout != ELEMENT
     part_a = torch.empty(((splits, P, D) if layout == ROW else (row_blocks * splits, D)) if shared_dv else (1,),

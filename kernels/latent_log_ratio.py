@@ -12,7 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MAX_BLOCK_COLS_BACKWARD, acc_dtype, block_cols, block_rows, num_warps, sample_splits
+from ._common import (
+    MAX_BLOCK_COLS_BACKWARD,
+    acc_dtype,
+    accumulation_dtype,
+    block_cols,
+    block_rows,
+    num_warps,
+    sample_splits,
+)
 
 # -- kernels ------------------------------------------------------------------
 
@@ -119,7 +127,7 @@ def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None
     if N * L == 0:
         return
     stop_score = dmu is None
-    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(mu.dtype)
     BLOCK_L = block_cols(L, MAX_BLOCK_COLS_BACKWARD)
     row_blocks = triton.cdiv(N, rows)
     # without dmu and dlogvar nothing is summed over samples: one sample per program

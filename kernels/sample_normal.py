@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, block_cols, block_rows, num_warps, sample_splits
+from ._common import acc_dtype, accumulation_dtype, block_cols, block_rows, num_warps, sample_splits
 from .philox import randn
 
 # -- kernels ------------------------------------------------------------------
@@ -123,7 +123,7 @@ def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> N
     rows = block_rows(mu.device)  # rows per program
     if N * L == 0:
         return
-    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(mu.dtype)
     BLOCK_L = block_cols(L)
     row_blocks = triton.cdiv(N, rows)
     splits, per_split = sample_splits(K, row_blocks, mu.device)

@@ -102,3 +102,32 @@ def test_peak_memory_child():
     m = common.run_child_json(["benchmarks.bench_bernoulli_log_prob", "--quick", "--memory-child", "K=1", "eager"])
     # the quick K=1 case allocates a (1, 512, 784) float32 output and gradient: 3 MB
     assert m["peak_mb"] > 1 and m["method"]
+
+
+def test_overhead_benchmark_reports_the_floor_and_every_op(tmp_path):
+    """A smoke run: the rows exist and are positive times (speed is never asserted)."""
+    from benchmarks import bench_overhead
+
+    payload = bench_overhead.main(["--quick", "--out", str(tmp_path / "overhead.json")])
+    cases = {r["case"] for r in payload["results"]}
+    assert {"floor: x * 2", "floor: empty op (define + Function)"} <= cases
+    for op in ("sample_normal", "kl_normal", "bernoulli_log_prob", "gaussian_log_prob", "latent_log_ratio",
+               "logmeanexp"):
+        assert any(c.startswith(op) for c in cases), op
+    assert all(r["median_us"] > 0 for r in payload["results"])
+    assert (tmp_path / "overhead.json").exists()
+
+
+def test_gpu_model_is_labelled_and_fills_the_gpu(tmp_path):
+    """The model's rows say they are a model, and its programs column comes from
+    the launchers: the heavy ops have at least 2 programs per SM from K = 5 up."""
+    pytest.importorskip("triton")
+    from benchmarks import gpu_model
+
+    payload = gpu_model.main(["--out", str(tmp_path / "model.json")])
+    assert payload["label"] == "model, not measured"
+    for row in payload["rows"]:
+        assert row["min_bytes"] > 0 and row["predicted_us"] > 0
+        if row["op"] in ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob") \
+                and row["shape"]["K"] >= 5:
+            assert row["programs"] >= 264, row
