@@ -1,5 +1,6 @@
-// Raw-pointer kernels of the cpp backend. Callers (bindings.cpp) have checked
-// dtype, contiguity and every extent; these functions trust their arguments.
+// Raw-pointer kernels of the cpp backend. Their callers, the *_bind.cpp files,
+// have checked dtype, alignment, contiguity and every extent (buffers.h); these
+// functions trust their arguments.
 // Shapes are written out: N rows of L latent dimensions, K samples.
 #pragma once
 
@@ -34,10 +35,12 @@ void randn_fill(uint64_t seed, uint64_t offset0, int64_t rows, int64_t cols,
 // The two float32 uniforms behind each normal, for bit-exactness tests.
 void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* u2);
 
-// mu, logvar: (N, L); z: (K, N, L); kl: (N,).
+// mu, logvar: (N, L); z: (K, N, L); kl: (N,). z[k, n, l] uses the noise at
+// offset0 + k * sample_stride + n * row_stride + l (training: 0, N * L, L).
 template <typename T>
-void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t K,
-                           int64_t N, int64_t L, T* z, T* kl, int n_threads);
+void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t offset0,
+                           uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
+                           int64_t L, T* z, T* kl, int n_threads);
 
 // dz: (K, N, L); dkl: (N,); mu, logvar, dmu, dlogvar: (N, L).
 template <typename T>

@@ -104,9 +104,30 @@ void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* 
   }
 }
 
+// The noise of one sample for the elements [b0, b0 + n) of the flat (N, L)
+// block: offsets base + row * row_stride + col. With row_stride == L (the
+// training layout) they are contiguous, one call; evaluation's example-major
+// layout takes one call per row.
 template <typename T>
-void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t K,
-                           int64_t N, int64_t L, T* z, T* kl, int n_threads) {
+void noise_block(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L,
+                 uint64_t row_stride, T* eps) {
+  if (row_stride == static_cast<uint64_t>(L)) {
+    randn_block(seed, base + static_cast<uint64_t>(b0), n, eps);
+    return;
+  }
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
+    const int64_t len = std::min(n - i, L - col);
+    randn_block(seed, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col),
+                len, eps + i);
+    i += len;
+  }
+}
+
+template <typename T>
+void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t offset0,
+                           uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
+                           int64_t L, T* z, T* kl, int n_threads) {
   const int64_t NL = N * L;
   const int64_t tile_rows = rows_per_tile(L);
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
@@ -121,9 +142,8 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, int64_t 
       const int64_t n = std::min(kBlock, r1 * L - b0);
       half_exp_block(logvar + b0, n, s);
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t base = k * NL + b0;
-        randn_block(seed, static_cast<uint64_t>(base), n, eps);
-        T* zk = z + base;
+        noise_block(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, eps);
+        T* zk = z + k * NL + b0;
         const T* mk = mu + b0;
         for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
       }
@@ -161,10 +181,12 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* mu, const T* log
   }
 }
 
-template void sample_normal_forward<float>(const float*, const float*, uint64_t, int64_t,
-                                           int64_t, int64_t, float*, float*, int);
-template void sample_normal_forward<double>(const double*, const double*, uint64_t, int64_t,
-                                            int64_t, int64_t, double*, double*, int);
+template void sample_normal_forward<float>(const float*, const float*, uint64_t, uint64_t,
+                                           uint64_t, uint64_t, int64_t, int64_t, int64_t, float*,
+                                           float*, int);
+template void sample_normal_forward<double>(const double*, const double*, uint64_t, uint64_t,
+                                            uint64_t, uint64_t, int64_t, int64_t, int64_t,
+                                            double*, double*, int);
 template void sample_normal_backward<float>(const float*, const float*, const float*,
                                             const float*, uint64_t, int64_t, int64_t, int64_t,
                                             float*, float*, int);

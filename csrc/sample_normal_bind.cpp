@@ -6,7 +6,8 @@ namespace fastvae::bind {
 namespace {
 
 template <typename T>
-void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, py::array z,
+void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, uint64_t offset0,
+                             uint64_t sample_stride, uint64_t row_stride, py::array z,
                              py::array kl, int n_threads) {
   check_2d(mu, "mu");
   const int64_t N = mu.shape(0), L = mu.shape(1);
@@ -17,7 +18,8 @@ void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, py::
   T* zp = checked<T>(z, "z", {K, N, L}, true);
   T* klp = checked<T>(kl, "kl", {N}, true);
   py::gil_scoped_release release;
-  fastvae::sample_normal_forward<T>(m, lv, seed, K, N, L, zp, klp, n_threads);
+  fastvae::sample_normal_forward<T>(m, lv, seed, offset0, sample_stride, row_stride, K, N, L,
+                                    zp, klp, n_threads);
 }
 
 template <typename T>
@@ -40,12 +42,17 @@ void sample_normal_backward_t(py::array dz, py::array dkl, py::array mu, py::arr
 }  // namespace
 
 void bind_sample_normal(py::module_& m) {
-  m.def("sample_normal_forward", [](py::array mu, py::array logvar, uint64_t seed, py::array z,
-                                    py::array kl, int n_threads) {
+  m.def("sample_normal_forward", [](py::array mu, py::array logvar, uint64_t seed,
+                                    uint64_t offset0, uint64_t sample_stride, uint64_t row_stride,
+                                    py::array z, py::array kl, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu, [&] { sample_normal_forward_t<float>(mu, logvar, seed, z, kl, n_threads); },
-             [&] { sample_normal_forward_t<double>(mu, logvar, seed, z, kl, n_threads); });
-  }, py::arg("mu"), py::arg("logvar"), py::arg("seed"), py::arg("z"), py::arg("kl"),
+    by_dtype(mu,
+             [&] { sample_normal_forward_t<float>(mu, logvar, seed, offset0, sample_stride,
+                                                  row_stride, z, kl, n_threads); },
+             [&] { sample_normal_forward_t<double>(mu, logvar, seed, offset0, sample_stride,
+                                                   row_stride, z, kl, n_threads); });
+  }, py::arg("mu"), py::arg("logvar"), py::arg("seed"), py::arg("offset0"),
+     py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("kl"),
      py::arg("n_threads"));
 
   m.def("sample_normal_backward", [](py::array dz, py::array dkl, py::array mu,

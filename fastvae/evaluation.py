@@ -31,7 +31,6 @@ from torch import Tensor
 from . import _validate
 from ._backend import accumulation_dtype
 from ._decoder import check_likelihood, decoder_log_prob
-from ._noise import evaluation_noise
 from ._op import draw_seed
 from .latent_log_ratio import latent_log_ratio
 from .logmeanexp import (
@@ -41,6 +40,7 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
+from .sample_normal import sample_at
 
 # Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
 # the K = 5000, B = 256, D = 784 evaluation at ~30 chunks of ~160 samples, big
@@ -172,18 +172,17 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
     if k1 <= k0 or n == 0:
         return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
     kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size())
-    std = torch.exp(0.5 * logvar)
     run_dtype = accumulation_dtype(mu.dtype)
     firsts, seconds = [], []
     for b0 in range(0, n, nb):
         b1 = min(n, b0 + nb)
-        xb, mb, lb, sb = x[b0:b1], mu[b0:b1], logvar[b0:b1], std[b0:b1]
+        xb, mb, lb = x[b0:b1], mu[b0:b1], logvar[b0:b1]
         run1 = run2 = None
         for c0 in range(k0, k1, kc):
             c1 = min(k1, c0 + kc)
-            eps = evaluation_noise(seed, first_example=g0 + b0, n_examples=b1 - b0, n_samples=cfg.k,
-                                   k0=c0, k1=c1, latent=L, dtype=mu.dtype, device=mu.device)
-            z = (mb + sb * eps).to(mu.dtype).contiguous()
+            # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn by the sampling kernel
+            z = sample_at(mb, lb, seed, c1 - c0, offset0=((g0 + b0) * cfg.k + c0) * L, sample_stride=L,
+                          row_stride=cfg.k * L)
             # a half-precision model's terms are widened before they are added
             # (and doubled for the w^2 state), so lw is not rounded to half
             lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,)).to(run_dtype)

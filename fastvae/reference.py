@@ -132,12 +132,18 @@ def sample_normal(mu: Tensor, logvar: Tensor, seed: int, n_samples: int) -> tupl
     return z, kl
 
 
-def sample_normal_forward(mu: Tensor, logvar: Tensor, seed: int, z: Tensor, kl: Tensor) -> None:
-    """Writes sample_normal into z (K, N, L) and kl (N,); inputs (N, L)."""
+def sample_normal_forward(mu: Tensor, logvar: Tensor, seed: int, offset0: int, sample_stride: int,
+                          row_stride: int, z: Tensor, kl: Tensor) -> None:
+    """Writes sample_normal into z (K, N, L) and kl (N,); inputs (N, L). z[k, n, l]
+    uses the noise at offset0 + k * sample_stride + n * row_stride + l."""
     acc = _compute_dtype(mu)
-    zr, klr = sample_normal(mu.to(acc), logvar.to(acc), seed, z.shape[0])
-    z.copy_(zr)
-    kl.copy_(klr)
+    K, N, L = z.shape
+    k, n, c = (torch.arange(d, dtype=torch.int64, device=mu.device) for d in (K, N, L))
+    offsets = offset0 + k[:, None, None] * sample_stride + n[None, :, None] * row_stride + c
+    eps = philox_randn(seed, offsets, acc)
+    mu, logvar = mu.to(acc), logvar.to(acc)
+    z.copy_(mu + torch.exp(0.5 * logvar) * eps)
+    kl.copy_(0.5 * torch.sum(torch.exp(logvar) + mu * mu - 1.0 - logvar, dim=-1))
 
 
 def sample_normal_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: int,

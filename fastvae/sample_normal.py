@@ -13,6 +13,8 @@ from torch import Tensor
 from . import _backend, _validate
 from ._op import define, draw_seed, flat
 
+_MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
+
 
 def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
     """z (n_samples, ..., L) and kl (...) for mu, logvar (..., L)."""
@@ -22,7 +24,9 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> tuple[
     N, L = mu2.shape
     z = _backend.empty_output((n_samples, N, L), like=mu)
     kl = _backend.empty_output((N,), like=mu)
-    _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed, z=z, kl=kl)
+    # the training layout: z[k, n, l] uses the noise at its own flat offset
+    _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed,
+                    offset0=0, sample_stride=N * L, row_stride=L, z=z, kl=kl)
     return z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])
 
 
@@ -104,6 +108,28 @@ def sample_normal(
     if n_samples is not None:
         _validate.positive_int("n_samples", n_samples)
     return sample_normal_unchecked(mu, logvar, n_samples, generator)
+
+
+def sample_at(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, *, offset0: int, sample_stride: int,
+              row_stride: int) -> Tensor:
+    """z (n_samples, N, L) for mu, logvar (N, L) with z[k, n, l] = mu + exp(logvar / 2)
+    * randn(seed, offset0 + k * sample_stride + n * row_stride + l), straight from
+    the sampling kernel: the evaluation's example-major noise layout, drawn where
+    it is used, with no noise tensor. No gradient (evaluation)."""
+    backend = _backend.backend_for(mu.device)
+    _validate.dtype_for_backend(backend, mu.dtype)
+    mu2, lv2 = flat(mu.detach()), flat(logvar.detach())
+    N, L = mu2.shape
+    z = _backend.empty_output((n_samples, N, L), like=mu)
+    if z.numel() == 0:
+        return z
+    last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1
+    if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
+        raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
+    _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed, offset0=offset0,
+                    sample_stride=sample_stride, row_stride=row_stride, z=z,
+                    kl=_backend.empty_output((N,), like=mu))
+    return z
 
 
 def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,

@@ -20,13 +20,16 @@ from .philox import randn
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["N", "KN"])
+@triton.jit(do_not_specialize=["N", "KN", "offset0", "sample_stride", "row_stride"])
 def _sample_normal_fwd_kernel(
     mu_ptr,  # (N, L)
     logvar_ptr,  # (N, L)
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L) = (KN, L) sample rows
     kl_ptr,  # (N,)
+    offset0,  # z[k, n, l] uses the noise at offset0 + k * sample_stride + n * row_stride + l
+    sample_stride,
+    row_stride,
     N,
     KN,  # K * N
     L,
@@ -48,9 +51,9 @@ def _sample_normal_fwd_kernel(
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
         kl += tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=1)
-        off = r[:, None] * L + cols[None, :]
-        eps = randn(seed, off, ACC)
-        tl.store(z_ptr + off, (mu + s * eps).to(z_ptr.dtype.element_ty), mask=mask)
+        noise = offset0 + (r // N)[:, None] * sample_stride + n[:, None] * row_stride + cols[None, :]
+        eps = randn(seed, noise, ACC)
+        tl.store(z_ptr + r[:, None] * L + cols[None, :], (mu + s * eps).to(z_ptr.dtype.element_ty), mask=mask)
     # the first sample's rows carry the KL of their row
     tl.store(kl_ptr + r, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=r < N)
 
@@ -98,8 +101,9 @@ def _sample_normal_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def sample_normal_forward(mu, logvar, seed, z, kl) -> None:
-    """z (K, N, L), kl (N,) <- sample_normal of mu, logvar (N, L); seed: () int64 tensor."""
+def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, z, kl) -> None:
+    """z (K, N, L), kl (N,) <- sample_normal of mu, logvar (N, L); seed: () int64 tensor;
+    z[k, n, l] uses the noise at offset0 + k * sample_stride + n * row_stride + l."""
     K, N, L = z.shape
     rows = block_rows(mu.device)  # rows per program
     if N * L == 0:
@@ -110,7 +114,7 @@ def sample_normal_forward(mu, logvar, seed, z, kl) -> None:
     BLOCK_L = block_cols(L)
     KN = z.shape[0] * N
     _sample_normal_fwd_kernel[(triton.cdiv(KN, rows),)](
-        mu, logvar, seed, z, kl, N, KN, L,
+        mu, logvar, seed, z, kl, offset0, sample_stride, row_stride, N, KN, L,
         ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
         num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )

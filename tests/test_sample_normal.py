@@ -268,3 +268,29 @@ def test_gradient_through_one_output(backend, use):
     dmu_ref, dlv_ref = torch.autograd.grad(z_ref.sum() if use == "z" else kl_ref.sum(), (mu64, lv64))
     torch.testing.assert_close(dmu.cpu(), dmu_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dlv.cpu(), dlv_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampling_kernel_at_strided_offsets(backend, dtype):
+    """Evaluation draws z with the sampling kernel at example-major offsets:
+    z[k, n, l] = mu + s * randn(seed, offset0 + k * sample_stride + n * row_stride + l),
+    equal to the reference noise at those offsets (offset0 of any residue)."""
+    from fastvae.sample_normal import sample_at
+
+    _, device = backend
+    g = torch.Generator().manual_seed(3)
+    N, L, K, total_k = 5, 7, 3, 11
+    mu = torch.randn(N, L, generator=g, dtype=dtype)
+    logvar = torch.randn(N, L, generator=g, dtype=dtype)
+    for offset0 in (0, 13, 2**33 + 5):
+        z = sample_at(mu.to(device), logvar.to(device), seed_tensor(99, device), K, offset0=offset0,
+                      sample_stride=L, row_stride=total_k * L)
+        k, n, c = torch.arange(K), torch.arange(N), torch.arange(L)
+        offsets = offset0 + k[:, None, None] * L + n[None, :, None] * total_k * L + c
+        eps = reference.philox_randn(99, offsets, torch.float64)
+        expected = mu.double() + torch.exp(0.5 * logvar.double()) * eps
+        tol = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(z.double().cpu(), expected, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        sample_at(mu.to(device), logvar.to(device), seed_tensor(99, device), K, offset0=2**63 - 10,
+                  sample_stride=L, row_stride=L)
