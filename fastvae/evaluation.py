@@ -11,8 +11,8 @@ one batched call, z (K_c, n, L) -> decode -> (K_c, n, D), and its log-weights
 are folded into the running (max, sumexp) states of fastvae.logmeanexp_state
 (one for w and one for w², which gives the standard error and the ESS), so
 memory is bounded by one chunk whatever K is. The noise of sample k of the
-example with global index g sits at Philox offset g·K·L + k·L + l
-(fastvae/_noise.py), so the result does not depend on the chunk size, on how
+example with global index g sits at Philox offset g·K·L + k·L + l, drawn by
+the sampling kernel at those offsets (sample_normal.sample_at), so the result does not depend on the chunk size, on how
 a dataset is cut into batches, or on how many processes share the work: only
 on the seed. When torch.distributed is initialized, every rank passes the same
 data and the examples (or the samples) are split over the ranks; the merged

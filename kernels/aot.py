@@ -55,9 +55,13 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
     seed = meta(dtype=torch.int64)
     if op == "sample_normal":
-        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, z=m(K, B, L), kl=m(B))
+        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0, sample_stride=B * L,
+                                            row_stride=L, z=m(K, B, L), kl=m(B))
         yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), mu=m(B, L), logvar=m(B, L), seed=seed,
                                              dmu=m(B, L), dlogvar=m(B, L))
+        # evaluation: the example-major layout of a chunk
+        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
+                                            row_stride=K * L, z=m(K, B, L), kl=m(B))
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
     elif op == "kl_normal":
         for prior in (None, m(B, L)):
