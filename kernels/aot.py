@@ -63,6 +63,7 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
                                             row_stride=K * L, z=m(K, B, L), kl=m(B))
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
+        yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
     elif op == "kl_normal":
         for prior in (None, m(B, L)):
             yield "kl_normal_forward", dict(mu=m(B, L), logvar=m(B, L), prior_mu=prior, prior_logvar=prior, kl=m(B))

@@ -62,3 +62,16 @@ def test_json_lines_report_each_launch(capsys):
         assert set(row) >= {"op", "kernel", "arch", "dtype", "shape", "grid", "programs", "num_warps", "registers",
                             "spill_bytes", "ok", "error"}
         assert row["ok"] and row["programs"] >= GPU_FILLING and row["registers"] > 0
+
+
+def test_every_triton_kernel_is_launched_by_the_tool():
+    """Every @triton.jit kernel in kernels/ is among the tool's launches, so a
+    kernel the tool never compiles cannot hide a compile error."""
+    import re
+    from pathlib import Path
+
+    source = "".join(p.read_text() for p in (Path(aot.__file__).parent).glob("*.py"))
+    kernels = set(re.findall(r"@triton\.jit[^\n]*\ndef (_\w+_kernel)\(", source))
+    launched = {launch.kernel for launch in aot.collect(["sm_90"], list(aot._registry.OPS),
+                                                        [dict(K=5, B=256, L=32, D=784)], ["float32"])}
+    assert kernels and kernels <= launched, kernels - launched
