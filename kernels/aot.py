@@ -131,8 +131,9 @@ def recording(arch: str, launches: list):
 
     def run(self, *args, grid, warmup, **kwargs):
         kwargs["debug"] = kwargs.get("debug", self.debug) or triton.knobs.runtime.debug
-        kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = triton.knobs.compilation.fpsan_homomorphic_casts
+        for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # what Triton 3.9's run() adds
+            if hasattr(triton.knobs.compilation, knob):
+                kwargs[knob] = getattr(triton.knobs.compilation, knob)
         if self not in binders:
             binders[self] = jit.create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, options = binders[self](*args, **kwargs)
