@@ -141,8 +141,10 @@ def gaussian_log_prob(
     given = [n for n, a in (("logvar", logvar), ("scale", scale), ("softplus_var", softplus_var)) if a is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of logvar, scale, softplus_var; got {', '.join(given)}")
-    if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not delta > 0:
-        raise ValueError(f"delta must be a float > 0, got {delta!r}")
+    # inf and nan are refused here, the same on every backend (a kernel would
+    # otherwise raise on one and return -inf on another)
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0 < delta < math.inf:
+        raise ValueError(f"delta must be a finite float > 0, got {delta!r}")
     tensors = {"x": x, "mean": mean}
     if logvar is not None:
         tensors["logvar"] = logvar
@@ -167,7 +169,7 @@ def gaussian_log_prob(
         v = broadcast_var(2.0 * torch.log(scale), "scale", x_b, mean)
     else:
         scale = 1.0 if scale is None else scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ValueError(f"scale must be a float > 0 or a tensor, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
         v = torch.full((mean.shape[-1],), 2.0 * math.log(scale), dtype=mean.dtype, device=mean.device)
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))

@@ -361,6 +361,8 @@ def logmeanexp_from_state(state: LogMeanExpState) -> Tensor:
     """logmeanexp of the samples a state summarizes: shift + log(sumexp) - log(count);
     -inf (with zero gradient) for an empty column."""
     m, s, n = _check_state("state", state)
+    if isinstance(n, int) and n <= 0:  # a tensor count (after a collective) is not read back: no host sync
+        raise ValueError(f"state.count must be >= 1 (the number of samples folded in), got {n}")
     empty = s == 0
     # log of a safe value, then where: the -inf branch must not send inf * 0 = NaN back
     log_s = torch.log(torch.where(empty, 1.0, s))

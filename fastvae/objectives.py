@@ -204,6 +204,8 @@ def _dreg_z_scale(z: Tensor, lw: Tensor, alpha: float) -> None:
     bound's own gradient already carries v_k on z_k, so a hook on z multiplies
     by (a + (1-a) v_k); z only feeds the encoder (through sample_normal), so the
     decoder's gradient stays the IWAE one."""
+    if not z.requires_grad:  # no gradient will flow (no_grad, a fixed encoder): the value is the same
+        return
     v = ImportanceWeights.apply((1.0 - alpha) * lw.detach())  # 0 for an all -inf column
     scale = (alpha + (1.0 - alpha) * v).unsqueeze(-1)
     z.register_hook(lambda g: g * scale)

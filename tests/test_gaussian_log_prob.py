@@ -254,3 +254,13 @@ def test_underflowing_variance_at_an_exact_match_is_finite(backend):
         assert torch.equal(dmean.cpu(), torch.zeros(3, 2, 5)), layout
         per_element = torch.full((3, 2, 5), -0.5)
         torch.testing.assert_close(dlv.cpu(), per_element.sum_to_size(shape), msg=layout)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, 0.0, -1.0])
+def test_infinite_or_invalid_delta_and_scale_are_refused_on_every_backend(backend, bad):
+    _, device = backend
+    x, mean = torch.zeros(2, 3, device=device), torch.zeros(2, 3, device=device)
+    with pytest.raises(ValueError, match="delta must be a finite float > 0"):
+        fastvae.gaussian_log_prob(x, mean, softplus_var=torch.zeros(3, device=device), delta=bad)
+    with pytest.raises(ValueError, match="scale must be a finite float > 0"):
+        fastvae.gaussian_log_prob(x, mean, scale=bad)

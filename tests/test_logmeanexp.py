@@ -523,3 +523,10 @@ def test_all_reduce_state_across_processes(tmp_path):
     assert int(count) == 11
     ref = reference.logmeanexp(lw)
     assert_close(out, ref, ref.abs() + math.log(11) + 1, "out")
+
+
+@pytest.mark.parametrize("count", [0, -3])
+def test_state_with_no_samples_is_refused(count):
+    state = fastvae.LogMeanExpState(torch.zeros(2), torch.ones(2), count)
+    with pytest.raises(ValueError, match="state.count must be >= 1"):
+        fastvae.logmeanexp_from_state(state)

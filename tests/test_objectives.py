@@ -383,3 +383,25 @@ def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimat
                  + fastvae.iwae(torch.sigmoid(x), mu, logvar, dec, k=3, likelihood="bernoulli", alpha=0.5))
 
     assert_compiled_matches_eager(loss, (x,), params, torch_seed=5)
+
+
+def test_dreg_without_gradients_gives_the_iwae_value(backend):
+    """A validation loop reuses the training loss: DReG under no_grad, or with an
+    encoder output that needs no gradient, returns the same bound (the estimator
+    only changes gradients) instead of failing to register its hook."""
+    _, device = backend
+    x, mu, logvar, model = make_problem(4, 3, 5, "gaussian", seed=7)
+    x, mu, logvar, model = x.to(device), mu.to(device), logvar.to(device), model.to(device)
+
+    def bound(estimator, m, lv):
+        return fastvae.iwae(x, m, lv, model, k=6, likelihood="gaussian", estimator=estimator,
+                            generator=torch.Generator(device).manual_seed(3))
+
+    expected = bound("iwae", mu.detach(), logvar.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(bound("dreg", mu, logvar), expected)
+        torch.testing.assert_close(fastvae.iwae_terms(x, mu, logvar, model, k=6, likelihood="gaussian",
+                                                      estimator="dreg",
+                                                      generator=torch.Generator(device).manual_seed(3)).bound,
+                                   expected)
+    torch.testing.assert_close(bound("dreg", mu.detach(), logvar.detach()), expected)
