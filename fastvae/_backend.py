@@ -189,16 +189,13 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
     Philox ``seed`` as a 0-d int64 tensor: Triton reads it on the device (no
     host sync); the cpp and reference kernels take its value, and cpp takes
     NumPy views of the tensors and a thread count for ``work`` elements."""
-    if tuple(args) != _registry.KERNELS[kernel].args:
-        raise TypeError(f"{kernel} takes ({', '.join(_registry.KERNELS[kernel].args)}), got ({', '.join(args)})")
-    fn = kernel_function(backend, kernel)
+    if tuple(args) != _ARGS[kernel]:
+        raise TypeError(f"{kernel} takes ({', '.join(_ARGS[kernel])}), got ({', '.join(args)})")
+    fn = _functions.get((backend, kernel)) or kernel_function(backend, kernel)
     if backend == "cpp":
-        for name, value in args.items():
-            if isinstance(value, torch.Tensor):
-                # detach only what requires grad: it costs as much as the view
-                args[name] = (int(value) if name == "seed" else
-                              value.detach().numpy() if value.requires_grad else value.numpy())
-        fn(**args, n_threads=num_threads(work))
+        # positionally (pybind resolves keywords per call); detach only what
+        # requires grad: it costs as much as the view
+        fn(*[_cpp_value(name, value) for name, value in args.items()], num_threads(work))
         return
     if backend == "reference" and "seed" in args:
         args["seed"] = int(args["seed"])
@@ -206,6 +203,17 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
     # code inside a kernel must not record a graph onto the fresh outputs.
     with torch.no_grad():
         fn(**args)
+
+
+_ARGS = {name: k.args for name, k in _registry.KERNELS.items()}
+
+
+def _cpp_value(name: str, value):
+    if not isinstance(value, torch.Tensor):
+        return value
+    if name == "seed":
+        return int(value)
+    return value.detach().numpy() if value.requires_grad else value.numpy()
 
 
 # Elements a cpp kernel call must have per extra OpenMP thread. Waking a thread

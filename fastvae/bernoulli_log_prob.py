@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import _backend, _validate
 from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, unfold_rows
-from ._op import define
+from ._op import define, run
 
 
 def _forward(x: Tensor, logits: Tensor) -> Tensor:
@@ -60,13 +60,13 @@ class BernoulliLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, logits):
         ctx.save_for_backward(x, logits)
-        return bernoulli_log_prob_op(x, logits)
+        return run(bernoulli_log_prob_op, x, logits)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, logits = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        dx, dlogits = bernoulli_log_prob_backward_op(grad_out, x, logits, need_dx)
+        dx, dlogits = run(bernoulli_log_prob_backward_op, grad_out, x, logits, need_dx)
         return (dx if need_dx else None), dlogits
 
 

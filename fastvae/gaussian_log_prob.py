@@ -17,7 +17,7 @@ from ._likelihood_layout import (
     kernel_views,
     unfold_rows,
 )
-from ._op import define
+from ._op import define, run
 
 
 def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float) -> Tensor:
@@ -91,14 +91,14 @@ class GaussianLogProb(torch.autograd.Function):
     def forward(ctx, x, mean, var_param, softplus_mode, delta):
         ctx.softplus_mode, ctx.delta = softplus_mode, delta
         ctx.save_for_backward(x, mean, var_param)
-        return gaussian_log_prob_op(x, mean, var_param, softplus_mode, delta)
+        return run(gaussian_log_prob_op, x, mean, var_param, softplus_mode, delta)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, var_param = ctx.saved_tensors
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dx, dmean, dv = gaussian_log_prob_backward_op(
-            grad_out, x, mean, var_param, ctx.softplus_mode, ctx.delta, need_dx, need_dv)
+        dx, dmean, dv = run(
+            gaussian_log_prob_backward_op, grad_out, x, mean, var_param, ctx.softplus_mode, ctx.delta, need_dx, need_dv)
         return (dx if need_dx else None), dmean, (dv if need_dv else None), None, None
 
 

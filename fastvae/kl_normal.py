@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._op import define, flat
+from ._op import define, flat, run
 
 
 def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
@@ -72,12 +72,12 @@ class KLNormal(torch.autograd.Function):
     def forward(ctx, mu, logvar, prior_mu, prior_logvar):
         ctx.has_prior = prior_mu is not None
         ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-        return kl_normal_op(mu, logvar, prior_mu, prior_logvar)
+        return run(kl_normal_op, mu, logvar, prior_mu, prior_logvar)
 
     @staticmethod
     def backward(ctx, grad_kl):
         mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-        dmu, dlv, dpm, dplv = kl_normal_backward_op(grad_kl, mu, logvar, prior_mu, prior_logvar)
+        dmu, dlv, dpm, dplv = run(kl_normal_backward_op, grad_kl, mu, logvar, prior_mu, prior_logvar)
         if not ctx.has_prior:
             return dmu, dlv, None, None
         return dmu, dlv, dpm, dplv

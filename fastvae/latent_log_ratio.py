@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._op import define, flat
+from ._op import define, flat, run
 
 
 def _forward(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
@@ -84,12 +84,12 @@ class LatentLogRatio(torch.autograd.Function):
     def forward(ctx, z, mu, logvar, stop_score):
         ctx.stop_score = stop_score
         ctx.save_for_backward(z, mu, logvar)
-        return latent_log_ratio_op(z, mu, logvar, stop_score)
+        return run(latent_log_ratio_op, z, mu, logvar, stop_score)
 
     @staticmethod
     def backward(ctx, grad_out):
         z, mu, logvar = ctx.saved_tensors
-        dz, dmu, dlv = latent_log_ratio_backward_op(grad_out, z, mu, logvar, ctx.stop_score)
+        dz, dmu, dlv = run(latent_log_ratio_backward_op, grad_out, z, mu, logvar, ctx.stop_score)
         if ctx.stop_score:
             return dz, None, None, None
         return dz, dmu, dlv, None

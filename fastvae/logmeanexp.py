@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._op import define
+from ._op import define, run
 
 _NEG_INF = float("-inf")
 
@@ -123,7 +123,7 @@ class LogMeanExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lw):
-        out, lw_max, sumexp = logmeanexp_op(lw)
+        out, lw_max, sumexp = run(logmeanexp_op, lw)
         ctx.mark_non_differentiable(lw_max)
         ctx.save_for_backward(lw, lw_max, sumexp)
         return out, lw_max, sumexp
@@ -131,7 +131,7 @@ class LogMeanExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lw_max, grad_sumexp):
         lw, lw_max, sumexp = ctx.saved_tensors
-        return logmeanexp_backward_op(grad_out, grad_sumexp, lw, lw_max, sumexp)
+        return run(logmeanexp_backward_op, grad_out, grad_sumexp, lw, lw_max, sumexp)
 
 
 # -- effective_sample_size ----------------------------------------------------
@@ -156,7 +156,7 @@ class EffectiveSampleSize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lw):
-        ess, lw_max, sumexp = effective_sample_size_op(lw)
+        ess, lw_max, sumexp = run(effective_sample_size_op, lw)
         ctx.mark_non_differentiable(lw_max, sumexp)
         ctx.save_for_backward(lw, lw_max, sumexp, ess)
         return ess, lw_max, sumexp
@@ -164,7 +164,7 @@ class EffectiveSampleSize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ess, grad_lw_max, grad_sumexp):
         lw, lw_max, sumexp, ess = ctx.saved_tensors
-        return effective_sample_size_backward_op(grad_ess, lw, lw_max, sumexp, ess)
+        return run(effective_sample_size_backward_op, grad_ess, lw, lw_max, sumexp, ess)
 
 
 # -- importance_weights -------------------------------------------------------
@@ -207,14 +207,14 @@ class ImportanceWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lw):
-        w = importance_weights_op(lw)
+        w = run(importance_weights_op, lw)
         ctx.save_for_backward(w)
         return w
 
     @staticmethod
     def backward(ctx, grad_w):
         (w,) = ctx.saved_tensors
-        return importance_weights_backward_op(grad_w, w)
+        return run(importance_weights_backward_op, grad_w, w)
 
 
 # -- public functions -----------------------------------------------------------

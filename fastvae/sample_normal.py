@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._op import define, draw_seed, flat
+from ._op import define, draw_seed, flat, run
 
 _MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
 
@@ -66,12 +66,12 @@ class SampleNormal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, seed, n_samples):
         ctx.save_for_backward(mu, logvar, seed)
-        return sample_normal_op(mu, logvar, seed, n_samples)
+        return run(sample_normal_op, mu, logvar, seed, n_samples)
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
         mu, logvar, seed = ctx.saved_tensors
-        dmu, dlogvar = sample_normal_backward_op(grad_z, grad_kl, mu, logvar, seed)
+        dmu, dlogvar = run(sample_normal_backward_op, grad_z, grad_kl, mu, logvar, seed)
         return dmu, dlogvar, None, None
 
 
