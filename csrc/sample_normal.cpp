@@ -10,6 +10,7 @@
 
 #include "ops.h"
 #include "philox.h"
+#include "rows.h"
 
 namespace fastvae {
 namespace {
@@ -46,21 +47,6 @@ void half_exp_block(const float* lv, int64_t n, float* s) { exp_block_f32(lv, 0.
 
 void half_exp_block(const double* lv, int64_t n, double* s) {
   for (int64_t i = 0; i < n; ++i) s[i] = std::exp(0.5 * lv[i]);
-}
-
-// Per-row values of a tile spread to its elements: rows are runs of L in the
-// flat index, so one walk replaces a division per element.
-template <typename T>
-void spread_rows(const T* row_values, int64_t first_elem, int64_t n, int64_t L, T* out) {
-  int64_t row = first_elem / L;
-  int64_t col = first_elem % L;
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = row_values[row];
-    if (++col == L) {
-      col = 0;
-      ++row;
-    }
-  }
 }
 
 int64_t rows_per_tile(int64_t L) { return std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1)); }
