@@ -195,7 +195,9 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
     if backend == "cpp":
         # positionally (pybind resolves keywords per call); detach only what
         # requires grad: it costs as much as the view
-        fn(*[_cpp_value(name, value) for name, value in args.items()], num_threads(work))
+        fn(*[v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else
+             v.detach().numpy() if v.requires_grad else v.numpy() for k, v in args.items()],
+           num_threads(work))
         return
     if backend == "reference" and "seed" in args:
         args["seed"] = int(args["seed"])
@@ -206,14 +208,6 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
 
 
 _ARGS = {name: k.args for name, k in _registry.KERNELS.items()}
-
-
-def _cpp_value(name: str, value):
-    if not isinstance(value, torch.Tensor):
-        return value
-    if name == "seed":
-        return int(value)
-    return value.detach().numpy() if value.requires_grad else value.numpy()
 
 
 # Elements a cpp kernel call must have per extra OpenMP thread. Waking a thread

@@ -63,14 +63,15 @@ def broadcast_var(v: Tensor, name: str, x: Tensor, mean: Tensor) -> Tensor:
     return v.expand(mean.shape)
 
 
-def kernel_views(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor, int, int, int]:
-    """Inside an op: (x as contiguous (P, D), out as contiguous (K, P, D), K, P, D)."""
+def kernel_views(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """(x as contiguous (P, D), out as contiguous (K, P, D)): the layout the ops take."""
     D = out.shape[-1]
     if x.dim() == out.dim():
         K, P = 1, math.prod(out.shape[:-1])
     else:
         K, P = out.shape[0], math.prod(out.shape[1:-1])
-    return x.reshape(P, D).contiguous(), out.reshape(K, P, D).contiguous(), K, P, D
+    x2 = x.contiguous() if x.dim() == 2 else x.reshape(P, D).contiguous()
+    return x2, out.contiguous().view(K, P, D)
 
 
 def kernel_var(v: Tensor, K: int, P: int, D: int) -> Tensor:

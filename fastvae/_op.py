@@ -61,7 +61,7 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor
 
 def flat(t: Tensor) -> Tensor:
     """(..., L) -> contiguous (N, L)."""
-    if t.dim() == 2 and t.is_contiguous():
-        return t
+    if t.dim() == 2:
+        return t.contiguous()  # t itself when it is
     L = t.shape[-1]
     return t.reshape(math.prod(t.shape[:-1]), L).contiguous()

@@ -11,41 +11,46 @@ from ._op import define, run
 
 
 def _forward(x: Tensor, logits: Tensor) -> Tensor:
-    """sum_D(x * logits - softplus(logits)), shape logits.shape[:-1]; x is
-    logits' shape or logits.shape[1:] (broadcast over K)."""
+    """sum_D(x * logits - softplus(logits)), shape (K, P), for x (P, D) and
+    logits (K, P, D), both contiguous (kernel_views makes them so)."""
     backend = _backend.backend_for(logits.device)
     _validate.dtype_for_backend(backend, logits.dtype)
-    x2, l3, K, P, D = kernel_views(x, logits)
-    if fold_samples(backend, l3, _backend.num_threads(l3.numel())):
-        x2, l3, _ = folded(x2, l3)
-    out = _backend.empty_output(l3.shape[:2], like=logits)
-    _backend.launch(backend, "bernoulli_log_prob_forward", l3.numel(), x=x2, logits=l3, out=out)
-    return out.reshape(logits.shape[:-1])
+    if fold_samples(backend, logits, _backend.num_threads(logits.numel())):
+        K, P, _ = logits.shape
+        x, folded_logits, _ = folded(x, logits)
+        out = _backend.empty_output((1, K * P), like=logits)
+        _backend.launch(backend, "bernoulli_log_prob_forward", logits.numel(), x=x, logits=folded_logits, out=out)
+        return out.view(K, P)
+    out = _backend.empty_output(logits.shape[:2], like=logits)
+    _backend.launch(backend, "bernoulli_log_prob_forward", logits.numel(), x=x, logits=logits, out=out)
+    return out
 
 
 def _backward(grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> tuple[Tensor, Tensor]:
-    """(dx, dlogits); dx is an empty (0,) tensor unless need_dx."""
+    """(dx (P, D), dlogits (K, P, D)) for grad_out (K, P) and the layout of
+    _forward; dx is an empty (0,) tensor unless need_dx."""
     backend = _backend.backend_for(logits.device)
-    x2, l3, K, P, D = kernel_views(x, logits)
-    fold = fold_samples(backend, l3, _backend.num_threads(l3.numel()))
+    K, P, D = logits.shape
+    x2, l3 = x, logits
+    fold = fold_samples(backend, logits, _backend.num_threads(logits.numel()))
     if fold:
-        x2, l3, _ = folded(x2, l3)
+        x2, l3, _ = folded(x, logits)
     dx = _backend.empty_output((l3.shape[1], D) if need_dx else (0,), like=logits)
     dlogits = _backend.empty_output(l3.shape, like=logits)
     _backend.launch(
         backend, "bernoulli_log_prob_backward", dlogits.numel(),
-        grad_out=grad_out.to(logits.dtype).reshape(l3.shape[:2]).contiguous(), x=x2, logits=l3,
+        grad_out=grad_out.reshape(l3.shape[:2]).contiguous(), x=x2, logits=l3,
         dx=dx if need_dx else None, dlogits=dlogits,
     )
     if fold and need_dx:
         dx = unfold_rows(dx, K, P)
-    return (dx.reshape(x.shape) if need_dx else dx), dlogits.reshape(logits.shape)
+    return dx, dlogits.view(K, P, D)
 
 
 bernoulli_log_prob_op = define(
     "bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor",
     _forward,
-    lambda x, logits: logits.new_empty(logits.shape[:-1]),
+    lambda x, logits: logits.new_empty(logits.shape[:2]),
 )
 bernoulli_log_prob_backward_op = define(
     "bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> (Tensor, Tensor)",
@@ -55,19 +60,24 @@ bernoulli_log_prob_backward_op = define(
 
 
 class BernoulliLogProb(torch.autograd.Function):
-    """Autograd of fastvae::bernoulli_log_prob: saves x and logits."""
+    """Autograd of fastvae::bernoulli_log_prob. The op takes the kernels'
+    layout, x (P, D) and logits (K, P, D); made here once, and saved, so the
+    backward reuses it."""
 
     @staticmethod
     def forward(ctx, x, logits):
-        ctx.save_for_backward(x, logits)
-        return run(bernoulli_log_prob_op, x, logits)
+        x2, l3 = kernel_views(x, logits)
+        ctx.save_for_backward(x2, l3)
+        ctx.shapes = x.shape, logits.shape
+        return run(bernoulli_log_prob_op, x2, l3).view(logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, logits = ctx.saved_tensors
+        x2, l3 = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        dx, dlogits = run(bernoulli_log_prob_backward_op, grad_out, x, logits, need_dx)
-        return (dx if need_dx else None), dlogits
+        dx, dlogits = run(bernoulli_log_prob_backward_op, grad_out, x2, l3, need_dx)
+        x_shape, logits_shape = ctx.shapes
+        return (dx.view(x_shape) if need_dx else None), dlogits.view(logits_shape)
 
 
 # -- public function -----------------------------------------------------------

@@ -2,6 +2,7 @@
 fused forward and backward, with x broadcast over decoder samples."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,58 +22,55 @@ from ._op import define, run
 
 
 def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float) -> Tensor:
-    """log N(x; mean, var) summed over D, shape mean.shape[:-1]. var =
-    exp(var_param), or softplus(var_param) + delta in softplus_mode. x is
-    mean's shape or mean.shape[1:]; var_param is mean's shape, x's shape
-    (shared over K) or (D,)."""
+    """log N(x; mean, var) summed over D, shape (K, P), for the kernels'
+    layout: x (P, D), mean (K, P, D), var_param (K, P, D), (P, D) or (D,),
+    all contiguous. var = exp(var_param), or softplus(var_param) + delta in
+    softplus_mode."""
     backend = _backend.backend_for(mean.device)
     _validate.dtype_for_backend(backend, mean.dtype)
-    x2, m3, K, P, D = kernel_views(x, mean)
-    v = kernel_var(var_param, K, P, D)
-    if fold_samples(backend, m3, _backend.num_threads(m3.numel())):
-        x2, m3, v = folded(x2, m3, v)
-    out = _backend.empty_output(m3.shape[:2], like=mean)
+    K, P, _ = mean.shape
+    if fold_samples(backend, mean, _backend.num_threads(mean.numel())):
+        x, mean, var_param = folded(x, mean, var_param)
+    out = _backend.empty_output(mean.shape[:2], like=mean)
     _backend.launch(
-        backend, "gaussian_log_prob_forward", m3.numel(),
-        x=x2, mean=m3, var_param=v, softplus_mode=softplus_mode, delta=delta, out=out,
+        backend, "gaussian_log_prob_forward", mean.numel(),
+        x=x, mean=mean, var_param=var_param, softplus_mode=softplus_mode, delta=delta, out=out,
     )
-    return out.reshape(mean.shape[:-1])
+    return out.view(K, P)
 
 
 def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float,
               need_dx: bool, need_dvar_param: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dmean, dvar_param) in the shapes of x, mean and var_param. dx and
-    dvar_param are empty (0,) tensors unless asked for (x's gradient is summed
-    over K in the kernel; a fixed scale needs no variance gradient, which saves
-    its reductions)."""
+    """(dx, dmean, dvar_param) in the shapes of x, mean and var_param (the
+    layout of _forward). dx and dvar_param are empty (0,) tensors unless asked
+    for (x's gradient is summed over K in the kernel; a fixed scale needs no
+    variance gradient, which saves its reductions)."""
     backend = _backend.backend_for(mean.device)
-    x2, m3, K, P, D = kernel_views(x, mean)
-    v = kernel_var(var_param, K, P, D)
-    fold = fold_samples(backend, m3, _backend.num_threads(m3.numel()))
+    K, P, D = mean.shape
+    x2, m3, v = x, mean, var_param
+    fold = fold_samples(backend, mean, _backend.num_threads(mean.numel()))
     if fold:
-        x2, m3, v = folded(x2, m3, v)
-    rows = m3.shape[1]
-    dx = _backend.empty_output((rows, D) if need_dx else (0,), like=mean)
+        x2, m3, v = folded(x, mean, var_param)
+    dx = _backend.empty_output((m3.shape[1], D) if need_dx else (0,), like=mean)
     dmean = _backend.empty_output(m3.shape, like=mean)
     dv = _backend.empty_output(v.shape if need_dvar_param else (0,), like=mean)
     _backend.launch(
         backend, "gaussian_log_prob_backward", dmean.numel(),
-        grad_out=grad_out.to(mean.dtype).reshape(m3.shape[:2]).contiguous(), x=x2, mean=m3, var_param=v,
+        grad_out=grad_out.reshape(m3.shape[:2]).contiguous(), x=x2, mean=m3, var_param=v,
         softplus_mode=softplus_mode, delta=delta,
         dx=dx if need_dx else None, dmean=dmean, dvar_param=dv if need_dvar_param else None,
     )
     if fold and need_dx:
         dx = unfold_rows(dx, K, P)
-    if fold and need_dvar_param and var_param.numel() == P * D and v.dim() == 2:
+    if fold and need_dvar_param and var_param.dim() == 2:  # per x row, unfolded per sample and row
         dv = unfold_rows(dv, K, P)
-    dx = dx.reshape(x.shape) if need_dx else dx
-    return dx, dmean.reshape(mean.shape), dv.reshape(var_param.shape) if need_dvar_param else dv
+    return dx, dmean.view(K, P, D), dv.view(var_param.shape) if need_dvar_param else dv
 
 
 gaussian_log_prob_op = define(
     "gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor",
     _forward,
-    lambda x, mean, var_param, softplus_mode, delta: mean.new_empty(mean.shape[:-1]),
+    lambda x, mean, var_param, softplus_mode, delta: mean.new_empty(mean.shape[:2]),
 )
 gaussian_log_prob_backward_op = define(
     "gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
@@ -85,24 +83,39 @@ gaussian_log_prob_backward_op = define(
 
 
 class GaussianLogProb(torch.autograd.Function):
-    """Autograd of fastvae::gaussian_log_prob: saves x, mean and var_param."""
+    """Autograd of fastvae::gaussian_log_prob. The op takes the kernels'
+    layout (x (P, D), mean (K, P, D), var_param in a kernel_var form); made
+    here once, and saved, so the backward reuses it."""
 
     @staticmethod
     def forward(ctx, x, mean, var_param, softplus_mode, delta):
+        x2, m3 = kernel_views(x, mean)
+        v = kernel_var(var_param, *m3.shape)
         ctx.softplus_mode, ctx.delta = softplus_mode, delta
-        ctx.save_for_backward(x, mean, var_param)
-        return run(gaussian_log_prob_op, x, mean, var_param, softplus_mode, delta)
+        ctx.shapes = x.shape, mean.shape, var_param.shape
+        ctx.save_for_backward(x2, m3, v)
+        return run(gaussian_log_prob_op, x2, m3, v, softplus_mode, delta).view(mean.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mean, var_param = ctx.saved_tensors
+        x2, m3, v = ctx.saved_tensors
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         dx, dmean, dv = run(
-            gaussian_log_prob_backward_op, grad_out, x, mean, var_param, ctx.softplus_mode, ctx.delta, need_dx, need_dv)
-        return (dx if need_dx else None), dmean, (dv if need_dv else None), None, None
+            gaussian_log_prob_backward_op, grad_out, x2, m3, v, ctx.softplus_mode, ctx.delta, need_dx, need_dv)
+        x_shape, mean_shape, var_shape = ctx.shapes
+        return (dx.view(x_shape) if need_dx else None), dmean.view(mean_shape), (
+            dv.view(var_shape) if need_dv else None), None, None
 
 
 # -- public function -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_logvar(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (D,) log-variance of a fixed scale, made once per shape: creating it
+    cost as much as a small kernel on every call. Never written to: the op
+    only reads it and it gets no gradient."""
+    return torch.full((D,), value, dtype=dtype, device=device)
 
 
 def gaussian_log_prob(
@@ -171,5 +184,5 @@ def gaussian_log_prob(
         scale = 1.0 if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
             raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
-        v = torch.full((mean.shape[-1],), 2.0 * math.log(scale), dtype=mean.dtype, device=mean.device)
+        v = _fixed_logvar(mean.shape[-1], 2.0 * math.log(scale), mean.dtype, mean.device)
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))

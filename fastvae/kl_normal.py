@@ -9,42 +9,31 @@ from ._op import define, flat, run
 
 
 def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
-    """kl (...) for mu, logvar and (optional, same shape) prior_mu, prior_logvar (..., L)."""
+    """kl (N,) for mu, logvar and (optional, same shape) prior_mu, prior_logvar (N, L), contiguous."""
     backend = _backend.backend_for(mu.device)
     _validate.dtype_for_backend(backend, mu.dtype)
-    mu2 = flat(mu)
-    kl = _backend.empty_output((mu2.shape[0],), like=mu)
-    _backend.launch(
-        backend, "kl_normal_forward", mu2.numel(),
-        mu=mu2, logvar=flat(logvar),
-        prior_mu=None if prior_mu is None else flat(prior_mu),
-        prior_logvar=None if prior_logvar is None else flat(prior_logvar),
-        kl=kl,
-    )
-    return kl.reshape(mu.shape[:-1])
+    kl = _backend.empty_output(mu.shape[:1], like=mu)
+    _backend.launch(backend, "kl_normal_forward", mu.numel(), mu=mu, logvar=logvar,
+                    prior_mu=prior_mu, prior_logvar=prior_logvar, kl=kl)
+    return kl
 
 
 def _backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
               prior_logvar: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dmu, dlogvar, dprior_mu, dprior_logvar); the prior gradients are empty
-    (0,)-shaped tensors when no prior is given."""
+    """(dmu, dlogvar, dprior_mu, dprior_logvar), each (N, L), in the layout of
+    _forward; the prior gradients are empty (0,)-shaped tensors when no prior
+    is given."""
     backend = _backend.backend_for(mu.device)
-    mu2 = flat(mu)
-    N, L = mu2.shape
     has_prior = prior_mu is not None
-    dmu, dlv = _backend.empty_output((N, L), like=mu), _backend.empty_output((N, L), like=mu)
-    dpm = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
-    dplv = _backend.empty_output((N, L) if has_prior else (0,), like=mu)
+    dmu, dlv = _backend.empty_output(mu.shape, like=mu), _backend.empty_output(mu.shape, like=mu)
+    dpm = _backend.empty_output(mu.shape if has_prior else (0,), like=mu)
+    dplv = _backend.empty_output(mu.shape if has_prior else (0,), like=mu)
     _backend.launch(
-        backend, "kl_normal_backward", mu2.numel(),
-        grad_kl=grad_kl.to(mu.dtype).reshape(N).contiguous(), mu=mu2, logvar=flat(logvar),
-        prior_mu=flat(prior_mu) if has_prior else None,
-        prior_logvar=flat(prior_logvar) if has_prior else None,
+        backend, "kl_normal_backward", mu.numel(),
+        grad_kl=grad_kl.contiguous(), mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
         dmu=dmu, dlogvar=dlv, dprior_mu=dpm if has_prior else None, dprior_logvar=dplv if has_prior else None,
     )
-    if has_prior:
-        dpm, dplv = dpm.reshape(mu.shape), dplv.reshape(mu.shape)
-    return dmu.reshape(mu.shape), dlv.reshape(mu.shape), dpm, dplv
+    return dmu, dlv, dpm, dplv
 
 
 def _backward_fake(grad_kl, mu, logvar, prior_mu, prior_logvar):
@@ -55,7 +44,7 @@ def _backward_fake(grad_kl, mu, logvar, prior_mu, prior_logvar):
 kl_normal_op = define(
     "kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
     _forward,
-    lambda mu, logvar, prior_mu, prior_logvar: mu.new_empty(mu.shape[:-1]),
+    lambda mu, logvar, prior_mu, prior_logvar: mu.new_empty(mu.shape[:1]),
 )
 kl_normal_backward_op = define(
     "kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
@@ -66,21 +55,26 @@ kl_normal_backward_op = define(
 
 
 class KLNormal(torch.autograd.Function):
-    """Autograd of fastvae::kl_normal."""
+    """Autograd of fastvae::kl_normal. The op takes (N, L) contiguous tensors;
+    made here once, and saved, so the backward reuses them."""
 
     @staticmethod
     def forward(ctx, mu, logvar, prior_mu, prior_logvar):
-        ctx.has_prior = prior_mu is not None
-        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-        return run(kl_normal_op, mu, logvar, prior_mu, prior_logvar)
+        ctx.shape = mu.shape
+        mu2, lv2 = flat(mu), flat(logvar)
+        pm2 = None if prior_mu is None else flat(prior_mu)
+        plv2 = None if prior_logvar is None else flat(prior_logvar)
+        ctx.save_for_backward(mu2, lv2, pm2, plv2)
+        return run(kl_normal_op, mu2, lv2, pm2, plv2).view(mu.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kl):
-        mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
-        dmu, dlv, dpm, dplv = run(kl_normal_backward_op, grad_kl, mu, logvar, prior_mu, prior_logvar)
-        if not ctx.has_prior:
-            return dmu, dlv, None, None
-        return dmu, dlv, dpm, dplv
+        mu2, lv2, pm2, plv2 = ctx.saved_tensors
+        dmu, dlv, dpm, dplv = run(kl_normal_backward_op, grad_kl.reshape(mu2.shape[:1]), mu2, lv2, pm2, plv2)
+        shape = ctx.shape
+        if pm2 is None:
+            return dmu.view(shape), dlv.view(shape), None, None
+        return dmu.view(shape), dlv.view(shape), dpm.view(shape), dplv.view(shape)
 
 
 # -- public function -----------------------------------------------------------

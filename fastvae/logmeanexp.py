@@ -40,6 +40,8 @@ _NEG_INF = float("-inf")
 
 def _columns(lw: Tensor) -> Tensor:
     """(K, ...) -> contiguous (K, M)."""
+    if lw.dim() == 2:
+        return lw.contiguous()  # lw itself when it is
     return lw.reshape(lw.shape[0], math.prod(lw.shape[1:])).contiguous()
 
 
@@ -49,7 +51,11 @@ def _state_buffers(lw: Tensor, M: int) -> tuple[Tensor, Tensor]:
 
 
 def _column_vector(t: Tensor | None, M: int, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype).reshape(M).contiguous()
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return (t if t.dim() == 1 else t.reshape(M)).contiguous()  # no new tensor in the common case
 
 
 def _state(backend: str, lw2: Tensor, out: Tensor | None = None, ess: Tensor | None = None
@@ -69,6 +75,8 @@ def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tenso
     lw2 = _columns(lw)
     value = _backend.empty_output((lw2.shape[1],), like=lw)
     lw_max, sumexp = _state(backend, lw2, out=None if ess else value, ess=value if ess else None)
+    if lw.dim() == 2:
+        return value, lw_max, sumexp
     shape = lw.shape[1:]
     return value.reshape(shape), lw_max.reshape(shape), sumexp.reshape(shape)
 
@@ -95,7 +103,7 @@ def _backward_with_state(lw: Tensor, lw_max: Tensor, sumexp: Tensor, grad_out: T
         grad_out=_column_vector(grad_out, M, dtype), grad_sumexp=_column_vector(grad_sumexp, M, dtype),
         ess=_column_vector(ess, M, dtype), dlw=dlw,
     )
-    return dlw.reshape(lw.shape)
+    return dlw if lw.dim() == 2 else dlw.reshape(lw.shape)
 
 
 # -- logmeanexp ---------------------------------------------------------------

@@ -27,6 +27,8 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> tuple[
     # the training layout: z[k, n, l] uses the noise at its own flat offset
     _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed,
                     offset0=0, sample_stride=N * L, row_stride=L, z=z, kl=kl)
+    if mu.dim() == 2:
+        return z, kl
     return z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])
 
 
@@ -40,10 +42,11 @@ def _backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed:
     dlv = _backend.empty_output((N, L), like=mu)
     _backend.launch(
         backend, "sample_normal_backward", K * N * L,
-        grad_z=grad_z.to(mu.dtype).reshape(K, N, L).contiguous(),
-        grad_kl=grad_kl.to(mu.dtype).reshape(N).contiguous(),
+        grad_z=grad_z.reshape(K, N, L).contiguous(), grad_kl=grad_kl.reshape(N).contiguous(),
         mu=mu2, logvar=lv2, seed=seed, dmu=dmu, dlogvar=dlv,
     )
+    if mu.dim() == 2:
+        return dmu, dlv
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape)
 
 
@@ -61,18 +64,25 @@ sample_normal_backward_op = define(
 
 
 class SampleNormal(torch.autograd.Function):
-    """Autograd of fastvae::sample_normal: saves mu, logvar and the seed only."""
+    """Autograd of fastvae::sample_normal: saves mu and logvar as (N, L) and
+    the seed only. ``n_samples`` None gives one sample shaped like mu."""
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, n_samples):
-        ctx.save_for_backward(mu, logvar, seed)
-        return run(sample_normal_op, mu, logvar, seed, n_samples)
+        # Flattened once here, so the backward reuses the contiguous copies.
+        mu2, lv2 = flat(mu), flat(logvar)
+        ctx.save_for_backward(mu2, lv2, seed)
+        ctx.shape, ctx.n_samples = mu.shape, 1 if n_samples is None else n_samples
+        z, kl = run(sample_normal_op, mu2, lv2, seed, ctx.n_samples)
+        return z.view(mu.shape if n_samples is None else (n_samples, *mu.shape)), kl.view(mu.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        mu, logvar, seed = ctx.saved_tensors
-        dmu, dlogvar = run(sample_normal_backward_op, grad_z, grad_kl, mu, logvar, seed)
-        return dmu, dlogvar, None, None
+        mu2, lv2, seed = ctx.saved_tensors
+        N, L = mu2.shape
+        dmu, dlogvar = run(
+            sample_normal_backward_op, grad_z.reshape(ctx.n_samples, N, L), grad_kl.reshape(N), mu2, lv2, seed)
+        return dmu.view(ctx.shape), dlogvar.view(ctx.shape), None, None
 
 
 # -- public function -----------------------------------------------------------
@@ -136,6 +146,4 @@ def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,
                             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """sample_normal for arguments the caller has validated (the objectives):
     checks cost as much as a small kernel, so they run once per call."""
-    seed = draw_seed(mu.device, generator)
-    z, kl = SampleNormal.apply(mu, logvar, seed, 1 if n_samples is None else n_samples)
-    return (z[0] if n_samples is None else z), kl
+    return SampleNormal.apply(mu, logvar, draw_seed(mu.device, generator), n_samples)

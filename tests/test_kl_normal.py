@@ -105,10 +105,11 @@ def test_gradcheck_float64(backend):
 
 def test_opcheck(backend):
     _, device = backend
-    args = [torch.randn(2, 3, 5, device=device, requires_grad=True) for _ in range(4)]
+    # the op takes the kernels' (N, L) layout; KLNormal brings any (..., L) to it
+    args = [torch.randn(6, 5, device=device, requires_grad=True) for _ in range(4)]
     torch.library.opcheck(kl_normal_op, tuple(args))
     torch.library.opcheck(kl_normal_op, (args[0], args[1], None, None))
-    dkl = torch.randn(2, 3, device=device)
+    dkl = torch.randn(6, device=device)
     torch.library.opcheck(kl_normal_backward_op, (dkl, *[a.detach() for a in args]))
     torch.library.opcheck(kl_normal_backward_op, (dkl, args[0].detach(), args[1].detach(), None, None))
 
