@@ -11,10 +11,14 @@ interleaved round-robin in one run, medians in microseconds per call:
              torch.library.custom_op + register_autograd, for comparison;
   ops        each public op at a tiny size through fastvae, against the same
              formula in eager torch, forward under no_grad ("forward") and
-             forward+backward of the sum ("fwd+bwd").
+             forward+backward of the sum ("fwd+bwd");
+  steps      one training step (forward, backward, Adam) of the main job's
+             digits VAE with fastvae.elbo / fastvae.iwae(k=16) against the
+             hand-written losses of fastvae.demo ("step").
 
 Reproduce: python -m benchmarks.bench_overhead [--quick] [--out FILE]
-(CPU; one thread, as a small call runs on the calling thread). Results go to
+(CPU; ops on one thread, as a small call runs on the calling thread; steps
+on two, the cores of this machine). Results go to
 benchmarks/results/overhead-cpu.json. Speed is never asserted in tests.
 """
 from __future__ import annotations
@@ -89,6 +93,32 @@ def cases():
     ]
 
 
+def step_cases():
+    """(name, hand-written step, fastvae step): one training step (forward,
+    backward, Adam at lr 0) of the main job's digits VAE (fastvae.demo: 64-256-8,
+    batch 100, Bernoulli), whose losses are the ones the demo times."""
+    from fastvae import demo
+
+    torch.manual_seed(0)
+    model = demo.VAE(latent=8)
+    x = (torch.rand(100, 64, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+
+    def step(loss_fn):
+        def run():
+            loss = loss_fn(model, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    return [
+        ("step: digits ELBO (B=100, D=64, L=8)", step(demo.hand_written_elbo_loss), step(demo.fastvae_elbo_loss)),
+        ("step: digits IWAE k=16", step(lambda m, a: demo.hand_written_iwae_loss(m, a, 16)),
+         step(lambda m, a: demo.fastvae_iwae_loss(m, a, 16))),
+    ]
+
+
 def _scalar(out):
     first = out[0] if isinstance(out, tuple) else out
     return first.sum() + (out[1].sum() if isinstance(out, tuple) else 0)
@@ -112,7 +142,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not figures")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead-cpu.json)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    user_threads = torch.get_num_threads()
     repeats, calls = (3, 50) if args.quick else (15, 300)
     timed = []  # (case, impl, mode, fn)
     for name, eager, fused, inputs in cases():
@@ -120,12 +150,18 @@ def main(argv=None) -> dict:
             if fn is not None:
                 for mode, run in _modes(fn, inputs).items():
                     timed.append((name, impl, mode, run))
+    timed = [(*entry, 1) for entry in timed]  # a small call runs on the calling thread
+    step_threads = min(2, user_threads)  # whole steps: the threads a user has (2 here)
+    for name, eager, fused in step_cases():
+        timed += [(name, "eager", "step", eager, step_threads), (name, "fastvae", "step", fused, step_threads)]
     samples = {key[:3]: [] for key in timed}
     for entry in timed:
+        torch.set_num_threads(entry[4])
         for _ in range(20):
             entry[3]()
     for _ in range(repeats):  # round-robin, so that bursts of other load hit every row alike
-        for name, impl, mode, run in timed:
+        for name, impl, mode, run, threads in timed:
+            torch.set_num_threads(threads)
             start = time.perf_counter()
             for _ in range(calls):
                 run()
