@@ -59,6 +59,12 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor
     return seed if seed.device == device else seed.to(device)
 
 
+def shaped(t: Tensor, shape) -> Tensor:
+    """t with ``shape``: t itself when it has it already (a reshape makes a
+    new tensor even then, at a tenth of a small op's cost)."""
+    return t if t.shape == shape else t.reshape(shape)
+
+
 def flat(t: Tensor) -> Tensor:
     """(..., L) -> contiguous (N, L)."""
     if t.dim() == 2:

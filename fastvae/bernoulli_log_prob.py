@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import _backend, _validate
 from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, unfold_rows
-from ._op import define, run
+from ._op import define, run, shaped
 
 
 def _forward(x: Tensor, logits: Tensor) -> Tensor:
@@ -26,25 +26,27 @@ def _forward(x: Tensor, logits: Tensor) -> Tensor:
     return out
 
 
-def _backward(grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> tuple[Tensor, Tensor]:
-    """(dx (P, D), dlogits (K, P, D)) for grad_out (K, P) and the layout of
-    _forward; dx is an empty (0,) tensor unless need_dx."""
+def _backward(grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> list[Tensor]:
+    """[dlogits (K, P, D)], and dx (P, D) when need_dx, for grad_out (K, P)
+    and the layout of _forward (an unwanted gradient is not allocated at all:
+    that cost as much as a small kernel)."""
     backend = _backend.backend_for(logits.device)
     K, P, D = logits.shape
     x2, l3 = x, logits
     fold = fold_samples(backend, logits, _backend.num_threads(logits.numel()))
     if fold:
         x2, l3, _ = folded(x, logits)
-    dx = _backend.empty_output((l3.shape[1], D) if need_dx else (0,), like=logits)
     dlogits = _backend.empty_output(l3.shape, like=logits)
+    dx = _backend.empty_output((l3.shape[1], D), like=logits) if need_dx else None
     _backend.launch(
         backend, "bernoulli_log_prob_backward", dlogits.numel(),
-        grad_out=grad_out.reshape(l3.shape[:2]).contiguous(), x=x2, logits=l3,
-        dx=dx if need_dx else None, dlogits=dlogits,
+        grad_out=shaped(grad_out, l3.shape[:2]).contiguous(), x=x2, logits=l3, dx=dx, dlogits=dlogits,
     )
-    if fold and need_dx:
-        dx = unfold_rows(dx, K, P)
-    return dx, dlogits.view(K, P, D)
+    if fold:
+        dlogits = dlogits.view(K, P, D)
+    if not need_dx:
+        return [dlogits]
+    return [dlogits, unfold_rows(dx, K, P) if fold else dx]
 
 
 bernoulli_log_prob_op = define(
@@ -53,9 +55,9 @@ bernoulli_log_prob_op = define(
     lambda x, logits: logits.new_empty(logits.shape[:2]),
 )
 bernoulli_log_prob_backward_op = define(
-    "bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> (Tensor, Tensor)",
+    "bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]",
     _backward,
-    lambda grad_out, x, logits, need_dx: (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(logits)),
+    lambda grad_out, x, logits, need_dx: [torch.empty_like(logits)] + ([torch.empty_like(x)] if need_dx else []),
 )
 
 
@@ -69,15 +71,15 @@ class BernoulliLogProb(torch.autograd.Function):
         x2, l3 = kernel_views(x, logits)
         ctx.save_for_backward(x2, l3)
         ctx.shapes = x.shape, logits.shape
-        return run(bernoulli_log_prob_op, x2, l3).view(logits.shape[:-1])
+        return shaped(run(bernoulli_log_prob_op, x2, l3), logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, l3 = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        dx, dlogits = run(bernoulli_log_prob_backward_op, grad_out, x2, l3, need_dx)
+        grads = run(bernoulli_log_prob_backward_op, grad_out, x2, l3, need_dx)
         x_shape, logits_shape = ctx.shapes
-        return (dx.view(x_shape) if need_dx else None), dlogits.view(logits_shape)
+        return (shaped(grads[1], x_shape) if need_dx else None), shaped(grads[0], logits_shape)
 
 
 # -- public function -----------------------------------------------------------

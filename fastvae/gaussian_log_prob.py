@@ -18,7 +18,7 @@ from ._likelihood_layout import (
     kernel_views,
     unfold_rows,
 )
-from ._op import define, run
+from ._op import define, run, shaped
 
 
 def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float) -> Tensor:
@@ -40,31 +40,34 @@ def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, de
 
 
 def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float,
-              need_dx: bool, need_dvar_param: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dmean, dvar_param) in the shapes of x, mean and var_param (the
-    layout of _forward). dx and dvar_param are empty (0,) tensors unless asked
-    for (x's gradient is summed over K in the kernel; a fixed scale needs no
-    variance gradient, which saves its reductions)."""
+              need_dx: bool, need_dvar_param: bool) -> list[Tensor]:
+    """[dmean], then dx if need_dx, then dvar_param if need_dvar_param, in the
+    shapes of mean, x and var_param (the layout of _forward). A gradient not
+    asked for is not computed or allocated (x's gradient is summed over K in
+    the kernel; a fixed scale needs no variance gradient, which saves its
+    reductions)."""
     backend = _backend.backend_for(mean.device)
     K, P, D = mean.shape
     x2, m3, v = x, mean, var_param
     fold = fold_samples(backend, mean, _backend.num_threads(mean.numel()))
     if fold:
         x2, m3, v = folded(x, mean, var_param)
-    dx = _backend.empty_output((m3.shape[1], D) if need_dx else (0,), like=mean)
     dmean = _backend.empty_output(m3.shape, like=mean)
-    dv = _backend.empty_output(v.shape if need_dvar_param else (0,), like=mean)
+    dx = _backend.empty_output((m3.shape[1], D), like=mean) if need_dx else None
+    dv = _backend.empty_output(v.shape, like=mean) if need_dvar_param else None
     _backend.launch(
         backend, "gaussian_log_prob_backward", dmean.numel(),
-        grad_out=grad_out.reshape(m3.shape[:2]).contiguous(), x=x2, mean=m3, var_param=v,
-        softplus_mode=softplus_mode, delta=delta,
-        dx=dx if need_dx else None, dmean=dmean, dvar_param=dv if need_dvar_param else None,
+        grad_out=shaped(grad_out, m3.shape[:2]).contiguous(), x=x2, mean=m3, var_param=v,
+        softplus_mode=softplus_mode, delta=delta, dx=dx, dmean=dmean, dvar_param=dv,
     )
-    if fold and need_dx:
-        dx = unfold_rows(dx, K, P)
-    if fold and need_dvar_param and var_param.dim() == 2:  # per x row, unfolded per sample and row
-        dv = unfold_rows(dv, K, P)
-    return dx, dmean.view(K, P, D), dv.view(var_param.shape) if need_dvar_param else dv
+    grads = [dmean.view(K, P, D) if fold else dmean]
+    if need_dx:
+        grads.append(unfold_rows(dx, K, P) if fold else dx)
+    if need_dvar_param:
+        if fold and var_param.dim() == 2:  # per x row, unfolded per sample and row
+            dv = unfold_rows(dv, K, P)
+        grads.append(shaped(dv, var_param.shape))
+    return grads
 
 
 gaussian_log_prob_op = define(
@@ -74,11 +77,11 @@ gaussian_log_prob_op = define(
 )
 gaussian_log_prob_backward_op = define(
     "gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
-    " float delta, bool need_dx, bool need_dvar_param) -> (Tensor, Tensor, Tensor)",
+    " float delta, bool need_dx, bool need_dvar_param) -> Tensor[]",
     _backward,
     lambda grad_out, x, mean, var_param, softplus_mode, delta, need_dx, need_dvar_param: (
-        x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(mean),
-        var_param.new_empty(var_param.shape if need_dvar_param else (0,))),
+        [torch.empty_like(mean)] + ([torch.empty_like(x)] if need_dx else [])
+        + ([torch.empty_like(var_param)] if need_dvar_param else [])),
 )
 
 
@@ -94,17 +97,18 @@ class GaussianLogProb(torch.autograd.Function):
         ctx.softplus_mode, ctx.delta = softplus_mode, delta
         ctx.shapes = x.shape, mean.shape, var_param.shape
         ctx.save_for_backward(x2, m3, v)
-        return run(gaussian_log_prob_op, x2, m3, v, softplus_mode, delta).view(mean.shape[:-1])
+        return shaped(run(gaussian_log_prob_op, x2, m3, v, softplus_mode, delta), mean.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, m3, v = ctx.saved_tensors
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        dx, dmean, dv = run(
+        grads = run(
             gaussian_log_prob_backward_op, grad_out, x2, m3, v, ctx.softplus_mode, ctx.delta, need_dx, need_dv)
         x_shape, mean_shape, var_shape = ctx.shapes
-        return (dx.view(x_shape) if need_dx else None), dmean.view(mean_shape), (
-            dv.view(var_shape) if need_dv else None), None, None
+        dx = shaped(grads[1], x_shape) if need_dx else None
+        dv = shaped(grads[-1], var_shape) if need_dv else None
+        return dx, shaped(grads[0], mean_shape), dv, None, None
 
 
 # -- public function -----------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._op import define, flat, run
+from ._op import define, flat, run, shaped
 
 
 def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
@@ -19,26 +19,23 @@ def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: 
 
 
 def _backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
-              prior_logvar: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dmu, dlogvar, dprior_mu, dprior_logvar), each (N, L), in the layout of
-    _forward; the prior gradients are empty (0,)-shaped tensors when no prior
-    is given."""
+              prior_logvar: Tensor | None) -> list[Tensor]:
+    """[dmu, dlogvar], and dprior_mu, dprior_logvar when a prior is given,
+    each (N, L), in the layout of _forward."""
     backend = _backend.backend_for(mu.device)
     has_prior = prior_mu is not None
-    dmu, dlv = _backend.empty_output(mu.shape, like=mu), _backend.empty_output(mu.shape, like=mu)
-    dpm = _backend.empty_output(mu.shape if has_prior else (0,), like=mu)
-    dplv = _backend.empty_output(mu.shape if has_prior else (0,), like=mu)
+    grads = [_backend.empty_output(mu.shape, like=mu) for _ in range(4 if has_prior else 2)]
     _backend.launch(
         backend, "kl_normal_backward", mu.numel(),
         grad_kl=grad_kl.contiguous(), mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
-        dmu=dmu, dlogvar=dlv, dprior_mu=dpm if has_prior else None, dprior_logvar=dplv if has_prior else None,
+        dmu=grads[0], dlogvar=grads[1], dprior_mu=grads[2] if has_prior else None,
+        dprior_logvar=grads[3] if has_prior else None,
     )
-    return dmu, dlv, dpm, dplv
+    return grads
 
 
 def _backward_fake(grad_kl, mu, logvar, prior_mu, prior_logvar):
-    prior_shape = mu.shape if prior_mu is not None else (0,)
-    return (torch.empty_like(mu), torch.empty_like(mu), mu.new_empty(prior_shape), mu.new_empty(prior_shape))
+    return [torch.empty_like(mu) for _ in range(2 if prior_mu is None else 4)]
 
 
 kl_normal_op = define(
@@ -48,7 +45,7 @@ kl_normal_op = define(
 )
 kl_normal_backward_op = define(
     "kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
-    " -> (Tensor, Tensor, Tensor, Tensor)",
+    " -> Tensor[]",
     _backward,
     _backward_fake,
 )
@@ -65,16 +62,16 @@ class KLNormal(torch.autograd.Function):
         pm2 = None if prior_mu is None else flat(prior_mu)
         plv2 = None if prior_logvar is None else flat(prior_logvar)
         ctx.save_for_backward(mu2, lv2, pm2, plv2)
-        return run(kl_normal_op, mu2, lv2, pm2, plv2).view(mu.shape[:-1])
+        return shaped(run(kl_normal_op, mu2, lv2, pm2, plv2), mu.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kl):
         mu2, lv2, pm2, plv2 = ctx.saved_tensors
-        dmu, dlv, dpm, dplv = run(kl_normal_backward_op, grad_kl.reshape(mu2.shape[:1]), mu2, lv2, pm2, plv2)
+        grads = run(kl_normal_backward_op, shaped(grad_kl, mu2.shape[:1]), mu2, lv2, pm2, plv2)
         shape = ctx.shape
-        if pm2 is None:
-            return dmu.view(shape), dlv.view(shape), None, None
-        return dmu.view(shape), dlv.view(shape), dpm.view(shape), dplv.view(shape)
+        if pm2 is None:  # the op returns no prior gradients: allocating empty ones cost as much as the kernel
+            return shaped(grads[0], shape), shaped(grads[1], shape), None, None
+        return tuple(shaped(g, shape) for g in grads)
 
 
 # -- public function -----------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._op import define, draw_seed, flat, run
+from ._op import define, draw_seed, flat, run, shaped
 
 _MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
 
@@ -74,15 +74,15 @@ class SampleNormal(torch.autograd.Function):
         ctx.save_for_backward(mu2, lv2, seed)
         ctx.shape, ctx.n_samples = mu.shape, 1 if n_samples is None else n_samples
         z, kl = run(sample_normal_op, mu2, lv2, seed, ctx.n_samples)
-        return z.view(mu.shape if n_samples is None else (n_samples, *mu.shape)), kl.view(mu.shape[:-1])
+        return shaped(z, mu.shape if n_samples is None else (n_samples, *mu.shape)), shaped(kl, mu.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
         mu2, lv2, seed = ctx.saved_tensors
         N, L = mu2.shape
         dmu, dlogvar = run(
-            sample_normal_backward_op, grad_z.reshape(ctx.n_samples, N, L), grad_kl.reshape(N), mu2, lv2, seed)
-        return dmu.view(ctx.shape), dlogvar.view(ctx.shape), None, None
+            sample_normal_backward_op, shaped(grad_z, (ctx.n_samples, N, L)), shaped(grad_kl, (N,)), mu2, lv2, seed)
+        return shaped(dmu, ctx.shape), shaped(dlogvar, ctx.shape), None, None
 
 
 # -- public function -----------------------------------------------------------
