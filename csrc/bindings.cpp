@@ -1,15 +1,10 @@
-// The extension module fastvae._C: one bind_<op> call per op file. The
+// The extension module fastvae._C: every binding file registers its bind
+// function with FASTVAE_BIND (buffers.h), and this calls them all. The
 // checked NumPy-buffer boundary every binding goes through is in buffers.h;
 // the GIL is released while kernels run.
 #include "buffers.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastvae cpp backend (OpenMP kernels behind checked NumPy buffers)";
-  fastvae::bind::bind_philox(m);
-  fastvae::bind::bind_sample_normal(m);
-  fastvae::bind::bind_kl_normal(m);
-  fastvae::bind::bind_logmeanexp(m);
-  fastvae::bind::bind_latent_log_ratio(m);
-  fastvae::bind::bind_gaussian_log_prob(m);
-  fastvae::bind::bind_bernoulli_log_prob(m);
+  for (const auto bind : fastvae::bind::bind_functions()) bind(m);
 }

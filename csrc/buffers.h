@@ -100,13 +100,20 @@ auto by_dtype(const py::array& first, F32 f32, F64 f64) {
 }
 
 
-// One per op file; PYBIND11_MODULE in bindings.cpp calls them all.
-void bind_philox(py::module_& m);
-void bind_sample_normal(py::module_& m);
-void bind_kl_normal(py::module_& m);
-void bind_logmeanexp(py::module_& m);
-void bind_latent_log_ratio(py::module_& m);
-void bind_gaussian_log_prob(py::module_& m);
-void bind_bernoulli_log_prob(py::module_& m);
+// Each binding file registers its bind function when the library loads
+// (FASTVAE_BIND(bind_x) after its definition), and PYBIND11_MODULE in
+// bindings.cpp calls every registered one: a new op adds no line elsewhere.
+using BindFn = void (*)(py::module_&);
+
+inline std::vector<BindFn>& bind_functions() {
+  static std::vector<BindFn> functions;  // a function-local static: safe from init-order issues
+  return functions;
+}
+
+struct BindRegistration {
+  explicit BindRegistration(BindFn fn) { bind_functions().push_back(fn); }
+};
+
+#define FASTVAE_BIND(fn) static const ::fastvae::bind::BindRegistration fastvae_bind_##fn(fn)
 
 }  // namespace fastvae::bind

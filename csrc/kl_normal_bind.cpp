@@ -76,4 +76,6 @@ void bind_kl_normal(py::module_& m) {
      py::arg("n_threads"));
 }
 
+FASTVAE_BIND(bind_kl_normal);
+
 }  // namespace fastvae::bind

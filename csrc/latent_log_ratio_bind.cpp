@@ -64,4 +64,6 @@ void bind_latent_log_ratio(py::module_& m) {
      py::arg("dmu").none(true), py::arg("dlogvar").none(true), py::arg("n_threads"));
 }
 
+FASTVAE_BIND(bind_latent_log_ratio);
+
 }  // namespace fastvae::bind

@@ -144,4 +144,7 @@ void bind_bernoulli_log_prob(py::module_& m) {
      py::arg("dlogits"), py::arg("n_threads"));
 }
 
+FASTVAE_BIND(bind_gaussian_log_prob);
+FASTVAE_BIND(bind_bernoulli_log_prob);
+
 }  // namespace fastvae::bind

@@ -94,4 +94,6 @@ void bind_logmeanexp(py::module_& m) {
      "Softmax backward over K: dlw = w * (gw - sum_k gw * w).");
 }
 
+FASTVAE_BIND(bind_logmeanexp);
+
 }  // namespace fastvae::bind

@@ -32,6 +32,11 @@ void randn_fill(uint64_t seed, uint64_t offset0, int64_t rows, int64_t cols,
                 uint64_t row_stride, float* out, int n_threads);
 void randn_fill(uint64_t seed, uint64_t offset0, int64_t rows, int64_t cols,
                 uint64_t row_stride, double* out, int n_threads);
+// out[i] = randn(seed, offset0 + i) for i < n: the stream as one contiguous
+// block, for the kernels that draw noise (philox.cpp).
+void randn_block(uint64_t seed, uint64_t offset0, int64_t n, float* out);
+void randn_block(uint64_t seed, uint64_t offset0, int64_t n, double* out);
+
 // The two float32 uniforms behind each normal, for bit-exactness tests.
 void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* u2);
 

@@ -61,4 +61,6 @@ void bind_philox(py::module_& m) {
      "The two float32 uniforms behind each normal of randn_fill.");
 }
 
+FASTVAE_BIND(bind_philox);
+
 }  // namespace fastvae::bind

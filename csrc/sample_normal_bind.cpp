@@ -66,4 +66,6 @@ void bind_sample_normal(py::module_& m) {
      py::arg("dmu"), py::arg("dlogvar"), py::arg("n_threads"));
 }
 
+FASTVAE_BIND(bind_sample_normal);
+
 }  // namespace fastvae::bind
