@@ -4,7 +4,10 @@
 // the GIL is released while kernels run.
 #include "buffers.h"
 
+namespace py = pybind11;
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastvae cpp backend (OpenMP kernels behind checked NumPy buffers)";
+  py::register_exception<fastvae::bind::MisalignedArray>(m, "MisalignedArrayError", PyExc_ValueError);
   for (const auto bind : fastvae::bind::bind_functions()) bind(m);
 }

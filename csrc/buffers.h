@@ -9,6 +9,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -48,8 +49,16 @@ inline void advise_huge_pages(void* data, size_t nbytes) {
 #endif
 }
 
-// Checks `a` against dtype T, C-contiguity, writability and the exact shape,
-// and returns its data. Outputs must not overlap inputs (the kernels mark
+// Raised for an array whose data is not aligned to its element type (a view
+// of a byte buffer at an odd offset, e.g. torch.frombuffer(buf, offset=1)):
+// the kernels' loads assume alignment. A ValueError in Python
+// (fastvae._C.MisalignedArrayError); the front end copies such inputs.
+struct MisalignedArray : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Checks `a` against dtype T, C-contiguity, alignment, writability and the
+// exact shape, and returns its data. Outputs must not overlap inputs (the kernels mark
 // their pointers __restrict): the front end always passes fresh outputs, and
 // direct callers of fastvae._C must do the same.
 template <typename T>
@@ -61,6 +70,10 @@ T* checked(py::array& a, const char* name, const std::vector<int64_t>& shape, bo
   }
   if (!(a.flags() & py::array::c_style)) {
     throw py::value_error(std::string(name) + ": array must be C-contiguous");
+  }
+  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(T) != 0) {
+    throw MisalignedArray(std::string(name) + ": data is not aligned to " +
+                          std::to_string(alignof(T)) + " bytes; pass an aligned copy");
   }
   bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
   for (size_t d = 0; ok && d < shape.size(); ++d) ok = a.shape(d) == shape[d];

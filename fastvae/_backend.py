@@ -16,6 +16,7 @@ import importlib
 import os
 import warnings
 
+import numpy as np
 import torch
 
 from . import _registry
@@ -195,9 +196,16 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
     if backend == "cpp":
         # positionally (pybind resolves keywords per call); detach only what
         # requires grad: it costs as much as the view
-        fn(*[v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else
-             v.detach().numpy() if v.requires_grad else v.numpy() for k, v in args.items()],
-           num_threads(work))
+        values = [v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else
+                  v.detach().numpy() if v.requires_grad else v.numpy() for k, v in args.items()]
+        try:
+            fn(*values, num_threads(work))
+        except cpp_module().MisalignedArrayError:
+            # an input viewing a byte buffer at an odd offset: the kernel did
+            # not start, and runs on aligned copies (outputs are always fresh,
+            # hence aligned); checking every call instead would cost each op
+            fn(*[v.copy() if isinstance(v, np.ndarray) and v.ctypes.data % v.itemsize else v
+                 for v in values], num_threads(work))
         return
     if backend == "reference" and "seed" in args:
         args["seed"] = int(args["seed"])

@@ -82,6 +82,45 @@ def test_cpp_boundary_checks_shapes_and_dtypes():
         _C.uniform_fill(1, 2**63 - 2, torch.zeros(4).numpy(), torch.zeros(4).numpy())
 
 
+def _misaligned(values: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor with these values whose data sits one byte past an
+    aligned address (torch.frombuffer at offset 1), as a user's byte buffer can give."""
+    raw = bytearray(values.numel() * 4 + 1)
+    t = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=values.numel()).reshape(values.shape)
+    t.copy_(values)
+    assert t.data_ptr() % 4 != 0
+    return t
+
+
+def test_cpp_refuses_misaligned_arrays():
+    """A misaligned array never reaches a kernel: the boundary names it (UBSan reported misaligned loads)."""
+    from fastvae import _C
+
+    mu = _misaligned(torch.randn(4, 3)).numpy()
+    with pytest.raises(_C.MisalignedArrayError, match="mu: data is not aligned to 4 bytes"):
+        _C.kl_normal_forward(mu, torch.zeros(4, 3).numpy(), None, None, torch.zeros(4).numpy(), 1)
+    assert issubclass(_C.MisalignedArrayError, ValueError)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="needs the cpp extension")
+def test_misaligned_inputs_run_on_aligned_copies():
+    """The front end gives the same values and gradients for a misaligned input as for an aligned copy."""
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    with fastvae.use_backend("cpp"):
+        odd = _misaligned(mu).requires_grad_()
+        kl = fastvae.kl_normal(odd, logvar)
+        kl.sum().backward()
+        aligned = mu.clone().requires_grad_()
+        kl_ref = fastvae.kl_normal(aligned, logvar)
+        kl_ref.sum().backward()
+        assert torch.equal(kl, kl_ref) and torch.equal(odd.grad, aligned.grad)
+        x = (torch.rand(5, 7, generator=g) > 0.5).float()
+        logits = torch.randn(5, 7, generator=g)
+        assert torch.equal(fastvae.bernoulli_log_prob(_misaligned(x), _misaligned(logits)),
+                           fastvae.bernoulli_log_prob(x, logits))
+
+
 def test_use_backend_restores_the_previous_choice():
     fastvae.set_backend("cpp")
     with fastvae.use_backend("reference"):
