@@ -4,6 +4,8 @@ metadata, never at values, so they cost no host synchronisation and trace
 under torch.compile without a graph break."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,6 +54,50 @@ def positive_int(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): int64's limit
+        return 2**63 - 1
+
+
+# read once: torch.compile cannot trace os.sysconf
+_CPU_MEMORY = _physical_memory()
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes a tensor on ``device`` can never exceed: the GPU's memory, or the
+    machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return _CPU_MEMORY
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("EB", 2**60), ("PB", 2**50), ("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def sample_count(name: str, value, per_sample: int, like: torch.Tensor) -> None:
+    """``value`` samples of ``per_sample`` elements each, materialized like
+    ``like``, must fit in its device's memory: a huge k is refused here, with
+    what it would need, instead of as an allocator error (or an int64
+    overflow) deep inside torch."""
+    positive_int(name, value)
+    nbytes = value * per_sample * like.element_size()
+    if nbytes <= 2**30:  # fits anywhere: no device query (which torch.compile could not trace)
+        return
+    limit = device_memory(like.device)
+    if nbytes > limit:
+        raise ValueError(
+            f"{name}={value} would need {value} x {per_sample} elements of {like.dtype} = {_size(nbytes)}, "
+            f"more than the {_size(limit)} of {like.device}; lower {name} (fastvae.log_likelihood "
+            f"streams over its samples in chunks)"
+        )
 
 
 def dtype_for_backend(backend: str, dtype: torch.dtype) -> None:

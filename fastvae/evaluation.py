@@ -40,7 +40,7 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
-from .sample_normal import sample_at
+from .sample_normal import _MAX_OFFSET, sample_at
 
 # Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
 # the K = 5000, B = 256, D = 784 evaluation at ~30 chunks of ~160 samples, big
@@ -171,6 +171,12 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
     L = mu.shape[1]
     if k1 <= k0 or n == 0:
         return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
+    last = (g0 + n) * cfg.k * L - 1
+    if last > _MAX_OFFSET:
+        raise ValueError(
+            f"k={cfg.k} is too large: the noise of {g0 + n} examples x k samples x {L} latents runs to "
+            f"Philox offset {last}, beyond 2**63 - 1; use k <= {(_MAX_OFFSET + 1) // ((g0 + n) * L)}"
+        )
     kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size())
     run_dtype = accumulation_dtype(mu.dtype)
     firsts, seconds = [], []

@@ -104,7 +104,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     """(elbo, reconstruction, kl), unreduced: the one pass of elbo and elbo_terms."""
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
-    _validate.positive_int("n_samples", n_samples)
+    _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
     _check_real("beta", beta, minimum=0.0)
     _check_real("free_bits", free_bits, minimum=0.0)
 
@@ -223,7 +223,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
     """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and iwae_terms."""
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
-    _validate.positive_int("k", k)
+    _validate.sample_count("k", k, mu.numel(), mu)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_real("alpha", alpha)

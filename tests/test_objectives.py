@@ -405,3 +405,30 @@ def test_dreg_without_gradients_gives_the_iwae_value(backend):
                                                       generator=torch.Generator(device).manual_seed(3)).bound,
                                    expected)
     torch.testing.assert_close(bound("dreg", mu.detach(), logvar.detach()), expected)
+
+
+@pytest.mark.parametrize("k", [2**31, 2**40, 2**63])
+def test_huge_sample_counts_are_refused_with_what_they_need(k):
+    """A k whose samples cannot fit in memory is a ValueError naming the argument
+    and the bytes, not an allocator error or an int64 overflow inside torch."""
+    mu = logvar = torch.zeros(64, 32)
+    x = torch.zeros(64, 5)
+
+    def decode(z):
+        return torch.zeros(*z.shape[:-1], 5)
+
+    for name, call in (
+        ("k", lambda: fastvae.iwae(x, mu, logvar, decode, k=k)),
+        ("n_samples", lambda: fastvae.elbo(x, mu, logvar, decode, n_samples=k)),
+        ("n_samples", lambda: fastvae.sample_normal(mu, logvar, k)),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name}={k} would need .* (TB|PB|EB), more than"):
+            call()
+
+
+def test_evaluation_refuses_a_k_beyond_the_noise_stream():
+    """log_likelihood streams, so memory never limits k; the Philox offsets do."""
+    mu = logvar = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"k=9223372036854775808 is too large.*use k <= "):
+        fastvae.log_likelihood(torch.zeros(3, 4), lambda a: (mu, logvar), lambda z: torch.zeros(*z.shape[:-1], 4),
+                               k=2**63, likelihood="gaussian")
