@@ -3,6 +3,8 @@
 The Triton kernels in kernels/ install as the subpackage fastvae.kernels.
 FASTVAE_NATIVE=1 adds -march=native for a local build; the default binary is
 portable and picks AVX-512/AVX2 code paths at load time (target_clones).
+FASTVAE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
+(any report aborts); load it with libasan preloaded, as .ci/sanitize does.
 """
 import os
 import sys
@@ -17,6 +19,10 @@ compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 link_args = ["-fopenmp"]
 if os.environ.get("FASTVAE_NATIVE") == "1":
     compile_args.append("-march=native")
+if os.environ.get("FASTVAE_SANITIZE") == "1":
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    compile_args = [a for a in compile_args if a != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer", *sanitize]
+    link_args = [*link_args, *sanitize]
 if sys.platform == "darwin":  # Apple clang: OpenMP comes from libomp
     compile_args = ["-O3", "-Xpreprocessor", "-fopenmp"]
     link_args = ["-lomp"]
