@@ -260,18 +260,34 @@ def _split(total: int, rank: int, world: int) -> tuple[int, int]:
     return total * rank // world, total * (rank + 1) // world
 
 
-def _shared_seed(device: torch.device, generator, cfg: _Config) -> Tensor:
+_MAX_DIMS = 8  # batch dimensions compared across ranks
+
+
+def _shared_seed(x: Tensor, generator, cfg: _Config) -> Tensor:
     """One seed per call; under sharding rank 0's, so every rank draws from the
-    same stream (each rank's generator still advances, as without sharding)."""
-    seed = draw_seed(device, generator)
-    if _distributed(cfg) is None:
+    same stream (each rank's generator still advances, as without sharding).
+    The same all_gather carries every rank's batch shape: ranks given
+    different batches all raise here, where otherwise one would return and
+    another wait in a later collective."""
+    seed = draw_seed(x.device, generator)
+    dist_info = _distributed(cfg)
+    if dist_info is None:
         return seed
     import torch.distributed as dist
 
-    src = 0 if cfg.group is None else dist.get_global_rank(cfg.group, 0)
-    shared = seed.to(_collective_device(cfg.group))
-    dist.broadcast(shared, src=src, group=cfg.group)
-    return shared.to(device)
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"x must have at most {_MAX_DIMS} dimensions under shard=, got shape {tuple(x.shape)}")
+    dev = _collective_device(cfg.group)
+    shape = [x.dim(), *x.shape, *[0] * (_MAX_DIMS - x.dim())]
+    mine = torch.cat([seed.reshape(1).to(dev), torch.tensor(shape, dtype=torch.int64, device=dev)])
+    parts = [torch.empty_like(mine) for _ in range(dist_info[1])]
+    dist.all_gather(parts, mine, group=cfg.group)
+    shapes = [tuple(p[2:2 + int(p[1])].tolist()) for p in parts]
+    if len(set(shapes)) > 1:
+        listed = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
+        raise ValueError(
+            f"shard={cfg.shard!r} needs the same batch on every rank of the group; got x of shape {listed}")
+    return parts[0][:1].reshape(()).to(x.device)  # group rank 0's seed
 
 
 def _all_reduce_states(st1, st2, cfg: _Config):
@@ -434,7 +450,7 @@ def reconstruction_probability(
 def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
     _check_x(x)
     with torch.no_grad():
-        seed = _shared_seed(x.device, generator, cfg)
+        seed = _shared_seed(x, generator, cfg)
         stats = _estimate(x, encode, decode, cfg, seed, 0, progress)
     return stats if return_stats else stats.log_likelihood
 
@@ -482,7 +498,7 @@ def evaluate(
                 _check_x(x, f"batch {i}")
                 if D is None:
                     D = x.shape[1]
-                    seed = _shared_seed(x.device, generator, cfg)
+                    seed = _shared_seed(x, generator, cfg)
                 elif x.shape[1] != D:
                     raise ValueError(f"batch {i} has D = {x.shape[1]}; earlier batches have D = {D}")
                 stats = _estimate(x, encode, decode, cfg, seed, g, False)

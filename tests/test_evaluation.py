@@ -459,6 +459,40 @@ _DIST_WORKER = textwrap.dedent("""
 """)
 
 
+_MISMATCH_WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[5])
+    from test_evaluation import gen, make_data, mlp_model
+    from fastvae.evaluation import evaluate, log_likelihood
+    rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    encode, decode = mlp_model(9, 2, "pair", seed=4)
+    x = make_data(5, 9, "pair")[: 5 - rank]  # rank 0: 5 examples, rank 1: 4
+    raised = {}
+    for shard in ("examples", "samples"):
+        try:
+            log_likelihood(x, encode, decode, k=7, generator=gen(3), shard=shard)
+            raised[shard] = "returned"
+        except ValueError as err:
+            raised[shard] = str(err)
+    torch.save(raised, f"{out}.{rank}")
+    dist.destroy_process_group()
+""")
+
+
+@main_process_only
+def test_ranks_with_different_batches_all_raise(tmp_path):
+    """gloo, 2 ranks given 5 and 4 examples: both raise the same ValueError (none
+    returns while the other hangs in a collective), for both sharding modes."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    run_gloo_ranks(_MISMATCH_WORKER, lambda r: [str(tmp_path / "out"), tests_dir], tmp_path, timeout=120)
+    for rank in range(2):
+        raised = torch.load(tmp_path / f"out.{rank}")
+        for shard in ("examples", "samples"):
+            assert "needs the same batch on every rank" in raised[shard], (rank, shard, raised[shard])
+            assert "rank 0: (5, 9), rank 1: (4, 9)" in raised[shard]
+
+
 @main_process_only
 def test_two_processes_give_the_single_process_result(tmp_path):
     """gloo, 2 ranks: example and sample sharding both equal one process with the same seed."""
