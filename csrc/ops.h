@@ -45,7 +45,7 @@ void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* 
 template <typename T>
 void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t offset0,
                            uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
-                           int64_t L, T* z, T* kl, int n_threads);
+                           int64_t L, T* z, T* kl, T* log_ratio, int n_threads);
 
 // dz: (K, N, L); dkl: (N,); mu, logvar, dmu, dlogvar: (N, L).
 template <typename T>

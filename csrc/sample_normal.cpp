@@ -55,10 +55,14 @@ void noise_block(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L,
   }
 }
 
+// log_ratio (K, N), when not null, gets log N(z; 0, I) - log q(z) = 0.5 *
+// sum_l(eps^2 + logvar - z^2) from the eps just drawn: dividing it back out of
+// z, (z - mu) * exp(-logvar / 2), loses its bits or overflows when the
+// posterior collapses (logvar of -30 and below in float32).
 template <typename T>
 void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t offset0,
                            uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
-                           int64_t L, T* z, T* kl, int n_threads) {
+                           int64_t L, T* z, T* kl, T* log_ratio, int n_threads) {
   const int64_t NL = N * L;
   const int64_t tile_rows = rows_per_tile(L);
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
@@ -68,7 +72,9 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
     const int64_t r1 = std::min(N, r0 + tile_rows);
     // The tile's mu and logvar stay in cache for the sampling loop below.
     kl_rows(mu, logvar, nullptr, nullptr, r0, r1, L, kl);
-    T s[kBlock], eps[kBlock];
+    // per (sample, row of the tile) sums of the log-ratio terms, in double
+    std::vector<double> ratio(log_ratio ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
+    T s[kBlock], eps[kBlock], t[kBlock];
     for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
       const int64_t n = std::min(kBlock, r1 * L - b0);
       half_exp_block(logvar + b0, n, s);
@@ -77,6 +83,26 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
         T* zk = z + k * NL + b0;
         const T* mk = mu + b0;
         for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
+        if (log_ratio) {
+          const T* lk = logvar + b0;
+          for (int64_t i = 0; i < n; ++i) t[i] = eps[i] * eps[i] + lk[i] - zk[i] * zk[i];
+          double* acc = ratio.data() + k * (r1 - r0);  // the tile's rows of sample k
+          for (int64_t i = 0; i < n;) {  // row runs of the block
+            const int64_t row = (b0 + i) / L;
+            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
+            double a = 0.0;
+            for (int64_t j = i; j < i + len; ++j) a += double(t[j]);
+            acc[row - r0] += a;
+            i += len;
+          }
+        }
+      }
+    }
+    if (log_ratio) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t row = r0; row < r1; ++row) {
+          log_ratio[k * N + row] = static_cast<T>(0.5 * ratio[size_t(k * (r1 - r0) + row - r0)]);
+        }
       }
     }
   }
@@ -114,10 +140,10 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* mu, const T* log
 
 template void sample_normal_forward<float>(const float*, const float*, uint64_t, uint64_t,
                                            uint64_t, uint64_t, int64_t, int64_t, int64_t, float*,
-                                           float*, int);
+                                           float*, float*, int);
 template void sample_normal_forward<double>(const double*, const double*, uint64_t, uint64_t,
                                             uint64_t, uint64_t, int64_t, int64_t, int64_t,
-                                            double*, double*, int);
+                                            double*, double*, double*, int);
 template void sample_normal_backward<float>(const float*, const float*, const float*,
                                             const float*, uint64_t, int64_t, int64_t, int64_t,
                                             float*, float*, int);

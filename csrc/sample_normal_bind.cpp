@@ -1,5 +1,6 @@
 // Python bindings of sample_normal (checked buffers -> sample_normal.cpp).
 #include "buffers.h"
+#include "optional_buffers.h"
 #include "ops.h"
 
 namespace fastvae::bind {
@@ -8,7 +9,7 @@ namespace {
 template <typename T>
 void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, uint64_t offset0,
                              uint64_t sample_stride, uint64_t row_stride, py::array z,
-                             py::array kl, int n_threads) {
+                             py::array kl, py::object log_ratio, int n_threads) {
   check_2d(mu, "mu");
   const int64_t N = mu.shape(0), L = mu.shape(1);
   if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
@@ -17,9 +18,11 @@ void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, uint
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
   T* zp = checked<T>(z, "z", {K, N, L}, true);
   T* klp = checked<T>(kl, "kl", {N}, true);
+  py::array ratio_holder;  // keeps the array alive while its pointer is used
+  T* rp = checked_or_null<T>(log_ratio, ratio_holder, "log_ratio", {K, N}, true);
   py::gil_scoped_release release;
   fastvae::sample_normal_forward<T>(m, lv, seed, offset0, sample_stride, row_stride, K, N, L,
-                                    zp, klp, n_threads);
+                                    zp, klp, rp, n_threads);
 }
 
 template <typename T>
@@ -44,16 +47,16 @@ void sample_normal_backward_t(py::array dz, py::array dkl, py::array mu, py::arr
 void bind_sample_normal(py::module_& m) {
   m.def("sample_normal_forward", [](py::array mu, py::array logvar, uint64_t seed,
                                     uint64_t offset0, uint64_t sample_stride, uint64_t row_stride,
-                                    py::array z, py::array kl, int n_threads) {
+                                    py::array z, py::array kl, py::object log_ratio, int n_threads) {
     check_threads(n_threads);
     by_dtype(mu,
              [&] { sample_normal_forward_t<float>(mu, logvar, seed, offset0, sample_stride,
-                                                  row_stride, z, kl, n_threads); },
+                                                  row_stride, z, kl, log_ratio, n_threads); },
              [&] { sample_normal_forward_t<double>(mu, logvar, seed, offset0, sample_stride,
-                                                   row_stride, z, kl, n_threads); });
+                                                   row_stride, z, kl, log_ratio, n_threads); });
   }, py::arg("mu"), py::arg("logvar"), py::arg("seed"), py::arg("offset0"),
      py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("kl"),
-     py::arg("n_threads"));
+     py::arg("log_ratio").none(true), py::arg("n_threads"));
 
   m.def("sample_normal_backward", [](py::array dz, py::array dkl, py::array mu,
                                      py::array logvar, uint64_t seed, py::array dmu,

@@ -46,7 +46,7 @@ def _k(name: str, module: str, args: str) -> Kernel:
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("randn_fill", "philox", "seed offset0 out row_stride"),
     _k("uniform_fill", "philox", "seed offset0 u1 u2"),
-    _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl"),
+    _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl log_ratio"),
     _k("sample_normal_backward", "sample_normal", "grad_z grad_kl mu logvar seed dmu dlogvar"),
     _k("kl_normal_forward", "kl_normal", "mu logvar prior_mu prior_logvar kl"),
     _k("kl_normal_backward", "kl_normal",

@@ -32,7 +32,6 @@ from . import _validate
 from ._backend import accumulation_dtype
 from ._decoder import check_likelihood, decoder_log_prob
 from ._op import draw_seed
-from .latent_log_ratio import latent_log_ratio
 from .logmeanexp import (
     LogMeanExpState,
     all_reduce_logmeanexp_state,
@@ -187,13 +186,16 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
         for c0 in range(k0, k1, kc):
             c1 = min(k1, c0 + kc)
             # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn by the sampling kernel
-            z = sample_at(mb, lb, seed, c1 - c0, offset0=((g0 + b0) * cfg.k + c0) * L, sample_stride=L,
-                          row_stride=cfg.k * L)
+            # log p(z) - log q(z | x) comes from the sampler, which knows eps: exact
+            # however small the variance
+            drawn = sample_at(mb, lb, seed, c1 - c0, offset0=((g0 + b0) * cfg.k + c0) * L, sample_stride=L,
+                              row_stride=cfg.k * L, with_ratio=cfg.with_ratio)
+            z = drawn[0] if cfg.with_ratio else drawn
             # a half-precision model's terms are widened before they are added
             # (and doubled for the w^2 state), so lw is not rounded to half
             lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,)).to(run_dtype)
             if cfg.with_ratio:
-                lw = lw + latent_log_ratio(z, mb, lb).to(run_dtype)
+                lw = lw + drawn[1].to(run_dtype)
             s1, s2 = logmeanexp_state(lw), logmeanexp_state(2 * lw)
             run1 = s1 if run1 is None else merge_logmeanexp_states(run1, s1)
             run2 = s2 if run2 is None else merge_logmeanexp_states(run2, s2)

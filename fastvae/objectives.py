@@ -17,10 +17,10 @@ from torch import Tensor
 
 from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob
+from ._op import draw_seed
 from .kl_normal import kl_normal
-from .latent_log_ratio import LatentLogRatio
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
-from .sample_normal import sample_normal_unchecked
+from .sample_normal import SampleNormalWithRatio, sample_normal_unchecked
 
 REDUCTIONS = ("mean", "sum", "none")
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -196,19 +196,22 @@ def elbo(
 # -- IWAE -----------------------------------------------------------------------
 
 
-def _dreg_z_scale(z: Tensor, lw: Tensor, alpha: float) -> None:
+def _dreg_z_scale(z: Tensor, latent: Tensor, lw: Tensor, alpha: float) -> None:
     """DReG (Tucker et al. 2018): the encoder gets sum_k c_k dlw_k/dz_k dz_k/dphi
     with the score term (d log q / d phi) dropped and replaced by its
     reparameterized equivalent. For the bound (1/(1-a)) logmeanexp((1-a) lw),
     with v = softmax((1-a) lw), c_k = v_k (a + (1-a) v_k): w~^2 at a = 0. The
     bound's own gradient already carries v_k on z_k, so a hook on z multiplies
     by (a + (1-a) v_k); z only feeds the encoder (through sample_normal), so the
-    decoder's gradient stays the IWAE one."""
+    decoder's gradient stays the IWAE one. ``latent`` (log p(z) - log q(z | x)
+    from the sampler, in stop-score mode) reaches the encoder only through z
+    inside the sampler's backward, so its gradient gets the same scale."""
     if not z.requires_grad:  # no gradient will flow (no_grad, a fixed encoder): the value is the same
         return
     v = ImportanceWeights.apply((1.0 - alpha) * lw.detach())  # 0 for an all -inf column
-    scale = (alpha + (1.0 - alpha) * v).unsqueeze(-1)
-    z.register_hook(lambda g: g * scale)
+    scale = alpha + (1.0 - alpha) * v
+    z.register_hook(lambda g: g * scale.unsqueeze(-1))
+    latent.register_hook(lambda g: g * scale)
 
 
 def _bound(lw: Tensor, alpha: float) -> Tensor:
@@ -228,12 +231,14 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     _check_real("alpha", alpha)
 
-    z, kl = sample_normal_unchecked(mu, logvar, k, generator)
+    # log p(z) - log q(z | x) comes from the sampler, which knows each eps: exact
+    # however small the variance (recomputing eps from z overflows when the
+    # posterior collapses)
+    z, kl, latent = SampleNormalWithRatio.apply(mu, logvar, draw_seed(mu.device, generator), k, estimator != "iwae")
     reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,))
-    # the arguments were checked above and z is sample_normal's: the ops are called unchecked
-    lw = reconstruction + LatentLogRatio.apply(z, mu, logvar, estimator != "iwae")
+    lw = reconstruction + latent
     if estimator == "dreg":
-        _dreg_z_scale(z, lw, alpha)
+        _dreg_z_scale(z, latent, lw, alpha)
     return _bound(lw, alpha), reconstruction, kl, lw
 
 

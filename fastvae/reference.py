@@ -133,17 +133,22 @@ def sample_normal(mu: Tensor, logvar: Tensor, seed: int, n_samples: int) -> tupl
 
 
 def sample_normal_forward(mu: Tensor, logvar: Tensor, seed: int, offset0: int, sample_stride: int,
-                          row_stride: int, z: Tensor, kl: Tensor) -> None:
+                          row_stride: int, z: Tensor, kl: Tensor, log_ratio: Tensor | None) -> None:
     """Writes sample_normal into z (K, N, L) and kl (N,); inputs (N, L). z[k, n, l]
-    uses the noise at offset0 + k * sample_stride + n * row_stride + l."""
+    uses the noise at offset0 + k * sample_stride + n * row_stride + l. log_ratio
+    (K, N), when given, gets log N(z; 0, I) - log q(z) = 0.5 * sum_l(eps^2 +
+    logvar - z^2) from the known eps (never divided back out of z)."""
     acc = _compute_dtype(mu)
     K, N, L = z.shape
     k, n, c = (torch.arange(d, dtype=torch.int64, device=mu.device) for d in (K, N, L))
     offsets = offset0 + k[:, None, None] * sample_stride + n[None, :, None] * row_stride + c
     eps = philox_randn(seed, offsets, acc)
     mu, logvar = mu.to(acc), logvar.to(acc)
-    z.copy_(mu + torch.exp(0.5 * logvar) * eps)
+    zz = mu + torch.exp(0.5 * logvar) * eps
+    z.copy_(zz)
     kl.copy_(0.5 * torch.sum(torch.exp(logvar) + mu * mu - 1.0 - logvar, dim=-1))
+    if log_ratio is not None:
+        log_ratio.copy_(0.5 * torch.sum(eps * eps + logvar - zz * zz, dim=-1))
 
 
 def sample_normal_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: int,

@@ -16,20 +16,24 @@ from ._op import define, draw_seed, flat, run, shaped
 _MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
 
 
-def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int) -> tuple[Tensor, Tensor]:
-    """z (n_samples, ..., L) and kl (...) for mu, logvar (..., L)."""
+def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, with_ratio: bool = False) -> list[Tensor]:
+    """[z (n_samples, ..., L), kl (...)] for mu, logvar (..., L), and with_ratio
+    the log-ratio log N(z; 0, I) - log q(z) (n_samples, ...) from the same eps."""
     backend = _backend.backend_for(mu.device)
     _validate.dtype_for_backend(backend, mu.dtype)
     mu2, lv2 = flat(mu), flat(logvar)
     N, L = mu2.shape
     z = _backend.empty_output((n_samples, N, L), like=mu)
     kl = _backend.empty_output((N,), like=mu)
+    ratio = _backend.empty_output((n_samples, N), like=mu) if with_ratio else None
     # the training layout: z[k, n, l] uses the noise at its own flat offset
     _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed,
-                    offset0=0, sample_stride=N * L, row_stride=L, z=z, kl=kl)
+                    offset0=0, sample_stride=N * L, row_stride=L, z=z, kl=kl, log_ratio=ratio)
+    out = [z, kl] if ratio is None else [z, kl, ratio]
     if mu.dim() == 2:
-        return z, kl
-    return z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])
+        return out
+    return [t.reshape(n_samples, *mu.shape[:-1], *t.shape[2:]) if i != 1 else t.reshape(mu.shape[:-1])
+            for i, t in enumerate(out)]
 
 
 def _backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,8 +56,18 @@ def _backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed:
 
 sample_normal_op = define(
     "sample_normal(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor)",
-    _forward,
+    lambda mu, logvar, seed, n_samples: tuple(_forward(mu, logvar, seed, n_samples)),
     lambda mu, logvar, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1])),
+)
+# The same kernel, also writing log N(z; 0, I) - log q(z) per sample from the
+# eps it draws: the IWAE log-weights' latent term, exact however small the
+# variance (latent_log_ratio divides eps back out of z, which overflows or
+# loses its bits when the posterior collapses).
+sample_normal_with_ratio_op = define(
+    "sample_normal_with_ratio(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor, Tensor)",
+    lambda mu, logvar, seed, n_samples: tuple(_forward(mu, logvar, seed, n_samples, True)),
+    lambda mu, logvar, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1]),
+                                         mu.new_empty((n_samples, *mu.shape[:-1]))),
 )
 sample_normal_backward_op = define(
     "sample_normal_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed)"
@@ -83,6 +97,36 @@ class SampleNormal(torch.autograd.Function):
         dmu, dlogvar = run(
             sample_normal_backward_op, shaped(grad_z, (ctx.n_samples, N, L)), shaped(grad_kl, (N,)), mu2, lv2, seed)
         return shaped(dmu, ctx.shape), shaped(dlogvar, ctx.shape), None, None
+
+
+class SampleNormalWithRatio(torch.autograd.Function):
+    """(z (K, ..., L), kl (...), log_ratio (K, ...)) with log_ratio = log N(z; 0, I)
+    - log q(z | x) = 0.5 * sum_l(eps^2 + logvar - z^2) computed from the drawn
+    eps. Its gradient needs no eps: -z along z (added to z's gradient) and
+    0.5 per element of logvar directly; with ``stop_score`` (the STL and DReG
+    estimators) the direct term is dropped and z's path gets eps / sigma =
+    (z - mu) / sigma^2 as well."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, n_samples, stop_score):
+        mu2, lv2 = flat(mu), flat(logvar)
+        z, kl, ratio = run(sample_normal_with_ratio_op, mu2, lv2, seed, n_samples)
+        ctx.save_for_backward(mu2, lv2, seed, z)
+        ctx.shape, ctx.n_samples, ctx.stop_score = mu.shape, n_samples, stop_score
+        return (shaped(z, (n_samples, *mu.shape)), shaped(kl, mu.shape[:-1]),
+                shaped(ratio, (n_samples, *mu.shape[:-1])))
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl, grad_ratio):
+        mu2, lv2, seed, z = ctx.saved_tensors
+        N, L = mu2.shape
+        g = shaped(grad_ratio, (ctx.n_samples, N)).unsqueeze(-1)
+        path = -z if not ctx.stop_score else (z - mu2) * torch.exp(-lv2) - z
+        grad_z = shaped(grad_z, (ctx.n_samples, N, L)) + g * path
+        dmu, dlogvar = run(sample_normal_backward_op, grad_z, shaped(grad_kl, (N,)), mu2, lv2, seed)
+        if not ctx.stop_score:
+            dlogvar = dlogvar + 0.5 * g.sum(0)
+        return shaped(dmu, ctx.shape), shaped(dlogvar, ctx.shape), None, None, None
 
 
 # -- public function -----------------------------------------------------------
@@ -121,25 +165,28 @@ def sample_normal(
 
 
 def sample_at(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, *, offset0: int, sample_stride: int,
-              row_stride: int) -> Tensor:
+              row_stride: int, with_ratio: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """z (n_samples, N, L) for mu, logvar (N, L) with z[k, n, l] = mu + exp(logvar / 2)
     * randn(seed, offset0 + k * sample_stride + n * row_stride + l), straight from
     the sampling kernel: the evaluation's example-major noise layout, drawn where
-    it is used, with no noise tensor. No gradient (evaluation)."""
+    it is used, with no noise tensor. No gradient (evaluation). with_ratio: also
+    log N(z; 0, I) - log q(z) (n_samples, N) from the same eps (exact however
+    small the variance), as (z, log_ratio)."""
     backend = _backend.backend_for(mu.device)
     _validate.dtype_for_backend(backend, mu.dtype)
     mu2, lv2 = flat(mu.detach()), flat(logvar.detach())
     N, L = mu2.shape
     z = _backend.empty_output((n_samples, N, L), like=mu)
+    ratio = _backend.empty_output((n_samples, N), like=mu) if with_ratio else None
     if z.numel() == 0:
-        return z
+        return (z, ratio.zero_()) if with_ratio else z
     last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1
     if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
         raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
     _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed, offset0=offset0,
                     sample_stride=sample_stride, row_stride=row_stride, z=z,
-                    kl=_backend.empty_output((N,), like=mu))
-    return z
+                    kl=_backend.empty_output((N,), like=mu), log_ratio=ratio)
+    return (z, ratio) if with_ratio else z
 
 
 def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,

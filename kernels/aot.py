@@ -55,13 +55,15 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
     seed = meta(dtype=torch.int64)
     if op == "sample_normal":
-        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0, sample_stride=B * L,
-                                            row_stride=L, z=m(K, B, L), kl=m(B))
+        for ratio in (None, m(K, B)):  # training; iwae, which takes log p(z) - log q(z) from the sampler
+            yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0,
+                                                sample_stride=B * L, row_stride=L, z=m(K, B, L), kl=m(B),
+                                                log_ratio=ratio)
         yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), mu=m(B, L), logvar=m(B, L), seed=seed,
                                              dmu=m(B, L), dlogvar=m(B, L))
         # evaluation: the example-major layout of a chunk
         yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
-                                            row_stride=K * L, z=m(K, B, L), kl=m(B))
+                                            row_stride=K * L, z=m(K, B, L), kl=m(B), log_ratio=None)
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
     elif op == "kl_normal":

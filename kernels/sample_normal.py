@@ -27,6 +27,7 @@ def _sample_normal_fwd_kernel(
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L) = (KN, L) sample rows
     kl_ptr,  # (N,)
+    ratio_ptr,  # (KN,): log N(z; 0, I) - log q(z) per sample row, written when WITH_RATIO
     offset0,  # z[k, n, l] uses the noise at offset0 + k * sample_stride + n * row_stride + l
     sample_stride,
     row_stride,
@@ -36,6 +37,7 @@ def _sample_normal_fwd_kernel(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    WITH_RATIO: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # sample rows k * N + n
@@ -43,6 +45,7 @@ def _sample_normal_fwd_kernel(
     n = r % N
     seed = tl.load(seed_ptr)
     kl = tl.zeros([BLOCK_R], dtype=ACC)
+    ratio = tl.zeros([BLOCK_R], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
         mask = r_ok[:, None] & (cols < L)[None, :]
@@ -53,9 +56,14 @@ def _sample_normal_fwd_kernel(
         kl += tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=1)
         noise = offset0 + (r // N)[:, None] * sample_stride + n[:, None] * row_stride + cols[None, :]
         eps = randn(seed, noise, ACC)
-        tl.store(z_ptr + r[:, None] * L + cols[None, :], (mu + s * eps).to(z_ptr.dtype.element_ty), mask=mask)
+        z = mu + s * eps
+        tl.store(z_ptr + r[:, None] * L + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+        if WITH_RATIO:  # from the eps just drawn, never divided back out of z
+            ratio += tl.sum(tl.where(mask, eps * eps + lv - z * z, 0.0), axis=1)
     # the first sample's rows carry the KL of their row
     tl.store(kl_ptr + r, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=r < N)
+    if WITH_RATIO:
+        tl.store(ratio_ptr + r, (0.5 * ratio).to(ratio_ptr.dtype.element_ty), mask=r_ok)
 
 
 @triton.jit(do_not_specialize=["N", "K", "K_PER"])
@@ -101,9 +109,10 @@ def _sample_normal_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, z, kl) -> None:
+def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, z, kl, log_ratio) -> None:
     """z (K, N, L), kl (N,) <- sample_normal of mu, logvar (N, L); seed: () int64 tensor;
-    z[k, n, l] uses the noise at offset0 + k * sample_stride + n * row_stride + l."""
+    z[k, n, l] uses the noise at offset0 + k * sample_stride + n * row_stride + l;
+    log_ratio (K, N), when not None, <- 0.5 * sum_l(eps^2 + logvar - z^2)."""
     K, N, L = z.shape
     rows = block_rows(mu.device)  # rows per program
     if N * L == 0:
@@ -113,9 +122,10 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
         z = torch.empty((1, N, L), dtype=z.dtype, device=z.device)
     BLOCK_L = block_cols(L)
     KN = z.shape[0] * N
+    with_ratio = log_ratio is not None and log_ratio.numel() > 0
     _sample_normal_fwd_kernel[(triton.cdiv(KN, rows),)](
-        mu, logvar, seed, z, kl, offset0, sample_stride, row_stride, N, KN, L,
-        ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
+        mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L,
+        ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
         num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )
 

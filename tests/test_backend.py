@@ -55,19 +55,19 @@ def test_cpp_boundary_checks_shapes_and_dtypes():
     mu = torch.zeros(4, 3).numpy()
     z = torch.zeros(2, 4, 3).numpy()
     with pytest.raises(ValueError, match="kl: expected shape"):
-        _C.sample_normal_forward(mu, mu, 1, 0, 12, 3, z, torch.zeros(5).numpy(), 1)
+        _C.sample_normal_forward(mu, mu, 1, 0, 12, 3, z, torch.zeros(5).numpy(), None, 1)
     with pytest.raises(ValueError, match="logvar: expected shape"):
-        _C.sample_normal_forward(mu, torch.zeros(4, 2).numpy(), 1, 0, 12, 3, z, torch.zeros(4).numpy(), 1)
+        _C.sample_normal_forward(mu, torch.zeros(4, 2).numpy(), 1, 0, 12, 3, z, torch.zeros(4).numpy(), None, 1)
     with pytest.raises(TypeError, match="logvar: expected dtype"):
-        _C.sample_normal_forward(mu, mu.astype("float64"), 1, 0, 12, 3, z, torch.zeros(4).numpy(), 1)
+        _C.sample_normal_forward(mu, mu.astype("float64"), 1, 0, 12, 3, z, torch.zeros(4).numpy(), None, 1)
     with pytest.raises(ValueError, match="C-contiguous"):
-        _C.sample_normal_forward(mu, torch.zeros(3, 4).numpy().T, 1, 0, 12, 3, z, torch.zeros(4).numpy(), 1)
+        _C.sample_normal_forward(mu, torch.zeros(3, 4).numpy().T, 1, 0, 12, 3, z, torch.zeros(4).numpy(), None, 1)
     with pytest.raises(ValueError, match="read-only"):
         ro = torch.zeros(4).numpy()
         ro.flags.writeable = False
-        _C.sample_normal_forward(mu, mu, 1, 0, 12, 3, z, ro, 1)
+        _C.sample_normal_forward(mu, mu, 1, 0, 12, 3, z, ro, None, 1)
     with pytest.raises(ValueError, match="n_threads"):
-        _C.sample_normal_forward(mu, mu, 1, 0, 12, 3, z, torch.zeros(4).numpy(), 0)
+        _C.sample_normal_forward(mu, mu, 1, 0, 12, 3, z, torch.zeros(4).numpy(), None, 0)
     with pytest.raises(TypeError, match="float32 and float64"):
         _C.kl_normal_forward(torch.zeros(2, 2, dtype=torch.int32).numpy(), mu, None, None, torch.zeros(2).numpy(), 1)
     # an optional buffer that is not an array is refused, not converted (a copy would swallow writes)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastvae
 from fastvae import reference
 from fastvae._noise import evaluation_noise, randn_fill
 from fastvae.evaluation import (
@@ -511,3 +512,23 @@ def test_two_processes_give_the_single_process_result(tmp_path):
                     assert_close(got, want, scale * 10, f"{shard}, B={B}, rank {rank}: {name}")
             got = results[(shard, "evaluate")]
             assert_close(got, single_eval, 1 + single_eval.abs(), f"{shard} evaluate, rank {rank}")
+
+
+def test_log_likelihood_survives_a_collapsed_posterior(backend):
+    """logvar = -1e4: the latent term comes from the sampler's eps, so the
+    estimate is finite and float32 agrees with float64 (it was NaN)."""
+    name, device = backend
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 6, generator=g, dtype=F64)
+    x = torch.randn(3, 6, generator=g, dtype=F64)
+    mu = torch.randn(3, 4, generator=g, dtype=F64) * 0.5
+    out = {}
+    for dtype, backend_name in ((torch.float32, name), (F64, "reference")):
+        def encode(a, dtype=dtype):
+            return mu.to(device, dtype), torch.full((3, 4), -1e4, dtype=dtype, device=device)
+
+        with fastvae.use_backend(backend_name):
+            out[dtype] = log_likelihood(x.to(device, dtype), encode, lambda z, dtype=dtype: z @ W.to(device, dtype),
+                                        k=16, chunk_size=5, generator=gen(2))
+    assert torch.isfinite(out[torch.float32]).all()
+    assert_close(out[torch.float32], out[F64], 1 + out[F64].abs(), f"{name} log p(x) at logvar -1e4")
