@@ -52,8 +52,16 @@ def cpp_available() -> bool:
 
 
 def triton_module(module: str):
-    """fastvae.kernels.<module> (imports Triton on first use)."""
-    return importlib.import_module(f"fastvae.kernels.{module}")
+    """fastvae.kernels.<module> (imports Triton on first use: CPU work never does)."""
+    try:
+        return importlib.import_module(f"fastvae.kernels.{module}")
+    except ModuleNotFoundError as err:
+        if err.name != "triton":
+            raise
+        raise RuntimeError(
+            "the triton backend needs Triton, which is not installed: CUDA builds of torch include it; "
+            "otherwise `pip install triton` (or fastvae[gpu])"
+        ) from err
 
 
 def _interpreting() -> bool:

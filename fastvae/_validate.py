@@ -4,6 +4,8 @@ metadata, never at values, so they cost no host synchronisation and trace
 under torch.compile without a graph break."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -49,11 +51,45 @@ def event_dim(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a last (event) dimension, got a 0-d tensor")
 
 
-def positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def integer(name: str, value) -> int:
+    """An integer scalar as users have it (int, NumPy integer, 0-d integer
+    tensor) as an int; bools and floats are refused."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
+            and value.dtype != torch.bool:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def positive_int(name: str, value) -> int:
+    value = integer(name, value)
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def real(name: str, value, *, minimum: float | None = None, tensor_ok: bool = False):
+    """A real scalar as users have it (int, float, NumPy scalar, 0-d tensor) as
+    a float, checked to be finite and >= minimum. With tensor_ok a 0-d
+    floating tensor stays a tensor, unchecked: reading its value would cost a
+    host sync on a GPU, and a tensor changes value under torch.compile
+    without a recompile (an annealing schedule)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real scalar, got a tensor of shape {tuple(value.shape)} "
+                            f"and dtype {value.dtype}")
+        if tensor_ok and value.dtype.is_floating_point:
+            return value
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (math.inf, -math.inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def _physical_memory() -> int:
@@ -82,15 +118,15 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-def sample_count(name: str, value, per_sample: int, like: torch.Tensor) -> None:
+def sample_count(name: str, value, per_sample: int, like: torch.Tensor) -> int:
     """``value`` samples of ``per_sample`` elements each, materialized like
     ``like``, must fit in its device's memory: a huge k is refused here, with
     what it would need, instead of as an allocator error (or an int64
     overflow) deep inside torch."""
-    positive_int(name, value)
+    value = positive_int(name, value)
     nbytes = value * per_sample * like.element_size()
     if nbytes <= 2**30:  # fits anywhere: no device query (which torch.compile could not trace)
-        return
+        return value
     limit = device_memory(like.device)
     if nbytes > limit:
         raise ValueError(
@@ -98,6 +134,7 @@ def sample_count(name: str, value, per_sample: int, like: torch.Tensor) -> None:
             f"more than the {_size(limit)} of {like.device}; lower {name} (fastvae.log_likelihood "
             f"streams over its samples in chunks)"
         )
+    return value
 
 
 def dtype_for_backend(backend: str, dtype: torch.dtype) -> None:

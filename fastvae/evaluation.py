@@ -103,13 +103,13 @@ class _Config:
 
 
 def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, group, with_ratio) -> _Config:
-    _validate.positive_int(k_name, k)
+    k = _validate.positive_int(k_name, k)
     check_likelihood(likelihood)
     if chunk_size is not None:
-        _validate.positive_int("chunk_size", chunk_size)
+        chunk_size = _validate.positive_int("chunk_size", chunk_size)
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET
-    _validate.positive_int("memory_budget", memory_budget)
+    memory_budget = _validate.positive_int("memory_budget", memory_budget)
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
     return _Config(k, likelihood, with_ratio, chunk_size, memory_budget, shard, group)

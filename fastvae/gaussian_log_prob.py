@@ -188,5 +188,9 @@ def gaussian_log_prob(
         scale = 1.0 if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
             raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
-        v = _fixed_logvar(mean.shape[-1], 2.0 * math.log(scale), mean.dtype, mean.device)
+        value = 2.0 * math.log(scale)
+        if torch.compiler.is_compiling():  # a constant of the graph: nothing to cache
+            v = torch.full((mean.shape[-1],), value, dtype=mean.dtype, device=mean.device)
+        else:
+            v = _fixed_logvar(mean.shape[-1], value, mean.dtype, mean.device)
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))

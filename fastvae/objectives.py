@@ -32,6 +32,10 @@ class ELBOTerms(NamedTuple):
     elbo: Tensor  # reconstruction - beta * kl
     reconstruction: Tensor  # E_q[log p(x | z)], averaged over the n_samples draws
     kl: Tensor  # the KL term as it enters the bound: after free bits, before beta
+    # the analytic KL of each latent dimension (before free bits and beta), shape
+    # (L,) reduced over the batch, (..., L) for reduction="none": the
+    # posterior-collapse diagnostic (a dimension near 0 carries no information)
+    kl_per_dim: Tensor
 
 
 class IWAETerms(NamedTuple):
@@ -62,15 +66,6 @@ def _check_inputs(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, reduction:
         raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _check_real(name: str, value: Any, *, minimum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _reduce(t: Tensor, reduction: str) -> Tensor:
@@ -104,9 +99,9 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     """(elbo, reconstruction, kl), unreduced: the one pass of elbo and elbo_terms."""
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
-    _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
-    _check_real("beta", beta, minimum=0.0)
-    _check_real("free_bits", free_bits, minimum=0.0)
+    n_samples = _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
+    beta = _validate.real("beta", beta, minimum=0.0, tensor_ok=True)
+    free_bits = _validate.real("free_bits", free_bits, minimum=0.0)
 
     z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
     sample_shape = () if n_samples == 1 else (n_samples,)
@@ -115,7 +110,8 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
         reconstruction = reconstruction.mean(0)
     if free_bits > 0:
         kl = _free_bits_kl(mu, logvar, free_bits)
-    return reconstruction - (kl if beta == 1.0 else beta * kl), reconstruction, kl
+    weighted = kl if isinstance(beta, float) and beta == 1.0 else beta * kl
+    return reconstruction - weighted, reconstruction, kl
 
 
 def elbo_terms(
@@ -125,7 +121,7 @@ def elbo_terms(
     decode: Callable[[Tensor], Any],
     *,
     likelihood: str = "gaussian",
-    beta: float = 1.0,
+    beta: float | Tensor = 1.0,
     free_bits: float = 0.0,
     n_samples: int = 1,
     reduction: str = "mean",
@@ -135,7 +131,12 @@ def elbo_terms(
     (one pass; for logging). Arguments as fastvae.elbo."""
     terms = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
                   n_samples=n_samples, reduction=reduction, generator=generator)
-    return ELBOTerms(*(_reduce(t, reduction) for t in terms))
+    # kl_normal on (..., L, 1): the per-dimension KL (..., L) from the fused op
+    per_dim = kl_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1))
+    if reduction != "none":
+        per_dim = per_dim.reshape(-1, per_dim.shape[-1])
+        per_dim = per_dim.mean(0) if reduction == "mean" else per_dim.sum(0)
+    return ELBOTerms(*(_reduce(t, reduction) for t in terms), per_dim)
 
 
 def elbo(
@@ -145,7 +146,7 @@ def elbo(
     decode: Callable[[Tensor], Any],
     *,
     likelihood: str = "gaussian",
-    beta: float = 1.0,
+    beta: float | Tensor = 1.0,
     free_bits: float = 0.0,
     n_samples: int = 1,
     reduction: str = "mean",
@@ -166,7 +167,10 @@ def elbo(
             (mean, logvar) pair (learned variance); for "bernoulli", the logits.
             Outputs have x's shape with the sample dimension in front.
         likelihood: "gaussian" or "bernoulli".
-        beta: weight of the KL term (beta-VAE); >= 0.
+        beta: weight of the KL term (beta-VAE); >= 0. Any real scalar (Python,
+            NumPy, 0-d tensor). A 0-d floating tensor (an annealing schedule)
+            is used as is: its value is not checked, which would cost a host
+            sync, and changing it recompiles nothing under torch.compile.
         free_bits: per-latent-dimension KL floor lambda >= 0 (Kingma et al.
             2016): each dimension's KL, averaged over the batch, is replaced by
             max(lambda, that average), so dimensions below the floor get no
@@ -226,10 +230,10 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
     """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and iwae_terms."""
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
-    _validate.sample_count("k", k, mu.numel(), mu)
+    k = _validate.sample_count("k", k, mu.numel(), mu)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    _check_real("alpha", alpha)
+    alpha = _validate.real("alpha", alpha)
 
     # log p(z) - log q(z | x) comes from the sampler, which knows each eps: exact
     # however small the variance (recomputing eps from z overflows when the

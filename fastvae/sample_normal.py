@@ -160,7 +160,7 @@ def sample_normal(
     _validate.event_dim("mu", mu)
     _validate.same_shape(mu=mu, logvar=logvar)
     if n_samples is not None:
-        _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
+        n_samples = _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
     return sample_normal_unchecked(mu, logvar, n_samples, generator)
 
 

@@ -1,4 +1,7 @@
 """Backend choice, the FASTVAE_BACKEND override and the missing-extension message."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -140,3 +143,39 @@ def test_environment_is_read_once_at_import(monkeypatch):
     code = "import fastvae; print(fastvae.backend_info()['sample_normal'])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "reference"
+
+
+def test_cpu_work_imports_no_triton():
+    """Triton is not a dependency (a CPU install has none): training and
+    evaluating on CPU tensors never imports it."""
+    import subprocess
+
+    script = (
+        "import sys, torch, fastvae\n"
+        "x, m = torch.zeros(4, 6), torch.zeros(4, 3)\n"
+        "dec = lambda z: torch.zeros(*z.shape[:-1], 6)\n"
+        "fastvae.elbo(x, m, m, dec, likelihood='bernoulli')\n"
+        "fastvae.iwae(x, m, m, dec, k=3, likelihood='gaussian', estimator='dreg')\n"
+        "fastvae.log_likelihood(x, lambda a: (m, m), dec, k=5, likelihood='gaussian')\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTVAE_BACKEND", "TRITON_INTERPRET")}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+
+
+def test_a_missing_triton_is_explained(monkeypatch):
+    """The triton backend without Triton installed says how to get it."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError("No module named 'triton'", name="triton")
+        return real_import(name, *args, **kwargs)
+
+    for mod in [m for m in list(sys.modules) if m.startswith("fastvae.kernels")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    with pytest.raises(RuntimeError, match="needs Triton, which is not installed"):
+        _backend.triton_module("kl_normal")

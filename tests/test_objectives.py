@@ -508,3 +508,66 @@ def test_iwae_survives_a_collapsed_posterior(backend, logvar_value):
         for got, want, what in zip(g32, g64, ("dmu", "dlogvar")):
             assert torch.isfinite(got).all(), (estimator, what)
             assert_close(got, want, 1 + want.abs(), f"{name} {estimator} {what} at logvar {logvar_value}")
+
+
+def test_scalars_as_users_have_them():
+    """beta, free_bits, alpha: any real scalar (Python, NumPy, 0-d tensor); k and
+    n_samples: any integer scalar. Each gives what the Python number gives."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    x, mu, logvar = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    decode = _linear_decoder(6, 3, torch.float32)
+    want = fastvae.elbo(x, mu, logvar, decode, beta=0.5, free_bits=0.1, n_samples=2, generator=gen(1))
+    for beta, free_bits, n in ((np.float32(0.5), np.float64(0.1), np.int64(2)),
+                               (torch.tensor(0.5), torch.tensor(0.1), torch.tensor(2))):
+        got = fastvae.elbo(x, mu, logvar, decode, beta=beta, free_bits=free_bits, n_samples=n, generator=gen(1))
+        assert torch.allclose(got, want, rtol=1e-6), (type(beta), got, want)
+    want = fastvae.iwae(x, mu, logvar, decode, k=3, alpha=0.3, generator=gen(1))
+    for k, alpha in ((np.int32(3), np.float32(0.3)), (torch.tensor(3), torch.tensor(0.3))):
+        got = fastvae.iwae(x, mu, logvar, decode, k=k, alpha=alpha, generator=gen(1))
+        assert torch.allclose(got, want, rtol=1e-6), (type(k), got, want)
+    with pytest.raises(TypeError, match="k must be an int"):
+        fastvae.iwae(x, mu, logvar, decode, k=np.float64(3.0))
+    with pytest.raises(TypeError, match="beta must be a real scalar"):
+        fastvae.elbo(x, mu, logvar, decode, beta=torch.ones(2))
+
+
+def test_a_tensor_beta_recompiles_nothing():
+    """An annealing schedule passes beta as a 0-d tensor: a new value reuses the compiled graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, mu, logvar = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    decode = _linear_decoder(6, 3, torch.float32)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    loss = torch.compile(lambda b: fastvae.elbo(x, mu, logvar, decode, beta=b), fullgraph=True, backend=backend)
+    for b in (0.1, 0.5, 1.0):
+        torch.manual_seed(3)
+        compiled = loss(torch.tensor(b))
+        torch.manual_seed(3)
+        eager = fastvae.elbo(x, mu, logvar, decode, beta=b)
+        assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
+    assert len(compiles) == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_elbo_terms_kl_per_dim(backend, reduction):
+    """kl_per_dim is each latent dimension's analytic KL, reduced over the batch
+    like the bound, and sums to the KL term (no free bits)."""
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64).to(device)
+    mu, logvar = (torch.randn(5, 3, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    terms = fastvae.elbo_terms(x, mu, logvar, _linear_decoder(6, 3, torch.float64), reduction=reduction)
+    want = 0.5 * (logvar.exp() + mu * mu - 1 - logvar)
+    if reduction != "none":
+        want = want.mean(0) if reduction == "mean" else want.sum(0)
+    assert_close(terms.kl_per_dim, want, 1 + want.abs(), "kl_per_dim")
+    assert_close(terms.kl_per_dim.sum(-1), terms.kl, 1 + terms.kl.abs(), "kl_per_dim sums to kl")
