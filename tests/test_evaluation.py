@@ -532,3 +532,29 @@ def test_log_likelihood_survives_a_collapsed_posterior(backend):
                                         k=16, chunk_size=5, generator=gen(2))
     assert torch.isfinite(out[torch.float32]).all()
     assert_close(out[torch.float32], out[F64], 1 + out[F64].abs(), f"{name} log p(x) at logvar -1e4")
+
+
+def test_evaluation_result_repr_and_ess():
+    """repr is one line (not the per-example tensor); ess_fraction is the mean ESS / K."""
+    encode, decode = mlp_model(5, 2, "mean", seed=1)
+    x = make_data(6, 5, "mean")
+    res = evaluate([x[:3], x[3:]], encode, decode, k=20, likelihood="gaussian", generator=gen(0), progress=False)
+    text = repr(res)
+    assert "\n" not in text and "per_example" not in text and "ess_fraction=" in text
+    stats = log_likelihood(x, encode, decode, k=20, likelihood="gaussian", generator=gen(0), return_stats=True)
+    assert res.ess_fraction == pytest.approx(stats.ess.double().mean().item() / 20, rel=1e-6)
+
+
+def test_degenerate_weights_are_flagged():
+    """An encoder far from the posterior: few weights dominate, and the user is told."""
+    _, decode = mlp_model(5, 2, "mean", seed=1)
+    x = make_data(6, 5, "mean")
+
+    def bad_encode(a):  # a proposal far wider than the posterior: a few samples carry the weight
+        return torch.zeros(a.shape[0], 2, dtype=a.dtype), torch.full((a.shape[0], 2), 4.0, dtype=a.dtype)
+
+    with pytest.warns(RuntimeWarning, match="importance weights are degenerate"):
+        res = evaluate([x], bad_encode, decode, k=200, likelihood="gaussian", generator=gen(0), progress=False)
+    assert res.ess_fraction < 0.05
+    with pytest.warns(RuntimeWarning, match="mean ESS/K"):
+        log_likelihood(x, bad_encode, decode, k=200, likelihood="gaussian", generator=gen(0), return_stats=True)
