@@ -38,12 +38,10 @@ def _backend_params():
     if INTERPRET:
         return [pytest.param(("triton", "cpu"), id="triton-interpreter")]
     params = [pytest.param(("reference", "cpu"), id="reference"), pytest.param(("cpp", "cpu"), id="cpp")]
-    params.append(
-        pytest.param(
-            ("triton", "cuda"), id="triton-cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        )
-    )
+    # Without a GPU the triton-cuda variants are not generated at all (one
+    # named skip in test_backend.py says so), rather than skipped one by one.
+    if torch.cuda.is_available():
+        params.append(pytest.param(("triton", "cuda"), id="triton-cuda"))
     return params
 
 

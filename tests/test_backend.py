@@ -179,3 +179,13 @@ def test_a_missing_triton_is_explained(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_triton)
     with pytest.raises(RuntimeError, match="needs Triton, which is not installed"):
         _backend.triton_module("kl_normal")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the triton-cuda variants of the backend tests are not generated")
+def test_triton_cuda_variants_are_generated_on_a_gpu():
+    """The one place a CPU-only run reports its missing GPU: with one, every
+    backend-parametrized test also runs on the triton backend with CUDA tensors."""
+    from conftest import _backend_params
+
+    assert any(p.id == "triton-cuda" for p in _backend_params())
