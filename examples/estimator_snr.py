@@ -22,7 +22,7 @@ def encoder_gradients(estimator: str, k: int, n: int, seed: int = 0) -> torch.Te
     logvar = torch.tensor([[-0.5, 0.4]], dtype=torch.float64).repeat(n, 1).requires_grad_()
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        bound = fastvae.iwae(x, mu, logvar, dec, k=k, estimator=estimator, reduction="sum")
+        bound = fastvae.iwae(x, mu, logvar, dec, k=k, estimator=estimator, reduction="sum", likelihood="gaussian")
     return torch.cat(torch.autograd.grad(bound, [mu, logvar]), 1)
 
 

@@ -19,6 +19,11 @@ LIKELIHOODS = ("gaussian", "bernoulli")
 
 
 def check_likelihood(likelihood: Any) -> None:
+    if likelihood is None:  # no default: a Gaussian default silently mis-scored Bernoulli models
+        raise ValueError(
+            "likelihood= is required: 'bernoulli' if decode returns logits (binary or [0, 1] data), "
+            "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair"
+        )
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
 

@@ -391,7 +391,7 @@ def log_likelihood(
     decode: Callable[[Tensor], Any],
     *,
     k: int = 5000,
-    likelihood: str = "gaussian",
+    likelihood: str | None = None,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -412,7 +412,8 @@ def log_likelihood(
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
             (mean, logvar) pair, for "bernoulli" the logits.
         k: samples per example (K >= 1; 5000 is the usual report).
-        likelihood: "gaussian" or "bernoulli".
+        likelihood: "gaussian" or "bernoulli", required (there is no default:
+            a wrong one gives a plausible but meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
             every example does not). The result does not depend on it.
@@ -447,7 +448,7 @@ def reconstruction_probability(
     decode: Callable[[Tensor], Any],
     *,
     n_samples: int = 100,
-    likelihood: str = "gaussian",
+    likelihood: str | None = None,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -491,7 +492,7 @@ def evaluate(
     decode: Callable[[Tensor], Any],
     *,
     k: int = 5000,
-    likelihood: str = "gaussian",
+    likelihood: str | None = None,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool | None = None,

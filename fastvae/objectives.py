@@ -120,7 +120,7 @@ def elbo_terms(
     logvar: Tensor,
     decode: Callable[[Tensor], Any],
     *,
-    likelihood: str = "gaussian",
+    likelihood: str | None = None,
     beta: float | Tensor = 1.0,
     free_bits: float = 0.0,
     n_samples: int = 1,
@@ -145,7 +145,7 @@ def elbo(
     logvar: Tensor,
     decode: Callable[[Tensor], Any],
     *,
-    likelihood: str = "gaussian",
+    likelihood: str | None = None,
     beta: float | Tensor = 1.0,
     free_bits: float = 0.0,
     n_samples: int = 1,
@@ -166,7 +166,8 @@ def elbo(
             likelihood="gaussian", the mean (unit variance: squared error) or a
             (mean, logvar) pair (learned variance); for "bernoulli", the logits.
             Outputs have x's shape with the sample dimension in front.
-        likelihood: "gaussian" or "bernoulli".
+        likelihood: "gaussian" or "bernoulli", required (there is no default:
+            a wrong one gives a plausible but meaningless number).
         beta: weight of the KL term (beta-VAE); >= 0. Any real scalar (Python,
             NumPy, 0-d tensor). A 0-d floating tensor (an annealing schedule)
             is used as is: its value is not checked, which would cost a host
@@ -253,7 +254,7 @@ def iwae_terms(
     decode: Callable[[Tensor], Any],
     *,
     k: int = 5,
-    likelihood: str = "gaussian",
+    likelihood: str | None = None,
     estimator: str = "iwae",
     alpha: float = 0.0,
     reduction: str = "mean",
@@ -280,7 +281,7 @@ def iwae(
     decode: Callable[[Tensor], Any],
     *,
     k: int = 5,
-    likelihood: str = "gaussian",
+    likelihood: str | None = None,
     estimator: str = "iwae",
     alpha: float = 0.0,
     reduction: str = "mean",

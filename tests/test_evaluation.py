@@ -227,7 +227,7 @@ def test_float32_matches_float64_oracle(backend):
     encode64, decode64 = mlp_model(D, L, "pair", seed=5)
     encode32, decode32 = mlp_model(D, L, "pair", seed=5, dtype=torch.float32)
     x = make_data(B, D, "pair", seed=6)
-    out = log_likelihood(x.float(), encode32, decode32, k=K, chunk_size=4, generator=gen(2))
+    out = log_likelihood(x.float(), encode32, decode32, k=K, chunk_size=4, generator=gen(2), likelihood="gaussian")
     assert out.dtype == torch.float32
     lw, size = oracle_log_weights(x, encode64, decode64, K, philox_seed_of(2), "pair", True)
     ll, _, _ = oracle_stats(lw)
@@ -244,7 +244,8 @@ def test_float32_matches_float64_oracle(backend):
 def test_exact_posterior_gives_exact_log_likelihood(backend, K, chunk):
     """With q the exact posterior every log-weight is log p(x): the estimate is exact at any K."""
     x, exact, encode, decode, _ = ppca()
-    stats = log_likelihood(x, encode, decode, k=K, chunk_size=chunk, return_stats=True, generator=gen(0))
+    stats = log_likelihood(x, encode, decode, k=K, chunk_size=chunk, return_stats=True, generator=gen(0),
+                           likelihood="gaussian")
     assert_close(stats.log_likelihood, exact, exact.abs() * 100, "log_likelihood")  # ~1e-10
     assert (stats.ess - K).abs().max() <= 1e-9 * K
     if K == 1:
@@ -264,7 +265,7 @@ def test_worse_posterior_gap_shrinks_with_k():
 
     gaps, stderrs = [], []
     for K in (1, 10, 100, 1000):
-        stats = log_likelihood(x, worse, decode, k=K, generator=gen(4), return_stats=True)
+        stats = log_likelihood(x, worse, decode, k=K, generator=gen(4), return_stats=True, likelihood="gaussian")
         gaps.append((exact - stats.log_likelihood).mean().item())
         stderrs.append(stats.stderr.mean().item() if K > 1 else math.inf)
     assert gaps[0] > gaps[1] > gaps[2] > gaps[3], gaps
@@ -281,7 +282,8 @@ def test_reconstruction_probability_converges_to_closed_form():
     mu, logvar = encode(x)
     cov = W @ torch.diag(torch.exp(logvar[0])) @ W.T + sigma**2 * torch.eye(x.shape[1], dtype=F64)
     target = torch.distributions.MultivariateNormal(mu @ W.T + b, covariance_matrix=cov).log_prob(x)
-    stats = reconstruction_probability(x, encode, decode, n_samples=4000, generator=gen(8), return_stats=True)
+    stats = reconstruction_probability(x, encode, decode, n_samples=4000, generator=gen(8), return_stats=True,
+                                       likelihood="gaussian")
     assert ((stats.log_likelihood - target).abs() <= 4 * stats.stderr + 1e-3).all()
     # not the log-likelihood: it leaves out the KL of q to the prior
     assert ((stats.log_likelihood - exact).abs() > 10 * stats.stderr).all()
@@ -314,14 +316,14 @@ def test_chunk_size_does_not_change_the_result(kind):
 def test_seed_and_generator():
     encode, decode = mlp_model(8, 2, "mean")
     x = make_data(3, 8, "mean")
-    a = log_likelihood(x, encode, decode, k=5, generator=gen(7))
-    assert torch.equal(a, log_likelihood(x, encode, decode, k=5, generator=gen(7)))
-    assert not torch.equal(a, log_likelihood(x, encode, decode, k=5, generator=gen(8)))
+    a = log_likelihood(x, encode, decode, k=5, generator=gen(7), likelihood="gaussian")
+    assert torch.equal(a, log_likelihood(x, encode, decode, k=5, generator=gen(7), likelihood="gaussian"))
+    assert not torch.equal(a, log_likelihood(x, encode, decode, k=5, generator=gen(8), likelihood="gaussian"))
     torch.manual_seed(11)
-    b = log_likelihood(x, encode, decode, k=5)
-    c = log_likelihood(x, encode, decode, k=5)
+    b = log_likelihood(x, encode, decode, k=5, likelihood="gaussian")
+    c = log_likelihood(x, encode, decode, k=5, likelihood="gaussian")
     torch.manual_seed(11)
-    assert torch.equal(b, log_likelihood(x, encode, decode, k=5))
+    assert torch.equal(b, log_likelihood(x, encode, decode, k=5, likelihood="gaussian"))
     assert not torch.equal(b, c)
 
 
@@ -358,8 +360,8 @@ def test_evaluate_is_batch_size_invariant_and_reports_the_summary():
 def test_progress_bar_only_when_asked(capsys, monkeypatch):
     encode, decode = mlp_model(5, 2, "mean")
     x = make_data(4, 5, "mean")
-    log_likelihood(x, encode, decode, k=4, chunk_size=1)
-    evaluate([x, x], encode, decode, k=4, progress=False)
+    log_likelihood(x, encode, decode, k=4, chunk_size=1, likelihood="gaussian")
+    evaluate([x, x], encode, decode, k=4, progress=False, likelihood="gaussian")
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
     # the default (progress=None) asks tqdm for a bar that appears only after 2 s
@@ -367,12 +369,12 @@ def test_progress_bar_only_when_asked(capsys, monkeypatch):
     seen = []
     real = tqdm.auto.tqdm
     monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **kw: seen.append(kw) or real(*a, **{**kw, "disable": True}))
-    evaluate([x, x], encode, decode, k=4)
+    evaluate([x, x], encode, decode, k=4, likelihood="gaussian")
     assert len(seen) == 1 and seen[0]["delay"] == 2.0 and not seen[0]["disable"]
     monkeypatch.setattr(tqdm.auto, "tqdm", real)
-    log_likelihood(x, encode, decode, k=4, chunk_size=1, progress=True)
+    log_likelihood(x, encode, decode, k=4, chunk_size=1, progress=True, likelihood="gaussian")
     assert "log-likelihood" in capsys.readouterr().err
-    evaluate([x, x], encode, decode, k=4, progress=True)
+    evaluate([x, x], encode, decode, k=4, progress=True, likelihood="gaussian")
     assert "evaluate" in capsys.readouterr().err
 
 
@@ -381,8 +383,9 @@ def test_all_zero_weights_give_minus_inf_not_nan():
     """A decoder putting the mean at infinity gives log p(x|z) = -inf: the estimate is -inf, ESS 0."""
     encode, _ = mlp_model(4, 2, "mean")
     x = make_data(3, 4, "mean")
-    stats = log_likelihood(x, encode, lambda z: torch.full((*z.shape[:2], 4), math.inf, dtype=F64),
-                           k=5, return_stats=True)
+    with pytest.warns(RuntimeWarning, match="importance weights are degenerate"):  # ESS 0 is flagged
+        stats = log_likelihood(x, encode, lambda z: torch.full((*z.shape[:2], 4), math.inf, dtype=F64),
+                               k=5, return_stats=True, likelihood="gaussian")
     assert (stats.log_likelihood == -math.inf).all()
     assert (stats.ess == 0).all()
 
@@ -395,45 +398,45 @@ def test_validation_errors():
     encode, decode = mlp_model(6, 2, "mean")
     x = make_data(3, 6, "mean")
     with pytest.raises(ValueError, match="k must be >= 1"):
-        log_likelihood(x, encode, decode, k=0)
+        log_likelihood(x, encode, decode, k=0, likelihood="gaussian")
     with pytest.raises(TypeError, match="k must be an int"):
-        log_likelihood(x, encode, decode, k=2.5)
+        log_likelihood(x, encode, decode, k=2.5, likelihood="gaussian")
     with pytest.raises(TypeError, match="k must be an int"):
-        log_likelihood(x, encode, decode, k=True)
+        log_likelihood(x, encode, decode, k=True, likelihood="gaussian")
     with pytest.raises(ValueError, match="n_samples must be >= 1"):
-        reconstruction_probability(x, encode, decode, n_samples=0)
+        reconstruction_probability(x, encode, decode, n_samples=0, likelihood="gaussian")
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
-        log_likelihood(x, encode, decode, k=4, chunk_size=0)
+        log_likelihood(x, encode, decode, k=4, chunk_size=0, likelihood="gaussian")
     with pytest.raises(TypeError, match="chunk_size must be an int"):
-        log_likelihood(x, encode, decode, k=4, chunk_size=2.0)
+        log_likelihood(x, encode, decode, k=4, chunk_size=2.0, likelihood="gaussian")
     with pytest.raises(ValueError, match="memory_budget must be >= 1"):
-        log_likelihood(x, encode, decode, k=4, memory_budget=0)
+        log_likelihood(x, encode, decode, k=4, memory_budget=0, likelihood="gaussian")
     with pytest.raises(ValueError, match="likelihood must be one of"):
         log_likelihood(x, encode, decode, k=4, likelihood="poisson")
     with pytest.raises(ValueError, match="shard must be one of"):
-        log_likelihood(x, encode, decode, k=4, shard="both")
+        log_likelihood(x, encode, decode, k=4, shard="both", likelihood="gaussian")
     with pytest.raises(ValueError, match="shape \\(B, D\\)"):
-        log_likelihood(x[0], encode, decode, k=4)
+        log_likelihood(x[0], encode, decode, k=4, likelihood="gaussian")
     with pytest.raises(TypeError, match="floating-point"):
-        log_likelihood(x.long(), encode, decode, k=4)
+        log_likelihood(x.long(), encode, decode, k=4, likelihood="gaussian")
     with pytest.raises(TypeError, match="\\(mu, logvar\\) pair, got Tensor"):
-        log_likelihood(x, lambda xx: encode(xx)[0], decode, k=4)
+        log_likelihood(x, lambda xx: encode(xx)[0], decode, k=4, likelihood="gaussian")
     with pytest.raises(TypeError, match="pair, got tuple of 3 items"):
-        log_likelihood(x, lambda xx: (*encode(xx), None), decode, k=4)
+        log_likelihood(x, lambda xx: (*encode(xx), None), decode, k=4, likelihood="gaussian")
     with pytest.raises(ValueError, match="mu of shape \\(2, 2\\); expected \\(B, L\\) with B = 3"):
-        log_likelihood(x, lambda xx: tuple(t[:2] for t in encode(xx)), decode, k=4)
+        log_likelihood(x, lambda xx: tuple(t[:2] for t in encode(xx)), decode, k=4, likelihood="gaussian")
     with pytest.raises(ValueError, match="shape mismatch"):
-        log_likelihood(x, lambda xx: (encode(xx)[0], encode(xx)[1][:, :1]), decode, k=4)
+        log_likelihood(x, lambda xx: (encode(xx)[0], encode(xx)[1][:, :1]), decode, k=4, likelihood="gaussian")
     with pytest.raises(TypeError, match="float32 on cpu; x is torch.float64"):
-        log_likelihood(x, lambda xx: tuple(t.float() for t in encode(xx)), decode, k=4)
+        log_likelihood(x, lambda xx: tuple(t.float() for t in encode(xx)), decode, k=4, likelihood="gaussian")
     with pytest.raises(ValueError, match="decode returned a mean of shape \\(3, 3, 5\\); expected \\(3, 3, 6\\)"):
-        log_likelihood(x, encode, lambda z: decode(z)[..., :5], k=4, chunk_size=3)
+        log_likelihood(x, encode, lambda z: decode(z)[..., :5], k=4, chunk_size=3, likelihood="gaussian")
     with pytest.raises(ValueError, match="no examples"):
-        evaluate([], encode, decode, k=4)
+        evaluate([], encode, decode, k=4, likelihood="gaussian")
     with pytest.raises(ValueError, match="batch 1 has D = 5; earlier batches have D = 6"):
-        evaluate([x, x[:, :5]], encode, decode, k=4, progress=False)
+        evaluate([x, x[:, :5]], encode, decode, k=4, progress=False, likelihood="gaussian")
     with pytest.raises(TypeError, match="batch 0 must be a torch.Tensor"):
-        evaluate([("a", "b")], encode, decode, k=4)
+        evaluate([("a", "b")], encode, decode, k=4, likelihood="gaussian")
 
 
 # -- torch.distributed -------------------------------------------------------------------
@@ -451,10 +454,10 @@ _DIST_WORKER = textwrap.dedent("""
     for shard in ("examples", "samples"):
         for B in (5, 1):  # 5 does not split evenly; with 1 example, rank 1 has none
             s = log_likelihood(x[:B], encode, decode, k=7, chunk_size=3, generator=gen(3), shard=shard,
-                               return_stats=True)
+                               return_stats=True, likelihood="gaussian")
             results[(shard, B)] = tuple(s)
         results[(shard, "evaluate")] = evaluate([x[:2], x[2:]], encode, decode, k=7, generator=gen(3),
-                                                shard=shard, progress=False).per_example
+                                                shard=shard, progress=False, likelihood="gaussian").per_example
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 """)
@@ -472,7 +475,7 @@ _MISMATCH_WORKER = textwrap.dedent("""
     raised = {}
     for shard in ("examples", "samples"):
         try:
-            log_likelihood(x, encode, decode, k=7, generator=gen(3), shard=shard)
+            log_likelihood(x, encode, decode, k=7, generator=gen(3), shard=shard, likelihood="gaussian")
             raised[shard] = "returned"
         except ValueError as err:
             raised[shard] = str(err)
@@ -501,12 +504,14 @@ def test_two_processes_give_the_single_process_result(tmp_path):
     run_gloo_ranks(_DIST_WORKER, lambda r: [str(tmp_path / "out"), tests_dir], tmp_path)
     encode, decode = mlp_model(9, 2, "pair", seed=4)
     x = make_data(5, 9, "pair")
-    single_eval = evaluate([x], encode, decode, k=7, generator=gen(3), progress=False).per_example
+    single_eval = evaluate([x], encode, decode, k=7, generator=gen(3), progress=False,
+                           likelihood="gaussian").per_example
     for rank in range(2):
         results = torch.load(tmp_path / f"out.{rank}")
         for shard in ("examples", "samples"):
             for B in (5, 1):
-                single = log_likelihood(x[:B], encode, decode, k=7, generator=gen(3), return_stats=True)
+                single = log_likelihood(x[:B], encode, decode, k=7, generator=gen(3), return_stats=True,
+                                        likelihood="gaussian")
                 for got, want, name in zip(results[(shard, B)], single, single._fields):
                     scale = 1 + want.abs() if name != "stderr" else 1 + want
                     assert_close(got, want, scale * 10, f"{shard}, B={B}, rank {rank}: {name}")
@@ -529,7 +534,7 @@ def test_log_likelihood_survives_a_collapsed_posterior(backend):
 
         with fastvae.use_backend(backend_name):
             out[dtype] = log_likelihood(x.to(device, dtype), encode, lambda z, dtype=dtype: z @ W.to(device, dtype),
-                                        k=16, chunk_size=5, generator=gen(2))
+                                        k=16, chunk_size=5, generator=gen(2), likelihood="gaussian")
     assert torch.isfinite(out[torch.float32]).all()
     assert_close(out[torch.float32], out[F64], 1 + out[F64].abs(), f"{name} log p(x) at logvar -1e4")
 

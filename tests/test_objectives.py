@@ -191,7 +191,7 @@ def test_iwae_k1_is_the_monte_carlo_elbo(backend, likelihood):
 
 def test_renyi_alpha_limits(backend):
     x, mu, logvar, model = make_problem(4, 3, 5, "gaussian", seed=2)
-    kw = dict(k=6, reduction="none")
+    kw = dict(k=6, reduction="none", likelihood="gaussian")
     iwae = fastvae.iwae(x, mu, logvar, model, generator=gen(3), **kw)
     assert torch.equal(fastvae.iwae(x, mu, logvar, model, alpha=0.0, generator=gen(3), **kw), iwae)
     lw = fastvae.iwae_terms(x, mu, logvar, model, generator=gen(3), **kw).log_weights
@@ -208,14 +208,15 @@ def test_renyi_alpha_limits(backend):
 def test_iwae_bound_does_not_decrease_with_k_on_average():
     x, mu, logvar, model = make_problem(2000, 2, 4, "gaussian", seed=3, lv_scale=0.5)
     with torch.no_grad():
-        means = [fastvae.iwae(x, mu, logvar, model, k=k, generator=gen(k)).item() for k in (1, 4, 32)]
+        means = [fastvae.iwae(x, mu, logvar, model, k=k, generator=gen(k),
+                              likelihood="gaussian").item() for k in (1, 4, 32)]
     assert means[0] < means[1] < means[2], means
 
 
 def test_estimators_return_the_same_value_for_the_same_seed(backend):
     x, mu, logvar, model = make_problem(6, 3, 5, "gaussian", learned_var=True, seed=8)
     values = [fastvae.iwae(x, mu, logvar, model, k=7, estimator=e, alpha=0.3, reduction="none",
-                           generator=gen(4)) for e in ("iwae", "dreg", "stl")]
+                           generator=gen(4), likelihood="gaussian") for e in ("iwae", "dreg", "stl")]
     assert torch.equal(values[0], values[1]) and torch.equal(values[0], values[2])
 
 
@@ -240,7 +241,8 @@ def _encoder_gradients(estimator, k, n):
     x = torch.tensor([[0.5, -1.0, 2.0, 0.3]], dtype=torch.float64).expand(n, 4)
     mu = torch.tensor([[0.3, -0.2]], dtype=torch.float64).repeat(n, 1).requires_grad_()
     logvar = torch.tensor([[-0.5, 0.4]], dtype=torch.float64).repeat(n, 1).requires_grad_()
-    bound = fastvae.iwae(x, mu, logvar, model, k=k, estimator=estimator, reduction="sum", generator=gen(77))
+    bound = fastvae.iwae(x, mu, logvar, model, k=k, estimator=estimator, reduction="sum", generator=gen(77),
+                         likelihood="gaussian")
     dmu, dlv = torch.autograd.grad(bound, [mu, logvar])
     return torch.cat([dmu, dlv], 1)  # (n, 4)
 
@@ -272,13 +274,14 @@ def test_free_bits_floor_per_dimension_then_beta(backend):
         logvar[:, 0] *= 0.01
         mu[:, 1] += 3.0  # dimension 1: far above
     lam, beta = 0.2, 0.5
-    out = fastvae.elbo_terms(x, mu, logvar, model, free_bits=lam, beta=beta, generator=gen(2))
+    out = fastvae.elbo_terms(x, mu, logvar, model, free_bits=lam, beta=beta, generator=gen(2), likelihood="gaussian")
     per_dim = 0.5 * (logvar.exp() + mu**2 - 1 - logvar)
     kl_fb = torch.clamp(per_dim.mean(0), min=lam).sum()
     assert_close(out.kl, kl_fb, per_dim.abs().sum() + 1, "free-bits kl")
     assert_close(out.elbo, out.reconstruction - beta * kl_fb, out.reconstruction.abs() + kl_fb + 1, "elbo")
     # per-example values average to the same bound; floored dimensions get no KL gradient
-    none = fastvae.elbo_terms(x, mu, logvar, model, free_bits=lam, beta=beta, reduction="none", generator=gen(2))
+    none = fastvae.elbo_terms(x, mu, logvar, model, free_bits=lam, beta=beta, reduction="none", generator=gen(2),
+                              likelihood="gaussian")
     assert_close(none.kl.mean(), out.kl, out.kl.abs() + 1, "none vs mean")
     dmu, dlv = torch.autograd.grad(out.kl, [mu, logvar])
     assert (per_dim.mean(0)[0] < lam) and (per_dim.mean(0)[1] > lam)
@@ -296,8 +299,8 @@ def test_conditional_decoder_closing_over_labels(backend):
     def decode(z):  # z: (B, L) or (k, B, L)
         return dec(torch.cat([z, onehot.expand(*z.shape[:-1], 3)], -1))
 
-    for value in (fastvae.elbo(x, mu, logvar, decode, n_samples=3, generator=gen(1)),
-                  fastvae.iwae(x, mu, logvar, decode, k=4, generator=gen(1))):
+    for value in (fastvae.elbo(x, mu, logvar, decode, n_samples=3, generator=gen(1), likelihood="gaussian"),
+                  fastvae.iwae(x, mu, logvar, decode, k=4, generator=gen(1), likelihood="gaussian")):
         assert torch.isfinite(value)
         gw = torch.autograd.grad(value, dec.weight)[0]
         assert torch.isfinite(gw).all() and gw[:, 3:].abs().sum() > 0  # the labels reach the loss
@@ -330,7 +333,7 @@ def test_all_neg_inf_log_weights_give_neg_inf_and_no_nan_gradient(backend):
 def test_elbo_validation(kwargs, err, match):
     x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
     with pytest.raises(err, match=match):
-        fastvae.elbo(x, mu, logvar, model, **kwargs)
+        fastvae.elbo(x, mu, logvar, model, **{"likelihood": "gaussian", **kwargs})
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
@@ -342,25 +345,25 @@ def test_elbo_validation(kwargs, err, match):
 def test_iwae_validation(kwargs, err, match):
     x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
     with pytest.raises(err, match=match):
-        fastvae.iwae(x, mu, logvar, model, **kwargs)
+        fastvae.iwae(x, mu, logvar, model, **{"likelihood": "gaussian", **kwargs})
 
 
 def test_shape_errors_name_the_argument():
     x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
     with pytest.raises(ValueError, match="x and mu must share their batch shape"):
-        fastvae.elbo(x[:2], mu, logvar, model)
+        fastvae.elbo(x[:2], mu, logvar, model, likelihood="gaussian")
     with pytest.raises(ValueError, match="shape mismatch: mu .* logvar"):
-        fastvae.iwae(x, mu, logvar[:, :1], model)
+        fastvae.iwae(x, mu, logvar[:, :1], model, likelihood="gaussian")
     with pytest.raises(ValueError, match=r"decode returned a mean of shape \(4, 3, 5\); expected \(4, 3, 4\)"):
-        fastvae.iwae(x, mu, logvar, lambda z: torch.zeros(*z.shape[:-1], 5, dtype=z.dtype), k=4)
+        fastvae.iwae(x, mu, logvar, lambda z: torch.zeros(*z.shape[:-1], 5, dtype=z.dtype), k=4, likelihood="gaussian")
     with pytest.raises(ValueError, match="logits of shape"):
         fastvae.elbo(x, mu, logvar, lambda z: z, likelihood="bernoulli")
     with pytest.raises(ValueError, match=r"\(mean, logvar\) pair"):
-        fastvae.elbo(x, mu, logvar, lambda z: (model(z), model(z), model(z)))
+        fastvae.elbo(x, mu, logvar, lambda z: (model(z), model(z), model(z)), likelihood="gaussian")
     with pytest.raises(TypeError, match="decode must be callable"):
-        fastvae.elbo(x, mu, logvar, "decoder")
+        fastvae.elbo(x, mu, logvar, "decoder", likelihood="gaussian")
     with pytest.raises(TypeError, match="dtype mismatch"):
-        fastvae.elbo(x.float(), mu, logvar, model)
+        fastvae.elbo(x.float(), mu, logvar, model, likelihood="gaussian")
 
 
 # -- torch.compile -----------------------------------------------------------------
@@ -378,8 +381,8 @@ def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimat
 
     def loss(x):
         mu, logvar = enc(x).chunk(2, -1)
-        return -(fastvae.elbo(x, mu, logvar, dec, beta=0.5, free_bits=0.1)
-                 + fastvae.iwae(x, mu, logvar, dec, k=4, estimator=estimator)
+        return -(fastvae.elbo(x, mu, logvar, dec, beta=0.5, free_bits=0.1, likelihood="gaussian")
+                 + fastvae.iwae(x, mu, logvar, dec, k=4, estimator=estimator, likelihood="gaussian")
                  + fastvae.iwae(torch.sigmoid(x), mu, logvar, dec, k=3, likelihood="bernoulli", alpha=0.5))
 
     assert_compiled_matches_eager(loss, (x,), params, torch_seed=5)
@@ -418,8 +421,8 @@ def test_huge_sample_counts_are_refused_with_what_they_need(k):
         return torch.zeros(*z.shape[:-1], 5)
 
     for name, call in (
-        ("k", lambda: fastvae.iwae(x, mu, logvar, decode, k=k)),
-        ("n_samples", lambda: fastvae.elbo(x, mu, logvar, decode, n_samples=k)),
+        ("k", lambda: fastvae.iwae(x, mu, logvar, decode, k=k, likelihood="gaussian")),
+        ("n_samples", lambda: fastvae.elbo(x, mu, logvar, decode, n_samples=k, likelihood="gaussian")),
         ("n_samples", lambda: fastvae.sample_normal(mu, logvar, k)),
     ):
         with pytest.raises(ValueError, match=rf"^{name}={k} would need .* (TB|PB|EB), more than"):
@@ -493,11 +496,12 @@ def test_iwae_survives_a_collapsed_posterior(backend, logvar_value):
         for estimator in ("iwae", "dreg", "stl"):
             with fastvae.use_backend(name if dtype == torch.float32 else "reference"):
                 bound = fastvae.iwae(x.to(device, dtype), m, lv, decode, k=k, estimator=estimator,
-                                     generator=gen(1))
+                                     generator=gen(1), likelihood="gaussian")
             grads = torch.autograd.grad(bound, (m, lv), allow_unused=True)
             results[dtype, estimator] = (bound, grads)
     elbo = fastvae.elbo(x.to(device, torch.float32), mu.to(device, torch.float32),
-                        logvar.to(device, torch.float32), _linear_decoder(D, L, torch.float32), generator=gen(1))
+                        logvar.to(device, torch.float32), _linear_decoder(D, L, torch.float32), generator=gen(1),
+                        likelihood="gaussian")
     for estimator in ("iwae", "dreg", "stl"):
         (b32, g32), (b64, g64) = results[torch.float32, estimator], results[torch.float64, estimator]
         assert torch.isfinite(b32), (estimator, b32)
@@ -518,19 +522,21 @@ def test_scalars_as_users_have_them():
     g = torch.Generator().manual_seed(0)
     x, mu, logvar = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
     decode = _linear_decoder(6, 3, torch.float32)
-    want = fastvae.elbo(x, mu, logvar, decode, beta=0.5, free_bits=0.1, n_samples=2, generator=gen(1))
+    want = fastvae.elbo(x, mu, logvar, decode, beta=0.5, free_bits=0.1, n_samples=2, generator=gen(1),
+                        likelihood="gaussian")
     for beta, free_bits, n in ((np.float32(0.5), np.float64(0.1), np.int64(2)),
                                (torch.tensor(0.5), torch.tensor(0.1), torch.tensor(2))):
-        got = fastvae.elbo(x, mu, logvar, decode, beta=beta, free_bits=free_bits, n_samples=n, generator=gen(1))
+        got = fastvae.elbo(x, mu, logvar, decode, beta=beta, free_bits=free_bits, n_samples=n, generator=gen(1),
+                           likelihood="gaussian")
         assert torch.allclose(got, want, rtol=1e-6), (type(beta), got, want)
-    want = fastvae.iwae(x, mu, logvar, decode, k=3, alpha=0.3, generator=gen(1))
+    want = fastvae.iwae(x, mu, logvar, decode, k=3, alpha=0.3, generator=gen(1), likelihood="gaussian")
     for k, alpha in ((np.int32(3), np.float32(0.3)), (torch.tensor(3), torch.tensor(0.3))):
-        got = fastvae.iwae(x, mu, logvar, decode, k=k, alpha=alpha, generator=gen(1))
+        got = fastvae.iwae(x, mu, logvar, decode, k=k, alpha=alpha, generator=gen(1), likelihood="gaussian")
         assert torch.allclose(got, want, rtol=1e-6), (type(k), got, want)
     with pytest.raises(TypeError, match="k must be an int"):
-        fastvae.iwae(x, mu, logvar, decode, k=np.float64(3.0))
+        fastvae.iwae(x, mu, logvar, decode, k=np.float64(3.0), likelihood="gaussian")
     with pytest.raises(TypeError, match="beta must be a real scalar"):
-        fastvae.elbo(x, mu, logvar, decode, beta=torch.ones(2))
+        fastvae.elbo(x, mu, logvar, decode, beta=torch.ones(2), likelihood="gaussian")
 
 
 def test_a_tensor_beta_recompiles_nothing():
@@ -547,12 +553,13 @@ def test_a_tensor_beta_recompiles_nothing():
         compiles.append(gm)
         return gm.forward
 
-    loss = torch.compile(lambda b: fastvae.elbo(x, mu, logvar, decode, beta=b), fullgraph=True, backend=backend)
+    loss = torch.compile(lambda b: fastvae.elbo(x, mu, logvar, decode, beta=b,
+                                                likelihood="gaussian"), fullgraph=True, backend=backend)
     for b in (0.1, 0.5, 1.0):
         torch.manual_seed(3)
         compiled = loss(torch.tensor(b))
         torch.manual_seed(3)
-        eager = fastvae.elbo(x, mu, logvar, decode, beta=b)
+        eager = fastvae.elbo(x, mu, logvar, decode, beta=b, likelihood="gaussian")
         assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
     assert len(compiles) == 1
 
@@ -565,9 +572,21 @@ def test_elbo_terms_kl_per_dim(backend, reduction):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 6, generator=g, dtype=torch.float64).to(device)
     mu, logvar = (torch.randn(5, 3, generator=g, dtype=torch.float64).to(device) for _ in range(2))
-    terms = fastvae.elbo_terms(x, mu, logvar, _linear_decoder(6, 3, torch.float64), reduction=reduction)
+    terms = fastvae.elbo_terms(x, mu, logvar, _linear_decoder(6, 3, torch.float64), reduction=reduction,
+                               likelihood="gaussian")
     want = 0.5 * (logvar.exp() + mu * mu - 1 - logvar)
     if reduction != "none":
         want = want.mean(0) if reduction == "mean" else want.sum(0)
     assert_close(terms.kl_per_dim, want, 1 + want.abs(), "kl_per_dim")
     assert_close(terms.kl_per_dim.sum(-1), terms.kl, 1 + terms.kl.abs(), "kl_per_dim sums to kl")
+
+
+def test_likelihood_has_no_default():
+    """A missing likelihood= is an error naming the choices, never a silent Gaussian."""
+    x, mu = torch.zeros(2, 3), torch.zeros(2, 2)
+    dec = _linear_decoder(3, 2, torch.float32)
+    for call in (lambda: fastvae.elbo(x, mu, mu, dec), lambda: fastvae.iwae(x, mu, mu, dec, k=2),
+                 lambda: fastvae.log_likelihood(x, lambda a: (mu, mu), dec, k=2),
+                 lambda: fastvae.evaluate([x], lambda a: (mu, mu), dec, k=2, progress=False)):
+        with pytest.raises(ValueError, match="likelihood= is required: 'bernoulli' if decode returns logits"):
+            call()
