@@ -40,18 +40,34 @@ def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...])
     return out
 
 
-def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[int, ...]) -> Tensor:
-    """log p(x | z) summed over x's event dimension, shape (*sample_shape, B).
+def _flat_events(t: Tensor, lead: int) -> Tensor:
+    """t with every dimension after the first ``lead`` merged into one: a view
+    of a contiguous tensor (a conv decoder's output), a copy otherwise."""
+    return t.reshape(*t.shape[:lead], -1)
+
+
+def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[int, ...],
+                     batch_ndim: int = 1) -> Tensor:
+    """log p(x | z) summed over all of x's event dimensions, shape (*sample_shape, *batch).
 
     Args:
-        x: data (B, D).
-        out: decode(z) for z of shape (*sample_shape, B, L).
+        x: data (*batch, *event): the first ``batch_ndim`` dimensions are the
+            batch (mu's leading shape), the rest one event of any shape, e.g.
+            (C, H, W) images.
+        out: decode(z) for z of shape (*sample_shape, *batch, L): the decoder
+            output of shape (*sample_shape, *x.shape), or a (mean, logvar) pair.
         likelihood: "gaussian" or "bernoulli" (see the module docstring).
         sample_shape: () for one sample, (K,) for K samples.
     """
+    events = x.dim() - batch_ndim
+    lead = len(sample_shape) + batch_ndim
+
+    def flat(t: Tensor, lead_dims: int) -> Tensor:
+        return t if events == 1 else _flat_events(t, lead_dims)
+
     if likelihood == "bernoulli":
         logits = _check_output("logits", out, x, sample_shape)
-        return bernoulli_log_prob(x, logits)
+        return bernoulli_log_prob(flat(x, batch_ndim), flat(logits, lead))
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
             raise ValueError(
@@ -62,6 +78,8 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         logvar = out[1]
         if not isinstance(logvar, Tensor):
             raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
-        return gaussian_log_prob(x, mean, logvar)
+        if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
+            logvar = flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead)
+        return gaussian_log_prob(flat(x, batch_ndim), flat(mean, lead), logvar)
     mean = _check_output("mean", out, x, sample_shape)
-    return gaussian_log_prob(x, mean)
+    return gaussian_log_prob(flat(x, batch_ndim), flat(mean, lead))

@@ -143,8 +143,8 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
 
 def _check_x(x: Any, what: str = "x") -> None:
     _validate.float_tensors(**{what: x})
-    if x.dim() != 2:
-        raise ValueError(f"{what} must have shape (B, D) (flatten images first), got {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"{what} must have shape (B, *event), e.g. (B, D) or (B, C, H, W); got {tuple(x.shape)}")
 
 
 def _encode(encode: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,7 +192,7 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
             g0: int, k0: int, k1: int, bar) -> tuple[LogMeanExpState, LogMeanExpState]:
     """States of log w and of 2 log w over samples [k0, k1) of K for the n
     local examples, whose global indices start at g0."""
-    n, D = x.shape
+    n, D = x.shape[0], math.prod(x.shape[1:])
     L = mu.shape[1]
     if k1 <= k0 or n == 0:
         return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
@@ -368,7 +368,7 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        total = _n_steps(cfg, b1 - b0, k1 - k0, x.shape[1], mu.shape[1], x.element_size())
+        total = _n_steps(cfg, b1 - b0, k1 - k0, math.prod(x.shape[1:]), mu.shape[1], x.element_size())
         bar = tqdm(total=total, unit="chunk", desc="log-likelihood", leave=False)
     try:
         st1, st2 = _states(xs, mu, logvar, decode, cfg, seed, g0 + b0, k0, k1, bar)
@@ -405,8 +405,9 @@ def log_likelihood(
     2015, whose expectation rises to log p(x) as K grows).
 
     Args:
-        x: data (B, D), float32 or float64, or float16/bfloat16 on CUDA
-            (log-weights accumulate in float32); flatten images first.
+        x: data (B, *event), e.g. (B, D) or (B, C, H, W) images, float32 or
+            float64, or float16/bfloat16 on CUDA (log-weights accumulate in
+            float32). decode returns (K_c, B, *event).
         encode: x (B, D) -> (mu, logvar), each (B, L): q(z|x) = N(mu, diag(exp(logvar))).
         decode: z (K_c, B, L) -> the decoder output for every sample, shape
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
@@ -501,7 +502,7 @@ def evaluate(
     group=None,
 ) -> EvaluationResult:
     """Dataset log-likelihood: :func:`log_likelihood` over every batch of
-    ``data`` (a DataLoader or any iterable of (B, D) tensors, or of tuples
+    ``data`` (a DataLoader or any iterable of (B, *event) tensors, or of tuples
     whose first element is that tensor, e.g. (x, y)).
 
     Example g of the dataset (counted across batches) always gets the same
@@ -528,10 +529,12 @@ def evaluate(
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 _check_x(x, f"batch {i}")
                 if D is None:
-                    D = x.shape[1]
+                    event = x.shape[1:]
+                    D = math.prod(event)
                     seed = _shared_seed(x, generator, cfg)
-                elif x.shape[1] != D:
-                    raise ValueError(f"batch {i} has D = {x.shape[1]}; earlier batches have D = {D}")
+                elif x.shape[1:] != event:
+                    raise ValueError(f"batch {i} has event shape {tuple(x.shape[1:])}; earlier batches have "
+                                     f"{tuple(event)}")
                 stats = _estimate(x, encode, decode, cfg, seed, g, False)
                 g += x.shape[0]
                 lls.append(stats.log_likelihood)

@@ -57,10 +57,11 @@ def _check_inputs(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, reduction:
     _validate.event_dim("x", x)
     _validate.event_dim("mu", mu)
     _validate.same_shape(mu=mu, logvar=logvar)
-    if x.shape[:-1] != mu.shape[:-1]:
+    batch = mu.shape[:-1]
+    if x.dim() <= len(batch) or x.shape[:len(batch)] != batch:
         raise ValueError(
-            f"x and mu must share their batch shape (all but the last dimension): x has shape "
-            f"{tuple(x.shape)}, mu has shape {tuple(mu.shape)}"
+            f"x must have mu's batch shape {tuple(batch)} followed by its event shape (e.g. (C, H, W) "
+            f"for images): x has shape {tuple(x.shape)}, mu has shape {tuple(mu.shape)}"
         )
     if not callable(decode):
         raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
@@ -105,7 +106,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
 
     z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
     sample_shape = () if n_samples == 1 else (n_samples,)
-    reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape)
+    reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape, mu.dim() - 1)
     if n_samples > 1:
         reconstruction = reconstruction.mean(0)
     if free_bits > 0:
@@ -157,7 +158,11 @@ def elbo(
     Higher is better: train with ``loss = -fastvae.elbo(...)``.
 
     Args:
-        x: data of shape (B, D) (any leading batch shape (..., D) works).
+        x: data of shape (B, *event): (B, D) vectors or (B, C, H, W) images
+            (any batch shape works: mu's leading shape, then the event). The
+            likelihood sums over every event dimension, with no copy for a
+            contiguous decoder output. A conv decoder takes z (..., L) in one
+            line: ``lambda z: net(z.reshape(-1, L)).reshape(*z.shape[:-1], C, H, W)``.
         mu, logvar: the encoder's output for x, shape (B, L): q(z|x) =
             N(mu, diag(exp(logvar))).
         decode: any callable z -> decoder output (an nn.Module, a lambda, a
@@ -240,7 +245,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
     # however small the variance (recomputing eps from z overflows when the
     # posterior collapses)
     z, kl, latent = SampleNormalWithRatio.apply(mu, logvar, draw_seed(mu.device, generator), k, estimator != "iwae")
-    reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,))
+    reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,), mu.dim() - 1)
     lw = reconstruction + latent
     if estimator == "dreg":
         _dreg_z_scale(z, latent, lw, alpha)

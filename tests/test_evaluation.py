@@ -415,7 +415,7 @@ def test_validation_errors():
         log_likelihood(x, encode, decode, k=4, likelihood="poisson")
     with pytest.raises(ValueError, match="shard must be one of"):
         log_likelihood(x, encode, decode, k=4, shard="both", likelihood="gaussian")
-    with pytest.raises(ValueError, match="shape \\(B, D\\)"):
+    with pytest.raises(ValueError, match=r"shape \(B, \*event\)"):
         log_likelihood(x[0], encode, decode, k=4, likelihood="gaussian")
     with pytest.raises(TypeError, match="floating-point"):
         log_likelihood(x.long(), encode, decode, k=4, likelihood="gaussian")
@@ -433,7 +433,7 @@ def test_validation_errors():
         log_likelihood(x, encode, lambda z: decode(z)[..., :5], k=4, chunk_size=3, likelihood="gaussian")
     with pytest.raises(ValueError, match="no examples"):
         evaluate([], encode, decode, k=4, likelihood="gaussian")
-    with pytest.raises(ValueError, match="batch 1 has D = 5; earlier batches have D = 6"):
+    with pytest.raises(ValueError, match="batch 1 has event shape \\(5,\\); earlier batches have \\(6,\\)"):
         evaluate([x, x[:, :5]], encode, decode, k=4, progress=False, likelihood="gaussian")
     with pytest.raises(TypeError, match="batch 0 must be a torch.Tensor"):
         evaluate([("a", "b")], encode, decode, k=4, likelihood="gaussian")
