@@ -5,12 +5,17 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   squared-error loss plus a constant) or a (mean, logvar) pair (a decoder
   that learns its variance; logvar per element or broadcastable to the mean).
 - likelihood="bernoulli": decode(z) returns the logits.
+- or decode(z) returns a torch.distributions Bernoulli (logits or probs),
+  Normal, or Independent of either, and the likelihood follows from it
+  (likelihood= may then be omitted).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal
 
 from .bernoulli_log_prob import bernoulli_log_prob
 from .gaussian_log_prob import gaussian_log_prob
@@ -18,14 +23,69 @@ from .gaussian_log_prob import gaussian_log_prob
 LIKELIHOODS = ("gaussian", "bernoulli")
 
 
+def diagonal_posterior(q: Distribution) -> tuple[Tensor, Tensor]:
+    """(mu, logvar) of a torch Normal or Independent(Normal, 1) posterior, the
+    distribution the fused sampler draws from (differentiable in its loc and
+    scale); others are refused by name."""
+    base, reinterpreted = (q.base_dist, q.reinterpreted_batch_ndims) if isinstance(q, Independent) else (q, 0)
+    if type(base) is Normal and reinterpreted <= 1:
+        return base.loc, 2.0 * torch.log(base.scale)
+    if isinstance(base, MultivariateNormal):
+        raise TypeError("a full-covariance posterior (MultivariateNormal) has no fused path yet: pass its "
+                        "diagonal as Normal, or compute the loss with torch.distributions")
+    raise TypeError(f"the posterior must be a torch Normal or Independent(Normal, 1) (diagonal Gaussian), "
+                    f"got {type(q).__name__}")
+
+
+def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[Any, Any, Any]:
+    """(mu, logvar, decode) from either calling form: (x, mu, logvar, decode)
+    or (x, q, decode) with q a torch Normal / Independent(Normal, 1)."""
+    if isinstance(mu, Distribution):
+        if decode is None:  # (x, q, decode): decode arrived in logvar's place
+            decode, logvar = logvar, None
+        if logvar is not None:
+            raise TypeError("with a distribution as the posterior, call (x, q, decode), without logvar")
+        mu, logvar = diagonal_posterior(mu)
+    elif decode is None or logvar is None:
+        raise TypeError("pass (x, mu, logvar, decode), or (x, q, decode) with q a torch Normal")
+    return mu, logvar, decode
+
+
+_REQUIRED = (
+    "likelihood= is required: 'bernoulli' if decode returns logits (binary or [0, 1] data), "
+    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair; or let decode "
+    "return a torch.distributions Bernoulli, Normal or Independent(Normal)"
+)
+
+
 def check_likelihood(likelihood: Any) -> None:
-    if likelihood is None:  # no default: a Gaussian default silently mis-scored Bernoulli models
-        raise ValueError(
-            "likelihood= is required: 'bernoulli' if decode returns logits (binary or [0, 1] data), "
-            "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair"
-        )
-    if likelihood not in LIKELIHOODS:
+    """A valid likelihood name, or None: then decode must return a torch
+    distribution, which implies it (checked when decode has run)."""
+    if likelihood is not None and likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
+def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int) -> tuple[str, Any]:
+    """(likelihood, decoder output) for a torch distribution that a fused
+    likelihood computes exactly; anything else is refused by name."""
+    base, reinterpreted = (d.base_dist, d.reinterpreted_batch_ndims) if isinstance(d, Independent) else (d, 0)
+    if reinterpreted > event_ndim:
+        raise ValueError(f"decode returned {type(d).__name__} with {reinterpreted} event dimensions; "
+                         f"x has {event_ndim}")
+    if type(base) is Bernoulli:
+        implied, out = "bernoulli", base.logits
+    elif type(base) is Normal:
+        implied, out = "gaussian", (base.loc, 2.0 * torch.log(base.scale))
+    else:
+        raise TypeError(
+            f"decode returned a {type(base).__name__} distribution; the fused likelihoods compute "
+            f"Bernoulli (logits or probs), Normal and Independent(Normal) exactly. For others, e.g. "
+            f"ContinuousBernoulli (whose normalizer they omit), compute the loss with torch.distributions"
+        )
+    if likelihood is not None and likelihood != implied:
+        raise ValueError(f"decode returned {type(d).__name__} but likelihood={likelihood!r}: drop likelihood= "
+                         f"(the distribution implies {implied!r}) or make them agree")
+    return implied, out
 
 
 def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
@@ -55,12 +115,18 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
             batch (mu's leading shape), the rest one event of any shape, e.g.
             (C, H, W) images.
         out: decode(z) for z of shape (*sample_shape, *batch, L): the decoder
-            output of shape (*sample_shape, *x.shape), or a (mean, logvar) pair.
-        likelihood: "gaussian" or "bernoulli" (see the module docstring).
+            output of shape (*sample_shape, *x.shape), a (mean, logvar) pair, or
+            a torch distribution (Bernoulli, Normal, Independent of either).
+        likelihood: "gaussian" or "bernoulli" (see the module docstring); None
+            when out is a distribution, which implies it.
         sample_shape: () for one sample, (K,) for K samples.
     """
     events = x.dim() - batch_ndim
     lead = len(sample_shape) + batch_ndim
+    if isinstance(out, Distribution):
+        likelihood, out = _from_distribution(out, likelihood, events)
+    elif likelihood is None:
+        raise ValueError(_REQUIRED)
 
     def flat(t: Tensor, lead_dims: int) -> Tensor:
         return t if events == 1 else _flat_events(t, lead_dims)

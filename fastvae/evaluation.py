@@ -28,10 +28,11 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributions import Distribution
 
 from . import _validate
 from ._backend import accumulation_dtype
-from ._decoder import check_likelihood, decoder_log_prob
+from ._decoder import check_likelihood, decoder_log_prob, diagonal_posterior
 from ._op import draw_seed
 from .logmeanexp import (
     LogMeanExpState,
@@ -149,6 +150,8 @@ def _check_x(x: Any, what: str = "x") -> None:
 
 def _encode(encode: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
     out = encode(x)
+    if isinstance(out, Distribution):  # a torch Normal posterior
+        out = diagonal_posterior(out)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError(f"encode(x) must return a (mu, logvar) pair, got {type(out).__name__}"
                         + (f" of {len(out)} items" if isinstance(out, (tuple, list)) else ""))

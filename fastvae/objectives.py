@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributions import Distribution
 
 from . import _validate
-from ._decoder import check_likelihood, decoder_log_prob
+from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._op import draw_seed
 from .kl_normal import kl_normal
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
@@ -98,6 +99,7 @@ def _free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
 
 def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator):
     """(elbo, reconstruction, kl), unreduced: the one pass of elbo and elbo_terms."""
+    mu, logvar, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
     n_samples = _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
@@ -117,9 +119,9 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
 
 def elbo_terms(
     x: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
-    decode: Callable[[Tensor], Any],
+    mu: Tensor | Distribution,
+    logvar: Tensor | Callable[[Tensor], Any] | None = None,
+    decode: Callable[[Tensor], Any] | None = None,
     *,
     likelihood: str | None = None,
     beta: float | Tensor = 1.0,
@@ -142,9 +144,9 @@ def elbo_terms(
 
 def elbo(
     x: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
-    decode: Callable[[Tensor], Any],
+    mu: Tensor | Distribution,
+    logvar: Tensor | Callable[[Tensor], Any] | None = None,
+    decode: Callable[[Tensor], Any] | None = None,
     *,
     likelihood: str | None = None,
     beta: float | Tensor = 1.0,
@@ -164,7 +166,9 @@ def elbo(
             contiguous decoder output. A conv decoder takes z (..., L) in one
             line: ``lambda z: net(z.reshape(-1, L)).reshape(*z.shape[:-1], C, H, W)``.
         mu, logvar: the encoder's output for x, shape (B, L): q(z|x) =
-            N(mu, diag(exp(logvar))).
+            N(mu, diag(exp(logvar))). Or call ``elbo(x, q, decode)`` with q a
+            torch Normal or Independent(Normal, 1) (gradients flow to its
+            loc and scale).
         decode: any callable z -> decoder output (an nn.Module, a lambda, a
             conditional decoder closing over labels). It gets z of shape
             (B, L), or (n_samples, B, L) when n_samples > 1, and returns, for
@@ -234,6 +238,7 @@ def _bound(lw: Tensor, alpha: float) -> Tensor:
 
 def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator):
     """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and iwae_terms."""
+    mu, logvar, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
     k = _validate.sample_count("k", k, mu.numel(), mu)
@@ -254,9 +259,9 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
 
 def iwae_terms(
     x: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
-    decode: Callable[[Tensor], Any],
+    mu: Tensor | Distribution,
+    logvar: Tensor | Callable[[Tensor], Any] | None = None,
+    decode: Callable[[Tensor], Any] | None = None,
     *,
     k: int = 5,
     likelihood: str | None = None,
@@ -281,9 +286,9 @@ def iwae_terms(
 
 def iwae(
     x: Tensor,
-    mu: Tensor,
-    logvar: Tensor,
-    decode: Callable[[Tensor], Any],
+    mu: Tensor | Distribution,
+    logvar: Tensor | Callable[[Tensor], Any] | None = None,
+    decode: Callable[[Tensor], Any] | None = None,
     *,
     k: int = 5,
     likelihood: str | None = None,

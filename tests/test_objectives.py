@@ -625,3 +625,71 @@ def test_image_shaped_data_equals_flattened(backend, likelihood):
     want = fastvae.log_likelihood(x.reshape(B, -1), lambda a: (mu, logvar), flat_decode, k=4, likelihood=lik,
                                   generator=gen(2))
     assert_close(got, want, 1 + want.abs(), f"log_likelihood {likelihood}")
+
+
+def test_decoder_may_return_torch_distributions(backend):
+    """Bernoulli (logits or probs), Normal and Independent(Normal) from the decoder
+    give what the plain tensors give, with the likelihood implied; others are
+    refused by name."""
+    import torch.distributions as dist
+
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 3, 2, 5
+    x = torch.rand(B, D, generator=g, dtype=torch.float64).to(device)
+    mu, logvar = (torch.randn(B, L, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    weight = torch.randn(L, D, generator=g, dtype=torch.float64).to(device)
+    log_scale = torch.randn(D, generator=g, dtype=torch.float64).to(device) * 0.3
+
+    def run(decode, **kw):
+        return fastvae.iwae(x, mu, logvar, decode, k=3, generator=gen(1), reduction="none", **kw)
+
+    bern = run(lambda z: z @ weight, likelihood="bernoulli")
+    for decode in (lambda z: dist.Bernoulli(logits=z @ weight),
+                   lambda z: dist.Bernoulli(probs=torch.sigmoid(z @ weight)),
+                   lambda z: dist.Independent(dist.Bernoulli(logits=z @ weight), 1)):
+        assert_close(run(decode), bern, 1 + bern.abs(), "Bernoulli")
+    gauss = run(lambda z: (z @ weight, 2 * log_scale), likelihood="gaussian")
+    for decode in (lambda z: dist.Normal(z @ weight, log_scale.exp()),
+                   lambda z: dist.Independent(dist.Normal(z @ weight, log_scale.exp()), 1)):
+        assert_close(run(decode), gauss, 1 + gauss.abs(), "Normal")
+        assert_close(run(decode, likelihood="gaussian"), gauss, 1 + gauss.abs(), "Normal, likelihood given")
+    ll = fastvae.log_likelihood(x, lambda a: (mu, logvar), lambda z: dist.Bernoulli(logits=z @ weight), k=4,
+                                generator=gen(2))
+    want = fastvae.log_likelihood(x, lambda a: (mu, logvar), lambda z: z @ weight, k=4, likelihood="bernoulli",
+                                  generator=gen(2))
+    assert_close(ll, want, 1 + want.abs(), "log_likelihood, Bernoulli")
+    with pytest.raises(TypeError, match="ContinuousBernoulli"):
+        run(lambda z: dist.ContinuousBernoulli(logits=z @ weight))
+    with pytest.raises(ValueError, match="likelihood='bernoulli'"):
+        run(lambda z: dist.Normal(z @ weight, 1.0), likelihood="bernoulli")
+
+
+def test_posterior_may_be_a_torch_normal(backend):
+    """(x, q, decode) with q a Normal or Independent(Normal, 1) equals
+    (x, mu, logvar, decode), gradients to loc and scale included; a
+    full-covariance posterior is refused by name."""
+    import torch.distributions as dist
+
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 5, generator=g, dtype=torch.float64).to(device)
+    loc = torch.randn(3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    scale = (torch.rand(3, 2, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    decode = _linear_decoder(5, 2, torch.float64)
+    for fn, kw in ((fastvae.elbo, {}), (fastvae.iwae, dict(k=3))):
+        want = fn(x, loc, 2 * torch.log(scale), decode, likelihood="bernoulli", generator=gen(1), **kw)
+        want_grads = torch.autograd.grad(want, (loc, scale))
+        for q in (dist.Normal(loc, scale), dist.Independent(dist.Normal(loc, scale), 1)):
+            got = fn(x, q, decode, likelihood="bernoulli", generator=gen(1), **kw)
+            assert_close(got, want, 1 + want.abs(), f"{fn.__name__} value")
+            for a, b in zip(torch.autograd.grad(got, (loc, scale)), want_grads):
+                assert_close(a, b, 1 + b.abs(), f"{fn.__name__} gradient")
+    ll = fastvae.log_likelihood(x, lambda a: dist.Normal(loc.detach(), scale.detach()), decode, k=4,
+                                likelihood="bernoulli", generator=gen(2))
+    want = fastvae.log_likelihood(x, lambda a: (loc.detach(), 2 * torch.log(scale.detach())), decode, k=4,
+                                  likelihood="bernoulli", generator=gen(2))
+    assert_close(ll, want, 1 + want.abs(), "log_likelihood with a Normal encoder")
+    mvn = dist.MultivariateNormal(loc.detach(), scale_tril=torch.diag_embed(scale.detach()))
+    with pytest.raises(TypeError, match="MultivariateNormal"):
+        fastvae.elbo(x, mvn, decode, likelihood="bernoulli")
