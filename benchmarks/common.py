@@ -177,6 +177,15 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def iqr(xs: list[float]) -> float | None:
+    """Interquartile range: the spread of the repeats (a bimodal step time
+    shows here, where the median hides it). None for fewer than 2 repeats."""
+    if len(xs) < 2:
+        return None
+    q1, _, q3 = statistics.quantiles(xs, n=4)
+    return float(q3 - q1)
+
+
 # -- roofline ------------------------------------------------------------------
 
 

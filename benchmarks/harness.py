@@ -195,7 +195,8 @@ def time_case(case: Case, impls: list[Impl], inputs, copy_gbs: float, args, devi
             bw = common.gbs(nbytes, med) if nbytes else None
             records.append({
                 "impl": impl.name, "case": case.label, **case.params, "mode": mode, "repeats": repeats,
-                "median_ms": med, "times_ms": times[(mode, impl.name)], "min_bytes": nbytes,
+                "median_ms": med, "iqr_ms": common.iqr(times[(mode, impl.name)]),
+                "times_ms": times[(mode, impl.name)], "min_bytes": nbytes,
                 "gbs": bw, "pct_copy_bw": 100 * bw / copy_gbs if bw else None, **saved[impl.name],
             })
             common.log(f"{case.label:<10} {mode:<8} {impl.name:<22} {med:9.3f} ms")
@@ -205,14 +206,15 @@ def time_case(case: Case, impls: list[Impl], inputs, copy_gbs: float, args, devi
 def table(cases: list[Case], impls: list[Impl], records: list[dict]) -> str:
     by_key = {(r["impl"], r["case"], r["mode"]): r for r in records}
     memory = any("peak_mb" in r for r in records)
-    headers = ["impl", "case", "mode", "median ms", "GB/s", "% copy BW", "vs eager", "vs compiled",
+    headers = ["impl", "case", "mode", "median ms", "IQR ms", "GB/s", "% copy BW", "vs eager", "vs compiled",
                "activations MB"] + (["peak MB"] if memory else [])
     rows = []
     for case in cases:
         for mode in MODES:
             for impl in impls:
                 r = by_key[(impl.name, case.label, mode)]
-                row = [impl.name, case.label, mode, common.fmt(r["median_ms"], 3), common.fmt(r["gbs"], 1),
+                row = [impl.name, case.label, mode, common.fmt(r["median_ms"], 3), common.fmt(r.get("iqr_ms"), 3),
+                       common.fmt(r["gbs"], 1),
                        common.fmt(r["pct_copy_bw"], 1), common.fmt_ratio(r["speedup_vs_eager"]),
                        common.fmt_ratio(r["speedup_vs_compiled"]), common.fmt(r["activation_mb"], 1)]
                 if memory:

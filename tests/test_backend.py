@@ -189,3 +189,26 @@ def test_triton_cuda_variants_are_generated_on_a_gpu():
     from conftest import _backend_params
 
     assert any(p.id == "triton-cuda" for p in _backend_params())
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="needs the cpp extension")
+def test_cpp_kernels_follow_torch_set_num_threads(monkeypatch):
+    """The OpenMP teams of the cpp kernels are never larger than torch's own
+    (torch.set_num_threads), so the two never oversubscribe the cores; small
+    calls stay on the calling thread."""
+    seen = []
+    real = _backend.kernel_function("cpp", "kl_normal_forward")
+    monkeypatch.setitem(_backend._functions, ("cpp", "kl_normal_forward"),
+                        lambda *args: (seen.append(args[-1]), real(*args)))
+    big = torch.zeros(4096, 64)
+    previous = torch.get_num_threads()
+    try:
+        with fastvae.use_backend("cpp"):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                fastvae.kl_normal(big, big)
+                assert seen[-1] == threads
+            fastvae.kl_normal(torch.zeros(2, 3), torch.zeros(2, 3))
+            assert seen[-1] == 1
+    finally:
+        torch.set_num_threads(previous)
