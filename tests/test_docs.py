@@ -1,4 +1,4 @@
-"""The code blocks of docs/from-torch-distributions.md run as written."""
+"""The code blocks of the README and of docs/from-torch-distributions.md run as written."""
 import re
 from pathlib import Path
 
@@ -16,3 +16,30 @@ def test_from_torch_distributions_page_runs():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(PAGE), "exec"), namespace)  # noqa: S102 (the page's own examples)
+
+
+# What the README's snippets take as given: a model and data of the user's.
+_README_PRELUDE = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+x = (torch.rand(16, 64) > 0.5).float()
+encoder = nn.Linear(64, 2 * 4)
+decoder = nn.Linear(4, 64)
+def encode(x):
+    return encoder(x).chunk(2, dim=-1)
+decode = decoder
+test_loader = [x[:8], x[8:]]
+"""
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test (backend-independent)")
+def test_readme_code_blocks_run():
+    readme = PAGE.parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    exec(_README_PRELUDE, namespace)  # noqa: S102
+    for block in blocks:
+        exec(compile(block, str(readme), "exec"), namespace)  # noqa: S102 (the README's own examples)
+    assert namespace["ll"].shape == (16,) and namespace["res"].n_examples == 16
