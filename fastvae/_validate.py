@@ -36,6 +36,17 @@ def float_tensors(**tensors: torch.Tensor) -> None:
             raise ValueError(f"device mismatch: {first_name} is on {first.device}, {name} is on {t.device}")
 
 
+def flatten_events(t: torch.Tensor, name: str, event_dims) -> torch.Tensor:
+    """t with its last ``event_dims`` dimensions merged into one (a view when
+    t is contiguous): how the likelihood ops sum over an image's (C, H, W)."""
+    event_dims = integer("event_dims", event_dims)
+    if event_dims < 1:
+        raise ValueError(f"event_dims must be >= 1, got {event_dims}")
+    if t.dim() < event_dims:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} has fewer than event_dims={event_dims} dimensions")
+    return t if event_dims == 1 else t.reshape(*t.shape[:t.dim() - event_dims], -1)
+
+
 def same_shape(**tensors: torch.Tensor) -> None:
     items = list(tensors.items())
     name0, t0 = items[0]

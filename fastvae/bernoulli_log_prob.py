@@ -85,7 +85,7 @@ class BernoulliLogProb(torch.autograd.Function):
 # -- public function -----------------------------------------------------------
 
 
-def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
+def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Tensor:
     """log Bernoulli(x; sigmoid(logits)) summed over the last dimension D.
 
     Args:
@@ -94,6 +94,8 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
             broadcasts against ``logits`` of shape (K, ..., D) without being
             copied K times. Values are not checked (that would cost a host sync).
         logits: decoder logits, shape (K, ..., D) or (..., D).
+        event_dims: how many trailing dimensions form one event, summed over:
+            3 for (..., C, H, W) images (x then ends in (C, H, W) too).
 
     Returns:
         sum(x * logits - softplus(logits)) over D, with ``logits``' leading
@@ -103,4 +105,6 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
     """
     _validate.float_tensors(x=x, logits=logits)
     _validate.event_dim("logits", logits)
+    if event_dims != 1:
+        x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
     return BernoulliLogProb.apply(broadcast_x(x, logits, "logits"), logits)

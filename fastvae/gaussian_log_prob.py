@@ -130,8 +130,10 @@ def gaussian_log_prob(
     scale: float | Tensor | None = None,
     softplus_var: Tensor | None = None,
     delta: float = 1e-6,
+    event_dims: int = 1,
 ) -> Tensor:
-    """log N(x; mean, diag(var)) summed over the last dimension D.
+    """log N(x; mean, diag(var)) summed over the last dimension D (the last
+    ``event_dims`` dimensions, e.g. 3 for (..., C, H, W) images).
 
     The variance is given in exactly one of three ways:
 
@@ -171,6 +173,22 @@ def gaussian_log_prob(
         tensors["scale"] = scale
     _validate.float_tensors(**tensors)
     _validate.event_dim("mean", mean)
+    if event_dims != 1:
+        full = mean.shape  # the shape everything broadcasts against, before it is flattened
+        event = full[len(full) - event_dims:] if len(full) >= event_dims else None
+
+        def flat_events(t: Tensor, name: str) -> Tensor:
+            if t.numel() == 1 or t.dim() < event_dims or t.shape[t.dim() - event_dims:] != event:
+                t = t.expand(torch.broadcast_shapes(t.shape, full)) if t.numel() != 1 else t.reshape(())
+                if t.dim() == 0:
+                    return t
+            return _validate.flatten_events(t, name, event_dims)
+
+        x, mean = flat_events(x, "x"), _validate.flatten_events(mean, "mean", event_dims)
+        logvar = None if logvar is None else flat_events(logvar, "logvar")
+        softplus_var = None if softplus_var is None else flat_events(softplus_var, "softplus_var")
+        if isinstance(scale, Tensor):
+            scale = flat_events(scale, "scale")
     # var >= delta must be a normal number in the kernels' compute dtype
     tiny = torch.finfo(_backend.accumulation_dtype(mean.dtype)).tiny
     if delta < tiny:

@@ -264,3 +264,24 @@ def test_infinite_or_invalid_delta_and_scale_are_refused_on_every_backend(backen
         fastvae.gaussian_log_prob(x, mean, softplus_var=torch.zeros(3, device=device), delta=bad)
     with pytest.raises(ValueError, match="scale must be a finite float > 0"):
         fastvae.gaussian_log_prob(x, mean, scale=bad)
+
+
+def test_event_dims_sum_over_image_dimensions(backend):
+    """event_dims=3 on (K, B, C, H, W) equals the flattened (K, B, C*H*W) call,
+    with x broadcast over K and a per-channel log-variance."""
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    K, B, C, H, W = 2, 3, 2, 3, 4
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device)
+    mean = torch.randn(K, B, C, H, W, generator=g, dtype=torch.float64).to(device)
+    lv = torch.randn(C, 1, 1, generator=g, dtype=torch.float64).to(device)
+    got = fastvae.gaussian_log_prob(x, mean, lv, event_dims=3)
+    want = fastvae.gaussian_log_prob(x.reshape(B, -1), mean.reshape(K, B, -1), lv.expand(C, H, W).reshape(-1))
+    assert got.shape == (K, B)
+    assert_close(got, want, 1 + want.abs(), "gaussian event_dims=3")
+    logits = mean
+    got = fastvae.bernoulli_log_prob(torch.sigmoid(x), logits, event_dims=3)
+    want = fastvae.bernoulli_log_prob(torch.sigmoid(x).reshape(B, -1), logits.reshape(K, B, -1))
+    assert_close(got, want, 1 + want.abs(), "bernoulli event_dims=3")
+    with pytest.raises(ValueError, match="event_dims must be >= 1"):
+        fastvae.bernoulli_log_prob(x, logits, event_dims=0)
