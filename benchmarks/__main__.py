@@ -124,6 +124,12 @@ def main(argv=None) -> dict:
              "summary": common.summary_rows(payloads), "payloads": payloads}
     common.log(f"\nwrote {common.write_json(out_dir / f'{stem}.json', suite)}")
     md = suite_markdown(suite)
+    if device.type == "cpu":  # the fixed cost of a call: what decides at small model sizes
+        from . import bench_overhead
+
+        overhead = bench_overhead.main((["--quick"] if args.quick else [])
+                                       + ["--out", str(out_dir / "overhead-cpu.json")])
+        md += "\n\n## Per-call overhead (python -m benchmarks.bench_overhead)\n\n" + overhead["table_markdown"] + "\n"
     (out_dir / f"{stem}.md").write_text(md)
     common.log(f"wrote {out_dir / f'{stem}.md'}")
     try:

@@ -166,6 +166,7 @@ def main(argv=None) -> dict:
             for _ in range(calls):
                 run()
             samples[name, impl, mode].append((time.perf_counter() - start) / calls * 1e6)
+    torch.set_num_threads(user_threads)
     rows = [{"case": n, "impl": i, "mode": m, "median_us": statistics.median(v)} for (n, i, m), v in samples.items()]
     by_key = {(r["case"], r["impl"], r["mode"]): r["median_us"] for r in rows}
     for r in rows:
