@@ -133,7 +133,14 @@ def sample_count(name: str, value, per_sample: int, like: torch.Tensor) -> int:
     """``value`` samples of ``per_sample`` elements each, materialized like
     ``like``, must fit in its device's memory: a huge k is refused here, with
     what it would need, instead of as an allocator error (or an int64
-    overflow) deep inside torch."""
+    overflow) deep inside torch or the user's decoder.
+
+    The rule is the device's total memory, not what is free now: free memory
+    changes from call to call, and a request above the total can never
+    succeed, while one below it is left to the allocator. It also keeps every
+    element count far below 2**63 (any device has less than 2**63 bytes).
+    ``per_sample`` is the largest tensor the call materializes per sample
+    (z, or the decoder output that must match x)."""
     value = positive_int(name, value)
     nbytes = value * per_sample * like.element_size()
     if nbytes <= 2**30:  # fits anywhere: no device query (which torch.compile could not trace)

@@ -118,6 +118,7 @@ def _warn_low_ess(fraction: float, k: int, stacklevel: int) -> None:
 @dataclass(frozen=True)
 class _Config:
     k: int
+    k_name: str  # how the caller spelled k ("k", or "n_samples" for reconstruction_probability)
     likelihood: str
     with_ratio: bool  # log w includes log p(z) − log q(z|x) (False: reconstruction probability)
     chunk_size: int | None
@@ -139,7 +140,7 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
     memory_budget = _validate.positive_int("memory_budget", memory_budget)
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
-    return _Config(k, likelihood, with_ratio, chunk_size, memory_budget, shard, group)
+    return _Config(k, k_name, likelihood, with_ratio, chunk_size, memory_budget, shard, group)
 
 
 def _check_x(x: Any, what: str = "x") -> None:
@@ -202,8 +203,9 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
     last = (g0 + n) * cfg.k * L - 1
     if last > _MAX_OFFSET:
         raise ValueError(
-            f"k={cfg.k} is too large: the noise of {g0 + n} examples x k samples x {L} latents runs to "
-            f"Philox offset {last}, beyond 2**63 - 1; use k <= {(_MAX_OFFSET + 1) // ((g0 + n) * L)}"
+            f"{cfg.k_name}={cfg.k} is too large: the noise of {g0 + n} examples x {cfg.k_name} samples x {L} "
+            f"latents runs to Philox offset {last}, beyond 2**63 - 1; use {cfg.k_name} <= "
+            f"{(_MAX_OFFSET + 1) // ((g0 + n) * L)}"
         )
     kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size())
     run_dtype = accumulation_dtype(mu.dtype)

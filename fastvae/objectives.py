@@ -102,7 +102,8 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     mu, logvar, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
-    n_samples = _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
+    # decode(z) must return (n_samples, *x.shape): usually the largest K-fold tensor
+    n_samples = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
     beta = _validate.real("beta", beta, minimum=0.0, tensor_ok=True)
     free_bits = _validate.real("free_bits", free_bits, minimum=0.0)
 
@@ -241,7 +242,8 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
     mu, logvar, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, mu, logvar, decode, reduction)
     check_likelihood(likelihood)
-    k = _validate.sample_count("k", k, mu.numel(), mu)
+    # decode(z) must return (k, *x.shape): usually the largest K-fold tensor
+    k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     alpha = _validate.real("alpha", alpha)

@@ -439,6 +439,51 @@ def test_validation_errors():
         evaluate([("a", "b")], encode, decode, k=4, likelihood="gaussian")
 
 
+class _Decoded(Exception):
+    """Raised by a decoder to stop an evaluation at its first chunk."""
+
+
+@main_process_only
+@pytest.mark.parametrize("k", [2**31, 2**40, 2**63])
+def test_huge_k_streams_or_names_the_noise_limit(k):
+    """The evaluation functions stream over k, so memory never refuses a huge k:
+    2**31 and 2**40 reach the decoder in a chunk the memory budget allows, and
+    only k past the Philox offsets (2**63 here) is a ValueError naming k."""
+    x = torch.zeros(3, 4)
+    mu = logvar = torch.zeros(3, 2)
+    chunks = []
+
+    def decode(z):
+        chunks.append(z.shape)
+        raise _Decoded
+
+    calls = {
+        "k": lambda: log_likelihood(x, lambda a: (mu, logvar), decode, k=k, likelihood="gaussian"),
+        "n_samples": lambda: reconstruction_probability(x, lambda a: (mu, logvar), decode, n_samples=k,
+                                                        likelihood="gaussian"),
+        "evaluate k": lambda: evaluate([x], lambda a: (mu, logvar), decode, k=k, likelihood="gaussian",
+                                       progress=False),
+    }
+    for name, call in calls.items():
+        if k < 2**63:
+            with pytest.raises(_Decoded):
+                call()
+            assert chunks[-1][0] * 3 * (2 * 4 + 3 * 2) * 4 <= fastvae.evaluation.DEFAULT_MEMORY_BUDGET
+        else:
+            arg = name.split()[-1]  # the argument's own name, n_samples in reconstruction_probability
+            with pytest.raises(ValueError, match=rf"^{arg}={k} is too large: .* Philox offset .* use {arg} <= "):
+                call()
+
+
+@main_process_only
+def test_k_past_the_noise_stream_with_a_wide_latent():
+    """k = 2**40 overflows the Philox offsets once examples x latents > 2**23."""
+    x = torch.zeros(256, 1)
+    mu = torch.zeros(256, 2**15 + 1)
+    with pytest.raises(ValueError, match=r"^k=1099511627776 is too large: the noise of 256 examples"):
+        log_likelihood(x, lambda a: (mu, mu), lambda z: z, k=2**40, likelihood="gaussian")
+
+
 # -- torch.distributed -------------------------------------------------------------------
 
 _DIST_WORKER = textwrap.dedent("""

@@ -429,6 +429,25 @@ def test_huge_sample_counts_are_refused_with_what_they_need(k):
             call()
 
 
+def test_huge_sample_counts_count_the_decoder_output():
+    """A small latent with wide data: z fits, but the (k, B, D) decoder output
+    decode must return cannot, so k is refused before any sampling (it was an
+    allocator error in the user's decoder)."""
+    mu = logvar = torch.zeros(1, 1)
+    x = torch.zeros(1, 2**22)
+    k = 2**24  # z: 64 MiB; the decoder output: 2**46 floats = 256 TB
+
+    def decode(z):
+        raise AssertionError("k should be refused before decode runs")
+
+    for name, call in (
+        ("k", lambda: fastvae.iwae(x, mu, logvar, decode, k=k, likelihood="gaussian")),
+        ("n_samples", lambda: fastvae.elbo(x, mu, logvar, decode, n_samples=k, likelihood="bernoulli")),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name}={k} would need {k} x {2**22} elements .* = 256.0 TB"):
+            call()
+
+
 def test_evaluation_refuses_a_k_beyond_the_noise_stream():
     """log_likelihood streams, so memory never limits k; the Philox offsets do."""
     mu = logvar = torch.zeros(3, 2)
