@@ -296,31 +296,40 @@ def _split(total: int, rank: int, world: int) -> tuple[int, int]:
 _MAX_DIMS = 8  # batch dimensions compared across ranks
 
 
-def _shared_seed(x: Tensor, generator, cfg: _Config) -> Tensor:
+def _shared_seed(x: Tensor, generator, cfg: _Config, what: str = "x") -> Tensor:
     """One seed per call; under sharding rank 0's, so every rank draws from the
-    same stream (each rank's generator still advances, as without sharding).
-    The same all_gather carries every rank's batch shape: ranks given
-    different batches all raise here, where otherwise one would return and
-    another wait in a later collective."""
+    same stream (each rank's generator still advances, as without sharding)."""
     seed = draw_seed(x.device, generator)
-    dist_info = _distributed(cfg)
-    if dist_info is None:
+    if _distributed(cfg) is None:
         return seed
+    return _agree_on_batch(x, seed, what, cfg)
+
+
+def _agree_on_batch(x: Tensor | None, seed: Tensor | None, what: str, cfg: _Config) -> Tensor:
+    """Group rank 0's seed, from one all_gather of [seed, ndim, *shape] that
+    also compares every rank's batch (x None: this rank's data has run out).
+    Ranks given different batches all raise here, before any other
+    collective: otherwise one would return while another waited in a later
+    collective, or gloo would abort on the mismatched sizes. Every call
+    gathers the same layout, so a rank whose data ended still meets a rank
+    that has another batch."""
     import torch.distributed as dist
 
-    if x.dim() > _MAX_DIMS:
+    if x is not None and x.dim() > _MAX_DIMS:
         raise ValueError(f"x must have at most {_MAX_DIMS} dimensions under shard=, got shape {tuple(x.shape)}")
     dev = _collective_device(cfg.group)
-    shape = [x.dim(), *x.shape, *[0] * (_MAX_DIMS - x.dim())]
-    mine = torch.cat([seed.reshape(1).to(dev), torch.tensor(shape, dtype=torch.int64, device=dev)])
-    parts = [torch.empty_like(mine) for _ in range(dist_info[1])]
+    dims = [-1] if x is None else [x.dim(), *x.shape]
+    shape = torch.tensor(dims + [0] * (_MAX_DIMS + 1 - len(dims)), dtype=torch.int64, device=dev)
+    mine = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev) if seed is None else seed.reshape(1).to(dev),
+                      shape])
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(cfg.group))]
     dist.all_gather(parts, mine, group=cfg.group)
-    shapes = [tuple(p[2:2 + int(p[1])].tolist()) for p in parts]
+    shapes = [None if p[1] < 0 else tuple(p[2:2 + int(p[1])].tolist()) for p in parts]
     if len(set(shapes)) > 1:
-        listed = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
+        listed = ", ".join(f"rank {r}: {'no batch' if s is None else s}" for r, s in enumerate(shapes))
         raise ValueError(
-            f"shard={cfg.shard!r} needs the same batch on every rank of the group; got x of shape {listed}")
-    return parts[0][:1].reshape(()).to(x.device)  # group rank 0's seed
+            f"shard={cfg.shard!r} needs the same batch on every rank of the group; got {what} of shape {listed}")
+    return parts[0][:1].reshape(()).to(x.device if x is not None else "cpu")  # group rank 0's seed
 
 
 def _all_reduce_states(st1, st2, cfg: _Config):
@@ -516,6 +525,8 @@ def evaluate(
     (default) shows it only once a run has taken more than 2 seconds. Under
     torch.distributed every rank iterates the same data (no DistributedSampler)
     and each batch is sharded as in log_likelihood; every rank gets the result.
+    Ranks whose batches differ in shape, or whose data ends at different
+    batches, all raise the same ValueError (one small all_gather per batch).
     Other arguments as in log_likelihood; returns an :class:`EvaluationResult`.
     """
     cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
@@ -530,14 +541,21 @@ def evaluate(
     lls, ses, esss, seed, D, g = [], [], [], None, None, 0
     try:
         with torch.no_grad():
+            n_batches = 0
             for i, batch in enumerate(data):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 _check_x(x, f"batch {i}")
+                n_batches = i + 1
                 if D is None:
                     event = x.shape[1:]
                     D = math.prod(event)
-                    seed = _shared_seed(x, generator, cfg)
-                elif x.shape[1:] != event:
+                    seed = _shared_seed(x, generator, cfg, f"batch {i}")
+                elif dist_info is not None:
+                    # every batch, since the ranks iterate their own data; before
+                    # the local checks, which ranks with different data would not
+                    # all fail
+                    _agree_on_batch(x, None, f"batch {i}", cfg)
+                if x.shape[1:] != event:
                     raise ValueError(f"batch {i} has event shape {tuple(x.shape[1:])}; earlier batches have "
                                      f"{tuple(event)}")
                 stats = _estimate(x, encode, decode, cfg, seed, g, False)
@@ -546,6 +564,8 @@ def evaluate(
                 ses.append(stats.stderr)
                 esss.append(stats.ess)
                 bar.update(1)
+            if dist_info is not None:  # every rank's data ends at the same batch
+                _agree_on_batch(None, None, f"batch {n_batches}", cfg)
     finally:
         bar.close()
     if g == 0:

@@ -524,6 +524,19 @@ _MISMATCH_WORKER = textwrap.dedent("""
             raised[shard] = "returned"
         except ValueError as err:
             raised[shard] = str(err)
+    # evaluate: the batches after the first, and the number of batches, are checked too
+    x = make_data(5, 9, "pair")
+    datasets = {"later batch": [x[:2], x[2:5 - rank]],  # rank 0: (2, 3), rank 1: (2, 2)
+                "batch count": [x[:2], x[2:]][: 2 - rank],  # rank 1 runs out of batches first
+                "no data": [x[:2]] if rank == 0 else []}
+    for what, data in datasets.items():
+        try:
+            evaluate(data, encode, decode, k=7, generator=gen(3), progress=False, likelihood="gaussian")
+            raised[what] = "returned"
+        except ValueError as err:
+            raised[what] = str(err)
+    # after a refused call the ranks are still in step: a matching call works
+    raised["after"] = log_likelihood(x, encode, decode, k=7, generator=gen(3), likelihood="gaussian")
     torch.save(raised, f"{out}.{rank}")
     dist.destroy_process_group()
 """)
@@ -532,7 +545,8 @@ _MISMATCH_WORKER = textwrap.dedent("""
 @main_process_only
 def test_ranks_with_different_batches_all_raise(tmp_path):
     """gloo, 2 ranks given 5 and 4 examples: both raise the same ValueError (none
-    returns while the other hangs in a collective), for both sharding modes."""
+    returns while the other hangs in a collective), for both sharding modes;
+    in evaluate also when a later batch differs or one rank has fewer batches."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     run_gloo_ranks(_MISMATCH_WORKER, lambda r: [str(tmp_path / "out"), tests_dir], tmp_path, timeout=120)
     for rank in range(2):
@@ -540,6 +554,11 @@ def test_ranks_with_different_batches_all_raise(tmp_path):
         for shard in ("examples", "samples"):
             assert "needs the same batch on every rank" in raised[shard], (rank, shard, raised[shard])
             assert "rank 0: (5, 9), rank 1: (4, 9)" in raised[shard]
+        assert "needs the same batch on every rank" in raised["later batch"], raised["later batch"]
+        assert "got batch 1 of shape rank 0: (3, 9), rank 1: (2, 9)" in raised["later batch"]
+        assert "rank 0: (3, 9), rank 1: no batch" in raised["batch count"], raised["batch count"]
+        assert "rank 0: (2, 9), rank 1: no batch" in raised["no data"], raised["no data"]
+        assert torch.isfinite(raised["after"]).all()
 
 
 @main_process_only
