@@ -117,6 +117,8 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
     rows = block_rows(mu.device)  # rows per program
     if N * L == 0:
         kl.zero_()
+        if log_ratio is not None:  # an empty latent: log p(z) - log q(z) = 0
+            log_ratio.zero_()
         return
     if K == 0:  # the KL still has to be written
         z = torch.empty((1, N, L), dtype=z.dtype, device=z.device)

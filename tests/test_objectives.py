@@ -712,3 +712,14 @@ def test_posterior_may_be_a_torch_normal(backend):
     mvn = dist.MultivariateNormal(loc.detach(), scale_tril=torch.diag_embed(scale.detach()))
     with pytest.raises(TypeError, match="MultivariateNormal"):
         fastvae.elbo(x, mvn, decode, likelihood="bernoulli")
+
+
+def test_sampler_log_ratio_of_an_empty_latent_is_zero(backend, nan_poisoned_outputs):
+    """L = 0: no latent, so log p(z) - log q(z) = 0 on every backend (not an unwritten buffer)."""
+    from fastvae.sample_normal import SampleNormalWithRatio
+
+    _, device = backend
+    mu = torch.zeros(3, 0, device=device)
+    z, kl, ratio = SampleNormalWithRatio.apply(mu, mu, torch.tensor(7, device=device), 2, False)
+    assert z.shape == (2, 3, 0) and torch.equal(ratio, torch.zeros(2, 3, device=device))
+    assert torch.equal(kl, torch.zeros(3, device=device))
