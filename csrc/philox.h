@@ -1,6 +1,7 @@
-// Counter-based Philox4x32-10 and the Box-Muller transform, written to reproduce
-// Triton's tl.randn stream (triton/language/random.py) bit for bit up to the
-// final log/cos (fastmath.h).
+// Counter-based Philox4x32-10 and the Box-Muller transform of the noise
+// contract (docs/architecture.md): element i is lane i % 4 of counter i // 4,
+// whose four words are Triton's tl.randint4x and whose float32 normals are
+// tl.randn4x's up to the rounding of log, sin and cos.
 //
 // Everything here is header-only and `inline` so that the target_clones
 // functions in the .cpp files inline it into each of their ISA versions.
@@ -22,12 +23,10 @@ constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;
 
 // Triton's scale: the largest float with INT32_MAX * scale < 1.0 after rounding.
 constexpr float kUniformScale = 4.6566127342e-10f;
-// Triton multiplies the float32 uniform by the Python float 2*pi, i.e. by this float.
-constexpr float kTwoPiF = 6.283185307179586f;
 constexpr float kMinU1 = 1.0e-7f;
 
-struct Philox2 {
-  uint32_t r0, r1;
+struct Philox4 {
+  uint32_t w0, w1, w2, w3;
 };
 
 // The ten round keys of one seed: the same for every element, so they are
@@ -45,17 +44,16 @@ struct PhiloxKeys {
   }
 };
 
-// Ten rounds of Philox4x32 on counter (lo(offset), hi(offset), 0, 0) and key
-// (lo(seed), hi(seed)); returns the first two output words, which are all that
-// tl.randn consumes.
+// Ten rounds of Philox4x32 on counter (lo(counter), hi(counter), 0, 0) and
+// key (lo(seed), hi(seed)): Triton's tl.randint4x.
 //
 // The 32-bit state words live in 64-bit lanes and are never masked back to 32
 // bits: every multiply reads only the low half of its operand (one vpmuludq,
 // no shuffles), XOR is bitwise, and the result takes the low halves, so the
 // garbage that collects in the high halves never reaches the output.
-inline Philox2 philox_2x(const PhiloxKeys& keys, uint64_t offset) {
+inline Philox4 philox_4x(const PhiloxKeys& keys, uint64_t counter) {
   constexpr uint64_t kLow = 0xffffffffull;
-  uint64_t c0 = offset & kLow, c1 = offset >> 32, c2 = 0, c3 = 0;
+  uint64_t c0 = counter & kLow, c1 = counter >> 32, c2 = 0, c3 = 0;
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = (c0 & kLow) * kPhiloxRoundA;
@@ -67,36 +65,75 @@ inline Philox2 philox_2x(const PhiloxKeys& keys, uint64_t offset) {
     c0 = n0;
     c2 = n2;
   }
-  return {static_cast<uint32_t>(c0), static_cast<uint32_t>(c1)};
+  return {static_cast<uint32_t>(c0), static_cast<uint32_t>(c1), static_cast<uint32_t>(c2),
+          static_cast<uint32_t>(c3)};
 }
 
-// Triton's uint_to_uniform_float for 32-bit words: reinterpret as int32, fold
-// negatives with ~x, scale. Result lies in [0, 1).
-inline float uniform_from_bits(uint32_t bits) {
+// The word as int32 with negatives folded by ~x: an integer in [0, 2**31).
+inline int32_t folded(uint32_t bits) {
   int32_t x;
   std::memcpy(&x, &bits, sizeof x);
-  x = x < 0 ? ~x : x;
-  return static_cast<float>(x) * kUniformScale;
+  return x < 0 ? ~x : x;
 }
 
-// One standard normal from the Philox words, computed as tl.randn does in
-// float32: u1 clamped to 1e-7, theta = float(2*pi) * u2, cosine branch.
-inline float randn_from_bits_f32(Philox2 w) {
-  const float u0 = uniform_from_bits(w.r0);
+// Triton's uint_to_uniform_float for 32-bit words. Result lies in [0, 1).
+inline float uniform_from_bits(uint32_t bits) { return static_cast<float>(folded(bits)) * kUniformScale; }
+
+// The float64 uniform of a word, (x + 1/2) / 2**31, exact and in (0, 1).
+inline double uniform64_from_bits(uint32_t bits) { return (folded(bits) + 0.5) * 0x1p-31; }
+
+// cos and sin of 2 pi u for u in [0, 1], about 1 ulp. The reduction is in
+// turns, where it is exact: t = 4u - round(4u) in [-1/2, 1/2], then the
+// Cephes polynomials on x = t pi/2 in [-pi/4, pi/4] and a quarter-turn
+// rotation by round(4u) mod 4. Branch-free, so loops over it vectorize.
+inline void cos_sin_turns(float u, float& c_out, float& s_out) {
+  const float q = std::floor(4.0f * u + 0.5f);
+  const float x = (4.0f * u - q) * 1.57079632679489662f;
+  const float z = x * x;
+  const float c = 1.0f - 0.5f * z +
+                  z * z * ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z +
+                           4.166664568298827e-2f);
+  const float s =
+      x + x * z * ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f);
+  const int32_t k = static_cast<int32_t>(q) & 3;
+  const float cc = (k & 1) ? s : c;
+  const float ss = (k & 1) ? c : s;
+  c_out = (k == 1 || k == 2) ? -cc : cc;
+  s_out = k >= 2 ? -ss : ss;
+}
+
+// Box-Muller on one pair of words, in float32: r = sqrt(-2 log u1) with u1
+// clamped to 1e-7 as tl.randn4x does, then (r cos 2 pi u2, r sin 2 pi u2).
+inline void box_muller_f32(uint32_t a, uint32_t b, float& n_cos, float& n_sin) {
+  const float u0 = uniform_from_bits(a);
   const float u1 = u0 > kMinU1 ? u0 : kMinU1;
-  const float u2 = uniform_from_bits(w.r1);
-  const float theta = kTwoPiF * u2;
-  return std::sqrt(-2.0f * fast_log_positive(u1)) * fast_cos_nonneg(theta);
+  const float r = std::sqrt(-2.0f * fast_log_positive(u1));
+  float c, s;
+  cos_sin_turns(uniform_from_bits(b), c, s);
+  n_cos = r * c;
+  n_sin = r * s;
 }
 
-// The same normal with the transcendental steps in float64 (used for float64
-// tensors): the uniforms and theta are still the float32 values of the stream.
-inline double randn_from_bits_f64(Philox2 w) {
-  const float u1 = std::fmax(kMinU1, uniform_from_bits(w.r0));
-  const float u2 = uniform_from_bits(w.r1);
-  const float theta = kTwoPiF * u2;
-  return std::sqrt(-2.0 * std::log(static_cast<double>(u1))) *
-         std::cos(static_cast<double>(theta));
+// The same in float64 from the exact float64 uniforms (no clamp needed).
+inline void box_muller_f64(uint32_t a, uint32_t b, double& n_cos, double& n_sin) {
+  const double r = std::sqrt(-2.0 * std::log(uniform64_from_bits(a)));
+  const double theta = 6.283185307179586477 * uniform64_from_bits(b);
+  n_cos = r * std::cos(theta);
+  n_sin = r * std::sin(theta);
 }
+
+// The four normals of one counter, lanes 0..3 (the noise contract).
+inline void normals4(const Philox4& w, float& n0, float& n1, float& n2, float& n3) {
+  box_muller_f32(w.w0, w.w1, n0, n1);
+  box_muller_f32(w.w2, w.w3, n2, n3);
+}
+
+inline void normals4(const Philox4& w, double& n0, double& n1, double& n2, double& n3) {
+  box_muller_f64(w.w0, w.w1, n0, n1);
+  box_muller_f64(w.w2, w.w3, n2, n3);
+}
+
+template <typename T>
+inline void normals4(const Philox4& w, T* out) { normals4(w, out[0], out[1], out[2], out[3]); }
 
 }  // namespace fastvae

@@ -26,7 +26,6 @@ _PHILOX_KEY_B = 0xBB67AE85
 _PHILOX_ROUND_A = 0xD2511F53
 _PHILOX_ROUND_B = 0xCD9E8D57
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
-_TWO_PI = 6.283185307179586
 _MIN_U1 = 1.0e-7
 
 
@@ -42,12 +41,12 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """First two words of Philox4x32-10 at counter (lo(offset), hi(offset), 0, 0),
-    key (lo(seed), hi(seed)), as uint32 values held in int64 tensors."""
-    offsets = offsets.to(torch.int64)
+def philox_words(seed: int, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four words of Philox4x32-10 at counter (lo(c), hi(c), 0, 0), key
+    (lo(seed), hi(seed)), as uint32 values held in int64 tensors."""
+    counters = counters.to(torch.int64)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     for _ in range(10):
@@ -56,32 +55,63 @@ def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1
+    return c0, c1, c2, c3
+
+
+def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The two Philox words behind the normal at each element offset: words
+    (0, 1) of counter offset // 4 for lanes 0 and 1, words (2, 3) for lanes 2
+    and 3 (the noise contract, docs/architecture.md)."""
+    offsets = offsets.to(torch.int64)
+    w0, w1, w2, w3 = philox_words(seed, offsets >> 2)
+    second_pair = (offsets & 3) >= 2
+    return torch.where(second_pair, w2, w0), torch.where(second_pair, w3, w1)
+
+
+def _folded(bits: Tensor) -> Tensor:
+    """The word as int32, negatives folded by ~x: an integer in [0, 2**31)."""
+    x = torch.where(bits >= 2**31, bits - 2**32, bits)
+    return torch.where(x < 0, ~x, x)
 
 
 def uniform_from_bits(bits: Tensor) -> Tensor:
     """Triton's uint_to_uniform_float: int32 view, negatives folded by ~x, scaled (float32)."""
-    x = torch.where(bits >= 2**31, bits - 2**32, bits)
-    x = torch.where(x < 0, ~x, x)
-    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    return _folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def uniform64_from_bits(bits: Tensor) -> Tensor:
+    """The float64 uniform of a word: (x + 1/2) / 2**31 for its folded x, exact,
+    in (0, 1) (so no clamp is needed before the log)."""
+    return (_folded(bits).double() + 0.5) * 2.0**-31
 
 
 def philox_uniform(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The two float32 uniforms in [0, 1) behind the normal at each offset."""
+    """The two float32 uniforms in [0, 1) behind the normal at each offset:
+    the radius's and the angle's."""
     r0, r1 = philox_bits(seed, offsets)
     return uniform_from_bits(r0), uniform_from_bits(r1)
 
 
 def philox_randn(seed: int, offsets: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Standard normals of the tl.randn stream at the given flat offsets.
+    """Standard normals of the noise stream at the given flat element offsets.
 
-    u1 is clamped to 1e-7 and theta = float32(2*pi) * u2 is formed in float32
-    exactly as the kernels do; log, sqrt and cos then run in float64.
+    Element i is lane i % 4 of Box-Muller on the four words of Philox counter
+    i // 4: lanes 0, 1 are r cos(2 pi u), r sin(2 pi u) of words (0, 1), lanes
+    2, 3 the same of words (2, 3), with r = sqrt(-2 log u1). For a float32
+    dtype the uniforms are Triton's float32 ones (u1 clamped to 1e-7), as
+    tl.randn4x draws them; for float64 they are the exact (x + 1/2) / 2**31
+    (uniform64_from_bits). The transcendental steps run in float64 here.
     """
-    u1, u2 = philox_uniform(seed, offsets)
-    u1 = torch.clamp_min(u1, _MIN_U1)
-    theta = torch.tensor(_TWO_PI, dtype=torch.float32) * u2
-    eps = torch.sqrt(-2.0 * torch.log(u1.double())) * torch.cos(theta.double())
+    offsets = offsets.to(torch.int64)
+    r0, r1 = philox_bits(seed, offsets)
+    if dtype == torch.float64:
+        u1, u2 = uniform64_from_bits(r0), uniform64_from_bits(r1)
+    else:
+        u1 = torch.clamp_min(uniform_from_bits(r0), _MIN_U1).double()
+        u2 = uniform_from_bits(r1).double()
+    theta = 2.0 * math.pi * u2
+    sine = (offsets & 1) == 1
+    eps = torch.sqrt(-2.0 * torch.log(u1)) * torch.where(sine, torch.sin(theta), torch.cos(theta))
     return eps.to(dtype)
 
 

@@ -1,6 +1,14 @@
 """The noise stream shared by every Triton kernel (and reproduced by csrc/philox.h
-and fastvae.reference): Triton's Philox4x32-10 at the element's flat int64
-offset, turned into a standard normal the way tl.randn does it."""
+and fastvae.reference): element offset i is lane i % 4 of Box-Muller on the
+four words of Philox4x32-10 counter i // 4 (tl.randint4x), the noise contract
+of docs/architecture.md.
+
+Two ways to draw it: ``randn`` for any offsets (one Philox call per element,
+of which one lane is kept), and ``randn4_rows`` / ``randn4_run`` for runs that
+start at an offset divisible by 4 (one call per four elements, all lanes
+kept). Kernels take the second where their launcher can prove the alignment
+(an ``ALIGNED`` constexpr).
+"""
 import triton
 import triton.language as tl
 
@@ -8,17 +16,82 @@ import triton.language as tl
 
 
 @triton.jit
-def randn(seed, offsets, ACC: tl.constexpr):
-    """tl.randn(seed, offsets), with log/sqrt/cos evaluated in ACC.
+def _cos_sin_turns(u):
+    """cos and sin of 2 pi u for u in [0, 1], float32, as csrc/philox.h does it:
+    the reduction in turns is exact (4u - round(4u)), so no Payne-Hanek path;
+    Cephes polynomials on [-pi/4, pi/4], then a quarter-turn rotation."""
+    q = tl.floor(4.0 * u + 0.5)
+    x = (4.0 * u - q) * 1.5707963267948966
+    z = x * x
+    c = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2)
+    s = x + x * z * ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1)
+    k = q.to(tl.int32) & 3
+    odd = (k & 1) == 1
+    cc = tl.where(odd, s, c)
+    ss = tl.where(odd, c, s)
+    return tl.where((k == 1) | (k == 2), -cc, cc), tl.where(k >= 2, -ss, ss)
 
-    For ACC = float32 this is tl.randn itself. For float64 the uniforms and
-    theta are still the float32 values of the stream, so float32 and float64
-    tensors see the same noise.
-    """
-    r0, r1, _, _ = tl.randint4x(seed, offsets)
-    u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(r0))
-    theta = 6.283185307179586 * tl.uint_to_uniform_float(r1)
-    return tl.sqrt(-2.0 * tl.log(u1.to(ACC))) * tl.cos(theta.to(ACC))
+
+@triton.jit
+def _uniform64(bits):
+    """(x + 1/2) / 2**31 for the word's folded int32 x: exact in float64, in (0, 1)."""
+    x = bits.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, -x - 1, x)
+    return (x.to(tl.float64) + 0.5) * 4.656612873077393e-10
+
+
+@triton.jit
+def _box_muller(a, b, ACC: tl.constexpr):
+    """(r cos 2 pi u2, r sin 2 pi u2), r = sqrt(-2 log u1), from two words. float32:
+    Triton's uniforms with u1 clamped to 1e-7 (tl.randn4x's); float64: the exact
+    uniforms of _uniform64 and libdevice's cos and sin."""
+    if ACC == tl.float64:
+        r = tl.sqrt(-2.0 * tl.log(_uniform64(a)))
+        theta = 6.283185307179586 * _uniform64(b)
+        return r * tl.cos(theta), r * tl.sin(theta)
+    else:
+        r = tl.sqrt(-2.0 * tl.log(tl.maximum(1.0e-7, tl.uint_to_uniform_float(a))))
+        c, s = _cos_sin_turns(tl.uint_to_uniform_float(b))
+        return r * c, r * s
+
+
+@triton.jit
+def randn(seed, offsets, ACC: tl.constexpr):
+    """The normal at each int64 element offset, in ACC (float32 or float64):
+    one Philox call per element. Prefer randn4_* where runs are aligned."""
+    w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 2)
+    lane = offsets & 3
+    second = lane >= 2
+    c, s = _box_muller(tl.where(second, w2, w0), tl.where(second, w3, w1), ACC)
+    return tl.where((lane & 1) == 1, s, c)
+
+
+@triton.jit
+def _interleave4(n0, n1, n2, n3):
+    """(..., G) lanes -> (..., G, 2, 2) with [..., g, p, w] = lane 2p + w of group g."""
+    return tl.join(tl.join(n0, n2), tl.join(n1, n3))
+
+
+@triton.jit
+def randn4_rows(seed, first, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """(ROWS, BLOCK) normals at offsets first[:, None] + arange(BLOCK), for int64
+    first (ROWS,) divisible by 4 and BLOCK a multiple of 4: one Philox call per
+    four elements."""
+    counters = (first >> 2)[:, None] + tl.arange(0, BLOCK // 4)[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    n0, n1 = _box_muller(w0, w1, ACC)
+    n2, n3 = _box_muller(w2, w3, ACC)
+    return tl.reshape(_interleave4(n0, n1, n2, n3), (ROWS, BLOCK))
+
+
+@triton.jit
+def randn4_run(seed, first, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(BLOCK,) normals at offsets first + arange(BLOCK), first divisible by 4."""
+    counters = (first >> 2) + tl.arange(0, BLOCK // 4)
+    w0, w1, w2, w3 = tl.randint4x(seed, counters)
+    n0, n1 = _box_muller(w0, w1, ACC)
+    n2, n3 = _box_muller(w2, w3, ACC)
+    return tl.reshape(_interleave4(n0, n1, n2, n3), (BLOCK,))
 
 
 # -- kernels ------------------------------------------------------------------
@@ -36,9 +109,11 @@ def _uniform_kernel(
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
-    r0, r1, _, _ = tl.randint4x(tl.load(seed_ptr), offset0 + idx)
-    tl.store(u1_ptr + idx, tl.uint_to_uniform_float(r0), mask=mask)
-    tl.store(u2_ptr + idx, tl.uint_to_uniform_float(r1), mask=mask)
+    offsets = offset0 + idx
+    w0, w1, w2, w3 = tl.randint4x(tl.load(seed_ptr), offsets >> 2)
+    second = (offsets & 3) >= 2
+    tl.store(u1_ptr + idx, tl.uint_to_uniform_float(tl.where(second, w2, w0)), mask=mask)
+    tl.store(u2_ptr + idx, tl.uint_to_uniform_float(tl.where(second, w3, w1)), mask=mask)
 
 
 # offsets, strides and widths vary with the evaluation chunk: no variant per
@@ -52,6 +127,7 @@ def _randn_kernel(
     row_stride,  # Philox offsets between the starts of consecutive rows
     col_blocks,  # cdiv(cols, BLOCK)
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,  # offset0 and row_stride divisible by 4
 ):
     # One program per (row, block of columns): a 1-d grid, because grid
     # dimensions 1 and 2 are capped at 65535 on CUDA and rows can exceed that.
@@ -59,11 +135,20 @@ def _randn_kernel(
     row = pid // col_blocks
     col = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = col < cols
-    eps = randn(tl.load(seed_ptr), offset0 + row * row_stride + col, out_ptr.dtype.element_ty)
+    if ALIGNED:
+        first = offset0 + row * row_stride + (pid % col_blocks) * BLOCK
+        eps = randn4_run(tl.load(seed_ptr), first, out_ptr.dtype.element_ty, BLOCK)
+    else:
+        eps = randn(tl.load(seed_ptr), offset0 + row * row_stride + col, out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * cols + col, eps, mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
+
+
+def aligned(*offsets: int) -> bool:
+    """Whether runs starting at these offsets (and sums of them) begin a Philox counter."""
+    return all(o % 4 == 0 for o in offsets)
 
 
 def uniform_fill(seed, offset0: int, u1, u2) -> None:
@@ -83,4 +168,5 @@ def randn_fill(seed, offset0: int, out, row_stride: int | None = None) -> None:
     col_blocks = triton.cdiv(cols, BLOCK)
     if rows * col_blocks == 0:
         return
-    _randn_kernel[(rows * col_blocks,)](seed, out, offset0, cols, row_stride, col_blocks, BLOCK=BLOCK)
+    _randn_kernel[(rows * col_blocks,)](seed, out, offset0, cols, row_stride, col_blocks, BLOCK=BLOCK,
+                                        ALIGNED=aligned(offset0, row_stride))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, accumulation_dtype, block_cols, block_rows, num_warps, sample_splits
-from .philox import randn
+from .philox import aligned, randn, randn4_rows
 
 # -- kernels ------------------------------------------------------------------
 
@@ -38,6 +38,7 @@ def _sample_normal_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
     WITH_RATIO: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every row's noise starts a Philox counter: four normals per call
 ):
     pid = tl.program_id(0).to(tl.int64)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # sample rows k * N + n
@@ -54,8 +55,11 @@ def _sample_normal_fwd_kernel(
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
         kl += tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=1)
-        noise = offset0 + (r // N)[:, None] * sample_stride + n[:, None] * row_stride + cols[None, :]
-        eps = randn(seed, noise, ACC)
+        first = offset0 + (r // N) * sample_stride + n * row_stride + l0
+        if ALIGNED:
+            eps = randn4_rows(seed, first, ACC, BLOCK_R, BLOCK_L)
+        else:
+            eps = randn(seed, first[:, None] + tl.arange(0, BLOCK_L)[None, :], ACC)
         z = mu + s * eps
         tl.store(z_ptr + r[:, None] * L + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_RATIO:  # from the eps just drawn, never divided back out of z
@@ -80,6 +84,7 @@ def _sample_normal_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    ALIGNED: tl.constexpr,  # L divisible by 4: every row's noise starts a Philox counter
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_blocks = tl.cdiv(N, BLOCK_R)
@@ -100,7 +105,11 @@ def _sample_normal_bwd_kernel(
             off = k * N * L + idx
             g = tl.load(grad_z_ptr + off, mask=mask, other=0.0).to(ACC)
             acc_mu += g
-            acc_lv += g * randn(seed, off, ACC)
+            if ALIGNED:
+                eps = randn4_rows(seed, k * N * L + rows * L + l0, ACC, BLOCK_R, BLOCK_L)
+            else:
+                eps = randn(seed, off, ACC)
+            acc_lv += g * eps
         part = split * N * L + idx
         tl.store(part_mu_ptr + part, acc_mu, mask=mask)
         tl.store(part_lv_ptr + part, 0.5 * acc_lv * s, mask=mask)
@@ -128,6 +137,7 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
     _sample_normal_fwd_kernel[(triton.cdiv(KN, rows),)](
         mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L,
         ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
+        ALIGNED=BLOCK_L % 4 == 0 and aligned(offset0, sample_stride, row_stride),
         num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )
 
@@ -148,7 +158,7 @@ def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> N
     if K > 0:
         _sample_normal_bwd_kernel[(row_blocks * splits,)](
             grad_z, logvar, seed, part_mu, part_lv, N, L, K, per_split,
-            ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
+            ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, ALIGNED=BLOCK_L % 4 == 0 and L % 4 == 0,
             num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64, per_thread=4),
         )
     g_kl = grad_kl.to(acc)[:, None]

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae import reference
+from fastvae._backend import accumulation_dtype
 from fastvae._noise import evaluation_noise, randn_fill
 from fastvae.evaluation import (
     EvaluationResult,
@@ -111,7 +112,7 @@ def oracle_log_weights(x, encode, decode, K, seed, kind, with_ratio, first_examp
     B, L = mu.shape
     g = first_example + torch.arange(B)[None, :, None]
     offsets = g * K * L + torch.arange(K)[:, None, None] * L + torch.arange(L)
-    eps = reference.philox_randn(seed, offsets).to(x.dtype)
+    eps = reference.philox_randn(seed, offsets, accumulation_dtype(x.dtype)).to(x.dtype)
     z = mu + torch.exp(0.5 * logvar) * eps
     out = decode(z)
     if kind == "bernoulli":
@@ -148,8 +149,9 @@ def test_randn_fill_dispatch(backend, seed, offset0, rows, cols, stride, f64):
     """fastvae._noise.randn_fill on the backend under test equals the reference fill."""
     dtype = F64 if f64 else torch.float32
     out = randn_fill(seed_tensor(seed, "cpu"), offset0, torch.full((rows, cols), math.nan, dtype=dtype), stride)
-    expected = torch.empty(rows, cols, dtype=F64)
+    expected = torch.empty(rows, cols, dtype=dtype)  # the noise of out's dtype, computed in float64
     reference.randn_fill(seed, offset0, expected, stride)
+    expected = expected.double()
     if f64:
         assert torch.allclose(out, expected, rtol=1e-13, atol=1e-13)
     else:
@@ -268,7 +270,9 @@ def test_worse_posterior_gap_shrinks_with_k():
         stats = log_likelihood(x, worse, decode, k=K, generator=gen(4), return_stats=True, likelihood="gaussian")
         gaps.append((exact - stats.log_likelihood).mean().item())
         stderrs.append(stats.stderr.mean().item() if K > 1 else math.inf)
-    assert gaps[0] > gaps[1] > gaps[2] > gaps[3], gaps
+    assert gaps[0] > gaps[1] > gaps[2], gaps
+    # by K = 100 the gap is within Monte Carlo error of 0: K = 1000 must not be significantly worse
+    assert gaps[3] < gaps[2] + 3 * stderrs[2] / math.sqrt(64), (gaps, stderrs)
     assert gaps[0] > 1.0  # a visibly worse q
     # the bound holds in expectation: at large K the mean gap is >= 0 up to its Monte Carlo error
     assert gaps[3] > -3 * stderrs[3] / math.sqrt(64)

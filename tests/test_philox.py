@@ -1,8 +1,12 @@
-"""The noise stream: every backend draws Triton's tl.randn stream.
+"""The noise stream: element offset i is lane i % 4 of Box-Muller on Philox
+counter i // 4 (tl.randn4x's four normals), on every backend.
 
 The reference emulates Philox with int64 tensor arithmetic; the cpp and triton
 uniforms must equal it bit for bit, and the normals agree to float32 rounding.
 """
+import math
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -42,7 +46,7 @@ def test_uniforms_bit_exact_and_normals_close(seed, offset0, n):
     r1, r2 = reference.philox_uniform(seed, torch.arange(offset0, offset0 + n))
     assert torch.equal(u1, r1) and torch.equal(u2, r2)
     assert ((u1 >= 0) & (u1 < 1)).all()
-    ref = reference.philox_randn(seed, torch.arange(offset0, offset0 + n))
+    ref = reference.philox_randn(seed, torch.arange(offset0, offset0 + n), torch.float32).double()
     # float32 log/cos of a few ulp; r <= 5.7 bounds the absolute error near zeros of cos
     assert (eps.double() - ref).abs().max().item() <= 1e-6 * (1 + ref.abs().max().item())
     assert ((eps.double() - ref).abs() <= 2e-6 * ref.abs() + 1e-6).all()
@@ -55,29 +59,64 @@ def test_float64_normals_match_reference(seed, offset0):
     assert torch.allclose(eps, ref, rtol=1e-13, atol=1e-13)
 
 
+# Random123's known-answer test: Philox4x32-10, key (0, 0), counter (0, 0, 0, 0)
+KAT_WORDS = (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+
+
 def test_known_values():
     """Pinned values of the stream, so a change to it is caught even if every backend changes."""
-    r0, r1 = reference.philox_bits(0, torch.tensor([0, 1, 2**32]))
-    # Philox4x32-10 with key (0, 0), counter (0, 0, 0, 0): Random123's known-answer test
-    assert r0[0].item() == 0x6627E8D5 and r1[0].item() == 0xE169C58D
-    assert len({int(v) for v in r0}) == 3
+    words = reference.philox_words(0, torch.tensor([0]))
+    assert tuple(int(w[0]) for w in words) == KAT_WORDS
+    r0, r1 = reference.philox_bits(0, torch.tensor([0, 1, 2, 3, 4, 2**34]))
+    assert [int(v) for v in r0[:4]] == [KAT_WORDS[0]] * 2 + [KAT_WORDS[2]] * 2
+    assert [int(v) for v in r1[:4]] == [KAT_WORDS[1]] * 2 + [KAT_WORDS[3]] * 2
+    assert len({int(v) for v in r0[3:]}) == 3  # counters 0, 1 and 2**32 differ
 
 
-@pytest.mark.skipif(not INTERPRET, reason="checks Triton's own tl.randn: runs in the interpreter process")
-def test_triton_helper_is_tl_randn():
+def test_known_normals_of_the_four_lanes():
+    """The mapping's known answer: the four normals of counter 0 (seed 0) are
+    Box-Muller on the Random123 words, written out here independently of the
+    reference (float32 uniforms of Triton's uint_to_uniform_float, u1 >= 1e-7)."""
+    def uniform(word):
+        x = np.array([word], dtype=np.uint32).view(np.int32)[0]
+        x = ~x if x < 0 else x
+        return float(np.float32(x) * np.float32(4.6566127342e-10))
+
+    expected = []
+    for a, b in (KAT_WORDS[:2], KAT_WORDS[2:]):
+        r = math.sqrt(-2.0 * math.log(max(uniform(a), 1e-7)))
+        expected += [r * math.cos(2 * math.pi * uniform(b)), r * math.sin(2 * math.pi * uniform(b))]
+    got = reference.philox_randn(0, torch.arange(4), torch.float32).double()
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-7, atol=0)
+    # pinned, as computed by the lines above on 2026-11-22
+    pinned = torch.tensor([0.0465515, 0.6699951, 0.2741978, -1.0954264], dtype=torch.float64)
+    assert torch.allclose(got, pinned, rtol=0, atol=1e-7)
+    # and every backend draws them
+    _, _, eps = fill(0, 0, 4)
+    assert torch.allclose(eps.double(), got, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks Triton's own tl.randn4x: runs in the interpreter process")
+def test_triton_stream_is_tl_randn4x():
+    """The contract's documented equivalent: lane j of counter c is tl.randn4x(seed, c)[j]
+    (to float32 rounding: tl.randn4x rounds theta = 2 pi u to float32 before cos and sin)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(seed_ptr, out_ptr, offset0, n, BLOCK: tl.constexpr):
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + idx, tl.randn(tl.load(seed_ptr), offset0 + idx), mask=idx < n)
+    def kernel(seed_ptr, out_ptr, c0, BLOCK: tl.constexpr):
+        c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        n0, n1, n2, n3 = tl.randn4x(tl.load(seed_ptr), c0 + c)
+        tl.store(out_ptr + 4 * c, n0)
+        tl.store(out_ptr + 4 * c + 1, n1)
+        tl.store(out_ptr + 4 * c + 2, n2)
+        tl.store(out_ptr + 4 * c + 3, n3)
 
-    n, offset0, seed = 3000, 2**33 + 7, 987654321
-    expected = torch.empty(n)
-    kernel[(3,)](seed_tensor(seed, "cpu"), expected, offset0, n, BLOCK=1024)
-    _, _, eps = fill(seed, offset0, n)
-    assert torch.equal(eps, expected)
+    counters, c0, seed = 1024, 2**31 + 3, 987654321
+    expected = torch.empty(4 * counters)
+    kernel[(2,)](seed_tensor(seed, "cpu"), expected, c0, BLOCK=counters // 2)
+    _, _, eps = fill(seed, 4 * c0, 4 * counters)
+    assert torch.allclose(eps, expected, rtol=2e-6, atol=3e-6)
 
 
 # -- the strided fill: out[r, c] = randn(seed, offset0 + r * row_stride + c) ------
@@ -107,6 +146,8 @@ def test_strided_fill_matches_reference(seed, offset0, rows, cols, stride, f64):
     offs = offset0 + torch.arange(rows)[:, None] * stride + torch.arange(cols)
     assert torch.equal(expected, reference.philox_randn(seed, offs))
     assert not out.isnan().any()
+    if not f64:
+        expected = reference.philox_randn(seed, offs, torch.float32).double()
     if f64:
         assert torch.allclose(out, expected, rtol=1e-13, atol=1e-13)
     else:
