@@ -3,6 +3,7 @@
     python -m fastvae.kernels.aot                       # sm_90 and sm_80, every op, shape and dtype
     python -m fastvae.kernels.aot --arch sm_90 --op sample_normal --shape K=50,B=256,L=32,D=784
     python -m fastvae.kernels.aot --json                # one JSON object per launch
+    python -m fastvae.kernels.aot --noise-cost          # SASS instructions per normal of the noise
 
 Each op's launchers run with torch "meta" tensors (shapes and dtypes, no
 data: every pointer counts as 16-byte aligned, as a fresh CUDA allocation is).
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime import jit
@@ -64,7 +66,13 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         # evaluation: the example-major layout of a chunk
         yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
                                             row_stride=K * L, z=m(K, B, L), kl=m(B), log_ratio=None)
+        # a latent size not divisible by 4 and a chunk at an odd offset: the noise's unaligned paths
+        yield "sample_normal_backward", dict(grad_z=m(K, B, L - 2), grad_kl=m(B), mu=m(B, L - 2),
+                                             logvar=m(B, L - 2), seed=seed, dmu=m(B, L - 2), dlogvar=m(B, L - 2))
+        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L + 1, sample_stride=L,
+                                            row_stride=K * L, z=m(K, B, L), kl=m(B), log_ratio=None)
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
+        yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
     elif op == "kl_normal":
         for prior in (None, m(B, L)):
@@ -193,6 +201,110 @@ def _resources(compiled, ptxas_log: str) -> dict:
             "spill_bytes": int(spills[1]) + int(spills[2]) if spills else 0, "error": None}
 
 
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_instructions(compiled) -> int:
+    """The static count of SASS instructions in the kernel's cubin (cuobjdump), NOPs and the
+    trailing BRA-to-self excluded."""
+    import os
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ops = [op for op in _SASS_OP.findall(sass) if op != "NOP"]
+    while ops and ops[-1] == "BRA":  # the end-of-kernel self loop
+        ops.pop()
+    return len(ops)
+
+
+def _constexpr(launch: Launch, name: str):
+    names = launch.source.fn.arg_names
+    return launch.source.constants[(names.index(name),)]
+
+
+# Noise kernels and the launches whose SASS the noise cost is read from: the pure
+# fill (aligned and not) and the sampler at a training shape (L = 32: aligned; L = 30: not).
+NOISE_LAUNCHES = {
+    "randn_fill": [dict(seed=meta(dtype=torch.int64), offset0=o, out=meta(256, 4096), row_stride=4096)
+                   for o in (0, 1)],
+    "sample_normal_forward": [dict(mu=meta(1024, L), logvar=meta(1024, L), seed=meta(dtype=torch.int64),
+                                   offset0=0, sample_stride=1024 * L, row_stride=L, z=meta(16, 1024, L),
+                                   kl=meta(1024), log_ratio=None) for L in (32, 30)],
+}
+
+
+@triton.jit
+def _no_randn4(seed, counters, ACC: tl.constexpr):
+    """Stands in for philox.randn4 when the sampler's own instructions are counted."""
+    return (counters + tl.arange(0, 4)).to(ACC)
+
+
+@triton.jit
+def _no_randn(seed, offsets, ACC: tl.constexpr):
+    return offsets.to(ACC)
+
+
+def _compile_launch(kernel: str, args: dict, arch: str, without_noise: bool = False):
+    """(launch, compiled) of one launcher call; without_noise compiles the kernel with the
+    noise replaced by a conversion of its counters (one instruction an element or so)."""
+    import types
+
+    from fastvae._backend import triton_module
+
+    module = triton_module(_registry.KERNELS[kernel].module)
+    swapped = {}
+    if without_noise:
+        for name, value in vars(module).items():
+            if isinstance(value, jit.JITFunction) and {"randn", "randn4"} & set(value.fn.__code__.co_names):
+                g = dict(value.fn.__globals__, randn=_no_randn, randn4=_no_randn4)
+                fn = types.FunctionType(value.fn.__code__, g, value.fn.__name__, value.fn.__defaults__,
+                                        value.fn.__closure__)
+                fn.__annotations__, fn.__module__ = value.fn.__annotations__, value.fn.__module__
+                swapped[name] = value
+                setattr(module, name, jit.JITFunction(fn, do_not_specialize=value.do_not_specialize))
+    launches: list = []
+    try:
+        with recording(arch, launches):
+            getattr(module, kernel)(**args)
+    finally:
+        for name, value in swapped.items():
+            setattr(module, name, value)
+    launch = launches[0]
+    return launch, triton.compile(launch.source, target=TARGETS[arch], options=launch.options.__dict__)
+
+
+def noise_cost(arch: str = "sm_90") -> list[dict]:
+    """SASS instructions per normal. For the fill: its whole static SASS count over
+    the normals each thread draws (its tile over 32 * num_warps threads), noise,
+    indexing and stores together. For the sampler: the count less that of the
+    same kernel with the noise stubbed out, over the normals per thread: the
+    noise's own cost in it (the whole kernel's is reported too)."""
+    rows = []
+    for kernel, variants in NOISE_LAUNCHES.items():
+        for args in variants:
+            launch, compiled = _compile_launch(kernel, args, arch)
+            if kernel == "randn_fill":
+                tile = _constexpr(launch, "BLOCK")
+            else:
+                tile = _constexpr(launch, "BLOCK_R") * _constexpr(launch, "BLOCK_L")
+            per_thread = tile / (32 * launch.num_warps)
+            count = sass_instructions(compiled)
+            row = {"kernel": launch.kernel, "arch": arch, "aligned": _constexpr(launch, "ALIGNED"),
+                   "normals_per_thread": per_thread, "sass_instructions": count,
+                   "sass_per_normal": round(count / per_thread, 1)}
+            if kernel != "randn_fill":
+                rest = sass_instructions(_compile_launch(kernel, args, arch, without_noise=True)[1])
+                row["sass_without_noise"] = rest
+                row["noise_sass_per_normal"] = round((count - rest) / per_thread, 1)
+            rows.append(row)
+    return rows
+
+
 def collect(archs, ops, shapes, dtypes) -> list[Launch]:
     """Every launch of every op at every shape and dtype, per arch (not compiled)."""
     from fastvae._backend import triton_module
@@ -229,7 +341,13 @@ def main(argv=None) -> int:
                         help="K=..,B=..,L=..,D=.. (unnamed dimensions: K=50,B=256,L=32,D=784); repeatable")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
+    parser.add_argument("--noise-cost", action="store_true",
+                        help="only the SASS instructions per normal of the noise kernels (sm_90)")
     args = parser.parse_args(argv)
+    if args.noise_cost:
+        for row in noise_cost():
+            print(json.dumps(row))
+        return 0
     ops = args.op or [op for op in _registry.OPS if op not in ("importance_weights", "effective_sample_size")] + [
         "importance_weights", "effective_sample_size"]
     launches = collect(args.arch, ops, args.shape or SHAPES, args.dtype)

@@ -4,10 +4,10 @@ four words of Philox4x32-10 counter i // 4 (tl.randint4x), the noise contract
 of docs/architecture.md.
 
 Two ways to draw it: ``randn`` for any offsets (one Philox call per element,
-of which one lane is kept), and ``randn4_rows`` / ``randn4_run`` for runs that
-start at an offset divisible by 4 (one call per four elements, all lanes
-kept). Kernels take the second where their launcher can prove the alignment
-(an ``ALIGNED`` constexpr).
+of which one lane is kept), and ``randn4`` for runs that start at an offset
+divisible by 4 (one call per four elements, all lanes kept). Kernels take the
+second where their launcher can prove the alignment (an ``ALIGNED``
+constexpr).
 """
 import triton
 import triton.language as tl
@@ -67,31 +67,19 @@ def randn(seed, offsets, ACC: tl.constexpr):
 
 
 @triton.jit
-def _interleave4(n0, n1, n2, n3):
-    """(..., G) lanes -> (..., G, 2, 2) with [..., g, p, w] = lane 2p + w of group g."""
-    return tl.join(tl.join(n0, n2), tl.join(n1, n3))
+def randn4(seed, counters, ACC: tl.constexpr):
+    """The four normals of each Philox counter: counters (..., 1) int64 ->
+    (..., 4), [..., j] = lane j, the normal at element offset 4 * counter + j.
 
-
-@triton.jit
-def randn4_rows(seed, first, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """(ROWS, BLOCK) normals at offsets first[:, None] + arange(BLOCK), for int64
-    first (ROWS,) divisible by 4 and BLOCK a multiple of 4: one Philox call per
-    four elements."""
-    counters = (first >> 2)[:, None] + tl.arange(0, BLOCK // 4)[None, :]
+    Kernels lay a run of 4G elements that starts at an offset divisible by 4
+    out as a (..., G, 4) tile: each thread then holds whole counters, so a
+    Philox call serves four elements and the lanes need no data movement
+    (tl.join and a reshape to 1-d cost shared-memory round trips)."""
     w0, w1, w2, w3 = tl.randint4x(seed, counters)
     n0, n1 = _box_muller(w0, w1, ACC)
     n2, n3 = _box_muller(w2, w3, ACC)
-    return tl.reshape(_interleave4(n0, n1, n2, n3), (ROWS, BLOCK))
-
-
-@triton.jit
-def randn4_run(seed, first, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(BLOCK,) normals at offsets first + arange(BLOCK), first divisible by 4."""
-    counters = (first >> 2) + tl.arange(0, BLOCK // 4)
-    w0, w1, w2, w3 = tl.randint4x(seed, counters)
-    n0, n1 = _box_muller(w0, w1, ACC)
-    n2, n3 = _box_muller(w2, w3, ACC)
-    return tl.reshape(_interleave4(n0, n1, n2, n3), (BLOCK,))
+    lane = tl.arange(0, 4)
+    return tl.where(lane == 0, n0, tl.where(lane == 1, n1, tl.where(lane == 2, n2, n3)))
 
 
 # -- kernels ------------------------------------------------------------------
@@ -127,20 +115,26 @@ def _randn_kernel(
     row_stride,  # Philox offsets between the starts of consecutive rows
     col_blocks,  # cdiv(cols, BLOCK)
     BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr,  # offset0 and row_stride divisible by 4
+    ALIGNED: tl.constexpr,  # offset0, row_stride and cols divisible by 4
 ):
     # One program per (row, block of columns): a 1-d grid, because grid
     # dimensions 1 and 2 are capped at 65535 on CUDA and rows can exceed that.
     pid = tl.program_id(0).to(tl.int64)
+    if ALIGNED:  # no-ops that show the compiler the alignment: 128-bit stores
+        cols = cols // 4 * 4
     row = pid // col_blocks
-    col = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = col < cols
+    c0 = (pid % col_blocks) * BLOCK
+    seed = tl.load(seed_ptr)
+    first = offset0 + row * row_stride + c0
+    # the block as (BLOCK // 4, 4): column c0 + 4g + j
+    g = tl.arange(0, BLOCK // 4)[:, None]
+    j = tl.arange(0, 4)[None, :]
+    col = c0 + 4 * g + j
     if ALIGNED:
-        first = offset0 + row * row_stride + (pid % col_blocks) * BLOCK
-        eps = randn4_run(tl.load(seed_ptr), first, out_ptr.dtype.element_ty, BLOCK)
+        eps = randn4(seed, (first >> 2) + g, out_ptr.dtype.element_ty)
     else:
-        eps = randn(tl.load(seed_ptr), offset0 + row * row_stride + col, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * cols + col, eps, mask=mask)
+        eps = randn(seed, first + 4 * g + j, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * cols + col, eps, mask=col < cols)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -169,4 +163,4 @@ def randn_fill(seed, offset0: int, out, row_stride: int | None = None) -> None:
     if rows * col_blocks == 0:
         return
     _randn_kernel[(rows * col_blocks,)](seed, out, offset0, cols, row_stride, col_blocks, BLOCK=BLOCK,
-                                        ALIGNED=aligned(offset0, row_stride))
+                                        ALIGNED=aligned(offset0, row_stride, cols))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, accumulation_dtype, block_cols, block_rows, num_warps, sample_splits
-from .philox import aligned, randn, randn4_rows
+from .philox import aligned, randn, randn4
 
 # -- kernels ------------------------------------------------------------------
 
@@ -42,32 +42,36 @@ def _sample_normal_fwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # sample rows k * N + n
-    r_ok = r < KN
     n = r % N
     seed = tl.load(seed_ptr)
     kl = tl.zeros([BLOCK_R], dtype=ACC)
     ratio = tl.zeros([BLOCK_R], dtype=ACC)
+    # a block of columns as (BLOCK_L // 4, 4): column l0 + 4g + j, so that with
+    # ALIGNED each thread holds whole Philox counters (philox.randn4)
+    g = tl.arange(0, BLOCK_L // 4)[None, :, None]
+    j = tl.arange(0, 4)[None, None, :]
+    rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        mask = r_ok[:, None] & (cols < L)[None, :]
-        idx = n[:, None] * L + cols[None, :]
+        cols = l0 + 4 * g + j
+        mask = (rr < KN) & (cols < L)
+        idx = n[:, None, None] * L + cols
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
-        kl += tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=1)
-        first = offset0 + (r // N) * sample_stride + n * row_stride + l0
+        kl += tl.sum(tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=2), axis=1)
+        first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
         if ALIGNED:
-            eps = randn4_rows(seed, first, ACC, BLOCK_R, BLOCK_L)
+            eps = randn4(seed, (first >> 2) + g, ACC)
         else:
-            eps = randn(seed, first[:, None] + tl.arange(0, BLOCK_L)[None, :], ACC)
+            eps = randn(seed, first + 4 * g + j, ACC)
         z = mu + s * eps
-        tl.store(z_ptr + r[:, None] * L + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+        tl.store(z_ptr + rr * L + cols, z.to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_RATIO:  # from the eps just drawn, never divided back out of z
-            ratio += tl.sum(tl.where(mask, eps * eps + lv - z * z, 0.0), axis=1)
+            ratio += tl.sum(tl.sum(tl.where(mask, eps * eps + lv - z * z, 0.0), axis=2), axis=1)
     # the first sample's rows carry the KL of their row
     tl.store(kl_ptr + r, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=r < N)
     if WITH_RATIO:
-        tl.store(ratio_ptr + r, (0.5 * ratio).to(ratio_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(ratio_ptr + r, (0.5 * ratio).to(ratio_ptr.dtype.element_ty), mask=r < KN)
 
 
 @triton.jit(do_not_specialize=["N", "K", "K_PER"])
@@ -90,23 +94,25 @@ def _sample_normal_bwd_kernel(
     row_blocks = tl.cdiv(N, BLOCK_R)
     split = pid // row_blocks
     rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < N
     k0 = split * K_PER
     k1 = tl.minimum(k0 + K_PER, K)
     seed = tl.load(seed_ptr)
+    g4 = tl.arange(0, BLOCK_L // 4)[None, :, None]  # columns l0 + 4 g4 + j, as in the forward
+    j = tl.arange(0, 4)[None, None, :]
+    rr = rows[:, None, None]
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        mask = row_ok[:, None] & (cols < L)[None, :]
-        idx = rows[:, None] * L + cols[None, :]
+        cols = l0 + 4 * g4 + j
+        mask = (rr < N) & (cols < L)
+        idx = rr * L + cols
         s = tl.exp(0.5 * tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC))
-        acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
-        acc_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+        acc_mu = tl.zeros([BLOCK_R, BLOCK_L // 4, 4], dtype=ACC)
+        acc_lv = tl.zeros([BLOCK_R, BLOCK_L // 4, 4], dtype=ACC)
         for k in range(k0, k1):
             off = k * N * L + idx
             g = tl.load(grad_z_ptr + off, mask=mask, other=0.0).to(ACC)
             acc_mu += g
             if ALIGNED:
-                eps = randn4_rows(seed, k * N * L + rows * L + l0, ACC, BLOCK_R, BLOCK_L)
+                eps = randn4(seed, ((k * N * L + rr * L + l0) >> 2) + g4, ACC)
             else:
                 eps = randn(seed, off, ACC)
             acc_lv += g * eps
@@ -131,13 +137,13 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
         return
     if K == 0:  # the KL still has to be written
         z = torch.empty((1, N, L), dtype=z.dtype, device=z.device)
-    BLOCK_L = block_cols(L)
+    BLOCK_L = max(4, block_cols(L))  # whole Philox counters: columns in fours
     KN = z.shape[0] * N
     with_ratio = log_ratio is not None and log_ratio.numel() > 0
     _sample_normal_fwd_kernel[(triton.cdiv(KN, rows),)](
         mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L,
         ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
-        ALIGNED=BLOCK_L % 4 == 0 and aligned(offset0, sample_stride, row_stride),
+        ALIGNED=aligned(offset0, sample_stride, row_stride),
         num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
     )
 
@@ -150,7 +156,7 @@ def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> N
     if N * L == 0:
         return
     acc = accumulation_dtype(mu.dtype)
-    BLOCK_L = block_cols(L)
+    BLOCK_L = max(4, block_cols(L))  # whole Philox counters: columns in fours
     row_blocks = triton.cdiv(N, rows)
     splits, per_split = sample_splits(K, row_blocks, mu.device)
     part_mu = torch.zeros((splits, N, L), dtype=acc, device=mu.device)
@@ -158,7 +164,7 @@ def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> N
     if K > 0:
         _sample_normal_bwd_kernel[(row_blocks * splits,)](
             grad_z, logvar, seed, part_mu, part_lv, N, L, K, per_split,
-            ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, ALIGNED=BLOCK_L % 4 == 0 and L % 4 == 0,
+            ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, ALIGNED=aligned(L),
             num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64, per_thread=4),
         )
     g_kl = grad_kl.to(acc)[:, None]
