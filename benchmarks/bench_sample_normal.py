@@ -28,6 +28,10 @@ mu, logvar, write dmu, dlogvar; the noise is never stored), reported next to
 the copy bandwidth of the same machine measured in the same run (copy_ of a
 256 MB float32 tensor into a preallocated buffer, counting read + write).
 
+The noise generator alone (CPU): fastvae._C.randn_fill of 2**22 float32
+normals on one thread, interleaved with torch.randn of the same size, medians
+in ns per normal (issue 13's target: <= 0.7 ns).
+
 Peak memory of fwd+bwd (above the live inputs and upstream gradients) is
 measured on CUDA always, and on CPU with --memory, one fresh subprocess per
 implementation and K (peak RSS); the bytes saved for the backward are measured
@@ -46,7 +50,7 @@ import torch
 
 import fastvae
 
-from . import harness
+from . import common, harness
 
 OP = "sample_normal"
 DTYPE = torch.float32
@@ -58,6 +62,34 @@ def eager_sample_normal(mu: torch.Tensor, logvar: torch.Tensor, n_samples: int):
     z = mu + torch.exp(0.5 * logvar) * eps
     kl = 0.5 * torch.sum(torch.exp(logvar) + mu * mu - 1 - logvar, -1)
     return z, kl
+
+
+def rng_ns_per_normal(n: int = 2**22, repeats: int = 15) -> dict:
+    """Median ns per normal of the C++ generator alone and of torch.randn, one
+    thread, timed alternately so that the machine's noise hits both alike."""
+    import statistics
+    import time
+
+    from fastvae import _C
+
+    out = torch.empty(n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times: dict[str, list[float]] = {"fastvae": [], "torch.randn": []}
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            _C.randn_fill(12345, 4 * i, out.numpy(), None, 1)
+            t1 = time.perf_counter()
+            torch.randn(n, out=out)
+            t2 = time.perf_counter()
+            if i >= 2:  # warm-up
+                times["fastvae"].append(t1 - t0)
+                times["torch.randn"].append(t2 - t1)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: {"median_ns_per_normal": 1e9 * statistics.median(t) / n,
+                   "min_ns_per_normal": 1e9 * min(t) / n} for name, t in times.items()}
 
 
 def min_bytes(B: int, L: int, K: int, itemsize: int = 4) -> dict[str, int]:
@@ -96,8 +128,14 @@ def main(argv=None) -> dict | None:
     ks = args.ks or ([1, 4] if args.quick else [1, 16])
     impls = harness.baseline_impls(eager_sample_normal, fastvae.sample_normal, OP, torch.device(args.device),
                                    args.fastvae_backends)
+    extra = {}
+    if args.device == "cpu" and not args.memory_child:
+        rng = rng_ns_per_normal(2**18 if args.quick else 2**22)
+        common.log("noise alone, 1 thread: " + ", ".join(
+            f"{name} {r['median_ns_per_normal']:.3f} ns/normal" for name, r in rng.items()))
+        extra["rng_1_thread"] = rng
     return harness.run(__spec__.name, OP, f"sample_normal, B={B}, L={args.L}, float32", cases(B, args.L, ks),
-                       impls, args)
+                       impls, args, extra)
 
 
 if __name__ == "__main__":

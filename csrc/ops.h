@@ -23,7 +23,7 @@
 
 namespace fastvae {
 
-// The tl.randn stream read as a (rows, cols) block with a row stride:
+// The noise stream read as a (rows, cols) block with a row stride:
 // out[r * cols + c] = randn(seed, offset0 + r * row_stride + c). A 1-d fill is
 // rows = 1; the evaluation noise (one row per example, its samples' counters
 // contiguous) is a block with row_stride = K * L. Callers check that the last

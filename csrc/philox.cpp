@@ -25,8 +25,9 @@ FASTVAE_INLINE void randn_lanes(const PhiloxKeys& keys, uint64_t offset0, int64_
   }
 }
 
-// out[i] = the normal at offset0 + i. The aligned middle runs kGroup counters
-// at a time, a loop that GCC vectorizes (the 64-bit Philox lanes and
+// out[i] = the normal at offset0 + i. The aligned middle runs up to kGroup
+// counters at a time (a short run, such as one evaluation row of L = 32, is
+// one group of 8), a loop that GCC vectorizes (the 64-bit Philox lanes and
 // Box-Muller, fused), into one array per lane that is interleaved into out.
 // Measured with AVX-512: 16 counters per group cost 0.89 ns a normal, 32
 // cost 0.70, more gain nothing (benchmarks/bench_sample_normal.py --rng).
@@ -36,14 +37,14 @@ FASTVAE_INLINE void randn_run(uint64_t seed, uint64_t offset0, int64_t n, T* out
   const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((4 - (offset0 & 3)) & 3));
   randn_lanes(keys, offset0, 0, head, out);
   int64_t i = head;
-  for (; n - i >= 4 * kGroup; i += 4 * kGroup) {
+  for (int64_t m; (m = std::min<int64_t>(kGroup, (n - i) / 4)) > 0; i += 4 * m) {
     const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
     T n0[kGroup], n1[kGroup], n2[kGroup], n3[kGroup];
-    for (int j = 0; j < kGroup; ++j) {
+    for (int64_t j = 0; j < m; ++j) {
       normals4(philox_4x(keys, c0 + static_cast<uint64_t>(j)), n0[j], n1[j], n2[j], n3[j]);
     }
     T* o = out + i;
-    for (int j = 0; j < kGroup; ++j) {
+    for (int64_t j = 0; j < m; ++j) {
       o[4 * j] = n0[j];
       o[4 * j + 1] = n1[j];
       o[4 * j + 2] = n2[j];

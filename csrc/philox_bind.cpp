@@ -45,7 +45,7 @@ void bind_philox(py::module_& m) {
                    fastvae::randn_fill(seed, offset0, rows, cols, uint64_t(stride), p, n_threads); });
   }, py::arg("seed"), py::arg("offset0"), py::arg("out"), py::arg("row_stride") = py::none(),
      py::arg("n_threads") = 1,
-     "out[i] = the standard normal at Philox offset offset0 + i (the tl.randn stream); for a "
+     "out[i] = the standard normal at Philox offset offset0 + i (the noise contract of docs/architecture.md); for a "
      "2-d out, out[r, c] = the normal at offset0 + r * row_stride + c (row_stride defaults to "
      "the row length, i.e. a contiguous run).");
 

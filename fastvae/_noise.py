@@ -1,4 +1,4 @@
-"""The evaluation noise: the tl.randn stream read as strided blocks.
+"""The evaluation noise: the fastvae noise stream read as strided blocks.
 
 Training (``sample_normal``) numbers the noise by the element's index in the
 (K, N, L) output, which depends on the batch. Evaluation numbers it by the
@@ -24,7 +24,7 @@ _MAX_OFFSET = 2**63 - 1  # Triton's offsets are int64
 
 
 def randn_fill(seed: Tensor, offset0: int, out: Tensor, row_stride: int | None = None) -> Tensor:
-    """Fills ``out`` with the tl.randn stream of ``seed`` (a 0-d int64 tensor)
+    """Fills ``out`` with the noise stream of ``seed`` (a 0-d int64 tensor)
     and returns it: out (n,) gets the normals at offsets offset0 + i, out
     (rows, cols) those at offset0 + r * row_stride + c (row_stride defaults to
     cols, a contiguous run). out must be a contiguous float32 or float64

@@ -299,6 +299,7 @@ def test_reconstruction_probability_converges_to_closed_form():
 @main_process_only
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunk_size_does_not_change_the_result(kind):
+    """L = 3, K = 11: most chunks start mid-counter (offsets not divisible by 4)."""
     B, D, L, K = 6, 25, 3, 11
     encode, decode = mlp_model(D, L, kind, seed=3)
     x = make_data(B, D, kind)
