@@ -159,7 +159,8 @@ def _kl_grad_tile(mu_ptr, s_ptr, gkl_ptr, rows, row_ok, ii, jj, L, first, ACC: t
     s = tl.load(s_ptr + rows[:, None, None] * L * L + ii[None, :, None] * L + jj[None, None, :],
                 mask=m3, other=0.0).to(ACC)
     on_diag = (ii[:, None] == jj[None, :])[None, :, :]
-    inv = tl.where(s < 0.0, tl.sqrt(s), 1.0 / tl.where(on_diag & m3, s, 1.0))
+    d = tl.where(on_diag & m3, s, 1.0)
+    inv = tl.where(d < 0.0, tl.sqrt(d), 1.0 / d)  # the square root of a negative is NaN
     g = tl.load(gkl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None, None]
     term = g * (s - tl.where(on_diag, inv, 0.0))
     return tl.where(m3 & (g != 0.0) & first, term, 0.0)
