@@ -53,6 +53,19 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* mu, const T* log
                             uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu,
                             T* dlogvar, int n_threads);
 
+// sample_normal_tril: mu (N, L), S (N, L, L) of which only the lower triangle
+// is read; z (K, N, L) with z[k, n, :] = mu[n] + tril(S[n]) @ eps, eps[k, n, l]
+// = randn(seed, k * N * L + n * L + l); kl (N,).
+template <typename T>
+void sample_normal_tril_forward(const T* mu, const T* S, uint64_t seed, int64_t K, int64_t N,
+                                int64_t L, T* z, T* kl, int n_threads);
+
+// dz: (K, N, L); dkl: (N,); dmu (N, L); dS (N, L, L), written whole (0 above the diagonal).
+template <typename T>
+void sample_normal_tril_backward(const T* dz, const T* dkl, const T* mu, const T* S,
+                                 uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu, T* dS,
+                                 int n_threads);
+
 // mu, logvar and (optional, may be null together) prior_mu, prior_logvar: (N, L); kl: (N,).
 template <typename T>
 void kl_normal_forward(const T* mu, const T* logvar, const T* prior_mu, const T* prior_logvar,

@@ -4,6 +4,7 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 (CUDA), C++ (CPU) and plain-PyTorch reference backends):
 
 - sample_normal(mu, logvar, n_samples=None, *, generator=None) -> (z, kl)
+- sample_normal_tril(mu, scale_tril, n_samples=None, *, generator=None) -> (z, kl): full covariance
 - kl_normal(mu, logvar, prior_mu=None, prior_logvar=None) -> kl
 - gaussian_log_prob(x, mean, logvar=None, *, scale=None, softplus_var=None, delta=1e-6)
 - bernoulli_log_prob(x, logits)
@@ -54,9 +55,11 @@ from .logmeanexp import (
 )
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .sample_normal import sample_normal
+from .sample_normal_tril import sample_normal_tril
 
 __all__ = [
     "sample_normal",
+    "sample_normal_tril",
     "kl_normal",
     "gaussian_log_prob",
     "bernoulli_log_prob",

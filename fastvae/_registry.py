@@ -48,6 +48,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("uniform_fill", "philox", "seed offset0 u1 u2"),
     _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl log_ratio"),
     _k("sample_normal_backward", "sample_normal", "grad_z grad_kl mu logvar seed dmu dlogvar"),
+    _k("sample_normal_tril_forward", "sample_normal_tril", "mu scale_tril seed z kl"),
+    _k("sample_normal_tril_backward", "sample_normal_tril", "grad_z grad_kl mu scale_tril seed dmu dscale_tril"),
     _k("kl_normal_forward", "kl_normal", "mu logvar prior_mu prior_logvar kl"),
     _k("kl_normal_backward", "kl_normal",
        "grad_kl mu logvar prior_mu prior_logvar dmu dlogvar dprior_mu dprior_logvar"),
@@ -66,6 +68,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("sample_normal", ("sample_normal_forward", "sample_normal_backward", "randn_fill"),
        "test_sample_normal.py", "sample_normal"),
+    Op("sample_normal_tril", ("sample_normal_tril_forward", "sample_normal_tril_backward"),
+       "test_sample_normal_tril.py", "sample_normal_tril"),
     Op("kl_normal", ("kl_normal_forward", "kl_normal_backward"), "test_kl_normal.py", "kl_normal"),
     Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),
        "test_gaussian_log_prob.py", "gaussian_log_prob"),

@@ -194,6 +194,66 @@ def sample_normal_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: 
 
 
 # --------------------------------------------------------------------------
+# sample_normal_tril
+# --------------------------------------------------------------------------
+
+
+def _tril_log_diag(diag: Tensor) -> Tensor:
+    """log S_ii as the kernels take it: NaN for a negative or NaN diagonal, -inf for 0."""
+    return torch.log(diag)
+
+
+def _tril_inv_diag(diag: Tensor) -> Tensor:
+    """d log S_ii / d S_ii = 1 / S_ii, NaN where S_ii < 0 (the KL is NaN there:
+    its gradient must not be a finite number either)."""
+    return torch.where(diag < 0, torch.nan, 1.0 / diag)
+
+
+def sample_normal_tril(mu: Tensor, scale_tril: Tensor, seed: int, n_samples: int) -> tuple[Tensor, Tensor]:
+    """z = mu + tril(S) @ eps, shape (n_samples, ..., L), and
+    kl = KL(N(mu, S S^T) || N(0, I)) = 0.5 * (|S|_F^2 + |mu|^2 - L - 2 sum_i log S_ii),
+    shape (...), for mu (..., L) and S = scale_tril (..., L, L), of which only
+    the lower triangle is read. eps is sample_normal's: z[k, ..., l] uses the
+    noise at offset k * numel(mu) + (flat row) * L + l.
+
+    Differentiable with plain autograd; computed in the dtype of the inputs.
+    """
+    L = mu.shape[-1]
+    S = torch.tril(scale_tril)
+    eps = sample_noise(seed, n_samples, mu.shape, mu.dtype, mu.device)
+    z = mu + (S @ eps.unsqueeze(-1)).squeeze(-1)
+    diag = torch.diagonal(S, dim1=-2, dim2=-1)
+    kl = 0.5 * (S.square().sum((-2, -1)) + mu.square().sum(-1) - L - 2.0 * _tril_log_diag(diag).sum(-1))
+    return z, kl
+
+
+def sample_normal_tril_forward(mu: Tensor, scale_tril: Tensor, seed: int, z: Tensor, kl: Tensor) -> None:
+    """Writes sample_normal_tril into z (K, N, L) and kl (N,); mu (N, L), scale_tril (N, L, L)."""
+    acc = _compute_dtype(mu)
+    K = z.shape[0]
+    zz, kk = sample_normal_tril(mu.to(acc), scale_tril.to(acc), seed, K)
+    z.copy_(zz)
+    kl.copy_(kk)
+
+
+def sample_normal_tril_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, scale_tril: Tensor, seed: int,
+                                dmu: Tensor, dscale_tril: Tensor) -> None:
+    """dmu = sum_k grad_z + grad_kl * mu;
+    dscale_tril = tril(sum_k grad_z eps^T) + grad_kl * (tril(S) - diag(1 / S_ii)), 0 above the diagonal
+    (the KL's term left out where grad_kl is 0, NaN on a negative diagonal)."""
+    acc = _compute_dtype(mu)
+    mu, grad_z, grad_kl = mu.to(acc), grad_z.to(acc), grad_kl.to(acc)
+    S = torch.tril(scale_tril.to(acc))
+    eps = sample_noise(seed, grad_z.shape[0], mu.shape, acc, mu.device)
+    g = grad_kl[:, None, None]
+    inv = torch.diag_embed(_tril_inv_diag(torch.diagonal(S, dim1=-2, dim2=-1)))
+    dmu.copy_(grad_z.sum(0) + grad_kl[:, None] * mu)
+    # a row whose kl gets no gradient takes none of the KL's terms (not 0 * NaN)
+    kl_term = torch.where(g == 0, 0.0, g * (S - inv))
+    dscale_tril.copy_(torch.tril(torch.einsum("kni,knj->nij", grad_z, eps) + kl_term))
+
+
+# --------------------------------------------------------------------------
 # kl_normal
 # --------------------------------------------------------------------------
 

@@ -74,6 +74,10 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
+    elif op == "sample_normal_tril":
+        yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=m(B))
+        yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), mu=m(B, L), scale_tril=m(B, L, L),
+                                                  seed=seed, dmu=m(B, L), dscale_tril=m(B, L, L))
     elif op == "kl_normal":
         for prior in (None, m(B, L)):
             yield "kl_normal_forward", dict(mu=m(B, L), logvar=m(B, L), prior_mu=prior, prior_logvar=prior, kl=m(B))

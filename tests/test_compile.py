@@ -50,3 +50,23 @@ def test_compiled_matches_eager_for_same_seed(monkeypatch):
     model, x = TinyVAE(), torch.randn(8, 12)
     assert_compiled_matches_eager(loss_with_seed, (model, x, torch.tensor(4242)), list(model.parameters()),
                                   atol=1e-6, grad_rtol=1e-5)
+
+
+def loss_full_covariance(model, x):
+    """A full-covariance encoder: mu and a lower-triangular S (softplus diagonal) from one linear layer."""
+    L = model.dec.in_features
+    h = model.enc_full(x)
+    mu, raw = h[:, :L], h[:, L:].reshape(-1, L, L)
+    diag = torch.nn.functional.softplus(torch.diagonal(raw, dim1=-2, dim2=-1)) + 1e-3
+    S = torch.tril(raw, -1) + torch.diag_embed(diag)
+    z, kl = fastvae.sample_normal_tril(mu, S, 3)
+    return (((model.dec(z) - x) ** 2).sum(-1).mean(0) + kl).mean()
+
+
+def test_full_covariance_step_compiles_fullgraph_and_matches_eager():
+    fastvae._backend.set_backend(None)
+    torch.manual_seed(0)
+    model, x = TinyVAE(), torch.randn(8, 12)
+    model.enc_full = torch.nn.Linear(12, 3 + 3 * 3)
+    assert_compiled_matches_eager(loss_full_covariance, (model, x), list(model.enc_full.parameters())
+                                  + list(model.dec.parameters()), torch_seed=2)

@@ -1,0 +1,68 @@
+// Python bindings of sample_normal_tril (checked buffers -> sample_normal_tril.cpp).
+#include "buffers.h"
+#include "ops.h"
+
+namespace fastvae::bind {
+namespace {
+
+template <typename T>
+void sample_normal_tril_forward_t(py::array mu, py::array scale_tril, uint64_t seed, py::array z,
+                                  py::array kl, int n_threads) {
+  check_2d(mu, "mu");
+  const int64_t N = mu.shape(0), L = mu.shape(1);
+  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
+  const int64_t K = z.shape(0);
+  const T* m = checked<T>(mu, "mu", {N, L}, false);
+  const T* s = checked<T>(scale_tril, "scale_tril", {N, L, L}, false);
+  T* zp = checked<T>(z, "z", {K, N, L}, true);
+  T* klp = checked<T>(kl, "kl", {N}, true);
+  py::gil_scoped_release release;
+  fastvae::sample_normal_tril_forward<T>(m, s, seed, K, N, L, zp, klp, n_threads);
+}
+
+template <typename T>
+void sample_normal_tril_backward_t(py::array dz, py::array dkl, py::array mu, py::array scale_tril,
+                                   uint64_t seed, py::array dmu, py::array dscale_tril,
+                                   int n_threads) {
+  check_2d(mu, "mu");
+  const int64_t N = mu.shape(0), L = mu.shape(1);
+  if (dz.ndim() != 3) throw py::value_error("grad_z: expected a 3-d (K, N, L) array, got " + shape_str(dz));
+  const int64_t K = dz.shape(0);
+  const T* g = checked<T>(dz, "grad_z", {K, N, L}, false);
+  const T* gk = checked<T>(dkl, "grad_kl", {N}, false);
+  const T* m = checked<T>(mu, "mu", {N, L}, false);
+  const T* s = checked<T>(scale_tril, "scale_tril", {N, L, L}, false);
+  T* dm = checked<T>(dmu, "dmu", {N, L}, true);
+  T* ds = checked<T>(dscale_tril, "dscale_tril", {N, L, L}, true);
+  py::gil_scoped_release release;
+  fastvae::sample_normal_tril_backward<T>(g, gk, m, s, seed, K, N, L, dm, ds, n_threads);
+}
+
+}  // namespace
+
+void bind_sample_normal_tril(py::module_& m) {
+  m.def("sample_normal_tril_forward", [](py::array mu, py::array scale_tril, uint64_t seed,
+                                         py::array z, py::array kl, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(mu,
+             [&] { sample_normal_tril_forward_t<float>(mu, scale_tril, seed, z, kl, n_threads); },
+             [&] { sample_normal_tril_forward_t<double>(mu, scale_tril, seed, z, kl, n_threads); });
+  }, py::arg("mu"), py::arg("scale_tril"), py::arg("seed"), py::arg("z"), py::arg("kl"),
+     py::arg("n_threads"));
+
+  m.def("sample_normal_tril_backward", [](py::array dz, py::array dkl, py::array mu,
+                                          py::array scale_tril, uint64_t seed, py::array dmu,
+                                          py::array dscale_tril, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(mu,
+             [&] { sample_normal_tril_backward_t<float>(dz, dkl, mu, scale_tril, seed, dmu,
+                                                        dscale_tril, n_threads); },
+             [&] { sample_normal_tril_backward_t<double>(dz, dkl, mu, scale_tril, seed, dmu,
+                                                         dscale_tril, n_threads); });
+  }, py::arg("grad_z"), py::arg("grad_kl"), py::arg("mu"), py::arg("scale_tril"), py::arg("seed"),
+     py::arg("dmu"), py::arg("dscale_tril"), py::arg("n_threads"));
+}
+
+FASTVAE_BIND(bind_sample_normal_tril);
+
+}  // namespace fastvae::bind

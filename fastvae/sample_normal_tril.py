@@ -1,0 +1,177 @@
+"""sample_normal_tril: reparameterized sampling from a full-covariance Gaussian
+N(mu, S S^T) with the analytic KL to N(0, I), fused.
+
+The custom ops ``fastvae::sample_normal_tril`` and
+``fastvae::sample_normal_tril_backward`` take the kernels' layout (mu (N, L),
+scale_tril (N, L, L)) and the Philox seed as a 0-d int64 tensor. eps is
+sample_normal's noise, z[k, n, :] = mu[n] + tril(S[n]) @ eps[k, n, :] with
+eps[k, n, l] at offset k * N * L + n * L + l, so a diagonal scale_tril gives
+sample_normal's z exactly; the backward regenerates eps and nothing of size
+K x N x L is saved (only mu, scale_tril and the seed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _backend, _validate
+from ._op import define, draw_seed, flat, run, shaped
+
+
+def _flat_tril(scale_tril: Tensor) -> Tensor:
+    """(..., L, L) -> contiguous (N, L, L)."""
+    if scale_tril.dim() == 3:
+        return scale_tril.contiguous()
+    L = scale_tril.shape[-1]
+    return scale_tril.reshape(math.prod(scale_tril.shape[:-2]), L, L).contiguous()
+
+
+def _work(K: int, N: int, L: int) -> int:
+    """Elements of work for the cpp thread count: a normal and a triangular
+    row of multiply-adds per element of z."""
+    return K * N * L * (1 + L // 8)
+
+
+def _forward(mu: Tensor, scale_tril: Tensor, seed: Tensor, n_samples: int) -> list[Tensor]:
+    """[z (n_samples, ..., L), kl (...)] for mu (..., L), scale_tril (..., L, L)."""
+    backend = _backend.backend_for(mu.device)
+    _validate.dtype_for_backend(backend, mu.dtype)
+    mu2, s3 = flat(mu), _flat_tril(scale_tril)
+    N, L = mu2.shape
+    z = _backend.empty_output((n_samples, N, L), like=mu)
+    kl = _backend.empty_output((N,), like=mu)
+    _backend.launch(backend, "sample_normal_tril_forward", _work(n_samples, N, L), mu=mu2, scale_tril=s3,
+                    seed=seed, z=z, kl=kl)
+    if mu.dim() == 2:
+        return [z, kl]
+    return [z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])]
+
+
+def _backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, scale_tril: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """dmu (..., L), dscale_tril (..., L, L) from grad_z (K, ..., L) and grad_kl (...);
+    eps is regenerated from seed; dscale_tril is 0 above the diagonal."""
+    backend = _backend.backend_for(mu.device)
+    mu2, s3 = flat(mu), _flat_tril(scale_tril)
+    N, L = mu2.shape
+    K = grad_z.shape[0]
+    dmu = _backend.empty_output((N, L), like=mu)
+    ds = _backend.empty_output((N, L, L), like=mu)
+    _backend.launch(
+        backend, "sample_normal_tril_backward", _work(K, N, L),
+        grad_z=grad_z.reshape(K, N, L).contiguous(), grad_kl=grad_kl.reshape(N).contiguous(),
+        mu=mu2, scale_tril=s3, seed=seed, dmu=dmu, dscale_tril=ds,
+    )
+    if mu.dim() == 2:
+        return dmu, ds
+    return dmu.reshape(mu.shape), ds.reshape(scale_tril.shape)
+
+
+sample_normal_tril_op = define(
+    "sample_normal_tril(Tensor mu, Tensor scale_tril, Tensor seed, int n_samples) -> (Tensor, Tensor)",
+    lambda mu, scale_tril, seed, n_samples: tuple(_forward(mu, scale_tril, seed, n_samples)),
+    lambda mu, scale_tril, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1])),
+)
+sample_normal_tril_backward_op = define(
+    "sample_normal_tril_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor scale_tril, Tensor seed)"
+    " -> (Tensor, Tensor)",
+    _backward,
+    lambda grad_z, grad_kl, mu, scale_tril, seed: (torch.empty_like(mu), torch.empty_like(scale_tril)),
+)
+
+
+class SampleNormalTril(torch.autograd.Function):
+    """Autograd of fastvae::sample_normal_tril: saves mu as (N, L), scale_tril
+    as (N, L, L) and the seed only. ``n_samples`` None gives one sample shaped like mu."""
+
+    @staticmethod
+    def forward(ctx, mu, scale_tril, seed, n_samples):
+        mu2, s3 = flat(mu), _flat_tril(scale_tril)
+        ctx.save_for_backward(mu2, s3, seed)
+        ctx.shape, ctx.tril_shape = mu.shape, scale_tril.shape
+        ctx.n_samples = 1 if n_samples is None else n_samples
+        z, kl = run(sample_normal_tril_op, mu2, s3, seed, ctx.n_samples)
+        return shaped(z, mu.shape if n_samples is None else (n_samples, *mu.shape)), shaped(kl, mu.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu2, s3, seed = ctx.saved_tensors
+        N, L = mu2.shape
+        dmu, ds = run(sample_normal_tril_backward_op, shaped(grad_z, (ctx.n_samples, N, L)), shaped(grad_kl, (N,)),
+                      mu2, s3, seed)
+        return shaped(dmu, ctx.shape), shaped(ds, ctx.tril_shape), None, None
+
+
+# -- public function -----------------------------------------------------------
+
+
+def sample_normal_tril(
+    mu: Tensor,
+    scale_tril: Tensor,
+    n_samples: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Reparameterized samples from q = N(mu, S S^T), S = scale_tril, and KL(q || N(0, I)).
+
+    Args:
+        mu: encoder means of shape (..., L).
+        scale_tril: S of shape (..., L, L), same batch shape, dtype and device:
+            lower triangular with a positive diagonal, torch's
+            ``MultivariateNormal(mu, scale_tril=S)`` convention (covariance S S^T).
+            Only the lower triangle (diagonal included) is read; the strict
+            upper triangle may hold anything, NaN included, and its gradient
+            is exactly 0.
+        n_samples: None for one sample of shape (..., L); an int K >= 1 for
+            z of shape (K, ..., L).
+        generator: torch.Generator the Philox seed is drawn from (default: torch's
+            default generator of mu's device, so torch.manual_seed applies).
+
+    Returns:
+        (z, kl): z = mu + S @ eps with eps ~ N(0, I), and the analytic
+        kl = 0.5 * (||S||_F^2 + ||mu||^2 - L - 2 * sum_i log S_ii) per row, shape (...).
+
+    eps is exactly sample_normal's noise for the same seed and shape (z[k, n, l]
+    uses the Philox offset k * N * L + n * L + l over the flattened rows n), so
+    with S = diag(exp(logvar / 2)) this returns sample_normal(mu, logvar)'s z and
+    kl for the same generator state. It is generated in the kernel and
+    regenerated in the backward: no K x ... x L noise tensor is stored.
+
+    The diagonal is not checked: that would read the values, a host sync on a
+    GPU. Instead nothing wrong passes silently: a negative or NaN S_ii makes
+    that row's kl NaN (and, where kl gets a gradient, the gradient of S_ii
+    NaN); S_ii = 0 gives kl = +inf, the KL of the degenerate q. z is
+    mu + S @ eps for any values. Where grad_kl is 0 (kl unused) the KL adds
+    nothing to the gradients.
+
+    The lecture notes (../shared/seeds, seed 000, Part II "Full covariance
+    encoders") write q(z | x) = N(mu, L^T L) with L lower triangular and
+    z = mu + L^T eps: their factor of the covariance is the upper-triangular
+    L^T. Here the factor is the lower-triangular S with covariance S S^T.
+    Passing their L as scale_tril gives covariance L L^T, which differs from
+    L^T L unless L is diagonal; their L^T cannot be passed (its strict upper
+    triangle would be ignored). The exact map reverses the latent order: with
+    P the exchange matrix (P[i, j] = 1 iff i + j = L - 1), S = P L^T P is lower
+    triangular with the diagonal of L (reversed) and S S^T = P (L^T L) P, so
+
+        z_rev, kl = sample_normal_tril(mu.flip(-1), L.transpose(-2, -1).flip(-2, -1))
+        z = z_rev.flip(-1)        # = mu + L^T @ eps.flip(-1): their z, their KL
+
+    An encoder that just emits a lower-triangular matrix (the notes' Trig(.))
+    may as well pass it as scale_tril: every positive-definite covariance has
+    exactly one lower-triangular factor with a positive diagonal, so the family
+    of encoders is the same, parameterized as S S^T instead of L^T L. (Their L
+    is that matrix; L here is the latent size, their N.)
+    """
+    _validate.float_tensors(mu=mu, scale_tril=scale_tril)
+    _validate.event_dim("mu", mu)
+    L = mu.shape[-1]
+    if tuple(scale_tril.shape) != (*mu.shape, L):
+        raise ValueError(
+            f"scale_tril must have shape {(*mu.shape, L)} (mu's shape {tuple(mu.shape)} and L = {L} again), "
+            f"got {tuple(scale_tril.shape)}"
+        )
+    if n_samples is not None:
+        n_samples = _validate.sample_count("n_samples", n_samples, mu.numel(), mu)
+    return SampleNormalTril.apply(mu, scale_tril, draw_seed(mu.device, generator), n_samples)
