@@ -16,8 +16,9 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 
 Objectives (fastvae/objectives.py), higher is better:
 
-- elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator)
-- iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator)
+- elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
+- iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior)
+  (or elbo(x, q, decode, ...) with q a DiagonalNormal, TrilNormal or torch Normal / MultivariateNormal)
 - elbo_terms(...) -> ELBOTerms, iwae_terms(...) -> IWAETerms: the bound and its terms
 
 Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
@@ -27,12 +28,18 @@ Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
 - evaluate(data, encode, decode, *, k=5000, ...) -> EvaluationResult
 - reconstruction_probability(x, encode, decode, *, n_samples=100, ...): the anomaly score
 
+Posteriors and priors: DiagonalNormal(mu, logvar), TrilNormal(mu, scale_tril)
+(fastvae/distributions.py); fastvae.priors.StandardNormal, MixtureOfGaussians,
+VampPrior (prior= of the objectives and the evaluation functions).
+
 backend_info(device) reports which backend serves each op; set_backend(name) and
 use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
 does at import.
 """
+from . import priors
 from ._backend import backend_info, set_backend, use_backend
 from .bernoulli_log_prob import bernoulli_log_prob
+from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
     LogLikelihoodStats,
@@ -58,6 +65,9 @@ from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
 
 __all__ = [
+    "DiagonalNormal",
+    "TrilNormal",
+    "priors",
     "sample_normal",
     "sample_normal_tril",
     "kl_normal",

@@ -18,37 +18,65 @@ from torch import Tensor
 from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal
 
 from .bernoulli_log_prob import bernoulli_log_prob
+from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 
 
-def diagonal_posterior(q: Distribution) -> tuple[Tensor, Tensor]:
-    """(mu, logvar) of a torch Normal or Independent(Normal, 1) posterior, the
-    distribution the fused sampler draws from (differentiable in its loc and
-    scale); others are refused by name."""
+def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
+    """The fused posterior of a torch Normal or Independent(Normal, 1)
+    (DiagonalNormal) or MultivariateNormal (TrilNormal of its scale_tril),
+    differentiable in their parameters; others are refused by name."""
     base, reinterpreted = (q.base_dist, q.reinterpreted_batch_ndims) if isinstance(q, Independent) else (q, 0)
     if type(base) is Normal and reinterpreted <= 1:
-        return base.loc, 2.0 * torch.log(base.scale)
-    if isinstance(base, MultivariateNormal):
-        raise TypeError("a full-covariance posterior (MultivariateNormal) has no fused path yet: pass its "
-                        "diagonal as Normal, or compute the loss with torch.distributions")
-    raise TypeError(f"the posterior must be a torch Normal or Independent(Normal, 1) (diagonal Gaussian), "
-                    f"got {type(q).__name__}")
+        return DiagonalNormal(base.loc, 2.0 * torch.log(base.scale))
+    if type(base) is MultivariateNormal and reinterpreted == 0:
+        return TrilNormal(base.loc, base.scale_tril)
+    raise TypeError(f"the posterior must be a torch Normal, Independent(Normal, 1) or MultivariateNormal "
+                    f"(or a fastvae.DiagonalNormal / TrilNormal), got {type(q).__name__}")
 
 
-def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[Any, Any, Any]:
-    """(mu, logvar, decode) from either calling form: (x, mu, logvar, decode)
-    or (x, q, decode) with q a torch Normal / Independent(Normal, 1)."""
-    if isinstance(mu, Distribution):
+def diagonal_posterior(q: Distribution) -> tuple[Tensor, Tensor]:
+    """(mu, logvar) of a torch Normal or Independent(Normal, 1) posterior."""
+    p = torch_posterior(q)
+    if not isinstance(p, DiagonalNormal):
+        raise TypeError("a diagonal posterior (Normal) is needed here, got a MultivariateNormal")
+    return p.mu, p.logvar
+
+
+def as_posterior(q: Any, what: str = "the posterior") -> DiagonalNormal | TrilNormal:
+    """What an encoder returned, as a fastvae posterior: a DiagonalNormal or
+    TrilNormal as is, a torch distribution mapped (torch_posterior), or a
+    (mu, logvar) pair."""
+    if isinstance(q, (DiagonalNormal, TrilNormal)):
+        return q
+    if isinstance(q, Distribution):
+        return torch_posterior(q)
+    if isinstance(q, (tuple, list)) and len(q) == 2:
+        return DiagonalNormal(*q)
+    raise TypeError(
+        f"{what} must be a fastvae.DiagonalNormal or TrilNormal, a torch Normal, Independent(Normal, 1) or "
+        f"MultivariateNormal, or a (mu, logvar) pair, got {type(q).__name__}"
+        + (f" of {len(q)} items" if isinstance(q, (tuple, list)) else ""))
+
+
+def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | TrilNormal, Any]:
+    """(q, decode) from either calling form: (x, mu, logvar, decode) or
+    (x, q, decode) with q a fastvae.DiagonalNormal / TrilNormal or a torch
+    Normal / Independent(Normal, 1) / MultivariateNormal."""
+    if isinstance(mu, (Distribution, DiagonalNormal, TrilNormal)):
         if decode is None:  # (x, q, decode): decode arrived in logvar's place
             decode, logvar = logvar, None
         if logvar is not None:
             raise TypeError("with a distribution as the posterior, call (x, q, decode), without logvar")
-        mu, logvar = diagonal_posterior(mu)
-    elif decode is None or logvar is None:
-        raise TypeError("pass (x, mu, logvar, decode), or (x, q, decode) with q a torch Normal")
-    return mu, logvar, decode
+        return as_posterior(mu), decode
+    if decode is None or logvar is None:
+        raise TypeError("pass (x, mu, logvar, decode), or (x, q, decode) with q a fastvae.DiagonalNormal, "
+                        "TrilNormal or a torch Normal / MultivariateNormal")
+    if not isinstance(mu, Tensor) or not isinstance(logvar, Tensor):
+        raise TypeError(f"mu and logvar must be torch.Tensors, got {type(mu).__name__} and {type(logvar).__name__}")
+    return DiagonalNormal(mu, logvar), decode
 
 
 _REQUIRED = (

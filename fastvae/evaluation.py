@@ -28,12 +28,13 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
 
 from . import _validate
 from ._backend import accumulation_dtype
-from ._decoder import check_likelihood, decoder_log_prob, diagonal_posterior
+from ._decoder import as_posterior, check_likelihood, decoder_log_prob
+from ._noise import evaluation_noise
 from ._op import draw_seed
+from .distributions import DiagonalNormal, TrilNormal
 from .logmeanexp import (
     LogMeanExpState,
     all_reduce_logmeanexp_state,
@@ -41,6 +42,7 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
+from .priors import StandardNormal, check_prior
 from .sample_normal import _MAX_OFFSET, sample_at
 
 # Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
@@ -125,12 +127,14 @@ class _Config:
     memory_budget: int
     shard: str | None
     group: Any
+    prior: Any  # p(z) (fastvae.priors); StandardNormal by default
 
 
 # -- argument checks -------------------------------------------------------------
 
 
-def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, group, with_ratio) -> _Config:
+def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, group, with_ratio,
+            prior=None) -> _Config:
     k = _validate.positive_int(k_name, k)
     check_likelihood(likelihood)
     if chunk_size is not None:
@@ -140,7 +144,8 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
     memory_budget = _validate.positive_int("memory_budget", memory_budget)
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
-    return _Config(k, k_name, likelihood, with_ratio, chunk_size, memory_budget, shard, group)
+    return _Config(k, k_name, likelihood, with_ratio, chunk_size, memory_budget, shard, group,
+                   check_prior(prior))
 
 
 def _check_x(x: Any, what: str = "x") -> None:
@@ -149,22 +154,50 @@ def _check_x(x: Any, what: str = "x") -> None:
         raise ValueError(f"{what} must have shape (B, *event), e.g. (B, D) or (B, C, H, W); got {tuple(x.shape)}")
 
 
-def _encode(encode: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
-    out = encode(x)
-    if isinstance(out, Distribution):  # a torch Normal posterior
-        out = diagonal_posterior(out)
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"encode(x) must return a (mu, logvar) pair, got {type(out).__name__}"
-                        + (f" of {len(out)} items" if isinstance(out, (tuple, list)) else ""))
-    mu, logvar = out
-    _validate.float_tensors(mu=mu, logvar=logvar)
-    _validate.same_shape(mu=mu, logvar=logvar)
+def _encode(encode: Callable, x: Tensor) -> DiagonalNormal | TrilNormal:
+    """q(z|x) as a fastvae posterior: encode may return a (mu, logvar) pair, a
+    DiagonalNormal or TrilNormal, or a torch Normal / MultivariateNormal."""
+    q = as_posterior(encode(x), "encode(x)'s result")
+    mu = q.mu
     if mu.dim() != 2 or mu.shape[0] != x.shape[0] or mu.shape[1] < 1:
         raise ValueError(f"encode(x) returned mu of shape {tuple(mu.shape)}; expected (B, L) with "
                          f"B = {x.shape[0]} for x of shape {tuple(x.shape)}")
     if mu.dtype != x.dtype or mu.device != x.device:
         raise TypeError(f"encode(x) returned {mu.dtype} on {mu.device}; x is {x.dtype} on {x.device}")
-    return mu, logvar
+    return q
+
+
+def _rows(q: DiagonalNormal | TrilNormal, b0: int, b1: int) -> DiagonalNormal | TrilNormal:
+    if isinstance(q, DiagonalNormal):
+        return DiagonalNormal(q.mu[b0:b1], q.logvar[b0:b1])
+    return TrilNormal(q.mu[b0:b1], q.scale_tril[b0:b1])
+
+
+def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tensor, Tensor | None]:
+    """(z (c1 - c0, n, L), log p(z) - log q(z | x) or None) for samples [c0, c1) of
+    the examples g.. in the evaluation's noise layout. The latent term comes
+    from the noise itself (exact however small the posterior's variance):
+    for a diagonal q from the sampling kernel, for a full-covariance q from
+    log q(z) = log N(eps; 0, I) - sum log S_ii."""
+    L = q.latent_size
+    offset0 = (g * cfg.k + c0) * L
+    if isinstance(q, DiagonalNormal):
+        drawn = sample_at(q.mu, q.logvar, seed, c1 - c0, offset0=offset0, sample_stride=L,
+                          row_stride=cfg.k * L, with_ratio=cfg.with_ratio)
+        if not cfg.with_ratio:
+            return drawn, None
+        z, ratio = drawn
+        if isinstance(cfg.prior, StandardNormal):
+            return z, ratio
+        return z, ratio + cfg.prior.log_prob(z) - StandardNormal().log_prob(z)
+    eps = evaluation_noise(seed, first_example=g, n_examples=q.mu.shape[0], n_samples=cfg.k, k0=c0, k1=c1,
+                           latent=L, dtype=q.mu.dtype, device=q.mu.device)
+    S = q.scale_tril.tril()
+    z = (q.mu + (S @ eps.unsqueeze(-1).to(S.dtype)).squeeze(-1)).to(q.mu.dtype)
+    if not cfg.with_ratio:
+        return z, None
+    log_q = (StandardNormal().log_prob(eps) - torch.log(torch.diagonal(S, dim1=-2, dim2=-1)).sum(-1))
+    return z, cfg.prior.log_prob(z) - log_q
 
 
 # -- the chunk loop ---------------------------------------------------------------
@@ -192,11 +225,12 @@ def _empty_state(n: int, count: int, like: Tensor) -> LogMeanExpState:
                            torch.zeros((n,), dtype=dtype, device=like.device), count)
 
 
-def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Config, seed: Tensor,
+def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             g0: int, k0: int, k1: int, bar) -> tuple[LogMeanExpState, LogMeanExpState]:
     """States of log w and of 2 log w over samples [k0, k1) of K for the n
     local examples, whose global indices start at g0."""
     n, D = x.shape[0], math.prod(x.shape[1:])
+    mu = q.mu
     L = mu.shape[1]
     if k1 <= k0 or n == 0:
         return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
@@ -212,21 +246,17 @@ def _states(x: Tensor, mu: Tensor, logvar: Tensor, decode: Callable, cfg: _Confi
     firsts, seconds = [], []
     for b0 in range(0, n, nb):
         b1 = min(n, b0 + nb)
-        xb, mb, lb = x[b0:b1], mu[b0:b1], logvar[b0:b1]
+        xb, qb = x[b0:b1], _rows(q, b0, b1)
         run1 = run2 = None
         for c0 in range(k0, k1, kc):
             c1 = min(k1, c0 + kc)
-            # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn by the sampling kernel
-            # log p(z) - log q(z | x) comes from the sampler, which knows eps: exact
-            # however small the variance
-            drawn = sample_at(mb, lb, seed, c1 - c0, offset0=((g0 + b0) * cfg.k + c0) * L, sample_stride=L,
-                              row_stride=cfg.k * L, with_ratio=cfg.with_ratio)
-            z = drawn[0] if cfg.with_ratio else drawn
+            # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn where it is used
+            z, latent = _draw(qb, cfg, seed, g0 + b0, c0, c1)
             # a half-precision model's terms are widened before they are added
             # (and doubled for the w^2 state), so lw is not rounded to half
             lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,)).to(run_dtype)
-            if cfg.with_ratio:
-                lw = lw + drawn[1].to(run_dtype)
+            if latent is not None:
+                lw = lw + latent.to(run_dtype)
             s1, s2 = logmeanexp_state(lw), logmeanexp_state(2 * lw)
             run1 = s1 if run1 is None else merge_logmeanexp_states(run1, s1)
             run2 = s2 if run2 is None else merge_logmeanexp_states(run2, s2)
@@ -374,18 +404,18 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
     k0, k1 = _split(cfg.k, rank, world) if dist_info is not None and cfg.shard == "samples" else (0, cfg.k)
     xs = x[b0:b1]
     if b1 > b0:
-        mu, logvar = _encode(encode, xs)
+        q = _encode(encode, xs)
     else:
         # No examples on this rank: nothing to encode, but the collectives still run.
-        mu = logvar = xs.new_empty((0, 1))
+        q = DiagonalNormal(xs.new_empty((0, 1)), xs.new_empty((0, 1)))
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        total = _n_steps(cfg, b1 - b0, k1 - k0, math.prod(x.shape[1:]), mu.shape[1], x.element_size())
+        total = _n_steps(cfg, b1 - b0, k1 - k0, math.prod(x.shape[1:]), q.latent_size, x.element_size())
         bar = tqdm(total=total, unit="chunk", desc="log-likelihood", leave=False)
     try:
-        st1, st2 = _states(xs, mu, logvar, decode, cfg, seed, g0 + b0, k0, k1, bar)
+        st1, st2 = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -413,6 +443,7 @@ def log_likelihood(
     memory_budget: int | None = None,
     shard: str | None = "examples",
     group=None,
+    prior: Any = None,
 ) -> Tensor | LogLikelihoodStats:
     """Importance-sampled estimate of log p(x) per example with K samples
     from the encoder's q(z|x) as the proposal (the IWAE bound of Burda et al.
@@ -422,7 +453,9 @@ def log_likelihood(
         x: data (B, *event), e.g. (B, D) or (B, C, H, W) images, float32 or
             float64, or float16/bfloat16 on CUDA (log-weights accumulate in
             float32). decode returns (K_c, B, *event).
-        encode: x (B, D) -> (mu, logvar), each (B, L): q(z|x) = N(mu, diag(exp(logvar))).
+        encode: x (B, D) -> (mu, logvar), each (B, L): q(z|x) = N(mu, diag(exp(logvar)));
+            or a fastvae.DiagonalNormal, a full-covariance fastvae.TrilNormal,
+            or a torch Normal / MultivariateNormal.
         decode: z (K_c, B, L) -> the decoder output for every sample, shape
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
             (mean, logvar) pair, for "bernoulli" the logits.
@@ -445,6 +478,8 @@ def log_likelihood(
             rank passes the same x, draws the same noise (rank 0's seed) and
             gets the same result as one process would.
         group: the torch.distributed process group (default: the world).
+        prior: p(z), as in fastvae.elbo (default N(0, I)); its parameters
+            (a mixture's, a VampPrior's pseudo-inputs) are read once per chunk.
 
     Returns:
         (B,) estimates log p̂(x) in nats (float32, or float64 for float64 x),
@@ -453,7 +488,7 @@ def log_likelihood(
     Runs under torch.no_grad(); put the model in eval mode first.
     """
     cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
-                  shard=shard, group=group, with_ratio=True)
+                  shard=shard, group=group, with_ratio=True, prior=prior)
     return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
 
 
@@ -471,6 +506,7 @@ def reconstruction_probability(
     memory_budget: int | None = None,
     shard: str | None = "examples",
     group=None,
+    prior: Any = None,
 ) -> Tensor | LogLikelihoodStats:
     """The anomaly score of An & Cho (2015): log (1/L) Σ_l p(x|z_l) with
     z_l ~ q(z|x), per example; low values flag anomalies.
@@ -487,7 +523,7 @@ def reconstruction_probability(
     ``return_stats`` as log_likelihood, with n_samples (L) in place of k.
     """
     cfg = _config("n_samples", n_samples, likelihood=likelihood, chunk_size=chunk_size,
-                  memory_budget=memory_budget, shard=shard, group=group, with_ratio=False)
+                  memory_budget=memory_budget, shard=shard, group=group, with_ratio=False, prior=prior)
     return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
 
 
@@ -514,6 +550,7 @@ def evaluate(
     memory_budget: int | None = None,
     shard: str | None = "examples",
     group=None,
+    prior: Any = None,
 ) -> EvaluationResult:
     """Dataset log-likelihood: :func:`log_likelihood` over every batch of
     ``data`` (a DataLoader or any iterable of (B, *event) tensors, or of tuples
@@ -530,7 +567,7 @@ def evaluate(
     Other arguments as in log_likelihood; returns an :class:`EvaluationResult`.
     """
     cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
-                  shard=shard, group=group, with_ratio=True)
+                  shard=shard, group=group, with_ratio=True, prior=prior)
     dist_info = _distributed(cfg)
     show = progress is not False and (dist_info is None or dist_info[0] == 0)
     total = len(data) if hasattr(data, "__len__") else None

@@ -19,9 +19,12 @@ from torch.distributions import Distribution
 from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._op import draw_seed
+from .distributions import DiagonalNormal, TrilNormal, tril_log_prob
 from .kl_normal import kl_normal
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
+from .priors import StandardNormal, analytic_kl, check_prior
 from .sample_normal import SampleNormalWithRatio, sample_normal_unchecked
+from .sample_normal_tril import sample_normal_tril
 
 REDUCTIONS = ("mean", "sum", "none")
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -35,8 +38,14 @@ class ELBOTerms(NamedTuple):
     kl: Tensor  # the KL term as it enters the bound: after free bits, before beta
     # the analytic KL of each latent dimension (before free bits and beta), shape
     # (L,) reduced over the batch, (..., L) for reduction="none": the
-    # posterior-collapse diagnostic (a dimension near 0 carries no information)
-    kl_per_dim: Tensor
+    # posterior-collapse diagnostic (a dimension near 0 carries no information);
+    # None where the KL does not split by dimension (a full-covariance posterior,
+    # a mixture prior)
+    kl_per_dim: Tensor | None
+    # True where the KL is the closed form (diagonal or full-covariance q against
+    # a standard or diagonal prior), False where it is the Monte Carlo estimate
+    # log q(z) - log p(z) from the same samples as the reconstruction
+    kl_analytic: bool
 
 
 class IWAETerms(NamedTuple):
@@ -45,7 +54,9 @@ class IWAETerms(NamedTuple):
 
     bound: Tensor  # the IWAE (alpha = 0) or Renyi bound
     reconstruction: Tensor  # mean over the k samples of log p(x | z_k)
-    kl: Tensor  # analytic KL(q(z|x) || N(0, I)); the bound does not use it
+    # KL(q(z|x) || p(z)): analytic where registered, else the mean of log q - log p
+    # over the k samples; the bound does not use it
+    kl: Tensor
     ess: Tensor  # effective sample size of the k importance weights, in [1, k]
     log_weights: Tensor  # log p(x, z_k) - log q(z_k | x), shape (k, ...)
 
@@ -53,11 +64,10 @@ class IWAETerms(NamedTuple):
 # -- argument checks -----------------------------------------------------------
 
 
-def _check_inputs(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, reduction: Any) -> None:
-    _validate.float_tensors(x=x, mu=mu, logvar=logvar)
+def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, decode: Any, reduction: Any) -> None:
+    _validate.float_tensors(x=x)
     _validate.event_dim("x", x)
-    _validate.event_dim("mu", mu)
-    _validate.same_shape(mu=mu, logvar=logvar)
+    mu = q.mu
     batch = mu.shape[:-1]
     if x.dim() <= len(batch) or x.shape[:len(batch)] != batch:
         raise ValueError(
@@ -68,6 +78,14 @@ def _check_inputs(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, reduction:
         raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _prior_log_ratio(prior: Any, z: Tensor) -> Tensor | None:
+    """log p(z) - log N(z; 0, I) for a prior other than the standard normal
+    (None for it): added to the sampler's exact log N(z; 0, I) - log q(z)."""
+    if isinstance(prior, StandardNormal):
+        return None
+    return prior.log_prob(z) - StandardNormal().log_prob(z)
 
 
 def _reduce(t: Tensor, reduction: str) -> Tensor:
@@ -81,7 +99,18 @@ def _reduce(t: Tensor, reduction: str) -> Tensor:
 # -- ELBO -----------------------------------------------------------------------
 
 
-def _free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
+def _per_dim_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
+    """The analytic KL of each latent dimension (..., L), where it splits by
+    dimension (a diagonal q against a standard or diagonal prior), else None."""
+    if not isinstance(q, DiagonalNormal) or not isinstance(prior, (StandardNormal, DiagonalNormal)):
+        return None
+    # kl_normal on (..., L, 1) gives the per-dimension KL (..., L) with the fused op.
+    if isinstance(prior, StandardNormal):
+        return kl_normal(q.mu.unsqueeze(-1), q.logvar.unsqueeze(-1))
+    return kl_normal(q.mu.unsqueeze(-1), q.logvar.unsqueeze(-1), prior.mu.unsqueeze(-1), prior.logvar.unsqueeze(-1))
+
+
+def _free_bits_kl(per_dim: Tensor, free_bits: float) -> Tensor:
     """Per-example KL (...) whose batch mean is sum_j max(free_bits, mean_b KL_bj).
 
     A latent dimension whose KL, averaged over the batch, is below the floor
@@ -90,32 +119,57 @@ def _free_bits_kl(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
     result is exactly the free-bits KL of Kingma et al. (2016), and reduction
     "none" stays consistent with "mean".
     """
-    # kl_normal on (..., L, 1) gives the per-dimension KL (..., L) with the fused op.
-    per_dim = kl_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1))
     batch_mean = per_dim.reshape(-1, per_dim.shape[-1]).mean(0)  # (L,)
     floored = torch.where(batch_mean < free_bits, torch.full_like(per_dim, free_bits), per_dim)
     return floored.sum(-1)
 
 
-def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator):
-    """(elbo, reconstruction, kl), unreduced: the one pass of elbo and elbo_terms."""
-    mu, logvar, decode = posterior_args(mu, logvar, decode)
-    _check_inputs(x, mu, logvar, decode, reduction)
+def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
+    """(elbo, reconstruction, kl, q, prior, analytic), unreduced: the one pass of elbo and elbo_terms."""
+    q, decode = posterior_args(mu, logvar, decode)
+    _check_inputs(x, q, decode, reduction)
     check_likelihood(likelihood)
+    prior = check_prior(prior, q.latent_size)
+    mu = q.mu
     # decode(z) must return (n_samples, *x.shape): usually the largest K-fold tensor
     n_samples = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
     beta = _validate.real("beta", beta, minimum=0.0, tensor_ok=True)
     free_bits = _validate.real("free_bits", free_bits, minimum=0.0)
-
-    z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
+    kl = analytic_kl(q, prior)
+    analytic = kl is not None
+    per_dim = None
+    if free_bits > 0:
+        per_dim = _per_dim_kl(q, prior)
+        if per_dim is None:
+            raise ValueError("free_bits needs the KL of each latent dimension: a diagonal posterior against a "
+                             "standard normal or DiagonalNormal prior")
+    K = None if n_samples == 1 else n_samples
     sample_shape = () if n_samples == 1 else (n_samples,)
+    if isinstance(q, DiagonalNormal) and kl is not None:
+        z, kl_std = sample_normal_unchecked(q.mu, q.logvar, K, generator)
+        if isinstance(prior, StandardNormal):
+            kl = kl_std  # fused with the sampling
+    elif isinstance(q, DiagonalNormal):
+        # log q(z) - log p(z) from the sampler's exact log N(z; 0, I) - log q(z)
+        z, _, latent = SampleNormalWithRatio.apply(q.mu, q.logvar, draw_seed(mu.device, generator), n_samples, False)
+        if K is None:
+            z, latent = z[0], latent[0]
+        kl = -(latent + _prior_log_ratio(prior, z))
+    else:
+        z, kl_std = sample_normal_tril(q.mu, q.scale_tril, K, generator=generator)
+        if kl is None:
+            kl = q.log_prob(z) - prior.log_prob(z)
+        elif isinstance(prior, StandardNormal):
+            kl = kl_std
+    if not analytic and K is not None:
+        kl = kl.mean(0)
     reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape, mu.dim() - 1)
     if n_samples > 1:
         reconstruction = reconstruction.mean(0)
     if free_bits > 0:
-        kl = _free_bits_kl(mu, logvar, free_bits)
+        kl = _free_bits_kl(per_dim, free_bits)
     weighted = kl if isinstance(beta, float) and beta == 1.0 else beta * kl
-    return reconstruction - weighted, reconstruction, kl
+    return reconstruction - weighted, reconstruction, kl, q, prior, analytic
 
 
 def elbo_terms(
@@ -130,17 +184,18 @@ def elbo_terms(
     n_samples: int = 1,
     reduction: str = "mean",
     generator: torch.Generator | None = None,
+    prior: Any = None,
 ) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
-    terms = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
-                  n_samples=n_samples, reduction=reduction, generator=generator)
-    # kl_normal on (..., L, 1): the per-dimension KL (..., L) from the fused op
-    per_dim = kl_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1))
-    if reduction != "none":
+    bound, reconstruction, kl, q, prior, analytic = _elbo(
+        x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits, n_samples=n_samples,
+        reduction=reduction, generator=generator, prior=prior)
+    per_dim = _per_dim_kl(q, prior)
+    if per_dim is not None and reduction != "none":
         per_dim = per_dim.reshape(-1, per_dim.shape[-1])
         per_dim = per_dim.mean(0) if reduction == "mean" else per_dim.sum(0)
-    return ELBOTerms(*(_reduce(t, reduction) for t in terms), per_dim)
+    return ELBOTerms(*(_reduce(t, reduction) for t in (bound, reconstruction, kl)), per_dim, analytic)
 
 
 def elbo(
@@ -155,8 +210,9 @@ def elbo(
     n_samples: int = 1,
     reduction: str = "mean",
     generator: torch.Generator | None = None,
+    prior: Any = None,
 ) -> Tensor:
-    """The evidence lower bound E_q[log p(x|z)] - beta * KL(q(z|x) || N(0, I)).
+    """The evidence lower bound E_q[log p(x|z)] - beta * KL(q(z|x) || p(z)).
 
     Higher is better: train with ``loss = -fastvae.elbo(...)``.
 
@@ -194,6 +250,19 @@ def elbo(
         reduction: "mean" over the batch (default), "sum", or "none" (per example).
         generator: torch.Generator for the noise seed (default: torch's default
             generator of mu's device, so torch.manual_seed applies).
+        prior: p(z): None or ``fastvae.priors.StandardNormal()`` (the default
+            N(0, I)), ``fastvae.priors.MixtureOfGaussians``, ``VampPrior``, or a
+            ``fastvae.DiagonalNormal`` of shape (L,) (a learned diagonal prior).
+            The KL is analytic where a closed form is registered (a diagonal or
+            full-covariance q against a standard or diagonal prior), otherwise
+            the Monte Carlo log q(z) - log p(z) from the same samples;
+            ``elbo_terms(...).kl_analytic`` says which.
+
+    The posterior may also be passed as one object, ``elbo(x, q, decode)``:
+    q a ``fastvae.DiagonalNormal(mu, logvar)``, a full-covariance
+    ``fastvae.TrilNormal(mu, scale_tril)`` (sampled by the fused
+    sample_normal_tril), or a torch ``Normal``, ``Independent(Normal, 1)`` or
+    ``MultivariateNormal`` (mapped to those two).
 
     Returns:
         The ELBO, a scalar (or per-example for reduction="none").
@@ -203,15 +272,15 @@ def elbo(
     torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
     use fastvae.elbo_terms.
     """
-    bound, _, _ = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
-                        n_samples=n_samples, reduction=reduction, generator=generator)
+    bound = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
+                  n_samples=n_samples, reduction=reduction, generator=generator, prior=prior)[0]
     return _reduce(bound, reduction)  # the terms are not reduced: each reduction is a node in the graph
 
 
 # -- IWAE -----------------------------------------------------------------------
 
 
-def _dreg_z_scale(z: Tensor, latent: Tensor, lw: Tensor, alpha: float) -> None:
+def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) -> None:
     """DReG (Tucker et al. 2018): the encoder gets sum_k c_k dlw_k/dz_k dz_k/dphi
     with the score term (d log q / d phi) dropped and replaced by its
     reparameterized equivalent. For the bound (1/(1-a)) logmeanexp((1-a) lw),
@@ -226,7 +295,8 @@ def _dreg_z_scale(z: Tensor, latent: Tensor, lw: Tensor, alpha: float) -> None:
     v = ImportanceWeights.apply((1.0 - alpha) * lw.detach())  # 0 for an all -inf column
     scale = alpha + (1.0 - alpha) * v
     z.register_hook(lambda g: g * scale.unsqueeze(-1))
-    latent.register_hook(lambda g: g * scale)
+    if latent is not None:
+        latent.register_hook(lambda g: g * scale)
 
 
 def _bound(lw: Tensor, alpha: float) -> Tensor:
@@ -237,25 +307,42 @@ def _bound(lw: Tensor, alpha: float) -> Tensor:
     return LogMeanExp.apply((1.0 - alpha) * lw)[0] / (1.0 - alpha)
 
 
-def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator):
+def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior):
     """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and iwae_terms."""
-    mu, logvar, decode = posterior_args(mu, logvar, decode)
-    _check_inputs(x, mu, logvar, decode, reduction)
+    q, decode = posterior_args(mu, logvar, decode)
+    _check_inputs(x, q, decode, reduction)
     check_likelihood(likelihood)
+    prior = check_prior(prior, q.latent_size)
+    mu = q.mu
     # decode(z) must return (k, *x.shape): usually the largest K-fold tensor
     k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     alpha = _validate.real("alpha", alpha)
+    stop_score = estimator != "iwae"
 
-    # log p(z) - log q(z | x) comes from the sampler, which knows each eps: exact
-    # however small the variance (recomputing eps from z overflows when the
-    # posterior collapses)
-    z, kl, latent = SampleNormalWithRatio.apply(mu, logvar, draw_seed(mu.device, generator), k, estimator != "iwae")
+    hooked = None  # the latent term whose gradient reaches the encoder outside z (DReG scales it too)
+    if isinstance(q, DiagonalNormal):
+        # log p(z) - log q(z | x) comes from the sampler, which knows each eps: exact
+        # however small the variance (recomputing eps from z overflows when the
+        # posterior collapses); another prior adds log p(z) - log N(z; 0, I)
+        z, kl, hooked = SampleNormalWithRatio.apply(q.mu, q.logvar, draw_seed(mu.device, generator), k, stop_score)
+        extra = _prior_log_ratio(prior, z)
+        latent = hooked if extra is None else hooked + extra
+    else:
+        z, kl = sample_normal_tril(q.mu, q.scale_tril, k, generator=generator)
+        # STL / DReG: log q with its parameters' score stopped; z keeps its path
+        log_q = tril_log_prob(z, q.mu.detach(), q.scale_tril.detach()) if stop_score else q.log_prob(z)
+        latent = prior.log_prob(z) - log_q
+    analytic = analytic_kl(q, prior)
+    if analytic is not None:
+        kl = kl if isinstance(prior, StandardNormal) else analytic
+    else:
+        kl = -latent.mean(0)  # the Monte Carlo KL from the same samples
     reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,), mu.dim() - 1)
     lw = reconstruction + latent
     if estimator == "dreg":
-        _dreg_z_scale(z, latent, lw, alpha)
+        _dreg_z_scale(z, hooked, lw, alpha)
     return _bound(lw, alpha), reconstruction, kl, lw
 
 
@@ -271,12 +358,13 @@ def iwae_terms(
     alpha: float = 0.0,
     reduction: str = "mean",
     generator: torch.Generator | None = None,
+    prior: Any = None,
 ) -> IWAETerms:
     """fastvae.iwae, returning the bound with its terms (reconstruction, KL,
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
     bound, reconstruction, kl, lw = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
-        alpha=alpha, reduction=reduction, generator=generator,
+        alpha=alpha, reduction=reduction, generator=generator, prior=prior,
     )
     with torch.no_grad():
         ess = EffectiveSampleSize.apply(lw.detach())[0]
@@ -298,6 +386,7 @@ def iwae(
     alpha: float = 0.0,
     reduction: str = "mean",
     generator: torch.Generator | None = None,
+    prior: Any = None,
 ) -> Tensor:
     """The importance-weighted bound log (1/k) sum_k w_k (Burda et al. 2015),
     log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q(z|x).
@@ -305,8 +394,10 @@ def iwae(
     Higher is better: train with ``loss = -fastvae.iwae(...)``.
 
     Args:
-        x, mu, logvar, decode, likelihood, reduction, generator: as fastvae.elbo;
-            decode gets z of shape (k, B, L) and runs once per call.
+        x, mu, logvar, decode, likelihood, reduction, generator, prior: as
+            fastvae.elbo (q may be one posterior object; any prior works with
+            every estimator and both posteriors); decode gets z of shape
+            (k, B, L) and runs once per call.
         k: importance samples per example (>= 1; k = 1 is the Monte Carlo ELBO).
         estimator: the gradient estimator; all three return the same value for
             the same seed.
@@ -319,6 +410,9 @@ def iwae(
             "stl": sticking the landing (Roeder et al. 2017): the score term
                 is dropped and the path derivative weighted by w~_k. Unbiased at
                 k = 1; biased for k > 1 (Tucker et al. 2018), but low variance.
+            For "dreg" and "stl" log q is taken with q's parameters' score
+            stopped, for the diagonal and the full-covariance posterior alike;
+            the prior's parameters get the plain IWAE gradient.
         alpha: Renyi-alpha (variational Renyi) bound
             logmeanexp((1-alpha) lw) / (1-alpha). alpha = 0 is IWAE; alpha -> 1
             tends to the ELBO mean_k lw_k, and alpha = 1 returns exactly that.
@@ -334,6 +428,6 @@ def iwae(
     """
     bound = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
-        alpha=alpha, reduction=reduction, generator=generator,
+        alpha=alpha, reduction=reduction, generator=generator, prior=prior,
     )[0]
     return _reduce(bound, reduction)  # no ESS pass: only iwae_terms reports it

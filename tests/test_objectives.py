@@ -709,9 +709,14 @@ def test_posterior_may_be_a_torch_normal(backend):
     want = fastvae.log_likelihood(x, lambda a: (loc.detach(), 2 * torch.log(scale.detach())), decode, k=4,
                                   likelihood="bernoulli", generator=gen(2))
     assert_close(ll, want, 1 + want.abs(), "log_likelihood with a Normal encoder")
-    mvn = dist.MultivariateNormal(loc.detach(), scale_tril=torch.diag_embed(scale.detach()))
-    with pytest.raises(TypeError, match="MultivariateNormal"):
-        fastvae.elbo(x, mvn, decode, likelihood="bernoulli")
+    # a MultivariateNormal takes the full-covariance path: with a diagonal scale_tril, the same z
+    for fn, kw in ((fastvae.elbo, {}), (fastvae.iwae, dict(k=3))):
+        want = fn(x, loc, 2 * torch.log(scale), decode, likelihood="bernoulli", generator=gen(1), **kw)
+        mvn = dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
+        got = fn(x, mvn, decode, likelihood="bernoulli", generator=gen(1), **kw)
+        assert_close(got, want, 1 + want.abs(), f"{fn.__name__} with a MultivariateNormal")
+    with pytest.raises(TypeError, match="Independent\\(Normal, 1\\) or MultivariateNormal"):
+        fastvae.elbo(x, dist.Laplace(loc, scale), decode, likelihood="bernoulli")
 
 
 def test_sampler_log_ratio_of_an_empty_latent_is_zero(backend, nan_poisoned_outputs):

@@ -1,0 +1,135 @@
+"""Gaussian posteriors (and diagonal priors) as objects: what an encoder may
+return to fastvae's objectives and evaluation, and what a learned prior is.
+
+- ``DiagonalNormal(mu, logvar)``: N(mu, diag(exp(logvar))) over the last
+  dimension; sampled by the fused ``sample_normal``, its density by the fused
+  ``gaussian_log_prob``. Of shape (L,) it is a learned diagonal prior.
+- ``TrilNormal(mu, scale_tril)``: N(mu, S Sᵀ) with S lower triangular and a
+  positive diagonal (torch's ``MultivariateNormal(scale_tril=)``); sampled by
+  the fused ``sample_normal_tril``; its density is one triangular solve.
+
+Both are light records of their parameters (no validation of values, so no
+host sync): build them inside a training step, under torch.compile too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _validate
+from .gaussian_log_prob import gaussian_log_prob
+from .kl_normal import kl_normal
+from .sample_normal import sample_normal
+from .sample_normal_tril import sample_normal_tril
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class DiagonalNormal:
+    """N(mu, diag(exp(logvar))) over the last dimension L.
+
+    Args:
+        mu, logvar: tensors of the same shape (..., L), any batch shape (none
+            for a prior over z).
+    """
+
+    def __init__(self, mu: Tensor, logvar: Tensor):
+        _validate.float_tensors(mu=mu, logvar=logvar)
+        _validate.event_dim("mu", mu)
+        _validate.same_shape(mu=mu, logvar=logvar)
+        self.mu, self.logvar = mu, logvar
+
+    @property
+    def latent_size(self) -> int:
+        return self.mu.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.mu.shape[:-1]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log N(z; mu, diag(exp(logvar))) summed over L: z of shape (..., L)
+        broadcasting against the batch shape (z (K, *batch, L) for K samples),
+        result z's leading shape. Fused (gaussian_log_prob, symmetric in z and mu)."""
+        _validate.float_tensors(z=z)
+        if z.shape[-1:] != self.mu.shape[-1:]:
+            raise ValueError(f"z of shape {tuple(z.shape)} must end in the latent size {self.latent_size}")
+        return gaussian_log_prob(self.mu, z, self.logvar)
+
+    def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """Reparameterized z (fused sample_normal): (..., L), or (K, ..., L) for n_samples=K."""
+        return sample_normal(self.mu, self.logvar, n_samples, generator=generator)[0]
+
+    def kl_standard_normal(self) -> Tensor:
+        """Analytic KL(self || N(0, I)) summed over L, shape (...) (fused kl_normal)."""
+        return kl_normal(self.mu, self.logvar)
+
+    def __repr__(self) -> str:
+        return f"DiagonalNormal(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
+
+
+class TrilNormal:
+    """N(mu, S Sᵀ) with S = scale_tril lower triangular, positive diagonal.
+
+    Args:
+        mu: (..., L).
+        scale_tril: (..., L, L), mu's batch shape. Only the lower triangle is
+            read (the strict upper triangle may hold anything and gets no
+            gradient), as ``MultivariateNormal(scale_tril=)`` assumes. The
+            diagonal is not checked (a host sync): a non-positive entry makes
+            the KL and log-densities NaN, never a silent number.
+    """
+
+    def __init__(self, mu: Tensor, scale_tril: Tensor):
+        _validate.float_tensors(mu=mu, scale_tril=scale_tril)
+        _validate.event_dim("mu", mu)
+        L = mu.shape[-1]
+        if scale_tril.shape != (*mu.shape, L):
+            raise ValueError(f"scale_tril must have shape {(*mu.shape, L)} (mu's shape then L), "
+                             f"got {tuple(scale_tril.shape)}")
+        self.mu, self.scale_tril = mu, scale_tril
+
+    @property
+    def latent_size(self) -> int:
+        return self.mu.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.mu.shape[:-1]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log N(z; mu, S Sᵀ) for z (..., L) broadcasting against the batch
+        shape (z (K, *batch, L) for K samples): one triangular solve per row."""
+        _validate.float_tensors(z=z)
+        if z.shape[-1:] != self.mu.shape[-1:]:
+            raise ValueError(f"z of shape {tuple(z.shape)} must end in the latent size {self.latent_size}")
+        return tril_log_prob(z, self.mu, self.scale_tril)
+
+    def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """Reparameterized z = mu + S eps (fused sample_normal_tril)."""
+        return sample_normal_tril(self.mu, self.scale_tril, n_samples, generator=generator)[0]
+
+    def kl_standard_normal(self) -> Tensor:
+        """Analytic KL(self || N(0, I)), shape (...)."""
+        S = self.scale_tril.tril()
+        diag = torch.diagonal(S, dim1=-2, dim2=-1)
+        return 0.5 * ((S * S).sum((-2, -1)) + (self.mu * self.mu).sum(-1) - self.latent_size
+                      - 2.0 * torch.log(diag).sum(-1))
+
+    def __repr__(self) -> str:
+        return f"TrilNormal(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
+
+
+def tril_log_prob(z: Tensor, mu: Tensor, scale_tril: Tensor) -> Tensor:
+    """log N(z; mu, S Sᵀ) summed over L, z (..., L) broadcasting against mu (..., L)."""
+    S = scale_tril.tril()
+    diff = z - mu
+    batch = torch.broadcast_shapes(diff.shape[:-1], S.shape[:-2])
+    L = mu.shape[-1]
+    diff = diff.expand(*batch, L)
+    # solve S w = diff for every sample: S broadcasts over the sample dimensions
+    w = torch.linalg.solve_triangular(S.expand(*batch, L, L), diff.unsqueeze(-1), upper=False).squeeze(-1)
+    log_det = torch.log(torch.diagonal(S, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (w * w).sum(-1) - log_det - 0.5 * L * LOG_2PI

@@ -1,0 +1,181 @@
+"""Priors p(z) for fastvae's objectives and evaluation (``prior=``).
+
+- ``StandardNormal()``: N(0, I), the default; KL terms against it are analytic
+  and fused.
+- ``MixtureOfGaussians(means, logvars, logits=None)``: a Gaussian mixture with
+  U diagonal components (lecture notes, seed 003); log p(z) by the fused,
+  streaming ``mixture_log_prob`` (no (..., U, L) tensor).
+- ``VampPrior(encode, pseudo_inputs)``: the equal-weight mixture of the
+  encoder's posteriors at U learnable pseudo-inputs (Tomczak & Welling 2018;
+  seed 000), differentiable in both; the encoder runs on the pseudo-inputs once
+  per log_prob call.
+- a learned diagonal prior is a ``fastvae.DiagonalNormal`` of shape (L,).
+
+Every prior has ``log_prob(z)`` for z of shape (..., L) and ``sample(n)`` to
+generate latents.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _validate
+from .distributions import DiagonalNormal, TrilNormal
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class StandardNormal:
+    """p(z) = N(0, I)."""
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log N(z; 0, I) summed over the last dimension."""
+        _validate.float_tensors(z=z)
+        return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
+
+    def sample(self, n: int, latent_size: int, *, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
+        """n latents (n, L) drawn from N(0, I)."""
+        return torch.randn(n, latent_size, generator=generator, dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return "StandardNormal()"
+
+
+class MixtureOfGaussians:
+    """p(z) = sum_u softmax(logits)_u N(z; means_u, diag(exp(logvars_u))).
+
+    Args:
+        means, logvars: (U, L) tensors (learnable parameters, typically).
+        logits: (U,) mixture weights before the softmax, or None for equal
+            weights 1/U.
+    """
+
+    def __init__(self, means: Tensor, logvars: Tensor, logits: Tensor | None = None):
+        _validate.float_tensors(means=means, logvars=logvars)
+        if means.dim() != 2 or means.shape != logvars.shape:
+            raise ValueError(f"means and logvars must both have shape (U, L), got {tuple(means.shape)} "
+                             f"and {tuple(logvars.shape)}")
+        if logits is not None:
+            _validate.float_tensors(logits=logits)
+            if logits.shape != means.shape[:1]:
+                raise ValueError(f"logits must have shape ({means.shape[0]},), got {tuple(logits.shape)}")
+        self.means, self.logvars, self.logits = means, logvars, logits
+
+    def components(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.means, self.logvars, self.logits
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) for z of shape (..., L), shape (...): fused and streaming over U."""
+        from .mixture_log_prob import mixture_log_prob
+
+        return mixture_log_prob(z, self.means, self.logvars, self.logits)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """n latents (n, L) drawn from the mixture (not differentiable: for generation)."""
+        return _sample_mixture(n, *self.components(), generator)
+
+    def __repr__(self) -> str:
+        U, L = self.means.shape
+        return f"MixtureOfGaussians(components={U}, latent_size={L})"
+
+
+class VampPrior:
+    """p(z) = (1/U) sum_u q(z | u_u): the encoder's posteriors at U pseudo-inputs.
+
+    Args:
+        encode: the VAE's encoder, x -> (mu, logvar) or a DiagonalNormal, the
+            same callable the objectives use. Full-covariance encoders are not
+            supported here (their mixture has no fused density).
+        pseudo_inputs: (U, *event) learnable inputs (an ``nn.Parameter``),
+            shaped like a batch of data.
+    """
+
+    def __init__(self, encode: Callable, pseudo_inputs: Tensor):
+        if not callable(encode):
+            raise TypeError(f"encode must be callable, got {type(encode).__name__}")
+        _validate.float_tensors(pseudo_inputs=pseudo_inputs)
+        if pseudo_inputs.dim() < 2:
+            raise ValueError(f"pseudo_inputs must be a batch (U, *event), got shape {tuple(pseudo_inputs.shape)}")
+        self.encode, self.pseudo_inputs = encode, pseudo_inputs
+
+    def components(self) -> tuple[Tensor, Tensor, None]:
+        """(means, logvars, None) of the U components: the encoder at the pseudo-inputs."""
+        out = self.encode(self.pseudo_inputs)
+        if isinstance(out, TrilNormal):
+            raise TypeError("VampPrior needs a diagonal encoder (mu, logvar) or DiagonalNormal; "
+                            "a TrilNormal mixture has no fused density")
+        q = out if isinstance(out, DiagonalNormal) else DiagonalNormal(*out)
+        if q.mu.dim() != 2:
+            raise ValueError(f"the encoder must map the pseudo-inputs to (U, L), got {tuple(q.mu.shape)}")
+        return q.mu, q.logvar, None
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        from .mixture_log_prob import mixture_log_prob
+
+        means, logvars, _ = self.components()
+        return mixture_log_prob(z, means, logvars)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        with torch.no_grad():
+            return _sample_mixture(n, *self.components(), generator)
+
+    def __repr__(self) -> str:
+        return f"VampPrior(pseudo_inputs={tuple(self.pseudo_inputs.shape)})"
+
+
+def _sample_mixture(n: int, means: Tensor, logvars: Tensor, logits: Tensor | None, generator) -> Tensor:
+    n = _validate.positive_int("n", n)
+    means, logvars = means.detach(), logvars.detach()
+    U = means.shape[0]
+    weights = torch.ones(U, device=means.device) if logits is None else torch.softmax(logits.detach().float(), 0)
+    u = torch.multinomial(weights, n, replacement=True, generator=generator)
+    eps = torch.randn(n, means.shape[1], generator=generator, dtype=means.dtype, device=means.device)
+    return means[u] + torch.exp(0.5 * logvars[u]) * eps
+
+
+Prior = StandardNormal | MixtureOfGaussians | VampPrior | DiagonalNormal
+
+
+def check_prior(prior: Any, latent_size: int | None = None) -> Any:
+    """The prior itself (None is the standard normal), or a TypeError naming the choices."""
+    if prior is None:
+        return StandardNormal()
+    if not isinstance(prior, (StandardNormal, MixtureOfGaussians, VampPrior, DiagonalNormal)):
+        raise TypeError("prior must be fastvae.priors.StandardNormal, MixtureOfGaussians, VampPrior or a "
+                        f"fastvae.DiagonalNormal of shape (L,), got {type(prior).__name__}")
+    if isinstance(prior, DiagonalNormal) and prior.mu.dim() != 1:
+        raise ValueError(f"a DiagonalNormal prior has shape (L,), got {tuple(prior.mu.shape)}")
+    if latent_size is not None and isinstance(prior, (MixtureOfGaussians, DiagonalNormal)):
+        L = prior.means.shape[1] if isinstance(prior, MixtureOfGaussians) else prior.latent_size
+        if L != latent_size:
+            raise ValueError(f"the prior is over {L} latent dimensions, the posterior over {latent_size}")
+    return prior
+
+
+def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
+    """KL(q || prior) per example in closed form where one is registered
+    (diagonal or tril q against a standard or diagonal prior), else None."""
+    if isinstance(prior, StandardNormal):
+        return q.kl_standard_normal()
+    if not isinstance(prior, DiagonalNormal):
+        return None
+    if isinstance(q, DiagonalNormal):
+        return _kl_diag_diag(q.mu, q.logvar, prior.mu, prior.logvar)
+    # KL(N(mu, S S^T) || N(m, D)) = 1/2 [tr(D^-1 S S^T) + (m - mu)^T D^-1 (m - mu) - L + log|D| - log|S S^T|]
+    S = q.scale_tril.tril()
+    inv_var = torch.exp(-prior.logvar)
+    diff = prior.mu - q.mu
+    trace = ((S * S).sum(-1) * inv_var).sum(-1)  # row i of S S^T's diagonal: sum_j S_ij^2
+    log_det_q = 2.0 * torch.log(torch.diagonal(S, dim1=-2, dim2=-1)).sum(-1)
+    return 0.5 * (trace + (diff * diff * inv_var).sum(-1) - q.latent_size + prior.logvar.sum(-1) - log_det_q)
+
+
+def _kl_diag_diag(mu: Tensor, logvar: Tensor, prior_mu: Tensor, prior_logvar: Tensor) -> Tensor:
+    from .kl_normal import kl_normal
+
+    return kl_normal(mu, logvar, prior_mu, prior_logvar)
