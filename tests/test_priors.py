@@ -1,0 +1,238 @@
+"""Posterior objects (DiagonalNormal, TrilNormal), priors (StandardNormal,
+MixtureOfGaussians, VampPrior, a learned DiagonalNormal) and prior= in the
+objectives and evaluation, against torch.distributions in float64 and against
+models whose log p(x) is known in closed form."""
+import math
+
+import pytest
+import torch
+import torch.distributions as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae.priors import MixtureOfGaussians, StandardNormal, VampPrior
+
+from conftest import INTERPRET
+from helpers import assert_close, gen
+
+F64 = torch.float64
+main_process_only = pytest.mark.skipif(INTERPRET, reason="main-process tests (backend-independent)")
+
+
+def random_tril(shape, L, g, spread=1.0):
+    """Lower-triangular (…, L, L) with a positive diagonal in exp(±spread) and garbage (NaN) above it."""
+    S = torch.randn(*shape, L, L, generator=g, dtype=F64).tril(-1) * 0.7
+    diag = torch.exp((torch.rand(*shape, L, generator=g, dtype=F64) * 2 - 1) * spread)
+    S = S + torch.diag_embed(diag)
+    upper = torch.ones(L, L, dtype=torch.bool).triu(1)
+    return torch.where(upper, torch.full_like(S, math.nan), S)
+
+
+# -- the objects against torch.distributions -----------------------------------------
+
+
+@given(L=st.sampled_from([1, 2, 5, 33]), batch=st.sampled_from([(), (1,), (4,), (2, 3)]),
+       K=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=30)
+def test_diagonal_normal_log_prob_and_kl(backend, L, batch, K, seed):
+    _, device = backend
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(*batch, L, generator=g, dtype=F64).requires_grad_()
+    lv = ((torch.rand(*batch, L, generator=g, dtype=F64) * 2 - 1) * 5).requires_grad_()
+    z = torch.randn(*((K,) if K else ()), *batch, L, generator=g, dtype=F64).requires_grad_()
+    q = fastvae.DiagonalNormal(mu.to(device), lv.to(device))
+    got = q.log_prob(z.to(device))
+    want = dist.Independent(dist.Normal(mu, torch.exp(0.5 * lv)), 1).log_prob(z)
+    scale = 1 + (0.5 * (z - mu) ** 2 * torch.exp(-lv) + lv.abs()).sum(-1)
+    assert_close(got, want, scale, "log_prob")
+    for a, b in zip(torch.autograd.grad(got.sum(), (mu, lv, z)), torch.autograd.grad(want.sum(), (mu, lv, z))):
+        assert_close(a, b, 1 + b.abs() + torch.exp(-lv).expand_as(b), "log_prob gradient")
+    prior = fastvae.DiagonalNormal(torch.randn(L, generator=g, dtype=F64), torch.randn(L, generator=g, dtype=F64))
+    kl = fastvae.priors.analytic_kl(q, prior)
+    want_kl = dist.kl_divergence(dist.Independent(dist.Normal(mu, torch.exp(0.5 * lv)), 1),
+                                 dist.Independent(dist.Normal(prior.mu, torch.exp(0.5 * prior.logvar)), 1))
+    assert_close(kl, want_kl, 1 + want_kl.abs() + torch.exp(lv - prior.logvar).sum(-1), "diag-diag KL")
+
+
+@given(L=st.sampled_from([1, 2, 5, 17]), batch=st.sampled_from([(), (1,), (4,), (2, 3)]),
+       K=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=30)
+def test_tril_normal_log_prob_and_kls(L, batch, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(*batch, L, generator=g, dtype=F64).requires_grad_()
+    S = random_tril(batch, L, g).requires_grad_()
+    z = torch.randn(*((K,) if K else ()), *batch, L, generator=g, dtype=F64)
+    q = fastvae.TrilNormal(mu, S)
+    mvn = dist.MultivariateNormal(mu, scale_tril=S.tril())
+    got, want = q.log_prob(z), mvn.log_prob(z)
+    assert_close(got, want, 1 + want.abs() + (z * z).sum(-1), "tril log_prob")
+    ga = torch.autograd.grad(got.sum(), (mu, S))
+    gb = torch.autograd.grad(want.sum(), (mu, S))
+    for a, b in zip(ga, gb):
+        assert_close(a.nan_to_num(), b.nan_to_num().tril() if b.dim() > mu.dim() else b, 10 + b.nan_to_num().abs(),
+                     "tril log_prob gradient")
+    assert (ga[1].triu(1) == 0).all()  # the strict upper triangle is never read
+    # against the standard normal and against a diagonal prior, in closed form
+    std = dist.MultivariateNormal(torch.zeros(L, dtype=F64), scale_tril=torch.eye(L, dtype=F64))
+    want_kl = dist.kl_divergence(mvn, std)
+    assert_close(q.kl_standard_normal(), want_kl, 1 + want_kl.abs() + (S.tril() ** 2).nan_to_num().sum((-2, -1)),
+                 "tril-standard KL")
+    pm, plv = torch.randn(L, generator=g, dtype=F64), torch.randn(L, generator=g, dtype=F64)
+    kl = fastvae.priors.analytic_kl(q, fastvae.DiagonalNormal(pm, plv))
+    want_kl = dist.kl_divergence(mvn, dist.MultivariateNormal(pm, scale_tril=torch.diag(torch.exp(0.5 * plv))))
+    assert_close(kl, want_kl, 1 + want_kl.abs() + ((S.tril() ** 2).nan_to_num().sum(-1) * torch.exp(-plv)).sum(-1),
+                 "tril-diag KL")
+    for a, b in zip(torch.autograd.grad(kl.sum(), (mu, S)), torch.autograd.grad(want_kl.sum(), (mu, S))):
+        assert_close(a, b.tril() if b.dim() > mu.dim() else b, 1 + b.abs(), "tril-diag KL gradient")
+
+
+@main_process_only
+def test_objects_reject_bad_input():
+    mu = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="shape mismatch: mu has shape \\(3, 4\\)"):
+        fastvae.DiagonalNormal(mu, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="scale_tril must have shape \\(3, 4, 4\\)"):
+        fastvae.TrilNormal(mu, torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="mu must be"):
+        fastvae.DiagonalNormal([0.0], torch.zeros(1))
+    with pytest.raises(ValueError, match="must end in the latent size 4"):
+        fastvae.DiagonalNormal(mu, mu).log_prob(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="means and logvars must both have shape \\(U, L\\)"):
+        MixtureOfGaussians(torch.zeros(2, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="logits must have shape \\(2,\\)"):
+        MixtureOfGaussians(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match="pseudo_inputs must be a batch"):
+        VampPrior(lambda x: x, torch.zeros(5))
+    with pytest.raises(TypeError, match="encode must be callable"):
+        VampPrior(3, torch.zeros(5, 2))
+    x = torch.zeros(3, 6)
+    decode = lambda z: z.new_zeros(*z.shape[:-1], 6)  # noqa: E731
+    with pytest.raises(TypeError, match="prior must be fastvae.priors.StandardNormal"):
+        fastvae.elbo(x, mu, mu, decode, likelihood="gaussian", prior=dist.Normal(0.0, 1.0))
+    with pytest.raises(ValueError, match="a DiagonalNormal prior has shape \\(L,\\)"):
+        fastvae.elbo(x, mu, mu, decode, likelihood="gaussian", prior=fastvae.DiagonalNormal(mu, mu))
+    with pytest.raises(ValueError, match="over 2 latent dimensions, the posterior over 4"):
+        fastvae.iwae(x, mu, mu, decode, likelihood="gaussian", prior=fastvae.DiagonalNormal(mu[0, :2], mu[0, :2]))
+    S = torch.eye(4).expand(3, 4, 4)
+    with pytest.raises(ValueError, match="free_bits needs the KL of each latent dimension"):
+        fastvae.elbo(x, fastvae.TrilNormal(mu, S), decode, likelihood="gaussian", free_bits=0.1)
+    with pytest.raises(TypeError, match="VampPrior needs a diagonal encoder"):
+        VampPrior(lambda u: fastvae.TrilNormal(u[:, :4], S[: u.shape[0]]), torch.zeros(3, 6)).log_prob(mu)
+
+
+# -- a linear-Gaussian model with a full-covariance exact posterior -----------------------
+
+
+def linear_gaussian(B=6, D=5, L=3, sigma=0.7, seed=0):
+    """z ~ N(0, I), x | z ~ N(W z + b, sigma^2 I) with a W whose posterior
+    covariance (I + W^T W / sigma^2)^-1 is far from diagonal. Returns x, exact
+    log p(x), the exact posterior as a TrilNormal encoder, and the decoder."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, L, generator=g, dtype=F64)
+    b = torch.randn(D, generator=g, dtype=F64)
+    x = torch.randn(B, L, generator=g, dtype=F64) @ W.T + b + sigma * torch.randn(B, D, generator=g, dtype=F64)
+    exact = dist.MultivariateNormal(b, W @ W.T + sigma**2 * torch.eye(D, dtype=F64)).log_prob(x)
+    cov = torch.linalg.inv(torch.eye(L, dtype=F64) + W.T @ W / sigma**2)
+    S = torch.linalg.cholesky(cov)
+
+    def encode(xx):
+        return fastvae.TrilNormal((xx - b) @ W @ cov.T / sigma**2, S.expand(xx.shape[0], L, L))
+
+    def decode(z):
+        return z @ W.T + b, torch.full((D,), 2 * math.log(sigma), dtype=F64)
+
+    return x, exact, encode, decode, cov
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg", "stl"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_exact_full_covariance_posterior_gives_log_px(backend, estimator, alpha):
+    """With q the exact (full-covariance) posterior every log-weight is log p(x): every
+    estimator returns it exactly, and STL / DReG give the encoder a zero gradient."""
+    x, exact, encode, decode, cov = linear_gaussian()
+    assert (cov - torch.diag(torch.diagonal(cov))).abs().max() > 0.05  # not diagonal
+    q = encode(x)
+    mu = q.mu.detach().requires_grad_()
+    S = q.scale_tril.detach().clone().requires_grad_()
+    for k in (1, 7):
+        bound = fastvae.iwae(x, fastvae.TrilNormal(mu, S), decode, k=k, likelihood="gaussian",
+                             estimator=estimator, alpha=alpha, reduction="none", generator=gen(k))
+        assert_close(bound, exact, 100 * (1 + exact.abs()), f"{estimator} k={k}")
+        if estimator != "iwae":
+            dmu, dS = torch.autograd.grad(bound.sum(), (mu, S))
+            assert dmu.abs().max() < 1e-9 and dS.abs().max() < 1e-9, (dmu.abs().max(), dS.abs().max())
+    torch_q = dist.MultivariateNormal(q.mu, scale_tril=q.scale_tril)  # the torch posterior maps to the same path
+    same = fastvae.iwae(x, torch_q, decode, k=3, likelihood="gaussian", reduction="none", generator=gen(1))
+    assert_close(same, exact, 100 * (1 + exact.abs()), "MultivariateNormal posterior")
+
+
+def test_exact_full_covariance_posterior_in_evaluation(backend):
+    x, exact, encode, decode, _ = linear_gaussian(B=9)
+    for chunk in (1, 4, None):
+        stats = fastvae.log_likelihood(x, encode, decode, k=10, chunk_size=chunk, likelihood="gaussian",
+                                       generator=gen(0), return_stats=True)
+        assert_close(stats.log_likelihood, exact, 100 * (1 + exact.abs()), f"log_likelihood chunk={chunk}")
+        assert (stats.ess - 10).abs().max() < 1e-9
+    result = fastvae.evaluate([x[:4], x[4:]], encode, decode, k=6, likelihood="gaussian", generator=gen(0),
+                              progress=False)
+    assert_close(result.per_example, exact, 100 * (1 + exact.abs()), "evaluate")
+
+
+@main_process_only
+def test_full_covariance_evaluation_draws_the_diagonal_noise():
+    """A TrilNormal with a diagonal factor draws the same z as (mu, logvar), in evaluation too."""
+    g = torch.Generator().manual_seed(5)
+    B, L, D = 4, 3, 6
+    mu, lv = torch.randn(B, L, generator=g, dtype=F64), torch.randn(B, L, generator=g, dtype=F64)
+    W = torch.randn(L, D, generator=g, dtype=F64)
+    x = torch.randn(B, D, generator=g, dtype=F64)
+
+    def decode(z):
+        return z @ W
+
+    tril = fastvae.TrilNormal(mu, torch.diag_embed(torch.exp(0.5 * lv)))
+    for fn in (fastvae.log_likelihood, fastvae.reconstruction_probability):
+        kw = dict(k=11) if fn is fastvae.log_likelihood else dict(n_samples=11)
+        a = fn(x, lambda _: (mu, lv), decode, likelihood="gaussian", generator=gen(3), chunk_size=3, **kw)
+        b = fn(x, lambda _: tril, decode, likelihood="gaussian", generator=gen(3), chunk_size=3, **kw)
+        assert_close(b, a, 1 + a.abs(), fn.__name__)
+
+
+# -- priors in the objectives ---------------------------------------------------------
+
+
+@main_process_only
+def test_learned_diagonal_prior_in_every_objective():
+    """A DiagonalNormal prior: the ELBO's KL is the closed form, the IWAE weights use
+    log p(z); both equal a hand computation with torch.distributions and the same z."""
+    g = torch.Generator().manual_seed(2)
+    B, L, D = 5, 3, 4
+    x = torch.randn(B, D, generator=g, dtype=F64)
+    mu, lv = torch.randn(B, L, generator=g, dtype=F64), torch.randn(B, L, generator=g, dtype=F64)
+    pm = torch.randn(L, generator=g, dtype=F64).requires_grad_()
+    plv = torch.randn(L, generator=g, dtype=F64).requires_grad_()
+    W = torch.randn(L, D, generator=g, dtype=F64)
+    prior = fastvae.DiagonalNormal(pm, plv)
+
+    def decode(z):
+        return z @ W
+
+    terms = fastvae.elbo_terms(x, mu, lv, decode, likelihood="gaussian", prior=prior, reduction="none",
+                               generator=gen(4))
+    assert terms.kl_analytic
+    q_t = dist.Independent(dist.Normal(mu, torch.exp(0.5 * lv)), 1)
+    p_t = dist.Independent(dist.Normal(pm, torch.exp(0.5 * plv)), 1)
+    want_kl = dist.kl_divergence(q_t, p_t)
+    assert_close(terms.kl, want_kl, 1 + want_kl.abs(), "kl")
+    assert_close(terms.kl_per_dim.sum(-1), want_kl, 1 + want_kl.abs(), "kl_per_dim")
+    z = fastvae.sample_normal(mu, lv, 6, generator=gen(5))[0]
+    lw = fastvae.gaussian_log_prob(x, decode(z)) + p_t.log_prob(z) - q_t.log_prob(z)
+    want = torch.logsumexp(lw, 0) - math.log(6)
+    got = fastvae.iwae(x, mu, lv, decode, k=6, likelihood="gaussian", prior=prior, reduction="none",
+                       generator=gen(5))
+    assert_close(got, want, 1 + lw.abs().max(0).values, "iwae with a learned prior")
+    ga = torch.autograd.grad(got.sum(), (pm, plv))
+    gb = torch.autograd.grad(want.sum(), (pm, plv))
+    for a, b in zip(ga, gb):
+        assert_close(a, b, 1 + b.abs(), "prior gradient")
