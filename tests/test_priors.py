@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae.priors import MixtureOfGaussians, StandardNormal, VampPrior
+from fastvae.priors import MixtureOfGaussians, VampPrior
 
 from conftest import INTERPRET
 from helpers import assert_close, gen
