@@ -86,7 +86,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
 
 # Test modules above the ops that reach a Triton kernel: run under the
 # interpreter too, next to every op's own test module.
-INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py")
+INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py")
 
 
 def interpreter_test_modules() -> list[str]:

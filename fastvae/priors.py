@@ -115,9 +115,9 @@ class VampPrior:
         return q.mu, q.logvar, None
 
     def log_prob(self, z: Tensor) -> Tensor:
+        means, logvars, _ = self.components()
         from .mixture_log_prob import mixture_log_prob
 
-        means, logvars, _ = self.components()
         return mixture_log_prob(z, means, logvars)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
