@@ -6,7 +6,7 @@
 //
 // Per call, the components are prepared once (O(U * L)): c in double, and
 // means and inv_var transposed to (L, Up) with U padded to a multiple of
-// kChunk (padding: mean 0, inv_var 0, c = -inf, so a padded term is -inf and
+// kTile (padding: mean 0, inv_var 0, c = -inf, so a padded term is -inf and
 // its weight exactly 0). The hot loop takes kRows rows of z against kTile
 // components: acc[r][u] += (z[r][l] - mT[l][u])^2 * ivT[l][u] over l, a
 // register tile that GCC vectorizes over u. Rows stream over components in
@@ -48,7 +48,7 @@ struct Components {
   std::vector<double> softmax;  // (U,)
 
   Components(const T* means_, const T* logvars, const T* logits, int64_t U_, int64_t L_)
-      : U(U_), L(L_), Up((U_ + kChunk - 1) / kChunk * kChunk), means(means_) {
+      : U(U_), L(L_), Up((U_ + kTile - 1) / kTile * kTile), means(means_) {
     mT.assign(size_t(L * Up), T(0));
     ivT.assign(size_t(L * Up), T(0));
     iv.resize(size_t(std::max<int64_t>(1, U * L)));  // never empty: no null base pointers at L = 0
@@ -82,13 +82,13 @@ struct Components {
   }
 };
 
-// terms[r][u] = c[u] - 0.5 * sum_l (z_r[l] - mT[l][u])^2 ivT[l][u] for the kChunk
-// components from u0 and the kRows rows z_r.
+// terms[r][u] = c[u] - 0.5 * sum_l (z_r[l] - mT[l][u])^2 ivT[l][u] for the n
+// components from u0 (n a multiple of kTile, at most kChunk) and the kRows rows z_r.
 template <typename T>
 FASTVAE_INLINE void chunk_terms(const T* const* zr, const T* __restrict mT,
                                 const T* __restrict ivT, const T* __restrict c, int64_t Up,
-                                int64_t L, int64_t u0, T (*__restrict terms)[kChunk]) {
-  for (int64_t t0 = 0; t0 < kChunk; t0 += kTile) {
+                                int64_t L, int64_t u0, int64_t n, T (*__restrict terms)[kChunk]) {
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
     T acc[kRows][kTile] = {};
     for (int64_t l = 0; l < L; ++l) {
       const T* __restrict m = mT + l * Up + u0 + t0;
@@ -113,15 +113,15 @@ FASTVAE_INLINE void chunk_terms(const T* const* zr, const T* __restrict mT,
 // One chunk of the streaming log-sum-exp of a row: (mx, sum) is the running
 // state, sum = sum_u exp(term_u - shift), shift = mx when finite, else 0.
 template <typename T>
-FASTVAE_INLINE void lse_update(const T* __restrict t, T& mx, T& sum) {
+FASTVAE_INLINE void lse_update(const T* __restrict t, int64_t n, T& mx, T& sum) {
   T bmax = -std::numeric_limits<T>::infinity();
-  for (int64_t u = 0; u < kChunk; ++u) bmax = t[u] > bmax ? t[u] : bmax;  // NaN ignored
+  for (int64_t u = 0; u < n; ++u) bmax = t[u] > bmax ? t[u] : bmax;  // NaN ignored
   const T new_max = bmax > mx ? bmax : mx;
   const T old_shift = std::isinf(mx) ? T(0) : mx;
   const T shift = std::isinf(new_max) ? T(0) : new_max;
   T s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t u = 0; u < kChunk; ++u) s += exp_t(t[u] - shift);
+  for (int64_t u = 0; u < n; ++u) s += exp_t(t[u] - shift);
   // an empty state (sum 0) is not rescaled: exp(old - new) may overflow there
   sum = (sum == T(0) ? T(0) : sum * exp_t(old_shift - shift)) + s;
   mx = new_max;
@@ -139,8 +139,11 @@ FASTVAE_INLINE void forward_rows(const T* z, const Components<T>& cp, int64_t r0
   }
   T terms[kRows][kChunk];
   for (int64_t u0 = 0; u0 < cp.Up; u0 += kChunk) {
-    chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, cp.L, u0, terms);
-    for (int64_t r = 0; r < nr; ++r) lse_update(terms[r], mx[r], sum[r]);
+    const int64_t n = std::min(kChunk, cp.Up - u0);
+    chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, cp.L, u0, n, terms);
+    // padded components are left out (their 0 * inf for an inf z would be NaN)
+    const int64_t n_real = std::min(n, cp.U - u0);
+    for (int64_t r = 0; r < nr; ++r) lse_update(terms[r], n_real, mx[r], sum[r]);
   }
   for (int64_t r = 0; r < nr; ++r) {
     const T shift = std::isinf(mx[r]) ? T(0) : mx[r];
@@ -173,26 +176,28 @@ struct Partial {
 // the caller) when DZ; the per-thread sums in p.
 template <typename T, bool DZ, bool PARAMS>
 FASTVAE_INLINE void backward_rows(const T* g, const T* z, const T* out, const Components<T>& cp,
-                                  int64_t r0, int64_t nr, T* __restrict dzb, T* __restrict dm,
-                                  T* __restrict dlv, T* __restrict sgw) {
+                                  int64_t r0, int64_t nr, const T* zeros, T* __restrict dzb,
+                                  T* __restrict dm, T* __restrict dlv, T* __restrict sgw) {
   const int64_t L = cp.L;
   const T* zr[kRows];
   T gr[kRows], outr[kRows];
   for (int64_t r = 0; r < kRows; ++r) {
     const int64_t row = r0 + std::min(r, nr - 1);
-    zr[r] = z + row * L;
-    // rows past nr and rows whose out is -inf (every term -inf) weigh nothing
+    // rows past nr and rows whose out is -inf (every term -inf) weigh nothing,
+    // and read zeros: their z may be inf, and 0 * inf would be NaN
     const bool live = r < nr && !(std::isinf(out[row]) && out[row] < T(0));
+    zr[r] = live ? z + row * L : zeros;
     gr[r] = live ? g[row] : T(0);
     outr[r] = live ? out[row] : T(0);
   }
   T terms[kRows][kChunk];
   for (int64_t u0 = 0; u0 < cp.Up; u0 += kChunk) {
-    chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, L, u0, terms);
+    const int64_t n = std::min(kChunk, cp.Up - u0);
+    chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, L, u0, n, terms);
     for (int64_t r = 0; r < kRows; ++r) {
       const T gg = gr[r], o = outr[r];
 #pragma omp simd
-      for (int64_t u = 0; u < kChunk; ++u) terms[r][u] = gg == T(0) ? T(0) : gg * exp_t(terms[r][u] - o);
+      for (int64_t u = 0; u < n; ++u) terms[r][u] = gg == T(0) ? T(0) : gg * exp_t(terms[r][u] - o);
     }
     const int64_t u1 = std::min(cp.U, u0 + kChunk);
     for (int64_t u = u0; u < u1; ++u) {
@@ -231,9 +236,9 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* z, const T* out, const Co
 
 #define FASTVAE_MIX_BWD(DZ, PARAMS, NAME)                                                      \
   FASTVAE_CLONES void NAME(const float* g, const float* z, const float* out,                     \
-                           const Components<float>& cp, int64_t r0, int64_t nr, float* dzb,      \
-                           float* dm, float* dlv, float* sgw) {                                  \
-    backward_rows<float, DZ, PARAMS>(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);                 \
+                           const Components<float>& cp, int64_t r0, int64_t nr,                  \
+                           const float* zeros, float* dzb, float* dm, float* dlv, float* sgw) {  \
+    backward_rows<float, DZ, PARAMS>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);          \
   }
 FASTVAE_MIX_BWD(true, true, backward_rows_f32_all)
 FASTVAE_MIX_BWD(true, false, backward_rows_f32_dz)
@@ -242,20 +247,20 @@ FASTVAE_MIX_BWD(false, false, backward_rows_f32_weights)
 #undef FASTVAE_MIX_BWD
 
 void backward_rows_any(bool dz, bool params, const float* g, const float* z, const float* out,
-                       const Components<float>& cp, int64_t r0, int64_t nr, float* dzb, float* dm,
-                       float* dlv, float* sgw) {
-  if (dz && params) return backward_rows_f32_all(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
-  if (dz) return backward_rows_f32_dz(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
-  if (params) return backward_rows_f32_params(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
-  backward_rows_f32_weights(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
+                       const Components<float>& cp, int64_t r0, int64_t nr, const float* zeros,
+                       float* dzb, float* dm, float* dlv, float* sgw) {
+  if (dz && params) return backward_rows_f32_all(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  if (dz) return backward_rows_f32_dz(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  if (params) return backward_rows_f32_params(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  backward_rows_f32_weights(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
 }
 void backward_rows_any(bool dz, bool params, const double* g, const double* z, const double* out,
-                       const Components<double>& cp, int64_t r0, int64_t nr, double* dzb,
-                       double* dm, double* dlv, double* sgw) {
-  if (dz && params) return backward_rows<double, true, true>(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
-  if (dz) return backward_rows<double, true, false>(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
-  if (params) return backward_rows<double, false, true>(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
-  backward_rows<double, false, false>(g, z, out, cp, r0, nr, dzb, dm, dlv, sgw);
+                       const Components<double>& cp, int64_t r0, int64_t nr, const double* zeros,
+                       double* dzb, double* dm, double* dlv, double* sgw) {
+  if (dz && params) return backward_rows<double, true, true>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  if (dz) return backward_rows<double, true, false>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  if (params) return backward_rows<double, false, true>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  backward_rows<double, false, false>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
 }
 
 }  // namespace
@@ -295,6 +300,7 @@ void mixture_log_prob_backward(const T* g, const T* z, const T* means, const T* 
     {
       const int64_t n_team = omp_get_num_threads(), tid = omp_get_thread_num();
       std::vector<T> dzb(size_t(kRows * std::max<int64_t>(L, 1)));
+      const std::vector<T> zeros(size_t(std::max<int64_t>(L, 1)), T(0));  // the z of a dead row
       std::vector<T> scratch(weights ? 0 : size_t(U));  // sgw when nothing is summed
       T* base = weights ? partial.data() + tid * stride : nullptr;
       T* dm = params ? base : nullptr;
@@ -308,7 +314,8 @@ void mixture_log_prob_backward(const T* g, const T* z, const T* means, const T* 
         for (int64_t r0 = task * kRowsPerTask; r0 < end; r0 += kRows) {
           const int64_t nr = std::min(kRows, end - r0);
           if (need_dz) std::fill(dzb.begin(), dzb.end(), T(0));
-          backward_rows_any(need_dz, params, g, z, out, cp, r0, nr, dzb.data(), dm, dlv, sgw);
+          backward_rows_any(need_dz, params, g, z, out, cp, r0, nr, zeros.data(), dzb.data(), dm, dlv,
+                            sgw);
           for (int64_t r = 0; r < nr; ++r) {
             gs += double(g[r0 + r]);
             if (need_dz) std::copy(dzb.begin() + r * L, dzb.begin() + (r + 1) * L, dz + (r0 + r) * L);

@@ -467,7 +467,8 @@ def mixture_log_prob_backward(grad_out, z, means, logvars, logits, out, dz, dmea
     finite = ~torch.isneginf(out)
     w = torch.where(finite[:, None], torch.exp(term - torch.where(finite, out, 0.0)[:, None]), 0.0)
     gw = g[:, None] * w  # (N, U)
-    d = z[:, None, :] - means  # (N, U, L)
+    # rows whose out is -inf weigh nothing (their z may be inf: 0 * inf would be NaN)
+    d = torch.where(finite[:, None, None], z[:, None, :] - means, 0.0)  # (N, U, L)
     t = d * torch.exp(-logvars)
     if dz is not None:
         dz.copy_(-(gw[..., None] * t).sum(1))

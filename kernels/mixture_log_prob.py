@@ -133,12 +133,13 @@ def _mixture_fwd_kernel(
         u_ok = comps < U
         q = _quad(z_ptr, m_ptr, iv_ptr, rows, row_ok, comps, u_ok, L, ACC, BLOCK_N, BLOCK_U, BLOCK_L)
         c = tl.load(c_ptr + comps, mask=u_ok, other=float("-inf"))
-        term = c[None, :] - 0.5 * q
+        # padded components are -inf outright (their 0 * inf for an inf z would be NaN)
+        term = tl.where(u_ok[None, :], c[None, :] - 0.5 * q, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(term, axis=1))
         old_shift = tl.where(run_max == float("-inf"), 0.0, run_max)
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         # an empty state (sum 0) is not rescaled: exp(old - new) may overflow there
-        scale = tl.where(run_sum == 0.0, 0.0, tl.exp(old_shift - shift))
+        scale = tl.where(run_sum == 0.0, 0.0, tl.exp(tl.where(run_sum == 0.0, 0.0, old_shift - shift)))
         run_sum = run_sum * scale + tl.sum(tl.exp(term - shift[:, None]), axis=1)
         run_max = new_max
     shift = tl.where(run_max == float("-inf"), 0.0, run_max)
@@ -180,7 +181,7 @@ def _mixture_dz_kernel(
             cols = l0 + tl.arange(0, BLOCK_L)
             l_ok = cols < L
             zmask = row_ok[:, None] & l_ok[None, :]
-            z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=zmask, other=0.0).to(ACC)
+            z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=zmask & live[:, None], other=0.0).to(ACC)
             cm = u_ok[:, None] & l_ok[None, :]
             m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
             iv = tl.load(iv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0)
@@ -242,7 +243,8 @@ def _mixture_params_kernel(
             for l0 in range(0, L, BLOCK_L):
                 cols = l0 + tl.arange(0, BLOCK_L)
                 l_ok = cols < L
-                z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=row_ok[:, None] & l_ok[None, :],
+                # dead rows read as 0: their z may be inf, and 0 * inf is NaN
+                z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=live[:, None] & l_ok[None, :],
                             other=0.0).to(ACC)
                 cm = u_ok[:, None] & l_ok[None, :]
                 m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
