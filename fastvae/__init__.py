@@ -13,6 +13,7 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - logmeanexp_state(lw, dim=0), merge_logmeanexp_states(*states),
   logmeanexp_from_state(state), all_reduce_logmeanexp_state(state, group=None)
 - latent_log_ratio(z, mu, logvar, *, stop_score=False)
+- mixture_log_prob(z, means, logvars, logits=None)
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -60,6 +61,7 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
+from .mixture_log_prob import mixture_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
@@ -82,6 +84,7 @@ __all__ = [
     "all_reduce_logmeanexp_state",
     "LogMeanExpState",
     "latent_log_ratio",
+    "mixture_log_prob",
     "backend_info",
     "set_backend",
     "use_backend",

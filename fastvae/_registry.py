@@ -63,6 +63,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
     _k("latent_log_ratio_forward", "latent_log_ratio", "z mu logvar out"),
     _k("latent_log_ratio_backward", "latent_log_ratio", "grad_out z mu logvar dz dmu dlogvar"),
+    _k("mixture_log_prob_forward", "mixture_log_prob", "z means logvars logits out"),
+    _k("mixture_log_prob_backward", "mixture_log_prob",
+       "grad_out z means logvars logits out dz dmeans dlogvars dlogits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -82,6 +85,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_logmeanexp.py", "logmeanexp"),
     Op("latent_log_ratio", ("latent_log_ratio_forward", "latent_log_ratio_backward"),
        "test_latent_log_ratio.py", "latent_log_ratio"),
+    Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
+       "test_mixture_log_prob.py", "mixture_log_prob"),
 )}
 
 # Test modules above the ops that reach a Triton kernel: run under the

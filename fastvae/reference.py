@@ -504,3 +504,67 @@ def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None
     if dmu is not None:
         dmu.copy_(-(g * eps).sum(0) * inv_s)
         dlogvar.copy_(0.5 * (g * (1.0 - eps * eps)).sum(0))
+
+
+# ==========================================================================
+# mixture_log_prob: log sum_u softmax(logits)_u N(z; means_u, diag(exp(logvars_u)))
+# for z (N, L), means and logvars (U, L), logits (U,) or None (equal weights).
+# The oracle materializes the (N, U, L) differences; the kernels stream over
+# components instead.
+# ==========================================================================
+
+
+def _mixture_log_weights(logits: Tensor | None, U: int, dtype, device) -> Tensor:
+    if logits is None:
+        return torch.full((U,), -math.log(U), dtype=dtype, device=device)
+    return torch.log_softmax(logits.to(dtype), 0)
+
+
+def mixture_terms(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -> Tensor:
+    """term[..., u] = log softmax(logits)_u + log N(z; means_u, diag(exp(logvars_u))),
+    shape (..., U), from direct differences (z - means_u), differentiable."""
+    U, L = means.shape
+    log_w = _mixture_log_weights(logits, U, z.dtype, z.device)
+    d = z[..., None, :] - means  # (..., U, L)
+    quad = (d * d * torch.exp(-logvars)).sum(-1)
+    return log_w - 0.5 * (logvars.sum(-1) + L * math.log(2 * math.pi) + quad)
+
+
+def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None = None) -> Tensor:
+    """log sum_u softmax(logits)_u N(z; means_u, diag(exp(logvars_u))) over the
+    last dim of z (..., L); shape (...). Differentiable (plain autograd)."""
+    return torch.logsumexp(mixture_terms(z, means, logvars, logits), -1)
+
+
+def mixture_log_prob_forward(z, means, logvars, logits, out) -> None:
+    """out (N,) <- mixture_log_prob of z (N, L), means, logvars (U, L), logits (U,) or None."""
+    acc = _compute_dtype(means)
+    out.copy_(mixture_log_prob(z.to(acc), means.to(acc), logvars.to(acc), None if logits is None else logits.to(acc)))
+
+
+def mixture_log_prob_backward(grad_out, z, means, logvars, logits, out, dz, dmeans, dlogvars, dlogits) -> None:
+    """Gradients of mixture_log_prob given grad_out (N,) and the forward's out
+    (N,), written into those of dz (N, L), dmeans, dlogvars (U, L) and dlogits
+    (U,) that are not None: with w[n, u] = exp(term[n, u] - out[n]) (0 where
+    out is -inf) and t = (z - means_u) exp(-logvars_u),
+    dz = -g sum_u w t, dmeans = sum_n g w t, dlogvars = sum_n g w (t (z - means_u) - 1) / 2,
+    dlogits = sum_n g w - softmax(logits) sum_n g."""
+    acc = _compute_dtype(means)
+    g, z, means, logvars = grad_out.to(acc), z.to(acc), means.to(acc), logvars.to(acc)
+    logits = None if logits is None else logits.to(acc)
+    out = out.to(acc)
+    term = mixture_terms(z, means, logvars, logits)  # (N, U)
+    finite = ~torch.isneginf(out)
+    w = torch.where(finite[:, None], torch.exp(term - torch.where(finite, out, 0.0)[:, None]), 0.0)
+    gw = g[:, None] * w  # (N, U)
+    # rows whose out is -inf weigh nothing (their z may be inf: 0 * inf would be NaN)
+    d = torch.where(finite[:, None, None], z[:, None, :] - means, 0.0)  # (N, U, L)
+    t = d * torch.exp(-logvars)
+    if dz is not None:
+        dz.copy_(-(gw[..., None] * t).sum(1))
+    if dmeans is not None:
+        dmeans.copy_((gw[..., None] * t).sum(0))
+    if dlogvars is not None:
+        dlogvars.copy_(0.5 * (gw[..., None] * (t * d - 1.0)).sum(0))
+    if dlogits is not None:
+        dlogits.copy_(gw.sum(0) - torch.softmax(logits, 0) * g.sum())
