@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import _validate
 from .distributions import DiagonalNormal, TrilNormal
+from .mixture_log_prob import mixture_log_prob
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -71,8 +72,6 @@ class MixtureOfGaussians:
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log p(z) for z of shape (..., L), shape (...): fused and streaming over U."""
-        from .mixture_log_prob import mixture_log_prob
-
         return mixture_log_prob(z, self.means, self.logvars, self.logits)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -116,8 +115,6 @@ class VampPrior:
 
     def log_prob(self, z: Tensor) -> Tensor:
         means, logvars, _ = self.components()
-        from .mixture_log_prob import mixture_log_prob
-
         return mixture_log_prob(z, means, logvars)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
