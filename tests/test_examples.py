@@ -31,3 +31,14 @@ def test_estimator_snr_shape_of_the_table():
     snr = load("estimator_snr")
     g = snr.encoder_gradients("dreg", 10, 200)
     assert g.shape == (200, 4) and g.isfinite().all()
+
+
+def test_priors_and_posteriors_example_runs(capsys):
+    pytest.importorskip("sklearn")
+    fastvae._backend.set_backend(None)
+    results = load("priors_and_posteriors").main(epochs=1, k_eval=20)
+    assert set(results) == {"standard", "vampprior", "full-covariance"}
+    for r in results.values():
+        # nats per 8x8 binary-ish digit: finite and, after one epoch, between the untrained model and 0
+        assert -60 < r["elbo"] < 0 and -60 < r["log_px"] < 0 and r["stderr"] > 0
+    assert "| vampprior |" in capsys.readouterr().out
