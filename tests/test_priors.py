@@ -356,3 +356,29 @@ def test_vampprior_is_the_encoders_mixture_and_learns_its_pseudo_inputs():
     assert pseudo.grad is not None and pseudo.grad.abs().sum() > 0 and pseudo.grad.isfinite().all()
     samples = prior.sample(1000, generator=gen(0))
     assert samples.shape == (1000, L) and samples.isfinite().all()
+
+
+@main_process_only
+def test_priors_and_tril_posterior_compile_without_graph_breaks():
+    torch.manual_seed(0)
+    B, L, D, U = 8, 3, 5, 4
+    x = torch.randn(B, D)
+    enc, dec = torch.nn.Linear(D, 2 * L), torch.nn.Linear(L, D)
+    means, lvs = torch.nn.Parameter(torch.randn(U, L)), torch.nn.Parameter(torch.zeros(U, L))
+
+    def step(x):
+        mu, lv = enc(x).chunk(2, -1)
+        q = fastvae.TrilNormal(mu, torch.diag_embed(torch.exp(0.5 * lv)))
+        prior = MixtureOfGaussians(means, lvs)
+        return (fastvae.elbo(x, q, dec, likelihood="gaussian", prior=prior)
+                + fastvae.iwae(x, mu, lv, dec, k=4, likelihood="gaussian", prior=prior, estimator="dreg"))
+
+    params = (means, lvs, *enc.parameters())
+    torch.manual_seed(1)
+    eager = step(x)
+    g_eager = torch.autograd.grad(eager, params)
+    torch.manual_seed(1)
+    compiled = torch.compile(step, fullgraph=True)(x)
+    for a, b in zip(torch.autograd.grad(compiled, params), g_eager):
+        assert_close(a, b, 1 + b.abs(), "compiled gradient")
+    assert_close(compiled, eager, 1 + eager.abs(), "compiled value")
