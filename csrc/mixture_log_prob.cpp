@@ -36,7 +36,7 @@ namespace {
 constexpr int64_t kRows = 4;      // rows of z per register tile
 constexpr int64_t kTile = 16;     // components per register tile
 constexpr int64_t kChunk = 64;    // components per streaming step (a multiple of kTile)
-constexpr int64_t kRowsPerTask = 32;  // rows per OpenMP work item
+constexpr int64_t kRowsPerTask = 32;  // rows per OpenMP work item (a multiple of kRows)
 
 template <typename T>
 struct Components {
@@ -127,107 +127,130 @@ FASTVAE_INLINE void lse_update(const T* __restrict t, int64_t n, T& mx, T& sum) 
   mx = new_max;
 }
 
+// The forward of one task: rows t0 .. t0 + nt (nt <= kRowsPerTask). Components
+// are the outer loop, so a chunk's means and inverse variances stay in L1
+// while the task's row groups stream past them; each row keeps its state.
 template <typename T>
-FASTVAE_INLINE void forward_rows(const T* z, const Components<T>& cp, int64_t r0, int64_t nr,
+FASTVAE_INLINE void forward_task(const T* z, const Components<T>& cp, int64_t t0, int64_t nt,
                                  T* out) {
-  const T* zr[kRows];
-  for (int64_t r = 0; r < kRows; ++r) zr[r] = z + (r0 + std::min(r, nr - 1)) * cp.L;
-  T mx[kRows], sum[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
+  T mx[kRowsPerTask], sum[kRowsPerTask];
+  for (int64_t r = 0; r < kRowsPerTask; ++r) {
     mx[r] = -std::numeric_limits<T>::infinity();
     sum[r] = T(0);
   }
   T terms[kRows][kChunk];
   for (int64_t u0 = 0; u0 < cp.Up; u0 += kChunk) {
     const int64_t n = std::min(kChunk, cp.Up - u0);
-    chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, cp.L, u0, n, terms);
     // padded components are left out (their 0 * inf for an inf z would be NaN)
     const int64_t n_real = std::min(n, cp.U - u0);
-    for (int64_t r = 0; r < nr; ++r) lse_update(terms[r], n_real, mx[r], sum[r]);
+    for (int64_t g0 = 0; g0 < nt; g0 += kRows) {
+      const int64_t nr = std::min(kRows, nt - g0);
+      const T* zr[kRows];
+      for (int64_t r = 0; r < kRows; ++r) zr[r] = z + (t0 + g0 + std::min(r, nr - 1)) * cp.L;
+      chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, cp.L, u0, n, terms);
+      for (int64_t r = 0; r < nr; ++r) lse_update(terms[r], n_real, mx[g0 + r], sum[g0 + r]);
+    }
   }
-  for (int64_t r = 0; r < nr; ++r) {
+  for (int64_t r = 0; r < nt; ++r) {
     const T shift = std::isinf(mx[r]) ? T(0) : mx[r];
     // sum 0: every term -inf (or the max +inf, which the sum carries as inf/NaN)
-    out[r0 + r] = sum[r] == T(0) ? -std::numeric_limits<T>::infinity() : shift + std::log(sum[r]);
+    out[t0 + r] = sum[r] == T(0) ? -std::numeric_limits<T>::infinity() : shift + std::log(sum[r]);
   }
 }
 
-FASTVAE_CLONES void forward_rows_f32(const float* z, const Components<float>& cp, int64_t r0,
-                                     int64_t nr, float* out) {
-  forward_rows(z, cp, r0, nr, out);
+FASTVAE_CLONES void forward_task_f32(const float* z, const Components<float>& cp, int64_t t0,
+                                     int64_t nt, float* out) {
+  forward_task(z, cp, t0, nt, out);
 }
-void forward_rows_any(const float* z, const Components<float>& cp, int64_t r0, int64_t nr,
+void forward_task_any(const float* z, const Components<float>& cp, int64_t t0, int64_t nt,
                       float* out) {
-  forward_rows_f32(z, cp, r0, nr, out);
+  forward_task_f32(z, cp, t0, nt, out);
 }
-void forward_rows_any(const double* z, const Components<double>& cp, int64_t r0, int64_t nr,
+void forward_task_any(const double* z, const Components<double>& cp, int64_t t0, int64_t nt,
                       double* out) {
-  forward_rows(z, cp, r0, nr, out);
+  forward_task(z, cp, t0, nt, out);
 }
 
-// Per-thread accumulators of the backward: sums over rows of g w t and
-// g w t d per (u, l) (when PARAMS) and of g w per component.
-template <typename T>
-struct Partial {
-  std::vector<T> dm, dlv, sgw;
-};
-
-// The backward of kRows rows (nr real): dz rows in dzb (kRows x L, zeroed by
-// the caller) when DZ; the per-thread sums in p.
+// The backward of one task, rows t0 .. t0 + nt: dz rows into dzb
+// (kRowsPerTask x L, zeroed by the caller) when DZ; the thread's sums over
+// rows of g w t and g w t d into dm, dlv (U, L) when PARAMS, and of g w into
+// sgw (U,) always. Components outer, as in the forward: a chunk's parameters
+// and accumulators stay in L1 for the task's row groups.
 template <typename T, bool DZ, bool PARAMS>
-FASTVAE_INLINE void backward_rows(const T* g, const T* z, const T* out, const Components<T>& cp,
-                                  int64_t r0, int64_t nr, const T* zeros, T* __restrict dzb,
+FASTVAE_INLINE void backward_task(const T* g, const T* z, const T* out, const Components<T>& cp,
+                                  int64_t t0, int64_t nt, const T* zeros, T* __restrict dzb,
                                   T* __restrict dm, T* __restrict dlv, T* __restrict sgw) {
   const int64_t L = cp.L;
-  const T* zr[kRows];
-  T gr[kRows], outr[kRows];
-  for (int64_t r = 0; r < kRows; ++r) {
-    const int64_t row = r0 + std::min(r, nr - 1);
-    // rows past nr and rows whose out is -inf (every term -inf) weigh nothing,
+  const T* zr_all[kRowsPerTask];
+  T gr[kRowsPerTask], outr[kRowsPerTask];
+  for (int64_t r = 0; r < kRowsPerTask; ++r) {
+    // rows past nt and rows whose out is -inf (every term -inf) weigh nothing,
     // and read zeros: their z may be inf, and 0 * inf would be NaN
-    const bool live = r < nr && !(std::isinf(out[row]) && out[row] < T(0));
-    zr[r] = live ? z + row * L : zeros;
-    gr[r] = live ? g[row] : T(0);
-    outr[r] = live ? out[row] : T(0);
+    const bool live = r < nt && !(std::isinf(out[t0 + r]) && out[t0 + r] < T(0));
+    zr_all[r] = live ? z + (t0 + r) * L : zeros;
+    gr[r] = live ? g[t0 + r] : T(0);
+    outr[r] = live ? out[t0 + r] : T(0);
   }
   T terms[kRows][kChunk];
   for (int64_t u0 = 0; u0 < cp.Up; u0 += kChunk) {
     const int64_t n = std::min(kChunk, cp.Up - u0);
-    chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, L, u0, n, terms);
-    for (int64_t r = 0; r < kRows; ++r) {
-      const T gg = gr[r], o = outr[r];
-#pragma omp simd
-      for (int64_t u = 0; u < n; ++u) terms[r][u] = gg == T(0) ? T(0) : gg * exp_t(terms[r][u] - o);
-    }
     const int64_t u1 = std::min(cp.U, u0 + kChunk);
-    for (int64_t u = u0; u < u1; ++u) {
-      const T w0 = terms[0][u - u0], w1 = terms[1][u - u0], w2 = terms[2][u - u0],
-              w3 = terms[3][u - u0];
-      sgw[u] += (w0 + w1) + (w2 + w3);
-      if (w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0)) continue;
-      if (!DZ && !PARAMS) continue;
-      const T* __restrict m = cp.means + u * L;
-      const T* __restrict iv = cp.iv.data() + u * L;
-      T* __restrict dmu = dm + u * L;
-      T* __restrict dlvu = dlv + u * L;
-      const T *__restrict z0 = zr[0], *__restrict z1 = zr[1], *__restrict z2 = zr[2],
-              *__restrict z3 = zr[3];
-      T *__restrict d0 = dzb, *__restrict d1 = dzb + L, *__restrict d2 = dzb + 2 * L,
-        *__restrict d3 = dzb + 3 * L;
+    for (int64_t g0 = 0; g0 < nt; g0 += kRows) {
+      const T* const* zr = zr_all + g0;
+      chunk_terms(zr, cp.mT.data(), cp.ivT.data(), cp.c.data(), cp.Up, L, u0, n, terms);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const T gg = gr[g0 + r], o = outr[g0 + r];
 #pragma omp simd
-      for (int64_t l = 0; l < L; ++l) {
-        const T e0 = z0[l] - m[l], e1 = z1[l] - m[l], e2 = z2[l] - m[l], e3 = z3[l] - m[l];
-        const T t0 = w0 * e0 * iv[l], t1 = w1 * e1 * iv[l], t2 = w2 * e2 * iv[l],
-                t3 = w3 * e3 * iv[l];
-        if (DZ) {
-          d0[l] -= t0;
-          d1[l] -= t1;
-          d2[l] -= t2;
-          d3[l] -= t3;
-        }
-        if (PARAMS) {
-          dmu[l] += (t0 + t1) + (t2 + t3);
-          dlvu[l] += (t0 * e0 + t1 * e1) + (t2 * e2 + t3 * e3);
+        for (int64_t u = 0; u < n; ++u) terms[r][u] = gg == T(0) ? T(0) : gg * exp_t(terms[r][u] - o);
+      }
+      for (int64_t u = u0; u < u1; ++u) {
+        const T w0 = terms[0][u - u0], w1 = terms[1][u - u0], w2 = terms[2][u - u0],
+                w3 = terms[3][u - u0];
+        sgw[u] += (w0 + w1) + (w2 + w3);
+        if (!DZ && !PARAMS) continue;
+        if (w0 == T(0) && w1 == T(0) && w2 == T(0) && w3 == T(0)) continue;
+        const T* __restrict m = cp.means + u * L;
+        const T* __restrict iv = cp.iv.data() + u * L;
+        const T *__restrict z0 = zr[0], *__restrict z1 = zr[1], *__restrict z2 = zr[2],
+                *__restrict z3 = zr[3];
+        if (DZ && PARAMS) {
+          T *__restrict d0 = dzb + g0 * L, *__restrict d1 = d0 + L, *__restrict d2 = d0 + 2 * L,
+            *__restrict d3 = d0 + 3 * L;
+          T* __restrict dmu = dm + u * L;
+          T* __restrict dlvu = dlv + u * L;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            const T e0 = z0[l] - m[l], e1 = z1[l] - m[l], e2 = z2[l] - m[l], e3 = z3[l] - m[l];
+            const T t0_ = w0 * e0 * iv[l], t1 = w1 * e1 * iv[l], t2 = w2 * e2 * iv[l],
+                    t3 = w3 * e3 * iv[l];
+            d0[l] -= t0_;
+            d1[l] -= t1;
+            d2[l] -= t2;
+            d3[l] -= t3;
+            dmu[l] += (t0_ + t1) + (t2 + t3);
+            dlvu[l] += (t0_ * e0 + t1 * e1) + (t2 * e2 + t3 * e3);
+          }
+        } else if (DZ) {
+          T *__restrict d0 = dzb + g0 * L, *__restrict d1 = d0 + L, *__restrict d2 = d0 + 2 * L,
+            *__restrict d3 = d0 + 3 * L;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            d0[l] -= w0 * (z0[l] - m[l]) * iv[l];
+            d1[l] -= w1 * (z1[l] - m[l]) * iv[l];
+            d2[l] -= w2 * (z2[l] - m[l]) * iv[l];
+            d3[l] -= w3 * (z3[l] - m[l]) * iv[l];
+          }
+        } else {
+          T* __restrict dmu = dm + u * L;
+          T* __restrict dlvu = dlv + u * L;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            const T e0 = z0[l] - m[l], e1 = z1[l] - m[l], e2 = z2[l] - m[l], e3 = z3[l] - m[l];
+            const T t0_ = w0 * e0 * iv[l], t1 = w1 * e1 * iv[l], t2 = w2 * e2 * iv[l],
+                    t3 = w3 * e3 * iv[l];
+            dmu[l] += (t0_ + t1) + (t2 + t3);
+            dlvu[l] += (t0_ * e0 + t1 * e1) + (t2 * e2 + t3 * e3);
+          }
         }
       }
     }
@@ -236,31 +259,31 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* z, const T* out, const Co
 
 #define FASTVAE_MIX_BWD(DZ, PARAMS, NAME)                                                      \
   FASTVAE_CLONES void NAME(const float* g, const float* z, const float* out,                     \
-                           const Components<float>& cp, int64_t r0, int64_t nr,                  \
+                           const Components<float>& cp, int64_t t0, int64_t nt,                  \
                            const float* zeros, float* dzb, float* dm, float* dlv, float* sgw) {  \
-    backward_rows<float, DZ, PARAMS>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);          \
+    backward_task<float, DZ, PARAMS>(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);          \
   }
-FASTVAE_MIX_BWD(true, true, backward_rows_f32_all)
-FASTVAE_MIX_BWD(true, false, backward_rows_f32_dz)
-FASTVAE_MIX_BWD(false, true, backward_rows_f32_params)
-FASTVAE_MIX_BWD(false, false, backward_rows_f32_weights)
+FASTVAE_MIX_BWD(true, true, backward_task_f32_all)
+FASTVAE_MIX_BWD(true, false, backward_task_f32_dz)
+FASTVAE_MIX_BWD(false, true, backward_task_f32_params)
+FASTVAE_MIX_BWD(false, false, backward_task_f32_weights)
 #undef FASTVAE_MIX_BWD
 
-void backward_rows_any(bool dz, bool params, const float* g, const float* z, const float* out,
-                       const Components<float>& cp, int64_t r0, int64_t nr, const float* zeros,
+void backward_task_any(bool dz, bool params, const float* g, const float* z, const float* out,
+                       const Components<float>& cp, int64_t t0, int64_t nt, const float* zeros,
                        float* dzb, float* dm, float* dlv, float* sgw) {
-  if (dz && params) return backward_rows_f32_all(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
-  if (dz) return backward_rows_f32_dz(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
-  if (params) return backward_rows_f32_params(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
-  backward_rows_f32_weights(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  if (dz && params) return backward_task_f32_all(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
+  if (dz) return backward_task_f32_dz(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
+  if (params) return backward_task_f32_params(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
+  backward_task_f32_weights(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
 }
-void backward_rows_any(bool dz, bool params, const double* g, const double* z, const double* out,
-                       const Components<double>& cp, int64_t r0, int64_t nr, const double* zeros,
+void backward_task_any(bool dz, bool params, const double* g, const double* z, const double* out,
+                       const Components<double>& cp, int64_t t0, int64_t nt, const double* zeros,
                        double* dzb, double* dm, double* dlv, double* sgw) {
-  if (dz && params) return backward_rows<double, true, true>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
-  if (dz) return backward_rows<double, true, false>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
-  if (params) return backward_rows<double, false, true>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
-  backward_rows<double, false, false>(g, z, out, cp, r0, nr, zeros, dzb, dm, dlv, sgw);
+  if (dz && params) return backward_task<double, true, true>(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
+  if (dz) return backward_task<double, true, false>(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
+  if (params) return backward_task<double, false, true>(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
+  backward_task<double, false, false>(g, z, out, cp, t0, nt, zeros, dzb, dm, dlv, sgw);
 }
 
 }  // namespace
@@ -273,10 +296,8 @@ void mixture_log_prob_forward(const T* z, const T* means, const T* logvars, cons
   const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t task = 0; task < n_tasks; ++task) {
-    const int64_t end = std::min(N, (task + 1) * kRowsPerTask);
-    for (int64_t r0 = task * kRowsPerTask; r0 < end; r0 += kRows) {
-      forward_rows_any(z, cp, r0, std::min(kRows, end - r0), out);
-    }
+    const int64_t t0 = task * kRowsPerTask;
+    forward_task_any(z, cp, t0, std::min(kRowsPerTask, N - t0), out);
   }
 }
 
@@ -299,7 +320,7 @@ void mixture_log_prob_backward(const T* g, const T* z, const T* means, const T* 
 #pragma omp parallel num_threads(int(team))
     {
       const int64_t n_team = omp_get_num_threads(), tid = omp_get_thread_num();
-      std::vector<T> dzb(size_t(kRows * std::max<int64_t>(L, 1)));
+      std::vector<T> dzb(size_t(kRowsPerTask * std::max<int64_t>(L, 1)));
       const std::vector<T> zeros(size_t(std::max<int64_t>(L, 1)), T(0));  // the z of a dead row
       std::vector<T> scratch(weights ? 0 : size_t(U));  // sgw when nothing is summed
       T* base = weights ? partial.data() + tid * stride : nullptr;
@@ -310,17 +331,12 @@ void mixture_log_prob_backward(const T* g, const T* z, const T* means, const T* 
       // static split of the tasks over the team, so the partial sums are fixed
       const int64_t per = (n_tasks + n_team - 1) / n_team;
       for (int64_t task = tid * per; task < std::min(n_tasks, (tid + 1) * per); ++task) {
-        const int64_t end = std::min(N, (task + 1) * kRowsPerTask);
-        for (int64_t r0 = task * kRowsPerTask; r0 < end; r0 += kRows) {
-          const int64_t nr = std::min(kRows, end - r0);
-          if (need_dz) std::fill(dzb.begin(), dzb.end(), T(0));
-          backward_rows_any(need_dz, params, g, z, out, cp, r0, nr, zeros.data(), dzb.data(), dm, dlv,
-                            sgw);
-          for (int64_t r = 0; r < nr; ++r) {
-            gs += double(g[r0 + r]);
-            if (need_dz) std::copy(dzb.begin() + r * L, dzb.begin() + (r + 1) * L, dz + (r0 + r) * L);
-          }
-        }
+        const int64_t t0 = task * kRowsPerTask, nt = std::min(kRowsPerTask, N - t0);
+        if (need_dz) std::fill(dzb.begin(), dzb.end(), T(0));
+        backward_task_any(need_dz, params, g, z, out, cp, t0, nt, zeros.data(), dzb.data(), dm, dlv,
+                          sgw);
+        for (int64_t r = 0; r < nt; ++r) gs += double(g[t0 + r]);
+        if (need_dz) std::copy(dzb.begin(), dzb.begin() + nt * L, dz + t0 * L);
       }
       gsum[size_t(tid)] = gs;
     }

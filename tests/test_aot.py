@@ -77,3 +77,13 @@ def test_every_triton_kernel_is_launched_by_the_tool():
     launched = {launch.kernel for launch in aot.collect(["sm_90"], list(aot._registry.OPS),
                                                         [dict(K=5, B=256, L=32, D=784)], ["float32"])}
     assert kernels and kernels <= launched, kernels - launched
+
+
+def test_mixture_log_prob_fills_the_gpu_at_the_benchmark_size():
+    """mixture_log_prob's forward and both backward kernels launch at least 2
+    programs per SM at K = 30, B = 1024 (its benchmark size)."""
+    launches = aot.collect(["sm_90"], ["mixture_log_prob"], [dict(K=30, B=1024, L=32, D=784)], ["float32"])
+    assert {launch.kernel for launch in launches} == {"_mixture_fwd_kernel", "_mixture_dz_kernel",
+                                                      "_mixture_params_kernel"}
+    small = {(launch.kernel, launch.programs) for launch in launches if launch.programs < GPU_FILLING}
+    assert not small, small
