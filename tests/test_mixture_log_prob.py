@@ -15,7 +15,7 @@ from fastvae.mixture_log_prob import MixtureLogProb, mixture_log_prob_backward_o
 from fastvae.sample_normal import SampleNormal
 
 from conftest import INTERPRET
-from helpers import assert_close, assert_compiled_matches_eager
+from helpers import RTOL, assert_close, assert_compiled_matches_eager
 
 # L: 1, odd, powers of two and +-1, past one GPU block (32) and one
 # interpreter block (256)
@@ -68,10 +68,12 @@ def oracle(z, means, logvars, logits=None):
     return MixtureSameFamily(Categorical(logits=logits), comp).log_prob(z)
 
 
-def scales(z, means, logvars, logits, g):
+def scales(z, means, logvars, logits, g, dtype=torch.float64):
     """Magnitudes of the terms behind the output and each gradient (float64,
     z (N, L), g (N,)): a term's rounding error is relative to its own size,
-    and it enters the result with its weight w."""
+    and it enters the result with its weight w. A weight below the smallest
+    normal number of ``dtype`` may be flushed to 0 (the C++ float32 exp
+    does): each gradient term may be off by that much times its factors."""
     U, L = means.shape
     term = reference.mixture_terms(z, means, logvars, logits)  # (N, U)
     out = torch.logsumexp(term, -1)
@@ -81,7 +83,8 @@ def scales(z, means, logvars, logits, g):
     iv = torch.exp(-logvars)
     mag = log_w.abs() + 0.5 * (logvars.abs().sum(-1) + L * math.log(2 * math.pi) + (d * d * iv).sum(-1))
     out_scale = (w * mag).sum(-1) + out.abs()
-    a = g.abs()[:, None] * w * (1 + mag + out_scale[:, None])  # (N, U): |g w| and its error's factor
+    flush = torch.finfo(dtype).tiny / RTOL[dtype]  # a flushed weight's error, relative to the tolerance
+    a = g.abs()[:, None] * (w * (1 + mag + out_scale[:, None]) + flush)  # (N, U): |g w| and its error's factor
     dz = (a[..., None] * d.abs() * iv).sum(1)
     dmeans = (a[..., None] * d.abs() * iv).sum(0)
     dlogvars = 0.5 * (a[..., None] * (d * d * iv + 1)).sum(0)
@@ -103,7 +106,7 @@ def check_against_oracle(inputs, g, dtype):
     z64, means64, lv64 = (t.detach() for t in args64[:3])
     logits64 = args64[3].detach() if len(args64) > 3 else None
     L = means64.shape[1]
-    s = scales(z64.reshape(-1, L), means64, lv64, logits64, g64.reshape(-1))
+    s = scales(z64.reshape(-1, L), means64, lv64, logits64, g64.reshape(-1), dtype)
     assert_close(out, ref.detach(), s[0].reshape(ref.shape), "out")
     assert_close(grads[0], refs[0], s[1].reshape(z.shape), "dz")
     for name, grad, r, scale in zip(("dmeans", "dlogvars", "dlogits"), grads[1:], refs[1:], s[2:]):
@@ -119,6 +122,16 @@ def test_forward_backward_match_torch_distributions(backend, dtype, p):
     g = torch.randn(p["batch"], generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
     out = check_against_oracle(inputs, g, dtype)
     assert torch.isfinite(out).all()
+
+
+def test_many_rows_on_several_threads(backend):
+    """Enough rows for many C++ tasks over every thread (per-thread partial
+    sums), many Triton row blocks and a row split of the parameter kernel."""
+    _, device = backend
+    p = dict(L=33, U=70, batch=(3, 1000), logits=True, lv_bound=3.0, far="none", seed=5)
+    inputs = make(p, torch.float32, device)
+    g = torch.randn(p["batch"], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    check_against_oracle(inputs, g, torch.float32)
 
 
 def test_far_component_does_not_underflow(backend):
