@@ -22,7 +22,7 @@ from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, tril_log_prob
 from .kl_normal import kl_normal
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
-from .priors import StandardNormal, analytic_kl, check_prior
+from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl
 from .sample_normal import SampleNormalWithRatio, sample_normal_unchecked
 from .sample_normal_tril import sample_normal_tril
 
@@ -135,8 +135,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     n_samples = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
     beta = _validate.real("beta", beta, minimum=0.0, tensor_ok=True)
     free_bits = _validate.real("free_bits", free_bits, minimum=0.0)
-    kl = analytic_kl(q, prior)
-    analytic = kl is not None
+    analytic = has_analytic_kl(prior)
     per_dim = None
     if free_bits > 0:
         per_dim = _per_dim_kl(q, prior)
@@ -145,10 +144,11 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
                              "standard normal or DiagonalNormal prior")
     K = None if n_samples == 1 else n_samples
     sample_shape = () if n_samples == 1 else (n_samples,)
-    if isinstance(q, DiagonalNormal) and kl is not None:
-        z, kl_std = sample_normal_unchecked(q.mu, q.logvar, K, generator)
-        if isinstance(prior, StandardNormal):
-            kl = kl_std  # fused with the sampling
+    standard = isinstance(prior, StandardNormal)
+    if isinstance(q, DiagonalNormal) and analytic:
+        z, kl = sample_normal_unchecked(q.mu, q.logvar, K, generator)  # the KL to N(0, I), fused
+        if not standard:
+            kl = analytic_kl(q, prior)
     elif isinstance(q, DiagonalNormal):
         # log q(z) - log p(z) from the sampler's exact log N(z; 0, I) - log q(z)
         z, _, latent = SampleNormalWithRatio.apply(q.mu, q.logvar, draw_seed(mu.device, generator), n_samples, False)
@@ -156,11 +156,11 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
             z, latent = z[0], latent[0]
         kl = -(latent + _prior_log_ratio(prior, z))
     else:
-        z, kl_std = sample_normal_tril(q.mu, q.scale_tril, K, generator=generator)
-        if kl is None:
+        z, kl = sample_normal_tril(q.mu, q.scale_tril, K, generator=generator)  # the KL to N(0, I), fused
+        if not analytic:
             kl = q.log_prob(z) - prior.log_prob(z)
-        elif isinstance(prior, StandardNormal):
-            kl = kl_std
+        elif not standard:
+            kl = analytic_kl(q, prior)
     if not analytic and K is not None:
         kl = kl.mean(0)
     reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape, mu.dim() - 1)
@@ -334,11 +334,10 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
         # STL / DReG: log q with its parameters' score stopped; z keeps its path
         log_q = tril_log_prob(z, q.mu.detach(), q.scale_tril.detach()) if stop_score else q.log_prob(z)
         latent = prior.log_prob(z) - log_q
-    analytic = analytic_kl(q, prior)
-    if analytic is not None:
-        kl = kl if isinstance(prior, StandardNormal) else analytic
-    else:
+    if not has_analytic_kl(prior):
         kl = -latent.mean(0)  # the Monte Carlo KL from the same samples
+    elif not isinstance(prior, StandardNormal):
+        kl = analytic_kl(q, prior)
     reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,), mu.dim() - 1)
     lw = reconstruction + latent
     if estimator == "dreg":

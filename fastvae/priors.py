@@ -154,6 +154,11 @@ def check_prior(prior: Any, latent_size: int | None = None) -> Any:
     return prior
 
 
+def has_analytic_kl(prior: Any) -> bool:
+    """Whether KL(q || prior) has a registered closed form (for either posterior)."""
+    return isinstance(prior, (StandardNormal, DiagonalNormal))
+
+
 def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     """KL(q || prior) per example in closed form where one is registered
     (diagonal or tril q against a standard or diagonal prior), else None."""
