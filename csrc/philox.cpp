@@ -25,31 +25,42 @@ FASTVAE_INLINE void randn_lanes(const PhiloxKeys& keys, uint64_t offset0, int64_
   }
 }
 
+// out[i, i + 4m) = the normals of the m (<= kGroup) counters from offset0 + i,
+// which starts a counter: one array per lane, interleaved into out.
+template <typename T, typename M>
+FASTVAE_INLINE void normals_group(const PhiloxKeys& keys, uint64_t offset0, int64_t i, M m, T* out) {
+  const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
+  T n0[kGroup], n1[kGroup], n2[kGroup], n3[kGroup];
+  for (M j = 0; j < m; ++j) {
+    normals4(philox_4x(keys, c0 + static_cast<uint64_t>(j)), n0[j], n1[j], n2[j], n3[j]);
+  }
+  T* o = out + i;
+  for (M j = 0; j < m; ++j) {
+    o[4 * j] = n0[j];
+    o[4 * j + 1] = n1[j];
+    o[4 * j + 2] = n2[j];
+    o[4 * j + 3] = n3[j];
+  }
+}
+
 // out[i] = the normal at offset0 + i. The aligned middle runs up to kGroup
 // counters at a time (a short run, such as one evaluation row of L = 32, is
 // one group of 8), a loop that GCC vectorizes (the 64-bit Philox lanes and
 // Box-Muller, fused), into one array per lane that is interleaved into out.
-// Measured with AVX-512: 16 counters per group cost 0.89 ns a normal, 32
-// cost 0.70, more gain nothing (benchmarks/bench_sample_normal.py --rng).
+// Measured on one AVX-512 thread (bench_sample_normal's rng_1_thread): groups
+// of 16 counters cost 0.90 ns a normal, 32 cost 0.70, 64 cost 0.72; a
+// variable trip count for every group (not only the last) cost 0.77.
 template <typename T>
 FASTVAE_INLINE void randn_run(uint64_t seed, uint64_t offset0, int64_t n, T* out) {
   const PhiloxKeys keys(seed);
   const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((4 - (offset0 & 3)) & 3));
   randn_lanes(keys, offset0, 0, head, out);
   int64_t i = head;
-  for (int64_t m; (m = std::min<int64_t>(kGroup, (n - i) / 4)) > 0; i += 4 * m) {
-    const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
-    T n0[kGroup], n1[kGroup], n2[kGroup], n3[kGroup];
-    for (int64_t j = 0; j < m; ++j) {
-      normals4(philox_4x(keys, c0 + static_cast<uint64_t>(j)), n0[j], n1[j], n2[j], n3[j]);
-    }
-    T* o = out + i;
-    for (int64_t j = 0; j < m; ++j) {
-      o[4 * j] = n0[j];
-      o[4 * j + 1] = n1[j];
-      o[4 * j + 2] = n2[j];
-      o[4 * j + 3] = n3[j];
-    }
+  // whole groups (a fixed trip count vectorizes best), then one shorter group
+  for (; n - i >= 4 * kGroup; i += 4 * kGroup) normals_group(keys, offset0, i, kGroup, out);
+  if (const int64_t m = (n - i) / 4; m > 0) {
+    normals_group(keys, offset0, i, m, out);
+    i += 4 * m;
   }
   randn_lanes(keys, offset0, i, n, out);
 }
