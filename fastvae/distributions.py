@@ -27,7 +27,29 @@ from .sample_normal_tril import sample_normal_tril
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-class DiagonalNormal:
+class _Gaussian:
+    """What the two posteriors share: mu (..., L) and the checks on z."""
+
+    mu: Tensor
+
+    @property
+    def latent_size(self) -> int:
+        return self.mu.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.mu.shape[:-1]
+
+    def _check_z(self, z: Tensor) -> None:
+        _validate.float_tensors(z=z)
+        if z.shape[-1:] != self.mu.shape[-1:]:
+            raise ValueError(f"z of shape {tuple(z.shape)} must end in the latent size {self.latent_size}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
+
+
+class DiagonalNormal(_Gaussian):
     """N(mu, diag(exp(logvar))) over the last dimension L.
 
     Args:
@@ -41,21 +63,11 @@ class DiagonalNormal:
         _validate.same_shape(mu=mu, logvar=logvar)
         self.mu, self.logvar = mu, logvar
 
-    @property
-    def latent_size(self) -> int:
-        return self.mu.shape[-1]
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.mu.shape[:-1]
-
     def log_prob(self, z: Tensor) -> Tensor:
         """log N(z; mu, diag(exp(logvar))) summed over L: z of shape (..., L)
         broadcasting against the batch shape (z (K, *batch, L) for K samples),
         result z's leading shape. Fused (gaussian_log_prob, symmetric in z and mu)."""
-        _validate.float_tensors(z=z)
-        if z.shape[-1:] != self.mu.shape[-1:]:
-            raise ValueError(f"z of shape {tuple(z.shape)} must end in the latent size {self.latent_size}")
+        self._check_z(z)
         return gaussian_log_prob(self.mu, z, self.logvar)
 
     def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
@@ -66,11 +78,8 @@ class DiagonalNormal:
         """Analytic KL(self || N(0, I)) summed over L, shape (...) (fused kl_normal)."""
         return kl_normal(self.mu, self.logvar)
 
-    def __repr__(self) -> str:
-        return f"DiagonalNormal(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
 
-
-class TrilNormal:
+class TrilNormal(_Gaussian):
     """N(mu, S Sᵀ) with S = scale_tril lower triangular, positive diagonal.
 
     Args:
@@ -91,20 +100,10 @@ class TrilNormal:
                              f"got {tuple(scale_tril.shape)}")
         self.mu, self.scale_tril = mu, scale_tril
 
-    @property
-    def latent_size(self) -> int:
-        return self.mu.shape[-1]
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.mu.shape[:-1]
-
     def log_prob(self, z: Tensor) -> Tensor:
         """log N(z; mu, S Sᵀ) for z (..., L) broadcasting against the batch
         shape (z (K, *batch, L) for K samples): one triangular solve per row."""
-        _validate.float_tensors(z=z)
-        if z.shape[-1:] != self.mu.shape[-1:]:
-            raise ValueError(f"z of shape {tuple(z.shape)} must end in the latent size {self.latent_size}")
+        self._check_z(z)
         return tril_log_prob(z, self.mu, self.scale_tril)
 
     def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
@@ -117,9 +116,6 @@ class TrilNormal:
         diag = torch.diagonal(S, dim1=-2, dim2=-1)
         return 0.5 * ((S * S).sum((-2, -1)) + (self.mu * self.mu).sum(-1) - self.latent_size
                       - 2.0 * torch.log(diag).sum(-1))
-
-    def __repr__(self) -> str:
-        return f"TrilNormal(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
 
 
 def tril_log_prob(z: Tensor, mu: Tensor, scale_tril: Tensor) -> Tensor:

@@ -135,9 +135,6 @@ def _sample_mixture(n: int, means: Tensor, logvars: Tensor, logits: Tensor | Non
     return means[u] + torch.exp(0.5 * logvars[u]) * eps
 
 
-Prior = StandardNormal | MixtureOfGaussians | VampPrior | DiagonalNormal
-
-
 def check_prior(prior: Any, latent_size: int | None = None) -> Any:
     """The prior itself (None is the standard normal), or a TypeError naming the choices."""
     if prior is None:
