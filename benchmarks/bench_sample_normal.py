@@ -129,7 +129,7 @@ def main(argv=None) -> dict | None:
     impls = harness.baseline_impls(eager_sample_normal, fastvae.sample_normal, OP, torch.device(args.device),
                                    args.fastvae_backends)
     extra = {}
-    if args.device == "cpu" and not args.memory_child:
+    if args.device == "cpu" and not args.memory_child and "cpp" in fastvae.backend_info("cpu").values():
         rng = rng_ns_per_normal(2**18 if args.quick else 2**22)
         common.log("noise alone, 1 thread: " + ", ".join(
             f"{name} {r['median_ns_per_normal']:.3f} ns/normal" for name, r in rng.items()))

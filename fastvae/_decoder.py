@@ -37,14 +37,6 @@ def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
                     f"(or a fastvae.DiagonalNormal / TrilNormal), got {type(q).__name__}")
 
 
-def diagonal_posterior(q: Distribution) -> tuple[Tensor, Tensor]:
-    """(mu, logvar) of a torch Normal or Independent(Normal, 1) posterior."""
-    p = torch_posterior(q)
-    if not isinstance(p, DiagonalNormal):
-        raise TypeError("a diagonal posterior (Normal) is needed here, got a MultivariateNormal")
-    return p.mu, p.logvar
-
-
 def as_posterior(q: Any, what: str = "the posterior") -> DiagonalNormal | TrilNormal:
     """What an encoder returned, as a fastvae posterior: a DiagonalNormal or
     TrilNormal as is, a torch distribution mapped (torch_posterior), or a
@@ -74,9 +66,7 @@ def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | 
     if decode is None or logvar is None:
         raise TypeError("pass (x, mu, logvar, decode), or (x, q, decode) with q a fastvae.DiagonalNormal, "
                         "TrilNormal or a torch Normal / MultivariateNormal")
-    if not isinstance(mu, Tensor) or not isinstance(logvar, Tensor):
-        raise TypeError(f"mu and logvar must be torch.Tensors, got {type(mu).__name__} and {type(logvar).__name__}")
-    return DiagonalNormal(mu, logvar), decode
+    return DiagonalNormal(mu, logvar), decode  # validates mu and logvar
 
 
 _REQUIRED = (

@@ -42,7 +42,7 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
-from .priors import StandardNormal, check_prior
+from .priors import StandardNormal, check_prior, log_ratio_to_standard
 from .sample_normal import _MAX_OFFSET, sample_at
 
 # Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
@@ -187,9 +187,8 @@ def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tens
         if not cfg.with_ratio:
             return drawn, None
         z, ratio = drawn
-        if isinstance(cfg.prior, StandardNormal):
-            return z, ratio
-        return z, ratio + cfg.prior.log_prob(z) - StandardNormal().log_prob(z)
+        extra = log_ratio_to_standard(cfg.prior, z)
+        return z, ratio if extra is None else ratio + extra
     eps = evaluation_noise(seed, first_example=g, n_examples=q.mu.shape[0], n_samples=cfg.k, k0=c0, k1=c1,
                            latent=L, dtype=q.mu.dtype, device=q.mu.device)
     S = q.scale_tril.tril()

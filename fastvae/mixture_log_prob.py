@@ -123,19 +123,26 @@ def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor |
         so a component far from z never underflows the result; memory is
         O(size of z + U * L). Differentiable in z, means, logvars and logits.
     """
-    tensors = dict(z=z, means=means, logvars=logvars)
+    check_components(means, logvars, logits, z=z)
+    L = means.shape[1]
+    _validate.event_dim("z", z)
+    if z.shape[-1] != L:
+        raise ValueError(f"z of shape {tuple(z.shape)} must end in the latent dim L={L} of means {tuple(means.shape)}")
+    return MixtureLogProb.apply(z, means, logvars, logits)
+
+
+def check_components(means: Tensor, logvars: Tensor, logits: Tensor | None, **others: Tensor) -> None:
+    """The checks on a mixture's parameters (also fastvae.priors.MixtureOfGaussians'),
+    with ``others`` (z) held to their dtype and device."""
+    tensors = dict(**others, means=means, logvars=logvars)
     if logits is not None:
         tensors["logits"] = logits
     _validate.float_tensors(**tensors)
     if means.dim() != 2:
         raise ValueError(f"means must be a 2-d (U, L) tensor, got shape {tuple(means.shape)}")
     _validate.same_shape(means=means, logvars=logvars)
-    U, L = means.shape
+    U = means.shape[0]
     if U < 1:
         raise ValueError("means must have at least one component (U >= 1), got shape (0, L)")
-    _validate.event_dim("z", z)
-    if z.shape[-1] != L:
-        raise ValueError(f"z of shape {tuple(z.shape)} must end in the latent dim L={L} of means {tuple(means.shape)}")
     if logits is not None and logits.shape != (U,):
         raise ValueError(f"logits must have shape ({U},) (one per component of means), got {tuple(logits.shape)}")
-    return MixtureLogProb.apply(z, means, logvars, logits)

@@ -22,7 +22,7 @@ from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, tril_log_prob
 from .kl_normal import kl_normal
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
-from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl
+from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 from .sample_normal import SampleNormalWithRatio, sample_normal_unchecked
 from .sample_normal_tril import sample_normal_tril
 
@@ -80,14 +80,6 @@ def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, decode: Any, reduct
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _prior_log_ratio(prior: Any, z: Tensor) -> Tensor | None:
-    """log p(z) - log N(z; 0, I) for a prior other than the standard normal
-    (None for it): added to the sampler's exact log N(z; 0, I) - log q(z)."""
-    if isinstance(prior, StandardNormal):
-        return None
-    return prior.log_prob(z) - StandardNormal().log_prob(z)
-
-
 def _reduce(t: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return t.mean()
@@ -125,7 +117,8 @@ def _free_bits_kl(per_dim: Tensor, free_bits: float) -> Tensor:
 
 
 def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
-    """(elbo, reconstruction, kl, q, prior, analytic), unreduced: the one pass of elbo and elbo_terms."""
+    """(elbo, reconstruction, kl, q, prior, analytic, per_dim), unreduced: the one pass of elbo and
+    elbo_terms (per_dim, the KL of each latent dimension, only where free bits needed it)."""
     q, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, q, decode, reduction)
     check_likelihood(likelihood)
@@ -154,7 +147,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
         z, _, latent = SampleNormalWithRatio.apply(q.mu, q.logvar, draw_seed(mu.device, generator), n_samples, False)
         if K is None:
             z, latent = z[0], latent[0]
-        kl = -(latent + _prior_log_ratio(prior, z))
+        kl = -(latent + log_ratio_to_standard(prior, z))
     else:
         z, kl = sample_normal_tril(q.mu, q.scale_tril, K, generator=generator)  # the KL to N(0, I), fused
         if not analytic:
@@ -169,7 +162,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     if free_bits > 0:
         kl = _free_bits_kl(per_dim, free_bits)
     weighted = kl if isinstance(beta, float) and beta == 1.0 else beta * kl
-    return reconstruction - weighted, reconstruction, kl, q, prior, analytic
+    return reconstruction - weighted, reconstruction, kl, q, prior, analytic, per_dim
 
 
 def elbo_terms(
@@ -188,10 +181,11 @@ def elbo_terms(
 ) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
-    bound, reconstruction, kl, q, prior, analytic = _elbo(
+    bound, reconstruction, kl, q, prior, analytic, per_dim = _elbo(
         x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits, n_samples=n_samples,
         reduction=reduction, generator=generator, prior=prior)
-    per_dim = _per_dim_kl(q, prior)
+    if per_dim is None:
+        per_dim = _per_dim_kl(q, prior)
     if per_dim is not None and reduction != "none":
         per_dim = per_dim.reshape(-1, per_dim.shape[-1])
         per_dim = per_dim.mean(0) if reduction == "mean" else per_dim.sum(0)
@@ -307,8 +301,9 @@ def _bound(lw: Tensor, alpha: float) -> Tensor:
     return LogMeanExp.apply((1.0 - alpha) * lw)[0] / (1.0 - alpha)
 
 
-def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior):
-    """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and iwae_terms."""
+def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior, want_kl=False):
+    """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and
+    iwae_terms; kl is None unless want_kl (the bound does not use it)."""
     q, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, q, decode, reduction)
     check_likelihood(likelihood)
@@ -327,14 +322,16 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
         # however small the variance (recomputing eps from z overflows when the
         # posterior collapses); another prior adds log p(z) - log N(z; 0, I)
         z, kl, hooked = SampleNormalWithRatio.apply(q.mu, q.logvar, draw_seed(mu.device, generator), k, stop_score)
-        extra = _prior_log_ratio(prior, z)
+        extra = log_ratio_to_standard(prior, z)
         latent = hooked if extra is None else hooked + extra
     else:
         z, kl = sample_normal_tril(q.mu, q.scale_tril, k, generator=generator)
         # STL / DReG: log q with its parameters' score stopped; z keeps its path
         log_q = tril_log_prob(z, q.mu.detach(), q.scale_tril.detach()) if stop_score else q.log_prob(z)
         latent = prior.log_prob(z) - log_q
-    if not has_analytic_kl(prior):
+    if not want_kl:
+        kl = None
+    elif not has_analytic_kl(prior):
         kl = -latent.mean(0)  # the Monte Carlo KL from the same samples
     elif not isinstance(prior, StandardNormal):
         kl = analytic_kl(q, prior)
@@ -363,7 +360,7 @@ def iwae_terms(
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
     bound, reconstruction, kl, lw = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
-        alpha=alpha, reduction=reduction, generator=generator, prior=prior,
+        alpha=alpha, reduction=reduction, generator=generator, prior=prior, want_kl=True,
     )
     with torch.no_grad():
         ess = EffectiveSampleSize.apply(lw.detach())[0]

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from . import _validate
 from .distributions import DiagonalNormal, TrilNormal
-from .mixture_log_prob import mixture_log_prob
+from .kl_normal import kl_normal
+from .mixture_log_prob import check_components, mixture_log_prob
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -57,14 +58,7 @@ class MixtureOfGaussians:
     """
 
     def __init__(self, means: Tensor, logvars: Tensor, logits: Tensor | None = None):
-        _validate.float_tensors(means=means, logvars=logvars)
-        if means.dim() != 2 or means.shape != logvars.shape:
-            raise ValueError(f"means and logvars must both have shape (U, L), got {tuple(means.shape)} "
-                             f"and {tuple(logvars.shape)}")
-        if logits is not None:
-            _validate.float_tensors(logits=logits)
-            if logits.shape != means.shape[:1]:
-                raise ValueError(f"logits must have shape ({means.shape[0]},), got {tuple(logits.shape)}")
+        check_components(means, logvars, logits)
         self.means, self.logvars, self.logits = means, logvars, logits
 
     def components(self) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -164,7 +158,7 @@ def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     if not isinstance(prior, DiagonalNormal):
         return None
     if isinstance(q, DiagonalNormal):
-        return _kl_diag_diag(q.mu, q.logvar, prior.mu, prior.logvar)
+        return kl_normal(q.mu, q.logvar, prior.mu, prior.logvar)
     # KL(N(mu, S S^T) || N(m, D)) = 1/2 [tr(D^-1 S S^T) + (m - mu)^T D^-1 (m - mu) - L + log|D| - log|S S^T|]
     S = q.scale_tril.tril()
     inv_var = torch.exp(-prior.logvar)
@@ -174,7 +168,10 @@ def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     return 0.5 * (trace + (diff * diff * inv_var).sum(-1) - q.latent_size + prior.logvar.sum(-1) - log_det_q)
 
 
-def _kl_diag_diag(mu: Tensor, logvar: Tensor, prior_mu: Tensor, prior_logvar: Tensor) -> Tensor:
-    from .kl_normal import kl_normal
 
-    return kl_normal(mu, logvar, prior_mu, prior_logvar)
+def log_ratio_to_standard(prior: Any, z: Tensor) -> Tensor | None:
+    """log p(z) - log N(z; 0, I), or None for the standard normal itself: what
+    a prior adds to the sampler's exact log N(z; 0, I) - log q(z)."""
+    if isinstance(prior, StandardNormal):
+        return None
+    return prior.log_prob(z) - StandardNormal().log_prob(z)

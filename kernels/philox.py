@@ -58,7 +58,7 @@ def _box_muller(a, b, ACC: tl.constexpr):
 @triton.jit
 def randn(seed, offsets, ACC: tl.constexpr):
     """The normal at each int64 element offset, in ACC (float32 or float64):
-    one Philox call per element. Prefer randn4_* where runs are aligned."""
+    one Philox call per element. Prefer randn4 where runs are aligned."""
     w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 2)
     lane = offsets & 3
     second = lane >= 2

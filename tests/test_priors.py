@@ -70,18 +70,17 @@ def test_tril_normal_log_prob_and_kls(L, batch, K, seed):
     ga = torch.autograd.grad(got.sum(), (mu, S))
     gb = torch.autograd.grad(want.sum(), (mu, S))
     for a, b in zip(ga, gb):
-        assert_close(a.nan_to_num(), b.nan_to_num().tril() if b.dim() > mu.dim() else b, 10 + b.nan_to_num().abs(),
-                     "tril log_prob gradient")
+        assert_close(a, b, 10 + b.abs(), "tril log_prob gradient")  # NaN in S's upper triangle reaches neither
     assert (ga[1].triu(1) == 0).all()  # the strict upper triangle is never read
     # against the standard normal and against a diagonal prior, in closed form
     std = dist.MultivariateNormal(torch.zeros(L, dtype=F64), scale_tril=torch.eye(L, dtype=F64))
     want_kl = dist.kl_divergence(mvn, std)
-    assert_close(q.kl_standard_normal(), want_kl, 1 + want_kl.abs() + (S.tril() ** 2).nan_to_num().sum((-2, -1)),
+    assert_close(q.kl_standard_normal(), want_kl, 1 + want_kl.abs() + (S.tril() ** 2).sum((-2, -1)),
                  "tril-standard KL")
     pm, plv = torch.randn(L, generator=g, dtype=F64), torch.randn(L, generator=g, dtype=F64)
     kl = fastvae.priors.analytic_kl(q, fastvae.DiagonalNormal(pm, plv))
     want_kl = dist.kl_divergence(mvn, dist.MultivariateNormal(pm, scale_tril=torch.diag(torch.exp(0.5 * plv))))
-    assert_close(kl, want_kl, 1 + want_kl.abs() + ((S.tril() ** 2).nan_to_num().sum(-1) * torch.exp(-plv)).sum(-1),
+    assert_close(kl, want_kl, 1 + want_kl.abs() + ((S.tril() ** 2).sum(-1) * torch.exp(-plv)).sum(-1),
                  "tril-diag KL")
     for a, b in zip(torch.autograd.grad(kl.sum(), (mu, S)), torch.autograd.grad(want_kl.sum(), (mu, S))):
         assert_close(a, b.tril() if b.dim() > mu.dim() else b, 1 + b.abs(), "tril-diag KL gradient")
@@ -98,7 +97,7 @@ def test_objects_reject_bad_input():
         fastvae.DiagonalNormal([0.0], torch.zeros(1))
     with pytest.raises(ValueError, match="must end in the latent size 4"):
         fastvae.DiagonalNormal(mu, mu).log_prob(torch.zeros(3, 5))
-    with pytest.raises(ValueError, match="means and logvars must both have shape \\(U, L\\)"):
+    with pytest.raises(ValueError, match="shape mismatch: means has shape \\(2, 3\\)"):
         MixtureOfGaussians(torch.zeros(2, 3), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="logits must have shape \\(2,\\)"):
         MixtureOfGaussians(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3))
