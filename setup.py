@@ -1,4 +1,10 @@
-"""Build of the cpp backend: csrc/*.cpp -> fastvae._C (pybind11 + OpenMP, no libtorch).
+"""Build of the cpp backend: csrc/*.cpp -> fastvae._C (pybind11 + OpenMP).
+
+csrc/torch_ops.cpp, the eager CPU operators with C++ autograd (fastvae_cpp::*),
+links libtorch: it is built against the torch installed in the interpreter
+that runs the build, found even inside pip's isolated build environment, and
+left out (with a warning; the Python path then serves every call) when there
+is none. The rest of the extension uses no torch headers.
 
 The Triton kernels in kernels/ install as the subpackage fastvae.kernels.
 FASTVAE_NATIVE=1 adds -march=native for a local build; the default binary is
@@ -6,7 +12,9 @@ portable and picks AVX-512/AVX2 code paths at load time (target_clones).
 FASTVAE_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
 (any report aborts); load it with libasan preloaded, as .ci/sanitize does.
 """
+import json
 import os
+import subprocess
 import sys
 from glob import glob
 
@@ -30,14 +38,49 @@ if sys.platform == "darwin":  # Apple clang: OpenMP comes from libomp
     compile_args = ["-O3", "-Xpreprocessor", "-fopenmp"]
     link_args = ["-lomp"]
 
+
+def installed_torch():
+    """(include dirs, library dirs, cxx11 ABI flag) of the torch that fastvae
+    will run with, or None. pip builds in an isolated environment that hides
+    the target's site-packages; -E (ignore PYTHONPATH, which sets up that
+    isolation) shows them again, so the build links the torch already
+    installed, never a second download."""
+    code = ("import json, torch, torch.utils.cpp_extension as c; "
+            "print(json.dumps([c.include_paths(), c.library_paths(), int(torch._C._GLIBCXX_USE_CXX11_ABI)]))")
+    try:
+        found = subprocess.run([sys.executable, "-E", "-c", code], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return json.loads(found.stdout.strip().splitlines()[-1])
+
+
+sources = sorted(glob("csrc/*.cpp"))
+include_dirs, library_dirs, libraries, macros = ["csrc"], [], [], []
+torch_build = installed_torch() if os.environ.get("FASTVAE_TORCH_OPS", "1") == "1" else None
+if torch_build is None:
+    sources.remove("csrc/torch_ops.cpp")
+    print("fastvae: torch not found at build time: building without csrc/torch_ops.cpp "
+          "(eager CPU calls then go through Python; install torch first for the fast path)", file=sys.stderr)
+else:
+    torch_include, library_dirs, cxx11_abi = torch_build
+    # -isystem: searched after every -I, so the bindings keep pip's pybind11
+    # over the copy torch bundles (torch_ops.cpp includes no pybind11 header)
+    compile_args += [arg for d in torch_include for arg in ("-isystem", d)]
+    libraries = ["c10", "torch", "torch_cpu"]
+    macros = [("FASTVAE_TORCH_OPS", None), ("_GLIBCXX_USE_CXX11_ABI", str(cxx11_abi))]
+
 ext = Pybind11Extension(
     "fastvae._C",
-    sorted(glob("csrc/*.cpp")),
-    include_dirs=["csrc"],
+    sources,
+    include_dirs=include_dirs,
+    library_dirs=library_dirs,
+    runtime_library_dirs=library_dirs,
+    libraries=libraries,
+    define_macros=macros,
     depends=sorted(glob("csrc/*.h")),
     extra_compile_args=compile_args,
     extra_link_args=link_args,
-    cxx_std=17,
+    cxx_std=17 if torch_build is None else 20,  # torch's headers need C++20
 )
 
 setup(

@@ -13,9 +13,8 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "outputs.h"
+
 
 namespace fastvae::bind {
 
@@ -29,24 +28,6 @@ inline std::string shape_str(const py::array& a) {
     s += std::to_string(a.shape(d));
   }
   return s + (a.ndim() == 1 ? ",)" : ")");
-}
-
-// Large outputs are fresh allocations whose first touch costs a page fault
-// per 4 KiB (about half the time of a K = 16 sample_normal); asking for
-// transparent huge pages on the 2 MiB-aligned interior before the kernel
-// writes cuts that several-fold. Advice only: failure changes nothing.
-inline void advise_huge_pages(void* data, size_t nbytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (nbytes < 2 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (p + nbytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)nbytes;
-#endif
 }
 
 // Raised for an array whose data is not aligned to its element type (a view

@@ -23,6 +23,13 @@
 
 namespace fastvae {
 
+// Elements a kernel call must have per extra OpenMP thread. Waking a thread
+// costs microseconds, and far more when the other cores are busy (the team
+// waits at the barrier for a descheduled thread), while a kernel covers
+// 16384 elements in about 10-50 us: smaller calls run on the calling thread.
+// (fastvae._backend.num_threads reads it as fastvae._C.MIN_WORK_PER_THREAD.)
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 14;
+
 // The noise stream read as a (rows, cols) block with a row stride:
 // out[r * cols + c] = randn(seed, offset0 + r * row_stride + c). A 1-d fill is
 // rows = 1; the evaluation noise (one row per example, its samples' counters

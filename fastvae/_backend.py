@@ -14,6 +14,7 @@ import contextlib
 import functools
 import importlib
 import os
+import types
 import warnings
 
 import numpy as np
@@ -102,6 +103,7 @@ def set_backend(name: str | None) -> None:
     global _override
     _override = _parse(name)
     _chosen.clear()
+    _torch_ops.cache_clear()
 
 
 @contextlib.contextmanager
@@ -226,14 +228,34 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
 _ARGS = {name: k.args for name, k in _registry.KERNELS.items()}
 
 
-# Elements a cpp kernel call must have per extra OpenMP thread. Waking a thread
-# costs microseconds, and far more when the other cores are busy (the team
-# waits at the barrier for a descheduled thread), while a kernel covers
-# 16384 elements in about 10-50 us: smaller calls run on the calling thread.
-MIN_WORK_PER_THREAD = 1 << 14
-
-
 def num_threads(work: int) -> int:
     """OpenMP threads for a cpp kernel over ``work`` elements: torch.get_num_threads(),
-    but only as many as there are MIN_WORK_PER_THREAD elements for."""
-    return max(1, min(torch.get_num_threads(), work // MIN_WORK_PER_THREAD))
+    but only as many as there are ``fastvae._C.MIN_WORK_PER_THREAD`` elements for
+    (csrc/ops.h says why; the C++ operators use the same rule)."""
+    return max(1, min(torch.get_num_threads(), work // cpp_module().MIN_WORK_PER_THREAD))
+
+
+# The eager CPU operators with C++ autograd (csrc/torch_ops.cpp), by op name.
+TORCH_OPS = ("sample_normal", "sample_normal_with_ratio", "bernoulli_log_prob")
+_TORCH_OPS_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.cache
+def _torch_ops():
+    """torch.ops.fastvae_cpp's overloads by name, or None in a build without them."""
+    mod = _load_cpp()
+    if isinstance(mod, ImportError) or not mod.HAS_TORCH_OPS:
+        return None
+    return types.SimpleNamespace(**{name: getattr(torch.ops.fastvae_cpp, name).default for name in TORCH_OPS})
+
+
+def torch_ops(t: torch.Tensor):
+    """The C++ operators (``.sample_normal`` etc., TORCH_OPS) when they serve
+    ``t``: a plain float32/float64 CPU tensor on the cpp backend, in eager mode,
+    in a build that has them; else None, and the op's Python autograd.Function
+    runs it (torch.compile, the other backends, tensor subclasses such as
+    FakeTensor). Same kernels, so the same numbers either way."""
+    if (torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type != "cpu"
+            or t.dtype not in _TORCH_OPS_DTYPES or (_chosen.get("cpu") or backend_for("cpu")) != "cpp"):
+        return None
+    return _torch_ops()

@@ -63,13 +63,19 @@ def broadcast_var(v: Tensor, name: str, x: Tensor, mean: Tensor) -> Tensor:
     return v.expand(mean.shape)
 
 
-def kernel_views(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """(x as contiguous (P, D), out as contiguous (K, P, D)): the layout the ops take."""
+def kernel_shape(x: Tensor, out: Tensor) -> tuple[int, int, int]:
+    """(K, P, D) of the kernel layout for x as broadcast_x returns it (out's
+    shape, or out's without the first dimension); csrc/torch_ops.cpp's
+    bernoulli_layout is the same rule."""
     D = out.shape[-1]
     if x.dim() == out.dim():
-        K, P = 1, math.prod(out.shape[:-1])
-    else:
-        K, P = out.shape[0], math.prod(out.shape[1:-1])
+        return 1, math.prod(out.shape[:-1]), D
+    return out.shape[0], math.prod(out.shape[1:-1]), D
+
+
+def kernel_views(x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """(x as contiguous (P, D), out as contiguous (K, P, D)): the layout the ops take."""
+    K, P, D = kernel_shape(x, out)
     x2 = x.contiguous() if x.dim() == 2 else x.reshape(P, D).contiguous()
     return x2, out.contiguous().view(K, P, D)
 
@@ -92,9 +98,10 @@ def kernel_var(v: Tensor, K: int, P: int, D: int) -> Tensor:
 CPP_ROWS_PER_TASK = 16
 
 
-def fold_samples(backend: str, out3: Tensor, threads: int) -> bool:
-    """Whether to run (K, P, D) as (1, K * P, D) with x copied per sample."""
-    K, P, _ = out3.shape
+def fold_samples(backend: str, out3: Tensor | tuple[int, int, int], threads: int) -> bool:
+    """Whether to run (K, P, D) as (1, K * P, D) with x copied per sample
+    (out3: the decoder output in the kernel layout, or that layout's shape)."""
+    K, P, _ = out3 if isinstance(out3, tuple) else out3.shape
     return backend == "cpp" and threads > 1 and K > 1 and P < CPP_ROWS_PER_TASK * threads
 
 

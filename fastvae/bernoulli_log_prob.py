@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, unfold_rows
+from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_shape, kernel_views, unfold_rows
 from ._op import define, run, shaped
 
 
@@ -107,4 +107,8 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
     _validate.event_dim("logits", logits)
     if event_dims != 1:
         x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
-    return BernoulliLogProb.apply(broadcast_x(x, logits, "logits"), logits)
+    x = broadcast_x(x, logits, "logits")
+    ops = _backend.torch_ops(logits)
+    if ops is not None and not fold_samples("cpp", kernel_shape(x, logits), _backend.num_threads(logits.numel())):
+        return ops.bernoulli_log_prob(x, logits)
+    return BernoulliLogProb.apply(x, logits)

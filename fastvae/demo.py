@@ -10,6 +10,7 @@ treatment of grey-scale digits), so every bound is in nats per image.
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,12 +147,18 @@ def held_out_bounds(model: VAE, x, *, k_eval: int) -> dict[str, float]:
 
 def time_step(model: VAE, loss_fns: dict, x, repeats: int = 30) -> dict[str, float]:
     """Median milliseconds of one training step (forward, backward, Adam) per
-    loss, the losses interleaved so that load on the machine hits them alike."""
+    loss, the losses interleaved so that load on the machine hits them alike,
+    in a new random order each round: a step right after a large one (an IWAE
+    step) starts with cold caches and measured up to 20% slower here, so no
+    loss may always follow the same one."""
     opt = torch.optim.Adam(model.parameters(), lr=0.0)  # lr 0: time steps, keep the model
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = {name: [] for name in loss_fns}
+    order = list(loss_fns.items())
+    shuffle = random.Random(0).shuffle
     for r in range(repeats + 3):
-        for name, fn in loss_fns.items():
+        shuffle(order)
+        for name, fn in order:
             sync()
             t0 = time.perf_counter()
             loss = fn(model, x)

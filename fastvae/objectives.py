@@ -18,12 +18,11 @@ from torch.distributions import Distribution
 
 from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
-from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, tril_log_prob
 from .kl_normal import kl_normal
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
-from .sample_normal import SampleNormalWithRatio, sample_normal_unchecked
+from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .sample_normal_tril import sample_normal_tril
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -144,7 +143,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
             kl = analytic_kl(q, prior)
     elif isinstance(q, DiagonalNormal):
         # log q(z) - log p(z) from the sampler's exact log N(z; 0, I) - log q(z)
-        z, _, latent = SampleNormalWithRatio.apply(q.mu, q.logvar, draw_seed(mu.device, generator), n_samples, False)
+        z, _, latent = sample_normal_with_ratio_unchecked(q.mu, q.logvar, n_samples, False, generator)
         if K is None:
             z, latent = z[0], latent[0]
         kl = -(latent + log_ratio_to_standard(prior, z))
@@ -321,7 +320,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
         # log p(z) - log q(z | x) comes from the sampler, which knows each eps: exact
         # however small the variance (recomputing eps from z overflows when the
         # posterior collapses); another prior adds log p(z) - log N(z; 0, I)
-        z, kl, hooked = SampleNormalWithRatio.apply(q.mu, q.logvar, draw_seed(mu.device, generator), k, stop_score)
+        z, kl, hooked = sample_normal_with_ratio_unchecked(q.mu, q.logvar, k, stop_score, generator)
         extra = log_ratio_to_standard(prior, z)
         latent = hooked if extra is None else hooked + extra
     else:

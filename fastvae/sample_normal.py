@@ -193,4 +193,18 @@ def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,
                             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """sample_normal for arguments the caller has validated (the objectives):
     checks cost as much as a small kernel, so they run once per call."""
-    return SampleNormal.apply(mu, logvar, draw_seed(mu.device, generator), n_samples)
+    seed = draw_seed(mu.device, generator)
+    ops = _backend.torch_ops(mu)
+    if ops is not None:
+        return ops.sample_normal(mu, logvar, int(seed), n_samples)
+    return SampleNormal.apply(mu, logvar, seed, n_samples)
+
+
+def sample_normal_with_ratio_unchecked(mu: Tensor, logvar: Tensor, n_samples: int, stop_score: bool,
+                                       generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, kl, log_ratio) of SampleNormalWithRatio, for arguments the caller has validated."""
+    seed = draw_seed(mu.device, generator)
+    ops = _backend.torch_ops(mu)
+    if ops is not None:
+        return ops.sample_normal_with_ratio(mu, logvar, int(seed), n_samples, stop_score)
+    return SampleNormalWithRatio.apply(mu, logvar, seed, n_samples, stop_score)

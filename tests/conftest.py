@@ -73,3 +73,10 @@ def nan_poisoned_outputs(monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(fastvae._backend, "empty_output", poisoned)
+    # the C++ operators (csrc/torch_ops.cpp) allocate their outputs themselves
+    cpp = fastvae._backend.cpp_module() if fastvae._backend.cpp_available() else None
+    if cpp is not None:
+        cpp._set_poison_outputs(True)
+    yield
+    if cpp is not None:
+        cpp._set_poison_outputs(False)

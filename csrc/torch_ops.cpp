@@ -1,0 +1,284 @@
+// The eager CPU path of the hot ops as torch operators, fastvae_cpp::<op>,
+// whose autograd is a C++ torch::autograd::Function calling the kernels
+// directly. At the sizes of many real models (a digits VAE: 100 x 8 latents)
+// a kernel takes 1-5 us, and a Python autograd.Function with its NumPy
+// boundary costs several times that per call, forward and backward; here the
+// call costs about what one eager torch op does (benchmarks/bench_overhead.py).
+//
+// Same kernels, same arguments and results as the Python Functions in
+// fastvae/<op>.py, which remain the path for torch.compile, the Triton and
+// reference backends, and builds without torch headers. Built only when
+// setup.py finds torch (then FASTVAE_TORCH_OPS is defined for bindings.cpp).
+//
+// The boundary: every tensor is checked for device, dtype and shape, made
+// contiguous and aligned (a copy if needed) before a pointer is taken, and
+// outputs are fresh; no pybind11 here (torch bundles its own).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "likelihood.h"
+#include "ops.h"
+#include "outputs.h"
+
+namespace fastvae::torch_ops {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// OpenMP threads for `work` elements: as fastvae._backend.num_threads.
+int threads(int64_t work) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread)));
+}
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              ": the cpp backend supports float32 and float64, got ", t.scalar_type());
+}
+
+// t as a contiguous, aligned tensor of `like`'s dtype and the given shape.
+Tensor input(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef shape) {
+  check_float(t, name);
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  Tensor c = t.contiguous();
+  // a view of a byte buffer at an odd offset: the kernels' loads assume alignment
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % c.element_size() != 0) c = c.clone();
+  return c;
+}
+
+Tensor output(at::IntArrayRef shape, const Tensor& like) {
+  Tensor t = at::empty(shape, like.options());
+  if (poison_outputs) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else {
+    advise_huge_pages(t.data_ptr(), size_t(t.nbytes()));
+  }
+  return t;
+}
+
+template <typename F>
+void by_dtype(const Tensor& t, F f) {
+  if (t.scalar_type() == at::kFloat) {
+    f(float{});
+  } else {
+    f(double{});
+  }
+}
+
+template <typename T>
+T* ptr(const Tensor& t) { return t.data_ptr<T>(); }
+
+// (..., L) as rows: N = the product of the leading dimensions.
+std::pair<int64_t, int64_t> rows_of(const Tensor& mu) {
+  TORCH_CHECK(mu.dim() >= 1, "mu: expected a tensor with a last (latent) dimension");
+  return {c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1)), mu.size(-1)};
+}
+
+std::vector<int64_t> with_samples(int64_t K, at::IntArrayRef shape) {
+  std::vector<int64_t> out{K};
+  out.insert(out.end(), shape.begin(), shape.end());
+  return out;
+}
+
+// -- sample_normal and sample_normal_with_ratio --------------------------------
+
+// z (K, N, L) [and log_ratio (K, N)] for mu, logvar (N, L) as contiguous tensors.
+void sample_forward(const Tensor& m, const Tensor& lv, int64_t seed, int64_t K, const Tensor& z, const Tensor& kl,
+                    const Tensor* ratio) {
+  const int64_t N = m.size(0), L = m.size(1);
+  by_dtype(m, [&](auto tag) {
+    using T = decltype(tag);
+    sample_normal_forward<T>(ptr<T>(m), ptr<T>(lv), uint64_t(seed), 0, uint64_t(N * L), uint64_t(L), K, N, L,
+                             ptr<T>(z), ptr<T>(kl), ratio ? ptr<T>(*ratio) : nullptr, threads(K * N * L));
+  });
+}
+
+std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& grad_kl, const Tensor& m,
+                                          const Tensor& lv, int64_t seed, int64_t K) {
+  const int64_t N = m.size(0), L = m.size(1);
+  const Tensor g = input(grad_z.reshape({K, N, L}), "grad_z", m, {K, N, L});
+  const Tensor gk = input(grad_kl.reshape({N}), "grad_kl", m, {N});
+  Tensor dmu = output({N, L}, m), dlv = output({N, L}, m);
+  by_dtype(m, [&](auto tag) {
+    using T = decltype(tag);
+    sample_normal_backward<T>(ptr<T>(g), ptr<T>(gk), ptr<T>(m), ptr<T>(lv), uint64_t(seed), K, N, L, ptr<T>(dmu),
+                              ptr<T>(dlv), threads(K * N * L));
+  });
+  return {dmu, dlv};
+}
+
+// mu, logvar (..., L) -> contiguous (N, L), checked.
+std::pair<Tensor, Tensor> latent_rows(const Tensor& mu, const Tensor& logvar, int64_t seed, int64_t K) {
+  check_float(mu, "mu");
+  const auto [N, L] = rows_of(mu);
+  TORCH_CHECK(K >= 1, "n_samples must be >= 1, got ", K);
+  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
+  TORCH_CHECK(N * L == 0 || K <= std::numeric_limits<int64_t>::max() / (N * L),
+              "n_samples x mu.numel() overflows int64");
+  TORCH_CHECK(logvar.sizes() == mu.sizes(), "logvar: expected shape ", mu.sizes(), ", got ", logvar.sizes());
+  const Tensor m = input(mu.reshape({N, L}), "mu", mu, {N, L});
+  return {m, input(logvar.reshape({N, L}), "logvar", mu, {N, L})};
+}
+
+// n_samples None (stored as K = 1 with no sample dimension) gives z shaped like mu.
+struct SampleNormal : torch::autograd::Function<SampleNormal> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, int64_t seed,
+                               std::optional<int64_t> n_samples) {
+    const int64_t K = n_samples.value_or(1);
+    const auto [m, lv] = latent_rows(mu, logvar, seed, K);
+    const int64_t N = m.size(0), L = m.size(1);
+    Tensor z = output({K, N, L}, m), kl = output({N}, m);
+    sample_forward(m, lv, seed, K, z, kl, nullptr);
+    ctx->save_for_backward({m, lv});
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["shape"] = mu.sizes().vec();
+    const auto batch = mu.sizes().slice(0, mu.dim() - 1);
+    return {n_samples ? z.view(with_samples(K, mu.sizes())) : z.view(mu.sizes()), kl.view(batch)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t K = ctx->saved_data["K"].toInt();
+    auto [dmu, dlv] = sample_backward(grads[0], grads[1], saved[0], saved[1], ctx->saved_data["seed"].toInt(), K);
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    return {dmu.view(shape), dlv.view(shape), Tensor(), Tensor()};
+  }
+};
+
+// z, kl and log_ratio = log N(z; 0, I) - log q(z) from the drawn eps; see
+// fastvae/sample_normal.py's SampleNormalWithRatio for the gradient.
+struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, int64_t seed,
+                               int64_t n_samples, bool stop_score) {
+    const int64_t K = n_samples;
+    const auto [m, lv] = latent_rows(mu, logvar, seed, K);
+    const int64_t N = m.size(0), L = m.size(1);
+    Tensor z = output({K, N, L}, m), kl = output({N}, m), ratio = output({K, N}, m);
+    sample_forward(m, lv, seed, K, z, kl, &ratio);
+    ctx->save_for_backward({m, lv, z});
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["stop_score"] = stop_score;
+    ctx->saved_data["shape"] = mu.sizes().vec();
+    const auto batch = mu.sizes().slice(0, mu.dim() - 1);
+    return {z.view(with_samples(K, mu.sizes())), kl.view(batch), ratio.view(with_samples(K, batch))};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &m = saved[0], &lv = saved[1], &z = saved[2];
+    const int64_t K = z.size(0), N = z.size(1), L = z.size(2);
+    const bool stop_score = ctx->saved_data["stop_score"].toBool();
+    const Tensor g = grads[2].reshape({K, N, 1});
+    const Tensor path = stop_score ? (z - m) * at::exp(-lv) - z : -z;
+    const Tensor grad_z = grads[0].reshape({K, N, L}) + g * path;
+    auto [dmu, dlv] = sample_backward(grad_z, grads[1], m, lv, ctx->saved_data["seed"].toInt(), K);
+    if (!stop_score) dlv = dlv + 0.5 * g.sum(0);
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    return {dmu.view(shape), dlv.view(shape), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// -- bernoulli_log_prob --------------------------------------------------------
+
+// x (..., D) broadcast against logits (K, ..., D) or (..., D) in the layout
+// fastvae/_likelihood_layout.py's kernel_views gives: x (P, D), logits (K, P, D).
+struct BernoulliLayout {
+  int64_t K, P, D;
+};
+
+BernoulliLayout bernoulli_layout(const Tensor& x, const Tensor& logits) {
+  const int64_t dims = logits.dim();
+  const bool same = x.dim() == dims;
+  TORCH_CHECK(dims >= (same ? 1 : 2), "logits: expected a tensor with a last (event) dimension",
+              same ? "" : " and a first (sample) dimension");
+  TORCH_CHECK(same ? x.sizes() == logits.sizes() : x.sizes() == logits.sizes().slice(1), "x of shape ",
+              x.sizes(), " must have logits' shape ", logits.sizes(), " or its shape without the first dimension");
+  int64_t P = 1;
+  for (int64_t d = same ? 0 : 1; d < dims - 1; ++d) P *= logits.size(d);
+  return {same ? 1 : logits.size(0), P, logits.size(-1)};
+}
+
+struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& logits) {
+    check_float(logits, "logits");
+    const auto [K, P, D] = bernoulli_layout(x, logits);
+    const Tensor l = input(logits.reshape({K, P, D}), "logits", logits, {K, P, D});
+    const Tensor x2 = input(x.reshape({P, D}), "x", logits, {P, D});
+    Tensor out = output({K, P}, l);
+    by_dtype(l, [&](auto tag) {
+      using T = decltype(tag);
+      bernoulli_log_prob_forward<T>(ptr<T>(x2), ptr<T>(l), K, P, D, ptr<T>(out), threads(K * P * D));
+    });
+    ctx->save_for_backward({x2, l});
+    ctx->saved_data["x_shape"] = x.sizes().vec();
+    ctx->saved_data["logits_shape"] = logits.sizes().vec();
+    return out.view(logits.sizes().slice(0, logits.dim() - 1));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x2 = saved[0], &l = saved[1];
+    const int64_t K = l.size(0), P = l.size(1), D = l.size(2);
+    const Tensor g = input(grads[0].reshape({K, P}), "grad_out", l, {K, P});
+    const bool need_dx = ctx->needs_input_grad(0);
+    Tensor dlogits = output({K, P, D}, l);
+    Tensor dx = need_dx ? output({P, D}, l) : Tensor();
+    by_dtype(l, [&](auto tag) {
+      using T = decltype(tag);
+      bernoulli_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(l), K, P, D, need_dx ? ptr<T>(dx) : nullptr,
+                                     ptr<T>(dlogits), threads(K * P * D));
+    });
+    return {need_dx ? dx.view(ctx->saved_data["x_shape"].toIntVector()) : Tensor(),
+            dlogits.view(ctx->saved_data["logits_shape"].toIntVector())};
+  }
+};
+
+std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar, int64_t seed,
+                                         std::optional<int64_t> n_samples) {
+  auto out = SampleNormal::apply(mu, logvar, seed, n_samples);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, const Tensor& logvar, int64_t seed,
+                                                            int64_t n_samples, bool stop_score) {
+  auto out = SampleNormalWithRatio::apply(mu, logvar, seed, n_samples, stop_score);
+  return {out[0], out[1], out[2]};
+}
+
+Tensor bernoulli_log_prob(const Tensor& x, const Tensor& logits) { return BernoulliLogProb::apply(x, logits); }
+
+}  // namespace
+
+// The schemas mirror the Python ops' (fastvae/<op>.py), with the seed as an
+// int: these are called only in eager mode, where reading it costs nothing.
+TORCH_LIBRARY(fastvae_cpp, m) {
+  m.def("sample_normal(Tensor mu, Tensor logvar, int seed, int? n_samples) -> (Tensor, Tensor)");
+  m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, int seed, int n_samples, bool stop_score)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
+}
+
+// CompositeImplicitAutograd: the dispatcher runs these for the autograd key,
+// and the autograd Function inside records the graph node.
+TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
+  m.impl("sample_normal", &sample_normal);
+  m.impl("sample_normal_with_ratio", &sample_normal_with_ratio);
+  m.impl("bernoulli_log_prob", &bernoulli_log_prob);
+}
+
+}  // namespace fastvae::torch_ops

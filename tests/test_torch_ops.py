@@ -1,0 +1,155 @@
+"""The eager CPU operators with C++ autograd (csrc/torch_ops.cpp, fastvae_cpp::*).
+
+They run the same kernels as the ops' Python autograd.Functions, so on every
+input they must give the same values and gradients bit for bit; the
+Hypothesis tests of each op (tests/test_<op>.py) check both paths against
+the float64 reference, since eager cpp calls take this one. Here: that the
+right path is taken, the equality with the Function path, and the checks at
+the C++ boundary.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import _backend
+from fastvae.sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
+
+pytestmark = pytest.mark.skipif(
+    not _backend.cpp_available() or not _backend.cpp_module().HAS_TORCH_OPS,
+    reason="built without torch headers: no C++ operators")
+
+
+@pytest.fixture
+def function_path(monkeypatch):
+    """Calls made inside ``with function_path():`` take the Python autograd.Functions."""
+    @contextlib.contextmanager
+    def disabled():
+        with monkeypatch.context() as m:
+            m.setattr(_backend, "torch_ops", lambda t: None)
+            yield
+    return disabled
+
+
+def _grads(fn, inputs, seed=0):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    torch.manual_seed(seed)
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(1)
+    total = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    grads = torch.autograd.grad(total, [t for t in leaves if t.requires_grad], allow_unused=True)
+    return [o.detach() for o in outs], list(grads)
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(torch.nan_to_num(x, nan=7.0), torch.nan_to_num(y, nan=7.0))
+            assert not torch.isnan(x).any()
+
+
+def _both_paths(fn, inputs, function_path):
+    assert _backend.torch_ops(inputs[-1]) is not None  # the C++ operator serves eager CPU calls
+    fast = _grads(fn, inputs)
+    with function_path():
+        slow = _grads(fn, inputs)
+    _assert_same(fast[0], slow[0])
+    _assert_same(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,n_samples", [((5, 3), None), ((5, 3), 4), ((2, 3, 7), 1), ((1, 1), 3), ((4, 0), 2)])
+def test_sample_normal_matches_the_function(function_path, dtype, shape, n_samples):
+    g = torch.Generator().manual_seed(2)
+    mu, lv = torch.randn(shape, generator=g, dtype=dtype), 3 * torch.randn(shape, generator=g, dtype=dtype)
+    _both_paths(lambda m, v: sample_normal_unchecked(m, v, n_samples, None), (mu, lv), function_path)
+
+
+@pytest.mark.parametrize("stop_score", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_normal_with_ratio_matches_the_function(function_path, stop_score, dtype):
+    g = torch.Generator().manual_seed(3)
+    mu, lv = torch.randn(3, 4, 5, generator=g, dtype=dtype), torch.randn(3, 4, 5, generator=g, dtype=dtype)
+    _both_paths(lambda m, v: sample_normal_with_ratio_unchecked(m, v, 6, stop_score, None), (mu, lv), function_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("x_shape,logits_shape", [((6, 9), (6, 9)), ((6, 9), (4, 6, 9)), ((2, 3, 5), (7, 2, 3, 5)),
+                                                  ((1, 9), (3, 1, 9))])
+def test_bernoulli_log_prob_matches_the_function(function_path, dtype, x_shape, logits_shape):
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(x_shape, generator=g, dtype=dtype)
+    logits = 5 * torch.randn(logits_shape, generator=g, dtype=dtype)
+    logits.view(-1)[0] = float("inf")  # a saturated logit: 0 or -inf, never NaN
+    x.view(-1)[0] = 1.0
+    _both_paths(fastvae.bernoulli_log_prob, (x, logits), function_path)
+    _both_paths(lambda lg: fastvae.bernoulli_log_prob(x, lg), (logits,), function_path)  # no dx wanted
+
+
+def test_objectives_match_the_function_path(function_path):
+    """elbo and iwae (all estimators) give the same bound and gradients on either path."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(7, 10, generator=g) > 0.5).float()
+    mu, lv = torch.randn(7, 3, generator=g), torch.randn(7, 3, generator=g)
+    w = torch.randn(3, 10, generator=g)
+    for fn in (lambda m, v: fastvae.elbo(x, m, v, lambda z: z @ w, likelihood="bernoulli", n_samples=2),
+               *(lambda m, v, e=e: fastvae.iwae(x, m, v, lambda z: z @ w, k=5, likelihood="bernoulli", estimator=e)
+                 for e in ("iwae", "dreg", "stl"))):
+        _both_paths(fn, (mu, lv), function_path)
+
+
+def test_the_function_path_serves_what_the_operators_do_not():
+    cpu = torch.zeros(2, 3)
+    assert _backend.torch_ops(cpu) is not None
+    assert _backend.torch_ops(cpu.half()) is None  # dtypes the kernels do not take
+    assert _backend.torch_ops(torch.nn.Parameter(cpu)) is None  # tensor subclasses
+    assert _backend.torch_ops(torch.zeros(2, 3, device="meta")) is None
+    with fastvae.use_backend("reference"):
+        assert _backend.torch_ops(cpu) is None
+    compiled = torch.compile(lambda t: _backend.torch_ops(t) is None, fullgraph=True, backend="eager")
+    assert compiled(cpu)
+
+
+def test_the_boundary_checks_before_touching_memory():
+    ops = torch.ops.fastvae_cpp
+    mu = torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="logvar: expected shape"):
+        ops.sample_normal(mu, torch.zeros(4, 2), 1, None)
+    with pytest.raises(RuntimeError, match="logvar: expected dtype"):
+        ops.sample_normal(mu, mu.double(), 1, None)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        ops.sample_normal(mu.half(), mu.half(), 1, None)
+    with pytest.raises(RuntimeError, match="n_samples must be >= 1"):
+        ops.sample_normal(mu, mu, 1, 0)
+    with pytest.raises(RuntimeError, match="seed must be >= 0"):
+        ops.sample_normal_with_ratio(mu, mu, -1, 2, False)
+    with pytest.raises(RuntimeError, match="overflows"):
+        ops.sample_normal(mu, mu, 1, 2**62)
+    with pytest.raises(RuntimeError, match="must have logits' shape"):
+        ops.bernoulli_log_prob(torch.zeros(4, 2), torch.zeros(3, 4, 3))
+    with pytest.raises(RuntimeError, match="x: expected dtype"):
+        ops.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3))
+    with pytest.raises(RuntimeError, match="first .sample. dimension"):
+        ops.bernoulli_log_prob(torch.zeros(()), torch.zeros(3))
+
+
+def test_misaligned_and_strided_inputs_are_copied():
+    """A view of a byte buffer at an odd offset, and a non-contiguous chunk, give the same results."""
+    g = torch.Generator().manual_seed(6)
+    mu = torch.randn(5, 3, generator=g)
+    raw = bytearray(mu.numel() * 4 + 1)
+    odd = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=mu.numel()).view(5, 3)
+    odd.copy_(mu)
+    assert odd.data_ptr() % 4 != 0
+    wide = torch.cat([mu, torch.zeros(5, 3)], 1)[:, :3]
+    assert not wide.is_contiguous()
+    ref = torch.ops.fastvae_cpp.sample_normal(mu, mu, 9, 2)
+    for other in (odd, wide):
+        out = torch.ops.fastvae_cpp.sample_normal(other, other, 9, 2)
+        assert all(torch.equal(a, b) for a, b in zip(ref, out))
