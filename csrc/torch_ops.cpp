@@ -193,30 +193,31 @@ struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> 
   }
 };
 
-// -- bernoulli_log_prob --------------------------------------------------------
+// -- the likelihoods --------------------------------------------------------------
 
-// x (..., D) broadcast against logits (K, ..., D) or (..., D) in the layout
-// fastvae/_likelihood_layout.py's kernel_views gives: x (P, D), logits (K, P, D).
-struct BernoulliLayout {
+// x (..., D) broadcast against the decoder output (K, ..., D) or (..., D), in
+// the layout of fastvae/_likelihood_layout.py's kernel_views: x (P, D), the
+// output (K, P, D).
+struct Layout {
   int64_t K, P, D;
 };
 
-BernoulliLayout bernoulli_layout(const Tensor& x, const Tensor& logits) {
-  const int64_t dims = logits.dim();
+Layout likelihood_layout(const Tensor& x, const Tensor& out, const char* out_name) {
+  const int64_t dims = out.dim();
   const bool same = x.dim() == dims;
-  TORCH_CHECK(dims >= (same ? 1 : 2), "logits: expected a tensor with a last (event) dimension",
+  TORCH_CHECK(dims >= (same ? 1 : 2), out_name, ": expected a tensor with a last (event) dimension",
               same ? "" : " and a first (sample) dimension");
-  TORCH_CHECK(same ? x.sizes() == logits.sizes() : x.sizes() == logits.sizes().slice(1), "x of shape ",
-              x.sizes(), " must have logits' shape ", logits.sizes(), " or its shape without the first dimension");
+  TORCH_CHECK(same ? x.sizes() == out.sizes() : x.sizes() == out.sizes().slice(1), "x of shape ", x.sizes(),
+              " must have ", out_name, "'s shape ", out.sizes(), " or its shape without the first dimension");
   int64_t P = 1;
-  for (int64_t d = same ? 0 : 1; d < dims - 1; ++d) P *= logits.size(d);
-  return {same ? 1 : logits.size(0), P, logits.size(-1)};
+  for (int64_t d = same ? 0 : 1; d < dims - 1; ++d) P *= out.size(d);
+  return {same ? 1 : out.size(0), P, out.size(-1)};
 }
 
 struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& logits) {
     check_float(logits, "logits");
-    const auto [K, P, D] = bernoulli_layout(x, logits);
+    const auto [K, P, D] = likelihood_layout(x, logits, "logits");
     const Tensor l = input(logits.reshape({K, P, D}), "logits", logits, {K, P, D});
     const Tensor x2 = input(x.reshape({P, D}), "x", logits, {P, D});
     Tensor out = output({K, P}, l);
@@ -248,6 +249,68 @@ struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
   }
 };
 
+// The variance parameter as fastvae/_likelihood_layout.py's kernel_var lays it
+// out: (D,) one per dimension, (K, P, D) per element, else (P, D) per x row.
+std::pair<Tensor, VarLayout> var_layout(const Tensor& v, const Tensor& mean, const Layout& s) {
+  if (v.dim() == 1 && v.size(0) == s.D && s.K * s.P * s.D != s.D) {
+    return {input(v, "var_param", mean, {s.D}), VarLayout::kDim};
+  }
+  if (v.numel() == s.K * s.P * s.D) {
+    return {input(v.reshape({s.K, s.P, s.D}), "var_param", mean, {s.K, s.P, s.D}), VarLayout::kElement};
+  }
+  TORCH_CHECK(v.numel() == s.P * s.D, "var_param of shape ", v.sizes(), " is neither per element, per x row nor per "
+              "dimension of mean ", mean.sizes());
+  return {input(v.reshape({s.P, s.D}), "var_param", mean, {s.P, s.D}), VarLayout::kRow};
+}
+
+struct GaussianLogProb : torch::autograd::Function<GaussianLogProb> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var_param,
+                        bool softplus_mode, double delta) {
+    check_float(mean, "mean");
+    TORCH_CHECK(delta > 0 && std::isfinite(delta), "delta must be a finite float > 0, got ", delta);
+    const Layout s = likelihood_layout(x, mean, "mean");
+    const Tensor m = input(mean.reshape({s.K, s.P, s.D}), "mean", mean, {s.K, s.P, s.D});
+    const Tensor x2 = input(x.reshape({s.P, s.D}), "x", mean, {s.P, s.D});
+    const auto [v, layout] = var_layout(var_param, mean, s);
+    Tensor out = output({s.K, s.P}, m);
+    by_dtype(m, [&](auto tag) {
+      using T = decltype(tag);
+      gaussian_log_prob_forward<T>(ptr<T>(x2), ptr<T>(m), ptr<T>(v), layout, softplus_mode, delta, s.K, s.P, s.D,
+                                   ptr<T>(out), threads(m.numel()));
+    });
+    ctx->save_for_backward({x2, m, v});
+    ctx->saved_data["layout"] = int64_t(layout);
+    ctx->saved_data["softplus_mode"] = softplus_mode;
+    ctx->saved_data["delta"] = delta;
+    ctx->saved_data["x_shape"] = x.sizes().vec();
+    ctx->saved_data["mean_shape"] = mean.sizes().vec();
+    ctx->saved_data["var_shape"] = var_param.sizes().vec();
+    return out.view(mean.sizes().slice(0, mean.dim() - 1));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x2 = saved[0], &m = saved[1], &v = saved[2];
+    const int64_t K = m.size(0), P = m.size(1), D = m.size(2);
+    const Tensor g = input(grads[0].reshape({K, P}), "grad_out", m, {K, P});
+    const bool need_dx = ctx->needs_input_grad(0), need_dv = ctx->needs_input_grad(2);
+    Tensor dmean = output({K, P, D}, m);
+    Tensor dx = need_dx ? output({P, D}, m) : Tensor();
+    Tensor dv = need_dv ? output(v.sizes(), m) : Tensor();
+    by_dtype(m, [&](auto tag) {
+      using T = decltype(tag);
+      gaussian_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(m), ptr<T>(v),
+                                    VarLayout(ctx->saved_data["layout"].toInt()),
+                                    ctx->saved_data["softplus_mode"].toBool(), ctx->saved_data["delta"].toDouble(),
+                                    K, P, D, need_dx ? ptr<T>(dx) : nullptr, ptr<T>(dmean),
+                                    need_dv ? ptr<T>(dv) : nullptr, threads(m.numel()));
+    });
+    return {need_dx ? dx.view(ctx->saved_data["x_shape"].toIntVector()) : Tensor(),
+            dmean.view(ctx->saved_data["mean_shape"].toIntVector()),
+            need_dv ? dv.view(ctx->saved_data["var_shape"].toIntVector()) : Tensor(), Tensor(), Tensor()};
+  }
+};
+
 std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar, int64_t seed,
                                          std::optional<int64_t> n_samples) {
   auto out = SampleNormal::apply(mu, logvar, seed, n_samples);
@@ -262,6 +325,11 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
 
 Tensor bernoulli_log_prob(const Tensor& x, const Tensor& logits) { return BernoulliLogProb::apply(x, logits); }
 
+Tensor gaussian_log_prob(const Tensor& x, const Tensor& mean, const Tensor& var_param, bool softplus_mode,
+                         double delta) {
+  return GaussianLogProb::apply(x, mean, var_param, softplus_mode, delta);
+}
+
 }  // namespace
 
 // The schemas mirror the Python ops' (fastvae/<op>.py), with the seed as an
@@ -271,6 +339,7 @@ TORCH_LIBRARY(fastvae_cpp, m) {
   m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, int seed, int n_samples, bool stop_score)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
+  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
 }
 
 // CompositeImplicitAutograd: the dispatcher runs these for the autograd key,
@@ -279,6 +348,7 @@ TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
   m.impl("sample_normal", &sample_normal);
   m.impl("sample_normal_with_ratio", &sample_normal_with_ratio);
   m.impl("bernoulli_log_prob", &bernoulli_log_prob);
+  m.impl("gaussian_log_prob", &gaussian_log_prob);
 }
 
 }  // namespace fastvae::torch_ops

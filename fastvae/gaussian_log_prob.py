@@ -14,6 +14,7 @@ from ._likelihood_layout import (
     broadcast_x,
     fold_samples,
     folded,
+    kernel_shape,
     kernel_var,
     kernel_views,
     unfold_rows,
@@ -211,4 +212,7 @@ def gaussian_log_prob(
             v = torch.full((mean.shape[-1],), value, dtype=mean.dtype, device=mean.device)
         else:
             v = _fixed_logvar(mean.shape[-1], value, mean.dtype, mean.device)
+    ops = _backend.torch_ops(mean)
+    if ops is not None and not fold_samples("cpp", kernel_shape(x_b, mean), _backend.num_threads(mean.numel())):
+        return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))

@@ -92,6 +92,32 @@ def test_bernoulli_log_prob_matches_the_function(function_path, dtype, x_shape, 
     _both_paths(lambda lg: fastvae.bernoulli_log_prob(x, lg), (logits,), function_path)  # no dx wanted
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("x_shape,mean_shape", [((6, 9), (6, 9)), ((6, 9), (4, 6, 9)), ((2, 3, 5), (7, 2, 3, 5))])
+@pytest.mark.parametrize("variance", ["unit", "scale", "per_dim", "per_row", "per_element", "softplus", "softplus_row"])
+def test_gaussian_log_prob_matches_the_function(function_path, dtype, x_shape, mean_shape, variance):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(x_shape, generator=g, dtype=dtype)
+    mean = torch.randn(mean_shape, generator=g, dtype=dtype)
+    D = mean_shape[-1]
+    var = {"per_dim": torch.randn(D, generator=g, dtype=dtype), "per_row": torch.randn(x_shape, generator=g, dtype=dtype),
+           "per_element": torch.randn(mean_shape, generator=g, dtype=dtype),
+           "softplus": torch.randn(mean_shape, generator=g, dtype=dtype),
+           "softplus_row": torch.randn(x_shape, generator=g, dtype=dtype)}.get(variance)
+    if variance == "unit":
+        fn = fastvae.gaussian_log_prob
+    elif variance == "scale":
+        fn = lambda a, m: fastvae.gaussian_log_prob(a, m, scale=0.3)
+    elif variance.startswith("softplus"):
+        fn = lambda a, m, v: fastvae.gaussian_log_prob(a, m, softplus_var=v, delta=1e-3)
+    else:
+        fn = lambda a, m, v: fastvae.gaussian_log_prob(a, m, v)
+    inputs = (x, mean) if var is None else (x, mean, var)
+    _both_paths(fn, inputs, function_path)
+    # without dx and dvar_param: only the mean's gradient is computed
+    _both_paths(lambda m: fn(x, m, *inputs[2:]), (mean,), function_path)
+
+
 def test_objectives_match_the_function_path(function_path):
     """elbo and iwae (all estimators) give the same bound and gradients on either path."""
     g = torch.Generator().manual_seed(5)
@@ -102,6 +128,10 @@ def test_objectives_match_the_function_path(function_path):
                *(lambda m, v, e=e: fastvae.iwae(x, m, v, lambda z: z @ w, k=5, likelihood="bernoulli", estimator=e)
                  for e in ("iwae", "dreg", "stl"))):
         _both_paths(fn, (mu, lv), function_path)
+    # a Gaussian decoder with a learned per-dimension variance
+    log_sigma = torch.randn(10, generator=g)
+    _both_paths(lambda m, v, s: fastvae.elbo(x, m, v, lambda z: (z @ w, s), likelihood="gaussian"),
+                (mu, lv, log_sigma), function_path)
 
 
 def test_the_function_path_serves_what_the_operators_do_not():
@@ -137,6 +167,10 @@ def test_the_boundary_checks_before_touching_memory():
         ops.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3))
     with pytest.raises(RuntimeError, match="first .sample. dimension"):
         ops.bernoulli_log_prob(torch.zeros(()), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="neither per element, per x row nor per dimension"):
+        ops.gaussian_log_prob(torch.zeros(4, 3), torch.zeros(2, 4, 3), torch.zeros(5), False, 1e-6)
+    with pytest.raises(RuntimeError, match="delta must be a finite float > 0"):
+        ops.gaussian_log_prob(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3), True, 0.0)
 
 
 def test_misaligned_and_strided_inputs_are_copied():
