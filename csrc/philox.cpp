@@ -3,6 +3,11 @@
 // fastvae._C exposes for tests and for the evaluation's noise.
 #include <algorithm>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FASTVAE_PHILOX_AVX512 1
+#endif
+
 #include "ops.h"
 #include "philox.h"
 
@@ -24,6 +29,81 @@ FASTVAE_INLINE void randn_lanes(const PhiloxKeys& keys, uint64_t offset0, int64_
     for (int j = lane; j < 4 && i < i1; ++j, ++i) out[i] = four[j];
   }
 }
+
+#if defined(FASTVAE_PHILOX_AVX512)
+// The words of the kGroup counters c0, c0 + 1, ... in AVX-512 (philox_4x in
+// 64-bit lanes, 8 counters a vector, four vectors interleaved): a[j] = w0,
+// a[kGroup + j] = w2, b[j] = w1, b[kGroup + j] = w3 of counter c0 + j.
+// vpmuludq reads only the low half of each lane, so no masking is needed;
+// GCC 12's vectorization of philox_4x masks every operand and multiplies with
+// vpmullq. Integer arithmetic: the words are exactly philox_4x's.
+// GCC 12's own _mm512_undefined_* trips -Wuninitialized in the conversions.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+__attribute__((target("avx512f"), noinline)) void philox_group_avx512(const PhiloxKeys& keys, uint64_t c0,
+                                                                     uint32_t* a, uint32_t* b) {
+  constexpr int kVec = kGroup / 8;
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i mul_a = _mm512_set1_epi64(kPhiloxRoundA), mul_b = _mm512_set1_epi64(kPhiloxRoundB);
+  __m512i x0[kVec], x1[kVec], x2[kVec], x3[kVec];
+  for (int v = 0; v < kVec; ++v) {
+    const __m512i c = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c0 + 8 * v)), lane);
+    x0[v] = c;  // the low half is lo(c); the high half is never read as c0
+    x1[v] = _mm512_srli_epi64(c, 32);
+    x2[v] = _mm512_setzero_si512();
+    x3[v] = _mm512_setzero_si512();
+  }
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    const __m512i k0 = _mm512_set1_epi64(static_cast<int64_t>(keys.k0[round]));
+    const __m512i k1 = _mm512_set1_epi64(static_cast<int64_t>(keys.k1[round]));
+#pragma GCC unroll 4
+    for (int v = 0; v < kVec; ++v) {
+      const __m512i p0 = _mm512_mul_epu32(x0[v], mul_a);
+      const __m512i p2 = _mm512_mul_epu32(x2[v], mul_b);
+      x0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p2, 32), x1[v], k0, 0x96);
+      x2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), x3[v], k1, 0x96);
+      x1[v] = p2;
+      x3[v] = p0;
+    }
+  }
+  for (int v = 0; v < kVec; ++v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 8 * v), _mm512_cvtepi64_epi32(x0[v]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + 8 * v), _mm512_cvtepi64_epi32(x1[v]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + kGroup + 8 * v), _mm512_cvtepi64_epi32(x2[v]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + kGroup + 8 * v), _mm512_cvtepi64_epi32(x3[v]));
+  }
+}
+
+#pragma GCC diagnostic pop
+
+// The CPU and the OS (XCR0) support AVX-512F; run once when the module loads.
+const bool kHaveAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") != 0;
+}();
+
+// out[i, i + 4 kGroup) from the AVX-512 words: Box-Muller over the 2 kGroup
+// pairs in one float32 loop (16 lanes), then interleaved into out.
+template <typename T>
+FASTVAE_INLINE void normals_group_avx512(const PhiloxKeys& keys, uint64_t offset0, int64_t i, T* out) {
+  alignas(64) uint32_t a[2 * kGroup], b[2 * kGroup];
+  philox_group_avx512(keys, (offset0 + static_cast<uint64_t>(i)) >> 2, a, b);
+  T nc[2 * kGroup], ns[2 * kGroup];
+  if constexpr (sizeof(T) == sizeof(float)) {
+    for (int j = 0; j < 2 * kGroup; ++j) box_muller_f32(a[j], b[j], nc[j], ns[j]);
+  } else {
+    for (int j = 0; j < 2 * kGroup; ++j) box_muller_f64(a[j], b[j], nc[j], ns[j]);
+  }
+  T* o = out + i;
+  for (int j = 0; j < kGroup; ++j) {
+    o[4 * j] = nc[j];
+    o[4 * j + 1] = ns[j];
+    o[4 * j + 2] = nc[kGroup + j];
+    o[4 * j + 3] = ns[kGroup + j];
+  }
+}
+#endif
 
 // out[i, i + 4m) = the normals of the m (<= kGroup) counters from offset0 + i,
 // which starts a counter: one array per lane, interleaved into out.
@@ -50,6 +130,9 @@ FASTVAE_INLINE void normals_group(const PhiloxKeys& keys, uint64_t offset0, int6
 // Measured on one AVX-512 thread (bench_sample_normal's rng_1_thread): groups
 // of 16 counters cost 0.90 ns a normal, 32 cost 0.70, 64 cost 0.72; a
 // variable trip count for every group (not only the last) cost 0.77.
+// On AVX-512 CPUs the whole groups take philox_group_avx512 (vpmuludq, no
+// masking) and one 16-lane Box-Muller loop: 0.58 ns a normal against 0.76 for
+// the fused loop, same bits (AMD EPYC, 1 thread, 2**22 normals).
 template <typename T>
 FASTVAE_INLINE void randn_run(uint64_t seed, uint64_t offset0, int64_t n, T* out) {
   const PhiloxKeys keys(seed);
@@ -57,6 +140,11 @@ FASTVAE_INLINE void randn_run(uint64_t seed, uint64_t offset0, int64_t n, T* out
   randn_lanes(keys, offset0, 0, head, out);
   int64_t i = head;
   // whole groups (a fixed trip count vectorizes best), then one shorter group
+#if defined(FASTVAE_PHILOX_AVX512)
+  if (kHaveAvx512) {
+    for (; n - i >= 4 * kGroup; i += 4 * kGroup) normals_group_avx512(keys, offset0, i, out);
+  }
+#endif
   for (; n - i >= 4 * kGroup; i += 4 * kGroup) normals_group(keys, offset0, i, kGroup, out);
   if (const int64_t m = (n - i) / 4; m > 0) {
     normals_group(keys, offset0, i, m, out);
