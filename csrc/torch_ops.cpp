@@ -208,7 +208,7 @@ Layout likelihood_layout(const Tensor& x, const Tensor& out, const char* out_nam
   TORCH_CHECK(dims >= (same ? 1 : 2), out_name, ": expected a tensor with a last (event) dimension",
               same ? "" : " and a first (sample) dimension");
   TORCH_CHECK(same ? x.sizes() == out.sizes() : x.sizes() == out.sizes().slice(1), "x of shape ", x.sizes(),
-              " must have ", out_name, "'s shape ", out.sizes(), " or its shape without the first dimension");
+              " must have the shape of ", out_name, ", ", out.sizes(), ", or its shape without the first dimension");
   int64_t P = 1;
   for (int64_t d = same ? 0 : 1; d < dims - 1; ++d) P *= out.size(d);
   return {same ? 1 : out.size(0), P, out.size(-1)};

@@ -161,7 +161,7 @@ def test_the_boundary_checks_before_touching_memory():
         ops.sample_normal_with_ratio(mu, mu, -1, 2, False)
     with pytest.raises(RuntimeError, match="overflows"):
         ops.sample_normal(mu, mu, 1, 2**62)
-    with pytest.raises(RuntimeError, match="must have logits' shape"):
+    with pytest.raises(RuntimeError, match="must have the shape of logits"):
         ops.bernoulli_log_prob(torch.zeros(4, 2), torch.zeros(3, 4, 3))
     with pytest.raises(RuntimeError, match="x: expected dtype"):
         ops.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3))
