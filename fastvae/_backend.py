@@ -232,7 +232,8 @@ def num_threads(work: int) -> int:
     """OpenMP threads for a cpp kernel over ``work`` elements: torch.get_num_threads(),
     but only as many as there are ``fastvae._C.MIN_WORK_PER_THREAD`` elements for
     (csrc/ops.h says why; the C++ operators use the same rule)."""
-    return max(1, min(torch.get_num_threads(), work // cpp_module().MIN_WORK_PER_THREAD))
+    threads = torch.get_num_threads()
+    return 1 if threads == 1 else max(1, min(threads, work // cpp_module().MIN_WORK_PER_THREAD))
 
 
 # The eager CPU operators with C++ autograd (csrc/torch_ops.cpp), by op name.

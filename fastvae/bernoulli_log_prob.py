@@ -109,6 +109,8 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
         x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
     x = broadcast_x(x, logits, "logits")
     ops = _backend.torch_ops(logits)
-    if ops is not None and not fold_samples("cpp", kernel_shape(x, logits), _backend.num_threads(logits.numel())):
+    # the folded layout (few x rows against many samples) stays with the Function
+    if ops is not None and (x.dim() == logits.dim()
+                            or not fold_samples("cpp", kernel_shape(x, logits), _backend.num_threads(logits.numel()))):
         return ops.bernoulli_log_prob(x, logits)
     return BernoulliLogProb.apply(x, logits)

@@ -213,6 +213,8 @@ def gaussian_log_prob(
         else:
             v = _fixed_logvar(mean.shape[-1], value, mean.dtype, mean.device)
     ops = _backend.torch_ops(mean)
-    if ops is not None and not fold_samples("cpp", kernel_shape(x_b, mean), _backend.num_threads(mean.numel())):
+    # the folded layout (few x rows against many samples) stays with the Function
+    if ops is not None and (x_b.dim() == mean.dim()
+                            or not fold_samples("cpp", kernel_shape(x_b, mean), _backend.num_threads(mean.numel()))):
         return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))

@@ -100,7 +100,8 @@ def test_gaussian_log_prob_matches_the_function(function_path, dtype, x_shape, m
     x = torch.randn(x_shape, generator=g, dtype=dtype)
     mean = torch.randn(mean_shape, generator=g, dtype=dtype)
     D = mean_shape[-1]
-    var = {"per_dim": torch.randn(D, generator=g, dtype=dtype), "per_row": torch.randn(x_shape, generator=g, dtype=dtype),
+    var = {"per_dim": torch.randn(D, generator=g, dtype=dtype),
+           "per_row": torch.randn(x_shape, generator=g, dtype=dtype),
            "per_element": torch.randn(mean_shape, generator=g, dtype=dtype),
            "softplus": torch.randn(mean_shape, generator=g, dtype=dtype),
            "softplus_row": torch.randn(x_shape, generator=g, dtype=dtype)}.get(variance)
