@@ -65,6 +65,8 @@ def event_dim(name: str, t: torch.Tensor) -> None:
 def integer(name: str, value) -> int:
     """An integer scalar as users have it (int, NumPy integer, 0-d integer
     tensor) as an int; bools and floats are refused."""
+    if type(value) is int:  # the common case, before the slower ABC check
+        return value
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
             and value.dtype != torch.bool:
         return int(value)
@@ -86,16 +88,19 @@ def real(name: str, value, *, minimum: float | None = None, tensor_ok: bool = Fa
     floating tensor stays a tensor, unchecked: reading its value would cost a
     host sync on a GPU, and a tensor changes value under torch.compile
     without a recompile (an annealing schedule)."""
-    if isinstance(value, torch.Tensor):
+    if type(value) is float:  # the common case, before the slower ABC check
+        pass
+    elif isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a real scalar, got a tensor of shape {tuple(value.shape)} "
                             f"and dtype {value.dtype}")
         if tensor_ok and value.dtype.is_floating_point:
             return value
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    if type(value) is not float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        value = float(value)
     if value != value or value in (math.inf, -math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
