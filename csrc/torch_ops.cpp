@@ -82,6 +82,11 @@ void by_dtype(const Tensor& t, F f) {
 template <typename T>
 T* ptr(const Tensor& t) { return t.data_ptr<T>(); }
 
+// An output in its user's shape: the tensor itself where it has it already
+// (so it stays modifiable in place, as the Python Function's outputs are),
+// else a view.
+Tensor shaped(const Tensor& t, at::IntArrayRef shape) { return t.sizes() == shape ? t : t.view(shape); }
+
 // (..., L) as rows: N = the product of the leading dimensions.
 std::pair<int64_t, int64_t> rows_of(const Tensor& mu) {
   TORCH_CHECK(mu.dim() >= 1, "mu: expected a tensor with a last (latent) dimension");
@@ -148,7 +153,8 @@ struct SampleNormal : torch::autograd::Function<SampleNormal> {
     ctx->saved_data["K"] = K;
     ctx->saved_data["shape"] = mu.sizes().vec();
     const auto batch = mu.sizes().slice(0, mu.dim() - 1);
-    return {n_samples ? z.view(with_samples(K, mu.sizes())) : z.view(mu.sizes()), kl.view(batch)};
+    const std::vector<int64_t> z_shape = n_samples ? with_samples(K, mu.sizes()) : mu.sizes().vec();
+    return {shaped(z, z_shape), shaped(kl, batch)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -175,7 +181,7 @@ struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> 
     ctx->saved_data["stop_score"] = stop_score;
     ctx->saved_data["shape"] = mu.sizes().vec();
     const auto batch = mu.sizes().slice(0, mu.dim() - 1);
-    return {z.view(with_samples(K, mu.sizes())), kl.view(batch), ratio.view(with_samples(K, batch))};
+    return {shaped(z, with_samples(K, mu.sizes())), shaped(kl, batch), shaped(ratio, with_samples(K, batch))};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -228,7 +234,7 @@ struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
     ctx->save_for_backward({x2, l});
     ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->saved_data["logits_shape"] = logits.sizes().vec();
-    return out.view(logits.sizes().slice(0, logits.dim() - 1));
+    return shaped(out, logits.sizes().slice(0, logits.dim() - 1));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -285,7 +291,7 @@ struct GaussianLogProb : torch::autograd::Function<GaussianLogProb> {
     ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->saved_data["mean_shape"] = mean.sizes().vec();
     ctx->saved_data["var_shape"] = var_param.sizes().vec();
-    return out.view(mean.sizes().slice(0, mean.dim() - 1));
+    return shaped(out, mean.sizes().slice(0, mean.dim() - 1));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

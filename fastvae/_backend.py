@@ -254,9 +254,11 @@ def torch_ops(t: torch.Tensor):
     """The C++ operators (``.sample_normal`` etc., TORCH_OPS) when they serve
     ``t``: a plain float32/float64 CPU tensor on the cpp backend, in eager mode,
     in a build that has them; else None, and the op's Python autograd.Function
-    runs it (torch.compile, the other backends, tensor subclasses such as
-    FakeTensor). Same kernels, so the same numbers either way."""
-    if (torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type != "cpu"
+    runs it (torch.compile, torch.jit.trace, which would freeze the seed these
+    take as an int, the other backends, tensor subclasses such as FakeTensor).
+    Same kernels, so the same numbers either way."""
+    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or type(t) is not torch.Tensor or t.device.type != "cpu"
             or t.dtype not in _TORCH_OPS_DTYPES or (_chosen.get("cpu") or backend_for("cpu")) != "cpp"):
         return None
     return _torch_ops()

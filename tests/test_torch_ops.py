@@ -147,6 +147,29 @@ def test_the_function_path_serves_what_the_operators_do_not():
     assert compiled(cpu)
 
 
+def test_outputs_in_their_shape_are_not_views():
+    """As with the Python Functions, an output that already has its user's shape
+    is returned as is, so it can be modified in place (a view of a custom
+    Function's output cannot)."""
+    mu, lv = torch.zeros(3, 2, requires_grad=True), torch.zeros(3, 2, requires_grad=True)
+    z, kl = fastvae.sample_normal(mu, lv, 4)
+    z.clamp_(-1, 1)
+    kl.mul_(2)
+    logits = torch.zeros(4, 3, 5, requires_grad=True)
+    fastvae.bernoulli_log_prob(torch.ones(3, 5), logits).add_(1)
+    fastvae.gaussian_log_prob(torch.ones(3, 5), logits).add_(1)
+    (z.sum() + kl.sum()).backward()
+    assert mu.grad is not None
+
+
+def test_a_jit_trace_keeps_drawing_new_noise():
+    """The operators take the seed as an int, which torch.jit.trace would freeze
+    into the graph: while tracing, the Function path (a seed tensor) serves."""
+    mu, lv = torch.zeros(3, 2), torch.zeros(3, 2)
+    traced = torch.jit.trace(lambda m, v: fastvae.sample_normal(m, v)[0], (mu, lv), check_trace=False)
+    assert not torch.equal(traced(mu, lv), traced(mu, lv))
+
+
 def test_the_boundary_checks_before_touching_memory():
     ops = torch.ops.fastvae_cpp
     mu = torch.zeros(4, 3)
