@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "likelihood.h"
+#include "logmeanexp.h"
 #include "ops.h"
 #include "outputs.h"
 
@@ -317,6 +318,46 @@ struct GaussianLogProb : torch::autograd::Function<GaussianLogProb> {
   }
 };
 
+// -- logmeanexp ------------------------------------------------------------------
+
+// (logmeanexp, lw_max, sumexp) over the leading dimension of lw (K, ...), as
+// fastvae/logmeanexp.py's LogMeanExp: lw_max carries no gradient; the
+// backward is exp(lw - lw_max) * (grad_out / sumexp + grad_sumexp). The cpp
+// dtypes accumulate in their own precision, so the state has lw's dtype.
+struct LogMeanExp : torch::autograd::Function<LogMeanExp> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& lw) {
+    check_float(lw, "lw");
+    TORCH_CHECK(lw.dim() >= 1 && lw.size(0) >= 1, "lw: expected (K, ...) with K >= 1, got shape ", lw.sizes());
+    const int64_t K = lw.size(0), M = c10::multiply_integers(lw.sizes().slice(1));
+    const Tensor l = input(lw.reshape({K, M}), "lw", lw, {K, M});
+    Tensor out = output({M}, l), lw_max = output({M}, l), sumexp = output({M}, l);
+    by_dtype(l, [&](auto tag) {
+      using T = decltype(tag);
+      logmeanexp_forward<T>(ptr<T>(l), K, M, ptr<T>(lw_max), ptr<T>(sumexp), ptr<T>(out), nullptr, threads(K * M));
+    });
+    ctx->mark_non_differentiable({lw_max});
+    ctx->save_for_backward({l, lw_max, sumexp});
+    ctx->saved_data["shape"] = lw.sizes().vec();
+    const auto columns = lw.sizes().slice(1);
+    return {shaped(out, columns), shaped(lw_max, columns), shaped(sumexp, columns)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &l = saved[0], &lw_max = saved[1], &sumexp = saved[2];
+    const int64_t K = l.size(0), M = l.size(1);
+    const Tensor g = input(grads[0].reshape({M}), "grad_out", l, {M});
+    const Tensor gs = input(grads[2].reshape({M}), "grad_sumexp", l, {M});
+    Tensor dlw = output({K, M}, l);
+    by_dtype(l, [&](auto tag) {
+      using T = decltype(tag);
+      logmeanexp_backward<T>(ptr<T>(l), ptr<T>(lw_max), ptr<T>(sumexp), ptr<T>(g), ptr<T>(gs), nullptr, K, M,
+                             ptr<T>(dlw), threads(K * M));
+    });
+    return {dlw.view(ctx->saved_data["shape"].toIntVector())};
+  }
+};
+
 std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar, int64_t seed,
                                          std::optional<int64_t> n_samples) {
   auto out = SampleNormal::apply(mu, logvar, seed, n_samples);
@@ -330,6 +371,11 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
 }
 
 Tensor bernoulli_log_prob(const Tensor& x, const Tensor& logits) { return BernoulliLogProb::apply(x, logits); }
+
+std::tuple<Tensor, Tensor, Tensor> logmeanexp(const Tensor& lw) {
+  auto out = LogMeanExp::apply(lw);
+  return {out[0], out[1], out[2]};
+}
 
 Tensor gaussian_log_prob(const Tensor& x, const Tensor& mean, const Tensor& var_param, bool softplus_mode,
                          double delta) {
@@ -346,6 +392,7 @@ TORCH_LIBRARY(fastvae_cpp, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
+  m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
 }
 
 // CompositeImplicitAutograd: the dispatcher runs these for the autograd key,
@@ -355,6 +402,7 @@ TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
   m.impl("sample_normal_with_ratio", &sample_normal_with_ratio);
   m.impl("bernoulli_log_prob", &bernoulli_log_prob);
   m.impl("gaussian_log_prob", &gaussian_log_prob);
+  m.impl("logmeanexp", &logmeanexp);
 }
 
 }  // namespace fastvae::torch_ops

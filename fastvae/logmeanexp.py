@@ -142,6 +142,16 @@ class LogMeanExp(torch.autograd.Function):
         return run(logmeanexp_backward_op, grad_out, grad_sumexp, lw, lw_max, sumexp)
 
 
+def logmeanexp_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(logmeanexp, lw_max, sumexp) over the leading dimension of lw (K, ...):
+    LogMeanExp, or for eager CPU calls the C++ operator that does the same
+    (csrc/torch_ops.cpp)."""
+    ops = _backend.torch_ops(lw)
+    if ops is not None:
+        return ops.logmeanexp(lw)
+    return LogMeanExp.apply(lw)
+
+
 # -- effective_sample_size ----------------------------------------------------
 
 effective_sample_size_op = define(
@@ -261,7 +271,7 @@ def logmeanexp(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
         torch.logsumexp). The gradient is grad * softmax_k(lw).
     """
     dim = _sample_dim(lw, dim)
-    out = LogMeanExp.apply(lw.movedim(dim, 0))[0]
+    out = logmeanexp_with_state(lw.movedim(dim, 0))[0]
     return out.unsqueeze(dim) if keepdim else out
 
 
@@ -318,7 +328,7 @@ def logmeanexp_state(lw: Tensor, dim: int = 0) -> LogMeanExpState:
     cancels, so it carries none).
     """
     dim = _sample_dim(lw, dim)
-    _, lw_max, sumexp = LogMeanExp.apply(lw.movedim(dim, 0))
+    _, lw_max, sumexp = logmeanexp_with_state(lw.movedim(dim, 0))
     return LogMeanExpState(lw_max, sumexp, lw.shape[dim])
 
 

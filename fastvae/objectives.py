@@ -20,7 +20,7 @@ from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from .distributions import DiagonalNormal, TrilNormal, tril_log_prob
 from .kl_normal import kl_normal
-from .logmeanexp import EffectiveSampleSize, ImportanceWeights, LogMeanExp
+from .logmeanexp import EffectiveSampleSize, ImportanceWeights, logmeanexp_with_state
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .sample_normal_tril import sample_normal_tril
@@ -294,10 +294,10 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) ->
 
 def _bound(lw: Tensor, alpha: float) -> Tensor:
     if alpha == 0:
-        return LogMeanExp.apply(lw)[0]
+        return logmeanexp_with_state(lw)[0]
     if alpha == 1:  # the limit of the Renyi bound: the Monte Carlo ELBO
         return lw.mean(0)
-    return LogMeanExp.apply((1.0 - alpha) * lw)[0] / (1.0 - alpha)
+    return logmeanexp_with_state((1.0 - alpha) * lw)[0] / (1.0 - alpha)
 
 
 def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior, want_kl=False):

@@ -119,6 +119,19 @@ def test_gaussian_log_prob_matches_the_function(function_path, dtype, x_shape, m
     _both_paths(lambda m: fn(x, m, *inputs[2:]), (mean,), function_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3), (4, 2, 3), (50, 1)])
+def test_logmeanexp_matches_the_function(function_path, dtype, shape):
+    g = torch.Generator().manual_seed(8)
+    lw = 30 * torch.randn(shape, generator=g, dtype=dtype)
+    lw[:, 0] = float("-inf")  # an all -inf column: -inf, zero gradient, never NaN
+    lw[0, -1] = float("-inf")
+    _both_paths(lambda t: fastvae.logmeanexp(t), (lw,), function_path)
+    _both_paths(lambda t: fastvae.logmeanexp(t, dim=-1), (lw,), function_path)
+    # the state, whose sumexp carries gradient and lw_max none
+    _both_paths(lambda t: tuple(fastvae.logmeanexp_state(t))[:2], (lw,), function_path)
+
+
 def test_objectives_match_the_function_path(function_path):
     """elbo and iwae (all estimators) give the same bound and gradients on either path."""
     g = torch.Generator().manual_seed(5)
@@ -193,6 +206,8 @@ def test_the_boundary_checks_before_touching_memory():
         ops.bernoulli_log_prob(torch.zeros(()), torch.zeros(3))
     with pytest.raises(RuntimeError, match="neither per element, per x row nor per dimension"):
         ops.gaussian_log_prob(torch.zeros(4, 3), torch.zeros(2, 4, 3), torch.zeros(5), False, 1e-6)
+    with pytest.raises(RuntimeError, match=r"lw: expected \(K, ...\) with K >= 1"):
+        ops.logmeanexp(torch.zeros(0, 3))
     with pytest.raises(RuntimeError, match="delta must be a finite float > 0"):
         ops.gaussian_log_prob(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3), True, 0.0)
 
