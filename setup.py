@@ -4,7 +4,9 @@ csrc/torch_ops.cpp, the eager CPU operators with C++ autograd (fastvae_cpp::*),
 links libtorch: it is built against the torch installed in the interpreter
 that runs the build, found even inside pip's isolated build environment, and
 left out (with a warning; the Python path then serves every call) when there
-is none. The rest of the extension uses no torch headers.
+is none, or with FASTVAE_TORCH_OPS=0. The rest of the extension uses no torch
+headers. pyproject.toml's comment on the build requirements says why torch is
+not one of them.
 
 The Triton kernels in kernels/ install as the subpackage fastvae.kernels.
 FASTVAE_NATIVE=1 adds -march=native for a local build; the default binary is
