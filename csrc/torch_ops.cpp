@@ -358,6 +358,59 @@ struct LogMeanExp : torch::autograd::Function<LogMeanExp> {
   }
 };
 
+// -- kl_normal ------------------------------------------------------------------
+
+// KL(N(mu, exp(logvar)) || prior) over the last dimension, the prior N(0, I)
+// or (prior_mu, prior_logvar) of mu's shape (the front end expands a
+// broadcast prior); as fastvae/kl_normal.py's KLNormal.
+struct KLNormal : torch::autograd::Function<KLNormal> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar,
+                        const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logvar) {
+    check_float(mu, "mu");
+    const auto [N, L] = rows_of(mu);
+    TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
+                "prior_mu and prior_logvar must both be given or both be None");
+    const bool prior = prior_mu.has_value();
+    TORCH_CHECK(logvar.sizes() == mu.sizes(), "logvar: expected shape ", mu.sizes(), ", got ", logvar.sizes());
+    const Tensor m = input(mu.reshape({N, L}), "mu", mu, {N, L});
+    const Tensor lv = input(logvar.reshape({N, L}), "logvar", mu, {N, L});
+    Tensor pm, plv;
+    if (prior) {
+      TORCH_CHECK(prior_mu->sizes() == mu.sizes() && prior_logvar->sizes() == mu.sizes(),
+                  "prior_mu and prior_logvar: expected mu's shape ", mu.sizes());
+      pm = input(prior_mu->reshape({N, L}), "prior_mu", mu, {N, L});
+      plv = input(prior_logvar->reshape({N, L}), "prior_logvar", mu, {N, L});
+    }
+    Tensor kl = output({N}, m);
+    by_dtype(m, [&](auto tag) {
+      using T = decltype(tag);
+      kl_normal_forward<T>(ptr<T>(m), ptr<T>(lv), prior ? ptr<T>(pm) : nullptr, prior ? ptr<T>(plv) : nullptr, N, L,
+                           ptr<T>(kl), threads(N * L));
+    });
+    ctx->save_for_backward(prior ? variable_list{m, lv, pm, plv} : variable_list{m, lv});
+    ctx->saved_data["shape"] = mu.sizes().vec();
+    return shaped(kl, mu.sizes().slice(0, mu.dim() - 1));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool prior = saved.size() == 4;
+    const Tensor &m = saved[0], &lv = saved[1];
+    const int64_t N = m.size(0), L = m.size(1);
+    const Tensor g = input(grads[0].reshape({N}), "grad_kl", m, {N});
+    Tensor dmu = output({N, L}, m), dlv = output({N, L}, m);
+    Tensor dpm = prior ? output({N, L}, m) : Tensor(), dplv = prior ? output({N, L}, m) : Tensor();
+    by_dtype(m, [&](auto tag) {
+      using T = decltype(tag);
+      kl_normal_backward<T>(ptr<T>(g), ptr<T>(m), ptr<T>(lv), prior ? ptr<T>(saved[2]) : nullptr,
+                            prior ? ptr<T>(saved[3]) : nullptr, N, L, ptr<T>(dmu), ptr<T>(dlv),
+                            prior ? ptr<T>(dpm) : nullptr, prior ? ptr<T>(dplv) : nullptr, threads(N * L));
+    });
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    return {dmu.view(shape), dlv.view(shape), prior ? dpm.view(shape) : Tensor(), prior ? dplv.view(shape) : Tensor()};
+  }
+};
+
 std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar, int64_t seed,
                                          std::optional<int64_t> n_samples) {
   auto out = SampleNormal::apply(mu, logvar, seed, n_samples);
@@ -371,6 +424,11 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
 }
 
 Tensor bernoulli_log_prob(const Tensor& x, const Tensor& logits) { return BernoulliLogProb::apply(x, logits); }
+
+Tensor kl_normal(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& prior_mu,
+                 const std::optional<Tensor>& prior_logvar) {
+  return KLNormal::apply(mu, logvar, prior_mu, prior_logvar);
+}
 
 std::tuple<Tensor, Tensor, Tensor> logmeanexp(const Tensor& lw) {
   auto out = LogMeanExp::apply(lw);
@@ -393,6 +451,7 @@ TORCH_LIBRARY(fastvae_cpp, m) {
   m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
   m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
+  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
 }
 
 // CompositeImplicitAutograd: the dispatcher runs these for the autograd key,
@@ -403,6 +462,7 @@ TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
   m.impl("bernoulli_log_prob", &bernoulli_log_prob);
   m.impl("gaussian_log_prob", &gaussian_log_prob);
   m.impl("logmeanexp", &logmeanexp);
+  m.impl("kl_normal", &kl_normal);
 }
 
 }  // namespace fastvae::torch_ops

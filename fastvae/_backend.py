@@ -237,7 +237,8 @@ def num_threads(work: int) -> int:
 
 
 # The eager CPU operators with C++ autograd (csrc/torch_ops.cpp), by op name.
-TORCH_OPS = ("sample_normal", "sample_normal_with_ratio", "bernoulli_log_prob", "gaussian_log_prob", "logmeanexp")
+TORCH_OPS = ("sample_normal", "sample_normal_with_ratio", "bernoulli_log_prob", "gaussian_log_prob", "logmeanexp",
+             "kl_normal")
 _TORCH_OPS_DTYPES = (torch.float32, torch.float64)
 
 

@@ -102,7 +102,7 @@ def kl_normal(
         _validate.float_tensors(mu=mu, logvar=logvar)
         _validate.event_dim("mu", mu)
         _validate.same_shape(mu=mu, logvar=logvar)
-        return KLNormal.apply(mu, logvar, None, None)
+        return _kl_normal(mu, logvar, None, None)
     _validate.float_tensors(mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
     _validate.event_dim("mu", mu)
     _validate.same_shape(mu=mu, logvar=logvar)
@@ -113,4 +113,12 @@ def kl_normal(
             )
     # expand is a view; the op makes it contiguous, and autograd's expand
     # backward sums the prior gradients back to the prior's own shape
-    return KLNormal.apply(mu, logvar, prior_mu.expand(mu.shape), prior_logvar.expand(mu.shape))
+    return _kl_normal(mu, logvar, prior_mu.expand(mu.shape), prior_logvar.expand(mu.shape))
+
+
+def _kl_normal(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
+    """KLNormal, or for eager CPU calls the C++ operator that does the same (csrc/torch_ops.cpp)."""
+    ops = _backend.torch_ops(mu)
+    if ops is not None:
+        return ops.kl_normal(mu, logvar, prior_mu, prior_logvar)
+    return KLNormal.apply(mu, logvar, prior_mu, prior_logvar)

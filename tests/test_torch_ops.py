@@ -132,6 +132,17 @@ def test_logmeanexp_matches_the_function(function_path, dtype, shape):
     _both_paths(lambda t: tuple(fastvae.logmeanexp_state(t))[:2], (lw,), function_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(5, 3), (2, 4, 7), (1, 1)])
+def test_kl_normal_matches_the_function(function_path, dtype, shape):
+    g = torch.Generator().manual_seed(9)
+    mu, lv = torch.randn(shape, generator=g, dtype=dtype), 10 * torch.randn(shape, generator=g, dtype=dtype)
+    pm, plv = torch.randn(shape[-1], generator=g, dtype=dtype), torch.randn(shape[-1], generator=g, dtype=dtype)
+    _both_paths(fastvae.kl_normal, (mu, lv), function_path)
+    _both_paths(fastvae.kl_normal, (mu, lv, pm, plv), function_path)  # a learned (L,) prior, its gradients too
+    _both_paths(lambda m, v: fastvae.kl_normal(m, v, pm, plv), (mu, lv), function_path)
+
+
 def test_objectives_match_the_function_path(function_path):
     """elbo and iwae (all estimators) give the same bound and gradients on either path."""
     g = torch.Generator().manual_seed(5)
@@ -142,6 +153,9 @@ def test_objectives_match_the_function_path(function_path):
                *(lambda m, v, e=e: fastvae.iwae(x, m, v, lambda z: z @ w, k=5, likelihood="bernoulli", estimator=e)
                  for e in ("iwae", "dreg", "stl"))):
         _both_paths(fn, (mu, lv), function_path)
+    # free bits: the per-dimension KL from kl_normal
+    _both_paths(lambda m, v: fastvae.elbo(x, m, v, lambda z: z @ w, likelihood="bernoulli", free_bits=0.5),
+                (mu, lv), function_path)
     # a Gaussian decoder with a learned per-dimension variance
     log_sigma = torch.randn(10, generator=g)
     _both_paths(lambda m, v, s: fastvae.elbo(x, m, v, lambda z: (z @ w, s), likelihood="gaussian"),
@@ -208,6 +222,10 @@ def test_the_boundary_checks_before_touching_memory():
         ops.gaussian_log_prob(torch.zeros(4, 3), torch.zeros(2, 4, 3), torch.zeros(5), False, 1e-6)
     with pytest.raises(RuntimeError, match=r"lw: expected \(K, ...\) with K >= 1"):
         ops.logmeanexp(torch.zeros(0, 3))
+    with pytest.raises(RuntimeError, match="prior_mu and prior_logvar: expected mu's shape"):
+        ops.kl_normal(mu, mu, torch.zeros(3), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="must both be given or both be None"):
+        ops.kl_normal(mu, mu, mu, None)
     with pytest.raises(RuntimeError, match="delta must be a finite float > 0"):
         ops.gaussian_log_prob(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3), True, 0.0)
 
