@@ -8,11 +8,21 @@
 // The result is (K, P). dx, when asked for, sums over K.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "ops.h"
 
 namespace fastvae {
+
+// The kernels take var >= delta > 0 to be a normal number of T (fast_log
+// reads its exponent bits): both boundaries refuse a delta that is 0,
+// subnormal or not finite in T.
+template <typename T>
+inline bool valid_delta(double delta) {
+  return std::isfinite(delta) && T(delta) >= std::numeric_limits<T>::min();
+}
 
 enum class VarLayout : int { kElement = 0, kRow = 1, kDim = 2 };
 

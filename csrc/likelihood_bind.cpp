@@ -32,12 +32,9 @@ VarLayout var_layout(const py::array& v, const Dims& s, std::vector<int64_t>& sh
   }
 }
 
-// The kernels take var >= delta > 0 to be a normal number of T (fast_log
-// reads its exponent bits): a delta that is 0, subnormal or not finite in T
-// is refused here.
 template <typename T>
 void check_delta(double delta) {
-  if (!(std::isfinite(delta) && T(delta) >= std::numeric_limits<T>::min())) {
+  if (!valid_delta<T>(delta)) {
     throw py::value_error("delta must be finite and at least the smallest normal number of the "
                           "dtype, got " + std::to_string(delta));
   }

@@ -274,7 +274,6 @@ struct GaussianLogProb : torch::autograd::Function<GaussianLogProb> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean, const Tensor& var_param,
                         bool softplus_mode, double delta) {
     check_float(mean, "mean");
-    TORCH_CHECK(delta > 0 && std::isfinite(delta), "delta must be a finite float > 0, got ", delta);
     const Layout s = likelihood_layout(x, mean, "mean");
     const Tensor m = input(mean.reshape({s.K, s.P, s.D}), "mean", mean, {s.K, s.P, s.D});
     const Tensor x2 = input(x.reshape({s.P, s.D}), "x", mean, {s.P, s.D});
@@ -282,6 +281,8 @@ struct GaussianLogProb : torch::autograd::Function<GaussianLogProb> {
     Tensor out = output({s.K, s.P}, m);
     by_dtype(m, [&](auto tag) {
       using T = decltype(tag);
+      TORCH_CHECK(valid_delta<T>(delta), "delta must be finite and at least the smallest normal number of the "
+                  "dtype, got ", delta);
       gaussian_log_prob_forward<T>(ptr<T>(x2), ptr<T>(m), ptr<T>(v), layout, softplus_mode, delta, s.K, s.P, s.D,
                                    ptr<T>(out), threads(m.numel()));
     });

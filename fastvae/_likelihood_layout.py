@@ -19,6 +19,7 @@ import math
 
 from torch import Tensor
 
+from . import _backend
 from ._validate import broadcasts_to
 
 
@@ -66,7 +67,7 @@ def broadcast_var(v: Tensor, name: str, x: Tensor, mean: Tensor) -> Tensor:
 def kernel_shape(x: Tensor, out: Tensor) -> tuple[int, int, int]:
     """(K, P, D) of the kernel layout for x as broadcast_x returns it (out's
     shape, or out's without the first dimension); csrc/torch_ops.cpp's
-    bernoulli_layout is the same rule."""
+    likelihood_layout is the same rule."""
     D = out.shape[-1]
     if x.dim() == out.dim():
         return 1, math.prod(out.shape[:-1]), D
@@ -120,3 +121,13 @@ def folded(x2: Tensor, out3: Tensor, var_param: Tensor | None = None):
 def unfold_rows(t: Tensor, K: int, P: int) -> Tensor:
     """A per-row gradient (K * P, D) of a folded problem summed back to (P, D)."""
     return t.reshape(K, P, t.shape[-1]).sum(0)
+
+
+def likelihood_torch_ops(x: Tensor, out: Tensor):
+    """_backend.torch_ops(out) for a likelihood op whose x is broadcast_x's
+    result, or None where the folded layout (few x rows against many samples)
+    applies: that stays with the op's Function."""
+    ops = _backend.torch_ops(out)
+    if ops is None or x.dim() == out.dim():
+        return ops
+    return None if fold_samples("cpp", kernel_shape(x, out), _backend.num_threads(out.numel())) else ops

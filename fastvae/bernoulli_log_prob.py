@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_shape, kernel_views, unfold_rows
+from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, likelihood_torch_ops, unfold_rows
 from ._op import define, run, shaped
 
 
@@ -108,9 +108,7 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
     if event_dims != 1:
         x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
     x = broadcast_x(x, logits, "logits")
-    ops = _backend.torch_ops(logits)
-    # the folded layout (few x rows against many samples) stays with the Function
-    if ops is not None and (x.dim() == logits.dim()
-                            or not fold_samples("cpp", kernel_shape(x, logits), _backend.num_threads(logits.numel()))):
+    ops = likelihood_torch_ops(x, logits)
+    if ops is not None:
         return ops.bernoulli_log_prob(x, logits)
     return BernoulliLogProb.apply(x, logits)

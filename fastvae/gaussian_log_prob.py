@@ -14,9 +14,9 @@ from ._likelihood_layout import (
     broadcast_x,
     fold_samples,
     folded,
-    kernel_shape,
     kernel_var,
     kernel_views,
+    likelihood_torch_ops,
     unfold_rows,
 )
 from ._op import define, run, shaped
@@ -212,9 +212,7 @@ def gaussian_log_prob(
             v = torch.full((mean.shape[-1],), value, dtype=mean.dtype, device=mean.device)
         else:
             v = _fixed_logvar(mean.shape[-1], value, mean.dtype, mean.device)
-    ops = _backend.torch_ops(mean)
-    # the folded layout (few x rows against many samples) stays with the Function
-    if ops is not None and (x_b.dim() == mean.dim()
-                            or not fold_samples("cpp", kernel_shape(x_b, mean), _backend.num_threads(mean.numel()))):
+    ops = likelihood_torch_ops(x_b, mean)
+    if ops is not None:
         return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))
