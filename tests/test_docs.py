@@ -43,3 +43,17 @@ def test_readme_code_blocks_run():
     for block in blocks:
         exec(compile(block, str(readme), "exec"), namespace)  # noqa: S102 (the README's own examples)
     assert namespace["ll"].shape == (16,) and namespace["res"].n_examples == 16
+
+
+def test_ci_runs_the_readmes_test_command_in_a_fresh_venv():
+    """CI on a clean machine (issue 22): .ci/run runs the README's test command
+    word for word, inside a venv it makes itself, and .ci/sanitize installs the
+    build requirements its own setup.py call needs."""
+    root = PAGE.parents[1]
+    readme = (root / "README.md").read_text()
+    (command,) = re.findall(r"^# the tests.*\n(.+)$", readme, re.M)
+    run = (root / ".ci" / "run").read_text()
+    assert command.strip() in run.splitlines()
+    assert run.index("python -m venv") < run.index("source") < run.index(command.strip())
+    sanitize = (root / ".ci" / "sanitize").read_text()
+    assert sanitize.index('["build-system"]["requires"]') < sanitize.index("setup.py build_ext")
