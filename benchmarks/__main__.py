@@ -76,7 +76,10 @@ def suite_markdown(suite: dict) -> str:
         ("Speedups are ratios of medians taken in the same run; % copy BW is the effective bandwidth "
          "(fewest bytes / median) over the copy bandwidth measured in the same run; activations are "
          "the bytes kept for the backward beyond inputs and parameters; peak is one call's peak above "
-         "what was live before it (e / c / f: eager / torch.compile / fastvae). See benchmarks/README.md."),
+         "what was live before it (e / c / f: eager / torch.compile / fastvae). See benchmarks/README.md."
+         + (" On CUDA, host us (host time per call, no sync), kernels (per call, torch.profiler), GPU us "
+            "(their summed time) and graph ms (CUDA-graph replay) are those of one forward+backward call, "
+            "as the GPU probe records them." if suite.get("device", "").startswith("cuda") else "")),
         "",
         common.summary_table(suite["summary"]),
     ]

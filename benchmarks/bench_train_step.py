@@ -3,14 +3,26 @@ loss written by hand, eager and under torch.compile.
 
 What is measured
 ----------------
-The MLP VAE of PyTorch's examples (784-400-20-400-784, ReLU, float32; the
-decoder returns Bernoulli logits), on a batch of 256 binarized 784-pixel images
-(random: speed does not depend on the values). Bernoulli because that is the
-likelihood this architecture is used with (binarized MNIST, the IWAE paper's
-benchmark) and the one users copy from the examples.
-
-Cases: "elbo" (one sample per example) and "iwae k=50" (50 importance samples:
-the decoder runs on 50 x 256 latents). Implementations, side by side in one run:
+Two models, float32, decoders returning Bernoulli logits, on random inputs
+(speed does not depend on the values); they are the training steps of the GPU
+probe (../shared/tools/gpu-probe/probe.py), so the suite and the probe time the
+same steps:
+  mlp   the MLP VAE of PyTorch's examples (784-400-20-400-784, ReLU) on
+        binarized 784-pixel images. Bernoulli because that is the likelihood
+        this architecture is used with (binarized MNIST, the IWAE paper's
+        benchmark) and the one users copy from the examples.
+        Cases "elbo" (batch 256, one sample per example) and "iwae k=50"
+        (the decoder runs on 50 x 256 latents).
+  conv  a DCGAN-like conv VAE on 3x64x64 images (CelebA-sized): four stride-2
+        4x4 convolutions 3-64-128-256-512, a linear layer to 2 x 128 latents,
+        and the mirror image with transposed convolutions; x in [0, 1].
+        Cases "conv elbo" (batch 128) and "conv iwae k=8" (batch 64).
+        On CPU the conv cases run only when asked (--models mlp conv): on 2
+        cores one step takes 5 s (ELBO) and 11 s (IWAE), 0.3-0.7 s at the
+        --quick sizes (batch 4 for ELBO, batch 2 and k=2 for IWAE), and each
+        torch.compile of a conv step about a minute, which the CPU suite
+        cannot afford.
+Implementations, side by side in one run:
   eager                 the loss as users write it: torch.randn_like noise,
                         binary_cross_entropy_with_logits against x expanded over
                         the k samples, the Gaussian log-densities written out
@@ -32,9 +44,11 @@ figure alike. Memory: "activations MB" is what the forward keeps for the
 backward beyond the parameters and x (the noise and x's k copies show up here),
 "peak MB" (--memory) the peak of one step; common.py says how both are measured.
 There is no bandwidth figure: the step is bound by its matrix products.
+On CUDA each fwd+bwd row also has the per-call figures of every harness
+benchmark (host us, kernels, GPU us, graph ms; benchmarks/README.md).
 
 Reproduce (from the repository root):
-  python -m benchmarks.bench_train_step [--quick] [--memory]
+  python -m benchmarks.bench_train_step [--quick] [--memory] [--models mlp conv]
 Results go to benchmarks/results/train_step-<device-tag>.json (--out to override).
 """
 from __future__ import annotations
@@ -69,37 +83,71 @@ class MLPVAE(nn.Module):
         return self.fc4(F.relu(self.fc3(z)))
 
 
+class ConvVAE(nn.Module):
+    """A DCGAN-like VAE for 3x64x64 images: 64x64 -> 4x4 in four stride-2
+    convolutions, latent 128; the decoder mirrors it and returns logits."""
+
+    def __init__(self, channels: int = 64, latent: int = 128):
+        super().__init__()
+        c = channels
+        widths = [3, c, 2 * c, 4 * c, 8 * c]
+        down = [m for i in range(4) for m in (nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), nn.ReLU())]
+        self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(8 * c * 4 * 4, 2 * latent))
+        self.fc = nn.Linear(latent, 8 * c * 4 * 4)
+        up = [m for i in range(4, 1, -1) for m in (nn.ReLU(), nn.ConvTranspose2d(widths[i], widths[i - 1], 4, 2, 1))]
+        self.decoder = nn.Sequential(*up, nn.ReLU(), nn.ConvTranspose2d(c, 3, 4, 2, 1))
+        self.channels = c
+
+    def encode(self, x):  # x (B, 3, 64, 64)
+        return self.encoder(x).chunk(2, -1)
+
+    def decode(self, z):  # z (B, L) or (k, B, L) -> logits (..., 3, 64, 64)
+        h = self.fc(z.reshape(-1, z.shape[-1])).view(-1, 8 * self.channels, 4, 4)
+        return self.decoder(h).view(*z.shape[:-1], 3, 64, 64)
+
+
+def make_x(model: str, batch: int, device: torch.device) -> torch.Tensor:
+    """Binarized 784-pixel vectors (mlp) or [0, 1] images (conv), (batch, *event)."""
+    g = torch.Generator().manual_seed(0)
+    if model == "mlp":
+        return (torch.rand(batch, 784, generator=g) > 0.5).float().to(device)
+    return torch.rand(batch, 3, 64, 64, generator=g).to(device)
+
+
 # -- the losses (minimized: the negative bound, averaged over the batch) --------
+# model is an MLPVAE or a ConvVAE; x is (B, *event), the likelihood sums over the event.
 
 
-def handwritten_elbo(model: MLPVAE, x: torch.Tensor, k: int) -> torch.Tensor:
+def handwritten_elbo(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
     z = mu + std * torch.randn_like(std)
     logits = model.decode(z)
-    reconstruction = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+    reconstruction = -bce.flatten(-(x.dim() - 1)).sum(-1)
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), -1)
     return -(reconstruction - kl).mean()
 
 
-def handwritten_iwae(model: MLPVAE, x: torch.Tensor, k: int) -> torch.Tensor:
+def handwritten_iwae(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
     z = mu + std * torch.randn((k, *mu.shape), dtype=mu.dtype, device=mu.device)  # (k, B, L)
     logits = model.decode(z)
-    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    bce = F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+    log_px = -bce.flatten(-(x.dim() - 1)).sum(-1)
     log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
     log_qz = -0.5 * (((z - mu) / std).pow(2) + logvar + LOG_2PI).sum(-1)
     log_w = log_px + log_pz - log_qz
     return -(torch.logsumexp(log_w, 0) - math.log(k)).mean()
 
 
-def fastvae_elbo(model: MLPVAE, x: torch.Tensor, k: int) -> torch.Tensor:
+def fastvae_elbo(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     mu, logvar = model.encode(x)
     return -fastvae.elbo(x, mu, logvar, model.decode, likelihood="bernoulli")
 
 
-def fastvae_iwae(model: MLPVAE, x: torch.Tensor, k: int) -> torch.Tensor:
+def fastvae_iwae(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     mu, logvar = model.encode(x)
     return -fastvae.iwae(x, mu, logvar, model.decode, k=k, likelihood="bernoulli")
 
@@ -126,47 +174,80 @@ def compile_fullgraph(fn, notes: dict, key: str):
     return call
 
 
-def make_impls(model: MLPVAE, backends: list[str], notes: dict) -> list[harness.Impl]:
-    """Every implementation takes (objective, x, k), objective a key of LOSSES."""
-    hand = {o: torch.compile(lambda x, k, f=f: f(model, x, k), dynamic=False) for o, (f, _) in LOSSES.items()}
-    impls = [harness.Impl("eager", lambda o, x, k: LOSSES[o][0](model, x, k)),
-             harness.Impl("compiled", lambda o, x, k: hand[o](x, k))]
+def make_impls(models: dict[str, nn.Module], backends: list[str], notes: dict) -> list[harness.Impl]:
+    """Every implementation takes (model, objective, x, k): model a key of
+    ``models``, objective a key of LOSSES. One compiled function per (model,
+    objective), so that each traces one loss on one module."""
+
+    def per_loss(which: int, wrap=lambda fn, key: fn):  # which: 0 handwritten, 1 fastvae
+        return {(m, o): wrap(lambda x, k, f=fs[which], model=model: f(model, x, k), f"{m} {o}")
+                for m, model in models.items() for o, fs in LOSSES.items()}
+
+    eager = per_loss(0)
+    hand = per_loss(0, lambda fn, key: torch.compile(fn, dynamic=False))
+    impls = [harness.Impl("eager", lambda m, o, x, k: eager[(m, o)](x, k)),
+             harness.Impl("compiled", lambda m, o, x, k: hand[(m, o)](x, k))]
     if not (hasattr(fastvae, "elbo") and hasattr(fastvae, "iwae")):
         notes["missing"] = "fastvae.elbo / fastvae.iwae not in this fastvae: only the baselines were timed"
         return impls
+    ours = per_loss(1)
     for b in backends:
-        full = {o: compile_fullgraph(lambda x, k, f=f: f(model, x, k), notes, f"{o} [{b}]")
-                for o, (_, f) in LOSSES.items()}
-        impls += [harness.Impl(f"fastvae[{b}]", lambda o, x, k: LOSSES[o][1](model, x, k), b),
-                  harness.Impl(f"fastvae[{b}]+compile", lambda o, x, k, full=full: full[o](x, k), b)]
+        full = per_loss(1, lambda fn, key, b=b: compile_fullgraph(fn, notes, f"{key} [{b}]"))
+        impls += [harness.Impl(f"fastvae[{b}]", lambda m, o, x, k: ours[(m, o)](x, k), b),
+                  harness.Impl(f"fastvae[{b}]+compile", lambda m, o, x, k, full=full: full[(m, o)](x, k), b)]
     return impls
 
 
-def cases(model: MLPVAE, batch: int, k: int) -> list[harness.Case]:
-    def make(objective, k):
+def sizes(quick: bool, models: list[str], batch: int | None, k: int | None) -> list[tuple]:
+    """(label, model, objective, batch, k) of every case; --batch and -k set the mlp's."""
+    out = []
+    if "mlp" in models:
+        b, kk = batch or (32 if quick else 256), k or (5 if quick else 50)
+        out += [("elbo", "mlp", "elbo", b, 1), (f"iwae k={kk}", "mlp", "iwae", b, kk)]
+    if "conv" in models:
+        (eb, ib, kk) = (4, 2, 2) if quick else (128, 64, 8)
+        out += [("conv elbo", "conv", "elbo", eb, 1), (f"conv iwae k={kk}", "conv", "iwae", ib, kk)]
+    return out
+
+
+def cases(models: dict[str, nn.Module], case_sizes: list[tuple]) -> list[harness.Case]:
+    def make(model, objective, batch, k):
         def inputs(device):
-            g = torch.Generator().manual_seed(0)
-            x = (torch.rand(batch, 784, generator=g) > 0.5).float().to(device)
-            return (objective, x, k), list(model.parameters()), torch.ones((), device=device)
+            x = make_x(model, batch, device)
+            return (model, objective, x, k), list(models[model].parameters()), torch.ones((), device=device)
         return inputs
 
-    return [harness.Case("elbo", {"objective": "elbo", "batch": batch, "k": 1}, make("elbo", 1)),
-            harness.Case(f"iwae k={k}", {"objective": "iwae", "batch": batch, "k": k}, make("iwae", k))]
+    return [harness.Case(label, {"model": model, "objective": objective, "batch": batch, "k": k},
+                         make(model, objective, batch, k)) for label, model, objective, batch, k in case_sizes]
+
+
+MODELS = {"mlp": MLPVAE, "conv": ConvVAE}
+
+
+def default_models(device: torch.device) -> list[str]:
+    """Both on CUDA (the GPU probe's four steps); the mlp alone on CPU (see the docstring)."""
+    return ["mlp", "conv"] if device.type == "cuda" else ["mlp"]
+
+
+TITLES = {"mlp": "MLP VAE 784-400-20-400-784", "conv": "conv VAE 3x64x64, latent 128"}
 
 
 def main(argv=None) -> dict | None:
     p = harness.parser(__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=None, help="batch size (default 256, 32 with --quick)")
-    p.add_argument("-k", type=int, default=None, help="IWAE samples (default 50, 5 with --quick)")
+    p.add_argument("--batch", type=int, default=None, help="mlp batch size (default 256, 32 with --quick)")
+    p.add_argument("-k", type=int, default=None, help="mlp IWAE samples (default 50, 5 with --quick)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
+                   help="models to time (default: mlp conv on CUDA, mlp on CPU, where a conv step takes seconds)")
     args = harness.parse_args(p, argv)
-    batch, k = args.batch or (32 if args.quick else 256), args.k or (5 if args.quick else 50)
     device = torch.device(args.device)
+    names = args.models or default_models(device)
     backends = args.fastvae_backends or [harness.default_fastvae_backend(device, "sample_normal")]
     torch.manual_seed(0)
-    model = MLPVAE().to(device)
+    models = {m: MODELS[m]().to(device) for m in MODELS if m in names}
     notes: dict = {}
-    title = f"one training step, MLP VAE 784-400-20-400-784, Bernoulli, batch {batch}, float32"
-    return harness.run(__spec__.name, OP, title, cases(model, batch, k), make_impls(model, backends, notes), args,
+    title = "one training step, float32, Bernoulli: " + ", ".join(TITLES[m] for m in models)
+    case_sizes = sizes(args.quick, names, args.batch, args.k)
+    return harness.run(__spec__.name, OP, title, cases(models, case_sizes), make_impls(models, backends, notes), args,
                        {"fastvae_compile": notes})
 
 

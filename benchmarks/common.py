@@ -148,13 +148,17 @@ def time_interleaved_ms(
     return out
 
 
+def _do_bench_median_ms(fn: Callable[[], Any], do_bench) -> float:
+    try:
+        return float(do_bench(fn, return_mode="median"))
+    except TypeError:  # older Triton: no return_mode
+        return float(do_bench(fn, quantiles=[0.5])[0])
+
+
 def _time_cuda_ms(fn, device, *, setup, repeats, warmup) -> list[float]:
     do_bench = _do_bench()
     if setup is None and do_bench is not None:
-        try:
-            return [float(do_bench(fn, return_mode="median"))]
-        except TypeError:  # older Triton: no return_mode
-            return [float(do_bench(fn, quantiles=[0.5])[0])]
+        return [_do_bench_median_ms(fn, do_bench)]
 
     # 256 MB is larger than any current L2, so zeroing it evicts the inputs.
     flush = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
@@ -184,6 +188,110 @@ def iqr(xs: list[float]) -> float | None:
         return None
     q1, _, q3 = statistics.quantiles(xs, n=4)
     return float(q3 - q1)
+
+
+# -- per-call figures ------------------------------------------------------------
+# What ../shared/tools/gpu-probe/probe.py records beside the wall time, so that
+# the suite measures what the probe measures (issue 23): the host's share of a
+# call, what it launches, and the GPU time alone. Written anew for the suite;
+# the method (calls without a sync, torch.profiler's CUDA activity, a CUDA graph
+# captured on a side stream after warm-up and replayed under do_bench) is the probe's.
+
+
+def host_us_per_call(fn: Callable[[], Any], device: torch.device, *, calls: int = 200) -> float:
+    """Host time of one call in microseconds: ``calls`` calls back to back with
+    no synchronisation between them, divided by ``calls``.
+
+    On CUDA the GPU runs behind the host, so this is the cost of the Python,
+    dispatcher and launch path. It is not a pure host figure when the GPU is
+    the bottleneck: once CUDA's launch queue is full the host waits for the GPU,
+    and a GPU-bound call shows its GPU time here too. On CPU it is the wall time.
+    """
+    out = fn()
+    del out
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn()
+        del out
+    stop = time.perf_counter()
+    sync(device)
+    return (stop - start) / calls * 1e6
+
+
+def _event_duration_us(event: Any) -> float:
+    # torch >= 2.4 calls it device_time; older releases cuda_time
+    duration = getattr(event, "device_time", None)
+    return float(event.cuda_time if duration is None else duration)
+
+
+def kernel_stats(events: Iterable[Any], calls: int, *, device_type: Any = None, top: int = 12) -> dict[str, Any]:
+    """Per-call count and summed duration of the profiler events that ran on
+    ``device_type`` (default CUDA: kernels, memsets and memcpys), over ``calls``
+    profiled calls; ``top_kernels`` are the most frequent names (60 characters)
+    with their count per call."""
+    if device_type is None:
+        device_type = torch.autograd.DeviceType.CUDA
+    count, total_us, names = 0, 0.0, {}
+    for e in events:
+        if e.device_type != device_type:
+            continue
+        count += 1
+        total_us += _event_duration_us(e)
+        names[e.name[:60]] = names.get(e.name[:60], 0) + 1
+    frequent = sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {"kernels_per_call": count / calls, "gpu_us": total_us / calls,
+            "top_kernels": [[name, n / calls] for name, n in frequent]}
+
+
+def profile_kernels(fn: Callable[[], Any], device: torch.device, *, calls: int = 5) -> dict[str, Any]:
+    """kernel_stats of ``calls`` calls of ``fn`` under torch.profiler (CUDA activity
+    only), after one unprofiled call. CUDA only: on CPU nothing is launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = fn()
+    del out
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            out = fn()
+            del out
+        sync(device)
+    return kernel_stats(prof.events(), calls)
+
+
+def graph_replay_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3) -> dict[str, Any]:
+    """Median time of one replay of ``fn`` captured in a CUDA graph (do_bench):
+    the GPU time of the call without its host cost. ``graph_error`` says why
+    there is no figure: capture fails on host syncs, CPU tensors made inside
+    the call, or anything else CUDA graphs forbid, and that is a finding."""
+    do_bench = _do_bench()
+    if device.type != "cuda" or do_bench is None:
+        return {"graph_ms": None, "graph_error": "needs CUDA and triton"}
+    graph = None
+    try:
+        # Capture needs the call warmed up (lazy init, autotuning, compilation)
+        # on a side stream, as torch.cuda.graphs' documentation does it.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                out = fn()
+                del out
+        torch.cuda.current_stream(device).wait_stream(side)
+        sync(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        del out
+        sync(device)
+        return {"graph_ms": _do_bench_median_ms(graph.replay, do_bench), "graph_error": None}
+    except Exception as e:  # noqa: BLE001 - any capture failure is recorded, not raised
+        sync(device)
+        return {"graph_ms": None, "graph_error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+    finally:
+        del graph  # its private memory pool goes back to the allocator
+        torch.cuda.empty_cache()
 
 
 # -- roofline ------------------------------------------------------------------
@@ -465,6 +573,10 @@ def write_json(path: Path | str, payload: dict[str, Any]) -> Path:
 # -- the suite summary -----------------------------------------------------------
 
 BASELINES = ("eager", "compiled")
+# The per-call figures of a forward+backward call (CUDA runs; harness.call_figures):
+# record field -> (column header, digits).
+CALL_FIELDS = {"host_us": ("host us", 0), "kernels_per_call": ("kernels", 1), "gpu_us": ("GPU us", 0),
+               "graph_ms": ("graph ms", 3)}
 # Implementations that are baselines of one benchmark only: no summary row of their own.
 OTHER_BASELINES = ("naive", "per-example")
 
@@ -496,6 +608,7 @@ def summary_rows(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "copy_gbs": (p.get("copy_bandwidth") or {}).get("gbs"),
                 **{f"{k}_activation_mb": v.get("activation_mb") for k, v in impls.items()},
                 **{f"{k}_peak_mb": v.get("peak_mb") for k, v in impls.items()},
+                **{f"{k}_{f}": v.get(f) for f in CALL_FIELDS for k, v in impls.items()},
             })
     return rows
 
@@ -507,10 +620,16 @@ def _triple(row: dict[str, Any], field: str, digits: int = 1) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The per-call columns (host us, kernels, GPU us, graph ms) appear only when
+    some row has them: a CUDA run; the CPU table keeps its columns."""
+    per_call = [f for f in CALL_FIELDS if any(r.get(f"{k}_{f}") is not None
+                                              for r in rows for k in ("eager", "compiled", "fastvae"))]
     headers = ["benchmark", "case", "mode", "fastvae", "eager ms", "compiled ms", "fastvae ms", "vs eager",
                "vs compiled",
                "% copy BW", "activations MB (e / c / f)", "peak MB (e / c / f)"]
+    headers += [f"{CALL_FIELDS[f][0]} (e / c / f)" for f in per_call]
     table = [[r["op"], r["case"], r["mode"], r["impl"], fmt(r["eager_ms"], 3), fmt(r["compiled_ms"], 3),
               fmt(r["fastvae_ms"], 3), fmt_ratio(r["speedup_vs_eager"]), fmt_ratio(r["speedup_vs_compiled"]),
-              fmt(r["pct_copy_bw"], 0), _triple(r, "activation_mb"), _triple(r, "peak_mb")] for r in rows]
+              fmt(r["pct_copy_bw"], 0), _triple(r, "activation_mb"), _triple(r, "peak_mb")]
+             + [_triple(r, f, CALL_FIELDS[f][1]) for f in per_call] for r in rows]
     return markdown_table(headers, table)

@@ -104,6 +104,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true",
                    help="also measure the peak memory of fwd+bwd (CPU: one subprocess per case and implementation)")
     p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats: a smoke run")
+    p.add_argument("--host-calls", type=int, default=None,
+                   help="CUDA: calls without a sync behind host us (default 200, 20 with --quick)")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/<name>-<device>.json; --quick: a temporary folder)")
     # How run() tells a memory subprocess which measurement it is for.
@@ -118,6 +120,8 @@ def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
     args.argv = argv
     if args.copy_mb is None:
         args.copy_mb = 32 if args.quick else 256
+    if args.host_calls is None:
+        args.host_calls = 20 if args.quick else 200
     return args
 
 
@@ -148,6 +152,36 @@ def saved_bytes(impl: Impl, args: tuple, wrt: list[torch.Tensor]) -> dict:
     live = [t for t in (*args, *wrt) if isinstance(t, torch.Tensor)]
     with fastvae_backend(impl.backend):
         return common.saved_tensor_bytes(lambda: impl.fn(*args), live)
+
+
+# -- per-call figures (CUDA) ----------------------------------------------------
+
+
+def call_figures(impl: Impl, inputs, device: torch.device, *, host_calls: int = 200) -> dict:
+    """What one fwd+bwd call costs beside its wall time, as the GPU probe
+    measures it (common.py's per-call section): host_us always; on CUDA also
+    kernels_per_call, gpu_us, top_kernels (torch.profiler) and graph_ms /
+    graph_error (CUDA-graph replay), None on CPU where nothing is launched."""
+    fn, _ = mode_callables(impl, "fwd+bwd", *inputs)
+    with fastvae_backend(impl.backend):
+        out = {"host_us": common.host_us_per_call(fn, device, calls=host_calls)}
+        if device.type == "cuda":
+            try:
+                out.update(common.profile_kernels(fn, device))
+            except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the other figures still count
+                out.update(kernels_per_call=None, gpu_us=None, top_kernels=None,
+                           profile_error=f"{type(e).__name__}: {e}"[:300])
+            out.update(common.graph_replay_ms(fn, device))
+        else:
+            out.update(kernels_per_call=None, gpu_us=None, top_kernels=None, graph_ms=None, graph_error=None)
+    return out
+
+
+def add_call_figures(records: list[dict], figures: dict[tuple[str, str], dict]) -> None:
+    """Puts call_figures' results, keyed (impl, case), into the fwd+bwd records."""
+    for r in records:
+        if r["mode"] == "fwd+bwd" and (r["impl"], r["case"]) in figures:
+            r.update(figures[(r["impl"], r["case"])])
 
 
 # -- the run -------------------------------------------------------------------
@@ -203,11 +237,22 @@ def time_case(case: Case, impls: list[Impl], inputs, copy_gbs: float, args, devi
     return records
 
 
+def _call_cell(r: dict, field: str) -> str:
+    if field == "graph_ms" and r.get("graph_ms") is None and r.get("graph_error"):
+        return "capture failed"
+    return common.fmt(r.get(field), common.CALL_FIELDS[field][1])
+
+
 def table(cases: list[Case], impls: list[Impl], records: list[dict]) -> str:
+    """The markdown table; the per-call columns (fwd+bwd rows) only when measured
+    (CUDA), with each failed graph capture's error in a line below the table."""
     by_key = {(r["impl"], r["case"], r["mode"]): r for r in records}
     memory = any("peak_mb" in r for r in records)
+    per_call = [f for f in common.CALL_FIELDS if any(r.get(f) is not None for r in records)]
+    if any(r.get("graph_error") for r in records) and "graph_ms" not in per_call:
+        per_call.append("graph_ms")
     headers = ["impl", "case", "mode", "median ms", "IQR ms", "GB/s", "% copy BW", "vs eager", "vs compiled",
-               "activations MB"] + (["peak MB"] if memory else [])
+               "activations MB"] + (["peak MB"] if memory else []) + [common.CALL_FIELDS[f][0] for f in per_call]
     rows = []
     for case in cases:
         for mode in MODES:
@@ -219,8 +264,11 @@ def table(cases: list[Case], impls: list[Impl], records: list[dict]) -> str:
                        common.fmt_ratio(r["speedup_vs_compiled"]), common.fmt(r["activation_mb"], 1)]
                 if memory:
                     row.append(common.fmt(r.get("peak_mb"), 1) if mode == "fwd+bwd" else "")
+                row += [_call_cell(r, f) if mode == "fwd+bwd" else "" for f in per_call]
                 rows.append(row)
-    return common.markdown_table(headers, rows)
+    failures = [f"graph capture failed, {r['impl']} {r['case']}: {r['graph_error']}"
+                for r in records if r.get("graph_error")]
+    return "\n\n".join([common.markdown_table(headers, rows), *(["\n".join(failures)] if failures else [])])
 
 
 def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl], args,
@@ -246,7 +294,17 @@ def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl]
     for case in cases:
         inputs = case.make_inputs(device)
         warmups += first_calls(case, impls, inputs, device)
-        records += time_case(case, impls, inputs, copy["gbs"], args, device)
+        case_records = time_case(case, impls, inputs, copy["gbs"], args, device)
+        if device.type == "cuda":  # on CPU every call is synchronous: host time is the wall time
+            figures = {}
+            for impl in impls:
+                figures[(impl.name, case.label)] = f = call_figures(impl, inputs, device, host_calls=args.host_calls)
+                graph = common.fmt(f["graph_ms"], 3) if f["graph_ms"] is not None else f"failed ({f['graph_error']})"
+                common.log(f"{case.label:<10} per call {impl.name:<22} host {f['host_us']:9.1f} us, "
+                           f"{common.fmt(f['kernels_per_call'], 1)} kernels, GPU {common.fmt(f['gpu_us'], 1)} us, "
+                           f"graph {graph} ms")
+            add_call_figures(case_records, figures)
+        records += case_records
         del inputs
     if args.memory or device.type == "cuda":
         fwd_bwd = {(r["impl"], r["case"]): r for r in records if r["mode"] == "fwd+bwd"}
@@ -262,6 +320,7 @@ def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl]
     print(f"\n{title}\n\n{md}\n")
     payload = {"op": name, **meta, "title": title, "copy_bandwidth": copy,
                "config": {"quick": args.quick, "warmup": args.warmup, "modes": list(MODES),
+                          "host_calls": args.host_calls if device.type == "cuda" else None,
                           "impls": [{"name": i.name, "fastvae_backend": i.backend} for i in impls],
                           "cases": [{"label": c.label, **c.params} for c in cases]},
                **(extra or {}), "results": records, "first_calls": warmups,

@@ -387,13 +387,17 @@ void iw_grad_any(const double* gw, const double* w, int64_t M, int64_t rows, int
 
 }  // namespace
 
+namespace {
+
+// The forward of logmeanexp_forward, which also writes s2_out (M,) =
+// sum_k exp(2 (lw_k - shift)) when it is non-null.
 template <typename T>
-void logmeanexp_forward(const T* lw, int64_t K, int64_t M, T* mx, T* s, T* out, T* ess,
-                        int n_threads) {
+void forward_columns(const T* lw, int64_t K, int64_t M, T* mx, T* s, T* s2_out, T* out, T* ess,
+                     int n_threads) {
   if (M == 0) return;
   const Plan p = plan_reduction(K, M, n_threads);
   const int64_t chunk_rows = std::clamp<int64_t>(kChunkElems / p.cols, 1, kMaxChunkRows);
-  const bool want_s2 = ess != nullptr;
+  const bool want_s2 = ess != nullptr || s2_out != nullptr;
   // Partial states: one (M,) row per split; with a single split and no
   // second moment the outputs themselves hold the running state.
   std::vector<T> part;
@@ -456,6 +460,57 @@ void logmeanexp_forward(const T* lw, int64_t K, int64_t M, T* mx, T* s, T* out, 
       finish_columns_any(pm, ps, ps2, p.n_splits, M, j0, j1, log_k, mx, s, out, ess);
     }
   }
+  if (s2_out != nullptr) std::copy(ps2, ps2 + M, s2_out);  // split 0 holds the merged sums
+}
+
+// (m, s) <- the merge of (m, s) with (cm, cs), as merge_logmeanexp_states.
+template <typename T>
+void merge_into(T* m, T* s, const T* cm, const T* cs, int64_t M, T scale) {
+  for (int64_t j = 0; j < M; ++j) {
+    const T c = scale * cm[j];  // the max of 2 x is 2 max_x (never NaN)
+    const T nm = c > m[j] ? c : m[j];
+    s[j] = s[j] * rescale(m[j], nm) + cs[j] * rescale(c, nm);
+    m[j] = nm;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void logmeanexp_forward(const T* lw, int64_t K, int64_t M, T* mx, T* s, T* out, T* ess,
+                        int n_threads) {
+  forward_columns(lw, K, M, mx, s, static_cast<T*>(nullptr), out, ess, n_threads);
+}
+
+template <typename T>
+void logmeanexp_accumulate(const T* lw, const T* latent, int64_t K, int64_t M, T* mx, T* s,
+                           T* sq_mx, T* sq_s, bool first, int n_threads) {
+  if (M == 0) return;
+  std::vector<T> sum;  // lw + latent, read once by the reduction
+  const T* x = lw;
+  if (latent != nullptr) {
+    sum.resize(static_cast<size_t>(K * M));
+    T* d = sum.data();
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t i = 0; i < K * M; ++i) d[i] = lw[i] + latent[i];
+    x = d;
+  }
+  std::vector<T> chunk(3 * static_cast<size_t>(M));
+  T* cm = chunk.data();
+  T* cs = cm + M;
+  T* cs2 = cs + M;
+  forward_columns(x, K, M, cm, cs, cs2, static_cast<T*>(nullptr), static_cast<T*>(nullptr), n_threads);
+  if (first) {
+    for (int64_t j = 0; j < M; ++j) {
+      mx[j] = cm[j];
+      s[j] = cs[j];
+      sq_mx[j] = T(2) * cm[j];
+      sq_s[j] = cs2[j];
+    }
+    return;
+  }
+  merge_into(mx, s, cm, cs, M, T(1));
+  merge_into(sq_mx, sq_s, cm, cs2, M, T(2));
 }
 
 template <typename T>
@@ -524,6 +579,10 @@ template void logmeanexp_forward<float>(const float*, int64_t, int64_t, float*, 
                                         float*, int);
 template void logmeanexp_forward<double>(const double*, int64_t, int64_t, double*, double*,
                                          double*, double*, int);
+template void logmeanexp_accumulate<float>(const float*, const float*, int64_t, int64_t, float*,
+                                           float*, float*, float*, bool, int);
+template void logmeanexp_accumulate<double>(const double*, const double*, int64_t, int64_t,
+                                            double*, double*, double*, double*, bool, int);
 template void logmeanexp_backward<float>(const float*, const float*, const float*, const float*,
                                          const float*, const float*, int64_t, int64_t, float*,
                                          int);

@@ -22,6 +22,15 @@ template <typename T>
 void logmeanexp_forward(const T* lw, int64_t K, int64_t M, T* max, T* sumexp, T* out, T* ess,
                         int n_threads);
 
+// The evaluation's chunk (fastvae/evaluation.py): x = lw + latent (K, M), or lw
+// when latent is null. (max, sumexp) (M,) <- their merge with the state of x,
+// (sq_max, sq_sumexp) (M,) <- their merge with the state of 2 x, which is
+// (2 max_x, sum_k exp(2 (x_k - shift))). With first, the running states are
+// written without being read.
+template <typename T>
+void logmeanexp_accumulate(const T* lw, const T* latent, int64_t K, int64_t M, T* max, T* sumexp,
+                           T* sq_max, T* sq_sumexp, bool first, int n_threads);
+
 // dlw (K, M) = e * (a + b * e) with e = exp(lw - max) (exp(lw) for an empty
 // column, max = -inf) and per column
 //   a = g / sumexp + g_sumexp, b = 0                  (ess == nullptr; g_sumexp may be null)

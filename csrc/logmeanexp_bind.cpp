@@ -1,6 +1,6 @@
 // Python bindings of the importance-weighting kernels (checked buffers ->
-// logmeanexp.cpp): logmeanexp_forward, logmeanexp_backward and
-// importance_weights_backward.
+// logmeanexp.cpp): logmeanexp_forward, logmeanexp_accumulate, logmeanexp_backward
+// and importance_weights_backward.
 #include "logmeanexp.h"
 #include "optional_buffers.h"
 
@@ -27,6 +27,22 @@ void logmeanexp_forward_t(py::array lw, py::array max, py::array sumexp, const p
   T* e = checked_or_null<T>(ess, ess_a, "ess", {M}, true);
   py::gil_scoped_release release;
   fastvae::logmeanexp_forward<T>(x, K, M, mx, s, o, e, n_threads);
+}
+
+template <typename T>
+void logmeanexp_accumulate_t(py::array lw, const py::object& latent, py::array max, py::array sumexp,
+                             py::array sq_max, py::array sq_sumexp, bool first, int n_threads) {
+  check_columns(lw, "lw");
+  const int64_t K = lw.shape(0), M = lw.shape(1);
+  const T* x = checked<T>(lw, "lw", {K, M}, false);
+  py::array latent_a;
+  const T* lat = checked_or_null<T>(latent, latent_a, "latent", {K, M}, false);
+  T* mx = checked<T>(max, "lw_max", {M}, true);
+  T* s = checked<T>(sumexp, "sumexp", {M}, true);
+  T* qm = checked<T>(sq_max, "sq_max", {M}, true);
+  T* qs = checked<T>(sq_sumexp, "sq_sumexp", {M}, true);
+  py::gil_scoped_release release;
+  fastvae::logmeanexp_accumulate<T>(x, lat, K, M, mx, s, qm, qs, first, n_threads);
 }
 
 template <typename T>
@@ -72,6 +88,17 @@ void bind_logmeanexp(py::module_& m) {
   }, py::arg("lw"), py::arg("lw_max"), py::arg("sumexp"), py::arg("out").none(true),
      py::arg("ess").none(true), py::arg("n_threads"),
      "Column states (max, sumexp) of (K, M) log-weights; out = logmeanexp and ess when given.");
+
+  m.def("logmeanexp_accumulate", [](py::array lw, py::object latent, py::array max,
+                                    py::array sumexp, py::array sq_max, py::array sq_sumexp,
+                                    bool first, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(lw,
+             [&] { logmeanexp_accumulate_t<float>(lw, latent, max, sumexp, sq_max, sq_sumexp, first, n_threads); },
+             [&] { logmeanexp_accumulate_t<double>(lw, latent, max, sumexp, sq_max, sq_sumexp, first, n_threads); });
+  }, py::arg("lw"), py::arg("latent").none(true), py::arg("lw_max"), py::arg("sumexp"),
+     py::arg("sq_max"), py::arg("sq_sumexp"), py::arg("first"), py::arg("n_threads"),
+     "Running states of lw + latent and of twice that, merged with the chunk's in place.");
 
   m.def("logmeanexp_backward", [](py::array lw, py::array max, py::array sumexp, py::array g,
                                   py::object g_sumexp, py::object ess, py::array dlw,

@@ -54,10 +54,12 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
                            uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
                            int64_t L, T* z, T* kl, T* log_ratio, int n_threads);
 
-// dz: (K, N, L); dkl: (N,); mu, logvar, dmu, dlogvar: (N, L).
+// dz: (K, N, L); dkl: (N,); dratio (K, N): the gradient of the log-ratio output
+// (sample_normal_with_ratio), stop_score its mode; each may be null (no gradient);
+// mu, logvar, dmu, dlogvar: (N, L).
 template <typename T>
-void sample_normal_backward(const T* dz, const T* dkl, const T* mu, const T* logvar,
-                            uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu,
+void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T* mu, const T* logvar,
+                            uint64_t seed, bool stop_score, int64_t K, int64_t N, int64_t L, T* dmu,
                             T* dlogvar, int n_threads);
 
 // sample_normal_tril: mu (N, L), S (N, L, L) of which only the lower triangle

@@ -31,6 +31,13 @@ void half_exp_block(const double* lv, int64_t n, double* s) {
   for (int64_t i = 0; i < n; ++i) s[i] = std::exp(0.5 * lv[i]);
 }
 
+// inv_s[i] = exp(-logvar[i] / 2)
+void neg_half_exp_block(const float* lv, int64_t n, float* inv_s) { exp_block_f32(lv, -0.5f, n, inv_s); }
+
+void neg_half_exp_block(const double* lv, int64_t n, double* inv_s) {
+  for (int64_t i = 0; i < n; ++i) inv_s[i] = std::exp(-0.5 * lv[i]);
+}
+
 int64_t rows_per_tile(int64_t L) { return std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1)); }
 
 // Asks for the cache lines of p[0, n) ahead of their use (write: for a store).
@@ -122,37 +129,74 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
   }
 }
 
+// The gradients of sample_normal and of its log-ratio output, in one pass over
+// the samples: each upstream gradient may be null (its output has none). With
+// z = mu + s * eps recomputed from the regenerated eps,
+//   dz_k = dz_k + dratio[k, n] * (-z, or eps / s - z with stop_score),
+//   dmu = sum_k dz_k + dkl * mu,
+//   dlogvar = (sum_k dz_k * eps * s + dkl * (s^2 - 1)) / 2 (+ sum_k dratio / 2 without stop_score).
+// eps / s is eps * exp(-logvar / 2): finite for a collapsed posterior, where
+// (z - mu) * exp(-logvar) is 0 * inf.
 template <typename T>
-void sample_normal_backward(const T* dz, const T* dkl, const T* mu, const T* logvar,
-                            uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu,
+void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T* mu, const T* logvar,
+                            uint64_t seed, bool stop_score, int64_t K, int64_t N, int64_t L, T* dmu,
                             T* dlogvar, int n_threads) {
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
+  if (!dz && !dratio) K = 0;  // nothing to sum over the samples
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, NL - b0);
-    T s[kBlock], eps[kBlock], g_kl[kBlock], acc_mu[kBlock], acc_lv[kBlock];
+    T s[kBlock], eps[kBlock], acc_mu[kBlock], acc_lv[kBlock];
+    T inv_s[kBlock], gr[kBlock], acc_g[kBlock];
     half_exp_block(logvar + b0, n, s);
-    spread_rows(dkl, b0, n, L, g_kl);
-    for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = T(0);
+    if (dratio && stop_score) neg_half_exp_block(logvar + b0, n, inv_s);
+    for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = acc_g[i] = T(0);
+    const T* m = mu + b0;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t base = k * NL + b0;
-      if (k + 1 < K) {
-        prefetch_block(dz + base + NL, n, false);
-      } else if (b0 + n < NL) {  // the next block's first sample
-        prefetch_block(dz + b0 + n, std::min(kBlock, NL - b0 - n), false);
+      if (dz) {
+        if (k + 1 < K) {
+          prefetch_block(dz + base + NL, n, false);
+        } else if (b0 + n < NL) {  // the next block's first sample
+          prefetch_block(dz + b0 + n, std::min(kBlock, NL - b0 - n), false);
+        }
       }
       randn_block(seed, static_cast<uint64_t>(base), n, eps);
-      const T* g = dz + base;
+      const T* g = dz ? dz + base : nullptr;
+      if (!dratio) {
+        for (int64_t i = 0; i < n; ++i) {
+          acc_mu[i] += g[i];
+          acc_lv[i] += g[i] * eps[i];
+        }
+        continue;
+      }
+      spread_rows(dratio + k * N, b0, n, L, gr);
       for (int64_t i = 0; i < n; ++i) {
-        acc_mu[i] += g[i];
-        acc_lv[i] += g[i] * eps[i];
+        const T z = m[i] + s[i] * eps[i];
+        const T path = stop_score ? eps[i] * inv_s[i] - z : -z;
+        const T d = (g ? g[i] : T(0)) + gr[i] * path;
+        acc_mu[i] += d;
+        acc_lv[i] += d * eps[i];
+        acc_g[i] += gr[i];
       }
     }
-    for (int64_t i = 0; i < n; ++i) {
-      dmu[b0 + i] = acc_mu[i] + g_kl[i] * mu[b0 + i];
-      dlogvar[b0 + i] = T(0.5) * (acc_lv[i] * s[i] + g_kl[i] * (s[i] * s[i] - T(1)));
+    const bool direct = dratio && !stop_score;  // the log-ratio's logvar / 2 term
+    if (dkl) {
+      T g_kl[kBlock];
+      spread_rows(dkl, b0, n, L, g_kl);
+      for (int64_t i = 0; i < n; ++i) {
+        dmu[b0 + i] = acc_mu[i] + g_kl[i] * m[i];
+        const T lv = T(0.5) * (acc_lv[i] * s[i] + g_kl[i] * (s[i] * s[i] - T(1)));
+        dlogvar[b0 + i] = direct ? lv + T(0.5) * acc_g[i] : lv;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        dmu[b0 + i] = acc_mu[i];
+        const T lv = T(0.5) * (acc_lv[i] * s[i]);
+        dlogvar[b0 + i] = direct ? lv + T(0.5) * acc_g[i] : lv;
+      }
     }
   }
 }
@@ -163,11 +207,11 @@ template void sample_normal_forward<float>(const float*, const float*, uint64_t,
 template void sample_normal_forward<double>(const double*, const double*, uint64_t, uint64_t,
                                             uint64_t, uint64_t, int64_t, int64_t, int64_t,
                                             double*, double*, double*, int);
-template void sample_normal_backward<float>(const float*, const float*, const float*,
-                                            const float*, uint64_t, int64_t, int64_t, int64_t,
+template void sample_normal_backward<float>(const float*, const float*, const float*, const float*,
+                                            const float*, uint64_t, bool, int64_t, int64_t, int64_t,
                                             float*, float*, int);
 template void sample_normal_backward<double>(const double*, const double*, const double*,
-                                             const double*, uint64_t, int64_t, int64_t,
-                                             int64_t, double*, double*, int);
+                                             const double*, const double*, uint64_t, bool, int64_t,
+                                             int64_t, int64_t, double*, double*, int);
 
 }  // namespace fastvae

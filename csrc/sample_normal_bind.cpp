@@ -26,20 +26,32 @@ void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, uint
 }
 
 template <typename T>
-void sample_normal_backward_t(py::array dz, py::array dkl, py::array mu, py::array logvar,
-                              uint64_t seed, py::array dmu, py::array dlogvar, int n_threads) {
+void sample_normal_backward_t(py::object dz, py::object dkl, py::object dratio, py::array mu,
+                              py::array logvar, uint64_t seed, bool stop_score, py::array dmu,
+                              py::array dlogvar, int n_threads) {
   check_2d(mu, "mu");
   const int64_t N = mu.shape(0), L = mu.shape(1);
-  if (dz.ndim() != 3) throw py::value_error("grad_z: expected a 3-d (K, N, L) array, got " + shape_str(dz));
-  const int64_t K = dz.shape(0);
-  const T* g = checked<T>(dz, "grad_z", {K, N, L}, false);
-  const T* gk = checked<T>(dkl, "grad_kl", {N}, false);
+  // K from whichever per-sample gradient is given (none: only the KL's terms)
+  int64_t K = 0;
+  const py::object& samples = dz.is_none() ? dratio : dz;
+  if (!samples.is_none()) {
+    const int dims = dz.is_none() ? 2 : 3;
+    if (!py::isinstance<py::array>(samples) || py::reinterpret_borrow<py::array>(samples).ndim() != dims) {
+      throw py::value_error(dz.is_none() ? "grad_log_ratio: expected a 2-d (K, N) array or None"
+                                         : "grad_z: expected a 3-d (K, N, L) array or None");
+    }
+    K = py::reinterpret_borrow<py::array>(samples).shape(0);
+  }
+  py::array dz_holder, dkl_holder, dratio_holder;  // keep the arrays alive while their pointers are used
+  const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L}, false);
+  const T* gk = checked_or_null<T>(dkl, dkl_holder, "grad_kl", {N}, false);
+  const T* gr = checked_or_null<T>(dratio, dratio_holder, "grad_log_ratio", {K, N}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
   T* dm = checked<T>(dmu, "dmu", {N, L}, true);
   T* dlv = checked<T>(dlogvar, "dlogvar", {N, L}, true);
   py::gil_scoped_release release;
-  fastvae::sample_normal_backward<T>(g, gk, m, lv, seed, K, N, L, dm, dlv, n_threads);
+  fastvae::sample_normal_backward<T>(g, gk, gr, m, lv, seed, stop_score, K, N, L, dm, dlv, n_threads);
 }
 
 }  // namespace
@@ -58,15 +70,18 @@ void bind_sample_normal(py::module_& m) {
      py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("kl"),
      py::arg("log_ratio").none(true), py::arg("n_threads"));
 
-  m.def("sample_normal_backward", [](py::array dz, py::array dkl, py::array mu,
-                                     py::array logvar, uint64_t seed, py::array dmu,
+  m.def("sample_normal_backward", [](py::object dz, py::object dkl, py::object dratio, py::array mu,
+                                     py::array logvar, uint64_t seed, bool stop_score, py::array dmu,
                                      py::array dlogvar, int n_threads) {
     check_threads(n_threads);
     by_dtype(mu,
-             [&] { sample_normal_backward_t<float>(dz, dkl, mu, logvar, seed, dmu, dlogvar, n_threads); },
-             [&] { sample_normal_backward_t<double>(dz, dkl, mu, logvar, seed, dmu, dlogvar, n_threads); });
-  }, py::arg("grad_z"), py::arg("grad_kl"), py::arg("mu"), py::arg("logvar"), py::arg("seed"),
-     py::arg("dmu"), py::arg("dlogvar"), py::arg("n_threads"));
+             [&] { sample_normal_backward_t<float>(dz, dkl, dratio, mu, logvar, seed, stop_score, dmu, dlogvar,
+                                                   n_threads); },
+             [&] { sample_normal_backward_t<double>(dz, dkl, dratio, mu, logvar, seed, stop_score, dmu, dlogvar,
+                                                    n_threads); });
+  }, py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg("grad_log_ratio").none(true),
+     py::arg("mu"), py::arg("logvar"), py::arg("seed"), py::arg("stop_score"), py::arg("dmu"),
+     py::arg("dlogvar"), py::arg("n_threads"));
 }
 
 FASTVAE_BIND(bind_sample_normal);

@@ -99,7 +99,7 @@ void sample_normal_tril_backward(const T* dz, const T* dkl, const T* mu, const T
       // the strict upper triangle stays 0: its gradient is exactly 0
       std::fill(dS + r0 * LL, dS + r1 * LL, T(0));
       std::fill(dmu + r0 * L, dmu + r1 * L, T(0));
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t k = 0; dz && k < K; ++k) {  // dz null: z has no gradient
         randn_block(seed, static_cast<uint64_t>(k * NL + r0 * L), (r1 - r0) * L, eps.data());
         for (int64_t n = r0; n < r1; ++n) {
           const T* e = eps.data() + (n - r0) * L;
@@ -115,7 +115,7 @@ void sample_normal_tril_backward(const T* dz, const T* dkl, const T* mu, const T
           }
         }
       }
-      for (int64_t n = r0; n < r1; ++n) {
+      for (int64_t n = r0; dkl && n < r1; ++n) {  // dkl null: kl has no gradient
         const T gk = dkl[n];
         if (gk == T(0)) continue;  // kl unused: none of its terms (not 0 * NaN)
         const T* m = mu + n * L;

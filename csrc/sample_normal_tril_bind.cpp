@@ -1,6 +1,7 @@
 // Python bindings of sample_normal_tril (checked buffers -> sample_normal_tril.cpp).
 #include "buffers.h"
 #include "ops.h"
+#include "optional_buffers.h"
 
 namespace fastvae::bind {
 namespace {
@@ -21,15 +22,22 @@ void sample_normal_tril_forward_t(py::array mu, py::array scale_tril, uint64_t s
 }
 
 template <typename T>
-void sample_normal_tril_backward_t(py::array dz, py::array dkl, py::array mu, py::array scale_tril,
+void sample_normal_tril_backward_t(py::object dz, py::object dkl, py::array mu, py::array scale_tril,
                                    uint64_t seed, py::array dmu, py::array dscale_tril,
                                    int n_threads) {
   check_2d(mu, "mu");
   const int64_t N = mu.shape(0), L = mu.shape(1);
-  if (dz.ndim() != 3) throw py::value_error("grad_z: expected a 3-d (K, N, L) array, got " + shape_str(dz));
-  const int64_t K = dz.shape(0);
-  const T* g = checked<T>(dz, "grad_z", {K, N, L}, false);
-  const T* gk = checked<T>(dkl, "grad_kl", {N}, false);
+  // grad_z or grad_kl None: that output has no gradient (K = 0 without grad_z)
+  int64_t K = 0;
+  if (!dz.is_none()) {
+    if (!py::isinstance<py::array>(dz) || py::reinterpret_borrow<py::array>(dz).ndim() != 3) {
+      throw py::value_error("grad_z: expected a 3-d (K, N, L) array or None");
+    }
+    K = py::reinterpret_borrow<py::array>(dz).shape(0);
+  }
+  py::array dz_holder, dkl_holder;  // keep the arrays alive while their pointers are used
+  const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L}, false);
+  const T* gk = checked_or_null<T>(dkl, dkl_holder, "grad_kl", {N}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* s = checked<T>(scale_tril, "scale_tril", {N, L, L}, false);
   T* dm = checked<T>(dmu, "dmu", {N, L}, true);
@@ -50,7 +58,7 @@ void bind_sample_normal_tril(py::module_& m) {
   }, py::arg("mu"), py::arg("scale_tril"), py::arg("seed"), py::arg("z"), py::arg("kl"),
      py::arg("n_threads"));
 
-  m.def("sample_normal_tril_backward", [](py::array dz, py::array dkl, py::array mu,
+  m.def("sample_normal_tril_backward", [](py::object dz, py::object dkl, py::array mu,
                                           py::array scale_tril, uint64_t seed, py::array dmu,
                                           py::array dscale_tril, int n_threads) {
     check_threads(n_threads);
@@ -59,7 +67,8 @@ void bind_sample_normal_tril(py::module_& m) {
                                                         dscale_tril, n_threads); },
              [&] { sample_normal_tril_backward_t<double>(dz, dkl, mu, scale_tril, seed, dmu,
                                                          dscale_tril, n_threads); });
-  }, py::arg("grad_z"), py::arg("grad_kl"), py::arg("mu"), py::arg("scale_tril"), py::arg("seed"),
+  }, py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg("mu"), py::arg("scale_tril"),
+     py::arg("seed"),
      py::arg("dmu"), py::arg("dscale_tril"), py::arg("n_threads"));
 }
 

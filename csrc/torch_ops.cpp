@@ -113,16 +113,22 @@ void sample_forward(const Tensor& m, const Tensor& lv, int64_t seed, int64_t K, 
   });
 }
 
-std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& grad_kl, const Tensor& m,
-                                          const Tensor& lv, int64_t seed, int64_t K) {
+// dmu, dlogvar (N, L) from the upstream gradients of z (K, N, L), kl (N,) and
+// log_ratio (K, N), each undefined when its output has none (nothing is
+// materialized): one kernel, which also folds in the log-ratio's path terms.
+std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& grad_kl, const Tensor& grad_ratio,
+                                          bool stop_score, const Tensor& m, const Tensor& lv, int64_t seed,
+                                          int64_t K) {
   const int64_t N = m.size(0), L = m.size(1);
-  const Tensor g = input(grad_z.reshape({K, N, L}), "grad_z", m, {K, N, L});
-  const Tensor gk = input(grad_kl.reshape({N}), "grad_kl", m, {N});
+  const Tensor g = grad_z.defined() ? input(grad_z.reshape({K, N, L}), "grad_z", m, {K, N, L}) : Tensor();
+  const Tensor gk = grad_kl.defined() ? input(grad_kl.reshape({N}), "grad_kl", m, {N}) : Tensor();
+  const Tensor gr = grad_ratio.defined() ? input(grad_ratio.reshape({K, N}), "grad_log_ratio", m, {K, N}) : Tensor();
   Tensor dmu = output({N, L}, m), dlv = output({N, L}, m);
   by_dtype(m, [&](auto tag) {
     using T = decltype(tag);
-    sample_normal_backward<T>(ptr<T>(g), ptr<T>(gk), ptr<T>(m), ptr<T>(lv), uint64_t(seed), K, N, L, ptr<T>(dmu),
-                              ptr<T>(dlv), threads(K * N * L));
+    auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
+    sample_normal_backward<T>(opt(g), opt(gk), opt(gr), ptr<T>(m), ptr<T>(lv), uint64_t(seed), stop_score, K, N, L,
+                              ptr<T>(dmu), ptr<T>(dlv), threads(K * N * L));
   });
   return {dmu, dlv};
 }
@@ -149,6 +155,7 @@ struct SampleNormal : torch::autograd::Function<SampleNormal> {
     const int64_t N = m.size(0), L = m.size(1);
     Tensor z = output({K, N, L}, m), kl = output({N}, m);
     sample_forward(m, lv, seed, K, z, kl, nullptr);
+    ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
     ctx->save_for_backward({m, lv});
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["K"] = K;
@@ -161,7 +168,9 @@ struct SampleNormal : torch::autograd::Function<SampleNormal> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const int64_t K = ctx->saved_data["K"].toInt();
-    auto [dmu, dlv] = sample_backward(grads[0], grads[1], saved[0], saved[1], ctx->saved_data["seed"].toInt(), K);
+    if (!grads[0].defined() && !grads[1].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    auto [dmu, dlv] = sample_backward(grads[0], grads[1], Tensor(), false, saved[0], saved[1],
+                                      ctx->saved_data["seed"].toInt(), K);
     const auto shape = ctx->saved_data["shape"].toIntVector();
     return {dmu.view(shape), dlv.view(shape), Tensor(), Tensor()};
   }
@@ -177,8 +186,10 @@ struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> 
     const int64_t N = m.size(0), L = m.size(1);
     Tensor z = output({K, N, L}, m), kl = output({N}, m), ratio = output({K, N}, m);
     sample_forward(m, lv, seed, K, z, kl, &ratio);
-    ctx->save_for_backward({m, lv, z});
+    ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
+    ctx->save_for_backward({m, lv});  // z is recomputed from the regenerated eps
     ctx->saved_data["seed"] = seed;
+    ctx->saved_data["K"] = K;
     ctx->saved_data["stop_score"] = stop_score;
     ctx->saved_data["shape"] = mu.sizes().vec();
     const auto batch = mu.sizes().slice(0, mu.dim() - 1);
@@ -187,14 +198,12 @@ struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> 
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &m = saved[0], &lv = saved[1], &z = saved[2];
-    const int64_t K = z.size(0), N = z.size(1), L = z.size(2);
-    const bool stop_score = ctx->saved_data["stop_score"].toBool();
-    const Tensor g = grads[2].reshape({K, N, 1});
-    const Tensor path = stop_score ? (z - m) * at::exp(-lv) - z : -z;
-    const Tensor grad_z = grads[0].reshape({K, N, L}) + g * path;
-    auto [dmu, dlv] = sample_backward(grad_z, grads[1], m, lv, ctx->saved_data["seed"].toInt(), K);
-    if (!stop_score) dlv = dlv + 0.5 * g.sum(0);
+    const int64_t K = ctx->saved_data["K"].toInt();
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) {
+      return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    auto [dmu, dlv] = sample_backward(grads[0], grads[1], grads[2], ctx->saved_data["stop_score"].toBool(), saved[0],
+                                      saved[1], ctx->saved_data["seed"].toInt(), K);
     const auto shape = ctx->saved_data["shape"].toIntVector();
     return {dmu.view(shape), dlv.view(shape), Tensor(), Tensor(), Tensor()};
   }

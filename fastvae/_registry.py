@@ -47,7 +47,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("randn_fill", "philox", "seed offset0 out row_stride"),
     _k("uniform_fill", "philox", "seed offset0 u1 u2"),
     _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl log_ratio"),
-    _k("sample_normal_backward", "sample_normal", "grad_z grad_kl mu logvar seed dmu dlogvar"),
+    _k("sample_normal_backward", "sample_normal",
+       "grad_z grad_kl grad_log_ratio mu logvar seed stop_score dmu dlogvar"),
     _k("sample_normal_tril_forward", "sample_normal_tril", "mu scale_tril seed z kl"),
     _k("sample_normal_tril_backward", "sample_normal_tril", "grad_z grad_kl mu scale_tril seed dmu dscale_tril"),
     _k("kl_normal_forward", "kl_normal", "mu logvar prior_mu prior_logvar kl"),
@@ -60,6 +61,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("bernoulli_log_prob_backward", "bernoulli_log_prob", "grad_out x logits dx dlogits"),
     _k("logmeanexp_forward", "logmeanexp", "lw lw_max sumexp out ess"),
     _k("logmeanexp_backward", "logmeanexp", "lw lw_max sumexp grad_out grad_sumexp ess dlw"),
+    # the evaluation's chunk: the states of lw (+ latent) and of twice that, merged
+    # into running states in place (sq_*: the state of 2 lw, i.e. of w^2)
+    _k("logmeanexp_accumulate", "logmeanexp", "lw latent lw_max sumexp sq_max sq_sumexp first"),
     _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
     _k("latent_log_ratio_forward", "latent_log_ratio", "z mu logvar out"),
     _k("latent_log_ratio_backward", "latent_log_ratio", "grad_out z mu logvar dz dmu dlogvar"),
@@ -78,7 +82,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_gaussian_log_prob.py", "gaussian_log_prob"),
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
        "test_bernoulli_log_prob.py", "bernoulli_log_prob"),
-    Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward"), "test_logmeanexp.py", "logmeanexp"),
+    Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward", "logmeanexp_accumulate"),
+       "test_logmeanexp.py", "logmeanexp"),
     Op("importance_weights", ("importance_weights_backward", "logmeanexp_backward"),
        "test_logmeanexp.py", "logmeanexp"),
     Op("effective_sample_size", ("logmeanexp_forward", "logmeanexp_backward"),
@@ -91,7 +96,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
 
 # Test modules above the ops that reach a Triton kernel: run under the
 # interpreter too, next to every op's own test module.
-INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py")
+# test_launches.py counts what each call launches on the CUDA path (issue 23).
+INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py",
+                     "test_launches.py")
 
 
 def interpreter_test_modules() -> list[str]:

@@ -9,7 +9,9 @@ For each example x with encoder output q(z|x) = N(mu, diag(exp(logvar))):
 K is streamed in chunks: a chunk's K_c samples of n examples are decoded in
 one batched call, z (K_c, n, L) -> decode -> (K_c, n, D), and its log-weights
 are folded into the running (max, sumexp) states of fastvae.logmeanexp_state
-(one for w and one for w², which gives the standard error and the ESS), so
+(one for w and one for w², which gives the standard error and the ESS) by one
+kernel call per chunk (logmeanexp.accumulate_states: the merge runs on the
+device, no per-chunk torch ops), so
 memory is bounded by one chunk whatever K is. The noise of sample k of the
 example with global index g sits at Philox offset g·K·L + k·L + l, drawn by
 the sampling kernel at those offsets (sample_normal.sample_at), so the result does not depend on the chunk size, on how
@@ -37,18 +39,25 @@ from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal
 from .logmeanexp import (
     LogMeanExpState,
+    accumulate_states,
     all_reduce_logmeanexp_state,
     logmeanexp_from_state,
-    logmeanexp_state,
-    merge_logmeanexp_states,
 )
 from .priors import StandardNormal, check_prior, log_ratio_to_standard
 from .sample_normal import _MAX_OFFSET, sample_at
 
-# Bytes one chunk may use when chunk_size=None; see _chunk_plan. 256 MiB keeps
-# the K = 5000, B = 256, D = 784 evaluation at ~30 chunks of ~160 samples, big
-# enough that the decoder's matrix products run at full speed.
+# Bytes one chunk may use when chunk_size=None and memory_budget=None on the
+# CPU; see _chunk_plan. 256 MiB keeps the K = 5000, B = 256, D = 784
+# evaluation at ~30 chunks of ~160 samples, big enough that the decoder's
+# matrix products run at full speed on a CPU.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+# On CUDA the default budget is this fraction of the device's free memory
+# (torch.cuda.mem_get_info) at the call: a GPU runs the decoder faster on
+# larger chunks, and every chunk costs launches (measured on an H100, MLP VAE,
+# K = 5000, B = 256: 256 MiB chunks 51-54 ms, chunks of 500 samples 29.6 ms).
+# The rest of the free memory is headroom for what the budget does not count
+# (a decoder's hidden layers wider than D).
+CUDA_FREE_MEMORY_FRACTION = 0.25
 
 SHARDS = ("examples", "samples", None)
 
@@ -124,7 +133,7 @@ class _Config:
     likelihood: str
     with_ratio: bool  # log w includes log p(z) − log q(z|x) (False: reconstruction probability)
     chunk_size: int | None
-    memory_budget: int
+    memory_budget: int | None  # None: DEFAULT_MEMORY_BUDGET, or on CUDA a share of the free memory
     shard: str | None
     group: Any
     prior: Any  # p(z) (fastvae.priors); StandardNormal by default
@@ -139,9 +148,8 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
     check_likelihood(likelihood)
     if chunk_size is not None:
         chunk_size = _validate.positive_int("chunk_size", chunk_size)
-    if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET
-    memory_budget = _validate.positive_int("memory_budget", memory_budget)
+    if memory_budget is not None:  # None: chosen per device at the call (_memory_budget)
+        memory_budget = _validate.positive_int("memory_budget", memory_budget)
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
     return _Config(k, k_name, likelihood, with_ratio, chunk_size, memory_budget, shard, group,
@@ -202,17 +210,33 @@ def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tens
 # -- the chunk loop ---------------------------------------------------------------
 
 
-def _chunk_plan(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int) -> tuple[int, int]:
+def memory_budget_for(device: torch.device, memory_budget: int | None = None) -> int:
+    """Bytes one chunk may use: memory_budget when given; else on a CUDA device
+    CUDA_FREE_MEMORY_FRACTION of its free memory now (torch.cuda.mem_get_info,
+    at least 1 byte), and on any other device DEFAULT_MEMORY_BUDGET."""
+    if memory_budget is not None:
+        return memory_budget
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return max(1, int(free * CUDA_FREE_MEMORY_FRACTION))
+    return DEFAULT_MEMORY_BUDGET
+
+
+def _chunk_plan(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int,
+                device: torch.device) -> tuple[int, int]:
     """(samples per chunk, examples per block). With chunk_size=None the chunk
     is the largest that keeps K_c · n · (2D + 3L) · itemsize bytes within the
-    memory budget: D for the decoder output and D more for its intermediate
-    activations and the likelihood's temporaries, 3L for eps, the scale and z.
-    If even one sample of every example is too much, the examples are split."""
+    memory budget (memory_budget_for): D for the decoder output and D more for
+    its intermediate activations and the likelihood's temporaries, 3L for eps,
+    the scale and z. If even one sample of every example is too much, the
+    examples are split."""
     if cfg.chunk_size is not None:
         return max(1, min(cfg.chunk_size, k_count)), max(n, 1)
+    budget = memory_budget_for(device, cfg.memory_budget)
     per = itemsize * (2 * D + 3 * L)
-    kc = max(1, min(k_count, cfg.memory_budget // max(1, per * n)))
-    nb = max(1, min(n, cfg.memory_budget // (per * kc)))
+    kc = max(1, min(k_count, budget // max(1, per * n)))
+    nb = max(1, min(n, budget // (per * kc)))
     return kc, nb
 
 
@@ -240,8 +264,7 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             f"latents runs to Philox offset {last}, beyond 2**63 - 1; use {cfg.k_name} <= "
             f"{(_MAX_OFFSET + 1) // ((g0 + n) * L)}"
         )
-    kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size())
-    run_dtype = accumulation_dtype(mu.dtype)
+    kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size(), x.device)
     firsts, seconds = [], []
     for b0 in range(0, n, nb):
         b1 = min(n, b0 + nb)
@@ -251,29 +274,29 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             c1 = min(k1, c0 + kc)
             # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn where it is used
             z, latent = _draw(qb, cfg, seed, g0 + b0, c0, c1)
-            # a half-precision model's terms are widened before they are added
-            # (and doubled for the w^2 state), so lw is not rounded to half
-            lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,)).to(run_dtype)
-            if latent is not None:
-                lw = lw + latent.to(run_dtype)
-            s1, s2 = logmeanexp_state(lw), logmeanexp_state(2 * lw)
-            run1 = s1 if run1 is None else merge_logmeanexp_states(run1, s1)
-            run2 = s2 if run2 is None else merge_logmeanexp_states(run2, s2)
+            # the states of lw = log p(x|z) + latent and of 2 lw (w^2), folded into
+            # the running ones in one kernel call: lw is formed in the
+            # accumulation dtype (a half-precision model's terms are widened
+            # before they are added), the states are merged on the device
+            lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,))
+            run1, run2 = accumulate_states(lw, latent, run1, run2)
             if bar is not None:
                 bar.update(1)
         firsts.append(run1)
         seconds.append(run2)
 
     def cat(states):
+        if len(states) == 1:
+            return LogMeanExpState(states[0].max, states[0].sumexp, k1 - k0)
         return LogMeanExpState(torch.cat([s.max for s in states]), torch.cat([s.sumexp for s in states]), k1 - k0)
 
     return cat(firsts), cat(seconds)
 
 
-def _n_steps(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int) -> int:
+def _n_steps(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int, device: torch.device) -> int:
     if n == 0 or k_count == 0:
         return 0
-    kc, nb = _chunk_plan(cfg, n, k_count, D, L, itemsize)
+    kc, nb = _chunk_plan(cfg, n, k_count, D, L, itemsize, device)
     return math.ceil(n / nb) * math.ceil(k_count / kc)
 
 
@@ -411,7 +434,7 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        total = _n_steps(cfg, b1 - b0, k1 - k0, math.prod(x.shape[1:]), q.latent_size, x.element_size())
+        total = _n_steps(cfg, b1 - b0, k1 - k0, math.prod(x.shape[1:]), q.latent_size, x.element_size(), x.device)
         bar = tqdm(total=total, unit="chunk", desc="log-likelihood", leave=False)
     try:
         st1, st2 = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, bar)
@@ -463,14 +486,18 @@ def log_likelihood(
             a wrong one gives a plausible but meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
-            every example does not). The result does not depend on it.
+            every example does not). The result does not depend on it (to
+            float32 rounding).
         generator: torch.Generator the one Philox seed of the call is drawn
             from (default: torch's default generator of x's device).
         progress: show a tqdm bar over the chunks.
         return_stats: return a :class:`LogLikelihoodStats` (estimate, its
             standard error, ESS) instead of the estimate alone.
-        memory_budget: bytes per chunk for chunk_size=None (default
-            ``fastvae.evaluation.DEFAULT_MEMORY_BUDGET``, 256 MiB).
+        memory_budget: bytes per chunk for chunk_size=None. Default: on a
+            CUDA device ``fastvae.evaluation.CUDA_FREE_MEMORY_FRACTION`` (1/4)
+            of its free memory at the call (``torch.cuda.mem_get_info``),
+            elsewhere ``fastvae.evaluation.DEFAULT_MEMORY_BUDGET`` (256 MiB);
+            see ``memory_budget_for``.
         shard: when torch.distributed is initialized (and the group has more
             than one rank): "examples" splits the batch over the ranks,
             "samples" splits K; None computes everything on every rank. Every

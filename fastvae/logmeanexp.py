@@ -134,11 +134,17 @@ class LogMeanExp(torch.autograd.Function):
         out, lw_max, sumexp = run(logmeanexp_op, lw)
         ctx.mark_non_differentiable(lw_max)
         ctx.save_for_backward(lw, lw_max, sumexp)
+        # the gradients of unused outputs stay None: no zero-filled tensors
+        ctx.set_materialize_grads(False)
         return out, lw_max, sumexp
 
     @staticmethod
     def backward(ctx, grad_out, grad_lw_max, grad_sumexp):
+        if grad_out is None and grad_sumexp is None:
+            return None
         lw, lw_max, sumexp = ctx.saved_tensors
+        if grad_out is None:  # only the state was used (logmeanexp_state)
+            grad_out = torch.zeros_like(sumexp)
         return run(logmeanexp_backward_op, grad_out, grad_sumexp, lw, lw_max, sumexp)
 
 
@@ -177,10 +183,13 @@ class EffectiveSampleSize(torch.autograd.Function):
         ess, lw_max, sumexp = run(effective_sample_size_op, lw)
         ctx.mark_non_differentiable(lw_max, sumexp)
         ctx.save_for_backward(lw, lw_max, sumexp, ess)
+        ctx.set_materialize_grads(False)
         return ess, lw_max, sumexp
 
     @staticmethod
     def backward(ctx, grad_ess, grad_lw_max, grad_sumexp):
+        if grad_ess is None:
+            return None
         lw, lw_max, sumexp, ess = ctx.saved_tensors
         return run(effective_sample_size_backward_op, grad_ess, lw, lw_max, sumexp, ess)
 
@@ -373,6 +382,36 @@ def merge_logmeanexp_states(*states: LogMeanExpState) -> LogMeanExpState:
         s = s * _rescale(m, new_m) + s2 * _rescale(m2, new_m)
         m, n = new_m, n + n2
     return LogMeanExpState(m, s, n)
+
+
+def accumulate_states(lw: Tensor, latent: Tensor | None, state: LogMeanExpState | None,
+                      sq_state: LogMeanExpState | None) -> tuple[LogMeanExpState, LogMeanExpState]:
+    """The running states of w and of w² (log-weights lw + latent and twice
+    that) over the leading dimension of lw (K, M), with the chunk lw folded in:
+    ``merge_logmeanexp_states(state, logmeanexp_state(lw + latent))`` and the
+    same of ``2 (lw + latent)``, to float32 rounding, in one kernel call (one
+    Triton launch, two when a GPU splits K) and no other tensor op. The states
+    are (M,) tensors of the accumulation dtype, updated in place and returned
+    (fresh ones when state is None: the first chunk). For the evaluation's
+    chunk loop, under no_grad: no gradient flows. latent may be None."""
+    backend = _backend.backend_for(lw.device)
+    K, M = lw.shape
+    dtype = _backend.accumulation_dtype(lw.dtype)
+    if backend != "triton":  # the cpp and reference kernels take one dtype
+        lw = lw.to(dtype).contiguous()
+        latent = None if latent is None else latent.to(dtype).contiguous()
+    else:
+        lw = lw.contiguous()
+        latent = None if latent is None else latent.contiguous()
+    first = state is None
+    if first:
+        state = LogMeanExpState(*_state_buffers(lw, M), 0)
+        sq_state = LogMeanExpState(*_state_buffers(lw, M), 0)
+    _backend.launch(backend, "logmeanexp_accumulate", lw.numel(), lw=lw, latent=latent,
+                    lw_max=state.max, sumexp=state.sumexp, sq_max=sq_state.max, sq_sumexp=sq_state.sumexp,
+                    first=first)
+    return (LogMeanExpState(state.max, state.sumexp, state.count + K),
+            LogMeanExpState(sq_state.max, sq_state.sumexp, sq_state.count + K))
 
 
 def logmeanexp_from_state(state: LogMeanExpState) -> Tensor:

@@ -285,8 +285,10 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) ->
     inside the sampler's backward, so its gradient gets the same scale."""
     if not z.requires_grad:  # no gradient will flow (no_grad, a fixed encoder): the value is the same
         return
-    v = ImportanceWeights.apply((1.0 - alpha) * lw.detach())  # 0 for an all -inf column
-    scale = alpha + (1.0 - alpha) * v
+    if alpha == 0:  # the IWAE bound: c_k = w~_k^2, and no arithmetic launches around the weights
+        scale = ImportanceWeights.apply(lw.detach())  # 0 for an all -inf column
+    else:
+        scale = alpha + (1.0 - alpha) * ImportanceWeights.apply((1.0 - alpha) * lw.detach())
     z.register_hook(lambda g: g * scale.unsqueeze(-1))
     if latent is not None:
         latent.register_hook(lambda g: g * scale)

@@ -181,16 +181,40 @@ def sample_normal_forward(mu: Tensor, logvar: Tensor, seed: int, offset0: int, s
         log_ratio.copy_(0.5 * torch.sum(eps * eps + logvar - zz * zz, dim=-1))
 
 
-def sample_normal_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: int,
-                           dmu: Tensor, dlogvar: Tensor) -> None:
-    """dmu = sum_k grad_z + grad_kl * mu;
-    dlogvar = sum_k grad_z * eps * s / 2 + grad_kl * (exp(logvar) - 1) / 2."""
+def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_log_ratio: Tensor | None, mu: Tensor,
+                           logvar: Tensor, seed: int, stop_score: bool, dmu: Tensor, dlogvar: Tensor) -> None:
+    """Gradients of sample_normal and of its log-ratio output (sample_normal_with_ratio),
+    each upstream gradient None when its output has none. With eps regenerated,
+    s = exp(logvar / 2) and z = mu + s * eps:
+    dz_k = grad_z_k + grad_log_ratio_k * (-z_k, or eps_k / s - z_k with stop_score);
+    dmu = sum_k dz_k + grad_kl * mu;
+    dlogvar = sum_k dz_k * eps_k * s / 2 + grad_kl * (exp(logvar) - 1) / 2
+              (+ sum_k grad_log_ratio_k / 2 without stop_score).
+    eps / s is eps * exp(-logvar / 2), never (z - mu) * exp(-logvar), which is
+    0 * inf for a collapsed posterior."""
     acc = _compute_dtype(mu)
-    mu, logvar, grad_z, grad_kl = mu.to(acc), logvar.to(acc), grad_z.to(acc), grad_kl.to(acc)
-    eps = sample_noise(seed, grad_z.shape[0], mu.shape, acc, mu.device)
+    mu, logvar = mu.to(acc), logvar.to(acc)
+    samples = grad_z if grad_z is not None else grad_log_ratio
+    K = 0 if samples is None else samples.shape[0]
+    eps = sample_noise(seed, K, mu.shape, acc, mu.device)
     s = torch.exp(0.5 * logvar)
-    dmu.copy_(grad_z.sum(0) + grad_kl[..., None] * mu)
-    dlogvar.copy_(0.5 * (grad_z * eps).sum(0) * s + 0.5 * grad_kl[..., None] * (torch.exp(logvar) - 1.0))
+    dz = torch.zeros_like(eps) if grad_z is None else grad_z.to(acc)
+    extra_lv = torch.zeros_like(mu)
+    if grad_log_ratio is not None:
+        g = grad_log_ratio.to(acc)[..., None]
+        z = mu + s * eps
+        path = eps * torch.exp(-0.5 * logvar) - z if stop_score else -z
+        dz = dz + g * path
+        if not stop_score:
+            extra_lv = 0.5 * g.sum(0)
+    d_mu = dz.sum(0)
+    d_lv = 0.5 * (dz * eps).sum(0) * s + extra_lv
+    if grad_kl is not None:
+        gk = grad_kl.to(acc)[..., None]
+        d_mu = d_mu + gk * mu
+        d_lv = d_lv + 0.5 * gk * (torch.exp(logvar) - 1.0)
+    dmu.copy_(d_mu)
+    dlogvar.copy_(d_lv)
 
 
 # --------------------------------------------------------------------------
@@ -236,21 +260,29 @@ def sample_normal_tril_forward(mu: Tensor, scale_tril: Tensor, seed: int, z: Ten
     kl.copy_(kk)
 
 
-def sample_normal_tril_backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, scale_tril: Tensor, seed: int,
-                                dmu: Tensor, dscale_tril: Tensor) -> None:
+def sample_normal_tril_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, scale_tril: Tensor,
+                                seed: int, dmu: Tensor, dscale_tril: Tensor) -> None:
     """dmu = sum_k grad_z + grad_kl * mu;
     dscale_tril = tril(sum_k grad_z eps^T) + grad_kl * (tril(S) - diag(1 / S_ii)), 0 above the diagonal
-    (the KL's term left out where grad_kl is 0, NaN on a negative diagonal)."""
+    (the KL's term left out where grad_kl is 0 or None, NaN on a negative diagonal;
+    grad_z None: z has no gradient)."""
     acc = _compute_dtype(mu)
-    mu, grad_z, grad_kl = mu.to(acc), grad_z.to(acc), grad_kl.to(acc)
+    mu = mu.to(acc)
     S = torch.tril(scale_tril.to(acc))
-    eps = sample_noise(seed, grad_z.shape[0], mu.shape, acc, mu.device)
-    g = grad_kl[:, None, None]
-    inv = torch.diag_embed(_tril_inv_diag(torch.diagonal(S, dim1=-2, dim2=-1)))
-    dmu.copy_(grad_z.sum(0) + grad_kl[:, None] * mu)
-    # a row whose kl gets no gradient takes none of the KL's terms (not 0 * NaN)
-    kl_term = torch.where(g == 0, 0.0, g * (S - inv))
-    dscale_tril.copy_(torch.tril(torch.einsum("kni,knj->nij", grad_z, eps) + kl_term))
+    d_mu, d_s = torch.zeros_like(mu), torch.zeros_like(S)
+    if grad_z is not None:
+        grad_z = grad_z.to(acc)
+        eps = sample_noise(seed, grad_z.shape[0], mu.shape, acc, mu.device)
+        d_mu = grad_z.sum(0)
+        d_s = torch.tril(torch.einsum("kni,knj->nij", grad_z, eps))
+    if grad_kl is not None:
+        g = grad_kl.to(acc)[:, None, None]
+        inv = torch.diag_embed(_tril_inv_diag(torch.diagonal(S, dim1=-2, dim2=-1)))
+        d_mu = d_mu + grad_kl.to(acc)[:, None] * mu
+        # a row whose kl gets no gradient takes none of the KL's terms (not 0 * NaN)
+        d_s = d_s + torch.tril(torch.where(g == 0, 0.0, g * (S - inv)))
+    dmu.copy_(d_mu)
+    dscale_tril.copy_(d_s)
 
 
 # --------------------------------------------------------------------------
@@ -449,6 +481,31 @@ def logmeanexp_forward(lw, lw_max, sumexp, out, ess) -> None:
     if ess is not None:
         s2 = torch.exp(2.0 * (x - _lme_shift(m_ref))).sum(0)
         ess.copy_(torch.where(s_ref == 0, torch.zeros_like(s_ref), s_ref * s_ref / s2))
+
+
+def _merge_state(m1: Tensor, s1: Tensor, m2: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+    """The state of the union of two disjoint sample sets; an empty side
+    (max -inf) contributes 0 (its sum, 0 or NaN, times 0)."""
+    m = torch.maximum(m1, m2)
+
+    def rescale(mo):
+        return torch.where(mo == -math.inf, torch.zeros_like(mo), torch.exp(_lme_shift(mo) - _lme_shift(m)))
+
+    return m, s1 * rescale(m1) + s2 * rescale(m2)
+
+
+def logmeanexp_accumulate(lw, latent, lw_max, sumexp, sq_max, sq_sumexp, first) -> None:
+    """(lw_max, sumexp) <- its merge with the state of x = lw + latent (K, M)
+    (lw when latent is None), (sq_max, sq_sumexp) <- its merge with the state
+    of 2 x; with first the states of x and 2 x are written instead."""
+    acc = _compute_dtype(lw)
+    x = lw.to(acc) if latent is None else lw.to(acc) + latent.to(acc)
+    for mx, sx, y in ((lw_max, sumexp, x), (sq_max, sq_sumexp, 2.0 * x)):
+        m, s = logmeanexp_state(y)
+        if not first:
+            m, s = _merge_state(mx.to(acc), sx.to(acc), m, s)
+        mx.copy_(m)
+        sx.copy_(s)
 
 
 def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> None:

@@ -36,18 +36,24 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, with_rati
             for i, t in enumerate(out)]
 
 
-def _backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """dmu, dlogvar (..., L) from grad_z (K, ..., L) and grad_kl (...); eps is regenerated from seed."""
+def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, grad_kl: Tensor | None,
+              grad_log_ratio: Tensor | None, stop_score: bool) -> tuple[Tensor, Tensor]:
+    """dmu, dlogvar (..., L) from grad_z (K, ..., L), grad_kl (...) and grad_log_ratio
+    (K, ...), each None when its output has no gradient; eps is regenerated from
+    seed, and the log-ratio's terms are added in the same kernel."""
     backend = _backend.backend_for(mu.device)
     mu2, lv2 = flat(mu), flat(logvar)
     N, L = mu2.shape
-    K = grad_z.shape[0]
+    samples = grad_z if grad_z is not None else grad_log_ratio
+    K = 0 if samples is None else samples.shape[0]
     dmu = _backend.empty_output((N, L), like=mu)
     dlv = _backend.empty_output((N, L), like=mu)
     _backend.launch(
-        backend, "sample_normal_backward", K * N * L,
-        grad_z=grad_z.reshape(K, N, L).contiguous(), grad_kl=grad_kl.reshape(N).contiguous(),
-        mu=mu2, logvar=lv2, seed=seed, dmu=dmu, dlogvar=dlv,
+        backend, "sample_normal_backward", max(K, 1) * N * L,
+        grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
+        grad_kl=None if grad_kl is None else grad_kl.reshape(N).contiguous(),
+        grad_log_ratio=None if grad_log_ratio is None else grad_log_ratio.reshape(K, N).contiguous(),
+        mu=mu2, logvar=lv2, seed=seed, stop_score=stop_score, dmu=dmu, dlogvar=dlv,
     )
     if mu.dim() == 2:
         return dmu, dlv
@@ -69,63 +75,76 @@ sample_normal_with_ratio_op = define(
     lambda mu, logvar, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1]),
                                          mu.new_empty((n_samples, *mu.shape[:-1]))),
 )
+# The gradients of both ops: grad_log_ratio (None for sample_normal) and
+# stop_score are the log-ratio output's; an output with no gradient passes None.
 sample_normal_backward_op = define(
-    "sample_normal_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed)"
-    " -> (Tensor, Tensor)",
+    "sample_normal_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl,"
+    " Tensor? grad_log_ratio, bool stop_score) -> (Tensor, Tensor)",
     _backward,
-    lambda grad_z, grad_kl, mu, logvar, seed: (torch.empty_like(mu), torch.empty_like(logvar)),
+    lambda mu, logvar, seed, grad_z, grad_kl, grad_log_ratio, stop_score: (torch.empty_like(mu),
+                                                                            torch.empty_like(logvar)),
 )
+
+
+def _opt(t: Tensor | None, shape) -> Tensor | None:
+    return None if t is None else shaped(t, shape)
 
 
 class SampleNormal(torch.autograd.Function):
     """Autograd of fastvae::sample_normal: saves mu and logvar as (N, L) and
-    the seed only. ``n_samples`` None gives one sample shaped like mu."""
+    the seed only. ``n_samples`` None gives one sample shaped like mu. An
+    output with no gradient passes None to the backward kernel (no zeros)."""
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, n_samples):
         # Flattened once here, so the backward reuses the contiguous copies.
         mu2, lv2 = flat(mu), flat(logvar)
         ctx.save_for_backward(mu2, lv2, seed)
+        ctx.set_materialize_grads(False)
         ctx.shape, ctx.n_samples = mu.shape, 1 if n_samples is None else n_samples
         z, kl = run(sample_normal_op, mu2, lv2, seed, ctx.n_samples)
         return shaped(z, mu.shape if n_samples is None else (n_samples, *mu.shape)), shaped(kl, mu.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None
         mu2, lv2, seed = ctx.saved_tensors
         N, L = mu2.shape
-        dmu, dlogvar = run(
-            sample_normal_backward_op, shaped(grad_z, (ctx.n_samples, N, L)), shaped(grad_kl, (N,)), mu2, lv2, seed)
+        dmu, dlogvar = run(sample_normal_backward_op, mu2, lv2, seed, _opt(grad_z, (ctx.n_samples, N, L)),
+                           _opt(grad_kl, (N,)), None, False)
         return shaped(dmu, ctx.shape), shaped(dlogvar, ctx.shape), None, None
 
 
 class SampleNormalWithRatio(torch.autograd.Function):
     """(z (K, ..., L), kl (...), log_ratio (K, ...)) with log_ratio = log N(z; 0, I)
     - log q(z | x) = 0.5 * sum_l(eps^2 + logvar - z^2) computed from the drawn
-    eps. Its gradient needs no eps: -z along z (added to z's gradient) and
-    0.5 per element of logvar directly; with ``stop_score`` (the STL and DReG
-    estimators) the direct term is dropped and z's path gets eps / sigma =
-    (z - mu) / sigma^2 as well."""
+    eps. Its gradient: -z along z (added to z's gradient) and 0.5 per element
+    of logvar directly; with ``stop_score`` (the STL and DReG estimators) the
+    direct term is dropped and z's path gets eps / sigma = (z - mu) / sigma^2
+    as well, computed from the regenerated eps (finite however small sigma).
+    The backward kernel adds these terms itself (one launch, nothing of size
+    K x N x L in torch); nothing but mu, logvar and the seed is saved."""
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, n_samples, stop_score):
         mu2, lv2 = flat(mu), flat(logvar)
         z, kl, ratio = run(sample_normal_with_ratio_op, mu2, lv2, seed, n_samples)
-        ctx.save_for_backward(mu2, lv2, seed, z)
+        ctx.save_for_backward(mu2, lv2, seed)
+        ctx.set_materialize_grads(False)
         ctx.shape, ctx.n_samples, ctx.stop_score = mu.shape, n_samples, stop_score
         return (shaped(z, (n_samples, *mu.shape)), shaped(kl, mu.shape[:-1]),
                 shaped(ratio, (n_samples, *mu.shape[:-1])))
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl, grad_ratio):
-        mu2, lv2, seed, z = ctx.saved_tensors
+        if grad_z is None and grad_kl is None and grad_ratio is None:
+            return None, None, None, None, None
+        mu2, lv2, seed = ctx.saved_tensors
         N, L = mu2.shape
-        g = shaped(grad_ratio, (ctx.n_samples, N)).unsqueeze(-1)
-        path = -z if not ctx.stop_score else (z - mu2) * torch.exp(-lv2) - z
-        grad_z = shaped(grad_z, (ctx.n_samples, N, L)) + g * path
-        dmu, dlogvar = run(sample_normal_backward_op, grad_z, shaped(grad_kl, (N,)), mu2, lv2, seed)
-        if not ctx.stop_score:
-            dlogvar = dlogvar + 0.5 * g.sum(0)
+        K = ctx.n_samples
+        dmu, dlogvar = run(sample_normal_backward_op, mu2, lv2, seed, _opt(grad_z, (K, N, L)), _opt(grad_kl, (N,)),
+                           _opt(grad_ratio, (K, N)), bool(ctx.stop_score))
         return shaped(dmu, ctx.shape), shaped(dlogvar, ctx.shape), None, None, None
 
 

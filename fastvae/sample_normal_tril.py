@@ -49,18 +49,21 @@ def _forward(mu: Tensor, scale_tril: Tensor, seed: Tensor, n_samples: int) -> li
     return [z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])]
 
 
-def _backward(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, scale_tril: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """dmu (..., L), dscale_tril (..., L, L) from grad_z (K, ..., L) and grad_kl (...);
-    eps is regenerated from seed; dscale_tril is 0 above the diagonal."""
+def _backward(mu: Tensor, scale_tril: Tensor, seed: Tensor, grad_z: Tensor | None,
+              grad_kl: Tensor | None) -> tuple[Tensor, Tensor]:
+    """dmu (..., L), dscale_tril (..., L, L) from grad_z (K, ..., L) and grad_kl (...),
+    either None when its output has no gradient; eps is regenerated from seed;
+    dscale_tril is 0 above the diagonal."""
     backend = _backend.backend_for(mu.device)
     mu2, s3 = flat(mu), _flat_tril(scale_tril)
     N, L = mu2.shape
-    K = grad_z.shape[0]
+    K = 0 if grad_z is None else grad_z.shape[0]
     dmu = _backend.empty_output((N, L), like=mu)
     ds = _backend.empty_output((N, L, L), like=mu)
     _backend.launch(
-        backend, "sample_normal_tril_backward", _work(K, N, L),
-        grad_z=grad_z.reshape(K, N, L).contiguous(), grad_kl=grad_kl.reshape(N).contiguous(),
+        backend, "sample_normal_tril_backward", _work(max(K, 1), N, L),
+        grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
+        grad_kl=None if grad_kl is None else grad_kl.reshape(N).contiguous(),
         mu=mu2, scale_tril=s3, seed=seed, dmu=dmu, dscale_tril=ds,
     )
     if mu.dim() == 2:
@@ -73,11 +76,12 @@ sample_normal_tril_op = define(
     lambda mu, scale_tril, seed, n_samples: tuple(_forward(mu, scale_tril, seed, n_samples)),
     lambda mu, scale_tril, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1])),
 )
+# An output with no gradient passes None (no zeros are made for it).
 sample_normal_tril_backward_op = define(
-    "sample_normal_tril_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor scale_tril, Tensor seed)"
+    "sample_normal_tril_backward(Tensor mu, Tensor scale_tril, Tensor seed, Tensor? grad_z, Tensor? grad_kl)"
     " -> (Tensor, Tensor)",
     _backward,
-    lambda grad_z, grad_kl, mu, scale_tril, seed: (torch.empty_like(mu), torch.empty_like(scale_tril)),
+    lambda mu, scale_tril, seed, grad_z, grad_kl: (torch.empty_like(mu), torch.empty_like(scale_tril)),
 )
 
 
@@ -89,6 +93,7 @@ class SampleNormalTril(torch.autograd.Function):
     def forward(ctx, mu, scale_tril, seed, n_samples):
         mu2, s3 = flat(mu), _flat_tril(scale_tril)
         ctx.save_for_backward(mu2, s3, seed)
+        ctx.set_materialize_grads(False)
         ctx.shape, ctx.tril_shape = mu.shape, scale_tril.shape
         ctx.n_samples = 1 if n_samples is None else n_samples
         z, kl = run(sample_normal_tril_op, mu2, s3, seed, ctx.n_samples)
@@ -96,10 +101,13 @@ class SampleNormalTril(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None
         mu2, s3, seed = ctx.saved_tensors
         N, L = mu2.shape
-        dmu, ds = run(sample_normal_tril_backward_op, shaped(grad_z, (ctx.n_samples, N, L)), shaped(grad_kl, (N,)),
-                      mu2, s3, seed)
+        dmu, ds = run(sample_normal_tril_backward_op, mu2, s3, seed,
+                      None if grad_z is None else shaped(grad_z, (ctx.n_samples, N, L)),
+                      None if grad_kl is None else shaped(grad_kl, (N,)))
         return shaped(dmu, ctx.shape), shaped(ds, ctx.tril_shape), None, None
 
 

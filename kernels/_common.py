@@ -1,21 +1,27 @@
 """What the Triton kernels share: the accumulation dtype, the launch geometry,
 and the numerically safe softplus / sigmoid.
 
-Geometry. An H100 has 132 SMs, so a launch needs at least 2 * 132 programs to
-keep every SM busy while one program waits on memory. The kernels tile rows
-(a sample's row of L or D values, or a column of log-weights) in blocks of
-BLOCK_ROWS rows and at most MAX_BLOCK_COLS columns (longer rows loop). Block
-shapes depend only on the row length, bucketed to a power of two, never on the
-number of rows, samples or batch size: a training or evaluation run whose
-batch size or K varies compiles no new variants. Row and sample counts are
-also exempt from Triton's integer specialization (do_not_specialize), which
-would otherwise compile one variant per divisibility class of the batch size.
+Geometry (docs/triton.md, issue 23). Tiles of a few thousand elements at 4-8
+warps a program, so that each thread keeps several independent loads in
+flight; at least one wave over an H100's 132 SMs where the problem has a tile
+per SM, and fewer, full programs below that rather than many near-empty ones;
+contiguous rows read 128 bits at a time. The rule is judged by measured
+bandwidth, not by a program count (tests/test_aot.py checks warps, waves,
+spills and 128-bit loads without a GPU). The kernels tile rows (a sample's row
+of L or D values, or a column of log-weights) in blocks of rows and at most
+MAX_BLOCK_COLS columns (longer rows loop). Block shapes depend only on the row
+length, bucketed to a power of two, never on the number of rows, samples or
+batch size: a training or evaluation run whose batch size or K varies compiles
+no new variants. Row and sample counts are also exempt from Triton's integer
+specialization (do_not_specialize), which would otherwise compile one variant
+per divisibility class of the batch size.
+
+TARGET_PROGRAMS and sample_splits are the earlier rule's (at least 2 programs
+per SM): launchers still size their splits over samples with them.
 """
 import torch
 import triton
 import triton.language as tl
-
-from fastvae._backend import accumulation_dtype
 
 # 2 programs per SM of an H100 (132 SMs): the fewest programs a reduction over
 # samples is split into, so that even one row of data fills the GPU.
@@ -26,9 +32,18 @@ BLOCK_ROWS = 4
 MAX_BLOCK_COLS = 1024
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fastvae's one accumulation rule: reductions and noise run in float64 for
+    float64 inputs, else in float32 (never in half precision). The kernels keep
+    their own copy so that they import nothing from the front end
+    (fastvae._backend.accumulation_dtype states the same rule;
+    tests/test_registry.py checks that the two agree)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def acc_dtype(dtype: torch.dtype):
-    """The Triton type of fastvae's one accumulation rule (_backend.accumulation_dtype):
-    float64 stays float64; bf16, fp16 and fp32 accumulate in fp32."""
+    """The Triton type of accumulation_dtype: float64 stays float64; bf16, fp16
+    and fp32 accumulate in fp32."""
     return tl.float64 if accumulation_dtype(dtype) == torch.float64 else tl.float32
 
 
@@ -104,3 +119,79 @@ def sigmoid(r):
     e = tl.exp(-tl.abs(r))
     s = 1.0 / (1.0 + e)
     return tl.where(r >= 0.0, s, e * s)
+
+
+# -- issue 23: one launch a pass (appended helpers) ----------------------------
+
+# One program per SM of an H100: a backward whose tiles over rows reach this
+# many programs loops over every sample in one program (no split over samples).
+WAVE_PROGRAMS = 132
+# Tests set this to force a split over samples under the interpreter too.
+FORCE_SPLITS: int | None = None
+
+
+def tile_geometry(cols: int, device: torch.device, fp64: bool, tile: int = 4096,
+                  max_cols: int = MAX_BLOCK_COLS) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of a row-by-column tile of about ``tile``
+    elements (a quarter for float64), from the row length only (no variant
+    per batch size): 8 warps for 4096 float32 or 1024 float64 elements, 4
+    below. Under the interpreter (cpu) programs take INTERPRETER_BLOCK_ROWS rows."""
+    if device.type == "cpu":
+        return INTERPRETER_BLOCK_ROWS, block_cols(cols, max_cols), 4
+    tile = tile // 4 if fp64 else tile  # float64 math (libdevice log, exp) holds twice the registers
+    rows, cols_block = blocks(1, cols, max_cols, tile)
+    tile_bytes = rows * cols_block * (8 if fp64 else 4)
+    return rows, cols_block, 8 if tile_bytes >= (8192 if fp64 else 16384) else 4
+
+
+def split_samples(tiles: int, samples: int, device: torch.device) -> tuple[int, int]:
+    """(splits, samples_per_split) of a backward whose programs own a tile and
+    loop over samples: one split (every sample in one program, the final
+    gradient written directly) where the tiles fill a wave or under the
+    interpreter; else enough splits for TARGET_PROGRAMS programs, whose
+    partial sums the last program of each tile to finish adds in split order
+    (deterministic; see arrive_last)."""
+    if FORCE_SPLITS is not None and samples > 1:
+        splits = min(samples, FORCE_SPLITS)
+    elif device.type == "cpu" or samples <= 1 or tiles >= WAVE_PROGRAMS:
+        return 1, max(samples, 1)
+    else:
+        splits = min(samples, triton.cdiv(TARGET_PROGRAMS, max(tiles, 1)))
+    per_split = triton.cdiv(samples, splits)
+    return triton.cdiv(samples, per_split), per_split
+
+
+_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device, n: int, splits: int = 2) -> torch.Tensor:
+    """A zeroed int32 buffer of at least n arrival counters, made once per
+    device and stream (and grown by doubling): every kernel that counts
+    arrivals sets its counters back to 0 when the last program arrives, so
+    the buffer is zero before and after each launch and needs no fill per call.
+    With splits <= 1 (nothing split) an int32 placeholder the kernel never touches."""
+    if splits <= 1:
+        return torch.empty((1,), dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 2 * (0 if buf is None else buf.numel()), 64), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+@triton.jit
+def arrive_last(counter_ptr, splits):
+    """Called by every program of a tile after it stored its partial sums: True
+    in the one program that arrives last (which then adds the partials in split
+    order) and resets the tile's counter to 0 for the next launch. The barrier
+    orders the whole program's stores before the gpu-scope acq_rel atomic (the
+    cooperative-groups grid-sync pattern); the second orders the winner's reads
+    of the other programs' partials after it."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = ticket == splits - 1
+    tl.atomic_xchg(counter_ptr, 0, mask=last, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    return last

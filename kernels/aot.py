@@ -4,6 +4,7 @@
     python -m fastvae.kernels.aot --arch sm_90 --op sample_normal --shape K=50,B=256,L=32,D=784
     python -m fastvae.kernels.aot --json                # one JSON object per launch
     python -m fastvae.kernels.aot --noise-cost          # SASS instructions per normal of the noise
+    python -m fastvae.kernels.aot --json --sass         # ... with each variant's global load widths (SASS)
 
 Each op's launchers run with torch "meta" tensors (shapes and dtypes, no
 data: every pointer counts as 16-byte aligned, as a fresh CUDA allocation is).
@@ -33,7 +34,8 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime import jit
 
 from fastvae import _registry
-from fastvae._backend import accumulation_dtype
+
+from ._common import accumulation_dtype
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 SMS = {"sm_90": 132, "sm_80": 108}
@@ -62,14 +64,18 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0,
                                                 sample_stride=B * L, row_stride=L, z=m(K, B, L), kl=m(B),
                                                 log_ratio=ratio)
-        yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), mu=m(B, L), logvar=m(B, L), seed=seed,
-                                             dmu=m(B, L), dlogvar=m(B, L))
+        # training (z and kl); iwae (z, kl and the log-ratio, with and without the score)
+        for ratio, stop in ((None, False), (m(K, B), False), (m(K, B), True)):
+            yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), grad_log_ratio=ratio, mu=m(B, L),
+                                                 logvar=m(B, L), seed=seed, stop_score=stop, dmu=m(B, L),
+                                                 dlogvar=m(B, L))
         # evaluation: the example-major layout of a chunk
         yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
                                             row_stride=K * L, z=m(K, B, L), kl=m(B), log_ratio=None)
         # a latent size not divisible by 4 and a chunk at an odd offset: the noise's unaligned paths
-        yield "sample_normal_backward", dict(grad_z=m(K, B, L - 2), grad_kl=m(B), mu=m(B, L - 2),
-                                             logvar=m(B, L - 2), seed=seed, dmu=m(B, L - 2), dlogvar=m(B, L - 2))
+        yield "sample_normal_backward", dict(grad_z=m(K, B, L - 2), grad_kl=m(B), grad_log_ratio=None, mu=m(B, L - 2),
+                                             logvar=m(B, L - 2), seed=seed, stop_score=False, dmu=m(B, L - 2),
+                                             dlogvar=m(B, L - 2))
         yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L + 1, sample_stride=L,
                                             row_stride=K * L, z=m(K, B, L), kl=m(B), log_ratio=None)
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
@@ -166,7 +172,8 @@ def recording(arch: str, launches: list):
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
         grid = grid(bound) if callable(grid) else grid
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        key = (self.fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items(), key=str)),
+        # the arch is part of a variant: sm_80 and sm_90 compile the same source to different code
+        key = (self.fn.__name__, arch, tuple(signature.items()), repr(sorted(constexprs.items(), key=str)),
                repr(sorted(attrs.items(), key=str)), options.num_warps, options.num_stages)
         launches.append(Launch("", self.fn.__name__, "", arch, "", {}, grid, options.num_warps, key,
                                ASTSource(self, signature, constexprs, attrs), options))
@@ -181,6 +188,10 @@ def recording(arch: str, launches: list):
 _PTXAS = re.compile(r"Used (\d+) registers.*?(?:(\d+) bytes spill stores, (\d+) bytes spill loads)?", re.S)
 
 
+# The compiled kernel of each variant compile_variant built, by Launch.key: its SASS is read on demand.
+_COMPILED: dict = {}
+
+
 def compile_variant(launch: Launch, cache: dict) -> dict:
     """Registers, spill bytes and any error of the launch's variant (compiled once)."""
     if launch.key in cache:
@@ -190,6 +201,7 @@ def compile_variant(launch: Launch, cache: dict) -> dict:
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             compiled = triton.compile(launch.source, target=TARGETS[launch.arch], options=launch.options.__dict__)
+        _COMPILED[launch.key] = compiled
         info = _resources(compiled, log.getvalue())
     except Exception as err:  # noqa: BLE001 (every compile failure is reported, not raised)
         info = {"ok": False, "registers": None, "spill_bytes": None, "error": f"{type(err).__name__}: {err}"[:2000]}
@@ -220,9 +232,8 @@ def _resources(compiled, ptxas_log: str) -> dict:
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def sass_instructions(compiled) -> int:
-    """The static count of SASS instructions in the kernel's cubin (cuobjdump), NOPs and the
-    trailing BRA-to-self excluded."""
+def sass(compiled) -> str:
+    """The kernel's SASS: cuobjdump -sass of its cubin (cuobjdump ships with Triton)."""
     import os
     import subprocess
     import tempfile
@@ -231,8 +242,52 @@ def sass_instructions(compiled) -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    ops = [op for op in _SASS_OP.findall(sass) if op != "NOP"]
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass_opcodes(text: str) -> list[str]:
+    """The opcodes (with their modifiers, e.g. LDG.E.128.CONSTANT) of SASS text, in order."""
+    return _SASS_OP.findall(text)
+
+
+# Width in bits of a global load by its size modifier; a plain LDG.E moves 32 bits.
+_LOAD_BITS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+
+
+def global_load_widths(text: str) -> dict[int, int]:
+    """{bits: count} of the global loads (LDG) in SASS text: LDG.E.128 is a 128-bit
+    (4 x float32) vector load, LDG.E.64 a 64-bit one, LDG.E a 32-bit one."""
+    widths: dict[int, int] = {}
+    for op in sass_opcodes(text):
+        parts = op.split(".")
+        if parts[0] != "LDG":
+            continue
+        bits = next((_LOAD_BITS[p] for p in parts[1:] if p in _LOAD_BITS), 32)
+        widths[bits] = widths.get(bits, 0) + 1
+    return widths
+
+
+def launch_sass(launch: Launch, cache: dict) -> str | None:
+    """The SASS of the launch's variant (compiled once, through compile_variant); None
+    if it does not compile."""
+    if not compile_variant(launch, cache)["ok"]:
+        return None
+    if launch.key not in _COMPILED:  # the info came from a cache filled elsewhere
+        _COMPILED[launch.key] = triton.compile(launch.source, target=TARGETS[launch.arch],
+                                               options=launch.options.__dict__)
+    return sass(_COMPILED[launch.key])
+
+
+def has_128bit_global_loads(launch: Launch, cache: dict) -> bool:
+    """Whether the launch's variant loads global memory 128 bits at a time (LDG.E.128) anywhere."""
+    text = launch_sass(launch, cache)
+    return text is not None and 128 in global_load_widths(text)
+
+
+def sass_instructions(compiled) -> int:
+    """The static count of SASS instructions in the kernel's cubin (cuobjdump), NOPs and the
+    trailing BRA-to-self excluded."""
+    ops = [op for op in _SASS_OP.findall(sass(compiled)) if op != "NOP"]
     while ops and ops[-1] == "BRA":  # the end-of-kernel self loop
         ops.pop()
     return len(ops)
@@ -357,6 +412,8 @@ def main(argv=None) -> int:
                         help="K=..,B=..,L=..,D=.. (unnamed dimensions: K=50,B=256,L=32,D=784); repeatable")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--json", action="store_true", help="one JSON object per launch")
+    parser.add_argument("--sass", action="store_true",
+                        help="also report each variant's global loads by width in bits (ldg_bits, from its SASS)")
     parser.add_argument("--noise-cost", action="store_true",
                         help="only the SASS instructions per normal of the noise kernels (sm_90)")
     args = parser.parse_args(argv)
@@ -378,6 +435,9 @@ def main(argv=None) -> int:
         row = {"op": launch.op, "kernel": launch.kernel, "launcher": launch.launcher, "arch": launch.arch,
                "dtype": launch.dtype, "shape": launch.shape, "grid": list(launch.grid), "programs": launch.programs,
                "num_warps": launch.num_warps, **info}
+        if args.sass:
+            text = launch_sass(launch, cache)
+            row["ldg_bits"] = None if text is None else {str(b): n for b, n in sorted(global_load_widths(text).items())}
         if args.json:
             print(json.dumps(row))
         else:

@@ -5,29 +5,39 @@ with var = exp(v) or softplus(v) + delta, and the fused backward.
 Layout (set up by fastvae/_likelihood_layout.py): mean (K, P, D); x (P, D),
 broadcast over K by indexing, never copied; v (K, P, D) per element
 (LAYOUT 0), (P, D) per x row (LAYOUT 1) or (D,) per dimension (LAYOUT 2).
-The forward tiles the K * P decoder rows. The backward gives each program rows
-of x and a range of samples: dmean (and a per-element dv) per sample, and
-partial sums over its samples of what is summed over K (dx; for a shared
-variance A = sum g (x - m)^2 and G = sum g), which the launcher reduces in a
-fixed order and turns into dv (docs/triton.md).
+One launch forward, one backward, no torch work around them (issue 23): the
+variance floor delta goes to the kernels as the bits of a float64 (read
+exactly in float64, rounded once in float32). The forward tiles the K * P
+decoder rows (BLOCK_R x BLOCK_D, about 4096 elements, 8 warps; loops over D).
+The backward, when nothing is summed over K (no dx, a per-element or no
+variance gradient), tiles the decoder rows too; otherwise each program owns a
+tile of x's rows x columns and loops over the samples: dmean (and a
+per-element dv) per sample, dx and a per-row variance's dv summed in
+registers and written once. A per-dimension variance's dv sums over every
+row: each program stores its tile's partial, and the last program of each
+column block to finish adds them in a fixed order. Where the tiles do not
+fill a wave (few x rows against many samples) the samples are split and the
+last program of a tile adds the splits' partials in split order
+(deterministic, no float atomics; _common.arrive_last).
 
 Where x == mean exactly, (x - m)^2 / var is 0 whatever the variance, so an
 underflowing variance (1/var = inf) gives no 0 * inf = NaN.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    MAX_BLOCK_COLS_BACKWARD,
     acc_dtype,
     accumulation_dtype,
-    block_cols,
-    block_rows,
-    num_warps,
-    sample_splits,
+    arrive_last,
     sigmoid,
     softplus,
+    split_samples,
+    tile_counters,
+    tile_geometry,
 )
 
 LOG_2PI: tl.constexpr = tl.constexpr(1.8378770664093453)
@@ -52,6 +62,22 @@ def _over_var(diff, inv):
 
 
 @triton.jit
+def _delta(delta_bits, ACC: tl.constexpr):
+    """delta from the bits of its float64 (exact in float64; rounded once to float32)."""
+    return tl.cast(delta_bits, tl.float64, bitcast=True).to(ACC)
+
+
+@triton.jit
+def _shared_dv(a, gsum, v, inv, SOFTPLUS: tl.constexpr):
+    """dv of a variance shared by terms with A = sum g (x - m)^2 and G = sum g:
+    0.5 (A / var - G) d log var / dv (0, not 0 * inf, where every x == m)."""
+    if SOFTPLUS:
+        return 0.5 * (inv * inv * a - inv * gsum) * sigmoid(v)
+    else:
+        return 0.5 * (tl.where(a == 0.0, 0.0, inv * a) - gsum)
+
+
+@triton.jit
 def _load_var(v_ptr, r, p, cols, mask, D, LAYOUT: tl.constexpr, ACC: tl.constexpr):
     """The variance parameter of decoder rows r (x rows p) at cols, per LAYOUT."""
     if LAYOUT == 0:
@@ -65,12 +91,12 @@ def _load_var(v_ptr, r, p, cols, mask, D, LAYOUT: tl.constexpr, ACC: tl.constexp
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["P", "KP"])
+@triton.jit(do_not_specialize=["P", "KP", "delta_bits"])
 def _gaussian_log_prob_fwd_kernel(
     x_ptr,  # (P, D)
     mean_ptr,  # (K, P, D) = (KP, D) decoder rows
     v_ptr,  # (K, P, D) | (P, D) | (D,)
-    delta_ptr,  # (): the variance floor of the softplus form, in ACC
+    delta_bits,  # int64: the float64 bits of the softplus form's variance floor
     out_ptr,  # (K, P) = (KP,)
     P,
     KP,
@@ -85,7 +111,7 @@ def _gaussian_log_prob_fwd_kernel(
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     r_ok = r < KP
     p = r % P
-    delta = tl.load(delta_ptr)
+    delta = _delta(delta_bits, ACC)
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -99,81 +125,125 @@ def _gaussian_log_prob_fwd_kernel(
     tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["P", "K", "K_PER"])
+@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS", "delta_bits"])
 def _gaussian_log_prob_bwd_kernel(
     grad_out_ptr,  # (K, P)
     x_ptr,  # (P, D)
     mean_ptr,  # (K, P, D)
     v_ptr,  # (K, P, D) | (P, D) | (D,)
-    delta_ptr,  # ()
+    delta_bits,  # int64: float64 bits of delta
     dmean_ptr,  # (K, P, D)
-    dv_ptr,  # LAYOUT 0 with HAS_DV: (K, P, D)
-    part_dx_ptr,  # (splits, P, D): -sum_k dmean over the split, when HAS_DX
-    part_a_ptr,  # LAYOUT 1: (splits, P, D); LAYOUT 2: (programs, D): sum g (x - m)^2, when HAS_DV
-    part_g_ptr,  # LAYOUT 1: (splits, P); LAYOUT 2: (programs,): sum g, when HAS_DV
+    dx_ptr,  # (P, D), when HAS_DX
+    dv_ptr,  # var_param's shape, when HAS_DV
+    part_dx_ptr,  # (SPLITS, P, D) ACC: partial dx of each split (SPLITS > 1)
+    part_dv_ptr,  # LAYOUT 1: (SPLITS, P, D); LAYOUT 2: (row blocks * SPLITS, D): partial dv, ACC
+    counter_ptr,  # int32: tiles counters, then (LAYOUT 2) column-block counters; 0 between launches
     P,
     D,
-    K,
+    R,  # rows the programs tile: P (LOOP_K) or K * P
+    K,  # samples each program loops over: K (LOOP_K) or 1
     K_PER,  # samples per split
+    SPLITS,
     LAYOUT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DX: tl.constexpr,
     HAS_DV: tl.constexpr,
+    LOOP_K: tl.constexpr,  # programs own x rows and loop over the samples (something sums over K)
+    TILE_SUMS: tl.constexpr,  # dx or a per-row dv: a sum over samples per tile element
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row_blocks = tl.cdiv(P, BLOCK_R)
-    split = pid // row_blocks
-    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < P
+    col_blocks = tl.cdiv(D, BLOCK_D)
+    row_blocks = tl.cdiv(R, BLOCK_R)
+    tiles = row_blocks * col_blocks
+    tile = pid % tiles
+    split = pid // tiles
+    rb = tile // col_blocks
+    cb = tile % col_blocks
+    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    x_rows = rows if LOOP_K else rows % P
+    delta = _delta(delta_bits, ACC)
+    x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    if LAYOUT != 0:
+        v_shared = _load_var(v_ptr, x_rows, x_rows, cols, mask, D, LAYOUT, ACC)
+        inv_shared, log_var_unused = _inv_and_log_var(v_shared, delta, SOFTPLUS)
     k0 = split * K_PER
     k1 = tl.minimum(k0 + K_PER, K)
-    delta = tl.load(delta_ptr)
+    dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    a_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)  # sum_k g (x - m)^2, for a shared variance
     g_acc = tl.zeros([BLOCK_R], dtype=ACC)  # sum_k g, for a shared variance
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        if LAYOUT != 0:
-            inv_shared, log_var_unused = _inv_and_log_var(
-                _load_var(v_ptr, rows, rows, cols, mask, D, LAYOUT, ACC), delta, SOFTPLUS)
-        dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-        a_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)  # sum_k g (x - m)^2
-        g_acc = tl.zeros([BLOCK_R], dtype=ACC)
-        for k in range(k0, k1):
-            r = k * P + rows
-            g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)
-            m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-            diff = x - m
-            if LAYOUT == 0:
-                v = _load_var(v_ptr, r, rows, cols, mask, D, LAYOUT, ACC)
-                inv, log_var_unused = _inv_and_log_var(v, delta, SOFTPLUS)
-                if HAS_DV:
-                    if SOFTPLUS:
-                        dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
-                    else:
-                        dv = 0.5 * g[:, None] * (diff * _over_var(diff, inv) - 1.0)
-                    tl.store(dv_ptr + r[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
-            else:
-                inv = inv_shared
+    for k in range(k0, k1):
+        r = k * R + rows
+        g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)
+        m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        diff = x - m
+        if LAYOUT == 0:
+            v = _load_var(v_ptr, r, x_rows, cols, mask, D, LAYOUT, ACC)
+            inv, log_var_unused = _inv_and_log_var(v, delta, SOFTPLUS)
+            if HAS_DV:
+                if SOFTPLUS:
+                    dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
+                else:
+                    dv = 0.5 * g[:, None] * (diff * _over_var(diff, inv) - 1.0)
+                tl.store(dv_ptr + r[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+        else:
+            inv = inv_shared
+            if HAS_DV:
                 a_acc += g[:, None] * diff * diff
                 g_acc += g
-            gm = g[:, None] * _over_var(diff, inv)
-            tl.store(dmean_ptr + r[:, None] * D + cols[None, :], gm.to(dmean_ptr.dtype.element_ty), mask=mask)
-            dx_acc -= gm
+        gm = g[:, None] * _over_var(diff, inv)
+        tl.store(dmean_ptr + r[:, None] * D + cols[None, :], gm.to(dmean_ptr.dtype.element_ty), mask=mask)
         if HAS_DX:
-            tl.store(part_dx_ptr + split * P * D + rows[:, None] * D + cols[None, :], dx_acc, mask=mask)
-        if LAYOUT == 1 and HAS_DV:
-            tl.store(part_a_ptr + split * P * D + rows[:, None] * D + cols[None, :], a_acc, mask=mask)
-        if LAYOUT == 2 and HAS_DV:
-            tl.store(part_a_ptr + pid * D + cols, tl.sum(tl.where(mask, a_acc, 0.0), axis=0), mask=col_ok)
+            dx_acc -= gm
+    idx = rows[:, None] * D + cols[None, :]
     if LAYOUT == 1 and HAS_DV:
-        tl.store(part_g_ptr + split * P + rows, g_acc, mask=row_ok)
+        dv_acc = tl.where(mask, _shared_dv(a_acc, g_acc[:, None], v_shared, inv_shared, SOFTPLUS), 0.0)
+    if TILE_SUMS:
+        if SPLITS == 1:
+            if HAS_DX:
+                tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
+            if LAYOUT == 1 and HAS_DV:
+                tl.store(dv_ptr + idx, dv_acc.to(dv_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = split * R * D + idx
+            if HAS_DX:
+                tl.store(part_dx_ptr + part, dx_acc, mask=mask)
+            if LAYOUT == 1 and HAS_DV:
+                tl.store(part_dv_ptr + part, dv_acc, mask=mask)
+            if arrive_last(counter_ptr + tile, SPLITS):
+                dx_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+                dv_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+                for s in range(0, SPLITS):
+                    if HAS_DX:
+                        dx_sum += tl.load(part_dx_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                    if LAYOUT == 1 and HAS_DV:
+                        dv_sum += tl.load(part_dv_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_DX:
+                    tl.store(dx_ptr + idx, dx_sum.to(dx_ptr.dtype.element_ty), mask=mask)
+                if LAYOUT == 1 and HAS_DV:
+                    tl.store(dv_ptr + idx, dv_sum.to(dv_ptr.dtype.element_ty), mask=mask)
     if LAYOUT == 2 and HAS_DV:
-        tl.store(part_g_ptr + pid, tl.sum(g_acc, axis=0))
+        # this program's share of dv[d] = 0.5 (A[d] / var[d] - G) ..., linear in (A, G)
+        v_col = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+        inv_col, log_var_unused = _inv_and_log_var(v_col, delta, SOFTPLUS)
+        a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
+        dv_col = tl.where(col_ok, _shared_dv(a_col, tl.sum(g_acc, axis=0), v_col, inv_col, SOFTPLUS), 0.0)
+        parts = row_blocks * SPLITS
+        if parts == 1:
+            tl.store(dv_ptr + cols, dv_col.to(dv_ptr.dtype.element_ty), mask=col_ok)
+        else:
+            tl.store(part_dv_ptr + (split * row_blocks + rb) * D + cols, dv_col, mask=col_ok)
+            if arrive_last(counter_ptr + tiles + cb, parts):
+                total = tl.zeros([BLOCK_D], dtype=ACC)
+                for j in range(0, parts):
+                    total += tl.load(part_dv_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                tl.store(dv_ptr + cols, total.to(dv_ptr.dtype.element_ty), mask=col_ok)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -183,24 +253,29 @@ def _layout(v) -> int:
     return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
 
 
-def _delta(delta: float, mean) -> torch.Tensor:
-    # a tensor, so that float64 kernels read delta exactly (a float argument
-    # is float32) and a new delta compiles nothing
-    return torch.full((), delta, dtype=accumulation_dtype(mean.dtype), device=mean.device)
+def _delta_bits(delta: float) -> int:
+    """delta as the int64 bits of its float64: a runtime argument (a new delta
+    compiles nothing) that float64 kernels read exactly (a float argument
+    would be float32), with no tensor made per call."""
+    return struct.unpack("<q", struct.pack("<d", float(delta)))[0]
 
 
 def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
     """out (K, P) <- log N(x; mean, var(var_param)) summed over D; see the module docstring for shapes."""
     K, P, D = mean.shape
-    rows = block_rows(mean.device)  # rows per program
     if K * P == 0:
         return
-    BLOCK_D = block_cols(D)
-    _gaussian_log_prob_fwd_kernel[(triton.cdiv(K * P, rows),)](
-        x, mean, var_param, _delta(delta, mean), out, P, K * P, D,
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, mean.device, mean.dtype == torch.float64)
+    _gaussian_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
+        x, mean, var_param, _delta_bits(delta), out, P, K * P, D,
         LAYOUT=_layout(var_param), SOFTPLUS=softplus_mode, ACC=acc_dtype(mean.dtype),
-        BLOCK_R=rows, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
+
+
+# Backward tiles where programs loop over samples: the sums stay live across the loop.
+BACKWARD_TILE = 1024
+BACKWARD_MAX_COLS = 256
 
 
 def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool, delta: float, dx, dmean,
@@ -208,42 +283,35 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
     """dmean (K, P, D) and, when they are not None, dvar_param (var_param's shape) and dx (P, D)
     <- gradients given grad_out (K, P)."""
     K, P, D = mean.shape
-    rows = block_rows(mean.device)  # rows per program
     if K * P * D == 0:
         for t in (dx, dvar_param):
-            if t is not None:
-                t.zero_()
+            if t is not None and t.numel():
+                t.zero_()  # a sum over no samples or rows: no training shape takes this path
         return
     layout = _layout(var_param)
     has_dx, has_dv = dx is not None, dvar_param is not None
-    BLOCK_D = block_cols(D, MAX_BLOCK_COLS_BACKWARD)
-    row_blocks = triton.cdiv(P, rows)
-    sums_over_k = has_dx or (has_dv and layout != ELEMENT)
-    splits, per_split = sample_splits(K, row_blocks, mean.device) if sums_over_k else (K, 1)
+    loop_k = has_dx or (has_dv and layout != ELEMENT)
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, mean.device, mean.dtype == torch.float64,
+                                            BACKWARD_TILE if loop_k else 4096, BACKWARD_MAX_COLS if loop_k else 1024)
+    R, k_loop = (P, K) if loop_k else (K * P, 1)
+    row_blocks, col_blocks = triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    tiles = row_blocks * col_blocks
+    splits, per_split = split_samples(tiles, K, mean.device) if loop_k else (1, 1)
     acc, device = accumulation_dtype(mean.dtype), mean.device
-    part_dx = torch.empty((splits, P, D) if has_dx else (1,), dtype=acc, device=device)
-    shared_dv = has_dv and layout != ELEMENT
-    part_a = torch.empty(((splits, P, D) if layout == ROW else (row_blocks * splits, D)) if shared_dv else (1,),
-                         dtype=acc, device=device)
-    part_g = torch.empty(((splits, P) if layout == ROW else (row_blocks * splits,)) if shared_dv else (1,),
-                         dtype=acc, device=device)
-    delta_t = _delta(delta, mean)
-    _gaussian_log_prob_bwd_kernel[(row_blocks * splits,)](
-        grad_out, x, mean, var_param, delta_t, dmean, dvar_param if layout == ELEMENT and has_dv else dmean,
-        part_dx, part_a, part_g, P, D, K, per_split,
-        LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, ACC=acc_dtype(mean.dtype),
-        BLOCK_R=rows, BLOCK_D=BLOCK_D, num_warps=num_warps(BLOCK_D, mean.dtype == torch.float64),
+    tile_sums = has_dx or (has_dv and layout == ROW)
+    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
+    if has_dv and layout == ROW and splits > 1:
+        part_dv = torch.empty((splits, P, D), dtype=acc, device=device)
+    elif has_dv and layout == DIM and row_blocks * splits > 1:
+        part_dv = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
+    else:
+        part_dv = torch.empty((1,), dtype=acc, device=device)
+    counting = (tile_sums and splits > 1) or (has_dv and layout == DIM and row_blocks * splits > 1)
+    _gaussian_log_prob_bwd_kernel[(tiles * splits,)](
+        grad_out, x, mean, var_param, _delta_bits(delta), dmean, dx if has_dx else dmean,
+        dvar_param if has_dv else dmean, part_dx, part_dv,
+        tile_counters(device, tiles + col_blocks, 2 if counting else 1),
+        P, D, R, k_loop, per_split, splits,
+        LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
+        ACC=acc_dtype(mean.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
-    if has_dx:
-        dx.copy_(part_dx.sum(0))
-    if shared_dv:
-        # dv of a shared variance from A = sum g (x - m)^2 and G = sum g over its rows
-        a = part_a.sum(0)
-        G = part_g.sum(0)[:, None] if layout == ROW else part_g.sum()
-        v = var_param.to(acc)
-        if softplus_mode:
-            inv = 1.0 / (torch.logaddexp(torch.zeros_like(v), v) + delta_t)
-            dvar_param.copy_(0.5 * (inv * inv * a - inv * G) * torch.sigmoid(v))
-        else:
-            inv_a = torch.where(a == 0, 0.0, torch.exp(-v) * a)  # every x == m: 0, not 0 * inf
-            dvar_param.copy_(0.5 * (inv_a - G))

@@ -4,23 +4,20 @@ and its gradient in full or in the "stop the score" mode (dz only).
 
 Layout: z, dz (K, N, L) contiguous; mu, logvar, dmu, dlogvar (N, L), shared by
 the K samples (read per sample, never broadcast in memory); out, grad_out (K, N).
-The forward tiles the K * N sample rows; the backward gives each program rows
-of mu and a range of samples, with partial sums for dmu and dlogvar reduced by
-the launcher in a fixed order (docs/triton.md).
+One launch forward, one backward, no torch work around them (issue 23). The
+forward tiles the K * N sample rows (about 4096 elements, 8 warps). The
+backward in the stop-score mode tiles the sample rows too (nothing is summed);
+in full, each program owns a tile of mu's rows x columns and loops over the
+samples: dz per sample, dmu and dlogvar summed in registers and written once.
+Where those tiles do not fill a wave the samples are split and the last
+program of a tile adds the splits' partials in split order (deterministic;
+_common.arrive_last).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    MAX_BLOCK_COLS_BACKWARD,
-    acc_dtype,
-    accumulation_dtype,
-    block_cols,
-    block_rows,
-    num_warps,
-    sample_splits,
-)
+from ._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters, tile_geometry
 
 # -- kernels ------------------------------------------------------------------
 
@@ -55,52 +52,74 @@ def _latent_log_ratio_fwd_kernel(
     tl.store(out_ptr + r, (0.5 * acc).to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["N", "K", "K_PER"])
+@triton.jit(do_not_specialize=["N", "R", "K", "K_PER", "SPLITS"])
 def _latent_log_ratio_bwd_kernel(
     grad_out_ptr,  # (K, N)
     z_ptr,  # (K, N, L)
     mu_ptr,  # (N, L)
     logvar_ptr,  # (N, L)
     dz_ptr,  # (K, N, L)
-    part_mu_ptr,  # (splits, N, L): -sum_k g eps / s over the split, unless STOP_SCORE
-    part_lv_ptr,  # (splits, N, L): sum_k g (1 - eps^2) / 2 over the split, unless STOP_SCORE
+    dmu_ptr,  # (N, L), unless STOP_SCORE
+    dlv_ptr,  # (N, L), unless STOP_SCORE
+    part_ptr,  # (2, SPLITS, N, L) ACC: partial dmu, dlogvar of each split (SPLITS > 1)
+    counter_ptr,  # (tiles,) int32, 0 between launches (SPLITS > 1)
     N,
     L,
-    K,
+    R,  # rows the programs tile: N (full: each loops over the samples) or K * N (STOP_SCORE)
+    K,  # samples each program loops over: K or 1
     K_PER,  # samples per split
+    SPLITS,
     STOP_SCORE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row_blocks = tl.cdiv(N, BLOCK_R)
-    split = pid // row_blocks
-    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < N
+    col_blocks = tl.cdiv(L, BLOCK_L)
+    tiles = tl.cdiv(R, BLOCK_R) * col_blocks
+    tile = pid % tiles
+    split = pid // tiles
+    rows = (tile // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = (tile % col_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    row_ok = rows < R
+    mask = row_ok[:, None] & (cols < L)[None, :]
+    n = rows % N if STOP_SCORE else rows
+    idx = n[:, None] * L + cols[None, :]
+    mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
+    inv_s = tl.exp(-0.5 * tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC))
     k0 = split * K_PER
     k1 = tl.minimum(k0 + K_PER, K)
-    for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        mask = row_ok[:, None] & (cols < L)[None, :]
-        idx = rows[:, None] * L + cols[None, :]
-        mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
-        inv_s = tl.exp(-0.5 * tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC))
-        acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
-        acc_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
-        for k in range(k0, k1):
-            off = k * N * L + idx  # int64: k * N * L overflows int32
-            g = tl.load(grad_out_ptr + k * N + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-            z = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC)
-            eps = (z - mu) * inv_s
-            tl.store(dz_ptr + off, (g * (eps * inv_s - z)).to(dz_ptr.dtype.element_ty), mask=mask)
-            if not STOP_SCORE:
-                acc_mu += g * eps
-                acc_lv += g * (1.0 - eps * eps)
+    acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    acc_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+    for k in range(k0, k1):
+        r = k * R + rows
+        off = r[:, None] * L + cols[None, :]  # int64: k * N * L overflows int32
+        g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)[:, None]
+        z = tl.load(z_ptr + off, mask=mask, other=0.0).to(ACC)
+        eps = (z - mu) * inv_s
+        tl.store(dz_ptr + off, (g * (eps * inv_s - z)).to(dz_ptr.dtype.element_ty), mask=mask)
         if not STOP_SCORE:
-            part = split * N * L + idx
-            tl.store(part_mu_ptr + part, -acc_mu * inv_s, mask=mask)
-            tl.store(part_lv_ptr + part, 0.5 * acc_lv, mask=mask)
+            acc_mu += g * eps
+            acc_lv += g * (1.0 - eps * eps)
+    if not STOP_SCORE:
+        dmu = -acc_mu * inv_s
+        dlv = 0.5 * acc_lv
+        if SPLITS == 1:
+            tl.store(dmu_ptr + idx, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+            tl.store(dlv_ptr + idx, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+        else:
+            NL = N * L
+            tl.store(part_ptr + split * NL + idx, dmu, mask=mask)
+            tl.store(part_ptr + (SPLITS + split) * NL + idx, dlv, mask=mask)
+            if arrive_last(counter_ptr + tile, SPLITS):
+                sum_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+                sum_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+                for s in range(0, SPLITS):
+                    sum_mu += tl.load(part_ptr + s * NL + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                    sum_lv += tl.load(part_ptr + (SPLITS + s) * NL + idx, mask=mask, other=0.0,
+                                      cache_modifier=".cg")
+                tl.store(dmu_ptr + idx, sum_mu.to(dmu_ptr.dtype.element_ty), mask=mask)
+                tl.store(dlv_ptr + idx, sum_lv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -109,38 +128,40 @@ def _latent_log_ratio_bwd_kernel(
 def latent_log_ratio_forward(z, mu, logvar, out) -> None:
     """out (K, N) <- latent_log_ratio of z (K, N, L) and mu, logvar (N, L)."""
     K, N, L = z.shape
-    rows = block_rows(z.device)  # rows per program
     if K * N == 0:
         return
-    BLOCK_L = block_cols(L)
-    _latent_log_ratio_fwd_kernel[(triton.cdiv(K * N, rows),)](
-        z, mu, logvar, out, N, K * N, L, ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
-        num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
+    BLOCK_R, BLOCK_L, warps = tile_geometry(L, z.device, mu.dtype == torch.float64)
+    _latent_log_ratio_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
+        z, mu, logvar, out, N, K * N, L, ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L,
+        num_warps=warps,
     )
+
+
+# Backward tiles of the full mode (the sums stay live across the loop over samples).
+BACKWARD_TILE = 1024
 
 
 def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None:
     """dz (K, N, L) and, unless dmu and dlogvar are None (stop the score),
     dmu, dlogvar (N, L) <- gradients of latent_log_ratio given grad_out (K, N)."""
     K, N, L = z.shape
-    rows = block_rows(z.device)  # rows per program
     if N * L == 0:
         return
     stop_score = dmu is None
-    acc = accumulation_dtype(mu.dtype)
-    BLOCK_L = block_cols(L, MAX_BLOCK_COLS_BACKWARD)
-    row_blocks = triton.cdiv(N, rows)
-    # without dmu and dlogvar nothing is summed over samples: one sample per program
-    splits, per_split = (max(K, 1), 1) if stop_score else sample_splits(K, row_blocks, z.device)
-    part_shape = (1,) if stop_score else (splits, N, L)
-    part_mu = torch.zeros(part_shape, dtype=acc, device=mu.device)
-    part_lv = torch.zeros_like(part_mu)
-    if K > 0:
-        _latent_log_ratio_bwd_kernel[(row_blocks * splits,)](
-            grad_out, z, mu, logvar, dz, part_mu, part_lv, N, L, K, per_split,
-            STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L,
-            num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
-        )
-    if not stop_score:
-        dmu.copy_(part_mu.sum(0))
-        dlogvar.copy_(part_lv.sum(0))
+    if K == 0:
+        if not stop_score:
+            dmu.zero_()  # a sum over no samples: no training shape takes this path
+            dlogvar.zero_()
+        return
+    BLOCK_R, BLOCK_L, warps = tile_geometry(L, z.device, mu.dtype == torch.float64,
+                                            4096 if stop_score else BACKWARD_TILE)
+    R, k_loop = (K * N, 1) if stop_score else (N, K)
+    tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(L, BLOCK_L)
+    splits, per_split = (1, 1) if stop_score else split_samples(tiles, K, z.device)
+    part = torch.empty((2, splits, N, L) if splits > 1 else (1,), dtype=accumulation_dtype(mu.dtype),
+                       device=z.device)
+    _latent_log_ratio_bwd_kernel[(tiles * splits,)](
+        grad_out, z, mu, logvar, dz, dz if stop_score else dmu, dz if stop_score else dlogvar, part,
+        tile_counters(z.device, tiles, splits), N, L, R, k_loop, per_split, splits,
+        STOP_SCORE=stop_score, ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, num_warps=warps,
+    )

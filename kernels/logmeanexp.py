@@ -8,10 +8,20 @@ per-column vectors (M,). Programs tile BLOCK_K rows x BLOCK_M contiguous
 columns (coalesced along M).
 
 The forward streams K with an online running max and sum per column (one
-read of lw, no second K-sized buffer). A column's K can also be split over
-SPLITS programs, each leaving its partial state in a (SPLITS, M) buffer that a
-second, small kernel merges with the associative rule: that keeps a GPU busy
-when M is small and K large (e.g. K = 5000 samples of 512 examples).
+read of lw, no second K-sized buffer) and, when one program owns each column,
+finishes the column in the same launch: one launch. When M is small and K
+large (e.g. K = 5000 samples of 512 examples) a column's K is split over
+SPLITS programs instead, each leaving its partial state in a (SPLITS, M)
+buffer, and a finish kernel with one program per FINISH_BLOCK_M columns
+merges them with the associative rule, a tile of FINISH_BLOCK_S splits at a
+time: two launches, both filling the GPU.
+
+The evaluation's variant (logmeanexp_accumulate, fastvae/evaluation.py) folds
+lw + latent, and merges the chunk's states of lw and of 2 lw into running
+states in place, in the same launches: no torch op per chunk.
+
+Under the interpreter (CPU tensors, about 1 ms a program) the tiles are
+INTERPRETER_TILE elements, so programs stay few.
 """
 import torch
 import triton
@@ -21,6 +31,14 @@ from ._common import TARGET_PROGRAMS, acc_dtype, blocks
 
 MAX_BLOCK_M = 128  # columns per tile; the rest of the tile goes to rows
 CHUNKS_PER_SPLIT = 16  # a K-split folds at most this many tiles before the merge
+# The finish of split columns: a tile of FINISH_BLOCK_S partial states of
+# FINISH_BLOCK_M columns a program (2048 elements, 4 warps), so that e.g.
+# K = 5000 samples of 512 columns finish in 16 programs, not one.
+FINISH_BLOCK_S = 64
+FINISH_BLOCK_M = 32
+# Under the interpreter (about 1 ms a program) tiles are larger
+INTERPRETER_TILE = 65536
+INTERPRETER_MAX_BLOCK_M = 1024
 
 # -- math helpers ---------------------------------------------------------------
 
@@ -43,15 +61,93 @@ def _rescale(m_old, m_new):
 
 
 @triton.jit
-def _logmeanexp_partial_kernel(
+def _fold(lw_ptr, latent_ptr, cols, col_ok, k_begin, k_end, M,
+          HAS_LATENT: tl.constexpr, HAS_S2: tl.constexpr, ACC: tl.constexpr,
+          BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    # the (max, sumexp, sum of squares) state of rows [k_begin, k_end) of the
+    # columns, streamed with a running max; lw + latent when HAS_LATENT
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    s = tl.zeros([BLOCK_M], dtype=ACC)
+    s2 = tl.zeros([BLOCK_M], dtype=ACC)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask = (rows < k_end)[:, None] & col_ok[None, :]
+        idx = rows[:, None] * M + cols[None, :]
+        x = tl.load(lw_ptr + idx, mask=mask, other=float("-inf")).to(ACC)
+        if HAS_LATENT:
+            x += tl.load(latent_ptr + idx, mask=mask, other=0.0).to(ACC)
+        # NaN never becomes the max (GPU and interpreter max differ on NaN);
+        # it still reaches the sum below, which it turns into NaN
+        m_new = tl.maximum(m, tl.max(tl.where(x == x, x, float("-inf")), axis=0))
+        f = _rescale(m, m_new)
+        e = tl.exp(x - _shift(m_new)[None, :])
+        s = s * f + tl.sum(e, axis=0)
+        if HAS_S2:
+            s2 = s2 * (f * f) + tl.sum(e * e, axis=0)
+        m = m_new
+    return m, s, s2
+
+
+@triton.jit
+def _emit(m, s, s2, cols, col_ok, K, first,
+          max_ptr, sumexp_ptr, out_ptr, ess_ptr, sq_max_ptr, sq_sumexp_ptr,
+          ACCUMULATE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_ESS: tl.constexpr,
+          ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    # the finished state (m, s) of the columns, with s2 = sum exp(2 (lw - shift)):
+    # stored with logmeanexp and the ESS, or (ACCUMULATE) merged into the
+    # running states of lw (max, sumexp) and of 2 lw (sq_max, sq_sumexp), whose
+    # state here is (2 m, s2); with first != 0 the running states are not read
+    # (an empty state, (-inf, 0), merges as nothing)
+    if ACCUMULATE:
+        keep = col_ok & ((tl.zeros([BLOCK_M], dtype=tl.int32) + first) == 0)  # a tensor mask
+        rm = tl.load(max_ptr + cols, mask=keep, other=float("-inf")).to(ACC)
+        rs = tl.load(sumexp_ptr + cols, mask=keep, other=0.0).to(ACC)
+        qm = tl.load(sq_max_ptr + cols, mask=keep, other=float("-inf")).to(ACC)
+        qs = tl.load(sq_sumexp_ptr + cols, mask=keep, other=0.0).to(ACC)
+        nm = tl.maximum(rm, m)
+        ns = rs * _rescale(rm, nm) + s * _rescale(m, nm)
+        m2 = 2.0 * m
+        nq = tl.maximum(qm, m2)
+        nqs = qs * _rescale(qm, nq) + s2 * _rescale(m2, nq)
+        tl.store(max_ptr + cols, nm, mask=col_ok)
+        tl.store(sumexp_ptr + cols, ns, mask=col_ok)
+        tl.store(sq_max_ptr + cols, nq, mask=col_ok)
+        tl.store(sq_sumexp_ptr + cols, nqs, mask=col_ok)
+    else:
+        tl.store(max_ptr + cols, m, mask=col_ok)
+        tl.store(sumexp_ptr + cols, s, mask=col_ok)
+        if HAS_OUT:
+            # log(0) = -inf for an empty column; shift 0 keeps it -inf, not NaN
+            out = _shift(m) + tl.log(s) - tl.log(tl.zeros([BLOCK_M], dtype=ACC) + K)
+            tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+        if HAS_ESS:
+            ess = tl.where(s == 0.0, 0.0, s * s / tl.where(s == 0.0, 1.0, s2))
+            tl.store(ess_ptr + cols, ess.to(ess_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit(do_not_specialize=["K", "M", "ROWS_PER_SPLIT", "first"])
+def _logmeanexp_fwd_kernel(
     lw_ptr,  # (K, M)
-    part_m_ptr,  # (SPLITS, M): ACC
-    part_s_ptr,  # (SPLITS, M): ACC
-    part_s2_ptr,  # (SPLITS, M): ACC, unused unless HAS_S2
+    latent_ptr,  # (K, M), added to lw; unused unless HAS_LATENT
+    part_m_ptr,  # (SPLITS, M): ACC, unused unless SPLIT
+    part_s_ptr,  # (SPLITS, M): ACC, unused unless SPLIT
+    part_s2_ptr,  # (SPLITS, M): ACC, unused unless SPLIT and HAS_S2
+    max_ptr,  # (M,): ACC; the running state when ACCUMULATE
+    sumexp_ptr,  # (M,): ACC
+    out_ptr,  # (M,), unused unless HAS_OUT
+    ess_ptr,  # (M,), unused unless HAS_ESS
+    sq_max_ptr,  # (M,): ACC, the running state of 2 lw; unused unless ACCUMULATE
+    sq_sumexp_ptr,  # (M,): ACC, unused unless ACCUMULATE
     K,
     M,
     ROWS_PER_SPLIT,  # rows of lw folded by one split (a multiple of BLOCK_K)
+    first,  # ACCUMULATE: nonzero when there is no running state yet
+    SPLIT: tl.constexpr,  # several programs share a column: write partial states
+    ACCUMULATE: tl.constexpr,
+    HAS_LATENT: tl.constexpr,
     HAS_S2: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+    HAS_ESS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -65,75 +161,66 @@ def _logmeanexp_partial_kernel(
     col_ok = cols < M
     k_begin = split * ROWS_PER_SPLIT
     k_end = tl.minimum(k_begin + ROWS_PER_SPLIT, K)
-    m = tl.full([BLOCK_M], float("-inf"), ACC)
-    s = tl.zeros([BLOCK_M], dtype=ACC)
-    s2 = tl.zeros([BLOCK_M], dtype=ACC)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask = (rows < k_end)[:, None] & col_ok[None, :]
-        x = tl.load(lw_ptr + rows[:, None] * M + cols[None, :], mask=mask, other=float("-inf")).to(ACC)
-        # NaN never becomes the max (GPU and interpreter max differ on NaN);
-        # it still reaches the sum below, which it turns into NaN
-        m_new = tl.maximum(m, tl.max(tl.where(x == x, x, float("-inf")), axis=0))
-        f = _rescale(m, m_new)
-        e = tl.exp(x - _shift(m_new)[None, :])
-        s = s * f + tl.sum(e, axis=0)
+    m, s, s2 = _fold(lw_ptr, latent_ptr, cols, col_ok, k_begin, k_end, M,
+                     HAS_LATENT, HAS_S2, ACC, BLOCK_K, BLOCK_M)
+    if SPLIT:
+        out = split * M + cols
+        tl.store(part_m_ptr + out, m, mask=col_ok)
+        tl.store(part_s_ptr + out, s, mask=col_ok)
         if HAS_S2:
-            s2 = s2 * (f * f) + tl.sum(e * e, axis=0)
-        m = m_new
-    out = split * M + cols
-    tl.store(part_m_ptr + out, m, mask=col_ok)
-    tl.store(part_s_ptr + out, s, mask=col_ok)
-    if HAS_S2:
-        tl.store(part_s2_ptr + out, s2, mask=col_ok)
+            tl.store(part_s2_ptr + out, s2, mask=col_ok)
+    else:
+        _emit(m, s, s2, cols, col_ok, K, first, max_ptr, sumexp_ptr, out_ptr, ess_ptr, sq_max_ptr, sq_sumexp_ptr,
+              ACCUMULATE, HAS_OUT, HAS_ESS, ACC, BLOCK_M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "M", "SPLITS", "first"])
 def _logmeanexp_finish_kernel(
     part_m_ptr,  # (SPLITS, M): ACC
     part_s_ptr,  # (SPLITS, M): ACC
-    part_s2_ptr,  # (SPLITS, M): ACC, unused unless HAS_ESS
-    max_ptr,  # (M,): ACC
+    part_s2_ptr,  # (SPLITS, M): ACC, unused unless HAS_S2
+    max_ptr,  # (M,): ACC; the running state when ACCUMULATE
     sumexp_ptr,  # (M,): ACC
     out_ptr,  # (M,), unused unless HAS_OUT
     ess_ptr,  # (M,), unused unless HAS_ESS
+    sq_max_ptr,  # (M,): ACC, unused unless ACCUMULATE
+    sq_sumexp_ptr,  # (M,): ACC, unused unless ACCUMULATE
     K,
     M,
     SPLITS,
+    first,
+    ACCUMULATE: tl.constexpr,
+    HAS_S2: tl.constexpr,
     HAS_OUT: tl.constexpr,
     HAS_ESS: tl.constexpr,
     ACC: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
+    # one program per block of BLOCK_M columns: the partial states of BLOCK_S
+    # splits at a time, reduced as a tile (a fixed order: deterministic)
     pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     col_ok = cols < M
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     s = tl.zeros([BLOCK_M], dtype=ACC)
     s2 = tl.zeros([BLOCK_M], dtype=ACC)
-    idx = cols  # int64, advanced by M per split
-    for _ in range(0, SPLITS):
-        pm = tl.load(part_m_ptr + idx, mask=col_ok, other=float("-inf"))
-        ps = tl.load(part_s_ptr + idx, mask=col_ok, other=0.0)
-        m_new = tl.maximum(m, pm)
+    for sp0 in range(0, SPLITS, BLOCK_S):
+        sp = sp0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        mask = (sp < SPLITS)[:, None] & col_ok[None, :]
+        idx = sp[:, None] * M + cols[None, :]
+        pm = tl.load(part_m_ptr + idx, mask=mask, other=float("-inf"))
+        ps = tl.load(part_s_ptr + idx, mask=mask, other=0.0)
+        m_new = tl.maximum(m, tl.max(pm, axis=0))
         fa = _rescale(m, m_new)
-        fb = _rescale(pm, m_new)
-        s = s * fa + ps * fb
-        if HAS_ESS:
-            ps2 = tl.load(part_s2_ptr + idx, mask=col_ok, other=0.0)
-            s2 = s2 * (fa * fa) + ps2 * (fb * fb)
+        fb = _rescale(pm, m_new[None, :])
+        s = s * fa + tl.sum(ps * fb, axis=0)
+        if HAS_S2:
+            ps2 = tl.load(part_s2_ptr + idx, mask=mask, other=0.0)
+            s2 = s2 * (fa * fa) + tl.sum(ps2 * (fb * fb), axis=0)
         m = m_new
-        idx += M
-    tl.store(max_ptr + cols, m, mask=col_ok)
-    tl.store(sumexp_ptr + cols, s, mask=col_ok)
-    if HAS_OUT:
-        # log(0) = -inf for an empty column; shift 0 keeps it -inf, not NaN
-        # K + zeros: K may arrive as a constexpr (Triton specializes K = 1)
-        out = _shift(m) + tl.log(s) - tl.log(tl.zeros([BLOCK_M], dtype=ACC) + K)
-        tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
-    if HAS_ESS:
-        ess = tl.where(s == 0.0, 0.0, s * s / tl.where(s == 0.0, 1.0, s2))
-        tl.store(ess_ptr + cols, ess.to(ess_ptr.dtype.element_ty), mask=col_ok)
+    _emit(m, s, s2, cols, col_ok, K, first, max_ptr, sumexp_ptr, out_ptr, ess_ptr, sq_max_ptr, sq_sumexp_ptr,
+          ACCUMULATE, HAS_OUT, HAS_ESS, ACC, BLOCK_M)
 
 
 @triton.jit
@@ -218,6 +305,14 @@ def _importance_weights_bwd_kernel(
 # -- launchers ----------------------------------------------------------------------
 
 
+def _tile(K: int, M: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_K, BLOCK_M): a 4096-element tile on a GPU (and for the
+    ahead-of-time tool's meta tensors), INTERPRETER_TILE under the interpreter."""
+    if device.type == "cpu":
+        return blocks(K, M, INTERPRETER_MAX_BLOCK_M, INTERPRETER_TILE)
+    return blocks(K, M, MAX_BLOCK_M)
+
+
 def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) -> int:
     """How many programs share one column's K: enough that none folds more than
     CHUNKS_PER_SPLIT tiles, and off the interpreter enough to launch
@@ -231,31 +326,65 @@ def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) ->
     return max(1, min(splits, chunks))
 
 
-def logmeanexp_forward(lw, lw_max, sumexp, out, ess) -> None:
-    """lw_max, sumexp (M,) <- the column states of lw (K, M); out (logmeanexp) and
-    ess (effective sample size), both (M,), when not None."""
+def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool, accumulate: bool) -> None:
+    """The column states of lw (+ latent) (K, M), finished by _emit: one launch
+    when every column is one program's (few rows or many columns), else the
+    split programs' partial states and one finish launch, one program per
+    FINISH_BLOCK_M columns."""
     K, M = lw.shape
     if M == 0:
         return
     acc = acc_dtype(lw.dtype)
-    BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
+    gpu = lw.device.type != "cpu"
+    BLOCK_K, BLOCK_M = _tile(K, M, lw.device)
     splits = _splits(K, M, BLOCK_K, BLOCK_M, lw.device)
     rows_per_split = triton.cdiv(triton.cdiv(max(K, 1), BLOCK_K), splits) * BLOCK_K
     splits = triton.cdiv(max(K, 1), rows_per_split)
-    has_ess = ess is not None
+    has_s2 = accumulate or ess is not None
+    flags = dict(ACCUMULATE=accumulate, HAS_S2=has_s2, HAS_OUT=out is not None, HAS_ESS=ess is not None, ACC=acc)
+    # absent outputs get a pointer that is never read or written
+    outs = (lw_max, sumexp, sumexp if out is None else out, sumexp if ess is None else ess,
+            sumexp if sq_max is None else sq_max, sumexp if sq_sumexp is None else sq_sumexp)
+    first = int(bool(first))
+    lat = lw if latent is None else latent
+    warps = 8 if gpu else 1  # a 4096-element tile: 16 float32 elements a thread
+    if splits == 1:
+        _logmeanexp_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+            lw, lat, sumexp, sumexp, sumexp, *outs, K, M, rows_per_split, first,
+            SPLIT=False, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+            num_warps=warps,
+        )
+        return
     part_m = torch.empty((splits, M), dtype=sumexp.dtype, device=lw.device)
     part_s = torch.empty_like(part_m)
-    part_s2 = torch.empty_like(part_m) if has_ess else part_s
-    _logmeanexp_partial_kernel[(triton.cdiv(M, BLOCK_M) * splits,)](
-        lw, part_m, part_s, part_s2, K, M, rows_per_split,
-        HAS_S2=has_ess, ACC=acc, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+    part_s2 = torch.empty_like(part_m) if has_s2 else part_s
+    _logmeanexp_fwd_kernel[(triton.cdiv(M, BLOCK_M) * splits,)](
+        lw, lat, part_m, part_s, part_s2, *outs, K, M, rows_per_split, first,
+        SPLIT=True, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        num_warps=warps,
     )
-    FINISH_BLOCK = min(triton.next_power_of_2(M), 1024)
-    _logmeanexp_finish_kernel[(triton.cdiv(M, FINISH_BLOCK),)](
-        part_m, part_s, part_s2, lw_max, sumexp,
-        out if out is not None else sumexp, ess if has_ess else sumexp,
-        K, M, splits, HAS_OUT=out is not None, HAS_ESS=has_ess, ACC=acc, BLOCK_M=FINISH_BLOCK,
+    if gpu:
+        block_s, block_m = FINISH_BLOCK_S, FINISH_BLOCK_M
+    else:
+        block_s, block_m = 16, min(triton.next_power_of_2(M), INTERPRETER_TILE // 16)
+    _logmeanexp_finish_kernel[(triton.cdiv(M, block_m),)](
+        part_m, part_s, part_s2, *outs, K, M, splits, first, **flags, BLOCK_S=block_s, BLOCK_M=block_m,
+        num_warps=4 if gpu else 1,
     )
+
+
+def logmeanexp_forward(lw, lw_max, sumexp, out, ess) -> None:
+    """lw_max, sumexp (M,) <- the column states of lw (K, M); out (logmeanexp) and
+    ess (effective sample size), both (M,), when not None."""
+    _reduce(lw, None, lw_max, sumexp, out, ess, None, None, True, False)
+
+
+def logmeanexp_accumulate(lw, latent, lw_max, sumexp, sq_max, sq_sumexp, first) -> None:
+    """The column states of lw + latent (K, M) (lw alone when latent is None),
+    and of twice that, merged into the running states (lw_max, sumexp) and
+    (sq_max, sq_sumexp), each (M,), in place; with first they are written
+    without being read."""
+    _reduce(lw, latent, lw_max, sumexp, None, None, sq_max, sq_sumexp, first, True)
 
 
 def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> None:
@@ -265,7 +394,7 @@ def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> 
     K, M = lw.shape
     if K * M == 0:
         return
-    BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
+    BLOCK_K, BLOCK_M = _tile(K, M, lw.device)
     has_gs, has_ess = grad_sumexp is not None, ess is not None
     _logmeanexp_bwd_kernel[(triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),)](
         lw, lw_max, sumexp, grad_out, grad_sumexp if has_gs else grad_out, ess if has_ess else grad_out, dlw, K, M,
@@ -279,7 +408,7 @@ def importance_weights_backward(grad_w, w, dlw) -> None:
     K, M = w.shape
     if K * M == 0:
         return
-    BLOCK_K, BLOCK_M = blocks(K, M, MAX_BLOCK_M)
+    BLOCK_K, BLOCK_M = _tile(K, M, w.device)
     _importance_weights_bwd_kernel[(triton.cdiv(M, BLOCK_M),)](
         grad_w, w, dlw, K, M, ACC=acc_dtype(w.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
     )

@@ -3,8 +3,9 @@
     term[n, u] = c[u] - 0.5 * sum_l (z[n, l] - means[u, l])^2 * inv_var[u, l],
     c[u] = log_softmax(logits)[u] - 0.5 * sum_l (logvars[u, l] + log 2 pi),
 
-and its gradient. c (U,) and inv_var = exp(-logvars) (U, L) are prepared once
-per call by the launcher, in the accumulation dtype (O(U * L)).
+and its gradient. The kernels compute c and inv_var = exp(-logvars) from the
+parameters themselves (the logits' log-sum-exp in a short loop over U per
+program): no torch work around them (issue 23; 1 launch forward, 2 backward).
 
 Layout: z, dz (N, L) contiguous; means, logvars, dmeans, dlogvars (U, L);
 logits, dlogits (U,) or None; out, grad_out (N,).
@@ -18,12 +19,16 @@ weight is exactly 0). No (N, U) intermediate is stored.
 Backward: two kernels, each recomputing the terms from z and the saved out,
 w = exp(term - out) (0 where out is -inf):
 - dz: programs over rows, dz[n] = -g[n] sum_u w (z - means_u) inv_var_u, in
-  registers when L fits one block, else accumulated in an ACC-dtype (N, L)
-  buffer that the program owns;
+  registers when L fits one block, else accumulated in dz itself (or, for
+  half precision, an ACC-dtype (N, L) scratch the program owns and finally
+  casts into dz); the first component block stores, so nothing is zeroed;
 - dmeans, dlogvars, dlogits: programs over (row split, component block),
-  each writing partial sums of g w t, g w t d and g w (t = d inv_var,
-  d = z - means_u) over its rows into (splits, U, L) / (splits, U) buffers
-  that the launcher reduces with sum(0), in a fixed order (no atomics).
+  each writing partial sums of g w t, g w t d, g w and g (t = d inv_var,
+  d = z - means_u) over its rows into (splits, U, L) / (splits, U) buffers;
+  the last program of each component block to finish (an arrival counter,
+  _common.arrive_last) adds them in split order and writes the gradients,
+  dlogvars = (V - S) / 2 and dlogits = S - softmax(logits) sum g included
+  (deterministic, no float atomics).
 """
 import math
 
@@ -31,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, accumulation_dtype, sample_splits
+from ._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters
 
 # Geometry on a GPU: 16 rows x 16 components x up to 32 latent dims per step
 # (8192 elements over 4 warps); K = 30 x B = 1024 rows launch 1920 programs.
@@ -43,7 +48,7 @@ NUM_WARPS = 4
 INTERPRETER_BLOCK_N = 64
 INTERPRETER_MAX_BLOCK_L = 256
 
-_LOG_2PI = math.log(2.0 * math.pi)
+LOG_2PI: tl.constexpr = tl.constexpr(math.log(2.0 * math.pi))
 
 
 def _geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
@@ -54,24 +59,57 @@ def _geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
     return BLOCK_N, BLOCK_U, min(triton.next_power_of_2(max(L, 1)), max_l)
 
 
-def _prepare(means, logvars, logits):
-    """(c (U,), inv_var (U, L)) in the accumulation dtype."""
-    acc = accumulation_dtype(means.dtype)
-    U, L = means.shape
-    lv = logvars.to(acc)
-    if logits is None:
-        log_w = torch.full((U,), -math.log(U), dtype=acc, device=means.device)
-    else:
-        log_w = torch.log_softmax(logits.to(acc), 0)
-    c = log_w - 0.5 * (lv.sum(1) + L * _LOG_2PI)
-    return c.contiguous(), torch.exp(-lv).contiguous()
-
-
 # -- kernels ------------------------------------------------------------------
 
 
 @triton.jit
-def _quad(z_ptr, m_ptr, iv_ptr, rows, row_ok, comps, u_ok, L,
+def _log_norm(logits_ptr, U, HAS_LOGITS: tl.constexpr, ACC: tl.constexpr, BLOCK_U: tl.constexpr):
+    """log sum_u exp(logits[u]) (log U for equal weights): the normalizer of log_softmax."""
+    if HAS_LOGITS:
+        run_max = tl.full([BLOCK_U], float("-inf"), ACC)
+        run_sum = tl.zeros([BLOCK_U], dtype=ACC)
+        for u0 in range(0, U, BLOCK_U):
+            comps = u0 + tl.arange(0, BLOCK_U)
+            lg = tl.load(logits_ptr + comps, mask=comps < U, other=float("-inf")).to(ACC)
+            new_max = tl.maximum(run_max, lg)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(tl.where(run_max == float("-inf"), float("-inf"), run_max - shift)) \
+                + tl.exp(lg - shift)
+            run_max = new_max
+        top = tl.max(run_max, axis=0)
+        shift = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(run_sum * tl.exp(tl.where(run_max == float("-inf"), float("-inf"), run_max - shift)), axis=0)
+        return shift + tl.log(total)
+    else:
+        return tl.log(U.to(ACC))
+
+
+@triton.jit
+def _component_c(lv_ptr, logits_ptr, comps, u_ok, L, log_norm, HAS_LOGITS: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_U: tl.constexpr, BLOCK_L: tl.constexpr):
+    """c[u] = log_softmax(logits)[u] - 0.5 (sum_l logvars[u, l] + L log 2 pi), -inf for padded components."""
+    slv = tl.zeros([BLOCK_U], dtype=ACC)
+    for l0 in range(0, L, BLOCK_L):
+        cols = l0 + tl.arange(0, BLOCK_L)
+        cm = u_ok[:, None] & (cols < L)[None, :]
+        slv += tl.sum(tl.load(lv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC), axis=1)
+    if HAS_LOGITS:
+        log_w = tl.load(logits_ptr + comps, mask=u_ok, other=0.0).to(ACC) - log_norm
+    else:
+        log_w = tl.zeros([BLOCK_U], dtype=ACC) - log_norm
+    c = log_w - 0.5 * (slv + L * tl.full([BLOCK_U], LOG_2PI, ACC))  # log 2 pi in ACC, not float32
+    return tl.where(u_ok, c, float("-inf"))
+
+
+@triton.jit
+def _inv_var(lv_ptr, comps, cols, cm, L, ACC: tl.constexpr):
+    """exp(-logvars) of the components at cols, 0 where masked (adds nothing)."""
+    lv = tl.load(lv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
+    return tl.where(cm, tl.exp(-lv), 0.0)
+
+
+@triton.jit
+def _quad(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, L,
           ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_L: tl.constexpr):
     """sum_l (z[row, l] - means[comp, l])^2 inv_var[comp, l] as [BLOCK_N, BLOCK_U];
     masked lanes load 0 (mean and inv_var 0: they add 0)."""
@@ -83,7 +121,7 @@ def _quad(z_ptr, m_ptr, iv_ptr, rows, row_ok, comps, u_ok, L,
                     other=0.0).to(ACC)
         cm = u_ok[:, None] & l_ok[None, :]
         m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
-        iv = tl.load(iv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0)
+        iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
         d = z[:, None, :] - m[None, :, :]
         q += tl.sum(d * d * iv[None, :, :], axis=2)
     return q
@@ -112,12 +150,13 @@ def _weights(g, o, live, c, q, u_ok):
 def _mixture_fwd_kernel(
     z_ptr,  # (N, L)
     m_ptr,  # (U, L) means
-    iv_ptr,  # (U, L) exp(-logvars), ACC
-    c_ptr,  # (U,) ACC
+    lv_ptr,  # (U, L) logvars
+    logits_ptr,  # (U,) when HAS_LOGITS
     out_ptr,  # (N,)
     N,
     U,
     L,
+    HAS_LOGITS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_U: tl.constexpr,
@@ -126,13 +165,14 @@ def _mixture_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < N
+    log_norm = _log_norm(logits_ptr, U, HAS_LOGITS, ACC, BLOCK_U)
     run_max = tl.full([BLOCK_N], float("-inf"), ACC)
     run_sum = tl.zeros([BLOCK_N], dtype=ACC)
     for u0 in range(0, U, BLOCK_U):
         comps = u0 + tl.arange(0, BLOCK_U)
         u_ok = comps < U
-        q = _quad(z_ptr, m_ptr, iv_ptr, rows, row_ok, comps, u_ok, L, ACC, BLOCK_N, BLOCK_U, BLOCK_L)
-        c = tl.load(c_ptr + comps, mask=u_ok, other=float("-inf"))
+        q = _quad(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, L, ACC, BLOCK_N, BLOCK_U, BLOCK_L)
+        c = _component_c(lv_ptr, logits_ptr, comps, u_ok, L, log_norm, HAS_LOGITS, ACC, BLOCK_U, BLOCK_L)
         # padded components are -inf outright (their 0 * inf for an inf z would be NaN)
         term = tl.where(u_ok[None, :], c[None, :] - 0.5 * q, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(term, axis=1))
@@ -153,14 +193,17 @@ def _mixture_dz_kernel(
     g_ptr,  # (N,) grad_out
     z_ptr,  # (N, L)
     m_ptr,  # (U, L)
-    iv_ptr,  # (U, L) ACC
-    c_ptr,  # (U,) ACC
+    lv_ptr,  # (U, L)
+    logits_ptr,  # (U,) when HAS_LOGITS
     out_ptr,  # (N,)
-    dz_ptr,  # (N, L): dz itself (SINGLE_L) or a zeroed ACC buffer
+    dz_ptr,  # (N, L)
+    buf_ptr,  # (N, L) ACC running sums when not SINGLE_L: dz itself, or a scratch when CAST
     N,
     U,
     L,
+    HAS_LOGITS: tl.constexpr,
     SINGLE_L: tl.constexpr,  # L fits one BLOCK_L: dz stays in registers
+    CAST: tl.constexpr,  # not SINGLE_L and dz is not in ACC: buf is a scratch, cast into dz at the end
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_U: tl.constexpr,
@@ -170,12 +213,13 @@ def _mixture_dz_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = rows < N
     g, o, live = _row_state(g_ptr, out_ptr, rows, row_ok, ACC)
+    log_norm = _log_norm(logits_ptr, U, HAS_LOGITS, ACC, BLOCK_U)
     acc = tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)
     for u0 in range(0, U, BLOCK_U):
         comps = u0 + tl.arange(0, BLOCK_U)
         u_ok = comps < U
-        q = _quad(z_ptr, m_ptr, iv_ptr, rows, row_ok, comps, u_ok, L, ACC, BLOCK_N, BLOCK_U, BLOCK_L)
-        c = tl.load(c_ptr + comps, mask=u_ok, other=float("-inf"))
+        q = _quad(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, L, ACC, BLOCK_N, BLOCK_U, BLOCK_L)
+        c = _component_c(lv_ptr, logits_ptr, comps, u_ok, L, log_norm, HAS_LOGITS, ACC, BLOCK_U, BLOCK_L)
         gw = _weights(g, o, live, c, q, u_ok)
         for l0 in range(0, L, BLOCK_L):
             cols = l0 + tl.arange(0, BLOCK_L)
@@ -184,36 +228,54 @@ def _mixture_dz_kernel(
             z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=zmask & live[:, None], other=0.0).to(ACC)
             cm = u_ok[:, None] & l_ok[None, :]
             m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
-            iv = tl.load(iv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0)
+            iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
             t = (z[:, None, :] - m[None, :, :]) * iv[None, :, :]
             contrib = -tl.sum(gw[:, :, None] * t, axis=1)
             if SINGLE_L:
                 acc += contrib
             else:
-                ptrs = dz_ptr + rows[:, None] * L + cols[None, :]
-                tl.store(ptrs, tl.load(ptrs, mask=zmask, other=0.0) + contrib, mask=zmask)
+                # the first component block stores, the others add: the buffer needs no zeroing
+                ptrs = buf_ptr + rows[:, None] * L + cols[None, :]
+                prev = tl.load(ptrs, mask=zmask & (u0 > 0), other=0.0).to(ACC)
+                tl.store(ptrs, (prev + contrib).to(buf_ptr.dtype.element_ty), mask=zmask)
     if SINGLE_L:
         cols = tl.arange(0, BLOCK_L)
         zmask = row_ok[:, None] & (cols < L)[None, :]
         tl.store(dz_ptr + rows[:, None] * L + cols[None, :], acc.to(dz_ptr.dtype.element_ty), mask=zmask)
+    elif CAST:
+        for l0 in range(0, L, BLOCK_L):
+            cols = l0 + tl.arange(0, BLOCK_L)
+            zmask = row_ok[:, None] & (cols < L)[None, :]
+            total = tl.load(buf_ptr + rows[:, None] * L + cols[None, :], mask=zmask, other=0.0)
+            tl.store(dz_ptr + rows[:, None] * L + cols[None, :], total.to(dz_ptr.dtype.element_ty), mask=zmask)
 
 
-@triton.jit(do_not_specialize=["N", "U", "ROWS_PER"])
+@triton.jit(do_not_specialize=["N", "U", "ROWS_PER", "SPLITS"])
 def _mixture_params_kernel(
     g_ptr,  # (N,)
     z_ptr,  # (N, L)
     m_ptr,  # (U, L)
-    iv_ptr,  # (U, L) ACC
-    c_ptr,  # (U,) ACC
+    lv_ptr,  # (U, L)
+    logits_ptr,  # (U,) when HAS_LOGITS
     out_ptr,  # (N,)
-    part_m_ptr,  # (splits, U, L) ACC, zeroed: sum g w t over the split's rows
-    part_v_ptr,  # (splits, U, L) ACC, zeroed: sum g w t d
-    part_s_ptr,  # (splits, U) ACC: sum g w
+    dm_ptr,  # (U, L) dmeans, when HAS_DM
+    dlv_ptr,  # (U, L) dlogvars, when HAS_DLV
+    dlg_ptr,  # (U,) dlogits, when HAS_DLG
+    part_m_ptr,  # (SPLITS, U, L) ACC: sum g w t over the split's rows, when PARAMS
+    part_v_ptr,  # (SPLITS, U, L) ACC: sum g w t d, when PARAMS
+    part_s_ptr,  # (SPLITS, U) ACC: sum g w
+    part_g_ptr,  # (SPLITS, component blocks) ACC: sum g over the split's rows
+    counter_ptr,  # (component blocks,) int32, 0 between launches
     N,
     U,
     L,
     ROWS_PER,  # rows per split (a multiple of BLOCK_N)
+    SPLITS,
+    HAS_LOGITS: tl.constexpr,
     PARAMS: tl.constexpr,  # dmeans or dlogvars wanted (else only sum g w, for dlogits)
+    HAS_DM: tl.constexpr,
+    HAS_DLV: tl.constexpr,
+    HAS_DLG: tl.constexpr,
     SINGLE_L: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -222,21 +284,33 @@ def _mixture_params_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     u_blocks = tl.cdiv(U, BLOCK_U)
+    ub = pid % u_blocks
     split = pid // u_blocks
-    comps = (pid % u_blocks).to(tl.int32) * BLOCK_U + tl.arange(0, BLOCK_U)
+    comps = ub.to(tl.int32) * BLOCK_U + tl.arange(0, BLOCK_U)
     u_ok = comps < U
-    c = tl.load(c_ptr + comps, mask=u_ok, other=float("-inf"))
+    log_norm = _log_norm(logits_ptr, U, HAS_LOGITS, ACC, BLOCK_U)
+    c = _component_c(lv_ptr, logits_ptr, comps, u_ok, L, log_norm, HAS_LOGITS, ACC, BLOCK_U, BLOCK_L)
     n0 = split * ROWS_PER
     n1 = tl.minimum(n0 + ROWS_PER, N)
     acc_m = tl.zeros([BLOCK_U, BLOCK_L], dtype=ACC)
     acc_v = tl.zeros([BLOCK_U, BLOCK_L], dtype=ACC)
     acc_s = tl.zeros([BLOCK_U], dtype=ACC)
-    part = split * U * L + comps[:, None] * L
+    acc_g = tl.zeros([BLOCK_N], dtype=ACC)
+    UL = U * L
+    part = split * UL + comps[:, None] * L
+    if PARAMS and not SINGLE_L:
+        # this program's slots start at 0: the row loop adds to them (and may be empty)
+        for l0 in range(0, L, BLOCK_L):
+            cols = l0 + tl.arange(0, BLOCK_L)
+            cm = u_ok[:, None] & (cols < L)[None, :]
+            tl.store(part_m_ptr + part + cols[None, :], tl.zeros([BLOCK_U, BLOCK_L], dtype=ACC), mask=cm)
+            tl.store(part_v_ptr + part + cols[None, :], tl.zeros([BLOCK_U, BLOCK_L], dtype=ACC), mask=cm)
     for r0 in range(n0, n1, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < n1
+        acc_g += tl.load(g_ptr + rows, mask=row_ok, other=0.0).to(ACC)
         g, o, live = _row_state(g_ptr, out_ptr, rows, row_ok, ACC)
-        q = _quad(z_ptr, m_ptr, iv_ptr, rows, row_ok, comps, u_ok, L, ACC, BLOCK_N, BLOCK_U, BLOCK_L)
+        q = _quad(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, L, ACC, BLOCK_N, BLOCK_U, BLOCK_L)
         gw = _weights(g, o, live, c, q, u_ok)
         acc_s += tl.sum(gw, axis=0)
         if PARAMS:
@@ -248,7 +322,7 @@ def _mixture_params_kernel(
                             other=0.0).to(ACC)
                 cm = u_ok[:, None] & l_ok[None, :]
                 m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
-                iv = tl.load(iv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0)
+                iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
                 d = z[:, None, :] - m[None, :, :]
                 t = gw[:, :, None] * d * iv[None, :, :]
                 pm = tl.sum(t, axis=0)
@@ -261,12 +335,51 @@ def _mixture_params_kernel(
                     tl.store(part_m_ptr + off, tl.load(part_m_ptr + off, mask=cm, other=0.0) + pm, mask=cm)
                     tl.store(part_v_ptr + off, tl.load(part_v_ptr + off, mask=cm, other=0.0) + pv, mask=cm)
     tl.store(part_s_ptr + split * U + comps, acc_s, mask=u_ok)
+    tl.store(part_g_ptr + split * u_blocks + ub, tl.sum(acc_g, axis=0))
+    if PARAMS and SINGLE_L:
+        cols = tl.arange(0, BLOCK_L)
+        cm = u_ok[:, None] & (cols < L)[None, :]
+        tl.store(part_m_ptr + part + cols[None, :], acc_m, mask=cm)
+        tl.store(part_v_ptr + part + cols[None, :], acc_v, mask=cm)
+    last = SPLITS == 1  # one split: this program finishes, no counter touched
+    if SPLITS > 1:
+        last = arrive_last(counter_ptr + ub, SPLITS)
+    if last:
+        _params_finish(dm_ptr, dlv_ptr, dlg_ptr, logits_ptr, part_m_ptr, part_v_ptr, part_s_ptr, part_g_ptr, comps,
+                       u_ok, ub, u_blocks, U, L, SPLITS, log_norm, PARAMS, HAS_DM, HAS_DLV, HAS_DLG, ACC,
+                       BLOCK_U, BLOCK_L)
+
+
+@triton.jit
+def _params_finish(dm_ptr, dlv_ptr, dlg_ptr, logits_ptr, part_m_ptr, part_v_ptr, part_s_ptr, part_g_ptr, comps,
+                   u_ok, ub, u_blocks, U, L, SPLITS, log_norm, PARAMS: tl.constexpr, HAS_DM: tl.constexpr,
+                   HAS_DLV: tl.constexpr, HAS_DLG: tl.constexpr, ACC: tl.constexpr, BLOCK_U: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
+    """The component block's gradients from the splits' partials, added in split order."""
+    UL = U * L
+    s_sum = tl.zeros([BLOCK_U], dtype=ACC)
+    g_sum = tl.zeros([1], dtype=ACC)
+    for sp in range(0, SPLITS):
+        s_sum += tl.load(part_s_ptr + sp * U + comps, mask=u_ok, other=0.0, cache_modifier=".cg")
+        g_sum += tl.load(part_g_ptr + sp * u_blocks + ub + tl.zeros([1], dtype=tl.int64), cache_modifier=".cg")
+    if HAS_DLG:
+        soft = tl.exp(tl.load(logits_ptr + comps, mask=u_ok, other=0.0).to(ACC) - log_norm)
+        tl.store(dlg_ptr + comps, (s_sum - soft * tl.sum(g_sum, axis=0)).to(dlg_ptr.dtype.element_ty), mask=u_ok)
     if PARAMS:
-        if SINGLE_L:
-            cols = tl.arange(0, BLOCK_L)
+        for l0 in range(0, L, BLOCK_L):
+            cols = l0 + tl.arange(0, BLOCK_L)
             cm = u_ok[:, None] & (cols < L)[None, :]
-            tl.store(part_m_ptr + part + cols[None, :], acc_m, mask=cm)
-            tl.store(part_v_ptr + part + cols[None, :], acc_v, mask=cm)
+            m_sum = tl.zeros([BLOCK_U, BLOCK_L], dtype=ACC)
+            v_sum = tl.zeros([BLOCK_U, BLOCK_L], dtype=ACC)
+            for sp in range(0, SPLITS):
+                off = sp * UL + comps[:, None] * L + cols[None, :]
+                m_sum += tl.load(part_m_ptr + off, mask=cm, other=0.0, cache_modifier=".cg")
+                v_sum += tl.load(part_v_ptr + off, mask=cm, other=0.0, cache_modifier=".cg")
+            idx = comps[:, None] * L + cols[None, :]
+            if HAS_DM:
+                tl.store(dm_ptr + idx, m_sum.to(dm_ptr.dtype.element_ty), mask=cm)
+            if HAS_DLV:
+                tl.store(dlv_ptr + idx, (0.5 * (v_sum - s_sum[:, None])).to(dlv_ptr.dtype.element_ty), mask=cm)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -278,11 +391,10 @@ def mixture_log_prob_forward(z, means, logvars, logits, out) -> None:
     U = means.shape[0]
     if N == 0:
         return
-    c, inv_var = _prepare(means, logvars, logits)
     bn, bu, bl = _geometry(L, z.device, means.dtype == torch.float64)
     _mixture_fwd_kernel[(triton.cdiv(N, bn),)](
-        z, means, inv_var, c, out, N, U, L, ACC=acc_dtype(means.dtype), BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl,
-        num_warps=NUM_WARPS,
+        z, means, logvars, means if logits is None else logits, out, N, U, L, HAS_LOGITS=logits is not None,
+        ACC=acc_dtype(means.dtype), BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
     )
 
 
@@ -292,38 +404,32 @@ def mixture_log_prob_backward(grad_out, z, means, logvars, logits, out, dz, dmea
     N, L = z.shape
     U = means.shape[0]
     acc = accumulation_dtype(means.dtype)
-    c, inv_var = _prepare(means, logvars, logits)
     bn, bu, bl = _geometry(L, z.device, means.dtype == torch.float64)
     single_l = L <= bl
     ACC = acc_dtype(means.dtype)
+    has_logits = logits is not None
+    lg = logits if has_logits else means
     if dz is not None and N > 0:
-        buf = dz if single_l else torch.zeros((N, L), dtype=acc, device=z.device)
+        cast = not single_l and dz.dtype != acc
+        buf = torch.empty((N, L), dtype=acc, device=z.device) if cast else dz
         _mixture_dz_kernel[(triton.cdiv(N, bn),)](
-            grad_out, z, means, inv_var, c, out, buf, N, U, L, SINGLE_L=single_l, ACC=ACC,
-            BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
+            grad_out, z, means, logvars, lg, out, dz, buf, N, U, L, HAS_LOGITS=has_logits, SINGLE_L=single_l,
+            CAST=cast, ACC=ACC, BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
         )
-        if buf is not dz:
-            dz.copy_(buf)
     params = dmeans is not None or dlogvars is not None
     if not params and dlogits is None:
         return
     u_blocks = triton.cdiv(U, bu)
-    row_blocks = triton.cdiv(N, bn)
-    splits, per_split = sample_splits(row_blocks, u_blocks, z.device)
-    splits = max(splits, 1)
-    part_shape = (splits, U, L) if params else (1,)
-    part_m = torch.zeros(part_shape, dtype=acc, device=z.device)
-    part_v = torch.zeros_like(part_m)
-    part_s = torch.zeros((splits, U), dtype=acc, device=z.device)
-    if N > 0:
-        _mixture_params_kernel[(u_blocks * splits,)](
-            grad_out, z, means, inv_var, c, out, part_m, part_v, part_s, N, U, L, per_split * bn,
-            PARAMS=params, SINGLE_L=single_l, ACC=ACC, BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
-        )
-    s = part_s.sum(0)
-    if dmeans is not None:
-        dmeans.copy_(part_m.sum(0))
-    if dlogvars is not None:
-        dlogvars.copy_(0.5 * (part_v.sum(0) - s[:, None]))
-    if dlogits is not None:
-        dlogits.copy_(s - torch.softmax(logits.to(acc), 0) * grad_out.to(acc).sum())
+    splits, per_split = split_samples(u_blocks, triton.cdiv(N, bn), z.device)
+    part_m = torch.empty((splits, U, L) if params else (1,), dtype=acc, device=z.device)
+    part_v = torch.empty((splits, U, L) if params else (1,), dtype=acc, device=z.device)
+    part_s = torch.empty((splits, U), dtype=acc, device=z.device)
+    part_g = torch.empty((splits, u_blocks), dtype=acc, device=z.device)
+    _mixture_params_kernel[(u_blocks * splits,)](
+        grad_out, z, means, logvars, lg, out, means if dmeans is None else dmeans,
+        means if dlogvars is None else dlogvars, means if dlogits is None else dlogits,
+        part_m, part_v, part_s, part_g, tile_counters(z.device, u_blocks, splits), N, U, L, per_split * bn, splits,
+        HAS_LOGITS=has_logits, PARAMS=params, HAS_DM=dmeans is not None, HAS_DLV=dlogvars is not None,
+        HAS_DLG=dlogits is not None, SINGLE_L=single_l, ACC=ACC, BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl,
+        num_warps=NUM_WARPS,
+    )

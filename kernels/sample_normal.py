@@ -2,20 +2,38 @@
 with the analytic KL(q || N(0, I)) per row, and the backward that regenerates
 eps from (seed, offset) instead of storing it.
 
-Layout: mu, logvar (N, L) contiguous; z, grad_z (K, N, L); kl, grad_kl (N,).
-The offset of z[k, n, l] is k * N * L + n * L + l (int64).
+Layout: mu, logvar (N, L) contiguous; z, grad_z (K, N, L); kl, grad_kl (N,);
+log_ratio, grad_log_ratio (K, N). The offset of z[k, n, l] is k * N * L + n * L + l
+(int64) in training.
 
-Geometry (docs/triton.md): the forward tiles the K * N sample rows of z, so a
-large-K evaluation of one example is as parallel as a training batch. The
-backward sums over K: each program owns BLOCK_ROWS rows of mu and a range of
-samples, writes partial sums, and the launcher reduces them in a fixed order.
+One launch forward, one backward, no torch work around them (issue 23).
+Geometry (docs/triton.md): the forward tiles the K * N sample rows of z in
+tiles of about FORWARD_TILE elements (rows x columns, columns in fours so that
+a thread holds whole Philox counters), so a large-K evaluation of one example
+is as parallel as a training batch. The backward sums over K: mu is flat
+(N * L elements, whose noise offsets are contiguous within a sample), each
+program owns BACKWARD_TILE consecutive elements and loops over every sample,
+accumulating in registers, then adds the KL's terms and writes dmu and dlogvar
+once (deterministic, no atomics, no partial sums). The IWAE latent term's
+gradient (grad_log_ratio) is folded in from the regenerated eps.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, accumulation_dtype, block_cols, block_rows, num_warps, sample_splits
+from ._common import INTERPRETER_BLOCK_ROWS, MAX_BLOCK_COLS, acc_dtype, block_cols
 from .philox import aligned, randn, randn4
+
+# Elements per forward program on a GPU (a quarter for float64): 8 float32
+# values a thread per live tile at 8 warps. 4096 spilled in bfloat16 (ptxas,
+# sm_90: 8-36 bytes, the noise's registers); 2048 spills in no dtype but float64.
+FORWARD_TILE = 2048
+# Elements of mu per backward program (a quarter for float64) at 8 warps; the
+# sums over samples stay in registers.
+BACKWARD_TILE = 2048
+# Under the interpreter (CPU tensors) a program costs about 1 ms whatever its
+# size: few, large programs.
+INTERPRETER_BACKWARD_TILE = 1 << 16
 
 # -- kernels ------------------------------------------------------------------
 
@@ -74,54 +92,101 @@ def _sample_normal_fwd_kernel(
         tl.store(ratio_ptr + r, (0.5 * ratio).to(ratio_ptr.dtype.element_ty), mask=r < KN)
 
 
-@triton.jit(do_not_specialize=["N", "K", "K_PER"])
+@triton.jit(do_not_specialize=["N", "NL", "K"])
 def _sample_normal_bwd_kernel(
-    grad_z_ptr,  # (K, N, L)
+    grad_z_ptr,  # (K, N, L), read when HAS_GRAD_Z
+    grad_kl_ptr,  # (N,), read when HAS_GRAD_KL
+    grad_ratio_ptr,  # (K, N), read when HAS_GRAD_RATIO
+    mu_ptr,  # (N, L)
     logvar_ptr,  # (N, L)
     seed_ptr,  # (): int64
-    part_mu_ptr,  # (splits, N, L): sum over the split's samples of grad_z
-    part_lv_ptr,  # (splits, N, L): sum over the split's samples of grad_z * eps * s / 2
+    dmu_ptr,  # (N, L)
+    dlv_ptr,  # (N, L)
     N,
     L,
-    K,
-    K_PER,  # samples per split
+    NL,  # N * L: the flat elements of mu, and the noise offset of one sample
+    K,  # samples to sum over (0 when neither grad_z nor grad_log_ratio is given)
+    HAS_GRAD_Z: tl.constexpr,
+    HAS_GRAD_KL: tl.constexpr,
+    HAS_GRAD_RATIO: tl.constexpr,
+    STOP_SCORE: tl.constexpr,  # the log-ratio's path term eps / s - z, and no direct logvar term
     ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    ALIGNED: tl.constexpr,  # L divisible by 4: every row's noise starts a Philox counter
+    BLOCK: tl.constexpr,  # elements of mu per program, a multiple of 4
+    ALIGNED: tl.constexpr,  # L (so NL) divisible by 4: each sample's block starts a Philox counter
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row_blocks = tl.cdiv(N, BLOCK_R)
-    split = pid // row_blocks
-    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    k0 = split * K_PER
-    k1 = tl.minimum(k0 + K_PER, K)
+    start = pid * BLOCK
+    # the block as (BLOCK // 4, 4): element start + 4 g + j, whole Philox counters per thread
+    g4 = tl.arange(0, BLOCK // 4)[:, None]
+    i = start + 4 * g4 + tl.arange(0, 4)[None, :]  # int64 flat index n * L + l
+    mask = i < NL
     seed = tl.load(seed_ptr)
-    g4 = tl.arange(0, BLOCK_L // 4)[None, :, None]  # columns l0 + 4 g4 + j, as in the forward
-    j = tl.arange(0, 4)[None, None, :]
-    rr = rows[:, None, None]
-    for l0 in range(0, L, BLOCK_L):
-        cols = l0 + 4 * g4 + j
-        mask = (rr < N) & (cols < L)
-        idx = rr * L + cols
-        s = tl.exp(0.5 * tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC))
-        acc_mu = tl.zeros([BLOCK_R, BLOCK_L // 4, 4], dtype=ACC)
-        acc_lv = tl.zeros([BLOCK_R, BLOCK_L // 4, 4], dtype=ACC)
-        for k in range(k0, k1):
-            off = k * N * L + idx
-            g = tl.load(grad_z_ptr + off, mask=mask, other=0.0).to(ACC)
-            acc_mu += g
-            if ALIGNED:
-                eps = randn4(seed, ((k * N * L + rr * L + l0) >> 2) + g4, ACC)
+    lv = tl.load(logvar_ptr + i, mask=mask, other=0.0).to(ACC)
+    s = tl.exp(0.5 * lv)
+    acc_mu = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz
+    acc_lv = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz * eps
+    acc_g = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k grad_log_ratio (its direct logvar term)
+    if HAS_GRAD_RATIO or HAS_GRAD_KL:
+        n = i // L
+        mu = tl.load(mu_ptr + i, mask=mask, other=0.0).to(ACC)
+    if HAS_GRAD_RATIO and STOP_SCORE:
+        # (z - mu) / s^2 as eps / s: finite for a collapsed posterior, where
+        # (z - mu) * exp(-logvar) is 0 * inf
+        inv_s = tl.exp(-0.5 * lv)
+    for k in range(0, K):
+        base = k * NL
+        if ALIGNED:
+            eps = randn4(seed, ((base + start) >> 2) + g4, ACC)
+        else:
+            eps = randn(seed, base + i, ACC)
+        if HAS_GRAD_Z:
+            dz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0).to(ACC)
+        else:
+            dz = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+        if HAS_GRAD_RATIO:
+            gr = tl.load(grad_ratio_ptr + k * N + n, mask=mask, other=0.0).to(ACC)
+            z = mu + s * eps
+            if STOP_SCORE:
+                dz += gr * (eps * inv_s - z)
             else:
-                eps = randn(seed, off, ACC)
-            acc_lv += g * eps
-        part = split * N * L + idx
-        tl.store(part_mu_ptr + part, acc_mu, mask=mask)
-        tl.store(part_lv_ptr + part, 0.5 * acc_lv * s, mask=mask)
+                dz -= gr * z
+                acc_g += gr
+        acc_mu += dz
+        acc_lv += dz * eps
+    dmu = acc_mu
+    dlv = 0.5 * acc_lv * s
+    if HAS_GRAD_RATIO and not STOP_SCORE:
+        dlv += 0.5 * acc_g
+    if HAS_GRAD_KL:
+        gk = tl.load(grad_kl_ptr + n, mask=mask, other=0.0).to(ACC)
+        dmu += gk * mu
+        dlv += 0.5 * gk * (tl.exp(lv) - 1.0)
+    tl.store(dmu_ptr + i, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dlv_ptr + i, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
+
+
+def forward_geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_L, num_warps) of the forward from the row length only (no
+    variant per batch size or K): columns in fours (whole Philox counters), up
+    to MAX_BLOCK_COLS, and rows for a tile of about FORWARD_TILE elements (a
+    quarter for float64, whose noise holds twice the registers) at 8 warps, 4
+    for a smaller tile. Under the interpreter INTERPRETER_BLOCK_ROWS rows."""
+    cols = max(4, block_cols(L, MAX_BLOCK_COLS))
+    if device.type == "cpu":
+        return INTERPRETER_BLOCK_ROWS, cols, 4
+    tile = FORWARD_TILE // 4 if fp64 else FORWARD_TILE
+    rows = max(1, tile // cols)
+    return rows, cols, 8 if rows * cols >= tile else 4
+
+
+def backward_geometry(device: torch.device, fp64: bool) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the backward: elements of mu per program."""
+    if device.type == "cpu":
+        return INTERPRETER_BACKWARD_TILE, 4
+    return (BACKWARD_TILE // 4 if fp64 else BACKWARD_TILE), 8
 
 
 def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, z, kl, log_ratio) -> None:
@@ -129,7 +194,6 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
     z[k, n, l] uses the noise at offset0 + k * sample_stride + n * row_stride + l;
     log_ratio (K, N), when not None, <- 0.5 * sum_l(eps^2 + logvar - z^2)."""
     K, N, L = z.shape
-    rows = block_rows(mu.device)  # rows per program
     if N * L == 0:
         kl.zero_()
         if log_ratio is not None:  # an empty latent: log p(z) - log q(z) = 0
@@ -137,37 +201,36 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
         return
     if K == 0:  # the KL still has to be written
         z = torch.empty((1, N, L), dtype=z.dtype, device=z.device)
-    BLOCK_L = max(4, block_cols(L))  # whole Philox counters: columns in fours
+    BLOCK_R, BLOCK_L, warps = forward_geometry(L, mu.device, mu.dtype == torch.float64)
     KN = z.shape[0] * N
     with_ratio = log_ratio is not None and log_ratio.numel() > 0
-    _sample_normal_fwd_kernel[(triton.cdiv(KN, rows),)](
+    _sample_normal_fwd_kernel[(triton.cdiv(KN, BLOCK_R),)](
         mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L,
-        ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
-        ALIGNED=aligned(offset0, sample_stride, row_stride),
-        num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64),
+        ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
+        ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps,
     )
 
 
-def sample_normal_backward(grad_z, grad_kl, mu, logvar, seed, dmu, dlogvar) -> None:
-    """dmu, dlogvar (N, L) <- gradients of sample_normal given grad_z (K, N, L), grad_kl (N,):
-    dmu = sum_k grad_z + grad_kl mu, dlogvar = sum_k grad_z eps s / 2 + grad_kl (s^2 - 1) / 2."""
-    K, N, L = grad_z.shape
-    rows = block_rows(mu.device)  # rows per program
+def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, stop_score, dmu, dlogvar) -> None:
+    """dmu, dlogvar (N, L) <- gradients of sample_normal (and of its log-ratio
+    output) given grad_z (K, N, L), grad_kl (N,), grad_log_ratio (K, N), each
+    None when that output has no gradient:
+    dz_k = grad_z_k + grad_log_ratio_k * (-z_k, or eps_k / s - z_k with stop_score),
+    dmu = sum_k dz_k + grad_kl mu,
+    dlogvar = sum_k dz_k eps_k s / 2 + grad_kl (s^2 - 1) / 2 (+ sum_k grad_log_ratio_k / 2
+    without stop_score), with s = exp(logvar / 2) and eps regenerated."""
+    N, L = mu.shape
     if N * L == 0:
         return
-    acc = accumulation_dtype(mu.dtype)
-    BLOCK_L = max(4, block_cols(L))  # whole Philox counters: columns in fours
-    row_blocks = triton.cdiv(N, rows)
-    splits, per_split = sample_splits(K, row_blocks, mu.device)
-    part_mu = torch.zeros((splits, N, L), dtype=acc, device=mu.device)
-    part_lv = torch.zeros_like(part_mu)
-    if K > 0:
-        _sample_normal_bwd_kernel[(row_blocks * splits,)](
-            grad_z, logvar, seed, part_mu, part_lv, N, L, K, per_split,
-            ACC=acc_dtype(mu.dtype), BLOCK_R=rows, BLOCK_L=BLOCK_L, ALIGNED=aligned(L),
-            num_warps=num_warps(BLOCK_L, mu.dtype == torch.float64, per_thread=4),
-        )
-    g_kl = grad_kl.to(acc)[:, None]
-    var = torch.exp(logvar.to(acc))
-    dmu.copy_(part_mu.sum(0) + g_kl * mu.to(acc))
-    dlogvar.copy_(part_lv.sum(0) + 0.5 * g_kl * (var - 1.0))
+    samples = grad_z if grad_z is not None else grad_log_ratio
+    K = 0 if samples is None else samples.shape[0]
+    BLOCK, warps = backward_geometry(mu.device, mu.dtype == torch.float64)
+    NL = N * L
+    _sample_normal_bwd_kernel[(triton.cdiv(NL, BLOCK),)](
+        grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
+        grad_log_ratio if grad_log_ratio is not None else mu, mu, logvar, seed, dmu, dlogvar, N, L, NL, K,
+        HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
+        HAS_GRAD_RATIO=grad_log_ratio is not None, STOP_SCORE=bool(stop_score),
+        # aligned on L, not N * L: a variant must not depend on the batch size
+        ACC=acc_dtype(mu.dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps,
+    )

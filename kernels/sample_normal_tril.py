@@ -12,15 +12,18 @@ BL = L rounded up to a power of two) in registers and walks its samples: S is
 read once per program, each sample costs one normal per element and a
 row-by-row reduction. Longer rows loop over BL x BL chunks of the triangle
 (the noise of a chunk of columns is drawn again for each chunk of rows). The
-backward accumulates sum_k grad_z eps^T over its samples in the same tiles and
-adds the KL's terms in the first split; with several splits the launcher sums
-the partial triangles in a fixed order (deterministic, no atomics).
+forward splits the samples over programs on a GPU (_common.sample_splits:
+nothing is summed over them; the first split writes kl). The backward is one
+launch with no torch work around it (issue 23): each program owns a block of
+rows, loops over every sample accumulating sum_k grad_z eps^T in registers in
+the same tiles, adds the KL's terms (when kl has a gradient) and writes dmu
+and dS once (deterministic, no atomics, no partial sums).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TARGET_PROGRAMS, acc_dtype, accumulation_dtype
+from ._common import acc_dtype, sample_splits
 from .philox import randn
 
 # Rows of up to 64 latents keep their whole triangle in registers (64 x 64 =
@@ -50,16 +53,6 @@ def geometry(L: int, device: torch.device) -> tuple[int, int, bool, int]:
     # cosine's argument reduction held per thread).
     warps = 8
     return br, bl, single, warps
-
-
-def splits_for(K: int, row_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(splits, samples per split): enough (sample split, row block) programs
-    for TARGET_PROGRAMS on a GPU; one split under the interpreter."""
-    if K <= 1 or device.type == "cpu":
-        return 1, max(K, 1)
-    splits = min(K, max(1, triton.cdiv(TARGET_PROGRAMS, max(row_blocks, 1))))
-    per = triton.cdiv(K, splits)
-    return triton.cdiv(K, per), per
 
 
 # -- kernels ------------------------------------------------------------------
@@ -150,10 +143,10 @@ def _sample_normal_tril_fwd_kernel(
 
 
 @triton.jit
-def _kl_grad_tile(mu_ptr, s_ptr, gkl_ptr, rows, row_ok, ii, jj, L, first, ACC: tl.constexpr):
+def _kl_grad_tile(mu_ptr, s_ptr, gkl_ptr, rows, row_ok, ii, jj, L, ACC: tl.constexpr):
     """The KL's gradient on an (ii, jj) tile of the triangle, (rows, ii, jj):
     grad_kl * (S - diag(1 / S_ii)), NaN on a negative diagonal, 0 where
-    grad_kl is 0 or this is not the first split."""
+    grad_kl is 0."""
     tri = (jj[None, :] <= ii[:, None]) & (ii < L)[:, None]
     m3 = row_ok[:, None, None] & tri[None, :, :]
     s = tl.load(s_ptr + rows[:, None, None] * L * L + ii[None, :, None] * L + jj[None, None, :],
@@ -163,35 +156,31 @@ def _kl_grad_tile(mu_ptr, s_ptr, gkl_ptr, rows, row_ok, ii, jj, L, first, ACC: t
     inv = tl.where(d < 0.0, tl.sqrt(d), 1.0 / d)  # the square root of a negative is NaN
     g = tl.load(gkl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None, None]
     term = g * (s - tl.where(on_diag, inv, 0.0))
-    return tl.where(m3 & (g != 0.0) & first, term, 0.0)
+    return tl.where(m3 & (g != 0.0), term, 0.0)
 
 
-@triton.jit(do_not_specialize=["N", "K", "K_PER"])
+@triton.jit(do_not_specialize=["N", "K"])
 def _sample_normal_tril_bwd_kernel(
-    grad_z_ptr,  # (K, N, L)
-    gkl_ptr,  # (N,)
+    grad_z_ptr,  # (K, N, L), read when HAS_GRAD_Z
+    gkl_ptr,  # (N,), read when HAS_GRAD_KL
     mu_ptr,  # (N, L)
     s_ptr,  # (N, L, L)
     seed_ptr,  # (): int64
-    dmu_ptr,  # (splits, N, L): per split sum_k grad_z (+ grad_kl mu in the first)
-    ds_ptr,  # (splits, N, L, L): per split sum_k grad_z eps^T on the triangle (+ the KL's terms), 0 above
+    dmu_ptr,  # (N, L): sum_k grad_z + grad_kl mu
+    ds_ptr,  # (N, L, L): sum_k grad_z eps^T on the triangle + the KL's terms, 0 above
     N,
     L,
-    K,
-    K_PER,
+    K,  # samples (0 without grad_z)
+    HAS_GRAD_Z: tl.constexpr,
+    HAS_GRAD_KL: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row_blocks = tl.cdiv(N, BLOCK_R)
-    split = pid // row_blocks
-    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
-    k0 = split * K_PER
-    k1 = tl.minimum(k0 + K_PER, K)
-    first = split == 0
     seed = tl.load(seed_ptr)
     NL = N * L
     ci = tl.arange(0, BLOCK_L)
@@ -200,53 +189,59 @@ def _sample_normal_tril_bwd_kernel(
         idx = rows[:, None] * L + ci[None, :]
         acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
         acc = tl.zeros([BLOCK_R, BLOCK_L, BLOCK_L], dtype=ACC)
-        for k in range(k0, k1):
-            gz = tl.load(grad_z_ptr + k * NL + idx, mask=m2, other=0.0).to(ACC)
-            eps = randn(seed, k * NL + idx, ACC)
-            acc_mu += gz
-            acc += gz[:, :, None] * eps[:, None, :]
-        _store_grads(mu_ptr, s_ptr, gkl_ptr, dmu_ptr, ds_ptr, acc_mu, acc, rows, row_ok, ci, ci, split, N, L, first,
-                     True, ACC)
+        if HAS_GRAD_Z:
+            for k in range(0, K):
+                gz = tl.load(grad_z_ptr + k * NL + idx, mask=m2, other=0.0).to(ACC)
+                eps = randn(seed, k * NL + idx, ACC)
+                acc_mu += gz
+                acc += gz[:, :, None] * eps[:, None, :]
+        _store_grads(mu_ptr, s_ptr, gkl_ptr, dmu_ptr, ds_ptr, acc_mu, acc, rows, row_ok, ci, ci, L, True,
+                     HAS_GRAD_KL, ACC)
     else:
         for i0 in range(0, L, BLOCK_L):
             ii = i0 + ci
             m2 = row_ok[:, None] & (ii < L)[None, :]
             idx = rows[:, None] * L + ii[None, :]
             acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
-            for k in range(k0, k1):
-                acc_mu += tl.load(grad_z_ptr + k * NL + idx, mask=m2, other=0.0).to(ACC)
+            if HAS_GRAD_Z:
+                for k in range(0, K):
+                    acc_mu += tl.load(grad_z_ptr + k * NL + idx, mask=m2, other=0.0).to(ACC)
             # the tiles (ii, jj) of these rows of the triangle, and the zeros above it
             for j0 in range(0, L, BLOCK_L):
                 jj = j0 + ci
                 acc = tl.zeros([BLOCK_R, BLOCK_L, BLOCK_L], dtype=ACC)
-                if j0 <= i0:
-                    for k in range(k0, k1):
-                        gz = tl.load(grad_z_ptr + k * NL + idx, mask=m2, other=0.0).to(ACC)
-                        eps = randn(seed, k * NL + rows[:, None] * L + jj[None, :], ACC)
-                        acc += gz[:, :, None] * eps[:, None, :]
-                _store_grads(mu_ptr, s_ptr, gkl_ptr, dmu_ptr, ds_ptr, acc_mu, acc, rows, row_ok, ii, jj, split, N, L,
-                             first, j0 == 0, ACC)
+                if HAS_GRAD_Z:
+                    if j0 <= i0:
+                        for k in range(0, K):
+                            gz = tl.load(grad_z_ptr + k * NL + idx, mask=m2, other=0.0).to(ACC)
+                            eps = randn(seed, k * NL + rows[:, None] * L + jj[None, :], ACC)
+                            acc += gz[:, :, None] * eps[:, None, :]
+                _store_grads(mu_ptr, s_ptr, gkl_ptr, dmu_ptr, ds_ptr, acc_mu, acc, rows, row_ok, ii, jj, L, j0 == 0,
+                             HAS_GRAD_KL, ACC)
 
 
 @triton.jit
-def _store_grads(mu_ptr, s_ptr, gkl_ptr, dmu_ptr, ds_ptr, acc_mu, acc, rows, row_ok, ii, jj, split, N, L, first,
-                 with_mu, ACC: tl.constexpr):
+def _store_grads(mu_ptr, s_ptr, gkl_ptr, dmu_ptr, ds_ptr, acc_mu, acc, rows, row_ok, ii, jj, L, with_mu,
+                 HAS_GRAD_KL: tl.constexpr, ACC: tl.constexpr):
     """Stores the (ii, jj) tile of dS (the lower triangle of acc plus the KL's
     terms, 0 above the diagonal) and, with_mu, the ii tile of dmu (acc_mu plus
-    grad_kl * mu in the first split)."""
-    NL = N * L
+    grad_kl * mu)."""
     tri = (jj[None, :] <= ii[:, None])[None, :, :]
-    ds = tl.where(tri, acc, 0.0) + _kl_grad_tile(mu_ptr, s_ptr, gkl_ptr, rows, row_ok, ii, jj, L, first, ACC)
+    ds = tl.where(tri, acc, 0.0)
+    if HAS_GRAD_KL:
+        ds += _kl_grad_tile(mu_ptr, s_ptr, gkl_ptr, rows, row_ok, ii, jj, L, ACC)
     m3 = row_ok[:, None, None] & ((ii < L)[:, None] & (jj < L)[None, :])[None, :, :]
-    tl.store(ds_ptr + split * NL * L + rows[:, None, None] * L * L + ii[None, :, None] * L + jj[None, None, :],
+    tl.store(ds_ptr + rows[:, None, None] * L * L + ii[None, :, None] * L + jj[None, None, :],
              ds.to(ds_ptr.dtype.element_ty), mask=m3)
     if with_mu:
         m2 = row_ok[:, None] & (ii < L)[None, :]
         idx = rows[:, None] * L + ii[None, :]
-        g = tl.load(gkl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
-        mu = tl.load(mu_ptr + idx, mask=m2, other=0.0).to(ACC)
-        dmu = acc_mu + tl.where(first & (g != 0.0), g * mu, 0.0)
-        tl.store(dmu_ptr + split * NL + idx, dmu.to(dmu_ptr.dtype.element_ty), mask=m2)
+        dmu = acc_mu
+        if HAS_GRAD_KL:
+            g = tl.load(gkl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+            mu = tl.load(mu_ptr + idx, mask=m2, other=0.0).to(ACC)
+            dmu += tl.where(g != 0.0, g * mu, 0.0)
+        tl.store(dmu_ptr + idx, dmu.to(dmu_ptr.dtype.element_ty), mask=m2)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -263,7 +258,7 @@ def sample_normal_tril_forward(mu, scale_tril, seed, z, kl) -> None:
         return
     br, bl, single, warps = geometry(L, mu.device)
     row_blocks = triton.cdiv(N, br)
-    splits, per_split = splits_for(K, row_blocks, mu.device)
+    splits, per_split = sample_splits(K, row_blocks, mu.device)
     _sample_normal_tril_fwd_kernel[(row_blocks * splits,)](
         mu, scale_tril, seed, z, kl, N, L, K, per_split,
         ACC=acc_dtype(mu.dtype), BLOCK_R=br, BLOCK_L=bl, SINGLE=single, num_warps=warps,
@@ -272,24 +267,17 @@ def sample_normal_tril_forward(mu, scale_tril, seed, z, kl) -> None:
 
 def sample_normal_tril_backward(grad_z, grad_kl, mu, scale_tril, seed, dmu, dscale_tril) -> None:
     """dmu (N, L), dscale_tril (N, L, L) <- gradients of sample_normal_tril given
-    grad_z (K, N, L), grad_kl (N,): dmu = sum_k grad_z + grad_kl mu,
-    dS = tril(sum_k grad_z eps^T) + grad_kl (tril(S) - diag(1 / S_ii)), 0 above the diagonal."""
-    K, N, L = grad_z.shape
+    grad_z (K, N, L), grad_kl (N,), either None when its output has no gradient:
+    dmu = sum_k grad_z + grad_kl mu,
+    dS = tril(sum_k grad_z eps^T) + grad_kl (tril(S) - diag(1 / S_ii)), 0 above the diagonal.
+    One launch: each program loops over every sample (no partial sums)."""
+    N, L = mu.shape
     if N * L == 0:
         return
+    K = 0 if grad_z is None else grad_z.shape[0]
     br, bl, single, warps = geometry(L, mu.device)
-    row_blocks = triton.cdiv(N, br)
-    splits, per_split = splits_for(K, row_blocks, mu.device)
-    if splits == 1:  # the kernel writes the gradients themselves
-        part_mu, part_s = dmu, dscale_tril
-    else:
-        acc = accumulation_dtype(mu.dtype)
-        part_mu = torch.empty((splits, N, L), dtype=acc, device=mu.device)
-        part_s = torch.empty((splits, N, L, L), dtype=acc, device=mu.device)
-    _sample_normal_tril_bwd_kernel[(row_blocks * splits,)](
-        grad_z, grad_kl, mu, scale_tril, seed, part_mu, part_s, N, L, K, per_split,
+    _sample_normal_tril_bwd_kernel[(triton.cdiv(N, br),)](
+        grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu, mu, scale_tril, seed, dmu,
+        dscale_tril, N, L, K, HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
         ACC=acc_dtype(mu.dtype), BLOCK_R=br, BLOCK_L=bl, SINGLE=single, num_warps=warps,
     )
-    if splits > 1:
-        dmu.copy_(part_mu.sum(0))
-        dscale_tril.copy_(part_s.sum(0))

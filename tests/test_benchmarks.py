@@ -131,3 +131,132 @@ def test_gpu_model_is_labelled_and_fills_the_gpu(tmp_path):
         if row["op"] in ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob") \
                 and row["shape"]["K"] >= 5:
             assert row["programs"] >= 264, row
+
+
+# -- the per-call figures of a CUDA run (host us, kernels, GPU us, graph ms) -----
+# Their measurement needs a GPU; what a CPU can check is the arithmetic on
+# profiler events, the host timer, and how the figures reach the JSON and tables.
+
+
+def cuda_like_payload():
+    """synthetic_payload with the per-call figures a CUDA run adds to fwd+bwd
+    records; fastvae's graph capture failed in case K=2."""
+    payload = synthetic_payload()
+    for r in payload["results"]:
+        if r["mode"] != "fwd+bwd":
+            continue
+        failed = r["impl"].startswith("fastvae") and r["case"] == "K=2"
+        r.update(host_us=100 * r["median_ms"], kernels_per_call=float(len(r["impl"])), gpu_us=10 * r["median_ms"],
+                 graph_ms=None if failed else r["median_ms"] / 2,
+                 graph_error="RuntimeError: operation not permitted when stream is capturing" if failed else None)
+    return payload
+
+
+def test_summary_rows_carry_the_per_call_figures():
+    rows = common.summary_rows([cuda_like_payload()])
+    first, second = rows
+    assert (first["eager_host_us"], first["compiled_host_us"], first["fastvae_host_us"]) == (400.0, 200.0, 100.0)
+    assert first["fastvae_kernels_per_call"] == len("fastvae[cpp]") and first["eager_gpu_us"] == 40.0
+    assert first["fastvae_graph_ms"] == 0.5 and second["fastvae_graph_ms"] is None
+    table = common.summary_table(rows).splitlines()
+    for header in ("host us (e / c / f)", "kernels (e / c / f)", "GPU us (e / c / f)", "graph ms (e / c / f)"):
+        assert header in table[0]
+    assert "400 / 200 / 100" in table[2] and "5.0 / 8.0 / 12.0" in table[2] and "2.000 / 1.000 / 0.500" in table[2]
+    assert "4.500 / 1.500 / n/a" in table[3]
+    suite = {**synthetic_suite([cuda_like_payload()]), "device": "cuda"}
+    md = suite_main.suite_markdown(suite)
+    assert "\n".join(table) in md and "graph ms (CUDA-graph replay)" in md
+    assert "CUDA-graph replay" not in suite_main.suite_markdown(synthetic_suite([synthetic_payload()]))
+
+
+def test_cpu_tables_keep_their_columns():
+    """A CPU payload has no per-call figures: no new columns, no None cells."""
+    table = common.summary_table(common.summary_rows([synthetic_payload()]))
+    assert "host us" not in table and "graph ms" not in table
+    records = synthetic_payload()["results"]
+    assert "host us" not in harness.table(*toy_cases_impls(records), records)
+
+
+def toy_cases_impls(records):
+    """Cases and implementations of a synthetic payload's records, for harness.table
+    (which expects every record's activation figure, as a real run has)."""
+    for r in records:
+        r.setdefault("activation_mb", None)
+    cases = [harness.Case(label, {}, None) for label in ("K=1", "K=2")]
+    impls = [harness.Impl(name, None) for name in ("eager", "compiled", "fastvae[cpp]")]
+    return cases, impls
+
+
+def test_benchmark_table_has_per_call_columns_on_fwd_bwd_rows():
+    payload = cuda_like_payload()
+    md = harness.table(*toy_cases_impls(payload["results"]), payload["results"])
+    table, notes = md.split("\n\n")
+    lines = table.splitlines()
+    headers = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert headers[-4:] == ["host us", "kernels", "GPU us", "graph ms"]
+    cells = {(c[0], c[1], c[2]): c for c in ([x.strip() for x in line.strip("|").split("|")] for line in lines[2:])}
+    assert cells[("eager", "K=1", "fwd+bwd")][-4:] == ["400", "5.0", "40", "2.000"]
+    assert cells[("fastvae[cpp]", "K=2", "fwd+bwd")][-1] == "capture failed"
+    assert cells[("eager", "K=1", "forward")][-4:] == ["", "", "", ""]
+    assert notes == ("graph capture failed, fastvae[cpp] K=2: "
+                     "RuntimeError: operation not permitted when stream is capturing")
+
+
+def test_kernel_stats_counts_device_events_per_call():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=cuda, name="triton_kernel", device_time=3.0),
+              SimpleNamespace(device_type=cuda, name="Memset (Device)", device_time=None, cuda_time=1.0),
+              SimpleNamespace(device_type=cuda, name="triton_kernel", device_time=5.0),
+              SimpleNamespace(device_type=cpu, name="aten::mul", device_time=0.0)]
+    stats = common.kernel_stats(events, calls=2)
+    assert stats["kernels_per_call"] == 1.5 and stats["gpu_us"] == 4.5
+    assert stats["top_kernels"] == [["triton_kernel", 1.0], ["Memset (Device)", 0.5]]
+    # real profiler events (CPU ones here: the attributes kernel_stats reads exist)
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(100)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(4):
+            torch.mul(x, x)
+    real = common.kernel_stats(prof.events(), calls=4, device_type=cpu)
+    assert ["aten::mul", 1.0] in real["top_kernels"] and real["gpu_us"] >= 0
+
+
+def test_call_figures_on_cpu():
+    """host_us is measured on any device (calls + 1 calls, no sync); the rest is
+    CUDA-only and None here, and a graph replay off CUDA says why it has no figure."""
+    calls = []
+    impl = harness.Impl("eager", lambda a: calls.append(1) or (a * a).sum())
+    a = torch.randn(10, requires_grad=True)
+    figures = harness.call_figures(impl, ((a,), [a], None), torch.device("cpu"), host_calls=7)
+    assert len(calls) == 8 and figures["host_us"] > 0
+    assert all(figures[f] is None for f in ("kernels_per_call", "gpu_us", "graph_ms"))
+    assert common.graph_replay_ms(lambda: None, torch.device("cpu"))["graph_ms"] is None
+    records = [record("eager", "K=1", m, 1.0) for m in harness.MODES]
+    harness.add_call_figures(records, {("eager", "K=1"): figures})
+    assert [("host_us" in r) for r in records] == [False, False, True]
+
+
+def test_train_step_has_the_probes_four_steps():
+    """The GPU probe's steps (MLP ELBO / IWAE k=50 at batch 256; conv ELBO at
+    batch 128, IWAE k=8 at batch 64) on CUDA; the conv ones stay off the CPU
+    suite by default. Both losses of the conv model run and differentiate."""
+    from benchmarks import bench_train_step as ts
+
+    assert ts.default_models(torch.device("cuda")) == ["mlp", "conv"]
+    assert ts.default_models(torch.device("cpu")) == ["mlp"]
+    assert ts.sizes(False, ["mlp", "conv"], None, None) == [
+        ("elbo", "mlp", "elbo", 256, 1), ("iwae k=50", "mlp", "iwae", 256, 50),
+        ("conv elbo", "conv", "elbo", 128, 1), ("conv iwae k=8", "conv", "iwae", 64, 8)]
+    torch.manual_seed(0)
+    model = ts.ConvVAE(channels=4, latent=8)
+    x = ts.make_x("conv", 2, torch.device("cpu"))
+    assert x.shape == (2, 3, 64, 64)
+    assert ts.ConvVAE.decode(model, torch.zeros(3, 2, 8)).shape == (3, 2, 3, 64, 64)
+    for hand, ours in ts.LOSSES.values():
+        for loss in (hand, ours):
+            value = loss(model, x, 2)
+            assert value.dim() == 0 and torch.isfinite(value)
+            assert all(g is not None for g in torch.autograd.grad(value, list(model.parameters())))

@@ -38,12 +38,12 @@ main_process_only = pytest.mark.skipif(INTERPRET, reason="main-process tests (ba
 # -- models ---------------------------------------------------------------------------
 
 
-def mlp_model(D, L, kind, *, seed=0, dtype=F64, hidden=8):
+def mlp_model(D, L, kind, *, seed=0, dtype=F64, hidden=8, device="cpu"):
     """A small nonlinear encoder/decoder pair; kind: "mean", "pair" (mean, logvar) or "bernoulli"."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(dtype)
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(device, dtype)
 
     We, Wmu, Wlv = w(D, hidden, scale=1 / math.sqrt(D)), w(hidden, L), w(hidden, L, scale=0.3)
     Wd, Wout, Wvar = w(L, hidden), w(hidden, D, scale=0.5), w(hidden, D, scale=0.2)
@@ -61,18 +61,18 @@ def mlp_model(D, L, kind, *, seed=0, dtype=F64, hidden=8):
     return encode, decode
 
 
-def make_data(B, D, kind, *, seed=1, dtype=F64):
+def make_data(B, D, kind, *, seed=1, dtype=F64, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     if kind == "bernoulli":
-        return (torch.rand(B, D, generator=g, dtype=F64) < 0.4).to(dtype)
-    return torch.randn(B, D, generator=g, dtype=F64).to(dtype)
+        return (torch.rand(B, D, generator=g, dtype=F64) < 0.4).to(device, dtype)
+    return torch.randn(B, D, generator=g, dtype=F64).to(device, dtype)
 
 
 def likelihood_of(kind):
     return "bernoulli" if kind == "bernoulli" else "gaussian"
 
 
-def ppca(B=16, D=10, L=3, sigma=0.5, seed=0):
+def ppca(B=16, D=10, L=3, sigma=0.5, seed=0, device="cpu"):
     """Probabilistic PCA with orthogonal columns of W, so that the exact posterior is diagonal.
 
     Returns x (B, D), exact log p(x) (B,), the exact posterior (mean, logvar) as
@@ -89,12 +89,13 @@ def ppca(B=16, D=10, L=3, sigma=0.5, seed=0):
     # M = W^T W + sigma^2 I is diagonal because W's columns are orthogonal
     m_diag = (W * W).sum(0) + sigma**2
     post_logvar = torch.log(sigma**2 / m_diag)
+    W, b, x, exact, m_diag, post_logvar = (t.to(device) for t in (W, b, x, exact, m_diag, post_logvar))
 
     def encode(xx):
         mu = (xx - b) @ W / m_diag
         return mu, post_logvar.expand_as(mu)
 
-    x_logvar = torch.full((D,), math.log(sigma**2), dtype=F64)
+    x_logvar = torch.full((D,), math.log(sigma**2), dtype=F64, device=device)
 
     def decode(zz):
         return zz @ W.T + b, x_logvar
@@ -110,8 +111,8 @@ def oracle_log_weights(x, encode, decode, K, seed, kind, with_ratio, first_examp
     and a scale for each example bounding the size of the terms summed."""
     mu, logvar = encode(x)
     B, L = mu.shape
-    g = first_example + torch.arange(B)[None, :, None]
-    offsets = g * K * L + torch.arange(K)[:, None, None] * L + torch.arange(L)
+    g = first_example + torch.arange(B, device=x.device)[None, :, None]
+    offsets = g * K * L + torch.arange(K, device=x.device)[:, None, None] * L + torch.arange(L, device=x.device)
     eps = reference.philox_randn(seed, offsets, accumulation_dtype(x.dtype)).to(x.dtype)
     z = mu + torch.exp(0.5 * logvar) * eps
     out = decode(z)
@@ -147,8 +148,10 @@ def oracle_stats(lw):
        cols=st.integers(1, 600), stride=st.integers(0, 2000), f64=st.booleans())
 def test_randn_fill_dispatch(backend, seed, offset0, rows, cols, stride, f64):
     """fastvae._noise.randn_fill on the backend under test equals the reference fill."""
+    _, device = backend
     dtype = F64 if f64 else torch.float32
-    out = randn_fill(seed_tensor(seed, "cpu"), offset0, torch.full((rows, cols), math.nan, dtype=dtype), stride)
+    out = randn_fill(seed_tensor(seed, device), offset0, torch.full((rows, cols), math.nan, dtype=dtype, device=device),
+                     stride).cpu()
     expected = torch.empty(rows, cols, dtype=dtype)  # the noise of out's dtype, computed in float64
     reference.randn_fill(seed, offset0, expected, stride)
     expected = expected.double()
@@ -157,7 +160,7 @@ def test_randn_fill_dispatch(backend, seed, offset0, rows, cols, stride, f64):
     else:
         assert not out.isnan().any()
         assert ((out.double() - expected).abs() <= 2e-6 * expected.abs() + 1e-6).all()
-    flat = randn_fill(seed_tensor(seed, "cpu"), offset0, torch.empty(cols, dtype=F64))
+    flat = randn_fill(seed_tensor(seed, device), offset0, torch.empty(cols, dtype=F64, device=device)).cpu()
     assert torch.allclose(flat, reference.philox_randn(seed, offset0 + torch.arange(cols)), rtol=1e-13, atol=1e-13)
 
 
@@ -183,8 +186,9 @@ def test_evaluation_noise_layout(backend, g0, n, K, L, data):
     """Samples [k0, k1) of examples g0.. are the normals at offsets g*K*L + k*L + l."""
     k0 = data.draw(st.integers(0, K - 1))
     k1 = data.draw(st.integers(k0 + 1, K))
-    eps = evaluation_noise(seed_tensor(99, "cpu"), first_example=g0, n_examples=n, n_samples=K,
-                           k0=k0, k1=k1, latent=L, dtype=F64, device="cpu")
+    _, device = backend
+    eps = evaluation_noise(seed_tensor(99, device), first_example=g0, n_examples=n, n_samples=K,
+                           k0=k0, k1=k1, latent=L, dtype=F64, device=device).cpu()
     g = g0 + torch.arange(n)[None, :, None]
     k = torch.arange(k0, k1)[:, None, None]
     expected = reference.philox_randn(99, g * K * L + k * L + torch.arange(L))
@@ -203,8 +207,9 @@ KINDS = ("mean", "pair", "bernoulli")
        chunk=st.one_of(st.none(), st.integers(1, 14)))
 def test_matches_oracle_float64(backend, B, D, L, K, kind, with_ratio, model_seed, chunk):
     """Estimate, standard error and ESS equal the plain-PyTorch computation from the same noise."""
-    encode, decode = mlp_model(D, L, kind, seed=model_seed)
-    x = make_data(B, D, kind, seed=model_seed + 1)
+    _, device = backend
+    encode, decode = mlp_model(D, L, kind, seed=model_seed, device=device)
+    x = make_data(B, D, kind, seed=model_seed + 1, device=device)
     fn, k_arg = (log_likelihood, "k") if with_ratio else (reconstruction_probability, "n_samples")
     stats = fn(x, encode, decode, **{k_arg: K}, likelihood=likelihood_of(kind), chunk_size=chunk,
                generator=gen(model_seed), return_stats=True)
@@ -225,10 +230,11 @@ def test_matches_oracle_float64(backend, B, D, L, K, kind, with_ratio, model_see
 
 def test_float32_matches_float64_oracle(backend):
     """float32 inputs: float32 noise and arithmetic, the same estimate to float32 rounding."""
+    _, device = backend
     B, D, L, K = 4, 30, 3, 9
-    encode64, decode64 = mlp_model(D, L, "pair", seed=5)
-    encode32, decode32 = mlp_model(D, L, "pair", seed=5, dtype=torch.float32)
-    x = make_data(B, D, "pair", seed=6)
+    encode64, decode64 = mlp_model(D, L, "pair", seed=5, device=device)
+    encode32, decode32 = mlp_model(D, L, "pair", seed=5, dtype=torch.float32, device=device)
+    x = make_data(B, D, "pair", seed=6, device=device)
     out = log_likelihood(x.float(), encode32, decode32, k=K, chunk_size=4, generator=gen(2), likelihood="gaussian")
     assert out.dtype == torch.float32
     lw, size = oracle_log_weights(x, encode64, decode64, K, philox_seed_of(2), "pair", True)
@@ -245,7 +251,8 @@ def test_float32_matches_float64_oracle(backend):
 @pytest.mark.parametrize("chunk", [1, 3, None])
 def test_exact_posterior_gives_exact_log_likelihood(backend, K, chunk):
     """With q the exact posterior every log-weight is log p(x): the estimate is exact at any K."""
-    x, exact, encode, decode, _ = ppca()
+    _, device = backend
+    x, exact, encode, decode, _ = ppca(device=device)
     stats = log_likelihood(x, encode, decode, k=K, chunk_size=chunk, return_stats=True, generator=gen(0),
                            likelihood="gaussian")
     assert_close(stats.log_likelihood, exact, exact.abs() * 100, "log_likelihood")  # ~1e-10
@@ -632,3 +639,105 @@ def test_degenerate_weights_are_flagged():
     assert res.ess_fraction < 0.05
     with pytest.warns(RuntimeWarning, match="mean ESS/K"):
         log_likelihood(x, bad_encode, decode, k=200, likelihood="gaussian", generator=gen(0), return_stats=True)
+
+
+# -- chunk sizing and what a chunk launches (issue 23) ----------------------------------
+
+
+@main_process_only
+def test_default_chunk_is_sized_from_free_cuda_memory(monkeypatch):
+    """On CUDA, memory_budget=None means CUDA_FREE_MEMORY_FRACTION of the free
+    memory reported by torch.cuda.mem_get_info at the call; elsewhere
+    DEFAULT_MEMORY_BUDGET; an explicit memory_budget wins everywhere."""
+    from fastvae import evaluation
+
+    calls = []
+
+    def mem_get_info(device=None):
+        calls.append(device)
+        return 40 * 2**30, 80 * 2**30  # (free, total)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert evaluation.memory_budget_for(cuda) == int(40 * 2**30 * evaluation.CUDA_FREE_MEMORY_FRACTION)
+    assert calls == [cuda]
+    assert evaluation.memory_budget_for(cpu) == evaluation.DEFAULT_MEMORY_BUDGET
+    assert evaluation.memory_budget_for(cuda, 12345) == 12345 and len(calls) == 1
+    monkeypatch.setattr(evaluation, "DEFAULT_MEMORY_BUDGET", 2**20)  # the module attribute is read per call
+    assert evaluation.memory_budget_for(cpu) == 2**20
+
+    # the MLP VAE of the H100 measurement: K = 5000, B = 256, D = 784, L = 20, float32
+    cfg = evaluation._config("k", 5000, likelihood="bernoulli", chunk_size=None, memory_budget=None,
+                             shard=None, group=None, with_ratio=True)
+    per_sample = 256 * (2 * 784 + 3 * 20) * 4
+    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cuda)
+    assert (kc, nb) == (5000, 256)  # 10 GiB of budget: one chunk
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
+    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cuda)
+    assert kc == (2 * 2**30 // 4) // per_sample and nb == 256  # 512 MiB: 329 samples a chunk
+    kc_cpu, _ = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cpu)
+    assert kc_cpu == 2**20 // per_sample or kc_cpu == 1  # the CPU keeps the (patched) fixed budget
+    # a nearly full GPU: the examples are split into blocks, as with a small budget
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * per_sample // 256 * 10, 80 * 2**30))
+    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cuda)
+    assert kc == 1 and 1 <= nb < 256
+
+
+_REAL_EMPTY_OUTPUT = fastvae._backend.empty_output  # before the NaN-poisoning fixture wraps it
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts the Triton launchers under the interpreter")
+def test_a_chunk_merges_its_states_in_one_launch(monkeypatch):
+    """On the Triton path a chunk's states of w and w^2 are folded into the
+    running ones by one logmeanexp launch, with no torch op: more chunks add
+    launches (one per kernel of a chunk), never torch ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter
+
+    fastvae._backend.set_backend("triton")
+    monkeypatch.setattr(fastvae._backend, "empty_output", _REAL_EMPTY_OUTPUT)  # no NaN fill to count
+    launches, inside = [], [False]
+    real_run = interpreter.InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside[0] = True
+        try:
+            return real_run(self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    # what the per-chunk merge used to run: dozens of these per chunk
+    merge_ops = {"maximum", "where", "isinf", "eq", "abs", "fill", "fill_", "exp", "mul", "sub", "zeros", "full",
+                 "cat", "scalar_tensor", "copy_", "_to_copy"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not inside[0] and name in merge_ops:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    B, D, L, K = 5, 12, 4, 40
+    encode, decode = mlp_model(D, L, "bernoulli", seed=2, dtype=torch.float32)
+    x = make_data(B, D, "bernoulli", dtype=torch.float32)
+    counts = {}
+    interpreter.InterpretedFunction.run = run
+    try:
+        for chunk in (40, 8):
+            launches.clear()
+            with Count() as c:
+                log_likelihood(x, encode, decode, k=K, likelihood="bernoulli", chunk_size=chunk, generator=gen(0),
+                               return_stats=True)
+            counts[chunk] = (list(launches), c.ops)
+    finally:
+        interpreter.InterpretedFunction.run = real_run
+    one, five = counts[40], counts[8]
+    assert one[0].count("_logmeanexp_fwd_kernel") == 1 and five[0].count("_logmeanexp_fwd_kernel") == 5
+    assert "_logmeanexp_finish_kernel" not in five[0]
+    assert len(five[0]) - len(one[0]) == 4 * (len(one[0]))  # every kernel of a chunk, once a chunk
+    assert sorted(five[1]) == sorted(one[1]), (sorted(five[1]), sorted(one[1]))  # no merge op per chunk

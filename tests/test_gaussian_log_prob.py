@@ -15,7 +15,7 @@ from helpers import assert_close
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
 DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025, 1537]
 VARIANCES = ["element", "row", "dim", "scalar", "scale_float", "scale_tensor", "default",
-             "softplus_element", "softplus_dim"]
+             "softplus_element", "softplus_row", "softplus_dim"]
 
 
 @st.composite
@@ -49,7 +49,7 @@ def build(p, dtype, device):
     b = p["lv_bound"]
     if var in ("element", "softplus_element"):
         v = rnd(out_shape, "uniform", b)
-    elif var == "row":
+    elif var in ("row", "softplus_row"):
         v = rnd((*batch, D), "uniform", b)
     elif var in ("dim", "softplus_dim"):
         v = rnd((D,), "uniform", b)
@@ -92,7 +92,11 @@ def reference_of(x, mean, v, kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @given(p=problems())
 def test_forward_backward_match_reference(backend, dtype, p):
-    _, device = backend
+    check_against_reference(p, dtype, backend[1])
+
+
+def check_against_reference(p, dtype, device):
+    """Value and every gradient asked for in p against the float64 reference."""
     x, mean, v, kw, inputs = build(p, dtype, device)
     out = fastvae.gaussian_log_prob(x, mean, **kw)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
@@ -119,6 +123,36 @@ def test_forward_backward_match_reference(backend, dtype, p):
             scale = scale.sum() if want.dim() == 0 else scale
         name = "dx" if t is x else "dmean" if t is mean else "dvar"
         assert_close(got, want, scale * (chain if t is v else 1.0), name)
+    return out, grads
+
+
+@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
+def sample_splits(request, monkeypatch):
+    """How the Triton backward splits a sum over samples: None (the launcher's
+    choice: one pass, every sample in one program, under the interpreter) or
+    3 splits forced, whose partials the last program of a tile adds (the GPU's
+    path when the rows alone do not fill a wave). Other backends ignore it."""
+    common = pytest.importorskip("fastvae.kernels._common")
+    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("variance", ["element", "row", "dim", "scalar", "softplus_element", "softplus_row",
+                                      "softplus_dim", "scale_float"])
+@pytest.mark.parametrize("K,batch,D", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (4, (300,), 3), (None, (2, 3), 5)])
+def test_sums_over_samples_in_one_backward(backend, sample_splits, variance, K, batch, D):
+    """dx of x broadcast over K, a shared variance's gradient (per row: summed
+    over K; per dimension or a scalar: over every row), K = 1, one row, odd D,
+    and more rows than one interpreter program: against the float64 reference,
+    with the samples in one pass or split; a second call gives the same bits
+    (the split's arrival counters are back at 0)."""
+    _, device = backend
+    p = dict(D=D, batch=batch, K=K, variance=variance, x_grad=True, v_grad=True, lv_bound=2.0, seed=K or 0)
+    out, grads = check_against_reference(p, torch.float32, device)
+    again, grads_again = check_against_reference(p, torch.float32, device)
+    assert torch.equal(out, again)
+    for a, b in zip(grads, grads_again):
+        assert torch.equal(a, b)
 
 
 def test_x_is_not_copied_per_sample(backend):

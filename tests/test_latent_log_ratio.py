@@ -58,7 +58,11 @@ def scales(z, mu, lv, g):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @given(p=problems())
 def test_forward_backward_match_reference(backend, dtype, p):
-    _, device = backend
+    check_against_reference(p, dtype, backend[1])
+
+
+def check_against_reference(p, dtype, device):
+    """r and its gradients in p's mode against the float64 reference."""
     z, mu, lv = make(p, dtype, device)
     r = fastvae.latent_log_ratio(z, mu, lv, stop_score=p["stop_score"])
     assert r.shape == z.shape[:-1] and r.dtype == dtype
@@ -83,6 +87,33 @@ def test_forward_backward_match_reference(backend, dtype, p):
     else:
         assert_close(grads[1], refs[1], dmu_scale, "dmu")
         assert_close(grads[2], refs[2], dlv_scale, "dlogvar")
+    return r, grads
+
+
+@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
+def sample_splits(request, monkeypatch):
+    """How the Triton backward splits dmu's and dlogvar's sums over samples:
+    None (one pass under the interpreter) or 3 splits forced, whose partials
+    the last program of a tile adds (the GPU's path when the rows alone do not
+    fill a wave). Other backends ignore it."""
+    common = pytest.importorskip("fastvae.kernels._common")
+    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("stop_score", [False, True])
+@pytest.mark.parametrize("K,batch,L", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (4, (300,), 3), (None, (2, 3), 5)])
+def test_sums_over_samples_in_one_backward(backend, sample_splits, stop_score, K, batch, L):
+    """dmu and dlogvar summed over K in one backward (K = 1, one row, odd L,
+    more rows than one interpreter program), the samples in one pass or
+    split, against the float64 reference; a second call gives the same bits."""
+    _, device = backend
+    p = dict(L=L, K=K, batch=batch, stop_score=stop_score, lv_bound=3.0, seed=L)
+    r, grads = check_against_reference(p, torch.float32, device)
+    again, grads_again = check_against_reference(p, torch.float32, device)
+    assert torch.equal(r, again)
+    for a, b in zip(grads, grads_again):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 def test_equals_difference_of_log_densities(backend):

@@ -530,3 +530,142 @@ def test_state_with_no_samples_is_refused(count):
     state = fastvae.LogMeanExpState(torch.zeros(2), torch.ones(2), count)
     with pytest.raises(ValueError, match="state.count must be >= 1"):
         fastvae.logmeanexp_from_state(state)
+
+
+# -- the evaluation's accumulating kernel (logmeanexp_accumulate) -------------------
+
+
+def _merged_reference(chunks, latents):
+    """merge_logmeanexp_states of the states of x = lw + latent and of 2 x, chunk
+    by chunk, in float64 on the CPU (the front end's own merge as the oracle)."""
+    run1 = run2 = None
+    for lw, lat in zip(chunks, latents):
+        x = lw.double().cpu() + (0.0 if lat is None else lat.double().cpu())
+        s1, s2 = fastvae.logmeanexp_state(x), fastvae.logmeanexp_state(2 * x)
+        run1 = s1 if run1 is None else fastvae.merge_logmeanexp_states(run1, s1)
+        run2 = s2 if run2 is None else fastvae.merge_logmeanexp_states(run2, s2)
+    return run1, run2
+
+
+def _assert_state_close(state, ref, K, name):
+    m, s = state.max.double().cpu(), state.sumexp.double().cpu()
+    nan = torch.isnan(ref.sumexp)
+    assert torch.equal(torch.isnan(s), nan), f"{name}: NaN columns {torch.isnan(s)} != {nan}"
+    fin = ~nan
+    assert torch.equal(m[fin], ref.max[fin]) or torch.allclose(m[fin], ref.max[fin], rtol=1e-6, atol=0), name
+    assert_close(state.sumexp.cpu()[fin], ref.sumexp[fin], ref.sumexp[fin] * (2.0 + math.log(K)), f"{name}.sumexp")
+    # the log-mean-exp the evaluation reads from the state
+    assert_close_or_inf(fastvae.logmeanexp_from_state(state)[fin],
+                        fastvae.logmeanexp_from_state(ref)[fin],
+                        ref.max[fin].abs().nan_to_num(0.0, 0.0, 0.0) + math.log(K) + 1.0, f"{name} logmeanexp")
+
+
+def _accumulate_case(dtype, device, K, M, cuts, with_latent, seed):
+    g = torch.Generator().manual_seed(seed)
+    lw = torch.randn(K, M, generator=g, dtype=torch.float64) * 20
+    lw[:, 0] = -INF  # an all -inf column
+    if M > 2:
+        lw[: K // 2, 1] = -INF  # -inf in the first chunks only
+        lw[K - 1, 2] = float("nan")  # NaN in the last chunk
+    if M > 3:
+        lw[0, 3] = float("nan")  # NaN in the first chunk
+    lat = torch.randn(K, M, generator=g, dtype=torch.float64) if with_latent else None
+    bounds = sorted({0, K, *cuts})
+    chunks = [lw[a:b].to(dtype).to(device) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    lats = ([lat[a:b].to(dtype).to(device) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+            if with_latent else [None] * len(chunks))
+    return chunks, lats
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_latent", [False, True])
+@pytest.mark.parametrize("K, M, cuts", [(1, 1, []), (9, 5, [3, 4]), (100, 7, [1, 50, 99]), (1025, 4, [600])])
+def test_accumulate_matches_merged_states(backend, dtype, with_latent, K, M, cuts):
+    """accumulate_states, chunk by chunk, equals merge_logmeanexp_states of the
+    chunks' states of lw + latent and of twice that: all -inf columns stay
+    (-inf, 0), a NaN in any chunk makes its column NaN, counts add up."""
+    from fastvae.logmeanexp import accumulate_states
+
+    _, device = backend
+    chunks, lats = _accumulate_case(dtype, device, K, M, cuts, with_latent, seed=K + M)
+    run1 = run2 = None
+    for lw, lat in zip(chunks, lats):
+        run1, run2 = accumulate_states(lw, lat, run1, run2)
+    ref1, ref2 = _merged_reference(chunks, lats)
+    assert run1.count == run2.count == K
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert run1.max.dtype == run1.sumexp.dtype == run2.sumexp.dtype == acc
+    assert run1.max.device.type == torch.device(device).type
+    _assert_state_close(run1, ref1, K, "w")
+    _assert_state_close(run2, ref2, K, "w^2")
+    assert run1.max[0] == -INF and run1.sumexp[0] == 0 and run2.max[0] == -INF and run2.sumexp[0] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_accumulate_half_precision_widens_before_adding(backend, dtype):
+    """Half-precision log-weights and latent terms are added in float32 (the
+    evaluation's rule), on the triton backend in the kernel."""
+    from fastvae.logmeanexp import accumulate_states
+
+    name, device = backend
+    if name != "triton":
+        pytest.skip("half precision is a triton-backend feature")
+    chunks, lats = _accumulate_case(dtype, device, 40, 3, [17], True, seed=3)
+    run1 = run2 = None
+    for lw, lat in zip(chunks, lats):
+        run1, run2 = accumulate_states(lw, lat, run1, run2)
+    ref1, ref2 = _merged_reference(chunks, lats)
+    _assert_state_close(run1, ref1, 40, "w")
+    _assert_state_close(run2, ref2, 40, "w^2")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernels' split path, under the interpreter")
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_split_k_and_the_finish_kernel(backend, monkeypatch, accumulate):
+    """With tiles of 64 elements and one tile per split, K splits over many
+    programs and the finish kernel merges the partial states (a tile of
+    splits at a time, several column blocks): the same states, logmeanexp and
+    ESS as without splitting."""
+    from fastvae.kernels import logmeanexp as klme
+    from fastvae.logmeanexp import accumulate_states
+
+    _, device = backend
+    chunks, lats = _accumulate_case(torch.float32, device, 300, 9, [130], True, seed=7)
+    lw = torch.cat(chunks)
+    ref_out = fastvae.logmeanexp(lw)
+    ref_ess = fastvae.effective_sample_size(lw)
+    monkeypatch.setattr(klme, "INTERPRETER_TILE", 64)  # BLOCK_M 16, BLOCK_K 4; finish: 16 splits x 4 columns
+    monkeypatch.setattr(klme, "CHUNKS_PER_SPLIT", 1)  # 75 splits of 4 rows
+    seen = []
+    real = klme._logmeanexp_finish_kernel.run
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("grid"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(klme._logmeanexp_finish_kernel, "run", spy)
+    if accumulate:
+        run1 = run2 = None
+        for c, lat in zip(chunks, lats):
+            run1, run2 = accumulate_states(c, lat, run1, run2)
+        ref1, ref2 = _merged_reference(chunks, lats)
+        _assert_state_close(run1, ref1, 300, "w")
+        _assert_state_close(run2, ref2, 300, "w^2")
+    else:
+        out, ess = fastvae.logmeanexp(lw), fastvae.effective_sample_size(lw)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref_out))
+        fin = ~torch.isnan(ref_out)
+        assert_close_or_inf(out[fin], ref_out[fin].double(), ref_out[fin].abs().double() + 1.0, "out")
+        assert_close(ess[fin], ref_ess[fin].double(), ref_ess[fin].double() + 1.0, "ess")
+    assert seen, "the finish kernel did not run"
+
+
+def test_accumulate_refuses_bad_buffers():
+    """The C++ binding checks every extent of the running states."""
+    cpp = pytest.importorskip("fastvae._C")
+    lw = torch.zeros(3, 4).numpy()
+    st = [torch.zeros(4).numpy() for _ in range(4)]
+    with pytest.raises(ValueError, match="sq_sumexp"):
+        cpp.logmeanexp_accumulate(lw, None, *st[:3], torch.zeros(5).numpy(), True, 1)
+    with pytest.raises(ValueError, match="latent"):
+        cpp.logmeanexp_accumulate(lw, torch.zeros(2, 4).numpy(), *st, False, 1)

@@ -124,6 +124,36 @@ def test_forward_backward_match_torch_distributions(backend, dtype, p):
     assert torch.isfinite(out).all()
 
 
+@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
+def row_splits(request, monkeypatch):
+    """How the Triton parameter kernel splits its sums over rows: None (the
+    launcher's choice: one split under the interpreter) or 3 forced, whose
+    partials the last program of each component block adds (the GPU's path).
+    Other backends ignore it."""
+    common = pytest.importorskip("fastvae.kernels._common")
+    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("logits", [True, False])
+@pytest.mark.parametrize("L", [3, 300])
+def test_parameter_gradients_sum_over_rows_in_one_pass_or_split(backend, row_splits, logits, L):
+    """dmeans, dlogvars and dlogits (the logits' softmax included) written by
+    the parameter kernel itself, in one split or several, against the oracle;
+    L = 300 runs past one interpreter block (dz and the partial sums kept in
+    memory the programs own). A second call gives the same bits."""
+    _, device = backend
+    p = dict(L=L, U=17, batch=(2, 100), logits=logits, lv_bound=3.0, far="none", seed=L)
+    inputs = make(p, torch.float32, device)
+    g = torch.randn(p["batch"], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    first = [check_against_oracle(inputs, g, torch.float32)]
+    first += torch.autograd.grad(fastvae.mixture_log_prob(*inputs), inputs, g.float().to(device))
+    again = [check_against_oracle(inputs, g, torch.float32)]
+    again += torch.autograd.grad(fastvae.mixture_log_prob(*inputs), inputs, g.float().to(device))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
 def test_many_rows_on_several_threads(backend):
     """Enough rows for many C++ tasks over every thread (per-thread partial
     sums), many Triton row blocks and a row split of the parameter kernel."""
@@ -279,6 +309,21 @@ def test_half_precision(backend, dtype):
     args64 = [t.detach().double().cpu() for t in inputs]
     s = scales(args64[0].reshape(-1, 37), *args64[1:], torch.ones(12, dtype=torch.float64))[0]
     assert_close(out, oracle(*args64), s.reshape(4, 3), "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L", [5, 300])
+def test_half_precision_gradients(backend, dtype, L):
+    """Gradients in half precision: summed in float32 and rounded once (for
+    L = 300, past one interpreter block, dz is summed in a float32 scratch and
+    cast at the end)."""
+    name, device = backend
+    if name != "triton":
+        pytest.skip("half precision is the Triton backend's")
+    p = dict(L=L, U=5, batch=(4, 3), logits=True, lv_bound=1.0, far="none", seed=2)
+    inputs = make(p, dtype, device)
+    g = torch.randn(p["batch"], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    check_against_oracle(inputs, g, dtype)
 
 
 def test_gradcheck_float64(backend):

@@ -16,9 +16,9 @@ from conftest import INTERPRET
 from helpers import assert_close, assert_compiled_matches_eager, gen, philox_seed_of
 
 
-def same_noise(seed, n_samples, shape):
-    """The eps fastvae draws with generator=gen(seed)."""
-    return reference.sample_noise(philox_seed_of(seed), n_samples, torch.Size(shape), torch.float64, "cpu")
+def same_noise(seed, n_samples, shape, device="cpu"):
+    """The eps fastvae draws with generator=gen(seed), on ``device``."""
+    return reference.sample_noise(philox_seed_of(seed), n_samples, torch.Size(shape), torch.float64, "cpu").to(device)
 
 
 class Model(torch.nn.Module):
@@ -64,15 +64,17 @@ def ref_renyi(lw, alpha):
     return (torch.logsumexp((1 - alpha) * lw, 0) - math.log(K)) / (1 - alpha)
 
 
-def make_problem(B, L, D_, likelihood, learned_var=False, seed=0, lv_scale=1.0):
+def make_problem(B, L, D_, likelihood, learned_var=False, seed=0, lv_scale=1.0, device="cpu"):
+    """x, leaf mu and logvar, and the decoder, all on ``device`` (drawn on the CPU, so
+    every device gets the same numbers)."""
     g = torch.Generator().manual_seed(seed)
     if likelihood == "bernoulli":
         x = (torch.rand(B, D_, generator=g, dtype=torch.float64) < 0.5).double()
     else:
         x = torch.randn(B, D_, generator=g, dtype=torch.float64)
-    mu = torch.randn(B, L, generator=g, dtype=torch.float64).requires_grad_()
-    logvar = (lv_scale * torch.randn(B, L, generator=g, dtype=torch.float64)).requires_grad_()
-    return x, mu, logvar, Model(L, D_, likelihood, learned_var, seed)
+    mu = torch.randn(B, L, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    logvar = (lv_scale * torch.randn(B, L, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    return x.to(device), mu, logvar, Model(L, D_, likelihood, learned_var, seed).to(device)
 
 
 def grads(value, mu, logvar, model):
@@ -102,12 +104,13 @@ problem_params = st.fixed_dictionaries(dict(
 @given(p=problem_params, n_samples=st.sampled_from([1, 4]), beta=st.sampled_from([1.0, 0.25]),
        reduction=st.sampled_from(["mean", "sum", "none"]))
 def test_elbo_matches_torch_distributions(backend, p, n_samples, beta, reduction):
+    _, device = backend
     learned = p["learned_var"] and p["likelihood"] == "gaussian"
-    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"])
+    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"], device=device)
     out = fastvae.elbo_terms(x, mu, logvar, model, likelihood=p["likelihood"], beta=beta,
                              n_samples=n_samples, reduction=reduction, generator=gen(p["seed"]))
 
-    eps = same_noise(p["seed"], n_samples, mu.shape)
+    eps = same_noise(p["seed"], n_samples, mu.shape, device)
     rec = ref_log_lik(model, x, mu + torch.exp(logvar / 2) * eps).mean(0)
     kl = D.kl_divergence(D.Normal(mu, torch.exp(logvar / 2)), D.Normal(0.0, 1.0)).sum(-1)
     red = {"mean": torch.mean, "sum": torch.sum, "none": lambda t: t}[reduction]
@@ -123,12 +126,13 @@ def test_elbo_matches_torch_distributions(backend, p, n_samples, beta, reduction
 @given(p=problem_params, k=st.sampled_from([1, 2, 7]), alpha=st.sampled_from([0.0, 0.5, 1.0, -0.5]),
        estimator=st.sampled_from(["iwae", "stl"]))
 def test_iwae_and_stl_match_torch_distributions(backend, p, k, alpha, estimator):
+    _, device = backend
     learned = p["learned_var"] and p["likelihood"] == "gaussian"
-    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"])
+    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"], device=device)
     out = fastvae.iwae_terms(x, mu, logvar, model, k=k, likelihood=p["likelihood"], estimator=estimator,
                              alpha=alpha, reduction="sum", generator=gen(p["seed"]))
 
-    eps = same_noise(p["seed"], k, mu.shape)
+    eps = same_noise(p["seed"], k, mu.shape, device)
     lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=estimator == "stl")
     bound = ref_renyi(lw, alpha).sum()
     z = mu + torch.exp(logvar / 2) * eps
@@ -146,13 +150,14 @@ def test_dreg_matches_explicit_formula_and_hooked_reference(backend, p, k, alpha
     v = softmax((1 - alpha) lw) (w~^2 at alpha = 0, Tucker et al. 2018), built
     without hooks; and the same from a reference with a hook on z. Decoder:
     the IWAE gradient."""
+    _, device = backend
     learned = p["learned_var"] and p["likelihood"] == "gaussian"
-    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"])
+    x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"], device=device)
     out = fastvae.iwae(x, mu, logvar, model, k=k, likelihood=p["likelihood"], estimator="dreg",
                        alpha=alpha, reduction="sum", generator=gen(p["seed"]))
     (dmu, dlv), ddec = grads(out, mu, logvar, model)
 
-    eps = same_noise(p["seed"], k, mu.shape)
+    eps = same_noise(p["seed"], k, mu.shape, device)
     lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=True)
     v = torch.softmax((1 - alpha) * lw, 0).detach()
     surrogate = ((v * (alpha + (1 - alpha) * v)) * lw).sum()
@@ -177,9 +182,10 @@ def test_dreg_matches_explicit_formula_and_hooked_reference(backend, p, k, alpha
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 def test_iwae_k1_is_the_monte_carlo_elbo(backend, likelihood):
-    x, mu, logvar, model = make_problem(5, 3, 6, likelihood, seed=1)
+    _, device = backend
+    x, mu, logvar, model = make_problem(5, 3, 6, likelihood, seed=1, device=device)
     bound = fastvae.iwae(x, mu, logvar, model, k=1, likelihood=likelihood, reduction="none", generator=gen(9))
-    eps = same_noise(9, 1, mu.shape)
+    eps = same_noise(9, 1, mu.shape, device)
     mc_elbo = ref_log_weights(model, x, mu, logvar, eps)[0]
     assert_close(bound, mc_elbo, mc_elbo.abs() + 1, "k=1")
     # all three estimators return the same value for the same seed
@@ -190,7 +196,8 @@ def test_iwae_k1_is_the_monte_carlo_elbo(backend, likelihood):
 
 
 def test_renyi_alpha_limits(backend):
-    x, mu, logvar, model = make_problem(4, 3, 5, "gaussian", seed=2)
+    _, device = backend
+    x, mu, logvar, model = make_problem(4, 3, 5, "gaussian", seed=2, device=device)
     kw = dict(k=6, reduction="none", likelihood="gaussian")
     iwae = fastvae.iwae(x, mu, logvar, model, generator=gen(3), **kw)
     assert torch.equal(fastvae.iwae(x, mu, logvar, model, alpha=0.0, generator=gen(3), **kw), iwae)
@@ -214,14 +221,16 @@ def test_iwae_bound_does_not_decrease_with_k_on_average():
 
 
 def test_estimators_return_the_same_value_for_the_same_seed(backend):
-    x, mu, logvar, model = make_problem(6, 3, 5, "gaussian", learned_var=True, seed=8)
+    _, device = backend
+    x, mu, logvar, model = make_problem(6, 3, 5, "gaussian", learned_var=True, seed=8, device=device)
     values = [fastvae.iwae(x, mu, logvar, model, k=7, estimator=e, alpha=0.3, reduction="none",
                            generator=gen(4), likelihood="gaussian") for e in ("iwae", "dreg", "stl")]
     assert torch.equal(values[0], values[1]) and torch.equal(values[0], values[2])
 
 
 def test_decoder_gradient_of_iwae_and_dreg_agree(backend):
-    x, mu, logvar, model = make_problem(6, 3, 5, "bernoulli", seed=4)
+    _, device = backend
+    x, mu, logvar, model = make_problem(6, 3, 5, "bernoulli", seed=4, device=device)
     _, a = grads(fastvae.iwae(x, mu, logvar, model, k=5, likelihood="bernoulli", generator=gen(1)), mu, logvar, model)
     _, b = grads(fastvae.iwae(x, mu, logvar, model, k=5, likelihood="bernoulli", estimator="dreg",
                               generator=gen(1)), mu, logvar, model)
@@ -268,7 +277,8 @@ def test_dreg_is_unbiased_with_lower_variance(k):
 
 
 def test_free_bits_floor_per_dimension_then_beta(backend):
-    x, mu, logvar, model = make_problem(6, 4, 5, "gaussian", seed=6)
+    _, device = backend
+    x, mu, logvar, model = make_problem(6, 4, 5, "gaussian", seed=6, device=device)
     with torch.no_grad():
         mu[:, 0] *= 0.01  # dimension 0: KL far below the floor
         logvar[:, 0] *= 0.01
@@ -291,9 +301,10 @@ def test_free_bits_floor_per_dimension_then_beta(backend):
 
 def test_conditional_decoder_closing_over_labels(backend):
     """A conditional VAE needs nothing special: decode closes over the labels."""
-    x, mu, logvar, _ = make_problem(6, 3, 5, "gaussian", seed=7)
-    labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    dec = torch.nn.Linear(3 + 3, 5).double()
+    _, device = backend
+    x, mu, logvar, _ = make_problem(6, 3, 5, "gaussian", seed=7, device=device)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
+    dec = torch.nn.Linear(3 + 3, 5).double().to(device)
     onehot = torch.nn.functional.one_hot(labels, 3).double()
 
     def decode(z):  # z: (B, L) or (k, B, L)
@@ -308,10 +319,12 @@ def test_conditional_decoder_closing_over_labels(backend):
 
 def test_all_neg_inf_log_weights_give_neg_inf_and_no_nan_gradient(backend):
     """A decoder that puts zero probability on x (Bernoulli logits of -inf on a 1)."""
-    x = torch.ones(2, 3, dtype=torch.float64)
-    mu = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
-    logvar = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
-    decode = lambda z: torch.full((*z.shape[:-1], 3), -math.inf, dtype=torch.float64) + 0 * z.sum(-1, keepdim=True)
+    _, device = backend
+    x = torch.ones(2, 3, dtype=torch.float64, device=device)
+    mu = torch.zeros(2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    logvar = torch.zeros(2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    decode = lambda z: (torch.full((*z.shape[:-1], 3), -math.inf, dtype=torch.float64, device=device)
+                        + 0 * z.sum(-1, keepdim=True))
     for est in ("iwae", "dreg", "stl"):
         b = fastvae.iwae(x, mu, logvar, decode, k=3, likelihood="bernoulli", estimator=est,
                          reduction="none", generator=gen(1))
@@ -459,9 +472,10 @@ def test_evaluation_refuses_a_k_beyond_the_noise_stream():
 # -- the latent log-ratio from the sampler (issue 15: a collapsed posterior) ---------
 
 
-def _linear_decoder(D, L, dtype, seed=5):
+def _linear_decoder(D, L, dtype, seed=5, device="cpu"):
+    """z -> z @ W with W (L, D) on ``device`` (drawn on the CPU: the same W on every device)."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(L, D, generator=g, dtype=torch.float64).to(dtype)
+    W = torch.randn(L, D, generator=g, dtype=torch.float64).to(device, dtype)
     return lambda z: z @ W
 
 
@@ -511,7 +525,7 @@ def test_iwae_survives_a_collapsed_posterior(backend, logvar_value):
     for dtype in (torch.float32, torch.float64):
         m = mu.to(device, dtype).requires_grad_()
         lv = logvar.to(device, dtype).requires_grad_()
-        decode = _linear_decoder(D, L, dtype)
+        decode = _linear_decoder(D, L, dtype, device=device)
         for estimator in ("iwae", "dreg", "stl"):
             with fastvae.use_backend(name if dtype == torch.float32 else "reference"):
                 bound = fastvae.iwae(x.to(device, dtype), m, lv, decode, k=k, estimator=estimator,
@@ -519,7 +533,8 @@ def test_iwae_survives_a_collapsed_posterior(backend, logvar_value):
             grads = torch.autograd.grad(bound, (m, lv), allow_unused=True)
             results[dtype, estimator] = (bound, grads)
     elbo = fastvae.elbo(x.to(device, torch.float32), mu.to(device, torch.float32),
-                        logvar.to(device, torch.float32), _linear_decoder(D, L, torch.float32), generator=gen(1),
+                        logvar.to(device, torch.float32), _linear_decoder(D, L, torch.float32, device=device),
+                        generator=gen(1),
                         likelihood="gaussian")
     for estimator in ("iwae", "dreg", "stl"):
         (b32, g32), (b64, g64) = results[torch.float32, estimator], results[torch.float64, estimator]
@@ -591,7 +606,7 @@ def test_elbo_terms_kl_per_dim(backend, reduction):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 6, generator=g, dtype=torch.float64).to(device)
     mu, logvar = (torch.randn(5, 3, generator=g, dtype=torch.float64).to(device) for _ in range(2))
-    terms = fastvae.elbo_terms(x, mu, logvar, _linear_decoder(6, 3, torch.float64), reduction=reduction,
+    terms = fastvae.elbo_terms(x, mu, logvar, _linear_decoder(6, 3, torch.float64, device=device), reduction=reduction,
                                likelihood="gaussian")
     want = 0.5 * (logvar.exp() + mu * mu - 1 - logvar)
     if reduction != "none":
@@ -695,7 +710,7 @@ def test_posterior_may_be_a_torch_normal(backend):
     x = torch.rand(3, 5, generator=g, dtype=torch.float64).to(device)
     loc = torch.randn(3, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
     scale = (torch.rand(3, 2, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
-    decode = _linear_decoder(5, 2, torch.float64)
+    decode = _linear_decoder(5, 2, torch.float64, device=device)
     for fn, kw in ((fastvae.elbo, {}), (fastvae.iwae, dict(k=3))):
         want = fn(x, loc, 2 * torch.log(scale), decode, likelihood="bernoulli", generator=gen(1), **kw)
         want_grads = torch.autograd.grad(want, (loc, scale))

@@ -48,11 +48,12 @@ def test_diagonal_normal_log_prob_and_kl(backend, L, batch, K, seed):
     assert_close(got, want, scale, "log_prob")
     for a, b in zip(torch.autograd.grad(got.sum(), (mu, lv, z)), torch.autograd.grad(want.sum(), (mu, lv, z))):
         assert_close(a, b, 1 + b.abs() + torch.exp(-lv).expand_as(b), "log_prob gradient")
-    prior = fastvae.DiagonalNormal(torch.randn(L, generator=g, dtype=F64), torch.randn(L, generator=g, dtype=F64))
+    pm, plv = torch.randn(L, generator=g, dtype=F64), torch.randn(L, generator=g, dtype=F64)
+    prior = fastvae.DiagonalNormal(pm.to(device), plv.to(device))  # the oracle keeps the CPU copies
     kl = fastvae.priors.analytic_kl(q, prior)
     want_kl = dist.kl_divergence(dist.Independent(dist.Normal(mu, torch.exp(0.5 * lv)), 1),
-                                 dist.Independent(dist.Normal(prior.mu, torch.exp(0.5 * prior.logvar)), 1))
-    assert_close(kl, want_kl, 1 + want_kl.abs() + torch.exp(lv - prior.logvar).sum(-1), "diag-diag KL")
+                                 dist.Independent(dist.Normal(pm, torch.exp(0.5 * plv)), 1))
+    assert_close(kl, want_kl, 1 + want_kl.abs() + torch.exp(lv - plv).sum(-1), "diag-diag KL")
 
 
 @given(L=st.sampled_from([1, 2, 5, 17]), batch=st.sampled_from([(), (1,), (4,), (2, 3)]),
@@ -123,10 +124,11 @@ def test_objects_reject_bad_input():
 # -- a linear-Gaussian model with a full-covariance exact posterior -----------------------
 
 
-def linear_gaussian(B=6, D=5, L=3, sigma=0.7, seed=0):
+def linear_gaussian(B=6, D=5, L=3, sigma=0.7, seed=0, device="cpu"):
     """z ~ N(0, I), x | z ~ N(W z + b, sigma^2 I) with a W whose posterior
     covariance (I + W^T W / sigma^2)^-1 is far from diagonal. Returns x, exact
-    log p(x), the exact posterior as a TrilNormal encoder, and the decoder."""
+    log p(x), the exact posterior as a TrilNormal encoder, and the decoder, on
+    ``device`` (computed on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(D, L, generator=g, dtype=F64)
     b = torch.randn(D, generator=g, dtype=F64)
@@ -134,12 +136,13 @@ def linear_gaussian(B=6, D=5, L=3, sigma=0.7, seed=0):
     exact = dist.MultivariateNormal(b, W @ W.T + sigma**2 * torch.eye(D, dtype=F64)).log_prob(x)
     cov = torch.linalg.inv(torch.eye(L, dtype=F64) + W.T @ W / sigma**2)
     S = torch.linalg.cholesky(cov)
+    W, b, x, exact, cov, S = (t.to(device) for t in (W, b, x, exact, cov, S))
 
     def encode(xx):
         return fastvae.TrilNormal((xx - b) @ W @ cov.T / sigma**2, S.expand(xx.shape[0], L, L))
 
     def decode(z):
-        return z @ W.T + b, torch.full((D,), 2 * math.log(sigma), dtype=F64)
+        return z @ W.T + b, torch.full((D,), 2 * math.log(sigma), dtype=F64, device=device)
 
     return x, exact, encode, decode, cov
 
@@ -149,7 +152,8 @@ def linear_gaussian(B=6, D=5, L=3, sigma=0.7, seed=0):
 def test_exact_full_covariance_posterior_gives_log_px(backend, estimator, alpha):
     """With q the exact (full-covariance) posterior every log-weight is log p(x): every
     estimator returns it exactly, and STL / DReG give the encoder a zero gradient."""
-    x, exact, encode, decode, cov = linear_gaussian()
+    _, device = backend
+    x, exact, encode, decode, cov = linear_gaussian(device=device)
     assert (cov - torch.diag(torch.diagonal(cov))).abs().max() > 0.05  # not diagonal
     q = encode(x)
     mu = q.mu.detach().requires_grad_()
@@ -167,7 +171,8 @@ def test_exact_full_covariance_posterior_gives_log_px(backend, estimator, alpha)
 
 
 def test_exact_full_covariance_posterior_in_evaluation(backend):
-    x, exact, encode, decode, _ = linear_gaussian(B=9)
+    _, device = backend
+    x, exact, encode, decode, _ = linear_gaussian(B=9, device=device)
     for chunk in (1, 4, None):
         stats = fastvae.log_likelihood(x, encode, decode, k=10, chunk_size=chunk, likelihood="gaussian",
                                        generator=gen(0), return_stats=True)
@@ -240,9 +245,10 @@ def test_learned_diagonal_prior_in_every_objective():
 # -- mixture priors -------------------------------------------------------------------------
 
 
-def mixture_model(B=5, D=4, L=2, U=3, sigma=0.6, seed=0):
+def mixture_model(B=5, D=4, L=2, U=3, sigma=0.6, seed=0, device="cpu"):
     """z ~ sum_u pi_u N(m_u, diag(v_u)), x | z ~ N(W z + b, sigma^2 I): p(x) is the
-    Gaussian mixture sum_u pi_u N(x; W m_u + b, W diag(v_u) W^T + sigma^2 I)."""
+    Gaussian mixture sum_u pi_u N(x; W m_u + b, W diag(v_u) W^T + sigma^2 I).
+    Everything it returns lives on ``device`` (computed on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(D, L, generator=g, dtype=F64)
     b = torch.randn(D, generator=g, dtype=F64)
@@ -256,23 +262,27 @@ def mixture_model(B=5, D=4, L=2, U=3, sigma=0.6, seed=0):
     px = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.MultivariateNormal(means @ W.T + b, covs))
     # a proposal: the exact posterior under one broad Gaussian prior N(0, 4 I), diagonal part
     cov_q = torch.linalg.inv(torch.eye(L, dtype=F64) / 4 + W.T @ W / sigma**2)
+    log_px = px.log_prob(x)
+    W, b, means, logvars, logits, x, log_px, cov_q = (
+        t.to(device) for t in (W, b, means, logvars, logits, x, log_px, cov_q))
 
     def encode(xx):
         return (xx - b) @ W @ cov_q.T / sigma**2, torch.log(torch.diagonal(cov_q)).expand(xx.shape[0], L)
 
     def decode(zz):
-        return zz @ W.T + b, torch.full((D,), 2 * math.log(sigma), dtype=F64)
+        return zz @ W.T + b, torch.full((D,), 2 * math.log(sigma), dtype=F64, device=device)
 
     prior = MixtureOfGaussians(means, logvars, logits)
     torch_prior = dist.MixtureSameFamily(dist.Categorical(logits=logits),
                                          dist.Independent(dist.Normal(means, torch.exp(0.5 * logvars)), 1))
-    return x, px.log_prob(x), encode, decode, prior, torch_prior
+    return x, log_px, encode, decode, prior, torch_prior
 
 
 def test_mixture_prior_iwae_converges_to_the_closed_form(backend):
     """Under a Gaussian-mixture prior p(x) is a closed-form mixture: the IWAE estimate
     rises toward it as K grows and is within its Monte Carlo error at K = 5000."""
-    x, exact, encode, decode, prior, _ = mixture_model()
+    _, device = backend
+    x, exact, encode, decode, prior, _ = mixture_model(device=device)
 
     def worse(xx):  # a shifted, inflated proposal: a loose bound at small K
         mu, lv = encode(xx)

@@ -76,3 +76,48 @@ def test_interpreter_run_covers_every_module_that_reaches_a_triton_kernel():
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         if path.name not in main_process_only:
             assert path.name in modules, f"{path.name} is missing from the Triton interpreter run"
+
+
+# The ahead-of-time tool (python -m fastvae.kernels.aot) is not a kernel: it
+# drives the kernels from the front end's op registry, so it sits above both.
+KERNEL_LAYER_TOOLS = {"aot.py"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, absolute names; relative imports that leave
+    kernels/ (installed as fastvae.kernels) resolve into fastvae."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                names.add(node.module or "")
+            elif node.level >= 2:  # from .. import x / from ..y import x: above fastvae.kernels
+                names.add("fastvae" + ("." + node.module if node.module else ""))
+            else:
+                names.add("fastvae.kernels" + ("." + node.module if node.module else ""))
+    return names
+
+
+def test_kernels_do_not_import_the_front_end():
+    """kernels/ is the bottom layer: no kernel module imports fastvae (the front
+    end imports the kernels, never the other way round)."""
+    modules = sorted(p for p in (ROOT / "kernels").glob("*.py") if p.name not in KERNEL_LAYER_TOOLS)
+    assert modules
+    upward = {p.name: sorted(m for m in _imported_modules(p)
+                             if (m == "fastvae" or m.startswith("fastvae.")) and not m.startswith("fastvae.kernels"))
+              for p in modules}
+    upward = {name: found for name, found in upward.items() if found}
+    assert not upward, upward
+
+
+def test_kernels_accumulation_rule_is_the_front_ends():
+    pytest.importorskip("triton")
+    import torch
+
+    common = _backend.triton_module("_common")
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        assert common.accumulation_dtype(dtype) == _backend.accumulation_dtype(dtype), dtype

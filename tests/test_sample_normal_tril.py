@@ -303,7 +303,10 @@ def test_opcheck(backend):
     torch.library.opcheck(sample_normal_tril_op, (mu, S, seed, 3))
     dz = torch.randn(3, 4, 3, 6, device=device)
     dkl = torch.randn(4, 3, device=device)
-    torch.library.opcheck(sample_normal_tril_backward_op, (dz, dkl, mu.detach(), S.detach(), seed))
+    m, s = mu.detach(), S.detach()
+    torch.library.opcheck(sample_normal_tril_backward_op, (m, s, seed, dz, dkl))
+    torch.library.opcheck(sample_normal_tril_backward_op, (m, s, seed, None, dkl))
+    torch.library.opcheck(sample_normal_tril_backward_op, (m, s, seed, dz, None))
 
 
 def test_errors_on_bad_input(backend):
@@ -350,15 +353,15 @@ def test_half_precision(backend, dtype):
 
 
 def test_triton_split_over_samples(backend, monkeypatch):
-    """The Triton launchers split K over programs on a GPU (one split under the interpreter): forced
-    here to 3 splits of K = 5, the first split alone writes kl and the KL's gradient terms, and the
-    partial sums add up to the reference."""
+    """The Triton forward splits K over programs on a GPU (one split under the interpreter): forced
+    here to 3 splits of K = 5, the first split alone writes kl; the backward, one program per block
+    of rows over every sample, matches the reference."""
     name, device = backend
     if name != "triton":
         pytest.skip("the Triton launchers' split over samples")
     from fastvae.kernels import sample_normal_tril as kernels
 
-    monkeypatch.setattr(kernels, "splits_for", lambda K, row_blocks, device: (3, 2))
+    monkeypatch.setattr(kernels, "sample_splits", lambda K, row_blocks, device: (3, 2))
     for L in (6, 70):  # one tile, and chunks
         mu, S = make_inputs((3,), L, 1, 2.0, 1.0, torch.float64, device, requires_grad=True)
         z, kl = SampleNormalTril.apply(mu, S, seed_tensor(21, device), 5)
