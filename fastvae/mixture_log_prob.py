@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._op import define, flat, run, shaped
 
 
@@ -102,6 +102,8 @@ class MixtureLogProb(torch.autograd.Function):
         dz, dmeans, dlogvars, dlogits = (next(grads) if n else None for n in need)
         if dz is not None:
             dz = shaped(dz, ctx.z_shape)
+        if torch.is_grad_enabled():  # create_graph=True: no closed form of the kernel's (N, U, L)-free backward
+            return _double_backward.not_twice("mixture_log_prob", (dz, dmeans, dlogvars, dlogits))
         return dz, dmeans, dlogvars, dlogits
 
 
