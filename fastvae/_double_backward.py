@@ -14,10 +14,10 @@ starts with ``if torch.is_grad_enabled():`` and then either
   a constant; or
 - for an op without a cheap closed form (mixture_log_prob, whose composite
   form needs (N, U, L) tensors, the memory the kernels exist to avoid), returns
-  the kernel's gradients behind ``not_twice``'s error node, which raises an
-  error naming the op as soon as a second backward reaches it (as
-  torch.autograd.function.once_differentiable does, but also when the upstream
-  gradient needs no grad, where once_differentiable passes a silent zero).
+  the kernel's gradients behind ``not_twice``'s node, which raises an error
+  naming the op as soon as a second backward reaches it (as
+  torch.autograd.function.once_differentiable does, but linked to the op's
+  inputs, so that no second backward can miss it).
 
 Without create_graph nothing here runs: the kernels' path is unchanged.
 csrc/torch_ops.cpp does the same for the eager CPU operators, with ATen ops.
@@ -31,16 +31,39 @@ from torch import Tensor
 from ._backend import accumulation_dtype
 
 
-def not_twice(name: str, grads: tuple) -> tuple:
+class _NotTwice(torch.autograd.Function):
+    """Passes the first ``n`` tensors through; its backward raises ``message``.
+    The other tensors only connect it to the graph: a node whose inputs are
+    the op's own inputs is reached by any second backward that needs them
+    (autograd.grad(..., inputs) prunes nodes that lead to none of its inputs,
+    so fresh leaves, as once_differentiable's error node uses, would let the
+    rest of the graph give a silent partial result)."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def not_twice(name: str, grads: tuple, inputs: tuple, why: str | None = None) -> tuple:
     """``grads`` (the kernel's gradients, None where none) behind an autograd
-    node that raises "fastvae.<name> does not support double backward" when a
-    second backward reaches it."""
-    err = torch._C._functions.DelayedError(
-        f"fastvae.{name} does not support double backward (create_graph=True): its backward is a kernel "
-        f"with no differentiable form. Differentiate it once, or use fastvae.reference.{name} (plain "
-        "PyTorch) where a second derivative is needed", len(grads))
-    leaves = [None if g is None else g.detach().requires_grad_() for g in grads]
-    return tuple(err(*leaves))
+    node on ``inputs`` (the op's inputs and upstream gradients, None allowed)
+    that raises "fastvae.<name> does not support double backward
+    (create_graph=True): <why>" when a second backward reaches it."""
+    if why is None:
+        why = (f"its backward is a kernel with no differentiable form. Differentiate it once, or use "
+               f"fastvae.reference.{name} (plain PyTorch) where a second derivative is needed")
+    given = [g for g in grads if g is not None]
+    links = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    if not links:  # constants all: the gradients are constants too, their derivative truly 0
+        return grads
+    passed = iter(_NotTwice.apply(
+        f"fastvae.{name} does not support double backward (create_graph=True): {why}", len(given), *given, *links))
+    return tuple(None if g is None else next(passed) for g in grads)
 
 
 def _acc(t: Tensor | None) -> Tensor | None:
