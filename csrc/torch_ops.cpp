@@ -453,7 +453,10 @@ struct LogMeanExp : torch::autograd::Function<LogMeanExp> {
       logmeanexp_forward<T>(ptr<T>(l), K, M, ptr<T>(lw_max), ptr<T>(sumexp), ptr<T>(out), nullptr, threads(K * M));
     });
     ctx->mark_non_differentiable({lw_max});
-    ctx->save_for_backward({l, lw_max, sumexp, lw});  // lw itself, for a double backward
+    // lw itself (for a double backward too), not l: the backward takes the
+    // (K, M) view again, which copies only a non-contiguous lw, so nothing of
+    // size K x M is held twice
+    ctx->save_for_backward({lw, lw_max, sumexp});
     ctx->saved_data["shape"] = lw.sizes().vec();
     const auto columns = lw.sizes().slice(1);
     return {shaped(out, columns), shaped(lw_max, columns), shaped(sumexp, columns)};
@@ -461,14 +464,14 @@ struct LogMeanExp : torch::autograd::Function<LogMeanExp> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &l = saved[0], &lw_max = saved[1], &sumexp = saved[2];
+    const Tensor &lw = saved[0], &lw_max = saved[1], &sumexp = saved[2];
     if (double_backward()) {  // e (grad_out / sum_k e + grad_sumexp), e = exp(lw - shift), lw_max a constant shift
-      const Tensor& lw = saved[3];
       const Tensor m = lw_max.detach().view(lw.sizes().slice(1));
       const Tensor e = at::exp(lw - at::where(m == -std::numeric_limits<double>::infinity(), 0.0, m));
       return {e * (grads[0] * safe_inv(e.sum(0)) + grads[2])};
     }
-    const int64_t K = l.size(0), M = l.size(1);
+    const int64_t K = lw.size(0), M = lw_max.numel();
+    const Tensor l = input(lw.reshape({K, M}), "lw", lw, {K, M});
     const Tensor g = input(grads[0].reshape({M}), "grad_out", l, {M});
     const Tensor gs = input(grads[2].reshape({M}), "grad_sumexp", l, {M});
     Tensor dlw = output({K, M}, l);
