@@ -298,8 +298,9 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) ->
 def _dreg_once(g: Tensor) -> Tensor:
     """A DReG-scaled gradient; under create_graph=True behind an error node: the
     weights are constants, so the encoder gradient is the derivative of no
-    objective and has none of its own (a penalty on the decoder's is fine)."""
-    if not torch.is_grad_enabled():
+    objective and has none of its own (a penalty on the decoder's is fine).
+    torch.compile, which traces the hook, has no double backward to guard."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return g
     return not_twice("iwae(estimator='dreg')", (g,), (g,), "its encoder gradient weights each sample's path "
                      "derivative by w~^2 held constant, which is the gradient of no objective. Use estimator="
