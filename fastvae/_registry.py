@@ -96,9 +96,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
 
 # Test modules above the ops that reach a Triton kernel: run under the
 # interpreter too, next to every op's own test module.
-# test_launches.py counts what each call launches on the CUDA path (issue 23).
+# test_launches.py counts what each call launches on the CUDA path (issue 23);
+# test_double_backward.py checks every op's create_graph gradient (issue 25).
 INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py",
-                     "test_launches.py")
+                     "test_launches.py", "test_double_backward.py")
 
 
 def interpreter_test_modules() -> list[str]:

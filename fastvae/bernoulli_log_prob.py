@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, likelihood_torch_ops, unfold_rows
 from ._op import define, run, shaped
 
@@ -64,18 +64,20 @@ bernoulli_log_prob_backward_op = define(
 class BernoulliLogProb(torch.autograd.Function):
     """Autograd of fastvae::bernoulli_log_prob. The op takes the kernels'
     layout, x (P, D) and logits (K, P, D); made here once, and saved, so the
-    backward reuses it."""
+    backward reuses it (the inputs too, for a double backward)."""
 
     @staticmethod
     def forward(ctx, x, logits):
         x2, l3 = kernel_views(x, logits)
-        ctx.save_for_backward(x2, l3)
+        ctx.save_for_backward(x2, l3, x, logits)
         ctx.shapes = x.shape, logits.shape
         return shaped(run(bernoulli_log_prob_op, x2, l3), logits.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, l3 = ctx.saved_tensors
+        x2, l3, x, logits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return _double_backward.bernoulli_log_prob(grad_out, x, logits, ctx.needs_input_grad)
         need_dx = ctx.needs_input_grad[0]
         grads = run(bernoulli_log_prob_backward_op, grad_out, x2, l3, need_dx)
         x_shape, logits_shape = ctx.shapes

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._likelihood_layout import (
     broadcast_var,
     broadcast_x,
@@ -89,7 +89,8 @@ gaussian_log_prob_backward_op = define(
 class GaussianLogProb(torch.autograd.Function):
     """Autograd of fastvae::gaussian_log_prob. The op takes the kernels'
     layout (x (P, D), mean (K, P, D), var_param in a kernel_var form); made
-    here once, and saved, so the backward reuses it."""
+    here once, and saved, so the backward reuses it (the inputs too, for a
+    double backward)."""
 
     @staticmethod
     def forward(ctx, x, mean, var_param, softplus_mode, delta):
@@ -97,12 +98,15 @@ class GaussianLogProb(torch.autograd.Function):
         v = kernel_var(var_param, *m3.shape)
         ctx.softplus_mode, ctx.delta = softplus_mode, delta
         ctx.shapes = x.shape, mean.shape, var_param.shape
-        ctx.save_for_backward(x2, m3, v)
+        ctx.save_for_backward(x2, m3, v, x, mean, var_param)
         return shaped(run(gaussian_log_prob_op, x2, m3, v, softplus_mode, delta), mean.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, m3, v = ctx.saved_tensors
+        x2, m3, v, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return (*_double_backward.gaussian_log_prob(grad_out, *inputs, ctx.softplus_mode, ctx.delta,
+                                                        ctx.needs_input_grad), None, None)
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grads = run(
             gaussian_log_prob_backward_op, grad_out, x2, m3, v, ctx.softplus_mode, ctx.delta, need_dx, need_dv)

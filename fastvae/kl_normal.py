@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._op import define, flat, run, shaped
 
 
@@ -53,7 +53,8 @@ kl_normal_backward_op = define(
 
 class KLNormal(torch.autograd.Function):
     """Autograd of fastvae::kl_normal. The op takes (N, L) contiguous tensors;
-    made here once, and saved, so the backward reuses them."""
+    made here once, and saved, so the backward reuses them; the inputs
+    themselves are saved too, for a double backward (fastvae/_double_backward.py)."""
 
     @staticmethod
     def forward(ctx, mu, logvar, prior_mu, prior_logvar):
@@ -61,12 +62,14 @@ class KLNormal(torch.autograd.Function):
         mu2, lv2 = flat(mu), flat(logvar)
         pm2 = None if prior_mu is None else flat(prior_mu)
         plv2 = None if prior_logvar is None else flat(prior_logvar)
-        ctx.save_for_backward(mu2, lv2, pm2, plv2)
+        ctx.save_for_backward(mu2, lv2, pm2, plv2, mu, logvar, prior_mu, prior_logvar)
         return shaped(run(kl_normal_op, mu2, lv2, pm2, plv2), mu.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kl):
-        mu2, lv2, pm2, plv2 = ctx.saved_tensors
+        mu2, lv2, pm2, plv2, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return _double_backward.kl_normal(grad_kl, *inputs, ctx.needs_input_grad)
         grads = run(kl_normal_backward_op, shaped(grad_kl, mu2.shape[:1]), mu2, lv2, pm2, plv2)
         shape = ctx.shape
         if pm2 is None:  # the op returns no prior gradients: allocating empty ones cost as much as the kernel

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._op import define, flat, run
 
 
@@ -89,6 +89,9 @@ class LatentLogRatio(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, mu, logvar = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return (*_double_backward.latent_log_ratio(grad_out, z, mu, logvar, ctx.stop_score,
+                                                       ctx.needs_input_grad), None)
         dz, dmu, dlv = run(latent_log_ratio_backward_op, grad_out, z, mu, logvar, ctx.stop_score)
         if ctx.stop_score:
             return dz, None, None, None

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._op import define, run
 
 _NEG_INF = float("-inf")
@@ -143,6 +143,8 @@ class LogMeanExp(torch.autograd.Function):
         if grad_out is None and grad_sumexp is None:
             return None
         lw, lw_max, sumexp = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return _double_backward.logmeanexp(grad_out, grad_sumexp, lw, lw_max)
         if grad_out is None:  # only the state was used (logmeanexp_state)
             grad_out = torch.zeros_like(sumexp)
         return run(logmeanexp_backward_op, grad_out, grad_sumexp, lw, lw_max, sumexp)
@@ -191,6 +193,8 @@ class EffectiveSampleSize(torch.autograd.Function):
         if grad_ess is None:
             return None
         lw, lw_max, sumexp, ess = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return _double_backward.effective_sample_size(grad_ess, lw, lw_max)
         return run(effective_sample_size_backward_op, grad_ess, lw, lw_max, sumexp, ess)
 
 
@@ -241,6 +245,8 @@ class ImportanceWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_w):
         (w,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return _double_backward.importance_weights(grad_w, w)
         return run(importance_weights_backward_op, grad_w, w)
 
 

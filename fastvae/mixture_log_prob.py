@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._op import define, flat, run, shaped
 
 
@@ -91,17 +91,20 @@ class MixtureLogProb(torch.autograd.Function):
         z2 = flat(z)
         out = run(mixture_log_prob_op, z2, means, logvars, logits)
         ctx.z_shape = z.shape
-        ctx.save_for_backward(z2, means, logvars, logits, out)
+        ctx.save_for_backward(z2, means, logvars, logits, out, z)  # z itself links a double backward's error
         return shaped(out, z.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        z2, means, logvars, logits, out = ctx.saved_tensors
+        z2, means, logvars, logits, out, z = ctx.saved_tensors
         need = ctx.needs_input_grad[:3] + (ctx.needs_input_grad[3] and logits is not None,)
         grads = iter(run(mixture_log_prob_backward_op, grad_out, z2, means, logvars, logits, out, *need))
         dz, dmeans, dlogvars, dlogits = (next(grads) if n else None for n in need)
         if dz is not None:
             dz = shaped(dz, ctx.z_shape)
+        if torch.is_grad_enabled():  # create_graph=True: no closed form of the kernel's (N, U, L)-free backward
+            return _double_backward.not_twice("mixture_log_prob", (dz, dmeans, dlogvars, dlogits),
+                                              (grad_out, z, means, logvars, logits))
         return dz, dmeans, dlogvars, dlogits
 
 

@@ -18,6 +18,7 @@ from torch.distributions import Distribution
 
 from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
+from ._double_backward import not_twice
 from .distributions import DiagonalNormal, TrilNormal, tril_log_prob
 from .kl_normal import kl_normal
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, logmeanexp_with_state
@@ -289,9 +290,21 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) ->
         scale = ImportanceWeights.apply(lw.detach())  # 0 for an all -inf column
     else:
         scale = alpha + (1.0 - alpha) * ImportanceWeights.apply((1.0 - alpha) * lw.detach())
-    z.register_hook(lambda g: g * scale.unsqueeze(-1))
+    z.register_hook(lambda g: _dreg_once(g * scale.unsqueeze(-1)))
     if latent is not None:
-        latent.register_hook(lambda g: g * scale)
+        latent.register_hook(lambda g: _dreg_once(g * scale))
+
+
+def _dreg_once(g: Tensor) -> Tensor:
+    """A DReG-scaled gradient; under create_graph=True behind an error node: the
+    weights are constants, so the encoder gradient is the derivative of no
+    objective and has none of its own (a penalty on the decoder's is fine).
+    torch.compile, which traces the hook, has no double backward to guard."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return g
+    return not_twice("iwae(estimator='dreg')", (g,), (g,), "its encoder gradient weights each sample's path "
+                     "derivative by w~^2 held constant, which is the gradient of no objective. Use estimator="
+                     "'iwae' or 'stl' where the encoder gradient is differentiated again")[0]
 
 
 def _bound(lw: Tensor, alpha: float) -> Tensor:

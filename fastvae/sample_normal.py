@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._op import define, draw_seed, flat, run, shaped
 
 _MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
@@ -99,7 +99,7 @@ class SampleNormal(torch.autograd.Function):
     def forward(ctx, mu, logvar, seed, n_samples):
         # Flattened once here, so the backward reuses the contiguous copies.
         mu2, lv2 = flat(mu), flat(logvar)
-        ctx.save_for_backward(mu2, lv2, seed)
+        ctx.save_for_backward(mu2, lv2, seed, mu, logvar)  # the inputs, for a double backward
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.n_samples = mu.shape, 1 if n_samples is None else n_samples
         z, kl = run(sample_normal_op, mu2, lv2, seed, ctx.n_samples)
@@ -109,7 +109,10 @@ class SampleNormal(torch.autograd.Function):
     def backward(ctx, grad_z, grad_kl):
         if grad_z is None and grad_kl is None:
             return None, None, None, None
-        mu2, lv2, seed = ctx.saved_tensors
+        mu2, lv2, seed, mu, logvar = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return (*_double_backward.sample_normal(grad_z, grad_kl, None, False, mu, logvar, seed, mu2,
+                                                    ctx.n_samples), None, None)
         N, L = mu2.shape
         dmu, dlogvar = run(sample_normal_backward_op, mu2, lv2, seed, _opt(grad_z, (ctx.n_samples, N, L)),
                            _opt(grad_kl, (N,)), None, False)
@@ -130,7 +133,7 @@ class SampleNormalWithRatio(torch.autograd.Function):
     def forward(ctx, mu, logvar, seed, n_samples, stop_score):
         mu2, lv2 = flat(mu), flat(logvar)
         z, kl, ratio = run(sample_normal_with_ratio_op, mu2, lv2, seed, n_samples)
-        ctx.save_for_backward(mu2, lv2, seed)
+        ctx.save_for_backward(mu2, lv2, seed, mu, logvar)  # the inputs, for a double backward
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.n_samples, ctx.stop_score = mu.shape, n_samples, stop_score
         return (shaped(z, (n_samples, *mu.shape)), shaped(kl, mu.shape[:-1]),
@@ -140,7 +143,10 @@ class SampleNormalWithRatio(torch.autograd.Function):
     def backward(ctx, grad_z, grad_kl, grad_ratio):
         if grad_z is None and grad_kl is None and grad_ratio is None:
             return None, None, None, None, None
-        mu2, lv2, seed = ctx.saved_tensors
+        mu2, lv2, seed, mu, logvar = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return (*_double_backward.sample_normal(grad_z, grad_kl, grad_ratio, bool(ctx.stop_score), mu, logvar,
+                                                    seed, mu2, ctx.n_samples), None, None, None)
         N, L = mu2.shape
         K = ctx.n_samples
         dmu, dlogvar = run(sample_normal_backward_op, mu2, lv2, seed, _opt(grad_z, (K, N, L)), _opt(grad_kl, (N,)),

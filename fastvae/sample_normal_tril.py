@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
+from . import _backend, _double_backward, _validate
 from ._op import define, draw_seed, flat, run, shaped
 
 
@@ -92,7 +92,7 @@ class SampleNormalTril(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, scale_tril, seed, n_samples):
         mu2, s3 = flat(mu), _flat_tril(scale_tril)
-        ctx.save_for_backward(mu2, s3, seed)
+        ctx.save_for_backward(mu2, s3, seed, mu, scale_tril)  # the inputs, for a double backward
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.tril_shape = mu.shape, scale_tril.shape
         ctx.n_samples = 1 if n_samples is None else n_samples
@@ -103,7 +103,10 @@ class SampleNormalTril(torch.autograd.Function):
     def backward(ctx, grad_z, grad_kl):
         if grad_z is None and grad_kl is None:
             return None, None, None, None
-        mu2, s3, seed = ctx.saved_tensors
+        mu2, s3, seed, mu, scale_tril = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return (*_double_backward.sample_normal_tril(grad_z, grad_kl, mu, scale_tril, seed, mu2, ctx.n_samples),
+                    None, None)
         N, L = mu2.shape
         dmu, ds = run(sample_normal_tril_backward_op, mu2, s3, seed,
                       None if grad_z is None else shaped(grad_z, (ctx.n_samples, N, L)),

@@ -1,0 +1,325 @@
+"""Double backward (create_graph=True), issue 25 item 1: every op with a closed
+form passes torch.autograd.gradgradcheck in float64 on every backend, through
+the C++ operators (eager cpp) and the Python Functions alike; mixture_log_prob
+and the DReG encoder gradient raise an error that names them when
+differentiated twice; never a silent zero. The objectives' second derivatives
+match a plain-torch reference with the same noise."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributions as D
+from test_objectives import make_problem, ref_log_lik, ref_log_weights, ref_renyi, same_noise
+from torch.autograd import gradcheck, gradgradcheck
+
+import fastvae
+from fastvae import _backend
+from fastvae.sample_normal import sample_normal_with_ratio_unchecked
+
+from conftest import INTERPRET
+from helpers import gen
+
+F64 = torch.float64
+
+
+def _has_operators() -> bool:
+    return _backend.cpp_available() and _backend.cpp_module().HAS_TORCH_OPS
+
+
+@pytest.fixture(params=["operator", "function"])
+def path(request, backend, monkeypatch):
+    """"operator": the C++ operators where they serve (eager float CPU calls on
+    cpp); "function": the ops' Python autograd Functions, on every backend."""
+    if request.param == "operator":
+        if backend[0] != "cpp" or not _has_operators():
+            pytest.skip("the C++ operators serve the cpp backend's eager calls only")
+    else:
+        monkeypatch.setattr(_backend, "torch_ops", lambda t: None)
+    return request.param
+
+
+def _nodes(t: torch.Tensor) -> set[str]:
+    """The names of every autograd node behind t."""
+    seen, stack = {}, [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node.name()
+            stack.extend(n for n, _ in node.next_functions)
+    return set(seen.values())
+
+
+def _leaf(t: torch.Tensor, device) -> torch.Tensor:
+    return t.to(device).requires_grad_()
+
+
+def _tril(N, L, g):
+    """A lower-triangular scale with a diagonal in [1, 2] (kept away from 0 by the steps)."""
+    return (torch.randn(N, L, L, generator=g, dtype=F64).tril(-1)
+            + torch.diag_embed(torch.rand(N, L, generator=g, dtype=F64) + 1))
+
+
+# name -> (function of the leaves, the leaves' values (made on the CPU), C++ operator or not)
+def _cases(g):
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
+    gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)
+    ratio = lambda z, m, lv: fastvae.latent_log_ratio(z, m, lv)
+    return {
+        "kl_normal": (lambda m, lv: fastvae.kl_normal(m, lv), [r(3, 4), r(3, 4)], True),
+        "kl_normal_prior": (lambda m, lv, pm, plv: fastvae.kl_normal(m, lv, pm, plv),
+                            [r(3, 4), r(3, 4), r(4), r(4)], True),
+        "gaussian_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+        "gaussian_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
+        "gaussian_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
+        "gaussian_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
+        "gaussian_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
+                                  [r(3, 5), r(2, 3, 5), r(())], True),
+        "gaussian_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7), [r(3, 5), r(2, 3, 5)], True),
+        "gaussian_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
+                              [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+        "bernoulli": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [torch.rand(3, 5, generator=g, dtype=F64),
+                                                                         r(2, 3, 5)], True),
+        "bernoulli_no_samples": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [r(3, 5), r(3, 5)], True),
+        "logmeanexp": (lambda lw: fastvae.logmeanexp(lw), [r(5, 3)], True),
+        "logmeanexp_dim": (lambda lw: fastvae.logmeanexp(lw, 1, keepdim=True), [r(3, 5)], True),
+        "logmeanexp_state": (lambda lw: fastvae.logmeanexp_from_state(fastvae.logmeanexp_state(lw)), [r(5, 3)], True),
+        "importance_weights": (lambda lw: fastvae.importance_weights(lw, 1), [r(3, 5)], False),
+        "effective_sample_size": (lambda lw: fastvae.effective_sample_size(lw), [r(5, 3)], False),
+        "latent_log_ratio": (ratio, [r(2, 3, 4), r(3, 4), r(3, 4)], False),
+        "latent_log_ratio_one_sample": (ratio, [r(3, 4), r(3, 4), r(3, 4)], False),
+        "sample_normal": (lambda m, lv: fastvae.sample_normal(m, lv, 2, generator=gen(3)), [r(3, 4), r(3, 4)], True),
+        "sample_normal_one_sample": (lambda m, lv: fastvae.sample_normal(m, lv, generator=gen(3)),
+                                     [r(3, 4), r(3, 4)], True),
+        "sample_normal_with_ratio": (lambda m, lv: sample_normal_with_ratio_unchecked(m, lv, 2, False, gen(3)),
+                                     [r(3, 4), r(3, 4)], True),
+        "sample_normal_tril": (lambda m, s: fastvae.sample_normal_tril(m, s, 2, generator=gen(3)),
+                               [r(3, 4), _tril(3, 4, g)], False),
+        "sample_normal_tril_one_sample": (lambda m, s: fastvae.sample_normal_tril(m, s, generator=gen(3)),
+                                          [r(2, 3), _tril(2, 3, g)], False),
+    }
+
+
+CASES = list(_cases(torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradgradcheck(backend, path, case):
+    """The second derivative of every op with a closed form, against finite
+    differences of its create_graph gradient (gradgradcheck also perturbs the
+    upstream gradients, so it checks the first derivative's linearity too)."""
+    _, device = backend
+    fn, values, has_operator = _cases(torch.Generator().manual_seed(0))[case]
+    leaves = [_leaf(v, device) for v in values]
+    out = fn(*leaves)
+    first = out if isinstance(out, torch.Tensor) else out[0]
+    took_operator = any("fastvae::torch_ops" in n for n in _nodes(first))
+    assert took_operator == (path == "operator" and has_operator)
+    # fast_mode (one random projection, two evaluations) under the interpreter,
+    # where each of the full check's ~100 evaluations launches interpreted kernels
+    assert gradgradcheck(fn, leaves, fast_mode=INTERPRET)
+
+
+def test_latent_log_ratio_stop_score(backend, path):
+    """With stop_score mu and logvar are constants of log q: z's gradient is
+    differentiable again, theirs is None."""
+    _, device = backend
+    g = torch.Generator().manual_seed(1)
+    z = _leaf(torch.randn(2, 3, 4, generator=g, dtype=F64), device)
+    mu, lv = (_leaf(torch.randn(3, 4, generator=g, dtype=F64), device) for _ in range(2))
+    assert gradgradcheck(lambda z: fastvae.latent_log_ratio(z, mu.detach(), lv.detach(), stop_score=True), [z])
+    out = fastvae.latent_log_ratio(z, mu, lv, stop_score=True)
+    dz, dmu = torch.autograd.grad(out.sum(), [z, mu], create_graph=True, allow_unused=True)
+    assert dmu is None and dz.requires_grad
+
+
+def test_sampler_stop_score_matches_a_detached_reference(backend, path):
+    """The sampler's log-ratio in stop-score mode (STL, DReG): its create_graph
+    gradient and that gradient's own gradient equal plain torch's with q's
+    parameters detached in log q, the same eps."""
+    _, device = backend
+    g = torch.Generator().manual_seed(2)
+    mu0, lv0 = torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, 4, generator=g, dtype=F64)
+    w = torch.randn(2, 3, generator=g, dtype=F64).to(device)
+
+    def second(fn):
+        mu, lv = _leaf(mu0, device), _leaf(lv0, device)
+        z, ratio = fn(mu, lv)
+        value = (w * ratio).sum() + (z**3).sum()
+        gm, gl = torch.autograd.grad(value, [mu, lv], create_graph=True)
+        return [gm, gl, *torch.autograd.grad((gm**2).sum() + (gm * gl).sum(), [mu, lv])]
+
+    def fused(mu, lv):
+        z, _, ratio = sample_normal_with_ratio_unchecked(mu, lv, 2, True, gen(4))
+        return z, ratio
+
+    def plain(mu, lv):
+        z = mu + torch.exp(lv / 2) * same_noise(4, 2, mu.shape, device)
+        log_q = D.Normal(mu.detach(), torch.exp(lv.detach() / 2)).log_prob(z).sum(-1)
+        return z, D.Normal(0.0, 1.0).log_prob(z).sum(-1) - log_q
+
+    for a, e in zip(second(fused), second(plain)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_the_issue_reproducer(backend, path):
+    """A gradient penalty on the KL's gradient: (kl + |g|^2) gives 3 mu, as torch does."""
+    _, device = backend
+    mu = _leaf(torch.randn(3, 4, dtype=F64), device)
+    lv = torch.randn(3, 4, dtype=F64, device=device)
+    (g,) = torch.autograd.grad(fastvae.kl_normal(mu, lv).sum(), mu, create_graph=True)
+    assert g.requires_grad
+    (fastvae.kl_normal(mu, lv).sum() + (g**2).sum()).backward()
+    torch.testing.assert_close(mu.grad, 3 * mu.detach(), rtol=1e-12, atol=0)
+
+
+def test_float32_create_graph_gradient_equals_the_kernels(backend, path):
+    """In float32 the create_graph gradient is the kernels' to rounding."""
+    _, device = backend
+    g = torch.Generator().manual_seed(5)
+    x, mean, lv = (torch.randn(2, 7, 9, generator=g).to(device).requires_grad_() for _ in range(3))
+
+    def grads(create_graph):
+        out = fastvae.gaussian_log_prob(x[0], mean, lv) + fastvae.kl_normal(mean, lv)
+        return torch.autograd.grad(out.sum(), [x, mean, lv], create_graph=create_graph)
+
+    kernels, graph = grads(False), grads(True)
+    assert all(t.requires_grad for t in graph) and not any(t.requires_grad for t in kernels)
+    for a, e in zip(graph, kernels):
+        torch.testing.assert_close(a, e, rtol=2e-6, atol=1e-6)
+
+
+# -- what has no second derivative says so ------------------------------------------
+
+
+def test_mixture_log_prob_raises_a_named_error_when_differentiated_twice(backend, path):
+    _, device = backend
+    g = torch.Generator().manual_seed(6)
+    z, means, logvars = (_leaf(torch.randn(*s, generator=g, dtype=F64), device) for s in ((3, 4), (5, 4), (5, 4)))
+    out = fastvae.mixture_log_prob(z, means, logvars)
+    plain = torch.autograd.grad(out.sum(), [z, means], retain_graph=True)
+    # the first derivative with create_graph=True is the kernel's, and usable as a number
+    dz, dmeans = torch.autograd.grad(out.sum(), [z, means], create_graph=True)
+    torch.testing.assert_close(dz, plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(dmeans, plain[1], rtol=0, atol=0)
+    for target in (dz, dmeans):
+        with pytest.raises(RuntimeError, match=r"fastvae\.mixture_log_prob does not support double backward"):
+            torch.autograd.grad((target**2).sum(), [z, means], retain_graph=True)
+    # gradcheck of the first derivative still holds
+    assert gradcheck(lambda z: fastvae.mixture_log_prob(z, means.detach(), logvars.detach()), [z])
+
+
+# -- the objectives --------------------------------------------------------------------
+
+
+def _penalized(bound_fn, params):
+    """The gradient of bound + |d bound / d params|^2: second derivatives enter through the penalty."""
+    bound = bound_fn()
+    first = torch.autograd.grad(bound, params, create_graph=True)
+    return torch.autograd.grad(bound + sum((d**2).sum() for d in first), params)
+
+
+def _check(actual, expected, name):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m, i=i: f"{name}[{i}]: {m}")
+
+
+@pytest.mark.parametrize("likelihood,learned,beta,free_bits", [
+    ("gaussian", False, 1.0, 0.0), ("gaussian", True, 1.0, 0.0), ("bernoulli", False, 1.0, 0.0),
+    ("bernoulli", False, 0.5, 1.05)])  # 1.05: one of the two dimensions (batch-mean KL 1.0492, 1.0505) floored
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_elbo_second_derivatives_match_torch(backend, path, likelihood, learned, beta, free_bits, n_samples):
+    _, device = backend
+    x, mu, logvar, model = make_problem(3, 2, 5, likelihood, learned, seed=7, device=device)
+    params = [mu, logvar, *model.parameters()]
+    eps = same_noise(7, n_samples, mu.shape, device)
+
+    def reference():
+        rec = ref_log_lik(model, x, mu + torch.exp(logvar / 2) * eps).mean(0)
+        per_dim = D.kl_divergence(D.Normal(mu, torch.exp(logvar / 2)), D.Normal(0.0, 1.0))
+        # free bits: a latent dimension whose batch-mean KL is below the floor counts the floor
+        kl = torch.where(per_dim.mean(0) < free_bits, free_bits, per_dim).sum(-1)
+        return (rec - beta * kl).sum()
+
+    fused = _penalized(lambda: fastvae.elbo(x, mu, logvar, model, likelihood=likelihood, n_samples=n_samples,
+                                            beta=beta, free_bits=free_bits, reduction="sum", generator=gen(7)),
+                       params)
+    _check(fused, _penalized(reference, params), "elbo")
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_iwae_second_derivatives_match_torch(backend, path, estimator, alpha):
+    _, device = backend
+    x, mu, logvar, model = make_problem(3, 2, 5, "gaussian", True, seed=8, device=device)
+    params = [mu, logvar, *model.parameters()]
+    eps = same_noise(8, 4, mu.shape, device)
+
+    def reference():
+        return ref_renyi(ref_log_weights(model, x, mu, logvar, eps, stop_score=estimator == "stl"), alpha).sum()
+
+    fused = _penalized(lambda: fastvae.iwae(x, mu, logvar, model, k=4, likelihood="gaussian", estimator=estimator,
+                                            alpha=alpha, reduction="sum", generator=gen(8)), params)
+    _check(fused, _penalized(reference, params), estimator)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_full_covariance_and_diagonal_prior_second_derivatives_match_torch(backend, path, objective):
+    """A TrilNormal posterior against a learned DiagonalNormal prior (the analytic
+    KL for elbo; log p(z) - log q(z) per sample for iwae)."""
+    _, device = backend
+    x, mu, _, model = make_problem(3, 2, 5, "bernoulli", seed=11, device=device)
+    g = torch.Generator().manual_seed(11)
+    S = _leaf(_tril(3, 2, g) * 0.7, device)
+    pm, plv = (_leaf(torch.randn(2, generator=g, dtype=F64) * 0.5, device) for _ in range(2))
+    params = [mu, S, pm, plv, *model.parameters()]
+    prior = fastvae.DiagonalNormal(pm, plv)
+    k = 3
+    eps = same_noise(11, k, mu.shape, device)
+
+    def reference():
+        z = mu + (S.tril() @ eps.unsqueeze(-1)).squeeze(-1)
+        q = D.MultivariateNormal(mu, scale_tril=S.tril())
+        p = D.Independent(D.Normal(pm, torch.exp(plv / 2)), 1)
+        if objective == "elbo":
+            return (ref_log_lik(model, x, z).mean(0) - D.kl_divergence(q, D.MultivariateNormal(
+                pm, scale_tril=torch.diag_embed(torch.exp(plv / 2))))).sum()
+        return ref_renyi(ref_log_lik(model, x, z) + p.log_prob(z) - q.log_prob(z), 0.0).sum()
+
+    call = fastvae.elbo if objective == "elbo" else fastvae.iwae
+    count = {"n_samples": k} if objective == "elbo" else {"k": k}
+    fused = _penalized(lambda: call(x, fastvae.TrilNormal(mu, S), model, likelihood="bernoulli", prior=prior,
+                                    reduction="sum", generator=gen(11), **count), params)
+    _check(fused, _penalized(reference, params), objective)
+
+
+def test_dreg_raises_a_named_error_for_the_encoder_and_not_the_decoder(backend, path):
+    """DReG's encoder gradient weights samples by constants (the gradient of no
+    objective): differentiating it again raises; the decoder's gradient is
+    IWAE's and differentiates like it."""
+    _, device = backend
+    x, mu, logvar, model = make_problem(3, 2, 5, "bernoulli", seed=9, device=device)
+    dec = list(model.parameters())
+
+    def bound(estimator):
+        return fastvae.iwae(x, mu, logvar, model, k=4, likelihood="bernoulli", estimator=estimator,
+                            reduction="sum", generator=gen(9))
+
+    dmu, dlv = torch.autograd.grad(bound("dreg"), [mu, logvar], create_graph=True)
+    with pytest.raises(RuntimeError, match=r"fastvae\.iwae\(estimator='dreg'\) does not support double backward"):
+        torch.autograd.grad((dmu**2).sum(), [mu, logvar])
+    dreg = torch.autograd.grad(bound("dreg"), dec, create_graph=True)
+    iwae = torch.autograd.grad(bound("iwae"), dec, create_graph=True)
+    _check(torch.autograd.grad(sum((d**2).sum() for d in dreg), dec),
+           torch.autograd.grad(sum((d**2).sum() for d in iwae), dec), "dreg decoder")
+
+
+def test_a_mixture_prior_raises_a_named_error(backend, path):
+    _, device = backend
+    x, mu, logvar, model = make_problem(3, 2, 5, "gaussian", seed=10, device=device)
+    g = torch.Generator().manual_seed(10)
+    prior = fastvae.priors.MixtureOfGaussians(torch.randn(3, 2, generator=g, dtype=F64).to(device),
+                                             torch.zeros(3, 2, dtype=F64, device=device))
+    bound = fastvae.iwae(x, mu, logvar, model, k=3, likelihood="gaussian", prior=prior, generator=gen(10))
+    (dmu,) = torch.autograd.grad(bound, [mu], create_graph=True)
+    with pytest.raises(RuntimeError, match=r"fastvae\.mixture_log_prob does not support double backward"):
+        torch.autograd.grad((dmu**2).sum(), [mu])
