@@ -216,14 +216,20 @@ def elbo(
             contiguous decoder output. A conv decoder takes z (..., L) in one
             line: ``lambda z: net(z.reshape(-1, L)).reshape(*z.shape[:-1], C, H, W)``.
         mu, logvar: the encoder's output for x, shape (B, L): q(z|x) =
-            N(mu, diag(exp(logvar))). Or call ``elbo(x, q, decode)`` with q a
+            N(mu, diag(exp(logvar))). logvar is the log-variance, 2 log(std):
+            a standard deviation passed here gives a finite, wrong bound that
+            no check can tell from a log-variance (use 2 * std.log(), or pass
+            a torch Normal(mu, std) as q). Or call ``elbo(x, q, decode)`` with q a
             torch Normal or Independent(Normal, 1) (gradients flow to its
             loc and scale).
         decode: any callable z -> decoder output (an nn.Module, a lambda, a
             conditional decoder closing over labels). It gets z of shape
             (B, L), or (n_samples, B, L) when n_samples > 1, and returns, for
             likelihood="gaussian", the mean (unit variance: squared error) or a
-            (mean, logvar) pair (learned variance); for "bernoulli", the logits.
+            (mean, logvar) pair (learned variance; logvar, not std: a (mean,
+            std) pair is not detected); for "bernoulli", the logits, before
+            any sigmoid (fastvae warns when every value it reads lies in
+            [0, 1], and when x leaves [0, 1]).
             Outputs have x's shape with the sample dimension in front.
         likelihood: "gaussian" or "bernoulli", required (there is no default:
             a wrong one gives a plausible but meaningless number).
