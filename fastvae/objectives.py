@@ -9,6 +9,7 @@ K x B x L is stored for the backward.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,9 +31,11 @@ ESTIMATORS = ("iwae", "dreg", "stl")
 
 
 class ELBOTerms(NamedTuple):
-    """What fastvae.elbo_terms returns, every field reduced like the bound."""
+    """What fastvae.elbo_terms returns, every field reduced like the bound.
+    ``bound`` is the field's name in IWAETerms too; ``elbo`` is a deprecated
+    alias of it."""
 
-    elbo: Tensor  # reconstruction - beta * kl
+    bound: Tensor  # the ELBO, reconstruction - beta * kl
     reconstruction: Tensor  # E_q[log p(x | z)], averaged over the n_samples draws
     kl: Tensor  # the KL term as it enters the bound: after free bits, before beta
     # the analytic KL of each latent dimension (before free bits and beta), shape
@@ -45,6 +48,16 @@ class ELBOTerms(NamedTuple):
     # a standard or diagonal prior), False where it is the Monte Carlo estimate
     # log q(z) - log p(z) from the same samples as the reconstruction
     kl_analytic: bool
+
+    @property
+    def elbo(self) -> Tensor:
+        """Deprecated: the bound's old name here; use ``.bound``, as in IWAETerms.
+        Warns in eager mode; under torch.compile, which cannot trace a warning
+        with fullgraph=True, it is a plain alias."""
+        if not torch.compiler.is_compiling():
+            warnings.warn("ELBOTerms.elbo is deprecated: use .bound (the name IWAETerms uses too)",
+                          DeprecationWarning, stacklevel=2)
+        return self.bound
 
 
 class IWAETerms(NamedTuple):
