@@ -29,6 +29,7 @@ def _interpreter_env():
 
 
 _PREFIX = "[triton interpreter] "
+_TIMEOUT_S = 1200
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher; the child process runs the tests")
@@ -40,7 +41,8 @@ def test_op_tests_under_triton_interpreter(capsys):
     proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=TESTS.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     # a hung interpreter must fail the run, not stall CI
-    watchdog = threading.Timer(1200, proc.kill)
+    timed_out = threading.Event()
+    watchdog = threading.Timer(_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
     watchdog.start()
     lines: list[str] = []
     try:
@@ -55,6 +57,7 @@ def test_op_tests_under_triton_interpreter(capsys):
         watchdog.cancel()
     output = "".join(lines)
     tail = output[-6000:]
+    assert not timed_out.is_set(), f"interpreter tests killed after {_TIMEOUT_S} s:\n{tail}"
     # exit 5 means no test ran: the interpreter run must have tested something
     assert returncode == 0, f"interpreter tests failed (exit {returncode}):\n{tail}"
     assert " passed" in output, tail
