@@ -131,12 +131,13 @@ def test_on_cpu_every_call_is_checked():
 
 
 def test_the_check_reads_a_bounded_prefix():
-    """At most PREFIX values, as a view whatever the layout (no copy of a big tensor)."""
-    for shape in [(3, 5000), (7, 300, 64), (9000,), (2, 3)]:
+    """A small tensor whole, of a big one at most PREFIX values, as a view
+    whatever the layout (no copy of a big tensor)."""
+    for shape in [(3, 5000), (7, 300, 64), (20000,), (2, 3), (100, 64)]:
         t = torch.randn(*shape)
         for view in (t, t.transpose(0, -1) if t.dim() > 1 else t):
             head = _value_checks._prefix(view)
-            assert 0 < head.numel() <= _value_checks.PREFIX
+            assert 0 < head.numel() <= (t.numel() if t.numel() <= _value_checks.WHOLE else _value_checks.PREFIX)
             assert head.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
 
 
