@@ -35,10 +35,12 @@ VampPrior (prior= of the objectives and the evaluation functions).
 
 backend_info(device) reports which backend serves each op; set_backend(name) and
 use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
-does at import.
+does at import. set_value_checks(mode) sets how argument values are checked
+for the common silent mistakes (fastvae/_value_checks.py).
 """
 from . import priors
 from ._backend import backend_info, set_backend, use_backend
+from ._value_checks import set_value_checks
 from .bernoulli_log_prob import bernoulli_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
@@ -88,6 +90,7 @@ __all__ = [
     "backend_info",
     "set_backend",
     "use_backend",
+    "set_value_checks",
     "elbo",
     "elbo_terms",
     "ELBOTerms",

@@ -4,7 +4,12 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - likelihood="gaussian": decode(z) returns the mean (unit variance, i.e. the
   squared-error loss plus a constant) or a (mean, logvar) pair (a decoder
   that learns its variance; logvar per element or broadcastable to the mean).
-- likelihood="bernoulli": decode(z) returns the logits.
+  The second item is the log-variance: a (mean, std) pair gives a finite,
+  wrong number that no check can detect (return (mean, 2 * std.log()), or a
+  torch Normal(mean, std)).
+- likelihood="bernoulli": decode(z) returns the logits (before any sigmoid:
+  fastvae warns when every value it reads lies in [0, 1]), for x binary or in
+  [0, 1] (it warns when x leaves [0, 1]).
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
   Normal, or Independent of either, and the likelihood follows from it
   (likelihood= may then be omitted).
@@ -17,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal
 
-from .bernoulli_log_prob import bernoulli_log_prob
+from . import _validate, _value_checks
+from .bernoulli_log_prob import bernoulli_log_prob_unchecked
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob
 
@@ -112,7 +118,7 @@ def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...])
     want = (*sample_shape, *x.shape)
     if tuple(out.shape) != want:
         raise ValueError(
-            f"decode returned a {name} of shape {tuple(out.shape)}; expected {want} "
+            f"decode returned {'' if name == 'logits' else 'a '}{name} of shape {tuple(out.shape)}; expected {want} "
             f"(sample shape {sample_shape} followed by x's shape {tuple(x.shape)})"
         )
     return out
@@ -141,7 +147,8 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
     """
     events = x.dim() - batch_ndim
     lead = len(sample_shape) + batch_ndim
-    if isinstance(out, Distribution):
+    from_distribution = isinstance(out, Distribution)
+    if from_distribution:  # Bernoulli(probs=p) gives logits of p, which may lie in [0, 1]: not checked
         likelihood, out = _from_distribution(out, likelihood, events)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
@@ -151,7 +158,11 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
 
     if likelihood == "bernoulli":
         logits = _check_output("logits", out, x, sample_shape)
-        return bernoulli_log_prob(flat(x, batch_ndim), flat(logits, lead))
+        _validate.float_tensors(x=x, logits=logits)
+        _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')")
+        if not from_distribution:
+            _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
+        return bernoulli_log_prob_unchecked(flat(x, batch_ndim), flat(logits, lead))
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
             raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
+from . import _backend, _double_backward, _validate, _value_checks
 from ._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, likelihood_torch_ops, unfold_rows
 from ._op import define, run, shaped
 
@@ -94,8 +94,13 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
         x: data of shape (..., D), binary or in [0, 1] (continuous Bernoulli
             targets are used as is, without the normalizing constant); it
             broadcasts against ``logits`` of shape (K, ..., D) without being
-            copied K times. Values are not checked (that would cost a host sync).
-        logits: decoder logits, shape (K, ..., D) or (..., D).
+            copied K times. Values outside [0, 1] give a number that is no
+            log-likelihood: fastvae warns (on CPU at every call, on CUDA at
+            the first; ``fastvae.set_value_checks``).
+        logits: decoder logits, shape (K, ..., D) or (..., D): the
+            pre-sigmoid output. Probabilities (a decoder ending in a sigmoid)
+            give a wrong likelihood without an error; fastvae warns when every
+            value it reads lies in [0, 1].
         event_dims: how many trailing dimensions form one event, summed over:
             3 for (..., C, H, W) images (x then ends in (C, H, W) too).
 
@@ -107,6 +112,14 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
     """
     _validate.float_tensors(x=x, logits=logits)
     _validate.event_dim("logits", logits)
+    _value_checks.bernoulli_data(x)
+    _value_checks.bernoulli_logits(logits)
+    return bernoulli_log_prob_unchecked(x, logits, event_dims)
+
+
+def bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dims: int = 1) -> Tensor:
+    """bernoulli_log_prob after the metadata checks and without the value
+    checks (the caller ran them, with its own argument names)."""
     if event_dims != 1:
         x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
     x = broadcast_x(x, logits, "logits")

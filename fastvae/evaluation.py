@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _validate
+from . import _pareto, _validate
 from ._backend import accumulation_dtype
 from ._decoder import as_posterior, check_likelihood, decoder_log_prob
 from ._noise import evaluation_noise
@@ -69,12 +69,33 @@ class LogLikelihoodStats(NamedTuple):
     stderr: delta-method standard error of that log estimate from the spread of
         the K importance weights, sqrt(s²_w / K) / mean(w) with s²_w the
         unbiased sample variance: ≈ sqrt(1/ESS − 1/K). NaN for K = 1 (one
-        sample says nothing about its spread).
+        sample says nothing about its spread). It is itself estimated from
+        the weights, and understates the error when they are heavy-tailed:
+        see pareto_k and docs/evaluation.md.
     ess: effective sample size (Σw)² / Σw², in [1, K]; 0 when every weight is 0.
+    pareto_k: the Pareto k̂ of the weights' tail (Vehtari et al. 2024,
+        fastvae._pareto): below 0.5 the stderr is meaningful, 0.5-0.7 the
+        estimate converges slowly and the stderr understates its error,
+        above 0.7 the estimate is unreliable (a warning says so). float64;
+        NaN for K <= 20 (a tail of fewer than 5) or where every weight is 0.
     """
     log_likelihood: Tensor
     stderr: Tensor
     ess: Tensor
+    pareto_k: Tensor
+
+    def __repr__(self) -> str:  # a summary, not the B per-example values
+        n = self.log_likelihood.numel()
+        if n == 0:
+            return "LogLikelihoodStats(0 examples)"
+        ll, se = self.log_likelihood.double(), self.stderr.double()
+        k = self.pareto_k[~torch.isnan(self.pareto_k)]
+        k_text = (f"max {k.max().item():.2f}, {int((k > _pareto.HIGH_K).sum())} above {_pareto.HIGH_K}"
+                  if k.numel() else "nan")
+        return (f"LogLikelihoodStats({n} examples, each field a tensor of shape {tuple(self.log_likelihood.shape)}: "
+                f"log_likelihood mean {ll.mean().item():.4f} (min {ll.min().item():.4f}, max "
+                f"{ll.max().item():.4f}), stderr mean {se.mean().item():.4f}, ess mean "
+                f"{self.ess.double().mean().item():.1f}, pareto_k {k_text})")
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,11 @@ class EvaluationResult:
     ess_fraction: mean over the examples of ESS / K. Below LOW_ESS_FRACTION
         a few weights dominate: the estimates are fragile and the delta-method
         mc_stderr too small (evaluate warns).
+    pareto_k_max: the largest per-example Pareto k̂ (LogLikelihoodStats.pareto_k;
+        NaN when none could be fitted).
+    pareto_k_high: the fraction of examples whose k̂ exceeds 0.7, where the
+        estimate is unreliable (evaluate warns when there is any).
+    per_example_pareto_k: the (N,) k̂, in data order.
     """
     log_likelihood: float
     stderr: float
@@ -103,11 +129,15 @@ class EvaluationResult:
     k: int
     per_example: Tensor
     ess_fraction: float
+    pareto_k_max: float = float("nan")
+    pareto_k_high: float = float("nan")
+    per_example_pareto_k: Tensor | None = None
 
     def __repr__(self) -> str:  # one line, not the N per-example values
         return (f"EvaluationResult(log_likelihood={self.log_likelihood:.4f} ± {self.stderr:.4f} "
                 f"(mc ± {self.mc_stderr:.4f}), nll={self.nll:.4f}, bits_per_dim={self.bits_per_dim:.4f}, "
-                f"n_examples={self.n_examples}, dim={self.dim}, k={self.k}, ess_fraction={self.ess_fraction:.3f})")
+                f"n_examples={self.n_examples}, dim={self.dim}, k={self.k}, ess_fraction={self.ess_fraction:.3f}, "
+                f"pareto_k_max={self.pareto_k_max:.2f}, pareto_k_high={self.pareto_k_high:.3f})")
 
 
 # Below this mean ESS / K the importance weights are degenerate: measured at
@@ -126,6 +156,21 @@ def _warn_low_ess(fraction: float, k: int, stacklevel: int) -> None:
         )
 
 
+def _warn_high_k(pareto_k: Tensor, stacklevel: int) -> None:
+    """Warn when any example's k̂ exceeds the paper's 0.7 (one host sync, at
+    the end of the evaluation)."""
+    high = pareto_k > _pareto.HIGH_K
+    n_high = int(high.sum())
+    if n_high:
+        warnings.warn(
+            f"Pareto k̂ > {_pareto.HIGH_K} for {n_high} of {pareto_k.numel()} examples (max "
+            f"{pareto_k[high].max().item():.2f}): their importance weights are heavy-tailed, so their log p̂(x) "
+            f"is unreliable and its stderr understates the error (Vehtari et al. 2024). Use a larger k or a "
+            f"better-fitted encoder (docs/evaluation.md)",
+            RuntimeWarning, stacklevel=stacklevel,
+        )
+
+
 @dataclass(frozen=True)
 class _Config:
     k: int
@@ -137,6 +182,7 @@ class _Config:
     shard: str | None
     group: Any
     prior: Any  # p(z) (fastvae.priors); StandardNormal by default
+    pareto: bool = False  # keep the largest log-weights and fit k̂ (return_stats, evaluate)
 
 
 # -- argument checks -------------------------------------------------------------
@@ -248,15 +294,25 @@ def _empty_state(n: int, count: int, like: Tensor) -> LogMeanExpState:
                            torch.zeros((n,), dtype=dtype, device=like.device), count)
 
 
+def _tail_rows(cfg: _Config) -> int:
+    """How many of the largest log-weights per example k̂ needs: the tail and its threshold."""
+    return _pareto.tail_size(cfg.k) + 1
+
+
 def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
-            g0: int, k0: int, k1: int, bar) -> tuple[LogMeanExpState, LogMeanExpState]:
+            g0: int, k0: int, k1: int, bar) -> tuple[LogMeanExpState, LogMeanExpState, Tensor | None]:
     """States of log w and of 2 log w over samples [k0, k1) of K for the n
-    local examples, whose global indices start at g0."""
+    local examples, whose global indices start at g0, and with cfg.pareto the
+    largest log-weights (_tail_rows, n), largest first, -inf-padded; else None."""
     n, D = x.shape[0], math.prod(x.shape[1:])
     mu = q.mu
     L = mu.shape[1]
     if k1 <= k0 or n == 0:
-        return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
+        tail = None
+        if cfg.pareto:
+            tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=accumulation_dtype(mu.dtype),
+                              device=mu.device)
+        return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu), tail
     last = (g0 + n) * cfg.k * L - 1
     if last > _MAX_OFFSET:
         raise ValueError(
@@ -265,11 +321,11 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             f"{(_MAX_OFFSET + 1) // ((g0 + n) * L)}"
         )
     kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size(), x.device)
-    firsts, seconds = [], []
+    firsts, seconds, tails = [], [], []
     for b0 in range(0, n, nb):
         b1 = min(n, b0 + nb)
         xb, qb = x[b0:b1], _rows(q, b0, b1)
-        run1 = run2 = None
+        run1 = run2 = tail = None
         for c0 in range(k0, k1, kc):
             c1 = min(k1, c0 + kc)
             # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn where it is used
@@ -280,17 +336,22 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             # before they are added), the states are merged on the device
             lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,))
             run1, run2 = accumulate_states(lw, latent, run1, run2)
+            if cfg.pareto:  # the largest log-weights so far, merged on the device (no host sync)
+                full = lw.to(run1.max.dtype) if latent is None else lw.to(run1.max.dtype) + latent
+                tail = _pareto.merge_tail(tail, full, _tail_rows(cfg))
             if bar is not None:
                 bar.update(1)
         firsts.append(run1)
         seconds.append(run2)
+        if cfg.pareto:
+            tails.append(_pareto.pad_tail(tail, _tail_rows(cfg)))
 
     def cat(states):
         if len(states) == 1:
             return LogMeanExpState(states[0].max, states[0].sumexp, k1 - k0)
         return LogMeanExpState(torch.cat([s.max for s in states]), torch.cat([s.sumexp for s in states]), k1 - k0)
 
-    return cat(firsts), cat(seconds)
+    return cat(firsts), cat(seconds), (torch.cat(tails, dim=1) if cfg.pareto else None)
 
 
 def _n_steps(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int, device: torch.device) -> int:
@@ -300,10 +361,10 @@ def _n_steps(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int, 
     return math.ceil(n / nb) * math.ceil(k_count / kc)
 
 
-def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int) -> LogLikelihoodStats:
-    """log p̂, its delta-method standard error and the ESS from the states of
-    log w and 2 log w: with r = mean(w²) / mean(w)² = K / ESS,
-    se(log p̂)² = s²_w / (K mean(w)²) = (r − 1) / (K − 1)."""
+def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int, tail: Tensor | None = None) -> LogLikelihoodStats:
+    """log p̂, its delta-method standard error, the ESS from the states of
+    log w and 2 log w, and k̂ from the largest log-weights (NaN without them):
+    with r = mean(w²) / mean(w)² = K / ESS, se(log p̂)² = s²_w / (K mean(w)²) = (r − 1) / (K − 1)."""
     lme1, lme2 = logmeanexp_from_state(st1), logmeanexp_from_state(st2)
     zero = lme1 == float("-inf")
     ratio = torch.exp(torch.where(zero, 0.0, lme2 - 2 * lme1))
@@ -313,7 +374,11 @@ def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int) -> LogLikelihoodS
         stderr = torch.where(zero, float("nan"), stderr)
     else:
         stderr = torch.full_like(lme1, float("nan"))
-    return LogLikelihoodStats(lme1, stderr, ess)
+    if tail is None:
+        pareto_k = torch.full(lme1.shape, float("nan"), dtype=torch.float64, device=lme1.device)
+    else:
+        pareto_k = _pareto.pareto_k(tail, K)
+    return LogLikelihoodStats(lme1, stderr, ess, pareto_k)
 
 
 # -- torch.distributed --------------------------------------------------------------
@@ -395,6 +460,18 @@ def _all_reduce_states(st1, st2, cfg: _Config):
     return [LogMeanExpState(merged.max[i].to(home), merged.sumexp[i].to(home), cfg.k) for i in (0, 1)]
 
 
+def _all_gather_tails(tail: Tensor, cfg: _Config) -> Tensor:
+    """Every rank's largest log-weights of its share of K (rows, n) -> the
+    largest of all K, on every rank."""
+    import torch.distributed as dist
+
+    dev, home = _collective_device(cfg.group), tail.device
+    local = tail.to(dev).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(cfg.group))]
+    dist.all_gather(parts, local, group=cfg.group)
+    return _pareto.merge_tail(None, torch.cat(parts), _tail_rows(cfg)).to(home)
+
+
 def _all_gather_examples(stats: LogLikelihoodStats, B: int, world: int, cfg: _Config) -> LogLikelihoodStats:
     """Each rank's stats of its slice of the batch -> the stats of the whole batch
     on every rank. Slices are padded to one size, since all_gather wants it."""
@@ -402,14 +479,14 @@ def _all_gather_examples(stats: LogLikelihoodStats, B: int, world: int, cfg: _Co
 
     dev, out_dev = _collective_device(cfg.group), stats.log_likelihood.device
     width = math.ceil(B / world)
-    local = torch.stack(tuple(stats)).to(dev)
-    padded = torch.zeros((3, width), dtype=local.dtype, device=dev)
+    local = torch.stack([t.double() for t in stats]).to(dev)  # k̂ is float64: no field loses precision
+    padded = torch.zeros((len(stats), width), dtype=local.dtype, device=dev)
     padded[:, : local.shape[1]] = local
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=cfg.group)
     sizes = [_split(B, r, world)[1] - _split(B, r, world)[0] for r in range(world)]
     full = torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=1).to(out_dev)
-    return LogLikelihoodStats(full[0], full[1], full[2])
+    return LogLikelihoodStats(*(row.to(t.dtype) for row, t in zip(full, stats)))
 
 
 # -- one batch ------------------------------------------------------------------------
@@ -437,15 +514,15 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
         total = _n_steps(cfg, b1 - b0, k1 - k0, math.prod(x.shape[1:]), q.latent_size, x.element_size(), x.device)
         bar = tqdm(total=total, unit="chunk", desc="log-likelihood", leave=False)
     try:
-        st1, st2 = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, bar)
+        st1, st2, tail = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, bar)
     finally:
         if bar is not None:
             bar.close()
     if dist_info is None:
-        return _stats(st1, st2, cfg.k)
+        return _stats(st1, st2, cfg.k, tail)
     if cfg.shard == "samples":
-        return _stats(*_all_reduce_states(st1, st2, cfg), cfg.k)
-    return _all_gather_examples(_stats(st1, st2, cfg.k), B, world, cfg)
+        return _stats(*_all_reduce_states(st1, st2, cfg), cfg.k, None if tail is None else _all_gather_tails(tail, cfg))
+    return _all_gather_examples(_stats(st1, st2, cfg.k, tail), B, world, cfg)
 
 
 # -- public functions ----------------------------------------------------------------
@@ -555,11 +632,14 @@ def reconstruction_probability(
 
 def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
     _check_x(x)
+    if return_stats:
+        cfg = replace(cfg, pareto=True)
     with torch.no_grad():
         seed = _shared_seed(x, generator, cfg)
         stats = _estimate(x, encode, decode, cfg, seed, 0, progress)
     if return_stats and cfg.with_ratio and stats.ess.numel() > 0:
         _warn_low_ess(stats.ess.double().mean().item() / cfg.k, cfg.k, stacklevel=4)
+        _warn_high_k(stats.pareto_k, stacklevel=4)
     return stats if return_stats else stats.log_likelihood
 
 
@@ -601,7 +681,8 @@ def evaluate(
 
     bar = tqdm(total=total, unit="batch", desc="evaluate", disable=not show,
                delay=0 if progress else 2.0)
-    lls, ses, esss, seed, D, g = [], [], [], None, None, 0
+    cfg = replace(cfg, pareto=True)
+    lls, ses, esss, ks, seed, D, g = [], [], [], [], None, None, 0
     try:
         with torch.no_grad():
             n_batches = 0
@@ -626,6 +707,7 @@ def evaluate(
                 lls.append(stats.log_likelihood)
                 ses.append(stats.stderr)
                 esss.append(stats.ess)
+                ks.append(stats.pareto_k)
                 bar.update(1)
             if dist_info is not None:  # every rank's data ends at the same batch
                 _agree_on_batch(None, None, f"batch {n_batches}", cfg)
@@ -641,6 +723,9 @@ def evaluate(
     nll = -mean
     ess_fraction = torch.cat(esss).double().mean().item() / cfg.k
     _warn_low_ess(ess_fraction, cfg.k, stacklevel=3)
+    pareto_k = torch.cat(ks)
+    _warn_high_k(pareto_k, stacklevel=3)
+    fitted = pareto_k[~torch.isnan(pareto_k)]
     return EvaluationResult(
         log_likelihood=mean,
         stderr=spread / math.sqrt(g),
@@ -652,4 +737,7 @@ def evaluate(
         k=cfg.k,
         per_example=per_example,
         ess_fraction=ess_fraction,
+        pareto_k_max=fitted.max().item() if fitted.numel() else float("nan"),
+        pareto_k_high=(pareto_k > _pareto.HIGH_K).double().mean().item(),
+        per_example_pareto_k=pareto_k,
     )

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
+from . import _backend, _double_backward, _validate, _value_checks
 from ._likelihood_layout import (
     broadcast_var,
     broadcast_x,
@@ -144,10 +144,14 @@ def gaussian_log_prob(
 
     - ``logvar``: var = exp(logvar), a tensor broadcastable to ``mean``: per
       element (a decoder that predicts its variance), per dimension (D,), or a
-      scalar tensor;
-    - ``scale``: a fixed standard deviation (float or tensor, var = scale^2);
-      the default when neither of the others is given is ``scale=1.0``, the
-      squared-error case;
+      scalar tensor. The log-variance, 2 log(std): a standard deviation
+      passed here gives a finite, wrong number that no check can tell from a
+      real log-variance (pass it as ``scale=`` instead, or its 2 * log);
+    - ``scale``: a fixed standard deviation (float or tensor, var = scale^2),
+      > 0: a float <= 0 raises, and so does a tensor with a value <= 0 (on
+      CPU at every call, on CUDA at the first, ``fastvae.set_value_checks``;
+      unchecked, it would give NaN); the default when neither of the others
+      is given is ``scale=1.0``, the squared-error case;
     - ``softplus_var``: var = softplus(softplus_var) + delta, the decoder of the
       lecture notes (s^2(z) = SoftPlus(K h(z) + c), p(x|z) = N(m, s^2 + delta));
       ``delta > 0`` floors the variance.
@@ -206,6 +210,7 @@ def gaussian_log_prob(
     elif logvar is not None:
         v = broadcast_var(logvar, "logvar", x_b, mean)
     elif isinstance(scale, Tensor):
+        _value_checks.positive_scale(scale)
         v = broadcast_var(2.0 * torch.log(scale), "scale", x_b, mean)
     else:
         scale = 1.0 if scale is None else scale

@@ -9,6 +9,7 @@ K x B x L is stored for the backward.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,9 +32,11 @@ ESTIMATORS = ("iwae", "dreg", "stl")
 
 
 class ELBOTerms(NamedTuple):
-    """What fastvae.elbo_terms returns, every field reduced like the bound."""
+    """What fastvae.elbo_terms returns, every field reduced like the bound.
+    ``bound`` is the field's name in IWAETerms too; ``elbo`` is a deprecated
+    alias of it."""
 
-    elbo: Tensor  # reconstruction - beta * kl
+    bound: Tensor  # the ELBO, reconstruction - beta * kl
     reconstruction: Tensor  # E_q[log p(x | z)], averaged over the n_samples draws
     kl: Tensor  # the KL term as it enters the bound: after free bits, before beta
     # the analytic KL of each latent dimension (before free bits and beta), shape
@@ -46,6 +49,16 @@ class ELBOTerms(NamedTuple):
     # a standard or diagonal prior), False where it is the Monte Carlo estimate
     # log q(z) - log p(z) from the same samples as the reconstruction
     kl_analytic: bool
+
+    @property
+    def elbo(self) -> Tensor:
+        """Deprecated: the bound's old name here; use ``.bound``, as in IWAETerms.
+        Warns in eager mode; under torch.compile, which cannot trace a warning
+        with fullgraph=True, it is a plain alias."""
+        if not torch.compiler.is_compiling():
+            warnings.warn("ELBOTerms.elbo is deprecated: use .bound (the name IWAETerms uses too)",
+                          DeprecationWarning, stacklevel=2)
+        return self.bound
 
 
 class IWAETerms(NamedTuple):
@@ -217,14 +230,20 @@ def elbo(
             contiguous decoder output. A conv decoder takes z (..., L) in one
             line: ``lambda z: net(z.reshape(-1, L)).reshape(*z.shape[:-1], C, H, W)``.
         mu, logvar: the encoder's output for x, shape (B, L): q(z|x) =
-            N(mu, diag(exp(logvar))). Or call ``elbo(x, q, decode)`` with q a
+            N(mu, diag(exp(logvar))). logvar is the log-variance, 2 log(std):
+            a standard deviation passed here gives a finite, wrong bound that
+            no check can tell from a log-variance (use 2 * std.log(), or pass
+            a torch Normal(mu, std) as q). Or call ``elbo(x, q, decode)`` with q a
             torch Normal or Independent(Normal, 1) (gradients flow to its
             loc and scale).
         decode: any callable z -> decoder output (an nn.Module, a lambda, a
             conditional decoder closing over labels). It gets z of shape
             (B, L), or (n_samples, B, L) when n_samples > 1, and returns, for
             likelihood="gaussian", the mean (unit variance: squared error) or a
-            (mean, logvar) pair (learned variance); for "bernoulli", the logits.
+            (mean, logvar) pair (learned variance; logvar, not std: a (mean,
+            std) pair is not detected); for "bernoulli", the logits, before
+            any sigmoid (fastvae warns when every value it reads lies in
+            [0, 1], and when x leaves [0, 1]).
             Outputs have x's shape with the sample dimension in front.
         likelihood: "gaussian" or "bernoulli", required (there is no default:
             a wrong one gives a plausible but meaningless number).

@@ -64,6 +64,14 @@ def restore_backend():
 
 
 @pytest.fixture(autouse=True)
+def fresh_value_checks():
+    """Each test starts with the default value checks, none of them spent."""
+    fastvae.set_value_checks("auto")
+    yield
+    fastvae.set_value_checks("auto")
+
+
+@pytest.fixture(autouse=True)
 def nan_poisoned_outputs(monkeypatch):
     """Every fresh op output starts as NaN, so an element a kernel forgot to write fails."""
     real = fastvae._backend.empty_output

@@ -70,3 +70,27 @@ def test_full_covariance_step_compiles_fullgraph_and_matches_eager():
     model.enc_full = torch.nn.Linear(12, 3 + 3 * 3)
     assert_compiled_matches_eager(loss_full_covariance, (model, x), list(model.enc_full.parameters())
                                   + list(model.dec.parameters()), torch_seed=2)
+
+
+def test_both_terms_objects_name_the_bound_bound_and_elbo_stays_an_alias():
+    """ELBOTerms and IWAETerms share .bound (issue 26); ELBOTerms.elbo is a
+    deprecated alias that warns in eager mode and traces under fullgraph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = TinyVAE(), torch.rand(8, 12)
+
+    def bounds(x):
+        mu, logvar = model.enc(x).chunk(2, dim=-1)
+        e = fastvae.elbo_terms(x, mu, logvar, model.dec, likelihood="bernoulli", generator=None)
+        i = fastvae.iwae_terms(x, mu, logvar, model.dec, k=3, likelihood="bernoulli")
+        return e.bound, e.elbo, i.bound
+
+    compiled = torch.compile(bounds, fullgraph=True)
+    torch.manual_seed(1)
+    e_bound, e_alias, i_bound = compiled(x)
+    assert torch.equal(e_bound, e_alias) and torch.isfinite(i_bound)
+    torch.manual_seed(1)
+    with pytest.warns(DeprecationWarning, match=r"ELBOTerms.elbo is deprecated: use .bound"):
+        eager = bounds(x)
+    torch.testing.assert_close(eager[0], e_bound)
+    assert fastvae.ELBOTerms._fields[0] == fastvae.IWAETerms._fields[0] == "bound"

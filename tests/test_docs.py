@@ -43,6 +43,7 @@ def test_readme_code_blocks_run():
     for block in blocks:
         exec(compile(block, str(readme), "exec"), namespace)  # noqa: S102 (the README's own examples)
     assert namespace["ll"].shape == (16,) and namespace["res"].n_examples == 16
+    assert namespace["stats"].pareto_k.shape == (16,) and namespace["terms"].bound.dim() == 0
 
 
 def test_ci_runs_the_readmes_test_command_in_a_fresh_venv():

@@ -510,7 +510,7 @@ _DIST_WORKER = textwrap.dedent("""
     results = {}
     for shard in ("examples", "samples"):
         for B in (5, 1):  # 5 does not split evenly; with 1 example, rank 1 has none
-            s = log_likelihood(x[:B], encode, decode, k=7, chunk_size=3, generator=gen(3), shard=shard,
+            s = log_likelihood(x[:B], encode, decode, k=31, chunk_size=3, generator=gen(3), shard=shard,
                                return_stats=True, likelihood="gaussian")
             results[(shard, B)] = tuple(s)
         results[(shard, "evaluate")] = evaluate([x[:2], x[2:]], encode, decode, k=7, generator=gen(3),
@@ -586,10 +586,13 @@ def test_two_processes_give_the_single_process_result(tmp_path):
         results = torch.load(tmp_path / f"out.{rank}")
         for shard in ("examples", "samples"):
             for B in (5, 1):
-                single = log_likelihood(x[:B], encode, decode, k=7, generator=gen(3), return_stats=True,
+                # k = 31: enough samples for a Pareto fit (a tail of 7), merged over the ranks' tails
+                single = log_likelihood(x[:B], encode, decode, k=31, generator=gen(3), return_stats=True,
                                         likelihood="gaussian")
                 for got, want, name in zip(results[(shard, B)], single, single._fields):
                     scale = 1 + want.abs() if name != "stderr" else 1 + want
+                    if name == "pareto_k":  # float64 from float32 log-weights: float32's tolerance
+                        got, want, scale = got.float(), want.float(), scale.float()
                     assert_close(got, want, scale * 10, f"{shard}, B={B}, rank {rank}: {name}")
             got = results[(shard, "evaluate")]
             assert_close(got, single_eval, 1 + single_eval.abs(), f"{shard} evaluate, rank {rank}")
@@ -728,16 +731,104 @@ def test_a_chunk_merges_its_states_in_one_launch(monkeypatch):
     counts = {}
     interpreter.InterpretedFunction.run = run
     try:
-        for chunk in (40, 8):
-            launches.clear()
-            with Count() as c:
-                log_likelihood(x, encode, decode, k=K, likelihood="bernoulli", chunk_size=chunk, generator=gen(0),
-                               return_stats=True)
-            counts[chunk] = (list(launches), c.ops)
+        for stats in (False, True):
+            for chunk in (40, 8):
+                launches.clear()
+                with Count() as c:
+                    log_likelihood(x, encode, decode, k=K, likelihood="bernoulli", chunk_size=chunk,
+                                   generator=gen(0), return_stats=stats)
+                counts[stats, chunk] = (list(launches), c.ops)
     finally:
         interpreter.InterpretedFunction.run = real_run
-    one, five = counts[40], counts[8]
+    one, five = counts[False, 40], counts[False, 8]
     assert one[0].count("_logmeanexp_fwd_kernel") == 1 and five[0].count("_logmeanexp_fwd_kernel") == 5
     assert "_logmeanexp_finish_kernel" not in five[0]
     assert len(five[0]) - len(one[0]) == 4 * (len(one[0]))  # every kernel of a chunk, once a chunk
     assert sorted(five[1]) == sorted(one[1]), (sorted(five[1]), sorted(one[1]))  # no merge op per chunk
+    # return_stats keeps k̂'s tail: per chunk one cat with the kept log-weights
+    # (and an add and a topk, not merge ops), the same launches
+    one_k, five_k = counts[True, 40], counts[True, 8]
+    assert five_k[0] == five[0] and one_k[0] == one[0]
+    assert sorted(five_k[1]) == sorted(one_k[1] + ["cat"] * 4), (sorted(five_k[1]), sorted(one_k[1]))
+
+
+# -- Pareto k̂ (issue 26) ------------------------------------------------------------------
+
+
+@main_process_only
+@pytest.mark.parametrize("shape", [-0.3, 0.2, 0.5, 0.9])
+def test_gpd_fit_recovers_a_known_shape(shape):
+    """Exceedances drawn from a generalized Pareto distribution of known k and
+    sigma = 2 (inverse CDF): the Zhang-Stephens fit with the PSIS prior finds
+    them (20 fits of 1000 points; the spread of one fit is ~0.05)."""
+    from fastvae._pareto import gpd_fit
+
+    g = torch.Generator().manual_seed(7)
+    u = torch.rand(20, 1000, generator=g, dtype=F64)
+    x, _ = torch.sort(2.0 / shape * ((1 - u) ** (-shape) - 1), dim=-1)
+    k, sigma = gpd_fit(x)
+    assert abs(k.mean().item() - shape) < 0.04, k
+    assert (k - shape).abs().max() < 0.2, k
+    assert abs(sigma.mean().item() - 2.0) < 0.1, sigma
+
+
+def _linear_gaussian(device, posterior_var_factor, B=4, L=4):
+    """p(z) = N(0, I), p(x|z) = N(x; z, I) in L dimensions: the true posterior
+    is N(x/2, I/2). The encoder's q(z|x) = N(x/2, factor I / 2): narrower than
+    the true posterior for factor < 1 (weights heavy-tailed: k = 1 - factor
+    in each dimension), wider for factor > 1 (weights bounded: k < 0)."""
+    x = torch.linspace(-1.5, 1.5, B * L, dtype=torch.float32, device=device).reshape(B, L)
+
+    def encode(a):
+        return a / 2, torch.full_like(a, math.log(posterior_var_factor / 2))
+
+    return x, encode, (lambda z: z)
+
+
+def test_pareto_k_flags_a_posterior_much_narrower_than_the_true_one(backend):
+    x, encode, decode = _linear_gaussian(backend[1], 0.1)  # k = 0.9 in theory
+    with pytest.warns(RuntimeWarning, match=r"Pareto k̂ > 0.7 for 4 of 4 examples"):
+        stats = log_likelihood(x, encode, decode, k=2000, generator=gen(5), return_stats=True,
+                               likelihood="gaussian")
+    assert stats.pareto_k.dtype == F64 and (stats.pareto_k > 0.7).all(), stats.pareto_k
+
+
+def test_pareto_k_is_small_for_a_proposal_wider_than_the_target(backend):
+    import warnings
+
+    x, encode, decode = _linear_gaussian(backend[1], 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        stats = log_likelihood(x, encode, decode, k=2000, generator=gen(5), return_stats=True,
+                               likelihood="gaussian")
+    assert (stats.pareto_k < 0.3).all(), stats.pareto_k
+
+
+def test_pareto_k_does_not_depend_on_the_chunking(backend):
+    """The streamed top-M tail is exact: chunks of 70 samples give the k̂ of one chunk."""
+    x, encode, decode = _linear_gaussian(backend[1], 0.5)
+    ks = [log_likelihood(x, encode, decode, k=300, chunk_size=c, generator=gen(6), return_stats=True,
+                         likelihood="gaussian").pareto_k for c in (None, 70)]
+    assert torch.isfinite(ks[0]).all()
+    torch.testing.assert_close(ks[1], ks[0], rtol=1e-5, atol=1e-5)
+
+
+@main_process_only
+def test_pareto_k_needs_enough_samples_and_evaluate_summarizes_it():
+    x, encode, decode = _linear_gaussian("cpu", 0.1, B=6)
+    assert torch.isnan(log_likelihood(x, encode, decode, k=20, return_stats=True,
+                                      likelihood="gaussian").pareto_k).all()  # a tail of 5 needs K > 20
+    with pytest.warns(RuntimeWarning, match="Pareto k̂ > 0.7"):
+        res = evaluate([x[:4], x[4:]], encode, decode, k=1000, generator=gen(5), likelihood="gaussian")
+    assert res.per_example_pareto_k.shape == (6,) and res.pareto_k_high == 1.0
+    assert res.pareto_k_max == res.per_example_pareto_k.max().item() > 0.7
+    assert "pareto_k_max=" in repr(res)
+
+
+@main_process_only
+def test_stats_repr_is_a_summary():
+    x, encode, decode = _linear_gaussian("cpu", 2.0, B=300)
+    stats = log_likelihood(x, encode, decode, k=50, return_stats=True, likelihood="gaussian")
+    text = repr(stats)
+    assert text.startswith("LogLikelihoodStats(300 examples") and "tensor(" not in text and len(text) < 400, text
+    assert stats._fields == ("log_likelihood", "stderr", "ess", "pareto_k")

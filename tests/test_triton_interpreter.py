@@ -8,6 +8,7 @@ and, in the child, the cross-backend comparison of cpp and triton samples.
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,17 +28,39 @@ def _interpreter_env():
     return env
 
 
+_PREFIX = "[triton interpreter] "
+_TIMEOUT_S = 1200
+
+
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher; the child process runs the tests")
-def test_op_tests_under_triton_interpreter():
+def test_op_tests_under_triton_interpreter(capsys):
+    """The child's output streams to the terminal as it runs (it takes minutes:
+    a silent test looked hung), and its tail is kept for the failure message."""
     pytest.importorskip("triton")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(TESTS / t) for t in OP_TESTS]]
+    proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=TESTS.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
     # a hung interpreter must fail the run, not stall CI
-    proc = subprocess.run(cmd, env=_interpreter_env(), cwd=TESTS.parent, capture_output=True, text=True,
-                          timeout=1200)
-    tail = (proc.stdout + proc.stderr)[-6000:]
+    timed_out = threading.Event()
+    watchdog = threading.Timer(_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        with capsys.disabled():  # past pytest's capture, straight to the terminal
+            print(f"\n{_PREFIX}the op tests on the Triton kernels, in a child process "
+                  f"({len(OP_TESTS)} modules; a few minutes on 2 cores):", flush=True)
+            for line in proc.stdout:
+                lines.append(line)
+                print(_PREFIX + line, end="", flush=True)
+        returncode = proc.wait()
+    finally:
+        watchdog.cancel()
+    output = "".join(lines)
+    tail = output[-6000:]
+    assert not timed_out.is_set(), f"interpreter tests killed after {_TIMEOUT_S} s:\n{tail}"
     # exit 5 means no test ran: the interpreter run must have tested something
-    assert proc.returncode == 0, f"interpreter tests failed (exit {proc.returncode}):\n{tail}"
-    assert " passed" in proc.stdout, tail
+    assert returncode == 0, f"interpreter tests failed (exit {returncode}):\n{tail}"
+    assert " passed" in output, tail
 
 
 _CHILD_SCRIPT = """

@@ -1,0 +1,143 @@
+"""Checks of argument values that catch the common silent mistakes (issue 26):
+probabilities passed as Bernoulli logits (a decoder that ends in a sigmoid),
+data outside [0, 1] under the Bernoulli likelihood, a non-positive ``scale``.
+
+Reading a value costs a host sync on a GPU, which the training step must not
+pay. So, under the default policy ("auto"):
+
+- CPU tensors on the cpp or reference backend are checked on every call. The
+  check reads the whole tensor up to WHOLE values, else about PREFIX leading
+  values (a view, no copy): about 3 torch ops' worth of host time per check
+  (~5 us against ~0.7 ms for the digits ELBO step); the mistakes it looks for
+  are properties of the model or the data, visible in any slice of it.
+- Anything else (CUDA tensors; CPU tensors on the Triton backend, which is how
+  the tests run the CUDA path) is checked on the first call of each kind only:
+  one sync per process, never in the steady state of a training loop.
+
+``set_value_checks("always")`` checks every call everywhere (a sync per check
+on a GPU), ``"never"`` turns the checks off. Nothing is checked while
+torch.compile or torch.jit traces (a value-dependent branch would break the
+graph). The first two kinds warn (a legitimate model can produce them); a
+non-positive scale raises, since the result would be NaN.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+MODES = ("auto", "always", "never")
+# leading values a check reads: enough to see a structural mistake, cheap on any tensor
+PREFIX = 4096
+# a tensor up to this size is read whole: slicing a view costs ~3 us, more than
+# reading the extra values (aminmax: ~1.8 us at 4096 values, ~5 us at 16384)
+WHOLE = 3 * PREFIX
+
+_mode = "auto"
+_checked_once: set[str] = set()  # kinds already checked once on the sync-costly path
+_warned: set[str] = set()  # kinds that warned: once per process is enough, and no check after
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def set_value_checks(mode: str) -> None:
+    """How fastvae checks argument values for the common silent mistakes.
+
+    "auto" (default): every call for CPU tensors, the first call of each kind
+    for CUDA tensors (one host sync per process); "always": every call (one
+    host sync per check on a GPU); "never": no value checks.
+    """
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _mode = mode
+    _checked_once.clear()
+    _warned.clear()
+
+
+def _warn(kind: str, message: str) -> None:
+    """Warn once per kind, attributed to the first frame outside fastvae (the
+    user's call, however deep inside fastvae the check ran)."""
+    _warned.add(kind)
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _should_check(kind: str, t: Tensor) -> bool:
+    if _mode == "never" or kind in _warned or t.numel() == 0 or t.device.type == "meta":
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if _mode == "always":
+        return True
+    if t.device.type == "cpu" and _backend.backend_for(t.device) != "triton":
+        return True
+    if kind in _checked_once:
+        return False
+    _checked_once.add(kind)
+    return True
+
+
+def _prefix(t: Tensor) -> Tensor:
+    """t itself up to WHOLE values, else at most PREFIX leading values of t,
+    as a view (narrowed along the leading dimensions, so it never copies,
+    contiguous or not)."""
+    t = t.detach()
+    if t.numel() <= WHOLE:
+        return t
+    while t.dim() > 1 and t.numel() > PREFIX:
+        per_row = t.numel() // t.shape[0]
+        if per_row <= PREFIX:
+            return t.narrow(0, 0, PREFIX // per_row)
+        t = t[0]
+    return t if t.numel() <= PREFIX else t[:PREFIX]
+
+
+def _range(t: Tensor) -> tuple[float, float]:
+    lo, hi = torch.aminmax(_prefix(t))
+    return lo.item(), hi.item()
+
+
+def bernoulli_logits(logits: Tensor, name: str = "logits") -> None:
+    """Warn when every value read lies in [0, 1]: probabilities, not logits
+    (a fresh decoder's logits straddle 0; one that ends in a sigmoid gives
+    values in (0, 1), which, read as logits, give a wrong likelihood)."""
+    if not _should_check("bernoulli logits", logits):
+        return
+    lo, hi = _range(logits)
+    if 0.0 <= lo and 0.0 < hi <= 1.0:  # all zeros: a zero-initialized last layer, not a sigmoid
+        _warn("bernoulli logits",
+            f"{name}: logits expected, but the values lie in [0, 1] (min {lo:.3g}, max {hi:.3g}): did you "
+            f"apply a sigmoid? Pass the pre-sigmoid output (drop the final Sigmoid), or return "
+            f"torch.distributions.Bernoulli(probs=...) from decode")
+
+
+def bernoulli_data(x: Tensor, name: str = "x") -> None:
+    """Warn when data under the Bernoulli likelihood leaves [0, 1] (raw pixel
+    values, say, or standardized data): the result is then no log-likelihood."""
+    if not _should_check("bernoulli data", x):
+        return
+    lo, hi = _range(x)
+    if lo < 0.0 or hi > 1.0:
+        _warn("bernoulli data",
+            f"{name} lies outside [0, 1] (min {lo:.3g}, max {hi:.3g}): the Bernoulli likelihood takes binary "
+            f"data or values in [0, 1]. Scale the data into [0, 1] (e.g. pixels / 255), or use "
+            f"likelihood='gaussian' for real-valued data")
+
+
+def positive_scale(scale: Tensor, name: str = "scale") -> None:
+    """Raise when a tensor standard deviation has a non-positive value (its
+    log would be NaN), as a float scale <= 0 does."""
+    if not _should_check("scale", scale):
+        return
+    lo = torch.min(_prefix(scale)).item()
+    if not lo > 0.0:  # also NaN
+        raise ValueError(
+            f"{name} must be > 0 (a standard deviation), got a value of {lo:.3g}; for a learned scale use "
+            f"e.g. softplus(param) or exp(param), or pass logvar= instead")

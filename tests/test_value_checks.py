@@ -1,0 +1,154 @@
+"""The common silent mistakes of issue 26 warn or raise, naming the argument
+and the fix, without a host sync in the steady state of the CUDA path
+(tests/test_launches.py counts none there)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastvae
+from fastvae import _value_checks
+
+from conftest import INTERPRET
+
+SIGMOID = "did you apply a sigmoid"
+OUTSIDE = r"lies outside \[0, 1\]"
+
+
+@pytest.fixture(autouse=True)
+def every_call_checked():
+    """Under the interpreter the Triton backend stands in for CUDA, where the
+    default checks only the first call: these tests see every call (the
+    first-call rule has its own test)."""
+    if INTERPRET:
+        fastvae.set_value_checks("always")
+
+
+def _model(device, B=6, L=3, D=10):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(B, D, generator=g) > 0.5).float().to(device)
+    mu = torch.randn(B, L, generator=g).to(device).requires_grad_()
+    logvar = (0.3 * torch.randn(B, L, generator=g)).to(device).requires_grad_()
+    W = torch.randn(L, D, generator=g).to(device)
+    return x, mu, logvar, (lambda z: z @ W), (lambda z: torch.sigmoid(z @ W))
+
+
+def _no_warning(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        return fn()
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_a_sigmoid_decoder_under_bernoulli_warns(backend, objective):
+    x, mu, logvar, logits_decoder, sigmoid_decoder = _model(backend[1])
+    kw = {"k": 4} if objective == "iwae" else {}
+    fn = getattr(fastvae, objective)
+    _no_warning(lambda: fn(x, mu, logvar, logits_decoder, likelihood="bernoulli", **kw))
+    with pytest.warns(UserWarning, match=rf"decode\(z\) \(likelihood='bernoulli'\): logits expected.*{SIGMOID}"):
+        fn(x, mu, logvar, sigmoid_decoder, likelihood="bernoulli", **kw)
+
+
+def test_the_warning_points_at_the_users_line(backend):
+    x, mu, logvar, _, sigmoid_decoder = _model(backend[1])
+    with pytest.warns(UserWarning, match=SIGMOID) as record:
+        fastvae.elbo(x, mu, logvar, sigmoid_decoder, likelihood="bernoulli")
+    assert record[0].filename == __file__
+
+
+def test_raw_pixels_under_bernoulli_warn(backend):
+    x, mu, logvar, decode, _ = _model(backend[1])
+    with pytest.warns(UserWarning, match=rf"x \(likelihood='bernoulli'\) {OUTSIDE} \(min 0, max 16\).*Scale"):
+        fastvae.elbo(x * 16, mu, logvar, decode, likelihood="bernoulli")
+
+
+def test_bernoulli_log_prob_names_its_arguments(backend):
+    device = backend[1]
+    x = torch.rand(5, 7, device=device)
+    _no_warning(lambda: fastvae.bernoulli_log_prob(x, torch.randn(3, 5, 7, device=device)))
+    _no_warning(lambda: fastvae.bernoulli_log_prob(x, torch.zeros(3, 5, 7, device=device)))  # a zero-init layer
+    with pytest.warns(UserWarning, match=rf"^logits: logits expected.*{SIGMOID}"):
+        fastvae.bernoulli_log_prob(x, torch.rand(3, 5, 7, device=device))
+    with pytest.warns(UserWarning, match=rf"^x {OUTSIDE}"):
+        fastvae.bernoulli_log_prob(x - 0.5, torch.randn(3, 5, 7, device=device))
+
+
+def test_a_bernoulli_of_probs_is_not_taken_for_a_sigmoid_mistake(backend):
+    """decode may return Bernoulli(probs=...): its logits may lie in [0, 1] legitimately."""
+    x, mu, logvar, _, sigmoid_decoder = _model(backend[1])
+    probs = lambda z: torch.distributions.Bernoulli(probs=0.5 + 0.2 * sigmoid_decoder(z))
+    _no_warning(lambda: fastvae.elbo(x, mu, logvar, probs))
+
+
+def test_each_kind_warns_once(backend):
+    x, mu, logvar, _, sigmoid_decoder = _model(backend[1])
+    with pytest.warns(UserWarning, match=SIGMOID):
+        fastvae.elbo(x, mu, logvar, sigmoid_decoder, likelihood="bernoulli")
+    _no_warning(lambda: fastvae.elbo(x, mu, logvar, sigmoid_decoder, likelihood="bernoulli"))
+
+
+def test_a_non_positive_scale_tensor_raises(backend):
+    device = backend[1]
+    x, mean = torch.randn(4, 5, device=device), torch.randn(2, 4, 5, device=device)
+    scale = torch.full((5,), 0.5, device=device)
+    fastvae.gaussian_log_prob(x, mean, scale=scale)
+    for bad in (-0.5, 0.0):
+        scale[2] = bad
+        with pytest.raises(ValueError, match=r"scale must be > 0 \(a standard deviation\)"):
+            fastvae.gaussian_log_prob(x, mean, scale=scale)
+    fastvae.set_value_checks("never")  # off: the NaN the check exists to prevent
+    assert torch.isnan(fastvae.gaussian_log_prob(x, mean, scale=scale)).all()
+
+
+def test_checks_can_be_switched_off(backend):
+    x, mu, logvar, _, sigmoid_decoder = _model(backend[1])
+    fastvae.set_value_checks("never")
+    _no_warning(lambda: fastvae.elbo(x * 16, mu, logvar, sigmoid_decoder, likelihood="bernoulli"))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fastvae.set_value_checks("sometimes")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton backend stands in for CUDA under the interpreter")
+def test_on_the_cuda_path_only_the_first_call_is_checked():
+    """A mistake made from the second call on is not seen: the check costs a
+    host sync, paid once per process; "always" pays it at every call."""
+    fastvae.set_value_checks("auto")
+    x, mu, logvar, decode, sigmoid_decoder = _model("cpu")
+    fastvae.elbo(x, mu, logvar, decode, likelihood="bernoulli")  # the one check, clean
+    _no_warning(lambda: fastvae.elbo(x, mu, logvar, sigmoid_decoder, likelihood="bernoulli"))
+    fastvae.set_value_checks("always")
+    with pytest.warns(UserWarning, match=SIGMOID):
+        fastvae.elbo(x, mu, logvar, sigmoid_decoder, likelihood="bernoulli")
+
+
+@pytest.mark.skipif(INTERPRET, reason="CPU tensors on the cpp and reference backends")
+def test_on_cpu_every_call_is_checked():
+    x, mu, logvar, decode, sigmoid_decoder = _model("cpu")
+    fastvae.elbo(x, mu, logvar, decode, likelihood="bernoulli")
+    with pytest.warns(UserWarning, match=SIGMOID):
+        fastvae.elbo(x, mu, logvar, sigmoid_decoder, likelihood="bernoulli")
+
+
+def test_the_check_reads_a_bounded_prefix():
+    """A small tensor whole, of a big one at most PREFIX values, as a view
+    whatever the layout (no copy of a big tensor)."""
+    for shape in [(3, 5000), (7, 300, 64), (20000,), (2, 3), (100, 64)]:
+        t = torch.randn(*shape)
+        for view in (t, t.transpose(0, -1) if t.dim() > 1 else t):
+            head = _value_checks._prefix(view)
+            assert 0 < head.numel() <= (t.numel() if t.numel() <= _value_checks.WHOLE else _value_checks.PREFIX)
+            assert head.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
+def test_the_digits_mistakes_of_the_issue(backend):
+    """The issue's first two rows on a model of the demo's shape: each warns."""
+    torch.manual_seed(0)
+    device = backend[1]
+    enc, dec = nn.Linear(64, 8).to(device), nn.Linear(4, 64).to(device)
+    x = torch.randint(0, 17, (20, 64)).float().to(device)
+    mu, logvar = enc(x / 16).chunk(2, -1)
+    with pytest.warns(UserWarning, match=SIGMOID):
+        fastvae.elbo(x / 16, mu, logvar, nn.Sequential(dec, nn.Sigmoid()), likelihood="bernoulli")
+    with pytest.warns(UserWarning, match=OUTSIDE):
+        fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
