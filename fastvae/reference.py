@@ -541,12 +541,17 @@ def importance_weights_backward(grad_w, w, dlw) -> None:
 
 def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool = False) -> Tensor:
     """log N(z; 0, I) - log N(z; mu, diag(exp(logvar))) summed over the last dim:
-    0.5 * sum(eps^2 - z^2 + logvar), eps = (z - mu) exp(-logvar / 2).
-    stop_score: mu and logvar enter detached (STL / DReG), z keeps its gradient."""
+    0.5 * sum(eps^2 - z^2 + logvar), eps = (z - mu) exp(-logvar / 2). Where z^2
+    overflows (|z| = 1e30 in float32) eps^2 - z^2 is taken as (eps - z)(eps + z),
+    the rounding of the exact value (+-inf, or finite where eps = z), as the
+    kernels do, never inf - inf = NaN; elsewhere as written, whose autograd
+    gradient stays exact where z >> eps. stop_score: mu and logvar enter
+    detached (STL / DReG), z keeps its gradient."""
     if stop_score:
         mu, logvar = mu.detach(), logvar.detach()
     eps = (z - mu) * torch.exp(-0.5 * logvar)
-    return 0.5 * torch.sum(eps * eps - z * z + logvar, dim=-1)
+    diff = torch.where(torch.isinf(z.detach() * z.detach()), (eps - z) * (eps + z), eps * eps - z * z)
+    return 0.5 * torch.sum(diff + logvar, dim=-1)
 
 
 def latent_log_ratio_forward(z, mu, logvar, out) -> None:
