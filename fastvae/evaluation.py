@@ -255,6 +255,7 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
     n, D = x.shape[0], math.prod(x.shape[1:])
     mu = q.mu
     L = mu.shape[1]
+    check_prior(cfg.prior, L)  # the prior's latent size against the encoder's (metadata only)
     if k1 <= k0 or n == 0:
         return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
     last = (g0 + n) * cfg.k * L - 1

@@ -379,6 +379,73 @@ def test_shape_errors_name_the_argument():
         fastvae.elbo(x.float(), mu, logvar, model, likelihood="gaussian")
 
 
+@pytest.mark.parametrize("bad, err, match", [
+    (5, TypeError, "generator must be a torch.Generator or None, got int"),
+    ("cpu", TypeError, "generator must be a torch.Generator or None, got str"),
+])
+def test_a_bad_generator_is_named(bad, err, match):
+    """Issue 25: generator=5 or "cpu" gave AttributeError: 'int' object has no
+    attribute 'device'. Every function that takes a generator names it."""
+    x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
+    mu, logvar = mu.detach(), logvar.detach()
+    calls = [
+        lambda: fastvae.sample_normal(mu, logvar, 2, generator=bad),
+        lambda: fastvae.sample_normal_tril(mu, torch.diag_embed(logvar.exp()), generator=bad),
+        lambda: fastvae.elbo(x, mu, logvar, model, likelihood="gaussian", generator=bad),
+        lambda: fastvae.iwae(x, mu, logvar, model, likelihood="gaussian", generator=bad),
+        lambda: fastvae.log_likelihood(x, lambda t: (mu, logvar), model, k=3, likelihood="gaussian", generator=bad),
+        lambda: fastvae.DiagonalNormal(mu, logvar).rsample(2, generator=bad),
+    ]
+    for call in calls:
+        with pytest.raises(err, match=match):
+            call()
+
+
+def test_scalar_flags_are_checked():
+    """Issue 25: event_dims="3" gave a TypeError about '>=' between int and str,
+    and keepdim="yes", event_dims=True and event_dims=1.0 passed silently."""
+    x = torch.rand(2, 3, 4, dtype=torch.float64)
+    for bad, err in (("3", TypeError), (True, TypeError), (1.0, TypeError), (0, ValueError)):
+        for call in (lambda bad=bad: fastvae.gaussian_log_prob(x, x, event_dims=bad),
+                     lambda bad=bad: fastvae.bernoulli_log_prob(x, x, event_dims=bad)):
+            with pytest.raises(err, match="event_dims must be"):
+                call()
+    lw = torch.randn(5, 3, dtype=torch.float64)
+    for fn in (fastvae.logmeanexp, fastvae.effective_sample_size):
+        for bad in ("yes", 1, None):
+            with pytest.raises(TypeError, match="keepdim must be a bool"):
+                fn(lw, keepdim=bad)
+    # numpy and 0-d integer tensors stay usable
+    want = fastvae.gaussian_log_prob(x, x, event_dims=2)
+    torch.testing.assert_close(fastvae.gaussian_log_prob(x, x, event_dims=torch.tensor(2)), want)
+
+
+def test_a_prior_of_another_latent_size_gets_one_message(backend):
+    """Issue 25: a prior over the wrong latent size said "the prior is over 4
+    latent dimensions..." in the objectives but "z of shape (4, 5, 3) must end in
+    the latent dim L=4 of means (4, 4)" in log_likelihood, and a VampPrior whose
+    encoder returns L + 1 gave the mixture op's message. One message everywhere."""
+    _, device = backend
+    x, mu, logvar, model = make_problem(3, 2, 4, "gaussian", device=device)
+    mu, logvar = mu.detach(), logvar.detach()
+    wide = torch.zeros(4, 3, dtype=mu.dtype, device=device)
+    priors = [fastvae.priors.MixtureOfGaussians(wide, wide),
+              fastvae.DiagonalNormal(wide[0], wide[0]),
+              fastvae.priors.VampPrior(lambda u: (u[:, :3], u[:, :3]), torch.zeros(4, 4, dtype=mu.dtype,
+                                                                                   device=device))]
+    match = "the prior is over 3 latent dimensions, the posterior over 2"
+    for prior in priors:
+        calls = [
+            lambda p=prior: fastvae.elbo(x, mu, logvar, model, likelihood="gaussian", prior=p),
+            lambda p=prior: fastvae.iwae(x, mu, logvar, model, k=3, likelihood="gaussian", prior=p),
+            lambda p=prior: fastvae.log_likelihood(x, lambda t: (mu, logvar), model, k=3, likelihood="gaussian",
+                                                   prior=p),
+        ]
+        for call in calls:
+            with pytest.raises(ValueError, match=match):
+                call()
+
+
 # -- torch.compile -----------------------------------------------------------------
 
 
