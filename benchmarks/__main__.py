@@ -33,8 +33,12 @@ from fastvae import _registry
 
 from . import common
 
-# every op's benchmark (from the registry), then those above the ops
-BENCHMARKS = list(dict.fromkeys(op.benchmark for op in _registry.OPS.values())) + ["train_step", "log_likelihood"]
+# every op's benchmark (from the registry), then every other bench_*.py in this
+# folder (those above the ops) but bench_overhead, which runs in this process
+_OP_BENCHMARKS = list(dict.fromkeys(op.benchmark for op in _registry.OPS.values()))
+BENCHMARKS = _OP_BENCHMARKS + sorted(
+    name for name in (p.stem.removeprefix("bench_") for p in Path(__file__).parent.glob("bench_*.py"))
+    if name not in _OP_BENCHMARKS and name != "overhead")
 
 
 def available(name: str) -> bool:

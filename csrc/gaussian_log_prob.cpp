@@ -13,6 +13,7 @@
 
 #include "fastmath.h"
 #include "likelihood.h"
+#include "rows.h"  // slab_count, slab_begin
 
 namespace fastvae {
 namespace {
@@ -296,31 +297,34 @@ void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* 
   const bool dim_dv = dim && dv != nullptr;
   std::vector<T> dim_inv(dim ? D : 0);
   if (dim) shared_inv_row(v, softplus, T(delta), D, dim_inv.data());
-  // Per-dimension dv sums over every row: each thread keeps its own partial
-  // sums, added in thread order afterwards (deterministic for a fixed count).
-  std::vector<double> dim_a(dim_dv ? size_t(n_threads) * D : 0, 0.0);
-  std::vector<double> dim_g(size_t(n_threads), 0.0);
+  // Per-dimension dv sums over every row: each slab of tasks (rows.h) keeps its
+  // own partial sums, added in slab order afterwards, so the bits do not depend
+  // on the thread count.
   const int64_t tasks = n_tasks(P);
+  const int64_t slabs = slab_count(tasks);
+  std::vector<double> dim_a(dim_dv ? size_t(slabs) * D : 0, 0.0);
+  std::vector<double> dim_g(size_t(slabs), 0.0);
 #pragma omp parallel num_threads(n_threads)
   {
-    const int tid = omp_get_thread_num();
     std::vector<T> inv_row(layout == VarLayout::kRow ? D : 0);
     std::vector<T> a_row(layout == VarLayout::kElement ? 0 : D);
-    double* my_a = dim_dv ? dim_a.data() + size_t(tid) * D : nullptr;
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t p0 = t * kRowsPerTask;
-      backward_task(g, x, mean, v, layout, softplus, T(delta), K, P, D, p0,
-                    std::min(P, p0 + kRowsPerTask), dim_inv.data(), inv_row.data(),
-                    a_row.data(), my_a, dim_g[tid], dx, dmean, dv);
+    for (int64_t sl = 0; sl < slabs; ++sl) {
+      double* my_a = dim_dv ? dim_a.data() + size_t(sl) * D : nullptr;
+      for (int64_t t = slab_begin(tasks, slabs, sl); t < slab_begin(tasks, slabs, sl + 1); ++t) {
+        const int64_t p0 = t * kRowsPerTask;
+        backward_task(g, x, mean, v, layout, softplus, T(delta), K, P, D, p0,
+                      std::min(P, p0 + kRowsPerTask), dim_inv.data(), inv_row.data(),
+                      a_row.data(), my_a, dim_g[size_t(sl)], dx, dmean, dv);
+      }
     }
   }
   if (dim_dv) {
     std::vector<double> a(D, 0.0);
     double G = 0.0;
-    for (int t = 0; t < n_threads; ++t) {
-      for (int64_t d = 0; d < D; ++d) a[d] += dim_a[size_t(t) * D + d];
-      G += dim_g[t];
+    for (int64_t sl = 0; sl < slabs; ++sl) {
+      for (int64_t d = 0; d < D; ++d) a[d] += dim_a[size_t(sl) * D + d];
+      G += dim_g[size_t(sl)];
     }
     shared_dv_row(v, dim_inv.data(), a.data(), G, softplus, D, dv);
   }

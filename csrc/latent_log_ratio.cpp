@@ -34,13 +34,15 @@ FASTVAE_INLINE void inv_std(const T* __restrict lv, int64_t n, T* __restrict inv
   for (int64_t i = 0; i < n; ++i) inv_s[i] = exp_t(T(-0.5) * lv[i]);
 }
 
-// t[i] = eps^2 - z^2 with eps = (z - mu) * inv_s
+// t[i] = eps^2 - z^2 with eps = (z - mu) * inv_s, as (eps - z)(eps + z): an
+// overflowing |z| then gives the rounding of the exact value (+-inf, or finite
+// where eps = z), never inf - inf, and every backend the same
 template <typename T>
 FASTVAE_INLINE void ratio_terms(const T* __restrict z, const T* __restrict mu,
                                 const T* __restrict inv_s, int64_t n, T* __restrict t) {
   for (int64_t i = 0; i < n; ++i) {
     const T eps = (z[i] - mu[i]) * inv_s[i];
-    t[i] = eps * eps - z[i] * z[i];
+    t[i] = (eps - z[i]) * (eps + z[i]);
   }
 }
 
@@ -117,7 +119,7 @@ FASTVAE_INLINE double row_ratio(const T* __restrict z, const T* __restrict mu,
 #pragma omp simd reduction(+ : acc)
   for (int64_t l = 0; l < L; ++l) {
     const T eps = (z[l] - mu[l]) * inv_s[l];
-    acc += double(eps * eps - z[l] * z[l]);
+    acc += double((eps - z[l]) * (eps + z[l]));  // as ratio_terms
   }
   return 0.5 * acc;
 }

@@ -40,7 +40,10 @@ constexpr int64_t kChunkElems = 65536;
 // Bounds the rounding of a chunk's own sum (rows are summed in sequence) for narrow blocks.
 constexpr int64_t kMaxChunkRows = 256;
 constexpr int64_t kMinSplitRows = 1024;  // shorter K-splits cost more in merging than they gain
-constexpr int64_t kTasksPerThread = 4;   // parallel slack against uneven progress of the threads
+// tasks a reduction is cut into when its column blocks are fewer (K permitting):
+// fixed, not per thread, so that the result does not depend on the thread count
+// (4 tasks per thread of a 16-core machine)
+constexpr int64_t kMinTasks = 64;
 constexpr int64_t kTileElems = 16384;    // elements per elementwise work item (64 KB of float32)
 
 template <typename T>
@@ -235,11 +238,14 @@ Task task_at(const Plan& p, int64_t t, int64_t K, int64_t M) {
   return {j0, std::min(p.cols, M - j0), k0, std::min(K, k0 + p.split_rows)};
 }
 
-Plan plan_reduction(int64_t K, int64_t M, int n_threads) {
+// The plan depends on (K, M) only, never on the thread count, so the partial
+// states, and the order they merge in, are the same for 1 thread or 64: a
+// DataLoader worker (one thread) gets its parent's bits.
+Plan plan_reduction(int64_t K, int64_t M) {
   Plan p{};
   p.cols = std::max<int64_t>(1, std::min(M, kMaxCols));
   p.n_blocks = (M + p.cols - 1) / p.cols;
-  const int64_t want = kTasksPerThread * n_threads;
+  const int64_t want = kMinTasks;
   p.n_splits = 1;
   if (p.n_blocks < want) {
     const int64_t by_rows = std::max<int64_t>(1, K / kMinSplitRows);
@@ -395,7 +401,7 @@ template <typename T>
 void forward_columns(const T* lw, int64_t K, int64_t M, T* mx, T* s, T* s2_out, T* out, T* ess,
                      int n_threads) {
   if (M == 0) return;
-  const Plan p = plan_reduction(K, M, n_threads);
+  const Plan p = plan_reduction(K, M);
   const int64_t chunk_rows = std::clamp<int64_t>(kChunkElems / p.cols, 1, kMaxChunkRows);
   const bool want_s2 = ess != nullptr || s2_out != nullptr;
   // Partial states: one (M,) row per split; with a single split and no
@@ -550,7 +556,7 @@ template <typename T>
 void importance_weights_backward(const T* gw, const T* w, int64_t K, int64_t M, T* dlw,
                                  int n_threads) {
   if (M == 0 || K == 0) return;
-  const Plan p = plan_reduction(K, M, n_threads);
+  const Plan p = plan_reduction(K, M);
   // dots[sp * M + j]: the split's partial sum_k gw * w of column j
   std::vector<T> dots(p.n_splits * M);
   const int64_t n_tasks = p.n_blocks * p.n_splits;

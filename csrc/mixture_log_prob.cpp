@@ -29,6 +29,7 @@
 
 #include "fastmath.h"  // exp_t
 #include "ops.h"       // FASTVAE_CLONES, FASTVAE_INLINE
+#include "rows.h"      // slab_count, slab_begin
 
 namespace fastvae {
 namespace {
@@ -311,34 +312,36 @@ void mixture_log_prob_backward(const T* g, const T* z, const T* means, const T* 
   const Components<T> cp(means, logvars, logits, U, L);
   const int64_t UL = U * L;
   const int64_t n_tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t team = std::max<int64_t>(1, std::min<int64_t>(n_threads, n_tasks));
-  // per thread: dm (U, L), dlv (U, L), sgw (U,); summed in thread order below
+  // per slab of tasks (rows.h): dm (U, L), dlv (U, L), sgw (U,), summed in slab
+  // order below, so the bits do not depend on the thread count
+  const int64_t slabs = slab_count(n_tasks);
+  const int64_t team = std::max<int64_t>(1, std::min<int64_t>(n_threads, slabs));
   const int64_t stride = (params ? 2 * UL : 0) + U;
-  std::vector<T> partial(size_t(weights ? team * stride : 0), T(0));
-  std::vector<double> gsum(size_t(team), 0.0);
+  std::vector<T> partial(size_t(weights ? slabs * stride : 0), T(0));
+  std::vector<double> gsum(size_t(slabs), 0.0);
   if (N > 0 && (need_dz || weights)) {
 #pragma omp parallel num_threads(int(team))
     {
-      const int64_t n_team = omp_get_num_threads(), tid = omp_get_thread_num();
       std::vector<T> dzb(size_t(kRowsPerTask * std::max<int64_t>(L, 1)));
       const std::vector<T> zeros(size_t(std::max<int64_t>(L, 1)), T(0));  // the z of a dead row
       std::vector<T> scratch(weights ? 0 : size_t(U));  // sgw when nothing is summed
-      T* base = weights ? partial.data() + tid * stride : nullptr;
-      T* dm = params ? base : nullptr;
-      T* dlv = params ? base + UL : nullptr;
-      T* sgw = weights ? base + (params ? 2 * UL : 0) : scratch.data();
-      double gs = 0.0;
-      // static split of the tasks over the team, so the partial sums are fixed
-      const int64_t per = (n_tasks + n_team - 1) / n_team;
-      for (int64_t task = tid * per; task < std::min(n_tasks, (tid + 1) * per); ++task) {
-        const int64_t t0 = task * kRowsPerTask, nt = std::min(kRowsPerTask, N - t0);
-        if (need_dz) std::fill(dzb.begin(), dzb.end(), T(0));
-        backward_task_any(need_dz, params, g, z, out, cp, t0, nt, zeros.data(), dzb.data(), dm, dlv,
-                          sgw);
-        for (int64_t r = 0; r < nt; ++r) gs += double(g[t0 + r]);
-        if (need_dz) std::copy(dzb.begin(), dzb.begin() + nt * L, dz + t0 * L);
+#pragma omp for schedule(static)
+      for (int64_t sl = 0; sl < slabs; ++sl) {
+        T* base = weights ? partial.data() + sl * stride : nullptr;
+        T* dm = params ? base : nullptr;
+        T* dlv = params ? base + UL : nullptr;
+        T* sgw = weights ? base + (params ? 2 * UL : 0) : scratch.data();
+        double gs = 0.0;
+        for (int64_t task = slab_begin(n_tasks, slabs, sl); task < slab_begin(n_tasks, slabs, sl + 1); ++task) {
+          const int64_t t0 = task * kRowsPerTask, nt = std::min(kRowsPerTask, N - t0);
+          if (need_dz) std::fill(dzb.begin(), dzb.end(), T(0));
+          backward_task_any(need_dz, params, g, z, out, cp, t0, nt, zeros.data(), dzb.data(), dm, dlv,
+                            sgw);
+          for (int64_t r = 0; r < nt; ++r) gs += double(g[t0 + r]);
+          if (need_dz) std::copy(dzb.begin(), dzb.begin() + nt * L, dz + t0 * L);
+        }
+        gsum[size_t(sl)] = gs;
       }
-      gsum[size_t(tid)] = gs;
     }
   }
   if (!weights) return;
@@ -346,13 +349,13 @@ void mixture_log_prob_backward(const T* g, const T* z, const T* means, const T* 
   for (double v : gsum) g_total += v;
   for (int64_t u = 0; u < U; ++u) {
     T s = 0;
-    for (int64_t t = 0; t < team; ++t) s += partial[size_t(t * stride + (params ? 2 * UL : 0) + u)];
+    for (int64_t t = 0; t < slabs; ++t) s += partial[size_t(t * stride + (params ? 2 * UL : 0) + u)];
     if (dlogits != nullptr) dlogits[u] = static_cast<T>(double(s) - cp.softmax[size_t(u)] * g_total);
     if (!params) continue;
     for (int64_t l = 0; l < L; ++l) {
       const int64_t i = u * L + l;
       T a = 0, b = 0;
-      for (int64_t t = 0; t < team; ++t) {
+      for (int64_t t = 0; t < slabs; ++t) {
         a += partial[size_t(t * stride + i)];
         b += partial[size_t(t * stride + UL + i)];
       }

@@ -7,6 +7,19 @@
 
 namespace fastvae {
 
+// A reduction over many work items whose result must not depend on the thread
+// count (a DataLoader worker runs one thread, its parent several): the items
+// are cut into at most kMaxSlabs contiguous slabs fixed by the item count alone,
+// each slab's partial sum is accumulated by whichever thread runs it, and the
+// partials are added in slab order. Slab s holds items [slab_begin(s), slab_begin(s + 1)).
+constexpr int64_t kMaxSlabs = 64;
+
+inline int64_t slab_count(int64_t n_items) {
+  return n_items < 1 ? 1 : (n_items < kMaxSlabs ? n_items : kMaxSlabs);
+}
+
+inline int64_t slab_begin(int64_t n_items, int64_t n_slabs, int64_t s) { return n_items * s / n_slabs; }
+
 // out[i] = row_values[row of element first_elem + i], for rows of L elements:
 // one fill per row run, which vectorizes for long rows.
 template <typename T>

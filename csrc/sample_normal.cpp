@@ -135,8 +135,10 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
 //   dz_k = dz_k + dratio[k, n] * (-z, or eps / s - z with stop_score),
 //   dmu = sum_k dz_k + dkl * mu,
 //   dlogvar = (sum_k dz_k * eps * s + dkl * (s^2 - 1)) / 2 (+ sum_k dratio / 2 without stop_score).
-// eps / s is eps * exp(-logvar / 2): finite for a collapsed posterior, where
-// (z - mu) * exp(-logvar) is 0 * inf.
+// The stop-score term eps / s enters as (sum_k dratio eps) * exp(-logvar / 2) in
+// dmu and sum_k dratio eps^2 / 2 in dlogvar (its exact product with eps s / 2):
+// never (z - mu) * exp(-logvar), which is 0 * inf for a collapsed posterior, nor
+// (eps / s) * s, which is inf * 0 once 1 / s overflows.
 template <typename T>
 void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T* mu, const T* logvar,
                             uint64_t seed, bool stop_score, int64_t K, int64_t N, int64_t L, T* dmu,
@@ -149,10 +151,10 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
     const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, NL - b0);
     T s[kBlock], eps[kBlock], acc_mu[kBlock], acc_lv[kBlock];
-    T inv_s[kBlock], gr[kBlock], acc_g[kBlock];
+    T inv_s[kBlock], gr[kBlock], acc_g[kBlock], acc_score[kBlock];
     half_exp_block(logvar + b0, n, s);
     if (dratio && stop_score) neg_half_exp_block(logvar + b0, n, inv_s);
-    for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = acc_g[i] = T(0);
+    for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = acc_g[i] = acc_score[i] = T(0);
     const T* m = mu + b0;
     for (int64_t k = 0; k < K; ++k) {
       const int64_t base = k * NL + b0;
@@ -175,27 +177,29 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
       spread_rows(dratio + k * N, b0, n, L, gr);
       for (int64_t i = 0; i < n; ++i) {
         const T z = m[i] + s[i] * eps[i];
-        const T path = stop_score ? eps[i] * inv_s[i] - z : -z;
-        const T d = (g ? g[i] : T(0)) + gr[i] * path;
+        const T d = (g ? g[i] : T(0)) - gr[i] * z;
         acc_mu[i] += d;
         acc_lv[i] += d * eps[i];
-        acc_g[i] += gr[i];
+        // the direct logvar / 2 term, or with stop_score the score's eps^2 / 2
+        acc_g[i] += stop_score ? gr[i] * eps[i] * eps[i] : gr[i];
+        acc_score[i] += gr[i] * eps[i];
       }
     }
-    const bool direct = dratio && !stop_score;  // the log-ratio's logvar / 2 term
+    // the score's dmu term (sum_k dratio eps) / s; a zero sum stays 0 where 1 / s overflows
+    if (dratio && stop_score) {
+      for (int64_t i = 0; i < n; ++i) acc_mu[i] += acc_score[i] == T(0) ? T(0) : acc_score[i] * inv_s[i];
+    }
     if (dkl) {
       T g_kl[kBlock];
       spread_rows(dkl, b0, n, L, g_kl);
       for (int64_t i = 0; i < n; ++i) {
         dmu[b0 + i] = acc_mu[i] + g_kl[i] * m[i];
-        const T lv = T(0.5) * (acc_lv[i] * s[i] + g_kl[i] * (s[i] * s[i] - T(1)));
-        dlogvar[b0 + i] = direct ? lv + T(0.5) * acc_g[i] : lv;
+        dlogvar[b0 + i] = T(0.5) * (acc_lv[i] * s[i] + g_kl[i] * (s[i] * s[i] - T(1)) + acc_g[i]);
       }
     } else {
       for (int64_t i = 0; i < n; ++i) {
         dmu[b0 + i] = acc_mu[i];
-        const T lv = T(0.5) * (acc_lv[i] * s[i]);
-        dlogvar[b0 + i] = direct ? lv + T(0.5) * acc_g[i] : lv;
+        dlogvar[b0 + i] = T(0.5) * (acc_lv[i] * s[i] + acc_g[i]);
       }
     }
   }

@@ -99,11 +99,26 @@ def kernel_var(v: Tensor, K: int, P: int, D: int) -> Tensor:
 CPP_ROWS_PER_TASK = 16
 
 
-def fold_samples(backend: str, out3: Tensor | tuple[int, int, int], threads: int) -> bool:
+# The folded layout is chosen for the threads a machine of this many cores would
+# use, never for the threads of this run: folding changes the order in which dx
+# and a per-row variance's gradient sum over K, and the bits must not depend on
+# torch.set_num_threads (a DataLoader worker runs one thread, its parent several).
+FOLD_FOR_THREADS = 16
+
+
+def fold_samples(backend: str, out3: Tensor | tuple[int, int, int]) -> bool:
     """Whether to run (K, P, D) as (1, K * P, D) with x copied per sample
-    (out3: the decoder output in the kernel layout, or that layout's shape)."""
-    K, P, _ = out3 if isinstance(out3, tuple) else out3.shape
-    return backend == "cpp" and threads > 1 and K > 1 and P < CPP_ROWS_PER_TASK * threads
+    (out3: the decoder output in the kernel layout, or that layout's shape):
+    on cpp, when the x rows would give fewer tasks of CPP_ROWS_PER_TASK than the
+    work has threads on a FOLD_FOR_THREADS-core machine. A function of the
+    shape alone, and _C is asked only on the cpp backend (which has it)."""
+    if backend != "cpp":
+        return False
+    K, P, D = out3 if isinstance(out3, tuple) else out3.shape
+    if K < 2:
+        return False
+    threads = min(FOLD_FOR_THREADS, K * P * D // _backend.cpp_module().MIN_WORK_PER_THREAD)
+    return threads > 1 and P < CPP_ROWS_PER_TASK * threads
 
 
 def folded(x2: Tensor, out3: Tensor, var_param: Tensor | None = None):
@@ -130,4 +145,4 @@ def likelihood_torch_ops(x: Tensor, out: Tensor):
     ops = _backend.torch_ops(out)
     if ops is None or x.dim() == out.dim():
         return ops
-    return None if fold_samples("cpp", kernel_shape(x, out), _backend.num_threads(out.numel())) else ops
+    return None if fold_samples("cpp", kernel_shape(x, out)) else ops

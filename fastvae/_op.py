@@ -53,8 +53,16 @@ _SEED_HIGH = 2**63 - 1
 def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor:
     """A 0-d int64 Philox seed drawn from torch's generator (the default one of
     ``device``, or ``generator``), so torch.manual_seed makes runs repeatable
-    and two calls get independent noise. Stays on the device: no host sync."""
+    and two calls get independent noise. Stays on the device: no host sync
+    (except that a CPU generator with CUDA tensors copies its seed to the GPU,
+    which waits for the host). Every public function that takes ``generator``
+    draws through here, so this is where the argument is checked."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     gen_device = device if generator is None else generator.device
+    if generator is not None and gen_device.type == "meta":
+        raise ValueError("generator is on the meta device, which draws no numbers: pass a CPU generator or one "
+                         f"on the tensors' device ({device})")
     seed = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=gen_device, generator=generator)
     return seed if seed.device == device else seed.to(device)
 

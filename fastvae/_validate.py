@@ -75,6 +75,14 @@ def integer(name: str, value) -> int:
     return int(value)
 
 
+def boolean(name: str, value) -> bool:
+    """A bool, or a TypeError naming the argument (a truthy string such as
+    keepdim="yes" must not pass as True)."""
+    if type(value) is not bool:
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def positive_int(name: str, value) -> int:
     value = integer(name, value)
     if value < 1:

@@ -15,7 +15,7 @@ def _forward(x: Tensor, logits: Tensor) -> Tensor:
     logits (K, P, D), both contiguous (kernel_views makes them so)."""
     backend = _backend.backend_for(logits.device)
     _validate.dtype_for_backend(backend, logits.dtype)
-    if fold_samples(backend, logits, _backend.num_threads(logits.numel())):
+    if fold_samples(backend, logits):
         K, P, _ = logits.shape
         x, folded_logits, _ = folded(x, logits)
         out = _backend.empty_output((1, K * P), like=logits)
@@ -33,7 +33,7 @@ def _backward(grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> lis
     backend = _backend.backend_for(logits.device)
     K, P, D = logits.shape
     x2, l3 = x, logits
-    fold = fold_samples(backend, logits, _backend.num_threads(logits.numel()))
+    fold = fold_samples(backend, logits)
     if fold:
         x2, l3, _ = folded(x, logits)
     dlogits = _backend.empty_output(l3.shape, like=logits)
@@ -112,6 +112,8 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
     """
     _validate.float_tensors(x=x, logits=logits)
     _validate.event_dim("logits", logits)
+    if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
+        event_dims = _validate.positive_int("event_dims", event_dims)
     _value_checks.bernoulli_data(x)
     _value_checks.bernoulli_logits(logits)
     return bernoulli_log_prob_unchecked(x, logits, event_dims)

@@ -6,7 +6,8 @@ return to fastvae's objectives and evaluation, and what a learned prior is.
   ``gaussian_log_prob``. Of shape (L,) it is a learned diagonal prior.
 - ``TrilNormal(mu, scale_tril)``: N(mu, S Sᵀ) with S lower triangular and a
   positive diagonal (torch's ``MultivariateNormal(scale_tril=)``); sampled by
-  the fused ``sample_normal_tril``; its density is one triangular solve.
+  the fused ``sample_normal_tril``; its density is one triangular solve (the
+  objectives take log q of their own samples from the eps that drew them).
 
 Both are light records of their parameters (no validation of values, so no
 host sync): build them inside a training step, under torch.compile too.
@@ -116,6 +117,55 @@ class TrilNormal(_Gaussian):
         diag = torch.diagonal(S, dim1=-2, dim2=-1)
         return 0.5 * ((S * S).sum((-2, -1)) + (self.mu * self.mu).sum(-1) - self.latent_size
                       - 2.0 * torch.log(diag).sum(-1))
+
+
+class _StoppedScore(torch.autograd.Function):
+    """value (K, ...) with the gradient d/dz log q(z) = -u (u = S^-T eps) along z
+    (K, ..., L) only: log q with its parameters' score stopped (STL / DReG).
+    A Function, not value + (z - z.detach()) * u, whose value is 0 * inf once
+    u overflows for a collapsed posterior."""
+
+    @staticmethod
+    def forward(ctx, z, value, u):
+        ctx.save_for_backward(u)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return -grad.unsqueeze(-1) * u, None, None
+
+
+def sample_tril_with_log_q(q: TrilNormal, n_samples: int | None, generator: torch.Generator | None,
+                           stop_score: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, kl to N(0, I), log q(z)) for arguments the caller has validated (the
+    objectives). log q = -||eps||^2 / 2 - sum log S_ii - L/2 log 2 pi comes from
+    the eps that drew z (the same seed's noise, drawn again as sample_normal of
+    N(0, I)), exact however small S is: a triangular solve of z - mu
+    loses z's bits (2.9 nats at S_ii = e^-20 in float32). Its gradient is the
+    total derivative along z = mu + S eps, -d sum log S_ii; with stop_score the
+    parameters get no score and z gets d/dz log q = -S^-T eps."""
+    from ._backend import accumulation_dtype
+    from ._op import draw_seed
+    from .sample_normal import SampleNormal
+    from .sample_normal_tril import SampleNormalTril
+
+    mu, S = q.mu, q.scale_tril
+    seed = draw_seed(mu.device, generator)
+    z, kl = SampleNormalTril.apply(mu, S, seed, n_samples)
+    # sample_normal of N(0, I) is the eps itself (an op, so torch.compile traces it)
+    zero = torch.zeros(mu.shape, dtype=accumulation_dtype(mu.dtype), device=mu.device)
+    with torch.no_grad():
+        eps = SampleNormal.apply(zero, zero, seed, n_samples)[0]
+    L = mu.shape[-1]
+    log_diag = torch.log(torch.diagonal(S.tril(), dim1=-2, dim2=-1)).sum(-1)
+    log_q = (-0.5 * (eps * eps).sum(-1) - 0.5 * L * LOG_2PI).to(z.dtype)
+    if not stop_score:
+        return z, kl, log_q - log_diag
+    St = S.detach().tril().to(eps.dtype)
+    u = torch.linalg.solve_triangular(St.mT.expand(*eps.shape[:-1], L, L), eps.unsqueeze(-1),
+                                      upper=True).squeeze(-1).to(z.dtype)
+    return z, kl, _StoppedScore.apply(z, log_q - log_diag.detach(), u)
 
 
 def tril_log_prob(z: Tensor, mu: Tensor, scale_tril: Tensor) -> Tensor:

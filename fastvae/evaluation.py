@@ -307,6 +307,7 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
     n, D = x.shape[0], math.prod(x.shape[1:])
     mu = q.mu
     L = mu.shape[1]
+    check_prior(cfg.prior, L)  # the prior's latent size against the encoder's (metadata only)
     if k1 <= k0 or n == 0:
         tail = None
         if cfg.pareto:

@@ -30,7 +30,7 @@ def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, de
     backend = _backend.backend_for(mean.device)
     _validate.dtype_for_backend(backend, mean.dtype)
     K, P, _ = mean.shape
-    if fold_samples(backend, mean, _backend.num_threads(mean.numel())):
+    if fold_samples(backend, mean):
         x, mean, var_param = folded(x, mean, var_param)
     out = _backend.empty_output(mean.shape[:2], like=mean)
     _backend.launch(
@@ -50,7 +50,7 @@ def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, soft
     backend = _backend.backend_for(mean.device)
     K, P, D = mean.shape
     x2, m3, v = x, mean, var_param
-    fold = fold_samples(backend, mean, _backend.num_threads(mean.numel()))
+    fold = fold_samples(backend, mean)
     if fold:
         x2, m3, v = folded(x, mean, var_param)
     dmean = _backend.empty_output(m3.shape, like=mean)
@@ -182,6 +182,8 @@ def gaussian_log_prob(
         tensors["scale"] = scale
     _validate.float_tensors(**tensors)
     _validate.event_dim("mean", mean)
+    if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
+        event_dims = _validate.positive_int("event_dims", event_dims)
     if event_dims != 1:
         full = mean.shape  # the shape everything broadcasts against, before it is flattened
         event = full[len(full) - event_dims:] if len(full) >= event_dims else None

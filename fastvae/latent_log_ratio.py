@@ -38,30 +38,28 @@ def _forward(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
     return out.reshape(z.shape[:-1])
 
 
-def _backward(grad_out: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dz (K, ..., L), dmu, dlogvar (..., L)); with stop_score the last two are
-    empty (0,)-shaped tensors and are not computed."""
+def _backward(grad_out: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> list[Tensor]:
+    """[dz (K, ..., L)], then dmu, dlogvar (..., L) unless stop_score, which
+    gives them no gradient (none is computed or allocated)."""
     backend = _backend.backend_for(z.device)
     mu2 = flat(mu)
     N, L = mu2.shape
     K = z.shape[0]
     dz = _backend.empty_output((K, N, L), like=z)
-    dmu = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
-    dlv = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
+    dmu = None if stop_score else _backend.empty_output((N, L), like=mu)
+    dlv = None if stop_score else _backend.empty_output((N, L), like=mu)
     _backend.launch(
         backend, "latent_log_ratio_backward", K * N * L,
         grad_out=grad_out.to(z.dtype).reshape(K, N).contiguous(), z=z.reshape(K, N, L).contiguous(),
-        mu=mu2, logvar=flat(logvar), dz=dz, dmu=None if stop_score else dmu, dlogvar=None if stop_score else dlv,
+        mu=mu2, logvar=flat(logvar), dz=dz, dmu=dmu, dlogvar=dlv,
     )
-    if not stop_score:
-        dmu, dlv = dmu.reshape(mu.shape), dlv.reshape(mu.shape)
-    return dz.reshape(z.shape), dmu, dlv
+    if stop_score:
+        return [dz.reshape(z.shape)]
+    return [dz.reshape(z.shape), dmu.reshape(mu.shape), dlv.reshape(mu.shape)]
 
 
 def _backward_fake(grad_out, z, mu, logvar, stop_score):
-    shape = (0,) if stop_score else mu.shape
-    return torch.empty_like(z), mu.new_empty(shape), mu.new_empty(shape)
+    return [torch.empty_like(z)] if stop_score else [torch.empty_like(z), torch.empty_like(mu), torch.empty_like(mu)]
 
 
 latent_log_ratio_op = define(
@@ -70,8 +68,7 @@ latent_log_ratio_op = define(
     lambda z, mu, logvar, stop_score: z.new_empty(z.shape[:-1]),
 )
 latent_log_ratio_backward_op = define(
-    "latent_log_ratio_backward(Tensor grad_out, Tensor z, Tensor mu, Tensor logvar, bool stop_score)"
-    " -> (Tensor, Tensor, Tensor)",
+    "latent_log_ratio_backward(Tensor grad_out, Tensor z, Tensor mu, Tensor logvar, bool stop_score) -> Tensor[]",
     _backward,
     _backward_fake,
 )
@@ -92,10 +89,10 @@ class LatentLogRatio(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
             return (*_double_backward.latent_log_ratio(grad_out, z, mu, logvar, ctx.stop_score,
                                                        ctx.needs_input_grad), None)
-        dz, dmu, dlv = run(latent_log_ratio_backward_op, grad_out, z, mu, logvar, ctx.stop_score)
+        grads = run(latent_log_ratio_backward_op, grad_out, z, mu, logvar, ctx.stop_score)
         if ctx.stop_score:
-            return dz, None, None, None
-        return dz, dmu, dlv, None
+            return grads[0], None, None, None
+        return grads[0], grads[1], grads[2], None
 
 
 # -- public function -----------------------------------------------------------

@@ -286,6 +286,7 @@ def logmeanexp(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
         torch.logsumexp). The gradient is grad * softmax_k(lw).
     """
     dim = _sample_dim(lw, dim)
+    _validate.boolean("keepdim", keepdim)
     out = logmeanexp_with_state(lw.movedim(dim, 0))[0]
     return out.unsqueeze(dim) if keepdim else out
 
@@ -310,6 +311,7 @@ def effective_sample_size(lw: Tensor, dim: int = 0, keepdim: bool = False) -> Te
     d ess / d lw_k = 2 ess w_k (1 - ess w_k).
     """
     dim = _sample_dim(lw, dim)
+    _validate.boolean("keepdim", keepdim)
     ess = EffectiveSampleSize.apply(lw.movedim(dim, 0))[0]
     return ess.unsqueeze(dim) if keepdim else ess
 

@@ -20,12 +20,13 @@ from torch.distributions import Distribution
 from . import _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import not_twice
-from .distributions import DiagonalNormal, TrilNormal, tril_log_prob
+from ._op import draw_seed
+from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
 from .kl_normal import kl_normal
 from .logmeanexp import EffectiveSampleSize, ImportanceWeights, logmeanexp_with_state
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
-from .sample_normal_tril import sample_normal_tril
+from .sample_normal_tril import SampleNormalTril
 
 REDUCTIONS = ("mean", "sum", "none")
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -162,10 +163,12 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
             z, latent = z[0], latent[0]
         kl = -(latent + log_ratio_to_standard(prior, z))
     else:
-        z, kl = sample_normal_tril(q.mu, q.scale_tril, K, generator=generator)  # the KL to N(0, I), fused
-        if not analytic:
-            kl = q.log_prob(z) - prior.log_prob(z)
-        elif not standard:
+        if analytic:
+            z, kl = SampleNormalTril.apply(q.mu, q.scale_tril, draw_seed(mu.device, generator), K)  # fused KL
+        else:  # log q(z) from the eps that drew z: exact however small S is
+            z, _, log_q = sample_tril_with_log_q(q, K, generator, False)
+            kl = log_q - prior.log_prob(z)
+        if analytic and not standard:
             kl = analytic_kl(q, prior)
     if not analytic and K is not None:
         kl = kl.mean(0)
@@ -358,9 +361,9 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
         extra = log_ratio_to_standard(prior, z)
         latent = hooked if extra is None else hooked + extra
     else:
-        z, kl = sample_normal_tril(q.mu, q.scale_tril, k, generator=generator)
-        # STL / DReG: log q with its parameters' score stopped; z keeps its path
-        log_q = tril_log_prob(z, q.mu.detach(), q.scale_tril.detach()) if stop_score else q.log_prob(z)
+        # log q from the eps that drew z (exact however small S is); STL / DReG:
+        # its parameters' score stopped, z keeps its path
+        z, kl, log_q = sample_tril_with_log_q(q, k, generator, stop_score)
         latent = prior.log_prob(z) - log_q
     if not want_kl:
         kl = None

@@ -66,6 +66,8 @@ class MixtureOfGaussians:
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log p(z) for z of shape (..., L), shape (...): fused and streaming over U."""
+        if z.dim() >= 1 and z.shape[-1] != self.means.shape[-1]:
+            raise latent_size_error(self.means.shape[-1], z.shape[-1])
         return mixture_log_prob(z, self.means, self.logvars, self.logits)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -108,7 +110,11 @@ class VampPrior:
         return q.mu, q.logvar, None
 
     def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) for z of shape (..., L), shape (...): the encoder at the
+        pseudo-inputs, then the fused mixture density."""
         means, logvars, _ = self.components()
+        if z.dim() >= 1 and z.shape[-1] != means.shape[-1]:
+            raise latent_size_error(means.shape[-1], z.shape[-1])
         return mixture_log_prob(z, means, logvars)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
@@ -141,8 +147,14 @@ def check_prior(prior: Any, latent_size: int | None = None) -> Any:
     if latent_size is not None and isinstance(prior, (MixtureOfGaussians, DiagonalNormal)):
         L = prior.means.shape[1] if isinstance(prior, MixtureOfGaussians) else prior.latent_size
         if L != latent_size:
-            raise ValueError(f"the prior is over {L} latent dimensions, the posterior over {latent_size}")
+            raise latent_size_error(L, latent_size)
     return prior
+
+
+def latent_size_error(prior_size: int, posterior_size: int) -> ValueError:
+    """The one message for a prior over another latent size than the posterior
+    (check_prior, a mixture's or VampPrior's log_prob, the evaluation)."""
+    return ValueError(f"the prior is over {prior_size} latent dimensions, the posterior over {posterior_size}")
 
 
 def has_analytic_kl(prior: Any) -> bool:

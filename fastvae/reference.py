@@ -190,8 +190,10 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
     dmu = sum_k dz_k + grad_kl * mu;
     dlogvar = sum_k dz_k * eps_k * s / 2 + grad_kl * (exp(logvar) - 1) / 2
               (+ sum_k grad_log_ratio_k / 2 without stop_score).
-    eps / s is eps * exp(-logvar / 2), never (z - mu) * exp(-logvar), which is
-    0 * inf for a collapsed posterior."""
+    The stop-score term enters as (sum_k grad_log_ratio_k eps_k) / s in dmu and
+    sum_k grad_log_ratio_k eps_k^2 / 2 in dlogvar, its exact product with
+    eps_k s / 2: never (z - mu) * exp(-logvar), which is 0 * inf for a collapsed
+    posterior, nor (eps / s) * s, which is inf * 0 once 1 / s overflows."""
     acc = _compute_dtype(mu)
     mu, logvar = mu.to(acc), logvar.to(acc)
     samples = grad_z if grad_z is not None else grad_log_ratio
@@ -199,15 +201,18 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
     eps = sample_noise(seed, K, mu.shape, acc, mu.device)
     s = torch.exp(0.5 * logvar)
     dz = torch.zeros_like(eps) if grad_z is None else grad_z.to(acc)
-    extra_lv = torch.zeros_like(mu)
+    extra_mu, extra_lv = torch.zeros_like(mu), torch.zeros_like(mu)
     if grad_log_ratio is not None:
         g = grad_log_ratio.to(acc)[..., None]
-        z = mu + s * eps
-        path = eps * torch.exp(-0.5 * logvar) - z if stop_score else -z
-        dz = dz + g * path
-        if not stop_score:
+        dz = dz - g * (mu + s * eps)
+        if stop_score:
+            score = (g * eps).sum(0)
+            # a zero sum stays 0 where 1 / s overflows (0 * inf)
+            extra_mu = torch.where(score == 0, 0.0, score * torch.exp(-0.5 * logvar))
+            extra_lv = 0.5 * (g * eps * eps).sum(0)
+        else:
             extra_lv = 0.5 * g.sum(0)
-    d_mu = dz.sum(0)
+    d_mu = dz.sum(0) + extra_mu
     d_lv = 0.5 * (dz * eps).sum(0) * s + extra_lv
     if grad_kl is not None:
         gk = grad_kl.to(acc)[..., None]
@@ -536,12 +541,17 @@ def importance_weights_backward(grad_w, w, dlw) -> None:
 
 def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool = False) -> Tensor:
     """log N(z; 0, I) - log N(z; mu, diag(exp(logvar))) summed over the last dim:
-    0.5 * sum(eps^2 - z^2 + logvar), eps = (z - mu) exp(-logvar / 2).
-    stop_score: mu and logvar enter detached (STL / DReG), z keeps its gradient."""
+    0.5 * sum(eps^2 - z^2 + logvar), eps = (z - mu) exp(-logvar / 2). Where z^2
+    overflows (|z| = 1e30 in float32) eps^2 - z^2 is taken as (eps - z)(eps + z),
+    the rounding of the exact value (+-inf, or finite where eps = z), as the
+    kernels do, never inf - inf = NaN; elsewhere as written, whose autograd
+    gradient stays exact where z >> eps. stop_score: mu and logvar enter
+    detached (STL / DReG), z keeps its gradient."""
     if stop_score:
         mu, logvar = mu.detach(), logvar.detach()
     eps = (z - mu) * torch.exp(-0.5 * logvar)
-    return 0.5 * torch.sum(eps * eps - z * z + logvar, dim=-1)
+    diff = torch.where(torch.isinf(z.detach() * z.detach()), (eps - z) * (eps + z), eps * eps - z * z)
+    return 0.5 * torch.sum(diff + logvar, dim=-1)
 
 
 def latent_log_ratio_forward(z, mu, logvar, out) -> None:

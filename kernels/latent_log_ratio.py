@@ -48,7 +48,8 @@ def _latent_log_ratio_fwd_kernel(
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         z = tl.load(z_ptr + r[:, None] * L + cols[None, :], mask=mask, other=0.0).to(ACC)
         eps = (z - mu) * tl.exp(-0.5 * lv)
-        acc += tl.sum(tl.where(mask, eps * eps - z * z + lv, 0.0), axis=1)
+        # eps^2 - z^2 as (eps - z)(eps + z): +-inf, not inf - inf, for an overflowing z
+        acc += tl.sum(tl.where(mask, (eps - z) * (eps + z) + lv, 0.0), axis=1)
     tl.store(out_ptr + r, (0.5 * acc).to(out_ptr.dtype.element_ty), mask=r_ok)
 
 

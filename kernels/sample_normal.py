@@ -125,14 +125,12 @@ def _sample_normal_bwd_kernel(
     s = tl.exp(0.5 * lv)
     acc_mu = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz
     acc_lv = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz * eps
-    acc_g = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k grad_log_ratio (its direct logvar term)
+    # sum_k grad_log_ratio (its direct logvar term), or with STOP_SCORE sum_k grad_log_ratio eps^2
+    acc_g = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    acc_score = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k grad_log_ratio eps (STOP_SCORE)
     if HAS_GRAD_RATIO or HAS_GRAD_KL:
         n = i // L
         mu = tl.load(mu_ptr + i, mask=mask, other=0.0).to(ACC)
-    if HAS_GRAD_RATIO and STOP_SCORE:
-        # (z - mu) / s^2 as eps / s: finite for a collapsed posterior, where
-        # (z - mu) * exp(-logvar) is 0 * inf
-        inv_s = tl.exp(-0.5 * lv)
     for k in range(0, K):
         base = k * NL
         if ALIGNED:
@@ -145,17 +143,23 @@ def _sample_normal_bwd_kernel(
             dz = tl.zeros([BLOCK // 4, 4], dtype=ACC)
         if HAS_GRAD_RATIO:
             gr = tl.load(grad_ratio_ptr + k * N + n, mask=mask, other=0.0).to(ACC)
-            z = mu + s * eps
+            dz -= gr * (mu + s * eps)
             if STOP_SCORE:
-                dz += gr * (eps * inv_s - z)
+                acc_score += gr * eps
+                acc_g += gr * eps * eps
             else:
-                dz -= gr * z
                 acc_g += gr
         acc_mu += dz
         acc_lv += dz * eps
     dmu = acc_mu
     dlv = 0.5 * acc_lv * s
-    if HAS_GRAD_RATIO and not STOP_SCORE:
+    if HAS_GRAD_RATIO:
+        # the score term eps / s as (sum_k gr eps) / s in dmu and sum_k gr eps^2 / 2
+        # in dlogvar, its exact product with eps s / 2: never (z - mu) exp(-logvar)
+        # (0 * inf for a collapsed posterior) nor (eps / s) * s (inf * 0 once 1 / s
+        # overflows); a zero sum stays 0
+        if STOP_SCORE:
+            dmu += tl.where(acc_score == 0, 0.0, acc_score * tl.exp(-0.5 * lv))
         dlv += 0.5 * acc_g
     if HAS_GRAD_KL:
         gk = tl.load(grad_kl_ptr + n, mask=mask, other=0.0).to(ACC)

@@ -9,6 +9,7 @@ import fastvae
 from fastvae import _backend, _registry
 
 from conftest import INTERPRET
+from helpers import gen
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
 
@@ -214,3 +215,158 @@ def test_cpp_kernels_follow_torch_set_num_threads(monkeypatch):
             assert seen[-1] == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def _reduction_cases():
+    """name -> a call returning (outputs..., gradients...) of every op that reduces
+    on the cpp backend, at sizes where 1, 2 and 4 threads all get work (each
+    case at least 4 x MIN_WORK_PER_THREAD elements)."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+
+    def run(fn, *leaves):
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        w = torch.Generator().manual_seed(1)
+        total = sum((o * torch.randn(o.shape, generator=w, dtype=o.dtype)).sum() for o in outs)
+        return [o.detach() for o in outs] + list(torch.autograd.grad(total, leaves))
+
+    lw_wide, lw_long, lw_tall = leaf(32768, 32, scale=3), leaf(70000, 3, scale=3), leaf(40, 4096, scale=3)
+    z, means, logvars, logits = leaf(20000, 8), leaf(10, 8), leaf(10, 8), leaf(10)
+    x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
+    x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
+    xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
+    mu, lv, pm, plv, zk = leaf(20000, 8), leaf(20000, 8), leaf(8), leaf(8), leaf(4, 20000, 8)
+    S = (torch.randn(5000, 8, 8, generator=g) * 0.3 + 2 * torch.eye(8)).requires_grad_()
+    W = torch.randn(8, 16, generator=g)
+    xe = torch.randn(40, 16, generator=g)
+    cases = {
+        "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
+        "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
+        "effective_sample_size": [lambda lw=lw: run(fastvae.effective_sample_size, lw) for lw in (lw_wide, lw_long)],
+        "mixture_log_prob": [lambda: run(fastvae.mixture_log_prob, z, means, logvars, logits)],
+        "gaussian_log_prob": [lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
+                                          x_few, mean_few, var_dim),
+                              lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
+                                          x_many, mean_many, var_row)],
+        "bernoulli_log_prob": [lambda: run(fastvae.bernoulli_log_prob, xb, lg)],
+        "kl_normal": [lambda: run(fastvae.kl_normal, mu, lv, pm, plv)],
+        "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
+        "sample_normal_tril": [lambda: run(lambda a, b: fastvae.sample_normal_tril(a, b, 3, generator=gen(2)),
+                                           mu[:5000], S)],
+        "latent_log_ratio": [lambda: run(lambda a, b, c: fastvae.latent_log_ratio(a, b, c), zk, mu, lv)],
+        "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
+                                                           k=6000, likelihood="gaussian",
+                                                           generator=gen(3))]],
+    }
+    return cases
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="needs the cpp extension")
+@pytest.mark.parametrize("path", ["eager", "function"])
+def test_cpp_results_do_not_depend_on_the_thread_count(monkeypatch, path):
+    """Issue 25: logmeanexp, importance_weights, effective_sample_size and the
+    mixture_log_prob backward differed in the last bits between 1 and 2 threads
+    (the ESS by up to 0.055), so a DataLoader worker (one thread) disagreed with
+    its parent. Every reduction now cuts its work by the shape alone: identical
+    bits for 1, 2 and 4 threads, values and gradients, on the C++ operators'
+    eager path and through the Functions."""
+    if path == "function":
+        monkeypatch.setattr(_backend, "torch_ops", lambda t: None)
+    cases = _reduction_cases()
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        with fastvae.use_backend("cpp"):
+            for threads in (1, 2, 4):
+                torch.set_num_threads(threads)
+                results[threads] = {name: [f() for f in fns] for name, fns in cases.items()}
+    finally:
+        torch.set_num_threads(previous)
+    for name in cases:
+        for i, (one, two, four) in enumerate(zip(results[1][name], results[2][name], results[4][name])):
+            for j, (a, b, c) in enumerate(zip(one, two, four)):
+                assert torch.isfinite(a).all(), (name, i, j)
+                assert torch.equal(a, b) and torch.equal(a, c), f"{name} case {i} tensor {j} differs between threads"
+
+
+def _every_op_call():
+    """op name -> a call of the public function on small CPU tensors that
+    returns (output, gradients), shaped so that a cpp run would fold the
+    likelihoods' samples (few x rows, K * P * D past 2 x MIN_WORK_PER_THREAD)."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    def run(fn, *leaves):
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.detach(), torch.autograd.grad(out.sum(), leaves)
+
+    mu, lv, lw, zs = leaf(3, 4), leaf(3, 4), leaf(7, 3), leaf(5, 3, 4)
+    x, mean, zm, means, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(6, 4), leaf(3, 4), leaf(3, 4)
+    return {
+        "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
+        "sample_normal_tril": lambda: run(lambda a: fastvae.sample_normal_tril(
+            a, torch.eye(4, dtype=a.dtype).expand(3, 4, 4), 5, generator=gen(1)), mu),
+        "kl_normal": lambda: run(fastvae.kl_normal, mu, lv),
+        "gaussian_log_prob": lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean),
+        "bernoulli_log_prob": lambda: run(lambda a, b: fastvae.bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
+        "logmeanexp": lambda: run(fastvae.logmeanexp, lw),
+        "importance_weights": lambda: run(fastvae.importance_weights, lw),
+        "effective_sample_size": lambda: run(fastvae.effective_sample_size, lw),
+        "latent_log_ratio": lambda: run(lambda z, a, b: fastvae.latent_log_ratio(z, a, b), zs, mu, lv),
+        "mixture_log_prob": lambda: run(fastvae.mixture_log_prob, zm, means, logvars),
+        "elbo": lambda: run(lambda a, b: fastvae.elbo(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),
+                                                      likelihood="gaussian", generator=gen(2)), mu, lv),
+        "iwae": lambda: run(lambda a, b: fastvae.iwae(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),
+                                                      k=3, likelihood="bernoulli", generator=gen(2)), mu, lv),
+        "log_likelihood": lambda: (fastvae.log_likelihood(
+            x.detach(), lambda t: (t[:, :4], t[:, 4:8]), lambda z: z @ torch.ones(4, 16, dtype=z.dtype), k=9,
+            likelihood="gaussian", generator=gen(2)), ()),
+    }
+
+
+@pytest.mark.parametrize("path", ["cpu", "cuda-python"])
+def test_every_op_falls_back_without_the_extension(monkeypatch, path):
+    """Issue 25: gaussian_log_prob and bernoulli_log_prob asked fastvae._C for
+    the thread count before looking at the backend, so without the extension
+    they raised (with more than one thread) instead of falling back, on CUDA
+    tensors too. Every op and objective now runs without _C: on the CPU on the
+    reference backend (with the missing-extension warning), and through the
+    CUDA path's Python (backend "triton", its kernels replaced here by the
+    reference's, since no GPU is needed to reach them), matching the reference."""
+    from fastvae import reference
+
+    expected = {}
+    with fastvae.use_backend("reference"):
+        expected = {name: call() for name, call in _every_op_call().items()}
+    monkeypatch.setattr(_backend, "_load_cpp", lambda: ImportError("no module named fastvae._C"))
+    monkeypatch.setattr(_backend, "_functions", {})
+    _backend._torch_ops.cache_clear()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # the case that raised: more than one thread
+    try:
+        fastvae.set_backend(None)
+        if path == "cpu":
+            _backend._warn_missing_cpp.cache_clear()
+            with pytest.warns(RuntimeWarning, match="pip install -e ."):
+                assert _backend.backend_for("cpu") == "reference"
+        else:
+            monkeypatch.setitem(_backend._chosen, "cpu", "triton")  # what CUDA tensors get
+            for name in _registry.KERNELS:
+                ref = getattr(reference, name)
+                _backend._functions["triton", name] = (
+                    lambda ref=ref, **a: ref(**{k: int(v) if k == "seed" else v for k, v in a.items()}))
+        got = {name: call() for name, call in _every_op_call().items()}
+    finally:
+        torch.set_num_threads(previous)
+        fastvae.set_backend(None)
+        _backend._torch_ops.cache_clear()
+    for name, (out, grads) in expected.items():
+        torch.testing.assert_close(got[name][0], out, msg=f"{path} {name}")
+        for a, b in zip(got[name][1], grads):
+            torch.testing.assert_close(a, b, msg=f"{path} {name} gradient")

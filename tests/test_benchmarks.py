@@ -269,3 +269,14 @@ def test_train_step_has_the_probes_four_steps():
             value = loss(model, x, 2)
             assert value.dim() == 0 and torch.isfinite(value)
             assert all(g is not None for g in torch.autograd.grad(value, list(model.parameters())))
+
+
+def test_the_suite_runs_every_benchmark_file():
+    """docs/architecture.md says `python -m benchmarks` runs every bench_*.py: the
+    registry's op benchmarks, then every other file found (bench_overhead runs in
+    the suite's own process), with no hand-kept names."""
+    from pathlib import Path
+
+    files = {p.stem.removeprefix("bench_") for p in Path(suite_main.__file__).parent.glob("bench_*.py")}
+    assert set(suite_main.BENCHMARKS) | {"overhead"} == files
+    assert len(suite_main.BENCHMARKS) == len(set(suite_main.BENCHMARKS))

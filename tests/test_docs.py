@@ -58,3 +58,24 @@ def test_ci_runs_the_readmes_test_command_in_a_fresh_venv():
     assert run.index("python -m venv") < run.index("source") < run.index(command.strip())
     sanitize = (root / ".ci" / "sanitize").read_text()
     assert sanitize.index('["build-system"]["requires"]') < sanitize.index("setup.py build_ext")
+
+
+def test_every_op_is_exported_and_listed():
+    """Adding an op (docs/architecture.md) exports it in fastvae/__init__.py: every
+    registry op is in __all__, importable, and in the module docstring's list."""
+    import fastvae
+    from fastvae import _registry
+
+    for name in _registry.OPS:
+        assert name in fastvae.__all__, name
+        assert callable(getattr(fastvae, name)), name
+        assert re.search(rf"(^-? *|, ){name}\(", fastvae.__doc__, re.M), f"{name} missing from fastvae's docstring"
+    assert all(hasattr(fastvae, name) for name in fastvae.__all__)
+
+
+def test_sanitize_takes_its_tests_from_the_registry():
+    """.ci/sanitize runs every test module the registry names, not a hand-kept list."""
+    root = Path(__file__).resolve().parent.parent
+    sanitize = (root / ".ci" / "sanitize").read_text()
+    assert "_registry.interpreter_test_modules()" in sanitize
+    assert not re.search(r"tests/test_\w+\.py", sanitize)

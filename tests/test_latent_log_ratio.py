@@ -116,6 +116,32 @@ def test_sums_over_samples_in_one_backward(backend, sample_splits, stop_score, K
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("L", [3, 1025])  # short rows and cpp's long-row path
+def test_overflowing_z_gives_the_rounded_exact_value(backend, L):
+    """Issue 25: z = +-1e30 in float32 gave NaN on reference and Triton (eps^2 and
+    z^2 both inf) and -inf on cpp. Every backend now gives the float64 value of
+    the same float32 inputs rounded to float32: -inf where it overflows, a finite
+    value where eps = z (logvar = 0 and mu below z's rounding), never NaN."""
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, L, generator=g)
+    lv = torch.rand(4, L, generator=g) + 0.1
+    lv[1] = 0.0  # eps = z - mu = z exactly in float32: eps^2 - z^2 = 0, the sum finite
+    z = torch.randn(2, 4, L, generator=g)
+    z[:, :, 0] = 1e30
+    z[1, :, -1] = -1e30
+    want = reference.latent_log_ratio(z.double(), mu.double(), lv.double()).float()
+    assert torch.isneginf(want[:, [0, 2, 3]]).all() and torch.isfinite(want[:, 1]).all()  # both cases occur
+    got = fastvae.latent_log_ratio(z.to(device), mu.to(device), lv.to(device)).cpu()
+    assert not got.isnan().any(), got
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), (got, want)
+    # the scale of the finite rows' terms (where eps = z the term is 0 exactly)
+    eps = (z.double() - mu.double()) * torch.exp(-0.5 * lv.double())
+    terms = torch.where(z.abs() < 1e10, eps * eps + z.double() ** 2 + lv.double().abs(), 0.0).sum(-1)
+    fin = torch.isfinite(want)
+    assert_close(got[fin], want[fin], 1 + terms[fin], "finite rows")
+
+
 def test_equals_difference_of_log_densities(backend):
     """r = log N(z; 0, I) - log N(z; mu, diag(e^logvar)): the log 2pi terms cancel."""
     _, device = backend

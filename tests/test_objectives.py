@@ -13,7 +13,7 @@ import fastvae
 from fastvae import reference
 
 from conftest import INTERPRET
-from helpers import assert_close, assert_compiled_matches_eager, gen, philox_seed_of
+from helpers import RTOL, assert_close, assert_compiled_matches_eager, gen, philox_seed_of
 
 
 def same_noise(seed, n_samples, shape, device="cpu"):
@@ -379,6 +379,73 @@ def test_shape_errors_name_the_argument():
         fastvae.elbo(x.float(), mu, logvar, model, likelihood="gaussian")
 
 
+@pytest.mark.parametrize("bad, err, match", [
+    (5, TypeError, "generator must be a torch.Generator or None, got int"),
+    ("cpu", TypeError, "generator must be a torch.Generator or None, got str"),
+])
+def test_a_bad_generator_is_named(bad, err, match):
+    """Issue 25: generator=5 or "cpu" gave AttributeError: 'int' object has no
+    attribute 'device'. Every function that takes a generator names it."""
+    x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
+    mu, logvar = mu.detach(), logvar.detach()
+    calls = [
+        lambda: fastvae.sample_normal(mu, logvar, 2, generator=bad),
+        lambda: fastvae.sample_normal_tril(mu, torch.diag_embed(logvar.exp()), generator=bad),
+        lambda: fastvae.elbo(x, mu, logvar, model, likelihood="gaussian", generator=bad),
+        lambda: fastvae.iwae(x, mu, logvar, model, likelihood="gaussian", generator=bad),
+        lambda: fastvae.log_likelihood(x, lambda t: (mu, logvar), model, k=3, likelihood="gaussian", generator=bad),
+        lambda: fastvae.DiagonalNormal(mu, logvar).rsample(2, generator=bad),
+    ]
+    for call in calls:
+        with pytest.raises(err, match=match):
+            call()
+
+
+def test_scalar_flags_are_checked():
+    """Issue 25: event_dims="3" gave a TypeError about '>=' between int and str,
+    and keepdim="yes", event_dims=True and event_dims=1.0 passed silently."""
+    x = torch.rand(2, 3, 4, dtype=torch.float64)
+    for bad, err in (("3", TypeError), (True, TypeError), (1.0, TypeError), (0, ValueError)):
+        for call in (lambda bad=bad: fastvae.gaussian_log_prob(x, x, event_dims=bad),
+                     lambda bad=bad: fastvae.bernoulli_log_prob(x, x, event_dims=bad)):
+            with pytest.raises(err, match="event_dims must be"):
+                call()
+    lw = torch.randn(5, 3, dtype=torch.float64)
+    for fn in (fastvae.logmeanexp, fastvae.effective_sample_size):
+        for bad in ("yes", 1, None):
+            with pytest.raises(TypeError, match="keepdim must be a bool"):
+                fn(lw, keepdim=bad)
+    # numpy and 0-d integer tensors stay usable
+    want = fastvae.gaussian_log_prob(x, x, event_dims=2)
+    torch.testing.assert_close(fastvae.gaussian_log_prob(x, x, event_dims=torch.tensor(2)), want)
+
+
+def test_a_prior_of_another_latent_size_gets_one_message(backend):
+    """Issue 25: a prior over the wrong latent size said "the prior is over 4
+    latent dimensions..." in the objectives but "z of shape (4, 5, 3) must end in
+    the latent dim L=4 of means (4, 4)" in log_likelihood, and a VampPrior whose
+    encoder returns L + 1 gave the mixture op's message. One message everywhere."""
+    _, device = backend
+    x, mu, logvar, model = make_problem(3, 2, 4, "gaussian", device=device)
+    mu, logvar = mu.detach(), logvar.detach()
+    wide = torch.zeros(4, 3, dtype=mu.dtype, device=device)
+    priors = [fastvae.priors.MixtureOfGaussians(wide, wide),
+              fastvae.DiagonalNormal(wide[0], wide[0]),
+              fastvae.priors.VampPrior(lambda u: (u[:, :3], u[:, :3]), torch.zeros(4, 4, dtype=mu.dtype,
+                                                                                   device=device))]
+    match = "the prior is over 3 latent dimensions, the posterior over 2"
+    for prior in priors:
+        calls = [
+            lambda p=prior: fastvae.elbo(x, mu, logvar, model, likelihood="gaussian", prior=p),
+            lambda p=prior: fastvae.iwae(x, mu, logvar, model, k=3, likelihood="gaussian", prior=p),
+            lambda p=prior: fastvae.log_likelihood(x, lambda t: (mu, logvar), model, k=3, likelihood="gaussian",
+                                                   prior=p),
+        ]
+        for call in calls:
+            with pytest.raises(ValueError, match=match):
+                call()
+
+
 # -- torch.compile -----------------------------------------------------------------
 
 
@@ -512,9 +579,8 @@ def test_iwae_survives_a_collapsed_posterior(backend, logvar_value):
     """At logvar = -1e4 the IWAE bound was NaN (eps recomputed from z overflowed)
     and at -35 in float32 it was off by up to 2 nats with 5-25% gradient error.
     Now the float32 bound agrees with float64 (same noise) for every estimator,
-    and so do the IWAE estimator's gradients. STL's and DReG's gradients carry
-    eps / sigma along z, which a float32 z = mu + sigma * eps cannot resolve once
-    sigma * eps is below mu's rounding: those are not compared here."""
+    and so do the IWAE estimator's gradients. STL's and DReG's gradients are
+    compared with their exact values by the next test."""
     name, device = backend
     B, L, D, k = 3, 4, 6, 8
     g = torch.Generator().manual_seed(0)
@@ -546,6 +612,63 @@ def test_iwae_survives_a_collapsed_posterior(backend, logvar_value):
         for got, want, what in zip(g32, g64, ("dmu", "dlogvar")):
             assert torch.isfinite(got).all(), (estimator, what)
             assert_close(got, want, 1 + want.abs(), f"{name} {estimator} {what} at logvar {logvar_value}")
+
+
+def _exact_stop_score_gradients(x, W, mu, logvar, eps, weight, dtype):
+    """DReG's (weight "dreg") or STL's ("stl") encoder gradients in float64 from
+    eps, for the decoder z -> z @ W with a unit-variance Gaussian likelihood:
+    dmu = sum_k c_k (d/dz log p(x, z_k) + eps_k / s), dlogvar = sum_k c_k (d/dz
+    log p(x, z_k) eps_k s / 2 + eps_k^2 / 2), c = w~^2 (DReG) or w~ (STL), with
+    the score term factored as (sum_k c_k eps_k) / s, so that 1 / s overflowing
+    gives the inf the exact value rounds to, and never (z - mu) / s^2."""
+    s = torch.exp(0.5 * logvar)
+    z = mu + s * eps  # (k, B, L)
+    resid = x - z @ W
+    lw = (-0.5 * resid * resid - 0.5 * math.log(2 * math.pi)).sum(-1) \
+        + (-0.5 * z * z).sum(-1) + (0.5 * eps * eps + 0.5 * logvar).sum(-1)
+    wt = torch.softmax(lw, 0)
+    c = (wt * wt if weight == "dreg" else wt)[..., None]
+    dz = resid @ W.T - z  # d/dz [log p(x|z) + log N(z; 0, I)]
+    score = (c * eps).sum(0)
+    dmu = (c * dz).sum(0) + torch.where(score == 0, 0.0, score * torch.exp(-0.5 * logvar))
+    dlv = 0.5 * (c * dz * eps).sum(0) * s + 0.5 * (c * eps * eps).sum(0)
+    # a log-weight rounds to |lw| ulp in the dtype under test (sum_l logvar / 2 alone
+    # is -1.5e4 at logvar = -1e4), and so does each weight, relatively
+    cond = 1 + 4 * lw.abs().amax() * torch.finfo(dtype).eps / RTOL[dtype]
+    scale_mu = ((c * dz.abs()).sum(0) + (c * eps.abs()).sum(0) * torch.exp(-0.5 * logvar) + 1) * cond
+    scale_lv = ((c * (dz * eps).abs()).sum(0) * s + (c * eps * eps).sum(0) + 1) * cond
+    return (dmu, scale_mu), (dlv, scale_lv)
+
+
+@pytest.mark.parametrize("dtype, logvar_value", [(torch.float32, -35.0), (torch.float32, -89.0),
+                                                 (torch.float32, -100.0), (torch.float32, -1e4),
+                                                 (torch.float64, -100.0), (torch.float64, -1e4)])
+@pytest.mark.parametrize("estimator", ["dreg", "stl"])
+def test_dreg_and_stl_gradients_of_a_collapsed_posterior(backend, estimator, dtype, logvar_value):
+    """Issue 25: DReG's and STL's encoder gradients were NaN for float32 logvar <=
+    -89 (float64: -1e4), from (z - mu) * exp(-logvar) = 0 * inf, and wrong at -35
+    (dlogvar 0.063 against 0.095). The score term comes from the regenerated eps:
+    dlogvar equals the exact float64 value from eps, and so does dmu, whose exact
+    value grows as 1 / sigma (its rounding, +-inf, once that overflows)."""
+    name, device = backend
+    B, L, D, k = 4, 3, 6, 7
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(L, D, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    mu = torch.randn(B, L, generator=g, dtype=torch.float64)
+    logvar = torch.full((B, L), logvar_value, dtype=torch.float64)
+    m, lv = mu.to(device, dtype).requires_grad_(), logvar.to(device, dtype).requires_grad_()
+    Wd = W.to(device, dtype)
+    bound = fastvae.iwae(x.to(device, dtype), m, lv, lambda z: z @ Wd, k=k, likelihood="gaussian",
+                         estimator=estimator, reduction="sum", generator=gen(3))
+    dmu, dlv = torch.autograd.grad(bound, (m, lv))
+    (w_mu, s_mu), (w_lv, s_lv) = _exact_stop_score_gradients(x, W, mu, logvar, same_noise(3, k, mu.shape),
+                                                                  estimator, dtype)
+    assert_close(dlv, w_lv.to(device), s_lv.to(device), f"{name} {estimator} dlogvar at {logvar_value}")
+    finite = torch.isfinite(w_mu.to(dtype))  # where the exact dmu fits the dtype
+    assert (dmu[~finite.to(device)].cpu() == w_mu[~finite].to(dtype)).all(), f"{name} {estimator} dmu overflow"
+    assert_close(dmu[finite.to(device)], w_mu[finite].to(device), s_mu[finite].to(device),
+                 f"{name} {estimator} dmu at {logvar_value}")
 
 
 def test_scalars_as_users_have_them():
