@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal
 
-from . import _validate, _value_checks
+from . import _backend, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
 from .distributions import DiagonalNormal, TrilNormal
-from .gaussian_log_prob import gaussian_log_prob
+from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 
@@ -173,6 +173,9 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         logvar = out[1]
         if not isinstance(logvar, Tensor):
             raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
+        if (_backend.backend_for(mean.device, warn=False) == "triton" and not torch.compiler.is_compiling()
+                and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
+            return gaussian_log_prob_packed(flat(x, batch_ndim), packed)  # the halves of one output, in place
         if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
             logvar = flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead)
         return gaussian_log_prob(flat(x, batch_ndim), flat(mean, lead), logvar)

@@ -14,6 +14,7 @@ from ._likelihood_layout import (
     broadcast_x,
     fold_samples,
     folded,
+    kernel_shape,
     kernel_var,
     kernel_views,
     likelihood_torch_ops,
@@ -30,6 +31,8 @@ def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, de
     backend = _backend.backend_for(mean.device)
     _validate.dtype_for_backend(backend, mean.dtype)
     K, P, _ = mean.shape
+    if backend != "triton":  # only the Triton kernels read rows at a stride (packed halves)
+        mean, var_param = mean.contiguous(), var_param.contiguous()
     if fold_samples(backend, mean):
         x, mean, var_param = folded(x, mean, var_param)
     out = _backend.empty_output(mean.shape[:2], like=mean)
@@ -114,6 +117,128 @@ class GaussianLogProb(torch.autograd.Function):
         dx = shaped(grads[1], x_shape) if need_dx else None
         dv = shaped(grads[-1], var_shape) if need_dv else None
         return dx, shaped(grads[0], mean_shape), dv, None, None
+
+
+# -- (mean, logvar) as the two halves of one decoder output ----------------------
+
+
+def _halves(packed: Tensor) -> tuple[Tensor, Tensor]:
+    D = packed.shape[-1] // 2
+    return packed[..., :D], packed[..., D:]
+
+
+def _packed_backward(grad_out: Tensor, x: Tensor, packed: Tensor, need_dx: bool) -> list[Tensor]:
+    """[dpacked (K, P, 2 D)], then dx if need_dx: the gradients of mean and
+    logvar written into the two halves of one buffer by the Triton kernel
+    (elsewhere computed apart and joined)."""
+    mean, logvar = _halves(packed)
+    backend = _backend.backend_for(packed.device)
+    if backend != "triton":
+        grads = _backward(grad_out, x, mean.contiguous(), logvar.contiguous(), False, 1.0, need_dx, True)
+        return [torch.cat((grads[0], grads[-1]), -1)] + grads[1:2] * need_dx
+    K, P, D = mean.shape
+    dpacked = _backend.empty_output(packed.shape, like=packed)
+    dmean, dlogvar = _halves(dpacked)
+    dx = _backend.empty_output((P, D), like=packed) if need_dx else None
+    _backend.launch(
+        backend, "gaussian_log_prob_backward", dmean.numel(),
+        grad_out=shaped(grad_out, (K, P)).contiguous(), x=x, mean=mean, var_param=logvar,
+        softplus_mode=False, delta=1.0, dx=dx, dmean=dmean, dvar_param=dlogvar,
+    )
+    return [dpacked, dx] if need_dx else [dpacked]
+
+
+gaussian_log_prob_packed_backward_op = define(
+    "gaussian_log_prob_packed_backward(Tensor grad_out, Tensor x, Tensor packed, bool need_dx) -> Tensor[]",
+    _packed_backward,
+    lambda grad_out, x, packed, need_dx: [torch.empty_like(packed)] + ([torch.empty_like(x)] if need_dx else []),
+)
+
+
+class GaussianLogProbPacked(torch.autograd.Function):
+    """log N(x; mean, exp(logvar)) for mean and logvar the two halves of one
+    decoder output packed (..., 2 D), as decoders return them
+    (``h[..., :D], h[..., D:]``): the kernels read the halves in place (no
+    copies) and the backward writes one gradient for packed, so autograd
+    runs no slice backward per half and no add to join them (issue 23)."""
+
+    @staticmethod
+    def forward(ctx, x, packed):
+        D = packed.shape[-1] // 2
+        K, P, _ = kernel_shape(x, packed[..., :D])
+        x2 = x.contiguous() if x.dim() == 2 else x.reshape(P, D).contiguous()
+        p3 = packed.view(K, P, 2 * D)
+        ctx.shapes = x.shape, packed.shape
+        ctx.save_for_backward(x2, p3, x, packed)
+        return shaped(run(gaussian_log_prob_op, x2, *_halves(p3), False, 1.0), packed.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, p3, x, packed = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph, from the halves
+            mean, logvar = _halves(packed)
+            dx, dmean, dlogvar = _double_backward.gaussian_log_prob(
+                grad_out, x, mean, logvar, False, 1.0, (need_dx, True, True))
+            return dx, torch.cat((dmean, dlogvar), -1)
+        grads = run(gaussian_log_prob_packed_backward_op, grad_out, x2, p3, need_dx)
+        x_shape, packed_shape = ctx.shapes
+        return (shaped(grads[1], x_shape) if need_dx else None), shaped(grads[0], packed_shape)
+
+
+_VIEW_NODES = frozenset({
+    "SliceBackward0", "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0", "SelectBackward0",
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0",
+})
+
+
+def _viewed_from(t: Tensor, base: Tensor) -> bool:
+    """Whether t's autograd path back to base is views only (no in-place op
+    or arithmetic between), so a gradient for base stands for t's."""
+    node = t.grad_fn
+    for _ in range(8):
+        if node is None or type(node).__name__ not in _VIEW_NODES or len(node.next_functions) != 1:
+            return False
+        node = node.next_functions[0][0]
+        if base.grad_fn is not None and node is base.grad_fn:
+            return True
+        if base.grad_fn is None and getattr(node, "variable", None) is base:  # base is a leaf
+            return True
+    return False
+
+
+def packed_mean_logvar(mean: Tensor, logvar: Tensor, lead: int) -> Tensor | None:
+    """The (*lead shape, 2 E) view of the one tensor whose halves are mean and
+    logvar (each (*lead shape, *event), E the event's size): rows of mean then
+    logvar, as ``h[..., :D], h[..., D:]`` or ``h.chunk(2, channel dim)`` of a
+    contiguous h give them. None for anything else (then the pair goes to
+    gaussian_log_prob as it is)."""
+    base = mean._base
+    if base is None or logvar._base is not base or mean.shape != logvar.shape or mean.dtype != logvar.dtype:
+        return None
+    E = math.prod(mean.shape[lead:])
+    if E == 0 or lead >= mean.dim() or not base.is_contiguous() or base.numel() != 2 * mean.numel():
+        return None
+    step = 1
+    for i in reversed(range(mean.dim())):  # rows of E contiguous elements, 2 E apart
+        if mean.shape[i] != 1 and (mean.stride(i) != step or logvar.stride(i) != step):
+            return None
+        step *= mean.shape[i] * (2 if i == lead else 1)
+    if mean.storage_offset() != base.storage_offset() or logvar.storage_offset() != base.storage_offset() + E:
+        return None
+    if mean.requires_grad or logvar.requires_grad or base.requires_grad:
+        if not (mean.requires_grad and logvar.requires_grad and _viewed_from(mean, base)
+                and _viewed_from(logvar, base)):
+            return None
+    return base.view(*mean.shape[:lead], 2 * E)
+
+
+def gaussian_log_prob_packed(x: Tensor, packed: Tensor) -> Tensor:
+    """gaussian_log_prob(x, mean, logvar) for (mean, logvar) the halves of
+    packed (..., 2 D) (packed_mean_logvar), x (..., D) broadcasting as there."""
+    mean = packed[..., :packed.shape[-1] // 2]
+    _validate.float_tensors(x=x, mean=mean)
+    return GaussianLogProbPacked.apply(broadcast_x(x, mean, "mean"), packed)
 
 
 # -- public function -----------------------------------------------------------

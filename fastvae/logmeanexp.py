@@ -26,6 +26,7 @@ themselves, which are the gradient of log-sum-exp). A third,
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -248,6 +249,25 @@ class ImportanceWeights(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
             return _double_backward.importance_weights(grad_w, w)
         return run(importance_weights_backward_op, grad_w, w)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Ones made once per shape (never written to): filling them on every call
+    cost a launch."""
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+def importance_weights_from_state(lw: Tensor, lw_max: Tensor, sumexp: Tensor) -> Tensor:
+    """The normalized weights of lw (K, ...), without a gradient, from the
+    state (lw_max, sumexp) that logmeanexp_with_state(lw) already computed:
+    the logmeanexp backward kernel with grad_out = 1, as importance_weights'
+    own forward, which would first compute the state again (one launch, and
+    the fill of its ones, fewer)."""
+    lw, sumexp = lw.detach(), sumexp.detach()
+    ones = (torch.ones(sumexp.shape, dtype=sumexp.dtype, device=sumexp.device) if torch.compiler.is_compiling()
+            else _ones(sumexp.shape, sumexp.dtype, sumexp.device))
+    return run(logmeanexp_backward_op, ones, None, lw, lw_max.detach(), sumexp)
 
 
 # -- public functions -----------------------------------------------------------

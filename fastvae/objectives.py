@@ -9,6 +9,7 @@ K x B x L is stored for the backward.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -17,13 +18,18 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from . import _validate
+from . import _backend, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import not_twice
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
 from .kl_normal import kl_normal
-from .logmeanexp import EffectiveSampleSize, ImportanceWeights, logmeanexp_with_state
+from .logmeanexp import (
+    EffectiveSampleSize,
+    ImportanceWeights,
+    importance_weights_from_state,
+    logmeanexp_with_state,
+)
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .sample_normal_tril import SampleNormalTril
@@ -102,6 +108,42 @@ def _reduce(t: Tensor, reduction: str) -> Tensor:
     return t
 
 
+@functools.lru_cache(maxsize=64)
+def _difference_divisors(shape: torch.Size, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2, *shape): n, then -n. Made once per shape (never written to)."""
+    return torch.stack((torch.full(shape, n, dtype=dtype, device=device),
+                        torch.full(shape, -n, dtype=dtype, device=device)))
+
+
+class _ReducedDifference(torch.autograd.Function):
+    """(a - b).mean() or .sum() (n = a.numel() or 1), whose backward is one
+    division, g / (n, -n), that gives both gradients as two contiguous rows of
+    one tensor: autograd's own backward of sub and mean is two launches (the
+    mean's division, then the sub's negation), and on the CUDA path every
+    launch costs host time (issue 23)."""
+
+    @staticmethod
+    def forward(ctx, a, b, n):
+        ctx.n, ctx.shape = n, a.shape
+        d = a - b
+        return d.mean() if n > 1 else d.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        both = g / _difference_divisors(ctx.shape, ctx.n, g.dtype, g.device)
+        return both[0], both[1], None
+
+
+def _reduced_difference(a: Tensor, b: Tensor, reduction: str) -> Tensor:
+    """reduce(a - b): one launch fewer on the Triton backend (_ReducedDifference),
+    plain torch elsewhere (a Python Function costs more host time on the CPU
+    than the launch it saves) and while torch.compile traces (Inductor fuses it)."""
+    if (reduction == "none" or a.shape != b.shape or a.dtype != b.dtype or torch.compiler.is_compiling()
+            or _backend.backend_for(a.device, warn=False) != "triton"):
+        return _reduce(a - b, reduction)
+    return _ReducedDifference.apply(a, b, a.numel() if reduction == "mean" else 1)
+
+
 # -- ELBO -----------------------------------------------------------------------
 
 
@@ -131,8 +173,9 @@ def _free_bits_kl(per_dim: Tensor, free_bits: float) -> Tensor:
 
 
 def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
-    """(elbo, reconstruction, kl, q, prior, analytic, per_dim), unreduced: the one pass of elbo and
-    elbo_terms (per_dim, the KL of each latent dimension, only where free bits needed it)."""
+    """(beta * kl, reconstruction, kl, q, prior, analytic, per_dim), unreduced: the one pass of
+    elbo and elbo_terms (the bound is reconstruction - beta * kl; per_dim, the KL of each latent
+    dimension, only where free bits needed it)."""
     q, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, q, decode, reduction)
     check_likelihood(likelihood)
@@ -178,7 +221,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     if free_bits > 0:
         kl = _free_bits_kl(per_dim, free_bits)
     weighted = kl if isinstance(beta, float) and beta == 1.0 else beta * kl
-    return reconstruction - weighted, reconstruction, kl, q, prior, analytic, per_dim
+    return weighted, reconstruction, kl, q, prior, analytic, per_dim
 
 
 def elbo_terms(
@@ -197,7 +240,7 @@ def elbo_terms(
 ) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
-    bound, reconstruction, kl, q, prior, analytic, per_dim = _elbo(
+    weighted, reconstruction, kl, q, prior, analytic, per_dim = _elbo(
         x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits, n_samples=n_samples,
         reduction=reduction, generator=generator, prior=prior)
     if per_dim is None:
@@ -205,7 +248,8 @@ def elbo_terms(
     if per_dim is not None and reduction != "none":
         per_dim = per_dim.reshape(-1, per_dim.shape[-1])
         per_dim = per_dim.mean(0) if reduction == "mean" else per_dim.sum(0)
-    return ELBOTerms(*(_reduce(t, reduction) for t in (bound, reconstruction, kl)), per_dim, analytic)
+    return ELBOTerms(_reduced_difference(reconstruction, weighted, reduction),
+                     *(_reduce(t, reduction) for t in (reconstruction, kl)), per_dim, analytic)
 
 
 def elbo(
@@ -288,15 +332,17 @@ def elbo(
     torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
     use fastvae.elbo_terms.
     """
-    bound = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
-                  n_samples=n_samples, reduction=reduction, generator=generator, prior=prior)[0]
-    return _reduce(bound, reduction)  # the terms are not reduced: each reduction is a node in the graph
+    weighted, reconstruction = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
+                                     n_samples=n_samples, reduction=reduction, generator=generator, prior=prior)[:2]
+    # the terms are not reduced: each reduction is a node in the graph
+    return _reduced_difference(reconstruction, weighted, reduction)
 
 
 # -- IWAE -----------------------------------------------------------------------
 
 
-def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) -> None:
+def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
+                  state: tuple[Tensor, Tensor] | None) -> None:
     """DReG (Tucker et al. 2018): the encoder gets sum_k c_k dlw_k/dz_k dz_k/dphi
     with the score term (d log q / d phi) dropped and replaced by its
     reparameterized equivalent. For the bound (1/(1-a)) logmeanexp((1-a) lw),
@@ -305,11 +351,13 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) ->
     by (a + (1-a) v_k); z only feeds the encoder (through sample_normal), so the
     decoder's gradient stays the IWAE one. ``latent`` (log p(z) - log q(z | x)
     from the sampler, in stop-score mode) reaches the encoder only through z
-    inside the sampler's backward, so its gradient gets the same scale."""
+    inside the sampler's backward, so its gradient gets the same scale.
+    ``state``: the bound's (lw_max, sumexp) of lw at alpha = 0, from which the
+    weights take one launch."""
     if not z.requires_grad:  # no gradient will flow (no_grad, a fixed encoder): the value is the same
         return
     if alpha == 0:  # the IWAE bound: c_k = w~_k^2, and no arithmetic launches around the weights
-        scale = ImportanceWeights.apply(lw.detach())  # 0 for an all -inf column
+        scale = importance_weights_from_state(lw, *state)  # 0 for an all -inf column
     else:
         scale = alpha + (1.0 - alpha) * ImportanceWeights.apply((1.0 - alpha) * lw.detach())
     z.register_hook(lambda g: _dreg_once(g * scale.unsqueeze(-1)))
@@ -329,12 +377,14 @@ def _dreg_once(g: Tensor) -> Tensor:
                      "'iwae' or 'stl' where the encoder gradient is differentiated again")[0]
 
 
-def _bound(lw: Tensor, alpha: float) -> Tensor:
+def _bound(lw: Tensor, alpha: float) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """(the bound, the state (lw_max, sumexp) of lw at alpha = 0, else None)."""
     if alpha == 0:
-        return logmeanexp_with_state(lw)[0]
+        bound, lw_max, sumexp = logmeanexp_with_state(lw)
+        return bound, (lw_max, sumexp)
     if alpha == 1:  # the limit of the Renyi bound: the Monte Carlo ELBO
-        return lw.mean(0)
-    return logmeanexp_with_state((1.0 - alpha) * lw)[0] / (1.0 - alpha)
+        return lw.mean(0), None
+    return logmeanexp_with_state((1.0 - alpha) * lw)[0] / (1.0 - alpha), None
 
 
 def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior, want_kl=False):
@@ -373,9 +423,10 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
         kl = analytic_kl(q, prior)
     reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,), mu.dim() - 1)
     lw = reconstruction + latent
+    bound, state = _bound(lw, alpha)
     if estimator == "dreg":
-        _dreg_z_scale(z, hooked, lw, alpha)
-    return _bound(lw, alpha), reconstruction, kl, lw
+        _dreg_z_scale(z, hooked, lw, alpha, state)
+    return bound, reconstruction, kl, lw
 
 
 def iwae_terms(

@@ -182,6 +182,36 @@ def tile_counters(device: torch.device, n: int, splits: int = 2) -> torch.Tensor
 
 
 @triton.jit
+def tile_and_split(tiles, K, K_PER):
+    """The one prologue of every backward split over samples (split_samples):
+    the grid is tiles x splits, tiles fastest; (tile, split, k0, k1), this
+    program's samples being k0 <= k < k1 (int64)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile = pid % tiles
+    split = pid // tiles
+    k0 = split * K_PER
+    k1 = tl.minimum(k0 + K_PER, K)
+    return tile, split, k0, k1
+
+
+@triton.jit
+def split_tile(R, C, K, K_PER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The prologue of a backward program that owns a tile of R rows x C
+    columns and a split of the samples (the grid is tiles x splits, tiles
+    fastest; split_samples): (tile, split, rows, cols, row_ok, col_ok, mask,
+    k0, k1), the program's samples being k0 <= k < k1. Rows are int64 (row
+    offsets times a sample's size overflow int32)."""
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    tile, split, k0, k1 = tile_and_split(tl.cdiv(R, BLOCK_R) * col_blocks, K, K_PER)
+    rows = (tile // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = (tile % col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    return tile, split, rows, cols, row_ok, col_ok, mask, k0, k1
+
+
+@triton.jit
 def arrive_last(counter_ptr, splits):
     """Called by every program of a tile after it stored its partial sums: True
     in the one program that arrives last (which then adds the partials in split

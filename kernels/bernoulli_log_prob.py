@@ -25,6 +25,7 @@ from ._common import (
     sigmoid,
     softplus,
     split_samples,
+    split_tile,
     tile_counters,
     tile_geometry,
 )
@@ -95,19 +96,9 @@ def _bernoulli_log_prob_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    col_blocks = tl.cdiv(D, BLOCK_D)
-    tiles = tl.cdiv(R, BLOCK_R) * col_blocks
-    tile = pid % tiles
-    split = pid // tiles
-    rows = (tile // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = (tile % col_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < R
-    mask = row_ok[:, None] & (cols < D)[None, :]
+    tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
     x_rows = rows if HAS_DX else rows % P
     x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    k0 = split * K_PER
-    k1 = tl.minimum(k0 + K_PER, K)
     dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     for k in range(k0, k1):
         r = k * R + rows

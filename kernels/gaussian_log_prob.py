@@ -36,6 +36,7 @@ from ._common import (
     sigmoid,
     softplus,
     split_samples,
+    split_tile,
     tile_counters,
     tile_geometry,
 )
@@ -78,10 +79,11 @@ def _shared_dv(a, gsum, v, inv, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _load_var(v_ptr, r, p, cols, mask, D, LAYOUT: tl.constexpr, ACC: tl.constexpr):
-    """The variance parameter of decoder rows r (x rows p) at cols, per LAYOUT."""
+def _load_var(v_ptr, r, p, cols, mask, D, S, LAYOUT: tl.constexpr, ACC: tl.constexpr):
+    """The variance parameter of decoder rows r (x rows p) at cols, per LAYOUT
+    (decoder rows S apart)."""
     if LAYOUT == 0:
-        return tl.load(v_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        return tl.load(v_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
     elif LAYOUT == 1:
         return tl.load(v_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
     else:
@@ -101,6 +103,7 @@ def _gaussian_log_prob_fwd_kernel(
     P,
     KP,
     D,
+    S,  # the decoder rows' stride (mean, a per-element v): D, or 2 D for the halves of one tensor
     LAYOUT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     ACC: tl.constexpr,
@@ -117,8 +120,8 @@ def _gaussian_log_prob_fwd_kernel(
         cols = d0 + tl.arange(0, BLOCK_D)
         mask = r_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        inv, log_var = _inv_and_log_var(_load_var(v_ptr, r, p, cols, mask, D, LAYOUT, ACC), delta, SOFTPLUS)
+        m = tl.load(mean_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
+        inv, log_var = _inv_and_log_var(_load_var(v_ptr, r, p, cols, mask, D, S, LAYOUT, ACC), delta, SOFTPLUS)
         diff = x - m
         acc += tl.sum(tl.where(mask, diff * _over_var(diff, inv) + log_var, 0.0), axis=1)
     out = -0.5 * (acc + D * tl.full([BLOCK_R], LOG_2PI, ACC))  # log 2 pi in ACC, not float32
@@ -140,6 +143,7 @@ def _gaussian_log_prob_bwd_kernel(
     counter_ptr,  # int32: tiles counters, then (LAYOUT 2) column-block counters; 0 between launches
     P,
     D,
+    S,  # the decoder rows' stride (mean, dmean, a per-element v and dv): D, or 2 D for halves of one tensor
     R,  # rows the programs tile: P (LOOP_K) or K * P
     K,  # samples each program loops over: K (LOOP_K) or 1
     K_PER,  # samples per split
@@ -154,51 +158,42 @@ def _gaussian_log_prob_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
+    tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
     col_blocks = tl.cdiv(D, BLOCK_D)
     row_blocks = tl.cdiv(R, BLOCK_R)
     tiles = row_blocks * col_blocks
-    tile = pid % tiles
-    split = pid // tiles
     rb = tile // col_blocks
     cb = tile % col_blocks
-    rows = rb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = cb * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < R
-    col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
     x_rows = rows if LOOP_K else rows % P
     delta = _delta(delta_bits, ACC)
     x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
     if LAYOUT != 0:
-        v_shared = _load_var(v_ptr, x_rows, x_rows, cols, mask, D, LAYOUT, ACC)
+        v_shared = _load_var(v_ptr, x_rows, x_rows, cols, mask, D, S, LAYOUT, ACC)
         inv_shared, log_var_unused = _inv_and_log_var(v_shared, delta, SOFTPLUS)
-    k0 = split * K_PER
-    k1 = tl.minimum(k0 + K_PER, K)
     dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     a_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)  # sum_k g (x - m)^2, for a shared variance
     g_acc = tl.zeros([BLOCK_R], dtype=ACC)  # sum_k g, for a shared variance
     for k in range(k0, k1):
         r = k * R + rows
         g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)
-        m = tl.load(mean_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        m = tl.load(mean_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
         diff = x - m
         if LAYOUT == 0:
-            v = _load_var(v_ptr, r, x_rows, cols, mask, D, LAYOUT, ACC)
+            v = _load_var(v_ptr, r, x_rows, cols, mask, D, S, LAYOUT, ACC)
             inv, log_var_unused = _inv_and_log_var(v, delta, SOFTPLUS)
             if HAS_DV:
                 if SOFTPLUS:
                     dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
                 else:
                     dv = 0.5 * g[:, None] * (diff * _over_var(diff, inv) - 1.0)
-                tl.store(dv_ptr + r[:, None] * D + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+                tl.store(dv_ptr + r[:, None] * S + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
         else:
             inv = inv_shared
             if HAS_DV:
                 a_acc += g[:, None] * diff * diff
                 g_acc += g
         gm = g[:, None] * _over_var(diff, inv)
-        tl.store(dmean_ptr + r[:, None] * D + cols[None, :], gm.to(dmean_ptr.dtype.element_ty), mask=mask)
+        tl.store(dmean_ptr + r[:, None] * S + cols[None, :], gm.to(dmean_ptr.dtype.element_ty), mask=mask)
         if HAS_DX:
             dx_acc -= gm
     idx = rows[:, None] * D + cols[None, :]
@@ -253,6 +248,20 @@ def _layout(v) -> int:
     return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
 
 
+def _row_stride(mean, *per_element) -> int:
+    """The stride of the decoder rows of mean (K, P, D), which every
+    per-element tensor (v, dmean, dv of LAYOUT 0) shares: D when contiguous,
+    2 D for the (mean, logvar) halves of one decoder output (K, P, 2 D), which
+    are read and written in place (no copies; the gradients go into one
+    (K, P, 2 D) buffer)."""
+    K, P, D = mean.shape
+    S = mean.stride(1) if P > 1 else (mean.stride(0) // P if K > 1 else D)
+    for t in (mean, *(t for t in per_element if t is not None and t.dim() == 3)):
+        assert t.stride(2) == 1 or D == 1, "decoder rows must be contiguous"
+        assert (P == 1 or t.stride(1) == S) and (K == 1 or t.stride(0) == P * S), "one row stride"
+    return S
+
+
 def _delta_bits(delta: float) -> int:
     """delta as the int64 bits of its float64: a runtime argument (a new delta
     compiles nothing) that float64 kernels read exactly (a float argument
@@ -267,7 +276,7 @@ def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: fl
         return
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, mean.device, mean.dtype == torch.float64)
     _gaussian_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
-        x, mean, var_param, _delta_bits(delta), out, P, K * P, D,
+        x, mean, var_param, _delta_bits(delta), out, P, K * P, D, _row_stride(mean, var_param),
         LAYOUT=_layout(var_param), SOFTPLUS=softplus_mode, ACC=acc_dtype(mean.dtype),
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
@@ -311,7 +320,7 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
         grad_out, x, mean, var_param, _delta_bits(delta), dmean, dx if has_dx else dmean,
         dvar_param if has_dv else dmean, part_dx, part_dv,
         tile_counters(device, tiles + col_blocks, 2 if counting else 1),
-        P, D, R, k_loop, per_split, splits,
+        P, D, _row_stride(mean, var_param, dmean, dvar_param), R, k_loop, per_split, splits,
         LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
         ACC=acc_dtype(mean.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )

@@ -28,7 +28,7 @@ def _kl_terms(mu, lv, pm, plv, HAS_PRIOR: tl.constexpr):
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _kl_normal_fwd_kernel(
     mu_ptr,  # (N, L)
     logvar_ptr,  # (N, L)
@@ -61,7 +61,7 @@ def _kl_normal_fwd_kernel(
     tl.store(kl_ptr + rows, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _kl_normal_bwd_kernel(
     dkl_ptr,  # (N,)
     mu_ptr,  # (N, L)

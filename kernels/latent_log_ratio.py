@@ -17,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters, tile_geometry
+from ._common import (
+    acc_dtype,
+    accumulation_dtype,
+    arrive_last,
+    split_samples,
+    split_tile,
+    tile_counters,
+    tile_geometry,
+)
 
 # -- kernels ------------------------------------------------------------------
 
@@ -75,21 +83,11 @@ def _latent_log_ratio_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    col_blocks = tl.cdiv(L, BLOCK_L)
-    tiles = tl.cdiv(R, BLOCK_R) * col_blocks
-    tile = pid % tiles
-    split = pid // tiles
-    rows = (tile // col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    cols = (tile % col_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-    row_ok = rows < R
-    mask = row_ok[:, None] & (cols < L)[None, :]
+    tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, L, K, K_PER, BLOCK_R, BLOCK_L)
     n = rows % N if STOP_SCORE else rows
     idx = n[:, None] * L + cols[None, :]
     mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
     inv_s = tl.exp(-0.5 * tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC))
-    k0 = split * K_PER
-    k1 = tl.minimum(k0 + K_PER, K)
     acc_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
     acc_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
     for k in range(k0, k1):

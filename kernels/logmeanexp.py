@@ -223,7 +223,7 @@ def _logmeanexp_finish_kernel(
           ACCUMULATE, HAS_OUT, HAS_ESS, ACC, BLOCK_M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "M"])
 def _logmeanexp_bwd_kernel(
     lw_ptr,  # (K, M)
     max_ptr,  # (M,): ACC
@@ -271,7 +271,7 @@ def _logmeanexp_bwd_kernel(
     tl.store(dlw_ptr + idx, d.to(dlw_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "M"])
 def _importance_weights_bwd_kernel(
     gw_ptr,  # (K, M)
     w_ptr,  # (K, M)
@@ -306,11 +306,13 @@ def _importance_weights_bwd_kernel(
 
 
 def _tile(K: int, M: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_K, BLOCK_M): a 4096-element tile on a GPU (and for the
-    ahead-of-time tool's meta tensors), INTERPRETER_TILE under the interpreter."""
+    """(BLOCK_K, BLOCK_M): a 4096-element tile of MAX_BLOCK_M columns on a GPU
+    (and for the ahead-of-time tool's meta tensors) whatever M and K are, so
+    that no batch size or K compiles a variant of its own (M is the batch);
+    INTERPRETER_TILE under the interpreter, which compiles nothing."""
     if device.type == "cpu":
         return blocks(K, M, INTERPRETER_MAX_BLOCK_M, INTERPRETER_TILE)
-    return blocks(K, M, MAX_BLOCK_M)
+    return 4096 // MAX_BLOCK_M, MAX_BLOCK_M
 
 
 def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) -> int:

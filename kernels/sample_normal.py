@@ -14,14 +14,27 @@ is as parallel as a training batch. The backward sums over K: mu is flat
 (N * L elements, whose noise offsets are contiguous within a sample), each
 program owns BACKWARD_TILE consecutive elements and loops over every sample,
 accumulating in registers, then adds the KL's terms and writes dmu and dlogvar
-once (deterministic, no atomics, no partial sums). The IWAE latent term's
+once (deterministic, no atomics, no partial sums). Where the blocks alone do
+not fill a wave (small N * L against many samples) the samples are split: each
+split stores its sums and the last program of a block to arrive adds them in
+split order and finishes (_common.split_samples, arrive_last). The IWAE latent term's
 gradient (grad_log_ratio) is folded in from the regenerated eps.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER_BLOCK_ROWS, MAX_BLOCK_COLS, acc_dtype, block_cols
+from ._common import (
+    INTERPRETER_BLOCK_ROWS,
+    MAX_BLOCK_COLS,
+    acc_dtype,
+    accumulation_dtype,
+    arrive_last,
+    block_cols,
+    split_samples,
+    tile_and_split,
+    tile_counters,
+)
 from .philox import aligned, randn, randn4
 
 # Elements per forward program on a GPU (a quarter for float64): 8 float32
@@ -31,6 +44,7 @@ FORWARD_TILE = 2048
 # Elements of mu per backward program (a quarter for float64) at 8 warps; the
 # sums over samples stay in registers.
 BACKWARD_TILE = 2048
+BACKWARD_MAXNREG = 128
 # Under the interpreter (CPU tensors) a program costs about 1 ms whatever its
 # size: few, large programs.
 INTERPRETER_BACKWARD_TILE = 1 << 16
@@ -92,7 +106,29 @@ def _sample_normal_fwd_kernel(
         tl.store(ratio_ptr + r, (0.5 * ratio).to(ratio_ptr.dtype.element_ty), mask=r < KN)
 
 
-@triton.jit(do_not_specialize=["N", "NL", "K"])
+@triton.jit
+def _finish(acc_mu, acc_lv, acc_g, acc_score, i, mask, n, mu, lv, grad_kl_ptr, dmu_ptr, dlv_ptr,
+            HAS_GRAD_KL: tl.constexpr, HAS_GRAD_RATIO: tl.constexpr, STOP_SCORE: tl.constexpr, ACC: tl.constexpr):
+    """dmu, dlogvar of a block from its sums over every sample, plus the KL's terms."""
+    dmu = acc_mu
+    dlv = 0.5 * acc_lv * tl.exp(0.5 * lv)  # s again: not kept live across the sample loop
+    if HAS_GRAD_RATIO:
+        # the score term eps / s as (sum_k gr eps) / s in dmu and sum_k gr eps^2 / 2
+        # in dlogvar, its exact product with eps s / 2: never (z - mu) exp(-logvar)
+        # (0 * inf for a collapsed posterior) nor (eps / s) * s (inf * 0 once 1 / s
+        # overflows); a zero sum stays 0
+        if STOP_SCORE:
+            dmu += tl.where(acc_score == 0, 0.0, acc_score * tl.exp(-0.5 * lv))
+        dlv += 0.5 * acc_g
+    if HAS_GRAD_KL:
+        gk = tl.load(grad_kl_ptr + n, mask=mask, other=0.0).to(ACC)
+        dmu += gk * mu
+        dlv += 0.5 * gk * (tl.exp(lv) - 1.0)
+    tl.store(dmu_ptr + i, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dlv_ptr + i, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N", "NL", "K", "K_PER", "SPLITS"])
 def _sample_normal_bwd_kernel(
     grad_z_ptr,  # (K, N, L), read when HAS_GRAD_Z
     grad_kl_ptr,  # (N,), read when HAS_GRAD_KL
@@ -102,10 +138,14 @@ def _sample_normal_bwd_kernel(
     seed_ptr,  # (): int64
     dmu_ptr,  # (N, L)
     dlv_ptr,  # (N, L)
+    part_ptr,  # (2 to 4, SPLITS, N * L) ACC: each split's sums (SPLITS > 1)
+    counter_ptr,  # (blocks,) int32 arrival counters, 0 between launches (SPLITS > 1)
     N,
     L,
     NL,  # N * L: the flat elements of mu, and the noise offset of one sample
     K,  # samples to sum over (0 when neither grad_z nor grad_log_ratio is given)
+    K_PER,  # samples per split
+    SPLITS,
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_KL: tl.constexpr,
     HAS_GRAD_RATIO: tl.constexpr,
@@ -114,8 +154,8 @@ def _sample_normal_bwd_kernel(
     BLOCK: tl.constexpr,  # elements of mu per program, a multiple of 4
     ALIGNED: tl.constexpr,  # L (so NL) divisible by 4: each sample's block starts a Philox counter
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    start = pid * BLOCK
+    tile, split, k0, k1 = tile_and_split(tl.cdiv(NL, BLOCK), K, K_PER)
+    start = tile * BLOCK
     # the block as (BLOCK // 4, 4): element start + 4 g + j, whole Philox counters per thread
     g4 = tl.arange(0, BLOCK // 4)[:, None]
     i = start + 4 * g4 + tl.arange(0, 4)[None, :]  # int64 flat index n * L + l
@@ -128,10 +168,11 @@ def _sample_normal_bwd_kernel(
     # sum_k grad_log_ratio (its direct logvar term), or with STOP_SCORE sum_k grad_log_ratio eps^2
     acc_g = tl.zeros([BLOCK // 4, 4], dtype=ACC)
     acc_score = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k grad_log_ratio eps (STOP_SCORE)
+    n = i // L
+    mu = tl.zeros([BLOCK // 4, 4], dtype=ACC)
     if HAS_GRAD_RATIO or HAS_GRAD_KL:
-        n = i // L
         mu = tl.load(mu_ptr + i, mask=mask, other=0.0).to(ACC)
-    for k in range(0, K):
+    for k in range(k0, k1):
         base = k * NL
         if ALIGNED:
             eps = randn4(seed, ((base + start) >> 2) + g4, ACC)
@@ -151,22 +192,34 @@ def _sample_normal_bwd_kernel(
                 acc_g += gr
         acc_mu += dz
         acc_lv += dz * eps
-    dmu = acc_mu
-    dlv = 0.5 * acc_lv * s
-    if HAS_GRAD_RATIO:
-        # the score term eps / s as (sum_k gr eps) / s in dmu and sum_k gr eps^2 / 2
-        # in dlogvar, its exact product with eps s / 2: never (z - mu) exp(-logvar)
-        # (0 * inf for a collapsed posterior) nor (eps / s) * s (inf * 0 once 1 / s
-        # overflows); a zero sum stays 0
-        if STOP_SCORE:
-            dmu += tl.where(acc_score == 0, 0.0, acc_score * tl.exp(-0.5 * lv))
-        dlv += 0.5 * acc_g
-    if HAS_GRAD_KL:
-        gk = tl.load(grad_kl_ptr + n, mask=mask, other=0.0).to(ACC)
-        dmu += gk * mu
-        dlv += 0.5 * gk * (tl.exp(lv) - 1.0)
-    tl.store(dmu_ptr + i, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dlv_ptr + i, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+    if SPLITS == 1:
+        _finish(acc_mu, acc_lv, acc_g, acc_score, i, mask, n, mu, lv, grad_kl_ptr, dmu_ptr, dlv_ptr,
+                HAS_GRAD_KL, HAS_GRAD_RATIO, STOP_SCORE, ACC)
+    else:
+        # each split's sums; the last program of the block to arrive adds them in split order
+        part = split * NL + i
+        tl.store(part_ptr + part, acc_mu, mask=mask)
+        tl.store(part_ptr + SPLITS * NL + part, acc_lv, mask=mask)
+        if HAS_GRAD_RATIO:
+            tl.store(part_ptr + 2 * SPLITS * NL + part, acc_g, mask=mask)
+            if STOP_SCORE:
+                tl.store(part_ptr + 3 * SPLITS * NL + part, acc_score, mask=mask)
+        if arrive_last(counter_ptr + tile, SPLITS):
+            sum_mu = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+            sum_lv = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+            sum_g = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+            sum_score = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+            for sp in range(0, SPLITS):
+                at = sp * NL + i
+                sum_mu += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
+                sum_lv += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_GRAD_RATIO:
+                    sum_g += tl.load(part_ptr + 2 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+                    if STOP_SCORE:
+                        sum_score += tl.load(part_ptr + 3 * SPLITS * NL + at, mask=mask, other=0.0,
+                                             cache_modifier=".cg")
+            _finish(sum_mu, sum_lv, sum_g, sum_score, i, mask, n, mu, lv, grad_kl_ptr, dmu_ptr, dlv_ptr,
+                    HAS_GRAD_KL, HAS_GRAD_RATIO, STOP_SCORE, ACC)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -230,11 +283,20 @@ def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, st
     K = 0 if samples is None else samples.shape[0]
     BLOCK, warps = backward_geometry(mu.device, mu.dtype == torch.float64)
     NL = N * L
-    _sample_normal_bwd_kernel[(triton.cdiv(NL, BLOCK),)](
+    blocks = triton.cdiv(NL, BLOCK)
+    splits, per_split = split_samples(blocks, K, mu.device)
+    sums = 2 if grad_log_ratio is None else 4 if stop_score else 3  # mu, logvar (+ ratio, + score)
+    part = torch.empty((sums, splits, NL) if splits > 1 else (1,), dtype=accumulation_dtype(mu.dtype),
+                       device=mu.device)
+    _sample_normal_bwd_kernel[(blocks * splits,)](
         grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
-        grad_log_ratio if grad_log_ratio is not None else mu, mu, logvar, seed, dmu, dlogvar, N, L, NL, K,
+        grad_log_ratio if grad_log_ratio is not None else mu, mu, logvar, seed, dmu, dlogvar, part,
+        tile_counters(mu.device, blocks, splits), N, L, NL, K, per_split, splits,
         HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
         HAS_GRAD_RATIO=grad_log_ratio is not None, STOP_SCORE=bool(stop_score),
         # aligned on L, not N * L: a variant must not depend on the batch size
         ACC=acc_dtype(mu.dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps,
+        # ptxas's own choice spilled a register across the sample loop (80 registers
+        # on sm_80; 128 on sm_90 with the score sums); a cap of 128 fits every variant
+        maxnreg=BACKWARD_MAXNREG,
     )

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, sample_splits
+from ._common import acc_dtype, sample_splits, tile_and_split
 from .philox import randn
 
 # Rows of up to 64 latents keep their whole triangle in registers (64 x 64 =
@@ -96,13 +96,9 @@ def _sample_normal_tril_fwd_kernel(
     BLOCK_L: tl.constexpr,
     SINGLE: tl.constexpr,  # L <= BLOCK_L: the whole triangle in one tile
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row_blocks = tl.cdiv(N, BLOCK_R)
-    split = pid // row_blocks
-    rows = (pid % row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    tile, split, k0, k1 = tile_and_split(tl.cdiv(N, BLOCK_R), K, K_PER)
+    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
-    k0 = split * K_PER
-    k1 = tl.minimum(k0 + K_PER, K)
     seed = tl.load(seed_ptr)
     NL = N * L
     ci = tl.arange(0, BLOCK_L)

@@ -114,16 +114,23 @@ def test_global_load_widths_read_the_sass():
 
 
 def test_batch_size_compiles_no_new_variant():
-    """Block shapes follow the row length only: every batch size and K of a run
-    reuses the variants of the first."""
-    def variants(B, K):
-        launches = aot.collect(["sm_90"], ["sample_normal", "gaussian_log_prob", "bernoulli_log_prob"],
-                               [dict(K=K, B=B, L=32, D=784)], ["float32"])
-        return {launch.key for launch in launches}
+    """Block shapes follow the row length only, and row, sample and batch
+    counts are not specialized on: for every op, a run of any batch size and
+    K compiles only the variants of two reference shapes (K = 50 and K = 5 of
+    256 rows: logmeanexp's forward splits K only where K exceeds one tile's
+    rows, a second code path, not a variant per size)."""
+    ops = list(aot._registry.OPS)
 
-    first = variants(256, 50)
-    for B, K in ((100, 50), (1, 5000), (1023, 7), (64, 1)):
-        assert variants(B, K) == first, (B, K)
+    def variants(B, K):
+        launches = aot.collect(["sm_90"], ops, [dict(K=K, B=B, L=32, D=784)], ["float32"])
+        return {launch.key: launch.kernel for launch in launches}
+
+    reference = {**variants(256, 50), **variants(256, 5)}
+    assert {kernel for kernel in reference.values()} >= {"_kl_normal_fwd_kernel", "_logmeanexp_fwd_kernel",
+                                                          "_logmeanexp_bwd_kernel", "_sample_normal_bwd_kernel"}
+    for B, K in ((100, 50), (1, 5000), (1023, 7), (64, 1), (3, 333)):
+        new = variants(B, K).keys() - reference.keys()
+        assert not new, (B, K, sorted(variants(B, K)[key] for key in new))
 
 
 def test_json_lines_report_each_launch(capsys):

@@ -122,7 +122,8 @@ def test_gpu_model_is_labelled_and_fills_the_gpu(tmp_path):
     """The model's rows say they are a model, and its programs column comes from
     the launchers: where a heavy op has 132 tiles of 4096 elements of work, it
     launches at least one wave over the H100's 132 SMs (docs/triton.md: tiles
-    are sized by bandwidth, not to fill a program count)."""
+    are sized by bandwidth, not to fill a program count), sample_normal's
+    backward too (it splits the samples where B * L is small)."""
     pytest.importorskip("triton")
     from benchmarks import gpu_model
 
@@ -133,11 +134,6 @@ def test_gpu_model_is_labelled_and_fills_the_gpu(tmp_path):
         shape = row["shape"]
         width = {"sample_normal": shape["L"], "latent_log_ratio": shape["L"],
                  "gaussian_log_prob": shape["D"], "bernoulli_log_prob": shape["D"]}.get(row["op"])
-        # Known gap (issue 23, open): sample_normal's backward loops over all K
-        # in each program and does not split samples yet, so at B * L below
-        # 132 tiles it launches less than a wave.
-        if (row["op"], row["direction"]) == ("sample_normal", "backward"):
-            continue
         if width is not None and shape["K"] * shape["B"] * width >= 132 * 4096:
             assert row["programs"] >= 132, row
 

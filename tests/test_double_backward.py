@@ -14,6 +14,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import fastvae
 from fastvae import _backend
+from fastvae.gaussian_log_prob import gaussian_log_prob_packed
 from fastvae.sample_normal import sample_normal_with_ratio_unchecked
 
 from conftest import INTERPRET
@@ -75,6 +76,8 @@ def _cases(g):
         "gaussian_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
                                   [r(3, 5), r(2, 3, 5), r(())], True),
         "gaussian_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7), [r(3, 5), r(2, 3, 5)], True),
+        # (mean, logvar) as the halves of one decoder output, read in place (issue 23)
+        "gaussian_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
         "gaussian_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
                               [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
         "bernoulli": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [torch.rand(3, 5, generator=g, dtype=F64),

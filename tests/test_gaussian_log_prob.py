@@ -319,3 +319,60 @@ def test_event_dims_sum_over_image_dimensions(backend):
     assert_close(got, want, 1 + want.abs(), "bernoulli event_dims=3")
     with pytest.raises(ValueError, match="event_dims must be >= 1"):
         fastvae.bernoulli_log_prob(x, logits, event_dims=0)
+
+
+# (lead shape, event shape, chunk dim): (mean, logvar) as the two halves of one decoder output
+PACKED = [((5, 3), (33,), -1), ((3,), (1,), -1), ((1,), (300,), -1), ((4, 2), (2, 3, 5), 2), ((2, 3), (4,), -1)]
+
+
+@pytest.mark.parametrize("lead,event,dim", PACKED)
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_packed_halves_match_separate_tensors(backend, sample_splits, lead, event, dim, x_grad):
+    """gaussian_log_prob_packed (the kernels read the two halves of one output
+    in place and write one gradient for it) gives the bits of gaussian_log_prob
+    on copies of the halves, values and gradients (x's summed over samples,
+    also split), and packed_mean_logvar finds the packed tensor behind slices
+    and chunks of a contiguous output (a conv decoder's channel halves too)."""
+    from fastvae.gaussian_log_prob import gaussian_log_prob_packed, packed_mean_logvar
+    _, device = backend
+    g = torch.Generator().manual_seed(len(lead) + event[-1])
+    full = (*lead, *event[:-1], 2 * event[-1]) if dim == -1 else (*lead, 2 * event[0], *event[1:])
+    h_leaf = torch.randn(full, generator=g).to(device).requires_grad_()
+    x = torch.randn((*lead[1:], *event) if len(lead) > 1 else event, generator=g).to(device)
+    x = x.reshape(*x.shape[:len(lead) - 1], -1).requires_grad_(x_grad)
+    h = h_leaf * 1.0  # a non-leaf, as a decoder's output
+    mean, logvar = h.chunk(2, dim)
+    packed = packed_mean_logvar(mean, logvar, len(lead))
+    assert packed is not None and packed.shape == (*lead, 2 * math.prod(event))
+    E = math.prod(event)
+    got = gaussian_log_prob_packed(x, packed)
+    want = fastvae.gaussian_log_prob(x, mean.reshape(*lead, E).clone(), logvar.reshape(*lead, E).clone())
+    assert torch.equal(got, want)
+    w = torch.randn(got.shape, generator=g).to(device)
+    inputs = [h_leaf] + ([x] if x_grad else [])
+    got_grads = torch.autograd.grad((got * w).sum(), inputs, retain_graph=True)
+    want_grads = torch.autograd.grad((want * w).sum(), inputs)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.equal(a, b)
+
+
+def test_packed_halves_are_found_only_where_they_are_exact(backend):
+    """Not halves of one contiguous output, or a path that is not views only
+    (an in-place change of a half), or only one half differentiable: None,
+    and the pair goes to gaussian_log_prob as it is."""
+    from fastvae.gaussian_log_prob import packed_mean_logvar
+    _, device = backend
+    h = torch.randn(3, 4, 10, device=device, requires_grad=True) * 1.0
+    assert packed_mean_logvar(h[..., :5], h[..., 5:], 2) is not None
+    assert packed_mean_logvar(h[..., 5:], h[..., :5], 2) is None  # logvar first
+    assert packed_mean_logvar(h[..., :4], h[..., 6:], 2) is None  # not adjacent
+    assert packed_mean_logvar(h[..., :5], h.detach()[..., 5:], 2) is None  # logvar without a gradient
+    assert packed_mean_logvar(h.mT[..., :2], h.mT[..., 2:], 2) is None  # the base is not row-contiguous
+    assert packed_mean_logvar(h[:, :2, :5], h[:, 2:, :5], 2) is None  # not the halves of each row
+    a = h * 1.0
+    mean, logvar = a[..., :5], a[..., 5:]
+    mean.mul_(2.0)  # an in-place change: the path from mean to a is not views only
+    assert packed_mean_logvar(mean, logvar, 2) is None
+    with torch.no_grad():
+        b = torch.randn(3, 4, 10, device=device)
+        assert packed_mean_logvar(b[..., :5], b[..., 5:], 2) is not None  # evaluation: read in place

@@ -866,3 +866,40 @@ def test_sampler_log_ratio_of_an_empty_latent_is_zero(backend, nan_poisoned_outp
     z, kl, ratio = SampleNormalWithRatio.apply(mu, mu, torch.tensor(7, device=device), 2, False)
     assert z.shape == (2, 3, 0) and torch.equal(ratio, torch.zeros(2, 3, device=device))
     assert torch.equal(kl, torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("beta", [1.0, 0.25, "tensor"])
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_elbo_glue_and_packed_decoder_halves_change_no_value(backend, reduction, beta, n_samples):
+    """On the Triton path the bound's sub/reduce backward is one division and
+    a decoder's (mean, logvar) halves of one output are read in place with one
+    gradient for the output (issue 23): the bound and every gradient equal,
+    to float32 rounding of the mean's 1/N, those of plain autograd on copies
+    of the halves, for every reduction and beta."""
+    _, device = backend
+    B, L, D_ = 5, 3, 7
+    torch.manual_seed(0)
+    W = (torch.randn(L, 2 * D_) * 0.5).to(device).requires_grad_()
+    x = torch.randn(B, D_, device=device)
+    mu = torch.randn(B, L, device=device).requires_grad_()
+    lv = (torch.randn(B, L, device=device) * 0.3).requires_grad_()
+    b = torch.tensor(0.5, device=device) if beta == "tensor" else beta
+
+    def run(copies):
+        def decode(z):
+            h = z @ W
+            mean, logvar = h[..., :D_], h[..., D_:]
+            return (mean.clone(), logvar.clone()) if copies else (mean, logvar)
+        out = fastvae.elbo(x, mu, lv, decode, likelihood="gaussian", beta=b, n_samples=n_samples,
+                           reduction="none" if copies else reduction, generator=gen(3))
+        if copies:  # plain autograd of the bound's reduction
+            out = out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+        g = torch.ones_like(out) if reduction == "none" else torch.tensor(1.7, device=device)
+        return out, torch.autograd.grad(out, (mu, lv, W), g)
+
+    got, got_grads = run(False)
+    want, want_grads = run(True)
+    assert torch.equal(got, want)
+    for name, a, e in zip(("mu", "logvar", "W"), got_grads, want_grads):
+        torch.testing.assert_close(a, e, rtol=2e-7, atol=0, msg=name)

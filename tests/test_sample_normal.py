@@ -498,3 +498,32 @@ def test_triton_small_tiles(backend, monkeypatch, L):
         _, _, z_ref, kl_ref, z_scale, kl_scale = reference_pieces(mu, logvar, 77, 3)
         assert_close(z, z_ref, z_scale, "z")
         assert_close(kl, kl_ref, kl_scale, "kl")
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("stop_score", [False, True])
+@pytest.mark.parametrize("use", [("z",), ("ratio",), ("z", "kl", "ratio")], ids="+".join)
+@pytest.mark.parametrize("batch,L,K", [((1,), 5, 7), ((3,), 33, 5), ((2,), 32, 2)])
+def test_backward_split_over_samples(backend, monkeypatch, splits, stop_score, use, batch, L, K):
+    """The GPU's path where the blocks of mu do not fill a wave (a few rows
+    against many samples): the samples split over programs, each split's sums
+    added in split order by the last program of a block to arrive, forced
+    under the interpreter (with small blocks, several per launch, the last one
+    partial): against the float64 formula; a second call gives the same bits
+    (the arrival counters are back at 0)."""
+    name, device = backend
+    if name != "triton":
+        pytest.skip("the Triton launcher's split")
+    from fastvae.kernels import _common
+    from fastvae.kernels import sample_normal as kernels
+
+    monkeypatch.setattr(_common, "FORCE_SPLITS", splits)
+    monkeypatch.setattr(kernels, "backward_geometry", lambda device, fp64: (16, 4))
+    mu, logvar = make_inputs(batch, L, 4, 3.0, torch.float32, device, requires_grad=True)
+    dmu, dlv, gz, gk, gr = run_with_ratio(mu, logvar, 91, K, stop_score, use, 4, torch.float32, device)
+    want_mu, want_lv, mu_scale, lv_scale = ratio_gradients_from_eps(mu, logvar, 91, K, gz, gk, gr, stop_score,
+                                                                     torch.float32)
+    assert_close(dmu, want_mu, mu_scale, f"dmu split {splits}")
+    assert_close(dlv, want_lv, lv_scale, f"dlogvar split {splits}")
+    again = run_with_ratio(mu, logvar, 91, K, stop_score, use, 4, torch.float32, device)
+    assert torch.equal(again[0], dmu) and torch.equal(again[1], dlv)
