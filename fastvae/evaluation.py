@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from ._backend import accumulation_dtype
+from ._backend import compute_dtype
 from ._decoder import as_posterior, check_likelihood, decoder_log_prob
 from ._noise import evaluation_noise
 from ._op import draw_seed
@@ -170,7 +170,7 @@ def _encode(encode: Callable, x: Tensor) -> DiagonalNormal | TrilNormal:
     if mu.dim() != 2 or mu.shape[0] != x.shape[0] or mu.shape[1] < 1:
         raise ValueError(f"encode(x) returned mu of shape {tuple(mu.shape)}; expected (B, L) with "
                          f"B = {x.shape[0]} for x of shape {tuple(x.shape)}")
-    if mu.dtype != x.dtype or mu.device != x.device:
+    if mu.device != x.device:  # dtypes may differ: a bfloat16 encoder (autocast) of float32 x
         raise TypeError(f"encode(x) returned {mu.dtype} on {mu.device}; x is {x.dtype} on {x.device}")
     return q
 
@@ -240,10 +240,9 @@ def _chunk_plan(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: in
     return kc, nb
 
 
-def _empty_state(n: int, count: int, like: Tensor) -> LogMeanExpState:
+def _empty_state(n: int, count: int, like: Tensor, dtype: torch.dtype) -> LogMeanExpState:
     """The state of no examples (n = 0) or of no samples (count = 0, a rank
     whose share of K is empty): (-inf, 0), which merges as nothing."""
-    dtype = accumulation_dtype(like.dtype)
     return LogMeanExpState(torch.full((n,), float("-inf"), dtype=dtype, device=like.device),
                            torch.zeros((n,), dtype=dtype, device=like.device), count)
 
@@ -256,7 +255,8 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
     mu = q.mu
     L = mu.shape[1]
     if k1 <= k0 or n == 0:
-        return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu)
+        dtype = compute_dtype(x, mu)
+        return _empty_state(n, max(0, k1 - k0), mu, dtype), _empty_state(n, max(0, k1 - k0), mu, dtype)
     last = (g0 + n) * cfg.k * L - 1
     if last > _MAX_OFFSET:
         raise ValueError(

@@ -26,14 +26,15 @@ def _forward(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
     """r (K, ...) for z (K, ..., L) and mu, logvar (..., L); stop_score only
     changes the gradient."""
     backend = _backend.backend_for(z.device)
-    _validate.dtype_for_backend(backend, z.dtype)
-    mu2 = flat(mu)
+    dtype = _backend.compute_dtype(z, mu, logvar)
+    mu2 = _backend.kernel_input(backend, flat(mu), dtype)
     N, L = mu2.shape
     K = z.shape[0]
-    out = _backend.empty_output((K, N), like=z)
+    out = _backend.empty_output((K, N), like=z, dtype=dtype)
     _backend.launch(
         backend, "latent_log_ratio_forward", K * N * L,
-        z=z.reshape(K, N, L).contiguous(), mu=mu2, logvar=flat(logvar), out=out,
+        z=_backend.kernel_input(backend, z.reshape(K, N, L).contiguous(), dtype), mu=mu2,
+        logvar=_backend.kernel_input(backend, flat(logvar), dtype), out=out,
     )
     return out.reshape(z.shape[:-1])
 
@@ -43,31 +44,35 @@ def _backward(grad_out: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, stop_scor
     """(dz (K, ..., L), dmu, dlogvar (..., L)); with stop_score the last two are
     empty (0,)-shaped tensors and are not computed."""
     backend = _backend.backend_for(z.device)
-    mu2 = flat(mu)
+    dtype = _backend.compute_dtype(z, mu, logvar)
+    mu2 = _backend.kernel_input(backend, flat(mu), dtype)
+    lv2 = _backend.kernel_input(backend, flat(logvar), dtype)
     N, L = mu2.shape
     K = z.shape[0]
-    dz = _backend.empty_output((K, N, L), like=z)
-    dmu = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
-    dlv = _backend.empty_output((0,) if stop_score else (N, L), like=mu)
+    z3 = _backend.kernel_input(backend, z.reshape(K, N, L).contiguous(), dtype)
+    dz = _backend.empty_output((K, N, L), like=z3)
+    dmu = _backend.empty_output((0,) if stop_score else (N, L), like=mu2)
+    dlv = _backend.empty_output((0,) if stop_score else (N, L), like=lv2)
     _backend.launch(
         backend, "latent_log_ratio_backward", K * N * L,
-        grad_out=grad_out.to(z.dtype).reshape(K, N).contiguous(), z=z.reshape(K, N, L).contiguous(),
-        mu=mu2, logvar=flat(logvar), dz=dz, dmu=None if stop_score else dmu, dlogvar=None if stop_score else dlv,
+        grad_out=grad_out.to(dtype).reshape(K, N).contiguous(), z=z3,
+        mu=mu2, logvar=lv2, dz=dz, dmu=None if stop_score else dmu, dlogvar=None if stop_score else dlv,
     )
     if not stop_score:
-        dmu, dlv = dmu.reshape(mu.shape), dlv.reshape(mu.shape)
-    return dz.reshape(z.shape), dmu, dlv
+        dmu = _backend.in_dtype(dmu, mu.dtype).reshape(mu.shape)
+        dlv = _backend.in_dtype(dlv, logvar.dtype).reshape(mu.shape)
+    return _backend.in_dtype(dz, z.dtype).reshape(z.shape), dmu, dlv
 
 
 def _backward_fake(grad_out, z, mu, logvar, stop_score):
     shape = (0,) if stop_score else mu.shape
-    return torch.empty_like(z), mu.new_empty(shape), mu.new_empty(shape)
+    return torch.empty_like(z), mu.new_empty(shape), logvar.new_empty(shape)
 
 
 latent_log_ratio_op = define(
     "latent_log_ratio(Tensor z, Tensor mu, Tensor logvar, bool stop_score) -> Tensor",
     _forward,
-    lambda z, mu, logvar, stop_score: z.new_empty(z.shape[:-1]),
+    lambda z, mu, logvar, stop_score: z.new_empty(z.shape[:-1], dtype=_backend.compute_dtype(z, mu, logvar)),
 )
 latent_log_ratio_backward_op = define(
     "latent_log_ratio_backward(Tensor grad_out, Tensor z, Tensor mu, Tensor logvar, bool stop_score)"

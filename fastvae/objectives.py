@@ -289,7 +289,10 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float) ->
         scale = ImportanceWeights.apply(lw.detach())  # 0 for an all -inf column
     else:
         scale = alpha + (1.0 - alpha) * ImportanceWeights.apply((1.0 - alpha) * lw.detach())
-    z.register_hook(lambda g: g * scale.unsqueeze(-1))
+    if z.dtype == scale.dtype:
+        z.register_hook(lambda g: g * scale.unsqueeze(-1))
+    else:  # a half-precision z (an autocast encoder): its gradient keeps z's dtype, scaled in float32
+        z.register_hook(lambda g: (g * scale.unsqueeze(-1)).to(g.dtype))
     if latent is not None:
         latent.register_hook(lambda g: g * scale)
 
