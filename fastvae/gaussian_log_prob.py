@@ -222,7 +222,8 @@ def gaussian_log_prob(
     elif logvar is not None:
         v = broadcast_var(logvar, "logvar", x_b, mean)
     elif isinstance(scale, Tensor):
-        v = broadcast_var(2.0 * torch.log(scale), "scale", x_b, mean)
+        # the log-variance in the compute dtype: a half-precision scale is not rounded again
+        v = broadcast_var(2.0 * torch.log(scale.to(dtype)), "scale", x_b, mean)
     else:
         scale = 1.0 if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:

@@ -197,7 +197,7 @@ def test_cpp_kernels_follow_torch_set_num_threads(monkeypatch):
     (torch.set_num_threads), so the two never oversubscribe the cores; small
     calls stay on the calling thread. (Through the Function path, where the
     thread count can be watched; csrc/torch_ops.cpp's threads() is the same rule.)"""
-    monkeypatch.setattr(_backend, "torch_ops", lambda t: None)
+    monkeypatch.setattr(_backend, "torch_ops", lambda *t: None)
     seen = []
     real = _backend.kernel_function("cpp", "kl_normal_forward")
     monkeypatch.setitem(_backend._functions, ("cpp", "kl_normal_forward"),
