@@ -36,7 +36,7 @@ from ._backend import compute_dtype
 from ._decoder import as_posterior, check_likelihood, decoder_log_prob
 from ._noise import evaluation_noise
 from ._op import draw_seed
-from .distributions import DiagonalNormal, TrilNormal
+from .distributions import DiagonalNormal, TrilNormal, widened
 from .logmeanexp import (
     LogMeanExpState,
     accumulate_states,
@@ -44,7 +44,7 @@ from .logmeanexp import (
     logmeanexp_from_state,
 )
 from .priors import StandardNormal, check_prior, log_ratio_to_standard
-from .sample_normal import _MAX_OFFSET, sample_at
+from .sample_normal import _MAX_OFFSET, sample_at, z_dtype
 
 # Bytes one chunk may use when chunk_size=None and memory_budget=None on the
 # CPU; see _chunk_plan. 256 MiB keeps the K = 5000, B = 256, D = 784
@@ -199,8 +199,13 @@ def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tens
         return z, ratio if extra is None else ratio + extra
     eps = evaluation_noise(seed, first_example=g, n_examples=q.mu.shape[0], n_samples=cfg.k, k0=c0, k1=c1,
                            latent=L, dtype=q.mu.dtype, device=q.mu.device)
-    S = q.scale_tril.tril()
-    z = (q.mu + (S @ eps.unsqueeze(-1).to(S.dtype)).squeeze(-1)).to(q.mu.dtype)
+    mu, S = widened(q.mu, q.scale_tril)
+    S = S.tril()
+    # S eps in the compute dtype (autocast would run the matmul in half
+    # precision); z then in sample_normal's z dtype
+    dtype = z_dtype(q.mu, q.scale_tril)  # outside the block, which turns autocast off
+    with torch.autocast(S.device.type, enabled=False):
+        z = (mu + (S @ eps.unsqueeze(-1).to(S.dtype)).squeeze(-1)).to(dtype)
     if not cfg.with_ratio:
         return z, None
     log_q = (StandardNormal().log_prob(eps) - torch.log(torch.diagonal(S, dim1=-2, dim2=-1)).sum(-1))

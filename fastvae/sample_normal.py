@@ -68,11 +68,18 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
 
 
 def z_dtype(mu: Tensor, logvar: Tensor) -> torch.dtype:
-    """z's dtype: the encoder's (mu's and logvar's, promoted). z is an
-    activation the decoder consumes: a half-precision decoder (a model cast
-    to bfloat16, or the autocast matmuls, which round it anyway) takes it as
-    it is. The KL and the log-ratio are float32 all the same, computed from
-    the unrounded z and the exact eps."""
+    """z's dtype. z is an activation the decoder consumes, and also the point
+    where a prior's log p(z) is evaluated:
+    - under torch.autocast (on mu's device type), the compute dtype (float32):
+      the decoder's autocast matmuls round z to half precision themselves (a
+      copy of K x B x L, small beside the decoder output), while a prior's
+      log p(z) and log q(z) see the same unrounded z as the KL and the
+      sampler's log-ratio, so the bound is the float32 bound of the rounded
+      encoder and decoder outputs;
+    - otherwise the encoder's dtype (mu's and logvar's, promoted): a model
+      cast to half precision takes z as it is (its matmuls refuse float32)."""
+    if torch.is_autocast_enabled(mu.device.type):
+        return _backend.compute_dtype(mu, logvar)
     return mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -61,11 +61,22 @@ def test_forward_backward_match_reference(backend, dtype, p):
     check_against_reference(p, dtype, backend[1])
 
 
+@settings(max_examples=8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(p=problems())
+def test_half_precision_matches_reference(backend, dtype, p):
+    """Half-precision z, mu, logvar: a float32 log-ratio against the float64
+    one of the same rounded inputs; gradients in the inputs' dtype."""
+    if dtype == torch.float16:  # exp(-logvar) in the gradient must fit float16's 65504
+        p = dict(p, lv_bound=min(p["lv_bound"], 5.0))
+    check_against_reference(p, dtype, backend[1])
+
+
 def check_against_reference(p, dtype, device):
     """r and its gradients in p's mode against the float64 reference."""
     z, mu, lv = make(p, dtype, device)
     r = fastvae.latent_log_ratio(z, mu, lv, stop_score=p["stop_score"])
-    assert r.shape == z.shape[:-1] and r.dtype == dtype
+    assert r.shape == z.shape[:-1] and r.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     g = torch.randn(r.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
     grads = torch.autograd.grad(r, (z, mu, lv), g.to(dtype).to(device), allow_unused=True)
 
