@@ -284,6 +284,8 @@ def test_half_precision(backend, dtype, x_dtype):
 def test_half_precision_matches_reference(backend, dtype, p):
     """The Hypothesis problems in half precision: every variance form, float32
     results against the float64 reference of the same rounded inputs."""
+    if dtype == torch.float16:  # the gradients' 1/var must fit float16's 65504
+        p = dict(p, lv_bound=min(p["lv_bound"], 5.0))
     check_against_reference(p, dtype, backend[1])
 
 
