@@ -98,7 +98,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
 # interpreter too, next to every op's own test module.
 # test_launches.py counts what each call launches on the CUDA path (issue 23).
 INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py",
-                     "test_launches.py")
+                     "test_launches.py", "test_autocast.py")
 
 
 def interpreter_test_modules() -> list[str]:
