@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -93,11 +93,15 @@ def to_front(t, dim, keepdim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @given(p=problems())
 def test_logmeanexp_forward_backward(backend, dtype, p):
+    check_logmeanexp(backend, dtype, p)
+
+
+def check_logmeanexp(backend, dtype, p):
     _, device = backend
     lw, lw64 = make_lw(p, dtype, device)
     K, dim = p["K"], p["dim"]
     out = fastvae.logmeanexp(lw, dim=dim, keepdim=p["keepdim"])
-    assert out.dtype == dtype
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # a bound is never half
     expected_shape = list(lw.shape)
     if p["keepdim"]:
         expected_shape[dim] = 1
@@ -115,6 +119,15 @@ def test_logmeanexp_forward_backward(backend, dtype, p):
     assert_close_or_inf(to_front(out, dim, p["keepdim"]), ref.detach(), shift.abs() + math.log(K) + 1.0, "out")
     w = reference.importance_weights(lw64)
     assert_close(dlw.movedim(dim, 0), dref, g64.abs() * (w * (1.0 + dist) + flushed(dtype, 1.0)), "dlw")
+
+
+@settings(max_examples=8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(p=problems())
+def test_logmeanexp_half_precision(backend, dtype, p):
+    """Half-precision log-weights: a float32 bound against the float64 one of
+    the same rounded log-weights (to float32 error), dlw in lw's dtype."""
+    check_logmeanexp(backend, dtype, p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

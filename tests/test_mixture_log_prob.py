@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
@@ -122,6 +122,20 @@ def test_forward_backward_match_torch_distributions(backend, dtype, p):
     g = torch.randn(p["batch"], generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
     out = check_against_oracle(inputs, g, dtype)
     assert torch.isfinite(out).all()
+
+
+@settings(max_examples=8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(p=problems())
+def test_half_precision_matches_torch_distributions(backend, dtype, p):
+    """The Hypothesis problems in half precision: a float32 log-density against
+    the float64 one of the same rounded inputs, gradients in the inputs' dtype."""
+    if dtype == torch.float16:  # the gradients (1/var, far-away z) must fit float16's 65504
+        p = dict(p, lv_bound=min(p["lv_bound"], 5.0), far="none")
+    _, device = backend
+    inputs = make(p, dtype, device)
+    g = torch.randn(p["batch"], generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
+    assert torch.isfinite(check_against_oracle(inputs, g, dtype)).all()
 
 
 @pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
