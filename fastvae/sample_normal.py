@@ -67,6 +67,9 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def z_dtype(mu: Tensor, logvar: Tensor) -> torch.dtype:
     """z's dtype. z is an activation the decoder consumes, and also the point
     where a prior's log p(z) is evaluated:
@@ -78,7 +81,8 @@ def z_dtype(mu: Tensor, logvar: Tensor) -> torch.dtype:
       encoder and decoder outputs;
     - otherwise the encoder's dtype (mu's and logvar's, promoted): a model
       cast to half precision takes z as it is (its matmuls refuse float32)."""
-    if torch.is_autocast_enabled(mu.device.type):
+    # (meta tensors have no autocast state to ask about)
+    if mu.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(mu.device.type):
         return _backend.compute_dtype(mu, logvar)
     return mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
 

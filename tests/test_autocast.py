@@ -241,3 +241,19 @@ def test_mixed_precision_training_learns_as_well_as_float32(device, half_dtype):
     full, mixed = held_out_bound(False), held_out_bound(True)
     assert full > initial + 10  # the float32 loop learns
     assert mixed > full - 1.0, (mixed, full)
+
+
+def test_z_dtype_under_autocast_and_without():
+    """z is float32 under autocast (the decoder's matmuls round it; priors see
+    it unrounded) and in the encoder's dtype without (a half-precision model
+    takes it as it is); KL terms are float32 either way; meta tensors, which
+    have no autocast state, work too."""
+    for device in ("cpu", "meta"):
+        mu = torch.zeros(3, 4, dtype=HALF, device=device)
+        z, kl = fastvae.sample_normal(mu, mu, 2)
+        assert (z.dtype, kl.dtype) == (HALF, torch.float32)
+        z, kl = fastvae.sample_normal_tril(mu, torch.eye(4, dtype=HALF, device=device).expand(3, 4, 4), 2)
+        assert (z.dtype, kl.dtype) == (HALF, torch.float32)
+    with torch.autocast("cpu", HALF):
+        z, kl = fastvae.sample_normal(torch.zeros(3, 4, dtype=HALF), torch.zeros(3, 4, dtype=HALF), 2)
+        assert (z.dtype, kl.dtype) == (torch.float32, torch.float32)
