@@ -1,4 +1,5 @@
 """Backend choice, the FASTVAE_BACKEND override and the missing-extension message."""
+import math
 import os
 import sys
 
@@ -214,3 +215,19 @@ def test_cpp_kernels_follow_torch_set_num_threads(monkeypatch):
             assert seen[-1] == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_cpp_likelihoods_read_half_precision_decoder_outputs():
+    """bfloat16 (as its uint16 bits) and float16 logits with float32 x and out
+    run as they are; anything else beside them names the argument."""
+    from fastvae import _C
+
+    x, out = torch.zeros(2, 3).numpy(), torch.full((4, 2), float("nan")).numpy()
+    for logits in (torch.zeros(4, 2, 3, dtype=torch.bfloat16).view(torch.uint16).numpy(),
+                   torch.zeros(4, 2, 3, dtype=torch.float16).numpy()):
+        _C.bernoulli_log_prob_forward(x, logits, out, 1)
+        assert abs(out + 3 * math.log(2)).max() < 1e-6  # three logits of 0: log(1/2) each
+        with pytest.raises(TypeError, match="x: expected dtype float32"):
+            _C.bernoulli_log_prob_forward(x.astype("float64"), logits, out, 1)
+        with pytest.raises(TypeError, match="out: expected dtype float32"):
+            _C.bernoulli_log_prob_forward(x, logits, out.astype("float64"), 1)
