@@ -193,7 +193,8 @@ def sample_normal(
     """Reparameterized samples from q = N(mu, diag(exp(logvar))) and KL(q || N(0, I)).
 
     Args:
-        mu, logvar: encoder outputs of shape (..., L), same dtype and device.
+        mu, logvar: encoder outputs of shape (..., L) on one device; any float
+            dtypes, each read as it is (float16/bfloat16 included).
         n_samples: None for one sample of shape (..., L); an int K >= 1 for
             z of shape (K, ..., L).
         generator: torch.Generator the Philox seed is drawn from (default: torch's
@@ -202,6 +203,9 @@ def sample_normal(
     Returns:
         (z, kl): z = mu + exp(logvar / 2) * eps with eps ~ N(0, I), and the
         analytic kl = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar) over L, shape (...).
+        kl is float32 for half-precision inputs (float64 if either is
+        float64); z has the encoder's dtype, or float32 under torch.autocast
+        (z_dtype says why).
 
     Both outputs are differentiable with respect to mu and logvar. The noise is
     generated in the kernel by counter-based Philox and regenerated in the
