@@ -258,7 +258,10 @@ def elbo(
     ``MultivariateNormal`` (mapped to those two).
 
     Returns:
-        The ELBO, a scalar (or per-example for reduction="none").
+        The ELBO, a scalar (or per-example for reduction="none"). float32
+        when the encoder or decoder outputs are half precision (under
+        torch.autocast, or a model cast to bfloat16/float16), float64 when
+        any input is; gradients reach each tensor in its own dtype.
 
     The sampling, KL, and likelihood run in fused kernels; no noise tensor and
     no K-fold copy of x is stored for the backward. Compiles under
@@ -418,7 +421,8 @@ def iwae(
             tends to the ELBO mean_k lw_k, and alpha = 1 returns exactly that.
 
     Returns:
-        The bound, a scalar (or per-example for reduction="none").
+        The bound, a scalar (or per-example for reduction="none"); float32
+        for half-precision encoder or decoder outputs, as fastvae.elbo's.
 
     All three estimators compile under torch.compile(fullgraph=True) ("dreg"'s
     backward hook on z is traced by Dynamo; the compiled gradients equal the
