@@ -88,7 +88,9 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
     assert json.loads(out.read_text())["results"] == payload["results"]
     impls = {r["impl"] for r in payload["results"]}
     assert impls >= {"eager", "compiled"} and len(impls) == 3
-    assert len(payload["results"]) == 2 * 3 * len(harness.MODES)
+    # K = 1 and 4 in float32, K = 4 with bfloat16 logits (--quick keeps one bfloat16 case)
+    assert len(payload["results"]) == 3 * 3 * len(harness.MODES)
+    assert {r["logits"] for r in payload["results"]} == {"float32", "bfloat16"}
     for r in payload["results"]:
         assert r["median_ms"] > 0
         if r["impl"].startswith("fastvae"):  # it keeps only its inputs for the backward
