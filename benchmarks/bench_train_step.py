@@ -3,7 +3,8 @@ loss written by hand, eager and under torch.compile.
 
 What is measured
 ----------------
-Two models, float32, decoders returning Bernoulli logits, on random inputs
+Two models, float32 (and each step again under torch.autocast in bfloat16:
+the "... autocast" cases), decoders returning Bernoulli logits, on random inputs
 (speed does not depend on the values); they are the training steps of the GPU
 probe (../shared/tools/gpu-probe/probe.py), so the suite and the probe time the
 same steps:
@@ -155,6 +156,19 @@ def fastvae_iwae(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
 LOSSES = {"elbo": (handwritten_elbo, fastvae_elbo), "iwae": (handwritten_iwae, fastvae_iwae)}
 
 
+def under_autocast(loss):
+    """The loss with its forward under torch.autocast in bfloat16 (the backward
+    follows the forward's dtypes), on x's device: the mixed-precision step of
+    issue 24, for the hand-written loss and fastvae alike."""
+    def step(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return loss(model, x, k)
+    return step
+
+
+LOSSES.update({f"{o} autocast": (under_autocast(h), under_autocast(f)) for o, (h, f) in list(LOSSES.items())})
+
+
 def compile_fullgraph(fn, notes: dict, key: str):
     """torch.compile(fn, fullgraph=True), falling back to a compile with graph
     breaks if tracing fails; notes[key] records which one ran and why."""
@@ -203,10 +217,14 @@ def sizes(quick: bool, models: list[str], batch: int | None, k: int | None) -> l
     out = []
     if "mlp" in models:
         b, kk = batch or (32 if quick else 256), k or (5 if quick else 50)
-        out += [("elbo", "mlp", "elbo", b, 1), (f"iwae k={kk}", "mlp", "iwae", b, kk)]
+        out += [("elbo", "mlp", "elbo", b, 1), (f"iwae k={kk}", "mlp", "iwae", b, kk),
+                ("elbo autocast", "mlp", "elbo autocast", b, 1),
+                (f"iwae k={kk} autocast", "mlp", "iwae autocast", b, kk)]
     if "conv" in models:
         (eb, ib, kk) = (4, 2, 2) if quick else (128, 64, 8)
-        out += [("conv elbo", "conv", "elbo", eb, 1), (f"conv iwae k={kk}", "conv", "iwae", ib, kk)]
+        out += [("conv elbo", "conv", "elbo", eb, 1), (f"conv iwae k={kk}", "conv", "iwae", ib, kk),
+                ("conv elbo autocast", "conv", "elbo autocast", eb, 1),
+                (f"conv iwae k={kk} autocast", "conv", "iwae autocast", ib, kk)]
     return out
 
 
@@ -245,7 +263,7 @@ def main(argv=None) -> dict | None:
     torch.manual_seed(0)
     models = {m: MODELS[m]().to(device) for m in MODELS if m in names}
     notes: dict = {}
-    title = "one training step, float32, Bernoulli: " + ", ".join(TITLES[m] for m in models)
+    title = "one training step, float32 and under bfloat16 autocast, Bernoulli: " + ", ".join(TITLES[m] for m in models)
     case_sizes = sizes(args.quick, names, args.batch, args.k)
     return harness.run(__spec__.name, OP, title, cases(models, case_sizes), make_impls(models, backends, notes), args,
                        {"fastvae_compile": notes})

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "half.h"
 #include "outputs.h"
 
 
@@ -30,6 +31,15 @@ inline std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// The NumPy dtype of a kernel storage type: bfloat16 travels as its uint16
+// bits (NumPy has none), float16 is NumPy's own.
+template <typename T>
+py::dtype numpy_dtype() { return py::dtype::of<T>(); }
+template <>
+inline py::dtype numpy_dtype<bf16>() { return py::dtype("uint16"); }
+template <>
+inline py::dtype numpy_dtype<fp16>() { return py::dtype("float16"); }
+
 // Raised for an array whose data is not aligned to its element type (a view
 // of a byte buffer at an odd offset, e.g. torch.frombuffer(buf, offset=1)):
 // the kernels' loads assume alignment. A ValueError in Python
@@ -44,9 +54,9 @@ struct MisalignedArray : std::runtime_error {
 // direct callers of fastvae._C must do the same.
 template <typename T>
 T* checked(py::array& a, const char* name, const std::vector<int64_t>& shape, bool writable) {
-  if (!a.dtype().is(py::dtype::of<T>())) {
+  if (!a.dtype().is(numpy_dtype<T>())) {
     throw py::type_error(std::string(name) + ": expected dtype " +
-                         std::string(py::str(py::dtype::of<T>())) + ", got " +
+                         std::string(py::str(numpy_dtype<T>())) + ", got " +
                          std::string(py::str(a.dtype())));
   }
   if (!(a.flags() & py::array::c_style)) {
@@ -83,6 +93,10 @@ inline int check_threads(int n_threads) {
   if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
   return n_threads;
 }
+
+// Whether `a` holds half-precision storage: float16, or bfloat16 as uint16 bits.
+inline bool is_fp16(const py::array& a) { return a.dtype().is(numpy_dtype<fp16>()); }
+inline bool is_bf16(const py::array& a) { return a.dtype().is(numpy_dtype<bf16>()); }
 
 // Calls the float32 or float64 instantiation according to the dtype of `first`.
 template <typename F32, typename F64>

@@ -3,7 +3,10 @@
 // with var = exp(v) (log-variance) or softplus(v) + delta, v laid out per
 // element, per x row or per dimension (likelihood.h). x is read once per
 // (k, p) row from cache, never copied K times; the backward fuses dmean, dv
-// and dx into one pass.
+// and dx into one pass. The decoder outputs, mean (storage type H) and a
+// per-element v (V = H), are read in their own dtype (bfloat16/float16 with
+// float32 compute: half.h) and their gradients written in it; a shared
+// (per-row or per-dimension) v is V = T.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -12,6 +15,7 @@
 #include <omp.h>
 
 #include "fastmath.h"
+#include "half.h"
 #include "likelihood.h"
 #include "rows.h"  // slab_count, slab_begin
 
@@ -51,25 +55,25 @@ template <typename T>
 FASTVAE_INLINE T over_var(T diff, T inv) { return diff == T(0) ? T(0) : diff * inv; }
 
 // sum_d((x - m)^2 / var + log var) over one row with var per element.
-template <typename T, bool kSoftplus>
-FASTVAE_INLINE double row_sum_element(const T* x, const T* m, const T* v, T delta, int64_t D) {
+template <typename T, bool kSoftplus, typename H, typename V>
+FASTVAE_INLINE double row_sum_element(const T* x, const H* m, const V* v, T delta, int64_t D) {
   T acc = 0;  // float32 accumulation: the simd lanes keep 16 partial sums
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) {
-    const InvLogVar<T> w = inv_and_log_var<T, kSoftplus>(v[d], delta);
-    const T diff = x[d] - m[d];
+    const InvLogVar<T> w = inv_and_log_var<T, kSoftplus>(T(widen(v[d])), delta);
+    const T diff = x[d] - T(widen(m[d]));
     acc += sq_over_var(diff, w.inv) + w.log_var;
   }
   return acc;
 }
 
 // sum_d (x - m)^2 * inv over one row with a shared 1/var row.
-template <typename T>
-FASTVAE_INLINE double row_sum_shared(const T* x, const T* m, const T* inv, int64_t D) {
+template <typename T, typename H>
+FASTVAE_INLINE double row_sum_shared(const T* x, const H* m, const T* inv, int64_t D) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t d = 0; d < D; ++d) {
-    const T diff = x[d] - m[d];
+    const T diff = x[d] - T(widen(m[d]));
     acc += sq_over_var(diff, inv[d]);
   }
   return acc;
@@ -77,18 +81,19 @@ FASTVAE_INLINE double row_sum_shared(const T* x, const T* m, const T* inv, int64
 
 // Backward of one (k, p) row, var per element: writes dmean, and dv when it
 // is given, and subtracts into dx_acc (the sum over k) when it is given.
-template <typename T, bool kSoftplus>
-FASTVAE_INLINE void row_grad_element(const T* x, const T* m, const T* v, T delta, T g, int64_t D,
-                             T* dmean, T* dv, T* dx_acc) {
+template <typename T, bool kSoftplus, typename H, typename V>
+FASTVAE_INLINE void row_grad_element(const T* x, const H* m, const V* v, T delta, T g, int64_t D,
+                             H* dmean, V* dv, T* dx_acc) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
-    const T diff = x[d] - m[d];
-    const T inv = inv_and_log_var<T, kSoftplus>(v[d], delta).inv;
+    const T diff = x[d] - T(widen(m[d]));
+    const T vd = T(widen(v[d]));
+    const T inv = inv_and_log_var<T, kSoftplus>(vd, delta).inv;
     const T gm = g * over_var(diff, inv);
-    dmean[d] = gm;
+    dmean[d] = narrow<H>(gm);
     if (dv) {
-      dv[d] = kSoftplus ? T(0.5) * g * (diff * diff * inv * inv - inv) * sigmoid_t(v[d])
-                        : T(0.5) * g * (sq_over_var(diff, inv) - T(1));
+      dv[d] = narrow<V>(kSoftplus ? T(0.5) * g * (diff * diff * inv * inv - inv) * sigmoid_t(vd)
+                                  : T(0.5) * g * (sq_over_var(diff, inv) - T(1)));
     }
     if (dx_acc) dx_acc[d] -= gm;
   }
@@ -97,26 +102,27 @@ FASTVAE_INLINE void row_grad_element(const T* x, const T* m, const T* v, T delta
 // Backward of one row with a shared 1/var row: dmean, dx_acc as above, and
 // (when a_acc is given) a_acc[d] += g (x - m)^2, from which the shared dv is
 // formed per x row.
-template <typename T>
-FASTVAE_INLINE void row_grad_shared(const T* x, const T* m, const T* inv, T g, int64_t D,
-                                    T* dmean, T* a_acc, T* dx_acc) {
+template <typename T, typename H>
+FASTVAE_INLINE void row_grad_shared(const T* x, const H* m, const T* inv, T g, int64_t D,
+                                    H* dmean, T* a_acc, T* dx_acc) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
-    const T diff = x[d] - m[d];
+    const T diff = x[d] - T(widen(m[d]));
     const T gm = g * over_var(diff, inv[d]);
-    dmean[d] = gm;
+    dmean[d] = narrow<H>(gm);
     if (a_acc) a_acc[d] += g * diff * diff;
     if (dx_acc) dx_acc[d] -= gm;
   }
 }
 
 // 1/var of a shared row and the row's sum of log var.
-template <typename T>
-double shared_inv_row(const T* v, bool softplus, T delta, int64_t D, T* inv) {
+template <typename T, typename V>
+double shared_inv_row(const V* v, bool softplus, T delta, int64_t D, T* inv) {
   double sum_log_var = 0.0;
   for (int64_t d = 0; d < D; ++d) {
-    const InvLogVar<T> w = softplus ? inv_and_log_var<T, true>(v[d], delta)
-                                    : inv_and_log_var<T, false>(v[d], delta);
+    const T vd = T(widen(v[d]));
+    const InvLogVar<T> w = softplus ? inv_and_log_var<T, true>(vd, delta)
+                                    : inv_and_log_var<T, false>(vd, delta);
     inv[d] = w.inv;
     sum_log_var += double(w.log_var);
   }
@@ -125,22 +131,22 @@ double shared_inv_row(const T* v, bool softplus, T delta, int64_t D, T* inv) {
 
 // dv of a shared row from A = sum g (x - m)^2 and G = sum g over its rows:
 // logvar: (inv A - G) / 2;  softplus: (inv^2 A - inv G) / 2 * sigmoid(v).
-template <typename T, typename A>
-void shared_dv_row(const T* v, const T* inv, const A* a, double G, bool softplus,
-                   int64_t D, T* dv) {
+template <typename T, typename A, typename V>
+void shared_dv_row(const V* v, const T* inv, const A* a, double G, bool softplus,
+                   int64_t D, V* dv) {
   for (int64_t d = 0; d < D; ++d) {
     const double iv = inv[d];
     const double ad = a[d];
     // ad == 0 (every x == m) with an overflowed iv is 0, not NaN
-    dv[d] = softplus ? T(0.5 * (iv * iv * ad - iv * G) * double(sigmoid_t(v[d])))
-                     : T(0.5 * ((ad == 0.0 ? 0.0 : iv * ad) - G));
+    dv[d] = narrow<V>(softplus ? T(0.5 * (iv * iv * ad - iv * G) * double(sigmoid_t(T(widen(v[d])))))
+                               : T(0.5 * ((ad == 0.0 ? 0.0 : iv * ad) - G)));
   }
 }
 
 // The hot loops of one task of x rows [p0, p1). Templates are inlined into
 // each ISA clone of the float32 entry points below.
-template <typename T>
-FASTVAE_INLINE void forward_rows(const T* x, const T* mean, const T* v, VarLayout layout, bool softplus,
+template <typename T, typename H, typename V>
+FASTVAE_INLINE void forward_rows(const T* x, const H* mean, const V* v, VarLayout layout, bool softplus,
                          T delta, int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,
                          const T* dim_inv, double dim_log_var, T* inv_row, T* out) {
   const double log2pi = double(D) * kLog2Pi;
@@ -154,7 +160,7 @@ FASTVAE_INLINE void forward_rows(const T* x, const T* mean, const T* v, VarLayou
     }
     for (int64_t k = 0; k < K; ++k) {
       const int64_t r = k * P + p;
-      const T* m = mean + r * D;
+      const H* m = mean + r * D;
       double s;
       if (layout == VarLayout::kElement) {
         s = softplus ? row_sum_element<T, true>(xp, m, v + r * D, delta, D)
@@ -169,11 +175,11 @@ FASTVAE_INLINE void forward_rows(const T* x, const T* mean, const T* v, VarLayou
 
 // dv may be null (its argument needs no gradient, e.g. a fixed scale): then
 // no (x - m)^2 sums are formed at all.
-template <typename T>
-FASTVAE_INLINE void backward_rows(const T* g, const T* x, const T* mean, const T* v,
+template <typename T, typename H, typename V>
+FASTVAE_INLINE void backward_rows(const T* g, const T* x, const H* mean, const V* v,
                                   VarLayout layout, bool softplus, T delta, int64_t K, int64_t P,
                                   int64_t D, int64_t p0, int64_t p1, const T* dim_inv, T* inv_row,
-                                  T* a_row, double* dim_a, double& dim_g, T* dx, T* dmean, T* dv) {
+                                  T* a_row, double* dim_a, double& dim_g, T* dx, H* dmean, V* dv) {
   const bool shared = layout != VarLayout::kElement;
   T* a_acc = shared && dv ? a_row : nullptr;
   for (int64_t p = p0; p < p1; ++p) {
@@ -190,7 +196,7 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* x, const T* mean, const T
     for (int64_t k = 0; k < K; ++k) {
       const int64_t r = k * P + p;
       const T gr = g[r];
-      T* dvr = dv ? dv + r * D : nullptr;
+      V* dvr = dv ? dv + r * D : nullptr;
       if (!shared && softplus) {
         row_grad_element<T, true>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D, dvr,
                                   dxp);
@@ -211,32 +217,44 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* x, const T* mean, const T
   }
 }
 
-FASTVAE_CLONES void forward_rows_f32(const float* x, const float* mean, const float* v,
-                                     VarLayout layout, bool softplus, float delta, int64_t K,
-                                     int64_t P, int64_t D, int64_t p0, int64_t p1,
-                                     const float* dim_inv, double dim_log_var, float* inv_row,
-                                     float* out) {
-  forward_rows<float>(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
-                      dim_log_var, inv_row, out);
-}
+// One ISA-cloned entry point per (mean, v) storage pair with float32 compute.
+#define FASTVAE_GAUSSIAN_F32(H, V, suffix)                                                       \
+  FASTVAE_CLONES void forward_rows_##suffix(const float* x, const H* mean, const V* v,          \
+                                            VarLayout layout, bool softplus, float delta,       \
+                                            int64_t K, int64_t P, int64_t D, int64_t p0,        \
+                                            int64_t p1, const float* dim_inv,                   \
+                                            double dim_log_var, float* inv_row, float* out) {   \
+    forward_rows<float>(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,          \
+                        dim_log_var, inv_row, out);                                             \
+  }                                                                                             \
+  FASTVAE_CLONES void backward_rows_##suffix(                                                   \
+      const float* g, const float* x, const H* mean, const V* v, VarLayout layout,              \
+      bool softplus, float delta, int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,      \
+      const float* dim_inv, float* inv_row, float* a_acc, double* dim_a, double& dim_g,         \
+      float* dx, H* dmean, V* dv) {                                                             \
+    backward_rows<float>(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,      \
+                         inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);                          \
+  }                                                                                             \
+  void forward_task(const float* x, const H* mean, const V* v, VarLayout layout, bool softplus, \
+                    float delta, int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,       \
+                    const float* dim_inv, double dim_log_var, float* inv_row, float* out) {     \
+    forward_rows_##suffix(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,        \
+                          dim_log_var, inv_row, out);                                           \
+  }                                                                                             \
+  void backward_task(const float* g, const float* x, const H* mean, const V* v,                 \
+                     VarLayout layout, bool softplus, float delta, int64_t K, int64_t P,        \
+                     int64_t D, int64_t p0, int64_t p1, const float* dim_inv, float* inv_row,   \
+                     float* a_acc, double* dim_a, double& dim_g, float* dx, H* dmean, V* dv) {  \
+    backward_rows_##suffix(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,    \
+                           inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);                        \
+  }
 
-FASTVAE_CLONES void backward_rows_f32(const float* g, const float* x, const float* mean,
-                                      const float* v, VarLayout layout, bool softplus,
-                                      float delta, int64_t K, int64_t P, int64_t D, int64_t p0,
-                                      int64_t p1, const float* dim_inv, float* inv_row,
-                                      float* a_acc, double* dim_a, double& dim_g, float* dx,
-                                      float* dmean, float* dv) {
-  backward_rows<float>(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
-                       inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);
-}
-
-void forward_task(const float* x, const float* mean, const float* v, VarLayout layout,
-                  bool softplus, float delta, int64_t K, int64_t P, int64_t D, int64_t p0,
-                  int64_t p1, const float* dim_inv, double dim_log_var, float* inv_row,
-                  float* out) {
-  forward_rows_f32(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv, dim_log_var,
-                   inv_row, out);
-}
+FASTVAE_GAUSSIAN_F32(float, float, f32)
+FASTVAE_GAUSSIAN_F32(bf16, bf16, bf16)
+FASTVAE_GAUSSIAN_F32(bf16, float, bf16_shared)
+FASTVAE_GAUSSIAN_F32(fp16, fp16, fp16)
+FASTVAE_GAUSSIAN_F32(fp16, float, fp16_shared)
+#undef FASTVAE_GAUSSIAN_F32
 
 void forward_task(const double* x, const double* mean, const double* v, VarLayout layout,
                   bool softplus, double delta, int64_t K, int64_t P, int64_t D, int64_t p0,
@@ -244,14 +262,6 @@ void forward_task(const double* x, const double* mean, const double* v, VarLayou
                   double* out) {
   forward_rows<double>(x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv,
                        dim_log_var, inv_row, out);
-}
-
-void backward_task(const float* g, const float* x, const float* mean, const float* v,
-                   VarLayout layout, bool softplus, float delta, int64_t K, int64_t P, int64_t D,
-                   int64_t p0, int64_t p1, const float* dim_inv, float* inv_row, float* a_acc,
-                   double* dim_a, double& dim_g, float* dx, float* dmean, float* dv) {
-  backward_rows_f32(g, x, mean, v, layout, softplus, delta, K, P, D, p0, p1, dim_inv, inv_row,
-                    a_acc, dim_a, dim_g, dx, dmean, dv);
 }
 
 void backward_task(const double* g, const double* x, const double* mean, const double* v,
@@ -267,8 +277,8 @@ int64_t n_tasks(int64_t P) { return (P + kRowsPerTask - 1) / kRowsPerTask; }
 
 }  // namespace
 
-template <typename T>
-void gaussian_log_prob_forward(const T* x, const T* mean, const T* v, VarLayout layout,
+template <typename T, typename H, typename V>
+void gaussian_log_prob_forward(const T* x, const H* mean, const V* v, VarLayout layout,
                                bool softplus, double delta, int64_t K, int64_t P, int64_t D,
                                T* out, int n_threads) {
   // A per-dimension variance is turned into one 1/var row up front.
@@ -289,10 +299,10 @@ void gaussian_log_prob_forward(const T* x, const T* mean, const T* v, VarLayout 
   }
 }
 
-template <typename T>
-void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* v,
+template <typename T, typename H, typename V>
+void gaussian_log_prob_backward(const T* g, const T* x, const H* mean, const V* v,
                                 VarLayout layout, bool softplus, double delta, int64_t K,
-                                int64_t P, int64_t D, T* dx, T* dmean, T* dv, int n_threads) {
+                                int64_t P, int64_t D, T* dx, H* dmean, V* dv, int n_threads) {
   const bool dim = layout == VarLayout::kDim;
   const bool dim_dv = dim && dv != nullptr;
   std::vector<T> dim_inv(dim ? D : 0);
@@ -330,18 +340,18 @@ void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* 
   }
 }
 
-template void gaussian_log_prob_forward<float>(const float*, const float*, const float*,
-                                               VarLayout, bool, double, int64_t, int64_t,
-                                               int64_t, float*, int);
-template void gaussian_log_prob_forward<double>(const double*, const double*, const double*,
-                                                VarLayout, bool, double, int64_t, int64_t,
-                                                int64_t, double*, int);
-template void gaussian_log_prob_backward<float>(const float*, const float*, const float*,
-                                                const float*, VarLayout, bool, double, int64_t,
-                                                int64_t, int64_t, float*, float*, float*, int);
-template void gaussian_log_prob_backward<double>(const double*, const double*, const double*,
-                                                 const double*, VarLayout, bool, double,
-                                                 int64_t, int64_t, int64_t, double*, double*,
-                                                 double*, int);
+#define FASTVAE_GAUSSIAN_INSTANTIATE(T, H, V)                                                   \
+  template void gaussian_log_prob_forward<T, H, V>(const T*, const H*, const V*, VarLayout, bool, \
+                                                   double, int64_t, int64_t, int64_t, T*, int);  \
+  template void gaussian_log_prob_backward<T, H, V>(const T*, const T*, const H*, const V*,       \
+                                                    VarLayout, bool, double, int64_t, int64_t,   \
+                                                    int64_t, T*, H*, V*, int);
+FASTVAE_GAUSSIAN_INSTANTIATE(float, float, float)
+FASTVAE_GAUSSIAN_INSTANTIATE(float, bf16, bf16)
+FASTVAE_GAUSSIAN_INSTANTIATE(float, bf16, float)
+FASTVAE_GAUSSIAN_INSTANTIATE(float, fp16, fp16)
+FASTVAE_GAUSSIAN_INSTANTIATE(float, fp16, float)
+FASTVAE_GAUSSIAN_INSTANTIATE(double, double, double)
+#undef FASTVAE_GAUSSIAN_INSTANTIATE
 
 }  // namespace fastvae

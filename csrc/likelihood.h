@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "half.h"
 #include "ops.h"
 
 namespace fastvae {
@@ -26,24 +27,29 @@ inline bool valid_delta(double delta) {
 
 enum class VarLayout : int { kElement = 0, kRow = 1, kDim = 2 };
 
-template <typename T>
-void gaussian_log_prob_forward(const T* x, const T* mean, const T* v, VarLayout layout,
+// T: the compute type (x, out, g, dx, a shared v); H: mean's storage type
+// and V: v's (T, or for T = float bf16 / fp16 with V = H per element, V = T
+// shared), each read and its gradient written in its own dtype.
+template <typename T, typename H, typename V>
+void gaussian_log_prob_forward(const T* x, const H* mean, const V* v, VarLayout layout,
                                bool softplus, double delta, int64_t K, int64_t P, int64_t D,
                                T* out, int n_threads);
 
 // g: (K, P). dx: (P, D) or null; dmean: (K, P, D); dv: the shape of v, or null.
-template <typename T>
-void gaussian_log_prob_backward(const T* g, const T* x, const T* mean, const T* v,
+template <typename T, typename H, typename V>
+void gaussian_log_prob_backward(const T* g, const T* x, const H* mean, const V* v,
                                 VarLayout layout, bool softplus, double delta, int64_t K,
-                                int64_t P, int64_t D, T* dx, T* dmean, T* dv, int n_threads);
+                                int64_t P, int64_t D, T* dx, H* dmean, V* dv, int n_threads);
 
-template <typename T>
-void bernoulli_log_prob_forward(const T* x, const T* logits, int64_t K, int64_t P, int64_t D,
+// T: the compute type (x, out, g, dx); H: the logits' storage type, T or, for
+// T = float, bf16 / fp16 (half.h), read and written in its own dtype.
+template <typename T, typename H>
+void bernoulli_log_prob_forward(const T* x, const H* logits, int64_t K, int64_t P, int64_t D,
                                 T* out, int n_threads);
 
 // g: (K, P). dx: (P, D) or null; dlogits: (K, P, D).
-template <typename T>
-void bernoulli_log_prob_backward(const T* g, const T* x, const T* logits, int64_t K, int64_t P,
-                                 int64_t D, T* dx, T* dlogits, int n_threads);
+template <typename T, typename H>
+void bernoulli_log_prob_backward(const T* g, const T* x, const H* logits, int64_t K, int64_t P,
+                                 int64_t D, T* dx, H* dlogits, int n_threads);
 
 }  // namespace fastvae

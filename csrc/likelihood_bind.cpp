@@ -40,7 +40,7 @@ void check_delta(double delta) {
   }
 }
 
-template <typename T>
+template <typename T, typename H = T, typename V = T>
 void gaussian_forward_t(py::array x, py::array mean, py::array v, bool softplus, double delta,
                         py::array out, int n_threads) {
   check_delta<T>(delta);
@@ -48,14 +48,14 @@ void gaussian_forward_t(py::array x, py::array mean, py::array v, bool softplus,
   std::vector<int64_t> v_shape;
   const VarLayout layout = var_layout(v, s, v_shape);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-  const T* mp = checked<T>(mean, "mean", {s.K, s.P, s.D}, false);
-  const T* vp = checked<T>(v, "var_param", v_shape, false);
+  const H* mp = checked<H>(mean, "mean", {s.K, s.P, s.D}, false);
+  const V* vp = checked<V>(v, "var_param", v_shape, false);
   T* op = checked<T>(out, "out", {s.K, s.P}, true);
   py::gil_scoped_release release;
   gaussian_log_prob_forward<T>(xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, op, n_threads);
 }
 
-template <typename T>
+template <typename T, typename H = T, typename V = T>
 void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, bool softplus,
                          double delta, py::object dx, py::array dmean, py::object dv,
                          int n_threads) {
@@ -65,38 +65,38 @@ void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, 
   const VarLayout layout = var_layout(v, s, v_shape);
   const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-  const T* mp = checked<T>(mean, "mean", {s.K, s.P, s.D}, false);
-  const T* vp = checked<T>(v, "var_param", v_shape, false);
+  const H* mp = checked<H>(mean, "mean", {s.K, s.P, s.D}, false);
+  const V* vp = checked<V>(v, "var_param", v_shape, false);
   py::array dx_holder;
   T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
-  T* dmp = checked<T>(dmean, "dmean", {s.K, s.P, s.D}, true);
+  H* dmp = checked<H>(dmean, "dmean", {s.K, s.P, s.D}, true);
   py::array dv_holder;
-  T* dvp = checked_or_null<T>(dv, dv_holder, "dvar_param", v_shape, true);
+  V* dvp = checked_or_null<V>(dv, dv_holder, "dvar_param", v_shape, true);
   py::gil_scoped_release release;
   gaussian_log_prob_backward<T>(gp, xp, mp, vp, layout, softplus, delta, s.K, s.P, s.D, dxp, dmp,
                                 dvp, n_threads);
 }
 
-template <typename T>
+template <typename T, typename H = T>
 void bernoulli_forward_t(py::array x, py::array logits, py::array out, int n_threads) {
   const Dims s = decoder_dims(logits);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-  const T* lp = checked<T>(logits, "logits", {s.K, s.P, s.D}, false);
+  const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
   T* op = checked<T>(out, "out", {s.K, s.P}, true);
   py::gil_scoped_release release;
   bernoulli_log_prob_forward<T>(xp, lp, s.K, s.P, s.D, op, n_threads);
 }
 
-template <typename T>
+template <typename T, typename H = T>
 void bernoulli_backward_t(py::array g, py::array x, py::array logits, py::object dx,
                           py::array dlogits, int n_threads) {
   const Dims s = decoder_dims(logits);
   const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-  const T* lp = checked<T>(logits, "logits", {s.K, s.P, s.D}, false);
+  const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
   py::array dx_holder;
   T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
-  T* dlp = checked<T>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
+  H* dlp = checked<H>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
   py::gil_scoped_release release;
   bernoulli_log_prob_backward<T>(gp, xp, lp, s.K, s.P, s.D, dxp, dlp, n_threads);
 }
@@ -107,6 +107,13 @@ void bind_gaussian_log_prob(py::module_& m) {
   m.def("gaussian_log_prob_forward", [](py::array x, py::array mean, py::array v, bool softplus,
                                         double delta, py::array out, int n_threads) {
     check_threads(n_threads);
+    // a half-precision mean (and per-element v of its dtype) with float32 x, out
+    // and shared v: read as they are
+    const bool element = v.ndim() == 3;
+    if (is_bf16(mean) && element) return gaussian_forward_t<float, bf16, bf16>(x, mean, v, softplus, delta, out, n_threads);
+    if (is_bf16(mean)) return gaussian_forward_t<float, bf16, float>(x, mean, v, softplus, delta, out, n_threads);
+    if (is_fp16(mean) && element) return gaussian_forward_t<float, fp16, fp16>(x, mean, v, softplus, delta, out, n_threads);
+    if (is_fp16(mean)) return gaussian_forward_t<float, fp16, float>(x, mean, v, softplus, delta, out, n_threads);
     by_dtype(mean, [&] { gaussian_forward_t<float>(x, mean, v, softplus, delta, out, n_threads); },
              [&] { gaussian_forward_t<double>(x, mean, v, softplus, delta, out, n_threads); });
   }, py::arg("x"), py::arg("mean"), py::arg("var_param"), py::arg("softplus_mode"), py::arg("delta"),
@@ -116,6 +123,19 @@ void bind_gaussian_log_prob(py::module_& m) {
                                          bool softplus, double delta, py::object dx,
                                          py::array dmean, py::object dv, int n_threads) {
     check_threads(n_threads);
+    const bool element = v.ndim() == 3;
+    if (is_bf16(mean) && element) {
+      return gaussian_backward_t<float, bf16, bf16>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads);
+    }
+    if (is_bf16(mean)) {
+      return gaussian_backward_t<float, bf16, float>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads);
+    }
+    if (is_fp16(mean) && element) {
+      return gaussian_backward_t<float, fp16, fp16>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads);
+    }
+    if (is_fp16(mean)) {
+      return gaussian_backward_t<float, fp16, float>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads);
+    }
     by_dtype(mean,
              [&] { gaussian_backward_t<float>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); },
              [&] { gaussian_backward_t<double>(g, x, mean, v, softplus, delta, dx, dmean, dv, n_threads); });
@@ -128,6 +148,9 @@ void bind_bernoulli_log_prob(py::module_& m) {
   m.def("bernoulli_log_prob_forward", [](py::array x, py::array logits, py::array out,
                                          int n_threads) {
     check_threads(n_threads);
+    // half-precision logits with float32 x and out: read as they are
+    if (is_bf16(logits)) return bernoulli_forward_t<float, bf16>(x, logits, out, n_threads);
+    if (is_fp16(logits)) return bernoulli_forward_t<float, fp16>(x, logits, out, n_threads);
     by_dtype(logits, [&] { bernoulli_forward_t<float>(x, logits, out, n_threads); },
              [&] { bernoulli_forward_t<double>(x, logits, out, n_threads); });
   }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
@@ -135,6 +158,8 @@ void bind_bernoulli_log_prob(py::module_& m) {
   m.def("bernoulli_log_prob_backward", [](py::array g, py::array x, py::array logits,
                                           py::object dx, py::array dlogits, int n_threads) {
     check_threads(n_threads);
+    if (is_bf16(logits)) return bernoulli_backward_t<float, bf16>(g, x, logits, dx, dlogits, n_threads);
+    if (is_fp16(logits)) return bernoulli_backward_t<float, fp16>(g, x, logits, dx, dlogits, n_threads);
     by_dtype(logits, [&] { bernoulli_backward_t<float>(g, x, logits, dx, dlogits, n_threads); },
              [&] { bernoulli_backward_t<double>(g, x, logits, dx, dlogits, n_threads); });
   }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),

@@ -173,6 +173,41 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype an op computes in and writes its bounds, KL terms,
+    log-probabilities and log-weights in, whatever mix of dtypes its inputs
+    have: float64 when any input is float64, else float32 (half-precision
+    inputs never give a half-precision result: bfloat16 steps by 4 nats at a
+    bound of -544, where IWAE's weights differ by fractions of a nat)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def kernel_input(backend: str, t: torch.Tensor | None, dtype: torch.dtype, native_half: bool = False):
+    """``t`` as the kernels of ``backend`` read it when the op computes in
+    ``dtype``: as it is, in its own dtype (the Triton and reference kernels
+    load any float dtype and convert in registers), except
+    - a float64 computation casts every input to float64 (a rare mix: a
+      float32 tensor beside a float64 one), and
+    - the cpp kernels read half precision natively only for the decoder
+      outputs of the likelihoods (``native_half``, the one K-fold input,
+      whose bytes halve); their other inputs (encoder-sized (N, L) or (K, N)
+      tensors) are cast to float32 first."""
+    if t is None or t.dtype == dtype:
+        return t
+    if dtype == torch.float64 or (backend == "cpp" and not (native_half and t.dtype in HALF_DTYPES)):
+        return t.to(dtype)
+    return t
+
+
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A gradient computed on a cast kernel_input back in its input's dtype
+    (t itself when no cast was made)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 _functions: dict[tuple[str, str], object] = {}
 
 
@@ -206,8 +241,8 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
     if backend == "cpp":
         # positionally (pybind resolves keywords per call); detach only what
         # requires grad: it costs as much as the view
-        values = [v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else
-                  v.detach().numpy() if v.requires_grad else v.numpy() for k, v in args.items()]
+        values = [v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else _numpy(v)
+                  for k, v in args.items()]
         try:
             fn(*values, num_threads(work))
         except cpp_module().MisalignedArrayError:
@@ -226,6 +261,15 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
 
 
 _ARGS = {name: k.args for name, k in _registry.KERNELS.items()}
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor for the cpp kernels (zero copy). NumPy has
+    no bfloat16: a bfloat16 tensor goes as its uint16 bits, which the
+    bindings read as bfloat16 (csrc/half.h); float16 is NumPy's own."""
+    if t.requires_grad:
+        t = t.detach()  # costs as much as the view: only where needed
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def num_threads(work: int) -> int:
@@ -251,15 +295,19 @@ def _torch_ops():
     return types.SimpleNamespace(**{name: getattr(torch.ops.fastvae_cpp, name).default for name in TORCH_OPS})
 
 
-def torch_ops(t: torch.Tensor):
+def torch_ops(t: torch.Tensor, *others: torch.Tensor | None):
     """The C++ operators (``.sample_normal`` etc., TORCH_OPS) when they serve
     ``t``: a plain float32/float64 CPU tensor on the cpp backend, in eager mode,
-    in a build that has them; else None, and the op's Python autograd.Function
+    in a build that has them, with ``others`` (the op's other tensor inputs) of
+    its dtype; else None, and the op's Python autograd.Function
     runs it (torch.compile, torch.jit.trace, which would freeze the seed these
-    take as an int, the other backends, tensor subclasses such as FakeTensor).
-    Same kernels, so the same numbers either way."""
+    take as an int, the other backends, tensor subclasses such as FakeTensor,
+    half precision and mixed dtypes). Same kernels, so the same numbers either way."""
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
             or type(t) is not torch.Tensor or t.device.type != "cpu"
             or t.dtype not in _TORCH_OPS_DTYPES or (_chosen.get("cpu") or backend_for("cpu")) != "cpp"):
         return None
+    for o in others:
+        if o is not None and o.dtype != t.dtype:
+            return None
     return _torch_ops()

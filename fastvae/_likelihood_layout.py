@@ -138,11 +138,11 @@ def unfold_rows(t: Tensor, K: int, P: int) -> Tensor:
     return t.reshape(K, P, t.shape[-1]).sum(0)
 
 
-def likelihood_torch_ops(x: Tensor, out: Tensor):
+def likelihood_torch_ops(x: Tensor, out: Tensor, *others: Tensor):
     """_backend.torch_ops(out) for a likelihood op whose x is broadcast_x's
     result, or None where the folded layout (few x rows against many samples)
     applies: that stays with the op's Function."""
-    ops = _backend.torch_ops(out)
+    ops = _backend.torch_ops(out, x, *others)
     if ops is None or x.dim() == out.dim():
         return ops
     return None if fold_samples("cpp", kernel_shape(x, out)) else ops

@@ -11,13 +11,14 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The cpp and reference backends compute in the input dtype; half precision
-# is read natively only by the Triton kernels.
-FULL_DTYPES = (torch.float32, torch.float64)
 
 
 def float_tensors(**tensors: torch.Tensor) -> None:
-    """All arguments are floating-point tensors of one dtype on one device."""
+    """All arguments are floating-point tensors on one device. Their dtypes
+    may differ (bfloat16 logits with float32 x under autocast): every op
+    reads each input in its own dtype and computes in
+    ``_backend.compute_dtype`` of them all (docs/architecture.md, "Mixed
+    precision")."""
     first_name, first = None, None
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -30,8 +31,6 @@ def float_tensors(**tensors: torch.Tensor) -> None:
         if first is None:
             first_name, first = name, t
             continue
-        if t.dtype != first.dtype:
-            raise TypeError(f"dtype mismatch: {first_name} is {first.dtype}, {name} is {t.dtype}")
         if t.device != first.device:
             raise ValueError(f"device mismatch: {first_name} is on {first.device}, {name} is on {t.device}")
 
@@ -166,14 +165,6 @@ def sample_count(name: str, value, per_sample: int, like: torch.Tensor) -> int:
             f"streams over its samples in chunks)"
         )
     return value
-
-
-def dtype_for_backend(backend: str, dtype: torch.dtype) -> None:
-    if backend != "triton" and dtype not in FULL_DTYPES:
-        raise TypeError(
-            f"the {backend} backend supports float32 and float64, got {dtype}; "
-            "float16/bfloat16 inputs run on the triton backend (CUDA tensors)"
-        )
 
 
 def broadcasts_to(shape, target) -> bool:

@@ -14,14 +14,17 @@ def _forward(x: Tensor, logits: Tensor) -> Tensor:
     """sum_D(x * logits - softplus(logits)), shape (K, P), for x (P, D) and
     logits (K, P, D), both contiguous (kernel_views makes them so)."""
     backend = _backend.backend_for(logits.device)
-    _validate.dtype_for_backend(backend, logits.dtype)
+    dtype = _backend.compute_dtype(x, logits)
+    # logits are read in their own dtype (a bfloat16 decoder output is never
+    # copied to float32); the result is float32, or float64
+    x, logits = _backend.kernel_input(backend, x, dtype), _backend.kernel_input(backend, logits, dtype, True)
     if fold_samples(backend, logits):
         K, P, _ = logits.shape
         x, folded_logits, _ = folded(x, logits)
-        out = _backend.empty_output((1, K * P), like=logits)
+        out = _backend.empty_output((1, K * P), like=logits, dtype=dtype)
         _backend.launch(backend, "bernoulli_log_prob_forward", logits.numel(), x=x, logits=folded_logits, out=out)
         return out.view(K, P)
-    out = _backend.empty_output(logits.shape[:2], like=logits)
+    out = _backend.empty_output(logits.shape[:2], like=logits, dtype=dtype)
     _backend.launch(backend, "bernoulli_log_prob_forward", logits.numel(), x=x, logits=logits, out=out)
     return out
 
@@ -29,30 +32,33 @@ def _forward(x: Tensor, logits: Tensor) -> Tensor:
 def _backward(grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> list[Tensor]:
     """[dlogits (K, P, D)], and dx (P, D) when need_dx, for grad_out (K, P)
     and the layout of _forward (an unwanted gradient is not allocated at all:
-    that cost as much as a small kernel)."""
+    that cost as much as a small kernel). Each gradient in its input's dtype."""
     backend = _backend.backend_for(logits.device)
     K, P, D = logits.shape
+    dtype = _backend.compute_dtype(x, logits)
+    x_dtype, logits_dtype = x.dtype, logits.dtype
+    x, logits = _backend.kernel_input(backend, x, dtype), _backend.kernel_input(backend, logits, dtype, True)
+    grad_out = _backend.kernel_input(backend, grad_out, dtype)
     x2, l3 = x, logits
     fold = fold_samples(backend, logits)
     if fold:
         x2, l3, _ = folded(x, logits)
     dlogits = _backend.empty_output(l3.shape, like=logits)
-    dx = _backend.empty_output((l3.shape[1], D), like=logits) if need_dx else None
+    dx = _backend.empty_output((l3.shape[1], D), like=x) if need_dx else None
     _backend.launch(
         backend, "bernoulli_log_prob_backward", dlogits.numel(),
         grad_out=shaped(grad_out, l3.shape[:2]).contiguous(), x=x2, logits=l3, dx=dx, dlogits=dlogits,
     )
-    if fold:
-        dlogits = dlogits.view(K, P, D)
+    dlogits = _backend.in_dtype(dlogits.view(K, P, D) if fold else dlogits, logits_dtype)
     if not need_dx:
         return [dlogits]
-    return [dlogits, unfold_rows(dx, K, P) if fold else dx]
+    return [dlogits, _backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, x_dtype)]
 
 
 bernoulli_log_prob_op = define(
     "bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor",
     _forward,
-    lambda x, logits: logits.new_empty(logits.shape[:2]),
+    lambda x, logits: logits.new_empty(logits.shape[:2], dtype=_backend.compute_dtype(x, logits)),
 )
 bernoulli_log_prob_backward_op = define(
     "bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]",
@@ -109,6 +115,11 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
         shape. softplus is evaluated as max(l, 0) + log1p(exp(-|l|)), exact for
         |logits| of 100 and beyond. Differentiable in logits and in x when x
         requires grad.
+
+    Dtypes may differ (bfloat16 logits with float32 x, as under autocast):
+    each is read in its own dtype; the result is float32 when any input is
+    half precision (float64 when any is float64), and each gradient comes
+    back in its input's dtype.
     """
     _validate.float_tensors(x=x, logits=logits)
     _validate.event_dim("logits", logits)

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _validate
+from . import _backend, _validate
 from .gaussian_log_prob import gaussian_log_prob
 from .kl_normal import kl_normal
 from .sample_normal import sample_normal
@@ -113,9 +113,10 @@ class TrilNormal(_Gaussian):
 
     def kl_standard_normal(self) -> Tensor:
         """Analytic KL(self || N(0, I)), shape (...)."""
-        S = self.scale_tril.tril()
+        mu, S = widened(self.mu, self.scale_tril)
+        S = S.tril()
         diag = torch.diagonal(S, dim1=-2, dim2=-1)
-        return 0.5 * ((S * S).sum((-2, -1)) + (self.mu * self.mu).sum(-1) - self.latent_size
+        return 0.5 * ((S * S).sum((-2, -1)) + (mu * mu).sum(-1) - self.latent_size
                       - 2.0 * torch.log(diag).sum(-1))
 
 
@@ -158,18 +159,31 @@ def sample_tril_with_log_q(q: TrilNormal, n_samples: int | None, generator: torc
     with torch.no_grad():
         eps = SampleNormal.apply(zero, zero, seed, n_samples)[0]
     L = mu.shape[-1]
-    log_diag = torch.log(torch.diagonal(S.tril(), dim1=-2, dim2=-1)).sum(-1)
-    log_q = (-0.5 * (eps * eps).sum(-1) - 0.5 * L * LOG_2PI).to(z.dtype)
+    # in the compute dtype: a log-density is never rounded to half precision
+    (Sw,) = widened(S)
+    log_diag = torch.log(torch.diagonal(Sw.tril(), dim1=-2, dim2=-1)).sum(-1)
+    log_q = (-0.5 * (eps * eps).sum(-1) - 0.5 * L * LOG_2PI).to(log_diag.dtype)
     if not stop_score:
         return z, kl, log_q - log_diag
-    St = S.detach().tril().to(eps.dtype)
+    St = Sw.detach().tril().to(eps.dtype)
     u = torch.linalg.solve_triangular(St.mT.expand(*eps.shape[:-1], L, L), eps.unsqueeze(-1),
                                       upper=True).squeeze(-1).to(z.dtype)
     return z, kl, _StoppedScore.apply(z, log_q - log_diag.detach(), u)
 
 
+def widened(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors in their compute dtype (_backend.compute_dtype: float32 for
+    half precision), for the closed forms written in torch ops: a log-density
+    or KL is never rounded to half precision, and CPU has no bfloat16
+    triangular solve. They are encoder-sized (..., L) or (..., L, L): the
+    copies are small."""
+    dtype = _backend.compute_dtype(*tensors)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
 def tril_log_prob(z: Tensor, mu: Tensor, scale_tril: Tensor) -> Tensor:
     """log N(z; mu, S Sᵀ) summed over L, z (..., L) broadcasting against mu (..., L)."""
+    z, mu, scale_tril = widened(z, mu, scale_tril)
     S = scale_tril.tril()
     diff = z - mu
     batch = torch.broadcast_shapes(diff.shape[:-1], S.shape[:-2])

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from . import _pareto, _validate
-from ._backend import accumulation_dtype
+from ._backend import compute_dtype
 from ._decoder import as_posterior, check_likelihood, decoder_log_prob
 from ._noise import evaluation_noise
 from ._op import draw_seed
-from .distributions import DiagonalNormal, TrilNormal
+from .distributions import DiagonalNormal, TrilNormal, widened
 from .logmeanexp import (
     LogMeanExpState,
     accumulate_states,
@@ -44,7 +44,7 @@ from .logmeanexp import (
     logmeanexp_from_state,
 )
 from .priors import StandardNormal, check_prior, log_ratio_to_standard
-from .sample_normal import _MAX_OFFSET, sample_at
+from .sample_normal import _MAX_OFFSET, sample_at, z_dtype
 
 # Bytes one chunk may use when chunk_size=None and memory_budget=None on the
 # CPU; see _chunk_plan. 256 MiB keeps the K = 5000, B = 256, D = 784
@@ -216,7 +216,7 @@ def _encode(encode: Callable, x: Tensor) -> DiagonalNormal | TrilNormal:
     if mu.dim() != 2 or mu.shape[0] != x.shape[0] or mu.shape[1] < 1:
         raise ValueError(f"encode(x) returned mu of shape {tuple(mu.shape)}; expected (B, L) with "
                          f"B = {x.shape[0]} for x of shape {tuple(x.shape)}")
-    if mu.dtype != x.dtype or mu.device != x.device:
+    if mu.device != x.device:  # dtypes may differ: a bfloat16 encoder (autocast) of float32 x
         raise TypeError(f"encode(x) returned {mu.dtype} on {mu.device}; x is {x.dtype} on {x.device}")
     return q
 
@@ -245,8 +245,13 @@ def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tens
         return z, ratio if extra is None else ratio + extra
     eps = evaluation_noise(seed, first_example=g, n_examples=q.mu.shape[0], n_samples=cfg.k, k0=c0, k1=c1,
                            latent=L, dtype=q.mu.dtype, device=q.mu.device)
-    S = q.scale_tril.tril()
-    z = (q.mu + (S @ eps.unsqueeze(-1).to(S.dtype)).squeeze(-1)).to(q.mu.dtype)
+    mu, S = widened(q.mu, q.scale_tril)
+    S = S.tril()
+    # S eps in the compute dtype (autocast would run the matmul in half
+    # precision); z then in sample_normal's z dtype
+    dtype = z_dtype(q.mu, q.scale_tril)  # outside the block, which turns autocast off
+    with torch.autocast(S.device.type, enabled=False):
+        z = (mu + (S @ eps.unsqueeze(-1).to(S.dtype)).squeeze(-1)).to(dtype)
     if not cfg.with_ratio:
         return z, None
     log_q = (StandardNormal().log_prob(eps) - torch.log(torch.diagonal(S, dim1=-2, dim2=-1)).sum(-1))
@@ -286,10 +291,9 @@ def _chunk_plan(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: in
     return kc, nb
 
 
-def _empty_state(n: int, count: int, like: Tensor) -> LogMeanExpState:
+def _empty_state(n: int, count: int, like: Tensor, dtype: torch.dtype) -> LogMeanExpState:
     """The state of no examples (n = 0) or of no samples (count = 0, a rank
     whose share of K is empty): (-inf, 0), which merges as nothing."""
-    dtype = accumulation_dtype(like.dtype)
     return LogMeanExpState(torch.full((n,), float("-inf"), dtype=dtype, device=like.device),
                            torch.zeros((n,), dtype=dtype, device=like.device), count)
 
@@ -309,11 +313,11 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
     L = mu.shape[1]
     check_prior(cfg.prior, L)  # the prior's latent size against the encoder's (metadata only)
     if k1 <= k0 or n == 0:
+        dtype = compute_dtype(x, mu)
         tail = None
         if cfg.pareto:
-            tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=accumulation_dtype(mu.dtype),
-                              device=mu.device)
-        return _empty_state(n, max(0, k1 - k0), mu), _empty_state(n, max(0, k1 - k0), mu), tail
+            tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=dtype, device=mu.device)
+        return _empty_state(n, max(0, k1 - k0), mu, dtype), _empty_state(n, max(0, k1 - k0), mu, dtype), tail
     last = (g0 + n) * cfg.k * L - 1
     if last > _MAX_OFFSET:
         raise ValueError(

@@ -29,13 +29,14 @@ def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, de
     all contiguous. var = exp(var_param), or softplus(var_param) + delta in
     softplus_mode."""
     backend = _backend.backend_for(mean.device)
-    _validate.dtype_for_backend(backend, mean.dtype)
+    dtype = _backend.compute_dtype(x, mean, var_param)
+    x, mean, var_param = _kernel_inputs(backend, dtype, x, mean, var_param)
     K, P, _ = mean.shape
     if backend != "triton":  # only the Triton kernels read rows at a stride (packed halves)
         mean, var_param = mean.contiguous(), var_param.contiguous()
     if fold_samples(backend, mean):
         x, mean, var_param = folded(x, mean, var_param)
-    out = _backend.empty_output(mean.shape[:2], like=mean)
+    out = _backend.empty_output(mean.shape[:2], like=mean, dtype=dtype)
     _backend.launch(
         backend, "gaussian_log_prob_forward", mean.numel(),
         x=x, mean=mean, var_param=var_param, softplus_mode=softplus_mode, delta=delta, out=out,
@@ -49,35 +50,53 @@ def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, soft
     shapes of mean, x and var_param (the layout of _forward). A gradient not
     asked for is not computed or allocated (x's gradient is summed over K in
     the kernel; a fixed scale needs no variance gradient, which saves its
-    reductions)."""
+    reductions). Each gradient in its input's dtype."""
     backend = _backend.backend_for(mean.device)
     K, P, D = mean.shape
+    dtype = _backend.compute_dtype(x, mean, var_param)
+    dtypes = x.dtype, mean.dtype, var_param.dtype
+    x, mean, var_param = _kernel_inputs(backend, dtype, x, mean, var_param)
+    grad_out = _backend.kernel_input(backend, grad_out, dtype)
     x2, m3, v = x, mean, var_param
     fold = fold_samples(backend, mean)
     if fold:
         x2, m3, v = folded(x, mean, var_param)
     dmean = _backend.empty_output(m3.shape, like=mean)
-    dx = _backend.empty_output((m3.shape[1], D), like=mean) if need_dx else None
-    dv = _backend.empty_output(v.shape, like=mean) if need_dvar_param else None
+    dx = _backend.empty_output((m3.shape[1], D), like=x) if need_dx else None
+    dv = _backend.empty_output(v.shape, like=var_param) if need_dvar_param else None
     _backend.launch(
         backend, "gaussian_log_prob_backward", dmean.numel(),
         grad_out=shaped(grad_out, m3.shape[:2]).contiguous(), x=x2, mean=m3, var_param=v,
         softplus_mode=softplus_mode, delta=delta, dx=dx, dmean=dmean, dvar_param=dv,
     )
-    grads = [dmean.view(K, P, D) if fold else dmean]
+    grads = [_backend.in_dtype(dmean.view(K, P, D) if fold else dmean, dtypes[1])]
     if need_dx:
-        grads.append(unfold_rows(dx, K, P) if fold else dx)
+        grads.append(_backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, dtypes[0]))
     if need_dvar_param:
         if fold and var_param.dim() == 2:  # per x row, unfolded per sample and row
             dv = unfold_rows(dv, K, P)
-        grads.append(shaped(dv, var_param.shape))
+        grads.append(_backend.in_dtype(shaped(dv, var_param.shape), dtypes[2]))
     return grads
+
+
+def _kernel_inputs(backend: str, dtype: torch.dtype, x: Tensor, mean: Tensor, var_param: Tensor):
+    """(x, mean, var_param) as the kernels read them (_backend.kernel_input):
+    the decoder outputs, mean and a per-element var_param, in their own
+    dtype; on cpp a per-element var_param of another dtype than mean's is
+    read in the compute dtype, and so is mean then (the kernel reads both in
+    one type)."""
+    per_element = var_param.dim() == 3
+    native = backend != "cpp" or (per_element and var_param.dtype == mean.dtype) or not per_element
+    mean = _backend.kernel_input(backend, mean, dtype, native)
+    var_param = _backend.kernel_input(backend, var_param, dtype, native and per_element)
+    return _backend.kernel_input(backend, x, dtype), mean, var_param
 
 
 gaussian_log_prob_op = define(
     "gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor",
     _forward,
-    lambda x, mean, var_param, softplus_mode, delta: mean.new_empty(mean.shape[:2]),
+    lambda x, mean, var_param, softplus_mode, delta: mean.new_empty(
+        mean.shape[:2], dtype=_backend.compute_dtype(x, mean, var_param)),
 )
 gaussian_log_prob_backward_op = define(
     "gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
@@ -326,9 +345,10 @@ def gaussian_log_prob(
         if isinstance(scale, Tensor):
             scale = flat_events(scale, "scale")
     # var >= delta must be a normal number in the kernels' compute dtype
-    tiny = torch.finfo(_backend.accumulation_dtype(mean.dtype)).tiny
+    dtype = _backend.compute_dtype(*tensors.values())
+    tiny = torch.finfo(dtype).tiny
     if delta < tiny:
-        raise ValueError(f"delta must be at least {tiny} (the smallest normal {mean.dtype} number), got {delta!r}")
+        raise ValueError(f"delta must be at least {tiny} (the smallest normal {dtype} number), got {delta!r}")
     x_b = broadcast_x(x, mean, "mean")
 
     softplus = softplus_var is not None
@@ -338,17 +358,18 @@ def gaussian_log_prob(
         v = broadcast_var(logvar, "logvar", x_b, mean)
     elif isinstance(scale, Tensor):
         _value_checks.positive_scale(scale)
-        v = broadcast_var(2.0 * torch.log(scale), "scale", x_b, mean)
+        # the log-variance in the compute dtype: a half-precision scale is not rounded again
+        v = broadcast_var(2.0 * torch.log(scale.to(dtype)), "scale", x_b, mean)
     else:
         scale = 1.0 if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
             raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
         value = 2.0 * math.log(scale)
         if torch.compiler.is_compiling():  # a constant of the graph: nothing to cache
-            v = torch.full((mean.shape[-1],), value, dtype=mean.dtype, device=mean.device)
-        else:
-            v = _fixed_logvar(mean.shape[-1], value, mean.dtype, mean.device)
-    ops = likelihood_torch_ops(x_b, mean)
+            v = torch.full((mean.shape[-1],), value, dtype=dtype, device=mean.device)
+        else:  # in the compute dtype: a bfloat16 mean does not round the scale
+            v = _fixed_logvar(mean.shape[-1], value, dtype, mean.device)
+    ops = likelihood_torch_ops(x_b, mean, v)
     if ops is not None:
         return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))

@@ -11,8 +11,10 @@ from ._op import define, flat, run, shaped
 def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
     """kl (N,) for mu, logvar and (optional, same shape) prior_mu, prior_logvar (N, L), contiguous."""
     backend = _backend.backend_for(mu.device)
-    _validate.dtype_for_backend(backend, mu.dtype)
-    kl = _backend.empty_output(mu.shape[:1], like=mu)
+    dtype = _backend.compute_dtype(mu, logvar, prior_mu, prior_logvar)
+    mu, logvar, prior_mu, prior_logvar = (_backend.kernel_input(backend, t, dtype)
+                                          for t in (mu, logvar, prior_mu, prior_logvar))
+    kl = _backend.empty_output(mu.shape[:1], like=mu, dtype=dtype)
     _backend.launch(backend, "kl_normal_forward", mu.numel(), mu=mu, logvar=logvar,
                     prior_mu=prior_mu, prior_logvar=prior_logvar, kl=kl)
     return kl
@@ -21,27 +23,33 @@ def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: 
 def _backward(grad_kl: Tensor, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None,
               prior_logvar: Tensor | None) -> list[Tensor]:
     """[dmu, dlogvar], and dprior_mu, dprior_logvar when a prior is given,
-    each (N, L), in the layout of _forward."""
+    each (N, L), in the layout of _forward and its input's dtype."""
     backend = _backend.backend_for(mu.device)
     has_prior = prior_mu is not None
-    grads = [_backend.empty_output(mu.shape, like=mu) for _ in range(4 if has_prior else 2)]
+    inputs = (mu, logvar, prior_mu, prior_logvar)[:4 if has_prior else 2]
+    dtype = _backend.compute_dtype(*inputs)
+    mu, logvar, prior_mu, prior_logvar = (_backend.kernel_input(backend, t, dtype)
+                                          for t in (mu, logvar, prior_mu, prior_logvar))
+    grad_kl = _backend.kernel_input(backend, grad_kl, dtype)
+    grads = [_backend.empty_output(mu.shape, like=t) for t in (mu, logvar, prior_mu, prior_logvar)[:len(inputs)]]
     _backend.launch(
         backend, "kl_normal_backward", mu.numel(),
         grad_kl=grad_kl.contiguous(), mu=mu, logvar=logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
         dmu=grads[0], dlogvar=grads[1], dprior_mu=grads[2] if has_prior else None,
         dprior_logvar=grads[3] if has_prior else None,
     )
-    return grads
+    return [_backend.in_dtype(g, t.dtype) for g, t in zip(grads, inputs)]
 
 
 def _backward_fake(grad_kl, mu, logvar, prior_mu, prior_logvar):
-    return [torch.empty_like(mu) for _ in range(2 if prior_mu is None else 4)]
+    return [torch.empty_like(t) for t in (mu, logvar, prior_mu, prior_logvar)[:2 if prior_mu is None else 4]]
 
 
 kl_normal_op = define(
     "kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
     _forward,
-    lambda mu, logvar, prior_mu, prior_logvar: mu.new_empty(mu.shape[:1]),
+    lambda mu, logvar, prior_mu, prior_logvar: mu.new_empty(
+        mu.shape[:1], dtype=_backend.compute_dtype(mu, logvar, prior_mu, prior_logvar)),
 )
 kl_normal_backward_op = define(
     "kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
@@ -121,7 +129,7 @@ def kl_normal(
 
 def _kl_normal(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
     """KLNormal, or for eager CPU calls the C++ operator that does the same (csrc/torch_ops.cpp)."""
-    ops = _backend.torch_ops(mu)
+    ops = _backend.torch_ops(mu, logvar, prior_mu, prior_logvar)
     if ops is not None:
         return ops.kl_normal(mu, logvar, prior_mu, prior_logvar)
     return KLNormal.apply(mu, logvar, prior_mu, prior_logvar)

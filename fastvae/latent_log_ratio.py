@@ -26,14 +26,15 @@ def _forward(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
     """r (K, ...) for z (K, ..., L) and mu, logvar (..., L); stop_score only
     changes the gradient."""
     backend = _backend.backend_for(z.device)
-    _validate.dtype_for_backend(backend, z.dtype)
-    mu2 = flat(mu)
+    dtype = _backend.compute_dtype(z, mu, logvar)
+    mu2 = _backend.kernel_input(backend, flat(mu), dtype)
     N, L = mu2.shape
     K = z.shape[0]
-    out = _backend.empty_output((K, N), like=z)
+    out = _backend.empty_output((K, N), like=z, dtype=dtype)
     _backend.launch(
         backend, "latent_log_ratio_forward", K * N * L,
-        z=z.reshape(K, N, L).contiguous(), mu=mu2, logvar=flat(logvar), out=out,
+        z=_backend.kernel_input(backend, z.reshape(K, N, L).contiguous(), dtype), mu=mu2,
+        logvar=_backend.kernel_input(backend, flat(logvar), dtype), out=out,
     )
     return out.reshape(z.shape[:-1])
 
@@ -42,30 +43,36 @@ def _backward(grad_out: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, stop_scor
     """[dz (K, ..., L)], then dmu, dlogvar (..., L) unless stop_score, which
     gives them no gradient (none is computed or allocated)."""
     backend = _backend.backend_for(z.device)
-    mu2 = flat(mu)
+    dtype = _backend.compute_dtype(z, mu, logvar)
+    mu2 = _backend.kernel_input(backend, flat(mu), dtype)
+    lv2 = _backend.kernel_input(backend, flat(logvar), dtype)
     N, L = mu2.shape
     K = z.shape[0]
-    dz = _backend.empty_output((K, N, L), like=z)
-    dmu = None if stop_score else _backend.empty_output((N, L), like=mu)
-    dlv = None if stop_score else _backend.empty_output((N, L), like=mu)
+    z3 = _backend.kernel_input(backend, z.reshape(K, N, L).contiguous(), dtype)
+    dz = _backend.empty_output((K, N, L), like=z3)
+    dmu = None if stop_score else _backend.empty_output((N, L), like=mu2)
+    dlv = None if stop_score else _backend.empty_output((N, L), like=lv2)
     _backend.launch(
         backend, "latent_log_ratio_backward", K * N * L,
-        grad_out=grad_out.to(z.dtype).reshape(K, N).contiguous(), z=z.reshape(K, N, L).contiguous(),
-        mu=mu2, logvar=flat(logvar), dz=dz, dmu=dmu, dlogvar=dlv,
+        grad_out=grad_out.to(dtype).reshape(K, N).contiguous(), z=z3,
+        mu=mu2, logvar=lv2, dz=dz, dmu=dmu, dlogvar=dlv,
     )
+    dz = _backend.in_dtype(dz, z.dtype).reshape(z.shape)
     if stop_score:
-        return [dz.reshape(z.shape)]
-    return [dz.reshape(z.shape), dmu.reshape(mu.shape), dlv.reshape(mu.shape)]
+        return [dz]
+    return [dz, _backend.in_dtype(dmu, mu.dtype).reshape(mu.shape),
+            _backend.in_dtype(dlv, logvar.dtype).reshape(mu.shape)]
 
 
 def _backward_fake(grad_out, z, mu, logvar, stop_score):
-    return [torch.empty_like(z)] if stop_score else [torch.empty_like(z), torch.empty_like(mu), torch.empty_like(mu)]
+    return [torch.empty_like(z)] if stop_score else [torch.empty_like(z), torch.empty_like(mu),
+                                                     torch.empty_like(logvar)]
 
 
 latent_log_ratio_op = define(
     "latent_log_ratio(Tensor z, Tensor mu, Tensor logvar, bool stop_score) -> Tensor",
     _forward,
-    lambda z, mu, logvar, stop_score: z.new_empty(z.shape[:-1]),
+    lambda z, mu, logvar, stop_score: z.new_empty(z.shape[:-1], dtype=_backend.compute_dtype(z, mu, logvar)),
 )
 latent_log_ratio_backward_op = define(
     "latent_log_ratio_backward(Tensor grad_out, Tensor z, Tensor mu, Tensor logvar, bool stop_score) -> Tensor[]",

@@ -72,9 +72,9 @@ def _state(backend: str, lw2: Tensor, out: Tensor | None = None, ess: Tensor | N
 def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(logmeanexp or ESS, lw_max, sumexp) of lw (K, ...), each (...), in one pass."""
     backend = _backend.backend_for(lw.device)
-    _validate.dtype_for_backend(backend, lw.dtype)
-    lw2 = _columns(lw)
-    value = _backend.empty_output((lw2.shape[1],), like=lw)
+    dtype = _backend.compute_dtype(lw)
+    lw2 = _backend.kernel_input(backend, _columns(lw), dtype)
+    value = _backend.empty_output((lw2.shape[1],), like=lw, dtype=dtype)
     lw_max, sumexp = _state(backend, lw2, out=None if ess else value, ess=value if ess else None)
     if lw.dim() == 2:
         return value, lw_max, sumexp
@@ -85,25 +85,29 @@ def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tenso
 def _fake_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dtype = _backend.accumulation_dtype(lw.dtype)
     shape = lw.shape[1:]
-    return lw.new_empty(shape), lw.new_empty(shape, dtype=dtype), lw.new_empty(shape, dtype=dtype)
+    return tuple(lw.new_empty(shape, dtype=dtype) for _ in range(3))
 
 
 def _backward_with_state(lw: Tensor, lw_max: Tensor, sumexp: Tensor, grad_out: Tensor,
-                         grad_sumexp: Tensor | None, ess: Tensor | None) -> Tensor:
+                         grad_sumexp: Tensor | None, ess: Tensor | None, out_dtype: torch.dtype | None = None
+                         ) -> Tensor:
     """dlw (K, ...) = e * (a + b e), e = exp(lw - lw_max), with per-column a, b
     from grad_out and either grad_sumexp (logmeanexp) or ess
-    (effective_sample_size); see csrc/logmeanexp.h. The one backward of both ops."""
+    (effective_sample_size); see csrc/logmeanexp.h. The one backward of both
+    ops; dlw in lw's dtype, or out_dtype."""
     backend = _backend.backend_for(lw.device)
-    lw2 = _columns(lw)
-    K, M = lw2.shape
     dtype = _backend.accumulation_dtype(lw.dtype)
-    dlw = _backend.empty_output((K, M), like=lw)
+    lw2 = _backend.kernel_input(backend, _columns(lw), dtype)
+    K, M = lw2.shape
+    out_dtype = out_dtype or lw.dtype
+    dlw = _backend.empty_output((K, M), like=lw, dtype=out_dtype if lw2.dtype == lw.dtype else dtype)
     _backend.launch(
         backend, "logmeanexp_backward", lw2.numel(),
         lw=lw2, lw_max=_column_vector(lw_max, M, dtype), sumexp=_column_vector(sumexp, M, dtype),
         grad_out=_column_vector(grad_out, M, dtype), grad_sumexp=_column_vector(grad_sumexp, M, dtype),
         ess=_column_vector(ess, M, dtype), dlw=dlw,
     )
+    dlw = _backend.in_dtype(dlw, out_dtype)
     return dlw if lw.dim() == 2 else dlw.reshape(lw.shape)
 
 
@@ -204,13 +208,13 @@ class EffectiveSampleSize(torch.autograd.Function):
 
 def _importance_weights(lw: Tensor) -> Tensor:
     """w = softmax over the leading dim of lw (K, ...), same shape; an all -inf
-    column gets weights 0 (not NaN)."""
+    column gets weights 0 (not NaN). The weights are float32 for half-precision lw."""
     backend = _backend.backend_for(lw.device)
-    _validate.dtype_for_backend(backend, lw.dtype)
-    lw2 = _columns(lw)
+    dtype = _backend.compute_dtype(lw)
+    lw2 = _backend.kernel_input(backend, _columns(lw), dtype)
     lw_max, sumexp = _state(backend, lw2)
     # softmax is the gradient of log-sum-exp: the backward kernel with grad_out = 1
-    return _backward_with_state(lw2, lw_max, sumexp, torch.ones_like(sumexp), None, None).reshape(lw.shape)
+    return _backward_with_state(lw2, lw_max, sumexp, torch.ones_like(sumexp), None, None, dtype).reshape(lw.shape)
 
 
 def _importance_weights_backward(grad_w: Tensor, w: Tensor) -> Tensor:
@@ -225,7 +229,8 @@ def _importance_weights_backward(grad_w: Tensor, w: Tensor) -> Tensor:
 
 
 importance_weights_op = define(
-    "importance_weights(Tensor lw) -> Tensor", _importance_weights, lambda lw: torch.empty_like(lw),
+    "importance_weights(Tensor lw) -> Tensor", _importance_weights,
+    lambda lw: torch.empty_like(lw, dtype=_backend.compute_dtype(lw)),
 )
 importance_weights_backward_op = define(
     "importance_weights_backward(Tensor grad_w, Tensor w) -> Tensor",

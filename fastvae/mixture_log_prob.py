@@ -26,10 +26,11 @@ from ._op import define, flat, run, shaped
 def _forward(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -> Tensor:
     """out (N,) for z (N, L), means and logvars (U, L), logits (U,) or None."""
     backend = _backend.backend_for(z.device)
-    _validate.dtype_for_backend(backend, z.dtype)
+    dtype = _backend.compute_dtype(z, means, logvars, logits)
+    z, means, logvars, logits = (_backend.kernel_input(backend, t, dtype) for t in (z, means, logvars, logits))
     N, L = z.shape
     U = means.shape[0]
-    out = _backend.empty_output((N,), like=z)
+    out = _backend.empty_output((N,), like=z, dtype=dtype)
     _backend.launch(
         backend, "mixture_log_prob_forward", N * U * max(L, 1),
         z=z.contiguous(), means=means.contiguous(), logvars=logvars.contiguous(),
@@ -45,34 +46,37 @@ def _backward(grad_out: Tensor, z: Tensor, means: Tensor, logvars: Tensor, logit
     N, L = z.shape
     U = means.shape[0]
     need_dlogits = need_dlogits and logits is not None
+    inputs = z, means, logvars, logits
+    dtype = _backend.compute_dtype(*inputs)
+    z, means, logvars, logits, out = (_backend.kernel_input(backend, t, dtype) for t in (*inputs, out))
     dz = _backend.empty_output((N, L), like=z) if need_dz else None
     dmeans = _backend.empty_output((U, L), like=means) if need_dmeans else None
-    dlogvars = _backend.empty_output((U, L), like=means) if need_dlogvars else None
-    dlogits = _backend.empty_output((U,), like=means) if need_dlogits else None
+    dlogvars = _backend.empty_output((U, L), like=logvars) if need_dlogvars else None
+    dlogits = _backend.empty_output((U,), like=logits) if need_dlogits else None
     if need_dz or need_dmeans or need_dlogvars or need_dlogits:
         _backend.launch(
             backend, "mixture_log_prob_backward", N * U * max(L, 1),
-            grad_out=grad_out.to(z.dtype).reshape(N).contiguous(), z=z.contiguous(), means=means.contiguous(),
+            grad_out=grad_out.to(dtype).reshape(N).contiguous(), z=z.contiguous(), means=means.contiguous(),
             logvars=logvars.contiguous(), logits=None if logits is None else logits.contiguous(),
             out=out.contiguous(), dz=dz, dmeans=dmeans, dlogvars=dlogvars, dlogits=dlogits,
         )
-    return [t for t in (dz, dmeans, dlogvars, dlogits) if t is not None]
+    return [_backend.in_dtype(g, t.dtype) for g, t in zip((dz, dmeans, dlogvars, dlogits), inputs) if g is not None]
 
 
 def _backward_fake(grad_out, z, means, logvars, logits, out, need_dz, need_dmeans, need_dlogvars, need_dlogits):
     grads = []
     if need_dz:
         grads.append(torch.empty_like(z))
-    grads += [torch.empty_like(means) for need in (need_dmeans, need_dlogvars) if need]
+    grads += [torch.empty_like(t) for t, need in ((means, need_dmeans), (logvars, need_dlogvars)) if need]
     if need_dlogits and logits is not None:
-        grads.append(means.new_empty(means.shape[:1]))
+        grads.append(torch.empty_like(logits))
     return grads
 
 
 mixture_log_prob_op = define(
     "mixture_log_prob(Tensor z, Tensor means, Tensor logvars, Tensor? logits) -> Tensor",
     _forward,
-    lambda z, means, logvars, logits: z.new_empty(z.shape[:1]),
+    lambda z, means, logvars, logits: z.new_empty(z.shape[:1], dtype=_backend.compute_dtype(z, means, logvars, logits)),
 )
 mixture_log_prob_backward_op = define(
     "mixture_log_prob_backward(Tensor grad_out, Tensor z, Tensor means, Tensor logvars, Tensor? logits,"

@@ -325,7 +325,10 @@ def elbo(
     ``MultivariateNormal`` (mapped to those two).
 
     Returns:
-        The ELBO, a scalar (or per-example for reduction="none").
+        The ELBO, a scalar (or per-example for reduction="none"). float32
+        when the encoder or decoder outputs are half precision (under
+        torch.autocast, or a model cast to bfloat16/float16), float64 when
+        any input is; gradients reach each tensor in its own dtype.
 
     The sampling, KL, and likelihood run in fused kernels; no noise tensor and
     no K-fold copy of x is stored for the backward. Compiles under
@@ -360,7 +363,10 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
         scale = importance_weights_from_state(lw, *state)  # 0 for an all -inf column
     else:
         scale = alpha + (1.0 - alpha) * ImportanceWeights.apply((1.0 - alpha) * lw.detach())
-    z.register_hook(lambda g: _dreg_once(g * scale.unsqueeze(-1)))
+    if z.dtype == scale.dtype:
+        z.register_hook(lambda g: _dreg_once(g * scale.unsqueeze(-1)))
+    else:  # a half-precision z (an autocast encoder): its gradient keeps z's dtype, scaled in float32
+        z.register_hook(lambda g: _dreg_once((g * scale.unsqueeze(-1)).to(g.dtype)))
     if latent is not None:
         latent.register_hook(lambda g: _dreg_once(g * scale))
 
@@ -501,7 +507,8 @@ def iwae(
             tends to the ELBO mean_k lw_k, and alpha = 1 returns exactly that.
 
     Returns:
-        The bound, a scalar (or per-example for reduction="none").
+        The bound, a scalar (or per-example for reduction="none"); float32
+        for half-precision encoder or decoder outputs, as fastvae.elbo's.
 
     All three estimators compile under torch.compile(fullgraph=True) ("dreg"'s
     backward hook on z is traced by Dynamo; the compiled gradients equal the

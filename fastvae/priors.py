@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
-from .distributions import DiagonalNormal, TrilNormal
+from .distributions import DiagonalNormal, TrilNormal, widened
 from .kl_normal import kl_normal
 from .mixture_log_prob import check_components, mixture_log_prob
 
@@ -37,6 +37,7 @@ class StandardNormal:
     def log_prob(self, z: Tensor) -> Tensor:
         """log N(z; 0, I) summed over the last dimension."""
         _validate.float_tensors(z=z)
+        (z,) = widened(z)  # a half-precision z gives a float32 log-density
         return -0.5 * (z * z).sum(-1) - 0.5 * z.shape[-1] * LOG_2PI
 
     def sample(self, n: int, latent_size: int, *, generator: torch.Generator | None = None,
@@ -172,12 +173,13 @@ def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     if isinstance(q, DiagonalNormal):
         return kl_normal(q.mu, q.logvar, prior.mu, prior.logvar)
     # KL(N(mu, S S^T) || N(m, D)) = 1/2 [tr(D^-1 S S^T) + (m - mu)^T D^-1 (m - mu) - L + log|D| - log|S S^T|]
-    S = q.scale_tril.tril()
-    inv_var = torch.exp(-prior.logvar)
-    diff = prior.mu - q.mu
+    S, q_mu, p_mu, p_logvar = widened(q.scale_tril, q.mu, prior.mu, prior.logvar)
+    S = S.tril()
+    inv_var = torch.exp(-p_logvar)
+    diff = p_mu - q_mu
     trace = ((S * S).sum(-1) * inv_var).sum(-1)  # row i of S S^T's diagonal: sum_j S_ij^2
     log_det_q = 2.0 * torch.log(torch.diagonal(S, dim1=-2, dim2=-1)).sum(-1)
-    return 0.5 * (trace + (diff * diff * inv_var).sum(-1) - q.latent_size + prior.logvar.sum(-1) - log_det_q)
+    return 0.5 * (trace + (diff * diff * inv_var).sum(-1) - q.latent_size + p_logvar.sum(-1) - log_det_q)
 
 
 

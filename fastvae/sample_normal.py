@@ -18,17 +18,20 @@ _MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
 
 def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, with_ratio: bool = False) -> list[Tensor]:
     """[z (n_samples, ..., L), kl (...)] for mu, logvar (..., L), and with_ratio
-    the log-ratio log N(z; 0, I) - log q(z) (n_samples, ...) from the same eps."""
+    the log-ratio log N(z; 0, I) - log q(z) (n_samples, ...) from the same eps.
+    z has the encoder's dtype (z_dtype), kl and the log-ratio the compute dtype."""
     backend = _backend.backend_for(mu.device)
-    _validate.dtype_for_backend(backend, mu.dtype)
-    mu2, lv2 = flat(mu), flat(logvar)
+    dtype = _backend.compute_dtype(mu, logvar)
+    mu2, lv2 = _backend.kernel_input(backend, flat(mu), dtype), _backend.kernel_input(backend, flat(logvar), dtype)
     N, L = mu2.shape
-    z = _backend.empty_output((n_samples, N, L), like=mu)
-    kl = _backend.empty_output((N,), like=mu)
-    ratio = _backend.empty_output((n_samples, N), like=mu) if with_ratio else None
+    # the cpp kernel writes z in its compute type: cast after (z is encoder-sized)
+    z = _backend.empty_output((n_samples, N, L), like=mu, dtype=dtype if backend == "cpp" else z_dtype(mu, logvar))
+    kl = _backend.empty_output((N,), like=mu, dtype=dtype)
+    ratio = _backend.empty_output((n_samples, N), like=mu, dtype=dtype) if with_ratio else None
     # the training layout: z[k, n, l] uses the noise at its own flat offset
     _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed,
                     offset0=0, sample_stride=N * L, row_stride=L, z=z, kl=kl, log_ratio=ratio)
+    z = _backend.in_dtype(z, z_dtype(mu, logvar))
     out = [z, kl] if ratio is None else [z, kl, ratio]
     if mu.dim() == 2:
         return out
@@ -42,12 +45,15 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
     (K, ...), each None when its output has no gradient; eps is regenerated from
     seed, and the log-ratio's terms are added in the same kernel."""
     backend = _backend.backend_for(mu.device)
-    mu2, lv2 = flat(mu), flat(logvar)
+    dtype = _backend.compute_dtype(mu, logvar)
+    mu2, lv2 = _backend.kernel_input(backend, flat(mu), dtype), _backend.kernel_input(backend, flat(logvar), dtype)
+    grad_z, grad_kl, grad_log_ratio = (_backend.kernel_input(backend, g, dtype)
+                                       for g in (grad_z, grad_kl, grad_log_ratio))
     N, L = mu2.shape
     samples = grad_z if grad_z is not None else grad_log_ratio
     K = 0 if samples is None else samples.shape[0]
-    dmu = _backend.empty_output((N, L), like=mu)
-    dlv = _backend.empty_output((N, L), like=mu)
+    dmu = _backend.empty_output((N, L), like=mu2)
+    dlv = _backend.empty_output((N, L), like=lv2)
     _backend.launch(
         backend, "sample_normal_backward", max(K, 1) * N * L,
         grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
@@ -55,15 +61,42 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
         grad_log_ratio=None if grad_log_ratio is None else grad_log_ratio.reshape(K, N).contiguous(),
         mu=mu2, logvar=lv2, seed=seed, stop_score=stop_score, dmu=dmu, dlogvar=dlv,
     )
+    dmu, dlv = _backend.in_dtype(dmu, mu.dtype), _backend.in_dtype(dlv, logvar.dtype)
     if mu.dim() == 2:
         return dmu, dlv
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape)
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def z_dtype(mu: Tensor, logvar: Tensor) -> torch.dtype:
+    """z's dtype. z is an activation the decoder consumes, and also the point
+    where a prior's log p(z) is evaluated:
+    - under torch.autocast (on mu's device type), the compute dtype (float32):
+      the decoder's autocast matmuls round z to half precision themselves (a
+      copy of K x B x L, small beside the decoder output), while a prior's
+      log p(z) and log q(z) see the same unrounded z as the KL and the
+      sampler's log-ratio, so the bound is the float32 bound of the rounded
+      encoder and decoder outputs;
+    - otherwise the encoder's dtype (mu's and logvar's, promoted): a model
+      cast to half precision takes z as it is (its matmuls refuse float32)."""
+    # (meta tensors have no autocast state to ask about)
+    if mu.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(mu.device.type):
+        return _backend.compute_dtype(mu, logvar)
+    return mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
+
+
+def _fake_outputs(mu: Tensor, logvar: Tensor, n_samples: int, with_ratio: bool):
+    dtype = _backend.compute_dtype(mu, logvar)
+    out = (mu.new_empty((n_samples, *mu.shape), dtype=z_dtype(mu, logvar)), mu.new_empty(mu.shape[:-1], dtype=dtype))
+    return out + (mu.new_empty((n_samples, *mu.shape[:-1]), dtype=dtype),) if with_ratio else out
+
+
 sample_normal_op = define(
     "sample_normal(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor)",
     lambda mu, logvar, seed, n_samples: tuple(_forward(mu, logvar, seed, n_samples)),
-    lambda mu, logvar, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1])),
+    lambda mu, logvar, seed, n_samples: _fake_outputs(mu, logvar, n_samples, False),
 )
 # The same kernel, also writing log N(z; 0, I) - log q(z) per sample from the
 # eps it draws: the IWAE log-weights' latent term, exact however small the
@@ -72,8 +105,7 @@ sample_normal_op = define(
 sample_normal_with_ratio_op = define(
     "sample_normal_with_ratio(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor, Tensor)",
     lambda mu, logvar, seed, n_samples: tuple(_forward(mu, logvar, seed, n_samples, True)),
-    lambda mu, logvar, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1]),
-                                         mu.new_empty((n_samples, *mu.shape[:-1]))),
+    lambda mu, logvar, seed, n_samples: _fake_outputs(mu, logvar, n_samples, True),
 )
 # The gradients of both ops: grad_log_ratio (None for sample_normal) and
 # stop_score are the log-ratio output's; an output with no gradient passes None.
@@ -167,7 +199,8 @@ def sample_normal(
     """Reparameterized samples from q = N(mu, diag(exp(logvar))) and KL(q || N(0, I)).
 
     Args:
-        mu, logvar: encoder outputs of shape (..., L), same dtype and device.
+        mu, logvar: encoder outputs of shape (..., L) on one device; any float
+            dtypes, each read as it is (float16/bfloat16 included).
         n_samples: None for one sample of shape (..., L); an int K >= 1 for
             z of shape (K, ..., L).
         generator: torch.Generator the Philox seed is drawn from (default: torch's
@@ -176,6 +209,9 @@ def sample_normal(
     Returns:
         (z, kl): z = mu + exp(logvar / 2) * eps with eps ~ N(0, I), and the
         analytic kl = 0.5 * sum(exp(logvar) + mu^2 - 1 - logvar) over L, shape (...).
+        kl is float32 for half-precision inputs (float64 if either is
+        float64); z has the encoder's dtype, or float32 under torch.autocast
+        (z_dtype says why).
 
     Both outputs are differentiable with respect to mu and logvar. The noise is
     generated in the kernel by counter-based Philox and regenerated in the
@@ -198,19 +234,23 @@ def sample_at(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, *, offse
     log N(z; 0, I) - log q(z) (n_samples, N) from the same eps (exact however
     small the variance), as (z, log_ratio)."""
     backend = _backend.backend_for(mu.device)
-    _validate.dtype_for_backend(backend, mu.dtype)
-    mu2, lv2 = flat(mu.detach()), flat(logvar.detach())
+    dtype = _backend.compute_dtype(mu, logvar)
+    mu2 = _backend.kernel_input(backend, flat(mu.detach()), dtype)
+    lv2 = _backend.kernel_input(backend, flat(logvar.detach()), dtype)
     N, L = mu2.shape
-    z = _backend.empty_output((n_samples, N, L), like=mu)
-    ratio = _backend.empty_output((n_samples, N), like=mu) if with_ratio else None
+    z = _backend.empty_output((n_samples, N, L), like=mu,
+                              dtype=dtype if backend == "cpp" else z_dtype(mu, logvar))
+    ratio = _backend.empty_output((n_samples, N), like=mu, dtype=dtype) if with_ratio else None
     if z.numel() == 0:
+        z = _backend.in_dtype(z, z_dtype(mu, logvar))
         return (z, ratio.zero_()) if with_ratio else z
     last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1
     if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
         raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
     _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed, offset0=offset0,
                     sample_stride=sample_stride, row_stride=row_stride, z=z,
-                    kl=_backend.empty_output((N,), like=mu), log_ratio=ratio)
+                    kl=_backend.empty_output((N,), like=mu, dtype=dtype), log_ratio=ratio)
+    z = _backend.in_dtype(z, z_dtype(mu, logvar))
     return (z, ratio) if with_ratio else z
 
 
@@ -219,7 +259,7 @@ def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,
     """sample_normal for arguments the caller has validated (the objectives):
     checks cost as much as a small kernel, so they run once per call."""
     seed = draw_seed(mu.device, generator)
-    ops = _backend.torch_ops(mu)
+    ops = _backend.torch_ops(mu, logvar)
     if ops is not None:
         return ops.sample_normal(mu, logvar, int(seed), n_samples)
     return SampleNormal.apply(mu, logvar, seed, n_samples)
@@ -229,7 +269,7 @@ def sample_normal_with_ratio_unchecked(mu: Tensor, logvar: Tensor, n_samples: in
                                        generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
     """(z, kl, log_ratio) of SampleNormalWithRatio, for arguments the caller has validated."""
     seed = draw_seed(mu.device, generator)
-    ops = _backend.torch_ops(mu)
+    ops = _backend.torch_ops(mu, logvar)
     if ops is not None:
         return ops.sample_normal_with_ratio(mu, logvar, int(seed), n_samples, stop_score)
     return SampleNormalWithRatio.apply(mu, logvar, seed, n_samples, stop_score)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import _backend, _double_backward, _validate
 from ._op import define, draw_seed, flat, run, shaped
+from .sample_normal import z_dtype
 
 
 def _flat_tril(scale_tril: Tensor) -> Tensor:
@@ -37,13 +38,18 @@ def _work(K: int, N: int, L: int) -> int:
 def _forward(mu: Tensor, scale_tril: Tensor, seed: Tensor, n_samples: int) -> list[Tensor]:
     """[z (n_samples, ..., L), kl (...)] for mu (..., L), scale_tril (..., L, L)."""
     backend = _backend.backend_for(mu.device)
-    _validate.dtype_for_backend(backend, mu.dtype)
-    mu2, s3 = flat(mu), _flat_tril(scale_tril)
+    dtype = _backend.compute_dtype(mu, scale_tril)
+    mu2 = _backend.kernel_input(backend, flat(mu), dtype)
+    s3 = _backend.kernel_input(backend, _flat_tril(scale_tril), dtype)
     N, L = mu2.shape
-    z = _backend.empty_output((n_samples, N, L), like=mu)
-    kl = _backend.empty_output((N,), like=mu)
+    # z in the encoder's dtype, as sample_normal's (sample_normal.z_dtype); the
+    # cpp kernel writes it in its compute type
+    z_type = z_dtype(mu, scale_tril)
+    z = _backend.empty_output((n_samples, N, L), like=mu, dtype=dtype if backend == "cpp" else z_type)
+    kl = _backend.empty_output((N,), like=mu, dtype=dtype)
     _backend.launch(backend, "sample_normal_tril_forward", _work(n_samples, N, L), mu=mu2, scale_tril=s3,
                     seed=seed, z=z, kl=kl)
+    z = _backend.in_dtype(z, z_type)
     if mu.dim() == 2:
         return [z, kl]
     return [z.reshape(n_samples, *mu.shape), kl.reshape(mu.shape[:-1])]
@@ -55,17 +61,21 @@ def _backward(mu: Tensor, scale_tril: Tensor, seed: Tensor, grad_z: Tensor | Non
     either None when its output has no gradient; eps is regenerated from seed;
     dscale_tril is 0 above the diagonal."""
     backend = _backend.backend_for(mu.device)
-    mu2, s3 = flat(mu), _flat_tril(scale_tril)
+    dtype = _backend.compute_dtype(mu, scale_tril)
+    mu2 = _backend.kernel_input(backend, flat(mu), dtype)
+    s3 = _backend.kernel_input(backend, _flat_tril(scale_tril), dtype)
+    grad_z, grad_kl = _backend.kernel_input(backend, grad_z, dtype), _backend.kernel_input(backend, grad_kl, dtype)
     N, L = mu2.shape
     K = 0 if grad_z is None else grad_z.shape[0]
-    dmu = _backend.empty_output((N, L), like=mu)
-    ds = _backend.empty_output((N, L, L), like=mu)
+    dmu = _backend.empty_output((N, L), like=mu2)
+    ds = _backend.empty_output((N, L, L), like=s3)
     _backend.launch(
         backend, "sample_normal_tril_backward", _work(max(K, 1), N, L),
         grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
         grad_kl=None if grad_kl is None else grad_kl.reshape(N).contiguous(),
         mu=mu2, scale_tril=s3, seed=seed, dmu=dmu, dscale_tril=ds,
     )
+    dmu, ds = _backend.in_dtype(dmu, mu.dtype), _backend.in_dtype(ds, scale_tril.dtype)
     if mu.dim() == 2:
         return dmu, ds
     return dmu.reshape(mu.shape), ds.reshape(scale_tril.shape)
@@ -74,7 +84,8 @@ def _backward(mu: Tensor, scale_tril: Tensor, seed: Tensor, grad_z: Tensor | Non
 sample_normal_tril_op = define(
     "sample_normal_tril(Tensor mu, Tensor scale_tril, Tensor seed, int n_samples) -> (Tensor, Tensor)",
     lambda mu, scale_tril, seed, n_samples: tuple(_forward(mu, scale_tril, seed, n_samples)),
-    lambda mu, scale_tril, seed, n_samples: (mu.new_empty((n_samples, *mu.shape)), mu.new_empty(mu.shape[:-1])),
+    lambda mu, scale_tril, seed, n_samples: (mu.new_empty((n_samples, *mu.shape), dtype=z_dtype(mu, scale_tril)),
+                                             mu.new_empty(mu.shape[:-1], dtype=_backend.compute_dtype(mu, scale_tril))),
 )
 # An output with no gradient passes None (no zeros are made for it).
 sample_normal_tril_backward_op = define(

@@ -58,78 +58,87 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     K, B, L, D = s["K"], s["B"], s["L"], s["D"]
     acc = accumulation_dtype(dtype)
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
+    # bounds, KL terms, log-probabilities and log-weights (and their incoming
+    # gradients) are float32 for half-precision inputs (issue 24)
+    r = lambda *shape: meta(*shape, dtype=acc)  # noqa: E731
     seed = meta(dtype=torch.int64)
     if op == "sample_normal":
-        for ratio in (None, m(K, B)):  # training; iwae, which takes log p(z) - log q(z) from the sampler
+        for ratio in (None, r(K, B)):  # training; iwae, which takes log p(z) - log q(z) from the sampler
             yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0,
-                                                sample_stride=B * L, row_stride=L, z=m(K, B, L), kl=m(B),
+                                                sample_stride=B * L, row_stride=L, z=m(K, B, L), kl=r(B),
                                                 log_ratio=ratio)
         # training (z and kl); iwae (z, kl and the log-ratio, with and without the score)
-        for ratio, stop in ((None, False), (m(K, B), False), (m(K, B), True)):
-            yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), grad_log_ratio=ratio, mu=m(B, L),
+        for ratio, stop in ((None, False), (r(K, B), False), (r(K, B), True)):
+            yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), grad_log_ratio=ratio, mu=m(B, L),
                                                  logvar=m(B, L), seed=seed, stop_score=stop, dmu=m(B, L),
                                                  dlogvar=m(B, L))
         # evaluation: the example-major layout of a chunk
         yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
-                                            row_stride=K * L, z=m(K, B, L), kl=m(B), log_ratio=None)
+                                            row_stride=K * L, z=m(K, B, L), kl=r(B), log_ratio=None)
         # a latent size not divisible by 4 and a chunk at an odd offset: the noise's unaligned paths
-        yield "sample_normal_backward", dict(grad_z=m(K, B, L - 2), grad_kl=m(B), grad_log_ratio=None, mu=m(B, L - 2),
+        yield "sample_normal_backward", dict(grad_z=m(K, B, L - 2), grad_kl=r(B), grad_log_ratio=None, mu=m(B, L - 2),
                                              logvar=m(B, L - 2), seed=seed, stop_score=False, dmu=m(B, L - 2),
                                              dlogvar=m(B, L - 2))
         yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L + 1, sample_stride=L,
-                                            row_stride=K * L, z=m(K, B, L), kl=m(B), log_ratio=None)
+                                            row_stride=K * L, z=m(K, B, L), kl=r(B), log_ratio=None)
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
     elif op == "sample_normal_tril":
-        yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=m(B))
-        yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=m(B), mu=m(B, L), scale_tril=m(B, L, L),
+        yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=r(B))
+        yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), mu=m(B, L), scale_tril=m(B, L, L),
                                                   seed=seed, dmu=m(B, L), dscale_tril=m(B, L, L))
     elif op == "kl_normal":
         for prior in (None, m(B, L)):
-            yield "kl_normal_forward", dict(mu=m(B, L), logvar=m(B, L), prior_mu=prior, prior_logvar=prior, kl=m(B))
-            yield "kl_normal_backward", dict(grad_kl=m(B), mu=m(B, L), logvar=m(B, L), prior_mu=prior,
+            yield "kl_normal_forward", dict(mu=m(B, L), logvar=m(B, L), prior_mu=prior, prior_logvar=prior, kl=r(B))
+            yield "kl_normal_backward", dict(grad_kl=r(B), mu=m(B, L), logvar=m(B, L), prior_mu=prior,
                                              prior_logvar=prior, dmu=m(B, L), dlogvar=m(B, L),
                                              dprior_mu=prior, dprior_logvar=prior)
     elif op == "latent_log_ratio":
-        yield "latent_log_ratio_forward", dict(z=m(K, B, L), mu=m(B, L), logvar=m(B, L), out=m(K, B))
+        yield "latent_log_ratio_forward", dict(z=m(K, B, L), mu=m(B, L), logvar=m(B, L), out=r(K, B))
         for stop in (False, True):
             d = None if stop else m(B, L)
-            yield "latent_log_ratio_backward", dict(grad_out=m(K, B), z=m(K, B, L), mu=m(B, L), logvar=m(B, L),
+            yield "latent_log_ratio_backward", dict(grad_out=r(K, B), z=m(K, B, L), mu=m(B, L), logvar=m(B, L),
                                                     dz=m(K, B, L), dmu=d, dlogvar=d)
     elif op == "mixture_log_prob":
         # z holds the K * B sample rows; U = 100 components (U is not specialized)
         U = MIXTURE_COMPONENTS
         for logits in (m(U), None):
             args = dict(z=m(K * B, L), means=m(U, L), logvars=m(U, L), logits=logits)
-            yield "mixture_log_prob_forward", dict(args, out=m(K * B))
+            yield "mixture_log_prob_forward", dict(args, out=r(K * B))
             for dz, dp, dlg in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
                 yield "mixture_log_prob_backward", dict(
-                    grad_out=m(K * B), **args, out=m(K * B), dz=m(K * B, L) if dz else None,
+                    grad_out=r(K * B), **args, out=r(K * B), dz=m(K * B, L) if dz else None,
                     dmeans=m(U, L) if dp else None, dlogvars=m(U, L) if dp else None,
                     dlogits=m(U) if dlg and logits is not None else None)
     elif op == "gaussian_log_prob":
         for var_shape, softplus in itertools.product(((K, B, D), (B, D), (D,)), (False, True)):
             args = dict(x=m(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=softplus, delta=1e-6)
-            yield "gaussian_log_prob_forward", dict(args, out=m(K, B))
+            yield "gaussian_log_prob_forward", dict(args, out=r(K, B))
             for need_dx, need_dv in ((False, True), (True, False)):
                 yield "gaussian_log_prob_backward", dict(
-                    grad_out=m(K, B), **args, dx=m(B, D) if need_dx else None, dmean=m(K, B, D),
+                    grad_out=r(K, B), **args, dx=m(B, D) if need_dx else None, dmean=m(K, B, D),
                     dvar_param=m(*var_shape) if need_dv else None)
     elif op == "bernoulli_log_prob":
-        yield "bernoulli_log_prob_forward", dict(x=m(B, D), logits=m(K, B, D), out=m(K, B))
-        for dx in (None, m(B, D)):
-            yield "bernoulli_log_prob_backward", dict(grad_out=m(K, B), x=m(B, D), logits=m(K, B, D), dx=dx,
-                                                      dlogits=m(K, B, D))
+        # x in the logits' dtype (a model cast to half precision), and for half
+        # logits float32 x (autocast: a half decoder output against float32 data)
+        for x_dtype in dict.fromkeys((dtype, acc)):
+            x = meta(B, D, dtype=x_dtype)
+            yield "bernoulli_log_prob_forward", dict(x=x, logits=m(K, B, D), out=r(K, B))
+            for dx in (None, meta(B, D, dtype=x_dtype)):
+                yield "bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D), dx=dx,
+                                                          dlogits=m(K, B, D))
     elif op in ("logmeanexp", "importance_weights", "effective_sample_size"):
         state = dict(lw_max=meta(B, dtype=acc), sumexp=meta(B, dtype=acc))
         ess = op == "effective_sample_size"
-        yield "logmeanexp_forward", dict(lw=m(K, B), **state, out=None if ess else m(B), ess=m(B) if ess else None)
+        yield "logmeanexp_forward", dict(lw=m(K, B), **state, out=None if ess else r(B), ess=r(B) if ess else None)
         yield "logmeanexp_backward", dict(lw=m(K, B), **state, grad_out=meta(B, dtype=acc),
                                           grad_sumexp=None if ess else meta(B, dtype=acc),
                                           ess=meta(B, dtype=acc) if ess else None, dlw=m(K, B))
-        if op == "importance_weights":
-            yield "importance_weights_backward", dict(grad_w=m(K, B), w=m(K, B), dlw=m(K, B))
+        if op == "importance_weights":  # the weights are float32 for half lw
+            yield "logmeanexp_backward", dict(lw=m(K, B), **state, grad_out=meta(B, dtype=acc), grad_sumexp=None,
+                                              ess=None, dlw=r(K, B))
+            yield "importance_weights_backward", dict(grad_w=r(K, B), w=r(K, B), dlw=r(K, B))
     else:
         raise ValueError(f"unknown op {op!r}")
 

@@ -1,4 +1,5 @@
 """Backend choice, the FASTVAE_BACKEND override and the missing-extension message."""
+import math
 import os
 import sys
 
@@ -198,7 +199,7 @@ def test_cpp_kernels_follow_torch_set_num_threads(monkeypatch):
     (torch.set_num_threads), so the two never oversubscribe the cores; small
     calls stay on the calling thread. (Through the Function path, where the
     thread count can be watched; csrc/torch_ops.cpp's threads() is the same rule.)"""
-    monkeypatch.setattr(_backend, "torch_ops", lambda t: None)
+    monkeypatch.setattr(_backend, "torch_ops", lambda *t: None)
     seen = []
     real = _backend.kernel_function("cpp", "kl_normal_forward")
     monkeypatch.setitem(_backend._functions, ("cpp", "kl_normal_forward"),
@@ -274,7 +275,7 @@ def test_cpp_results_do_not_depend_on_the_thread_count(monkeypatch, path):
     bits for 1, 2 and 4 threads, values and gradients, on the C++ operators'
     eager path and through the Functions."""
     if path == "function":
-        monkeypatch.setattr(_backend, "torch_ops", lambda t: None)
+        monkeypatch.setattr(_backend, "torch_ops", lambda *tensors: None)
     cases = _reduction_cases()
     previous = torch.get_num_threads()
     results = {}
@@ -370,3 +371,19 @@ def test_every_op_falls_back_without_the_extension(monkeypatch, path):
         torch.testing.assert_close(got[name][0], out, msg=f"{path} {name}")
         for a, b in zip(got[name][1], grads):
             torch.testing.assert_close(a, b, msg=f"{path} {name} gradient")
+
+
+def test_cpp_likelihoods_read_half_precision_decoder_outputs():
+    """bfloat16 (as its uint16 bits) and float16 logits with float32 x and out
+    run as they are; anything else beside them names the argument."""
+    from fastvae import _C
+
+    x, out = torch.zeros(2, 3).numpy(), torch.full((4, 2), float("nan")).numpy()
+    for logits in (torch.zeros(4, 2, 3, dtype=torch.bfloat16).view(torch.uint16).numpy(),
+                   torch.zeros(4, 2, 3, dtype=torch.float16).numpy()):
+        _C.bernoulli_log_prob_forward(x, logits, out, 1)
+        assert abs(out + 3 * math.log(2)).max() < 1e-6  # three logits of 0: log(1/2) each
+        with pytest.raises(TypeError, match="x: expected dtype float32"):
+            _C.bernoulli_log_prob_forward(x.astype("float64"), logits, out, 1)
+        with pytest.raises(TypeError, match="out: expected dtype float32"):
+            _C.bernoulli_log_prob_forward(x, logits, out.astype("float64"), 1)

@@ -88,7 +88,9 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
     assert json.loads(out.read_text())["results"] == payload["results"]
     impls = {r["impl"] for r in payload["results"]}
     assert impls >= {"eager", "compiled"} and len(impls) == 3
-    assert len(payload["results"]) == 2 * 3 * len(harness.MODES)
+    # K = 1 and 4 in float32, K = 4 with bfloat16 logits (--quick keeps one bfloat16 case)
+    assert len(payload["results"]) == 3 * 3 * len(harness.MODES)
+    assert {r["logits"] for r in payload["results"]} == {"float32", "bfloat16"}
     for r in payload["results"]:
         assert r["median_ms"] > 0
         if r["impl"].startswith("fastvae"):  # it keeps only its inputs for the backward
@@ -254,7 +256,10 @@ def test_train_step_has_the_probes_four_steps():
     assert ts.default_models(torch.device("cpu")) == ["mlp"]
     assert ts.sizes(False, ["mlp", "conv"], None, None) == [
         ("elbo", "mlp", "elbo", 256, 1), ("iwae k=50", "mlp", "iwae", 256, 50),
-        ("conv elbo", "conv", "elbo", 128, 1), ("conv iwae k=8", "conv", "iwae", 64, 8)]
+        ("elbo autocast", "mlp", "elbo autocast", 256, 1), ("iwae k=50 autocast", "mlp", "iwae autocast", 256, 50),
+        ("conv elbo", "conv", "elbo", 128, 1), ("conv iwae k=8", "conv", "iwae", 64, 8),
+        ("conv elbo autocast", "conv", "elbo autocast", 128, 1),
+        ("conv iwae k=8 autocast", "conv", "iwae autocast", 64, 8)]
     torch.manual_seed(0)
     model = ts.ConvVAE(channels=4, latent=8)
     x = ts.make_x("conv", 2, torch.device("cpu"))
@@ -263,7 +268,7 @@ def test_train_step_has_the_probes_four_steps():
     for hand, ours in ts.LOSSES.values():
         for loss in (hand, ours):
             value = loss(model, x, 2)
-            assert value.dim() == 0 and torch.isfinite(value)
+            assert value.dim() == 0 and torch.isfinite(value) and value.dtype == torch.float32
             assert all(g is not None for g in torch.autograd.grad(value, list(model.parameters())))
 
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -56,6 +56,7 @@ def check_against_reference(p, dtype, device):
     ref_grads = torch.autograd.grad(ref, [t for t in (x64, l64) if t.requires_grad], up.to(dtype).double())
     terms = (x64.detach() * l64.detach()).abs() + reference.softplus(l64.detach())
     assert out.shape == ref.shape
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # never a half-precision bound
     assert_close(out, ref.detach(), terms.sum(-1), "log_prob")
     for t, got, want in zip(inputs, grads, ref_grads):
         # dlogits = up (x - sigmoid(l)) is bounded by |up|; dx = sum_k up l grows with |l|
@@ -133,27 +134,44 @@ def test_errors_on_bad_input(backend):
         fastvae.bernoulli_log_prob(torch.zeros(4, 2, device=device), logits)
     with pytest.raises(TypeError, match="bool"):
         fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.bool, device=device), logits)
-    with pytest.raises(TypeError, match="float64"):
-        fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64, device=device), logits)
+    # mixed dtypes are read as they are; a float64 input makes the result float64
+    assert fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64, device=device), logits).dtype == \
+        torch.float64
     with pytest.raises(ValueError, match="0-d"):
         fastvae.bernoulli_log_prob(torch.zeros((), device=device), torch.zeros((), device=device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(backend, dtype):
-    name, device = backend
+@pytest.mark.parametrize("x_dtype", ["same", torch.float32])
+def test_half_precision(backend, dtype, x_dtype):
+    """Half-precision logits (with x in half precision, or float32 x as under
+    autocast) on every backend: a float32 log-probability equal to the float64
+    one of the same rounded inputs to float32 accumulation error, gradients in
+    each input's dtype."""
+    _, device = backend
+    x_dtype = dtype if x_dtype == "same" else x_dtype
     g = torch.Generator().manual_seed(5)
-    x = (torch.rand(4, 37, generator=g) > 0.5).to(dtype).to(device)
-    logits = (torch.randn(3, 4, 37, generator=g) * 5).to(dtype).to(device)
-    if name != "triton":
-        with pytest.raises(TypeError, match=str(dtype).split(".")[-1]):
-            fastvae.bernoulli_log_prob(x, logits)
-        return
+    x = (torch.rand(4, 37, generator=g) > 0.5).to(x_dtype).to(device).requires_grad_()
+    logits = (torch.randn(3, 4, 37, generator=g) * 5).to(dtype).to(device).requires_grad_()
     out = fastvae.bernoulli_log_prob(x, logits)
-    x64, l64 = x.double().cpu(), logits.double().cpu()
+    assert out.dtype == torch.float32
+    x64, l64 = x.detach().double().cpu(), logits.detach().double().cpu()
     terms = ((x64 * l64).abs() + reference.softplus(l64)).sum(-1)
-    assert out.dtype == dtype
     assert_close(out, reference.bernoulli_log_prob(x64, l64), terms, "log_prob")
+    dx, dl = torch.autograd.grad(out.sum(), [x, logits])
+    assert (dx.dtype, dl.dtype) == (x_dtype, dtype)
+    assert_close(dl, x64 - torch.sigmoid(l64), torch.ones_like(l64), "dlogits")
+    assert_close(dx, l64.sum(0), l64.abs().sum(0) + 1, "dx")
+
+
+@settings(max_examples=8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(p=problems())
+def test_half_precision_matches_reference(backend, dtype, p):
+    """The Hypothesis problems in half precision (float32 results; the float64
+    reference sees the same rounded inputs, so the float32 tolerance applies to
+    the value, the half one to the stored gradients)."""
+    check_against_reference(p, dtype, backend[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

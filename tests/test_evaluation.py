@@ -439,8 +439,8 @@ def test_validation_errors():
         log_likelihood(x, lambda xx: tuple(t[:2] for t in encode(xx)), decode, k=4, likelihood="gaussian")
     with pytest.raises(ValueError, match="shape mismatch"):
         log_likelihood(x, lambda xx: (encode(xx)[0], encode(xx)[1][:, :1]), decode, k=4, likelihood="gaussian")
-    with pytest.raises(TypeError, match="float32 on cpu; x is torch.float64"):
-        log_likelihood(x, lambda xx: tuple(t.float() for t in encode(xx)), decode, k=4, likelihood="gaussian")
+    with pytest.raises(TypeError, match="on meta; x is torch.float64 on cpu"):
+        log_likelihood(x, lambda xx: tuple(t.to("meta") for t in encode(xx)), decode, k=4, likelihood="gaussian")
     with pytest.raises(ValueError, match="decode returned a mean of shape \\(3, 3, 5\\); expected \\(3, 3, 6\\)"):
         log_likelihood(x, encode, lambda z: decode(z)[..., :5], k=4, chunk_size=3, likelihood="gaussian")
     with pytest.raises(ValueError, match="no examples"):

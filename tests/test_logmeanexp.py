@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -93,11 +93,15 @@ def to_front(t, dim, keepdim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @given(p=problems())
 def test_logmeanexp_forward_backward(backend, dtype, p):
+    check_logmeanexp(backend, dtype, p)
+
+
+def check_logmeanexp(backend, dtype, p):
     _, device = backend
     lw, lw64 = make_lw(p, dtype, device)
     K, dim = p["K"], p["dim"]
     out = fastvae.logmeanexp(lw, dim=dim, keepdim=p["keepdim"])
-    assert out.dtype == dtype
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # a bound is never half
     expected_shape = list(lw.shape)
     if p["keepdim"]:
         expected_shape[dim] = 1
@@ -115,6 +119,15 @@ def test_logmeanexp_forward_backward(backend, dtype, p):
     assert_close_or_inf(to_front(out, dim, p["keepdim"]), ref.detach(), shift.abs() + math.log(K) + 1.0, "out")
     w = reference.importance_weights(lw64)
     assert_close(dlw.movedim(dim, 0), dref, g64.abs() * (w * (1.0 + dist) + flushed(dtype, 1.0)), "dlw")
+
+
+@settings(max_examples=8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(p=problems())
+def test_logmeanexp_half_precision(backend, dtype, p):
+    """Half-precision log-weights: a float32 bound against the float64 one of
+    the same rounded log-weights (to float32 error), dlw in lw's dtype."""
+    check_logmeanexp(backend, dtype, p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -371,22 +384,23 @@ def test_saves_no_extra_k_sized_buffer(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(backend, dtype):
-    """bf16/fp16 run on triton with float32 accumulation and a float32 state;
-    cpp and reference refuse them."""
-    name, device = backend
-    lw = (torch.randn(37, 9, generator=torch.Generator().manual_seed(0)) * 4).to(dtype).to(device)
-    if name != "triton":
-        with pytest.raises(TypeError, match=str(dtype).split(".")[-1]):
-            fastvae.logmeanexp(lw)
-        return
-    x = lw.double().cpu()
+    """bf16/fp16 log-weights on every backend, with float32 accumulation: the
+    bound, the state, the weights and the ESS in float32 (a bound rounded to
+    bfloat16 steps by 4 nats at -544), equal to the float64 ones of the same
+    rounded inputs to float32 error; the gradient in lw's dtype."""
+    _, device = backend
+    lw = (torch.randn(37, 9, generator=torch.Generator().manual_seed(0)) * 4).to(dtype).to(device).requires_grad_()
+    x = lw.detach().double().cpu()
     out = fastvae.logmeanexp(lw)
-    assert out.dtype == dtype
+    assert out.dtype == torch.float32
+    assert torch.autograd.grad(out.sum(), [lw])[0].dtype == dtype
+    assert fastvae.effective_sample_size(lw).dtype == torch.float32
     shift, dist = state_terms(x)
     assert_close(out, reference.logmeanexp(x), shift.abs() + math.log(37) + 1, "out")
     state = fastvae.logmeanexp_state(lw)
     assert state.sumexp.dtype == torch.float32
     w = fastvae.importance_weights(lw)
+    assert w.dtype == torch.float32
     w_ref = reference.importance_weights(x)
     assert_close(w, w_ref, w_ref * (1 + dist), "w")
 
@@ -607,9 +621,7 @@ def test_accumulate_half_precision_widens_before_adding(backend, dtype):
     evaluation's rule), on the triton backend in the kernel."""
     from fastvae.logmeanexp import accumulate_states
 
-    name, device = backend
-    if name != "triton":
-        pytest.skip("half precision is a triton-backend feature")
+    _, device = backend
     chunks, lats = _accumulate_case(dtype, device, 40, 3, [17], True, seed=3)
     run1 = run2 = None
     for lw, lat in zip(chunks, lats):

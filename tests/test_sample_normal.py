@@ -233,8 +233,9 @@ def test_errors_on_bad_input(backend):
     mu = torch.zeros(4, 3, device=device)
     with pytest.raises(ValueError, match=r"\(4, 3\).*\(4, 2\)"):
         fastvae.sample_normal(mu, torch.zeros(4, 2, device=device))
-    with pytest.raises(TypeError, match="float64"):
-        fastvae.sample_normal(mu, torch.zeros(4, 3, dtype=torch.float64, device=device))
+    # mixed dtypes are read as they are; float64 wins
+    z, kl = fastvae.sample_normal(mu, torch.zeros(4, 3, dtype=torch.float64, device=device))
+    assert z.dtype == kl.dtype == torch.float64
     with pytest.raises(TypeError, match="int64"):
         fastvae.sample_normal(torch.zeros(4, 3, dtype=torch.int64, device=device), mu)
     with pytest.raises(ValueError, match="device"):
@@ -251,19 +252,31 @@ def test_errors_on_bad_input(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(backend, dtype):
-    """bf16/fp16 run on triton with float32 accumulation; cpp and reference refuse them."""
-    name, device = backend
+    """bf16/fp16 mu and logvar on every backend, computed in float32: z in the
+    encoder's dtype (the activation a half-precision decoder takes), the KL and
+    the latent log-ratio in float32, equal to the float64 ones of the same
+    rounded inputs to float32 error; gradients in each input's dtype."""
+    _, device = backend
     mu, logvar = make_inputs((5,), 37, 3, 3.0, dtype, device)
-    if name != "triton":
-        with pytest.raises(TypeError, match=str(dtype).split(".")[-1]):
-            fastvae.sample_normal(mu, logvar, 2)
-        return
+    mu.requires_grad_()
     seed = 77
     z, kl = SampleNormal.apply(mu, logvar, seed_tensor(seed, device), 2)
     _, _, z_ref, kl_ref, z_scale, kl_scale = reference_pieces(mu, logvar, seed, 2)
-    assert z.dtype == dtype
+    assert (z.dtype, kl.dtype) == (dtype, torch.float32)
     assert_close(z, z_ref, z_scale, "z")
     assert_close(kl, kl_ref, kl_scale, "kl")
+    z, kl, ratio = SampleNormalWithRatio.apply(mu, logvar, seed_tensor(seed, device), 2, False)
+    assert ratio.dtype == torch.float32
+    mu64, lv64 = mu.detach().double().cpu(), logvar.double().cpu()
+    eps = reference.sample_noise(seed, 2, mu64.shape, torch.float64, "cpu")
+    z64 = mu64 + torch.exp(0.5 * lv64) * eps
+    ratio_ref = 0.5 * (eps * eps + lv64 - z64 * z64).sum(-1)
+    assert_close(ratio, ratio_ref, (eps * eps + lv64.abs() + z64 * z64).sum(-1), "log_ratio")
+    (dmu,) = torch.autograd.grad(z.float().sum() + kl.sum() + ratio.sum(), [mu])
+    assert dmu.dtype == dtype
+    # a float32 mu beside a half logvar: z is float32
+    z, kl = SampleNormal.apply(mu.detach().float(), logvar, seed_tensor(seed, device), 2)
+    assert (z.dtype, kl.dtype) == (torch.float32, torch.float32)
 
 
 @pytest.mark.parametrize("use", ["z", "kl"])
@@ -467,7 +480,7 @@ def test_eager_operator_matches_the_function_for_any_outputs(backend, monkeypatc
 
     fast = grads()
     with monkeypatch.context() as m:
-        m.setattr(fastvae._backend, "torch_ops", lambda t: None)
+        m.setattr(fastvae._backend, "torch_ops", lambda *t: None)
         slow = grads()
     for a, b in zip(fast, slow):
         assert torch.equal(a, b)
