@@ -232,8 +232,10 @@ def _resources(compiled, ptxas_log: str) -> dict:
             f.flush()
             out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+        # spills live in the stack frame (LOCAL stays 0 for them): the frame's
+        # bytes stand in for ptxas's spill count, 0 exactly when it is 0
         return {"ok": True, "registers": int(found[1]) if found else None,
-                "spill_bytes": int(found[4]) if found else None, "error": None}
+                "spill_bytes": int(found[2]) + int(found[4]) if found else None, "error": None}
     return {"ok": True, "registers": int(regs[1]),
             "spill_bytes": int(spills[1]) + int(spills[2]) if spills else 0, "error": None}
 
