@@ -13,14 +13,25 @@ Programs tile the K * P decoder rows (BLOCK_R rows x BLOCK_D columns, about
 4096 elements: _common.tile_geometry); the forward loops over D. The
 backward writes the per-element gradients, and for a per-gene log_theta each
 program's column sums of its rows into a (row tiles, D) float32/float64
-buffer that one torch sum reduces in a fixed order (deterministic, no atomics).
+buffer, which the last program of each column block to finish adds in
+row-tile order (_common.arrive_last: deterministic, no float atomics, no
+torch work after the launch).
 Only libdevice-free tl.log / tl.exp are used, so the interpreter runs them.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, accumulation_dtype, log1p_unit, sigmoid, softplus, tile_geometry
+from ._common import (
+    acc_dtype,
+    accumulation_dtype,
+    arrive_last,
+    log1p_unit,
+    sigmoid,
+    softplus,
+    tile_counters,
+    tile_geometry,
+)
 
 POISSON = 0
 NB = 1
@@ -259,7 +270,7 @@ def _count_fwd_kernel(
     tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
-@triton.jit(do_not_specialize=["P", "KP"])
+@triton.jit(do_not_specialize=["P", "KP", "ROW_TILES"])
 def _count_bwd_kernel(
     grad_out_ptr,  # (K, P)
     x_ptr,  # (P, D)
@@ -267,12 +278,14 @@ def _count_bwd_kernel(
     lt_ptr,  # (K, P, D) or (D,)
     zl_ptr,  # (K, P, D)
     dlm_ptr,  # (K, P, D), when HAS_DLM
-    dlt_ptr,  # (K, P, D) when HAS_DLT and not THETA_DIM
-    part_ptr,  # (row tiles, D) ACC: per-gene dlt partial sums, when HAS_DLT and THETA_DIM
+    dlt_ptr,  # (K, P, D), or (D,) when THETA_DIM; when HAS_DLT
+    part_ptr,  # (ROW_TILES, D) ACC: per-gene dlt partial sums, when HAS_DLT and THETA_DIM and ROW_TILES > 1
+    counter_ptr,  # (column blocks,) int32 arrival counters, zero between launches, likewise
     dzl_ptr,  # (K, P, D), when HAS_DZL
     P,
     KP,
     D,
+    ROW_TILES,
     KIND: tl.constexpr,
     THETA_DIM: tl.constexpr,
     HAS_DLM: tl.constexpr,
@@ -331,7 +344,16 @@ def _count_bwd_kernel(
         if HAS_DLT:
             if THETA_DIM:
                 col_sum = tl.sum(tl.where(mask, g * gt, 0.0), axis=0)
-                tl.store(part_ptr + row_tile * D + cols, col_sum, mask=col_ok)
+                if ROW_TILES == 1:
+                    tl.store(dlt_ptr + cols, col_sum.to(dlt_ptr.dtype.element_ty), mask=col_ok)
+                else:
+                    # the last row tile of a column block to finish adds the partials in row-tile order
+                    tl.store(part_ptr + row_tile * D + cols, col_sum, mask=col_ok)
+                    if arrive_last(counter_ptr + pid % col_blocks, ROW_TILES):
+                        total = tl.zeros([BLOCK_D], dtype=ACC)
+                        for s in range(0, ROW_TILES):
+                            total += tl.load(part_ptr + s * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                        tl.store(dlt_ptr + cols, total.to(dlt_ptr.dtype.element_ty), mask=col_ok)
             else:
                 tl.store(dlt_ptr + idx, (g * gt).to(dlt_ptr.dtype.element_ty), mask=mask)
 
@@ -354,22 +376,24 @@ def count_forward(kind: int, x, lm, lt, zl, out) -> None:
 
 def count_backward(kind: int, grad_out, x, lm, lt, zl, dlm, dlt, dzl) -> None:
     """The gradients that are not None, for grad_out (K, P); a per-gene dlt (D,)
-    is reduced from per-row-tile partial sums."""
+    is summed over rows in the kernel (the last row tile of each column block
+    adds the partials in order: deterministic, no float atomics)."""
     K, P, D = lm.shape
     theta_dim = lt is not None and lt.dim() == 1
     if K * P * D == 0:
-        if dlt is not None and theta_dim:
-            dlt.zero_()
+        if dlt is not None and theta_dim and dlt.numel():
+            dlt.zero_()  # a sum over no rows; not a path of any training shape
         return
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, lm.device, lm.dtype == torch.float64)
     row_tiles = triton.cdiv(K * P, BLOCK_R)
-    part = (torch.empty((row_tiles, D), dtype=accumulation_dtype(lm.dtype), device=lm.device)
-            if dlt is not None and theta_dim else lm)
-    _count_bwd_kernel[(row_tiles * triton.cdiv(D, BLOCK_D),)](
+    col_blocks = triton.cdiv(D, BLOCK_D)
+    reduce = dlt is not None and theta_dim and row_tiles > 1
+    part = torch.empty((row_tiles, D) if reduce else (1,), dtype=accumulation_dtype(lm.dtype), device=lm.device)
+    _count_bwd_kernel[(row_tiles * col_blocks,)](
         grad_out, x, lm, lm if lt is None else lt, lm if zl is None else zl,
-        lm if dlm is None else dlm, lm if dlt is None else dlt, part, lm if dzl is None else dzl,
-        P, K * P, D, KIND=kind, THETA_DIM=theta_dim, HAS_DLM=dlm is not None, HAS_DLT=dlt is not None,
-        HAS_DZL=dzl is not None, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
+        lm if dlm is None else dlm, lm if dlt is None else dlt, part,
+        tile_counters(lm.device, col_blocks, row_tiles if reduce else 1), lm if dzl is None else dzl,
+        P, K * P, D, row_tiles, KIND=kind, THETA_DIM=theta_dim, HAS_DLM=dlm is not None,
+        HAS_DLT=dlt is not None, HAS_DZL=dzl is not None, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R,
+        BLOCK_D=BLOCK_D, num_warps=warps,
     )
-    if dlt is not None and theta_dim:
-        dlt.copy_(part.sum(0))

@@ -88,3 +88,44 @@ def grad_scale(x, log_mean, log_theta=None):
         theta = lt.exp()
         s = s + torch.minimum(lm, lt).exp() + torch.minimum(theta, x + 1.0) * (2.0 + lt.abs() + torch.log1p(x))
     return s
+
+
+def check_objectives(device, likelihood, decode, ref_log_lik, torch_decode=None):
+    """fastvae.iwae / elbo / log_likelihood with likelihood=``likelihood`` (decode
+    returning plain tensors), against a float64 hand computation with the same
+    noise (ref_log_lik(x, z) -> (k, B) log p(x | z)), gradients included; and, with
+    torch_decode (a torch.distributions decoder), the same numbers from the
+    mapped distribution without likelihood=."""
+    from test_objectives import same_noise
+
+    import fastvae
+
+    from helpers import assert_close, gen
+
+    g = torch.Generator().manual_seed(0)
+    B, L, k = 3, 2, 4
+    mu = torch.randn(B, L, generator=g, dtype=F64).to(device).requires_grad_()
+    logvar = (0.3 * torch.randn(B, L, generator=g, dtype=F64)).to(device).requires_grad_()
+    x = random_counts((B, 6), g, "sparse").to(device)
+    bound = fastvae.iwae(x, mu, logvar, decode, k=k, likelihood=likelihood, generator=gen(1), reduction="none")
+    eps = same_noise(1, k, (B, L), device)
+    z = mu + torch.exp(logvar / 2) * eps
+    normal = torch.distributions.Normal
+    lw = (ref_log_lik(x, z) + normal(0.0, 1.0).log_prob(z).sum(-1)
+          - normal(mu, torch.exp(logvar / 2)).log_prob(z).sum(-1))
+    want = torch.logsumexp(lw, 0) - math.log(k)
+    assert_close(bound, want, 1 + lw.abs().amax(0), f"iwae, likelihood={likelihood!r}")
+    got = torch.autograd.grad(bound.sum(), [mu, logvar])
+    ref = torch.autograd.grad(want.sum(), [mu, logvar])
+    for a, b in zip(got, ref):
+        assert_close(a, b, 1 + lw.abs().amax(0)[:, None], "encoder gradient")
+    elbo = fastvae.elbo(x, mu, logvar, decode, likelihood=likelihood, n_samples=3, generator=gen(2))
+    assert torch.isfinite(elbo)
+    encode = lambda t: (mu.detach(), logvar.detach())  # noqa: E731
+    ll = fastvae.log_likelihood(x, encode, decode, k=8, likelihood=likelihood, generator=gen(3))
+    assert ll.shape == (B,) and torch.isfinite(ll).all()
+    if torch_decode is not None:
+        mapped = fastvae.iwae(x, mu, logvar, torch_decode, k=k, generator=gen(1), reduction="none")
+        assert_close(mapped, bound, 1 + lw.abs().amax(0), f"iwae, torch distribution for {likelihood!r}")
+        ll_mapped = fastvae.log_likelihood(x, encode, torch_decode, k=8, generator=gen(3))
+        assert_close(ll_mapped, ll, 1 + ll.abs(), "log_likelihood, torch distribution")

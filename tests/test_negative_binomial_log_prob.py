@@ -231,6 +231,7 @@ def test_errors_on_bad_input(backend):
         fastvae.negative_binomial_log_prob(torch.zeros(4, 3, dtype=torch.bool, device=device), lm, lt)
     with pytest.raises(TypeError, match="log_theta"):
         fastvae.negative_binomial_log_prob(torch.zeros(4, 3, device=device), lm, torch.zeros(3, dtype=torch.long))
+    fastvae.set_value_checks("always")  # on the Triton path only the first call of a kind is checked
     with pytest.raises(ValueError, match="counts >= 0"):
         fastvae.negative_binomial_log_prob(torch.full((4, 3), -1.0, device=device), lm, lt)
     with pytest.raises(ValueError, match="counts >= 0"):
@@ -247,3 +248,17 @@ def test_event_dims(backend):
     want = reference.negative_binomial_log_prob(x.reshape(2, 12).cpu(), lm.reshape(5, 2, 12).cpu(),
                                                 lt.reshape(12).cpu())
     torch.testing.assert_close(out.cpu(), want)
+
+
+def test_objectives_and_evaluation_take_the_likelihood(backend):
+    """likelihood="negative_binomial" with (log mean, per-gene log theta) from
+    decode, and a torch NegativeBinomial(total_count=theta, logits) decoder."""
+    from count_helpers import check_objectives
+
+    _, device = backend
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(2, 6, generator=g, dtype=F64).to(device)
+    lt = torch.randn(6, generator=g, dtype=F64).to(device)
+    check_objectives(device, "negative_binomial", lambda z: (z @ w, lt),
+                     lambda x, z: log_nb_positive(x, (z @ w).exp(), lt.exp()).sum(-1),
+                     lambda z: torch.distributions.NegativeBinomial(lt.exp(), logits=z @ w - lt))

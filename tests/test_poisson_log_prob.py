@@ -118,6 +118,17 @@ def test_errors_on_bad_input(backend):
         fastvae.poisson_log_prob(torch.zeros(4, 2, device=device), lr)
     with pytest.raises(TypeError, match="bool"):
         fastvae.poisson_log_prob(torch.zeros(4, 3, dtype=torch.bool, device=device), lr)
+    fastvae.set_value_checks("always")  # on the Triton path only the first call of a kind is checked
     with pytest.raises(ValueError, match="counts >= 0"):
         fastvae.poisson_log_prob(torch.full((4, 3), -2.0, device=device), lr)
     assert fastvae.poisson_log_prob(torch.ones(4, 3, dtype=torch.long, device=device), lr).dtype == torch.float32
+
+
+def test_objectives_and_evaluation_take_the_likelihood(backend):
+    """likelihood="poisson" with the log rate from decode, and a torch Poisson decoder."""
+    from count_helpers import check_objectives
+
+    _, device = backend
+    w = torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=F64).to(device)
+    check_objectives(device, "poisson", lambda z: z @ w, lambda x, z: torch_poisson(x, z @ w),
+                     lambda z: torch.distributions.Independent(torch.distributions.Poisson((z @ w).exp()), 1))

@@ -184,7 +184,30 @@ def test_errors_on_bad_input(backend):
     lt = torch.zeros(3, device=device)
     with pytest.raises(ValueError, match=r"zi_logits of shape \(2, 4, 2\)"):
         fastvae.zinb_log_prob(torch.zeros(4, 3, device=device), lm, lt, torch.zeros(2, 4, 2, device=device))
+    fastvae.set_value_checks("always")  # on the Triton path only the first call of a kind is checked
     with pytest.raises(ValueError, match="counts >= 0"):
         fastvae.zinb_log_prob(torch.full((4, 3), -1.0, device=device), lm, lt, zl)
     with pytest.raises(TypeError, match="zi_logits"):
         fastvae.zinb_log_prob(torch.zeros(4, 3, device=device), lm, lt, zl.long())
+
+
+def test_objectives_and_evaluation_take_the_likelihood(backend):
+    """likelihood="zinb" with (log mean, per-gene log theta, zero-inflation logits) from decode."""
+    from count_helpers import check_objectives
+
+    _, device = backend
+    g = torch.Generator().manual_seed(7)
+    w, wz = (torch.randn(2, 6, generator=g, dtype=F64).to(device) for _ in range(2))
+    lt = torch.randn(6, generator=g, dtype=F64).to(device)
+    check_objectives(device, "zinb", lambda z: (z @ w, lt, z @ wz),
+                     lambda x, z: log_zinb_positive(x, (z @ w).exp(), lt.exp(), z @ wz).sum(-1))
+
+
+def test_decoder_output_errors(backend):
+    _, device = backend
+    x = torch.zeros(3, 4, dtype=F64, device=device)
+    mu = torch.zeros(3, 2, dtype=F64, device=device)
+    with pytest.raises(ValueError, match=r"decode returns \(log_mean, log_theta, zi_logits\)"):
+        fastvae.elbo(x, mu, mu, lambda z: (z.new_zeros(3, 4), z.new_zeros(4)), likelihood="zinb")
+    with pytest.raises(ValueError, match="counts >= 0"):
+        fastvae.elbo(x - 1, mu, mu, lambda z: z.new_zeros(3, 4), likelihood="poisson")
