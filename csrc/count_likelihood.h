@@ -305,6 +305,19 @@ FASTVAE_INLINE void count_forward_rows(const CountIn<T>& in, int64_t p0, int64_t
       const T* lm = in.lm + r * D;
       const T* lt = Kd == CountKind::kPoisson ? nullptr : (in.theta_dim ? in.lt : in.lt + r * D);
       const T* zi = Kd == CountKind::kZINB ? in.zi + r * D : nullptr;
+      if constexpr (Kd != CountKind::kPoisson) {
+        // theta per element: its row of theta and lgamma terms first, in a loop of
+        // its own, so that the main loop below reads rows in either layout (a
+        // select between the two would evaluate the lgammas for every element)
+        if (!in.theta_dim) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            const T theta = exp_t(lt[d]);
+            th_row[d] = theta;
+            crow[d] = nb_lgamma_term(xp[d], theta);
+          }
+        }
+      }
       double acc = 0.0;
       T t[kCountBlock];
       for (int64_t d0 = 0; d0 < D; d0 += kCountBlock) {
@@ -320,10 +333,8 @@ FASTVAE_INLINE void count_forward_rows(const CountIn<T>& in, int64_t p0, int64_t
           for (int64_t i = 0; i < n; ++i) {
             const int64_t d = d0 + i;
             const T x = xp[d];
-            const T theta = in.theta_dim ? th_row[d] : exp_t(lt[d]);
-            const T c = in.theta_dim ? crow[d] : nb_lgamma_term(x, theta);
             const NbElement<T> e = nb_element(lm[d], lt[d]);
-            const T nb = nb_value(x, lm[d], theta, c, e);
+            const T nb = nb_value(x, lm[d], th_row[d], crow[d], e);
             if constexpr (Kd == CountKind::kZINB) {
               const T z = zi[d];
               const T spz = softplus_t(z);
@@ -378,17 +389,28 @@ FASTVAE_INLINE void count_backward_rows(const CountIn<T>& in, const T* g, const 
       T* dlt = want_lt && !in.theta_dim ? gr.dlt + r * D : nullptr;
       T* dzi = Kd == CountKind::kZINB ? gr.dzi : nullptr;
       if (dzi) dzi += r * D;
+      if (!in.theta_dim && want_lt) {  // as in the forward: the digamma row in a loop of its own
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const T theta = exp_t(lt[d]);
+          th_row[d] = theta;
+          dcrow[d] = nb_digamma_term(xp[d], theta);
+        }
+      } else if (!in.theta_dim) {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          th_row[d] = exp_t(lt[d]);
+          dcrow[d] = T(0);
+        }
+      }
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
         const T x = xp[d];
-        const T theta = in.theta_dim ? th_row[d] : exp_t(lt[d]);
+        const T theta = th_row[d];
         const NbElement<T> e = nb_element(lm[d], lt[d]);
         T gm = nb_dlm(x, e);
-        T gt = T(0);
-        if (want_lt) {
-          const T dc = in.theta_dim ? dcrow[d] : nb_digamma_term(x, theta);
-          gt = nb_dlt(x, theta, dc, e);
-        }
+        const T gt_nb = nb_dlt(x, theta, dcrow[d], e);  // unused (0 * ...) when !want_lt
+        T gt = want_lt ? gt_nb : T(0);
         if constexpr (Kd == CountKind::kZINB) {
           // x = 0: log(pi + (1 - pi) NB(0)) with weight w = sigmoid(B - A) on the NB branch
           const T z = zi[d];
