@@ -14,6 +14,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   logmeanexp_from_state(state), all_reduce_logmeanexp_state(state, group=None)
 - latent_log_ratio(z, mu, logvar, *, stop_score=False)
 - mixture_log_prob(z, means, logvars, logits=None)
+- poisson_log_prob(x, log_rate), negative_binomial_log_prob(x, log_mean, log_theta),
+  zinb_log_prob(x, log_mean, log_theta, zi_logits): count likelihoods (scvi-tools' NB/ZINB)
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -64,9 +66,12 @@ from .logmeanexp import (
     merge_logmeanexp_states,
 )
 from .mixture_log_prob import mixture_log_prob
+from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
+from .poisson_log_prob import poisson_log_prob
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
+from .zinb_log_prob import zinb_log_prob
 
 __all__ = [
     "DiagonalNormal",
@@ -102,5 +107,8 @@ __all__ = [
     "reconstruction_probability",
     "LogLikelihoodStats",
     "EvaluationResult",
+    "poisson_log_prob",
+    "negative_binomial_log_prob",
+    "zinb_log_prob",
 ]
 __version__ = "0.1.0"

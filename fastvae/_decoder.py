@@ -13,6 +13,10 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
   Normal, or Independent of either, and the likelihood follows from it
   (likelihood= may then be omitted).
+- likelihood="poisson" / "negative_binomial" / "zinb" (counts, issue 27):
+  decode(z) returns the log rate, (log mean, log theta) or (log mean, log
+  theta, zero-inflation logits) as in scvi-tools (log theta per element or
+  per gene); or a torch Poisson / NegativeBinomial (fastvae/_count_likelihood.py).
 """
 from __future__ import annotations
 
@@ -22,12 +26,12 @@ import torch
 from torch import Tensor
 from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal
 
-from . import _backend, _validate, _value_checks
+from . import _backend, _count_likelihood, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 
-LIKELIHOODS = ("gaussian", "bernoulli")
+LIKELIHOODS = ("gaussian", "bernoulli", *_count_likelihood.COUNT_LIKELIHOODS)
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -77,8 +81,10 @@ def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | 
 
 _REQUIRED = (
     "likelihood= is required: 'bernoulli' if decode returns logits (binary or [0, 1] data), "
-    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair; or let decode "
-    "return a torch.distributions Bernoulli, Normal or Independent(Normal)"
+    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair; for counts 'poisson' "
+    "(log rate), 'negative_binomial' ((log mean, log theta)) or 'zinb' ((log mean, log theta, zero-inflation "
+    "logits)); or let decode return a torch.distributions Bernoulli, Normal, Poisson, NegativeBinomial or "
+    "Independent of one"
 )
 
 
@@ -100,10 +106,13 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
         implied, out = "bernoulli", base.logits
     elif type(base) is Normal:
         implied, out = "gaussian", (base.loc, 2.0 * torch.log(base.scale))
+    elif (counts := _count_likelihood.from_distribution(base)) is not None:
+        implied, out = counts
     else:
         raise TypeError(
             f"decode returned a {type(base).__name__} distribution; the fused likelihoods compute "
-            f"Bernoulli (logits or probs), Normal and Independent(Normal) exactly. For others, e.g. "
+            f"Bernoulli (logits or probs), Normal, Poisson, NegativeBinomial and Independent of one "
+            f"exactly. For others, e.g. "
             f"ContinuousBernoulli (whose normalizer they omit), compute the loss with torch.distributions"
         )
     if likelihood is not None and likelihood != implied:
@@ -141,7 +150,8 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         out: decode(z) for z of shape (*sample_shape, *batch, L): the decoder
             output of shape (*sample_shape, *x.shape), a (mean, logvar) pair, or
             a torch distribution (Bernoulli, Normal, Independent of either).
-        likelihood: "gaussian" or "bernoulli" (see the module docstring); None
+        likelihood: "gaussian", "bernoulli", "poisson", "negative_binomial" or "zinb"
+            (see the module docstring); None
             when out is a distribution, which implies it.
         sample_shape: () for one sample, (K,) for K samples.
     """
@@ -155,6 +165,9 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
 
     def flat(t: Tensor, lead_dims: int) -> Tensor:
         return t if events == 1 else _flat_events(t, lead_dims)
+
+    if likelihood in _count_likelihood.COUNT_LIKELIHOODS:
+        return _count_likelihood.decoder_log_prob(x, out, likelihood, sample_shape, events, _check_output)
 
     if likelihood == "bernoulli":
         logits = _check_output("logits", out, x, sample_shape)

@@ -70,6 +70,15 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("mixture_log_prob_forward", "mixture_log_prob", "z means logvars logits out"),
     _k("mixture_log_prob_backward", "mixture_log_prob",
        "grad_out z means logvars logits out dz dmeans dlogvars dlogits"),
+    # the count likelihoods (issue 27): log_theta (K, P, D) or per gene (D,); counts get no gradient
+    _k("poisson_log_prob_forward", "poisson_log_prob", "x log_rate out"),
+    _k("poisson_log_prob_backward", "poisson_log_prob", "grad_out x log_rate dlog_rate"),
+    _k("negative_binomial_log_prob_forward", "negative_binomial_log_prob", "x log_mean log_theta out"),
+    _k("negative_binomial_log_prob_backward", "negative_binomial_log_prob",
+       "grad_out x log_mean log_theta dlog_mean dlog_theta"),
+    _k("zinb_log_prob_forward", "zinb_log_prob", "x log_mean log_theta zi_logits out"),
+    _k("zinb_log_prob_backward", "zinb_log_prob",
+       "grad_out x log_mean log_theta zi_logits dlog_mean dlog_theta dzi_logits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -92,6 +101,12 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_latent_log_ratio.py", "latent_log_ratio"),
     Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
        "test_mixture_log_prob.py", "mixture_log_prob"),
+    Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"),
+       "test_poisson_log_prob.py", "poisson_log_prob"),
+    Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),
+       "test_negative_binomial_log_prob.py", "negative_binomial_log_prob"),
+    Op("zinb_log_prob", ("zinb_log_prob_forward", "zinb_log_prob_backward"), "test_zinb_log_prob.py",
+       "zinb_log_prob"),
 )}
 
 # Test modules above the ops that reach a Triton kernel: run under the

@@ -562,9 +562,11 @@ def log_likelihood(
             or a torch Normal / MultivariateNormal.
         decode: z (K_c, B, L) -> the decoder output for every sample, shape
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
-            (mean, logvar) pair, for "bernoulli" the logits.
+            (mean, logvar) pair, for "bernoulli" the logits, for "poisson" the
+            log rate, for "negative_binomial" (log mean, log theta), for "zinb"
+            (log mean, log theta, zero-inflation logits).
         k: samples per example (K >= 1; 5000 is the usual report).
-        likelihood: "gaussian" or "bernoulli", required (there is no default:
+        likelihood: "gaussian", "bernoulli", "poisson", "negative_binomial" or "zinb", required (there is no default:
             a wrong one gives a plausible but meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of

@@ -290,9 +290,12 @@ def elbo(
             (mean, logvar) pair (learned variance; logvar, not std: a (mean,
             std) pair is not detected); for "bernoulli", the logits, before
             any sigmoid (fastvae warns when every value it reads lies in
-            [0, 1], and when x leaves [0, 1]).
+            [0, 1], and when x leaves [0, 1]); for counts, "poisson": the log
+            rate, "negative_binomial": (log mean, log theta), "zinb": (log mean,
+            log theta, zero-inflation logits), scvi-tools' parameterization
+            (log theta per element or per gene).
             Outputs have x's shape with the sample dimension in front.
-        likelihood: "gaussian" or "bernoulli", required (there is no default:
+        likelihood: "gaussian", "bernoulli", "poisson", "negative_binomial" or "zinb", required (there is no default:
             a wrong one gives a plausible but meaningless number).
         beta: weight of the KL term (beta-VAE); >= 0. Any real scalar (Python,
             NumPy, 0-d tensor). A 0-d floating tensor (an annealing schedule)

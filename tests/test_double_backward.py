@@ -63,6 +63,7 @@ def _tril(N, L, g):
 # name -> (function of the leaves, the leaves' values (made on the CPU), C++ operator or not)
 def _cases(g):
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0, 7.0]] * 3, dtype=F64)
     gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)
     ratio = lambda z, m, lv: fastvae.latent_log_ratio(z, m, lv)
     return {
@@ -99,6 +100,12 @@ def _cases(g):
                                [r(3, 4), _tril(3, 4, g)], False),
         "sample_normal_tril_one_sample": (lambda m, s: fastvae.sample_normal_tril(m, s, generator=gen(3)),
                                           [r(2, 3), _tril(2, 3, g)], False),
+        # counts are data (no gradient): a constant of the function, on the leaves' device
+        "poisson": (lambda lr: fastvae.poisson_log_prob(counts.to(lr.device), lr), [r(2, 3, 5)], False),
+        "negative_binomial": (lambda m, t: fastvae.negative_binomial_log_prob(counts.to(m.device), m, t),
+                              [r(2, 3, 5), r(5)], False),
+        "zinb": (lambda m, t, z: fastvae.zinb_log_prob(counts.to(m.device), m, t, z),
+                 [r(2, 3, 5), r(2, 3, 5), r(2, 3, 5)], False),
     }
 
 

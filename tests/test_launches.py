@@ -121,6 +121,10 @@ def _cases():
         "latent_log_ratio": op(fastvae.latent_log_ratio, (K, B, L), (B, L), (B, L)),
         "kl_normal": op(fastvae.kl_normal, (B, L), (B, L)),
         "mixture_log_prob": op(fastvae.mixture_log_prob, (K, B, L), (3, L), (3, L)),
+        "poisson_log_prob": op(lambda lr: fastvae.poisson_log_prob(x, lr), (K, B, D)),
+        "negative_binomial_log_prob": op(lambda m, t: fastvae.negative_binomial_log_prob(x, m, t),
+                                         (K, B, D), (D,)),
+        "zinb_log_prob": op(lambda m, t, z: fastvae.zinb_log_prob(x, m, t, z), (K, B, D), (D,), (K, B, D)),
     }
 
 
@@ -145,6 +149,9 @@ OP_LIMITS = {
     "latent_log_ratio": (1, 1, 2, 0),
     "kl_normal": (1, 1, 2, 0),
     "mixture_log_prob": (1, 2, 3, 0),
+    "poisson_log_prob": (1, 1, 2, 0),
+    "negative_binomial_log_prob": (1, 1, 2, 0),
+    "zinb_log_prob": (1, 1, 2, 0),
 }
 
 
