@@ -14,6 +14,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   logmeanexp_from_state(state), all_reduce_logmeanexp_state(state, group=None)
 - latent_log_ratio(z, mu, logvar, *, stop_score=False)
 - mixture_log_prob(z, means, logvars, logits=None)
+- categorical_log_prob(x, logits): x integer classes (..., D), logits (..., D, C)
+- continuous_bernoulli_log_prob(x, logits): the normalized continuous Bernoulli
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -42,6 +44,8 @@ from . import priors
 from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
 from .bernoulli_log_prob import bernoulli_log_prob
+from .categorical_log_prob import categorical_log_prob
+from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
@@ -102,5 +106,7 @@ __all__ = [
     "reconstruction_probability",
     "LogLikelihoodStats",
     "EvaluationResult",
+    "categorical_log_prob",
+    "continuous_bernoulli_log_prob",
 ]
 __version__ = "0.1.0"

@@ -70,6 +70,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("mixture_log_prob_forward", "mixture_log_prob", "z means logvars logits out"),
     _k("mixture_log_prob_backward", "mixture_log_prob",
        "grad_out z means logvars logits out dz dmeans dlogvars dlogits"),
+    _k("categorical_log_prob_forward", "categorical_log_prob", "x logits out"),
+    _k("categorical_log_prob_backward", "categorical_log_prob", "grad_out x logits dlogits"),
+    _k("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob", "x logits out"),
+    _k("continuous_bernoulli_log_prob_backward", "continuous_bernoulli_log_prob", "grad_out x logits dx dlogits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -92,6 +96,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_latent_log_ratio.py", "latent_log_ratio"),
     Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
        "test_mixture_log_prob.py", "mixture_log_prob"),
+    Op("categorical_log_prob", ("categorical_log_prob_forward", "categorical_log_prob_backward"),
+       "test_categorical_log_prob.py", "categorical_log_prob"),
+    Op("continuous_bernoulli_log_prob",
+       ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
+       "test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob"),
 )}
 
 # Test modules above the ops that reach a Triton kernel: run under the

@@ -202,8 +202,8 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
                    check_prior(prior))
 
 
-def _check_x(x: Any, what: str = "x") -> None:
-    _validate.float_tensors(**{what: x})
+def _check_x(x: Any, what: str = "x", likelihood: Any = None) -> None:
+    _validate.data_tensor(what, x, likelihood)  # integer x: class indices (likelihood="categorical")
     if x.dim() < 2:
         raise ValueError(f"{what} must have shape (B, *event), e.g. (B, D) or (B, C, H, W); got {tuple(x.shape)}")
 
@@ -564,7 +564,8 @@ def log_likelihood(
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
             (mean, logvar) pair, for "bernoulli" the logits.
         k: samples per example (K >= 1; 5000 is the usual report).
-        likelihood: "gaussian" or "bernoulli", required (there is no default:
+        likelihood: "gaussian", "bernoulli", "categorical" (logits (..., C),
+            x integer classes) or "continuous_bernoulli", required (there is no default:
             a wrong one gives a plausible but meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
@@ -636,7 +637,7 @@ def reconstruction_probability(
 
 
 def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
-    _check_x(x)
+    _check_x(x, "x", cfg.likelihood)
     if return_stats:
         cfg = replace(cfg, pareto=True)
     with torch.no_grad():
@@ -693,7 +694,7 @@ def evaluate(
             n_batches = 0
             for i, batch in enumerate(data):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                _check_x(x, f"batch {i}")
+                _check_x(x, f"batch {i}", cfg.likelihood)
                 n_batches = i + 1
                 if D is None:
                     event = x.shape[1:]
