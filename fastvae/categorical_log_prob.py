@@ -99,12 +99,13 @@ class CategoricalLogProb(torch.autograd.Function):
 
 
 def check_classes(x: Tensor, C: int, name: str = "x") -> None:
-    """Raise when a class index of x lies outside [0, C): on CPU at every call,
-    on CUDA at the first (one host sync; set_value_checks changes the rule).
-    The whole of x is read (it is decoder-output / C sized)."""
-    if x.numel() == 0 or torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type == "meta":
-        return
-    if not (x.device.type == "cpu" or _value_checks._should_check("categorical classes", x)):
+    """Raise when a class index of x lies outside [0, C), by the rule of the
+    value checks: on CPU at every call, on CUDA (the Triton backend) at the
+    first (one host sync; set_value_checks changes the rule). The whole of x
+    is read (it is the decoder output's size / C). Unchecked, the cpp kernels
+    refuse such an index themselves and the Triton kernels give NaN; neither
+    reads outside a row."""
+    if not _value_checks._should_check("categorical classes", x):
         return
     lo, hi = (v.item() for v in torch.aminmax(x))
     if lo < 0 or hi >= C:
@@ -161,7 +162,7 @@ def categorical_log_prob(x: Tensor, logits: Tensor) -> Tensor:
 
 def categorical_log_prob_unchecked(x: Tensor, logits: Tensor) -> Tensor:
     """categorical_log_prob after the checks."""
-    x = broadcast_x(x, logits[..., 0], "logits' leading shape")
+    x = broadcast_x(x, logits[..., 0], "logits[..., 0]")
     return CategoricalLogProb.apply(x, logits)
 
 

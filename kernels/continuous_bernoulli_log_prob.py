@@ -27,7 +27,7 @@ from ._common import (
     tile_geometry,
 )
 
-LOG2 = 0.6931471805599453
+LOG2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 def taylor_below(dtype: torch.dtype) -> float:

@@ -121,6 +121,10 @@ def _cases():
         "latent_log_ratio": op(fastvae.latent_log_ratio, (K, B, L), (B, L), (B, L)),
         "kl_normal": op(fastvae.kl_normal, (B, L), (B, L)),
         "mixture_log_prob": op(fastvae.mixture_log_prob, (K, B, L), (3, L), (3, L)),
+        # issue 27
+        "categorical_log_prob": (lambda xc: op(lambda lg: fastvae.categorical_log_prob(xc, lg), (K, B, D, 3)))(
+            x.long()),
+        "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
     }
 
 
@@ -145,6 +149,8 @@ OP_LIMITS = {
     "latent_log_ratio": (1, 1, 2, 0),
     "kl_normal": (1, 1, 2, 0),
     "mixture_log_prob": (1, 2, 3, 0),
+    "categorical_log_prob": (1, 1, 2, 0),
+    "continuous_bernoulli_log_prob": (1, 1, 2, 0),
 }
 
 
