@@ -243,6 +243,7 @@ def _reduction_cases():
     S = (torch.randn(5000, 8, 8, generator=g) * 0.3 + 2 * torch.eye(8)).requires_grad_()
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
+    lc = leaf(500, 8, 16, 4, scale=3)  # issue 27: categorical logits
     cases = {
         "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
         "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
@@ -263,7 +264,7 @@ def _reduction_cases():
                                                            generator=gen(3))]],
         # issue 27: few x rows against many samples (the folded layout) and many rows
         "continuous_bernoulli_log_prob": [lambda: run(fastvae.continuous_bernoulli_log_prob, xb, lg)],
-        "categorical_log_prob": [lambda lc=leaf(500, 8, 16, 4, scale=3): run(
+        "categorical_log_prob": [lambda: run(
             lambda a: fastvae.categorical_log_prob(xb.detach().mul(3).long(), a), lc)],
     }
     return cases

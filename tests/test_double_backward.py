@@ -99,9 +99,9 @@ def _cases(g):
                                [r(3, 4), _tril(3, 4, g)], False),
         "sample_normal_tril_one_sample": (lambda m, s: fastvae.sample_normal_tril(m, s, generator=gen(3)),
                                           [r(2, 3), _tril(2, 3, g)], False),
-        # issue 27: integer classes are no leaf (a default argument, moved to the logits' device)
-        "categorical": (lambda lg, xc=torch.randint(0, 4, (3, 5), generator=g):
-                        fastvae.categorical_log_prob(xc.to(lg.device), lg), [r(2, 3, 5, 4)], False),
+        # issue 27: integer classes are no leaf (made on the logits' device)
+        "categorical": (lambda lg: fastvae.categorical_log_prob(torch.arange(15, device=lg.device).reshape(3, 5) % 4,
+                                                                lg), [r(2, 3, 5, 4)], False),
         "continuous_bernoulli": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
                                  [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
     }
