@@ -141,12 +141,28 @@ def test_masked_and_impossible_classes(backend):
 
 
 def test_out_of_range_classes_are_refused(backend):
-    _, device = backend
+    """An index outside [0, C) is an error naming x (checked at every call
+    under "always"; by default on CPU every call, on the Triton backend the
+    first). Unchecked, nothing reads outside a row: the cpp binding refuses
+    it, the Triton kernels give NaN for that row, the reference's gather raises."""
+    name, device = backend
     logits = torch.zeros(2, 3, 4, 5, device=device)
+    fastvae.set_value_checks("always")  # the autouse fixture restores "auto"
     for bad in (5, -1):
         x = torch.zeros(3, 4, dtype=torch.int64, device=device)
         x[1, 2] = bad
         with pytest.raises(ValueError, match=rf"x holds class index {bad}, outside \[0, 5\)"):
+            fastvae.categorical_log_prob(x, logits)
+    fastvae.set_value_checks("never")
+    x[1, 2] = 7
+    if name == "cpp":
+        with pytest.raises(ValueError, match=r"x: class index 7 at flat position 6 is outside \[0, 5\)"):
+            fastvae.categorical_log_prob(x, logits)
+    elif name == "triton":
+        out = fastvae.categorical_log_prob(x, logits)
+        assert out[:, 1].isnan().all() and not out[:, [0, 2]].isnan().any()
+    else:
+        with pytest.raises(RuntimeError, match="index"):
             fastvae.categorical_log_prob(x, logits)
 
 
