@@ -35,9 +35,9 @@ from torch.distributions import (
 )
 
 from . import _backend, _validate, _value_checks
-from . import categorical_log_prob as _categorical
-from . import continuous_bernoulli_log_prob as _cb
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
+from .categorical_log_prob import decoder_log_prob as categorical_decoder_log_prob
+from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 
@@ -175,10 +175,10 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         return t if events == 1 else _flat_events(t, lead_dims)
 
     if likelihood == "categorical":  # issue 27: x integer classes, logits (..., C)
-        return _categorical.decoder_log_prob(x, out, sample_shape, batch_ndim)
+        return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
     if likelihood == "continuous_bernoulli":
         logits = _check_output("logits", out, x, sample_shape)
-        return _cb.decoder_log_prob(flat(x, batch_ndim), flat(logits, lead), from_distribution)
+        return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim), flat(logits, lead), from_distribution)
     if likelihood == "bernoulli":
         logits = _check_output("logits", out, x, sample_shape)
         _validate.float_tensors(x=x, logits=logits)
