@@ -16,6 +16,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - mixture_log_prob(z, means, logvars, logits=None)
 - poisson_log_prob(x, log_rate), negative_binomial_log_prob(x, log_mean, log_theta),
   zinb_log_prob(x, log_mean, log_theta, zi_logits): count likelihoods (scvi-tools' NB/ZINB)
+- categorical_log_prob(x, logits): x integer classes (..., D), logits (..., D, C)
+- continuous_bernoulli_log_prob(x, logits): the normalized continuous Bernoulli
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -44,6 +46,8 @@ from . import priors
 from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
 from .bernoulli_log_prob import bernoulli_log_prob
+from .categorical_log_prob import categorical_log_prob
+from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
@@ -110,5 +114,7 @@ __all__ = [
     "poisson_log_prob",
     "negative_binomial_log_prob",
     "zinb_log_prob",
+    "categorical_log_prob",
+    "continuous_bernoulli_log_prob",
 ]
 __version__ = "0.1.0"

@@ -19,9 +19,12 @@ def main(argv=None):
     p.add_argument("--out", default="fastvae-digits.png", help="where to write the PNG")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--likelihood", choices=("bernoulli", "continuous_bernoulli"), default="bernoulli",
+                   help="how grey-scale pixels are scored: 'bernoulli' (grey values as Bernoulli targets, "
+                   "unnormalized) or 'continuous_bernoulli' (the normalized continuous Bernoulli density)")
     args = p.parse_args(argv)
     return run(epochs=args.epochs, batch=args.batch, k=args.k, k_eval=args.k_eval, latent=args.latent,
-               out=args.out, device=args.device, seed=args.seed)
+               out=args.out, device=args.device, seed=args.seed, likelihood=args.likelihood)
 
 
 if __name__ == "__main__":

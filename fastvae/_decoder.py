@@ -10,13 +10,18 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - likelihood="bernoulli": decode(z) returns the logits (before any sigmoid:
   fastvae warns when every value it reads lies in [0, 1]), for x binary or in
   [0, 1] (it warns when x leaves [0, 1]).
+- likelihood="categorical": decode(z) returns logits (*x.shape, C) for x of
+  integer class indices (issue 27; fastvae/categorical_log_prob.py).
+- likelihood="continuous_bernoulli": decode(z) returns logits, for x in
+  [0, 1] (the normalized continuous Bernoulli; fastvae/continuous_bernoulli_log_prob.py).
+- likelihood="poisson" / "negative_binomial" / "zinb" (counts): decode(z)
+  returns the log rate, (log mean, log theta) or (log mean, log theta,
+  zero-inflation logits) as in scvi-tools (log theta per element or per
+  gene; fastvae/_count_likelihood.py).
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
-  Normal, or Independent of either, and the likelihood follows from it
-  (likelihood= may then be omitted).
-- likelihood="poisson" / "negative_binomial" / "zinb" (counts, issue 27):
-  decode(z) returns the log rate, (log mean, log theta) or (log mean, log
-  theta, zero-inflation logits) as in scvi-tools (log theta per element or
-  per gene); or a torch Poisson / NegativeBinomial (fastvae/_count_likelihood.py).
+  Normal, Categorical, ContinuousBernoulli, Poisson, NegativeBinomial, or
+  Independent of any, and the likelihood follows from it (likelihood= may
+  then be omitted).
 """
 from __future__ import annotations
 
@@ -24,14 +29,24 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Bernoulli, Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    ContinuousBernoulli,
+    Distribution,
+    Independent,
+    MultivariateNormal,
+    Normal,
+)
 
 from . import _backend, _count_likelihood, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
+from .categorical_log_prob import decoder_log_prob as categorical_decoder_log_prob
+from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 
-LIKELIHOODS = ("gaussian", "bernoulli", *_count_likelihood.COUNT_LIKELIHOODS)
+LIKELIHOODS = ("gaussian", "bernoulli", "categorical", "continuous_bernoulli", *_count_likelihood.COUNT_LIKELIHOODS)
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -81,10 +96,12 @@ def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | 
 
 _REQUIRED = (
     "likelihood= is required: 'bernoulli' if decode returns logits (binary or [0, 1] data), "
-    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair; for counts 'poisson' "
-    "(log rate), 'negative_binomial' ((log mean, log theta)) or 'zinb' ((log mean, log theta, zero-inflation "
-    "logits)); or let decode return a torch.distributions Bernoulli, Normal, Poisson, NegativeBinomial or "
-    "Independent of one"
+    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair, 'categorical' if it "
+    "returns logits (*x.shape, C) for integer class indices x, 'continuous_bernoulli' if it returns "
+    "logits for [0, 1] data under the normalized continuous Bernoulli; for counts 'poisson' (log rate), "
+    "'negative_binomial' ((log mean, log theta)) or 'zinb' ((log mean, log theta, zero-inflation logits)); "
+    "or let decode return a torch.distributions Bernoulli, Normal, Categorical, ContinuousBernoulli, "
+    "Poisson, NegativeBinomial or Independent of one"
 )
 
 
@@ -106,14 +123,16 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
         implied, out = "bernoulli", base.logits
     elif type(base) is Normal:
         implied, out = "gaussian", (base.loc, 2.0 * torch.log(base.scale))
+    elif type(base) in (Categorical, ContinuousBernoulli):  # their logits (probs mapped by torch)
+        implied, out = ("categorical" if type(base) is Categorical else "continuous_bernoulli"), base.logits
     elif (counts := _count_likelihood.from_distribution(base)) is not None:
         implied, out = counts
     else:
         raise TypeError(
             f"decode returned a {type(base).__name__} distribution; the fused likelihoods compute "
-            f"Bernoulli (logits or probs), Normal, Poisson, NegativeBinomial and Independent of one "
-            f"exactly. For others, e.g. "
-            f"ContinuousBernoulli (whose normalizer they omit), compute the loss with torch.distributions"
+            f"Bernoulli (logits or probs), Normal, Categorical, ContinuousBernoulli, Poisson, "
+            f"NegativeBinomial and Independent of one exactly. For others, e.g. Beta, compute the loss "
+            f"with torch.distributions"
         )
     if likelihood is not None and likelihood != implied:
         raise ValueError(f"decode returned {type(d).__name__} but likelihood={likelihood!r}: drop likelihood= "
@@ -150,8 +169,7 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         out: decode(z) for z of shape (*sample_shape, *batch, L): the decoder
             output of shape (*sample_shape, *x.shape), a (mean, logvar) pair, or
             a torch distribution (Bernoulli, Normal, Independent of either).
-        likelihood: "gaussian", "bernoulli", "poisson", "negative_binomial" or "zinb"
-            (see the module docstring); None
+        likelihood: one of LIKELIHOODS (see the module docstring); None
             when out is a distribution, which implies it.
         sample_shape: () for one sample, (K,) for K samples.
     """
@@ -168,7 +186,11 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
 
     if likelihood in _count_likelihood.COUNT_LIKELIHOODS:
         return _count_likelihood.decoder_log_prob(x, out, likelihood, sample_shape, events, _check_output)
-
+    if likelihood == "categorical":  # x integer classes, logits (..., C)
+        return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
+    if likelihood == "continuous_bernoulli":
+        logits = _check_output("logits", out, x, sample_shape)
+        return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim), flat(logits, lead), from_distribution)
     if likelihood == "bernoulli":
         logits = _check_output("logits", out, x, sample_shape)
         _validate.float_tensors(x=x, logits=logits)

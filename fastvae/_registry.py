@@ -79,6 +79,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("zinb_log_prob_forward", "zinb_log_prob", "x log_mean log_theta zi_logits out"),
     _k("zinb_log_prob_backward", "zinb_log_prob",
        "grad_out x log_mean log_theta zi_logits dlog_mean dlog_theta dzi_logits"),
+    _k("categorical_log_prob_forward", "categorical_log_prob", "x logits out"),
+    _k("categorical_log_prob_backward", "categorical_log_prob", "grad_out x logits dlogits"),
+    _k("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob", "x logits out"),
+    _k("continuous_bernoulli_log_prob_backward", "continuous_bernoulli_log_prob", "grad_out x logits dx dlogits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -107,6 +111,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_negative_binomial_log_prob.py", "negative_binomial_log_prob"),
     Op("zinb_log_prob", ("zinb_log_prob_forward", "zinb_log_prob_backward"), "test_zinb_log_prob.py",
        "zinb_log_prob"),
+    Op("categorical_log_prob", ("categorical_log_prob_forward", "categorical_log_prob_backward"),
+       "test_categorical_log_prob.py", "categorical_log_prob"),
+    Op("continuous_bernoulli_log_prob",
+       ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
+       "test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob"),
 )}
 
 # Test modules above the ops that reach a Triton kernel: run under the

@@ -174,3 +174,13 @@ def broadcasts_to(shape, target) -> bool:
     if len(shape) > len(target):
         return False
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+def data_tensor(name: str, t, likelihood=None) -> None:
+    """The data x of an objective or evaluation: a floating-point tensor, or
+    an integer one (class indices) for likelihood="categorical" or None (a
+    decoder's torch distribution decides; issue 27)."""
+    if (likelihood in (None, "categorical") and isinstance(t, torch.Tensor) and not t.dtype.is_floating_point
+            and not t.dtype.is_complex and t.dtype != torch.bool):
+        return
+    float_tensors(**{name: t})

@@ -202,8 +202,8 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
                    check_prior(prior))
 
 
-def _check_x(x: Any, what: str = "x") -> None:
-    _validate.float_tensors(**{what: x})
+def _check_x(x: Any, what: str = "x", likelihood: Any = None) -> None:
+    _validate.data_tensor(what, x, likelihood)  # integer x: class indices (likelihood="categorical")
     if x.dim() < 2:
         raise ValueError(f"{what} must have shape (B, *event), e.g. (B, D) or (B, C, H, W); got {tuple(x.shape)}")
 
@@ -566,7 +566,10 @@ def log_likelihood(
             log rate, for "negative_binomial" (log mean, log theta), for "zinb"
             (log mean, log theta, zero-inflation logits).
         k: samples per example (K >= 1; 5000 is the usual report).
-        likelihood: "gaussian", "bernoulli", "poisson", "negative_binomial" or "zinb", required (there is no default:
+        likelihood: "gaussian", "bernoulli", "categorical" (logits (..., C) for
+            x of integer class indices), "continuous_bernoulli" (logits, x in
+            [0, 1]), "poisson", "negative_binomial" or "zinb" (docs/likelihoods.md),
+            required (there is no default:
             a wrong one gives a plausible but meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
@@ -638,7 +641,7 @@ def reconstruction_probability(
 
 
 def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
-    _check_x(x)
+    _check_x(x, "x", cfg.likelihood)
     if return_stats:
         cfg = replace(cfg, pareto=True)
     with torch.no_grad():
@@ -695,7 +698,7 @@ def evaluate(
             n_batches = 0
             for i, batch in enumerate(data):
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                _check_x(x, f"batch {i}")
+                _check_x(x, f"batch {i}", cfg.likelihood)
                 n_batches = i + 1
                 if D is None:
                     event = x.shape[1:]

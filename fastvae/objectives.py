@@ -84,8 +84,9 @@ class IWAETerms(NamedTuple):
 # -- argument checks -----------------------------------------------------------
 
 
-def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, decode: Any, reduction: Any) -> None:
-    _validate.float_tensors(x=x)
+def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, decode: Any, reduction: Any,
+                  likelihood: Any = None) -> None:
+    _validate.data_tensor("x", x, likelihood)  # integer x: class indices (likelihood="categorical")
     _validate.event_dim("x", x)
     mu = q.mu
     batch = mu.shape[:-1]
@@ -177,7 +178,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     elbo and elbo_terms (the bound is reconstruction - beta * kl; per_dim, the KL of each latent
     dimension, only where free bits needed it)."""
     q, decode = posterior_args(mu, logvar, decode)
-    _check_inputs(x, q, decode, reduction)
+    _check_inputs(x, q, decode, reduction, likelihood)
     check_likelihood(likelihood)
     prior = check_prior(prior, q.latent_size)
     mu = q.mu
@@ -295,7 +296,10 @@ def elbo(
             log theta, zero-inflation logits), scvi-tools' parameterization
             (log theta per element or per gene).
             Outputs have x's shape with the sample dimension in front.
-        likelihood: "gaussian", "bernoulli", "poisson", "negative_binomial" or "zinb", required (there is no default:
+        likelihood: "gaussian", "bernoulli", "categorical" (logits (..., C) for
+            x of integer class indices), "continuous_bernoulli" (logits, x in
+            [0, 1]), "poisson", "negative_binomial" or "zinb" (docs/likelihoods.md),
+            required (there is no default:
             a wrong one gives a plausible but meaningless number).
         beta: weight of the KL term (beta-VAE); >= 0. Any real scalar (Python,
             NumPy, 0-d tensor). A 0-d floating tensor (an annealing schedule)
@@ -400,7 +404,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
     """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and
     iwae_terms; kl is None unless want_kl (the bound does not use it)."""
     q, decode = posterior_args(mu, logvar, decode)
-    _check_inputs(x, q, decode, reduction)
+    _check_inputs(x, q, decode, reduction, likelihood)
     check_likelihood(likelihood)
     prior = check_prior(prior, q.latent_size)
     mu = q.mu

@@ -888,3 +888,112 @@ def zinb_log_prob_backward(grad_out, x, log_mean, log_theta, zi_logits, dlog_mea
     if dzi_logits is not None:
         dzi_logits.copy_(g * torch.where(zero, torch.sigmoid(d) * torch.sigmoid(-z) - w * torch.sigmoid(z),
                                          -torch.sigmoid(z)))
+# categorical_log_prob: x (P, D) integer class indices against logits
+# (K, P, D, C); out[k, p] = sum_d (logits[k, p, d, x[p, d]] - logsumexp_c logits[k, p, d, c]).
+# continuous_bernoulli_log_prob: x (P, D) in [0, 1] against logits (K, P, D);
+# the Bernoulli term plus the log normalizer log C(l) of Loaiza-Ganem and
+# Cunningham (2019).
+# ==========================================================================
+
+
+def categorical_log_prob(x: Tensor, logits: Tensor) -> Tensor:
+    """sum_d log softmax(logits[..., d, :])[x[..., d]] over the last dim of x
+    (x broadcasts against logits' leading dims). A class whose logit is -inf
+    has probability 0 (log-probability -inf, finite gradient); a row whose
+    every logit is -inf has log-probability -inf."""
+    x = torch.broadcast_to(x, logits.shape[:-1]).to(torch.int64)
+    m = logits.detach().amax(-1, keepdim=True)  # a constant shift: it cancels in value and gradient
+    shifted = logits - torch.where(torch.isneginf(m), 0.0, m)
+    picked = torch.gather(shifted, -1, x[..., None])[..., 0]
+    lse = torch.logsumexp(shifted, -1)
+    return torch.where(torch.isneginf(picked), picked, picked - lse).sum(-1)
+
+
+def categorical_log_prob_forward(x, logits, out) -> None:
+    acc = _compute_dtype(logits)
+    out.copy_(categorical_log_prob(x, logits.to(acc)))
+
+
+def categorical_log_prob_backward(grad_out, x, logits, dlogits) -> None:
+    """d/dlogits = g (onehot(x) - softmax(logits)); a row of all -inf logits gets 0 from its softmax."""
+    acc = _compute_dtype(logits)
+    logits, g = logits.to(acc), grad_out.to(acc)[..., None, None]
+    x = torch.broadcast_to(x, logits.shape[:-1]).to(torch.int64)
+    # (l - max) - log sum e^(l - max): l - lse would round through a large lse
+    m = logits.amax(-1, keepdim=True)
+    shifted = logits - torch.where(torch.isneginf(m), 0.0, m)
+    log_sum = torch.logsumexp(shifted, -1, keepdim=True)
+    empty = torch.isneginf(log_sum)  # every logit -inf: no softmax
+    p = torch.where(empty, 0.0, torch.exp(shifted - torch.where(empty, 0.0, log_sum)))
+    onehot = torch.zeros_like(logits).scatter_(-1, x[..., None], 1.0)
+    dlogits.copy_(g * (onehot - p))
+
+
+# log C(l) = log(l / tanh(l / 2)) = log 2 + sum_n CB_TAYLOR[n - 1] l^(2n), and
+# d log C / dl = 1/l - 1/sinh(l) = sum_n 2n CB_TAYLOR[n - 1] l^(2n - 1): the
+# coefficients 2 (2^(2n-1) - 1) B_2n / (2n)! / (2n) of the csch series, B the
+# Bernoulli numbers (ratio about 1/pi^2 from one to the next).
+CB_TAYLOR = (1 / 12, -7 / 1440, 31 / 90720, -127 / 4838400, 73 / 34214400, -1414477 / 7846046208000,
+             8191 / 523069747200, -16931177 / 12194997534720000)
+# Below this |logit| the gradient's Taylor branch: 1/l - 1/sinh(l) cancels
+# there (l = 0.25 loses 7 bits); 8 terms leave 3e-21 at the branch point.
+CB_TAYLOR_BELOW = 0.25
+
+
+def _cb_log_norm_grad(lg: Tensor) -> Tensor:
+    a = lg.abs()
+    small = a < CB_TAYLOR_BELOW
+    ls = torch.where(small, lg, 0.0)
+    u = ls * ls
+    poly = torch.zeros_like(lg)
+    for n in range(len(CB_TAYLOR), 0, -1):
+        poly = poly * u + 2 * n * CB_TAYLOR[n - 1]
+    a_big = torch.where(small, 1.0, a)
+    t = torch.exp(-a_big)
+    exact = torch.sign(lg) * (1.0 / a_big - 2.0 * t / ((1.0 - t) * (1.0 + t)))
+    return torch.where(small, poly * ls, exact)
+
+
+class _CBLogNorm(torch.autograd.Function):
+    """log C(l) by the closed form log(a / -expm1(-a)) + log1p(e^-a), a = |l|
+    (accurate for every a > 0 in float64: expm1 is), log 2 at 0; its
+    gradient 1/l - 1/sinh(l) with a Taylor branch near 0."""
+
+    @staticmethod
+    def forward(ctx, lg):
+        ctx.save_for_backward(lg)
+        a = lg.abs()
+        zero = a == 0
+        a1 = torch.where(zero, 1.0, a)
+        value = torch.log(a1 / -torch.expm1(-a1)) + torch.log1p(torch.exp(-a1))
+        return torch.where(zero, math.log(2.0), value)
+
+    @staticmethod
+    def backward(ctx, g):
+        (lg,) = ctx.saved_tensors
+        return g * _cb_log_norm_grad(lg)
+
+
+def continuous_bernoulli_log_norm(lg: Tensor) -> Tensor:
+    """log C(l), the continuous Bernoulli's log normalizer at logit l: C(l) =
+    l / tanh(l / 2) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda), lambda = sigmoid(l)."""
+    return _CBLogNorm.apply(lg)
+
+
+def continuous_bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
+    """sum over the last dim of x l - softplus(l) + log C(l) (finite logits, x in [0, 1])."""
+    return (x * logits - softplus(logits) + continuous_bernoulli_log_norm(logits)).sum(-1)
+
+
+def continuous_bernoulli_log_prob_forward(x, logits, out) -> None:
+    acc = _compute_dtype(logits)
+    out.copy_(continuous_bernoulli_log_prob(x.to(acc), logits.to(acc)))
+
+
+def continuous_bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
+    """d/dlogits = g (x - sigmoid(l) + 1/l - 1/sinh(l));  d/dx = g l (summed over samples)."""
+    acc = _compute_dtype(logits)
+    x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
+    dlogits.copy_(g * (x - torch.sigmoid(logits) + _cb_log_norm_grad(logits)))
+    if dx is not None:
+        dx.copy_(_sum_to(g * logits, dx.shape))

@@ -45,6 +45,7 @@ TRAINING = [dict(K=K, B=B, L=L, D=D) for K, B, L, D in
 EVALUATION = [dict(K=5000, B=B, L=32, D=784) for B in (1, 64, 256)]
 SHAPES = TRAINING + EVALUATION
 MIXTURE_COMPONENTS = 100  # mixture_log_prob's U at every shape
+CATEGORICAL_CLASSES = (2, 256, 4096)  # categorical_log_prob's C at every shape (issue 27)
 
 
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -153,6 +154,19 @@ def calls(op: str, s: dict, dtype: torch.dtype):
                 args["zi_logits"], grads["dzi_logits"] = m(K, B, D), m(K, B, D)
             yield f"{op}_forward", dict(args, out=r(K, B))
             yield f"{op}_backward", dict(grad_out=r(K, B), **args, **grads)
+    elif op == "continuous_bernoulli_log_prob":  # issue 27: bernoulli_log_prob's launches
+        for x_dtype in dict.fromkeys((dtype, acc)):
+            x = meta(B, D, dtype=x_dtype)
+            yield "continuous_bernoulli_log_prob_forward", dict(x=x, logits=m(K, B, D), out=r(K, B))
+            for dx in (None, meta(B, D, dtype=x_dtype)):
+                yield "continuous_bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D),
+                                                                     dx=dx, dlogits=m(K, B, D))
+    elif op == "categorical_log_prob":  # issue 27: 256-way pixels and a 4096-class vocabulary
+        for C in CATEGORICAL_CLASSES:
+            x = meta(B, D, dtype=torch.int64)
+            yield "categorical_log_prob_forward", dict(x=x, logits=m(K, B, D, C), out=r(K, B))
+            yield "categorical_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D, C),
+                                                        dlogits=m(K, B, D, C))
     else:
         raise ValueError(f"unknown op {op!r}")
 

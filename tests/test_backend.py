@@ -243,6 +243,7 @@ def _reduction_cases():
     S = (torch.randn(5000, 8, 8, generator=g) * 0.3 + 2 * torch.eye(8)).requires_grad_()
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
+    lc = leaf(500, 8, 16, 4, scale=3)  # issue 27: categorical logits
     cases = {
         "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
         "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
@@ -261,6 +262,10 @@ def _reduction_cases():
         "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
                                                            k=6000, likelihood="gaussian",
                                                            generator=gen(3))]],
+        # issue 27: few x rows against many samples (the folded layout) and many rows
+        "continuous_bernoulli_log_prob": [lambda: run(fastvae.continuous_bernoulli_log_prob, xb, lg)],
+        "categorical_log_prob": [lambda: run(
+            lambda a: fastvae.categorical_log_prob(xb.detach().mul(3).long(), a), lc)],
     }
     return cases
 
@@ -328,6 +333,10 @@ def _every_op_call():
         "log_likelihood": lambda: (fastvae.log_likelihood(
             x.detach(), lambda t: (t[:, :4], t[:, 4:8]), lambda z: z @ torch.ones(4, 16, dtype=z.dtype), k=9,
             likelihood="gaussian", generator=gen(2)), ()),
+        "categorical_log_prob": lambda: run(lambda b: fastvae.categorical_log_prob(
+            (torch.sigmoid(x.detach()[:, :4]) * 4).long(), b.reshape(2048, 2, 4, 4)), mean),
+        "continuous_bernoulli_log_prob": lambda: run(
+            lambda a, b: fastvae.continuous_bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
     }
 
 

@@ -855,3 +855,45 @@ def test_gaussian_halves_of_one_decoder_output_read_in_place(backend):
     want = log_likelihood(x, encode, lambda z: decode(z, True), k=5, chunk_size=4, likelihood="gaussian",
                           generator=gen(8))
     assert torch.equal(got, want)
+
+
+# -- issue 27: the categorical and continuous Bernoulli likelihoods -----------------
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "continuous_bernoulli"])
+def test_categorical_and_continuous_bernoulli_log_likelihood_match_oracle(backend, likelihood):
+    """log_likelihood and reconstruction_probability with likelihood="categorical"
+    (integer x of (B, 2, 3) pixels, logits (..., 2, 3, C)) and
+    "continuous_bernoulli" equal the plain-PyTorch oracle with the documented
+    noise (torch.distributions' log-densities); a decoder returning the torch
+    distribution gives the same."""
+    import torch.distributions as dist
+
+    _, device = backend
+    g = torch.Generator().manual_seed(5)
+    B, L, C, K = 4, 2, 5, 6
+    W = torch.randn(L, 6 * C, generator=g, dtype=F64).to(device)
+    if likelihood == "categorical":
+        x = torch.randint(0, C, (B, 2, 3), generator=g).to(device)
+        decode = lambda z: (z @ W).unflatten(-1, (2, 3, C))  # noqa: E731
+        twin = lambda z: dist.Independent(dist.Categorical(logits=decode(z)), 2)  # noqa: E731
+    else:
+        x = torch.rand(B, 2, 3, generator=g, dtype=F64).to(device)
+        decode = lambda z: (z @ W[:, :6]).unflatten(-1, (2, 3))  # noqa: E731
+        twin = lambda z: dist.Independent(dist.ContinuousBernoulli(logits=decode(z)), 2)  # noqa: E731
+    mu = 0.3 * torch.randn(B, L, generator=g, dtype=F64).to(device)
+    logvar = 0.2 * torch.randn(B, L, generator=g, dtype=F64).to(device)
+    encode = lambda a: (mu, logvar)  # noqa: E731
+    seed = philox_seed_of(3)
+    offsets = (torch.arange(B)[None, :, None] * K * L + torch.arange(K)[:, None, None] * L + torch.arange(L))
+    eps = reference.philox_randn(seed, offsets, F64).to(device)
+    z = mu + torch.exp(0.5 * logvar) * eps
+    log_px = twin(z).log_prob(x)
+    ratio = (-0.5 * z**2 + 0.5 * eps**2 + 0.5 * logvar).sum(-1)
+    for dec, kw in ((decode, dict(likelihood=likelihood)), (twin, {})):
+        got = log_likelihood(x, encode, dec, k=K, generator=gen(3), chunk_size=4, **kw)
+        want = torch.logsumexp(log_px + ratio, 0) - math.log(K)
+        assert_close(got, want, 1 + (log_px.abs() + ratio.abs()).max(0).values, f"log_likelihood {likelihood}")
+        got = reconstruction_probability(x, encode, dec, n_samples=K, generator=gen(3), **kw)
+        want = torch.logsumexp(log_px, 0) - math.log(K)
+        assert_close(got, want, 1 + log_px.abs().max(0).values, f"reconstruction_probability {likelihood}")

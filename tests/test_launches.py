@@ -125,6 +125,10 @@ def _cases():
         "negative_binomial_log_prob": op(lambda m, t: fastvae.negative_binomial_log_prob(x, m, t),
                                          (K, B, D), (D,)),
         "zinb_log_prob": op(lambda m, t, z: fastvae.zinb_log_prob(x, m, t, z), (K, B, D), (D,), (K, B, D)),
+        # issue 27
+        "categorical_log_prob": (lambda xc: op(lambda lg: fastvae.categorical_log_prob(xc, lg), (K, B, D, 3)))(
+            x.long()),
+        "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
     }
 
 
@@ -152,6 +156,8 @@ OP_LIMITS = {
     "poisson_log_prob": (1, 1, 2, 0),
     "negative_binomial_log_prob": (1, 1, 2, 0),
     "zinb_log_prob": (1, 1, 2, 0),
+    "categorical_log_prob": (1, 1, 2, 0),
+    "continuous_bernoulli_log_prob": (1, 1, 2, 0),
 }
 
 

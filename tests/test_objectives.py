@@ -904,3 +904,69 @@ def test_elbo_glue_and_packed_decoder_halves_change_no_value(backend, reduction,
     assert torch.equal(got, want)
     for name, a, e in zip(("mu", "logvar", "W"), got_grads, want_grads):
         torch.testing.assert_close(a, e, rtol=2e-7, atol=0, msg=name)
+
+
+# -- issue 27: the categorical and continuous Bernoulli likelihoods -----------------
+
+
+def _issue27_problem(likelihood, device, B=3, L=2, D_=5, C=4):
+    """x (integer classes or [0, 1] values), leaf mu, logvar, a linear decoder
+    (logits (..., D, C) or (..., D)) and its torch.distributions twin."""
+    g = torch.Generator().manual_seed(11)
+    mu = torch.randn(B, L, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    logvar = (0.5 * torch.randn(B, L, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    if likelihood == "categorical":
+        x = torch.randint(0, C, (B, D_), generator=g).to(device)
+        lin = torch.nn.Linear(L, D_ * C).double().to(device)
+        decode = lambda z: lin(z).unflatten(-1, (D_, C))  # noqa: E731
+        twin = lambda z: D.Independent(D.Categorical(logits=decode(z)), 1)  # noqa: E731
+    else:
+        x = torch.rand(B, D_, generator=g, dtype=torch.float64).to(device)
+        lin = torch.nn.Linear(L, D_).double().to(device)
+        decode = lambda z: 3 * lin(z)  # noqa: E731
+        twin = lambda z: D.Independent(D.ContinuousBernoulli(logits=decode(z)), 1)  # noqa: E731
+    return x, mu, logvar, lin, decode, twin
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "continuous_bernoulli"])
+def test_categorical_and_continuous_bernoulli_objectives_match_torch_distributions(backend, likelihood):
+    """elbo and iwae with likelihood="categorical" (integer x, logits (..., D, C))
+    and "continuous_bernoulli" equal the same bounds written with
+    torch.distributions and the same noise, values and gradients (the
+    decoder's included); a decoder returning the torch distribution gives the
+    same without likelihood=."""
+    _, device = backend
+    x, mu, logvar, lin, decode, twin = _issue27_problem(likelihood, device)
+    params = [mu, logvar, *lin.parameters()]
+    for k in (1, 3):
+        eps = same_noise(4, k, mu.shape, device)
+        z = mu + torch.exp(logvar / 2) * eps
+        log_q = D.Normal(mu, torch.exp(logvar / 2)).log_prob(z).sum(-1)
+        lw = twin(z).log_prob(x) + D.Normal(0.0, 1.0).log_prob(z).sum(-1) - log_q
+        want_iwae = torch.logsumexp(lw, 0) - math.log(k)
+        for dec in (decode, twin):
+            kw = dict(likelihood=likelihood) if dec is decode else {}
+            got = fastvae.iwae(x, mu, logvar, dec, k=k, reduction="none", generator=gen(4), **kw)
+            assert_close(got, want_iwae, 1 + want_iwae.abs(), f"iwae {likelihood} k={k}")
+            check_all("iwae grads", torch.autograd.grad(got.sum(), params),
+                      torch.autograd.grad(want_iwae.sum(), params, retain_graph=True))
+        kl = D.kl_divergence(D.Normal(mu, torch.exp(logvar / 2)), D.Normal(0.0, 1.0)).sum(-1)
+        want_elbo = twin(z).log_prob(x).mean(0) - kl
+        got = fastvae.elbo(x, mu, logvar, decode, likelihood=likelihood, n_samples=k, reduction="none",
+                           generator=gen(4))
+        assert_close(got, want_elbo, 1 + want_elbo.abs(), f"elbo {likelihood} k={k}")
+
+
+def test_categorical_likelihood_is_refused_with_float_x_and_named_errors(backend):
+    """Integer x reaches only the categorical likelihood; shapes and class
+    ranges are checked with x named."""
+    _, device = backend
+    x, mu, logvar, lin, decode, _ = _issue27_problem("categorical", device)
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        fastvae.elbo(x, mu, logvar, lambda z: decode(z)[..., 0], likelihood="bernoulli")
+    with pytest.raises(TypeError, match="integer tensor of class indices"):
+        fastvae.elbo(x.double(), mu, logvar, decode, likelihood="categorical")
+    with pytest.raises(ValueError, match="class index 4, outside"):
+        fastvae.elbo(x + 1, mu, logvar, decode, likelihood="categorical")
+    with pytest.raises(ValueError, match=r"expected \(3, 5, 'C'\)"):
+        fastvae.elbo(x, mu, logvar, lambda z: decode(z)[:, :4], likelihood="categorical")
