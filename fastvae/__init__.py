@@ -14,6 +14,7 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   logmeanexp_from_state(state), all_reduce_logmeanexp_state(state, group=None)
 - latent_log_ratio(z, mu, logvar, *, stop_score=False)
 - mixture_log_prob(z, means, logvars, logits=None)
+- discretized_logistic_mixture_log_prob(x, params, num_bins=256): PixelCNN++'s likelihood
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -67,6 +68,7 @@ from .mixture_log_prob import mixture_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
+from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_log_prob  # noqa: E402, I001
 
 __all__ = [
     "DiagonalNormal",
@@ -102,5 +104,6 @@ __all__ = [
     "reconstruction_probability",
     "LogLikelihoodStats",
     "EvaluationResult",
+    "discretized_logistic_mixture_log_prob",
 ]
 __version__ = "0.1.0"

@@ -10,6 +10,11 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - likelihood="bernoulli": decode(z) returns the logits (before any sigmoid:
   fastvae warns when every value it reads lies in [0, 1]), for x binary or in
   [0, 1] (it warns when x leaves [0, 1]).
+- likelihood="discretized_logistic_mixture": decode(z) returns PixelCNN++'s
+  packed parameters (..., 10 M, H, W) for x (..., 3, H, W), or a
+  (logit_probs, means, log_scales) tuple ((..., M, H, W), (..., M, C, H, W)
+  twice), for images x in [-1, 1] with 256 levels
+  (fastvae.discretized_logistic_mixture_log_prob).
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
   Normal, or Independent of either, and the likelihood follows from it
   (likelihood= may then be omitted).
@@ -24,10 +29,11 @@ from torch.distributions import Bernoulli, Distribution, Independent, Multivaria
 
 from . import _backend, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
+from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretized_logistic_mixture_decoder
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 
-LIKELIHOODS = ("gaussian", "bernoulli")
+LIKELIHOODS = ("gaussian", "bernoulli", "discretized_logistic_mixture")
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -77,7 +83,8 @@ def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | 
 
 _REQUIRED = (
     "likelihood= is required: 'bernoulli' if decode returns logits (binary or [0, 1] data), "
-    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair; or let decode "
+    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair, "
+    "'discretized_logistic_mixture' if it returns PixelCNN++'s mixture parameters (images in [-1, 1]); or let decode "
     "return a torch.distributions Bernoulli, Normal or Independent(Normal)"
 )
 
@@ -141,7 +148,7 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         out: decode(z) for z of shape (*sample_shape, *batch, L): the decoder
             output of shape (*sample_shape, *x.shape), a (mean, logvar) pair, or
             a torch distribution (Bernoulli, Normal, Independent of either).
-        likelihood: "gaussian" or "bernoulli" (see the module docstring); None
+        likelihood: "gaussian", "bernoulli" or "discretized_logistic_mixture" (module docstring); None
             when out is a distribution, which implies it.
         sample_shape: () for one sample, (K,) for K samples.
     """
@@ -152,6 +159,9 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         likelihood, out = _from_distribution(out, likelihood, events)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
+
+    if likelihood == "discretized_logistic_mixture":
+        return discretized_logistic_mixture_decoder(x, out, sample_shape, batch_ndim)
 
     def flat(t: Tensor, lead_dims: int) -> Tensor:
         return t if events == 1 else _flat_events(t, lead_dims)

@@ -70,6 +70,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("mixture_log_prob_forward", "mixture_log_prob", "z means logvars logits out"),
     _k("mixture_log_prob_backward", "mixture_log_prob",
        "grad_out z means logvars logits out dz dmeans dlogvars dlogits"),
+    _k("discretized_logistic_mixture_log_prob_forward", "discretized_logistic_mixture_log_prob",
+       "x params means log_scales num_bins out"),
+    _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
+       "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -92,6 +96,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_latent_log_ratio.py", "latent_log_ratio"),
     Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
        "test_mixture_log_prob.py", "mixture_log_prob"),
+    Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
+                                                 "discretized_logistic_mixture_log_prob_backward"),
+       "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob"),
 )}
 
 # Test modules above the ops that reach a Triton kernel: run under the

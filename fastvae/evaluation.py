@@ -564,8 +564,10 @@ def log_likelihood(
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
             (mean, logvar) pair, for "bernoulli" the logits.
         k: samples per example (K >= 1; 5000 is the usual report).
-        likelihood: "gaussian" or "bernoulli", required (there is no default:
-            a wrong one gives a plausible but meaningless number).
+        likelihood: "gaussian", "bernoulli" or "discretized_logistic_mixture" (decode returns
+            PixelCNN++'s mixture parameters for images in [-1, 1]:
+            fastvae/_decoder.py), required (there is no default: a wrong one
+            gives a plausible but meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
             every example does not). The result does not depend on it (to

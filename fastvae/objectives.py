@@ -292,8 +292,10 @@ def elbo(
             any sigmoid (fastvae warns when every value it reads lies in
             [0, 1], and when x leaves [0, 1]).
             Outputs have x's shape with the sample dimension in front.
-        likelihood: "gaussian" or "bernoulli", required (there is no default:
-            a wrong one gives a plausible but meaningless number).
+        likelihood: "gaussian", "bernoulli" or "discretized_logistic_mixture" (decode returns
+            PixelCNN++'s mixture parameters for images in [-1, 1]:
+            fastvae/_decoder.py), required (there is no default: a wrong one
+            gives a plausible but meaningless number).
         beta: weight of the KL term (beta-VAE); >= 0. Any real scalar (Python,
             NumPy, 0-d tensor). A 0-d floating tensor (an annealing schedule)
             is used as is: its value is not checked, which would cost a host
