@@ -96,7 +96,7 @@ def _pieces(x, logits, mu, ls, num_bins):
     return lp, dmu, dls, a, b, inv, s, w, pi
 
 
-def error_scales(x, packed, tensors, g, num_bins):
+def error_scales(x, packed, tensors, g, num_bins, floor=0.0):
     """Per-output scales for assert_close: what the rounding of the op's inputs
     and intermediates can move each result by, divided by the dtype's unit
     roundoff (the condition of the formula, not a tuned tolerance), and the
@@ -104,6 +104,8 @@ def error_scales(x, packed, tensors, g, num_bins):
 
     Kernel layout: x (P, C, S); tensors (params,) packed (K, P, 10 M, S) or
     (logits (K, P, M, S), means, log_scales (K, P, M, C, S)); g (K, P).
+    floor: the posterior weights' underflow (the compute dtype's smallest
+    normal number, an absolute error of each weight) over the gradients' rtol.
     Returns (value scale (K, P), value ref error, [grad scales], [grad ref errors])
     with the gradients in tensors' layout."""
     xm = x[:, None]  # (P, 1, C, S)
@@ -135,10 +137,12 @@ def error_scales(x, packed, tensors, g, num_bins):
     ref_value = 8 * EPS64 * ((w * cond.sum(-2)).sum(-2).sum(-1) + value)
     ga = g.abs()[..., None, None]
     gw = ga * w
-    dlogit = ga * (w * (kappa_m + kappa_l) + pi * logit_err)
+    dlogit = ga * (w * (kappa_m + kappa_l) + pi * logit_err + floor)
     err_w = (kappa_m + kappa_l)[..., None, :]  # the relative error of w
-    dmu_scale = gw[..., None, :] * (dmu.abs() * err_w + inv * (pa + pb + tmid) * (1.0 + A + s.abs()))
-    dls_scale = gw[..., None, :] * (dls.abs() * err_w + (A * (pa + pb + tmid) + 1.0) * (1.0 + A + s.abs()))
+    gf = ga[..., None, :] * floor
+    dmu_scale = gw[..., None, :] * (dmu.abs() * err_w + inv * (pa + pb + tmid) * (1.0 + A + s.abs())) + gf * dmu.abs()
+    dls_scale = gw[..., None, :] * (dls.abs() * err_w + (A * (pa + pb + tmid) + 1.0) * (1.0 + A + s.abs())) \
+        + gf * dls.abs()
     dref = 8 * EPS64 * gw[..., None, :] * (1.0 + cond) * (inv * (1.0 + cond) + 1.0) * (1.0 + A)
     dref_logit = 8 * EPS64 * ga * (w * (1.0 + (w * cond.sum(-2)).sum(-2, keepdim=True) + cond.sum(-2)) + pi)
     if not packed:
@@ -236,7 +240,8 @@ def check_against_pixelcnn(p, dtype, device):
     S = p["H"] * p["W"]
     x3 = x64.expand(*lead, *x64.shape[-3:]).reshape(P, p["C"], S)
     flat = [t.detach().reshape(1, P, *t.shape[len(lead):-2], S) for t in p64]
-    value_scale, value_ref, grad_scales, grad_refs = error_scales(x3, p["packed"], flat, up.reshape(1, P), nb)
+    floor = torch.finfo(out.dtype).tiny / RTOL[dtype]  # a posterior weight that underflows
+    value_scale, value_ref, grad_scales, grad_refs = error_scales(x3, p["packed"], flat, up.reshape(1, P), nb, floor)
     rtol = RTOL[out.dtype]
     assert_close(out, ref.detach(), value_scale.reshape(lead) + value_ref.reshape(lead) / rtol, "log_prob")
     names = ["params"] if p["packed"] else ["logit_probs", "means", "log_scales"]
