@@ -89,6 +89,7 @@ def _cases():
     torch.manual_seed(0)
     x = (torch.rand(B, D) > 0.5).float()
     W, W2 = torch.randn(L, D) * 0.3, torch.randn(L, 2 * D) * 0.3
+    images = torch.linspace(-1, 1, B * 27).reshape(B, 3, 3, 3)  # (B, C, H, W): no draw, the others' stay
 
     def dec(z):
         return z @ W
@@ -121,6 +122,8 @@ def _cases():
         "latent_log_ratio": op(fastvae.latent_log_ratio, (K, B, L), (B, L), (B, L)),
         "kl_normal": op(fastvae.kl_normal, (B, L), (B, L)),
         "mixture_log_prob": op(fastvae.mixture_log_prob, (K, B, L), (3, L), (3, L)),
+        "discretized_logistic_mixture_log_prob": op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p),
+                                                    (K, B, 20, 3, 3)),
     }
 
 
@@ -145,6 +148,7 @@ OP_LIMITS = {
     "latent_log_ratio": (1, 1, 2, 0),
     "kl_normal": (1, 1, 2, 0),
     "mixture_log_prob": (1, 2, 3, 0),
+    "discretized_logistic_mixture_log_prob": (1, 1, 2, 0),
 }
 
 
