@@ -11,7 +11,7 @@ Layout: x (P, C, S), S = H * W pixels, broadcast over K by indexing; params
 (K, P, M, S) with means and log_scales (K, P, M, C, S). Pixels are contiguous
 in every array, so a program's tile of pixels loads each row coalesced.
 - forward: one program per image (k, p), looping over its pixels in tiles of
-  TILE and over the components with a running (max, sumexp) per pixel for
+  TILE (FP64_TILE) and over the components with a running (max, sumexp) per pixel for
   both log-sum-exps: no (K, P, M, S) intermediate, and the image's sum is
   added in one program in a fixed order (deterministic);
 - backward: one program per image and pixel tile, two passes over the
@@ -26,12 +26,19 @@ import triton.language as tl
 
 from ._common import acc_dtype, log1p_unit, sigmoid, softplus
 
-# Pixels per program tile: 4 per thread at 4 warps. float64's math holds twice
-# the registers: capped at 168 a thread so ptxas keeps every variant in
-# registers (python -m fastvae.kernels.aot; docs/triton.md).
-TILE = 512
+# Pixels per program tile, at 4 warps: 2 per thread, each with its two
+# running (max, sumexp) states and the packed layout's three channels and
+# coefficients live, under a cap of 128 registers; float64's math (libdevice
+# exp and log in double) holds about twice the registers: 1 pixel per thread
+# under ptxas's maximum of 255 (it takes 96-176). ptxas's own choice spilled
+# a value or more in some variant of every other shape tried (512 pixels at a
+# cap of 128 or 168, 256 in float64 at 168), and these spill nothing on sm_90
+# and sm_80 in any dtype (python -m fastvae.kernels.aot; docs/triton.md).
+TILE = 256
+FP64_TILE = 128
 NUM_WARPS = 4
-FP64_MAXNREG = 168
+MAXNREG = 128
+FP64_MAXNREG = 255
 # The interpreter costs about 1 ms a program whatever its size: large tiles.
 INTERPRETER_TILE = 4096
 
@@ -109,44 +116,47 @@ def _bin_log_mass(x, mu, ls_raw, h, log_half_bins, WITH_GRAD: tl.constexpr):
 
 
 @triton.jit
-def _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, m, C, S, mean_m, mean_c,
+def _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mok, C, S, mean_m, mean_c,
                mean0, ls0, coef0, h, log_half_bins, PACKED: tl.constexpr, ACC: tl.constexpr):
-    """(logit, logit + sum_c lp_mc) of component m at the tile's pixels."""
-    lg = tl.load(logits_ptr + lrow + m * S + s, mask=ok, other=0.0).to(ACC)
+    """(logit, logit + sum_c lp_mc) of the components mm (BM,) at the tile's
+    pixels s (TILE,): (BM, TILE) each, -inf in the rows past M."""
+    msk = mok[:, None] & ok[None, :]
+    lg = tl.load(logits_ptr + lrow + mm[:, None] * S + s[None, :], mask=msk, other=0.0).to(ACC)
     lp = lg
-    base = mrow + m * mean_m + s
+    base = mrow + mm[:, None] * mean_m + s[None, :]
     if PACKED:
-        x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)
-        x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)
-        x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)
-        t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=ok, other=0.0).to(ACC))
-        t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=ok, other=0.0).to(ACC))
-        t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=ok, other=0.0).to(ACC))
+        x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)[None, :]
+        x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)[None, :]
+        x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)[None, :]
+        t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=msk, other=0.0).to(ACC))
+        t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=msk, other=0.0).to(ACC))
+        t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=msk, other=0.0).to(ACC))
         for c in tl.static_range(3):
             xc = x0 if c == 0 else (x1 if c == 1 else x2)
-            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=ok, other=0.0).to(ACC)
+            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
             if c == 1:
                 mu = mu + t0 * x0
             if c == 2:
                 mu = mu + t1 * x0 + t2 * x1
-            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=ok, other=0.0).to(ACC)
+            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
             v, _, _ = _bin_log_mass(xc, mu, ls, h, log_half_bins, False)
             lp += v
     else:
         for c in range(0, C):
-            xc = tl.load(x_ptr + xrow + c * S + s, mask=ok, other=0.0).to(ACC)
-            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=ok, other=0.0).to(ACC)
-            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=ok, other=0.0).to(ACC)
+            xc = tl.load(x_ptr + xrow + c * S + s, mask=ok, other=0.0).to(ACC)[None, :]
+            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
             v, _, _ = _bin_log_mass(xc, mu, ls, h, log_half_bins, False)
             lp += v
-    return lg, lp
+    return tl.where(mok[:, None], lg, float("-inf")), tl.where(mok[:, None], lp, float("-inf"))
 
 
 @triton.jit
 def _merge(mx, se, v):
-    """The running (max, sumexp) of a pixel after one more term v (finite)."""
-    new = tl.maximum(mx, v)
-    return new, se * tl.exp(mx - new) + tl.exp(v - new)
+    """The running (max, sumexp) of each pixel after a block v (BM, TILE) of
+    terms (finite, or -inf in rows past M; at least one row finite)."""
+    new = tl.maximum(mx, tl.max(v, axis=0))
+    return new, se * tl.exp(mx - new) + tl.sum(tl.exp(v - new[None, :]), axis=0)
 
 
 # -- kernels ------------------------------------------------------------------
@@ -166,6 +176,7 @@ def _dlm_fwd_kernel(
     PACKED: tl.constexpr,
     ACC: tl.constexpr,
     TILE: tl.constexpr,
+    BM: tl.constexpr,  # components a step: 1 on a GPU, all of them under the interpreter
 ):
     r = tl.program_id(0).to(tl.int64)
     xrow = (r % P) * C * S
@@ -182,9 +193,10 @@ def _dlm_fwd_kernel(
         se = tl.zeros([TILE], dtype=ACC)
         zmx = tl.full([TILE], float("-inf"), ACC)
         zse = tl.zeros([TILE], dtype=ACC)
-        for m in range(0, M):
-            lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, m, C, S, mean_m,
-                                mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
+        for m0 in range(0, M, BM):
+            mm = m0 + tl.arange(0, BM)
+            lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mm < M, C, S,
+                                mean_m, mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
             mx, se = _merge(mx, se, lp)
             zmx, zse = _merge(zmx, zse, lg)
         acc += tl.where(ok, (mx + tl.log(se)) - (zmx + tl.log(zse)), 0.0)
@@ -192,40 +204,48 @@ def _dlm_fwd_kernel(
 
 
 @triton.jit
-def _store_grads(x_ptr, means_ptr, ls_ptr, dmeans_ptr, dls_ptr, xrow, base, s, ok, S, mean_c, mean0, ls0, coef0,
-                 h, log_half_bins, gw, PACKED: tl.constexpr, ACC: tl.constexpr):
-    """Recomputes component m's terms at the tile's pixels (base: its first
-    channel's offset) and stores g w dlp/dmu, g w dlp/dls and, packed, the
-    coefficients' gradients."""
+def _store_grads(x_ptr, means_ptr, ls_ptr, dmeans_ptr, dls_ptr, xrow, base, s, ok, msk, C, S, mean_c, mean0, ls0,
+                 coef0, h, log_half_bins, gw, PACKED: tl.constexpr, ACC: tl.constexpr):
+    """Recomputes a block of components' terms at the tile's pixels (base:
+    their first channel's offsets, (BM, TILE)) and stores g w dlp/dmu,
+    g w dlp/dls and, packed, the coefficients' gradients."""
     if PACKED:
-        x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)
-        x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)
-        x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)
-        t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=ok, other=0.0).to(ACC))
-        t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=ok, other=0.0).to(ACC))
-        t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=ok, other=0.0).to(ACC))
-        dmu1 = tl.zeros_like(x0)
-        dmu2 = tl.zeros_like(x0)
+        x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)[None, :]
+        x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)[None, :]
+        x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)[None, :]
+        t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=msk, other=0.0).to(ACC))
+        t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=msk, other=0.0).to(ACC))
+        t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=msk, other=0.0).to(ACC))
+        dmu1 = tl.zeros_like(gw)
+        dmu2 = tl.zeros_like(gw)
         for c in tl.static_range(3):
             xc = x0 if c == 0 else (x1 if c == 1 else x2)
-            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=ok, other=0.0).to(ACC)
+            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
             if c == 1:
                 mu = mu + t0 * x0
             if c == 2:
                 mu = mu + t1 * x0 + t2 * x1
-            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=ok, other=0.0).to(ACC)
+            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
             _, dmu, dls = _bin_log_mass(xc, mu, ls, h, log_half_bins, True)
             dmu = gw * dmu
             if c == 1:
                 dmu1 = dmu
             if c == 2:
                 dmu2 = dmu
-            tl.store(dmeans_ptr + mean0 + base + c * mean_c, dmu.to(dmeans_ptr.dtype.element_ty), mask=ok)
-            tl.store(dls_ptr + ls0 + base + c * mean_c, (gw * dls).to(dls_ptr.dtype.element_ty), mask=ok)
+            tl.store(dmeans_ptr + mean0 + base + c * mean_c, dmu.to(dmeans_ptr.dtype.element_ty), mask=msk)
+            tl.store(dls_ptr + ls0 + base + c * mean_c, (gw * dls).to(dls_ptr.dtype.element_ty), mask=msk)
         dty = dmeans_ptr.dtype.element_ty
-        tl.store(dmeans_ptr + coef0 + base, (dmu1 * x0 * (1.0 - t0 * t0)).to(dty), mask=ok)
-        tl.store(dmeans_ptr + coef0 + base + mean_c, (dmu2 * x0 * (1.0 - t1 * t1)).to(dty), mask=ok)
-        tl.store(dmeans_ptr + coef0 + base + 2 * mean_c, (dmu2 * x1 * (1.0 - t2 * t2)).to(dty), mask=ok)
+        tl.store(dmeans_ptr + coef0 + base, (dmu1 * x0 * (1.0 - t0 * t0)).to(dty), mask=msk)
+        tl.store(dmeans_ptr + coef0 + base + mean_c, (dmu2 * x0 * (1.0 - t1 * t1)).to(dty), mask=msk)
+        tl.store(dmeans_ptr + coef0 + base + 2 * mean_c, (dmu2 * x1 * (1.0 - t2 * t2)).to(dty), mask=msk)
+    else:
+        for c in range(0, C):
+            xc = tl.load(x_ptr + xrow + c * S + s, mask=ok, other=0.0).to(ACC)[None, :]
+            mu = tl.load(means_ptr + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+            ls = tl.load(ls_ptr + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+            _, dmu, dls = _bin_log_mass(xc, mu, ls, h, log_half_bins, True)
+            tl.store(dmeans_ptr + base + c * mean_c, (gw * dmu).to(dmeans_ptr.dtype.element_ty), mask=msk)
+            tl.store(dls_ptr + base + c * mean_c, (gw * dls).to(dls_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit(do_not_specialize=["P", "M", "C", "S", "num_bins", "tiles", "mean0", "ls0", "coef0", "img_logits",
@@ -245,6 +265,7 @@ def _dlm_bwd_kernel(
     PACKED: tl.constexpr,
     ACC: tl.constexpr,
     TILE: tl.constexpr,
+    BM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     r = pid // tiles
@@ -261,31 +282,26 @@ def _dlm_bwd_kernel(
     se = tl.zeros([TILE], dtype=ACC)
     zmx = tl.full([TILE], float("-inf"), ACC)
     zse = tl.zeros([TILE], dtype=ACC)
-    for m in range(0, M):
-        lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, m, C, S, mean_m, mean_c,
-                            mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
+    for m0 in range(0, M, BM):
+        mm = m0 + tl.arange(0, BM)
+        lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mm < M, C, S,
+                            mean_m, mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
         mx, se = _merge(mx, se, lp)
         zmx, zse = _merge(zmx, zse, lg)
-    lse = mx + tl.log(se)
-    zlse = zmx + tl.log(zse)
-    for m in range(0, M):
-        lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, m, C, S, mean_m, mean_c,
-                            mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
+    lse = (mx + tl.log(se))[None, :]
+    zlse = (zmx + tl.log(zse))[None, :]
+    for m0 in range(0, M, BM):
+        mm = m0 + tl.arange(0, BM)
+        mok = mm < M
+        msk = mok[:, None] & ok[None, :]
+        lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mok, C, S,
+                            mean_m, mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
         gw = g * tl.exp(lp - lse)
         dlg = gw - g * tl.exp(lg - zlse)
-        tl.store(dlogits_ptr + lrow + m * S + s, dlg.to(dlogits_ptr.dtype.element_ty), mask=ok)
-        base = mrow + m * mean_m + s
-        if PACKED:
-            _store_grads(x_ptr, means_ptr, ls_ptr, dmeans_ptr, dls_ptr, xrow, base, s, ok, S, mean_c, mean0, ls0,
-                         coef0, h, log_half_bins, gw, PACKED, ACC)
-        else:
-            for c in range(0, C):
-                xc = tl.load(x_ptr + xrow + c * S + s, mask=ok, other=0.0).to(ACC)
-                mu = tl.load(means_ptr + base + c * mean_c, mask=ok, other=0.0).to(ACC)
-                ls = tl.load(ls_ptr + base + c * mean_c, mask=ok, other=0.0).to(ACC)
-                _, dmu, dls = _bin_log_mass(xc, mu, ls, h, log_half_bins, True)
-                tl.store(dmeans_ptr + base + c * mean_c, (gw * dmu).to(dmeans_ptr.dtype.element_ty), mask=ok)
-                tl.store(dls_ptr + base + c * mean_c, (gw * dls).to(dls_ptr.dtype.element_ty), mask=ok)
+        tl.store(dlogits_ptr + lrow + mm[:, None] * S + s[None, :], dlg.to(dlogits_ptr.dtype.element_ty), mask=msk)
+        base = mrow + mm[:, None] * mean_m + s[None, :]
+        _store_grads(x_ptr, means_ptr, ls_ptr, dmeans_ptr, dls_ptr, xrow, base, s, ok, msk, C, S, mean_c, mean0, ls0,
+                     coef0, h, log_half_bins, gw, PACKED, ACC)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -302,11 +318,16 @@ def _geometry(x, params, means):
                       mean_m=S, mean_c=3 * M * S)
     else:
         layout = dict(mean0=0, ls0=0, coef0=0, img_logits=M * S, img_means=M * C * S, mean_m=C * S, mean_c=S)
-    tile = min(INTERPRETER_TILE, triton.next_power_of_2(max(S, 1))) if x.device.type == "cpu" else TILE
+    fp64 = params.dtype == torch.float64
+    if x.device.type == "cpu":
+        tile = min(INTERPRETER_TILE, triton.next_power_of_2(max(S, 1)))
+    else:
+        tile = FP64_TILE if fp64 else TILE
     options = dict(num_warps=NUM_WARPS)
-    if params.dtype == torch.float64 and x.device.type != "cpu":
-        options["maxnreg"] = FP64_MAXNREG
-    return P, M, C, S, packed, layout, tile, options
+    if x.device.type != "cpu":
+        options["maxnreg"] = FP64_MAXNREG if fp64 else MAXNREG
+    bm = triton.next_power_of_2(max(M, 1)) if x.device.type == "cpu" else 1
+    return P, M, C, S, packed, layout, tile, dict(options, BM=bm)
 
 
 def discretized_logistic_mixture_log_prob_forward(x, params, means, log_scales, num_bins, out) -> None:
