@@ -43,6 +43,7 @@ from . import priors
 from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
 from .bernoulli_log_prob import bernoulli_log_prob
+from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
@@ -68,7 +69,6 @@ from .mixture_log_prob import mixture_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
-from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_log_prob  # noqa: E402, I001
 
 __all__ = [
     "DiagonalNormal",

@@ -28,17 +28,17 @@ def softplus(v):
     return torch.logaddexp(torch.zeros_like(v), v)
 
 
-def pixelcnn_log_prob(x, l, num_bins=256):
+def pixelcnn_log_prob(x, l, num_bins=256):  # noqa: E741 (nn.py's names)
     """PixelCNN++'s discretized_mix_logistic_loss for x (B, 3, H, W) and
     packed l (B, 10 M, H, W), transcribed line by line (channels last, as
     nn.py), returning the per-image log-likelihood (the loss without its
     minus sign and its sum over the batch). num_bins generalizes 255 to
     num_bins - 1 (the half bin 1/255 and log(127.5))."""
-    x, l = x.permute(0, 2, 3, 1), l.permute(0, 2, 3, 1)
+    x, l = x.permute(0, 2, 3, 1), l.permute(0, 2, 3, 1)  # noqa: E741
     xs, ls = list(x.shape), list(l.shape)
     nr_mix = ls[-1] // 10
     logit_probs = l[..., :nr_mix]
-    l = l[..., nr_mix:].reshape(xs + [nr_mix * 3])
+    l = l[..., nr_mix:].reshape(xs + [nr_mix * 3])  # noqa: E741
     means = l[..., :nr_mix]
     log_scales = torch.clamp(l[..., nr_mix:2 * nr_mix], min=-7.0)
     coeffs = torch.tanh(l[..., 2 * nr_mix:3 * nr_mix])
