@@ -473,3 +473,22 @@ def test_decoder_output_is_checked(backend):
     with pytest.raises(ValueError, match="needs images"):
         fastvae.elbo(x.flatten(1), mu, mu, lambda z: torch.zeros(3, 45, dtype=torch.float64, device=device),
                      likelihood="discretized_logistic_mixture")
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile of the op: a main-process test")
+@pytest.mark.parametrize("packed", [True, False])
+def test_compile_fullgraph_matches_eager(backend, packed):
+    """torch.compile(fullgraph=True) traces the op as one node (its fake) and
+    gives eager's values and gradients."""
+    from helpers import assert_compiled_matches_eager
+
+    _, device = backend
+    p = dict(packed=packed, C=3, M=3, H=3, W=5, K=2, batch=(2,), seed=11, num_bins=256, spread=1.0)
+    x, params, _, _ = make_inputs(p, torch.float32, device)
+    x = x.float().to(device)
+    wrt = [params] if packed else list(params)
+
+    def loss(x, params):
+        return fastvae.discretized_logistic_mixture_log_prob(x, params).sum()
+
+    assert_compiled_matches_eager(loss, (x, params), wrt)
