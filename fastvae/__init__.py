@@ -18,6 +18,7 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   zinb_log_prob(x, log_mean, log_theta, zi_logits): count likelihoods (scvi-tools' NB/ZINB)
 - categorical_log_prob(x, logits): x integer classes (..., D), logits (..., D, C)
 - continuous_bernoulli_log_prob(x, logits): the normalized continuous Bernoulli
+- discretized_logistic_mixture_log_prob(x, params, num_bins=256): PixelCNN++'s likelihood
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -48,6 +49,7 @@ from ._value_checks import set_value_checks
 from .bernoulli_log_prob import bernoulli_log_prob
 from .categorical_log_prob import categorical_log_prob
 from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob
+from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
@@ -116,5 +118,6 @@ __all__ = [
     "zinb_log_prob",
     "categorical_log_prob",
     "continuous_bernoulli_log_prob",
+    "discretized_logistic_mixture_log_prob",
 ]
 __version__ = "0.1.0"

@@ -18,6 +18,11 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   returns the log rate, (log mean, log theta) or (log mean, log theta,
   zero-inflation logits) as in scvi-tools (log theta per element or per
   gene; fastvae/_count_likelihood.py).
+- likelihood="discretized_logistic_mixture": decode(z) returns PixelCNN++'s
+  packed parameters (..., 10 M, H, W) for x (..., 3, H, W), or a
+  (logit_probs, means, log_scales) tuple ((..., M, H, W), (..., M, C, H, W)
+  twice), for images x in [-1, 1] with 256 levels
+  (fastvae.discretized_logistic_mixture_log_prob).
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
   Normal, Categorical, ContinuousBernoulli, Poisson, NegativeBinomial, or
   Independent of any, and the likelihood follows from it (likelihood= may
@@ -43,10 +48,12 @@ from . import _backend, _count_likelihood, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
 from .categorical_log_prob import decoder_log_prob as categorical_decoder_log_prob
 from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
+from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretized_logistic_mixture_decoder
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 
-LIKELIHOODS = ("gaussian", "bernoulli", "categorical", "continuous_bernoulli", *_count_likelihood.COUNT_LIKELIHOODS)
+LIKELIHOODS = ("gaussian", "bernoulli", "categorical", "continuous_bernoulli",
+               *_count_likelihood.COUNT_LIKELIHOODS, "discretized_logistic_mixture")
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -100,6 +107,7 @@ _REQUIRED = (
     "returns logits (*x.shape, C) for integer class indices x, 'continuous_bernoulli' if it returns "
     "logits for [0, 1] data under the normalized continuous Bernoulli; for counts 'poisson' (log rate), "
     "'negative_binomial' ((log mean, log theta)) or 'zinb' ((log mean, log theta, zero-inflation logits)); "
+    "'discretized_logistic_mixture' if it returns PixelCNN++'s mixture parameters (images in [-1, 1]); "
     "or let decode return a torch.distributions Bernoulli, Normal, Categorical, ContinuousBernoulli, "
     "Poisson, NegativeBinomial or Independent of one"
 )
@@ -180,6 +188,9 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         likelihood, out = _from_distribution(out, likelihood, events)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
+
+    if likelihood == "discretized_logistic_mixture":
+        return discretized_logistic_mixture_decoder(x, out, sample_shape, batch_ndim)
 
     def flat(t: Tensor, lead_dims: int) -> Tensor:
         return t if events == 1 else _flat_events(t, lead_dims)

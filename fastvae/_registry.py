@@ -83,6 +83,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("categorical_log_prob_backward", "categorical_log_prob", "grad_out x logits dlogits"),
     _k("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob", "x logits out"),
     _k("continuous_bernoulli_log_prob_backward", "continuous_bernoulli_log_prob", "grad_out x logits dx dlogits"),
+    _k("discretized_logistic_mixture_log_prob_forward", "discretized_logistic_mixture_log_prob",
+       "x params means log_scales num_bins out"),
+    _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
+       "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -116,6 +120,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
        "test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob"),
+    Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
+                                                 "discretized_logistic_mixture_log_prob_backward"),
+       "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob"),
 )}
 
 # Test modules above the ops that reach a Triton kernel: run under the

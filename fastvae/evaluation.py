@@ -568,8 +568,9 @@ def log_likelihood(
         k: samples per example (K >= 1; 5000 is the usual report).
         likelihood: "gaussian", "bernoulli", "categorical" (logits (..., C) for
             x of integer class indices), "continuous_bernoulli" (logits, x in
-            [0, 1]), "poisson", "negative_binomial" or "zinb" (docs/likelihoods.md),
-            required (there is no default:
+            [0, 1]), "poisson", "negative_binomial", "zinb" or
+            "discretized_logistic_mixture" (PixelCNN++'s mixture parameters for
+            images in [-1, 1]); docs/likelihoods.md. Required (there is no default:
             a wrong one gives a plausible but meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of

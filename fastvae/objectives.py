@@ -298,8 +298,9 @@ def elbo(
             Outputs have x's shape with the sample dimension in front.
         likelihood: "gaussian", "bernoulli", "categorical" (logits (..., C) for
             x of integer class indices), "continuous_bernoulli" (logits, x in
-            [0, 1]), "poisson", "negative_binomial" or "zinb" (docs/likelihoods.md),
-            required (there is no default:
+            [0, 1]), "poisson", "negative_binomial", "zinb" or
+            "discretized_logistic_mixture" (PixelCNN++'s mixture parameters for
+            images in [-1, 1]); docs/likelihoods.md. Required (there is no default:
             a wrong one gives a plausible but meaningless number).
         beta: weight of the KL term (beta-VAE); >= 0. Any real scalar (Python,
             NumPy, 0-d tensor). A 0-d floating tensor (an annealing schedule)

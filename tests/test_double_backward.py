@@ -338,3 +338,16 @@ def test_a_mixture_prior_raises_a_named_error(backend, path):
     (dmu,) = torch.autograd.grad(bound, [mu], create_graph=True)
     with pytest.raises(RuntimeError, match=r"fastvae\.mixture_log_prob does not support double backward"):
         torch.autograd.grad((dmu**2).sum(), [mu])
+
+
+def test_discretized_logistic_mixture_log_prob_raises_a_named_error_when_differentiated_twice(backend):
+    _, device = backend
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randint(0, 256, (2, 3, 2, 3), generator=g, dtype=F64) / 127.5 - 1).to(device)
+    params = _leaf(torch.randn(4, 2, 20, 2, 3, generator=g, dtype=F64), device)
+    out = fastvae.discretized_logistic_mixture_log_prob(x, params)
+    plain = torch.autograd.grad(out.sum(), [params], retain_graph=True)[0]
+    (dparams,) = torch.autograd.grad(out.sum(), [params], create_graph=True)
+    torch.testing.assert_close(dparams, plain, rtol=0, atol=0)  # the kernel's, usable as a number
+    with pytest.raises(RuntimeError, match=r"fastvae\.discretized_logistic_mixture_log_prob does not support double"):
+        torch.autograd.grad((dparams**2).sum(), [params])

@@ -89,6 +89,7 @@ def _cases():
     torch.manual_seed(0)
     x = (torch.rand(B, D) > 0.5).float()
     W, W2 = torch.randn(L, D) * 0.3, torch.randn(L, 2 * D) * 0.3
+    images = torch.linspace(-1, 1, B * 27).reshape(B, 3, 3, 3)  # (B, C, H, W): no draw, the others' stay
 
     def dec(z):
         return z @ W
@@ -129,6 +130,8 @@ def _cases():
         "categorical_log_prob": (lambda xc: op(lambda lg: fastvae.categorical_log_prob(xc, lg), (K, B, D, 3)))(
             x.long()),
         "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
+        "discretized_logistic_mixture_log_prob": op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p),
+                                                    (K, B, 20, 3, 3)),
     }
 
 
@@ -158,6 +161,7 @@ OP_LIMITS = {
     "zinb_log_prob": (1, 1, 2, 0),
     "categorical_log_prob": (1, 1, 2, 0),
     "continuous_bernoulli_log_prob": (1, 1, 2, 0),
+    "discretized_logistic_mixture_log_prob": (1, 1, 2, 0),
 }
 
 

@@ -1,0 +1,428 @@
+// discretized_logistic_mixture_log_prob on the CPU: PixelCNN++'s likelihood
+// (Salimans et al. 2017; openai/pixel-cnn nn.py discretized_mix_logistic_loss)
+// per image, out[k, p] = sum_pixels (lse_m(logit_m + sum_c lp_mc) - lse_m(logit_m)),
+// lp_mc the log mass of x's bin under logistic m of channel c
+// (reference.discretized_logistic_terms gives the formula and its branches).
+//
+// Work items are (image, chunk of kChunk pixels): an image's chunks add their
+// partial sums in chunk order, so the result does not depend on the thread
+// count. Within a chunk, loops run over pixels (contiguous in every layout),
+// branch-free, so GCC vectorizes them in each ISA clone; PixelCNN++'s
+// low-mass fallback, which well-fitted models rarely take, is flagged in that
+// loop and recomputed serially afterwards for the flagged pixels only.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "discretized_logistic_mixture_log_prob.h"
+#include "fastmath.h"
+
+namespace fastvae {
+namespace {
+
+constexpr int64_t kChunk = 1024;  // pixels per work item
+constexpr double kEdge = 0.999;  // PixelCNN++'s first and last bin: x < -0.999, x > 0.999
+constexpr double kLogMinDelta = -11.512925464970229;  // log(1e-5): below it, the pdf fallback
+constexpr double kLogScaleMin = -7.0;  // PixelCNN++'s floor of the log scales
+constexpr double kLn2 = 0.6931471805599453;
+
+// expm1 in float32: a degree-8 Taylor polynomial for |x| < 0.5 (its remainder
+// is below 1e-8 relative there), e^x - 1 beyond (at most 2.5 ulp).
+FASTVAE_INLINE float expm1_t(float x) {
+  const float p = x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120 + x * (
+      1.0f / 720 + x * (1.0f / 5040 + x * (1.0f / 40320))))))));
+  return std::fabs(x) < 0.5f ? p : fast_exp(x) - 1.0f;
+}
+FASTVAE_INLINE double expm1_t(double x) { return std::expm1(x); }
+
+FASTVAE_INLINE float log_t(float u) { return fast_log_positive(u); }  // u >= 1 here: a sum of exps
+FASTVAE_INLINE double log_t(double u) { return std::log(u); }
+
+// log(1 - e^-d) for d >= 0 (Maechler's branches). Below d = 1e-5 the value is
+// under log(1e-5), so the caller's fallback replaces it: a float32 t that
+// underflows may then give -inf.
+FASTVAE_INLINE float log1mexp_t(float d) {
+  const float t = -expm1_t(-d);  // 1 - e^-d, for d <= ln 2
+  const float e = fast_exp(-d);  // for d > ln 2: log1p(-e) = log(u) + (-e - (u - 1)) / u
+  const float u = 1.0f - e;
+  const float far = fast_log_positive(u) + (-e - (u - 1.0f)) / u;
+  const float near = t >= std::numeric_limits<float>::min() ? fast_log_positive(t)
+                                                              : -std::numeric_limits<float>::infinity();
+  return d <= float(kLn2) ? near : far;
+}
+FASTVAE_INLINE double log1mexp_t(double d) {
+  return d <= kLn2 ? std::log(-std::expm1(-d)) : std::log1p(-std::exp(-d));
+}
+
+// tanh from expm1 (no cancellation near 0).
+FASTVAE_INLINE float tanh_t(float v) {
+  const float t = expm1_t(-2.0f * std::fabs(v));
+  const float r = -t / (2.0f + t);
+  return v < 0.0f ? -r : r;
+}
+FASTVAE_INLINE double tanh_t(double v) { return std::tanh(v); }
+
+// The per-element constants of num_bins: half a bin and log((num_bins - 1) / 2).
+template <typename T>
+struct Bins {
+  T h, two_h, log_half_bins;
+  explicit Bins(int num_bins)
+      : h(T(1.0 / (num_bins - 1))), two_h(T(2.0 / (num_bins - 1))),
+        log_half_bins(T(std::log((num_bins - 1) / 2.0))) {}
+};
+
+// log mass of x's bin except in the fallback, and whether it is the fallback.
+template <typename T>
+FASTVAE_INLINE T bin_log_mass(T x, T mu, T ls_raw, const Bins<T>& bins, bool& fallback) {
+  const T s = ls_raw > T(kLogScaleMin) ? ls_raw : T(kLogScaleMin);
+  const T inv = exp_t(-s);
+  const T c = x - mu;
+  const T a = inv * (c + bins.h), b = inv * (c - bins.h);
+  const T sa = softplus_t(-a), sb = softplus_t(b);
+  const T mid = -sa - sb + log1mexp_t(bins.two_h * inv);
+  const bool left = x < T(-kEdge), right = x > T(kEdge);
+  fallback = !left && !right && !(mid > T(kLogMinDelta));
+  return left ? -sa : (right ? -sb : mid);
+}
+
+// The same with its derivatives in mu and in the raw log scale (0 below the floor).
+template <typename T>
+FASTVAE_INLINE T bin_log_mass_grad(T x, T mu, T ls_raw, const Bins<T>& bins, bool& fallback, T& dmu,
+                                   T& dls) {
+  const T s = ls_raw > T(kLogScaleMin) ? ls_raw : T(kLogScaleMin);
+  const T inv = exp_t(-s);
+  const T c = x - mu;
+  const T a = inv * (c + bins.h), b = inv * (c - bins.h), d = bins.two_h * inv;
+  const T sa = softplus_t(-a), sb = softplus_t(b);
+  const T pa = sigmoid_t(-a), pb = sigmoid_t(b);
+  const T mid = -sa - sb + log1mexp_t(d);
+  const bool left = x < T(-kEdge), right = x > T(kEdge);
+  fallback = !left && !right && !(mid > T(kLogMinDelta));
+  const T em1 = expm1_t(d);
+  const T q = em1 > T(0) ? d / em1 : T(1);  // d / (e^d - 1); unused where d underflows (fallback)
+  dmu = left ? -inv * pa : (right ? inv * pb : -inv * (pa - pb));
+  const T g = left ? -a * pa : (right ? b * pb : -a * pa + b * pb - q);
+  dls = ls_raw >= T(kLogScaleMin) ? g : T(0);
+  return left ? -sa : (right ? -sb : mid);
+}
+
+// PixelCNN++'s fallback: the log pdf at the bin's centre plus the log bin width.
+template <typename T>
+T pdf_log_mass(T x, T mu, T ls_raw, const Bins<T>& bins, T* dmu, T* dls) {
+  const T s = ls_raw > T(kLogScaleMin) ? ls_raw : T(kLogScaleMin);
+  const T inv = exp_t(-s);
+  const T mid = inv * (x - mu);
+  if (dmu) {
+    const T t = T(1) - T(2) * sigmoid_t(mid);
+    *dmu = -inv * t;
+    *dls = ls_raw >= T(kLogScaleMin) ? -mid * t - T(1) : T(0);
+  }
+  return mid - s - T(2) * softplus_t(mid) - bins.log_half_bins;
+}
+
+// Where one image's parameters lie. Packed (PixelCNN++): params (K, P, 10 M, S),
+// after the M logits channel c's block of 3 M rows holds its M means, M log
+// scales and M raw coefficients. Otherwise logits (K, P, M, S) and means,
+// log scales (K, P, M, C, S).
+template <typename T>
+struct Layout {
+  const T* logits;
+  const T* means;
+  const T* log_scales;
+  const T* coeffs;  // packed only
+  int64_t img_logits, img_means, mean_m, mean_c;
+  int64_t M, C, S;
+  bool packed;
+
+  Layout(const T* params, const T* means_, const T* log_scales_, int64_t M_, int64_t C_, int64_t S_)
+      : M(M_), C(C_), S(S_), packed(means_ == nullptr) {
+    logits = params;
+    if (packed) {
+      means = params + M * S;
+      log_scales = params + 2 * M * S;
+      coeffs = params + 3 * M * S;
+      img_logits = img_means = 10 * M * S;
+      mean_m = S;
+      mean_c = 3 * M * S;
+    } else {
+      means = means_;
+      log_scales = log_scales_;
+      coeffs = nullptr;
+      img_logits = M * S;
+      img_means = M * C * S;
+      mean_m = C * S;
+      mean_c = S;
+    }
+  }
+  // offset of (image r, component m, channel c, pixel s) in means / log_scales / coeffs
+  int64_t at(int64_t r, int64_t m, int64_t c, int64_t s) const {
+    return r * img_means + m * mean_m + c * mean_c + s;
+  }
+};
+
+// mu'[i] of channel c: PixelCNN++'s coupled means m1 + tanh(c0) x0 and
+// m2 + tanh(c1) x0 + tanh(c2) x1 (packed), the means themselves otherwise.
+template <typename T>
+FASTVAE_INLINE const T* channel_means(const Layout<T>& L, const T* x, int64_t r, int64_t m, int64_t c,
+                                      int64_t s0, int64_t n, T* tmp) {
+  const T* mu = L.means + L.at(r, m, c, s0);
+  if (!L.packed || c == 0) return mu;
+  const T* x0 = x + s0;
+  const T* a0 = L.coeffs + L.at(r, m, c - 1, s0);  // c = 1: coefficient 0; c = 2: coefficient 1
+  if (c == 1) {
+    for (int64_t i = 0; i < n; ++i) tmp[i] = mu[i] + tanh_t(a0[i]) * x0[i];
+  } else {
+    const T* x1 = x + L.S + s0;
+    const T* a2 = L.coeffs + L.at(r, m, 2, s0);
+    for (int64_t i = 0; i < n; ++i) tmp[i] = mu[i] + tanh_t(a0[i]) * x0[i] + tanh_t(a2[i]) * x1[i];
+  }
+  return tmp;
+}
+
+// (max, log sum exp) over M rows of n values: lse[i] = log sum_m e^v[m][i].
+template <typename T>
+FASTVAE_INLINE void logsumexp_rows(const T* v, int64_t stride, int64_t M, int64_t n, T* mx, T* lse) {
+  for (int64_t i = 0; i < n; ++i) mx[i] = v[i];
+  for (int64_t m = 1; m < M; ++m) {
+    const T* vm = v + m * stride;
+    for (int64_t i = 0; i < n; ++i) mx[i] = vm[i] > mx[i] ? vm[i] : mx[i];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    lse[i] = T(0);
+    mx[i] = std::isfinite(mx[i]) ? mx[i] : T(0);  // all -inf: e^(-inf - 0) = 0, no -inf - -inf
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const T* vm = v + m * stride;
+    for (int64_t i = 0; i < n; ++i) lse[i] += exp_t(vm[i] - mx[i]);
+  }
+  for (int64_t i = 0; i < n; ++i) lse[i] = mx[i] + log_t(lse[i]);
+}
+
+template <typename T>
+struct Scratch {
+  std::vector<T> lp, tmp, e, mx, lse, zlse;
+  std::vector<unsigned char> fb;
+  Scratch(int64_t M, int64_t n) : lp(M * n), tmp(n), e(n), mx(n), lse(n), zlse(n), fb(n) {}
+};
+
+// Sum over the chunk's pixels of one image's log-likelihood.
+template <typename T>
+FASTVAE_INLINE double forward_chunk(const Layout<T>& L, const T* x, const Bins<T>& bins, int64_t r, int64_t s0,
+                                    int64_t n, Scratch<T>& w) {
+  const int64_t M = L.M, S = L.S;
+  for (int64_t m = 0; m < M; ++m) {
+    T* lp = w.lp.data() + m * n;
+    const T* lg = L.logits + r * L.img_logits + m * S + s0;
+    for (int64_t i = 0; i < n; ++i) lp[i] = lg[i];
+    for (int64_t c = 0; c < L.C; ++c) {
+      const T* xc = x + c * S + s0;
+      const T* mu = channel_means(L, x, r, m, c, s0, n, w.tmp.data());
+      const T* ls = L.log_scales + L.at(r, m, c, s0);
+      T* e = w.e.data();
+      unsigned char* fb = w.fb.data();
+      int flagged = 0;
+#pragma omp simd reduction(+ : flagged)
+      for (int64_t i = 0; i < n; ++i) {
+        bool f;
+        e[i] = bin_log_mass(xc[i], mu[i], ls[i], bins, f);
+        fb[i] = f;
+        flagged += f;
+      }
+      if (flagged) {
+        for (int64_t i = 0; i < n; ++i) {
+          if (fb[i]) e[i] = pdf_log_mass<T>(xc[i], mu[i], ls[i], bins, nullptr, nullptr);
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) lp[i] += e[i];
+    }
+  }
+  logsumexp_rows(w.lp.data(), n, M, n, w.mx.data(), w.lse.data());
+  logsumexp_rows(L.logits + r * L.img_logits + s0, S, M, n, w.mx.data(), w.zlse.data());
+  double acc = 0.0;
+  const T* lse = w.lse.data();
+  const T* z = w.zlse.data();
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += double(lse[i] - z[i]);
+  return acc;
+}
+
+// The gradients of one chunk of one image, given g = grad_out[r]. dmeans and
+// dlog_scales (or dparams' rows of them) first receive dlp/dmu' and dlp/dls,
+// then are scaled by g w_m once the pixel's posterior weights w_m are known.
+template <typename T>
+FASTVAE_INLINE void backward_chunk(const Layout<T>& L, const T* x, const Bins<T>& bins, int64_t r, int64_t s0,
+                                   int64_t n, T g, T* dlogits_img, T* dmeans, T* dlog_scales,
+                                   Scratch<T>& w) {
+  const int64_t M = L.M, S = L.S;
+  for (int64_t m = 0; m < M; ++m) {
+    T* lp = w.lp.data() + m * n;
+    const T* lg = L.logits + r * L.img_logits + m * S + s0;
+    for (int64_t i = 0; i < n; ++i) lp[i] = lg[i];
+    for (int64_t c = 0; c < L.C; ++c) {
+      const T* xc = x + c * S + s0;
+      const T* mu = channel_means(L, x, r, m, c, s0, n, w.tmp.data());
+      const int64_t off = L.at(r, m, c, s0);
+      const T* ls = L.log_scales + off;
+      T* dmu = dmeans + off;
+      T* dls = dlog_scales + off;
+      T* e = w.e.data();
+      unsigned char* fb = w.fb.data();
+      int flagged = 0;
+#pragma omp simd reduction(+ : flagged)
+      for (int64_t i = 0; i < n; ++i) {
+        bool f;
+        T a, b;
+        e[i] = bin_log_mass_grad(xc[i], mu[i], ls[i], bins, f, a, b);
+        dmu[i] = a;
+        dls[i] = b;
+        fb[i] = f;
+        flagged += f;
+      }
+      if (flagged) {
+        for (int64_t i = 0; i < n; ++i) {
+          if (fb[i]) e[i] = pdf_log_mass<T>(xc[i], mu[i], ls[i], bins, dmu + i, dls + i);
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) lp[i] += e[i];
+    }
+  }
+  T* lse = w.lse.data();
+  T* zlse = w.zlse.data();
+  logsumexp_rows(w.lp.data(), n, M, n, w.mx.data(), lse);
+  logsumexp_rows(L.logits + r * L.img_logits + s0, S, M, n, w.mx.data(), zlse);
+  T* gw = w.tmp.data();
+  const T* x0 = x + s0;
+  const T* x1 = x + S + s0;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* lp = w.lp.data() + m * n;
+    const T* lg = L.logits + r * L.img_logits + m * S + s0;
+    T* dlg = dlogits_img + m * S + s0;
+    for (int64_t i = 0; i < n; ++i) {
+      gw[i] = g * exp_t(lp[i] - lse[i]);
+      dlg[i] = gw[i] - g * exp_t(lg[i] - zlse[i]);
+    }
+    for (int64_t c = 0; c < L.C; ++c) {
+      const int64_t off = L.at(r, m, c, s0);
+      T* dmu = dmeans + off;
+      T* dls = dlog_scales + off;
+      for (int64_t i = 0; i < n; ++i) {
+        dmu[i] *= gw[i];
+        dls[i] *= gw[i];
+      }
+    }
+    if (L.packed) {  // d tanh(a) / da = 1 - tanh^2
+      const T* dmu1 = dmeans + L.at(r, m, 1, s0);
+      const T* dmu2 = dmeans + L.at(r, m, 2, s0);
+      const int64_t c0 = L.at(r, m, 0, s0), c1 = L.at(r, m, 1, s0), c2 = L.at(r, m, 2, s0);
+      T* dcoeffs = dmeans + 2 * M * S;  // coefficients lie 2 M rows after the means in each block
+      for (int64_t i = 0; i < n; ++i) {
+        const T t0 = tanh_t(L.coeffs[c0 + i]), t1 = tanh_t(L.coeffs[c1 + i]), t2 = tanh_t(L.coeffs[c2 + i]);
+        dcoeffs[c0 + i] = dmu1[i] * x0[i] * (T(1) - t0 * t0);
+        dcoeffs[c1 + i] = dmu2[i] * x0[i] * (T(1) - t1 * t1);
+        dcoeffs[c2 + i] = dmu2[i] * x1[i] * (T(1) - t2 * t2);
+      }
+    }
+  }
+}
+
+// One entry point per dtype and direction, cloned per ISA.
+#define FASTVAE_DLM_TASKS(T, suffix)                                                                   \
+  FASTVAE_CLONES double forward_task_##suffix(const Layout<T>& L, const T* x, const Bins<T>& bins,    \
+                                              int64_t r, int64_t s0, int64_t n, Scratch<T>& w) {      \
+    return forward_chunk(L, x, bins, r, s0, n, w);                                                     \
+  }                                                                                                    \
+  FASTVAE_CLONES void backward_task_##suffix(const Layout<T>& L, const T* x, const Bins<T>& bins,     \
+                                             int64_t r, int64_t s0, int64_t n, T g, T* dlg, T* dmu,   \
+                                             T* dls, Scratch<T>& w) {                                 \
+    backward_chunk(L, x, bins, r, s0, n, g, dlg, dmu, dls, w);                                         \
+  }                                                                                                    \
+  double forward_task(const Layout<T>& L, const T* x, const Bins<T>& bins, int64_t r, int64_t s0,     \
+                      int64_t n, Scratch<T>& w) {                                                     \
+    return forward_task_##suffix(L, x, bins, r, s0, n, w);                                             \
+  }                                                                                                    \
+  void backward_task(const Layout<T>& L, const T* x, const Bins<T>& bins, int64_t r, int64_t s0,      \
+                     int64_t n, T g, T* dlg, T* dmu, T* dls, Scratch<T>& w) {                         \
+    backward_task_##suffix(L, x, bins, r, s0, n, g, dlg, dmu, dls, w);                                 \
+  }
+
+FASTVAE_DLM_TASKS(float, f32)
+FASTVAE_DLM_TASKS(double, f64)
+#undef FASTVAE_DLM_TASKS
+
+}  // namespace
+
+template <typename T>
+void discretized_logistic_mixture_log_prob_forward(const T* x, const T* params, const T* means,
+                                                   const T* log_scales, int64_t K, int64_t P, int64_t M,
+                                                   int64_t C, int64_t S, int num_bins, T* out,
+                                                   int n_threads) {
+  const Layout<T> L(params, means, log_scales, M, C, S);
+  const Bins<T> bins(num_bins);
+  const int64_t images = K * P;
+  const int64_t chunks = (S + kChunk - 1) / kChunk;
+  if (images == 0) return;
+  if (chunks == 0) {  // no pixels: a sum over nothing
+    std::fill(out, out + images, T(0));
+    return;
+  }
+  std::vector<double> partial(chunks > 1 ? images * chunks : 0);
+#pragma omp parallel num_threads(n_threads)
+  {
+    Scratch<T> w(M, std::min(S, kChunk));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < images * chunks; ++t) {
+      const int64_t r = t / chunks, s0 = (t % chunks) * kChunk;
+      const double v = forward_task(L, x + (r % P) * C * S, bins, r, s0, std::min(kChunk, S - s0), w);
+      if (chunks == 1) {
+        out[r] = T(v);
+      } else {
+        partial[t] = v;
+      }
+    }
+  }
+  if (chunks > 1) {
+    for (int64_t r = 0; r < images; ++r) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < chunks; ++j) acc += partial[r * chunks + j];
+      out[r] = T(acc);
+    }
+  }
+}
+
+template <typename T>
+void discretized_logistic_mixture_log_prob_backward(const T* g, const T* x, const T* params, const T* means,
+                                                    const T* log_scales, int64_t K, int64_t P, int64_t M,
+                                                    int64_t C, int64_t S, int num_bins, T* dparams, T* dmeans,
+                                                    T* dlog_scales, int n_threads) {
+  const Layout<T> L(params, means, log_scales, M, C, S);
+  const Bins<T> bins(num_bins);
+  const int64_t images = K * P;
+  const int64_t chunks = (S + kChunk - 1) / kChunk;
+  // where each image's gradients go: dparams' rows mirror params' (packed), or three arrays
+  T* dmu_base = L.packed ? dparams + M * S : dmeans;
+  T* dls_base = L.packed ? dparams + 2 * M * S : dlog_scales;
+#pragma omp parallel num_threads(n_threads)
+  {
+    Scratch<T> w(M, std::min(S, kChunk));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < images * chunks; ++t) {
+      const int64_t r = t / chunks, s0 = (t % chunks) * kChunk;
+      backward_task(L, x + (r % P) * C * S, bins, r, s0, std::min(kChunk, S - s0), g[r],
+                    dparams + r * L.img_logits, dmu_base, dls_base, w);
+    }
+  }
+}
+
+#define FASTVAE_DLM_INSTANTIATE(T)                                                                     \
+  template void discretized_logistic_mixture_log_prob_forward<T>(                                     \
+      const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int, T*, int); \
+  template void discretized_logistic_mixture_log_prob_backward<T>(                                    \
+      const T*, const T*, const T*, const T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int, \
+      T*, T*, T*, int);
+FASTVAE_DLM_INSTANTIATE(float)
+FASTVAE_DLM_INSTANTIATE(double)
+#undef FASTVAE_DLM_INSTANTIATE
+
+}  // namespace fastvae

@@ -1,0 +1,238 @@
+"""discretized_logistic_mixture_log_prob: PixelCNN++'s likelihood of 8-bit
+images (Salimans et al. 2017, "PixelCNN++"; openai/pixel-cnn nn.py,
+discretized_mix_logistic_loss), fused forward and backward, with x broadcast
+over decoder samples.
+
+Also the decoder convention of likelihood="discretized_logistic_mixture" in
+the objectives and evaluation functions (``decoder_log_prob``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _backend, _double_backward, _validate
+from ._op import define, run
+from ._validate import broadcasts_to
+
+NUM_BINS_MAX = 2001  # the second bin's centre, -1 + 2 / (num_bins - 1), must not pass PixelCNN++'s -0.999
+
+
+def _kernel_inputs(backend: str, dtype, x, params, means, log_scales):
+    return [_backend.kernel_input(backend, t, dtype) for t in (x, params, means, log_scales)]
+
+
+def _forward(x: Tensor, params: Tensor, means: Tensor | None, log_scales: Tensor | None, num_bins: int) -> Tensor:
+    """out (K, P) for x (P, C, S) and params (K, P, 10 M, S) (packed, means
+    and log_scales None) or the logits (K, P, M, S) with means, log_scales
+    (K, P, M, C, S), all contiguous."""
+    backend = _backend.backend_for(params.device)
+    dtype = _backend.compute_dtype(x, params, means, log_scales)
+    x, params, means, log_scales = _kernel_inputs(backend, dtype, x, params, means, log_scales)
+    out = _backend.empty_output(params.shape[:2], like=params, dtype=dtype)
+    _backend.launch(backend, "discretized_logistic_mixture_log_prob_forward", params.numel(), x=x, params=params,
+                    means=means, log_scales=log_scales, num_bins=num_bins, out=out)
+    return out
+
+
+def _backward(grad_out: Tensor, x: Tensor, params: Tensor, means: Tensor | None, log_scales: Tensor | None,
+              num_bins: int) -> list[Tensor]:
+    """[dparams] (packed) or [dlogits, dmeans, dlog_scales], each in its input's dtype."""
+    backend = _backend.backend_for(params.device)
+    dtype = _backend.compute_dtype(x, params, means, log_scales)
+    dtypes = [t.dtype for t in (params, means, log_scales) if t is not None]
+    x, params, means, log_scales = _kernel_inputs(backend, dtype, x, params, means, log_scales)
+    grad_out = _backend.kernel_input(backend, grad_out, dtype).contiguous()
+    dparams = _backend.empty_output(params.shape, like=params)
+    dmeans = None if means is None else _backend.empty_output(means.shape, like=means)
+    dlog_scales = None if log_scales is None else _backend.empty_output(log_scales.shape, like=log_scales)
+    _backend.launch(backend, "discretized_logistic_mixture_log_prob_backward",
+                    params.numel() + (0 if means is None else 2 * means.numel()), grad_out=grad_out, x=x,
+                    params=params, means=means, log_scales=log_scales, num_bins=num_bins, dparams=dparams,
+                    dmeans=dmeans, dlog_scales=dlog_scales)
+    grads = [t for t in (dparams, dmeans, dlog_scales) if t is not None]
+    return [_backend.in_dtype(t, d) for t, d in zip(grads, dtypes)]
+
+
+def _fake_forward(x, params, means, log_scales, num_bins):
+    return params.new_empty(params.shape[:2], dtype=_backend.compute_dtype(x, params, means, log_scales))
+
+
+def _fake_backward(grad_out, x, params, means, log_scales, num_bins):
+    return [torch.empty_like(t) for t in (params, means, log_scales) if t is not None]
+
+
+discretized_logistic_mixture_log_prob_op = define(
+    "discretized_logistic_mixture_log_prob(Tensor x, Tensor params, Tensor? means, Tensor? log_scales, "
+    "int num_bins) -> Tensor",
+    _forward, _fake_forward,
+)
+discretized_logistic_mixture_log_prob_backward_op = define(
+    "discretized_logistic_mixture_log_prob_backward(Tensor grad_out, Tensor x, Tensor params, Tensor? means, "
+    "Tensor? log_scales, int num_bins) -> Tensor[]",
+    _backward, _fake_backward,
+)
+
+
+class DiscretizedLogisticMixtureLogProb(torch.autograd.Function):
+    """Autograd of fastvae::discretized_logistic_mixture_log_prob on the
+    kernels' layout (x (P, C, S); params (K, P, rows, S); means, log_scales
+    (K, P, M, C, S) or None), made by the public function. x gets no gradient
+    (the data of a discrete likelihood)."""
+
+    @staticmethod
+    def forward(ctx, x, params, means, log_scales, num_bins, out_shape):
+        ctx.save_for_backward(x, params, means, log_scales)
+        ctx.num_bins = num_bins
+        return run(discretized_logistic_mixture_log_prob_op, x, params, means, log_scales, num_bins).view(out_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, params, means, log_scales = ctx.saved_tensors
+        g = grad_out.reshape(params.shape[:2])
+        grads = run(discretized_logistic_mixture_log_prob_backward_op, g, x, params, means, log_scales, ctx.num_bins)
+        if torch.is_grad_enabled():  # create_graph=True: no closed form here
+            grads = _double_backward.not_twice("discretized_logistic_mixture_log_prob", tuple(grads),
+                                               (params, means, log_scales, grad_out))
+        if means is None:
+            return None, grads[0], None, None, None, None
+        return None, grads[0], grads[1], grads[2], None, None
+
+
+# -- public function -----------------------------------------------------------
+
+
+def _check_params(x: Tensor, params: Any) -> tuple[Tensor, ...]:
+    """The parameter tensors (one packed tensor, or the three of the tuple)
+    after the metadata checks, naming what is wrong."""
+    if isinstance(params, Tensor):
+        _validate.float_tensors(x=x, params=params)
+        if x.dim() < 3 or params.dim() < 3:
+            raise ValueError(f"x and params need (C, H, W) and (10 M, H, W) trailing dimensions, got x of shape "
+                             f"{tuple(x.shape)} and params of shape {tuple(params.shape)}")
+        rows, H, W = params.shape[-3:]
+        if rows < 10 or rows % 10 or x.shape[-3] != 3 or x.shape[-2:] != (H, W):
+            raise ValueError(
+                f"packed (PixelCNN++) params have shape (..., 10 M, H, W) for x of shape (..., 3, H, W): "
+                f"got params {tuple(params.shape)} and x {tuple(x.shape)}; for other channel counts pass "
+                f"(logit_probs, means, log_scales)")
+        return (params,)
+    if not isinstance(params, (tuple, list)) or len(params) != 3:
+        raise TypeError("params must be PixelCNN++'s packed tensor (..., 10 M, H, W) or a (logit_probs, means, "
+                        f"log_scales) tuple, got {type(params).__name__}"
+                        + (f" of {len(params)} items" if isinstance(params, (tuple, list)) else ""))
+    logit_probs, means, log_scales = params
+    _validate.float_tensors(x=x, logit_probs=logit_probs, means=means, log_scales=log_scales)
+    if x.dim() < 3 or logit_probs.dim() < 3:
+        raise ValueError(f"x needs (C, H, W) and logit_probs (M, H, W) trailing dimensions, got shapes "
+                         f"{tuple(x.shape)} and {tuple(logit_probs.shape)}")
+    lead, (M, H, W), C = logit_probs.shape[:-3], logit_probs.shape[-3:], x.shape[-3]
+    want = (*lead, M, C, H, W)
+    for name, t in (("means", means), ("log_scales", log_scales)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} of shape {tuple(t.shape)}: expected {want} (logit_probs' {tuple(lead)} "
+                             f"leading shape, M = {M} components, x's C = {C} channels and H, W = {H}, {W})")
+    if x.shape[-2:] != (H, W) or M < 1:
+        raise ValueError(f"x of shape {tuple(x.shape)} against logit_probs of shape {tuple(logit_probs.shape)}: "
+                         f"H and W must agree and M >= 1")
+    return logit_probs, means, log_scales
+
+
+def discretized_logistic_mixture_log_prob(x: Tensor, params: Tensor | tuple[Tensor, Tensor, Tensor],
+                                          num_bins: int = 256) -> Tensor:
+    """log p(x) of a mixture of discretized logistics per image (PixelCNN++),
+    summed over channels and pixels.
+
+    Args:
+        x: images (..., C, H, W) with values on the grid of ``num_bins`` levels
+            in [-1, 1] (8-bit pixels p as p / 127.5 - 1). It broadcasts
+            against params' leading shape (K, ...) without being copied K
+            times. It gets no gradient.
+        params: either PixelCNN++'s packed decoder output (..., 10 M, H, W)
+            for C = 3: the M mixture logits, then per channel c a block of
+            3 M rows, its M means, its M log scales and its M raw coefficients
+            (exactly the layout of discretized_mix_logistic_loss, channels
+            first); channel 1's mean is m1 + tanh(a0) x0 and channel 2's
+            m2 + tanh(a1) x0 + tanh(a2) x1, a_j channel j's coefficients.
+            Or a tuple (logit_probs (..., M, H, W), means (..., M, C, H, W),
+            log_scales (..., M, C, H, W)) for any C, channels independent
+            given the component.
+        num_bins: levels per channel, 2 to 2001 (256 for 8 bits).
+
+    Returns:
+        log p(x), shape params' leading dimensions (..., without the last 3):
+        per pixel log sum_m softmax(logits)_m prod_c P(x_c | m), summed over
+        the pixels. P is PixelCNN++'s, to rounding: log scales are clamped
+        below at -7 (their gradient is 0 there, as torch.clamp's); the first
+        bin (x < -0.999) takes the mass below its upper edge, log sigmoid;
+        the last (x > 0.999) the mass above its lower edge, -softplus;
+        any other the mass between its edges, computed as
+        -softplus(-a) - softplus(b) + log(1 - e^-(a - b)) (PixelCNN++'s
+        log(sigmoid(a) - sigmoid(b)) without the cancellation of the
+        difference); where that mass is not above 1e-5, PixelCNN++'s formula
+        for it: the log density at the bin's centre plus the log bin width,
+        log_pdf_mid - log((num_bins - 1) / 2), i.e. - log(127.5) for 256 bins.
+        Differentiable in every parameter.
+
+    Dtypes may differ: the result is float32 for half-precision inputs
+    (float64 when any input is float64), each gradient in its input's dtype.
+    """
+    tensors = _check_params(x, params)
+    if type(num_bins) is not int:
+        num_bins = _validate.integer("num_bins", num_bins)
+    if not 2 <= num_bins <= NUM_BINS_MAX:
+        raise ValueError(f"num_bins must be in [2, {NUM_BINS_MAX}], got {num_bins}: the first and last bins are "
+                         f"recognised as PixelCNN++ does (x < -0.999, x > 0.999)")
+    return discretized_logistic_mixture_log_prob_unchecked(x, tensors, num_bins)
+
+
+def discretized_logistic_mixture_log_prob_unchecked(x: Tensor, tensors: tuple[Tensor, ...], num_bins: int) -> Tensor:
+    """The op for checked arguments: tensors is (packed,) or (logit_probs, means, log_scales)."""
+    first = tensors[0]
+    lead = first.shape[:-3]
+    C, H, W = x.shape[-3:]
+    S = H * W
+    x_lead = x.shape[:-3]
+    if not broadcasts_to(x_lead, lead):
+        raise ValueError(f"x of shape {tuple(x.shape)} does not broadcast against the parameters' leading shape "
+                         f"{tuple(lead)} (the result has that shape)")
+    if x_lead == lead:
+        K, P = 1, math.prod(lead)
+    else:
+        while len(x_lead) > max(len(lead) - 1, 0) and x_lead[0] == 1:  # (1, B) against (K, B): over K
+            x_lead = x_lead[1:]
+        if len(lead) >= 1 and x_lead == lead[1:]:
+            K, P = lead[0], math.prod(lead[1:])
+        else:  # an unusual broadcast: materialized (x is data, with no gradient to sum back)
+            x_lead, K, P = lead, 1, math.prod(lead)
+    x3 = x.detach().expand(*x_lead, C, H, W).reshape(P, C, S).contiguous()
+    if len(tensors) == 1:
+        params, means, log_scales = tensors[0].reshape(K, P, first.shape[-3], S).contiguous(), None, None
+    else:
+        M = first.shape[-3]
+        params = first.reshape(K, P, M, S).contiguous()
+        means, log_scales = (t.reshape(K, P, M, C, S).contiguous() for t in tensors[1:])
+    return DiscretizedLogisticMixtureLogProb.apply(x3, params, means, log_scales, num_bins, lead)
+
+
+# -- likelihood="discretized_logistic_mixture" (fastvae._decoder) ---------------
+
+
+def decoder_log_prob(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int) -> Tensor:
+    """log p(x | z) of likelihood="discretized_logistic_mixture": decode(z)
+    returned PixelCNN++'s packed params (*sample_shape, *batch, 10 M, H, W)
+    or a (logit_probs, means, log_scales) tuple of those leading shapes, for
+    x (*batch, C, H, W) in [-1, 1] (256 levels)."""
+    if x.dim() - batch_ndim != 3:
+        raise ValueError(f"likelihood='discretized_logistic_mixture' needs images: x of shape {tuple(x.shape)} "
+                         f"has {x.dim() - batch_ndim} event dimensions after {batch_ndim} batch dimension(s); "
+                         f"expected (C, H, W)")
+    tensors = _check_params(x, out if isinstance(out, Tensor) else tuple(out) if isinstance(out, list) else out)
+    want = (*sample_shape, *x.shape[:batch_ndim])
+    if tuple(tensors[0].shape[:-3]) != want:
+        raise ValueError(f"decode returned parameters of leading shape {tuple(tensors[0].shape[:-3])}; expected "
+                         f"{want} (sample shape {sample_shape} followed by x's batch shape)")
+    return discretized_logistic_mixture_log_prob_unchecked(x, tensors, 256)
