@@ -24,6 +24,9 @@ from ._common import INTERPRETER_BLOCK_ROWS, acc_dtype
 # Class tiles: a row of C classes is read in tiles of at most MAX_BLOCK_C.
 MAX_BLOCK_C = 1024
 TILE = 4096  # elements per program and class tile on a GPU (8 warps at 4096 float32)
+# Class rows per program at most: each row keeps a running max, sum, class
+# index and int64 offsets live; 512 or more rows of C = 2 spilled on sm_80/sm_90.
+MAX_ROWS = 256
 
 # -- kernels ------------------------------------------------------------------
 
@@ -141,7 +144,7 @@ def _geometry(D: int, C: int, device: torch.device, fp64: bool) -> tuple[int, in
         rows, warps = INTERPRETER_BLOCK_ROWS, 4
     else:
         tile = TILE // 4 if fp64 else TILE
-        rows = max(1, tile // block_c)
+        rows = max(1, min(MAX_ROWS, tile // block_c))
         warps = 8 if rows * block_c * (8 if fp64 else 4) >= (8192 if fp64 else 16384) else 4
     block_d = min(triton.next_power_of_2(max(D, 1)), rows)
     return max(1, rows // block_d), block_d, block_c, warps
