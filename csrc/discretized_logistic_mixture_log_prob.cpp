@@ -26,10 +26,9 @@ constexpr int64_t kChunk = 1024;  // pixels per work item
 constexpr double kEdge = 0.999;  // PixelCNN++'s first and last bin: x < -0.999, x > 0.999
 constexpr double kLogMinDelta = -11.512925464970229;  // log(1e-5): below it, the pdf fallback
 constexpr double kLogScaleMin = -7.0;  // PixelCNN++'s floor of the log scales
-constexpr double kLn2 = 0.6931471805599453;
 
-// expm1 in float32 for |x| < 0.5: a degree-8 Taylor polynomial (its remainder
-// is below 1e-8 relative there); e^x - 1 beyond (at most 2.5 ulp).
+// expm1 in float32: for |x| < 0.5 a degree-8 Taylor polynomial (its remainder
+// is below 1e-8 relative there), e^x - 1 beyond (at most 2.5 ulp).
 FASTVAE_INLINE float expm1_small_t(float x) {
   return x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120 + x * (
       1.0f / 720 + x * (1.0f / 5040 + x * (1.0f / 40320))))))));
