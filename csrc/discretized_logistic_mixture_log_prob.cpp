@@ -26,34 +26,44 @@ constexpr int64_t kChunk = 1024;  // pixels per work item
 constexpr double kEdge = 0.999;  // PixelCNN++'s first and last bin: x < -0.999, x > 0.999
 constexpr double kLogMinDelta = -11.512925464970229;  // log(1e-5): below it, the pdf fallback
 constexpr double kLogScaleMin = -7.0;  // PixelCNN++'s floor of the log scales
-constexpr double kLn2 = 0.6931471805599453;
 
-// expm1 in float32: a degree-8 Taylor polynomial for |x| < 0.5 (its remainder
+// expm1 in float32: for |x| < 0.5 a degree-8 Taylor polynomial (its remainder
 // is below 1e-8 relative there), e^x - 1 beyond (at most 2.5 ulp).
-FASTVAE_INLINE float expm1_t(float x) {
-  const float p = x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120 + x * (
+FASTVAE_INLINE float expm1_small_t(float x) {
+  return x * (1.0f + x * (0.5f + x * (1.0f / 6 + x * (1.0f / 24 + x * (1.0f / 120 + x * (
       1.0f / 720 + x * (1.0f / 5040 + x * (1.0f / 40320))))))));
-  return std::fabs(x) < 0.5f ? p : fast_exp(x) - 1.0f;
 }
+FASTVAE_INLINE double expm1_small_t(double x) { return std::expm1(x); }
+FASTVAE_INLINE float expm1_t(float x) { return std::fabs(x) < 0.5f ? expm1_small_t(x) : fast_exp(x) - 1.0f; }
 FASTVAE_INLINE double expm1_t(double x) { return std::expm1(x); }
 
-FASTVAE_INLINE float log_t(float u) { return fast_log_positive(u); }  // u >= 1 here: a sum of exps
+FASTVAE_INLINE float log_t(float u) { return fast_log_positive(u); }  // u a positive normal number
 FASTVAE_INLINE double log_t(double u) { return std::log(u); }
 
-// log(1 - e^-d) for d >= 0 (Maechler's branches). Below d = 1e-5 the value is
-// under log(1e-5), so the caller's fallback replaces it: a float32 t that
+// log(1 - e^-d) for d >= 0 with one exp and one log, given e = e^-d: below
+// d = 0.5, 1 - e^-d = -expm1(-d) (the Taylor polynomial, no cancellation);
+// above, log1p(-e) = log(v) + (-e - (v - 1)) / v with v = 1 - e rounded
+// (Goldberg's correction). Also returns v = 1 - e^-d, whose ratio d e / v is
+// d / (e^d - 1), the derivative's term. Below d = 1e-5 the value is under
+// log(1e-5), so the caller's fallback replaces it: a float32 v that
 // underflows may then give -inf.
-FASTVAE_INLINE float log1mexp_t(float d) {
-  const float t = -expm1_t(-d);  // 1 - e^-d, for d <= ln 2
-  const float e = fast_exp(-d);  // for d > ln 2: log1p(-e) = log(u) + (-e - (u - 1)) / u
-  const float u = 1.0f - e;
-  const float far = fast_log_positive(u) + (-e - (u - 1.0f)) / u;
-  const float near = t >= std::numeric_limits<float>::min() ? fast_log_positive(t)
-                                                              : -std::numeric_limits<float>::infinity();
-  return d <= float(kLn2) ? near : far;
+template <typename T>
+FASTVAE_INLINE T log1mexp_t(T d, T e, T& v) {
+  const bool small = d < T(0.5);
+  v = small ? -expm1_small_t(-d) : T(1) - e;
+  const T corr = small ? T(0) : (-e - (v - T(1))) / v;
+  const T lv = v >= std::numeric_limits<T>::min() ? log_t(v) : -std::numeric_limits<T>::infinity();
+  return lv + corr;
 }
-FASTVAE_INLINE double log1mexp_t(double d) {
-  return d <= kLn2 ? std::log(-std::expm1(-d)) : std::log1p(-std::exp(-d));
+
+// log(1 + t) for t in [0, 1] (Goldberg's correction) and softplus / sigmoid
+// sharing one exp: e = e^-|z| gives softplus(z) = max(z, 0) + log1p(e) and
+// sigmoid(z) = z >= 0 ? 1 / (1 + e) : e / (1 + e).
+template <typename T>
+FASTVAE_INLINE T log1p_unit_t(T t) {
+  const T u = T(1) + t;
+  const T du = u - T(1);
+  return du == T(0) ? t : log_t(u) + (t - du) / u;
 }
 
 // tanh from expm1 (no cancellation near 0).
@@ -79,9 +89,12 @@ FASTVAE_INLINE T bin_log_mass(T x, T mu, T ls_raw, const Bins<T>& bins, bool& fa
   const T s = ls_raw > T(kLogScaleMin) ? ls_raw : T(kLogScaleMin);
   const T inv = exp_t(-s);
   const T c = x - mu;
-  const T a = inv * (c + bins.h), b = inv * (c - bins.h);
-  const T sa = softplus_t(-a), sb = softplus_t(b);
-  const T mid = -sa - sb + log1mexp_t(bins.two_h * inv);
+  const T a = inv * (c + bins.h), b = inv * (c - bins.h), d = bins.two_h * inv;
+  const T ea = exp_t(-std::fabs(a)), eb = exp_t(-std::fabs(b)), ed = exp_t(-d);
+  const T sa = (a < T(0) ? -a : T(0)) + log1p_unit_t(ea);  // softplus(-a)
+  const T sb = (b > T(0) ? b : T(0)) + log1p_unit_t(eb);  // softplus(b)
+  T v;
+  const T mid = -sa - sb + log1mexp_t(d, ed, v);
   const bool left = x < T(-kEdge), right = x > T(kEdge);
   fallback = !left && !right && !(mid > T(kLogMinDelta));
   return left ? -sa : (right ? -sb : mid);
@@ -95,13 +108,16 @@ FASTVAE_INLINE T bin_log_mass_grad(T x, T mu, T ls_raw, const Bins<T>& bins, boo
   const T inv = exp_t(-s);
   const T c = x - mu;
   const T a = inv * (c + bins.h), b = inv * (c - bins.h), d = bins.two_h * inv;
-  const T sa = softplus_t(-a), sb = softplus_t(b);
-  const T pa = sigmoid_t(-a), pb = sigmoid_t(b);
-  const T mid = -sa - sb + log1mexp_t(d);
+  const T ea = exp_t(-std::fabs(a)), eb = exp_t(-std::fabs(b)), ed = exp_t(-d);
+  const T sa = (a < T(0) ? -a : T(0)) + log1p_unit_t(ea);  // softplus(-a)
+  const T sb = (b > T(0) ? b : T(0)) + log1p_unit_t(eb);  // softplus(b)
+  const T pa = (a > T(0) ? ea : T(1)) / (T(1) + ea);  // sigmoid(-a)
+  const T pb = (b > T(0) ? T(1) : eb) / (T(1) + eb);  // sigmoid(b)
+  T v;
+  const T mid = -sa - sb + log1mexp_t(d, ed, v);
   const bool left = x < T(-kEdge), right = x > T(kEdge);
   fallback = !left && !right && !(mid > T(kLogMinDelta));
-  const T em1 = expm1_t(d);
-  const T q = em1 > T(0) ? d / em1 : T(1);  // d / (e^d - 1); unused where d underflows (fallback)
+  const T q = v > T(0) ? d * ed / v : T(1);  // d / (e^d - 1); unused where d underflows (fallback)
   dmu = left ? -inv * pa : (right ? inv * pb : -inv * (pa - pb));
   const T g = left ? -a * pa : (right ? b * pb : -a * pa + b * pb - q);
   dls = ls_raw >= T(kLogScaleMin) ? g : T(0);
