@@ -266,6 +266,22 @@ FASTVAE_INLINE T nb_dlt(T x, T theta, T dc, const NbElement<T>& e) {
   return (x == T(0) ? T(0) : xs) + nb_v(e) + dc;
 }
 
+// softplus(z), softplus(-z), sigmoid(z) and sigmoid(-z) from one exp and one
+// log1p: the zero-inflation logit's four functions (each alone would cost its own).
+template <typename T>
+struct LogitParts {
+  T sp, sp_neg, sig, sig_neg;
+};
+
+template <typename T>
+FASTVAE_INLINE LogitParts<T> logit_parts(T z) {
+  const T e = exp_t(-std::fabs(z));
+  const T l = log1p_unit_t(e);
+  const T inv = T(1) / (T(1) + e);
+  const bool pos = z >= T(0);
+  return {(pos ? z : T(0)) + l, (pos ? T(0) : -z) + l, pos ? inv : e * inv, pos ? e * inv : inv};
+}
+
 // logsumexp of two terms, -inf when both are.
 template <typename T>
 FASTVAE_INLINE T logaddexp_t(T p, T q) {
@@ -337,9 +353,9 @@ FASTVAE_INLINE void count_forward_rows(const CountIn<T>& in, int64_t p0, int64_t
             const T nb = nb_value(x, lm[d], th_row[d], crow[d], e);
             if constexpr (Kd == CountKind::kZINB) {
               const T z = zi[d];
-              const T spz = softplus_t(z);
-              const T zero = logaddexp_t(-softplus_t(-z), -spz - nb_t1(e));
-              t[i] = x == T(0) ? zero : nb - spz;
+              const LogitParts<T> zp = logit_parts(z);
+              const T zero = logaddexp_t(-zp.sp_neg, -zp.sp - nb_t1(e));
+              t[i] = x == T(0) ? zero : nb - zp.sp;
             } else {
               t[i] = nb;
             }
@@ -414,12 +430,16 @@ FASTVAE_INLINE void count_backward_rows(const CountIn<T>& in, const T* g, const 
         if constexpr (Kd == CountKind::kZINB) {
           // x = 0: log(pi + (1 - pi) NB(0)) with weight w = sigmoid(B - A) on the NB branch
           const T z = zi[d];
-          const T lpi = -softplus_t(-z);
-          const T lnb0 = -softplus_t(z) - nb_t1(e);
+          const LogitParts<T> zp = logit_parts(z);
+          const T lpi = -zp.sp_neg;
+          const T lnb0 = -zp.sp - nb_t1(e);
           T dd = lpi - lnb0;
           dd = dd == dd ? dd : T(0);
-          const T w = sigmoid_t(-dd);
-          const T gz = x == T(0) ? sigmoid_t(dd) * sigmoid_t(-z) - w * sigmoid_t(z) : -sigmoid_t(z);
+          const T ed = exp_t(-std::fabs(dd));  // sigmoid(dd) and w = sigmoid(-dd) from one exp
+          const T inv_d = T(1) / (T(1) + ed);
+          const T sig_d = dd >= T(0) ? inv_d : ed * inv_d;
+          const T w = dd >= T(0) ? ed * inv_d : inv_d;
+          const T gz = x == T(0) ? sig_d * zp.sig_neg - w * zp.sig : -zp.sig;
           if (dzi) dzi[d] = gk * gz;
           gm = x == T(0) ? -w * (e.m / (T(1) + e.u)) : gm;
           gt = x == T(0) ? w * nb_v(e) : gt;

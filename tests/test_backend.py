@@ -266,6 +266,14 @@ def _reduction_cases():
         "continuous_bernoulli_log_prob": [lambda: run(fastvae.continuous_bernoulli_log_prob, xb, lg)],
         "categorical_log_prob": [lambda: run(
             lambda a: fastvae.categorical_log_prob(xb.detach().mul(3).long(), a), lc)],
+        # the count likelihoods' per-gene log theta gradient sums over slabs of rows (issue 27)
+        "negative_binomial_log_prob": [
+            lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(x_many.detach().abs().round(), b, c),
+                        mean_many, var_dim[:1].expand(40).contiguous().detach().requires_grad_()),
+            lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(x_few.detach().abs().round(), b, c),
+                        mean_few, var_dim)],
+        "zinb_log_prob": [lambda: run(lambda b, c, d: fastvae.zinb_log_prob(x_few.detach().abs().round(), b, c, d),
+                                      mean_few, var_dim, lg)],
     }
     return cases
 
@@ -314,6 +322,7 @@ def _every_op_call():
 
     mu, lv, lw, zs = leaf(3, 4), leaf(3, 4), leaf(7, 3), leaf(5, 3, 4)
     x, mean, zm, means, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(6, 4), leaf(3, 4), leaf(3, 4)
+    counts = (torch.arange(32, dtype=torch.float64) % 4).reshape(2, 16)
     return {
         "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
         "sample_normal_tril": lambda: run(lambda a: fastvae.sample_normal_tril(
@@ -337,6 +346,10 @@ def _every_op_call():
             (torch.sigmoid(x.detach()[:, :4]) * 4).long(), b.reshape(2048, 2, 4, 4)), mean),
         "continuous_bernoulli_log_prob": lambda: run(
             lambda a, b: fastvae.continuous_bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
+        "poisson_log_prob": lambda: run(lambda b: fastvae.poisson_log_prob(counts, b), mean),
+        "negative_binomial_log_prob": lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(counts, b, c),
+                                                  mean, logvars[0].repeat(4)),
+        "zinb_log_prob": lambda: run(lambda b, c: fastvae.zinb_log_prob(counts, b, c, b), mean, logvars[0].repeat(4)),
     }
 
 

@@ -13,7 +13,8 @@ import fastvae
 from fastvae import reference
 from fastvae.zinb_log_prob import ZinbLogProb, zinb_log_prob_backward_op, zinb_log_prob_op
 
-from helpers import assert_close
+from conftest import INTERPRET
+from helpers import assert_close, assert_compiled_matches_eager
 
 DIMS = [1, 2, 3, 31, 33, 100, 257, 1025]
 
@@ -211,3 +212,19 @@ def test_decoder_output_errors(backend):
         fastvae.elbo(x, mu, mu, lambda z: (z.new_zeros(3, 4), z.new_zeros(4)), likelihood="zinb")
     with pytest.raises(ValueError, match="counts >= 0"):
         fastvae.elbo(x - 1, mu, mu, lambda z: z.new_zeros(3, 4), likelihood="poisson")
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles a graph: once, in the main process")
+def test_compile_fullgraph(backend):
+    """The three count likelihoods trace with no graph break (one opaque op each)."""
+    _, device = backend
+    g = torch.Generator().manual_seed(9)
+    x = random_counts((4, 7), g, "sparse").to(device)
+    lm, zl = (torch.randn(3, 4, 7, generator=g).to(device).requires_grad_() for _ in range(2))
+    lt = torch.randn(7, generator=g).to(device).requires_grad_()
+
+    def loss(lm, lt, zl):
+        return (fastvae.zinb_log_prob(x, lm, lt, zl).sum() + fastvae.negative_binomial_log_prob(x, lm, lt).sum()
+                + fastvae.poisson_log_prob(x, zl).sum())
+
+    assert_compiled_matches_eager(loss, (lm, lt, zl), [lm, lt, zl])
