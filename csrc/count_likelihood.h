@@ -200,8 +200,11 @@ template <typename T>
 FASTVAE_INLINE T nb_digamma_term(T x, T theta) {
   const T t = x / theta;
   const T th = std::max(theta, T(kShift));
+  // theta * dcorr is O(x / theta): 0 when dcorr is, also for theta = inf (log theta
+  // past the dtype's exp range, the Poisson limit), where the product is inf * 0
+  const T dcorr = digamma_corr(th) - digamma_corr(th + x);
   const T e = x * log1pmx_over(std::min(t, T(1))) + x / (T(2) * (x + theta)) +
-              theta * (digamma_corr(th) - digamma_corr(th + x));
+              (dcorr == T(0) ? T(0) : theta * dcorr);
   const T psi = theta * (digamma_pos(x + theta) - digamma_pos(theta));
   const T c = poisson_side(x, theta) ? e : psi;
   return x == T(0) ? T(0) : c;

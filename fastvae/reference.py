@@ -724,7 +724,8 @@ def nb_digamma_term(x: Tensor, theta: Tensor) -> Tensor:
     x, theta = torch.broadcast_tensors(x, theta)
     side = _poisson_side(x, theta)
     x1, th1 = torch.where(side, x, 0.0), torch.where(side, theta, 10.0)
-    e = x1 * _log1pmx_over(x1 / th1) + x1 / (2.0 * (x1 + th1)) + th1 * (_digamma_corr(th1) - _digamma_corr(th1 + x1))
+    dcorr = _digamma_corr(th1) - _digamma_corr(th1 + x1)  # theta * dcorr: 0, not inf * 0, at theta = inf
+    e = x1 * _log1pmx_over(x1 / th1) + x1 / (2.0 * (x1 + th1)) + torch.where(dcorr == 0, 0.0, th1 * dcorr)
     x2, th2 = torch.where(side, 0.0, x), torch.where(side, 1.0, theta)
     psi = th2 * (torch.digamma(x2 + th2) - torch.digamma(th2))
     return torch.where(x == 0, 0.0, torch.where(side, e, psi))

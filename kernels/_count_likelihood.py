@@ -197,8 +197,10 @@ def _nb_digamma_term(x, theta):
     """theta (psi(x + theta) - psi(theta)), minus x on the Poisson side; 0 at x = 0."""
     t = x / theta
     th = tl.maximum(theta, 10.0)
+    # theta * dcorr is O(x / theta): 0 when dcorr is, also for theta = inf (the Poisson limit)
+    dcorr = _digamma_corr(th) - _digamma_corr(th + x)
     e = (x * _log1pmx_over(tl.minimum(t, 1.0)) + x / (2.0 * (x + theta))
-         + theta * (_digamma_corr(th) - _digamma_corr(th + x)))
+         + tl.where(dcorr == 0.0, 0.0, theta * dcorr))
     psi = theta * (_digamma_pos(x + theta) - _digamma_pos(theta))
     return tl.where(x == 0.0, 0.0, tl.where(_poisson_side(x, theta), e, psi))
 

@@ -113,11 +113,13 @@ def test_matches_scvi_and_torch_distributions(backend, theta):
     assert_close(got[1], want[1], gs.sum_to_size(lt.shape), "dlog_theta")
 
 
-@pytest.mark.parametrize("dtype,log_theta", [(F64, 25.0), (F64, 60.0), (torch.float32, 30.0), (torch.float32, 80.0)])
+@pytest.mark.parametrize("dtype,log_theta", [(F64, 25.0), (F64, 60.0), (torch.float32, 30.0), (torch.float32, 80.0),
+                                             (torch.float32, 100.0)])
 def test_theta_to_infinity_is_poisson(backend, dtype, log_theta):
     """theta -> inf: the Poisson log-likelihood, to O((x^2 + mu^2) / theta) plus
     rounding of the Poisson terms (no cancellation of x log theta), and a log
-    theta gradient that tends to 0."""
+    theta gradient that tends to 0; also where theta overflows the dtype (e^100
+    in float32: the limit itself, never inf * 0 = NaN)."""
     _, device = backend
     g = torch.Generator().manual_seed(2)
     x = random_counts((4, 50), g, "moderate")
