@@ -29,7 +29,7 @@ def _interpreter_env():
 
 
 _PREFIX = "[triton interpreter] "
-_TIMEOUT_S = 1200
+_TIMEOUT_S = 2700
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher; the child process runs the tests")
