@@ -372,7 +372,7 @@ FASTVAE_INLINE void count_forward_rows(const CountIn<T>& in, int64_t p0, int64_t
   }
 }
 
-// Gradients for x rows [p0, p1). scratch: 3 D values; dim_acc: the slab's
+// Gradients for x rows [p0, p1). scratch: 6 D values; dim_acc: the slab's
 // per-gene dlt partial sums (D doubles), when theta is per gene and dlt wanted.
 template <CountKind Kd, typename T>
 FASTVAE_INLINE void count_backward_rows(const CountIn<T>& in, const T* g, const CountGrads<T>& gr, int64_t p0,
@@ -381,6 +381,10 @@ FASTVAE_INLINE void count_backward_rows(const CountIn<T>& in, const T* g, const 
   T* dcrow = scratch;
   T* th_row = scratch + D;
   T* arow = scratch + 2 * D;
+  // Gradients not asked for are written to these rows and dropped: the element
+  // loop then stores unconditionally, and a conditional store in it kept GCC
+  // from vectorizing the NB backward ("control flow in loop").
+  T* sink = scratch + 3 * D;
   const bool want_lt = gr.dlt != nullptr;
   for (int64_t p = p0; p < p1; ++p) {
     const T* xp = in.x + p * D;
@@ -397,7 +401,7 @@ FASTVAE_INLINE void count_backward_rows(const CountIn<T>& in, const T* g, const 
       const int64_t r = k * P + p;
       const T gk = g[r];
       const T* lm = in.lm + r * D;
-      T* dlm = gr.dlm ? gr.dlm + r * D : nullptr;
+      T* dlm = gr.dlm ? gr.dlm + r * D : sink;
       if constexpr (Kd == CountKind::kPoisson) {
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) dlm[d] = gk * (xp[d] - exp_t(lm[d]));
@@ -405,9 +409,8 @@ FASTVAE_INLINE void count_backward_rows(const CountIn<T>& in, const T* g, const 
       }
       const T* lt = in.theta_dim ? in.lt : in.lt + r * D;
       const T* zi = Kd == CountKind::kZINB ? in.zi + r * D : nullptr;
-      T* dlt = want_lt && !in.theta_dim ? gr.dlt + r * D : nullptr;
-      T* dzi = Kd == CountKind::kZINB ? gr.dzi : nullptr;
-      if (dzi) dzi += r * D;
+      T* dlt = want_lt && !in.theta_dim ? gr.dlt + r * D : sink + D;
+      T* dzi = Kd == CountKind::kZINB && gr.dzi ? gr.dzi + r * D : sink + 2 * D;
       if (!in.theta_dim && want_lt) {  // as in the forward: the digamma row in a loop of its own
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
@@ -443,13 +446,13 @@ FASTVAE_INLINE void count_backward_rows(const CountIn<T>& in, const T* g, const 
           const T sig_d = dd >= T(0) ? inv_d : ed * inv_d;
           const T w = dd >= T(0) ? ed * inv_d : inv_d;
           const T gz = x == T(0) ? sig_d * zp.sig_neg - w * zp.sig : -zp.sig;
-          if (dzi) dzi[d] = gk * gz;
+          dzi[d] = gk * gz;
           gm = x == T(0) ? -w * (e.m / (T(1) + e.u)) : gm;
           gt = x == T(0) ? w * nb_v(e) : gt;
         }
-        if (dlm) dlm[d] = gk * gm;
-        if (dlt) dlt[d] = gk * gt;
-        if (want_lt && in.theta_dim) arow[d] += gk * gt;
+        dlm[d] = gk * gm;
+        dlt[d] = gk * gt;
+        arow[d] += gk * gt;  // read only when theta is per gene (zeroed per x row then)
       }
     }
     if (Kd != CountKind::kPoisson && want_lt && in.theta_dim) {
@@ -491,7 +494,7 @@ void count_backward(const CountIn<T>& in, const T* g, const CountGrads<T>& gr, i
   std::vector<double> dim_acc(dim_dlt ? size_t(slabs * in.D) : 0, 0.0);
 #pragma omp parallel num_threads(n_threads)
   {
-    std::vector<T> scratch(size_t(3 * in.D));
+    std::vector<T> scratch(size_t(6 * in.D));
 #pragma omp for schedule(static)
     for (int64_t sl = 0; sl < slabs; ++sl) {
       double* acc = dim_dlt ? dim_acc.data() + size_t(sl * in.D) : nullptr;

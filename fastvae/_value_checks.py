@@ -131,6 +131,19 @@ def bernoulli_data(x: Tensor, name: str = "x") -> None:
             f"likelihood='gaussian' for real-valued data")
 
 
+def discretized_data(x: Tensor, name: str = "x") -> None:
+    """Warn when images under the discretized logistic mixture leave [-1, 1]
+    (raw 8-bit pixels, or pixels scaled into [0, 1]): every value past 0.999
+    falls in the last bin and the result is no log-likelihood of the images."""
+    if not _should_check("discretized data", x):
+        return
+    lo, hi = _range(x)
+    if lo < -1.0 or hi > 1.0:
+        _warn("discretized data",
+            f"{name} lies outside [-1, 1] (min {lo:.3g}, max {hi:.3g}): the discretized logistic mixture takes "
+            f"pixels scaled as p / 127.5 - 1 (8 bits); values outside [-1, 1] all fall in an edge bin")
+
+
 def positive_scale(scale: Tensor, name: str = "scale") -> None:
     """Raise when a tensor standard deviation has a non-positive value (its
     log would be NaN), as a float scale <= 0 does."""

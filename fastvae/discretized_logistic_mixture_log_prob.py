@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
+from . import _backend, _double_backward, _validate, _value_checks
 from ._op import define, run
 from ._validate import broadcasts_to
 
@@ -105,9 +105,10 @@ class DiscretizedLogisticMixtureLogProb(torch.autograd.Function):
 # -- public function -----------------------------------------------------------
 
 
-def _check_params(x: Tensor, params: Any) -> tuple[Tensor, ...]:
+def _check_params(x: Tensor, params: Any, x_name: str = "x") -> tuple[Tensor, ...]:
     """The parameter tensors (one packed tensor, or the three of the tuple)
-    after the metadata checks, naming what is wrong."""
+    after the metadata checks, naming what is wrong, and the value check of x."""
+    _value_checks.discretized_data(x, x_name)
     if isinstance(params, Tensor):
         _validate.float_tensors(x=x, params=params)
         if x.dim() < 3 or params.dim() < 3:
@@ -230,7 +231,8 @@ def decoder_log_prob(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_n
         raise ValueError(f"likelihood='discretized_logistic_mixture' needs images: x of shape {tuple(x.shape)} "
                          f"has {x.dim() - batch_ndim} event dimensions after {batch_ndim} batch dimension(s); "
                          f"expected (C, H, W)")
-    tensors = _check_params(x, out if isinstance(out, Tensor) else tuple(out) if isinstance(out, list) else out)
+    tensors = _check_params(x, out if isinstance(out, Tensor) else tuple(out) if isinstance(out, list) else out,
+                            "x (likelihood='discretized_logistic_mixture')")
     want = (*sample_shape, *x.shape[:batch_ndim])
     if tuple(tensors[0].shape[:-3]) != want:
         raise ValueError(f"decode returned parameters of leading shape {tuple(tensors[0].shape[:-3])}; expected "

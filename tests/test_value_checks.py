@@ -74,6 +74,20 @@ def test_bernoulli_log_prob_names_its_arguments(backend):
         fastvae.bernoulli_log_prob(x - 0.5, torch.randn(3, 5, 7, device=device))
 
 
+def test_pixels_outside_minus_one_one_under_the_logistic_mixture_warn(backend):
+    """Raw 8-bit pixels, or pixels in [0, 1] scaled up wrong, all fall in the
+    last bin: a finite number that is no log-likelihood of the images."""
+    device = backend[1]
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 4, 5), generator=g).float()
+    pixels[0, 0, 0, :2] = torch.tensor([0.0, 255.0])
+    params = torch.randn(2, 2, 30, 4, 5, generator=g).to(device)
+    log_prob = fastvae.discretized_logistic_mixture_log_prob
+    _no_warning(lambda: log_prob((pixels / 127.5 - 1).to(device), params))
+    with pytest.warns(UserWarning, match=r"^x lies outside \[-1, 1\] \(min 0, max 255\).*p / 127.5 - 1"):
+        log_prob(pixels.to(device), params)
+
+
 def test_a_bernoulli_of_probs_is_not_taken_for_a_sigmoid_mistake(backend):
     """decode may return Bernoulli(probs=...): its logits may lie in [0, 1] legitimately."""
     x, mu, logvar, _, sigmoid_decoder = _model(backend[1])
