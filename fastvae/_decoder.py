@@ -148,6 +148,19 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
     return implied, out
 
 
+def output_numel(out: Any, likelihood: str | None, event_ndim: int) -> int:
+    """Elements of the tensors in a decoder output (a distribution's parameters):
+    what a chunk of the evaluation holds per sample, whatever the likelihood's
+    layout (categorical logits (..., D, C), a mixture's 10 M rows per pixel)."""
+    if isinstance(out, Distribution):
+        _, out = _from_distribution(out, likelihood, event_ndim)
+    if isinstance(out, Tensor):
+        return out.numel()
+    if isinstance(out, (tuple, list)):
+        return sum(t.numel() for t in out if isinstance(t, Tensor))
+    return 0
+
+
 def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"decode must return a tensor as the {name}, got {type(out).__name__}")

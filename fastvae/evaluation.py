@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import _pareto, _validate
 from ._backend import compute_dtype
-from ._decoder import as_posterior, check_likelihood, decoder_log_prob
+from ._decoder import as_posterior, check_likelihood, decoder_log_prob, output_numel
 from ._noise import evaluation_noise
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, widened
@@ -274,18 +274,30 @@ def memory_budget_for(device: torch.device, memory_budget: int | None = None) ->
     return DEFAULT_MEMORY_BUDGET
 
 
-def _chunk_plan(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int,
+def _decoder_width(x: Tensor, q, decode: Callable, cfg: _Config) -> int:
+    """Elements of decode's output per sample and example (W), measured on one
+    sample of at most two examples (their posterior means, no noise drawn):
+    x's D undercounts what a chunk holds for categorical logits (D · C), a
+    logistic mixture's parameters (10 M per pixel for 3 channels) or a
+    Gaussian's (mean, logvar) pair, and a chunk sized by D could run out of
+    memory. Only for chunk_size=None: one extra decoder call per batch."""
+    m = min(x.shape[0], 2)
+    out = decode(q.mu[:m].unsqueeze(0))
+    return max(1, math.ceil(output_numel(out, cfg.likelihood, x.dim() - 1) / m))
+
+
+def _chunk_plan(cfg: _Config, n: int, k_count: int, W: int, D: int, L: int, itemsize: int,
                 device: torch.device) -> tuple[int, int]:
     """(samples per chunk, examples per block). With chunk_size=None the chunk
-    is the largest that keeps K_c · n · (2D + 3L) · itemsize bytes within the
-    memory budget (memory_budget_for): D for the decoder output and D more for
-    its intermediate activations and the likelihood's temporaries, 3L for eps,
-    the scale and z. If even one sample of every example is too much, the
-    examples are split."""
+    is the largest that keeps K_c · n · (W + D + 3L) · itemsize bytes within
+    the memory budget (memory_budget_for): W for the decoder output
+    (_decoder_width), D more for its intermediate activations and the
+    likelihood's temporaries, 3L for eps, the scale and z. If even one sample
+    of every example is too much, the examples are split."""
     if cfg.chunk_size is not None:
         return max(1, min(cfg.chunk_size, k_count)), max(n, 1)
     budget = memory_budget_for(device, cfg.memory_budget)
-    per = itemsize * (2 * D + 3 * L)
+    per = itemsize * (W + D + 3 * L)
     kc = max(1, min(k_count, budget // max(1, per * n)))
     nb = max(1, min(n, budget // (per * kc)))
     return kc, nb
@@ -304,7 +316,7 @@ def _tail_rows(cfg: _Config) -> int:
 
 
 def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
-            g0: int, k0: int, k1: int, bar) -> tuple[LogMeanExpState, LogMeanExpState, Tensor | None]:
+            g0: int, k0: int, k1: int, W: int, bar) -> tuple[LogMeanExpState, LogMeanExpState, Tensor | None]:
     """States of log w and of 2 log w over samples [k0, k1) of K for the n
     local examples, whose global indices start at g0, and with cfg.pareto the
     largest log-weights (_tail_rows, n), largest first, -inf-padded; else None."""
@@ -325,7 +337,7 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             f"latents runs to Philox offset {last}, beyond 2**63 - 1; use {cfg.k_name} <= "
             f"{(_MAX_OFFSET + 1) // ((g0 + n) * L)}"
         )
-    kc, nb = _chunk_plan(cfg, n, k1 - k0, D, L, x.element_size(), x.device)
+    kc, nb = _chunk_plan(cfg, n, k1 - k0, W, D, L, x.element_size(), x.device)
     firsts, seconds, tails = [], [], []
     for b0 in range(0, n, nb):
         b1 = min(n, b0 + nb)
@@ -359,10 +371,11 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
     return cat(firsts), cat(seconds), (torch.cat(tails, dim=1) if cfg.pareto else None)
 
 
-def _n_steps(cfg: _Config, n: int, k_count: int, D: int, L: int, itemsize: int, device: torch.device) -> int:
+def _n_steps(cfg: _Config, n: int, k_count: int, W: int, D: int, L: int, itemsize: int,
+             device: torch.device) -> int:
     if n == 0 or k_count == 0:
         return 0
-    kc, nb = _chunk_plan(cfg, n, k_count, D, L, itemsize, device)
+    kc, nb = _chunk_plan(cfg, n, k_count, W, D, L, itemsize, device)
     return math.ceil(n / nb) * math.ceil(k_count / kc)
 
 
@@ -512,14 +525,16 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
     else:
         # No examples on this rank: nothing to encode, but the collectives still run.
         q = DiagonalNormal(xs.new_empty((0, 1)), xs.new_empty((0, 1)))
+    D = math.prod(x.shape[1:])
+    W = _decoder_width(xs, q, decode, cfg) if cfg.chunk_size is None and b1 > b0 and k1 > k0 else D
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        total = _n_steps(cfg, b1 - b0, k1 - k0, math.prod(x.shape[1:]), q.latent_size, x.element_size(), x.device)
+        total = _n_steps(cfg, b1 - b0, k1 - k0, W, D, q.latent_size, x.element_size(), x.device)
         bar = tqdm(total=total, unit="chunk", desc="log-likelihood", leave=False)
     try:
-        st1, st2, tail = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, bar)
+        st1, st2, tail = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, W, bar)
     finally:
         if bar is not None:
             bar.close()

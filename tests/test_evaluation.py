@@ -467,6 +467,8 @@ def test_huge_k_streams_or_names_the_noise_limit(k):
 
     def decode(z):
         chunks.append(z.shape)
+        if z.shape[:2] == (1, 2):  # the probe of the decoder's width (_decoder_width): 1 sample, 2 examples
+            return (z.new_zeros(*z.shape[:-1], 4), z.new_zeros(*z.shape[:-1], 4))  # (mean, logvar): W = 8
         raise _Decoded
 
     calls = {
@@ -480,7 +482,7 @@ def test_huge_k_streams_or_names_the_noise_limit(k):
         if k < 2**63:
             with pytest.raises(_Decoded):
                 call()
-            assert chunks[-1][0] * 3 * (2 * 4 + 3 * 2) * 4 <= fastvae.evaluation.DEFAULT_MEMORY_BUDGET
+            assert chunks[-1][0] * 3 * (8 + 4 + 3 * 2) * 4 <= fastvae.evaluation.DEFAULT_MEMORY_BUDGET
         else:
             arg = name.split()[-1]  # the argument's own name, n_samples in reconstruction_probability
             with pytest.raises(ValueError, match=rf"^{arg}={k} is too large: .* Philox offset .* use {arg} <= "):
@@ -648,6 +650,39 @@ def test_degenerate_weights_are_flagged():
 
 
 @main_process_only
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_the_default_chunk_counts_the_decoders_output_not_x(likelihood):
+    """Categorical logits (K_c, n, D, C) are C times x's size: the chunk plan
+    measures the decoder's output (one probe call) and keeps a chunk of it
+    within the memory budget, where a plan from x's D alone would ask for
+    C = 1000 times too much. The estimate does not depend on the plan."""
+    B, D, L, C, budget = 3, 4, 2, 1000, 2**20
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, C, (B, D), generator=g) if likelihood == "categorical" else torch.rand(B, D, generator=g)
+    W = torch.randn(L, D * C if likelihood == "categorical" else D, generator=g)
+    mu, logvar = torch.randn(B, L, generator=g), torch.zeros(B, L)
+    shapes = []
+
+    def decode(z):
+        shapes.append(tuple(z.shape))
+        out = z @ W
+        return out.unflatten(-1, (D, C)) if likelihood == "categorical" else out
+
+    est = log_likelihood(x, lambda a: (mu, logvar), decode, k=200, likelihood=likelihood, memory_budget=budget,
+                         generator=gen(0))
+    assert shapes[0] == (1, 2, L)  # the probe: one sample (the means) of two examples
+    width = D * C if likelihood == "categorical" else D
+    kc = max(s[0] for s in shapes[1:])
+    assert kc * B * (width + D + 3 * L) * 4 <= budget
+    assert (kc < 200) == (likelihood == "categorical")  # bernoulli's 200 samples fit in one chunk
+    shapes.clear()
+    fixed = log_likelihood(x, lambda a: (mu, logvar), decode, k=200, likelihood=likelihood, chunk_size=7,
+                           generator=gen(0))
+    assert all(s[0] <= 7 for s in shapes) and shapes[0][1] == B  # an explicit chunk_size: no probe
+    torch.testing.assert_close(est, fixed, rtol=1e-5, atol=1e-4)
+
+
+@main_process_only
 def test_default_chunk_is_sized_from_free_cuda_memory(monkeypatch):
     """On CUDA, memory_budget=None means CUDA_FREE_MEMORY_FRACTION of the free
     memory reported by torch.cuda.mem_get_info at the call; elsewhere
@@ -673,16 +708,16 @@ def test_default_chunk_is_sized_from_free_cuda_memory(monkeypatch):
     cfg = evaluation._config("k", 5000, likelihood="bernoulli", chunk_size=None, memory_budget=None,
                              shard=None, group=None, with_ratio=True)
     per_sample = 256 * (2 * 784 + 3 * 20) * 4
-    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cuda)
+    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cuda)
     assert (kc, nb) == (5000, 256)  # 10 GiB of budget: one chunk
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
-    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cuda)
+    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cuda)
     assert kc == (2 * 2**30 // 4) // per_sample and nb == 256  # 512 MiB: 329 samples a chunk
-    kc_cpu, _ = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cpu)
+    kc_cpu, _ = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cpu)
     assert kc_cpu == 2**20 // per_sample or kc_cpu == 1  # the CPU keeps the (patched) fixed budget
     # a nearly full GPU: the examples are split into blocks, as with a small budget
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * per_sample // 256 * 10, 80 * 2**30))
-    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 20, 4, cuda)
+    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cuda)
     assert kc == 1 and 1 <= nb < 256
 
 
