@@ -107,6 +107,23 @@ auto by_dtype(const py::array& first, F32 f32, F64 f64) {
                        std::string(py::str(first.dtype())));
 }
 
+// The compute type T and storage type H of a likelihood's decoder output.
+template <typename T, typename H>
+struct Storage {
+  using compute = T;
+  using stored = H;
+};
+
+// Calls f(Storage<T, H>{}) for the dtype of `logits`: half-precision logits
+// (H = bf16 / fp16) are read as they are and computed in float32 (T), other
+// calls are float32 or float64 throughout.
+template <typename F>
+void by_storage_dtype(const py::array& logits, F f) {
+  if (is_bf16(logits)) return f(Storage<float, bf16>{});
+  if (is_fp16(logits)) return f(Storage<float, fp16>{});
+  by_dtype(logits, [&] { f(Storage<float, float>{}); }, [&] { f(Storage<double, double>{}); });
+}
+
 
 // Each binding file registers its bind function when the library loads
 // (FASTVAE_BIND(bind_x) after its definition), and PYBIND11_MODULE in

@@ -33,8 +33,8 @@ const int64_t* checked_classes(py::array& x, const Dims& s) {
   return xp;
 }
 
-template <typename T, typename H = T>
-void forward_t(py::array x, py::array logits, py::array out, int n_threads) {
+template <typename T, typename H>
+void forward_t(Storage<T, H>, py::array x, py::array logits, py::array out, int n_threads) {
   const Dims s = logits_dims(logits);
   const int64_t* xp = checked_classes(x, s);
   const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D, s.C}, false);
@@ -43,8 +43,9 @@ void forward_t(py::array x, py::array logits, py::array out, int n_threads) {
   categorical_log_prob_forward<T>(xp, lp, s.K, s.P, s.D, s.C, op, n_threads);
 }
 
-template <typename T, typename H = T>
-void backward_t(py::array g, py::array x, py::array logits, py::array dlogits, int n_threads) {
+template <typename T, typename H>
+void backward_t(Storage<T, H>, py::array g, py::array x, py::array logits, py::array dlogits,
+                int n_threads) {
   const Dims s = logits_dims(logits);
   const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
   const int64_t* xp = checked_classes(x, s);
@@ -60,20 +61,13 @@ void bind_categorical_log_prob(py::module_& m) {
   m.def("categorical_log_prob_forward", [](py::array x, py::array logits, py::array out,
                                            int n_threads) {
     check_threads(n_threads);
-    // half-precision logits with a float32 out: read as they are
-    if (is_bf16(logits)) return forward_t<float, bf16>(x, logits, out, n_threads);
-    if (is_fp16(logits)) return forward_t<float, fp16>(x, logits, out, n_threads);
-    by_dtype(logits, [&] { forward_t<float>(x, logits, out, n_threads); },
-             [&] { forward_t<double>(x, logits, out, n_threads); });
+    by_storage_dtype(logits, [&](auto s) { forward_t(s, x, logits, out, n_threads); });
   }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
 
   m.def("categorical_log_prob_backward", [](py::array g, py::array x, py::array logits,
                                             py::array dlogits, int n_threads) {
     check_threads(n_threads);
-    if (is_bf16(logits)) return backward_t<float, bf16>(g, x, logits, dlogits, n_threads);
-    if (is_fp16(logits)) return backward_t<float, fp16>(g, x, logits, dlogits, n_threads);
-    by_dtype(logits, [&] { backward_t<float>(g, x, logits, dlogits, n_threads); },
-             [&] { backward_t<double>(g, x, logits, dlogits, n_threads); });
+    by_storage_dtype(logits, [&](auto s) { backward_t(s, g, x, logits, dlogits, n_threads); });
   }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dlogits"), py::arg("n_threads"));
 }
 

@@ -1,4 +1,5 @@
-// Raw-pointer kernels of gaussian_log_prob and bernoulli_log_prob (cpp backend).
+// Raw-pointer kernels of gaussian_log_prob, bernoulli_log_prob and
+// continuous_bernoulli_log_prob (cpp backend).
 //
 // Layout, set up by fastvae/_likelihood_layout.py: the decoder output is
 // (K, P, D) and x is (P, D), broadcast over K without a copy. The Gaussian
@@ -51,5 +52,14 @@ void bernoulli_log_prob_forward(const T* x, const H* logits, int64_t K, int64_t 
 template <typename T, typename H>
 void bernoulli_log_prob_backward(const T* g, const T* x, const H* logits, int64_t K, int64_t P,
                                  int64_t D, T* dx, H* dlogits, int n_threads);
+
+// The same layout and arguments as bernoulli_log_prob's.
+template <typename T, typename H>
+void continuous_bernoulli_log_prob_forward(const T* x, const H* logits, int64_t K, int64_t P,
+                                           int64_t D, T* out, int n_threads);
+template <typename T, typename H>
+void continuous_bernoulli_log_prob_backward(const T* g, const T* x, const H* logits, int64_t K,
+                                            int64_t P, int64_t D, T* dx, H* dlogits,
+                                            int n_threads);
 
 }  // namespace fastvae

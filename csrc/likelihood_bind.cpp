@@ -1,5 +1,6 @@
-// Python bindings of gaussian_log_prob and bernoulli_log_prob (checked
-// buffers -> gaussian_log_prob.cpp, bernoulli_log_prob.cpp).
+// Python bindings of gaussian_log_prob, bernoulli_log_prob and
+// continuous_bernoulli_log_prob (checked buffers -> gaussian_log_prob.cpp,
+// bernoulli_log_prob.cpp, continuous_bernoulli_log_prob.cpp).
 #include <cmath>
 #include <limits>
 
@@ -14,9 +15,9 @@ struct Dims {
   int64_t K, P, D;
 };
 
-Dims decoder_dims(const py::array& mean) {
+Dims decoder_dims(const py::array& mean, const char* name = "mean") {
   if (mean.ndim() != 3) {
-    throw py::value_error("mean: expected a 3-d (K, P, D) array, got " + shape_str(mean));
+    throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(mean));
   }
   return {mean.shape(0), mean.shape(1), mean.shape(2)};
 }
@@ -77,28 +78,46 @@ void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, 
                                 dvp, n_threads);
 }
 
-template <typename T, typename H = T>
-void bernoulli_forward_t(py::array x, py::array logits, py::array out, int n_threads) {
-  const Dims s = decoder_dims(logits);
-  const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-  const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
-  T* op = checked<T>(out, "out", {s.K, s.P}, true);
-  py::gil_scoped_release release;
-  bernoulli_log_prob_forward<T>(xp, lp, s.K, s.P, s.D, op, n_threads);
-}
+// bernoulli_log_prob and continuous_bernoulli_log_prob take the same buffers:
+// `forward` and `backward` call the op's kernels (generic over T and H), and
+// `dims_name` names the logits in a rank error (bernoulli_log_prob's has
+// always said "mean", the name decoder_dims shares with gaussian_log_prob).
+template <typename Forward, typename Backward>
+void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims_name, Forward forward,
+                         Backward backward) {
+  m.def((op + "_forward").c_str(), [=](py::array x, py::array logits, py::array out, int n_threads) {
+    check_threads(n_threads);
+    // half-precision logits with float32 x and out: read as they are
+    by_storage_dtype(logits, [&](auto storage) {
+      using T = typename decltype(storage)::compute;
+      using H = typename decltype(storage)::stored;
+      const Dims s = decoder_dims(logits, dims_name);
+      const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
+      const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
+      T* o = checked<T>(out, "out", {s.K, s.P}, true);
+      py::gil_scoped_release release;
+      forward(xp, lp, s.K, s.P, s.D, o, n_threads);
+    });
+  }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
 
-template <typename T, typename H = T>
-void bernoulli_backward_t(py::array g, py::array x, py::array logits, py::object dx,
-                          py::array dlogits, int n_threads) {
-  const Dims s = decoder_dims(logits);
-  const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
-  const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-  const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
-  py::array dx_holder;
-  T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
-  H* dlp = checked<H>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
-  py::gil_scoped_release release;
-  bernoulli_log_prob_backward<T>(gp, xp, lp, s.K, s.P, s.D, dxp, dlp, n_threads);
+  m.def((op + "_backward").c_str(), [=](py::array g, py::array x, py::array logits, py::object dx,
+                                        py::array dlogits, int n_threads) {
+    check_threads(n_threads);
+    by_storage_dtype(logits, [&](auto storage) {
+      using T = typename decltype(storage)::compute;
+      using H = typename decltype(storage)::stored;
+      const Dims s = decoder_dims(logits, dims_name);
+      const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
+      const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
+      const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
+      py::array dx_holder;
+      T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
+      H* dlp = checked<H>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
+      py::gil_scoped_release release;
+      backward(gp, xp, lp, s.K, s.P, s.D, dxp, dlp, n_threads);
+    });
+  }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),
+     py::arg("dlogits"), py::arg("n_threads"));
 }
 
 }  // namespace
@@ -145,28 +164,19 @@ void bind_gaussian_log_prob(py::module_& m) {
 }
 
 void bind_bernoulli_log_prob(py::module_& m) {
-  m.def("bernoulli_log_prob_forward", [](py::array x, py::array logits, py::array out,
-                                         int n_threads) {
-    check_threads(n_threads);
-    // half-precision logits with float32 x and out: read as they are
-    if (is_bf16(logits)) return bernoulli_forward_t<float, bf16>(x, logits, out, n_threads);
-    if (is_fp16(logits)) return bernoulli_forward_t<float, fp16>(x, logits, out, n_threads);
-    by_dtype(logits, [&] { bernoulli_forward_t<float>(x, logits, out, n_threads); },
-             [&] { bernoulli_forward_t<double>(x, logits, out, n_threads); });
-  }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
+  bind_bernoulli_kind(m, "bernoulli_log_prob", "mean",
+                      [](auto... a) { bernoulli_log_prob_forward(a...); },
+                      [](auto... a) { bernoulli_log_prob_backward(a...); });
+}
 
-  m.def("bernoulli_log_prob_backward", [](py::array g, py::array x, py::array logits,
-                                          py::object dx, py::array dlogits, int n_threads) {
-    check_threads(n_threads);
-    if (is_bf16(logits)) return bernoulli_backward_t<float, bf16>(g, x, logits, dx, dlogits, n_threads);
-    if (is_fp16(logits)) return bernoulli_backward_t<float, fp16>(g, x, logits, dx, dlogits, n_threads);
-    by_dtype(logits, [&] { bernoulli_backward_t<float>(g, x, logits, dx, dlogits, n_threads); },
-             [&] { bernoulli_backward_t<double>(g, x, logits, dx, dlogits, n_threads); });
-  }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),
-     py::arg("dlogits"), py::arg("n_threads"));
+void bind_continuous_bernoulli_log_prob(py::module_& m) {
+  bind_bernoulli_kind(m, "continuous_bernoulli_log_prob", "logits",
+                      [](auto... a) { continuous_bernoulli_log_prob_forward(a...); },
+                      [](auto... a) { continuous_bernoulli_log_prob_backward(a...); });
 }
 
 FASTVAE_BIND(bind_gaussian_log_prob);
 FASTVAE_BIND(bind_bernoulli_log_prob);
+FASTVAE_BIND(bind_continuous_bernoulli_log_prob);
 
 }  // namespace fastvae::bind

@@ -60,6 +60,17 @@ def backend(request):
     return name, device
 
 
+@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
+def sample_splits(request, monkeypatch):
+    """How the Triton backward splits a sum over samples: None (the launcher's
+    choice: one pass under the interpreter) or 3 splits forced, whose partials
+    the last program of a tile adds (the GPU's path when the rows alone do not
+    fill a wave). Other backends ignore it."""
+    common = pytest.importorskip("fastvae.kernels._common")
+    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def restore_backend():
     """A test that picks a backend must not leak the choice into the next one."""

@@ -4,10 +4,11 @@ torch's normalizer is accurate."""
 import math
 from fractions import Fraction
 
+import bernoulli_helpers
 import pytest
 import torch
+from bernoulli_helpers import problems
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fastvae
 from fastvae import reference
@@ -20,19 +21,7 @@ from fastvae.continuous_bernoulli_log_prob import (
 from helpers import assert_close
 
 DIMS = [1, 2, 3, 31, 33, 100, 784, 1025]
-
-
-@st.composite
-def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))
-    while math.prod(batch) * (K or 1) * D > 12000 and batch:
-        batch = batch[1:]
-    # bounds straddle both branch points (0.25 in float64, 1 in float32) and reach saturation
-    return dict(D=D, batch=batch, K=K, x_kind=draw(st.sampled_from(["binary", "unit"])),
-                bound=draw(st.sampled_from([0.02, 0.3, 2.0, 30.0, 200.0])), x_grad=draw(st.booleans()),
-                seed=draw(st.integers(0, 2**31 - 1)))
+BOUNDS = [0.02, 0.3, 2.0, 30.0, 200.0]  # straddle both branch points (0.25 in float64, 1 in float32), saturate
 
 
 def _terms(x64, l64):
@@ -41,70 +30,31 @@ def _terms(x64, l64):
 
 
 def check_against_reference(p, dtype, device):
-    g = torch.Generator().manual_seed(p["seed"])
-    D, batch, K = p["D"], p["batch"], p["K"]
-    out_shape = (*(() if K is None else (K,)), *batch, D)
-    x = torch.rand((*batch, D), generator=g, dtype=torch.float64)
-    if p["x_kind"] == "binary":
-        x = (x > 0.5).double()
-    logits = (torch.rand(out_shape, generator=g, dtype=torch.float64) * 2 - 1) * p["bound"]
-    x = x.to(dtype).to(device).requires_grad_(p["x_grad"])
-    logits = logits.to(dtype).to(device).requires_grad_()
-    inputs = [t for t in (x, logits) if t.requires_grad]
-
-    out = fastvae.continuous_bernoulli_log_prob(x, logits)
-    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad(out, inputs, up.to(dtype).to(device))
-
-    x64 = x.detach().double().cpu().requires_grad_(p["x_grad"])
-    l64 = logits.detach().double().cpu().requires_grad_()
-    ref = reference.continuous_bernoulli_log_prob(x64, l64)
-    ref_grads = torch.autograd.grad(ref, [t for t in (x64, l64) if t.requires_grad], up.to(dtype).double())
-    assert out.shape == ref.shape
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close(out, ref.detach(), _terms(x64.detach(), l64.detach()).sum(-1), "log_prob")
-    for t, got, want in zip(inputs, grads, ref_grads):
-        # dlogits = up (x - E[x]) is bounded by |up|; dx = sum_k up l grows with |l|
-        scale = up.abs()[..., None] * ((1.0 + l64.detach().abs()) if t is x else torch.ones_like(l64))
-        while scale.dim() > want.dim():
-            scale = scale.sum(0)
-        assert_close(got, want, scale, "dx" if t is x else "dlogits")
-    return out, grads
+    return bernoulli_helpers.check_against_reference(p, dtype, device, fastvae.continuous_bernoulli_log_prob,
+                                                     reference.continuous_bernoulli_log_prob, _terms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
+@given(p=problems(DIMS, BOUNDS))
 def test_forward_backward_match_reference(backend, dtype, p):
     check_against_reference(p, dtype, backend[1])
 
 
 @settings(max_examples=8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
+@given(p=problems(DIMS, BOUNDS))
 def test_half_precision_matches_reference(backend, dtype, p):
     """Half-precision logits and x: a float32 result equal to the float64 one of
     the same rounded inputs; gradients in their dtype."""
     check_against_reference(p, dtype, backend[1])
 
 
-@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
-def sample_splits(request, monkeypatch):
-    """The Triton backward's dx in one pass or forced into 3 splits (others ignore it)."""
-    common = pytest.importorskip("fastvae.kernels._common")
-    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("K,batch,D", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (4, (300,), 3), (None, (2, 3), 5)])
 def test_dx_sums_over_samples(backend, sample_splits, K, batch, D):
     """dx of x broadcast over K (K = 1, one row, odd D, the folded CPU layout)
     against the reference, twice with the same bits."""
-    p = dict(D=D, batch=batch, K=K, x_kind="unit", bound=3.0, x_grad=True, seed=D)
-    out, grads = check_against_reference(p, torch.float32, backend[1])
-    again, grads_again = check_against_reference(p, torch.float32, backend[1])
-    assert torch.equal(out, again)
-    for a, b in zip(grads, grads_again):
-        assert torch.equal(a, b)
+    bernoulli_helpers.check_dx_twice(K, batch, D, backend[1], fastvae.continuous_bernoulli_log_prob,
+                                     reference.continuous_bernoulli_log_prob, _terms)
 
 
 def _log_norm_exact(lg: float) -> float:

@@ -1,0 +1,270 @@
+"""The Triton kernels of bernoulli_log_prob and continuous_bernoulli_log_prob:
+one forward and one backward kernel whose per-element formula is the
+constexpr KIND (BERNOULLI 0, CONTINUOUS 1), side by side in _log_prob_term
+and _dlogit:
+    out[k, p] = sum_d(x[p, d] l - softplus(l) [+ log C(l)]),  l = logits[k, p, d],
+    dlogits = g (x - sigmoid(l) [+ d log C / dl]),  dx = sum_k g l,
+C(l) = l / tanh(l / 2) the continuous Bernoulli's normalizer, whose
+derivative is 1/l - 1/sinh(l). log C and its derivative take a Taylor series
+in l^2 below |l| = TAYLOR_BELOW (both are 0 / 0 or cancel at l = 0), else the
+closed forms in t = e^-|l| (the coefficients are fastvae.reference.CB_TAYLOR;
+csrc/bernoulli_likelihood.h says why the branch points are 1 for float32 and
+0.25 for float64). kernels/bernoulli_log_prob.py and
+kernels/continuous_bernoulli_log_prob.py are the launchers.
+
+Layout: logits (K, P, D); x (P, D) broadcast over K by indexing, never copied.
+One launch forward, one backward, no torch work around them (issue 23):
+- forward: programs of BLOCK_R decoder rows x BLOCK_D columns (about 4096
+  elements, 8 warps; _common.tile_geometry), looping over D;
+- backward: without dx, programs tile the K * P decoder rows x D (nothing is
+  summed); with dx, each program owns a tile of x's rows x columns and loops
+  over the samples, dx summed in registers and written once. Where those
+  tiles do not fill a wave (few rows of x against many samples) the samples
+  are split: each program stores a partial dx and the last of a tile's
+  programs to finish adds them in split order (deterministic, no float
+  atomics; _common.arrive_last).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    acc_dtype,
+    accumulation_dtype,
+    arrive_last,
+    log1p_unit,
+    sigmoid,
+    softplus,
+    split_samples,
+    split_tile,
+    tile_counters,
+    tile_geometry,
+)
+
+BERNOULLI = 0
+CONTINUOUS = 1
+
+LOG2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+def taylor_below(kind: int, dtype: torch.dtype) -> float:
+    """The branch point of log C's Taylor series for an accumulation in
+    ``dtype``'s rule (0.0, unused, for the Bernoulli)."""
+    if kind == BERNOULLI:
+        return 0.0
+    return 0.25 if accumulation_dtype(dtype) == torch.float64 else 1.0
+
+
+# -- the continuous Bernoulli's log normalizer ----------------------------------
+
+
+@triton.jit
+def _series(u):
+    """sum_n a_n u^n, n = 1..8: log C(l) - log 2 at u = l^2."""
+    p = -1.3883706783700259e-09 * u + 1.565947953183403e-08
+    p = p * u - 1.8027895356488832e-07
+    p = p * u + 2.1336045641601195e-06
+    p = p * u - 2.6248346560846562e-05
+    p = p * u + 3.4171075837742505e-04
+    p = p * u - 4.861111111111111e-03
+    p = p * u + 8.333333333333333e-02
+    return p * u
+
+
+@triton.jit
+def _series_grad(u):
+    """sum_n 2n a_n u^(n-1): (d log C / dl) / l at u = l^2."""
+    p = -2.2213930853920414e-08 * u + 2.192327134456764e-07
+    p = p * u - 2.1633474427786596e-06
+    p = p * u + 2.1336045641601196e-05
+    p = p * u - 2.099867724867725e-04
+    p = p * u + 2.05026455026455e-03
+    p = p * u - 1.9444444444444445e-02
+    return p * u + 1.6666666666666666e-01
+
+
+@triton.jit
+def log_norm(lg, TAYLOR_BELOW: tl.constexpr):
+    """log C(l) = log(l / tanh(l / 2)); the exact branch reads |l| clamped to
+    the branch point, so neither branch makes an inf or NaN the other discards."""
+    a = tl.abs(lg)
+    small = a < TAYLOR_BELOW
+    ab = tl.maximum(a, TAYLOR_BELOW)
+    t = tl.exp(-ab)
+    exact = tl.log(ab) - tl.log(1.0 - t) + log1p_unit(t)
+    ls = tl.where(small, lg, 0.0)
+    return tl.where(small, LOG2 + _series(ls * ls), exact)
+
+
+@triton.jit
+def log_norm_grad(lg, TAYLOR_BELOW: tl.constexpr):
+    """d log C / dl = 1/l - 1/sinh(l)."""
+    a = tl.abs(lg)
+    small = a < TAYLOR_BELOW
+    ab = tl.maximum(a, TAYLOR_BELOW)
+    t = tl.exp(-ab)
+    one_t2 = (1.0 - t) * (1.0 + t)
+    mag = (one_t2 - 2.0 * t * ab) / (ab * one_t2)  # 1/|l| - 2t / (1 - t^2), one division
+    ls = tl.where(small, lg, 0.0)
+    return tl.where(small, ls * _series_grad(ls * ls), tl.where(lg < 0.0, -mag, mag))
+
+
+# -- the two formulas -----------------------------------------------------------
+
+
+@triton.jit
+def _weighted(w, s):
+    """w * s with 0 * inf = 0: a zero weight on a saturated softplus adds nothing."""
+    return tl.where(w == 0.0, 0.0, w * s)
+
+
+@triton.jit
+def _log_prob_term(x, lg, KIND: tl.constexpr, TAYLOR_BELOW: tl.constexpr):
+    """x l - softplus(l) as -(x softplus(-l) + (1 - x) softplus(l)); the
+    Bernoulli's saturated logits (+-inf) give 0 where the outcome is certain
+    and right, -inf where it is certain and wrong, never NaN. The continuous
+    Bernoulli (finite logits) adds log C(l)."""
+    if KIND == 0:
+        return -(_weighted(x, softplus(-lg)) + _weighted(1.0 - x, softplus(lg)))
+    else:
+        return -(x * softplus(-lg) + (1.0 - x) * softplus(lg)) + log_norm(lg, TAYLOR_BELOW)
+
+
+@triton.jit
+def _dlogit(g, x, lg, KIND: tl.constexpr, TAYLOR_BELOW: tl.constexpr):
+    """g (x - sigmoid(l)), exactly 0 where a saturated logit is right; the
+    continuous Bernoulli adds g d log C / dl."""
+    if KIND == 0:
+        return _weighted(g, x - sigmoid(lg))
+    else:
+        return g * (x - sigmoid(lg) + log_norm_grad(lg, TAYLOR_BELOW))
+
+
+# -- kernels ------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["P", "KP"])
+def _bernoulli_log_prob_fwd_kernel(
+    x_ptr,  # (P, D)
+    logits_ptr,  # (K, P, D) = (KP, D) decoder rows
+    out_ptr,  # (K, P) = (KP,)
+    P,
+    KP,
+    D,
+    KIND: tl.constexpr,
+    ACC: tl.constexpr,
+    TAYLOR_BELOW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_ok = r < KP
+    p = r % P
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = r_ok[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        lg = tl.load(logits_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        acc += tl.sum(tl.where(mask, _log_prob_term(x, lg, KIND, TAYLOR_BELOW), 0.0), axis=1)
+    tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS"])
+def _bernoulli_log_prob_bwd_kernel(
+    grad_out_ptr,  # (K, P)
+    x_ptr,  # (P, D)
+    logits_ptr,  # (K, P, D)
+    dlogits_ptr,  # (K, P, D)
+    dx_ptr,  # (P, D), when HAS_DX
+    part_ptr,  # (SPLITS, P, D) ACC: partial dx of each split, when SPLITS > 1
+    counter_ptr,  # (tiles,) int32 arrival counters, zero between launches, when SPLITS > 1
+    P,
+    D,
+    R,  # rows the programs tile: P (HAS_DX: each loops over the samples) or K * P
+    K,  # samples each tile loops over: K (HAS_DX) or 1
+    K_PER,  # samples per split
+    SPLITS,
+    KIND: tl.constexpr,
+    HAS_DX: tl.constexpr,
+    ACC: tl.constexpr,
+    TAYLOR_BELOW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
+    x_rows = rows if HAS_DX else rows % P
+    x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    for k in range(k0, k1):
+        r = k * R + rows
+        g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)[:, None]
+        lg = tl.load(logits_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        dl = _dlogit(g, x, lg, KIND, TAYLOR_BELOW)
+        tl.store(dlogits_ptr + r[:, None] * D + cols[None, :], dl.to(dlogits_ptr.dtype.element_ty), mask=mask)
+        if HAS_DX:
+            dx_acc += g * lg
+    if HAS_DX:
+        idx = rows[:, None] * D + cols[None, :]
+        if SPLITS == 1:
+            tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(part_ptr + split * R * D + idx, dx_acc, mask=mask)
+            if arrive_last(counter_ptr + tile, SPLITS):
+                total = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+                for s in range(0, SPLITS):
+                    total += tl.load(part_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(dx_ptr + idx, total.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# -- launchers ----------------------------------------------------------------
+
+
+def bernoulli_forward(kind: int, x, logits, out) -> None:
+    """out (K, P) <- the formula KIND summed over D, for x (P, D), logits (K, P, D)."""
+    K, P, D = logits.shape
+    if K * P == 0:
+        return
+    fp64 = logits.dtype == torch.float64
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, logits.device, fp64)
+    if kind == CONTINUOUS and fp64 and logits.device.type != "cpu":
+        # float64 log C (a polynomial and three libdevice logs) spilled 16 bytes
+        # on sm_80 at 4 elements a thread: 2 a thread (8 warps over 512)
+        BLOCK_R, BLOCK_D, warps = 1, min(BLOCK_D, 512), 8
+    _bernoulli_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
+        x, logits, out, P, K * P, D, KIND=kind, ACC=acc_dtype(logits.dtype),
+        TAYLOR_BELOW=taylor_below(kind, logits.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
+    )
+
+
+# Backward tiles: dx's accumulator stays live across the loop over samples.
+BACKWARD_TILE = 1024
+BACKWARD_MAX_COLS = 256
+
+
+def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits) -> None:
+    """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients of
+    the formula KIND given grad_out (K, P)."""
+    K, P, D = logits.shape
+    if K * P * D == 0:
+        if dx is not None and dx.numel():
+            # K == 0 samples (or P == 0 rows): dx is a sum over nothing. Not a
+            # path of any training shape; kept out of the kernels.
+            dx.zero_()
+        return
+    has_dx = dx is not None
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, logits.device, logits.dtype == torch.float64,
+                                            BACKWARD_TILE if has_dx else 4096,
+                                            BACKWARD_MAX_COLS if has_dx else 1024)
+    R, k_loop = (P, K) if has_dx else (K * P, 1)
+    tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(D, BLOCK_D)
+    splits, per_split = split_samples(tiles, K, logits.device) if has_dx else (1, 1)
+    acc = accumulation_dtype(logits.dtype)
+    part = torch.empty((splits, P, D) if splits > 1 else (1,), dtype=acc, device=logits.device)
+    _bernoulli_log_prob_bwd_kernel[(tiles * splits,)](
+        grad_out, x, logits, dlogits, dx if has_dx else dlogits, part,
+        tile_counters(logits.device, tiles, splits), P, D, R, k_loop, per_split, splits,
+        KIND=kind, HAS_DX=has_dx, ACC=acc_dtype(logits.dtype), TAYLOR_BELOW=taylor_below(kind, logits.dtype),
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
+    )
