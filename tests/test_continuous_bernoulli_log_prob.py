@@ -135,8 +135,9 @@ def test_matches_torch_distributions_where_torch_is_accurate(backend, dtype):
 
 def test_density_integrates_to_one():
     """The normalizer is right: the density integrates to 1 over [0, 1] (a
-    midpoint rule in float64) at logits across both branches."""
-    n = 200000
+    midpoint rule in float64, whose error is below 2e-8 at n = 20000) at
+    logits across both branches."""
+    n = 20000
     x = ((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None]
     for lg in (0.0, 1e-4, 0.2, 0.7, 3.0, -12.0):
         density = torch.exp(fastvae.continuous_bernoulli_log_prob(x, torch.full((n, 1), lg, dtype=torch.float64)))

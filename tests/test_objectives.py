@@ -256,6 +256,8 @@ def _encoder_gradients(estimator, k, n):
     return torch.cat([dmu, dlv], 1)  # (n, 4)
 
 
+@pytest.mark.skipif(INTERPRET, reason="a statistical property of the estimator, 20000 draws: the main process "
+                    "checks it; the Triton DReG gradients match the formula in test_dreg_matches_explicit_formula")
 @pytest.mark.parametrize("k", [1, 8])
 def test_dreg_is_unbiased_with_lower_variance(k):
     n = 20000
