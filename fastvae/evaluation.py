@@ -276,14 +276,14 @@ def memory_budget_for(device: torch.device, memory_budget: int | None = None) ->
 
 def _decoder_width(x: Tensor, q, decode: Callable, cfg: _Config) -> int:
     """Elements of decode's output per sample and example (W), measured on one
-    sample of at most two examples (their posterior means, no noise drawn):
-    x's D undercounts what a chunk holds for categorical logits (D · C), a
-    logistic mixture's parameters (10 M per pixel for 3 channels) or a
-    Gaussian's (mean, logvar) pair, and a chunk sized by D could run out of
-    memory. Only for chunk_size=None: one extra decoder call per batch."""
-    m = min(x.shape[0], 2)
-    out = decode(q.mu[:m].unsqueeze(0))
-    return max(1, math.ceil(output_numel(out, cfg.likelihood, x.dim() - 1) / m))
+    sample of every example (the posterior means, no noise drawn): x's D
+    undercounts what a chunk holds for categorical logits (D · C), a logistic
+    mixture's parameters (10 M per pixel for 3 channels) or a Gaussian's
+    (mean, logvar) pair, and a chunk sized by D could run out of memory. The
+    whole batch, because a decoder may close over it (scVI's library sizes
+    of x). Only for chunk_size=None: one extra decoder call of one sample."""
+    out = decode(q.mu.unsqueeze(0))
+    return max(1, math.ceil(output_numel(out, cfg.likelihood, x.dim() - 1) / x.shape[0]))
 
 
 def _chunk_plan(cfg: _Config, n: int, k_count: int, W: int, D: int, L: int, itemsize: int,

@@ -467,7 +467,7 @@ def test_huge_k_streams_or_names_the_noise_limit(k):
 
     def decode(z):
         chunks.append(z.shape)
-        if z.shape[:2] == (1, 2):  # the probe of the decoder's width (_decoder_width): 1 sample, 2 examples
+        if z.shape[0] == 1:  # the probe of the decoder's width (_decoder_width): one sample
             return (z.new_zeros(*z.shape[:-1], 4), z.new_zeros(*z.shape[:-1], 4))  # (mean, logvar): W = 8
         raise _Decoded
 
@@ -670,7 +670,7 @@ def test_the_default_chunk_counts_the_decoders_output_not_x(likelihood):
 
     est = log_likelihood(x, lambda a: (mu, logvar), decode, k=200, likelihood=likelihood, memory_budget=budget,
                          generator=gen(0))
-    assert shapes[0] == (1, 2, L)  # the probe: one sample (the means) of two examples
+    assert shapes[0] == (1, B, L)  # the probe: one sample (the means) of every example
     width = D * C if likelihood == "categorical" else D
     kc = max(s[0] for s in shapes[1:])
     assert kc * B * (width + D + 3 * L) * 4 <= budget
