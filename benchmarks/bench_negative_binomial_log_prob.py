@@ -10,7 +10,7 @@ import torch
 import fastvae
 
 from . import harness
-from .bench_zinb_log_prob import make_counts
+from .bench_zinb_log_prob import count_cases
 
 
 def eager(x, log_mean, log_theta):
@@ -24,20 +24,7 @@ def eager(x, log_mean, log_theta):
 
 
 def cases(B, D, ks):
-    out = []
-    for K in ks:
-        def make(device, K=K):
-            g = torch.Generator().manual_seed(0)
-            x = make_counts(B, D, g).to(device)
-            lm = (torch.randn(K, B, D, generator=g) + 0.5).to(device).requires_grad_()
-            lt = torch.randn(D, generator=g).to(device).requires_grad_()
-            return (x, lm, lt), [lm, lt], torch.randn(K, B, generator=g).to(device)
-
-        fwd = 4 * (B * D + K * B + D) + 4 * K * B * D
-        bwd = 4 * (K * B + B * D + 2 * D) + 2 * 4 * K * B * D
-        out.append(harness.Case(f"K={K}", {"B": B, "D": D, "K": K, "theta": "per gene"}, make,
-                                {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}))
-    return out
+    return count_cases(B, D, ks, theta=True, zi=False)
 
 
 def main(argv=None) -> dict | None:

@@ -10,7 +10,7 @@ import torch
 import fastvae
 
 from . import harness
-from .bench_zinb_log_prob import make_counts
+from .bench_zinb_log_prob import count_cases
 
 
 def eager(x, log_rate):
@@ -18,19 +18,7 @@ def eager(x, log_rate):
 
 
 def cases(B, D, ks):
-    out = []
-    for K in ks:
-        def make(device, K=K):
-            g = torch.Generator().manual_seed(0)
-            x = make_counts(B, D, g).to(device)
-            lr = (torch.randn(K, B, D, generator=g) + 0.5).to(device).requires_grad_()
-            return (x, lr), [lr], torch.randn(K, B, generator=g).to(device)
-
-        fwd = 4 * (B * D + K * B) + 4 * K * B * D
-        bwd = 4 * (K * B + B * D) + 2 * 4 * K * B * D
-        out.append(harness.Case(f"K={K}", {"B": B, "D": D, "K": K}, make,
-                                {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}))
-    return out
+    return count_cases(B, D, ks, theta=False, zi=False)
 
 
 def main(argv=None) -> dict | None:

@@ -36,22 +36,33 @@ def make_counts(B, D, g):
     return torch.where(u < 0.7, 0.0, torch.floor(-3.0 * torch.log(torch.rand(B, D, generator=g))))
 
 
-def cases(B, D, ks):
+def count_cases(B, D, ks, theta: bool, zi: bool):
+    """The count benchmarks' cases: x (B, D) make_counts against (K, B, D) log
+    means, with a per-gene log theta when theta and (K, B, D) zero-inflation
+    logits when zi; bytes are the kernels' float32 reads and writes."""
+    full = 1 + zi  # (K, B, D) inputs, each with a gradient of its size
     out = []
     for K in ks:
         def make(device, K=K):
             g = torch.Generator().manual_seed(0)
             x = make_counts(B, D, g).to(device)
-            lm = (torch.randn(K, B, D, generator=g) + 0.5).to(device).requires_grad_()
-            lt = torch.randn(D, generator=g).to(device).requires_grad_()
-            zl = (torch.randn(K, B, D, generator=g) - 1.0).to(device).requires_grad_()
-            return (x, lm, lt, zl), [lm, lt, zl], torch.randn(K, B, generator=g).to(device)
+            params = [torch.randn(K, B, D, generator=g) + 0.5]
+            if theta:
+                params.append(torch.randn(D, generator=g))
+            if zi:
+                params.append(torch.randn(K, B, D, generator=g) - 1.0)
+            params = [t.to(device).requires_grad_() for t in params]
+            return (x, *params), params, torch.randn(K, B, generator=g).to(device)
 
-        fwd = 4 * (B * D + K * B + D) + 2 * 4 * K * B * D
-        bwd = 4 * (K * B + B * D + 2 * D) + 4 * 4 * K * B * D
-        out.append(harness.Case(f"K={K}", {"B": B, "D": D, "K": K, "theta": "per gene"}, make,
+        fwd = 4 * (B * D + K * B + theta * D) + full * 4 * K * B * D
+        bwd = 4 * (K * B + B * D + theta * 2 * D) + 2 * full * 4 * K * B * D
+        out.append(harness.Case(f"K={K}", {"B": B, "D": D, "K": K, **({"theta": "per gene"} if theta else {})}, make,
                                 {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}))
     return out
+
+
+def cases(B, D, ks):
+    return count_cases(B, D, ks, theta=True, zi=True)
 
 
 def main(argv=None) -> dict | None:

@@ -95,24 +95,18 @@ def _log1p_any(v):
 
 
 @triton.jit
+def _log1p_horner(s, p0, HI: tl.constexpr, LO: tl.constexpr):
+    """Horner from p0 through the log1p series' coefficients (-1)^(k+1)/k, k = HI down to LO."""
+    p = tl.zeros_like(s) + p0
+    for k in tl.static_range(HI, LO - 1, -1):
+        p = p * s + (1.0 if k % 2 == 1 else -1.0) / k
+    return p
+
+
+@triton.jit
 def _log1pmx_poly(s):
     """(log1p(s) - s) / s^2 = -1/2 + s/3 - ... (15 terms) for |s| < 0.1."""
-    p = tl.zeros_like(s) + (-1.0 / 16)
-    p = p * s + (1.0 / 15)
-    p = p * s + (-1.0 / 14)
-    p = p * s + (1.0 / 13)
-    p = p * s + (-1.0 / 12)
-    p = p * s + (1.0 / 11)
-    p = p * s + (-1.0 / 10)
-    p = p * s + (1.0 / 9)
-    p = p * s + (-1.0 / 8)
-    p = p * s + (1.0 / 7)
-    p = p * s + (-1.0 / 6)
-    p = p * s + (1.0 / 5)
-    p = p * s + (-1.0 / 4)
-    p = p * s + (1.0 / 3)
-    p = p * s + (-1.0 / 2)
-    return p
+    return _log1p_horner(s, -1.0 / 16, 15, 2)
 
 
 @triton.jit
@@ -131,19 +125,9 @@ def _log1pmx_over(t):
 @triton.jit
 def _log1p_over(u, log1p_u):
     """log1p(u) / u for u in [0, 1] (1 at 0)."""
-    p = tl.zeros_like(u) + (-1.0 / 13)
-    p = p * u + (-1.0 / 12)
-    p = p * u + (1.0 / 11)
-    p = p * u + (-1.0 / 10)
-    p = p * u + (1.0 / 9)
-    p = p * u + (-1.0 / 8)
-    p = p * u + (1.0 / 7)
-    p = p * u + (-1.0 / 6)
-    p = p * u + (1.0 / 5)
-    p = p * u + (-1.0 / 4)
-    p = p * u + (1.0 / 3)
-    p = p * u + (-1.0 / 2)
-    p = p * u + (1.0 / 1)
+    # p0 is csrc/count_likelihood.h's: the u^12 term's sign is off there too, below rounding at
+    # u < 0.05, and the two backends give the same series
+    p = _log1p_horner(u, -1.0 / 13, 12, 1)
     small = u < 0.05
     return tl.where(small, p, log1p_u / tl.where(small, 1.0, u))
 
@@ -153,17 +137,8 @@ def _sigmoid_minus_log1p_over(u, log1p_u):
     """1/(1 + u) - log1p(u)/u for u in [0, 1]."""
     t = -u
     p = tl.zeros_like(t) + (12.0 / 13)
-    p = p * t + (11.0 / 12)
-    p = p * t + (10.0 / 11)
-    p = p * t + (9.0 / 10)
-    p = p * t + (8.0 / 9)
-    p = p * t + (7.0 / 8)
-    p = p * t + (6.0 / 7)
-    p = p * t + (5.0 / 6)
-    p = p * t + (4.0 / 5)
-    p = p * t + (3.0 / 4)
-    p = p * t + (2.0 / 3)
-    p = p * t + (1.0 / 2)
+    for k in tl.static_range(12, 1, -1):
+        p = p * t + (k - 1.0) / k
     small = u < 0.05
     return tl.where(small, -u * p, 1.0 / (1.0 + u) - log1p_u / tl.where(small, 1.0, u))
 
@@ -261,6 +236,35 @@ def _count_term(x, lm, lt, zl, KIND: tl.constexpr):
         return nb
 
 
+# -- tile loads ---------------------------------------------------------------
+
+
+@triton.jit
+def _tile(r, r_ok, cols, P, D):
+    """(col_ok, mask, p, idx) of rows r and columns cols: p = r % P the rows of
+    x (broadcast over K), idx the (K, P, D) offsets."""
+    col_ok = cols < D
+    mask = r_ok[:, None] & col_ok[None, :]
+    p = r % P
+    return col_ok, mask, p, r[:, None] * D + cols[None, :]
+
+
+@triton.jit
+def _load_x_lm(x_ptr, lm_ptr, p, cols, idx, mask, D, ACC: tl.constexpr):
+    """x at rows p = r % P (broadcast over K) and the log mean at idx."""
+    x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    return x, tl.load(lm_ptr + idx, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _load_lt(lt_ptr, cols, col_ok, idx, mask, lm, THETA_DIM: tl.constexpr, ACC: tl.constexpr):
+    """log theta of the tile, a per-gene one broadcast to lm's shape."""
+    if THETA_DIM:
+        return tl.load(lt_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :] + tl.zeros_like(lm)
+    else:
+        return tl.load(lt_ptr + idx, mask=mask, other=0.0).to(ACC)
+
+
 # -- kernels ------------------------------------------------------------------
 
 
@@ -287,18 +291,12 @@ def _count_fwd_kernel(
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        mask = r_ok[:, None] & col_ok[None, :]
-        idx = r[:, None] * D + cols[None, :]
-        x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        lm = tl.load(lm_ptr + idx, mask=mask, other=0.0).to(ACC)
+        col_ok, mask, _, idx = _tile(r, r_ok, cols, P, D)  # p, loop-invariant, is taken once above
+        x, lm = _load_x_lm(x_ptr, lm_ptr, p, cols, idx, mask, D, ACC)
         lt = lm
         zl = lm
         if KIND != 0:
-            if THETA_DIM:
-                lt = tl.load(lt_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :] + tl.zeros_like(lm)
-            else:
-                lt = tl.load(lt_ptr + idx, mask=mask, other=0.0).to(ACC)
+            lt = _load_lt(lt_ptr, cols, col_ok, idx, mask, lm, THETA_DIM, ACC)
         if KIND == 2:
             zl = tl.load(zl_ptr + idx, mask=mask, other=0.0).to(ACC)
         acc += tl.sum(tl.where(mask, _count_term(x, lm, lt, zl, KIND), 0.0), axis=1)
@@ -336,20 +334,13 @@ def _count_bwd_kernel(
     r = row_tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = (pid % col_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     r_ok = r < KP
-    col_ok = cols < D
-    mask = r_ok[:, None] & col_ok[None, :]
-    p = r % P
-    idx = r[:, None] * D + cols[None, :]
+    col_ok, mask, p, idx = _tile(r, r_ok, cols, P, D)
     g = tl.load(grad_out_ptr + r, mask=r_ok, other=0.0).to(ACC)[:, None]
-    x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    lm = tl.load(lm_ptr + idx, mask=mask, other=0.0).to(ACC)
+    x, lm = _load_x_lm(x_ptr, lm_ptr, p, cols, idx, mask, D, ACC)
     if KIND == 0:
         tl.store(dlm_ptr + idx, (g * (x - tl.exp(lm))).to(dlm_ptr.dtype.element_ty), mask=mask)
     else:
-        if THETA_DIM:
-            lt = tl.load(lt_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :] + tl.zeros_like(lm)
-        else:
-            lt = tl.load(lt_ptr + idx, mask=mask, other=0.0).to(ACC)
+        lt = _load_lt(lt_ptr, cols, col_ok, idx, mask, lm, THETA_DIM, ACC)
         theta = tl.exp(lt)
         a, u, m, neg, l1pu = _nb_parts(lm, lt)
         inv = 1.0 / (1.0 + u)
@@ -396,16 +387,25 @@ def _count_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
+def _geometry(lm, tile: int):
+    """(BLOCK_R, BLOCK_D, warps) of a launch over lm (K, P, D) with about tile elements a program."""
+    return tile_geometry(lm.shape[2], lm.device, lm.dtype == torch.float64, tile, MAX_COLS)
+
+
+def _or_lm(lm, *tensors):
+    """The tensors with None replaced by lm: a kernel never reads a pointer its constexprs switch off."""
+    return [lm if t is None else t for t in tensors]
+
+
 def count_forward(kind: int, x, lm, lt, zl, out) -> None:
     """out (K, P) <- sum_d log p for x (P, D) and the decoder outputs in the kernel layout."""
     K, P, D = lm.shape
     if K * P == 0:
         return
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, lm.device, lm.dtype == torch.float64,
-                                            FORWARD_TILE // 2 if kind == ZINB else FORWARD_TILE, MAX_COLS)
+    BLOCK_R, BLOCK_D, warps = _geometry(lm, FORWARD_TILE // 2 if kind == ZINB else FORWARD_TILE)
     theta_dim = lt is not None and lt.dim() == 1
     _count_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
-        x, lm, lm if lt is None else lt, lm if zl is None else zl, out, P, K * P, D,
+        x, lm, *_or_lm(lm, lt, zl), out, P, K * P, D,
         KIND=kind, THETA_DIM=theta_dim, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
 
@@ -420,15 +420,14 @@ def count_backward(kind: int, grad_out, x, lm, lt, zl, dlm, dlt, dzl) -> None:
         if dlt is not None and theta_dim and dlt.numel():
             dlt.zero_()  # a sum over no rows; not a path of any training shape
         return
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, lm.device, lm.dtype == torch.float64, BACKWARD_TILE, MAX_COLS)
+    BLOCK_R, BLOCK_D, warps = _geometry(lm, BACKWARD_TILE)
     row_tiles = triton.cdiv(K * P, BLOCK_R)
     col_blocks = triton.cdiv(D, BLOCK_D)
     reduce = dlt is not None and theta_dim and row_tiles > 1
     part = torch.empty((row_tiles, D) if reduce else (1,), dtype=accumulation_dtype(lm.dtype), device=lm.device)
     _count_bwd_kernel[(row_tiles * col_blocks,)](
-        grad_out, x, lm, lm if lt is None else lt, lm if zl is None else zl,
-        lm if dlm is None else dlm, lm if dlt is None else dlt, part,
-        tile_counters(lm.device, col_blocks, row_tiles if reduce else 1), lm if dzl is None else dzl,
+        grad_out, x, lm, *_or_lm(lm, lt, zl, dlm, dlt), part,
+        tile_counters(lm.device, col_blocks, row_tiles if reduce else 1), *_or_lm(lm, dzl),
         P, K * P, D, row_tiles, KIND=kind, THETA_DIM=theta_dim, HAS_DLM=dlm is not None,
         HAS_DLT=dlt is not None, HAS_DZL=dzl is not None, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R,
         BLOCK_D=BLOCK_D, num_warps=warps,

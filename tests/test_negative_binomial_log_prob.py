@@ -4,11 +4,21 @@ backend (see conftest.py): values and gradients, theta per element and per
 gene, x = 0 rows, the theta -> inf (Poisson) limit, large counts."""
 import math
 
+import count_helpers
 import pytest
 import torch
-from count_helpers import F64, grad_scale, log_nb_positive, random_counts, torch_nb, torch_poisson, value_scale
+from count_helpers import (
+    F64,
+    check_repeatable,
+    grad_scale,
+    log_nb_positive,
+    problems,
+    random_counts,
+    torch_nb,
+    torch_poisson,
+    value_scale,
+)
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fastvae
 from fastvae import reference
@@ -21,68 +31,22 @@ from fastvae.negative_binomial_log_prob import (
 from conftest import INTERPRET
 from helpers import assert_close
 
-DIMS = [1, 2, 3, 31, 33, 100, 257, 1025]
-
-
-@st.composite
-def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))
-    while math.prod(batch) * (K or 1) * D > 6000 and batch:
-        batch = batch[1:]
-    return dict(D=D, batch=batch, K=K, counts=draw(st.sampled_from(["zeros", "sparse", "moderate", "large"])),
-                theta=draw(st.sampled_from(["element", "gene", "scalar"])),
-                lt_range=draw(st.sampled_from([(-3.0, 3.0), (-8.0, 1.0), (2.0, 12.0), (10.0, 30.0)])),
-                lm_range=draw(st.sampled_from([(-3.0, 3.0), (-10.0, 6.0)])),
-                seed=draw(st.integers(0, 2**31 - 1)))
-
-
-def make(p, dtype, device):
-    g = torch.Generator().manual_seed(p["seed"])
-    D, batch, K = p["D"], p["batch"], p["K"]
-    out_shape = (*(() if K is None else (K,)), *batch, D)
-    x = random_counts((*batch, D), g, p["counts"])
-    lo, hi = p["lm_range"]
-    lm = lo + (hi - lo) * torch.rand(out_shape, generator=g, dtype=F64)
-    if p["counts"] == "large":  # a mean near the counts, as a trained decoder gives
-        lm = torch.log(x + 1.0) + torch.randn(out_shape, generator=g, dtype=F64) * 0.5
-    lt_shape = {"element": out_shape, "gene": (D,), "scalar": ()}[p["theta"]]
-    lo, hi = p["lt_range"]
-    lt = lo + (hi - lo) * torch.rand(lt_shape, generator=g, dtype=F64)
-    return (x.to(dtype).to(device), lm.to(dtype).to(device).requires_grad_(),
-            lt.to(dtype).to(device).requires_grad_(), g)
+OP = "negative_binomial_log_prob"
 
 
 def check_against_reference(p, dtype, device):
-    x, lm, lt, g = make(p, dtype, device)
-    out = fastvae.negative_binomial_log_prob(x, lm, lt)
-    up = torch.randn(out.shape, generator=g, dtype=F64)
-    grads = torch.autograd.grad(out, [lm, lt], up.to(dtype).to(device))
-
-    x64 = x.double().cpu()
-    lm64, lt64 = lm.detach().double().cpu().requires_grad_(), lt.detach().double().cpu().requires_grad_()
-    ref = reference.negative_binomial_log_prob(x64, lm64, lt64)
-    ref_grads = torch.autograd.grad(ref, [lm64, lt64], up)
-    assert out.shape == ref.shape
-    assert out.dtype == (F64 if dtype == F64 else torch.float32)
-    lt_full = lt64.detach().expand_as(lm64)
-    assert_close(out, ref.detach(), value_scale(x64, lm64, lt_full).sum(-1), "log_prob")
-    gs = up.abs()[..., None] * grad_scale(x64, lm64, lt_full)
-    assert_close(grads[0], ref_grads[0], gs, "dlog_mean")
-    assert_close(grads[1], ref_grads[1], gs.sum_to_size(lt64.shape), "dlog_theta")
-    return out, grads
+    return count_helpers.check_against_reference(OP, p, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@given(p=problems())
+@given(p=problems(OP))
 def test_forward_backward_match_reference(backend, dtype, p):
     check_against_reference(p, dtype, backend[1])
 
 
 @settings(max_examples=8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
+@given(p=problems(OP))
 def test_half_precision_matches_reference(backend, dtype, p):
     """Half-precision parameters: a float32 result equal to the float64 one of
     the same rounded inputs, gradients in the inputs' dtype."""
@@ -179,11 +143,7 @@ def test_per_gene_theta_gradient_sums_over_rows(backend, K, batch, D):
     dlog_theta sums over samples and rows; a second call gives the same bits."""
     _, device = backend
     p = dict(D=D, batch=batch, K=K, counts="sparse", theta="gene", lt_range=(-2.0, 3.0), lm_range=(-3.0, 3.0), seed=D)
-    out, grads = check_against_reference(p, torch.float32, device)
-    again, grads_again = check_against_reference(p, torch.float32, device)
-    assert torch.equal(out, again)
-    for a, b in zip(grads, grads_again):
-        assert torch.equal(a, b)
+    check_repeatable(OP, p, device)
 
 
 def test_integer_counts_and_no_count_gradient(backend):

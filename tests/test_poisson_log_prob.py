@@ -2,63 +2,33 @@
 per backend (see conftest.py)."""
 import math
 
+import count_helpers
 import pytest
 import torch
-from count_helpers import F64, random_counts, torch_poisson, value_scale
+from count_helpers import F64, check_repeatable, problems, random_counts, torch_poisson, value_scale
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
 from fastvae.poisson_log_prob import PoissonLogProb, poisson_log_prob_backward_op, poisson_log_prob_op
 
 from helpers import assert_close
 
-DIMS = [1, 2, 3, 31, 33, 100, 257, 1025]
-
-
-@st.composite
-def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))
-    while math.prod(batch) * (K or 1) * D > 8000 and batch:
-        batch = batch[1:]
-    return dict(D=D, batch=batch, K=K, counts=draw(st.sampled_from(["zeros", "sparse", "moderate", "large"])),
-                lr_range=draw(st.sampled_from([(-3.0, 3.0), (-20.0, 5.0)])), seed=draw(st.integers(0, 2**31 - 1)))
+OP = "poisson_log_prob"
 
 
 def check_against_reference(p, dtype, device):
-    g = torch.Generator().manual_seed(p["seed"])
-    D, batch, K = p["D"], p["batch"], p["K"]
-    out_shape = (*(() if K is None else (K,)), *batch, D)
-    x = random_counts((*batch, D), g, p["counts"])
-    lo, hi = p["lr_range"]
-    lr = lo + (hi - lo) * torch.rand(out_shape, generator=g, dtype=F64)
-    if p["counts"] == "large":
-        lr = torch.log(x + 1.0) + torch.randn(out_shape, generator=g, dtype=F64) * 0.5
-    x, lr = x.to(dtype).to(device), lr.to(dtype).to(device).requires_grad_()
-    out = fastvae.poisson_log_prob(x, lr)
-    up = torch.randn(out.shape, generator=g, dtype=F64)
-    (grad,) = torch.autograd.grad(out, [lr], up.to(dtype).to(device))
-    x64, lr64 = x.double().cpu(), lr.detach().double().cpu().requires_grad_()
-    ref = reference.poisson_log_prob(x64, lr64)
-    (ref_grad,) = torch.autograd.grad(ref, [lr64], up)
-    assert out.dtype == (F64 if dtype == F64 else torch.float32)
-    assert_close(out, ref.detach(), value_scale(x64, lr64).sum(-1), "log_prob")
-    assert_close(grad, ref_grad, up.abs()[..., None] * (1 + x64 + lr64.detach().exp()), "dlog_rate")
-    return out, grad
+    return count_helpers.check_against_reference(OP, p, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@given(p=problems())
+@given(p=problems(OP))
 def test_forward_backward_match_reference(backend, dtype, p):
     check_against_reference(p, dtype, backend[1])
 
 
 @settings(max_examples=8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
+@given(p=problems(OP))
 def test_half_precision_matches_reference(backend, dtype, p):
     if p["counts"] == "large":
         p = dict(p, counts="moderate")  # float16's range ends at 65504
@@ -68,10 +38,7 @@ def test_half_precision_matches_reference(backend, dtype, p):
 @pytest.mark.parametrize("K,batch,D", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (None, (2, 3), 5), (64, (1,), 40)])
 def test_odd_sizes_and_repeatable(backend, K, batch, D):
     _, device = backend
-    p = dict(D=D, batch=batch, K=K, counts="moderate", lr_range=(-3.0, 3.0), seed=D)
-    out, grad = check_against_reference(p, torch.float32, device)
-    again, grad_again = check_against_reference(p, torch.float32, device)
-    assert torch.equal(out, again) and torch.equal(grad, grad_again)
+    check_repeatable(OP, dict(D=D, batch=batch, K=K, counts="moderate", lm_range=(-3.0, 3.0), seed=D), device)
 
 
 def test_matches_torch_distributions(backend):

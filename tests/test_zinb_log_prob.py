@@ -1,13 +1,20 @@
 """zinb_log_prob against the float64 reference and scvi-tools' log_zinb_positive,
 per backend (see conftest.py): values and gradients, theta per element and per
 gene, all-zero rows, saturated zero-inflation logits, theta -> inf."""
-import math
-
+import count_helpers
 import pytest
 import torch
-from count_helpers import F64, grad_scale, log_zinb_positive, random_counts, softplus, value_scale
+from count_helpers import (
+    F64,
+    check_repeatable,
+    count_scales,
+    log_zinb_positive,
+    make,
+    problems,
+    random_counts,
+    softplus,
+)
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fastvae
 from fastvae import reference
@@ -16,72 +23,22 @@ from fastvae.zinb_log_prob import ZinbLogProb, zinb_log_prob_backward_op, zinb_l
 from conftest import INTERPRET
 from helpers import assert_close, assert_compiled_matches_eager
 
-DIMS = [1, 2, 3, 31, 33, 100, 257, 1025]
-
-
-@st.composite
-def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))
-    while math.prod(batch) * (K or 1) * D > 6000 and batch:
-        batch = batch[1:]
-    return dict(D=D, batch=batch, K=K, counts=draw(st.sampled_from(["zeros", "sparse", "moderate", "large"])),
-                theta=draw(st.sampled_from(["element", "gene"])),
-                lt_range=draw(st.sampled_from([(-3.0, 3.0), (-8.0, 1.0), (2.0, 12.0), (10.0, 30.0)])),
-                lm_range=draw(st.sampled_from([(-3.0, 3.0), (-10.0, 6.0)])),
-                zi_bound=draw(st.sampled_from([3.0, 30.0])), seed=draw(st.integers(0, 2**31 - 1)))
-
-
-def make(p, dtype, device):
-    g = torch.Generator().manual_seed(p["seed"])
-    D, batch, K = p["D"], p["batch"], p["K"]
-    out_shape = (*(() if K is None else (K,)), *batch, D)
-    x = random_counts((*batch, D), g, p["counts"])
-    lo, hi = p["lm_range"]
-    lm = lo + (hi - lo) * torch.rand(out_shape, generator=g, dtype=F64)
-    if p["counts"] == "large":
-        lm = torch.log(x + 1.0) + torch.randn(out_shape, generator=g, dtype=F64) * 0.5
-    lo, hi = p["lt_range"]
-    lt = lo + (hi - lo) * torch.rand(out_shape if p["theta"] == "element" else (D,), generator=g, dtype=F64)
-    zl = (torch.rand(out_shape, generator=g, dtype=F64) * 2 - 1) * p["zi_bound"]
-    return (x.to(dtype).to(device), *(t.to(dtype).to(device).requires_grad_() for t in (lm, lt, zl)), g)
-
-
-def zinb_scales(x, lm, lt, zl):
-    """The value's and the gradients' term sizes: the NB ones plus the zero-inflation softplus."""
-    lt = lt.detach().double().expand_as(lm)
-    sp = softplus(zl.detach().double().abs())
-    return value_scale(x, lm, lt) + sp, grad_scale(x, lm, lt) + 1
+OP = "zinb_log_prob"
 
 
 def check_against_reference(p, dtype, device):
-    x, lm, lt, zl, g = make(p, dtype, device)
-    out = fastvae.zinb_log_prob(x, lm, lt, zl)
-    up = torch.randn(out.shape, generator=g, dtype=F64)
-    grads = torch.autograd.grad(out, [lm, lt, zl], up.to(dtype).to(device))
-    x64 = x.double().cpu()
-    p64 = [t.detach().double().cpu().requires_grad_() for t in (lm, lt, zl)]
-    ref = reference.zinb_log_prob(x64, *p64)
-    ref_grads = torch.autograd.grad(ref, p64, up)
-    assert out.shape == ref.shape and out.dtype == (F64 if dtype == F64 else torch.float32)
-    vs, gs = zinb_scales(x64, *p64)
-    assert_close(out, ref.detach(), vs.sum(-1), "log_prob")
-    gs = up.abs()[..., None] * gs
-    for name, got, want, t in zip(("dlog_mean", "dlog_theta", "dzi_logits"), grads, ref_grads, p64):
-        assert_close(got, want, gs.sum_to_size(t.shape), name)
-    return out, grads
+    return count_helpers.check_against_reference(OP, p, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-@given(p=problems())
+@given(p=problems(OP))
 def test_forward_backward_match_reference(backend, dtype, p):
     check_against_reference(p, dtype, backend[1])
 
 
 @settings(max_examples=8)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
+@given(p=problems(OP))
 def test_half_precision_matches_reference(backend, dtype, p):
     if p["lt_range"][1] > 11 or p["counts"] == "large":
         p = dict(p, lt_range=(-3.0, 3.0), counts="sparse")  # float16's range ends at 65504
@@ -98,7 +55,7 @@ def test_matches_scvi(backend, theta):
     out = fastvae.zinb_log_prob(x, lm, lt, zl)
     p64 = [t.detach().cpu().requires_grad_() for t in (lm, lt, zl)]
     scvi = log_zinb_positive(x.cpu(), p64[0].exp(), p64[1].exp(), p64[2]).sum(-1)
-    vs, gs = zinb_scales(x.cpu(), *p64)
+    vs, gs = count_scales(x.cpu(), *p64)
     assert_close(out, scvi.detach(), vs.sum(-1), "vs scvi log_zinb_positive")
     got = torch.autograd.grad(out.sum(), [lm, lt, zl])
     want = torch.autograd.grad(scvi.sum(), p64)
@@ -125,7 +82,7 @@ def test_all_zero_rows_and_saturated_logits(backend, dtype):
     nb0 = -theta * torch.log1p(mu / theta)
     zero = torch.logaddexp(-softplus(-p64[2]), -softplus(p64[2]) + nb0)
     want = torch.where(x64 == 0, zero, reference.nb_log_prob_terms(x64, p64[0], p64[1]) - softplus(p64[2])).sum(-1)
-    vs, _ = zinb_scales(x64, *p64)
+    vs, _ = count_scales(x64, *p64)
     assert_close(out, want, vs.sum(-1), "log_prob")
     grads = torch.autograd.grad(out.sum(), [lm, lt, zl])
     assert all(torch.isfinite(t).all() for t in grads)
@@ -149,11 +106,7 @@ def test_odd_sizes_and_repeatable(backend, K, batch, D):
     _, device = backend
     p = dict(D=D, batch=batch, K=K, counts="sparse", theta="gene", lt_range=(-2.0, 3.0), lm_range=(-3.0, 3.0),
              zi_bound=3.0, seed=D)
-    out, grads = check_against_reference(p, torch.float32, device)
-    again, grads_again = check_against_reference(p, torch.float32, device)
-    assert torch.equal(out, again)
-    for a, b in zip(grads, grads_again):
-        assert torch.equal(a, b)
+    check_repeatable(OP, p, device)
 
 
 def test_gradcheck_float64(backend):
