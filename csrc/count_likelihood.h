@@ -150,10 +150,10 @@ FASTVAE_INLINE T log1pmx_over(T t) {
   return small ? t * log1pmx_poly(t) : (log1p_unit_t(t) - t) / (small ? T(1) : t);
 }
 
-// log1p(u)/u for u in [0, 1] (1 at u = 0): a series below 0.05.
+// log1p(u)/u for u in [0, 1] (1 at u = 0): sum (-u)^n / (n + 1), n <= 12, below 0.05.
 template <typename T>
 FASTVAE_INLINE T log1p_over(T u, T log1p_u) {
-  T p = T(-1.0 / 13);
+  T p = T(1.0 / 13);
   for (int n = 12; n >= 1; --n) p = p * u + T((n % 2 ? 1.0 : -1.0) / n);
   const bool small = u < T(0.05);
   return small ? p : log1p_u / (small ? T(1) : u);

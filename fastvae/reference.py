@@ -735,7 +735,7 @@ def _log1p_over(u: Tensor) -> Tensor:
     """log1p(u) / u for u in [0, 1] (1 at u = 0)."""
     small = u < 0.05
     us, ub = torch.where(small, u, 0.0), torch.where(small, 0.5, u)
-    p = torch.full_like(u, -1.0 / 13)
+    p = torch.full_like(u, 1.0 / 13)  # sum (-u)^n / (n + 1), n <= 12
     for n in range(12, 0, -1):
         p = p * us + (1.0 if n % 2 else -1.0) / n
     return torch.where(small, p, torch.log1p(ub) / ub)

@@ -124,10 +124,8 @@ def _log1pmx_over(t):
 
 @triton.jit
 def _log1p_over(u, log1p_u):
-    """log1p(u) / u for u in [0, 1] (1 at 0)."""
-    # p0 is csrc/count_likelihood.h's: the u^12 term's sign is off there too, below rounding at
-    # u < 0.05, and the two backends give the same series
-    p = _log1p_horner(u, -1.0 / 13, 12, 1)
+    """log1p(u) / u for u in [0, 1] (1 at 0): sum (-u)^n / (n + 1), n <= 12."""
+    p = _log1p_horner(u, 1.0 / 13, 12, 1)
     small = u < 0.05
     return tl.where(small, p, log1p_u / tl.where(small, 1.0, u))
 
