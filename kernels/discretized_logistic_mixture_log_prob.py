@@ -116,17 +116,26 @@ def _bin_log_mass(x, mu, ls_raw, h, log_half_bins, WITH_GRAD: tl.constexpr):
 
 
 @triton.jit
-def _packed_inputs(x_ptr, means_ptr, xrow, s, ok, base, msk, S, mean_c, coef0, ACC: tl.constexpr):
-    """Packed (C = 3): x's three channels at the tile's pixels, (1, TILE)
-    each, and tanh of the components' three coefficients, (BM, TILE) each,
-    which couple channel 1's and 2's means to x0 and x1."""
+def _packed_x(x_ptr, xrow, s, ok, S, ACC: tl.constexpr):
+    """Packed (C = 3): x's three channels at the tile's pixels, (1, TILE) each.
+    Apart from _packed_tanh: every inlined call leaves a debug label in the
+    PTX that bounds ptxas's scheduling, and with one helper for both the
+    float16 backward took a register more than before (python -m
+    fastvae.kernels.aot; the instructions are the same)."""
     x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)[None, :]
     x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)[None, :]
     x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)[None, :]
+    return x0, x1, x2
+
+
+@triton.jit
+def _packed_tanh(means_ptr, base, msk, mean_c, coef0, ACC: tl.constexpr):
+    """Packed: tanh of the components' three coefficients, (BM, TILE) each,
+    which couple channel 1's and 2's means to x0 and x1."""
     t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=msk, other=0.0).to(ACC))
     t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=msk, other=0.0).to(ACC))
     t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=msk, other=0.0).to(ACC))
-    return x0, x1, x2, t0, t1, t2
+    return t0, t1, t2
 
 
 @triton.jit
@@ -163,7 +172,8 @@ def _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm
     lp = lg
     base = mrow + mm[:, None] * mean_m + s[None, :]
     if PACKED:
-        x0, x1, x2, t0, t1, t2 = _packed_inputs(x_ptr, means_ptr, xrow, s, ok, base, msk, S, mean_c, coef0, ACC)
+        x0, x1, x2 = _packed_x(x_ptr, xrow, s, ok, S, ACC)
+        t0, t1, t2 = _packed_tanh(means_ptr, base, msk, mean_c, coef0, ACC)
         for c in tl.static_range(3):
             xc, mu, ls = _packed_channel(means_ptr, ls_ptr, base, msk, mean_c, mean0, ls0, x0, x1, x2, t0, t1, t2, c,
                                          ACC)
@@ -255,7 +265,8 @@ def _store_grads(x_ptr, means_ptr, ls_ptr, dmeans_ptr, dls_ptr, xrow, base, s, o
     their first channel's offsets, (BM, TILE)) and stores g w dlp/dmu,
     g w dlp/dls and, packed, the coefficients' gradients."""
     if PACKED:
-        x0, x1, x2, t0, t1, t2 = _packed_inputs(x_ptr, means_ptr, xrow, s, ok, base, msk, S, mean_c, coef0, ACC)
+        x0, x1, x2 = _packed_x(x_ptr, xrow, s, ok, S, ACC)
+        t0, t1, t2 = _packed_tanh(means_ptr, base, msk, mean_c, coef0, ACC)
         dmu1 = tl.zeros_like(gw)
         dmu2 = tl.zeros_like(gw)
         for c in tl.static_range(3):
