@@ -83,45 +83,58 @@ struct Bins {
         log_half_bins(T(std::log((num_bins - 1) / 2.0))) {}
 };
 
+// What a bin's log mass and its derivatives share, for one pixel of one
+// component and channel: s = max(ls, -7), inv = e^-s, a = inv (x - mu + h),
+// b = inv (x - mu - h), d = a - b, e^-|a|, e^-|b|, e^-d, softplus(-a),
+// softplus(b), the interior bin's log mass mid and v = 1 - e^-d.
+template <typename T>
+struct BinTerms {
+  T inv, a, b, d, ea, eb, ed, sa, sb, v, mid;
+  bool left, right, fallback;
+};
+
+template <typename T>
+FASTVAE_INLINE BinTerms<T> bin_terms(T x, T mu, T ls_raw, const Bins<T>& bins) {
+  BinTerms<T> t;
+  const T s = ls_raw > T(kLogScaleMin) ? ls_raw : T(kLogScaleMin);
+  t.inv = exp_t(-s);
+  const T c = x - mu;
+  t.a = t.inv * (c + bins.h);
+  t.b = t.inv * (c - bins.h);
+  t.d = bins.two_h * t.inv;
+  t.ea = exp_t(-std::fabs(t.a));
+  t.eb = exp_t(-std::fabs(t.b));
+  t.ed = exp_t(-t.d);
+  t.sa = (t.a < T(0) ? -t.a : T(0)) + log1p_unit_t(t.ea);  // softplus(-a)
+  t.sb = (t.b > T(0) ? t.b : T(0)) + log1p_unit_t(t.eb);  // softplus(b)
+  t.mid = -t.sa - t.sb + log1mexp_t(t.d, t.ed, t.v);
+  t.left = x < T(-kEdge);
+  t.right = x > T(kEdge);
+  t.fallback = !t.left && !t.right && !(t.mid > T(kLogMinDelta));
+  return t;
+}
+
 // log mass of x's bin except in the fallback, and whether it is the fallback.
 template <typename T>
 FASTVAE_INLINE T bin_log_mass(T x, T mu, T ls_raw, const Bins<T>& bins, bool& fallback) {
-  const T s = ls_raw > T(kLogScaleMin) ? ls_raw : T(kLogScaleMin);
-  const T inv = exp_t(-s);
-  const T c = x - mu;
-  const T a = inv * (c + bins.h), b = inv * (c - bins.h), d = bins.two_h * inv;
-  const T ea = exp_t(-std::fabs(a)), eb = exp_t(-std::fabs(b)), ed = exp_t(-d);
-  const T sa = (a < T(0) ? -a : T(0)) + log1p_unit_t(ea);  // softplus(-a)
-  const T sb = (b > T(0) ? b : T(0)) + log1p_unit_t(eb);  // softplus(b)
-  T v;
-  const T mid = -sa - sb + log1mexp_t(d, ed, v);
-  const bool left = x < T(-kEdge), right = x > T(kEdge);
-  fallback = !left && !right && !(mid > T(kLogMinDelta));
-  return left ? -sa : (right ? -sb : mid);
+  const BinTerms<T> t = bin_terms(x, mu, ls_raw, bins);
+  fallback = t.fallback;
+  return t.left ? -t.sa : (t.right ? -t.sb : t.mid);
 }
 
 // The same with its derivatives in mu and in the raw log scale (0 below the floor).
 template <typename T>
 FASTVAE_INLINE T bin_log_mass_grad(T x, T mu, T ls_raw, const Bins<T>& bins, bool& fallback, T& dmu,
                                    T& dls) {
-  const T s = ls_raw > T(kLogScaleMin) ? ls_raw : T(kLogScaleMin);
-  const T inv = exp_t(-s);
-  const T c = x - mu;
-  const T a = inv * (c + bins.h), b = inv * (c - bins.h), d = bins.two_h * inv;
-  const T ea = exp_t(-std::fabs(a)), eb = exp_t(-std::fabs(b)), ed = exp_t(-d);
-  const T sa = (a < T(0) ? -a : T(0)) + log1p_unit_t(ea);  // softplus(-a)
-  const T sb = (b > T(0) ? b : T(0)) + log1p_unit_t(eb);  // softplus(b)
-  const T pa = (a > T(0) ? ea : T(1)) / (T(1) + ea);  // sigmoid(-a)
-  const T pb = (b > T(0) ? T(1) : eb) / (T(1) + eb);  // sigmoid(b)
-  T v;
-  const T mid = -sa - sb + log1mexp_t(d, ed, v);
-  const bool left = x < T(-kEdge), right = x > T(kEdge);
-  fallback = !left && !right && !(mid > T(kLogMinDelta));
-  const T q = v > T(0) ? d * ed / v : T(1);  // d / (e^d - 1); unused where d underflows (fallback)
-  dmu = left ? -inv * pa : (right ? inv * pb : -inv * (pa - pb));
-  const T g = left ? -a * pa : (right ? b * pb : -a * pa + b * pb - q);
+  const BinTerms<T> t = bin_terms(x, mu, ls_raw, bins);
+  const T pa = (t.a > T(0) ? t.ea : T(1)) / (T(1) + t.ea);  // sigmoid(-a)
+  const T pb = (t.b > T(0) ? T(1) : t.eb) / (T(1) + t.eb);  // sigmoid(b)
+  fallback = t.fallback;
+  const T q = t.v > T(0) ? t.d * t.ed / t.v : T(1);  // d / (e^d - 1); unused where d underflows (fallback)
+  dmu = t.left ? -t.inv * pa : (t.right ? t.inv * pb : -t.inv * (pa - pb));
+  const T g = t.left ? -t.a * pa : (t.right ? t.b * pb : -t.a * pa + t.b * pb - q);
   dls = ls_raw >= T(kLogScaleMin) ? g : T(0);
-  return left ? -sa : (right ? -sb : mid);
+  return t.left ? -t.sa : (t.right ? -t.sb : t.mid);
 }
 
 // PixelCNN++'s fallback: the log pdf at the bin's centre plus the log bin width.
@@ -223,10 +236,15 @@ struct Scratch {
   Scratch(int64_t M, int64_t n) : lp(M * n), tmp(n), e(n), mx(n), lse(n), zlse(n), fb(n) {}
 };
 
-// Sum over the chunk's pixels of one image's log-likelihood.
-template <typename T>
-FASTVAE_INLINE double forward_chunk(const Layout<T>& L, const T* x, const Bins<T>& bins, int64_t r, int64_t s0,
-                                    int64_t n, Scratch<T>& w) {
+// The pass that the forward and the backward share: w.lp's M rows of n get
+// logit_m + sum_c lp_mc at the chunk's pixels, w.lse and w.zlse their and the
+// logits' log-sum-exps over m. kGrad also writes dlp/dmu' and dlp/dls to
+// dmeans and dlog_scales (unscaled: the weights need the whole sum first);
+// a template flag rather than a run-time one, so that each element loop
+// compiles to one branch-free body.
+template <bool kGrad, typename T>
+FASTVAE_INLINE void mixture_terms(const Layout<T>& L, const T* x, const Bins<T>& bins, int64_t r, int64_t s0,
+                                  int64_t n, T* dmeans, T* dlog_scales, Scratch<T>& w) {
   const int64_t M = L.M, S = L.S;
   for (int64_t m = 0; m < M; ++m) {
     T* lp = w.lp.data() + m * n;
@@ -235,20 +253,32 @@ FASTVAE_INLINE double forward_chunk(const Layout<T>& L, const T* x, const Bins<T
     for (int64_t c = 0; c < L.C; ++c) {
       const T* xc = x + c * S + s0;
       const T* mu = channel_means(L, x, r, m, c, s0, n, w.tmp.data());
-      const T* ls = L.log_scales + L.at(r, m, c, s0);
+      const int64_t off = L.at(r, m, c, s0);
+      const T* ls = L.log_scales + off;
+      T* dmu = kGrad ? dmeans + off : nullptr;
+      T* dls = kGrad ? dlog_scales + off : nullptr;
       T* e = w.e.data();
       unsigned char* fb = w.fb.data();
       int flagged = 0;
 #pragma omp simd reduction(+ : flagged)
       for (int64_t i = 0; i < n; ++i) {
         bool f;
-        e[i] = bin_log_mass(xc[i], mu[i], ls[i], bins, f);
+        if constexpr (kGrad) {
+          T a, b;
+          e[i] = bin_log_mass_grad(xc[i], mu[i], ls[i], bins, f, a, b);
+          dmu[i] = a;
+          dls[i] = b;
+        } else {
+          e[i] = bin_log_mass(xc[i], mu[i], ls[i], bins, f);
+        }
         fb[i] = f;
         flagged += f;
       }
       if (flagged) {
         for (int64_t i = 0; i < n; ++i) {
-          if (fb[i]) e[i] = pdf_log_mass<T>(xc[i], mu[i], ls[i], bins, nullptr, nullptr);
+          if (fb[i]) {  // no offset to the forward's null pointers
+            e[i] = pdf_log_mass<T>(xc[i], mu[i], ls[i], bins, kGrad ? dmu + i : nullptr, kGrad ? dls + i : nullptr);
+          }
         }
       }
       for (int64_t i = 0; i < n; ++i) lp[i] += e[i];
@@ -256,6 +286,13 @@ FASTVAE_INLINE double forward_chunk(const Layout<T>& L, const T* x, const Bins<T
   }
   logsumexp_rows(w.lp.data(), n, M, n, w.mx.data(), w.lse.data());
   logsumexp_rows(L.logits + r * L.img_logits + s0, S, M, n, w.mx.data(), w.zlse.data());
+}
+
+// Sum over the chunk's pixels of one image's log-likelihood.
+template <typename T>
+FASTVAE_INLINE double forward_chunk(const Layout<T>& L, const T* x, const Bins<T>& bins, int64_t r, int64_t s0,
+                                    int64_t n, Scratch<T>& w) {
+  mixture_terms<false, T>(L, x, bins, r, s0, n, nullptr, nullptr, w);
   double acc = 0.0;
   const T* lse = w.lse.data();
   const T* z = w.zlse.data();
@@ -272,42 +309,9 @@ FASTVAE_INLINE void backward_chunk(const Layout<T>& L, const T* x, const Bins<T>
                                    int64_t n, T g, T* dlogits_img, T* dmeans, T* dlog_scales,
                                    Scratch<T>& w) {
   const int64_t M = L.M, S = L.S;
-  for (int64_t m = 0; m < M; ++m) {
-    T* lp = w.lp.data() + m * n;
-    const T* lg = L.logits + r * L.img_logits + m * S + s0;
-    for (int64_t i = 0; i < n; ++i) lp[i] = lg[i];
-    for (int64_t c = 0; c < L.C; ++c) {
-      const T* xc = x + c * S + s0;
-      const T* mu = channel_means(L, x, r, m, c, s0, n, w.tmp.data());
-      const int64_t off = L.at(r, m, c, s0);
-      const T* ls = L.log_scales + off;
-      T* dmu = dmeans + off;
-      T* dls = dlog_scales + off;
-      T* e = w.e.data();
-      unsigned char* fb = w.fb.data();
-      int flagged = 0;
-#pragma omp simd reduction(+ : flagged)
-      for (int64_t i = 0; i < n; ++i) {
-        bool f;
-        T a, b;
-        e[i] = bin_log_mass_grad(xc[i], mu[i], ls[i], bins, f, a, b);
-        dmu[i] = a;
-        dls[i] = b;
-        fb[i] = f;
-        flagged += f;
-      }
-      if (flagged) {
-        for (int64_t i = 0; i < n; ++i) {
-          if (fb[i]) e[i] = pdf_log_mass<T>(xc[i], mu[i], ls[i], bins, dmu + i, dls + i);
-        }
-      }
-      for (int64_t i = 0; i < n; ++i) lp[i] += e[i];
-    }
-  }
-  T* lse = w.lse.data();
-  T* zlse = w.zlse.data();
-  logsumexp_rows(w.lp.data(), n, M, n, w.mx.data(), lse);
-  logsumexp_rows(L.logits + r * L.img_logits + s0, S, M, n, w.mx.data(), zlse);
+  mixture_terms<true>(L, x, bins, r, s0, n, dmeans, dlog_scales, w);
+  const T* lse = w.lse.data();
+  const T* zlse = w.zlse.data();
   T* gw = w.tmp.data();
   const T* x0 = x + s0;
   const T* x1 = x + S + s0;

@@ -116,6 +116,53 @@ def _bin_log_mass(x, mu, ls_raw, h, log_half_bins, WITH_GRAD: tl.constexpr):
 
 
 @triton.jit
+def _packed_x(x_ptr, xrow, s, ok, S, ACC: tl.constexpr):
+    """Packed (C = 3): x's three channels at the tile's pixels, (1, TILE) each.
+    Apart from _packed_tanh: every inlined call leaves a debug label in the
+    PTX that bounds ptxas's scheduling, and with one helper for both the
+    float16 backward took a register more than before (python -m
+    fastvae.kernels.aot; the instructions are the same)."""
+    x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)[None, :]
+    x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)[None, :]
+    x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)[None, :]
+    return x0, x1, x2
+
+
+@triton.jit
+def _packed_tanh(means_ptr, base, msk, mean_c, coef0, ACC: tl.constexpr):
+    """Packed: tanh of the components' three coefficients, (BM, TILE) each,
+    which couple channel 1's and 2's means to x0 and x1."""
+    t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=msk, other=0.0).to(ACC))
+    t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=msk, other=0.0).to(ACC))
+    t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=msk, other=0.0).to(ACC))
+    return t0, t1, t2
+
+
+@triton.jit
+def _packed_channel(means_ptr, ls_ptr, base, msk, mean_c, mean0, ls0, x0, x1, x2, t0, t1, t2, c: tl.constexpr,
+                    ACC: tl.constexpr):
+    """Packed: (x, mu', log scale) of channel c, mu' PixelCNN++'s coupled
+    mean (m1 + tanh(a0) x0, m2 + tanh(a1) x0 + tanh(a2) x1)."""
+    xc = x0 if c == 0 else (x1 if c == 1 else x2)
+    mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+    if c == 1:
+        mu = mu + t0 * x0
+    if c == 2:
+        mu = mu + t1 * x0 + t2 * x1
+    ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+    return xc, mu, ls
+
+
+@triton.jit
+def _channel(x_ptr, means_ptr, ls_ptr, xrow, s, ok, base, msk, c, S, mean_c, mean0, ls0, ACC: tl.constexpr):
+    """Not packed: (x, mean, log scale) of channel c."""
+    xc = tl.load(x_ptr + xrow + c * S + s, mask=ok, other=0.0).to(ACC)[None, :]
+    mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+    ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+    return xc, mu, ls
+
+
+@triton.jit
 def _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mok, C, S, mean_m, mean_c,
                mean0, ls0, coef0, h, log_half_bins, PACKED: tl.constexpr, ACC: tl.constexpr):
     """(logit, logit + sum_c lp_mc) of the components mm (BM,) at the tile's
@@ -125,27 +172,16 @@ def _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm
     lp = lg
     base = mrow + mm[:, None] * mean_m + s[None, :]
     if PACKED:
-        x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)[None, :]
-        x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)[None, :]
-        x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)[None, :]
-        t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=msk, other=0.0).to(ACC))
-        t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=msk, other=0.0).to(ACC))
-        t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=msk, other=0.0).to(ACC))
+        x0, x1, x2 = _packed_x(x_ptr, xrow, s, ok, S, ACC)
+        t0, t1, t2 = _packed_tanh(means_ptr, base, msk, mean_c, coef0, ACC)
         for c in tl.static_range(3):
-            xc = x0 if c == 0 else (x1 if c == 1 else x2)
-            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
-            if c == 1:
-                mu = mu + t0 * x0
-            if c == 2:
-                mu = mu + t1 * x0 + t2 * x1
-            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+            xc, mu, ls = _packed_channel(means_ptr, ls_ptr, base, msk, mean_c, mean0, ls0, x0, x1, x2, t0, t1, t2, c,
+                                         ACC)
             v, _, _ = _bin_log_mass(xc, mu, ls, h, log_half_bins, False)
             lp += v
     else:
         for c in range(0, C):
-            xc = tl.load(x_ptr + xrow + c * S + s, mask=ok, other=0.0).to(ACC)[None, :]
-            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
-            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+            xc, mu, ls = _channel(x_ptr, means_ptr, ls_ptr, xrow, s, ok, base, msk, c, S, mean_c, mean0, ls0, ACC)
             v, _, _ = _bin_log_mass(xc, mu, ls, h, log_half_bins, False)
             lp += v
     return tl.where(mok[:, None], lg, float("-inf")), tl.where(mok[:, None], lp, float("-inf"))
@@ -157,6 +193,38 @@ def _merge(mx, se, v):
     terms (finite, or -inf in rows past M; at least one row finite)."""
     new = tl.maximum(mx, tl.max(v, axis=0))
     return new, se * tl.exp(mx - new) + tl.sum(tl.exp(v - new[None, :]), axis=0)
+
+
+@triton.jit
+def _image(r, P, C, S, num_bins, img_logits, img_means, ACC: tl.constexpr):
+    """Image r's first x, logit and mean offsets, half a bin and
+    log((num_bins - 1) / 2)."""
+    xrow = (r % P) * C * S
+    lrow = r * img_logits
+    mrow = r * img_means
+    nb1 = (num_bins - 1).to(ACC)
+    return xrow, lrow, mrow, 1.0 / nb1, tl.log(nb1 * 0.5)
+
+
+@triton.jit
+def _normalizers(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, M, C, S, mean_m, mean_c, mean0, ls0,
+                 coef0, h, log_half_bins, PACKED: tl.constexpr, ACC: tl.constexpr, TILE: tl.constexpr,
+                 BM: tl.constexpr):
+    """The running (max, sumexp) over all components of logit_m + sum_c lp_mc
+    and of logit_m at the tile's pixels, (TILE,) each, nothing of size M kept.
+    The callers take the logs: where the backward's row views are made
+    changes ptxas's register allocation."""
+    mx = tl.full([TILE], float("-inf"), ACC)
+    se = tl.zeros([TILE], dtype=ACC)
+    zmx = tl.full([TILE], float("-inf"), ACC)
+    zse = tl.zeros([TILE], dtype=ACC)
+    for m0 in range(0, M, BM):
+        mm = m0 + tl.arange(0, BM)
+        lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mm < M, C, S,
+                            mean_m, mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
+        mx, se = _merge(mx, se, lp)
+        zmx, zse = _merge(zmx, zse, lg)
+    return mx, se, zmx, zse
 
 
 # -- kernels ------------------------------------------------------------------
@@ -179,26 +247,13 @@ def _dlm_fwd_kernel(
     BM: tl.constexpr,  # components a step: 1 on a GPU, all of them under the interpreter
 ):
     r = tl.program_id(0).to(tl.int64)
-    xrow = (r % P) * C * S
-    lrow = r * img_logits
-    mrow = r * img_means
-    nb1 = (num_bins - 1).to(ACC)
-    h = 1.0 / nb1
-    log_half_bins = tl.log(nb1 * 0.5)
+    xrow, lrow, mrow, h, log_half_bins = _image(r, P, C, S, num_bins, img_logits, img_means, ACC)
     acc = tl.zeros([TILE], dtype=ACC)
     for s0 in range(0, S, TILE):
         s = s0 + tl.arange(0, TILE)
         ok = s < S
-        mx = tl.full([TILE], float("-inf"), ACC)
-        se = tl.zeros([TILE], dtype=ACC)
-        zmx = tl.full([TILE], float("-inf"), ACC)
-        zse = tl.zeros([TILE], dtype=ACC)
-        for m0 in range(0, M, BM):
-            mm = m0 + tl.arange(0, BM)
-            lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mm < M, C, S,
-                                mean_m, mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
-            mx, se = _merge(mx, se, lp)
-            zmx, zse = _merge(zmx, zse, lg)
+        mx, se, zmx, zse = _normalizers(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, M, C, S,
+                                        mean_m, mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC, TILE, BM)
         acc += tl.where(ok, (mx + tl.log(se)) - (zmx + tl.log(zse)), 0.0)
     tl.store(out_ptr + r, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
 
@@ -210,22 +265,13 @@ def _store_grads(x_ptr, means_ptr, ls_ptr, dmeans_ptr, dls_ptr, xrow, base, s, o
     their first channel's offsets, (BM, TILE)) and stores g w dlp/dmu,
     g w dlp/dls and, packed, the coefficients' gradients."""
     if PACKED:
-        x0 = tl.load(x_ptr + xrow + s, mask=ok, other=0.0).to(ACC)[None, :]
-        x1 = tl.load(x_ptr + xrow + S + s, mask=ok, other=0.0).to(ACC)[None, :]
-        x2 = tl.load(x_ptr + xrow + 2 * S + s, mask=ok, other=0.0).to(ACC)[None, :]
-        t0 = _tanh(tl.load(means_ptr + coef0 + base, mask=msk, other=0.0).to(ACC))
-        t1 = _tanh(tl.load(means_ptr + coef0 + base + mean_c, mask=msk, other=0.0).to(ACC))
-        t2 = _tanh(tl.load(means_ptr + coef0 + base + 2 * mean_c, mask=msk, other=0.0).to(ACC))
+        x0, x1, x2 = _packed_x(x_ptr, xrow, s, ok, S, ACC)
+        t0, t1, t2 = _packed_tanh(means_ptr, base, msk, mean_c, coef0, ACC)
         dmu1 = tl.zeros_like(gw)
         dmu2 = tl.zeros_like(gw)
         for c in tl.static_range(3):
-            xc = x0 if c == 0 else (x1 if c == 1 else x2)
-            mu = tl.load(means_ptr + mean0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
-            if c == 1:
-                mu = mu + t0 * x0
-            if c == 2:
-                mu = mu + t1 * x0 + t2 * x1
-            ls = tl.load(ls_ptr + ls0 + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+            xc, mu, ls = _packed_channel(means_ptr, ls_ptr, base, msk, mean_c, mean0, ls0, x0, x1, x2, t0, t1, t2, c,
+                                         ACC)
             _, dmu, dls = _bin_log_mass(xc, mu, ls, h, log_half_bins, True)
             dmu = gw * dmu
             if c == 1:
@@ -240,9 +286,9 @@ def _store_grads(x_ptr, means_ptr, ls_ptr, dmeans_ptr, dls_ptr, xrow, base, s, o
         tl.store(dmeans_ptr + coef0 + base + 2 * mean_c, (dmu2 * x1 * (1.0 - t2 * t2)).to(dty), mask=msk)
     else:
         for c in range(0, C):
-            xc = tl.load(x_ptr + xrow + c * S + s, mask=ok, other=0.0).to(ACC)[None, :]
-            mu = tl.load(means_ptr + base + c * mean_c, mask=msk, other=0.0).to(ACC)
-            ls = tl.load(ls_ptr + base + c * mean_c, mask=msk, other=0.0).to(ACC)
+            # literal zeros for mean0 and ls0 (0 in this layout) fold away, as the stores below add
+            # no offset: run-time zeros would cost an add per address
+            xc, mu, ls = _channel(x_ptr, means_ptr, ls_ptr, xrow, s, ok, base, msk, c, S, mean_c, 0, 0, ACC)
             _, dmu, dls = _bin_log_mass(xc, mu, ls, h, log_half_bins, True)
             tl.store(dmeans_ptr + base + c * mean_c, (gw * dmu).to(dmeans_ptr.dtype.element_ty), mask=msk)
             tl.store(dls_ptr + base + c * mean_c, (gw * dls).to(dls_ptr.dtype.element_ty), mask=msk)
@@ -271,23 +317,10 @@ def _dlm_bwd_kernel(
     r = pid // tiles
     s = (pid % tiles) * TILE + tl.arange(0, TILE)
     ok = s < S
-    xrow = (r % P) * C * S
-    lrow = r * img_logits
-    mrow = r * img_means
-    nb1 = (num_bins - 1).to(ACC)
-    h = 1.0 / nb1
-    log_half_bins = tl.log(nb1 * 0.5)
+    xrow, lrow, mrow, h, log_half_bins = _image(r, P, C, S, num_bins, img_logits, img_means, ACC)
     g = tl.load(grad_out_ptr + r).to(ACC)
-    mx = tl.full([TILE], float("-inf"), ACC)
-    se = tl.zeros([TILE], dtype=ACC)
-    zmx = tl.full([TILE], float("-inf"), ACC)
-    zse = tl.zeros([TILE], dtype=ACC)
-    for m0 in range(0, M, BM):
-        mm = m0 + tl.arange(0, BM)
-        lg, lp = _component(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, mm, mm < M, C, S,
-                            mean_m, mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC)
-        mx, se = _merge(mx, se, lp)
-        zmx, zse = _merge(zmx, zse, lg)
+    mx, se, zmx, zse = _normalizers(x_ptr, logits_ptr, means_ptr, ls_ptr, xrow, lrow, mrow, s, ok, M, C, S, mean_m,
+                                    mean_c, mean0, ls0, coef0, h, log_half_bins, PACKED, ACC, TILE, BM)
     lse = (mx + tl.log(se))[None, :]
     zlse = (zmx + tl.log(zse))[None, :]
     for m0 in range(0, M, BM):
