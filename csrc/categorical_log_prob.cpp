@@ -26,8 +26,8 @@ FASTVAE_INLINE void row_state(const H* l, int64_t C, T& shift, double& log_sum) 
   shift = std::isfinite(m) ? m : T(0);
   // Blocks summed in T, their sums in double: a float lane reduction
   // vectorizes on AVX2, where one that widens every term to double did not
-  // (GCC vectorized it only in the AVX-512 clone). A block of 64 terms, each
-  // at most 1, adds at most ~64 ulp of float to a sum of at least 1.
+  // (GCC vectorized it only in the AVX-512 clone). A block of 64 terms is off
+  // by at most ~64 float ulp of its own sum, so the row's sum is too.
   constexpr int64_t kBlock = 64;
   double s = 0.0;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
