@@ -53,6 +53,7 @@ from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
+    EvaluationWarning,
     LogLikelihoodStats,
     evaluate,
     log_likelihood,
@@ -113,6 +114,7 @@ __all__ = [
     "reconstruction_probability",
     "LogLikelihoodStats",
     "EvaluationResult",
+    "EvaluationWarning",
     "poisson_log_prob",
     "negative_binomial_log_prob",
     "zinb_log_prob",

@@ -14,8 +14,10 @@ per sample. Other broadcasts of log_theta or zi_logits are materialized with
 Counts x get no gradient (a count is data, not a parameter): a float x that
 requires grad is read as a constant. Integer x (int64 counts) is accepted and
 read in the parameters' compute dtype; bool is refused. A negative or NaN count
-raises (value check: on CPU at every call, on CUDA at the first); non-integer
-counts give the continuous extension through lgamma (scvi-tools does the same).
+raises (value check: on CPU at every call, on CUDA at the first). Non-integer
+counts warn by the same rule (each likelihood in its own slot): they still give
+the continuous extension through lgamma (scvi-tools does the same), a finite
+number that is no likelihood of normalized or log-transformed data.
 """
 from __future__ import annotations
 
@@ -39,14 +41,10 @@ PARAMS = {
 # -- the public boundary --------------------------------------------------------------
 
 
-def check_counts(x: Tensor, name: str = "x") -> None:
-    """Raise for a negative or NaN count among the values read (the result
-    would be NaN: lgamma(x + 1) of a negative x)."""
-    if not _value_checks._should_check("counts", x):
-        return
-    lo = torch.min(_value_checks._prefix(x)).item()
-    if not lo >= 0:  # also NaN
-        raise ValueError(f"{name} must hold counts >= 0 (the count likelihoods' data), got a value of {lo:.3g}")
+def check_counts(x: Tensor, name: str = "x", likelihood: str = "poisson") -> None:
+    """The count likelihoods' data check (_value_checks.count_data): negative
+    counts raise, non-integer ones warn, in ``likelihood``'s own slot."""
+    _value_checks.count_data(x, name, likelihood)
 
 
 def counts_as(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -230,7 +228,7 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         if not isinstance(t, Tensor):
             raise TypeError(f"decode must return a tensor as the {name}, got {type(t).__name__}")
     check_inputs(x, **dict(zip(names, (first, *items[1:]))))
-    check_counts(x, f"x (likelihood={likelihood!r})")
+    check_counts(x, f"x (likelihood={likelihood!r})", likelihood)
     from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
     from .poisson_log_prob import poisson_log_prob_unchecked
     from .zinb_log_prob import zinb_log_prob_unchecked

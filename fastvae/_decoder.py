@@ -148,6 +148,13 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
     return implied, out
 
 
+def _built_from_logits(d: Distribution) -> bool:
+    """Whether a (Independent of a) torch Bernoulli or ContinuousBernoulli was
+    made with logits= (torch keeps the argument it was given as ``_param``)."""
+    base = d.base_dist if isinstance(d, Independent) else d
+    return type(base) in (Bernoulli, ContinuousBernoulli) and base._param is base.__dict__.get("logits")
+
+
 def output_numel(out: Any, likelihood: str | None, event_ndim: int) -> int:
     """Elements of the tensors in a decoder output (a distribution's parameters):
     what a chunk of the evaluation holds per sample, whatever the likelihood's
@@ -196,8 +203,12 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
     """
     events = x.dim() - batch_ndim
     lead = len(sample_shape) + batch_ndim
-    from_distribution = isinstance(out, Distribution)
-    if from_distribution:  # Bernoulli(probs=p) gives logits of p, which may lie in [0, 1]: not checked
+    probs_given = False  # logits derived from probabilities: no sigmoid check
+    if isinstance(out, Distribution):
+        # Bernoulli(probs=p) gives logits of p, which may lie in [0, 1]: not
+        # checked; Bernoulli(logits=sigmoid(h)) is the raw-output mistake
+        # itself, so logits the user passed are checked like a raw output
+        probs_given = not _built_from_logits(out)
         likelihood, out = _from_distribution(out, likelihood, events)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
@@ -214,12 +225,12 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
     if likelihood == "continuous_bernoulli":
         logits = _check_output("logits", out, x, sample_shape)
-        return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim), flat(logits, lead), from_distribution)
+        return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim), flat(logits, lead), probs_given)
     if likelihood == "bernoulli":
         logits = _check_output("logits", out, x, sample_shape)
         _validate.float_tensors(x=x, logits=logits)
-        _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')")
-        if not from_distribution:
+        _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
+        if not probs_given:
             _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
         return bernoulli_log_prob_unchecked(flat(x, batch_ndim), flat(logits, lead))
     if isinstance(out, (tuple, list)):

@@ -126,11 +126,14 @@ def folded(x2: Tensor, out3: Tensor, var_param: Tensor | None = None):
     form, as a (1, K * P, D) problem; per-row gradients come back through
     unfold_rows."""
     K, P, D = out3.shape
+    # expand-then-reshape copies only when P > 1: with one row (one example
+    # against K samples) it is a stride-0 view, which the kernels refuse, so
+    # .contiguous() makes the per-sample copy in that case too
     if var_param is not None and var_param.dim() == 3:  # per element
         var_param = var_param.reshape(1, K * P, D)
     elif var_param is not None and var_param.dim() == 2:  # per x row: now per sample and row
-        var_param = var_param.expand(K, P, D).reshape(K * P, D)
-    return x2.expand(K, P, D).reshape(K * P, D), out3.reshape(1, K * P, D), var_param
+        var_param = var_param.expand(K, P, D).reshape(K * P, D).contiguous()
+    return x2.expand(K, P, D).reshape(K * P, D).contiguous(), out3.reshape(1, K * P, D), var_param
 
 
 def unfold_rows(t: Tensor, K: int, P: int) -> Tensor:

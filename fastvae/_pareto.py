@@ -97,6 +97,14 @@ def pareto_k(tail: Tensor, k: int) -> Tensor:
     shift = torch.where(empty, 0.0, shift)
     # weights over the threshold (the (M+1)-th largest), relative to the largest
     threshold = torch.exp(t[M] - shift)
-    exceed = (torch.exp(t[:M] - shift) - threshold).flip(0).T  # (n, M), ascending
-    k_hat, _ = gpd_fit(exceed.clamp_min(0.0))
+    exceed = (torch.exp(t[:M] - shift) - threshold).flip(0).T.clamp_min(0.0)  # (n, M), ascending
+    k_hat, _ = gpd_fit(exceed)
+    # Weights tied with the threshold (quantized log-weights) are no exceedances:
+    # as in ArviZ's psislw, only weights strictly above it enter the fit, which
+    # a zero exceedance would otherwise break (a zero quartile: NaN). Such rows
+    # are rare, so each is refitted on its own, shorter tail.
+    tied = (exceed[:, 0] == 0) & ~empty
+    for row in tied.nonzero().flatten().tolist():
+        above = exceed[row][exceed[row] > 0]
+        k_hat[row] = gpd_fit(above[None])[0][0] if above.numel() >= MIN_TAIL else float("nan")
     return torch.where(empty, float("nan"), k_hat)

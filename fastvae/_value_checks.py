@@ -104,31 +104,66 @@ def _range(t: Tensor) -> tuple[float, float]:
     return lo.item(), hi.item()
 
 
-def bernoulli_logits(logits: Tensor, name: str = "logits") -> None:
+# The [0, 1]-data likelihoods' words: each has its own slot (a Bernoulli warning
+# must not silence the continuous Bernoulli's check) and names its own fix.
+_UNIT_DATA = {
+    "bernoulli": ("the Bernoulli likelihood takes binary data or values in [0, 1]",
+                  "torch.distributions.Bernoulli(probs=...)"),
+    "continuous_bernoulli": ("the continuous Bernoulli likelihood is a density on [0, 1]",
+                             "torch.distributions.ContinuousBernoulli(probs=...)"),
+}
+
+
+def bernoulli_logits(logits: Tensor, name: str = "logits", likelihood: str = "bernoulli") -> None:
     """Warn when every value read lies in [0, 1]: probabilities, not logits
     (a fresh decoder's logits straddle 0; one that ends in a sigmoid gives
-    values in (0, 1), which, read as logits, give a wrong likelihood)."""
-    if not _should_check("bernoulli logits", logits):
+    values in (0, 1), which, read as logits, give a wrong likelihood).
+    ``likelihood``: "bernoulli" or "continuous_bernoulli" (its own slot and words)."""
+    kind = f"{likelihood} logits"
+    if not _should_check(kind, logits):
         return
     lo, hi = _range(logits)
     if 0.0 <= lo and 0.0 < hi <= 1.0:  # all zeros: a zero-initialized last layer, not a sigmoid
-        _warn("bernoulli logits",
+        _warn(kind,
             f"{name}: logits expected, but the values lie in [0, 1] (min {lo:.3g}, max {hi:.3g}): did you "
             f"apply a sigmoid? Pass the pre-sigmoid output (drop the final Sigmoid), or return "
-            f"torch.distributions.Bernoulli(probs=...) from decode")
+            f"{_UNIT_DATA[likelihood][1]} from decode (docs/migrating.md)")
 
 
-def bernoulli_data(x: Tensor, name: str = "x") -> None:
-    """Warn when data under the Bernoulli likelihood leaves [0, 1] (raw pixel
-    values, say, or standardized data): the result is then no log-likelihood."""
-    if not _should_check("bernoulli data", x):
+def bernoulli_data(x: Tensor, name: str = "x", likelihood: str = "bernoulli") -> None:
+    """Warn when data under the Bernoulli or continuous Bernoulli likelihood
+    leaves [0, 1] (raw pixel values, say, or standardized data): the result
+    is then no log-likelihood. ``likelihood`` picks the slot and the words."""
+    kind = f"{likelihood} data"
+    if not _should_check(kind, x):
         return
     lo, hi = _range(x)
     if lo < 0.0 or hi > 1.0:
-        _warn("bernoulli data",
-            f"{name} lies outside [0, 1] (min {lo:.3g}, max {hi:.3g}): the Bernoulli likelihood takes binary "
-            f"data or values in [0, 1]. Scale the data into [0, 1] (e.g. pixels / 255), or use "
-            f"likelihood='gaussian' for real-valued data")
+        _warn(kind,
+            f"{name} lies outside [0, 1] (min {lo:.3g}, max {hi:.3g}): {_UNIT_DATA[likelihood][0]}. Scale the "
+            f"data into [0, 1] (e.g. pixels / 255), or use likelihood='gaussian' for real-valued data")
+
+
+def count_data(x: Tensor, name: str, likelihood: str) -> None:
+    """Raise for a negative or NaN count among the values read (the result
+    would be NaN: lgamma(x + 1) of a negative x); warn, in ``likelihood``'s
+    own slot, for a non-integer one (normalized or log1p-transformed
+    expression gives a finite number that is no likelihood of the data, which
+    torch's ``Poisson(validate_args=True)`` refuses)."""
+    kind = f"{likelihood} data"
+    if not _should_check(kind, x):
+        return
+    p = _prefix(x)
+    lo = torch.min(p).item()
+    if not lo >= 0:  # also NaN
+        raise ValueError(f"{name} must hold counts >= 0 (the count likelihoods' data), got a value of {lo:.3g}")
+    if x.is_floating_point() and bool(torch.any(p != torch.round(p))):
+        frac = p[p != torch.round(p)][0].item()
+        _warn(kind,
+            f"{name} holds a non-integer value ({frac:.4g}): likelihood={likelihood!r} is a distribution of "
+            f"counts, so normalized or log-transformed data gives a number that is no log-likelihood. Pass the "
+            f"raw counts (e.g. adata.layers['counts'] in scanpy), or use likelihood='gaussian' for "
+            f"continuous data")
 
 
 def discretized_data(x: Tensor, name: str = "x") -> None:

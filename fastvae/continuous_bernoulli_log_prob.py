@@ -59,8 +59,8 @@ def continuous_bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int 
     _validate.event_dim("logits", logits)
     if type(event_dims) is not int or event_dims < 1:
         event_dims = _validate.positive_int("event_dims", event_dims)
-    _value_checks.bernoulli_data(x)
-    _value_checks.bernoulli_logits(logits)
+    _value_checks.bernoulli_data(x, likelihood="continuous_bernoulli")
+    _value_checks.bernoulli_logits(logits, likelihood="continuous_bernoulli")
     return continuous_bernoulli_log_prob_unchecked(x, logits, event_dims)
 
 
@@ -72,12 +72,13 @@ def continuous_bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dim
     return ContinuousBernoulliLogProb.apply(x, logits)
 
 
-def decoder_log_prob(x: Tensor, logits: Tensor, from_distribution: bool) -> Tensor:
+def decoder_log_prob(x: Tensor, logits: Tensor, probs_given: bool) -> Tensor:
     """likelihood="continuous_bernoulli" in the objectives and evaluation: x
     (*batch, D) against decode(z)'s logits (*sample_shape, *batch, D), shapes
     checked and events flattened by fastvae._decoder."""
     _validate.float_tensors(x=x, logits=logits)
-    _value_checks.bernoulli_data(x, "x (likelihood='continuous_bernoulli')")
-    if not from_distribution:
-        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='continuous_bernoulli')")
+    _value_checks.bernoulli_data(x, "x (likelihood='continuous_bernoulli')", "continuous_bernoulli")
+    if not probs_given:  # logits derived from a distribution's probs= may lie in [0, 1]
+        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='continuous_bernoulli')",
+                                      "continuous_bernoulli")
     return continuous_bernoulli_log_prob_unchecked(x, logits)

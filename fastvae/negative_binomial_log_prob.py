@@ -70,9 +70,12 @@ def negative_binomial_log_prob(x: Tensor, log_mean: Tensor, log_theta: Tensor, *
     Returns:
         log NB summed over D with ``log_mean``'s leading shape:
         -x softplus(-a) - theta softplus(a) + lgamma(x + theta) - lgamma(theta)
-        - lgamma(x + 1), a = log mu - log theta, evaluated in forms that stay exact
-        for large counts and as theta -> inf, where it tends to the Poisson
-        log-likelihood without cancellation (csrc/count_likelihood.h); x = 0
+        - lgamma(x + 1), a = log mu - log theta, evaluated in forms without
+        cancellation for large counts and as theta -> inf, where it tends to the
+        Poisson log-likelihood (csrc/count_likelihood.h): exact to float64
+        rounding in float64; in float32, counts near 1e5 are off by about 0.1
+        nat and the log theta gradient at theta >= 1e6 is mostly rounding, as
+        with any float32 evaluation of these terms (docs/likelihoods.md); x = 0
         gives theta log(theta / (theta + mu)) exactly. float32 for half-precision
         inputs, float64 when any is; differentiable in log_mean and log_theta
         (twice too, through the reference formula).
@@ -80,7 +83,7 @@ def negative_binomial_log_prob(x: Tensor, log_mean: Tensor, log_theta: Tensor, *
     C.check_inputs(x, log_mean=log_mean, log_theta=log_theta)
     if type(event_dims) is not int or event_dims < 1:
         event_dims = _validate.positive_int("event_dims", event_dims)
-    C.check_counts(x)
+    C.check_counts(x, likelihood="negative_binomial")
     return negative_binomial_log_prob_unchecked(x, log_mean, log_theta, event_dims)
 
 

@@ -69,7 +69,7 @@ def poisson_log_prob(x: Tensor, log_rate: Tensor, *, event_dims: int = 1) -> Ten
     C.check_inputs(x, log_rate=log_rate)
     if type(event_dims) is not int or event_dims < 1:
         event_dims = _validate.positive_int("event_dims", event_dims)
-    C.check_counts(x)
+    C.check_counts(x, likelihood="poisson")
     return poisson_log_prob_unchecked(x, log_rate, event_dims)
 
 

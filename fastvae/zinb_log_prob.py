@@ -79,7 +79,7 @@ def zinb_log_prob(x: Tensor, log_mean: Tensor, log_theta: Tensor, zi_logits: Ten
     C.check_inputs(x, log_mean=log_mean, log_theta=log_theta, zi_logits=zi_logits)
     if type(event_dims) is not int or event_dims < 1:
         event_dims = _validate.positive_int("event_dims", event_dims)
-    C.check_counts(x)
+    C.check_counts(x, likelihood="zinb")
     return zinb_log_prob_unchecked(x, log_mean, log_theta, zi_logits, event_dims)
 
 

@@ -932,3 +932,86 @@ def test_categorical_and_continuous_bernoulli_log_likelihood_match_oracle(backen
         got = reconstruction_probability(x, encode, dec, n_samples=K, generator=gen(3), **kw)
         want = torch.logsumexp(log_px, 0) - math.log(K)
         assert_close(got, want, 1 + log_px.abs().max(0).values, f"reconstruction_probability {likelihood}")
+
+
+# -- warnings a user sees (issue 37, 39) ------------------------------------------------
+
+
+def _degenerate(backend_device="cpu"):
+    _, decode = mlp_model(5, 2, "mean", seed=1, device=backend_device)
+    x = make_data(6, 5, "mean").to(backend_device)
+
+    def bad_encode(a):  # a proposal far wider than the posterior: a few samples carry the weight
+        return torch.zeros(a.shape[0], 2, dtype=a.dtype, device=a.device), \
+            torch.full((a.shape[0], 2), 4.0, dtype=a.dtype, device=a.device)
+
+    return x, bad_encode, decode
+
+
+def test_plain_log_likelihood_flags_degenerate_weights_too(backend):
+    """Without return_stats the ESS is at hand (the state of 2 log w), so the
+    plain estimate warns as well, saying what the figure still is and what to do."""
+    x, bad_encode, decode = _degenerate(backend[1])
+    with pytest.warns(fastvae.EvaluationWarning, match=r"degenerate: mean ESS/K = 0\.0\d\d .*stochastic lower "
+                      r"bound.*Use a larger k"):
+        ll = log_likelihood(x, bad_encode, decode, k=200, likelihood="gaussian", generator=gen(0))
+    assert ll.shape == (6,) and torch.isfinite(ll).all()
+    assert issubclass(fastvae.EvaluationWarning, RuntimeWarning)
+
+
+@main_process_only
+def test_evaluation_warnings_repeat_under_pythons_default_filter(tmp_path):
+    """A loop evaluating several models warns for each (Python's default filter
+    shows a repeated warning once per call site; EvaluationWarning is exempt),
+    and a user's own filter still silences them."""
+    script = tmp_path / "loop.py"
+    script.write_text(textwrap.dedent("""
+        import sys, warnings
+        import torch, fastvae
+        if sys.argv[1] == "ignore":
+            warnings.filterwarnings("ignore", category=fastvae.EvaluationWarning)
+        x = torch.linspace(-1, 1, 12).reshape(3, 4)
+        for model in range(3):  # the same call site, the same message each time
+            fastvae.log_likelihood(x, lambda a: (torch.zeros(3, 4), torch.full((3, 4), 6.0)), lambda z: z,
+                                   k=100, likelihood="gaussian", generator=torch.Generator().manual_seed(0))
+    """))
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": ""}
+    for mode, shown in (("default", 3), ("ignore", 0)):
+        run = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stderr.count("EvaluationWarning: the importance weights are degenerate") == shown, run.stderr
+
+
+@main_process_only
+def test_pareto_k_is_finite_on_tied_tails():
+    """Log-weights quantized to a grid of 1/4 tie at the tail's threshold (on
+    this data one example's k̂ was NaN: its zero exceedances gave a zero
+    quartile). As ArviZ's psislw does, only the weights strictly above the
+    threshold are fitted: k̂ is finite and equals the fit of exactly those,
+    taken here from the full sample of weights, not from the streamed tail."""
+    from fastvae import _pareto
+
+    g = torch.Generator().manual_seed(3)
+    K, n = 4000, 6
+    u = torch.rand(K, n, generator=g, dtype=F64)
+    lw = torch.log(2.0 / 0.5 * ((1 - u) ** (-0.5) - 1) + 1)  # weights with a Pareto tail of shape 0.5
+    M = _pareto.tail_size(K)
+    quantized = torch.round(lw * 4) / 4
+    tail = torch.topk(quantized, M + 1, dim=0).values
+    assert (tail[M] == tail[M - 1]).all(), "the test needs ties at the threshold"
+    k_hat = _pareto.pareto_k(tail, K)
+    assert torch.isfinite(k_hat).all(), k_hat
+    for j in range(n):  # ArviZ's rule on the whole column: w > cutoff, exceedances w - cutoff, ascending
+        w = torch.exp(quantized[:, j] - quantized[:, j].max())
+        cutoff = torch.sort(w, descending=True).values[M]
+        above = torch.sort(w[w > cutoff] - cutoff).values
+        assert above.numel() < M  # ties were dropped
+        torch.testing.assert_close(k_hat[j], _pareto.gpd_fit(above[None])[0][0], rtol=1e-12, atol=1e-12)
+    # fewer than 5 weights above the threshold say nothing: NaN (ArviZ: inf)
+    flat = torch.zeros(M + 1, 1, dtype=F64)
+    flat[:3] = 1.0
+    assert torch.isnan(_pareto.pareto_k(flat, K)).all()

@@ -166,3 +166,74 @@ def test_the_digits_mistakes_of_the_issue(backend):
         fastvae.elbo(x / 16, mu, logvar, nn.Sequential(dec, nn.Sigmoid()), likelihood="bernoulli")
     with pytest.warns(UserWarning, match=OUTSIDE):
         fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
+
+
+def test_continuous_bernoulli_has_its_own_slot_and_words(backend):
+    """A Bernoulli warning spends the Bernoulli's slot only: 0..255 data under
+    the continuous Bernoulli still warns afterwards, in its own words."""
+    device = backend[1]
+    x255 = torch.randint(0, 256, (4, 9)).float().to(device)
+    logits = torch.randn(4, 9).to(device)
+    with pytest.warns(UserWarning, match="the Bernoulli likelihood takes binary data"):
+        fastvae.bernoulli_log_prob(x255, logits)
+    with pytest.warns(UserWarning, match=r"continuous Bernoulli likelihood is a density on \[0, 1\]") as record:
+        fastvae.continuous_bernoulli_log_prob(x255, logits)
+    assert not any("binary data" in str(w.message) for w in record)
+    with pytest.warns(UserWarning, match=r"ContinuousBernoulli\(probs=\.\.\.\)"):
+        fastvae.continuous_bernoulli_log_prob(torch.rand(4, 9).to(device), torch.sigmoid(logits))
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "negative_binomial", "zinb"])
+def test_non_integer_counts_warn_in_ops_objectives_and_evaluation(backend, likelihood):
+    """log1p-normalized expression under a count likelihood gives a finite,
+    meaningless number: the op, the objectives and the evaluation warn, each
+    likelihood in its own slot; raw counts (integer-valued floats) do not."""
+    device = backend[1]
+    g = torch.Generator().manual_seed(0)
+    counts = torch.poisson(torch.rand(3, 8, generator=g) * 5, generator=g).to(device)
+    normalized = torch.log1p(counts / counts.sum(-1, keepdim=True) * 1e4)
+    params = [torch.randn(3, 8, generator=g).to(device) for _ in range({"poisson": 1, "negative_binomial": 2,
+                                                                         "zinb": 3}[likelihood])]
+    op = getattr(fastvae, f"{likelihood}_log_prob")
+    _no_warning(lambda: op(counts, *params))
+    with pytest.warns(UserWarning, match=rf"x holds a non-integer value .*likelihood='{likelihood}'.*raw counts"):
+        op(normalized, *params)
+    fastvae.set_value_checks("auto")  # the slot is spent once warned; the objectives' check is the same one
+    if INTERPRET:
+        fastvae.set_value_checks("always")
+    L = 2
+    mu = torch.zeros(3, L, device=device, requires_grad=True)
+    logvar = torch.zeros(3, L, device=device)
+    W = torch.randn(L, 8, generator=g).to(device)
+
+    def decode(z):
+        h = z @ W
+        return h if likelihood == "poisson" else (h, torch.zeros_like(h)) if likelihood == "negative_binomial" \
+            else (h, torch.zeros_like(h), torch.zeros_like(h) - 2)
+
+    _no_warning(lambda: fastvae.elbo(counts, mu, logvar, decode, likelihood=likelihood))
+    with pytest.warns(UserWarning, match=rf"x \(likelihood='{likelihood}'\) holds a non-integer value"):
+        fastvae.iwae(normalized, mu, logvar, decode, k=3, likelihood=likelihood)
+    fastvae.set_value_checks("always")
+    with pytest.warns(UserWarning, match="non-integer"):
+        fastvae.log_likelihood(normalized, lambda x: (mu.detach(), logvar), decode, k=4, likelihood=likelihood)
+
+
+def test_negative_counts_still_raise(backend):
+    device = backend[1]
+    with pytest.raises(ValueError, match="x must hold counts >= 0"):
+        fastvae.poisson_log_prob(torch.tensor([[1.0, -2.0]], device=device), torch.zeros(1, 2, device=device))
+
+
+def test_a_decoder_distribution_built_from_sigmoid_logits_is_checked(backend):
+    """Bernoulli(logits=torch.sigmoid(h)) is the sigmoid mistake inside a
+    distribution: it warns as a raw output does. Bernoulli(probs=...) does not."""
+    x, mu, logvar, logits_decoder, _ = _model(backend[1])
+    td = torch.distributions
+    _no_warning(lambda: fastvae.elbo(x, mu, logvar, lambda z: td.Bernoulli(probs=torch.sigmoid(logits_decoder(z)))))
+    _no_warning(lambda: fastvae.elbo(x, mu, logvar, lambda z: td.Independent(
+        td.Bernoulli(logits=logits_decoder(z)), 1)))
+    with pytest.warns(UserWarning, match=SIGMOID):
+        fastvae.elbo(x, mu, logvar, lambda z: td.Independent(td.Bernoulli(logits=torch.sigmoid(logits_decoder(z))), 1))
+    with pytest.warns(UserWarning, match=SIGMOID):
+        fastvae.iwae(x, mu, logvar, lambda z: td.ContinuousBernoulli(logits=torch.sigmoid(logits_decoder(z))), k=2)
