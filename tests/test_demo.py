@@ -47,3 +47,28 @@ def test_main_job_offers_the_continuous_bernoulli(tmp_path, capsys):
         assert all(math.isfinite(v) for v in bounds.values()), bounds
     with pytest.raises(SystemExit):
         main(["--likelihood", "poisson"])
+
+
+def test_the_readme_quotes_what_the_main_job_prints(tmp_path, monkeypatch):
+    """The README's held-out bounds are what `python -m fastvae` computes with
+    its defaults (the step timing, which varies by machine, is skipped here).
+    The training is deterministic on one machine; 0.02 nats allows the last
+    printed digit to move with another BLAS or CPU."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from fastvae import demo
+
+    fastvae._backend.set_backend(None)
+    monkeypatch.setattr(demo, "time_step", lambda model, losses, xb: {name: 1.0 for name in losses})
+    report = main(["--out", str(tmp_path / "digits.png")])
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = list(report["bounds"])
+    for key in ("ELBO", "IWAE k=50", "log p(x), K=5000"):
+        (line,) = re.findall(rf"^  {re.escape(key)}  +(.+)$", readme, re.M)
+        quoted = [float(v) for v in re.findall(r"-?\d+\.\d+", re.sub(r"± *\d+\.\d+", "", line))]
+        assert len(quoted) == len(names), (key, line)
+        for name, want in zip(names, quoted):
+            assert abs(report["bounds"][name][key] - want) <= 0.02, (key, name, want, report["bounds"][name][key])

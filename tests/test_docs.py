@@ -79,3 +79,25 @@ def test_sanitize_takes_its_tests_from_the_registry():
     sanitize = (root / ".ci" / "sanitize").read_text()
     assert "_registry.interpreter_test_modules()" in sanitize
     assert not re.search(r"tests/test_\w+\.py", sanitize)
+
+
+def test_every_likelihood_is_listed_in_the_docs():
+    """docs/objectives.md's decoder table and docs/likelihoods.md's table name
+    every likelihood= the objectives accept, and the README names each."""
+    from fastvae._decoder import LIKELIHOODS
+
+    root = PAGE.parents[1]
+    objectives = (root / "docs" / "objectives.md").read_text()
+    likelihoods = (root / "docs" / "likelihoods.md").read_text()
+    readme = (root / "README.md").read_text()
+    for name in LIKELIHOODS:
+        assert re.search(rf'^\| `"{name}"` \|', objectives, re.M), f"{name} missing from docs/objectives.md's table"
+        assert re.search(rf'^\| `"{name}"` \|', likelihoods, re.M), f"{name} missing from docs/likelihoods.md's table"
+        assert f'"{name}"' in readme, f"{name} missing from the README"
+
+
+def test_the_readme_says_how_to_get_the_cpu_build_and_links_the_changelog():
+    readme = (PAGE.parents[1] / "README.md").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "(CHANGELOG.md)" in readme and (PAGE.parents[1] / "CHANGELOG.md").exists()
+    assert not re.search(r"\(issue \d+\)", readme), "the README speaks to users: no internal issue numbers"

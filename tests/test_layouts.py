@@ -13,11 +13,14 @@ import torch
 import fastvae
 from fastvae import _backend
 
+from conftest import INTERPRET
 from helpers import assert_close
 
 # K·P·D past the folded layout's threshold at P = 1 (K·D >= 32768 failed) and
-# below it; P = 1, 2 and an odd size
-SHAPES = [(41, 1, 800), (3, 1, 13), (1, 1, 800), (41, 2, 800), (9, 7, 37)]
+# below it; P = 1, 2 and an odd size. The Triton interpreter (about 1 ms a
+# program) takes the small ones: the fold is the cpp backend's path, and the
+# Triton kernels' tiles and sample splits are covered by each op's own tests.
+SHAPES = [(3, 1, 13), (1, 1, 800), (9, 7, 37)] + ([] if INTERPRET else [(41, 1, 800), (41, 2, 800)])
 
 
 def _data(kind, P, D, device, g):
@@ -113,7 +116,7 @@ def _vae(device, D, L=4, seed=0):
     return encode, (lambda z: z @ W)
 
 
-@pytest.mark.parametrize("B", [1, 2, 7])
+@pytest.mark.parametrize("B", [1] if INTERPRET else [1, 2, 7])
 def test_objectives_on_one_example_past_the_fold_threshold(backend, B):
     """iwae(k=50) on one MNIST-size example (K·D = 39200) gives the reference's
     value and gradients; so do the ELBO with many samples and a stride-0 x."""
@@ -145,23 +148,24 @@ def test_objectives_on_one_example_past_the_fold_threshold(backend, B):
 @pytest.mark.filterwarnings("ignore::fastvae.EvaluationWarning")  # a random model: degenerate weights
 def test_log_likelihood_of_one_image_and_a_last_batch_of_one(backend):
     """log_likelihood of one example, and evaluate whose last batch holds one
-    example (301 in batches of 100): as the same examples in one batch."""
+    example (301 in batches of 100; 41 in batches of 20 under the interpreter):
+    as the same examples in one batch."""
     name, device = backend
-    D = 784
+    D, N, per_batch = (784, 301, 100) if not INTERPRET else (784, 41, 20)
     encode, decode = _vae(device, D)
     g = torch.Generator().manual_seed(0)
-    data = (torch.rand(301, D, generator=g) > 0.5).float().to(device)
+    data = (torch.rand(N, D, generator=g) > 0.5).float().to(device)
     with fastvae.use_backend(name if device == "cpu" else None):
         one = fastvae.log_likelihood(data[:1], encode, decode, k=64, likelihood="bernoulli",
                                      generator=torch.Generator(device).manual_seed(1))
         assert one.shape == (1,) and torch.isfinite(one).all()
-        batches = [data[i:i + 100] for i in range(0, 301, 100)]
+        batches = [data[i:i + per_batch] for i in range(0, N, per_batch)]
         assert batches[-1].shape[0] == 1
         res = fastvae.evaluate(batches, encode, decode, k=64, likelihood="bernoulli", progress=False,
                                generator=torch.Generator(device).manual_seed(2))
         whole = fastvae.evaluate([data], encode, decode, k=64, likelihood="bernoulli", progress=False,
                                  generator=torch.Generator(device).manual_seed(2))
-    assert res.n_examples == 301
+    assert res.n_examples == N
     # the noise is a function of each example's global index: the batching changes nothing
     assert_close(res.per_example, whole.per_example, whole.per_example.abs() + 1.0, "per-example log p(x)")
     with fastvae.use_backend("reference"):
