@@ -181,3 +181,17 @@ def test_backend_fixture_is_the_one_serving_the_ops(backend):
     name, device = backend
     x = torch.zeros(1, 3, device=device)
     assert _backend.backend_for(x.device) == ("triton" if device == "cuda" else name)
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test: torch.compile on the CPU path")
+def test_one_example_iwae_compiles_fullgraph():
+    """iwae(k=50) on one MNIST-size example under torch.compile(fullgraph=True):
+    the traced graph takes the same folded layout and gives eager's numbers."""
+    from helpers import assert_compiled_matches_eager
+
+    D = 784
+    encode, decode = _vae("cpu", D)
+    x = (torch.rand(1, D, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    mu, logvar = (t.detach().requires_grad_() for t in encode(x))
+    assert_compiled_matches_eager(lambda x, m, v: fastvae.iwae(x, m, v, decode, k=50, likelihood="bernoulli"),
+                                  (x, mu, logvar), (mu, logvar), rtol=1e-5, atol=1e-4, grad_rtol=1e-4)
