@@ -953,8 +953,8 @@ def test_evaluation_reads_decoders_that_fold_the_samples(backend, form):
         lambda d: log_likelihood(x, encode, d, k=5, chunk_size=2, likelihood=likelihood, generator=gen(3)),
         lambda d: log_likelihood(x, encode, d, k=5, likelihood=likelihood, generator=gen(3)),
         lambda d: reconstruction_probability(x, encode, d, n_samples=3, likelihood=likelihood, generator=gen(4)),
-        lambda d: evaluate([x[:2], x[2:]], encode, d, k=4, chunk_size=3, likelihood=likelihood, progress=False,
-                           generator=gen(5)).log_likelihood,
+        lambda d: torch.tensor(evaluate([x[:2], x[2:]], encode, d, k=4, chunk_size=3, likelihood=likelihood,
+                                        progress=False, generator=gen(5)).log_likelihood),
     ]
     for i, call in enumerate(calls):
         want, got = call(decode), call(folded)
