@@ -209,13 +209,12 @@ def unfold_samples(out: Any, x: Tensor, likelihood: str, sample_shape: tuple[int
     (row s·B + b is sample s of example b); a decoder that folds z in another
     order (z.transpose(0, 1).reshape(-1, L)) is misread without an error.
     The view copies nothing."""
-    lead = len(sample_shape) + batch_ndim
-    if lead < 2:  # nothing to fold: the batch is already one dimension
+    if len(sample_shape) + batch_ndim < 2:  # nothing to fold: the batch is already one dimension
         return out
     first = out if isinstance(out, Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
     events = x.dim() - batch_ndim
     if not isinstance(first, Tensor) or first.dim() != 1 + events + (likelihood == "categorical"):
-        return out  # the common case: not folded (or a wrong shape, which the likelihood's check reports)
+        return out  # not folded (or a wrong shape, which the likelihood's check reports)
     lead_shape = (*sample_shape, *x.shape[:batch_ndim])
     n = 1
     for size in lead_shape:
@@ -257,7 +256,10 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         likelihood, out = _from_distribution(out, likelihood, events)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
-    out = unfold_samples(out, x, likelihood, sample_shape, batch_ndim)
+    # an output of the contract's rank is never folded: one dim() comparison (unfold_samples decides the rest)
+    first = out if isinstance(out, Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
+    if isinstance(first, Tensor) and first.dim() != x.dim() + len(sample_shape) + (likelihood == "categorical"):
+        out = unfold_samples(out, x, likelihood, sample_shape, batch_ndim)
 
     if likelihood == "discretized_logistic_mixture":
         return discretized_logistic_mixture_decoder(x, out, sample_shape, batch_ndim)

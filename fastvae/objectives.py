@@ -385,8 +385,8 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
     else:
         v = importance_weights_from_state(lw, *state) if alpha == 0 else \
             ImportanceWeights.apply((1.0 - alpha) * lw.detach())
-        t = beta * (1.0 - alpha)
-        scale = (1.0 - t) + t * v
+        t = beta if alpha == 0 else beta * (1.0 - alpha)
+        scale = torch.addcmul(1.0 - t, t, v) if isinstance(t, Tensor) else (1.0 - t) + t * v  # one launch
     if z.dtype == scale.dtype:
         z.register_hook(lambda g: _dreg_once(g * scale.unsqueeze(-1)))
     else:  # a half-precision z (an autocast encoder): its gradient keeps z's dtype, scaled in float32
