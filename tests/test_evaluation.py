@@ -28,7 +28,16 @@ from fastvae.evaluation import (
 )
 
 from conftest import INTERPRET
-from helpers import FOLDED_FORMS, assert_close, folded_decoder_case, gen, philox_seed_of, run_gloo_ranks, seed_tensor
+from helpers import (
+    FOLDED_FORMS,
+    INTERPRETER_FOLDED_FORMS,
+    assert_close,
+    folded_decoder_case,
+    gen,
+    philox_seed_of,
+    run_gloo_ranks,
+    seed_tensor,
+)
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)
@@ -934,7 +943,7 @@ def test_categorical_and_continuous_bernoulli_log_likelihood_match_oracle(backen
         assert_close(got, want, 1 + log_px.abs().max(0).values, f"reconstruction_probability {likelihood}")
 
 
-@pytest.mark.parametrize("form", FOLDED_FORMS)
+@pytest.mark.parametrize("form", INTERPRETER_FOLDED_FORMS if INTERPRET else FOLDED_FORMS)
 def test_evaluation_reads_decoders_that_fold_the_samples(backend, form):
     """Issue 39: a decoder that returns (S·B, *event) rows for z (S, B, L), in
     any output form, gives log_likelihood (chunked, with a last chunk of one
