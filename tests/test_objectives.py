@@ -828,6 +828,21 @@ def test_a_tensor_beta_recompiles_nothing():
         eager = fastvae.elbo(x, mu, logvar, decode, beta=b, likelihood="gaussian")
         assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
     assert len(compiles) == 1
+    # iwae's beta (issue 39), DReG's tempered weights included: one graph for every value
+    compiles.clear()
+    mu_leaf = mu.clone().requires_grad_()
+    bound = torch.compile(lambda b: fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg",
+                                                 likelihood="gaussian"), fullgraph=True, backend=backend)
+    for b in (0.1, 0.5, 1.0):
+        torch.manual_seed(3)
+        compiled = bound(torch.tensor(b))
+        (g_compiled,) = torch.autograd.grad(compiled, mu_leaf)
+        torch.manual_seed(3)
+        eager = fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg", likelihood="gaussian")
+        (g_eager,) = torch.autograd.grad(eager, mu_leaf)
+        assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
+        assert torch.allclose(g_compiled, g_eager, rtol=1e-5, atol=1e-6), (b, g_compiled, g_eager)
+    assert len(compiles) == 1
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
