@@ -82,13 +82,14 @@ def as_posterior(q: Any, what: str = "the posterior") -> DiagonalNormal | TrilNo
     raise TypeError(
         f"{what} must be a fastvae.DiagonalNormal or TrilNormal, a torch Normal, Independent(Normal, 1) or "
         f"MultivariateNormal, or a (mu, logvar) pair, got {type(q).__name__}"
-        + (f" of {len(q)} items" if isinstance(q, (tuple, list)) else "") + _SAMPLING_ENCODER)
+        + (f" of {len(q)} items" if isinstance(q, (tuple, list)) else "")
+        + (_SAMPLING_ENCODER if isinstance(q, (tuple, list)) and len(q) == 3 else ""))
 
 
 # An encoder that samples returns z with (mu, logvar); fastvae draws z itself.
-_SAMPLING_ENCODER = (". An encoder that samples z itself (returning (z, mu, logvar) or (mu, logvar, z)) passes "
-                     "only (mu, logvar): fastvae draws z, e.g. encode=lambda x: enc(x)[1:] (docs/migrating.md, "
-                     "'Encoders that sample')")
+_SAMPLING_ENCODER = (". An encoder that samples z itself passes only (mu, logvar): fastvae draws z. Take "
+                     "enc(x)[1:] of (z, mu, logvar), enc(x)[:2] of (mu, logvar, z); for log_likelihood and "
+                     "evaluate, encode=lambda x: enc(x)[1:] (docs/migrating.md, 'Encoders that sample')")
 
 
 def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | TrilNormal, Any]:
