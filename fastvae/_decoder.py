@@ -82,7 +82,14 @@ def as_posterior(q: Any, what: str = "the posterior") -> DiagonalNormal | TrilNo
     raise TypeError(
         f"{what} must be a fastvae.DiagonalNormal or TrilNormal, a torch Normal, Independent(Normal, 1) or "
         f"MultivariateNormal, or a (mu, logvar) pair, got {type(q).__name__}"
-        + (f" of {len(q)} items" if isinstance(q, (tuple, list)) else ""))
+        + (f" of {len(q)} items" if isinstance(q, (tuple, list)) else "")
+        + (_SAMPLING_ENCODER if isinstance(q, (tuple, list)) and len(q) == 3 else ""))
+
+
+# An encoder that samples returns z with (mu, logvar); fastvae draws z itself.
+_SAMPLING_ENCODER = (". An encoder that samples z itself passes only (mu, logvar): fastvae draws z. Take "
+                     "enc(x)[1:] of (z, mu, logvar), enc(x)[:2] of (mu, logvar, z); for log_likelihood and "
+                     "evaluate, encode=lambda x: enc(x)[1:] (docs/migrating.md, 'Encoders that sample')")
 
 
 def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | TrilNormal, Any]:
@@ -97,8 +104,18 @@ def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | 
         return as_posterior(mu), decode
     if decode is None or logvar is None:
         raise TypeError("pass (x, mu, logvar, decode), or (x, q, decode) with q a fastvae.DiagonalNormal, "
-                        "TrilNormal or a torch Normal / MultivariateNormal")
+                        "TrilNormal or a torch Normal / MultivariateNormal"
+                        + _posterior_sequence_hint(mu))
     return DiagonalNormal(mu, logvar), decode  # validates mu and logvar
+
+
+def _posterior_sequence_hint(mu: Any) -> str:
+    """The error's tail when the encoder's output came as one tuple."""
+    if not isinstance(mu, (tuple, list)):
+        return ""
+    if len(mu) == 2:
+        return f"; the posterior came as a {type(mu).__name__} of 2 items: unpack it, (x, *encoder(x), decode)"
+    return f"; the posterior came as a {type(mu).__name__} of {len(mu)} items" + _SAMPLING_ENCODER
 
 
 _REQUIRED = (
@@ -168,16 +185,55 @@ def output_numel(out: Any, likelihood: str | None, event_ndim: int) -> int:
     return 0
 
 
-def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...]) -> Tensor:
+def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...], batch_ndim: int = 1) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"decode must return a tensor as the {name}, got {type(out).__name__}")
     want = (*sample_shape, *x.shape)
     if tuple(out.shape) != want:
         raise ValueError(
             f"decode returned {'' if name == 'logits' else 'a '}{name} of shape {tuple(out.shape)}; expected {want} "
-            f"(sample shape {sample_shape} followed by x's shape {tuple(x.shape)})"
+            f"(sample shape {sample_shape} followed by x's shape {tuple(x.shape)})."
+            + _validate.decoder_shape_hint(x, sample_shape, batch_ndim, tuple(x.shape[batch_ndim:]))
         )
     return out
+
+
+def unfold_samples(out: Any, x: Tensor, likelihood: str, sample_shape: tuple[int, ...], batch_ndim: int) -> Any:
+    """A decoder output whose samples are folded into the batch, viewed with
+    z's leading shape: decode(z) for z (S, *B, L) may return (S·B, *event)
+    (a conv decoder that ran on z.reshape(-1, L)) instead of (S, *B, *event).
+
+    How it decides: the output's first tensor (the mean, logits, log rate or
+    mixture logits) is folded when it has exactly one leading dimension, of
+    size N = S·prod(B), before the dimensions one example's output has
+    (x's event shape, and the classes for "categorical"). The expected shape
+    has len(z.shape) - 1 >= 2 leading dimensions, so the two never have the
+    same number of dimensions, and no output that fits the contract is ever
+    reshaped. Then every tensor of the output with a leading N and at least
+    the event's dimensions is viewed as (S, *B, ...); a parameter that only
+    broadcasts (a per-channel logvar, a per-gene log theta) has fewer
+    dimensions and is left as it is. What cannot be checked is the order of
+    the N rows: they must be sample-major, as z.reshape(-1, L) gives them
+    (row s·B + b is sample s of example b); a decoder that folds z in another
+    order (z.transpose(0, 1).reshape(-1, L)) is misread without an error.
+    The view copies nothing."""
+    if len(sample_shape) + batch_ndim < 2:  # nothing to fold: the batch is already one dimension
+        return out
+    first = out if isinstance(out, Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
+    events = x.dim() - batch_ndim
+    if not isinstance(first, Tensor) or first.dim() != 1 + events + (likelihood == "categorical"):
+        return out  # not folded (or a wrong shape, which the likelihood's check reports)
+    lead_shape = (*sample_shape, *x.shape[:batch_ndim])
+    n = 1
+    for size in lead_shape:
+        n *= size
+    if first.shape[0] != n:
+        return out
+
+    def unfold(t: Any) -> Any:
+        return t.unflatten(0, lead_shape) if isinstance(t, Tensor) and t.dim() > events and t.shape[0] == n else t
+
+    return unfold(out) if isinstance(out, Tensor) else type(out)(unfold(t) for t in out)
 
 
 def _flat_events(t: Tensor, lead: int) -> Tensor:
@@ -212,6 +268,10 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         likelihood, out = _from_distribution(out, likelihood, events)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
+    # an output of the contract's rank is never folded: one dim() comparison (unfold_samples decides the rest)
+    first = out if isinstance(out, Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
+    if isinstance(first, Tensor) and first.dim() != x.dim() + len(sample_shape) + (likelihood == "categorical"):
+        out = unfold_samples(out, x, likelihood, sample_shape, batch_ndim)
 
     if likelihood == "discretized_logistic_mixture":
         return discretized_logistic_mixture_decoder(x, out, sample_shape, batch_ndim)
@@ -220,14 +280,16 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         return t if events == 1 else _flat_events(t, lead_dims)
 
     if likelihood in _count_likelihood.COUNT_LIKELIHOODS:
-        return _count_likelihood.decoder_log_prob(x, out, likelihood, sample_shape, events, _check_output)
+        return _count_likelihood.decoder_log_prob(
+            x, out, likelihood, sample_shape, events,
+            lambda name, t, x_, shape: _check_output(name, t, x_, shape, batch_ndim))
     if likelihood == "categorical":  # x integer classes, logits (..., C)
         return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
     if likelihood == "continuous_bernoulli":
-        logits = _check_output("logits", out, x, sample_shape)
+        logits = _check_output("logits", out, x, sample_shape, batch_ndim)
         return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim), flat(logits, lead), probs_given)
     if likelihood == "bernoulli":
-        logits = _check_output("logits", out, x, sample_shape)
+        logits = _check_output("logits", out, x, sample_shape, batch_ndim)
         _validate.float_tensors(x=x, logits=logits)
         _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
         if not probs_given:
@@ -239,7 +301,7 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
                 f"for likelihood='gaussian' decode returns the mean or a (mean, logvar) pair, "
                 f"got a sequence of {len(out)} items"
             )
-        mean = _check_output("mean", out[0], x, sample_shape)
+        mean = _check_output("mean", out[0], x, sample_shape, batch_ndim)
         logvar = out[1]
         if not isinstance(logvar, Tensor):
             raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
@@ -249,5 +311,5 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
             logvar = flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead)
         return gaussian_log_prob(flat(x, batch_ndim), flat(mean, lead), logvar)
-    mean = _check_output("mean", out, x, sample_shape)
+    mean = _check_output("mean", out, x, sample_shape, batch_ndim)
     return gaussian_log_prob(flat(x, batch_ndim), flat(mean, lead))

@@ -184,3 +184,20 @@ def data_tensor(name: str, t, likelihood=None) -> None:
             and not t.dtype.is_complex and t.dtype != torch.bool):
         return
     float_tensors(**{name: t})
+
+
+def decoder_shape_hint(x: torch.Tensor, sample_shape: tuple, batch_ndim: int, per_example: tuple) -> str:
+    """The two remedies for a decoder output of the wrong shape, for the
+    error's tail: the reshape lambda, and (where z has a sample or a second
+    batch dimension to fold) the folded (S·B, ...) form that
+    fastvae._decoder.unfold_samples reads. ``per_example``: the shape one
+    example's output has (x's event shape; with the classes for categorical)."""
+    lead = (*sample_shape, *x.shape[:batch_ndim])
+    dims = ", ".join(str(d) for d in per_example)
+    hint = (f" A decoder that runs on z.reshape(-1, L) (a conv net) can reshape its output back: "
+            f"decode = lambda z: net(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:-1], {dims})")
+    if len(lead) > 1:
+        n = math.prod(lead)
+        hint += (f"; or return the folded rows as they are, shape ({n}, {dims}) with the samples first "
+                 f"(z.reshape(-1, L)'s order), which fastvae reads as {lead}")
+    return hint + " (docs/migrating.md)."

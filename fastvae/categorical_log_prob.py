@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _backend, _value_checks
+from . import _backend, _validate, _value_checks
 from ._double_backward import _acc
 from ._likelihood_layout import broadcast_x, kernel_shape
 from ._op import define, run, shaped
@@ -177,7 +177,9 @@ def decoder_log_prob(x: Tensor, logits: Any, sample_shape: tuple[int, ...], batc
     want = (*sample_shape, *x.shape)
     if tuple(logits.shape[:-1]) != want:
         raise ValueError(f"decode returned logits of shape {tuple(logits.shape)}; expected {(*want, 'C')} "
-                         f"(sample shape {sample_shape}, x's shape {tuple(x.shape)}, then the classes)")
+                         f"(sample shape {sample_shape}, x's shape {tuple(x.shape)}, then the classes)."
+                         + _validate.decoder_shape_hint(x, sample_shape, batch_ndim,
+                                                        (*x.shape[batch_ndim:], logits.shape[-1])))
     check_classes(x, logits.shape[-1], "x (likelihood='categorical')")
     if x.dim() - batch_ndim != 1:  # (C, H, W) events: one flat event of class rows
         lead = len(sample_shape) + batch_ndim

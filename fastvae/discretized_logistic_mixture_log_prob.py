@@ -236,5 +236,6 @@ def decoder_log_prob(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_n
     want = (*sample_shape, *x.shape[:batch_ndim])
     if tuple(tensors[0].shape[:-3]) != want:
         raise ValueError(f"decode returned parameters of leading shape {tuple(tensors[0].shape[:-3])}; expected "
-                         f"{want} (sample shape {sample_shape} followed by x's batch shape)")
+                         f"{want} (sample shape {sample_shape} followed by x's batch shape)."
+                         + _validate.decoder_shape_hint(x, sample_shape, batch_ndim, tuple(tensors[0].shape[-3:])))
     return discretized_logistic_mixture_log_prob_unchecked(x, tensors, 256)

@@ -78,7 +78,8 @@ class IWAETerms(NamedTuple):
     # over the k samples; the bound does not use it
     kl: Tensor
     ess: Tensor  # effective sample size of the k importance weights, in [1, k]
-    log_weights: Tensor  # log p(x, z_k) - log q(z_k | x), shape (k, ...)
+    # log p(x | z_k) + beta (log p(z_k) - log q(z_k | x)) (beta = 1: log p(x, z_k) - log q(z_k | x)), shape (k, ...)
+    log_weights: Tensor
 
 
 # -- argument checks -----------------------------------------------------------
@@ -276,7 +277,10 @@ def elbo(
             (any batch shape works: mu's leading shape, then the event). The
             likelihood sums over every event dimension, with no copy for a
             contiguous decoder output. A conv decoder takes z (..., L) in one
-            line: ``lambda z: net(z.reshape(-1, L)).reshape(*z.shape[:-1], C, H, W)``.
+            line: ``lambda z: net(z.reshape(-1, L))``, whose (S·B, C, H, W)
+            rows (the samples folded into the batch, in z.reshape's order)
+            are read as (S, B, C, H, W) (docs/objectives.md, "The decoder
+            convention").
         mu, logvar: the encoder's output for x, shape (B, L): q(z|x) =
             N(mu, diag(exp(logvar))). logvar is the log-variance, 2 log(std):
             a standard deviation passed here gives a finite, wrong bound that
@@ -353,7 +357,7 @@ def elbo(
 
 
 def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
-                  state: tuple[Tensor, Tensor] | None) -> None:
+                  state: tuple[Tensor, Tensor] | None, beta: float | Tensor = 1.0) -> None:
     """DReG (Tucker et al. 2018): the encoder gets sum_k c_k dlw_k/dz_k dz_k/dphi
     with the score term (d log q / d phi) dropped and replaced by its
     reparameterized equivalent. For the bound (1/(1-a)) logmeanexp((1-a) lw),
@@ -364,13 +368,25 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
     from the sampler, in stop-score mode) reaches the encoder only through z
     inside the sampler's backward, so its gradient gets the same scale.
     ``state``: the bound's (lw_max, sumexp) of lw at alpha = 0, from which the
-    weights take one launch."""
+    weights take one launch.
+
+    With the latent term tempered by beta (lw = log p(x|z) + beta (log p(z) -
+    log q(z|x))), the score term that DReG replaces is beta times as large, so
+    c_k = v_k (1 - t (1 - v_k)) with t = beta (1 - alpha): the hook's factor is
+    (1 - t) + t v_k, which is alpha + (1 - alpha) v_k at beta = 1 (and 1 at
+    beta = 0, where no log q enters lw and there is no score term to replace)."""
     if not z.requires_grad:  # no gradient will flow (no_grad, a fixed encoder): the value is the same
         return
-    if alpha == 0:  # the IWAE bound: c_k = w~_k^2, and no arithmetic launches around the weights
+    untempered = isinstance(beta, float) and beta == 1.0
+    if alpha == 0 and untempered:  # the IWAE bound: c_k = w~_k^2, and no arithmetic launches around the weights
         scale = importance_weights_from_state(lw, *state)  # 0 for an all -inf column
-    else:
+    elif untempered:
         scale = alpha + (1.0 - alpha) * ImportanceWeights.apply((1.0 - alpha) * lw.detach())
+    else:
+        v = importance_weights_from_state(lw, *state) if alpha == 0 else \
+            ImportanceWeights.apply((1.0 - alpha) * lw.detach())
+        t = beta if alpha == 0 else beta * (1.0 - alpha)
+        scale = torch.addcmul(1.0 - t, t, v) if isinstance(t, Tensor) else (1.0 - t) + t * v  # one launch
     if z.dtype == scale.dtype:
         z.register_hook(lambda g: _dreg_once(g * scale.unsqueeze(-1)))
     else:  # a half-precision z (an autocast encoder): its gradient keeps z's dtype, scaled in float32
@@ -401,7 +417,8 @@ def _bound(lw: Tensor, alpha: float) -> tuple[Tensor, tuple[Tensor, Tensor] | No
     return logmeanexp_with_state((1.0 - alpha) * lw)[0] / (1.0 - alpha), None
 
 
-def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior, want_kl=False):
+def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduction, generator, prior,
+          want_kl=False):
     """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and
     iwae_terms; kl is None unless want_kl (the bound does not use it)."""
     q, decode = posterior_args(mu, logvar, decode)
@@ -414,6 +431,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     alpha = _validate.real("alpha", alpha)
+    beta = _validate.real("beta", beta, minimum=0.0, tensor_ok=True)
     stop_score = estimator != "iwae"
 
     hooked = None  # the latent term whose gradient reaches the encoder outside z (DReG scales it too)
@@ -436,10 +454,11 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, 
     elif not isinstance(prior, StandardNormal):
         kl = analytic_kl(q, prior)
     reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,), mu.dim() - 1)
-    lw = reconstruction + latent
+    # beta tempers the latent term of each log-weight; at 1.0 (the IWAE bound) no launch is added
+    lw = reconstruction + (latent if isinstance(beta, float) and beta == 1.0 else beta * latent)
     bound, state = _bound(lw, alpha)
     if estimator == "dreg":
-        _dreg_z_scale(z, hooked, lw, alpha, state)
+        _dreg_z_scale(z, hooked, lw, alpha, state, beta)
     return bound, reconstruction, kl, lw
 
 
@@ -453,6 +472,7 @@ def iwae_terms(
     likelihood: str | None = None,
     estimator: str = "iwae",
     alpha: float = 0.0,
+    beta: float | Tensor = 1.0,
     reduction: str = "mean",
     generator: torch.Generator | None = None,
     prior: Any = None,
@@ -461,7 +481,7 @@ def iwae_terms(
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
     bound, reconstruction, kl, lw = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
-        alpha=alpha, reduction=reduction, generator=generator, prior=prior, want_kl=True,
+        alpha=alpha, beta=beta, reduction=reduction, generator=generator, prior=prior, want_kl=True,
     )
     with torch.no_grad():
         ess = EffectiveSampleSize.apply(lw.detach())[0]
@@ -481,12 +501,14 @@ def iwae(
     likelihood: str | None = None,
     estimator: str = "iwae",
     alpha: float = 0.0,
+    beta: float | Tensor = 1.0,
     reduction: str = "mean",
     generator: torch.Generator | None = None,
     prior: Any = None,
 ) -> Tensor:
     """The importance-weighted bound log (1/k) sum_k w_k (Burda et al. 2015),
-    log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q(z|x).
+    log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q(z|x)
+    (with beta, log p(x|z_k) + beta (log p(z_k) - log q(z_k|x))).
 
     Higher is better: train with ``loss = -fastvae.iwae(...)``.
 
@@ -513,6 +535,20 @@ def iwae(
         alpha: Renyi-alpha (variational Renyi) bound
             logmeanexp((1-alpha) lw) / (1-alpha). alpha = 0 is IWAE; alpha -> 1
             tends to the ELBO mean_k lw_k, and alpha = 1 returns exactly that.
+        beta: weight of the latent term in each log-weight (>= 0; a KL
+            warm-up or a beta-VAE-style IWAE): lw_k = log p(x|z_k) +
+            beta (log p(z_k) - log q(z_k|x)), for every estimator and alpha.
+            A tempered bound: for beta != 1 it bounds log of the integral of
+            p(x|z) p(z)^beta q(z|x)^(1-beta) over z, not log p(x) (the IWAE
+            bound approaches it from below as k grows). At k = 1 it is the
+            single-sample Monte Carlo estimate of the beta-ELBO
+            E_q[log p(x|z)] - beta KL(q || p), whose expectation that is
+            (fastvae.elbo uses the analytic KL instead). "dreg" weights the
+            encoder's path derivatives by v_k (1 - beta (1-alpha) (1 - v_k)),
+            from the tempered lw, so it stays unbiased for the tempered bound.
+            Accepted as elbo's beta (a 0-d tensor schedule is used as is, no
+            host sync); beta = 1.0 adds no operation. Evaluate models with
+            the untempered bound.
 
     Returns:
         The bound, a scalar (or per-example for reduction="none"); float32
@@ -526,6 +562,6 @@ def iwae(
     """
     bound = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
-        alpha=alpha, reduction=reduction, generator=generator, prior=prior,
+        alpha=alpha, beta=beta, reduction=reduction, generator=generator, prior=prior,
     )[0]
     return _reduce(bound, reduction)  # no ESS pass: only iwae_terms reports it

@@ -2,6 +2,8 @@
 tolerance: |actual - expected| <= rtol * scale, where scale bounds the size of
 the terms that produced the value (so a sum of large terms that cancels is
 judged against the terms, not against its small result). NaN never passes."""
+import math
+
 import torch
 
 # Relative tolerance per dtype of the tensor under test (computed from the
@@ -88,3 +90,83 @@ def assert_compiled_matches_eager(fn, args, params, *, torch_seed=0, rtol=1e-5, 
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=grad_rtol, atol=atol)
+
+
+# -- decoders that fold the samples into the batch (issue 39) -------------------
+
+FOLDED_FORMS = ("mean", "mean_logvar", "mean_channel_logvar", "normal", "independent_normal", "logits",
+                "bernoulli_probs", "continuous_bernoulli", "categorical", "poisson", "negative_binomial", "zinb",
+                "mixture_packed", "mixture_tuple")
+# The view happens before any kernel runs, so the Triton interpreter child (about
+# 1 ms a program, 40 s for the mixture forms alone) checks two forms that reach
+# its kernels; the main process checks them all on the reference and C++ backends.
+INTERPRETER_FOLDED_FORMS = ("mean_logvar", "bernoulli_probs")
+
+
+def folded_decoder_case(form, device, B=3, L=2, seed=0):
+    """(x, likelihood, decode, folded_decode) for one decoder output form on
+    image-shaped x (B, C, H, W): decode honours the (..., L) -> (..., *event)
+    contract, folded_decode runs the same network on z.reshape(-1, L) and
+    returns its (S·B, *event) rows as they are (a conv decoder's habit). Both
+    compute the same numbers, so the objectives must agree bit for bit."""
+    import torch.distributions as dist
+
+    g = torch.Generator().manual_seed(seed)
+    C, H, W = (3, 2, 2) if form.startswith("mixture") else (2, 3, 2)
+    M = 2
+    if form == "categorical":
+        x = torch.randint(0, 4, (B, C, H, W), generator=g)
+    elif form in ("poisson", "negative_binomial", "zinb"):
+        x = torch.randint(0, 6, (B, C, H, W), generator=g).double()
+    elif form.startswith("mixture"):
+        x = torch.randint(0, 256, (B, C, H, W), generator=g).double() / 127.5 - 1
+    elif form in ("logits", "bernoulli_probs", "continuous_bernoulli"):
+        x = torch.rand(B, C, H, W, generator=g, dtype=torch.float64)
+    else:
+        x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    event = (C, H, W)
+    pieces = {  # per-example shape of each output tensor
+        "categorical": [(*event, 4)],
+        "mean_logvar": [event, event], "normal": [event, event], "independent_normal": [event, event],
+        "negative_binomial": [event], "zinb": [event, event, event],
+        "mixture_packed": [(10 * M, H, W)], "mixture_tuple": [(M, H, W), (M, C, H, W), (M, C, H, W)],
+    }.get(form, [event])
+    sizes = [math.prod(p) for p in pieces]
+    weight = (torch.randn(L, sum(sizes), generator=g, dtype=torch.float64) * 0.5).to(device)
+    channel_logvar = (torch.randn(C, 1, 1, generator=g, dtype=torch.float64) * 0.3).to(device)
+    gene_theta = torch.randn(*event, generator=g, dtype=torch.float64).to(device)  # per element of one example
+
+    def finish(parts):
+        if form == "mean":
+            return parts[0]
+        if form == "mean_logvar":
+            return parts[0], parts[1] * 0.3
+        if form == "mean_channel_logvar":
+            return parts[0], channel_logvar
+        if form == "normal":
+            return dist.Normal(parts[0], (parts[1] * 0.15).exp())
+        if form == "independent_normal":
+            return dist.Independent(dist.Normal(parts[0], (parts[1] * 0.15).exp()), 3)
+        if form == "bernoulli_probs":
+            return dist.Bernoulli(probs=torch.sigmoid(parts[0]))
+        if form == "negative_binomial":
+            return parts[0], gene_theta
+        if form == "zinb":
+            return parts[0], parts[1], parts[2]
+        if form == "mixture_tuple":
+            return parts[0], parts[1].tanh(), parts[2] * 0.2 - 2
+        return parts[0]
+
+    def run(z, fold):
+        flat = z.reshape(-1, z.shape[-1]) @ weight  # (N, sum(sizes)): the net sees a flat batch
+        parts = [p.reshape(-1, *shape) for p, shape in zip(flat.split(sizes, -1), pieces)]
+        if not fold:
+            parts = [p.unflatten(0, z.shape[:-1]) for p in parts]
+        return finish(parts)
+
+    likelihood = {"mean": "gaussian", "mean_logvar": "gaussian", "mean_channel_logvar": "gaussian",
+                  "logits": "bernoulli", "continuous_bernoulli": "continuous_bernoulli",
+                  "categorical": "categorical", "poisson": "poisson", "negative_binomial": "negative_binomial",
+                  "zinb": "zinb", "mixture_packed": "discretized_logistic_mixture",
+                  "mixture_tuple": "discretized_logistic_mixture"}.get(form)  # None: the distribution implies it
+    return x.to(device), likelihood, (lambda z: run(z, False)), (lambda z: run(z, True))

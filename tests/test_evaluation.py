@@ -28,7 +28,16 @@ from fastvae.evaluation import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, gen, philox_seed_of, run_gloo_ranks, seed_tensor
+from helpers import (
+    FOLDED_FORMS,
+    INTERPRETER_FOLDED_FORMS,
+    assert_close,
+    folded_decoder_case,
+    gen,
+    philox_seed_of,
+    run_gloo_ranks,
+    seed_tensor,
+)
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)
@@ -932,6 +941,34 @@ def test_categorical_and_continuous_bernoulli_log_likelihood_match_oracle(backen
         got = reconstruction_probability(x, encode, dec, n_samples=K, generator=gen(3), **kw)
         want = torch.logsumexp(log_px, 0) - math.log(K)
         assert_close(got, want, 1 + log_px.abs().max(0).values, f"reconstruction_probability {likelihood}")
+
+
+@pytest.mark.parametrize("form", INTERPRETER_FOLDED_FORMS if INTERPRET else FOLDED_FORMS)
+def test_evaluation_reads_decoders_that_fold_the_samples(backend, form):
+    """Issue 39: a decoder that returns (S·B, *event) rows for z (S, B, L), in
+    any output form, gives log_likelihood (chunked, with a last chunk of one
+    sample and the decoder-width probe), reconstruction_probability and
+    evaluate exactly what the contract's shape gives."""
+    _, device = backend
+    x, likelihood, decode, folded = folded_decoder_case(form, device)
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(x[0].numel(), 4, generator=g, dtype=F64).to(device) * 0.1
+
+    def encode(t):  # (mu, logvar) of each row of t, whichever rows evaluate's batches hold
+        mu, logvar = (t.flatten(1).to(F64) @ W).chunk(2, -1)
+        return mu, logvar
+
+    calls = [
+        lambda d: log_likelihood(x, encode, d, k=5, chunk_size=2, likelihood=likelihood, generator=gen(3)),
+        lambda d: log_likelihood(x, encode, d, k=5, likelihood=likelihood, generator=gen(3)),
+        lambda d: reconstruction_probability(x, encode, d, n_samples=3, likelihood=likelihood, generator=gen(4)),
+        lambda d: torch.tensor(evaluate([x[:2], x[2:]], encode, d, k=4, chunk_size=3, likelihood=likelihood,
+                                        progress=False, generator=gen(5)).log_likelihood),
+    ]
+    for i, call in enumerate(calls):
+        want, got = call(decode), call(folded)
+        assert torch.isfinite(want).all(), (form, i)
+        assert torch.equal(got, want), (form, i, got, want)
 
 
 # -- warnings a user sees (issue 37, 39) ------------------------------------------------

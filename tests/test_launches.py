@@ -115,6 +115,10 @@ def _cases():
         "elbo gaussian": objective(fastvae.elbo, decode=dec_gaussian, likelihood="gaussian"),
         "iwae": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli"),
         "iwae dreg": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg"),
+        # issue 39: a KL warm-up's 0-d tensor beta (beta=1.0, the default, is the untempered path above)
+        "iwae tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", beta=torch.tensor(0.5)),
+        "iwae dreg tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg",
+                                        beta=torch.tensor(0.5)),
         "sample_normal": op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L)),
         "bernoulli_log_prob": op(lambda lg: fastvae.bernoulli_log_prob(x, lg), (K, B, D)),
         "gaussian_log_prob": op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D)),
@@ -203,6 +207,16 @@ def test_objective_launches_do_not_grow(counter, name):
 def test_objective_launches_meet_the_target(counter, name):
     total, detail = _objective_total(counter, name)
     assert total <= OBJECTIVE_LIMITS[name], detail
+
+
+@pytest.mark.parametrize("name, extra", [("iwae", 2), ("iwae dreg", 4)])
+def test_a_tempered_iwae_adds_only_beta_s_products(counter, name, extra):
+    """beta != 1 (a 0-d tensor schedule) multiplies the latent term (forward,
+    and its gradient backward), and for DReG forms the hook's factor
+    (1 - t) + t v (two more); no host sync, whatever the value."""
+    plain, detail = _objective_total(counter, name)
+    tempered, tempered_detail = _objective_total(counter, name + " tempered")
+    assert tempered <= plain + extra, (detail, tempered_detail)
 
 
 @pytest.mark.parametrize("name", list(OP_LIMITS))

@@ -13,7 +13,16 @@ import fastvae
 from fastvae import reference
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, assert_compiled_matches_eager, gen, philox_seed_of
+from helpers import (
+    FOLDED_FORMS,
+    INTERPRETER_FOLDED_FORMS,
+    RTOL,
+    assert_close,
+    assert_compiled_matches_eager,
+    folded_decoder_case,
+    gen,
+    philox_seed_of,
+)
 
 
 def same_noise(seed, n_samples, shape, device="cpu"):
@@ -49,12 +58,14 @@ def ref_log_lik(model, x, z):
     return D.Normal(out, 1.0).log_prob(x).sum(-1)
 
 
-def ref_log_weights(model, x, mu, logvar, eps, stop_score=False):
+def ref_log_weights(model, x, mu, logvar, eps, stop_score=False, beta=1.0):
+    """log p(x|z) + beta (log p(z) - log q(z|x)), z = mu + sigma eps (beta = 1: the IWAE log-weights)."""
     z = mu + torch.exp(logvar / 2) * eps
     qm, qlv = (mu.detach(), logvar.detach()) if stop_score else (mu, logvar)
     log_q = D.Normal(qm, torch.exp(qlv / 2)).log_prob(z).sum(-1)
     log_p = D.Normal(0.0, 1.0).log_prob(z).sum(-1)
-    return ref_log_lik(model, x, z) + log_p - log_q
+    latent = log_p - log_q
+    return ref_log_lik(model, x, z) + (latent if beta == 1.0 else beta * latent)
 
 
 def ref_renyi(lw, alpha):
@@ -123,17 +134,27 @@ def test_elbo_matches_torch_distributions(backend, p, n_samples, beta, reduction
               sum(grads(expected[0], mu, logvar, model), ()))
 
 
+# beta: the tempered log-weights (issue 39), as a Python float or a 0-d tensor schedule
+betas = st.tuples(st.sampled_from([1.0, 1.0, 0.3, 0.0, 2.5]), st.booleans())
+
+
+def beta_arg(beta, as_tensor, device):
+    return torch.tensor(beta, dtype=torch.float64, device=device) if as_tensor else beta
+
+
 @given(p=problem_params, k=st.sampled_from([1, 2, 7]), alpha=st.sampled_from([0.0, 0.5, 1.0, -0.5]),
-       estimator=st.sampled_from(["iwae", "stl"]))
-def test_iwae_and_stl_match_torch_distributions(backend, p, k, alpha, estimator):
+       estimator=st.sampled_from(["iwae", "stl"]), beta=betas)
+def test_iwae_and_stl_match_torch_distributions(backend, p, k, alpha, estimator, beta):
     _, device = backend
+    (beta, as_tensor) = beta
     learned = p["learned_var"] and p["likelihood"] == "gaussian"
     x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"], device=device)
     out = fastvae.iwae_terms(x, mu, logvar, model, k=k, likelihood=p["likelihood"], estimator=estimator,
-                             alpha=alpha, reduction="sum", generator=gen(p["seed"]))
+                             alpha=alpha, beta=beta_arg(beta, as_tensor, device), reduction="sum",
+                             generator=gen(p["seed"]))
 
     eps = same_noise(p["seed"], k, mu.shape, device)
-    lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=estimator == "stl")
+    lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=estimator == "stl", beta=beta)
     bound = ref_renyi(lw, alpha).sum()
     z = mu + torch.exp(logvar / 2) * eps
     w = torch.softmax(lw, 0)
@@ -144,25 +165,30 @@ def test_iwae_and_stl_match_torch_distributions(backend, p, k, alpha, estimator)
               sum(grads(bound, mu, logvar, model), ()))
 
 
-@given(p=problem_params, k=st.sampled_from([1, 3, 8]), alpha=st.sampled_from([0.0, 0.5, -1.0, 1.0]))
-def test_dreg_matches_explicit_formula_and_hooked_reference(backend, p, k, alpha):
+@given(p=problem_params, k=st.sampled_from([1, 3, 8]), alpha=st.sampled_from([0.0, 0.5, -1.0, 1.0]), beta=betas)
+def test_dreg_matches_explicit_formula_and_hooked_reference(backend, p, k, alpha, beta):
     """Encoder: sum_k c_k dlw_k/dz_k dz_k/dphi with c = v (alpha + (1 - alpha) v),
     v = softmax((1 - alpha) lw) (w~^2 at alpha = 0, Tucker et al. 2018), built
     without hooks; and the same from a reference with a hook on z. Decoder:
-    the IWAE gradient."""
+    the IWAE gradient. With beta (tempered lw = log p(x|z) + beta (log p(z) -
+    log q)), the score term is beta times as large: c = v (1 - t (1 - v)),
+    t = beta (1 - alpha), with v from the tempered lw."""
     _, device = backend
+    (beta, as_tensor) = beta
     learned = p["learned_var"] and p["likelihood"] == "gaussian"
     x, mu, logvar, model = make_problem(p["B"], p["L"], p["D_"], p["likelihood"], learned, p["seed"], device=device)
     out = fastvae.iwae(x, mu, logvar, model, k=k, likelihood=p["likelihood"], estimator="dreg",
-                       alpha=alpha, reduction="sum", generator=gen(p["seed"]))
+                       alpha=alpha, beta=beta_arg(beta, as_tensor, device), reduction="sum", generator=gen(p["seed"]))
     (dmu, dlv), ddec = grads(out, mu, logvar, model)
 
     eps = same_noise(p["seed"], k, mu.shape, device)
-    lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=True)
+    lw = ref_log_weights(model, x, mu, logvar, eps, stop_score=True, beta=beta)
     v = torch.softmax((1 - alpha) * lw, 0).detach()
-    surrogate = ((v * (alpha + (1 - alpha) * v)) * lw).sum()
+    t = beta * (1 - alpha)
+    factor = (1 - t) + t * v  # alpha + (1 - alpha) v at beta = 1
+    surrogate = ((v * factor) * lw).sum()
     (emu, elv), _ = grads(surrogate, mu, logvar, model)
-    lw_full = ref_log_weights(model, x, mu, logvar, eps)
+    lw_full = ref_log_weights(model, x, mu, logvar, eps, beta=beta)
     _, edec = grads(ref_renyi(lw_full, alpha).sum(), mu, logvar, model)
     assert_close(out, ref_renyi(lw_full, alpha).sum(), lw_full.abs().sum() + 1, "dreg value")
     check_all("dreg encoder", [dmu, dlv], [emu, elv])
@@ -170,9 +196,9 @@ def test_dreg_matches_explicit_formula_and_hooked_reference(backend, p, k, alpha
 
     # the reference the issue names: the IWAE objective with a hook on z
     z = mu + torch.exp(logvar / 2) * eps
-    lw_h = ref_log_lik(model, x, z) + D.Normal(0.0, 1.0).log_prob(z).sum(-1) \
-        - D.Normal(mu.detach(), torch.exp(logvar.detach() / 2)).log_prob(z).sum(-1)
-    z.register_hook(lambda g: g * (alpha + (1 - alpha) * v).unsqueeze(-1))
+    log_q_stopped = D.Normal(mu.detach(), torch.exp(logvar.detach() / 2)).log_prob(z).sum(-1)
+    lw_h = ref_log_lik(model, x, z) + beta * (D.Normal(0.0, 1.0).log_prob(z).sum(-1) - log_q_stopped)
+    z.register_hook(lambda g: g * factor.unsqueeze(-1))
     (hmu, hlv), _ = grads(ref_renyi(lw_h, alpha).sum(), mu, logvar, model)
     check_all("dreg vs hooked reference", [dmu, dlv], [hmu, hlv])
 
@@ -241,7 +267,7 @@ def test_decoder_gradient_of_iwae_and_dreg_agree(backend):
 # -- estimator statistics ---------------------------------------------------------
 
 
-def _encoder_gradients(estimator, k, n):
+def _encoder_gradients(estimator, k, n, beta=1.0):
     """n independent estimates of d bound / d (mu, logvar) for one fixed x:
     rows of leaf encoder outputs, one per replicate (reduction="sum" keeps
     them separate)."""
@@ -251,7 +277,7 @@ def _encoder_gradients(estimator, k, n):
     mu = torch.tensor([[0.3, -0.2]], dtype=torch.float64).repeat(n, 1).requires_grad_()
     logvar = torch.tensor([[-0.5, 0.4]], dtype=torch.float64).repeat(n, 1).requires_grad_()
     bound = fastvae.iwae(x, mu, logvar, model, k=k, estimator=estimator, reduction="sum", generator=gen(77),
-                         likelihood="gaussian")
+                         likelihood="gaussian", beta=beta)
     dmu, dlv = torch.autograd.grad(bound, [mu, logvar])
     return torch.cat([dmu, dlv], 1)  # (n, 4)
 
@@ -273,6 +299,82 @@ def test_dreg_is_unbiased_with_lower_variance(k):
         diff = g_iwae - g_stl
         z = diff.mean(0) / (diff.std(0) / math.sqrt(n))
         assert (z.abs() > 20).any(), z
+
+
+@pytest.mark.skipif(INTERPRET, reason="a statistical property of the estimator, 20000 draws: the main process "
+                    "checks it; the Triton DReG gradients match the formula in test_dreg_matches_explicit_formula")
+@pytest.mark.parametrize("beta", [0.3, 2.0])
+def test_dreg_stays_unbiased_for_the_tempered_bound(beta):
+    """Issue 39: with beta != 1 DReG's encoder gradient has the plain IWAE
+    gradient's mean for the tempered bound, which the factor (1 - beta) + beta
+    w~ needs: the untempered w~^2 alone would be biased (checked too)."""
+    n, k = 20000, 8
+    g_iwae, g_dreg = (_encoder_gradients(e, k, n, beta) for e in ("iwae", "dreg"))
+    diff = g_iwae - g_dreg
+    z = diff.mean(0) / (diff.std(0) / math.sqrt(n))
+    assert (z.abs() < 4.5).all(), z
+    assert (g_dreg.var(0) < g_iwae.var(0)).all()
+    # the same draws, weighted by w~^2 (the beta = 1 factor): z-scores far from 0
+    g_stl = _encoder_gradients("stl", k, n, beta)  # the path derivative weighted by w~ alone
+    torch.manual_seed(0)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.3]], dtype=torch.float64).expand(n, 4)
+    mu = torch.tensor([[0.3, -0.2]], dtype=torch.float64).repeat(n, 1).requires_grad_()
+    logvar = torch.tensor([[-0.5, 0.4]], dtype=torch.float64).repeat(n, 1).requires_grad_()
+    eps = same_noise(77, k, mu.shape)
+    lw = ref_log_weights(Model(2, 4, "gaussian", seed=5), x, mu, logvar, eps, stop_score=True, beta=beta)
+    w = torch.softmax(lw, 0).detach()
+    naive = torch.cat(torch.autograd.grad((w * w * lw).sum(), [mu, logvar]), 1)
+    # DReG's c = (1 - beta) w~ + beta w~^2 mixes STL's and the untempered DReG's: the identity holds per draw
+    torch.testing.assert_close(g_dreg, (1 - beta) * g_stl + beta * naive, rtol=1e-9, atol=1e-12)
+    diff = g_iwae - naive
+    z = diff.mean(0) / (diff.std(0) / math.sqrt(n))
+    assert (z.abs() > 10).any(), z
+
+
+def test_iwae_beta_one_changes_no_bit(backend):
+    """beta = 1 in any form (the default float, an int, NumPy, a 0-d tensor)
+    gives the untempered bound's value and gradients bit for bit, every
+    estimator and alpha: the float takes the untempered path, and a tensor 1
+    multiplies exactly."""
+    import numpy as np
+
+    _, device = backend
+    x, mu, logvar, model = make_problem(4, 3, 5, "bernoulli", seed=11, device=device)
+    for estimator in ("iwae", "dreg", "stl"):
+        for alpha in (0.0,) if INTERPRET else (0.0, 0.5):  # the interpreter: about 1 ms a program
+            kw = dict(k=6, likelihood="bernoulli", estimator=estimator, alpha=alpha, reduction="sum")
+            want = fastvae.iwae(x, mu, logvar, model, generator=gen(2), **kw)
+            want_g = sum(grads(want, mu, logvar, model), ())
+            for beta in (1, np.float32(1.0), torch.tensor(1.0, device=device)):
+                got = fastvae.iwae(x, mu, logvar, model, generator=gen(2), beta=beta, **kw)
+                assert torch.equal(got, want), (estimator, alpha, beta)
+                for a, b in zip(sum(grads(got, mu, logvar, model), ()), want_g):
+                    assert torch.equal(a, b), (estimator, alpha, beta)
+
+
+@pytest.mark.skipif(INTERPRET, reason="a statistical identity, 20000 draws: the main process checks it")
+def test_iwae_k1_with_beta_estimates_the_beta_elbo():
+    """At k = 1 the tempered bound is log p(x|z) + beta (log p(z) - log q(z|x)):
+    a single-sample estimate whose mean is the beta-ELBO rec - beta KL, which
+    fastvae.elbo computes with the analytic KL (paired: the same seed draws
+    the same z, so the difference is beta (latent + KL); z-score below 4.5)."""
+    n, beta = 20000, 0.4
+    model = Model(2, 4, "gaussian", seed=5)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.3]], dtype=torch.float64).expand(n, 4)
+    mu = torch.tensor([[0.3, -0.2]], dtype=torch.float64).repeat(n, 1)
+    logvar = torch.tensor([[-0.5, 0.4]], dtype=torch.float64).repeat(n, 1)
+    with torch.no_grad():
+        tempered = fastvae.iwae(x, mu, logvar, model, k=1, beta=beta, likelihood="gaussian", reduction="none",
+                                generator=gen(5))
+        beta_elbo = fastvae.elbo(x, mu, logvar, model, beta=beta, likelihood="gaussian", reduction="none",
+                                 generator=gen(5))
+    diff = tempered - beta_elbo
+    assert abs(diff.mean() / (diff.std() / math.sqrt(n))) < 4.5
+    # ... and not the untempered ELBO's mean: they differ by (1 - beta) KL
+    with torch.no_grad():
+        untempered = fastvae.elbo(x, mu, logvar, model, likelihood="gaussian", reduction="none", generator=gen(5))
+    diff = tempered - untempered
+    assert abs(diff.mean() / (diff.std() / math.sqrt(n))) > 10
 
 
 # -- free bits, reductions, decoders ----------------------------------------------
@@ -356,6 +458,10 @@ def test_elbo_validation(kwargs, err, match):
     (dict(k=2.0), TypeError, "k must be an int"),
     (dict(estimator="vimco"), ValueError, "estimator"),
     (dict(alpha=float("inf")), ValueError, "alpha"),
+    (dict(beta=-0.5), ValueError, "beta must be >= 0"),
+    (dict(beta=float("nan")), ValueError, "beta must be finite"),
+    (dict(beta="1"), TypeError, "beta must be a real number"),
+    (dict(beta=torch.ones(2)), TypeError, "beta must be a real scalar"),
 ])
 def test_iwae_validation(kwargs, err, match):
     x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
@@ -722,6 +828,21 @@ def test_a_tensor_beta_recompiles_nothing():
         eager = fastvae.elbo(x, mu, logvar, decode, beta=b, likelihood="gaussian")
         assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
     assert len(compiles) == 1
+    # iwae's beta (issue 39), DReG's tempered weights included: one graph for every value
+    compiles.clear()
+    mu_leaf = mu.clone().requires_grad_()
+    bound = torch.compile(lambda b: fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg",
+                                                 likelihood="gaussian"), fullgraph=True, backend=backend)
+    for b in (0.1, 0.5, 1.0):
+        torch.manual_seed(3)
+        compiled = bound(torch.tensor(b))
+        (g_compiled,) = torch.autograd.grad(compiled, mu_leaf)
+        torch.manual_seed(3)
+        eager = fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg", likelihood="gaussian")
+        (g_eager,) = torch.autograd.grad(eager, mu_leaf)
+        assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
+        assert torch.allclose(g_compiled, g_eager, rtol=1e-5, atol=1e-6), (b, g_compiled, g_eager)
+    assert len(compiles) == 1
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -972,3 +1093,55 @@ def test_categorical_likelihood_is_refused_with_float_x_and_named_errors(backend
         fastvae.elbo(x + 1, mu, logvar, decode, likelihood="categorical")
     with pytest.raises(ValueError, match=r"expected \(3, 5, 'C'\)"):
         fastvae.elbo(x, mu, logvar, lambda z: decode(z)[:, :4], likelihood="categorical")
+
+
+# -- decoders that fold the samples into the batch (issue 39) ----------------------
+
+
+@pytest.mark.parametrize("form", INTERPRETER_FOLDED_FORMS if INTERPRET else FOLDED_FORMS)
+def test_a_decoder_may_return_samples_folded_into_the_batch(backend, form):
+    """decode(z) for z (S, B, L) may return (S·B, *event), as a conv decoder run
+    on z.reshape(-1, L) does: every output form (tensors, tuples, torch
+    distributions, every likelihood) gives the contract's values and
+    gradients bit for bit, for elbo with n_samples > 1 and every iwae
+    estimator, and with a two-dimensional batch."""
+    _, device = backend
+    x, likelihood, decode, folded = folded_decoder_case(form, device)
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(x.shape[0], 2, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    logvar = (0.3 * torch.randn(x.shape[0], 2, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    calls = [
+        lambda d: fastvae.elbo(x, mu, logvar, d, likelihood=likelihood, n_samples=3, reduction="sum",
+                               generator=gen(3)),
+        lambda d: fastvae.iwae(x, mu, logvar, d, k=4, likelihood=likelihood, reduction="sum", generator=gen(4)),
+        lambda d: fastvae.iwae_terms(x, mu, logvar, d, k=4, likelihood=likelihood, estimator="dreg", beta=0.5,
+                                     reduction="sum", generator=gen(4)).bound,
+        # a (2, 1)-batch: z (2, 1, L) at n_samples=1 is folded to 2 rows as well
+        lambda d: fastvae.elbo(x[:2].unsqueeze(1), mu[:2].unsqueeze(1), logvar[:2].unsqueeze(1), d,
+                               likelihood=likelihood, reduction="sum", generator=gen(5)),
+    ]
+    for i, call in enumerate(calls):
+        want, got = call(decode), call(folded)
+        assert torch.isfinite(want), (form, i)
+        assert torch.equal(got, want), (form, i, got, want)
+        for a, b in zip(torch.autograd.grad(got, [mu, logvar]), torch.autograd.grad(want, [mu, logvar])):
+            assert torch.equal(a, b), (form, i)
+
+
+def test_a_wrong_decoder_shape_names_both_remedies():
+    """Where the output is neither the contract's shape nor the folded one, the
+    error names the reshape lambda and the folded form with its exact shape."""
+    x, likelihood, decode, folded = folded_decoder_case("mean", "cpu")
+    mu, logvar = torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)
+    flat_rows = lambda z: folded(z).flatten(1)  # noqa: E731 (events flattened too: (12, 12))
+    with pytest.raises(ValueError, match=r"(?s)shape \(12, 12\); expected \(4, 3, 2, 3, 2\).*"
+                       r"reshape\(\*z\.shape\[:-1\], 2, 3, 2\).*shape \(12, 2, 3, 2\).*reads as \(4, 3\)"):
+        fastvae.iwae(x, mu, logvar, flat_rows, k=4, likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"(?s)shape \(3, 12\); expected \(3, 2, 3, 2\).*reshape") as info:
+        fastvae.elbo(x, mu, logvar, lambda z: decode(z).flatten(1), likelihood="gaussian")
+    assert "folded" not in str(info.value)  # one sample of a one-dimensional batch: nothing to fold
+    for form, match in (("categorical", r"(?s)expected \(4, 3, 2, 3, 2, 'C'\).*shape \(12, 2, 3, 2, 4\)"),
+                        ("mixture_packed", r"(?s)expected \(4, 3\).*shape \(12, 20, 2, 2\)")):
+        x, likelihood, decode, folded = folded_decoder_case(form, "cpu")
+        with pytest.raises(ValueError, match=match):
+            fastvae.iwae(x, mu, logvar, lambda z, folded=folded: folded(z)[:-1], k=4, likelihood=likelihood)
