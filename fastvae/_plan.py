@@ -41,9 +41,11 @@ from torch import Tensor
 
 from . import _backend, _double_backward
 
-# Every output the plans allocate: the tests' fixture poisons them with NaN
+# Every output the plans allocate is empty_like a template of its shape, dtype
+# and device that the plan keeps (torch.empty_like costs about a third of
+# torch.empty with a shape); the tests' fixture poisons them with NaN
 # (tests/conftest.py), as it does _backend.empty_output's.
-empty = torch.empty
+empty = torch.empty_like
 
 
 def _kernels(module: str):
@@ -100,9 +102,10 @@ class SamplePlan:
         self.N, self.L, self.K, self.n_samples = N, L, K, n_samples
         self.dtype, self.device = dtype, device
         self.with_ratio, self.stop_score = with_ratio, stop_score
-        self.z_shape = shape if n_samples is None else torch.Size((K, *shape))
-        self.kl_shape = shape[:-1]
-        self.ratio_shape = torch.Size((K, *shape[:-1]))
+        z_shape = shape if n_samples is None else torch.Size((K, *shape))
+        self.z_like = torch.empty(z_shape, dtype=dtype, device=device)
+        self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
+        self.ratio_like = torch.empty((K, *shape[:-1]), dtype=dtype, device=device) if with_ratio else None
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
         self.forward = None
         if N * L > 0:
@@ -149,9 +152,8 @@ class Sample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, plan, link):
-        z = empty(plan.z_shape, dtype=plan.dtype, device=plan.device)
-        kl = empty(plan.kl_shape, dtype=plan.dtype, device=plan.device)
-        ratio = empty(plan.ratio_shape, dtype=plan.dtype, device=plan.device) if plan.with_ratio else None
+        z, kl = empty(plan.z_like), empty(plan.kl_like)
+        ratio = empty(plan.ratio_like) if plan.with_ratio else None
         if plan.forward is not None:
             plan.forward(mu, logvar, seed, z, kl, kl if ratio is None else ratio, *plan.ints)
         else:
@@ -175,8 +177,7 @@ class Sample(torch.autograd.Function):
                 grad_z = _dreg_once(grad_z)
             return (*_double_backward.sample_normal(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
                                                     mu.view(plan.N, plan.L), plan.K), None, None, None)
-        dmu = empty(mu.shape, dtype=mu.dtype, device=mu.device)
-        dlogvar = empty(mu.shape, dtype=mu.dtype, device=mu.device)
+        dmu, dlogvar = empty(mu), empty(logvar)
         if plan.N * plan.L == 0:
             return dmu, dlogvar, None, None, None
         grad_z = None if grad_z is None else grad_z.contiguous()
@@ -206,7 +207,7 @@ class TailPlan:
                  reduction: str, batch_shape: torch.Size, iwae: bool):
         self.likelihood, self.K, self.P, self.D = likelihood, K, P, D
         self.dtype, self.device, self.reduction, self.iwae = dtype, device, reduction, iwae
-        self.rec_shape = torch.Size((K, *batch_shape)) if iwae else batch_shape
+        self.rec_like = torch.empty((K, *batch_shape) if iwae else batch_shape, dtype=dtype, device=device)
         self.n = batch_shape.numel() if reduction == "mean" else 1
         self.divisors = None  # (2, *batch): n, then -n (objectives._ReducedDifference's backward)
         if not iwae and reduction != "none":
@@ -230,6 +231,9 @@ class TailPlan:
             self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
         acc = _backend.accumulation_dtype(dtype)
+        if iwae:  # the log-mean-exp's value and column state
+            self.value_like = torch.empty(batch_shape, dtype=dtype, device=device)
+            self.state_like = torch.empty((P,), dtype=acc, device=device)
         self.placeholder = torch.empty((1,), dtype=acc, device=device)
         self.counters = torch.empty((1,), dtype=torch.int32, device=device)
         if iwae:
@@ -249,7 +253,7 @@ class TailPlan:
         """log p(x | z) (rec_shape) for the decoder output ``out``: the logits,
         or the packed (..., 2 D) Gaussian output whose second half is ``logvar``
         (its first half, the mean, starts where out does)."""
-        rec = empty(self.rec_shape, dtype=self.dtype, device=self.device)
+        rec = empty(self.rec_like)
         if logvar is None:
             self.lik_forward(x, out, rec, *self.lik_ints)
         else:
@@ -259,7 +263,7 @@ class TailPlan:
 
     def log_prob_backward(self, grad_rec: Tensor, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
         """The gradient of the decoder output ``out`` (log_prob's) given grad_rec's."""
-        dout = empty(out.shape, dtype=out.dtype, device=out.device)
+        dout = empty(out)
         if logvar is None:
             self.lik_backward(grad_rec, x, out, dout, dout, self.placeholder, self.counters, *self.lik_backward_ints)
         else:  # dmean starts where dout does, dlogvar D further: one buffer, written in place
@@ -269,6 +273,10 @@ class TailPlan:
 
 
 def _halves(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, logvar) as halves of a copy of packed for the create_graph replay:
+    of packed itself they would be views of the decoder's own output, which the
+    general path reads whole, and the replay's gradient would bypass packed."""
+    packed = packed.clone()
     D = packed.shape[-1] // 2
     return packed[..., :D], packed[..., D:]
 
@@ -309,15 +317,17 @@ class ElboTail(torch.autograd.Function):
                 bound = _general_elbo_tail(x, dec, kl, plan.likelihood, beta, plan.reduction)
             dx, dout, dkl = _replay_grads(bound, (x, out, kl), ctx.needs_input_grad[:3], g)
             return dx, dout, dkl, None, None, None
+        needs = ctx.needs_input_grad
         if plan.divisors is None:
-            grad_rec, grad_w = g, -g
+            grad_rec = g.contiguous()
+            dkl = -g if needs[2] else None
         else:
-            both = g / plan.divisors
-            grad_rec, grad_w = both[0], both[1]
-        dkl = None
-        if ctx.needs_input_grad[2]:
-            dkl = grad_w if beta == 1.0 else grad_w * beta
-        dout = plan.log_prob_backward(grad_rec, x, out, ctx.logvar) if ctx.needs_input_grad[1] else None
+            # both's first row is the reconstruction's gradient: the kernel reads it from both's start
+            grad_rec = both = g / plan.divisors
+            dkl = both[1] if needs[2] else None
+        if dkl is not None and beta != 1.0:
+            dkl = dkl * beta
+        dout = plan.log_prob_backward(grad_rec, x, out, ctx.logvar) if needs[1] else None
         return None, dout, dkl, None, None, None
 
 
@@ -333,17 +343,14 @@ class IwaeTail(torch.autograd.Function):
         rec = plan.log_prob(x, out, logvar)
         lw = rec + latent
         M = plan.P
-        acc = _backend.accumulation_dtype(plan.dtype)
-        value = empty(plan.rec_shape[1:], dtype=plan.dtype, device=plan.device)
-        lw_max = empty((M,), dtype=acc, device=plan.device)
-        sumexp = empty((M,), dtype=acc, device=plan.device)
+        value, lw_max, sumexp = empty(plan.value_like), empty(plan.state_like), empty(plan.state_like)
         if plan.lme_forward is not None:
             plan.lme_forward(lw, lw, sumexp, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
                              *plan.lme_ints)
         else:
             plan.lme_kern.logmeanexp_forward(lw.view(plan.K, M), lw_max, sumexp, value.view(M), None)
         if dreg and latent.requires_grad:
-            scale = empty(lw.shape, dtype=plan.dtype, device=plan.device)
+            scale = empty(lw)
             plan.lme_backward(lw, lw_max, sumexp, plan.ones, plan.ones, plan.ones, scale, plan.K, M)
             link.scale = scale
         ctx.save_for_backward(x, out, latent, lw, lw_max, sumexp)
@@ -372,10 +379,18 @@ class IwaeTail(torch.autograd.Function):
             grad_value = g.expand(M).contiguous()
         else:
             grad_value = g.contiguous()
-        dlw = empty(lw.shape, dtype=plan.dtype, device=plan.device)
+        dlw = empty(lw)
         plan.lme_backward(lw, lw_max, sumexp, grad_value, grad_value, grad_value, dlw, plan.K, M)
         dlatent = None
         if ctx.needs_input_grad[2]:
             dlatent = dlw if scale is None else dlw * scale
         dout = plan.log_prob_backward(dlw, x, out, ctx.logvar) if ctx.needs_input_grad[1] else None
         return None, dout, dlatent, None, None, None, None
+
+
+# Function.apply without its Python wrapper (which binds default arguments and
+# unwraps dead functorch wrappers, a third of a small Function's cost): the
+# objectives call these only outside functorch transforms, with plain tensors.
+sample = super(torch.autograd.Function, Sample).apply
+elbo_tail = super(torch.autograd.Function, ElboTail).apply
+iwae_tail = super(torch.autograd.Function, IwaeTail).apply

@@ -130,7 +130,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
 # test_launches.py counts what each call launches on the CUDA path (issue 23);
 # test_double_backward.py checks every op's create_graph gradient (issue 25).
 INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py",
-                     "test_launches.py", "test_double_backward.py", "test_value_checks.py", "test_autocast.py")
+                     "test_launches.py", "test_double_backward.py", "test_value_checks.py", "test_autocast.py",
+                     "test_plan.py")
 
 
 def interpreter_test_modules() -> list[str]:

@@ -24,6 +24,7 @@ from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import not_twice
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
+from .gaussian_log_prob import packed_mean_logvar
 from .kl_normal import kl_normal
 from .logmeanexp import (
     EffectiveSampleSize,
@@ -34,7 +35,6 @@ from .logmeanexp import (
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .sample_normal_tril import SampleNormalTril
-from .gaussian_log_prob import packed_mean_logvar
 
 REDUCTIONS = ("mean", "sum", "none")
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -160,16 +160,19 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
     triton backend in eager mode, tensors (x, mu, logvar) of one float32 or
     float64 dtype and device, contiguous, x without a gradient, the standard
     normal prior, a "bernoulli" or "gaussian" likelihood; else None (the
-    general path, which checks the arguments and says what is wrong)."""
-    if (not _plan.ENABLED or type(mu) is not Tensor or type(logvar) is not Tensor or type(x) is not Tensor
-            or prior is not None or likelihood not in _LEAN_LIKELIHOODS or reduction not in REDUCTIONS or not callable(decode)
+    general path, which checks the arguments and says what is wrong). Asks
+    is_compiling first: torch.compile then traces nothing else here (and
+    guards on none of the globals read below)."""
+    if (torch.compiler.is_compiling() or not _plan.ENABLED or type(mu) is not Tensor or type(logvar) is not Tensor
+            or type(x) is not Tensor or prior is not None or likelihood not in _LEAN_LIKELIHOODS
+            or reduction not in REDUCTIONS or not callable(decode)
             or (generator is not None and type(generator) is not torch.Generator)):
         return None
     device = mu.device
     if (_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton":
         return None
-    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-            or torch.is_autocast_enabled(device.type)):
+    if (torch._C._get_tracing_state() is not None or torch.is_autocast_enabled(device.type)
+            or torch._C._are_functorch_transforms_active() or _wrapped(mu) or _wrapped(logvar) or _wrapped(x)):
         return None
     dtype = mu.dtype
     if (dtype not in _LEAN_DTYPES or logvar.dtype is not dtype or x.dtype is not dtype or x.device != device
@@ -177,6 +180,9 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
             or not logvar.is_contiguous() or not x.is_contiguous()):
         return None
     return device
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _lean_beta(beta: Any) -> float | None:
@@ -199,7 +205,7 @@ def _lean_output(out: Any, likelihood: str, shape: torch.Size, lead: int, dtype:
     plan's dtype and device; else None (the general tail)."""
     if likelihood == "bernoulli":
         if (type(out) is not Tensor or out.shape != shape or out.dtype is not dtype or out.device != device
-                or not out.is_contiguous()):
+                or not out.is_contiguous() or _wrapped(out)):
             return None
         if not _value_checks.settled("bernoulli data", "bernoulli logits"):
             return None  # the general tail runs the value checks (the first call of each kind on this path)
@@ -208,7 +214,7 @@ def _lean_output(out: Any, likelihood: str, shape: torch.Size, lead: int, dtype:
         return None
     mean, logvar = out
     if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.shape != shape or mean.dtype is not dtype
-            or mean.device != device):
+            or mean.device != device or _wrapped(mean) or _wrapped(logvar)):
         return None
     packed = packed_mean_logvar(mean, logvar, lead)
     return None if packed is None else (packed, logvar)
@@ -249,10 +255,10 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, mu.dtype, device, reduction, batch, False)
         plans = _plan.store(key, (sample, tail))
     sample, tail = plans
-    z, kl = _plan.Sample.apply(mu, logvar, draw_seed(device, generator), sample, _NO_LINK)
+    z, kl = _plan.sample(mu, logvar, draw_seed(device, generator), sample, _NO_LINK)
     out = decode(z)
     if tail is not None and (fit := _lean_output(out, likelihood, x.shape, mu.dim() - 1, mu.dtype, device)):
-        return _plan.ElboTail.apply(x, fit[0], kl, tail, beta, fit[1])
+        return _plan.elbo_tail(x, fit[0], kl, tail, beta, fit[1])
     reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), mu.dim() - 1)
     if n_samples > 1:
         reconstruction = reconstruction.mean(0)
@@ -282,10 +288,10 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, reduction
     sample, tail, out_shape = plans
     dreg = estimator == "dreg"
     link = _plan.Link() if dreg else _NO_LINK
-    z, _, latent = _plan.Sample.apply(mu, logvar, draw_seed(device, generator), sample, link)
+    z, _, latent = _plan.sample(mu, logvar, draw_seed(device, generator), sample, link)
     out = decode(z)
     if tail is not None and (fit := _lean_output(out, likelihood, out_shape, mu.dim(), mu.dtype, device)):
-        return _plan.IwaeTail.apply(x, fit[0], latent, tail, link, dreg, fit[1])
+        return _plan.iwae_tail(x, fit[0], latent, tail, link, dreg, fit[1])
     lw = decoder_log_prob(x, out, likelihood, (k,), mu.dim() - 1) + latent
     bound, state = _bound(lw, 0.0)
     if dreg:

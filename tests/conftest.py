@@ -102,8 +102,8 @@ def nan_poisoned_outputs(monkeypatch):
         out = real(shape, like=like, dtype=dtype)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
-    def poisoned_plan_output(shape, *, dtype, device):
-        out = torch.empty(shape, dtype=dtype, device=device)
+    def poisoned_plan_output(like):
+        out = torch.empty_like(like)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
     monkeypatch.setattr(fastvae._backend, "empty_output", poisoned)
