@@ -177,3 +177,70 @@ def test_one_plan_per_call_signature(triton_device):
     fastvae.iwae(x, mu, logvar, dec, k=K + 1, likelihood="bernoulli")  # another K: another plan
     fastvae.elbo(x[:2], mu[:2], logvar[:2], dec, likelihood="bernoulli")  # another batch size
     assert len(_plan._PLANS) == 4
+
+
+@pytest.mark.skipif(INTERPRET, reason="records compiled GPU variants (JITFunction), not the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B_, K_", [(3, 4), (300, 5), (4096, 1)])
+def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
+    """The plans' launches on a GPU, recorded without one (kernels/aot.py's
+    recording, meta tensors, sm_90): the same kernels, grids, signatures and
+    compile-time parameters as the general launchers', so no variant of the
+    CUDA branch is left to a GPU run to check."""
+    aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
+    from fastvae.kernels import _bernoulli_likelihood as bern
+    from fastvae.kernels import gaussian_log_prob as gauss
+    from fastvae.kernels import logmeanexp as lme
+    from fastvae.kernels import sample_normal as sn
+
+    meta = torch.device("meta")
+
+    def t(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device=meta)
+
+    def record(fn):
+        launches = []
+        with aot.recording("sm_90", launches):
+            fn()
+        assert launches, "nothing launched"
+        return [(launch.kernel, launch.grid, launch.key) for launch in launches]
+
+    mu, lv, seed = t(B_, L), t(B_, L), t(dt=torch.int64)
+    z, kl, ratio = t(K_, B_, L), t(B_), t(K_, B_)
+    sample = _plan.SamplePlan(mu.shape, dtype, meta, K_, True, True)
+    assert record(lambda: sample.forward(mu, lv, seed, z, kl, ratio, *sample.ints)) == record(
+        lambda: sn.sample_normal_forward(mu, lv, seed, 0, B_ * L, L, z, kl, ratio))
+    planned = sample.backward(True, False, True)
+    assert planned is not None or K_ > 1  # None: samples split over programs, per-call buffers
+    if planned is not None:  # else the plan calls the general launcher itself
+        run, part, counters, per_split, K = planned
+        assert record(lambda: run(z, mu, ratio, mu, lv, seed, mu, lv, part, counters, B_, L, B_ * L, K, per_split,
+                                  1)) == record(
+            lambda: sn.sample_normal_backward(z, None, ratio, mu, lv, seed, True, mu, lv))
+
+    x, logits, rec = t(B_, D), t(K_, B_, D), t(K_, B_)
+    for likelihood in ("bernoulli", "gaussian"):
+        tail = _plan.TailPlan(likelihood, K_, B_, D, dtype, meta, "mean", torch.Size((B_,)), True)
+        if likelihood == "bernoulli":
+            assert record(lambda: tail.log_prob(x, logits, None)) == record(
+                lambda: bern.bernoulli_forward(bern.BERNOULLI, x, logits, rec))
+            assert record(lambda: tail.log_prob_backward(rec, x, logits, None)) == record(
+                lambda: bern.bernoulli_backward(bern.BERNOULLI, rec, x, logits, None, logits))
+        else:
+            packed = t(K_, B_, 2 * D)
+            mean, logvar = packed[..., :D], packed[..., D:]
+            assert record(lambda: tail.log_prob(x, packed, logvar)) == record(
+                lambda: gauss.gaussian_log_prob_forward(x, mean, logvar, False, 1.0, rec))
+            assert record(lambda: tail.log_prob_backward(rec, x, packed, logvar)) == record(
+                lambda: gauss.gaussian_log_prob_backward(rec, x, mean, logvar, False, 1.0, None, mean, logvar))
+    state, value = t(B_, dt=_backend_acc(dtype)), t(B_)
+    if tail.lme_forward is not None:
+        assert record(lambda: tail.lme_forward(rec, rec, state, state, state, state, state, value, state, state,
+                                               state, *tail.lme_ints)) == record(
+            lambda: lme.logmeanexp_forward(rec, state, state, value, None))
+    assert record(lambda: tail.lme_backward(rec, state, state, value, value, value, rec, K_, B_)) == record(
+        lambda: lme.logmeanexp_backward(rec, state, state, value, None, None, rec))
+
+
+def _backend_acc(dtype):
+    return fastvae._backend.accumulation_dtype(dtype)
