@@ -62,13 +62,21 @@ def lookup(key):
     return _PLANS.get(key)
 
 
+# Plans kept at most: a loop whose shapes keep changing makes no unbounded cache
+# (each plan holds encoder-sized templates only).
+MAX_PLANS = 64
+
+
 def store(key, plans):
+    """Keeps ``plans`` for ``key`` (all are forgotten past MAX_PLANS) and returns them."""
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
     _PLANS[key] = plans
     return plans
 
 
 def clear() -> None:
-    """Forget every plan (a backend switch; a test that changes the kernels' geometry)."""
+    """Forget every plan (tests that change the kernels' geometry: FORCE_SPLITS)."""
     _PLANS.clear()
 
 
@@ -115,7 +123,7 @@ class SamplePlan:
         self._backward: dict = {}
 
     def backward(self, has_grad_z: bool, has_grad_kl: bool, has_grad_ratio: bool):
-        """(launch, part, counters, per_split, splits) of the backward kernel
+        """(launch, part, counters, samples per split, samples) of the backward kernel
         for the gradients given; None where the samples are split (per-call
         buffers: sample_normal_backward allocates them)."""
         key = has_grad_z, has_grad_kl, has_grad_ratio
