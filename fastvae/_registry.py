@@ -131,7 +131,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
 # test_double_backward.py checks every op's create_graph gradient (issue 25).
 INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py",
                      "test_launches.py", "test_double_backward.py", "test_value_checks.py", "test_autocast.py",
-                     "test_layouts.py")
+                     "test_layouts.py", "test_plan.py")
 
 
 def interpreter_test_modules() -> list[str]:

@@ -84,6 +84,15 @@ def _should_check(kind: str, t: Tensor) -> bool:
     return True
 
 
+def settled(*kinds: str) -> bool:
+    """Whether no check of these kinds would run again on the triton backend
+    (mode "never", or each kind checked once or warned): then the objectives'
+    plans skip the checks' calls (fastvae/_plan.py)."""
+    if _mode == "never":
+        return True
+    return _mode == "auto" and all(k in _checked_once or k in _warned for k in kinds)
+
+
 def _prefix(t: Tensor) -> Tensor:
     """t itself up to WHOLE values, else at most PREFIX leading values of t,
     as a view (narrowed along the leading dimensions, so it never copies,

@@ -249,7 +249,8 @@ def packed_mean_logvar(mean: Tensor, logvar: Tensor, lead: int) -> Tensor | None
         if not (mean.requires_grad and logvar.requires_grad and _viewed_from(mean, base)
                 and _viewed_from(logvar, base)):
             return None
-    return base.view(*mean.shape[:lead], 2 * E)
+    shape = (*mean.shape[:lead], 2 * E)
+    return base if base.shape == shape else base.view(shape)  # the output itself when it has the shape
 
 
 def gaussian_log_prob_packed(x: Tensor, packed: Tensor) -> Tensor:

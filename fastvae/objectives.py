@@ -10,6 +10,7 @@ K x B x L is stored for the backward.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -18,11 +19,12 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from . import _backend, _validate
+from . import _backend, _plan, _validate, _value_checks
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import not_twice
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
+from .gaussian_log_prob import packed_mean_logvar
 from .kl_normal import kl_normal
 from .logmeanexp import (
     EffectiveSampleSize,
@@ -144,6 +146,158 @@ def _reduced_difference(a: Tensor, b: Tensor, reduction: str) -> Tensor:
             or _backend.backend_for(a.device, warn=False) != "triton"):
         return _reduce(a - b, reduction)
     return _ReducedDifference.apply(a, b, a.numel() if reduction == "mean" else 1)
+
+
+# -- the lean path (fastvae/_plan.py) ---------------------------------------------------
+
+_LEAN_DTYPES = (torch.float32, torch.float64)
+_LEAN_LIKELIHOODS = ("bernoulli", "gaussian")
+_NO_LINK = _plan.Link()  # no DReG weight: never written
+
+
+def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generator: Any,
+                 likelihood: Any, reduction: Any) -> torch.device | None:
+    """mu's device when this call can take the plans (fastvae/_plan.py): the
+    triton backend in eager mode, tensors (x, mu, logvar) of one float32 or
+    float64 dtype and device, contiguous, x without a gradient, the standard
+    normal prior, a "bernoulli" or "gaussian" likelihood; else None (the
+    general path, which checks the arguments and says what is wrong). Asks
+    is_compiling first: torch.compile then traces nothing else here (and
+    guards on none of the globals read below)."""
+    if (torch.compiler.is_compiling() or not _plan.ENABLED or type(mu) is not Tensor or type(logvar) is not Tensor
+            or type(x) is not Tensor or prior is not None or likelihood not in _LEAN_LIKELIHOODS
+            or reduction not in REDUCTIONS or not callable(decode)
+            or (generator is not None and type(generator) is not torch.Generator)):
+        return None
+    device = mu.device
+    if (_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton":
+        return None
+    if (torch._C._get_tracing_state() is not None or torch.is_autocast_enabled(device.type)
+            or torch._C._are_functorch_transforms_active() or _wrapped(mu) or _wrapped(logvar) or _wrapped(x)):
+        return None
+    dtype = mu.dtype
+    if (dtype not in _LEAN_DTYPES or logvar.dtype is not dtype or x.dtype is not dtype or x.device != device
+            or logvar.device != device or x.requires_grad or not mu.is_contiguous()
+            or not logvar.is_contiguous() or not x.is_contiguous()):
+        return None
+    return device
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _lean_beta(beta: Any) -> float | None:
+    """beta as a float when it is a Python number (validated: the general
+    path's error otherwise), None for a tensor (the general path)."""
+    if type(beta) is not float:
+        if type(beta) is not int:
+            return None
+        beta = float(beta)
+    if not 0.0 <= beta < math.inf:
+        _validate.real("beta", beta, minimum=0.0)
+    return beta
+
+
+def _lean_output(out: Any, likelihood: str, shape: torch.Size, lead: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[Tensor, Tensor | None] | None:
+    """(the decoder output as the tail plan reads it, the Gaussian's logvar
+    half or None) when ``out`` fits the plan: logits of x's (sample-prefixed)
+    shape, or (mean, logvar) as the halves of one output, contiguous and of the
+    plan's dtype and device; else None (the general tail)."""
+    if likelihood == "bernoulli":
+        if (type(out) is not Tensor or out.shape != shape or out.dtype is not dtype or out.device != device
+                or not out.is_contiguous() or _wrapped(out)):
+            return None
+        if not _value_checks.settled("bernoulli data", "bernoulli logits"):
+            return None  # the general tail runs the value checks (the first call of each kind on this path)
+        return out, None
+    if type(out) not in (tuple, list) or len(out) != 2:
+        return None
+    mean, logvar = out
+    if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.shape != shape or mean.dtype is not dtype
+            or mean.device != device or _wrapped(mean) or _wrapped(logvar)):
+        return None
+    packed = packed_mean_logvar(mean, logvar, lead)
+    return None if packed is None else (packed, logvar)
+
+
+def _general_elbo_tail(x: Tensor, out: Any, kl: Tensor, likelihood: str, beta: float, reduction: str) -> Tensor:
+    """The bound of one sample from the decoder output, composed of the ops
+    (what _plan.ElboTail fuses; also its create_graph replay)."""
+    reconstruction = decoder_log_prob(x, out, likelihood, (), kl.dim())
+    return _reduced_difference(reconstruction, kl if beta == 1.0 else beta * kl, reduction)
+
+
+def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, reduction: str) -> Tensor:
+    """The IWAE bound (alpha = 0) from the decoder output and the latent term,
+    composed of the ops (_plan.IwaeTail's create_graph replay)."""
+    lw = decoder_log_prob(x, out, likelihood, (latent.shape[0],), latent.dim() - 1) + latent
+    return _reduce(_bound(lw, 0.0)[0], reduction)
+
+
+def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
+    """fastvae.elbo through the plans, or None where they do not apply."""
+    device = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
+    if (device is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
+            or (beta := _lean_beta(beta)) is None):
+        return None
+    key = ("elbo", x.shape, mu.shape, logvar.shape, mu.dtype, device, likelihood, n_samples, reduction)
+    plans = _plan.lookup(key)
+    if plans is None:  # the checks of the general path, once per call signature
+        q, decode = posterior_args(mu, logvar, decode)
+        _check_inputs(x, q, decode, reduction, likelihood)
+        check_likelihood(likelihood)
+        n = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
+        batch = mu.shape[:-1]
+        P = batch.numel()
+        sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False)
+        tail = None
+        if n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
+            tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, mu.dtype, device, reduction, batch, False)
+        plans = _plan.store(key, (sample, tail))
+    sample, tail = plans
+    z, kl = _plan.sample(mu, logvar, draw_seed(device, generator), sample, _NO_LINK)
+    out = decode(z)
+    if tail is not None and (fit := _lean_output(out, likelihood, x.shape, mu.dim() - 1, mu.dtype, device)):
+        return _plan.elbo_tail(x, fit[0], kl, tail, beta, fit[1])
+    reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), mu.dim() - 1)
+    if n_samples > 1:
+        reconstruction = reconstruction.mean(0)
+    return _reduced_difference(reconstruction, kl if beta == 1.0 else beta * kl, reduction)
+
+
+def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, reduction, generator, prior):
+    """fastvae.iwae through the plans, or None where they do not apply."""
+    device = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
+    if (device is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
+            or alpha != 0):
+        return None
+    key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, likelihood, k, estimator, reduction)
+    plans = _plan.lookup(key)
+    if plans is None:  # the checks of the general path, once per call signature
+        q, decode = posterior_args(mu, logvar, decode)
+        _check_inputs(x, q, decode, reduction, likelihood)
+        check_likelihood(likelihood)
+        k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
+        batch = mu.shape[:-1]
+        P = batch.numel()
+        sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae")
+        tail = None
+        if P > 0 and x.numel() > 0:
+            tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, mu.dtype, device, reduction, batch, True)
+        plans = _plan.store(key, (sample, tail, torch.Size((k, *x.shape))))
+    sample, tail, out_shape = plans
+    dreg = estimator == "dreg"
+    link = _plan.Link() if dreg else _NO_LINK
+    z, _, latent = _plan.sample(mu, logvar, draw_seed(device, generator), sample, link)
+    out = decode(z)
+    if tail is not None and (fit := _lean_output(out, likelihood, out_shape, mu.dim(), mu.dtype, device)):
+        return _plan.iwae_tail(x, fit[0], latent, tail, link, dreg, fit[1])
+    lw = decoder_log_prob(x, out, likelihood, (k,), mu.dim() - 1) + latent
+    bound, state = _bound(lw, 0.0)
+    if dreg:
+        _dreg_z_scale(z, latent, lw, 0.0, state)
+    return _reduce(bound, reduction)
 
 
 # -- ELBO -----------------------------------------------------------------------
@@ -347,6 +501,9 @@ def elbo(
     torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
     use fastvae.elbo_terms.
     """
+    bound = _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
+    if bound is not None:
+        return bound
     weighted, reconstruction = _elbo(x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits,
                                      n_samples=n_samples, reduction=reduction, generator=generator, prior=prior)[:2]
     # the terms are not reduced: each reduction is a node in the graph
@@ -560,6 +717,9 @@ def iwae(
     For the terms as well (reconstruction, KL, ESS, log-weights), use
     fastvae.iwae_terms.
     """
+    bound = _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, reduction, generator, prior)
+    if bound is not None:
+        return bound
     bound = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
         alpha=alpha, beta=beta, reduction=reduction, generator=generator, prior=prior,

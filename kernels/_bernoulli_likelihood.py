@@ -221,26 +221,50 @@ def _bernoulli_log_prob_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
+def forward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device
+                 ) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the forward kernel for logits (K, P, D) of ``dtype``
+    (K * P > 0): the shapes' part of a launch, worked out once per call
+    signature by the objectives' plans (fastvae/_plan.py), on every call by
+    bernoulli_forward."""
+    fp64 = dtype == torch.float64
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, fp64)
+    if kind == CONTINUOUS and fp64 and device.type != "cpu":
+        # float64 log C (a polynomial and three libdevice logs) spilled 16 bytes
+        # on sm_80 at 4 elements a thread: 2 a thread (8 warps over 512)
+        BLOCK_R, BLOCK_D, warps = 1, min(BLOCK_D, 512), 8
+    return (triton.cdiv(K * P, BLOCK_R),), dict(
+        KIND=kind, ACC=acc_dtype(dtype), TAYLOR_BELOW=taylor_below(kind, dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        num_warps=warps)
+
+
 def bernoulli_forward(kind: int, x, logits, out) -> None:
     """out (K, P) <- the formula KIND summed over D, for x (P, D), logits (K, P, D)."""
     K, P, D = logits.shape
     if K * P == 0:
         return
-    fp64 = logits.dtype == torch.float64
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, logits.device, fp64)
-    if kind == CONTINUOUS and fp64 and logits.device.type != "cpu":
-        # float64 log C (a polynomial and three libdevice logs) spilled 16 bytes
-        # on sm_80 at 4 elements a thread: 2 a thread (8 warps over 512)
-        BLOCK_R, BLOCK_D, warps = 1, min(BLOCK_D, 512), 8
-    _bernoulli_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
-        x, logits, out, P, K * P, D, KIND=kind, ACC=acc_dtype(logits.dtype),
-        TAYLOR_BELOW=taylor_below(kind, logits.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+    grid, meta = forward_plan(kind, K, P, D, logits.dtype, logits.device)
+    _bernoulli_log_prob_fwd_kernel[grid](x, logits, out, P, K * P, D, **meta)
 
 
 # Backward tiles: dx's accumulator stays live across the loop over samples.
 BACKWARD_TILE = 1024
 BACKWARD_MAX_COLS = 256
+
+
+def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, has_dx: bool
+                  ) -> tuple[tuple[int], dict, tuple[int, ...], int]:
+    """(grid, meta, the runtime integers (P, D, R, K loop, samples per split,
+    splits), tiles) of the backward kernel for logits (K, P, D) (K * P * D > 0)."""
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64,
+                                            BACKWARD_TILE if has_dx else 4096,
+                                            BACKWARD_MAX_COLS if has_dx else 1024)
+    R, k_loop = (P, K) if has_dx else (K * P, 1)
+    tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(D, BLOCK_D)
+    splits, per_split = split_samples(tiles, K, device) if has_dx else (1, 1)
+    return (tiles * splits,), dict(
+        KIND=kind, HAS_DX=has_dx, ACC=acc_dtype(dtype), TAYLOR_BELOW=taylor_below(kind, dtype),
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps), (P, D, R, k_loop, per_split, splits), tiles
 
 
 def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits) -> None:
@@ -254,17 +278,10 @@ def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits) -> None:
             dx.zero_()
         return
     has_dx = dx is not None
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, logits.device, logits.dtype == torch.float64,
-                                            BACKWARD_TILE if has_dx else 4096,
-                                            BACKWARD_MAX_COLS if has_dx else 1024)
-    R, k_loop = (P, K) if has_dx else (K * P, 1)
-    tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(D, BLOCK_D)
-    splits, per_split = split_samples(tiles, K, logits.device) if has_dx else (1, 1)
-    acc = accumulation_dtype(logits.dtype)
-    part = torch.empty((splits, P, D) if splits > 1 else (1,), dtype=acc, device=logits.device)
-    _bernoulli_log_prob_bwd_kernel[(tiles * splits,)](
+    grid, meta, ints, tiles = backward_plan(kind, K, P, D, logits.dtype, logits.device, has_dx)
+    splits = ints[-1]
+    part = torch.empty((splits, P, D) if splits > 1 else (1,), dtype=accumulation_dtype(logits.dtype),
+                       device=logits.device)
+    _bernoulli_log_prob_bwd_kernel[grid](
         grad_out, x, logits, dlogits, dx if has_dx else dlogits, part,
-        tile_counters(logits.device, tiles, splits), P, D, R, k_loop, per_split, splits,
-        KIND=kind, HAS_DX=has_dx, ACC=acc_dtype(logits.dtype), TAYLOR_BELOW=taylor_below(kind, logits.dtype),
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+        tile_counters(logits.device, tiles, splits), *ints, **meta)

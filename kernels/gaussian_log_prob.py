@@ -274,12 +274,20 @@ def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: fl
     K, P, D = mean.shape
     if K * P == 0:
         return
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, mean.device, mean.dtype == torch.float64)
-    _gaussian_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
-        x, mean, var_param, _delta_bits(delta), out, P, K * P, D, _row_stride(mean, var_param),
-        LAYOUT=_layout(var_param), SOFTPLUS=softplus_mode, ACC=acc_dtype(mean.dtype),
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+    grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, _layout(var_param), softplus_mode)
+    _gaussian_log_prob_fwd_kernel[grid](
+        x, mean, var_param, _delta_bits(delta), out, P, K * P, D, _row_stride(mean, var_param), **meta)
+
+
+def forward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, layout: int, softplus_mode: bool
+                 ) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the forward kernel for mean (K, P, D) of ``dtype`` (K * P > 0):
+    the shapes' part of a launch, worked out once per call signature by the
+    objectives' plans (fastvae/_plan.py)."""
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64)
+    return (triton.cdiv(K * P, BLOCK_R),), dict(
+        LAYOUT=layout, SOFTPLUS=softplus_mode, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        num_warps=warps)
 
 
 # Backward tiles where programs loop over samples: the sums stay live across the loop.
@@ -324,3 +332,16 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
         LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
         ACC=acc_dtype(mean.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
+
+
+def element_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, softplus_mode: bool
+                          ) -> tuple[tuple[int], dict] | None:
+    """(grid, meta) of the backward for a per-element variance without dx
+    (nothing summed over samples, no partial sums: the (mean, logvar) decoder
+    of the objectives), as gaussian_log_prob_backward launches it; the other
+    integers are (P, D, row stride, K * P, 1, 1, 1)."""
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64, 4096, 1024)
+    tiles = triton.cdiv(K * P, BLOCK_R) * triton.cdiv(D, BLOCK_D)
+    return (tiles,), dict(
+        LAYOUT=ELEMENT, SOFTPLUS=softplus_mode, HAS_DX=False, HAS_DV=True, LOOP_K=False, TILE_SUMS=False,
+        ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)

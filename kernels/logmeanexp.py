@@ -328,6 +328,39 @@ def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) ->
     return max(1, min(splits, chunks))
 
 
+def _geometry(K: int, M: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_K, BLOCK_M, splits, rows per split) of the forward."""
+    BLOCK_K, BLOCK_M = _tile(K, M, device)
+    splits = _splits(K, M, BLOCK_K, BLOCK_M, device)
+    rows_per_split = triton.cdiv(triton.cdiv(max(K, 1), BLOCK_K), splits) * BLOCK_K
+    return BLOCK_K, BLOCK_M, triton.cdiv(max(K, 1), rows_per_split), rows_per_split
+
+
+def forward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[int], dict, int] | None:
+    """(grid, meta, rows per split) of logmeanexp_forward's one launch with
+    out (no ESS, no latent) for lw (K, M) of ``dtype`` (M > 0), worked out
+    once per call signature by the objectives' plans (fastvae/_plan.py); None
+    where the columns are split over programs (a second, finishing launch:
+    the plan calls logmeanexp_forward then)."""
+    BLOCK_K, BLOCK_M, splits, rows_per_split = _geometry(K, M, device)
+    if splits != 1:
+        return None
+    return (triton.cdiv(M, BLOCK_M),), dict(
+        SPLIT=False, HAS_LATENT=False, ACCUMULATE=False, HAS_S2=False, HAS_OUT=True, HAS_ESS=False,
+        ACC=acc_dtype(dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, num_warps=1 if device.type == "cpu" else 8,
+    ), rows_per_split
+
+
+def backward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_grad_sumexp: bool, has_ess: bool
+                  ) -> tuple[tuple[int], dict]:
+    """(grid, meta) of logmeanexp_backward for lw (K, M) of ``dtype`` (K * M > 0)."""
+    BLOCK_K, BLOCK_M = _tile(K, M, device)
+    return (triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),), dict(
+        HAS_G_SUMEXP=has_grad_sumexp, HAS_ESS=has_ess, ACC=acc_dtype(dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        num_warps=8,  # 16 elements a thread: 4 warps spilled in fp16
+    )
+
+
 def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool, accumulate: bool) -> None:
     """The column states of lw (+ latent) (K, M), finished by _emit: one launch
     when every column is one program's (few rows or many columns), else the
@@ -338,10 +371,7 @@ def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool
         return
     acc = acc_dtype(lw.dtype)
     gpu = lw.device.type != "cpu"
-    BLOCK_K, BLOCK_M = _tile(K, M, lw.device)
-    splits = _splits(K, M, BLOCK_K, BLOCK_M, lw.device)
-    rows_per_split = triton.cdiv(triton.cdiv(max(K, 1), BLOCK_K), splits) * BLOCK_K
-    splits = triton.cdiv(max(K, 1), rows_per_split)
+    BLOCK_K, BLOCK_M, splits, rows_per_split = _geometry(K, M, lw.device)
     has_s2 = accumulate or ess is not None
     flags = dict(ACCUMULATE=accumulate, HAS_S2=has_s2, HAS_OUT=out is not None, HAS_ESS=ess is not None, ACC=acc)
     # absent outputs get a pointer that is never read or written
@@ -396,13 +426,11 @@ def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> 
     K, M = lw.shape
     if K * M == 0:
         return
-    BLOCK_K, BLOCK_M = _tile(K, M, lw.device)
     has_gs, has_ess = grad_sumexp is not None, ess is not None
-    _logmeanexp_bwd_kernel[(triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),)](
+    grid, meta = backward_plan(K, M, lw.dtype, lw.device, has_gs, has_ess)
+    _logmeanexp_bwd_kernel[grid](
         lw, lw_max, sumexp, grad_out, grad_sumexp if has_gs else grad_out, ess if has_ess else grad_out, dlw, K, M,
-        HAS_G_SUMEXP=has_gs, HAS_ESS=has_ess, ACC=acc_dtype(lw.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        num_warps=8,  # 16 elements a thread: 4 warps spilled in fp16
-    )
+        **meta)
 
 
 def importance_weights_backward(grad_w, w, dlw) -> None:

@@ -246,6 +246,18 @@ def backward_geometry(device: torch.device, fp64: bool) -> tuple[int, int]:
     return (BACKWARD_TILE // 4 if fp64 else BACKWARD_TILE), 8
 
 
+def forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, with_ratio: bool,
+                 offset0: int, sample_stride: int, row_stride: int) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the forward kernel for z (K, N, L) from mu, logvar (N, L)
+    of ``dtype`` (K >= 1, N * L > 0): what depends on the shapes alone, worked
+    out once per call signature by the objectives' plans (fastvae/_plan.py)
+    and on every call by sample_normal_forward."""
+    BLOCK_R, BLOCK_L, warps = forward_geometry(L, device, dtype == torch.float64)
+    return (triton.cdiv(K * N, BLOCK_R),), dict(
+        ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
+        ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps)
+
+
 def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, z, kl, log_ratio) -> None:
     """z (K, N, L), kl (N,) <- sample_normal of mu, logvar (N, L); seed: () int64 tensor;
     z[k, n, l] uses the noise at offset0 + k * sample_stride + n * row_stride + l;
@@ -258,14 +270,37 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
         return
     if K == 0:  # the KL still has to be written
         z = torch.empty((1, N, L), dtype=z.dtype, device=z.device)
-    BLOCK_R, BLOCK_L, warps = forward_geometry(L, mu.device, mu.dtype == torch.float64)
     KN = z.shape[0] * N
     with_ratio = log_ratio is not None and log_ratio.numel() > 0
-    _sample_normal_fwd_kernel[(triton.cdiv(KN, BLOCK_R),)](
-        mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L,
-        ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
-        ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps,
-    )
+    grid, meta = forward_plan(z.shape[0], N, L, mu.dtype, mu.device, with_ratio, offset0, sample_stride, row_stride)
+    _sample_normal_fwd_kernel[grid](
+        mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L, **meta)
+
+
+def backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, has_grad_z: bool,
+                  has_grad_kl: bool, has_grad_ratio: bool, stop_score: bool) -> tuple[tuple[int], dict, int, int, int]:
+    """(grid, meta, blocks, splits, samples per split) of the backward kernel
+    (N * L > 0), from the shapes and which gradients are given alone."""
+    BLOCK, warps = backward_geometry(device, dtype == torch.float64)
+    blocks = triton.cdiv(N * L, BLOCK)
+    splits, per_split = split_samples(blocks, K, device)
+    return (blocks * splits,), dict(
+        HAS_GRAD_Z=has_grad_z, HAS_GRAD_KL=has_grad_kl, HAS_GRAD_RATIO=has_grad_ratio, STOP_SCORE=bool(stop_score),
+        # aligned on L, not N * L: a variant must not depend on the batch size
+        ACC=acc_dtype(dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps,
+        # ptxas's own choice spilled a register across the sample loop (80 registers
+        # on sm_80; 128 on sm_90 with the score sums); a cap of 128 fits every variant
+        maxnreg=BACKWARD_MAXNREG,
+    ), blocks, splits, per_split
+
+
+def split_buffers(N: int, L: int, dtype: torch.dtype, device: torch.device, blocks: int, splits: int,
+                  has_grad_ratio: bool, stop_score: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(part, counters) of the backward: each split's sums and the arrival
+    counters where the samples are split, placeholders otherwise."""
+    sums = 2 if not has_grad_ratio else 4 if stop_score else 3  # mu, logvar (+ ratio, + score)
+    part = torch.empty((sums, splits, N * L) if splits > 1 else (1,), dtype=accumulation_dtype(dtype), device=device)
+    return part, tile_counters(device, blocks, splits)
 
 
 def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, stop_score, dmu, dlogvar) -> None:
@@ -281,22 +316,10 @@ def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, st
         return
     samples = grad_z if grad_z is not None else grad_log_ratio
     K = 0 if samples is None else samples.shape[0]
-    BLOCK, warps = backward_geometry(mu.device, mu.dtype == torch.float64)
-    NL = N * L
-    blocks = triton.cdiv(NL, BLOCK)
-    splits, per_split = split_samples(blocks, K, mu.device)
-    sums = 2 if grad_log_ratio is None else 4 if stop_score else 3  # mu, logvar (+ ratio, + score)
-    part = torch.empty((sums, splits, NL) if splits > 1 else (1,), dtype=accumulation_dtype(mu.dtype),
-                       device=mu.device)
-    _sample_normal_bwd_kernel[(blocks * splits,)](
+    grid, meta, blocks, splits, per_split = backward_plan(
+        K, N, L, mu.dtype, mu.device, grad_z is not None, grad_kl is not None, grad_log_ratio is not None, stop_score)
+    part, counters = split_buffers(N, L, mu.dtype, mu.device, blocks, splits, grad_log_ratio is not None, stop_score)
+    _sample_normal_bwd_kernel[grid](
         grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
         grad_log_ratio if grad_log_ratio is not None else mu, mu, logvar, seed, dmu, dlogvar, part,
-        tile_counters(mu.device, blocks, splits), N, L, NL, K, per_split, splits,
-        HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
-        HAS_GRAD_RATIO=grad_log_ratio is not None, STOP_SCORE=bool(stop_score),
-        # aligned on L, not N * L: a variant must not depend on the batch size
-        ACC=acc_dtype(mu.dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps,
-        # ptxas's own choice spilled a register across the sample loop (80 registers
-        # on sm_80; 128 on sm_90 with the score sums); a cap of 128 fits every variant
-        maxnreg=BACKWARD_MAXNREG,
-    )
+        counters, N, L, N * L, K, per_split, splits, **meta)

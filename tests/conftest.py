@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import fastvae._backend  # noqa: E402
+import fastvae._plan  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -71,7 +72,9 @@ def sample_splits(request, monkeypatch):
     fill a wave). Other backends ignore it."""
     common = pytest.importorskip("fastvae.kernels._common")
     monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
-    return request.param
+    fastvae._plan.clear()  # the objectives' plans hold the geometry they were made with
+    yield request.param
+    fastvae._plan.clear()
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +102,12 @@ def nan_poisoned_outputs(monkeypatch):
         out = real(shape, like=like, dtype=dtype)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
+    def poisoned_plan_output(like):
+        out = torch.empty_like(like)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
     monkeypatch.setattr(fastvae._backend, "empty_output", poisoned)
+    monkeypatch.setattr(fastvae._plan, "empty", poisoned_plan_output)
     # the C++ operators (csrc/torch_ops.cpp) allocate their outputs themselves
     cpp = fastvae._backend.cpp_module() if fastvae._backend.cpp_available() else None
     if cpp is not None:

@@ -17,12 +17,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
 import fastvae._backend
+import fastvae._plan
 
 from conftest import INTERPRET
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="counts the Triton launchers under the interpreter")
 
 _REAL_EMPTY_OUTPUT = fastvae._backend.empty_output  # before the NaN-poisoning fixture wraps it
+_REAL_PLAN_EMPTY = fastvae._plan.empty  # the objectives' plans' allocator, likewise
 
 NOT_KERNELS = {
     "view", "_unsafe_view", "reshape", "as_strided", "expand", "t", "transpose", "unsqueeze", "squeeze", "permute",
@@ -56,6 +58,7 @@ def counter(monkeypatch):
     from triton.runtime import interpreter
 
     monkeypatch.setattr(fastvae._backend, "empty_output", _REAL_EMPTY_OUTPUT)
+    monkeypatch.setattr(fastvae._plan, "empty", _REAL_PLAN_EMPTY)
     launches, inside = [0], [False]
     real_run = interpreter.InterpretedFunction.run
 

@@ -1,0 +1,405 @@
+"""The objectives' lean per-call path on the triton backend (issue 33): plans.
+
+A training loop calls ``fastvae.elbo`` / ``fastvae.iwae`` with the same
+metadata step after step: the same shapes, dtypes and device, the same
+likelihood, estimator and reduction. Everything that depends only on that
+is worked out once per call signature and kept in a plan (as cuBLASLt plans
+or FlashInfer's plan/run split do): the argument checks passed, the output
+shapes and dtypes, and each kernel launch's grid and compile-time
+parameters (``kernels/X.py``'s ``*_plan`` functions, which the general
+launchers call on every call, so both paths launch the same variants). The
+steady-state call looks the plan up, draws the seed, allocates its outputs
+and launches, through two autograd nodes (the math needs no more):
+
+- ``Sample``, before the decoder: z, the KL and (iwae) the latent term
+  log N(z; 0, I) - log q(z | x), from one sampling kernel; its backward is
+  the sampler's backward kernel (DReG's weight on z's gradient applied there);
+- ``ElboTail`` / ``IwaeTail``, after it: the likelihood, the log-mean-exp
+  (iwae), the reduction and the combination into the bound; its backward
+  gives the decoder output's gradient and the latent terms' (the KL's, or the
+  latent log-ratio's, DReG's weight applied there).
+
+Same kernels, same torch ops around them, in the same order, as the general
+composition (objectives.py over the ops' Functions), so values and gradients
+are bit-identical, and the launches per call are the same
+(tests/test_plan.py, tests/test_launches.py). A create_graph=True backward
+replays the general composition from the saved inputs and differentiates
+that (its nodes' closed forms), so second derivatives are the general
+path's. Anything the plans do not cover (another backend or prior, a full-
+covariance posterior, half precision, autocast, torch.compile, a decoder
+output that is not one contiguous tensor of x's shape, ...) takes the
+general path, which needs no plan.
+
+Launches go through each kernel's ``run`` with the planned grid and
+parameters: ``InterpretedFunction.run`` under TRITON_INTERPRET=1 (the CPU
+proxy, ../shared/tools/host-cost), ``JITFunction.run`` on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, _double_backward
+
+# Every output the plans allocate is empty_like a template of its shape, dtype
+# and device that the plan keeps (torch.empty_like costs about a third of
+# torch.empty with a shape); the tests' fixture poisons them with NaN
+# (tests/conftest.py), as it does _backend.empty_output's.
+empty = torch.empty_like
+
+
+def _kernels(module: str):
+    return _backend.triton_module(module)
+
+
+_PLANS: dict = {}
+# False: every call takes the general path (tests/test_plan.py compares the two)
+ENABLED = True
+
+
+def lookup(key):
+    """The plans of a call signature, or None."""
+    return _PLANS.get(key)
+
+
+# Plans kept at most: a loop whose shapes keep changing makes no unbounded cache
+# (each plan holds encoder-sized templates only).
+MAX_PLANS = 64
+
+
+def store(key, plans):
+    """Keeps ``plans`` for ``key`` (all are forgotten past MAX_PLANS) and returns them."""
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plans
+    return plans
+
+
+def clear() -> None:
+    """Forget every plan (tests that change the kernels' geometry: FORCE_SPLITS)."""
+    _PLANS.clear()
+
+
+class Launch:
+    """One planned kernel launch: the kernel's ``run``, its grid and its
+    compile-time parameters (and num_warps), bound once."""
+
+    __slots__ = ("kernel", "kwargs")
+
+    def __init__(self, kernel, grid, meta):
+        self.kernel, self.kwargs = kernel, dict(grid=grid, warmup=False, **meta)
+
+    def __call__(self, *args) -> None:
+        # run looked up per call: a patched run (tests/test_launches.py counts launches) is seen
+        self.kernel.run(*args, **self.kwargs)
+
+
+# -- before the decoder: the sampler ----------------------------------------------
+
+
+class SamplePlan:
+    """The sampler's launches for mu, logvar (N, L) (any leading shape,
+    contiguous, one float32 or float64 dtype) and K samples."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, n_samples: int | None,
+                 with_ratio: bool, stop_score: bool):
+        kern = _kernels("sample_normal")
+        self.kern = kern
+        L = shape[-1]
+        N = shape.numel() // L if L else 0
+        K = 1 if n_samples is None else n_samples
+        self.N, self.L, self.K, self.n_samples = N, L, K, n_samples
+        self.dtype, self.device = dtype, device
+        self.with_ratio, self.stop_score = with_ratio, stop_score
+        z_shape = shape if n_samples is None else torch.Size((K, *shape))
+        self.z_like = torch.empty(z_shape, dtype=dtype, device=device)
+        self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
+        self.ratio_like = torch.empty((K, *shape[:-1]), dtype=dtype, device=device) if with_ratio else None
+        self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
+        self.forward = None
+        if N * L > 0:
+            grid, meta = kern.forward_plan(K, N, L, dtype, device, with_ratio, 0, N * L, L)
+            self.forward = Launch(kern._sample_normal_fwd_kernel, grid, meta)
+        self._backward: dict = {}
+
+    def backward(self, has_grad_z: bool, has_grad_kl: bool, has_grad_ratio: bool):
+        """(launch, part, counters, samples per split, samples) of the backward kernel
+        for the gradients given; None where the samples are split (per-call
+        buffers: sample_normal_backward allocates them)."""
+        key = has_grad_z, has_grad_kl, has_grad_ratio
+        try:
+            return self._backward[key]
+        except KeyError:
+            pass
+        kern, N, L = self.kern, self.N, self.L
+        K = self.K if has_grad_z or has_grad_ratio else 0
+        grid, meta, blocks, splits, per_split = kern.backward_plan(
+            K, N, L, self.dtype, self.device, has_grad_z, has_grad_kl, has_grad_ratio, self.stop_score)
+        plan = None
+        if splits == 1:  # placeholders the kernel never touches, made once
+            part, counters = kern.split_buffers(N, L, self.dtype, self.device, blocks, 1, has_grad_ratio,
+                                                self.stop_score)
+            plan = Launch(kern._sample_normal_bwd_kernel, grid, meta), part, counters, per_split, K
+        self._backward[key] = plan
+        return plan
+
+
+class Link:
+    """What the tail tells the sampler's backward: DReG's per-sample weight
+    of z's gradient (None for the other estimators)."""
+
+    __slots__ = ("scale",)
+
+    def __init__(self):
+        self.scale = None
+
+
+class Sample(torch.autograd.Function):
+    """z, kl (and the latent term) of a SamplePlan: SampleNormal's and
+    SampleNormalWithRatio's forward and backward kernels, without their
+    per-call layout work (the plan did it)."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, plan, link):
+        z, kl = empty(plan.z_like), empty(plan.kl_like)
+        ratio = empty(plan.ratio_like) if plan.with_ratio else None
+        if plan.forward is not None:
+            plan.forward(mu, logvar, seed, z, kl, kl if ratio is None else ratio, *plan.ints)
+        else:
+            plan.kern.sample_normal_forward(mu, logvar, seed, 0, 0, 0, z.view(plan.K, plan.N, plan.L), kl, ratio)
+        ctx.save_for_backward(mu, logvar, seed)
+        ctx.set_materialize_grads(False)
+        ctx.plan, ctx.link = plan, link
+        return (z, kl) if ratio is None else (z, kl, ratio)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl, grad_ratio=None):
+        if grad_z is None and grad_kl is None and grad_ratio is None:
+            return None, None, None, None, None
+        mu, logvar, seed = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.link.scale
+        if grad_z is not None and scale is not None:  # DReG: the path derivative weighted by w~^2
+            grad_z = grad_z * scale.unsqueeze(-1)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            if scale is not None and grad_z is not None:
+                from .objectives import _dreg_once
+                grad_z = _dreg_once(grad_z)
+            return (*_double_backward.sample_normal(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
+                                                    mu.view(plan.N, plan.L), plan.K), None, None, None)
+        dmu, dlogvar = empty(mu), empty(logvar)
+        if plan.N * plan.L == 0:
+            return dmu, dlogvar, None, None, None
+        grad_z = None if grad_z is None else grad_z.contiguous()
+        launch = plan.backward(grad_z is not None, grad_kl is not None, grad_ratio is not None)
+        if launch is None:
+            plan.kern.sample_normal_backward(
+                None if grad_z is None else grad_z.view(plan.K, plan.N, plan.L), grad_kl, grad_ratio,
+                mu.view(plan.N, plan.L), logvar.view(plan.N, plan.L), seed, plan.stop_score, dmu, dlogvar)
+        else:
+            run, part, counters, per_split, K = launch
+            run(mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl,
+                mu if grad_ratio is None else grad_ratio.contiguous(), mu, logvar, seed, dmu, dlogvar, part, counters,
+                plan.N, plan.L, plan.N * plan.L, K, per_split, 1)
+        return dmu, dlogvar, None, None, None
+
+
+# -- after the decoder: likelihood, log-mean-exp, reduction, the bound ----------------
+
+
+class TailPlan:
+    """The launches after the decoder for x (P, D) against a decoder output
+    (K, P, D) of one dtype: "bernoulli" (logits) or "gaussian" ((mean, logvar)
+    as the halves of one (K, P, 2 D) output), and for iwae the log-mean-exp
+    over K."""
+
+    def __init__(self, likelihood: str, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
+                 reduction: str, batch_shape: torch.Size, iwae: bool):
+        self.likelihood, self.K, self.P, self.D = likelihood, K, P, D
+        self.dtype, self.device, self.reduction, self.iwae = dtype, device, reduction, iwae
+        self.rec_like = torch.empty((K, *batch_shape) if iwae else batch_shape, dtype=dtype, device=device)
+        self.n = batch_shape.numel() if reduction == "mean" else 1
+        self.divisors = None  # (2, *batch): n, then -n (objectives._ReducedDifference's backward)
+        if not iwae and reduction != "none":
+            self.divisors = torch.stack((torch.full(batch_shape, self.n, dtype=dtype, device=device),
+                                         torch.full(batch_shape, -self.n, dtype=dtype, device=device)))
+        if likelihood == "bernoulli":
+            kern = _kernels("_bernoulli_likelihood")
+            grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, dtype, device)
+            self.lik_forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
+            self.lik_ints = (P, K * P, D)
+            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, dtype, device, False)
+            self.lik_backward = Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta)
+            self.lik_backward_ints = ints
+        else:
+            kern = _kernels("gaussian_log_prob")
+            grid, meta = kern.forward_plan(K, P, D, dtype, device, kern.ELEMENT, False)
+            self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
+            self.delta_bits = kern._delta_bits(1.0)
+            self.lik_ints = (P, K * P, D, 2 * D)
+            grid, meta = kern.element_backward_plan(K, P, D, dtype, device, False)
+            self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
+            self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
+        acc = _backend.accumulation_dtype(dtype)
+        if iwae:  # the log-mean-exp's value and column state
+            self.value_like = torch.empty(batch_shape, dtype=dtype, device=device)
+            self.state_like = torch.empty((P,), dtype=acc, device=device)
+        self.placeholder = torch.empty((1,), dtype=acc, device=device)
+        self.counters = torch.empty((1,), dtype=torch.int32, device=device)
+        if iwae:
+            lme = _kernels("logmeanexp")
+            self.lme_kern = lme
+            planned = lme.forward_plan(K, P, dtype, device)
+            self.lme_forward = None
+            if planned is not None:
+                grid, meta, rows = planned
+                self.lme_forward = Launch(lme._logmeanexp_fwd_kernel, grid, meta)
+                self.lme_ints = (K, P, rows, 1)
+            grid, meta = lme.backward_plan(K, P, dtype, device, False, False)
+            self.lme_backward = Launch(lme._logmeanexp_bwd_kernel, grid, meta)
+            self.ones = torch.ones((P,), dtype=acc, device=device)  # DReG's weights: the backward at grad 1
+
+    def log_prob(self, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
+        """log p(x | z) (rec_shape) for the decoder output ``out``: the logits,
+        or the packed (..., 2 D) Gaussian output whose second half is ``logvar``
+        (its first half, the mean, starts where out does)."""
+        rec = empty(self.rec_like)
+        if logvar is None:
+            self.lik_forward(x, out, rec, *self.lik_ints)
+        else:
+            P, KP, D, S = self.lik_ints
+            self.lik_forward(x, out, logvar, self.delta_bits, rec, P, KP, D, S)
+        return rec
+
+    def log_prob_backward(self, grad_rec: Tensor, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
+        """The gradient of the decoder output ``out`` (log_prob's) given grad_rec's."""
+        dout = empty(out)
+        if logvar is None:
+            self.lik_backward(grad_rec, x, out, dout, dout, self.placeholder, self.counters, *self.lik_backward_ints)
+        else:  # dmean starts where dout does, dlogvar D further: one buffer, written in place
+            self.lik_backward(grad_rec, x, out, logvar, self.delta_bits, dout, dout, dout[..., self.D:],
+                              self.placeholder, self.placeholder, self.counters, *self.lik_backward_ints)
+        return dout
+
+
+def _halves(packed: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, logvar) as halves of a copy of packed for the create_graph replay:
+    of packed itself they would be views of the decoder's own output, which the
+    general path reads whole, and the replay's gradient would bypass packed."""
+    packed = packed.clone()
+    D = packed.shape[-1] // 2
+    return packed[..., :D], packed[..., D:]
+
+
+def _replay_grads(bound: Tensor, inputs: tuple, needs: tuple, grad: Tensor) -> list:
+    """create_graph=True: the gradients of the general composition's ``bound``
+    (rebuilt from the saved inputs), with their graph."""
+    wrt = [t for t, need in zip(inputs, needs) if need]
+    got = iter(torch.autograd.grad(bound, wrt, grad, create_graph=True, allow_unused=True))
+    return [next(got) if need else None for need in needs]
+
+
+class ElboTail(torch.autograd.Function):
+    """reduce(log p(x | z) - beta * kl), n_samples = 1: the likelihood's
+    forward kernel, then objectives._reduced_difference's torch ops; the
+    backward is its one division (or the negation for reduction="none") and
+    the likelihood's backward kernel."""
+
+    @staticmethod
+    def forward(ctx, x, out, kl, plan, beta, logvar):
+        rec = plan.log_prob(x, out, logvar)
+        weighted = kl if beta == 1.0 else beta * kl
+        d = rec - weighted
+        ctx.save_for_backward(x, out, kl)
+        ctx.plan, ctx.beta, ctx.logvar = plan, beta, logvar
+        if plan.reduction == "none":
+            return d
+        return d.mean() if plan.n > 1 else d.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        plan, beta = ctx.plan, ctx.beta
+        x, out, kl = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
+            from .objectives import _general_elbo_tail
+            with torch.enable_grad():
+                dec = out if ctx.logvar is None else _halves(out)
+                bound = _general_elbo_tail(x, dec, kl, plan.likelihood, beta, plan.reduction)
+            dx, dout, dkl = _replay_grads(bound, (x, out, kl), ctx.needs_input_grad[:3], g)
+            return dx, dout, dkl, None, None, None
+        needs = ctx.needs_input_grad
+        if plan.divisors is None:
+            grad_rec = g.contiguous()
+            dkl = -g if needs[2] else None
+        else:
+            # both's first row is the reconstruction's gradient: the kernel reads it from both's start
+            grad_rec = both = g / plan.divisors
+            dkl = both[1] if needs[2] else None
+        if dkl is not None and beta != 1.0:
+            dkl = dkl * beta
+        dout = plan.log_prob_backward(grad_rec, x, out, ctx.logvar) if needs[1] else None
+        return None, dout, dkl, None, None, None
+
+
+class IwaeTail(torch.autograd.Function):
+    """reduce(logmeanexp_k(log p(x | z_k) + latent_k)): the likelihood's forward
+    kernel, the add of the latent term, the log-mean-exp kernel and the
+    reduction, as objectives._iwae composes them; with DReG also the
+    normalized weights (the log-mean-exp backward kernel at gradient 1) that
+    scale the encoder's gradients (``link.scale``)."""
+
+    @staticmethod
+    def forward(ctx, x, out, latent, plan, link, dreg, logvar):
+        rec = plan.log_prob(x, out, logvar)
+        lw = rec + latent
+        M = plan.P
+        value, lw_max, sumexp = empty(plan.value_like), empty(plan.state_like), empty(plan.state_like)
+        if plan.lme_forward is not None:
+            plan.lme_forward(lw, lw, sumexp, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
+                             *plan.lme_ints)
+        else:
+            plan.lme_kern.logmeanexp_forward(lw.view(plan.K, M), lw_max, sumexp, value.view(M), None)
+        if dreg and latent.requires_grad:
+            scale = empty(lw)
+            plan.lme_backward(lw, lw_max, sumexp, plan.ones, plan.ones, plan.ones, scale, plan.K, M)
+            link.scale = scale
+        ctx.save_for_backward(x, out, latent, lw, lw_max, sumexp)
+        ctx.plan, ctx.link, ctx.logvar = plan, link, logvar
+        if plan.reduction == "none":
+            return value
+        return value.mean() if plan.reduction == "mean" else value.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        plan, scale = ctx.plan, ctx.link.scale
+        x, out, latent, lw, lw_max, sumexp = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
+            from .objectives import _dreg_once, _general_iwae_tail
+            with torch.enable_grad():
+                dec = out if ctx.logvar is None else _halves(out)
+                bound = _general_iwae_tail(x, dec, latent, plan.likelihood, plan.reduction)
+            dx, dout, dlatent = _replay_grads(bound, (x, out, latent), ctx.needs_input_grad[:3], g)
+            if scale is not None and dlatent is not None:
+                dlatent = _dreg_once(dlatent * scale)
+            return dx, dout, dlatent, None, None, None, None
+        M = plan.P
+        if plan.reduction == "mean":
+            grad_value = g.expand(M) / M
+        elif plan.reduction == "sum":
+            grad_value = g.expand(M).contiguous()
+        else:
+            grad_value = g.contiguous()
+        dlw = empty(lw)
+        plan.lme_backward(lw, lw_max, sumexp, grad_value, grad_value, grad_value, dlw, plan.K, M)
+        dlatent = None
+        if ctx.needs_input_grad[2]:
+            dlatent = dlw if scale is None else dlw * scale
+        dout = plan.log_prob_backward(dlw, x, out, ctx.logvar) if ctx.needs_input_grad[1] else None
+        return None, dout, dlatent, None, None, None, None
+
+
+# Function.apply without its Python wrapper (which binds default arguments and
+# unwraps dead functorch wrappers, a third of a small Function's cost): the
+# objectives call these only outside functorch transforms, with plain tensors.
+sample = super(torch.autograd.Function, Sample).apply
+elbo_tail = super(torch.autograd.Function, ElboTail).apply
+iwae_tail = super(torch.autograd.Function, IwaeTail).apply

@@ -1,0 +1,244 @@
+"""The objectives' plans (fastvae/_plan.py, issue 33): the lean per-call path of
+fastvae.elbo / fastvae.iwae on the triton backend gives the general
+composition's values and gradients bit for bit, takes two autograd nodes,
+and is chosen only where it applies.
+
+The comparisons run where the triton backend does (the interpreter child,
+tests/test_triton_interpreter.py, and a GPU); the selection tests run in the
+main process too."""
+import pytest
+import torch
+
+import fastvae
+from fastvae import _plan, objectives
+
+from conftest import INTERPRET
+
+TRITON = INTERPRET or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not TRITON, reason="the plans serve the triton backend (interpreter child, GPU)")
+
+B, L, D, K = 3, 5, 7, 4  # odd sizes: no tile is full
+
+
+@pytest.fixture
+def triton_device():
+    """The device the triton backend runs on here (CPU tensors under the interpreter)."""
+    device = "cpu" if INTERPRET else "cuda"
+    fastvae.set_backend(None if device == "cuda" else "triton")
+    return device
+
+
+def _problem(device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(B, D, generator=g) > 0.5).to(dtype)
+    W = (torch.randn(L, 2 * D, generator=g) * 0.5).to(dtype)
+    mu = torch.randn(B, L, generator=g).to(dtype)
+    logvar = (torch.randn(B, L, generator=g) * 0.5).to(dtype)
+    leaves = [t.to(device).requires_grad_() for t in (mu, logvar, W)]
+    return x.to(device), leaves
+
+
+def _decoders(W):
+    def logits(z):
+        return z @ W[:, :D]
+
+    def mean_logvar(z):  # the halves of one output, as decoders return them
+        h = z @ W
+        return h[..., :D], h[..., D:]
+
+    return {"bernoulli": logits, "gaussian": mean_logvar}
+
+
+CASES = {
+    "elbo": dict(fn="elbo"),
+    "elbo sum beta": dict(fn="elbo", reduction="sum", beta=0.3),
+    "elbo none": dict(fn="elbo", reduction="none"),
+    "iwae": dict(fn="iwae", k=K),
+    "iwae sum": dict(fn="iwae", k=K, reduction="sum"),
+    "iwae none k1": dict(fn="iwae", k=1, reduction="none"),
+    "dreg": dict(fn="iwae", k=K, estimator="dreg"),
+    "stl": dict(fn="iwae", k=K, estimator="stl", reduction="sum"),
+}
+
+
+def _run(device, dtype, likelihood, case, enabled, create_graph=False):
+    """(bound, its gradients in mu, logvar and the decoder's W, the name of its grad_fn)."""
+    x, (mu, logvar, W) = _problem(device, dtype)
+    kw = dict(CASES[case])
+    fn = getattr(fastvae, kw.pop("fn"))
+    previous = _plan.ENABLED
+    _plan.ENABLED = enabled
+    try:
+        bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood,
+                   generator=torch.Generator(device).manual_seed(7), **kw)
+    finally:
+        _plan.ENABLED = previous
+    grads = torch.autograd.grad(bound, (mu, logvar, W), torch.ones_like(bound), create_graph=create_graph)
+    return bound, grads, type(bound.grad_fn).__name__
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_plans_give_the_general_path_bit_for_bit(triton_device, dtype, likelihood, case):
+    _run(triton_device, dtype, likelihood, case, True)  # the first call: plans made, value checks run
+    lean, lean_grads, node = _run(triton_device, dtype, likelihood, case, True)
+    general, general_grads, general_node = _run(triton_device, dtype, likelihood, case, False)
+    assert node == ("ElboTailBackward" if case.startswith("elbo") else "IwaeTailBackward")
+    assert general_node != node
+    assert not torch.isnan(lean).any()
+    assert torch.equal(lean, general)
+    for a, b in zip(lean_grads, general_grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("likelihood, case", [("bernoulli", "elbo"), ("gaussian", "iwae"), ("bernoulli", "stl")])
+def test_plans_differentiate_twice_as_the_general_path(triton_device, likelihood, case):
+    """create_graph=True replays the general composition: the same first and second derivatives."""
+    results = []
+    for enabled in (True, False):
+        _run(triton_device, torch.float64, likelihood, case, enabled)
+        x, (mu, logvar, W) = _problem(triton_device, torch.float64)
+        _, grads, _ = _run(triton_device, torch.float64, likelihood, case, enabled, create_graph=True)
+        penalty = sum((g * g).sum() for g in grads)
+        results.append((grads, torch.autograd.grad(penalty, [g for g in grads if g.requires_grad][0])))
+    (lean, lean2), (general, general2) = results
+    for a, b in zip(lean, general):
+        assert torch.equal(a, b)
+    assert torch.allclose(lean2[0], general2[0], rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+def test_dreg_encoder_gradient_is_still_refused_a_second_derivative(triton_device):
+    _run(triton_device, torch.float64, "bernoulli", "dreg", True)
+    # the encoder gradient carries the refusal node (as the general path's hook gives it)
+    x, (mu_leaf, logvar, W) = _problem(triton_device, torch.float64)
+    bound = fastvae.iwae(x, mu_leaf, logvar, _decoders(W)["bernoulli"], k=K, likelihood="bernoulli",
+                         estimator="dreg")
+    dmu = torch.autograd.grad(bound, mu_leaf, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(dmu.sum(), mu_leaf)
+
+
+@needs_triton
+def test_a_decoder_output_the_plan_does_not_read_takes_the_general_tail(triton_device):
+    x, (mu, logvar, W) = _problem(triton_device, torch.float32)
+    for _ in range(2):
+        bound = fastvae.elbo(x, mu, logvar, lambda z: (z @ W[:, :D]).t().contiguous().t(), likelihood="bernoulli")
+    assert type(bound.grad_fn).__name__ != "ElboTailBackward"  # a transposed output: the general tail
+    with pytest.raises(ValueError, match="decode returned logits of shape"):
+        fastvae.elbo(x, mu, logvar, lambda z: z @ W, likelihood="bernoulli")
+
+
+@needs_triton
+def test_wrong_arguments_are_refused_after_a_plan_exists(triton_device):
+    x, (mu, logvar, W) = _problem(triton_device, torch.float32)
+    dec = _decoders(W)["bernoulli"]
+    for _ in range(2):
+        fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli", reduction="avg")
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli", beta=-1.0)
+    with pytest.raises(TypeError, match="decode must be callable"):
+        fastvae.elbo(x, mu, logvar, 3, likelihood="bernoulli")
+    with pytest.raises(ValueError, match="x must have mu's batch shape"):
+        fastvae.elbo(x[:2], mu, logvar, dec, likelihood="bernoulli")
+
+
+def test_the_plans_serve_only_the_triton_backend_in_eager_mode(backend):
+    """On the cpp and reference backends (and under torch.compile, autocast,
+    functorch transforms) the objectives take the general path."""
+    name, device = backend
+    x, (mu, logvar, W) = _problem(device, torch.float32)
+    dec = _decoders(W)["bernoulli"]
+    args = (x, mu, logvar, dec, None, None, "bernoulli", "mean")
+    assert (objectives._lean_device(*args) is not None) == (name == "triton")
+    with torch.autocast(device if device != "cpu" else "cpu", dtype=torch.bfloat16):
+        assert objectives._lean_device(*args) is None
+    assert objectives._lean_device(x, mu.t(), logvar, dec, None, None, "bernoulli", "mean") is None
+    assert objectives._lean_device(x, mu, logvar, dec, fastvae.priors.StandardNormal(), None, "bernoulli",
+                                   "mean") is None
+    assert objectives._lean_device(x, mu.half(), logvar, dec, None, None, "bernoulli", "mean") is None
+    assert objectives._lean_device(x, mu, logvar, dec, None, None, "poisson", "mean") is None
+
+
+@needs_triton
+def test_one_plan_per_call_signature(triton_device):
+    _plan.clear()
+    x, (mu, logvar, W) = _problem(triton_device, torch.float32)
+    dec = _decoders(W)["bernoulli"]
+    for _ in range(3):
+        fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
+        fastvae.iwae(x, mu, logvar, dec, k=K, likelihood="bernoulli")
+    assert len(_plan._PLANS) == 2
+    fastvae.iwae(x, mu, logvar, dec, k=K + 1, likelihood="bernoulli")  # another K: another plan
+    fastvae.elbo(x[:2], mu[:2], logvar[:2], dec, likelihood="bernoulli")  # another batch size
+    assert len(_plan._PLANS) == 4
+
+
+@pytest.mark.skipif(INTERPRET, reason="records compiled GPU variants (JITFunction), not the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B_, K_", [(3, 4), (300, 5), (4096, 1)])
+def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
+    """The plans' launches on a GPU, recorded without one (kernels/aot.py's
+    recording, meta tensors, sm_90): the same kernels, grids, signatures and
+    compile-time parameters as the general launchers', so no variant of the
+    CUDA branch is left to a GPU run to check."""
+    aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
+    from fastvae.kernels import _bernoulli_likelihood as bern
+    from fastvae.kernels import gaussian_log_prob as gauss
+    from fastvae.kernels import logmeanexp as lme
+    from fastvae.kernels import sample_normal as sn
+
+    meta = torch.device("meta")
+
+    def t(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device=meta)
+
+    def record(fn):
+        launches = []
+        with aot.recording("sm_90", launches):
+            fn()
+        assert launches, "nothing launched"
+        return [(launch.kernel, launch.grid, launch.key) for launch in launches]
+
+    mu, lv, seed = t(B_, L), t(B_, L), t(dt=torch.int64)
+    z, kl, ratio = t(K_, B_, L), t(B_), t(K_, B_)
+    sample = _plan.SamplePlan(mu.shape, dtype, meta, K_, True, True)
+    assert record(lambda: sample.forward(mu, lv, seed, z, kl, ratio, *sample.ints)) == record(
+        lambda: sn.sample_normal_forward(mu, lv, seed, 0, B_ * L, L, z, kl, ratio))
+    planned = sample.backward(True, False, True)
+    assert planned is not None or K_ > 1  # None: samples split over programs, per-call buffers
+    if planned is not None:  # else the plan calls the general launcher itself
+        run, part, counters, per_split, K = planned
+        assert record(lambda: run(z, mu, ratio, mu, lv, seed, mu, lv, part, counters, B_, L, B_ * L, K, per_split,
+                                  1)) == record(
+            lambda: sn.sample_normal_backward(z, None, ratio, mu, lv, seed, True, mu, lv))
+
+    x, logits, rec = t(B_, D), t(K_, B_, D), t(K_, B_)
+    tail = _plan.TailPlan("bernoulli", K_, B_, D, dtype, meta, "mean", torch.Size((B_,)), True)
+    assert record(lambda: tail.log_prob(x, logits, None)) == record(
+        lambda: bern.bernoulli_forward(bern.BERNOULLI, x, logits, rec))
+    assert record(lambda: tail.log_prob_backward(rec, x, logits, None)) == record(
+        lambda: bern.bernoulli_backward(bern.BERNOULLI, rec, x, logits, None, logits))
+    gaussian = _plan.TailPlan("gaussian", K_, B_, D, dtype, meta, "mean", torch.Size((B_,)), True)
+    packed = t(K_, B_, 2 * D)
+    mean, logvar = packed[..., :D], packed[..., D:]
+    assert record(lambda: gaussian.log_prob(x, packed, logvar)) == record(
+        lambda: gauss.gaussian_log_prob_forward(x, mean, logvar, False, 1.0, rec))
+    assert record(lambda: gaussian.log_prob_backward(rec, x, packed, logvar)) == record(
+        lambda: gauss.gaussian_log_prob_backward(rec, x, mean, logvar, False, 1.0, None, mean, logvar))
+    state, value = t(B_, dt=_backend_acc(dtype)), t(B_)
+    if tail.lme_forward is not None:
+        assert record(lambda: tail.lme_forward(rec, rec, state, state, state, state, state, value, state, state,
+                                               state, *tail.lme_ints)) == record(
+            lambda: lme.logmeanexp_forward(rec, state, state, value, None))
+    assert record(lambda: tail.lme_backward(rec, state, state, value, value, value, rec, K_, B_)) == record(
+        lambda: lme.logmeanexp_backward(rec, state, state, value, None, None, rec))
+
+
+def _backend_acc(dtype):
+    return fastvae._backend.accumulation_dtype(dtype)
