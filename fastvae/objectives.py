@@ -266,11 +266,12 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     return _reduced_difference(reconstruction, kl if beta == 1.0 else beta * kl, reduction)
 
 
-def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, reduction, generator, prior):
-    """fastvae.iwae through the plans, or None where they do not apply."""
+def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
+    """fastvae.iwae through the plans, or None where they do not apply (a
+    tempered bound, beta != 1, takes the general path)."""
     device = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
     if (device is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
-            or alpha != 0):
+            or alpha != 0 or type(beta) not in (float, int) or beta != 1):
         return None
     key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, likelihood, k, estimator, reduction)
     plans = _plan.lookup(key)
@@ -717,7 +718,7 @@ def iwae(
     For the terms as well (reconstruction, KL, ESS, log-weights), use
     fastvae.iwae_terms.
     """
-    bound = _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, reduction, generator, prior)
+    bound = _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior)
     if bound is not None:
         return bound
     bound = _iwae(
