@@ -79,7 +79,7 @@ def test_elbo_matches_handwritten(backend, family, kind, torch_object):
     terms = fastvae.elbo_terms(x, user_q, _decode(W), likelihood="bernoulli", n_samples=2, prior=prior,
                                generator=gen(7), reduction="sum")
     assert terms.kl_analytic == analytic
-    grads = torch.autograd.grad(terms.bound, (loc, scale))
+    grads = torch.autograd.grad(terms.bound, (loc, scale), retain_graph=True)
 
     z = z_of(_noise(family, philox_seed_of(7), 2, device))
     rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x).mean(0)
@@ -102,7 +102,7 @@ def test_iwae_matches_handwritten(backend, family, estimator, alpha):
     prior, p, _ = _prior(family, "same", device)
     bound = fastvae.iwae(x, user_q, _decode(W), k=4, likelihood="bernoulli", estimator=estimator, alpha=alpha,
                          prior=prior, generator=gen(3), reduction="sum")
-    grads = torch.autograd.grad(bound, (loc, scale))
+    grads = torch.autograd.grad(bound, (loc, scale), retain_graph=True)
 
     z = z_of(_noise(family, philox_seed_of(3), 4, device))
     rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x)
@@ -153,8 +153,9 @@ def test_normal_transforms_match_handwritten(backend, name, torch_object):
                                generator=gen(5), reduction="sum")
     assert terms.kl_analytic
     torch.testing.assert_close(terms.bound, (rec.mean(0) - td.kl_divergence(q, p)).sum(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.autograd.grad(terms.bound, mu)[0],
-                               torch.autograd.grad((rec.mean(0) - td.kl_divergence(q, p)).sum(), mu)[0])
+    torch.testing.assert_close(torch.autograd.grad(terms.bound, mu, retain_graph=True)[0],
+                               torch.autograd.grad((rec.mean(0) - td.kl_divergence(q, p)).sum(), mu,
+                                                   retain_graph=True)[0])
 
     other = td.Independent(td.Gamma(torch.full((L + (name != "lognormal"),), 2.0, dtype=torch.float64,
                                                 device=device), 1.0), 1)
@@ -170,7 +171,8 @@ def test_normal_transforms_match_handwritten(backend, name, torch_object):
     torch.testing.assert_close(bound, (torch.logsumexp(lw, 0) - math.log(3)).sum(), rtol=1e-10, atol=1e-10)
     q_stop = _normal_transform(name, mu.detach(), s.detach(), True)[1]
     surrogate = (torch.softmax(lw.detach(), 0) * (rec + p.log_prob(z) - q_stop.log_prob(z))).sum()
-    for got, want in zip(torch.autograd.grad(bound, (mu, s)), torch.autograd.grad(surrogate, (mu, s))):
+    for got, want in zip(torch.autograd.grad(bound, (mu, s), retain_graph=True),
+                         torch.autograd.grad(surrogate, (mu, s))):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
