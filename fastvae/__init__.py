@@ -65,8 +65,8 @@ from .evaluation import (
 )
 from .gaussian_log_prob import gaussian_log_prob
 from .kl_normal import kl_normal
-from .latents import LocationScale, LogisticNormal, LogNormal
 from .latent_log_ratio import latent_log_ratio
+from .latents import LocationScale, LogisticNormal, LogNormal
 from .logmeanexp import (
     LogMeanExpState,
     all_reduce_logmeanexp_state,

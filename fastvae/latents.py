@@ -44,17 +44,21 @@ from torch.distributions import (
     Gumbel,
     Independent,
     Laplace,
-    LogisticNormal as TorchLogisticNormal,
-    LogNormal as TorchLogNormal,
     TransformedDistribution,
     Uniform,
+)
+from torch.distributions import (
+    LogisticNormal as TorchLogisticNormal,
+)
+from torch.distributions import (
+    LogNormal as TorchLogNormal,
 )
 from torch.distributions.transforms import AffineTransform, SigmoidTransform, StickBreakingTransform
 
 from . import _validate, _value_checks
+from . import priors as _priors
 from .distributions import widened
 from .kl_normal import kl_normal
-from . import priors as _priors
 from .priors import StandardNormal, TorchPrior
 from .sample_location_scale import FAMILIES, family_index, location_scale_at, sample_location_scale_unchecked
 from .sample_normal import sample_at, sample_normal_with_ratio_unchecked

@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from . import _validate
 from torch.distributions import Distribution, Independent, Normal
 
+from . import _validate
 from .distributions import DiagonalNormal, TrilNormal, widened
 from .kl_normal import kl_normal
 from .mixture_log_prob import check_components, mixture_log_prob
