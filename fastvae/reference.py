@@ -1193,7 +1193,8 @@ def standardized(family: int, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Te
         return u, torch.zeros_like(u), torch.zeros_like(u)
     if family == 1:
         e = torch.where(lower, torch.log(2.0 * u), -torch.log(2.0 * v))
-        return e, -e.abs() - math.log(2.0), -torch.sign(e)
+        # psi = -sign(e), taken from the half (as the kernels do): e = 0 only where float32 rounds u to 1/2
+        return e, -e.abs() - math.log(2.0), torch.where(lower, 1.0, -1.0).double()
     if family == 2:
         return torch.log(u) - torch.log(v), torch.log(u) + torch.log(v), v - u
     if family == 3:

@@ -14,6 +14,7 @@ import fastvae
 from fastvae import reference
 from fastvae.sample_location_scale import FAMILIES
 
+from conftest import INTERPRET
 from helpers import assert_compiled_matches_eager, gen, philox_seed_of
 
 B, L, D = 5, 3, 4
@@ -243,6 +244,7 @@ def test_log_likelihood_matches_handwritten(backend, family):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
 def test_compiled_elbo_and_dreg_match_eager(backend):
     """torch.compile(fullgraph=True) through the Laplace posterior (a torch object) and its prior."""
     _, device = backend
@@ -275,6 +277,7 @@ def test_free_bits_and_per_dim_kl(backend):
 
 
 def test_bad_parameters_are_refused_by_name():
+    fastvae.set_value_checks("always")  # the Triton path checks each kind once per process otherwise
     x, W = torch.zeros(2, D), torch.zeros(L, D)
     loc = torch.zeros(2, L)
     with pytest.raises(ValueError, match="scale"):
@@ -292,13 +295,13 @@ def test_bad_parameters_are_refused_by_name():
 
 def test_the_kl_estimate_agrees_with_the_closed_form():
     """The Monte Carlo KL, log q from the fused sampler minus torch's log p of
-    its samples, within 4 standard errors of the closed form (20000 samples)."""
+    its samples, within 4 standard errors of the closed form (5000 samples)."""
     loc = torch.full((1, 6), 0.4, dtype=torch.float64)
     ls = torch.full((1, 6), -0.3, dtype=torch.float64)
     q = fastvae.LocationScale("laplace", loc, ls)
     p = td.Laplace(torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64))
     torch.manual_seed(0)
-    z, log_q = q.rsample_with_log_q(20000, None, False)
+    z, log_q = q.rsample_with_log_q(5000, None, False)
     mc = log_q - p.log_prob(z).sum(-1)
     exact = td.kl_divergence(q.torch_distribution().base_dist, p).sum()
     assert abs(mc.mean() - exact) < 4 * mc.std() / math.sqrt(mc.numel())

@@ -250,8 +250,9 @@ def test_errors_name_the_argument():
         fastvae.sample_location_scale("laplace", x, x, 0)
 
 
-@pytest.mark.parametrize("stop_score", [False, True])
-@pytest.mark.parametrize("family", FAMILIES)
+# the closed form is torch code on every backend, which only draws e: one case under the interpreter
+@pytest.mark.parametrize("stop_score", [True] if INTERPRET else [False, True])
+@pytest.mark.parametrize("family", ("gumbel",) if INTERPRET else FAMILIES)
 def test_double_backward(backend, family, stop_score):
     """create_graph=True: the closed form's second derivative (gradgradcheck, float64)."""
     _, device = backend
