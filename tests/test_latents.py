@@ -5,6 +5,7 @@ against hand-written torch.distributions estimates built on the same noise
 every backend; the closed-form KLs against torch's kl_divergence; priors given
 as torch objects; torch.compile; errors."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -305,3 +306,56 @@ def test_the_kl_estimate_agrees_with_the_closed_form():
     mc = log_q - p.log_prob(z).sum(-1)
     exact = td.kl_divergence(q.torch_distribution().base_dist, p).sum()
     assert abs(mc.mean() - exact) < 4 * mc.std() / math.sqrt(mc.numel())
+
+
+@pytest.mark.parametrize("name", ["gumbel", "lognormal", "logisticnormal"])
+def test_reconstruction_probability_and_evaluate(backend, name):
+    """reconstruction_probability draws z at log_likelihood's offsets (no
+    latent term): log mean_k p(x | z_k) of the same samples; evaluate runs a
+    dataset through the same path (its mean equals log_likelihood's)."""
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    loc, scale = loc.detach(), scale.detach()
+    K = 5
+    if name == "gumbel":
+        q = td.Gumbel(loc, scale)
+        e = reference.standardized(FAMILIES.index("gumbel"), reference.philox_word(philox_seed_of(6),
+                                                                                   torch.arange(B * K * L)),
+                                   torch.float64)[0]
+        z = loc + scale * e.reshape(B, K, L).transpose(0, 1).to(device)
+    else:
+        q = td.LogNormal(loc, scale) if name == "lognormal" else td.LogisticNormal(loc, scale)
+        e = reference.philox_randn(philox_seed_of(6), torch.arange(B * K * L), torch.float64)
+        z = _transform(name, loc + scale * e.reshape(B, K, L).transpose(0, 1).to(device))
+    rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x)
+    got = fastvae.reconstruction_probability(x, lambda _: q, _decode(W), n_samples=K, likelihood="bernoulli",
+                                             chunk_size=2, generator=gen(6))
+    torch.testing.assert_close(got, torch.logsumexp(rec, 0) - math.log(K), rtol=1e-10, atol=1e-10)
+    ll = fastvae.log_likelihood(x, lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+    with warnings.catch_warnings():  # K = 5: the low-ESS and Pareto warnings are not the point here
+        warnings.simplefilter("ignore")
+        result = fastvae.evaluate([x], lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+    torch.testing.assert_close(result.per_example.to(ll.device), ll, rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_matches_float32_on_the_rounded_encoder(backend):
+    """Under CPU autocast a bfloat16 Laplace posterior gives the float32 bound
+    of its rounded parameters (z in float32: sample_normal.z_dtype's rule)."""
+    _, device = backend
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    x, W, loc, scale = _data(device)
+    loc16, scale16 = loc.detach().to(torch.bfloat16), scale.detach().to(torch.bfloat16)
+    prior = td.Laplace(torch.zeros(L), torch.ones(L))
+    x32, W32 = x.float(), W.float()
+
+    def decode(z):  # elementwise (autocast leaves it in float32), so only the encoder is rounded
+        return (z.unsqueeze(-1) * W32[:L]).sum(-2)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastvae.elbo(x32, td.Laplace(loc16, scale16), decode, likelihood="bernoulli", n_samples=3,
+                           prior=prior, generator=gen(8))
+    want = fastvae.elbo(x32, td.Laplace(loc16.float(), scale16.float()), decode, likelihood="bernoulli",
+                        n_samples=3, prior=prior, generator=gen(8))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
