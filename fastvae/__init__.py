@@ -19,6 +19,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - categorical_log_prob(x, logits): x integer classes (..., D), logits (..., D, C)
 - continuous_bernoulli_log_prob(x, logits): the normalized continuous Bernoulli
 - discretized_logistic_mixture_log_prob(x, params, num_bins=256): PixelCNN++'s likelihood
+- sample_location_scale(family, loc, log_scale, n_samples=None, *, generator=None) -> (z, log_q):
+  uniform, Laplace, logistic, Gumbel and Cauchy latents (docs/latents.md)
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -35,8 +37,11 @@ Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
 - reconstruction_probability(x, encode, decode, *, n_samples=100, ...): the anomaly score
 
 Posteriors and priors: DiagonalNormal(mu, logvar), TrilNormal(mu, scale_tril)
-(fastvae/distributions.py); fastvae.priors.StandardNormal, MixtureOfGaussians,
-VampPrior (prior= of the objectives and the evaluation functions).
+(fastvae/distributions.py); LocationScale(family, loc, log_scale), LogNormal(mu,
+logvar), LogisticNormal(mu, logvar) (fastvae/latents.py, docs/latents.md: also
+accepted as torch Laplace, Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal);
+fastvae.priors.StandardNormal, MixtureOfGaussians, VampPrior, or a torch
+distribution (prior= of the objectives and the evaluation functions).
 
 backend_info(device) reports which backend serves each op; set_backend(name) and
 use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
@@ -62,6 +67,7 @@ from .evaluation import (
 from .gaussian_log_prob import gaussian_log_prob
 from .kl_normal import kl_normal
 from .latent_log_ratio import latent_log_ratio
+from .latents import LocationScale, LogisticNormal, LogNormal
 from .logmeanexp import (
     LogMeanExpState,
     all_reduce_logmeanexp_state,
@@ -76,6 +82,7 @@ from .mixture_log_prob import mixture_log_prob
 from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .poisson_log_prob import poisson_log_prob
+from .sample_location_scale import sample_location_scale
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
 from .zinb_log_prob import zinb_log_prob
@@ -121,5 +128,9 @@ __all__ = [
     "categorical_log_prob",
     "continuous_bernoulli_log_prob",
     "discretized_logistic_mixture_log_prob",
+    "sample_location_scale",
+    "LocationScale",
+    "LogNormal",
+    "LogisticNormal",
 ]
 __version__ = "0.1.0"

@@ -51,6 +51,7 @@ from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernou
 from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretized_logistic_mixture_decoder
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
+from .latents import LATENTS, from_torch
 
 LIKELIHOODS = ("gaussian", "bernoulli", "categorical", "continuous_bernoulli",
                *_count_likelihood.COUNT_LIKELIHOODS, "discretized_logistic_mixture")
@@ -65,15 +66,18 @@ def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
         return DiagonalNormal(base.loc, 2.0 * torch.log(base.scale))
     if type(base) is MultivariateNormal and reinterpreted == 0:
         return TrilNormal(base.loc, base.scale_tril)
-    raise TypeError(f"the posterior must be a torch Normal, Independent(Normal, 1) or MultivariateNormal "
-                    f"(or a fastvae.DiagonalNormal / TrilNormal), got {type(q).__name__}")
+    if (record := from_torch(q)) is not None:  # the other latent families (fastvae/latents.py)
+        return record
+    raise TypeError(f"the posterior must be a torch Normal, Independent(Normal, 1), MultivariateNormal, Laplace, "
+                    f"Uniform, Gumbel, Cauchy, LogNormal or LogisticNormal (or a fastvae.DiagonalNormal, "
+                    f"TrilNormal or latent record), got {type(q).__name__}")
 
 
 def as_posterior(q: Any, what: str = "the posterior") -> DiagonalNormal | TrilNormal:
     """What an encoder returned, as a fastvae posterior: a DiagonalNormal or
     TrilNormal as is, a torch distribution mapped (torch_posterior), or a
     (mu, logvar) pair."""
-    if isinstance(q, (DiagonalNormal, TrilNormal)):
+    if isinstance(q, (DiagonalNormal, TrilNormal, *LATENTS)):
         return q
     if isinstance(q, Distribution):
         return torch_posterior(q)
@@ -96,7 +100,7 @@ def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | 
     """(q, decode) from either calling form: (x, mu, logvar, decode) or
     (x, q, decode) with q a fastvae.DiagonalNormal / TrilNormal or a torch
     Normal / Independent(Normal, 1) / MultivariateNormal."""
-    if isinstance(mu, (Distribution, DiagonalNormal, TrilNormal)):
+    if isinstance(mu, (Distribution, DiagonalNormal, TrilNormal, *LATENTS)):
         if decode is None:  # (x, q, decode): decode arrived in logvar's place
             decode, logvar = logvar, None
         if logvar is not None:

@@ -87,6 +87,12 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "x params means log_scales num_bins out"),
     _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
        "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
+    # the location-scale latents (issue 35): `family` picks the standardized inverse CDF
+    # (reference.LOCATION_SCALE_FAMILIES), a compile-time variant in the C++ and Triton kernels
+    _k("sample_location_scale_forward", "sample_location_scale",
+       "loc log_scale seed family offset0 sample_stride row_stride z log_q"),
+    _k("sample_location_scale_backward", "sample_location_scale",
+       "grad_z grad_log_q loc log_scale seed family stop_score dloc dlog_scale"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -123,6 +129,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
                                                  "discretized_logistic_mixture_log_prob_backward"),
        "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob"),
+    Op("sample_location_scale", ("sample_location_scale_forward", "sample_location_scale_backward"),
+       "test_sample_location_scale.py", "sample_location_scale"),
 )}
 
 # Test modules above the ops that reach a Triton kernel: run under the
@@ -131,7 +139,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
 # test_double_backward.py checks every op's create_graph gradient (issue 25).
 INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py",
                      "test_launches.py", "test_double_backward.py", "test_value_checks.py", "test_autocast.py",
-                     "test_layouts.py", "test_plan.py")
+                     "test_layouts.py", "test_plan.py", "test_latents.py")
 
 
 def interpreter_test_modules() -> list[str]:

@@ -37,6 +37,7 @@ from ._decoder import as_posterior, check_likelihood, decoder_log_prob, output_n
 from ._noise import evaluation_noise
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, widened
+from .latents import LATENTS
 from .logmeanexp import (
     LogMeanExpState,
     accumulate_states,
@@ -236,6 +237,8 @@ def _encode(encode: Callable, x: Tensor) -> DiagonalNormal | TrilNormal:
 
 
 def _rows(q: DiagonalNormal | TrilNormal, b0: int, b1: int) -> DiagonalNormal | TrilNormal:
+    if isinstance(q, LATENTS):
+        return q.rows(b0, b1)
     if isinstance(q, DiagonalNormal):
         return DiagonalNormal(q.mu[b0:b1], q.logvar[b0:b1])
     return TrilNormal(q.mu[b0:b1], q.scale_tril[b0:b1])
@@ -249,6 +252,8 @@ def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tens
     log q(z) = log N(eps; 0, I) - sum log S_ii."""
     L = q.latent_size
     offset0 = (g * cfg.k + c0) * L
+    if isinstance(q, LATENTS):  # the other latent families, at the same offsets (fastvae/latents.py)
+        return q.draw_at(seed, c1 - c0, offset0, L, cfg.k * L, cfg.prior if cfg.with_ratio else None)
     if isinstance(q, DiagonalNormal):
         drawn = sample_at(q.mu, q.logvar, seed, c1 - c0, offset0=offset0, sample_stride=L,
                           row_stride=cfg.k * L, with_ratio=cfg.with_ratio)
@@ -296,7 +301,7 @@ def _decoder_width(x: Tensor, q, decode: Callable, cfg: _Config) -> int:
     (mean, logvar) pair, and a chunk sized by D could run out of memory. The
     whole batch, because a decoder may close over it (scVI's library sizes
     of x). Only for chunk_size=None: one extra decoder call of one sample."""
-    out = decode(q.mu.unsqueeze(0))
+    out = decode((q.point() if isinstance(q, LATENTS) else q.mu).unsqueeze(0))
     return max(1, math.ceil(output_numel(out, cfg.likelihood, x.dim() - 1) / x.shape[0]))
 
 

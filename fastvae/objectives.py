@@ -26,6 +26,7 @@ from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
 from .gaussian_log_prob import packed_mean_logvar
 from .kl_normal import kl_normal
+from .latents import LATENTS
 from .logmeanexp import (
     EffectiveSampleSize,
     ImportanceWeights,
@@ -307,6 +308,8 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
 def _per_dim_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     """The analytic KL of each latent dimension (..., L), where it splits by
     dimension (a diagonal q against a standard or diagonal prior), else None."""
+    if isinstance(q, LATENTS):  # the other latent families: their closed forms (fastvae/latents.py)
+        return q.kl_per_dim(prior)
     if not isinstance(q, DiagonalNormal) or not isinstance(prior, (StandardNormal, DiagonalNormal)):
         return None
     # kl_normal on (..., L, 1) gives the per-dimension KL (..., L) with the fused op.
@@ -352,7 +355,9 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     K = None if n_samples == 1 else n_samples
     sample_shape = () if n_samples == 1 else (n_samples,)
     standard = isinstance(prior, StandardNormal)
-    if isinstance(q, DiagonalNormal) and analytic:
+    if isinstance(q, LATENTS):  # the other latent families: the record draws z and its KL (fastvae/latents.py)
+        z, kl, analytic = q.sample_with_kl(K, prior, generator)
+    elif isinstance(q, DiagonalNormal) and analytic:
         z, kl = sample_normal_unchecked(q.mu, q.logvar, K, generator)  # the KL to N(0, I), fused
         if not standard:
             kl = analytic_kl(q, prior)
@@ -593,7 +598,10 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
     stop_score = estimator != "iwae"
 
     hooked = None  # the latent term whose gradient reaches the encoder outside z (DReG scales it too)
-    if isinstance(q, DiagonalNormal):
+    if isinstance(q, LATENTS):  # the other latent families: log q from the noise that drew z (fastvae/latents.py)
+        z, hooked = q.rsample_with_log_q(k, generator, stop_score)
+        latent = prior.log_prob(z) - hooked
+    elif isinstance(q, DiagonalNormal):
         # log p(z) - log q(z | x) comes from the sampler, which knows each eps: exact
         # however small the variance (recomputing eps from z overflows when the
         # posterior collapses); another prior adds log p(z) - log N(z; 0, I)
@@ -607,6 +615,9 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
         latent = prior.log_prob(z) - log_q
     if not want_kl:
         kl = None
+    elif isinstance(q, LATENTS):
+        kl = q.analytic_kl(prior)
+        kl = -latent.mean(0) if kl is None else kl
     elif not has_analytic_kl(prior):
         kl = -latent.mean(0)  # the Monte Carlo KL from the same samples
     elif not isinstance(prior, StandardNormal):

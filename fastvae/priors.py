@@ -10,6 +10,13 @@
   seed 000), differentiable in both; the encoder runs on the pseudo-inputs once
   per log_prob call.
 - a learned diagonal prior is a ``fastvae.DiagonalNormal`` of shape (L,).
+- a torch.distributions object (``TorchPrior`` wraps it; issue 35): a torch
+  ``Normal`` or ``Independent(Normal, 1)`` over L becomes a DiagonalNormal of
+  shape (L,) (so Gaussian posteriors keep the fused analytic KL), any other
+  (Laplace(0, 1), Uniform, Gumbel, LogNormal, ...) is used through its
+  ``log_prob``; the latent families of fastvae/latents.py find their closed
+  forms against their own family, and a record of theirs of shape (L,) is a
+  prior too.
 
 Every prior has ``log_prob(z)`` for z of shape (..., L) and ``sample(n)`` to
 generate latents.
@@ -22,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributions import Distribution, Independent, Normal
 
 from . import _validate
 from .distributions import DiagonalNormal, TrilNormal, widened
@@ -136,13 +144,61 @@ def _sample_mixture(n: int, means: Tensor, logvars: Tensor, logits: Tensor | Non
     return means[u] + torch.exp(0.5 * logvars[u]) * eps
 
 
+class TorchPrior:
+    """A torch.distributions object as a prior over z (..., Lz): its log_prob
+    summed over the last dimension (an ``Independent`` sums it already).
+    ``dist`` is the object; the latent families read their same-family
+    closed-form KLs from it (fastvae/latents.py)."""
+
+    def __init__(self, dist: Distribution):
+        if len(dist.event_shape) > 1:
+            raise ValueError(f"a torch prior has at most one event dimension (the latent), got event shape "
+                             f"{tuple(dist.event_shape)}")
+        self.dist = dist
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) summed over the last dimension, in z's compute dtype."""
+        (z,) = widened(z)
+        lp = self.dist.log_prob(z)
+        return lp.sum(-1) if len(self.dist.event_shape) == 0 else lp
+
+    def sample(self, n: int) -> Tensor:
+        """n latents (n, Lz) (torch's own sampler: not differentiable, for generation)."""
+        return self.dist.sample((_validate.positive_int("n", n),))
+
+    def __repr__(self) -> str:
+        return f"TorchPrior({self.dist!r})"
+
+
+def _torch_prior(prior: Distribution, latent_size: int | None) -> Any:
+    """A torch Normal / Independent(Normal, 1) whose parameters broadcast to (L,)
+    as a DiagonalNormal of shape (L,) (when L is known); anything else as a TorchPrior."""
+    base, n = (prior.base_dist, prior.reinterpreted_batch_ndims) if isinstance(prior, Independent) else (prior, 0)
+    if type(base) is Normal and n <= 1 and latent_size is not None and base.loc.dim() <= 1 \
+            and base.loc.shape[-1:] in ((), (1,), (latent_size,)):
+        shape = (latent_size,)
+        return DiagonalNormal(base.loc.expand(shape), (2.0 * torch.log(base.scale)).expand(shape))
+    return TorchPrior(prior)
+
+
+_RECORDS: tuple = ()  # the latent families' records (fastvae/latents.py registers them: no import cycle)
+
+
 def check_prior(prior: Any, latent_size: int | None = None) -> Any:
-    """The prior itself (None is the standard normal), or a TypeError naming the choices."""
+    """The prior itself (None is the standard normal; a torch distribution is
+    mapped by _torch_prior), or a TypeError naming the choices."""
     if prior is None:
         return StandardNormal()
-    if not isinstance(prior, (StandardNormal, MixtureOfGaussians, VampPrior, DiagonalNormal)):
-        raise TypeError("prior must be fastvae.priors.StandardNormal, MixtureOfGaussians, VampPrior or a "
-                        f"fastvae.DiagonalNormal of shape (L,), got {type(prior).__name__}")
+    if isinstance(prior, Distribution):
+        prior = _torch_prior(prior, latent_size)
+    if isinstance(prior, _RECORDS):
+        if prior.mu.dim() != 1:
+            raise ValueError(f"a {type(prior).__name__} prior has shape (L,), got {tuple(prior.mu.shape)}")
+        return prior
+    if not isinstance(prior, (StandardNormal, MixtureOfGaussians, VampPrior, DiagonalNormal, TorchPrior)):
+        raise TypeError("prior must be fastvae.priors.StandardNormal, MixtureOfGaussians, VampPrior, a "
+                        "fastvae.DiagonalNormal of shape (L,), a fastvae latent record of shape (L,) or a torch "
+                        f"distribution, got {type(prior).__name__}")
     if isinstance(prior, DiagonalNormal) and prior.mu.dim() != 1:
         raise ValueError(f"a DiagonalNormal prior has shape (L,), got {tuple(prior.mu.shape)}")
     if latent_size is not None and isinstance(prior, (MixtureOfGaussians, DiagonalNormal)):

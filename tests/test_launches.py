@@ -139,6 +139,9 @@ def _cases():
         "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
         "discretized_logistic_mixture_log_prob": op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p),
                                                     (K, B, 20, 3, 3)),
+        # issue 35
+        "sample_location_scale": op(lambda loc, ls: fastvae.sample_location_scale("laplace", loc, ls, K),
+                                    (B, L), (B, L)),
     }
 
 
@@ -169,6 +172,7 @@ OP_LIMITS = {
     "categorical_log_prob": (1, 1, 2, 0),
     "continuous_bernoulli_log_prob": (1, 1, 2, 0),
     "discretized_logistic_mixture_log_prob": (1, 1, 2, 0),
+    "sample_location_scale": (1, 1, 2, 1),
 }
 
 

@@ -1,0 +1,357 @@
+// sample_location_scale on the CPU (issue 35): z = loc + exp(log_scale) * e
+// with e = F^-1(u) of a standardized family (uniform, Laplace, logistic,
+// Gumbel, Cauchy), u the element's Philox uniform (one word per element: lane
+// i % 4 of counter i // 4), and log q(z) = sum_l(log f(e) - log_scale) from
+// the same e. The backward regenerates e instead of reading it.
+//
+// The family is a template parameter (the standardized inverse CDF as a
+// compile-time variant); one runtime switch per call picks the instantiation.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "ops.h"
+#include "philox.h"
+#include "rows.h"
+
+namespace fastvae {
+namespace {
+
+constexpr int64_t kBlock = 512;       // elements per vector block (stack buffers)
+constexpr int64_t kTileElems = 8192;  // elements per parallel work item
+constexpr int32_t kHalfWord = int32_t(1) << 30;  // folded words below it: u < 1/2
+constexpr float kBelowOne = 0x1.fffffep-1f;      // 1 - 2^-24, the largest float below 1
+
+enum Family : int { kUniform = 0, kLaplace = 1, kLogistic = 2, kGumbel = 3, kCauchy = 4 };
+
+// Folded words x in [0, 2^31) of offsets [offset0, offset0 + n): lane
+// offset % 4 of counter offset / 4. Whole counters in the middle (a loop GCC
+// can vectorize), one counter at a time at the ends.
+FASTVAE_CLONES void word_block(const PhiloxKeys& keys, uint64_t offset0, int64_t n, int32_t* out) {
+  int64_t i = 0;
+  while (i < n && ((offset0 + static_cast<uint64_t>(i)) & 3) != 0) {  // the head, up to a counter boundary
+    const uint64_t off = offset0 + static_cast<uint64_t>(i);
+    const Philox4 w = philox_4x(keys, off >> 2);
+    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
+    out[i++] = folded(words[off & 3]);
+  }
+  const int64_t whole = (n - i) / 4;
+  const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
+  int32_t* o = out + i;
+  for (int64_t j = 0; j < whole; ++j) {
+    const Philox4 w = philox_4x(keys, c0 + static_cast<uint64_t>(j));
+    o[4 * j] = folded(w.w0);
+    o[4 * j + 1] = folded(w.w1);
+    o[4 * j + 2] = folded(w.w2);
+    o[4 * j + 3] = folded(w.w3);
+  }
+  i += 4 * whole;
+  if (i < n) {  // the tail: lanes 0.. of one more counter
+    const Philox4 w = philox_4x(keys, (offset0 + static_cast<uint64_t>(i)) >> 2);
+    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
+    for (int j = 0; i < n; ++i, ++j) out[i] = folded(words[j]);
+  }
+}
+
+// The words of one sample's elements [b0, b0 + n) of the flat (N, L) block:
+// offsets base + row * row_stride + col (one run for row_stride == L).
+FASTVAE_INLINE void words_of(const PhiloxKeys& keys, uint64_t base, int64_t b0, int64_t n, int64_t L,
+                             uint64_t row_stride, int32_t* x) {
+  if (row_stride == static_cast<uint64_t>(L)) {
+    word_block(keys, base + static_cast<uint64_t>(b0), n, x);
+    return;
+  }
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
+    const int64_t len = std::min(n - i, L - col);
+    word_block(keys, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), len, x + i);
+    i += len;
+  }
+}
+
+// (u, v = 1 - u) of a folded word, each from the integer: (x + 1/2) / 2^31 and
+// (2^31 - 1/2 - x) / 2^31. float32: in float32 arithmetic, at most 1 - 2^-24
+// (the reference and Triton round the same way, bit for bit); float64: exact.
+FASTVAE_INLINE void open_uniforms(int32_t x, float& u, float& v) {
+  u = std::min((static_cast<float>(x) + 0.5f) * 0x1p-31f, kBelowOne);
+  v = std::min((static_cast<float>(2147483647 - x) + 0.5f) * 0x1p-31f, kBelowOne);
+}
+
+FASTVAE_INLINE void open_uniforms(int32_t x, double& u, double& v) {
+  u = (static_cast<double>(x) + 0.5) * 0x1p-31;
+  v = (2147483647.5 - static_cast<double>(x)) * 0x1p-31;
+}
+
+FASTVAE_INLINE float log_t(float x) { return fast_log_positive(x); }
+FASTVAE_INLINE double log_t(double x) { return std::log(x); }
+
+// log(1 - v) for v in (0, 1/2], to v's relative precision: log w corrected by
+// the rounding of w = 1 - v (Goldberg), or -v where w rounds to 1.
+FASTVAE_INLINE float log1m(float v) {
+  const float w = 1.0f - v;
+  return w == 1.0f ? -v : fast_log_positive(w) * (-v / (w - 1.0f));
+}
+FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
+
+// cos and sin of pi w for w in (0, 1/2].
+FASTVAE_INLINE void cos_sin_pi(float w, float& c, float& s) { cos_sin_turns(0.5f * w, c, s); }
+FASTVAE_INLINE void cos_sin_pi(double w, double& c, double& s) {
+  c = std::cos(3.141592653589793 * w);
+  s = std::sin(3.141592653589793 * w);
+}
+
+// e = F^-1(u), log f(e) and psi(e) = d log f / de of the standardized family,
+// from the word x (so the tails keep their bits: see reference.standardized).
+template <int F, typename T>
+FASTVAE_INLINE void standardized(int32_t x, T& e, T& log_f, T& psi) {
+  T u, v;
+  open_uniforms(x, u, v);
+  const bool lower = x < kHalfWord;
+  if constexpr (F == kUniform) {
+    e = u;
+    log_f = T(0);
+    psi = T(0);
+  } else if constexpr (F == kLaplace) {
+    const T a = log_t(T(2) * (lower ? u : v));  // <= 0
+    e = lower ? a : -a;
+    log_f = a - T(0.6931471805599453);
+    psi = lower ? T(1) : T(-1);
+  } else if constexpr (F == kLogistic) {
+    const T lu = log_t(u), lv = log_t(v);
+    e = lu - lv;
+    log_f = lu + lv;
+    psi = v - u;
+  } else if constexpr (F == kGumbel) {
+    const T t = lower ? -log_t(u) : -log1m(v);  // the Exp(1) variate -log u
+    e = -log_t(t);
+    log_f = -e - t;
+    psi = t - T(1);
+  } else {  // Cauchy: e = -/+ cot(pi w), w = min(u, v); 1 + e^2 = 1 / sin^2
+    T c, s;
+    cos_sin_pi(lower ? u : v, c, s);
+    const T sign = lower ? T(-1) : T(1);
+    e = sign * c / s;
+    log_f = T(2) * log_t(s) - T(1.1447298858494002);  // log pi
+    psi = T(-2) * sign * c * s;
+  }
+}
+
+// exp for a block
+FASTVAE_CLONES void exp_block(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = fast_exp(x[i]);
+}
+FASTVAE_INLINE void exp_block(const double* x, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i]);
+}
+
+// The transform of a block of words. The float32 loops are ISA-cloned entry
+// points (clones cannot be templates: one per family, by macro); float64 runs
+// libm and is the precise path, not the fast one.
+template <int F>
+FASTVAE_INLINE void noise_block(const int32_t* x, int64_t n, double* e, double* log_f, double* psi) {
+  for (int64_t i = 0; i < n; ++i) standardized<F, double>(x[i], e[i], log_f[i], psi[i]);
+}
+
+#define FASTVAE_LS_NOISE_F32(F)                                                                        \
+  FASTVAE_CLONES void noise_block_f32_##F(const int32_t* x, int64_t n, float* e, float* log_f, float* psi) { \
+    for (int64_t i = 0; i < n; ++i) standardized<F, float>(x[i], e[i], log_f[i], psi[i]);              \
+  }
+FASTVAE_LS_NOISE_F32(0)
+FASTVAE_LS_NOISE_F32(1)
+FASTVAE_LS_NOISE_F32(2)
+FASTVAE_LS_NOISE_F32(3)
+FASTVAE_LS_NOISE_F32(4)
+#undef FASTVAE_LS_NOISE_F32
+
+template <int F>
+FASTVAE_INLINE void noise_block(const int32_t* x, int64_t n, float* e, float* log_f, float* psi) {
+  if constexpr (F == 0) noise_block_f32_0(x, n, e, log_f, psi);
+  else if constexpr (F == 1) noise_block_f32_1(x, n, e, log_f, psi);
+  else if constexpr (F == 2) noise_block_f32_2(x, n, e, log_f, psi);
+  else if constexpr (F == 3) noise_block_f32_3(x, n, e, log_f, psi);
+  else noise_block_f32_4(x, n, e, log_f, psi);
+}
+
+template <int F, typename T>
+void forward_tiles(const T* loc, const T* log_scale, uint64_t seed, uint64_t offset0, uint64_t sample_stride,
+                   uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z, T* log_q, int n_threads) {
+  const int64_t NL = N * L;
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
+  const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
+  const PhiloxKeys keys(seed);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    const int64_t r0 = tile * tile_rows;
+    const int64_t r1 = std::min(N, r0 + tile_rows);
+    // per (sample, row of the tile) sums of log f(e) - log_scale, in double
+    std::vector<double> acc(log_q ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T s[kBlock], e[kBlock], log_f[kBlock], psi[kBlock];
+    for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, r1 * L - b0);
+      exp_block(log_scale + b0, n, s);
+      const T* m = loc + b0;
+      for (int64_t k = 0; k < K; ++k) {
+        words_of(keys, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
+        noise_block<F>(x, n, e, log_f, psi);
+        T* zk = z + k * NL + b0;
+        for (int64_t i = 0; i < n; ++i) zk[i] = m[i] + s[i] * e[i];
+        if (log_q) {
+          const T* ls = log_scale + b0;
+          for (int64_t i = 0; i < n; ++i) log_f[i] -= ls[i];
+          double* a = acc.data() + k * (r1 - r0);
+          for (int64_t i = 0; i < n;) {  // row runs of the block
+            const int64_t row = (b0 + i) / L;
+            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
+            double sum = 0.0;
+            for (int64_t j = i; j < i + len; ++j) sum += double(log_f[j]);
+            a[row - r0] += sum;
+            i += len;
+          }
+        }
+      }
+    }
+    if (log_q) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t row = r0; row < r1; ++row) log_q[k * N + row] = static_cast<T>(acc[size_t(k * (r1 - r0) + row - r0)]);
+      }
+    }
+  }
+}
+
+// dloc = sum_k dz_k (+ (sum_k dq_k psi_k) / s with stop_score),
+// dlog_scale = s sum_k dz_k e_k + (sum_k dq_k psi_k e_k with stop_score, else -sum_k dq_k).
+// The score's 1 / s multiplies the sum once: a zero sum stays 0 where 1 / s overflows.
+template <int F, typename T>
+void backward_blocks(const T* dz, const T* dq, const T* loc, const T* log_scale, uint64_t seed, bool stop_score,
+                     int64_t K, int64_t N, int64_t L, T* dloc, T* dlog_scale, int n_threads) {
+  (void)loc;  // z's path does not need loc: dz/dloc = 1, dz/dlog_scale = s e
+  const int64_t NL = N * L;
+  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
+  const PhiloxKeys keys(seed);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t b0 = blk * kBlock;
+    const int64_t n = std::min(kBlock, NL - b0);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T e[kBlock], log_f[kBlock], psi[kBlock], gq[kBlock];
+    alignas(64) T acc_z[kBlock], acc_ze[kBlock], acc_psi[kBlock], acc_q[kBlock];
+    for (int64_t i = 0; i < n; ++i) acc_z[i] = acc_ze[i] = acc_psi[i] = acc_q[i] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t base = k * NL + b0;
+      word_block(keys, static_cast<uint64_t>(base), n, x);
+      noise_block<F>(x, n, e, log_f, psi);
+      if (dz) {
+        const T* g = dz + base;
+        for (int64_t i = 0; i < n; ++i) {
+          acc_z[i] += g[i];
+          acc_ze[i] += g[i] * e[i];
+        }
+      }
+      if (dq) {
+        spread_rows(dq + k * N, b0, n, L, gq);
+        if (stop_score) {
+          for (int64_t i = 0; i < n; ++i) {
+            acc_psi[i] += gq[i] * psi[i];
+            acc_q[i] += gq[i] * psi[i] * e[i];
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) acc_q[i] -= gq[i];
+        }
+      }
+    }
+    alignas(64) T s[kBlock];
+    exp_block(log_scale + b0, n, s);
+    for (int64_t i = 0; i < n; ++i) {
+      const T score = acc_psi[i] == T(0) ? T(0) : acc_psi[i] / s[i];
+      dloc[b0 + i] = acc_z[i] + score;
+      dlog_scale[b0 + i] = s[i] * acc_ze[i] + acc_q[i];
+    }
+  }
+}
+
+template <int F>
+struct Entry {
+  static void forward_f32(const float* loc, const float* ls, uint64_t seed, uint64_t o, uint64_t ss,
+                                         uint64_t rs, int64_t K, int64_t N, int64_t L, float* z, float* q, int t) {
+    forward_tiles<F, float>(loc, ls, seed, o, ss, rs, K, N, L, z, q, t);
+  }
+  static void forward_f64(const double* loc, const double* ls, uint64_t seed, uint64_t o, uint64_t ss,
+                          uint64_t rs, int64_t K, int64_t N, int64_t L, double* z, double* q, int t) {
+    forward_tiles<F, double>(loc, ls, seed, o, ss, rs, K, N, L, z, q, t);
+  }
+  static void backward_f32(const float* dz, const float* dq, const float* loc, const float* ls,
+                                          uint64_t seed, bool stop, int64_t K, int64_t N, int64_t L, float* dl,
+                                          float* dls, int t) {
+    backward_blocks<F, float>(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
+  }
+  static void backward_f64(const double* dz, const double* dq, const double* loc, const double* ls,
+                           uint64_t seed, bool stop, int64_t K, int64_t N, int64_t L, double* dl, double* dls,
+                           int t) {
+    backward_blocks<F, double>(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
+  }
+};
+
+template <typename Fn>
+void by_family(int family, Fn fn) {
+  switch (family) {
+    case kUniform: return fn(std::integral_constant<int, kUniform>{});
+    case kLaplace: return fn(std::integral_constant<int, kLaplace>{});
+    case kLogistic: return fn(std::integral_constant<int, kLogistic>{});
+    case kGumbel: return fn(std::integral_constant<int, kGumbel>{});
+    case kCauchy: return fn(std::integral_constant<int, kCauchy>{});
+    default: throw std::invalid_argument("family must be in [0, 5) (uniform, laplace, logistic, gumbel, cauchy)");
+  }
+}
+
+void fwd(const float* loc, const float* ls, uint64_t seed, int family, uint64_t o, uint64_t ss, uint64_t rs,
+         int64_t K, int64_t N, int64_t L, float* z, float* q, int t) {
+  by_family(family, [&](auto f) { Entry<decltype(f)::value>::forward_f32(loc, ls, seed, o, ss, rs, K, N, L, z, q, t); });
+}
+void fwd(const double* loc, const double* ls, uint64_t seed, int family, uint64_t o, uint64_t ss, uint64_t rs,
+         int64_t K, int64_t N, int64_t L, double* z, double* q, int t) {
+  by_family(family, [&](auto f) { Entry<decltype(f)::value>::forward_f64(loc, ls, seed, o, ss, rs, K, N, L, z, q, t); });
+}
+void bwd(const float* dz, const float* dq, const float* loc, const float* ls, uint64_t seed, int family, bool stop,
+         int64_t K, int64_t N, int64_t L, float* dl, float* dls, int t) {
+  by_family(family, [&](auto f) {
+    Entry<decltype(f)::value>::backward_f32(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
+  });
+}
+void bwd(const double* dz, const double* dq, const double* loc, const double* ls, uint64_t seed, int family,
+         bool stop, int64_t K, int64_t N, int64_t L, double* dl, double* dls, int t) {
+  by_family(family, [&](auto f) {
+    Entry<decltype(f)::value>::backward_f64(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void sample_location_scale_forward(const T* loc, const T* log_scale, uint64_t seed, int family, uint64_t offset0,
+                                   uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L,
+                                   T* z, T* log_q, int n_threads) {
+  fwd(loc, log_scale, seed, family, offset0, sample_stride, row_stride, K, N, L, z, log_q, n_threads);
+}
+
+template <typename T>
+void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale, uint64_t seed,
+                                    int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc,
+                                    T* dlog_scale, int n_threads) {
+  bwd(dz, dlog_q, loc, log_scale, seed, family, stop_score, K, N, L, dloc, dlog_scale, n_threads);
+}
+
+template void sample_location_scale_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
+                                                   uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_location_scale_forward<double>(const double*, const double*, uint64_t, int, uint64_t,
+                                                    uint64_t, uint64_t, int64_t, int64_t, int64_t, double*,
+                                                    double*, int);
+template void sample_location_scale_backward<float>(const float*, const float*, const float*, const float*,
+                                                    uint64_t, int, bool, int64_t, int64_t, int64_t, float*,
+                                                    float*, int);
+template void sample_location_scale_backward<double>(const double*, const double*, const double*, const double*,
+                                                     uint64_t, int, bool, int64_t, int64_t, int64_t, double*,
+                                                     double*, int);
+
+}  // namespace fastvae

@@ -1,0 +1,378 @@
+"""Latent families beyond the Gaussian (issue 35): posteriors (and priors)
+that the objectives and the evaluation take wherever a DiagonalNormal goes.
+
+- ``LocationScale(family, loc, log_scale)``: z = loc + exp(log_scale) * e with
+  e the standardized "uniform" (on (0, 1)), "laplace", "logistic", "gumbel"
+  or "cauchy" variate, per latent dimension; sampled with log q(z) by the
+  fused ``sample_location_scale`` op (one kernel pair, the inverse CDF a
+  compile-time variant).
+- ``LogNormal(mu, logvar)``: z = exp(y), y ~ N(mu, diag(exp(logvar))).
+- ``LogisticNormal(mu, logvar)``: z = stick_breaking(y) on the simplex of
+  L + 1 components, torch's ``LogisticNormal``. Both transforms draw y with the
+  fused ``sample_normal`` (its exact log-ratio gives log q(y)) and add the
+  transform's log-Jacobian; no new kernel.
+
+The torch.distributions objects users have map to these records
+(``from_torch``): Laplace, Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal
+and ``Independent`` of one (logistic has no torch class: use the record).
+
+Every record offers what the objectives call (one generic branch there):
+``rsample_with_log_q(K, generator, stop_score)`` -> (z (K, ..., Lz), log q (K, ...)),
+``analytic_kl(prior)`` -> KL (...) or None (no closed form: the Monte Carlo
+estimate from the same samples), ``kl_per_dim(prior)`` (free bits),
+``draw_at(...)`` (the evaluation's noise layout), ``rows(b0, b1)``,
+``log_prob(z)``, ``rsample`` and ``torch_distribution()``. ``mu`` is the
+location tensor (..., L): it carries the batch shape, dtype and device, as a
+DiagonalNormal's mu does.
+
+Closed-form KLs (summed over L): Laplace-Laplace, uniform-uniform, Gumbel-Gumbel,
+Cauchy-Cauchy, log-normal-log-normal and logistic-normal-logistic-normal (the
+KL of the underlying normals: the transforms are bijections). The prior is a
+torch object of the same family (or an ``Independent`` of one, or a record of
+shape (L,)); anything else, torch Normal and StandardNormal included, gives
+the Monte Carlo KL.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import (
+    Cauchy,
+    Distribution,
+    Gumbel,
+    Independent,
+    Laplace,
+    TransformedDistribution,
+    Uniform,
+)
+from torch.distributions import (
+    LogisticNormal as TorchLogisticNormal,
+)
+from torch.distributions import (
+    LogNormal as TorchLogNormal,
+)
+from torch.distributions.transforms import AffineTransform, SigmoidTransform, StickBreakingTransform
+
+from . import _validate, _value_checks
+from . import priors as _priors
+from .distributions import widened
+from .kl_normal import kl_normal
+from .priors import StandardNormal, TorchPrior
+from .sample_location_scale import FAMILIES, family_index, location_scale_at, sample_location_scale_unchecked
+from .sample_normal import sample_at, sample_normal_with_ratio_unchecked
+
+LOG_2PI = math.log(2.0 * math.pi)
+EULER_GAMMA = 0.5772156649015329
+_TORCH_CLASSES = {Uniform: "uniform", Laplace: "laplace", Gumbel: "gumbel", Cauchy: "cauchy"}
+
+
+def _per_sample(n_samples: int | None, z: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+
+
+class _Latent:
+    """What every record shares: mu (..., L), its shapes and the generic ELBO draw."""
+
+    mu: Tensor
+
+    @property
+    def latent_size(self) -> int:
+        """L, the noise dimensions per example (a LogisticNormal's z has L + 1)."""
+        return self.mu.shape[-1]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.mu.shape[:-1]
+
+    def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        """Reparameterized z: (..., Lz), or (K, ..., Lz) for n_samples=K (fused)."""
+        K = 1 if n_samples is None else _validate.positive_int("n_samples", n_samples)
+        z, log_q = self.rsample_with_log_q(K, generator, False)
+        return _per_sample(n_samples, z, log_q)[0]
+
+    def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        """(z, kl, analytic) for the ELBO: the closed-form KL (...) where
+        analytic_kl has one, else log q(z) - log p(z) per sample ((K, ...) for
+        n_samples=K, (...) for None), from the same z the decoder gets."""
+        K = 1 if n_samples is None else n_samples
+        z, log_q = self.rsample_with_log_q(K, generator, False)
+        kl = self.analytic_kl(prior)
+        analytic = kl is not None
+        if not analytic:
+            kl = log_q - prior.log_prob(z)
+        if n_samples is None:
+            z = z[0]
+            kl = kl if analytic else kl[0]
+        return z, kl, analytic
+
+    def kl_per_dim(self, prior) -> Tensor | None:
+        """The analytic KL of each latent dimension (..., L), or None."""
+        return None
+
+    def point(self) -> Tensor:
+        """A z of the latent space's shape (..., Lz) with no noise drawn: the
+        transform of the location (the evaluation's decoder-width probe)."""
+        return self.mu
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
+
+
+class LocationScale(_Latent):
+    """z = loc + exp(log_scale) * e per latent dimension, e of a standardized family.
+
+    Args:
+        family: "uniform" (z uniform on (loc, loc + scale)), "laplace",
+            "logistic", "gumbel" or "cauchy".
+        loc, log_scale: tensors of the same shape (..., L) (no batch shape for
+            a prior); scale = exp(log_scale), so every value is valid.
+    """
+
+    def __init__(self, family: str, loc: Tensor, log_scale: Tensor):
+        self.index = family_index(family)
+        _validate.float_tensors(loc=loc, log_scale=log_scale)
+        _validate.event_dim("loc", loc)
+        _validate.same_shape(loc=loc, log_scale=log_scale)
+        self.family, self.loc, self.log_scale = family, loc, log_scale
+
+    @property
+    def mu(self) -> Tensor:
+        return self.loc
+
+    def rsample_with_log_q(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
+        """(z (K, ..., L), log q(z) (K, ...)) from the fused op; stop_score: log q's
+        parameters get no score, z keeps its path (STL / DReG)."""
+        return sample_location_scale_unchecked(self.index, self.loc, self.log_scale, n_samples, stop_score, generator)
+
+    def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
+                prior) -> tuple[Tensor, Tensor | None]:
+        """(z, log p(z) - log q(z) or None when prior is None) at the evaluation's offsets (no gradient)."""
+        z, log_q = location_scale_at(self.index, self.loc, self.log_scale, seed, n_samples, offset0=offset0,
+                                     sample_stride=sample_stride, row_stride=row_stride)
+        return z, None if prior is None else prior.log_prob(z) - log_q
+
+    def rows(self, b0: int, b1: int) -> LocationScale:
+        return LocationScale(self.family, self.loc[b0:b1], self.log_scale[b0:b1])
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z) summed over L for a given z (..., L) broadcasting against the
+        batch shape (plain torch: the objectives take log q of their own samples
+        from the noise instead)."""
+        _validate.float_tensors(z=z)
+        z, loc, ls = widened(z, self.loc, self.log_scale)
+        e = (z - loc) * torch.exp(-ls)
+        if self.family == "uniform":
+            inside = (z >= loc) & (z < loc + torch.exp(ls))
+            return torch.where(inside, -ls, -math.inf).sum(-1)
+        if self.family == "laplace":
+            log_f = -e.abs() - math.log(2.0)
+        elif self.family == "logistic":
+            log_f = -e - 2.0 * torch.nn.functional.softplus(-e)
+        elif self.family == "gumbel":
+            log_f = -e - torch.exp(-e)
+        else:
+            log_f = -math.log(math.pi) - torch.log1p(e * e)
+        return (log_f - ls).sum(-1)
+
+    def torch_distribution(self) -> Distribution:
+        """The torch.distributions equivalent, Independent over L."""
+        scale = torch.exp(self.log_scale)
+        if self.family == "uniform":
+            base = Uniform(self.loc, self.loc + scale)
+        elif self.family == "logistic":  # torch has no Logistic class: its usual construction
+            base = TransformedDistribution(Uniform(torch.zeros_like(self.loc), torch.ones_like(self.loc)),
+                                           [SigmoidTransform().inv, AffineTransform(self.loc, scale)])
+        else:
+            base = {"laplace": Laplace, "gumbel": Gumbel, "cauchy": Cauchy}[self.family](self.loc, scale)
+        return Independent(base, 1)
+
+    def _kl_terms(self, prior) -> Tensor | None:
+        """The closed-form KL of each dimension (..., L) against a same-family prior, else None."""
+        p = _prior_location_scale(prior, self.family)
+        if p is None:
+            return None
+        q_loc, q_ls, p_loc, p_ls = widened(self.loc, self.log_scale, *p)
+        q_s, p_s = torch.exp(q_ls), torch.exp(p_ls)
+        if self.family == "laplace":  # log(b2 / b1) + d / b2 + (b1 / b2) e^(-d / b1) - 1, d = |m1 - m2|
+            d = (q_loc - p_loc).abs()
+            return p_ls - q_ls + d / p_s + torch.exp(q_ls - p_ls - d / q_s) - 1.0
+        if self.family == "uniform":  # log(w2 / w1) where q's support lies inside p's, else inf
+            inside = (q_loc >= p_loc) & (q_loc + q_s <= p_loc + p_s)
+            return torch.where(inside, p_ls - q_ls, math.inf)
+        if self.family == "gumbel":  # torch's _kl_gumbel_gumbel, in log-scales
+            r = q_s / p_s
+            return (p_ls - q_ls + (q_loc - p_loc) / p_s + r * EULER_GAMMA
+                    + torch.exp((p_loc - q_loc) / p_s + torch.lgamma(1.0 + r)) - (1.0 + EULER_GAMMA))
+        if self.family == "cauchy":  # log(((s1 + s2)^2 + (m1 - m2)^2) / (4 s1 s2)) (Chyzak & Nielsen 2019)
+            d = q_loc - p_loc
+            return torch.log((q_s + p_s) ** 2 + d * d) - math.log(4.0) - q_ls - p_ls
+        return None  # logistic: no closed form
+
+    def analytic_kl(self, prior) -> Tensor | None:
+        terms = self._kl_terms(prior)
+        return None if terms is None else terms.sum(-1)
+
+    def kl_per_dim(self, prior) -> Tensor | None:
+        return self._kl_terms(prior)
+
+
+class _NormalTransform(_Latent):
+    """z = T(y), y ~ N(mu, diag(exp(logvar))): y and log q(y) from the fused sampler."""
+
+    def __init__(self, mu: Tensor, logvar: Tensor):
+        _validate.float_tensors(mu=mu, logvar=logvar)
+        _validate.event_dim("mu", mu)
+        _validate.same_shape(mu=mu, logvar=logvar)
+        self.mu, self.logvar = mu, logvar
+
+    def _transform(self, y: Tensor, log_q_y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def rsample_with_log_q(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
+        """(z, log q(z)): y from sample_normal with its exact log N(y; 0, I) - log q(y)
+        (stop_score: STL / DReG, as the Gaussian's), then the transform and its
+        log-Jacobian along y's path."""
+        y, _, ratio = sample_normal_with_ratio_unchecked(self.mu, self.logvar, n_samples, stop_score, generator)
+        return self._transform(y, StandardNormal().log_prob(y) - ratio)
+
+    def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
+                prior) -> tuple[Tensor, Tensor | None]:
+        drawn = sample_at(self.mu, self.logvar, seed, n_samples, offset0=offset0, sample_stride=sample_stride,
+                          row_stride=row_stride, with_ratio=prior is not None)
+        if prior is None:
+            return self._transform(drawn, torch.zeros(drawn.shape[:-1], dtype=drawn.dtype,
+                                                      device=drawn.device))[0], None
+        y, ratio = drawn
+        z, log_q = self._transform(y, StandardNormal().log_prob(y) - ratio)
+        return z, prior.log_prob(z) - log_q
+
+    def rows(self, b0: int, b1: int):
+        return type(self)(self.mu[b0:b1], self.logvar[b0:b1])
+
+    def _prior_normal(self, prior) -> tuple[Tensor, Tensor] | None:
+        """The prior's underlying normal (mu, logvar) when it is this family's, else None."""
+        if isinstance(prior, type(self)):
+            return prior.mu, prior.logvar
+        dist = prior.dist if isinstance(prior, TorchPrior) else None
+        base = dist.base_dist if isinstance(dist, Independent) else dist
+        if type(base) is self._torch_class:
+            return base.loc, 2.0 * torch.log(base.scale)
+        return None
+
+    def analytic_kl(self, prior) -> Tensor | None:
+        """KL of the underlying normals (the transform is a bijection), fused kl_normal."""
+        p = self._prior_normal(prior)
+        if p is None:
+            return None
+        p_mu, p_lv = (t.expand(self.mu.shape[-1:]) if t.dim() <= 1 else t.expand(self.mu.shape) for t in p)
+        return kl_normal(self.mu, self.logvar, p_mu, p_lv)
+
+    def kl_per_dim(self, prior) -> Tensor | None:
+        p = self._prior_normal(prior)
+        if p is None:
+            return None
+        p_mu, p_lv = (t.expand(self.mu.shape[-1:]) if t.dim() <= 1 else t.expand(self.mu.shape) for t in p)
+        return kl_normal(self.mu.unsqueeze(-1), self.logvar.unsqueeze(-1), p_mu.unsqueeze(-1), p_lv.unsqueeze(-1))
+
+
+class LogNormal(_NormalTransform):
+    """z = exp(y), y ~ N(mu, diag(exp(logvar))) over the last dimension L
+    (torch's LogNormal(mu, exp(logvar / 2))): scVI's library size."""
+
+    _torch_class = TorchLogNormal
+
+    def _transform(self, y: Tensor, log_q_y: Tensor) -> tuple[Tensor, Tensor]:
+        (yw,) = widened(y)
+        return torch.exp(y), log_q_y - yw.sum(-1)  # log|dz/dy| = y
+
+    def point(self) -> Tensor:
+        return torch.exp(self.mu)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z) summed over L for a given z > 0."""
+        return self.torch_distribution().log_prob(widened(z)[0])
+
+    def torch_distribution(self) -> Distribution:
+        mu, lv = widened(self.mu, self.logvar)
+        return Independent(TorchLogNormal(mu, torch.exp(0.5 * lv)), 1)
+
+
+class LogisticNormal(_NormalTransform):
+    """z = stick_breaking(y) on the simplex of L + 1 components, y ~ N(mu,
+    diag(exp(logvar))): torch's LogisticNormal(mu, exp(logvar / 2)) (ProdLDA-style
+    topic proportions). The decoder gets z of L + 1 components."""
+
+    _torch_class = TorchLogisticNormal
+
+    def _transform(self, y: Tensor, log_q_y: Tensor) -> tuple[Tensor, Tensor]:
+        t = StickBreakingTransform()
+        (yw,) = widened(y)
+        z = t(yw)
+        return z.to(y.dtype), log_q_y - t.log_abs_det_jacobian(yw, z)
+
+    def point(self) -> Tensor:
+        return StickBreakingTransform()(self.mu)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z) for a given z on the simplex (..., L + 1)."""
+        return self.torch_distribution().log_prob(widened(z)[0])
+
+    def torch_distribution(self) -> Distribution:
+        mu, lv = widened(self.mu, self.logvar)
+        return TorchLogisticNormal(mu, torch.exp(0.5 * lv))
+
+
+LATENTS = (LocationScale, LogNormal, LogisticNormal)
+_priors._RECORDS = LATENTS  # records of shape (L,) are priors too
+
+
+def _prior_location_scale(prior, family: str) -> tuple[Tensor, Tensor] | None:
+    """(loc, log_scale) of a prior of the given location-scale family: a record
+    of that family, or a torch object (or Independent of one) wrapped by check_prior."""
+    if isinstance(prior, LocationScale):
+        return (prior.loc, prior.log_scale) if prior.family == family else None
+    if not isinstance(prior, TorchPrior):
+        return None
+    dist = prior.dist
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    if _TORCH_CLASSES.get(type(base)) != family:
+        return None
+    if family == "uniform":
+        return base.low, torch.log(base.high - base.low)
+    return base.loc, torch.log(base.scale)
+
+
+def _log(scale: Tensor) -> Tensor:
+    """log of a torch scale in its compute dtype: a half-precision scale's log
+    rounded to half precision would move the scale by up to 0.4% (bfloat16)."""
+    return torch.log(widened(scale)[0])
+
+
+def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | None:
+    """The record of a torch Laplace, Uniform, Gumbel, Cauchy, LogNormal or
+    LogisticNormal (or Independent of one over the last dimension),
+    differentiable in its parameters; None for anything else. A scale (or
+    high - low) <= 0 is refused by name (its log would be NaN): torch's own
+    validation catches it unless validate_args=False."""
+    base, n = (q.base_dist, q.reinterpreted_batch_ndims) if isinstance(q, Independent) else (q, 0)
+    name = type(base).__name__
+    if type(base) in _TORCH_CLASSES and n <= 1:
+        family = _TORCH_CLASSES[type(base)]
+        if family == "uniform":
+            width = base.high - base.low
+            _value_checks.positive_scale(width, f"the posterior's high - low (torch {name})")
+            return LocationScale(family, base.low, _log(width))
+        _value_checks.positive_scale(base.scale, f"the posterior's scale (torch {name})")
+        return LocationScale(family, base.loc, _log(base.scale))
+    if type(base) is TorchLogNormal and n <= 1:
+        _value_checks.positive_scale(base.scale, "the posterior's scale (torch LogNormal)")
+        return LogNormal(base.loc, 2.0 * _log(base.scale))
+    if type(base) is TorchLogisticNormal and n == 0:
+        _value_checks.positive_scale(base.scale, "the posterior's scale (torch LogisticNormal)")
+        return LogisticNormal(base.loc, 2.0 * _log(base.scale))
+    return None
+
+
+__all__ = ["FAMILIES", "LATENTS", "LocationScale", "LogNormal", "LogisticNormal", "from_torch"]

@@ -1,0 +1,361 @@
+"""The latent families beyond the Gaussian (fastvae/latents.py) in every
+objective: elbo, iwae (iwae, STL, DReG, Renyi), their terms, log_likelihood,
+against hand-written torch.distributions estimates built on the same noise
+(the seed fastvae draws is reproduced from the same generator), in float64 on
+every backend; the closed-form KLs against torch's kl_divergence; priors given
+as torch objects; torch.compile; errors."""
+import math
+import warnings
+
+import pytest
+import torch
+import torch.distributions as td
+
+import fastvae
+from fastvae import reference
+from fastvae.sample_location_scale import FAMILIES
+
+from conftest import INTERPRET
+from helpers import assert_compiled_matches_eager, gen, philox_seed_of
+
+B, L, D = 5, 3, 4
+TORCH_CLASS = {"uniform": td.Uniform, "laplace": td.Laplace, "gumbel": td.Gumbel, "cauchy": td.Cauchy}
+
+
+def _data(device):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(B, D, generator=g) < 0.5).double().to(device)
+    W = (torch.randn(L + 1, D, generator=g, dtype=torch.float64) * 0.5).to(device)
+    loc = (torch.randn(B, L, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()
+    scale = (torch.rand(B, L, generator=g, dtype=torch.float64) * 0.8 + 0.3).to(device).requires_grad_()
+    return x, W, loc, scale
+
+
+def _decode(W):
+    return lambda z: z @ W[: z.shape[-1]]
+
+
+def _noise(family, seed, K, device):
+    """The standardized e of the training layout (float64 uniforms), (K, B, L)."""
+    x = reference.philox_word(seed, torch.arange(K * B * L))
+    e, _, _ = reference.standardized(FAMILIES.index(family), x, torch.float64)
+    return e.reshape(K, B, L).to(device)
+
+
+def _posterior(family, loc, scale, torch_object):
+    """(what the user passes, the torch distribution of the hand-written version, z of e)."""
+    if family == "logistic":  # torch has no Logistic: fastvae's record
+        q = fastvae.LocationScale("logistic", loc, torch.log(scale))
+        return q, q.torch_distribution(), lambda e: loc + scale * e
+    if family == "uniform":
+        d = td.Independent(td.Uniform(loc, loc + scale), 1)
+    else:
+        d = td.Independent(TORCH_CLASS[family](loc, scale), 1)
+    user = d if torch_object else fastvae.LocationScale(family, loc, torch.log(scale))
+    return user, d, lambda e: loc + scale * e
+
+
+def _prior(family, kind, device):
+    """(prior=, the torch prior of the hand-written version, analytic)."""
+    zeros, ones = torch.zeros(L, dtype=torch.float64, device=device), torch.ones(L, dtype=torch.float64, device=device)
+    if kind == "normal":
+        return td.Normal(0.0, 1.0), td.Independent(td.Normal(zeros, ones), 1), False
+    if family == "logistic":
+        p = fastvae.LocationScale("logistic", zeros - 0.2, zeros + 0.1)
+        return p, p.torch_distribution(), False
+    if family == "uniform":
+        d = td.Independent(td.Uniform(zeros - 3.0, ones * 4.0), 1)
+    else:
+        d = td.Independent(TORCH_CLASS[family](zeros - 0.2, ones * 1.3), 1)
+    return d, d, True
+
+
+@pytest.mark.parametrize("torch_object", [False, True], ids=["record", "torch"])
+@pytest.mark.parametrize("kind", ["same", "normal"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_elbo_matches_handwritten(backend, family, kind, torch_object):
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    user_q, q, z_of = _posterior(family, loc, scale, torch_object)
+    prior, p, analytic = _prior(family, kind, device)
+    terms = fastvae.elbo_terms(x, user_q, _decode(W), likelihood="bernoulli", n_samples=2, prior=prior,
+                               generator=gen(7), reduction="sum")
+    assert terms.kl_analytic == analytic
+    grads = torch.autograd.grad(terms.bound, (loc, scale), retain_graph=True)
+
+    z = z_of(_noise(family, philox_seed_of(7), 2, device))
+    rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x).mean(0)
+    kl = td.kl_divergence(q, p) if analytic else (q.log_prob(z) - p.log_prob(z)).mean(0)
+    bound = (rec - kl).sum()
+    expected = torch.autograd.grad(bound, (loc, scale))
+    torch.testing.assert_close(terms.bound, bound, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl, kl.sum(), rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator,alpha", [("iwae", 0.0), ("stl", 0.0), ("dreg", 0.0), ("dreg", 0.5),
+                                             ("iwae", 0.5)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_iwae_matches_handwritten(backend, family, estimator, alpha):
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    user_q, q, z_of = _posterior(family, loc, scale, True)
+    prior, p, _ = _prior(family, "same", device)
+    bound = fastvae.iwae(x, user_q, _decode(W), k=4, likelihood="bernoulli", estimator=estimator, alpha=alpha,
+                         prior=prior, generator=gen(3), reduction="sum")
+    grads = torch.autograd.grad(bound, (loc, scale), retain_graph=True)
+
+    z = z_of(_noise(family, philox_seed_of(3), 4, device))
+    rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x)
+    lw = rec + p.log_prob(z) - q.log_prob(z)
+    a = alpha
+    value = (torch.logsumexp((1 - a) * lw, 0) - math.log(4)) / (1 - a)
+    if estimator == "iwae":
+        surrogate = value
+    else:  # q's score stopped: log q of z with detached parameters
+        _, q_stop, _ = _posterior(family, loc.detach(), scale.detach(), True)
+        lw_stop = rec + p.log_prob(z) - q_stop.log_prob(z)
+        v = torch.softmax((1 - a) * lw.detach(), 0)
+        c = v if estimator == "stl" else v * (a + (1 - a) * v)
+        surrogate = (c * lw_stop).sum(0)
+    torch.testing.assert_close(bound, value.sum(), rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads, torch.autograd.grad(surrogate.sum(), (loc, scale))):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def _normal_transform(name, mu, s, torch_object):
+    cls = {"lognormal": (td.LogNormal, fastvae.LogNormal), "logisticnormal": (td.LogisticNormal,
+                                                                              fastvae.LogisticNormal)}[name]
+    d = cls[0](mu, s)
+    d = td.Independent(d, 1) if name == "lognormal" else d
+    return (d if torch_object else cls[1](mu, 2 * torch.log(s))), d
+
+
+def _transform(name, y):
+    return torch.exp(y) if name == "lognormal" else td.transforms.StickBreakingTransform()(y)
+
+
+@pytest.mark.parametrize("torch_object", [False, True], ids=["record", "torch"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_match_handwritten(backend, name, torch_object):
+    """elbo (analytic KL against the same family), iwae (STL) and the Monte
+    Carlo KL against a prior of another family, on the same noise."""
+    _, device = backend
+    x, W, mu, s = _data(device)
+    user_q, q = _normal_transform(name, mu, s, torch_object)
+    p_mu = torch.full((L,), 0.1, dtype=torch.float64, device=device)
+    p_s = torch.full((L,), 0.9, dtype=torch.float64, device=device)
+    _, p = _normal_transform(name, p_mu, p_s, True)
+    y = mu + s * reference.sample_noise(philox_seed_of(5), 3, mu.shape, torch.float64, "cpu").to(device)
+    z = _transform(name, y)
+    rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x)
+
+    terms = fastvae.elbo_terms(x, user_q, _decode(W), likelihood="bernoulli", n_samples=3, prior=p,
+                               generator=gen(5), reduction="sum")
+    assert terms.kl_analytic
+    torch.testing.assert_close(terms.bound, (rec.mean(0) - td.kl_divergence(q, p)).sum(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(terms.bound, mu, retain_graph=True)[0],
+                               torch.autograd.grad((rec.mean(0) - td.kl_divergence(q, p)).sum(), mu,
+                                                   retain_graph=True)[0])
+
+    other = td.Independent(td.Gamma(torch.full((L + (name != "lognormal"),), 2.0, dtype=torch.float64,
+                                                device=device), 1.0), 1)
+    if name == "lognormal":  # a Monte Carlo KL against a prior of another family
+        terms = fastvae.elbo_terms(x, user_q, _decode(W), likelihood="bernoulli", n_samples=3, prior=other,
+                                   generator=gen(5), reduction="sum")
+        assert not terms.kl_analytic
+        torch.testing.assert_close(terms.kl, (q.log_prob(z) - other.log_prob(z)).mean(0).sum())
+
+    bound = fastvae.iwae(x, user_q, _decode(W), k=3, likelihood="bernoulli", estimator="stl", prior=p,
+                         generator=gen(5), reduction="sum")
+    lw = rec + p.log_prob(z) - q.log_prob(z)
+    torch.testing.assert_close(bound, (torch.logsumexp(lw, 0) - math.log(3)).sum(), rtol=1e-10, atol=1e-10)
+    q_stop = _normal_transform(name, mu.detach(), s.detach(), True)[1]
+    surrogate = (torch.softmax(lw.detach(), 0) * (rec + p.log_prob(z) - q_stop.log_prob(z))).sum()
+    for got, want in zip(torch.autograd.grad(bound, (mu, s), retain_graph=True),
+                         torch.autograd.grad(surrogate, (mu, s))):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["laplace", "uniform", "gumbel", "cauchy"])
+def test_analytic_kl_matches_torch(family):
+    g = torch.Generator().manual_seed(1)
+    loc, scale = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.rand(6, 4, generator=g,
+                                                                                  dtype=torch.float64) + 0.2
+    q = fastvae.LocationScale(family, loc, torch.log(scale))
+    if family == "uniform":
+        p = td.Uniform(torch.full((4,), -5.0, dtype=torch.float64), torch.full((4,), 6.0, dtype=torch.float64))
+    else:
+        p = TORCH_CLASS[family](torch.full((4,), 0.3, dtype=torch.float64), torch.full((4,), 1.7,
+                                                                                       dtype=torch.float64))
+    prior = fastvae.priors.check_prior(p, 4)
+    expected = td.kl_divergence(q.torch_distribution().base_dist, p)
+    torch.testing.assert_close(q.kl_per_dim(prior), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q.analytic_kl(prior), expected.sum(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_uniform_kl_outside_the_support_is_infinite():
+    q = fastvae.LocationScale("uniform", torch.tensor([[0.0, 2.0]]), torch.zeros(1, 2))
+    prior = fastvae.priors.check_prior(td.Uniform(torch.zeros(2), torch.full((2,), 2.5)), 2)
+    per_dim = q.kl_per_dim(prior)  # [0, 1] inside [0, 2.5]: log 2.5; [2, 3] sticks out: inf
+    assert math.isclose(per_dim[0, 0].item(), math.log(2.5), rel_tol=1e-6) and math.isinf(per_dim[0, 1].item())
+
+
+@pytest.mark.parametrize("prior", [td.Normal(0.0, 1.0), td.Independent(td.Normal(torch.zeros(L), torch.ones(L)), 1)],
+                         ids=["Normal", "Independent"])
+def test_torch_normal_prior_for_a_gaussian_posterior(backend, prior):
+    """Was a TypeError: now the standard normal, with the fused analytic KL."""
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    if isinstance(prior, td.Independent):
+        prior = td.Independent(td.Normal(torch.zeros(L, dtype=torch.float64, device=device),
+                                         torch.ones(L, dtype=torch.float64, device=device)), 1)
+    q = fastvae.DiagonalNormal(loc, 2 * torch.log(scale))
+    got = fastvae.elbo_terms(x, q, _decode(W), likelihood="bernoulli", prior=prior, generator=gen(2))
+    want = fastvae.elbo_terms(x, q, _decode(W), likelihood="bernoulli", generator=gen(2))
+    assert got.kl_analytic
+    torch.testing.assert_close(got.bound, want.bound, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["laplace", "cauchy", "lognormal"])
+def test_log_likelihood_matches_handwritten(backend, family):
+    """log_likelihood at K = 7 with chunks of 3: the noise of sample k of
+    example g at offset (g K + k) L + l, the same for any chunk size."""
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    K = 7
+    if family == "lognormal":
+        q = td.Independent(td.LogNormal(loc.detach(), scale.detach()), 1)
+        e = reference.philox_randn(philox_seed_of(4), torch.arange(B * K * L), torch.float64)
+        z = torch.exp(loc.detach() + scale.detach() * e.reshape(B, K, L).transpose(0, 1).to(device))
+    else:
+        q = td.Independent(TORCH_CLASS[family](loc.detach(), scale.detach()), 1)
+        ex = reference.standardized(FAMILIES.index(family), reference.philox_word(philox_seed_of(4),
+                                                                                     torch.arange(B * K * L)),
+                                    torch.float64)[0]
+        z = loc.detach() + scale.detach() * ex.reshape(B, K, L).transpose(0, 1).to(device)
+    p = td.Independent(td.Normal(torch.zeros(L, dtype=torch.float64, device=device),
+                                 torch.ones(L, dtype=torch.float64, device=device)), 1)
+    lw = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x) + p.log_prob(z) - q.log_prob(z)
+    expected = torch.logsumexp(lw, 0) - math.log(K)
+    for chunk in (3, 7):
+        got = fastvae.log_likelihood(x, lambda _: q, _decode(W), k=K, likelihood="bernoulli", chunk_size=chunk,
+                                     generator=gen(4))
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+def test_compiled_elbo_and_dreg_match_eager(backend):
+    """torch.compile(fullgraph=True) through the Laplace posterior (a torch object) and its prior."""
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    prior = td.Laplace(torch.zeros(L, dtype=torch.float64, device=device),
+                       torch.ones(L, dtype=torch.float64, device=device))
+
+    def loss(loc, scale):
+        q = td.Laplace(loc, scale, validate_args=False)
+        e = fastvae.elbo(x, q, _decode(W), likelihood="bernoulli", n_samples=2, prior=prior)
+        i = fastvae.iwae(x, fastvae.LocationScale("gumbel", loc, torch.log(scale)), _decode(W), k=3,
+                         likelihood="bernoulli", estimator="dreg")
+        return -(e + i)
+
+    assert_compiled_matches_eager(loss, (loc, scale), (loc, scale))
+
+
+def test_free_bits_and_per_dim_kl(backend):
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    q = td.Laplace(loc, scale)
+    prior = td.Laplace(torch.zeros(L, dtype=torch.float64, device=device),
+                       torch.ones(L, dtype=torch.float64, device=device))
+    terms = fastvae.elbo_terms(x, q, _decode(W), likelihood="bernoulli", prior=prior, free_bits=0.5)
+    per_dim = td.kl_divergence(q, prior)
+    torch.testing.assert_close(terms.kl_per_dim, per_dim.mean(0))
+    torch.testing.assert_close(terms.kl, torch.clamp_min(per_dim.mean(0), 0.5).sum())
+    with pytest.raises(ValueError, match="free_bits needs the KL of each latent dimension"):
+        fastvae.elbo(x, q, _decode(W), likelihood="bernoulli", free_bits=0.5)
+
+
+def test_bad_parameters_are_refused_by_name():
+    fastvae.set_value_checks("always")  # the Triton path checks each kind once per process otherwise
+    x, W = torch.zeros(2, D), torch.zeros(L, D)
+    loc = torch.zeros(2, L)
+    with pytest.raises(ValueError, match="scale"):
+        fastvae.elbo(x, td.Laplace(loc, torch.zeros(2, L), validate_args=False), _decode(W), likelihood="bernoulli")
+    with pytest.raises(ValueError, match="high - low"):
+        fastvae.elbo(x, td.Uniform(loc, loc - 1, validate_args=False), _decode(W), likelihood="bernoulli")
+    with pytest.raises(ValueError, match="family must be one of"):
+        fastvae.LocationScale("weibull", loc, loc)
+    with pytest.raises(TypeError, match="the posterior must be"):
+        fastvae.elbo(x, td.Beta(torch.ones(2, L), torch.ones(2, L)), _decode(W), likelihood="bernoulli")
+    with pytest.raises(ValueError, match="prior has shape"):
+        fastvae.elbo(x, td.Laplace(loc, torch.ones(2, L)), _decode(W), likelihood="bernoulli",
+                     prior=fastvae.LocationScale("laplace", loc, loc))
+
+
+def test_the_kl_estimate_agrees_with_the_closed_form():
+    """The Monte Carlo KL, log q from the fused sampler minus torch's log p of
+    its samples, within 4 standard errors of the closed form (5000 samples)."""
+    loc = torch.full((1, 6), 0.4, dtype=torch.float64)
+    ls = torch.full((1, 6), -0.3, dtype=torch.float64)
+    q = fastvae.LocationScale("laplace", loc, ls)
+    p = td.Laplace(torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64))
+    torch.manual_seed(0)
+    z, log_q = q.rsample_with_log_q(5000, None, False)
+    mc = log_q - p.log_prob(z).sum(-1)
+    exact = td.kl_divergence(q.torch_distribution().base_dist, p).sum()
+    assert abs(mc.mean() - exact) < 4 * mc.std() / math.sqrt(mc.numel())
+
+
+@pytest.mark.parametrize("name", ["gumbel", "lognormal", "logisticnormal"])
+def test_reconstruction_probability_and_evaluate(backend, name):
+    """reconstruction_probability draws z at log_likelihood's offsets (no
+    latent term): log mean_k p(x | z_k) of the same samples; evaluate runs a
+    dataset through the same path (its mean equals log_likelihood's)."""
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    loc, scale = loc.detach(), scale.detach()
+    K = 5
+    if name == "gumbel":
+        q = td.Gumbel(loc, scale)
+        e = reference.standardized(FAMILIES.index("gumbel"), reference.philox_word(philox_seed_of(6),
+                                                                                   torch.arange(B * K * L)),
+                                   torch.float64)[0]
+        z = loc + scale * e.reshape(B, K, L).transpose(0, 1).to(device)
+    else:
+        q = td.LogNormal(loc, scale) if name == "lognormal" else td.LogisticNormal(loc, scale)
+        e = reference.philox_randn(philox_seed_of(6), torch.arange(B * K * L), torch.float64)
+        z = _transform(name, loc + scale * e.reshape(B, K, L).transpose(0, 1).to(device))
+    rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x)
+    got = fastvae.reconstruction_probability(x, lambda _: q, _decode(W), n_samples=K, likelihood="bernoulli",
+                                             chunk_size=2, generator=gen(6))
+    torch.testing.assert_close(got, torch.logsumexp(rec, 0) - math.log(K), rtol=1e-10, atol=1e-10)
+    ll = fastvae.log_likelihood(x, lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+    with warnings.catch_warnings():  # K = 5: the low-ESS and Pareto warnings are not the point here
+        warnings.simplefilter("ignore")
+        result = fastvae.evaluate([x], lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+    torch.testing.assert_close(result.per_example.to(ll.device), ll, rtol=1e-10, atol=1e-10)
+
+
+def test_autocast_matches_float32_on_the_rounded_encoder(backend):
+    """Under CPU autocast a bfloat16 Laplace posterior gives the float32 bound
+    of its rounded parameters (z in float32: sample_normal.z_dtype's rule)."""
+    _, device = backend
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    x, W, loc, scale = _data(device)
+    loc16, scale16 = loc.detach().to(torch.bfloat16), scale.detach().to(torch.bfloat16)
+    prior = td.Laplace(torch.zeros(L), torch.ones(L))
+    x32, W32 = x.float(), W.float()
+
+    def decode(z):  # elementwise (autocast leaves it in float32), so only the encoder is rounded
+        return (z.unsqueeze(-1) * W32[:L]).sum(-2)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fastvae.elbo(x32, td.Laplace(loc16, scale16), decode, likelihood="bernoulli", n_samples=3,
+                           prior=prior, generator=gen(8))
+    want = fastvae.elbo(x32, td.Laplace(loc16.float(), scale16.float()), decode, likelihood="bernoulli",
+                        n_samples=3, prior=prior, generator=gen(8))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,265 @@
+"""sample_location_scale against the float64 reference, per backend (see conftest.py):
+values and gradients for every family, the uniforms bit for bit, the samples'
+distribution against scipy's CDFs, log q against torch.distributions, the
+extremes of the scale, errors, and the double backward."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae import reference
+from fastvae.sample_location_scale import FAMILIES, SampleLocationScale, location_scale_at
+
+from conftest import INTERPRET
+from helpers import assert_close, seed_tensor
+
+# the interpreter runs each Triton program as Python (~1 ms): fewer examples there
+EXAMPLES = 8 if INTERPRET else 40
+
+LATENT = [1, 2, 3, 7, 32, 33, 1025]
+
+
+@st.composite
+def problems(draw):
+    """(family, batch, L, K, data seed, log-scale bound), K * B * L kept small."""
+    family = draw(st.sampled_from(FAMILIES))
+    L = draw(st.sampled_from(LATENT))
+    max_rows = max(1, 3000 // L)
+    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
+    while math.prod(batch) > max_rows:
+        batch = batch[1:]
+    K = draw(st.sampled_from([1, 2, 5]))
+    return family, batch, L, K, draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from([0.5, 3.0, 20.0]))
+
+
+def make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=False):
+    g = torch.Generator().manual_seed(data_seed)
+    loc = (torch.randn((*batch, L), generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
+    ls = ((torch.rand((*batch, L), generator=g, dtype=torch.float64) * 2 - 1) * bound).to(dtype).to(device)
+    return loc.requires_grad_(requires_grad), ls.requires_grad_(requires_grad)
+
+
+def oracle_noise(family, seed, shape, dtype):
+    """(e, log f, psi) in float64 from the uniforms a `dtype` op draws (the training layout)."""
+    offsets = torch.arange(math.prod(shape), dtype=torch.int64)
+    x = reference.philox_word(seed, offsets)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return tuple(t.reshape(shape) for t in reference.standardized(FAMILIES.index(family), x, acc))
+
+
+def oracle(family, loc64, ls64, seed, K, dtype, stop_score=False):
+    """(z, log q) differentiable in float64 loc64, ls64; with stop_score log q's
+    parameters are detached and z keeps d/dz log q = psi / scale."""
+    e, log_f, psi = oracle_noise(family, seed, (K, *loc64.shape), dtype)
+    z = loc64 + torch.exp(ls64) * e
+    if not stop_score:
+        return z, (log_f - ls64).sum(-1)
+    value = (log_f - ls64.detach()).sum(-1)
+    return z, value + (psi * torch.exp(-ls64.detach()) * (z - z.detach())).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=EXAMPLES)
+@given(problem=problems())
+def test_forward_matches_reference(backend, dtype, problem):
+    _, device = backend
+    family, batch, L, K, data_seed, bound = problem
+    loc, ls = make_inputs(batch, L, data_seed, bound, dtype, device)
+    seed = data_seed * 31 + 7
+    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(seed, device), FAMILIES.index(family), K, False)
+    loc64, ls64 = loc.double().cpu(), ls.double().cpu()
+    e, log_f, _ = oracle_noise(family, seed, (K, *loc64.shape), dtype)
+    z_ref, q_ref = oracle(family, loc64, ls64, seed, K, dtype)
+    assert z.dtype == dtype and log_q.dtype == dtype
+    assert z.shape == (K, *batch, L) and log_q.shape == (K, *batch)
+    s = torch.exp(ls64)
+    assert_close(z, z_ref, loc64.abs() + s * (e.abs() + 2.0), "z")
+    assert_close(log_q, q_ref, (log_f.abs() + ls64.abs() + 2.0).sum(-1), "log_q")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=EXAMPLES)
+@given(problem=problems(), stop_score=st.booleans())
+def test_backward_matches_reference_autograd(backend, dtype, problem, stop_score):
+    _, device = backend
+    family, batch, L, K, data_seed, bound = problem
+    loc, ls = make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=True)
+    seed = data_seed * 13 + 5
+    g = torch.Generator().manual_seed(data_seed + 1)
+    gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64).to(dtype)
+    gq = torch.randn((K, *batch), generator=g, dtype=torch.float64).to(dtype)
+    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(seed, device), FAMILIES.index(family), K, stop_score)
+    dloc, dls = torch.autograd.grad((z, log_q), (loc, ls), (gz.to(device), gq.to(device)))
+    loc64 = loc.detach().double().cpu().requires_grad_()
+    ls64 = ls.detach().double().cpu().requires_grad_()
+    z_ref, q_ref = oracle(family, loc64, ls64, seed, K, dtype, stop_score)
+    dloc_ref, dls_ref = torch.autograd.grad((z_ref, q_ref), (loc64, ls64), (gz.double(), gq.double()))
+    e, _, psi = oracle_noise(family, seed, (K, *loc64.shape), dtype)
+    s = torch.exp(ls64.detach())
+    gqe = gq.double()[..., None].abs()
+    dloc_scale = gz.double().abs().sum(0) + (gqe * psi.abs()).sum(0) / s
+    dls_scale = s * (gz.double().abs() * (e.abs() + 1.0)).sum(0) + (gqe * (psi * e).abs() + gqe).sum(0)
+    assert dloc.dtype == dtype and dls.dtype == dtype
+    assert_close(dloc, dloc_ref, dloc_scale, "dloc")
+    assert_close(dls, dls_ref, dls_scale, "dlog_scale")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backward_split_over_samples(backend, family, sample_splits):
+    """K = 7 samples of one short row: the Triton backward's split path (forced), every family."""
+    _, device = backend
+    loc, ls = make_inputs((2,), 5, 3, 1.0, torch.float32, device, requires_grad=True)
+    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(99, device), FAMILIES.index(family), 7, True)
+    (z.sum() + (log_q * torch.arange(7, device=device)[:, None]).sum()).backward()
+    loc64 = loc.detach().double().cpu().requires_grad_()
+    ls64 = ls.detach().double().cpu().requires_grad_()
+    z_ref, q_ref = oracle(family, loc64, ls64, 99, 7, torch.float32, True)
+    (z_ref.sum() + (q_ref * torch.arange(7)[:, None]).sum()).backward()
+    assert_close(loc.grad, loc64.grad, loc64.grad.abs() + 50.0, "dloc")
+    assert_close(ls.grad, ls64.grad, ls64.grad.abs() + 50.0, "dlog_scale")
+
+
+def test_uniforms_are_bit_exact(backend):
+    """family "uniform" at loc 0, scale 1 returns u itself: the float32 uniforms
+    of the RNG contract, bit for bit on every backend, in (0, 1) at both ends."""
+    _, device = backend
+    n = 4 * 1031
+    loc = torch.zeros(1, n, device=device)
+    z, log_q = SampleLocationScale.apply(loc, loc, seed_tensor(2024, device), 0, 3, False)
+    x = reference.philox_word(2024, torch.arange(3 * n))
+    u, _ = reference.open_uniforms(x, torch.float32)
+    assert torch.equal(z.cpu().flatten(), u)
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.equal(log_q.cpu(), torch.zeros(3, 1))
+
+
+def test_open_uniforms_clip_the_tails():
+    """The extreme words map to 2**-32 and 1 - 2**-32 (float64) / 1 - 2**-24
+    (float32): the stated tails (docs/latents.md)."""
+    x = torch.tensor([0, 2**31 - 1, 2**30 - 1, 2**30])
+    u64, v64 = reference.open_uniforms(x, torch.float64)
+    assert u64.tolist()[:2] == [2.0**-32, 1 - 2.0**-32] and torch.equal(u64 + v64, torch.ones(4, dtype=torch.float64))
+    u32, v32 = reference.open_uniforms(x, torch.float32)
+    assert u32[0].item() == 2.0**-32 and u32[1].item() == 1 - 2.0**-24 and v32[1].item() == 2.0**-32
+    e, _, _ = reference.standardized(1, x[:2], torch.float64)  # Laplace: +-log(2**31)
+    assert torch.allclose(e, torch.tensor([-31 * math.log(2.0), 31 * math.log(2.0)], dtype=torch.float64))
+
+
+def test_evaluation_layout_matches_the_reference(backend):
+    """location_scale_at at an offset not divisible by 4 and a row stride (the evaluation's layout)."""
+    _, device = backend
+    loc, ls = make_inputs((3,), 6, 11, 2.0, torch.float32, device)
+    for family in FAMILIES:
+        index = FAMILIES.index(family)
+        z, log_q = location_scale_at(index, loc, ls, seed_tensor(5, device), 4, offset0=7, sample_stride=6,
+                                     row_stride=4 * 6)
+        zr = torch.empty(4, 3, 6, dtype=torch.float64)
+        qr = torch.empty(4, 3, dtype=torch.float64)
+        reference.sample_location_scale_forward(loc.double().cpu(), ls.double().cpu(), 5, index, 7, 6, 24, zr, qr)
+        # the reference above drew float64 uniforms: compare at the float32 uniforms' rounding
+        assert_close(z, zr, zr.abs() + 1.0, f"z ({family})")
+        assert_close(log_q, qr, qr.abs() + 10.0, f"log_q ({family})")
+
+
+SCIPY = {"uniform": "uniform", "laplace": "laplace", "logistic": "logistic", "gumbel": "gumbel_r",
+         "cauchy": "cauchy"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_samples_follow_the_distribution(backend, family):
+    """Kolmogorov-Smirnov against scipy's CDF, three seeds of 12000 samples each."""
+    stats = pytest.importorskip("scipy.stats")
+    _, device = backend
+    loc = torch.full((40, 30), 0.7, device=device)
+    ls = torch.full((40, 30), math.log(1.3), device=device)
+    dist = getattr(stats, SCIPY[family])(loc=0.7, scale=1.3)
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        z, _ = fastvae.sample_location_scale(family, loc, ls, 10)
+        sample = z.double().flatten().cpu().numpy()
+        p = stats.kstest(sample, dist.cdf).pvalue
+        assert p > 1e-3, (family, seed, p)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_log_q_matches_torch_distributions(backend, family):
+    """log q of the drawn z equals torch.distributions' log_prob of that z (float64)."""
+    _, device = backend
+    loc, ls = make_inputs((4,), 9, 21, 2.0, torch.float64, device)
+    torch.manual_seed(0)
+    z, log_q = fastvae.sample_location_scale(family, loc, ls, 3)
+    q = fastvae.LocationScale(family, loc, ls).torch_distribution()
+    expected = q.log_prob(z)
+    assert_close(log_q, expected, expected.abs() + 10.0, "log_q")
+
+
+@pytest.mark.parametrize("ls_value", [-30.0, 30.0])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extreme_scales_match_reference(backend, family, ls_value):
+    """scale -> 0 and -> inf: finite values and gradients, equal to the float64 reference."""
+    _, device = backend
+    loc = torch.linspace(-5, 5, 2 * 37, device=device).reshape(2, 37).requires_grad_()
+    ls = torch.full((2, 37), ls_value, device=device, requires_grad=True)
+    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(8, device), FAMILIES.index(family), 3, True)
+    (z.sum() + log_q.sum()).backward()
+    loc64 = loc.detach().double().cpu().requires_grad_()
+    ls64 = ls.detach().double().cpu().requires_grad_()
+    z_ref, q_ref = oracle(family, loc64, ls64, 8, 3, torch.float32, True)
+    (z_ref.sum() + q_ref.sum()).backward()
+    e, _, psi = oracle_noise(family, 8, (3, 2, 37), torch.float32)
+    s = torch.exp(ls64.detach())
+    assert_close(z, z_ref, loc64.detach().abs() + s * (e.abs() + 2), "z")
+    assert_close(log_q, q_ref, torch.full((3, 2), 40.0 * 37), "log_q")
+    assert_close(loc.grad, loc64.grad, 3 + psi.abs().sum(0) / s, "dloc")
+    assert_close(ls.grad, ls64.grad, s * (e.abs() + 1).sum(0) + (psi * e).abs().sum(0) + 3, "dlog_scale")
+
+
+def test_half_precision_inputs(backend):
+    """bfloat16 loc and log_scale: z in bfloat16, log q in float32, against the
+    float64 reference of the rounded inputs."""
+    _, device = backend
+    loc, ls = make_inputs((5,), 8, 4, 2.0, torch.bfloat16, device)
+    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(3, device), 1, 2, False)
+    assert z.dtype == torch.bfloat16 and log_q.dtype == torch.float32
+    z_ref, q_ref = oracle("laplace", loc.double().cpu(), ls.double().cpu(), 3, 2, torch.float32)
+    assert_close(z, z_ref, z_ref.abs() + 1.0, "z")
+    assert_close(log_q, q_ref, q_ref.abs() + 10.0, "log_q")
+
+
+def test_empty_and_one_sample(backend):
+    _, device = backend
+    z, log_q = fastvae.sample_location_scale("gumbel", torch.zeros(0, 3, device=device),
+                                             torch.zeros(0, 3, device=device), 2)
+    assert z.shape == (2, 0, 3) and log_q.shape == (2, 0)
+    z, log_q = fastvae.sample_location_scale("gumbel", torch.zeros(3, device=device), torch.zeros(3, device=device))
+    assert z.shape == (3,) and log_q.shape == () and torch.isfinite(z).all()
+
+
+def test_errors_name_the_argument():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="family must be one of"):
+        fastvae.sample_location_scale("student", x, x)
+    with pytest.raises(ValueError, match="shape mismatch: loc"):
+        fastvae.sample_location_scale("laplace", x, torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="log_scale must be a floating-point"):
+        fastvae.sample_location_scale("laplace", x, torch.zeros(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="n_samples"):
+        fastvae.sample_location_scale("laplace", x, x, 0)
+
+
+# the closed form is torch code on every backend, which only draws e: one case under the interpreter
+@pytest.mark.parametrize("stop_score", [True] if INTERPRET else [False, True])
+@pytest.mark.parametrize("family", ("gumbel",) if INTERPRET else FAMILIES)
+def test_double_backward(backend, family, stop_score):
+    """create_graph=True: the closed form's second derivative (gradgradcheck, float64)."""
+    _, device = backend
+    loc, ls = make_inputs((3,), 4, 6, 1.0, torch.float64, device, requires_grad=True)
+    seed = seed_tensor(17, device)
+
+    def f(loc, ls):
+        return SampleLocationScale.apply(loc, ls, seed, FAMILIES.index(family), 2, stop_score)
+
+    assert torch.autograd.gradgradcheck(f, (loc, ls), atol=1e-6, rtol=1e-5)
