@@ -179,6 +179,7 @@ def main(argv=None) -> dict:
     table = "\n".join(lines)
     print(table)
     payload = {"op": "overhead", "device": common.device_name(torch.device("cpu")),
+               "vector_isa": common.cpu_vector_isa(), "fastvae_noise_path": common.fastvae_noise_path(),
                "git_commit": common.git_commit(), "versions": common.versions(), "results": rows,
                "table_markdown": table, "command": "python -m benchmarks.bench_overhead"}
     out = Path(args.out) if args.out else common.REPO_ROOT / "benchmarks" / "results" / "overhead-cpu.json"

@@ -30,7 +30,9 @@ the copy bandwidth of the same machine measured in the same run (copy_ of a
 
 The noise generator alone (CPU): fastvae._C.randn_fill of 2**22 float32
 normals on one thread, interleaved with torch.randn of the same size, medians
-in ns per normal (issue 13's target: <= 0.7 ns).
+in ns per normal (issue 13's target: <= 0.7 ns); "fastvae" is the noise path
+the loader picked (fastvae._C.noise_isa()), and every other path this CPU runs
+is timed too, forced (fastvae[portable], ...).
 
 Peak memory of fwd+bwd (above the live inputs and upstream gradients) is
 measured on CUDA always, and on CPU with --memory, one fresh subprocess per
@@ -75,8 +77,12 @@ def rng_ns_per_normal(n: int = 2**22, repeats: int = 15) -> dict:
     out = torch.empty(n)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # "fastvae" is the path the loader picked; the other paths this CPU runs
+    # are forced in turn (fastvae[portable], ...), so one machine compares them
+    best = _C.noise_isa()
+    others = [p for p in _C.noise_isas() if p != best]
     try:
-        times: dict[str, list[float]] = {"fastvae": [], "torch.randn": []}
+        times: dict[str, list[float]] = {"fastvae": [], "torch.randn": [], **{f"fastvae[{p}]": [] for p in others}}
         for i in range(repeats + 2):
             t0 = time.perf_counter()
             _C.randn_fill(12345, 4 * i, out.numpy(), None, 1)
@@ -86,6 +92,15 @@ def rng_ns_per_normal(n: int = 2**22, repeats: int = 15) -> dict:
             if i >= 2:  # warm-up
                 times["fastvae"].append(t1 - t0)
                 times["torch.randn"].append(t2 - t1)
+            for p in others:
+                _C.set_noise_isa(p)
+                try:
+                    t0 = time.perf_counter()
+                    _C.randn_fill(12345, 4 * i, out.numpy(), None, 1)
+                    if i >= 2:
+                        times[f"fastvae[{p}]"].append(time.perf_counter() - t0)
+                finally:
+                    _C.set_noise_isa("auto")
     finally:
         torch.set_num_threads(threads)
     return {name: {"median_ns_per_normal": 1e9 * statistics.median(t) / n,

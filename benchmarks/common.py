@@ -427,10 +427,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vector_isa() -> str:
+    """The widest vector ISA of this CPU that fastvae's C++ code paths tell
+    apart: "AVX-512", "AVX2" or "SSE" on x86, "NEON" (or "SVE") on ARM, else the
+    machine name. Read from /proc/cpuinfo's flags (x86) or Features (ARM)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    if machine in ("aarch64", "arm64"):  # Advanced SIMD is part of AArch64 (Apple silicon has no cpuinfo)
+        return "SVE" if "sve" in flags else "NEON"
+    return machine or "unknown"
+
+
+def fastvae_noise_path() -> str | None:
+    """The C++ noise path fastvae picked on this CPU (fastvae._C.noise_isa()), or None without the extension."""
+    try:
+        from fastvae import _C
+    except ImportError:
+        return None
+    return _C.noise_isa() if hasattr(_C, "noise_isa") else None
+
+
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model with its vector ISA ("AMD EPYC, AVX2"):
+    the CPU figures depend on which of fastvae's ISA paths ran."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return cpu_model()
+    return f"{cpu_model()}, {cpu_vector_isa()}"
 
 
 def device_tag(device: torch.device) -> str:
@@ -516,6 +548,8 @@ def metadata(device: torch.device) -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpu_model": cpu_model(),
+            "vector_isa": cpu_vector_isa(),
+            "fastvae_noise_path": fastvae_noise_path(),
             "cpu_count": os.cpu_count(),
             "torch_num_threads": torch.get_num_threads(),
             # Other work on a shared machine shows here and explains noisy figures.

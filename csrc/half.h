@@ -6,7 +6,7 @@
 // bfloat16 arrives from Python as its uint16 bits (NumPy has no bfloat16;
 // fastvae._backend._numpy), float16 as NumPy's float16 (_Float16 here, which
 // GCC converts with F16C's vcvtph2ps/vcvtps2ph in the x86-64-v3 and v4
-// clones). The bfloat16 conversions are integer shifts and adds, which GCC
+// clones; __fp16 on AArch64). The bfloat16 conversions are integer shifts and adds, which GCC
 // vectorizes in every clone.
 #pragma once
 
@@ -20,7 +20,13 @@ namespace fastvae {
 struct bf16 {
   uint16_t bits;
 };
+#if defined(__aarch64__) && defined(__ARM_FP16_FORMAT_IEEE)
+// GCC 12 has no _Float16 in C++ on AArch64 (.ci/cross-arm found it); ARM's
+// __fp16 is the same IEEE binary16 storage, converted with fcvt.
+using fp16 = __fp16;
+#else
 using fp16 = _Float16;
+#endif
 
 // The value in the compute type: float for float and the half types, double for double.
 FASTVAE_INLINE float widen(float v) { return v; }

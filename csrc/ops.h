@@ -47,6 +47,21 @@ void randn_block(uint64_t seed, uint64_t offset0, int64_t n, double* out);
 // The two float32 uniforms behind each normal, for bit-exactness tests.
 void uniform_fill(uint64_t seed, uint64_t offset0, int64_t n, float* u1, float* u2);
 
+// The vector paths of the noise, one compiled per ISA level in philox.cpp;
+// the loader picks the best this CPU runs (best_noise_isa). Every path draws
+// the same Philox words and uniforms; the float32 normals differ between paths
+// only by the rounding of log, sin and cos (FMA contraction).
+enum class NoiseIsa { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* noise_isa_name(NoiseIsa isa);
+NoiseIsa best_noise_isa();
+NoiseIsa noise_isa();
+// Forces a path for every later draw, for tests and benchmarks; false (and no
+// change) when this CPU cannot run it. Not for use while kernels run.
+bool set_noise_isa(NoiseIsa isa);
+// out[4 j + w] = word w of Philox counter counter0 + j, for j < n, by the
+// vector path in use: the bit-exactness test of each path's words.
+void philox_words(uint64_t seed, uint64_t counter0, int64_t n, uint32_t* out);
+
 // mu, logvar: (N, L); z: (K, N, L); kl: (N,). z[k, n, l] uses the noise at
 // offset0 + k * sample_stride + n * row_stride + l (training: 0, N * L, L).
 template <typename T>

@@ -2,10 +2,11 @@
 // philox.h): blocks for the kernels that draw noise, and the fills that
 // fastvae._C exposes for tests and for the evaluation's noise.
 #include <algorithm>
+#include <atomic>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
-#define FASTVAE_PHILOX_AVX512 1
+#define FASTVAE_PHILOX_X86 1
 #endif
 
 #include "ops.h"
@@ -30,7 +31,7 @@ FASTVAE_INLINE void randn_lanes(const PhiloxKeys& keys, uint64_t offset0, int64_
   }
 }
 
-#if defined(FASTVAE_PHILOX_AVX512)
+#if defined(FASTVAE_PHILOX_X86)
 // The words of the kGroup counters c0, c0 + 1, ... in AVX-512 (philox_4x in
 // 64-bit lanes, 8 counters a vector, four vectors interleaved): a[j] = w0,
 // a[kGroup + j] = w2, b[j] = w1, b[kGroup + j] = w3 of counter c0 + j.
@@ -77,18 +78,103 @@ __attribute__((target("avx512f"), noinline)) void philox_group_avx512(const Phil
 
 #pragma GCC diagnostic pop
 
-// The CPU and the OS (XCR0) support AVX-512F; run once when the module loads.
-const bool kHaveAvx512 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") != 0;
-}();
+// The low 32-bit halves of the 4 + 4 lanes of lo and hi, in order (AVX2 has
+// no vpmovqd): one shuffle picks them per 128-bit half, one permute joins.
+__attribute__((target("avx2"))) inline void store_low_halves(uint32_t* out, __m256i lo, __m256i hi) {
+  const __m256 picked = _mm256_shuffle_ps(_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi), _MM_SHUFFLE(2, 0, 2, 0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm256_permute4x64_epi64(_mm256_castps_si256(picked), _MM_SHUFFLE(3, 1, 2, 0)));
+}
 
-// out[i, i + 4 kGroup) from the AVX-512 words: Box-Muller over the 2 kGroup
-// pairs in one float32 loop (16 lanes), then interleaved into out.
-template <typename T>
-FASTVAE_INLINE void normals_group_avx512(const PhiloxKeys& keys, uint64_t offset0, int64_t i, T* out) {
+// The same words as philox_group_avx512, in AVX2: 4 counters a vector (the
+// 32-bit words in 64-bit lanes, one vpmuludq per multiply, as above), kVec
+// vectors interleaved so that the multiplies' latency overlaps while the
+// state (4 kVec registers) and the constants fit the 16 ymm registers.
+// GCC 12's vectorization of philox_4x for AVX2 (no 64-bit vector multiply)
+// builds each product from shifts and adds: about 3x the instructions.
+__attribute__((target("avx2"), noinline)) void philox_group_avx2(const PhiloxKeys& keys, uint64_t c0,
+                                                                 uint32_t* a, uint32_t* b) {
+  constexpr int kVec = 2;
+  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+  const __m256i mul_a = _mm256_set1_epi64x(kPhiloxRoundA), mul_b = _mm256_set1_epi64x(kPhiloxRoundB);
+  for (int g = 0; g < kGroup; g += 4 * kVec) {
+    __m256i x0[kVec], x1[kVec], x2[kVec], x3[kVec];
+    for (int v = 0; v < kVec; ++v) {
+      const __m256i c = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(c0 + g + 4 * v)), lane);
+      x0[v] = c;
+      x1[v] = _mm256_srli_epi64(c, 32);
+      x2[v] = _mm256_setzero_si256();
+      x3[v] = _mm256_setzero_si256();
+    }
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      const __m256i k0 = _mm256_set1_epi64x(static_cast<int64_t>(keys.k0[round]));
+      const __m256i k1 = _mm256_set1_epi64x(static_cast<int64_t>(keys.k1[round]));
+#pragma GCC unroll 4
+      for (int v = 0; v < kVec; ++v) {
+        const __m256i p0 = _mm256_mul_epu32(x0[v], mul_a);
+        const __m256i p2 = _mm256_mul_epu32(x2[v], mul_b);
+        x0[v] = _mm256_xor_si256(_mm256_srli_epi64(p2, 32), _mm256_xor_si256(x1[v], k0));
+        x2[v] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), _mm256_xor_si256(x3[v], k1));
+        x1[v] = p2;
+        x3[v] = p0;
+      }
+    }
+    for (int v = 0; v < kVec; v += 2) {
+      store_low_halves(a + g + 4 * v, x0[v], x0[v + 1]);
+      store_low_halves(b + g + 4 * v, x1[v], x1[v + 1]);
+      store_low_halves(a + kGroup + g + 4 * v, x2[v], x2[v + 1]);
+      store_low_halves(b + kGroup + g + 4 * v, x3[v], x3[v + 1]);
+    }
+  }
+}
+
+// The best path this CPU and OS (XCR0) run: the GCC names of the ISA levels
+// that the clones below are compiled for.
+NoiseIsa detect_noise_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return NoiseIsa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return NoiseIsa::kAvx2;
+  return NoiseIsa::kPortable;
+}
+#else
+NoiseIsa detect_noise_isa() { return NoiseIsa::kPortable; }
+#endif
+
+// Chosen once when the module loads; set_noise_isa forces another (tests and
+// benchmarks, to run the paths this CPU would not pick).
+const NoiseIsa kBestNoiseIsa = detect_noise_isa();
+std::atomic<int> g_noise_isa{static_cast<int>(kBestNoiseIsa)};
+
+// The words of the kGroup counters from c0 in the layout of
+// philox_group_avx512, by the path Isa.
+template <NoiseIsa Isa>
+FASTVAE_INLINE void philox_group(const PhiloxKeys& keys, uint64_t c0, uint32_t* a, uint32_t* b) {
+#if defined(FASTVAE_PHILOX_X86)
+  if constexpr (Isa == NoiseIsa::kAvx512) {
+    philox_group_avx512(keys, c0, a, b);
+    return;
+  } else if constexpr (Isa == NoiseIsa::kAvx2) {
+    philox_group_avx2(keys, c0, a, b);
+    return;
+  }
+#endif
+  for (int j = 0; j < kGroup; ++j) {
+    const Philox4 w = philox_4x(keys, c0 + static_cast<uint64_t>(j));
+    a[j] = w.w0;
+    b[j] = w.w1;
+    a[kGroup + j] = w.w2;
+    b[kGroup + j] = w.w3;
+  }
+}
+
+// out[i, i + 4 kGroup) from the vector words: Box-Muller over the 2 kGroup
+// pairs in one float loop (8 lanes in the AVX2 clone, 16 in AVX-512's), then
+// interleaved into out.
+template <NoiseIsa Isa, typename T>
+FASTVAE_INLINE void normals_group_vector(const PhiloxKeys& keys, uint64_t offset0, int64_t i, T* out) {
   alignas(64) uint32_t a[2 * kGroup], b[2 * kGroup];
-  philox_group_avx512(keys, (offset0 + static_cast<uint64_t>(i)) >> 2, a, b);
+  philox_group<Isa>(keys, (offset0 + static_cast<uint64_t>(i)) >> 2, a, b);
   T nc[2 * kGroup], ns[2 * kGroup];
   if constexpr (sizeof(T) == sizeof(float)) {
     for (int j = 0; j < 2 * kGroup; ++j) box_muller_f32(a[j], b[j], nc[j], ns[j]);
@@ -103,7 +189,6 @@ FASTVAE_INLINE void normals_group_avx512(const PhiloxKeys& keys, uint64_t offset
     o[4 * j + 3] = ns[kGroup + j];
   }
 }
-#endif
 
 // out[i, i + 4m) = the normals of the m (<= kGroup) counters from offset0 + i,
 // which starts a counter: one array per lane, interleaved into out.
@@ -130,21 +215,20 @@ FASTVAE_INLINE void normals_group(const PhiloxKeys& keys, uint64_t offset0, int6
 // Measured on one AVX-512 thread (bench_sample_normal's rng_1_thread): groups
 // of 16 counters cost 0.90 ns a normal, 32 cost 0.70, 64 cost 0.72; a
 // variable trip count for every group (not only the last) cost 0.77.
-// On AVX-512 CPUs the whole groups take philox_group_avx512 (vpmuludq, no
-// masking) and one 16-lane Box-Muller loop: 0.58 ns a normal against 0.76 for
-// the fused loop, same bits (AMD EPYC, 1 thread, 2**22 normals).
-template <typename T>
+// On x86 the whole groups take the hand-vectorized Philox (vpmuludq, no
+// masking) and one Box-Muller loop over the words: on AVX-512, 0.58 ns a
+// normal against 0.76 for the fused loop, same bits (AMD EPYC, 1 thread, 2**22
+// normals); AVX2 figures are in philox_group_avx2's comment.
+template <NoiseIsa Isa, typename T>
 FASTVAE_INLINE void randn_run(uint64_t seed, uint64_t offset0, int64_t n, T* out) {
   const PhiloxKeys keys(seed);
   const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((4 - (offset0 & 3)) & 3));
   randn_lanes(keys, offset0, 0, head, out);
   int64_t i = head;
   // whole groups (a fixed trip count vectorizes best), then one shorter group
-#if defined(FASTVAE_PHILOX_AVX512)
-  if (kHaveAvx512) {
-    for (; n - i >= 4 * kGroup; i += 4 * kGroup) normals_group_avx512(keys, offset0, i, out);
+  if constexpr (Isa != NoiseIsa::kPortable) {
+    for (; n - i >= 4 * kGroup; i += 4 * kGroup) normals_group_vector<Isa>(keys, offset0, i, out);
   }
-#endif
   for (; n - i >= 4 * kGroup; i += 4 * kGroup) normals_group(keys, offset0, i, kGroup, out);
   if (const int64_t m = (n - i) / 4; m > 0) {
     normals_group(keys, offset0, i, m, out);
@@ -153,19 +237,96 @@ FASTVAE_INLINE void randn_run(uint64_t seed, uint64_t offset0, int64_t n, T* out
   randn_lanes(keys, offset0, i, n, out);
 }
 
-FASTVAE_CLONES void randn_block_f32(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
-  randn_run(seed, offset0, n, out);
+// One function per path, each compiled for its ISA level (the helpers above
+// are inline, so they compile into each): what target_clones would make, with
+// the choice in g_noise_isa, where a test can force it.
+void randn_block_portable(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
+  randn_run<NoiseIsa::kPortable>(seed, offset0, n, out);
 }
+
+#if defined(FASTVAE_PHILOX_X86)
+__attribute__((target("arch=x86-64-v3"))) void randn_block_avx2(uint64_t seed, uint64_t offset0, int64_t n,
+                                                                float* out) {
+  randn_run<NoiseIsa::kAvx2>(seed, offset0, n, out);
+}
+
+__attribute__((target("arch=x86-64-v4"))) void randn_block_avx512(uint64_t seed, uint64_t offset0, int64_t n,
+                                                                  float* out) {
+  randn_run<NoiseIsa::kAvx512>(seed, offset0, n, out);
+}
+#endif
 
 }  // namespace
 
+const char* noise_isa_name(NoiseIsa isa) {
+  switch (isa) {
+    case NoiseIsa::kAvx512: return "avx512";
+    case NoiseIsa::kAvx2: return "avx2";
+    case NoiseIsa::kPortable: break;
+  }
+  return "portable";
+}
+
+NoiseIsa best_noise_isa() { return kBestNoiseIsa; }
+
+NoiseIsa noise_isa() { return static_cast<NoiseIsa>(g_noise_isa.load(std::memory_order_relaxed)); }
+
+bool set_noise_isa(NoiseIsa isa) {
+  if (static_cast<int>(isa) > static_cast<int>(kBestNoiseIsa)) return false;
+  g_noise_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
+  return true;
+}
+
 void randn_block(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
-  randn_block_f32(seed, offset0, n, out);
+  switch (noise_isa()) {
+#if defined(FASTVAE_PHILOX_X86)
+    case NoiseIsa::kAvx512: return randn_block_avx512(seed, offset0, n, out);
+    case NoiseIsa::kAvx2: return randn_block_avx2(seed, offset0, n, out);
+#endif
+    default: return randn_block_portable(seed, offset0, n, out);
+  }
 }
 
 // libm's log, sin and cos stay scalar: the float64 path is the precise one.
+// Its words come from the same Philox paths.
 void randn_block(uint64_t seed, uint64_t offset0, int64_t n, double* out) {
-  randn_run(seed, offset0, n, out);
+  switch (noise_isa()) {
+#if defined(FASTVAE_PHILOX_X86)
+    case NoiseIsa::kAvx512: return randn_run<NoiseIsa::kAvx512>(seed, offset0, n, out);
+    case NoiseIsa::kAvx2: return randn_run<NoiseIsa::kAvx2>(seed, offset0, n, out);
+#endif
+    default: return randn_run<NoiseIsa::kPortable>(seed, offset0, n, out);
+  }
+}
+
+void philox_words(uint64_t seed, uint64_t counter0, int64_t n, uint32_t* out) {
+  const PhiloxKeys keys(seed);
+  const NoiseIsa isa = noise_isa();
+  int64_t j = 0;
+  for (; n - j >= kGroup; j += kGroup) {
+    alignas(64) uint32_t a[2 * kGroup], b[2 * kGroup];
+    const uint64_t c0 = counter0 + static_cast<uint64_t>(j);
+    switch (isa) {
+      case NoiseIsa::kAvx512: philox_group<NoiseIsa::kAvx512>(keys, c0, a, b); break;
+      case NoiseIsa::kAvx2: philox_group<NoiseIsa::kAvx2>(keys, c0, a, b); break;
+      default: philox_group<NoiseIsa::kPortable>(keys, c0, a, b); break;
+    }
+    for (int k = 0; k < kGroup; ++k) {
+      uint32_t* w = out + 4 * (j + k);
+      w[0] = a[k];
+      w[1] = b[k];
+      w[2] = a[kGroup + k];
+      w[3] = b[kGroup + k];
+    }
+  }
+  for (; j < n; ++j) {
+    const Philox4 w = philox_4x(keys, counter0 + static_cast<uint64_t>(j));
+    uint32_t* o = out + 4 * j;
+    o[0] = w.w0;
+    o[1] = w.w1;
+    o[2] = w.w2;
+    o[3] = w.w3;
+  }
 }
 
 // Work items are (row, block of kBlock columns), so a single long row and

@@ -59,6 +59,48 @@ void bind_philox(py::module_& m) {
     fastvae::uniform_fill(seed, offset0, n, a, b);
   }, py::arg("seed"), py::arg("offset0"), py::arg("u1"), py::arg("u2"),
      "The two float32 uniforms behind each normal of randn_fill.");
+
+  m.def("philox_words", [](uint64_t seed, uint64_t counter0, py::array out) {
+    if (out.ndim() != 2 || out.shape(1) != 4) {
+      throw py::value_error("out: expected a 2-d (n, 4) array, got " + shape_str(out));
+    }
+    const int64_t n = out.shape(0);
+    // counters, not offsets: the last offset, 4 (counter0 + n) - 1, must fit in int64
+    if (n > 0 && (counter0 > uint64_t(INT64_MAX) / 4 || uint64_t(n - 1) > uint64_t(INT64_MAX) / 4 - counter0)) {
+      throw py::value_error("philox_words: the last Philox offset exceeds 2**63 - 1");
+    }
+    uint32_t* p = checked<uint32_t>(out, "out", {n, 4}, true);
+    py::gil_scoped_release r;
+    fastvae::philox_words(seed, counter0, n, p);
+  }, py::arg("seed"), py::arg("counter0"), py::arg("out"),
+     "out[j] = the four Philox4x32-10 words of counter counter0 + j (uint32), drawn by the noise path in "
+     "use (noise_isa()): the bit-exactness check of each path.");
+
+  m.def("noise_isa", [] { return std::string(noise_isa_name(noise_isa())); },
+        "The vector path the noise is drawn with: 'avx512', 'avx2' or 'portable' (chosen when the module "
+        "loads, or forced by set_noise_isa).");
+  m.def("noise_isas", [] {
+    py::list names;
+    for (int i = 0; i <= static_cast<int>(best_noise_isa()); ++i) names.append(noise_isa_name(static_cast<NoiseIsa>(i)));
+    return names;
+  }, "The noise paths this CPU can run, from 'portable' to the one the loader picks.");
+  m.def("set_noise_isa", [](const std::string& name) {
+    if (name == "auto") {
+      set_noise_isa(best_noise_isa());
+      return;
+    }
+    for (const NoiseIsa isa : {NoiseIsa::kPortable, NoiseIsa::kAvx2, NoiseIsa::kAvx512}) {
+      if (name != noise_isa_name(isa)) continue;
+      if (!set_noise_isa(isa)) {
+        throw py::value_error("set_noise_isa: this CPU cannot run the '" + name + "' path (best: '" +
+                              noise_isa_name(best_noise_isa()) + "')");
+      }
+      return;
+    }
+    throw py::value_error("set_noise_isa: name must be 'auto', 'portable', 'avx2' or 'avx512', got '" + name + "'");
+  }, py::arg("name"),
+     "Forces the noise path for every later draw ('auto' restores the loader's choice), so that tests and "
+     "benchmarks run the paths this CPU would not pick. Not thread-safe against running kernels.");
 }
 
 FASTVAE_BIND(bind_philox);

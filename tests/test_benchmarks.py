@@ -85,7 +85,14 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
         payload = bench_bernoulli_log_prob.main(["--quick", "--device", "cpu", "--copy-mb", "4", "--out", str(out)])
     finally:
         torch._dynamo.reset()
-    assert json.loads(out.read_text())["results"] == payload["results"]
+    written = json.loads(out.read_text())
+    assert written["results"] == payload["results"]
+    # the CPU's vector ISA is in every result file: the figures depend on which C++ path ran
+    assert written["machine"]["vector_isa"] in {"AVX-512", "AVX2", "SSE", "NEON", "SVE"}
+    assert written["machine"]["vector_isa"] in written["device_name"]
+    from fastvae import _C
+
+    assert written["machine"]["fastvae_noise_path"] == _C.noise_isa()
     impls = {r["impl"] for r in payload["results"]}
     assert impls >= {"eager", "compiled"} and len(impls) == 3
     # K = 1 and 4 in float32, K = 4 with bfloat16 logits (--quick keeps one bfloat16 case)
@@ -117,7 +124,7 @@ def test_overhead_benchmark_reports_the_floor_and_every_op(tmp_path):
                "logmeanexp"):
         assert any(c.startswith(op) for c in cases), op
     assert all(r["median_us"] > 0 for r in payload["results"])
-    assert (tmp_path / "overhead.json").exists()
+    assert json.loads((tmp_path / "overhead.json").read_text())["vector_isa"] == common.cpu_vector_isa()
 
 
 def test_gpu_model_is_labelled_and_fills_the_gpu(tmp_path):

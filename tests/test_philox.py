@@ -190,3 +190,91 @@ def test_cpp_fill_threads_and_bounds():
     out = torch.empty(1, 1, dtype=torch.float64)
     _C.randn_fill(5, 2**63 - 1, out.numpy(), 0)
     assert torch.allclose(out[0], reference.philox_randn(5, torch.tensor([2**63 - 1])), rtol=1e-13, atol=0)
+
+
+# -- each vector path of the C++ noise, forced in turn -------------------------
+
+NOISE_ISAS = ("portable", "avx2", "avx512")
+# (seed, offset0, n): an unaligned head and a tail around whole groups of 128,
+# one short group, a run past counter 2**32 and the largest seeds
+NOISE_CASES = [(0, 0, 4 * 32 * 5), (12345, 3, 1031), (2**63 - 1, 4 * (2**32 - 40) + 1, 700), (2**32, 6, 90),
+               (987654321, 2**40 + 2, 4099)]
+
+
+@pytest.fixture(params=NOISE_ISAS)
+def noise_isa(request):
+    """Forces the C++ noise path request.param for the test (skipped where this
+    CPU cannot run it), then restores the loader's choice."""
+    from fastvae import _C
+
+    isa = request.param
+    if isa not in _C.noise_isas():
+        pytest.skip(f"this CPU cannot run the {isa} noise path (it runs {', '.join(_C.noise_isas())})")
+    _C.set_noise_isa(isa)
+    try:
+        assert _C.noise_isa() == isa
+        yield isa
+    finally:
+        _C.set_noise_isa("auto")
+
+
+def cpp_noise(seed, offset0, n):
+    """(float32, float64) normals of the C++ fill on the path in use."""
+    from fastvae import _C
+
+    f32, f64 = torch.empty(n), torch.empty(n, dtype=torch.float64)
+    _C.randn_fill(seed, offset0, f32.numpy())
+    _C.randn_fill(seed, offset0, f64.numpy())
+    return f32, f64
+
+
+@pytest.mark.skipif(INTERPRET, reason="checks the C++ noise paths")
+def test_each_noise_path_draws_the_contract(noise_isa):
+    """The path a machine does not pick is tested too: its Philox words equal the
+    reference's bit for bit (so its uniforms, a function of the words, do too),
+    its float64 normals are the portable path's bit for bit (the same libm
+    code), and its float32 normals are the reference's to float32 rounding and
+    the portable path's to the few ulp by which FMA contraction moves log and cos."""
+    from fastvae import _C
+
+    for seed, offset0, n in NOISE_CASES:
+        counters = (offset0 + n + 3) // 4 - offset0 // 4
+        words = np.empty((counters, 4), dtype=np.uint32)
+        _C.philox_words(seed, offset0 // 4, words)
+        expected = torch.stack(reference.philox_words(seed, torch.arange(counters) + offset0 // 4), 1)
+        assert torch.equal(torch.from_numpy(words.astype(np.int64)), expected), (seed, offset0)
+
+        f32, f64 = cpp_noise(seed, offset0, n)
+        _C.set_noise_isa("portable")
+        try:
+            p32, p64 = cpp_noise(seed, offset0, n)
+        finally:
+            _C.set_noise_isa(noise_isa)
+        assert torch.equal(f64, p64)
+        offs = torch.arange(offset0, offset0 + n)
+        ref = reference.philox_randn(seed, offs, torch.float32).double()
+        assert ((f32.double() - ref).abs() <= 2e-6 * ref.abs() + 1e-6).all(), (seed, offset0)
+        assert ((f32.double() - p32.double()).abs() <= 2e-6 * p32.double().abs() + 1e-6).all(), (seed, offset0)
+        assert torch.allclose(f64, reference.philox_randn(seed, offs), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.skipif(INTERPRET, reason="checks the C++ binding")
+def test_noise_isa_binding():
+    """The loader picks the best path the CPU runs; unknown and unsupported names are refused by name."""
+    from fastvae import _C
+
+    assert _C.noise_isa() == _C.noise_isas()[-1]
+    assert _C.noise_isas()[0] == "portable"
+    with pytest.raises(ValueError, match="'sse9'"):
+        _C.set_noise_isa("sse9")
+    missing = [isa for isa in NOISE_ISAS if isa not in _C.noise_isas()]
+    for isa in missing:
+        with pytest.raises(ValueError, match=f"cannot run the '{isa}' path"):
+            _C.set_noise_isa(isa)
+    assert _C.noise_isa() == _C.noise_isas()[-1]
+    with pytest.raises(ValueError, match="\\(n, 4\\)"):
+        _C.philox_words(0, 0, np.empty((3, 2), dtype=np.uint32))
+    with pytest.raises(TypeError, match="uint32"):
+        _C.philox_words(0, 0, np.empty((3, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="exceeds 2\\*\\*63 - 1"):
+        _C.philox_words(0, 2**61 - 2, np.empty((3, 4), dtype=np.uint32))
