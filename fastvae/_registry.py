@@ -133,6 +133,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_sample_location_scale.py", "sample_location_scale"),
 )}
 
+# What fastvae._C binds besides the kernels: the CPU noise's instruction-set
+# switch (which path runs, which paths this CPU has, forcing one for tests and
+# benchmarks) and the raw Philox words that check each path bit for bit.
+CPP_CONTROLS = ("noise_isa", "noise_isas", "set_noise_isa", "philox_words")
+
 # Test modules above the ops that reach a Triton kernel: run under the
 # interpreter too, next to every op's own test module.
 # test_launches.py counts what each call launches on the CUDA path (issue 23);
