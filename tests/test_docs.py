@@ -101,3 +101,45 @@ def test_the_readme_says_how_to_get_the_cpu_build_and_links_the_changelog():
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
     assert "(CHANGELOG.md)" in readme and (PAGE.parents[1] / "CHANGELOG.md").exists()
     assert not re.search(r"\(issue \d+\)", readme), "the README speaks to users: no internal issue numbers"
+
+
+def test_architecture_quotes_the_recorded_overhead_figures():
+    """Every microsecond figure docs/architecture.md quotes from
+    results/overhead-cpu.json is that file's median, to 0.1 us."""
+    import json
+
+    root = PAGE.parents[1]
+    text = " ".join((root / "docs" / "architecture.md").read_text().split())
+    results = json.loads((root / "benchmarks" / "results" / "overhead-cpu.json").read_text())["results"]
+    median = {(r["case"], r["impl"], r["mode"]): r["median_us"] for r in results}
+    quoted = {
+        ("floor: empty op (custom_op + register_autograd)", "fastvae", "fwd+bwd"): "costs {} us per",
+        ("floor: empty op (define + Function)", "fastvae", "fwd+bwd"): "around the op {} us",
+        ("floor: x * 2", "eager", "fwd+bwd"): "against {} us for a plain",
+        ("sample_normal (100, 8)", "fastvae", "fwd+bwd"): "sample_normal at (100, 8) {} us",
+        ("sample_normal (100, 8)", "eager", "fwd+bwd"): "against {} us in eager torch",
+        ("bernoulli_log_prob (100, 64)", "fastvae", "fwd+bwd"): "bernoulli_log_prob at (100, 64) {} us",
+        ("bernoulli_log_prob (100, 64)", "eager", "fwd+bwd"): "us against {} us, kl_normal",
+        ("kl_normal (100, 8)", "fastvae", "fwd+bwd"): "kl_normal at (100, 8) {} us",
+        ("kl_normal (100, 8)", "eager", "fwd+bwd"): "us against {} us, logmeanexp",
+        ("logmeanexp (16, 100)", "fastvae", "fwd+bwd"): "logmeanexp at (16, 100) {} us",
+        ("step: digits ELBO (B=100, D=64, L=8)", "fastvae", "step"): "ELBO step took {} us",
+        ("step: digits ELBO (B=100, D=64, L=8)", "eager", "step"): "the hand-written {} us",
+        ("step: digits IWAE k=16", "fastvae", "step"): "IWAE step {} us",
+        ("step: digits IWAE k=16", "eager", "step"): "against {} us. What is left",
+        ("sample_normal (100, 8)", "fastvae", "forward"): "costs {} us forward",
+    }
+    for key, phrase in quoted.items():
+        assert phrase.format(f"{median[key]:.1f}") in text, (key, phrase, median[key])
+
+
+def test_architecture_quotes_the_launch_limits_the_launch_test_asserts():
+    """The per-call launch counts docs/architecture.md quotes are the limits
+    tests/test_launches.py asserts."""
+    import test_launches
+
+    text = " ".join((PAGE.parents[1] / "docs" / "architecture.md").read_text().split())
+    lim = test_launches.OBJECTIVE_LIMITS
+    assert (f"elbo {lim['elbo bernoulli']} (Bernoulli) and {lim['elbo gaussian']} (Gaussian with the halves of "
+            f"one output), iwae k=5 {lim['iwae']}, DReG {lim['iwae dreg']}") in text
+    assert not test_launches.NOT_YET
