@@ -1,0 +1,268 @@
+// sample_positive on the CPU (issue 35): the positive inverse-CDF families
+// (exponential, Weibull, Kumaraswamy) as transforms of the Exp(1) variate
+// t = -log u of the element's Philox uniform (one word per element: lane i % 4
+// of counter i // 4), log q(z) summed over L from the same t. The backward
+// regenerates t instead of reading it. fastvae.reference.positive_terms gives
+// the closed forms; the family is a template parameter (a compile-time
+// variant), one runtime switch per call picks the instantiation.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "fastmath.h"
+#include "ops.h"
+#include "philox.h"
+#include "rows.h"
+
+namespace fastvae {
+namespace {
+
+constexpr int64_t kBlock = 512;
+constexpr int64_t kTileElems = 8192;
+constexpr int32_t kHalfWord = int32_t(1) << 30;
+constexpr float kBelowOne = 0x1.fffffep-1f;
+
+enum Family : int { kExponential = 0, kWeibull = 1, kKumaraswamy = 2 };
+
+// Folded words of offsets [offset0, offset0 + n) (sample_location_scale.cpp's).
+void word_block(const PhiloxKeys& keys, uint64_t offset0, int64_t n, int32_t* out) {
+  int64_t i = 0;
+  while (i < n && ((offset0 + static_cast<uint64_t>(i)) & 3) != 0) {
+    const uint64_t off = offset0 + static_cast<uint64_t>(i);
+    const Philox4 w = philox_4x(keys, off >> 2);
+    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
+    out[i++] = folded(words[off & 3]);
+  }
+  const int64_t whole = (n - i) / 4;
+  const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
+  int32_t* o = out + i;
+  for (int64_t j = 0; j < whole; ++j) {
+    const Philox4 w = philox_4x(keys, c0 + static_cast<uint64_t>(j));
+    o[4 * j] = folded(w.w0);
+    o[4 * j + 1] = folded(w.w1);
+    o[4 * j + 2] = folded(w.w2);
+    o[4 * j + 3] = folded(w.w3);
+  }
+  i += 4 * whole;
+  if (i < n) {
+    const Philox4 w = philox_4x(keys, (offset0 + static_cast<uint64_t>(i)) >> 2);
+    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
+    for (int j = 0; i < n; ++i, ++j) out[i] = folded(words[j]);
+  }
+}
+
+inline void words_of(const PhiloxKeys& keys, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
+                     int32_t* x) {
+  if (row_stride == static_cast<uint64_t>(L)) {
+    word_block(keys, base + static_cast<uint64_t>(b0), n, x);
+    return;
+  }
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
+    const int64_t len = std::min(n - i, L - col);
+    word_block(keys, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), len, x + i);
+    i += len;
+  }
+}
+
+inline void open_uniforms(int32_t x, float& u, float& v) {
+  u = std::min((static_cast<float>(x) + 0.5f) * 0x1p-31f, kBelowOne);
+  v = std::min((static_cast<float>(2147483647 - x) + 0.5f) * 0x1p-31f, kBelowOne);
+}
+inline void open_uniforms(int32_t x, double& u, double& v) {
+  u = (static_cast<double>(x) + 0.5) * 0x1p-31;
+  v = (2147483647.5 - static_cast<double>(x)) * 0x1p-31;
+}
+
+inline float log_p(float x) { return fast_log_positive(x); }
+inline double log_p(double x) { return std::log(x); }
+inline float exp_p(float x) { return fast_exp(x); }
+inline double exp_p(double x) { return std::exp(x); }
+
+// log(1 - v) for v in [0, 1/2] to v's relative precision.
+inline float log1m(float v) {
+  const float w = 1.0f - v;
+  return w == 1.0f ? -v : fast_log_positive(w) * (-v / (w - 1.0f));
+}
+inline double log1m(double v) { return std::log1p(-v); }
+
+// expm1(x) for x <= 0 (Kahan's form in float32; libm in float64).
+inline float expm1_neg(float x) {
+  const float w = fast_exp(x);
+  if (w == 1.0f) return x;
+  if (w == 0.0f) return -1.0f;
+  return (w - 1.0f) * x / fast_log_positive(w);
+}
+inline double expm1_neg(double x) { return std::expm1(x); }
+
+template <typename T> constexpr T kTiny = T(0x1p-126f);
+template <> constexpr double kTiny<double> = 0x1p-1022;
+template <typename T> constexpr T kTop = T(kBelowOne);
+template <> constexpr double kTop<double> = 1.0 - 0x1p-53;
+
+// (z, log f, c0, c1, f0, f1, s0, s1) of the family (reference.positive_terms).
+template <int F, typename T>
+inline void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T& f1, T& s0, T& s1) {
+  T u, v;
+  open_uniforms(x, u, v);
+  const T t = x < kHalfWord ? -log_p(u) : -log1m(v);
+  const T log_t = log_p(t);
+  if constexpr (F == kExponential) {
+    z = t * exp_p(-p0);
+    log_f = p0 - t;
+    c0 = T(-1); c1 = T(0); f0 = T(1); f1 = T(0); s0 = t; s1 = T(0);
+  } else if constexpr (F == kWeibull) {
+    const T ik = exp_p(-p1), k = exp_p(p1);
+    c1 = -log_t * ik;
+    const T w = (k - T(1)) - k * t;
+    z = exp_p(p0 - c1);
+    log_f = p1 - p0 + (T(1) - ik) * log_t - t;
+    c0 = T(1); f0 = T(-1); f1 = T(1) - c1; s0 = w; s1 = w * c1;
+  } else {
+    const T a = exp_p(p0), b = exp_p(p1), ia = exp_p(-p0);
+    const T s = t * exp_p(-p1);
+    const T y = exp_p(-s);
+    const T m = -expm1_neg(-s);
+    const T log_m = s > T(0.6931471805599453) ? log1m(y) : log_p(m);
+    const T log_z = log_m * ia;
+    z = std::min(std::max(exp_p(log_z), kTiny<T>), kTop<T>);
+    const T r = s * y / m;
+    const T q = y == T(0) ? -m : m * log_m / y;
+    log_f = p0 + p1 + (T(1) - ia) * log_m - t + s;
+    c0 = -log_z;
+    c1 = -r * ia;
+    f0 = T(1) + log_z;
+    f1 = T(1) - s - (T(1) - ia) * r;
+    s0 = (b - T(1)) * q - (a - T(1)) * log_z;
+    s1 = (b - T(1)) * s - (a - T(1)) * r * ia;
+  }
+}
+
+template <int F, typename T>
+void forward_tiles(const T* p0, const T* p1, uint64_t seed, uint64_t offset0, uint64_t sample_stride,
+                   uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z, T* log_q, int n_threads) {
+  const int64_t NL = N * L;
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
+  const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
+  const PhiloxKeys keys(seed);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    const int64_t r0 = tile * tile_rows;
+    const int64_t r1 = std::min(N, r0 + tile_rows);
+    std::vector<double> acc(log_q ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T lf[kBlock];
+    for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, r1 * L - b0);
+      for (int64_t k = 0; k < K; ++k) {
+        words_of(keys, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
+        T* zk = z + k * NL + b0;
+        for (int64_t i = 0; i < n; ++i) {
+          T c0, c1, f0, f1, s0, s1;
+          terms<F, T>(x[i], p0[b0 + i], F == kExponential ? T(0) : p1[b0 + i], zk[i], lf[i], c0, c1, f0, f1, s0,
+                      s1);
+        }
+        if (log_q) {
+          double* a = acc.data() + k * (r1 - r0);
+          for (int64_t i = 0; i < n;) {
+            const int64_t row = (b0 + i) / L;
+            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
+            double sum = 0.0;
+            for (int64_t j = i; j < i + len; ++j) sum += double(lf[j]);
+            a[row - r0] += sum;
+            i += len;
+          }
+        }
+      }
+    }
+    if (log_q) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t row = r0; row < r1; ++row) log_q[k * N + row] = static_cast<T>(acc[size_t(k * (r1 - r0) + row - r0)]);
+      }
+    }
+  }
+}
+
+// dlog_p_j = sum_k dz_k z_k c_j + dq_k (s_j with stop_score, else f_j).
+template <int F, typename T>
+void backward_blocks(const T* dz, const T* dq, const T* p0, const T* p1, uint64_t seed, bool stop_score, int64_t K,
+                     int64_t N, int64_t L, T* d0, T* d1, int n_threads) {
+  const int64_t NL = N * L;
+  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
+  const PhiloxKeys keys(seed);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t b0 = blk * kBlock;
+    const int64_t n = std::min(kBlock, NL - b0);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T gq[kBlock], a0[kBlock], a1[kBlock];
+    for (int64_t i = 0; i < n; ++i) a0[i] = a1[i] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t base = k * NL + b0;
+      word_block(keys, static_cast<uint64_t>(base), n, x);
+      if (dq) spread_rows(dq + k * N, b0, n, L, gq);
+      for (int64_t i = 0; i < n; ++i) {
+        T z, lf, c0, c1, f0, f1, s0, s1;
+        terms<F, T>(x[i], p0[b0 + i], F == kExponential ? T(0) : p1[b0 + i], z, lf, c0, c1, f0, f1, s0, s1);
+        if (dz) {
+          const T g = dz[base + i] * z;
+          a0[i] += g * c0;
+          a1[i] += g * c1;
+        }
+        if (dq) {
+          a0[i] += gq[i] * (stop_score ? s0 : f0);
+          a1[i] += gq[i] * (stop_score ? s1 : f1);
+        }
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      d0[b0 + i] = a0[i];
+      d1[b0 + i] = a1[i];
+    }
+  }
+}
+
+template <typename Fn>
+void by_family(int family, Fn fn) {
+  switch (family) {
+    case kExponential: return fn(std::integral_constant<int, kExponential>{});
+    case kWeibull: return fn(std::integral_constant<int, kWeibull>{});
+    case kKumaraswamy: return fn(std::integral_constant<int, kKumaraswamy>{});
+    default: throw std::invalid_argument("family must be in [0, 3) (exponential, weibull, kumaraswamy)");
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void sample_positive_forward(const T* log_p0, const T* log_p1, uint64_t seed, int family, uint64_t offset0,
+                             uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z,
+                             T* log_q, int n_threads) {
+  by_family(family, [&](auto f) {
+    forward_tiles<decltype(f)::value, T>(log_p0, log_p1, seed, offset0, sample_stride, row_stride, K, N, L, z,
+                                         log_q, n_threads);
+  });
+}
+
+template <typename T>
+void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, const T* log_p1, uint64_t seed,
+                              int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
+                              int n_threads) {
+  by_family(family, [&](auto f) {
+    backward_blocks<decltype(f)::value, T>(dz, dlog_q, log_p0, log_p1, seed, stop_score, K, N, L, dlog_p0,
+                                           dlog_p1, n_threads);
+  });
+}
+
+template void sample_positive_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
+                                             uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_forward<double>(const double*, const double*, uint64_t, int, uint64_t, uint64_t,
+                                              uint64_t, int64_t, int64_t, int64_t, double*, double*, int);
+template void sample_positive_backward<float>(const float*, const float*, const float*, const float*, uint64_t,
+                                              int, bool, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_backward<double>(const double*, const double*, const double*, const double*,
+                                               uint64_t, int, bool, int64_t, int64_t, int64_t, double*, double*,
+                                               int);
+
+}  // namespace fastvae
