@@ -66,35 +66,36 @@ inline void words_of(const PhiloxKeys& keys, uint64_t base, int64_t b0, int64_t 
   }
 }
 
-inline void open_uniforms(int32_t x, float& u, float& v) {
+FASTVAE_INLINE void open_uniforms(int32_t x, float& u, float& v) {
   u = std::min((static_cast<float>(x) + 0.5f) * 0x1p-31f, kBelowOne);
   v = std::min((static_cast<float>(2147483647 - x) + 0.5f) * 0x1p-31f, kBelowOne);
 }
-inline void open_uniforms(int32_t x, double& u, double& v) {
+FASTVAE_INLINE void open_uniforms(int32_t x, double& u, double& v) {
   u = (static_cast<double>(x) + 0.5) * 0x1p-31;
   v = (2147483647.5 - static_cast<double>(x)) * 0x1p-31;
 }
 
-inline float log_p(float x) { return fast_log_positive(x); }
-inline double log_p(double x) { return std::log(x); }
-inline float exp_p(float x) { return fast_exp(x); }
-inline double exp_p(double x) { return std::exp(x); }
+FASTVAE_INLINE float log_p(float x) { return fast_log_positive(x); }
+FASTVAE_INLINE double log_p(double x) { return std::log(x); }
+FASTVAE_INLINE float exp_p(float x) { return fast_exp(x); }
+FASTVAE_INLINE double exp_p(double x) { return std::exp(x); }
 
 // log(1 - v) for v in [0, 1/2] to v's relative precision.
-inline float log1m(float v) {
+FASTVAE_INLINE float log1m(float v) {
   const float w = 1.0f - v;
-  return w == 1.0f ? -v : fast_log_positive(w) * (-v / (w - 1.0f));
+  const bool one = w == 1.0f;
+  return one ? -v : fast_log_positive(w) * (-v / (one ? -1.0f : w - 1.0f));
 }
-inline double log1m(double v) { return std::log1p(-v); }
+FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
 
 // expm1(x) for x <= 0 (Kahan's form in float32; libm in float64).
-inline float expm1_neg(float x) {
+FASTVAE_INLINE float expm1_neg(float x) {
   const float w = fast_exp(x);
-  if (w == 1.0f) return x;
-  if (w == 0.0f) return -1.0f;
-  return (w - 1.0f) * x / fast_log_positive(w);
+  const bool one = w == 1.0f, zero = w == 0.0f;
+  const float l = fast_log_positive(one || zero ? 0.5f : w);
+  return one ? x : (zero ? -1.0f : (w - 1.0f) * x / l);
 }
-inline double expm1_neg(double x) { return std::expm1(x); }
+FASTVAE_INLINE double expm1_neg(double x) { return std::expm1(x); }
 
 template <typename T> constexpr T kTiny = T(0x1p-126f);
 template <> constexpr double kTiny<double> = 0x1p-1022;
@@ -103,10 +104,11 @@ template <> constexpr double kTop<double> = 1.0 - 0x1p-53;
 
 // (z, log f, c0, c1, f0, f1, s0, s1) of the family (reference.positive_terms).
 template <int F, typename T>
-inline void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T& f1, T& s0, T& s1) {
+FASTVAE_INLINE void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T& f1, T& s0, T& s1) {
   T u, v;
   open_uniforms(x, u, v);
-  const T t = x < kHalfWord ? -log_p(u) : -log1m(v);
+  const T t_lo = -log_p(u), t_hi = -log1m(v);  // both, then a select (vectorizes)
+  const T t = x < kHalfWord ? t_lo : t_hi;
   const T log_t = log_p(t);
   if constexpr (F == kExponential) {
     z = t * exp_p(-p0);
@@ -124,11 +126,13 @@ inline void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T&
     const T s = t * exp_p(-p1);
     const T y = exp_p(-s);
     const T m = -expm1_neg(-s);
-    const T log_m = s > T(0.6931471805599453) ? log1m(y) : log_p(m);
+    const T lm_hi = log1m(std::min(y, T(0.5))), lm_lo = log_p(m);
+    const T log_m = s > T(0.6931471805599453) ? lm_hi : lm_lo;
     const T log_z = log_m * ia;
     z = std::min(std::max(exp_p(log_z), kTiny<T>), kTop<T>);
     const T r = s * y / m;
-    const T q = y == T(0) ? -m : m * log_m / y;
+    const bool y0 = y == T(0);
+    const T q = y0 ? -m : m * log_m / (y0 ? T(1) : y);
     log_f = p0 + p1 + (T(1) - ia) * log_m - t + s;
     c0 = -log_z;
     c1 = -r * ia;
@@ -137,6 +141,68 @@ inline void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T&
     s0 = (b - T(1)) * q - (a - T(1)) * log_z;
     s1 = (b - T(1)) * s - (a - T(1)) * r * ia;
   }
+}
+
+// The per-element loops over a block: the float32 ones are ISA-cloned entry
+// points (one per family, by macro: clones cannot be templates); float64 runs
+// libm, the precise path.
+template <int F, typename T>
+FASTVAE_INLINE void fwd_loop(const int32_t* x, const T* p0, const T* p1, int64_t n, T* z, T* lf) {
+  for (int64_t i = 0; i < n; ++i) {
+    T c0, c1, f0, f1, s0, s1;
+    terms<F, T>(x[i], p0[i], F == kExponential ? T(0) : p1[i], z[i], lf[i], c0, c1, f0, f1, s0, s1);
+  }
+}
+
+template <int F, typename T>
+FASTVAE_INLINE void bwd_loop(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, bool stop,
+                             int64_t n, T* a0, T* a1) {
+  for (int64_t i = 0; i < n; ++i) {
+    T z, lf, c0, c1, f0, f1, s0, s1;
+    terms<F, T>(x[i], p0[i], F == kExponential ? T(0) : p1[i], z, lf, c0, c1, f0, f1, s0, s1);
+    const T g = dz ? dz[i] * z : T(0);
+    const T q = gq ? gq[i] : T(0);
+    a0[i] += g * c0 + q * (stop ? s0 : f0);
+    a1[i] += g * c1 + q * (stop ? s1 : f1);
+  }
+}
+
+#define FASTVAE_POS_BLOCKS(F)                                                                                  \
+  FASTVAE_CLONES void fwd_f32_##F(const int32_t* x, const float* p0, const float* p1, int64_t n, float* z,     \
+                                  float* lf) {                                                                  \
+    fwd_loop<F, float>(x, p0, p1, n, z, lf);                                                                    \
+  }                                                                                                             \
+  FASTVAE_CLONES void bwd_f32_##F(const int32_t* x, const float* p0, const float* p1, const float* dz,         \
+                                  const float* gq, bool stop, int64_t n, float* a0, float* a1) {               \
+    bwd_loop<F, float>(x, p0, p1, dz, gq, stop, n, a0, a1);                                                     \
+  }
+FASTVAE_POS_BLOCKS(0)
+FASTVAE_POS_BLOCKS(1)
+FASTVAE_POS_BLOCKS(2)
+#undef FASTVAE_POS_BLOCKS
+
+template <int F>
+FASTVAE_INLINE void fwd_block(const int32_t* x, const float* p0, const float* p1, int64_t n, float* z, float* lf) {
+  if constexpr (F == 0) fwd_f32_0(x, p0, p1, n, z, lf);
+  else if constexpr (F == 1) fwd_f32_1(x, p0, p1, n, z, lf);
+  else fwd_f32_2(x, p0, p1, n, z, lf);
+}
+template <int F>
+FASTVAE_INLINE void fwd_block(const int32_t* x, const double* p0, const double* p1, int64_t n, double* z,
+                              double* lf) {
+  fwd_loop<F, double>(x, p0, p1, n, z, lf);
+}
+template <int F>
+FASTVAE_INLINE void bwd_block(const int32_t* x, const float* p0, const float* p1, const float* dz, const float* gq,
+                              bool stop, int64_t n, float* a0, float* a1) {
+  if constexpr (F == 0) bwd_f32_0(x, p0, p1, dz, gq, stop, n, a0, a1);
+  else if constexpr (F == 1) bwd_f32_1(x, p0, p1, dz, gq, stop, n, a0, a1);
+  else bwd_f32_2(x, p0, p1, dz, gq, stop, n, a0, a1);
+}
+template <int F>
+FASTVAE_INLINE void bwd_block(const int32_t* x, const double* p0, const double* p1, const double* dz,
+                              const double* gq, bool stop, int64_t n, double* a0, double* a1) {
+  bwd_loop<F, double>(x, p0, p1, dz, gq, stop, n, a0, a1);
 }
 
 template <int F, typename T>
@@ -157,12 +223,7 @@ void forward_tiles(const T* p0, const T* p1, uint64_t seed, uint64_t offset0, ui
       const int64_t n = std::min(kBlock, r1 * L - b0);
       for (int64_t k = 0; k < K; ++k) {
         words_of(keys, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
-        T* zk = z + k * NL + b0;
-        for (int64_t i = 0; i < n; ++i) {
-          T c0, c1, f0, f1, s0, s1;
-          terms<F, T>(x[i], p0[b0 + i], F == kExponential ? T(0) : p1[b0 + i], zk[i], lf[i], c0, c1, f0, f1, s0,
-                      s1);
-        }
+        fwd_block<F>(x, p0 + b0, p1 + b0, n, z + k * NL + b0, lf);
         if (log_q) {
           double* a = acc.data() + k * (r1 - r0);
           for (int64_t i = 0; i < n;) {
@@ -202,19 +263,7 @@ void backward_blocks(const T* dz, const T* dq, const T* p0, const T* p1, uint64_
       const int64_t base = k * NL + b0;
       word_block(keys, static_cast<uint64_t>(base), n, x);
       if (dq) spread_rows(dq + k * N, b0, n, L, gq);
-      for (int64_t i = 0; i < n; ++i) {
-        T z, lf, c0, c1, f0, f1, s0, s1;
-        terms<F, T>(x[i], p0[b0 + i], F == kExponential ? T(0) : p1[b0 + i], z, lf, c0, c1, f0, f1, s0, s1);
-        if (dz) {
-          const T g = dz[base + i] * z;
-          a0[i] += g * c0;
-          a1[i] += g * c1;
-        }
-        if (dq) {
-          a0[i] += gq[i] * (stop_score ? s0 : f0);
-          a1[i] += gq[i] * (stop_score ? s1 : f1);
-        }
-      }
+      bwd_block<F>(x, p0 + b0, p1 + b0, dz ? dz + base : nullptr, dq ? gq : nullptr, stop_score, n, a0, a1);
     }
     for (int64_t i = 0; i < n; ++i) {
       d0[b0 + i] = a0[i];
