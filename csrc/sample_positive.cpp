@@ -154,16 +154,39 @@ FASTVAE_INLINE void fwd_loop(const int32_t* x, const T* p0, const T* p1, int64_t
   }
 }
 
-template <int F, typename T>
-FASTVAE_INLINE void bwd_loop(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, bool stop,
-                             int64_t n, T* a0, T* a1) {
+template <int F, typename T, bool HZ, bool HQ, bool STOP>
+FASTVAE_INLINE void bwd_loop_t(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, int64_t n,
+                               T* a0, T* a1) {
   for (int64_t i = 0; i < n; ++i) {
     T z, lf, c0, c1, f0, f1, s0, s1;
     terms<F, T>(x[i], p0[i], F == kExponential ? T(0) : p1[i], z, lf, c0, c1, f0, f1, s0, s1);
-    const T g = dz ? dz[i] * z : T(0);
-    const T q = gq ? gq[i] : T(0);
-    a0[i] += g * c0 + q * (stop ? s0 : f0);
-    a1[i] += g * c1 + q * (stop ? s1 : f1);
+    T d0 = T(0), d1 = T(0);
+    if constexpr (HZ) {
+      const T g = dz[i] * z;
+      d0 += g * c0;
+      d1 += g * c1;
+    }
+    if constexpr (HQ) {
+      d0 += gq[i] * (STOP ? s0 : f0);
+      d1 += gq[i] * (STOP ? s1 : f1);
+    }
+    a0[i] += d0;
+    a1[i] += d1;
+  }
+}
+
+// One branch-free loop per (grad_z given, grad_log_q given, stop_score).
+template <int F, typename T>
+FASTVAE_INLINE void bwd_loop(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, bool stop,
+                             int64_t n, T* a0, T* a1) {
+  if (dz && gq) {
+    if (stop) bwd_loop_t<F, T, true, true, true>(x, p0, p1, dz, gq, n, a0, a1);
+    else bwd_loop_t<F, T, true, true, false>(x, p0, p1, dz, gq, n, a0, a1);
+  } else if (dz) {
+    bwd_loop_t<F, T, true, false, false>(x, p0, p1, dz, gq, n, a0, a1);
+  } else if (gq) {
+    if (stop) bwd_loop_t<F, T, false, true, true>(x, p0, p1, dz, gq, n, a0, a1);
+    else bwd_loop_t<F, T, false, true, false>(x, p0, p1, dz, gq, n, a0, a1);
   }
 }
 
