@@ -21,6 +21,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - discretized_logistic_mixture_log_prob(x, params, num_bins=256): PixelCNN++'s likelihood
 - sample_location_scale(family, loc, log_scale, n_samples=None, *, generator=None) -> (z, log_q):
   uniform, Laplace, logistic, Gumbel and Cauchy latents (docs/latents.md)
+- sample_positive(family, log_param, log_param2=None, n_samples=None, *, generator=None) -> (z, log_q):
+  exponential, Weibull and Kumaraswamy latents (docs/latents.md)
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -39,7 +41,8 @@ Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
 Posteriors and priors: DiagonalNormal(mu, logvar), TrilNormal(mu, scale_tril)
 (fastvae/distributions.py); LocationScale(family, loc, log_scale), LogNormal(mu,
 logvar), LogisticNormal(mu, logvar) (fastvae/latents.py, docs/latents.md: also
-accepted as torch Laplace, Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal);
+accepted as torch Laplace, Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal;
+Positive(family, log_param, log_param2): Exponential, Weibull, Kumaraswamy);
 fastvae.priors.StandardNormal, MixtureOfGaussians, VampPrior, or a torch
 distribution (prior= of the objectives and the evaluation functions).
 
@@ -134,3 +137,9 @@ __all__ = [
     "LogisticNormal",
 ]
 __version__ = "0.1.0"
+
+# the positive latent families (issue 35)
+from .latents import Positive  # noqa: E402
+from .sample_positive import sample_positive  # noqa: E402
+
+__all__ += ["sample_positive", "Positive"]

@@ -93,6 +93,12 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "loc log_scale seed family offset0 sample_stride row_stride z log_q"),
     _k("sample_location_scale_backward", "sample_location_scale",
        "grad_z grad_log_q loc log_scale seed family stop_score dloc dlog_scale"),
+    # the positive latents (issue 35): `family` picks exponential, Weibull or Kumaraswamy
+    # (reference.POSITIVE_FAMILIES), a compile-time variant; log_p1 unused by the exponential
+    _k("sample_positive_forward", "sample_positive",
+       "log_p0 log_p1 seed family offset0 sample_stride row_stride z log_q"),
+    _k("sample_positive_backward", "sample_positive",
+       "grad_z grad_log_q log_p0 log_p1 seed family stop_score dlog_p0 dlog_p1"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -131,6 +137,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob"),
     Op("sample_location_scale", ("sample_location_scale_forward", "sample_location_scale_backward"),
        "test_sample_location_scale.py", "sample_location_scale"),
+    Op("sample_positive", ("sample_positive_forward", "sample_positive_backward"),
+       "test_sample_positive.py", "sample_positive"),
 )}
 
 # What fastvae._C binds besides the kernels: the CPU noise's instruction-set

@@ -22,6 +22,7 @@ non-positive scale raises, since the result would be NaN.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -198,3 +199,24 @@ def positive_scale(scale: Tensor, name: str = "scale") -> None:
         raise ValueError(
             f"{name} must be > 0 (a standard deviation), got a value of {lo:.3g}; for a learned scale use "
             f"e.g. softplus(param) or exp(param), or pass logvar= instead")
+
+
+def finite_log_param(t: Tensor, name: str) -> None:
+    """Raise when a log-space parameter (a positive latent family's log rate,
+    log scale, log concentration, log a or log b) holds a NaN or an infinity:
+    the sample and log q would be NaN or infinite (issue 35)."""
+    if not _should_check("log parameter", t):
+        return
+    lo, hi = _range(t)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite (a log-space parameter), got values in [{lo:.3g}, {hi:.3g}]")
+
+
+def positive_param(t: Tensor, name: str) -> None:
+    """Raise when a torch distribution's positive parameter (rate, scale,
+    concentration) is <= 0 or NaN: its log would be NaN or -inf (issue 35)."""
+    if not _should_check("positive parameter", t):
+        return
+    lo = torch.min(_prefix(t)).item()
+    if not lo > 0.0:
+        raise ValueError(f"{name} must be > 0, got a value of {lo:.3g}")

@@ -376,3 +376,245 @@ def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | 
 
 
 __all__ = ["FAMILIES", "LATENTS", "LocationScale", "LogNormal", "LogisticNormal", "from_torch"]
+
+
+# --------------------------------------------------------------------------
+# The positive inverse-CDF families (issue 35): exponential, Weibull, Kumaraswamy
+# --------------------------------------------------------------------------
+
+from torch.distributions import Beta, Exponential, Kumaraswamy, Weibull, constraints  # noqa: E402
+
+from .sample_positive import PARAMETERS, check_params, positive_at, sample_positive_unchecked  # noqa: E402
+
+POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
+_POSITIVE_TORCH = {Exponential: "exponential", Weibull: "weibull", Kumaraswamy: "kumaraswamy"}
+# The Kumaraswamy-Beta KL: Nalisnick and Smyth's (2017) series, truncated at
+# this many terms (its tail, ~ sum_m m^(-1-b), is what the truncation leaves
+# out: small for b >~ 2, slow to converge for b < 1; docs/latents.md).
+KUMARASWAMY_KL_TERMS = 10
+
+
+def _support_error(family: str, prior) -> ValueError:
+    return ValueError(f"prior: the {family} posterior's z lies in {'(0, 1)' if family == 'kumaraswamy' else '(0, inf)'}"
+                      f", outside the support of the prior ({_prior_name(prior)}): the KL is infinite")
+
+
+def _prior_name(prior) -> str:
+    dist = prior.dist if isinstance(prior, TorchPrior) else prior
+    base = dist.base_dist if isinstance(dist, Independent) else dist
+    return f"torch {type(base).__name__}" if isinstance(base, Distribution) else type(base).__name__
+
+
+def _covers(support, family: str) -> bool:
+    """Whether a torch support contains the posterior's: (0, inf), or (0, 1) for the Kumaraswamy."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support in (constraints.real, constraints.positive, constraints.nonnegative):
+        return True
+    if isinstance(support, constraints.greater_than):  # greater_than_eq subclasses it
+        return float(torch.as_tensor(support.lower_bound).max()) <= 0.0
+    if family == "kumaraswamy":
+        if support is constraints.unit_interval:
+            return True
+        if isinstance(support, (constraints.interval, constraints.half_open_interval)):
+            return (float(torch.as_tensor(support.lower_bound).max()) <= 0.0
+                    and float(torch.as_tensor(support.upper_bound).min()) >= 1.0)
+    return False
+
+
+def _check_prior_support(family: str, prior) -> None:
+    """A ValueError naming prior where its support leaves out the posterior's
+    (a Beta prior for an exponential posterior, a Normal is fine: MC KL)."""
+    if isinstance(prior, Positive):
+        if prior.family == "kumaraswamy" and family != "kumaraswamy":
+            raise _support_error(family, prior)
+        return
+    if isinstance(prior, _RECORDS_BEFORE_POSITIVE):
+        if isinstance(prior, LocationScale) and prior.family == "uniform":
+            return  # a box: its log_prob says -inf outside, as torch's Uniform does
+        if isinstance(prior, LogisticNormal):
+            raise _support_error(family, prior)
+        return
+    if isinstance(prior, TorchPrior):
+        try:
+            support = prior.dist.support
+        except NotImplementedError:
+            return
+        if isinstance(prior.dist.base_dist if isinstance(prior.dist, Independent) else prior.dist, Uniform):
+            return
+        if not _covers(support, family):
+            raise _support_error(family, prior)
+
+
+class Positive(_Latent):
+    """A positive latent family per dimension, parameters in log space.
+
+    Args:
+        family: "exponential" (log_rate), "weibull" (log_scale,
+            log_concentration) or "kumaraswamy" (log_a, log_b; z in (0, 1)).
+        log_param, log_param2: tensors of one shape (..., L) (no batch shape
+            for a prior); log_param2 None for the exponential. Every finite
+            value is valid; a NaN or infinity is refused by name.
+    """
+
+    def __init__(self, family: str, log_param: Tensor, log_param2: Tensor | None = None):
+        self.index, self.log_p0, self.log_p1 = check_params(family, log_param, log_param2)
+        self.family = family
+        self.log_param2 = log_param2
+
+    @property
+    def mu(self) -> Tensor:
+        return self.log_p0
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The log parameters by name (log_rate; log_scale, log_concentration; log_a, log_b)."""
+        return dict(zip(PARAMETERS[self.family], (self.log_p0, self.log_p1)))
+
+    def rsample_with_log_q(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
+        """(z (K, ..., L), log q(z) (K, ...)) from the fused op (stop_score: STL / DReG)."""
+        return sample_positive_unchecked(self.index, self.log_p0, self.log_p1, n_samples, stop_score, generator)
+
+    def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
+                prior) -> tuple[Tensor, Tensor | None]:
+        if prior is not None:
+            _check_prior_support(self.family, prior)
+        z, log_q = positive_at(self.index, self.log_p0, self.log_p1, seed, n_samples, offset0=offset0,
+                               sample_stride=sample_stride, row_stride=row_stride)
+        return z, None if prior is None else prior.log_prob(z) - log_q
+
+    def rows(self, b0: int, b1: int) -> Positive:
+        return Positive(self.family, self.log_p0[b0:b1], None if self.index == 0 else self.log_p1[b0:b1])
+
+    def point(self) -> Tensor:
+        """The median (t = log 2): a z with no noise drawn."""
+        p0, p1 = widened(self.log_p0, self.log_p1)
+        t = torch.full_like(p0, math.log(2.0))
+        from .reference import positive_terms
+        return positive_terms(self.index, t, torch.log(t), p0, p1, p0.dtype)[0].to(self.log_p0.dtype)
+
+    def torch_distribution(self) -> Distribution:
+        """The torch.distributions equivalent, Independent over L."""
+        p0, p1 = widened(self.log_p0, self.log_p1)
+        if self.index == 0:
+            base = Exponential(torch.exp(p0))
+        elif self.index == 1:
+            base = Weibull(torch.exp(p0), torch.exp(p1))
+        else:
+            base = Kumaraswamy(torch.exp(p0), torch.exp(p1))
+        return Independent(base, 1)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z) summed over L for a given z (torch's log_prob, in the compute dtype)."""
+        _validate.float_tensors(z=z)
+        return self.torch_distribution().log_prob(widened(z)[0])
+
+    def _kl_terms(self, prior) -> Tensor | None:
+        """Per-dimension KL (..., L): exponential-exponential in closed form,
+        Kumaraswamy-Beta by the truncated series; None otherwise (Monte Carlo)."""
+        _check_prior_support(self.family, prior)
+        if self.index == 0:
+            lp = _prior_log_rate(prior)
+            if lp is None:
+                return None
+            lq, lp = widened(self.log_p0, lp)
+            return (lq - lp) + torch.exp(lp - lq) - 1.0  # log(rq / rp) + rp / rq - 1
+        if self.index == 2:
+            beta = _prior_beta(prior)
+            if beta is None:
+                return None
+            return kumaraswamy_beta_kl(self.log_p0, self.log_p1, *beta)
+        return None  # Weibull: Monte Carlo
+
+    def analytic_kl(self, prior) -> Tensor | None:
+        terms = self._kl_terms(prior)
+        return None if terms is None else terms.sum(-1)
+
+    def kl_per_dim(self, prior) -> Tensor | None:
+        return self._kl_terms(prior)
+
+    def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        _check_prior_support(self.family, prior)
+        return super().sample_with_kl(n_samples, prior, generator)
+
+
+def _torch_base(prior):
+    if not isinstance(prior, TorchPrior):
+        return None
+    dist = prior.dist
+    return dist.base_dist if isinstance(dist, Independent) else dist
+
+
+def _prior_log_rate(prior) -> Tensor | None:
+    """log rate of an exponential prior (a record or a torch Exponential), else None."""
+    if isinstance(prior, Positive):
+        return prior.log_p0 if prior.index == 0 else None
+    base = _torch_base(prior)
+    if type(base) is Exponential:
+        _value_checks.positive_param(base.rate, "the prior's rate (torch Exponential)")
+        return _log(base.rate)
+    return None
+
+
+def _prior_beta(prior) -> tuple[Tensor, Tensor] | None:
+    """(alpha, beta) of a torch Beta prior, else None."""
+    base = _torch_base(prior)
+    if type(base) is Beta:
+        _value_checks.positive_param(base.concentration1, "the prior's concentration1 (torch Beta)")
+        _value_checks.positive_param(base.concentration0, "the prior's concentration0 (torch Beta)")
+        return base.concentration1, base.concentration0
+    return None
+
+
+def kumaraswamy_beta_kl(log_a: Tensor, log_b: Tensor, alpha: Tensor, beta: Tensor,
+                        terms: int = KUMARASWAMY_KL_TERMS) -> Tensor:
+    """KL(Kumaraswamy(a, b) || Beta(alpha, beta)) per element (Nalisnick and
+    Smyth 2017, appendix), its infinite sum truncated at `terms`:
+    (a - alpha) / a (-gamma - psi(b) - 1/b) + log ab + log B(alpha, beta)
+    - (b - 1) / b + (beta - 1) b sum_{m=1}^{terms} B(m / a, b) / (m + ab)."""
+    la, lb, al, be = widened(log_a, log_b, alpha, beta)
+    a, b = torch.exp(la), torch.exp(lb)
+    log_beta_fn = torch.lgamma(al) + torch.lgamma(be) - torch.lgamma(al + be)
+    kl = (a - al) / a * (-EULER_GAMMA - torch.digamma(b) - 1.0 / b) + la + lb + log_beta_fn - (b - 1.0) / b
+    series = torch.zeros_like(kl)
+    lg_b = torch.lgamma(b)
+    for m in range(1, terms + 1):
+        x = m / a
+        series = series + torch.exp(torch.lgamma(x) + lg_b - torch.lgamma(x + b)) / (m + a * b)
+    return kl + (be - 1.0) * b * series
+
+
+def _positive_from_torch(q: Distribution) -> Positive | None:
+    """The record of a torch Exponential, Weibull or Kumaraswamy (or Independent
+    of one over the last dimension); a parameter <= 0 is refused by name."""
+    base, n = (q.base_dist, q.reinterpreted_batch_ndims) if isinstance(q, Independent) else (q, 0)
+    family = _POSITIVE_TORCH.get(type(base))
+    if family is None or n > 1:
+        return None
+    if family == "exponential":
+        _value_checks.positive_param(base.rate, "the posterior's rate (torch Exponential)")
+        return Positive(family, _log(base.rate))
+    if family == "weibull":
+        _value_checks.positive_param(base.scale, "the posterior's scale (torch Weibull)")
+        _value_checks.positive_param(base.concentration, "the posterior's concentration (torch Weibull)")
+        return Positive(family, _log(base.scale), _log(base.concentration))
+    _value_checks.positive_param(base.concentration1, "the posterior's concentration1 (torch Kumaraswamy)")
+    _value_checks.positive_param(base.concentration0, "the posterior's concentration0 (torch Kumaraswamy)")
+    return Positive(family, _log(base.concentration1), _log(base.concentration0))
+
+
+_RECORDS_BEFORE_POSITIVE = LATENTS
+_from_torch_before_positive = from_torch
+
+
+def from_torch(q: Distribution):  # noqa: F811 (extends the function above with the positive families)
+    """The record of a torch distribution the latent families cover (the
+    location-scale ones, LogNormal, LogisticNormal, Exponential, Weibull,
+    Kumaraswamy, or Independent of one), None for anything else."""
+    record = _positive_from_torch(q)
+    return record if record is not None else _from_torch_before_positive(q)
+
+
+LATENTS = LATENTS + (Positive,)
+_priors._RECORDS = LATENTS
+__all__ = __all__ + ["Positive", "POSITIVE_FAMILIES", "kumaraswamy_beta_kl"]

@@ -115,6 +115,9 @@ def _cases(g):
         "sample_location_scale": (lambda loc, ls: fastvae.sample_location_scale("logistic", loc, ls, 2,
                                                                                 generator=gen(3)),
                                   [r(3, 4), r(3, 4)], False),
+        # issue 35 (every family and the stop-score mode: tests/test_sample_positive.py)
+        "sample_positive": (lambda a, b: fastvae.sample_positive("kumaraswamy", a, b, 2, generator=gen(3)),
+                            [r(3, 4), r(3, 4)], False),
     }
 
 

@@ -142,6 +142,7 @@ def _cases():
         # issue 35
         "sample_location_scale": op(lambda loc, ls: fastvae.sample_location_scale("laplace", loc, ls, K),
                                     (B, L), (B, L)),
+        "sample_positive": op(lambda a, b: fastvae.sample_positive("weibull", a, b, K), (B, L), (B, L)),
     }
 
 
@@ -173,6 +174,7 @@ OP_LIMITS = {
     "continuous_bernoulli_log_prob": (1, 1, 2, 0),
     "discretized_logistic_mixture_log_prob": (1, 1, 2, 0),
     "sample_location_scale": (1, 1, 2, 1),
+    "sample_positive": (1, 1, 2, 1),
 }
 
 

@@ -1,0 +1,340 @@
+// sample_positive on the CPU (issue 35): the positive inverse-CDF families
+// (exponential, Weibull, Kumaraswamy) as transforms of the Exp(1) variate
+// t = -log u of the element's Philox uniform (one word per element: lane i % 4
+// of counter i // 4), log q(z) summed over L from the same t. The backward
+// regenerates t instead of reading it. fastvae.reference.positive_terms gives
+// the closed forms; the family is a template parameter (a compile-time
+// variant), one runtime switch per call picks the instantiation.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "fastmath.h"
+#include "ops.h"
+#include "philox.h"
+#include "rows.h"
+
+namespace fastvae {
+namespace {
+
+constexpr int64_t kBlock = 512;
+constexpr int64_t kTileElems = 8192;
+constexpr int32_t kHalfWord = int32_t(1) << 30;
+constexpr float kBelowOne = 0x1.fffffep-1f;
+
+enum Family : int { kExponential = 0, kWeibull = 1, kKumaraswamy = 2 };
+
+// Folded words of offsets [offset0, offset0 + n) (sample_location_scale.cpp's).
+void word_block(const PhiloxKeys& keys, uint64_t offset0, int64_t n, int32_t* out) {
+  int64_t i = 0;
+  while (i < n && ((offset0 + static_cast<uint64_t>(i)) & 3) != 0) {
+    const uint64_t off = offset0 + static_cast<uint64_t>(i);
+    const Philox4 w = philox_4x(keys, off >> 2);
+    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
+    out[i++] = folded(words[off & 3]);
+  }
+  const int64_t whole = (n - i) / 4;
+  const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
+  int32_t* o = out + i;
+  for (int64_t j = 0; j < whole; ++j) {
+    const Philox4 w = philox_4x(keys, c0 + static_cast<uint64_t>(j));
+    o[4 * j] = folded(w.w0);
+    o[4 * j + 1] = folded(w.w1);
+    o[4 * j + 2] = folded(w.w2);
+    o[4 * j + 3] = folded(w.w3);
+  }
+  i += 4 * whole;
+  if (i < n) {
+    const Philox4 w = philox_4x(keys, (offset0 + static_cast<uint64_t>(i)) >> 2);
+    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
+    for (int j = 0; i < n; ++i, ++j) out[i] = folded(words[j]);
+  }
+}
+
+inline void words_of(const PhiloxKeys& keys, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
+                     int32_t* x) {
+  if (row_stride == static_cast<uint64_t>(L)) {
+    word_block(keys, base + static_cast<uint64_t>(b0), n, x);
+    return;
+  }
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
+    const int64_t len = std::min(n - i, L - col);
+    word_block(keys, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), len, x + i);
+    i += len;
+  }
+}
+
+FASTVAE_INLINE void open_uniforms(int32_t x, float& u, float& v) {
+  u = std::min((static_cast<float>(x) + 0.5f) * 0x1p-31f, kBelowOne);
+  v = std::min((static_cast<float>(2147483647 - x) + 0.5f) * 0x1p-31f, kBelowOne);
+}
+FASTVAE_INLINE void open_uniforms(int32_t x, double& u, double& v) {
+  u = (static_cast<double>(x) + 0.5) * 0x1p-31;
+  v = (2147483647.5 - static_cast<double>(x)) * 0x1p-31;
+}
+
+FASTVAE_INLINE float log_p(float x) { return fast_log_positive(x); }
+FASTVAE_INLINE double log_p(double x) { return std::log(x); }
+FASTVAE_INLINE float exp_p(float x) { return fast_exp(x); }
+FASTVAE_INLINE double exp_p(double x) { return std::exp(x); }
+
+// log(1 - v) for v in [0, 1/2] to v's relative precision.
+FASTVAE_INLINE float log1m(float v) {
+  const float w = 1.0f - v;
+  const bool one = w == 1.0f;
+  return one ? -v : fast_log_positive(w) * (-v / (one ? -1.0f : w - 1.0f));
+}
+FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
+
+// expm1(x) for x <= 0 (Kahan's form in float32; libm in float64).
+FASTVAE_INLINE float expm1_neg(float x) {
+  const float w = fast_exp(x);
+  const bool one = w == 1.0f, zero = w == 0.0f;
+  const float l = fast_log_positive(one || zero ? 0.5f : w);
+  return one ? x : (zero ? -1.0f : (w - 1.0f) * x / l);
+}
+FASTVAE_INLINE double expm1_neg(double x) { return std::expm1(x); }
+
+template <typename T> constexpr T kTiny = T(0x1p-126f);
+template <> constexpr double kTiny<double> = 0x1p-1022;
+template <typename T> constexpr T kTop = T(kBelowOne);
+template <> constexpr double kTop<double> = 1.0 - 0x1p-53;
+
+// (z, log f, c0, c1, f0, f1, s0, s1) of the family (reference.positive_terms).
+template <int F, typename T>
+FASTVAE_INLINE void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T& f1, T& s0, T& s1) {
+  T u, v;
+  open_uniforms(x, u, v);
+  const T t_lo = -log_p(u), t_hi = -log1m(v);  // both, then a select (vectorizes)
+  const T t = x < kHalfWord ? t_lo : t_hi;
+  const T log_t = log_p(t);
+  if constexpr (F == kExponential) {
+    z = t * exp_p(-p0);
+    log_f = p0 - t;
+    c0 = T(-1); c1 = T(0); f0 = T(1); f1 = T(0); s0 = t; s1 = T(0);
+  } else if constexpr (F == kWeibull) {
+    const T ik = exp_p(-p1), k = exp_p(p1);
+    c1 = -log_t * ik;
+    const T w = (k - T(1)) - k * t;
+    z = exp_p(p0 - c1);
+    log_f = p1 - p0 + (T(1) - ik) * log_t - t;
+    c0 = T(1); f0 = T(-1); f1 = T(1) - c1; s0 = w; s1 = w * c1;
+  } else {
+    const T a = exp_p(p0), b = exp_p(p1), ia = exp_p(-p0);
+    const T s = t * exp_p(-p1);
+    const T y = exp_p(-s);
+    const T m = -expm1_neg(-s);
+    const T lm_hi = log1m(std::min(y, T(0.5))), lm_lo = log_p(m);
+    const T log_m = s > T(0.6931471805599453) ? lm_hi : lm_lo;
+    const T log_z = log_m * ia;
+    z = std::min(std::max(exp_p(log_z), kTiny<T>), kTop<T>);
+    const T r = s * y / m;
+    const bool y0 = y == T(0);
+    const T q = y0 ? -m : m * log_m / (y0 ? T(1) : y);
+    log_f = p0 + p1 + (T(1) - ia) * log_m - t + s;
+    c0 = -log_z;
+    c1 = -r * ia;
+    f0 = T(1) + log_z;
+    f1 = T(1) - s - (T(1) - ia) * r;
+    s0 = (b - T(1)) * q - (a - T(1)) * log_z;
+    s1 = (b - T(1)) * s - (a - T(1)) * r * ia;
+  }
+}
+
+// The per-element loops over a block: the float32 ones are ISA-cloned entry
+// points (one per family, by macro: clones cannot be templates); float64 runs
+// libm, the precise path.
+template <int F, typename T>
+FASTVAE_INLINE void fwd_loop(const int32_t* x, const T* p0, const T* p1, int64_t n, T* z, T* lf) {
+  for (int64_t i = 0; i < n; ++i) {
+    T c0, c1, f0, f1, s0, s1;
+    terms<F, T>(x[i], p0[i], F == kExponential ? T(0) : p1[i], z[i], lf[i], c0, c1, f0, f1, s0, s1);
+  }
+}
+
+template <int F, typename T, bool HZ, bool HQ, bool STOP>
+FASTVAE_INLINE void bwd_loop_t(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, int64_t n,
+                               T* a0, T* a1) {
+  for (int64_t i = 0; i < n; ++i) {
+    T z, lf, c0, c1, f0, f1, s0, s1;
+    terms<F, T>(x[i], p0[i], F == kExponential ? T(0) : p1[i], z, lf, c0, c1, f0, f1, s0, s1);
+    T d0 = T(0), d1 = T(0);
+    if constexpr (HZ) {
+      const T g = dz[i] * z;
+      d0 += g * c0;
+      d1 += g * c1;
+    }
+    if constexpr (HQ) {
+      d0 += gq[i] * (STOP ? s0 : f0);
+      d1 += gq[i] * (STOP ? s1 : f1);
+    }
+    a0[i] += d0;
+    a1[i] += d1;
+  }
+}
+
+// One branch-free loop per (grad_z given, grad_log_q given, stop_score).
+template <int F, typename T>
+FASTVAE_INLINE void bwd_loop(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, bool stop,
+                             int64_t n, T* a0, T* a1) {
+  if (dz && gq) {
+    if (stop) bwd_loop_t<F, T, true, true, true>(x, p0, p1, dz, gq, n, a0, a1);
+    else bwd_loop_t<F, T, true, true, false>(x, p0, p1, dz, gq, n, a0, a1);
+  } else if (dz) {
+    bwd_loop_t<F, T, true, false, false>(x, p0, p1, dz, gq, n, a0, a1);
+  } else if (gq) {
+    if (stop) bwd_loop_t<F, T, false, true, true>(x, p0, p1, dz, gq, n, a0, a1);
+    else bwd_loop_t<F, T, false, true, false>(x, p0, p1, dz, gq, n, a0, a1);
+  }
+}
+
+#define FASTVAE_POS_BLOCKS(F)                                                                                  \
+  FASTVAE_CLONES void fwd_f32_##F(const int32_t* x, const float* p0, const float* p1, int64_t n, float* z,     \
+                                  float* lf) {                                                                  \
+    fwd_loop<F, float>(x, p0, p1, n, z, lf);                                                                    \
+  }                                                                                                             \
+  FASTVAE_CLONES void bwd_f32_##F(const int32_t* x, const float* p0, const float* p1, const float* dz,         \
+                                  const float* gq, bool stop, int64_t n, float* a0, float* a1) {               \
+    bwd_loop<F, float>(x, p0, p1, dz, gq, stop, n, a0, a1);                                                     \
+  }
+FASTVAE_POS_BLOCKS(0)
+FASTVAE_POS_BLOCKS(1)
+FASTVAE_POS_BLOCKS(2)
+#undef FASTVAE_POS_BLOCKS
+
+template <int F>
+FASTVAE_INLINE void fwd_block(const int32_t* x, const float* p0, const float* p1, int64_t n, float* z, float* lf) {
+  if constexpr (F == 0) fwd_f32_0(x, p0, p1, n, z, lf);
+  else if constexpr (F == 1) fwd_f32_1(x, p0, p1, n, z, lf);
+  else fwd_f32_2(x, p0, p1, n, z, lf);
+}
+template <int F>
+FASTVAE_INLINE void fwd_block(const int32_t* x, const double* p0, const double* p1, int64_t n, double* z,
+                              double* lf) {
+  fwd_loop<F, double>(x, p0, p1, n, z, lf);
+}
+template <int F>
+FASTVAE_INLINE void bwd_block(const int32_t* x, const float* p0, const float* p1, const float* dz, const float* gq,
+                              bool stop, int64_t n, float* a0, float* a1) {
+  if constexpr (F == 0) bwd_f32_0(x, p0, p1, dz, gq, stop, n, a0, a1);
+  else if constexpr (F == 1) bwd_f32_1(x, p0, p1, dz, gq, stop, n, a0, a1);
+  else bwd_f32_2(x, p0, p1, dz, gq, stop, n, a0, a1);
+}
+template <int F>
+FASTVAE_INLINE void bwd_block(const int32_t* x, const double* p0, const double* p1, const double* dz,
+                              const double* gq, bool stop, int64_t n, double* a0, double* a1) {
+  bwd_loop<F, double>(x, p0, p1, dz, gq, stop, n, a0, a1);
+}
+
+template <int F, typename T>
+void forward_tiles(const T* p0, const T* p1, uint64_t seed, uint64_t offset0, uint64_t sample_stride,
+                   uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z, T* log_q, int n_threads) {
+  const int64_t NL = N * L;
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
+  const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
+  const PhiloxKeys keys(seed);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    const int64_t r0 = tile * tile_rows;
+    const int64_t r1 = std::min(N, r0 + tile_rows);
+    std::vector<double> acc(log_q ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T lf[kBlock];
+    for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, r1 * L - b0);
+      for (int64_t k = 0; k < K; ++k) {
+        words_of(keys, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
+        fwd_block<F>(x, p0 + b0, p1 + b0, n, z + k * NL + b0, lf);
+        if (log_q) {
+          double* a = acc.data() + k * (r1 - r0);
+          for (int64_t i = 0; i < n;) {
+            const int64_t row = (b0 + i) / L;
+            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
+            double sum = 0.0;
+            for (int64_t j = i; j < i + len; ++j) sum += double(lf[j]);
+            a[row - r0] += sum;
+            i += len;
+          }
+        }
+      }
+    }
+    if (log_q) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t row = r0; row < r1; ++row) log_q[k * N + row] = static_cast<T>(acc[size_t(k * (r1 - r0) + row - r0)]);
+      }
+    }
+  }
+}
+
+// dlog_p_j = sum_k dz_k z_k c_j + dq_k (s_j with stop_score, else f_j).
+template <int F, typename T>
+void backward_blocks(const T* dz, const T* dq, const T* p0, const T* p1, uint64_t seed, bool stop_score, int64_t K,
+                     int64_t N, int64_t L, T* d0, T* d1, int n_threads) {
+  const int64_t NL = N * L;
+  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
+  const PhiloxKeys keys(seed);
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t b0 = blk * kBlock;
+    const int64_t n = std::min(kBlock, NL - b0);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T gq[kBlock], a0[kBlock], a1[kBlock];
+    for (int64_t i = 0; i < n; ++i) a0[i] = a1[i] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t base = k * NL + b0;
+      word_block(keys, static_cast<uint64_t>(base), n, x);
+      if (dq) spread_rows(dq + k * N, b0, n, L, gq);
+      bwd_block<F>(x, p0 + b0, p1 + b0, dz ? dz + base : nullptr, dq ? gq : nullptr, stop_score, n, a0, a1);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      d0[b0 + i] = a0[i];
+      d1[b0 + i] = a1[i];
+    }
+  }
+}
+
+template <typename Fn>
+void by_family(int family, Fn fn) {
+  switch (family) {
+    case kExponential: return fn(std::integral_constant<int, kExponential>{});
+    case kWeibull: return fn(std::integral_constant<int, kWeibull>{});
+    case kKumaraswamy: return fn(std::integral_constant<int, kKumaraswamy>{});
+    default: throw std::invalid_argument("family must be in [0, 3) (exponential, weibull, kumaraswamy)");
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void sample_positive_forward(const T* log_p0, const T* log_p1, uint64_t seed, int family, uint64_t offset0,
+                             uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z,
+                             T* log_q, int n_threads) {
+  by_family(family, [&](auto f) {
+    forward_tiles<decltype(f)::value, T>(log_p0, log_p1, seed, offset0, sample_stride, row_stride, K, N, L, z,
+                                         log_q, n_threads);
+  });
+}
+
+template <typename T>
+void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, const T* log_p1, uint64_t seed,
+                              int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
+                              int n_threads) {
+  by_family(family, [&](auto f) {
+    backward_blocks<decltype(f)::value, T>(dz, dlog_q, log_p0, log_p1, seed, stop_score, K, N, L, dlog_p0,
+                                           dlog_p1, n_threads);
+  });
+}
+
+template void sample_positive_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
+                                             uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_forward<double>(const double*, const double*, uint64_t, int, uint64_t, uint64_t,
+                                              uint64_t, int64_t, int64_t, int64_t, double*, double*, int);
+template void sample_positive_backward<float>(const float*, const float*, const float*, const float*, uint64_t,
+                                              int, bool, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_backward<double>(const double*, const double*, const double*, const double*,
+                                               uint64_t, int, bool, int64_t, int64_t, int64_t, double*, double*,
+                                               int);
+
+}  // namespace fastvae

@@ -1,0 +1,243 @@
+"""sample_positive: reparameterized samples of the positive inverse-CDF latent
+families with log q(z) from the noise that drew them, fused (issue 35).
+
+Every family is a transform of the Exp(1) variate t = -log u of the element's
+Philox uniform (-log1p(-v) above 1/2, so the upper tail keeps its bits):
+
+- "exponential" (log_rate): z = t / rate, log f = log rate - t;
+- "weibull" (log_scale, log_concentration k): z = scale * t^(1/k),
+  log f = log k - log scale + (1 - 1/k) log t - t;
+- "kumaraswamy" (log_a, log_b) on (0, 1): z = (1 - u^(1/b))^(1/a) in log
+  space, log z = log(m) / a with m = -expm1(-t / b) (log1p(-e^(-t/b)) above
+  t / b = log 2), log f = log a + log b + (1 - 1/a) log m - t + t / b. log q is
+  taken from log z, never from z, so it is finite for every a, b; z itself is
+  exp(log z) clamped into [tiny, 1 - ulp] of the compute dtype (float32:
+  [2**-126, 1 - 2**-24]), which a, b in [1e-3, 1e3] reach at the extreme
+  uniforms (docs/latents.md).
+
+The custom ops ``fastvae::sample_positive`` and ``fastvae::sample_positive_backward``
+take the family as an int (a compile-time variant of one C++ and one Triton
+kernel pair), the two log parameters (exponential ignores the second) and the
+Philox seed as a 0-d int64 tensor: the backward regenerates t and nothing of
+size K x N x L is saved. The uniforms are sample_location_scale's (element i:
+lane i % 4 of Philox counter i // 4, u = (x + 1/2) / 2**31 in [2**-32, 1 - 2**-32]):
+t lies in [2.3e-10, 22.18], the tails clipped there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, _validate, _value_checks
+from ._double_backward import _acc
+from ._op import define, draw_seed, flat, run, shaped
+from .reference import POSITIVE_FAMILIES, positive_terms
+from .sample_normal import _MAX_OFFSET, z_dtype
+
+FAMILIES = POSITIVE_FAMILIES  # the kernels' `family` index is the position here
+PARAMETERS = {"exponential": ("log_rate",), "weibull": ("log_scale", "log_concentration"),
+              "kumaraswamy": ("log_a", "log_b")}
+
+
+def family_index(family) -> int:
+    """The kernels' index of a family name, or a ValueError naming the choices."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return FAMILIES.index(family)
+
+
+def _forward(log_p0: Tensor, log_p1: Tensor, seed: Tensor, family: int, n_samples: int) -> list[Tensor]:
+    """[z (K, N, L), log_q (K, N)] for log_p0, log_p1 (N, L) in the training layout."""
+    backend = _backend.backend_for(log_p0.device)
+    dtype = _backend.compute_dtype(log_p0, log_p1)
+    p0 = _backend.kernel_input(backend, flat(log_p0), dtype)
+    p1 = _backend.kernel_input(backend, flat(log_p1), dtype)
+    N, L = p0.shape
+    z = _backend.empty_output((n_samples, N, L), like=log_p0,
+                              dtype=dtype if backend == "cpp" else z_dtype(log_p0, log_p1))
+    log_q = _backend.empty_output((n_samples, N), like=log_p0, dtype=dtype)
+    _backend.launch(backend, "sample_positive_forward", z.numel(), log_p0=p0, log_p1=p1, seed=seed,
+                    family=family, offset0=0, sample_stride=N * L, row_stride=L, z=z, log_q=log_q)
+    return [_backend.in_dtype(z, z_dtype(log_p0, log_p1)), log_q]
+
+
+def _backward(log_p0: Tensor, log_p1: Tensor, seed: Tensor, family: int, grad_z: Tensor | None,
+              grad_log_q: Tensor | None, stop_score: bool) -> tuple[Tensor, Tensor]:
+    """dlog_p0, dlog_p1 (N, L) from grad_z (K, N, L) and grad_log_q (K, N) (None: no gradient)."""
+    backend = _backend.backend_for(log_p0.device)
+    dtype = _backend.compute_dtype(log_p0, log_p1)
+    p0 = _backend.kernel_input(backend, flat(log_p0), dtype)
+    p1 = _backend.kernel_input(backend, flat(log_p1), dtype)
+    grad_z, grad_log_q = (_backend.kernel_input(backend, g, dtype) for g in (grad_z, grad_log_q))
+    N, L = p0.shape
+    samples = grad_z if grad_z is not None else grad_log_q
+    K = 0 if samples is None else samples.shape[0]
+    d0 = _backend.empty_output((N, L), like=p0)
+    d1 = _backend.empty_output((N, L), like=p1)
+    _backend.launch(
+        backend, "sample_positive_backward", max(K, 1) * N * L,
+        grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
+        grad_log_q=None if grad_log_q is None else grad_log_q.reshape(K, N).contiguous(),
+        log_p0=p0, log_p1=p1, seed=seed, family=family, stop_score=stop_score, dlog_p0=d0, dlog_p1=d1,
+    )
+    return _backend.in_dtype(d0, log_p0.dtype), _backend.in_dtype(d1, log_p1.dtype)
+
+
+def _fake(log_p0: Tensor, log_p1: Tensor, seed: Tensor, family: int, n_samples: int):
+    dtype = _backend.compute_dtype(log_p0, log_p1)
+    return (log_p0.new_empty((n_samples, *log_p0.shape), dtype=z_dtype(log_p0, log_p1)),
+            log_p0.new_empty((n_samples, *log_p0.shape[:-1]), dtype=dtype))
+
+
+sample_positive_op = define(
+    "sample_positive(Tensor log_p0, Tensor log_p1, Tensor seed, int family, int n_samples) -> (Tensor, Tensor)",
+    lambda log_p0, log_p1, seed, family, n_samples: tuple(_forward(log_p0, log_p1, seed, family, n_samples)),
+    _fake,
+)
+sample_positive_backward_op = define(
+    "sample_positive_backward(Tensor log_p0, Tensor log_p1, Tensor seed, int family, Tensor? grad_z,"
+    " Tensor? grad_log_q, bool stop_score) -> (Tensor, Tensor)",
+    _backward,
+    lambda log_p0, log_p1, seed, family, grad_z, grad_log_q, stop_score: (torch.empty_like(log_p0),
+                                                                           torch.empty_like(log_p1)),
+)
+
+
+def _double_backward(grad_z, grad_log_q, stop_score, family, log_p0, log_p1, seed, n_samples, shape):
+    """The gradients as differentiable torch ops (create_graph=True): t comes
+    from the sampling op itself (exponential at log_rate = 0: z is t bit for
+    bit) and enters as a constant; reference.positive_terms' closed forms."""
+    acc = _backend.compute_dtype(log_p0, log_p1)
+    zero = torch.zeros(flat(log_p0).shape, dtype=acc, device=log_p0.device)
+    with torch.no_grad():
+        t = run(sample_positive_op, zero, zero, seed, 0, n_samples)[0].to(acc)
+    t = t.reshape(n_samples, *shape)
+    p0, p1 = _acc(log_p0), _acc(log_p1)
+    z, _, c0, c1, f0, f1, s0, s1 = positive_terms(family, t, torch.log(t), p0, p1, acc)
+    d0 = torch.zeros_like(p0 + p1)
+    d1 = torch.zeros_like(d0)
+    if grad_z is not None:
+        gz = _acc(grad_z).reshape(n_samples, *shape) * z
+        d0, d1 = d0 + (gz * c0).sum(0), d1 + (gz * c1).sum(0)
+    if grad_log_q is not None:
+        gq = _acc(grad_log_q).reshape(n_samples, *shape[:-1]).unsqueeze(-1)
+        d0 = d0 + (gq * (s0 if stop_score else f0)).sum(0)
+        d1 = d1 + (gq * (s1 if stop_score else f1)).sum(0)
+    return d0.to(log_p0.dtype), d1.to(log_p1.dtype)
+
+
+class SamplePositive(torch.autograd.Function):
+    """Autograd of fastvae::sample_positive: (z (K, ..., L), log q (K, ...)),
+    saving the log parameters as (N, L) and the seed only. ``stop_score``
+    (STL / DReG): log q's gradient reaches the parameters only along z."""
+
+    @staticmethod
+    def forward(ctx, log_p0, log_p1, seed, family, n_samples, stop_score):
+        p0, p1 = flat(log_p0), flat(log_p1)
+        z, log_q = run(sample_positive_op, p0, p1, seed, family, n_samples)
+        ctx.save_for_backward(p0, p1, seed, log_p0, log_p1)
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.family, ctx.n_samples, ctx.stop_score = log_p0.shape, family, n_samples, stop_score
+        return shaped(z, (n_samples, *log_p0.shape)), shaped(log_q, (n_samples, *log_p0.shape[:-1]))
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q):
+        if grad_z is None and grad_log_q is None:
+            return None, None, None, None, None, None
+        p0, p1, seed, log_p0, log_p1 = ctx.saved_tensors
+        K = ctx.n_samples
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            d0, d1 = _double_backward(grad_z, grad_log_q, bool(ctx.stop_score), ctx.family, log_p0, log_p1, seed,
+                                      K, ctx.shape)
+        else:
+            N, L = p0.shape
+            d0, d1 = run(sample_positive_backward_op, p0, p1, seed, ctx.family,
+                         None if grad_z is None else shaped(grad_z, (K, N, L)),
+                         None if grad_log_q is None else shaped(grad_log_q, (K, N)), bool(ctx.stop_score))
+            d0, d1 = shaped(d0, ctx.shape), shaped(d1, ctx.shape)
+        if ctx.family == 0:  # exponential: the second parameter is a stand-in
+            d1 = None
+        return d0, d1, None, None, None, None
+
+
+def check_params(family: str, log_param: Tensor, log_param2: Tensor | None) -> tuple[int, Tensor, Tensor]:
+    """(index, log_p0, log_p1) of a family's log parameters, checked by name
+    (dtype, shape, finite values); exponential's second is log_p0 itself."""
+    index = family_index(family)
+    names = PARAMETERS[family]
+    if len(names) == 1:
+        if log_param2 is not None:
+            raise ValueError(f"the {family} family takes one parameter ({names[0]}), got a second")
+        _validate.float_tensors(**{names[0]: log_param})
+        _validate.event_dim(names[0], log_param)
+        _value_checks.finite_log_param(log_param, names[0])
+        return index, log_param, log_param
+    if log_param2 is None:
+        raise ValueError(f"the {family} family takes two parameters ({', '.join(names)}), got one")
+    _validate.float_tensors(**{names[0]: log_param, names[1]: log_param2})
+    _validate.event_dim(names[0], log_param)
+    _validate.same_shape(**{names[0]: log_param, names[1]: log_param2})
+    _value_checks.finite_log_param(log_param, names[0])
+    _value_checks.finite_log_param(log_param2, names[1])
+    return index, log_param, log_param2
+
+
+def sample_positive(
+    family: str,
+    log_param: Tensor,
+    log_param2: Tensor | None = None,
+    n_samples: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reparameterized samples of a positive family and their log-density.
+
+    Args:
+        family: "exponential" (log_param = log rate), "weibull" (log scale,
+            log concentration) or "kumaraswamy" (log a, log b), as an encoder
+            outputs them.
+        log_param, log_param2: (..., L) on one device (log_param2 None for
+            the exponential); every finite value is valid.
+        n_samples: None for one sample shaped like log_param; an int K >= 1 for (K, ..., L).
+        generator: torch.Generator the Philox seed is drawn from.
+
+    Returns:
+        (z, log_q): z the family's inverse CDF of the uniforms, and log q(z)
+        summed over L (shape (...) or (K, ...)) from the t that drew z. Both
+        are differentiable in the log parameters; the noise is regenerated in
+        the backward, never stored.
+    """
+    index, p0, p1 = check_params(family, log_param, log_param2)
+    K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, p0.numel(), p0)
+    z, log_q = sample_positive_unchecked(index, p0, p1, K, False, generator)
+    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+
+
+def sample_positive_unchecked(family: int, log_p0: Tensor, log_p1: Tensor, n_samples: int, stop_score: bool,
+                              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(z (K, ..., L), log q (K, ...)) for arguments the caller has validated (the latents' records)."""
+    seed = draw_seed(log_p0.device, generator)
+    return SamplePositive.apply(log_p0, log_p1, seed, family, n_samples, stop_score)
+
+
+def positive_at(family: int, log_p0: Tensor, log_p1: Tensor, seed: Tensor, n_samples: int, *, offset0: int,
+                sample_stride: int, row_stride: int) -> tuple[Tensor, Tensor]:
+    """(z (n_samples, N, L), log q (n_samples, N)) at the noise offsets offset0 +
+    k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient."""
+    backend = _backend.backend_for(log_p0.device)
+    dtype = _backend.compute_dtype(log_p0, log_p1)
+    p0 = _backend.kernel_input(backend, flat(log_p0.detach()), dtype)
+    p1 = _backend.kernel_input(backend, flat(log_p1.detach()), dtype)
+    N, L = p0.shape
+    z = _backend.empty_output((n_samples, N, L), like=log_p0,
+                              dtype=dtype if backend == "cpp" else z_dtype(log_p0, log_p1))
+    log_q = _backend.empty_output((n_samples, N), like=log_p0, dtype=dtype)
+    if z.numel() == 0:
+        return _backend.in_dtype(z, z_dtype(log_p0, log_p1)), log_q.zero_()
+    last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1
+    if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
+        raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
+    _backend.launch(backend, "sample_positive_forward", z.numel(), log_p0=p0, log_p1=p1, seed=seed,
+                    family=family, offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z,
+                    log_q=log_q)
+    return _backend.in_dtype(z, z_dtype(log_p0, log_p1)), log_q

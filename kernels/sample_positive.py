@@ -1,0 +1,284 @@
+"""Triton kernels of sample_positive (issue 35): the positive inverse-CDF
+families (exponential, Weibull, Kumaraswamy: fastvae.reference's
+POSITIVE_FAMILIES order, a constexpr FAMILY) as transforms of the Exp(1)
+variate t = -log u of the element's Philox uniform; log q(z) summed per sample
+row from the same t; the backward regenerates t from (seed, offset) instead
+of storing it. reference.positive_terms gives the closed forms.
+
+Layout, uniforms and geometry are sample_location_scale's: log_p0, log_p1
+(N, L); z, grad_z (K, N, L); log_q, grad_log_q (K, N); z[k, n, l] uses the
+uniform at offset0 + k * sample_stride + n * row_stride + l. The exponential
+reads log_p1 not at all (its gradient is written as 0).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRETER_BLOCK_ROWS,
+    MAX_BLOCK_COLS,
+    acc_dtype,
+    accumulation_dtype,
+    arrive_last,
+    block_cols,
+    split_samples,
+    tile_and_split,
+    tile_counters,
+)
+from .philox import aligned
+from .sample_location_scale import _log1m, _open_uniforms, _words, _words4
+
+FORWARD_TILE = 2048
+BACKWARD_TILE = 2048
+INTERPRETER_BACKWARD_TILE = 1 << 16
+
+
+@triton.jit
+def _expm1_neg(x):
+    """expm1(x) for x <= 0 to x's relative precision (Kahan: (w - 1) x / log w,
+    x where w = e^x rounds to 1, -1 where it underflows; no libdevice)."""
+    w = tl.exp(x)
+    one = w == 1.0
+    zero = w == 0.0
+    lw = tl.log(tl.where(one | zero, 0.5, w))
+    return tl.where(one, x, tl.where(zero, -1.0, (w - 1.0) * x / lw))
+
+
+@triton.jit
+def _terms(x, p0, p1, FAMILY: tl.constexpr, ACC: tl.constexpr):
+    """(z, log f, c0, c1, f0, f1, s0, s1) of the family at folded words x and
+    log parameters p0, p1 (reference.positive_terms)."""
+    u, v = _open_uniforms(x, ACC)
+    lower = x < 1073741824  # u < 1/2, decided on the integer
+    t = tl.where(lower, -tl.log(u), -_log1m(v))  # Exp(1)
+    log_t = tl.log(t)
+    zero = tl.zeros_like(t)
+    one = zero + 1.0
+    if FAMILY == 0:  # exponential(rate = e^p0)
+        z = t * tl.exp(-p0)
+        log_f = p0 - t
+        c0 = -one
+        c1 = zero
+        f0 = one
+        f1 = zero
+        s0 = t
+        s1 = zero
+    elif FAMILY == 1:  # Weibull(scale = e^p0, k = e^p1)
+        ik = tl.exp(-p1)
+        k = tl.exp(p1)
+        c1 = -log_t * ik
+        w = (k - 1.0) - k * t
+        z = tl.exp(p0 - c1)
+        log_f = p1 - p0 + (1.0 - ik) * log_t - t
+        c0 = one
+        f0 = -one
+        f1 = 1.0 - c1
+        s0 = w
+        s1 = w * c1
+    else:  # Kumaraswamy(a = e^p0, b = e^p1), in log space
+        a = tl.exp(p0)
+        b = tl.exp(p1)
+        ia = tl.exp(-p0)
+        s = t * tl.exp(-p1)
+        y = tl.exp(-s)
+        m = -_expm1_neg(-s)
+        log_m = tl.where(s > 0.6931471805599453, _log1m(tl.minimum(y, 0.5)), tl.log(m))
+        log_z = log_m * ia
+        if ACC == tl.float64:
+            z = tl.minimum(tl.maximum(tl.exp(log_z), 2.2250738585072014e-308), 0.9999999999999999)
+        else:
+            z = tl.minimum(tl.maximum(tl.exp(log_z), 1.1754943508222875e-38), 0.9999999403953552)
+        r = s * y / m
+        ynz = y == 0.0
+        q = tl.where(ynz, -m, m * log_m / tl.where(ynz, 1.0, y))
+        log_f = p0 + p1 + (1.0 - ia) * log_m - t + s
+        c0 = -log_z
+        c1 = -r * ia
+        f0 = 1.0 + log_z
+        f1 = 1.0 - s - (1.0 - ia) * r
+        s0 = (b - 1.0) * q - (a - 1.0) * log_z
+        s1 = (b - 1.0) * s - (a - 1.0) * r * ia
+    return z, log_f, c0, c1, f0, f1, s0, s1
+
+
+@triton.jit(do_not_specialize=["N", "KN", "offset0", "sample_stride", "row_stride"])
+def _sample_positive_fwd_kernel(
+    p0_ptr,  # (N, L)
+    p1_ptr,  # (N, L)
+    seed_ptr,  # (): int64
+    z_ptr,  # (K, N, L) = (KN, L) sample rows
+    log_q_ptr,  # (KN,): written when WITH_LOG_Q
+    offset0,
+    sample_stride,
+    row_stride,
+    N,
+    KN,
+    L,
+    FAMILY: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    WITH_LOG_Q: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    n = r % N
+    seed = tl.load(seed_ptr)
+    log_q = tl.zeros([BLOCK_R], dtype=ACC)
+    g = tl.arange(0, BLOCK_L // 4)[None, :, None]
+    j = tl.arange(0, 4)[None, None, :]
+    rr = r[:, None, None]
+    for l0 in range(0, L, BLOCK_L):
+        cols = l0 + 4 * g + j
+        mask = (rr < KN) & (cols < L)
+        idx = n[:, None, None] * L + cols
+        p0 = tl.load(p0_ptr + idx, mask=mask, other=0.0).to(ACC)
+        if FAMILY == 0:
+            p1 = p0
+        else:
+            p1 = tl.load(p1_ptr + idx, mask=mask, other=0.0).to(ACC)
+        first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
+        if ALIGNED:
+            x = _words4(seed, (first >> 2) + g)
+        else:
+            x = _words(seed, first + 4 * g + j)
+        z, log_f, c0, c1, f0, f1, s0, s1 = _terms(x, p0, p1, FAMILY, ACC)
+        tl.store(z_ptr + rr * L + cols, z.to(z_ptr.dtype.element_ty), mask=mask)
+        if WITH_LOG_Q:
+            log_q += tl.sum(tl.sum(tl.where(mask, log_f, 0.0), axis=2), axis=1)
+    if WITH_LOG_Q:
+        tl.store(log_q_ptr + r, log_q.to(log_q_ptr.dtype.element_ty), mask=r < KN)
+
+
+@triton.jit(do_not_specialize=["N", "NL", "K", "K_PER", "SPLITS"])
+def _sample_positive_bwd_kernel(
+    grad_z_ptr,  # (K, N, L), read when HAS_GRAD_Z
+    grad_q_ptr,  # (K, N), read when HAS_GRAD_Q
+    p0_ptr,  # (N, L)
+    p1_ptr,  # (N, L)
+    seed_ptr,  # (): int64
+    d0_ptr,  # (N, L)
+    d1_ptr,  # (N, L)
+    part_ptr,  # (2, SPLITS, N * L) ACC: each split's sums (SPLITS > 1)
+    counter_ptr,  # (blocks,) int32 arrival counters (SPLITS > 1)
+    N,
+    L,
+    NL,
+    K,
+    K_PER,
+    SPLITS,
+    FAMILY: tl.constexpr,
+    HAS_GRAD_Z: tl.constexpr,
+    HAS_GRAD_Q: tl.constexpr,
+    STOP_SCORE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    tile, split, k0, k1 = tile_and_split(tl.cdiv(NL, BLOCK), K, K_PER)
+    start = tile * BLOCK
+    g4 = tl.arange(0, BLOCK // 4)[:, None]
+    i = start + 4 * g4 + tl.arange(0, 4)[None, :]
+    mask = i < NL
+    n = i // L
+    seed = tl.load(seed_ptr)
+    p0 = tl.load(p0_ptr + i, mask=mask, other=0.0).to(ACC)
+    if FAMILY == 0:
+        p1 = p0
+    else:
+        p1 = tl.load(p1_ptr + i, mask=mask, other=0.0).to(ACC)
+    acc0 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    acc1 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    for k in range(k0, k1):
+        base = k * NL
+        if ALIGNED:
+            x = _words4(seed, ((base + start) >> 2) + g4)
+        else:
+            x = _words(seed, base + i)
+        z, log_f, c0, c1, f0, f1, s0, s1 = _terms(x, p0, p1, FAMILY, ACC)
+        if HAS_GRAD_Z:
+            gz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0).to(ACC) * z
+            acc0 += gz * c0
+            acc1 += gz * c1
+        if HAS_GRAD_Q:
+            gq = tl.load(grad_q_ptr + k * N + n, mask=mask, other=0.0).to(ACC)
+            if STOP_SCORE:
+                acc0 += gq * s0
+                acc1 += gq * s1
+            else:
+                acc0 += gq * f0
+                acc1 += gq * f1
+    if SPLITS == 1:
+        tl.store(d0_ptr + i, acc0.to(d0_ptr.dtype.element_ty), mask=mask)
+        tl.store(d1_ptr + i, acc1.to(d1_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = split * NL + i
+        tl.store(part_ptr + part, acc0, mask=mask)
+        tl.store(part_ptr + SPLITS * NL + part, acc1, mask=mask)
+        if arrive_last(counter_ptr + tile, SPLITS):
+            t0 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+            t1 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+            for sp in range(0, SPLITS):
+                at = sp * NL + i
+                t0 += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
+                t1 += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(d0_ptr + i, t0.to(d0_ptr.dtype.element_ty), mask=mask)
+            tl.store(d1_ptr + i, t1.to(d1_ptr.dtype.element_ty), mask=mask)
+
+
+def forward_geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_L, num_warps) from the row length only, as sample_location_scale's."""
+    cols = max(4, block_cols(L, MAX_BLOCK_COLS))
+    if device.type == "cpu":
+        return INTERPRETER_BLOCK_ROWS, cols, 4
+    tile = FORWARD_TILE // 4 if fp64 else FORWARD_TILE
+    rows = max(1, tile // cols)
+    return rows, cols, 8 if rows * cols >= tile else 4
+
+
+def sample_positive_forward(log_p0, log_p1, seed, family, offset0, sample_stride, row_stride, z, log_q) -> None:
+    """z (K, N, L) <- the family's sample from t = -log u at offset0 + k *
+    sample_stride + n * row_stride + l with log parameters log_p0, log_p1 (N, L);
+    log_q (K, N), when not None, <- sum_l log f from the same t."""
+    K, N, L = z.shape
+    if K * N == 0:
+        return
+    if L == 0:
+        if log_q is not None:
+            log_q.zero_()
+        return
+    BLOCK_R, BLOCK_L, warps = forward_geometry(L, log_p0.device, log_p0.dtype == torch.float64)
+    with_log_q = log_q is not None
+    _sample_positive_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
+        log_p0, log_p1, seed, z, log_q if with_log_q else z, offset0, sample_stride, row_stride, N, K * N, L,
+        FAMILY=int(family), ACC=acc_dtype(log_p0.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_LOG_Q=with_log_q,
+        ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps,
+    )
+
+
+def sample_positive_backward(grad_z, grad_log_q, log_p0, log_p1, seed, family, stop_score, dlog_p0,
+                             dlog_p1) -> None:
+    """dlog_p0, dlog_p1 (N, L) <- sum_k grad_z_k z_k c_j + grad_log_q_k (s_j with
+    stop_score, else f_j) of reference.positive_terms, t regenerated; grad_z
+    (K, N, L) and grad_log_q (K, N) each None when its output has no gradient."""
+    N, L = log_p0.shape
+    if N * L == 0:
+        return
+    samples = grad_z if grad_z is not None else grad_log_q
+    K = 0 if samples is None else samples.shape[0]
+    fp64 = log_p0.dtype == torch.float64
+    on_cpu = log_p0.device.type == "cpu"
+    BLOCK = INTERPRETER_BACKWARD_TILE if on_cpu else (BACKWARD_TILE // 4 if fp64 else BACKWARD_TILE)
+    NL = N * L
+    blocks = triton.cdiv(NL, BLOCK)
+    splits, per_split = split_samples(blocks, K, log_p0.device)
+    part = torch.empty((2, splits, NL) if splits > 1 else (1,), dtype=accumulation_dtype(log_p0.dtype),
+                       device=log_p0.device)
+    _sample_positive_bwd_kernel[(blocks * splits,)](
+        grad_z if grad_z is not None else log_p0, grad_log_q if grad_log_q is not None else log_p0, log_p0, log_p1,
+        seed, dlog_p0, dlog_p1, part, tile_counters(log_p0.device, blocks, splits), N, L, NL, K, per_split, splits,
+        FAMILY=int(family), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_Q=grad_log_q is not None,
+        STOP_SCORE=bool(stop_score), ACC=acc_dtype(log_p0.dtype), BLOCK=BLOCK, ALIGNED=aligned(L),
+        num_warps=4 if on_cpu else 8,
+    )
