@@ -10,11 +10,11 @@
 namespace fastvae::bind {
 namespace {
 
-struct Dims {
+struct ClassDims {
   int64_t K, P, D, C;
 };
 
-Dims logits_dims(const py::array& logits) {
+ClassDims logits_dims(const py::array& logits) {
   if (logits.ndim() != 4 || logits.shape(3) < 1) {
     throw py::value_error("logits: expected a 4-d (K, P, D, C) array with C >= 1, got " +
                           shape_str(logits));
@@ -22,7 +22,7 @@ Dims logits_dims(const py::array& logits) {
   return {logits.shape(0), logits.shape(1), logits.shape(2), logits.shape(3)};
 }
 
-const int64_t* checked_classes(py::array& x, const Dims& s) {
+const int64_t* checked_classes(py::array& x, const ClassDims& s) {
   const int64_t* xp = checked<int64_t>(x, "x", {s.P, s.D}, false);
   for (int64_t i = 0; i < s.P * s.D; ++i) {
     if (xp[i] < 0 || xp[i] >= s.C) {
@@ -34,8 +34,8 @@ const int64_t* checked_classes(py::array& x, const Dims& s) {
 }
 
 template <typename T, typename H>
-void forward_t(Storage<T, H>, py::array x, py::array logits, py::array out, int n_threads) {
-  const Dims s = logits_dims(logits);
+void categorical_forward_t(Storage<T, H>, py::array x, py::array logits, py::array out, int n_threads) {
+  const ClassDims s = logits_dims(logits);
   const int64_t* xp = checked_classes(x, s);
   const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D, s.C}, false);
   T* op = checked<T>(out, "out", {s.K, s.P}, true);
@@ -44,9 +44,9 @@ void forward_t(Storage<T, H>, py::array x, py::array logits, py::array out, int 
 }
 
 template <typename T, typename H>
-void backward_t(Storage<T, H>, py::array g, py::array x, py::array logits, py::array dlogits,
+void categorical_backward_t(Storage<T, H>, py::array g, py::array x, py::array logits, py::array dlogits,
                 int n_threads) {
-  const Dims s = logits_dims(logits);
+  const ClassDims s = logits_dims(logits);
   const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
   const int64_t* xp = checked_classes(x, s);
   const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D, s.C}, false);
@@ -61,13 +61,13 @@ void bind_categorical_log_prob(py::module_& m) {
   m.def("categorical_log_prob_forward", [](py::array x, py::array logits, py::array out,
                                            int n_threads) {
     check_threads(n_threads);
-    by_storage_dtype(logits, [&](auto s) { forward_t(s, x, logits, out, n_threads); });
+    by_storage_dtype(logits, [&](auto s) { categorical_forward_t(s, x, logits, out, n_threads); });
   }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
 
   m.def("categorical_log_prob_backward", [](py::array g, py::array x, py::array logits,
                                             py::array dlogits, int n_threads) {
     check_threads(n_threads);
-    by_storage_dtype(logits, [&](auto s) { backward_t(s, g, x, logits, dlogits, n_threads); });
+    by_storage_dtype(logits, [&](auto s) { categorical_backward_t(s, g, x, logits, dlogits, n_threads); });
   }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dlogits"), py::arg("n_threads"));
 }
 

@@ -9,11 +9,11 @@ namespace fastvae::bind {
 namespace {
 
 // (K, P, D) from log_mean / log_rate; log_theta is (K, P, D) or (D,).
-struct Dims {
+struct CountDims {
   int64_t K, P, D;
 };
 
-Dims dims_of(const py::array& lm, const char* name) {
+CountDims dims_of(const py::array& lm, const char* name) {
   if (lm.ndim() != 3) {
     throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(lm));
   }
@@ -22,7 +22,7 @@ Dims dims_of(const py::array& lm, const char* name) {
 
 template <typename T>
 CountIn<T> count_in(py::array& x, py::array& lm, const char* lm_name, py::array* lt, py::array* zi) {
-  const Dims s = dims_of(lm, lm_name);
+  const CountDims s = dims_of(lm, lm_name);
   CountIn<T> in{nullptr, nullptr, nullptr, nullptr, false, s.K, s.P, s.D};
   in.x = checked<T>(x, "x", {s.P, s.D}, false);
   in.lm = checked<T>(lm, lm_name, {s.K, s.P, s.D}, false);

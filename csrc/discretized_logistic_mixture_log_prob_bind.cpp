@@ -37,7 +37,7 @@ DlmShape dlm_shape(const py::array& x, const py::array& params, const py::object
 }
 
 template <typename T>
-void forward_t(py::array x, py::array params, const py::object& means, const py::object& log_scales,
+void dlm_forward_t(py::array x, py::array params, const py::object& means, const py::object& log_scales,
                int num_bins, py::array out, int n_threads) {
   const DlmShape s = dlm_shape(x, params, means, num_bins);
   const T* xp = checked<T>(x, "x", {s.P, s.C, s.S}, false);
@@ -53,7 +53,7 @@ void forward_t(py::array x, py::array params, const py::object& means, const py:
 }
 
 template <typename T>
-void backward_t(py::array g, py::array x, py::array params, const py::object& means,
+void dlm_backward_t(py::array g, py::array x, py::array params, const py::object& means,
                 const py::object& log_scales, int num_bins, py::array dparams, const py::object& dmeans,
                 const py::object& dlog_scales, int n_threads) {
   const DlmShape s = dlm_shape(x, params, means, num_bins);
@@ -85,8 +85,8 @@ void bind_discretized_logistic_mixture_log_prob(py::module_& m) {
         [](py::array x, py::array params, py::object means, py::object log_scales, int num_bins, py::array out,
            int n_threads) {
           check_threads(n_threads);
-          by_dtype(params, [&] { forward_t<float>(x, params, means, log_scales, num_bins, out, n_threads); },
-                   [&] { forward_t<double>(x, params, means, log_scales, num_bins, out, n_threads); });
+          by_dtype(params, [&] { dlm_forward_t<float>(x, params, means, log_scales, num_bins, out, n_threads); },
+                   [&] { dlm_forward_t<double>(x, params, means, log_scales, num_bins, out, n_threads); });
         },
         py::arg("x"), py::arg("params"), py::arg("means").none(true), py::arg("log_scales").none(true),
         py::arg("num_bins"), py::arg("out"), py::arg("n_threads"));
@@ -96,9 +96,9 @@ void bind_discretized_logistic_mixture_log_prob(py::module_& m) {
            py::array dparams, py::object dmeans, py::object dlog_scales, int n_threads) {
           check_threads(n_threads);
           by_dtype(params,
-                   [&] { backward_t<float>(g, x, params, means, log_scales, num_bins, dparams, dmeans,
+                   [&] { dlm_backward_t<float>(g, x, params, means, log_scales, num_bins, dparams, dmeans,
                                            dlog_scales, n_threads); },
-                   [&] { backward_t<double>(g, x, params, means, log_scales, num_bins, dparams, dmeans,
+                   [&] { dlm_backward_t<double>(g, x, params, means, log_scales, num_bins, dparams, dmeans,
                                             dlog_scales, n_threads); });
         },
         py::arg("grad_out"), py::arg("x"), py::arg("params"), py::arg("means").none(true),

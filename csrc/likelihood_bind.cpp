@@ -11,11 +11,11 @@
 namespace fastvae::bind {
 namespace {
 
-struct Dims {
+struct DecoderDims {
   int64_t K, P, D;
 };
 
-Dims decoder_dims(const py::array& mean, const char* name = "mean") {
+DecoderDims decoder_dims(const py::array& mean, const char* name = "mean") {
   if (mean.ndim() != 3) {
     throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(mean));
   }
@@ -23,7 +23,7 @@ Dims decoder_dims(const py::array& mean, const char* name = "mean") {
 }
 
 // The variance layout follows from v's rank: (K, P, D), (P, D) or (D,).
-VarLayout var_layout(const py::array& v, const Dims& s, std::vector<int64_t>& shape) {
+VarLayout var_layout(const py::array& v, const DecoderDims& s, std::vector<int64_t>& shape) {
   switch (v.ndim()) {
     case 3: shape = {s.K, s.P, s.D}; return VarLayout::kElement;
     case 2: shape = {s.P, s.D}; return VarLayout::kRow;
@@ -45,7 +45,7 @@ template <typename T, typename H = T, typename V = T>
 void gaussian_forward_t(py::array x, py::array mean, py::array v, bool softplus, double delta,
                         py::array out, int n_threads) {
   check_delta<T>(delta);
-  const Dims s = decoder_dims(mean);
+  const DecoderDims s = decoder_dims(mean);
   std::vector<int64_t> v_shape;
   const VarLayout layout = var_layout(v, s, v_shape);
   const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
@@ -61,7 +61,7 @@ void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, 
                          double delta, py::object dx, py::array dmean, py::object dv,
                          int n_threads) {
   check_delta<T>(delta);
-  const Dims s = decoder_dims(mean);
+  const DecoderDims s = decoder_dims(mean);
   std::vector<int64_t> v_shape;
   const VarLayout layout = var_layout(v, s, v_shape);
   const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
@@ -91,7 +91,7 @@ void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims
     by_storage_dtype(logits, [&](auto storage) {
       using T = typename decltype(storage)::compute;
       using H = typename decltype(storage)::stored;
-      const Dims s = decoder_dims(logits, dims_name);
+      const DecoderDims s = decoder_dims(logits, dims_name);
       const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
       const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
       T* o = checked<T>(out, "out", {s.K, s.P}, true);
@@ -106,7 +106,7 @@ void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims
     by_storage_dtype(logits, [&](auto storage) {
       using T = typename decltype(storage)::compute;
       using H = typename decltype(storage)::stored;
-      const Dims s = decoder_dims(logits, dims_name);
+      const DecoderDims s = decoder_dims(logits, dims_name);
       const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
       const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
       const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);

@@ -6,7 +6,7 @@
 namespace fastvae::bind {
 namespace {
 
-void check_family(int family) {
+void check_positive_family(int family) {
   if (family < 0 || family > 2) {
     throw py::value_error("family: expected 0-2 (exponential, weibull, kumaraswamy), got " +
                           std::to_string(family));
@@ -14,7 +14,7 @@ void check_family(int family) {
 }
 
 template <typename T>
-void forward_t(py::array loc, py::array log_scale, uint64_t seed, int family, uint64_t offset0,
+void positive_forward_t(py::array loc, py::array log_scale, uint64_t seed, int family, uint64_t offset0,
                uint64_t sample_stride, uint64_t row_stride, py::array z, py::object log_q, int n_threads) {
   check_2d(loc, "log_p0");
   const int64_t N = loc.shape(0), L = loc.shape(1);
@@ -31,7 +31,7 @@ void forward_t(py::array loc, py::array log_scale, uint64_t seed, int family, ui
 }
 
 template <typename T>
-void backward_t(py::object dz, py::object dq, py::array loc, py::array log_scale, uint64_t seed, int family,
+void positive_backward_t(py::object dz, py::object dq, py::array loc, py::array log_scale, uint64_t seed, int family,
                 bool stop_score, py::array dloc, py::array dlog_scale, int n_threads) {
   check_2d(loc, "log_p0");
   const int64_t N = loc.shape(0), L = loc.shape(1);
@@ -63,11 +63,11 @@ void bind_sample_positive(py::module_& m) {
                                             uint64_t offset0, uint64_t sample_stride, uint64_t row_stride,
                                             py::array z, py::object log_q, int n_threads) {
     check_threads(n_threads);
-    check_family(family);
+    check_positive_family(family);
     by_dtype(loc,
-             [&] { forward_t<float>(loc, log_scale, seed, family, offset0, sample_stride, row_stride, z, log_q,
+             [&] { positive_forward_t<float>(loc, log_scale, seed, family, offset0, sample_stride, row_stride, z, log_q,
                                     n_threads); },
-             [&] { forward_t<double>(loc, log_scale, seed, family, offset0, sample_stride, row_stride, z, log_q,
+             [&] { positive_forward_t<double>(loc, log_scale, seed, family, offset0, sample_stride, row_stride, z, log_q,
                                      n_threads); });
   }, py::arg("log_p0"), py::arg("log_p1"), py::arg("seed"), py::arg("family"), py::arg("offset0"),
      py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("log_q").none(true),
@@ -77,10 +77,10 @@ void bind_sample_positive(py::module_& m) {
                                              uint64_t seed, int family, bool stop_score, py::array dloc,
                                              py::array dlog_scale, int n_threads) {
     check_threads(n_threads);
-    check_family(family);
+    check_positive_family(family);
     by_dtype(loc,
-             [&] { backward_t<float>(dz, dq, loc, log_scale, seed, family, stop_score, dloc, dlog_scale, n_threads); },
-             [&] { backward_t<double>(dz, dq, loc, log_scale, seed, family, stop_score, dloc, dlog_scale,
+             [&] { positive_backward_t<float>(dz, dq, loc, log_scale, seed, family, stop_score, dloc, dlog_scale, n_threads); },
+             [&] { positive_backward_t<double>(dz, dq, loc, log_scale, seed, family, stop_score, dloc, dlog_scale,
                                       n_threads); });
   }, py::arg("grad_z").none(true), py::arg("grad_log_q").none(true), py::arg("log_p0"), py::arg("log_p1"),
      py::arg("seed"), py::arg("family"), py::arg("stop_score"), py::arg("dlog_p0"), py::arg("dlog_p1"),
