@@ -11,13 +11,13 @@
 
 namespace fastvae {
 
-inline uint32_t float_bits(float x) {
+FASTVAE_INLINE uint32_t float_bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
   return u;
 }
 
-inline float bits_float(uint32_t u) {
+FASTVAE_INLINE float bits_float(uint32_t u) {
   float x;
   std::memcpy(&x, &u, sizeof x);
   return x;
@@ -27,7 +27,7 @@ inline float bits_float(uint32_t u) {
 // vectorize; inf for x > 88.72, 0 below -87.3 (where the true value is a
 // subnormal under 1.2e-38), NaN stays NaN. The clamp comes first because
 // converting NaN or out-of-range floats to int is undefined behaviour.
-inline float fast_exp(float x) {
+FASTVAE_INLINE float fast_exp(float x) {
   float xc = x > -87.5f ? x : -87.5f;  // NaN -> -87.5
   xc = xc < 88.5f ? xc : 88.5f;
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
@@ -57,7 +57,7 @@ inline float fast_exp(float x) {
 // Philox uniforms, variances (floored at a normal delta at the boundary), 1 + t
 // in log1p. It reads the exponent bits, so 0, subnormals, inf and NaN give
 // wrong values; callers that can see them (logmeanexp's sums) select around it.
-inline float fast_log_positive(float u) {
+FASTVAE_INLINE float fast_log_positive(float u) {
   const uint32_t b = float_bits(u);
   int32_t e = static_cast<int32_t>((b >> 23) & 0xffu) - 127;
   float m = bits_float((b & 0x007fffffu) | 0x3f800000u);  // [1, 2)
@@ -85,7 +85,7 @@ inline float fast_log_positive(float u) {
 // cos(x) for finite x in [0, 8192] (Cephes cosf, about 1 ulp). Both
 // polynomials are evaluated and selected so the loop stays branch-free; the
 // three-part pi/4 keeps the reduced argument accurate near the zeros of cos.
-inline float fast_cos_nonneg(float x) {
+FASTVAE_INLINE float fast_cos_nonneg(float x) {
   int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // 4/pi
   j += j & 1;
   const float y = static_cast<float>(j);
@@ -110,20 +110,20 @@ inline float fast_cos_nonneg(float x) {
 // exact. 1/u is replaced by 2 - u: off by t^2/u, times |t - du| <= 2^-24, which
 // is below float rounding for every t. No division and no branch, and tiny t
 // (u == 1) give t exactly.
-inline float fast_log1p_unit(float t) {
+FASTVAE_INLINE float fast_log1p_unit(float t) {
   const float u = 1.0f + t;
   const float du = u - 1.0f;
   return fast_log_positive(u) + (t - du) * (2.0f - u);
 }
 
 // softplus(l) = log(1 + e^l) = max(l, 0) + log1p(e^-|l|), exact for |l| large.
-inline float fast_softplus(float l) {
+FASTVAE_INLINE float fast_softplus(float l) {
   const float a = std::fabs(l);
   return (l > 0.0f ? l : 0.0f) + fast_log1p_unit(fast_exp(-a));
 }
 
 // sigmoid(l) from e^-|l|, so neither branch overflows.
-inline float fast_sigmoid(float l) {
+FASTVAE_INLINE float fast_sigmoid(float l) {
   const float e = fast_exp(-std::fabs(l));
   const float r = 1.0f / (1.0f + e);
   return l >= 0.0f ? r : e * r;

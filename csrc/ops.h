@@ -61,6 +61,16 @@ bool set_noise_isa(NoiseIsa isa);
 // out[4 j + w] = word w of Philox counter counter0 + j, for j < n, by the
 // vector path in use: the bit-exactness test of each path's words.
 void philox_words(uint64_t seed, uint64_t counter0, int64_t n, uint32_t* out);
+// out[i] = the folded word x in [0, 2**31) of offset offset0 + i (lane offset % 4
+// of counter offset / 4), for i < n: what the uniforms of the location-scale
+// and positive families are made from (design.md's RNG contract). Whole
+// counters take the vector path in use.
+void folded_words(uint64_t seed, uint64_t offset0, int64_t n, int32_t* out);
+// The same for one sample's elements [b0, b0 + n) of a flat (N, L) block:
+// offsets base + row * row_stride + col (one run when row_stride == L; the
+// evaluation's example-major layout is a run per row).
+void folded_words(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
+                  int32_t* out);
 
 // mu, logvar: (N, L); z: (K, N, L); kl: (N,). z[k, n, l] uses the noise at
 // offset0 + k * sample_stride + n * row_stride + l (training: 0, N * L, L).

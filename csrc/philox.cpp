@@ -299,18 +299,70 @@ void randn_block(uint64_t seed, uint64_t offset0, int64_t n, double* out) {
   }
 }
 
+namespace {
+
+// philox_group by the path isa (a runtime choice: the callers' loops are not cloned)
+void philox_group_by(NoiseIsa isa, const PhiloxKeys& keys, uint64_t c0, uint32_t* a, uint32_t* b) {
+  switch (isa) {
+    case NoiseIsa::kAvx512: return philox_group<NoiseIsa::kAvx512>(keys, c0, a, b);
+    case NoiseIsa::kAvx2: return philox_group<NoiseIsa::kAvx2>(keys, c0, a, b);
+    default: return philox_group<NoiseIsa::kPortable>(keys, c0, a, b);
+  }
+}
+
+// out[i, i1) = the folded words of offsets offset0 + [i, i1), one counter at a time
+void folded_lanes(const PhiloxKeys& keys, uint64_t offset0, int64_t i, int64_t i1, int32_t* out) {
+  while (i < i1) {
+    const uint64_t offset = offset0 + static_cast<uint64_t>(i);
+    const Philox4 w = philox_4x(keys, offset >> 2);
+    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
+    for (int j = static_cast<int>(offset & 3); j < 4 && i < i1; ++j, ++i) out[i] = folded(words[j]);
+  }
+}
+
+}  // namespace
+
+void folded_words(uint64_t seed, uint64_t offset0, int64_t n, int32_t* out) {
+  const PhiloxKeys keys(seed);
+  const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((4 - (offset0 & 3)) & 3));
+  folded_lanes(keys, offset0, 0, head, out);
+  int64_t i = head;
+  const NoiseIsa isa = noise_isa();
+  for (; n - i >= 4 * kGroup; i += 4 * kGroup) {
+    alignas(64) uint32_t a[2 * kGroup], b[2 * kGroup];
+    philox_group_by(isa, keys, (offset0 + static_cast<uint64_t>(i)) >> 2, a, b);
+    int32_t* o = out + i;
+    for (int j = 0; j < kGroup; ++j) {
+      o[4 * j] = folded(a[j]);
+      o[4 * j + 1] = folded(b[j]);
+      o[4 * j + 2] = folded(a[kGroup + j]);
+      o[4 * j + 3] = folded(b[kGroup + j]);
+    }
+  }
+  folded_lanes(keys, offset0, i, n, out);
+}
+
+void folded_words(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
+                  int32_t* out) {
+  if (row_stride == static_cast<uint64_t>(L)) {
+    folded_words(seed, base + static_cast<uint64_t>(b0), n, out);
+    return;
+  }
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
+    const int64_t len = std::min(n - i, L - col);
+    folded_words(seed, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), len, out + i);
+    i += len;
+  }
+}
+
 void philox_words(uint64_t seed, uint64_t counter0, int64_t n, uint32_t* out) {
   const PhiloxKeys keys(seed);
   const NoiseIsa isa = noise_isa();
   int64_t j = 0;
   for (; n - j >= kGroup; j += kGroup) {
     alignas(64) uint32_t a[2 * kGroup], b[2 * kGroup];
-    const uint64_t c0 = counter0 + static_cast<uint64_t>(j);
-    switch (isa) {
-      case NoiseIsa::kAvx512: philox_group<NoiseIsa::kAvx512>(keys, c0, a, b); break;
-      case NoiseIsa::kAvx2: philox_group<NoiseIsa::kAvx2>(keys, c0, a, b); break;
-      default: philox_group<NoiseIsa::kPortable>(keys, c0, a, b); break;
-    }
+    philox_group_by(isa, keys, counter0 + static_cast<uint64_t>(j), a, b);
     for (int k = 0; k < kGroup; ++k) {
       uint32_t* w = out + 4 * (j + k);
       w[0] = a[k];

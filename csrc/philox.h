@@ -7,6 +7,7 @@
 // functions in the .cpp files inline it into each of their ISA versions.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -74,6 +75,24 @@ inline int32_t folded(uint32_t bits) {
   int32_t x;
   std::memcpy(&x, &bits, sizeof x);
   return x < 0 ? ~x : x;
+}
+
+// The uniforms of the other latent families (design.md's RNG contract) come
+// from a folded word x: u < 1/2 exactly when x < kHalfWord.
+constexpr int32_t kHalfWord = int32_t(1) << 30;
+constexpr float kBelowOne = 0x1.fffffep-1f;  // 1 - 2^-24, the largest float below 1
+
+// (u, v = 1 - u) of a folded word, each from the integer: (x + 1/2) / 2^31 and
+// (2^31 - 1/2 - x) / 2^31. float32: in float32 arithmetic, at most 1 - 2^-24
+// (the reference and Triton round the same way, bit for bit); float64: exact.
+FASTVAE_INLINE void open_uniforms(int32_t x, float& u, float& v) {
+  u = std::min((static_cast<float>(x) + 0.5f) * 0x1p-31f, kBelowOne);
+  v = std::min((static_cast<float>(2147483647 - x) + 0.5f) * 0x1p-31f, kBelowOne);
+}
+
+FASTVAE_INLINE void open_uniforms(int32_t x, double& u, double& v) {
+  u = (static_cast<double>(x) + 0.5) * 0x1p-31;
+  v = (2147483647.5 - static_cast<double>(x)) * 0x1p-31;
 }
 
 // Triton's uint_to_uniform_float for 32-bit words. Result lies in [0, 1).

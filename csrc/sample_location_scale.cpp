@@ -20,68 +20,8 @@ namespace {
 
 constexpr int64_t kBlock = 512;       // elements per vector block (stack buffers)
 constexpr int64_t kTileElems = 8192;  // elements per parallel work item
-constexpr int32_t kHalfWord = int32_t(1) << 30;  // folded words below it: u < 1/2
-constexpr float kBelowOne = 0x1.fffffep-1f;      // 1 - 2^-24, the largest float below 1
 
 enum Family : int { kUniform = 0, kLaplace = 1, kLogistic = 2, kGumbel = 3, kCauchy = 4 };
-
-// Folded words x in [0, 2^31) of offsets [offset0, offset0 + n): lane
-// offset % 4 of counter offset / 4. Whole counters in the middle (a loop GCC
-// can vectorize), one counter at a time at the ends.
-FASTVAE_CLONES void word_block(const PhiloxKeys& keys, uint64_t offset0, int64_t n, int32_t* out) {
-  int64_t i = 0;
-  while (i < n && ((offset0 + static_cast<uint64_t>(i)) & 3) != 0) {  // the head, up to a counter boundary
-    const uint64_t off = offset0 + static_cast<uint64_t>(i);
-    const Philox4 w = philox_4x(keys, off >> 2);
-    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
-    out[i++] = folded(words[off & 3]);
-  }
-  const int64_t whole = (n - i) / 4;
-  const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
-  int32_t* o = out + i;
-  for (int64_t j = 0; j < whole; ++j) {
-    const Philox4 w = philox_4x(keys, c0 + static_cast<uint64_t>(j));
-    o[4 * j] = folded(w.w0);
-    o[4 * j + 1] = folded(w.w1);
-    o[4 * j + 2] = folded(w.w2);
-    o[4 * j + 3] = folded(w.w3);
-  }
-  i += 4 * whole;
-  if (i < n) {  // the tail: lanes 0.. of one more counter
-    const Philox4 w = philox_4x(keys, (offset0 + static_cast<uint64_t>(i)) >> 2);
-    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
-    for (int j = 0; i < n; ++i, ++j) out[i] = folded(words[j]);
-  }
-}
-
-// The words of one sample's elements [b0, b0 + n) of the flat (N, L) block:
-// offsets base + row * row_stride + col (one run for row_stride == L).
-FASTVAE_INLINE void words_of(const PhiloxKeys& keys, uint64_t base, int64_t b0, int64_t n, int64_t L,
-                             uint64_t row_stride, int32_t* x) {
-  if (row_stride == static_cast<uint64_t>(L)) {
-    word_block(keys, base + static_cast<uint64_t>(b0), n, x);
-    return;
-  }
-  for (int64_t i = 0; i < n;) {
-    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
-    const int64_t len = std::min(n - i, L - col);
-    word_block(keys, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), len, x + i);
-    i += len;
-  }
-}
-
-// (u, v = 1 - u) of a folded word, each from the integer: (x + 1/2) / 2^31 and
-// (2^31 - 1/2 - x) / 2^31. float32: in float32 arithmetic, at most 1 - 2^-24
-// (the reference and Triton round the same way, bit for bit); float64: exact.
-FASTVAE_INLINE void open_uniforms(int32_t x, float& u, float& v) {
-  u = std::min((static_cast<float>(x) + 0.5f) * 0x1p-31f, kBelowOne);
-  v = std::min((static_cast<float>(2147483647 - x) + 0.5f) * 0x1p-31f, kBelowOne);
-}
-
-FASTVAE_INLINE void open_uniforms(int32_t x, double& u, double& v) {
-  u = (static_cast<double>(x) + 0.5) * 0x1p-31;
-  v = (2147483647.5 - static_cast<double>(x)) * 0x1p-31;
-}
 
 FASTVAE_INLINE float log_t(float x) { return fast_log_positive(x); }
 FASTVAE_INLINE double log_t(double x) { return std::log(x); }
@@ -179,7 +119,6 @@ void forward_tiles(const T* loc, const T* log_scale, uint64_t seed, uint64_t off
   const int64_t NL = N * L;
   const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
-  const PhiloxKeys keys(seed);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     const int64_t r0 = tile * tile_rows;
@@ -193,7 +132,7 @@ void forward_tiles(const T* loc, const T* log_scale, uint64_t seed, uint64_t off
       exp_block(log_scale + b0, n, s);
       const T* m = loc + b0;
       for (int64_t k = 0; k < K; ++k) {
-        words_of(keys, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
+        folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
         noise_block<F>(x, n, e, log_f, psi);
         T* zk = z + k * NL + b0;
         for (int64_t i = 0; i < n; ++i) zk[i] = m[i] + s[i] * e[i];
@@ -229,7 +168,6 @@ void backward_blocks(const T* dz, const T* dq, const T* loc, const T* log_scale,
   (void)loc;  // z's path does not need loc: dz/dloc = 1, dz/dlog_scale = s e
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
-  const PhiloxKeys keys(seed);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t b0 = blk * kBlock;
@@ -240,7 +178,7 @@ void backward_blocks(const T* dz, const T* dq, const T* loc, const T* log_scale,
     for (int64_t i = 0; i < n; ++i) acc_z[i] = acc_ze[i] = acc_psi[i] = acc_q[i] = T(0);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t base = k * NL + b0;
-      word_block(keys, static_cast<uint64_t>(base), n, x);
+      folded_words(seed, static_cast<uint64_t>(base), n, x);
       noise_block<F>(x, n, e, log_f, psi);
       if (dz) {
         const T* g = dz + base;

@@ -20,60 +20,8 @@ namespace {
 
 constexpr int64_t kBlock = 512;
 constexpr int64_t kTileElems = 8192;
-constexpr int32_t kHalfWord = int32_t(1) << 30;
-constexpr float kBelowOne = 0x1.fffffep-1f;
 
 enum Family : int { kExponential = 0, kWeibull = 1, kKumaraswamy = 2 };
-
-// Folded words of offsets [offset0, offset0 + n) (sample_location_scale.cpp's).
-void word_block(const PhiloxKeys& keys, uint64_t offset0, int64_t n, int32_t* out) {
-  int64_t i = 0;
-  while (i < n && ((offset0 + static_cast<uint64_t>(i)) & 3) != 0) {
-    const uint64_t off = offset0 + static_cast<uint64_t>(i);
-    const Philox4 w = philox_4x(keys, off >> 2);
-    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
-    out[i++] = folded(words[off & 3]);
-  }
-  const int64_t whole = (n - i) / 4;
-  const uint64_t c0 = (offset0 + static_cast<uint64_t>(i)) >> 2;
-  int32_t* o = out + i;
-  for (int64_t j = 0; j < whole; ++j) {
-    const Philox4 w = philox_4x(keys, c0 + static_cast<uint64_t>(j));
-    o[4 * j] = folded(w.w0);
-    o[4 * j + 1] = folded(w.w1);
-    o[4 * j + 2] = folded(w.w2);
-    o[4 * j + 3] = folded(w.w3);
-  }
-  i += 4 * whole;
-  if (i < n) {
-    const Philox4 w = philox_4x(keys, (offset0 + static_cast<uint64_t>(i)) >> 2);
-    const uint32_t words[4] = {w.w0, w.w1, w.w2, w.w3};
-    for (int j = 0; i < n; ++i, ++j) out[i] = folded(words[j]);
-  }
-}
-
-inline void words_of(const PhiloxKeys& keys, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
-                     int32_t* x) {
-  if (row_stride == static_cast<uint64_t>(L)) {
-    word_block(keys, base + static_cast<uint64_t>(b0), n, x);
-    return;
-  }
-  for (int64_t i = 0; i < n;) {
-    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
-    const int64_t len = std::min(n - i, L - col);
-    word_block(keys, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), len, x + i);
-    i += len;
-  }
-}
-
-FASTVAE_INLINE void open_uniforms(int32_t x, float& u, float& v) {
-  u = std::min((static_cast<float>(x) + 0.5f) * 0x1p-31f, kBelowOne);
-  v = std::min((static_cast<float>(2147483647 - x) + 0.5f) * 0x1p-31f, kBelowOne);
-}
-FASTVAE_INLINE void open_uniforms(int32_t x, double& u, double& v) {
-  u = (static_cast<double>(x) + 0.5) * 0x1p-31;
-  v = (2147483647.5 - static_cast<double>(x)) * 0x1p-31;
-}
 
 FASTVAE_INLINE float log_p(float x) { return fast_log_positive(x); }
 FASTVAE_INLINE double log_p(double x) { return std::log(x); }
@@ -234,7 +182,6 @@ void forward_tiles(const T* p0, const T* p1, uint64_t seed, uint64_t offset0, ui
   const int64_t NL = N * L;
   const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
-  const PhiloxKeys keys(seed);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     const int64_t r0 = tile * tile_rows;
@@ -245,7 +192,7 @@ void forward_tiles(const T* p0, const T* p1, uint64_t seed, uint64_t offset0, ui
     for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
       const int64_t n = std::min(kBlock, r1 * L - b0);
       for (int64_t k = 0; k < K; ++k) {
-        words_of(keys, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
+        folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
         fwd_block<F>(x, p0 + b0, p1 + b0, n, z + k * NL + b0, lf);
         if (log_q) {
           double* a = acc.data() + k * (r1 - r0);
@@ -274,7 +221,6 @@ void backward_blocks(const T* dz, const T* dq, const T* p0, const T* p1, uint64_
                      int64_t N, int64_t L, T* d0, T* d1, int n_threads) {
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
-  const PhiloxKeys keys(seed);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t b0 = blk * kBlock;
@@ -284,7 +230,7 @@ void backward_blocks(const T* dz, const T* dq, const T* p0, const T* p1, uint64_
     for (int64_t i = 0; i < n; ++i) a0[i] = a1[i] = T(0);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t base = k * NL + b0;
-      word_block(keys, static_cast<uint64_t>(base), n, x);
+      folded_words(seed, static_cast<uint64_t>(base), n, x);
       if (dq) spread_rows(dq + k * N, b0, n, L, gq);
       bwd_block<F>(x, p0 + b0, p1 + b0, dz ? dz + base : nullptr, dq ? gq : nullptr, stop_score, n, a0, a1);
     }

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fastvae
 from fastvae import reference
 
 from conftest import INTERPRET
@@ -278,3 +279,25 @@ def test_noise_isa_binding():
         _C.philox_words(0, 0, np.empty((3, 4), dtype=np.int64))
     with pytest.raises(ValueError, match="exceeds 2\\*\\*63 - 1"):
         _C.philox_words(0, 2**61 - 2, np.empty((3, 4), dtype=np.uint32))
+
+
+@pytest.mark.skipif(INTERPRET, reason="checks the C++ noise paths")
+def test_each_noise_path_draws_the_families_uniforms(noise_isa):
+    """The location-scale and positive families take their words from the same
+    vector paths (csrc/philox.cpp's folded_words): on each path the uniform
+    family at loc 0, scale 1 returns the contract's float32 uniforms bit for
+    bit, in the training layout (whole groups, an unaligned tail) and in the
+    evaluation's (an offset not divisible by 4, a row stride)."""
+    from fastvae.sample_location_scale import location_scale_at
+
+    uniform = 0  # sample_location_scale.FAMILIES.index("uniform")
+    for seed, offset0, rows, cols, row_stride in [(2024, 0, 29, 37, 37), (7, 5, 11, 300, 1000),
+                                                  (2**63 - 1, 4 * (2**32 - 40) + 1, 3, 700, 700)]:
+        zero = torch.zeros(rows, cols)
+        with fastvae.use_backend("cpp"):
+            z, _ = location_scale_at(uniform, zero, zero, seed_tensor(seed, "cpu"), 2, offset0=offset0,
+                                     sample_stride=rows * row_stride, row_stride=row_stride)
+        offsets = (offset0 + torch.arange(2)[:, None, None] * rows * row_stride
+                   + torch.arange(rows)[None, :, None] * row_stride + torch.arange(cols))
+        u, _ = reference.open_uniforms(reference.philox_word(seed, offsets.flatten()), torch.float32)
+        assert torch.equal(z.flatten(), u), (noise_isa, seed, offset0)
