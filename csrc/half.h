@@ -17,9 +17,11 @@
 
 namespace fastvae {
 
-struct bf16 {
-  uint16_t bits;
-};
+// An enum over uint16_t rather than a struct: a distinct type for overloads
+// that is still a scalar, so that GCC vectorizes its loads (a struct member
+// load stopped the vectorizer: "no vectype", the bfloat16 gaussian_log_prob
+// backward ran 5x slower than its float16 twin).
+enum class bf16 : uint16_t {};
 #if defined(__aarch64__) && defined(__ARM_FP16_FORMAT_IEEE)
 // GCC 12 has no _Float16 in C++ on AArch64 (.ci/cross-arm found it); ARM's
 // __fp16 is the same IEEE binary16 storage, converted with fcvt.
@@ -33,7 +35,7 @@ FASTVAE_INLINE float widen(float v) { return v; }
 FASTVAE_INLINE double widen(double v) { return v; }
 FASTVAE_INLINE float widen(fp16 v) { return float(v); }
 FASTVAE_INLINE float widen(bf16 v) {
-  const uint32_t u = uint32_t(v.bits) << 16;
+  const uint32_t u = uint32_t(static_cast<uint16_t>(v)) << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
@@ -53,7 +55,7 @@ struct Narrow<bf16> {
     const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     // a NaN stays a (quiet) NaN: rounding could carry its payload into inf
     const uint32_t nan = (u >> 16) | 0x40u;
-    return {uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded)};
+    return static_cast<bf16>(uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded));
   }
 };
 
