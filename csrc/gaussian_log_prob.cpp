@@ -81,9 +81,12 @@ FASTVAE_INLINE double row_sum_shared(const T* x, const H* m, const T* inv, int64
 
 // Backward of one (k, p) row, var per element: writes dmean, and dv when it
 // is given, and subtracts into dx_acc (the sum over k) when it is given.
-template <typename T, bool kSoftplus, typename H, typename V>
-FASTVAE_INLINE void row_grad_element(const T* x, const H* m, const V* v, T delta, T g, int64_t D,
-                             H* dmean, V* dv, T* dx_acc) {
+// The loop for one (dv given, dx_acc given) pair: no branch inside, which
+// GCC did not unswitch for the half-precision storage types (their loops did
+// not vectorize: "control flow in loop").
+template <typename T, bool kSoftplus, bool kDv, bool kDx, typename H, typename V>
+FASTVAE_INLINE void row_grad_element_loop(const T* x, const H* m, const V* v, T delta, T g, int64_t D,
+                                          H* dmean, V* dv, T* dx_acc) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) {
     const T diff = x[d] - T(widen(m[d]));
@@ -91,12 +94,21 @@ FASTVAE_INLINE void row_grad_element(const T* x, const H* m, const V* v, T delta
     const T inv = inv_and_log_var<T, kSoftplus>(vd, delta).inv;
     const T gm = g * over_var(diff, inv);
     dmean[d] = narrow<H>(gm);
-    if (dv) {
+    if constexpr (kDv) {
       dv[d] = narrow<V>(kSoftplus ? T(0.5) * g * (diff * diff * inv * inv - inv) * sigmoid_t(vd)
                                   : T(0.5) * g * (sq_over_var(diff, inv) - T(1)));
     }
-    if (dx_acc) dx_acc[d] -= gm;
+    if constexpr (kDx) dx_acc[d] -= gm;
   }
+}
+
+template <typename T, bool kSoftplus, typename H, typename V>
+FASTVAE_INLINE void row_grad_element(const T* x, const H* m, const V* v, T delta, T g, int64_t D,
+                             H* dmean, V* dv, T* dx_acc) {
+  if (dv && dx_acc) row_grad_element_loop<T, kSoftplus, true, true>(x, m, v, delta, g, D, dmean, dv, dx_acc);
+  else if (dv) row_grad_element_loop<T, kSoftplus, true, false>(x, m, v, delta, g, D, dmean, dv, dx_acc);
+  else if (dx_acc) row_grad_element_loop<T, kSoftplus, false, true>(x, m, v, delta, g, D, dmean, dv, dx_acc);
+  else row_grad_element_loop<T, kSoftplus, false, false>(x, m, v, delta, g, D, dmean, dv, dx_acc);
 }
 
 // Backward of one row with a shared 1/var row: dmean, dx_acc as above, and
