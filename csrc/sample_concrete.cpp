@@ -41,58 +41,51 @@ FASTVAE_INLINE T exp1(int32_t x) {
 }
 
 // One latent of C categories: z (soft, or the one-hot of its argmax when
-// hard) and the latent's log q; y and t are scratch of C. Returns log q.
+// hard) and the latent's log q; y and t are scratch of C. Masked (-inf)
+// categories get y = -inf, t = 0, so exp(y - m) = 0 needs no branch. Three
+// transcendentals per element: log u, log t and exp(y - m) (z = e / s).
 template <typename T>
 FASTVAE_INLINE double latent_forward(const int32_t* x, const T* a, T lam, int64_t C, bool hard, T* y, T* t, T* z,
                                      T* w_out, T* count_out) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  T m = ninf, sum_t = T(0), sum_lt = T(0), lg = T(0), cnt = T(0);
   const T ilam = T(1) / lam;
+  T m = ninf, sum_t = T(0), sum_lt = T(0), sum_y = T(0);
+  int64_t cnt = 0;
   for (int64_t c = 0; c < C; ++c) {
-    if (a[c] == ninf) {
-      y[c] = ninf;
-      t[c] = T(0);
-      continue;
-    }
+    const bool ok = a[c] != ninf;
     const T tc = exp1<T>(x[c]);
     const T lt = log_c(tc);
-    t[c] = tc;
-    y[c] = (a[c] - lt) * ilam;
+    const T yc = (a[c] - lt) * ilam;
+    t[c] = ok ? tc : T(0);
+    y[c] = ok ? yc : ninf;
+    sum_t += ok ? tc : T(0);
+    sum_lt += ok ? lt : T(0);
+    sum_y += ok ? yc : T(0);
+    cnt += ok;
     m = std::max(m, y[c]);
-    sum_t += tc;
-    sum_lt += lt;
-    lg += cnt > T(1) ? log_c(cnt) : T(0);
-    cnt += T(1);
   }
   T s = T(0);
-  for (int64_t c = 0; c < C; ++c) s += a[c] == ninf ? T(0) : exp_c(y[c] - m);
-  const T ls = log_c(s);
-  T sum_lz = T(0);
-  int64_t arg = 0;
-  T best = ninf;
   for (int64_t c = 0; c < C; ++c) {
-    if (a[c] == ninf) {
-      z[c] = T(0);
-      continue;
-    }
-    const T lz = y[c] - m - ls;
-    sum_lz += lz;
-    z[c] = exp_c(lz);
-    if (y[c] > best) {
-      best = y[c];
-      arg = c;
-    }
+    z[c] = exp_c(y[c] - m);
+    s += z[c];
   }
+  const T is = T(1) / s;
+  for (int64_t c = 0; c < C; ++c) z[c] *= is;
+  const T ls = log_c(s);
+  const T cn = static_cast<T>(cnt);
   if (w_out) {
     const T it = T(1) / sum_t;
     for (int64_t c = 0; c < C; ++c) w_out[c] = t[c] * it;
-    *count_out = cnt;
+    *count_out = cn;
   }
   if (hard) {
+    int64_t arg = 0;
+    for (int64_t c = 1; c < C; ++c) arg = y[c] > y[arg] ? c : arg;
     for (int64_t c = 0; c < C; ++c) z[c] = c == arg ? T(1) : T(0);
   }
-  return double(lg) + double(cnt - T(1)) * double(log_c(lam)) - double(sum_lz) + double(sum_lt) -
-         double(cnt) * double(log_c(sum_t));
+  // -sum_c log z_c = cnt (m + ls) - sum_c y_c over the unmasked categories
+  return std::lgamma(double(cnt)) + double(cn - T(1)) * double(log_c(lam)) + double(cn) * (double(m) + double(ls)) -
+         double(sum_y) + double(sum_lt) - double(cn) * double(log_c(sum_t));
 }
 
 }  // namespace
@@ -152,7 +145,7 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t e = j * C;
         const T lam = temperature[j];
-        T cnt;
+        T cnt = T(0);
         latent_forward<T>(x.data() + (e - j0 * C), logits + e, lam, C, false, y.data(), t.data(), z.data(),
                           w.data(), &cnt);
         T* d = acc.data() + (e - j0 * C);
