@@ -326,3 +326,35 @@ def test_double_backward_is_a_named_error(backend):
     torch.testing.assert_close(d, plain, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match=r"fastvae\.sample_concrete does not support double backward"):
         torch.autograd.grad((d**2).sum(), logits)
+
+
+def test_compiles_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) traces sample_concrete (float and tensor
+    temperatures, hard or not) and gives eager's values and gradients."""
+    _, device = backend
+    logits = make_logits((3, 4, 5), 12, torch.float32, device, requires_grad=True)
+    lam = torch.full((3, 4), 0.7, device=device)
+    w = torch.randn(2, 3, 4, 5).to(device)
+
+    def f(a):
+        z, log_q = fastvae.sample_concrete(a, 0.5, 2)
+        z2, log_q2 = fastvae.sample_concrete(a, lam, 2, hard=True)
+        return (z * w).sum() + log_q.sum() + (z2 * w).sum() + log_q2.sum(), z, z2
+
+    from helpers import assert_compiled_matches_eager
+    assert_compiled_matches_eager(f, (logits,), [logits])
+
+
+def test_opcheck(backend):
+    from fastvae.sample_concrete import sample_concrete_backward_op, sample_concrete_op
+    _, device = backend
+    logits = make_logits((4, 3, 5), 6, torch.float32, device)
+    lam = torch.full((4, 3), 0.6, device=device)
+    seed = seed_tensor(2024, device)
+    torch.library.opcheck(sample_concrete_op, (logits, lam, seed, False, 3))
+    torch.library.opcheck(sample_concrete_op, (logits, lam, seed, True, 2))
+    dz = torch.randn(3, 4, 3, 5, device=device)
+    dq = torch.randn(3, 4, device=device)
+    torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, dz, dq, False))
+    torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, None, dq, True))
+    torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, dz, None, False))
