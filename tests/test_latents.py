@@ -709,3 +709,22 @@ def test_concrete_errors_name_the_argument(backend):
                      prior=_concrete_prior(device))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         fastvae.Concrete(logits, 0.0)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_concrete_reconstruction_probability_matches_handwritten(backend, hard):
+    """log mean_k p(x | z_k) over the evaluation's noise layout (no prior, so hard=True is fine)."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    logits = logits.detach()
+    K = 6
+    offsets = torch.arange(B * K * L * CC).reshape(B, K, L, CC).transpose(0, 1).reshape(-1)
+    z = _concrete_z(philox_seed_of(9), K, logits, offsets)
+    if hard:
+        z = torch.nn.functional.one_hot(z.argmax(-1), CC).double()
+    rec = td.Independent(td.Bernoulli(logits=_concrete_decode(W)(z)), 1).log_prob(x)
+    expected = torch.logsumexp(rec, 0) - math.log(K)
+    got = fastvae.reconstruction_probability(x, lambda _: fastvae.Concrete(logits, LAM, hard=hard),
+                                             _concrete_decode(W), n_samples=K, likelihood="bernoulli",
+                                             generator=gen(9))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
