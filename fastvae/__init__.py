@@ -23,6 +23,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   uniform, Laplace, logistic, Gumbel and Cauchy latents (docs/latents.md)
 - sample_positive(family, log_param, log_param2=None, n_samples=None, *, generator=None) -> (z, log_q):
   exponential, Weibull and Kumaraswamy latents (docs/latents.md)
+- sample_concrete(logits, temperature, n_samples=None, *, hard=False, generator=None) -> (z, log_q):
+  relaxed categorical (Concrete / Gumbel-softmax, straight-through with hard=True) latents
 
 Objectives (fastvae/objectives.py), higher is better:
 
@@ -143,3 +145,9 @@ from .latents import Positive  # noqa: E402
 from .sample_positive import sample_positive  # noqa: E402
 
 __all__ += ["sample_positive", "Positive"]
+
+# the relaxed categorical (Concrete / Gumbel-softmax) latents (issue 35)
+from .latents import Concrete  # noqa: E402
+from .sample_concrete import sample_concrete  # noqa: E402
+
+__all__ += ["sample_concrete", "Concrete"]

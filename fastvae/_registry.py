@@ -99,6 +99,10 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "log_p0 log_p1 seed family offset0 sample_stride row_stride z log_q"),
     _k("sample_positive_backward", "sample_positive",
        "grad_z grad_log_q log_p0 log_p1 seed family stop_score dlog_p0 dlog_p1"),
+    # the relaxed categorical (issue 35): logits (N, L, C), C consecutive uniforms per latent
+    _k("sample_concrete_forward", "sample_concrete",
+       "logits temperature seed hard offset0 sample_stride row_stride z log_q"),
+    _k("sample_concrete_backward", "sample_concrete", "grad_z grad_log_q logits temperature seed stop_score dlogits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -139,6 +143,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_sample_location_scale.py", "sample_location_scale"),
     Op("sample_positive", ("sample_positive_forward", "sample_positive_backward"),
        "test_sample_positive.py", "sample_positive"),
+    Op("sample_concrete", ("sample_concrete_forward", "sample_concrete_backward"),
+       "test_sample_concrete.py", "sample_concrete"),
 )}
 
 # What fastvae._C binds besides the kernels: the CPU noise's instruction-set

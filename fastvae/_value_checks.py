@@ -220,3 +220,15 @@ def positive_param(t: Tensor, name: str) -> None:
     lo = torch.min(_prefix(t)).item()
     if not lo > 0.0:
         raise ValueError(f"{name} must be > 0, got a value of {lo:.3g}")
+
+
+def concrete_logits(t: Tensor, name: str = "logits") -> None:
+    """Raise when a relaxed categorical's logits hold a NaN or +inf, or when a
+    latent has every category masked (-inf): z would be NaN (issue 35)."""
+    if not _should_check("concrete logits", t) or t.numel() == 0:
+        return
+    d = t.detach()
+    if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
+        raise ValueError(f"{name} must be finite or -inf (a masked category): got a NaN or +inf")
+    if bool((d == -math.inf).all(-1).any()):
+        raise ValueError(f"{name} has a latent with every category -inf (masked): at least one must be finite")

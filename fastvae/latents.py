@@ -618,3 +618,171 @@ def from_torch(q: Distribution):  # noqa: F811 (extends the function above with 
 LATENTS = LATENTS + (Positive,)
 _priors._RECORDS = LATENTS
 __all__ = __all__ + ["Positive", "POSITIVE_FAMILIES", "kumaraswamy_beta_kl"]
+
+
+# --------------------------------------------------------------------------
+# The relaxed categorical (issue 35): Concrete / Gumbel-softmax, straight-through
+# --------------------------------------------------------------------------
+
+from torch.distributions import OneHotCategorical, RelaxedBernoulli, RelaxedOneHotCategorical  # noqa: E402
+
+from .sample_concrete import check_args as _concrete_args  # noqa: E402
+from .sample_concrete import concrete_at, sample_concrete_unchecked  # noqa: E402
+
+
+def _prior_categorical(prior) -> Tensor | None:
+    """log p (C,) or (L, C) of a OneHotCategorical prior (or Independent of one), else None."""
+    base = _torch_base(prior)
+    if type(base) is OneHotCategorical:
+        return base.logits  # normalized by torch
+    return None
+
+
+class Concrete(_Latent):
+    """The relaxed one-hot categorical (Concrete, Maddison et al. 2017; Gumbel-softmax,
+    Jang et al. 2017) of L latents over C categories.
+
+    Args:
+        logits: (..., L, C) unnormalized log-probabilities, C >= 2 (-inf masks a
+            category: z_c = 0).
+        temperature: > 0, a float or a tensor broadcasting to (..., L) (no gradient).
+        hard: straight-through: z is the one-hot of the relaxed sample's argmax
+            forward and the relaxed sample's gradient backward.
+
+    z has shape (K, ..., L, C): the decoder gets it as torch's
+    ``RelaxedOneHotCategorical.rsample`` gives it. ``mu`` is the logits
+    flattened to (..., L * C) (the batch shape and the evaluation's noise
+    layout: L * C uniforms per example and sample).
+
+    Priors: a ``OneHotCategorical`` (uniform or not; (C,) or (L, C)) gives the
+    analytic categorical KL sum_l sum_c pi_c log(pi_c / p_c), pi = softmax(logits),
+    what most Gumbel-softmax VAEs optimize (it is not the relaxed KL: ELBO
+    only, kl_analytic True). A ``RelaxedOneHotCategorical`` (or Independent of
+    one) gives the Monte Carlo KL log q(z) - log p(z) from the same samples
+    (torch's log_prob of the relaxed z), as do iwae and log_likelihood. With
+    hard=True the decoder's z is one-hot, where a relaxed density is not
+    defined: only the categorical prior's analytic KL (the ELBO) is taken.
+    """
+
+    def __init__(self, logits: Tensor, temperature: float | Tensor, hard: bool = False):
+        self.temperature = _concrete_args(logits, temperature)
+        self.logits = logits
+        self.hard = bool(hard)
+
+    @property
+    def mu(self) -> Tensor:
+        return self.logits.flatten(-2)
+
+    @property
+    def categories(self) -> int:
+        return self.logits.shape[-1]
+
+    def _draw(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
+        return sample_concrete_unchecked(self.logits, self.temperature, n_samples, self.hard, stop_score, generator)
+
+    def rsample_with_log_q(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
+        """(z (K, ..., L, C), log q(z) (K, ...)) of the relaxed sample from the
+        fused op (stop_score: STL / DReG); for importance weights, which need a
+        density at z: refused for hard=True (a one-hot z)."""
+        if self.hard:
+            raise ValueError("a Concrete posterior with hard=True has no density at its one-hot z: iwae, "
+                             "log_likelihood and evaluate need log q(z) - log p(z) there; use hard=False, or "
+                             "elbo with a OneHotCategorical prior (the analytic categorical KL)")
+        return self._draw(n_samples, generator, stop_score)
+
+    def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
+        K = 1 if n_samples is None else _validate.positive_int("n_samples", n_samples)
+        z = self._draw(K, generator, False)[0]
+        return z[0] if n_samples is None else z
+
+    def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
+                prior) -> tuple[Tensor, Tensor | None]:
+        if prior is not None and self.hard:
+            self.rsample_with_log_q(1, None, False)  # the named error
+        z, log_q = concrete_at(self.logits, self.temperature, seed, n_samples, self.hard, offset0=offset0,
+                               sample_stride=sample_stride, row_stride=row_stride)
+        z = z.reshape(n_samples, *self.logits.shape)
+        log_q = log_q.reshape(n_samples, *self.logits.shape[:-2])
+        return z, None if prior is None else prior.log_prob(z) - log_q
+
+    def rows(self, b0: int, b1: int) -> Concrete:
+        return Concrete(self.logits[b0:b1], self.temperature[b0:b1], self.hard)
+
+    def point(self) -> Tensor:
+        """softmax(logits) (..., L, C): a z with no noise drawn."""
+        return torch.softmax(self.logits, -1)
+
+    def torch_distribution(self) -> Distribution:
+        """torch's Independent(RelaxedOneHotCategorical, 1) (one temperature for all latents)."""
+        lam = self.temperature.reshape(-1)[:1].reshape(()) if self.temperature.numel() else self.temperature
+        if self.temperature.numel() and not bool((self.temperature == lam).all()):
+            raise ValueError("torch's RelaxedOneHotCategorical takes one temperature; this record has one per latent")
+        (logits,) = widened(self.logits)
+        return Independent(RelaxedOneHotCategorical(lam.to(logits.dtype), logits=logits), 1)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log q(z) summed over L for a given relaxed z (torch's log_prob)."""
+        _validate.float_tensors(z=z)
+        return self.torch_distribution().log_prob(widened(z)[0])
+
+    def kl_per_dim(self, prior) -> Tensor | None:
+        """KL(Cat(softmax(logits)) || prior) per latent (..., L) for a OneHotCategorical prior, else None."""
+        log_p = _prior_categorical(prior)
+        if log_p is None:
+            return None
+        (logits,) = widened(self.logits)
+        log_pi = torch.log_softmax(logits, -1)
+        pi = torch.exp(log_pi)
+        log_p = log_p.to(log_pi.dtype)
+        terms = torch.where(pi > 0, pi * (log_pi - log_p), torch.zeros_like(pi))
+        return terms.sum(-1)
+
+    def analytic_kl(self, prior) -> Tensor | None:
+        terms = self.kl_per_dim(prior)
+        return None if terms is None else terms.sum(-1)
+
+    def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        K = 1 if n_samples is None else n_samples
+        kl = self.analytic_kl(prior)
+        if kl is None:
+            if self.hard:
+                raise ValueError("a Concrete posterior with hard=True takes a OneHotCategorical prior (the analytic "
+                                 "categorical KL): a relaxed prior's density at the one-hot z is not defined")
+            z, log_q = self._draw(K, generator, False)
+            kl = log_q - prior.log_prob(z)
+            return (z[0], kl[0], False) if n_samples is None else (z, kl, False)
+        z = self._draw(K, generator, False)[0]
+        return (z[0] if n_samples is None else z), kl, True
+
+
+def _concrete_from_torch(q: Distribution) -> Concrete | None:
+    """The record of a torch RelaxedOneHotCategorical (or Independent of one
+    over the latents), logits (..., L, C); RelaxedBernoulli is refused by name."""
+    base, n = (q.base_dist, q.reinterpreted_batch_ndims) if isinstance(q, Independent) else (q, 0)
+    if type(base) is RelaxedBernoulli:
+        raise TypeError("RelaxedBernoulli is not supported as a posterior: use RelaxedOneHotCategorical over 2 "
+                        "categories (logits (..., L, 2), e.g. torch.stack([logits, zeros], -1)), or "
+                        "fastvae.Concrete")
+    if type(base) is not RelaxedOneHotCategorical or n > 1:
+        return None
+    logits = base.logits
+    if logits.dim() < 2:
+        logits = logits.unsqueeze(0)
+    lam = base.temperature.detach()
+    return Concrete(logits, lam if lam.dim() else float(lam), False)
+
+
+_from_torch_before_concrete = from_torch
+
+
+def from_torch(q: Distribution):  # noqa: F811 (extends the function above with the relaxed categorical)
+    """The record of a torch distribution the latent families cover (the
+    location-scale ones, LogNormal, LogisticNormal, Exponential, Weibull,
+    Kumaraswamy, RelaxedOneHotCategorical, or Independent of one), None for anything else."""
+    record = _concrete_from_torch(q)
+    return record if record is not None else _from_torch_before_concrete(q)
+
+
+LATENTS = LATENTS + (Concrete,)
+_priors._RECORDS = LATENTS
+__all__ = __all__ + ["Concrete"]

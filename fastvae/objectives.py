@@ -550,10 +550,12 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
             ImportanceWeights.apply((1.0 - alpha) * lw.detach())
         t = beta if alpha == 0 else beta * (1.0 - alpha)
         scale = torch.addcmul(1.0 - t, t, v) if isinstance(t, Tensor) else (1.0 - t) + t * v  # one launch
+    # one trailing dimension per latent event dimension (two for a Concrete z (K, ..., L, C))
+    scale_z = scale.reshape(*scale.shape, *(1,) * (z.dim() - scale.dim()))
     if z.dtype == scale.dtype:
-        z.register_hook(lambda g: _dreg_once(g * scale.unsqueeze(-1)))
+        z.register_hook(lambda g: _dreg_once(g * scale_z))
     else:  # a half-precision z (an autocast encoder): its gradient keeps z's dtype, scaled in float32
-        z.register_hook(lambda g: _dreg_once((g * scale.unsqueeze(-1)).to(g.dtype)))
+        z.register_hook(lambda g: _dreg_once((g * scale_z).to(g.dtype)))
     if latent is not None:
         latent.register_hook(lambda g: _dreg_once(g * scale))
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution, Independent, Normal, OneHotCategorical, RelaxedOneHotCategorical
 
 from . import _validate
 from .distributions import DiagonalNormal, TrilNormal, widened
@@ -151,16 +151,25 @@ class TorchPrior:
     closed-form KLs from it (fastvae/latents.py)."""
 
     def __init__(self, dist: Distribution):
-        if len(dist.event_shape) > 1:
+        base = dist.base_dist if isinstance(dist, Independent) else dist
+        # a categorical's z (..., L, C) has two latent dimensions (issue 35's Concrete)
+        self.z_dims = 2 if isinstance(base, (RelaxedOneHotCategorical, OneHotCategorical)) else 1
+        self.categorical = type(base) is OneHotCategorical
+        if len(dist.event_shape) > self.z_dims:
             raise ValueError(f"a torch prior has at most one event dimension (the latent), got event shape "
                              f"{tuple(dist.event_shape)}")
         self.dist = dist
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log p(z) summed over the last dimension, in z's compute dtype."""
+        if self.categorical:
+            raise ValueError("a OneHotCategorical prior gives the ELBO's analytic categorical KL only: iwae, "
+                             "log_likelihood, evaluate and a Monte Carlo KL need a density at the relaxed z; "
+                             "use a RelaxedOneHotCategorical prior there")
         (z,) = widened(z)
         lp = self.dist.log_prob(z)
-        return lp.sum(-1) if len(self.dist.event_shape) == 0 else lp
+        extra = self.z_dims - len(self.dist.event_shape)
+        return lp.sum(tuple(range(-extra, 0))) if extra > 0 else lp
 
     def sample(self, n: int) -> Tensor:
         """n latents (n, Lz) (torch's own sampler: not differentiable, for generation)."""

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for a GPU target; no
 aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
 
 HEAVY = ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob", "sample_location_scale",
-         "sample_positive")
+         "sample_positive", "sample_concrete")
 # the plain noise fills (evaluation's optional strided fill, the uniforms' test hook) are not heavy ops
 NOT_HEAVY_KERNELS = ("_randn_kernel", "_uniform_kernel")
 SHAPES = [dict(K=50, B=256, L=32, D=784), dict(K=5, B=256, L=16, D=64), dict(K=5000, B=1, L=32, D=784)]

@@ -358,3 +358,17 @@ def test_discretized_logistic_mixture_log_prob_raises_a_named_error_when_differe
     torch.testing.assert_close(dparams, plain, rtol=0, atol=0)  # the kernel's, usable as a number
     with pytest.raises(RuntimeError, match=r"fastvae\.discretized_logistic_mixture_log_prob does not support double"):
         torch.autograd.grad((dparams**2).sum(), [params])
+
+
+def test_sample_concrete_raises_a_named_error_when_differentiated_twice(backend):
+    """issue 35: the relaxed categorical's backward is a kernel (tests/test_sample_concrete.py)."""
+    _, device = backend
+    g = torch.Generator().manual_seed(8)
+    logits = _leaf(torch.randn(3, 2, 4, generator=g, dtype=F64), device)
+    z, log_q = fastvae.sample_concrete(logits, 0.7, 2, generator=torch.Generator().manual_seed(3))
+    loss = (z * z).sum() + log_q.sum()
+    plain = torch.autograd.grad(loss, [logits], retain_graph=True)[0]
+    (d,) = torch.autograd.grad(loss, [logits], create_graph=True)
+    torch.testing.assert_close(d, plain, rtol=0, atol=0)  # the kernel's, usable as a number
+    with pytest.raises(RuntimeError, match=r"fastvae\.sample_concrete does not support double backward"):
+        torch.autograd.grad((d**2).sum(), [logits])

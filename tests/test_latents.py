@@ -542,3 +542,189 @@ def test_positive_errors_name_the_argument():
     with pytest.raises(ValueError, match="the prior's rate"):
         fastvae.elbo(x, td.Exponential(ones), _decode(W), likelihood="bernoulli",
                      prior=td.Exponential(-torch.ones(L), validate_args=False))
+
+
+# -- the relaxed categorical (Concrete / Gumbel-softmax) -----------------------------
+
+CC = 4  # categories per latent
+LAM = 0.6
+
+
+def _concrete_data(device):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(B, D, generator=g) < 0.5).double().to(device)
+    W = (torch.randn(L * CC, D, generator=g, dtype=torch.float64) * 0.5).to(device)
+    logits = torch.randn(B, L, CC, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    return x, W, logits
+
+
+def _concrete_decode(W):
+    return lambda z: z.flatten(-2) @ W
+
+
+def _concrete_q(logits):
+    return td.Independent(td.RelaxedOneHotCategorical(torch.tensor(LAM, dtype=torch.float64, device=logits.device),
+                                                      logits=logits), 1)
+
+
+def _concrete_prior(device):
+    return td.Independent(td.RelaxedOneHotCategorical(torch.tensor(LAM, dtype=torch.float64, device=device),
+                                                      logits=torch.zeros(L, CC, dtype=torch.float64,
+                                                                         device=device)), 1)
+
+
+def _concrete_z(seed, K, logits, offsets=None):
+    """The relaxed z of the training layout (float64 uniforms), differentiable in the logits."""
+    if offsets is None:
+        offsets = torch.arange(K * B * L * CC)
+    t = reference.concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, CC).to(logits.device)
+    return torch.softmax((logits - torch.log(t)) / LAM, -1)
+
+
+@pytest.mark.parametrize("prior_kind", ["relaxed", "categorical"])
+@pytest.mark.parametrize("torch_object", [False, True], ids=["record", "torch"])
+def test_concrete_elbo_matches_handwritten(backend, torch_object, prior_kind):
+    """The same noise by hand: Monte Carlo KL against a relaxed prior (torch's
+    log_prob), the analytic categorical KL against a uniform OneHotCategorical."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    user_q = _concrete_q(logits) if torch_object else fastvae.Concrete(logits, LAM)
+    if prior_kind == "relaxed":
+        prior = _concrete_prior(device)
+    else:
+        prior = td.OneHotCategorical(logits=torch.zeros(CC, dtype=torch.float64, device=device))
+    terms = fastvae.elbo_terms(x, user_q, _concrete_decode(W), likelihood="bernoulli", n_samples=2, prior=prior,
+                               generator=gen(7), reduction="sum")
+    assert terms.kl_analytic == (prior_kind == "categorical")
+    (grad,) = torch.autograd.grad(terms.bound, logits, retain_graph=True)
+    z = _concrete_z(philox_seed_of(7), 2, logits)
+    rec = td.Independent(td.Bernoulli(logits=_concrete_decode(W)(z)), 1).log_prob(x).mean(0)
+    q = _concrete_q(logits)
+    if prior_kind == "relaxed":
+        kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
+    else:
+        kl = td.kl_divergence(td.Categorical(logits=logits), td.Categorical(logits=torch.zeros_like(logits))).sum(-1)
+    bound = (rec - kl).sum()
+    torch.testing.assert_close(terms.bound, bound, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl, kl.sum(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, torch.autograd.grad(bound, logits)[0], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_concrete_iwae_matches_handwritten(backend, estimator):
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    prior = _concrete_prior(device)
+    bound = fastvae.iwae(x, _concrete_q(logits), _concrete_decode(W), k=4, likelihood="bernoulli",
+                         estimator=estimator, prior=prior, generator=gen(3), reduction="sum")
+    (grad,) = torch.autograd.grad(bound, logits, retain_graph=True)
+    z = _concrete_z(philox_seed_of(3), 4, logits)
+    rec = td.Independent(td.Bernoulli(logits=_concrete_decode(W)(z)), 1).log_prob(x)
+    lw = rec + prior.log_prob(z) - _concrete_q(logits).log_prob(z)
+    value = torch.logsumexp(lw, 0) - math.log(4)
+    if estimator == "iwae":
+        surrogate = value
+    else:
+        lw_stop = rec + prior.log_prob(z) - _concrete_q(logits.detach()).log_prob(z)
+        v = torch.softmax(lw.detach(), 0)
+        surrogate = ((v if estimator == "stl" else v * v) * lw_stop).sum(0)
+    torch.testing.assert_close(bound, value.sum(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, torch.autograd.grad(surrogate.sum(), logits)[0], rtol=1e-7, atol=1e-10)
+
+
+def test_concrete_log_likelihood_matches_handwritten(backend):
+    """log_likelihood at K = 7 with chunks of 3: the noise of sample k of example
+    g at offset (g K + k) L C + l C + c (the evaluation's layout)."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    logits = logits.detach()
+    K = 7
+    offsets = torch.arange(B * K * L * CC).reshape(B, K, L, CC).transpose(0, 1).reshape(-1)
+    z = _concrete_z(philox_seed_of(4), K, logits, offsets)
+    prior = _concrete_prior(device)
+    lw = (td.Independent(td.Bernoulli(logits=_concrete_decode(W)(z)), 1).log_prob(x) + prior.log_prob(z)
+          - _concrete_q(logits).log_prob(z))
+    expected = torch.logsumexp(lw, 0) - math.log(K)
+    for chunk in (3, 7):
+        got = fastvae.log_likelihood(x, lambda _: _concrete_q(logits), _concrete_decode(W), k=K,
+                                     likelihood="bernoulli", chunk_size=chunk, generator=gen(4), prior=prior)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    result = fastvae.evaluate([x], lambda _: fastvae.Concrete(logits, LAM), _concrete_decode(W), k=K,
+                              likelihood="bernoulli", generator=gen(4), prior=prior)
+    assert math.isfinite(result.log_likelihood)
+
+
+def test_concrete_elbo_agrees_with_torch_sampling_within_monte_carlo_error(backend):
+    """fastvae's ELBO (its own noise) against torch's rsample + log_prob (torch's
+    noise), 4000 samples each: |difference| < 4 standard errors, three seeds."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    logits = logits.detach()
+    prior = _concrete_prior(device)
+    n = 4000
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        terms = fastvae.elbo_terms(x, _concrete_q(logits), _concrete_decode(W), likelihood="bernoulli",
+                                   n_samples=n, prior=prior, reduction="none")
+        q = _concrete_q(logits)
+        z = q.rsample((n,))
+        per = (td.Independent(td.Bernoulli(logits=_concrete_decode(W)(z)), 1).log_prob(x) + prior.log_prob(z)
+               - q.log_prob(z))
+        se = per.std(0) * math.sqrt(2.0 / n)  # two independent means of n samples
+        assert ((terms.bound - per.mean(0)).abs() < 4 * se).all(), (seed, terms.bound, per.mean(0), se)
+
+
+def test_concrete_hard_elbo_takes_the_categorical_kl(backend):
+    """hard=True: the decoder gets one-hot z (straight-through), the KL is the categorical one."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    prior = td.OneHotCategorical(logits=torch.zeros(CC, dtype=torch.float64, device=device))
+    seen = []
+
+    def decode(z):
+        seen.append(z)
+        return _concrete_decode(W)(z)
+
+    terms = fastvae.elbo_terms(x, fastvae.Concrete(logits, LAM, hard=True), decode, likelihood="bernoulli",
+                               prior=prior, generator=gen(5), free_bits=0.01)
+    assert terms.kl_analytic and ((seen[0] == 0) | (seen[0] == 1)).all()
+    terms.bound.backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad != 0).any()
+
+
+def test_concrete_errors_name_the_argument(backend):
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    with pytest.raises(TypeError, match="RelaxedBernoulli is not supported"):
+        fastvae.elbo(x, td.RelaxedBernoulli(torch.tensor(0.5), logits=logits[..., 0]), _concrete_decode(W),
+                     likelihood="bernoulli")
+    categorical = td.OneHotCategorical(logits=torch.zeros(CC, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="OneHotCategorical prior gives the ELBO's analytic categorical KL only"):
+        fastvae.iwae(x, _concrete_q(logits), _concrete_decode(W), likelihood="bernoulli", prior=categorical)
+    with pytest.raises(ValueError, match="hard=True takes a OneHotCategorical prior"):
+        fastvae.elbo(x, fastvae.Concrete(logits, LAM, hard=True), _concrete_decode(W), likelihood="bernoulli",
+                     prior=_concrete_prior(device))
+    with pytest.raises(ValueError, match="hard=True has no density"):
+        fastvae.iwae(x, fastvae.Concrete(logits, LAM, hard=True), _concrete_decode(W), likelihood="bernoulli",
+                     prior=_concrete_prior(device))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastvae.Concrete(logits, 0.0)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_concrete_reconstruction_probability_matches_handwritten(backend, hard):
+    """log mean_k p(x | z_k) over the evaluation's noise layout (no prior, so hard=True is fine)."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    logits = logits.detach()
+    K = 6
+    offsets = torch.arange(B * K * L * CC).reshape(B, K, L, CC).transpose(0, 1).reshape(-1)
+    z = _concrete_z(philox_seed_of(9), K, logits, offsets)
+    if hard:
+        z = torch.nn.functional.one_hot(z.argmax(-1), CC).double()
+    rec = td.Independent(td.Bernoulli(logits=_concrete_decode(W)(z)), 1).log_prob(x)
+    expected = torch.logsumexp(rec, 0) - math.log(K)
+    got = fastvae.reconstruction_probability(x, lambda _: fastvae.Concrete(logits, LAM, hard=hard),
+                                             _concrete_decode(W), n_samples=K, likelihood="bernoulli",
+                                             generator=gen(9))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

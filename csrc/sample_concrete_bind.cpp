@@ -1,0 +1,83 @@
+// Python bindings of sample_concrete (checked buffers -> sample_concrete.cpp).
+#include "buffers.h"
+#include "optional_buffers.h"
+#include "ops.h"
+
+namespace fastvae::bind {
+namespace {
+
+void check_3d(const py::array& a, const char* name) {
+  if (a.ndim() != 3) throw py::value_error(std::string(name) + ": expected a 3-d (N, L, C) array, got " + shape_str(a));
+}
+
+template <typename T>
+void concrete_forward_t(py::array logits, py::array temperature, uint64_t seed, bool hard, uint64_t offset0,
+                        uint64_t sample_stride, uint64_t row_stride, py::array z, py::object log_q, int n_threads) {
+  check_3d(logits, "logits");
+  const int64_t N = logits.shape(0), L = logits.shape(1), C = logits.shape(2);
+  if (z.ndim() != 4) throw py::value_error("z: expected a 4-d (K, N, L, C) array, got " + shape_str(z));
+  const int64_t K = z.shape(0);
+  const T* a = checked<T>(logits, "logits", {N, L, C}, false);
+  const T* lam = checked<T>(temperature, "temperature", {N, L}, false);
+  T* zp = checked<T>(z, "z", {K, N, L, C}, true);
+  py::array q_holder;
+  T* qp = checked_or_null<T>(log_q, q_holder, "log_q", {K, N}, true);
+  py::gil_scoped_release release;
+  fastvae::sample_concrete_forward<T>(a, lam, seed, hard, offset0, sample_stride, row_stride, K, N, L, C, zp, qp,
+                                      n_threads);
+}
+
+template <typename T>
+void concrete_backward_t(py::object dz, py::object dq, py::array logits, py::array temperature, uint64_t seed,
+                         bool stop_score, py::array dlogits, int n_threads) {
+  check_3d(logits, "logits");
+  const int64_t N = logits.shape(0), L = logits.shape(1), C = logits.shape(2);
+  int64_t K = 0;
+  const py::object& samples = dz.is_none() ? dq : dz;
+  if (!samples.is_none()) {
+    const int dims = dz.is_none() ? 2 : 4;
+    if (!py::isinstance<py::array>(samples) || py::reinterpret_borrow<py::array>(samples).ndim() != dims) {
+      throw py::value_error(dz.is_none() ? "grad_log_q: expected a 2-d (K, N) array or None"
+                                         : "grad_z: expected a 4-d (K, N, L, C) array or None");
+    }
+    K = py::reinterpret_borrow<py::array>(samples).shape(0);
+  }
+  py::array dz_holder, dq_holder;
+  const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L, C}, false);
+  const T* gq = checked_or_null<T>(dq, dq_holder, "grad_log_q", {K, N}, false);
+  const T* a = checked<T>(logits, "logits", {N, L, C}, false);
+  const T* lam = checked<T>(temperature, "temperature", {N, L}, false);
+  T* d = checked<T>(dlogits, "dlogits", {N, L, C}, true);
+  py::gil_scoped_release release;
+  fastvae::sample_concrete_backward<T>(g, gq, a, lam, seed, stop_score, K, N, L, C, d, n_threads);
+}
+
+}  // namespace
+
+void bind_sample_concrete(py::module_& m) {
+  m.def("sample_concrete_forward", [](py::array logits, py::array temperature, uint64_t seed, bool hard,
+                                      uint64_t offset0, uint64_t sample_stride, uint64_t row_stride, py::array z,
+                                      py::object log_q, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(logits,
+             [&] { concrete_forward_t<float>(logits, temperature, seed, hard, offset0, sample_stride, row_stride, z,
+                                             log_q, n_threads); },
+             [&] { concrete_forward_t<double>(logits, temperature, seed, hard, offset0, sample_stride, row_stride, z,
+                                              log_q, n_threads); });
+  }, py::arg("logits"), py::arg("temperature"), py::arg("seed"), py::arg("hard"), py::arg("offset0"),
+     py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("log_q").none(true),
+     py::arg("n_threads"));
+
+  m.def("sample_concrete_backward", [](py::object dz, py::object dq, py::array logits, py::array temperature,
+                                       uint64_t seed, bool stop_score, py::array dlogits, int n_threads) {
+    check_threads(n_threads);
+    by_dtype(logits,
+             [&] { concrete_backward_t<float>(dz, dq, logits, temperature, seed, stop_score, dlogits, n_threads); },
+             [&] { concrete_backward_t<double>(dz, dq, logits, temperature, seed, stop_score, dlogits, n_threads); });
+  }, py::arg("grad_z").none(true), py::arg("grad_log_q").none(true), py::arg("logits"), py::arg("temperature"),
+     py::arg("seed"), py::arg("stop_score"), py::arg("dlogits"), py::arg("n_threads"));
+}
+
+FASTVAE_BIND(bind_sample_concrete);
+
+}  // namespace fastvae::bind

@@ -1,0 +1,233 @@
+"""sample_concrete: reparameterized relaxed-categorical (Concrete /
+Gumbel-softmax) samples with log q(z) from the noise that drew them, fused
+(issue 35).
+
+For logits (..., L, C) and a temperature lambda, each latent draws C Exp(1)
+variates t_c = -log u_c (-log1p(-v_c) above 1/2: the Gumbel g_c = -log t_c
+keeps its upper tail) from C consecutive Philox uniforms, and
+
+    y = (logits - log t) / lambda,   z = softmax(y) on the simplex,
+    log q(z) = lgamma(C) + (C - 1) log lambda - sum_c log z_c
+               + sum_c log t_c - C log sum_c t_c,
+
+the Concrete density (Maddison et al. 2017) written through the noise: its
+sum_c pi_c z_c^-lambda is proportional to sum_c t_c, so log q is never taken
+from z (which underflows as lambda -> 0). A -inf logit masks its category:
+z_c = 0 and the density is the Concrete's on the other C' categories.
+``hard=True`` is the straight-through estimator: the one-hot of argmax z
+forward, the relaxed z's gradient backward (log q stays the relaxed one).
+
+The custom ops ``fastvae::sample_concrete`` and ``fastvae::sample_concrete_backward``
+take the logits (N, L, C), the temperature (N, L) (no gradient) and the Philox
+seed as a 0-d int64 tensor: the backward regenerates t and nothing of size
+K x N x L x C is saved. Element (k, n, l, c) uses the uniform at offset
+k * N * L * C + n * L * C + l * C + c (sample_location_scale's uniforms).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _backend, _validate, _value_checks
+from ._double_backward import not_twice
+from ._op import define, draw_seed, run, shaped
+from .sample_normal import _MAX_OFFSET
+
+_NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentiate it once, or use "
+              "fastvae.reference.sample_concrete (plain PyTorch) where a second derivative is needed")
+
+
+def _flat3(t: Tensor) -> Tensor:
+    """(..., L, C) -> contiguous (N, L, C)."""
+    return t.reshape(-1, *t.shape[-2:]).contiguous()
+
+
+def _z_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
+
+
+def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int) -> list[Tensor]:
+    """[z (K, N, L, C), log_q (K, N)] for logits (N, L, C), temperature (N, L)."""
+    backend = _backend.backend_for(logits.device)
+    dtype = _backend.compute_dtype(logits)
+    a = _backend.kernel_input(backend, logits.contiguous(), dtype)
+    lam = temperature.to(dtype).contiguous()
+    N, L, C = a.shape
+    z = _backend.empty_output((n_samples, N, L, C), like=logits, dtype=dtype if backend == "cpp" else _z_dtype(logits))
+    log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
+    _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
+                    offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q)
+    return [_backend.in_dtype(z, _z_dtype(logits)), log_q]
+
+
+def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor | None, grad_log_q: Tensor | None,
+              stop_score: bool) -> Tensor:
+    """dlogits (N, L, C) from grad_z (K, N, L, C) and grad_log_q (K, N) (None: no gradient)."""
+    backend = _backend.backend_for(logits.device)
+    dtype = _backend.compute_dtype(logits)
+    a = _backend.kernel_input(backend, logits.contiguous(), dtype)
+    lam = temperature.to(dtype).contiguous()
+    grad_z, grad_log_q = (None if g is None else _backend.kernel_input(backend, g, dtype).contiguous()
+                          for g in (grad_z, grad_log_q))
+    d = _backend.empty_output(a.shape, like=a)
+    samples = grad_z if grad_z is not None else grad_log_q
+    K = 0 if samples is None else samples.shape[0]
+    _backend.launch(backend, "sample_concrete_backward", max(K, 1) * a.numel(), grad_z=grad_z,
+                    grad_log_q=grad_log_q, logits=a, temperature=lam, seed=seed, stop_score=stop_score, dlogits=d)
+    return _backend.in_dtype(d, logits.dtype)
+
+
+def _fake(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int):
+    dtype = _backend.compute_dtype(logits)
+    return (logits.new_empty((n_samples, *logits.shape), dtype=_z_dtype(logits)),
+            logits.new_empty((n_samples, logits.shape[0]), dtype=dtype))
+
+
+sample_concrete_op = define(
+    "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples) -> (Tensor, Tensor)",
+    lambda logits, temperature, seed, hard, n_samples: tuple(_forward(logits, temperature, seed, hard, n_samples)),
+    _fake,
+)
+sample_concrete_backward_op = define(
+    "sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
+    " bool stop_score) -> Tensor",
+    _backward,
+    lambda logits, temperature, seed, grad_z, grad_log_q, stop_score: torch.empty_like(logits),
+)
+
+
+class SampleConcrete(torch.autograd.Function):
+    """Autograd of fastvae::sample_concrete: (z (K, ..., L, C), log q (K, ...)),
+    saving the logits, the temperature and the seed only. ``stop_score``
+    (STL / DReG): log q's gradient reaches the logits only along z."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, seed, hard, n_samples, stop_score):
+        a = _flat3(logits)
+        lam = temperature.reshape(a.shape[:2])
+        z, log_q = run(sample_concrete_op, a, lam, seed, hard, n_samples)
+        ctx.save_for_backward(a, lam, seed)
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.n_samples, ctx.stop_score = logits.shape, n_samples, stop_score
+        return shaped(z, (n_samples, *logits.shape)), shaped(log_q, (n_samples, *logits.shape[:-2]))
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q):
+        if grad_z is None and grad_log_q is None:
+            return None, None, None, None, None, None
+        a, lam, seed = ctx.saved_tensors
+        K = ctx.n_samples
+        N, L, C = a.shape
+        with torch.no_grad():
+            d = run(sample_concrete_backward_op, a.detach(), lam, seed,
+                    None if grad_z is None else shaped(grad_z.detach(), (K, N, L, C)),
+                    None if grad_log_q is None else shaped(grad_log_q.detach(), (K, N)), bool(ctx.stop_score))
+        d = shaped(d, ctx.shape)
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's numbers, then a named error
+            d = not_twice("sample_concrete", (d,), (a, grad_z, grad_log_q), _NOT_TWICE)[0]
+        return d, None, None, None, None, None
+
+
+def check_args(logits: Tensor, temperature) -> Tensor:
+    """The temperature as a tensor of logits.shape[:-1] in the logits' compute
+    dtype, after the checks by name: logits a float tensor (..., L, C) with
+    C >= 2, no NaN or +inf (-inf masks a category, not all of a latent's);
+    temperature a positive finite float or tensor broadcasting to (..., L),
+    without gradient."""
+    _validate.float_tensors(logits=logits)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (..., L, C) (a latent's C categories last), "
+                         f"got {tuple(logits.shape)}")
+    if logits.shape[-1] < 2:
+        raise ValueError(f"logits must have C >= 2 categories in the last dimension, got shape {tuple(logits.shape)}")
+    dtype = _backend.compute_dtype(logits)
+    if isinstance(temperature, Tensor):
+        if temperature.requires_grad:
+            raise ValueError("temperature must not require grad: sample_concrete gives no gradient to the "
+                             "temperature (pass temperature.detach())")
+        if not temperature.is_floating_point() and temperature.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"temperature must be a float or a floating-point tensor, got {temperature.dtype}")
+        if temperature.device != logits.device:
+            raise ValueError(f"temperature is on {temperature.device}, logits on {logits.device}")
+        try:
+            lam = torch.broadcast_to(temperature.to(dtype), logits.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"temperature of shape {tuple(temperature.shape)} does not broadcast to the latents' "
+                             f"shape {tuple(logits.shape[:-1])}") from None
+        if not torch.compiler.is_compiling() and lam.numel():
+            lo, hi = torch.aminmax(lam.detach())
+            if not (lo.item() > 0 and math.isfinite(hi.item())):
+                raise ValueError(f"temperature must be > 0 and finite, got values in "
+                                 f"[{lo.item():.3g}, {hi.item():.3g}]")
+    else:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+        lam = torch.full(logits.shape[:-1], float(temperature), dtype=dtype, device=logits.device)
+    _value_checks.concrete_logits(logits, "logits")
+    return lam
+
+
+def sample_concrete(
+    logits: Tensor,
+    temperature: float | Tensor,
+    n_samples: int | None = None,
+    *,
+    hard: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reparameterized relaxed one-hot samples (Concrete / Gumbel-softmax) and their log-density.
+
+    Args:
+        logits: (..., L, C): L latents of C >= 2 categories each, unnormalized
+            log-probabilities; -inf masks a category (z_c = 0), NaN and +inf
+            are refused.
+        temperature: > 0, a float or a tensor broadcasting to (..., L) (no
+            gradient flows to it).
+        n_samples: None for one sample shaped like logits; an int K >= 1 for (K, ..., L, C).
+        hard: straight-through: z is the one-hot of the relaxed sample's
+            argmax, its gradient the relaxed sample's; log q is the relaxed one.
+        generator: torch.Generator the Philox seed is drawn from.
+
+    Returns:
+        (z, log_q): z on the simplex, (..., L, C) or (K, ..., L, C), and log q(z)
+        of the relaxed sample summed over the L latents, (...) or (K, ...),
+        computed from the Gumbel noise that drew z. Both are differentiable in
+        the logits; the noise is regenerated in the backward, never stored.
+    """
+    lam = check_args(logits, temperature)
+    K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, logits.numel(), logits)
+    z, log_q = sample_concrete_unchecked(logits, lam, K, hard, False, generator)
+    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+
+
+def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: int, hard: bool, stop_score: bool,
+                              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(z (K, ..., L, C), log q (K, ...)) for arguments the caller has validated
+    (temperature a tensor of logits.shape[:-1])."""
+    seed = draw_seed(logits.device, generator)
+    return SampleConcrete.apply(logits, temperature, seed, bool(hard), n_samples, stop_score)
+
+
+def concrete_at(logits: Tensor, temperature: Tensor, seed: Tensor, n_samples: int, hard: bool, *, offset0: int,
+                sample_stride: int, row_stride: int) -> tuple[Tensor, Tensor]:
+    """(z (n_samples, N, L, C), log q (n_samples, N)) at the noise offsets offset0 +
+    k * sample_stride + n * row_stride + l * C + c: the evaluation's layout. No gradient."""
+    backend = _backend.backend_for(logits.device)
+    dtype = _backend.compute_dtype(logits)
+    a = _backend.kernel_input(backend, _flat3(logits.detach()), dtype)
+    lam = temperature.detach().reshape(a.shape[:2]).to(dtype).contiguous()
+    N, L, C = a.shape
+    z = _backend.empty_output((n_samples, N, L, C), like=logits, dtype=dtype if backend == "cpp" else _z_dtype(logits))
+    log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
+    if z.numel() == 0:
+        return _backend.in_dtype(z, _z_dtype(logits)), log_q.zero_()
+    last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L * C - 1
+    if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
+        raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
+    _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
+                    offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z, log_q=log_q)
+    return _backend.in_dtype(z, _z_dtype(logits)), log_q

@@ -1,0 +1,360 @@
+"""sample_concrete against the float64 reference, per backend (see conftest.py):
+values and gradients (plain and stop-score), the straight-through (hard)
+variant, log q against torch.distributions' RelaxedOneHotCategorical, the
+Gumbel-max property and a Kolmogorov-Smirnov test of the two-category
+marginal, temperatures over [1e-3, 1e3], masked (-inf) categories, half
+precision, the evaluation's layout, errors, and the double backward's error."""
+import math
+
+import pytest
+import torch
+import torch.distributions as td
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae import reference
+from fastvae.sample_concrete import SampleConcrete, concrete_at
+
+from conftest import INTERPRET
+from helpers import RTOL, assert_close, seed_tensor
+
+EXAMPLES = 6 if INTERPRET else 30
+TEMPERATURES = [1e-3, 0.1, 0.5, 1.0, 3.0, 1e3]
+
+
+@st.composite
+def problems(draw):
+    """(batch, L, C, K, data seed, temperature)."""
+    batch = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=2)))
+    return (batch, draw(st.sampled_from([1, 3, 7])), draw(st.sampled_from([2, 3, 5, 16, 33])),
+            draw(st.sampled_from([1, 2, 5])), draw(st.integers(0, 2**31 - 1)), draw(st.sampled_from(TEMPERATURES)))
+
+
+def make_logits(shape, data_seed, dtype, device, requires_grad=False, bound=3.0):
+    g = torch.Generator().manual_seed(data_seed)
+    a = ((torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(dtype).to(device)
+    return a.requires_grad_(requires_grad)
+
+
+def noise(seed, K, shape, dtype, offset0=0):
+    """The Exp(1) variates t (K, *shape) in float64 from the uniforms a `dtype` op draws."""
+    n = K * math.prod(shape)
+    offsets = offset0 + torch.arange(n, dtype=torch.int64)
+    return reference.concrete_noise(seed, offsets, dtype).reshape(K, *shape)
+
+
+def oracle(logits, lam, seed, K, dtype, stop_score=False):
+    """(z, log q) differentiable in float64 logits: plain autograd of the
+    reference's closed form; with stop_score log q is the Concrete density of
+    the (differentiable) z with the logits detached, written in log z."""
+    t = noise(seed, K, logits.shape, dtype)
+    lam = torch.as_tensor(lam, dtype=torch.float64).expand(logits.shape[:-1])
+    z, log_q = reference.concrete_terms(logits, lam, t)[:2]
+    if stop_score:
+        C = logits.shape[-1]
+        log_z = torch.log_softmax((logits - torch.log(t)) / lam[..., None], -1)
+        log_pi = torch.log_softmax(logits.detach(), -1)
+        lm = lam[..., None]
+        log_q = (math.lgamma(C) + (C - 1) * torch.log(lam) + (log_pi - (lm + 1) * log_z).sum(-1)
+                 - C * torch.logsumexp(log_pi - lm * log_z, -1))
+    return z, log_q.sum(-1)
+
+
+def scales(logits, lam, t):
+    """Per-latent condition numbers: Y = sum_c (|a_c| + |log t_c| + 1) / lam
+    bounds the rounding of y = (a - log t) / lam and of everything made from it."""
+    a = logits.detach().double().cpu()
+    a = torch.where(a > -math.inf, a, 0.0)
+    lam = torch.as_tensor(lam, dtype=torch.float64).expand(a.shape[:-1])[..., None]
+    return ((a.abs() + t.log().abs() + 1.0) / lam).sum(-1, keepdim=True) + 1.0
+
+
+def check_forward(z, log_q, logits, lam, seed, K, dtype, hard=False):
+    t = noise(seed, K, logits.shape, dtype)
+    a = logits.detach().double().cpu()
+    lam64 = torch.as_tensor(lam, dtype=torch.float64).cpu().expand(a.shape[:-1])
+    z_ref, q_ref = reference.concrete_terms(a, lam64, t)[:2]
+    Y = scales(logits, lam64, t)
+    C = a.shape[-1]
+    if hard:
+        assert ((z == 0) | (z == 1)).all() and (z.sum(-1) == 1).all()
+        agree = z.double().cpu().argmax(-1) == z_ref.argmax(-1)
+        # the argmax may differ only where the two largest are within rounding
+        top2 = z_ref.topk(min(2, C), -1).values
+        close = (top2[..., 0] - top2[..., -1]) <= 4 * RTOL[torch.float32] * (Y[..., 0] * top2[..., 0] + 1e-30)
+        assert (agree | close).all()
+    else:
+        assert_close(z, z_ref, z_ref * Y, "z")
+    q_scale = (Y[..., 0] * C + t.log().abs().sum(-1) + math.lgamma(C) + C * 2 + C * lam64.log().abs()).sum(-1)
+    assert_close(log_q, q_ref.sum(-1), q_scale, "log_q")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=EXAMPLES)
+@given(problem=problems(), hard=st.booleans())
+def test_forward_matches_reference(backend, dtype, problem, hard):
+    _, device = backend
+    batch, L, C, K, data_seed, lam = problem
+    logits = make_logits((*batch, L, C), data_seed, dtype, device)
+    seed = data_seed * 31 + 7
+    z, log_q = SampleConcrete.apply(logits, torch.full((*batch, L), lam, dtype=dtype, device=device),
+                                    seed_tensor(seed, device), hard, K, False)
+    assert z.dtype == dtype and log_q.dtype == dtype
+    assert z.shape == (K, *batch, L, C) and log_q.shape == (K, *batch)
+    check_forward(z, log_q, logits, lam, seed, K, dtype, hard)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=EXAMPLES)
+@given(problem=problems(), stop_score=st.booleans(), hard=st.booleans())
+def test_backward_matches_reference_autograd(backend, dtype, problem, stop_score, hard):
+    """Gradients of z (relaxed, and straight-through: the same) and log q."""
+    _, device = backend
+    batch, L, C, K, data_seed, lam = problem
+    logits = make_logits((*batch, L, C), data_seed, dtype, device, requires_grad=True)
+    seed = data_seed * 13 + 5
+    g = torch.Generator().manual_seed(data_seed + 1)
+    gz = torch.randn((K, *batch, L, C), generator=g, dtype=torch.float64).to(dtype)
+    gq = torch.randn((K, *batch), generator=g, dtype=torch.float64).to(dtype)
+    z, log_q = SampleConcrete.apply(logits, torch.full((*batch, L), lam, dtype=dtype, device=device),
+                                    seed_tensor(seed, device), hard, K, stop_score)
+    (got,) = torch.autograd.grad((z, log_q), (logits,), (gz.to(device), gq.to(device)))
+    a = logits.detach().double().cpu().requires_grad_()
+    z_ref, q_ref = oracle(a, lam, seed, K, dtype, stop_score)
+    (want,) = torch.autograd.grad((z_ref, q_ref), (a,), (gz.double(), gq.double()))
+    t = noise(seed, K, a.shape, dtype)
+    Y = scales(a, lam, t)
+    zd = z_ref.detach()
+    gza, gqa = gz.double().abs(), gq.double().abs()[..., None, None]
+    scale = ((zd * (gza + (zd * gza).sum(-1, keepdim=True)) * Y + gqa * (C * zd * Y + C * lam + lam + 2.0)).sum(0)
+             / lam + 1e-300)
+    assert got.dtype == dtype
+    assert_close(got, want, scale, "dlogits")
+
+
+def test_log_q_matches_torch_distributions(backend):
+    """log q of the drawn z equals RelaxedOneHotCategorical.log_prob of that z
+    (float64, where torch's value is finite), at several temperatures."""
+    _, device = backend
+    logits = make_logits((4, 5, 6), 21, torch.float64, device)
+    for seed, lam in enumerate((0.3, 0.5, 1.0, 2.0, 7.0)):
+        torch.manual_seed(seed)
+        z, log_q = fastvae.sample_concrete(logits, lam, n_samples=3)
+        assert z.shape == (3, 4, 5, 6) and log_q.shape == (3, 4)
+        torch.testing.assert_close(z.sum(-1), torch.ones(3, 4, 5, dtype=torch.float64, device=device))
+        temperature = torch.tensor(lam, dtype=torch.float64, device=device)
+        expected = td.Independent(td.RelaxedOneHotCategorical(temperature, logits=logits), 1).log_prob(z)
+        assert torch.isfinite(expected).all()
+        assert_close(log_q, expected, expected.abs() + 100.0, f"log_q at {lam}")
+
+
+def test_gumbel_max_frequencies(backend):
+    """The straight-through one-hot is argmax(logits + Gumbel): its category
+    frequencies follow softmax(logits), whatever the temperature (three seeds,
+    |f - p| < 4.5 standard errors)."""
+    _, device = backend
+    probs = torch.tensor([0.05, 0.15, 0.3, 0.5], dtype=torch.float64)
+    logits = probs.log().expand(50, 40, 4).contiguous().to(device)
+    for seed, lam in ((1, 0.2), (2, 1.0), (3, 10.0)):
+        torch.manual_seed(seed)
+        z, _ = fastvae.sample_concrete(logits, lam, n_samples=5, hard=True)
+        f = z.double().cpu().reshape(-1, 4).mean(0)
+        n = z.numel() // 4
+        assert ((f - probs).abs() < 4.5 * (probs * (1 - probs) / n).sqrt()).all(), (seed, f)
+
+
+def test_two_category_marginal_kolmogorov_smirnov(backend):
+    """C = 2: z_0 = sigmoid((a_0 - a_1 + logistic) / lam), so
+    P(z_0 <= s) = sigmoid(lam logit(s) - (a_0 - a_1)); D < 1.95 / sqrt(n) over three seeds."""
+    _, device = backend
+    lam, delta = 0.7, 0.8
+    logits = torch.tensor([delta, 0.0], device=device).expand(60, 50, 2).contiguous()
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        z, _ = fastvae.sample_concrete(logits, lam, n_samples=2)
+        x = z[..., 0].double().flatten().cpu().sort().values
+        s = x.clamp(1e-300, 1 - 1e-16)
+        cdf = torch.sigmoid(lam * (s.log() - torch.log1p(-s)) - delta)
+        n = x.numel()
+        i = torch.arange(n, dtype=torch.float64)
+        d = torch.maximum((i + 1) / n - cdf, cdf - i / n).max().item()
+        assert d < 1.95 / math.sqrt(n), (seed, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_temperatures(backend, dtype):
+    """lam in [1e-3, 1e3]: z on the simplex (nearly one-hot at 1e-3, nearly
+    uniform at 1e3), log q finite (the 1e-3 density is ~1e3 C nats, taken
+    from the noise: z itself underflows) and equal to the reference, gradients finite."""
+    _, device = backend
+    lam = torch.tensor([1e-3, 1e-2, 1.0, 1e2, 1e3], dtype=dtype, device=device)
+    logits = make_logits((3, 5, 9), 4, dtype, device, requires_grad=True, bound=5.0)
+    z, log_q = SampleConcrete.apply(logits, lam.expand(3, 5), seed_tensor(8, device), False, 4, False)
+    assert torch.isfinite(z).all() and (z >= 0).all() and torch.isfinite(log_q).all()
+    assert (z[:, :, 0] == 0).any()  # the coldest latent's z underflows somewhere
+    check_forward(z, log_q, logits, lam.double().cpu().expand(3, 5), 8, 4, dtype)
+    (z.sum() + log_q.sum() + (z * torch.arange(9, device=device)).sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_masked_categories(backend):
+    """-inf logits: z_c = 0 exactly, log q finite and equal to the Concrete
+    density on the remaining categories (torch's, with those columns dropped);
+    the masked logits get zero gradient. A latent with one category left is
+    its one-hot with log q = 0."""
+    _, device = backend
+    logits = make_logits((2, 3, 5), 9, torch.float64, device).detach()
+    mask = torch.zeros(2, 3, 5, dtype=torch.bool, device=device)
+    mask[:, :, 1] = True
+    mask[1, 2, :4] = True  # one category left
+    logits = logits.masked_fill(mask, -math.inf).requires_grad_()
+    z, log_q = fastvae.sample_concrete(logits, 0.6, n_samples=4)
+    assert (z[:, mask] == 0).all() and torch.isfinite(log_q).all()
+    assert (z[:, 1, 2, 4] == 1).all()
+    keep = [0, 2, 3, 4]
+    torch.manual_seed(3)
+    z, log_q = fastvae.sample_concrete(logits[0], 0.6, n_samples=4)
+    expected = td.Independent(td.RelaxedOneHotCategorical(torch.tensor(0.6, dtype=torch.float64, device=device),
+                                                          logits=logits[0][:, keep].detach()), 1).log_prob(z[..., keep])
+    assert_close(log_q, expected, expected.abs() + 100.0, "log_q")
+    (z * torch.randn_like(z)).sum().add(log_q.sum()).backward()
+    assert (logits.grad[mask] == 0).all() and torch.isfinite(logits.grad).all()
+    assert (logits.grad[0][:, keep] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, dtype):
+    """Half-precision logits compute in float32: z in their dtype, log q in float32."""
+    _, device = backend
+    logits = make_logits((4, 3, 6), 2, dtype, device, requires_grad=True)
+    z, log_q = SampleConcrete.apply(logits, torch.full((4, 3), 0.5, device=device), seed_tensor(6, device), False,
+                                    2, False)
+    assert z.dtype == dtype and log_q.dtype == torch.float32
+    t = noise(6, 2, (4, 3, 6), torch.float32)
+    z_ref, q_ref = reference.concrete_terms(logits.detach().double().cpu(), torch.full((4, 3), 0.5).double(), t)[:2]
+    assert_close(z, z_ref, z_ref + 1e-3, "z")
+    assert_close(log_q, q_ref.sum(-1), (q_ref.abs() + 10.0).sum(-1) * scales(logits, 0.5, t).sum((-1, -2)), "log_q")
+    (z.float().sum() + log_q.sum()).backward()
+    assert logits.grad.dtype == dtype and torch.isfinite(logits.grad).all()
+
+
+def test_hard_gradient_is_the_relaxed_gradient(backend):
+    _, device = backend
+    logits = make_logits((3, 4, 7), 5, torch.float64, device, requires_grad=True)
+    lam = torch.full((3, 4), 0.4, dtype=torch.float64, device=device)
+    w = torch.randn(2, 3, 4, 7, dtype=torch.float64, device=device)
+    grads = []
+    for hard in (False, True):
+        z, log_q = SampleConcrete.apply(logits, lam, seed_tensor(3, device), hard, 2, False)
+        grads.append(torch.autograd.grad((z * w).sum() + log_q.sum(), logits)[0])
+        if hard:
+            assert ((z == 0) | (z == 1)).all() and (z.sum(-1) == 1).all()
+            z_soft = SampleConcrete.apply(logits, lam, seed_tensor(3, device), False, 2, False)[0]
+            assert (z.argmax(-1) == z_soft.argmax(-1)).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_evaluation_layout_matches_the_reference(backend):
+    """concrete_at at an offset not divisible by 4 and a row stride (the evaluation's layout)."""
+    _, device = backend
+    logits = make_logits((3, 2, 5), 11, torch.float32, device)
+    lam = torch.full((3, 2), 0.8, device=device)
+    z, log_q = concrete_at(logits, lam, seed_tensor(5, device), 4, False, offset0=7, sample_stride=10,
+                           row_stride=4 * 10)
+    zr = torch.empty(4, 3, 2, 5, dtype=torch.float64)
+    qr = torch.empty(4, 3, dtype=torch.float64)
+    reference.sample_concrete_forward(logits.double().cpu(), lam.double().cpu(), 5, False, 7, 10, 40, zr, qr)
+    assert_close(z, zr, zr * 100.0, "z")
+    assert_close(log_q, qr, qr.abs() + 100.0, "log_q")
+
+
+def test_empty_and_one_sample(backend):
+    _, device = backend
+    z, log_q = fastvae.sample_concrete(torch.zeros(0, 3, 4, device=device), 1.0, 2)
+    assert z.shape == (2, 0, 3, 4) and log_q.shape == (2, 0)
+    z, log_q = fastvae.sample_concrete(torch.zeros(3, 4, device=device), 1.0)
+    assert z.shape == (3, 4) and log_q.shape == () and torch.isfinite(log_q)
+    torch.testing.assert_close(z.sum(-1), torch.ones(3, device=device))
+
+
+def test_generator_reproduces(backend):
+    _, device = backend
+    logits = torch.randn(2, 3, 4, device=device)
+    a = fastvae.sample_concrete(logits, 0.5, 2, generator=torch.Generator().manual_seed(4))
+    b = fastvae.sample_concrete(logits, 0.5, 2, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_errors_name_the_argument():
+    fastvae.set_value_checks("always")
+    x = torch.zeros(2, 3, 4)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            fastvae.sample_concrete(x, bad)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastvae.sample_concrete(x, torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="temperature must not require grad"):
+        fastvae.sample_concrete(x, torch.ones(3, requires_grad=True))
+    with pytest.raises(ValueError, match="temperature of shape"):
+        fastvae.sample_concrete(x, torch.ones(5))
+    with pytest.raises(ValueError, match="logits must have C >= 2"):
+        fastvae.sample_concrete(torch.zeros(2, 3, 1), 1.0)
+    with pytest.raises(ValueError, match="logits must have shape"):
+        fastvae.sample_concrete(torch.zeros(3), 1.0)
+    with pytest.raises(ValueError, match="logits must be finite or -inf"):
+        fastvae.sample_concrete(torch.full((2, 3, 4), math.nan), 1.0)
+    with pytest.raises(ValueError, match="logits must be finite or -inf"):
+        fastvae.sample_concrete(x.index_fill(2, torch.tensor([0]), math.inf), 1.0)
+    with pytest.raises(ValueError, match="logits has a latent with every category -inf"):
+        fastvae.sample_concrete(torch.full((2, 3, 4), -math.inf), 1.0)
+    with pytest.raises(TypeError, match="logits must be a floating-point"):
+        fastvae.sample_concrete(torch.zeros(2, 3, 4, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="n_samples"):
+        fastvae.sample_concrete(x, 1.0, 0)
+
+
+def test_double_backward_is_a_named_error(backend):
+    """create_graph=True: the first derivative is the kernel's (usable as a
+    number); differentiating it again raises an error naming the op."""
+    _, device = backend
+    logits = make_logits((2, 3, 4), 6, torch.float64, device, requires_grad=True)
+    z, log_q = fastvae.sample_concrete(logits, 0.5, 2, generator=torch.Generator().manual_seed(1))
+    loss = (z.pow(2) * torch.arange(4, device=device)).sum() + log_q.sum()
+    plain = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    (d,) = torch.autograd.grad(loss, logits, create_graph=True)
+    torch.testing.assert_close(d, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"fastvae\.sample_concrete does not support double backward"):
+        torch.autograd.grad((d**2).sum(), logits)
+
+
+def test_compiles_without_graph_breaks(backend):
+    """torch.compile(fullgraph=True) traces sample_concrete (float and tensor
+    temperatures, hard or not) and gives eager's values and gradients."""
+    _, device = backend
+    logits = make_logits((3, 4, 5), 12, torch.float32, device, requires_grad=True)
+    lam = torch.full((3, 4), 0.7, device=device)
+    w = torch.randn(2, 3, 4, 5).to(device)
+
+    def f(a):
+        z, log_q = fastvae.sample_concrete(a, 0.5, 2)
+        z2, log_q2 = fastvae.sample_concrete(a, lam, 2, hard=True)
+        return (z * w).sum() + log_q.sum() + (z2 * w).sum() + log_q2.sum(), z, z2
+
+    from helpers import assert_compiled_matches_eager
+    assert_compiled_matches_eager(f, (logits,), [logits])
+
+
+def test_opcheck(backend):
+    from fastvae.sample_concrete import sample_concrete_backward_op, sample_concrete_op
+    _, device = backend
+    logits = make_logits((4, 3, 5), 6, torch.float32, device)
+    lam = torch.full((4, 3), 0.6, device=device)
+    seed = seed_tensor(2024, device)
+    torch.library.opcheck(sample_concrete_op, (logits, lam, seed, False, 3))
+    torch.library.opcheck(sample_concrete_op, (logits, lam, seed, True, 2))
+    dz = torch.randn(3, 4, 3, 5, device=device)
+    dq = torch.randn(3, 4, device=device)
+    torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, dz, dq, False))
+    torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, None, dq, True))
+    torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, dz, None, False))
