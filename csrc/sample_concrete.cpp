@@ -40,52 +40,150 @@ FASTVAE_INLINE T exp1(int32_t x) {
   return x < kHalfWord ? -log_c(u) : -log1m(v);
 }
 
-// One latent of C categories: z (soft, or the one-hot of its argmax when
-// hard) and the latent's log q; y and t are scratch of C. Masked (-inf)
-// categories get y = -inf, t = 0, so exp(y - m) = 0 needs no branch. Three
-// transcendentals per element: log u, log t and exp(y - m) (z = e / s).
+// The per-element transcendentals run in flat loops over a whole tile (ISA
+// clones for float32, as sample_positive's): t and log t of every element,
+// then exp(y - m) of every element; only the sums and the max run per latent.
+
+// t = the Exp(1) variate, lt = log t, of n folded words.
 template <typename T>
-FASTVAE_INLINE double latent_forward(const int32_t* x, const T* a, T lam, int64_t C, bool hard, T* y, T* t, T* z,
-                                     T* w_out, T* count_out) {
+FASTVAE_INLINE void noise_terms_t(const int32_t* x, int64_t n, T* t, T* lt) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T tc = exp1<T>(x[i]);
+    t[i] = tc;
+    lt[i] = log_c(tc);
+  }
+}
+
+// z = exp(y - m) of n elements.
+template <typename T>
+FASTVAE_INLINE void exp_shifted_t(const T* y, const T* m, int64_t n, T* z) {
+  for (int64_t i = 0; i < n; ++i) z[i] = exp_c(y[i] - m[i]);
+}
+
+FASTVAE_CLONES void noise_terms_f32(const int32_t* x, int64_t n, float* t, float* lt) { noise_terms_t(x, n, t, lt); }
+FASTVAE_CLONES void exp_shifted_f32(const float* y, const float* m, int64_t n, float* z) { exp_shifted_t(y, m, n, z); }
+FASTVAE_INLINE void noise_terms(const int32_t* x, int64_t n, float* t, float* lt) { noise_terms_f32(x, n, t, lt); }
+FASTVAE_INLINE void noise_terms(const int32_t* x, int64_t n, double* t, double* lt) { noise_terms_t(x, n, t, lt); }
+FASTVAE_INLINE void exp_shifted(const float* y, const float* m, int64_t n, float* z) { exp_shifted_f32(y, m, n, z); }
+FASTVAE_INLINE void exp_shifted(const double* y, const double* m, int64_t n, double* z) { exp_shifted_t(y, m, n, z); }
+
+// What one latent's density needs besides z.
+template <typename T>
+struct LatentSums {
+  T m, sum_t, sum_lt, sum_y;
+  int64_t cnt;
+};
+
+// One latent's scores y = (a - log t) / lam, its max and sums; masked (-inf)
+// categories get y = -inf and t = 0 (so exp(y - m) = 0 needs no branch), and
+// are left out of the sums. mm[c] = the max, for the flat exp pass.
+template <typename T>
+FASTVAE_INLINE LatentSums<T> latent_scores(const T* a, T lam, int64_t C, T* t, const T* lt, T* y, T* mm) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const T ilam = T(1) / lam;
-  T m = ninf, sum_t = T(0), sum_lt = T(0), sum_y = T(0);
-  int64_t cnt = 0;
+  LatentSums<T> r{ninf, T(0), T(0), T(0), 0};
   for (int64_t c = 0; c < C; ++c) {
     const bool ok = a[c] != ninf;
-    const T tc = exp1<T>(x[c]);
-    const T lt = log_c(tc);
-    const T yc = (a[c] - lt) * ilam;
-    t[c] = ok ? tc : T(0);
+    const T yc = (a[c] - lt[c]) * ilam;
+    r.sum_t += ok ? t[c] : T(0);
+    r.sum_lt += ok ? lt[c] : T(0);
+    r.sum_y += ok ? yc : T(0);
+    r.cnt += ok;
+    t[c] = ok ? t[c] : T(0);
     y[c] = ok ? yc : ninf;
-    sum_t += ok ? tc : T(0);
-    sum_lt += ok ? lt : T(0);
-    sum_y += ok ? yc : T(0);
-    cnt += ok;
-    m = std::max(m, y[c]);
+    r.m = std::max(r.m, y[c]);
   }
+  for (int64_t c = 0; c < C; ++c) mm[c] = r.m;
+  return r;
+}
+
+// z /= its sum (then the one-hot of its argmax when hard); returns log q of
+// the latent when asked (lgamma and two logs: the forward only):
+// -sum_c log z_c = cnt (m + log s) - sum_c y_c over the unmasked categories.
+template <typename T>
+FASTVAE_INLINE double latent_finish(const LatentSums<T>& r, T lam, int64_t C, bool hard, bool want_log_q, const T* y,
+                                    T* z) {
   T s = T(0);
-  for (int64_t c = 0; c < C; ++c) {
-    z[c] = exp_c(y[c] - m);
-    s += z[c];
-  }
+  for (int64_t c = 0; c < C; ++c) s += z[c];
   const T is = T(1) / s;
   for (int64_t c = 0; c < C; ++c) z[c] *= is;
-  const T ls = log_c(s);
-  const T cn = static_cast<T>(cnt);
-  if (w_out) {
-    const T it = T(1) / sum_t;
-    for (int64_t c = 0; c < C; ++c) w_out[c] = t[c] * it;
-    *count_out = cn;
-  }
   if (hard) {
     int64_t arg = 0;
     for (int64_t c = 1; c < C; ++c) arg = y[c] > y[arg] ? c : arg;
     for (int64_t c = 0; c < C; ++c) z[c] = c == arg ? T(1) : T(0);
   }
-  // -sum_c log z_c = cnt (m + ls) - sum_c y_c over the unmasked categories
-  return std::lgamma(double(cnt)) + double(cn - T(1)) * double(log_c(lam)) + double(cn) * (double(m) + double(ls)) -
-         double(sum_y) + double(sum_lt) - double(cn) * double(log_c(sum_t));
+  if (!want_log_q) return 0.0;
+  const T cn = static_cast<T>(r.cnt);
+  return std::lgamma(double(r.cnt)) + double(cn - T(1)) * double(log_c(lam)) +
+         double(cn) * (double(r.m) + double(log_c(s))) - double(r.sum_y) + double(r.sum_lt) -
+         double(cn) * double(log_c(r.sum_t));
+}
+
+// Scratch of one tile of n elements.
+template <typename T>
+struct TileScratch {
+  std::vector<int32_t> x;
+  std::vector<T> t, lt, y, mm;
+  explicit TileScratch(int64_t n)
+      : x(static_cast<size_t>(n)), t(static_cast<size_t>(n)), lt(static_cast<size_t>(n)), y(static_cast<size_t>(n)),
+        mm(static_cast<size_t>(n)) {}
+};
+
+// The per-latent passes over a tile's latents (short loops over C, which the
+// ISA clones vectorize too): the scores, then z's normalization and (when
+// lq is given) each latent's log q.
+template <typename T>
+FASTVAE_INLINE void tile_scores_t(const T* logits, const T* temperature, int64_t n, int64_t C, T* t, const T* lt, T* y,
+                                  T* mm, LatentSums<T>* sums) {
+  for (int64_t j = 0, e = 0; e < n; ++j, e += C) {
+    sums[j] = latent_scores(logits + e, temperature[j], C, t + e, lt + e, y + e, mm + e);
+  }
+}
+
+template <typename T>
+FASTVAE_INLINE void tile_finish_t(const LatentSums<T>* sums, const T* temperature, int64_t n, int64_t C, bool hard,
+                                  const T* y, T* z, double* lq) {
+  for (int64_t j = 0, e = 0; e < n; ++j, e += C) {
+    const double q = latent_finish(sums[j], temperature[j], C, hard, lq != nullptr, y + e, z + e);
+    if (lq) lq[j] = q;
+  }
+}
+
+FASTVAE_CLONES void tile_scores_f32(const float* logits, const float* temperature, int64_t n, int64_t C, float* t,
+                                    const float* lt, float* y, float* mm, LatentSums<float>* sums) {
+  tile_scores_t(logits, temperature, n, C, t, lt, y, mm, sums);
+}
+FASTVAE_CLONES void tile_finish_f32(const LatentSums<float>* sums, const float* temperature, int64_t n, int64_t C,
+                                    bool hard, const float* y, float* z, double* lq) {
+  tile_finish_t(sums, temperature, n, C, hard, y, z, lq);
+}
+FASTVAE_INLINE void tile_scores(const float* logits, const float* temperature, int64_t n, int64_t C, float* t,
+                                const float* lt, float* y, float* mm, LatentSums<float>* sums) {
+  tile_scores_f32(logits, temperature, n, C, t, lt, y, mm, sums);
+}
+FASTVAE_INLINE void tile_scores(const double* logits, const double* temperature, int64_t n, int64_t C, double* t,
+                                const double* lt, double* y, double* mm, LatentSums<double>* sums) {
+  tile_scores_t(logits, temperature, n, C, t, lt, y, mm, sums);
+}
+FASTVAE_INLINE void tile_finish(const LatentSums<float>* sums, const float* temperature, int64_t n, int64_t C,
+                                bool hard, const float* y, float* z, double* lq) {
+  tile_finish_f32(sums, temperature, n, C, hard, y, z, lq);
+}
+FASTVAE_INLINE void tile_finish(const LatentSums<double>* sums, const double* temperature, int64_t n, int64_t C,
+                                bool hard, const double* y, double* z, double* lq) {
+  tile_finish_t(sums, temperature, n, C, hard, y, z, lq);
+}
+
+// z (n elements, whole latents of C), normalized (one-hot when hard), and
+// the per-latent sums and (lq given) log q of the latents [j0, j0 + n / C)
+// from the words in w.x; temperature and logits at latent j0.
+template <typename T>
+FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* temperature, int64_t n, int64_t C,
+                                 bool hard, T* z, LatentSums<T>* sums, double* lq) {
+  noise_terms(w.x.data(), n, w.t.data(), w.lt.data());
+  tile_scores(logits, temperature, n, C, w.t.data(), w.lt.data(), w.y.data(), w.mm.data(), sums);
+  exp_shifted(w.y.data(), w.mm.data(), n, z);
+  tile_finish(sums, temperature, n, C, hard, w.y.data(), z, lq);
 }
 
 }  // namespace
@@ -107,18 +205,18 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
       const int64_t r0 = tile * tile_rows, r1 = std::min(N, r0 + tile_rows);
       const int64_t n = (r1 - r0) * LC;
-      std::vector<int32_t> x(static_cast<size_t>(n));
-      std::vector<T> y(static_cast<size_t>(C)), t(static_cast<size_t>(C));
-      folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, r0 * LC, n, LC, row_stride, x.data());
-      for (int64_t row = r0; row < r1; ++row) {
-        double acc = 0.0;
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t e = row * LC + l * C;
-          acc += latent_forward<T>(x.data() + (e - r0 * LC), logits + e, temperature[row * L + l], C, hard,
-                                   y.data(), t.data(), z + k * NLC + e, static_cast<T*>(nullptr),
-                                   static_cast<T*>(nullptr));
+      TileScratch<T> w(n);
+      std::vector<LatentSums<T>> sums(static_cast<size_t>((r1 - r0) * L));
+      std::vector<double> lq(log_q ? static_cast<size_t>((r1 - r0) * L) : 0);
+      folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, r0 * LC, n, LC, row_stride, w.x.data());
+      tile_samples(w, logits + r0 * LC, temperature + r0 * L, n, C, hard, z + k * NLC + r0 * LC, sums.data(),
+                   log_q ? lq.data() : nullptr);
+      if (log_q) {
+        for (int64_t row = r0; row < r1; ++row) {
+          double acc = 0.0;
+          for (int64_t l = 0; l < L; ++l) acc += lq[static_cast<size_t>((row - r0) * L + l)];
+          log_q[k * N + row] = static_cast<T>(acc);
         }
-        if (log_q) log_q[k * N + row] = static_cast<T>(acc);
       }
     }
   }
@@ -137,31 +235,33 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * block, j1 = std::min(NL, j0 + block);
     const int64_t n = (j1 - j0) * C;
-    std::vector<int32_t> x(static_cast<size_t>(n));
-    std::vector<T> acc(static_cast<size_t>(n), T(0)), y(static_cast<size_t>(C)), t(static_cast<size_t>(C)),
-        z(static_cast<size_t>(C)), w(static_cast<size_t>(C));
+    TileScratch<T> w(n);
+    std::vector<T> acc(static_cast<size_t>(n), T(0)), z(static_cast<size_t>(n));
+    std::vector<LatentSums<T>> sums(static_cast<size_t>(j1 - j0));
     for (int64_t k = 0; k < K; ++k) {
-      folded_words(seed, static_cast<uint64_t>(k * NLC + j0 * C), n, x.data());
+      folded_words(seed, static_cast<uint64_t>(k * NLC + j0 * C), n, w.x.data());
+      tile_samples(w, logits + j0 * C, temperature + j0, n, C, false, z.data(), sums.data(), nullptr);
       for (int64_t j = j0; j < j1; ++j) {
-        const int64_t e = j * C;
+        const int64_t e = (j - j0) * C;
+        const LatentSums<T>& r = sums[j - j0];
         const T lam = temperature[j];
-        T cnt = T(0);
-        latent_forward<T>(x.data() + (e - j0 * C), logits + e, lam, C, false, y.data(), t.data(), z.data(),
-                          w.data(), &cnt);
-        T* d = acc.data() + (e - j0 * C);
+        const T* zj = z.data() + e;
+        T* d = acc.data() + e;
         if (dz) {
-          const T* g = dz + k * NLC + e;
+          const T* g = dz + k * NLC + j * C;
           T zg = T(0);
-          for (int64_t c = 0; c < C; ++c) zg += z[c] * g[c];
-          for (int64_t c = 0; c < C; ++c) d[c] += z[c] * (g[c] - zg);
+          for (int64_t c = 0; c < C; ++c) zg += zj[c] * g[c];
+          for (int64_t c = 0; c < C; ++c) d[c] += zj[c] * (g[c] - zg);
         }
         if (dlog_q) {
           const T gq = dlog_q[k * N + j / L];
+          const T cnt = static_cast<T>(r.cnt);
           if (stop_score) {
-            const T b = lam + T(1), cl = cnt * lam;
-            for (int64_t c = 0; c < C; ++c) d[c] += gq * (cnt * z[c] + cl * w[c] - b);
+            const T b = lam + T(1), cl = cnt * lam, it = T(1) / r.sum_t;
+            const T* t = w.t.data() + e;
+            for (int64_t c = 0; c < C; ++c) d[c] += gq * (cnt * zj[c] + cl * (t[c] * it) - b);
           } else {
-            for (int64_t c = 0; c < C; ++c) d[c] += gq * (cnt * z[c] - T(1));
+            for (int64_t c = 0; c < C; ++c) d[c] += gq * (cnt * zj[c] - T(1));
           }
         }
       }
