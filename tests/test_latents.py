@@ -178,6 +178,48 @@ def test_normal_transforms_match_handwritten(backend, name, torch_object):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("prior_kind", ["record", "torch"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_against_the_standard_prior(backend, name, prior_kind):
+    """Against the family's standard prior (a record of zeros, torch's
+    LogNormal(0, 1) / LogisticNormal(0, 1)) the KL is the sampler's own (on
+    the CPU): the ELBO and its gradients, and rsample_with_log_q_and_kl's
+    z, log q and KL, against torch on the same noise."""
+    _, device = backend
+    x, W, mu, s = _data(device)
+    user_q, q = _normal_transform(name, mu, s, False)
+    zeros = torch.zeros(L, dtype=torch.float64, device=device)
+    if prior_kind == "record":
+        prior = type(user_q)(zeros, zeros)
+    else:
+        prior = _normal_transform(name, zeros, zeros + 1.0, True)[1]
+    p = _normal_transform(name, zeros, zeros + 1.0, True)[1]
+    y = mu + s * reference.sample_noise(philox_seed_of(5), 2, mu.shape, torch.float64, "cpu").to(device)
+    z = _transform(name, y)
+    rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x)
+    kl = td.kl_divergence(q, p)
+    terms = fastvae.elbo_terms(x, user_q, _decode(W), likelihood="bernoulli", n_samples=2, prior=prior,
+                               generator=gen(5), reduction="sum")
+    assert terms.kl_analytic
+    want = (rec.mean(0) - kl).sum()
+    torch.testing.assert_close(terms.bound, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl, kl.sum(), rtol=1e-10, atol=1e-10)
+    for got, expected in zip(torch.autograd.grad(terms.bound, (mu, s)), torch.autograd.grad(want, (mu, s))):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+    check = fastvae.priors.check_prior(prior, L)
+    torch.manual_seed(3)
+    zz, log_q, kl_fused = user_q.rsample_with_log_q_and_kl(2, check)
+    torch.manual_seed(3)
+    z_ref, log_q_ref = user_q.rsample_with_log_q(2, None, False)
+    torch.testing.assert_close(zz, z_ref, rtol=0, atol=0)
+    torch.testing.assert_close(log_q, log_q_ref, rtol=0, atol=0)
+    torch.testing.assert_close(log_q, q.log_prob(zz), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(kl_fused, kl, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="prior: the closed-form KL of a"):
+        user_q.rsample_with_log_q_and_kl(1, fastvae.priors.StandardNormal())
+
+
 @pytest.mark.parametrize("family", ["laplace", "uniform", "gumbel", "cauchy"])
 def test_analytic_kl_matches_torch(family):
     g = torch.Generator().manual_seed(1)
