@@ -111,6 +111,12 @@ class _Latent:
         """The analytic KL of each latent dimension (..., L), or None."""
         return None
 
+    def mc_kl_splits(self, prior) -> bool:
+        """Whether the Monte Carlo KL against this prior splits by latent
+        (sample_with_mc_kl_per_dim): log q and log p of each latent from the
+        same samples. False here: the samplers give log q summed over L."""
+        return False
+
     def point(self) -> Tensor:
         """A z of the latent space's shape (..., Lz) with no noise drawn: the
         transform of the location (the evaluation's decoder-width probe)."""
@@ -757,6 +763,21 @@ def _prior_categorical(prior) -> Tensor | None:
     return None
 
 
+def _hard_relaxed_error() -> ValueError:
+    return ValueError("a Concrete posterior with hard=True takes a OneHotCategorical prior (the analytic "
+                      "categorical KL): a relaxed prior's density at the one-hot z is not defined")
+
+
+def _prior_relaxed(prior) -> Distribution | None:
+    """The RelaxedOneHotCategorical of a relaxed prior (torch's, Independent of
+    one over L, or a Concrete record of shape (L, C)), whose log_prob of z
+    (..., L, C) is log p of each latent (..., L); else None."""
+    if isinstance(prior, Concrete):
+        return prior.torch_distribution().base_dist
+    base = _torch_base(prior)
+    return base if type(base) is RelaxedOneHotCategorical else None
+
+
 class Concrete(_Latent):
     """The relaxed one-hot categorical (Concrete, Maddison et al. 2017; Gumbel-softmax,
     Jang et al. 2017) of L latents over C categories.
@@ -860,13 +881,37 @@ class Concrete(_Latent):
         terms = self.kl_per_dim(prior)
         return None if terms is None else terms.sum(-1)
 
+    def mc_kl_splits(self, prior) -> bool:
+        """A relaxed prior's Monte Carlo KL splits by latent: the latents are
+        independent under q and p, and the sampler gives log q per latent
+        when each latent is its own row (sample_with_mc_kl_per_dim)."""
+        return self.kl_per_dim(prior) is None and _prior_relaxed(prior) is not None
+
+    def sample_with_mc_kl_per_dim(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, kl, kl per latent) for a relaxed prior (mc_kl_splits): z and
+        log q_l(z_l) of each latent from one sampler call whose rows are the
+        latents (logits (..., L, 1, C): the same element offsets, so the same
+        noise and z as sample_with_kl's), log p_l from the prior's
+        RelaxedOneHotCategorical; kl = sum_l (log q_l - log p_l) per sample,
+        (K, ...) for n_samples=K ((...) for None), and its per-latent terms
+        averaged over the samples, (..., L)."""
+        if self.hard:
+            raise _hard_relaxed_error()
+        K = 1 if n_samples is None else n_samples
+        z, log_q = sample_concrete_unchecked(self.logits.unsqueeze(-2), self.temperature.unsqueeze(-1), K, False,
+                                             False, generator)
+        z = z.squeeze(-2)
+        terms = log_q - _prior_relaxed(prior).log_prob(widened(z)[0])  # (K, ..., L)
+        kl = terms.sum(-1)
+        per_dim = terms.mean(0)
+        return (z[0], kl[0], per_dim) if n_samples is None else (z, kl, per_dim)
+
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
         K = 1 if n_samples is None else n_samples
         kl = self.analytic_kl(prior)
         if kl is None:
             if self.hard:
-                raise ValueError("a Concrete posterior with hard=True takes a OneHotCategorical prior (the analytic "
-                                 "categorical KL): a relaxed prior's density at the one-hot z is not defined")
+                raise _hard_relaxed_error()
             z, log_q = self._draw(K, generator, False)
             kl = log_q - prior.log_prob(z)
             return (z[0], kl[0], False) if n_samples is None else (z, kl, False)
