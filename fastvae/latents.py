@@ -661,7 +661,10 @@ class Concrete(_Latent):
     one) gives the Monte Carlo KL log q(z) - log p(z) from the same samples
     (torch's log_prob of the relaxed z), as do iwae and log_likelihood. With
     hard=True the decoder's z is one-hot, where a relaxed density is not
-    defined: only the categorical prior's analytic KL (the ELBO) is taken.
+    defined: it takes the categorical prior only, in elbo (the analytic KL) and
+    in log_likelihood / evaluate, whose weights are then the categorical pmfs'
+    ratio p(z) / pi(z) at the one-hot z (distributed as Categorical(pi) by the
+    Gumbel-max trick): an estimate of the discrete model's log p(x).
     """
 
     def __init__(self, logits: Tensor, temperature: float | Tensor, hard: bool = False):
@@ -685,9 +688,10 @@ class Concrete(_Latent):
         fused op (stop_score: STL / DReG); for importance weights, which need a
         density at z: refused for hard=True (a one-hot z)."""
         if self.hard:
-            raise ValueError("a Concrete posterior with hard=True has no density at its one-hot z: iwae, "
-                             "log_likelihood and evaluate need log q(z) - log p(z) there; use hard=False, or "
-                             "elbo with a OneHotCategorical prior (the analytic categorical KL)")
+            raise ValueError("a Concrete posterior with hard=True has no density at its one-hot z: iwae and a "
+                             "relaxed prior need log q(z) - log p(z) there; use hard=False, elbo with a "
+                             "OneHotCategorical prior (the analytic categorical KL), or log_likelihood / evaluate "
+                             "with a OneHotCategorical prior (the categorical weights of the one-hot z)")
         return self._draw(n_samples, generator, stop_score)
 
     def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
@@ -697,13 +701,31 @@ class Concrete(_Latent):
 
     def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
                 prior) -> tuple[Tensor, Tensor | None]:
-        if prior is not None and self.hard:
+        """(z, log p(z) - log q(z) or None when prior is None) at the evaluation's offsets.
+        hard=True with a OneHotCategorical prior: the one-hot z is the argmax
+        of logits + Gumbel noise, distributed as Categorical(softmax(logits))
+        whatever the temperature (the Gumbel-max trick), so the weight is the
+        ratio of the two categorical pmfs, sum_l log p(z_l) - log pi(z_l)."""
+        log_p_cat = None if prior is None else _prior_categorical(prior)
+        if prior is not None and self.hard and log_p_cat is None:
             self.rsample_with_log_q(1, None, False)  # the named error
         z, log_q = concrete_at(self.logits, self.temperature, seed, n_samples, self.hard, offset0=offset0,
                                sample_stride=sample_stride, row_stride=row_stride)
         z = z.reshape(n_samples, *self.logits.shape)
         log_q = log_q.reshape(n_samples, *self.logits.shape[:-2])
-        return z, None if prior is None else prior.log_prob(z) - log_q
+        if prior is None:
+            return z, None
+        if self.hard:
+            return z, self._categorical_log_ratio(z, log_p_cat).to(log_q.dtype)
+        return z, prior.log_prob(z) - log_q
+
+    def _categorical_log_ratio(self, z: Tensor, log_p: Tensor) -> Tensor:
+        """sum_l log p(c_l) - log softmax(logits)(c_l) (K, ...) for one-hot z (K, ..., L, C),
+        c_l = argmax z_l: gathered, so a masked category (-inf) never enters a sum."""
+        logits, log_p = widened(self.logits.detach(), log_p.detach())
+        diff = log_p - torch.log_softmax(logits, -1)  # (..., L, C); log_p (C,) or (L, C) broadcasts
+        diff = diff.expand(z.shape)
+        return torch.gather(diff, -1, z.argmax(-1, keepdim=True)).squeeze(-1).sum(-1)
 
     def rows(self, b0: int, b1: int) -> Concrete:
         return Concrete(self.logits[b0:b1], self.temperature[b0:b1], self.hard)
