@@ -59,9 +59,9 @@ from . import _validate, _value_checks
 from . import priors as _priors
 from .distributions import widened
 from .kl_normal import kl_normal
-from .priors import StandardNormal, TorchPrior
+from .priors import TorchPrior
 from .sample_location_scale import FAMILIES, family_index, location_scale_at, sample_location_scale_unchecked
-from .sample_normal import sample_at, sample_normal_with_ratio_unchecked
+from .sample_normal import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 
 LOG_2PI = math.log(2.0 * math.pi)
 EULER_GAMMA = 0.5772156649015329
@@ -110,6 +110,12 @@ class _Latent:
     def kl_per_dim(self, prior) -> Tensor | None:
         """The analytic KL of each latent dimension (..., L), or None."""
         return None
+
+    def mc_kl_splits(self, prior) -> bool:
+        """Whether the Monte Carlo KL against this prior splits by latent
+        (sample_with_mc_kl_per_dim): log q and log p of each latent from the
+        same samples. False here: the samplers give log q summed over L."""
+        return False
 
     def point(self) -> Tensor:
         """A z of the latent space's shape (..., Lz) with no noise drawn: the
@@ -218,6 +224,100 @@ class LocationScale(_Latent):
         return self._kl_terms(prior)
 
 
+def _standard_normal_prior(p_mu: Tensor, p_lv: Tensor) -> bool:
+    """Whether a prior's underlying normal is N(0, I) with no gradient to its
+    parameters: then the sampler's own KL(q || N(0, I)) is the KL, and the
+    fused kl_normal is not run. Checked where reading the (L,) parameters is
+    free: CPU tensors in eager mode (on CUDA it would be a host sync)."""
+    if torch.compiler.is_compiling() or p_mu.requires_grad or p_lv.requires_grad:
+        return False
+    if p_mu.device.type != "cpu" or p_lv.device.type != "cpu":
+        return False
+    return not bool(p_mu.any()) and not bool(p_lv.any())
+
+
+class _LogNormalTerms(torch.autograd.Function):
+    """(z, log q(z)) = (exp(y), log N(y; 0, I) - ratio - sum_l y) from the
+    sampler's y and exact log-ratio log N(y; 0, I) - log q(y): one pass over y
+    each way (autograd of the torch composition makes about eight). Backward:
+    dy = dz * z - dlog_q * (y + 1), dratio = -dlog_q."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, ratio: Tensor):
+        (yw,) = widened(y)
+        z = torch.exp(y)
+        # sum_l (y + y^2 / 2): log N(y; 0, I) - sum_l y = -that - L log(2 pi) / 2
+        log_q = -torch.addcmul(yw, yw, yw, value=0.5).sum(-1) - (0.5 * y.shape[-1] * LOG_2PI) - ratio
+        ctx.save_for_backward(y, z)
+        ctx.set_materialize_grads(False)
+        return z, log_q
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q):
+        y, z = ctx.saved_tensors
+        dy = None if grad_z is None else grad_z * z
+        if grad_log_q is None:
+            return dy, None
+        g = grad_log_q.unsqueeze(-1).to(y.dtype)
+        if torch.is_grad_enabled() or dy is None:  # create_graph=True (or no dz): out of place
+            dq = -g * (y + 1.0)
+            dy = dq if dy is None else dy + dq
+        else:
+            dy = dy.addcmul_(g, y, value=-1.0).sub_(g)
+        return dy, -grad_log_q
+
+
+class _StickBreakingTerms(torch.autograd.Function):
+    """(z, log q(z)) of z = stick_breaking(y) on the simplex of M + 1 components
+    from the sampler's y (..., M) and exact log-ratio, in log space: with
+    x_j = y_j - log(M - j) and S_j = sum_{i <= j} softplus(x_i),
+    z_j = exp(x_j - S_j) (j < M), z_M = exp(-S_{M-1}) and
+    log|det dz/dy| = sum_j (x_j - (M + 1 - j) softplus(x_j)) (torch's
+    StickBreakingTransform and its log_abs_det_jacobian, without its clipped
+    sigmoid: no z is 0 or 1 before it underflows). log q(z) = log N(y; 0, I) -
+    ratio - log|det|. Backward: with g_j = dz_j z_j, R_j = sum_{i >= j} g_i and
+    sigma = sigmoid(x), dy_j = g_j - sigma_j R_j + dlog_q (w_j sigma_j - y_j - 1),
+    w_j = M + 1 - j; dratio = -dlog_q."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, ratio: Tensor):
+        (yw,) = widened(y)
+        M = yw.shape[-1]
+        steps = torch.arange(M, 0, -1, dtype=yw.dtype, device=yw.device)  # M - j
+        x = yw - torch.log(steps)
+        sp = torch.nn.functional.softplus(x)
+        S = torch.cumsum(sp, -1)
+        z = torch.empty((*yw.shape[:-1], M + 1), dtype=y.dtype, device=y.device)
+        z[..., :M] = torch.exp(x - S)
+        z[..., M] = torch.exp(-S[..., -1])
+        # -log N(y; 0, I) + log|det|, per element: y^2 / 2 + x - (w) softplus(x), w = M + 1 - j
+        per = torch.addcmul(x, yw, yw, value=0.5).sub_(sp * (steps + 1.0))
+        log_q = -per.sum(-1) - (0.5 * M * LOG_2PI) - ratio
+        ctx.save_for_backward(y, z)
+        ctx.set_materialize_grads(False)
+        return z, log_q
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q):
+        y, z = ctx.saved_tensors
+        (yw,) = widened(y)
+        M = yw.shape[-1]
+        steps = torch.arange(M, 0, -1, dtype=yw.dtype, device=yw.device)
+        sigma = torch.sigmoid(yw - torch.log(steps))
+        dy = None
+        if grad_z is not None:
+            (g,) = widened(grad_z * z)
+            total = g.sum(-1, keepdim=True)
+            head = g[..., :M]
+            R = total - torch.cumsum(head, -1) + head  # sum_{i >= j} g_i
+            dy = head - sigma * R
+        if grad_log_q is not None:
+            gq = grad_log_q.unsqueeze(-1).to(yw.dtype)
+            dq = gq * (sigma * (steps + 1.0) - yw - 1.0)
+            dy = dq if dy is None else dy + dq
+        return (None if dy is None else dy.to(y.dtype)), (None if grad_log_q is None else -grad_log_q)
+
+
 class _NormalTransform(_Latent):
     """z = T(y), y ~ N(mu, diag(exp(logvar))): y and log q(y) from the fused sampler."""
 
@@ -230,22 +330,48 @@ class _NormalTransform(_Latent):
     def _transform(self, y: Tensor, log_q_y: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def _z(self, y: Tensor) -> Tensor:
+        """The transform alone (no log-Jacobian): the ELBO with a closed-form KL."""
+        raise NotImplementedError
+
     def rsample_with_log_q(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
         """(z, log q(z)): y from sample_normal with its exact log N(y; 0, I) - log q(y)
         (stop_score: STL / DReG, as the Gaussian's), then the transform and its
-        log-Jacobian along y's path."""
+        log-Jacobian along y's path (one autograd node: _LogNormalTerms,
+        _StickBreakingTerms)."""
         y, _, ratio = sample_normal_with_ratio_unchecked(self.mu, self.logvar, n_samples, stop_score, generator)
-        return self._transform(y, StandardNormal().log_prob(y) - ratio)
+        return self._terms.apply(y, ratio)
+
+    def rsample_with_log_q_and_kl(self, n_samples: int, prior, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(z (K, ..., Lz), log q(z) (K, ...), KL(q || prior) (...)) from one
+        sampler call, for a prior of this family (the closed form); against
+        N(0, I) underneath (a CPU prior of zeros) the sampler's own KL."""
+        p = self._prior_normal(prior)
+        if p is None:
+            raise ValueError(f"prior: the closed-form KL of a {type(self).__name__} posterior needs a prior of the "
+                             f"same family, got {_prior_name(prior)}")
+        y, kl, ratio = sample_normal_with_ratio_unchecked(self.mu, self.logvar, n_samples, False, generator)
+        z, log_q = self._terms.apply(y, ratio)
+        return z, log_q, kl if _standard_normal_prior(*p) else self.analytic_kl(prior)
+
+    def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        """The ELBO's draw: with a closed-form KL, z from sample_normal (no log q
+        is formed) and the sampler's KL when the prior is N(0, I) underneath;
+        else the Monte Carlo KL from the same samples."""
+        p = self._prior_normal(prior)
+        if p is None:
+            return super().sample_with_kl(n_samples, prior, generator)
+        y, kl = sample_normal_unchecked(self.mu, self.logvar, n_samples, generator)
+        return self._z(y), (kl if _standard_normal_prior(*p) else self.analytic_kl(prior)), True
 
     def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
                 prior) -> tuple[Tensor, Tensor | None]:
         drawn = sample_at(self.mu, self.logvar, seed, n_samples, offset0=offset0, sample_stride=sample_stride,
                           row_stride=row_stride, with_ratio=prior is not None)
         if prior is None:
-            return self._transform(drawn, torch.zeros(drawn.shape[:-1], dtype=drawn.dtype,
-                                                      device=drawn.device))[0], None
+            return self._z(drawn), None
         y, ratio = drawn
-        z, log_q = self._transform(y, StandardNormal().log_prob(y) - ratio)
+        z, log_q = self._terms.apply(y, ratio)
         return z, prior.log_prob(z) - log_q
 
     def rows(self, b0: int, b1: int):
@@ -282,10 +408,10 @@ class LogNormal(_NormalTransform):
     (torch's LogNormal(mu, exp(logvar / 2))): scVI's library size."""
 
     _torch_class = TorchLogNormal
+    _terms = _LogNormalTerms
 
-    def _transform(self, y: Tensor, log_q_y: Tensor) -> tuple[Tensor, Tensor]:
-        (yw,) = widened(y)
-        return torch.exp(y), log_q_y - yw.sum(-1)  # log|dz/dy| = y
+    def _z(self, y: Tensor) -> Tensor:
+        return torch.exp(y)
 
     def point(self) -> Tensor:
         return torch.exp(self.mu)
@@ -305,12 +431,11 @@ class LogisticNormal(_NormalTransform):
     topic proportions). The decoder gets z of L + 1 components."""
 
     _torch_class = TorchLogisticNormal
+    _terms = _StickBreakingTerms
 
-    def _transform(self, y: Tensor, log_q_y: Tensor) -> tuple[Tensor, Tensor]:
-        t = StickBreakingTransform()
-        (yw,) = widened(y)
-        z = t(yw)
-        return z.to(y.dtype), log_q_y - t.log_abs_det_jacobian(yw, z)
+    def _z(self, y: Tensor) -> Tensor:  # the same log-space z as rsample_with_log_q's
+        return _StickBreakingTerms.apply(y, torch.zeros(y.shape[:-1], dtype=widened(y)[0].dtype,
+                                                        device=y.device))[0]
 
     def point(self) -> Tensor:
         return StickBreakingTransform()(self.mu)
@@ -638,6 +763,21 @@ def _prior_categorical(prior) -> Tensor | None:
     return None
 
 
+def _hard_relaxed_error() -> ValueError:
+    return ValueError("a Concrete posterior with hard=True takes a OneHotCategorical prior (the analytic "
+                      "categorical KL): a relaxed prior's density at the one-hot z is not defined")
+
+
+def _prior_relaxed(prior) -> Distribution | None:
+    """The RelaxedOneHotCategorical of a relaxed prior (torch's, Independent of
+    one over L, or a Concrete record of shape (L, C)), whose log_prob of z
+    (..., L, C) is log p of each latent (..., L); else None."""
+    if isinstance(prior, Concrete):
+        return prior.torch_distribution().base_dist
+    base = _torch_base(prior)
+    return base if type(base) is RelaxedOneHotCategorical else None
+
+
 class Concrete(_Latent):
     """The relaxed one-hot categorical (Concrete, Maddison et al. 2017; Gumbel-softmax,
     Jang et al. 2017) of L latents over C categories.
@@ -763,13 +903,37 @@ class Concrete(_Latent):
         terms = self.kl_per_dim(prior)
         return None if terms is None else terms.sum(-1)
 
+    def mc_kl_splits(self, prior) -> bool:
+        """A relaxed prior's Monte Carlo KL splits by latent: the latents are
+        independent under q and p, and the sampler gives log q per latent
+        when each latent is its own row (sample_with_mc_kl_per_dim)."""
+        return self.kl_per_dim(prior) is None and _prior_relaxed(prior) is not None
+
+    def sample_with_mc_kl_per_dim(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(z, kl, kl per latent) for a relaxed prior (mc_kl_splits): z and
+        log q_l(z_l) of each latent from one sampler call whose rows are the
+        latents (logits (..., L, 1, C): the same element offsets, so the same
+        noise and z as sample_with_kl's), log p_l from the prior's
+        RelaxedOneHotCategorical; kl = sum_l (log q_l - log p_l) per sample,
+        (K, ...) for n_samples=K ((...) for None), and its per-latent terms
+        averaged over the samples, (..., L)."""
+        if self.hard:
+            raise _hard_relaxed_error()
+        K = 1 if n_samples is None else n_samples
+        z, log_q = sample_concrete_unchecked(self.logits.unsqueeze(-2), self.temperature.unsqueeze(-1), K, False,
+                                             False, generator)
+        z = z.squeeze(-2)
+        terms = log_q - _prior_relaxed(prior).log_prob(widened(z)[0])  # (K, ..., L)
+        kl = terms.sum(-1)
+        per_dim = terms.mean(0)
+        return (z[0], kl[0], per_dim) if n_samples is None else (z, kl, per_dim)
+
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
         K = 1 if n_samples is None else n_samples
         kl = self.analytic_kl(prior)
         if kl is None:
             if self.hard:
-                raise ValueError("a Concrete posterior with hard=True takes a OneHotCategorical prior (the analytic "
-                                 "categorical KL): a relaxed prior's density at the one-hot z is not defined")
+                raise _hard_relaxed_error()
             z, log_q = self._draw(K, generator, False)
             kl = log_q - prior.log_prob(z)
             return (z[0], kl[0], False) if n_samples is None else (z, kl, False)

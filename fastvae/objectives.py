@@ -52,8 +52,10 @@ class ELBOTerms(NamedTuple):
     # the analytic KL of each latent dimension (before free bits and beta), shape
     # (L,) reduced over the batch, (..., L) for reduction="none": the
     # posterior-collapse diagnostic (a dimension near 0 carries no information);
+    # for a Concrete posterior against a relaxed prior, the Monte Carlo KL of
+    # each latent (log q - log p of the same samples, averaged over them);
     # None where the KL does not split by dimension (a full-covariance posterior,
-    # a mixture prior)
+    # a mixture prior, another Monte Carlo KL)
     kl_per_dim: Tensor | None
     # True where the KL is the closed form (diagonal or full-covariance q against
     # a standard or diagonal prior), False where it is the Monte Carlo estimate
@@ -318,6 +320,26 @@ def _per_dim_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     return kl_normal(q.mu.unsqueeze(-1), q.logvar.unsqueeze(-1), prior.mu.unsqueeze(-1), prior.logvar.unsqueeze(-1))
 
 
+def _free_bits_error(q: Any, prior: Any) -> ValueError:
+    """Why free bits cannot take this posterior and prior: their KL does not split by dimension."""
+    family = getattr(q, "family", None)
+    q_name = type(q).__name__ + (f"({family!r})" if family is not None else "")
+    dist = getattr(prior, "dist", None)
+    if dist is not None:
+        base = getattr(dist, "base_dist", dist)
+        p_name = f"torch {type(base).__name__}"
+    else:
+        p_name = type(prior).__name__ + (f"({prior.family!r})" if getattr(prior, "family", None) else "")
+    return ValueError(
+        f"free_bits needs the KL of each latent dimension, and the KL of this posterior ({q_name}) against this "
+        f"prior ({p_name}) does not split into one. Free bits take a diagonal Gaussian posterior against a "
+        "standard normal or DiagonalNormal prior, a latent family's closed-form KL against a prior of its own "
+        "family (docs/latents.md), or a Concrete posterior against a OneHotCategorical or RelaxedOneHotCategorical "
+        "prior. Elsewhere the KL is one sum over the latents: a full-covariance posterior couples them, a mixture "
+        "or VampPrior prior (and a LogisticNormal's stick-breaking) does not factorize over them, and the other "
+        "families' Monte Carlo KL takes log q(z) summed over L from their samplers")
+
+
 def _free_bits_kl(per_dim: Tensor, free_bits: float) -> Tensor:
     """Per-example KL (...) whose batch mean is sum_j max(free_bits, mean_b KL_bj).
 
@@ -332,10 +354,13 @@ def _free_bits_kl(per_dim: Tensor, free_bits: float) -> Tensor:
     return floored.sum(-1)
 
 
-def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
+def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, reduction, generator, prior,
+          want_per_dim=False):
     """(beta * kl, reconstruction, kl, q, prior, analytic, per_dim), unreduced: the one pass of
     elbo and elbo_terms (the bound is reconstruction - beta * kl; per_dim, the KL of each latent
-    dimension, only where free bits needed it)."""
+    dimension, where free bits need it or want_per_dim asks for it (elbo_terms), None where it
+    does not split: the closed form's terms, or a relaxed prior's Monte Carlo terms of a Concrete
+    posterior averaged over the samples)."""
     q, decode = posterior_args(mu, logvar, decode)
     _check_inputs(x, q, decode, reduction, likelihood)
     check_likelihood(likelihood)
@@ -347,15 +372,20 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     free_bits = _validate.real("free_bits", free_bits, minimum=0.0)
     analytic = has_analytic_kl(prior)
     per_dim = None
-    if free_bits > 0:
+    mc_per_dim = False  # the Monte Carlo KL's per-latent terms, from the draw (a Concrete against a relaxed prior)
+    if free_bits > 0 or want_per_dim:
         per_dim = _per_dim_kl(q, prior)
         if per_dim is None:
-            raise ValueError("free_bits needs the KL of each latent dimension: a diagonal posterior against a "
-                             "standard normal or DiagonalNormal prior")
+            mc_per_dim = isinstance(q, LATENTS) and q.mc_kl_splits(prior)
+            if free_bits > 0 and not mc_per_dim:
+                raise _free_bits_error(q, prior)
     K = None if n_samples == 1 else n_samples
     sample_shape = () if n_samples == 1 else (n_samples,)
     standard = isinstance(prior, StandardNormal)
-    if isinstance(q, LATENTS):  # the other latent families: the record draws z and its KL (fastvae/latents.py)
+    if mc_per_dim:  # log q - log p of each latent from the same samples (fastvae/latents.py's Concrete)
+        z, kl, per_dim = q.sample_with_mc_kl_per_dim(K, prior, generator)
+        analytic = False
+    elif isinstance(q, LATENTS):  # the other latent families: the record draws z and its KL (fastvae/latents.py)
         z, kl, analytic = q.sample_with_kl(K, prior, generator)
     elif isinstance(q, DiagonalNormal) and analytic:
         z, kl = sample_normal_unchecked(q.mu, q.logvar, K, generator)  # the KL to N(0, I), fused
@@ -404,9 +434,7 @@ def elbo_terms(
     (one pass; for logging). Arguments as fastvae.elbo."""
     weighted, reconstruction, kl, q, prior, analytic, per_dim = _elbo(
         x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits, n_samples=n_samples,
-        reduction=reduction, generator=generator, prior=prior)
-    if per_dim is None:
-        per_dim = _per_dim_kl(q, prior)
+        reduction=reduction, generator=generator, prior=prior, want_per_dim=True)
     if per_dim is not None and reduction != "none":
         per_dim = per_dim.reshape(-1, per_dim.shape[-1])
         per_dim = per_dim.mean(0) if reduction == "mean" else per_dim.sum(0)
@@ -477,6 +505,12 @@ def elbo(
             then beta: elbo = reconstruction - beta * sum_j max(lambda, mean_b KL_bj).
             With reduction="none" a floored dimension contributes lambda to
             every example, so the per-example values average to the same bound.
+            It needs the KL of each dimension: a closed form that splits (a
+            diagonal Gaussian against a standard or diagonal prior, a latent
+            family against its own family, a Concrete posterior against a
+            OneHotCategorical prior), or a Concrete posterior's Monte Carlo KL
+            against a RelaxedOneHotCategorical prior, taken per latent from the
+            same samples; elsewhere a ValueError says why not.
         n_samples: z samples per example; the reconstruction term is averaged
             over them (the KL is analytic). The decoder runs once on all of them.
         reduction: "mean" over the batch (default), "sum", or "none" (per example).

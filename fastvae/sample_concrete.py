@@ -33,7 +33,7 @@ from torch import Tensor
 from . import _backend, _validate, _value_checks
 from ._double_backward import not_twice
 from ._op import define, draw_seed, run, shaped
-from .sample_normal import _MAX_OFFSET
+from .sample_normal import _MAX_OFFSET, z_dtype
 
 _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentiate it once, or use "
               "fastvae.reference.sample_concrete (plain PyTorch) where a second derivative is needed")
@@ -45,7 +45,10 @@ def _flat3(t: Tensor) -> Tensor:
 
 
 def _z_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float32 if torch.is_autocast_enabled(logits.device.type) else logits.dtype
+    """z's dtype, sample_normal.z_dtype's rule: the compute dtype under
+    torch.autocast (float32 for half-precision logits, float64 stays float64),
+    else the logits' dtype."""
+    return z_dtype(logits, logits)
 
 
 def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int) -> list[Tensor]:

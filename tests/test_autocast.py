@@ -291,3 +291,127 @@ def test_compiled_iwae_under_autocast_matches_eager():
     # float32): equal to bfloat16 rounding, not to float32's
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b, a, rtol=3e-2, atol=1e-2)
+
+
+# -- the latent families beyond the Gaussian (issue 35) ---------------------------
+# The encoder's bfloat16 outputs become a location-scale (Laplace), a positive
+# (Weibull) or a relaxed-categorical (Concrete, relaxed and straight-through)
+# posterior; the decoder takes z (flattened over the categories for the
+# Concrete). Same pattern: the float32 bound of the same rounded numbers.
+
+CATS = 3  # categories per Concrete latent
+LAM = 0.7  # its temperature
+
+
+class FamilyModel(Model):
+    """Model with an encoder of 2 L outputs (two parameters per latent) or
+    L * CATS (the Concrete's logits), and a decoder of L or L * CATS inputs."""
+
+    def __init__(self, device, family):
+        g = torch.Generator().manual_seed(5)
+        width = L * CATS if family.startswith("concrete") else L
+        self.half, self.gaussian_var, self.family = HALF, False, family
+        self.enc = torch.nn.Linear(D, 2 * width if not family.startswith("concrete") else width).to(device)
+        self.dec = torch.nn.Linear(width, D).to(device)
+        with torch.no_grad():
+            for p in (*self.enc.parameters(), *self.dec.parameters()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def posterior(self, x, half):
+        """(the posterior, its parameter tensors: the encoder's outputs)."""
+        h = self.enc(x) if half else self._rounded(self.enc, x)
+        if self.family.startswith("concrete"):
+            logits = h.unflatten(-1, (L, CATS))
+            return fastvae.Concrete(logits, LAM, hard=self.family == "concrete_hard"), (logits,)
+        a, b = h[..., :L], h[..., L:].clamp(-2, 2)
+        if self.family == "laplace":
+            return fastvae.LocationScale("laplace", a, b), (a, b)
+        return fastvae.Positive("weibull", a.clamp(-2, 2), b), (a, b)
+
+    def decode(self, z, half):
+        if self.family.startswith("concrete"):
+            z = z.flatten(-2)
+        return self.dec(z) if half else self._rounded(self.dec, z)
+
+
+def family_prior(family, kind, device):
+    zeros = torch.zeros(L, device=device)
+    if family == "laplace":
+        return torch.distributions.Laplace(zeros + 0.2, zeros + 1.3) if kind == "analytic" else None
+    if family == "weibull":  # no closed form: the Monte Carlo KL either way
+        return torch.distributions.Gamma(zeros + 2.0, zeros + 1.0)
+    if kind == "analytic":
+        return torch.distributions.OneHotCategorical(logits=torch.zeros(CATS, device=device))
+    return torch.distributions.Independent(torch.distributions.RelaxedOneHotCategorical(
+        torch.tensor(LAM, device=device), logits=torch.zeros(L, CATS, device=device)), 1)
+
+
+FAMILY_CASES = [
+    ("laplace", "elbo", "analytic", dict(n_samples=2)),
+    ("laplace", "elbo", "mc", dict(n_samples=2)),
+    ("laplace", "iwae", "analytic", dict(k=3, estimator="dreg")),
+    ("weibull", "elbo", "mc", dict(n_samples=2)),
+    ("weibull", "iwae", "mc", dict(k=3)),
+    ("concrete", "elbo", "analytic", dict(n_samples=2)),
+    ("concrete", "elbo", "mc", dict(n_samples=2)),
+    ("concrete", "iwae", "mc", dict(k=3, estimator="stl")),
+    ("concrete_hard", "elbo", "analytic", dict(n_samples=2)),
+    ("concrete_hard", "elbo", "analytic", dict(beta=0.5, free_bits=0.05)),
+]
+
+
+@pytest.mark.parametrize("family,name,prior,kw", FAMILY_CASES,
+                         ids=[f"{f}-{n}-{p}-{i}" for i, (f, n, p, _) in enumerate(FAMILY_CASES)])
+def test_latent_families_under_cpu_autocast(family, name, prior, kw):
+    """bfloat16 encoder outputs under autocast: the bound (and the KL) in float32,
+    the gradients of the encoder's outputs in bfloat16 and of the parameters in
+    float32, and the bound equal to the float32 bound of the same rounded numbers."""
+    model = FamilyModel("cpu", family)
+    x = data("cpu")
+    objective = getattr(fastvae, f"{name}_terms")
+    values = []
+    for half in (True, False):
+        torch.manual_seed(7)
+        with torch.autocast("cpu", HALF, enabled=half):
+            q, params = model.posterior(x, half)
+            assert all(p.dtype == (HALF if half else torch.float32) for p in params)
+            out = objective(x, q, lambda z, h=half: model.decode(z, h), likelihood="bernoulli",
+                            prior=family_prior(family, prior, "cpu"), reduction="none", **kw)
+        values.append(out)
+        if half:
+            assert out.bound.dtype == torch.float32 and out.kl.dtype == torch.float32
+            grads = torch.autograd.grad(out.bound.sum(), [*params, *model.parameters()], retain_graph=True)
+            assert [g.dtype for g in grads[:len(params)]] == [HALF] * len(params)
+            assert all(g.dtype == torch.float32 for g in grads[len(params):])
+            assert all(torch.isfinite(g).all() for g in grads)
+    a, b = values
+    close(a.bound, b.bound, f"{family} {name} bound")
+    close(a.kl, b.kl, f"{family} {name} kl")
+    if name == "elbo":
+        close(a.reconstruction, b.reconstruction, f"{family} {name} reconstruction")
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_sample_concrete_under_cpu_autocast(hard):
+    """The op itself: bfloat16 logits under autocast give z and log q in float32
+    (z unrounded: the decoder's matmuls round it), equal to the float32 op on the
+    rounded logits; the logits' gradient comes back in bfloat16."""
+    logits = (torch.randn(4, L, CATS, generator=torch.Generator().manual_seed(2)) * 2).to(HALF).requires_grad_()
+    outs = []
+    for half in (True, False):
+        with torch.autocast("cpu", HALF, enabled=half):
+            z, log_q = fastvae.sample_concrete(logits if half else logits.detach().float(), LAM, 2, hard=hard,
+                                               generator=torch.Generator().manual_seed(3))
+        outs.append((z, log_q))
+    (z, log_q), (z32, log_q32) = outs
+    assert z.dtype == log_q.dtype == torch.float32
+    torch.testing.assert_close(z, z32, rtol=0, atol=0)
+    torch.testing.assert_close(log_q, log_q32, rtol=0, atol=0)
+    (g,) = torch.autograd.grad((z.sum() + log_q.sum()), logits)
+    assert g.dtype == HALF and torch.isfinite(g).all()
+    # without autocast a bfloat16 model gets z in bfloat16 (log q stays float32)
+    z16, lq = fastvae.sample_concrete(logits, LAM, 2, hard=hard, generator=torch.Generator().manual_seed(3))
+    assert (z16.dtype, lq.dtype) == (HALF, torch.float32)
+    with torch.autocast("cpu", HALF):  # float64 logits keep float64 under autocast, as sample_normal's mu does
+        z64, lq64 = fastvae.sample_concrete(logits.detach().double(), LAM, hard=hard)
+    assert (z64.dtype, lq64.dtype) == (torch.float64, torch.float64)

@@ -178,6 +178,48 @@ def test_normal_transforms_match_handwritten(backend, name, torch_object):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("prior_kind", ["record", "torch"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_against_the_standard_prior(backend, name, prior_kind):
+    """Against the family's standard prior (a record of zeros, torch's
+    LogNormal(0, 1) / LogisticNormal(0, 1)) the KL is the sampler's own (on
+    the CPU): the ELBO and its gradients, and rsample_with_log_q_and_kl's
+    z, log q and KL, against torch on the same noise."""
+    _, device = backend
+    x, W, mu, s = _data(device)
+    user_q, q = _normal_transform(name, mu, s, False)
+    zeros = torch.zeros(L, dtype=torch.float64, device=device)
+    if prior_kind == "record":
+        prior = type(user_q)(zeros, zeros)
+    else:
+        prior = _normal_transform(name, zeros, zeros + 1.0, True)[1]
+    p = _normal_transform(name, zeros, zeros + 1.0, True)[1]
+    y = mu + s * reference.sample_noise(philox_seed_of(5), 2, mu.shape, torch.float64, "cpu").to(device)
+    z = _transform(name, y)
+    rec = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x)
+    kl = td.kl_divergence(q, p)
+    terms = fastvae.elbo_terms(x, user_q, _decode(W), likelihood="bernoulli", n_samples=2, prior=prior,
+                               generator=gen(5), reduction="sum")
+    assert terms.kl_analytic
+    want = (rec.mean(0) - kl).sum()
+    torch.testing.assert_close(terms.bound, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl, kl.sum(), rtol=1e-10, atol=1e-10)
+    for got, expected in zip(torch.autograd.grad(terms.bound, (mu, s)), torch.autograd.grad(want, (mu, s))):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+
+    check = fastvae.priors.check_prior(prior, L)
+    torch.manual_seed(3)
+    zz, log_q, kl_fused = user_q.rsample_with_log_q_and_kl(2, check)
+    torch.manual_seed(3)
+    z_ref, log_q_ref = user_q.rsample_with_log_q(2, None, False)
+    torch.testing.assert_close(zz, z_ref, rtol=0, atol=0)
+    torch.testing.assert_close(log_q, log_q_ref, rtol=0, atol=0)
+    torch.testing.assert_close(log_q, q.log_prob(zz), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(kl_fused, kl, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="prior: the closed-form KL of a"):
+        user_q.rsample_with_log_q_and_kl(1, fastvae.priors.StandardNormal())
+
+
 @pytest.mark.parametrize("family", ["laplace", "uniform", "gumbel", "cauchy"])
 def test_analytic_kl_matches_torch(family):
     g = torch.Generator().manual_seed(1)
@@ -690,6 +732,93 @@ def test_concrete_hard_elbo_takes_the_categorical_kl(backend):
     assert terms.kl_analytic and ((seen[0] == 0) | (seen[0] == 1)).all()
     terms.bound.backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad != 0).any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_concrete_free_bits_with_a_categorical_prior(backend, reduction):
+    """Free bits take the analytic categorical KL of each latent,
+    sum_c pi_c log(pi_c / p_c) with pi = softmax(logits), against a
+    OneHotCategorical prior of shape (L, C) (a different p per latent)."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    p_logits = torch.randn(L, CC, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    prior = td.OneHotCategorical(logits=p_logits)
+    log_pi = torch.log_softmax(logits, -1)
+    per_dim = (log_pi.exp() * (log_pi - torch.log_softmax(p_logits, -1))).sum(-1)  # (B, L)
+    lam = per_dim.mean(0).sort().values[:2].mean().item()  # between two latents' KLs: floors one
+    for hard in (False, True):
+        terms = fastvae.elbo_terms(x, fastvae.Concrete(logits, LAM, hard=hard), _concrete_decode(W),
+                                   likelihood="bernoulli", prior=prior, free_bits=lam, n_samples=2,
+                                   generator=gen(3), reduction=reduction)
+        assert terms.kl_analytic
+        floored = torch.where(per_dim.mean(0) < lam, torch.full_like(per_dim, lam), per_dim).sum(-1)  # (B,)
+        if reduction == "mean":
+            torch.testing.assert_close(terms.kl_per_dim, per_dim.mean(0), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(terms.kl, floored.mean(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(terms.kl, torch.clamp_min(per_dim.mean(0), lam).sum(), rtol=1e-12, atol=1e-12)
+        else:
+            torch.testing.assert_close(terms.kl_per_dim, per_dim, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(terms.kl, floored, rtol=1e-12, atol=1e-12)
+        (grad,) = torch.autograd.grad(terms.bound.sum(), logits)
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_concrete_free_bits_with_a_relaxed_prior(backend, n_samples):
+    """Against a RelaxedOneHotCategorical prior the KL is Monte Carlo, and it
+    splits by latent: log q_l(z_l) - log p_l(z_l) of the same samples (the
+    latents are independent under q and p). kl_per_dim is their mean over the
+    samples, free bits floor its batch mean, and the bound and its gradient
+    equal torch's on the same noise."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    prior = td.Independent(td.RelaxedOneHotCategorical(
+        torch.tensor(LAM, dtype=torch.float64, device=device),
+        logits=torch.randn(L, CC, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device)), 1)
+    z = _concrete_z(philox_seed_of(4), n_samples, logits)
+    q_lat = td.RelaxedOneHotCategorical(torch.tensor(LAM, dtype=torch.float64, device=device), logits=logits)
+    terms_bl = (q_lat.log_prob(z) - prior.base_dist.log_prob(z)).mean(0)  # (B, L)
+    rec = td.Independent(td.Bernoulli(logits=_concrete_decode(W)(z)), 1).log_prob(x).mean(0)
+
+    plain = fastvae.elbo_terms(x, fastvae.Concrete(logits, LAM), _concrete_decode(W), likelihood="bernoulli",
+                               prior=prior, n_samples=n_samples, generator=gen(4), reduction="sum")
+    assert not plain.kl_analytic
+    torch.testing.assert_close(plain.kl_per_dim, terms_bl.sum(0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(plain.kl, terms_bl.sum(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(plain.bound, (rec - terms_bl.sum(-1)).sum(), rtol=1e-10, atol=1e-10)
+
+    lam = terms_bl.mean(0).sort().values[:2].mean().item()  # between two latents' KLs: floors one
+    floored = torch.where(terms_bl.mean(0) < lam, torch.full_like(terms_bl, lam), terms_bl).sum(-1)  # (B,)
+    assert (terms_bl.mean(0) < lam).any() and (terms_bl.mean(0) > lam).any()
+    terms = fastvae.elbo_terms(x, _concrete_q(logits), _concrete_decode(W), likelihood="bernoulli", prior=prior,
+                               free_bits=lam, n_samples=n_samples, generator=gen(4), reduction="mean")
+    torch.testing.assert_close(terms.kl_per_dim, terms_bl.mean(0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl, floored.mean(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl, torch.clamp_min(terms_bl.mean(0), lam).sum(), rtol=1e-10, atol=1e-10)
+    want = (rec - floored).mean()
+    torch.testing.assert_close(terms.bound, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(terms.bound, logits)[0], torch.autograd.grad(want, logits)[0],
+                               rtol=1e-8, atol=1e-10)
+    bound = fastvae.elbo(x, fastvae.Concrete(logits, LAM), _concrete_decode(W), likelihood="bernoulli", prior=prior,
+                         free_bits=lam, n_samples=n_samples, generator=gen(4))
+    torch.testing.assert_close(bound, terms.bound, rtol=1e-12, atol=1e-12)
+
+
+def test_free_bits_errors_say_why_the_kl_does_not_split(backend):
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    ones = torch.ones(B, L, dtype=torch.float64, device=device)
+    gamma = td.Independent(td.Gamma(torch.full((L,), 2.0, dtype=torch.float64, device=device), 1.0), 1)
+    with pytest.raises(ValueError, match=r"free_bits needs the KL of each latent dimension.*Positive\('weibull'\)"
+                                         r".*torch Gamma.*Monte Carlo KL"):
+        fastvae.elbo(torch.zeros(B, D, dtype=torch.float64, device=device), td.Weibull(ones, ones), _decode(W),
+                     likelihood="bernoulli", prior=gamma, free_bits=0.1)
+    with pytest.raises(ValueError, match=r"free_bits needs the KL of each latent dimension.*Concrete.*torch Dirichlet"):
+        fastvae.elbo(x, fastvae.Concrete(logits, LAM), _concrete_decode(W), likelihood="bernoulli",
+                     prior=td.Dirichlet(torch.ones(CC, dtype=torch.float64, device=device)), free_bits=0.1)
+    with pytest.raises(ValueError, match="hard=True takes a OneHotCategorical prior"):
+        fastvae.elbo(x, fastvae.Concrete(logits, LAM, hard=True), _concrete_decode(W), likelihood="bernoulli",
+                     prior=_concrete_prior(device), free_bits=0.1)
 
 
 def test_concrete_errors_name_the_argument(backend):
