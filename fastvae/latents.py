@@ -12,9 +12,20 @@ that the objectives and the evaluation take wherever a DiagonalNormal goes.
   fused ``sample_normal`` (its exact log-ratio gives log q(y)) and add the
   transform's log-Jacobian; no new kernel.
 
-The torch.distributions objects users have map to these records
-(``from_torch``): Laplace, Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal
-and ``Independent`` of one (logistic has no torch class: use the record).
+- ``Positive(family, ...)``: the inverse-CDF families on (0, inf) and (0, 1),
+  "exponential", "weibull" and "kumaraswamy", sampled with log q by the fused
+  ``sample_positive``.
+- ``Concrete(logits, temperature, hard)``: the relaxed categorical (Gumbel-
+  softmax) over C categories per latent, and its straight-through one-hot
+  (``hard=True``), sampled with log q by the fused ``sample_concrete``.
+
+The file keeps one section per mechanism (location-scale and the normal
+transforms, the positive families, the relaxed categorical), then the list of
+records (``LATENTS``) and ``from_torch``, which maps the torch.distributions
+objects users have to these records: Laplace, Uniform, Gumbel, Cauchy,
+LogNormal, LogisticNormal, Exponential, Weibull, Kumaraswamy,
+RelaxedOneHotCategorical and ``Independent`` of one (logistic has no torch
+class: use the record).
 
 Every record offers what the objectives call (one generic branch there):
 ``rsample_with_log_q(K, generator, stop_score)`` -> (z (K, ..., Lz), log q (K, ...)),
@@ -39,13 +50,21 @@ import math
 import torch
 from torch import Tensor
 from torch.distributions import (
+    Beta,
     Cauchy,
     Distribution,
+    Exponential,
     Gumbel,
     Independent,
+    Kumaraswamy,
     Laplace,
+    OneHotCategorical,
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
     TransformedDistribution,
     Uniform,
+    Weibull,
+    constraints,
 )
 from torch.distributions import (
     LogisticNormal as TorchLogisticNormal,
@@ -60,8 +79,11 @@ from . import priors as _priors
 from .distributions import widened
 from .kl_normal import kl_normal
 from .priors import TorchPrior
+from .sample_concrete import check_args as _concrete_args
+from .sample_concrete import concrete_at, sample_concrete_unchecked
 from .sample_location_scale import FAMILIES, family_index, location_scale_at, sample_location_scale_unchecked
 from .sample_normal import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
+from .sample_positive import PARAMETERS, check_params, positive_at, sample_positive_unchecked
 
 LOG_2PI = math.log(2.0 * math.pi)
 EULER_GAMMA = 0.5772156649015329
@@ -449,8 +471,7 @@ class LogisticNormal(_NormalTransform):
         return TorchLogisticNormal(mu, torch.exp(0.5 * lv))
 
 
-LATENTS = (LocationScale, LogNormal, LogisticNormal)
-_priors._RECORDS = LATENTS  # records of shape (L,) are priors too
+_LOCATION_SCALE_AND_TRANSFORMS = (LocationScale, LogNormal, LogisticNormal)
 
 
 def _prior_location_scale(prior, family: str) -> tuple[Tensor, Tensor] | None:
@@ -475,7 +496,7 @@ def _log(scale: Tensor) -> Tensor:
     return torch.log(widened(scale)[0])
 
 
-def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | None:
+def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | None:
     """The record of a torch Laplace, Uniform, Gumbel, Cauchy, LogNormal or
     LogisticNormal (or Independent of one over the last dimension),
     differentiable in its parameters; None for anything else. A scale (or
@@ -500,16 +521,12 @@ def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | 
     return None
 
 
-__all__ = ["FAMILIES", "LATENTS", "LocationScale", "LogNormal", "LogisticNormal", "from_torch"]
 
 
 # --------------------------------------------------------------------------
 # The positive inverse-CDF families (issue 35): exponential, Weibull, Kumaraswamy
 # --------------------------------------------------------------------------
 
-from torch.distributions import Beta, Exponential, Kumaraswamy, Weibull, constraints  # noqa: E402
-
-from .sample_positive import PARAMETERS, check_params, positive_at, sample_positive_unchecked  # noqa: E402
 
 POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
 _POSITIVE_TORCH = {Exponential: "exponential", Weibull: "weibull", Kumaraswamy: "kumaraswamy"}
@@ -554,7 +571,7 @@ def _check_prior_support(family: str, prior) -> None:
         if prior.family == "kumaraswamy" and family != "kumaraswamy":
             raise _support_error(family, prior)
         return
-    if isinstance(prior, _RECORDS_BEFORE_POSITIVE):
+    if isinstance(prior, _LOCATION_SCALE_AND_TRANSFORMS):
         if isinstance(prior, LocationScale) and prior.family == "uniform":
             return  # a box: its log_prob says -inf outside, as torch's Uniform does
         if isinstance(prior, LogisticNormal):
@@ -728,31 +745,12 @@ def _positive_from_torch(q: Distribution) -> Positive | None:
     return Positive(family, _log(base.concentration1), _log(base.concentration0))
 
 
-_RECORDS_BEFORE_POSITIVE = LATENTS
-_from_torch_before_positive = from_torch
-
-
-def from_torch(q: Distribution):  # noqa: F811 (extends the function above with the positive families)
-    """The record of a torch distribution the latent families cover (the
-    location-scale ones, LogNormal, LogisticNormal, Exponential, Weibull,
-    Kumaraswamy, or Independent of one), None for anything else."""
-    record = _positive_from_torch(q)
-    return record if record is not None else _from_torch_before_positive(q)
-
-
-LATENTS = LATENTS + (Positive,)
-_priors._RECORDS = LATENTS
-__all__ = __all__ + ["Positive", "POSITIVE_FAMILIES", "kumaraswamy_beta_kl"]
 
 
 # --------------------------------------------------------------------------
 # The relaxed categorical (issue 35): Concrete / Gumbel-softmax, straight-through
 # --------------------------------------------------------------------------
 
-from torch.distributions import OneHotCategorical, RelaxedBernoulli, RelaxedOneHotCategorical  # noqa: E402
-
-from .sample_concrete import check_args as _concrete_args  # noqa: E402
-from .sample_concrete import concrete_at, sample_concrete_unchecked  # noqa: E402
 
 
 def _prior_categorical(prior) -> Tensor | None:
@@ -958,17 +956,23 @@ def _concrete_from_torch(q: Distribution) -> Concrete | None:
     return Concrete(logits, lam if lam.dim() else float(lam), False)
 
 
-_from_torch_before_concrete = from_torch
+# -- every family -------------------------------------------------------------------
+
+LATENTS = (*_LOCATION_SCALE_AND_TRANSFORMS, Positive, Concrete)
+_priors._RECORDS = LATENTS  # records of shape (L,) are priors too
 
 
-def from_torch(q: Distribution):  # noqa: F811 (extends the function above with the relaxed categorical)
-    """The record of a torch distribution the latent families cover (the
-    location-scale ones, LogNormal, LogisticNormal, Exponential, Weibull,
-    Kumaraswamy, RelaxedOneHotCategorical, or Independent of one), None for anything else."""
-    record = _concrete_from_torch(q)
-    return record if record is not None else _from_torch_before_concrete(q)
+def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | Positive | Concrete | None:
+    """The record of a torch distribution the latent families cover (Laplace,
+    Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal, Exponential, Weibull,
+    Kumaraswamy, RelaxedOneHotCategorical, or Independent of one), None for
+    anything else; bad parameters are refused by name."""
+    for convert in (_location_scale_from_torch, _positive_from_torch, _concrete_from_torch):
+        record = convert(q)
+        if record is not None:
+            return record
+    return None
 
 
-LATENTS = LATENTS + (Concrete,)
-_priors._RECORDS = LATENTS
-__all__ = __all__ + ["Concrete"]
+__all__ = ["FAMILIES", "LATENTS", "POSITIVE_FAMILIES", "Concrete", "LocationScale", "LogNormal", "LogisticNormal",
+           "Positive", "from_torch", "kumaraswamy_beta_kl"]
