@@ -12,9 +12,20 @@ that the objectives and the evaluation take wherever a DiagonalNormal goes.
   fused ``sample_normal`` (its exact log-ratio gives log q(y)) and add the
   transform's log-Jacobian; no new kernel.
 
-The torch.distributions objects users have map to these records
-(``from_torch``): Laplace, Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal
-and ``Independent`` of one (logistic has no torch class: use the record).
+- ``Positive(family, ...)``: the inverse-CDF families on (0, inf) and (0, 1),
+  "exponential", "weibull" and "kumaraswamy", sampled with log q by the fused
+  ``sample_positive``.
+- ``Concrete(logits, temperature, hard)``: the relaxed categorical (Gumbel-
+  softmax) over C categories per latent, and its straight-through one-hot
+  (``hard=True``), sampled with log q by the fused ``sample_concrete``.
+
+The file keeps one section per mechanism (location-scale and the normal
+transforms, the positive families, the relaxed categorical), then the list of
+records (``LATENTS``) and ``from_torch``, which maps the torch.distributions
+objects users have to these records: Laplace, Uniform, Gumbel, Cauchy,
+LogNormal, LogisticNormal, Exponential, Weibull, Kumaraswamy,
+RelaxedOneHotCategorical and ``Independent`` of one (logistic has no torch
+class: use the record).
 
 Every record offers what the objectives call (one generic branch there):
 ``rsample_with_log_q(K, generator, stop_score)`` -> (z (K, ..., Lz), log q (K, ...)),
@@ -39,13 +50,21 @@ import math
 import torch
 from torch import Tensor
 from torch.distributions import (
+    Beta,
     Cauchy,
     Distribution,
+    Exponential,
     Gumbel,
     Independent,
+    Kumaraswamy,
     Laplace,
+    OneHotCategorical,
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
     TransformedDistribution,
     Uniform,
+    Weibull,
+    constraints,
 )
 from torch.distributions import (
     LogisticNormal as TorchLogisticNormal,
@@ -60,8 +79,11 @@ from . import priors as _priors
 from .distributions import widened
 from .kl_normal import kl_normal
 from .priors import TorchPrior
+from .sample_concrete import check_args as _concrete_args
+from .sample_concrete import concrete_at, sample_concrete_unchecked
 from .sample_location_scale import FAMILIES, family_index, location_scale_at, sample_location_scale_unchecked
 from .sample_normal import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
+from .sample_positive import PARAMETERS, check_params, positive_at, sample_positive_unchecked
 
 LOG_2PI = math.log(2.0 * math.pi)
 EULER_GAMMA = 0.5772156649015329
@@ -449,8 +471,7 @@ class LogisticNormal(_NormalTransform):
         return TorchLogisticNormal(mu, torch.exp(0.5 * lv))
 
 
-LATENTS = (LocationScale, LogNormal, LogisticNormal)
-_priors._RECORDS = LATENTS  # records of shape (L,) are priors too
+_LOCATION_SCALE_AND_TRANSFORMS = (LocationScale, LogNormal, LogisticNormal)
 
 
 def _prior_location_scale(prior, family: str) -> tuple[Tensor, Tensor] | None:
@@ -475,7 +496,7 @@ def _log(scale: Tensor) -> Tensor:
     return torch.log(widened(scale)[0])
 
 
-def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | None:
+def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | None:
     """The record of a torch Laplace, Uniform, Gumbel, Cauchy, LogNormal or
     LogisticNormal (or Independent of one over the last dimension),
     differentiable in its parameters; None for anything else. A scale (or
@@ -500,16 +521,12 @@ def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | 
     return None
 
 
-__all__ = ["FAMILIES", "LATENTS", "LocationScale", "LogNormal", "LogisticNormal", "from_torch"]
 
 
 # --------------------------------------------------------------------------
 # The positive inverse-CDF families (issue 35): exponential, Weibull, Kumaraswamy
 # --------------------------------------------------------------------------
 
-from torch.distributions import Beta, Exponential, Kumaraswamy, Weibull, constraints  # noqa: E402
-
-from .sample_positive import PARAMETERS, check_params, positive_at, sample_positive_unchecked  # noqa: E402
 
 POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
 _POSITIVE_TORCH = {Exponential: "exponential", Weibull: "weibull", Kumaraswamy: "kumaraswamy"}
@@ -554,7 +571,7 @@ def _check_prior_support(family: str, prior) -> None:
         if prior.family == "kumaraswamy" and family != "kumaraswamy":
             raise _support_error(family, prior)
         return
-    if isinstance(prior, _RECORDS_BEFORE_POSITIVE):
+    if isinstance(prior, _LOCATION_SCALE_AND_TRANSFORMS):
         if isinstance(prior, LocationScale) and prior.family == "uniform":
             return  # a box: its log_prob says -inf outside, as torch's Uniform does
         if isinstance(prior, LogisticNormal):
@@ -728,31 +745,12 @@ def _positive_from_torch(q: Distribution) -> Positive | None:
     return Positive(family, _log(base.concentration1), _log(base.concentration0))
 
 
-_RECORDS_BEFORE_POSITIVE = LATENTS
-_from_torch_before_positive = from_torch
-
-
-def from_torch(q: Distribution):  # noqa: F811 (extends the function above with the positive families)
-    """The record of a torch distribution the latent families cover (the
-    location-scale ones, LogNormal, LogisticNormal, Exponential, Weibull,
-    Kumaraswamy, or Independent of one), None for anything else."""
-    record = _positive_from_torch(q)
-    return record if record is not None else _from_torch_before_positive(q)
-
-
-LATENTS = LATENTS + (Positive,)
-_priors._RECORDS = LATENTS
-__all__ = __all__ + ["Positive", "POSITIVE_FAMILIES", "kumaraswamy_beta_kl"]
 
 
 # --------------------------------------------------------------------------
 # The relaxed categorical (issue 35): Concrete / Gumbel-softmax, straight-through
 # --------------------------------------------------------------------------
 
-from torch.distributions import OneHotCategorical, RelaxedBernoulli, RelaxedOneHotCategorical  # noqa: E402
-
-from .sample_concrete import check_args as _concrete_args  # noqa: E402
-from .sample_concrete import concrete_at, sample_concrete_unchecked  # noqa: E402
 
 
 def _prior_categorical(prior) -> Tensor | None:
@@ -801,7 +799,10 @@ class Concrete(_Latent):
     one) gives the Monte Carlo KL log q(z) - log p(z) from the same samples
     (torch's log_prob of the relaxed z), as do iwae and log_likelihood. With
     hard=True the decoder's z is one-hot, where a relaxed density is not
-    defined: only the categorical prior's analytic KL (the ELBO) is taken.
+    defined: it takes the categorical prior only, in elbo (the analytic KL) and
+    in log_likelihood / evaluate, whose weights are then the categorical pmfs'
+    ratio p(z) / pi(z) at the one-hot z (distributed as Categorical(pi) by the
+    Gumbel-max trick): an estimate of the discrete model's log p(x).
     """
 
     def __init__(self, logits: Tensor, temperature: float | Tensor, hard: bool = False):
@@ -825,9 +826,10 @@ class Concrete(_Latent):
         fused op (stop_score: STL / DReG); for importance weights, which need a
         density at z: refused for hard=True (a one-hot z)."""
         if self.hard:
-            raise ValueError("a Concrete posterior with hard=True has no density at its one-hot z: iwae, "
-                             "log_likelihood and evaluate need log q(z) - log p(z) there; use hard=False, or "
-                             "elbo with a OneHotCategorical prior (the analytic categorical KL)")
+            raise ValueError("a Concrete posterior with hard=True has no density at its one-hot z: iwae and a "
+                             "relaxed prior need log q(z) - log p(z) there; use hard=False, elbo with a "
+                             "OneHotCategorical prior (the analytic categorical KL), or log_likelihood / evaluate "
+                             "with a OneHotCategorical prior (the categorical weights of the one-hot z)")
         return self._draw(n_samples, generator, stop_score)
 
     def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
@@ -837,13 +839,31 @@ class Concrete(_Latent):
 
     def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
                 prior) -> tuple[Tensor, Tensor | None]:
-        if prior is not None and self.hard:
+        """(z, log p(z) - log q(z) or None when prior is None) at the evaluation's offsets.
+        hard=True with a OneHotCategorical prior: the one-hot z is the argmax
+        of logits + Gumbel noise, distributed as Categorical(softmax(logits))
+        whatever the temperature (the Gumbel-max trick), so the weight is the
+        ratio of the two categorical pmfs, sum_l log p(z_l) - log pi(z_l)."""
+        log_p_cat = None if prior is None else _prior_categorical(prior)
+        if prior is not None and self.hard and log_p_cat is None:
             self.rsample_with_log_q(1, None, False)  # the named error
         z, log_q = concrete_at(self.logits, self.temperature, seed, n_samples, self.hard, offset0=offset0,
                                sample_stride=sample_stride, row_stride=row_stride)
         z = z.reshape(n_samples, *self.logits.shape)
         log_q = log_q.reshape(n_samples, *self.logits.shape[:-2])
-        return z, None if prior is None else prior.log_prob(z) - log_q
+        if prior is None:
+            return z, None
+        if self.hard:
+            return z, self._categorical_log_ratio(z, log_p_cat).to(log_q.dtype)
+        return z, prior.log_prob(z) - log_q
+
+    def _categorical_log_ratio(self, z: Tensor, log_p: Tensor) -> Tensor:
+        """sum_l log p(c_l) - log softmax(logits)(c_l) (K, ...) for one-hot z (K, ..., L, C),
+        c_l = argmax z_l: gathered, so a masked category (-inf) never enters a sum."""
+        logits, log_p = widened(self.logits.detach(), log_p.detach())
+        diff = log_p - torch.log_softmax(logits, -1)  # (..., L, C); log_p (C,) or (L, C) broadcasts
+        diff = diff.expand(z.shape)
+        return torch.gather(diff, -1, z.argmax(-1, keepdim=True)).squeeze(-1).sum(-1)
 
     def rows(self, b0: int, b1: int) -> Concrete:
         return Concrete(self.logits[b0:b1], self.temperature[b0:b1], self.hard)
@@ -936,17 +956,23 @@ def _concrete_from_torch(q: Distribution) -> Concrete | None:
     return Concrete(logits, lam if lam.dim() else float(lam), False)
 
 
-_from_torch_before_concrete = from_torch
+# -- every family -------------------------------------------------------------------
+
+LATENTS = (*_LOCATION_SCALE_AND_TRANSFORMS, Positive, Concrete)
+_priors._RECORDS = LATENTS  # records of shape (L,) are priors too
 
 
-def from_torch(q: Distribution):  # noqa: F811 (extends the function above with the relaxed categorical)
-    """The record of a torch distribution the latent families cover (the
-    location-scale ones, LogNormal, LogisticNormal, Exponential, Weibull,
-    Kumaraswamy, RelaxedOneHotCategorical, or Independent of one), None for anything else."""
-    record = _concrete_from_torch(q)
-    return record if record is not None else _from_torch_before_concrete(q)
+def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | Positive | Concrete | None:
+    """The record of a torch distribution the latent families cover (Laplace,
+    Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal, Exponential, Weibull,
+    Kumaraswamy, RelaxedOneHotCategorical, or Independent of one), None for
+    anything else; bad parameters are refused by name."""
+    for convert in (_location_scale_from_torch, _positive_from_torch, _concrete_from_torch):
+        record = convert(q)
+        if record is not None:
+            return record
+    return None
 
 
-LATENTS = LATENTS + (Concrete,)
-_priors._RECORDS = LATENTS
-__all__ = __all__ + ["Concrete"]
+__all__ = ["FAMILIES", "LATENTS", "POSITIVE_FAMILIES", "Concrete", "LocationScale", "LogNormal", "LogisticNormal",
+           "Positive", "from_torch", "kumaraswamy_beta_kl"]

@@ -163,9 +163,10 @@ class TorchPrior:
     def log_prob(self, z: Tensor) -> Tensor:
         """log p(z) summed over the last dimension, in z's compute dtype."""
         if self.categorical:
-            raise ValueError("a OneHotCategorical prior gives the ELBO's analytic categorical KL only: iwae, "
-                             "log_likelihood, evaluate and a Monte Carlo KL need a density at the relaxed z; "
-                             "use a RelaxedOneHotCategorical prior there")
+            raise ValueError("a OneHotCategorical prior has no density at a relaxed z: it gives the ELBO's "
+                             "analytic categorical KL, and the weights of log_likelihood / evaluate for a "
+                             "hard=True Concrete posterior (one-hot z) only; iwae, and log_likelihood, evaluate "
+                             "or a Monte Carlo KL of a relaxed z, need a RelaxedOneHotCategorical prior")
         (z,) = widened(z)
         lp = self.dist.log_prob(z)
         extra = self.z_dims - len(self.dist.event_shape)
