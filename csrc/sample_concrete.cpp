@@ -74,17 +74,23 @@ struct LatentSums {
   int64_t cnt;
 };
 
-// One latent's scores y = (a - log t) / lam, its max and sums; masked (-inf)
-// categories get y = -inf and t = 0 (so exp(y - m) = 0 needs no branch), and
-// are left out of the sums. mm[c] = the max, for the flat exp pass.
+// One latent's scores y = (a - max a - log t) / lam, its max and sums; masked
+// (-inf) categories get y = -inf and t = 0 (so exp(y - m) = 0 needs no
+// branch), and are left out of the sums. mm[c] = the max, for the flat exp
+// pass. The shift by the largest logit changes neither z nor log q (only the
+// logits' differences matter) but keeps y finite: (a - log t) / lam overflows
+// for float32 logits above about 3e35 at lam = 1e-3.
 template <typename T>
 FASTVAE_INLINE LatentSums<T> latent_scores(const T* a, T lam, int64_t C, T* t, const T* lt, T* y, T* mm) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const T ilam = T(1) / lam;
+  T top = ninf;
+  for (int64_t c = 0; c < C; ++c) top = std::max(top, a[c]);
+  top = top == ninf ? T(0) : top;
   LatentSums<T> r{ninf, T(0), T(0), T(0), 0};
   for (int64_t c = 0; c < C; ++c) {
     const bool ok = a[c] != ninf;
-    const T yc = (a[c] - lt[c]) * ilam;
+    const T yc = ((a[c] - top) - lt[c]) * ilam;
     r.sum_t += ok ? t[c] : T(0);
     r.sum_lt += ok ? lt[c] : T(0);
     r.sum_y += ok ? yc : T(0);

@@ -1413,7 +1413,8 @@ def concrete_terms(logits: Tensor, temperature: Tensor, t: Tensor):
     """(z, log_q, soft_z, w, count) per latent of logits (..., C), temperature
     (...) and the Exp(1) noise t (..., C), in the arguments' dtype (float64 in
     the oracle), -inf logits masked out of the simplex:
-    y = (logits - log t) / temperature, z = softmax(y) (0 where masked),
+    y = (logits - max logits - log t) / temperature (the shift by the latent's
+    largest unmasked logit changes nothing but keeps y finite), z = softmax(y) (0 where masked),
     log q = lgamma(C') + (C' - 1) log temperature - sum_c log z_c
     + sum_c log t_c - C' log sum_c t_c over the C' unmasked categories: the
     Concrete density (Maddison et al. 2017) with sum_c pi_c z_c^-temperature
@@ -1421,7 +1422,13 @@ def concrete_terms(logits: Tensor, temperature: Tensor, t: Tensor):
     w = t / sum_c t (the stop-score term)."""
     mask = logits > -math.inf
     lam = temperature[..., None]
-    y = torch.where(mask, (logits - torch.log(t)) / lam, -math.inf)
+    # only the logits' differences matter (softmax and the density are
+    # shift-invariant): subtracting the latent's largest logit first keeps y
+    # finite for logits of any size at any temperature (a detached constant:
+    # the shift's own gradient is 0)
+    top = torch.where(mask, logits, -math.inf).amax(-1, keepdim=True).detach()
+    top = torch.where(top > -math.inf, top, 0.0)
+    y = torch.where(mask, ((logits - top) - torch.log(t)) / lam, -math.inf)
     log_z = torch.log_softmax(y, dim=-1)
     z = torch.where(mask, torch.exp(log_z), 0.0)
     count = mask.sum(-1).to(t.dtype)

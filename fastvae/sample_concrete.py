@@ -10,6 +10,10 @@ keeps its upper tail) from C consecutive Philox uniforms, and
     log q(z) = lgamma(C) + (C - 1) log lambda - sum_c log z_c
                + sum_c log t_c - C log sum_c t_c,
 
+(the kernels subtract the latent's largest logit before dividing by lambda:
+z and log q depend on the logits' differences only, and y stays finite for
+logits of any size at any temperature),
+
 the Concrete density (Maddison et al. 2017) written through the noise: its
 sum_c pi_c z_c^-lambda is proportional to sum_c t_c, so log q is never taken
 from z (which underflows as lambda -> 0). A -inf logit masks its category:

@@ -32,7 +32,11 @@ def _latents(x, a, lam, cols, C, ACC: tl.constexpr):
     t = tl.where(x < 1073741824, -tl.log(u), -_log1m(v))
     t = tl.where(valid, t, 1.0)
     lt = tl.log(t)
-    y = tl.where(valid, (a - lt) / lam[:, None], float("-inf"))
+    # shifted by the latent's largest logit (only differences matter): y stays
+    # finite for logits of any size at any temperature
+    top = tl.max(tl.where(valid, a, float("-inf")), axis=1)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    y = tl.where(valid, ((a - top[:, None]) - lt) / lam[:, None], float("-inf"))
     m = tl.max(y, axis=1)
     e = tl.where(valid, tl.exp(y - m[:, None]), 0.0)
     ls = tl.log(tl.sum(e, axis=1))

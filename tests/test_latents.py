@@ -802,6 +802,11 @@ def test_concrete_free_bits_with_a_relaxed_prior(backend, n_samples):
     bound = fastvae.elbo(x, fastvae.Concrete(logits, LAM), _concrete_decode(W), likelihood="bernoulli", prior=prior,
                          free_bits=lam, n_samples=n_samples, generator=gen(4))
     torch.testing.assert_close(bound, terms.bound, rtol=1e-12, atol=1e-12)
+    record_prior = fastvae.Concrete(prior.base_dist.logits, LAM)  # a record of shape (L, C) is the same prior
+    same = fastvae.elbo_terms(x, fastvae.Concrete(logits, LAM), _concrete_decode(W), likelihood="bernoulli",
+                              prior=record_prior, free_bits=lam, n_samples=n_samples, generator=gen(4))
+    torch.testing.assert_close(same.kl_per_dim, terms.kl_per_dim, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(same.bound, terms.bound, rtol=1e-12, atol=1e-12)
 
 
 def test_free_bits_errors_say_why_the_kl_does_not_split(backend):

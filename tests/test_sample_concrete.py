@@ -198,6 +198,49 @@ def test_extreme_temperatures(backend, dtype):
     assert torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_huge_logits_at_tiny_temperatures(backend, dtype):
+    """Only the logits' differences matter: each latent's largest logit is
+    subtracted before the division by the temperature, so logits far above
+    where logits / temperature overflows (float32: about 3e35 at 1e-3) give
+    finite z, log q and gradients, equal to the float64 reference; NaN never
+    passes. Equal huge logits give exactly the sample of zero logits."""
+    _, device = backend
+    top = 1e37 if dtype == torch.float32 else 1e306
+    lam = torch.tensor([1e-3, 1e-2, 0.5], dtype=dtype, device=device).expand(2, 3).contiguous()
+    # per latent: top * (1 - 2^-e) for e in 10..14, and one category masked in latent (1, 2)
+    frac = torch.tensor([0.0, 2.0**-10, 2.0**-12, 2.0**-13, 2.0**-14], dtype=torch.float64)
+    sign = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)[:, None]  # latent 1: all logits near -top
+    logits = (top * sign * (1.0 - frac)).expand(2, 3, 5).clone()
+    logits[1, 2, 3] = -math.inf
+    logits = logits.to(dtype).to(device).requires_grad_()
+    for hard in (False, True):
+        z, log_q = SampleConcrete.apply(logits, lam, seed_tensor(4, device), hard, 3, False)
+        assert torch.isfinite(z).all() and torch.isfinite(log_q).all()
+        t = noise(4, 3, (2, 3, 5), dtype)
+        a = logits.detach().double().cpu()
+        z_ref, q_ref = reference.concrete_terms(a, lam.double().cpu(), t)[:2]
+        ok = a > -math.inf
+        shifted = torch.where(ok, a - a.amax(-1, keepdim=True), 0.0)
+        Y = ((shifted.abs() + t.log().abs() + 1.0) / lam.double().cpu()[..., None]).sum(-1, keepdim=True) + 1.0
+        if hard:
+            assert (z.double().cpu().argmax(-1) == z_ref.argmax(-1)).all()
+        else:
+            assert_close(z, z_ref, z_ref * Y, "z")
+        assert_close(log_q, q_ref.sum(-1), (Y[..., 0] * 5 + 100.0).sum(-1), "log_q")
+        (grad,) = torch.autograd.grad((z * torch.arange(5.0, dtype=dtype, device=device)).sum() + log_q.sum(),
+                                      logits)
+        assert torch.isfinite(grad).all() and (grad[1, 2, 3] == 0)
+    # equal logits: y = -log t / lam whatever their common value, bit for bit
+    big = torch.full((2, 3, 5), top, dtype=dtype, device=device)
+    zero = torch.zeros(2, 3, 5, dtype=dtype, device=device)
+    z_big, q_big = SampleConcrete.apply(big, lam, seed_tensor(9, device), False, 2, False)
+    z_zero, q_zero = SampleConcrete.apply(zero, lam, seed_tensor(9, device), False, 2, False)
+    torch.testing.assert_close(z_big, z_zero, rtol=0, atol=0)
+    torch.testing.assert_close(q_big, q_zero, rtol=0, atol=0)
+    assert (z_big > 0).any(dim=-1).all() and (z_big[..., 2, :] < 1).all()  # lam = 0.5: not one-hot
+
+
 def test_masked_categories(backend):
     """-inf logits: z_c = 0 exactly, log q finite and equal to the Concrete
     density on the remaining categories (torch's, with those columns dropped);
