@@ -1153,3 +1153,22 @@ def test_binary_concrete_errors_name_the_argument(backend):
         fastvae.elbo(x, _binary_q(logits, 0.0), _binary_decode(W), likelihood="bernoulli")
     with pytest.raises(ValueError, match="logits must have a last"):
         fastvae.BinaryConcrete(torch.tensor(0.5, dtype=torch.float64), LAM)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_binary_concrete_reconstruction_probability_matches_handwritten(backend, hard):
+    """log mean_k p(x | z_k) over the evaluation's noise layout (2 uniforms per latent), z (K, B, L)."""
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    logits = logits.detach()
+    K = 6
+    offsets = torch.arange(B * K * L * 2).reshape(B, K, L, 2).transpose(0, 1).reshape(-1)
+    z = _binary_z(philox_seed_of(9), K, logits, offsets)
+    if hard:
+        z = (z > 0.5).double()
+    rec = td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x)
+    expected = torch.logsumexp(rec, 0) - math.log(K)
+    got = fastvae.reconstruction_probability(x, lambda _: fastvae.BinaryConcrete(logits, LAM, hard=hard),
+                                             _binary_decode(W), n_samples=K, likelihood="bernoulli",
+                                             generator=gen(9))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
