@@ -147,7 +147,7 @@ from .sample_positive import sample_positive  # noqa: E402
 __all__ += ["sample_positive", "Positive"]
 
 # the relaxed categorical (Concrete / Gumbel-softmax) latents (issue 35)
-from .latents import Concrete  # noqa: E402
+from .latents import BinaryConcrete, Concrete  # noqa: E402
 from .sample_concrete import sample_concrete  # noqa: E402
 
-__all__ += ["sample_concrete", "Concrete"]
+__all__ += ["sample_concrete", "Concrete", "BinaryConcrete"]

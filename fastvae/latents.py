@@ -17,14 +17,16 @@ that the objectives and the evaluation take wherever a DiagonalNormal goes.
   ``sample_positive``.
 - ``Concrete(logits, temperature, hard)``: the relaxed categorical (Gumbel-
   softmax) over C categories per latent, and its straight-through one-hot
-  (``hard=True``), sampled with log q by the fused ``sample_concrete``.
+  (``hard=True``), sampled with log q by the fused ``sample_concrete``;
+  ``BinaryConcrete(logits, temperature, hard)``, the relaxed Bernoulli (torch's
+  ``RelaxedBernoulli``), is its first component for the logits (logits, 0).
 
 The file keeps one section per mechanism (location-scale and the normal
 transforms, the positive families, the relaxed categorical), then the list of
 records (``LATENTS``) and ``from_torch``, which maps the torch.distributions
 objects users have to these records: Laplace, Uniform, Gumbel, Cauchy,
 LogNormal, LogisticNormal, Exponential, Weibull, Kumaraswamy,
-RelaxedOneHotCategorical and ``Independent`` of one (logistic has no torch
+RelaxedOneHotCategorical, RelaxedBernoulli and ``Independent`` of one (logistic has no torch
 class: use the record).
 
 Every record offers what the objectives call (one generic branch there):
@@ -50,6 +52,7 @@ import math
 import torch
 from torch import Tensor
 from torch.distributions import (
+    Bernoulli,
     Beta,
     Cauchy,
     Distribution,
@@ -761,16 +764,17 @@ def _prior_categorical(prior) -> Tensor | None:
     return None
 
 
-def _hard_relaxed_error() -> ValueError:
-    return ValueError("a Concrete posterior with hard=True takes a OneHotCategorical prior (the analytic "
-                      "categorical KL): a relaxed prior's density at the one-hot z is not defined")
+def _hard_relaxed_error(q=None) -> ValueError:
+    name, pmf = (type(q).__name__, q._pmf_prior) if q is not None else ("Concrete", "OneHotCategorical")
+    return ValueError(f"a {name} posterior with hard=True takes a {pmf} prior (the analytic "
+                      f"categorical KL): a relaxed prior's density at the one-hot z is not defined")
 
 
 def _prior_relaxed(prior) -> Distribution | None:
     """The RelaxedOneHotCategorical of a relaxed prior (torch's, Independent of
     one over L, or a Concrete record of shape (L, C)), whose log_prob of z
     (..., L, C) is log p of each latent (..., L); else None."""
-    if isinstance(prior, Concrete):
+    if type(prior) is Concrete:
         return prior.torch_distribution().base_dist
     base = _torch_base(prior)
     return base if type(base) is RelaxedOneHotCategorical else None
@@ -805,10 +809,24 @@ class Concrete(_Latent):
     Gumbel-max trick): an estimate of the discrete model's log p(x).
     """
 
+    _pmf_prior, _relaxed_prior = "OneHotCategorical", "RelaxedOneHotCategorical"  # in the error messages
+
     def __init__(self, logits: Tensor, temperature: float | Tensor, hard: bool = False):
         self.temperature = _concrete_args(logits, temperature)
         self.logits = logits
         self.hard = bool(hard)
+
+    def _out(self, z: Tensor) -> Tensor:
+        """The decoder's z of the sampler's simplex point z (..., L, C): itself here."""
+        return z
+
+    def _prior_pmf(self, prior) -> Tensor | None:
+        """log p (C,) or (L, C) of the categorical prior this record takes, else None."""
+        return _prior_categorical(prior)
+
+    def _prior_relaxed_dist(self, prior) -> Distribution | None:
+        """The relaxed prior's per-latent torch distribution, else None."""
+        return _prior_relaxed(prior)
 
     @property
     def mu(self) -> Tensor:
@@ -819,17 +837,20 @@ class Concrete(_Latent):
         return self.logits.shape[-1]
 
     def _draw(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
-        return sample_concrete_unchecked(self.logits, self.temperature, n_samples, self.hard, stop_score, generator)
+        z, log_q = sample_concrete_unchecked(self.logits, self.temperature, n_samples, self.hard, stop_score,
+                                             generator)
+        return self._out(z), log_q
 
     def rsample_with_log_q(self, n_samples: int, generator, stop_score: bool) -> tuple[Tensor, Tensor]:
         """(z (K, ..., L, C), log q(z) (K, ...)) of the relaxed sample from the
         fused op (stop_score: STL / DReG); for importance weights, which need a
         density at z: refused for hard=True (a one-hot z)."""
         if self.hard:
-            raise ValueError("a Concrete posterior with hard=True has no density at its one-hot z: iwae and a "
-                             "relaxed prior need log q(z) - log p(z) there; use hard=False, elbo with a "
-                             "OneHotCategorical prior (the analytic categorical KL), or log_likelihood / evaluate "
-                             "with a OneHotCategorical prior (the categorical weights of the one-hot z)")
+            name, pmf = type(self).__name__, self._pmf_prior
+            raise ValueError(f"a {name} posterior with hard=True has no density at its one-hot z: iwae and a "
+                             f"relaxed prior need log q(z) - log p(z) there; use hard=False, elbo with a "
+                             f"{pmf} prior (the analytic categorical KL), or log_likelihood / evaluate "
+                             f"with a {pmf} prior (the categorical weights of the one-hot z)")
         return self._draw(n_samples, generator, stop_score)
 
     def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
@@ -844,7 +865,7 @@ class Concrete(_Latent):
         of logits + Gumbel noise, distributed as Categorical(softmax(logits))
         whatever the temperature (the Gumbel-max trick), so the weight is the
         ratio of the two categorical pmfs, sum_l log p(z_l) - log pi(z_l)."""
-        log_p_cat = None if prior is None else _prior_categorical(prior)
+        log_p_cat = None if prior is None else self._prior_pmf(prior)
         if prior is not None and self.hard and log_p_cat is None:
             self.rsample_with_log_q(1, None, False)  # the named error
         z, log_q = concrete_at(self.logits, self.temperature, seed, n_samples, self.hard, offset0=offset0,
@@ -852,9 +873,10 @@ class Concrete(_Latent):
         z = z.reshape(n_samples, *self.logits.shape)
         log_q = log_q.reshape(n_samples, *self.logits.shape[:-2])
         if prior is None:
-            return z, None
+            return self._out(z), None
         if self.hard:
-            return z, self._categorical_log_ratio(z, log_p_cat).to(log_q.dtype)
+            return self._out(z), self._categorical_log_ratio(z, log_p_cat).to(log_q.dtype)
+        z = self._out(z)
         return z, prior.log_prob(z) - log_q
 
     def _categorical_log_ratio(self, z: Tensor, log_p: Tensor) -> Tensor:
@@ -872,11 +894,15 @@ class Concrete(_Latent):
         """softmax(logits) (..., L, C): a z with no noise drawn."""
         return torch.softmax(self.logits, -1)
 
-    def torch_distribution(self) -> Distribution:
-        """torch's Independent(RelaxedOneHotCategorical, 1) (one temperature for all latents)."""
+    def _one_temperature(self) -> Tensor:
         lam = self.temperature.reshape(-1)[:1].reshape(()) if self.temperature.numel() else self.temperature
         if self.temperature.numel() and not bool((self.temperature == lam).all()):
-            raise ValueError("torch's RelaxedOneHotCategorical takes one temperature; this record has one per latent")
+            raise ValueError(f"torch's {self._relaxed_prior} takes one temperature; this record has one per latent")
+        return lam
+
+    def torch_distribution(self) -> Distribution:
+        """torch's Independent(RelaxedOneHotCategorical, 1) (one temperature for all latents)."""
+        lam = self._one_temperature()
         (logits,) = widened(self.logits)
         return Independent(RelaxedOneHotCategorical(lam.to(logits.dtype), logits=logits), 1)
 
@@ -887,7 +913,7 @@ class Concrete(_Latent):
 
     def kl_per_dim(self, prior) -> Tensor | None:
         """KL(Cat(softmax(logits)) || prior) per latent (..., L) for a OneHotCategorical prior, else None."""
-        log_p = _prior_categorical(prior)
+        log_p = self._prior_pmf(prior)
         if log_p is None:
             return None
         (logits,) = widened(self.logits)
@@ -905,7 +931,7 @@ class Concrete(_Latent):
         """A relaxed prior's Monte Carlo KL splits by latent: the latents are
         independent under q and p, and the sampler gives log q per latent
         when each latent is its own row (sample_with_mc_kl_per_dim)."""
-        return self.kl_per_dim(prior) is None and _prior_relaxed(prior) is not None
+        return self.kl_per_dim(prior) is None and self._prior_relaxed_dist(prior) is not None
 
     def sample_with_mc_kl_per_dim(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, Tensor]:
         """(z, kl, kl per latent) for a relaxed prior (mc_kl_splits): z and
@@ -916,12 +942,12 @@ class Concrete(_Latent):
         (K, ...) for n_samples=K ((...) for None), and its per-latent terms
         averaged over the samples, (..., L)."""
         if self.hard:
-            raise _hard_relaxed_error()
+            raise _hard_relaxed_error(self)
         K = 1 if n_samples is None else n_samples
         z, log_q = sample_concrete_unchecked(self.logits.unsqueeze(-2), self.temperature.unsqueeze(-1), K, False,
                                              False, generator)
-        z = z.squeeze(-2)
-        terms = log_q - _prior_relaxed(prior).log_prob(widened(z)[0])  # (K, ..., L)
+        z = self._out(z.squeeze(-2))
+        terms = log_q - self._prior_relaxed_dist(prior).log_prob(widened(z)[0])  # (K, ..., L)
         kl = terms.sum(-1)
         per_dim = terms.mean(0)
         return (z[0], kl[0], per_dim) if n_samples is None else (z, kl, per_dim)
@@ -931,7 +957,7 @@ class Concrete(_Latent):
         kl = self.analytic_kl(prior)
         if kl is None:
             if self.hard:
-                raise _hard_relaxed_error()
+                raise _hard_relaxed_error(self)
             z, log_q = self._draw(K, generator, False)
             kl = log_q - prior.log_prob(z)
             return (z[0], kl[0], False) if n_samples is None else (z, kl, False)
@@ -939,14 +965,83 @@ class Concrete(_Latent):
         return (z[0] if n_samples is None else z), kl, True
 
 
+class BinaryConcrete(Concrete):
+    """The relaxed Bernoulli (binary Concrete) of L independent latents: torch's
+    ``RelaxedBernoulli``. z = sigmoid((logits + g1 - g2) / temperature), g1 - g2
+    ~ Logistic(0, 1): the first component of a 2-category Concrete of logits
+    (logits, 0), whose density at the simplex point (z, 1 - z) is the density of
+    z, so the fused ``sample_concrete`` on the stacked logits gives z and log q.
+
+    Args:
+        logits: (..., L) log-odds of z = 1 (-inf: z = 0).
+        temperature: > 0, a float or a tensor broadcasting to (..., L) (no gradient).
+        hard: straight-through: z in {0, 1} forward (z > 1/2), the relaxed z's
+            gradient backward.
+
+    z has shape (K, ..., L), as torch's ``RelaxedBernoulli.rsample`` gives it.
+    ``logits`` is the stacked (..., L, 2) and ``mu`` its flattening (..., 2 L):
+    the evaluation's noise layout, 2 uniforms per latent.
+
+    Priors: a ``Bernoulli`` (probs or logits broadcasting to (L,), or
+    Independent of one) gives the analytic KL of the two Bernoullis per latent
+    (kl_analytic True, free bits per latent); with hard=True also the
+    evaluation's weights p(z) / q(z) of the binary z (distributed as
+    Bernoulli(sigmoid(logits))). A ``RelaxedBernoulli`` (or Independent of one,
+    or a BinaryConcrete record of shape (L,)) gives the Monte Carlo KL
+    log q(z) - log p(z) from the same samples (torch's log_prob; free bits per
+    latent), as do iwae and log_likelihood.
+    """
+
+    _pmf_prior, _relaxed_prior = "Bernoulli", "RelaxedBernoulli"
+
+    def __init__(self, logits: Tensor, temperature: float | Tensor, hard: bool = False):
+        _validate.float_tensors(logits=logits)
+        _validate.event_dim("logits", logits)
+        self.binary_logits = logits
+        super().__init__(torch.stack((logits, torch.zeros_like(logits)), -1), temperature, hard)
+
+    def _out(self, z: Tensor) -> Tensor:
+        return z[..., 0]
+
+    def _prior_pmf(self, prior) -> Tensor | None:
+        """log (p, 1 - p) (2,) or (L, 2) of a Bernoulli prior (or Independent of one), else None."""
+        base = _torch_base(prior)
+        if type(base) is not Bernoulli:
+            return None
+        p_logits = base.logits
+        return torch.stack((torch.nn.functional.logsigmoid(p_logits), torch.nn.functional.logsigmoid(-p_logits)), -1)
+
+    def _prior_relaxed_dist(self, prior) -> Distribution | None:
+        if type(prior) is BinaryConcrete:
+            return prior.torch_distribution().base_dist
+        base = _torch_base(prior)
+        return base if type(base) is RelaxedBernoulli else None
+
+    def rows(self, b0: int, b1: int) -> BinaryConcrete:
+        return BinaryConcrete(self.binary_logits[b0:b1], self.temperature[b0:b1], self.hard)
+
+    def point(self) -> Tensor:
+        """sigmoid(logits) (..., L): a z with no noise drawn."""
+        return torch.sigmoid(self.binary_logits)
+
+    def torch_distribution(self) -> Distribution:
+        """torch's Independent(RelaxedBernoulli, 1) (one temperature for all latents)."""
+        lam = self._one_temperature()
+        (logits,) = widened(self.binary_logits)
+        return Independent(RelaxedBernoulli(lam.to(logits.dtype), logits=logits), 1)
+
+
 def _concrete_from_torch(q: Distribution) -> Concrete | None:
-    """The record of a torch RelaxedOneHotCategorical (or Independent of one
-    over the latents), logits (..., L, C); RelaxedBernoulli is refused by name."""
+    """The record of a torch RelaxedOneHotCategorical, logits (..., L, C), or
+    RelaxedBernoulli (a BinaryConcrete), logits (..., L) (or Independent of
+    one over the latents)."""
     base, n = (q.base_dist, q.reinterpreted_batch_ndims) if isinstance(q, Independent) else (q, 0)
-    if type(base) is RelaxedBernoulli:
-        raise TypeError("RelaxedBernoulli is not supported as a posterior: use RelaxedOneHotCategorical over 2 "
-                        "categories (logits (..., L, 2), e.g. torch.stack([logits, zeros], -1)), or "
-                        "fastvae.Concrete")
+    if type(base) is RelaxedBernoulli and n <= 1:
+        logits = base.logits
+        if logits.dim() < 1:
+            logits = logits.unsqueeze(0)
+        lam = base.temperature.detach()
+        return BinaryConcrete(logits, lam if lam.dim() else float(lam), False)
     if type(base) is not RelaxedOneHotCategorical or n > 1:
         return None
     logits = base.logits
@@ -958,14 +1053,14 @@ def _concrete_from_torch(q: Distribution) -> Concrete | None:
 
 # -- every family -------------------------------------------------------------------
 
-LATENTS = (*_LOCATION_SCALE_AND_TRANSFORMS, Positive, Concrete)
+LATENTS = (*_LOCATION_SCALE_AND_TRANSFORMS, Positive, Concrete, BinaryConcrete)
 _priors._RECORDS = LATENTS  # records of shape (L,) are priors too
 
 
 def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | Positive | Concrete | None:
     """The record of a torch distribution the latent families cover (Laplace,
     Uniform, Gumbel, Cauchy, LogNormal, LogisticNormal, Exponential, Weibull,
-    Kumaraswamy, RelaxedOneHotCategorical, or Independent of one), None for
+    Kumaraswamy, RelaxedOneHotCategorical, RelaxedBernoulli, or Independent of one), None for
     anything else; bad parameters are refused by name."""
     for convert in (_location_scale_from_torch, _positive_from_torch, _concrete_from_torch):
         record = convert(q)
@@ -974,5 +1069,5 @@ def from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | 
     return None
 
 
-__all__ = ["FAMILIES", "LATENTS", "POSITIVE_FAMILIES", "Concrete", "LocationScale", "LogNormal", "LogisticNormal",
-           "Positive", "from_torch", "kumaraswamy_beta_kl"]
+__all__ = ["FAMILIES", "LATENTS", "POSITIVE_FAMILIES", "BinaryConcrete", "Concrete", "LocationScale", "LogNormal",
+           "LogisticNormal", "Positive", "from_torch", "kumaraswamy_beta_kl"]

@@ -335,7 +335,8 @@ def _free_bits_error(q: Any, prior: Any) -> ValueError:
         f"prior ({p_name}) does not split into one. Free bits take a diagonal Gaussian posterior against a "
         "standard normal or DiagonalNormal prior, a latent family's closed-form KL against a prior of its own "
         "family (docs/latents.md), or a Concrete posterior against a OneHotCategorical or RelaxedOneHotCategorical "
-        "prior. Elsewhere the KL is one sum over the latents: a full-covariance posterior couples them, a mixture "
+        "prior (a BinaryConcrete against a Bernoulli or RelaxedBernoulli). Elsewhere the KL is one sum over the "
+        "latents: a full-covariance posterior couples them, a mixture "
         "or VampPrior prior (and a LogisticNormal's stick-breaking) does not factorize over them, and the other "
         "families' Monte Carlo KL takes log q(z) summed over L from their samplers")
 
@@ -508,9 +509,10 @@ def elbo(
             It needs the KL of each dimension: a closed form that splits (a
             diagonal Gaussian against a standard or diagonal prior, a latent
             family against its own family, a Concrete posterior against a
-            OneHotCategorical prior), or a Concrete posterior's Monte Carlo KL
-            against a RelaxedOneHotCategorical prior, taken per latent from the
-            same samples; elsewhere a ValueError says why not.
+            OneHotCategorical prior, a BinaryConcrete against a Bernoulli), or a
+            Concrete posterior's Monte Carlo KL against a RelaxedOneHotCategorical
+            prior (a BinaryConcrete's against a RelaxedBernoulli), taken per
+            latent from the same samples; elsewhere a ValueError says why not.
         n_samples: z samples per example; the reconstruction term is averaged
             over them (the KL is analytic). The decoder runs once on all of them.
         reduction: "mean" over the batch (default), "sum", or "none" (per example).

@@ -29,7 +29,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution, Independent, Normal, OneHotCategorical, RelaxedOneHotCategorical
+from torch.distributions import (
+    Bernoulli,
+    Distribution,
+    Independent,
+    Normal,
+    OneHotCategorical,
+    RelaxedOneHotCategorical,
+)
 
 from . import _validate
 from .distributions import DiagonalNormal, TrilNormal, widened
@@ -154,7 +161,7 @@ class TorchPrior:
         base = dist.base_dist if isinstance(dist, Independent) else dist
         # a categorical's z (..., L, C) has two latent dimensions (issue 35's Concrete)
         self.z_dims = 2 if isinstance(base, (RelaxedOneHotCategorical, OneHotCategorical)) else 1
-        self.categorical = type(base) is OneHotCategorical
+        self.categorical = type(base) in (OneHotCategorical, Bernoulli)  # pmfs: no density at a relaxed z
         if len(dist.event_shape) > self.z_dims:
             raise ValueError(f"a torch prior has at most one event dimension (the latent), got event shape "
                              f"{tuple(dist.event_shape)}")
@@ -163,10 +170,19 @@ class TorchPrior:
     def log_prob(self, z: Tensor) -> Tensor:
         """log p(z) summed over the last dimension, in z's compute dtype."""
         if self.categorical:
-            raise ValueError("a OneHotCategorical prior has no density at a relaxed z: it gives the ELBO's "
-                             "analytic categorical KL, and the weights of log_likelihood / evaluate for a "
-                             "hard=True Concrete posterior (one-hot z) only; iwae, and log_likelihood, evaluate "
-                             "or a Monte Carlo KL of a relaxed z, need a RelaxedOneHotCategorical prior")
+            base = self.dist.base_dist if isinstance(self.dist, Independent) else self.dist
+            pmf, q, relaxed = (("OneHotCategorical", "Concrete", "RelaxedOneHotCategorical")
+                               if type(base) is OneHotCategorical else ("Bernoulli", "BinaryConcrete",
+                                                                         "RelaxedBernoulli"))
+            raise ValueError(f"a {pmf} prior has no density at a relaxed z: it gives the ELBO's "
+                             f"analytic categorical KL, and the weights of log_likelihood / evaluate for a "
+                             f"hard=True {q} posterior (one-hot z) only; iwae, and log_likelihood, evaluate "
+                             f"or a Monte Carlo KL of a relaxed z, need a {relaxed} prior")
+        if self.z_dims == 2 and (z.dim() < 2 or z.shape[-1] != self.dist.event_shape[-1]):
+            base = self.dist.base_dist if isinstance(self.dist, Independent) else self.dist
+            raise ValueError(f"a {type(base).__name__} prior takes the z (..., L, C) of a Concrete posterior of "
+                             f"C = {self.dist.event_shape[-1]} categories, got z of shape {tuple(z.shape)} (a "
+                             "BinaryConcrete's z (..., L) takes a Bernoulli or RelaxedBernoulli prior)")
         (z,) = widened(z)
         lp = self.dist.log_prob(z)
         extra = self.z_dims - len(self.dist.event_shape)

@@ -829,9 +829,6 @@ def test_free_bits_errors_say_why_the_kl_does_not_split(backend):
 def test_concrete_errors_name_the_argument(backend):
     _, device = backend
     x, W, logits = _concrete_data(device)
-    with pytest.raises(TypeError, match="RelaxedBernoulli is not supported"):
-        fastvae.elbo(x, td.RelaxedBernoulli(torch.tensor(0.5), logits=logits[..., 0]), _concrete_decode(W),
-                     likelihood="bernoulli")
     categorical = td.OneHotCategorical(logits=torch.zeros(CC, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match="OneHotCategorical prior has no density at a relaxed z"):
         fastvae.iwae(x, _concrete_q(logits), _concrete_decode(W), likelihood="bernoulli", prior=categorical)
@@ -923,5 +920,260 @@ def test_concrete_reconstruction_probability_matches_handwritten(backend, hard):
     expected = torch.logsumexp(rec, 0) - math.log(K)
     got = fastvae.reconstruction_probability(x, lambda _: fastvae.Concrete(logits, LAM, hard=hard),
                                              _concrete_decode(W), n_samples=K, likelihood="bernoulli",
+                                             generator=gen(9))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+# -- the relaxed Bernoulli (BinaryConcrete, torch's RelaxedBernoulli) --------------------------------------------
+
+
+def _binary_data(device):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(B, D, generator=g) < 0.5).double().to(device)
+    W = (torch.randn(L, D, generator=g, dtype=torch.float64) * 0.5).to(device)
+    logits = torch.randn(B, L, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    return x, W, logits
+
+
+def _binary_decode(W):
+    return lambda z: z @ W
+
+
+def _binary_q(logits, lam=LAM):
+    return td.Independent(td.RelaxedBernoulli(torch.tensor(lam, dtype=torch.float64, device=logits.device),
+                                              logits=logits), 1)
+
+
+def _binary_prior(device, kind):
+    p_logits = torch.randn(L, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(device)
+    if kind == "bernoulli":
+        return td.Independent(td.Bernoulli(probs=torch.sigmoid(p_logits)), 1)
+    return td.Independent(td.RelaxedBernoulli(torch.tensor(0.8, dtype=torch.float64, device=device),
+                                              logits=p_logits), 1)
+
+
+def _binary_z(seed, K, logits, offsets=None):
+    """The relaxed z of the training layout: sigmoid((l - log t_1 + log t_2) / lambda), the
+    first component of the Concrete of logits (l, 0) (2 uniforms per latent)."""
+    if offsets is None:
+        offsets = torch.arange(K * B * L * 2)
+    t = reference.concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, 2).to(logits.device)
+    return torch.sigmoid((logits - torch.log(t[..., 0]) + torch.log(t[..., 1])) / LAM)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (B, 3)], ids=["one-row", "batch"])
+@pytest.mark.parametrize("lam", [1e-2, 0.6, 10.0])
+def test_binary_concrete_log_q_matches_torch(backend, lam, shape):
+    """The Concrete of logits (l, 0) at (z, 1 - z) is torch's RelaxedBernoulli at z:
+    log q of each latent (each its own sampler row) against torch's log_prob where
+    z is not rounded to 0 or 1 (at lambda = 1e-2 most z are; the sampler's log q,
+    from the noise, stays finite), and the record's log q is their sum."""
+    _, device = backend
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    K = 60
+    stacked = torch.stack((logits, torch.zeros_like(logits)), -1).unsqueeze(-2)  # each latent its own row
+    z, log_q = fastvae.sample_concrete(stacked, lam, K, generator=gen(2))
+    z = z[..., 0, 0]  # (K, b, L)
+    torch_lp = td.RelaxedBernoulli(torch.tensor(lam, dtype=torch.float64, device=device), logits=logits).log_prob(z)
+    inside = (z > 1e-6) & (z < 1 - 1e-6)
+    assert inside.sum() >= 10 and torch.isfinite(log_q).all()
+    torch.testing.assert_close(log_q[inside], torch_lp[inside], rtol=1e-7, atol=1e-7)
+    record = fastvae.BinaryConcrete(logits, lam)
+    z_rec, log_q_rec = record.rsample_with_log_q(K, gen(2), False)
+    torch.testing.assert_close(z_rec, z, rtol=0, atol=0)
+    torch.testing.assert_close(log_q_rec, log_q.sum(-1), rtol=1e-12, atol=1e-10)
+    rows = inside.all(-1)
+    torch.testing.assert_close(record.log_prob(z)[rows], log_q_rec[rows], rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("prior_kind", ["relaxed", "bernoulli"])
+@pytest.mark.parametrize("torch_object", [False, True], ids=["record", "torch"])
+def test_binary_concrete_elbo_matches_handwritten(backend, torch_object, prior_kind):
+    """The same noise by hand: the Monte Carlo KL against a RelaxedBernoulli prior
+    (torch's log_prob), the analytic KL of the two Bernoullis (torch's
+    kl_divergence) against a Bernoulli prior; kl_per_dim and free bits per latent."""
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    user_q = _binary_q(logits) if torch_object else fastvae.BinaryConcrete(logits, LAM)
+    prior = _binary_prior(device, prior_kind)
+    terms = fastvae.elbo_terms(x, user_q, _binary_decode(W), likelihood="bernoulli", n_samples=2, prior=prior,
+                               generator=gen(7), reduction="sum")
+    assert terms.kl_analytic == (prior_kind == "bernoulli")
+    (grad,) = torch.autograd.grad(terms.bound, logits, retain_graph=True)
+    z = _binary_z(philox_seed_of(7), 2, logits)
+    assert z.shape == (2, B, L)
+    rec = td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x).mean(0)
+    if prior_kind == "relaxed":
+        per_dim = (_binary_q(logits).base_dist.log_prob(z) - prior.base_dist.log_prob(z)).mean(0)  # (B, L)
+    else:
+        per_dim = td.kl_divergence(td.Bernoulli(logits=logits), td.Bernoulli(probs=prior.base_dist.probs.expand(B, L)))
+    kl = per_dim.sum(-1)
+    bound = (rec - kl).sum()
+    torch.testing.assert_close(terms.bound, bound, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl, kl.sum(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(terms.kl_per_dim, per_dim.sum(0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, torch.autograd.grad(bound, logits)[0], rtol=1e-8, atol=1e-10)
+    lam = per_dim.mean(0).sort().values[:2].mean().item()  # between two latents' KLs: floors one
+    floored = torch.clamp_min(per_dim.mean(0), lam).sum()
+    fb = fastvae.elbo_terms(x, user_q, _binary_decode(W), likelihood="bernoulli", n_samples=2, prior=prior,
+                            generator=gen(7), free_bits=lam)
+    torch.testing.assert_close(fb.kl, floored, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_binary_concrete_iwae_matches_handwritten(backend, estimator):
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    prior = _binary_prior(device, "relaxed")
+    bound = fastvae.iwae(x, _binary_q(logits), _binary_decode(W), k=4, likelihood="bernoulli",
+                         estimator=estimator, prior=prior, generator=gen(3), reduction="sum")
+    (grad,) = torch.autograd.grad(bound, logits, retain_graph=True)
+    z = _binary_z(philox_seed_of(3), 4, logits)
+    rec = td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x)
+    lw = rec + prior.log_prob(z) - _binary_q(logits).log_prob(z)
+    value = torch.logsumexp(lw, 0) - math.log(4)
+    if estimator == "iwae":
+        surrogate = value
+    else:
+        lw_stop = rec + prior.log_prob(z) - _binary_q(logits.detach()).log_prob(z)
+        v = torch.softmax(lw.detach(), 0)
+        surrogate = ((v if estimator == "stl" else v * v) * lw_stop).sum(0)
+    torch.testing.assert_close(bound, value.sum(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, torch.autograd.grad(surrogate.sum(), logits)[0], rtol=1e-7, atol=1e-10)
+
+
+def test_binary_concrete_log_likelihood_matches_handwritten(backend):
+    """log_likelihood at K = 7 with chunks of 3, a RelaxedBernoulli posterior and
+    prior: the noise of sample k of example g at offset (g K + k) 2 L + 2 l + c."""
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    logits = logits.detach()
+    K = 7
+    offsets = torch.arange(B * K * L * 2).reshape(B, K, L, 2).transpose(0, 1).reshape(-1)
+    z = _binary_z(philox_seed_of(4), K, logits, offsets)
+    prior = _binary_prior(device, "relaxed")
+    lw = (td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x) + prior.log_prob(z)
+          - _binary_q(logits).log_prob(z))
+    expected = torch.logsumexp(lw, 0) - math.log(K)
+    assert torch.isfinite(expected).all()
+    for chunk in (3, 7):
+        got = fastvae.log_likelihood(x, lambda _: _binary_q(logits), _binary_decode(W), k=K,
+                                     likelihood="bernoulli", chunk_size=chunk, generator=gen(4), prior=prior)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    result = fastvae.evaluate([x], lambda _: fastvae.BinaryConcrete(logits, LAM), _binary_decode(W), k=K,
+                              likelihood="bernoulli", generator=gen(4), prior=prior, progress=False)
+    torch.testing.assert_close(result.per_example, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_binary_concrete_hard_is_straight_through(backend):
+    """hard=True: the decoder gets z in {0, 1} (the relaxed z > 1/2), the gradient
+    is the relaxed z's (z_hard + z - z.detach() by hand), the KL the Bernoullis'."""
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    prior = _binary_prior(device, "bernoulli")
+    seen = []
+
+    def decode(z):
+        seen.append(z)
+        return _binary_decode(W)(z)
+
+    terms = fastvae.elbo_terms(x, fastvae.BinaryConcrete(logits, LAM, hard=True), decode, likelihood="bernoulli",
+                               prior=prior, generator=gen(5), reduction="sum")
+    assert terms.kl_analytic and seen[0].shape == (B, L) and ((seen[0] == 0) | (seen[0] == 1)).all()
+    relaxed = _binary_z(philox_seed_of(5), 1, logits)[0]
+    hard = (relaxed > 0.5).double()
+    assert torch.equal(seen[0].detach(), hard)
+    z = hard + relaxed - relaxed.detach()
+    rec = td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x)
+    p = td.Bernoulli(probs=prior.base_dist.probs.expand(B, L))
+    bound = (rec - td.kl_divergence(td.Bernoulli(logits=logits), p).sum(-1)).sum()
+    torch.testing.assert_close(terms.bound, bound, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(terms.bound, logits)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(bound, logits)[0], rtol=1e-8, atol=1e-10)
+    assert (got != 0).any()
+
+
+def test_binary_concrete_hard_log_likelihood_takes_the_bernoulli_weights(backend):
+    """hard=True with a Bernoulli prior: z = 1[relaxed z > 1/2] ~ Bernoulli(sigmoid(l)),
+    weights log p(x|z) + sum_l log p(z_l) - log q(z_l) of the two Bernoulli pmfs."""
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    logits = logits.detach()
+    prior = _binary_prior(device, "bernoulli")
+    K = 7
+    offsets = torch.arange(B * K * L * 2).reshape(B, K, L, 2).transpose(0, 1).reshape(-1)
+    z = (_binary_z(philox_seed_of(4), K, logits, offsets) > 0.5).double()
+    log_ratio = (prior.base_dist.log_prob(z) - td.Bernoulli(logits=logits).log_prob(z)).sum(-1)
+    lw = td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x) + log_ratio
+    expected = torch.logsumexp(lw, 0) - math.log(K)
+    got = fastvae.log_likelihood(x, lambda _: fastvae.BinaryConcrete(logits, LAM, hard=True), _binary_decode(W),
+                                 k=K, likelihood="bernoulli", chunk_size=3, generator=gen(4), prior=prior)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_binary_concrete_elbo_agrees_with_torch_sampling_within_monte_carlo_error(backend):
+    """fastvae's ELBO (its own noise) against torch's RelaxedBernoulli rsample +
+    log_prob (torch's noise), 4000 samples each: |difference| < 3 standard errors
+    plus 1e-3, three seeds."""
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    logits = logits.detach()
+    prior = _binary_prior(device, "relaxed")
+    n = 4000
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        terms = fastvae.elbo_terms(x, _binary_q(logits), _binary_decode(W), likelihood="bernoulli",
+                                   n_samples=n, prior=prior, reduction="none")
+        q = _binary_q(logits)
+        z = q.rsample((n,))
+        per = (td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x) + prior.log_prob(z)
+               - q.log_prob(z))
+        se = per.std(0) * math.sqrt(2.0 / n)  # two independent means of n samples
+        assert ((terms.bound - per.mean(0)).abs() < 3 * se + 1e-3).all(), (seed, terms.bound, per.mean(0), se)
+
+
+def test_binary_concrete_errors_name_the_argument(backend):
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    bernoulli = _binary_prior(device, "bernoulli")
+    with pytest.raises(ValueError, match="Bernoulli prior has no density at a relaxed z"):
+        fastvae.iwae(x, _binary_q(logits), _binary_decode(W), likelihood="bernoulli", prior=bernoulli)
+    with pytest.raises(ValueError, match="Bernoulli prior has no density at a relaxed z"):
+        fastvae.log_likelihood(x, lambda _: _binary_q(logits.detach()), _binary_decode(W), k=3,
+                               likelihood="bernoulli", prior=bernoulli)
+    relaxed_categorical = td.RelaxedOneHotCategorical(torch.tensor(LAM, dtype=torch.float64, device=device),
+                                                      logits=torch.zeros(L, CC, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="RelaxedOneHotCategorical prior takes the z .* of a Concrete posterior"):
+        fastvae.iwae(x, _binary_q(logits), _binary_decode(W), likelihood="bernoulli", prior=relaxed_categorical)
+    with pytest.raises(ValueError, match="BinaryConcrete posterior with hard=True takes a Bernoulli prior"):
+        fastvae.elbo(x, fastvae.BinaryConcrete(logits, LAM, hard=True), _binary_decode(W), likelihood="bernoulli",
+                     prior=_binary_prior(device, "relaxed"))
+    with pytest.raises(ValueError, match="BinaryConcrete posterior with hard=True has no density"):
+        fastvae.iwae(x, fastvae.BinaryConcrete(logits, LAM, hard=True), _binary_decode(W), likelihood="bernoulli",
+                     prior=_binary_prior(device, "relaxed"))
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="temperature must be"):
+            fastvae.BinaryConcrete(logits, bad)
+    with pytest.raises(ValueError, match="temperature must be"):
+        fastvae.elbo(x, _binary_q(logits, 0.0), _binary_decode(W), likelihood="bernoulli")
+    with pytest.raises(ValueError, match="logits must have a last"):
+        fastvae.BinaryConcrete(torch.tensor(0.5, dtype=torch.float64), LAM)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_binary_concrete_reconstruction_probability_matches_handwritten(backend, hard):
+    """log mean_k p(x | z_k) over the evaluation's noise layout (2 uniforms per latent), z (K, B, L)."""
+    _, device = backend
+    x, W, logits = _binary_data(device)
+    logits = logits.detach()
+    K = 6
+    offsets = torch.arange(B * K * L * 2).reshape(B, K, L, 2).transpose(0, 1).reshape(-1)
+    z = _binary_z(philox_seed_of(9), K, logits, offsets)
+    if hard:
+        z = (z > 0.5).double()
+    rec = td.Independent(td.Bernoulli(logits=_binary_decode(W)(z)), 1).log_prob(x)
+    expected = torch.logsumexp(rec, 0) - math.log(K)
+    got = fastvae.reconstruction_probability(x, lambda _: fastvae.BinaryConcrete(logits, LAM, hard=hard),
+                                             _binary_decode(W), n_samples=K, likelihood="bernoulli",
                                              generator=gen(9))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
