@@ -162,7 +162,9 @@ class SamplePositive(torch.autograd.Function):
 
 def check_params(family: str, log_param: Tensor, log_param2: Tensor | None) -> tuple[int, Tensor, Tensor]:
     """(index, log_p0, log_p1) of a family's log parameters, checked by name
-    (dtype, shape, finite values); exponential's second is log_p0 itself."""
+    (dtype, shape, finite values); exponential's second is a detached alias
+    of log_p0 (read by no formula; not log_p0 itself, which torch.compile
+    cannot trace into one Function twice)."""
     index = family_index(family)
     names = PARAMETERS[family]
     if len(names) == 1:
@@ -171,7 +173,7 @@ def check_params(family: str, log_param: Tensor, log_param2: Tensor | None) -> t
         _validate.float_tensors(**{names[0]: log_param})
         _validate.event_dim(names[0], log_param)
         _value_checks.finite_log_param(log_param, names[0])
-        return index, log_param, log_param
+        return index, log_param, log_param.detach()
     if log_param2 is None:
         raise ValueError(f"the {family} family takes two parameters ({', '.join(names)}), got one")
     _validate.float_tensors(**{names[0]: log_param, names[1]: log_param2})

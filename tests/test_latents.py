@@ -305,6 +305,47 @@ def test_compiled_elbo_and_dreg_match_eager(backend):
     assert_compiled_matches_eager(loss, (loc, scale), (loc, scale))
 
 
+def _every_family(loc, scale, W):
+    """(posterior, decoder, prior) of each family from the same two (B, L)
+    parameter tensors: the torch objects users pass, and fastvae's records."""
+    zeros, ones = torch.zeros_like(loc[0]).detach(), torch.ones_like(loc[0]).detach()
+    logits = torch.stack((loc, scale, -loc), -1)  # (B, L, 3)
+    dec, cat_dec = _decode(W), (lambda z: z.flatten(-2) @ W.new_ones(3 * L, D) * 0.1)
+    lam = torch.tensor(0.5, dtype=loc.dtype, device=loc.device)
+    return {
+        "exponential": (td.Exponential(scale), dec, td.Exponential(ones)),
+        "weibull": (td.Weibull(scale, scale + 0.5), dec, None),
+        "kumaraswamy": (td.Kumaraswamy(scale + 0.5, scale + 1.0), dec, td.Beta(ones, ones)),
+        "lognormal": (td.LogNormal(loc, scale), dec, td.LogNormal(zeros, ones)),
+        "logisticnormal": (fastvae.LogisticNormal(loc[..., :2], 2 * torch.log(scale[..., :2])), dec, None),
+        "concrete": (td.Independent(td.RelaxedOneHotCategorical(lam, logits=logits), 1), cat_dec,
+                     td.Independent(td.OneHotCategorical(logits=torch.zeros_like(logits[0])), 1)),
+        "relaxed_bernoulli": (td.Independent(td.RelaxedBernoulli(lam, logits=loc), 1), dec,
+                              td.Independent(td.RelaxedBernoulli(lam, logits=zeros), 1)),
+    }
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+@pytest.mark.parametrize("family", ["exponential", "weibull", "kumaraswamy", "lognormal", "logisticnormal", "concrete",
+                                    "relaxed_bernoulli"])
+def test_every_family_compiles_in_elbo_and_iwae(backend, family):
+    """torch.compile(fullgraph=True) through each family's posterior (the torch
+    object, or the record where torch has none) in elbo (with its prior) and
+    iwae: eager's values and gradients."""
+    _, device = backend
+    x, W, loc, scale = _data(device)
+
+    def loss(loc, scale):
+        q, dec, prior = _every_family(loc, scale, W)[family]
+        unused = 0.0 * (loc.sum() + scale.sum())  # a family of one parameter leaves the other out of the graph
+        e = fastvae.elbo(x, q, dec, likelihood="bernoulli", n_samples=2, prior=prior)
+        if family == "concrete":  # iwae needs a relaxed prior's density
+            return unused - e
+        return unused - (e + fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli"))
+
+    assert_compiled_matches_eager(loss, (loc, scale), (loc, scale))
+
+
 def test_free_bits_and_per_dim_kl(backend):
     _, device = backend
     x, W, loc, scale = _data(device)
