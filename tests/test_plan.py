@@ -285,15 +285,11 @@ class _FakeRuntime:
         return isinstance(kernel, _FakeCompiled)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
-@pytest.mark.parametrize("likelihood, case", [("bernoulli", "elbo"), ("gaussian", "elbo sum beta"),
-                                              ("bernoulli", "iwae"), ("gaussian", "dreg"), ("bernoulli", "stl")])
-def test_direct_launches_of_the_compiled_kernels_give_the_same_numbers(triton_device, monkeypatch, likelihood, case):
-    """After a plan's first launch, Launch calls the compiled kernel's launcher
-    itself (the CUDA path, here around the interpreter): every argument in the
-    position Triton's binder gives it, so values and gradients are those of the
-    general path bit for bit; a change in a tensor's alignment, the device or
-    a launch hook sends the call back through run."""
+@pytest.fixture
+def compiled_stand_in(monkeypatch):
+    """Every interpreted launch returns a _FakeCompiled, as JITFunction.run
+    returns the CompiledKernel on CUDA: (direct launches, launches through run,
+    the runtime)."""
     from triton.runtime.interpreter import InterpretedFunction
     interpreted_run = InterpretedFunction.run
     calls, jit_calls = [], []
@@ -307,52 +303,53 @@ def test_direct_launches_of_the_compiled_kernels_give_the_same_numbers(triton_de
     monkeypatch.setattr(InterpretedFunction, "run", run_returning_a_compiled_kernel)
     monkeypatch.setattr(_plan, "_runtime", runtime)
     _plan.clear()
-    try:
-        for _ in range(2):  # the value checks' first call, then the plans' first launches: compiled kernels kept
-            _run(triton_device, torch.float64, likelihood, case, True)
-        assert jit_calls
-        jit_calls.clear(), calls.clear()
-        lean, lean_grads, node = _run(triton_device, torch.float64, likelihood, case, True)
-        assert calls and not jit_calls  # every launch direct
-        assert node.endswith("TailBackward")
-        general, general_grads, _ = _run(triton_device, torch.float64, likelihood, case, False)
-        assert not torch.isnan(lean).any()
-        assert torch.equal(lean, general)
-        for a, b in zip(lean_grads, general_grads):
-            assert torch.equal(a, b)
-        # another current device, or a profiler's launch hook: back through run
-        hooks = runtime.knobs.runtime
-        for change in ("device", "hook", "chained hook"):
-            if change == "device":
-                runtime.device = 1
-            elif change == "hook":
-                hooks.launch_exit_hook = lambda *a: None
-            else:
-                hooks.launch_enter_hook = HookChain([lambda *a: None])
-            before = len(calls)
-            again, _, _ = _run(triton_device, torch.float64, likelihood, case, True)
-            assert len(calls) == before and torch.equal(again, general)
-            runtime.device, hooks.launch_enter_hook, hooks.launch_exit_hook = 0, HookChain(), None
-    finally:
-        _plan.clear()
+    yield calls, jit_calls, runtime
+    _plan.clear()
 
 
 @pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
-def test_a_direct_launch_checks_the_tensors_alignment(triton_device, monkeypatch):
+@pytest.mark.parametrize("likelihood, case", [("bernoulli", "elbo"), ("gaussian", "elbo sum beta"),
+                                              ("bernoulli", "iwae"), ("gaussian", "dreg"), ("bernoulli", "stl")])
+def test_direct_launches_of_the_compiled_kernels_give_the_same_numbers(triton_device, compiled_stand_in, likelihood,
+                                                                       case):
+    """After a plan's first launch, Launch calls the compiled kernel's launcher
+    itself (the CUDA path, here around the interpreter): every argument in the
+    position Triton's binder gives it, so values and gradients are those of the
+    general path bit for bit; another current device or a launch hook sends
+    the call back through run (alignment: the next test)."""
+    calls, jit_calls, runtime = compiled_stand_in
+    for _ in range(2):  # the value checks' first call, then the plans' first launches: compiled kernels kept
+        _run(triton_device, torch.float64, likelihood, case, True)
+    assert jit_calls
+    jit_calls.clear(), calls.clear()
+    lean, lean_grads, node = _run(triton_device, torch.float64, likelihood, case, True)
+    assert calls and not jit_calls  # every launch direct
+    assert node.endswith("TailBackward")
+    general, general_grads, _ = _run(triton_device, torch.float64, likelihood, case, False)
+    assert not torch.isnan(lean).any()
+    assert torch.equal(lean, general)
+    for a, b in zip(lean_grads, general_grads):
+        assert torch.equal(a, b)
+    hooks = runtime.knobs.runtime
+    for change in ("device", "hook", "chained hook"):
+        if change == "device":
+            runtime.device = 1
+        elif change == "hook":
+            hooks.launch_exit_hook = lambda *a: None
+        else:
+            hooks.launch_enter_hook = HookChain([lambda *a: None])
+        before = len(calls)
+        again, _, _ = _run(triton_device, torch.float64, likelihood, case, True)
+        assert len(calls) == before and torch.equal(again, general)
+        runtime.device, hooks.launch_enter_hook, hooks.launch_exit_hook = 0, HookChain(), None
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
+def test_a_direct_launch_checks_the_tensors_alignment(triton_device, compiled_stand_in):
     """A tensor whose address changes its 16-byte alignment (a view at an odd
     offset) would meet a kernel specialized for aligned pointers: that call
     goes back through run, which specializes again."""
-    from triton.runtime.interpreter import InterpretedFunction
-    interpreted_run = InterpretedFunction.run
-    calls, jit_calls = [], []
-
-    def run_returning_a_compiled_kernel(self, *args, **kwargs):
-        jit_calls.append(args)
-        interpreted_run(self, *args, **kwargs)
-        return _FakeCompiled(self, interpreted_run, calls)
-
-    monkeypatch.setattr(InterpretedFunction, "run", run_returning_a_compiled_kernel)
-    monkeypatch.setattr(_plan, "_runtime", _FakeRuntime())
+    calls, jit_calls, _ = compiled_stand_in
     kern = _plan._kernels("logmeanexp")
     x = torch.randn(5, 9, dtype=torch.float64)
     planned = kern.forward_plan(5, 9, torch.float64, torch.device("cpu"))
@@ -364,7 +361,7 @@ def test_a_direct_launch_checks_the_tensors_alignment(triton_device, monkeypatch
     args = (x, x, state[1], state[1], state[1], state[0], state[1], value, state[1], state[1], state[1], 5, 9,
             planned[2], 1)
     launch(*args)
-    assert launch.direct is not None and len(jit_calls) == 1
+    assert launch.direct and len(jit_calls) == 1  # kept (False: not kept)
     launch(*args)
     assert len(calls) == 1
     shifted = torch.empty(9 * 5 + 1, dtype=torch.float64)[1:].view(5, 9).copy_(x)  # 8 bytes past alignment
