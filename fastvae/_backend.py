@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import _registry
+from ._dtypes import HALF_DTYPES, accumulation_dtype, compute_dtype  # noqa: F401 (the ops' names for them)
 
 BACKENDS = ("reference", "cpp", "triton")
 
@@ -165,24 +166,6 @@ def empty_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None)
     dtype (or ``dtype``). Every op allocates through here so that tests can
     poison outputs with NaN and catch unwritten elements."""
     return torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The one accumulation rule: reductions and noise run in float32, or
-    float64 for float64 inputs (never in half precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """The dtype an op computes in and writes its bounds, KL terms,
-    log-probabilities and log-weights in, whatever mix of dtypes its inputs
-    have: float64 when any input is float64, else float32 (half-precision
-    inputs never give a half-precision result: bfloat16 steps by 4 nats at a
-    bound of -544, where IWAE's weights differ by fractions of a nat)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def kernel_input(backend: str, t: torch.Tensor | None, dtype: torch.dtype, native_half: bool = False):

@@ -179,7 +179,9 @@ def fake_forward(x: Tensor, lm: Tensor, *rest: Tensor) -> Tensor:
 def double_backward(op: str, grad_out: Tensor, x: Tensor, params: tuple[Tensor, ...], needs) -> tuple:
     """create_graph=True: the gradient as autograd of the float64-capable
     reference formula (fastvae/reference.py, the same stable forms as the
-    kernels) on the Function's inputs, so a second derivative is exact."""
+    kernels) on the Function's inputs, so a second derivative is exact: a
+    declared use of the reference layer (docs/architecture.md, "Layers";
+    tests/test_layers.py), tested against gradgradcheck and closed forms."""
     from . import reference
 
     acc = _backend.compute_dtype(x, *params)
@@ -212,12 +214,15 @@ def from_distribution(base) -> tuple[str, Any] | None:
 
 
 def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[int, ...], events: int,
-                     check_output) -> Tensor:
+                     check_output, log_prob) -> Tensor:
     """log p(x | z) for a count likelihood from what decode returned: the log
     rate ("poisson"), (log mean, log theta) ("negative_binomial") or (log mean,
     log theta, zero-inflation logits) ("zinb"); log mean / log rate has the
     shape (*sample_shape, *x.shape) (``check_output``, _decoder's check), the
-    others broadcast against it (log theta per gene: shape x.shape[-1:])."""
+    others broadcast against it (log theta per gene: shape x.shape[-1:]).
+    ``log_prob`` is the op's unchecked function (``poisson_log_prob_unchecked``
+    etc.): the caller, a layer above the ops, passes it in, so that this module
+    (below them) imports none of them."""
     names = _OUTPUTS[likelihood]
     items = (out,) if len(names) == 1 else out
     if len(names) > 1 and (not isinstance(out, (tuple, list)) or len(out) != len(names)):
@@ -229,10 +234,4 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
             raise TypeError(f"decode must return a tensor as the {name}, got {type(t).__name__}")
     check_inputs(x, **dict(zip(names, (first, *items[1:]))))
     check_counts(x, f"x (likelihood={likelihood!r})", likelihood)
-    from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
-    from .poisson_log_prob import poisson_log_prob_unchecked
-    from .zinb_log_prob import zinb_log_prob_unchecked
-
-    fn = {"poisson": poisson_log_prob_unchecked, "negative_binomial": negative_binomial_log_prob_unchecked,
-          "zinb": zinb_log_prob_unchecked}[likelihood]
-    return fn(x, first, *items[1:], events)
+    return log_prob(x, first, *items[1:], events)

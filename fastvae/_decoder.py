@@ -52,7 +52,13 @@ from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretiz
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 from .latents import LATENTS, from_torch
+from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
+from .poisson_log_prob import poisson_log_prob_unchecked
+from .zinb_log_prob import zinb_log_prob_unchecked
 
+# the count likelihoods' ops after their checks (_count_likelihood.decoder_log_prob runs those)
+_COUNT_LOG_PROB = {"poisson": poisson_log_prob_unchecked, "negative_binomial": negative_binomial_log_prob_unchecked,
+                   "zinb": zinb_log_prob_unchecked}
 LIKELIHOODS = ("gaussian", "bernoulli", "categorical", "continuous_bernoulli",
                *_count_likelihood.COUNT_LIKELIHOODS, "discretized_logistic_mixture")
 
@@ -286,7 +292,7 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
     if likelihood in _count_likelihood.COUNT_LIKELIHOODS:
         return _count_likelihood.decoder_log_prob(
             x, out, likelihood, sample_shape, events,
-            lambda name, t, x_, shape: _check_output(name, t, x_, shape, batch_ndim))
+            lambda name, t, x_, shape: _check_output(name, t, x_, shape, batch_ndim), _COUNT_LOG_PROB[likelihood])
     if likelihood == "categorical":  # x integer classes, logits (..., C)
         return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
     if likelihood == "continuous_bernoulli":

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _double_backward
+from .sample_normal import noise
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
 # and device that the plan keeps (torch.empty_like costs about a third of
@@ -275,10 +276,9 @@ class Sample(torch.autograd.Function):
             grad_z = grad_z * scale.unsqueeze(-1)
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
             if scale is not None and grad_z is not None:
-                from .objectives import _dreg_once
-                grad_z = _dreg_once(grad_z)
+                grad_z = _double_backward.dreg_once(grad_z)
             return (*_double_backward.sample_normal(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
-                                                    mu.view(plan.N, plan.L), plan.K), None, None, None)
+                                                    mu.view(plan.N, plan.L), plan.K, noise), None, None, None)
         dmu, dlogvar = empty(mu), empty(logvar)
         if plan.N * plan.L == 0:
             return dmu, dlogvar, None, None, None
@@ -303,11 +303,15 @@ class TailPlan:
     """The launches after the decoder for x (P, D) against a decoder output
     (K, P, D) of one dtype: "bernoulli" (logits) or "gaussian" ((mean, logvar)
     as the halves of one (K, P, 2 D) output), and for iwae the log-mean-exp
-    over K."""
+    over K. ``general`` is the general composition of the same tail
+    (objectives._general_elbo_tail / _general_iwae_tail), which a
+    create_graph=True backward replays: passed in by the objectives, the layer
+    above this one."""
 
     def __init__(self, likelihood: str, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
-                 reduction: str, batch_shape: torch.Size, iwae: bool):
+                 reduction: str, batch_shape: torch.Size, iwae: bool, general=None):
         self.likelihood, self.K, self.P, self.D = likelihood, K, P, D
+        self.general = general
         self.dtype, self.device, self.reduction, self.iwae = dtype, device, reduction, iwae
         self.rec_like = torch.empty((K, *batch_shape) if iwae else batch_shape, dtype=dtype, device=device)
         self.n = batch_shape.numel() if reduction == "mean" else 1
@@ -413,10 +417,9 @@ class ElboTail(torch.autograd.Function):
         plan, beta = ctx.plan, ctx.beta
         x, out, kl = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
-            from .objectives import _general_elbo_tail
             with torch.enable_grad():
                 dec = out if ctx.logvar is None else _halves(out)
-                bound = _general_elbo_tail(x, dec, kl, plan.likelihood, beta, plan.reduction)
+                bound = plan.general(x, dec, kl, plan.likelihood, beta, plan.reduction)
             dx, dout, dkl = _replay_grads(bound, (x, out, kl), ctx.needs_input_grad[:3], g)
             return dx, dout, dkl, None, None, None
         needs = ctx.needs_input_grad
@@ -466,13 +469,12 @@ class IwaeTail(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.link.scale
         x, out, latent, lw, lw_max, sumexp = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
-            from .objectives import _dreg_once, _general_iwae_tail
             with torch.enable_grad():
                 dec = out if ctx.logvar is None else _halves(out)
-                bound = _general_iwae_tail(x, dec, latent, plan.likelihood, plan.reduction)
+                bound = plan.general(x, dec, latent, plan.likelihood, plan.reduction)
             dx, dout, dlatent = _replay_grads(bound, (x, out, latent), ctx.needs_input_grad[:3], g)
             if scale is not None and dlatent is not None:
-                dlatent = _dreg_once(dlatent * scale)
+                dlatent = _double_backward.dreg_once(dlatent * scale)
             return dx, dout, dlatent, None, None, None, None
         M = plan.P
         if plan.reduction == "mean":

@@ -79,6 +79,7 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 
 from . import _validate, _value_checks
 from . import priors as _priors
+from ._registry import POSITIVE_FAMILIES
 from .distributions import widened
 from .kl_normal import kl_normal
 from .priors import TorchPrior
@@ -531,7 +532,6 @@ def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | L
 # --------------------------------------------------------------------------
 
 
-POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
 _POSITIVE_TORCH = {Exponential: "exponential", Weibull: "weibull", Kumaraswamy: "kumaraswamy"}
 # The Kumaraswamy-Beta KL: Nalisnick and Smyth's (2017) series, truncated at
 # this many terms (its tail, ~ sum_m m^(-1-b), is what the truncation leaves
@@ -635,7 +635,7 @@ class Positive(_Latent):
         """The median (t = log 2): a z with no noise drawn."""
         p0, p1 = widened(self.log_p0, self.log_p1)
         t = torch.full_like(p0, math.log(2.0))
-        from .reference import positive_terms
+        from .reference import positive_terms  # declared use (docs/architecture.md, "Layers")
         return positive_terms(self.index, t, torch.log(t), p0, p1, p0.dtype)[0].to(self.log_p0.dtype)
 
     def torch_distribution(self) -> Distribution:

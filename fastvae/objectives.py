@@ -21,6 +21,7 @@ from torch.distributions import Distribution
 
 from . import _backend, _plan, _validate, _value_checks
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
+from ._double_backward import dreg_once as _dreg_once
 from ._double_backward import not_twice
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
@@ -256,7 +257,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
         sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False)
         tail = None
         if n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
-            tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, mu.dtype, device, reduction, batch, False)
+            tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, mu.dtype, device, reduction, batch, False,
+                                  _general_elbo_tail)
         plans = _plan.store(key, (sample, tail))
     sample, tail = plans
     z, kl = _plan.sample(mu, logvar, draw_seed(device, generator), sample, _NO_LINK)
@@ -288,7 +290,8 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
         sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae")
         tail = None
         if P > 0 and x.numel() > 0:
-            tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, mu.dtype, device, reduction, batch, True)
+            tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, mu.dtype, device, reduction, batch, True,
+                                  _general_iwae_tail)
         plans = _plan.store(key, (sample, tail, torch.Size((k, *x.shape))))
     sample, tail, out_shape = plans
     dreg = estimator == "dreg"
@@ -594,18 +597,6 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
         z.register_hook(lambda g: _dreg_once((g * scale_z).to(g.dtype)))
     if latent is not None:
         latent.register_hook(lambda g: _dreg_once(g * scale))
-
-
-def _dreg_once(g: Tensor) -> Tensor:
-    """A DReG-scaled gradient; under create_graph=True behind an error node: the
-    weights are constants, so the encoder gradient is the derivative of no
-    objective and has none of its own (a penalty on the decoder's is fine).
-    torch.compile, which traces the hook, has no double backward to guard."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return g
-    return not_twice("iwae(estimator='dreg')", (g,), (g,), "its encoder gradient weights each sample's path "
-                     "derivative by w~^2 held constant, which is the gradient of no objective. Use estimator="
-                     "'iwae' or 'stl' where the encoder gradient is differentiated again")[0]
 
 
 def _bound(lw: Tensor, alpha: float) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:

@@ -18,7 +18,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._backend import accumulation_dtype
+from ._dtypes import accumulation_dtype
+from ._registry import LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
@@ -1149,8 +1150,7 @@ def discretized_logistic_mixture_log_prob(x: Tensor, params, num_bins: int = 256
 # sample_location_scale (issue 35): z = loc + exp(log_scale) * e, e = F^-1(u)
 # --------------------------------------------------------------------------
 
-# The standardized families, in the kernels' order (the `family` argument).
-LOCATION_SCALE_FAMILIES = ("uniform", "laplace", "logistic", "gumbel", "cauchy")
+# The standardized families: LOCATION_SCALE_FAMILIES (fastvae/_registry.py), in the kernels' order.
 _HALF_WORD = 2**30  # folded words below it are the uniforms below 1/2
 _F32_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
@@ -1283,7 +1283,6 @@ def sample_location_scale_backward(grad_z: Tensor | None, grad_log_q: Tensor | N
 # The positive families, in the kernels' order (the `family` argument); their
 # parameters in log space: exponential (log_rate), Weibull (log_scale,
 # log_concentration), Kumaraswamy (log_a, log_b). Exponential ignores log_p1.
-POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
 _LOG2 = math.log(2.0)
 
 

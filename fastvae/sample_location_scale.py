@@ -26,7 +26,7 @@ from torch import Tensor
 from . import _backend, _validate
 from ._double_backward import _acc
 from ._op import define, draw_seed, flat, run, shaped
-from .reference import LOCATION_SCALE_FAMILIES
+from ._registry import LOCATION_SCALE_FAMILIES
 from .sample_normal import _MAX_OFFSET, z_dtype
 
 FAMILIES = LOCATION_SCALE_FAMILIES  # the kernels' `family` index is the position here

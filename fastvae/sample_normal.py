@@ -122,6 +122,14 @@ def _opt(t: Tensor | None, shape) -> Tensor | None:
     return None if t is None else shaped(t, shape)
 
 
+def noise(seed: Tensor, n_samples: int, mu2: Tensor) -> Tensor:
+    """eps (K, N, L) for the seed, in the accumulation dtype, from the sampling kernel
+    itself: with mu = 0 and logvar = 0 its z = 0 + 1 * eps is eps exactly (the
+    double backward's constant: _double_backward.sample_normal / sample_normal_tril)."""
+    zeros = torch.zeros(mu2.shape, dtype=_backend.accumulation_dtype(mu2.dtype), device=mu2.device)
+    return run(sample_normal_op, zeros, zeros, seed, n_samples)[0]
+
+
 class SampleNormal(torch.autograd.Function):
     """Autograd of fastvae::sample_normal: saves mu and logvar as (N, L) and
     the seed only. ``n_samples`` None gives one sample shaped like mu. An
@@ -144,7 +152,7 @@ class SampleNormal(torch.autograd.Function):
         mu2, lv2, seed, mu, logvar = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
             return (*_double_backward.sample_normal(grad_z, grad_kl, None, False, mu, logvar, seed, mu2,
-                                                    ctx.n_samples), None, None)
+                                                    ctx.n_samples, noise), None, None)
         N, L = mu2.shape
         dmu, dlogvar = run(sample_normal_backward_op, mu2, lv2, seed, _opt(grad_z, (ctx.n_samples, N, L)),
                            _opt(grad_kl, (N,)), None, False)
@@ -178,7 +186,7 @@ class SampleNormalWithRatio(torch.autograd.Function):
         mu2, lv2, seed, mu, logvar = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
             return (*_double_backward.sample_normal(grad_z, grad_kl, grad_ratio, bool(ctx.stop_score), mu, logvar,
-                                                    seed, mu2, ctx.n_samples), None, None, None)
+                                                    seed, mu2, ctx.n_samples, noise), None, None, None)
         N, L = mu2.shape
         K = ctx.n_samples
         dmu, dlogvar = run(sample_normal_backward_op, mu2, lv2, seed, _opt(grad_z, (K, N, L)), _opt(grad_kl, (N,)),

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import _backend, _double_backward, _validate
 from ._op import define, draw_seed, flat, run, shaped
-from .sample_normal import z_dtype
+from .sample_normal import noise, z_dtype
 
 
 def _flat_tril(scale_tril: Tensor) -> Tensor:
@@ -116,7 +116,8 @@ class SampleNormalTril(torch.autograd.Function):
             return None, None, None, None
         mu2, s3, seed, mu, scale_tril = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return (*_double_backward.sample_normal_tril(grad_z, grad_kl, mu, scale_tril, seed, mu2, ctx.n_samples),
+            return (*_double_backward.sample_normal_tril(grad_z, grad_kl, mu, scale_tril, seed, mu2, ctx.n_samples,
+                                                         noise),
                     None, None)
         N, L = mu2.shape
         dmu, ds = run(sample_normal_tril_backward_op, mu2, s3, seed,
