@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ._backend import accumulation_dtype
-from .reference import _cb_log_norm_grad
+from .reference import _cb_log_norm_grad, kl_normal_grad
 
 
 class _NotTwice(torch.autograd.Function):
@@ -99,16 +99,12 @@ def _safe_inv(s: Tensor) -> Tensor:
 
 def kl_normal(grad_kl, mu, logvar, prior_mu, prior_logvar, needs):
     """dmu, dlogvar[, dprior_mu, dprior_logvar] of KL(N(mu, e^logvar) || N(pm, e^plv)),
-    prior N(0, I) when pm is None; all (..., L), grad_kl (...)."""
+    prior N(0, I) when pm is None; all (..., L), grad_kl (...): reference.kl_normal_grad."""
     g, m, lv = _acc(grad_kl).unsqueeze(-1), _acc(mu), _acc(logvar)
-    var = torch.exp(lv)
+    grads = kl_normal_grad(g, m, torch.exp(lv), _acc(prior_mu), _acc(prior_logvar))
     if prior_mu is None:
-        return _like(g * m, mu, needs[0]), _like(0.5 * g * (var - 1.0), logvar, needs[1]), None, None
-    d = m - _acc(prior_mu)
-    inv_pvar = torch.exp(-_acc(prior_logvar))
-    dmu = g * d * inv_pvar
-    return (_like(dmu, mu, needs[0]), _like(0.5 * g * (var * inv_pvar - 1.0), logvar, needs[1]),
-            _like(-dmu, prior_mu, needs[2]), _like(0.5 * g * (1.0 - (var + d * d) * inv_pvar), prior_logvar, needs[3]))
+        return _like(grads[0], mu, needs[0]), _like(grads[1], logvar, needs[1]), None, None
+    return tuple(_like(d, t, n) for d, t, n in zip(grads, (mu, logvar, prior_mu, prior_logvar), needs))
 
 
 # -- likelihoods -------------------------------------------------------------------
@@ -233,9 +229,9 @@ def sample_normal(grad_z, grad_kl, grad_ratio, stop_score, mu, logvar, seed, mu2
         dmu = dz.sum(0)
         dlv = dlv + 0.5 * (dz * eps).sum(0) * s
     if grad_kl is not None:
-        gk = _acc(grad_kl).unsqueeze(-1)
-        dmu = dmu + gk * m
-        dlv = dlv + 0.5 * gk * (s * s - 1.0)
+        kl_mu, kl_lv = kl_normal_grad(_acc(grad_kl).unsqueeze(-1), m, s * s)
+        dmu = dmu + kl_mu
+        dlv = dlv + kl_lv
     return dmu.to(mu.dtype), dlv.to(logvar.dtype)
 
 

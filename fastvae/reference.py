@@ -216,9 +216,9 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
     d_mu = dz.sum(0) + extra_mu
     d_lv = 0.5 * (dz * eps).sum(0) * s + extra_lv
     if grad_kl is not None:
-        gk = grad_kl.to(acc)[..., None]
-        d_mu = d_mu + gk * mu
-        d_lv = d_lv + 0.5 * gk * (torch.exp(logvar) - 1.0)
+        kl_mu, kl_lv = kl_normal_grad(grad_kl.to(acc)[..., None], mu, torch.exp(logvar))
+        d_mu = d_mu + kl_mu
+        d_lv = d_lv + kl_lv
     dmu.copy_(d_mu)
     dlogvar.copy_(d_lv)
 
@@ -312,23 +312,31 @@ def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
     kl.copy_(kl_normal(up(mu), up(logvar), up(prior_mu), up(prior_logvar)))
 
 
-def kl_normal_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
-    acc = _compute_dtype(mu)
-    g = grad_kl.to(acc)[..., None]
-    mu, logvar = mu.to(acc), logvar.to(acc)
-    var = torch.exp(logvar)
+def kl_normal_grad(g: Tensor, mu: Tensor, var: Tensor, prior_mu: Tensor | None = None,
+                   prior_logvar: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The gradient of KL(N(mu, var) || prior) times g (broadcast over L: (..., 1)):
+    (dmu, dlogvar) for the prior N(0, I), else (dmu, dlogvar, dprior_mu, dprior_logvar).
+    The one Python copy of kl_normal's gradient formula: the reference backend's
+    kl_normal_backward and sample_normal_backward and the double backwards of
+    kl_normal and sample_normal (fastvae/_double_backward.py) all call it, with
+    the var each computes (e^logvar, or s * s from the sampler's s = e^(logvar/2)).
+    Plain differentiable torch ops, so a create_graph=True backward records it;
+    the tests check it against autograd of ``kl_normal`` and by gradgradcheck."""
     if prior_mu is None:
-        dmu.copy_(g * mu)
-        dlogvar.copy_(0.5 * g * (var - 1.0))
-        return
-    prior_mu, prior_logvar = prior_mu.to(acc), prior_logvar.to(acc)
+        return g * mu, 0.5 * g * (var - 1.0)
     inv_pvar = torch.exp(-prior_logvar)
     d = mu - prior_mu
-    dmu.copy_(g * d * inv_pvar)
-    dprior_mu.copy_(-g * d * inv_pvar)
-    dlogvar.copy_(0.5 * g * (var * inv_pvar - 1.0))
-    dprior_logvar.copy_(0.5 * g * (1.0 - (var + d * d) * inv_pvar))
+    dmu = g * d * inv_pvar
+    return dmu, 0.5 * g * (var * inv_pvar - 1.0), -dmu, 0.5 * g * (1.0 - (var + d * d) * inv_pvar)
 
+
+def kl_normal_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
+    acc = _compute_dtype(mu)
+    up = (lambda t: None if t is None else t.to(acc))
+    mu = mu.to(acc)
+    grads = kl_normal_grad(grad_kl.to(acc)[..., None], mu, torch.exp(logvar.to(acc)), up(prior_mu), up(prior_logvar))
+    for out, grad in zip((dmu, dlogvar, dprior_mu, dprior_logvar), grads):
+        out.copy_(grad)
 
 
 # --------------------------------------------------------------------------

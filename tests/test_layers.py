@@ -43,7 +43,8 @@ LAYERS = {
 DECLARED = {
     ("_count_likelihood", "reference"): "the count likelihoods' second derivative is autograd of the reference's "
                                         "stable formula (create_graph=True only)",
-    ("_double_backward", "reference"): "the continuous Bernoulli's d log C / d logit with its Taylor branch near 0, "
+    ("_double_backward", "reference"): "kl_normal_grad (kl_normal's one gradient formula in Python) and the "
+                                       "continuous Bernoulli's d log C / d logit with its Taylor branch near 0, "
                                        "differentiable for the double backward",
     ("sample_positive", "reference"): "positive_terms: the positive families' closed forms, differentiable, for "
                                       "the double backward",
