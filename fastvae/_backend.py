@@ -263,9 +263,8 @@ def num_threads(work: int) -> int:
     return 1 if threads == 1 else max(1, min(threads, work // cpp_module().MIN_WORK_PER_THREAD))
 
 
-# The eager CPU operators with C++ autograd (csrc/torch_ops.cpp), by op name.
-TORCH_OPS = ("sample_normal", "sample_normal_with_ratio", "bernoulli_log_prob", "gaussian_log_prob", "logmeanexp",
-             "kl_normal")
+# The eager CPU operators with C++ autograd (csrc/torch_ops.cpp), by name (each Op's torch_ops).
+TORCH_OPS = _registry.TORCH_OPS
 _TORCH_OPS_DTYPES = (torch.float32, torch.float64)
 
 

@@ -30,13 +30,27 @@ class Kernel(NamedTuple):
 
 
 class Op(NamedTuple):
-    """A public op: its kernels, the test module that checks it (also run
-    under the Triton interpreter) and its benchmark."""
+    """A public op, described once: its kernels, the test module that checks it
+    (also run under the Triton interpreter), its benchmark, and the facts the
+    suite's per-op lists derive from (tests/test_registry.py fails when an op
+    is missing from one of them)."""
 
     name: str
     kernels: tuple[str, ...]
     test: str
     benchmark: str | None  # benchmarks/bench_<benchmark>.py
+    # on the CUDA path, per forward + backward: Triton launches forward, Triton
+    # launches backward, other kernels (the seed's randint, ``other_kernels``)
+    # (tests/test_launches.py asserts them as ceilings)
+    launches: tuple[int, int, int] = (1, 1, 0)
+    # the Function's create_graph=True branch: "closed form" (fastvae/_double_backward.py,
+    # a gradgradcheck case in tests/test_double_backward.py) or "not_twice" (a named
+    # error, tested there as test_<op>_raises_...)
+    double_backward: str = "closed form"
+    # the eager CPU operators of csrc/torch_ops.cpp (torch.ops.fastvae_cpp.<name>) that serve it
+    torch_ops: tuple[str, ...] = ()
+    # aten kernels it may launch on CUDA besides the seed's randint
+    other_kernels: tuple[str, ...] = ()
 
 
 # The sampler families' compile-time variants: a kernel's `family` argument is
@@ -114,24 +128,27 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("sample_normal", ("sample_normal_forward", "sample_normal_backward", "randn_fill"),
-       "test_sample_normal.py", "sample_normal"),
+       "test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
+       torch_ops=("sample_normal", "sample_normal_with_ratio")),
     Op("sample_normal_tril", ("sample_normal_tril_forward", "sample_normal_tril_backward"),
-       "test_sample_normal_tril.py", "sample_normal_tril"),
-    Op("kl_normal", ("kl_normal_forward", "kl_normal_backward"), "test_kl_normal.py", "kl_normal"),
+       "test_sample_normal_tril.py", "sample_normal_tril", launches=(1, 1, 1)),
+    Op("kl_normal", ("kl_normal_forward", "kl_normal_backward"), "test_kl_normal.py", "kl_normal",
+       torch_ops=("kl_normal",)),
     Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),
-       "test_gaussian_log_prob.py", "gaussian_log_prob"),
+       "test_gaussian_log_prob.py", "gaussian_log_prob", torch_ops=("gaussian_log_prob",)),
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
-       "test_bernoulli_log_prob.py", "bernoulli_log_prob"),
+       "test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",)),
     Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward", "logmeanexp_accumulate"),
-       "test_logmeanexp.py", "logmeanexp"),
+       "test_logmeanexp.py", "logmeanexp", launches=(1, 2, 0), torch_ops=("logmeanexp",)),
+    # forward: the log-mean-exp state, then its backward kernel at gradient 1 (a ones_like)
     Op("importance_weights", ("importance_weights_backward", "logmeanexp_backward"),
-       "test_logmeanexp.py", "logmeanexp"),
+       "test_logmeanexp.py", "logmeanexp", launches=(2, 1, 1), other_kernels=("ones_like",)),
     Op("effective_sample_size", ("logmeanexp_forward", "logmeanexp_backward"),
        "test_logmeanexp.py", "logmeanexp"),
     Op("latent_log_ratio", ("latent_log_ratio_forward", "latent_log_ratio_backward"),
        "test_latent_log_ratio.py", "latent_log_ratio"),
     Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
-       "test_mixture_log_prob.py", "mixture_log_prob"),
+       "test_mixture_log_prob.py", "mixture_log_prob", launches=(1, 2, 0), double_backward="not_twice"),
     Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"),
        "test_poisson_log_prob.py", "poisson_log_prob"),
     Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),
@@ -145,14 +162,20 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob"),
     Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
                                                  "discretized_logistic_mixture_log_prob_backward"),
-       "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob"),
+       "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
+       double_backward="not_twice"),
     Op("sample_location_scale", ("sample_location_scale_forward", "sample_location_scale_backward"),
-       "test_sample_location_scale.py", "sample_location_scale"),
+       "test_sample_location_scale.py", "sample_location_scale", launches=(1, 1, 1)),
     Op("sample_positive", ("sample_positive_forward", "sample_positive_backward"),
-       "test_sample_positive.py", "sample_positive"),
+       "test_sample_positive.py", "sample_positive", launches=(1, 1, 1)),
     Op("sample_concrete", ("sample_concrete_forward", "sample_concrete_backward"),
-       "test_sample_concrete.py", "sample_concrete"),
+       # the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
+       "test_sample_concrete.py", "sample_concrete", launches=(1, 1, 2), double_backward="not_twice",
+       other_kernels=("full",)),
 )}
+
+# Derived lists: the C++ operators by name (fastvae/_backend.py loads them).
+TORCH_OPS = tuple(name for op in OPS.values() for name in op.torch_ops)
 
 # What fastvae._C binds besides the kernels: the CPU noise's instruction-set
 # switch (which path runs, which paths this CPU has, forcing one for tests and

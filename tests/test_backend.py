@@ -246,6 +246,7 @@ def _reduction_cases():
     lc = leaf(500, 8, 16, 4, scale=3)  # issue 27: categorical logits
     x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
     p_img = leaf(3, 2, 30, 40, 40)  # K = 3 samples of M = 3 components
+    p0, p1, lcc = leaf(20000, 8, scale=0.3), leaf(20000, 8, scale=0.3), leaf(5000, 8, 4)
     cases = {
         "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
         "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
@@ -279,8 +280,24 @@ def _reduction_cases():
         # PixelCNN++'s packed layout: 3 x 40 x 40 pixels, past one 1024-pixel work item per image
         "discretized_logistic_mixture_log_prob": [lambda: run(
             lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), p_img)],
+        "poisson_log_prob": [lambda: run(lambda b: fastvae.poisson_log_prob(x_few.detach().abs().round(), b),
+                                         mean_few)],
+        # the samplers' backward sums over samples (issue 35's families)
+        "sample_location_scale": [lambda: run(lambda a, b: fastvae.sample_location_scale(
+            "laplace", a, b, 4, generator=gen(2)), mu, lv)],
+        "sample_positive": [lambda: run(lambda a, b: fastvae.sample_positive(
+            "weibull", a, b, 4, generator=gen(2)), p0, p1)],
+        "sample_concrete": [lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 4, generator=gen(2)), lcc)],
     }
     return cases
+
+
+def test_every_op_has_thread_count_and_fallback_cases():
+    """Derived from the registry: an op added there and not here would have
+    its thread-count bits and its fallback without the extension checked by nothing."""
+    ops = set(_registry.OPS)
+    assert sorted(ops - set(_reduction_cases())) == []
+    assert sorted(ops - set(_every_op_call())) == []
 
 
 @pytest.mark.skipif(not _backend.cpp_available(), reason="needs the cpp extension")
@@ -358,6 +375,11 @@ def _every_op_call():
         "zinb_log_prob": lambda: run(lambda b, c: fastvae.zinb_log_prob(counts, b, c, b), mean, logvars[0].repeat(4)),
         "discretized_logistic_mixture_log_prob": lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(
             x_img, p), leaf(2, 2, 10, 1, 5)),
+        "sample_location_scale": lambda: run(lambda a, b: fastvae.sample_location_scale(
+            "logistic", a, b, 5, generator=gen(1)), mu, lv),
+        "sample_positive": lambda: run(lambda a, b: fastvae.sample_positive(
+            "kumaraswamy", a * 0.3, b * 0.3, 5, generator=gen(1)), mu, lv),
+        "sample_concrete": lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 5, generator=gen(1)), leaf(3, 4, 3)),
     }
 
 

@@ -60,7 +60,8 @@ def _tril(N, L, g):
             + torch.diag_embed(torch.rand(N, L, generator=g, dtype=F64) + 1))
 
 
-# name -> (function of the leaves, the leaves' values (made on the CPU), C++ operator or not)
+# name -> (function of the leaves, the leaves' values (made on the CPU), C++ operator or not); a case of
+# op X is named X or X_<variant> (test_every_op_has_its_double_backward_test checks each closed-form op has one)
 def _cases(g):
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
     counts = torch.tensor([[0.0, 1.0, 3.0, 0.0, 7.0]] * 3, dtype=F64)
@@ -70,20 +71,20 @@ def _cases(g):
         "kl_normal": (lambda m, lv: fastvae.kl_normal(m, lv), [r(3, 4), r(3, 4)], True),
         "kl_normal_prior": (lambda m, lv, pm, plv: fastvae.kl_normal(m, lv, pm, plv),
                             [r(3, 4), r(3, 4), r(4), r(4)], True),
-        "gaussian_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "gaussian_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
-        "gaussian_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
-        "gaussian_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
-        "gaussian_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
+        "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+        "gaussian_log_prob_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
+        "gaussian_log_prob_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
+        "gaussian_log_prob_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
+        "gaussian_log_prob_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
                                   [r(3, 5), r(2, 3, 5), r(())], True),
-        "gaussian_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7), [r(3, 5), r(2, 3, 5)], True),
+        "gaussian_log_prob_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7), [r(3, 5), r(2, 3, 5)], True),
         # (mean, logvar) as the halves of one decoder output, read in place (issue 23)
-        "gaussian_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
-        "gaussian_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
+        "gaussian_log_prob_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
+        "gaussian_log_prob_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
                               [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "bernoulli": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [torch.rand(3, 5, generator=g, dtype=F64),
+        "bernoulli_log_prob": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [torch.rand(3, 5, generator=g, dtype=F64),
                                                                          r(2, 3, 5)], True),
-        "bernoulli_no_samples": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [r(3, 5), r(3, 5)], True),
+        "bernoulli_log_prob_no_samples": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [r(3, 5), r(3, 5)], True),
         "logmeanexp": (lambda lw: fastvae.logmeanexp(lw), [r(5, 3)], True),
         "logmeanexp_dim": (lambda lw: fastvae.logmeanexp(lw, 1, keepdim=True), [r(3, 5)], True),
         "logmeanexp_state": (lambda lw: fastvae.logmeanexp_from_state(fastvae.logmeanexp_state(lw)), [r(5, 3)], True),
@@ -101,15 +102,15 @@ def _cases(g):
         "sample_normal_tril_one_sample": (lambda m, s: fastvae.sample_normal_tril(m, s, generator=gen(3)),
                                           [r(2, 3), _tril(2, 3, g)], False),
         # counts are data (no gradient): a constant of the function, on the leaves' device
-        "poisson": (lambda lr: fastvae.poisson_log_prob(counts.to(lr.device), lr), [r(2, 3, 5)], False),
-        "negative_binomial": (lambda m, t: fastvae.negative_binomial_log_prob(counts.to(m.device), m, t),
+        "poisson_log_prob": (lambda lr: fastvae.poisson_log_prob(counts.to(lr.device), lr), [r(2, 3, 5)], False),
+        "negative_binomial_log_prob": (lambda m, t: fastvae.negative_binomial_log_prob(counts.to(m.device), m, t),
                               [r(2, 3, 5), r(5)], False),
-        "zinb": (lambda m, t, z: fastvae.zinb_log_prob(counts.to(m.device), m, t, z),
+        "zinb_log_prob": (lambda m, t, z: fastvae.zinb_log_prob(counts.to(m.device), m, t, z),
                  [r(2, 3, 5), r(2, 3, 5), r(2, 3, 5)], False),
         # issue 27: integer classes are no leaf (made on the logits' device)
-        "categorical": (lambda lg: fastvae.categorical_log_prob(torch.arange(15, device=lg.device).reshape(3, 5) % 4,
+        "categorical_log_prob": (lambda lg: fastvae.categorical_log_prob(torch.arange(15, device=lg.device).reshape(3, 5) % 4,
                                                                 lg), [r(2, 3, 5, 4)], False),
-        "continuous_bernoulli": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
+        "continuous_bernoulli_log_prob": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
                                  [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
         # issue 35 (every family and the stop-score mode: tests/test_sample_location_scale.py)
         "sample_location_scale": (lambda loc, ls: fastvae.sample_location_scale("logistic", loc, ls, 2,
@@ -122,6 +123,21 @@ def _cases(g):
 
 
 CASES = list(_cases(torch.Generator().manual_seed(0)))
+
+
+def test_every_op_has_its_double_backward_test():
+    """From each Op's double_backward in fastvae/_registry.py: a closed form has a
+    gradgradcheck case here (named after the op), a not_twice op a test of its
+    named error (test_<op>_raises_...)."""
+    from fastvae import _registry
+
+    kinds = {op.name: op.double_backward for op in _registry.OPS.values()}
+    assert set(kinds.values()) <= {"closed form", "not_twice"}
+    closed = [n for n, k in kinds.items() if k == "closed form"
+              and not any(c == n or c.startswith(n + "_") for c in CASES)]
+    errors = [n for n, k in kinds.items() if k == "not_twice"
+              and not any(t.startswith(f"test_{n}_raises_") for t in globals())]
+    assert (closed, errors) == ([], [])
 
 
 @pytest.mark.parametrize("case", CASES)

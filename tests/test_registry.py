@@ -123,3 +123,43 @@ def test_kernels_accumulation_rule_is_the_front_ends():
     common = _backend.triton_module("_common")
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         assert common.accumulation_dtype(dtype) == _backend.accumulation_dtype(dtype), dtype
+
+
+# -- the per-op facts of each Op entry, and the lists derived from them (issue 33) --------------
+
+
+@pytest.mark.parametrize("op", _registry.OPS.values(), ids=lambda op: op.name)
+def test_every_op_describes_its_launches_and_double_backward(op):
+    """Each Op says what tests/test_launches.py asserts (Triton launches forward
+    and backward, other kernels) and which double backward its Function has
+    (tests/test_double_backward.py derives its coverage check from it)."""
+    assert len(op.launches) == 3 and all(type(n) is int and n >= 0 for n in op.launches)
+    assert op.launches[0] >= 1 and op.launches[1] >= 1
+    assert op.double_backward in ("closed form", "not_twice")
+    assert all(type(k) is str for k in op.other_kernels)
+
+
+def test_the_cpp_operators_are_the_registry_s():
+    """csrc/torch_ops.cpp defines exactly the operators the Op entries name
+    (_backend.TORCH_OPS derives from them), and each serves its own op."""
+    text = (ROOT / "csrc" / "torch_ops.cpp").read_text()
+    defined = set(re.findall(r'm\.def\("(\w+)\(', text))
+    assert defined == set(_registry.TORCH_OPS) == set(_backend.TORCH_OPS)
+    for op in _registry.OPS.values():
+        assert all(name == op.name or name.startswith(op.name + "_") for name in op.torch_ops), op.name
+
+
+def _aot_branches() -> set[str]:
+    """The op names kernels/aot.py's calls() compares ``op`` with (its branches)."""
+    import ast
+
+    tree = ast.parse((ROOT / "kernels" / "aot.py").read_text())
+    calls = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "calls")
+    return {c.value for n in ast.walk(calls) if isinstance(n, ast.Compare) and isinstance(n.left, ast.Name)
+            and n.left.id == "op" for c in ast.walk(n) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+
+
+def test_every_op_has_an_aot_branch():
+    """python -m fastvae.kernels.aot compiles each op's launches from a branch of calls()."""
+    assert sorted(set(_registry.OPS) - _aot_branches()) == []
+    assert sorted(_aot_branches() - set(_registry.OPS)) == []
