@@ -163,3 +163,28 @@ def test_every_op_has_an_aot_branch():
     """python -m fastvae.kernels.aot compiles each op's launches from a branch of calls()."""
     assert sorted(set(_registry.OPS) - _aot_branches()) == []
     assert sorted(_aot_branches() - set(_registry.OPS)) == []
+
+
+_NUMBERS = {"fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20}
+
+
+def test_the_adding_an_op_checklist_counts_its_files_and_names_real_ones():
+    """docs/architecture.md's "Adding an op": the counts in its first sentence
+    are those of its numbered items, each item names a file that exists (X
+    read as sample_concrete, the op the list was counted from, or one of the
+    item's alternatives), and each test the checklist says fails is there."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("\n## Adding an op\n"):]
+    section = section[:section.index("\n## ", 5)]
+    head = re.search(r"(\w+) files \((\w+) with a C\+\+ operator\)", section)
+    items = re.findall(r"^(\d+)\. (.*?)(?=^\d+\. |^Only if|^An op that|\Z)", section, re.M | re.S)
+    numbers = [int(n) for n, _ in items]
+    assert numbers == list(range(1, len(items) + 1))
+    cpp_from = int(re.search(r"^(\d+)\. ", section[section.index("Only if"):], re.M).group(1))
+    assert _NUMBERS[head.group(1).lower()] == cpp_from - 1
+    assert _NUMBERS[head.group(2).lower()] == len(items)
+    for n, body in items:
+        paths = [p.replace("X", "sample_concrete") for p in re.findall(r"`([\w./]+\.(?:py|cpp|h|md))`", body)]
+        assert any((ROOT / p).exists() for p in paths), f"item {n} names no existing file: {paths}"
+    for test in re.findall(r"`(test_every_\w+)`", section):
+        assert any(test in p.read_text() for p in (ROOT / "tests").glob("test_*.py")), test
