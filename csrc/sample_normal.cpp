@@ -69,6 +69,20 @@ __attribute__((target("arch=x86-64-v3"))) void scale_kl_block_avx2(const float* 
   sums.feed(t, n, [&](int64_t row, double acc) { kl[row] = static_cast<float>(0.5 * acc); });
 }
 
+// s[i] = exp(logvar[i] / 2): exp_block_f32's bits (the backward's scale).
+__attribute__((target("arch=x86-64-v3"))) void half_exp_block_avx2(const float* lv, int64_t n, float* s) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(s + i, avx2::exp8(_mm256_mul_ps(_mm256_loadu_ps(lv + i), _mm256_set1_ps(0.5f))));
+  }
+  if (i < n) {
+    float v8[8] = {}, s8[8];
+    std::copy(lv + i, lv + n, v8);
+    _mm256_storeu_ps(s8, avx2::exp8(_mm256_mul_ps(_mm256_loadu_ps(v8), _mm256_set1_ps(0.5f))));
+    std::copy(s8, s8 + (n - i), s + i);
+  }
+}
+
 // z[i] = mu[i] + s[i] * eps[i], unfused as the baseline loop computes it (the
 // empty asm keeps GCC from contracting the product into an FMA).
 __attribute__((target("arch=x86-64-v3"))) void scale_shift_avx2(const float* mu, const float* s, const float* eps,
@@ -155,7 +169,17 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
       const int64_t n = std::min(kBlock, r1 * L - b0);
 #if defined(FASTVAE_AVX2_MATH)
       if constexpr (sizeof(T) == sizeof(float)) {
-        if (avx2) scale_kl_block_avx2(mu + b0, logvar + b0, n, s, kl_sums, kl);
+        if (avx2) {
+          // The next block's mu, logvar and first sample's z lines are asked for
+          // now, so that they arrive while this block's noise is computed: the
+          // hardware prefetcher sees no stream during that long compute phase.
+          if (const int64_t next = std::min(kBlock, N * L - b0 - n); next > 0) {
+            prefetch_block(mu + b0 + n, next, false);
+            prefetch_block(logvar + b0 + n, next, false);
+            prefetch_block(z + b0 + n, next, true);
+          }
+          scale_kl_block_avx2(mu + b0, logvar + b0, n, s, kl_sums, kl);
+        }
       }
 #endif
       if (!avx2) half_exp_block(logvar + b0, n, s);
@@ -212,13 +236,23 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
   if (!dz && !dratio) K = 0;  // nothing to sum over the samples
+#if defined(FASTVAE_AVX2_MATH)
+  const bool avx2 = sizeof(T) == sizeof(float) && noise_isa() == NoiseIsa::kAvx2;
+#else
+  constexpr bool avx2 = false;
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, NL - b0);
     T s[kBlock], eps[kBlock], acc_mu[kBlock], acc_lv[kBlock];
     T inv_s[kBlock], gr[kBlock], acc_g[kBlock], acc_score[kBlock];
-    half_exp_block(logvar + b0, n, s);
+#if defined(FASTVAE_AVX2_MATH)
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (avx2) half_exp_block_avx2(logvar + b0, n, s);
+    }
+#endif
+    if (!avx2) half_exp_block(logvar + b0, n, s);
     if (dratio && stop_score) neg_half_exp_block(logvar + b0, n, inv_s);
     for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = acc_g[i] = acc_score[i] = T(0);
     const T* m = mu + b0;
