@@ -9,6 +9,7 @@
 #define FASTVAE_PHILOX_X86 1
 #endif
 
+#include "avx2_math.h"
 #include "ops.h"
 #include "philox.h"
 
@@ -129,6 +130,34 @@ __attribute__((target("avx2"), noinline)) void philox_group_avx2(const PhiloxKey
   }
 }
 
+// out[0, 128) = the normals of the 32 counters whose words philox_group_avx2
+// wrote to a and b: box_muller8 on the 8-lane rows (the same bits as the
+// generic loop in the x86-64-v3 clone), then the cos/sin results of the lane
+// pairs (w0, w1) and (w2, w3) interleaved into counter order by shuffles.
+__attribute__((target("arch=x86-64-v3"))) void normals_from_words_avx2(const uint32_t* a, const uint32_t* b,
+                                                                      float* out) {
+  static_assert(kGroup == 32, "four rows of 8 counters");
+  for (int v = 0; v < kGroup / 8; ++v) {
+    __m256 c01, s01, c23, s23;  // lanes (w0, w1) and (w2, w3) of counters 8v .. 8v + 7
+    avx2::box_muller8(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + 8 * v)),
+                      _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 8 * v)), c01, s01);
+    avx2::box_muller8(_mm256_load_si256(reinterpret_cast<const __m256i*>(a + kGroup + 8 * v)),
+                      _mm256_load_si256(reinterpret_cast<const __m256i*>(b + kGroup + 8 * v)), c23, s23);
+    const __m256 lo01 = _mm256_unpacklo_ps(c01, s01), hi01 = _mm256_unpackhi_ps(c01, s01);
+    const __m256 lo23 = _mm256_unpacklo_ps(c23, s23), hi23 = _mm256_unpackhi_ps(c23, s23);
+    // counters (0 | 4), (1 | 5), (2 | 6), (3 | 7) of the row, four normals each
+    const __m256 q04 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(lo01), _mm256_castps_pd(lo23)));
+    const __m256 q15 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(lo01), _mm256_castps_pd(lo23)));
+    const __m256 q26 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(hi01), _mm256_castps_pd(hi23)));
+    const __m256 q37 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(hi01), _mm256_castps_pd(hi23)));
+    float* o = out + 32 * v;
+    _mm256_storeu_ps(o, _mm256_permute2f128_ps(q04, q15, 0x20));
+    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(q26, q37, 0x20));
+    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(q04, q15, 0x31));
+    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(q26, q37, 0x31));
+  }
+}
+
 // The best path this CPU and OS (XCR0) run: the GCC names of the ISA levels
 // that the clones below are compiled for.
 NoiseIsa detect_noise_isa() {
@@ -175,6 +204,12 @@ template <NoiseIsa Isa, typename T>
 FASTVAE_INLINE void normals_group_vector(const PhiloxKeys& keys, uint64_t offset0, int64_t i, T* out) {
   alignas(64) uint32_t a[2 * kGroup], b[2 * kGroup];
   philox_group<Isa>(keys, (offset0 + static_cast<uint64_t>(i)) >> 2, a, b);
+#if defined(FASTVAE_PHILOX_X86)
+  if constexpr (Isa == NoiseIsa::kAvx2 && sizeof(T) == sizeof(float)) {
+    normals_from_words_avx2(a, b, out + i);
+    return;
+  }
+#endif
   T nc[2 * kGroup], ns[2 * kGroup];
   if constexpr (sizeof(T) == sizeof(float)) {
     for (int j = 0; j < 2 * kGroup; ++j) box_muller_f32(a[j], b[j], nc[j], ns[j]);

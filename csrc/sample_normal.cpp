@@ -8,6 +8,7 @@
 #include <cmath>
 #include <vector>
 
+#include "avx2_math.h"
 #include "ops.h"
 #include "philox.h"
 #include "rows.h"
@@ -37,6 +38,68 @@ void neg_half_exp_block(const float* lv, int64_t n, float* inv_s) { exp_block_f3
 void neg_half_exp_block(const double* lv, int64_t n, double* inv_s) {
   for (int64_t i = 0; i < n; ++i) inv_s[i] = std::exp(-0.5 * lv[i]);
 }
+
+#if defined(FASTVAE_AVX2_MATH)
+// The forward's element work on the AVX2 noise path, in 8-lane vectors with
+// the bits of the generic loops in the x86-64-v3 clones (avx2_math.h):
+// s[i] = exp(logvar / 2), and the KL terms exp(logvar) + mu^2 - 1 - logvar
+// summed into the rows (one pass over mu and logvar instead of two).
+// The last n % 8 elements run as one vector padded with mu = logvar = 0.
+FASTVAE_AVX2_INLINE void scale_kl_eight(const float* m8, const float* v8, float* s8, float* t8) {
+  const __m256 m = _mm256_loadu_ps(m8), v = _mm256_loadu_ps(v8);
+  _mm256_storeu_ps(s8, avx2::exp8(_mm256_mul_ps(v, _mm256_set1_ps(0.5f))));
+  const __m256 e = _mm256_fmadd_ps(m, m, avx2::exp8(v));  // the v3 clone contracts mu * mu into the sum
+  _mm256_storeu_ps(t8, _mm256_sub_ps(_mm256_sub_ps(e, _mm256_set1_ps(1.0f)), v));
+}
+
+__attribute__((target("arch=x86-64-v3"))) void scale_kl_block_avx2(const float* mu, const float* lv, int64_t n,
+                                                                   float* s, RowSums& sums, float* kl) {
+  float t[kBlock];
+  const auto eight = scale_kl_eight;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) eight(mu + i, lv + i, s + i, t + i);
+  if (i < n) {
+    float m8[8] = {}, v8[8] = {}, s8[8], t8[8];
+    std::copy(mu + i, mu + n, m8);
+    std::copy(lv + i, lv + n, v8);
+    eight(m8, v8, s8, t8);
+    std::copy(s8, s8 + (n - i), s + i);
+    std::copy(t8, t8 + (n - i), t + i);
+  }
+  sums.feed(t, n, [&](int64_t row, double acc) { kl[row] = static_cast<float>(0.5 * acc); });
+}
+
+// s[i] = exp(logvar[i] / 2): exp_block_f32's bits (the backward's scale).
+__attribute__((target("arch=x86-64-v3"))) void half_exp_block_avx2(const float* lv, int64_t n, float* s) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(s + i, avx2::exp8(_mm256_mul_ps(_mm256_loadu_ps(lv + i), _mm256_set1_ps(0.5f))));
+  }
+  if (i < n) {
+    float v8[8] = {}, s8[8];
+    std::copy(lv + i, lv + n, v8);
+    _mm256_storeu_ps(s8, avx2::exp8(_mm256_mul_ps(_mm256_loadu_ps(v8), _mm256_set1_ps(0.5f))));
+    std::copy(s8, s8 + (n - i), s + i);
+  }
+}
+
+// z[i] = mu[i] + s[i] * eps[i], unfused as the baseline loop computes it (the
+// empty asm keeps GCC from contracting the product into an FMA).
+__attribute__((target("arch=x86-64-v3"))) void scale_shift_avx2(const float* mu, const float* s, const float* eps,
+                                                                int64_t n, float* z) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 prod = _mm256_mul_ps(_mm256_loadu_ps(s + i), _mm256_loadu_ps(eps + i));
+    __asm__("" : "+x"(prod));
+    _mm256_storeu_ps(z + i, _mm256_add_ps(_mm256_loadu_ps(mu + i), prod));
+  }
+  for (; i < n; ++i) {
+    float prod = s[i] * eps[i];
+    __asm__("" : "+x"(prod));
+    z[i] = mu[i] + prod;
+  }
+}
+#endif
 
 int64_t rows_per_tile(int64_t L) { return std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1)); }
 
@@ -86,24 +149,51 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
   const int64_t NL = N * L;
   const int64_t tile_rows = rows_per_tile(L);
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
+#if defined(FASTVAE_AVX2_MATH)
+  // the AVX2 noise path does the element work in AVX2 too (float32)
+  const bool avx2 = sizeof(T) == sizeof(float) && noise_isa() == NoiseIsa::kAvx2 && L > 0;
+#else
+  constexpr bool avx2 = false;
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     const int64_t r0 = tile * tile_rows;
     const int64_t r1 = std::min(N, r0 + tile_rows);
     // The tile's mu and logvar stay in cache for the sampling loop below.
-    kl_rows(mu, logvar, nullptr, nullptr, r0, r1, L, kl);
+    if (!avx2) kl_rows(mu, logvar, nullptr, nullptr, r0, r1, L, kl);
+    RowSums kl_sums(r0, L);
     // per (sample, row of the tile) sums of the log-ratio terms, in double
     std::vector<double> ratio(log_ratio ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
     T s[kBlock], eps[kBlock], t[kBlock];
     for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
       const int64_t n = std::min(kBlock, r1 * L - b0);
-      half_exp_block(logvar + b0, n, s);
+#if defined(FASTVAE_AVX2_MATH)
+      if constexpr (sizeof(T) == sizeof(float)) {
+        if (avx2) {
+          // The next block's mu, logvar and first sample's z lines are asked for
+          // now, so that they arrive while this block's noise is computed: the
+          // hardware prefetcher sees no stream during that long compute phase.
+          if (const int64_t next = std::min(kBlock, N * L - b0 - n); next > 0) {
+            prefetch_block(mu + b0 + n, next, false);
+            prefetch_block(logvar + b0 + n, next, false);
+            prefetch_block(z + b0 + n, next, true);
+          }
+          scale_kl_block_avx2(mu + b0, logvar + b0, n, s, kl_sums, kl);
+        }
+      }
+#endif
+      if (!avx2) half_exp_block(logvar + b0, n, s);
       for (int64_t k = 0; k < K; ++k) {
         T* zk = z + k * NL + b0;
         if (k + 1 < K) prefetch_block(zk + NL, n, true);
         noise_block(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, eps);
         const T* mk = mu + b0;
-        for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
+#if defined(FASTVAE_AVX2_MATH)
+        if constexpr (sizeof(T) == sizeof(float)) {
+          if (avx2) scale_shift_avx2(mk, s, eps, n, zk);
+        }
+#endif
+        if (!avx2) for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
         if (log_ratio) {
           const T* lk = logvar + b0;
           for (int64_t i = 0; i < n; ++i) t[i] = eps[i] * eps[i] + lk[i] - zk[i] * zk[i];
@@ -146,13 +236,23 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
   if (!dz && !dratio) K = 0;  // nothing to sum over the samples
+#if defined(FASTVAE_AVX2_MATH)
+  const bool avx2 = sizeof(T) == sizeof(float) && noise_isa() == NoiseIsa::kAvx2;
+#else
+  constexpr bool avx2 = false;
+#endif
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, NL - b0);
     T s[kBlock], eps[kBlock], acc_mu[kBlock], acc_lv[kBlock];
     T inv_s[kBlock], gr[kBlock], acc_g[kBlock], acc_score[kBlock];
-    half_exp_block(logvar + b0, n, s);
+#if defined(FASTVAE_AVX2_MATH)
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (avx2) half_exp_block_avx2(logvar + b0, n, s);
+    }
+#endif
+    if (!avx2) half_exp_block(logvar + b0, n, s);
     if (dratio && stop_score) neg_half_exp_block(logvar + b0, n, inv_s);
     for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = acc_g[i] = acc_score[i] = T(0);
     const T* m = mu + b0;

@@ -540,3 +540,65 @@ def test_backward_split_over_samples(backend, monkeypatch, splits, stop_score, u
     assert_close(dlv, want_lv, lv_scale, f"dlogvar split {splits}")
     again = run_with_ratio(mu, logvar, 91, K, stop_score, use, 4, torch.float32, device)
     assert torch.equal(again[0], dmu) and torch.equal(again[1], dlv)
+
+
+# -- each C++ noise path, forced in turn ---------------------------------------
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def cpp_noise_path(request):
+    """The cpp backend's sample_normal with the noise path request.param forced
+    (the AVX2 path also does the forward's exp/KL/z and the backward's exp in
+    its own AVX2 code): a path this CPU would not pick is still run."""
+    from fastvae import _C
+
+    if fastvae.backend_info("cpu")["sample_normal"] != "cpp":
+        pytest.skip("the cpp backend is not built")
+    if request.param not in _C.noise_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} noise path")
+    _C.set_noise_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.set_noise_isa("auto")
+
+
+# exp's out-of-range lanes (the scalar fallback of the AVX2 exp), NaN and infinities among them
+EXTREME_LOGVARS = [-200.0, -175.0, -174.6, -87.5, -87.0, -86.9, 0.0, 88.0, 88.7, 90.0, 177.4, 300.0]
+
+
+@pytest.mark.parametrize("L,batch,K", [(7, (3, 5), 3), (32, (37,), 1), (33, (4,), 2), (1, (13,), None)])
+def test_each_noise_path_samples_and_differentiates(cpp_noise_path, L, batch, K):
+    """On every noise path: z, kl and the gradients against the float64
+    reference (tails that are not a whole vector or group included), and kl
+    equal bit for bit to kl_normal's (the same exp and row sums, whichever
+    loop computes them), extreme logvars too."""
+    from fastvae import _C
+
+    mu, logvar = make_inputs(batch, L, 5, 4.0, torch.float32, "cpu", requires_grad=True)
+    seed = 987654321
+    z, kl = fastvae.sample_normal(mu, logvar, K, generator=torch.Generator().manual_seed(seed))
+    drawn = draw_seed(torch.device("cpu"), torch.Generator().manual_seed(seed))
+    K_ = K or 1
+    eps, s, z64, kl64, z_scale, kl_scale = reference_pieces(mu, logvar, drawn, K_)
+    assert_close(z.reshape(z64.shape), z64, z_scale)
+    assert_close(kl, kl64, kl_scale)
+    assert torch.equal(kl, fastvae.kl_normal(mu, logvar))
+    gz, gk = torch.randn_like(z), torch.randn_like(kl)
+    dmu, dlv = torch.autograd.grad((z, kl), (mu, logvar), (gz, gk))
+    gz64 = gz.double().reshape(z64.shape)
+    dmu64 = gz64.sum(0) + gk.double().unsqueeze(-1) * mu.detach().double()
+    dlv64 = 0.5 * (gz64 * eps).sum(0) * s + 0.5 * gk.double().unsqueeze(-1) * (s * s - 1)
+    assert_close(dmu, dmu64, gz64.abs().sum(0) + mu.detach().double().abs() + 1)
+    assert_close(dlv, dlv64, (gz64.abs() * eps.abs()).sum(0) * s + s * s + 1)
+
+    lv = torch.tensor(EXTREME_LOGVARS + [math.nan, math.inf, -math.inf]).repeat(3, 1)
+    m = torch.randn_like(lv)
+    z, kl = fastvae.sample_normal(m, lv, generator=torch.Generator().manual_seed(3))
+    kl_ref = fastvae.kl_normal(m, lv)
+    assert ((kl == kl_ref) | (kl.isnan() & kl_ref.isnan())).all()
+    eps1 = fastvae.sample_normal(torch.zeros_like(lv), torch.zeros_like(lv),
+                                 generator=torch.Generator().manual_seed(3))[0]
+    finite = lv.isfinite() & (lv.abs() < 170)
+    expected = m.double() + torch.exp(0.5 * lv.double()) * eps1.double()
+    assert torch.allclose(z.double()[finite], expected[finite], rtol=1e-5, atol=1e-30)
+    assert torch.isnan(z[lv.isnan()]).all()
