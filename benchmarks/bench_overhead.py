@@ -14,9 +14,14 @@ interleaved round-robin in one run, medians in microseconds per call:
              forward+backward of the sum ("fwd+bwd");
   steps      one training step (forward, backward, Adam) of the main job's
              digits VAE with fastvae.elbo / fastvae.iwae(k=16) against the
-             hand-written losses of fastvae.demo ("step").
+             hand-written losses of fastvae.demo ("step"), and the fastvae
+             loss under torch.compile(fullgraph=True) ("fastvae+compile",
+             whose "compiled_over_fastvae" is its time over the eager fastvae
+             step's: the compiled graph calls the same C++ operators, so it
+             should be no slower; left out with --quick, as compiling takes
+             most of a minute).
 
-Reproduce: python -m benchmarks.bench_overhead [--quick] [--out FILE]
+Reproduce: python -m benchmarks.bench_overhead [--quick] [--steps] [--out FILE]
 (CPU; ops on one thread, as a small call runs on the calling thread; steps
 on two, the cores of this machine). Results go to
 benchmarks/results/overhead-cpu.json. Speed is never asserted in tests.
@@ -93,10 +98,12 @@ def cases():
     ]
 
 
-def step_cases():
-    """(name, hand-written step, fastvae step): one training step (forward,
-    backward, Adam at lr 0) of the main job's digits VAE (fastvae.demo: 64-256-8,
-    batch 100, Bernoulli), whose losses are the ones the demo times."""
+def step_cases(compile_loss: bool = True):
+    """(name, hand-written step, fastvae step, compiled fastvae step or None):
+    one training step (forward, backward, Adam at lr 0) of the main job's
+    digits VAE (fastvae.demo: 64-256-8, batch 100, Bernoulli), whose losses
+    are the ones the demo times; the compiled step compiles the fastvae loss
+    (fullgraph, static shapes) and steps as the eager one does."""
     from fastvae import demo
 
     torch.manual_seed(0)
@@ -112,10 +119,17 @@ def step_cases():
             opt.step()
         return run
 
+    def compiled(loss_fn):
+        return step(torch.compile(loss_fn, fullgraph=True, dynamic=False)) if compile_loss else None
+
+    def iwae(m, a):
+        return demo.fastvae_iwae_loss(m, a, 16)
+
     return [
-        ("step: digits ELBO (B=100, D=64, L=8)", step(demo.hand_written_elbo_loss), step(demo.fastvae_elbo_loss)),
-        ("step: digits IWAE k=16", step(lambda m, a: demo.hand_written_iwae_loss(m, a, 16)),
-         step(lambda m, a: demo.fastvae_iwae_loss(m, a, 16))),
+        ("step: digits ELBO (B=100, D=64, L=8)", step(demo.hand_written_elbo_loss), step(demo.fastvae_elbo_loss),
+         compiled(demo.fastvae_elbo_loss)),
+        ("step: digits IWAE k=16", step(lambda m, a: demo.hand_written_iwae_loss(m, a, 16)), step(iwae),
+         compiled(iwae)),
     ]
 
 
@@ -140,20 +154,24 @@ def _modes(fn, inputs):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few repeats: a smoke run, not figures")
+    p.add_argument("--steps", action="store_true", help="time the training steps only (eager and compiled)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead-cpu.json)")
     args = p.parse_args(argv)
+    load_start = common.loadavg()
     user_threads = torch.get_num_threads()
     repeats, calls = (3, 50) if args.quick else (15, 300)
     timed = []  # (case, impl, mode, fn)
-    for name, eager, fused, inputs in cases():
+    for name, eager, fused, inputs in [] if args.steps else cases():
         for impl, fn in (("eager", eager), ("fastvae", fused)):
             if fn is not None:
                 for mode, run in _modes(fn, inputs).items():
                     timed.append((name, impl, mode, run))
     timed = [(*entry, 1) for entry in timed]  # a small call runs on the calling thread
     step_threads = min(2, user_threads)  # whole steps: the threads a user has (2 here)
-    for name, eager, fused in step_cases():
+    for name, eager, fused, compiled in step_cases(compile_loss=not args.quick):
         timed += [(name, "eager", "step", eager, step_threads), (name, "fastvae", "step", fused, step_threads)]
+        if compiled is not None:
+            timed.append((name, "fastvae+compile", "step", compiled, step_threads))
     samples = {key[:3]: [] for key in timed}
     for entry in timed:
         torch.set_num_threads(entry[4])
@@ -172,16 +190,21 @@ def main(argv=None) -> dict:
     for r in rows:
         if r["impl"] == "fastvae" and (r["case"], "eager", r["mode"]) in by_key:
             r["fastvae_over_eager"] = r["median_us"] / by_key[r["case"], "eager", r["mode"]]
-    lines = ["| case | impl | mode | µs per call | fastvae / eager |", "|---|---|---|---|---|"]
+        if r["impl"] == "fastvae+compile":
+            r["compiled_over_fastvae"] = r["median_us"] / by_key[r["case"], "fastvae", r["mode"]]
+    lines = ["| case | impl | mode | µs per call | fastvae / eager | compiled / eager fastvae |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['fastvae_over_eager']:.2f}x" if "fastvae_over_eager" in r else ""
-        lines.append(f"| {r['case']} | {r['impl']} | {r['mode']} | {r['median_us']:.1f} | {ratio} |")
+        compiled = f"{r['compiled_over_fastvae']:.2f}x" if "compiled_over_fastvae" in r else ""
+        lines.append(f"| {r['case']} | {r['impl']} | {r['mode']} | {r['median_us']:.1f} | {ratio} | {compiled} |")
     table = "\n".join(lines)
     print(table)
     payload = {"op": "overhead", "device": common.device_name(torch.device("cpu")),
                "vector_isa": common.cpu_vector_isa(), "fastvae_noise_path": common.fastvae_noise_path(),
                "git_commit": common.git_commit(), "versions": common.versions(), "results": rows,
-               "table_markdown": table, "command": "python -m benchmarks.bench_overhead"}
+               "table_markdown": table, "loadavg_at_start": load_start, "loadavg_at_end": common.loadavg(),
+               "command": "python -m benchmarks.bench_overhead" + (" --steps" if args.steps else "")}
     out = Path(args.out) if args.out else common.REPO_ROOT / "benchmarks" / "results" / "overhead-cpu.json"
     if not args.quick or args.out:
         out.write_text(json.dumps(payload, indent=1))

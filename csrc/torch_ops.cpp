@@ -135,6 +135,7 @@ void sample_forward(const Tensor& m, const Tensor& lv, int64_t seed, int64_t K, 
 // dmu, dlogvar (N, L) from the upstream gradients of z (K, N, L), kl (N,) and
 // log_ratio (K, N), each undefined when its output has none (nothing is
 // materialized): one kernel, which also folds in the log-ratio's path terms.
+// K is 0 when neither z nor log_ratio has a gradient (the graph op's call).
 std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& grad_kl, const Tensor& grad_ratio,
                                           bool stop_score, const Tensor& m, const Tensor& lv, int64_t seed,
                                           int64_t K) {
@@ -147,7 +148,7 @@ std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& gr
     using T = decltype(tag);
     auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
     sample_normal_backward<T>(opt(g), opt(gk), opt(gr), ptr<T>(m), ptr<T>(lv), uint64_t(seed), stop_score, K, N, L,
-                              ptr<T>(dmu), ptr<T>(dlv), threads(K * N * L));
+                              ptr<T>(dmu), ptr<T>(dlv), threads(std::max<int64_t>(K, 1) * N * L));
   });
   return {dmu, dlv};
 }
@@ -576,6 +577,233 @@ Tensor gaussian_log_prob(const Tensor& x, const Tensor& mean, const Tensor& var_
   return GaussianLogProb::apply(x, mean, var_param, softplus_mode, delta);
 }
 
+
+// -- the graph ops (fastvae_cpu::*) ------------------------------------------------
+//
+// What torch.compile's graph calls on the cpp backend: each is the CPU
+// implementation of the Python op of the same name and schema
+// (fastvae::<op>, fastvae/<op>.py), in the kernels' layout, with no autograd
+// (the Python Function around the op records the graph, and Dynamo traces
+// it); their fakes are the Python ops' (fastvae/_op.py). The same arguments
+// reach the same kernels with the same thread count as through the Python
+// implementation's `_backend.launch`, so the bits are those of the eager
+// path; what goes is the Python in between (the dispatcher's call into the
+// Python kernel, NumPy views, the launch's checks: about 15-30 us a call).
+
+int64_t seed_value(const Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "seed: expected a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(), " on ",
+              seed.device());
+  return seed.item<int64_t>();
+}
+
+std::vector<Tensor> graph_sample(const Tensor& mu, const Tensor& logvar, const Tensor& seed, int64_t K,
+                                 bool with_ratio) {
+  const int64_t s = seed_value(seed);
+  const auto [m, lv] = latent_rows(mu, logvar, s, K);
+  const int64_t N = m.size(0), L = m.size(1);
+  Tensor z = output({K, N, L}, m), kl = output({N}, m), ratio = with_ratio ? output({K, N}, m) : Tensor();
+  sample_forward(m, lv, s, K, z, kl, with_ratio ? &ratio : nullptr);
+  const auto batch = mu.sizes().slice(0, mu.dim() - 1);
+  std::vector<Tensor> out{shaped(z, with_samples(K, mu.sizes())), shaped(kl, batch)};
+  if (with_ratio) out.push_back(shaped(ratio, with_samples(K, batch)));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> graph_sample_normal(const Tensor& mu, const Tensor& logvar, const Tensor& seed,
+                                               int64_t n_samples) {
+  auto out = graph_sample(mu, logvar, seed, n_samples, false);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> graph_sample_normal_with_ratio(const Tensor& mu, const Tensor& logvar,
+                                                                  const Tensor& seed, int64_t n_samples) {
+  auto out = graph_sample(mu, logvar, seed, n_samples, true);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor> graph_sample_normal_backward(const Tensor& mu, const Tensor& logvar, const Tensor& seed,
+                                                        const std::optional<Tensor>& grad_z,
+                                                        const std::optional<Tensor>& grad_kl,
+                                                        const std::optional<Tensor>& grad_log_ratio, bool stop_score) {
+  const int64_t s = seed_value(seed);
+  const Tensor gz = grad_z.value_or(Tensor()), gk = grad_kl.value_or(Tensor()), gr = grad_log_ratio.value_or(Tensor());
+  const int64_t K = gz.defined() ? gz.size(0) : gr.defined() ? gr.size(0) : 0;
+  const auto [m, lv] = latent_rows(mu, logvar, s, std::max<int64_t>(K, 1));
+  auto [dmu, dlv] = sample_backward(gz, gk, gr, stop_score, m, lv, s, K);
+  return {shaped(dmu, mu.sizes()), shaped(dlv, mu.sizes())};
+}
+
+// The likelihoods' layout: x (P, D), the decoder output (K, P, D).
+Layout graph_layout(const Tensor& x, const Tensor& out, const char* out_name) {
+  check_float(out, out_name);
+  TORCH_CHECK(out.dim() == 3, out_name, ": expected a 3-d (K, P, D) tensor, got shape ", out.sizes());
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d (P, D) tensor, got shape ", x.sizes());
+  return {out.size(0), out.size(1), out.size(2)};
+}
+
+Tensor graph_bernoulli_log_prob(const Tensor& x, const Tensor& logits) {
+  const auto [K, P, D] = graph_layout(x, logits, "logits");
+  const Tensor l = input(logits, "logits", logits, {K, P, D}), x2 = input(x, "x", logits, {P, D});
+  Tensor out = output({K, P}, l);
+  by_dtype(l, [&](auto tag) {
+    using T = decltype(tag);
+    bernoulli_log_prob_forward<T>(ptr<T>(x2), ptr<T>(l), K, P, D, ptr<T>(out), threads(K * P * D));
+  });
+  return out;
+}
+
+std::vector<Tensor> graph_bernoulli_log_prob_backward(const Tensor& grad_out, const Tensor& x, const Tensor& logits,
+                                                      bool need_dx) {
+  const auto [K, P, D] = graph_layout(x, logits, "logits");
+  const Tensor l = input(logits, "logits", logits, {K, P, D}), x2 = input(x, "x", logits, {P, D});
+  const Tensor g = input(grad_out.reshape({K, P}), "grad_out", l, {K, P});
+  Tensor dlogits = output({K, P, D}, l), dx = need_dx ? output({P, D}, l) : Tensor();
+  by_dtype(l, [&](auto tag) {
+    using T = decltype(tag);
+    bernoulli_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(l), K, P, D, need_dx ? ptr<T>(dx) : nullptr,
+                                   ptr<T>(dlogits), threads(K * P * D));
+  });
+  return need_dx ? std::vector<Tensor>{dlogits, dx} : std::vector<Tensor>{dlogits};
+}
+
+// var_param in its kernel form, told apart by rank as the binding does:
+// (K, P, D) per element, (P, D) per x row, (D,) per dimension.
+std::pair<Tensor, VarLayout> graph_var(const Tensor& v, const Tensor& mean, const Layout& s) {
+  switch (v.dim()) {
+    case 3: return {input(v, "var_param", mean, {s.K, s.P, s.D}), VarLayout::kElement};
+    case 2: return {input(v, "var_param", mean, {s.P, s.D}), VarLayout::kRow};
+    case 1: return {input(v, "var_param", mean, {s.D}), VarLayout::kDim};
+    default: TORCH_CHECK(false, "var_param: expected (K, P, D), (P, D) or (D,), got shape ", v.sizes());
+  }
+}
+
+template <typename T>
+void check_delta(double delta) {
+  TORCH_CHECK(valid_delta<T>(delta), "delta must be finite and at least the smallest normal number of the dtype, got ",
+              delta);
+}
+
+Tensor graph_gaussian_log_prob(const Tensor& x, const Tensor& mean, const Tensor& var_param, bool softplus_mode,
+                               double delta) {
+  const Layout s = graph_layout(x, mean, "mean");
+  const Tensor m = input(mean, "mean", mean, {s.K, s.P, s.D}), x2 = input(x, "x", mean, {s.P, s.D});
+  const auto [v, layout] = graph_var(var_param, mean, s);
+  Tensor out = output({s.K, s.P}, m);
+  by_dtype(m, [&](auto tag) {
+    using T = decltype(tag);
+    check_delta<T>(delta);
+    gaussian_log_prob_forward<T>(ptr<T>(x2), ptr<T>(m), ptr<T>(v), layout, softplus_mode, delta, s.K, s.P, s.D,
+                                 ptr<T>(out), threads(m.numel()));
+  });
+  return out;
+}
+
+std::vector<Tensor> graph_gaussian_log_prob_backward(const Tensor& grad_out, const Tensor& x, const Tensor& mean,
+                                                     const Tensor& var_param, bool softplus_mode, double delta,
+                                                     bool need_dx, bool need_dvar_param) {
+  const Layout s = graph_layout(x, mean, "mean");
+  const Tensor m = input(mean, "mean", mean, {s.K, s.P, s.D}), x2 = input(x, "x", mean, {s.P, s.D});
+  const auto [v, layout] = graph_var(var_param, mean, s);
+  const Tensor g = input(grad_out.reshape({s.K, s.P}), "grad_out", m, {s.K, s.P});
+  Tensor dmean = output({s.K, s.P, s.D}, m);
+  Tensor dx = need_dx ? output({s.P, s.D}, m) : Tensor(), dv = need_dvar_param ? output(v.sizes(), m) : Tensor();
+  by_dtype(m, [&](auto tag) {
+    using T = decltype(tag);
+    check_delta<T>(delta);
+    gaussian_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(m), ptr<T>(v), layout, softplus_mode, delta, s.K,
+                                  s.P, s.D, need_dx ? ptr<T>(dx) : nullptr, ptr<T>(dmean),
+                                  need_dvar_param ? ptr<T>(dv) : nullptr, threads(m.numel()));
+  });
+  std::vector<Tensor> grads{dmean};
+  if (need_dx) grads.push_back(dx);
+  if (need_dvar_param) grads.push_back(dv);
+  return grads;
+}
+
+// lw (K, ...) as contiguous (K, M).
+Tensor graph_columns(const Tensor& lw) {
+  check_float(lw, "lw");
+  TORCH_CHECK(lw.dim() >= 1 && lw.size(0) >= 1, "lw: expected (K, ...) with K >= 1, got shape ", lw.sizes());
+  const int64_t K = lw.size(0), M = c10::multiply_integers(lw.sizes().slice(1));
+  return input(lw.reshape({K, M}), "lw", lw, {K, M});
+}
+
+std::tuple<Tensor, Tensor, Tensor> graph_logmeanexp(const Tensor& lw) {
+  const Tensor l = graph_columns(lw);
+  const int64_t K = l.size(0), M = l.size(1);
+  Tensor out = output({M}, l), lw_max = output({M}, l), sumexp = output({M}, l);
+  by_dtype(l, [&](auto tag) {
+    using T = decltype(tag);
+    logmeanexp_forward<T>(ptr<T>(l), K, M, ptr<T>(lw_max), ptr<T>(sumexp), ptr<T>(out), nullptr, threads(K * M));
+  });
+  const auto columns = lw.sizes().slice(1);
+  return {shaped(out, columns), shaped(lw_max, columns), shaped(sumexp, columns)};
+}
+
+Tensor graph_logmeanexp_backward(const Tensor& grad_out, const std::optional<Tensor>& grad_sumexp, const Tensor& lw,
+                                 const Tensor& lw_max, const Tensor& sumexp) {
+  const Tensor l = graph_columns(lw);
+  const int64_t K = l.size(0), M = l.size(1);
+  const auto column = [&](const Tensor& t, const char* name) { return input(t.reshape({M}), name, l, {M}); };
+  const Tensor g = column(grad_out, "grad_out"), mx = column(lw_max, "lw_max"), se = column(sumexp, "sumexp");
+  const Tensor gs = grad_sumexp.has_value() ? column(*grad_sumexp, "grad_sumexp") : Tensor();
+  Tensor dlw = output({K, M}, l);
+  by_dtype(l, [&](auto tag) {
+    using T = decltype(tag);
+    logmeanexp_backward<T>(ptr<T>(l), ptr<T>(mx), ptr<T>(se), ptr<T>(g), gs.defined() ? ptr<T>(gs) : nullptr,
+                           nullptr, K, M, ptr<T>(dlw), threads(K * M));
+  });
+  return shaped(dlw, lw.sizes());
+}
+
+// mu, logvar and the optional prior as contiguous (N, L) tensors of mu's dtype.
+std::vector<Tensor> graph_kl_inputs(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& prior_mu,
+                                    const std::optional<Tensor>& prior_logvar) {
+  check_float(mu, "mu");
+  TORCH_CHECK(mu.dim() == 2, "mu: expected a 2-d (N, L) tensor, got shape ", mu.sizes());
+  TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
+              "prior_mu and prior_logvar must both be given or both be None");
+  std::vector<Tensor> t{input(mu, "mu", mu, mu.sizes()), input(logvar, "logvar", mu, mu.sizes())};
+  if (prior_mu.has_value()) {
+    t.push_back(input(*prior_mu, "prior_mu", mu, mu.sizes()));
+    t.push_back(input(*prior_logvar, "prior_logvar", mu, mu.sizes()));
+  }
+  return t;
+}
+
+Tensor graph_kl_normal(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& prior_mu,
+                       const std::optional<Tensor>& prior_logvar) {
+  const auto t = graph_kl_inputs(mu, logvar, prior_mu, prior_logvar);
+  const bool prior = t.size() == 4;
+  const int64_t N = mu.size(0), L = mu.size(1);
+  Tensor kl = output({N}, t[0]);
+  by_dtype(t[0], [&](auto tag) {
+    using T = decltype(tag);
+    kl_normal_forward<T>(ptr<T>(t[0]), ptr<T>(t[1]), prior ? ptr<T>(t[2]) : nullptr, prior ? ptr<T>(t[3]) : nullptr,
+                         N, L, ptr<T>(kl), threads(N * L));
+  });
+  return kl;
+}
+
+std::vector<Tensor> graph_kl_normal_backward(const Tensor& grad_kl, const Tensor& mu, const Tensor& logvar,
+                                             const std::optional<Tensor>& prior_mu,
+                                             const std::optional<Tensor>& prior_logvar) {
+  const auto t = graph_kl_inputs(mu, logvar, prior_mu, prior_logvar);
+  const bool prior = t.size() == 4;
+  const int64_t N = mu.size(0), L = mu.size(1);
+  const Tensor g = input(grad_kl, "grad_kl", t[0], {N});
+  std::vector<Tensor> grads;
+  for (size_t i = 0; i < t.size(); ++i) grads.push_back(output({N, L}, t[0]));
+  by_dtype(t[0], [&](auto tag) {
+    using T = decltype(tag);
+    kl_normal_backward<T>(ptr<T>(g), ptr<T>(t[0]), ptr<T>(t[1]), prior ? ptr<T>(t[2]) : nullptr,
+                          prior ? ptr<T>(t[3]) : nullptr, N, L, ptr<T>(grads[0]), ptr<T>(grads[1]),
+                          prior ? ptr<T>(grads[2]) : nullptr, prior ? ptr<T>(grads[3]) : nullptr, threads(N * L));
+  });
+  return grads;
+}
+
 }  // namespace
 
 // The schemas mirror the Python ops' (fastvae/<op>.py), with the seed as an
@@ -599,6 +827,39 @@ TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
   m.impl("gaussian_log_prob", &gaussian_log_prob);
   m.impl("logmeanexp", &logmeanexp);
   m.impl("kl_normal", &kl_normal);
+}
+
+// The graph ops: the schemas of fastvae::<op> (fastvae/<op>.py), CPU kernels
+// only (no autograd: the Python Function around the op records the graph).
+TORCH_LIBRARY(fastvae_cpu, m) {
+  m.def("sample_normal(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor)");
+  m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor, Tensor)");
+  m.def("sample_normal_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl,"
+        " Tensor? grad_log_ratio, bool stop_score) -> (Tensor, Tensor)");
+  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
+  m.def("bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]");
+  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
+  m.def("gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
+        " float delta, bool need_dx, bool need_dvar_param) -> Tensor[]");
+  m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
+  m.def("logmeanexp_backward(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor");
+  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
+  m.def("kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
+        " -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
+  m.impl("sample_normal", &graph_sample_normal);
+  m.impl("sample_normal_with_ratio", &graph_sample_normal_with_ratio);
+  m.impl("sample_normal_backward", &graph_sample_normal_backward);
+  m.impl("bernoulli_log_prob", &graph_bernoulli_log_prob);
+  m.impl("bernoulli_log_prob_backward", &graph_bernoulli_log_prob_backward);
+  m.impl("gaussian_log_prob", &graph_gaussian_log_prob);
+  m.impl("gaussian_log_prob_backward", &graph_gaussian_log_prob_backward);
+  m.impl("logmeanexp", &graph_logmeanexp);
+  m.impl("logmeanexp_backward", &graph_logmeanexp_backward);
+  m.impl("kl_normal", &graph_kl_normal);
+  m.impl("kl_normal_backward", &graph_kl_normal_backward);
 }
 
 }  // namespace fastvae::torch_ops

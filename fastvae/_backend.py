@@ -35,10 +35,19 @@ _BUILD_HINT = (
 @functools.cache
 def _load_cpp():
     """The extension module, or the ImportError that explains why it is missing."""
+    global MIN_WORK_PER_THREAD
     try:
-        return importlib.import_module("fastvae._C")
+        mod = importlib.import_module("fastvae._C")
     except ImportError as err:
         return err
+    MIN_WORK_PER_THREAD = mod.MIN_WORK_PER_THREAD
+    return mod
+
+
+# fastvae._C.MIN_WORK_PER_THREAD once the extension is loaded, as a plain
+# global: code that torch.compile traces reads it (Dynamo cannot trace the
+# import behind _load_cpp's cache)
+MIN_WORK_PER_THREAD: int | None = None
 
 
 def cpp_module():
@@ -275,6 +284,22 @@ def _torch_ops():
     if isinstance(mod, ImportError) or not mod.HAS_TORCH_OPS:
         return None
     return types.SimpleNamespace(**{name: getattr(torch.ops.fastvae_cpp, name).default for name in TORCH_OPS})
+
+
+def cpu_twin_serves(tensors) -> bool:
+    """Whether, while torch.compile traces, an op's C++ twin (fastvae_cpu::<op>,
+    _op.run) serves these tensors (``None``: it does not): CPU float32/float64
+    tensors of one dtype on the cpp backend, the tensors torch_ops serves in
+    eager mode. The twins exist only where the extension loaded, so the
+    automatic choice is cpp; only ``_override`` is read, so Dynamo guards on
+    it alone and set_backend recompiles, while an eager call that fills
+    ``_chosen`` does not."""
+    if tensors is None or _override not in (None, "cpp"):
+        return False
+    t = tensors[0]
+    if t.device.type != "cpu" or t.dtype not in _TORCH_OPS_DTYPES:
+        return False
+    return all(o is None or o.dtype == t.dtype for o in tensors[1:])
 
 
 def torch_ops(t: torch.Tensor, *others: torch.Tensor | None):

@@ -67,19 +67,24 @@ def backward(kernel: str, grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: 
     return [dlogits, _backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, x_dtype)]
 
 
-def define_ops(op: str):
-    """fastvae::<op> and fastvae::<op>_backward (_op.define), in the kernels' layout."""
+def define_ops(op: str, cpu: bool = False):
+    """fastvae::<op> and fastvae::<op>_backward (_op.define), in the kernels'
+    layout; ``cpu``: the ops have C++ twins (csrc/torch_ops.cpp), which serve
+    every layout but the folded one."""
     return (
         define(
             f"{op}(Tensor x, Tensor logits) -> Tensor",
             functools.partial(forward, f"{op}_forward"),
             lambda x, logits: logits.new_empty(logits.shape[:2], dtype=_backend.compute_dtype(x, logits)),
+            cpu=(lambda x, logits: None if fold_samples("cpp", logits.shape) else (logits, x)) if cpu else None,
         ),
         define(
             f"{op}_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]",
             functools.partial(backward, f"{op}_backward"),
             lambda grad_out, x, logits, need_dx: [torch.empty_like(logits)]
             + ([torch.empty_like(x)] if need_dx else []),
+            cpu=(lambda grad_out, x, logits, need_dx: None if fold_samples("cpp", logits.shape)
+                 else (logits, x, grad_out)) if cpu else None,
         ),
     )
 

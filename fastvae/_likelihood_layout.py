@@ -117,7 +117,8 @@ def fold_samples(backend: str, out3: Tensor | tuple[int, int, int]) -> bool:
     K, P, D = out3 if isinstance(out3, tuple) else out3.shape
     if K < 2:
         return False
-    threads = min(FOLD_FOR_THREADS, K * P * D // _backend.cpp_module().MIN_WORK_PER_THREAD)
+    min_work = _backend.MIN_WORK_PER_THREAD or _backend.cpp_module().MIN_WORK_PER_THREAD
+    threads = min(FOLD_FOR_THREADS, K * P * D // min_work)
     return threads > 1 and P < CPP_ROWS_PER_TASK * threads
 
 

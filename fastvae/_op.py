@@ -8,6 +8,13 @@ around the op in the op's module. Measured on this machine
 ``torch.library.custom_op`` with ``register_autograd`` per forward+backward,
 and torch.compile still traces it with no graph break
 (pytorch/pytorch#139500).
+
+The ops of a training step also have a C++ twin, ``fastvae_cpu::<name>``
+(csrc/torch_ops.cpp: the same schema, a CPU kernel that calls the cpp
+kernels, no autograd), which the graph calls instead while torch.compile
+traces CPU tensors on the cpp backend (``define``'s ``cpu``, ``run``): so a
+compiled step runs what an eager one does, with no Python between the
+graph and the kernels.
 """
 from __future__ import annotations
 
@@ -16,13 +23,22 @@ import math
 import torch
 from torch import Tensor
 
+from . import _backend
+
 LIB = torch.library.Library("fastvae", "DEF")  # noqa: TOR901 (one library for the package)
 
 
-def define(schema: str, impl, fake):
+def define(schema: str, impl, fake, cpu=None):
     """Registers ``fastvae::<schema>`` ("name(Tensor x, ...) -> Tensor") with
     ``impl`` for CPU and CUDA tensors and ``fake`` for meta/fake tensors, and
-    returns the op (``torch.ops.fastvae.<name>.default``)."""
+    returns the op (``torch.ops.fastvae.<name>.default``).
+
+    ``cpu`` (the ops of a training step, which csrc/torch_ops.cpp also
+    implements as ``fastvae_cpu::<name>``): a function of the op's arguments
+    that returns the float tensors whose dtypes must agree, or None where the
+    twin must not serve them (the likelihoods' folded layout, which eager
+    calls also leave to the Python op). The twin gets ``fake`` too; ``run``
+    puts it in a traced graph (cpu_twin_serves says when)."""
     name = schema.split("(", 1)[0]
     LIB.define(schema)
     LIB.impl(name, impl, "CPU")
@@ -30,19 +46,48 @@ def define(schema: str, impl, fake):
     torch.library.register_fake(f"fastvae::{name}", fake, lib=LIB)
     op = getattr(torch.ops.fastvae, name).default
     _IMPLS[op] = impl
+    twin = _cpu_twin(name, fake) if cpu is not None else None
+    if twin is not None:
+        _CPU_TWINS[op] = twin, cpu
     return op
 
 
 _IMPLS: dict = {}  # op -> its impl, for run()
+_CPU_TWINS: dict = {}  # op -> (fastvae_cpu::<name>, its cpu function), for run() while tracing
 _EAGER_DEVICES = ("cpu", "cuda")
+
+
+def _cpu_twin(name: str, fake):
+    """torch.ops.fastvae_cpu.<name>.default with ``fake`` registered, or None
+    in a build without the C++ operators (or without the extension)."""
+    mod = _backend._load_cpp()
+    if isinstance(mod, ImportError) or not mod.HAS_TORCH_OPS:
+        return None
+    global _CPU_LIB
+    if _CPU_LIB is None:
+        _CPU_LIB = torch.library.Library("fastvae_cpu", "FRAGMENT")  # noqa: TOR901 (the C++ ops' fakes)
+    torch.library.register_fake(f"fastvae_cpu::{name}", fake, lib=_CPU_LIB)
+    return getattr(torch.ops.fastvae_cpu, name).default
+
+
+_CPU_LIB = None
 
 
 def run(op, *args):
     """Calls ``op``: through the dispatcher while torch.compile traces, or for
     tensors on other devices (meta, fake); in eager mode its impl directly,
     the one the dispatcher would run, without the dispatcher's cost (about
-    1.5 us a call here, a tenth of a small op; benchmarks/bench_overhead.py)."""
-    if torch.compiler.is_compiling() or args[0].device.type not in _EAGER_DEVICES:
+    1.5 us a call here, a tenth of a small op; benchmarks/bench_overhead.py).
+    While tracing CPU tensors on the cpp backend, an op with a C++ twin puts
+    the twin in the graph: the Python impl would cost the compiled step
+    15-30 us a call (the dispatcher's call back into Python, NumPy views, the
+    launch's checks), more than the kernel at a small model's sizes."""
+    if torch.compiler.is_compiling():
+        twin = _CPU_TWINS.get(op)
+        if twin is not None and _backend.cpu_twin_serves(twin[1](*args)):
+            return twin[0](*args)
+        return op(*args)
+    if args[0].device.type not in _EAGER_DEVICES:
         return op(*args)
     return _IMPLS[op](*args)
 

@@ -10,7 +10,7 @@ from . import _bernoulli_likelihood as B
 from . import _double_backward, _validate, _value_checks
 from ._likelihood_layout import broadcast_x, likelihood_torch_ops
 
-_OPS = B.define_ops("bernoulli_log_prob")
+_OPS = B.define_ops("bernoulli_log_prob", cpu=True)
 bernoulli_log_prob_op, bernoulli_log_prob_backward_op = _OPS
 BernoulliLogProb = B.autograd_function("BernoulliLogProb", __name__, _OPS, _double_backward.bernoulli_log_prob)
 

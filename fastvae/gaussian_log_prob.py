@@ -97,6 +97,8 @@ gaussian_log_prob_op = define(
     _forward,
     lambda x, mean, var_param, softplus_mode, delta: mean.new_empty(
         mean.shape[:2], dtype=_backend.compute_dtype(x, mean, var_param)),
+    cpu=lambda x, mean, var_param, softplus_mode, delta: (
+        None if fold_samples("cpp", mean.shape) else (mean, x, var_param)),
 )
 gaussian_log_prob_backward_op = define(
     "gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
@@ -105,6 +107,8 @@ gaussian_log_prob_backward_op = define(
     lambda grad_out, x, mean, var_param, softplus_mode, delta, need_dx, need_dvar_param: (
         [torch.empty_like(mean)] + ([torch.empty_like(x)] if need_dx else [])
         + ([torch.empty_like(var_param)] if need_dvar_param else [])),
+    cpu=lambda grad_out, x, mean, var_param, softplus_mode, delta, need_dx, need_dvar_param: (
+        None if fold_samples("cpp", mean.shape) else (mean, x, var_param, grad_out)),
 )
 
 

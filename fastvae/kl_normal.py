@@ -50,12 +50,14 @@ kl_normal_op = define(
     _forward,
     lambda mu, logvar, prior_mu, prior_logvar: mu.new_empty(
         mu.shape[:1], dtype=_backend.compute_dtype(mu, logvar, prior_mu, prior_logvar)),
+    cpu=lambda mu, logvar, prior_mu, prior_logvar: (mu, logvar, prior_mu, prior_logvar),
 )
 kl_normal_backward_op = define(
     "kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
     " -> Tensor[]",
     _backward,
     _backward_fake,
+    cpu=lambda grad_kl, mu, logvar, prior_mu, prior_logvar: (mu, logvar, prior_mu, prior_logvar, grad_kl),
 )
 
 

@@ -117,12 +117,14 @@ logmeanexp_op = define(
     "logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)",
     lambda lw: _forward_with_state(lw, ess=False),
     _fake_with_state,
+    cpu=lambda lw: (lw,),
 )
 logmeanexp_backward_op = define(
     "logmeanexp_backward(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor",
     lambda grad_out, grad_sumexp, lw, lw_max, sumexp: _backward_with_state(
         lw, lw_max, sumexp, grad_out, grad_sumexp, None),
     lambda grad_out, grad_sumexp, lw, lw_max, sumexp: torch.empty_like(lw),
+    cpu=lambda grad_out, grad_sumexp, lw, lw_max, sumexp: (lw, grad_out, grad_sumexp, lw_max, sumexp),
 )
 
 

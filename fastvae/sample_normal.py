@@ -97,6 +97,7 @@ sample_normal_op = define(
     "sample_normal(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor)",
     lambda mu, logvar, seed, n_samples: tuple(_forward(mu, logvar, seed, n_samples)),
     lambda mu, logvar, seed, n_samples: _fake_outputs(mu, logvar, n_samples, False),
+    cpu=lambda mu, logvar, seed, n_samples: (mu, logvar),
 )
 # The same kernel, also writing log N(z; 0, I) - log q(z) per sample from the
 # eps it draws: the IWAE log-weights' latent term, exact however small the
@@ -106,6 +107,7 @@ sample_normal_with_ratio_op = define(
     "sample_normal_with_ratio(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor, Tensor)",
     lambda mu, logvar, seed, n_samples: tuple(_forward(mu, logvar, seed, n_samples, True)),
     lambda mu, logvar, seed, n_samples: _fake_outputs(mu, logvar, n_samples, True),
+    cpu=lambda mu, logvar, seed, n_samples: (mu, logvar),
 )
 # The gradients of both ops: grad_log_ratio (None for sample_normal) and
 # stop_score are the log-ratio output's; an output with no gradient passes None.
@@ -115,6 +117,8 @@ sample_normal_backward_op = define(
     _backward,
     lambda mu, logvar, seed, grad_z, grad_kl, grad_log_ratio, stop_score: (torch.empty_like(mu),
                                                                             torch.empty_like(logvar)),
+    cpu=lambda mu, logvar, seed, grad_z, grad_kl, grad_log_ratio, stop_score: (mu, logvar, grad_z, grad_kl,
+                                                                               grad_log_ratio),
 )
 
 

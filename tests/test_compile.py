@@ -94,3 +94,94 @@ def test_both_terms_objects_name_the_bound_bound_and_elbo_stays_an_alias():
         eager = bounds(x)
     torch.testing.assert_close(eager[0], e_bound)
     assert fastvae.ELBOTerms._fields[0] == fastvae.IWAETerms._fields[0] == "bound"
+
+
+# -- the compiled CPU graph calls the C++ twins (fastvae_cpu::*, csrc/torch_ops.cpp) --
+
+needs_twins = pytest.mark.skipif(
+    not fastvae._backend.cpp_available() or not fastvae._backend.cpp_module().HAS_TORCH_OPS,
+    reason="built without torch headers: no C++ operators")
+
+
+def _twin_cases():
+    """(name, fn, float inputs): each call puts one op of a training step, and
+    its backward, in the graph."""
+    from fastvae.sample_normal import sample_normal_with_ratio_unchecked
+    g = torch.Generator().manual_seed(3)
+    mu, lv = torch.randn(5, 2, 3, generator=g), torch.randn(5, 2, 3, generator=g)
+    x, out = torch.rand(6, 7, generator=g), torch.randn(4, 6, 7, generator=g)
+    return [
+        ("sample_normal", lambda m, v: fastvae.sample_normal(m, v, 3), (mu, lv)),
+        ("sample_normal (one sample)", lambda m, v: fastvae.sample_normal(m, v), (mu, lv)),
+        ("sample_normal_with_ratio", lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, False, None), (mu, lv)),
+        ("sample_normal_with_ratio (stop_score)",
+         lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, True, None), (mu, lv)),
+        ("bernoulli_log_prob", fastvae.bernoulli_log_prob, (x, out)),
+        ("gaussian_log_prob (logvar per element)", lambda a, m, v: fastvae.gaussian_log_prob(a, m, logvar=v),
+         (x, out, out.flip(0))),
+        ("gaussian_log_prob (softplus, per dimension)",
+         lambda a, m, v: fastvae.gaussian_log_prob(a, m, softplus_var=v, delta=1e-3), (x, out, out[0, 0])),
+        ("logmeanexp", lambda w: fastvae.logmeanexp(w, dim=0), (out[:, :, 0],)),
+        ("kl_normal", lambda m, v: fastvae.kl_normal(m, v), (mu, lv)),
+        ("kl_normal (prior)", fastvae.kl_normal, (mu, lv, mu.flip(0), lv.flip(1))),
+    ]
+
+
+def _run_with_grads(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    torch.manual_seed(11)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        outs = fn(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        g = torch.Generator().manual_seed(1)
+        total = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+        grads = torch.autograd.grad(total, leaves)
+    return [o.detach() for o in outs], list(grads), {e.key for e in prof.key_averages()}
+
+
+@needs_twins
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(10))
+def test_compiled_cpu_ops_call_the_cpp_twins_bit_for_bit(case, dtype):
+    """Under torch.compile on the cpp backend, each op of a training step runs
+    its C++ twin (fastvae_cpu::<op>), forward and backward, with no Python op
+    in the graph, and gives eager's values and gradients bit for bit (eager
+    takes the C++ operators: the same kernels)."""
+    fastvae._backend.set_backend(None)
+    torch._dynamo.reset()
+    name, fn, inputs = _twin_cases()[case]
+    inputs = tuple(t.to(dtype) for t in inputs)
+    eager = _run_with_grads(fn, inputs)
+    compiled_fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    _run_with_grads(compiled_fn, inputs)  # compiles: the profile below sees the compiled call alone
+    compiled = _run_with_grads(compiled_fn, inputs)
+    ran = compiled[2]
+    op = name.split(" ")[0]
+    assert f"fastvae_cpu::{op}" in ran, (name, sorted(k for k in ran if "fastvae" in k))
+    assert f"fastvae_cpu::{'sample_normal' if op.startswith('sample') else op}_backward" in ran, name
+    assert not any(k.startswith("fastvae::") for k in ran), sorted(k for k in ran if "fastvae" in k)
+    for a, b in zip(eager[0] + eager[1], compiled[0] + compiled[1]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b), name
+
+
+@needs_twins
+def test_compiled_cpu_ops_keep_the_python_op_off_the_cpp_backend():
+    """The twins serve the cpp backend only: under use_backend("reference")
+    the graph calls fastvae::<op> (set_backend recompiles: Dynamo guards on
+    the choice), and half precision stays with the Python op too."""
+    torch._dynamo.reset()
+    mu = torch.randn(4, 3)
+    fn = torch.compile(lambda m: fastvae.kl_normal(m, m), fullgraph=True, dynamic=False)
+
+    def ops_run(t):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn(t)
+        return {e.key for e in prof.key_averages() if "kl_normal" in e.key}
+
+    fastvae._backend.set_backend(None)
+    assert ops_run(mu) == {"fastvae_cpu::kl_normal"}
+    with fastvae.use_backend("reference"):
+        assert ops_run(mu) == {"fastvae::kl_normal"}
+    assert ops_run(mu) == {"fastvae_cpu::kl_normal"}
+    assert ops_run(mu.bfloat16()) == {"fastvae::kl_normal"}

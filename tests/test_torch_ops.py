@@ -259,3 +259,70 @@ def test_misaligned_and_strided_inputs_are_copied():
     for other in (odd, wide):
         out = torch.ops.fastvae_cpp.sample_normal(other, other, 9, 2)
         assert all(torch.equal(a, b) for a, b in zip(ref, out))
+
+
+# -- the graph ops (fastvae_cpu::*): what torch.compile's graph calls on the cpp backend --
+
+def _twin_op_cases():
+    """(name, args) per twin: the Python op's schema and layout (tests/test_compile.py
+    checks the compiled graph calls them and matches eager bit for bit)."""
+    g = torch.Generator().manual_seed(8)
+    mu, lv = torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, 6, generator=g)
+    seed = torch.tensor(2024)
+    x, out = torch.rand(5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    lw = torch.randn(6, 2, 3, generator=g)
+    lw_max, sumexp = lw.amax(0), torch.exp(lw - lw.amax(0)).sum(0)
+    m2, l2 = mu.reshape(12, 6), lv.reshape(12, 6)
+    return [
+        ("sample_normal", (mu, lv, seed, 3)),
+        ("sample_normal_with_ratio", (mu, lv, seed, 3)),
+        ("sample_normal_backward", (mu, lv, seed, torch.randn(3, 4, 3, 6), torch.randn(4, 3), None, False)),
+        ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), torch.randn(3, 4, 3), True)),
+        ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), None, False)),
+        ("bernoulli_log_prob", (x, out)),
+        ("bernoulli_log_prob_backward", (torch.randn(3, 5), x, out, True)),
+        ("bernoulli_log_prob_backward", (torch.randn(3, 5), x, out, False)),
+        ("gaussian_log_prob", (x, out, out.flip(0), False, 1e-6)),
+        ("gaussian_log_prob", (x, out, x.flip(1), True, 1e-3)),
+        ("gaussian_log_prob_backward", (torch.randn(3, 5), x, out, out[0, 0], True, 1e-3, True, True)),
+        ("gaussian_log_prob_backward", (torch.randn(3, 5), x, out, x, False, 1e-6, False, True)),
+        ("logmeanexp", (lw,)),
+        ("logmeanexp_backward", (torch.randn(2, 3), torch.randn(2, 3), lw, lw_max, sumexp)),
+        ("logmeanexp_backward", (torch.randn(2, 3), None, lw, lw_max, sumexp)),
+        ("kl_normal", (m2, l2, None, None)),
+        ("kl_normal", (m2, l2, l2, m2)),
+        ("kl_normal_backward", (torch.randn(12), m2, l2, l2, m2)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(18))
+def test_graph_ops_match_the_python_ops_bit_for_bit_and_pass_opcheck(case):
+    """Each fastvae_cpu::<op> gives what fastvae::<op> gives on the cpp backend
+    (same kernels: equal bits, dtypes and shapes), in float32 and float64, and
+    torch.library.opcheck passes (schema, fake, no aliasing)."""
+    name, args = _twin_op_cases()[case]
+    fastvae._backend.set_backend(None)
+    for dtype in (torch.float32, torch.float64):
+        typed = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+        ours = getattr(torch.ops.fastvae_cpu, name)(*typed)
+        python = getattr(torch.ops.fastvae, name)(*typed)
+        ours, python = ([ours], [python]) if isinstance(ours, torch.Tensor) else (ours, python)
+        assert len(ours) == len(python)
+        for a, b in zip(ours, python):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+        torch.library.opcheck(getattr(torch.ops.fastvae_cpu, name).default, typed)
+
+
+def test_graph_ops_check_their_arguments():
+    ops = torch.ops.fastvae_cpu
+    mu = torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="seed: expected a 0-d int64 CPU tensor"):
+        ops.sample_normal(mu, mu, torch.tensor(1.0), 2)
+    with pytest.raises(RuntimeError, match="logvar: expected shape"):
+        ops.sample_normal(mu, torch.zeros(4, 2), torch.tensor(1), 2)
+    with pytest.raises(RuntimeError, match=r"logits: expected a 3-d \(K, P, D\) tensor"):
+        ops.bernoulli_log_prob(mu, mu)
+    with pytest.raises(RuntimeError, match=r"var_param: expected \(K, P, D\), \(P, D\) or \(D,\)"):
+        ops.gaussian_log_prob(mu, mu[None], torch.zeros(1, 1, 4, 3), False, 1e-6)
+    with pytest.raises(RuntimeError, match="grad_kl: expected shape"):
+        ops.kl_normal_backward(torch.zeros(3), mu, mu, None, None)
