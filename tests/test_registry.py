@@ -139,11 +139,30 @@ def test_every_op_describes_its_launches_and_double_backward(op):
     assert all(type(k) is str for k in op.other_kernels)
 
 
+def _torch_library_block(namespace: str) -> str:
+    """The body of csrc/torch_ops.cpp's TORCH_LIBRARY(namespace, m) { ... }."""
+    text = (ROOT / "csrc" / "torch_ops.cpp").read_text()
+    start = text.index(f"TORCH_LIBRARY({namespace}, m) {{")
+    return text[start:text.index("\n}", start)]
+
+
+def test_the_graph_twins_are_the_ops_defined_with_cpu():
+    """csrc/torch_ops.cpp's fastvae_cpu block defines exactly the twins of the
+    Python ops that `_op.define` was given ``cpu=`` for, each with its op's
+    schema, so a traced graph never names a twin that does not exist."""
+    from fastvae import _op
+    names = set(re.findall(r'm\.def\("(\w+)\(', _torch_library_block("fastvae_cpu")))
+    if not _op._CPU_TWINS:
+        pytest.skip("a build without the C++ operators")
+    assert names == {op.name().split("::")[1] for op in _op._CPU_TWINS}
+    for op, (twin, _) in _op._CPU_TWINS.items():
+        assert str(twin._schema).split("::", 1)[1] == str(op._schema).split("::", 1)[1], op
+
+
 def test_the_cpp_operators_are_the_registry_s():
     """csrc/torch_ops.cpp defines exactly the operators the Op entries name
     (_backend.TORCH_OPS derives from them), and each serves its own op."""
-    text = (ROOT / "csrc" / "torch_ops.cpp").read_text()
-    defined = set(re.findall(r'm\.def\("(\w+)\(', text))
+    defined = set(re.findall(r'm\.def\("(\w+)\(', _torch_library_block("fastvae_cpp")))
     assert defined == set(_registry.TORCH_OPS) == set(_backend.TORCH_OPS)
     for op in _registry.OPS.values():
         assert all(name == op.name or name.startswith(op.name + "_") for name in op.torch_ops), op.name
