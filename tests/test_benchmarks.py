@@ -288,3 +288,38 @@ def test_the_suite_runs_every_benchmark_file():
     files = {p.stem.removeprefix("bench_") for p in Path(suite_main.__file__).parent.glob("bench_*.py")}
     assert set(suite_main.BENCHMARKS) | {"overhead"} == files
     assert len(suite_main.BENCHMARKS) == len(set(suite_main.BENCHMARKS))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_path_trace_counts_the_stops_of_a_training_call(backend):
+    """benchmarks/path_trace.py (issue 33's stops): every stop is at a fastvae
+    module, the per-module counts add up to the stops, the call starts and ends
+    in objectives.py, and the CUDA code path (plans) makes fewer stops than the
+    general path the CPU takes."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastvae import _backend
+
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    if backend == "cpp" and not _backend.cpp_available():
+        pytest.skip("no C++ extension")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("FASTVAE_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.path_trace", "--backend", backend, "--json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"elbo", "iwae k=5"}
+    for r in result.values():
+        assert r["stops"] == sum(r["modules"].values()) > 0
+        assert 0 <= r["returns"] < r["stops"]
+        assert all(m.startswith(("fastvae/", "kernels/")) for m in r["modules"])
+        assert next(iter(r["modules"])) == "fastvae/objectives.py"
+        if backend == "triton":
+            assert r["stops"] < 30, r
