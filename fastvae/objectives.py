@@ -156,13 +156,16 @@ def _reduced_difference(a: Tensor, b: Tensor, reduction: str) -> Tensor:
 
 _LEAN_DTYPES = (torch.float32, torch.float64)
 _LEAN_LIKELIHOODS = ("bernoulli", "gaussian")
+# The cpp backend's plan is the checks alone, once per call signature: after
+# them its C++ operators are already the short path to the kernels.
+_LEAN_BACKENDS = ("triton", "cpp")
 _NO_LINK = _plan.Link()  # no DReG weight: never written
 
 
 def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generator: Any,
                  likelihood: Any, reduction: Any) -> torch.device | None:
     """mu's device when this call can take the plans (fastvae/_plan.py): the
-    triton backend in eager mode, tensors (x, mu, logvar) of one float32 or
+    triton or cpp backend in eager mode, tensors (x, mu, logvar) of one float32 or
     float64 dtype and device, contiguous, x without a gradient, the standard
     normal prior, a "bernoulli" or "gaussian" likelihood; else None (the
     general path, which checks the arguments and says what is wrong). Asks
@@ -174,7 +177,7 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
             or (generator is not None and type(generator) is not torch.Generator)):
         return None
     device = mu.device
-    if (_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton":
+    if (_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) not in _LEAN_BACKENDS:
         return None
     if (torch._C._get_tracing_state() is not None or torch.is_autocast_enabled(device.type)
             or torch._C._are_functorch_transforms_active() or _wrapped(mu) or _wrapped(logvar) or _wrapped(x)):
@@ -188,6 +191,13 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
 
 
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _lean_triton(device: torch.device) -> bool:
+    """Whether the plans launch Triton kernels (else the cpp backend's plan:
+    the checks once, then the general path's calls); part of the plan key,
+    since set_backend can change the backend between calls."""
+    return (_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) == "triton"
 
 
 def _lean_beta(beta: Any) -> float | None:
@@ -245,7 +255,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     if (device is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
             or (beta := _lean_beta(beta)) is None):
         return None
-    key = ("elbo", x.shape, mu.shape, logvar.shape, mu.dtype, device, likelihood, n_samples, reduction)
+    triton = _lean_triton(device)
+    key = ("elbo", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, likelihood, n_samples, reduction)
     plans = _plan.lookup(key)
     if plans is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
@@ -254,14 +265,18 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
         n = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
         batch = mu.shape[:-1]
         P = batch.numel()
-        sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False)
-        tail = None
-        if n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
+        sample = tail = None  # the cpp backend: the checks are its plan
+        if triton:
+            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False)
+        if triton and n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, mu.dtype, device, reduction, batch, False,
                                   _general_elbo_tail)
         plans = _plan.store(key, (sample, tail))
     sample, tail = plans
-    z, kl = _plan.sample(mu, logvar, draw_seed(device, generator), sample, _NO_LINK)
+    if sample is None:  # the general path's own sampler call, without its checks
+        z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
+    else:
+        z, kl = _plan.sample(mu, logvar, draw_seed(device, generator), sample, _NO_LINK)
     out = decode(z)
     if tail is not None and (fit := _lean_output(out, likelihood, x.shape, mu.dim() - 1, mu.dtype, device)):
         return _plan.elbo_tail(x, fit[0], kl, tail, beta, fit[1])
@@ -278,7 +293,8 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
     if (device is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
             or alpha != 0 or type(beta) not in (float, int) or beta != 1):
         return None
-    key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, likelihood, k, estimator, reduction)
+    triton = _lean_triton(device)
+    key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, likelihood, k, estimator, reduction)
     plans = _plan.lookup(key)
     if plans is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
@@ -287,16 +303,21 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
         k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
         batch = mu.shape[:-1]
         P = batch.numel()
-        sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae")
-        tail = None
-        if P > 0 and x.numel() > 0:
+        sample = tail = None  # the cpp backend: the checks are its plan
+        if triton:
+            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae")
+        if triton and P > 0 and x.numel() > 0:
             tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, mu.dtype, device, reduction, batch, True,
                                   _general_iwae_tail)
         plans = _plan.store(key, (sample, tail, torch.Size((k, *x.shape))))
     sample, tail, out_shape = plans
     dreg = estimator == "dreg"
-    link = _plan.Link() if dreg else _NO_LINK
-    z, _, latent = _plan.sample(mu, logvar, draw_seed(device, generator), sample, link)
+    if sample is None:  # the general path's own sampler call, without its checks
+        link = _NO_LINK
+        z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", generator)
+    else:
+        link = _plan.Link() if dreg else _NO_LINK
+        z, _, latent = _plan.sample(mu, logvar, draw_seed(device, generator), sample, link)
     out = decode(z)
     if tail is not None and (fit := _lean_output(out, likelihood, out_shape, mu.dim(), mu.dtype, device)):
         return _plan.iwae_tail(x, fit[0], latent, tail, link, dreg, fit[1])

@@ -93,6 +93,35 @@ def test_plans_give_the_general_path_bit_for_bit(triton_device, dtype, likelihoo
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("case", list(CASES) + ["elbo n3"])
+def test_the_cpp_plan_gives_the_general_path_bit_for_bit(dtype, likelihood, case):
+    """On the cpp backend the plan is the checks, once per call signature; the
+    call then makes the general path's own op calls (the C++ operators), so
+    values and gradients are the general path's bit for bit, its value checks
+    still run on every call, and its stops are fewer (benchmarks/path_trace.py)."""
+    CASES.setdefault("elbo n3", dict(fn="elbo", n_samples=3))
+    _plan.clear()
+    with fastvae.use_backend("cpp"):
+        _run("cpu", dtype, likelihood, case, True)  # the first call: the checks
+        key_count = len(_plan._PLANS)
+        lean, lean_grads, _ = _run("cpu", dtype, likelihood, case, True)
+        general, general_grads, _ = _run("cpu", dtype, likelihood, case, False)
+        assert len(_plan._PLANS) == key_count == 1
+        x, (mu, logvar, W) = _problem("cpu", dtype)
+        if likelihood == "bernoulli":  # the value checks of the general tail, on every call
+            for _ in range(2):  # a warning once per kind: forget it, the check runs again
+                fastvae.set_value_checks("auto")
+                with pytest.warns(UserWarning, match="outside"):
+                    fastvae.elbo(x * 3, mu, logvar, _decoders(W)["bernoulli"], likelihood="bernoulli")
+    assert not torch.isnan(lean).any()
+    assert torch.equal(lean, general)
+    for a, b in zip(lean_grads, general_grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @needs_triton
 @pytest.mark.parametrize("likelihood, case", [("bernoulli", "elbo"), ("gaussian", "iwae"), ("bernoulli", "stl")])
 def test_plans_differentiate_twice_as_the_general_path(triton_device, likelihood, case):
@@ -148,14 +177,14 @@ def test_wrong_arguments_are_refused_after_a_plan_exists(triton_device):
         fastvae.elbo(x[:2], mu, logvar, dec, likelihood="bernoulli")
 
 
-def test_the_plans_serve_only_the_triton_backend_in_eager_mode(backend):
-    """On the cpp and reference backends (and under torch.compile, autocast,
-    functorch transforms) the objectives take the general path."""
+def test_the_plans_serve_the_triton_and_cpp_backends_in_eager_mode(backend):
+    """On the reference backend (and under torch.compile, autocast, functorch
+    transforms) the objectives take the general path."""
     name, device = backend
     x, (mu, logvar, W) = _problem(device, torch.float32)
     dec = _decoders(W)["bernoulli"]
     args = (x, mu, logvar, dec, None, None, "bernoulli", "mean")
-    assert (objectives._lean_device(*args) is not None) == (name == "triton")
+    assert (objectives._lean_device(*args) is not None) == (name in ("triton", "cpp"))
     with torch.autocast(device if device != "cpu" else "cpu", dtype=torch.bfloat16):
         assert objectives._lean_device(*args) is None
     assert objectives._lean_device(x, mu.t(), logvar, dec, None, None, "bernoulli", "mean") is None
