@@ -195,7 +195,6 @@ def double_backward(op: str, grad_out: Tensor, x: Tensor, params: tuple[Tensor, 
 
 # -- likelihood= in the objectives and the evaluation (fastvae/_decoder.py) ----------------
 
-COUNT_LIKELIHOODS = ("poisson", "negative_binomial", "zinb")
 _OUTPUTS = {"poisson": ("log_rate",), "negative_binomial": ("log_mean", "log_theta"),
             "zinb": ("log_mean", "log_theta", "zi_logits")}
 

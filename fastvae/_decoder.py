@@ -30,6 +30,8 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,12 +57,6 @@ from .latents import LATENTS, from_torch
 from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
 from .poisson_log_prob import poisson_log_prob_unchecked
 from .zinb_log_prob import zinb_log_prob_unchecked
-
-# the count likelihoods' ops after their checks (_count_likelihood.decoder_log_prob runs those)
-_COUNT_LOG_PROB = {"poisson": poisson_log_prob_unchecked, "negative_binomial": negative_binomial_log_prob_unchecked,
-                   "zinb": zinb_log_prob_unchecked}
-LIKELIHOODS = ("gaussian", "bernoulli", "categorical", "continuous_bernoulli",
-               *_count_likelihood.COUNT_LIKELIHOODS, "discretized_logistic_mixture")
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -231,7 +227,7 @@ def unfold_samples(out: Any, x: Tensor, likelihood: str, sample_shape: tuple[int
         return out
     first = out if isinstance(out, Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
     events = x.dim() - batch_ndim
-    if not isinstance(first, Tensor) or first.dim() != 1 + events + (likelihood == "categorical"):
+    if not isinstance(first, Tensor) or first.dim() != 1 + events + _TABLE[likelihood].class_dims:
         return out  # not folded (or a wrong shape, which the likelihood's check reports)
     lead_shape = (*sample_shape, *x.shape[:batch_ndim])
     n = 1
@@ -266,9 +262,10 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         likelihood: one of LIKELIHOODS (see the module docstring); None
             when out is a distribution, which implies it.
         sample_shape: () for one sample, (K,) for K samples.
+
+    The likelihood's entry in _TABLE (below) routes the output to its op.
     """
     events = x.dim() - batch_ndim
-    lead = len(sample_shape) + batch_ndim
     probs_given = False  # logits derived from probabilities: no sigmoid check
     if isinstance(out, Distribution):
         # Bernoulli(probs=p) gives logits of p, which may lie in [0, 1]: not
@@ -278,33 +275,30 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         likelihood, out = _from_distribution(out, likelihood, events)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
+    if (entry := _TABLE.get(likelihood)) is None:  # the objectives checked it already: a direct caller's error
+        check_likelihood(likelihood)
     # an output of the contract's rank is never folded: one dim() comparison (unfold_samples decides the rest)
     first = out if isinstance(out, Tensor) else out[0] if isinstance(out, (tuple, list)) and out else None
-    if isinstance(first, Tensor) and first.dim() != x.dim() + len(sample_shape) + (likelihood == "categorical"):
+    if isinstance(first, Tensor) and first.dim() != x.dim() + len(sample_shape) + entry.class_dims:
         out = unfold_samples(out, x, likelihood, sample_shape, batch_ndim)
+    return entry.route(x, out, sample_shape, batch_ndim, probs_given)
 
-    if likelihood == "discretized_logistic_mixture":
-        return discretized_logistic_mixture_decoder(x, out, sample_shape, batch_ndim)
 
-    def flat(t: Tensor, lead_dims: int) -> Tensor:
-        return t if events == 1 else _flat_events(t, lead_dims)
+# -- the likelihoods: one route per likelihood= name, one signature ------------------------------
+# A route takes (x, out, sample_shape, batch_ndim, probs_given) after decoder_log_prob has
+# mapped a distribution to its output and unfolded folded samples: it checks the output's
+# shape (_check_output, or the op's own decoder step), maps it to its op's arguments and
+# calls the op. probs_given: the logits came from a distribution's probabilities (no raw-output
+# check); only the Bernoulli likelihoods read it.
 
-    if likelihood in _count_likelihood.COUNT_LIKELIHOODS:
-        return _count_likelihood.decoder_log_prob(
-            x, out, likelihood, sample_shape, events,
-            lambda name, t, x_, shape: _check_output(name, t, x_, shape, batch_ndim), _COUNT_LOG_PROB[likelihood])
-    if likelihood == "categorical":  # x integer classes, logits (..., C)
-        return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
-    if likelihood == "continuous_bernoulli":
-        logits = _check_output("logits", out, x, sample_shape, batch_ndim)
-        return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim), flat(logits, lead), probs_given)
-    if likelihood == "bernoulli":
-        logits = _check_output("logits", out, x, sample_shape, batch_ndim)
-        _validate.float_tensors(x=x, logits=logits)
-        _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
-        if not probs_given:
-            _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
-        return bernoulli_log_prob_unchecked(flat(x, batch_ndim), flat(logits, lead))
+
+def _flat(t: Tensor, lead_dims: int, events: int) -> Tensor:
+    return t if events == 1 else _flat_events(t, lead_dims)
+
+
+def _gaussian(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """The mean (unit variance) or a (mean, logvar) pair."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
     if isinstance(out, (tuple, list)):
         if len(out) != 2:
             raise ValueError(
@@ -317,9 +311,79 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
             raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
         if (_backend.backend_for(mean.device, warn=False) == "triton" and not torch.compiler.is_compiling()
                 and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
-            return gaussian_log_prob_packed(flat(x, batch_ndim), packed)  # the halves of one output, in place
+            return gaussian_log_prob_packed(_flat(x, batch_ndim, events), packed)  # the halves of one output, in place
         if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
-            logvar = flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead)
-        return gaussian_log_prob(flat(x, batch_ndim), flat(mean, lead), logvar)
+            logvar = _flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead, events)
+        return gaussian_log_prob(_flat(x, batch_ndim, events), _flat(mean, lead, events), logvar)
     mean = _check_output("mean", out, x, sample_shape, batch_ndim)
-    return gaussian_log_prob(flat(x, batch_ndim), flat(mean, lead))
+    return gaussian_log_prob(_flat(x, batch_ndim, events), _flat(mean, lead, events))
+
+
+def _bernoulli(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """Logits; the op's checks run here (its unchecked function is called)."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    logits = _check_output("logits", out, x, sample_shape, batch_ndim)
+    _validate.float_tensors(x=x, logits=logits)
+    _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
+    if not probs_given:
+        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
+    return bernoulli_log_prob_unchecked(_flat(x, batch_ndim, events), _flat(logits, lead, events))
+
+
+def _categorical(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """Logits (*x.shape, C) for integer classes x: the op's own decoder step."""
+    return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
+
+
+def _continuous_bernoulli(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int,
+                          probs_given: bool) -> Tensor:
+    """Logits for x in [0, 1]."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    logits = _check_output("logits", out, x, sample_shape, batch_ndim)
+    return continuous_bernoulli_decoder_log_prob(_flat(x, batch_ndim, events), _flat(logits, lead, events),
+                                                 probs_given)
+
+
+def _counts(likelihood: str, log_prob: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The route of a count likelihood: _count_likelihood's decoder step, given
+    the op's function after its checks (that module, below the ops, imports none)."""
+    def route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+        return _count_likelihood.decoder_log_prob(
+            x, out, likelihood, sample_shape, x.dim() - batch_ndim,
+            lambda name, t, x_, shape: _check_output(name, t, x_, shape, batch_ndim), log_prob)
+    return route
+
+
+def _discretized_logistic_mixture(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int,
+                                  probs_given: bool) -> Tensor:
+    """PixelCNN++'s packed parameters or their (logit_probs, means, log_scales): the op's own decoder step."""
+    return discretized_logistic_mixture_decoder(x, out, sample_shape, batch_ndim)
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """One likelihood= name: the registry's op that computes it (whose Op entry
+    names it back in ``likelihood``; tests/test_registry.py checks both ways),
+    the route from the decoder output to that op, and the dimensions the output
+    has beyond x's (the categorical's classes: what unfold_samples allows for)."""
+
+    name: str
+    op: str
+    route: Callable[[Tensor, Any, tuple[int, ...], int, bool], Tensor]
+    class_dims: int = 0
+
+
+# The one list of likelihoods: LIKELIHOODS (the accepted names, in this order in the error) derives from it.
+_TABLE: dict[str, Likelihood] = {entry.name: entry for entry in (
+    Likelihood("gaussian", "gaussian_log_prob", _gaussian),
+    Likelihood("bernoulli", "bernoulli_log_prob", _bernoulli),
+    Likelihood("categorical", "categorical_log_prob", _categorical, class_dims=1),
+    Likelihood("continuous_bernoulli", "continuous_bernoulli_log_prob", _continuous_bernoulli),
+    Likelihood("poisson", "poisson_log_prob", _counts("poisson", poisson_log_prob_unchecked)),
+    Likelihood("negative_binomial", "negative_binomial_log_prob",
+               _counts("negative_binomial", negative_binomial_log_prob_unchecked)),
+    Likelihood("zinb", "zinb_log_prob", _counts("zinb", zinb_log_prob_unchecked)),
+    Likelihood("discretized_logistic_mixture", "discretized_logistic_mixture_log_prob",
+               _discretized_logistic_mixture),
+)}
+LIKELIHOODS = tuple(_TABLE)

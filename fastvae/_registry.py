@@ -51,6 +51,10 @@ class Op(NamedTuple):
     torch_ops: tuple[str, ...] = ()
     # aten kernels it may launch on CUDA besides the seed's randint
     other_kernels: tuple[str, ...] = ()
+    # the likelihood= name it computes log p(x | z) for after the user's decoder (an entry of
+    # _decoder's likelihood table; tests/test_registry.py checks the two agree), None for an op
+    # that is no decoder likelihood (mixture_log_prob is a prior's log p(z))
+    likelihood: str | None = None
 
 
 # The sampler families' compile-time variants: a kernel's `family` argument is
@@ -135,9 +139,11 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("kl_normal", ("kl_normal_forward", "kl_normal_backward"), "test_kl_normal.py", "kl_normal",
        torch_ops=("kl_normal",)),
     Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),
-       "test_gaussian_log_prob.py", "gaussian_log_prob", torch_ops=("gaussian_log_prob",)),
+       "test_gaussian_log_prob.py", "gaussian_log_prob", torch_ops=("gaussian_log_prob",),
+       likelihood="gaussian"),
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
-       "test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",)),
+       "test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",),
+       likelihood="bernoulli"),
     Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward", "logmeanexp_accumulate"),
        "test_logmeanexp.py", "logmeanexp", launches=(1, 2, 0), torch_ops=("logmeanexp",)),
     # forward: the log-mean-exp state, then its backward kernel at gradient 1 (a ones_like)
@@ -150,20 +156,21 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
        "test_mixture_log_prob.py", "mixture_log_prob", launches=(1, 2, 0), double_backward="not_twice"),
     Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"),
-       "test_poisson_log_prob.py", "poisson_log_prob"),
+       "test_poisson_log_prob.py", "poisson_log_prob", likelihood="poisson"),
     Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),
-       "test_negative_binomial_log_prob.py", "negative_binomial_log_prob"),
+       "test_negative_binomial_log_prob.py", "negative_binomial_log_prob", likelihood="negative_binomial"),
     Op("zinb_log_prob", ("zinb_log_prob_forward", "zinb_log_prob_backward"), "test_zinb_log_prob.py",
-       "zinb_log_prob"),
+       "zinb_log_prob", likelihood="zinb"),
     Op("categorical_log_prob", ("categorical_log_prob_forward", "categorical_log_prob_backward"),
-       "test_categorical_log_prob.py", "categorical_log_prob"),
+       "test_categorical_log_prob.py", "categorical_log_prob", likelihood="categorical"),
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
-       "test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob"),
+       "test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob",
+       likelihood="continuous_bernoulli"),
     Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
                                                  "discretized_logistic_mixture_log_prob_backward"),
        "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
-       double_backward="not_twice"),
+       double_backward="not_twice", likelihood="discretized_logistic_mixture"),
     Op("sample_location_scale", ("sample_location_scale_forward", "sample_location_scale_backward"),
        "test_sample_location_scale.py", "sample_location_scale", launches=(1, 1, 1)),
     Op("sample_positive", ("sample_positive_forward", "sample_positive_backward"),

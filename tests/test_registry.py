@@ -207,3 +207,28 @@ def test_the_adding_an_op_checklist_counts_its_files_and_names_real_ones():
         assert any((ROOT / p).exists() for p in paths), f"item {n} names no existing file: {paths}"
     for test in re.findall(r"`(test_every_\w+)`", section):
         assert any(test in p.read_text() for p in (ROOT / "tests").glob("test_*.py")), test
+
+
+# The non-decoder ops named *_log_prob: a prior's log p(z) (fastvae/priors.py), not log p(x | z).
+NOT_DECODER_LIKELIHOODS = {"mixture_log_prob"}
+
+
+def test_every_likelihood_op_has_its_entry_in_the_decoder_table():
+    """The decoder likelihoods are the Ops whose ``likelihood`` field names a
+    likelihood= value; fastvae/_decoder.py's table routes each to its op. Fails
+    when such an Op has no table entry (or one that calls another op), when the
+    table names an op the registry lacks or that does not name the entry back,
+    and when an op named *_log_prob is neither a likelihood nor declared above
+    as something else."""
+    from fastvae import _decoder
+
+    serving = {op.likelihood: op.name for op in _registry.OPS.values() if op.likelihood is not None}
+    table = {name: entry.op for name, entry in _decoder._TABLE.items()}
+    assert all(name == entry.name for name, entry in _decoder._TABLE.items())
+    assert sorted(set(serving) - set(table)) == [], "likelihood ops with no entry in _decoder's table"
+    assert sorted(set(table) - set(serving)) == [], "table entries whose op does not name them in the registry"
+    assert serving == table
+    assert _decoder.LIKELIHOODS == tuple(_decoder._TABLE)
+    log_prob_ops = {name for name in _registry.OPS if name.endswith("_log_prob")}
+    assert log_prob_ops == set(serving.values()) | NOT_DECODER_LIKELIHOODS
+    assert NOT_DECODER_LIKELIHOODS <= set(_registry.OPS)
