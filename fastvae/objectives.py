@@ -22,7 +22,6 @@ from torch.distributions import Distribution
 from . import _backend, _plan, _validate, _value_checks
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import dreg_once as _dreg_once
-from ._double_backward import not_twice
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
 from .gaussian_log_prob import packed_mean_logvar

@@ -32,7 +32,9 @@ from . import _backend, _validate, _value_checks
 from ._double_backward import _acc
 from ._op import define, draw_seed, flat, run, shaped
 from ._registry import POSITIVE_FAMILIES
-from .reference import positive_terms  # declared use (docs/architecture.md, "Layers"): the double backward's closed forms
+
+# a declared use (docs/architecture.md, "Layers"): the double backward's closed forms
+from .reference import positive_terms
 from .sample_normal import _MAX_OFFSET, z_dtype
 
 FAMILIES = POSITIVE_FAMILIES  # the kernels' `family` index is the position here

@@ -77,13 +77,14 @@ def _cases(g):
         "gaussian_log_prob_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
         "gaussian_log_prob_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
                                   [r(3, 5), r(2, 3, 5), r(())], True),
-        "gaussian_log_prob_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7), [r(3, 5), r(2, 3, 5)], True),
+        "gaussian_log_prob_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7),
+                                          [r(3, 5), r(2, 3, 5)], True),
         # (mean, logvar) as the halves of one decoder output, read in place (issue 23)
         "gaussian_log_prob_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
         "gaussian_log_prob_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
                               [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "bernoulli_log_prob": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [torch.rand(3, 5, generator=g, dtype=F64),
-                                                                         r(2, 3, 5)], True),
+        "bernoulli_log_prob": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg),
+                               [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], True),
         "bernoulli_log_prob_no_samples": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [r(3, 5), r(3, 5)], True),
         "logmeanexp": (lambda lw: fastvae.logmeanexp(lw), [r(5, 3)], True),
         "logmeanexp_dim": (lambda lw: fastvae.logmeanexp(lw, 1, keepdim=True), [r(3, 5)], True),
@@ -108,8 +109,8 @@ def _cases(g):
         "zinb_log_prob": (lambda m, t, z: fastvae.zinb_log_prob(counts.to(m.device), m, t, z),
                  [r(2, 3, 5), r(2, 3, 5), r(2, 3, 5)], False),
         # issue 27: integer classes are no leaf (made on the logits' device)
-        "categorical_log_prob": (lambda lg: fastvae.categorical_log_prob(torch.arange(15, device=lg.device).reshape(3, 5) % 4,
-                                                                lg), [r(2, 3, 5, 4)], False),
+        "categorical_log_prob": (lambda lg: fastvae.categorical_log_prob(
+            torch.arange(15, device=lg.device).reshape(3, 5) % 4, lg), [r(2, 3, 5, 4)], False),
         "continuous_bernoulli_log_prob": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
                                  [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
         # issue 35 (every family and the stop-score mode: tests/test_sample_location_scale.py)

@@ -572,7 +572,6 @@ def test_each_noise_path_samples_and_differentiates(cpp_noise_path, L, batch, K)
     reference (tails that are not a whole vector or group included), and kl
     equal bit for bit to kl_normal's (the same exp and row sums, whichever
     loop computes them), extreme logvars too."""
-    from fastvae import _C
 
     mu, logvar = make_inputs(batch, L, 5, 4.0, torch.float32, "cpu", requires_grad=True)
     seed = 987654321
