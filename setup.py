@@ -36,7 +36,7 @@ if os.environ.get("FASTVAE_SANITIZE") == "1":
     # Python's own CFLAGS carry -fwrapv, which defines signed overflow and so
     # turns UBSan's check of it off: an overflowing index would go unreported
     compile_args = [a for a in compile_args if a != "-O3"] + ["-O1", "-g", "-fno-omit-frame-pointer",
-                                                              "-fno-wrapv", "-DFASTVAE_SANITIZED", *sanitize]
+                                                              "-fno-wrapv", *sanitize]
     link_args = [*link_args, *sanitize]
 if sys.platform == "darwin":  # Apple clang: OpenMP comes from libomp
     compile_args = ["-O3", "-Xpreprocessor", "-fopenmp"]

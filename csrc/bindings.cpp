@@ -18,13 +18,6 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("HAS_TORCH_OPS") = false;
 #endif
-  // a FASTVAE_SANITIZE=1 build (-O1): GCC forms no FMA there, so loops it
-  // compiles and hand-written FMA code (avx2_math.h) may differ in the last bit
-#ifdef FASTVAE_SANITIZED
-  m.attr("SANITIZED") = true;
-#else
-  m.attr("SANITIZED") = false;
-#endif
   m.def("_set_poison_outputs", [](bool on) { fastvae::poison_outputs = on; }, py::arg("on"),
         "Tests only: fill the torch operators' outputs with NaN before their kernels run.");
   for (const auto bind : fastvae::bind::bind_functions()) bind(m);
