@@ -18,8 +18,11 @@ interleaved round-robin in one run, medians in microseconds per call:
              loss under torch.compile(fullgraph=True) ("fastvae+compile",
              whose "compiled_over_fastvae" is its time over the eager fastvae
              step's: the compiled graph calls the same C++ operators, so it
-             should be no slower; left out with --quick, as compiling takes
-             most of a minute).
+             should be no slower), and the hand-written loss compiled the same
+             way ("eager+compile"), against which the compiled fastvae step's
+             "compiled_over_compiled_eager" is taken (issue 33: at least as
+             fast); the compiled rows are left out with --quick, as compiling
+             takes most of a minute.
 
 Reproduce: python -m benchmarks.bench_overhead [--quick] [--steps] [--out FILE]
 (CPU; ops on one thread, as a small call runs on the calling thread; steps
@@ -99,11 +102,12 @@ def cases():
 
 
 def step_cases(compile_loss: bool = True):
-    """(name, hand-written step, fastvae step, compiled fastvae step or None):
+    """(name, hand-written step, fastvae step, compiled fastvae step or None,
+    compiled hand-written step or None):
     one training step (forward, backward, Adam at lr 0) of the main job's
     digits VAE (fastvae.demo: 64-256-8, batch 100, Bernoulli), whose losses
-    are the ones the demo times; the compiled step compiles the fastvae loss
-    (fullgraph, static shapes) and steps as the eager one does."""
+    are the ones the demo times; the compiled steps compile the loss
+    (fullgraph, static shapes) and step as the eager ones do."""
     from fastvae import demo
 
     torch.manual_seed(0)
@@ -125,11 +129,13 @@ def step_cases(compile_loss: bool = True):
     def iwae(m, a):
         return demo.fastvae_iwae_loss(m, a, 16)
 
+    def hand_iwae(m, a):
+        return demo.hand_written_iwae_loss(m, a, 16)
+
     return [
         ("step: digits ELBO (B=100, D=64, L=8)", step(demo.hand_written_elbo_loss), step(demo.fastvae_elbo_loss),
-         compiled(demo.fastvae_elbo_loss)),
-        ("step: digits IWAE k=16", step(lambda m, a: demo.hand_written_iwae_loss(m, a, 16)), step(iwae),
-         compiled(iwae)),
+         compiled(demo.fastvae_elbo_loss), compiled(demo.hand_written_elbo_loss)),
+        ("step: digits IWAE k=16", step(hand_iwae), step(iwae), compiled(iwae), compiled(hand_iwae)),
     ]
 
 
@@ -168,10 +174,11 @@ def main(argv=None) -> dict:
                     timed.append((name, impl, mode, run))
     timed = [(*entry, 1) for entry in timed]  # a small call runs on the calling thread
     step_threads = min(2, user_threads)  # whole steps: the threads a user has (2 here)
-    for name, eager, fused, compiled in step_cases(compile_loss=not args.quick):
+    for name, eager, fused, compiled, compiled_eager in step_cases(compile_loss=not args.quick):
         timed += [(name, "eager", "step", eager, step_threads), (name, "fastvae", "step", fused, step_threads)]
         if compiled is not None:
-            timed.append((name, "fastvae+compile", "step", compiled, step_threads))
+            timed += [(name, "fastvae+compile", "step", compiled, step_threads),
+                      (name, "eager+compile", "step", compiled_eager, step_threads)]
     samples = {key[:3]: [] for key in timed}
     for entry in timed:
         torch.set_num_threads(entry[4])
@@ -192,12 +199,15 @@ def main(argv=None) -> dict:
             r["fastvae_over_eager"] = r["median_us"] / by_key[r["case"], "eager", r["mode"]]
         if r["impl"] == "fastvae+compile":
             r["compiled_over_fastvae"] = r["median_us"] / by_key[r["case"], "fastvae", r["mode"]]
-    lines = ["| case | impl | mode | µs per call | fastvae / eager | compiled / eager fastvae |",
-             "|---|---|---|---|---|---|"]
+            r["compiled_over_compiled_eager"] = r["median_us"] / by_key[r["case"], "eager+compile", r["mode"]]
+    lines = ["| case | impl | mode | µs per call | fastvae / eager | compiled / eager fastvae "
+             "| compiled / compiled eager |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['fastvae_over_eager']:.2f}x" if "fastvae_over_eager" in r else ""
         compiled = f"{r['compiled_over_fastvae']:.2f}x" if "compiled_over_fastvae" in r else ""
-        lines.append(f"| {r['case']} | {r['impl']} | {r['mode']} | {r['median_us']:.1f} | {ratio} | {compiled} |")
+        both = f"{r['compiled_over_compiled_eager']:.2f}x" if "compiled_over_compiled_eager" in r else ""
+        lines.append(f"| {r['case']} | {r['impl']} | {r['mode']} | {r['median_us']:.1f} | {ratio} | {compiled} "
+                     f"| {both} |")
     table = "\n".join(lines)
     print(table)
     payload = {"op": "overhead", "device": common.device_name(torch.device("cpu")),

@@ -92,7 +92,7 @@ def run(op, *args):
     return _IMPLS[op](*args)
 
 
-_SEED_HIGH = 2**63 - 1
+SEED_HIGH = 2**63 - 1
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -108,7 +108,7 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor
     if generator is not None and gen_device.type == "meta":
         raise ValueError("generator is on the meta device, which draws no numbers: pass a CPU generator or one "
                          f"on the tensors' device ({device})")
-    seed = torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=gen_device, generator=generator)
+    seed = torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=gen_device, generator=generator)
     return seed if seed.device == device else seed.to(device)
 
 

@@ -40,7 +40,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward
+from . import _backend, _double_backward, _op, _value_checks
+from .gaussian_log_prob import packed_mean_logvar
 from .sample_normal import noise
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
@@ -54,14 +55,13 @@ def _kernels(module: str):
     return _backend.triton_module(module)
 
 
-_PLANS: dict = {}
+# call signature -> Plan. The objectives read it with PLANS.get(key), a dict
+# lookup and not a call into this module, so that the steady-state call enters
+# this module once on the way down (run_elbo / run_iwae) and once on the way back
+# up (the backward), and the objectives' module once each way
+PLANS: dict = {}
 # False: every call takes the general path (tests/test_plan.py compares the two)
 ENABLED = True
-
-
-def lookup(key):
-    """The plans of a call signature, or None."""
-    return _PLANS.get(key)
 
 
 # Plans kept at most: a loop whose shapes keep changing makes no unbounded cache
@@ -71,15 +71,15 @@ MAX_PLANS = 64
 
 def store(key, plans):
     """Keeps ``plans`` for ``key`` (all are forgotten past MAX_PLANS) and returns them."""
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plans
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plans
     return plans
 
 
 def clear() -> None:
     """Forget every plan (tests that change the kernels' geometry: FORCE_SPLITS)."""
-    _PLANS.clear()
+    PLANS.clear()
 
 
 class Launch:
@@ -309,9 +309,12 @@ class TailPlan:
     above this one."""
 
     def __init__(self, likelihood: str, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
-                 reduction: str, batch_shape: torch.Size, iwae: bool, general=None):
+                 reduction: str, batch_shape: torch.Size, iwae: bool, general=None, out_shape=None):
         self.likelihood, self.K, self.P, self.D = likelihood, K, P, D
         self.general = general
+        # the decoder output the tail reads: x's shape, with K in front for iwae
+        self.out_shape, self.lead = out_shape, len(batch_shape) + iwae
+        self.checks_epoch, self.checks_settled = -1, False  # fit's reading of _value_checks
         self.dtype, self.device, self.reduction, self.iwae = dtype, device, reduction, iwae
         self.rec_like = torch.empty((K, *batch_shape) if iwae else batch_shape, dtype=dtype, device=device)
         self.n = batch_shape.numel() if reduction == "mean" else 1
@@ -354,6 +357,30 @@ class TailPlan:
             grid, meta = lme.backward_plan(K, P, dtype, device, False, False)
             self.lme_backward = Launch(lme._logmeanexp_bwd_kernel, grid, meta)
             self.ones = torch.ones((P,), dtype=acc, device=device)  # DReG's weights: the backward at grad 1
+
+    def fit(self, out) -> tuple[Tensor, Tensor | None] | None:
+        """(the decoder output as the tail reads it, the Gaussian's logvar
+        half or None) when ``out`` fits this plan: logits of out_shape, or
+        (mean, logvar) as the halves of one output, contiguous and of the
+        plan's dtype and device; else None (the general tail). The Bernoulli
+        tail also waits until its value checks are settled (the general tail
+        runs them: the first call of each kind on this path)."""
+        if self.likelihood == "bernoulli":
+            if (type(out) is not Tensor or out.shape != self.out_shape or out.dtype is not self.dtype
+                    or out.device != self.device or not out.is_contiguous() or _wrapped(out)):
+                return None
+            if self.checks_epoch != _value_checks.epoch:  # the checks' state changed: ask again
+                self.checks_settled = _value_checks.settled("bernoulli data", "bernoulli logits")
+                self.checks_epoch = _value_checks.epoch
+            return (out, None) if self.checks_settled else None
+        if type(out) not in (tuple, list) or len(out) != 2:
+            return None
+        mean, logvar = out
+        if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.shape != self.out_shape
+                or mean.dtype is not self.dtype or mean.device != self.device or _wrapped(mean) or _wrapped(logvar)):
+            return None
+        packed = packed_mean_logvar(mean, logvar, self.lead)
+        return None if packed is None else (packed, logvar)
 
     def log_prob(self, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
         """log p(x | z) (rec_shape) for the decoder output ``out``: the logits,
@@ -490,6 +517,64 @@ class IwaeTail(torch.autograd.Function):
             dlatent = dlw if scale is None else dlw * scale
         dout = plan.log_prob_backward(dlw, x, out, ctx.logvar) if ctx.needs_input_grad[1] else None
         return None, dout, dlatent, None, None, None, None
+
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+# -- the steady-state call -------------------------------------------------------------
+
+
+class Plan:
+    """What fastvae.elbo / fastvae.iwae keep per call signature (PLANS): the
+    sampler's plan and the tail's (either None: on the cpp backend the plan is
+    the checks alone; without a tail plan, several ELBO samples or an empty
+    batch, the general tail runs), the likelihood, the reduction, the number of
+    samples (n_samples or k), DReG, and ``general``: the objectives' general
+    composition of the tail (the layer above this one passes it in), which
+    also serves a decoder output the tail plan does not fit."""
+
+    __slots__ = ("sample", "tail", "likelihood", "reduction", "n", "dreg", "general")
+
+    def __init__(self, sample: SamplePlan | None, tail: TailPlan | None, likelihood: str, reduction: str, n: int,
+                 dreg: bool, general):
+        self.sample, self.tail, self.likelihood, self.reduction = sample, tail, likelihood, reduction
+        self.n, self.dreg, self.general = n, dreg, general
+
+
+NO_LINK = Link()  # no DReG weight: never written
+
+
+def _seed(device: torch.device, generator) -> Tensor:
+    """_op.draw_seed's seed; with torch's default generator drawn here (the
+    same call), so that the steady-state call stays in this module."""
+    if generator is None:
+        return torch.randint(0, _op.SEED_HIGH, (), dtype=torch.int64, device=device)
+    return _op.draw_seed(device, generator)
+
+
+def run_elbo(plan: Plan, x: Tensor, mu: Tensor, logvar: Tensor, decode, beta: float, generator) -> Tensor:
+    """fastvae.elbo once the objectives found its plan (triton backend): the
+    sampler's node, the decoder, the tail's node."""
+    z, kl = sample(mu, logvar, _seed(mu.device, generator), plan.sample, NO_LINK)
+    out = decode(z)
+    tail = plan.tail
+    if tail is not None and (fit := tail.fit(out)) is not None:
+        return elbo_tail(x, fit[0], kl, tail, beta, fit[1])
+    return plan.general(x, out, kl, plan.likelihood, beta, plan.reduction, plan.n)
+
+
+def run_iwae(plan: Plan, x: Tensor, mu: Tensor, logvar: Tensor, decode, generator) -> Tensor:
+    """fastvae.iwae (alpha = 0, beta = 1) once the objectives found its plan
+    (triton backend): the sampler's node, the decoder, the tail's node; with
+    DReG the tail hands the sampler's backward its weights (Link)."""
+    link = Link() if plan.dreg else NO_LINK
+    z, _, latent = sample(mu, logvar, _seed(mu.device, generator), plan.sample, link)
+    out = decode(z)
+    tail = plan.tail
+    if tail is not None and (fit := tail.fit(out)) is not None:
+        return iwae_tail(x, fit[0], latent, tail, link, plan.dreg, fit[1])
+    return plan.general(x, out, latent, plan.likelihood, plan.reduction, z if plan.dreg else None)
 
 
 # Function.apply without its Python wrapper (which binds default arguments and

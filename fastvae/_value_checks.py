@@ -42,6 +42,10 @@ WHOLE = 3 * PREFIX
 _mode = "auto"
 _checked_once: set[str] = set()  # kinds already checked once on the sync-costly path
 _warned: set[str] = set()  # kinds that warned: once per process is enough, and no check after
+# bumped whenever settled()'s answer may change (the mode, or a kind checked or
+# warned): the objectives' plans ask settled() again only then, and otherwise
+# read this number, which keeps their steady-state call out of this module
+epoch = 0
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -52,10 +56,11 @@ def set_value_checks(mode: str) -> None:
     for CUDA tensors (one host sync per process); "always": every call (one
     host sync per check on a GPU); "never": no value checks.
     """
-    global _mode
+    global _mode, epoch
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     _mode = mode
+    epoch += 1
     _checked_once.clear()
     _warned.clear()
 
@@ -63,7 +68,9 @@ def set_value_checks(mode: str) -> None:
 def _warn(kind: str, message: str) -> None:
     """Warn once per kind, attributed to the first frame outside fastvae (the
     user's call, however deep inside fastvae the check ran)."""
+    global epoch
     _warned.add(kind)
+    epoch += 1
     level, frame = 1, sys._getframe(0)
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         level, frame = level + 1, frame.f_back
@@ -71,6 +78,7 @@ def _warn(kind: str, message: str) -> None:
 
 
 def _should_check(kind: str, t: Tensor) -> bool:
+    global epoch
     if _mode == "never" or kind in _warned or t.numel() == 0 or t.device.type == "meta":
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
@@ -82,6 +90,7 @@ def _should_check(kind: str, t: Tensor) -> bool:
     if kind in _checked_once:
         return False
     _checked_once.add(kind)
+    epoch += 1
     return True
 
 

@@ -19,12 +19,11 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from . import _backend, _plan, _validate, _value_checks
+from . import _backend, _plan, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import dreg_once as _dreg_once
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
-from .gaussian_log_prob import packed_mean_logvar
 from .kl_normal import kl_normal
 from .latents import LATENTS
 from .logmeanexp import (
@@ -158,45 +157,40 @@ _LEAN_LIKELIHOODS = ("bernoulli", "gaussian")
 # The cpp backend's plan is the checks alone, once per call signature: after
 # them its C++ operators are already the short path to the kernels.
 _LEAN_BACKENDS = ("triton", "cpp")
-_NO_LINK = _plan.Link()  # no DReG weight: never written
 
 
 def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generator: Any,
-                 likelihood: Any, reduction: Any) -> torch.device | None:
-    """mu's device when this call can take the plans (fastvae/_plan.py): the
-    triton or cpp backend in eager mode, tensors (x, mu, logvar) of one float32 or
-    float64 dtype and device, contiguous, x without a gradient, the standard
-    normal prior, a "bernoulli" or "gaussian" likelihood; else None (the
-    general path, which checks the arguments and says what is wrong). Asks
-    is_compiling first: torch.compile then traces nothing else here (and
-    guards on none of the globals read below)."""
+                 likelihood: Any, reduction: Any) -> tuple[torch.device, bool] | None:
+    """(mu's device, whether the triton backend serves it) when this call can
+    take the plans (fastvae/_plan.py): the triton or cpp backend in eager mode
+    without autocast, tensors (x, mu, logvar) of one float32 or float64 dtype
+    and device, contiguous, x without a gradient, the standard normal prior, a
+    "bernoulli" or "gaussian" likelihood; else None (the general path, which
+    checks the arguments and says what is wrong). Asks is_compiling first:
+    torch.compile then traces nothing else here (and guards on none of the
+    globals read below). The backend is part of the plan key, since
+    set_backend can change it between calls."""
     if (torch.compiler.is_compiling() or not _plan.ENABLED or type(mu) is not Tensor or type(logvar) is not Tensor
             or type(x) is not Tensor or prior is not None or likelihood not in _LEAN_LIKELIHOODS
             or reduction not in REDUCTIONS or not callable(decode)
             or (generator is not None and type(generator) is not torch.Generator)):
         return None
     device = mu.device
-    if (_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) not in _LEAN_BACKENDS:
-        return None
-    if (torch._C._get_tracing_state() is not None or torch.is_autocast_enabled(device.type)
-            or torch._C._are_functorch_transforms_active() or _wrapped(mu) or _wrapped(logvar) or _wrapped(x)):
+    backend = _backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)
+    # autocast on any device takes the general path (which casts as autocast says)
+    if (backend not in _LEAN_BACKENDS or torch._C._get_tracing_state() is not None
+            or torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active()
+            or _wrapped(mu) or _wrapped(logvar) or _wrapped(x)):
         return None
     dtype = mu.dtype
     if (dtype not in _LEAN_DTYPES or logvar.dtype is not dtype or x.dtype is not dtype or x.device != device
             or logvar.device != device or x.requires_grad or not mu.is_contiguous()
             or not logvar.is_contiguous() or not x.is_contiguous()):
         return None
-    return device
+    return device, backend == "triton"
 
 
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
-def _lean_triton(device: torch.device) -> bool:
-    """Whether the plans launch Triton kernels (else the cpp backend's plan:
-    the checks once, then the general path's calls); part of the plan key,
-    since set_backend can change the backend between calls."""
-    return (_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) == "triton"
 
 
 def _lean_beta(beta: Any) -> float | None:
@@ -211,53 +205,39 @@ def _lean_beta(beta: Any) -> float | None:
     return beta
 
 
-def _lean_output(out: Any, likelihood: str, shape: torch.Size, lead: int, dtype: torch.dtype,
-                 device: torch.device) -> tuple[Tensor, Tensor | None] | None:
-    """(the decoder output as the tail plan reads it, the Gaussian's logvar
-    half or None) when ``out`` fits the plan: logits of x's (sample-prefixed)
-    shape, or (mean, logvar) as the halves of one output, contiguous and of the
-    plan's dtype and device; else None (the general tail)."""
-    if likelihood == "bernoulli":
-        if (type(out) is not Tensor or out.shape != shape or out.dtype is not dtype or out.device != device
-                or not out.is_contiguous() or _wrapped(out)):
-            return None
-        if not _value_checks.settled("bernoulli data", "bernoulli logits"):
-            return None  # the general tail runs the value checks (the first call of each kind on this path)
-        return out, None
-    if type(out) not in (tuple, list) or len(out) != 2:
-        return None
-    mean, logvar = out
-    if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.shape != shape or mean.dtype is not dtype
-            or mean.device != device or _wrapped(mean) or _wrapped(logvar)):
-        return None
-    packed = packed_mean_logvar(mean, logvar, lead)
-    return None if packed is None else (packed, logvar)
-
-
-def _general_elbo_tail(x: Tensor, out: Any, kl: Tensor, likelihood: str, beta: float, reduction: str) -> Tensor:
-    """The bound of one sample from the decoder output, composed of the ops
-    (what _plan.ElboTail fuses; also its create_graph replay)."""
-    reconstruction = decoder_log_prob(x, out, likelihood, (), kl.dim())
+def _general_elbo_tail(x: Tensor, out: Any, kl: Tensor, likelihood: str, beta: float, reduction: str,
+                       n_samples: int = 1) -> Tensor:
+    """The bound from the decoder output of n_samples samples, composed of the
+    ops: what _plan.ElboTail fuses (one sample), its create_graph replay, and
+    the tail wherever the tail plan does not apply."""
+    reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), kl.dim())
+    if n_samples > 1:
+        reconstruction = reconstruction.mean(0)
     return _reduced_difference(reconstruction, kl if beta == 1.0 else beta * kl, reduction)
 
 
-def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, reduction: str) -> Tensor:
+def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, reduction: str,
+                       dreg_z: Tensor | None = None) -> Tensor:
     """The IWAE bound (alpha = 0) from the decoder output and the latent term,
-    composed of the ops (_plan.IwaeTail's create_graph replay)."""
+    composed of the ops: _plan.IwaeTail's create_graph replay, and the tail
+    wherever the tail plan does not apply (with DReG's hook on ``dreg_z``)."""
     lw = decoder_log_prob(x, out, likelihood, (latent.shape[0],), latent.dim() - 1) + latent
-    return _reduce(_bound(lw, 0.0)[0], reduction)
+    bound, state = _bound(lw, 0.0)
+    if dreg_z is not None:
+        _dreg_z_scale(dreg_z, latent, lw, 0.0, state)
+    return _reduce(bound, reduction)
 
 
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans, or None where they do not apply."""
-    device = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
-    if (device is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
+    lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
+    if (lean is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
             or (beta := _lean_beta(beta)) is None):
         return None
-    triton = _lean_triton(device)
+    device, triton = lean
     key = ("elbo", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, likelihood, n_samples, reduction)
-    plans = _plan.lookup(key)
-    if plans is None:  # the checks of the general path, once per call signature
+    plan = _plan.PLANS.get(key)
+    if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
         _check_inputs(x, q, decode, reduction, likelihood)
         check_likelihood(likelihood)
@@ -269,33 +249,26 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
             sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False)
         if triton and n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, mu.dtype, device, reduction, batch, False,
-                                  _general_elbo_tail)
-        plans = _plan.store(key, (sample, tail))
-    sample, tail = plans
-    if sample is None:  # the general path's own sampler call, without its checks
-        z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
-    else:
-        z, kl = _plan.sample(mu, logvar, draw_seed(device, generator), sample, _NO_LINK)
-    out = decode(z)
-    if tail is not None and (fit := _lean_output(out, likelihood, x.shape, mu.dim() - 1, mu.dtype, device)):
-        return _plan.elbo_tail(x, fit[0], kl, tail, beta, fit[1])
-    reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), mu.dim() - 1)
-    if n_samples > 1:
-        reconstruction = reconstruction.mean(0)
-    return _reduced_difference(reconstruction, kl if beta == 1.0 else beta * kl, reduction)
+                                  _general_elbo_tail, x.shape)
+        plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
+    if triton:
+        return _plan.run_elbo(plan, x, mu, logvar, decode, beta, generator)
+    # the cpp backend: the general path's own calls, without its checks
+    z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
+    return _general_elbo_tail(x, decode(z), kl, likelihood, beta, reduction, n_samples)
 
 
 def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
     """fastvae.iwae through the plans, or None where they do not apply (a
     tempered bound, beta != 1, takes the general path)."""
-    device = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
-    if (device is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
+    lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
+    if (lean is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
             or alpha != 0 or type(beta) not in (float, int) or beta != 1):
         return None
-    triton = _lean_triton(device)
+    device, triton = lean
     key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, likelihood, k, estimator, reduction)
-    plans = _plan.lookup(key)
-    if plans is None:  # the checks of the general path, once per call signature
+    plan = _plan.PLANS.get(key)
+    if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
         _check_inputs(x, q, decode, reduction, likelihood)
         check_likelihood(likelihood)
@@ -307,24 +280,14 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
             sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae")
         if triton and P > 0 and x.numel() > 0:
             tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, mu.dtype, device, reduction, batch, True,
-                                  _general_iwae_tail)
-        plans = _plan.store(key, (sample, tail, torch.Size((k, *x.shape))))
-    sample, tail, out_shape = plans
-    dreg = estimator == "dreg"
-    if sample is None:  # the general path's own sampler call, without its checks
-        link = _NO_LINK
-        z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", generator)
-    else:
-        link = _plan.Link() if dreg else _NO_LINK
-        z, _, latent = _plan.sample(mu, logvar, draw_seed(device, generator), sample, link)
-    out = decode(z)
-    if tail is not None and (fit := _lean_output(out, likelihood, out_shape, mu.dim(), mu.dtype, device)):
-        return _plan.iwae_tail(x, fit[0], latent, tail, link, dreg, fit[1])
-    lw = decoder_log_prob(x, out, likelihood, (k,), mu.dim() - 1) + latent
-    bound, state = _bound(lw, 0.0)
-    if dreg:
-        _dreg_z_scale(z, latent, lw, 0.0, state)
-    return _reduce(bound, reduction)
+                                  _general_iwae_tail, torch.Size((k, *x.shape)))
+        plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, k, estimator == "dreg",
+                                           _general_iwae_tail))
+    if triton:
+        return _plan.run_iwae(plan, x, mu, logvar, decode, generator)
+    # the cpp backend: the general path's own calls, without its checks
+    z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", generator)
+    return _general_iwae_tail(x, decode(z), latent, likelihood, reduction, z if estimator == "dreg" else None)
 
 
 # -- ELBO -----------------------------------------------------------------------

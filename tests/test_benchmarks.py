@@ -294,8 +294,9 @@ def test_the_suite_runs_every_benchmark_file():
 def test_path_trace_counts_the_stops_of_a_training_call(backend):
     """benchmarks/path_trace.py (issue 33's stops): every stop is at a fastvae
     module, the per-module counts add up to the stops, the call starts and ends
-    in objectives.py, and the CUDA code path (plans) makes fewer stops than the
-    general path the CPU takes."""
+    in objectives.py, and the CUDA code path (plans) enters no module more than
+    twice (issue 33's target: down to the plan and back, then the backward),
+    the numbers docs/architecture.md quotes."""
     import importlib.util
     import os
     import subprocess
@@ -322,4 +323,4 @@ def test_path_trace_counts_the_stops_of_a_training_call(backend):
         assert all(m.startswith(("fastvae/", "kernels/")) for m in r["modules"])
         assert next(iter(r["modules"])) == "fastvae/objectives.py"
         if backend == "triton":
-            assert r["stops"] < 30, r
+            assert r["modules"] == {"fastvae/objectives.py": 2, "fastvae/_plan.py": 2}, r

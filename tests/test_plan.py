@@ -106,10 +106,10 @@ def test_the_cpp_plan_gives_the_general_path_bit_for_bit(dtype, likelihood, case
     _plan.clear()
     with fastvae.use_backend("cpp"):
         _run("cpu", dtype, likelihood, case, True)  # the first call: the checks
-        key_count = len(_plan._PLANS)
+        key_count = len(_plan.PLANS)
         lean, lean_grads, _ = _run("cpu", dtype, likelihood, case, True)
         general, general_grads, _ = _run("cpu", dtype, likelihood, case, False)
-        assert len(_plan._PLANS) == key_count == 1
+        assert len(_plan.PLANS) == key_count == 1
         x, (mu, logvar, W) = _problem("cpu", dtype)
         if likelihood == "bernoulli":  # the value checks of the general tail, on every call
             for _ in range(2):  # a warning once per kind: forget it, the check runs again
@@ -120,6 +120,31 @@ def test_the_cpp_plan_gives_the_general_path_bit_for_bit(dtype, likelihood, case
     assert torch.equal(lean, general)
     for a, b in zip(lean_grads, general_grads):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("fn", ["elbo", "iwae"])
+def test_the_bernoulli_plan_runs_the_value_checks_again_when_their_state_changes(triton_device, fn):
+    """The Bernoulli tail skips the value checks once they are settled (the
+    first call of each kind ran them), and reads their state again when it
+    changes (_value_checks.epoch): a later set_value_checks("always") or
+    "auto" makes the next call check, and warn, again."""
+    x, (mu, logvar, W) = _problem(triton_device, torch.float32)
+    dec = _decoders(W)["bernoulli"]
+    call = getattr(fastvae, fn)
+    kw = {} if fn == "elbo" else {"k": K}
+    fastvae.set_value_checks("auto")
+    for _ in range(2):  # the first call checks (the general tail), the second takes the plan
+        bound = call(x, mu, logvar, dec, likelihood="bernoulli", **kw)
+    assert type(bound.grad_fn).__name__ == ("ElboTailBackward" if fn == "elbo" else "IwaeTailBackward")
+    for mode in ("always", "auto"):
+        fastvae.set_value_checks(mode)
+        with pytest.warns(UserWarning, match="outside"):
+            checked = call(x * 3, mu, logvar, dec, likelihood="bernoulli", **kw)
+        assert type(checked.grad_fn).__name__ != type(bound.grad_fn).__name__  # the general tail checked
+    fastvae.set_value_checks("never")
+    assert type(call(x, mu, logvar, dec, likelihood="bernoulli", **kw).grad_fn) is type(bound.grad_fn)
+    fastvae.set_value_checks("auto")
 
 
 @needs_triton
@@ -202,10 +227,10 @@ def test_one_plan_per_call_signature(triton_device):
     for _ in range(3):
         fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
         fastvae.iwae(x, mu, logvar, dec, k=K, likelihood="bernoulli")
-    assert len(_plan._PLANS) == 2
+    assert len(_plan.PLANS) == 2
     fastvae.iwae(x, mu, logvar, dec, k=K + 1, likelihood="bernoulli")  # another K: another plan
     fastvae.elbo(x[:2], mu[:2], logvar[:2], dec, likelihood="bernoulli")  # another batch size
-    assert len(_plan._PLANS) == 4
+    assert len(_plan.PLANS) == 4
 
 
 @pytest.mark.skipif(INTERPRET, reason="records compiled GPU variants (JITFunction), not the interpreter")
