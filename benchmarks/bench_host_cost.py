@@ -35,7 +35,9 @@ LOG2PI = 1.8378770664093453
 
 
 def _setup():
-    """(cases {name: (fastvae loss, hand-written loss)}, baseline, leaves, launch counter)."""
+    """(cases {name: (fastvae loss, hand-written loss, baseline, leaves)}, launch counter). The
+    "halves" case takes mu and logvar as encoders return them, the strided halves
+    of one output (h.chunk(2, -1), inside the loss), with a baseline of its own."""
     from triton.runtime import interpreter
 
     launches = [0]
@@ -48,6 +50,7 @@ def _setup():
     x = (torch.rand(B, D) > 0.5).float()
     W, W2 = torch.randn(L, D) * 0.3, torch.randn(L, 2 * D) * 0.3
     mu, lv = torch.randn(B, L, requires_grad=True), torch.randn(B, L, requires_grad=True)
+    h = torch.cat([mu, lv], -1).detach().requires_grad_()
 
     def dec(z):
         return z @ W
@@ -77,31 +80,50 @@ def _setup():
         lw = rec + (-0.5 * z * z).sum(-1) - (-0.5 * eps * eps - 0.5 * lv).sum(-1)
         return -(torch.logsumexp(lw, 0) - 1.6094379124341003).mean()
 
+    def hand_elbo_halves():
+        m, v = h.chunk(2, -1)
+        z = m + (0.5 * v).exp() * torch.randn_like(m)
+        rec = -F.binary_cross_entropy_with_logits(dec(z), x, reduction="none").sum(-1)
+        return -(rec - kl(m, v)).mean()
+
+    def elbo_halves():
+        return -fastvae.elbo(x, *h.chunk(2, -1), dec, likelihood="bernoulli")
+
+    def base_halves():
+        m, v = h.chunk(2, -1)
+        return dec(m + 0.0 * v).sum()
+
+    def base():
+        return dec(mu + 0.0 * lv).sum()
+
+    leaves = (mu, lv)
     cases = {
-        "elbo bernoulli": (lambda: -fastvae.elbo(x, mu, lv, dec, likelihood="bernoulli"), hand_elbo),
-        "elbo gaussian": (lambda: -fastvae.elbo(x, mu, lv, dec_g, likelihood="gaussian"), hand_elbo_g),
-        "iwae k=5": (lambda: -fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli"), hand_iwae),
+        "elbo bernoulli": (lambda: -fastvae.elbo(x, mu, lv, dec, likelihood="bernoulli"), hand_elbo, base, leaves),
+        "elbo bernoulli, halves": (elbo_halves, hand_elbo_halves, base_halves, (h,)),
+        "elbo gaussian": (lambda: -fastvae.elbo(x, mu, lv, dec_g, likelihood="gaussian"), hand_elbo_g, base,
+                          leaves),
+        "iwae k=5": (lambda: -fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli"), hand_iwae, base, leaves),
         "iwae k=5 dreg": (lambda: -fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli", estimator="dreg"),
-                          hand_iwae),
+                          hand_iwae, base, leaves),
     }
-    return cases, (lambda: dec(mu + 0.0 * lv).sum()), (mu, lv), launches
+    return cases, launches
 
 
 def measure(rounds: int, n: int) -> list[dict]:
     torch.set_num_threads(1)
     fastvae.set_value_checks("never")  # on CUDA they run on the first call of each kind only
-    cases, baseline, leaves, launches = _setup()
+    cases, launches = _setup()
 
-    def step(loss, backend):
+    def step(loss, backend, leaves):
         def run():
             with fastvae.use_backend(backend):
                 torch.autograd.grad(loss(), leaves)
         return run
 
     records = []
-    for name, (fv, hand) in cases.items():
-        steps = {"cuda_path": step(fv, "triton"), "cpu_path": step(fv, "cpp"), "hand": step(hand, None),
-                 "base": step(baseline, None)}
+    for name, (fv, hand, baseline, leaves) in cases.items():
+        steps = {"cuda_path": step(fv, "triton", leaves), "cpu_path": step(fv, "cpp", leaves),
+                 "hand": step(hand, None, leaves), "base": step(baseline, None, leaves)}
         for s in steps.values():
             for _ in range(30):
                 s()

@@ -255,13 +255,17 @@ class Sample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, plan, link):
+        # an encoder's halves (h.chunk(2, -1)) are strided: the kernels read
+        # contiguous copies, made once here and kept for the backward, as the
+        # general path's SampleNormal does (mu itself when contiguous)
+        mu2, lv2 = mu.contiguous(), logvar.contiguous()
         z, kl = empty(plan.z_like), empty(plan.kl_like)
         ratio = empty(plan.ratio_like) if plan.with_ratio else None
         if plan.forward is not None:
-            plan.forward(mu, logvar, seed, z, kl, kl if ratio is None else ratio, *plan.ints)
+            plan.forward(mu2, lv2, seed, z, kl, kl if ratio is None else ratio, *plan.ints)
         else:
-            plan.kern.sample_normal_forward(mu, logvar, seed, 0, 0, 0, z.view(plan.K, plan.N, plan.L), kl, ratio)
-        ctx.save_for_backward(mu, logvar, seed)
+            plan.kern.sample_normal_forward(mu2, lv2, seed, 0, 0, 0, z.view(plan.K, plan.N, plan.L), kl, ratio)
+        ctx.save_for_backward(mu2, lv2, seed, mu, logvar)  # the inputs, for a double backward
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.link = plan, link
         return (z, kl) if ratio is None else (z, kl, ratio)
@@ -270,7 +274,7 @@ class Sample(torch.autograd.Function):
     def backward(ctx, grad_z, grad_kl, grad_ratio=None):
         if grad_z is None and grad_kl is None and grad_ratio is None:
             return None, None, None, None, None
-        mu, logvar, seed = ctx.saved_tensors
+        mu2, lv2, seed, mu, logvar = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.link.scale
         if grad_z is not None and scale is not None:  # DReG: the path derivative weighted by w~^2
             grad_z = grad_z * scale.unsqueeze(-1)
@@ -278,8 +282,8 @@ class Sample(torch.autograd.Function):
             if scale is not None and grad_z is not None:
                 grad_z = _double_backward.dreg_once(grad_z)
             return (*_double_backward.sample_normal(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
-                                                    mu.view(plan.N, plan.L), plan.K, noise), None, None, None)
-        dmu, dlogvar = empty(mu), empty(logvar)
+                                                    mu2.view(plan.N, plan.L), plan.K, noise), None, None, None)
+        dmu, dlogvar = empty(mu2), empty(lv2)
         if plan.N * plan.L == 0:
             return dmu, dlogvar, None, None, None
         grad_z = None if grad_z is None else grad_z.contiguous()
@@ -287,11 +291,11 @@ class Sample(torch.autograd.Function):
         if launch is None:
             plan.kern.sample_normal_backward(
                 None if grad_z is None else grad_z.view(plan.K, plan.N, plan.L), grad_kl, grad_ratio,
-                mu.view(plan.N, plan.L), logvar.view(plan.N, plan.L), seed, plan.stop_score, dmu, dlogvar)
+                mu2.view(plan.N, plan.L), lv2.view(plan.N, plan.L), seed, plan.stop_score, dmu, dlogvar)
         else:
             run, part, counters, per_split, K = launch
-            run(mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl,
-                mu if grad_ratio is None else grad_ratio.contiguous(), mu, logvar, seed, dmu, dlogvar, part, counters,
+            run(mu2 if grad_z is None else grad_z, mu2 if grad_kl is None else grad_kl,
+                mu2 if grad_ratio is None else grad_ratio.contiguous(), mu2, lv2, seed, dmu, dlogvar, part, counters,
                 plan.N, plan.L, plan.N * plan.L, K, per_split, 1)
         return dmu, dlogvar, None, None, None
 

@@ -164,7 +164,8 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
     """(mu's device, whether the triton backend serves it) when this call can
     take the plans (fastvae/_plan.py): the triton or cpp backend in eager mode
     without autocast, tensors (x, mu, logvar) of one float32 or float64 dtype
-    and device, contiguous, x without a gradient, the standard normal prior, a
+    and device, x contiguous and without a gradient (mu and logvar may be
+    strided: an encoder's halves, h.chunk(2, -1)), the standard normal prior, a
     "bernoulli" or "gaussian" likelihood; else None (the general path, which
     checks the arguments and says what is wrong). Asks is_compiling first:
     torch.compile then traces nothing else here (and guards on none of the
@@ -184,8 +185,7 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
         return None
     dtype = mu.dtype
     if (dtype not in _LEAN_DTYPES or logvar.dtype is not dtype or x.dtype is not dtype or x.device != device
-            or logvar.device != device or x.requires_grad or not mu.is_contiguous()
-            or not logvar.is_contiguous() or not x.is_contiguous()):
+            or logvar.device != device or x.requires_grad or not x.is_contiguous()):
         return None
     return device, backend == "triton"
 

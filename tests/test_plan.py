@@ -28,12 +28,19 @@ def triton_device():
     return device
 
 
-def _problem(device, dtype, seed=0):
+def _problem(device, dtype, seed=0, halves=False):
+    """x and [mu, logvar, W]: leaves, or with ``halves`` mu and logvar as the
+    strided halves of one encoder output (h.chunk(2, -1), as encoders return them)."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.rand(B, D, generator=g) > 0.5).to(dtype)
     W = (torch.randn(L, 2 * D, generator=g) * 0.5).to(dtype)
     mu = torch.randn(B, L, generator=g).to(dtype)
     logvar = (torch.randn(B, L, generator=g) * 0.5).to(dtype)
+    if halves:
+        h = torch.cat([mu, logvar], -1).to(device).requires_grad_()
+        mu, logvar = h.chunk(2, -1)
+        assert not mu.is_contiguous()
+        return x.to(device), [mu, logvar, W.to(device).requires_grad_()]
     leaves = [t.to(device).requires_grad_() for t in (mu, logvar, W)]
     return x.to(device), leaves
 
@@ -61,9 +68,9 @@ CASES = {
 }
 
 
-def _run(device, dtype, likelihood, case, enabled, create_graph=False):
+def _run(device, dtype, likelihood, case, enabled, create_graph=False, halves=False):
     """(bound, its gradients in mu, logvar and the decoder's W, the name of its grad_fn)."""
-    x, (mu, logvar, W) = _problem(device, dtype)
+    x, (mu, logvar, W) = _problem(device, dtype, halves=halves)
     kw = dict(CASES[case])
     fn = getattr(fastvae, kw.pop("fn"))
     previous = _plan.ENABLED
@@ -93,22 +100,59 @@ def test_plans_give_the_general_path_bit_for_bit(triton_device, dtype, likelihoo
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+@needs_triton
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("case", ["elbo", "iwae", "dreg"])
+def test_an_encoders_halves_take_the_plans_bit_for_bit(triton_device, likelihood, case):
+    """mu and logvar as the strided halves of one encoder output, the usual
+    encoder: the plans copy them once, as the general path does, with the same
+    values and gradients bit for bit (their first and second derivatives)."""
+    _run(triton_device, torch.float64, likelihood, case, True, halves=True)
+    lean, lean_grads, node = _run(triton_device, torch.float64, likelihood, case, True, halves=True)
+    general, general_grads, general_node = _run(triton_device, torch.float64, likelihood, case, False, halves=True)
+    assert node == ("ElboTailBackward" if case == "elbo" else "IwaeTailBackward") != general_node
+    assert not torch.isnan(lean).any() and torch.equal(lean, general)
+    for a, b in zip(lean_grads, general_grads):
+        assert torch.equal(a, b)
+    if case == "dreg":  # DReG refuses a second derivative on both paths
+        return
+    second = []
+    for enabled in (True, False):
+        x, (mu, logvar, W) = _problem(triton_device, torch.float64, halves=True)
+        kw = dict(CASES[case])
+        fn = getattr(fastvae, kw.pop("fn"))
+        _plan.ENABLED = enabled
+        try:
+            bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood,
+                       generator=torch.Generator(triton_device).manual_seed(7), **kw)
+        finally:
+            _plan.ENABLED = True
+        h = mu._base  # the encoder output both halves view
+        gh, gW = torch.autograd.grad(bound, (h, W), create_graph=True)
+        second.append(torch.autograd.grad((gh * gh).sum() + (gW * gW).sum(), (h, W)))
+    for a, b in zip(*second):
+        assert not torch.isnan(a).any() and a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 @pytest.mark.parametrize("case", list(CASES) + ["elbo n3"])
-def test_the_cpp_plan_gives_the_general_path_bit_for_bit(dtype, likelihood, case):
+@pytest.mark.parametrize("halves", [False, True])
+def test_the_cpp_plan_gives_the_general_path_bit_for_bit(dtype, likelihood, case, halves):
     """On the cpp backend the plan is the checks, once per call signature; the
     call then makes the general path's own op calls (the C++ operators), so
     values and gradients are the general path's bit for bit, its value checks
-    still run on every call, and its stops are fewer (benchmarks/path_trace.py)."""
+    still run on every call, and its stops are fewer (benchmarks/path_trace.py).
+    The same for mu, logvar as the strided halves of one encoder output."""
     CASES.setdefault("elbo n3", dict(fn="elbo", n_samples=3))
     _plan.clear()
     with fastvae.use_backend("cpp"):
-        _run("cpu", dtype, likelihood, case, True)  # the first call: the checks
+        _run("cpu", dtype, likelihood, case, True, halves=halves)  # the first call: the checks
         key_count = len(_plan.PLANS)
-        lean, lean_grads, _ = _run("cpu", dtype, likelihood, case, True)
-        general, general_grads, _ = _run("cpu", dtype, likelihood, case, False)
+        lean, lean_grads, _ = _run("cpu", dtype, likelihood, case, True, halves=halves)
+        general, general_grads, _ = _run("cpu", dtype, likelihood, case, False, halves=halves)
         assert len(_plan.PLANS) == key_count == 1
         x, (mu, logvar, W) = _problem("cpu", dtype)
         if likelihood == "bernoulli":  # the value checks of the general tail, on every call
@@ -212,7 +256,10 @@ def test_the_plans_serve_the_triton_and_cpp_backends_in_eager_mode(backend):
     assert (objectives._lean_device(*args) is not None) == (name in ("triton", "cpp"))
     with torch.autocast(device if device != "cpu" else "cpu", dtype=torch.bfloat16):
         assert objectives._lean_device(*args) is None
-    assert objectives._lean_device(x, mu.t(), logvar, dec, None, None, "bernoulli", "mean") is None
+    assert objectives._lean_device(x.t(), mu, logvar, dec, None, None, "bernoulli", "mean") is None
+    halves = torch.cat([mu, logvar], -1).chunk(2, -1)  # strided mu, logvar: copied once by the plans
+    assert (objectives._lean_device(x, *halves, dec, None, None, "bernoulli", "mean") is not None) == (
+        name in ("triton", "cpp"))
     assert objectives._lean_device(x, mu, logvar, dec, fastvae.priors.StandardNormal(), None, "bernoulli",
                                    "mean") is None
     assert objectives._lean_device(x, mu.half(), logvar, dec, None, None, "bernoulli", "mean") is None
