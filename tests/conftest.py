@@ -115,3 +115,13 @@ def nan_poisoned_outputs(monkeypatch):
     yield
     if cpp is not None:
         cpp._set_poison_outputs(False)
+
+
+def pytest_collection_finish(session):
+    """Starts the interpreter child (tests/test_triton_interpreter.py) as soon
+    as the session knows its launcher test will run, so that it runs beside
+    the rest of the suite (CI's longest part, on one of the machine's cores)."""
+    for item in session.items:
+        if item.name == "test_op_tests_under_triton_interpreter":
+            item.module.start_child()
+            return

@@ -4,11 +4,15 @@ The interpreter must be switched on (TRITON_INTERPRET=1) before Triton is
 imported, and interpreted and compiled kernels must not share a process, so
 the kernels are tested in a child pytest process; this file only launches it
 and, in the child, the cross-backend comparison of cpp and triton samples.
+conftest.py starts the child at the end of collection, so that it runs beside
+the main process's tests (2 cores: about 7 minutes off the suite's wall time).
 """
+import importlib.util
 import os
 import subprocess
 import sys
-import threading
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -30,36 +34,56 @@ def _interpreter_env():
 
 _PREFIX = "[triton interpreter] "
 _TIMEOUT_S = 2700
+_child: dict = {}  # the running child: "proc", "log" (its output file), "started" (time.monotonic())
+
+
+def start_child() -> None:
+    """Starts the child pytest run of the op tests under the interpreter, its
+    output going to a file. conftest.py calls this at the end of collection
+    when the launcher test below is selected, so the child (the longest part of
+    the suite, one core) runs beside the main process's tests instead of after
+    them; the launcher test then waits for it. Once per session."""
+    if _child or INTERPRET or importlib.util.find_spec("triton") is None:
+        return
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(TESTS / t) for t in OP_TESTS]]
+    log = tempfile.NamedTemporaryFile("w+", prefix="fastvae-interpreter-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=TESTS.parent, stdout=log, stderr=subprocess.STDOUT,
+                            text=True)
+    _child.update(proc=proc, log=log, started=time.monotonic())
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher; the child process runs the tests")
 def test_op_tests_under_triton_interpreter(capsys):
-    """The child's output streams to the terminal as it runs (it takes minutes:
-    a silent test looked hung), and its tail is kept for the failure message."""
+    """The child's output streams to the terminal from its file while this
+    waits (it takes minutes: a silent test looked hung), and its tail is kept
+    for the failure message; a child running past _TIMEOUT_S is killed."""
     pytest.importorskip("triton")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(TESTS / t) for t in OP_TESTS]]
-    proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=TESTS.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    # a hung interpreter must fail the run, not stall CI
-    timed_out = threading.Event()
-    watchdog = threading.Timer(_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))
-    watchdog.start()
-    lines: list[str] = []
-    try:
-        with capsys.disabled():  # past pytest's capture, straight to the terminal
-            print(f"\n{_PREFIX}the op tests on the Triton kernels, in a child process "
-                  f"({len(OP_TESTS)} modules; a few minutes on 2 cores):", flush=True)
-            for line in proc.stdout:
+    start_child()  # already running when conftest started it
+    proc, log, started = _child["proc"], _child["log"], _child["started"]
+    timed_out = False
+    with open(log.name) as out, capsys.disabled():  # past pytest's capture, straight to the terminal
+        print(f"\n{_PREFIX}the op tests on the Triton kernels, in a child process started at collection "
+              f"({len(OP_TESTS)} modules; minutes on 2 cores):", flush=True)
+        lines: list[str] = []
+        while True:
+            done = proc.poll() is not None
+            for line in out.readlines():  # what the child wrote since the last read
                 lines.append(line)
                 print(_PREFIX + line, end="", flush=True)
-        returncode = proc.wait()
-    finally:
-        watchdog.cancel()
+            if done:
+                break
+            if time.monotonic() - started > _TIMEOUT_S:  # a hung interpreter must fail the run, not stall CI
+                timed_out = True
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(1.0)
+    os.unlink(log.name)
     output = "".join(lines)
     tail = output[-6000:]
-    assert not timed_out.is_set(), f"interpreter tests killed after {_TIMEOUT_S} s:\n{tail}"
+    assert not timed_out, f"interpreter tests killed after {_TIMEOUT_S} s:\n{tail}"
     # exit 5 means no test ran: the interpreter run must have tested something
-    assert returncode == 0, f"interpreter tests failed (exit {returncode}):\n{tail}"
+    assert proc.returncode == 0, f"interpreter tests failed (exit {proc.returncode}):\n{tail}"
     assert " passed" in output, tail
 
 
