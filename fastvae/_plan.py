@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _double_backward, _op, _value_checks
-from .gaussian_log_prob import packed_mean_logvar
+from .gaussian_log_prob import fixed_logvar, packed_mean_logvar
 from .sample_normal import noise
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
@@ -334,7 +334,7 @@ class TailPlan:
             grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, dtype, device, False)
             self.lik_backward = Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = ints
-        else:
+        else:  # (mean, logvar) as the halves of one output; the mean alone: unit variance
             kern = _kernels("gaussian_log_prob")
             grid, meta = kern.forward_plan(K, P, D, dtype, device, kern.ELEMENT, False)
             self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
@@ -343,6 +343,12 @@ class TailPlan:
             grid, meta = kern.element_backward_plan(K, P, D, dtype, device, False)
             self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
+            # the unit variance: gaussian_log_prob's fixed (D,) log-variance 0, the same cached tensor
+            self.unit_logvar = fixed_logvar(D, 0.0, dtype, device)
+            grid, meta = kern.forward_plan(K, P, D, dtype, device, kern.DIM, False)
+            self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
+            grid, meta = kern.fixed_var_backward_plan(K, P, D, dtype, device)
+            self.unit_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
         acc = _backend.accumulation_dtype(dtype)
         if iwae:  # the log-mean-exp's value and column state
             self.value_like = torch.empty(batch_shape, dtype=dtype, device=device)
@@ -364,9 +370,10 @@ class TailPlan:
 
     def fit(self, out) -> tuple[Tensor, Tensor | None] | None:
         """(the decoder output as the tail reads it, the Gaussian's logvar
-        half or None) when ``out`` fits this plan: logits of out_shape, or
-        (mean, logvar) as the halves of one output, contiguous and of the
-        plan's dtype and device; else None (the general tail). The Bernoulli
+        half or None) when ``out`` fits this plan: logits or a Gaussian's mean
+        alone of out_shape, or (mean, logvar) as the halves of one output,
+        contiguous and of the plan's dtype and device; else None (the general
+        tail). The Bernoulli
         tail also waits until its value checks are settled (the general tail
         runs them: the first call of each kind on this path)."""
         if self.likelihood == "bernoulli":
@@ -377,6 +384,11 @@ class TailPlan:
                 self.checks_settled = _value_checks.settled("bernoulli data", "bernoulli logits")
                 self.checks_epoch = _value_checks.epoch
             return (out, None) if self.checks_settled else None
+        if type(out) is Tensor:  # the Gaussian's mean alone (unit variance)
+            if (out.shape != self.out_shape or out.dtype is not self.dtype or out.device != self.device
+                    or not out.is_contiguous() or _wrapped(out)):
+                return None
+            return out, None
         if type(out) not in (tuple, list) or len(out) != 2:
             return None
         mean, logvar = out
@@ -388,11 +400,15 @@ class TailPlan:
 
     def log_prob(self, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
         """log p(x | z) (rec_shape) for the decoder output ``out``: the logits,
-        or the packed (..., 2 D) Gaussian output whose second half is ``logvar``
-        (its first half, the mean, starts where out does)."""
+        a Gaussian's mean alone (``logvar`` None: unit variance), or the packed
+        (..., 2 D) Gaussian output whose second half is ``logvar`` (its first
+        half, the mean, starts where out does)."""
         rec = empty(self.rec_like)
-        if logvar is None:
+        if self.likelihood == "bernoulli":
             self.lik_forward(x, out, rec, *self.lik_ints)
+        elif logvar is None:  # the mean alone: unit variance
+            P, KP, D, _ = self.lik_ints
+            self.unit_forward(x, out, self.unit_logvar, self.delta_bits, rec, P, KP, D, D)
         else:
             P, KP, D, S = self.lik_ints
             self.lik_forward(x, out, logvar, self.delta_bits, rec, P, KP, D, S)
@@ -401,8 +417,12 @@ class TailPlan:
     def log_prob_backward(self, grad_rec: Tensor, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
         """The gradient of the decoder output ``out`` (log_prob's) given grad_rec's."""
         dout = empty(out)
-        if logvar is None:
+        if self.likelihood == "bernoulli":
             self.lik_backward(grad_rec, x, out, dout, dout, self.placeholder, self.counters, *self.lik_backward_ints)
+        elif logvar is None:  # the mean alone: no gradient of the fixed variance, no dx
+            P, D, _, KP = self.lik_backward_ints[:4]
+            self.unit_backward(grad_rec, x, out, self.unit_logvar, self.delta_bits, dout, dout, dout,
+                               self.placeholder, self.placeholder, self.counters, P, D, D, KP, 1, 1, 1)
         else:  # dmean starts where dout does, dlogvar D further: one buffer, written in place
             self.lik_backward(grad_rec, x, out, logvar, self.delta_bits, dout, dout, dout[..., self.D:],
                               self.placeholder, self.placeholder, self.counters, *self.lik_backward_ints)

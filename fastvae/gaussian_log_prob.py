@@ -269,7 +269,7 @@ def gaussian_log_prob_packed(x: Tensor, packed: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _fixed_logvar(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+def fixed_logvar(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The (D,) log-variance of a fixed scale, made once per shape: creating it
     cost as much as a small kernel on every call. Never written to: the op
     only reads it and it gets no gradient."""
@@ -373,7 +373,7 @@ def gaussian_log_prob(
         if torch.compiler.is_compiling():  # a constant of the graph: nothing to cache
             v = torch.full((mean.shape[-1],), value, dtype=dtype, device=mean.device)
         else:  # in the compute dtype: a bfloat16 mean does not round the scale
-            v = _fixed_logvar(mean.shape[-1], value, dtype, mean.device)
+            v = fixed_logvar(mean.shape[-1], value, dtype, mean.device)
     ops = likelihood_torch_ops(x_b, mean, v)
     if ops is not None:
         return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))

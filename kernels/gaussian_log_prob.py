@@ -345,3 +345,16 @@ def element_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: to
     return (tiles,), dict(
         LAYOUT=ELEMENT, SOFTPLUS=softplus_mode, HAS_DX=False, HAS_DV=True, LOOP_K=False, TILE_SUMS=False,
         ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
+
+
+def fixed_var_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device
+                            ) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the backward for a fixed (D,) log-variance (no gradient
+    of it) without dx: the objectives' unit-variance decoder (its mean alone),
+    as gaussian_log_prob_backward launches it; the other integers are
+    (P, D, D, K * P, 1, 1, 1)."""
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64, 4096, 1024)
+    tiles = triton.cdiv(K * P, BLOCK_R) * triton.cdiv(D, BLOCK_D)
+    return (tiles,), dict(
+        LAYOUT=DIM, SOFTPLUS=False, HAS_DX=False, HAS_DV=False, LOOP_K=False, TILE_SUMS=False,
+        ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)

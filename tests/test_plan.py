@@ -53,7 +53,10 @@ def _decoders(W):
         h = z @ W
         return h[..., :D], h[..., D:]
 
-    return {"bernoulli": logits, "gaussian": mean_logvar}
+    def mean(z):  # the mean alone: unit variance
+        return z @ W[:, D:]
+
+    return {"bernoulli": logits, "gaussian": mean_logvar, "gaussian mean": mean}
 
 
 CASES = {
@@ -76,7 +79,7 @@ def _run(device, dtype, likelihood, case, enabled, create_graph=False, halves=Fa
     previous = _plan.ENABLED
     _plan.ENABLED = enabled
     try:
-        bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood,
+        bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood.split()[0],
                    generator=torch.Generator(device).manual_seed(7), **kw)
     finally:
         _plan.ENABLED = previous
@@ -86,7 +89,7 @@ def _run(device, dtype, likelihood, case, enabled, create_graph=False, halves=Fa
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian mean"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_plans_give_the_general_path_bit_for_bit(triton_device, dtype, likelihood, case):
     _run(triton_device, dtype, likelihood, case, True)  # the first call: plans made, value checks run
@@ -101,7 +104,7 @@ def test_plans_give_the_general_path_bit_for_bit(triton_device, dtype, likelihoo
 
 
 @needs_triton
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian mean"])
 @pytest.mark.parametrize("case", ["elbo", "iwae", "dreg"])
 def test_an_encoders_halves_take_the_plans_bit_for_bit(triton_device, likelihood, case):
     """mu and logvar as the strided halves of one encoder output, the usual
@@ -123,7 +126,7 @@ def test_an_encoders_halves_take_the_plans_bit_for_bit(triton_device, likelihood
         fn = getattr(fastvae, kw.pop("fn"))
         _plan.ENABLED = enabled
         try:
-            bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood,
+            bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood.split()[0],
                        generator=torch.Generator(triton_device).manual_seed(7), **kw)
         finally:
             _plan.ENABLED = True
@@ -137,7 +140,7 @@ def test_an_encoders_halves_take_the_plans_bit_for_bit(triton_device, likelihood
 
 @pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian mean"])
 @pytest.mark.parametrize("case", list(CASES) + ["elbo n3"])
 @pytest.mark.parametrize("halves", [False, True])
 def test_the_cpp_plan_gives_the_general_path_bit_for_bit(dtype, likelihood, case, halves):
@@ -289,6 +292,7 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     compile-time parameters as the general launchers', so no variant of the
     CUDA branch is left to a GPU run to check."""
     aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
+    from fastvae.gaussian_log_prob import fixed_logvar
     from fastvae.kernels import _bernoulli_likelihood as bern
     from fastvae.kernels import gaussian_log_prob as gauss
     from fastvae.kernels import logmeanexp as lme
@@ -332,6 +336,12 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
         lambda: gauss.gaussian_log_prob_forward(x, mean, logvar, False, 1.0, rec))
     assert record(lambda: gaussian.log_prob_backward(rec, x, packed, logvar)) == record(
         lambda: gauss.gaussian_log_prob_backward(rec, x, mean, logvar, False, 1.0, None, mean, logvar))
+    mean = t(K_, B_, D)  # the mean alone: unit variance, gaussian_log_prob's fixed (D,) log-variance
+    unit = fixed_logvar(D, 0.0, dtype, meta)
+    assert record(lambda: gaussian.log_prob(x, mean, None)) == record(
+        lambda: gauss.gaussian_log_prob_forward(x, mean, unit, False, 1.0, rec))
+    assert record(lambda: gaussian.log_prob_backward(rec, x, mean, None)) == record(
+        lambda: gauss.gaussian_log_prob_backward(rec, x, mean, unit, False, 1.0, None, mean, None))
     state, value = t(B_, dt=_backend_acc(dtype)), t(B_)
     if tail.lme_forward is not None:
         assert record(lambda: tail.lme_forward(rec, rec, state, state, state, state, state, value, state, state,
