@@ -306,7 +306,8 @@ class Sample(torch.autograd.Function):
 class TailPlan:
     """The launches after the decoder for x (P, D) against a decoder output
     (K, P, D) of one dtype: "bernoulli" (logits) or "gaussian" ((mean, logvar)
-    as the halves of one (K, P, 2 D) output), and for iwae the log-mean-exp
+    as the halves of one (K, P, 2 D) output, or the mean alone: unit
+    variance; which one, fit() tells per call), and for iwae the log-mean-exp
     over K. ``general`` is the general composition of the same tail
     (objectives._general_elbo_tail / _general_iwae_tail), which a
     create_graph=True backward replays: passed in by the objectives, the layer
