@@ -117,6 +117,9 @@ def nan_poisoned_outputs(monkeypatch):
         cpp._set_poison_outputs(False)
 
 
+_interpreter_launcher = []  # the module of tests/test_triton_interpreter.py, once its child is started
+
+
 def pytest_collection_finish(session):
     """Starts the interpreter child (tests/test_triton_interpreter.py) as soon
     as the session knows its launcher test will run, so that it runs beside
@@ -124,4 +127,12 @@ def pytest_collection_finish(session):
     for item in session.items:
         if item.name == "test_op_tests_under_triton_interpreter":
             item.module.start_child()
+            _interpreter_launcher.append(item.module)
             return
+
+
+def pytest_sessionfinish(session):
+    """A session that ends before the launcher test waited for the child (-x
+    after a failure, Ctrl-C) stops it: no test run outlives its session."""
+    for module in _interpreter_launcher:
+        module.stop_child()

@@ -52,6 +52,18 @@ def start_child() -> None:
     _child.update(proc=proc, log=log, started=time.monotonic())
 
 
+def stop_child() -> None:
+    """Kills the child if it still runs (the session ended before the launcher
+    test waited for it) and removes its output file."""
+    if not _child:
+        return
+    if _child["proc"].poll() is None:
+        _child["proc"].kill()
+        _child["proc"].wait()
+    if os.path.exists(_child["log"].name):
+        os.unlink(_child["log"].name)
+
+
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher; the child process runs the tests")
 def test_op_tests_under_triton_interpreter(capsys):
     """The child's output streams to the terminal from its file while this
@@ -78,7 +90,6 @@ def test_op_tests_under_triton_interpreter(capsys):
                 proc.wait()
                 break
             time.sleep(1.0)
-    os.unlink(log.name)
     output = "".join(lines)
     tail = output[-6000:]
     assert not timed_out, f"interpreter tests killed after {_TIMEOUT_S} s:\n{tail}"
