@@ -77,11 +77,15 @@ def test_op_tests_under_triton_interpreter(capsys):
         print(f"\n{_PREFIX}the op tests on the Triton kernels, in a child process started at collection "
               f"({len(OP_TESTS)} modules; minutes on 2 cores):", flush=True)
         lines: list[str] = []
+        pending = ""  # a line the child has not finished writing (pytest's dots come a few at a time)
         while True:
             done = proc.poll() is not None
-            for line in out.readlines():  # what the child wrote since the last read
-                lines.append(line)
-                print(_PREFIX + line, end="", flush=True)
+            *complete, pending = (pending + out.read()).split("\n")  # what the child wrote since the last read
+            if done and pending:
+                complete.append(pending)
+            for line in complete:
+                lines.append(line + "\n")
+                print(_PREFIX + line, flush=True)
             if done:
                 break
             if time.monotonic() - started > _TIMEOUT_S:  # a hung interpreter must fail the run, not stall CI
