@@ -37,7 +37,8 @@ LOG2PI = 1.8378770664093453
 def _setup():
     """(cases {name: (fastvae loss, hand-written loss, baseline, leaves)}, launch counter). The
     "halves" case takes mu and logvar as encoders return them, the strided halves
-    of one output (h.chunk(2, -1), inside the loss), with a baseline of its own."""
+    of one output (h.chunk(2, -1), inside the loss), with a baseline of its own;
+    "mean alone" is a Gaussian decoder that returns its mean (unit variance)."""
     from triton.runtime import interpreter
 
     launches = [0]
@@ -73,6 +74,11 @@ def _setup():
         rec = (-0.5 * ((x - m) ** 2 * torch.exp(-v) + v + LOG2PI)).sum(-1)
         return -(rec - kl(mu, lv)).mean()
 
+    def hand_elbo_unit():  # a Gaussian decoder's mean alone: unit variance
+        z = mu + (0.5 * lv).exp() * torch.randn_like(mu)
+        rec = (-0.5 * ((x - dec(z)) ** 2 + LOG2PI)).sum(-1)
+        return -(rec - kl(mu, lv)).mean()
+
     def hand_iwae():
         eps = torch.randn(K, *mu.shape)
         z = mu + (0.5 * lv).exp() * eps
@@ -102,6 +108,8 @@ def _setup():
         "elbo bernoulli, halves": (elbo_halves, hand_elbo_halves, base_halves, (h,)),
         "elbo gaussian": (lambda: -fastvae.elbo(x, mu, lv, dec_g, likelihood="gaussian"), hand_elbo_g, base,
                           leaves),
+        "elbo gaussian, mean alone": (lambda: -fastvae.elbo(x, mu, lv, dec, likelihood="gaussian"), hand_elbo_unit,
+                                      base, leaves),
         "iwae k=5": (lambda: -fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli"), hand_iwae, base, leaves),
         "iwae k=5 dreg": (lambda: -fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli", estimator="dreg"),
                           hand_iwae, base, leaves),
