@@ -116,7 +116,9 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         for var_shape, softplus in itertools.product(((K, B, D), (B, D), (D,)), (False, True)):
             args = dict(x=m(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=softplus, delta=1e-6)
             yield "gaussian_log_prob_forward", dict(args, out=r(K, B))
-            for need_dx, need_dv in ((False, True), (True, False)):
+            # (False, False): a fixed variance and x without a gradient, the training
+            # decoder of a mean alone (unit variance), which the objectives' plans launch too
+            for need_dx, need_dv in ((False, True), (True, False), (False, False)):
                 yield "gaussian_log_prob_backward", dict(
                     grad_out=r(K, B), **args, dx=m(B, D) if need_dx else None, dmean=m(K, B, D),
                     dvar_param=m(*var_shape) if need_dv else None)
