@@ -38,7 +38,8 @@ def _setup():
     """(cases {name: (fastvae loss, hand-written loss, baseline, leaves)}, launch counter). The
     "halves" case takes mu and logvar as encoders return them, the strided halves
     of one output (h.chunk(2, -1), inside the loss), with a baseline of its own;
-    "mean alone" is a Gaussian decoder that returns its mean (unit variance)."""
+    "mean alone" is a Gaussian decoder that returns its mean (unit variance);
+    "autocast" runs the three steps under torch.autocast (bfloat16)."""
     from triton.runtime import interpreter
 
     launches = [0]
@@ -114,6 +115,14 @@ def _setup():
         "iwae k=5 dreg": (lambda: -fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli", estimator="dreg"),
                           hand_iwae, base, leaves),
     }
+    def autocast(loss):  # mixed precision, as most GPU training runs: bfloat16 matmuls
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return loss()
+        return run
+
+    cases["elbo bernoulli, autocast"] = (autocast(cases["elbo bernoulli"][0]), autocast(hand_elbo), autocast(base),
+                                         leaves)
     return cases, launches
 
 
