@@ -26,9 +26,11 @@ are bit-identical, and the launches per call are the same
 replays the general composition from the saved inputs and differentiates
 that (its nodes' closed forms), so second derivatives are the general
 path's. Anything the plans do not cover (another backend or prior, a full-
-covariance posterior, half precision, autocast, torch.compile, a decoder
-output that is not one contiguous tensor of x's shape, ...) takes the
-general path, which needs no plan.
+covariance posterior, half precision without autocast, torch.compile, a
+decoder output that is not one contiguous tensor of x's shape, ...) takes the
+general path, which needs no plan. Autocast is covered (the usual GPU
+training): float32 x, a float32 or half-precision encoder, z and the KL in
+float32, the likelihood kernels' variants of the decoder output's dtype.
 
 Launches go through each kernel's ``run`` with the planned grid and
 parameters: ``InterpretedFunction.run`` under TRITON_INTERPRET=1 (the CPU
@@ -192,11 +194,12 @@ def _direct_launch(kernel, compiled, args: tuple, kwargs: dict):
 
 
 class SamplePlan:
-    """The sampler's launches for mu, logvar (N, L) (any leading shape,
-    contiguous, one float32 or float64 dtype) and K samples."""
+    """The sampler's launches for mu, logvar (N, L) (any leading shape, one
+    dtype: float32, float64, or half precision under autocast, whose z and
+    KL are ``out_dtype``, float32) and K samples."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, n_samples: int | None,
-                 with_ratio: bool, stop_score: bool):
+                 with_ratio: bool, stop_score: bool, out_dtype: torch.dtype | None = None):
         kern = _kernels("sample_normal")
         self.kern = kern
         L = shape[-1]
@@ -206,9 +209,12 @@ class SamplePlan:
         self.dtype, self.device = dtype, device
         self.with_ratio, self.stop_score = with_ratio, stop_score
         z_shape = shape if n_samples is None else torch.Size((K, *shape))
-        self.z_like = torch.empty(z_shape, dtype=dtype, device=device)
-        self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
-        self.ratio_like = torch.empty((K, *shape[:-1]), dtype=dtype, device=device) if with_ratio else None
+        # z, the KL and the log-ratio in the compute dtype: mu's, or float32 for
+        # a half-precision encoder under autocast (sample_normal.z_dtype)
+        out_dtype = dtype if out_dtype is None else out_dtype
+        self.z_like = torch.empty(z_shape, dtype=out_dtype, device=device)
+        self.kl_like = torch.empty(shape[:-1], dtype=out_dtype, device=device)
+        self.ratio_like = torch.empty((K, *shape[:-1]), dtype=out_dtype, device=device) if with_ratio else None
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
         self.forward = None
         if N * L > 0:
@@ -314,8 +320,13 @@ class TailPlan:
     above this one."""
 
     def __init__(self, likelihood: str, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
-                 reduction: str, batch_shape: torch.Size, iwae: bool, general=None, out_shape=None):
+                 reduction: str, batch_shape: torch.Size, iwae: bool, general=None, out_shape=None,
+                 out_dtype: torch.dtype | None = None):
         self.likelihood, self.K, self.P, self.D = likelihood, K, P, D
+        # the decoder output's dtype, which picks the likelihood kernels' variants (a
+        # half-precision output under autocast); ``dtype`` is the compute dtype
+        # (x's, the log-probabilities', the bound's)
+        self.out_dtype = odt = dtype if out_dtype is None else out_dtype
         self.general = general
         # the decoder output the tail reads: x's shape, with K in front for iwae
         self.out_shape, self.lead = out_shape, len(batch_shape) + iwae
@@ -329,26 +340,26 @@ class TailPlan:
                                          torch.full(batch_shape, -self.n, dtype=dtype, device=device)))
         if likelihood == "bernoulli":
             kern = _kernels("_bernoulli_likelihood")
-            grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, dtype, device)
+            grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, odt, device)
             self.lik_forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
             self.lik_ints = (P, K * P, D)
-            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, dtype, device, False)
+            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, odt, device, False)
             self.lik_backward = Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = ints
         else:  # (mean, logvar) as the halves of one output; the mean alone: unit variance
             kern = _kernels("gaussian_log_prob")
-            grid, meta = kern.forward_plan(K, P, D, dtype, device, kern.ELEMENT, False)
+            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.ELEMENT, False)
             self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
             self.delta_bits = kern._delta_bits(1.0)
             self.lik_ints = (P, K * P, D, 2 * D)
-            grid, meta = kern.element_backward_plan(K, P, D, dtype, device, False)
+            grid, meta = kern.element_backward_plan(K, P, D, odt, device, False)
             self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
             # the unit variance: gaussian_log_prob's fixed (D,) log-variance 0, the same cached tensor
             self.unit_logvar = fixed_logvar(D, 0.0, dtype, device)
-            grid, meta = kern.forward_plan(K, P, D, dtype, device, kern.DIM, False)
+            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.DIM, False)
             self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
-            grid, meta = kern.fixed_var_backward_plan(K, P, D, dtype, device)
+            grid, meta = kern.fixed_var_backward_plan(K, P, D, odt, device)
             self.unit_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
         acc = _backend.accumulation_dtype(dtype)
         if iwae:  # the log-mean-exp's value and column state
@@ -378,7 +389,7 @@ class TailPlan:
         tail also waits until its value checks are settled (the general tail
         runs them: the first call of each kind on this path)."""
         if self.likelihood == "bernoulli":
-            if (type(out) is not Tensor or out.shape != self.out_shape or out.dtype is not self.dtype
+            if (type(out) is not Tensor or out.shape != self.out_shape or out.dtype is not self.out_dtype
                     or out.device != self.device or not out.is_contiguous() or _wrapped(out)):
                 return None
             if self.checks_epoch != _value_checks.epoch:  # the checks' state changed: ask again
@@ -386,7 +397,7 @@ class TailPlan:
                 self.checks_epoch = _value_checks.epoch
             return (out, None) if self.checks_settled else None
         if type(out) is Tensor:  # the Gaussian's mean alone (unit variance)
-            if (out.shape != self.out_shape or out.dtype is not self.dtype or out.device != self.device
+            if (out.shape != self.out_shape or out.dtype is not self.out_dtype or out.device != self.device
                     or not out.is_contiguous() or _wrapped(out)):
                 return None
             return out, None
@@ -394,7 +405,8 @@ class TailPlan:
             return None
         mean, logvar = out
         if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.shape != self.out_shape
-                or mean.dtype is not self.dtype or mean.device != self.device or _wrapped(mean) or _wrapped(logvar)):
+                or mean.dtype is not self.out_dtype or mean.device != self.device or _wrapped(mean)
+                or _wrapped(logvar)):
             return None
         packed = packed_mean_logvar(mean, logvar, self.lead)
         return None if packed is None else (packed, logvar)

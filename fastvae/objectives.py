@@ -161,11 +161,12 @@ _LEAN_BACKENDS = ("triton", "cpp")
 
 def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generator: Any,
                  likelihood: Any, reduction: Any) -> tuple[torch.device, bool] | None:
-    """(mu's device, whether the triton backend serves it) when this call can
-    take the plans (fastvae/_plan.py): the triton or cpp backend in eager mode
-    without autocast, tensors (x, mu, logvar) of one float32 or float64 dtype
-    and device, x contiguous and without a gradient (mu and logvar may be
-    strided: an encoder's halves, h.chunk(2, -1)), the standard normal prior, a
+    """(mu's device, whether the triton backend serves it, whether autocast is
+    on) when this call can take the plans (fastvae/_plan.py): the triton or cpp
+    backend in eager mode, tensors (x, mu, logvar) of one float32 or float64
+    dtype and device, or under autocast on their device float32 x and a float32
+    or half-precision encoder, x contiguous and without a gradient (mu and
+    logvar may be strided: an encoder's halves, h.chunk(2, -1)), the standard normal prior, a
     "bernoulli" or "gaussian" likelihood; else None (the general path, which
     checks the arguments and says what is wrong). Asks is_compiling first:
     torch.compile then traces nothing else here (and guards on none of the
@@ -177,17 +178,30 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
             or (generator is not None and type(generator) is not torch.Generator)):
         return None
     device = mu.device
-    backend = _backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)
-    # autocast on any device takes the general path (which casts as autocast says)
+    kind = device.type
+    backend = _backend._chosen.get(kind) or _backend.backend_for(device, warn=False)
     if (backend not in _LEAN_BACKENDS or torch._C._get_tracing_state() is not None
-            or torch._C._is_any_autocast_enabled() or torch._C._are_functorch_transforms_active()
-            or _wrapped(mu) or _wrapped(logvar) or _wrapped(x)):
+            or torch._C._are_functorch_transforms_active() or _wrapped(mu) or _wrapped(logvar) or _wrapped(x)):
         return None
     dtype = mu.dtype
-    if (dtype not in _LEAN_DTYPES or logvar.dtype is not dtype or x.dtype is not dtype or x.device != device
-            or logvar.device != device or x.requires_grad or not x.is_contiguous()):
+    if (logvar.dtype is not dtype or x.device != device or logvar.device != device or x.requires_grad
+            or not x.is_contiguous()):
         return None
-    return device, backend == "triton"
+    if torch._C._is_any_autocast_enabled():
+        # autocast on the tensors' device, float32 data x, and an encoder in float32
+        # or half precision: z and the KL in float32 (sample_normal.z_dtype);
+        # anything else (autocast on another device, float64) takes the general path
+        if (kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind) or x.dtype is not torch.float32
+                or dtype not in _AUTOCAST_ENCODER_DTYPES):
+            return None
+        return device, backend == "triton", True
+    if dtype not in _LEAN_DTYPES or x.dtype is not dtype:
+        return None
+    return device, backend == "triton", False
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_ENCODER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -203,6 +217,16 @@ def _lean_beta(beta: Any) -> float | None:
     if not 0.0 <= beta < math.inf:
         _validate.real("beta", beta, minimum=0.0)
     return beta
+
+
+def _lean_dtypes(mu: Tensor, x: Tensor, device: torch.device, autocast: bool) -> tuple[torch.dtype, torch.dtype]:
+    """(the compute dtype: z's, the KL's, the bound's; the decoder output's
+    dtype the tail plan expects): mu's dtype for both, or under autocast
+    float32 and autocast's dtype (what a decoder's autocast matmul returns;
+    an output of another dtype takes the general tail)."""
+    if not autocast:
+        return mu.dtype, mu.dtype
+    return _backend.compute_dtype(mu, x), torch.get_autocast_dtype(device.type)
 
 
 def _general_elbo_tail(x: Tensor, out: Any, kl: Tensor, likelihood: str, beta: float, reduction: str,
@@ -234,8 +258,9 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     if (lean is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
             or (beta := _lean_beta(beta)) is None):
         return None
-    device, triton = lean
-    key = ("elbo", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, likelihood, n_samples, reduction)
+    device, triton, autocast = lean
+    key = ("elbo", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, autocast, likelihood, n_samples,
+           reduction)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
@@ -245,11 +270,12 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
         batch = mu.shape[:-1]
         P = batch.numel()
         sample = tail = None  # the cpp backend: the checks are its plan
+        dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
         if triton:
-            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False)
+            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False, dtype)
         if triton and n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
-            tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, mu.dtype, device, reduction, batch, False,
-                                  _general_elbo_tail, x.shape)
+            tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
+                                  _general_elbo_tail, x.shape, out_dtype)
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
     if triton:
         return _plan.run_elbo(plan, x, mu, logvar, decode, beta, generator)
@@ -265,8 +291,9 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
     if (lean is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
             or alpha != 0 or type(beta) not in (float, int) or beta != 1):
         return None
-    device, triton = lean
-    key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, likelihood, k, estimator, reduction)
+    device, triton, autocast = lean
+    key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, autocast, likelihood, k, estimator,
+           reduction)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
@@ -276,11 +303,12 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
         batch = mu.shape[:-1]
         P = batch.numel()
         sample = tail = None  # the cpp backend: the checks are its plan
+        dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
         if triton:
-            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae")
+            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae", dtype)
         if triton and P > 0 and x.numel() > 0:
-            tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, mu.dtype, device, reduction, batch, True,
-                                  _general_iwae_tail, torch.Size((k, *x.shape)))
+            tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, dtype, device, reduction, batch, True,
+                                  _general_iwae_tail, torch.Size((k, *x.shape)), out_dtype)
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, k, estimator == "dreg",
                                            _general_iwae_tail))
     if triton:

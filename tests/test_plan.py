@@ -71,16 +71,22 @@ CASES = {
 }
 
 
-def _run(device, dtype, likelihood, case, enabled, create_graph=False, halves=False):
-    """(bound, its gradients in mu, logvar and the decoder's W, the name of its grad_fn)."""
-    x, (mu, logvar, W) = _problem(device, dtype, halves=halves)
+def _run(device, dtype, likelihood, case, enabled, create_graph=False, halves=False, autocast=None):
+    """(bound, its gradients in mu, logvar and the decoder's W, the name of its
+    grad_fn). ``autocast``: the forward under bfloat16 autocast, with float32
+    x and decoder weights (the decoder's matmul gives bfloat16 outputs) and an
+    encoder (mu, logvar) of that dtype."""
+    x, (mu, logvar, W) = _problem(device, dtype if autocast is None else torch.float32, halves=halves)
+    if autocast is not None:
+        mu, logvar = (t.detach().to(autocast).requires_grad_() for t in (mu, logvar))
     kw = dict(CASES[case])
     fn = getattr(fastvae, kw.pop("fn"))
     previous = _plan.ENABLED
     _plan.ENABLED = enabled
     try:
-        bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood.split()[0],
-                   generator=torch.Generator(device).manual_seed(7), **kw)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast is not None):
+            bound = fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood.split()[0],
+                       generator=torch.Generator(device).manual_seed(7), **kw)
     finally:
         _plan.ENABLED = previous
     grads = torch.autograd.grad(bound, (mu, logvar, W), torch.ones_like(bound), create_graph=create_graph)
@@ -99,6 +105,43 @@ def test_plans_give_the_general_path_bit_for_bit(triton_device, dtype, likelihoo
     assert general_node != node
     assert not torch.isnan(lean).any()
     assert torch.equal(lean, general)
+    for a, b in zip(lean_grads, general_grads):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("encoder", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian mean"])
+@pytest.mark.parametrize("case", ["elbo", "elbo sum beta", "iwae", "dreg", "stl"])
+def test_autocast_takes_the_plans_bit_for_bit(triton_device, encoder, likelihood, case):
+    """Under autocast (bfloat16 decoder outputs against float32 x; a float32 or
+    bfloat16 encoder) the plans give the general path's values and gradients
+    bit for bit: z and the KL in float32, the likelihood kernels' variants of
+    the decoder output's dtype, each gradient in its tensor's dtype."""
+    _run(triton_device, None, likelihood, case, True, autocast=encoder)
+    lean, lean_grads, node = _run(triton_device, None, likelihood, case, True, autocast=encoder)
+    general, general_grads, general_node = _run(triton_device, None, likelihood, case, False, autocast=encoder)
+    assert node == ("ElboTailBackward" if case.startswith("elbo") else "IwaeTailBackward") != general_node
+    assert lean.dtype == general.dtype == torch.float32
+    assert not torch.isnan(lean).any() and torch.equal(lean, general)
+    for a, b, dtype in zip(lean_grads, general_grads, (encoder, encoder, torch.float32)):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
+@pytest.mark.parametrize("encoder", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian mean"])
+@pytest.mark.parametrize("case", ["elbo", "iwae", "dreg"])
+def test_autocast_takes_the_cpp_plan_bit_for_bit(encoder, likelihood, case):
+    """The cpp backend's plan (its checks once) under CPU autocast: the general
+    path's values and gradients bit for bit, one plan for the signature."""
+    _plan.clear()
+    with fastvae.use_backend("cpp"):
+        _run("cpu", None, likelihood, case, True, autocast=encoder)
+        lean, lean_grads, _ = _run("cpu", None, likelihood, case, True, autocast=encoder)
+        general, general_grads, _ = _run("cpu", None, likelihood, case, False, autocast=encoder)
+        assert len(_plan.PLANS) == 1
+    assert not torch.isnan(lean).any() and torch.equal(lean, general)
     for a, b in zip(lean_grads, general_grads):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
@@ -250,15 +293,19 @@ def test_wrong_arguments_are_refused_after_a_plan_exists(triton_device):
 
 
 def test_the_plans_serve_the_triton_and_cpp_backends_in_eager_mode(backend):
-    """On the reference backend (and under torch.compile, autocast, functorch
-    transforms) the objectives take the general path."""
+    """On the reference backend (and under torch.compile, autocast of float64
+    tensors, functorch transforms) the objectives take the general path;
+    autocast of float32 ones takes the plans, with autocast in the key."""
     name, device = backend
     x, (mu, logvar, W) = _problem(device, torch.float32)
     dec = _decoders(W)["bernoulli"]
     args = (x, mu, logvar, dec, None, None, "bernoulli", "mean")
     assert (objectives._lean_device(*args) is not None) == (name in ("triton", "cpp"))
-    with torch.autocast(device if device != "cpu" else "cpu", dtype=torch.bfloat16):
-        assert objectives._lean_device(*args) is None
+    with torch.autocast(device, dtype=torch.bfloat16):  # float32 x and encoder: the plans, autocast in the key
+        lean = objectives._lean_device(*args)
+        assert (lean is not None and lean[2]) == (name in ("triton", "cpp"))
+        assert objectives._lean_device(x.double(), mu.double(), logvar.double(), dec, None, None, "bernoulli",
+                                       "mean") is None  # float64 under autocast: the general path
     assert objectives._lean_device(x.t(), mu, logvar, dec, None, None, "bernoulli", "mean") is None
     halves = torch.cat([mu, logvar], -1).chunk(2, -1)  # strided mu, logvar: copied once by the plans
     assert (objectives._lean_device(x, *halves, dec, None, None, "bernoulli", "mean") is not None) == (
