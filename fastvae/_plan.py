@@ -196,10 +196,10 @@ def _direct_launch(kernel, compiled, args: tuple, kwargs: dict):
 class SamplePlan:
     """The sampler's launches for mu, logvar (N, L) (any leading shape, one
     dtype: float32, float64, or half precision under autocast, whose z and
-    KL are ``out_dtype``, float32) and K samples."""
+    KL are ``z_dtype``, float32) and K samples."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, n_samples: int | None,
-                 with_ratio: bool, stop_score: bool, out_dtype: torch.dtype | None = None):
+                 with_ratio: bool, stop_score: bool, z_dtype: torch.dtype | None = None):
         kern = _kernels("sample_normal")
         self.kern = kern
         L = shape[-1]
@@ -211,10 +211,10 @@ class SamplePlan:
         z_shape = shape if n_samples is None else torch.Size((K, *shape))
         # z, the KL and the log-ratio in the compute dtype: mu's, or float32 for
         # a half-precision encoder under autocast (sample_normal.z_dtype)
-        out_dtype = dtype if out_dtype is None else out_dtype
-        self.z_like = torch.empty(z_shape, dtype=out_dtype, device=device)
-        self.kl_like = torch.empty(shape[:-1], dtype=out_dtype, device=device)
-        self.ratio_like = torch.empty((K, *shape[:-1]), dtype=out_dtype, device=device) if with_ratio else None
+        z_dtype = dtype if z_dtype is None else z_dtype
+        self.z_like = torch.empty(z_shape, dtype=z_dtype, device=device)
+        self.kl_like = torch.empty(shape[:-1], dtype=z_dtype, device=device)
+        self.ratio_like = torch.empty((K, *shape[:-1]), dtype=z_dtype, device=device) if with_ratio else None
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
         self.forward = None
         if N * L > 0:
@@ -352,14 +352,14 @@ class TailPlan:
             self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
             self.delta_bits = kern._delta_bits(1.0)
             self.lik_ints = (P, K * P, D, 2 * D)
-            grid, meta = kern.element_backward_plan(K, P, D, odt, device, False)
+            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.ELEMENT, True)
             self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
             # the unit variance: gaussian_log_prob's fixed (D,) log-variance 0, the same cached tensor
             self.unit_logvar = fixed_logvar(D, 0.0, dtype, device)
             grid, meta = kern.forward_plan(K, P, D, odt, device, kern.DIM, False)
             self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
-            grid, meta = kern.fixed_var_backward_plan(K, P, D, odt, device)
+            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.DIM, False)
             self.unit_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
         acc = _backend.accumulation_dtype(dtype)
         if iwae:  # the log-mean-exp's value and column state
@@ -384,10 +384,10 @@ class TailPlan:
         """(the decoder output as the tail reads it, the Gaussian's logvar
         half or None) when ``out`` fits this plan: logits or a Gaussian's mean
         alone of out_shape, or (mean, logvar) as the halves of one output,
-        contiguous and of the plan's dtype and device; else None (the general
-        tail). The Bernoulli
-        tail also waits until its value checks are settled (the general tail
-        runs them: the first call of each kind on this path)."""
+        contiguous and of the plan's out_dtype and device; else None (the
+        general tail). The Bernoulli tail also waits until its value checks are
+        settled (the general tail runs them: the first call of each kind on
+        this path)."""
         if self.likelihood == "bernoulli":
             if (type(out) is not Tensor or out.shape != self.out_shape or out.dtype is not self.out_dtype
                     or out.device != self.device or not out.is_contiguous() or _wrapped(out)):

@@ -334,27 +334,17 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
     )
 
 
-def element_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, softplus_mode: bool
-                          ) -> tuple[tuple[int], dict] | None:
-    """(grid, meta) of the backward for a per-element variance without dx
-    (nothing summed over samples, no partial sums: the (mean, logvar) decoder
-    of the objectives), as gaussian_log_prob_backward launches it; the other
-    integers are (P, D, row stride, K * P, 1, 1, 1)."""
+def pointwise_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, layout: int,
+                            has_dv: bool) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the backward without dx where nothing is summed over
+    samples (no partial sums), as gaussian_log_prob_backward launches it: a
+    per-element log-variance with its gradient (the objectives' (mean, logvar)
+    decoder: layout ELEMENT, has_dv) or a fixed (D,) one without (a mean
+    alone, unit variance: layout DIM). The other integers are (P, D, row
+    stride, K * P, 1, 1, 1)."""
+    assert layout == ELEMENT or not has_dv, "a DIM or ROW variance gradient sums over rows"
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64, 4096, 1024)
     tiles = triton.cdiv(K * P, BLOCK_R) * triton.cdiv(D, BLOCK_D)
     return (tiles,), dict(
-        LAYOUT=ELEMENT, SOFTPLUS=softplus_mode, HAS_DX=False, HAS_DV=True, LOOP_K=False, TILE_SUMS=False,
-        ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
-
-
-def fixed_var_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device
-                            ) -> tuple[tuple[int], dict]:
-    """(grid, meta) of the backward for a fixed (D,) log-variance (no gradient
-    of it) without dx: the objectives' unit-variance decoder (its mean alone),
-    as gaussian_log_prob_backward launches it; the other integers are
-    (P, D, D, K * P, 1, 1, 1)."""
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64, 4096, 1024)
-    tiles = triton.cdiv(K * P, BLOCK_R) * triton.cdiv(D, BLOCK_D)
-    return (tiles,), dict(
-        LAYOUT=DIM, SOFTPLUS=False, HAS_DX=False, HAS_DV=False, LOOP_K=False, TILE_SUMS=False,
+        LAYOUT=layout, SOFTPLUS=False, HAS_DX=False, HAS_DV=has_dv, LOOP_K=False, TILE_SUMS=False,
         ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
