@@ -5,7 +5,8 @@ evaluation, in one command.
   python -m benchmarks --quick           # smoke run (tiny sizes); results in a temporary folder
   python -m benchmarks --only train_step logmeanexp --device cuda
 
-Each benchmark runs in its own subprocess (`python -m benchmarks.bench_<name>`,
+Each benchmark runs in its own subprocess (`python -m benchmarks.bench_<name>`, or
+`python -m benchmarks.bench_op <name>` for an op in a folder of its own,
 so that its figures start from a fresh allocator and fresh compile caches) and
 writes its own JSON; the suite then writes
   suite-<device-tag>.json   metadata + every benchmark's payload + the summary rows,
@@ -38,11 +39,17 @@ from . import common
 _OP_BENCHMARKS = list(dict.fromkeys(op.benchmark for op in _registry.OPS.values()))
 BENCHMARKS = _OP_BENCHMARKS + sorted(
     name for name in (p.stem.removeprefix("bench_") for p in Path(__file__).parent.glob("bench_*.py"))
-    if name not in _OP_BENCHMARKS and name != "overhead")
+    if name not in _OP_BENCHMARKS and name not in ("overhead", "op"))
+
+
+def command(name: str) -> list[str]:
+    """The module (and argument) that runs benchmark ``name``: an op in a folder
+    of its own runs its benchmark row through bench_op."""
+    return ["benchmarks.bench_op", name] if name in _registry.FOLDERS else [f"benchmarks.bench_{name}"]
 
 
 def available(name: str) -> bool:
-    return (Path(__file__).parent / f"bench_{name}.py").exists()
+    return name in _registry.FOLDERS or (Path(__file__).parent / f"bench_{name}.py").exists()
 
 
 def memory_flags(name: str, memory: bool) -> list[str]:
@@ -56,7 +63,7 @@ def memory_flags(name: str, memory: bool) -> list[str]:
 def run_benchmark(name: str, args, folder: Path) -> list[dict]:
     """Runs one benchmark in a subprocess (its output goes to this terminal) and
     returns the payloads it wrote into ``folder``."""
-    cmd = [sys.executable, "-m", f"benchmarks.bench_{name}", "--device", args.device,
+    cmd = [sys.executable, "-m", *command(name), "--device", args.device,
            "--out", str(folder / f"{name}.json")]
     cmd += ["--quick"] * args.quick + memory_flags(name, not args.no_memory)
     common.log(f"\n=== {name}: {' '.join(cmd[1:])}")

@@ -100,23 +100,6 @@ void sample_normal_tril_backward(const T* dz, const T* dkl, const T* mu, const T
                                  uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu, T* dS,
                                  int n_threads);
 
-// mu, logvar and (optional, may be null together) prior_mu, prior_logvar: (N, L); kl: (N,).
-template <typename T>
-void kl_normal_forward(const T* mu, const T* logvar, const T* prior_mu, const T* prior_logvar,
-                       int64_t N, int64_t L, T* kl, int n_threads);
-
-// kl[r] for rows r0 <= r < r1 of (N, L) inputs (shared by sample_normal).
-void kl_rows(const float* mu, const float* logvar, const float* prior_mu,
-             const float* prior_logvar, int64_t r0, int64_t r1, int64_t L, float* kl);
-void kl_rows(const double* mu, const double* logvar, const double* prior_mu,
-             const double* prior_logvar, int64_t r0, int64_t r1, int64_t L, double* kl);
-
-// dkl: (N,); the rest (N, L). dprior_* are written only when the prior is given.
-template <typename T>
-void kl_normal_backward(const T* dkl, const T* mu, const T* logvar, const T* prior_mu,
-                        const T* prior_logvar, int64_t N, int64_t L, T* dmu, T* dlogvar,
-                        T* dprior_mu, T* dprior_logvar, int n_threads);
-
 // sample_location_scale (issue 35): loc, log_scale (N, L); z (K, N, L); log_q
 // (K, N) or null. family: 0 uniform, 1 Laplace, 2 logistic, 3 Gumbel, 4
 // Cauchy (fastvae.reference.LOCATION_SCALE_FAMILIES); offsets as sample_normal's.

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "avx2_math.h"
+#include "kl_normal/kl_normal.h"  // kl_rows
 #include "ops.h"
 #include "philox.h"
 #include "rows.h"

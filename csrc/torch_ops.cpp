@@ -37,87 +37,10 @@
 #include "logmeanexp.h"
 #include "ops.h"
 #include "outputs.h"
+#include "torch_ops.h"
 
 namespace fastvae::torch_ops {
 namespace {
-
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// OpenMP threads for `work` elements: as fastvae._backend.num_threads.
-int threads(int64_t work) {
-  return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread)));
-}
-
-void check_float(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              ": the cpp backend supports float32 and float64, got ", t.scalar_type());
-}
-
-// t as a contiguous, aligned tensor of `like`'s dtype and the given shape.
-Tensor input(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef shape) {
-  check_float(t, name);
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
-  Tensor c = t.contiguous();
-  // a view of a byte buffer at an odd offset: the kernels' loads assume alignment
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % c.element_size() != 0) c = c.clone();
-  return c;
-}
-
-Tensor output(at::IntArrayRef shape, const Tensor& like) {
-  Tensor t = at::empty(shape, like.options());
-  if (poison_outputs) {
-    t.fill_(std::numeric_limits<double>::quiet_NaN());
-  } else {
-    advise_huge_pages(t.data_ptr(), size_t(t.nbytes()));
-  }
-  return t;
-}
-
-template <typename F>
-void by_dtype(const Tensor& t, F f) {
-  if (t.scalar_type() == at::kFloat) {
-    f(float{});
-  } else {
-    f(double{});
-  }
-}
-
-template <typename T>
-T* ptr(const Tensor& t) { return t.data_ptr<T>(); }
-
-// An output in its user's shape: the tensor itself where it has it already
-// (so it stays modifiable in place, as the Python Function's outputs are),
-// else a view.
-Tensor shaped(const Tensor& t, at::IntArrayRef shape) { return t.sizes() == shape ? t : t.view(shape); }
-
-// (..., L) as rows: N = the product of the leading dimensions.
-std::pair<int64_t, int64_t> rows_of(const Tensor& mu) {
-  TORCH_CHECK(mu.dim() >= 1, "mu: expected a tensor with a last (latent) dimension");
-  return {c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1)), mu.size(-1)};
-}
-
-std::vector<int64_t> with_samples(int64_t K, at::IntArrayRef shape) {
-  std::vector<int64_t> out{K};
-  out.insert(out.end(), shape.begin(), shape.end());
-  return out;
-}
-
-// Whether this backward must return gradients with a graph (create_graph=True).
-bool double_backward() { return at::GradMode::is_enabled(); }
-
-// acc + t, where an undefined acc is 0.
-void add_to(Tensor& acc, const Tensor& t) { acc = acc.defined() ? acc + t : t; }
-
-// 1 / s, and 0 where s = 0 (an all -inf column), with no inf * 0 in its gradient.
-Tensor safe_inv(const Tensor& s) {
-  const Tensor empty = s == 0;
-  return at::where(empty, 0.0, 1.0 / at::where(empty, 1.0, s));
-}
 
 // -- sample_normal and sample_normal_with_ratio --------------------------------
 
@@ -485,69 +408,6 @@ struct LogMeanExp : torch::autograd::Function<LogMeanExp> {
   }
 };
 
-// -- kl_normal ------------------------------------------------------------------
-
-// KL(N(mu, exp(logvar)) || prior) over the last dimension, the prior N(0, I)
-// or (prior_mu, prior_logvar) of mu's shape (the front end expands a
-// broadcast prior); as fastvae/kl_normal.py's KLNormal.
-struct KLNormal : torch::autograd::Function<KLNormal> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar,
-                        const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logvar) {
-    check_float(mu, "mu");
-    const auto [N, L] = rows_of(mu);
-    TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
-                "prior_mu and prior_logvar must both be given or both be None");
-    const bool prior = prior_mu.has_value();
-    TORCH_CHECK(logvar.sizes() == mu.sizes(), "logvar: expected shape ", mu.sizes(), ", got ", logvar.sizes());
-    const Tensor m = input(mu.reshape({N, L}), "mu", mu, {N, L});
-    const Tensor lv = input(logvar.reshape({N, L}), "logvar", mu, {N, L});
-    Tensor pm, plv;
-    if (prior) {
-      TORCH_CHECK(prior_mu->sizes() == mu.sizes() && prior_logvar->sizes() == mu.sizes(),
-                  "prior_mu and prior_logvar: expected mu's shape ", mu.sizes());
-      pm = input(prior_mu->reshape({N, L}), "prior_mu", mu, {N, L});
-      plv = input(prior_logvar->reshape({N, L}), "prior_logvar", mu, {N, L});
-    }
-    Tensor kl = output({N}, m);
-    by_dtype(m, [&](auto tag) {
-      using T = decltype(tag);
-      kl_normal_forward<T>(ptr<T>(m), ptr<T>(lv), prior ? ptr<T>(pm) : nullptr, prior ? ptr<T>(plv) : nullptr, N, L,
-                           ptr<T>(kl), threads(N * L));
-    });
-    // the inputs too, for a double backward
-    ctx->save_for_backward(prior ? variable_list{m, lv, pm, plv, mu, logvar, *prior_mu, *prior_logvar}
-                                 : variable_list{m, lv, mu, logvar});
-    ctx->saved_data["shape"] = mu.sizes().vec();
-    return shaped(kl, mu.sizes().slice(0, mu.dim() - 1));
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const bool prior = saved.size() == 8;
-    const Tensor &m = saved[0], &lv = saved[1];
-    if (double_backward()) {
-      const Tensor g = grads[0].unsqueeze(-1);
-      const Tensor &mu = saved[prior ? 4 : 2], &logvar = saved[prior ? 5 : 3];
-      const Tensor var = at::exp(logvar);
-      if (!prior) return {g * mu, 0.5 * g * (var - 1.0), Tensor(), Tensor()};
-      const Tensor d = mu - saved[6], inv_pvar = at::exp(-saved[7]), dmu = g * d * inv_pvar;
-      return {dmu, 0.5 * g * (var * inv_pvar - 1.0), -dmu, 0.5 * g * (1.0 - (var + d * d) * inv_pvar)};
-    }
-    const int64_t N = m.size(0), L = m.size(1);
-    const Tensor g = input(grads[0].reshape({N}), "grad_kl", m, {N});
-    Tensor dmu = output({N, L}, m), dlv = output({N, L}, m);
-    Tensor dpm = prior ? output({N, L}, m) : Tensor(), dplv = prior ? output({N, L}, m) : Tensor();
-    by_dtype(m, [&](auto tag) {
-      using T = decltype(tag);
-      kl_normal_backward<T>(ptr<T>(g), ptr<T>(m), ptr<T>(lv), prior ? ptr<T>(saved[2]) : nullptr,
-                            prior ? ptr<T>(saved[3]) : nullptr, N, L, ptr<T>(dmu), ptr<T>(dlv),
-                            prior ? ptr<T>(dpm) : nullptr, prior ? ptr<T>(dplv) : nullptr, threads(N * L));
-    });
-    const auto shape = ctx->saved_data["shape"].toIntVector();
-    return {dmu.view(shape), dlv.view(shape), prior ? dpm.view(shape) : Tensor(), prior ? dplv.view(shape) : Tensor()};
-  }
-};
-
 std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar, int64_t seed,
                                          std::optional<int64_t> n_samples) {
   auto out = SampleNormal::apply(mu, logvar, seed, n_samples);
@@ -561,11 +421,6 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
 }
 
 Tensor bernoulli_log_prob(const Tensor& x, const Tensor& logits) { return BernoulliLogProb::apply(x, logits); }
-
-Tensor kl_normal(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& prior_mu,
-                 const std::optional<Tensor>& prior_logvar) {
-  return KLNormal::apply(mu, logvar, prior_mu, prior_logvar);
-}
 
 std::tuple<Tensor, Tensor, Tensor> logmeanexp(const Tensor& lw) {
   auto out = LogMeanExp::apply(lw);
@@ -757,53 +612,6 @@ Tensor graph_logmeanexp_backward(const Tensor& grad_out, const std::optional<Ten
   return shaped(dlw, lw.sizes());
 }
 
-// mu, logvar and the optional prior as contiguous (N, L) tensors of mu's dtype.
-std::vector<Tensor> graph_kl_inputs(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& prior_mu,
-                                    const std::optional<Tensor>& prior_logvar) {
-  check_float(mu, "mu");
-  TORCH_CHECK(mu.dim() == 2, "mu: expected a 2-d (N, L) tensor, got shape ", mu.sizes());
-  TORCH_CHECK(prior_mu.has_value() == prior_logvar.has_value(),
-              "prior_mu and prior_logvar must both be given or both be None");
-  std::vector<Tensor> t{input(mu, "mu", mu, mu.sizes()), input(logvar, "logvar", mu, mu.sizes())};
-  if (prior_mu.has_value()) {
-    t.push_back(input(*prior_mu, "prior_mu", mu, mu.sizes()));
-    t.push_back(input(*prior_logvar, "prior_logvar", mu, mu.sizes()));
-  }
-  return t;
-}
-
-Tensor graph_kl_normal(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& prior_mu,
-                       const std::optional<Tensor>& prior_logvar) {
-  const auto t = graph_kl_inputs(mu, logvar, prior_mu, prior_logvar);
-  const bool prior = t.size() == 4;
-  const int64_t N = mu.size(0), L = mu.size(1);
-  Tensor kl = output({N}, t[0]);
-  by_dtype(t[0], [&](auto tag) {
-    using T = decltype(tag);
-    kl_normal_forward<T>(ptr<T>(t[0]), ptr<T>(t[1]), prior ? ptr<T>(t[2]) : nullptr, prior ? ptr<T>(t[3]) : nullptr,
-                         N, L, ptr<T>(kl), threads(N * L));
-  });
-  return kl;
-}
-
-std::vector<Tensor> graph_kl_normal_backward(const Tensor& grad_kl, const Tensor& mu, const Tensor& logvar,
-                                             const std::optional<Tensor>& prior_mu,
-                                             const std::optional<Tensor>& prior_logvar) {
-  const auto t = graph_kl_inputs(mu, logvar, prior_mu, prior_logvar);
-  const bool prior = t.size() == 4;
-  const int64_t N = mu.size(0), L = mu.size(1);
-  const Tensor g = input(grad_kl, "grad_kl", t[0], {N});
-  std::vector<Tensor> grads;
-  for (size_t i = 0; i < t.size(); ++i) grads.push_back(output({N, L}, t[0]));
-  by_dtype(t[0], [&](auto tag) {
-    using T = decltype(tag);
-    kl_normal_backward<T>(ptr<T>(g), ptr<T>(t[0]), ptr<T>(t[1]), prior ? ptr<T>(t[2]) : nullptr,
-                          prior ? ptr<T>(t[3]) : nullptr, N, L, ptr<T>(grads[0]), ptr<T>(grads[1]),
-                          prior ? ptr<T>(grads[2]) : nullptr, prior ? ptr<T>(grads[3]) : nullptr, threads(N * L));
-  });
-  return grads;
-}
-
 }  // namespace
 
 // The schemas mirror the Python ops' (fastvae/<op>.py), with the seed as an
@@ -815,7 +623,6 @@ TORCH_LIBRARY(fastvae_cpp, m) {
   m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
   m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
-  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
 }
 
 // CompositeImplicitAutograd: the dispatcher runs these for the autograd key,
@@ -826,7 +633,6 @@ TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
   m.impl("bernoulli_log_prob", &bernoulli_log_prob);
   m.impl("gaussian_log_prob", &gaussian_log_prob);
   m.impl("logmeanexp", &logmeanexp);
-  m.impl("kl_normal", &kl_normal);
 }
 
 // The graph ops: the schemas of fastvae::<op> (fastvae/<op>.py), CPU kernels
@@ -843,9 +649,6 @@ TORCH_LIBRARY(fastvae_cpu, m) {
         " float delta, bool need_dx, bool need_dvar_param) -> Tensor[]");
   m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
   m.def("logmeanexp_backward(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor");
-  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
-  m.def("kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
-        " -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
@@ -858,8 +661,6 @@ TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
   m.impl("gaussian_log_prob_backward", &graph_gaussian_log_prob_backward);
   m.impl("logmeanexp", &graph_logmeanexp);
   m.impl("logmeanexp_backward", &graph_logmeanexp_backward);
-  m.impl("kl_normal", &graph_kl_normal);
-  m.impl("kl_normal_backward", &graph_kl_normal_backward);
 }
 
 }  // namespace fastvae::torch_ops

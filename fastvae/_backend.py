@@ -63,9 +63,12 @@ def cpp_available() -> bool:
 
 
 def triton_module(module: str):
-    """fastvae.kernels.<module> (imports Triton on first use: CPU work never does)."""
+    """The Triton kernels of ``module``: fastvae.ops.<module>.triton for an op in a
+    folder of its own, else fastvae.kernels.<module> (imports Triton on first use:
+    CPU work never does)."""
     try:
-        return importlib.import_module(f"fastvae.kernels.{module}")
+        return importlib.import_module(
+            f"fastvae.ops.{module}.triton" if module in _registry.FOLDERS else f"fastvae.kernels.{module}")
     except ModuleNotFoundError as err:
         if err.name != "triton":
             raise
@@ -214,6 +217,8 @@ def kernel_function(backend: str, kernel: str):
         owner = cpp_module()
     elif backend == "triton":
         owner = triton_module(module)
+    elif module in _registry.FOLDERS:  # the oracle of an op in a folder of its own
+        owner = _registry.FOLDERS[module]
     else:
         from . import reference as owner
     fn = _functions[backend, kernel] = getattr(owner, kernel)

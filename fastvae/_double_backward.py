@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ._backend import accumulation_dtype
-from .reference import _cb_log_norm_grad, kl_normal_grad
+from .ops.kl_normal import kl_normal_grad
+from .reference import _cb_log_norm_grad
 
 
 class _NotTwice(torch.autograd.Function):
@@ -92,19 +93,6 @@ def _safe_inv(s: Tensor) -> Tensor:
     """1 / s, and 0 where s = 0 (an all -inf column), with no inf * 0 in its gradient."""
     empty = s == 0
     return torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, s))
-
-
-# -- kl_normal ---------------------------------------------------------------------
-
-
-def kl_normal(grad_kl, mu, logvar, prior_mu, prior_logvar, needs):
-    """dmu, dlogvar[, dprior_mu, dprior_logvar] of KL(N(mu, e^logvar) || N(pm, e^plv)),
-    prior N(0, I) when pm is None; all (..., L), grad_kl (...): reference.kl_normal_grad."""
-    g, m, lv = _acc(grad_kl).unsqueeze(-1), _acc(mu), _acc(logvar)
-    grads = kl_normal_grad(g, m, torch.exp(lv), _acc(prior_mu), _acc(prior_logvar))
-    if prior_mu is None:
-        return _like(grads[0], mu, needs[0]), _like(grads[1], logvar, needs[1]), None, None
-    return tuple(_like(d, t, n) for d, t, n in zip(grads, (mu, logvar, prior_mu, prior_logvar), needs))
 
 
 # -- likelihoods -------------------------------------------------------------------

@@ -49,7 +49,7 @@ from .sample_normal import noise
 # Every output the plans allocate is empty_like a template of its shape, dtype
 # and device that the plan keeps (torch.empty_like costs about a third of
 # torch.empty with a shape); the tests' fixture poisons them with NaN
-# (tests/conftest.py), as it does _backend.empty_output's.
+# (conftest.py), as it does _backend.empty_output's.
 empty = torch.empty_like
 
 

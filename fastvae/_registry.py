@@ -1,5 +1,8 @@
 """The op registry: every op, its kernels, and each kernel's argument names.
 
+An op in a folder of its own (fastvae/ops/<op>/) describes itself in its
+``__init__.py`` (``OP``, ``KERNELS``, ``BENCH``: fastvae/_spec.py), read here
+once at import; the entries below are the ops not yet moved to a folder.
 This is the one place a kernel's arguments are defined. The front end calls
 every backend by keyword from it (``_backend.launch``), and
 ``tests/test_registry.py`` fails when the reference function, the Triton
@@ -16,46 +19,10 @@ Outputs are written in place by the kernel; optional tensors may be None.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import importlib
 
-
-class Kernel(NamedTuple):
-    """One kernel: the function of this name in ``fastvae.reference``, in
-    ``fastvae.kernels.<module>`` (Triton) and in ``fastvae._C`` (which adds a
-    trailing ``n_threads``, except for the serial test hook uniform_fill)."""
-
-    name: str
-    module: str  # the file stem under kernels/ (and of the op's front end)
-    args: tuple[str, ...]
-
-
-class Op(NamedTuple):
-    """A public op, described once: its kernels, the test module that checks it
-    (also run under the Triton interpreter), its benchmark, and the facts the
-    suite's per-op lists derive from (tests/test_registry.py fails when an op
-    is missing from one of them)."""
-
-    name: str
-    kernels: tuple[str, ...]
-    test: str
-    benchmark: str | None  # benchmarks/bench_<benchmark>.py
-    # on the CUDA path, per forward + backward: Triton launches forward, Triton
-    # launches backward, other kernels (the seed's randint, ``other_kernels``)
-    # (tests/test_launches.py asserts them as ceilings)
-    launches: tuple[int, int, int] = (1, 1, 0)
-    # the Function's create_graph=True branch: "closed form" (fastvae/_double_backward.py,
-    # a gradgradcheck case in tests/test_double_backward.py) or "not_twice" (a named
-    # error, tested there as test_<op>_raises_...)
-    double_backward: str = "closed form"
-    # the eager CPU operators of csrc/torch_ops.cpp (torch.ops.fastvae_cpp.<name>) that serve it
-    torch_ops: tuple[str, ...] = ()
-    # aten kernels it may launch on CUDA besides the seed's randint
-    other_kernels: tuple[str, ...] = ()
-    # the likelihood= name it computes log p(x | z) for after the user's decoder (an entry of
-    # _decoder's likelihood table; tests/test_registry.py checks the two agree), None for an op
-    # that is no decoder likelihood (mixture_log_prob is a prior's log p(z))
-    likelihood: str | None = None
-
+from . import ops as _ops
+from ._spec import Bench, Kernel, Op  # noqa: F401 (the registry's types, read from here)
 
 # The sampler families' compile-time variants: a kernel's `family` argument is
 # the position in these tuples (here, below every layer that reads them: the
@@ -68,6 +35,14 @@ def _k(name: str, module: str, args: str) -> Kernel:
     return Kernel(name, module, tuple(args.split()))
 
 
+def _described(name: str):
+    """The description of the op in fastvae/ops/<name>/ (its ``__init__``)."""
+    return importlib.import_module(f"{_ops.__name__}.{name}")
+
+
+# the ops that live in a folder of their own, by name
+FOLDERS: dict[str, object] = {name: _described(name) for name in _ops.FOLDERS}
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("randn_fill", "philox", "seed offset0 out row_stride"),
     _k("uniform_fill", "philox", "seed offset0 u1 u2"),
@@ -76,9 +51,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "grad_z grad_kl grad_log_ratio mu logvar seed stop_score dmu dlogvar"),
     _k("sample_normal_tril_forward", "sample_normal_tril", "mu scale_tril seed z kl"),
     _k("sample_normal_tril_backward", "sample_normal_tril", "grad_z grad_kl mu scale_tril seed dmu dscale_tril"),
-    _k("kl_normal_forward", "kl_normal", "mu logvar prior_mu prior_logvar kl"),
-    _k("kl_normal_backward", "kl_normal",
-       "grad_kl mu logvar prior_mu prior_logvar dmu dlogvar dprior_mu dprior_logvar"),
     _k("gaussian_log_prob_forward", "gaussian_log_prob", "x mean var_param softplus_mode delta out"),
     _k("gaussian_log_prob_backward", "gaussian_log_prob",
        "grad_out x mean var_param softplus_mode delta dx dmean dvar_param"),
@@ -132,54 +104,55 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("sample_normal", ("sample_normal_forward", "sample_normal_backward", "randn_fill"),
-       "test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
+       "tests/test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
        torch_ops=("sample_normal", "sample_normal_with_ratio")),
     Op("sample_normal_tril", ("sample_normal_tril_forward", "sample_normal_tril_backward"),
-       "test_sample_normal_tril.py", "sample_normal_tril", launches=(1, 1, 1)),
-    Op("kl_normal", ("kl_normal_forward", "kl_normal_backward"), "test_kl_normal.py", "kl_normal",
-       torch_ops=("kl_normal",)),
+       "tests/test_sample_normal_tril.py", "sample_normal_tril", launches=(1, 1, 1)),
     Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),
-       "test_gaussian_log_prob.py", "gaussian_log_prob", torch_ops=("gaussian_log_prob",),
+       "tests/test_gaussian_log_prob.py", "gaussian_log_prob", torch_ops=("gaussian_log_prob",),
        likelihood="gaussian"),
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
-       "test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",),
+       "tests/test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",),
        likelihood="bernoulli"),
     Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward", "logmeanexp_accumulate"),
-       "test_logmeanexp.py", "logmeanexp", launches=(1, 2, 0), torch_ops=("logmeanexp",)),
+       "tests/test_logmeanexp.py", "logmeanexp", launches=(1, 2, 0), torch_ops=("logmeanexp",)),
     # forward: the log-mean-exp state, then its backward kernel at gradient 1 (a ones_like)
     Op("importance_weights", ("importance_weights_backward", "logmeanexp_backward"),
-       "test_logmeanexp.py", "logmeanexp", launches=(2, 1, 1), other_kernels=("ones_like",)),
+       "tests/test_logmeanexp.py", "logmeanexp", launches=(2, 1, 1), other_kernels=("ones_like",)),
     Op("effective_sample_size", ("logmeanexp_forward", "logmeanexp_backward"),
-       "test_logmeanexp.py", "logmeanexp"),
+       "tests/test_logmeanexp.py", "logmeanexp"),
     Op("latent_log_ratio", ("latent_log_ratio_forward", "latent_log_ratio_backward"),
-       "test_latent_log_ratio.py", "latent_log_ratio"),
+       "tests/test_latent_log_ratio.py", "latent_log_ratio"),
     Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
-       "test_mixture_log_prob.py", "mixture_log_prob", launches=(1, 2, 0), double_backward="not_twice"),
+       "tests/test_mixture_log_prob.py", "mixture_log_prob", launches=(1, 2, 0), double_backward="not_twice"),
     Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"),
-       "test_poisson_log_prob.py", "poisson_log_prob", likelihood="poisson"),
+       "tests/test_poisson_log_prob.py", "poisson_log_prob", likelihood="poisson"),
     Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),
-       "test_negative_binomial_log_prob.py", "negative_binomial_log_prob", likelihood="negative_binomial"),
-    Op("zinb_log_prob", ("zinb_log_prob_forward", "zinb_log_prob_backward"), "test_zinb_log_prob.py",
+       "tests/test_negative_binomial_log_prob.py", "negative_binomial_log_prob", likelihood="negative_binomial"),
+    Op("zinb_log_prob", ("zinb_log_prob_forward", "zinb_log_prob_backward"), "tests/test_zinb_log_prob.py",
        "zinb_log_prob", likelihood="zinb"),
     Op("categorical_log_prob", ("categorical_log_prob_forward", "categorical_log_prob_backward"),
-       "test_categorical_log_prob.py", "categorical_log_prob", likelihood="categorical"),
+       "tests/test_categorical_log_prob.py", "categorical_log_prob", likelihood="categorical"),
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
-       "test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob",
+       "tests/test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob",
        likelihood="continuous_bernoulli"),
     Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
                                                  "discretized_logistic_mixture_log_prob_backward"),
-       "test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
+       "tests/test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
        double_backward="not_twice", likelihood="discretized_logistic_mixture"),
     Op("sample_location_scale", ("sample_location_scale_forward", "sample_location_scale_backward"),
-       "test_sample_location_scale.py", "sample_location_scale", launches=(1, 1, 1)),
+       "tests/test_sample_location_scale.py", "sample_location_scale", launches=(1, 1, 1)),
     Op("sample_positive", ("sample_positive_forward", "sample_positive_backward"),
-       "test_sample_positive.py", "sample_positive", launches=(1, 1, 1)),
+       "tests/test_sample_positive.py", "sample_positive", launches=(1, 1, 1)),
     Op("sample_concrete", ("sample_concrete_forward", "sample_concrete_backward"),
        # the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
-       "test_sample_concrete.py", "sample_concrete", launches=(1, 1, 2), double_backward="not_twice",
+       "tests/test_sample_concrete.py", "sample_concrete", launches=(1, 1, 2), double_backward="not_twice",
        other_kernels=("full",)),
 )}
+for _spec_module in FOLDERS.values():
+    OPS[_spec_module.OP.name] = _spec_module.OP
+    KERNELS.update((k.name, k) for k in _spec_module.KERNELS)
 
 # Derived lists: the C++ operators by name (fastvae/_backend.py loads them).
 TORCH_OPS = tuple(name for op in OPS.values() for name in op.torch_ops)
@@ -193,13 +166,14 @@ CPP_CONTROLS = ("noise_isa", "noise_isas", "set_noise_isa", "philox_words")
 # interpreter too, next to every op's own test module.
 # test_launches.py counts what each call launches on the CUDA path (issue 23);
 # test_double_backward.py checks every op's create_graph gradient (issue 25).
-INTERPRETED_TESTS = ("test_philox.py", "test_objectives.py", "test_evaluation.py", "test_priors.py",
-                     "test_launches.py", "test_double_backward.py", "test_value_checks.py", "test_autocast.py",
-                     "test_layouts.py", "test_plan.py", "test_latents.py")
+INTERPRETED_TESTS = tuple(f"tests/test_{name}.py" for name in (
+    "philox", "objectives", "evaluation", "priors", "launches", "double_backward", "value_checks", "autocast",
+    "layouts", "plan", "latents"))
 
 
 def interpreter_test_modules() -> list[str]:
-    """Every test module the Triton interpreter run must include, in order."""
+    """Every test module the Triton interpreter run must include, in order,
+    as paths from the repository root."""
     seen = dict.fromkeys(op.test for op in OPS.values())
     seen.update(dict.fromkeys(INTERPRETED_TESTS))
     return list(seen)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import _backend, _validate
 from .gaussian_log_prob import gaussian_log_prob
-from .kl_normal import kl_normal
+from .ops.kl_normal.op import kl_normal
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
 

@@ -81,7 +81,7 @@ from . import _validate, _value_checks
 from . import priors as _priors
 from ._registry import POSITIVE_FAMILIES
 from .distributions import widened
-from .kl_normal import kl_normal
+from .ops.kl_normal.op import kl_normal
 from .priors import TorchPrior
 from .sample_concrete import check_args as _concrete_args
 from .sample_concrete import concrete_at, sample_concrete_unchecked

@@ -24,7 +24,6 @@ from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import dreg_once as _dreg_once
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
-from .kl_normal import kl_normal
 from .latents import LATENTS
 from .logmeanexp import (
     EffectiveSampleSize,
@@ -32,6 +31,7 @@ from .logmeanexp import (
     importance_weights_from_state,
     logmeanexp_with_state,
 )
+from .ops.kl_normal.op import kl_normal
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .sample_normal_tril import SampleNormalTril

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._dtypes import accumulation_dtype
 from ._registry import LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
+from .ops.kl_normal import kl_normal_grad
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
@@ -289,54 +290,6 @@ def sample_normal_tril_backward(grad_z: Tensor | None, grad_kl: Tensor | None, m
         d_s = d_s + torch.tril(torch.where(g == 0, 0.0, g * (S - inv)))
     dmu.copy_(d_mu)
     dscale_tril.copy_(d_s)
-
-
-# --------------------------------------------------------------------------
-# kl_normal
-# --------------------------------------------------------------------------
-
-
-def kl_normal(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None = None,
-              prior_logvar: Tensor | None = None) -> Tensor:
-    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) summed over the last dim;
-    the prior is N(0, I) when both prior arguments are None."""
-    if prior_mu is None:
-        return 0.5 * torch.sum(torch.exp(logvar) + mu * mu - 1.0 - logvar, dim=-1)
-    d = mu - prior_mu
-    return 0.5 * torch.sum(prior_logvar - logvar + (torch.exp(logvar) + d * d) * torch.exp(-prior_logvar) - 1.0, dim=-1)
-
-
-def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
-    acc = _compute_dtype(mu)
-    up = (lambda t: None if t is None else t.to(acc))
-    kl.copy_(kl_normal(up(mu), up(logvar), up(prior_mu), up(prior_logvar)))
-
-
-def kl_normal_grad(g: Tensor, mu: Tensor, var: Tensor, prior_mu: Tensor | None = None,
-                   prior_logvar: Tensor | None = None) -> tuple[Tensor, ...]:
-    """The gradient of KL(N(mu, var) || prior) times g (broadcast over L: (..., 1)):
-    (dmu, dlogvar) for the prior N(0, I), else (dmu, dlogvar, dprior_mu, dprior_logvar).
-    The one Python copy of kl_normal's gradient formula: the reference backend's
-    kl_normal_backward and sample_normal_backward and the double backwards of
-    kl_normal and sample_normal (fastvae/_double_backward.py) all call it, with
-    the var each computes (e^logvar, or s * s from the sampler's s = e^(logvar/2)).
-    Plain differentiable torch ops, so a create_graph=True backward records it;
-    the tests check it against autograd of ``kl_normal`` and by gradgradcheck."""
-    if prior_mu is None:
-        return g * mu, 0.5 * g * (var - 1.0)
-    inv_pvar = torch.exp(-prior_logvar)
-    d = mu - prior_mu
-    dmu = g * d * inv_pvar
-    return dmu, 0.5 * g * (var * inv_pvar - 1.0), -dmu, 0.5 * g * (1.0 - (var + d * d) * inv_pvar)
-
-
-def kl_normal_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar, dprior_mu, dprior_logvar) -> None:
-    acc = _compute_dtype(mu)
-    up = (lambda t: None if t is None else t.to(acc))
-    mu = mu.to(acc)
-    grads = kl_normal_grad(grad_kl.to(acc)[..., None], mu, torch.exp(logvar.to(acc)), up(prior_mu), up(prior_logvar))
-    for out, grad in zip((dmu, dlogvar, dprior_mu, dprior_logvar), grads):
-        out.copy_(grad)
 
 
 # --------------------------------------------------------------------------

@@ -63,7 +63,9 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     # gradients) are float32 for half-precision inputs (issue 24)
     r = lambda *shape: meta(*shape, dtype=acc)  # noqa: E731
     seed = meta(dtype=torch.int64)
-    if op == "sample_normal":
+    if op in _registry.FOLDERS:  # an op in a folder of its own gives its cases itself
+        yield from _registry.FOLDERS[op].aot_calls(s, m, r)
+    elif op == "sample_normal":
         for ratio in (None, r(K, B)):  # training; iwae, which takes log p(z) - log q(z) from the sampler
             yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0,
                                                 sample_stride=B * L, row_stride=L, z=m(K, B, L), kl=r(B),
@@ -89,12 +91,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=r(B))
         yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), mu=m(B, L), scale_tril=m(B, L, L),
                                                   seed=seed, dmu=m(B, L), dscale_tril=m(B, L, L))
-    elif op == "kl_normal":
-        for prior in (None, m(B, L)):
-            yield "kl_normal_forward", dict(mu=m(B, L), logvar=m(B, L), prior_mu=prior, prior_logvar=prior, kl=r(B))
-            yield "kl_normal_backward", dict(grad_kl=r(B), mu=m(B, L), logvar=m(B, L), prior_mu=prior,
-                                             prior_logvar=prior, dmu=m(B, L), dlogvar=m(B, L),
-                                             dprior_mu=prior, dprior_logvar=prior)
     elif op == "latent_log_ratio":
         yield "latent_log_ratio_forward", dict(z=m(K, B, L), mu=m(B, L), logvar=m(B, L), out=r(K, B))
         for stop in (False, True):

@@ -170,3 +170,26 @@ def folded_decoder_case(form, device, B=3, L=2, seed=0):
                   "zinb": "zinb", "mixture_packed": "discretized_logistic_mixture",
                   "mixture_tuple": "discretized_logistic_mixture"}.get(form)  # None: the distribution implies it
     return x.to(device), likelihood, (lambda z: run(z, False)), (lambda z: run(z, True))
+
+
+# The case functions each op in a folder of its own defines in its test module
+# (fastvae/ops/<op>/test_<op>.py) for the checks that run over every op.
+OP_CASES = ("launch_case", "thread_count_calls", "fallback_call", "double_backward_cases", "compile_cases",
+            "twin_op_cases")
+
+
+def op_cases(kind: str) -> dict:
+    """op name -> its case function ``kind`` (one of OP_CASES), for every op in
+    a folder of its own that defines one (an op with no C++ operator has no
+    compile_cases or twin_op_cases; tests/test_registry.py checks the rest)."""
+    import importlib
+
+    from fastvae import _registry
+
+    assert kind in OP_CASES, kind
+    found = {}
+    for name in _registry.FOLDERS:
+        module = importlib.import_module(f"fastvae.ops.{name}.test_{name}")
+        if hasattr(module, kind):
+            found[name] = getattr(module, kind)
+    return found

@@ -10,7 +10,7 @@ import fastvae
 from fastvae import _backend, _registry
 
 from conftest import INTERPRET
-from helpers import gen
+from helpers import gen, op_cases
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
 
@@ -239,7 +239,7 @@ def _reduction_cases():
     x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
     x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
     xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
-    mu, lv, pm, plv, zk = leaf(20000, 8), leaf(20000, 8), leaf(8), leaf(8), leaf(4, 20000, 8)
+    mu, lv, zk = leaf(20000, 8), leaf(20000, 8), leaf(4, 20000, 8)
     S = (torch.randn(5000, 8, 8, generator=g) * 0.3 + 2 * torch.eye(8)).requires_grad_()
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
@@ -257,7 +257,6 @@ def _reduction_cases():
                               lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
                                           x_many, mean_many, var_row)],
         "bernoulli_log_prob": [lambda: run(fastvae.bernoulli_log_prob, xb, lg)],
-        "kl_normal": [lambda: run(fastvae.kl_normal, mu, lv, pm, plv)],
         "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
         "sample_normal_tril": [lambda: run(lambda a, b: fastvae.sample_normal_tril(a, b, 3, generator=gen(2)),
                                            mu[:5000], S)],
@@ -289,6 +288,7 @@ def _reduction_cases():
             "weibull", a, b, 4, generator=gen(2)), p0, p1)],
         "sample_concrete": [lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 4, generator=gen(2)), lcc)],
     }
+    cases.update((name, calls(leaf, run)) for name, calls in op_cases("thread_count_calls").items())
     return cases
 
 
@@ -350,7 +350,6 @@ def _every_op_call():
         "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
         "sample_normal_tril": lambda: run(lambda a: fastvae.sample_normal_tril(
             a, torch.eye(4, dtype=a.dtype).expand(3, 4, 4), 5, generator=gen(1)), mu),
-        "kl_normal": lambda: run(fastvae.kl_normal, mu, lv),
         "gaussian_log_prob": lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean),
         "bernoulli_log_prob": lambda: run(lambda a, b: fastvae.bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
         "logmeanexp": lambda: run(fastvae.logmeanexp, lw),
@@ -380,6 +379,7 @@ def _every_op_call():
         "sample_positive": lambda: run(lambda a, b: fastvae.sample_positive(
             "kumaraswamy", a * 0.3, b * 0.3, 5, generator=gen(1)), mu, lv),
         "sample_concrete": lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 5, generator=gen(1)), leaf(3, 4, 3)),
+        **{name: call(leaf, run) for name, call in op_cases("fallback_call").items()},
     }
 
 
@@ -392,8 +392,6 @@ def test_every_op_falls_back_without_the_extension(monkeypatch, path):
     reference backend (with the missing-extension warning), and through the
     CUDA path's Python (backend "triton", its kernels replaced here by the
     reference's, since no GPU is needed to reach them), matching the reference."""
-    from fastvae import reference
-
     expected = {}
     with fastvae.use_backend("reference"):
         expected = {name: call() for name, call in _every_op_call().items()}
@@ -410,8 +408,9 @@ def test_every_op_falls_back_without_the_extension(monkeypatch, path):
                 assert _backend.backend_for("cpu") == "reference"
         else:
             monkeypatch.setitem(_backend._chosen, "cpu", "triton")  # what CUDA tensors get
+            oracles = {name: _backend.kernel_function("reference", name) for name in _registry.KERNELS}
             for name in _registry.KERNELS:
-                ref = getattr(reference, name)
+                ref = oracles[name]
                 _backend._functions["triton", name] = (
                     lambda ref=ref, **a: ref(**{k: int(v) if k == "seed" else v for k, v in a.items()}))
         got = {name: call() for name, call in _every_op_call().items()}

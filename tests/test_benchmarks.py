@@ -106,6 +106,30 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
             assert r["speedup_vs_eager"] == 1.0
 
 
+def test_an_op_folder_s_benchmark_row_runs_end_to_end(tmp_path):
+    """bench_op <op> --quick (an op in a folder of its own): its description's
+    row, every size, mode and implementation, and the
+    memory child, which replays the op's name with the other arguments."""
+    from benchmarks import bench_op
+    from fastvae import _registry
+
+    name = sorted(_registry.FOLDERS)[0]
+    bench = _registry.FOLDERS[name].BENCH
+    out = tmp_path / "op.json"
+    try:
+        payload = bench_op.main([name, "--quick", "--device", "cpu", "--copy-mb", "4", "--out", str(out)])
+    finally:
+        torch._dynamo.reset()
+    assert json.loads(out.read_text())["results"] == payload["results"]
+    assert payload["op"] == name
+    assert len(payload["results"]) == len(bench.quick) * 3 * len(harness.MODES)
+    assert {r["impl"] for r in payload["results"]} >= {"eager", "compiled"}
+    assert all(r["median_ms"] > 0 for r in payload["results"])
+    label = ",".join(f"{k}={v}" for k, v in bench.quick[0].items())
+    m = common.run_child_json(["benchmarks.bench_op", name, "--quick", "--memory-child", label, "eager"])
+    assert m["peak_mb"] >= 0 and m["method"]
+
+
 def test_peak_memory_child():
     """The subprocess that --memory starts for one (case, implementation)."""
     m = common.run_child_json(["benchmarks.bench_bernoulli_log_prob", "--quick", "--memory-child", "K=1", "eager"])
@@ -281,12 +305,16 @@ def test_train_step_has_the_probes_four_steps():
 
 def test_the_suite_runs_every_benchmark_file():
     """docs/architecture.md says `python -m benchmarks` runs every bench_*.py: the
-    registry's op benchmarks, then every other file found (bench_overhead runs in
-    the suite's own process), with no hand-kept names."""
+    registry's op benchmarks (an op folder's row through bench_op.py), then every
+    other file found (bench_overhead runs in the suite's own process), with no
+    hand-kept names."""
     from pathlib import Path
 
+    from fastvae import _registry
+
     files = {p.stem.removeprefix("bench_") for p in Path(suite_main.__file__).parent.glob("bench_*.py")}
-    assert set(suite_main.BENCHMARKS) | {"overhead"} == files
+    assert set(suite_main.BENCHMARKS) | {"overhead", "op"} == files | set(_registry.FOLDERS)
+    assert all(suite_main.command(name) == ["benchmarks.bench_op", name] for name in _registry.FOLDERS)
     assert len(suite_main.BENCHMARKS) == len(set(suite_main.BENCHMARKS))
 
 

@@ -6,7 +6,7 @@ import fastvae
 from fastvae.sample_normal import SampleNormal
 
 from conftest import INTERPRET
-from helpers import assert_compiled_matches_eager
+from helpers import assert_compiled_matches_eager, op_cases
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compile tests run in the main process (cpp backend)")
 
@@ -122,8 +122,7 @@ def _twin_cases():
         ("gaussian_log_prob (softplus, per dimension)",
          lambda a, m, v: fastvae.gaussian_log_prob(a, m, softplus_var=v, delta=1e-3), (x, out, out[0, 0])),
         ("logmeanexp", lambda w: fastvae.logmeanexp(w, dim=0), (out[:, :, 0],)),
-        ("kl_normal", lambda m, v: fastvae.kl_normal(m, v), (mu, lv)),
-        ("kl_normal (prior)", fastvae.kl_normal, (mu, lv, mu.flip(0), lv.flip(1))),
+        *(case for cases in op_cases("compile_cases").values() for case in cases(mu, lv)),
     ]
 
 

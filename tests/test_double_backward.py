@@ -18,7 +18,7 @@ from fastvae.gaussian_log_prob import gaussian_log_prob_packed
 from fastvae.sample_normal import sample_normal_with_ratio_unchecked
 
 from conftest import INTERPRET
-from helpers import gen
+from helpers import gen, op_cases
 
 F64 = torch.float64
 
@@ -68,9 +68,6 @@ def _cases(g):
     gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)
     ratio = lambda z, m, lv: fastvae.latent_log_ratio(z, m, lv)
     return {
-        "kl_normal": (lambda m, lv: fastvae.kl_normal(m, lv), [r(3, 4), r(3, 4)], True),
-        "kl_normal_prior": (lambda m, lv, pm, plv: fastvae.kl_normal(m, lv, pm, plv),
-                            [r(3, 4), r(3, 4), r(4), r(4)], True),
         "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
         "gaussian_log_prob_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
         "gaussian_log_prob_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
@@ -120,6 +117,7 @@ def _cases(g):
         # issue 35 (every family and the stop-score mode: tests/test_sample_positive.py)
         "sample_positive": (lambda a, b: fastvae.sample_positive("kumaraswamy", a, b, 2, generator=gen(3)),
                             [r(3, 4), r(3, 4)], False),
+        **{name: case for cases in op_cases("double_backward_cases").values() for name, case in cases(r).items()},
     }
 
 

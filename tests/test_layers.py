@@ -20,13 +20,17 @@ pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process tests")
 ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "fastvae"
 
-# The ops layer is every front end the registry names (fastvae/<module>.py).
+# The ops layer is every front end the registry names (fastvae/<module>.py, or
+# fastvae/ops/<op>/op.py for an op in a folder of its own, whose __init__, its
+# description and oracle, sits below the registry that reads it).
 OP_MODULES = tuple(sorted({_registry.KERNELS[k].module for op in _registry.OPS.values() for k in op.kernels}
-                          & {p.stem for p in PACKAGE.glob("*.py")}))
+                          & {p.stem for p in PACKAGE.glob("*.py")})) + tuple(f"ops.{n}.op" for n in _registry.FOLDERS)
 
 # Bottom to top; a module may import its own layer (without a cycle) or any below.
 LAYERS = {
-    "base": ("_dtypes", "_registry"),
+    "base": ("_dtypes", "_spec", "ops"),
+    "op descriptions": tuple(f"ops.{n}" for n in _registry.FOLDERS),  # each with its oracle (the reference backend's)
+    "registry": ("_registry",),
     "backends": ("reference",),  # with kernels/ (Triton) and fastvae._C (C++), outside this package
     "dispatch": ("_backend",),
     "op support": ("_validate", "_value_checks", "_op", "_double_backward", "_likelihood_layout",
@@ -43,9 +47,11 @@ LAYERS = {
 DECLARED = {
     ("_count_likelihood", "reference"): "the count likelihoods' second derivative is autograd of the reference's "
                                         "stable formula (create_graph=True only)",
-    ("_double_backward", "reference"): "kl_normal_grad (kl_normal's one gradient formula in Python) and the "
-                                       "continuous Bernoulli's d log C / d logit with its Taylor branch near 0, "
+    ("_double_backward", "reference"): "the continuous Bernoulli's d log C / d logit with its Taylor branch near 0, "
                                        "differentiable for the double backward",
+    ("_double_backward", "ops.kl_normal"): "kl_normal_grad (kl_normal's one gradient formula in Python) in "
+                                           "sample_normal's double backward",
+    ("ops.kl_normal.op", "ops.kl_normal"): "kl_normal_grad, differentiable, for its own double backward",
     ("sample_positive", "reference"): "positive_terms: the positive families' closed forms, differentiable, for "
                                       "the double backward",
     ("latents", "reference"): "positive_terms at the median (Positive.point): one closed form, not a second copy",
@@ -61,30 +67,57 @@ def _layer_of() -> dict[str, int]:
     return index
 
 
+def _module_name(path: Path) -> str:
+    """fastvae/x.py -> "x"; fastvae/ops/kl_normal/__init__.py -> "ops.kl_normal";
+    fastvae/ops/kl_normal/op.py -> "ops.kl_normal.op"; fastvae/__init__.py -> "__init__"."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _sources() -> list[Path]:
+    """Every front-end module: fastvae/*.py and the op folders' Python, but their
+    Triton kernels (the kernel layer, tests/test_registry.py) and their tests."""
+    return sorted(PACKAGE.glob("*.py")) + sorted(
+        p for p in PACKAGE.glob("ops/**/*.py") if p.name != "triton.py" and not p.name.startswith("test_"))
+
+
 def imports() -> dict[str, dict[str, int]]:
-    """module -> {imported fastvae module: first line}, for every fastvae/*.py,
-    at any depth of the file (function bodies included)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    """module -> {imported fastvae module: first line}, for every front-end
+    module, at any depth of the file (function bodies included). A name
+    imported from a package is the submodule of that name where there is one."""
+    paths = _sources()
+    modules = {_module_name(p) for p in paths}
+
+    def resolve(parts: list[str], names: list[str]) -> list[str]:
+        base = ".".join(parts) or "__init__"
+        found = [f"{base}.{n}" if parts else n for n in names]
+        return [m if m in modules else base for m in found] or [base]
+
     edges: dict[str, dict[str, int]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        found = edges.setdefault(path.stem, {})
+    for path in paths:
+        name = _module_name(path)
+        package = name.split(".") if path.name == "__init__.py" and name != "__init__" else name.split(".")[:-1]
+        found = edges.setdefault(name, {})
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             targets = []
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1:  # from . import x / from .x import y
-                    targets = [a.name for a in node.names] if node.module is None else [node.module.split(".")[0]]
-                elif node.level == 0 and node.module and node.module.split(".")[0] == "fastvae":
-                    parts = node.module.split(".")
-                    targets = [parts[1]] if len(parts) > 1 else [a.name for a in node.names] + ["__init__"]
-                elif node.level > 1:
-                    raise AssertionError(f"{path.name}:{node.lineno}: an import above the package")
+                names = [a.name for a in node.names]
+                if node.level > 0:  # relative: from . import x / from ..y import z
+                    if node.level - 1 > len(package):
+                        raise AssertionError(f"{path}:{node.lineno}: an import above the package")
+                    parts = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+                    targets = resolve(parts, names)
+                elif node.module and node.module.split(".")[0] == "fastvae":
+                    targets = resolve(node.module.split(".")[1:], names)
             elif isinstance(node, ast.Import):
                 for a in node.names:
                     parts = a.name.split(".")
                     if parts[0] == "fastvae":
-                        targets.append(parts[1] if len(parts) > 1 else "__init__")
+                        targets.append(".".join(parts[1:]) or "__init__")
             for t in targets:
-                if t in modules and t != path.stem:
+                if t in modules and t != name:
                     found.setdefault(t, node.lineno)
     return edges
 
@@ -106,10 +139,13 @@ def test_no_import_points_up():
 
 
 def test_the_backends_are_reached_through_the_dispatch_layer():
+    """Above the dispatch layer, nothing imports a backend (the reference, or an
+    op description's oracle) but the declared uses."""
     index = _layer_of()
-    backends, dispatch = list(LAYERS).index("backends"), list(LAYERS).index("dispatch")
+    oracles = {list(LAYERS).index("op descriptions"), list(LAYERS).index("backends")}
+    dispatch = list(LAYERS).index("dispatch")
     skipping = [f"{a} imports {b} at line {line}" for a, targets in EDGES.items() for b, line in targets.items()
-                if index[b] == backends and index[a] > dispatch and (a, b) not in DECLARED]
+                if index[b] in oracles and index[a] > dispatch and (a, b) not in DECLARED]
     assert skipping == [], "reach the backend through _backend.launch, or declare the use in DECLARED (with why)"
 
 

@@ -23,7 +23,11 @@ def _params(fn) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 def test_reference_matches_the_registry(kernel):
-    assert _params(getattr(reference, kernel.name)) == kernel.args
+    """The oracle's function (an op folder's __init__, else fastvae.reference),
+    as the reference backend looks it up."""
+    assert _params(_backend.kernel_function("reference", kernel.name)) == kernel.args
+    oracle = _registry.FOLDERS.get(kernel.module, reference)
+    assert _backend.kernel_function("reference", kernel.name) is getattr(oracle, kernel.name)
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
@@ -62,8 +66,47 @@ def test_launch_refuses_arguments_that_differ_from_the_registry():
 @pytest.mark.parametrize("op", _registry.OPS.values(), ids=lambda op: op.name)
 def test_every_op_has_its_kernels_tests_and_benchmark(op):
     assert set(op.kernels) <= set(_registry.KERNELS)
-    assert (ROOT / "tests" / op.test).exists()
-    assert (ROOT / "benchmarks" / f"bench_{op.benchmark}.py").exists()
+    assert (ROOT / op.test).exists()
+    if op.name in _registry.FOLDERS:  # its benchmark row, run by benchmarks/bench_op.py
+        assert op.benchmark == op.name and _registry.FOLDERS[op.name].BENCH.fastvae == op.name
+    else:
+        assert (ROOT / "benchmarks" / f"bench_{op.benchmark}.py").exists()
+
+
+# What an op folder holds (fastvae/ops/__init__.py): the files of its layers, and
+# nothing of it outside (no kernels/<op>.py, fastvae/<op>.py, csrc/<op>*.cpp, tests/test_<op>.py)
+FOLDER_FILES = ("__init__.py", "op.py", "triton.py", "{op}.h", "{op}.cpp", "bind.cpp", "test_{op}.py")
+
+
+@pytest.mark.parametrize("name", _registry.FOLDERS)
+def test_an_op_folder_holds_all_of_its_op(name):
+    folder = ROOT / "fastvae" / "ops" / name
+    expected = {f.format(op=name) for f in FOLDER_FILES}
+    if _registry.OPS[name].torch_ops:
+        expected.add("torch_op.cpp")
+    assert {p.name for p in folder.iterdir() if p.is_file()} == expected
+    assert _registry.OPS[name].test == f"fastvae/ops/{name}/test_{name}.py"
+    assert all(_registry.KERNELS[k].module == name for k in _registry.OPS[name].kernels)
+    elsewhere = [ROOT / "kernels" / f"{name}.py", ROOT / "fastvae" / f"{name}.py", ROOT / "csrc" / f"{name}.cpp",
+                 ROOT / "csrc" / f"{name}_bind.cpp", ROOT / "tests" / f"test_{name}.py",
+                 ROOT / "benchmarks" / f"bench_{name}.py"]
+    assert [str(p.relative_to(ROOT)) for p in elsewhere if p.exists()] == []
+
+
+@pytest.mark.parametrize("name", _registry.FOLDERS)
+def test_an_op_folder_gives_its_cases_of_every_suite_wide_check(name):
+    """The checks over every op (launches, thread counts, the fallback, the
+    double backward, and for a C++ operator its compile and twin cases) read an
+    op folder's cases from its test module (tests/helpers.py, op_cases); a
+    missing one would leave the op unchecked there."""
+    import helpers
+
+    needed = {"launch_case", "thread_count_calls", "fallback_call"}
+    if _registry.OPS[name].double_backward == "closed form":
+        needed.add("double_backward_cases")
+    if _registry.OPS[name].torch_ops:
+        needed |= {"compile_cases", "twin_op_cases"}
+    assert sorted(k for k in needed if name not in helpers.op_cases(k)) == []
 
 
 def test_interpreter_run_covers_every_module_that_reaches_a_triton_kernel():
@@ -75,9 +118,9 @@ def test_interpreter_run_covers_every_module_that_reaches_a_triton_kernel():
                          "test_docs.py", "test_migrating.py", "test_torch_ops.py", "test_layers.py"}
     missing = sorted(n for n in main_process_only if not (ROOT / "tests" / n).exists())
     assert not missing, f"named here but not in tests/: {missing}"  # a stale name hides nothing
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
+    for path in sorted((ROOT / "tests").glob("test_*.py")) + sorted((ROOT / "fastvae" / "ops").glob("*/test_*.py")):
         if path.name not in main_process_only:
-            assert path.name in modules, f"{path.name} is missing from the Triton interpreter run"
+            assert str(path.relative_to(ROOT)) in modules, f"{path} is missing from the Triton interpreter run"
 
 
 # The ahead-of-time tool (python -m fastvae.kernels.aot) is not a kernel: it
@@ -105,11 +148,13 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_kernels_do_not_import_the_front_end():
-    """kernels/ is the bottom layer: no kernel module imports fastvae (the front
-    end imports the kernels, never the other way round)."""
+    """kernels/ and the op folders' triton.py are the bottom layer: no kernel
+    module imports fastvae beyond fastvae.kernels (the front end imports the
+    kernels, never the other way round)."""
     modules = sorted(p for p in (ROOT / "kernels").glob("*.py") if p.name not in KERNEL_LAYER_TOOLS)
+    modules += sorted((ROOT / "fastvae" / "ops").glob("*/triton.py"))
     assert modules
-    upward = {p.name: sorted(m for m in _imported_modules(p)
+    upward = {str(p.relative_to(ROOT)): sorted(m for m in _imported_modules(p)
                              if (m == "fastvae" or m.startswith("fastvae.")) and not m.startswith("fastvae.kernels"))
               for p in modules}
     upward = {name: found for name, found in upward.items() if found}
@@ -140,10 +185,16 @@ def test_every_op_describes_its_launches_and_double_backward(op):
 
 
 def _torch_library_block(namespace: str) -> str:
-    """The body of csrc/torch_ops.cpp's TORCH_LIBRARY(namespace, m) { ... }."""
-    text = (ROOT / "csrc" / "torch_ops.cpp").read_text()
-    start = text.index(f"TORCH_LIBRARY({namespace}, m) {{")
-    return text[start:text.index("\n}", start)]
+    """The bodies of csrc/torch_ops.cpp's TORCH_LIBRARY(namespace, m) { ... } and
+    of each op folder's TORCH_LIBRARY_FRAGMENT(namespace, m) { ... } in torch_op.cpp."""
+    blocks = []
+    for path in [ROOT / "csrc" / "torch_ops.cpp", *sorted((ROOT / "fastvae" / "ops").glob("*/torch_op.cpp"))]:
+        text = path.read_text()
+        for head in (f"TORCH_LIBRARY({namespace}, m) {{", f"TORCH_LIBRARY_FRAGMENT({namespace}, m) {{"):
+            if head in text:
+                start = text.index(head)
+                blocks.append(text[start:text.index("\n}", start)])
+    return "\n".join(blocks)
 
 
 def test_the_graph_twins_are_the_ops_defined_with_cpu():
@@ -179,33 +230,41 @@ def _aot_branches() -> set[str]:
 
 
 def test_every_op_has_an_aot_branch():
-    """python -m fastvae.kernels.aot compiles each op's launches from a branch of calls()."""
-    assert sorted(set(_registry.OPS) - _aot_branches()) == []
-    assert sorted(_aot_branches() - set(_registry.OPS)) == []
+    """python -m fastvae.kernels.aot compiles each op's launches from a branch of
+    calls(), or an op folder's from its description's aot_calls."""
+    folders = set(_registry.FOLDERS)
+    assert all(callable(getattr(_registry.FOLDERS[name], "aot_calls", None)) for name in folders)
+    assert sorted(set(_registry.OPS) - folders - _aot_branches()) == []
+    assert sorted(_aot_branches() - (set(_registry.OPS) - folders)) == []
 
 
-_NUMBERS = {"fifteen": 15, "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20}
+_NUMBERS = {"six": 6, "seven": 7, "eight": 8, "nine": 9}
 
 
 def test_the_adding_an_op_checklist_counts_its_files_and_names_real_ones():
     """docs/architecture.md's "Adding an op": the counts in its first sentence
-    are those of its numbered items, each item names a file that exists (X
-    read as sample_concrete, the op the list was counted from, or one of the
-    item's alternatives), and each test the checklist says fails is there."""
+    are those of its numbered items, each item names a file of the op folder
+    it was written from (X read as kl_normal), the test module's case
+    functions it names are helpers.OP_CASES, and each test the checklist says
+    fails is there."""
+    import helpers
+
     text = (ROOT / "docs" / "architecture.md").read_text()
     section = text[text.index("\n## Adding an op\n"):]
     section = section[:section.index("\n## ", 5)]
-    head = re.search(r"(\w+) files \((\w+) with a C\+\+ operator\)", section)
-    items = re.findall(r"^(\d+)\. (.*?)(?=^\d+\. |^Only if|^An op that|\Z)", section, re.M | re.S)
+    head = re.search(r"(\w+) files in the folder \((\w+) with a C\+\+\s+operator\)", section)
+    items = re.findall(r"^(\d+)\. (.*?)(?=^\d+\. |^Only if|^Outside the folder|\Z)", section, re.M | re.S)
     numbers = [int(n) for n, _ in items]
     assert numbers == list(range(1, len(items) + 1))
     cpp_from = int(re.search(r"^(\d+)\. ", section[section.index("Only if"):], re.M).group(1))
-    assert _NUMBERS[head.group(1).lower()] == cpp_from - 1
-    assert _NUMBERS[head.group(2).lower()] == len(items)
+    assert _NUMBERS[head.group(1).lower()] == cpp_from - 1 == len(FOLDER_FILES)
+    assert _NUMBERS[head.group(2).lower()] == len(items) == len(FOLDER_FILES) + 1
     for n, body in items:
-        paths = [p.replace("X", "sample_concrete") for p in re.findall(r"`([\w./]+\.(?:py|cpp|h|md))`", body)]
-        assert any((ROOT / p).exists() for p in paths), f"item {n} names no existing file: {paths}"
-    for test in re.findall(r"`(test_every_\w+)`", section):
+        paths = [p.replace("X", "kl_normal") for p in re.findall(r"`([\w./]+\.(?:py|cpp|h|md))`", body)]
+        assert paths and (ROOT / paths[0]).exists(), f"item {n} names no file of the op folder first: {paths}"
+    named = set(re.findall(r"`(\w+)`", section[section.index("7. "):section.index("Only if")]))
+    assert set(helpers.OP_CASES) <= named
+    for test in re.findall(r"`(test_(?:every|an_op)_\w+)`", section):
         assert any(test in p.read_text() for p in (ROOT / "tests").glob("test_*.py")), test
 
 

@@ -23,8 +23,8 @@ from fastvae._registry import interpreter_test_modules
 
 from conftest import INTERPRET
 
-TESTS = Path(__file__).parent
-OP_TESTS = interpreter_test_modules()  # every op's test module, and those above the ops
+ROOT = Path(__file__).parent.parent
+OP_TESTS = interpreter_test_modules()  # every op's test module, and those above the ops (from ROOT)
 
 
 def _interpreter_env():
@@ -45,9 +45,9 @@ def start_child() -> None:
     them; the launcher test then waits for it. Once per session."""
     if _child or INTERPRET or importlib.util.find_spec("triton") is None:
         return
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(TESTS / t) for t in OP_TESTS]]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(ROOT / t) for t in OP_TESTS]]
     log = tempfile.NamedTemporaryFile("w+", prefix="fastvae-interpreter-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=TESTS.parent, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             text=True)
     _child.update(proc=proc, log=log, started=time.monotonic())
 

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kl_normal/kl_normal.h"
 #include "known_answers.h"
 #include "likelihood.h"
 #include "ops.h"

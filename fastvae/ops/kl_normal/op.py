@@ -1,11 +1,15 @@
-"""kl_normal: analytic KL between diagonal Gaussians, fused forward and backward."""
+"""kl_normal's front end: the public function, the torch.library ops
+fastvae::kl_normal and fastvae::kl_normal_backward, and their autograd Function
+(its double backward included)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
-from ._op import define, flat, run, shaped
+from ... import _backend, _validate
+from ..._dtypes import accumulation_dtype
+from ..._op import define, flat, run, shaped
+from . import kl_normal_grad
 
 
 def _forward(mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None) -> Tensor:
@@ -61,10 +65,23 @@ kl_normal_backward_op = define(
 )
 
 
+def _double_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, needs):
+    """dmu, dlogvar[, dprior_mu, dprior_logvar] as differentiable torch ops, for a
+    create_graph=True backward: the oracle's kl_normal_grad in the accumulation
+    dtype, each gradient in its input's dtype (None where none is needed)."""
+    def up(t):
+        return None if t is None else t.to(accumulation_dtype(t.dtype))
+
+    grads = kl_normal_grad(up(grad_kl).unsqueeze(-1), up(mu), torch.exp(up(logvar)), up(prior_mu), up(prior_logvar))
+    inputs = (mu, logvar) if prior_mu is None else (mu, logvar, prior_mu, prior_logvar)
+    out = tuple(d.to(t.dtype) if need else None for d, t, need in zip(grads, inputs, needs))
+    return out + (None, None) * (prior_mu is None)
+
+
 class KLNormal(torch.autograd.Function):
     """Autograd of fastvae::kl_normal. The op takes (N, L) contiguous tensors;
     made here once, and saved, so the backward reuses them; the inputs
-    themselves are saved too, for a double backward (fastvae/_double_backward.py)."""
+    themselves are saved too, for a double backward."""
 
     @staticmethod
     def forward(ctx, mu, logvar, prior_mu, prior_logvar):
@@ -79,7 +96,7 @@ class KLNormal(torch.autograd.Function):
     def backward(ctx, grad_kl):
         mu2, lv2, pm2, plv2, *inputs = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return _double_backward.kl_normal(grad_kl, *inputs, ctx.needs_input_grad)
+            return _double_backward(grad_kl, *inputs, ctx.needs_input_grad)
         grads = run(kl_normal_backward_op, shaped(grad_kl, mu2.shape[:1]), mu2, lv2, pm2, plv2)
         shape = ctx.shape
         if pm2 is None:  # the op returns no prior gradients: allocating empty ones cost as much as the kernel

@@ -1,7 +1,7 @@
 // Python bindings of kl_normal (checked buffers -> kl_normal.cpp).
 #include "buffers.h"
+#include "kl_normal.h"
 #include "optional_buffers.h"
-#include "ops.h"
 
 namespace fastvae::bind {
 namespace {

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "fastmath.h"
+#include "kl_normal.h"
 #include "ops.h"
 #include "rows.h"
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the backends under test, NaN-poisoned outputs, Hypothesis profiles.
+"""Shared fixtures of every test (tests/ and each op's fastvae/ops/<op>/test_<op>.py):
+the backends under test, NaN-poisoned outputs, Hypothesis profiles.
 
 One pytest process tests the reference and cpp backends (and compiled Triton
 when a CUDA device is present). The Triton interpreter needs TRITON_INTERPRET=1

@@ -6,8 +6,8 @@ Layout: mu, logvar, prior_mu, prior_logvar (N, L) contiguous; kl, dkl (N,).
 import triton
 import triton.language as tl
 
-from ._common import MAX_BLOCK_COLS as MAX_BLOCK_L
-from ._common import acc_dtype, blocks
+from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
+from fastvae.kernels._common import acc_dtype, blocks
 
 # 1024 elements a program at 4 warps: 8 a thread, which ptxas keeps in
 # registers for the backward's five live tiles (4096 spilled).

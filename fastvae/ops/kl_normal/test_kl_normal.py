@@ -1,4 +1,5 @@
-"""kl_normal against the float64 reference, per backend (see conftest.py)."""
+"""kl_normal against its float64 oracle (fastvae/ops/kl_normal/__init__.py), per
+backend (the root conftest.py), and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -7,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.kl_normal import KLNormal, kl_normal_backward_op, kl_normal_op
+from fastvae.ops import kl_normal as oracle
+from fastvae.ops.kl_normal.op import KLNormal, kl_normal_backward_op, kl_normal_op
 
 from helpers import assert_close
 
@@ -72,10 +73,10 @@ def check_against_reference(backend, dtype, problem):
 
     args64 = [a.detach().double().cpu().requires_grad_() for a in args]
     if prior == "none":
-        kl_ref = reference.kl_normal(*args64)
+        kl_ref = oracle.kl_normal(*args64)
     else:
         prior = (args64[2].expand_as(args64[0]), args64[3].expand_as(args64[0]))
-        kl_ref = reference.kl_normal(args64[0], args64[1], *prior)
+        kl_ref = oracle.kl_normal(args64[0], args64[1], *prior)
     grads_ref = torch.autograd.grad(kl_ref, args64, gk.to(dtype).double())
 
     m, v = args64[0].detach(), torch.exp(args64[1].detach())
@@ -163,3 +164,53 @@ def test_errors_on_bad_input(backend):
     # mixed dtypes: float64 wins
     assert fastvae.kl_normal(mu, mu, torch.zeros(3, dtype=torch.float64, device=device),
                              torch.zeros(3, device=device)).dtype == torch.float64
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(fastvae.kl_normal, (B, L), (B, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (a learned (L,) prior: its
+    gradients are sums over rows)."""
+    mu, lv, pm, plv = leaf(20000, 8), leaf(20000, 8), leaf(8), leaf(8)
+    return [lambda: run(fastvae.kl_normal, mu, lv, pm, plv)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    mu, lv = leaf(3, 4), leaf(3, 4)
+    return lambda: run(fastvae.kl_normal, mu, lv)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck."""
+    return {
+        "kl_normal": (lambda m, lv: fastvae.kl_normal(m, lv), [r(3, 4), r(3, 4)], True),
+        "kl_normal_prior": (lambda m, lv, pm, plv: fastvae.kl_normal(m, lv, pm, plv),
+                            [r(3, 4), r(3, 4), r(4), r(4)], True),
+    }
+
+
+def compile_cases(mu, lv):
+    """tests/test_compile.py: (name, function, float inputs) whose compiled graph
+    calls the C++ twins, forward and backward (mu, lv: (5, 2, 3))."""
+    return [("kl_normal", lambda m, v: fastvae.kl_normal(m, v), (mu, lv)),
+            ("kl_normal (prior)", fastvae.kl_normal, (mu, lv, mu.flip(0), lv.flip(1)))]
+
+
+def twin_op_cases(m2, l2):
+    """tests/test_torch_ops.py: (twin, arguments) in the Python op's layout, each
+    checked bit for bit against fastvae::<twin> and by opcheck (m2, l2: (12, 6))."""
+    return [("kl_normal", (m2, l2, None, None)), ("kl_normal", (m2, l2, l2, m2)),
+            ("kl_normal_backward", (torch.randn(12), m2, l2, l2, m2))]

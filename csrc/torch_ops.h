@@ -1,0 +1,102 @@
+// What every eager CPU operator (csrc/torch_ops.cpp and each op folder's
+// torch_op.cpp) is made of: the boundary checks, the outputs, the dtype
+// dispatch and the thread count. setup.py compiles those files as one
+// translation unit (libtorch's headers are parsed once), csrc/torch_ops.cpp
+// first: it defines the libraries, the op folders' files add fragments.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "ops.h"
+#include "outputs.h"
+
+namespace fastvae::torch_ops {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// OpenMP threads for `work` elements: as fastvae._backend.num_threads.
+inline int threads(int64_t work) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread)));
+}
+
+inline void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              ": the cpp backend supports float32 and float64, got ", t.scalar_type());
+}
+
+// t as a contiguous, aligned tensor of `like`'s dtype and the given shape.
+inline Tensor input(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef shape) {
+  check_float(t, name);
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  Tensor c = t.contiguous();
+  // a view of a byte buffer at an odd offset: the kernels' loads assume alignment
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % c.element_size() != 0) c = c.clone();
+  return c;
+}
+
+inline Tensor output(at::IntArrayRef shape, const Tensor& like) {
+  Tensor t = at::empty(shape, like.options());
+  if (poison_outputs) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else {
+    advise_huge_pages(t.data_ptr(), size_t(t.nbytes()));
+  }
+  return t;
+}
+
+template <typename F>
+void by_dtype(const Tensor& t, F f) {
+  if (t.scalar_type() == at::kFloat) {
+    f(float{});
+  } else {
+    f(double{});
+  }
+}
+
+template <typename T>
+T* ptr(const Tensor& t) { return t.data_ptr<T>(); }
+
+// An output in its user's shape: the tensor itself where it has it already
+// (so it stays modifiable in place, as the Python Function's outputs are),
+// else a view.
+inline Tensor shaped(const Tensor& t, at::IntArrayRef shape) { return t.sizes() == shape ? t : t.view(shape); }
+
+// (..., L) as rows: N = the product of the leading dimensions.
+inline std::pair<int64_t, int64_t> rows_of(const Tensor& mu) {
+  TORCH_CHECK(mu.dim() >= 1, "mu: expected a tensor with a last (latent) dimension");
+  return {c10::multiply_integers(mu.sizes().slice(0, mu.dim() - 1)), mu.size(-1)};
+}
+
+inline std::vector<int64_t> with_samples(int64_t K, at::IntArrayRef shape) {
+  std::vector<int64_t> out{K};
+  out.insert(out.end(), shape.begin(), shape.end());
+  return out;
+}
+
+// Whether this backward must return gradients with a graph (create_graph=True).
+inline bool double_backward() { return at::GradMode::is_enabled(); }
+
+// acc + t, where an undefined acc is 0.
+inline void add_to(Tensor& acc, const Tensor& t) { acc = acc.defined() ? acc + t : t; }
+
+// 1 / s, and 0 where s = 0 (an all -inf column), with no inf * 0 in its gradient.
+inline Tensor safe_inv(const Tensor& s) {
+  const Tensor empty = s == 0;
+  return at::where(empty, 0.0, 1.0 / at::where(empty, 1.0, s));
+}
+
+}  // namespace fastvae::torch_ops

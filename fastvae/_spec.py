@@ -1,0 +1,72 @@
+"""What an op's description is made of: its kernels with their argument
+names, the op itself, and its benchmark row.
+
+An op that lives in its own folder (fastvae/ops/<op>/, docs/architecture.md)
+describes itself with these in its ``__init__.py``; ``_registry`` collects
+those descriptions with the entries of the ops not yet moved. Imports nothing
+of fastvae, so that every layer may read it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class Kernel(NamedTuple):
+    """One kernel: the function of this name in its op's oracle (the reference
+    backend: ``fastvae.ops.<module>``, or ``fastvae.reference`` for an op not yet
+    moved), in its Triton module (``fastvae.ops.<module>.triton``, or
+    ``fastvae.kernels.<module>``) and in ``fastvae._C`` (which adds a trailing
+    ``n_threads``, except for the serial test hook uniform_fill)."""
+
+    name: str
+    # the op that owns it: its folder fastvae/ops/<module>/ (triton.py, the oracle in
+    # __init__.py), or for an op not yet moved there the stem of kernels/<module>.py
+    # and fastvae/<module>.py
+    module: str
+    args: tuple[str, ...]
+
+
+class Op(NamedTuple):
+    """A public op, described once: its kernels, the test module that checks it
+    (also run under the Triton interpreter), its benchmark, and the facts the
+    suite's per-op lists derive from (tests/test_registry.py fails when an op
+    is missing from one of them)."""
+
+    name: str
+    kernels: tuple[str, ...]
+    test: str  # its test module, from the repository root
+    benchmark: str | None  # its Bench (an op's folder), else benchmarks/bench_<benchmark>.py
+    # on the CUDA path, per forward + backward: Triton launches forward, Triton
+    # launches backward, other kernels (the seed's randint, ``other_kernels``)
+    # (tests/test_launches.py asserts them as ceilings)
+    launches: tuple[int, int, int] = (1, 1, 0)
+    # the Function's create_graph=True branch: "closed form" (fastvae/_double_backward.py,
+    # a gradgradcheck case in tests/test_double_backward.py) or "not_twice" (a named
+    # error, tested there as test_<op>_raises_...)
+    double_backward: str = "closed form"
+    # the eager CPU operators of csrc/torch_ops.cpp (torch.ops.fastvae_cpp.<name>) that serve it
+    torch_ops: tuple[str, ...] = ()
+    # aten kernels it may launch on CUDA besides the seed's randint
+    other_kernels: tuple[str, ...] = ()
+    # the likelihood= name it computes log p(x | z) for after the user's decoder (an entry of
+    # _decoder's likelihood table; tests/test_registry.py checks the two agree), None for an op
+    # that is no decoder likelihood (mixture_log_prob is a prior's log p(z))
+    likelihood: str | None = None
+
+
+class Bench(NamedTuple):
+    """An op's benchmark row (benchmarks/bench_op.py runs it; benchmarks/README.md
+    says what the columns mean): the op against the same formula in eager torch
+    (and torch.compile of it) at a small size, where the per-call cost is most
+    of the time, and a large one, where bandwidth is."""
+
+    title: str  # the table's title
+    sizes: tuple[dict, ...]  # the full run's sizes
+    quick: tuple[dict, ...]  # --quick (a smoke run)
+    # (size, device) -> (the call's arguments, the tensors it differentiates, the incoming gradients)
+    inputs: Callable
+    eager: Callable  # the formula in eager torch, called with the same arguments
+    # size -> the bytes a kernel must move at least, for "forward", "backward" and "fwd+bwd"
+    min_bytes: Callable
+    fastvae: str  # the public function, fastvae.<fastvae>
