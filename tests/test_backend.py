@@ -176,7 +176,9 @@ def test_a_missing_triton_is_explained(monkeypatch):
             raise ModuleNotFoundError("No module named 'triton'", name="triton")
         return real_import(name, *args, **kwargs)
 
-    for mod in [m for m in list(sys.modules) if m.startswith("fastvae.kernels")]:
+    # every Triton module, so that each is imported afresh (an op folder's too)
+    for mod in [m for m in list(sys.modules) if m.startswith("fastvae.kernels")
+                or (m.startswith("fastvae.ops.") and m.endswith(".triton"))]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(builtins, "__import__", no_triton)
     with pytest.raises(RuntimeError, match="needs Triton, which is not installed"):
