@@ -391,8 +391,8 @@ def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
 
 
 # ==========================================================================
-# Importance weighting (logmeanexp, importance_weights, effective_sample_size)
-# and latent_log_ratio. Log-weights lw are (K, ...), reduced over the leading
+# Importance weighting (logmeanexp, importance_weights, effective_sample_size).
+# Log-weights lw are (K, ...), reduced over the leading
 # sample dim K. A column's state is (m, s): m the largest non-NaN log-weight
 # (-inf if none), s = sum_k exp(lw_k - shift(m)) with shift(m) = m when finite,
 # else 0. The differentiable oracles below route their gradients around the
@@ -499,40 +499,6 @@ def importance_weights_backward(grad_w, w, dlw) -> None:
     acc = _compute_dtype(w)
     grad_w, w = grad_w.to(acc), w.to(acc)
     dlw.copy_(w * (grad_w - (grad_w * w).sum(0)))
-
-
-def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool = False) -> Tensor:
-    """log N(z; 0, I) - log N(z; mu, diag(exp(logvar))) summed over the last dim:
-    0.5 * sum(eps^2 - z^2 + logvar), eps = (z - mu) exp(-logvar / 2). Where z^2
-    overflows (|z| = 1e30 in float32) eps^2 - z^2 is taken as (eps - z)(eps + z),
-    the rounding of the exact value (+-inf, or finite where eps = z), as the
-    kernels do, never inf - inf = NaN; elsewhere as written, whose autograd
-    gradient stays exact where z >> eps. stop_score: mu and logvar enter
-    detached (STL / DReG), z keeps its gradient."""
-    if stop_score:
-        mu, logvar = mu.detach(), logvar.detach()
-    eps = (z - mu) * torch.exp(-0.5 * logvar)
-    diff = torch.where(torch.isinf(z.detach() * z.detach()), (eps - z) * (eps + z), eps * eps - z * z)
-    return 0.5 * torch.sum(diff + logvar, dim=-1)
-
-
-def latent_log_ratio_forward(z, mu, logvar, out) -> None:
-    """out (K, N) <- latent_log_ratio of z (K, N, L), mu, logvar (N, L)."""
-    acc = _compute_dtype(mu)
-    out.copy_(latent_log_ratio(z.to(acc), mu.to(acc), logvar.to(acc)))
-
-
-def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None:
-    """dz = g (eps / s - z); dmu = -sum_k g eps / s; dlogvar = sum_k g (1 - eps^2) / 2,
-    with g = grad_out and s = exp(logvar / 2); dmu, dlogvar None in the stop-the-score mode."""
-    acc = _compute_dtype(mu)
-    g, z, mu, logvar = grad_out.to(acc)[..., None], z.to(acc), mu.to(acc), logvar.to(acc)
-    inv_s = torch.exp(-0.5 * logvar)
-    eps = (z - mu) * inv_s
-    dz.copy_(g * (eps * inv_s - z))
-    if dmu is not None:
-        dmu.copy_(-(g * eps).sum(0) * inv_s)
-        dlogvar.copy_(0.5 * (g * (1.0 - eps * eps)).sum(0))
 
 
 # ==========================================================================

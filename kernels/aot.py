@@ -91,12 +91,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=r(B))
         yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), mu=m(B, L), scale_tril=m(B, L, L),
                                                   seed=seed, dmu=m(B, L), dscale_tril=m(B, L, L))
-    elif op == "latent_log_ratio":
-        yield "latent_log_ratio_forward", dict(z=m(K, B, L), mu=m(B, L), logvar=m(B, L), out=r(K, B))
-        for stop in (False, True):
-            d = None if stop else m(B, L)
-            yield "latent_log_ratio_backward", dict(grad_out=r(K, B), z=m(K, B, L), mu=m(B, L), logvar=m(B, L),
-                                                    dz=m(K, B, L), dmu=d, dlogvar=d)
     elif op == "mixture_log_prob":
         # z holds the K * B sample rows; U = 100 components (U is not specialized)
         U = MIXTURE_COMPONENTS

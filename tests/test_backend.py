@@ -239,7 +239,7 @@ def _reduction_cases():
     x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
     x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
     xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
-    mu, lv, zk = leaf(20000, 8), leaf(20000, 8), leaf(4, 20000, 8)
+    mu, lv = leaf(20000, 8), leaf(20000, 8)
     S = (torch.randn(5000, 8, 8, generator=g) * 0.3 + 2 * torch.eye(8)).requires_grad_()
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
@@ -260,7 +260,6 @@ def _reduction_cases():
         "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
         "sample_normal_tril": [lambda: run(lambda a, b: fastvae.sample_normal_tril(a, b, 3, generator=gen(2)),
                                            mu[:5000], S)],
-        "latent_log_ratio": [lambda: run(lambda a, b, c: fastvae.latent_log_ratio(a, b, c), zk, mu, lv)],
         "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
                                                            k=6000, likelihood="gaussian",
                                                            generator=gen(3))]],
@@ -342,7 +341,7 @@ def _every_op_call():
         out = out[0] if isinstance(out, tuple) else out
         return out.detach(), torch.autograd.grad(out.sum(), leaves)
 
-    mu, lv, lw, zs = leaf(3, 4), leaf(3, 4), leaf(7, 3), leaf(5, 3, 4)
+    mu, lv, lw = leaf(3, 4), leaf(3, 4), leaf(7, 3)
     x, mean, zm, means, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(6, 4), leaf(3, 4), leaf(3, 4)
     counts = (torch.arange(32, dtype=torch.float64) % 4).reshape(2, 16)
     x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
@@ -355,7 +354,6 @@ def _every_op_call():
         "logmeanexp": lambda: run(fastvae.logmeanexp, lw),
         "importance_weights": lambda: run(fastvae.importance_weights, lw),
         "effective_sample_size": lambda: run(fastvae.effective_sample_size, lw),
-        "latent_log_ratio": lambda: run(lambda z, a, b: fastvae.latent_log_ratio(z, a, b), zs, mu, lv),
         "mixture_log_prob": lambda: run(fastvae.mixture_log_prob, zm, means, logvars),
         "elbo": lambda: run(lambda a, b: fastvae.elbo(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),
                                                       likelihood="gaussian", generator=gen(2)), mu, lv),
