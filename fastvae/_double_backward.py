@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._backend import accumulation_dtype
+from .ops import FOLDERS as _FOLDERS
 from .ops.kl_normal import kl_normal_grad
 from .reference import _cb_log_norm_grad
 
@@ -56,9 +57,10 @@ def not_twice(name: str, grads: tuple, inputs: tuple, why: str | None = None) ->
     node on ``inputs`` (the op's inputs and upstream gradients, None allowed)
     that raises "fastvae.<name> does not support double backward
     (create_graph=True): <why>" when a second backward reaches it."""
-    if why is None:
+    if why is None:  # the op's oracle: in its folder's description, or fastvae.reference for an op not yet moved
+        oracle = f"fastvae.ops.{name}" if name in _FOLDERS else "fastvae.reference"
         why = (f"its backward is a kernel with no differentiable form. Differentiate it once, or use "
-               f"fastvae.reference.{name} (plain PyTorch) where a second derivative is needed")
+               f"{oracle}.{name} (plain PyTorch) where a second derivative is needed")
     given = [g for g in grads if g is not None]
     links = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     if not links:  # constants all: the gradients are constants too, their derivative truly 0
