@@ -20,8 +20,13 @@ from fastvae import _registry
 from . import harness
 
 
-def _label(size: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in size.items())
+def label(size: dict, keys: tuple[str, ...] | None = None) -> str:
+    """A case's label: its size's values of ``keys`` (the row's label_keys), or of all of them."""
+    return ",".join(f"{k}={size[k]}" for k in (size if keys is None else keys))
+
+
+def _repeats(size: dict) -> int:
+    return 200 if math.prod(size.values()) < 10_000 else 20
 
 
 def main(argv=None) -> dict | None:
@@ -30,12 +35,15 @@ def main(argv=None) -> dict | None:
     args = harness.parse_args(p, argv)
     bench = _registry.FOLDERS[args.op].BENCH
     device = torch.device(args.device)
-    cases = [harness.Case(_label(size), dict(size), lambda device, size=size: bench.inputs(size, device),
-                          bench.min_bytes(size), repeats=200 if math.prod(size.values()) < 10_000 else 20)
-             for size in (bench.quick if args.quick else bench.sizes)]
+    sizes = bench.quick if args.quick else bench.sizes
+    repeats = bench.repeats or _repeats
+    cases = [harness.Case(label(size, bench.label_keys), dict(size),
+                          lambda device, size=size: bench.inputs(size, device), bench.min_bytes(size),
+                          repeats=repeats(size))
+             for size in sizes]
     impls = harness.baseline_impls(bench.eager, getattr(fastvae, bench.fastvae), args.op, device,
                                    args.fastvae_backends)
-    return harness.run(__spec__.name, args.op, bench.title, cases, impls, args)
+    return harness.run(__spec__.name, args.op, bench.title.format(**sizes[0]), cases, impls, args)
 
 
 if __name__ == "__main__":

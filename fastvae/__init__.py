@@ -70,7 +70,6 @@ from .evaluation import (
     reconstruction_probability,
 )
 from .gaussian_log_prob import gaussian_log_prob
-from .latent_log_ratio import latent_log_ratio
 from .latents import LocationScale, LogisticNormal, LogNormal
 from .logmeanexp import (
     LogMeanExpState,
@@ -82,10 +81,11 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
-from .mixture_log_prob import mixture_log_prob
 from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .ops.kl_normal.op import kl_normal
+from .ops.latent_log_ratio.op import latent_log_ratio
+from .ops.mixture_log_prob.op import mixture_log_prob
 from .poisson_log_prob import poisson_log_prob
 from .sample_location_scale import sample_location_scale
 from .sample_normal import sample_normal

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ._backend import accumulation_dtype
+from .ops import FOLDERS as _FOLDERS
 from .ops.kl_normal import kl_normal_grad
 from .reference import _cb_log_norm_grad
 
@@ -56,9 +57,10 @@ def not_twice(name: str, grads: tuple, inputs: tuple, why: str | None = None) ->
     node on ``inputs`` (the op's inputs and upstream gradients, None allowed)
     that raises "fastvae.<name> does not support double backward
     (create_graph=True): <why>" when a second backward reaches it."""
-    if why is None:
+    if why is None:  # the op's oracle: in its folder's description, or fastvae.reference for an op not yet moved
+        oracle = f"fastvae.ops.{name}" if name in _FOLDERS else "fastvae.reference"
         why = (f"its backward is a kernel with no differentiable form. Differentiate it once, or use "
-               f"fastvae.reference.{name} (plain PyTorch) where a second derivative is needed")
+               f"{oracle}.{name} (plain PyTorch) where a second derivative is needed")
     given = [g for g in grads if g is not None]
     links = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     if not links:  # constants all: the gradients are constants too, their derivative truly 0
@@ -171,22 +173,6 @@ def importance_weights(grad_w, w):
 
 
 # -- latent terms ---------------------------------------------------------------------
-
-
-def latent_log_ratio(grad_out, z, mu, logvar, stop_score, needs):
-    """dz, dmu, dlogvar of sum(-z^2/2 + (z - mu)^2 e^(-logvar) / 2 + logvar / 2) for z (K, ..., L);
-    with stop_score mu and logvar enter as constants (and get no gradient)."""
-    g, zz = _acc(grad_out).unsqueeze(-1), _acc(z)
-    m, lv = _acc(mu), _acc(logvar)
-    if stop_score:
-        m, lv = m.detach(), lv.detach()
-    inv_var = torch.exp(-lv)
-    d = zz - m
-    dz = _like(g * (d * inv_var - zz), z, needs[0])
-    if stop_score:
-        return dz, None, None
-    return (dz, _like(-(g * d).sum(0) * inv_var, mu, needs[1]),
-            _like(0.5 * (g * (1.0 - d * d * inv_var)).sum(0), logvar, needs[2]))
 
 
 def sample_normal(grad_z, grad_kl, grad_ratio, stop_score, mu, logvar, seed, mu2, n_samples, noise):

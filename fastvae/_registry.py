@@ -62,11 +62,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     # into running states in place (sq_*: the state of 2 lw, i.e. of w^2)
     _k("logmeanexp_accumulate", "logmeanexp", "lw latent lw_max sumexp sq_max sq_sumexp first"),
     _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
-    _k("latent_log_ratio_forward", "latent_log_ratio", "z mu logvar out"),
-    _k("latent_log_ratio_backward", "latent_log_ratio", "grad_out z mu logvar dz dmu dlogvar"),
-    _k("mixture_log_prob_forward", "mixture_log_prob", "z means logvars logits out"),
-    _k("mixture_log_prob_backward", "mixture_log_prob",
-       "grad_out z means logvars logits out dz dmeans dlogvars dlogits"),
     # the count likelihoods (issue 27): log_theta (K, P, D) or per gene (D,); counts get no gradient
     _k("poisson_log_prob_forward", "poisson_log_prob", "x log_rate out"),
     _k("poisson_log_prob_backward", "poisson_log_prob", "grad_out x log_rate dlog_rate"),
@@ -121,10 +116,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "tests/test_logmeanexp.py", "logmeanexp", launches=(2, 1, 1), other_kernels=("ones_like",)),
     Op("effective_sample_size", ("logmeanexp_forward", "logmeanexp_backward"),
        "tests/test_logmeanexp.py", "logmeanexp"),
-    Op("latent_log_ratio", ("latent_log_ratio_forward", "latent_log_ratio_backward"),
-       "tests/test_latent_log_ratio.py", "latent_log_ratio"),
-    Op("mixture_log_prob", ("mixture_log_prob_forward", "mixture_log_prob_backward"),
-       "tests/test_mixture_log_prob.py", "mixture_log_prob", launches=(1, 2, 0), double_backward="not_twice"),
     Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"),
        "tests/test_poisson_log_prob.py", "poisson_log_prob", likelihood="poisson"),
     Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),

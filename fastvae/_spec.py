@@ -61,8 +61,11 @@ class Bench(NamedTuple):
     (and torch.compile of it) at a small size, where the per-call cost is most
     of the time, and a large one, where bandwidth is."""
 
-    title: str  # the table's title
-    sizes: tuple[dict, ...]  # the full run's sizes
+    # the table's title; a {name} in it is the first size's value (of a dimension the sizes share)
+    title: str
+    # the full run's sizes: each a case, its dimensions (and any other figure it records
+    # with its results, as mixture_log_prob's io_mb) by name
+    sizes: tuple[dict, ...]
     quick: tuple[dict, ...]  # --quick (a smoke run)
     # (size, device) -> (the call's arguments, the tensors it differentiates, the incoming gradients)
     inputs: Callable
@@ -70,3 +73,8 @@ class Bench(NamedTuple):
     # size -> the bytes a kernel must move at least, for "forward", "backward" and "fwd+bwd"
     min_bytes: Callable
     fastvae: str  # the public function, fastvae.<fastvae>
+    # the names of a size that label its case ("K=1"); None: all of them ("B=100,L=8")
+    label_keys: tuple[str, ...] | None = None
+    # size -> the case's default repeat count (None: the harness's); None: 200 repeats
+    # where the size's dimensions multiply to under 10,000, else 20
+    repeats: Callable | None = None

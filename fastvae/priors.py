@@ -40,8 +40,8 @@ from torch.distributions import (
 
 from . import _validate
 from .distributions import DiagonalNormal, TrilNormal, widened
-from .mixture_log_prob import check_components, mixture_log_prob
 from .ops.kl_normal.op import kl_normal
+from .ops.mixture_log_prob.op import check_components, mixture_log_prob
 
 LOG_2PI = math.log(2.0 * math.pi)
 

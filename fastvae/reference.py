@@ -391,8 +391,8 @@ def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
 
 
 # ==========================================================================
-# Importance weighting (logmeanexp, importance_weights, effective_sample_size)
-# and latent_log_ratio. Log-weights lw are (K, ...), reduced over the leading
+# Importance weighting (logmeanexp, importance_weights, effective_sample_size).
+# Log-weights lw are (K, ...), reduced over the leading
 # sample dim K. A column's state is (m, s): m the largest non-NaN log-weight
 # (-inf if none), s = sum_k exp(lw_k - shift(m)) with shift(m) = m when finite,
 # else 0. The differentiable oracles below route their gradients around the
@@ -499,104 +499,6 @@ def importance_weights_backward(grad_w, w, dlw) -> None:
     acc = _compute_dtype(w)
     grad_w, w = grad_w.to(acc), w.to(acc)
     dlw.copy_(w * (grad_w - (grad_w * w).sum(0)))
-
-
-def latent_log_ratio(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool = False) -> Tensor:
-    """log N(z; 0, I) - log N(z; mu, diag(exp(logvar))) summed over the last dim:
-    0.5 * sum(eps^2 - z^2 + logvar), eps = (z - mu) exp(-logvar / 2). Where z^2
-    overflows (|z| = 1e30 in float32) eps^2 - z^2 is taken as (eps - z)(eps + z),
-    the rounding of the exact value (+-inf, or finite where eps = z), as the
-    kernels do, never inf - inf = NaN; elsewhere as written, whose autograd
-    gradient stays exact where z >> eps. stop_score: mu and logvar enter
-    detached (STL / DReG), z keeps its gradient."""
-    if stop_score:
-        mu, logvar = mu.detach(), logvar.detach()
-    eps = (z - mu) * torch.exp(-0.5 * logvar)
-    diff = torch.where(torch.isinf(z.detach() * z.detach()), (eps - z) * (eps + z), eps * eps - z * z)
-    return 0.5 * torch.sum(diff + logvar, dim=-1)
-
-
-def latent_log_ratio_forward(z, mu, logvar, out) -> None:
-    """out (K, N) <- latent_log_ratio of z (K, N, L), mu, logvar (N, L)."""
-    acc = _compute_dtype(mu)
-    out.copy_(latent_log_ratio(z.to(acc), mu.to(acc), logvar.to(acc)))
-
-
-def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None:
-    """dz = g (eps / s - z); dmu = -sum_k g eps / s; dlogvar = sum_k g (1 - eps^2) / 2,
-    with g = grad_out and s = exp(logvar / 2); dmu, dlogvar None in the stop-the-score mode."""
-    acc = _compute_dtype(mu)
-    g, z, mu, logvar = grad_out.to(acc)[..., None], z.to(acc), mu.to(acc), logvar.to(acc)
-    inv_s = torch.exp(-0.5 * logvar)
-    eps = (z - mu) * inv_s
-    dz.copy_(g * (eps * inv_s - z))
-    if dmu is not None:
-        dmu.copy_(-(g * eps).sum(0) * inv_s)
-        dlogvar.copy_(0.5 * (g * (1.0 - eps * eps)).sum(0))
-
-
-# ==========================================================================
-# mixture_log_prob: log sum_u softmax(logits)_u N(z; means_u, diag(exp(logvars_u)))
-# for z (N, L), means and logvars (U, L), logits (U,) or None (equal weights).
-# The oracle materializes the (N, U, L) differences; the kernels stream over
-# components instead.
-# ==========================================================================
-
-
-def _mixture_log_weights(logits: Tensor | None, U: int, dtype, device) -> Tensor:
-    if logits is None:
-        return torch.full((U,), -math.log(U), dtype=dtype, device=device)
-    return torch.log_softmax(logits.to(dtype), 0)
-
-
-def mixture_terms(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -> Tensor:
-    """term[..., u] = log softmax(logits)_u + log N(z; means_u, diag(exp(logvars_u))),
-    shape (..., U), from direct differences (z - means_u), differentiable."""
-    U, L = means.shape
-    log_w = _mixture_log_weights(logits, U, z.dtype, z.device)
-    d = z[..., None, :] - means  # (..., U, L)
-    quad = (d * d * torch.exp(-logvars)).sum(-1)
-    return log_w - 0.5 * (logvars.sum(-1) + L * math.log(2 * math.pi) + quad)
-
-
-def mixture_log_prob(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None = None) -> Tensor:
-    """log sum_u softmax(logits)_u N(z; means_u, diag(exp(logvars_u))) over the
-    last dim of z (..., L); shape (...). Differentiable (plain autograd)."""
-    return torch.logsumexp(mixture_terms(z, means, logvars, logits), -1)
-
-
-def mixture_log_prob_forward(z, means, logvars, logits, out) -> None:
-    """out (N,) <- mixture_log_prob of z (N, L), means, logvars (U, L), logits (U,) or None."""
-    acc = _compute_dtype(means)
-    out.copy_(mixture_log_prob(z.to(acc), means.to(acc), logvars.to(acc), None if logits is None else logits.to(acc)))
-
-
-def mixture_log_prob_backward(grad_out, z, means, logvars, logits, out, dz, dmeans, dlogvars, dlogits) -> None:
-    """Gradients of mixture_log_prob given grad_out (N,) and the forward's out
-    (N,), written into those of dz (N, L), dmeans, dlogvars (U, L) and dlogits
-    (U,) that are not None: with w[n, u] = exp(term[n, u] - out[n]) (0 where
-    out is -inf) and t = (z - means_u) exp(-logvars_u),
-    dz = -g sum_u w t, dmeans = sum_n g w t, dlogvars = sum_n g w (t (z - means_u) - 1) / 2,
-    dlogits = sum_n g w - softmax(logits) sum_n g."""
-    acc = _compute_dtype(means)
-    g, z, means, logvars = grad_out.to(acc), z.to(acc), means.to(acc), logvars.to(acc)
-    logits = None if logits is None else logits.to(acc)
-    out = out.to(acc)
-    term = mixture_terms(z, means, logvars, logits)  # (N, U)
-    finite = ~torch.isneginf(out)
-    w = torch.where(finite[:, None], torch.exp(term - torch.where(finite, out, 0.0)[:, None]), 0.0)
-    gw = g[:, None] * w  # (N, U)
-    # rows whose out is -inf weigh nothing (their z may be inf: 0 * inf would be NaN)
-    d = torch.where(finite[:, None, None], z[:, None, :] - means, 0.0)  # (N, U, L)
-    t = d * torch.exp(-logvars)
-    if dz is not None:
-        dz.copy_(-(gw[..., None] * t).sum(1))
-    if dmeans is not None:
-        dmeans.copy_((gw[..., None] * t).sum(0))
-    if dlogvars is not None:
-        dlogvars.copy_(0.5 * (gw[..., None] * (t * d - 1.0)).sum(0))
-    if dlogits is not None:
-        dlogits.copy_(gw.sum(0) - torch.softmax(logits, 0) * g.sum())
 
 
 # ==========================================================================

@@ -44,7 +44,6 @@ TRAINING = [dict(K=K, B=B, L=L, D=D) for K, B, L, D in
             itertools.product((1, 5, 50), (64, 256, 1024), (16, 32, 128), (64, 784, 3072, 12288))]
 EVALUATION = [dict(K=5000, B=B, L=32, D=784) for B in (1, 64, 256)]
 SHAPES = TRAINING + EVALUATION
-MIXTURE_COMPONENTS = 100  # mixture_log_prob's U at every shape
 CATEGORICAL_CLASSES = (2, 256, 4096)  # categorical_log_prob's C at every shape (issue 27)
 
 
@@ -91,23 +90,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=r(B))
         yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), mu=m(B, L), scale_tril=m(B, L, L),
                                                   seed=seed, dmu=m(B, L), dscale_tril=m(B, L, L))
-    elif op == "latent_log_ratio":
-        yield "latent_log_ratio_forward", dict(z=m(K, B, L), mu=m(B, L), logvar=m(B, L), out=r(K, B))
-        for stop in (False, True):
-            d = None if stop else m(B, L)
-            yield "latent_log_ratio_backward", dict(grad_out=r(K, B), z=m(K, B, L), mu=m(B, L), logvar=m(B, L),
-                                                    dz=m(K, B, L), dmu=d, dlogvar=d)
-    elif op == "mixture_log_prob":
-        # z holds the K * B sample rows; U = 100 components (U is not specialized)
-        U = MIXTURE_COMPONENTS
-        for logits in (m(U), None):
-            args = dict(z=m(K * B, L), means=m(U, L), logvars=m(U, L), logits=logits)
-            yield "mixture_log_prob_forward", dict(args, out=r(K * B))
-            for dz, dp, dlg in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
-                yield "mixture_log_prob_backward", dict(
-                    grad_out=r(K * B), **args, out=r(K * B), dz=m(K * B, L) if dz else None,
-                    dmeans=m(U, L) if dp else None, dlogvars=m(U, L) if dp else None,
-                    dlogits=m(U) if dlg and logits is not None else None)
     elif op == "gaussian_log_prob":
         for var_shape, softplus in itertools.product(((K, B, D), (B, D), (D,)), (False, True)):
             args = dict(x=m(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=softplus, delta=1e-6)

@@ -176,9 +176,9 @@ def test_a_missing_triton_is_explained(monkeypatch):
             raise ModuleNotFoundError("No module named 'triton'", name="triton")
         return real_import(name, *args, **kwargs)
 
-    # every Triton module, so that each is imported afresh (an op folder's too)
-    for mod in [m for m in list(sys.modules) if m.startswith("fastvae.kernels")
-                or (m.startswith("fastvae.ops.") and m.endswith(".triton"))]:
+    # the Triton modules imported so far (kernels/ and the op folders' triton.py), imported again below
+    for mod in [m for m in list(sys.modules)
+                if m.startswith("fastvae.kernels") or (m.startswith("fastvae.ops.") and m.endswith(".triton"))]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(builtins, "__import__", no_triton)
     with pytest.raises(RuntimeError, match="needs Triton, which is not installed"):
@@ -237,11 +237,10 @@ def _reduction_cases():
         return [o.detach() for o in outs] + list(torch.autograd.grad(total, leaves))
 
     lw_wide, lw_long, lw_tall = leaf(32768, 32, scale=3), leaf(70000, 3, scale=3), leaf(40, 4096, scale=3)
-    z, means, logvars, logits = leaf(20000, 8), leaf(10, 8), leaf(10, 8), leaf(10)
     x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
     x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
     xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
-    mu, lv, zk = leaf(20000, 8), leaf(20000, 8), leaf(4, 20000, 8)
+    mu, lv = leaf(20000, 8), leaf(20000, 8)
     S = (torch.randn(5000, 8, 8, generator=g) * 0.3 + 2 * torch.eye(8)).requires_grad_()
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
@@ -253,7 +252,6 @@ def _reduction_cases():
         "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
         "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
         "effective_sample_size": [lambda lw=lw: run(fastvae.effective_sample_size, lw) for lw in (lw_wide, lw_long)],
-        "mixture_log_prob": [lambda: run(fastvae.mixture_log_prob, z, means, logvars, logits)],
         "gaussian_log_prob": [lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
                                           x_few, mean_few, var_dim),
                               lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
@@ -262,7 +260,6 @@ def _reduction_cases():
         "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
         "sample_normal_tril": [lambda: run(lambda a, b: fastvae.sample_normal_tril(a, b, 3, generator=gen(2)),
                                            mu[:5000], S)],
-        "latent_log_ratio": [lambda: run(lambda a, b, c: fastvae.latent_log_ratio(a, b, c), zk, mu, lv)],
         "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
                                                            k=6000, likelihood="gaussian",
                                                            generator=gen(3))]],
@@ -344,8 +341,8 @@ def _every_op_call():
         out = out[0] if isinstance(out, tuple) else out
         return out.detach(), torch.autograd.grad(out.sum(), leaves)
 
-    mu, lv, lw, zs = leaf(3, 4), leaf(3, 4), leaf(7, 3), leaf(5, 3, 4)
-    x, mean, zm, means, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(6, 4), leaf(3, 4), leaf(3, 4)
+    mu, lv, lw = leaf(3, 4), leaf(3, 4), leaf(7, 3)
+    x, mean, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(3, 4)
     counts = (torch.arange(32, dtype=torch.float64) % 4).reshape(2, 16)
     x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
     return {
@@ -357,8 +354,6 @@ def _every_op_call():
         "logmeanexp": lambda: run(fastvae.logmeanexp, lw),
         "importance_weights": lambda: run(fastvae.importance_weights, lw),
         "effective_sample_size": lambda: run(fastvae.effective_sample_size, lw),
-        "latent_log_ratio": lambda: run(lambda z, a, b: fastvae.latent_log_ratio(z, a, b), zs, mu, lv),
-        "mixture_log_prob": lambda: run(fastvae.mixture_log_prob, zm, means, logvars),
         "elbo": lambda: run(lambda a, b: fastvae.elbo(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),
                                                       likelihood="gaussian", generator=gen(2)), mu, lv),
         "iwae": lambda: run(lambda a, b: fastvae.iwae(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),

@@ -125,7 +125,7 @@ def test_an_op_folder_s_benchmark_row_runs_end_to_end(tmp_path):
     assert len(payload["results"]) == len(bench.quick) * 3 * len(harness.MODES)
     assert {r["impl"] for r in payload["results"]} >= {"eager", "compiled"}
     assert all(r["median_ms"] > 0 for r in payload["results"])
-    label = ",".join(f"{k}={v}" for k, v in bench.quick[0].items())
+    label = bench_op.label(bench.quick[0], bench.label_keys)
     m = common.run_child_json(["benchmarks.bench_op", name, "--quick", "--memory-child", label, "eager"])
     assert m["peak_mb"] >= 0 and m["method"]
 

@@ -66,7 +66,6 @@ def _cases(g):
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
     counts = torch.tensor([[0.0, 1.0, 3.0, 0.0, 7.0]] * 3, dtype=F64)
     gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)
-    ratio = lambda z, m, lv: fastvae.latent_log_ratio(z, m, lv)
     return {
         "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
         "gaussian_log_prob_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
@@ -88,8 +87,6 @@ def _cases(g):
         "logmeanexp_state": (lambda lw: fastvae.logmeanexp_from_state(fastvae.logmeanexp_state(lw)), [r(5, 3)], True),
         "importance_weights": (lambda lw: fastvae.importance_weights(lw, 1), [r(3, 5)], False),
         "effective_sample_size": (lambda lw: fastvae.effective_sample_size(lw), [r(5, 3)], False),
-        "latent_log_ratio": (ratio, [r(2, 3, 4), r(3, 4), r(3, 4)], False),
-        "latent_log_ratio_one_sample": (ratio, [r(3, 4), r(3, 4), r(3, 4)], False),
         "sample_normal": (lambda m, lv: fastvae.sample_normal(m, lv, 2, generator=gen(3)), [r(3, 4), r(3, 4)], True),
         "sample_normal_one_sample": (lambda m, lv: fastvae.sample_normal(m, lv, generator=gen(3)),
                                      [r(3, 4), r(3, 4)], True),

@@ -129,8 +129,6 @@ def _cases():
         "bernoulli_log_prob": op(lambda lg: fastvae.bernoulli_log_prob(x, lg), (K, B, D)),
         "gaussian_log_prob": op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D)),
         "logmeanexp": op(lambda lw: fastvae.logmeanexp(lw, 0), (K, B)),
-        "latent_log_ratio": op(fastvae.latent_log_ratio, (K, B, L), (B, L), (B, L)),
-        "mixture_log_prob": op(fastvae.mixture_log_prob, (K, B, L), (3, L), (3, L)),
         "poisson_log_prob": op(lambda lr: fastvae.poisson_log_prob(x, lr), (K, B, D)),
         "negative_binomial_log_prob": op(lambda m, t: fastvae.negative_binomial_log_prob(x, m, t),
                                          (K, B, D), (D,)),

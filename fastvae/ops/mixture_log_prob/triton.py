@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters
+from fastvae.kernels._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters
 
 # Geometry on a GPU: 16 rows x 16 components x up to 32 latent dims per step
 # (8192 elements over 4 warps); K = 30 x B = 1024 rows launch 1920 programs.

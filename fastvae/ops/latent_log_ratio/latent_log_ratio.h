@@ -1,6 +1,6 @@
 // Raw-pointer kernels of latent_log_ratio: log p(z) - log q(z|x) per sample for
 // p = N(0, I) and q = N(mu, diag(exp(logvar))), summed over L. Callers
-// (latent_log_ratio_bind.cpp) have checked dtype, contiguity and every extent.
+// (bind.cpp) have checked dtype, contiguity and every extent.
 //
 // Layout: z (K, N, L), K samples of N rows; mu, logvar (N, L), shared by the K
 // samples (read, never broadcast in memory); r (K, N).

@@ -1,4 +1,5 @@
-"""latent_log_ratio against the float64 reference, per backend (see conftest.py)."""
+"""latent_log_ratio against its float64 oracle (fastvae/ops/latent_log_ratio/__init__.py),
+per backend (the root conftest.py), and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -8,7 +9,8 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae import reference
-from fastvae.latent_log_ratio import LatentLogRatio, latent_log_ratio_backward_op, latent_log_ratio_op
+from fastvae.ops import latent_log_ratio as oracle
+from fastvae.ops.latent_log_ratio.op import LatentLogRatio, latent_log_ratio_backward_op, latent_log_ratio_op
 from fastvae.sample_normal import SampleNormal
 
 from conftest import INTERPRET
@@ -81,7 +83,7 @@ def check_against_reference(p, dtype, device):
     grads = torch.autograd.grad(r, (z, mu, lv), g.to(dtype).to(device), allow_unused=True)
 
     args64 = [t.detach().double().cpu().requires_grad_() for t in (z, mu, lv)]
-    r_ref = reference.latent_log_ratio(*args64, stop_score=p["stop_score"])
+    r_ref = oracle.latent_log_ratio(*args64, stop_score=p["stop_score"])
     g64 = g.to(dtype).double()
     refs = torch.autograd.grad(r_ref, args64, g64, allow_unused=True)
 
@@ -141,7 +143,7 @@ def test_overflowing_z_gives_the_rounded_exact_value(backend, L):
     z = torch.randn(2, 4, L, generator=g)
     z[:, :, 0] = 1e30
     z[1, :, -1] = -1e30
-    want = reference.latent_log_ratio(z.double(), mu.double(), lv.double()).float()
+    want = oracle.latent_log_ratio(z.double(), mu.double(), lv.double()).float()
     assert torch.isneginf(want[:, [0, 2, 3]]).all() and torch.isfinite(want[:, 1]).all()  # both cases occur
     got = fastvae.latent_log_ratio(z.to(device), mu.to(device), lv.to(device)).cpu()
     assert not got.isnan().any(), got
@@ -181,7 +183,7 @@ def test_stop_score_keeps_the_path_gradient(backend):
     mu64 = mu.detach().cpu().requires_grad_()
     lv64 = lv.detach().cpu().requires_grad_()
     z_ref, _ = reference.sample_normal(mu64, lv64, seed, 4)
-    r_ref = reference.latent_log_ratio(z_ref, mu64, lv64, stop_score=True)
+    r_ref = oracle.latent_log_ratio(z_ref, mu64, lv64, stop_score=True)
     dmu_ref, dlv_ref = torch.autograd.grad(r_ref.sum(), (mu64, lv64))
     eps = (z_ref - mu64) * torch.exp(-0.5 * lv64)
     inv_s = torch.exp(-0.5 * lv64.detach())
@@ -228,11 +230,11 @@ def test_half_precision(backend, dtype):
     assert r.dtype == torch.float32  # a log-density is never rounded to half precision
     z64, mu64, lv64 = (t.detach().double().cpu() for t in (z, mu, lv))
     r_scale = scales(z64, mu64, lv64, torch.ones(3, 4, dtype=torch.float64))[0]
-    assert_close(r, reference.latent_log_ratio(z64, mu64, lv64), r_scale, "r")
+    assert_close(r, oracle.latent_log_ratio(z64, mu64, lv64), r_scale, "r")
     grads = torch.autograd.grad(r.sum(), [t for t in (z, mu, lv) if t.requires_grad])
     assert all(g.dtype == dtype for g in grads)
     r = fastvae.latent_log_ratio(z.float(), mu, lv)  # a float32 z beside half mu, logvar
-    assert_close(r, reference.latent_log_ratio(z64, mu64, lv64), r_scale, "r (float32 z)")
+    assert_close(r, oracle.latent_log_ratio(z64, mu64, lv64), r_scale, "r (float32 z)")
 
 
 def test_gradcheck_float64(backend):
@@ -304,3 +306,38 @@ def test_compiles_fullgraph(monkeypatch, stop_score):
     x, seed = torch.randn(5, 6), torch.tensor(99)
     params = list(enc.parameters()) + list(dec.parameters())
     assert_compiled_matches_eager(stl_loss, (enc, dec, x, seed, stop_score), params, atol=1e-6, grad_rtol=1e-5)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(fastvae.latent_log_ratio, (K, B, L), (B, L), (B, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (dmu and dlogvar: sums over samples)."""
+    mu, lv, zk = leaf(20000, 8), leaf(20000, 8), leaf(4, 20000, 8)
+    return [lambda: run(lambda a, b, c: fastvae.latent_log_ratio(a, b, c), zk, mu, lv)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    mu, lv, zs = leaf(3, 4), leaf(3, 4), leaf(5, 3, 4)
+    return lambda: run(lambda z, a, b: fastvae.latent_log_ratio(z, a, b), zs, mu, lv)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck."""
+    ratio = lambda z, m, lv: fastvae.latent_log_ratio(z, m, lv)
+    return {
+        "latent_log_ratio": (ratio, [r(2, 3, 4), r(3, 4), r(3, 4)], False),
+        "latent_log_ratio_one_sample": (ratio, [r(3, 4), r(3, 4), r(3, 4)], False),
+    }

@@ -1,4 +1,9 @@
-"""mixture_log_prob: the log density of a diagonal Gaussian mixture (a VampPrior
+"""mixture_log_prob's front end: the public function, the torch.library ops
+fastvae::mixture_log_prob and fastvae::mixture_log_prob_backward, their
+autograd Function (whose double backward is not_twice's named error), and the
+checks on a mixture's parameters (also fastvae.priors').
+
+The log density of a diagonal Gaussian mixture (a VampPrior
 or a mixture-of-Gaussians prior),
 
     log p(z) = log sum_u softmax(logits)_u N(z; means_u, diag(exp(logvars_u))),
@@ -19,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
-from ._op import define, flat, run, shaped
+from ... import _backend, _double_backward, _validate
+from ..._op import define, flat, run, shaped
 
 
 def _forward(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -> Tensor:

@@ -1,6 +1,7 @@
 """mixture_log_prob against torch.distributions' MixtureSameFamily in float64,
-per backend (see conftest.py): values and the gradients of z, means, logvars
-and logits."""
+per backend (the root conftest.py): values and the gradients of z, means,
+logvars and logits (the error scales from the op's own oracle,
+fastvae/ops/mixture_log_prob/__init__.py), and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -10,8 +11,8 @@ from hypothesis import strategies as st
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 import fastvae
-from fastvae import reference
-from fastvae.mixture_log_prob import MixtureLogProb, mixture_log_prob_backward_op, mixture_log_prob_op
+from fastvae.ops import mixture_log_prob as formulas
+from fastvae.ops.mixture_log_prob.op import MixtureLogProb, mixture_log_prob_backward_op, mixture_log_prob_op
 from fastvae.sample_normal import SampleNormal
 
 from conftest import INTERPRET
@@ -75,10 +76,10 @@ def scales(z, means, logvars, logits, g, dtype=torch.float64):
     normal number of ``dtype`` may be flushed to 0 (the C++ float32 exp
     does): each gradient term may be off by that much times its factors."""
     U, L = means.shape
-    term = reference.mixture_terms(z, means, logvars, logits)  # (N, U)
+    term = formulas.mixture_terms(z, means, logvars, logits)  # (N, U)
     out = torch.logsumexp(term, -1)
     w = torch.exp(term - out[:, None])
-    log_w = reference._mixture_log_weights(logits, U, z.dtype, z.device)
+    log_w = formulas._mixture_log_weights(logits, U, z.dtype, z.device)
     d = z[:, None, :] - means  # (N, U, L)
     iv = torch.exp(-logvars)
     mag = log_w.abs() + 0.5 * (logvars.abs().sum(-1) + L * math.log(2 * math.pi) + (d * d * iv).sum(-1))
@@ -431,3 +432,30 @@ def test_compiles_fullgraph():
     x, pseudo, seed = torch.randn(5, 6), torch.randn(7, 6), torch.tensor(99)
     params = list(enc.parameters()) + list(dec.parameters())
     assert_compiled_matches_eager(vamp_loss, (enc, dec, pseudo, x, seed), params, atol=1e-6, grad_rtol=1e-5)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing. A not_twice op has no double_backward_cases: its named error
+# is tests/test_double_backward.py's test_mixture_log_prob_raises_...
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(fastvae.mixture_log_prob, (K, B, L), (3, L), (3, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (the parameters' gradients: sums
+    over rows)."""
+    z, means, logvars, logits = leaf(20000, 8), leaf(10, 8), leaf(10, 8), leaf(10)
+    return [lambda: run(fastvae.mixture_log_prob, z, means, logvars, logits)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    zm, means, logvars = leaf(6, 4), leaf(3, 4), leaf(3, 4)
+    return lambda: run(fastvae.mixture_log_prob, zm, means, logvars)

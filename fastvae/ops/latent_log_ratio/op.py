@@ -1,4 +1,8 @@
-"""latent_log_ratio: log p(z) - log q(z|x) per sample, fused, for the prior
+"""latent_log_ratio's front end: the public function, the torch.library ops
+fastvae::latent_log_ratio and fastvae::latent_log_ratio_backward, and their
+autograd Function (its double backward included).
+
+log p(z) - log q(z|x) per sample, fused, for the prior
 p = N(0, I) and the encoder's q = N(mu, diag(exp(logvar))):
 
     r = sum_l(-z^2 / 2 + eps^2 / 2 + logvar / 2),   eps = (z - mu) exp(-logvar / 2)
@@ -18,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
-from ._op import define, flat, run
+from ... import _backend, _validate
+from ..._dtypes import accumulation_dtype
+from ..._op import define, flat, run
 
 
 def _forward(z: Tensor, mu: Tensor, logvar: Tensor, stop_score: bool) -> Tensor:
@@ -81,6 +86,30 @@ latent_log_ratio_backward_op = define(
 )
 
 
+def _double_backward(grad_out, z, mu, logvar, stop_score, needs):
+    """dz, dmu, dlogvar of sum(-z^2/2 + (z - mu)^2 e^(-logvar) / 2 + logvar / 2) for z (K, ..., L)
+    as differentiable torch ops, for a create_graph=True backward, in the accumulation
+    dtype, each gradient in its input's dtype (None where none is needed); with
+    stop_score mu and logvar enter as constants (and get no gradient)."""
+    def up(t):
+        return t.to(accumulation_dtype(t.dtype))
+
+    def like(d, t, need):
+        return d.to(t.dtype) if need else None
+
+    g, zz = up(grad_out).unsqueeze(-1), up(z)
+    m, lv = up(mu), up(logvar)
+    if stop_score:
+        m, lv = m.detach(), lv.detach()
+    inv_var = torch.exp(-lv)
+    d = zz - m
+    dz = like(g * (d * inv_var - zz), z, needs[0])
+    if stop_score:
+        return dz, None, None
+    return (dz, like(-(g * d).sum(0) * inv_var, mu, needs[1]),
+            like(0.5 * (g * (1.0 - d * d * inv_var)).sum(0), logvar, needs[2]))
+
+
 class LatentLogRatio(torch.autograd.Function):
     """Autograd of fastvae::latent_log_ratio: saves z, mu and logvar."""
 
@@ -94,8 +123,7 @@ class LatentLogRatio(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, mu, logvar = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return (*_double_backward.latent_log_ratio(grad_out, z, mu, logvar, ctx.stop_score,
-                                                       ctx.needs_input_grad), None)
+            return (*_double_backward(grad_out, z, mu, logvar, ctx.stop_score, ctx.needs_input_grad), None)
         grads = run(latent_log_ratio_backward_op, grad_out, z, mu, logvar, ctx.stop_score)
         if ctx.stop_score:
             return grads[0], None, None, None

@@ -1,6 +1,6 @@
 // Raw-pointer kernels of mixture_log_prob: the log density of a diagonal
 // Gaussian mixture, out[n] = log sum_u softmax(logits)_u N(z[n]; means[u],
-// diag(exp(logvars[u]))). Callers (mixture_log_prob_bind.cpp) have checked
+// diag(exp(logvars[u]))). Callers (bind.cpp) have checked
 // dtype, contiguity and every extent.
 //
 // Layout: z (N, L); means, logvars (U, L), U >= 1; logits (U,) or null (equal
