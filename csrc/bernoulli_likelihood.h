@@ -163,15 +163,19 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* x, const H* logits, int64
   }
 }
 
-// task(p0, p1) over tasks of kRowsPerTask x rows (each with all K samples), so
-// no two threads write the same dx row.
+// task(p0, p1) over tasks of about kRowsPerTask x rows (each with all K
+// samples), so no two threads write the same dx row. The task count is a
+// multiple of the threads and the rows are dealt evenly: P = 100 on two
+// threads is 8 tasks of 12-13 rows, 52 and 48 rows a thread, where 7 tasks of
+// 16 gave one thread 64 and the step waited for it. Each row's result is the
+// same whichever task has it.
 template <typename Task>
 void for_row_tasks(int64_t P, int n_threads, const Task& task) {
-  const int64_t tasks = (P + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t threads = std::max(n_threads, 1);
+  const int64_t tasks = ((P + kRowsPerTask - 1) / kRowsPerTask + threads - 1) / threads * threads;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t p0 = t * kRowsPerTask;
-    task(p0, std::min(P, p0 + kRowsPerTask));
+    task(t * P / tasks, (t + 1) * P / tasks);
   }
 }
 

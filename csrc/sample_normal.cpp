@@ -117,6 +117,44 @@ inline void prefetch_block(const T* p, int64_t n, bool write) {
   }
 }
 
+// acc[row - r0] += the sum in double of t's terms of each row run of the block
+// of n elements from flat element b0 (rows of L): each run summed in order from
+// 0. Whole rows go four at a time, four independent chains of adds: a row of
+// L = 8 is 8 dependent adds, latency-bound one row at a time, and a division
+// per run found each row; the log-ratio took 12 of the forward's 31 us at
+// K = 16, N = 100, L = 8 (AVX-512), 6 of 24 this way, with the same bits.
+template <typename T>
+void ratio_runs(const T* t, int64_t n, int64_t b0, int64_t L, int64_t r0, double* acc) {
+  int64_t row = b0 / L - r0, i = 0;
+  if (const int64_t col = b0 % L; col != 0) {  // the end of a row the last block began
+    const int64_t len = std::min(n, L - col);
+    double a = 0.0;
+    for (int64_t j = 0; j < len; ++j) a += double(t[j]);
+    acc[row++] += a;
+    i = len;
+  }
+  for (; i + 4 * L <= n; i += 4 * L, row += 4) {
+    const T* t0 = t + i;
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    for (int64_t j = 0; j < L; ++j) {
+      a0 += double(t0[j]);
+      a1 += double(t0[L + j]);
+      a2 += double(t0[2 * L + j]);
+      a3 += double(t0[3 * L + j]);
+    }
+    acc[row] += a0;
+    acc[row + 1] += a1;
+    acc[row + 2] += a2;
+    acc[row + 3] += a3;
+  }
+  for (; i < n; i += L, ++row) {  // the last whole rows, and a row the next block ends
+    const int64_t len = std::min(n - i, L);
+    double a = 0.0;
+    for (int64_t j = 0; j < len; ++j) a += double(t[i + j]);
+    acc[row] += a;
+  }
+}
+
 }  // namespace
 
 // The noise of one sample for the elements [b0, b0 + n) of the flat (N, L)
@@ -198,15 +236,7 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
         if (log_ratio) {
           const T* lk = logvar + b0;
           for (int64_t i = 0; i < n; ++i) t[i] = eps[i] * eps[i] + lk[i] - zk[i] * zk[i];
-          double* acc = ratio.data() + k * (r1 - r0);  // the tile's rows of sample k
-          for (int64_t i = 0; i < n;) {  // row runs of the block
-            const int64_t row = (b0 + i) / L;
-            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
-            double a = 0.0;
-            for (int64_t j = i; j < i + len; ++j) a += double(t[j]);
-            acc[row - r0] += a;
-            i += len;
-          }
+          ratio_runs(t, n, b0, L, r0, ratio.data() + k * (r1 - r0));  // the tile's rows of sample k
         }
       }
     }

@@ -70,6 +70,13 @@ def not_twice(name: str, grads: tuple, inputs: tuple, why: str | None = None) ->
     return tuple(None if g is None else next(passed) for g in grads)
 
 
+_DREG_WHY = ("its encoder gradient weights each sample's path derivative by w~^2 held constant, which is the "
+             "gradient of no objective. Use estimator='iwae' or 'stl' where the encoder gradient is differentiated "
+             "again")
+# not_twice's message for DReG, which the C++ hooks (fastvae_cpp::sample_normal_dreg_hooks) raise too
+DREG_MESSAGE = f"fastvae.iwae(estimator='dreg') does not support double backward (create_graph=True): {_DREG_WHY}"
+
+
 def dreg_once(g: Tensor) -> Tensor:
     """A DReG-scaled gradient; under create_graph=True behind an error node: the
     weights are constants, so the encoder gradient is the derivative of no
@@ -77,9 +84,7 @@ def dreg_once(g: Tensor) -> Tensor:
     torch.compile, which traces the hook, has no double backward to guard."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return g
-    return not_twice("iwae(estimator='dreg')", (g,), (g,), "its encoder gradient weights each sample's path "
-                     "derivative by w~^2 held constant, which is the gradient of no objective. Use estimator="
-                     "'iwae' or 'stl' where the encoder gradient is differentiated again")[0]
+    return not_twice("iwae(estimator='dreg')", (g,), (g,), _DREG_WHY)[0]
 
 
 def _acc(t: Tensor | None) -> Tensor | None:

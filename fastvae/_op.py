@@ -81,14 +81,20 @@ def run(op, *args):
     While tracing CPU tensors on the cpp backend, an op with a C++ twin puts
     the twin in the graph: the Python impl would cost the compiled step
     15-30 us a call (the dispatcher's call back into Python, NumPy views, the
-    launch's checks), more than the kernel at a small model's sizes."""
+    launch's checks), more than the kernel at a small model's sizes. In
+    eager mode the twin serves the same tensors the C++ operators do
+    (_backend.torch_ops): an op that a Python Function or helper still runs
+    there (the DReG weights, importance_weights_from_state) then skips the
+    same 10-15 us of Python for the same kernel, threads and bits."""
+    twin = _CPU_TWINS.get(op)
     if torch.compiler.is_compiling():
-        twin = _CPU_TWINS.get(op)
         if twin is not None and _backend.cpu_twin_serves(twin[1](*args)):
             return twin[0](*args)
         return op(*args)
     if args[0].device.type not in _EAGER_DEVICES:
         return op(*args)
+    if twin is not None and (tensors := twin[1](*args)) is not None and _backend.torch_ops(*tensors) is not None:
+        return twin[0](*args)
     return _IMPLS[op](*args)
 
 

@@ -100,7 +100,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 OPS: dict[str, Op] = {op.name: op for op in (
     Op("sample_normal", ("sample_normal_forward", "sample_normal_backward", "randn_fill"),
        "tests/test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
-       torch_ops=("sample_normal", "sample_normal_with_ratio")),
+       # and the DReG weights' hooks on sample_normal_with_ratio's z and log-ratio (objectives._dreg_z_scale)
+       torch_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_dreg_hooks")),
     Op("sample_normal_tril", ("sample_normal_tril_forward", "sample_normal_tril_backward"),
        "tests/test_sample_normal_tril.py", "sample_normal_tril", launches=(1, 1, 1)),
     Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),

@@ -21,6 +21,7 @@ from torch.distributions import Distribution
 
 from . import _backend, _plan, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
+from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
@@ -602,6 +603,11 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
         scale = torch.addcmul(1.0 - t, t, v) if isinstance(t, Tensor) else (1.0 - t) + t * v  # one launch
     # one trailing dimension per latent event dimension (two for a Concrete z (K, ..., L, C))
     scale_z = scale.reshape(*scale.shape, *(1,) * (z.dim() - scale.dim()))
+    if (latent is not None and latent.requires_grad and z.dtype == scale.dtype
+            and (ops := _backend.torch_ops(z, scale)) is not None):
+        # the same products as C++ hooks: the backward then never calls back into Python
+        ops.sample_normal_dreg_hooks(z, scale_z, latent, scale, DREG_MESSAGE)
+        return
     if z.dtype == scale.dtype:
         z.register_hook(lambda g: _dreg_once(g * scale_z))
     else:  # a half-precision z (an autocast encoder): its gradient keeps z's dtype, scaled in float32
