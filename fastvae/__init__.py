@@ -86,8 +86,8 @@ from .mixture_log_prob import mixture_log_prob
 from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .ops.kl_normal.op import kl_normal
+from .ops.sample_location_scale.op import sample_location_scale
 from .poisson_log_prob import poisson_log_prob
-from .sample_location_scale import sample_location_scale
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
 from .zinb_log_prob import zinb_log_prob

@@ -59,7 +59,9 @@ class Bench(NamedTuple):
     """An op's benchmark row (benchmarks/bench_op.py runs it; benchmarks/README.md
     says what the columns mean): the op against the same formula in eager torch
     (and torch.compile of it) at a small size, where the per-call cost is most
-    of the time, and a large one, where bandwidth is."""
+    of the time, and a large one, where bandwidth is. A size is a dict of the
+    parameters ``inputs`` reads (its integers, and any other choice a case
+    makes: a family, a mode), shown as the case's label."""
 
     title: str  # the table's title
     sizes: tuple[dict, ...]  # the full run's sizes
@@ -70,3 +72,10 @@ class Bench(NamedTuple):
     # size -> the bytes a kernel must move at least, for "forward", "backward" and "fwd+bwd"
     min_bytes: Callable
     fastvae: str  # the public function, fastvae.<fastvae>
+    # how the arguments call it where that is not fastvae.<fastvae>(*arguments) (a
+    # keyword argument, an argument the eager formula takes another way):
+    # (the function, *arguments) -> its outputs
+    call: Callable | None = None
+    # timed repeats of every size (--repeats overrides); None: 200 below 10,000
+    # elements (the product of a size's integers), else 20
+    repeats: int | None = None

@@ -79,13 +79,18 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 
 from . import _validate, _value_checks
 from . import priors as _priors
-from ._registry import POSITIVE_FAMILIES
+from ._families import POSITIVE_FAMILIES
 from .distributions import widened
 from .ops.kl_normal.op import kl_normal
+from .ops.sample_location_scale.op import (
+    FAMILIES,
+    family_index,
+    location_scale_at,
+    sample_location_scale_unchecked,
+)
 from .priors import TorchPrior
 from .sample_concrete import check_args as _concrete_args
 from .sample_concrete import concrete_at, sample_concrete_unchecked
-from .sample_location_scale import FAMILIES, family_index, location_scale_at, sample_location_scale_unchecked
 from .sample_normal import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .sample_positive import PARAMETERS, check_params, positive_at, sample_positive_unchecked
 

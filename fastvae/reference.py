@@ -19,45 +19,12 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
-from ._registry import LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
+from ._families import POSITIVE_FAMILIES
+from ._philox import F32_BELOW_ONE, HALF_WORD, folded, open_uniforms, philox_word, philox_words
 from .ops.kl_normal import kl_normal_grad
 
-_MASK32 = 0xFFFFFFFF
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
 _MIN_U1 = 1.0e-7
-
-
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32-bit words of a * b for a constant a < 2**32 and b < 2**32.
-
-    b is split in 16-bit halves so every partial product fits in int64.
-    """
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = ((p_hi << 16) + p_lo) & _MASK32
-    return hi, lo
-
-
-def philox_words(seed: int, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four words of Philox4x32-10 at counter (lo(c), hi(c), 0, 0), key
-    (lo(seed), hi(seed)), as uint32 values held in int64 tensors."""
-    counters = counters.to(torch.int64)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
 
 
 def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,21 +37,15 @@ def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(second_pair, w2, w0), torch.where(second_pair, w3, w1)
 
 
-def _folded(bits: Tensor) -> Tensor:
-    """The word as int32, negatives folded by ~x: an integer in [0, 2**31)."""
-    x = torch.where(bits >= 2**31, bits - 2**32, bits)
-    return torch.where(x < 0, ~x, x)
-
-
 def uniform_from_bits(bits: Tensor) -> Tensor:
     """Triton's uint_to_uniform_float: int32 view, negatives folded by ~x, scaled (float32)."""
-    return _folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    return folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
 def uniform64_from_bits(bits: Tensor) -> Tensor:
     """The float64 uniform of a word: (x + 1/2) / 2**31 for its folded x, exact,
     in (0, 1) (so no clamp is needed before the log)."""
-    return (_folded(bits).double() + 0.5) * 2.0**-31
+    return (folded(bits).double() + 0.5) * 2.0**-31
 
 
 def philox_uniform(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
@@ -1108,136 +1069,6 @@ def discretized_logistic_mixture_log_prob(x: Tensor, params, num_bins: int = 256
 
 
 # --------------------------------------------------------------------------
-# sample_location_scale (issue 35): z = loc + exp(log_scale) * e, e = F^-1(u)
-# --------------------------------------------------------------------------
-
-# The standardized families: LOCATION_SCALE_FAMILIES (fastvae/_registry.py), in the kernels' order.
-_HALF_WORD = 2**30  # folded words below it are the uniforms below 1/2
-_F32_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
-
-
-def philox_word(seed: int, offsets: Tensor) -> Tensor:
-    """The folded Philox word x in [0, 2**31) of each element offset: lane
-    offset % 4 of counter offset // 4 (one uniform per element)."""
-    offsets = offsets.to(torch.int64)
-    w = philox_words(seed, offsets >> 2)
-    lane = offsets & 3
-    word = torch.where(lane == 0, w[0], torch.where(lane == 1, w[1], torch.where(lane == 2, w[2], w[3])))
-    return _folded(word)
-
-
-def open_uniforms(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(u, v = 1 - u) of folded words x, both in (0, 1) and each computed from
-    the integer (x + 1/2) / 2**31 and (2**31 - 1/2 - x) / 2**31, so a tail
-    near 1 keeps its bits in v. float64: exact. float32 (the kernels' rounding,
-    bit for bit): (float32(x) + 0.5) * 2**-31 in float32 arithmetic, at most
-    1 - 2**-24 (float32(x) rounds x near 2**31 up to 2**31)."""
-    if dtype == torch.float64:
-        return (x.double() + 0.5) * 2.0**-31, (float(2**31) - 0.5 - x.double()) * 2.0**-31
-    half = torch.tensor(0.5, dtype=torch.float32)
-    scale = torch.tensor(2.0**-31, dtype=torch.float32)
-    top = torch.tensor(_F32_BELOW_ONE, dtype=torch.float32)
-    u = torch.minimum((x.to(torch.float32) + half) * scale, top)
-    v = torch.minimum(((2**31 - 1 - x).to(torch.float32) + half) * scale, top)
-    return u, v
-
-
-def standardized(family: int, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(e, log f(e), psi(e) = d log f / de) of the standardized family at the
-    folded words x, in float64 from the float32 (or float64) uniforms:
-    uniform e = u; Laplace e = log 2u below 1/2, -log 2v above; logistic
-    e = log u - log v; Gumbel e = -log t, t = -log u (-log1p(-v) above 1/2);
-    Cauchy e = -cot(pi u) below 1/2, cot(pi v) above, log f = 2 log sin(pi w) - log pi."""
-    u, v = (t.double() for t in open_uniforms(x, dtype))
-    lower = x < _HALF_WORD
-    if family == 0:
-        return u, torch.zeros_like(u), torch.zeros_like(u)
-    if family == 1:
-        e = torch.where(lower, torch.log(2.0 * u), -torch.log(2.0 * v))
-        # psi = -sign(e), taken from the half (as the kernels do): e = 0 only where float32 rounds u to 1/2
-        return e, -e.abs() - math.log(2.0), torch.where(lower, 1.0, -1.0).double()
-    if family == 2:
-        return torch.log(u) - torch.log(v), torch.log(u) + torch.log(v), v - u
-    if family == 3:
-        t = torch.where(lower, -torch.log(u), -torch.log1p(-v))
-        return -torch.log(t), torch.log(t) - t, t - 1.0
-    if family == 4:
-        w = torch.where(lower, u, v)
-        c, s = torch.cos(math.pi * w), torch.sin(math.pi * w)
-        sign = torch.where(lower, -1.0, 1.0)
-        return sign * c / s, 2.0 * torch.log(s) - math.log(math.pi), -2.0 * sign * c * s
-    raise ValueError(f"family must be in [0, {len(LOCATION_SCALE_FAMILIES)}), got {family}")
-
-
-def location_scale_noise(family: int, seed: int, offsets: Tensor, dtype: torch.dtype):
-    """(e, log f(e), psi(e)) at the element offsets, in dtype (the uniforms of
-    dtype's accumulation rule: float32 or float64)."""
-    x = philox_word(seed, offsets)
-    return tuple(t.to(dtype) for t in standardized(family, x, accumulation_dtype(dtype)))
-
-
-def sample_location_scale(family: int, loc: Tensor, log_scale: Tensor, seed: int,
-                          n_samples: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, ..., L), log q(z) (n_samples, ...)), differentiable with
-    plain autograd in loc and log_scale (the training layout's offsets): the
-    oracle of the fused op."""
-    numel = loc.numel()
-    offsets = torch.arange(n_samples * numel, dtype=torch.int64, device=loc.device)
-    e, log_f, _ = location_scale_noise(family, seed, offsets, loc.dtype)
-    e, log_f = e.reshape(n_samples, *loc.shape), log_f.reshape(n_samples, *loc.shape)
-    z = loc + torch.exp(log_scale) * e
-    return z, (log_f - log_scale).sum(-1)
-
-
-def sample_location_scale_forward(loc: Tensor, log_scale: Tensor, seed: int, family: int, offset0: int,
-                                  sample_stride: int, row_stride: int, z: Tensor, log_q: Tensor | None) -> None:
-    """z (K, N, L) <- loc + exp(log_scale) * e, e the standardized family's
-    inverse CDF of the uniform at offset0 + k * sample_stride + n * row_stride + l;
-    log_q (K, N), when given, <- sum_l(log f(e) - log_scale) from that e."""
-    acc = _compute_dtype(loc)
-    K, N, L = z.shape
-    k, n, c = (torch.arange(d, dtype=torch.int64, device=loc.device) for d in (K, N, L))
-    offsets = offset0 + k[:, None, None] * sample_stride + n[None, :, None] * row_stride + c
-    e, log_f, _ = location_scale_noise(family, seed, offsets, acc)
-    loc, log_scale = loc.to(acc), log_scale.to(acc)
-    z.copy_(loc + torch.exp(log_scale) * e)
-    if log_q is not None:
-        log_q.copy_((log_f - log_scale).sum(-1))
-
-
-def sample_location_scale_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, loc: Tensor,
-                                   log_scale: Tensor, seed: int, family: int, stop_score: bool, dloc: Tensor,
-                                   dlog_scale: Tensor) -> None:
-    """dloc, dlog_scale (N, L) from grad_z (K, N, L) and grad_log_q (K, N) (None:
-    no gradient), with e regenerated and s = exp(log_scale):
-    dloc = sum_k grad_z_k (+ (sum_k grad_log_q_k psi(e_k)) / s with stop_score),
-    dlog_scale = s sum_k grad_z_k e_k + (sum_k grad_log_q_k psi(e_k) e_k with
-    stop_score, else -sum_k grad_log_q_k). Stop-score: log q's parameters get
-    no score, z keeps its path, d/dz log q = psi(e) / s (STL / DReG)."""
-    acc = _compute_dtype(loc)
-    loc, log_scale = loc.to(acc), log_scale.to(acc)
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    N, L = loc.shape
-    offsets = torch.arange(K * N * L, dtype=torch.int64, device=loc.device)
-    e, _, psi = (t.reshape(K, N, L) for t in location_scale_noise(family, seed, offsets, acc))
-    s = torch.exp(log_scale)
-    gz = torch.zeros_like(e) if grad_z is None else grad_z.to(acc)
-    d_loc = gz.sum(0)
-    d_ls = s * (gz * e).sum(0)
-    if grad_log_q is not None:
-        g = grad_log_q.to(acc)[..., None]
-        if stop_score:
-            score = (g * psi).sum(0)
-            d_loc = d_loc + torch.where(score == 0, 0.0, score * torch.exp(-log_scale))
-            d_ls = d_ls + (g * psi * e).sum(0)
-        else:
-            d_ls = d_ls - g.sum(0)
-    dloc.copy_(d_loc)
-    dlog_scale.copy_(d_ls)
-
-
-# --------------------------------------------------------------------------
 # sample_positive (issue 35): the positive inverse-CDF families from t = -log u
 # --------------------------------------------------------------------------
 
@@ -1253,7 +1084,7 @@ def positive_exp1(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     upper tail keeps its bits). t lies in [-log(1 - 2**-32), 32 log 2] (float64
     uniforms) or [-log1p(-2**-32), 32 log 2] (float32: v >= 2**-32 too)."""
     u, v = (w.double() for w in open_uniforms(x, dtype))
-    t = torch.where(x < _HALF_WORD, -torch.log(u), -torch.log1p(-v))
+    t = torch.where(x < HALF_WORD, -torch.log(u), -torch.log1p(-v))
     return t, torch.log(t)
 
 
@@ -1261,7 +1092,7 @@ def _kumaraswamy_clamp(dtype: torch.dtype) -> tuple[float, float]:
     """z's clamp [tiny, largest below 1] of the compute dtype (docs/latents.md)."""
     if dtype == torch.float64:
         return 2.0**-1022, 1.0 - 2.0**-53
-    return 2.0**-126, _F32_BELOW_ONE
+    return 2.0**-126, F32_BELOW_ONE
 
 
 def positive_terms(family: int, t: Tensor, log_t: Tensor, lp0: Tensor, lp1: Tensor, dtype: torch.dtype):

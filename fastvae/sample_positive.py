@@ -30,8 +30,8 @@ from torch import Tensor
 
 from . import _backend, _validate, _value_checks
 from ._double_backward import _acc
+from ._families import POSITIVE_FAMILIES
 from ._op import define, draw_seed, flat, run, shaped
-from ._registry import POSITIVE_FAMILIES
 
 # a declared use (docs/architecture.md, "Layers"): the double backward's closed forms
 from .reference import positive_terms

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvae.ops.sample_location_scale.triton import _log1m, _open_uniforms, _words
+
 from ._common import acc_dtype
-from .sample_location_scale import _log1m, _open_uniforms, _words
 
 MAX_C = 1 << 14
 FORWARD_TILE = 2048

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvae.ops.sample_location_scale.triton import _log1m, _open_uniforms, _words, _words4
+
 from ._common import (
     INTERPRETER_BLOCK_ROWS,
     MAX_BLOCK_COLS,
@@ -26,7 +28,6 @@ from ._common import (
     tile_counters,
 )
 from .philox import aligned
-from .sample_location_scale import _log1m, _open_uniforms, _words, _words4
 
 FORWARD_TILE = 2048
 BACKWARD_TILE = 2048

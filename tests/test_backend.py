@@ -282,8 +282,6 @@ def _reduction_cases():
         "poisson_log_prob": [lambda: run(lambda b: fastvae.poisson_log_prob(x_few.detach().abs().round(), b),
                                          mean_few)],
         # the samplers' backward sums over samples (issue 35's families)
-        "sample_location_scale": [lambda: run(lambda a, b: fastvae.sample_location_scale(
-            "laplace", a, b, 4, generator=gen(2)), mu, lv)],
         "sample_positive": [lambda: run(lambda a, b: fastvae.sample_positive(
             "weibull", a, b, 4, generator=gen(2)), p0, p1)],
         "sample_concrete": [lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 4, generator=gen(2)), lcc)],
@@ -374,8 +372,6 @@ def _every_op_call():
         "zinb_log_prob": lambda: run(lambda b, c: fastvae.zinb_log_prob(counts, b, c, b), mean, logvars[0].repeat(4)),
         "discretized_logistic_mixture_log_prob": lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(
             x_img, p), leaf(2, 2, 10, 1, 5)),
-        "sample_location_scale": lambda: run(lambda a, b: fastvae.sample_location_scale(
-            "logistic", a, b, 5, generator=gen(1)), mu, lv),
         "sample_positive": lambda: run(lambda a, b: fastvae.sample_positive(
             "kumaraswamy", a * 0.3, b * 0.3, 5, generator=gen(1)), mu, lv),
         "sample_concrete": lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 5, generator=gen(1)), leaf(3, 4, 3)),
