@@ -142,7 +142,7 @@ __version__ = "0.1.0"
 
 # the positive latent families (issue 35)
 from .latents import Positive  # noqa: E402
-from .sample_positive import sample_positive  # noqa: E402
+from .ops.sample_positive.op import sample_positive  # noqa: E402
 
 __all__ += ["sample_positive", "Positive"]
 

@@ -78,12 +78,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "x params means log_scales num_bins out"),
     _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
        "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
-    # the positive latents (issue 35): `family` picks exponential, Weibull or Kumaraswamy
-    # (POSITIVE_FAMILIES, fastvae/_families.py), a compile-time variant; log_p1 unused by the exponential
-    _k("sample_positive_forward", "sample_positive",
-       "log_p0 log_p1 seed family offset0 sample_stride row_stride z log_q"),
-    _k("sample_positive_backward", "sample_positive",
-       "grad_z grad_log_q log_p0 log_p1 seed family stop_score dlog_p0 dlog_p1"),
     # the relaxed categorical (issue 35): logits (N, L, C), C consecutive uniforms per latent
     _k("sample_concrete_forward", "sample_concrete",
        "logits temperature seed hard offset0 sample_stride row_stride z log_q"),
@@ -129,8 +123,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
                                                  "discretized_logistic_mixture_log_prob_backward"),
        "tests/test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
        double_backward="not_twice", likelihood="discretized_logistic_mixture"),
-    Op("sample_positive", ("sample_positive_forward", "sample_positive_backward"),
-       "tests/test_sample_positive.py", "sample_positive", launches=(1, 1, 1)),
     Op("sample_concrete", ("sample_concrete_forward", "sample_concrete_backward"),
        # the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
        "tests/test_sample_concrete.py", "sample_concrete", launches=(1, 1, 2), double_backward="not_twice",

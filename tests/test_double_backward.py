@@ -110,9 +110,6 @@ def _cases(g):
             torch.arange(15, device=lg.device).reshape(3, 5) % 4, lg), [r(2, 3, 5, 4)], False),
         "continuous_bernoulli_log_prob": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
                                  [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
-        # issue 35 (every family and the stop-score mode: tests/test_sample_positive.py)
-        "sample_positive": (lambda a, b: fastvae.sample_positive("kumaraswamy", a, b, 2, generator=gen(3)),
-                            [r(3, 4), r(3, 4)], False),
         **{name: case for cases in op_cases("double_backward_cases").values() for name, case in cases(r).items()},
     }
 

@@ -446,7 +446,8 @@ def test_autocast_matches_float32_on_the_rounded_encoder(backend):
 # -- the positive families (exponential, Weibull, Kumaraswamy) ---------------------
 
 from fastvae.latents import KUMARASWAMY_KL_TERMS, kumaraswamy_beta_kl  # noqa: E402
-from fastvae.sample_positive import FAMILIES as POSITIVE  # noqa: E402
+from fastvae.ops.sample_positive import positive_exp1, positive_terms  # noqa: E402
+from fastvae.ops.sample_positive.op import FAMILIES as POSITIVE  # noqa: E402
 
 
 def _positive_data(device):
@@ -469,10 +470,9 @@ def _positive_torch(family, p0, p1):
 def _positive_z(family, seed, K, p0, p1):
     """z of the training layout from the float64 uniforms, differentiable in p0, p1 (> 0)."""
     x = _philox.philox_word(seed, torch.arange(K * B * L)).reshape(K, B, L)
-    t, log_t = reference.positive_exp1(x, torch.float64)
+    t, log_t = positive_exp1(x, torch.float64)
     t, log_t = t.to(p0.device), log_t.to(p0.device)
-    return reference.positive_terms(POSITIVE.index(family), t, log_t, torch.log(p0), torch.log(p1),
-                                    torch.float64)[0]
+    return positive_terms(POSITIVE.index(family), t, log_t, torch.log(p0), torch.log(p1), torch.float64)[0]
 
 
 def _positive_prior(family, kind, device):
@@ -564,9 +564,9 @@ def test_positive_log_likelihood_matches_handwritten(backend, family):
     q = _positive_torch(family, p0, p1)
     K = 7
     xw = _philox.philox_word(philox_seed_of(4), torch.arange(B * K * L)).reshape(B, K, L).transpose(0, 1)
-    t, log_t = reference.positive_exp1(xw, torch.float64)
-    z = reference.positive_terms(POSITIVE.index(family), t.to(device), log_t.to(device), torch.log(p0),
-                                 torch.log(p1), torch.float64)[0]
+    t, log_t = positive_exp1(xw, torch.float64)
+    z = positive_terms(POSITIVE.index(family), t.to(device), log_t.to(device), torch.log(p0), torch.log(p1),
+                       torch.float64)[0]
     prior, p, _ = _positive_prior(family, "same", device)
     lw = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x) + p.log_prob(z) - q.log_prob(z)
     expected = torch.logsumexp(lw, 0) - math.log(K)

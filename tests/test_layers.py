@@ -52,9 +52,10 @@ DECLARED = {
     ("_double_backward", "ops.kl_normal"): "kl_normal_grad (kl_normal's one gradient formula in Python) in "
                                            "sample_normal's double backward",
     ("ops.kl_normal.op", "ops.kl_normal"): "kl_normal_grad, differentiable, for its own double backward",
-    ("sample_positive", "reference"): "positive_terms: the positive families' closed forms, differentiable, for "
-                                      "the double backward",
-    ("latents", "reference"): "positive_terms at the median (Positive.point): one closed form, not a second copy",
+    ("ops.sample_positive.op", "ops.sample_positive"): "positive_terms: the positive families' closed forms, "
+                                                        "differentiable, for its own double backward",
+    ("latents", "ops.sample_positive"): "positive_terms at the median (Positive.point): one closed form, not a "
+                                        "second copy",
 }
 
 
