@@ -27,6 +27,8 @@ def _label(size: dict) -> str:
 
 
 def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
     try:
         return int(text)
     except ValueError:
@@ -35,7 +37,8 @@ def _value(text: str):
 
 def _sizes(rows, assignments: list[str]) -> list[dict]:
     """The row's sizes with each KEY=VALUE of --set replacing that entry (an
-    integer where VALUE is one), the sizes that become equal kept once."""
+    integer or True / False where VALUE is one), the sizes that become equal
+    kept once."""
     changes = dict(a.split("=", 1) for a in assignments)
     unknown = sorted(set(changes) - {k for size in rows for k in size})
     if unknown or any("=" not in a for a in assignments):

@@ -148,6 +148,6 @@ __all__ += ["sample_positive", "Positive"]
 
 # the relaxed categorical (Concrete / Gumbel-softmax) latents (issue 35)
 from .latents import BinaryConcrete, Concrete  # noqa: E402
-from .sample_concrete import sample_concrete  # noqa: E402
+from .ops.sample_concrete.op import sample_concrete  # noqa: E402
 
 __all__ += ["sample_concrete", "Concrete", "BinaryConcrete"]

@@ -78,10 +78,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "x params means log_scales num_bins out"),
     _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
        "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
-    # the relaxed categorical (issue 35): logits (N, L, C), C consecutive uniforms per latent
-    _k("sample_concrete_forward", "sample_concrete",
-       "logits temperature seed hard offset0 sample_stride row_stride z log_q"),
-    _k("sample_concrete_backward", "sample_concrete", "grad_z grad_log_q logits temperature seed stop_score dlogits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -123,10 +119,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
                                                  "discretized_logistic_mixture_log_prob_backward"),
        "tests/test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
        double_backward="not_twice", likelihood="discretized_logistic_mixture"),
-    Op("sample_concrete", ("sample_concrete_forward", "sample_concrete_backward"),
-       # the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
-       "tests/test_sample_concrete.py", "sample_concrete", launches=(1, 1, 2), double_backward="not_twice",
-       other_kernels=("full",)),
 )}
 for _spec_module in FOLDERS.values():
     OPS[_spec_module.OP.name] = _spec_module.OP

@@ -82,6 +82,8 @@ from . import priors as _priors
 from ._families import POSITIVE_FAMILIES
 from .distributions import widened
 from .ops.kl_normal.op import kl_normal
+from .ops.sample_concrete.op import check_args as _concrete_args
+from .ops.sample_concrete.op import concrete_at, sample_concrete_unchecked
 from .ops.sample_location_scale.op import (
     FAMILIES,
     family_index,
@@ -90,8 +92,6 @@ from .ops.sample_location_scale.op import (
 )
 from .ops.sample_positive.op import PARAMETERS, check_params, positive_at, sample_positive_unchecked
 from .priors import TorchPrior
-from .sample_concrete import check_args as _concrete_args
-from .sample_concrete import concrete_at, sample_concrete_unchecked
 from .sample_normal import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 
 LOG_2PI = math.log(2.0 * math.pi)

@@ -1,11 +1,13 @@
-"""Plain-PyTorch reference of every fastvae op: the test oracle and the
+"""Plain-PyTorch reference of every fastvae op not yet moved to a folder of its
+own (an op folder's oracle is its ``__init__.py``): the test oracle and the
 ``reference`` backend.
 
 Everything here is written for clarity, not speed, and runs in float64 when
-given float64. The Philox stream is emulated with int64 tensor arithmetic so
-that the reference draws exactly the noise the kernels draw (see the RNG
-contract in docs/architecture.md): the float32 uniforms are bit-exact, and the
-Box-Muller transform is then evaluated in float64.
+given float64. The Philox stream is emulated with int64 tensor arithmetic
+(fastvae/_philox.py) so that the reference draws exactly the noise the
+kernels draw (see the RNG contract in docs/architecture.md): the float32
+uniforms are bit-exact, and the Box-Muller transform is then evaluated in
+float64.
 
 Functions named ``<op>`` are differentiable (plain autograd) and serve as the
 oracle for gradients; ``<op>_forward`` / ``<op>_backward`` are the explicit
@@ -19,9 +21,8 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
-from ._philox import folded, philox_word, philox_words
+from ._philox import folded, philox_words
 from .ops.kl_normal import kl_normal_grad
-from .ops.sample_positive import positive_exp1
 
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
 _MIN_U1 = 1.0e-7
@@ -1066,108 +1067,3 @@ def discretized_logistic_mixture_log_prob(x: Tensor, params, num_bins: int = 256
     discretized_logistic_mixture_log_prob_forward(x, flat[0], None if packed else flat[1],
                                                   None if packed else flat[2], num_bins, out)
     return out.reshape(lead)
-
-
-# --------------------------------------------------------------------------
-# sample_concrete (issue 35): the relaxed categorical (Concrete / Gumbel-softmax)
-# --------------------------------------------------------------------------
-
-
-def concrete_noise(seed: int, offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    """The Exp(1) variates t = -log u (-log1p(-v) above 1/2) of the element
-    offsets in float64 from the `dtype` uniforms; the Gumbel is g = -log t."""
-    return positive_exp1(philox_word(seed, offsets), accumulation_dtype(dtype))[0]
-
-
-def concrete_terms(logits: Tensor, temperature: Tensor, t: Tensor):
-    """(z, log_q, soft_z, w, count) per latent of logits (..., C), temperature
-    (...) and the Exp(1) noise t (..., C), in the arguments' dtype (float64 in
-    the oracle), -inf logits masked out of the simplex:
-    y = (logits - max logits - log t) / temperature (the shift by the latent's
-    largest unmasked logit changes nothing but keeps y finite), z = softmax(y) (0 where masked),
-    log q = lgamma(C') + (C' - 1) log temperature - sum_c log z_c
-    + sum_c log t_c - C' log sum_c t_c over the C' unmasked categories: the
-    Concrete density (Maddison et al. 2017) with sum_c pi_c z_c^-temperature
-    written through the noise (pi_c z_c^-temperature is proportional to t_c).
-    w = t / sum_c t (the stop-score term)."""
-    mask = logits > -math.inf
-    lam = temperature[..., None]
-    # only the logits' differences matter (softmax and the density are
-    # shift-invariant): subtracting the latent's largest logit first keeps y
-    # finite for logits of any size at any temperature (a detached constant:
-    # the shift's own gradient is 0)
-    top = torch.where(mask, logits, -math.inf).amax(-1, keepdim=True).detach()
-    top = torch.where(top > -math.inf, top, 0.0)
-    y = torch.where(mask, ((logits - top) - torch.log(t)) / lam, -math.inf)
-    log_z = torch.log_softmax(y, dim=-1)
-    z = torch.where(mask, torch.exp(log_z), 0.0)
-    count = mask.sum(-1).to(t.dtype)
-    tm = torch.where(mask, t, 0.0)
-    sum_t = tm.sum(-1)
-    log_q = (torch.lgamma(count) + (count - 1.0) * torch.log(temperature)
-             - torch.where(mask, log_z, 0.0).sum(-1) + torch.where(mask, torch.log(t), 0.0).sum(-1)
-             - count * torch.log(sum_t))
-    return z, log_q, tm / sum_t[..., None], count
-
-
-def sample_concrete(logits: Tensor, temperature: Tensor, seed: int, n_samples: int,
-                    hard: bool = False) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, ..., L, C), log q(z) (n_samples, ...)) in float64,
-    differentiable with plain autograd in logits (the training layout's
-    offsets: C consecutive uniforms per latent): the oracle of the fused op.
-    hard: z is the one-hot of argmax, with the relaxed z's gradient."""
-    offsets = torch.arange(n_samples * logits.numel(), dtype=torch.int64, device=logits.device)
-    t = concrete_noise(seed, offsets, logits.dtype).reshape(n_samples, *logits.shape)
-    z, log_q = concrete_terms(logits.double(), temperature.double().expand(logits.shape[:-1]), t)[:2]
-    if hard:
-        one_hot = torch.nn.functional.one_hot(z.argmax(-1), logits.shape[-1]).to(z.dtype)
-        z = one_hot + z - z.detach()
-    return z, log_q.sum(-1)
-
-
-def sample_concrete_forward(logits: Tensor, temperature: Tensor, seed: int, hard: bool, offset0: int,
-                            sample_stride: int, row_stride: int, z: Tensor, log_q: Tensor | None) -> None:
-    """z (K, N, L, C) <- softmax((logits - log t) / temperature) (one-hot of its
-    argmax when hard) with t the Exp(1) variate of the uniform at offset0 +
-    k * sample_stride + n * row_stride + l * C + c; logits (N, L, C),
-    temperature (N, L); log_q (K, N), when given, <- the Concrete log-density
-    summed over L from the same t (concrete_terms)."""
-    acc = _compute_dtype(logits)
-    K, N, L, C = z.shape
-    k, n, lc = (torch.arange(d, dtype=torch.int64, device=logits.device) for d in (K, N, L * C))
-    offsets = offset0 + k[:, None, None] * sample_stride + n[None, :, None] * row_stride + lc
-    t = concrete_noise(seed, offsets, acc).reshape(K, N, L, C)
-    zz, lq = concrete_terms(logits.double(), temperature.double(), t)[:2]
-    if hard:
-        zz = torch.nn.functional.one_hot(zz.argmax(-1), C).to(zz.dtype)
-    z.copy_(zz)
-    if log_q is not None:
-        log_q.copy_(lq.sum(-1))
-
-
-def sample_concrete_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, logits: Tensor, temperature: Tensor,
-                             seed: int, stop_score: bool, dlogits: Tensor) -> None:
-    """dlogits (N, L, C) from grad_z (K, N, L, C) and grad_log_q (K, N) (None: no
-    gradient), t regenerated, z the relaxed sample (hard or not: straight-through):
-    sum_k (z (grad_z - <z, grad_z>) + grad_log_q h) / temperature, with
-    h = C' z - 1 (plain autograd) or, with stop_score (the score through z
-    only), h = C' z + C' temperature w - (temperature + 1), w = t / sum t;
-    masked categories get 0."""
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    N, L, C = logits.shape
-    offsets = torch.arange(K * N * L * C, dtype=torch.int64, device=logits.device)
-    t = concrete_noise(seed, offsets, _compute_dtype(logits)).reshape(K, N, L, C)
-    lam = temperature.double()
-    z, _, w, count = concrete_terms(logits.double(), lam, t)
-    mask = logits > -math.inf
-    d = torch.zeros(K, N, L, C, dtype=torch.float64, device=logits.device)
-    if grad_z is not None:
-        g = grad_z.double()
-        d = d + z * (g - (z * g).sum(-1, keepdim=True))
-    if grad_log_q is not None:
-        gq = grad_log_q.double()[:, :, None, None]
-        c = count[..., None]
-        h = c * z + c * lam[..., None] * w - (lam[..., None] + 1.0) if stop_score else c * z - 1.0
-        d = d + gq * h
-    dlogits.copy_(torch.where(mask, d.sum(0) / lam[..., None], 0.0))

@@ -175,19 +175,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             yield "categorical_log_prob_forward", dict(x=x, logits=m(K, B, D, C), out=r(K, B))
             yield "categorical_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D, C),
                                                         dlogits=m(K, B, D, C))
-    elif op == "sample_concrete":  # issue 35: logits (B, L, C) at C = 16, plain and straight-through
-        C = 16
-        for hard in (False, True):
-            yield "sample_concrete_forward", dict(logits=m(B, L, C), temperature=m(B, L), seed=seed, hard=hard,
-                                                  offset0=0, sample_stride=B * L * C, row_stride=L * C,
-                                                  z=m(K, B, L, C), log_q=r(K, B))
-        for stop in (False, True):
-            yield "sample_concrete_backward", dict(grad_z=m(K, B, L, C), grad_log_q=r(K, B), logits=m(B, L, C),
-                                                   temperature=m(B, L), seed=seed, stop_score=stop,
-                                                   dlogits=m(B, L, C))
-        yield "sample_concrete_forward", dict(logits=m(B, L, C), temperature=m(B, L), seed=seed, hard=False,
-                                              offset0=7 * L * C + 1, sample_stride=L * C, row_stride=K * L * C,
-                                              z=m(K, B, L, C), log_q=r(K, B))
     else:
         raise ValueError(f"unknown op {op!r}")
 

@@ -369,7 +369,8 @@ def test_discretized_logistic_mixture_log_prob_raises_a_named_error_when_differe
 
 
 def test_sample_concrete_raises_a_named_error_when_differentiated_twice(backend):
-    """issue 35: the relaxed categorical's backward is a kernel (tests/test_sample_concrete.py)."""
+    """issue 35: the relaxed categorical's backward is a kernel
+    (fastvae/ops/sample_concrete/test_sample_concrete.py)."""
     _, device = backend
     g = torch.Generator().manual_seed(8)
     logits = _leaf(torch.randn(3, 2, 4, generator=g, dtype=F64), device)

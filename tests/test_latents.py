@@ -13,6 +13,7 @@ import torch.distributions as td
 
 import fastvae
 from fastvae import _philox, reference
+from fastvae.ops.sample_concrete import concrete_noise
 from fastvae.ops.sample_location_scale import standardized
 from fastvae.ops.sample_location_scale.op import FAMILIES
 
@@ -659,7 +660,7 @@ def _concrete_z(seed, K, logits, offsets=None):
     """The relaxed z of the training layout (float64 uniforms), differentiable in the logits."""
     if offsets is None:
         offsets = torch.arange(K * B * L * CC)
-    t = reference.concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, CC).to(logits.device)
+    t = concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, CC).to(logits.device)
     return torch.softmax((logits - torch.log(t)) / LAM, -1)
 
 
@@ -997,7 +998,7 @@ def _binary_z(seed, K, logits, offsets=None):
     first component of the Concrete of logits (l, 0) (2 uniforms per latent)."""
     if offsets is None:
         offsets = torch.arange(K * B * L * 2)
-    t = reference.concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, 2).to(logits.device)
+    t = concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, 2).to(logits.device)
     return torch.sigmoid((logits - torch.log(t[..., 0]) + torch.log(t[..., 1])) / LAM)
 
 

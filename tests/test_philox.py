@@ -1,7 +1,8 @@
 """The noise stream: element offset i is lane i % 4 of Box-Muller on Philox
 counter i // 4 (tl.randn4x's four normals), on every backend.
 
-The reference emulates Philox with int64 tensor arithmetic; the cpp and triton
+fastvae/_philox.py emulates Philox with int64 tensor arithmetic (the reference's
+normals are drawn from it); the cpp and triton
 uniforms must equal it bit for bit, and the normals agree to float32 rounding.
 """
 import math
