@@ -6,10 +6,12 @@ each of the row's sizes, forward, backward and forward+backward.
 Implementations, modes, bandwidth and memory as in every op benchmark
 (harness.py; benchmarks/README.md says what the columns mean).
 
-Reproduce: python -m benchmarks.bench_op <op> [--quick]
+Reproduce: python -m benchmarks.bench_op <op> [--quick] [--set KEY=VALUE ...]
+(--set replaces an entry of every size: B=1024, family=laplace, ...)
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,20 +31,56 @@ def _repeats(size: dict) -> int:
     return 200 if math.prod(size.values()) < 10_000 else 20
 
 
+def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _sizes(rows, assignments: list[str]) -> list[dict]:
+    """The row's sizes with each KEY=VALUE of --set replacing that entry (an
+    integer or True / False where VALUE is one), the sizes that become equal
+    kept once."""
+    changes = dict(a.split("=", 1) for a in assignments)
+    unknown = sorted(set(changes) - {k for size in rows for k in size})
+    if unknown or any("=" not in a for a in assignments):
+        raise SystemExit(f"--set takes KEY=VALUE with the keys of the sizes ({', '.join(rows[0])}): {assignments}")
+    sizes = []
+    for size in rows:
+        size = {k: _value(changes[k]) if k in changes else v for k, v in size.items()}
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def _repeats(bench, size: dict) -> int:
+    if callable(bench.repeats):
+        return bench.repeats(size)
+    if bench.repeats is not None:
+        return bench.repeats
+    return 200 if math.prod(v for v in size.values() if type(v) is int) < 10_000 else 20
+
+
 def main(argv=None) -> dict | None:
     p = harness.parser(__doc__.split("\n")[0])
     p.add_argument("op", choices=sorted(_registry.FOLDERS), help="the op (its folder under fastvae/ops/)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="replace an entry of every size, e.g. B=1024 or family=laplace")
     args = harness.parse_args(p, argv)
     bench = _registry.FOLDERS[args.op].BENCH
     device = torch.device(args.device)
-    sizes = bench.quick if args.quick else bench.sizes
-    repeats = bench.repeats or _repeats
+    sizes = _sizes(bench.quick if args.quick else bench.sizes, args.set)
     cases = [harness.Case(label(size, bench.label_keys), dict(size),
                           lambda device, size=size: bench.inputs(size, device), bench.min_bytes(size),
-                          repeats=repeats(size))
+                          repeats=_repeats(bench, size))
              for size in sizes]
-    impls = harness.baseline_impls(bench.eager, getattr(fastvae, bench.fastvae), args.op, device,
-                                   args.fastvae_backends)
+    fn = getattr(fastvae, bench.fastvae)
+    if bench.call is not None:
+        fn = functools.partial(bench.call, fn)
+    impls = harness.baseline_impls(bench.eager, fn, args.op, device, args.fastvae_backends)
     return harness.run(__spec__.name, args.op, bench.title.format(**sizes[0]), cases, impls, args)
 
 

@@ -100,46 +100,4 @@ void sample_normal_tril_backward(const T* dz, const T* dkl, const T* mu, const T
                                  uint64_t seed, int64_t K, int64_t N, int64_t L, T* dmu, T* dS,
                                  int n_threads);
 
-// sample_location_scale (issue 35): loc, log_scale (N, L); z (K, N, L); log_q
-// (K, N) or null. family: 0 uniform, 1 Laplace, 2 logistic, 3 Gumbel, 4
-// Cauchy (fastvae.reference.LOCATION_SCALE_FAMILIES); offsets as sample_normal's.
-template <typename T>
-void sample_location_scale_forward(const T* loc, const T* log_scale, uint64_t seed, int family, uint64_t offset0,
-                                   uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L,
-                                   T* z, T* log_q, int n_threads);
-
-// dz (K, N, L) and dlog_q (K, N) may be null (no gradient); dloc, dlog_scale (N, L).
-template <typename T>
-void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale, uint64_t seed,
-                                    int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc,
-                                    T* dlog_scale, int n_threads);
-
-// sample_positive (issue 35): log_p0, log_p1 (N, L); z (K, N, L); log_q (K, N)
-// or null. family: 0 exponential, 1 Weibull, 2 Kumaraswamy
-// (fastvae.reference.POSITIVE_FAMILIES); offsets as sample_normal's.
-template <typename T>
-void sample_positive_forward(const T* log_p0, const T* log_p1, uint64_t seed, int family, uint64_t offset0,
-                             uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z,
-                             T* log_q, int n_threads);
-
-// dz (K, N, L) and dlog_q (K, N) may be null (no gradient); dlog_p0, dlog_p1 (N, L).
-template <typename T>
-void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, const T* log_p1, uint64_t seed,
-                              int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
-                              int n_threads);
-
-// sample_concrete (issue 35): logits (N, L, C); temperature (N, L); z (K, N, L, C);
-// log_q (K, N) or null. z[k, n, l, c] uses the uniform at offset0 + k * sample_stride
-// + n * row_stride + l * C + c (training: 0, N * L * C, L * C).
-template <typename T>
-void sample_concrete_forward(const T* logits, const T* temperature, uint64_t seed, bool hard, uint64_t offset0,
-                             uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, int64_t C,
-                             T* z, T* log_q, int n_threads);
-
-// dz (K, N, L, C) and dlog_q (K, N) may be null (no gradient); dlogits (N, L, C).
-template <typename T>
-void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, const T* temperature, uint64_t seed,
-                              bool stop_score, int64_t K, int64_t N, int64_t L, int64_t C, T* dlogits,
-                              int n_threads);
-
 }  // namespace fastvae

@@ -86,8 +86,8 @@ from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .ops.kl_normal.op import kl_normal
 from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.mixture_log_prob.op import mixture_log_prob
+from .ops.sample_location_scale.op import sample_location_scale
 from .poisson_log_prob import poisson_log_prob
-from .sample_location_scale import sample_location_scale
 from .sample_normal import sample_normal
 from .sample_normal_tril import sample_normal_tril
 from .zinb_log_prob import zinb_log_prob
@@ -142,12 +142,12 @@ __version__ = "0.1.0"
 
 # the positive latent families (issue 35)
 from .latents import Positive  # noqa: E402
-from .sample_positive import sample_positive  # noqa: E402
+from .ops.sample_positive.op import sample_positive  # noqa: E402
 
 __all__ += ["sample_positive", "Positive"]
 
 # the relaxed categorical (Concrete / Gumbel-softmax) latents (issue 35)
 from .latents import BinaryConcrete, Concrete  # noqa: E402
-from .sample_concrete import sample_concrete  # noqa: E402
+from .ops.sample_concrete.op import sample_concrete  # noqa: E402
 
 __all__ += ["sample_concrete", "Concrete", "BinaryConcrete"]

@@ -24,12 +24,6 @@ import importlib
 from . import ops as _ops
 from ._spec import Bench, Kernel, Op  # noqa: F401 (the registry's types, read from here)
 
-# The sampler families' compile-time variants: a kernel's `family` argument is
-# the position in these tuples (here, below every layer that reads them: the
-# reference, the C++ and Triton kernels and the ops).
-LOCATION_SCALE_FAMILIES = ("uniform", "laplace", "logistic", "gumbel", "cauchy")
-POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
-
 
 def _k(name: str, module: str, args: str) -> Kernel:
     return Kernel(name, module, tuple(args.split()))
@@ -79,22 +73,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "x params means log_scales num_bins out"),
     _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
        "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
-    # the location-scale latents (issue 35): `family` picks the standardized inverse CDF
-    # (LOCATION_SCALE_FAMILIES below), a compile-time variant in the C++ and Triton kernels
-    _k("sample_location_scale_forward", "sample_location_scale",
-       "loc log_scale seed family offset0 sample_stride row_stride z log_q"),
-    _k("sample_location_scale_backward", "sample_location_scale",
-       "grad_z grad_log_q loc log_scale seed family stop_score dloc dlog_scale"),
-    # the positive latents (issue 35): `family` picks exponential, Weibull or Kumaraswamy
-    # (POSITIVE_FAMILIES below), a compile-time variant; log_p1 unused by the exponential
-    _k("sample_positive_forward", "sample_positive",
-       "log_p0 log_p1 seed family offset0 sample_stride row_stride z log_q"),
-    _k("sample_positive_backward", "sample_positive",
-       "grad_z grad_log_q log_p0 log_p1 seed family stop_score dlog_p0 dlog_p1"),
-    # the relaxed categorical (issue 35): logits (N, L, C), C consecutive uniforms per latent
-    _k("sample_concrete_forward", "sample_concrete",
-       "logits temperature seed hard offset0 sample_stride row_stride z log_q"),
-    _k("sample_concrete_backward", "sample_concrete", "grad_z grad_log_q logits temperature seed stop_score dlogits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -133,14 +111,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
                                                  "discretized_logistic_mixture_log_prob_backward"),
        "tests/test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
        double_backward="not_twice", likelihood="discretized_logistic_mixture"),
-    Op("sample_location_scale", ("sample_location_scale_forward", "sample_location_scale_backward"),
-       "tests/test_sample_location_scale.py", "sample_location_scale", launches=(1, 1, 1)),
-    Op("sample_positive", ("sample_positive_forward", "sample_positive_backward"),
-       "tests/test_sample_positive.py", "sample_positive", launches=(1, 1, 1)),
-    Op("sample_concrete", ("sample_concrete_forward", "sample_concrete_backward"),
-       # the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
-       "tests/test_sample_concrete.py", "sample_concrete", launches=(1, 1, 2), double_backward="not_twice",
-       other_kernels=("full",)),
 )}
 for _spec_module in FOLDERS.values():
     OPS[_spec_module.OP.name] = _spec_module.OP

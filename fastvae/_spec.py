@@ -59,7 +59,9 @@ class Bench(NamedTuple):
     """An op's benchmark row (benchmarks/bench_op.py runs it; benchmarks/README.md
     says what the columns mean): the op against the same formula in eager torch
     (and torch.compile of it) at a small size, where the per-call cost is most
-    of the time, and a large one, where bandwidth is."""
+    of the time, and a large one, where bandwidth is. A size is a dict of the
+    parameters ``inputs`` reads (its integers, and any other choice a case
+    makes: a family, a mode), shown as the case's label."""
 
     # the table's title; a {name} in it is the first size's value (of a dimension the sizes share)
     title: str
@@ -75,6 +77,10 @@ class Bench(NamedTuple):
     fastvae: str  # the public function, fastvae.<fastvae>
     # the names of a size that label its case ("K=1"); None: all of them ("B=100,L=8")
     label_keys: tuple[str, ...] | None = None
-    # size -> the case's default repeat count (None: the harness's); None: 200 repeats
-    # where the size's dimensions multiply to under 10,000, else 20
-    repeats: Callable | None = None
+    # how the arguments call it where that is not fastvae.<fastvae>(*arguments) (a
+    # keyword argument, an argument the eager formula takes another way):
+    # (the function, *arguments) -> its outputs
+    call: Callable | None = None
+    # timed repeats (--repeats overrides): a count for every size, or size -> its count;
+    # None: 200 below 10,000 elements (the product of a size's integers), else 20
+    repeats: int | Callable | None = None

@@ -79,15 +79,20 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 
 from . import _validate, _value_checks
 from . import priors as _priors
-from ._registry import POSITIVE_FAMILIES
+from ._families import POSITIVE_FAMILIES
 from .distributions import widened
 from .ops.kl_normal.op import kl_normal
+from .ops.sample_concrete.op import check_args as _concrete_args
+from .ops.sample_concrete.op import concrete_at, sample_concrete_unchecked
+from .ops.sample_location_scale.op import (
+    FAMILIES,
+    family_index,
+    location_scale_at,
+    sample_location_scale_unchecked,
+)
+from .ops.sample_positive.op import PARAMETERS, check_params, positive_at, sample_positive_unchecked
 from .priors import TorchPrior
-from .sample_concrete import check_args as _concrete_args
-from .sample_concrete import concrete_at, sample_concrete_unchecked
-from .sample_location_scale import FAMILIES, family_index, location_scale_at, sample_location_scale_unchecked
 from .sample_normal import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
-from .sample_positive import PARAMETERS, check_params, positive_at, sample_positive_unchecked
 
 LOG_2PI = math.log(2.0 * math.pi)
 EULER_GAMMA = 0.5772156649015329
@@ -635,7 +640,7 @@ class Positive(_Latent):
         """The median (t = log 2): a z with no noise drawn."""
         p0, p1 = widened(self.log_p0, self.log_p1)
         t = torch.full_like(p0, math.log(2.0))
-        from .reference import positive_terms  # declared use (docs/architecture.md, "Layers")
+        from .ops.sample_positive import positive_terms  # declared use (docs/architecture.md, "Layers")
         return positive_terms(self.index, t, torch.log(t), p0, p1, p0.dtype)[0].to(self.log_p0.dtype)
 
     def torch_distribution(self) -> Distribution:

@@ -1,11 +1,13 @@
-"""Plain-PyTorch reference of every fastvae op: the test oracle and the
+"""Plain-PyTorch reference of every fastvae op not yet moved to a folder of its
+own (an op folder's oracle is its ``__init__.py``): the test oracle and the
 ``reference`` backend.
 
 Everything here is written for clarity, not speed, and runs in float64 when
-given float64. The Philox stream is emulated with int64 tensor arithmetic so
-that the reference draws exactly the noise the kernels draw (see the RNG
-contract in docs/architecture.md): the float32 uniforms are bit-exact, and the
-Box-Muller transform is then evaluated in float64.
+given float64. The Philox stream is emulated with int64 tensor arithmetic
+(fastvae/_philox.py) so that the reference draws exactly the noise the
+kernels draw (see the RNG contract in docs/architecture.md): the float32
+uniforms are bit-exact, and the Box-Muller transform is then evaluated in
+float64.
 
 Functions named ``<op>`` are differentiable (plain autograd) and serve as the
 oracle for gradients; ``<op>_forward`` / ``<op>_backward`` are the explicit
@@ -19,45 +21,11 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
-from ._registry import LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
+from ._philox import folded, philox_words
 from .ops.kl_normal import kl_normal_grad
 
-_MASK32 = 0xFFFFFFFF
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
 _UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
 _MIN_U1 = 1.0e-7
-
-
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32-bit words of a * b for a constant a < 2**32 and b < 2**32.
-
-    b is split in 16-bit halves so every partial product fits in int64.
-    """
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = ((p_hi << 16) + p_lo) & _MASK32
-    return hi, lo
-
-
-def philox_words(seed: int, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four words of Philox4x32-10 at counter (lo(c), hi(c), 0, 0), key
-    (lo(seed), hi(seed)), as uint32 values held in int64 tensors."""
-    counters = counters.to(torch.int64)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
 
 
 def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,21 +38,15 @@ def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(second_pair, w2, w0), torch.where(second_pair, w3, w1)
 
 
-def _folded(bits: Tensor) -> Tensor:
-    """The word as int32, negatives folded by ~x: an integer in [0, 2**31)."""
-    x = torch.where(bits >= 2**31, bits - 2**32, bits)
-    return torch.where(x < 0, ~x, x)
-
-
 def uniform_from_bits(bits: Tensor) -> Tensor:
     """Triton's uint_to_uniform_float: int32 view, negatives folded by ~x, scaled (float32)."""
-    return _folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    return folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
 
 
 def uniform64_from_bits(bits: Tensor) -> Tensor:
     """The float64 uniform of a word: (x + 1/2) / 2**31 for its folded x, exact,
     in (0, 1) (so no clamp is needed before the log)."""
-    return (_folded(bits).double() + 0.5) * 2.0**-31
+    return (folded(bits).double() + 0.5) * 2.0**-31
 
 
 def philox_uniform(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
@@ -1007,359 +969,3 @@ def discretized_logistic_mixture_log_prob(x: Tensor, params, num_bins: int = 256
     discretized_logistic_mixture_log_prob_forward(x, flat[0], None if packed else flat[1],
                                                   None if packed else flat[2], num_bins, out)
     return out.reshape(lead)
-
-
-# --------------------------------------------------------------------------
-# sample_location_scale (issue 35): z = loc + exp(log_scale) * e, e = F^-1(u)
-# --------------------------------------------------------------------------
-
-# The standardized families: LOCATION_SCALE_FAMILIES (fastvae/_registry.py), in the kernels' order.
-_HALF_WORD = 2**30  # folded words below it are the uniforms below 1/2
-_F32_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
-
-
-def philox_word(seed: int, offsets: Tensor) -> Tensor:
-    """The folded Philox word x in [0, 2**31) of each element offset: lane
-    offset % 4 of counter offset // 4 (one uniform per element)."""
-    offsets = offsets.to(torch.int64)
-    w = philox_words(seed, offsets >> 2)
-    lane = offsets & 3
-    word = torch.where(lane == 0, w[0], torch.where(lane == 1, w[1], torch.where(lane == 2, w[2], w[3])))
-    return _folded(word)
-
-
-def open_uniforms(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(u, v = 1 - u) of folded words x, both in (0, 1) and each computed from
-    the integer (x + 1/2) / 2**31 and (2**31 - 1/2 - x) / 2**31, so a tail
-    near 1 keeps its bits in v. float64: exact. float32 (the kernels' rounding,
-    bit for bit): (float32(x) + 0.5) * 2**-31 in float32 arithmetic, at most
-    1 - 2**-24 (float32(x) rounds x near 2**31 up to 2**31)."""
-    if dtype == torch.float64:
-        return (x.double() + 0.5) * 2.0**-31, (float(2**31) - 0.5 - x.double()) * 2.0**-31
-    half = torch.tensor(0.5, dtype=torch.float32)
-    scale = torch.tensor(2.0**-31, dtype=torch.float32)
-    top = torch.tensor(_F32_BELOW_ONE, dtype=torch.float32)
-    u = torch.minimum((x.to(torch.float32) + half) * scale, top)
-    v = torch.minimum(((2**31 - 1 - x).to(torch.float32) + half) * scale, top)
-    return u, v
-
-
-def standardized(family: int, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(e, log f(e), psi(e) = d log f / de) of the standardized family at the
-    folded words x, in float64 from the float32 (or float64) uniforms:
-    uniform e = u; Laplace e = log 2u below 1/2, -log 2v above; logistic
-    e = log u - log v; Gumbel e = -log t, t = -log u (-log1p(-v) above 1/2);
-    Cauchy e = -cot(pi u) below 1/2, cot(pi v) above, log f = 2 log sin(pi w) - log pi."""
-    u, v = (t.double() for t in open_uniforms(x, dtype))
-    lower = x < _HALF_WORD
-    if family == 0:
-        return u, torch.zeros_like(u), torch.zeros_like(u)
-    if family == 1:
-        e = torch.where(lower, torch.log(2.0 * u), -torch.log(2.0 * v))
-        # psi = -sign(e), taken from the half (as the kernels do): e = 0 only where float32 rounds u to 1/2
-        return e, -e.abs() - math.log(2.0), torch.where(lower, 1.0, -1.0).double()
-    if family == 2:
-        return torch.log(u) - torch.log(v), torch.log(u) + torch.log(v), v - u
-    if family == 3:
-        t = torch.where(lower, -torch.log(u), -torch.log1p(-v))
-        return -torch.log(t), torch.log(t) - t, t - 1.0
-    if family == 4:
-        w = torch.where(lower, u, v)
-        c, s = torch.cos(math.pi * w), torch.sin(math.pi * w)
-        sign = torch.where(lower, -1.0, 1.0)
-        return sign * c / s, 2.0 * torch.log(s) - math.log(math.pi), -2.0 * sign * c * s
-    raise ValueError(f"family must be in [0, {len(LOCATION_SCALE_FAMILIES)}), got {family}")
-
-
-def location_scale_noise(family: int, seed: int, offsets: Tensor, dtype: torch.dtype):
-    """(e, log f(e), psi(e)) at the element offsets, in dtype (the uniforms of
-    dtype's accumulation rule: float32 or float64)."""
-    x = philox_word(seed, offsets)
-    return tuple(t.to(dtype) for t in standardized(family, x, accumulation_dtype(dtype)))
-
-
-def sample_location_scale(family: int, loc: Tensor, log_scale: Tensor, seed: int,
-                          n_samples: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, ..., L), log q(z) (n_samples, ...)), differentiable with
-    plain autograd in loc and log_scale (the training layout's offsets): the
-    oracle of the fused op."""
-    numel = loc.numel()
-    offsets = torch.arange(n_samples * numel, dtype=torch.int64, device=loc.device)
-    e, log_f, _ = location_scale_noise(family, seed, offsets, loc.dtype)
-    e, log_f = e.reshape(n_samples, *loc.shape), log_f.reshape(n_samples, *loc.shape)
-    z = loc + torch.exp(log_scale) * e
-    return z, (log_f - log_scale).sum(-1)
-
-
-def sample_location_scale_forward(loc: Tensor, log_scale: Tensor, seed: int, family: int, offset0: int,
-                                  sample_stride: int, row_stride: int, z: Tensor, log_q: Tensor | None) -> None:
-    """z (K, N, L) <- loc + exp(log_scale) * e, e the standardized family's
-    inverse CDF of the uniform at offset0 + k * sample_stride + n * row_stride + l;
-    log_q (K, N), when given, <- sum_l(log f(e) - log_scale) from that e."""
-    acc = _compute_dtype(loc)
-    K, N, L = z.shape
-    k, n, c = (torch.arange(d, dtype=torch.int64, device=loc.device) for d in (K, N, L))
-    offsets = offset0 + k[:, None, None] * sample_stride + n[None, :, None] * row_stride + c
-    e, log_f, _ = location_scale_noise(family, seed, offsets, acc)
-    loc, log_scale = loc.to(acc), log_scale.to(acc)
-    z.copy_(loc + torch.exp(log_scale) * e)
-    if log_q is not None:
-        log_q.copy_((log_f - log_scale).sum(-1))
-
-
-def sample_location_scale_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, loc: Tensor,
-                                   log_scale: Tensor, seed: int, family: int, stop_score: bool, dloc: Tensor,
-                                   dlog_scale: Tensor) -> None:
-    """dloc, dlog_scale (N, L) from grad_z (K, N, L) and grad_log_q (K, N) (None:
-    no gradient), with e regenerated and s = exp(log_scale):
-    dloc = sum_k grad_z_k (+ (sum_k grad_log_q_k psi(e_k)) / s with stop_score),
-    dlog_scale = s sum_k grad_z_k e_k + (sum_k grad_log_q_k psi(e_k) e_k with
-    stop_score, else -sum_k grad_log_q_k). Stop-score: log q's parameters get
-    no score, z keeps its path, d/dz log q = psi(e) / s (STL / DReG)."""
-    acc = _compute_dtype(loc)
-    loc, log_scale = loc.to(acc), log_scale.to(acc)
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    N, L = loc.shape
-    offsets = torch.arange(K * N * L, dtype=torch.int64, device=loc.device)
-    e, _, psi = (t.reshape(K, N, L) for t in location_scale_noise(family, seed, offsets, acc))
-    s = torch.exp(log_scale)
-    gz = torch.zeros_like(e) if grad_z is None else grad_z.to(acc)
-    d_loc = gz.sum(0)
-    d_ls = s * (gz * e).sum(0)
-    if grad_log_q is not None:
-        g = grad_log_q.to(acc)[..., None]
-        if stop_score:
-            score = (g * psi).sum(0)
-            d_loc = d_loc + torch.where(score == 0, 0.0, score * torch.exp(-log_scale))
-            d_ls = d_ls + (g * psi * e).sum(0)
-        else:
-            d_ls = d_ls - g.sum(0)
-    dloc.copy_(d_loc)
-    dlog_scale.copy_(d_ls)
-
-
-# --------------------------------------------------------------------------
-# sample_positive (issue 35): the positive inverse-CDF families from t = -log u
-# --------------------------------------------------------------------------
-
-# The positive families, in the kernels' order (the `family` argument); their
-# parameters in log space: exponential (log_rate), Weibull (log_scale,
-# log_concentration), Kumaraswamy (log_a, log_b). Exponential ignores log_p1.
-_LOG2 = math.log(2.0)
-
-
-def positive_exp1(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(t, log t) of the Exp(1) variate t = -log u of the folded words x, in
-    float64 from the `dtype` uniforms: -log u below 1/2, -log1p(-v) above (the
-    upper tail keeps its bits). t lies in [-log(1 - 2**-32), 32 log 2] (float64
-    uniforms) or [-log1p(-2**-32), 32 log 2] (float32: v >= 2**-32 too)."""
-    u, v = (w.double() for w in open_uniforms(x, dtype))
-    t = torch.where(x < _HALF_WORD, -torch.log(u), -torch.log1p(-v))
-    return t, torch.log(t)
-
-
-def _kumaraswamy_clamp(dtype: torch.dtype) -> tuple[float, float]:
-    """z's clamp [tiny, largest below 1] of the compute dtype (docs/latents.md)."""
-    if dtype == torch.float64:
-        return 2.0**-1022, 1.0 - 2.0**-53
-    return 2.0**-126, _F32_BELOW_ONE
-
-
-def positive_terms(family: int, t: Tensor, log_t: Tensor, lp0: Tensor, lp1: Tensor, dtype: torch.dtype):
-    """(z, log f, c0, c1, f0, f1, s0, s1) per element (float64 closed forms):
-    z the sample, log f its log-density term of log q (summed over L), c_j =
-    d log z / d lp_j (the path: dz/dlp_j = z c_j), f_j = d log f / d lp_j with
-    the noise fixed (plain autograd), s_j = (z d log f / dz) c_j (stop-score:
-    the score through z only). With r = s / expm1(s), s = t / b, m = 1 - e^-s:
-    exponential z = t / rate, log f = log rate - t;
-    Weibull z = scale t^(1/k), log f = log k - log scale + (1 - 1/k) log t - t;
-    Kumaraswamy log z = log(m) / a, log f = log a + log b + (1 - 1/a) log m - t + s,
-    z = exp(log z) clamped into [tiny, 1 - ulp] of the compute dtype."""
-    zero = torch.zeros_like(t)
-    if family == 0:
-        z = t * torch.exp(-lp0)
-        return z, lp0 - t, -torch.ones_like(t), zero, torch.ones_like(t), zero, t, zero
-    if family == 1:
-        k = torch.exp(lp1)
-        c1 = -log_t / k
-        w = (k - 1.0) - k * t
-        z = torch.exp(lp0 - c1)
-        return (z, lp1 - lp0 + (1.0 - 1.0 / k) * log_t - t, torch.ones_like(t), c1, -torch.ones_like(t),
-                1.0 - c1, w, w * c1)
-    if family == 2:
-        a, b = torch.exp(lp0), torch.exp(lp1)
-        s = t / b
-        y = torch.exp(-s)
-        m = -torch.expm1(-s)
-        log_m = torch.where(s > _LOG2, torch.log1p(-y), torch.log(m))
-        log_z = log_m / a
-        tiny, top = _kumaraswamy_clamp(dtype)
-        z = torch.exp(log_z).clamp(tiny, top)
-        r = s * y / m
-        q = torch.where(y == 0, -m, m * log_m / torch.where(y == 0, 1.0, y))
-        return (z, lp0 + lp1 + (1.0 - 1.0 / a) * log_m - t + s, -log_z, -r / a, 1.0 + log_z,
-                1.0 - s - (1.0 - 1.0 / a) * r, -(a - 1.0) * log_z + (b - 1.0) * q, -(a - 1.0) * r / a + (b - 1.0) * s)
-    raise ValueError(f"family must be in [0, {len(POSITIVE_FAMILIES)}), got {family}")
-
-
-def positive_noise(family: int, seed: int, offsets: Tensor, lp0: Tensor, lp1: Tensor, dtype: torch.dtype):
-    """positive_terms at the element offsets (lp0, lp1 broadcast against them),
-    from the uniforms of dtype's accumulation rule, in float64."""
-    acc = accumulation_dtype(dtype)
-    t, log_t = positive_exp1(philox_word(seed, offsets), acc)
-    return positive_terms(family, t, log_t, lp0.double(), lp1.double(), acc)
-
-
-def sample_positive(family: int, log_p0: Tensor, log_p1: Tensor, seed: int, n_samples: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, ..., L), log q(z) (n_samples, ...)) in float64, differentiable
-    with plain autograd in log_p0 and log_p1 (the training layout's offsets):
-    the oracle of the fused op, written from the closed forms in terms of t."""
-    offsets = torch.arange(n_samples * log_p0.numel(), dtype=torch.int64, device=log_p0.device)
-    acc = accumulation_dtype(log_p0.dtype)
-    t, log_t = (w.reshape(n_samples, *log_p0.shape) for w in positive_exp1(philox_word(seed, offsets), acc))
-    z, log_f = positive_terms(family, t, log_t, log_p0.double(), log_p1.double(), acc)[:2]
-    return z, log_f.sum(-1)
-
-
-def sample_positive_forward(log_p0: Tensor, log_p1: Tensor, seed: int, family: int, offset0: int,
-                            sample_stride: int, row_stride: int, z: Tensor, log_q: Tensor | None) -> None:
-    """z (K, N, L) <- the family's sample of t = -log u at offset0 + k *
-    sample_stride + n * row_stride + l, parameters log_p0, log_p1 (N, L);
-    log_q (K, N), when given, <- sum_l log f from the same t."""
-    acc = _compute_dtype(log_p0)
-    K, N, L = z.shape
-    k, n, c = (torch.arange(d, dtype=torch.int64, device=log_p0.device) for d in (K, N, L))
-    offsets = offset0 + k[:, None, None] * sample_stride + n[None, :, None] * row_stride + c
-    zz, log_f = positive_noise(family, seed, offsets, log_p0, log_p1, acc)[:2]
-    z.copy_(zz)
-    if log_q is not None:
-        log_q.copy_(log_f.sum(-1))
-
-
-def sample_positive_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, log_p0: Tensor, log_p1: Tensor,
-                             seed: int, family: int, stop_score: bool, dlog_p0: Tensor, dlog_p1: Tensor) -> None:
-    """dlog_p0, dlog_p1 (N, L) from grad_z (K, N, L) and grad_log_q (K, N) (None:
-    no gradient), t regenerated: dlog_p_j = sum_k grad_z_k z_k c_j + grad_log_q_k
-    (s_j with stop_score, else f_j) (positive_terms)."""
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    N, L = log_p0.shape
-    offsets = torch.arange(K * N * L, dtype=torch.int64, device=log_p0.device).reshape(K, N, L)
-    z, _, c0, c1, f0, f1, s0, s1 = positive_noise(family, seed, offsets, log_p0, log_p1, _compute_dtype(log_p0))
-    d0 = torch.zeros((N, L), dtype=torch.float64, device=log_p0.device)
-    d1 = torch.zeros_like(d0)
-    if grad_z is not None:
-        gz = grad_z.double() * z
-        d0, d1 = d0 + (gz * c0).sum(0), d1 + (gz * c1).sum(0)
-    if grad_log_q is not None:
-        g = grad_log_q.double()[..., None]
-        d0 = d0 + (g * (s0 if stop_score else f0)).sum(0)
-        d1 = d1 + (g * (s1 if stop_score else f1)).sum(0)
-    dlog_p0.copy_(d0)
-    dlog_p1.copy_(d1)
-
-
-# --------------------------------------------------------------------------
-# sample_concrete (issue 35): the relaxed categorical (Concrete / Gumbel-softmax)
-# --------------------------------------------------------------------------
-
-
-def concrete_noise(seed: int, offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    """The Exp(1) variates t = -log u (-log1p(-v) above 1/2) of the element
-    offsets in float64 from the `dtype` uniforms; the Gumbel is g = -log t."""
-    return positive_exp1(philox_word(seed, offsets), accumulation_dtype(dtype))[0]
-
-
-def concrete_terms(logits: Tensor, temperature: Tensor, t: Tensor):
-    """(z, log_q, soft_z, w, count) per latent of logits (..., C), temperature
-    (...) and the Exp(1) noise t (..., C), in the arguments' dtype (float64 in
-    the oracle), -inf logits masked out of the simplex:
-    y = (logits - max logits - log t) / temperature (the shift by the latent's
-    largest unmasked logit changes nothing but keeps y finite), z = softmax(y) (0 where masked),
-    log q = lgamma(C') + (C' - 1) log temperature - sum_c log z_c
-    + sum_c log t_c - C' log sum_c t_c over the C' unmasked categories: the
-    Concrete density (Maddison et al. 2017) with sum_c pi_c z_c^-temperature
-    written through the noise (pi_c z_c^-temperature is proportional to t_c).
-    w = t / sum_c t (the stop-score term)."""
-    mask = logits > -math.inf
-    lam = temperature[..., None]
-    # only the logits' differences matter (softmax and the density are
-    # shift-invariant): subtracting the latent's largest logit first keeps y
-    # finite for logits of any size at any temperature (a detached constant:
-    # the shift's own gradient is 0)
-    top = torch.where(mask, logits, -math.inf).amax(-1, keepdim=True).detach()
-    top = torch.where(top > -math.inf, top, 0.0)
-    y = torch.where(mask, ((logits - top) - torch.log(t)) / lam, -math.inf)
-    log_z = torch.log_softmax(y, dim=-1)
-    z = torch.where(mask, torch.exp(log_z), 0.0)
-    count = mask.sum(-1).to(t.dtype)
-    tm = torch.where(mask, t, 0.0)
-    sum_t = tm.sum(-1)
-    log_q = (torch.lgamma(count) + (count - 1.0) * torch.log(temperature)
-             - torch.where(mask, log_z, 0.0).sum(-1) + torch.where(mask, torch.log(t), 0.0).sum(-1)
-             - count * torch.log(sum_t))
-    return z, log_q, tm / sum_t[..., None], count
-
-
-def sample_concrete(logits: Tensor, temperature: Tensor, seed: int, n_samples: int,
-                    hard: bool = False) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, ..., L, C), log q(z) (n_samples, ...)) in float64,
-    differentiable with plain autograd in logits (the training layout's
-    offsets: C consecutive uniforms per latent): the oracle of the fused op.
-    hard: z is the one-hot of argmax, with the relaxed z's gradient."""
-    offsets = torch.arange(n_samples * logits.numel(), dtype=torch.int64, device=logits.device)
-    t = concrete_noise(seed, offsets, logits.dtype).reshape(n_samples, *logits.shape)
-    z, log_q = concrete_terms(logits.double(), temperature.double().expand(logits.shape[:-1]), t)[:2]
-    if hard:
-        one_hot = torch.nn.functional.one_hot(z.argmax(-1), logits.shape[-1]).to(z.dtype)
-        z = one_hot + z - z.detach()
-    return z, log_q.sum(-1)
-
-
-def sample_concrete_forward(logits: Tensor, temperature: Tensor, seed: int, hard: bool, offset0: int,
-                            sample_stride: int, row_stride: int, z: Tensor, log_q: Tensor | None) -> None:
-    """z (K, N, L, C) <- softmax((logits - log t) / temperature) (one-hot of its
-    argmax when hard) with t the Exp(1) variate of the uniform at offset0 +
-    k * sample_stride + n * row_stride + l * C + c; logits (N, L, C),
-    temperature (N, L); log_q (K, N), when given, <- the Concrete log-density
-    summed over L from the same t (concrete_terms)."""
-    acc = _compute_dtype(logits)
-    K, N, L, C = z.shape
-    k, n, lc = (torch.arange(d, dtype=torch.int64, device=logits.device) for d in (K, N, L * C))
-    offsets = offset0 + k[:, None, None] * sample_stride + n[None, :, None] * row_stride + lc
-    t = concrete_noise(seed, offsets, acc).reshape(K, N, L, C)
-    zz, lq = concrete_terms(logits.double(), temperature.double(), t)[:2]
-    if hard:
-        zz = torch.nn.functional.one_hot(zz.argmax(-1), C).to(zz.dtype)
-    z.copy_(zz)
-    if log_q is not None:
-        log_q.copy_(lq.sum(-1))
-
-
-def sample_concrete_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, logits: Tensor, temperature: Tensor,
-                             seed: int, stop_score: bool, dlogits: Tensor) -> None:
-    """dlogits (N, L, C) from grad_z (K, N, L, C) and grad_log_q (K, N) (None: no
-    gradient), t regenerated, z the relaxed sample (hard or not: straight-through):
-    sum_k (z (grad_z - <z, grad_z>) + grad_log_q h) / temperature, with
-    h = C' z - 1 (plain autograd) or, with stop_score (the score through z
-    only), h = C' z + C' temperature w - (temperature + 1), w = t / sum t;
-    masked categories get 0."""
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    N, L, C = logits.shape
-    offsets = torch.arange(K * N * L * C, dtype=torch.int64, device=logits.device)
-    t = concrete_noise(seed, offsets, _compute_dtype(logits)).reshape(K, N, L, C)
-    lam = temperature.double()
-    z, _, w, count = concrete_terms(logits.double(), lam, t)
-    mask = logits > -math.inf
-    d = torch.zeros(K, N, L, C, dtype=torch.float64, device=logits.device)
-    if grad_z is not None:
-        g = grad_z.double()
-        d = d + z * (g - (z * g).sum(-1, keepdim=True))
-    if grad_log_q is not None:
-        gq = grad_log_q.double()[:, :, None, None]
-        c = count[..., None]
-        h = c * z + c * lam[..., None] * w - (lam[..., None] + 1.0) if stop_score else c * z - 1.0
-        d = d + gq * h
-    dlogits.copy_(torch.where(mask, d.sum(0) / lam[..., None], 0.0))

@@ -157,43 +157,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             yield "categorical_log_prob_forward", dict(x=x, logits=m(K, B, D, C), out=r(K, B))
             yield "categorical_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D, C),
                                                         dlogits=m(K, B, D, C))
-    elif op == "sample_location_scale":  # issue 35: every family (a constexpr), as the objectives launch it
-        for family in range(5):
-            yield "sample_location_scale_forward", dict(loc=m(B, L), log_scale=m(B, L), seed=seed, family=family,
-                                                        offset0=0, sample_stride=B * L, row_stride=L, z=m(K, B, L),
-                                                        log_q=r(K, B))
-            for stop in (False, True):  # iwae / elbo; STL and DReG
-                yield "sample_location_scale_backward", dict(grad_z=m(K, B, L), grad_log_q=r(K, B), loc=m(B, L),
-                                                             log_scale=m(B, L), seed=seed, family=family,
-                                                             stop_score=stop, dloc=m(B, L), dlog_scale=m(B, L))
-        # evaluation: the example-major layout of a chunk at an odd offset (the unaligned path)
-        yield "sample_location_scale_forward", dict(loc=m(B, L), log_scale=m(B, L), seed=seed, family=1,
-                                                    offset0=7 * L + 1, sample_stride=L, row_stride=K * L,
-                                                    z=m(K, B, L), log_q=r(K, B))
-    elif op == "sample_positive":  # issue 35: exponential, Weibull, Kumaraswamy (a constexpr)
-        for family in range(3):
-            yield "sample_positive_forward", dict(log_p0=m(B, L), log_p1=m(B, L), seed=seed, family=family, offset0=0,
-                                                  sample_stride=B * L, row_stride=L, z=m(K, B, L), log_q=r(K, B))
-            for stop in (False, True):
-                yield "sample_positive_backward", dict(grad_z=m(K, B, L), grad_log_q=r(K, B), log_p0=m(B, L),
-                                                       log_p1=m(B, L), seed=seed, family=family, stop_score=stop,
-                                                       dlog_p0=m(B, L), dlog_p1=m(B, L))
-        yield "sample_positive_forward", dict(log_p0=m(B, L), log_p1=m(B, L), seed=seed, family=2,
-                                              offset0=7 * L + 1, sample_stride=L, row_stride=K * L, z=m(K, B, L),
-                                              log_q=r(K, B))
-    elif op == "sample_concrete":  # issue 35: logits (B, L, C) at C = 16, plain and straight-through
-        C = 16
-        for hard in (False, True):
-            yield "sample_concrete_forward", dict(logits=m(B, L, C), temperature=m(B, L), seed=seed, hard=hard,
-                                                  offset0=0, sample_stride=B * L * C, row_stride=L * C,
-                                                  z=m(K, B, L, C), log_q=r(K, B))
-        for stop in (False, True):
-            yield "sample_concrete_backward", dict(grad_z=m(K, B, L, C), grad_log_q=r(K, B), logits=m(B, L, C),
-                                                   temperature=m(B, L), seed=seed, stop_score=stop,
-                                                   dlogits=m(B, L, C))
-        yield "sample_concrete_forward", dict(logits=m(B, L, C), temperature=m(B, L), seed=seed, hard=False,
-                                              offset0=7 * L * C + 1, sample_stride=L * C, row_stride=K * L * C,
-                                              z=m(K, B, L, C), log_q=r(K, B))
     else:
         raise ValueError(f"unknown op {op!r}")
 

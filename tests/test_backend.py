@@ -247,7 +247,6 @@ def _reduction_cases():
     lc = leaf(500, 8, 16, 4, scale=3)  # issue 27: categorical logits
     x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
     p_img = leaf(3, 2, 30, 40, 40)  # K = 3 samples of M = 3 components
-    p0, p1, lcc = leaf(20000, 8, scale=0.3), leaf(20000, 8, scale=0.3), leaf(5000, 8, 4)
     cases = {
         "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
         "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
@@ -280,12 +279,6 @@ def _reduction_cases():
             lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), p_img)],
         "poisson_log_prob": [lambda: run(lambda b: fastvae.poisson_log_prob(x_few.detach().abs().round(), b),
                                          mean_few)],
-        # the samplers' backward sums over samples (issue 35's families)
-        "sample_location_scale": [lambda: run(lambda a, b: fastvae.sample_location_scale(
-            "laplace", a, b, 4, generator=gen(2)), mu, lv)],
-        "sample_positive": [lambda: run(lambda a, b: fastvae.sample_positive(
-            "weibull", a, b, 4, generator=gen(2)), p0, p1)],
-        "sample_concrete": [lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 4, generator=gen(2)), lcc)],
     }
     cases.update((name, calls(leaf, run)) for name, calls in op_cases("thread_count_calls").items())
     return cases
@@ -371,11 +364,6 @@ def _every_op_call():
         "zinb_log_prob": lambda: run(lambda b, c: fastvae.zinb_log_prob(counts, b, c, b), mean, logvars[0].repeat(4)),
         "discretized_logistic_mixture_log_prob": lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(
             x_img, p), leaf(2, 2, 10, 1, 5)),
-        "sample_location_scale": lambda: run(lambda a, b: fastvae.sample_location_scale(
-            "logistic", a, b, 5, generator=gen(1)), mu, lv),
-        "sample_positive": lambda: run(lambda a, b: fastvae.sample_positive(
-            "kumaraswamy", a * 0.3, b * 0.3, 5, generator=gen(1)), mu, lv),
-        "sample_concrete": lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 5, generator=gen(1)), leaf(3, 4, 3)),
         **{name: call(leaf, run) for name, call in op_cases("fallback_call").items()},
     }
 

@@ -107,13 +107,6 @@ def _cases(g):
             torch.arange(15, device=lg.device).reshape(3, 5) % 4, lg), [r(2, 3, 5, 4)], False),
         "continuous_bernoulli_log_prob": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
                                  [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
-        # issue 35 (every family and the stop-score mode: tests/test_sample_location_scale.py)
-        "sample_location_scale": (lambda loc, ls: fastvae.sample_location_scale("logistic", loc, ls, 2,
-                                                                                generator=gen(3)),
-                                  [r(3, 4), r(3, 4)], False),
-        # issue 35 (every family and the stop-score mode: tests/test_sample_positive.py)
-        "sample_positive": (lambda a, b: fastvae.sample_positive("kumaraswamy", a, b, 2, generator=gen(3)),
-                            [r(3, 4), r(3, 4)], False),
         **{name: case for cases in op_cases("double_backward_cases").values() for name, case in cases(r).items()},
     }
 
@@ -373,7 +366,8 @@ def test_discretized_logistic_mixture_log_prob_raises_a_named_error_when_differe
 
 
 def test_sample_concrete_raises_a_named_error_when_differentiated_twice(backend):
-    """issue 35: the relaxed categorical's backward is a kernel (tests/test_sample_concrete.py)."""
+    """issue 35: the relaxed categorical's backward is a kernel
+    (fastvae/ops/sample_concrete/test_sample_concrete.py)."""
     _, device = backend
     g = torch.Generator().manual_seed(8)
     logits = _leaf(torch.randn(3, 2, 4, generator=g, dtype=F64), device)

@@ -12,8 +12,10 @@ import torch
 import torch.distributions as td
 
 import fastvae
-from fastvae import reference
-from fastvae.sample_location_scale import FAMILIES
+from fastvae import _philox, reference
+from fastvae.ops.sample_concrete import concrete_noise
+from fastvae.ops.sample_location_scale import standardized
+from fastvae.ops.sample_location_scale.op import FAMILIES
 
 from conftest import INTERPRET
 from helpers import assert_compiled_matches_eager, gen, philox_seed_of
@@ -37,8 +39,8 @@ def _decode(W):
 
 def _noise(family, seed, K, device):
     """The standardized e of the training layout (float64 uniforms), (K, B, L)."""
-    x = reference.philox_word(seed, torch.arange(K * B * L))
-    e, _, _ = reference.standardized(FAMILIES.index(family), x, torch.float64)
+    x = _philox.philox_word(seed, torch.arange(K * B * L))
+    e, _, _ = standardized(FAMILIES.index(family), x, torch.float64)
     return e.reshape(K, B, L).to(device)
 
 
@@ -273,9 +275,8 @@ def test_log_likelihood_matches_handwritten(backend, family):
         z = torch.exp(loc.detach() + scale.detach() * e.reshape(B, K, L).transpose(0, 1).to(device))
     else:
         q = td.Independent(TORCH_CLASS[family](loc.detach(), scale.detach()), 1)
-        ex = reference.standardized(FAMILIES.index(family), reference.philox_word(philox_seed_of(4),
-                                                                                     torch.arange(B * K * L)),
-                                    torch.float64)[0]
+        ex = standardized(FAMILIES.index(family), _philox.philox_word(philox_seed_of(4), torch.arange(B * K * L)),
+                          torch.float64)[0]
         z = loc.detach() + scale.detach() * ex.reshape(B, K, L).transpose(0, 1).to(device)
     p = td.Independent(td.Normal(torch.zeros(L, dtype=torch.float64, device=device),
                                  torch.ones(L, dtype=torch.float64, device=device)), 1)
@@ -402,9 +403,8 @@ def test_reconstruction_probability_and_evaluate(backend, name):
     K = 5
     if name == "gumbel":
         q = td.Gumbel(loc, scale)
-        e = reference.standardized(FAMILIES.index("gumbel"), reference.philox_word(philox_seed_of(6),
-                                                                                   torch.arange(B * K * L)),
-                                   torch.float64)[0]
+        e = standardized(FAMILIES.index("gumbel"), _philox.philox_word(philox_seed_of(6), torch.arange(B * K * L)),
+                         torch.float64)[0]
         z = loc + scale * e.reshape(B, K, L).transpose(0, 1).to(device)
     else:
         q = td.LogNormal(loc, scale) if name == "lognormal" else td.LogisticNormal(loc, scale)
@@ -447,7 +447,8 @@ def test_autocast_matches_float32_on_the_rounded_encoder(backend):
 # -- the positive families (exponential, Weibull, Kumaraswamy) ---------------------
 
 from fastvae.latents import KUMARASWAMY_KL_TERMS, kumaraswamy_beta_kl  # noqa: E402
-from fastvae.sample_positive import FAMILIES as POSITIVE  # noqa: E402
+from fastvae.ops.sample_positive import positive_exp1, positive_terms  # noqa: E402
+from fastvae.ops.sample_positive.op import FAMILIES as POSITIVE  # noqa: E402
 
 
 def _positive_data(device):
@@ -469,11 +470,10 @@ def _positive_torch(family, p0, p1):
 
 def _positive_z(family, seed, K, p0, p1):
     """z of the training layout from the float64 uniforms, differentiable in p0, p1 (> 0)."""
-    x = reference.philox_word(seed, torch.arange(K * B * L)).reshape(K, B, L)
-    t, log_t = reference.positive_exp1(x, torch.float64)
+    x = _philox.philox_word(seed, torch.arange(K * B * L)).reshape(K, B, L)
+    t, log_t = positive_exp1(x, torch.float64)
     t, log_t = t.to(p0.device), log_t.to(p0.device)
-    return reference.positive_terms(POSITIVE.index(family), t, log_t, torch.log(p0), torch.log(p1),
-                                    torch.float64)[0]
+    return positive_terms(POSITIVE.index(family), t, log_t, torch.log(p0), torch.log(p1), torch.float64)[0]
 
 
 def _positive_prior(family, kind, device):
@@ -564,10 +564,10 @@ def test_positive_log_likelihood_matches_handwritten(backend, family):
     p0, p1 = p0.detach(), p1.detach()
     q = _positive_torch(family, p0, p1)
     K = 7
-    xw = reference.philox_word(philox_seed_of(4), torch.arange(B * K * L)).reshape(B, K, L).transpose(0, 1)
-    t, log_t = reference.positive_exp1(xw, torch.float64)
-    z = reference.positive_terms(POSITIVE.index(family), t.to(device), log_t.to(device), torch.log(p0),
-                                 torch.log(p1), torch.float64)[0]
+    xw = _philox.philox_word(philox_seed_of(4), torch.arange(B * K * L)).reshape(B, K, L).transpose(0, 1)
+    t, log_t = positive_exp1(xw, torch.float64)
+    z = positive_terms(POSITIVE.index(family), t.to(device), log_t.to(device), torch.log(p0), torch.log(p1),
+                       torch.float64)[0]
     prior, p, _ = _positive_prior(family, "same", device)
     lw = td.Independent(td.Bernoulli(logits=_decode(W)(z)), 1).log_prob(x) + p.log_prob(z) - q.log_prob(z)
     expected = torch.logsumexp(lw, 0) - math.log(K)
@@ -660,7 +660,7 @@ def _concrete_z(seed, K, logits, offsets=None):
     """The relaxed z of the training layout (float64 uniforms), differentiable in the logits."""
     if offsets is None:
         offsets = torch.arange(K * B * L * CC)
-    t = reference.concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, CC).to(logits.device)
+    t = concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, CC).to(logits.device)
     return torch.softmax((logits - torch.log(t)) / LAM, -1)
 
 
@@ -998,7 +998,7 @@ def _binary_z(seed, K, logits, offsets=None):
     first component of the Concrete of logits (l, 0) (2 uniforms per latent)."""
     if offsets is None:
         offsets = torch.arange(K * B * L * 2)
-    t = reference.concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, 2).to(logits.device)
+    t = concrete_noise(seed, offsets, torch.float64).reshape(K, B, L, 2).to(logits.device)
     return torch.sigmoid((logits - torch.log(t[..., 0]) + torch.log(t[..., 1])) / LAM)
 
 

@@ -139,11 +139,6 @@ def _cases():
         "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
         "discretized_logistic_mixture_log_prob": op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p),
                                                     (K, B, 20, 3, 3)),
-        # issue 35
-        "sample_location_scale": op(lambda loc, ls: fastvae.sample_location_scale("laplace", loc, ls, K),
-                                    (B, L), (B, L)),
-        "sample_positive": op(lambda a, b: fastvae.sample_positive("weibull", a, b, K), (B, L), (B, L)),
-        "sample_concrete": op(lambda a: fastvae.sample_concrete(a, 0.5, K), (B, L, 5)),
         "sample_normal_tril": op(lambda mu, s: fastvae.sample_normal_tril(mu, s, K), (B, L), (B, L, L)),
         "importance_weights": op(lambda lw: fastvae.importance_weights(lw, 0), (K, B)),
         "effective_sample_size": op(lambda lw: fastvae.effective_sample_size(lw, 0), (K, B)),

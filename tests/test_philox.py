@@ -1,7 +1,8 @@
 """The noise stream: element offset i is lane i % 4 of Box-Muller on Philox
 counter i // 4 (tl.randn4x's four normals), on every backend.
 
-The reference emulates Philox with int64 tensor arithmetic; the cpp and triton
+fastvae/_philox.py emulates Philox with int64 tensor arithmetic (the reference's
+normals are drawn from it); the cpp and triton
 uniforms must equal it bit for bit, and the normals agree to float32 rounding.
 """
 import math
@@ -13,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
+from fastvae import _philox, reference
 
 from conftest import INTERPRET
 from helpers import seed_tensor
@@ -66,7 +67,7 @@ KAT_WORDS = (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
 
 def test_known_values():
     """Pinned values of the stream, so a change to it is caught even if every backend changes."""
-    words = reference.philox_words(0, torch.tensor([0]))
+    words = _philox.philox_words(0, torch.tensor([0]))
     assert tuple(int(w[0]) for w in words) == KAT_WORDS
     r0, r1 = reference.philox_bits(0, torch.tensor([0, 1, 2, 3, 4, 2**34]))
     assert [int(v) for v in r0[:4]] == [KAT_WORDS[0]] * 2 + [KAT_WORDS[2]] * 2
@@ -242,7 +243,7 @@ def test_each_noise_path_draws_the_contract(noise_isa):
         counters = (offset0 + n + 3) // 4 - offset0 // 4
         words = np.empty((counters, 4), dtype=np.uint32)
         _C.philox_words(seed, offset0 // 4, words)
-        expected = torch.stack(reference.philox_words(seed, torch.arange(counters) + offset0 // 4), 1)
+        expected = torch.stack(_philox.philox_words(seed, torch.arange(counters) + offset0 // 4), 1)
         assert torch.equal(torch.from_numpy(words.astype(np.int64)), expected), (seed, offset0)
 
         f32, f64 = cpp_noise(seed, offset0, n)
@@ -288,7 +289,7 @@ def test_each_noise_path_draws_the_families_uniforms(noise_isa):
     family at loc 0, scale 1 returns the contract's float32 uniforms bit for
     bit, in the training layout (whole groups, an unaligned tail) and in the
     evaluation's (an offset not divisible by 4, a row stride)."""
-    from fastvae.sample_location_scale import location_scale_at
+    from fastvae.ops.sample_location_scale.op import location_scale_at
 
     uniform = 0  # sample_location_scale.FAMILIES.index("uniform")
     for seed, offset0, rows, cols, row_stride in [(2024, 0, 29, 37, 37), (7, 5, 11, 300, 1000),
@@ -299,5 +300,5 @@ def test_each_noise_path_draws_the_families_uniforms(noise_isa):
                                      sample_stride=rows * row_stride, row_stride=row_stride)
         offsets = (offset0 + torch.arange(2)[:, None, None] * rows * row_stride
                    + torch.arange(rows)[None, :, None] * row_stride + torch.arange(cols))
-        u, _ = reference.open_uniforms(reference.philox_word(seed, offsets.flatten()), torch.float32)
+        u, _ = _philox.open_uniforms(_philox.philox_word(seed, offsets.flatten()), torch.float32)
         assert torch.equal(z.flatten(), u), (noise_isa, seed, offset0)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fastvae import reference
+from fastvae import _philox, reference
 
 WORD_CASES = [(0, 0), (12345, 2**32 + 7), (2**63 - 1, 2**61 - 1), (987654321, 1000), (987654321, 1037),
               (987654321, 1099)]
@@ -38,7 +38,7 @@ def main():
     lines.append(f"constexpr uint64_t kWordCounters[] = {{{', '.join(f'{c}ull' for _, c in WORD_CASES)}}};")
     words = []
     for seed, counter in WORD_CASES:
-        words += [int(w[0]) for w in reference.philox_words(seed, torch.tensor([counter]))]
+        words += [int(w[0]) for w in _philox.philox_words(seed, torch.tensor([counter]))]
     lines.append(c_array("kWords", "uint32_t", words, lambda w: f"0x{w:08X}u"))
 
     u1, u2 = reference.philox_uniform(UNIFORM_SEED, torch.arange(UNIFORM_OFFSET0, UNIFORM_OFFSET0 + UNIFORM_N))

@@ -3,7 +3,7 @@ Gumbel-softmax) samples of logits (N, L, C) at a temperature per latent, from
 C consecutive Philox uniforms per latent (sample_location_scale's uniforms),
 and log q(z) summed over L from the same Exp(1) noise t = -log u; the backward
 regenerates t from (seed, offset) instead of storing it.
-reference.concrete_terms gives the closed forms; -inf logits mask their
+The oracle's concrete_terms (__init__.py) gives the closed forms; -inf logits mask their
 category (z_c = 0, left out of the density).
 
 One latent's C categories are one row of a (rows, BLOCK_C) tile, BLOCK_C the
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
-from .sample_location_scale import _log1m, _open_uniforms, _words
+from fastvae.kernels._common import acc_dtype
+from fastvae.ops.sample_location_scale.triton import _log1m, _open_uniforms, _words
 
 MAX_C = 1 << 14
 FORWARD_TILE = 2048
@@ -181,7 +181,7 @@ def sample_concrete_forward(logits, temperature, seed, hard, offset0, sample_str
 
 def sample_concrete_backward(grad_z, grad_log_q, logits, temperature, seed, stop_score, dlogits) -> None:
     """dlogits (N, L, C) <- sum_k (z (grad_z - <z, grad_z>) + grad_log_q h) /
-    temperature with t regenerated (reference.sample_concrete_backward)."""
+    temperature with t regenerated (the oracle's sample_concrete_backward)."""
     N, L, C = logits.shape
     if N * L * C == 0:
         return

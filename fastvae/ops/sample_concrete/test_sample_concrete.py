@@ -1,9 +1,11 @@
-"""sample_concrete against the float64 reference, per backend (see conftest.py):
+"""sample_concrete against its float64 oracle (fastvae/ops/sample_concrete/__init__.py),
+per backend (the root conftest.py):
 values and gradients (plain and stop-score), the straight-through (hard)
 variant, log q against torch.distributions' RelaxedOneHotCategorical, the
 Gumbel-max property and a Kolmogorov-Smirnov test of the two-category
 marginal, temperatures over [1e-3, 1e3], masked (-inf) categories, half
-precision, the evaluation's layout, errors, and the double backward's error."""
+precision, the evaluation's layout, errors (its double backward's:
+tests/test_double_backward.py); and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -13,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.sample_concrete import SampleConcrete, concrete_at
+from fastvae.ops import sample_concrete as described
+from fastvae.ops.sample_concrete.op import SampleConcrete, concrete_at
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, seed_tensor
+from helpers import RTOL, assert_close, gen, seed_tensor
 
 EXAMPLES = 6 if INTERPRET else 30
 TEMPERATURES = [1e-3, 0.1, 0.5, 1.0, 3.0, 1e3]
@@ -41,7 +43,7 @@ def noise(seed, K, shape, dtype, offset0=0):
     """The Exp(1) variates t (K, *shape) in float64 from the uniforms a `dtype` op draws."""
     n = K * math.prod(shape)
     offsets = offset0 + torch.arange(n, dtype=torch.int64)
-    return reference.concrete_noise(seed, offsets, dtype).reshape(K, *shape)
+    return described.concrete_noise(seed, offsets, dtype).reshape(K, *shape)
 
 
 def oracle(logits, lam, seed, K, dtype, stop_score=False):
@@ -50,7 +52,7 @@ def oracle(logits, lam, seed, K, dtype, stop_score=False):
     the (differentiable) z with the logits detached, written in log z."""
     t = noise(seed, K, logits.shape, dtype)
     lam = torch.as_tensor(lam, dtype=torch.float64).expand(logits.shape[:-1])
-    z, log_q = reference.concrete_terms(logits, lam, t)[:2]
+    z, log_q = described.concrete_terms(logits, lam, t)[:2]
     if stop_score:
         C = logits.shape[-1]
         log_z = torch.log_softmax((logits - torch.log(t)) / lam[..., None], -1)
@@ -74,7 +76,7 @@ def check_forward(z, log_q, logits, lam, seed, K, dtype, hard=False):
     t = noise(seed, K, logits.shape, dtype)
     a = logits.detach().double().cpu()
     lam64 = torch.as_tensor(lam, dtype=torch.float64).cpu().expand(a.shape[:-1])
-    z_ref, q_ref = reference.concrete_terms(a, lam64, t)[:2]
+    z_ref, q_ref = described.concrete_terms(a, lam64, t)[:2]
     Y = scales(logits, lam64, t)
     C = a.shape[-1]
     if hard:
@@ -219,7 +221,7 @@ def test_huge_logits_at_tiny_temperatures(backend, dtype):
         assert torch.isfinite(z).all() and torch.isfinite(log_q).all()
         t = noise(4, 3, (2, 3, 5), dtype)
         a = logits.detach().double().cpu()
-        z_ref, q_ref = reference.concrete_terms(a, lam.double().cpu(), t)[:2]
+        z_ref, q_ref = described.concrete_terms(a, lam.double().cpu(), t)[:2]
         ok = a > -math.inf
         shifted = torch.where(ok, a - a.amax(-1, keepdim=True), 0.0)
         Y = ((shifted.abs() + t.log().abs() + 1.0) / lam.double().cpu()[..., None]).sum(-1, keepdim=True) + 1.0
@@ -275,7 +277,7 @@ def test_half_precision(backend, dtype):
                                     2, False)
     assert z.dtype == dtype and log_q.dtype == torch.float32
     t = noise(6, 2, (4, 3, 6), torch.float32)
-    z_ref, q_ref = reference.concrete_terms(logits.detach().double().cpu(), torch.full((4, 3), 0.5).double(), t)[:2]
+    z_ref, q_ref = described.concrete_terms(logits.detach().double().cpu(), torch.full((4, 3), 0.5).double(), t)[:2]
     assert_close(z, z_ref, z_ref + 1e-3, "z")
     assert_close(log_q, q_ref.sum(-1), (q_ref.abs() + 10.0).sum(-1) * scales(logits, 0.5, t).sum((-1, -2)), "log_q")
     (z.float().sum() + log_q.sum()).backward()
@@ -307,7 +309,7 @@ def test_evaluation_layout_matches_the_reference(backend):
                            row_stride=4 * 10)
     zr = torch.empty(4, 3, 2, 5, dtype=torch.float64)
     qr = torch.empty(4, 3, dtype=torch.float64)
-    reference.sample_concrete_forward(logits.double().cpu(), lam.double().cpu(), 5, False, 7, 10, 40, zr, qr)
+    described.sample_concrete_forward(logits.double().cpu(), lam.double().cpu(), 5, False, 7, 10, 40, zr, qr)
     assert_close(z, zr, zr * 100.0, "z")
     assert_close(log_q, qr, qr.abs() + 100.0, "log_q")
 
@@ -389,7 +391,7 @@ def test_compiles_without_graph_breaks(backend):
 
 
 def test_opcheck(backend):
-    from fastvae.sample_concrete import sample_concrete_backward_op, sample_concrete_op
+    from fastvae.ops.sample_concrete.op import sample_concrete_backward_op, sample_concrete_op
     _, device = backend
     logits = make_logits((4, 3, 5), 6, torch.float32, device)
     lam = torch.full((4, 3), 0.6, device=device)
@@ -401,3 +403,29 @@ def test_opcheck(backend):
     torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, dz, dq, False))
     torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, None, dq, True))
     torch.library.opcheck(sample_concrete_backward_op, (logits, lam, seed, dz, None, False))
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing. Its double backward is refused by name (not_twice):
+# tests/test_double_backward.py tests the error, so it has no double_backward_cases.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(lambda a: fastvae.sample_concrete(a, 0.5, K), (B, L, 5))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (the backward sums over samples)."""
+    logits = leaf(5000, 8, 4)
+    return [lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 4, generator=gen(2)), logits)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    logits = leaf(3, 4, 3)
+    return lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 5, generator=gen(1)), logits)

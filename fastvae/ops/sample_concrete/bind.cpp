@@ -1,7 +1,7 @@
 // Python bindings of sample_concrete (checked buffers -> sample_concrete.cpp).
 #include "buffers.h"
 #include "optional_buffers.h"
-#include "ops.h"
+#include "sample_concrete.h"
 
 namespace fastvae::bind {
 namespace {

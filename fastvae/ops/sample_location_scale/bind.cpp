@@ -1,7 +1,7 @@
 // Python bindings of sample_location_scale (checked buffers -> sample_location_scale.cpp).
 #include "buffers.h"
 #include "optional_buffers.h"
-#include "ops.h"
+#include "sample_location_scale.h"
 
 namespace fastvae::bind {
 namespace {

@@ -1,7 +1,8 @@
-"""sample_location_scale against the float64 reference, per backend (see conftest.py):
-values and gradients for every family, the uniforms bit for bit, the samples'
-distribution against scipy's CDFs, log q against torch.distributions, the
-extremes of the scale, errors, and the double backward."""
+"""sample_location_scale against its float64 oracle (fastvae/ops/sample_location_scale/__init__.py),
+per backend (the root conftest.py): values and gradients for every family, the
+uniforms bit for bit, the samples' distribution against scipy's CDFs, log q
+against torch.distributions, the extremes of the scale, errors, and the double
+backward; and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -10,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.sample_location_scale import FAMILIES, SampleLocationScale, location_scale_at
+from fastvae import _philox
+from fastvae.ops.sample_location_scale import sample_location_scale_forward, standardized
+from fastvae.ops.sample_location_scale.op import FAMILIES, SampleLocationScale, location_scale_at
 
 from conftest import INTERPRET
-from helpers import assert_close, seed_tensor
+from helpers import assert_close, gen, seed_tensor
 
 # the interpreter runs each Triton program as Python (~1 ms): fewer examples there
 EXAMPLES = 8 if INTERPRET else 40
@@ -45,9 +47,9 @@ def make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=False):
 def oracle_noise(family, seed, shape, dtype):
     """(e, log f, psi) in float64 from the uniforms a `dtype` op draws (the training layout)."""
     offsets = torch.arange(math.prod(shape), dtype=torch.int64)
-    x = reference.philox_word(seed, offsets)
+    x = _philox.philox_word(seed, offsets)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return tuple(t.reshape(shape) for t in reference.standardized(FAMILIES.index(family), x, acc))
+    return tuple(t.reshape(shape) for t in standardized(FAMILIES.index(family), x, acc))
 
 
 def oracle(family, loc64, ls64, seed, K, dtype, stop_score=False):
@@ -129,8 +131,8 @@ def test_uniforms_are_bit_exact(backend):
     n = 4 * 1031
     loc = torch.zeros(1, n, device=device)
     z, log_q = SampleLocationScale.apply(loc, loc, seed_tensor(2024, device), 0, 3, False)
-    x = reference.philox_word(2024, torch.arange(3 * n))
-    u, _ = reference.open_uniforms(x, torch.float32)
+    x = _philox.philox_word(2024, torch.arange(3 * n))
+    u, _ = _philox.open_uniforms(x, torch.float32)
     assert torch.equal(z.cpu().flatten(), u)
     assert (u > 0).all() and (u < 1).all()
     assert torch.equal(log_q.cpu(), torch.zeros(3, 1))
@@ -140,11 +142,11 @@ def test_open_uniforms_clip_the_tails():
     """The extreme words map to 2**-32 and 1 - 2**-32 (float64) / 1 - 2**-24
     (float32): the stated tails (docs/latents.md)."""
     x = torch.tensor([0, 2**31 - 1, 2**30 - 1, 2**30])
-    u64, v64 = reference.open_uniforms(x, torch.float64)
+    u64, v64 = _philox.open_uniforms(x, torch.float64)
     assert u64.tolist()[:2] == [2.0**-32, 1 - 2.0**-32] and torch.equal(u64 + v64, torch.ones(4, dtype=torch.float64))
-    u32, v32 = reference.open_uniforms(x, torch.float32)
+    u32, v32 = _philox.open_uniforms(x, torch.float32)
     assert u32[0].item() == 2.0**-32 and u32[1].item() == 1 - 2.0**-24 and v32[1].item() == 2.0**-32
-    e, _, _ = reference.standardized(1, x[:2], torch.float64)  # Laplace: +-log(2**31)
+    e, _, _ = standardized(1, x[:2], torch.float64)  # Laplace: +-log(2**31)
     assert torch.allclose(e, torch.tensor([-31 * math.log(2.0), 31 * math.log(2.0)], dtype=torch.float64))
 
 
@@ -158,7 +160,7 @@ def test_evaluation_layout_matches_the_reference(backend):
                                      row_stride=4 * 6)
         zr = torch.empty(4, 3, 6, dtype=torch.float64)
         qr = torch.empty(4, 3, dtype=torch.float64)
-        reference.sample_location_scale_forward(loc.double().cpu(), ls.double().cpu(), 5, index, 7, 6, 24, zr, qr)
+        sample_location_scale_forward(loc.double().cpu(), ls.double().cpu(), 5, index, 7, 6, 24, zr, qr)
         # the reference above drew float64 uniforms: compare at the float32 uniforms' rounding
         assert_close(z, zr, zr.abs() + 1.0, f"z ({family})")
         assert_close(log_q, qr, qr.abs() + 10.0, f"log_q ({family})")
@@ -263,3 +265,39 @@ def test_double_backward(backend, family, stop_score):
         return SampleLocationScale.apply(loc, ls, seed, FAMILIES.index(family), 2, stop_score)
 
     assert torch.autograd.gradgradcheck(f, (loc, ls), atol=1e-6, rtol=1e-5)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(lambda loc, ls: fastvae.sample_location_scale("laplace", loc, ls, K), (B, L), (B, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (the backward sums over samples)."""
+    loc, ls = leaf(20000, 8), leaf(20000, 8)
+    return [lambda: run(lambda a, b: fastvae.sample_location_scale("laplace", a, b, 4, generator=gen(2)), loc, ls)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    loc, ls = leaf(3, 4), leaf(3, 4)
+    return lambda: run(lambda a, b: fastvae.sample_location_scale("logistic", a, b, 5, generator=gen(1)), loc, ls)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck (every family
+    and the stop-score mode: test_double_backward above)."""
+    return {
+        "sample_location_scale": (lambda loc, ls: fastvae.sample_location_scale("logistic", loc, ls, 2,
+                                                                                generator=gen(3)),
+                                  [r(3, 4), r(3, 4)], False),
+    }

@@ -3,7 +3,7 @@ for K samples, e = F^-1(u) of a standardized family, and log q(z) =
 sum_l(log f(e) - log_scale) per sample row from the same e; the backward
 regenerates e from (seed, offset) instead of storing it.
 
-The family (uniform, Laplace, logistic, Gumbel, Cauchy: fastvae.reference's
+The family (uniform, Laplace, logistic, Gumbel, Cauchy: fastvae/_families.py's
 LOCATION_SCALE_FAMILIES order) is a constexpr FAMILY: the standardized
 inverse CDF is a compile-time variant of one kernel pair. Element i's uniform
 is the folded word of lane i % 4 of Philox counter i // 4, mapped into the open
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from fastvae.kernels._common import (
     INTERPRETER_BLOCK_ROWS,
     MAX_BLOCK_COLS,
     acc_dtype,
@@ -33,7 +33,7 @@ from ._common import (
     tile_and_split,
     tile_counters,
 )
-from .philox import _cos_sin_turns, aligned
+from fastvae.kernels.philox import _cos_sin_turns, aligned
 
 FORWARD_TILE = 2048
 BACKWARD_TILE = 2048
@@ -76,7 +76,7 @@ def _log1m(v):
 @triton.jit
 def _standardized(x, FAMILY: tl.constexpr, ACC: tl.constexpr):
     """(e, log f(e), psi(e) = d log f / de) of the standardized family at
-    folded words x (reference.standardized gives the formulas)."""
+    folded words x (the oracle's standardized gives the formulas)."""
     u, v = _open_uniforms(x, ACC)
     lower = x < 1073741824  # u < 1/2, decided on the integer
     if FAMILY == 0:  # uniform

@@ -3,7 +3,7 @@
 // from C consecutive Philox uniforms per latent (one word per element: lane
 // i % 4 of counter i // 4), and log q(z) summed over L from the same Exp(1)
 // noise t = -log u (the Gumbel is -log t). The backward regenerates t instead
-// of reading it. fastvae.reference.concrete_terms gives the closed forms;
+// of reading it. The oracle's concrete_terms (__init__.py) gives the closed forms;
 // -inf logits mask their category (z_c = 0, left out of the density).
 #include <algorithm>
 #include <cmath>
@@ -13,6 +13,7 @@
 #include "fastmath.h"
 #include "ops.h"
 #include "philox.h"
+#include "sample_concrete.h"
 
 namespace fastvae {
 namespace {

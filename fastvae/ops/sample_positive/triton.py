@@ -1,9 +1,9 @@
 """Triton kernels of sample_positive (issue 35): the positive inverse-CDF
-families (exponential, Weibull, Kumaraswamy: fastvae.reference's
+families (exponential, Weibull, Kumaraswamy: fastvae/_families.py's
 POSITIVE_FAMILIES order, a constexpr FAMILY) as transforms of the Exp(1)
 variate t = -log u of the element's Philox uniform; log q(z) summed per sample
 row from the same t; the backward regenerates t from (seed, offset) instead
-of storing it. reference.positive_terms gives the closed forms.
+of storing it. The oracle's positive_terms (__init__.py) gives the closed forms.
 
 Layout, uniforms and geometry are sample_location_scale's: log_p0, log_p1
 (N, L); z, grad_z (K, N, L); log_q, grad_log_q (K, N); z[k, n, l] uses the
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from fastvae.kernels._common import (
     INTERPRETER_BLOCK_ROWS,
     MAX_BLOCK_COLS,
     acc_dtype,
@@ -25,8 +25,8 @@ from ._common import (
     tile_and_split,
     tile_counters,
 )
-from .philox import aligned
-from .sample_location_scale import _log1m, _open_uniforms, _words, _words4
+from fastvae.kernels.philox import aligned
+from fastvae.ops.sample_location_scale.triton import _log1m, _open_uniforms, _words, _words4
 
 FORWARD_TILE = 2048
 BACKWARD_TILE = 2048
@@ -47,7 +47,7 @@ def _expm1_neg(x):
 @triton.jit
 def _terms(x, p0, p1, FAMILY: tl.constexpr, ACC: tl.constexpr):
     """(z, log f, c0, c1, f0, f1, s0, s1) of the family at folded words x and
-    log parameters p0, p1 (reference.positive_terms)."""
+    log parameters p0, p1 (the oracle's positive_terms)."""
     u, v = _open_uniforms(x, ACC)
     lower = x < 1073741824  # u < 1/2, decided on the integer
     t = tl.where(lower, -tl.log(u), -_log1m(v))  # Exp(1)
@@ -260,7 +260,7 @@ def sample_positive_forward(log_p0, log_p1, seed, family, offset0, sample_stride
 def sample_positive_backward(grad_z, grad_log_q, log_p0, log_p1, seed, family, stop_score, dlog_p0,
                              dlog_p1) -> None:
     """dlog_p0, dlog_p1 (N, L) <- sum_k grad_z_k z_k c_j + grad_log_q_k (s_j with
-    stop_score, else f_j) of reference.positive_terms, t regenerated; grad_z
+    stop_score, else f_j) of the oracle's positive_terms, t regenerated; grad_z
     (K, N, L) and grad_log_q (K, N) each None when its output has no gradient."""
     N, L = log_p0.shape
     if N * L == 0:

@@ -2,8 +2,8 @@
 // (exponential, Weibull, Kumaraswamy) as transforms of the Exp(1) variate
 // t = -log u of the element's Philox uniform (one word per element: lane i % 4
 // of counter i // 4), log q(z) summed over L from the same t. The backward
-// regenerates t instead of reading it. fastvae.reference.positive_terms gives
-// the closed forms; the family is a template parameter (a compile-time
+// regenerates t instead of reading it. The oracle's positive_terms (__init__.py)
+// gives the closed forms; the family is a template parameter (a compile-time
 // variant), one runtime switch per call picks the instantiation.
 #include <algorithm>
 #include <cmath>
@@ -14,6 +14,7 @@
 #include "ops.h"
 #include "philox.h"
 #include "rows.h"
+#include "sample_positive.h"
 
 namespace fastvae {
 namespace {
@@ -50,7 +51,7 @@ template <> constexpr double kTiny<double> = 0x1p-1022;
 template <typename T> constexpr T kTop = T(kBelowOne);
 template <> constexpr double kTop<double> = 1.0 - 0x1p-53;
 
-// (z, log f, c0, c1, f0, f1, s0, s1) of the family (reference.positive_terms).
+// (z, log f, c0, c1, f0, f1, s0, s1) of the family (the oracle's positive_terms).
 template <int F, typename T>
 FASTVAE_INLINE void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T& f1, T& s0, T& s1) {
   T u, v;

@@ -1,5 +1,7 @@
-"""sample_location_scale: reparameterized samples of a location-scale latent
-family with log q(z) from the noise that drew them, fused (issue 35).
+"""sample_location_scale's front end: reparameterized samples of a
+location-scale latent family with log q(z) from the noise that drew them,
+fused (issue 35); the public function, the torch.library ops and their
+autograd Function (its double backward included).
 
 z = loc + exp(log_scale) * e with e = F^-1(u) the standardized family's
 inverse CDF (uniform on (0, 1), Laplace, logistic, Gumbel, Cauchy) of the
@@ -23,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate
-from ._double_backward import _acc
-from ._op import define, draw_seed, flat, run, shaped
-from ._registry import LOCATION_SCALE_FAMILIES
-from .sample_normal import _MAX_OFFSET, z_dtype
+from ... import _backend, _validate
+from ..._double_backward import _acc
+from ..._families import LOCATION_SCALE_FAMILIES
+from ..._op import define, draw_seed, flat, run, shaped
+from ...sample_normal import _MAX_OFFSET, z_dtype
 
 FAMILIES = LOCATION_SCALE_FAMILIES  # the kernels' `family` index is the position here
 

@@ -14,6 +14,7 @@
 #include "ops.h"
 #include "philox.h"
 #include "rows.h"
+#include "sample_location_scale.h"
 
 namespace fastvae {
 namespace {
@@ -42,7 +43,7 @@ FASTVAE_INLINE void cos_sin_pi(double w, double& c, double& s) {
 }
 
 // e = F^-1(u), log f(e) and psi(e) = d log f / de of the standardized family,
-// from the word x (so the tails keep their bits: see reference.standardized).
+// from the word x (so the tails keep their bits: see the oracle's standardized, __init__.py).
 template <int F, typename T>
 FASTVAE_INLINE void standardized(int32_t x, T& e, T& log_f, T& psi) {
   T u, v;

@@ -1,5 +1,7 @@
-"""sample_positive: reparameterized samples of the positive inverse-CDF latent
-families with log q(z) from the noise that drew them, fused (issue 35).
+"""sample_positive's front end: reparameterized samples of the positive
+inverse-CDF latent families with log q(z) from the noise that drew them,
+fused (issue 35); the public function, the torch.library ops and their
+autograd Function (its double backward included).
 
 Every family is a transform of the Exp(1) variate t = -log u of the element's
 Philox uniform (-log1p(-v) above 1/2, so the upper tail keeps its bits):
@@ -28,14 +30,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, _value_checks
-from ._double_backward import _acc
-from ._op import define, draw_seed, flat, run, shaped
-from ._registry import POSITIVE_FAMILIES
+from ... import _backend, _validate, _value_checks
+from ..._double_backward import _acc
+from ..._families import POSITIVE_FAMILIES
+from ..._op import define, draw_seed, flat, run, shaped
+from ...sample_normal import _MAX_OFFSET, z_dtype
 
 # a declared use (docs/architecture.md, "Layers"): the double backward's closed forms
-from .reference import positive_terms
-from .sample_normal import _MAX_OFFSET, z_dtype
+from . import positive_terms
 
 FAMILIES = POSITIVE_FAMILIES  # the kernels' `family` index is the position here
 PARAMETERS = {"exponential": ("log_rate",), "weibull": ("log_scale", "log_concentration"),
@@ -109,7 +111,7 @@ sample_positive_backward_op = define(
 def _double_backward(grad_z, grad_log_q, stop_score, family, log_p0, log_p1, seed, n_samples, shape):
     """The gradients as differentiable torch ops (create_graph=True): t comes
     from the sampling op itself (exponential at log_rate = 0: z is t bit for
-    bit) and enters as a constant; reference.positive_terms' closed forms."""
+    bit) and enters as a constant; the oracle's positive_terms' closed forms."""
     acc = _backend.compute_dtype(log_p0, log_p1)
     zero = torch.zeros(flat(log_p0).shape, dtype=acc, device=log_p0.device)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 // Python bindings of sample_positive (checked buffers -> sample_positive.cpp).
 #include "buffers.h"
 #include "optional_buffers.h"
-#include "ops.h"
+#include "sample_positive.h"
 
 namespace fastvae::bind {
 namespace {

@@ -1,6 +1,7 @@
-"""sample_concrete: reparameterized relaxed-categorical (Concrete /
+"""sample_concrete's front end: reparameterized relaxed-categorical (Concrete /
 Gumbel-softmax) samples with log q(z) from the noise that drew them, fused
-(issue 35).
+(issue 35); the public function, the torch.library ops and their autograd
+Function (whose double backward is refused by name).
 
 For logits (..., L, C) and a temperature lambda, each latent draws C Exp(1)
 variates t_c = -log u_c (-log1p(-v_c) above 1/2: the Gumbel g_c = -log t_c
@@ -34,13 +35,13 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, _value_checks
-from ._double_backward import not_twice
-from ._op import define, draw_seed, run, shaped
-from .sample_normal import _MAX_OFFSET, z_dtype
+from ... import _backend, _validate, _value_checks
+from ..._double_backward import not_twice
+from ..._op import define, draw_seed, run, shaped
+from ...sample_normal import _MAX_OFFSET, z_dtype
 
 _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentiate it once, or use "
-              "fastvae.reference.sample_concrete (plain PyTorch) where a second derivative is needed")
+              "fastvae.ops.sample_concrete.sample_concrete (plain PyTorch) where a second derivative is needed")
 
 
 def _flat3(t: Tensor) -> Tensor:

@@ -1,8 +1,9 @@
-"""sample_positive against the float64 reference, per backend (see conftest.py):
-values and gradients of every family (exponential, Weibull, Kumaraswamy), the
-samples' distribution against the closed-form CDFs, log q against
-torch.distributions, the Kumaraswamy at a, b in [1e-3, 1e3], the evaluation's
-layout, errors, and the double backward."""
+"""sample_positive against its float64 oracle (fastvae/ops/sample_positive/__init__.py),
+per backend (the root conftest.py): values and gradients of every family
+(exponential, Weibull, Kumaraswamy), the samples' distribution against the
+closed-form CDFs, log q against torch.distributions, the Kumaraswamy at a, b
+in [1e-3, 1e3], the evaluation's layout, errors, and the double backward; and
+its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -12,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.sample_positive import FAMILIES, SamplePositive, positive_at
+from fastvae import _philox
+from fastvae.ops import sample_positive as described
+from fastvae.ops.sample_positive.op import FAMILIES, SamplePositive, positive_at
 
 from conftest import INTERPRET
-from helpers import assert_close, seed_tensor
+from helpers import assert_close, gen, seed_tensor
 
 EXAMPLES = 6 if INTERPRET else 30
 LATENT = [1, 3, 7, 32, 33]
@@ -43,10 +45,10 @@ def make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=False):
 
 
 def oracle_terms(family, seed, K, p0, p1, dtype):
-    """reference.positive_terms (float64) from the uniforms a `dtype` op draws."""
+    """The oracle's positive_terms (float64) from the uniforms a `dtype` op draws."""
     shape = (K, *p0.shape)
     offsets = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
-    return reference.positive_noise(FAMILIES.index(family), seed, offsets, p0.detach().double().cpu(),
+    return described.positive_noise(FAMILIES.index(family), seed, offsets, p0.detach().double().cpu(),
                                     p1.detach().double().cpu(), dtype)
 
 
@@ -62,11 +64,11 @@ def oracle(family, p0, p1, seed, K, dtype, stop_score=False):
     reference); with stop_score log q is torch's log_prob of z with the
     parameters detached (the score reaches them along z only)."""
     shape = (K, *p0.shape)
-    x = reference.philox_word(seed, torch.arange(math.prod(shape), dtype=torch.int64)).reshape(shape)
-    t, log_t = reference.positive_exp1(x, torch.float64 if dtype == torch.float64 else torch.float32)
+    x = _philox.philox_word(seed, torch.arange(math.prod(shape), dtype=torch.int64)).reshape(shape)
+    t, log_t = described.positive_exp1(x, torch.float64 if dtype == torch.float64 else torch.float32)
     # z clamped at float64's limits: torch's log_prob of a z clamped at float32's
     # (a Kumaraswamy z within 2**-24 of 1) would not be the density the noise drew
-    z, log_f = reference.positive_terms(FAMILIES.index(family), t, log_t, p0, p1, torch.float64)[:2]
+    z, log_f = described.positive_terms(FAMILIES.index(family), t, log_t, p0, p1, torch.float64)[:2]
     log_q = log_f.sum(-1)
     if stop_score:
         log_q = torch_q(family, p0.detach(), p1.detach()).log_prob(z).sum(-1)
@@ -208,8 +210,8 @@ def test_kumaraswamy_extreme_parameters(backend, dtype):
     assert_close(log_q, terms[1].sum(-1), _log_q_scale(terms, p0, p1), "log_q")
     # full-mode gradients of the extreme uniforms' words (u = 2**-32 and 1 - 2**-32)
     x = torch.tensor([0, 2**31 - 1])
-    t, log_t = reference.positive_exp1(x, torch.float64)
-    out = reference.positive_terms(2, t[:, None], log_t[:, None], la.reshape(1, 49), lb.reshape(1, 49),
+    t, log_t = described.positive_exp1(x, torch.float64)
+    out = described.positive_terms(2, t[:, None], log_t[:, None], la.reshape(1, 49), lb.reshape(1, 49),
                                    torch.float64)
     assert all(torch.isfinite(o).all() for o in out)
 
@@ -234,7 +236,7 @@ def test_evaluation_layout_matches_the_reference(backend):
                                row_stride=4 * 6)
         zr = torch.empty(4, 3, 6, dtype=torch.float64)
         qr = torch.empty(4, 3, dtype=torch.float64)
-        reference.sample_positive_forward(p0.double().cpu(), p1.double().cpu(), 5, index, 7, 6, 24, zr, qr)
+        described.sample_positive_forward(p0.double().cpu(), p1.double().cpu(), 5, index, 7, 6, 24, zr, qr)
         assert_close(z, zr, zr * (zr.log().abs() + 4.0), f"z ({family})")
         assert_close(log_q, qr, qr.abs() + 100.0, f"log_q ({family})")
 
@@ -290,3 +292,39 @@ def test_double_backward(backend, family, stop_score):
             return SamplePositive.apply(p0, p1, seed, index, 2, stop_score)
         args = (p0, p1)
     assert torch.autograd.gradgradcheck(f, args, atol=1e-6, rtol=1e-5)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(lambda a, b: fastvae.sample_positive("weibull", a, b, K), (B, L), (B, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (the backward sums over samples)."""
+    p0, p1 = leaf(20000, 8, scale=0.3), leaf(20000, 8, scale=0.3)
+    return [lambda: run(lambda a, b: fastvae.sample_positive("weibull", a, b, 4, generator=gen(2)), p0, p1)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    p0, p1 = leaf(3, 4), leaf(3, 4)
+    return lambda: run(lambda a, b: fastvae.sample_positive("kumaraswamy", a * 0.3, b * 0.3, 5, generator=gen(1)),
+                       p0, p1)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck (every family
+    and the stop-score mode: test_double_backward above)."""
+    return {
+        "sample_positive": (lambda a, b: fastvae.sample_positive("kumaraswamy", a, b, 2, generator=gen(3)),
+                            [r(3, 4), r(3, 4)], False),
+    }

@@ -1,0 +1,13 @@
+"""The samplers' families (issue 35): a kernel's ``family`` argument is the
+position of the family's name in these tuples, a compile-time variant of the
+C++ and Triton kernels.
+
+The base layer (docs/architecture.md, "Layers"): it imports nothing of
+fastvae, so that every layer that reads them takes them from here: the op
+descriptions (their oracles and ahead-of-time cases), the front ends, which
+turn a name into its index, and the latents' records.
+"""
+from __future__ import annotations
+
+LOCATION_SCALE_FAMILIES = ("uniform", "laplace", "logistic", "gumbel", "cauchy")
+POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")

@@ -1,0 +1,24 @@
+// sample_concrete's C++ kernels (sample_concrete.cpp), for its binding
+// (bind.cpp). As in csrc/ops.h, the callers have checked every extent; these
+// trust them.
+#pragma once
+
+#include <cstdint>
+
+namespace fastvae {
+
+// sample_concrete (issue 35): logits (N, L, C); temperature (N, L); z (K, N, L, C);
+// log_q (K, N) or null. z[k, n, l, c] uses the uniform at offset0 + k * sample_stride
+// + n * row_stride + l * C + c (training: 0, N * L * C, L * C).
+template <typename T>
+void sample_concrete_forward(const T* logits, const T* temperature, uint64_t seed, bool hard, uint64_t offset0,
+                             uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, int64_t C,
+                             T* z, T* log_q, int n_threads);
+
+// dz (K, N, L, C) and dlog_q (K, N) may be null (no gradient); dlogits (N, L, C).
+template <typename T>
+void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, const T* temperature, uint64_t seed,
+                              bool stop_score, int64_t K, int64_t N, int64_t L, int64_t C, T* dlogits,
+                              int n_threads);
+
+}  // namespace fastvae

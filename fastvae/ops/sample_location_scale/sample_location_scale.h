@@ -1,0 +1,24 @@
+// sample_location_scale's C++ kernels (sample_location_scale.cpp), for its
+// binding (bind.cpp). As in csrc/ops.h, the callers have checked every extent;
+// these trust them.
+#pragma once
+
+#include <cstdint>
+
+namespace fastvae {
+
+// sample_location_scale (issue 35): loc, log_scale (N, L); z (K, N, L); log_q
+// (K, N) or null. family: 0 uniform, 1 Laplace, 2 logistic, 3 Gumbel, 4
+// Cauchy (LOCATION_SCALE_FAMILIES, fastvae/_families.py); offsets as sample_normal's.
+template <typename T>
+void sample_location_scale_forward(const T* loc, const T* log_scale, uint64_t seed, int family, uint64_t offset0,
+                                   uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L,
+                                   T* z, T* log_q, int n_threads);
+
+// dz (K, N, L) and dlog_q (K, N) may be null (no gradient); dloc, dlog_scale (N, L).
+template <typename T>
+void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale, uint64_t seed,
+                                    int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc,
+                                    T* dlog_scale, int n_threads);
+
+}  // namespace fastvae
