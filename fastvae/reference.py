@@ -5,7 +5,9 @@ Everything here is written for clarity, not speed, and runs in float64 when
 given float64. The Philox stream is emulated with int64 tensor arithmetic so
 that the reference draws exactly the noise the kernels draw (see the RNG
 contract in docs/architecture.md): the float32 uniforms are bit-exact, and the
-Box-Muller transform is then evaluated in float64.
+Box-Muller transform is then evaluated in float64. That emulation lives in
+fastvae/_philox_reference.py (a base-layer module, shared with the op folders'
+oracles that draw noise); its names are re-exported here.
 
 Functions named ``<op>`` are differentiable (plain autograd) and serve as the
 oracle for gradients; ``<op>_forward`` / ``<op>_backward`` are the explicit
@@ -19,128 +21,28 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
+from ._philox_reference import (  # noqa: F401 (re-exported: the tests read them here)
+    _MASK32,
+    _MIN_U1,
+    _PHILOX_KEY_A,
+    _PHILOX_KEY_B,
+    _PHILOX_ROUND_A,
+    _PHILOX_ROUND_B,
+    _UNIFORM_SCALE,
+    _folded,
+    _mul_hi_lo,
+    philox_bits,
+    philox_randn,
+    philox_uniform,
+    philox_words,
+    randn_fill,
+    sample_noise,
+    uniform64_from_bits,
+    uniform_fill,
+    uniform_from_bits,
+)
 from ._registry import LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
 from .ops.kl_normal import kl_normal_grad
-
-_MASK32 = 0xFFFFFFFF
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
-_UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
-_MIN_U1 = 1.0e-7
-
-
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """High and low 32-bit words of a * b for a constant a < 2**32 and b < 2**32.
-
-    b is split in 16-bit halves so every partial product fits in int64.
-    """
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = ((p_hi << 16) + p_lo) & _MASK32
-    return hi, lo
-
-
-def philox_words(seed: int, counters: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The four words of Philox4x32-10 at counter (lo(c), hi(c), 0, 0), key
-    (lo(seed), hi(seed)), as uint32 values held in int64 tensors."""
-    counters = counters.to(torch.int64)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1 = counters & _MASK32, (counters >> 32) & _MASK32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0, c1, c2, c3
-
-
-def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The two Philox words behind the normal at each element offset: words
-    (0, 1) of counter offset // 4 for lanes 0 and 1, words (2, 3) for lanes 2
-    and 3 (the noise contract, docs/architecture.md)."""
-    offsets = offsets.to(torch.int64)
-    w0, w1, w2, w3 = philox_words(seed, offsets >> 2)
-    second_pair = (offsets & 3) >= 2
-    return torch.where(second_pair, w2, w0), torch.where(second_pair, w3, w1)
-
-
-def _folded(bits: Tensor) -> Tensor:
-    """The word as int32, negatives folded by ~x: an integer in [0, 2**31)."""
-    x = torch.where(bits >= 2**31, bits - 2**32, bits)
-    return torch.where(x < 0, ~x, x)
-
-
-def uniform_from_bits(bits: Tensor) -> Tensor:
-    """Triton's uint_to_uniform_float: int32 view, negatives folded by ~x, scaled (float32)."""
-    return _folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
-
-
-def uniform64_from_bits(bits: Tensor) -> Tensor:
-    """The float64 uniform of a word: (x + 1/2) / 2**31 for its folded x, exact,
-    in (0, 1) (so no clamp is needed before the log)."""
-    return (_folded(bits).double() + 0.5) * 2.0**-31
-
-
-def philox_uniform(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The two float32 uniforms in [0, 1) behind the normal at each offset:
-    the radius's and the angle's."""
-    r0, r1 = philox_bits(seed, offsets)
-    return uniform_from_bits(r0), uniform_from_bits(r1)
-
-
-def philox_randn(seed: int, offsets: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Standard normals of the noise stream at the given flat element offsets.
-
-    Element i is lane i % 4 of Box-Muller on the four words of Philox counter
-    i // 4: lanes 0, 1 are r cos(2 pi u), r sin(2 pi u) of words (0, 1), lanes
-    2, 3 the same of words (2, 3), with r = sqrt(-2 log u1). For a float32
-    dtype the uniforms are Triton's float32 ones (u1 clamped to 1e-7), as
-    tl.randn4x draws them; for float64 they are the exact (x + 1/2) / 2**31
-    (uniform64_from_bits). The transcendental steps run in float64 here.
-    """
-    offsets = offsets.to(torch.int64)
-    r0, r1 = philox_bits(seed, offsets)
-    if dtype == torch.float64:
-        u1, u2 = uniform64_from_bits(r0), uniform64_from_bits(r1)
-    else:
-        u1 = torch.clamp_min(uniform_from_bits(r0), _MIN_U1).double()
-        u2 = uniform_from_bits(r1).double()
-    theta = 2.0 * math.pi * u2
-    sine = (offsets & 1) == 1
-    eps = torch.sqrt(-2.0 * torch.log(u1)) * torch.where(sine, torch.sin(theta), torch.cos(theta))
-    return eps.to(dtype)
-
-
-def uniform_fill(seed: int, offset0: int, u1: Tensor, u2: Tensor) -> None:
-    """u1, u2 (n,) <- the two float32 uniforms behind the normal at offset0 + i."""
-    offsets = offset0 + torch.arange(u1.numel(), dtype=torch.int64, device=u1.device)
-    a, b = philox_uniform(seed, offsets)
-    u1.copy_(a)
-    u2.copy_(b)
-
-
-def randn_fill(seed: int, offset0: int, out: Tensor, row_stride: int | None = None) -> None:
-    """out (n,) <- the normals at offsets offset0 + i; out (rows, cols) <- the
-    normals at offset0 + r * row_stride + c (row_stride defaulting to cols)."""
-    rows, cols = (1, out.shape[0]) if out.dim() == 1 else out.shape
-    stride = cols if row_stride is None else row_stride
-    r = torch.arange(rows, dtype=torch.int64, device=out.device)
-    c = torch.arange(cols, dtype=torch.int64, device=out.device)
-    offsets = offset0 + r[:, None] * stride + c
-    out.copy_(philox_randn(seed, offsets, out.dtype).reshape(out.shape))
-
-
-def sample_noise(seed: int, n_samples: int, shape: torch.Size, dtype, device) -> Tensor:
-    """eps of shape (n_samples, *shape): element (k, i) uses offset k * numel + i."""
-    numel = math.prod(shape)
-    offsets = torch.arange(n_samples * numel, dtype=torch.int64, device=device)
-    return philox_randn(seed, offsets, dtype).reshape(n_samples, *shape)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -222,74 +124,6 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
         d_lv = d_lv + kl_lv
     dmu.copy_(d_mu)
     dlogvar.copy_(d_lv)
-
-
-# --------------------------------------------------------------------------
-# sample_normal_tril
-# --------------------------------------------------------------------------
-
-
-def _tril_log_diag(diag: Tensor) -> Tensor:
-    """log S_ii as the kernels take it: NaN for a negative or NaN diagonal, -inf for 0."""
-    return torch.log(diag)
-
-
-def _tril_inv_diag(diag: Tensor) -> Tensor:
-    """d log S_ii / d S_ii = 1 / S_ii, NaN where S_ii < 0 (the KL is NaN there:
-    its gradient must not be a finite number either)."""
-    return torch.where(diag < 0, torch.nan, 1.0 / diag)
-
-
-def sample_normal_tril(mu: Tensor, scale_tril: Tensor, seed: int, n_samples: int) -> tuple[Tensor, Tensor]:
-    """z = mu + tril(S) @ eps, shape (n_samples, ..., L), and
-    kl = KL(N(mu, S S^T) || N(0, I)) = 0.5 * (|S|_F^2 + |mu|^2 - L - 2 sum_i log S_ii),
-    shape (...), for mu (..., L) and S = scale_tril (..., L, L), of which only
-    the lower triangle is read. eps is sample_normal's: z[k, ..., l] uses the
-    noise at offset k * numel(mu) + (flat row) * L + l.
-
-    Differentiable with plain autograd; computed in the dtype of the inputs.
-    """
-    L = mu.shape[-1]
-    S = torch.tril(scale_tril)
-    eps = sample_noise(seed, n_samples, mu.shape, mu.dtype, mu.device)
-    z = mu + (S @ eps.unsqueeze(-1)).squeeze(-1)
-    diag = torch.diagonal(S, dim1=-2, dim2=-1)
-    kl = 0.5 * (S.square().sum((-2, -1)) + mu.square().sum(-1) - L - 2.0 * _tril_log_diag(diag).sum(-1))
-    return z, kl
-
-
-def sample_normal_tril_forward(mu: Tensor, scale_tril: Tensor, seed: int, z: Tensor, kl: Tensor) -> None:
-    """Writes sample_normal_tril into z (K, N, L) and kl (N,); mu (N, L), scale_tril (N, L, L)."""
-    acc = _compute_dtype(mu)
-    K = z.shape[0]
-    zz, kk = sample_normal_tril(mu.to(acc), scale_tril.to(acc), seed, K)
-    z.copy_(zz)
-    kl.copy_(kk)
-
-
-def sample_normal_tril_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, scale_tril: Tensor,
-                                seed: int, dmu: Tensor, dscale_tril: Tensor) -> None:
-    """dmu = sum_k grad_z + grad_kl * mu;
-    dscale_tril = tril(sum_k grad_z eps^T) + grad_kl * (tril(S) - diag(1 / S_ii)), 0 above the diagonal
-    (the KL's term left out where grad_kl is 0 or None, NaN on a negative diagonal;
-    grad_z None: z has no gradient)."""
-    acc = _compute_dtype(mu)
-    mu = mu.to(acc)
-    S = torch.tril(scale_tril.to(acc))
-    d_mu, d_s = torch.zeros_like(mu), torch.zeros_like(S)
-    if grad_z is not None:
-        grad_z = grad_z.to(acc)
-        eps = sample_noise(seed, grad_z.shape[0], mu.shape, acc, mu.device)
-        d_mu = grad_z.sum(0)
-        d_s = torch.tril(torch.einsum("kni,knj->nij", grad_z, eps))
-    if grad_kl is not None:
-        g = grad_kl.to(acc)[:, None, None]
-        inv = torch.diag_embed(_tril_inv_diag(torch.diagonal(S, dim1=-2, dim2=-1)))
-        d_mu = d_mu + grad_kl.to(acc)[:, None] * mu
-        # a row whose kl gets no gradient takes none of the KL's terms (not 0 * NaN)
-        d_s = d_s + torch.tril(torch.where(g == 0, 0.0, g * (S - inv)))
-    dmu.copy_(d_mu)
-    dscale_tril.copy_(d_s)
 
 
 # --------------------------------------------------------------------------

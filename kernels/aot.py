@@ -86,10 +86,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
-    elif op == "sample_normal_tril":
-        yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=r(B))
-        yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), mu=m(B, L), scale_tril=m(B, L, L),
-                                                  seed=seed, dmu=m(B, L), dscale_tril=m(B, L, L))
     elif op == "gaussian_log_prob":
         for var_shape, softplus in itertools.product(((K, B, D), (B, D), (D,)), (False, True)):
             args = dict(x=m(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=softplus, delta=1e-6)

@@ -241,7 +241,6 @@ def _reduction_cases():
     x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
     xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
     mu, lv = leaf(20000, 8), leaf(20000, 8)
-    S = (torch.randn(5000, 8, 8, generator=g) * 0.3 + 2 * torch.eye(8)).requires_grad_()
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
     lc = leaf(500, 8, 16, 4, scale=3)  # issue 27: categorical logits
@@ -258,8 +257,6 @@ def _reduction_cases():
                                           x_many, mean_many, var_row)],
         "bernoulli_log_prob": [lambda: run(fastvae.bernoulli_log_prob, xb, lg)],
         "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
-        "sample_normal_tril": [lambda: run(lambda a, b: fastvae.sample_normal_tril(a, b, 3, generator=gen(2)),
-                                           mu[:5000], S)],
         "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
                                                            k=6000, likelihood="gaussian",
                                                            generator=gen(3))]],
@@ -347,8 +344,6 @@ def _every_op_call():
     x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
     return {
         "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
-        "sample_normal_tril": lambda: run(lambda a: fastvae.sample_normal_tril(
-            a, torch.eye(4, dtype=a.dtype).expand(3, 4, 4), 5, generator=gen(1)), mu),
         "gaussian_log_prob": lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean),
         "bernoulli_log_prob": lambda: run(lambda a, b: fastvae.bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
         "logmeanexp": lambda: run(fastvae.logmeanexp, lw),

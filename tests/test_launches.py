@@ -144,7 +144,6 @@ def _cases():
                                     (B, L), (B, L)),
         "sample_positive": op(lambda a, b: fastvae.sample_positive("weibull", a, b, K), (B, L), (B, L)),
         "sample_concrete": op(lambda a: fastvae.sample_concrete(a, 0.5, K), (B, L, 5)),
-        "sample_normal_tril": op(lambda mu, s: fastvae.sample_normal_tril(mu, s, K), (B, L), (B, L, L)),
         "importance_weights": op(lambda lw: fastvae.importance_weights(lw, 0), (K, B)),
         "effective_sample_size": op(lambda lw: fastvae.effective_sample_size(lw, 0), (K, B)),
     }
