@@ -587,45 +587,10 @@ def zinb_log_prob_backward(grad_out, x, log_mean, log_theta, zi_logits, dlog_mea
     if dzi_logits is not None:
         dzi_logits.copy_(g * torch.where(zero, torch.sigmoid(d) * torch.sigmoid(-z) - w * torch.sigmoid(z),
                                          -torch.sigmoid(z)))
-# categorical_log_prob: x (P, D) integer class indices against logits
-# (K, P, D, C); out[k, p] = sum_d (logits[k, p, d, x[p, d]] - logsumexp_c logits[k, p, d, c]).
 # continuous_bernoulli_log_prob: x (P, D) in [0, 1] against logits (K, P, D);
 # the Bernoulli term plus the log normalizer log C(l) of Loaiza-Ganem and
 # Cunningham (2019).
 # ==========================================================================
-
-
-def categorical_log_prob(x: Tensor, logits: Tensor) -> Tensor:
-    """sum_d log softmax(logits[..., d, :])[x[..., d]] over the last dim of x
-    (x broadcasts against logits' leading dims). A class whose logit is -inf
-    has probability 0 (log-probability -inf, finite gradient); a row whose
-    every logit is -inf has log-probability -inf."""
-    x = torch.broadcast_to(x, logits.shape[:-1]).to(torch.int64)
-    m = logits.detach().amax(-1, keepdim=True)  # a constant shift: it cancels in value and gradient
-    shifted = logits - torch.where(torch.isneginf(m), 0.0, m)
-    picked = torch.gather(shifted, -1, x[..., None])[..., 0]
-    lse = torch.logsumexp(shifted, -1)
-    return torch.where(torch.isneginf(picked), picked, picked - lse).sum(-1)
-
-
-def categorical_log_prob_forward(x, logits, out) -> None:
-    acc = _compute_dtype(logits)
-    out.copy_(categorical_log_prob(x, logits.to(acc)))
-
-
-def categorical_log_prob_backward(grad_out, x, logits, dlogits) -> None:
-    """d/dlogits = g (onehot(x) - softmax(logits)); a row of all -inf logits gets 0 from its softmax."""
-    acc = _compute_dtype(logits)
-    logits, g = logits.to(acc), grad_out.to(acc)[..., None, None]
-    x = torch.broadcast_to(x, logits.shape[:-1]).to(torch.int64)
-    # (l - max) - log sum e^(l - max): l - lse would round through a large lse
-    m = logits.amax(-1, keepdim=True)
-    shifted = logits - torch.where(torch.isneginf(m), 0.0, m)
-    log_sum = torch.logsumexp(shifted, -1, keepdim=True)
-    empty = torch.isneginf(log_sum)  # every logit -inf: no softmax
-    p = torch.where(empty, 0.0, torch.exp(shifted - torch.where(empty, 0.0, log_sum)))
-    onehot = torch.zeros_like(logits).scatter_(-1, x[..., None], 1.0)
-    dlogits.copy_(g * (onehot - p))
 
 
 # log C(l) = log(l / tanh(l / 2)) = log 2 + sum_n CB_TAYLOR[n - 1] l^(2n), and

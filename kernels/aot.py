@@ -44,7 +44,6 @@ TRAINING = [dict(K=K, B=B, L=L, D=D) for K, B, L, D in
             itertools.product((1, 5, 50), (64, 256, 1024), (16, 32, 128), (64, 784, 3072, 12288))]
 EVALUATION = [dict(K=5000, B=B, L=32, D=784) for B in (1, 64, 256)]
 SHAPES = TRAINING + EVALUATION
-CATEGORICAL_CLASSES = (2, 256, 4096)  # categorical_log_prob's C at every shape (issue 27)
 
 
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -147,12 +146,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             for dx in (None, meta(B, D, dtype=x_dtype)):
                 yield "continuous_bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D),
                                                                      dx=dx, dlogits=m(K, B, D))
-    elif op == "categorical_log_prob":  # issue 27: 256-way pixels and a 4096-class vocabulary
-        for C in CATEGORICAL_CLASSES:
-            x = meta(B, D, dtype=torch.int64)
-            yield "categorical_log_prob_forward", dict(x=x, logits=m(K, B, D, C), out=r(K, B))
-            yield "categorical_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D, C),
-                                                        dlogits=m(K, B, D, C))
     elif op == "sample_location_scale":  # issue 35: every family (a constexpr), as the objectives launch it
         for family in range(5):
             yield "sample_location_scale_forward", dict(loc=m(B, L), log_scale=m(B, L), seed=seed, family=family,

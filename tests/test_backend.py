@@ -243,7 +243,6 @@ def _reduction_cases():
     mu, lv = leaf(20000, 8), leaf(20000, 8)
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
-    lc = leaf(500, 8, 16, 4, scale=3)  # issue 27: categorical logits
     x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
     p_img = leaf(3, 2, 30, 40, 40)  # K = 3 samples of M = 3 components
     p0, p1, lcc = leaf(20000, 8, scale=0.3), leaf(20000, 8, scale=0.3), leaf(5000, 8, 4)
@@ -262,8 +261,6 @@ def _reduction_cases():
                                                            generator=gen(3))]],
         # issue 27: few x rows against many samples (the folded layout) and many rows
         "continuous_bernoulli_log_prob": [lambda: run(fastvae.continuous_bernoulli_log_prob, xb, lg)],
-        "categorical_log_prob": [lambda: run(
-            lambda a: fastvae.categorical_log_prob(xb.detach().mul(3).long(), a), lc)],
         # the count likelihoods' per-gene log theta gradient sums over slabs of rows (issue 27)
         "negative_binomial_log_prob": [
             lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(x_many.detach().abs().round(), b, c),
@@ -356,8 +353,6 @@ def _every_op_call():
         "log_likelihood": lambda: (fastvae.log_likelihood(
             x.detach(), lambda t: (t[:, :4], t[:, 4:8]), lambda z: z @ torch.ones(4, 16, dtype=z.dtype), k=9,
             likelihood="gaussian", generator=gen(2)), ()),
-        "categorical_log_prob": lambda: run(lambda b: fastvae.categorical_log_prob(
-            (torch.sigmoid(x.detach()[:, :4]) * 4).long(), b.reshape(2048, 2, 4, 4)), mean),
         "continuous_bernoulli_log_prob": lambda: run(
             lambda a, b: fastvae.continuous_bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
         "poisson_log_prob": lambda: run(lambda b: fastvae.poisson_log_prob(counts, b), mean),

@@ -98,9 +98,6 @@ def _cases(g):
                               [r(2, 3, 5), r(5)], False),
         "zinb_log_prob": (lambda m, t, z: fastvae.zinb_log_prob(counts.to(m.device), m, t, z),
                  [r(2, 3, 5), r(2, 3, 5), r(2, 3, 5)], False),
-        # issue 27: integer classes are no leaf (made on the logits' device)
-        "categorical_log_prob": (lambda lg: fastvae.categorical_log_prob(
-            torch.arange(15, device=lg.device).reshape(3, 5) % 4, lg), [r(2, 3, 5, 4)], False),
         "continuous_bernoulli_log_prob": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
                                  [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
         # issue 35 (every family and the stop-score mode: tests/test_sample_location_scale.py)

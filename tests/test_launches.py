@@ -134,8 +134,6 @@ def _cases():
                                          (K, B, D), (D,)),
         "zinb_log_prob": op(lambda m, t, z: fastvae.zinb_log_prob(x, m, t, z), (K, B, D), (D,), (K, B, D)),
         # issue 27
-        "categorical_log_prob": (lambda xc: op(lambda lg: fastvae.categorical_log_prob(xc, lg), (K, B, D, 3)))(
-            x.long()),
         "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
         "discretized_logistic_mixture_log_prob": op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p),
                                                     (K, B, 20, 3, 3)),
