@@ -57,7 +57,6 @@ from . import priors
 from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
 from .bernoulli_log_prob import bernoulli_log_prob
-from .categorical_log_prob import categorical_log_prob
 from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob
 from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_log_prob
 from .distributions import DiagonalNormal, TrilNormal
@@ -83,13 +82,14 @@ from .logmeanexp import (
 )
 from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
+from .ops.categorical_log_prob.op import categorical_log_prob
 from .ops.kl_normal.op import kl_normal
 from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.mixture_log_prob.op import mixture_log_prob
 from .ops.sample_location_scale.op import sample_location_scale
+from .ops.sample_normal_tril.op import sample_normal_tril
 from .poisson_log_prob import poisson_log_prob
 from .sample_normal import sample_normal
-from .sample_normal_tril import sample_normal_tril
 from .zinb_log_prob import zinb_log_prob
 
 __all__ = [

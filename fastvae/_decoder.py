@@ -11,7 +11,7 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   fastvae warns when every value it reads lies in [0, 1]), for x binary or in
   [0, 1] (it warns when x leaves [0, 1]).
 - likelihood="categorical": decode(z) returns logits (*x.shape, C) for x of
-  integer class indices (issue 27; fastvae/categorical_log_prob.py).
+  integer class indices (issue 27; fastvae/ops/categorical_log_prob/op.py).
 - likelihood="continuous_bernoulli": decode(z) returns logits, for x in
   [0, 1] (the normalized continuous Bernoulli; fastvae/continuous_bernoulli_log_prob.py).
 - likelihood="poisson" / "negative_binomial" / "zinb" (counts): decode(z)
@@ -48,13 +48,13 @@ from torch.distributions import (
 
 from . import _backend, _count_likelihood, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
-from .categorical_log_prob import decoder_log_prob as categorical_decoder_log_prob
 from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
 from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretized_logistic_mixture_decoder
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 from .latents import LATENTS, from_torch
 from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
+from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
 from .poisson_log_prob import poisson_log_prob_unchecked
 from .zinb_log_prob import zinb_log_prob_unchecked
 

@@ -212,24 +212,3 @@ def sample_normal(grad_z, grad_kl, grad_ratio, stop_score, mu, logvar, seed, mu2
         dmu = dmu + kl_mu
         dlv = dlv + kl_lv
     return dmu.to(mu.dtype), dlv.to(logvar.dtype)
-
-
-def sample_normal_tril(grad_z, grad_kl, mu, scale_tril, seed, mu2, n_samples, noise):
-    """dmu, dscale_tril of z = mu + tril(S) eps (K, ..., L) and the KL to N(0, I),
-    0.5 (|S|_F^2 + |mu|^2 - L) - sum_i log S_ii, with eps regenerated (sample_normal's)."""
-    m, S = _acc(mu), torch.tril(_acc(scale_tril))
-    dmu, dS = torch.zeros_like(m), torch.zeros_like(S)
-    if grad_z is not None:
-        eps = noise(seed, n_samples, mu2).reshape(n_samples, *mu.shape)
-        gz = _acc(grad_z).reshape(eps.shape)
-        dmu = gz.sum(0)
-        dS = torch.tril(torch.einsum("k...i,k...j->...ij", gz, eps))
-    if grad_kl is not None:
-        g = _acc(grad_kl)
-        diag = torch.diagonal(S, dim1=-2, dim2=-1)
-        inv = torch.where(diag < 0, torch.nan, 1.0 / diag)  # the KL is NaN there: so is its gradient
-        gS = g[..., None, None] * (S - torch.diag_embed(inv))
-        dmu = dmu + g.unsqueeze(-1) * m
-        # a row whose kl gets no gradient takes none of the KL's terms (not 0 * NaN)
-        dS = dS + torch.tril(torch.where(g[..., None, None] == 0, 0.0, gS))
-    return dmu.to(mu.dtype), dS.to(scale_tril.dtype)

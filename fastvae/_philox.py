@@ -1,15 +1,20 @@
 """The Philox4x32-10 noise stream in plain PyTorch, as the kernels draw it
 (docs/architecture.md, "The RNG contract"): the words of a counter, emulated
 with int64 tensor arithmetic so that the oracles draw exactly the kernels'
-bits, and the one word per element the samplers of issue 35 map into the open
-(0, 1) (``philox_word``, ``open_uniforms``: csrc/philox.h's in C++).
+bits; the normals of Box-Muller on them (``philox_randn``, and the reference
+backend's ``randn_fill`` and ``uniform_fill``, which fastvae.reference
+serves); and the one word per element the samplers of issue 35 map into the
+open (0, 1) (``philox_word``, ``open_uniforms``: csrc/philox.h's in C++).
 
 The base layer (docs/architecture.md, "Layers"): it imports nothing of
 fastvae, so the reference backend (sample_normal's normals) and the op
-descriptions' oracles (the location-scale, positive and relaxed categorical
-samplers) take the one emulation from here.
+descriptions' oracles (sample_normal_tril's normals; the location-scale,
+positive and relaxed categorical samplers' words) take the one emulation
+from here.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -83,3 +88,84 @@ def open_uniforms(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     u = torch.minimum((x.to(torch.float32) + half) * scale, top)
     v = torch.minimum(((2**31 - 1 - x).to(torch.float32) + half) * scale, top)
     return u, v
+
+
+_UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
+_MIN_U1 = 1.0e-7
+
+
+def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The two Philox words behind the normal at each element offset: words
+    (0, 1) of counter offset // 4 for lanes 0 and 1, words (2, 3) for lanes 2
+    and 3 (the noise contract, docs/architecture.md)."""
+    offsets = offsets.to(torch.int64)
+    w0, w1, w2, w3 = philox_words(seed, offsets >> 2)
+    second_pair = (offsets & 3) >= 2
+    return torch.where(second_pair, w2, w0), torch.where(second_pair, w3, w1)
+
+
+def uniform_from_bits(bits: Tensor) -> Tensor:
+    """Triton's uint_to_uniform_float: int32 view, negatives folded by ~x, scaled (float32)."""
+    return folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def uniform64_from_bits(bits: Tensor) -> Tensor:
+    """The float64 uniform of a word: (x + 1/2) / 2**31 for its folded x, exact,
+    in (0, 1) (so no clamp is needed before the log)."""
+    return (folded(bits).double() + 0.5) * 2.0**-31
+
+
+def philox_uniform(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """The two float32 uniforms in [0, 1) behind the normal at each offset:
+    the radius's and the angle's."""
+    r0, r1 = philox_bits(seed, offsets)
+    return uniform_from_bits(r0), uniform_from_bits(r1)
+
+
+def philox_randn(seed: int, offsets: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Standard normals of the noise stream at the given flat element offsets.
+
+    Element i is lane i % 4 of Box-Muller on the four words of Philox counter
+    i // 4: lanes 0, 1 are r cos(2 pi u), r sin(2 pi u) of words (0, 1), lanes
+    2, 3 the same of words (2, 3), with r = sqrt(-2 log u1). For a float32
+    dtype the uniforms are Triton's float32 ones (u1 clamped to 1e-7), as
+    tl.randn4x draws them; for float64 they are the exact (x + 1/2) / 2**31
+    (uniform64_from_bits). The transcendental steps run in float64 here.
+    """
+    offsets = offsets.to(torch.int64)
+    r0, r1 = philox_bits(seed, offsets)
+    if dtype == torch.float64:
+        u1, u2 = uniform64_from_bits(r0), uniform64_from_bits(r1)
+    else:
+        u1 = torch.clamp_min(uniform_from_bits(r0), _MIN_U1).double()
+        u2 = uniform_from_bits(r1).double()
+    theta = 2.0 * math.pi * u2
+    sine = (offsets & 1) == 1
+    eps = torch.sqrt(-2.0 * torch.log(u1)) * torch.where(sine, torch.sin(theta), torch.cos(theta))
+    return eps.to(dtype)
+
+
+def uniform_fill(seed: int, offset0: int, u1: Tensor, u2: Tensor) -> None:
+    """u1, u2 (n,) <- the two float32 uniforms behind the normal at offset0 + i."""
+    offsets = offset0 + torch.arange(u1.numel(), dtype=torch.int64, device=u1.device)
+    a, b = philox_uniform(seed, offsets)
+    u1.copy_(a)
+    u2.copy_(b)
+
+
+def randn_fill(seed: int, offset0: int, out: Tensor, row_stride: int | None = None) -> None:
+    """out (n,) <- the normals at offsets offset0 + i; out (rows, cols) <- the
+    normals at offset0 + r * row_stride + c (row_stride defaulting to cols)."""
+    rows, cols = (1, out.shape[0]) if out.dim() == 1 else out.shape
+    stride = cols if row_stride is None else row_stride
+    r = torch.arange(rows, dtype=torch.int64, device=out.device)
+    c = torch.arange(cols, dtype=torch.int64, device=out.device)
+    offsets = offset0 + r[:, None] * stride + c
+    out.copy_(philox_randn(seed, offsets, out.dtype).reshape(out.shape))
+
+
+def sample_noise(seed: int, n_samples: int, shape: torch.Size, dtype, device) -> Tensor:
+    """eps of shape (n_samples, *shape): element (k, i) uses offset k * numel + i."""
+    numel = math.prod(shape)
+    offsets = torch.arange(n_samples * numel, dtype=torch.int64, device=device)
+    return philox_randn(seed, offsets, dtype).reshape(n_samples, *shape)

@@ -21,88 +21,19 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
-from ._philox import folded, philox_words
+from ._philox import (  # noqa: F401 (the reference backend's randn_fill and uniform_fill; the tests read the stream here)
+    folded,
+    philox_bits,
+    philox_randn,
+    philox_uniform,
+    philox_words,
+    randn_fill,
+    sample_noise,
+    uniform64_from_bits,
+    uniform_fill,
+    uniform_from_bits,
+)
 from .ops.kl_normal import kl_normal_grad
-
-_UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.0
-_MIN_U1 = 1.0e-7
-
-
-def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The two Philox words behind the normal at each element offset: words
-    (0, 1) of counter offset // 4 for lanes 0 and 1, words (2, 3) for lanes 2
-    and 3 (the noise contract, docs/architecture.md)."""
-    offsets = offsets.to(torch.int64)
-    w0, w1, w2, w3 = philox_words(seed, offsets >> 2)
-    second_pair = (offsets & 3) >= 2
-    return torch.where(second_pair, w2, w0), torch.where(second_pair, w3, w1)
-
-
-def uniform_from_bits(bits: Tensor) -> Tensor:
-    """Triton's uint_to_uniform_float: int32 view, negatives folded by ~x, scaled (float32)."""
-    return folded(bits).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
-
-
-def uniform64_from_bits(bits: Tensor) -> Tensor:
-    """The float64 uniform of a word: (x + 1/2) / 2**31 for its folded x, exact,
-    in (0, 1) (so no clamp is needed before the log)."""
-    return (folded(bits).double() + 0.5) * 2.0**-31
-
-
-def philox_uniform(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """The two float32 uniforms in [0, 1) behind the normal at each offset:
-    the radius's and the angle's."""
-    r0, r1 = philox_bits(seed, offsets)
-    return uniform_from_bits(r0), uniform_from_bits(r1)
-
-
-def philox_randn(seed: int, offsets: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Standard normals of the noise stream at the given flat element offsets.
-
-    Element i is lane i % 4 of Box-Muller on the four words of Philox counter
-    i // 4: lanes 0, 1 are r cos(2 pi u), r sin(2 pi u) of words (0, 1), lanes
-    2, 3 the same of words (2, 3), with r = sqrt(-2 log u1). For a float32
-    dtype the uniforms are Triton's float32 ones (u1 clamped to 1e-7), as
-    tl.randn4x draws them; for float64 they are the exact (x + 1/2) / 2**31
-    (uniform64_from_bits). The transcendental steps run in float64 here.
-    """
-    offsets = offsets.to(torch.int64)
-    r0, r1 = philox_bits(seed, offsets)
-    if dtype == torch.float64:
-        u1, u2 = uniform64_from_bits(r0), uniform64_from_bits(r1)
-    else:
-        u1 = torch.clamp_min(uniform_from_bits(r0), _MIN_U1).double()
-        u2 = uniform_from_bits(r1).double()
-    theta = 2.0 * math.pi * u2
-    sine = (offsets & 1) == 1
-    eps = torch.sqrt(-2.0 * torch.log(u1)) * torch.where(sine, torch.sin(theta), torch.cos(theta))
-    return eps.to(dtype)
-
-
-def uniform_fill(seed: int, offset0: int, u1: Tensor, u2: Tensor) -> None:
-    """u1, u2 (n,) <- the two float32 uniforms behind the normal at offset0 + i."""
-    offsets = offset0 + torch.arange(u1.numel(), dtype=torch.int64, device=u1.device)
-    a, b = philox_uniform(seed, offsets)
-    u1.copy_(a)
-    u2.copy_(b)
-
-
-def randn_fill(seed: int, offset0: int, out: Tensor, row_stride: int | None = None) -> None:
-    """out (n,) <- the normals at offsets offset0 + i; out (rows, cols) <- the
-    normals at offset0 + r * row_stride + c (row_stride defaulting to cols)."""
-    rows, cols = (1, out.shape[0]) if out.dim() == 1 else out.shape
-    stride = cols if row_stride is None else row_stride
-    r = torch.arange(rows, dtype=torch.int64, device=out.device)
-    c = torch.arange(cols, dtype=torch.int64, device=out.device)
-    offsets = offset0 + r[:, None] * stride + c
-    out.copy_(philox_randn(seed, offsets, out.dtype).reshape(out.shape))
-
-
-def sample_noise(seed: int, n_samples: int, shape: torch.Size, dtype, device) -> Tensor:
-    """eps of shape (n_samples, *shape): element (k, i) uses offset k * numel + i."""
-    numel = math.prod(shape)
-    offsets = torch.arange(n_samples * numel, dtype=torch.int64, device=device)
-    return philox_randn(seed, offsets, dtype).reshape(n_samples, *shape)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -184,74 +115,6 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
         d_lv = d_lv + kl_lv
     dmu.copy_(d_mu)
     dlogvar.copy_(d_lv)
-
-
-# --------------------------------------------------------------------------
-# sample_normal_tril
-# --------------------------------------------------------------------------
-
-
-def _tril_log_diag(diag: Tensor) -> Tensor:
-    """log S_ii as the kernels take it: NaN for a negative or NaN diagonal, -inf for 0."""
-    return torch.log(diag)
-
-
-def _tril_inv_diag(diag: Tensor) -> Tensor:
-    """d log S_ii / d S_ii = 1 / S_ii, NaN where S_ii < 0 (the KL is NaN there:
-    its gradient must not be a finite number either)."""
-    return torch.where(diag < 0, torch.nan, 1.0 / diag)
-
-
-def sample_normal_tril(mu: Tensor, scale_tril: Tensor, seed: int, n_samples: int) -> tuple[Tensor, Tensor]:
-    """z = mu + tril(S) @ eps, shape (n_samples, ..., L), and
-    kl = KL(N(mu, S S^T) || N(0, I)) = 0.5 * (|S|_F^2 + |mu|^2 - L - 2 sum_i log S_ii),
-    shape (...), for mu (..., L) and S = scale_tril (..., L, L), of which only
-    the lower triangle is read. eps is sample_normal's: z[k, ..., l] uses the
-    noise at offset k * numel(mu) + (flat row) * L + l.
-
-    Differentiable with plain autograd; computed in the dtype of the inputs.
-    """
-    L = mu.shape[-1]
-    S = torch.tril(scale_tril)
-    eps = sample_noise(seed, n_samples, mu.shape, mu.dtype, mu.device)
-    z = mu + (S @ eps.unsqueeze(-1)).squeeze(-1)
-    diag = torch.diagonal(S, dim1=-2, dim2=-1)
-    kl = 0.5 * (S.square().sum((-2, -1)) + mu.square().sum(-1) - L - 2.0 * _tril_log_diag(diag).sum(-1))
-    return z, kl
-
-
-def sample_normal_tril_forward(mu: Tensor, scale_tril: Tensor, seed: int, z: Tensor, kl: Tensor) -> None:
-    """Writes sample_normal_tril into z (K, N, L) and kl (N,); mu (N, L), scale_tril (N, L, L)."""
-    acc = _compute_dtype(mu)
-    K = z.shape[0]
-    zz, kk = sample_normal_tril(mu.to(acc), scale_tril.to(acc), seed, K)
-    z.copy_(zz)
-    kl.copy_(kk)
-
-
-def sample_normal_tril_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, scale_tril: Tensor,
-                                seed: int, dmu: Tensor, dscale_tril: Tensor) -> None:
-    """dmu = sum_k grad_z + grad_kl * mu;
-    dscale_tril = tril(sum_k grad_z eps^T) + grad_kl * (tril(S) - diag(1 / S_ii)), 0 above the diagonal
-    (the KL's term left out where grad_kl is 0 or None, NaN on a negative diagonal;
-    grad_z None: z has no gradient)."""
-    acc = _compute_dtype(mu)
-    mu = mu.to(acc)
-    S = torch.tril(scale_tril.to(acc))
-    d_mu, d_s = torch.zeros_like(mu), torch.zeros_like(S)
-    if grad_z is not None:
-        grad_z = grad_z.to(acc)
-        eps = sample_noise(seed, grad_z.shape[0], mu.shape, acc, mu.device)
-        d_mu = grad_z.sum(0)
-        d_s = torch.tril(torch.einsum("kni,knj->nij", grad_z, eps))
-    if grad_kl is not None:
-        g = grad_kl.to(acc)[:, None, None]
-        inv = torch.diag_embed(_tril_inv_diag(torch.diagonal(S, dim1=-2, dim2=-1)))
-        d_mu = d_mu + grad_kl.to(acc)[:, None] * mu
-        # a row whose kl gets no gradient takes none of the KL's terms (not 0 * NaN)
-        d_s = d_s + torch.tril(torch.where(g == 0, 0.0, g * (S - inv)))
-    dmu.copy_(d_mu)
-    dscale_tril.copy_(d_s)
 
 
 # --------------------------------------------------------------------------
@@ -715,45 +578,10 @@ def zinb_log_prob_backward(grad_out, x, log_mean, log_theta, zi_logits, dlog_mea
     if dzi_logits is not None:
         dzi_logits.copy_(g * torch.where(zero, torch.sigmoid(d) * torch.sigmoid(-z) - w * torch.sigmoid(z),
                                          -torch.sigmoid(z)))
-# categorical_log_prob: x (P, D) integer class indices against logits
-# (K, P, D, C); out[k, p] = sum_d (logits[k, p, d, x[p, d]] - logsumexp_c logits[k, p, d, c]).
 # continuous_bernoulli_log_prob: x (P, D) in [0, 1] against logits (K, P, D);
 # the Bernoulli term plus the log normalizer log C(l) of Loaiza-Ganem and
 # Cunningham (2019).
 # ==========================================================================
-
-
-def categorical_log_prob(x: Tensor, logits: Tensor) -> Tensor:
-    """sum_d log softmax(logits[..., d, :])[x[..., d]] over the last dim of x
-    (x broadcasts against logits' leading dims). A class whose logit is -inf
-    has probability 0 (log-probability -inf, finite gradient); a row whose
-    every logit is -inf has log-probability -inf."""
-    x = torch.broadcast_to(x, logits.shape[:-1]).to(torch.int64)
-    m = logits.detach().amax(-1, keepdim=True)  # a constant shift: it cancels in value and gradient
-    shifted = logits - torch.where(torch.isneginf(m), 0.0, m)
-    picked = torch.gather(shifted, -1, x[..., None])[..., 0]
-    lse = torch.logsumexp(shifted, -1)
-    return torch.where(torch.isneginf(picked), picked, picked - lse).sum(-1)
-
-
-def categorical_log_prob_forward(x, logits, out) -> None:
-    acc = _compute_dtype(logits)
-    out.copy_(categorical_log_prob(x, logits.to(acc)))
-
-
-def categorical_log_prob_backward(grad_out, x, logits, dlogits) -> None:
-    """d/dlogits = g (onehot(x) - softmax(logits)); a row of all -inf logits gets 0 from its softmax."""
-    acc = _compute_dtype(logits)
-    logits, g = logits.to(acc), grad_out.to(acc)[..., None, None]
-    x = torch.broadcast_to(x, logits.shape[:-1]).to(torch.int64)
-    # (l - max) - log sum e^(l - max): l - lse would round through a large lse
-    m = logits.amax(-1, keepdim=True)
-    shifted = logits - torch.where(torch.isneginf(m), 0.0, m)
-    log_sum = torch.logsumexp(shifted, -1, keepdim=True)
-    empty = torch.isneginf(log_sum)  # every logit -inf: no softmax
-    p = torch.where(empty, 0.0, torch.exp(shifted - torch.where(empty, 0.0, log_sum)))
-    onehot = torch.zeros_like(logits).scatter_(-1, x[..., None], 1.0)
-    dlogits.copy_(g * (onehot - p))
 
 
 # log C(l) = log(l / tanh(l / 2)) = log 2 + sum_n CB_TAYLOR[n - 1] l^(2n), and

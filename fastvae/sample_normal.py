@@ -129,7 +129,8 @@ def _opt(t: Tensor | None, shape) -> Tensor | None:
 def noise(seed: Tensor, n_samples: int, mu2: Tensor) -> Tensor:
     """eps (K, N, L) for the seed, in the accumulation dtype, from the sampling kernel
     itself: with mu = 0 and logvar = 0 its z = 0 + 1 * eps is eps exactly (the
-    double backward's constant: _double_backward.sample_normal / sample_normal_tril)."""
+    double backward's constant: _double_backward.sample_normal, and sample_normal_tril's in
+    fastvae/ops/sample_normal_tril/op.py)."""
     zeros = torch.zeros(mu2.shape, dtype=_backend.accumulation_dtype(mu2.dtype), device=mu2.device)
     return run(sample_normal_op, zeros, zeros, seed, n_samples)[0]
 

@@ -44,7 +44,6 @@ TRAINING = [dict(K=K, B=B, L=L, D=D) for K, B, L, D in
             itertools.product((1, 5, 50), (64, 256, 1024), (16, 32, 128), (64, 784, 3072, 12288))]
 EVALUATION = [dict(K=5000, B=B, L=32, D=784) for B in (1, 64, 256)]
 SHAPES = TRAINING + EVALUATION
-CATEGORICAL_CLASSES = (2, 256, 4096)  # categorical_log_prob's C at every shape (issue 27)
 
 
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:
@@ -86,10 +85,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
-    elif op == "sample_normal_tril":
-        yield "sample_normal_tril_forward", dict(mu=m(B, L), scale_tril=m(B, L, L), seed=seed, z=m(K, B, L), kl=r(B))
-        yield "sample_normal_tril_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), mu=m(B, L), scale_tril=m(B, L, L),
-                                                  seed=seed, dmu=m(B, L), dscale_tril=m(B, L, L))
     elif op == "gaussian_log_prob":
         for var_shape, softplus in itertools.product(((K, B, D), (B, D), (D,)), (False, True)):
             args = dict(x=m(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=softplus, delta=1e-6)
@@ -151,12 +146,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             for dx in (None, meta(B, D, dtype=x_dtype)):
                 yield "continuous_bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D),
                                                                      dx=dx, dlogits=m(K, B, D))
-    elif op == "categorical_log_prob":  # issue 27: 256-way pixels and a 4096-class vocabulary
-        for C in CATEGORICAL_CLASSES:
-            x = meta(B, D, dtype=torch.int64)
-            yield "categorical_log_prob_forward", dict(x=x, logits=m(K, B, D, C), out=r(K, B))
-            yield "categorical_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D, C),
-                                                        dlogits=m(K, B, D, C))
     else:
         raise ValueError(f"unknown op {op!r}")
 

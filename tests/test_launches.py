@@ -134,12 +134,9 @@ def _cases():
                                          (K, B, D), (D,)),
         "zinb_log_prob": op(lambda m, t, z: fastvae.zinb_log_prob(x, m, t, z), (K, B, D), (D,), (K, B, D)),
         # issue 27
-        "categorical_log_prob": (lambda xc: op(lambda lg: fastvae.categorical_log_prob(xc, lg), (K, B, D, 3)))(
-            x.long()),
         "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
         "discretized_logistic_mixture_log_prob": op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p),
                                                     (K, B, 20, 3, 3)),
-        "sample_normal_tril": op(lambda mu, s: fastvae.sample_normal_tril(mu, s, K), (B, L), (B, L, L)),
         "importance_weights": op(lambda lw: fastvae.importance_weights(lw, 0), (K, B)),
         "effective_sample_size": op(lambda lw: fastvae.effective_sample_size(lw, 0), (K, B)),
     }

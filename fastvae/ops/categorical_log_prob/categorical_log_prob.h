@@ -2,7 +2,7 @@
 // class indices, each in [0, C) (the binding checks every one), broadcast
 // over K without a copy; logits (K, P, D, C), the class dim innermost;
 // out and grad_out (K, P); dlogits (K, P, D, C). Callers
-// (categorical_log_prob_bind.cpp) have checked dtype, contiguity and every extent.
+// (bind.cpp) have checked dtype, contiguity and every extent.
 #pragma once
 
 #include <cstdint>

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER_BLOCK_ROWS, acc_dtype
+from fastvae.kernels._common import INTERPRETER_BLOCK_ROWS, acc_dtype
 
 # Class tiles: a row of C classes is read in tiles of at most MAX_BLOCK_C.
 MAX_BLOCK_C = 1024

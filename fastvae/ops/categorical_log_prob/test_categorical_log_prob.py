@@ -1,5 +1,7 @@
-"""categorical_log_prob against the float64 reference, per backend (see
-conftest.py), and against torch.distributions.Categorical."""
+"""categorical_log_prob against its float64 oracle
+(fastvae/ops/categorical_log_prob/__init__.py), per backend (the root
+conftest.py), and against torch.distributions.Categorical; and its cases of
+the suite-wide checks."""
 import math
 
 import pytest
@@ -8,8 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.categorical_log_prob import CategoricalLogProb, categorical_log_prob_backward_op, categorical_log_prob_op
+from fastvae.ops import categorical_log_prob as oracle
+from fastvae.ops.categorical_log_prob.op import (
+    CategoricalLogProb,
+    categorical_log_prob_backward_op,
+    categorical_log_prob_op,
+)
 
 from helpers import assert_close
 
@@ -57,7 +63,7 @@ def check_against_reference(p, dtype, device):
     (dl,) = torch.autograd.grad(out, [logits], up.to(dtype).to(device))
 
     l64 = logits.detach().double().cpu().requires_grad_()
-    ref = reference.categorical_log_prob(x.cpu(), l64)
+    ref = oracle.categorical_log_prob(x.cpu(), l64)
     (ref_dl,) = torch.autograd.grad(ref, [l64], up.to(dtype).double())
     assert out.shape == ref.shape == logits.shape[:-2]
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -131,7 +137,7 @@ def test_masked_and_impossible_classes(backend):
     x = torch.tensor([1], device=device)
     out = fastvae.categorical_log_prob(x, logits)
     assert out.shape == (3,) and out[0] == -inf and out[1] == -inf
-    want = reference.categorical_log_prob(x.cpu(), logits.detach().double().cpu()[2])
+    want = oracle.categorical_log_prob(x.cpu(), logits.detach().double().cpu()[2])
     torch.testing.assert_close(out[2].double().cpu(), want, rtol=1e-6, atol=0)
     (dl,) = torch.autograd.grad(out.sum(), [logits])
     assert not dl.isnan().any()
@@ -205,3 +211,41 @@ def test_compiles_without_graph_breaks(backend):
     logits = torch.randn(2, 3, 7, 6, device=device, requires_grad=True)
     f = torch.compile(fastvae.categorical_log_prob, fullgraph=True)
     torch.testing.assert_close(f(x, logits), fastvae.categorical_log_prob(x, logits))
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes (x: binary classes
+    of 3, made without a draw)."""
+    x = torch.arange(B * D).reshape(B, D) % 2
+    return op(lambda lg: fastvae.categorical_log_prob(x, lg), (K, B, D, 3))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (few x rows against many samples:
+    the folded layout)."""
+    x, logits = torch.arange(8 * 16).reshape(8, 16) % 3, leaf(500, 8, 16, 4, scale=3)
+    return [lambda: run(lambda a: fastvae.categorical_log_prob(x, a), logits)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    x, logits = (torch.sigmoid(leaf(2, 4).detach()) * 4).long(), leaf(2048, 2, 16)
+    return lambda: run(lambda b: fastvae.categorical_log_prob(x, b.reshape(2048, 2, 4, 4)), logits)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck; the integer
+    classes are no leaf (made on the logits' device)."""
+    return {
+        "categorical_log_prob": (lambda lg: fastvae.categorical_log_prob(
+            torch.arange(15, device=lg.device).reshape(3, 5) % 4, lg), [r(2, 3, 5, 4)], False),
+    }

@@ -1,7 +1,7 @@
 // Python bindings of sample_normal_tril (checked buffers -> sample_normal_tril.cpp).
 #include "buffers.h"
-#include "ops.h"
 #include "optional_buffers.h"
+#include "sample_normal_tril.h"
 
 namespace fastvae::bind {
 namespace {

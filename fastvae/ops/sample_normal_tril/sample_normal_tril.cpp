@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "sample_normal_tril.h"
 
 namespace fastvae {
 namespace {

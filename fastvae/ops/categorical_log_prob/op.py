@@ -1,5 +1,10 @@
-"""categorical_log_prob: the categorical likelihood with logits, fused
-forward and backward: x holds integer class indices (..., D), the decoder
+"""categorical_log_prob's front end: the public function, the torch.library
+ops fastvae::categorical_log_prob and fastvae::categorical_log_prob_backward,
+their autograd Function (its double backward included), the class-range check
+(check_classes) and the route of likelihood="categorical" (decoder_log_prob,
+fastvae/_decoder.py's table).
+
+The categorical likelihood with logits, fused forward and backward: x holds integer class indices (..., D), the decoder
 logits (K, ..., D, C) with the class dim C innermost, and
 
     log p(x | l) = sum_d log softmax(l[..., d, :])[x[..., d]].
@@ -18,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, _value_checks
-from ._double_backward import _acc
-from ._likelihood_layout import broadcast_x, kernel_shape
-from ._op import define, run, shaped
+from ... import _backend, _validate, _value_checks
+from ..._double_backward import _acc
+from ..._likelihood_layout import broadcast_x, kernel_shape
+from ..._op import define, run, shaped
 
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
                   torch.uint64)

@@ -1,4 +1,6 @@
-"""sample_normal_tril against torch.distributions and the float64 reference, per backend (see conftest.py)."""
+"""sample_normal_tril against torch.distributions and its float64 oracle
+(fastvae/ops/sample_normal_tril/__init__.py), per backend (the root
+conftest.py), and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -10,9 +12,10 @@ from torch.distributions import MultivariateNormal, kl_divergence
 import fastvae
 from fastvae import reference
 from fastvae._op import draw_seed
-from fastvae.sample_normal_tril import SampleNormalTril, sample_normal_tril_backward_op, sample_normal_tril_op
+from fastvae.ops import sample_normal_tril as oracle
+from fastvae.ops.sample_normal_tril.op import SampleNormalTril, sample_normal_tril_backward_op, sample_normal_tril_op
 
-from helpers import assert_close, seed_tensor
+from helpers import assert_close, gen, seed_tensor
 
 # odd, one, powers of two and +-1 around the register-tile limit (64) of the
 # Triton kernels, and longer rows (chunked there)
@@ -103,7 +106,7 @@ def test_backward_matches_reference_autograd(backend, dtype, problem):
 
     mu64 = mu.detach().double().cpu().requires_grad_()
     S64 = S.detach().double().cpu().requires_grad_()
-    z_ref, kl_ref = reference.sample_normal_tril(mu64, S64, seed, K)
+    z_ref, kl_ref = oracle.sample_normal_tril(mu64, S64, seed, K)
     gz_r, gk_r = gz.double(), gk.double()
     dmu_ref, dS_ref = torch.autograd.grad((z_ref, kl_ref), (mu64, S64), (gz_r, gk_r))
 
@@ -121,7 +124,7 @@ def test_backward_matches_reference_autograd(backend, dtype, problem):
 def test_reference_matches_torch_distributions():
     """The oracle itself: z's law and kl against MultivariateNormal in float64."""
     mu, S = make_inputs((3, 2), 6, 5, 5.0, 1.0, torch.float64, "cpu")
-    z, kl = reference.sample_normal_tril(mu, S, 11, 4)
+    z, kl = oracle.sample_normal_tril(mu, S, 11, 4)
     kl_ref = kl_divergence(MultivariateNormal(mu, scale_tril=S), standard_normal(6))
     torch.testing.assert_close(kl, kl_ref, rtol=1e-12, atol=1e-12)
     eps = reference.sample_noise(11, 4, mu.shape, torch.float64, "cpu")
@@ -290,7 +293,7 @@ def test_gradient_through_one_output(backend, use):
     dmu, dS = torch.autograd.grad(z.sum() if use == "z" else kl.sum(), (mu, S))
     mu64 = mu.detach().cpu().requires_grad_()
     S64 = S.detach().cpu().requires_grad_()
-    z_ref, kl_ref = reference.sample_normal_tril(mu64, S64, 99, 2)
+    z_ref, kl_ref = oracle.sample_normal_tril(mu64, S64, 99, 2)
     dmu_ref, dS_ref = torch.autograd.grad(z_ref.sum() if use == "z" else kl_ref.sum(), (mu64, S64))
     torch.testing.assert_close(dmu.cpu(), dmu_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dS.cpu(), dS_ref, rtol=1e-12, atol=1e-12)
@@ -349,7 +352,7 @@ def test_half_precision(backend, dtype):
     grads = torch.autograd.grad(z.float().sum() + kl.sum(), [mu, S])
     assert [g.dtype for g in grads] == [dtype, dtype]
     assert_close(z, z_ref, z_scale, "z")
-    assert_close(kl, reference.sample_normal_tril(mu64, S64, 77, 1)[1], kl_scale, "kl")
+    assert_close(kl, oracle.sample_normal_tril(mu64, S64, 77, 1)[1], kl_scale, "kl")
 
 
 def test_triton_split_over_samples(backend, monkeypatch):
@@ -359,7 +362,7 @@ def test_triton_split_over_samples(backend, monkeypatch):
     name, device = backend
     if name != "triton":
         pytest.skip("the Triton launchers' split over samples")
-    from fastvae.kernels import sample_normal_tril as kernels
+    from fastvae.ops.sample_normal_tril import triton as kernels
 
     monkeypatch.setattr(kernels, "sample_splits", lambda K, row_blocks, device: (3, 2))
     for L in (6, 70):  # one tile, and chunks
@@ -370,7 +373,49 @@ def test_triton_split_over_samples(backend, monkeypatch):
         gk = torch.randn(3, generator=g, dtype=torch.float64)
         dmu, dS = torch.autograd.grad((z, kl), (mu, S), (gz.to(device), gk.to(device)))
         mu64, S64 = mu.detach().cpu().requires_grad_(), S.detach().cpu().requires_grad_()
-        z_ref, kl_ref = reference.sample_normal_tril(mu64, S64, 21, 5)
+        z_ref, kl_ref = oracle.sample_normal_tril(mu64, S64, 21, 5)
         dmu_ref, dS_ref = torch.autograd.grad((z_ref, kl_ref), (mu64, S64), (gz, gk))
         for a, b in ((z, z_ref), (kl, kl_ref), (dmu, dmu_ref), (dS, dS_ref)):
             torch.testing.assert_close(a.detach().cpu(), b.detach(), rtol=1e-11, atol=1e-11)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(lambda mu, s: fastvae.sample_normal_tril(mu, s, K), (B, L), (B, L, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (5000 rows of L = 8, 3 samples)."""
+    mu = leaf(5000, 8)
+    S = (leaf(5000, 8, 8, scale=0.3).detach() + 2 * torch.eye(8)).requires_grad_()
+    return [lambda: run(lambda a, b: fastvae.sample_normal_tril(a, b, 3, generator=gen(2)), mu, S)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    mu = leaf(3, 4)
+    return lambda: run(lambda a: fastvae.sample_normal_tril(
+        a, torch.eye(4, dtype=a.dtype).expand(3, 4, 4), 5, generator=gen(1)), mu)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck; scale_tril
+    lower triangular with a diagonal in (1, 2) (kept away from 0 by the steps)."""
+    def tril(N, L):
+        return r(N, L, L).tril(-1) + torch.diag_embed(torch.sigmoid(r(N, L)) + 1)
+
+    return {
+        "sample_normal_tril": (lambda m, s: fastvae.sample_normal_tril(m, s, 2, generator=gen(3)),
+                               [r(3, 4), tril(3, 4)], False),
+        "sample_normal_tril_one_sample": (lambda m, s: fastvae.sample_normal_tril(m, s, generator=gen(3)),
+                                          [r(2, 3), tril(2, 3)], False),
+    }

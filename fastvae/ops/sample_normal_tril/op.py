@@ -1,5 +1,9 @@
-"""sample_normal_tril: reparameterized sampling from a full-covariance Gaussian
-N(mu, S S^T) with the analytic KL to N(0, I), fused.
+"""sample_normal_tril's front end: the public function, the torch.library ops
+fastvae::sample_normal_tril and fastvae::sample_normal_tril_backward, and their
+autograd Function (its double backward included).
+
+Reparameterized sampling from a full-covariance Gaussian N(mu, S S^T) with the
+analytic KL to N(0, I), fused.
 
 The custom ops ``fastvae::sample_normal_tril`` and
 ``fastvae::sample_normal_tril_backward`` take the kernels' layout (mu (N, L),
@@ -16,9 +20,10 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
-from ._op import define, draw_seed, flat, run, shaped
-from .sample_normal import noise, z_dtype
+from ... import _backend, _validate
+from ..._dtypes import accumulation_dtype
+from ..._op import define, draw_seed, flat, run, shaped
+from ...sample_normal import noise, z_dtype
 
 
 def _flat_tril(scale_tril: Tensor) -> Tensor:
@@ -96,6 +101,33 @@ sample_normal_tril_backward_op = define(
 )
 
 
+def _double_backward(grad_z, grad_kl, mu, scale_tril, seed, mu2, n_samples):
+    """dmu, dscale_tril of z = mu + tril(S) eps (K, ..., L) and the KL to N(0, I),
+    0.5 (|S|_F^2 + |mu|^2 - L) - sum_i log S_ii, with eps regenerated (sample_normal's
+    noise: the sampling kernel itself), as differentiable torch ops, for a
+    create_graph=True backward, in the accumulation dtype, each gradient in its
+    input's dtype."""
+    def up(t):
+        return None if t is None else t.to(accumulation_dtype(t.dtype))
+
+    m, S = up(mu), torch.tril(up(scale_tril))
+    dmu, dS = torch.zeros_like(m), torch.zeros_like(S)
+    if grad_z is not None:
+        eps = noise(seed, n_samples, mu2).reshape(n_samples, *mu.shape)
+        gz = up(grad_z).reshape(eps.shape)
+        dmu = gz.sum(0)
+        dS = torch.tril(torch.einsum("k...i,k...j->...ij", gz, eps))
+    if grad_kl is not None:
+        g = up(grad_kl)
+        diag = torch.diagonal(S, dim1=-2, dim2=-1)
+        inv = torch.where(diag < 0, torch.nan, 1.0 / diag)  # the KL is NaN there: so is its gradient
+        gS = g[..., None, None] * (S - torch.diag_embed(inv))
+        dmu = dmu + g.unsqueeze(-1) * m
+        # a row whose kl gets no gradient takes none of the KL's terms (not 0 * NaN)
+        dS = dS + torch.tril(torch.where(g[..., None, None] == 0, 0.0, gS))
+    return dmu.to(mu.dtype), dS.to(scale_tril.dtype)
+
+
 class SampleNormalTril(torch.autograd.Function):
     """Autograd of fastvae::sample_normal_tril: saves mu as (N, L), scale_tril
     as (N, L, L) and the seed only. ``n_samples`` None gives one sample shaped like mu."""
@@ -116,9 +148,7 @@ class SampleNormalTril(torch.autograd.Function):
             return None, None, None, None
         mu2, s3, seed, mu, scale_tril = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return (*_double_backward.sample_normal_tril(grad_z, grad_kl, mu, scale_tril, seed, mu2, ctx.n_samples,
-                                                         noise),
-                    None, None)
+            return (*_double_backward(grad_z, grad_kl, mu, scale_tril, seed, mu2, ctx.n_samples), None, None)
         N, L = mu2.shape
         dmu, ds = run(sample_normal_tril_backward_op, mu2, s3, seed,
                       None if grad_z is None else shaped(grad_z, (ctx.n_samples, N, L)),

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, sample_splits, tile_and_split
-from .philox import randn
+from fastvae.kernels._common import acc_dtype, sample_splits, tile_and_split
+from fastvae.kernels.philox import randn
 
 # Rows of up to 64 latents keep their whole triangle in registers (64 x 64 =
 # 4096 values per row: 16 per thread at 8 warps); longer rows loop over chunks.
