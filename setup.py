@@ -52,13 +52,21 @@ def installed_torch():
     will run with, or None. pip builds in an isolated environment that hides
     the target's site-packages; -E (ignore PYTHONPATH, which sets up that
     isolation) shows them again, so the build links the torch already
-    installed, never a second download."""
+    installed, never a second download. None only where torch is not
+    installed: a torch that is there but fails to answer stops the build with
+    its error, since building on without the operators would quietly slow
+    every eager CPU call (pip -q hides a warning)."""
     code = ("import json, torch, torch.utils.cpp_extension as c; "
             "print(json.dumps([c.include_paths(), c.library_paths(), int(torch._C._GLIBCXX_USE_CXX11_ABI)]))")
     try:
         found = subprocess.run([sys.executable, "-E", "-c", code], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
+    except OSError:
         return None
+    except subprocess.CalledProcessError as err:
+        if "No module named 'torch'" in err.stderr:
+            return None
+        raise RuntimeError("fastvae: torch is installed, but asking it for its headers failed; fix that, or build "
+                           "without the eager CPU operators with FASTVAE_TORCH_OPS=0:\n" + err.stderr[-3000:]) from err
     return json.loads(found.stdout.strip().splitlines()[-1])
 
 
