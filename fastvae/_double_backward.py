@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ._backend import accumulation_dtype
-from .ops import FOLDERS as _FOLDERS
+from ._registry import FOLDER_OF
 from .ops.kl_normal import kl_normal_grad
 from .reference import _cb_log_norm_grad
 
@@ -58,7 +58,7 @@ def not_twice(name: str, grads: tuple, inputs: tuple, why: str | None = None) ->
     that raises "fastvae.<name> does not support double backward
     (create_graph=True): <why>" when a second backward reaches it."""
     if why is None:  # the op's oracle: in its folder's description, or fastvae.reference for an op not yet moved
-        oracle = f"fastvae.ops.{name}" if name in _FOLDERS else "fastvae.reference"
+        oracle = f"fastvae.ops.{FOLDER_OF[name]}" if name in FOLDER_OF else "fastvae.reference"
         why = (f"its backward is a kernel with no differentiable form. Differentiate it once, or use "
                f"{oracle}.{name} (plain PyTorch) where a second derivative is needed")
     given = [g for g in grads if g is not None]

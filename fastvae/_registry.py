@@ -34,8 +34,15 @@ def _described(name: str):
     return importlib.import_module(f"{_ops.__name__}.{name}")
 
 
-# the ops that live in a folder of their own, by name
+# the op folders by name: each describes one op (``OP``), or a family of ops that
+# share kernels or code (``OPS``: logmeanexp, importance_weights and effective_sample_size)
 FOLDERS: dict[str, object] = {name: _described(name) for name in _ops.FOLDERS}
+
+
+def folder_ops(name: str) -> tuple[Op, ...]:
+    """The ops the folder fastvae/ops/<name>/ describes: its ``OPS``, else its ``OP``."""
+    description = FOLDERS[name]
+    return getattr(description, "OPS", None) or (description.OP,)
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("randn_fill", "philox", "seed offset0 out row_stride"),
@@ -104,9 +111,13 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "tests/test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
        double_backward="not_twice", likelihood="discretized_logistic_mixture"),
 )}
-for _spec_module in FOLDERS.values():
-    OPS[_spec_module.OP.name] = _spec_module.OP
-    KERNELS.update((k.name, k) for k in _spec_module.KERNELS)
+# an op in a folder -> the folder's name (its own name, or its family's)
+FOLDER_OF: dict[str, str] = {}
+for _name, _description in FOLDERS.items():
+    for _op in folder_ops(_name):
+        OPS[_op.name] = _op
+        FOLDER_OF[_op.name] = _name
+    KERNELS.update((k.name, k) for k in _description.KERNELS)
 
 # Derived lists: the C++ operators by name (fastvae/_backend.py loads them).
 TORCH_OPS = tuple(name for op in OPS.values() for name in op.torch_ops)

@@ -61,8 +61,8 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     # gradients) are float32 for half-precision inputs (issue 24)
     r = lambda *shape: meta(*shape, dtype=acc)  # noqa: E731
     seed = meta(dtype=torch.int64)
-    if op in _registry.FOLDERS:  # an op in a folder of its own gives its cases itself
-        yield from _registry.FOLDERS[op].aot_calls(s, m, r)
+    if op in _registry.FOLDER_OF:  # an op folder gives its cases itself (a family's: all its ops')
+        yield from _registry.FOLDERS[_registry.FOLDER_OF[op]].aot_calls(s, m, r)
     elif op == "sample_normal":
         for ratio in (None, r(K, B)):  # training; iwae, which takes log p(z) - log q(z) from the sampler
             yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0,
@@ -441,6 +441,11 @@ def main(argv=None) -> int:
         return 0
     ops = args.op or [op for op in _registry.OPS if op not in ("importance_weights", "effective_sample_size")] + [
         "importance_weights", "effective_sample_size"]
+    # one op per folder: a family's folder gives the cases of all its ops at once
+    first = {}
+    for op in ops:
+        first.setdefault(_registry.FOLDER_OF.get(op, op), op)
+    ops = list(first.values())
     launches = collect(args.arch, ops, args.shape or SHAPES, args.dtype)
     cache: dict = {}
     failures = 0

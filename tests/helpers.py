@@ -2,6 +2,7 @@
 tolerance: |actual - expected| <= rtol * scale, where scale bounds the size of
 the terms that produced the value (so a sum of large terms that cancels is
 judged against the terms, not against its small result). NaN never passes."""
+import functools
 import math
 
 import torch
@@ -180,8 +181,11 @@ OP_CASES = ("launch_case", "thread_count_calls", "fallback_call", "double_backwa
 
 def op_cases(kind: str) -> dict:
     """op name -> its case function ``kind`` (one of OP_CASES), for every op in
-    a folder of its own that defines one (an op with no C++ operator has no
-    compile_cases or twin_op_cases; tests/test_registry.py checks the rest)."""
+    an op folder whose test module defines one (an op with no C++ operator has
+    no compile_cases or twin_op_cases; tests/test_registry.py checks the rest).
+    A family's folder (several ops) gives one function of each kind; those of
+    PER_OP_CASES return {op name: its case}, the others all the family's cases,
+    listed here under the folder's name."""
     import importlib
 
     from fastvae import _registry
@@ -190,6 +194,19 @@ def op_cases(kind: str) -> dict:
     found = {}
     for name in _registry.FOLDERS:
         module = importlib.import_module(f"fastvae.ops.{name}.test_{name}")
-        if hasattr(module, kind):
-            found[name] = getattr(module, kind)
+        if not hasattr(module, kind):
+            continue
+        cases, ops = getattr(module, kind), _registry.folder_ops(name)
+        if len(ops) == 1 or kind not in PER_OP_CASES:
+            found[ops[0].name if len(ops) == 1 else name] = cases
+        else:
+            found.update((op.name, functools.partial(_family_case, cases, op.name)) for op in ops)
     return found
+
+
+# the case functions that give one op's case (or calls): a family's give {op name: it}
+PER_OP_CASES = ("launch_case", "thread_count_calls", "fallback_call")
+
+
+def _family_case(cases, name, *args):
+    return cases(*args)[name]

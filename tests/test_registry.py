@@ -26,7 +26,7 @@ def test_reference_matches_the_registry(kernel):
     """The oracle's function (an op folder's __init__, else fastvae.reference),
     as the reference backend looks it up."""
     assert _params(_backend.kernel_function("reference", kernel.name)) == kernel.args
-    oracle = _registry.FOLDERS.get(kernel.module, reference)
+    oracle = _registry.FOLDERS.get(kernel.module, reference)  # an op folder's kernels: module is the folder
     assert _backend.kernel_function("reference", kernel.name) is getattr(oracle, kernel.name)
 
 
@@ -67,8 +67,10 @@ def test_launch_refuses_arguments_that_differ_from_the_registry():
 def test_every_op_has_its_kernels_tests_and_benchmark(op):
     assert set(op.kernels) <= set(_registry.KERNELS)
     assert (ROOT / op.test).exists()
-    if op.name in _registry.FOLDERS:  # its benchmark row, run by benchmarks/bench_op.py
-        assert op.benchmark == op.name and _registry.FOLDERS[op.name].BENCH.fastvae == op.name
+    if op.name in _registry.FOLDER_OF:  # its folder's benchmark row, run by benchmarks/bench_op.py
+        folder = _registry.FOLDER_OF[op.name]
+        assert op.benchmark == folder
+        assert _registry.FOLDERS[folder].BENCH.fastvae in {o.name for o in _registry.folder_ops(folder)}
     else:
         assert (ROOT / "benchmarks" / f"bench_{op.benchmark}.py").exists()
 
@@ -80,16 +82,21 @@ FOLDER_FILES = ("__init__.py", "op.py", "triton.py", "{op}.h", "{op}.cpp", "bind
 
 @pytest.mark.parametrize("name", _registry.FOLDERS)
 def test_an_op_folder_holds_all_of_its_op(name):
+    """Files named after the folder: the op's name, or its family's."""
     folder = ROOT / "fastvae" / "ops" / name
+    ops = _registry.folder_ops(name)
+    assert len(ops) == 1 and ops[0].name == name or len(ops) > 1 and not hasattr(_registry.FOLDERS[name], "OP")
     expected = {f.format(op=name) for f in FOLDER_FILES}
-    if _registry.OPS[name].torch_ops:
+    if any(op.torch_ops for op in ops):
         expected.add("torch_op.cpp")
     assert {p.name for p in folder.iterdir() if p.is_file()} == expected
-    assert _registry.OPS[name].test == f"fastvae/ops/{name}/test_{name}.py"
-    assert all(_registry.KERNELS[k].module == name for k in _registry.OPS[name].kernels)
-    elsewhere = [ROOT / "kernels" / f"{name}.py", ROOT / "fastvae" / f"{name}.py", ROOT / "csrc" / f"{name}.cpp",
-                 ROOT / "csrc" / f"{name}_bind.cpp", ROOT / "tests" / f"test_{name}.py",
-                 ROOT / "benchmarks" / f"bench_{name}.py"]
+    for op in ops:
+        assert op.test == f"fastvae/ops/{name}/test_{name}.py"
+        assert all(_registry.KERNELS[k].module == name for k in op.kernels)
+    stems = {name} | {op.name for op in ops}
+    elsewhere = [p for stem in sorted(stems) for p in (
+        ROOT / "kernels" / f"{stem}.py", ROOT / "fastvae" / f"{stem}.py", ROOT / "csrc" / f"{stem}.cpp",
+        ROOT / "csrc" / f"{stem}_bind.cpp", ROOT / "tests" / f"test_{stem}.py", ROOT / "benchmarks" / f"bench_{stem}.py")]
     assert [str(p.relative_to(ROOT)) for p in elsewhere if p.exists()] == []
 
 
@@ -98,15 +105,18 @@ def test_an_op_folder_gives_its_cases_of_every_suite_wide_check(name):
     """The checks over every op (launches, thread counts, the fallback, the
     double backward, and for a C++ operator its compile and twin cases) read an
     op folder's cases from its test module (tests/helpers.py, op_cases); a
-    missing one would leave the op unchecked there."""
+    missing one would leave the op unchecked there (a family's: for each of
+    its ops, as the central tests' own "every op has a case" checks find)."""
     import helpers
 
-    needed = {"launch_case", "thread_count_calls", "fallback_call"}
-    if _registry.OPS[name].double_backward == "closed form":
-        needed.add("double_backward_cases")
-    if _registry.OPS[name].torch_ops:
-        needed |= {"compile_cases", "twin_op_cases"}
-    assert sorted(k for k in needed if name not in helpers.op_cases(k)) == []
+    ops = _registry.folder_ops(name)
+    needed = {(kind, op.name) for kind in helpers.PER_OP_CASES for op in ops}
+    key = ops[0].name if len(ops) == 1 else name
+    if any(op.double_backward == "closed form" for op in ops):
+        needed.add(("double_backward_cases", key))
+    if any(op.torch_ops for op in ops):
+        needed |= {("compile_cases", key), ("twin_op_cases", key)}
+    assert sorted((kind, n) for kind, n in needed if n not in helpers.op_cases(kind)) == []
 
 
 def test_interpreter_run_covers_every_module_that_reaches_a_triton_kernel():
@@ -237,10 +247,10 @@ def _aot_branches() -> set[str]:
 def test_every_op_has_an_aot_branch():
     """python -m fastvae.kernels.aot compiles each op's launches from a branch of
     calls(), or an op folder's from its description's aot_calls."""
-    folders = set(_registry.FOLDERS)
-    assert all(callable(getattr(_registry.FOLDERS[name], "aot_calls", None)) for name in folders)
-    assert sorted(set(_registry.OPS) - folders - _aot_branches()) == []
-    assert sorted(_aot_branches() - (set(_registry.OPS) - folders)) == []
+    in_folders = set(_registry.FOLDER_OF)
+    assert all(callable(getattr(_registry.FOLDERS[name], "aot_calls", None)) for name in _registry.FOLDERS)
+    assert sorted(set(_registry.OPS) - in_folders - _aot_branches()) == []
+    assert sorted(_aot_branches() - (set(_registry.OPS) - in_folders)) == []
 
 
 _NUMBERS = {"six": 6, "seven": 7, "eight": 8, "nine": 9}

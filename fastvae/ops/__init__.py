@@ -1,6 +1,8 @@
 """The ops that live in a folder of their own: fastvae/ops/<op>/ holds
 everything of one op (issue 33, "one op, one place"; docs/architecture.md,
-"Adding an op"):
+"Adding an op"), or fastvae/ops/<family>/ everything of a family of ops that
+share kernels or code (its description's ``OPS`` in place of ``OP``; its files
+named after the family):
 
 - ``__init__.py``: its description (``OP``, ``KERNELS`` with their argument
   names, ``BENCH``: fastvae/_spec.py; the ahead-of-time cases ``aot_calls``)
