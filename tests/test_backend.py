@@ -413,3 +413,46 @@ def test_cpp_likelihoods_read_half_precision_decoder_outputs():
             _C.bernoulli_log_prob_forward(x.astype("float64"), logits, out, 1)
         with pytest.raises(TypeError, match="out: expected dtype float32"):
             _C.bernoulli_log_prob_forward(x, logits, out.astype("float64"), 1)
+
+
+def _setup_function(name: str):
+    """A function of setup.py, defined alone (setup.py builds when run)."""
+    import ast
+    import json
+    import subprocess
+    from pathlib import Path
+
+    source = (Path(__file__).parent.parent / "setup.py").read_text()
+    node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
+    space = {"json": json, "subprocess": subprocess, "sys": sys}
+    exec(compile(ast.Module([node], []), "setup.py", "exec"), space)
+    return space
+
+
+@pytest.mark.skipif(INTERPRET or sys.platform == "win32", reason="main process; a shell script stands in for Python")
+def test_setup_builds_the_operators_with_the_installed_torch_and_stops_on_a_broken_one(tmp_path, monkeypatch):
+    """setup.py's torch probe: the installed torch's include and library dirs
+    and ABI flag; None where torch is missing (or no interpreter answers),
+    the build then goes on without the eager CPU operators; an installed torch
+    that fails to answer stops the build with its error and the way out,
+    FASTVAE_TORCH_OPS=0, rather than quietly building without them."""
+    space = _setup_function("installed_torch")
+    import torch.utils.cpp_extension as cpp
+
+    includes, libraries, abi = space["installed_torch"]()
+    assert includes == cpp.include_paths() and libraries == cpp.library_paths()
+    assert abi == int(torch._C._GLIBCXX_USE_CXX11_ABI)
+
+    def interpreter(stderr: str):
+        script = tmp_path / "python"
+        script.write_text(f"#!/bin/sh\necho \"{stderr}\" >&2\nexit 1\n")
+        script.chmod(0o755)
+        monkeypatch.setattr(sys, "executable", str(script))
+
+    interpreter("ModuleNotFoundError: No module named 'torch'")
+    assert space["installed_torch"]() is None
+    interpreter("ImportError: libtorch_cpu.so: cannot open shared object file")
+    with pytest.raises(RuntimeError, match=r"(?s)FASTVAE_TORCH_OPS=0.*libtorch_cpu\.so: cannot open"):
+        space["installed_torch"]()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    assert space["installed_torch"]() is None
