@@ -80,17 +80,15 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
-from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .ops.categorical_log_prob.op import categorical_log_prob
+from .ops.count_log_prob.op import negative_binomial_log_prob, poisson_log_prob, zinb_log_prob
 from .ops.kl_normal.op import kl_normal
 from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.mixture_log_prob.op import mixture_log_prob
 from .ops.sample_location_scale.op import sample_location_scale
 from .ops.sample_normal_tril.op import sample_normal_tril
-from .poisson_log_prob import poisson_log_prob
 from .sample_normal import sample_normal
-from .zinb_log_prob import zinb_log_prob
 
 __all__ = [
     "DiagonalNormal",

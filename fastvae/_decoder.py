@@ -17,7 +17,7 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - likelihood="poisson" / "negative_binomial" / "zinb" (counts): decode(z)
   returns the log rate, (log mean, log theta) or (log mean, log theta,
   zero-inflation logits) as in scvi-tools (log theta per element or per
-  gene; fastvae/_count_likelihood.py).
+  gene; fastvae/ops/count_log_prob/op.py).
 - likelihood="discretized_logistic_mixture": decode(z) returns PixelCNN++'s
   packed parameters (..., 10 M, H, W) for x (..., 3, H, W), or a
   (logit_probs, means, log_scales) tuple ((..., M, H, W), (..., M, C, H, W)
@@ -46,17 +46,21 @@ from torch.distributions import (
     Normal,
 )
 
-from . import _backend, _count_likelihood, _validate, _value_checks
+from . import _backend, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
 from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
 from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretized_logistic_mixture_decoder
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 from .latents import LATENTS, from_torch
-from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
 from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
-from .poisson_log_prob import poisson_log_prob_unchecked
-from .zinb_log_prob import zinb_log_prob_unchecked
+from .ops.count_log_prob.op import decoder_log_prob as count_decoder_log_prob
+from .ops.count_log_prob.op import from_distribution as counts_from_distribution
+from .ops.count_log_prob.op import (
+    negative_binomial_log_prob_unchecked,
+    poisson_log_prob_unchecked,
+    zinb_log_prob_unchecked,
+)
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -156,7 +160,7 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
         implied, out = "gaussian", (base.loc, 2.0 * torch.log(base.scale))
     elif type(base) in (Categorical, ContinuousBernoulli):  # their logits (probs mapped by torch)
         implied, out = ("categorical" if type(base) is Categorical else "continuous_bernoulli"), base.logits
-    elif (counts := _count_likelihood.from_distribution(base)) is not None:
+    elif (counts := counts_from_distribution(base)) is not None:
         implied, out = counts
     else:
         raise TypeError(
@@ -345,10 +349,10 @@ def _continuous_bernoulli(x: Tensor, out: Any, sample_shape: tuple[int, ...], ba
 
 
 def _counts(likelihood: str, log_prob: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The route of a count likelihood: _count_likelihood's decoder step, given
-    the op's function after its checks (that module, below the ops, imports none)."""
+    """The route of a count likelihood: the count likelihoods' decoder step
+    (fastvae/ops/count_log_prob/op.py), given the op's function after its checks."""
     def route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
-        return _count_likelihood.decoder_log_prob(
+        return count_decoder_log_prob(
             x, out, likelihood, sample_shape, x.dim() - batch_ndim,
             lambda name, t, x_, shape: _check_output(name, t, x_, shape, batch_ndim), log_prob)
     return route

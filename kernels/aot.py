@@ -125,20 +125,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             yield "logmeanexp_backward", dict(lw=m(K, B), **state, grad_out=meta(B, dtype=acc), grad_sumexp=None,
                                               ess=None, dlw=r(K, B))
             yield "importance_weights_backward", dict(grad_w=r(K, B), w=r(K, B), dlw=r(K, B))
-    elif op in ("poisson_log_prob", "negative_binomial_log_prob", "zinb_log_prob"):
-        # counts x in the compute dtype; log theta per element or per gene (scVI's common case)
-        x = meta(B, D, dtype=acc)
-        if op == "poisson_log_prob":
-            yield "poisson_log_prob_forward", dict(x=x, log_rate=m(K, B, D), out=r(K, B))
-            yield "poisson_log_prob_backward", dict(grad_out=r(K, B), x=x, log_rate=m(K, B, D),
-                                                    dlog_rate=m(K, B, D))
-        for theta in ((K, B, D), (D,)) if op != "poisson_log_prob" else ():
-            args = dict(x=x, log_mean=m(K, B, D), log_theta=m(*theta))
-            grads = dict(dlog_mean=m(K, B, D), dlog_theta=m(*theta))
-            if op == "zinb_log_prob":
-                args["zi_logits"], grads["dzi_logits"] = m(K, B, D), m(K, B, D)
-            yield f"{op}_forward", dict(args, out=r(K, B))
-            yield f"{op}_backward", dict(grad_out=r(K, B), **args, **grads)
     elif op == "continuous_bernoulli_log_prob":  # issue 27: bernoulli_log_prob's launches
         for x_dtype in dict.fromkeys((dtype, acc)):
             x = meta(B, D, dtype=x_dtype)

@@ -260,19 +260,9 @@ def _reduction_cases():
                                                            generator=gen(3))]],
         # issue 27: few x rows against many samples (the folded layout) and many rows
         "continuous_bernoulli_log_prob": [lambda: run(fastvae.continuous_bernoulli_log_prob, xb, lg)],
-        # the count likelihoods' per-gene log theta gradient sums over slabs of rows (issue 27)
-        "negative_binomial_log_prob": [
-            lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(x_many.detach().abs().round(), b, c),
-                        mean_many, var_dim[:1].expand(40).contiguous().detach().requires_grad_()),
-            lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(x_few.detach().abs().round(), b, c),
-                        mean_few, var_dim)],
-        "zinb_log_prob": [lambda: run(lambda b, c, d: fastvae.zinb_log_prob(x_few.detach().abs().round(), b, c, d),
-                                      mean_few, var_dim, lg)],
         # PixelCNN++'s packed layout: 3 x 40 x 40 pixels, past one 1024-pixel work item per image
         "discretized_logistic_mixture_log_prob": [lambda: run(
             lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), p_img)],
-        "poisson_log_prob": [lambda: run(lambda b: fastvae.poisson_log_prob(x_few.detach().abs().round(), b),
-                                         mean_few)],
     }
     cases.update((name, calls(leaf, run)) for name, calls in op_cases("thread_count_calls").items())
     return cases
@@ -329,8 +319,7 @@ def _every_op_call():
         return out.detach(), torch.autograd.grad(out.sum(), leaves)
 
     mu, lv, lw = leaf(3, 4), leaf(3, 4), leaf(7, 3)
-    x, mean, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(3, 4)
-    counts = (torch.arange(32, dtype=torch.float64) % 4).reshape(2, 16)
+    x, mean = leaf(2, 16), leaf(2048, 2, 16)
     x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
     return {
         "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
@@ -348,10 +337,6 @@ def _every_op_call():
             likelihood="gaussian", generator=gen(2)), ()),
         "continuous_bernoulli_log_prob": lambda: run(
             lambda a, b: fastvae.continuous_bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
-        "poisson_log_prob": lambda: run(lambda b: fastvae.poisson_log_prob(counts, b), mean),
-        "negative_binomial_log_prob": lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(counts, b, c),
-                                                  mean, logvars[0].repeat(4)),
-        "zinb_log_prob": lambda: run(lambda b, c: fastvae.zinb_log_prob(counts, b, c, b), mean, logvars[0].repeat(4)),
         "discretized_logistic_mixture_log_prob": lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(
             x_img, p), leaf(2, 2, 10, 1, 5)),
         **{name: call(leaf, run) for name, call in op_cases("fallback_call").items()},

@@ -1,8 +1,8 @@
 // Python bindings of poisson_log_prob, negative_binomial_log_prob and
-// zinb_log_prob (checked buffers -> count_likelihood.h). float32 or float64
+// zinb_log_prob (checked buffers -> count_log_prob.h). float32 or float64
 // throughout (the front end casts half-precision inputs to float32).
 #include "buffers.h"
-#include "count_likelihood.h"
+#include "count_log_prob.h"
 #include "optional_buffers.h"
 
 namespace fastvae::bind {
@@ -45,7 +45,7 @@ std::vector<int64_t> theta_shape(const CountIn<T>& in) {
 
 }  // namespace
 
-void bind_count_likelihoods(py::module_& m) {
+void bind_count_log_prob(py::module_& m) {
   m.def("poisson_log_prob_forward", [](py::array x, py::array log_rate, py::array out, int n_threads) {
     check_threads(n_threads);
     auto run = [&](auto zero) {
@@ -139,6 +139,6 @@ void bind_count_likelihoods(py::module_& m) {
      py::arg("n_threads"));
 }
 
-FASTVAE_BIND(bind_count_likelihoods);
+FASTVAE_BIND(bind_count_log_prob);
 
 }  // namespace fastvae::bind

@@ -3,9 +3,10 @@
 // digamma of positive arguments, the NB normalizer in forms that stay exact as
 // theta -> infinity), one templated row loop for the forward and one for the
 // backward (the per-element formula is the template's CountKind), and the
-// OpenMP drivers. Each op's .cpp instantiates them in ISA-cloned entry points.
+// OpenMP drivers. count_log_prob.cpp instantiates them for each op in ISA-cloned
+// entry points.
 //
-// Layout (fastvae/_likelihood_layout.py, fastvae/_count_likelihood.py): x is
+// Layout (fastvae/_likelihood_layout.py, fastvae/ops/count_log_prob/op.py): x is
 // (P, D) counts broadcast over K; log_mean (the Poisson log rate) and
 // zi_logits are (K, P, D); log_theta is (K, P, D) per element or (D,) per gene
 // (scVI's dispersion), whose lgamma/digamma terms depend on (x, theta) only
@@ -513,7 +514,7 @@ void count_backward(const CountIn<T>& in, const T* g, const CountGrads<T>& gr, i
   }
 }
 
-// The entry points of the three ops (float and double; defined in X.cpp).
+// The entry points of the three ops (float and double; defined in count_log_prob.cpp).
 template <typename T>
 void poisson_log_prob_forward(const CountIn<T>& in, T* out, int n_threads);
 template <typename T>
@@ -529,7 +530,7 @@ template <typename T>
 void zinb_log_prob_backward(const CountIn<T>& in, const T* g, const CountGrads<T>& gr, int n_threads);
 
 // One op's instantiations: ISA-cloned float32 row loops, double row loops, and
-// the entry points above (used by X.cpp with X the op's name).
+// the entry points above (used by count_log_prob.cpp with each op's name).
 #define FASTVAE_COUNT_OP(name, kind)                                                                   \
   namespace {                                                                                          \
   FASTVAE_CLONES void name##_forward_rows_f32(const CountIn<float>& in, int64_t p0, int64_t p1,       \

@@ -1,11 +1,18 @@
-"""What the Triton kernels of the count likelihoods share (poisson_log_prob,
-negative_binomial_log_prob, zinb_log_prob): the math of csrc/count_likelihood.h
+"""Triton kernels of the count likelihoods (poisson_log_prob,
+negative_binomial_log_prob, zinb_log_prob): the math of count_log_prob.h
 (its header explains the forms: lgamma and digamma of positive arguments by
 shifting to 10 and Stirling, the NB normalizer split into a "Poisson side"
 theta >= 10, theta >= x + 1, where x log theta is folded into the x term so
 theta -> inf tends to Poisson without cancellation, a large-count Stirling
-form and a direct one), and one forward and one backward kernel whose
-per-element formula is the constexpr KIND (0 Poisson, 1 NB, 2 ZINB).
+form and a direct one), one forward and one backward kernel whose
+per-element formula is the constexpr KIND (0 Poisson, 1 NB, 2 ZINB), and
+each op's launchers, which call them with its KIND:
+- poisson_log_prob: out[k, p] = sum_d(x l - e^l - lgamma(x + 1)),
+  l = log_rate[k, p, d], and the backward dlog_rate = g (x - e^l);
+- negative_binomial_log_prob: scvi-tools' log_nb_positive in log mean / log
+  theta, with log theta per element (K, P, D) or per gene (D,);
+- zinb_log_prob: scvi-tools' log_zinb_positive (log mean, log theta per
+  element or per gene, zero-inflation logits).
 
 Layout: x (P, D) broadcast over K by indexing; log_mean (the Poisson log rate)
 and zi_logits (K, P, D); log_theta (K, P, D) or per gene (D,) (THETA_DIM).
@@ -22,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
@@ -430,3 +437,37 @@ def count_backward(kind: int, grad_out, x, lm, lt, zl, dlm, dlt, dzl) -> None:
         HAS_DLT=dlt is not None, HAS_DZL=dzl is not None, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R,
         BLOCK_D=BLOCK_D, num_warps=warps,
     )
+
+
+# -- each op's launchers (the shared kernels with its KIND) --------------------------
+
+
+def poisson_log_prob_forward(x, log_rate, out) -> None:
+    """out (K, P) <- log Poisson for x (P, D), log_rate (K, P, D)."""
+    count_forward(POISSON, x, log_rate, None, None, out)
+
+
+def poisson_log_prob_backward(grad_out, x, log_rate, dlog_rate) -> None:
+    """dlog_rate (K, P, D) <- grad_out (K, P) (x - e^log_rate)."""
+    count_backward(POISSON, grad_out, x, log_rate, None, None, dlog_rate, None, None)
+
+
+def negative_binomial_log_prob_forward(x, log_mean, log_theta, out) -> None:
+    """out (K, P) <- log NB for x (P, D), log_mean (K, P, D), log_theta (K, P, D) or (D,)."""
+    count_forward(NB, x, log_mean, log_theta, None, out)
+
+
+def negative_binomial_log_prob_backward(grad_out, x, log_mean, log_theta, dlog_mean, dlog_theta) -> None:
+    """dlog_mean (K, P, D) and dlog_theta (log_theta's shape; a per-gene one
+    summed over rows), each when not None, given grad_out (K, P)."""
+    count_backward(NB, grad_out, x, log_mean, log_theta, None, dlog_mean, dlog_theta, None)
+
+
+def zinb_log_prob_forward(x, log_mean, log_theta, zi_logits, out) -> None:
+    """out (K, P) <- log ZINB for x (P, D) and (K, P, D) parameters (log_theta may be (D,))."""
+    count_forward(ZINB, x, log_mean, log_theta, zi_logits, out)
+
+
+def zinb_log_prob_backward(grad_out, x, log_mean, log_theta, zi_logits, dlog_mean, dlog_theta, dzi_logits) -> None:
+    """dlog_mean, dlog_theta (log_theta's shape), dzi_logits, each when not None."""
+    count_backward(ZINB, grad_out, x, log_mean, log_theta, zi_logits, dlog_mean, dlog_theta, dzi_logits)
