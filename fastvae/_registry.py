@@ -65,10 +65,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "grad_out x log_mean log_theta zi_logits dlog_mean dlog_theta dzi_logits"),
     _k("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob", "x logits out"),
     _k("continuous_bernoulli_log_prob_backward", "continuous_bernoulli_log_prob", "grad_out x logits dx dlogits"),
-    _k("discretized_logistic_mixture_log_prob_forward", "discretized_logistic_mixture_log_prob",
-       "x params means log_scales num_bins out"),
-    _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
-       "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -99,10 +95,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
        "tests/test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob",
        likelihood="continuous_bernoulli"),
-    Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
-                                                 "discretized_logistic_mixture_log_prob_backward"),
-       "tests/test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
-       double_backward="not_twice", likelihood="discretized_logistic_mixture"),
 )}
 for _spec_module in FOLDERS.values():
     OPS[_spec_module.OP.name] = _spec_module.OP

@@ -104,16 +104,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             for dx in (None, meta(B, D, dtype=x_dtype)):
                 yield "bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D), dx=dx,
                                                           dlogits=m(K, B, D))
-    elif op == "discretized_logistic_mixture_log_prob":
-        # images of D pixels in 3 channels: PixelCNN++'s packed params (M = 10), the tuple layout (M = 5)
-        for M, packed in ((10, True), (5, False)):
-            params = m(K, B, 10 * M if packed else M, D)
-            per = None if packed else (K, B, M, 3, D)
-            args = dict(x=m(B, 3, D), params=params, means=per and m(*per), log_scales=per and m(*per), num_bins=256)
-            yield "discretized_logistic_mixture_log_prob_forward", dict(args, out=r(K, B))
-            yield "discretized_logistic_mixture_log_prob_backward", dict(
-                grad_out=r(K, B), **args, dparams=m(*params.shape), dmeans=per and m(*per),
-                dlog_scales=per and m(*per))
     elif op in ("logmeanexp", "importance_weights", "effective_sample_size"):
         state = dict(lw_max=meta(B, dtype=acc), sumexp=meta(B, dtype=acc))
         ess = op == "effective_sample_size"

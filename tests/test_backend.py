@@ -243,8 +243,6 @@ def _reduction_cases():
     mu, lv = leaf(20000, 8), leaf(20000, 8)
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
-    x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
-    p_img = leaf(3, 2, 30, 40, 40)  # K = 3 samples of M = 3 components
     cases = {
         "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
         "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
@@ -268,9 +266,6 @@ def _reduction_cases():
                         mean_few, var_dim)],
         "zinb_log_prob": [lambda: run(lambda b, c, d: fastvae.zinb_log_prob(x_few.detach().abs().round(), b, c, d),
                                       mean_few, var_dim, lg)],
-        # PixelCNN++'s packed layout: 3 x 40 x 40 pixels, past one 1024-pixel work item per image
-        "discretized_logistic_mixture_log_prob": [lambda: run(
-            lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), p_img)],
         "poisson_log_prob": [lambda: run(lambda b: fastvae.poisson_log_prob(x_few.detach().abs().round(), b),
                                          mean_few)],
     }
@@ -331,7 +326,6 @@ def _every_op_call():
     mu, lv, lw = leaf(3, 4), leaf(3, 4), leaf(7, 3)
     x, mean, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(3, 4)
     counts = (torch.arange(32, dtype=torch.float64) % 4).reshape(2, 16)
-    x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
     return {
         "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
         "gaussian_log_prob": lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean),
@@ -352,8 +346,6 @@ def _every_op_call():
         "negative_binomial_log_prob": lambda: run(lambda b, c: fastvae.negative_binomial_log_prob(counts, b, c),
                                                   mean, logvars[0].repeat(4)),
         "zinb_log_prob": lambda: run(lambda b, c: fastvae.zinb_log_prob(counts, b, c, b), mean, logvars[0].repeat(4)),
-        "discretized_logistic_mixture_log_prob": lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(
-            x_img, p), leaf(2, 2, 10, 1, 5)),
         **{name: call(leaf, run) for name, call in op_cases("fallback_call").items()},
     }
 
