@@ -67,7 +67,6 @@ from .evaluation import (
     log_likelihood,
     reconstruction_probability,
 )
-from .gaussian_log_prob import gaussian_log_prob
 from .latents import LocationScale, LogisticNormal, LogNormal
 from .logmeanexp import (
     LogMeanExpState,
@@ -83,6 +82,7 @@ from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .ops.categorical_log_prob.op import categorical_log_prob
 from .ops.discretized_logistic_mixture_log_prob.op import discretized_logistic_mixture_log_prob
+from .ops.gaussian_log_prob.op import gaussian_log_prob
 from .ops.kl_normal.op import kl_normal
 from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.mixture_log_prob.op import mixture_log_prob

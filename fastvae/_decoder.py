@@ -50,11 +50,11 @@ from . import _backend, _count_likelihood, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
 from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
 from .distributions import DiagonalNormal, TrilNormal
-from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 from .latents import LATENTS, from_torch
 from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
 from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
 from .ops.discretized_logistic_mixture_log_prob.op import decoder_log_prob as discretized_logistic_mixture_decoder
+from .ops.gaussian_log_prob.op import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 from .poisson_log_prob import poisson_log_prob_unchecked
 from .zinb_log_prob import zinb_log_prob_unchecked
 

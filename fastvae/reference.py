@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
-from ._oracle_math import softplus
+from ._oracle_math import softplus, sum_to
 from ._philox import (  # noqa: F401 (the reference backend's randn_fill and uniform_fill; the tests read the stream here)
     folded,
     philox_bits,
@@ -119,31 +119,11 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
 
 
 # --------------------------------------------------------------------------
-# gaussian_log_prob, bernoulli_log_prob
+# bernoulli_log_prob
 #
-# Kernel layout (set up by fastvae/_likelihood_layout.py): mean (K, P, D); x (P, D)
-# broadcast over K, or (K, P, D); the variance parameter v is (K, P, D),
-# (P, D) or (D,). Plain broadcasting covers every case here.
+# Kernel layout (set up by fastvae/_likelihood_layout.py): logits (K, P, D); x (P, D)
+# broadcast over K, or (K, P, D). Plain broadcasting covers every case here.
 # --------------------------------------------------------------------------
-
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def gaussian_log_prob(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    """-0.5 * sum((x - mean)^2 * exp(-logvar) + logvar + log 2 pi) over the last dim (broadcasting).
-
-    Where x == mean exactly the squared term is 0 whatever the variance: an
-    underflowing variance (exp(-logvar) = inf) must not give 0 * inf = NaN, in
-    the value or, through the unselected branch of a where, in the gradient."""
-    diff = x - mean
-    exact = diff == 0
-    return -0.5 * torch.sum(diff * diff * torch.exp(-torch.where(exact, 0.0, logvar)) + logvar + LOG_2PI, dim=-1)
-
-
-def gaussian_log_prob_softplus(x: Tensor, mean: Tensor, softplus_var: Tensor, delta: float) -> Tensor:
-    """The same with variance softplus(softplus_var) + delta (the lecture notes' decoder)."""
-    var = softplus(softplus_var) + delta
-    return -0.5 * torch.sum((x - mean) ** 2 / var + torch.log(var) + LOG_2PI, dim=-1)
 
 
 def _times(a: Tensor, b: Tensor) -> Tensor:
@@ -160,43 +140,6 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
     return -torch.sum(_times(x, softplus(-logits)) + _times(1.0 - x, softplus(logits)), dim=-1)
 
 
-def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
-    acc = _compute_dtype(mean)
-    x, mean, v = x.to(acc), mean.to(acc), var_param.to(acc)
-    if softplus_mode:
-        out.copy_(gaussian_log_prob_softplus(x, mean, v, delta))
-    else:
-        out.copy_(gaussian_log_prob(x, mean, v))
-
-
-def _sum_to(t: Tensor, shape) -> Tensor:
-    """Sum a broadcast gradient back to an operand's shape."""
-    while t.dim() > len(shape):
-        t = t.sum(0)
-    return t
-
-
-def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode, delta, dx, dmean, dvar_param) -> None:
-    """d/dmean = g (x - m) / var;  d/dlogvar = g ((x - m)^2 / var - 1) / 2;
-    softplus: d/dr = g ((x - m)^2 / var^2 - 1 / var) / 2 * sigmoid(r);  d/dx = -d/dmean."""
-    acc = _compute_dtype(mean)
-    x, mean, v, g = x.to(acc), mean.to(acc), var_param.to(acc), grad_out.to(acc)[..., None]
-    diff = x - mean
-    if softplus_mode:
-        var = softplus(v) + delta
-        inv = 1.0 / var
-        gv = 0.5 * g * (diff * diff * inv * inv - inv) * torch.sigmoid(v)
-    else:
-        inv = torch.where(diff == 0, 0.0, torch.exp(-v))  # x == mean: no 0 * inf
-        gv = 0.5 * g * (diff * diff * inv - 1.0)
-    gm = g * diff * inv
-    dmean.copy_(gm)
-    if dvar_param is not None:
-        dvar_param.copy_(_sum_to(gv, dvar_param.shape))
-    if dx is not None:
-        dx.copy_(_sum_to(-gm, dx.shape))
-
-
 def bernoulli_log_prob_forward(x, logits, out) -> None:
     acc = _compute_dtype(logits)
     out.copy_(bernoulli_log_prob(x.to(acc), logits.to(acc)))
@@ -208,7 +151,7 @@ def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
     dlogits.copy_(_times(g, x - torch.sigmoid(logits)))
     if dx is not None:
-        dx.copy_(_sum_to(g * logits, dx.shape))
+        dx.copy_(sum_to(g * logits, dx.shape))
 
 
 # ==========================================================================
@@ -647,4 +590,4 @@ def continuous_bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> 
     x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
     dlogits.copy_(g * (x - torch.sigmoid(logits) + _cb_log_norm_grad(logits)))
     if dx is not None:
-        dx.copy_(_sum_to(g * logits, dx.shape))
+        dx.copy_(sum_to(g * logits, dx.shape))

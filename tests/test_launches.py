@@ -126,7 +126,6 @@ def _cases():
                                         beta=torch.tensor(0.5)),
         "sample_normal": op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L)),
         "bernoulli_log_prob": op(lambda lg: fastvae.bernoulli_log_prob(x, lg), (K, B, D)),
-        "gaussian_log_prob": op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D)),
         "logmeanexp": op(lambda lw: fastvae.logmeanexp(lw, 0), (K, B)),
         "poisson_log_prob": op(lambda lr: fastvae.poisson_log_prob(x, lr), (K, B, D)),
         "negative_binomial_log_prob": op(lambda m, t: fastvae.negative_binomial_log_prob(x, m, t),
