@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvae
-from fastvae.reference import LOG_2PI
+from fastvae.ops.gaussian_log_prob import LOG_2PI
 
 from . import harness
 

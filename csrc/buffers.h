@@ -124,6 +124,20 @@ void by_storage_dtype(const py::array& logits, F f) {
   by_dtype(logits, [&] { f(Storage<float, float>{}); }, [&] { f(Storage<double, double>{}); });
 }
 
+// The extents of a likelihood's decoder output (K, P, D), the layout of
+// fastvae/_likelihood_layout.py (gaussian_log_prob's mean, the Bernoulli
+// likelihoods' logits); `name` names it in a rank error.
+struct DecoderDims {
+  int64_t K, P, D;
+};
+
+inline DecoderDims decoder_dims(const py::array& mean, const char* name = "mean") {
+  if (mean.ndim() != 3) {
+    throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(mean));
+  }
+  return {mean.shape(0), mean.shape(1), mean.shape(2)};
+}
+
 
 // Each binding file registers its bind function when the library loads
 // (FASTVAE_BIND(bind_x) after its definition), and PYBIND11_MODULE in

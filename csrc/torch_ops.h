@@ -90,6 +90,35 @@ inline std::vector<int64_t> with_samples(int64_t K, at::IntArrayRef shape) {
 // Whether this backward must return gradients with a graph (create_graph=True).
 inline bool double_backward() { return at::GradMode::is_enabled(); }
 
+// -- the likelihoods' layout (bernoulli_log_prob here, gaussian_log_prob's torch_op.cpp) --
+
+// x (..., D) broadcast against the decoder output (K, ..., D) or (..., D), in
+// the layout of fastvae/_likelihood_layout.py's kernel_views: x (P, D), the
+// output (K, P, D).
+struct Layout {
+  int64_t K, P, D;
+};
+
+inline Layout likelihood_layout(const Tensor& x, const Tensor& out, const char* out_name) {
+  const int64_t dims = out.dim();
+  const bool same = x.dim() == dims;
+  TORCH_CHECK(dims >= (same ? 1 : 2), out_name, ": expected a tensor with a last (event) dimension",
+              same ? "" : " and a first (sample) dimension");
+  TORCH_CHECK(same ? x.sizes() == out.sizes() : x.sizes() == out.sizes().slice(1), "x of shape ", x.sizes(),
+              " must have the shape of ", out_name, ", ", out.sizes(), ", or its shape without the first dimension");
+  int64_t P = 1;
+  for (int64_t d = same ? 0 : 1; d < dims - 1; ++d) P *= out.size(d);
+  return {same ? 1 : out.size(0), P, out.size(-1)};
+}
+
+// The likelihoods' layout in a graph op: x (P, D), the decoder output (K, P, D).
+inline Layout graph_layout(const Tensor& x, const Tensor& out, const char* out_name) {
+  check_float(out, out_name);
+  TORCH_CHECK(out.dim() == 3, out_name, ": expected a 3-d (K, P, D) tensor, got shape ", out.sizes());
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d (P, D) tensor, got shape ", x.sizes());
+  return {out.size(0), out.size(1), out.size(2)};
+}
+
 // acc + t, where an undefined acc is 0.
 inline void add_to(Tensor& acc, const Tensor& t) { acc = acc.defined() ? acc + t : t; }
 

@@ -58,7 +58,6 @@ from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
 from .bernoulli_log_prob import bernoulli_log_prob
 from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob
-from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
@@ -68,7 +67,6 @@ from .evaluation import (
     log_likelihood,
     reconstruction_probability,
 )
-from .gaussian_log_prob import gaussian_log_prob
 from .latents import LocationScale, LogisticNormal, LogNormal
 from .logmeanexp import (
     LogMeanExpState,
@@ -83,6 +81,8 @@ from .logmeanexp import (
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
 from .ops.categorical_log_prob.op import categorical_log_prob
 from .ops.count_log_prob.op import negative_binomial_log_prob, poisson_log_prob, zinb_log_prob
+from .ops.discretized_logistic_mixture_log_prob.op import discretized_logistic_mixture_log_prob
+from .ops.gaussian_log_prob.op import gaussian_log_prob
 from .ops.kl_normal.op import kl_normal
 from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.mixture_log_prob.op import mixture_log_prob

@@ -22,7 +22,7 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   packed parameters (..., 10 M, H, W) for x (..., 3, H, W), or a
   (logit_probs, means, log_scales) tuple ((..., M, H, W), (..., M, C, H, W)
   twice), for images x in [-1, 1] with 256 levels
-  (fastvae.discretized_logistic_mixture_log_prob).
+  (fastvae/ops/discretized_logistic_mixture_log_prob/op.py).
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
   Normal, Categorical, ContinuousBernoulli, Poisson, NegativeBinomial, or
   Independent of any, and the likelihood follows from it (likelihood= may
@@ -49,9 +49,7 @@ from torch.distributions import (
 from . import _backend, _validate, _value_checks
 from .bernoulli_log_prob import bernoulli_log_prob_unchecked
 from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
-from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretized_logistic_mixture_decoder
 from .distributions import DiagonalNormal, TrilNormal
-from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 from .latents import LATENTS, from_torch
 from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
 from .ops.count_log_prob.op import decoder_log_prob as count_decoder_log_prob
@@ -61,6 +59,8 @@ from .ops.count_log_prob.op import (
     poisson_log_prob_unchecked,
     zinb_log_prob_unchecked,
 )
+from .ops.discretized_logistic_mixture_log_prob.op import decoder_log_prob as discretized_logistic_mixture_decoder
+from .ops.gaussian_log_prob.op import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _double_backward, _op, _value_checks
-from .gaussian_log_prob import fixed_logvar, packed_mean_logvar
+from .ops.gaussian_log_prob.op import fixed_logvar, packed_mean_logvar
 from .sample_normal import noise
 
 # Every output the plans allocate is empty_like a template of its shape, dtype

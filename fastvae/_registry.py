@@ -50,9 +50,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl log_ratio"),
     _k("sample_normal_backward", "sample_normal",
        "grad_z grad_kl grad_log_ratio mu logvar seed stop_score dmu dlogvar"),
-    _k("gaussian_log_prob_forward", "gaussian_log_prob", "x mean var_param softplus_mode delta out"),
-    _k("gaussian_log_prob_backward", "gaussian_log_prob",
-       "grad_out x mean var_param softplus_mode delta dx dmean dvar_param"),
     _k("bernoulli_log_prob_forward", "bernoulli_log_prob", "x logits out"),
     _k("bernoulli_log_prob_backward", "bernoulli_log_prob", "grad_out x logits dx dlogits"),
     _k("logmeanexp_forward", "logmeanexp", "lw lw_max sumexp out ess"),
@@ -63,10 +60,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
     _k("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob", "x logits out"),
     _k("continuous_bernoulli_log_prob_backward", "continuous_bernoulli_log_prob", "grad_out x logits dx dlogits"),
-    _k("discretized_logistic_mixture_log_prob_forward", "discretized_logistic_mixture_log_prob",
-       "x params means log_scales num_bins out"),
-    _k("discretized_logistic_mixture_log_prob_backward", "discretized_logistic_mixture_log_prob",
-       "grad_out x params means log_scales num_bins dparams dmeans dlog_scales"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -74,9 +67,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "tests/test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
        # and the DReG weights' hooks on sample_normal_with_ratio's z and log-ratio (objectives._dreg_z_scale)
        torch_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_dreg_hooks")),
-    Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),
-       "tests/test_gaussian_log_prob.py", "gaussian_log_prob", torch_ops=("gaussian_log_prob",),
-       likelihood="gaussian"),
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
        "tests/test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",),
        likelihood="bernoulli"),
@@ -91,10 +81,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
        "tests/test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob",
        likelihood="continuous_bernoulli"),
-    Op("discretized_logistic_mixture_log_prob", ("discretized_logistic_mixture_log_prob_forward",
-                                                 "discretized_logistic_mixture_log_prob_backward"),
-       "tests/test_discretized_logistic_mixture_log_prob.py", "discretized_logistic_mixture_log_prob",
-       double_backward="not_twice", likelihood="discretized_logistic_mixture"),
 )}
 # an op in a folder -> the folder's name (its own name, or its family's)
 FOLDER_OF: dict[str, str] = {}

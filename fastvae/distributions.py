@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
-from .gaussian_log_prob import gaussian_log_prob
+from .ops.gaussian_log_prob.op import gaussian_log_prob
 from .ops.kl_normal.op import kl_normal
 from .ops.sample_normal_tril.op import sample_normal_tril
 from .sample_normal import sample_normal

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
+from ._oracle_math import softplus, sum_to
 from ._philox import (  # noqa: F401 (the reference backend's randn_fill and uniform_fill; the tests read the stream here)
     folded,
     philox_bits,
@@ -118,36 +119,11 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
 
 
 # --------------------------------------------------------------------------
-# gaussian_log_prob, bernoulli_log_prob
+# bernoulli_log_prob
 #
-# Kernel layout (set up by fastvae/_likelihood_layout.py): mean (K, P, D); x (P, D)
-# broadcast over K, or (K, P, D); the variance parameter v is (K, P, D),
-# (P, D) or (D,). Plain broadcasting covers every case here.
+# Kernel layout (set up by fastvae/_likelihood_layout.py): logits (K, P, D); x (P, D)
+# broadcast over K, or (K, P, D). Plain broadcasting covers every case here.
 # --------------------------------------------------------------------------
-
-LOG_2PI = math.log(2.0 * math.pi)
-
-
-def softplus(r: Tensor) -> Tensor:
-    """log(1 + e^r) without overflow or the cut-off torch's softplus applies at r > 20."""
-    return torch.logaddexp(torch.zeros_like(r), r)
-
-
-def gaussian_log_prob(x: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    """-0.5 * sum((x - mean)^2 * exp(-logvar) + logvar + log 2 pi) over the last dim (broadcasting).
-
-    Where x == mean exactly the squared term is 0 whatever the variance: an
-    underflowing variance (exp(-logvar) = inf) must not give 0 * inf = NaN, in
-    the value or, through the unselected branch of a where, in the gradient."""
-    diff = x - mean
-    exact = diff == 0
-    return -0.5 * torch.sum(diff * diff * torch.exp(-torch.where(exact, 0.0, logvar)) + logvar + LOG_2PI, dim=-1)
-
-
-def gaussian_log_prob_softplus(x: Tensor, mean: Tensor, softplus_var: Tensor, delta: float) -> Tensor:
-    """The same with variance softplus(softplus_var) + delta (the lecture notes' decoder)."""
-    var = softplus(softplus_var) + delta
-    return -0.5 * torch.sum((x - mean) ** 2 / var + torch.log(var) + LOG_2PI, dim=-1)
 
 
 def _times(a: Tensor, b: Tensor) -> Tensor:
@@ -164,43 +140,6 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
     return -torch.sum(_times(x, softplus(-logits)) + _times(1.0 - x, softplus(logits)), dim=-1)
 
 
-def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
-    acc = _compute_dtype(mean)
-    x, mean, v = x.to(acc), mean.to(acc), var_param.to(acc)
-    if softplus_mode:
-        out.copy_(gaussian_log_prob_softplus(x, mean, v, delta))
-    else:
-        out.copy_(gaussian_log_prob(x, mean, v))
-
-
-def _sum_to(t: Tensor, shape) -> Tensor:
-    """Sum a broadcast gradient back to an operand's shape."""
-    while t.dim() > len(shape):
-        t = t.sum(0)
-    return t
-
-
-def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode, delta, dx, dmean, dvar_param) -> None:
-    """d/dmean = g (x - m) / var;  d/dlogvar = g ((x - m)^2 / var - 1) / 2;
-    softplus: d/dr = g ((x - m)^2 / var^2 - 1 / var) / 2 * sigmoid(r);  d/dx = -d/dmean."""
-    acc = _compute_dtype(mean)
-    x, mean, v, g = x.to(acc), mean.to(acc), var_param.to(acc), grad_out.to(acc)[..., None]
-    diff = x - mean
-    if softplus_mode:
-        var = softplus(v) + delta
-        inv = 1.0 / var
-        gv = 0.5 * g * (diff * diff * inv * inv - inv) * torch.sigmoid(v)
-    else:
-        inv = torch.where(diff == 0, 0.0, torch.exp(-v))  # x == mean: no 0 * inf
-        gv = 0.5 * g * (diff * diff * inv - 1.0)
-    gm = g * diff * inv
-    dmean.copy_(gm)
-    if dvar_param is not None:
-        dvar_param.copy_(_sum_to(gv, dvar_param.shape))
-    if dx is not None:
-        dx.copy_(_sum_to(-gm, dx.shape))
-
-
 def bernoulli_log_prob_forward(x, logits, out) -> None:
     acc = _compute_dtype(logits)
     out.copy_(bernoulli_log_prob(x.to(acc), logits.to(acc)))
@@ -212,7 +151,7 @@ def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
     dlogits.copy_(_times(g, x - torch.sigmoid(logits)))
     if dx is not None:
-        dx.copy_(_sum_to(g * logits, dx.shape))
+        dx.copy_(sum_to(g * logits, dx.shape))
 
 
 # ==========================================================================
@@ -400,149 +339,4 @@ def continuous_bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> 
     x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
     dlogits.copy_(g * (x - torch.sigmoid(logits) + _cb_log_norm_grad(logits)))
     if dx is not None:
-        dx.copy_(_sum_to(g * logits, dx.shape))
-# discretized_logistic_mixture_log_prob (PixelCNN++'s likelihood; Salimans et
-# al. 2017, openai/pixel-cnn nn.py discretized_mix_logistic_loss).
-#
-# Kernel layout: x (P, C, S), S = H * W pixels, broadcast over K; either the
-# packed PixelCNN++ params (K, P, 10 M, S) with C = 3 (means and log_scales
-# None), or the mixture logits (K, P, M, S) with means and log_scales
-# (K, P, M, C, S) and no channel coupling. out (K, P): summed over pixels.
-# --------------------------------------------------------------------------
-
-DLM_EDGE = 0.999  # PixelCNN++'s tests for the first and last bin: x < -0.999, x > 0.999
-DLM_LOG_MIN_DELTA = math.log(1e-5)  # below a bin mass of 1e-5: the log pdf at the bin's centre
-DLM_LOG_SCALE_MIN = -7.0  # PixelCNN++'s floor of the log scales
-_LN2 = math.log(2.0)
-
-
-def _log1mexp(d: Tensor) -> Tensor:
-    """log(1 - e^-d) for d >= 0 (Maechler's two branches, no cancellation)."""
-    return torch.where(d <= _LN2, torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
-
-
-def discretized_logistic_terms(x: Tensor, mean: Tensor, log_scale: Tensor, num_bins: int):
-    """(lp, dlp/dmean, dlp/dlog_scale) of one discretized logistic per element.
-
-    With s = max(log_scale, -7), inv = e^-s, h = 1 / (num_bins - 1) (half a
-    bin), a = inv (x - mean + h), b = inv (x - mean - h):
-    - x < -0.999 (the first bin, down to -inf): log sigmoid(a) = -softplus(-a);
-    - x > 0.999 (the last bin, up to +inf): log(1 - sigmoid(b)) = -softplus(b);
-    - else the bin's mass sigmoid(a) - sigmoid(b), whose log is
-      -softplus(-a) - softplus(b) + log(1 - e^-(a - b)) with a - b = 2 h inv:
-      the same number as PixelCNN++'s log(cdf_plus - cdf_min), without the
-      cancellation of the difference;
-    - where that mass is not above 1e-5, PixelCNN++'s fallback: the log pdf
-      at the bin's centre plus the log of the bin width,
-      mid - s - 2 softplus(mid) - log((num_bins - 1) / 2), mid = inv (x - mean)
-      (for 256 bins, PixelCNN++'s log_pdf_mid - log(127.5)).
-    dlp/dlog_scale is 0 where log_scale < -7 (the floor's gradient, as torch.clamp's)."""
-    s = torch.clamp(log_scale, min=DLM_LOG_SCALE_MIN)
-    inv = torch.exp(-s)
-    h = 1.0 / (num_bins - 1)
-    c = x - mean
-    a, b, mid, d = inv * (c + h), inv * (c - h), inv * c, (2.0 * h) * inv
-    sa, sb = softplus(-a), softplus(b)
-    pa, pb = torch.sigmoid(-a), torch.sigmoid(b)
-    left, right = x < -DLM_EDGE, x > DLM_EDGE
-    lp_mid = -sa - sb + _log1mexp(d)
-    fallback = ~left & ~right & ~(lp_mid > DLM_LOG_MIN_DELTA)
-    tmid = 1.0 - 2.0 * torch.sigmoid(mid)
-    lp_pdf = mid - s - 2.0 * softplus(mid) - math.log((num_bins - 1) / 2.0)
-    lp = torch.where(left, -sa, torch.where(right, -sb, torch.where(fallback, lp_pdf, lp_mid)))
-    dmu = torch.where(left, -inv * pa, torch.where(right, inv * pb,
-                      torch.where(fallback, -inv * tmid, -inv * (pa - pb))))
-    q = torch.where(fallback | left | right, 0.0, d / torch.expm1(torch.where(d > 0, d, 1.0)))  # d / (e^d - 1)
-    dls = torch.where(left, -a * pa, torch.where(right, b * pb,
-                      torch.where(fallback, -mid * tmid - 1.0, -a * pa + b * pb - q)))
-    return lp, dmu, torch.where(log_scale >= DLM_LOG_SCALE_MIN, dls, 0.0)
-
-
-def unpack_pixelcnn_params(params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """PixelCNN++'s packed decoder output (..., 10 M, S) as (logits (..., M, S),
-    means, log_scales, raw coefficients (..., M, 3, S)), views: after the M
-    logits, channel c's block of 3 M holds its M means, M log scales and M
-    coefficients (nn.py's reshape of l[..., M:] to (3, 3 M)); the coefficients
-    are used as tanh(raw)."""
-    M = params.shape[-2] // 10
-    rest = params[..., M:, :].unflatten(-2, (3, 3 * M))  # (..., 3, 3M, S)
-    blocks = [rest[..., j * M:(j + 1) * M, :].transpose(-3, -2) for j in range(3)]  # (..., M, 3, S)
-    return params[..., :M, :], blocks[0], blocks[1], blocks[2]
-
-
-def coupled_means(x: Tensor, means: Tensor, coeffs: Tensor) -> Tensor:
-    """PixelCNN++'s autoregressive channel means for x (..., 3, S) and means,
-    coeffs (= tanh of the raw ones) (..., M, 3, S): m0, m1 + c0 x0, m2 + c1 x0 + c2 x1."""
-    x0, x1 = x[..., None, 0, :], x[..., None, 1, :]
-    return torch.stack([means[..., 0, :], means[..., 1, :] + coeffs[..., 0, :] * x0,
-                        means[..., 2, :] + coeffs[..., 1, :] * x0 + coeffs[..., 2, :] * x1], dim=-2)
-
-
-def _dlm_unpacked(x, params, means, log_scales):
-    """(logits, effective means, log_scales, tanh coefficients or None) of either layout."""
-    if means is None:
-        logits, means, log_scales, raw = unpack_pixelcnn_params(params)
-        coeffs = torch.tanh(raw)
-        return logits, coupled_means(x, means, coeffs), log_scales, coeffs
-    return params, means, log_scales, None
-
-
-def discretized_logistic_mixture_log_prob_forward(x, params, means, log_scales, num_bins: int, out) -> None:
-    acc = _compute_dtype(params)
-    x, params = x.to(acc), params.to(acc)
-    means = None if means is None else means.to(acc)
-    log_scales = None if log_scales is None else log_scales.to(acc)
-    logits, mu, ls, _ = _dlm_unpacked(x, params, means, log_scales)
-    lp, _, _ = discretized_logistic_terms(x[:, None], mu, ls, num_bins)  # (K, P, M, C, S)
-    per_pixel = torch.logsumexp(logits + lp.sum(-2), dim=-2) - torch.logsumexp(logits, dim=-2)
-    out.copy_(per_pixel.sum(-1))
-
-
-def discretized_logistic_mixture_log_prob_backward(grad_out, x, params, means, log_scales, num_bins: int,
-                                                   dparams, dmeans, dlog_scales) -> None:
-    """With w_m the posterior weight of component m at a pixel and pi_m =
-    softmax(logits)_m: dlogits = g (w - pi), dmean = g w dlp/dmean,
-    dlog_scale = g w dlp/dlog_scale; packed: the coupled means pass
-    dmean1 x0 (1 - c0^2) to coefficient 0, dmean2 x0 (1 - c1^2) to 1 and
-    dmean2 x1 (1 - c2^2) to 2."""
-    acc = _compute_dtype(params)
-    x, params, g = x.to(acc), params.to(acc), grad_out.to(acc)
-    means = None if means is None else means.to(acc)
-    log_scales = None if log_scales is None else log_scales.to(acc)
-    logits, mu, ls, coeffs = _dlm_unpacked(x, params, means, log_scales)
-    lp, dmu, dls = discretized_logistic_terms(x[:, None], mu, ls, num_bins)
-    w = torch.softmax(logits + lp.sum(-2), dim=-2)  # (K, P, M, S)
-    gw = g[..., None, None] * w
-    dlogits = gw - g[..., None, None] * torch.softmax(logits, dim=-2)
-    dmu, dls = gw[..., None, :] * dmu, gw[..., None, :] * dls
-    if means is not None:
-        dparams.copy_(dlogits)
-        dmeans.copy_(dmu)
-        dlog_scales.copy_(dls)
-        return
-    M = logits.shape[-2]
-    x0, x1 = x[:, None, 0, :], x[:, None, 1, :]
-    one = 1.0 - coeffs * coeffs
-    dcoef = torch.stack([dmu[..., 1, :] * x0 * one[..., 0, :], dmu[..., 2, :] * x0 * one[..., 1, :],
-                         dmu[..., 2, :] * x1 * one[..., 2, :]], dim=-2)
-    dparams[..., :M, :] = dlogits
-    rest = dparams[..., M:, :].unflatten(-2, (3, 3 * M))
-    for j, grad in enumerate((dmu, dls, dcoef)):
-        rest[..., j * M:(j + 1) * M, :] = grad.transpose(-3, -2)
-
-
-def discretized_logistic_mixture_log_prob(x: Tensor, params, num_bins: int = 256) -> Tensor:
-    """The op in plain PyTorch for x (..., C, H, W) and params packed
-    (..., 10 M, H, W) or a (logit_probs, means, log_scales) tuple; leading
-    dimensions of params' shape, x broadcast against them (not differentiable:
-    the kernels' closed forms; see the tests for PixelCNN++'s formula)."""
-    packed = isinstance(params, Tensor)
-    first = params if packed else params[0]
-    lead = first.shape[:-3]
-    x = x.expand(*lead, *x.shape[-3:]).reshape(-1, x.shape[-3], x.shape[-2] * x.shape[-1])
-    P = x.shape[0]
-    flat = [t.reshape(1, P, *t.shape[len(lead):-2], -1) for t in ((params,) if packed else params)]
-    out = torch.empty((1, P), dtype=_compute_dtype(flat[0]), device=x.device)
-    discretized_logistic_mixture_log_prob_forward(x, flat[0], None if packed else flat[1],
-                                                  None if packed else flat[2], num_bins, out)
-    return out.reshape(lead)
+        dx.copy_(sum_to(g * logits, dx.shape))

@@ -85,16 +85,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
-    elif op == "gaussian_log_prob":
-        for var_shape, softplus in itertools.product(((K, B, D), (B, D), (D,)), (False, True)):
-            args = dict(x=m(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=softplus, delta=1e-6)
-            yield "gaussian_log_prob_forward", dict(args, out=r(K, B))
-            # (False, False): a fixed variance and x without a gradient, the training
-            # decoder of a mean alone (unit variance), which the objectives' plans launch too
-            for need_dx, need_dv in ((False, True), (True, False), (False, False)):
-                yield "gaussian_log_prob_backward", dict(
-                    grad_out=r(K, B), **args, dx=m(B, D) if need_dx else None, dmean=m(K, B, D),
-                    dvar_param=m(*var_shape) if need_dv else None)
     elif op == "bernoulli_log_prob":
         # x in the logits' dtype (a model cast to half precision), and for half
         # logits float32 x (autocast: a half decoder output against float32 data)
@@ -104,16 +94,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             for dx in (None, meta(B, D, dtype=x_dtype)):
                 yield "bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D), dx=dx,
                                                           dlogits=m(K, B, D))
-    elif op == "discretized_logistic_mixture_log_prob":
-        # images of D pixels in 3 channels: PixelCNN++'s packed params (M = 10), the tuple layout (M = 5)
-        for M, packed in ((10, True), (5, False)):
-            params = m(K, B, 10 * M if packed else M, D)
-            per = None if packed else (K, B, M, 3, D)
-            args = dict(x=m(B, 3, D), params=params, means=per and m(*per), log_scales=per and m(*per), num_bins=256)
-            yield "discretized_logistic_mixture_log_prob_forward", dict(args, out=r(K, B))
-            yield "discretized_logistic_mixture_log_prob_backward", dict(
-                grad_out=r(K, B), **args, dparams=m(*params.shape), dmeans=per and m(*per),
-                dlog_scales=per and m(*per))
     elif op in ("logmeanexp", "importance_weights", "effective_sample_size"):
         state = dict(lw_max=meta(B, dtype=acc), sumexp=meta(B, dtype=acc))
         ess = op == "effective_sample_size"

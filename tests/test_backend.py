@@ -237,22 +237,14 @@ def _reduction_cases():
         return [o.detach() for o in outs] + list(torch.autograd.grad(total, leaves))
 
     lw_wide, lw_long, lw_tall = leaf(32768, 32, scale=3), leaf(70000, 3, scale=3), leaf(40, 4096, scale=3)
-    x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
-    x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
     xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
     mu, lv = leaf(20000, 8), leaf(20000, 8)
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
-    x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
-    p_img = leaf(3, 2, 30, 40, 40)  # K = 3 samples of M = 3 components
     cases = {
         "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
         "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
         "effective_sample_size": [lambda lw=lw: run(fastvae.effective_sample_size, lw) for lw in (lw_wide, lw_long)],
-        "gaussian_log_prob": [lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
-                                          x_few, mean_few, var_dim),
-                              lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
-                                          x_many, mean_many, var_row)],
         "bernoulli_log_prob": [lambda: run(fastvae.bernoulli_log_prob, xb, lg)],
         "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
         "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
@@ -260,9 +252,6 @@ def _reduction_cases():
                                                            generator=gen(3))]],
         # issue 27: few x rows against many samples (the folded layout) and many rows
         "continuous_bernoulli_log_prob": [lambda: run(fastvae.continuous_bernoulli_log_prob, xb, lg)],
-        # PixelCNN++'s packed layout: 3 x 40 x 40 pixels, past one 1024-pixel work item per image
-        "discretized_logistic_mixture_log_prob": [lambda: run(
-            lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), p_img)],
     }
     cases.update((name, calls(leaf, run)) for name, calls in op_cases("thread_count_calls").items())
     return cases
@@ -320,10 +309,8 @@ def _every_op_call():
 
     mu, lv, lw = leaf(3, 4), leaf(3, 4), leaf(7, 3)
     x, mean = leaf(2, 16), leaf(2048, 2, 16)
-    x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
     return {
         "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
-        "gaussian_log_prob": lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean),
         "bernoulli_log_prob": lambda: run(lambda a, b: fastvae.bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
         "logmeanexp": lambda: run(fastvae.logmeanexp, lw),
         "importance_weights": lambda: run(fastvae.importance_weights, lw),
@@ -337,8 +324,6 @@ def _every_op_call():
             likelihood="gaussian", generator=gen(2)), ()),
         "continuous_bernoulli_log_prob": lambda: run(
             lambda a, b: fastvae.continuous_bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
-        "discretized_logistic_mixture_log_prob": lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(
-            x_img, p), leaf(2, 2, 10, 1, 5)),
         **{name: call(leaf, run) for name, call in op_cases("fallback_call").items()},
     }
 

@@ -14,7 +14,6 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import fastvae
 from fastvae import _backend
-from fastvae.gaussian_log_prob import gaussian_log_prob_packed
 from fastvae.sample_normal import sample_normal_with_ratio_unchecked
 
 from conftest import INTERPRET
@@ -64,20 +63,7 @@ def _tril(N, L, g):
 # op X is named X or X_<variant> (test_every_op_has_its_double_backward_test checks each closed-form op has one)
 def _cases(g):
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
-    gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)
     return {
-        "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "gaussian_log_prob_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
-        "gaussian_log_prob_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
-        "gaussian_log_prob_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
-        "gaussian_log_prob_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
-                                  [r(3, 5), r(2, 3, 5), r(())], True),
-        "gaussian_log_prob_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7),
-                                          [r(3, 5), r(2, 3, 5)], True),
-        # (mean, logvar) as the halves of one decoder output, read in place (issue 23)
-        "gaussian_log_prob_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
-        "gaussian_log_prob_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
-                              [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
         "bernoulli_log_prob": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg),
                                [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], True),
         "bernoulli_log_prob_no_samples": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [r(3, 5), r(3, 5)], True),

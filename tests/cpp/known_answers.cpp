@@ -10,9 +10,9 @@
 #include <cstring>
 #include <vector>
 
+#include "gaussian_log_prob/gaussian_log_prob.h"
 #include "kl_normal/kl_normal.h"
 #include "known_answers.h"
-#include "likelihood.h"
 #include "ops.h"
 #include "philox.h"
 

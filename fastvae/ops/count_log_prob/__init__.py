@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from ..._oracle_math import softplus
 from ..._spec import Bench, Kernel, Op
 
 # log_theta (K, P, D) or per gene (D,); counts get no gradient
@@ -60,13 +61,6 @@ OPS = (
 # which stay exact as theta -> inf (the Poisson limit) and for large counts.
 # Counts get no gradient. Every where() below feeds its unselected branch safe
 # values, so autograd through these functions never meets 0 * inf.
-
-
-def softplus(r: Tensor) -> Tensor:
-    """log(1 + e^r) without overflow or the cut-off torch's softplus applies at r > 20
-    (fastvae.reference.softplus's formula: an op's description sits below the
-    reference backend, which it does not import)."""
-    return torch.logaddexp(torch.zeros_like(r), r)
 
 
 def _count_dtype(*tensors: Tensor) -> torch.dtype:

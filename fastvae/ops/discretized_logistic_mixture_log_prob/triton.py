@@ -2,8 +2,8 @@
 likelihood (Salimans et al. 2017; openai/pixel-cnn nn.py,
 discretized_mix_logistic_loss):
     out[k, p] = sum_s (lse_m(logit_m + sum_c lp_mc) - lse_m(logit_m)),
-lp_mc the log mass of x's bin under logistic m of channel c
-(fastvae.reference.discretized_logistic_terms gives the branches).
+lp_mc the log mass of x's bin under logistic m of channel c (the oracle's
+discretized_logistic_terms, in this folder's __init__.py, gives the branches).
 
 Layout: x (P, C, S), S = H * W pixels, broadcast over K by indexing; params
 (K, P, 10 M, S) packed (PixelCNN++, C = 3: the M logits, then per channel c
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, log1p_unit, sigmoid, softplus
+from fastvae.kernels._common import acc_dtype, log1p_unit, sigmoid, softplus
 
 # Pixels per program tile, at 4 warps: 2 per thread, each with its two
 # running (max, sumexp) states and the packed layout's three channels and

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,

@@ -1,6 +1,9 @@
 """discretized_logistic_mixture_log_prob against a float64 transcription of
 PixelCNN++'s discretized_mix_logistic_loss (openai/pixel-cnn nn.py), values
-and the gradient of every parameter, per backend (see conftest.py)."""
+and the gradient of every parameter, per backend (the root conftest.py), with
+error bounds from its oracle
+(fastvae/ops/discretized_logistic_mixture_log_prob/__init__.py); and its cases
+of the suite-wide checks."""
 import math
 
 import pytest
@@ -9,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.discretized_logistic_mixture_log_prob import (
+from fastvae.ops import discretized_logistic_mixture_log_prob as oracle
+from fastvae.ops.discretized_logistic_mixture_log_prob.op import (
     DiscretizedLogisticMixtureLogProb,
     discretized_logistic_mixture_log_prob_backward_op,
     discretized_logistic_mixture_log_prob_op,
@@ -87,7 +90,7 @@ def independent_log_prob(x, logit_probs, means, log_scales, num_bins=256):
 def _pieces(x, logits, mu, ls, num_bins):
     """float64 (K, P, ...) quantities of the formula, for the error bounds:
     lp, dmu, dls, a, b, inv, w, pi (posterior and prior weights (K, P, M, S))."""
-    lp, dmu, dls = reference.discretized_logistic_terms(x, mu, ls, num_bins)
+    lp, dmu, dls = oracle.discretized_logistic_terms(x, mu, ls, num_bins)
     s = ls.clamp(min=-7.0)
     inv = torch.exp(-s)
     h = 1.0 / (num_bins - 1)
@@ -111,9 +114,9 @@ def error_scales(x, packed, tensors, g, num_bins, floor=0.0):
     with the gradients in tensors' layout."""
     xm = x[:, None]  # (P, 1, C, S)
     if packed:
-        logits, means, log_scales, raw = reference.unpack_pixelcnn_params(tensors[0])
+        logits, means, log_scales, raw = oracle.unpack_pixelcnn_params(tensors[0])
         t = torch.tanh(raw)
-        mu = reference.coupled_means(x, means, t)
+        mu = oracle.coupled_means(x, means, t)
         mag = means.abs() + torch.stack([torch.zeros_like(t[..., 0, :]), (t[..., 0, :] * xm[..., 0, :]).abs(),
                                          (t[..., 1, :] * xm[..., 0, :]).abs() + (t[..., 2, :] * xm[..., 1, :]).abs()],
                                         -2)
@@ -493,3 +496,35 @@ def test_compile_fullgraph_matches_eager(backend, packed):
         return fastvae.discretized_logistic_mixture_log_prob(x, params).sum()
 
     assert_compiled_matches_eager(loss, (x, params), wrt)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing. Differentiated twice it raises a named error, tested in
+# tests/test_double_backward.py (test_..._raises_a_named_error_when_differentiated_twice).
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes (images (B, 3, 3, 3),
+    made without a draw, against packed params of M = 2 components)."""
+    images = torch.linspace(-1, 1, B * 27).reshape(B, 3, 3, 3)
+    return op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p), (K, B, 20, 3, 3))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count: PixelCNN++'s packed layout,
+    3 x 40 x 40 pixels, past one 1024-pixel work item per image, K = 3 samples
+    of M = 3 components."""
+    g = torch.Generator().manual_seed(0)
+    x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
+    p_img = leaf(3, 2, 30, 40, 40)
+    return [lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), p_img)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
+    return lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), leaf(2, 2, 10, 1, 5))

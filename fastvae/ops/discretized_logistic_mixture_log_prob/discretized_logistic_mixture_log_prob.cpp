@@ -1,8 +1,8 @@
 // discretized_logistic_mixture_log_prob on the CPU: PixelCNN++'s likelihood
 // (Salimans et al. 2017; openai/pixel-cnn nn.py discretized_mix_logistic_loss)
 // per image, out[k, p] = sum_pixels (lse_m(logit_m + sum_c lp_mc) - lse_m(logit_m)),
-// lp_mc the log mass of x's bin under logistic m of channel c
-// (reference.discretized_logistic_terms gives the formula and its branches).
+// lp_mc the log mass of x's bin under logistic m of channel c (the oracle's
+// discretized_logistic_terms, __init__.py, gives the formula and its branches).
 //
 // Work items are (image, chunk of kChunk pixels): an image's chunks add their
 // partial sums in chunk order, so the result does not depend on the thread

@@ -1,5 +1,14 @@
-"""gaussian_log_prob: the Gaussian reconstruction term log N(x; mean, diag(var)),
-fused forward and backward, with x broadcast over decoder samples."""
+"""gaussian_log_prob's front end: the public function, the torch.library ops
+fastvae::gaussian_log_prob and fastvae::gaussian_log_prob_backward, their
+autograd Function (its double backward: fastvae/_double_backward.py's closed
+form), the packed form of (mean, logvar) as the two halves of one decoder
+output (packed_mean_logvar, gaussian_log_prob_packed) and the fixed scale's
+cached log-variance (fixed_logvar), which fastvae/_decoder.py's route of
+likelihood="gaussian" and fastvae/_plan.py's lean tail take from here.
+
+The Gaussian reconstruction term log N(x; mean, diag(var)), fused forward and
+backward, with x broadcast over decoder samples. On the cpp backend an eager
+call goes to the C++ operator fastvae_cpp::gaussian_log_prob (torch_op.cpp)."""
 from __future__ import annotations
 
 import functools
@@ -8,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate, _value_checks
-from ._likelihood_layout import (
+from ... import _backend, _double_backward, _validate, _value_checks
+from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
     fold_samples,
@@ -20,7 +29,7 @@ from ._likelihood_layout import (
     likelihood_torch_ops,
     unfold_rows,
 )
-from ._op import define, run, shaped
+from ..._op import define, run, shaped
 
 
 def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float) -> Tensor:

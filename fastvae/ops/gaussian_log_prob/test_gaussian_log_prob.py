@@ -1,4 +1,6 @@
-"""gaussian_log_prob against the float64 reference, per backend (see conftest.py)."""
+"""gaussian_log_prob against its float64 oracle
+(fastvae/ops/gaussian_log_prob/__init__.py), per backend (the root
+conftest.py); and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -7,8 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.gaussian_log_prob import GaussianLogProb, gaussian_log_prob_backward_op, gaussian_log_prob_op
+from fastvae.ops import gaussian_log_prob as oracle
+from fastvae.ops.gaussian_log_prob.op import (
+    GaussianLogProb,
+    gaussian_log_prob_backward_op,
+    gaussian_log_prob_op,
+    gaussian_log_prob_packed,
+)
 
 from helpers import RTOL, assert_close
 
@@ -78,14 +85,14 @@ def reference_of(x, mean, v, kw):
     x, mean = x.double().cpu(), mean.double().cpu()
     v = None if v is None else v.double().cpu()
     if "softplus_var" in kw:
-        var = reference.softplus(v) + kw["delta"]
-        out = reference.gaussian_log_prob_softplus(x, mean, v, kw["delta"])
+        var = oracle.softplus(v) + kw["delta"]
+        out = oracle.gaussian_log_prob_softplus(x, mean, v, kw["delta"])
     else:
         lv = v if "logvar" in kw else 2 * torch.log(v) if "scale" in kw and v is not None else \
             torch.tensor(2 * math.log(kw.get("scale", 1.0)), dtype=torch.float64)
         var = torch.exp(lv)
-        out = reference.gaussian_log_prob(x, mean, lv)
-    terms = ((x - mean) ** 2 / var + torch.log(var).abs() + reference.LOG_2PI).sum(-1)
+        out = oracle.gaussian_log_prob(x, mean, lv)
+    terms = ((x - mean) ** 2 / var + torch.log(var).abs() + oracle.LOG_2PI).sum(-1)
     return out, terms, var
 
 
@@ -96,7 +103,7 @@ def test_forward_backward_match_reference(backend, dtype, p):
 
 
 def check_against_reference(p, dtype, device):
-    """Value and every gradient asked for in p against the float64 reference."""
+    """Value and every gradient asked for in p against the float64 oracle."""
     x, mean, v, kw, inputs = build(p, dtype, device)
     out = fastvae.gaussian_log_prob(x, mean, **kw)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
@@ -221,7 +228,7 @@ def test_extreme_log_variance_matches_reference(backend):
         grads = torch.autograd.grad(out.sum(), [mean, logvar])
         x64, m64 = x.double().cpu(), mean.detach().double().cpu().requires_grad_()
         lv64 = logvar.detach().double().cpu().requires_grad_()
-        ref = reference.gaussian_log_prob(x64, m64, lv64)
+        ref = oracle.gaussian_log_prob(x64, m64, lv64)
         ref_grads = torch.autograd.grad(ref.sum(), [m64, lv64])
         terms = (x64 - m64.detach()) ** 2 * torch.exp(-lv64.detach()) + lv64.detach().abs() + 2.0
         assert_close(out, ref, terms.sum(-1), f"log_prob, logvar {lv}")
@@ -234,7 +241,7 @@ def test_unusual_broadcast_is_materialized(backend):
     x = torch.randn(1, 6, device=device, dtype=torch.float64, requires_grad=True)
     mean = torch.randn(4, 6, device=device, dtype=torch.float64)
     out = fastvae.gaussian_log_prob(x, mean, scale=0.5)
-    ref = reference.gaussian_log_prob(x, mean, torch.tensor(2 * math.log(0.5), dtype=torch.float64))
+    ref = oracle.gaussian_log_prob(x, mean, torch.tensor(2 * math.log(0.5), dtype=torch.float64))
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     (dx,) = torch.autograd.grad(out.sum(), [x])
     torch.testing.assert_close(dx, ((mean - x.detach()) / 0.25).sum(0, keepdim=True), rtol=1e-12, atol=1e-12)
@@ -370,7 +377,7 @@ def test_packed_halves_match_separate_tensors(backend, sample_splits, lead, even
     on copies of the halves, values and gradients (x's summed over samples,
     also split), and packed_mean_logvar finds the packed tensor behind slices
     and chunks of a contiguous output (a conv decoder's channel halves too)."""
-    from fastvae.gaussian_log_prob import gaussian_log_prob_packed, packed_mean_logvar
+    from fastvae.ops.gaussian_log_prob.op import packed_mean_logvar
     _, device = backend
     g = torch.Generator().manual_seed(len(lead) + event[-1])
     full = (*lead, *event[:-1], 2 * event[-1]) if dim == -1 else (*lead, 2 * event[0], *event[1:])
@@ -397,7 +404,7 @@ def test_packed_halves_are_found_only_where_they_are_exact(backend):
     """Not halves of one contiguous output, or a path that is not views only
     (an in-place change of a half), or only one half differentiable: None,
     and the pair goes to gaussian_log_prob as it is."""
-    from fastvae.gaussian_log_prob import packed_mean_logvar
+    from fastvae.ops.gaussian_log_prob.op import packed_mean_logvar
     _, device = backend
     h = torch.randn(3, 4, 10, device=device, requires_grad=True) * 1.0
     assert packed_mean_logvar(h[..., :5], h[..., 5:], 2) is not None
@@ -413,3 +420,84 @@ def test_packed_halves_are_found_only_where_they_are_exact(backend):
     with torch.no_grad():
         b = torch.randn(3, 4, 10, device=device)
         assert packed_mean_logvar(b[..., :5], b[..., 5:], 2) is not None  # evaluation: read in place
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes (x binary, made
+    without a draw; a per-element log-variance)."""
+    x = (torch.arange(B * D).reshape(B, D) % 2).float()
+    return op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count: few x rows against many samples
+    with a per-dimension log-variance (the folded layout; its gradient sums
+    over every row), and many rows with a per-row one."""
+    x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
+    x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
+    return [lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c), x_few, mean_few, var_dim),
+            lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c), x_many, mean_many, var_row)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension
+    (few x rows against many samples)."""
+    x, mean = leaf(2, 16), leaf(2048, 2, 16)
+    return lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck: every variance
+    layout, a fixed scale (float and tensor), the softplus variance, and
+    (mean, logvar) as the halves of one decoder output, read in place (issue 23)."""
+    gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)  # noqa: E731
+    return {
+        "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+        "gaussian_log_prob_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
+        "gaussian_log_prob_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
+        "gaussian_log_prob_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
+        "gaussian_log_prob_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
+                                           [r(3, 5), r(2, 3, 5), r(())], True),
+        "gaussian_log_prob_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7),
+                                          [r(3, 5), r(2, 3, 5)], True),
+        "gaussian_log_prob_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
+        "gaussian_log_prob_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
+                                       [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+    }
+
+
+def _twin_inputs(seed, P, D, K):
+    """x (P, D) in [0, 1) and a decoder mean (K, P, D), from their own generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(P, D, generator=g), torch.randn(K, P, D, generator=g)
+
+
+def compile_cases(mu, lv):
+    """tests/test_compile.py: (name, function, float inputs) whose compiled graph
+    calls the C++ twins, forward and backward (mu, lv: (5, 2, 3), unused: the
+    likelihood takes x (6, 7) against a mean (4, 6, 7))."""
+    x, out = _twin_inputs(3, 6, 7, 4)
+    return [("gaussian_log_prob (logvar per element)", lambda a, m, v: fastvae.gaussian_log_prob(a, m, logvar=v),
+             (x, out, out.flip(0))),
+            ("gaussian_log_prob (softplus, per dimension)",
+             lambda a, m, v: fastvae.gaussian_log_prob(a, m, softplus_var=v, delta=1e-3), (x, out, out[0, 0]))]
+
+
+def twin_op_cases(m2, l2):
+    """tests/test_torch_ops.py: (twin, arguments) in the Python op's layout, each
+    checked bit for bit against fastvae::<twin> and by opcheck (m2, l2: (12, 6),
+    unused: x (5, 7) against a mean (3, 5, 7))."""
+    x, out = _twin_inputs(8, 5, 7, 3)
+    return [("gaussian_log_prob", (x, out, out.flip(0), False, 1e-6)),
+            ("gaussian_log_prob", (x, out, x.flip(1), True, 1e-3)),
+            ("gaussian_log_prob_backward", (torch.randn(3, 5), x, out, out[0, 0], True, 1e-3, True, True)),
+            ("gaussian_log_prob_backward", (torch.randn(3, 5), x, out, x, False, 1e-6, False, True))]

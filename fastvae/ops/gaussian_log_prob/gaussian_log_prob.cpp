@@ -1,7 +1,7 @@
 // gaussian_log_prob on the CPU:
 //   out[k, p] = -0.5 * sum_d((x[p,d] - m[k,p,d])^2 / var + log var + log 2 pi)
 // with var = exp(v) (log-variance) or softplus(v) + delta, v laid out per
-// element, per x row or per dimension (likelihood.h). x is read once per
+// element, per x row or per dimension (gaussian_log_prob.h). x is read once per
 // (k, p) row from cache, never copied K times; the backward fuses dmean, dv
 // and dx into one pass. The decoder outputs, mean (storage type H) and a
 // per-element v (V = H), are read in their own dtype (bfloat16/float16 with
@@ -15,8 +15,8 @@
 #include <omp.h>
 
 #include "fastmath.h"
+#include "gaussian_log_prob.h"
 #include "half.h"
-#include "likelihood.h"
 #include "rows.h"  // slab_count, slab_begin
 
 namespace fastvae {

@@ -1,7 +1,13 @@
-"""discretized_logistic_mixture_log_prob: PixelCNN++'s likelihood of 8-bit
-images (Salimans et al. 2017, "PixelCNN++"; openai/pixel-cnn nn.py,
-discretized_mix_logistic_loss), fused forward and backward, with x broadcast
-over decoder samples.
+"""discretized_logistic_mixture_log_prob's front end: the public function,
+the torch.library ops fastvae::discretized_logistic_mixture_log_prob and
+fastvae::discretized_logistic_mixture_log_prob_backward, their autograd
+Function (no double backward: a named error) and the route of
+likelihood="discretized_logistic_mixture" (decoder_log_prob,
+fastvae/_decoder.py's table).
+
+PixelCNN++'s likelihood of 8-bit images (Salimans et al. 2017,
+"PixelCNN++"; openai/pixel-cnn nn.py, discretized_mix_logistic_loss), fused
+forward and backward, with x broadcast over decoder samples.
 
 Also the decoder convention of likelihood="discretized_logistic_mixture" in
 the objectives and evaluation functions (``decoder_log_prob``).
@@ -14,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate, _value_checks
-from ._op import define, run
-from ._validate import broadcasts_to
+from ... import _backend, _double_backward, _validate, _value_checks
+from ..._op import define, run
+from ..._validate import broadcasts_to
 
 NUM_BINS_MAX = 2001  # the second bin's centre, -1 + 2 / (num_bins - 1), must not pass PixelCNN++'s -0.999
 

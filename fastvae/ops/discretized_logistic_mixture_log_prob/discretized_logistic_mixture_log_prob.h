@@ -1,7 +1,6 @@
 // Raw-pointer kernels of discretized_logistic_mixture_log_prob (PixelCNN++'s
-// discretized logistic mixture likelihood). Callers
-// (discretized_logistic_mixture_log_prob_bind.cpp) have checked dtype,
-// contiguity and every extent.
+// discretized logistic mixture likelihood). Callers (bind.cpp) have checked
+// dtype, contiguity and every extent.
 //
 // Layout: x (P, C, S) with S = H * W pixels, broadcast over K samples; either
 // params (K, P, 10 M, S), PixelCNN++'s packed output with C = 3 (means and
