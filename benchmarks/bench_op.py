@@ -66,7 +66,8 @@ def _repeats(bench, size: dict) -> int:
 
 def main(argv=None) -> dict | None:
     p = harness.parser(__doc__.split("\n")[0])
-    p.add_argument("op", choices=sorted(_registry.FOLDERS), help="the op, or family of ops (its folder under fastvae/ops/)")
+    p.add_argument("op", choices=sorted(_registry.FOLDERS),
+                   help="the op, or family of ops (its folder under fastvae/ops/)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="replace an entry of every size, e.g. B=1024 or family=laplace")
     args = harness.parse_args(p, argv)

@@ -55,12 +55,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "grad_out x mean var_param softplus_mode delta dx dmean dvar_param"),
     _k("bernoulli_log_prob_forward", "bernoulli_log_prob", "x logits out"),
     _k("bernoulli_log_prob_backward", "bernoulli_log_prob", "grad_out x logits dx dlogits"),
-    _k("logmeanexp_forward", "logmeanexp", "lw lw_max sumexp out ess"),
-    _k("logmeanexp_backward", "logmeanexp", "lw lw_max sumexp grad_out grad_sumexp ess dlw"),
-    # the evaluation's chunk: the states of lw (+ latent) and of twice that, merged
-    # into running states in place (sq_*: the state of 2 lw, i.e. of w^2)
-    _k("logmeanexp_accumulate", "logmeanexp", "lw latent lw_max sumexp sq_max sq_sumexp first"),
-    _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
     # the count likelihoods (issue 27): log_theta (K, P, D) or per gene (D,); counts get no gradient
     _k("poisson_log_prob_forward", "poisson_log_prob", "x log_rate out"),
     _k("poisson_log_prob_backward", "poisson_log_prob", "grad_out x log_rate dlog_rate"),
@@ -89,13 +83,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
        "tests/test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",),
        likelihood="bernoulli"),
-    Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward", "logmeanexp_accumulate"),
-       "tests/test_logmeanexp.py", "logmeanexp", launches=(1, 2, 0), torch_ops=("logmeanexp",)),
-    # forward: the log-mean-exp state, then its backward kernel at gradient 1 (a ones_like)
-    Op("importance_weights", ("importance_weights_backward", "logmeanexp_backward"),
-       "tests/test_logmeanexp.py", "logmeanexp", launches=(2, 1, 1), other_kernels=("ones_like",)),
-    Op("effective_sample_size", ("logmeanexp_forward", "logmeanexp_backward"),
-       "tests/test_logmeanexp.py", "logmeanexp"),
     Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"),
        "tests/test_poisson_log_prob.py", "poisson_log_prob", likelihood="poisson"),
     Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),

@@ -236,7 +236,6 @@ def _reduction_cases():
         total = sum((o * torch.randn(o.shape, generator=w, dtype=o.dtype)).sum() for o in outs)
         return [o.detach() for o in outs] + list(torch.autograd.grad(total, leaves))
 
-    lw_wide, lw_long, lw_tall = leaf(32768, 32, scale=3), leaf(70000, 3, scale=3), leaf(40, 4096, scale=3)
     x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
     x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
     xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
@@ -246,9 +245,6 @@ def _reduction_cases():
     x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
     p_img = leaf(3, 2, 30, 40, 40)  # K = 3 samples of M = 3 components
     cases = {
-        "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
-        "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
-        "effective_sample_size": [lambda lw=lw: run(fastvae.effective_sample_size, lw) for lw in (lw_wide, lw_long)],
         "gaussian_log_prob": [lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
                                           x_few, mean_few, var_dim),
                               lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
@@ -328,7 +324,7 @@ def _every_op_call():
         out = out[0] if isinstance(out, tuple) else out
         return out.detach(), torch.autograd.grad(out.sum(), leaves)
 
-    mu, lv, lw = leaf(3, 4), leaf(3, 4), leaf(7, 3)
+    mu, lv = leaf(3, 4), leaf(3, 4)
     x, mean, logvars = leaf(2, 16), leaf(2048, 2, 16), leaf(3, 4)
     counts = (torch.arange(32, dtype=torch.float64) % 4).reshape(2, 16)
     x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
@@ -336,9 +332,6 @@ def _every_op_call():
         "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
         "gaussian_log_prob": lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean),
         "bernoulli_log_prob": lambda: run(lambda a, b: fastvae.bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
-        "logmeanexp": lambda: run(fastvae.logmeanexp, lw),
-        "importance_weights": lambda: run(fastvae.importance_weights, lw),
-        "effective_sample_size": lambda: run(fastvae.effective_sample_size, lw),
         "elbo": lambda: run(lambda a, b: fastvae.elbo(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),
                                                       likelihood="gaussian", generator=gen(2)), mu, lv),
         "iwae": lambda: run(lambda a, b: fastvae.iwae(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),

@@ -121,7 +121,6 @@ def _twin_cases():
          (x, out, out.flip(0))),
         ("gaussian_log_prob (softplus, per dimension)",
          lambda a, m, v: fastvae.gaussian_log_prob(a, m, softplus_var=v, delta=1e-3), (x, out, out[0, 0])),
-        ("logmeanexp", lambda w: fastvae.logmeanexp(w, dim=0), (out[:, :, 0],)),
         *(case for cases in op_cases("compile_cases").values() for case in cases(mu, lv)),
     ]
 

@@ -342,8 +342,8 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     from fastvae.gaussian_log_prob import fixed_logvar
     from fastvae.kernels import _bernoulli_likelihood as bern
     from fastvae.kernels import gaussian_log_prob as gauss
-    from fastvae.kernels import logmeanexp as lme
     from fastvae.kernels import sample_normal as sn
+    from fastvae.ops.logmeanexp import triton as lme
 
     meta = torch.device("meta")
 
