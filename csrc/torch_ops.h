@@ -122,10 +122,4 @@ inline Layout graph_layout(const Tensor& x, const Tensor& out, const char* out_n
 // acc + t, where an undefined acc is 0.
 inline void add_to(Tensor& acc, const Tensor& t) { acc = acc.defined() ? acc + t : t; }
 
-// 1 / s, and 0 where s = 0 (an all -inf column), with no inf * 0 in its gradient.
-inline Tensor safe_inv(const Tensor& s) {
-  const Tensor empty = s == 0;
-  return at::where(empty, 0.0, 1.0 / at::where(empty, 1.0, s));
-}
-
 }  // namespace fastvae::torch_ops

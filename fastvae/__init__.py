@@ -68,7 +68,14 @@ from .evaluation import (
     reconstruction_probability,
 )
 from .latents import LocationScale, LogisticNormal, LogNormal
-from .logmeanexp import (
+from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
+from .ops.categorical_log_prob.op import categorical_log_prob
+from .ops.count_log_prob.op import negative_binomial_log_prob, poisson_log_prob, zinb_log_prob
+from .ops.discretized_logistic_mixture_log_prob.op import discretized_logistic_mixture_log_prob
+from .ops.gaussian_log_prob.op import gaussian_log_prob
+from .ops.kl_normal.op import kl_normal
+from .ops.latent_log_ratio.op import latent_log_ratio
+from .ops.logmeanexp.op import (
     LogMeanExpState,
     all_reduce_logmeanexp_state,
     effective_sample_size,
@@ -78,13 +85,6 @@ from .logmeanexp import (
     logmeanexp_state,
     merge_logmeanexp_states,
 )
-from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
-from .ops.categorical_log_prob.op import categorical_log_prob
-from .ops.count_log_prob.op import negative_binomial_log_prob, poisson_log_prob, zinb_log_prob
-from .ops.discretized_logistic_mixture_log_prob.op import discretized_logistic_mixture_log_prob
-from .ops.gaussian_log_prob.op import gaussian_log_prob
-from .ops.kl_normal.op import kl_normal
-from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.mixture_log_prob.op import mixture_log_prob
 from .ops.sample_location_scale.op import sample_location_scale
 from .ops.sample_normal_tril.op import sample_normal_tril

@@ -96,12 +96,6 @@ def _like(g: Tensor, t: Tensor, need: bool = True) -> Tensor | None:
     return g.to(t.dtype) if need else None
 
 
-def _safe_inv(s: Tensor) -> Tensor:
-    """1 / s, and 0 where s = 0 (an all -inf column), with no inf * 0 in its gradient."""
-    empty = s == 0
-    return torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, s))
-
-
 # -- likelihoods -------------------------------------------------------------------
 
 
@@ -140,41 +134,6 @@ def _bernoulli_kind(grad_out, x, logits, needs, log_norm_grad):
     e = xx - torch.sigmoid(lg)
     dl = g * (e if log_norm_grad is None else e + log_norm_grad(lg))
     return (_like((g * lg).sum_to_size(x.shape), x, needs[0]), _like(dl.sum_to_size(logits.shape), logits, needs[1]))
-
-
-# -- importance weighting ------------------------------------------------------------
-
-
-def _weights(lw: Tensor, lw_max: Tensor) -> tuple[Tensor, Tensor]:
-    """e = exp(lw - shift) (K, ...) and 1 / sum_k e (0 for an all -inf column), with
-    lw_max a constant shift (as in the kernels: it cancels in everything derived)."""
-    m = lw_max.detach().to(accumulation_dtype(lw.dtype))
-    e = torch.exp(_acc(lw) - torch.where(m == float("-inf"), 0.0, m))
-    return e, _safe_inv(e.sum(0))
-
-
-def logmeanexp(grad_out, grad_sumexp, lw, lw_max):
-    """dlw = e * (grad_out / sumexp + grad_sumexp), e = exp(lw - lw_max), sumexp = sum_k e."""
-    e, inv = _weights(lw, lw_max)
-    a = 0.0 if grad_out is None else _acc(grad_out) * inv
-    if grad_sumexp is not None:
-        a = a + _acc(grad_sumexp)
-    return (e * a).to(lw.dtype)
-
-
-def effective_sample_size(grad_ess, lw, lw_max):
-    """dlw = 2 g ess w (1 - ess w), w = softmax(lw), ess = 1 / sum_k w^2 (0 for an all -inf column)."""
-    e, inv = _weights(lw, lw_max)
-    w = e * inv
-    ess = _safe_inv((w * w).sum(0))
-    return (2.0 * _acc(grad_ess) * ess * w * (1.0 - ess * w)).to(lw.dtype)
-
-
-def importance_weights(grad_w, w):
-    """dlw = w * (grad_w - sum_k grad_w w): w is the saved output, so its own graph
-    (back through this op) carries the second derivative, as torch's softmax does."""
-    g, ww = _acc(grad_w), _acc(w)
-    return (ww * (g - (g * ww).sum(0))).to(w.dtype)
 
 
 # -- latent terms ---------------------------------------------------------------------

@@ -52,12 +52,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
        "grad_z grad_kl grad_log_ratio mu logvar seed stop_score dmu dlogvar"),
     _k("bernoulli_log_prob_forward", "bernoulli_log_prob", "x logits out"),
     _k("bernoulli_log_prob_backward", "bernoulli_log_prob", "grad_out x logits dx dlogits"),
-    _k("logmeanexp_forward", "logmeanexp", "lw lw_max sumexp out ess"),
-    _k("logmeanexp_backward", "logmeanexp", "lw lw_max sumexp grad_out grad_sumexp ess dlw"),
-    # the evaluation's chunk: the states of lw (+ latent) and of twice that, merged
-    # into running states in place (sq_*: the state of 2 lw, i.e. of w^2)
-    _k("logmeanexp_accumulate", "logmeanexp", "lw latent lw_max sumexp sq_max sq_sumexp first"),
-    _k("importance_weights_backward", "logmeanexp", "grad_w w dlw"),
     _k("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob", "x logits out"),
     _k("continuous_bernoulli_log_prob_backward", "continuous_bernoulli_log_prob", "grad_out x logits dx dlogits"),
 )}
@@ -70,13 +64,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
        "tests/test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",),
        likelihood="bernoulli"),
-    Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward", "logmeanexp_accumulate"),
-       "tests/test_logmeanexp.py", "logmeanexp", launches=(1, 2, 0), torch_ops=("logmeanexp",)),
-    # forward: the log-mean-exp state, then its backward kernel at gradient 1 (a ones_like)
-    Op("importance_weights", ("importance_weights_backward", "logmeanexp_backward"),
-       "tests/test_logmeanexp.py", "logmeanexp", launches=(2, 1, 1), other_kernels=("ones_like",)),
-    Op("effective_sample_size", ("logmeanexp_forward", "logmeanexp_backward"),
-       "tests/test_logmeanexp.py", "logmeanexp"),
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
        "tests/test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob",

@@ -10,10 +10,10 @@ K is streamed in chunks: a chunk's K_c samples of n examples are decoded in
 one batched call, z (K_c, n, L) -> decode -> (K_c, n, D), and its log-weights
 are folded into the running (max, sumexp) states of fastvae.logmeanexp_state
 (one for w and one for w², which gives the standard error and the ESS) by one
-kernel call per chunk (logmeanexp.accumulate_states: the merge runs on the
-device, no per-chunk torch ops), so
-memory is bounded by one chunk whatever K is. The noise of sample k of the
-example with global index g sits at Philox offset g·K·L + k·L + l, drawn by
+kernel call per chunk (accumulate_states of ops/logmeanexp/op.py: the merge
+runs on the device, no per-chunk torch ops), so memory is bounded by one
+chunk whatever K is. The noise of sample k of the example with global index
+g sits at Philox offset g·K·L + k·L + l, drawn by
 the sampling kernel at those offsets (sample_normal.sample_at), so the result does not depend on the chunk size, on how
 a dataset is cut into batches, or on how many processes share the work: only
 on the seed. When torch.distributed is initialized, every rank passes the same
@@ -38,7 +38,7 @@ from ._noise import evaluation_noise
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, widened
 from .latents import LATENTS
-from .logmeanexp import (
+from .ops.logmeanexp.op import (
     LogMeanExpState,
     accumulate_states,
     all_reduce_logmeanexp_state,

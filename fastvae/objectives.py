@@ -26,13 +26,13 @@ from ._double_backward import dreg_once as _dreg_once
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
 from .latents import LATENTS
-from .logmeanexp import (
+from .ops.kl_normal.op import kl_normal
+from .ops.logmeanexp.op import (
     EffectiveSampleSize,
     ImportanceWeights,
     importance_weights_from_state,
     logmeanexp_with_state,
 )
-from .ops.kl_normal.op import kl_normal
 from .ops.sample_normal_tril.op import SampleNormalTril
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked

@@ -94,17 +94,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
             for dx in (None, meta(B, D, dtype=x_dtype)):
                 yield "bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D), dx=dx,
                                                           dlogits=m(K, B, D))
-    elif op in ("logmeanexp", "importance_weights", "effective_sample_size"):
-        state = dict(lw_max=meta(B, dtype=acc), sumexp=meta(B, dtype=acc))
-        ess = op == "effective_sample_size"
-        yield "logmeanexp_forward", dict(lw=m(K, B), **state, out=None if ess else r(B), ess=r(B) if ess else None)
-        yield "logmeanexp_backward", dict(lw=m(K, B), **state, grad_out=meta(B, dtype=acc),
-                                          grad_sumexp=None if ess else meta(B, dtype=acc),
-                                          ess=meta(B, dtype=acc) if ess else None, dlw=m(K, B))
-        if op == "importance_weights":  # the weights are float32 for half lw
-            yield "logmeanexp_backward", dict(lw=m(K, B), **state, grad_out=meta(B, dtype=acc), grad_sumexp=None,
-                                              ess=None, dlw=r(K, B))
-            yield "importance_weights_backward", dict(grad_w=r(K, B), w=r(K, B), dlw=r(K, B))
     elif op == "continuous_bernoulli_log_prob":  # issue 27: bernoulli_log_prob's launches
         for x_dtype in dict.fromkeys((dtype, acc)):
             x = meta(B, D, dtype=x_dtype)
@@ -361,9 +350,15 @@ def noise_cost(arch: str = "sm_90") -> list[dict]:
 
 
 def collect(archs, ops, shapes, dtypes) -> list[Launch]:
-    """Every launch of every op at every shape and dtype, per arch (not compiled)."""
+    """Every launch of every op at every shape and dtype, per arch (not compiled);
+    a family's launches once, under the first of its ops named (its folder
+    gives the cases of all its ops at once)."""
     from fastvae._backend import triton_module
 
+    first = {}
+    for op in ops:
+        first.setdefault(_registry.FOLDER_OF.get(op, op), op)
+    ops = list(first.values())
     launches = []
     for arch in archs:
         with recording(arch, launches):
@@ -405,13 +400,7 @@ def main(argv=None) -> int:
         for row in noise_cost():
             print(json.dumps(row))
         return 0
-    ops = args.op or [op for op in _registry.OPS if op not in ("importance_weights", "effective_sample_size")] + [
-        "importance_weights", "effective_sample_size"]
-    # one op per folder: a family's folder gives the cases of all its ops at once
-    first = {}
-    for op in ops:
-        first.setdefault(_registry.FOLDER_OF.get(op, op), op)
-    ops = list(first.values())
+    ops = args.op or list(_registry.OPS)
     launches = collect(args.arch, ops, args.shape or SHAPES, args.dtype)
     cache: dict = {}
     failures = 0

@@ -117,7 +117,6 @@ def _twin_cases():
         ("sample_normal_with_ratio (stop_score)",
          lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, True, None), (mu, lv)),
         ("bernoulli_log_prob", fastvae.bernoulli_log_prob, (x, out)),
-        ("logmeanexp", lambda w: fastvae.logmeanexp(w, dim=0), (out[:, :, 0],)),
         *(case for cases in op_cases("compile_cases").values() for case in cases(mu, lv)),
     ]
 

@@ -126,11 +126,6 @@ def _cases():
                                         beta=torch.tensor(0.5)),
         "sample_normal": op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L)),
         "bernoulli_log_prob": op(lambda lg: fastvae.bernoulli_log_prob(x, lg), (K, B, D)),
-        "logmeanexp": op(lambda lw: fastvae.logmeanexp(lw, 0), (K, B)),
-        # issue 27
-        "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
-        "importance_weights": op(lambda lw: fastvae.importance_weights(lw, 0), (K, B)),
-        "effective_sample_size": op(lambda lw: fastvae.effective_sample_size(lw, 0), (K, B)),
     }
 
 

@@ -96,7 +96,7 @@ def test_an_op_folder_holds_all_of_its_op(name):
     stems = {name} | {op.name for op in ops}
     elsewhere = [p for stem in sorted(stems) for p in (
         ROOT / "kernels" / f"{stem}.py", ROOT / "fastvae" / f"{stem}.py", ROOT / "csrc" / f"{stem}.cpp",
-        ROOT / "csrc" / f"{stem}_bind.cpp", ROOT / "tests" / f"test_{stem}.py",
+        ROOT / "csrc" / f"{stem}.h", ROOT / "csrc" / f"{stem}_bind.cpp", ROOT / "tests" / f"test_{stem}.py",
         ROOT / "benchmarks" / f"bench_{stem}.py")]
     assert [str(p.relative_to(ROOT)) for p in elsewhere if p.exists()] == []
 
@@ -202,14 +202,15 @@ def test_every_op_describes_its_launches_and_double_backward(op):
 
 def _torch_library_block(namespace: str) -> str:
     """The bodies of csrc/torch_ops.cpp's TORCH_LIBRARY(namespace, m) { ... } and
-    of each op folder's TORCH_LIBRARY_FRAGMENT(namespace, m) { ... } in torch_op.cpp."""
+    of each op folder's TORCH_LIBRARY_FRAGMENT(namespace, m) { ... } in torch_op.cpp
+    (a body ends at its first closing brace: a schema has none), on one line or several."""
     blocks = []
     for path in [ROOT / "csrc" / "torch_ops.cpp", *sorted((ROOT / "fastvae" / "ops").glob("*/torch_op.cpp"))]:
         text = path.read_text()
         for head in (f"TORCH_LIBRARY({namespace}, m) {{", f"TORCH_LIBRARY_FRAGMENT({namespace}, m) {{"):
             if head in text:
                 start = text.index(head)
-                blocks.append(text[start:text.index("\n}", start)])
+                blocks.append(text[start:text.index("}", start + len(head))])
     return "\n".join(blocks)
 
 

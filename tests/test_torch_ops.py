@@ -272,8 +272,6 @@ def _twin_op_cases():
     mu, lv = torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, 6, generator=g)
     seed = torch.tensor(2024)
     x, out = torch.rand(5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
-    lw = torch.randn(6, 2, 3, generator=g)
-    lw_max, sumexp = lw.amax(0), torch.exp(lw - lw.amax(0)).sum(0)
     m2, l2 = mu.reshape(12, 6), lv.reshape(12, 6)
     return [
         ("sample_normal", (mu, lv, seed, 3)),
@@ -284,9 +282,6 @@ def _twin_op_cases():
         ("bernoulli_log_prob", (x, out)),
         ("bernoulli_log_prob_backward", (torch.randn(3, 5), x, out, True)),
         ("bernoulli_log_prob_backward", (torch.randn(3, 5), x, out, False)),
-        ("logmeanexp", (lw,)),
-        ("logmeanexp_backward", (torch.randn(2, 3), torch.randn(2, 3), lw, lw_max, sumexp)),
-        ("logmeanexp_backward", (torch.randn(2, 3), None, lw, lw_max, sumexp)),
         *(case for cases in op_cases("twin_op_cases").values() for case in cases(m2, l2)),
     ]
 

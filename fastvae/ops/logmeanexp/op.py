@@ -1,6 +1,7 @@
-"""Importance weighting over the sample dimension K: logmeanexp, the normalized
+"""The importance-weighting family's front end: logmeanexp, the normalized
 importance weights, the effective sample size, and the (max, sumexp) state
-that lets K be streamed in chunks or split across processes.
+that lets K be streamed in chunks or split across processes; their
+torch.library ops and autograd Functions (their double backwards included).
 
 Layout: the custom ops reduce over the leading dimension of lw (K, ...); the
 public functions take any ``dim`` and move it to the front (``movedim``, a
@@ -33,8 +34,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _validate
-from ._op import define, run
+from ... import _backend, _validate
+from ..._double_backward import _acc
+from ..._op import define, run
 
 _NEG_INF = float("-inf")
 
@@ -93,7 +95,7 @@ def _backward_with_state(lw: Tensor, lw_max: Tensor, sumexp: Tensor, grad_out: T
                          ) -> Tensor:
     """dlw (K, ...) = e * (a + b e), e = exp(lw - lw_max), with per-column a, b
     from grad_out and either grad_sumexp (logmeanexp) or ess
-    (effective_sample_size); see csrc/logmeanexp.h. The one backward of both
+    (effective_sample_size); see logmeanexp.h. The one backward of both
     ops; dlw in lw's dtype, or out_dtype."""
     backend = _backend.backend_for(lw.device)
     dtype = _backend.accumulation_dtype(lw.dtype)
@@ -109,6 +111,47 @@ def _backward_with_state(lw: Tensor, lw_max: Tensor, sumexp: Tensor, grad_out: T
     )
     dlw = _backend.in_dtype(dlw, out_dtype)
     return dlw if lw.dim() == 2 else dlw.reshape(lw.shape)
+
+
+# -- double backward (create_graph=True; fastvae/_double_backward.py) ----------
+
+
+def _safe_inv(s: Tensor) -> Tensor:
+    """1 / s, and 0 where s = 0 (an all -inf column), with no inf * 0 in its gradient."""
+    empty = s == 0
+    return torch.where(empty, 0.0, 1.0 / torch.where(empty, 1.0, s))
+
+
+def _weights(lw: Tensor, lw_max: Tensor) -> tuple[Tensor, Tensor]:
+    """e = exp(lw - shift) (K, ...) and 1 / sum_k e (0 for an all -inf column), with
+    lw_max a constant shift (as in the kernels: it cancels in everything derived)."""
+    m = lw_max.detach().to(_backend.accumulation_dtype(lw.dtype))
+    e = torch.exp(_acc(lw) - torch.where(m == float("-inf"), 0.0, m))
+    return e, _safe_inv(e.sum(0))
+
+
+def _logmeanexp_double_backward(grad_out, grad_sumexp, lw, lw_max):
+    """dlw = e * (grad_out / sumexp + grad_sumexp), e = exp(lw - lw_max), sumexp = sum_k e."""
+    e, inv = _weights(lw, lw_max)
+    a = 0.0 if grad_out is None else _acc(grad_out) * inv
+    if grad_sumexp is not None:
+        a = a + _acc(grad_sumexp)
+    return (e * a).to(lw.dtype)
+
+
+def _effective_sample_size_double_backward(grad_ess, lw, lw_max):
+    """dlw = 2 g ess w (1 - ess w), w = softmax(lw), ess = 1 / sum_k w^2 (0 for an all -inf column)."""
+    e, inv = _weights(lw, lw_max)
+    w = e * inv
+    ess = _safe_inv((w * w).sum(0))
+    return (2.0 * _acc(grad_ess) * ess * w * (1.0 - ess * w)).to(lw.dtype)
+
+
+def _importance_weights_double_backward(grad_w, w):
+    """dlw = w * (grad_w - sum_k grad_w w): w is the saved output, so its own graph
+    (back through this op) carries the second derivative, as torch's softmax does."""
+    g, ww = _acc(grad_w), _acc(w)
+    return (ww * (g - (g * ww).sum(0))).to(w.dtype)
 
 
 # -- logmeanexp ---------------------------------------------------------------
@@ -151,7 +194,7 @@ class LogMeanExp(torch.autograd.Function):
             return None
         lw, lw_max, sumexp = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return _double_backward.logmeanexp(grad_out, grad_sumexp, lw, lw_max)
+            return _logmeanexp_double_backward(grad_out, grad_sumexp, lw, lw_max)
         if grad_out is None:  # only the state was used (logmeanexp_state)
             grad_out = torch.zeros_like(sumexp)
         return run(logmeanexp_backward_op, grad_out, grad_sumexp, lw, lw_max, sumexp)
@@ -160,7 +203,7 @@ class LogMeanExp(torch.autograd.Function):
 def logmeanexp_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(logmeanexp, lw_max, sumexp) over the leading dimension of lw (K, ...):
     LogMeanExp, or for eager CPU calls the C++ operator that does the same
-    (csrc/torch_ops.cpp)."""
+    (torch_op.cpp)."""
     ops = _backend.torch_ops(lw)
     if ops is not None:
         return ops.logmeanexp(lw)
@@ -201,7 +244,7 @@ class EffectiveSampleSize(torch.autograd.Function):
             return None
         lw, lw_max, sumexp, ess = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return _double_backward.effective_sample_size(grad_ess, lw, lw_max)
+            return _effective_sample_size_double_backward(grad_ess, lw, lw_max)
         return run(effective_sample_size_backward_op, grad_ess, lw, lw_max, sumexp, ess)
 
 
@@ -254,7 +297,7 @@ class ImportanceWeights(torch.autograd.Function):
     def backward(ctx, grad_w):
         (w,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return _double_backward.importance_weights(grad_w, w)
+            return _importance_weights_double_backward(grad_w, w)
         return run(importance_weights_backward_op, grad_w, w)
 
 

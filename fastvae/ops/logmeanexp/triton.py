@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TARGET_PROGRAMS, acc_dtype, blocks
+from fastvae.kernels._common import TARGET_PROGRAMS, acc_dtype, blocks
 
 MAX_BLOCK_M = 128  # columns per tile; the rest of the tile goes to rows
 CHUNKS_PER_SPLIT = 16  # a K-split folds at most this many tiles before the merge

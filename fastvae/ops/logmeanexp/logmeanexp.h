@@ -1,6 +1,7 @@
 // Raw-pointer kernels of the importance-weighting ops (logmeanexp,
-// effective_sample_size, importance_weights). Callers (logmeanexp_bind.cpp)
-// have checked dtype, contiguity and every extent.
+// effective_sample_size, importance_weights; logmeanexp.cpp), for their
+// binding (bind.cpp) and eager operator (torch_op.cpp). Callers have checked
+// dtype, contiguity and every extent.
 //
 // Layout: lw is (K, M) row-major, K samples of M independent columns; the
 // reduction runs over K, down a column: lw[k * M + j].

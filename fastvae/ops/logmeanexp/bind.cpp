@@ -110,7 +110,7 @@ void bind_logmeanexp(py::module_& m) {
   }, py::arg("lw"), py::arg("lw_max"), py::arg("sumexp"), py::arg("grad_out"),
      py::arg("grad_sumexp").none(true), py::arg("ess").none(true), py::arg("dlw"),
      py::arg("n_threads"),
-     "dlw = e * (a + b e), e = exp(lw - max), per-column a, b (see csrc/logmeanexp.h).");
+     "dlw = e * (a + b e), e = exp(lw - max), per-column a, b (see fastvae/ops/logmeanexp/logmeanexp.h).");
 
   m.def("importance_weights_backward", [](py::array gw, py::array w, py::array dlw,
                                           int n_threads) {

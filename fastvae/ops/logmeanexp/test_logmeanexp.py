@@ -1,5 +1,7 @@
 """logmeanexp, importance_weights, effective_sample_size and the streaming
-state, against the float64 reference, per backend (see conftest.py)."""
+state, against their float64 oracle (fastvae/ops/logmeanexp/__init__.py), per
+backend (the root conftest.py), and the family's cases of the suite-wide
+checks."""
 import math
 import textwrap
 
@@ -9,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import reference
-from fastvae.logmeanexp import (
+from fastvae.ops import logmeanexp as oracle
+from fastvae.ops.logmeanexp.op import (
     EffectiveSampleSize,
     ImportanceWeights,
     LogMeanExp,
@@ -64,7 +66,7 @@ def make_lw(p, dtype, device):
 def state_terms(lw64):
     """Per-column shift and |lw - shift| of the float64 (K, ...) log-weights, the
     magnitudes the tolerances scale with."""
-    m, _ = reference.logmeanexp_state(lw64)
+    m, _ = oracle.logmeanexp_state(lw64)
     shift = torch.where(m.isinf(), torch.zeros_like(m), m)
     dist = torch.where(torch.isinf(lw64), torch.zeros_like(lw64), (lw64 - shift).abs())
     return shift, dist
@@ -112,12 +114,12 @@ def check_logmeanexp(backend, dtype, p):
     (dlw,) = torch.autograd.grad(out, lw, g.to(dtype).to(device))
 
     x = lw64.clone().requires_grad_()
-    ref = reference.logmeanexp(x)
+    ref = oracle.logmeanexp(x)
     g64 = to_front(g.to(dtype).double(), dim, p["keepdim"])
     (dref,) = torch.autograd.grad(ref, x, g64)
     shift, dist = state_terms(lw64)
     assert_close_or_inf(to_front(out, dim, p["keepdim"]), ref.detach(), shift.abs() + math.log(K) + 1.0, "out")
-    w = reference.importance_weights(lw64)
+    w = oracle.importance_weights(lw64)
     assert_close(dlw.movedim(dim, 0), dref, g64.abs() * (w * (1.0 + dist) + flushed(dtype, 1.0)), "dlw")
 
 
@@ -142,7 +144,7 @@ def test_importance_weights_forward_backward(backend, dtype, p):
     (dlw,) = torch.autograd.grad(w, lw, gw.to(dtype).to(device))
 
     x = lw64.clone().requires_grad_()
-    w_ref = reference.importance_weights(x)
+    w_ref = oracle.importance_weights(x)
     gw64 = gw.to(dtype).double().movedim(dim, 0)
     (dref,) = torch.autograd.grad(w_ref, x, gw64)
     _, dist = state_terms(lw64)
@@ -165,7 +167,7 @@ def test_effective_sample_size_forward_backward(backend, dtype, p):
     (dlw,) = torch.autograd.grad(ess, lw, g.to(dtype).to(device))
 
     x = lw64.clone().requires_grad_()
-    ess_ref = reference.effective_sample_size(x)
+    ess_ref = oracle.effective_sample_size(x)
     g64 = to_front(g.to(dtype).double(), dim, p["keepdim"])
     (dref,) = torch.autograd.grad(ess_ref, x, g64)
     ess_ref = ess_ref.detach()
@@ -173,7 +175,7 @@ def test_effective_sample_size_forward_backward(backend, dtype, p):
     _, dist = state_terms(lw64)
     cond = 1.0 + math.log(K)
     assert_close(to_front(ess, dim, p["keepdim"]), ess_ref, ess_ref * cond, "ess")
-    w = reference.importance_weights(lw64)
+    w = oracle.importance_weights(lw64)
     dlw_scale = 2 * g64.abs() * ess_ref * (1 + ess_ref * w) * (w * (cond + dist) + flushed(dtype, 1.0))
     assert_close(dlw.movedim(dim, 0), dref, dlw_scale, "dlw")
 
@@ -190,7 +192,7 @@ def test_state_merge_equals_logmeanexp(backend, dtype, p, cuts, data):
     chunks = [lw.narrow(dim, a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     states = [fastvae.logmeanexp_state(c, dim=dim) for c in chunks]
     for c, st_ in zip(chunks, states):
-        m_ref, s_ref = reference.logmeanexp_state(c.detach().double().cpu().movedim(dim, 0))
+        m_ref, s_ref = oracle.logmeanexp_state(c.detach().double().cpu().movedim(dim, 0))
         assert torch.equal(st_.max.double().cpu(), m_ref)
         assert_close(st_.sumexp, s_ref, s_ref * (1.0 + math.log(K)), "sumexp")
         assert st_.count == c.shape[dim]
@@ -206,11 +208,11 @@ def test_state_merge_equals_logmeanexp(backend, dtype, p, cuts, data):
     (dlw,) = torch.autograd.grad(out, lw, g.to(out.dtype).to(device))
 
     x = lw64.clone().requires_grad_()
-    ref = reference.logmeanexp(x)
+    ref = oracle.logmeanexp(x)
     (dref,) = torch.autograd.grad(ref, x, g.to(out.dtype).double())
     shift, dist = state_terms(lw64)
     assert_close_or_inf(out, ref.detach(), shift.abs() + math.log(K) + 1.0, "out")
-    w = reference.importance_weights(lw64)
+    w = oracle.importance_weights(lw64)
     assert_close(dlw.movedim(dim, 0), dref, g.abs() * (w * (1.0 + dist) + flushed(dtype, 1.0)), "dlw")
 
 
@@ -291,13 +293,13 @@ def test_extreme_log_weights_exact(backend, dtype):
     out = fastvae.logmeanexp(lw)
     (d,) = torch.autograd.grad(out, lw, torch.ones_like(out))
     x = vals.to(dtype).double().requires_grad_()
-    ref = reference.logmeanexp(x)
+    ref = oracle.logmeanexp(x)
     (dref,) = torch.autograd.grad(ref.sum(), x)
     shift, dist = state_terms(x.detach())
     assert_close(out, ref.detach(), shift.abs() + math.log(3) + 1, "out")
-    assert_close(d, dref, reference.importance_weights(x.detach()) * (1 + dist) + flushed(dtype, 1.0), "dlw")
+    assert_close(d, dref, oracle.importance_weights(x.detach()) * (1 + dist) + flushed(dtype, 1.0), "dlw")
     ess = fastvae.effective_sample_size(lw)
-    ess_ref = reference.effective_sample_size(x.detach())
+    ess_ref = oracle.effective_sample_size(x.detach())
     assert_close(ess, ess_ref, ess_ref * 3, "ess")
 
 
@@ -332,15 +334,15 @@ def test_large_k(backend, dtype):
 
     out = fastvae.logmeanexp(lw)
     (d,) = torch.autograd.grad(out, lw, gout.to(dtype).to(device))
-    ref = reference.logmeanexp(x)
+    ref = oracle.logmeanexp(x)
     (dref,) = torch.autograd.grad(ref, x, gout)
     shift, dist = state_terms(x.detach())
     assert_close_or_inf(out, ref.detach(), shift.abs() + math.log(K) + 1, "out")
-    w = reference.importance_weights(x.detach())
+    w = oracle.importance_weights(x.detach())
     assert_close(d, dref, gout.abs() * (w * (1 + dist) + flushed(dtype, 1.0)), "dlw")
     assert_close(fastvae.importance_weights(lw), w, w * (1 + dist + math.log(K)), "w")
     ess = fastvae.effective_sample_size(lw)
-    ess_ref = reference.effective_sample_size(x.detach())
+    ess_ref = oracle.effective_sample_size(x.detach())
     assert_close(ess, ess_ref, ess_ref * (1 + math.log(K)), "ess")
     assert ess[3] == 0 and ess[2] == 1
 
@@ -396,12 +398,12 @@ def test_half_precision(backend, dtype):
     assert torch.autograd.grad(out.sum(), [lw])[0].dtype == dtype
     assert fastvae.effective_sample_size(lw).dtype == torch.float32
     shift, dist = state_terms(x)
-    assert_close(out, reference.logmeanexp(x), shift.abs() + math.log(37) + 1, "out")
+    assert_close(out, oracle.logmeanexp(x), shift.abs() + math.log(37) + 1, "out")
     state = fastvae.logmeanexp_state(lw)
     assert state.sumexp.dtype == torch.float32
     w = fastvae.importance_weights(lw)
     assert w.dtype == torch.float32
-    w_ref = reference.importance_weights(x)
+    w_ref = oracle.importance_weights(x)
     assert_close(w, w_ref, w_ref * (1 + dist), "w")
 
 
@@ -535,7 +537,7 @@ def test_all_reduce_state_across_processes(tmp_path):
     run_gloo_ranks(_DIST_WORKER, lambda r: [str(tmp_path / "lw.pt"), str(tmp_path / "out.pt")], tmp_path)
     out, count = torch.load(tmp_path / "out.pt")
     assert int(count) == 11
-    ref = reference.logmeanexp(lw)
+    ref = oracle.logmeanexp(lw)
     assert_close(out, ref, ref.abs() + math.log(11) + 1, "out")
 
 
@@ -598,7 +600,7 @@ def test_accumulate_matches_merged_states(backend, dtype, with_latent, K, M, cut
     """accumulate_states, chunk by chunk, equals merge_logmeanexp_states of the
     chunks' states of lw + latent and of twice that: all -inf columns stay
     (-inf, 0), a NaN in any chunk makes its column NaN, counts add up."""
-    from fastvae.logmeanexp import accumulate_states
+    from fastvae.ops.logmeanexp.op import accumulate_states
 
     _, device = backend
     chunks, lats = _accumulate_case(dtype, device, K, M, cuts, with_latent, seed=K + M)
@@ -619,7 +621,7 @@ def test_accumulate_matches_merged_states(backend, dtype, with_latent, K, M, cut
 def test_accumulate_half_precision_widens_before_adding(backend, dtype):
     """Half-precision log-weights and latent terms are added in float32 (the
     evaluation's rule), on the triton backend in the kernel."""
-    from fastvae.logmeanexp import accumulate_states
+    from fastvae.ops.logmeanexp.op import accumulate_states
 
     _, device = backend
     chunks, lats = _accumulate_case(dtype, device, 40, 3, [17], True, seed=3)
@@ -638,8 +640,8 @@ def test_split_k_and_the_finish_kernel(backend, monkeypatch, accumulate):
     programs and the finish kernel merges the partial states (a tile of
     splits at a time, several column blocks): the same states, logmeanexp and
     ESS as without splitting."""
-    from fastvae.kernels import logmeanexp as klme
-    from fastvae.logmeanexp import accumulate_states
+    from fastvae.ops.logmeanexp import triton as klme
+    from fastvae.ops.logmeanexp.op import accumulate_states
 
     _, device = backend
     chunks, lats = _accumulate_case(torch.float32, device, 300, 9, [130], True, seed=7)
@@ -681,3 +683,73 @@ def test_accumulate_refuses_bad_buffers():
         cpp.logmeanexp_accumulate(lw, None, *st[:3], torch.zeros(5).numpy(), True, 1)
     with pytest.raises(ValueError, match="latent"):
         cpp.logmeanexp_accumulate(lw, torch.zeros(2, 4).numpy(), *st, False, 1)
+
+
+# -- the family's cases of the suite-wide checks -------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the family's ops: test_registry.py
+# fails when one is missing. launch_case, thread_count_calls and fallback_call
+# give {op name: its case} (tests/helpers.py, PER_OP_CASES); the others the
+# family's cases, as a one-op folder gives its own.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size, per op;
+    ``op`` makes the call from the function and its leaves' shapes."""
+    return {
+        "logmeanexp": op(lambda lw: fastvae.logmeanexp(lw, 0), (K, B)),
+        "importance_weights": op(lambda lw: fastvae.importance_weights(lw, 0), (K, B)),
+        "effective_sample_size": op(lambda lw: fastvae.effective_sample_size(lw, 0), (K, B)),
+    }
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: per op, calls with enough work for several threads,
+    whose bits must not depend on the thread count: many columns, few columns
+    of many samples (K split over the threads), and logmeanexp's tall case."""
+    lw_wide, lw_long, lw_tall = leaf(32768, 32, scale=3), leaf(70000, 3, scale=3), leaf(40, 4096, scale=3)
+    return {
+        "logmeanexp": [lambda lw=lw: run(fastvae.logmeanexp, lw) for lw in (lw_wide, lw_long, lw_tall)],
+        "importance_weights": [lambda lw=lw: run(fastvae.importance_weights, lw) for lw in (lw_wide, lw_long)],
+        "effective_sample_size": [lambda lw=lw: run(fastvae.effective_sample_size, lw) for lw in (lw_wide, lw_long)],
+    }
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: per op, a small call, run with and without the extension."""
+    lw = leaf(7, 3)
+    return {
+        "logmeanexp": lambda: run(fastvae.logmeanexp, lw),
+        "importance_weights": lambda: run(fastvae.importance_weights, lw),
+        "effective_sample_size": lambda: run(fastvae.effective_sample_size, lw),
+    }
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck."""
+    return {
+        "logmeanexp": (lambda lw: fastvae.logmeanexp(lw), [r(5, 3)], True),
+        "logmeanexp_dim": (lambda lw: fastvae.logmeanexp(lw, 1, keepdim=True), [r(3, 5)], True),
+        "logmeanexp_state": (lambda lw: fastvae.logmeanexp_from_state(fastvae.logmeanexp_state(lw)), [r(5, 3)], True),
+        "importance_weights": (lambda lw: fastvae.importance_weights(lw, 1), [r(3, 5)], False),
+        "effective_sample_size": (lambda lw: fastvae.effective_sample_size(lw), [r(5, 3)], False),
+    }
+
+
+def compile_cases(mu, lv):
+    """tests/test_compile.py: (name, function, float inputs) whose compiled graph
+    calls the C++ twins, forward and backward (mu, lv: (5, 2, 3); the
+    log-weights: 5 samples of 6 columns)."""
+    return [("logmeanexp", lambda w: fastvae.logmeanexp(w, dim=0), (mu.reshape(5, 6),))]
+
+
+def twin_op_cases(m2, l2):
+    """tests/test_torch_ops.py: (twin, arguments) in the Python op's layout, each
+    checked bit for bit against fastvae::<twin> and by opcheck (m2, l2: (12, 6);
+    the log-weights: 6 samples of (2, 3) columns from m2, with their state)."""
+    lw = m2[:6].reshape(6, 2, 3)
+    lw_max, sumexp = lw.amax(0), torch.exp(lw - lw.amax(0)).sum(0)
+    return [("logmeanexp", (lw,)),
+            ("logmeanexp_backward", (torch.randn(2, 3), torch.randn(2, 3), lw, lw_max, sumexp)),
+            ("logmeanexp_backward", (torch.randn(2, 3), None, lw, lw_max, sumexp))]
