@@ -66,7 +66,8 @@ def _repeats(bench, size: dict) -> int:
 
 def main(argv=None) -> dict | None:
     p = harness.parser(__doc__.split("\n")[0])
-    p.add_argument("op", choices=sorted(_registry.FOLDERS), help="the op, or family of ops (its folder under fastvae/ops/)")
+    p.add_argument("op", choices=sorted(_registry.FOLDERS),
+                   help="the op, or family of ops (its folder under fastvae/ops/)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="replace an entry of every size, e.g. B=1024 or family=laplace")
     args = harness.parse_args(p, argv)
@@ -80,7 +81,8 @@ def main(argv=None) -> dict | None:
     fn = getattr(fastvae, bench.fastvae)
     if bench.call is not None:
         fn = functools.partial(bench.call, fn)
-    impls = harness.baseline_impls(bench.eager, fn, args.op, device, args.fastvae_backends)
+    # the backend fastvae picks for the row's op (a family's folder name is no op of backend_info)
+    impls = harness.baseline_impls(bench.eager, fn, bench.fastvae, device, args.fastvae_backends)
     return harness.run(__spec__.name, args.op, bench.title.format(**sizes[0]), cases, impls, args)
 
 

@@ -1,5 +1,4 @@
-// Raw-pointer kernels of gaussian_log_prob, bernoulli_log_prob and
-// continuous_bernoulli_log_prob (cpp backend).
+// Raw-pointer kernels of gaussian_log_prob (cpp backend).
 //
 // Layout, set up by fastvae/_likelihood_layout.py: the decoder output is
 // (K, P, D) and x is (P, D), broadcast over K without a copy. The Gaussian
@@ -41,25 +40,5 @@ template <typename T, typename H, typename V>
 void gaussian_log_prob_backward(const T* g, const T* x, const H* mean, const V* v,
                                 VarLayout layout, bool softplus, double delta, int64_t K,
                                 int64_t P, int64_t D, T* dx, H* dmean, V* dv, int n_threads);
-
-// T: the compute type (x, out, g, dx); H: the logits' storage type, T or, for
-// T = float, bf16 / fp16 (half.h), read and written in its own dtype.
-template <typename T, typename H>
-void bernoulli_log_prob_forward(const T* x, const H* logits, int64_t K, int64_t P, int64_t D,
-                                T* out, int n_threads);
-
-// g: (K, P). dx: (P, D) or null; dlogits: (K, P, D).
-template <typename T, typename H>
-void bernoulli_log_prob_backward(const T* g, const T* x, const H* logits, int64_t K, int64_t P,
-                                 int64_t D, T* dx, H* dlogits, int n_threads);
-
-// The same layout and arguments as bernoulli_log_prob's.
-template <typename T, typename H>
-void continuous_bernoulli_log_prob_forward(const T* x, const H* logits, int64_t K, int64_t P,
-                                           int64_t D, T* out, int n_threads);
-template <typename T, typename H>
-void continuous_bernoulli_log_prob_backward(const T* g, const T* x, const H* logits, int64_t K,
-                                            int64_t P, int64_t D, T* dx, H* dlogits,
-                                            int n_threads);
 
 }  // namespace fastvae

@@ -1,6 +1,4 @@
-// Python bindings of gaussian_log_prob, bernoulli_log_prob and
-// continuous_bernoulli_log_prob (checked buffers -> gaussian_log_prob.cpp,
-// bernoulli_log_prob.cpp, continuous_bernoulli_log_prob.cpp).
+// Python bindings of gaussian_log_prob (checked buffers -> gaussian_log_prob.cpp).
 #include <cmath>
 #include <limits>
 
@@ -78,48 +76,6 @@ void gaussian_backward_t(py::array g, py::array x, py::array mean, py::array v, 
                                 dvp, n_threads);
 }
 
-// bernoulli_log_prob and continuous_bernoulli_log_prob take the same buffers:
-// `forward` and `backward` call the op's kernels (generic over T and H), and
-// `dims_name` names the logits in a rank error (bernoulli_log_prob's has
-// always said "mean", the name decoder_dims shares with gaussian_log_prob).
-template <typename Forward, typename Backward>
-void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims_name, Forward forward,
-                         Backward backward) {
-  m.def((op + "_forward").c_str(), [=](py::array x, py::array logits, py::array out, int n_threads) {
-    check_threads(n_threads);
-    // half-precision logits with float32 x and out: read as they are
-    by_storage_dtype(logits, [&](auto storage) {
-      using T = typename decltype(storage)::compute;
-      using H = typename decltype(storage)::stored;
-      const DecoderDims s = decoder_dims(logits, dims_name);
-      const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-      const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
-      T* o = checked<T>(out, "out", {s.K, s.P}, true);
-      py::gil_scoped_release release;
-      forward(xp, lp, s.K, s.P, s.D, o, n_threads);
-    });
-  }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
-
-  m.def((op + "_backward").c_str(), [=](py::array g, py::array x, py::array logits, py::object dx,
-                                        py::array dlogits, int n_threads) {
-    check_threads(n_threads);
-    by_storage_dtype(logits, [&](auto storage) {
-      using T = typename decltype(storage)::compute;
-      using H = typename decltype(storage)::stored;
-      const DecoderDims s = decoder_dims(logits, dims_name);
-      const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
-      const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-      const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
-      py::array dx_holder;
-      T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
-      H* dlp = checked<H>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
-      py::gil_scoped_release release;
-      backward(gp, xp, lp, s.K, s.P, s.D, dxp, dlp, n_threads);
-    });
-  }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),
-     py::arg("dlogits"), py::arg("n_threads"));
-}
-
 }  // namespace
 
 void bind_gaussian_log_prob(py::module_& m) {
@@ -163,20 +119,6 @@ void bind_gaussian_log_prob(py::module_& m) {
      py::arg("n_threads"));
 }
 
-void bind_bernoulli_log_prob(py::module_& m) {
-  bind_bernoulli_kind(m, "bernoulli_log_prob", "mean",
-                      [](auto... a) { bernoulli_log_prob_forward(a...); },
-                      [](auto... a) { bernoulli_log_prob_backward(a...); });
-}
-
-void bind_continuous_bernoulli_log_prob(py::module_& m) {
-  bind_bernoulli_kind(m, "continuous_bernoulli_log_prob", "logits",
-                      [](auto... a) { continuous_bernoulli_log_prob_forward(a...); },
-                      [](auto... a) { continuous_bernoulli_log_prob_backward(a...); });
-}
-
 FASTVAE_BIND(bind_gaussian_log_prob);
-FASTVAE_BIND(bind_bernoulli_log_prob);
-FASTVAE_BIND(bind_continuous_bernoulli_log_prob);
 
 }  // namespace fastvae::bind

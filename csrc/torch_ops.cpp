@@ -214,65 +214,6 @@ struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> 
 
 // -- the likelihoods --------------------------------------------------------------
 
-// x (..., D) broadcast against the decoder output (K, ..., D) or (..., D), in
-// the layout of fastvae/_likelihood_layout.py's kernel_views: x (P, D), the
-// output (K, P, D).
-struct Layout {
-  int64_t K, P, D;
-};
-
-Layout likelihood_layout(const Tensor& x, const Tensor& out, const char* out_name) {
-  const int64_t dims = out.dim();
-  const bool same = x.dim() == dims;
-  TORCH_CHECK(dims >= (same ? 1 : 2), out_name, ": expected a tensor with a last (event) dimension",
-              same ? "" : " and a first (sample) dimension");
-  TORCH_CHECK(same ? x.sizes() == out.sizes() : x.sizes() == out.sizes().slice(1), "x of shape ", x.sizes(),
-              " must have the shape of ", out_name, ", ", out.sizes(), ", or its shape without the first dimension");
-  int64_t P = 1;
-  for (int64_t d = same ? 0 : 1; d < dims - 1; ++d) P *= out.size(d);
-  return {same ? 1 : out.size(0), P, out.size(-1)};
-}
-
-struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& logits) {
-    check_float(logits, "logits");
-    const auto [K, P, D] = likelihood_layout(x, logits, "logits");
-    const Tensor l = input(logits.reshape({K, P, D}), "logits", logits, {K, P, D});
-    const Tensor x2 = input(x.reshape({P, D}), "x", logits, {P, D});
-    Tensor out = output({K, P}, l);
-    by_dtype(l, [&](auto tag) {
-      using T = decltype(tag);
-      bernoulli_log_prob_forward<T>(ptr<T>(x2), ptr<T>(l), K, P, D, ptr<T>(out), threads(K * P * D));
-    });
-    ctx->save_for_backward({x2, l, x, logits});  // the inputs, for a double backward
-    ctx->saved_data["x_shape"] = x.sizes().vec();
-    ctx->saved_data["logits_shape"] = logits.sizes().vec();
-    return shaped(out, logits.sizes().slice(0, logits.dim() - 1));
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x2 = saved[0], &l = saved[1];
-    const bool need_dx = ctx->needs_input_grad(0);
-    if (double_backward()) {  // sum(x * logits - softplus(logits)) differentiated by ATen ops
-      const Tensor &x = saved[2], &logits = saved[3], g = grads[0].unsqueeze(-1);
-      return {need_dx ? (g * logits).sum_to_size(x.sizes()) : Tensor(),
-              (g * (x - at::sigmoid(logits))).sum_to_size(logits.sizes())};
-    }
-    const int64_t K = l.size(0), P = l.size(1), D = l.size(2);
-    const Tensor g = input(grads[0].reshape({K, P}), "grad_out", l, {K, P});
-    Tensor dlogits = output({K, P, D}, l);
-    Tensor dx = need_dx ? output({P, D}, l) : Tensor();
-    by_dtype(l, [&](auto tag) {
-      using T = decltype(tag);
-      bernoulli_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(l), K, P, D, need_dx ? ptr<T>(dx) : nullptr,
-                                     ptr<T>(dlogits), threads(K * P * D));
-    });
-    return {need_dx ? dx.view(ctx->saved_data["x_shape"].toIntVector()) : Tensor(),
-            dlogits.view(ctx->saved_data["logits_shape"].toIntVector())};
-  }
-};
-
 // The variance parameter as fastvae/_likelihood_layout.py's kernel_var lays it
 // out: (D,) one per dimension, (K, P, D) per element, else (P, D) per x row.
 std::pair<Tensor, VarLayout> var_layout(const Tensor& v, const Tensor& mean, const Layout& s) {
@@ -458,8 +399,6 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
   return {out[0], out[1], out[2]};
 }
 
-Tensor bernoulli_log_prob(const Tensor& x, const Tensor& logits) { return BernoulliLogProb::apply(x, logits); }
-
 std::tuple<Tensor, Tensor, Tensor> logmeanexp(const Tensor& lw) {
   auto out = LogMeanExp::apply(lw);
   return {out[0], out[1], out[2]};
@@ -525,39 +464,6 @@ std::tuple<Tensor, Tensor> graph_sample_normal_backward(const Tensor& mu, const 
   const auto [m, lv] = latent_rows(mu, logvar, s, std::max<int64_t>(K, 1));
   auto [dmu, dlv] = sample_backward(gz, gk, gr, stop_score, m, lv, s, K);
   return {shaped(dmu, mu.sizes()), shaped(dlv, mu.sizes())};
-}
-
-// The likelihoods' layout: x (P, D), the decoder output (K, P, D).
-Layout graph_layout(const Tensor& x, const Tensor& out, const char* out_name) {
-  check_float(out, out_name);
-  TORCH_CHECK(out.dim() == 3, out_name, ": expected a 3-d (K, P, D) tensor, got shape ", out.sizes());
-  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d (P, D) tensor, got shape ", x.sizes());
-  return {out.size(0), out.size(1), out.size(2)};
-}
-
-Tensor graph_bernoulli_log_prob(const Tensor& x, const Tensor& logits) {
-  const auto [K, P, D] = graph_layout(x, logits, "logits");
-  const Tensor l = input(logits, "logits", logits, {K, P, D}), x2 = input(x, "x", logits, {P, D});
-  Tensor out = output({K, P}, l);
-  by_dtype(l, [&](auto tag) {
-    using T = decltype(tag);
-    bernoulli_log_prob_forward<T>(ptr<T>(x2), ptr<T>(l), K, P, D, ptr<T>(out), threads(K * P * D));
-  });
-  return out;
-}
-
-std::vector<Tensor> graph_bernoulli_log_prob_backward(const Tensor& grad_out, const Tensor& x, const Tensor& logits,
-                                                      bool need_dx) {
-  const auto [K, P, D] = graph_layout(x, logits, "logits");
-  const Tensor l = input(logits, "logits", logits, {K, P, D}), x2 = input(x, "x", logits, {P, D});
-  const Tensor g = input(grad_out.reshape({K, P}), "grad_out", l, {K, P});
-  Tensor dlogits = output({K, P, D}, l), dx = need_dx ? output({P, D}, l) : Tensor();
-  by_dtype(l, [&](auto tag) {
-    using T = decltype(tag);
-    bernoulli_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(l), K, P, D, need_dx ? ptr<T>(dx) : nullptr,
-                                   ptr<T>(dlogits), threads(K * P * D));
-  });
-  return need_dx ? std::vector<Tensor>{dlogits, dx} : std::vector<Tensor>{dlogits};
 }
 
 // var_param in its kernel form, told apart by rank as the binding does:
@@ -659,7 +565,6 @@ TORCH_LIBRARY(fastvae_cpp, m) {
   m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, int seed, int n_samples, bool stop_score)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("sample_normal_dreg_hooks(Tensor z, Tensor scale_z, Tensor log_ratio, Tensor scale, str message) -> ()");
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
   m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
 }
@@ -670,7 +575,6 @@ TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
   m.impl("sample_normal", &sample_normal);
   m.impl("sample_normal_with_ratio", &sample_normal_with_ratio);
   m.impl("sample_normal_dreg_hooks", &sample_normal_dreg_hooks);
-  m.impl("bernoulli_log_prob", &bernoulli_log_prob);
   m.impl("gaussian_log_prob", &gaussian_log_prob);
   m.impl("logmeanexp", &logmeanexp);
 }
@@ -682,8 +586,6 @@ TORCH_LIBRARY(fastvae_cpu, m) {
   m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor, Tensor)");
   m.def("sample_normal_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl,"
         " Tensor? grad_log_ratio, bool stop_score) -> (Tensor, Tensor)");
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
-  m.def("bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]");
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
   m.def("gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
         " float delta, bool need_dx, bool need_dvar_param) -> Tensor[]");
@@ -695,8 +597,6 @@ TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
   m.impl("sample_normal", &graph_sample_normal);
   m.impl("sample_normal_with_ratio", &graph_sample_normal_with_ratio);
   m.impl("sample_normal_backward", &graph_sample_normal_backward);
-  m.impl("bernoulli_log_prob", &graph_bernoulli_log_prob);
-  m.impl("bernoulli_log_prob_backward", &graph_bernoulli_log_prob_backward);
   m.impl("gaussian_log_prob", &graph_gaussian_log_prob);
   m.impl("gaussian_log_prob_backward", &graph_gaussian_log_prob_backward);
   m.impl("logmeanexp", &graph_logmeanexp);

@@ -99,4 +99,33 @@ inline Tensor safe_inv(const Tensor& s) {
   return at::where(empty, 0.0, 1.0 / at::where(empty, 1.0, s));
 }
 
+// -- the likelihoods' layout -------------------------------------------------------
+
+// x (..., D) broadcast against the decoder output (K, ..., D) or (..., D), in
+// the layout of fastvae/_likelihood_layout.py's kernel_views: x (P, D), the
+// output (K, P, D).
+struct Layout {
+  int64_t K, P, D;
+};
+
+inline Layout likelihood_layout(const Tensor& x, const Tensor& out, const char* out_name) {
+  const int64_t dims = out.dim();
+  const bool same = x.dim() == dims;
+  TORCH_CHECK(dims >= (same ? 1 : 2), out_name, ": expected a tensor with a last (event) dimension",
+              same ? "" : " and a first (sample) dimension");
+  TORCH_CHECK(same ? x.sizes() == out.sizes() : x.sizes() == out.sizes().slice(1), "x of shape ", x.sizes(),
+              " must have the shape of ", out_name, ", ", out.sizes(), ", or its shape without the first dimension");
+  int64_t P = 1;
+  for (int64_t d = same ? 0 : 1; d < dims - 1; ++d) P *= out.size(d);
+  return {same ? 1 : out.size(0), P, out.size(-1)};
+}
+
+// The graph ops' likelihood layout: x (P, D), the decoder output (K, P, D).
+inline Layout graph_layout(const Tensor& x, const Tensor& out, const char* out_name) {
+  check_float(out, out_name);
+  TORCH_CHECK(out.dim() == 3, out_name, ": expected a 3-d (K, P, D) tensor, got shape ", out.sizes());
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-d (P, D) tensor, got shape ", x.sizes());
+  return {out.size(0), out.size(1), out.size(2)};
+}
+
 }  // namespace fastvae::torch_ops

@@ -56,8 +56,6 @@ for the common silent mistakes (fastvae/_value_checks.py).
 from . import priors
 from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
-from .bernoulli_log_prob import bernoulli_log_prob
-from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob
 from .discretized_logistic_mixture_log_prob import discretized_logistic_mixture_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
@@ -82,6 +80,7 @@ from .logmeanexp import (
 )
 from .negative_binomial_log_prob import negative_binomial_log_prob
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
+from .ops.bernoulli_likelihood.op import bernoulli_log_prob, continuous_bernoulli_log_prob
 from .ops.categorical_log_prob.op import categorical_log_prob
 from .ops.kl_normal.op import kl_normal
 from .ops.latent_log_ratio.op import latent_log_ratio

@@ -13,7 +13,7 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - likelihood="categorical": decode(z) returns logits (*x.shape, C) for x of
   integer class indices (issue 27; fastvae/ops/categorical_log_prob/op.py).
 - likelihood="continuous_bernoulli": decode(z) returns logits, for x in
-  [0, 1] (the normalized continuous Bernoulli; fastvae/continuous_bernoulli_log_prob.py).
+  [0, 1] (the normalized continuous Bernoulli; fastvae/ops/bernoulli_likelihood/op.py).
 - likelihood="poisson" / "negative_binomial" / "zinb" (counts): decode(z)
   returns the log rate, (log mean, log theta) or (log mean, log theta,
   zero-inflation logits) as in scvi-tools (log theta per element or per
@@ -47,13 +47,12 @@ from torch.distributions import (
 )
 
 from . import _backend, _count_likelihood, _validate, _value_checks
-from .bernoulli_log_prob import bernoulli_log_prob_unchecked
-from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
 from .discretized_logistic_mixture_log_prob import decoder_log_prob as discretized_logistic_mixture_decoder
 from .distributions import DiagonalNormal, TrilNormal
 from .gaussian_log_prob import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
 from .latents import LATENTS, from_torch
 from .negative_binomial_log_prob import negative_binomial_log_prob_unchecked
+from .ops.bernoulli_likelihood.op import bernoulli_log_prob_unchecked, continuous_bernoulli_decoder_log_prob
 from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
 from .poisson_log_prob import poisson_log_prob_unchecked
 from .zinb_log_prob import zinb_log_prob_unchecked

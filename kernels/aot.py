@@ -95,15 +95,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
                 yield "gaussian_log_prob_backward", dict(
                     grad_out=r(K, B), **args, dx=m(B, D) if need_dx else None, dmean=m(K, B, D),
                     dvar_param=m(*var_shape) if need_dv else None)
-    elif op == "bernoulli_log_prob":
-        # x in the logits' dtype (a model cast to half precision), and for half
-        # logits float32 x (autocast: a half decoder output against float32 data)
-        for x_dtype in dict.fromkeys((dtype, acc)):
-            x = meta(B, D, dtype=x_dtype)
-            yield "bernoulli_log_prob_forward", dict(x=x, logits=m(K, B, D), out=r(K, B))
-            for dx in (None, meta(B, D, dtype=x_dtype)):
-                yield "bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D), dx=dx,
-                                                          dlogits=m(K, B, D))
     elif op == "discretized_logistic_mixture_log_prob":
         # images of D pixels in 3 channels: PixelCNN++'s packed params (M = 10), the tuple layout (M = 5)
         for M, packed in ((10, True), (5, False)):
@@ -139,13 +130,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
                 args["zi_logits"], grads["dzi_logits"] = m(K, B, D), m(K, B, D)
             yield f"{op}_forward", dict(args, out=r(K, B))
             yield f"{op}_backward", dict(grad_out=r(K, B), **args, **grads)
-    elif op == "continuous_bernoulli_log_prob":  # issue 27: bernoulli_log_prob's launches
-        for x_dtype in dict.fromkeys((dtype, acc)):
-            x = meta(B, D, dtype=x_dtype)
-            yield "continuous_bernoulli_log_prob_forward", dict(x=x, logits=m(K, B, D), out=r(K, B))
-            for dx in (None, meta(B, D, dtype=x_dtype)):
-                yield "continuous_bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D),
-                                                                     dx=dx, dlogits=m(K, B, D))
     else:
         raise ValueError(f"unknown op {op!r}")
 

@@ -116,7 +116,6 @@ def _twin_cases():
         ("sample_normal_with_ratio", lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, False, None), (mu, lv)),
         ("sample_normal_with_ratio (stop_score)",
          lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, True, None), (mu, lv)),
-        ("bernoulli_log_prob", fastvae.bernoulli_log_prob, (x, out)),
         ("gaussian_log_prob (logvar per element)", lambda a, m, v: fastvae.gaussian_log_prob(a, m, logvar=v),
          (x, out, out.flip(0))),
         ("gaussian_log_prob (softplus, per dimension)",

@@ -79,9 +79,6 @@ def _cases(g):
         "gaussian_log_prob_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
         "gaussian_log_prob_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
                               [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "bernoulli_log_prob": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg),
-                               [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], True),
-        "bernoulli_log_prob_no_samples": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [r(3, 5), r(3, 5)], True),
         "logmeanexp": (lambda lw: fastvae.logmeanexp(lw), [r(5, 3)], True),
         "logmeanexp_dim": (lambda lw: fastvae.logmeanexp(lw, 1, keepdim=True), [r(3, 5)], True),
         "logmeanexp_state": (lambda lw: fastvae.logmeanexp_from_state(fastvae.logmeanexp_state(lw)), [r(5, 3)], True),
@@ -98,8 +95,6 @@ def _cases(g):
                               [r(2, 3, 5), r(5)], False),
         "zinb_log_prob": (lambda m, t, z: fastvae.zinb_log_prob(counts.to(m.device), m, t, z),
                  [r(2, 3, 5), r(2, 3, 5), r(2, 3, 5)], False),
-        "continuous_bernoulli_log_prob": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
-                                 [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
         **{name: case for cases in op_cases("double_backward_cases").values() for name, case in cases(r).items()},
     }
 

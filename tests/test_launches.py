@@ -126,7 +126,6 @@ def _cases():
         "iwae dreg tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg",
                                         beta=torch.tensor(0.5)),
         "sample_normal": op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L)),
-        "bernoulli_log_prob": op(lambda lg: fastvae.bernoulli_log_prob(x, lg), (K, B, D)),
         "gaussian_log_prob": op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D)),
         "logmeanexp": op(lambda lw: fastvae.logmeanexp(lw, 0), (K, B)),
         "poisson_log_prob": op(lambda lr: fastvae.poisson_log_prob(x, lr), (K, B, D)),
@@ -134,7 +133,6 @@ def _cases():
                                          (K, B, D), (D,)),
         "zinb_log_prob": op(lambda m, t, z: fastvae.zinb_log_prob(x, m, t, z), (K, B, D), (D,), (K, B, D)),
         # issue 27
-        "continuous_bernoulli_log_prob": op(lambda lg: fastvae.continuous_bernoulli_log_prob(x, lg), (K, B, D)),
         "discretized_logistic_mixture_log_prob": op(lambda p: fastvae.discretized_logistic_mixture_log_prob(images, p),
                                                     (K, B, 20, 3, 3)),
         "importance_weights": op(lambda lw: fastvae.importance_weights(lw, 0), (K, B)),

@@ -340,10 +340,10 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     CUDA branch is left to a GPU run to check."""
     aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
     from fastvae.gaussian_log_prob import fixed_logvar
-    from fastvae.kernels import _bernoulli_likelihood as bern
     from fastvae.kernels import gaussian_log_prob as gauss
     from fastvae.kernels import logmeanexp as lme
     from fastvae.kernels import sample_normal as sn
+    from fastvae.ops.bernoulli_likelihood import triton as bern
 
     meta = torch.device("meta")
 

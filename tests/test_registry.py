@@ -96,7 +96,8 @@ def test_an_op_folder_holds_all_of_its_op(name):
     stems = {name} | {op.name for op in ops}
     elsewhere = [p for stem in sorted(stems) for p in (
         ROOT / "kernels" / f"{stem}.py", ROOT / "fastvae" / f"{stem}.py", ROOT / "csrc" / f"{stem}.cpp",
-        ROOT / "csrc" / f"{stem}_bind.cpp", ROOT / "tests" / f"test_{stem}.py", ROOT / "benchmarks" / f"bench_{stem}.py")]
+        ROOT / "csrc" / f"{stem}_bind.cpp", ROOT / "tests" / f"test_{stem}.py",
+        ROOT / "benchmarks" / f"bench_{stem}.py")]
     assert [str(p.relative_to(ROOT)) for p in elsewhere if p.exists()] == []
 
 
