@@ -34,7 +34,6 @@
 #include <tuple>
 #include <vector>
 
-#include "likelihood.h"
 #include "ops.h"
 #include "outputs.h"
 #include "torch_ops.h"
@@ -213,46 +212,6 @@ struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> 
 
 // -- the likelihoods --------------------------------------------------------------
 
-struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& logits) {
-    check_float(logits, "logits");
-    const auto [K, P, D] = likelihood_layout(x, logits, "logits");
-    const Tensor l = input(logits.reshape({K, P, D}), "logits", logits, {K, P, D});
-    const Tensor x2 = input(x.reshape({P, D}), "x", logits, {P, D});
-    Tensor out = output({K, P}, l);
-    by_dtype(l, [&](auto tag) {
-      using T = decltype(tag);
-      bernoulli_log_prob_forward<T>(ptr<T>(x2), ptr<T>(l), K, P, D, ptr<T>(out), threads(K * P * D));
-    });
-    ctx->save_for_backward({x2, l, x, logits});  // the inputs, for a double backward
-    ctx->saved_data["x_shape"] = x.sizes().vec();
-    ctx->saved_data["logits_shape"] = logits.sizes().vec();
-    return shaped(out, logits.sizes().slice(0, logits.dim() - 1));
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x2 = saved[0], &l = saved[1];
-    const bool need_dx = ctx->needs_input_grad(0);
-    if (double_backward()) {  // sum(x * logits - softplus(logits)) differentiated by ATen ops
-      const Tensor &x = saved[2], &logits = saved[3], g = grads[0].unsqueeze(-1);
-      return {need_dx ? (g * logits).sum_to_size(x.sizes()) : Tensor(),
-              (g * (x - at::sigmoid(logits))).sum_to_size(logits.sizes())};
-    }
-    const int64_t K = l.size(0), P = l.size(1), D = l.size(2);
-    const Tensor g = input(grads[0].reshape({K, P}), "grad_out", l, {K, P});
-    Tensor dlogits = output({K, P, D}, l);
-    Tensor dx = need_dx ? output({P, D}, l) : Tensor();
-    by_dtype(l, [&](auto tag) {
-      using T = decltype(tag);
-      bernoulli_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(l), K, P, D, need_dx ? ptr<T>(dx) : nullptr,
-                                     ptr<T>(dlogits), threads(K * P * D));
-    });
-    return {need_dx ? dx.view(ctx->saved_data["x_shape"].toIntVector()) : Tensor(),
-            dlogits.view(ctx->saved_data["logits_shape"].toIntVector())};
-  }
-};
-
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -308,8 +267,6 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
   auto out = SampleNormalWithRatio::apply(mu, logvar, seed, n_samples, stop_score);
   return {out[0], out[1], out[2]};
 }
-
-Tensor bernoulli_log_prob(const Tensor& x, const Tensor& logits) { return BernoulliLogProb::apply(x, logits); }
 
 }
 
@@ -370,29 +327,8 @@ std::tuple<Tensor, Tensor> graph_sample_normal_backward(const Tensor& mu, const 
   return {shaped(dmu, mu.sizes()), shaped(dlv, mu.sizes())};
 }
 
-Tensor graph_bernoulli_log_prob(const Tensor& x, const Tensor& logits) {
-  const auto [K, P, D] = graph_layout(x, logits, "logits");
-  const Tensor l = input(logits, "logits", logits, {K, P, D}), x2 = input(x, "x", logits, {P, D});
-  Tensor out = output({K, P}, l);
-  by_dtype(l, [&](auto tag) {
-    using T = decltype(tag);
-    bernoulli_log_prob_forward<T>(ptr<T>(x2), ptr<T>(l), K, P, D, ptr<T>(out), threads(K * P * D));
   });
   return out;
-}
-
-std::vector<Tensor> graph_bernoulli_log_prob_backward(const Tensor& grad_out, const Tensor& x, const Tensor& logits,
-                                                      bool need_dx) {
-  const auto [K, P, D] = graph_layout(x, logits, "logits");
-  const Tensor l = input(logits, "logits", logits, {K, P, D}), x2 = input(x, "x", logits, {P, D});
-  const Tensor g = input(grad_out.reshape({K, P}), "grad_out", l, {K, P});
-  Tensor dlogits = output({K, P, D}, l), dx = need_dx ? output({P, D}, l) : Tensor();
-  by_dtype(l, [&](auto tag) {
-    using T = decltype(tag);
-    bernoulli_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(l), K, P, D, need_dx ? ptr<T>(dx) : nullptr,
-                                   ptr<T>(dlogits), threads(K * P * D));
-  });
-  return need_dx ? std::vector<Tensor>{dlogits, dx} : std::vector<Tensor>{dlogits};
 }
 
 }
@@ -406,7 +342,6 @@ TORCH_LIBRARY(fastvae_cpp, m) {
   m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, int seed, int n_samples, bool stop_score)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("sample_normal_dreg_hooks(Tensor z, Tensor scale_z, Tensor log_ratio, Tensor scale, str message) -> ()");
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
 }
 
 // CompositeImplicitAutograd: the dispatcher runs these for the autograd key,
@@ -415,7 +350,6 @@ TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
   m.impl("sample_normal", &sample_normal);
   m.impl("sample_normal_with_ratio", &sample_normal_with_ratio);
   m.impl("sample_normal_dreg_hooks", &sample_normal_dreg_hooks);
-  m.impl("bernoulli_log_prob", &bernoulli_log_prob);
 }
 
 // The graph ops: the schemas of fastvae::<op> (fastvae/<op>.py), CPU kernels
@@ -425,16 +359,12 @@ TORCH_LIBRARY(fastvae_cpu, m) {
   m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor, Tensor)");
   m.def("sample_normal_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl,"
         " Tensor? grad_log_ratio, bool stop_score) -> (Tensor, Tensor)");
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
-  m.def("bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
   m.impl("sample_normal", &graph_sample_normal);
   m.impl("sample_normal_with_ratio", &graph_sample_normal_with_ratio);
   m.impl("sample_normal_backward", &graph_sample_normal_backward);
-  m.impl("bernoulli_log_prob", &graph_bernoulli_log_prob);
-  m.impl("bernoulli_log_prob_backward", &graph_bernoulli_log_prob_backward);
 }
 
 }  // namespace fastvae::torch_ops

@@ -56,8 +56,6 @@ for the common silent mistakes (fastvae/_value_checks.py).
 from . import priors
 from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
-from .bernoulli_log_prob import bernoulli_log_prob
-from .continuous_bernoulli_log_prob import continuous_bernoulli_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
     EvaluationResult,
@@ -69,6 +67,7 @@ from .evaluation import (
 )
 from .latents import LocationScale, LogisticNormal, LogNormal
 from .objectives import ELBOTerms, IWAETerms, elbo, elbo_terms, iwae, iwae_terms
+from .ops.bernoulli_likelihood.op import bernoulli_log_prob, continuous_bernoulli_log_prob
 from .ops.categorical_log_prob.op import categorical_log_prob
 from .ops.count_log_prob.op import negative_binomial_log_prob, poisson_log_prob, zinb_log_prob
 from .ops.discretized_logistic_mixture_log_prob.op import discretized_logistic_mixture_log_prob

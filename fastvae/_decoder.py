@@ -13,7 +13,7 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - likelihood="categorical": decode(z) returns logits (*x.shape, C) for x of
   integer class indices (issue 27; fastvae/ops/categorical_log_prob/op.py).
 - likelihood="continuous_bernoulli": decode(z) returns logits, for x in
-  [0, 1] (the normalized continuous Bernoulli; fastvae/continuous_bernoulli_log_prob.py).
+  [0, 1] (the normalized continuous Bernoulli; fastvae/ops/bernoulli_likelihood/op.py).
 - likelihood="poisson" / "negative_binomial" / "zinb" (counts): decode(z)
   returns the log rate, (log mean, log theta) or (log mean, log theta,
   zero-inflation logits) as in scvi-tools (log theta per element or per
@@ -47,10 +47,9 @@ from torch.distributions import (
 )
 
 from . import _backend, _validate, _value_checks
-from .bernoulli_log_prob import bernoulli_log_prob_unchecked
-from .continuous_bernoulli_log_prob import decoder_log_prob as continuous_bernoulli_decoder_log_prob
 from .distributions import DiagonalNormal, TrilNormal
 from .latents import LATENTS, from_torch
+from .ops.bernoulli_likelihood.op import bernoulli_log_prob_unchecked, continuous_bernoulli_decoder_log_prob
 from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
 from .ops.count_log_prob.op import decoder_log_prob as count_decoder_log_prob
 from .ops.count_log_prob.op import from_distribution as counts_from_distribution

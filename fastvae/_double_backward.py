@@ -31,7 +31,6 @@ from torch import Tensor
 from ._backend import accumulation_dtype
 from ._registry import FOLDER_OF
 from .ops.kl_normal import kl_normal_grad
-from .reference import _cb_log_norm_grad
 
 
 class _NotTwice(torch.autograd.Function):
@@ -118,22 +117,6 @@ def gaussian_log_prob(grad_out, x, mean, var_param, softplus_mode, delta, needs)
             _like(gv.sum_to_size(var_param.shape), var_param, needs[2]))
 
 
-def bernoulli_log_prob(grad_out, x, logits, needs):
-    """dx, dlogits of sum(x * logits - softplus(logits))."""
-    return _bernoulli_kind(grad_out, x, logits, needs, None)
-
-
-def continuous_bernoulli_log_prob(grad_out, x, logits, needs):
-    """dx, dlogits of sum(x * logits - softplus(logits) + log C(logits)): the
-    reference's d log C / dl (a Taylor branch near 0) carries the second derivative."""
-    return _bernoulli_kind(grad_out, x, logits, needs, _cb_log_norm_grad)
-
-
-def _bernoulli_kind(grad_out, x, logits, needs, log_norm_grad):
-    g, xx, lg = _acc(grad_out).unsqueeze(-1), _acc(x), _acc(logits)
-    e = xx - torch.sigmoid(lg)
-    dl = g * (e if log_norm_grad is None else e + log_norm_grad(lg))
-    return (_like((g * lg).sum_to_size(x.shape), x, needs[0]), _like(dl.sum_to_size(logits.shape), logits, needs[1]))
 
 
 # -- latent terms ---------------------------------------------------------------------

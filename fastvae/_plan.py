@@ -339,7 +339,7 @@ class TailPlan:
             self.divisors = torch.stack((torch.full(batch_shape, self.n, dtype=dtype, device=device),
                                          torch.full(batch_shape, -self.n, dtype=dtype, device=device)))
         if likelihood == "bernoulli":
-            kern = _kernels("_bernoulli_likelihood")
+            kern = _kernels("bernoulli_likelihood")
             grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, odt, device)
             self.lik_forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
             self.lik_ints = (P, K * P, D)

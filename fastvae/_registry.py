@@ -50,10 +50,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
     _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl log_ratio"),
     _k("sample_normal_backward", "sample_normal",
        "grad_z grad_kl grad_log_ratio mu logvar seed stop_score dmu dlogvar"),
-    _k("bernoulli_log_prob_forward", "bernoulli_log_prob", "x logits out"),
-    _k("bernoulli_log_prob_backward", "bernoulli_log_prob", "grad_out x logits dx dlogits"),
-    _k("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob", "x logits out"),
-    _k("continuous_bernoulli_log_prob_backward", "continuous_bernoulli_log_prob", "grad_out x logits dx dlogits"),
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
@@ -61,13 +57,6 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "tests/test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
        # and the DReG weights' hooks on sample_normal_with_ratio's z and log-ratio (objectives._dreg_z_scale)
        torch_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_dreg_hooks")),
-    Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"),
-       "tests/test_bernoulli_log_prob.py", "bernoulli_log_prob", torch_ops=("bernoulli_log_prob",),
-       likelihood="bernoulli"),
-    Op("continuous_bernoulli_log_prob",
-       ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"),
-       "tests/test_continuous_bernoulli_log_prob.py", "continuous_bernoulli_log_prob",
-       likelihood="continuous_bernoulli"),
 )}
 # an op in a folder -> the folder's name (its own name, or its family's)
 FOLDER_OF: dict[str, str] = {}

@@ -15,13 +15,10 @@ formulas that the reference backend runs inside the custom ops.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ._dtypes import accumulation_dtype
-from ._oracle_math import softplus, sum_to
 from ._philox import (  # noqa: F401 (the reference backend's randn_fill and uniform_fill; the tests read the stream here)
     folded,
     philox_bits,
@@ -119,113 +116,9 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
 
 
 # --------------------------------------------------------------------------
-# bernoulli_log_prob
 #
 # Kernel layout (set up by fastvae/_likelihood_layout.py): logits (K, P, D); x (P, D)
 # broadcast over K, or (K, P, D). Plain broadcasting covers every case here.
 # --------------------------------------------------------------------------
 
 
-def _times(a: Tensor, b: Tensor) -> Tensor:
-    """a * b with 0 * inf = 0: a certain outcome weighted by zero contributes nothing.
-    Only those elements are masked, so every other one keeps its gradient."""
-    zero = (a == 0) & b.isinf()
-    return torch.where(zero, 0.0, a) * torch.where(zero, 0.0, b)
-
-
-def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
-    """sum(x * logits - softplus(logits)) over the last dim: log Bernoulli(x; sigmoid(logits)),
-    written -(x softplus(-l) + (1 - x) softplus(l)) so that saturated logits (+-inf) give
-    0 where the outcome is certain and right and -inf where it is certain and wrong."""
-    return -torch.sum(_times(x, softplus(-logits)) + _times(1.0 - x, softplus(logits)), dim=-1)
-
-
-def bernoulli_log_prob_forward(x, logits, out) -> None:
-    acc = _compute_dtype(logits)
-    out.copy_(bernoulli_log_prob(x.to(acc), logits.to(acc)))
-
-
-def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
-    """d/dlogits = g (x - sigmoid(l));  d/dx = g l."""
-    acc = _compute_dtype(logits)
-    x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
-    dlogits.copy_(_times(g, x - torch.sigmoid(logits)))
-    if dx is not None:
-        dx.copy_(sum_to(g * logits, dx.shape))
-
-
-# ==========================================================================
-# continuous_bernoulli_log_prob: x (P, D) in [0, 1] against logits (K, P, D);
-# the Bernoulli term plus the log normalizer log C(l) of Loaiza-Ganem and
-# Cunningham (2019).
-# ==========================================================================
-
-
-# log C(l) = log(l / tanh(l / 2)) = log 2 + sum_n CB_TAYLOR[n - 1] l^(2n), and
-# d log C / dl = 1/l - 1/sinh(l) = sum_n 2n CB_TAYLOR[n - 1] l^(2n - 1): the
-# coefficients 2 (2^(2n-1) - 1) B_2n / (2n)! / (2n) of the csch series, B the
-# Bernoulli numbers (ratio about 1/pi^2 from one to the next).
-CB_TAYLOR = (1 / 12, -7 / 1440, 31 / 90720, -127 / 4838400, 73 / 34214400, -1414477 / 7846046208000,
-             8191 / 523069747200, -16931177 / 12194997534720000)
-# Below this |logit| the gradient's Taylor branch: 1/l - 1/sinh(l) cancels
-# there (l = 0.25 loses 7 bits); 8 terms leave 3e-21 at the branch point.
-CB_TAYLOR_BELOW = 0.25
-
-
-def _cb_log_norm_grad(lg: Tensor) -> Tensor:
-    a = lg.abs()
-    small = a < CB_TAYLOR_BELOW
-    ls = torch.where(small, lg, 0.0)
-    u = ls * ls
-    poly = torch.zeros_like(lg)
-    for n in range(len(CB_TAYLOR), 0, -1):
-        poly = poly * u + 2 * n * CB_TAYLOR[n - 1]
-    a_big = torch.where(small, 1.0, a)
-    t = torch.exp(-a_big)
-    exact = torch.sign(lg) * (1.0 / a_big - 2.0 * t / ((1.0 - t) * (1.0 + t)))
-    return torch.where(small, poly * ls, exact)
-
-
-class _CBLogNorm(torch.autograd.Function):
-    """log C(l) by the closed form log(a / -expm1(-a)) + log1p(e^-a), a = |l|
-    (accurate for every a > 0 in float64: expm1 is), log 2 at 0; its
-    gradient 1/l - 1/sinh(l) with a Taylor branch near 0."""
-
-    @staticmethod
-    def forward(ctx, lg):
-        ctx.save_for_backward(lg)
-        a = lg.abs()
-        zero = a == 0
-        a1 = torch.where(zero, 1.0, a)
-        value = torch.log(a1 / -torch.expm1(-a1)) + torch.log1p(torch.exp(-a1))
-        return torch.where(zero, math.log(2.0), value)
-
-    @staticmethod
-    def backward(ctx, g):
-        (lg,) = ctx.saved_tensors
-        return g * _cb_log_norm_grad(lg)
-
-
-def continuous_bernoulli_log_norm(lg: Tensor) -> Tensor:
-    """log C(l), the continuous Bernoulli's log normalizer at logit l: C(l) =
-    l / tanh(l / 2) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda), lambda = sigmoid(l)."""
-    return _CBLogNorm.apply(lg)
-
-
-def continuous_bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
-    """sum over the last dim of x l - softplus(l) + log C(l) (finite logits, x in [0, 1])."""
-    return (x * logits - softplus(logits) + continuous_bernoulli_log_norm(logits)).sum(-1)
-
-
-def continuous_bernoulli_log_prob_forward(x, logits, out) -> None:
-    acc = _compute_dtype(logits)
-    out.copy_(continuous_bernoulli_log_prob(x.to(acc), logits.to(acc)))
-
-
-def continuous_bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
-    """d/dlogits = g (x - sigmoid(l) + 1/l - 1/sinh(l));  d/dx = g l (summed over samples)."""
-    acc = _compute_dtype(logits)
-    x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
-    dlogits.copy_(g * (x - torch.sigmoid(logits) + _cb_log_norm_grad(logits)))
-    if dx is not None:
-        dx.copy_(sum_to(g * logits, dx.shape))

@@ -54,7 +54,7 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     """(kernel, arguments) of every launch the op makes at shape s: the
     forward and backward in each mode the front end uses (a training decoder
     of D outputs per sample; log-weights of K samples for B examples)."""
-    K, B, L, D = s["K"], s["B"], s["L"], s["D"]
+    K, B, L = s["K"], s["B"], s["L"]
     acc = accumulation_dtype(dtype)
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
     # bounds, KL terms, log-probabilities and log-weights (and their incoming
@@ -85,22 +85,6 @@ def calls(op: str, s: dict, dtype: torch.dtype):
         yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
         yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
-    elif op == "bernoulli_log_prob":
-        # x in the logits' dtype (a model cast to half precision), and for half
-        # logits float32 x (autocast: a half decoder output against float32 data)
-        for x_dtype in dict.fromkeys((dtype, acc)):
-            x = meta(B, D, dtype=x_dtype)
-            yield "bernoulli_log_prob_forward", dict(x=x, logits=m(K, B, D), out=r(K, B))
-            for dx in (None, meta(B, D, dtype=x_dtype)):
-                yield "bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D), dx=dx,
-                                                          dlogits=m(K, B, D))
-    elif op == "continuous_bernoulli_log_prob":  # issue 27: bernoulli_log_prob's launches
-        for x_dtype in dict.fromkeys((dtype, acc)):
-            x = meta(B, D, dtype=x_dtype)
-            yield "continuous_bernoulli_log_prob_forward", dict(x=x, logits=m(K, B, D), out=r(K, B))
-            for dx in (None, meta(B, D, dtype=x_dtype)):
-                yield "continuous_bernoulli_log_prob_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D),
-                                                                     dx=dx, dlogits=m(K, B, D))
     else:
         raise ValueError(f"unknown op {op!r}")
 

@@ -77,12 +77,14 @@ def test_saved_tensor_bytes_counts_activations_not_live_tensors():
 
 
 def test_one_benchmark_quick_end_to_end(tmp_path):
-    """bench_bernoulli_log_prob --quick: returns its payload and writes it where --out says."""
-    from benchmarks import bench_bernoulli_log_prob
+    """bench_op bernoulli_likelihood --quick (a family's row: the size's op picks
+    the op): returns its payload and writes it where --out says."""
+    from benchmarks import bench_op
 
     out = tmp_path / "bernoulli.json"
     try:
-        payload = bench_bernoulli_log_prob.main(["--quick", "--device", "cpu", "--copy-mb", "4", "--out", str(out)])
+        payload = bench_op.main(["bernoulli_likelihood", "--quick", "--device", "cpu", "--copy-mb", "4",
+                                 "--out", str(out)])
     finally:
         torch._dynamo.reset()
     written = json.loads(out.read_text())
@@ -95,9 +97,11 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
     assert written["machine"]["fastvae_noise_path"] == _C.noise_isa()
     impls = {r["impl"] for r in payload["results"]}
     assert impls >= {"eager", "compiled"} and len(impls) == 3
-    # K = 1 and 4 in float32, K = 4 with bfloat16 logits (--quick keeps one bfloat16 case)
-    assert len(payload["results"]) == 3 * 3 * len(harness.MODES)
+    # bernoulli_log_prob: K = 1 and 4 in float32, K = 4 with bfloat16 logits (--quick keeps one
+    # bfloat16 case); continuous_bernoulli_log_prob: K = 1 and 4 in float32
+    assert len(payload["results"]) == 5 * 3 * len(harness.MODES)
     assert {r["logits"] for r in payload["results"]} == {"float32", "bfloat16"}
+    assert {r["op"] for r in payload["results"]} == {"bernoulli_log_prob", "continuous_bernoulli_log_prob"}
     for r in payload["results"]:
         assert r["median_ms"] > 0
         if r["impl"].startswith("fastvae"):  # it keeps only its inputs for the backward
@@ -132,7 +136,8 @@ def test_an_op_folder_s_benchmark_row_runs_end_to_end(tmp_path):
 
 def test_peak_memory_child():
     """The subprocess that --memory starts for one (case, implementation)."""
-    m = common.run_child_json(["benchmarks.bench_bernoulli_log_prob", "--quick", "--memory-child", "K=1", "eager"])
+    m = common.run_child_json(["benchmarks.bench_op", "bernoulli_likelihood", "--quick", "--memory-child",
+                               "op=bernoulli_log_prob,K=1,logits=float32", "eager"])
     # the quick K=1 case allocates a (1, 512, 784) float32 output and gradient: 3 MB
     assert m["peak_mb"] > 1 and m["method"]
 

@@ -64,16 +64,11 @@ def _tril(N, L, g):
 def _cases(g):
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
     return {
-        "bernoulli_log_prob": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg),
-                               [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], True),
-        "bernoulli_log_prob_no_samples": (lambda x, lg: fastvae.bernoulli_log_prob(x, lg), [r(3, 5), r(3, 5)], True),
         "sample_normal": (lambda m, lv: fastvae.sample_normal(m, lv, 2, generator=gen(3)), [r(3, 4), r(3, 4)], True),
         "sample_normal_one_sample": (lambda m, lv: fastvae.sample_normal(m, lv, generator=gen(3)),
                                      [r(3, 4), r(3, 4)], True),
         "sample_normal_with_ratio": (lambda m, lv: sample_normal_with_ratio_unchecked(m, lv, 2, False, gen(3)),
                                      [r(3, 4), r(3, 4)], True),
-        "continuous_bernoulli_log_prob": (lambda x, lg: fastvae.continuous_bernoulli_log_prob(x, lg),
-                                 [torch.rand(3, 5, generator=g, dtype=F64), r(2, 3, 5)], False),
         **{name: case for cases in op_cases("double_backward_cases").values() for name, case in cases(r).items()},
     }
 

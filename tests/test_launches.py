@@ -125,7 +125,6 @@ def _cases():
         "iwae dreg tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg",
                                         beta=torch.tensor(0.5)),
         "sample_normal": op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L)),
-        "bernoulli_log_prob": op(lambda lg: fastvae.bernoulli_log_prob(x, lg), (K, B, D)),
     }
 
 

@@ -271,7 +271,6 @@ def _twin_op_cases():
     g = torch.Generator().manual_seed(8)
     mu, lv = torch.randn(4, 3, 6, generator=g), torch.randn(4, 3, 6, generator=g)
     seed = torch.tensor(2024)
-    x, out = torch.rand(5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
     m2, l2 = mu.reshape(12, 6), lv.reshape(12, 6)
     return [
         ("sample_normal", (mu, lv, seed, 3)),
@@ -279,9 +278,6 @@ def _twin_op_cases():
         ("sample_normal_backward", (mu, lv, seed, torch.randn(3, 4, 3, 6), torch.randn(4, 3), None, False)),
         ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), torch.randn(3, 4, 3), True)),
         ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), None, False)),
-        ("bernoulli_log_prob", (x, out)),
-        ("bernoulli_log_prob_backward", (torch.randn(3, 5), x, out, True)),
-        ("bernoulli_log_prob_backward", (torch.randn(3, 5), x, out, False)),
         *(case for cases in op_cases("twin_op_cases").values() for case in cases(m2, l2)),
     ]
 

@@ -1,19 +1,29 @@
 // Python bindings of bernoulli_log_prob and continuous_bernoulli_log_prob
-// (checked buffers -> bernoulli_log_prob.cpp, continuous_bernoulli_log_prob.cpp).
+// (checked buffers -> bernoulli_likelihood.cpp).
 #include <string>
 
+#include "bernoulli_likelihood.h"
 #include "buffers.h"
-#include "likelihood.h"
 #include "optional_buffers.h"
 
 namespace fastvae::bind {
 namespace {
 
+struct BernoulliDims {
+  int64_t K, P, D;
+};
+
+BernoulliDims bernoulli_dims(const py::array& logits, const char* name) {
+  if (logits.ndim() != 3) {
+    throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(logits));
+  }
+  return {logits.shape(0), logits.shape(1), logits.shape(2)};
+}
+
 // bernoulli_log_prob and continuous_bernoulli_log_prob take the same buffers:
 // `forward` and `backward` call the op's kernels (generic over T and H), and
 // `dims_name` names the logits in a rank error (bernoulli_log_prob's has
-// always said "mean", the name decoder_dims shares with gaussian_log_prob;
-// buffers.h).
+// always said "mean", the name gaussian_log_prob's binding gives its own).
 template <typename Forward, typename Backward>
 void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims_name, Forward forward,
                          Backward backward) {
@@ -23,7 +33,7 @@ void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims
     by_storage_dtype(logits, [&](auto storage) {
       using T = typename decltype(storage)::compute;
       using H = typename decltype(storage)::stored;
-      const DecoderDims s = decoder_dims(logits, dims_name);
+      const BernoulliDims s = bernoulli_dims(logits, dims_name);
       const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
       const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
       T* o = checked<T>(out, "out", {s.K, s.P}, true);
@@ -38,7 +48,7 @@ void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims
     by_storage_dtype(logits, [&](auto storage) {
       using T = typename decltype(storage)::compute;
       using H = typename decltype(storage)::stored;
-      const DecoderDims s = decoder_dims(logits, dims_name);
+      const BernoulliDims s = bernoulli_dims(logits, dims_name);
       const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
       const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
       const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);

@@ -7,10 +7,10 @@ and _dlogit:
 C(l) = l / tanh(l / 2) the continuous Bernoulli's normalizer, whose
 derivative is 1/l - 1/sinh(l). log C and its derivative take a Taylor series
 in l^2 below |l| = TAYLOR_BELOW (both are 0 / 0 or cancel at l = 0), else the
-closed forms in t = e^-|l| (the coefficients are fastvae.reference.CB_TAYLOR;
-csrc/bernoulli_likelihood.h says why the branch points are 1 for float32 and
-0.25 for float64). kernels/bernoulli_log_prob.py and
-kernels/continuous_bernoulli_log_prob.py are the launchers.
+closed forms in t = e^-|l| (the coefficients are the oracle's CB_TAYLOR,
+fastvae/ops/bernoulli_likelihood/__init__.py; bernoulli_likelihood.h says why
+the branch points are 1 for float32 and 0.25 for float64). Each op's launchers,
+<op>_forward and <op>_backward, are at the end.
 
 Layout: logits (K, P, D); x (P, D) broadcast over K by indexing, never copied.
 One launch forward, one backward, no torch work around them (issue 23):
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
@@ -285,3 +285,37 @@ def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits) -> None:
     _bernoulli_log_prob_bwd_kernel[grid](
         grad_out, x, logits, dlogits, dx if has_dx else dlogits, part,
         tile_counters(logits.device, tiles, splits), *ints, **meta)
+
+
+# -- the ops' launchers ----------------------------------------------------------
+# bernoulli_log_prob:
+#     out[k, p] = sum_d(x[p, d] * l - softplus(l)),  l = logits[k, p, d],
+# and the fused backward dlogits = g (x - sigmoid(l)), dx = sum_k g l: the
+# kernels above with KIND = BERNOULLI.
+
+
+def bernoulli_log_prob_forward(x, logits, out) -> None:
+    """out (K, P) <- sum_d(x l - softplus(l)) for x (P, D), logits (K, P, D)."""
+    bernoulli_forward(BERNOULLI, x, logits, out)
+
+
+def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
+    """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients given grad_out (K, P)."""
+    bernoulli_backward(BERNOULLI, grad_out, x, logits, dx, dlogits)
+
+
+# continuous_bernoulli_log_prob:
+#     out[k, p] = sum_d(x[p, d] l - softplus(l) + log C(l)),  l = logits[k, p, d],
+# C(l) = l / tanh(l / 2) the continuous Bernoulli's normalizer, and the fused
+# backward dlogits = g (x - sigmoid(l) + 1/l - 1/sinh(l)), dx = sum_k g l: the
+# kernels above with KIND = CONTINUOUS (log C's Taylor and closed-form branches).
+
+
+def continuous_bernoulli_log_prob_forward(x, logits, out) -> None:
+    """out (K, P) <- sum_d(x l - softplus(l) + log C(l)) for x (P, D), logits (K, P, D)."""
+    bernoulli_forward(CONTINUOUS, x, logits, out)
+
+
+def continuous_bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
+    """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients given grad_out (K, P)."""
+    bernoulli_backward(CONTINUOUS, grad_out, x, logits, dx, dlogits)

@@ -1,11 +1,15 @@
-// bernoulli_log_prob and continuous_bernoulli_log_prob on the CPU share this
-// header: one row loop for the forward and one for the backward, templated on
-// the per-element formula (BernoulliKind), and the OpenMP driver. The two
-// formulas stand side by side below (log_prob_term, dlogit); each op's .cpp
-// instantiates the loops in ISA-cloned entry points (FASTVAE_BERNOULLI_OP).
+// Raw-pointer kernels of bernoulli_log_prob and continuous_bernoulli_log_prob
+// (cpp backend): their entry points, and what the two share on the CPU: one
+// row loop for the forward and one for the backward, templated on the
+// per-element formula (BernoulliKind), and the OpenMP driver. The two
+// formulas stand side by side below (log_prob_term, dlogit);
+// bernoulli_likelihood.cpp instantiates the loops in ISA-cloned entry points,
+// once per op (FASTVAE_BERNOULLI_OP). Callers (bind.cpp, torch_op.cpp) have
+// checked dtype, contiguity and every extent.
 //
-// Layout (likelihood.h): logits (K, P, D), x (P, D) broadcast over K, never
-// copied; out and g (K, P); dx (P, D) summed over K, or null.
+// Layout, set up by fastvae/_likelihood_layout.py: logits (K, P, D), x (P, D)
+// broadcast over K, never copied; out and g (K, P); dx (P, D) summed over K,
+// or null.
 //
 //   Bernoulli:            x l - softplus(l),
 //   continuous Bernoulli: x l - softplus(l) + log C(l),
@@ -15,7 +19,7 @@
 //   log C(l) = log(2 atanh(1 - 2 lambda) / (1 - 2 lambda)) = log(l / tanh(l / 2)),
 // even in l. Near l = 0 that is 0 / 0 and its gradient 1/l - 1/sinh(l)
 // cancels, so |l| < kTaylorBelow takes the Taylor series in l^2 (the
-// coefficients of fastvae.reference.CB_TAYLOR); above it, with t = e^-|l|,
+// coefficients of the oracle's CB_TAYLOR, __init__.py); above it, with t = e^-|l|,
 //   log C = log|l| - log(1 - t) + log1p(t),  d log C / dl = sign(l) (1/|l| - 2t / (1 - t^2)),
 // exact at large |l| (t underflows to 0: log C = log|l|).
 #pragma once
@@ -29,6 +33,26 @@
 #include "ops.h"
 
 namespace fastvae {
+
+// T: the compute type (x, out, g, dx); H: the logits' storage type, T or, for
+// T = float, bf16 / fp16 (half.h), read and written in its own dtype.
+template <typename T, typename H>
+void bernoulli_log_prob_forward(const T* x, const H* logits, int64_t K, int64_t P, int64_t D,
+                                T* out, int n_threads);
+
+// g: (K, P). dx: (P, D) or null; dlogits: (K, P, D).
+template <typename T, typename H>
+void bernoulli_log_prob_backward(const T* g, const T* x, const H* logits, int64_t K, int64_t P,
+                                 int64_t D, T* dx, H* dlogits, int n_threads);
+
+// The same layout and arguments as bernoulli_log_prob's.
+template <typename T, typename H>
+void continuous_bernoulli_log_prob_forward(const T* x, const H* logits, int64_t K, int64_t P,
+                                           int64_t D, T* out, int n_threads);
+template <typename T, typename H>
+void continuous_bernoulli_log_prob_backward(const T* g, const T* x, const H* logits, int64_t K,
+                                            int64_t P, int64_t D, T* dx, H* dlogits,
+                                            int n_threads);
 
 enum class BernoulliKind : int { kBernoulli = 0, kContinuous = 1 };
 
@@ -204,11 +228,14 @@ void for_row_tasks(int64_t P, int n_threads, const Task& task) {
     backward_rows_##suffix(g, x, l, K, P, D, p0, p1, dx, dl);                                  \
   }
 
-// One op's instantiations (in csrc/name.cpp): the row loops of formula `kind`
-// for float32 logits (cloned), bf16 and fp16 logits (cloned) and float64, and
-// the entry points name_forward / name_backward declared in likelihood.h.
+// One op's instantiations (in bernoulli_likelihood.cpp, once per op): the row
+// loops of formula `kind` for float32 logits (cloned), bf16 and fp16 logits
+// (cloned) and float64, in a namespace of their own (name##_rows: both ops
+// share one translation unit), and the entry points name_forward /
+// name_backward declared above.
 #define FASTVAE_BERNOULLI_OP(name, kind)                                                        \
   namespace {                                                                                  \
+  namespace name##_rows {                                                                      \
   FASTVAE_BERNOULLI_F32(kind, float, f32)                                                      \
   FASTVAE_BERNOULLI_F32(kind, bf16, bf16)                                                      \
   FASTVAE_BERNOULLI_F32(kind, fp16, fp16)                                                      \
@@ -221,18 +248,19 @@ void for_row_tasks(int64_t P, int n_threads, const Task& task) {
     bernoulli::backward_rows<kind, double, double>(g, x, l, K, P, D, p0, p1, dx, dl);          \
   }                                                                                            \
   }                                                                                            \
+  }                                                                                            \
   template <typename T, typename H>                                                            \
   void name##_forward(const T* x, const H* logits, int64_t K, int64_t P, int64_t D, T* out,    \
                       int n_threads) {                                                         \
     bernoulli::for_row_tasks(P, n_threads, [&](int64_t p0, int64_t p1) {                       \
-      forward_task(x, logits, K, P, D, p0, p1, out);                                           \
+      name##_rows::forward_task(x, logits, K, P, D, p0, p1, out);                              \
     });                                                                                        \
   }                                                                                            \
   template <typename T, typename H>                                                            \
   void name##_backward(const T* g, const T* x, const H* logits, int64_t K, int64_t P,          \
                        int64_t D, T* dx, H* dlogits, int n_threads) {                          \
     bernoulli::for_row_tasks(P, n_threads, [&](int64_t p0, int64_t p1) {                       \
-      backward_task(g, x, logits, K, P, D, p0, p1, dx, dlogits);                               \
+      name##_rows::backward_task(g, x, logits, K, P, D, p0, p1, dx, dlogits);                  \
     });                                                                                        \
   }                                                                                            \
   FASTVAE_BERNOULLI_INSTANTIATE(name, float, float)                                            \

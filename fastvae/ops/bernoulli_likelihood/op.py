@@ -1,0 +1,283 @@
+"""The front end of bernoulli_log_prob and continuous_bernoulli_log_prob:
+their public functions, the torch.library ops fastvae::<op> and
+fastvae::<op>_backward with the autograd Function around them, their double
+backward, and the route of likelihood="continuous_bernoulli"
+(continuous_bernoulli_decoder_log_prob, fastvae/_decoder.py's table; the
+Bernoulli's route calls bernoulli_log_prob_unchecked).
+
+The two take the same arguments and layout and differ only in the
+per-element formula, which lives in each backend's kernels (triton.py,
+bernoulli_likelihood.h, the oracle in __init__.py) and in the double backward
+(below). ``op`` below is the op's name; its kernels are ``<op>_forward`` and
+``<op>_backward`` in the registry.
+
+Layout (fastvae/_likelihood_layout.py): x (P, D) broadcast over the decoder
+samples of logits (K, P, D), never copied; the result is (K, P).
+
+The continuous Bernoulli likelihood (Loaiza-Ganem and Cunningham 2019) with
+logits, for x in [0, 1]:
+
+    log p(x | l) = x l - softplus(l) + log C(l),   C(l) = l / tanh(l / 2),
+
+the Bernoulli term plus the log normalizer, written in the logit (C equals
+2 atanh(1 - 2 lambda) / (1 - 2 lambda), lambda = sigmoid(l)). C is even in l
+and 0 / 0 at l = 0, where the kernels take its Taylor series in l^2 (and for
+the gradient, 1/l - 1/sinh(l), which cancels there); at large |l|,
+log C = log|l| - log(1 - e^-|l|) + log1p(e^-|l|), exact as |l| grows.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ... import _backend, _validate, _value_checks
+from ..._double_backward import _acc, _like
+from ..._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, likelihood_torch_ops, unfold_rows
+from ..._op import define, run, shaped
+from . import _cb_log_norm_grad
+
+
+def forward(kernel: str, x: Tensor, logits: Tensor) -> Tensor:
+    """``kernel``'s sum over D, shape (K, P), for x (P, D) and logits (K, P, D),
+    both contiguous (kernel_views makes them so)."""
+    backend = _backend.backend_for(logits.device)
+    dtype = _backend.compute_dtype(x, logits)
+    # logits are read in their own dtype (a bfloat16 decoder output is never
+    # copied to float32); the result is float32, or float64
+    x, logits = _backend.kernel_input(backend, x, dtype), _backend.kernel_input(backend, logits, dtype, True)
+    if fold_samples(backend, logits):  # few x rows against many samples: every thread gets work
+        K, P, _ = logits.shape
+        x, folded_logits, _ = folded(x, logits)
+        out = _backend.empty_output((1, K * P), like=logits, dtype=dtype)
+        _backend.launch(backend, kernel, logits.numel(), x=x, logits=folded_logits, out=out)
+        return out.view(K, P)
+    out = _backend.empty_output(logits.shape[:2], like=logits, dtype=dtype)
+    _backend.launch(backend, kernel, logits.numel(), x=x, logits=logits, out=out)
+    return out
+
+
+def backward(kernel: str, grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> list[Tensor]:
+    """[dlogits (K, P, D)], and dx (P, D) when need_dx, for grad_out (K, P)
+    and the layout of forward (an unwanted gradient is not allocated at all:
+    that cost as much as a small kernel). Each gradient in its input's dtype."""
+    backend = _backend.backend_for(logits.device)
+    K, P, D = logits.shape
+    dtype = _backend.compute_dtype(x, logits)
+    x_dtype, logits_dtype = x.dtype, logits.dtype
+    x, logits = _backend.kernel_input(backend, x, dtype), _backend.kernel_input(backend, logits, dtype, True)
+    grad_out = _backend.kernel_input(backend, grad_out, dtype)
+    x2, l3 = x, logits
+    fold = fold_samples(backend, logits)
+    if fold:
+        x2, l3, _ = folded(x, logits)
+    dlogits = _backend.empty_output(l3.shape, like=logits)
+    dx = _backend.empty_output((l3.shape[1], D), like=x) if need_dx else None
+    _backend.launch(
+        backend, kernel, dlogits.numel(),
+        grad_out=shaped(grad_out, l3.shape[:2]).contiguous(), x=x2, logits=l3, dx=dx, dlogits=dlogits,
+    )
+    dlogits = _backend.in_dtype(dlogits.view(K, P, D) if fold else dlogits, logits_dtype)
+    if not need_dx:
+        return [dlogits]
+    return [dlogits, _backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, x_dtype)]
+
+
+def define_ops(op: str, cpu: bool = False):
+    """fastvae::<op> and fastvae::<op>_backward (_op.define), in the kernels'
+    layout; ``cpu``: the ops have C++ twins (torch_op.cpp), which serve
+    every layout but the folded one."""
+    return (
+        define(
+            f"{op}(Tensor x, Tensor logits) -> Tensor",
+            functools.partial(forward, f"{op}_forward"),
+            lambda x, logits: logits.new_empty(logits.shape[:2], dtype=_backend.compute_dtype(x, logits)),
+            cpu=(lambda x, logits: None if fold_samples("cpp", logits.shape) else (logits, x)) if cpu else None,
+        ),
+        define(
+            f"{op}_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]",
+            functools.partial(backward, f"{op}_backward"),
+            lambda grad_out, x, logits, need_dx: [torch.empty_like(logits)]
+            + ([torch.empty_like(x)] if need_dx else []),
+            cpu=(lambda grad_out, x, logits, need_dx: None if fold_samples("cpp", logits.shape)
+                 else (logits, x, grad_out)) if cpu else None,
+        ),
+    )
+
+
+def autograd_function(name: str, module: str, ops: tuple, double_backward) -> type:
+    """The autograd Function ``name`` of ``ops`` (define_ops'). The op takes
+    the kernels' layout, x (P, D) and logits (K, P, D); made in its forward
+    once, and saved, so the backward reuses it (the inputs too, for
+    ``double_backward``, the closed form that a create_graph=True backward
+    differentiates)."""
+
+    op, backward_op = ops
+
+    def forward(ctx, x, logits):
+        x2, l3 = kernel_views(x, logits)
+        ctx.save_for_backward(x2, l3, x, logits)
+        ctx.shapes = x.shape, logits.shape
+        return shaped(run(op, x2, l3), logits.shape[:-1])
+
+    def backward(ctx, grad_out):
+        x2, l3, x, logits = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return double_backward(grad_out, x, logits, ctx.needs_input_grad)
+        need_dx = ctx.needs_input_grad[0]
+        grads = run(backward_op, grad_out, x2, l3, need_dx)
+        x_shape, logits_shape = ctx.shapes
+        return (shaped(grads[1], x_shape) if need_dx else None), shaped(grads[0], logits_shape)
+
+    doc = f"Autograd of {op.name()} (fastvae/ops/bernoulli_likelihood/op.py)."
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "__module__": module, "__qualname__": name,
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+    })
+
+
+# -- double backward ---------------------------------------------------------------
+# The closed forms a create_graph=True backward differentiates (fastvae/_double_backward.py).
+
+
+def bernoulli_log_prob_double_backward(grad_out, x, logits, needs):
+    """dx, dlogits of sum(x * logits - softplus(logits))."""
+    return _bernoulli_kind(grad_out, x, logits, needs, None)
+
+
+def continuous_bernoulli_log_prob_double_backward(grad_out, x, logits, needs):
+    """dx, dlogits of sum(x * logits - softplus(logits) + log C(logits)): the
+    oracle's d log C / dl (a Taylor branch near 0) carries the second derivative."""
+    return _bernoulli_kind(grad_out, x, logits, needs, _cb_log_norm_grad)
+
+
+def _bernoulli_kind(grad_out, x, logits, needs, log_norm_grad):
+    g, xx, lg = _acc(grad_out).unsqueeze(-1), _acc(x), _acc(logits)
+    e = xx - torch.sigmoid(lg)
+    dl = g * (e if log_norm_grad is None else e + log_norm_grad(lg))
+    return (_like((g * lg).sum_to_size(x.shape), x, needs[0]), _like(dl.sum_to_size(logits.shape), logits, needs[1]))
+
+
+# -- bernoulli_log_prob ------------------------------------------------------------
+# The Bernoulli reconstruction term with logits, fused forward and backward,
+# with x broadcast over decoder samples.
+
+_BERNOULLI_OPS = define_ops("bernoulli_log_prob", cpu=True)
+bernoulli_log_prob_op, bernoulli_log_prob_backward_op = _BERNOULLI_OPS
+BernoulliLogProb = autograd_function("BernoulliLogProb", __name__, _BERNOULLI_OPS, bernoulli_log_prob_double_backward)
+
+
+def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Tensor:
+    """log Bernoulli(x; sigmoid(logits)) summed over the last dimension D.
+
+    Args:
+        x: data of shape (..., D), binary or in [0, 1] (continuous Bernoulli
+            targets are used as is, without the normalizing constant); it
+            broadcasts against ``logits`` of shape (K, ..., D) without being
+            copied K times. Values outside [0, 1] give a number that is no
+            log-likelihood: fastvae warns (on CPU at every call, on CUDA at
+            the first; ``fastvae.set_value_checks``).
+        logits: decoder logits, shape (K, ..., D) or (..., D): the
+            pre-sigmoid output. Probabilities (a decoder ending in a sigmoid)
+            give a wrong likelihood without an error; fastvae warns when every
+            value it reads lies in [0, 1].
+        event_dims: how many trailing dimensions form one event, summed over:
+            3 for (..., C, H, W) images (x then ends in (C, H, W) too).
+
+    Returns:
+        sum(x * logits - softplus(logits)) over D, with ``logits``' leading
+        shape. softplus is evaluated as max(l, 0) + log1p(exp(-|l|)), exact for
+        |logits| of 100 and beyond. Differentiable in logits and in x when x
+        requires grad.
+
+    Dtypes may differ (bfloat16 logits with float32 x, as under autocast):
+    each is read in its own dtype; the result is float32 when any input is
+    half precision (float64 when any is float64), and each gradient comes
+    back in its input's dtype.
+    """
+    _validate.float_tensors(x=x, logits=logits)
+    _validate.event_dim("logits", logits)
+    if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
+        event_dims = _validate.positive_int("event_dims", event_dims)
+    _value_checks.bernoulli_data(x)
+    _value_checks.bernoulli_logits(logits)
+    return bernoulli_log_prob_unchecked(x, logits, event_dims)
+
+
+def bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dims: int = 1) -> Tensor:
+    """bernoulli_log_prob after the metadata checks and without the value
+    checks (the caller ran them, with its own argument names)."""
+    if event_dims != 1:
+        x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
+    x = broadcast_x(x, logits, "logits")
+    ops = likelihood_torch_ops(x, logits)
+    if ops is not None:
+        return ops.bernoulli_log_prob(x, logits)
+    return BernoulliLogProb.apply(x, logits)
+
+
+# -- continuous_bernoulli_log_prob -------------------------------------------------
+# The continuous Bernoulli likelihood (the module's docstring), fused forward and
+# backward, with x in [0, 1] broadcast over decoder samples; bernoulli_log_prob's
+# ops and Function with its formula.
+
+_CONTINUOUS_OPS = define_ops("continuous_bernoulli_log_prob")
+continuous_bernoulli_log_prob_op, continuous_bernoulli_log_prob_backward_op = _CONTINUOUS_OPS
+ContinuousBernoulliLogProb = autograd_function("ContinuousBernoulliLogProb", __name__, _CONTINUOUS_OPS,
+                                               continuous_bernoulli_log_prob_double_backward)
+
+
+def continuous_bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Tensor:
+    """log ContinuousBernoulli(x; logits) summed over the last dimension D:
+    the normalized density of Loaiza-Ganem and Cunningham (2019), for data
+    in [0, 1] such as grey-scale pixels.
+
+    Args:
+        x: data of shape (..., D) in [0, 1]; it broadcasts against ``logits``
+            of shape (K, ..., D) without being copied K times (fastvae warns
+            when x leaves [0, 1]).
+        logits: decoder logits, shape (K, ..., D) or (..., D), finite.
+        event_dims: how many trailing dimensions form one event, summed over:
+            3 for (..., C, H, W) images.
+
+    Returns:
+        sum(x l - softplus(l) + log C(l)) over D with C(l) = l / tanh(l / 2)
+        (= 2 atanh(1 - 2 sigmoid(l)) / (1 - 2 sigmoid(l))): log C is 2 at
+        l = 0, taken from its Taylor series near 0 and from
+        log|l| - log(1 - e^-|l|) + log1p(e^-|l|) beyond, exact at large |l|
+        (torch.distributions.ContinuousBernoulli's normalizer, computed from
+        the probability, drifts there). Equal to
+        ``ContinuousBernoulli(logits=logits).log_prob(x).sum(-1)`` where that
+        is accurate. Differentiable in logits, and in x when x requires grad.
+
+    Dtypes may differ as in :func:`fastvae.bernoulli_log_prob`; half-precision
+    inputs give a float32 result.
+    """
+    _validate.float_tensors(x=x, logits=logits)
+    _validate.event_dim("logits", logits)
+    if type(event_dims) is not int or event_dims < 1:
+        event_dims = _validate.positive_int("event_dims", event_dims)
+    _value_checks.bernoulli_data(x, likelihood="continuous_bernoulli")
+    _value_checks.bernoulli_logits(logits, likelihood="continuous_bernoulli")
+    return continuous_bernoulli_log_prob_unchecked(x, logits, event_dims)
+
+
+def continuous_bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dims: int = 1) -> Tensor:
+    """continuous_bernoulli_log_prob after the metadata checks, without the value checks."""
+    if event_dims != 1:
+        x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
+    x = broadcast_x(x, logits, "logits")
+    return ContinuousBernoulliLogProb.apply(x, logits)
+
+
+def continuous_bernoulli_decoder_log_prob(x: Tensor, logits: Tensor, probs_given: bool) -> Tensor:
+    """likelihood="continuous_bernoulli" in the objectives and evaluation: x
+    (*batch, D) against decode(z)'s logits (*sample_shape, *batch, D), shapes
+    checked and events flattened by fastvae._decoder."""
+    _validate.float_tensors(x=x, logits=logits)
+    _value_checks.bernoulli_data(x, "x (likelihood='continuous_bernoulli')", "continuous_bernoulli")
+    if not probs_given:  # logits derived from a distribution's probs= may lie in [0, 1]
+        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='continuous_bernoulli')",
+                                      "continuous_bernoulli")
+    return continuous_bernoulli_log_prob_unchecked(x, logits)
