@@ -210,15 +210,6 @@ struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> 
   }
 };
 
-// -- the likelihoods --------------------------------------------------------------
-
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-  }
-};
-
 // -- DReG's gradient weights ------------------------------------------------------
 
 // g passed through as a view; a second backward that reaches it raises
@@ -267,9 +258,6 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
   auto out = SampleNormalWithRatio::apply(mu, logvar, seed, n_samples, stop_score);
   return {out[0], out[1], out[2]};
 }
-
-}
-
 
 // -- the graph ops (fastvae_cpu::*) ------------------------------------------------
 //
@@ -325,12 +313,6 @@ std::tuple<Tensor, Tensor> graph_sample_normal_backward(const Tensor& mu, const 
   const auto [m, lv] = latent_rows(mu, logvar, s, std::max<int64_t>(K, 1));
   auto [dmu, dlv] = sample_backward(gz, gk, gr, stop_score, m, lv, s, K);
   return {shaped(dmu, mu.sizes()), shaped(dlv, mu.sizes())};
-}
-
-  });
-  return out;
-}
-
 }
 
 }  // namespace

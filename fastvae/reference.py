@@ -115,10 +115,4 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
     dlogvar.copy_(d_lv)
 
 
-# --------------------------------------------------------------------------
-#
-# Kernel layout (set up by fastvae/_likelihood_layout.py): logits (K, P, D); x (P, D)
-# broadcast over K, or (K, P, D). Plain broadcasting covers every case here.
-# --------------------------------------------------------------------------
-
 
