@@ -113,6 +113,3 @@ def sample_normal_backward(grad_z: Tensor | None, grad_kl: Tensor | None, grad_l
         d_lv = d_lv + kl_lv
     dmu.copy_(d_mu)
     dlogvar.copy_(d_lv)
-
-
-
