@@ -87,9 +87,9 @@ from .ops.kl_normal.op import kl_normal
 from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.mixture_log_prob.op import mixture_log_prob
 from .ops.sample_location_scale.op import sample_location_scale
+from .ops.sample_normal.op import sample_normal
 from .ops.sample_normal_tril.op import sample_normal_tril
 from .poisson_log_prob import poisson_log_prob
-from .sample_normal import sample_normal
 from .zinb_log_prob import zinb_log_prob
 
 __all__ = [

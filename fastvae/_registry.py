@@ -38,11 +38,12 @@ def _described(name: str):
 FOLDERS: dict[str, object] = {name: _described(name) for name in _ops.FOLDERS}
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    # the noise stream's fills, shared infrastructure of every sampler and owned by no
+    # op (kernels/philox.py, csrc/philox.cpp, the reference's from fastvae/_philox.py):
+    # the evaluation's strided fill (fastvae/_noise.py) and the uniforms' test hook;
+    # sample_normal's aot cases compile them
     _k("randn_fill", "philox", "seed offset0 out row_stride"),
     _k("uniform_fill", "philox", "seed offset0 u1 u2"),
-    _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl log_ratio"),
-    _k("sample_normal_backward", "sample_normal",
-       "grad_z grad_kl grad_log_ratio mu logvar seed stop_score dmu dlogvar"),
     _k("gaussian_log_prob_forward", "gaussian_log_prob", "x mean var_param softplus_mode delta out"),
     _k("gaussian_log_prob_backward", "gaussian_log_prob",
        "grad_out x mean var_param softplus_mode delta dx dmean dvar_param"),
@@ -72,10 +73,6 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
 )}
 
 OPS: dict[str, Op] = {op.name: op for op in (
-    Op("sample_normal", ("sample_normal_forward", "sample_normal_backward", "randn_fill"),
-       "tests/test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
-       # and the DReG weights' hooks on sample_normal_with_ratio's z and log-ratio (objectives._dreg_z_scale)
-       torch_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_dreg_hooks")),
     Op("gaussian_log_prob", ("gaussian_log_prob_forward", "gaussian_log_prob_backward"),
        "tests/test_gaussian_log_prob.py", "gaussian_log_prob", torch_ops=("gaussian_log_prob",),
        likelihood="gaussian"),

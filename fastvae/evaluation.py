@@ -44,8 +44,8 @@ from .logmeanexp import (
     all_reduce_logmeanexp_state,
     logmeanexp_from_state,
 )
+from .ops.sample_normal.op import _MAX_OFFSET, sample_at, z_dtype
 from .priors import StandardNormal, check_prior, log_ratio_to_standard
-from .sample_normal import _MAX_OFFSET, sample_at, z_dtype
 
 # Bytes one chunk may use when chunk_size=None and memory_budget=None on the
 # CPU; see _chunk_plan. 256 MiB keeps the K = 5000, B = 256, D = 784

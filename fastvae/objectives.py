@@ -33,9 +33,9 @@ from .logmeanexp import (
     logmeanexp_with_state,
 )
 from .ops.kl_normal.op import kl_normal
+from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_normal_tril.op import SampleNormalTril
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
-from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 
 REDUCTIONS = ("mean", "sum", "none")
 ESTIMATORS = ("iwae", "dreg", "stl")

@@ -240,7 +240,6 @@ def _reduction_cases():
     x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
     x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
     xb, lg = torch.rand(8, 16, generator=g).requires_grad_(), leaf(1000, 8, 16, scale=4)
-    mu, lv = leaf(20000, 8), leaf(20000, 8)
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
     x_img = torch.randint(0, 256, (2, 3, 40, 40), generator=g).float() / 127.5 - 1
@@ -254,7 +253,6 @@ def _reduction_cases():
                               lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c),
                                           x_many, mean_many, var_row)],
         "bernoulli_log_prob": [lambda: run(fastvae.bernoulli_log_prob, xb, lg)],
-        "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
         "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
                                                            k=6000, likelihood="gaussian",
                                                            generator=gen(3))]],
@@ -333,7 +331,6 @@ def _every_op_call():
     counts = (torch.arange(32, dtype=torch.float64) % 4).reshape(2, 16)
     x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
     return {
-        "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
         "gaussian_log_prob": lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean),
         "bernoulli_log_prob": lambda: run(lambda a, b: fastvae.bernoulli_log_prob(torch.sigmoid(a), b), x, mean),
         "logmeanexp": lambda: run(fastvae.logmeanexp, lw),

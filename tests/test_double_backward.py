@@ -15,7 +15,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import fastvae
 from fastvae import _backend
 from fastvae.gaussian_log_prob import gaussian_log_prob_packed
-from fastvae.sample_normal import sample_normal_with_ratio_unchecked
+from fastvae.ops.sample_normal.op import sample_normal_with_ratio_unchecked
 
 from conftest import INTERPRET
 from helpers import gen, op_cases
@@ -87,11 +87,6 @@ def _cases(g):
         "logmeanexp_state": (lambda lw: fastvae.logmeanexp_from_state(fastvae.logmeanexp_state(lw)), [r(5, 3)], True),
         "importance_weights": (lambda lw: fastvae.importance_weights(lw, 1), [r(3, 5)], False),
         "effective_sample_size": (lambda lw: fastvae.effective_sample_size(lw), [r(5, 3)], False),
-        "sample_normal": (lambda m, lv: fastvae.sample_normal(m, lv, 2, generator=gen(3)), [r(3, 4), r(3, 4)], True),
-        "sample_normal_one_sample": (lambda m, lv: fastvae.sample_normal(m, lv, generator=gen(3)),
-                                     [r(3, 4), r(3, 4)], True),
-        "sample_normal_with_ratio": (lambda m, lv: sample_normal_with_ratio_unchecked(m, lv, 2, False, gen(3)),
-                                     [r(3, 4), r(3, 4)], True),
         # counts are data (no gradient): a constant of the function, on the leaves' device
         "poisson_log_prob": (lambda lr: fastvae.poisson_log_prob(counts.to(lr.device), lr), [r(2, 3, 5)], False),
         "negative_binomial_log_prob": (lambda m, t: fastvae.negative_binomial_log_prob(counts.to(m.device), m, t),

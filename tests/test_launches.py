@@ -125,7 +125,6 @@ def _cases():
         "iwae tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", beta=torch.tensor(0.5)),
         "iwae dreg tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg",
                                         beta=torch.tensor(0.5)),
-        "sample_normal": op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L)),
         "bernoulli_log_prob": op(lambda lg: fastvae.bernoulli_log_prob(x, lg), (K, B, D)),
         "gaussian_log_prob": op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D)),
         "logmeanexp": op(lambda lw: fastvae.logmeanexp(lw, 0), (K, B)),

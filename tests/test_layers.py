@@ -49,9 +49,9 @@ DECLARED = {
                                         "stable formula (create_graph=True only)",
     ("_double_backward", "reference"): "the continuous Bernoulli's d log C / d logit with its Taylor branch near 0, "
                                        "differentiable for the double backward",
-    ("_double_backward", "ops.kl_normal"): "kl_normal_grad (kl_normal's one gradient formula in Python) in "
-                                           "sample_normal's double backward",
     ("ops.kl_normal.op", "ops.kl_normal"): "kl_normal_grad, differentiable, for its own double backward",
+    ("ops.sample_normal.op", "ops.kl_normal"): "kl_normal_grad (kl_normal's one gradient formula in Python) in "
+                                               "sample_normal's double backward",
     ("ops.sample_positive.op", "ops.sample_positive"): "positive_terms: the positive families' closed forms, "
                                                         "differentiable, for its own double backward",
     ("latents", "ops.sample_positive"): "positive_terms at the median (Positive.point): one closed form, not a "
