@@ -14,7 +14,7 @@ kernel call per chunk (logmeanexp.accumulate_states: the merge runs on the
 device, no per-chunk torch ops), so
 memory is bounded by one chunk whatever K is. The noise of sample k of the
 example with global index g sits at Philox offset g·K·L + k·L + l, drawn by
-the sampling kernel at those offsets (sample_normal.sample_at), so the result does not depend on the chunk size, on how
+the sampling kernel at those offsets (sample_at), so the result does not depend on the chunk size, on how
 a dataset is cut into batches, or on how many processes share the work: only
 on the seed. When torch.distributed is initialized, every rank passes the same
 data and the examples (or the samples) are split over the ranks; the merged

@@ -190,7 +190,7 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
         return None
     if torch._C._is_any_autocast_enabled():
         # autocast on the tensors' device, float32 data x, and an encoder in float32
-        # or half precision: z and the KL in float32 (sample_normal.z_dtype);
+        # or half precision: z and the KL in float32 (sample_normal's z_dtype);
         # anything else (autocast on another device, float64) takes the general path
         if (kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind) or x.dtype is not torch.float32
                 or dtype not in _AUTOCAST_ENCODER_DTYPES):

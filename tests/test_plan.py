@@ -343,7 +343,7 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     from fastvae.kernels import _bernoulli_likelihood as bern
     from fastvae.kernels import gaussian_log_prob as gauss
     from fastvae.kernels import logmeanexp as lme
-    from fastvae.kernels import sample_normal as sn
+    from fastvae.ops.sample_normal import triton as sn
 
     meta = torch.device("meta")
 

@@ -50,7 +50,7 @@ def _flat3(t: Tensor) -> Tensor:
 
 
 def _z_dtype(logits: Tensor) -> torch.dtype:
-    """z's dtype, sample_normal.z_dtype's rule: the compute dtype under
+    """z's dtype, sample_normal's z_dtype rule: the compute dtype under
     torch.autocast (float32 for half-precision logits, float64 stays float64),
     else the logits' dtype."""
     return z_dtype(logits, logits)
