@@ -28,10 +28,10 @@ Implementations, side by side in one run:
                    the underlying normals), then the transform and its
                    log-Jacobian in one autograd node.
 
-Modes, medians, effective bandwidth and memory as in bench_sample_normal
-(harness.py): forward reads mu, logvar and writes z, log q and the KL;
-backward reads dz, dlog_q, dkl, mu, logvar and writes dmu, dlogvar; the noise
-is never stored.
+Modes, medians, effective bandwidth and memory as in sample_normal's
+benchmark row (python -m benchmarks.bench_op sample_normal; harness.py):
+forward reads mu, logvar and writes z, log q and the KL; backward reads dz,
+dlog_q, dkl, mu, logvar and writes dmu, dlogvar; the noise is never stored.
 
 Reproduce (from the repository root):
   python -m benchmarks.bench_normal_transforms            # full run

@@ -72,20 +72,4 @@ void folded_words(uint64_t seed, uint64_t offset0, int64_t n, int32_t* out);
 void folded_words(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
                   int32_t* out);
 
-// mu, logvar: (N, L); z: (K, N, L); kl: (N,). z[k, n, l] uses the noise at
-// offset0 + k * sample_stride + n * row_stride + l (training: 0, N * L, L).
-template <typename T>
-void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t offset0,
-                           uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
-                           int64_t L, T* z, T* kl, T* log_ratio, int n_threads);
-
-// dz: (K, N, L); dkl: (N,); dratio (K, N): the gradient of the log-ratio output
-// (sample_normal_with_ratio), stop_score its mode; each may be null (no gradient);
-// mu, logvar, dmu, dlogvar: (N, L).
-template <typename T>
-void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T* mu, const T* logvar,
-                            uint64_t seed, bool stop_score, int64_t K, int64_t N, int64_t L, T* dmu,
-                            T* dlogvar, int n_threads);
-
-
 }  // namespace fastvae

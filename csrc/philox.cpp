@@ -247,7 +247,7 @@ FASTVAE_INLINE void normals_group(const PhiloxKeys& keys, uint64_t offset0, int6
 // counters at a time (a short run, such as one evaluation row of L = 32, is
 // one group of 8), a loop that GCC vectorizes (the 64-bit Philox lanes and
 // Box-Muller, fused), into one array per lane that is interleaved into out.
-// Measured on one AVX-512 thread (bench_sample_normal's rng_1_thread): groups
+// Measured on one AVX-512 thread (benchmarks/bench_noise.py's rng_1_thread): groups
 // of 16 counters cost 0.90 ns a normal, 32 cost 0.70, 64 cost 0.72; a
 // variable trip count for every group (not only the last) cost 0.77.
 // On x86 the whole groups take the hand-vectorized Philox (vpmuludq, no

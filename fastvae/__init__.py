@@ -86,8 +86,8 @@ from .ops.logmeanexp.op import (
 )
 from .ops.mixture_log_prob.op import mixture_log_prob
 from .ops.sample_location_scale.op import sample_location_scale
+from .ops.sample_normal.op import sample_normal
 from .ops.sample_normal_tril.op import sample_normal_tril
-from .sample_normal import sample_normal
 
 __all__ = [
     "DiagonalNormal",

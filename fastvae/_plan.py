@@ -6,10 +6,11 @@ likelihood, estimator and reduction. Everything that depends only on that
 is worked out once per call signature and kept in a plan (as cuBLASLt plans
 or FlashInfer's plan/run split do): the argument checks passed, the output
 shapes and dtypes, and each kernel launch's grid and compile-time
-parameters (``kernels/X.py``'s ``*_plan`` functions, which the general
-launchers call on every call, so both paths launch the same variants). The
-steady-state call looks the plan up, draws the seed, allocates its outputs
-and launches, through two autograd nodes (the math needs no more):
+parameters (the ``*_plan`` functions of ``kernels/X.py`` or of an op folder's
+``triton.py``, which the general launchers call on every call, so both paths
+launch the same variants). The steady-state call looks the plan up, draws
+the seed, allocates its outputs and launches, through two autograd nodes
+(the math needs no more):
 
 - ``Sample``, before the decoder: z, the KL and (iwae) the latent term
   log N(z; 0, I) - log q(z | x), from one sampling kernel; its backward is
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from . import _backend, _double_backward, _op, _value_checks
 from .ops.gaussian_log_prob.op import fixed_logvar, packed_mean_logvar
-from .sample_normal import noise
+from .ops.sample_normal.op import double_backward as sample_normal_double_backward
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
 # and device that the plan keeps (torch.empty_like costs about a third of
@@ -210,7 +211,7 @@ class SamplePlan:
         self.with_ratio, self.stop_score = with_ratio, stop_score
         z_shape = shape if n_samples is None else torch.Size((K, *shape))
         # z, the KL and the log-ratio in the compute dtype: mu's, or float32 for
-        # a half-precision encoder under autocast (sample_normal.z_dtype)
+        # a half-precision encoder under autocast (ops/sample_normal/op.py's z_dtype)
         z_dtype = dtype if z_dtype is None else z_dtype
         self.z_like = torch.empty(z_shape, dtype=z_dtype, device=device)
         self.kl_like = torch.empty(shape[:-1], dtype=z_dtype, device=device)
@@ -287,8 +288,8 @@ class Sample(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
             if scale is not None and grad_z is not None:
                 grad_z = _double_backward.dreg_once(grad_z)
-            return (*_double_backward.sample_normal(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
-                                                    mu2.view(plan.N, plan.L), plan.K, noise), None, None, None)
+            return (*sample_normal_double_backward(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
+                                                   mu2.view(plan.N, plan.L), plan.K), None, None, None)
         dmu, dlogvar = empty(mu2), empty(lv2)
         if plan.N * plan.L == 0:
             return dmu, dlogvar, None, None, None

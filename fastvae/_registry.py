@@ -1,8 +1,9 @@
 """The op registry: every op, its kernels, and each kernel's argument names.
 
-An op in a folder of its own (fastvae/ops/<op>/) describes itself in its
-``__init__.py`` (``OP``, ``KERNELS``, ``BENCH``: fastvae/_spec.py), read here
-once at import; the entries below are the ops not yet moved to a folder.
+Every op lives in a folder of its own (fastvae/ops/<op>/, or a family's,
+fastvae/ops/<family>/) and describes itself in its ``__init__.py`` (``OP`` or
+``OPS``, ``KERNELS``, ``BENCH``: fastvae/_spec.py), read here once at import;
+the only entries written here are the noise stream's fills, which no op owns.
 This is the one place a kernel's arguments are defined. The front end calls
 every backend by keyword from it (``_backend.launch``), and
 ``tests/test_registry.py`` fails when the reference function, the Triton
@@ -44,21 +45,19 @@ def folder_ops(name: str) -> tuple[Op, ...]:
     description = FOLDERS[name]
     return getattr(description, "OPS", None) or (description.OP,)
 
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
+    # the noise stream's fills, shared infrastructure of every sampler and owned by no
+    # op (kernels/philox.py, csrc/philox.cpp, the reference's from fastvae/_philox.py):
+    # the evaluation's strided fill (fastvae/_noise.py) and the uniforms' test hook;
+    # sample_normal's aot cases compile them
     _k("randn_fill", "philox", "seed offset0 out row_stride"),
     _k("uniform_fill", "philox", "seed offset0 u1 u2"),
-    _k("sample_normal_forward", "sample_normal", "mu logvar seed offset0 sample_stride row_stride z kl log_ratio"),
-    _k("sample_normal_backward", "sample_normal",
-       "grad_z grad_kl grad_log_ratio mu logvar seed stop_score dmu dlogvar"),
 )}
 
-OPS: dict[str, Op] = {op.name: op for op in (
-    Op("sample_normal", ("sample_normal_forward", "sample_normal_backward", "randn_fill"),
-       "tests/test_sample_normal.py", "sample_normal", launches=(1, 1, 1),
-       # and the DReG weights' hooks on sample_normal_with_ratio's z and log-ratio (objectives._dreg_z_scale)
-       torch_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_dreg_hooks")),
-)}
-# an op in a folder -> the folder's name (its own name, or its family's)
+# every op, from its folder's description, and the folder that holds it (its
+# own name, or its family's)
+OPS: dict[str, Op] = {}
 FOLDER_OF: dict[str, str] = {}
 for _name, _description in FOLDERS.items():
     for _op in folder_ops(_name):

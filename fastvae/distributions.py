@@ -22,8 +22,8 @@ from torch import Tensor
 from . import _backend, _validate
 from .ops.gaussian_log_prob.op import gaussian_log_prob
 from .ops.kl_normal.op import kl_normal
+from .ops.sample_normal.op import sample_normal
 from .ops.sample_normal_tril.op import sample_normal_tril
-from .sample_normal import sample_normal
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -148,8 +148,8 @@ def sample_tril_with_log_q(q: TrilNormal, n_samples: int | None, generator: torc
     parameters get no score and z gets d/dz log q = -S^-T eps."""
     from ._backend import accumulation_dtype
     from ._op import draw_seed
+    from .ops.sample_normal.op import SampleNormal
     from .ops.sample_normal_tril.op import SampleNormalTril
-    from .sample_normal import SampleNormal
 
     mu, S = q.mu, q.scale_tril
     seed = draw_seed(mu.device, generator)

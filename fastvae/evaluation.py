@@ -13,8 +13,9 @@ are folded into the running (max, sumexp) states of fastvae.logmeanexp_state
 kernel call per chunk (accumulate_states of ops/logmeanexp/op.py: the merge
 runs on the device, no per-chunk torch ops), so memory is bounded by one
 chunk whatever K is. The noise of sample k of the example with global index
-g sits at Philox offset g·K·L + k·L + l, drawn by
-the sampling kernel at those offsets (sample_normal.sample_at), so the result does not depend on the chunk size, on how
+g sits at Philox offset g·K·L + k·L + l, drawn by the sampling kernel at
+those offsets (sample_at of ops/sample_normal/op.py), so the result does not
+depend on the chunk size, on how
 a dataset is cut into batches, or on how many processes share the work: only
 on the seed. When torch.distributed is initialized, every rank passes the same
 data and the examples (or the samples) are split over the ranks; the merged
@@ -44,8 +45,8 @@ from .ops.logmeanexp.op import (
     all_reduce_logmeanexp_state,
     logmeanexp_from_state,
 )
+from .ops.sample_normal.op import _MAX_OFFSET, sample_at, z_dtype
 from .priors import StandardNormal, check_prior, log_ratio_to_standard
-from .sample_normal import _MAX_OFFSET, sample_at, z_dtype
 
 # Bytes one chunk may use when chunk_size=None and memory_budget=None on the
 # CPU; see _chunk_plan. 256 MiB keeps the K = 5000, B = 256, D = 784

@@ -90,9 +90,9 @@ from .ops.sample_location_scale.op import (
     location_scale_at,
     sample_location_scale_unchecked,
 )
+from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_positive.op import PARAMETERS, check_params, positive_at, sample_positive_unchecked
 from .priors import TorchPrior
-from .sample_normal import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 
 LOG_2PI = math.log(2.0 * math.pi)
 EULER_GAMMA = 0.5772156649015329

@@ -33,9 +33,9 @@ from .ops.logmeanexp.op import (
     importance_weights_from_state,
     logmeanexp_with_state,
 )
+from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_normal_tril.op import SampleNormalTril
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
-from .sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 
 REDUCTIONS = ("mean", "sum", "none")
 ESTIMATORS = ("iwae", "dreg", "stl")
@@ -190,7 +190,7 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
         return None
     if torch._C._is_any_autocast_enabled():
         # autocast on the tensors' device, float32 data x, and an encoder in float32
-        # or half precision: z and the KL in float32 (sample_normal.z_dtype);
+        # or half precision: z and the KL in float32 (sample_normal's z_dtype);
         # anything else (autocast on another device, float64) takes the general path
         if (kind not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind) or x.dtype is not torch.float32
                 or dtype not in _AUTOCAST_ENCODER_DTYPES):

@@ -53,40 +53,15 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
 def calls(op: str, s: dict, dtype: torch.dtype):
     """(kernel, arguments) of every launch the op makes at shape s: the
     forward and backward in each mode the front end uses (a training decoder
-    of D outputs per sample; log-weights of K samples for B examples)."""
-    K, B, L = s["K"], s["B"], s["L"]
+    of D outputs per sample; log-weights of K samples for B examples): each
+    op's folder gives them (a family's: all its ops'), with ``m`` and ``r``
+    making meta tensors of the input dtype and of its accumulation dtype."""
     acc = accumulation_dtype(dtype)
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
     # bounds, KL terms, log-probabilities and log-weights (and their incoming
     # gradients) are float32 for half-precision inputs (issue 24)
     r = lambda *shape: meta(*shape, dtype=acc)  # noqa: E731
-    seed = meta(dtype=torch.int64)
-    if op in _registry.FOLDER_OF:  # an op folder gives its cases itself (a family's: all its ops')
-        yield from _registry.FOLDERS[_registry.FOLDER_OF[op]].aot_calls(s, m, r)
-    elif op == "sample_normal":
-        for ratio in (None, r(K, B)):  # training; iwae, which takes log p(z) - log q(z) from the sampler
-            yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=0,
-                                                sample_stride=B * L, row_stride=L, z=m(K, B, L), kl=r(B),
-                                                log_ratio=ratio)
-        # training (z and kl); iwae (z, kl and the log-ratio, with and without the score)
-        for ratio, stop in ((None, False), (r(K, B), False), (r(K, B), True)):
-            yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), grad_log_ratio=ratio, mu=m(B, L),
-                                                 logvar=m(B, L), seed=seed, stop_score=stop, dmu=m(B, L),
-                                                 dlogvar=m(B, L))
-        # evaluation: the example-major layout of a chunk
-        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
-                                            row_stride=K * L, z=m(K, B, L), kl=r(B), log_ratio=None)
-        # a latent size not divisible by 4 and a chunk at an odd offset: the noise's unaligned paths
-        yield "sample_normal_backward", dict(grad_z=m(K, B, L - 2), grad_kl=r(B), grad_log_ratio=None, mu=m(B, L - 2),
-                                             logvar=m(B, L - 2), seed=seed, stop_score=False, dmu=m(B, L - 2),
-                                             dlogvar=m(B, L - 2))
-        yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L + 1, sample_stride=L,
-                                            row_stride=K * L, z=m(K, B, L), kl=r(B), log_ratio=None)
-        yield "randn_fill", dict(seed=seed, offset0=0, out=meta(B, K * L, dtype=acc), row_stride=K * L)
-        yield "randn_fill", dict(seed=seed, offset0=1, out=meta(B, K * L, dtype=acc), row_stride=K * L)
-        yield "uniform_fill", dict(seed=seed, offset0=0, u1=meta(B * L), u2=meta(B * L))
-    else:
-        raise ValueError(f"unknown op {op!r}")
+    yield from _registry.FOLDERS[_registry.FOLDER_OF[op]].aot_calls(s, m, r)
 
 
 @dataclass

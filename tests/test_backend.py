@@ -236,11 +236,9 @@ def _reduction_cases():
         total = sum((o * torch.randn(o.shape, generator=w, dtype=o.dtype)).sum() for o in outs)
         return [o.detach() for o in outs] + list(torch.autograd.grad(total, leaves))
 
-    mu, lv = leaf(20000, 8), leaf(20000, 8)
     W = torch.randn(8, 16, generator=g)
     xe = torch.randn(40, 16, generator=g)
     cases = {
-        "sample_normal": [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)],
         "log_likelihood": [lambda: [fastvae.log_likelihood(xe, lambda t: (t @ W.T * 0.1, t[:, :8] * 0), lambda t: t @ W,
                                                            k=6000, likelihood="gaussian",
                                                            generator=gen(3))]],
@@ -302,7 +300,6 @@ def _every_op_call():
     mu, lv = leaf(3, 4), leaf(3, 4)
     x = leaf(2, 16)
     return {
-        "sample_normal": lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv),
         "elbo": lambda: run(lambda a, b: fastvae.elbo(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),
                                                       likelihood="gaussian", generator=gen(2)), mu, lv),
         "iwae": lambda: run(lambda a, b: fastvae.iwae(x, a[:2], b[:2], lambda z: z @ torch.ones(4, 16, dtype=z.dtype),

@@ -142,6 +142,27 @@ def test_peak_memory_child():
     assert m["peak_mb"] > 1 and m["method"]
 
 
+def test_noise_benchmark_reports_every_noise_path(tmp_path):
+    """bench_noise --quick (the noise stream alone, CPU): a figure for the path
+    the loader picked, torch.randn, sample_normal's forward and every other path
+    this CPU runs, in its JSON (speed is never asserted)."""
+    from benchmarks import bench_noise
+    from fastvae import _backend
+
+    out = tmp_path / "noise.json"
+    payload = bench_noise.main(["--quick", "--repeats", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["op"] == payload["op"] == "noise"
+    if not _backend.cpp_available():
+        assert payload["skipped"]
+        return
+    from fastvae import _C
+
+    others = {f"fastvae[{p}]" for p in _C.noise_isas() if p != _C.noise_isa()}
+    assert set(payload["rng_1_thread"]) == {"fastvae", "torch.randn", "sample_normal forward"} | others
+    assert all(r["median_ns_per_normal"] > 0 for r in payload["rng_1_thread"].values())
+    assert payload["machine"]["fastvae_noise_path"] == _C.noise_isa()
+
+
 def test_overhead_benchmark_reports_the_floor_and_every_op(tmp_path):
     """A smoke run: the rows exist and are positive times (speed is never asserted)."""
     from benchmarks import bench_overhead

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.sample_normal import SampleNormal
+from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
 from helpers import assert_compiled_matches_eager, op_cases
@@ -106,15 +106,9 @@ needs_twins = pytest.mark.skipif(
 def _twin_cases():
     """(name, fn, float inputs): each call puts one op of a training step, and
     its backward, in the graph."""
-    from fastvae.sample_normal import sample_normal_with_ratio_unchecked
     g = torch.Generator().manual_seed(3)
     mu, lv = torch.randn(5, 2, 3, generator=g), torch.randn(5, 2, 3, generator=g)
     return [
-        ("sample_normal", lambda m, v: fastvae.sample_normal(m, v, 3), (mu, lv)),
-        ("sample_normal (one sample)", lambda m, v: fastvae.sample_normal(m, v), (mu, lv)),
-        ("sample_normal_with_ratio", lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, False, None), (mu, lv)),
-        ("sample_normal_with_ratio (stop_score)",
-         lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, True, None), (mu, lv)),
         *(case for cases in op_cases("compile_cases").values() for case in cases(mu, lv)),
     ]
 

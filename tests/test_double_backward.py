@@ -14,7 +14,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import fastvae
 from fastvae import _backend
-from fastvae.sample_normal import sample_normal_with_ratio_unchecked
+from fastvae.ops.sample_normal.op import sample_normal_with_ratio_unchecked
 
 from conftest import INTERPRET
 from helpers import gen, op_cases
@@ -64,11 +64,6 @@ def _tril(N, L, g):
 def _cases(g):
     r = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
     return {
-        "sample_normal": (lambda m, lv: fastvae.sample_normal(m, lv, 2, generator=gen(3)), [r(3, 4), r(3, 4)], True),
-        "sample_normal_one_sample": (lambda m, lv: fastvae.sample_normal(m, lv, generator=gen(3)),
-                                     [r(3, 4), r(3, 4)], True),
-        "sample_normal_with_ratio": (lambda m, lv: sample_normal_with_ratio_unchecked(m, lv, 2, False, gen(3)),
-                                     [r(3, 4), r(3, 4)], True),
         **{name: case for cases in op_cases("double_backward_cases").values() for name, case in cases(r).items()},
     }
 

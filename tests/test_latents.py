@@ -423,7 +423,7 @@ def test_reconstruction_probability_and_evaluate(backend, name):
 
 def test_autocast_matches_float32_on_the_rounded_encoder(backend):
     """Under CPU autocast a bfloat16 Laplace posterior gives the float32 bound
-    of its rounded parameters (z in float32: sample_normal.z_dtype's rule)."""
+    of its rounded parameters (z in float32: sample_normal's z_dtype rule)."""
     _, device = backend
     if device != "cpu":
         pytest.skip("CPU autocast")

@@ -124,7 +124,6 @@ def _cases():
         "iwae tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", beta=torch.tensor(0.5)),
         "iwae dreg tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg",
                                         beta=torch.tensor(0.5)),
-        "sample_normal": op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L)),
     }
 
 

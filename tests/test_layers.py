@@ -45,14 +45,14 @@ LAYERS = {
 # imports of the reference's formulas by production code are on purpose; the
 # tests of what they serve do not rest on them (gradgradcheck, closed forms).
 DECLARED = {
-    ("_double_backward", "ops.kl_normal"): "kl_normal_grad (kl_normal's one gradient formula in Python) in "
-                                           "sample_normal's double backward",
     ("ops.kl_normal.op", "ops.kl_normal"): "kl_normal_grad, differentiable, for its own double backward",
     ("ops.count_log_prob.op", "ops.count_log_prob"): "the count likelihoods' second derivative is autograd of "
                                                       "their oracle's stable formula (create_graph=True only)",
     ("ops.bernoulli_likelihood.op", "ops.bernoulli_likelihood"): "the continuous Bernoulli's d log C / d logit "
                                                                  "with its Taylor branch near 0 (_cb_log_norm_grad), "
                                                                  "differentiable, for its own double backward",
+    ("ops.sample_normal.op", "ops.kl_normal"): "kl_normal_grad (kl_normal's one gradient formula in Python) in "
+                                               "sample_normal's double backward",
     ("ops.sample_positive.op", "ops.sample_positive"): "positive_terms: the positive families' closed forms, "
                                                         "differentiable, for its own double backward",
     ("latents", "ops.sample_positive"): "positive_terms at the median (Positive.point): one closed form, not a "

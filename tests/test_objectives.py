@@ -659,7 +659,7 @@ def _linear_decoder(D, L, dtype, seed=5, device="cpu"):
 def test_sampler_log_ratio_matches_the_float64_reference(backend, n, L, k, seed):
     """log p(z) - log q(z|x) from the sampler equals latent_log_ratio of the same z
     (float64 reference), value and gradient, in both score modes."""
-    from fastvae.sample_normal import SampleNormalWithRatio
+    from fastvae.ops.sample_normal.op import SampleNormalWithRatio
 
     name, device = backend
     g = gen(seed)
@@ -984,7 +984,7 @@ def test_posterior_may_be_a_torch_normal(backend):
 
 def test_sampler_log_ratio_of_an_empty_latent_is_zero(backend, nan_poisoned_outputs):
     """L = 0: no latent, so log p(z) - log q(z) = 0 on every backend (not an unwritten buffer)."""
-    from fastvae.sample_normal import SampleNormalWithRatio
+    from fastvae.ops.sample_normal.op import SampleNormalWithRatio
 
     _, device = backend
     mu = torch.zeros(3, 0, device=device)

@@ -339,11 +339,11 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     compile-time parameters as the general launchers', so no variant of the
     CUDA branch is left to a GPU run to check."""
     aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
-    from fastvae.kernels import sample_normal as sn
     from fastvae.ops.bernoulli_likelihood import triton as bern
     from fastvae.ops.gaussian_log_prob import triton as gauss
     from fastvae.ops.gaussian_log_prob.op import fixed_logvar
     from fastvae.ops.logmeanexp import triton as lme
+    from fastvae.ops.sample_normal import triton as sn
 
     meta = torch.device("meta")
 

@@ -15,6 +15,7 @@
 #include "known_answers.h"
 #include "ops.h"
 #include "philox.h"
+#include "sample_normal/sample_normal.h"
 
 namespace {
 

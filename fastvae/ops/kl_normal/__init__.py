@@ -52,8 +52,8 @@ def kl_normal_grad(g: Tensor, mu: Tensor, var: Tensor, prior_mu: Tensor | None =
     """The gradient of KL(N(mu, var) || prior) times g (broadcast over L: (..., 1)):
     (dmu, dlogvar) for the prior N(0, I), else (dmu, dlogvar, dprior_mu, dprior_logvar).
     The one Python copy of kl_normal's gradient formula: the reference backend's
-    kl_normal_backward and sample_normal_backward and the double backwards of
-    kl_normal (op.py) and sample_normal (fastvae/_double_backward.py) all call it,
+    kl_normal_backward and sample_normal_backward (the oracles) and the double
+    backwards of kl_normal and sample_normal (their op.py) all call it,
     with the var each computes (e^logvar, or s * s from the sampler's s = e^(logvar/2)).
     Plain differentiable torch ops, so a create_graph=True backward records it;
     the tests check it against autograd of ``kl_normal`` and by gradgradcheck."""

@@ -23,7 +23,7 @@ from fastvae.ops.logmeanexp.op import (
     logmeanexp_backward_op,
     logmeanexp_op,
 )
-from fastvae.sample_normal import SampleNormal
+from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
 from helpers import RTOL, assert_close, assert_compiled_matches_eager, run_gloo_ranks

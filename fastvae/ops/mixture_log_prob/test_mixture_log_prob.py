@@ -13,7 +13,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 import fastvae
 from fastvae.ops import mixture_log_prob as formulas
 from fastvae.ops.mixture_log_prob.op import MixtureLogProb, mixture_log_prob_backward_op, mixture_log_prob_op
-from fastvae.sample_normal import SampleNormal
+from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
 from helpers import RTOL, assert_close, assert_compiled_matches_eager

@@ -38,7 +38,7 @@ from torch import Tensor
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import not_twice
 from ..._op import define, draw_seed, run, shaped
-from ...sample_normal import _MAX_OFFSET, z_dtype
+from ..sample_normal.op import _MAX_OFFSET, z_dtype
 
 _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentiate it once, or use "
               "fastvae.ops.sample_concrete.sample_concrete (plain PyTorch) where a second derivative is needed")
@@ -50,7 +50,7 @@ def _flat3(t: Tensor) -> Tensor:
 
 
 def _z_dtype(logits: Tensor) -> torch.dtype:
-    """z's dtype, sample_normal.z_dtype's rule: the compute dtype under
+    """z's dtype, sample_normal's z_dtype rule: the compute dtype under
     torch.autocast (float32 for half-precision logits, float64 stays float64),
     else the logits' dtype."""
     return z_dtype(logits, logits)

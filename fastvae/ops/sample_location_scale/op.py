@@ -29,7 +29,7 @@ from ... import _backend, _validate
 from ..._double_backward import _acc
 from ..._families import LOCATION_SCALE_FAMILIES
 from ..._op import define, draw_seed, flat, run, shaped
-from ...sample_normal import _MAX_OFFSET, z_dtype
+from ..sample_normal.op import _MAX_OFFSET, z_dtype
 
 FAMILIES = LOCATION_SCALE_FAMILIES  # the kernels' `family` index is the position here
 

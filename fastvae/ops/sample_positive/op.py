@@ -34,7 +34,7 @@ from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc
 from ..._families import POSITIVE_FAMILIES
 from ..._op import define, draw_seed, flat, run, shaped
-from ...sample_normal import _MAX_OFFSET, z_dtype
+from ..sample_normal.op import _MAX_OFFSET, z_dtype
 
 # a declared use (docs/architecture.md, "Layers"): the double backward's closed forms
 from . import positive_terms

@@ -1,7 +1,7 @@
 // Python bindings of sample_normal (checked buffers -> sample_normal.cpp).
 #include "buffers.h"
 #include "optional_buffers.h"
-#include "ops.h"
+#include "sample_normal.h"
 
 namespace fastvae::bind {
 namespace {

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
+from fastvae.kernels._common import (
     INTERPRETER_BLOCK_ROWS,
     MAX_BLOCK_COLS,
     acc_dtype,
@@ -35,7 +35,7 @@ from ._common import (
     tile_and_split,
     tile_counters,
 )
-from .philox import aligned, randn, randn4
+from fastvae.kernels.philox import aligned, randn, randn4
 
 # Elements per forward program on a GPU (a quarter for float64): 8 float32
 # values a thread per live tile at 8 warps. 4096 spilled in bfloat16 (ptxas,

@@ -1,4 +1,5 @@
-"""sample_normal against the float64 reference, per backend (see conftest.py)."""
+"""sample_normal against its float64 oracle (fastvae/ops/sample_normal/__init__.py),
+per backend (the root conftest.py), and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -9,10 +10,18 @@ from hypothesis import strategies as st
 import fastvae
 from fastvae import reference
 from fastvae._op import draw_seed
+from fastvae.ops import sample_normal as oracle
 from fastvae.ops.kl_normal import kl_normal as kl_normal_oracle
-from fastvae.sample_normal import SampleNormal, SampleNormalWithRatio, sample_normal_backward_op, sample_normal_op
+from fastvae.ops.sample_normal.op import (
+    SampleNormal,
+    SampleNormalWithRatio,
+    sample_normal_backward_op,
+    sample_normal_op,
+    sample_normal_unchecked,
+    sample_normal_with_ratio_unchecked,
+)
 
-from helpers import assert_close, seed_tensor
+from helpers import assert_close, gen, seed_tensor
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)
 LATENT = [1, 2, 3, 7, 31, 32, 33, 100, 1025, 1537]
@@ -89,7 +98,7 @@ def test_backward_matches_reference_autograd(backend, dtype, problem):
 
     mu64 = mu.detach().double().cpu().requires_grad_()
     lv64 = logvar.detach().double().cpu().requires_grad_()
-    z_ref, kl_ref = reference.sample_normal(mu64, lv64, seed, K)
+    z_ref, kl_ref = oracle.sample_normal(mu64, lv64, seed, K)
     gz_r, gk_r = gz.to(dtype).double(), gk.to(dtype).double()
     dmu_ref, dlv_ref = torch.autograd.grad((z_ref, kl_ref), (mu64, lv64), (gz_r, gk_r))
 
@@ -119,7 +128,7 @@ def test_extreme_logvar_matches_reference(backend, lv):
     (z.sum() + kl.sum()).backward()
     mu64 = mu.detach().double().cpu().requires_grad_()
     lv64 = logvar.detach().double().cpu().requires_grad_()
-    z_ref, kl_ref = reference.sample_normal(mu64, lv64, 77, 4)
+    z_ref, kl_ref = oracle.sample_normal(mu64, lv64, 77, 4)
     (z_ref.sum() + kl_ref.sum()).backward()
     s = torch.exp(lv64.detach() / 2)
     assert_close(z, z_ref, mu64.detach().abs() + 6 * s, "z")
@@ -291,7 +300,7 @@ def test_gradient_through_one_output(backend, use):
     dmu, dlv = torch.autograd.grad(out, (mu, logvar))
     mu64 = mu.detach().cpu().requires_grad_()
     lv64 = logvar.detach().cpu().requires_grad_()
-    z_ref, kl_ref = reference.sample_normal(mu64, lv64, seed, 2)
+    z_ref, kl_ref = oracle.sample_normal(mu64, lv64, seed, 2)
     dmu_ref, dlv_ref = torch.autograd.grad(z_ref.sum() if use == "z" else kl_ref.sum(), (mu64, lv64))
     torch.testing.assert_close(dmu.cpu(), dmu_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dlv.cpu(), dlv_ref, rtol=1e-12, atol=1e-12)
@@ -302,7 +311,7 @@ def test_sampling_kernel_at_strided_offsets(backend, dtype):
     """Evaluation draws z with the sampling kernel at example-major offsets:
     z[k, n, l] = mu + s * randn(seed, offset0 + k * sample_stride + n * row_stride + l),
     equal to the reference noise at those offsets (offset0 of any residue)."""
-    from fastvae.sample_normal import sample_at
+    from fastvae.ops.sample_normal.op import sample_at
 
     _, device = backend
     g = torch.Generator().manual_seed(3)
@@ -459,13 +468,11 @@ def test_collapsed_posterior_gradients_are_finite(backend, stop_score):
 @pytest.mark.parametrize("stop_score", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_eager_operator_matches_the_function_for_any_outputs(backend, monkeypatch, use, stop_score, dtype):
-    """cpp: the C++ eager operators (csrc/torch_ops.cpp) and the Python Functions
+    """cpp: the C++ eager operators (torch_op.cpp) and the Python Functions
     give the same bits for every subset of outputs that gets a gradient."""
     name, device = backend
     if name != "cpp" or fastvae._backend.torch_ops(torch.zeros(1, dtype=dtype)) is None:
         pytest.skip("the C++ eager operators serve the cpp backend only")
-    from fastvae.sample_normal import sample_normal_unchecked, sample_normal_with_ratio_unchecked
-
     mu0, lv0 = make_inputs((2, 3), 5, 21, 4.0, dtype, device)
 
     def grads():
@@ -496,7 +503,7 @@ def test_triton_small_tiles(backend, monkeypatch, L):
     name, device = backend
     if name != "triton":
         pytest.skip("the Triton launchers' tiles")
-    from fastvae.kernels import sample_normal as kernels
+    from fastvae.ops.sample_normal import triton as kernels
 
     monkeypatch.setattr(kernels, "backward_geometry", lambda device, fp64: (8, 4))
     monkeypatch.setattr(kernels, "forward_geometry", lambda L, device, fp64: (4, 8, 4))
@@ -529,7 +536,7 @@ def test_backward_split_over_samples(backend, monkeypatch, splits, stop_score, u
     if name != "triton":
         pytest.skip("the Triton launcher's split")
     from fastvae.kernels import _common
-    from fastvae.kernels import sample_normal as kernels
+    from fastvae.ops.sample_normal import triton as kernels
 
     monkeypatch.setattr(_common, "FORCE_SPLITS", splits)
     monkeypatch.setattr(kernels, "backward_geometry", lambda device, fp64: (16, 4))
@@ -602,3 +609,66 @@ def test_each_noise_path_samples_and_differentiates(cpp_noise_path, L, batch, K)
     expected = m.double() + torch.exp(0.5 * lv.double()) * eps1.double()
     assert torch.allclose(z.double()[finite], expected[finite], rtol=1e-5, atol=1e-30)
     assert torch.isnan(z[lv.isnan()]).all()
+
+
+# -- its cases of the checks that run over every op (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(lambda mu, lv: fastvae.sample_normal(mu, lv, K), (B, L), (B, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (its backward sums over samples)."""
+    mu, lv = leaf(20000, 8), leaf(20000, 8)
+    return [lambda: run(lambda a, b: fastvae.sample_normal(a, b, 4, generator=gen(2)), mu, lv)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    mu, lv = leaf(3, 4), leaf(3, 4)
+    return lambda: run(lambda a, b: fastvae.sample_normal(a, b, 5, generator=gen(1)), mu, lv)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck: one and K
+    samples, and the IWAE's draw with its log-ratio."""
+    return {
+        "sample_normal": (lambda m, lv: fastvae.sample_normal(m, lv, 2, generator=gen(3)), [r(3, 4), r(3, 4)], True),
+        "sample_normal_one_sample": (lambda m, lv: fastvae.sample_normal(m, lv, generator=gen(3)),
+                                     [r(3, 4), r(3, 4)], True),
+        "sample_normal_with_ratio": (lambda m, lv: sample_normal_with_ratio_unchecked(m, lv, 2, False, gen(3)),
+                                     [r(3, 4), r(3, 4)], True),
+    }
+
+
+def compile_cases(mu, lv):
+    """tests/test_compile.py: (name, function, float inputs) whose compiled graph
+    calls the C++ twins, forward and backward (mu, lv: (5, 2, 3))."""
+    return [
+        ("sample_normal", lambda m, v: fastvae.sample_normal(m, v, 3), (mu, lv)),
+        ("sample_normal (one sample)", lambda m, v: fastvae.sample_normal(m, v), (mu, lv)),
+        ("sample_normal_with_ratio", lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, False, None), (mu, lv)),
+        ("sample_normal_with_ratio (stop_score)",
+         lambda m, v: sample_normal_with_ratio_unchecked(m, v, 3, True, None), (mu, lv)),
+    ]
+
+
+def twin_op_cases(m2, l2):
+    """tests/test_torch_ops.py: (twin, arguments) in the Python op's layout, each
+    checked bit for bit against fastvae::<twin> and by opcheck (m2, l2: (12, 6),
+    read here as (4, 3, 6): the twins take any leading shape)."""
+    mu, lv, seed = m2.reshape(4, 3, 6), l2.reshape(4, 3, 6), torch.tensor(2024)
+    return [
+        ("sample_normal", (mu, lv, seed, 3)),
+        ("sample_normal_with_ratio", (mu, lv, seed, 3)),
+        ("sample_normal_backward", (mu, lv, seed, torch.randn(3, 4, 3, 6), torch.randn(4, 3), None, False)),
+        ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), torch.randn(3, 4, 3), True)),
+        ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), None, False)),
+    ]

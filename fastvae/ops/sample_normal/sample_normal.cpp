@@ -13,6 +13,7 @@
 #include "ops.h"
 #include "philox.h"
 #include "rows.h"
+#include "sample_normal.h"
 
 namespace fastvae {
 namespace {

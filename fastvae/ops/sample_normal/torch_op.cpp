@@ -1,0 +1,317 @@
+// sample_normal's eager CPU operators, fastvae_cpp::sample_normal and
+// sample_normal_with_ratio (C++ autograd Functions around the kernels of
+// sample_normal.cpp), the DReG weights' hooks on the latter's outputs,
+// fastvae_cpp::sample_normal_dreg_hooks, and the graph twins
+// fastvae_cpu::sample_normal / sample_normal_with_ratio / sample_normal_backward,
+// which a torch.compile graph calls (csrc/torch_ops.cpp says what these are;
+// docs/architecture.md why). Compiled in one unit with csrc/torch_ops.cpp,
+// which defines the libraries.
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "sample_normal.h"
+#include "torch_ops.h"
+
+namespace fastvae::torch_ops {
+namespace {
+
+// -- sample_normal and sample_normal_with_ratio --------------------------------
+
+// z (K, N, L) [and log_ratio (K, N)] for mu, logvar (N, L) as contiguous tensors.
+void sample_forward(const Tensor& m, const Tensor& lv, int64_t seed, int64_t K, const Tensor& z, const Tensor& kl,
+                    const Tensor* ratio) {
+  const int64_t N = m.size(0), L = m.size(1);
+  by_dtype(m, [&](auto tag) {
+    using T = decltype(tag);
+    sample_normal_forward<T>(ptr<T>(m), ptr<T>(lv), uint64_t(seed), 0, uint64_t(N * L), uint64_t(L), K, N, L,
+                             ptr<T>(z), ptr<T>(kl), ratio ? ptr<T>(*ratio) : nullptr, threads(K * N * L));
+  });
+}
+
+// dmu, dlogvar (N, L) from the upstream gradients of z (K, N, L), kl (N,) and
+// log_ratio (K, N), each undefined when its output has none (nothing is
+// materialized): one kernel, which also folds in the log-ratio's path terms.
+// K is 0 when neither z nor log_ratio has a gradient (the graph op's call).
+std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& grad_kl, const Tensor& grad_ratio,
+                                          bool stop_score, const Tensor& m, const Tensor& lv, int64_t seed,
+                                          int64_t K) {
+  const int64_t N = m.size(0), L = m.size(1);
+  const Tensor g = grad_z.defined() ? input(grad_z.reshape({K, N, L}), "grad_z", m, {K, N, L}) : Tensor();
+  const Tensor gk = grad_kl.defined() ? input(grad_kl.reshape({N}), "grad_kl", m, {N}) : Tensor();
+  const Tensor gr = grad_ratio.defined() ? input(grad_ratio.reshape({K, N}), "grad_log_ratio", m, {K, N}) : Tensor();
+  Tensor dmu = output({N, L}, m), dlv = output({N, L}, m);
+  by_dtype(m, [&](auto tag) {
+    using T = decltype(tag);
+    auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
+    sample_normal_backward<T>(opt(g), opt(gk), opt(gr), ptr<T>(m), ptr<T>(lv), uint64_t(seed), stop_score, K, N, L,
+                              ptr<T>(dmu), ptr<T>(dlv), threads(std::max<int64_t>(K, 1) * N * L));
+  });
+  return {dmu, dlv};
+}
+
+// eps (K, N, L) of the seed, from the sampling kernel itself: for mu = 0 and
+// logvar = 0 its z = 0 + 1 * eps is eps exactly.
+Tensor noise(const Tensor& m, int64_t seed, int64_t K) {
+  const int64_t N = m.size(0), L = m.size(1);
+  const Tensor zeros = at::zeros({N, L}, m.options());
+  Tensor z = at::empty({K, N, L}, m.options()), kl = at::empty({N}, m.options());
+  sample_forward(zeros, zeros, seed, K, z, kl, nullptr);
+  return z;
+}
+
+// sample_backward as differentiable ATen ops on the inputs mu, logvar (..., L)
+// (m: mu as the kernels' (N, L)), for create_graph=True; as op.py's
+// double_backward. With stop_score q's parameters enter log q as constants:
+// its z-gradient (z - mu_c) / var_c is written
+// ((mu - mu_c) / s_c) / s_c + eps e^(logvar / 2 - logvar_c), whose value eps / s
+// stays finite however small s.
+std::pair<Tensor, Tensor> sample_backward_graph(const Tensor& grad_z, const Tensor& grad_kl, const Tensor& grad_ratio,
+                                                bool stop_score, const Tensor& mu, const Tensor& logvar,
+                                                const Tensor& m, int64_t seed, int64_t K) {
+  const Tensor s = at::exp(0.5 * logvar);
+  const auto batch = mu.sizes().slice(0, mu.dim() - 1);
+  Tensor dmu, dlv;
+  if (grad_z.defined() || grad_ratio.defined()) {
+    const auto shape = with_samples(K, mu.sizes());
+    const Tensor eps = noise(m, seed, K).view(shape);
+    Tensor dz = grad_z.defined() ? grad_z.reshape(shape) : Tensor();
+    if (grad_ratio.defined()) {
+      const Tensor gr = grad_ratio.reshape(with_samples(K, batch)).unsqueeze(-1);
+      const Tensor z = mu + s * eps;
+      if (stop_score) {
+        const Tensor ih = at::exp(-0.5 * logvar.detach());
+        add_to(dz, gr * ((mu - mu.detach()) * ih * ih + eps * at::exp(0.5 * logvar - logvar.detach()) - z));
+      } else {
+        add_to(dz, -gr * z);
+        dlv = 0.5 * gr.sum(0);
+      }
+    }
+    dmu = dz.sum(0);
+    add_to(dlv, 0.5 * (dz * eps).sum(0) * s);
+  }
+  if (grad_kl.defined()) {
+    const Tensor gk = grad_kl.reshape(batch).unsqueeze(-1);
+    add_to(dmu, gk * mu);
+    add_to(dlv, 0.5 * gk * (s * s - 1.0));
+  }
+  return {dmu, dlv};
+}
+
+// mu, logvar (..., L) -> contiguous (N, L), checked.
+std::pair<Tensor, Tensor> latent_rows(const Tensor& mu, const Tensor& logvar, int64_t seed, int64_t K) {
+  check_float(mu, "mu");
+  const auto [N, L] = rows_of(mu);
+  TORCH_CHECK(K >= 1, "n_samples must be >= 1, got ", K);
+  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
+  TORCH_CHECK(N * L == 0 || K <= std::numeric_limits<int64_t>::max() / (N * L),
+              "n_samples x mu.numel() overflows int64");
+  TORCH_CHECK(logvar.sizes() == mu.sizes(), "logvar: expected shape ", mu.sizes(), ", got ", logvar.sizes());
+  const Tensor m = input(mu.reshape({N, L}), "mu", mu, {N, L});
+  return {m, input(logvar.reshape({N, L}), "logvar", mu, {N, L})};
+}
+
+// n_samples None (stored as K = 1 with no sample dimension) gives z shaped like mu.
+struct SampleNormal : torch::autograd::Function<SampleNormal> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, int64_t seed,
+                               std::optional<int64_t> n_samples) {
+    const int64_t K = n_samples.value_or(1);
+    const auto [m, lv] = latent_rows(mu, logvar, seed, K);
+    const int64_t N = m.size(0), L = m.size(1);
+    Tensor z = output({K, N, L}, m), kl = output({N}, m);
+    sample_forward(m, lv, seed, K, z, kl, nullptr);
+    ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
+    ctx->save_for_backward({m, lv, mu, logvar});  // the inputs, for a double backward
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["shape"] = mu.sizes().vec();
+    const auto batch = mu.sizes().slice(0, mu.dim() - 1);
+    const std::vector<int64_t> z_shape = n_samples ? with_samples(K, mu.sizes()) : mu.sizes().vec();
+    return {shaped(z, z_shape), shaped(kl, batch)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t K = ctx->saved_data["K"].toInt();
+    if (!grads[0].defined() && !grads[1].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    if (double_backward()) {
+      auto [dmu, dlv] = sample_backward_graph(grads[0], grads[1], Tensor(), false, saved[2], saved[3], saved[0],
+                                              ctx->saved_data["seed"].toInt(), K);
+      return {dmu, dlv, Tensor(), Tensor()};
+    }
+    auto [dmu, dlv] = sample_backward(grads[0], grads[1], Tensor(), false, saved[0], saved[1],
+                                      ctx->saved_data["seed"].toInt(), K);
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    return {dmu.view(shape), dlv.view(shape), Tensor(), Tensor()};
+  }
+};
+
+// z, kl and log_ratio = log N(z; 0, I) - log q(z) from the drawn eps; see
+// op.py's SampleNormalWithRatio for the gradient.
+struct SampleNormalWithRatio : torch::autograd::Function<SampleNormalWithRatio> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, int64_t seed,
+                               int64_t n_samples, bool stop_score) {
+    const int64_t K = n_samples;
+    const auto [m, lv] = latent_rows(mu, logvar, seed, K);
+    const int64_t N = m.size(0), L = m.size(1);
+    Tensor z = output({K, N, L}, m), kl = output({N}, m), ratio = output({K, N}, m);
+    sample_forward(m, lv, seed, K, z, kl, &ratio);
+    ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
+    // z is recomputed from the regenerated eps; the inputs are kept for a double backward
+    ctx->save_for_backward({m, lv, mu, logvar});
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["stop_score"] = stop_score;
+    ctx->saved_data["shape"] = mu.sizes().vec();
+    const auto batch = mu.sizes().slice(0, mu.dim() - 1);
+    return {shaped(z, with_samples(K, mu.sizes())), shaped(kl, batch), shaped(ratio, with_samples(K, batch))};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t K = ctx->saved_data["K"].toInt();
+    if (!grads[0].defined() && !grads[1].defined() && !grads[2].defined()) {
+      return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    if (double_backward()) {
+      auto [dmu, dlv] = sample_backward_graph(grads[0], grads[1], grads[2], ctx->saved_data["stop_score"].toBool(),
+                                              saved[2], saved[3], saved[0], ctx->saved_data["seed"].toInt(), K);
+      return {dmu, dlv, Tensor(), Tensor(), Tensor()};
+    }
+    auto [dmu, dlv] = sample_backward(grads[0], grads[1], grads[2], ctx->saved_data["stop_score"].toBool(), saved[0],
+                                      saved[1], ctx->saved_data["seed"].toInt(), K);
+    const auto shape = ctx->saved_data["shape"].toIntVector();
+    return {dmu.view(shape), dlv.view(shape), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// -- DReG's gradient weights ------------------------------------------------------
+
+// g passed through as a view; a second backward that reaches it raises
+// `message`: fastvae/_double_backward.py's not_twice, as dreg_once uses it.
+struct NotTwice : torch::autograd::Function<NotTwice> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& g, const std::string& message) {
+    ctx->saved_data["message"] = message;
+    return g.view_as(g);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list) {
+    TORCH_CHECK(false, ctx->saved_data["message"].toStringRef());
+    return {};
+  }
+};
+
+// g * scale, behind NotTwice when the backward builds a graph (create_graph=True).
+Tensor dreg_scaled(const Tensor& g, const Tensor& scale, const std::string& message) {
+  Tensor scaled = g * scale;
+  return double_backward() && scaled.requires_grad() ? NotTwice::apply(scaled, message) : scaled;
+}
+
+// The hooks of fastvae/objectives.py's _dreg_z_scale as C++ hooks: z's
+// gradient times scale_z, log_ratio's times scale, each through dreg_scaled.
+// Python hooks cost the eager IWAE step two calls back into Python in its
+// backward (about 18 us here against the two products' 16).
+void sample_normal_dreg_hooks(const Tensor& z, const Tensor& scale_z, const Tensor& log_ratio, const Tensor& scale,
+                              c10::string_view message) {
+  TORCH_CHECK(at::infer_size(z.sizes(), scale_z.sizes()) == z.sizes(), "scale_z of shape ", scale_z.sizes(),
+              " must broadcast to z's ", z.sizes());
+  TORCH_CHECK(at::infer_size(log_ratio.sizes(), scale.sizes()) == log_ratio.sizes(), "scale of shape ",
+              scale.sizes(), " must broadcast to log_ratio's ", log_ratio.sizes());
+  const std::string text(message);
+  z.register_hook([scale_z, text](const Tensor& g) { return dreg_scaled(g, scale_z, text); });
+  log_ratio.register_hook([scale, text](const Tensor& g) { return dreg_scaled(g, scale, text); });
+}
+
+std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar, int64_t seed,
+                                         std::optional<int64_t> n_samples) {
+  auto out = SampleNormal::apply(mu, logvar, seed, n_samples);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, const Tensor& logvar, int64_t seed,
+                                                            int64_t n_samples, bool stop_score) {
+  auto out = SampleNormalWithRatio::apply(mu, logvar, seed, n_samples, stop_score);
+  return {out[0], out[1], out[2]};
+}
+
+// -- the graph twins (fastvae_cpu::*) ---------------------------------------------
+
+int64_t seed_value(const Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "seed: expected a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(), " on ",
+              seed.device());
+  return seed.item<int64_t>();
+}
+
+std::vector<Tensor> graph_sample(const Tensor& mu, const Tensor& logvar, const Tensor& seed, int64_t K,
+                                 bool with_ratio) {
+  const int64_t s = seed_value(seed);
+  const auto [m, lv] = latent_rows(mu, logvar, s, K);
+  const int64_t N = m.size(0), L = m.size(1);
+  Tensor z = output({K, N, L}, m), kl = output({N}, m), ratio = with_ratio ? output({K, N}, m) : Tensor();
+  sample_forward(m, lv, s, K, z, kl, with_ratio ? &ratio : nullptr);
+  const auto batch = mu.sizes().slice(0, mu.dim() - 1);
+  std::vector<Tensor> out{shaped(z, with_samples(K, mu.sizes())), shaped(kl, batch)};
+  if (with_ratio) out.push_back(shaped(ratio, with_samples(K, batch)));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> graph_sample_normal(const Tensor& mu, const Tensor& logvar, const Tensor& seed,
+                                               int64_t n_samples) {
+  auto out = graph_sample(mu, logvar, seed, n_samples, false);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> graph_sample_normal_with_ratio(const Tensor& mu, const Tensor& logvar,
+                                                                  const Tensor& seed, int64_t n_samples) {
+  auto out = graph_sample(mu, logvar, seed, n_samples, true);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor> graph_sample_normal_backward(const Tensor& mu, const Tensor& logvar, const Tensor& seed,
+                                                        const std::optional<Tensor>& grad_z,
+                                                        const std::optional<Tensor>& grad_kl,
+                                                        const std::optional<Tensor>& grad_log_ratio, bool stop_score) {
+  const int64_t s = seed_value(seed);
+  const Tensor gz = grad_z.value_or(Tensor()), gk = grad_kl.value_or(Tensor()), gr = grad_log_ratio.value_or(Tensor());
+  const int64_t K = gz.defined() ? gz.size(0) : gr.defined() ? gr.size(0) : 0;
+  const auto [m, lv] = latent_rows(mu, logvar, s, std::max<int64_t>(K, 1));
+  auto [dmu, dlv] = sample_backward(gz, gk, gr, stop_score, m, lv, s, K);
+  return {shaped(dmu, mu.sizes()), shaped(dlv, mu.sizes())};
+}
+
+}  // namespace
+
+// The schemas mirror the Python ops' (op.py), with the seed as an int: these
+// are called only in eager mode, where reading it costs nothing.
+TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
+  m.def("sample_normal(Tensor mu, Tensor logvar, int seed, int? n_samples) -> (Tensor, Tensor)");
+  m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, int seed, int n_samples, bool stop_score)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("sample_normal_dreg_hooks(Tensor z, Tensor scale_z, Tensor log_ratio, Tensor scale, str message) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) {
+  m.impl("sample_normal", &sample_normal);
+  m.impl("sample_normal_with_ratio", &sample_normal_with_ratio);
+  m.impl("sample_normal_dreg_hooks", &sample_normal_dreg_hooks);
+}
+
+TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
+  m.def("sample_normal(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor)");
+  m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, Tensor seed, int n_samples) -> (Tensor, Tensor, Tensor)");
+  m.def("sample_normal_backward(Tensor mu, Tensor logvar, Tensor seed, Tensor? grad_z, Tensor? grad_kl,"
+        " Tensor? grad_log_ratio, bool stop_score) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
+  m.impl("sample_normal", &graph_sample_normal);
+  m.impl("sample_normal_with_ratio", &graph_sample_normal_with_ratio);
+  m.impl("sample_normal_backward", &graph_sample_normal_backward);
+}
+
+}  // namespace fastvae::torch_ops
