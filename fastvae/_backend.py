@@ -63,9 +63,9 @@ def cpp_available() -> bool:
 
 
 def triton_module(module: str):
-    """The Triton kernels of ``module``: fastvae.ops.<module>.triton for an op in a
-    folder of its own, else fastvae.kernels.<module> (imports Triton on first use:
-    CPU work never does)."""
+    """The Triton kernels of ``module``: fastvae.ops.<module>.triton for an op
+    folder, fastvae.kernels.philox for the noise stream's fills (imports Triton
+    on first use: CPU work never does)."""
     try:
         return importlib.import_module(
             f"fastvae.ops.{module}.triton" if module in _registry.FOLDERS else f"fastvae.kernels.{module}")
@@ -217,9 +217,9 @@ def kernel_function(backend: str, kernel: str):
         owner = cpp_module()
     elif backend == "triton":
         owner = triton_module(module)
-    elif module in _registry.FOLDERS:  # the oracle of an op in a folder of its own
+    elif module in _registry.FOLDERS:  # the op's oracle, in its folder's description
         owner = _registry.FOLDERS[module]
-    else:
+    else:  # the noise stream's fills, which no op owns
         from . import reference as owner
     fn = _functions[backend, kernel] = getattr(owner, kernel)
     return fn

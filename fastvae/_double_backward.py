@@ -57,10 +57,9 @@ def not_twice(name: str, grads: tuple, inputs: tuple, why: str | None = None) ->
     node on ``inputs`` (the op's inputs and upstream gradients, None allowed)
     that raises "fastvae.<name> does not support double backward
     (create_graph=True): <why>" when a second backward reaches it."""
-    if why is None:  # the op's oracle: in its folder's description, or fastvae.reference for an op not yet moved
-        oracle = f"fastvae.ops.{FOLDER_OF[name]}" if name in FOLDER_OF else "fastvae.reference"
+    if why is None:  # the op's oracle: in its folder's description
         why = (f"its backward is a kernel with no differentiable form. Differentiate it once, or use "
-               f"{oracle}.{name} (plain PyTorch) where a second derivative is needed")
+               f"fastvae.ops.{FOLDER_OF[name]}.{name} (plain PyTorch) where a second derivative is needed")
     given = [g for g in grads if g is not None]
     links = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     if not links:  # constants all: the gradients are constants too, their derivative truly 0

@@ -6,7 +6,7 @@ likelihood, estimator and reduction. Everything that depends only on that
 is worked out once per call signature and kept in a plan (as cuBLASLt plans
 or FlashInfer's plan/run split do): the argument checks passed, the output
 shapes and dtypes, and each kernel launch's grid and compile-time
-parameters (the ``*_plan`` functions of ``kernels/X.py`` or of an op folder's
+parameters (the ``*_plan`` functions of the op folders'
 ``triton.py``, which the general launchers call on every call, so both paths
 launch the same variants). The steady-state call looks the plan up, draws
 the seed, allocates its outputs and launches, through two autograd nodes

@@ -1,9 +1,9 @@
 """What an op's description is made of: its kernels with their argument
 names, the op itself, and its benchmark row.
 
-An op that lives in its own folder (fastvae/ops/<op>/, docs/architecture.md)
-describes itself with these in its ``__init__.py``; ``_registry`` collects
-those descriptions with the entries of the ops not yet moved. Imports nothing
+Every op lives in a folder of its own (fastvae/ops/<op>/, docs/architecture.md)
+and describes itself with these in its ``__init__.py``; ``_registry`` collects
+those descriptions. Imports nothing
 of fastvae, so that every layer may read it.
 """
 from __future__ import annotations
@@ -14,15 +14,14 @@ from typing import NamedTuple
 
 class Kernel(NamedTuple):
     """One kernel: the function of this name in its op's oracle (the reference
-    backend: ``fastvae.ops.<module>``, or ``fastvae.reference`` for an op not yet
-    moved), in its Triton module (``fastvae.ops.<module>.triton``, or
-    ``fastvae.kernels.<module>``) and in ``fastvae._C`` (which adds a trailing
+    backend: ``fastvae.ops.<module>``; ``fastvae.reference`` for the noise
+    stream's fills), in its Triton module (``fastvae.ops.<module>.triton``;
+    ``fastvae.kernels.philox`` for the fills) and in ``fastvae._C`` (which adds a trailing
     ``n_threads``, except for the serial test hook uniform_fill)."""
 
     name: str
-    # the op that owns it: its folder fastvae/ops/<module>/ (triton.py, the oracle in
-    # __init__.py), or for an op not yet moved there the stem of kernels/<module>.py
-    # and fastvae/<module>.py
+    # the op folder that owns it: fastvae/ops/<module>/ (triton.py, the oracle in
+    # __init__.py); "philox" for the noise stream's fills, which no op owns
     module: str
     args: tuple[str, ...]
 
