@@ -316,7 +316,7 @@ def collect(archs, ops, shapes, dtypes) -> list[Launch]:
 
     first = {}
     for op in ops:
-        first.setdefault(_registry.FOLDER_OF.get(op, op), op)
+        first.setdefault(_registry.FOLDER_OF[op], op)
     ops = list(first.values())
     launches = []
     for arch in archs:

@@ -197,8 +197,8 @@ def op_cases(kind: str) -> dict:
         if not hasattr(module, kind):
             continue
         cases, ops = getattr(module, kind), _registry.folder_ops(name)
-        if len(ops) == 1 or kind not in PER_OP_CASES:
-            found[ops[0].name if len(ops) == 1 else name] = cases
+        if len(ops) == 1 or kind not in PER_OP_CASES:  # a one-op folder is named after its op
+            found[name] = cases
         else:
             found.update((op.name, functools.partial(_family_case, cases, op.name)) for op in ops)
     return found

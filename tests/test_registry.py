@@ -67,12 +67,10 @@ def test_launch_refuses_arguments_that_differ_from_the_registry():
 def test_every_op_has_its_kernels_tests_and_benchmark(op):
     assert set(op.kernels) <= set(_registry.KERNELS)
     assert (ROOT / op.test).exists()
-    if op.name in _registry.FOLDER_OF:  # its folder's benchmark row, run by benchmarks/bench_op.py
-        folder = _registry.FOLDER_OF[op.name]
-        assert op.benchmark == folder
-        assert _registry.FOLDERS[folder].BENCH.fastvae in {o.name for o in _registry.folder_ops(folder)}
-    else:
-        assert (ROOT / "benchmarks" / f"bench_{op.benchmark}.py").exists()
+    # its folder's benchmark row, run by benchmarks/bench_op.py
+    folder = _registry.FOLDER_OF[op.name]
+    assert op.benchmark == folder
+    assert _registry.FOLDERS[folder].BENCH.fastvae in {o.name for o in _registry.folder_ops(folder)}
 
 
 # What an op folder holds (fastvae/ops/__init__.py): the files of its layers, and
@@ -112,11 +110,10 @@ def test_an_op_folder_gives_its_cases_of_every_suite_wide_check(name):
 
     ops = _registry.folder_ops(name)
     needed = {(kind, op.name) for kind in helpers.PER_OP_CASES for op in ops}
-    key = ops[0].name if len(ops) == 1 else name
     if any(op.double_backward == "closed form" for op in ops):
-        needed.add(("double_backward_cases", key))
+        needed.add(("double_backward_cases", name))
     if any(op.torch_ops for op in ops):
-        needed |= {("compile_cases", key), ("twin_op_cases", key)}
+        needed |= {("compile_cases", name), ("twin_op_cases", name)}
     assert sorted((kind, n) for kind, n in needed if n not in helpers.op_cases(kind)) == []
 
 
@@ -236,23 +233,11 @@ def test_the_cpp_operators_are_the_registry_s():
         assert all(name == op.name or name.startswith(op.name + "_") for name in op.torch_ops), op.name
 
 
-def _aot_branches() -> set[str]:
-    """The op names kernels/aot.py's calls() compares ``op`` with (its branches)."""
-    import ast
-
-    tree = ast.parse((ROOT / "kernels" / "aot.py").read_text())
-    calls = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "calls")
-    return {c.value for n in ast.walk(calls) if isinstance(n, ast.Compare) and isinstance(n.left, ast.Name)
-            and n.left.id == "op" for c in ast.walk(n) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
-
-
-def test_every_op_has_an_aot_branch():
-    """python -m fastvae.kernels.aot compiles each op's launches from a branch of
-    calls(), or an op folder's from its description's aot_calls."""
-    in_folders = set(_registry.FOLDER_OF)
+def test_every_op_has_its_aot_cases():
+    """python -m fastvae.kernels.aot compiles each op's launches from its
+    folder's description (aot_calls), and only from there."""
     assert all(callable(getattr(_registry.FOLDERS[name], "aot_calls", None)) for name in _registry.FOLDERS)
-    assert sorted(set(_registry.OPS) - in_folders - _aot_branches()) == []
-    assert sorted(_aot_branches() - (set(_registry.OPS) - in_folders)) == []
+    assert set(_registry.OPS) == set(_registry.FOLDER_OF)
 
 
 _NUMBERS = {"six": 6, "seven": 7, "eight": 8, "nine": 9}
