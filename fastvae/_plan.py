@@ -40,6 +40,8 @@ call of a plan, then the compiled kernel's launcher directly (``Launch``).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -223,11 +225,12 @@ class SamplePlan:
             self.forward = Launch(kern._sample_normal_fwd_kernel, grid, meta)
         self._backward: dict = {}
 
-    def backward(self, has_grad_z: bool, has_grad_kl: bool, has_grad_ratio: bool):
+    def backward(self, has_grad_z: bool, has_grad_kl: bool, has_grad_ratio: bool, z_scale: bool = False):
         """(launch, part, counters, samples per split, samples) of the backward kernel
-        for the gradients given; None where the samples are split (per-call
-        buffers: sample_normal_backward allocates them)."""
-        key = has_grad_z, has_grad_kl, has_grad_ratio
+        for the gradients given (``z_scale``: grad_z's rows weighted, DReG);
+        None where the samples are split (per-call buffers:
+        sample_normal_backward allocates them)."""
+        key = has_grad_z, has_grad_kl, has_grad_ratio, z_scale
         try:
             return self._backward[key]
         except KeyError:
@@ -235,7 +238,7 @@ class SamplePlan:
         kern, N, L = self.kern, self.N, self.L
         K = self.K if has_grad_z or has_grad_ratio else 0
         grid, meta, blocks, splits, per_split = kern.backward_plan(
-            K, N, L, self.dtype, self.device, has_grad_z, has_grad_kl, has_grad_ratio, self.stop_score)
+            K, N, L, self.dtype, self.device, has_grad_z, has_grad_kl, has_grad_ratio, self.stop_score, z_scale)
         plan = None
         if splits == 1:  # placeholders the kernel never touches, made once
             part, counters = kern.split_buffers(N, L, self.dtype, self.device, blocks, 1, has_grad_ratio,
@@ -283,27 +286,28 @@ class Sample(torch.autograd.Function):
             return None, None, None, None, None
         mu2, lv2, seed, mu, logvar = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.link.scale
-        if grad_z is not None and scale is not None:  # DReG: the path derivative weighted by w~^2
-            grad_z = grad_z * scale.unsqueeze(-1)
+        if grad_z is None:
+            scale = None
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            if scale is not None and grad_z is not None:
-                grad_z = _double_backward.dreg_once(grad_z)
+            if scale is not None:  # DReG: the path derivative weighted by w~^2
+                grad_z = _double_backward.dreg_once(grad_z * scale.unsqueeze(-1))
             return (*sample_normal_double_backward(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
                                                    mu2.view(plan.N, plan.L), plan.K), None, None, None)
         dmu, dlogvar = empty(mu2), empty(lv2)
         if plan.N * plan.L == 0:
             return dmu, dlogvar, None, None, None
         grad_z = None if grad_z is None else grad_z.contiguous()
-        launch = plan.backward(grad_z is not None, grad_kl is not None, grad_ratio is not None)
+        # DReG: the kernel weights grad_z's rows by w~ (the tail's ``link.scale``)
+        launch = plan.backward(grad_z is not None, grad_kl is not None, grad_ratio is not None, scale is not None)
         if launch is None:
             plan.kern.sample_normal_backward(
                 None if grad_z is None else grad_z.view(plan.K, plan.N, plan.L), grad_kl, grad_ratio,
-                mu2.view(plan.N, plan.L), lv2.view(plan.N, plan.L), seed, plan.stop_score, dmu, dlogvar)
+                mu2.view(plan.N, plan.L), lv2.view(plan.N, plan.L), seed, plan.stop_score, dmu, dlogvar, scale)
         else:
             run, part, counters, per_split, K = launch
             run(mu2 if grad_z is None else grad_z, mu2 if grad_kl is None else grad_kl,
                 mu2 if grad_ratio is None else grad_ratio.contiguous(), mu2, lv2, seed, dmu, dlogvar, part, counters,
-                plan.N, plan.L, plan.N * plan.L, K, per_split, 1)
+                mu2 if scale is None else scale, plan.N, plan.L, plan.N * plan.L, K, per_split, 1)
         return dmu, dlogvar, None, None, None
 
 
@@ -315,7 +319,12 @@ class TailPlan:
     (K, P, D) of one dtype: "bernoulli" (logits) or "gaussian" ((mean, logvar)
     as the halves of one (K, P, 2 D) output, or the mean alone: unit
     variance; which one, fit() tells per call), and for iwae the log-mean-exp
-    over K. ``general`` is the general composition of the same tail
+    over K. The likelihood kernel adds the latent term to each row's
+    log-likelihood (- beta KL, or + the latent log-ratio), and the last kernel
+    (the likelihood's for elbo, the log-mean-exp's for iwae) reduces the rows
+    to the bound's mean or sum (kernels/_common.py's bound_epilogue); their
+    backward kernels read the reduced bound's scalar gradient and write the
+    latent term's. ``general`` is the general composition of the same tail
     (objectives._general_elbo_tail / _general_iwae_tail), which a
     create_graph=True backward replays: passed in by the objectives, the layer
     above this one."""
@@ -333,52 +342,64 @@ class TailPlan:
         self.out_shape, self.lead = out_shape, len(batch_shape) + iwae
         self.checks_epoch, self.checks_settled = -1, False  # fit's reading of _value_checks
         self.dtype, self.device, self.reduction, self.iwae = dtype, device, reduction, iwae
-        self.rec_like = torch.empty((K, *batch_shape) if iwae else batch_shape, dtype=dtype, device=device)
-        self.n = batch_shape.numel() if reduction == "mean" else 1
-        self.divisors = None  # (2, *batch): n, then -n (objectives._ReducedDifference's backward)
-        if not iwae and reduction != "none":
-            self.divisors = torch.stack((torch.full(batch_shape, self.n, dtype=dtype, device=device),
-                                         torch.full(batch_shape, -self.n, dtype=dtype, device=device)))
+        # the bound reduced to a scalar in a kernel: its rows' (or columns') sum over divisor
+        self.reduced = reduction != "none"
+        self.divisor = P if reduction == "mean" else 1
+        self.bound_like = torch.empty((), dtype=dtype, device=device) if self.reduced else None
+        self.term_like = torch.empty((K, *batch_shape) if iwae else batch_shape, dtype=dtype, device=device)
+        common = _kernels("_common")  # the kernels' shared helpers (Triton: imported by the first plan)
+        self.float64_bits = common.float64_bits
+        self.beta, self.term_bits = 1.0, common.float64_bits(-1.0)  # elbo: the KL's weight -beta, float64 bits
+        # the likelihood kernel's own reduction: elbo's; iwae's is the log-mean-exp's
+        reduce = self.reduced and not iwae
+        acc = _backend.accumulation_dtype(dtype)
+        self.placeholder = torch.empty((1,), dtype=acc, device=device)
+        self.counters = torch.empty((1,), dtype=torch.int32, device=device)
+        self.counter = common.tile_counters(device, 1)  # the reductions' arrival counter, zero between launches
         if likelihood == "bernoulli":
             kern = _kernels("bernoulli_likelihood")
-            grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, odt, device)
+            grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, odt, device, True, reduce)
             self.lik_forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
             self.lik_ints = (P, K * P, D)
-            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, odt, device, False)
+            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, odt, device, False, reduce,
+                                                         not iwae)
             self.lik_backward = Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = ints
         else:  # (mean, logvar) as the halves of one output; the mean alone: unit variance
             kern = _kernels("gaussian_log_prob")
-            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.ELEMENT, False)
+            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.ELEMENT, False, True, reduce)
             self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
             self.delta_bits = kern._delta_bits(1.0)
             self.lik_ints = (P, K * P, D, 2 * D)
-            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.ELEMENT, True)
+            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.ELEMENT, True, reduce, not iwae)
             self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
             # the unit variance: gaussian_log_prob's fixed (D,) log-variance 0, the same cached tensor
             self.unit_logvar = fixed_logvar(D, 0.0, dtype, device)
-            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.DIM, False)
+            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.DIM, False, True, reduce)
             self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
-            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.DIM, False)
+            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.DIM, False, reduce, not iwae)
             self.unit_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
-        acc = _backend.accumulation_dtype(dtype)
-        if iwae:  # the log-mean-exp's value and column state
+        # the elbo's partial sums: one a program of the likelihood's forward
+        self.parts = common.bound_parts(self.lik_forward.kwargs["grid"][0], dtype, device) if reduce else None
+        if iwae:  # the log-mean-exp's value (or the bound) and column state
             self.value_like = torch.empty(batch_shape, dtype=dtype, device=device)
             self.state_like = torch.empty((P,), dtype=acc, device=device)
-        self.placeholder = torch.empty((1,), dtype=acc, device=device)
-        self.counters = torch.empty((1,), dtype=torch.int32, device=device)
-        if iwae:
             lme = _kernels("logmeanexp")
             self.lme_kern = lme
-            planned = lme.forward_plan(K, P, dtype, device)
-            self.lme_forward = None
+            planned = lme.forward_plan(K, P, dtype, device, self.reduced)
+            self.lme_forward = None  # None: columns split over programs, the general launcher
             if planned is not None:
                 grid, meta, rows = planned
                 self.lme_forward = Launch(lme._logmeanexp_fwd_kernel, grid, meta)
-                self.lme_ints = (K, P, rows, 1)
-            grid, meta = lme.backward_plan(K, P, dtype, device, False, False)
-            self.lme_backward = Launch(lme._logmeanexp_bwd_kernel, grid, meta)
+                self.lme_ints = (K, P, rows, 1, self.divisor)
+                self.lme_parts = torch.empty(grid, dtype=acc, device=device) if self.reduced else None
+            # the backward at a gradient per column (DReG's weights, reduction="none") or at the
+            # bound's scalar gradient; with DReG's weighted dlw or without: (g_scalar, weighted) -> launch
+            self.lme_backward = {}
+            for g_scalar, weighted in itertools.product((False, True), repeat=2):
+                grid, meta = lme.backward_plan(K, P, dtype, device, False, False, g_scalar, weighted)
+                self.lme_backward[g_scalar, weighted] = Launch(lme._logmeanexp_bwd_kernel, grid, meta)
             self.ones = torch.ones((P,), dtype=acc, device=device)  # DReG's weights: the backward at grad 1
 
     def fit(self, out) -> tuple[Tensor, Tensor | None] | None:
@@ -412,34 +433,54 @@ class TailPlan:
         packed = packed_mean_logvar(mean, logvar, self.lead)
         return None if packed is None else (packed, logvar)
 
-    def log_prob(self, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
-        """log p(x | z) (rec_shape) for the decoder output ``out``: the logits,
-        a Gaussian's mean alone (``logvar`` None: unit variance), or the packed
-        (..., 2 D) Gaussian output whose second half is ``logvar`` (its first
-        half, the mean, starts where out does)."""
-        rec = empty(self.rec_like)
+    def weight_bits(self, beta: float) -> int:
+        """The float64 bits of -beta, the KL's weight (elbo), kept for the last beta."""
+        if beta != self.beta:
+            self.beta, self.term_bits = beta, self.float64_bits(-beta)
+        return self.term_bits
+
+    def log_prob(self, x: Tensor, out: Tensor, logvar: Tensor | None, term: Tensor, term_bits: int,
+                 reduce: bool) -> Tensor:
+        """log p(x | z) + w term for the decoder output ``out`` (the logits,
+        a Gaussian's mean alone: ``logvar`` None, unit variance, or the packed
+        (..., 2 D) Gaussian output whose second half is ``logvar``), w the
+        float64 of term_bits: per row (K, P), or with ``reduce`` their sum over
+        divisor, a scalar."""
+        if reduce:
+            res, part, counter = empty(self.bound_like), self.parts, self.counter
+        else:
+            res = empty(self.term_like)
+            part = counter = res  # placeholders the kernel never touches, as the launchers pass
+        tail = (term_bits, self.divisor)
         if self.likelihood == "bernoulli":
-            self.lik_forward(x, out, rec, *self.lik_ints)
+            self.lik_forward(x, out, res, term, part, counter, *self.lik_ints, *tail)
         elif logvar is None:  # the mean alone: unit variance
             P, KP, D, _ = self.lik_ints
-            self.unit_forward(x, out, self.unit_logvar, self.delta_bits, rec, P, KP, D, D)
+            self.unit_forward(x, out, self.unit_logvar, self.delta_bits, res, term, part, counter, P, KP, D, D, *tail)
         else:
-            P, KP, D, S = self.lik_ints
-            self.lik_forward(x, out, logvar, self.delta_bits, rec, P, KP, D, S)
-        return rec
+            self.lik_forward(x, out, logvar, self.delta_bits, res, term, part, counter, *self.lik_ints, *tail)
+        return res
 
-    def log_prob_backward(self, grad_rec: Tensor, x: Tensor, out: Tensor, logvar: Tensor | None) -> Tensor:
-        """The gradient of the decoder output ``out`` (log_prob's) given grad_rec's."""
+    def log_prob_backward(self, grad: Tensor, x: Tensor, out: Tensor, logvar: Tensor | None, dterm: Tensor | None,
+                          term_bits: int) -> Tensor:
+        """The gradient of the decoder output ``out`` (log_prob's) given the
+        rows' gradient ``grad`` (K, P), or (elbo, reduced) the bound's scalar
+        one; for elbo ``dterm`` <- the KL's (w times each row's gradient)."""
         dout = empty(out)
+        if dterm is None:
+            dterm = dout  # a placeholder the kernel never touches, as the launchers pass
+        tail = (term_bits, self.divisor)
         if self.likelihood == "bernoulli":
-            self.lik_backward(grad_rec, x, out, dout, dout, self.placeholder, self.counters, *self.lik_backward_ints)
+            self.lik_backward(grad, x, out, dout, dout, self.placeholder, self.counters, dterm,
+                              *self.lik_backward_ints, *tail)
         elif logvar is None:  # the mean alone: no gradient of the fixed variance, no dx
             P, D, _, KP = self.lik_backward_ints[:4]
-            self.unit_backward(grad_rec, x, out, self.unit_logvar, self.delta_bits, dout, dout, dout,
-                               self.placeholder, self.placeholder, self.counters, P, D, D, KP, 1, 1, 1)
+            self.unit_backward(grad, x, out, self.unit_logvar, self.delta_bits, dout, dout, dout,
+                               self.placeholder, self.placeholder, self.counters, dterm, P, D, D, KP, 1, 1, 1, *tail)
         else:  # dmean starts where dout does, dlogvar D further: one buffer, written in place
-            self.lik_backward(grad_rec, x, out, logvar, self.delta_bits, dout, dout, dout[..., self.D:],
-                              self.placeholder, self.placeholder, self.counters, *self.lik_backward_ints)
+            self.lik_backward(grad, x, out, logvar, self.delta_bits, dout, dout, dout[..., self.D:],
+                              self.placeholder, self.placeholder, self.counters, dterm, *self.lik_backward_ints,
+                              *tail)
         return dout
 
 
@@ -462,20 +503,17 @@ def _replay_grads(bound: Tensor, inputs: tuple, needs: tuple, grad: Tensor) -> l
 
 class ElboTail(torch.autograd.Function):
     """reduce(log p(x | z) - beta * kl), n_samples = 1: the likelihood's
-    forward kernel, then objectives._reduced_difference's torch ops; the
-    backward is its one division (or the negation for reduction="none") and
-    the likelihood's backward kernel."""
+    forward kernel, which subtracts beta * kl from each row and reduces the
+    rows; the backward is the likelihood's backward kernel, which divides the
+    bound's gradient among the rows and writes the KL's."""
 
     @staticmethod
     def forward(ctx, x, out, kl, plan, beta, logvar):
-        rec = plan.log_prob(x, out, logvar)
-        weighted = kl if beta == 1.0 else beta * kl
-        d = rec - weighted
+        bits = plan.weight_bits(beta)
+        bound = plan.log_prob(x, out, logvar, kl, bits, plan.reduced)
         ctx.save_for_backward(x, out, kl)
-        ctx.plan, ctx.beta, ctx.logvar = plan, beta, logvar
-        if plan.reduction == "none":
-            return d
-        return d.mean() if plan.n > 1 else d.sum()
+        ctx.plan, ctx.beta, ctx.bits, ctx.logvar = plan, beta, bits, logvar
+        return bound
 
     @staticmethod
     def backward(ctx, g):
@@ -487,47 +525,44 @@ class ElboTail(torch.autograd.Function):
                 bound = plan.general(x, dec, kl, plan.likelihood, beta, plan.reduction)
             dx, dout, dkl = _replay_grads(bound, (x, out, kl), ctx.needs_input_grad[:3], g)
             return dx, dout, dkl, None, None, None
+        dkl = empty(kl)  # written whether or not asked for: one kernel variant
+        dout = plan.log_prob_backward(g.contiguous(), x, out, ctx.logvar, dkl, ctx.bits)
         needs = ctx.needs_input_grad
-        if plan.divisors is None:
-            grad_rec = g.contiguous()
-            dkl = -g if needs[2] else None
-        else:
-            # both's first row is the reconstruction's gradient: the kernel reads it from both's start
-            grad_rec = both = g / plan.divisors
-            dkl = both[1] if needs[2] else None
-        if dkl is not None and beta != 1.0:
-            dkl = dkl * beta
-        dout = plan.log_prob_backward(grad_rec, x, out, ctx.logvar) if needs[1] else None
-        return None, dout, dkl, None, None, None
+        return None, dout if needs[1] else None, dkl if needs[2] else None, None, None, None
 
 
 class IwaeTail(torch.autograd.Function):
-    """reduce(logmeanexp_k(log p(x | z_k) + latent_k)): the likelihood's forward
-    kernel, the add of the latent term, the log-mean-exp kernel and the
-    reduction, as objectives._iwae composes them; with DReG also the
+    """reduce(logmeanexp_k(log p(x | z) + latent_k)): the likelihood's forward
+    kernel, which adds the latent term, then the log-mean-exp kernel, which
+    reduces the columns, as objectives._iwae composes them; with DReG also the
     normalized weights (the log-mean-exp backward kernel at gradient 1) that
     scale the encoder's gradients (``link.scale``)."""
 
     @staticmethod
     def forward(ctx, x, out, latent, plan, link, dreg, logvar):
-        rec = plan.log_prob(x, out, logvar)
-        lw = rec + latent
+        lw = plan.log_prob(x, out, logvar, latent, ONE_BITS, False)
         M = plan.P
-        value, lw_max, sumexp = empty(plan.value_like), empty(plan.state_like), empty(plan.state_like)
+        lw_max, sumexp = empty(plan.state_like), empty(plan.state_like)
         if plan.lme_forward is not None:
-            plan.lme_forward(lw, lw, sumexp, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
-                             *plan.lme_ints)
-        else:
+            if plan.reduced:
+                value, part = empty(plan.bound_like), plan.lme_parts
+            else:
+                value = part = empty(plan.value_like)
+            plan.lme_forward(lw, lw, part, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
+                             plan.counter if plan.reduced else sumexp, *plan.lme_ints)
+        else:  # columns split over programs: two launches, then the reduction
+            value = empty(plan.value_like)
             plan.lme_kern.logmeanexp_forward(lw.view(plan.K, M), lw_max, sumexp, value.view(M), None)
+            if plan.reduced:
+                value = value.mean() if plan.reduction == "mean" else value.sum()
         if dreg and latent.requires_grad:
             scale = empty(lw)
-            plan.lme_backward(lw, lw_max, sumexp, plan.ones, plan.ones, plan.ones, scale, plan.K, M)
+            plan.lme_backward[False, False](lw, lw_max, sumexp, plan.ones, plan.ones, plan.ones, scale, scale,
+                                            plan.K, M, 1)
             link.scale = scale
         ctx.save_for_backward(x, out, latent, lw, lw_max, sumexp)
         ctx.plan, ctx.link, ctx.logvar = plan, link, logvar
-        if plan.reduction == "none":
-            return value
-        return value.mean() if plan.reduction == "mean" else value.sum()
+        return value
 
     @staticmethod
     def backward(ctx, g):
@@ -541,20 +576,21 @@ class IwaeTail(torch.autograd.Function):
             if scale is not None and dlatent is not None:
                 dlatent = _double_backward.dreg_once(dlatent * scale)
             return dx, dout, dlatent, None, None, None, None
-        M = plan.P
-        if plan.reduction == "mean":
-            grad_value = g.expand(M) / M
-        elif plan.reduction == "sum":
-            grad_value = g.expand(M).contiguous()
-        else:
-            grad_value = g.contiguous()
         dlw = empty(lw)
-        plan.lme_backward(lw, lw_max, sumexp, grad_value, grad_value, grad_value, dlw, plan.K, M)
-        dlatent = None
-        if ctx.needs_input_grad[2]:
-            dlatent = dlw if scale is None else dlw * scale
-        dout = plan.log_prob_backward(dlw, x, out, ctx.logvar) if ctx.needs_input_grad[1] else None
+        g = g.contiguous()
+        # the reduced bound's gradient divided among the columns, and DReG's latent
+        # gradient dlw w~, in the kernel
+        weighted = scale is not None and ctx.needs_input_grad[2]
+        dlatent = empty(lw) if weighted else dlw
+        plan.lme_backward[plan.reduced, weighted](lw, lw_max, sumexp, g, g, g, dlw, dlatent, plan.K, plan.P,
+                                                  plan.divisor)
+        if not ctx.needs_input_grad[2]:
+            dlatent = None
+        dout = plan.log_prob_backward(dlw, x, out, ctx.logvar, None, 0) if ctx.needs_input_grad[1] else None
         return None, dout, dlatent, None, None, None, None
+
+
+ONE_BITS = 0x3FF0000000000000  # iwae: the latent term's weight, +1 (kernels._common.float64_bits(1.0))
 
 
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor

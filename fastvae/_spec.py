@@ -24,6 +24,16 @@ class Kernel(NamedTuple):
     # __init__.py); "philox" for the noise stream's fills, which no op owns
     module: str
     args: tuple[str, ...]
+    # keyword arguments of its Triton launcher alone, after args: the
+    # objectives' bound fused into the kernel (kernels/_common.py's
+    # bound_epilogue), which only their plans (fastvae/_plan.py) pass
+    bound: tuple[str, ...] = ()
+
+
+# Kernel.bound of a likelihood's forward and backward: the latent term, its
+# weight, and the divisor of the reduced bound (forward) or of its gradient
+BOUND_FORWARD = ("term", "weight", "divisor")
+BOUND_BACKWARD = ("dterm", "weight", "g_divisor")
 
 
 class Op(NamedTuple):

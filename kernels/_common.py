@@ -19,6 +19,8 @@ per divisibility class of the batch size.
 TARGET_PROGRAMS and sample_splits are the earlier rule's (at least 2 programs
 per SM): launchers still size their splits over samples with them.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -225,3 +227,79 @@ def arrive_last(counter_ptr, splits):
     tl.atomic_xchg(counter_ptr, 0, mask=last, sem="relaxed", scope="gpu")
     tl.debug_barrier()
     return last
+
+
+# -- the objectives' bound, fused into the kernels that finish it -------------------
+# fastvae.elbo / fastvae.iwae combine each row's log-likelihood with a latent
+# term (- beta KL, or + the latent log-ratio) and reduce the rows to a mean or
+# a sum. On the plans' path (fastvae/_plan.py) the likelihood and log-mean-exp
+# kernels do that in their epilogue instead of three torch ops after them (a
+# subtraction, a mean, and in the backward a division), each a launch and
+# about 10 us of host time on a GPU (issue 33). TERM and REDUCE are
+# compile-time switches: off, the epilogue is the plain store the kernels
+# always made, so the ops' own launches are unchanged. The rows' sum is
+# deterministic: each program stores its partial sum, and the last to arrive
+# (arrive_last) adds them in program order.
+
+# Partial sums the finishing program reads at a time.
+BOUND_BLOCK = tl.constexpr(1024)
+
+
+def float64_bits(value: float) -> int:
+    """The bits of ``value`` as a float64, as an int64 kernel argument: Triton
+    passes a Python float as float32, which would round a float64 beta."""
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+@triton.jit
+def float64_arg(bits, ACC: tl.constexpr):
+    """The float64 whose bits are ``bits`` (float64_bits), in ACC."""
+    return tl.cast(bits, tl.float64, bitcast=True).to(ACC)
+
+
+@triton.jit
+def bound_epilogue(val, rows, row_ok, out_ptr, term_ptr, term_bits, part_ptr, counter_ptr, divisor,
+                   TERM: tl.constexpr, REDUCE: tl.constexpr, ACC: tl.constexpr):
+    """Finishes this program's rows of ``val`` (ACC): with TERM adds
+    w * term[rows] (w the float64 of term_bits); then stores them to
+    out_ptr[rows], or with REDUCE adds them into out_ptr[0], a scalar: their
+    sum over every program's rows, divided by ``divisor`` (the row count for a
+    mean, 1 for a sum). part_ptr holds one ACC partial sum per program and
+    counter_ptr one zeroed arrival counter (tile_counters)."""
+    if TERM:
+        val += float64_arg(term_bits, ACC) * tl.load(term_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    if REDUCE:
+        tl.store(part_ptr + tl.program_id(0), tl.sum(tl.where(row_ok, val, 0.0), axis=0))
+        programs = tl.num_programs(0)
+        if arrive_last(counter_ptr, programs):
+            total = tl.zeros([BOUND_BLOCK], dtype=ACC)
+            for i in range(0, programs, BOUND_BLOCK):
+                j = i + tl.arange(0, BOUND_BLOCK)
+                total += tl.load(part_ptr + j, mask=j < programs, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr, (tl.sum(total, axis=0) / divisor).to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + rows, val.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def bound_grad(grad_ptr, rows, row_ok, divisor, G_SCALAR: tl.constexpr, ACC: tl.constexpr):
+    """The gradient of each row's value: grad_ptr[rows], or with G_SCALAR the
+    reduced bound's gradient grad_ptr[0] / divisor (bound_epilogue's REDUCE)."""
+    if G_SCALAR:
+        return tl.load(grad_ptr + rows * 0, mask=row_ok, other=0.0).to(ACC) / divisor
+    return tl.load(grad_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+
+
+@triton.jit
+def store_dterm(g, rows, row_ok, col_block, dterm_ptr, term_bits, ACC: tl.constexpr):
+    """The latent term's gradient w * g at rows (bound_epilogue's TERM, w the
+    float64 of term_bits), stored by the programs of the first column block
+    (col_block 0) alone."""
+    first = (rows * 0 + col_block) == 0  # a tensor mask
+    tl.store(dterm_ptr + rows, (float64_arg(term_bits, ACC) * g).to(dterm_ptr.dtype.element_ty),
+             mask=row_ok & first)
+
+
+def bound_parts(programs: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The REDUCE epilogue's partial sums: one accumulation-dtype slot a program."""
+    return torch.empty((max(programs, 1),), dtype=accumulation_dtype(dtype), device=device)

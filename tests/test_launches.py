@@ -129,15 +129,17 @@ def _cases():
 
 CASES = _cases()
 
-# Issue 23's targets: all launches of one forward + backward (Triton and other kernels).
-OBJECTIVE_LIMITS = {"elbo bernoulli": 8, "elbo gaussian": 8, "iwae": 10, "iwae dreg": 13}
+# Issue 23's targets, lowered by issue 33's fused bound: all launches of one
+# forward + backward (Triton and other kernels).
+OBJECTIVE_LIMITS = {"elbo bernoulli": 5, "elbo gaussian": 5, "iwae": 7, "iwae dreg": 10}
 # Where a target is not met yet, what is launched today (a ceiling that must not
 # rise), and why (none today). What the objectives launch besides their ops'
-# kernels: the seed's randint; the bound's sub and mean, whose backward is one
-# division (objectives._ReducedDifference); iwae's add of the two log-weight
-# terms; DReG's two hook multiplications (its weights take one launch, from the
-# bound's own state). A decoder's (mean, logvar) halves of one output are read
-# in place, with one gradient for the output (no clones, no slice backward).
+# kernels: the seed's randint; DReG's two multiplications of the gradients by
+# its weights (which take one launch, from the bound's own state). The bound
+# itself (the latent term, the reduction, and their gradients) is fused into
+# the likelihood and log-mean-exp kernels (kernels/_common.py's bound_epilogue).
+# A decoder's (mean, logvar) halves of one output are read in place, with one
+# gradient for the output (no clones, no slice backward).
 NOT_YET: dict[str, int] = {}
 # Ops: each Op's launches in fastvae/_registry.py (Triton launches forward,
 # backward, other kernels: the seed's randint where there is noise, and the
@@ -193,10 +195,13 @@ def test_objective_launches_meet_the_target(counter, name):
 
 
 @pytest.mark.parametrize("name, extra", [("iwae", 2), ("iwae dreg", 4)])
-def test_a_tempered_iwae_adds_only_beta_s_products(counter, name, extra):
+def test_a_tempered_iwae_adds_only_beta_s_products(counter, name, extra, monkeypatch):
     """beta != 1 (a 0-d tensor schedule) multiplies the latent term (forward,
     and its gradient backward), and for DReG forms the hook's factor
-    (1 - t) + t v (two more); no host sync, whatever the value."""
+    (1 - t) + t v (two more), over the general composition it takes (the
+    plans serve beta = 1: their bound is fused into the kernels); no host
+    sync, whatever the value."""
+    monkeypatch.setattr(fastvae._plan, "ENABLED", False)
     plain, detail = _objective_total(counter, name)
     tempered, tempered_detail = _objective_total(counter, name + " tempered")
     assert tempered <= plain + extra, (detail, tempered_detail)

@@ -32,8 +32,9 @@ def test_reference_matches_the_registry(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 def test_triton_launcher_matches_the_registry(kernel):
+    """Its arguments, then the objectives' bound's (Kernel.bound: Triton only)."""
     pytest.importorskip("triton")
-    assert _params(getattr(_backend.triton_module(kernel.module), kernel.name)) == kernel.args
+    assert _params(getattr(_backend.triton_module(kernel.module), kernel.name)) == kernel.args + kernel.bound
 
 
 def _cpp_params(fn) -> tuple[str, ...]:

@@ -26,11 +26,12 @@ from torch import Tensor
 
 from ..._dtypes import accumulation_dtype
 from ..._oracle_math import softplus, sum_to
-from ..._spec import Bench, Kernel, Op
+from ..._spec import BOUND_BACKWARD, BOUND_FORWARD, Bench, Kernel, Op
 
 KERNELS = (
-    Kernel("bernoulli_log_prob_forward", "bernoulli_likelihood", ("x", "logits", "out")),
-    Kernel("bernoulli_log_prob_backward", "bernoulli_likelihood", ("grad_out", "x", "logits", "dx", "dlogits")),
+    Kernel("bernoulli_log_prob_forward", "bernoulli_likelihood", ("x", "logits", "out"), BOUND_FORWARD),
+    Kernel("bernoulli_log_prob_backward", "bernoulli_likelihood", ("grad_out", "x", "logits", "dx", "dlogits"),
+           BOUND_BACKWARD),
     Kernel("continuous_bernoulli_log_prob_forward", "bernoulli_likelihood", ("x", "logits", "out")),
     Kernel("continuous_bernoulli_log_prob_backward", "bernoulli_likelihood",
            ("grad_out", "x", "logits", "dx", "dlogits")),
@@ -163,7 +164,8 @@ def aot_calls(s: dict, m, r):
     (kernels/aot.py). x in the logits' dtype (a model cast to half precision),
     and for half logits float32 x (autocast: a half decoder output against
     float32 data); continuous_bernoulli_log_prob's launches are
-    bernoulli_log_prob's (issue 27)."""
+    bernoulli_log_prob's (issue 27). Then bernoulli_log_prob's with the
+    objectives' bound (Kernel.bound), as their plans launch them."""
     K, B, D = s["K"], s["B"], s["D"]
     x_dtypes = (m,) if m().dtype == r().dtype else (m, r)
     for op in OPS:
@@ -173,6 +175,15 @@ def aot_calls(s: dict, m, r):
             for dx in (None, make_x(B, D)):
                 yield f"{op.name}_backward", dict(grad_out=r(K, B), x=x, logits=m(K, B, D), dx=dx,
                                                   dlogits=m(K, B, D))
+    # the objectives' bound (fastvae/_plan.py): x, the latent term and the bound
+    # in the compute dtype (float32 under autocast); reduced or per row
+    x, term = r(B, D), r(K, B)
+    for reduced in (False, True):
+        yield "bernoulli_log_prob_forward", dict(x=x, logits=m(K, B, D), out=r() if reduced else r(K, B), term=term,
+                                                 weight=-1.0, divisor=B if reduced else None)
+        yield "bernoulli_log_prob_backward", dict(grad_out=r() if reduced else r(K, B), x=x, logits=m(K, B, D),
+                                                  dx=None, dlogits=m(K, B, D), dterm=r(K, B), weight=-1.0,
+                                                  g_divisor=B if reduced else None)
 
 
 # -- the benchmark row (python -m benchmarks.bench_op bernoulli_likelihood) --------

@@ -32,11 +32,16 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    bound_epilogue,
+    bound_grad,
+    bound_parts,
+    float64_bits,
     log1p_unit,
     sigmoid,
     softplus,
     split_samples,
     split_tile,
+    store_dterm,
     tile_counters,
     tile_geometry,
 )
@@ -143,15 +148,22 @@ def _dlogit(g, x, lg, KIND: tl.constexpr, TAYLOR_BELOW: tl.constexpr):
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["P", "KP"])
+@triton.jit(do_not_specialize=["P", "KP", "term_bits", "divisor"])
 def _bernoulli_log_prob_fwd_kernel(
     x_ptr,  # (P, D)
     logits_ptr,  # (K, P, D) = (KP, D) decoder rows
-    out_ptr,  # (K, P) = (KP,)
+    out_ptr,  # (K, P) = (KP,); with REDUCE a scalar
+    term_ptr,  # (K, P): the objectives' latent term, when TERM (_common.bound_epilogue)
+    part_ptr,  # (programs,) ACC partial sums, when REDUCE
+    counter_ptr,  # one zeroed int32 arrival counter, when REDUCE
     P,
     KP,
     D,
+    term_bits,  # int64: the float64 bits of the term's weight
+    divisor,  # REDUCE: the rows' sum is divided by this (a mean's row count, or 1)
     KIND: tl.constexpr,
+    TERM: tl.constexpr,
+    REDUCE: tl.constexpr,
     ACC: tl.constexpr,
     TAYLOR_BELOW: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -168,25 +180,30 @@ def _bernoulli_log_prob_fwd_kernel(
         x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         lg = tl.load(logits_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         acc += tl.sum(tl.where(mask, _log_prob_term(x, lg, KIND, TAYLOR_BELOW), 0.0), axis=1)
-    tl.store(out_ptr + r, acc.to(out_ptr.dtype.element_ty), mask=r_ok)
+    bound_epilogue(acc, r, r_ok, out_ptr, term_ptr, term_bits, part_ptr, counter_ptr, divisor, TERM, REDUCE, ACC)
 
 
-@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS"])
+@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS", "term_bits", "g_divisor"])
 def _bernoulli_log_prob_bwd_kernel(
-    grad_out_ptr,  # (K, P)
+    grad_out_ptr,  # (K, P); with G_SCALAR a scalar (the reduced bound's gradient)
     x_ptr,  # (P, D)
     logits_ptr,  # (K, P, D)
     dlogits_ptr,  # (K, P, D)
     dx_ptr,  # (P, D), when HAS_DX
     part_ptr,  # (SPLITS, P, D) ACC: partial dx of each split, when SPLITS > 1
     counter_ptr,  # (tiles,) int32 arrival counters, zero between launches, when SPLITS > 1
+    dterm_ptr,  # (K, P): the latent term's gradient, when HAS_DTERM (_common.store_dterm)
     P,
     D,
     R,  # rows the programs tile: P (HAS_DX: each loops over the samples) or K * P
     K,  # samples each tile loops over: K (HAS_DX) or 1
     K_PER,  # samples per split
     SPLITS,
+    term_bits,  # int64: the float64 bits of the term's weight
+    g_divisor,  # G_SCALAR: each row's gradient is grad_out[0] / g_divisor
     KIND: tl.constexpr,
+    G_SCALAR: tl.constexpr,
+    HAS_DTERM: tl.constexpr,
     HAS_DX: tl.constexpr,
     ACC: tl.constexpr,
     TAYLOR_BELOW: tl.constexpr,
@@ -197,9 +214,13 @@ def _bernoulli_log_prob_bwd_kernel(
     x_rows = rows if HAS_DX else rows % P
     x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
     dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    col_block = tile % tl.cdiv(D, BLOCK_D)
     for k in range(k0, k1):
         r = k * R + rows
-        g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)[:, None]
+        g_row = bound_grad(grad_out_ptr, r, row_ok, g_divisor, G_SCALAR, ACC)
+        if HAS_DTERM:
+            store_dterm(g_row, r, row_ok, col_block, dterm_ptr, term_bits, ACC)
+        g = g_row[:, None]
         lg = tl.load(logits_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         dl = _dlogit(g, x, lg, KIND, TAYLOR_BELOW)
         tl.store(dlogits_ptr + r[:, None] * D + cols[None, :], dl.to(dlogits_ptr.dtype.element_ty), mask=mask)
@@ -221,12 +242,13 @@ def _bernoulli_log_prob_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def forward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device
-                 ) -> tuple[tuple[int], dict]:
+def forward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, term: bool = False,
+                 reduce: bool = False) -> tuple[tuple[int], dict]:
     """(grid, meta) of the forward kernel for logits (K, P, D) of ``dtype``
     (K * P > 0): the shapes' part of a launch, worked out once per call
     signature by the objectives' plans (fastvae/_plan.py), on every call by
-    bernoulli_forward."""
+    bernoulli_forward. ``term`` and ``reduce``: the objectives' bound
+    (_common.bound_epilogue)."""
     fp64 = dtype == torch.float64
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, fp64)
     if kind == CONTINUOUS and fp64 and device.type != "cpu":
@@ -234,17 +256,25 @@ def forward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: 
         # on sm_80 at 4 elements a thread: 2 a thread (8 warps over 512)
         BLOCK_R, BLOCK_D, warps = 1, min(BLOCK_D, 512), 8
     return (triton.cdiv(K * P, BLOCK_R),), dict(
-        KIND=kind, ACC=acc_dtype(dtype), TAYLOR_BELOW=taylor_below(kind, dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-        num_warps=warps)
+        KIND=kind, TERM=term, REDUCE=reduce, ACC=acc_dtype(dtype), TAYLOR_BELOW=taylor_below(kind, dtype),
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
 
 
-def bernoulli_forward(kind: int, x, logits, out) -> None:
-    """out (K, P) <- the formula KIND summed over D, for x (P, D), logits (K, P, D)."""
+def bernoulli_forward(kind: int, x, logits, out, term=None, weight: float = 0.0, divisor: int | None = None
+                      ) -> None:
+    """out (K, P) <- the formula KIND summed over D, for x (P, D), logits (K, P, D);
+    with ``term`` (K, P) plus weight * term, and with ``divisor`` out a
+    scalar: the sum over the rows divided by divisor (the objectives' bound,
+    _common.bound_epilogue; K * P > 0 then)."""
     K, P, D = logits.shape
     if K * P == 0:
         return
-    grid, meta = forward_plan(kind, K, P, D, logits.dtype, logits.device)
-    _bernoulli_log_prob_fwd_kernel[grid](x, logits, out, P, K * P, D, **meta)
+    reduce = divisor is not None
+    grid, meta = forward_plan(kind, K, P, D, logits.dtype, logits.device, term is not None, reduce)
+    part, counter = (bound_parts(grid[0], logits.dtype, logits.device), tile_counters(logits.device, 1)) if reduce \
+        else (out, out)  # placeholders the kernel never touches
+    _bernoulli_log_prob_fwd_kernel[grid](x, logits, out, out if term is None else term, part, counter, P, K * P, D,
+                                         0 if term is None else float64_bits(weight), 1 if divisor is None else divisor, **meta)
 
 
 # Backward tiles: dx's accumulator stays live across the loop over samples.
@@ -252,10 +282,12 @@ BACKWARD_TILE = 1024
 BACKWARD_MAX_COLS = 256
 
 
-def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, has_dx: bool
-                  ) -> tuple[tuple[int], dict, tuple[int, ...], int]:
+def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, has_dx: bool,
+                  g_scalar: bool = False, has_dterm: bool = False) -> tuple[tuple[int], dict, tuple[int, ...], int]:
     """(grid, meta, the runtime integers (P, D, R, K loop, samples per split,
-    splits), tiles) of the backward kernel for logits (K, P, D) (K * P * D > 0)."""
+    splits), tiles) of the backward kernel for logits (K, P, D) (K * P * D > 0);
+    ``g_scalar`` and ``has_dterm``: the objectives' bound (_common.bound_grad,
+    store_dterm)."""
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64,
                                             BACKWARD_TILE if has_dx else 4096,
                                             BACKWARD_MAX_COLS if has_dx else 1024)
@@ -263,13 +295,17 @@ def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device:
     tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(D, BLOCK_D)
     splits, per_split = split_samples(tiles, K, device) if has_dx else (1, 1)
     return (tiles * splits,), dict(
-        KIND=kind, HAS_DX=has_dx, ACC=acc_dtype(dtype), TAYLOR_BELOW=taylor_below(kind, dtype),
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps), (P, D, R, k_loop, per_split, splits), tiles
+        KIND=kind, G_SCALAR=g_scalar, HAS_DTERM=has_dterm, HAS_DX=has_dx, ACC=acc_dtype(dtype),
+        TAYLOR_BELOW=taylor_below(kind, dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps), (
+        P, D, R, k_loop, per_split, splits), tiles
 
 
-def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits) -> None:
+def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits, dterm=None, weight: float = 0.0,
+                       g_divisor: int | None = None) -> None:
     """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients of
-    the formula KIND given grad_out (K, P)."""
+    the formula KIND given grad_out (K, P); with ``g_divisor`` grad_out is a
+    scalar, each row's gradient grad_out / g_divisor, and with ``dterm`` (K,
+    P) <- weight times each row's gradient (the objectives' bound)."""
     K, P, D = logits.shape
     if K * P * D == 0:
         if dx is not None and dx.numel():
@@ -278,13 +314,15 @@ def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits) -> None:
             dx.zero_()
         return
     has_dx = dx is not None
-    grid, meta, ints, tiles = backward_plan(kind, K, P, D, logits.dtype, logits.device, has_dx)
+    grid, meta, ints, tiles = backward_plan(kind, K, P, D, logits.dtype, logits.device, has_dx,
+                                            g_divisor is not None, dterm is not None)
     splits = ints[-1]
     part = torch.empty((splits, P, D) if splits > 1 else (1,), dtype=accumulation_dtype(logits.dtype),
                        device=logits.device)
     _bernoulli_log_prob_bwd_kernel[grid](
         grad_out, x, logits, dlogits, dx if has_dx else dlogits, part,
-        tile_counters(logits.device, tiles, splits), *ints, **meta)
+        tile_counters(logits.device, tiles, splits), dlogits if dterm is None else dterm, *ints,
+        0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor, **meta)
 
 
 # -- the ops' launchers ----------------------------------------------------------
@@ -294,14 +332,17 @@ def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits) -> None:
 # kernels above with KIND = BERNOULLI.
 
 
-def bernoulli_log_prob_forward(x, logits, out) -> None:
-    """out (K, P) <- sum_d(x l - softplus(l)) for x (P, D), logits (K, P, D)."""
-    bernoulli_forward(BERNOULLI, x, logits, out)
+def bernoulli_log_prob_forward(x, logits, out, term=None, weight: float = 0.0, divisor: int | None = None) -> None:
+    """out (K, P) <- sum_d(x l - softplus(l)) for x (P, D), logits (K, P, D);
+    ``term``, ``weight``, ``divisor``: the objectives' bound (bernoulli_forward)."""
+    bernoulli_forward(BERNOULLI, x, logits, out, term, weight, divisor)
 
 
-def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
-    """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients given grad_out (K, P)."""
-    bernoulli_backward(BERNOULLI, grad_out, x, logits, dx, dlogits)
+def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits, dterm=None, weight: float = 0.0,
+                                g_divisor: int | None = None) -> None:
+    """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients given grad_out (K, P);
+    ``dterm``, ``weight``, ``g_divisor``: the objectives' bound (bernoulli_backward)."""
+    bernoulli_backward(BERNOULLI, grad_out, x, logits, dx, dlogits, dterm, weight, g_divisor)
 
 
 # continuous_bernoulli_log_prob:

@@ -19,13 +19,14 @@ from torch import Tensor
 
 from ..._dtypes import accumulation_dtype
 from ..._oracle_math import softplus, sum_to
-from ..._spec import Bench, Kernel, Op
+from ..._spec import BOUND_BACKWARD, BOUND_FORWARD, Bench, Kernel, Op
 
 KERNELS = (
     Kernel("gaussian_log_prob_forward", "gaussian_log_prob",
-           ("x", "mean", "var_param", "softplus_mode", "delta", "out")),
+           ("x", "mean", "var_param", "softplus_mode", "delta", "out"), BOUND_FORWARD),
     Kernel("gaussian_log_prob_backward", "gaussian_log_prob",
-           ("grad_out", "x", "mean", "var_param", "softplus_mode", "delta", "dx", "dmean", "dvar_param")),
+           ("grad_out", "x", "mean", "var_param", "softplus_mode", "delta", "dx", "dmean", "dvar_param"),
+           BOUND_BACKWARD),
 )
 
 OP = Op("gaussian_log_prob", tuple(k.name for k in KERNELS), "fastvae/ops/gaussian_log_prob/test_gaussian_log_prob.py",
@@ -106,6 +107,17 @@ def aot_calls(s: dict, m, r):
             yield "gaussian_log_prob_backward", dict(
                 grad_out=r(K, B), **args, dx=m(B, D) if need_dx else None, dmean=m(K, B, D),
                 dvar_param=m(*var_shape) if need_dv else None)
+    # the objectives' bound (fastvae/_plan.py), reduced or per row: x and the latent
+    # term in the compute dtype (float32 under autocast), a per-element
+    # log-variance with its gradient or a fixed (D,) one (a mean alone)
+    for var_shape, reduced in itertools.product(((K, B, D), (D,)), (False, True)):
+        args = dict(x=r(B, D), mean=m(K, B, D), var_param=m(*var_shape), softplus_mode=False, delta=1.0)
+        yield "gaussian_log_prob_forward", dict(args, out=r() if reduced else r(K, B), term=r(K, B), weight=-1.0,
+                                                divisor=B if reduced else None)
+        yield "gaussian_log_prob_backward", dict(
+            grad_out=r() if reduced else r(K, B), **args, dx=None, dmean=m(K, B, D),
+            dvar_param=m(*var_shape) if len(var_shape) == 3 else None, dterm=r(K, B), weight=-1.0,
+            g_divisor=B if reduced else None)
 
 
 # -- the benchmark row (python -m benchmarks.bench_op gaussian_log_prob) -----------

@@ -33,10 +33,15 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    bound_epilogue,
+    bound_grad,
+    bound_parts,
+    float64_bits,
     sigmoid,
     softplus,
     split_samples,
     split_tile,
+    store_dterm,
     tile_counters,
     tile_geometry,
 )
@@ -93,17 +98,24 @@ def _load_var(v_ptr, r, p, cols, mask, D, S, LAYOUT: tl.constexpr, ACC: tl.const
 # -- kernels ------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["P", "KP", "delta_bits"])
+@triton.jit(do_not_specialize=["P", "KP", "delta_bits", "term_bits", "divisor"])
 def _gaussian_log_prob_fwd_kernel(
     x_ptr,  # (P, D)
     mean_ptr,  # (K, P, D) = (KP, D) decoder rows
     v_ptr,  # (K, P, D) | (P, D) | (D,)
     delta_bits,  # int64: the float64 bits of the softplus form's variance floor
-    out_ptr,  # (K, P) = (KP,)
+    out_ptr,  # (K, P) = (KP,); with REDUCE a scalar
+    term_ptr,  # (K, P): the objectives' latent term, when TERM (_common.bound_epilogue)
+    part_ptr,  # (programs,) ACC partial sums, when REDUCE
+    counter_ptr,  # one zeroed int32 arrival counter, when REDUCE
     P,
     KP,
     D,
     S,  # the decoder rows' stride (mean, a per-element v): D, or 2 D for the halves of one tensor
+    term_bits,  # int64: the float64 bits of the term's weight
+    divisor,  # REDUCE: the rows' sum is divided by this (a mean's row count, or 1)
+    TERM: tl.constexpr,
+    REDUCE: tl.constexpr,
     LAYOUT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     ACC: tl.constexpr,
@@ -125,12 +137,12 @@ def _gaussian_log_prob_fwd_kernel(
         diff = x - m
         acc += tl.sum(tl.where(mask, diff * _over_var(diff, inv) + log_var, 0.0), axis=1)
     out = -0.5 * (acc + D * tl.full([BLOCK_R], LOG_2PI, ACC))  # log 2 pi in ACC, not float32
-    tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
+    bound_epilogue(out, r, r_ok, out_ptr, term_ptr, term_bits, part_ptr, counter_ptr, divisor, TERM, REDUCE, ACC)
 
 
-@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS", "delta_bits"])
+@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS", "delta_bits", "term_bits", "g_divisor"])
 def _gaussian_log_prob_bwd_kernel(
-    grad_out_ptr,  # (K, P)
+    grad_out_ptr,  # (K, P); with G_SCALAR a scalar (the reduced bound's gradient)
     x_ptr,  # (P, D)
     mean_ptr,  # (K, P, D)
     v_ptr,  # (K, P, D) | (P, D) | (D,)
@@ -141,6 +153,7 @@ def _gaussian_log_prob_bwd_kernel(
     part_dx_ptr,  # (SPLITS, P, D) ACC: partial dx of each split (SPLITS > 1)
     part_dv_ptr,  # LAYOUT 1: (SPLITS, P, D); LAYOUT 2: (row blocks * SPLITS, D): partial dv, ACC
     counter_ptr,  # int32: tiles counters, then (LAYOUT 2) column-block counters; 0 between launches
+    dterm_ptr,  # (K, P): the latent term's gradient, when HAS_DTERM (_common.store_dterm)
     P,
     D,
     S,  # the decoder rows' stride (mean, dmean, a per-element v and dv): D, or 2 D for halves of one tensor
@@ -148,6 +161,10 @@ def _gaussian_log_prob_bwd_kernel(
     K,  # samples each program loops over: K (LOOP_K) or 1
     K_PER,  # samples per split
     SPLITS,
+    term_bits,  # int64: the float64 bits of the term's weight
+    g_divisor,  # G_SCALAR: each row's gradient is grad_out[0] / g_divisor
+    G_SCALAR: tl.constexpr,
+    HAS_DTERM: tl.constexpr,
     LAYOUT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     HAS_DX: tl.constexpr,
@@ -175,7 +192,9 @@ def _gaussian_log_prob_bwd_kernel(
     g_acc = tl.zeros([BLOCK_R], dtype=ACC)  # sum_k g, for a shared variance
     for k in range(k0, k1):
         r = k * R + rows
-        g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)
+        g = bound_grad(grad_out_ptr, r, row_ok, g_divisor, G_SCALAR, ACC)
+        if HAS_DTERM:
+            store_dterm(g, r, row_ok, cb, dterm_ptr, term_bits, ACC)
         m = tl.load(mean_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
         diff = x - m
         if LAYOUT == 0:
@@ -269,25 +288,36 @@ def _delta_bits(delta: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(delta)))[0]
 
 
-def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out) -> None:
-    """out (K, P) <- log N(x; mean, var(var_param)) summed over D; see the module docstring for shapes."""
+def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out, term=None,
+                              weight: float = 0.0, divisor: int | None = None) -> None:
+    """out (K, P) <- log N(x; mean, var(var_param)) summed over D; see the module
+    docstring for shapes. With ``term`` (K, P) plus weight * term, and with
+    ``divisor`` out a scalar: the sum over the rows divided by divisor (the
+    objectives' bound, _common.bound_epilogue; K * P > 0 then)."""
     K, P, D = mean.shape
     if K * P == 0:
         return
-    grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, _layout(var_param), softplus_mode)
+    reduce = divisor is not None
+    grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, _layout(var_param), softplus_mode, term is not None,
+                              reduce)
+    part, counter = (bound_parts(grid[0], mean.dtype, mean.device), tile_counters(mean.device, 1)) if reduce \
+        else (out, out)  # placeholders the kernel never touches
     _gaussian_log_prob_fwd_kernel[grid](
-        x, mean, var_param, _delta_bits(delta), out, P, K * P, D, _row_stride(mean, var_param), **meta)
+        x, mean, var_param, _delta_bits(delta), out, out if term is None else term, part, counter, P, K * P, D,
+        _row_stride(mean, var_param), 0 if term is None else float64_bits(weight), 1 if divisor is None else divisor,
+        **meta)
 
 
-def forward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, layout: int, softplus_mode: bool
-                 ) -> tuple[tuple[int], dict]:
+def forward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, layout: int, softplus_mode: bool,
+                 term: bool = False, reduce: bool = False) -> tuple[tuple[int], dict]:
     """(grid, meta) of the forward kernel for mean (K, P, D) of ``dtype`` (K * P > 0):
     the shapes' part of a launch, worked out once per call signature by the
-    objectives' plans (fastvae/_plan.py)."""
+    objectives' plans (fastvae/_plan.py). ``term`` and ``reduce``: the
+    objectives' bound (_common.bound_epilogue)."""
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64)
     return (triton.cdiv(K * P, BLOCK_R),), dict(
-        LAYOUT=layout, SOFTPLUS=softplus_mode, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
-        num_warps=warps)
+        TERM=term, REDUCE=reduce, LAYOUT=layout, SOFTPLUS=softplus_mode, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R,
+        BLOCK_D=BLOCK_D, num_warps=warps)
 
 
 # Backward tiles where programs loop over samples: the sums stay live across the loop.
@@ -296,9 +326,11 @@ BACKWARD_MAX_COLS = 256
 
 
 def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool, delta: float, dx, dmean,
-                               dvar_param) -> None:
+                               dvar_param, dterm=None, weight: float = 0.0, g_divisor: int | None = None) -> None:
     """dmean (K, P, D) and, when they are not None, dvar_param (var_param's shape) and dx (P, D)
-    <- gradients given grad_out (K, P)."""
+    <- gradients given grad_out (K, P); with ``g_divisor`` grad_out is a
+    scalar, each row's gradient grad_out / g_divisor, and with ``dterm`` (K,
+    P) <- weight times each row's gradient (the objectives' bound)."""
     K, P, D = mean.shape
     if K * P * D == 0:
         for t in (dx, dvar_param):
@@ -327,24 +359,27 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
     _gaussian_log_prob_bwd_kernel[(tiles * splits,)](
         grad_out, x, mean, var_param, _delta_bits(delta), dmean, dx if has_dx else dmean,
         dvar_param if has_dv else dmean, part_dx, part_dv,
-        tile_counters(device, tiles + col_blocks, 2 if counting else 1),
+        tile_counters(device, tiles + col_blocks, 2 if counting else 1), dmean if dterm is None else dterm,
         P, D, _row_stride(mean, var_param, dmean, dvar_param), R, k_loop, per_split, splits,
-        LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
+        0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor,
+        G_SCALAR=g_divisor is not None, HAS_DTERM=dterm is not None, LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
         ACC=acc_dtype(mean.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
 
 
 def pointwise_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, layout: int,
-                            has_dv: bool) -> tuple[tuple[int], dict]:
+                            has_dv: bool, g_scalar: bool = False, has_dterm: bool = False) -> tuple[tuple[int], dict]:
     """(grid, meta) of the backward without dx where nothing is summed over
     samples (no partial sums), as gaussian_log_prob_backward launches it: a
     per-element log-variance with its gradient (the objectives' (mean, logvar)
     decoder: layout ELEMENT, has_dv) or a fixed (D,) one without (a mean
     alone, unit variance: layout DIM). The other integers are (P, D, row
-    stride, K * P, 1, 1, 1)."""
+    stride, K * P, 1, 1, 1, the term's weight bits, the gradient's divisor).
+    ``g_scalar`` and ``has_dterm``: the objectives' bound (_common.bound_grad,
+    store_dterm)."""
     assert layout == ELEMENT or not has_dv, "a DIM or ROW variance gradient sums over rows"
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64, 4096, 1024)
     tiles = triton.cdiv(K * P, BLOCK_R) * triton.cdiv(D, BLOCK_D)
     return (tiles,), dict(
-        LAYOUT=layout, SOFTPLUS=False, HAS_DX=False, HAS_DV=has_dv, LOOP_K=False, TILE_SUMS=False,
-        ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
+        G_SCALAR=g_scalar, HAS_DTERM=has_dterm, LAYOUT=layout, SOFTPLUS=False, HAS_DX=False, HAS_DV=has_dv,
+        LOOP_K=False, TILE_SUMS=False, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)

@@ -22,8 +22,9 @@ from ..._dtypes import accumulation_dtype
 from ..._spec import Bench, Kernel, Op
 
 KERNELS = (
-    Kernel("logmeanexp_forward", "logmeanexp", ("lw", "lw_max", "sumexp", "out", "ess")),
-    Kernel("logmeanexp_backward", "logmeanexp", ("lw", "lw_max", "sumexp", "grad_out", "grad_sumexp", "ess", "dlw")),
+    Kernel("logmeanexp_forward", "logmeanexp", ("lw", "lw_max", "sumexp", "out", "ess"), ("divisor",)),
+    Kernel("logmeanexp_backward", "logmeanexp", ("lw", "lw_max", "sumexp", "grad_out", "grad_sumexp", "ess", "dlw"),
+           ("g_divisor", "dlw_weighted")),
     # the evaluation's chunk: the states of lw (+ latent) and of twice that, merged
     # into running states in place (sq_*: the state of 2 lw, i.e. of w^2)
     Kernel("logmeanexp_accumulate", "logmeanexp",
@@ -177,6 +178,15 @@ def aot_calls(s: dict, m, r):
     for latent in (None, m(K, B)):  # the evaluation's chunk (fastvae/evaluation.py)
         yield "logmeanexp_accumulate", dict(lw=m(K, B), latent=latent, lw_max=r(B), sumexp=r(B), sq_max=r(B),
                                             sq_sumexp=r(B), first=False)
+    # the objectives' reduced IWAE bound (fastvae/_plan.py; Kernel.bound), where
+    # one program reduces each column (the plans' case): lw in the compute dtype
+    from .triton import forward_plan
+    if forward_plan(K, B, r().dtype, r().device, True) is not None:
+        yield "logmeanexp_forward", dict(lw=r(K, B), **state, out=r(), ess=None, divisor=B)
+    for reduced, dreg in ((True, False), (True, True), (False, True)):  # DReG: also dlw times the weights
+        yield "logmeanexp_backward", dict(lw=r(K, B), **state, grad_out=r() if reduced else r(B), grad_sumexp=None,
+                                          ess=None, dlw=r(K, B), g_divisor=B if reduced else None,
+                                          dlw_weighted=r(K, B) if dreg else None)
 
 
 # -- the benchmark row (python -m benchmarks.bench_op logmeanexp) -----------------

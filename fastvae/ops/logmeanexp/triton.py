@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import TARGET_PROGRAMS, acc_dtype, blocks
+from fastvae.kernels._common import TARGET_PROGRAMS, acc_dtype, blocks, bound_epilogue, bound_grad, tile_counters
 
 MAX_BLOCK_M = 128  # columns per tile; the rest of the tile goes to rows
 CHUNKS_PER_SPLIT = 16  # a K-split folds at most this many tiles before the merge
@@ -89,6 +89,13 @@ def _fold(lw_ptr, latent_ptr, cols, col_ok, k_begin, k_end, M,
 
 
 @triton.jit
+def _value(m, s, K, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    # logmeanexp of the columns from their finished state: log(0) = -inf for an
+    # empty column; shift 0 keeps it -inf, not NaN
+    return _shift(m) + tl.log(s) - tl.log(tl.zeros([BLOCK_M], dtype=ACC) + K)
+
+
+@triton.jit
 def _emit(m, s, s2, cols, col_ok, K, first,
           max_ptr, sumexp_ptr, out_ptr, ess_ptr, sq_max_ptr, sq_sumexp_ptr,
           ACCUMULATE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_ESS: tl.constexpr,
@@ -117,19 +124,17 @@ def _emit(m, s, s2, cols, col_ok, K, first,
         tl.store(max_ptr + cols, m, mask=col_ok)
         tl.store(sumexp_ptr + cols, s, mask=col_ok)
         if HAS_OUT:
-            # log(0) = -inf for an empty column; shift 0 keeps it -inf, not NaN
-            out = _shift(m) + tl.log(s) - tl.log(tl.zeros([BLOCK_M], dtype=ACC) + K)
-            tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(out_ptr + cols, _value(m, s, K, ACC, BLOCK_M).to(out_ptr.dtype.element_ty), mask=col_ok)
         if HAS_ESS:
             ess = tl.where(s == 0.0, 0.0, s * s / tl.where(s == 0.0, 1.0, s2))
             tl.store(ess_ptr + cols, ess.to(ess_ptr.dtype.element_ty), mask=col_ok)
 
 
-@triton.jit(do_not_specialize=["K", "M", "ROWS_PER_SPLIT", "first"])
+@triton.jit(do_not_specialize=["K", "M", "ROWS_PER_SPLIT", "first", "divisor"])
 def _logmeanexp_fwd_kernel(
     lw_ptr,  # (K, M)
     latent_ptr,  # (K, M), added to lw; unused unless HAS_LATENT
-    part_m_ptr,  # (SPLITS, M): ACC, unused unless SPLIT
+    part_m_ptr,  # (SPLITS, M): ACC, when SPLIT; with REDUCE the bound's partial sums (programs,)
     part_s_ptr,  # (SPLITS, M): ACC, unused unless SPLIT
     part_s2_ptr,  # (SPLITS, M): ACC, unused unless SPLIT and HAS_S2
     max_ptr,  # (M,): ACC; the running state when ACCUMULATE
@@ -138,11 +143,14 @@ def _logmeanexp_fwd_kernel(
     ess_ptr,  # (M,), unused unless HAS_ESS
     sq_max_ptr,  # (M,): ACC, the running state of 2 lw; unused unless ACCUMULATE
     sq_sumexp_ptr,  # (M,): ACC, unused unless ACCUMULATE
+    counter_ptr,  # one zeroed int32 arrival counter, when REDUCE
     K,
     M,
     ROWS_PER_SPLIT,  # rows of lw folded by one split (a multiple of BLOCK_K)
     first,  # ACCUMULATE: nonzero when there is no running state yet
+    divisor,  # REDUCE: the columns' sum is divided by this (their count for a mean, or 1)
     SPLIT: tl.constexpr,  # several programs share a column: write partial states
+    REDUCE: tl.constexpr,  # out a scalar: the columns' logmeanexp summed (_common.bound_epilogue)
     ACCUMULATE: tl.constexpr,
     HAS_LATENT: tl.constexpr,
     HAS_S2: tl.constexpr,
@@ -172,6 +180,9 @@ def _logmeanexp_fwd_kernel(
     else:
         _emit(m, s, s2, cols, col_ok, K, first, max_ptr, sumexp_ptr, out_ptr, ess_ptr, sq_max_ptr, sq_sumexp_ptr,
               ACCUMULATE, HAS_OUT, HAS_ESS, ACC, BLOCK_M)
+        if REDUCE:  # HAS_OUT is off: out_ptr is the bound's scalar
+            bound_epilogue(_value(m, s, K, ACC, BLOCK_M), cols, col_ok, out_ptr, out_ptr, 0, part_m_ptr, counter_ptr,
+                           divisor, False, True, ACC)
 
 
 @triton.jit(do_not_specialize=["K", "M", "SPLITS", "first"])
@@ -223,17 +234,21 @@ def _logmeanexp_finish_kernel(
           ACCUMULATE, HAS_OUT, HAS_ESS, ACC, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["K", "M"])
+@triton.jit(do_not_specialize=["K", "M", "g_divisor"])
 def _logmeanexp_bwd_kernel(
     lw_ptr,  # (K, M)
     max_ptr,  # (M,): ACC
     sumexp_ptr,  # (M,): ACC
-    g_ptr,  # (M,)
+    g_ptr,  # (M,); with G_SCALAR a scalar (the reduced bound's gradient)
     g_sumexp_ptr,  # (M,), unused unless HAS_G_SUMEXP
     ess_ptr,  # (M,), unused unless HAS_ESS
     dlw_ptr,  # (K, M)
+    dlw_weighted_ptr,  # (K, M): dlw times the normalized weights e / sumexp (DReG), when WEIGHTED
     K,
     M,
+    g_divisor,  # G_SCALAR: each column's gradient is g[0] / g_divisor
+    G_SCALAR: tl.constexpr,
+    WEIGHTED: tl.constexpr,
     HAS_G_SUMEXP: tl.constexpr,
     HAS_ESS: tl.constexpr,
     ACC: tl.constexpr,
@@ -250,7 +265,7 @@ def _logmeanexp_bwd_kernel(
     mask = (rows < K)[:, None] & col_ok[None, :]
     m = tl.load(max_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     s = tl.load(sumexp_ptr + cols, mask=col_ok, other=1.0).to(ACC)
-    g = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    g = bound_grad(g_ptr, cols, col_ok, g_divisor, G_SCALAR, ACC)
     # 1 / sumexp, 0 for an empty column (whose e are all 0): no 0 * inf
     inv = tl.where(s == 0.0, 0.0, 1.0 / tl.where(s == 0.0, 1.0, s))
     if HAS_ESS:
@@ -269,6 +284,11 @@ def _logmeanexp_bwd_kernel(
     e = tl.exp(x - tl.where(m == float("-inf"), 0.0, m)[None, :])
     d = e * (a[None, :] + ab[None, :] * e)
     tl.store(dlw_ptr + idx, d.to(dlw_ptr.dtype.element_ty), mask=mask)
+    if WEIGHTED:  # the weights as the backward at gradient 1 gives them: e (1 / sumexp + 0)
+        w = e * (inv[None, :] + 0.0 * e)
+        tl.store(dlw_weighted_ptr + idx, (d.to(dlw_ptr.dtype.element_ty).to(ACC)
+                                          * w.to(dlw_ptr.dtype.element_ty).to(ACC)).to(dlw_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit(do_not_specialize=["K", "M"])
@@ -336,27 +356,32 @@ def _geometry(K: int, M: int, device: torch.device) -> tuple[int, int, int, int]
     return BLOCK_K, BLOCK_M, triton.cdiv(max(K, 1), rows_per_split), rows_per_split
 
 
-def forward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple[int], dict, int] | None:
+def forward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, reduce: bool = False
+                 ) -> tuple[tuple[int], dict, int] | None:
     """(grid, meta, rows per split) of logmeanexp_forward's one launch with
-    out (no ESS, no latent) for lw (K, M) of ``dtype`` (M > 0), worked out
-    once per call signature by the objectives' plans (fastvae/_plan.py); None
-    where the columns are split over programs (a second, finishing launch:
-    the plan calls logmeanexp_forward then)."""
+    out (no ESS, no latent) for lw (K, M) of ``dtype`` (M > 0), or with
+    ``reduce`` of logmeanexp_bound's, worked out once per call signature by
+    the objectives' plans (fastvae/_plan.py); None where the columns are split
+    over programs (a second, finishing launch: the plan calls
+    logmeanexp_forward then)."""
     BLOCK_K, BLOCK_M, splits, rows_per_split = _geometry(K, M, device)
     if splits != 1:
         return None
     return (triton.cdiv(M, BLOCK_M),), dict(
-        SPLIT=False, HAS_LATENT=False, ACCUMULATE=False, HAS_S2=False, HAS_OUT=True, HAS_ESS=False,
+        SPLIT=False, REDUCE=reduce, HAS_LATENT=False, ACCUMULATE=False, HAS_S2=False, HAS_OUT=not reduce,
+        HAS_ESS=False,
         ACC=acc_dtype(dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, num_warps=1 if device.type == "cpu" else 8,
     ), rows_per_split
 
 
-def backward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_grad_sumexp: bool, has_ess: bool
-                  ) -> tuple[tuple[int], dict]:
-    """(grid, meta) of logmeanexp_backward for lw (K, M) of ``dtype`` (K * M > 0)."""
+def backward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_grad_sumexp: bool, has_ess: bool,
+                  g_scalar: bool = False, weighted: bool = False) -> tuple[tuple[int], dict]:
+    """(grid, meta) of logmeanexp_backward for lw (K, M) of ``dtype`` (K * M > 0);
+    ``g_scalar``: the reduced bound's gradient (_common.bound_grad); ``weighted``:
+    also dlw times the normalized weights (DReG)."""
     BLOCK_K, BLOCK_M = _tile(K, M, device)
     return (triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),), dict(
-        HAS_G_SUMEXP=has_grad_sumexp, HAS_ESS=has_ess, ACC=acc_dtype(dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        G_SCALAR=g_scalar, WEIGHTED=weighted, HAS_G_SUMEXP=has_grad_sumexp, HAS_ESS=has_ess, ACC=acc_dtype(dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
         num_warps=8,  # 16 elements a thread: 4 warps spilled in fp16
     )
 
@@ -382,8 +407,8 @@ def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool
     warps = 8 if gpu else 1  # a 4096-element tile: 16 float32 elements a thread
     if splits == 1:
         _logmeanexp_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
-            lw, lat, sumexp, sumexp, sumexp, *outs, K, M, rows_per_split, first,
-            SPLIT=False, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+            lw, lat, sumexp, sumexp, sumexp, *outs, sumexp, K, M, rows_per_split, first, 1,
+            SPLIT=False, REDUCE=False, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
             num_warps=warps,
         )
         return
@@ -391,8 +416,8 @@ def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool
     part_s = torch.empty_like(part_m)
     part_s2 = torch.empty_like(part_m) if has_s2 else part_s
     _logmeanexp_fwd_kernel[(triton.cdiv(M, BLOCK_M) * splits,)](
-        lw, lat, part_m, part_s, part_s2, *outs, K, M, rows_per_split, first,
-        SPLIT=True, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        lw, lat, part_m, part_s, part_s2, *outs, sumexp, K, M, rows_per_split, first, 1,
+        SPLIT=True, REDUCE=False, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
         num_warps=warps,
     )
     if gpu:
@@ -405,10 +430,23 @@ def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool
     )
 
 
-def logmeanexp_forward(lw, lw_max, sumexp, out, ess) -> None:
+def logmeanexp_forward(lw, lw_max, sumexp, out, ess, divisor: int | None = None) -> None:
     """lw_max, sumexp (M,) <- the column states of lw (K, M); out (logmeanexp) and
-    ess (effective sample size), both (M,), when not None."""
-    _reduce(lw, None, lw_max, sumexp, out, ess, None, None, True, False)
+    ess (effective sample size), both (M,), when not None. With ``divisor``
+    (and no ess) out is a scalar: the columns' logmeanexp summed, divided by
+    divisor (the objectives' reduced IWAE bound, _common.bound_epilogue), in
+    one launch, for the shapes forward_plan plans (one program a column)."""
+    if divisor is None:
+        _reduce(lw, None, lw_max, sumexp, out, ess, None, None, True, False)
+        return
+    K, M = lw.shape
+    planned = forward_plan(K, M, lw.dtype, lw.device, True) if ess is None and M > 0 else None
+    if planned is None:
+        raise ValueError(f"a reduced logmeanexp is one launch without ess: lw of shape {tuple(lw.shape)} has none")
+    grid, meta, rows_per_split = planned
+    part = torch.empty(grid, dtype=sumexp.dtype, device=lw.device)
+    _logmeanexp_fwd_kernel[grid](lw, lw, part, sumexp, sumexp, lw_max, sumexp, out, sumexp, sumexp, sumexp,
+                                 tile_counters(lw.device, 1), K, M, rows_per_split, 1, divisor, **meta)
 
 
 def logmeanexp_accumulate(lw, latent, lw_max, sumexp, sq_max, sq_sumexp, first) -> None:
@@ -419,18 +457,24 @@ def logmeanexp_accumulate(lw, latent, lw_max, sumexp, sq_max, sq_sumexp, first) 
     _reduce(lw, latent, lw_max, sumexp, None, None, sq_max, sq_sumexp, first, True)
 
 
-def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw) -> None:
+def logmeanexp_backward(lw, lw_max, sumexp, grad_out, grad_sumexp, ess, dlw, g_divisor: int | None = None,
+                        dlw_weighted=None) -> None:
     """dlw (K, M) <- e * (a + b e), e = exp(lw - lw_max) (exp(lw) where lw_max = -inf), with per column
     a = grad_out / sumexp + grad_sumexp, b = 0 (ess None), or a = 2 grad_out ess / sumexp,
-    b = -a ess / sumexp (1 / sumexp read as 0 for an empty column)."""
+    b = -a ess / sumexp (1 / sumexp read as 0 for an empty column). With
+    ``g_divisor`` grad_out is a scalar and each column's grad_out / g_divisor
+    (the reduced bound's gradient); ``dlw_weighted`` (K, M) <- dlw times the
+    normalized weights e / sumexp, each rounded to dlw's dtype first, as a
+    product of the two tensors gives it (DReG's latent gradient; no ess)."""
     K, M = lw.shape
     if K * M == 0:
         return
     has_gs, has_ess = grad_sumexp is not None, ess is not None
-    grid, meta = backward_plan(K, M, lw.dtype, lw.device, has_gs, has_ess)
+    grid, meta = backward_plan(K, M, lw.dtype, lw.device, has_gs, has_ess, g_divisor is not None,
+                               dlw_weighted is not None)
     _logmeanexp_bwd_kernel[grid](
-        lw, lw_max, sumexp, grad_out, grad_sumexp if has_gs else grad_out, ess if has_ess else grad_out, dlw, K, M,
-        **meta)
+        lw, lw_max, sumexp, grad_out, grad_sumexp if has_gs else grad_out, ess if has_ess else grad_out, dlw,
+        dlw if dlw_weighted is None else dlw_weighted, K, M, 1 if g_divisor is None else g_divisor, **meta)
 
 
 def importance_weights_backward(grad_w, w, dlw) -> None:

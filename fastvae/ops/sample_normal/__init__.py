@@ -26,7 +26,8 @@ KERNELS = (
     Kernel("sample_normal_forward", "sample_normal",
            ("mu", "logvar", "seed", "offset0", "sample_stride", "row_stride", "z", "kl", "log_ratio")),
     Kernel("sample_normal_backward", "sample_normal",
-           ("grad_z", "grad_kl", "grad_log_ratio", "mu", "logvar", "seed", "stop_score", "dmu", "dlogvar")),
+           ("grad_z", "grad_kl", "grad_log_ratio", "mu", "logvar", "seed", "stop_score", "dmu", "dlogvar"),
+           ("z_scale",)),  # the objectives' DReG (fastvae/_plan.py): Triton only
 )
 
 OP = Op("sample_normal", tuple(k.name for k in KERNELS), "fastvae/ops/sample_normal/test_sample_normal.py",
@@ -137,6 +138,10 @@ def aot_calls(s: dict, m, r):
         yield "sample_normal_backward", dict(grad_z=m(K, B, L), grad_kl=r(B), grad_log_ratio=ratio, mu=m(B, L),
                                              logvar=m(B, L), seed=seed, stop_score=stop, dmu=m(B, L),
                                              dlogvar=m(B, L))
+    # the objectives' DReG (fastvae/_plan.py): z and its weights in the compute dtype
+    yield "sample_normal_backward", dict(grad_z=r(K, B, L), grad_kl=None, grad_log_ratio=r(K, B), mu=m(B, L),
+                                         logvar=m(B, L), seed=seed, stop_score=True, dmu=m(B, L), dlogvar=m(B, L),
+                                         z_scale=r(K, B))
     # evaluation: the example-major layout of a chunk
     yield "sample_normal_forward", dict(mu=m(B, L), logvar=m(B, L), seed=seed, offset0=7 * L, sample_stride=L,
                                         row_stride=K * L, z=m(K, B, L), kl=r(B), log_ratio=None)

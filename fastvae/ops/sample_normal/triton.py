@@ -140,12 +140,14 @@ def _sample_normal_bwd_kernel(
     dlv_ptr,  # (N, L)
     part_ptr,  # (2 to 4, SPLITS, N * L) ACC: each split's sums (SPLITS > 1)
     counter_ptr,  # (blocks,) int32 arrival counters, 0 between launches (SPLITS > 1)
+    z_scale_ptr,  # (K, N): a weight of each sample's grad_z row (DReG's), when Z_SCALE
     N,
     L,
     NL,  # N * L: the flat elements of mu, and the noise offset of one sample
     K,  # samples to sum over (0 when neither grad_z nor grad_log_ratio is given)
     K_PER,  # samples per split
     SPLITS,
+    Z_SCALE: tl.constexpr,
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_KL: tl.constexpr,
     HAS_GRAD_RATIO: tl.constexpr,
@@ -179,7 +181,11 @@ def _sample_normal_bwd_kernel(
         else:
             eps = randn(seed, base + i, ACC)
         if HAS_GRAD_Z:
-            dz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0).to(ACC)
+            dz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0)
+            if Z_SCALE:  # rounded as grad_z * z_scale[..., None] in grad_z's dtype gives it
+                w = tl.load(z_scale_ptr + k * N + n, mask=mask, other=0.0)
+                dz = (dz.to(ACC) * w.to(ACC)).to(grad_z_ptr.dtype.element_ty)
+            dz = dz.to(ACC)
         else:
             dz = tl.zeros([BLOCK // 4, 4], dtype=ACC)
         if HAS_GRAD_RATIO:
@@ -278,14 +284,17 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
 
 
 def backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, has_grad_z: bool,
-                  has_grad_kl: bool, has_grad_ratio: bool, stop_score: bool) -> tuple[tuple[int], dict, int, int, int]:
+                  has_grad_kl: bool, has_grad_ratio: bool, stop_score: bool, z_scale: bool = False
+                  ) -> tuple[tuple[int], dict, int, int, int]:
     """(grid, meta, blocks, splits, samples per split) of the backward kernel
-    (N * L > 0), from the shapes and which gradients are given alone."""
+    (N * L > 0), from the shapes and which gradients are given alone;
+    ``z_scale``: grad_z's rows weighted (DReG)."""
     BLOCK, warps = backward_geometry(device, dtype == torch.float64)
     blocks = triton.cdiv(N * L, BLOCK)
     splits, per_split = split_samples(blocks, K, device)
     return (blocks * splits,), dict(
-        HAS_GRAD_Z=has_grad_z, HAS_GRAD_KL=has_grad_kl, HAS_GRAD_RATIO=has_grad_ratio, STOP_SCORE=bool(stop_score),
+        Z_SCALE=z_scale, HAS_GRAD_Z=has_grad_z, HAS_GRAD_KL=has_grad_kl, HAS_GRAD_RATIO=has_grad_ratio,
+        STOP_SCORE=bool(stop_score),
         # aligned on L, not N * L: a variant must not depend on the batch size
         ACC=acc_dtype(dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps,
         # ptxas's own choice spilled a register across the sample loop (80 registers
@@ -303,23 +312,27 @@ def split_buffers(N: int, L: int, dtype: torch.dtype, device: torch.device, bloc
     return part, tile_counters(device, blocks, splits)
 
 
-def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, stop_score, dmu, dlogvar) -> None:
+def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, stop_score, dmu, dlogvar,
+                           z_scale=None) -> None:
     """dmu, dlogvar (N, L) <- gradients of sample_normal (and of its log-ratio
     output) given grad_z (K, N, L), grad_kl (N,), grad_log_ratio (K, N), each
     None when that output has no gradient:
     dz_k = grad_z_k + grad_log_ratio_k * (-z_k, or eps_k / s - z_k with stop_score),
     dmu = sum_k dz_k + grad_kl mu,
     dlogvar = sum_k dz_k eps_k s / 2 + grad_kl (s^2 - 1) / 2 (+ sum_k grad_log_ratio_k / 2
-    without stop_score), with s = exp(logvar / 2) and eps regenerated."""
+    without stop_score), with s = exp(logvar / 2) and eps regenerated. With
+    ``z_scale`` (K, N) each grad_z row is first weighted by it (the objectives'
+    DReG, fastvae/_plan.py; rounded as grad_z * z_scale[..., None] would be)."""
     N, L = mu.shape
     if N * L == 0:
         return
     samples = grad_z if grad_z is not None else grad_log_ratio
     K = 0 if samples is None else samples.shape[0]
     grid, meta, blocks, splits, per_split = backward_plan(
-        K, N, L, mu.dtype, mu.device, grad_z is not None, grad_kl is not None, grad_log_ratio is not None, stop_score)
+        K, N, L, mu.dtype, mu.device, grad_z is not None, grad_kl is not None, grad_log_ratio is not None, stop_score,
+        z_scale is not None)
     part, counters = split_buffers(N, L, mu.dtype, mu.device, blocks, splits, grad_log_ratio is not None, stop_score)
     _sample_normal_bwd_kernel[grid](
         grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
         grad_log_ratio if grad_log_ratio is not None else mu, mu, logvar, seed, dmu, dlogvar, part,
-        counters, N, L, N * L, K, per_split, splits, **meta)
+        counters, mu if z_scale is None else z_scale, N, L, N * L, K, per_split, splits, **meta)
