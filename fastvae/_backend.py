@@ -131,8 +131,16 @@ def use_backend(name: str | None):
         set_backend(previous)
 
 
+# (backend, device type) pairs an override was checked for: set_backend clears
+# _chosen, and a loop that enters use_backend every step (as the host-cost
+# tool does) would otherwise check again on every call (issue 33)
+_VALID: set[tuple[str, str]] = set()
+
+
 def _choose(device_type: str, warn: bool) -> str:
     name = _override
+    if (name, device_type) in _VALID:
+        return name
     if name is None:
         if device_type == "cuda":
             return "triton"
@@ -150,17 +158,17 @@ def _choose(device_type: str, warn: bool) -> str:
         )
     if name == "triton" and device_type not in ("cpu", "cuda"):
         raise ValueError(f"the triton backend serves CUDA tensors, got a {device_type} tensor")
+    _VALID.add((name, device_type))
     return name
 
 
 def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
     """The backend that runs ops on tensors of this device."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    try:
-        return _chosen[device_type]
-    except KeyError:
+    name = _chosen.get(device_type)
+    if name is None:
         name = _chosen[device_type] = _choose(device_type, warn)
-        return name
+    return name
 
 
 def backend_info(device: torch.device | str = "cpu") -> dict[str, str]:

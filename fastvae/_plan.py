@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _double_backward, _op, _value_checks
-from .ops.gaussian_log_prob.op import fixed_logvar, packed_mean_logvar
+from .ops.gaussian_log_prob.op import fixed_logvar, packed_halves, packed_layout, packed_mean_logvar
 from .ops.sample_normal.op import double_backward as sample_normal_double_backward
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
@@ -340,6 +340,8 @@ class TailPlan:
         self.general = general
         # the decoder output the tail reads: x's shape, with K in front for iwae
         self.out_shape, self.lead = out_shape, len(batch_shape) + iwae
+        # (mean, logvar) as the halves of one contiguous output, the usual Gaussian decoder's
+        self.layout = None if out_shape is None or likelihood != "gaussian" else packed_layout(out_shape, self.lead)
         self.checks_epoch, self.checks_settled = -1, False  # fit's reading of _value_checks
         self.dtype, self.device, self.reduction, self.iwae = dtype, device, reduction, iwae
         # the bound reduced to a scalar in a kernel: its rows' (or columns') sum over divisor
@@ -426,11 +428,13 @@ class TailPlan:
         if type(out) not in (tuple, list) or len(out) != 2:
             return None
         mean, logvar = out
-        if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.shape != self.out_shape
-                or mean.dtype is not self.out_dtype or mean.device != self.device or _wrapped(mean)
-                or _wrapped(logvar)):
+        # halves share their base's dtype and device: checked on mean alone
+        if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.dtype is not self.out_dtype
+                or mean.device != self.device or _wrapped(mean) or _wrapped(logvar)):
             return None
-        packed = packed_mean_logvar(mean, logvar, self.lead)
+        packed = packed_halves(mean, logvar, self.layout)
+        if packed is None and mean.shape == self.out_shape:  # halves with other strides of size-1 dimensions
+            packed = packed_mean_logvar(mean, logvar, self.lead)
         return None if packed is None else (packed, logvar)
 
     def weight_bits(self, beta: float) -> int:
@@ -476,11 +480,12 @@ class TailPlan:
         elif logvar is None:  # the mean alone: no gradient of the fixed variance, no dx
             P, D, _, KP = self.lik_backward_ints[:4]
             self.unit_backward(grad, x, out, self.unit_logvar, self.delta_bits, dout, dout, dout,
-                               self.placeholder, self.placeholder, self.counters, dterm, P, D, D, KP, 1, 1, 1, *tail)
-        else:  # dmean starts where dout does, dlogvar D further: one buffer, written in place
-            self.lik_backward(grad, x, out, logvar, self.delta_bits, dout, dout, dout[..., self.D:],
+                               self.placeholder, self.placeholder, self.counters, dterm, P, D, D, KP, 1, 1, 1, *tail,
+                               0)
+        else:  # dmean starts where dout does, dlogvar D further (dv_offset): one buffer, written in place
+            self.lik_backward(grad, x, out, logvar, self.delta_bits, dout, dout, dout,
                               self.placeholder, self.placeholder, self.counters, dterm, *self.lik_backward_ints,
-                              *tail)
+                              *tail, self.D)
         return dout
 
 

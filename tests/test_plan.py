@@ -1,7 +1,8 @@
 """The objectives' plans (fastvae/_plan.py, issue 33): the lean per-call path of
 fastvae.elbo / fastvae.iwae on the triton backend gives the general
-composition's values and gradients bit for bit, takes two autograd nodes,
-and is chosen only where it applies.
+composition's values and gradients bit for bit under the interpreter (on a
+GPU to a few ulp: _same), takes two autograd nodes, and is chosen only where
+it applies.
 
 The comparisons run where the triton backend does (the interpreter child,
 tests/test_triton_interpreter.py, and a GPU); the selection tests run in the
@@ -18,6 +19,19 @@ TRITON = INTERPRET or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not TRITON, reason="the plans serve the triton backend (interpreter child, GPU)")
 
 B, L, D, K = 3, 5, 7, 4  # odd sizes: no tile is full
+
+
+def _same(a, b) -> bool:
+    """a equals b bit for bit under the interpreter (IEEE arithmetic in
+    numpy, the reduction's order that of torch's on these sizes). On a GPU the
+    plans' kernels reduce the bound and divide its gradient themselves
+    (kernels/_common.py's bound_epilogue), in an order and with a division of
+    their own: there to a few ulp."""
+    if INTERPRET:
+        return torch.equal(a, b)
+    eps = torch.finfo(a.dtype).eps
+    torch.testing.assert_close(a, b, rtol=8 * eps, atol=8 * eps * float(b.abs().max()) if b.numel() else 0.0)
+    return True
 
 
 @pytest.fixture
@@ -104,9 +118,9 @@ def test_plans_give_the_general_path_bit_for_bit(triton_device, dtype, likelihoo
     assert node == ("ElboTailBackward" if case.startswith("elbo") else "IwaeTailBackward")
     assert general_node != node
     assert not torch.isnan(lean).any()
-    assert torch.equal(lean, general)
+    assert _same(lean, general)
     for a, b in zip(lean_grads, general_grads):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+        assert a.dtype == b.dtype and _same(a, b)
 
 
 @needs_triton
@@ -123,9 +137,9 @@ def test_autocast_takes_the_plans_bit_for_bit(triton_device, encoder, likelihood
     general, general_grads, general_node = _run(triton_device, None, likelihood, case, False, autocast=encoder)
     assert node == ("ElboTailBackward" if case.startswith("elbo") else "IwaeTailBackward") != general_node
     assert lean.dtype == general.dtype == torch.float32
-    assert not torch.isnan(lean).any() and torch.equal(lean, general)
+    assert not torch.isnan(lean).any() and _same(lean, general)
     for a, b, dtype in zip(lean_grads, general_grads, (encoder, encoder, torch.float32)):
-        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+        assert a.dtype == b.dtype == dtype and _same(a, b)
 
 
 @pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
@@ -157,9 +171,9 @@ def test_an_encoders_halves_take_the_plans_bit_for_bit(triton_device, likelihood
     lean, lean_grads, node = _run(triton_device, torch.float64, likelihood, case, True, halves=True)
     general, general_grads, general_node = _run(triton_device, torch.float64, likelihood, case, False, halves=True)
     assert node == ("ElboTailBackward" if case == "elbo" else "IwaeTailBackward") != general_node
-    assert not torch.isnan(lean).any() and torch.equal(lean, general)
+    assert not torch.isnan(lean).any() and _same(lean, general)
     for a, b in zip(lean_grads, general_grads):
-        assert torch.equal(a, b)
+        assert _same(a, b)
     if case == "dreg":  # DReG refuses a second derivative on both paths
         return
     second = []
@@ -250,7 +264,7 @@ def test_plans_differentiate_twice_as_the_general_path(triton_device, likelihood
         results.append((grads, torch.autograd.grad(penalty, [g for g in grads if g.requires_grad][0])))
     (lean, lean2), (general, general2) = results
     for a, b in zip(lean, general):
-        assert torch.equal(a, b)
+        assert _same(a, b)
     assert torch.allclose(lean2[0], general2[0], rtol=1e-12, atol=1e-12)
 
 
@@ -507,9 +521,9 @@ def test_direct_launches_of_the_compiled_kernels_give_the_same_numbers(triton_de
     assert node.endswith("TailBackward")
     general, general_grads, _ = _run(triton_device, torch.float64, likelihood, case, False)
     assert not torch.isnan(lean).any()
-    assert torch.equal(lean, general)
+    assert _same(lean, general)
     for a, b in zip(lean_grads, general_grads):
-        assert torch.equal(a, b)
+        assert _same(a, b)
     hooks = runtime.knobs.runtime
     for change in ("device", "hook", "chained hook"):
         if change == "device":

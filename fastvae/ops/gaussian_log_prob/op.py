@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -224,19 +225,81 @@ _VIEW_NODES = frozenset({
 })
 
 
-def _viewed_from(t: Tensor, base: Tensor) -> bool:
-    """Whether t's autograd path back to base is views only (no in-place op
-    or arithmetic between), so a gradient for base stands for t's."""
+def _viewed_from(t: Tensor, base: Tensor, base_fn=None) -> bool:
+    """Whether t's autograd path back to base is views only (no in-place op,
+    arithmetic or custom Function between), so a gradient for base stands for
+    t's. ``base_fn``: base.grad_fn, where the caller has it already (each
+    read makes its Python object)."""
     node = t.grad_fn
+    if base_fn is None:
+        base_fn = base.grad_fn
     for _ in range(8):
-        if node is None or type(node).__name__ not in _VIEW_NODES or len(node.next_functions) != 1:
+        if node is None or type(node).__name__ not in _VIEW_NODES:
             return False
-        node = node.next_functions[0][0]
-        if base.grad_fn is not None and node is base.grad_fn:
+        following = node.next_functions
+        if len(following) != 1:
+            return False
+        node = following[0][0]
+        if base_fn is not None and node is base_fn:
             return True
-        if base.grad_fn is None and getattr(node, "variable", None) is base:  # base is a leaf
+        if base_fn is None and getattr(node, "variable", None) is base:  # base is a leaf
             return True
     return False
+
+
+def _halves_viewed_from(mean: Tensor, logvar: Tensor, base: Tensor) -> bool:
+    """Whether a gradient for base stands for those of mean and logvar, its
+    halves: both differentiable, each a view of base by view ops alone; or
+    none of the three differentiable."""
+    if not (mean.requires_grad or logvar.requires_grad or base.requires_grad):
+        return True
+    if not (mean.requires_grad and logvar.requires_grad):
+        return False
+    base_fn = base.grad_fn
+    return _viewed_from(mean, base, base_fn) and _viewed_from(logvar, base, base_fn)
+
+
+class PackedLayout(NamedTuple):
+    """mean and logvar of ``shape`` as the halves of one contiguous
+    (*shape[:lead], 2 E) tensor (E the size of shape[lead:]): rows of E
+    contiguous elements, 2 E apart, each half's ``strides``; the whole's
+    ``size`` (elements) and ``shape``. Worked out once per call signature by
+    the objectives' plans (packed_layout), which then check a decoder output
+    against it (packed_halves)."""
+
+    shape: torch.Size
+    strides: tuple[int, ...]
+    E: int
+    size: int
+    packed_shape: torch.Size
+
+
+def packed_layout(shape: torch.Size, lead: int) -> PackedLayout:
+    strides, step = [], 1
+    for i in reversed(range(len(shape))):
+        strides.append(step)
+        step *= shape[i] * (2 if i == lead else 1)
+    E = math.prod(shape[lead:])
+    return PackedLayout(shape, tuple(reversed(strides)), E, 2 * shape.numel(), torch.Size((*shape[:lead], 2 * E)))
+
+
+def packed_halves(mean: Tensor, logvar: Tensor, layout: PackedLayout) -> Tensor | None:
+    """packed_mean_logvar for halves of ``layout``, with the checks that
+    depend on the shape alone done once (packed_layout): the packed tensor,
+    or None where mean and logvar are not exactly that layout's halves (then
+    packed_mean_logvar, which accepts any stride of a size-1 dimension,
+    decides)."""
+    base = mean._base
+    if (base is None or logvar._base is not base or mean.stride() != layout.strides
+            or logvar.stride() != layout.strides or mean.shape != layout.shape or logvar.shape != layout.shape
+            or logvar.dtype is not mean.dtype or not base.is_contiguous() or base.numel() != layout.size):
+        return None
+    offset = base.storage_offset()
+    if mean.storage_offset() != offset or logvar.storage_offset() != offset + layout.E:
+        return None
+    if not _halves_viewed_from(mean, logvar, base):
+        return None
+    return base if base.shape == layout.packed_shape else base.view(layout.packed_shape)
 
 
 def packed_mean_logvar(mean: Tensor, logvar: Tensor, lead: int) -> Tensor | None:
@@ -258,10 +321,8 @@ def packed_mean_logvar(mean: Tensor, logvar: Tensor, lead: int) -> Tensor | None
         step *= mean.shape[i] * (2 if i == lead else 1)
     if mean.storage_offset() != base.storage_offset() or logvar.storage_offset() != base.storage_offset() + E:
         return None
-    if mean.requires_grad or logvar.requires_grad or base.requires_grad:
-        if not (mean.requires_grad and logvar.requires_grad and _viewed_from(mean, base)
-                and _viewed_from(logvar, base)):
-            return None
+    if not _halves_viewed_from(mean, logvar, base):
+        return None
     shape = (*mean.shape[:lead], 2 * E)
     return base if base.shape == shape else base.view(shape)  # the output itself when it has the shape
 

@@ -422,6 +422,45 @@ def test_packed_halves_are_found_only_where_they_are_exact(backend):
         assert packed_mean_logvar(b[..., :5], b[..., 5:], 2) is not None  # evaluation: read in place
 
 
+class _Halves(torch.autograd.Function):
+    """A custom Function that returns views of its input (autograd records them
+    as views of it) with a backward of its own, which reading the input in
+    place would skip."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h[..., :5], h[..., 5:]
+
+    @staticmethod
+    def backward(ctx, gm, gv):
+        return 3.0 * torch.cat([gm, gv], -1)
+
+
+@pytest.mark.parametrize("finder", ["packed_mean_logvar", "packed_halves"])
+def test_packed_halves_refuse_views_a_custom_function_returned(backend, finder):
+    """Views a custom Function returned are views of its input to autograd (with
+    a multi-output creation record, as a split's), but their gradient is the
+    Function's: refused. packed_halves (the objectives' plans, with the layout
+    worked out once) finds what packed_mean_logvar finds for that layout."""
+    from fastvae.ops.gaussian_log_prob import op
+    _, device = backend
+    h = torch.randn(3, 4, 10, device=device, requires_grad=True) * 1.0
+    layout = op.packed_layout(torch.Size((3, 4, 5)), 2)
+    find = {"packed_mean_logvar": lambda m, v: op.packed_mean_logvar(m, v, 2),
+            "packed_halves": lambda m, v: op.packed_halves(m, v, layout)}[finder]
+    assert find(h[..., :5], h[..., 5:]) is h
+    assert find(*h.chunk(2, -1)) is h
+    mean, logvar = _Halves.apply(h)
+    assert mean._base is h and find(mean, logvar) is None
+    assert find(h[..., 5:], h[..., :5]) is None  # logvar first
+    assert find(h[..., :5], h.detach()[..., 5:]) is None  # logvar without a gradient
+    a = h * 1.0
+    mean, logvar = a[..., :5], a[..., 5:]
+    mean.mul_(2.0)  # an in-place change: not views only
+    assert find(mean, logvar) is None
+    assert op.packed_halves(h[..., :5], h[..., 5:], op.packed_layout(torch.Size((3, 4, 6)), 2)) is None  # shape
+
+
 # -- the op's cases of the suite-wide checks -----------------------------------------
 # The checks that run over every op read these (tests/helpers.py, op_cases), so
 # that no list outside this folder names the op: test_registry.py fails when

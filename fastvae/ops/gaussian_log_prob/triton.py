@@ -140,7 +140,7 @@ def _gaussian_log_prob_fwd_kernel(
     bound_epilogue(out, r, r_ok, out_ptr, term_ptr, term_bits, part_ptr, counter_ptr, divisor, TERM, REDUCE, ACC)
 
 
-@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS", "delta_bits", "term_bits", "g_divisor"])
+@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS", "delta_bits", "term_bits", "g_divisor", "dv_offset"])
 def _gaussian_log_prob_bwd_kernel(
     grad_out_ptr,  # (K, P); with G_SCALAR a scalar (the reduced bound's gradient)
     x_ptr,  # (P, D)
@@ -163,6 +163,7 @@ def _gaussian_log_prob_bwd_kernel(
     SPLITS,
     term_bits,  # int64: the float64 bits of the term's weight
     g_divisor,  # G_SCALAR: each row's gradient is grad_out[0] / g_divisor
+    dv_offset,  # dv starts this many elements past dv_ptr (the plans: dmean's buffer, whose second half dv is)
     G_SCALAR: tl.constexpr,
     HAS_DTERM: tl.constexpr,
     LAYOUT: tl.constexpr,
@@ -176,6 +177,7 @@ def _gaussian_log_prob_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
+    dv_ptr += dv_offset
     col_blocks = tl.cdiv(D, BLOCK_D)
     row_blocks = tl.cdiv(R, BLOCK_R)
     tiles = row_blocks * col_blocks
@@ -356,13 +358,19 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
     else:
         part_dv = torch.empty((1,), dtype=acc, device=device)
     counting = (tile_sums and splits > 1) or (has_dv and layout == DIM and row_blocks * splits > 1)
+    dv, dv_offset = dvar_param if has_dv else dmean, 0
+    if (has_dv and layout == ELEMENT and dvar_param._base is not None and dvar_param._base is dmean._base
+            and dvar_param.storage_offset() > dmean.storage_offset()):
+        # dmean and dvar_param the halves of one buffer: dv addressed from dmean's
+        # start, as the objectives' plans do (one pointer alignment, one variant)
+        dv, dv_offset = dmean, dvar_param.storage_offset() - dmean.storage_offset()
     _gaussian_log_prob_bwd_kernel[(tiles * splits,)](
-        grad_out, x, mean, var_param, _delta_bits(delta), dmean, dx if has_dx else dmean,
-        dvar_param if has_dv else dmean, part_dx, part_dv,
+        grad_out, x, mean, var_param, _delta_bits(delta), dmean, dx if has_dx else dmean, dv, part_dx, part_dv,
         tile_counters(device, tiles + col_blocks, 2 if counting else 1), dmean if dterm is None else dterm,
         P, D, _row_stride(mean, var_param, dmean, dvar_param), R, k_loop, per_split, splits,
-        0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor,
-        G_SCALAR=g_divisor is not None, HAS_DTERM=dterm is not None, LAYOUT=layout, SOFTPLUS=softplus_mode, HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
+        0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor, dv_offset,
+        G_SCALAR=g_divisor is not None, HAS_DTERM=dterm is not None, LAYOUT=layout, SOFTPLUS=softplus_mode,
+        HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
         ACC=acc_dtype(mean.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
 
@@ -374,7 +382,8 @@ def pointwise_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: 
     per-element log-variance with its gradient (the objectives' (mean, logvar)
     decoder: layout ELEMENT, has_dv) or a fixed (D,) one without (a mean
     alone, unit variance: layout DIM). The other integers are (P, D, row
-    stride, K * P, 1, 1, 1, the term's weight bits, the gradient's divisor).
+    stride, K * P, 1, 1, 1, the term's weight bits, the gradient's divisor,
+    dv's offset).
     ``g_scalar`` and ``has_dterm``: the objectives' bound (_common.bound_grad,
     store_dterm)."""
     assert layout == ELEMENT or not has_dv, "a DIM or ROW variance gradient sums over rows"
