@@ -562,3 +562,162 @@ def test_a_direct_launch_checks_the_tensors_alignment(triton_device, compiled_st
     launch(shifted, shifted, *args[2:])
     assert len(calls) == 1 and len(jit_calls) == 2
     torch.testing.assert_close(value, torch.logsumexp(x, 0) - torch.log(torch.tensor(5.0, dtype=torch.float64)))
+
+
+# -- the bound fused into the kernels (kernels/_common.py's bound_epilogue) -----------
+# The plans' kernels add the latent term to each row's log-likelihood and reduce
+# the rows (or, for iwae, the log-mean-exp reduces the columns); their backward
+# kernels read the reduced bound's scalar gradient and write the term's. Checked
+# here launcher by launcher against float64 torch, on odd sizes, one row,
+# several programs (the last to arrive adds the partial sums), more programs than
+# one finishing block reads, and infinite logits.
+
+
+def _bound_rows(P, D, dtype, device, seed=0, inf=False):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(P, D, generator=g) > 0.5).to(dtype)
+    logits = (torch.randn(1, P, D, generator=g) * 3).to(dtype)
+    term = torch.randn(1, P, generator=g).to(dtype)
+    if inf and P > 1:  # a certain, right outcome (0) and a certain, wrong one (-inf)
+        logits[0, 0, 0], x[0, 0] = float("inf"), 1.0
+        logits[0, 1, 0], x[1, 0] = float("inf"), 0.0
+    return x.to(device), logits.to(device), term.to(device)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("P, rows_per_program", [(1, None), (5, None), (600, None), (1100, 1)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_fused_bernoulli_bound_matches_float64(triton_device, monkeypatch, dtype, P, rows_per_program, reduction):
+    from fastvae.kernels import _common
+    from fastvae.ops import bernoulli_likelihood as oracle
+    from fastvae.ops.bernoulli_likelihood import triton as bern
+    if rows_per_program is not None:
+        if not INTERPRET or reduction != "mean" or dtype != torch.float32:
+            pytest.skip("the interpreter's program size, in one case (about 1 ms a program)")
+        monkeypatch.setattr(_common, "INTERPRETER_BLOCK_ROWS", rows_per_program)  # 1100 programs
+    D, beta = 7, 0.3
+    x, logits, term = _bound_rows(P, D, dtype, triton_device, inf=P > 2)
+    divisor = None if reduction == "none" else P if reduction == "mean" else 1
+    out = torch.full(() if divisor else (1, P), float("nan"), dtype=dtype, device=triton_device)
+    bern.bernoulli_forward(bern.BERNOULLI, x, logits, out, term, -beta, divisor)
+    rows = oracle.bernoulli_log_prob(x.double(), logits.double()) - beta * term.double()
+    want = rows if divisor is None else rows.sum() / divisor
+    assert not torch.isnan(out).any()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(out.double(), want, **tol)
+    # backward: the bound's gradient divided among the rows, and the term's
+    g = torch.tensor(1.7, dtype=dtype, device=triton_device) if divisor else torch.randn(1, P, dtype=dtype).to(
+        triton_device)
+    dlogits = torch.full_like(logits, float("nan"))
+    dterm = torch.full_like(term, float("nan"))
+    bern.bernoulli_backward(bern.BERNOULLI, g, x, logits, None, dlogits, dterm, -beta, divisor)
+    row_g = (g.double() / divisor).expand(1, P) if divisor else g.double()
+    lg = logits.double().requires_grad_()
+    (want_dlogits,) = torch.autograd.grad(oracle.bernoulli_log_prob(x.double(), lg), lg, row_g)
+    finite = torch.isfinite(lg.detach())
+    assert not torch.isnan(dlogits[finite]).any() and not torch.isnan(dterm).any()
+    torch.testing.assert_close(dlogits.double()[finite], want_dlogits[finite], **tol)
+    torch.testing.assert_close(dterm.double(), -beta * row_g, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("P", [1, 5, 600])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("unit", [False, True])
+def test_the_fused_gaussian_bound_matches_float64(triton_device, dtype, P, reduction, unit):
+    """(mean, logvar) the halves of one output, or the mean alone (a fixed (D,)
+    log-variance 0), read as the plans launch them; dlogvar written at its
+    offset in dmean's buffer."""
+    from fastvae.ops.gaussian_log_prob import triton as gauss
+    from fastvae.ops.gaussian_log_prob.op import fixed_logvar
+    D, beta = 7, 1.0
+    g0 = torch.Generator().manual_seed(1)
+    x = torch.randn(P, D, generator=g0).to(dtype).to(triton_device)
+    packed = torch.randn(1, P, 2 * D, generator=g0).to(dtype).to(triton_device)
+    term = torch.randn(1, P, generator=g0).to(dtype).to(triton_device)
+    mean = packed[..., :D]
+    logvar = fixed_logvar(D, 0.0, dtype, triton_device) if unit else packed[..., D:]
+    divisor = None if reduction == "none" else P
+    out = torch.full(() if divisor else (1, P), float("nan"), dtype=dtype, device=triton_device)
+    gauss.gaussian_log_prob_forward(x, mean, logvar, False, 1.0, out, term, -beta, divisor)
+    m, lv = mean.double().requires_grad_(), logvar.double().requires_grad_()
+    rows = (-0.5 * ((x.double() - m) ** 2 * torch.exp(-lv) + lv + 1.8378770664093453)).sum(-1)
+    want = rows - beta * term.double()
+    want = want if divisor is None else want.sum() / divisor
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(out.double(), want, **tol)
+    g = torch.tensor(1.7, dtype=dtype, device=triton_device) if divisor else torch.randn(1, P, dtype=dtype).to(
+        triton_device)
+    dpacked = torch.full_like(packed, float("nan"))
+    dterm = torch.full_like(term, float("nan"))
+    dmean, dlogvar = dpacked[..., :D], None if unit else dpacked[..., D:]
+    gauss.gaussian_log_prob_backward(g, x, mean, logvar, False, 1.0, None, dmean, dlogvar, dterm, -beta, divisor)
+    row_g = (g.double() / divisor).expand(1, P) if divisor else g.double()
+    want_dm, want_dlv = torch.autograd.grad(rows, (m, lv), row_g, allow_unused=True)
+    torch.testing.assert_close(dmean.double(), want_dm, **tol)
+    if not unit:
+        torch.testing.assert_close(dlogvar.double(), want_dlv, **tol)
+    torch.testing.assert_close(dterm.double(), -beta * row_g, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, M", [(1, 1), (5, 3), (4, 1500)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_fused_iwae_bound_matches_float64(triton_device, dtype, K, M, reduction):
+    """The log-mean-exp's columns reduced in its kernel, an infinite column
+    included; its backward at the bound's scalar gradient, with DReG's dlw
+    times the normalized weights."""
+    from fastvae.ops.logmeanexp import triton as lme
+    lw = torch.randn(K, M, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    if M > 2:
+        lw[:, 1] = float("-inf")  # an empty column: logmeanexp -inf, no gradient
+    lw = lw.to(triton_device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    lw_max, sumexp = (torch.empty(M, dtype=acc, device=triton_device) for _ in range(2))
+    divisor = M if reduction == "mean" else 1
+    out = torch.full((), float("nan"), dtype=dtype, device=triton_device)
+    if lme.forward_plan(K, M, dtype, lw.device, True) is None:
+        pytest.skip("columns split over programs: the plans reduce in torch there")
+    lme.logmeanexp_forward(lw, lw_max, sumexp, out, None, divisor)
+    l64 = lw.double().requires_grad_()
+    want = (torch.logsumexp(l64, 0) - torch.log(torch.tensor(float(K), dtype=torch.float64))).sum() / divisor
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+    if M > 2:
+        assert out.item() == float("-inf")
+        l64 = torch.cat([l64[:, :1], l64[:, 2:]], 1).detach().requires_grad_()
+        lw, lw_max, sumexp = lw[:, [0, *range(2, M)]].contiguous(), lw_max[[0, *range(2, M)]], sumexp[[0, *range(2, M)]]
+        M -= 1
+        divisor = M if reduction == "mean" else 1
+        out = torch.full((), float("nan"), dtype=dtype, device=triton_device)
+        lme.logmeanexp_forward(lw, lw_max, sumexp, out, None, divisor)
+        want = (torch.logsumexp(l64, 0) - torch.log(torch.tensor(float(K), dtype=torch.float64))).sum() / divisor
+    torch.testing.assert_close(out.double(), want, **tol)
+    g = torch.tensor(1.7, dtype=dtype, device=triton_device)
+    dlw, weighted = (torch.full_like(lw, float("nan")) for _ in range(2))
+    lme.logmeanexp_backward(lw, lw_max, sumexp, g, None, None, dlw, divisor, weighted)
+    (want_dlw,) = torch.autograd.grad(want, l64, torch.tensor(1.7, dtype=torch.float64))
+    torch.testing.assert_close(dlw.double(), want_dlw, **tol)
+    w = torch.softmax(l64.detach(), 0)
+    torch.testing.assert_close(weighted.double(), want_dlw * w, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_samplers_weighted_grad_z_is_the_product(triton_device, dtype):
+    """DReG: the sampler's backward kernel weights grad_z's rows by z_scale,
+    giving what it gives for grad_z * z_scale[..., None] bit for bit."""
+    from fastvae.ops.sample_normal import triton as sn
+    K, N, L = 3, 5, 6
+    g = torch.Generator().manual_seed(4)
+    mu, lv = (torch.randn(N, L, generator=g).to(dtype).to(triton_device) for _ in range(2))
+    grad_z = torch.randn(K, N, L, generator=g).to(dtype).to(triton_device)
+    ratio, scale = (torch.rand(K, N, generator=g).to(dtype).to(triton_device) for _ in range(2))
+    seed = torch.tensor(123, dtype=torch.int64, device=triton_device)
+    got, want = [[torch.full_like(mu, float("nan")) for _ in range(2)] for _ in range(2)]
+    sn.sample_normal_backward(grad_z, None, ratio, mu, lv, seed, True, *got, scale)
+    sn.sample_normal_backward(grad_z * scale[..., None], None, ratio, mu, lv, seed, True, *want)
+    for a, b in zip(got, want):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
