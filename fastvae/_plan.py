@@ -362,7 +362,11 @@ class TailPlan:
         acc = _backend.accumulation_dtype(dtype)
         self.placeholder = torch.empty((1,), dtype=acc, device=device)
         self.counters = torch.empty((1,), dtype=torch.int32, device=device)
-        self.counter = common.tile_counters(device, 1)  # the reductions' arrival counter, zero between launches
+        # the reductions' arrival counter, zero between launches, and (below) their
+        # partial sums: the plan's own, so a plan serves one stream at a time (a
+        # training loop's; a CUDA graph captures their addresses, as it does the
+        # templates')
+        self.counter = common.tile_counters(device, 1)
         if likelihood == "bernoulli":
             kern = _kernels("bernoulli_likelihood")
             grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, odt, device, True, reduce)
