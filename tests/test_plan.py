@@ -364,26 +364,26 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     def t(*shape, dt=dtype):
         return torch.empty(shape, dtype=dt, device=meta)
 
-    def record(fn):
+    def record(fn, *args):
         launches = []
         with aot.recording("sm_90", launches):
-            fn()
+            fn(*args)
         assert launches, "nothing launched"
         return [(launch.kernel, launch.grid, launch.key) for launch in launches]
 
     mu, lv, seed = t(B_, L), t(B_, L), t(dt=torch.int64)
     z, kl, ratio = t(K_, B_, L), t(B_), t(K_, B_)
     sample = _plan.SamplePlan(mu.shape, dtype, meta, K_, True, True)
-    assert record(lambda: sample.forward(mu, lv, seed, z, kl, ratio, *sample.ints)) == record(
-        lambda: sn.sample_normal_forward(mu, lv, seed, 0, B_ * L, L, z, kl, ratio))
+    assert record(sample.forward, mu, lv, seed, z, kl, ratio, *sample.ints) == record(
+        sn.sample_normal_forward, mu, lv, seed, 0, B_ * L, L, z, kl, ratio)
     for dreg in (False, True):  # DReG: the kernel weights grad_z's rows
         planned = sample.backward(True, False, True, dreg)
         assert planned is not None or K_ > 1  # None: samples split over programs, per-call buffers
         if planned is not None:  # else the plan calls the general launcher itself
             run, part, counters, per_split, K = planned
-            assert record(lambda: run(z, mu, ratio, mu, lv, seed, mu, lv, part, counters, ratio if dreg else mu, B_, L,
-                                      B_ * L, K, per_split, 1)) == record(
-                lambda: sn.sample_normal_backward(z, None, ratio, mu, lv, seed, True, mu, lv, ratio if dreg else None))
+            assert record(run, z, mu, ratio, mu, lv, seed, mu, lv, part, counters, ratio if dreg else mu, B_, L,
+                          B_ * L, K, per_split, 1) == record(
+                sn.sample_normal_backward, z, None, ratio, mu, lv, seed, True, mu, lv, ratio if dreg else None)
 
     x, logits, rec, term, scalar = t(B_, D), t(K_, B_, D), t(K_, B_), t(K_, B_), t()
     batch = torch.Size((B_,))
@@ -397,25 +397,25 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
         # the term's weight as float64 bits (+1 here), 0 where no term is read: as the launchers pass it
         bits, dbits = _plan.ONE_BITS, 0 if iwae else _plan.ONE_BITS
         tail = _plan.TailPlan("bernoulli", K_, B_, D, dtype, meta, reduction, batch, iwae)
-        assert record(lambda: tail.log_prob(x, logits, None, term, bits, lik_reduced)) == record(
-            lambda: bern.bernoulli_forward(bern.BERNOULLI, x, logits, out, term, 1.0, divisor))
-        assert record(lambda: tail.log_prob_backward(out, x, logits, None, dterm, dbits)) == record(
-            lambda: bern.bernoulli_backward(bern.BERNOULLI, out, x, logits, None, logits, dterm, 1.0, divisor))
+        assert record(tail.log_prob, x, logits, None, term, bits, lik_reduced) == record(
+            bern.bernoulli_forward, bern.BERNOULLI, x, logits, out, term, 1.0, divisor)
+        assert record(tail.log_prob_backward, out, x, logits, None, dterm, dbits) == record(
+            bern.bernoulli_backward, bern.BERNOULLI, out, x, logits, None, logits, dterm, 1.0, divisor)
         gaussian = _plan.TailPlan("gaussian", K_, B_, D, dtype, meta, reduction, batch, iwae)
         packed = t(K_, B_, 2 * D)
         mean, logvar = packed[..., :D], packed[..., D:]
-        assert record(lambda: gaussian.log_prob(x, packed, logvar, term, bits, lik_reduced)) == record(
-            lambda: gauss.gaussian_log_prob_forward(x, mean, logvar, False, 1.0, out, term, 1.0, divisor))
-        assert record(lambda: gaussian.log_prob_backward(out, x, packed, logvar, dterm, dbits)) == record(
-            lambda: gauss.gaussian_log_prob_backward(out, x, mean, logvar, False, 1.0, None, mean, logvar, dterm, 1.0,
-                                                     divisor))
+        assert record(gaussian.log_prob, x, packed, logvar, term, bits, lik_reduced) == record(
+            gauss.gaussian_log_prob_forward, x, mean, logvar, False, 1.0, out, term, 1.0, divisor)
+        assert record(gaussian.log_prob_backward, out, x, packed, logvar, dterm, dbits) == record(
+            gauss.gaussian_log_prob_backward, out, x, mean, logvar, False, 1.0, None, mean, logvar, dterm, 1.0,
+            divisor)
         mean = t(K_, B_, D)  # the mean alone: unit variance, gaussian_log_prob's fixed (D,) log-variance
         unit = fixed_logvar(D, 0.0, dtype, meta)
-        assert record(lambda: gaussian.log_prob(x, mean, None, term, bits, lik_reduced)) == record(
-            lambda: gauss.gaussian_log_prob_forward(x, mean, unit, False, 1.0, out, term, 1.0, divisor))
-        assert record(lambda: gaussian.log_prob_backward(out, x, mean, None, dterm, dbits)) == record(
-            lambda: gauss.gaussian_log_prob_backward(out, x, mean, unit, False, 1.0, None, mean, None, dterm, 1.0,
-                                                     divisor))
+        assert record(gaussian.log_prob, x, mean, None, term, bits, lik_reduced) == record(
+            gauss.gaussian_log_prob_forward, x, mean, unit, False, 1.0, out, term, 1.0, divisor)
+        assert record(gaussian.log_prob_backward, out, x, mean, None, dterm, dbits) == record(
+            gauss.gaussian_log_prob_backward, out, x, mean, unit, False, 1.0, None, mean, None, dterm, 1.0,
+            divisor)
         if not iwae:
             continue
         state, value = t(B_, dt=_backend_acc(dtype)), t(B_)
@@ -423,15 +423,14 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
         lme_divisor = 1 if reduced else None
         if tail.lme_forward is not None:
             part = tail.lme_parts if reduced else value
-            assert record(lambda: tail.lme_forward(rec, rec, part, state, state, state, state, bound, state, state,
-                                                   state, tail.counter if reduced else state,
-                                                   *tail.lme_ints)) == record(
-                lambda: lme.logmeanexp_forward(rec, state, state, bound, None, lme_divisor))
+            assert record(tail.lme_forward, rec, rec, part, state, state, state, state, bound, state, state, state,
+                          tail.counter if reduced else state, *tail.lme_ints) == record(
+                lme.logmeanexp_forward, rec, state, state, bound, None, lme_divisor)
         for weighted in (False, True):  # DReG: also dlw times the weights
             dlw_weighted = rec if weighted else None
-            assert record(lambda: tail.lme_backward[reduced, weighted](rec, state, state, bound, bound, bound, rec,
-                                                                       rec, K_, B_, 1)) == record(
-                lambda: lme.logmeanexp_backward(rec, state, state, bound, None, None, rec, lme_divisor, dlw_weighted))
+            assert record(tail.lme_backward[reduced, weighted], rec, state, state, bound, bound, bound, rec, rec,
+                          K_, B_, 1) == record(
+                lme.logmeanexp_backward, rec, state, state, bound, None, None, rec, lme_divisor, dlw_weighted)
 
 
 def _backend_acc(dtype):

@@ -273,8 +273,9 @@ def bernoulli_forward(kind: int, x, logits, out, term=None, weight: float = 0.0,
     grid, meta = forward_plan(kind, K, P, D, logits.dtype, logits.device, term is not None, reduce)
     part, counter = (bound_parts(grid[0], logits.dtype, logits.device), tile_counters(logits.device, 1)) if reduce \
         else (out, out)  # placeholders the kernel never touches
-    _bernoulli_log_prob_fwd_kernel[grid](x, logits, out, out if term is None else term, part, counter, P, K * P, D,
-                                         0 if term is None else float64_bits(weight), 1 if divisor is None else divisor, **meta)
+    _bernoulli_log_prob_fwd_kernel[grid](
+        x, logits, out, out if term is None else term, part, counter, P, K * P, D,
+        0 if term is None else float64_bits(weight), 1 if divisor is None else divisor, **meta)
 
 
 # Backward tiles: dx's accumulator stays live across the loop over samples.

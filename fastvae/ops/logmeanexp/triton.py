@@ -381,7 +381,8 @@ def backward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_
     also dlw times the normalized weights (DReG)."""
     BLOCK_K, BLOCK_M = _tile(K, M, device)
     return (triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),), dict(
-        G_SCALAR=g_scalar, WEIGHTED=weighted, HAS_G_SUMEXP=has_grad_sumexp, HAS_ESS=has_ess, ACC=acc_dtype(dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        G_SCALAR=g_scalar, WEIGHTED=weighted, HAS_G_SUMEXP=has_grad_sumexp, HAS_ESS=has_ess, ACC=acc_dtype(dtype),
+        BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
         num_warps=8,  # 16 elements a thread: 4 warps spilled in fp16
     )
 
