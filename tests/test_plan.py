@@ -720,3 +720,27 @@ def test_the_samplers_weighted_grad_z_is_the_product(triton_device, dtype):
     sn.sample_normal_backward(grad_z * scale[..., None], None, ratio, mu, lv, seed, True, *want)
     for a, b in zip(got, want):
         assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["iwae", "iwae sum", "dreg"])
+def test_iwae_columns_split_over_programs_give_the_same_bound(triton_device, monkeypatch, case):
+    """Where a GPU splits the log-mean-exp's columns over programs (K = 50 at a
+    batch of 256, say: forward_plan says None), the iwae tail runs the general
+    launcher's two launches and reduces the columns in torch; its backward is
+    the same fused one. Forced here by that answer, the values and gradients
+    are the general path's (as test_plans_give_the_general_path_bit_for_bit)."""
+    from fastvae.ops.logmeanexp import triton as lme
+    monkeypatch.setattr(lme, "forward_plan", lambda *a, **k: None)
+    _plan.clear()
+    try:
+        _run(triton_device, torch.float64, "bernoulli", case, True)
+        lean, lean_grads, node = _run(triton_device, torch.float64, "bernoulli", case, True)
+        general, general_grads, _ = _run(triton_device, torch.float64, "bernoulli", case, False)
+    finally:
+        _plan.clear()
+    assert node == "IwaeTailBackward"
+    assert not torch.isnan(lean).any()
+    torch.testing.assert_close(lean, general, rtol=1e-12, atol=1e-12)
+    for a, b in zip(lean_grads, general_grads):
+        assert not torch.isnan(a).any() and _same(a, b)
