@@ -380,7 +380,7 @@ class TailPlan:
             kern = _kernels("gaussian_log_prob")
             grid, meta = kern.forward_plan(K, P, D, odt, device, kern.ELEMENT, False, True, reduce)
             self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
-            self.delta_bits = kern._delta_bits(1.0)
+            self.delta_bits = common.float64_bits(1.0)
             self.lik_ints = (P, K * P, D, 2 * D)
             grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.ELEMENT, True, reduce, not iwae)
             self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
@@ -404,7 +404,7 @@ class TailPlan:
                 grid, meta, rows = planned
                 self.lme_forward = Launch(lme._logmeanexp_fwd_kernel, grid, meta)
                 self.lme_ints = (K, P, rows, 1, self.divisor)
-                self.lme_parts = torch.empty(grid, dtype=acc, device=device) if self.reduced else None
+                self.lme_parts = common.bound_parts(grid[0], dtype, device) if self.reduced else None
             # the backward at a gradient per column (DReG's weights, reduction="none") or at the
             # bound's scalar gradient; with DReG's weighted dlw or without: (g_scalar, weighted) -> launch
             self.lme_backward = {}
@@ -560,8 +560,8 @@ class IwaeTail(torch.autograd.Function):
         if plan.lme_forward is not None:
             if plan.reduced:
                 value, part = empty(plan.bound_like), plan.lme_parts
-            else:
-                value = part = empty(plan.value_like)
+            else:  # no reduction: a placeholder the kernel never touches, as the launcher passes
+                value, part = empty(plan.value_like), sumexp
             plan.lme_forward(lw, lw, part, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
                              plan.counter if plan.reduced else sumexp, *plan.lme_ints)
         else:  # columns split over programs: two launches, then the reduction

@@ -246,8 +246,10 @@ BOUND_BLOCK = tl.constexpr(1024)
 
 
 def float64_bits(value: float) -> int:
-    """The bits of ``value`` as a float64, as an int64 kernel argument: Triton
-    passes a Python float as float32, which would round a float64 beta."""
+    """The bits of ``value`` as a float64, as an int64 kernel argument (a
+    bound's weight -beta, the Gaussian's variance floor): Triton passes a Python
+    float as float32, which would round it for a float64 kernel; a new value
+    compiles nothing and makes no tensor."""
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
 
@@ -303,3 +305,12 @@ def store_dterm(g, rows, row_ok, col_block, dterm_ptr, term_bits, ACC: tl.conste
 def bound_parts(programs: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The REDUCE epilogue's partial sums: one accumulation-dtype slot a program."""
     return torch.empty((max(programs, 1),), dtype=accumulation_dtype(dtype), device=device)
+
+
+def bound_buffers(programs: int, dtype: torch.dtype, out: torch.Tensor, reduce: bool):
+    """(partial sums, arrival counter) of a launch with bound_epilogue: with
+    REDUCE fresh partials and the stream's counter; else ``out`` twice, a
+    placeholder the kernel never touches (no allocation per call)."""
+    if not reduce:
+        return out, out
+    return bound_parts(programs, dtype, out.device), tile_counters(out.device, 1)

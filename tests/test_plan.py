@@ -583,6 +583,20 @@ def _bound_rows(P, D, dtype, device, seed=0, inf=False):
     return x.to(device), logits.to(device), term.to(device)
 
 
+def _bound_tolerance(dtype) -> dict:
+    return dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+
+
+def _bound_gradient(divisor, P, dtype, device):
+    """(the bound's gradient as the kernel reads it: a scalar where reduced,
+    else one per row; the float64 gradient of each row it stands for)."""
+    if divisor:
+        g = torch.tensor(1.7, dtype=dtype, device=device)
+        return g, (g.double() / divisor).expand(1, P)
+    g = torch.randn(1, P, generator=torch.Generator().manual_seed(5), dtype=dtype).to(device)
+    return g, g.double()
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("P, rows_per_program", [(1, None), (5, None), (600, None), (1100, 1)])
@@ -603,15 +617,13 @@ def test_the_fused_bernoulli_bound_matches_float64(triton_device, monkeypatch, d
     rows = oracle.bernoulli_log_prob(x.double(), logits.double()) - beta * term.double()
     want = rows if divisor is None else rows.sum() / divisor
     assert not torch.isnan(out).any()
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+    tol = _bound_tolerance(dtype)
     torch.testing.assert_close(out.double(), want, **tol)
     # backward: the bound's gradient divided among the rows, and the term's
-    g = torch.tensor(1.7, dtype=dtype, device=triton_device) if divisor else torch.randn(1, P, dtype=dtype).to(
-        triton_device)
+    g, row_g = _bound_gradient(divisor, P, dtype, triton_device)
     dlogits = torch.full_like(logits, float("nan"))
     dterm = torch.full_like(term, float("nan"))
     bern.bernoulli_backward(bern.BERNOULLI, g, x, logits, None, dlogits, dterm, -beta, divisor)
-    row_g = (g.double() / divisor).expand(1, P) if divisor else g.double()
     lg = logits.double().requires_grad_()
     (want_dlogits,) = torch.autograd.grad(oracle.bernoulli_log_prob(x.double(), lg), lg, row_g)
     finite = torch.isfinite(lg.detach())
@@ -645,15 +657,14 @@ def test_the_fused_gaussian_bound_matches_float64(triton_device, dtype, P, reduc
     rows = (-0.5 * ((x.double() - m) ** 2 * torch.exp(-lv) + lv + 1.8378770664093453)).sum(-1)
     want = rows - beta * term.double()
     want = want if divisor is None else want.sum() / divisor
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+    tol = _bound_tolerance(dtype)
+    assert not torch.isnan(out).any()
     torch.testing.assert_close(out.double(), want, **tol)
-    g = torch.tensor(1.7, dtype=dtype, device=triton_device) if divisor else torch.randn(1, P, dtype=dtype).to(
-        triton_device)
+    g, row_g = _bound_gradient(divisor, P, dtype, triton_device)
     dpacked = torch.full_like(packed, float("nan"))
     dterm = torch.full_like(term, float("nan"))
     dmean, dlogvar = dpacked[..., :D], None if unit else dpacked[..., D:]
     gauss.gaussian_log_prob_backward(g, x, mean, logvar, False, 1.0, None, dmean, dlogvar, dterm, -beta, divisor)
-    row_g = (g.double() / divisor).expand(1, P) if divisor else g.double()
     want_dm, want_dlv = torch.autograd.grad(rows, (m, lv), row_g, allow_unused=True)
     torch.testing.assert_close(dmean.double(), want_dm, **tol)
     if not unit:
@@ -683,7 +694,7 @@ def test_the_fused_iwae_bound_matches_float64(triton_device, dtype, K, M, reduct
     lme.logmeanexp_forward(lw, lw_max, sumexp, out, None, divisor)
     l64 = lw.double().requires_grad_()
     want = (torch.logsumexp(l64, 0) - torch.log(torch.tensor(float(K), dtype=torch.float64))).sum() / divisor
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-5)
+    tol = _bound_tolerance(dtype)
     if M > 2:
         assert out.item() == float("-inf")
         l64 = torch.cat([l64[:, :1], l64[:, 2:]], 1).detach().requires_grad_()

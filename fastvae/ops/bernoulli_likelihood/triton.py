@@ -32,9 +32,9 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    bound_buffers,
     bound_epilogue,
     bound_grad,
-    bound_parts,
     float64_bits,
     log1p_unit,
     sigmoid,
@@ -271,8 +271,7 @@ def bernoulli_forward(kind: int, x, logits, out, term=None, weight: float = 0.0,
         return
     reduce = divisor is not None
     grid, meta = forward_plan(kind, K, P, D, logits.dtype, logits.device, term is not None, reduce)
-    part, counter = (bound_parts(grid[0], logits.dtype, logits.device), tile_counters(logits.device, 1)) if reduce \
-        else (out, out)  # placeholders the kernel never touches
+    part, counter = bound_buffers(grid[0], logits.dtype, out, reduce)
     _bernoulli_log_prob_fwd_kernel[grid](
         x, logits, out, out if term is None else term, part, counter, P, K * P, D,
         0 if term is None else float64_bits(weight), 1 if divisor is None else divisor, **meta)

@@ -275,6 +275,7 @@ class PackedLayout(NamedTuple):
 
 
 def packed_layout(shape: torch.Size, lead: int) -> PackedLayout:
+    """The PackedLayout of halves of ``shape`` whose first ``lead`` dimensions are rows."""
     strides, step = [], 1
     for i in reversed(range(len(shape))):
         strides.append(step)

@@ -23,8 +23,6 @@ last program of a tile adds the splits' partials in split order
 Where x == mean exactly, (x - m)^2 / var is 0 whatever the variance, so an
 underflowing variance (1/var = inf) gives no 0 * inf = NaN.
 """
-import struct
-
 import torch
 import triton
 import triton.language as tl
@@ -33,9 +31,10 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    bound_buffers,
     bound_epilogue,
     bound_grad,
-    bound_parts,
+    float64_arg,
     float64_bits,
     sigmoid,
     softplus,
@@ -65,12 +64,6 @@ def _inv_and_log_var(v, delta, SOFTPLUS: tl.constexpr):
 def _over_var(diff, inv):
     """(x - m) / var, 0 where x == m even if 1/var overflowed."""
     return tl.where(diff == 0.0, 0.0, diff * inv)
-
-
-@triton.jit
-def _delta(delta_bits, ACC: tl.constexpr):
-    """delta from the bits of its float64 (exact in float64; rounded once to float32)."""
-    return tl.cast(delta_bits, tl.float64, bitcast=True).to(ACC)
 
 
 @triton.jit
@@ -126,7 +119,7 @@ def _gaussian_log_prob_fwd_kernel(
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     r_ok = r < KP
     p = r % P
-    delta = _delta(delta_bits, ACC)
+    delta = float64_arg(delta_bits, ACC)
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -184,7 +177,7 @@ def _gaussian_log_prob_bwd_kernel(
     rb = tile // col_blocks
     cb = tile % col_blocks
     x_rows = rows if LOOP_K else rows % P
-    delta = _delta(delta_bits, ACC)
+    delta = float64_arg(delta_bits, ACC)
     x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
     if LAYOUT != 0:
         v_shared = _load_var(v_ptr, x_rows, x_rows, cols, mask, D, S, LAYOUT, ACC)
@@ -283,13 +276,6 @@ def _row_stride(mean, *per_element) -> int:
     return S
 
 
-def _delta_bits(delta: float) -> int:
-    """delta as the int64 bits of its float64: a runtime argument (a new delta
-    compiles nothing) that float64 kernels read exactly (a float argument
-    would be float32), with no tensor made per call."""
-    return struct.unpack("<q", struct.pack("<d", float(delta)))[0]
-
-
 def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: float, out, term=None,
                               weight: float = 0.0, divisor: int | None = None) -> None:
     """out (K, P) <- log N(x; mean, var(var_param)) summed over D; see the module
@@ -302,10 +288,9 @@ def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: fl
     reduce = divisor is not None
     grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, _layout(var_param), softplus_mode, term is not None,
                               reduce)
-    part, counter = (bound_parts(grid[0], mean.dtype, mean.device), tile_counters(mean.device, 1)) if reduce \
-        else (out, out)  # placeholders the kernel never touches
+    part, counter = bound_buffers(grid[0], mean.dtype, out, reduce)
     _gaussian_log_prob_fwd_kernel[grid](
-        x, mean, var_param, _delta_bits(delta), out, out if term is None else term, part, counter, P, K * P, D,
+        x, mean, var_param, float64_bits(delta), out, out if term is None else term, part, counter, P, K * P, D,
         _row_stride(mean, var_param), 0 if term is None else float64_bits(weight), 1 if divisor is None else divisor,
         **meta)
 
@@ -365,7 +350,7 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
         # start, as the objectives' plans do (one pointer alignment, one variant)
         dv, dv_offset = dmean, dvar_param.storage_offset() - dmean.storage_offset()
     _gaussian_log_prob_bwd_kernel[(tiles * splits,)](
-        grad_out, x, mean, var_param, _delta_bits(delta), dmean, dx if has_dx else dmean, dv, part_dx, part_dv,
+        grad_out, x, mean, var_param, float64_bits(delta), dmean, dx if has_dx else dmean, dv, part_dx, part_dv,
         tile_counters(device, tiles + col_blocks, 2 if counting else 1), dmean if dterm is None else dterm,
         P, D, _row_stride(mean, var_param, dmean, dvar_param), R, k_loop, per_split, splits,
         0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor, dv_offset,

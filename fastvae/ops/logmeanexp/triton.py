@@ -27,7 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import TARGET_PROGRAMS, acc_dtype, blocks, bound_epilogue, bound_grad, tile_counters
+from fastvae.kernels._common import (
+    TARGET_PROGRAMS,
+    acc_dtype,
+    blocks,
+    bound_epilogue,
+    bound_grad,
+    bound_parts,
+    tile_counters,
+)
 
 MAX_BLOCK_M = 128  # columns per tile; the rest of the tile goes to rows
 CHUNKS_PER_SPLIT = 16  # a K-split folds at most this many tiles before the merge
@@ -360,7 +368,7 @@ def forward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, reduc
                  ) -> tuple[tuple[int], dict, int] | None:
     """(grid, meta, rows per split) of logmeanexp_forward's one launch with
     out (no ESS, no latent) for lw (K, M) of ``dtype`` (M > 0), or with
-    ``reduce`` of logmeanexp_bound's, worked out once per call signature by
+    ``reduce`` of its reduced bound's, worked out once per call signature by
     the objectives' plans (fastvae/_plan.py); None where the columns are split
     over programs (a second, finishing launch: the plan calls
     logmeanexp_forward then)."""
@@ -445,7 +453,7 @@ def logmeanexp_forward(lw, lw_max, sumexp, out, ess, divisor: int | None = None)
     if planned is None:
         raise ValueError(f"a reduced logmeanexp is one launch without ess: lw of shape {tuple(lw.shape)} has none")
     grid, meta, rows_per_split = planned
-    part = torch.empty(grid, dtype=sumexp.dtype, device=lw.device)
+    part = bound_parts(grid[0], lw.dtype, lw.device)
     _logmeanexp_fwd_kernel[grid](lw, lw, part, sumexp, sumexp, lw_max, sumexp, out, sumexp, sumexp, sumexp,
                                  tile_counters(lw.device, 1), K, M, rows_per_split, 1, divisor, **meta)
 
