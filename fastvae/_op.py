@@ -98,6 +98,17 @@ def run(op, *args):
     return _IMPLS[op](*args)
 
 
+OPAQUE: dict = {}  # name -> function, for fastvae._opaque.call
+
+
+def opaque(fn):
+    """Registers ``fn`` (returned unchanged) as one that fastvae._opaque.call
+    runs by its name under torch.compile: the objectives' steps before and
+    after the decoder, which Dynamo then neither traces nor guards on."""
+    OPAQUE[fn.__name__] = fn
+    return fn
+
+
 SEED_HIGH = 2**63 - 1
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from . import _backend, _plan, _validate
+from . import _backend, _op, _plan, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
@@ -90,8 +90,7 @@ class IWAETerms(NamedTuple):
 # -- argument checks -----------------------------------------------------------
 
 
-def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, decode: Any, reduction: Any,
-                  likelihood: Any = None) -> None:
+def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, reduction: Any, likelihood: Any = None) -> None:
     _validate.data_tensor("x", x, likelihood)  # integer x: class indices (likelihood="categorical")
     _validate.event_dim("x", x)
     mu = q.mu
@@ -101,10 +100,13 @@ def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, decode: Any, reduct
             f"x must have mu's batch shape {tuple(batch)} followed by its event shape (e.g. (C, H, W) "
             f"for images): x has shape {tuple(x.shape)}, mu has shape {tuple(mu.shape)}"
         )
-    if not callable(decode):
-        raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_decode(decode: Any) -> None:
+    if not callable(decode):
+        raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
 
 
 def _reduce(t: Tensor, reduction: str) -> Tensor:
@@ -169,11 +171,10 @@ def _lean_device(x: Any, mu: Any, logvar: Any, decode: Any, prior: Any, generato
     or half-precision encoder, x contiguous and without a gradient (mu and
     logvar may be strided: an encoder's halves, h.chunk(2, -1)), the standard normal prior, a
     "bernoulli" or "gaussian" likelihood; else None (the general path, which
-    checks the arguments and says what is wrong). Asks is_compiling first:
-    torch.compile then traces nothing else here (and guards on none of the
-    globals read below). The backend is part of the plan key, since
+    checks the arguments and says what is wrong). Its callers take
+    _compiled_elbo / _compiled_iwae while torch.compile traces. The backend is part of the plan key, since
     set_backend can change it between calls."""
-    if (torch.compiler.is_compiling() or not _plan.ENABLED or type(mu) is not Tensor or type(logvar) is not Tensor
+    if (not _plan.ENABLED or type(mu) is not Tensor or type(logvar) is not Tensor
             or type(x) is not Tensor or prior is not None or likelihood not in _LEAN_LIKELIHOODS
             or reduction not in REDUCTIONS or not callable(decode)
             or (generator is not None and type(generator) is not torch.Generator)):
@@ -255,6 +256,9 @@ def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, red
 
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans, or None where they do not apply."""
+    if torch.compiler.is_compiling():
+        return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
+                              prior)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
     if (lean is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
             or (beta := _lean_beta(beta)) is None):
@@ -265,7 +269,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
-        _check_inputs(x, q, decode, reduction, likelihood)
+        _check_inputs(x, q, reduction, likelihood)
+        _check_decode(decode)
         check_likelihood(likelihood)
         n = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
         batch = mu.shape[:-1]
@@ -288,6 +293,9 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
 def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
     """fastvae.iwae through the plans, or None where they do not apply (a
     tempered bound, beta != 1, takes the general path)."""
+    if torch.compiler.is_compiling():
+        return _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
+                              prior)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
     if (lean is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
             or alpha != 0 or type(beta) not in (float, int) or beta != 1):
@@ -298,7 +306,8 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
-        _check_inputs(x, q, decode, reduction, likelihood)
+        _check_inputs(x, q, reduction, likelihood)
+        _check_decode(decode)
         check_likelihood(likelihood)
         k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
         batch = mu.shape[:-1]
@@ -317,6 +326,117 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
     # the cpp backend: the general path's own calls, without its checks
     z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", generator)
     return _general_iwae_tail(x, decode(z), latent, likelihood, reduction, z if estimator == "dreg" else None)
+
+
+# -- under torch.compile ----------------------------------------------------------
+#
+# In the common case Dynamo traces the decoder alone: the checks and the draw
+# before it, and the bound after it, run through fastvae._opaque.call, whose
+# docstring says why (the guards) and what their arguments must carry.
+
+
+def _tensors(out: Any) -> bool:
+    """Whether a decoder output can enter a nonstrict call: a tensor or a tuple
+    of tensors (a torch Distribution takes the bound as Dynamo traces it)."""
+    return type(out) is Tensor or (type(out) is tuple and all(type(t) is Tensor for t in out))
+
+
+def _compiled_head_checks(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, reduction: str) -> None:
+    """The general path's checks of x, the posterior, the likelihood and the reduction."""
+    _check_inputs(x, DiagonalNormal(mu, logvar), reduction, likelihood)  # DiagonalNormal checks mu and logvar
+    check_likelihood(likelihood)
+
+
+@_op.opaque
+def _compiled_elbo_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, beta: float, n_samples: int,
+                        reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    """fastvae.elbo's checks and its draw (z, kl) under torch.compile.
+    ``backend``: the requested backend ("" for automatic), unused here; an argument so that
+    Dynamo guards on it (set_backend then recompiles, as the ops choose by it)."""
+    _compiled_head_checks(x, mu, logvar, likelihood, reduction)
+    n = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
+    _validate.real("beta", beta, minimum=0.0)
+    return sample_normal_unchecked(mu, logvar, None if n == 1 else n, None)
+
+
+@_op.opaque
+def _compiled_iwae_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, k: int, estimator: str,
+                        reduction: str, backend: str) -> tuple[Tensor, Tensor]:
+    """fastvae.iwae's checks and its draw (z, the latent term) under
+    torch.compile; ``backend`` as _compiled_elbo_head's."""
+    _compiled_head_checks(x, mu, logvar, likelihood, reduction)
+    k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", None)
+    return z, latent
+
+
+@_op.opaque
+def _compiled_dreg_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, reduction: str
+                        ) -> tuple[Tensor, Tensor]:
+    """The IWAE bound and DReG's scale of each sample (the normalized weights:
+    _dreg_z_scale at alpha = 0, beta = 1), which the traced part hooks on z
+    and the latent term: a hook registered inside an opaque call would hang
+    on a tensor of AOT autograd's trace, not on the graph's z."""
+    lw = decoder_log_prob(x, out, likelihood, (latent.shape[0],), latent.dim() - 1) + latent
+    bound, state = _bound(lw, 0.0)
+    return _reduce(bound, reduction), importance_weights_from_state(lw, *state)
+
+
+_op.opaque(_general_elbo_tail)
+_op.opaque(_general_iwae_tail)
+
+
+def _simple_call(x: Any, mu: Any, logvar: Any, likelihood: Any, reduction: Any, generator: Any, prior: Any) -> bool:
+    """Whether the compiled path takes this call: tensors (x, mu, logvar), the
+    standard normal prior, a likelihood and a reduction by name, torch's own
+    generator. Anything else traces the general path, which also says what is
+    wrong with it."""
+    return (type(mu) is Tensor and type(logvar) is Tensor and type(x) is Tensor and prior is None
+            and generator is None and type(likelihood) is str and type(reduction) is str)
+
+
+def _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
+    """fastvae.elbo while torch.compile traces, or None where the general path
+    traces (_simple_call; free bits; a tensor beta)."""
+    if (not _simple_call(x, mu, logvar, likelihood, reduction, generator, prior) or type(n_samples) is not int
+            or type(beta) not in (float, int) or type(free_bits) not in (float, int) or free_bits != 0):
+        return None
+    from . import _opaque  # imports torch._dynamo, which fastvae's import does not
+
+    beta = float(beta)
+    z, kl = _opaque.call("_compiled_elbo_head", (x, mu, logvar, likelihood, beta, n_samples, reduction,
+                                                 _backend.requested_backend() or ""))
+    _check_decode(decode)
+    out = decode(z)
+    if not _tensors(out):
+        return _general_elbo_tail(x, out, kl, likelihood, beta, reduction, n_samples)
+    return _opaque.call("_general_elbo_tail", (x, out, kl, likelihood, beta, reduction, n_samples))
+
+
+def _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
+    """fastvae.iwae while torch.compile traces, or None where the general path
+    traces (_simple_call; a tempered or Renyi bound). DReG's hooks on z and the
+    latent term are registered here, where Dynamo traces them."""
+    if (not _simple_call(x, mu, logvar, likelihood, reduction, generator, prior) or type(k) is not int
+            or type(estimator) is not str or type(alpha) not in (float, int) or alpha != 0
+            or type(beta) not in (float, int) or beta != 1):
+        return None
+    from . import _opaque  # imports torch._dynamo, which fastvae's import does not
+
+    z, latent = _opaque.call("_compiled_iwae_head", (x, mu, logvar, likelihood, k, estimator, reduction,
+                                                     _backend.requested_backend() or ""))
+    _check_decode(decode)
+    out = decode(z)
+    if not _tensors(out):
+        return _general_iwae_tail(x, out, latent, likelihood, reduction, z if estimator == "dreg" else None)
+    if estimator != "dreg":
+        return _opaque.call("_general_iwae_tail", (x, out, latent, likelihood, reduction))
+    bound, scale = _opaque.call("_compiled_dreg_tail", (x, out, latent, likelihood, reduction))
+    if z.requires_grad:
+        _dreg_hooks(z, latent, scale)
+    return bound
 
 
 # -- ELBO -----------------------------------------------------------------------
@@ -378,7 +498,8 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     does not split: the closed form's terms, or a relaxed prior's Monte Carlo terms of a Concrete
     posterior averaged over the samples)."""
     q, decode = posterior_args(mu, logvar, decode)
-    _check_inputs(x, q, decode, reduction, likelihood)
+    _check_inputs(x, q, reduction, likelihood)
+    _check_decode(decode)
     check_likelihood(likelihood)
     prior = check_prior(prior, q.latent_size)
     mu = q.mu
@@ -601,6 +722,12 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
             ImportanceWeights.apply((1.0 - alpha) * lw.detach())
         t = beta if alpha == 0 else beta * (1.0 - alpha)
         scale = torch.addcmul(1.0 - t, t, v) if isinstance(t, Tensor) else (1.0 - t) + t * v  # one launch
+    _dreg_hooks(z, latent, scale)
+
+
+def _dreg_hooks(z: Tensor, latent: Tensor | None, scale: Tensor) -> None:
+    """Scales the gradients of z and of the latent term by DReG's ``scale``
+    (K, ...) of each sample (_dreg_z_scale says why)."""
     # one trailing dimension per latent event dimension (two for a Concrete z (K, ..., L, C))
     scale_z = scale.reshape(*scale.shape, *(1,) * (z.dim() - scale.dim()))
     if (latent is not None and latent.requires_grad and z.dtype == scale.dtype
@@ -631,7 +758,8 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
     """(bound, reconstruction, kl, log-weights), unreduced: the one pass of iwae and
     iwae_terms; kl is None unless want_kl (the bound does not use it)."""
     q, decode = posterior_args(mu, logvar, decode)
-    _check_inputs(x, q, decode, reduction, likelihood)
+    _check_inputs(x, q, reduction, likelihood)
+    _check_decode(decode)
     check_likelihood(likelihood)
     prior = check_prior(prior, q.latent_size)
     mu = q.mu

@@ -33,7 +33,7 @@ LAYERS = {
     "registry": ("_registry",),
     "backends": ("reference",),  # with kernels/ (Triton) and fastvae._C (C++), outside this package
     "dispatch": ("_backend",),
-    "op support": ("_validate", "_value_checks", "_op", "_double_backward", "_likelihood_layout",
+    "op support": ("_validate", "_value_checks", "_op", "_opaque", "_double_backward", "_likelihood_layout",
                    "_noise", "_pareto"),
     "ops": OP_MODULES,
     "distributions": ("distributions", "priors", "latents"),

@@ -1,0 +1,30 @@
+"""The objectives' opaque calls under torch.compile (imported while Dynamo
+traces: it imports torch._dynamo, which ``import fastvae`` does not).
+
+Dynamo guards on every global, attribute and function that a traced call
+reads, and a compiled step checks those guards at every call. Traced whole,
+fastvae.elbo reads about 400 (the modules, tables and helpers of its checks
+and of the op dispatch); the hand-written loss reads none, and the guards
+cost the compiled digits step about 4% (issue 33). So the objectives call
+the steps before and after the decoder through ``call``, which Dynamo puts
+in its graph as one opaque call (torch._dynamo.nonstrict_trace) with a guard
+on each argument only; AOT autograd then traces the function, fastvae's
+Python included, into the same graph. Each function's arguments must carry
+everything its trace depends on (tensors, options, the requested backend),
+so that a change recompiles as it did when Dynamo traced it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._op import OPAQUE
+
+
+def _call(name: str, args: tuple):
+    """OPAQUE[name](*args): a function _op.opaque registered."""
+    return OPAQUE[name](*args)
+
+
+# torch before 2.7 has no nonstrict_trace: Dynamo then traces the call (and guards as it does)
+_mark = getattr(torch._dynamo, "nonstrict_trace", None)
+call = _call if _mark is None else _mark(_call)
