@@ -258,7 +258,7 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     """fastvae.elbo through the plans, or None where they do not apply."""
     if torch.compiler.is_compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
-                              prior)
+                              prior, False)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
     if (lean is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
             or (beta := _lean_beta(beta)) is None):
@@ -295,7 +295,7 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
     tempered bound, beta != 1, takes the general path)."""
     if torch.compiler.is_compiling():
         return _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
-                              prior)
+                              prior, False)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
     if (lean is None or type(k) is not int or estimator not in ESTIMATORS or type(alpha) not in (float, int)
             or alpha != 0 or type(beta) not in (float, int) or beta != 1):
@@ -360,32 +360,53 @@ def _compiled_elbo_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, 
 
 
 @_op.opaque
+def _compiled_elbo_terms_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, beta: float, n_samples: int,
+                              reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """_compiled_elbo_head's (z, kl) and the KL of each latent dimension (elbo_terms' per_dim)."""
+    z, kl = _compiled_elbo_head(x, mu, logvar, likelihood, beta, n_samples, reduction, backend)
+    return z, kl, kl_normal(mu.unsqueeze(-1), logvar.unsqueeze(-1))
+
+
+@_op.opaque
+def _compiled_elbo_terms_tail(x: Tensor, out: Any, kl: Tensor, per_dim: Tensor, likelihood: str, beta: float,
+                              reduction: str, n_samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """elbo_terms' (bound, reconstruction, kl, per_dim), reduced, from the decoder output."""
+    reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), kl.dim())
+    if n_samples > 1:
+        reconstruction = reconstruction.mean(0)
+    return _reduced_elbo_terms(reconstruction, kl if beta == 1.0 else beta * kl, kl, per_dim, reduction)
+
+
+@_op.opaque
 def _compiled_iwae_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, k: int, estimator: str,
-                        reduction: str, backend: str) -> tuple[Tensor, Tensor]:
-    """fastvae.iwae's checks and its draw (z, the latent term) under
+                        reduction: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """fastvae.iwae's checks and its draw (z, the KL, the latent term) under
     torch.compile; ``backend`` as _compiled_elbo_head's."""
     _compiled_head_checks(x, mu, logvar, likelihood, reduction)
     k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", None)
-    return z, latent
+    return sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", None)
 
 
 @_op.opaque
-def _compiled_dreg_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, reduction: str
-                        ) -> tuple[Tensor, Tensor]:
-    """The IWAE bound and DReG's scale of each sample (the normalized weights:
-    _dreg_z_scale at alpha = 0, beta = 1), which the traced part hooks on z
-    and the latent term: a hook registered inside an opaque call would hang
-    on a tensor of AOT autograd's trace, not on the graph's z."""
-    lw = decoder_log_prob(x, out, likelihood, (latent.shape[0],), latent.dim() - 1) + latent
+def _compiled_iwae_tail(x: Tensor, out: Any, latent: Tensor, kl: Tensor, likelihood: str, reduction: str,
+                        terms: bool, dreg: bool) -> tuple[Tensor, ...]:
+    """(the IWAE bound, reduced), or with ``terms`` iwae_terms' (bound,
+    reconstruction, kl, ess), reduced, and the log-weights; with ``dreg``
+    also DReG's scale of each sample (the normalized weights: _dreg_z_scale
+    at alpha = 0, beta = 1), which the traced part hooks on z and the latent
+    term: a hook registered inside an opaque call would hang on a tensor of
+    AOT autograd's trace, not on the graph's z."""
+    reconstruction = decoder_log_prob(x, out, likelihood, (latent.shape[0],), latent.dim() - 1)
+    lw = reconstruction + latent
     bound, state = _bound(lw, 0.0)
-    return _reduce(bound, reduction), importance_weights_from_state(lw, *state)
+    result = (*_reduced_iwae_terms(bound, reconstruction, kl, lw, reduction), lw) if terms else \
+        (_reduce(bound, reduction),)
+    return (*result, importance_weights_from_state(lw, *state)) if dreg else result
 
 
 _op.opaque(_general_elbo_tail)
-_op.opaque(_general_iwae_tail)
 
 
 def _simple_call(x: Any, mu: Any, logvar: Any, likelihood: Any, reduction: Any, generator: Any, prior: Any) -> bool:
@@ -397,46 +418,61 @@ def _simple_call(x: Any, mu: Any, logvar: Any, likelihood: Any, reduction: Any, 
             and generator is None and type(likelihood) is str and type(reduction) is str)
 
 
-def _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
-    """fastvae.elbo while torch.compile traces, or None where the general path
-    traces (_simple_call; free bits; a tensor beta)."""
+def _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior,
+                   terms=False):
+    """fastvae.elbo (``terms``: elbo_terms) while torch.compile traces, or
+    None where the general path traces (_simple_call; free bits; a tensor beta)."""
     if (not _simple_call(x, mu, logvar, likelihood, reduction, generator, prior) or type(n_samples) is not int
             or type(beta) not in (float, int) or type(free_bits) not in (float, int) or free_bits != 0):
         return None
     from . import _opaque  # imports torch._dynamo, which fastvae's import does not
 
     beta = float(beta)
-    z, kl = _opaque.call("_compiled_elbo_head", (x, mu, logvar, likelihood, beta, n_samples, reduction,
-                                                 _backend.requested_backend() or ""))
+    head = x, mu, logvar, likelihood, beta, n_samples, reduction, _backend.requested_backend() or ""
+    if terms:
+        z, kl, per_dim = _opaque.call("_compiled_elbo_terms_head", head)
+    else:
+        z, kl = _opaque.call("_compiled_elbo_head", head)
     _check_decode(decode)
     out = decode(z)
-    if not _tensors(out):
-        return _general_elbo_tail(x, out, kl, likelihood, beta, reduction, n_samples)
-    return _opaque.call("_general_elbo_tail", (x, out, kl, likelihood, beta, reduction, n_samples))
+    if terms:
+        name, args = "_compiled_elbo_terms_tail", (x, out, kl, per_dim, likelihood, beta, reduction, n_samples)
+    else:
+        name, args = "_general_elbo_tail", (x, out, kl, likelihood, beta, reduction, n_samples)
+    if _tensors(out):
+        result = _opaque.call(name, args)
+    else:  # a decoder's torch distribution cannot enter an opaque call: Dynamo traces the tail
+        result = (_compiled_elbo_terms_tail if terms else _general_elbo_tail)(*args)
+    return ELBOTerms(*result, True) if terms else result
 
 
-def _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
-    """fastvae.iwae while torch.compile traces, or None where the general path
-    traces (_simple_call; a tempered or Renyi bound). DReG's hooks on z and the
-    latent term are registered here, where Dynamo traces them."""
+def _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior,
+                   terms=False):
+    """fastvae.iwae (``terms``: iwae_terms) while torch.compile traces, or
+    None where the general path traces (_simple_call; a tempered or Renyi
+    bound). DReG's hooks on z and the latent term are registered here, where
+    Dynamo traces them."""
     if (not _simple_call(x, mu, logvar, likelihood, reduction, generator, prior) or type(k) is not int
             or type(estimator) is not str or type(alpha) not in (float, int) or alpha != 0
             or type(beta) not in (float, int) or beta != 1):
         return None
     from . import _opaque  # imports torch._dynamo, which fastvae's import does not
 
-    z, latent = _opaque.call("_compiled_iwae_head", (x, mu, logvar, likelihood, k, estimator, reduction,
-                                                     _backend.requested_backend() or ""))
+    z, kl, latent = _opaque.call("_compiled_iwae_head", (x, mu, logvar, likelihood, k, estimator, reduction,
+                                                         _backend.requested_backend() or ""))
     _check_decode(decode)
     out = decode(z)
-    if not _tensors(out):
-        return _general_iwae_tail(x, out, latent, likelihood, reduction, z if estimator == "dreg" else None)
-    if estimator != "dreg":
-        return _opaque.call("_general_iwae_tail", (x, out, latent, likelihood, reduction))
-    bound, scale = _opaque.call("_compiled_dreg_tail", (x, out, latent, likelihood, reduction))
-    if z.requires_grad:
-        _dreg_hooks(z, latent, scale)
-    return bound
+    dreg = estimator == "dreg"
+    args = (x, out, latent, kl, likelihood, reduction, terms, dreg)
+    # a decoder's torch distribution cannot enter an opaque call: Dynamo traces the tail
+    result = _opaque.call("_compiled_iwae_tail", args) if _tensors(out) else _compiled_iwae_tail(*args)
+    if dreg:
+        *result, scale = result
+        if z.requires_grad:
+            _dreg_hooks(z, latent, scale)
+    if terms:
+        return IWAETerms(*result)
+    return result[0]
 
 
 # -- ELBO -----------------------------------------------------------------------
@@ -569,14 +605,25 @@ def elbo_terms(
 ) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
+    if torch.compiler.is_compiling():
+        terms = _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
+                               prior, terms=True)
+        if terms is not None:
+            return terms
     weighted, reconstruction, kl, q, prior, analytic, per_dim = _elbo(
         x, mu, logvar, decode, likelihood=likelihood, beta=beta, free_bits=free_bits, n_samples=n_samples,
         reduction=reduction, generator=generator, prior=prior, want_per_dim=True)
+    return ELBOTerms(*_reduced_elbo_terms(reconstruction, weighted, kl, per_dim, reduction), analytic)
+
+
+def _reduced_elbo_terms(reconstruction: Tensor, weighted: Tensor, kl: Tensor, per_dim: Tensor | None,
+                        reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """elbo_terms' (bound, reconstruction, kl, per_dim), reduced."""
     if per_dim is not None and reduction != "none":
         per_dim = per_dim.reshape(-1, per_dim.shape[-1])
         per_dim = per_dim.mean(0) if reduction == "mean" else per_dim.sum(0)
-    return ELBOTerms(_reduced_difference(reconstruction, weighted, reduction),
-                     *(_reduce(t, reduction) for t in (reconstruction, kl)), per_dim, analytic)
+    return (_reduced_difference(reconstruction, weighted, reduction), _reduce(reconstruction, reduction),
+            _reduce(kl, reduction), per_dim)
 
 
 def elbo(
@@ -822,16 +869,25 @@ def iwae_terms(
 ) -> IWAETerms:
     """fastvae.iwae, returning the bound with its terms (reconstruction, KL,
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
+    if torch.compiler.is_compiling():
+        terms = _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
+                               prior, terms=True)
+        if terms is not None:
+            return terms
     bound, reconstruction, kl, lw = _iwae(
         x, mu, logvar, decode, k=k, likelihood=likelihood, estimator=estimator,
         alpha=alpha, beta=beta, reduction=reduction, generator=generator, prior=prior, want_kl=True,
     )
+    return IWAETerms(*_reduced_iwae_terms(bound, reconstruction, kl, lw, reduction), lw)
+
+
+def _reduced_iwae_terms(bound: Tensor, reconstruction: Tensor, kl: Tensor, lw: Tensor,
+                        reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """iwae_terms' (bound, reconstruction, kl, ess), reduced (no gradient reaches the ESS)."""
     with torch.no_grad():
         ess = EffectiveSampleSize.apply(lw.detach())[0]
-    return IWAETerms(
-        _reduce(bound, reduction), _reduce(reconstruction.mean(0), reduction),
-        _reduce(kl, reduction), _reduce(ess, reduction), lw,
-    )
+    return (_reduce(bound, reduction), _reduce(reconstruction.mean(0), reduction), _reduce(kl, reduction),
+            _reduce(ess, reduction))
 
 
 def iwae(
