@@ -50,6 +50,26 @@ def _load_cpp():
 MIN_WORK_PER_THREAD: int | None = None
 
 
+# How many functions of fastvae._opaque.call are running. Dynamo runs such a
+# function outside its own trace (on fake tensors), and AOT autograd traces it
+# again, with the backward of its autograd Functions: torch.compiler.is_compiling()
+# is True there only from torch 2.13 on, which holds a flag for the whole compile
+# session. torch 2.11 answered False, and the Triton path launched on a FakeTensor
+# (the H200 probe, issue 33). So compiling() also asks whether a fake tensor mode
+# is active (AOT autograd traces the backward under one), about 0.1 us.
+opaque_depth = 0
+_FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
+
+
+def compiling() -> bool:
+    """Whether torch.compile is tracing this code, on any torch version:
+    Dynamo's own trace, the function of one of the objectives' opaque calls
+    (fastvae/_opaque.py), or AOT autograd's trace under a fake tensor mode.
+    fastvae asks this, never is_compiling() alone."""
+    return (torch.compiler.is_compiling() or opaque_depth > 0
+            or torch._C._get_dispatch_mode(_FAKE_MODE) is not None)
+
+
 def cpp_module():
     """fastvae._C, or a RuntimeError that says how to build it."""
     mod = _load_cpp()
@@ -323,7 +343,7 @@ def torch_ops(t: torch.Tensor, *others: torch.Tensor | None):
     runs it (torch.compile, torch.jit.trace, which would freeze the seed these
     take as an int, the other backends, tensor subclasses such as FakeTensor,
     half precision and mixed dtypes). Same kernels, so the same numbers either way."""
-    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+    if (compiling() or torch._C._get_tracing_state() is not None
             or type(t) is not torch.Tensor or t.device.type != "cpu"
             or t.dtype not in _TORCH_OPS_DTYPES or (_chosen.get("cpu") or backend_for("cpu")) != "cpp"):
         return None

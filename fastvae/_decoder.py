@@ -312,7 +312,7 @@ def _gaussian(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: in
         logvar = out[1]
         if not isinstance(logvar, Tensor):
             raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
-        if (_backend.backend_for(mean.device, warn=False) == "triton" and not torch.compiler.is_compiling()
+        if (_backend.backend_for(mean.device, warn=False) == "triton" and not _backend.compiling()
                 and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
             return gaussian_log_prob_packed(_flat(x, batch_ndim, events), packed)  # the halves of one output, in place
         if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import accumulation_dtype
+from ._backend import accumulation_dtype, compiling
 from ._registry import FOLDER_OF
 
 
@@ -81,7 +81,7 @@ def dreg_once(g: Tensor) -> Tensor:
     weights are constants, so the encoder gradient is the derivative of no
     objective and has none of its own (a penalty on the decoder's is fine).
     torch.compile, which traces the hook, has no double backward to guard."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not torch.is_grad_enabled() or compiling():
         return g
     return not_twice("iwae(estimator='dreg')", (g,), (g,), _DREG_WHY)[0]
 

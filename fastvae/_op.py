@@ -87,7 +87,7 @@ def run(op, *args):
     there (the DReG weights, importance_weights_from_state) then skips the
     same 10-15 us of Python for the same kernel, threads and bits."""
     twin = _CPU_TWINS.get(op)
-    if torch.compiler.is_compiling():
+    if _backend.compiling():
         if twin is not None and _backend.cpu_twin_serves(twin[1](*args)):
             return twin[0](*args)
         return op(*args)

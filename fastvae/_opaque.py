@@ -18,14 +18,28 @@ from __future__ import annotations
 
 import torch
 
+from . import _backend
 from ._op import OPAQUE
 
 
 def _call(name: str, args: tuple):
-    """OPAQUE[name](*args): a function _op.opaque registered."""
+    """OPAQUE[name](*args): a function _op.opaque registered, with
+    _backend.compiling() True while it runs. Dynamo calls it only to trace it
+    (on fake tensors, then AOT autograd's), never in the compiled step; the
+    eager paths inside it (the Triton launch, the value checks that read
+    values) would fail on a fake tensor."""
+    _backend.opaque_depth += 1
+    try:
+        return OPAQUE[name](*args)
+    finally:
+        _backend.opaque_depth -= 1
+
+
+def _traced_call(name: str, args: tuple):
+    """OPAQUE[name](*args), traced by Dynamo like the rest (is_compiling() is True there)."""
     return OPAQUE[name](*args)
 
 
 # torch before 2.7 has no nonstrict_trace: Dynamo then traces the call (and guards as it does)
 _mark = getattr(torch._dynamo, "nonstrict_trace", None)
-call = _call if _mark is None else _mark(_call)
+call = _traced_call if _mark is None else _mark(_call)

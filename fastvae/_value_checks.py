@@ -81,7 +81,7 @@ def _should_check(kind: str, t: Tensor) -> bool:
     global epoch
     if _mode == "never" or kind in _warned or t.numel() == 0 or t.device.type == "meta":
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _backend.compiling() or torch.jit.is_tracing():
         return False
     if _mode == "always":
         return True

@@ -77,7 +77,7 @@ from torch.distributions import (
 )
 from torch.distributions.transforms import AffineTransform, SigmoidTransform, StickBreakingTransform
 
-from . import _validate, _value_checks
+from . import _backend, _validate, _value_checks
 from . import priors as _priors
 from ._families import POSITIVE_FAMILIES
 from .distributions import widened
@@ -260,7 +260,7 @@ def _standard_normal_prior(p_mu: Tensor, p_lv: Tensor) -> bool:
     parameters: then the sampler's own KL(q || N(0, I)) is the KL, and the
     fused kl_normal is not run. Checked where reading the (L,) parameters is
     free: CPU tensors in eager mode (on CUDA it would be a host sync)."""
-    if torch.compiler.is_compiling() or p_mu.requires_grad or p_lv.requires_grad:
+    if _backend.compiling() or p_mu.requires_grad or p_lv.requires_grad:
         return False
     if p_mu.device.type != "cpu" or p_lv.device.type != "cpu":
         return False

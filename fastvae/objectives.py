@@ -67,7 +67,7 @@ class ELBOTerms(NamedTuple):
         """Deprecated: the bound's old name here; use ``.bound``, as in IWAETerms.
         Warns in eager mode; under torch.compile, which cannot trace a warning
         with fullgraph=True, it is a plain alias."""
-        if not torch.compiler.is_compiling():
+        if not _backend.compiling():
             warnings.warn("ELBOTerms.elbo is deprecated: use .bound (the name IWAETerms uses too)",
                           DeprecationWarning, stacklevel=2)
         return self.bound
@@ -147,7 +147,7 @@ def _reduced_difference(a: Tensor, b: Tensor, reduction: str) -> Tensor:
     """reduce(a - b): one launch fewer on the Triton backend (_ReducedDifference),
     plain torch elsewhere (a Python Function costs more host time on the CPU
     than the launch it saves) and while torch.compile traces (Inductor fuses it)."""
-    if (reduction == "none" or a.shape != b.shape or a.dtype != b.dtype or torch.compiler.is_compiling()
+    if (reduction == "none" or a.shape != b.shape or a.dtype != b.dtype or _backend.compiling()
             or _backend.backend_for(a.device, warn=False) != "triton"):
         return _reduce(a - b, reduction)
     return _ReducedDifference.apply(a, b, a.numel() if reduction == "mean" else 1)
@@ -256,7 +256,7 @@ def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, red
 
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans, or None where they do not apply."""
-    if torch.compiler.is_compiling():
+    if _backend.compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                               prior, False)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
@@ -293,7 +293,7 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
 def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
     """fastvae.iwae through the plans, or None where they do not apply (a
     tempered bound, beta != 1, takes the general path)."""
-    if torch.compiler.is_compiling():
+    if _backend.compiling():
         return _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
                               prior, False)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
@@ -537,7 +537,7 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     _check_inputs(x, q, reduction, likelihood)
     _check_decode(decode)
     check_likelihood(likelihood)
-    prior = check_prior(prior, q.latent_size)
+    prior = check_prior(prior, q.latent_size, q.mu.device)
     mu = q.mu
     # decode(z) must return (n_samples, *x.shape): usually the largest K-fold tensor
     n_samples = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
@@ -605,7 +605,7 @@ def elbo_terms(
 ) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
-    if torch.compiler.is_compiling():
+    if _backend.compiling():
         terms = _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                                prior, terms=True)
         if terms is not None:
@@ -808,7 +808,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
     _check_inputs(x, q, reduction, likelihood)
     _check_decode(decode)
     check_likelihood(likelihood)
-    prior = check_prior(prior, q.latent_size)
+    prior = check_prior(prior, q.latent_size, q.mu.device)
     mu = q.mu
     # decode(z) must return (k, *x.shape): usually the largest K-fold tensor
     k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
@@ -869,7 +869,7 @@ def iwae_terms(
 ) -> IWAETerms:
     """fastvae.iwae, returning the bound with its terms (reconstruction, KL,
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
-    if torch.compiler.is_compiling():
+    if _backend.compiling():
         terms = _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
                                prior, terms=True)
         if terms is not None:

@@ -196,27 +196,32 @@ class TorchPrior:
         return f"TorchPrior({self.dist!r})"
 
 
-def _torch_prior(prior: Distribution, latent_size: int | None) -> Any:
+def _torch_prior(prior: Distribution, latent_size: int | None, device: torch.device | None) -> Any:
     """A torch Normal / Independent(Normal, 1) whose parameters broadcast to (L,)
-    as a DiagonalNormal of shape (L,) (when L is known); anything else as a TorchPrior."""
+    as a DiagonalNormal of shape (L,) (when L is known); anything else as a TorchPrior.
+    ``device``: the posterior's, which scalar parameters follow, as a 0-d tensor
+    does in torch's own arithmetic (``Normal(0.0, 1.0)`` with latents on a GPU)."""
     base, n = (prior.base_dist, prior.reinterpreted_batch_ndims) if isinstance(prior, Independent) else (prior, 0)
     if type(base) is Normal and n <= 1 and latent_size is not None and base.loc.dim() <= 1 \
             and base.loc.shape[-1:] in ((), (1,), (latent_size,)):
+        loc, scale = base.loc, base.scale
+        if device is not None and loc.dim() == 0 and scale.dim() == 0:
+            loc, scale = loc.to(device), scale.to(device)
         shape = (latent_size,)
-        return DiagonalNormal(base.loc.expand(shape), (2.0 * torch.log(base.scale)).expand(shape))
+        return DiagonalNormal(loc.expand(shape), (2.0 * torch.log(scale)).expand(shape))
     return TorchPrior(prior)
 
 
 _RECORDS: tuple = ()  # the latent families' records (fastvae/latents.py registers them: no import cycle)
 
 
-def check_prior(prior: Any, latent_size: int | None = None) -> Any:
+def check_prior(prior: Any, latent_size: int | None = None, device: torch.device | None = None) -> Any:
     """The prior itself (None is the standard normal; a torch distribution is
-    mapped by _torch_prior), or a TypeError naming the choices."""
+    mapped by _torch_prior, on the posterior's ``device``), or a TypeError naming the choices."""
     if prior is None:
         return StandardNormal()
     if isinstance(prior, Distribution):
-        prior = _torch_prior(prior, latent_size)
+        prior = _torch_prior(prior, latent_size, device)
     if isinstance(prior, _RECORDS):
         if prior.mu.dim() != 1:
             raise ValueError(f"a {type(prior).__name__} prior has shape (L,), got {tuple(prior.mu.shape)}")

@@ -1,6 +1,7 @@
 """fastvae.elbo / fastvae.iwae against hand-written torch.distributions objectives
 in float64 with the same samples, per backend; their identities; the gradient
 estimators (DReG, STL) against independent references; validation; compile."""
+import contextlib
 import math
 
 import pytest
@@ -335,7 +336,10 @@ def test_iwae_beta_one_changes_no_bit(backend):
     """beta = 1 in any form (the default float, an int, NumPy, a 0-d tensor)
     gives the untempered bound's value and gradients bit for bit, every
     estimator and alpha: the float takes the untempered path, and a tensor 1
-    multiplies exactly."""
+    multiplies exactly. One exception, on a GPU: DReG's gradients through the
+    plans (a Python 1) and through the general path (NumPy, a tensor) differ
+    by a few ulps, since the sampler's kernel weights grad_z inside an FMA
+    where the general path multiplies first (seen on an H200)."""
     import numpy as np
 
     _, device = backend
@@ -349,7 +353,11 @@ def test_iwae_beta_one_changes_no_bit(backend):
                 got = fastvae.iwae(x, mu, logvar, model, generator=gen(2), beta=beta, **kw)
                 assert torch.equal(got, want), (estimator, alpha, beta)
                 for a, b in zip(sum(grads(got, mu, logvar, model), ()), want_g):
-                    assert torch.equal(a, b), (estimator, alpha, beta)
+                    if device == "cuda" and estimator == "dreg":
+                        ulps = 8 * torch.finfo(b.dtype).eps
+                        torch.testing.assert_close(a, b, rtol=ulps, atol=ulps * b.abs().max().item())
+                    else:
+                        assert torch.equal(a, b), (estimator, alpha, beta)
 
 
 @pytest.mark.skipif(INTERPRET, reason="a statistical identity, 20000 draws: the main process checks it")
@@ -573,6 +581,31 @@ def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimat
         return -(fastvae.elbo(x, mu, logvar, dec, beta=0.5, free_bits=0.1, likelihood="gaussian")
                  + fastvae.iwae(x, mu, logvar, dec, k=4, estimator=estimator, likelihood="gaussian")
                  + fastvae.iwae(torch.sigmoid(x), mu, logvar, dec, k=3, likelihood="bernoulli", alpha=0.5))
+
+    assert_compiled_matches_eager(loss, (x,), params, torch_seed=5)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae", "dreg"])
+def test_objectives_compile_where_is_compiling_is_false_in_traced_functions(backend, objective, monkeypatch):
+    """torch before 2.13 answers torch.compiler.is_compiling() False inside a
+    nonstrict_trace-d function and in AOT autograd's trace of its backward:
+    with torch 2.11 on an H200 the compiled objectives launched Triton on a
+    FakeTensor (issue 33). With torch 2.13's compile-session flag switched
+    off, the compiled objectives still give eager's bound and gradients, on
+    every backend (under the interpreter: the CUDA path's Triton ops)."""
+    if hasattr(torch.compiler, "_compile_session_context"):
+        monkeypatch.setattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
+    device = backend[1]
+    g = torch.Generator().manual_seed(11)
+    enc, dec = torch.nn.Linear(9, 6).to(device), torch.nn.Linear(3, 9).to(device)
+    x = torch.rand(5, 9, generator=g).round().to(device)
+    params = [*enc.parameters(), *dec.parameters()]
+
+    def loss(x):
+        mu, logvar = enc(x).chunk(2, -1)
+        if objective == "elbo":
+            return -fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
+        return -fastvae.iwae(x, mu, logvar, dec, k=3, likelihood="bernoulli", estimator=objective)
 
     assert_compiled_matches_eager(loss, (x,), params, torch_seed=5)
 

@@ -718,7 +718,9 @@ def test_the_fused_iwae_bound_matches_float64(triton_device, dtype, K, M, reduct
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_samplers_weighted_grad_z_is_the_product(triton_device, dtype):
     """DReG: the sampler's backward kernel weights grad_z's rows by z_scale,
-    giving what it gives for grad_z * z_scale[..., None] bit for bit."""
+    giving what it gives for grad_z * z_scale[..., None]: bit for bit under the
+    interpreter; on a GPU within a few ulps, where the compiler fuses the
+    weighting into an FMA with the sum over samples (seen on an H200)."""
     from fastvae.ops.sample_normal import triton as sn
     K, N, L = 3, 5, 6
     g = torch.Generator().manual_seed(4)
@@ -730,7 +732,12 @@ def test_the_samplers_weighted_grad_z_is_the_product(triton_device, dtype):
     sn.sample_normal_backward(grad_z, None, ratio, mu, lv, seed, True, *got, scale)
     sn.sample_normal_backward(grad_z * scale[..., None], None, ratio, mu, lv, seed, True, *want)
     for a, b in zip(got, want):
-        assert not torch.isnan(a).any() and torch.equal(a, b)
+        assert not torch.isnan(a).any()
+        if triton_device == "cuda":
+            ulps = 8 * torch.finfo(dtype).eps
+            torch.testing.assert_close(a, b, rtol=ulps, atol=ulps * b.abs().max().item())
+        else:
+            assert torch.equal(a, b)
 
 
 @needs_triton

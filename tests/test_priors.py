@@ -435,3 +435,20 @@ def test_priors_and_tril_posterior_compile_without_graph_breaks():
     for a, b in zip(torch.autograd.grad(compiled, params), g_eager):
         assert_close(a, b, 1 + b.abs(), "compiled gradient")
     assert_close(compiled, eager, 1 + eager.abs(), "compiled value")
+
+
+def test_a_scalar_torch_normal_prior_follows_the_posteriors_device():
+    """prior=torch.distributions.Normal(0.0, 1.0) holds 0-d CPU tensors, which
+    torch's arithmetic lets meet tensors on any device: its DiagonalNormal
+    takes the posterior's device (with CUDA latents it was CPU, and the KL
+    failed with a device mismatch on an H200). Parameters of shape (L,) stay
+    where they are: torch would not move them either."""
+    from fastvae.priors import check_prior
+
+    meta = torch.device("meta")
+    p = check_prior(dist.Normal(0.0, 1.0), 3, meta)
+    assert isinstance(p, fastvae.DiagonalNormal) and p.mu.device == p.logvar.device == meta
+    assert p.mu.shape == (3,)
+    p = check_prior(dist.Independent(dist.Normal(torch.zeros(3), torch.ones(3)), 1), 3, meta)
+    assert p.mu.device.type == "cpu"
+    assert check_prior(dist.Normal(0.0, 1.0), 3).mu.device.type == "cpu"  # no posterior device: as given

@@ -18,10 +18,11 @@ OUTSIDE = r"lies outside \[0, 1\]"
 
 @pytest.fixture(autouse=True)
 def every_call_checked():
-    """Under the interpreter the Triton backend stands in for CUDA, where the
-    default checks only the first call: these tests see every call (the
-    first-call rule has its own test)."""
-    if INTERPRET:
+    """On CUDA, and under the interpreter where the Triton backend stands in
+    for it, the default checks only the first call: these tests see every
+    call (the first-call rule has its own test). On the CPU backends "auto"
+    checks every call already, as "always" does."""
+    if INTERPRET or torch.cuda.is_available():
         fastvae.set_value_checks("always")
 
 

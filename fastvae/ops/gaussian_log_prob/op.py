@@ -441,7 +441,7 @@ def gaussian_log_prob(
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
             raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
         value = 2.0 * math.log(scale)
-        if torch.compiler.is_compiling():  # a constant of the graph: nothing to cache
+        if _backend.compiling():  # a constant of the graph: nothing to cache
             v = torch.full((mean.shape[-1],), value, dtype=dtype, device=mean.device)
         else:  # in the compute dtype: a bfloat16 mean does not round the scale
             v = fixed_logvar(mean.shape[-1], value, dtype, mean.device)

@@ -315,7 +315,7 @@ def importance_weights_from_state(lw: Tensor, lw_max: Tensor, sumexp: Tensor) ->
     own forward, which would first compute the state again (one launch, and
     the fill of its ones, fewer)."""
     lw, sumexp = lw.detach(), sumexp.detach()
-    ones = (torch.ones(sumexp.shape, dtype=sumexp.dtype, device=sumexp.device) if torch.compiler.is_compiling()
+    ones = (torch.ones(sumexp.shape, dtype=sumexp.dtype, device=sumexp.device) if _backend.compiling()
             else _ones(sumexp.shape, sumexp.dtype, sumexp.device))
     return run(logmeanexp_backward_op, ones, None, lw, lw_max.detach(), sumexp)
 

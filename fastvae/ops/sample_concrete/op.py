@@ -164,7 +164,7 @@ def check_args(logits: Tensor, temperature) -> Tensor:
         except RuntimeError:
             raise ValueError(f"temperature of shape {tuple(temperature.shape)} does not broadcast to the latents' "
                              f"shape {tuple(logits.shape[:-1])}") from None
-        if not torch.compiler.is_compiling() and lam.numel():
+        if not _backend.compiling() and lam.numel():
             lo, hi = torch.aminmax(lam.detach())
             if not (lo.item() > 0 and math.isfinite(hi.item())):
                 raise ValueError(f"temperature must be > 0 and finite, got values in "

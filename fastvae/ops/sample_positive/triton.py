@@ -85,7 +85,10 @@ def _terms(x, p0, p1, FAMILY: tl.constexpr, ACC: tl.constexpr):
         log_m = tl.where(s > 0.6931471805599453, _log1m(tl.minimum(y, 0.5)), tl.log(m))
         log_z = log_m * ia
         if ACC == tl.float64:
-            z = tl.minimum(tl.maximum(tl.exp(log_z), 2.2250738585072014e-308), 0.9999999999999999)
+            # bounds made in float64: a Python float within float32's range is a float32 constant in a
+            # kernel, and 1 - 2**-53 rounded to 1.0 (z = 1 on an H200, where the interpreter kept it)
+            z = tl.minimum(tl.maximum(tl.exp(log_z), tl.full(log_z.shape, 2.2250738585072014e-308, tl.float64)),
+                           tl.full(log_z.shape, 0.9999999999999999, tl.float64))
         else:
             z = tl.minimum(tl.maximum(tl.exp(log_z), 1.1754943508222875e-38), 0.9999999403953552)
         r = s * y / m
