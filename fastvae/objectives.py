@@ -772,9 +772,21 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
     _dreg_hooks(z, latent, scale)
 
 
+# Dynamo traces DReG's gradient hooks from torch 2.13 on. Before, it cannot:
+# torch 2.10 refuses a hook on an intermediate tensor without compiled autograd,
+# and 2.11-2.12 rewrite the hook into the graph and loop when its scale depends
+# on the hooked tensor, as DReG's does (RecursionError; seen on the H200's torch 2.11).
+DREG_COMPILES = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def _dreg_hooks(z: Tensor, latent: Tensor | None, scale: Tensor) -> None:
     """Scales the gradients of z and of the latent term by DReG's ``scale``
     (K, ...) of each sample (_dreg_z_scale says why)."""
+    if not DREG_COMPILES and _backend.compiling():
+        raise RuntimeError(
+            f"estimator='dreg' under torch.compile needs torch 2.13 or newer (this is torch {torch.__version__}, "
+            "whose Dynamo cannot trace the gradient hooks DReG registers). Compile the rest of the step and run "
+            "fastvae.iwae outside it (torch.compiler.disable), or use estimator='iwae' or 'stl', which compile")
     # one trailing dimension per latent event dimension (two for a Concrete z (K, ..., L, C))
     scale_z = scale.reshape(*scale.shape, *(1,) * (z.dim() - scale.dim()))
     if (latent is not None and latent.requires_grad and z.dtype == scale.dtype

@@ -5,7 +5,10 @@ judged against the terms, not against its small result). NaN never passes."""
 import functools
 import math
 
+import pytest
 import torch
+
+from fastvae.objectives import DREG_COMPILES
 
 # Relative tolerance per dtype of the tensor under test (computed from the
 # float64 reference, so this is the kernel's own rounding error).
@@ -72,6 +75,17 @@ def run_gloo_ranks(script, args_of_rank, tmp_path, n=2, timeout=180):
              for r in range(n)]
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+
+
+# estimator="dreg" under torch.compile needs torch >= 2.13 (fastvae.objectives.DREG_COMPILES says why;
+# before, fastvae raises a clear error, which test_compile.py checks)
+NEEDS_DREG_COMPILE = pytest.mark.skipif(
+    not DREG_COMPILES, reason="estimator='dreg' under torch.compile needs torch >= 2.13")
+
+
+def dreg_compile_cases(cases):
+    """cases, those that name "dreg" marked NEEDS_DREG_COMPILE."""
+    return [pytest.param(c, marks=NEEDS_DREG_COMPILE) if "dreg" in c else c for c in cases]
 
 
 def assert_compiled_matches_eager(fn, args, params, *, torch_seed=0, rtol=1e-5, atol=1e-5, grad_rtol=1e-4):

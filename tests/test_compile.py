@@ -6,7 +6,7 @@ import fastvae
 from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
-from helpers import assert_compiled_matches_eager, op_cases
+from helpers import assert_compiled_matches_eager, dreg_compile_cases, op_cases
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compile tests run in the main process (cpp backend)")
 
@@ -233,7 +233,7 @@ OBJECTIVES = ["elbo", "elbo, n_samples=3, sum, beta=0.5", "elbo, (mean, logvar) 
               "iwae dreg", "elbo_terms, n_samples=2", "iwae_terms iwae", "iwae_terms dreg"]
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", dreg_compile_cases(OBJECTIVES))
 def test_compiled_objectives_match_eager(objective):
     """The compiled path (opaque calls around the decoder) gives eager's bound
     and gradients for the same torch seed."""
@@ -246,8 +246,8 @@ def test_compiled_objectives_match_eager(objective):
     assert_compiled_matches_eager(_objective_loss(objective), (model, x), params, torch_seed=3)
 
 
-@pytest.mark.parametrize("objective", ["elbo", "elbo, (mean, logvar) decoder", "iwae iwae", "iwae dreg",
-                                       "elbo_terms, n_samples=2", "iwae_terms dreg"])
+@pytest.mark.parametrize("objective", dreg_compile_cases(["elbo", "elbo, (mean, logvar) decoder", "iwae iwae",
+                                                           "iwae dreg", "elbo_terms, n_samples=2", "iwae_terms dreg"]))
 def test_compiled_objectives_guard_on_few_fastvae_globals(objective):
     """Dynamo traces the decoder and a few lines of fastvae: its guards name
     none of the modules of the checks and the ops (traced whole, the digits
@@ -316,7 +316,7 @@ def test_compiled_elbo_errors_name_the_argument(bad, message):
     assert any(isinstance(e, (ValueError, TypeError)) and message in str(e) for e in chain), chain
 
 
-@pytest.mark.parametrize("objective", ["elbo", "iwae dreg"])
+@pytest.mark.parametrize("objective", dreg_compile_cases(["elbo", "iwae dreg"]))
 def test_compiled_objectives_follow_a_changing_batch(objective):
     """A smaller last batch makes Dynamo recompile with dynamic shapes: the
     opaque calls are traced with symbolic sizes and still give eager's
@@ -351,3 +351,25 @@ def test_importing_fastvae_leaves_dynamo_unloaded():
     code = ("import sys, fastvae; assert 'torch._dynamo' not in sys.modules, 'dynamo'; "
             "assert 'fastvae._opaque' not in sys.modules, 'opaque'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("objective", ["iwae dreg", "iwae_terms dreg"])
+def test_compiled_dreg_before_torch_2_13_says_what_to_do(objective, monkeypatch):
+    """Dynamo before torch 2.13 cannot trace DReG's gradient hooks (2.11 looped
+    until a RecursionError, seen on an H200): there fastvae raises an error
+    that names the estimator, the torch version needed and the way out."""
+    monkeypatch.setattr(fastvae.objectives, "DREG_COMPILES", False)
+    fastvae._backend.set_backend(None)
+    torch._dynamo.reset()
+    model, x = TinyVAE(), torch.randn(8, 12)
+    with pytest.raises(Exception) as info:
+        torch.compile(_objective_loss(objective), fullgraph=True)(model, x)
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert any(isinstance(e, RuntimeError) and "estimator='dreg' under torch.compile needs torch 2.13" in str(e)
+               and "torch.compiler.disable" in str(e) for e in chain), chain
+    torch._dynamo.reset()
+    with torch.no_grad():  # no gradient, no hook: the bound compiles on any torch
+        torch.compile(_objective_loss(objective), fullgraph=True)(model, x)

@@ -18,7 +18,7 @@ from fastvae.ops.sample_location_scale import standardized
 from fastvae.ops.sample_location_scale.op import FAMILIES
 
 from conftest import INTERPRET
-from helpers import assert_compiled_matches_eager, gen, philox_seed_of
+from helpers import NEEDS_DREG_COMPILE, assert_compiled_matches_eager, gen, philox_seed_of
 
 B, L, D = 5, 3, 4
 TORCH_CLASS = {"uniform": td.Uniform, "laplace": td.Laplace, "gumbel": td.Gumbel, "cauchy": td.Cauchy}
@@ -289,6 +289,7 @@ def test_log_likelihood_matches_handwritten(backend, family):
 
 
 @pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+@NEEDS_DREG_COMPILE
 def test_compiled_elbo_and_dreg_match_eager(backend):
     """torch.compile(fullgraph=True) through the Laplace posterior (a torch object) and its prior."""
     _, device = backend

@@ -20,6 +20,7 @@ from helpers import (
     RTOL,
     assert_close,
     assert_compiled_matches_eager,
+    dreg_compile_cases,
     folded_decoder_case,
     gen,
     philox_seed_of,
@@ -567,7 +568,7 @@ def test_a_prior_of_another_latent_size_gets_one_message(backend):
 
 
 @pytest.mark.skipif(INTERPRET, reason="compile tests run in the main process (cpp backend)")
-@pytest.mark.parametrize("estimator", ["iwae", "dreg", "stl"])
+@pytest.mark.parametrize("estimator", dreg_compile_cases(["iwae", "dreg", "stl"]))
 def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimator):
     fastvae._backend.set_backend(None)
     torch._dynamo.reset()
@@ -585,7 +586,7 @@ def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimat
     assert_compiled_matches_eager(loss, (x,), params, torch_seed=5)
 
 
-@pytest.mark.parametrize("objective", ["elbo", "iwae", "dreg"])
+@pytest.mark.parametrize("objective", dreg_compile_cases(["elbo", "iwae", "dreg"]))
 def test_objectives_compile_where_is_compiling_is_false_in_traced_functions(backend, objective, monkeypatch):
     """torch before 2.13 answers torch.compiler.is_compiling() False inside a
     nonstrict_trace-d function and in AOT autograd's trace of its backward:
