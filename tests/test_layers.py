@@ -199,3 +199,13 @@ def test_the_docs_name_the_layers_in_order():
             assert f"`{m}`" in line, f"docs/architecture.md, Layers: {m} is not listed under {name}"
     for a, b in DECLARED:
         assert f"`{a}` -> `{b}`" in section, f"docs/architecture.md, Layers: the declared use {a} -> {b}"
+
+
+def test_only_backend_compiling_asks_torch_is_compiling():
+    """torch.compiler.is_compiling() is False inside a nonstrict_trace-d
+    function and AOT autograd's backward trace before torch 2.13 (the H200's
+    torch 2.11 then launched Triton on a FakeTensor): fastvae asks
+    _backend.compiling(), which covers them, and nothing else asks torch."""
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in sorted(PACKAGE.rglob("*.py")) if path.name != "_backend.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if "is_compiling(" in line]
+    assert offenders == []

@@ -17,6 +17,7 @@ from conftest import INTERPRET
 from helpers import (
     FOLDED_FORMS,
     INTERPRETER_FOLDED_FORMS,
+    NEEDS_DREG_COMPILE,
     RTOL,
     assert_close,
     assert_compiled_matches_eager,
@@ -862,8 +863,21 @@ def test_a_tensor_beta_recompiles_nothing():
         eager = fastvae.elbo(x, mu, logvar, decode, beta=b, likelihood="gaussian")
         assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
     assert len(compiles) == 1
-    # iwae's beta (issue 39), DReG's tempered weights included: one graph for every value
-    compiles.clear()
+
+
+@NEEDS_DREG_COMPILE
+def test_a_tensor_beta_recompiles_nothing_in_dreg():
+    """iwae's beta (issue 39), DReG's tempered weights included: one graph for every value."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, mu, logvar = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    decode = _linear_decoder(6, 3, torch.float32)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
     mu_leaf = mu.clone().requires_grad_()
     bound = torch.compile(lambda b: fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg",
                                                  likelihood="gaussian"), fullgraph=True, backend=backend)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks of a session that is lent a GPU, as one command on that machine
+# (device time is short: one start, then everything). From the repository root:
+#
+#   bash benchmarks/gpu_check.sh PROBE_DIR OUT_DIR [probe sections, default: eval train]
+#
+# PROBE_DIR: a copy of ../shared/tools/gpu-probe inside the checkout (../shared
+# does not travel to the GPU machine). OUT_DIR: where the logs go. Budgets in
+# seconds: PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests,
+# default 190). A budget ends its step with SIGINT, so pytest still prints the
+# failures it found. What the 2026-11-26 H200 run taught:
+# - install editable: fastvae.kernels is kernels/ (setup.py's package_dir), which
+#   `setup.py build_ext --inplace` alone does not map (every CUDA test failed);
+# - the probe and the tests need the GPU alone: they run one after the other;
+# - the tests run on every core (pytest-xdist is on the machine's image).
+set -u
+probe=$1 out=$2
+shift 2
+sections=${*:-eval train}
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+t0=$(date +%s)
+stamp() { echo "$1 at $(( $(date +%s) - t0 )) s" | tee -a "$out/steps.txt"; }
+
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, \
+torch.cuda.get_device_name())" | tee "$out/steps.txt"
+FASTVAE_BUILD_JOBS=$(nproc) python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 \
+  || { tail -20 "$out/build.log"; exit 1; }
+python3 -c "import fastvae.kernels, fastvae._C" || exit 1
+stamp "installed"
+for section in $sections; do
+  timeout -s INT "${PROBE_S:-170}" python3 "$probe/probe.py" "$section" --out "$out" > "$out/probe-$section.log" 2>&1
+  stamp "probe $section rc $?"
+done
+python3 "$probe/summarize.py" "$out/probe.jsonl" > "$out/summary.txt" 2>&1
+# the triton-cuda cases (and the CUDA-only tests); the CPU backends are CI's
+timeout -s INT "${TEST_S:-190}" python3 -m pytest -q -n "$(nproc)" -p no:cacheprovider -p no:benchmark -o addopts="" \
+  -rfE --tb=short --timeout 150 -k "cuda or plan" --ignore=tests/test_triton_interpreter.py \
+  --ignore=tests/test_aot.py > "$out/tests-cuda.log" 2>&1
+stamp "tests rc $?"
+cat "$out/summary.txt"
+tail -3 "$out/tests-cuda.log"
