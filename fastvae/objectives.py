@@ -236,10 +236,15 @@ def _general_elbo_tail(x: Tensor, out: Any, kl: Tensor, likelihood: str, beta: f
     """The bound from the decoder output of n_samples samples, composed of the
     ops: what _plan.ElboTail fuses (one sample), its create_graph replay, and
     the tail wherever the tail plan does not apply."""
-    reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), kl.dim())
-    if n_samples > 1:
-        reconstruction = reconstruction.mean(0)
+    reconstruction = _reconstruction(x, out, likelihood, n_samples, kl.dim())
     return _reduced_difference(reconstruction, kl if beta == 1.0 else beta * kl, reduction)
+
+
+def _reconstruction(x: Tensor, out: Any, likelihood: str, n_samples: int, batch_dims: int) -> Tensor:
+    """log p(x | z) of the decoder output, averaged over its n_samples samples
+    (its first dimension) when there are several: the ELBO's reconstruction term."""
+    reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), batch_dims)
+    return reconstruction.mean(0) if n_samples > 1 else reconstruction
 
 
 def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, reduction: str,
@@ -247,11 +252,11 @@ def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, red
     """The IWAE bound (alpha = 0) from the decoder output and the latent term,
     composed of the ops: _plan.IwaeTail's create_graph replay, and the tail
     wherever the tail plan does not apply (with DReG's hook on ``dreg_z``)."""
-    lw = decoder_log_prob(x, out, likelihood, (latent.shape[0],), latent.dim() - 1) + latent
-    bound, state = _bound(lw, 0.0)
-    if dreg_z is not None:
-        _dreg_z_scale(dreg_z, latent, lw, 0.0, state)
-    return _reduce(bound, reduction)
+    dreg = dreg_z is not None and dreg_z.requires_grad  # no gradient, no hook (as _dreg_z_scale)
+    bound, *scale = _iwae_tail(x, out, latent, None, likelihood, reduction, False, dreg)
+    if dreg:
+        _dreg_hooks(dreg_z, latent, scale[0])
+    return bound
 
 
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
@@ -371,9 +376,7 @@ def _compiled_elbo_terms_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood:
 def _compiled_elbo_terms_tail(x: Tensor, out: Any, kl: Tensor, per_dim: Tensor, likelihood: str, beta: float,
                               reduction: str, n_samples: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """elbo_terms' (bound, reconstruction, kl, per_dim), reduced, from the decoder output."""
-    reconstruction = decoder_log_prob(x, out, likelihood, () if n_samples == 1 else (n_samples,), kl.dim())
-    if n_samples > 1:
-        reconstruction = reconstruction.mean(0)
+    reconstruction = _reconstruction(x, out, likelihood, n_samples, kl.dim())
     return _reduced_elbo_terms(reconstruction, kl if beta == 1.0 else beta * kl, kl, per_dim, reduction)
 
 
@@ -390,14 +393,15 @@ def _compiled_iwae_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, 
 
 
 @_op.opaque
-def _compiled_iwae_tail(x: Tensor, out: Any, latent: Tensor, kl: Tensor, likelihood: str, reduction: str,
-                        terms: bool, dreg: bool) -> tuple[Tensor, ...]:
+def _iwae_tail(x: Tensor, out: Any, latent: Tensor, kl: Tensor | None, likelihood: str, reduction: str,
+               terms: bool, dreg: bool) -> tuple[Tensor, ...]:
     """(the IWAE bound, reduced), or with ``terms`` iwae_terms' (bound,
     reconstruction, kl, ess), reduced, and the log-weights; with ``dreg``
     also DReG's scale of each sample (the normalized weights: _dreg_z_scale
-    at alpha = 0, beta = 1), which the traced part hooks on z and the latent
-    term: a hook registered inside an opaque call would hang on a tensor of
-    AOT autograd's trace, not on the graph's z."""
+    at alpha = 0, beta = 1), which the caller hooks on z and the latent term:
+    under torch.compile a hook registered inside an opaque call would hang
+    on a tensor of AOT autograd's trace, not on the graph's z. The compiled
+    path and the eager general tail (_general_iwae_tail) both take it."""
     reconstruction = decoder_log_prob(x, out, likelihood, (latent.shape[0],), latent.dim() - 1)
     lw = reconstruction + latent
     bound, state = _bound(lw, 0.0)
@@ -465,7 +469,7 @@ def _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta,
     dreg = estimator == "dreg"
     args = (x, out, latent, kl, likelihood, reduction, terms, dreg)
     # a decoder's torch distribution cannot enter an opaque call: Dynamo traces the tail
-    result = _opaque.call("_compiled_iwae_tail", args) if _tensors(out) else _compiled_iwae_tail(*args)
+    result = _opaque.call("_iwae_tail", args) if _tensors(out) else _iwae_tail(*args)
     if dreg:
         *result, scale = result
         if z.requires_grad:
