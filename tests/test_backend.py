@@ -409,3 +409,23 @@ def test_setup_builds_the_operators_with_the_installed_torch_and_stops_on_a_brok
         space["installed_torch"]()
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     assert space["installed_torch"]() is None
+
+
+def test_compiling_covers_what_is_compiling_misses():
+    """_backend.compiling(): False in eager mode; True inside an opaque call's
+    function and under a fake tensor mode (AOT autograd's trace), where
+    torch.compiler.is_compiling() is False on torch before 2.13."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastvae import _op, _opaque
+
+    assert not _backend.compiling()
+    _op.OPAQUE["_test_probe"] = lambda: _backend.compiling()
+    try:
+        assert _opaque._call("_test_probe", ())
+    finally:
+        del _op.OPAQUE["_test_probe"]
+    assert _backend.opaque_depth == 0 and not _backend.compiling()
+    with FakeTensorMode():
+        assert _backend.compiling()
+    assert not _backend.compiling()
