@@ -36,7 +36,7 @@ def _call(name: str, args: tuple):
 
 
 def _traced_call(name: str, args: tuple):
-    """OPAQUE[name](*args), traced by Dynamo like the rest (is_compiling() is True there)."""
+    """OPAQUE[name](*args), traced by Dynamo like the rest of the objective."""
     return OPAQUE[name](*args)
 
 

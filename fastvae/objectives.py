@@ -261,7 +261,7 @@ def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, red
 
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans, or None where they do not apply."""
-    if _backend.compiling():
+    if torch.compiler.is_compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                               prior, False)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
@@ -298,7 +298,7 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
 def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
     """fastvae.iwae through the plans, or None where they do not apply (a
     tempered bound, beta != 1, takes the general path)."""
-    if _backend.compiling():
+    if torch.compiler.is_compiling():
         return _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
                               prior, False)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
@@ -609,7 +609,7 @@ def elbo_terms(
 ) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
-    if _backend.compiling():
+    if torch.compiler.is_compiling():
         terms = _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                                prior, terms=True)
         if terms is not None:
@@ -885,7 +885,7 @@ def iwae_terms(
 ) -> IWAETerms:
     """fastvae.iwae, returning the bound with its terms (reconstruction, KL,
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
-    if _backend.compiling():
+    if torch.compiler.is_compiling():
         terms = _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
                                prior, terms=True)
         if terms is not None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fastvae
 from fastvae import DiagonalNormal, TrilNormal
+from fastvae.objectives import DREG_COMPILES
 from fastvae.priors import MixtureOfGaussians, VampPrior
 
 B, D, L = 6, 23, 4
@@ -272,7 +273,7 @@ def test_compiled_iwae_under_autocast_matches_eager():
         with torch.autocast("cpu", HALF):
             mu, logvar = model.encode(x, True)
             return -fastvae.iwae(x, mu, logvar, lambda z: model.decode(z, True), k=3, likelihood="bernoulli",
-                                 estimator="dreg")
+                                 estimator="dreg" if DREG_COMPILES else "stl")  # DReG compiles from torch 2.13
 
     compiled = torch.compile(loss, fullgraph=True, dynamic=False)
     try:

@@ -39,14 +39,17 @@ def path(request, backend, monkeypatch):
 
 
 def _nodes(t: torch.Tensor) -> set[str]:
-    """The names of every autograd node behind t."""
+    """The names of every autograd node behind t. The nodes are kept, not
+    just their ids: torch may hand out a new Python object for a node at each
+    visit, and the id of a freed one comes back (torch 2.11 then stopped the
+    walk early)."""
     seen, stack = {}, [t.grad_fn]
     while stack:
         node = stack.pop()
         if node is not None and id(node) not in seen:
-            seen[id(node)] = node.name()
+            seen[id(node)] = node
             stack.extend(n for n, _ in node.next_functions)
-    return set(seen.values())
+    return {node.name() for node in seen.values()}
 
 
 def _leaf(t: torch.Tensor, device) -> torch.Tensor:

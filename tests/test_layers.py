@@ -205,7 +205,16 @@ def test_only_backend_compiling_asks_torch_is_compiling():
     """torch.compiler.is_compiling() is False inside a nonstrict_trace-d
     function and AOT autograd's backward trace before torch 2.13 (the H200's
     torch 2.11 then launched Triton on a FakeTensor): fastvae asks
-    _backend.compiling(), which covers them, and nothing else asks torch."""
-    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in sorted(PACKAGE.rglob("*.py")) if path.name != "_backend.py"
-                 for n, line in enumerate(path.read_text().splitlines(), 1) if "is_compiling(" in line]
-    assert offenders == []
+    _backend.compiling(), which covers them. The exceptions are the four
+    public objectives' first line (elbo, iwae and their _terms: _lean_elbo,
+    _lean_iwae, elbo_terms, iwae_terms), which only Dynamo traces, never an
+    opaque call or a fake tensor (the lean path takes plain tensors only);
+    asking _backend there would add a module to every call's path
+    (benchmarks/path_trace.py)."""
+    asks = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name != "_backend.py":
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if "is_compiling(" in line:
+                    asks.setdefault(str(path.relative_to(ROOT)), []).append(n)
+    assert set(asks) <= {"fastvae/objectives.py"} and len(asks.get("fastvae/objectives.py", [])) == 4, asks
