@@ -65,7 +65,8 @@ def compiling() -> bool:
     """Whether torch.compile is tracing this code, on any torch version:
     Dynamo's own trace, the function of one of the objectives' opaque calls
     (fastvae/_opaque.py), or AOT autograd's trace under a fake tensor mode.
-    fastvae asks this, never is_compiling() alone."""
+    fastvae asks this, not is_compiling() alone (but on the objectives' first
+    line, which only Dynamo traces: tests/test_layers.py)."""
     return (torch.compiler.is_compiling() or opaque_depth > 0
             or torch._C._get_dispatch_mode(_FAKE_MODE) is not None)
 
