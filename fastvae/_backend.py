@@ -59,6 +59,8 @@ MIN_WORK_PER_THREAD: int | None = None
 # is active (AOT autograd traces the backward under one), about 0.1 us.
 opaque_depth = 0
 _FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
+# bound once: compiling() runs on every eager op call, and the attribute lookups were most of its cost
+_is_compiling, _dispatch_mode = torch.compiler.is_compiling, torch._C._get_dispatch_mode
 
 
 def compiling() -> bool:
@@ -67,8 +69,7 @@ def compiling() -> bool:
     (fastvae/_opaque.py), or AOT autograd's trace under a fake tensor mode.
     fastvae asks this, not is_compiling() alone (but on the objectives' first
     line, which only Dynamo traces: tests/test_layers.py)."""
-    return (torch.compiler.is_compiling() or opaque_depth > 0
-            or torch._C._get_dispatch_mode(_FAKE_MODE) is not None)
+    return _is_compiling() or opaque_depth > 0 or _dispatch_mode(_FAKE_MODE) is not None
 
 
 def cpp_module():

@@ -17,7 +17,6 @@ from conftest import INTERPRET
 from helpers import (
     FOLDED_FORMS,
     INTERPRETER_FOLDED_FORMS,
-    NEEDS_DREG_COMPILE,
     RTOL,
     assert_close,
     assert_compiled_matches_eager,
@@ -840,53 +839,34 @@ def test_scalars_as_users_have_them():
         fastvae.elbo(x, mu, logvar, decode, beta=torch.ones(2), likelihood="gaussian")
 
 
-def test_a_tensor_beta_recompiles_nothing():
-    """An annealing schedule passes beta as a 0-d tensor: a new value reuses the compiled graph."""
-    import torch._dynamo
-
+@pytest.mark.parametrize("objective", dreg_compile_cases(["elbo", "iwae dreg"]))
+def test_a_tensor_beta_recompiles_nothing(objective):
+    """An annealing schedule passes beta as a 0-d tensor: a new value reuses the
+    compiled graph, for elbo and for iwae's beta (issue 39), DReG's tempered
+    weights included."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     x, mu, logvar = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
     decode = _linear_decoder(6, 3, torch.float32)
-    compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    loss = torch.compile(lambda b: fastvae.elbo(x, mu, logvar, decode, beta=b,
-                                                likelihood="gaussian"), fullgraph=True, backend=backend)
-    for b in (0.1, 0.5, 1.0):
-        torch.manual_seed(3)
-        compiled = loss(torch.tensor(b))
-        torch.manual_seed(3)
-        eager = fastvae.elbo(x, mu, logvar, decode, beta=b, likelihood="gaussian")
-        assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
-    assert len(compiles) == 1
-
-
-@NEEDS_DREG_COMPILE
-def test_a_tensor_beta_recompiles_nothing_in_dreg():
-    """iwae's beta (issue 39), DReG's tempered weights included: one graph for every value."""
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(0)
-    x, mu, logvar = torch.randn(5, 6, generator=g), torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
-    decode = _linear_decoder(6, 3, torch.float32)
-    compiles = []
-
-    def backend(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
     mu_leaf = mu.clone().requires_grad_()
-    bound = torch.compile(lambda b: fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg",
-                                                 likelihood="gaussian"), fullgraph=True, backend=backend)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def bound(b):
+        if objective == "elbo":
+            return fastvae.elbo(x, mu_leaf, logvar, decode, beta=b, likelihood="gaussian")
+        return fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg", likelihood="gaussian")
+
+    compiled_bound = torch.compile(bound, fullgraph=True, backend=backend)
     for b in (0.1, 0.5, 1.0):
         torch.manual_seed(3)
-        compiled = bound(torch.tensor(b))
+        compiled = compiled_bound(torch.tensor(b))
         (g_compiled,) = torch.autograd.grad(compiled, mu_leaf)
         torch.manual_seed(3)
-        eager = fastvae.iwae(x, mu_leaf, logvar, decode, k=3, beta=b, estimator="dreg", likelihood="gaussian")
+        eager = bound(b)
         (g_eager,) = torch.autograd.grad(eager, mu_leaf)
         assert torch.allclose(compiled, eager, rtol=1e-6), (b, compiled, eager)
         assert torch.allclose(g_compiled, g_eager, rtol=1e-5, atol=1e-6), (b, g_compiled, g_eager)
