@@ -1,57 +1,112 @@
-"""Host time per training call of the objectives, measured without a GPU (issue 33).
+"""Host time per training call of the objectives (issue 33).
 
-  python -m benchmarks.bench_host_cost [--quick] [--out FILE]
+  python -m benchmarks.bench_host_cost [--quick] [--out FILE]                 # no GPU needed
+  python -m benchmarks.bench_host_cost --device cuda [--profile] [--out FILE] # on a GPU
 
-The method of ../shared/tools/host-cost/host_cost.py: the triton backend runs on
-tiny CPU tensors under TRITON_INTERPRET=1 with every Triton launch replaced by a
-no-op, so what is timed is what the host does around the kernels on a GPU
-(fastvae's Python, the dispatcher, autograd, the torch ops the path issues).
+On the CPU (the default), the method of ../shared/tools/host-cost/host_cost.py:
+the triton backend runs on tiny CPU tensors under TRITON_INTERPRET=1 with every
+Triton launch replaced by a no-op, so what is timed is what the host does
+around the kernels on a GPU (fastvae's Python, the dispatcher, autograd, the
+torch ops the path issues). Each stubbed launch returns a stand-in for the
+compiled kernel whose launcher does nothing, so that, as on a GPU, a plan's
+second call launches directly (_plan.Launch's check of the tensors' alignment,
+the device and the hooks is timed; Triton's C launcher and the driver are not).
 Beside it, the CPU path (the cpp backend: the C++ operators of
 csrc/torch_ops.cpp, kernels included, at these tiny sizes nearly all host time)
 and the same loss written by hand in torch, on the same tensors, rounds
 interleaved, one thread. Each subtracts a baseline step (the decoder and
 autograd.grad alone), so the figures are the loss's own host time.
+
+With ``--device cuda`` the same cases run on a GPU with real launches: the host
+time of a call is the time of 200 calls enqueued without a sync (the kernels of
+these sizes finish faster than the host enqueues them), the CPU path left out.
+Each record says how many of the plans' launches went to the compiled kernel
+directly (``direct_launches``: all of them, where the lean path holds);
+``--profile`` adds cProfile's top functions of the Bernoulli elbo's calls.
 benchmarks/README.md says how to read them.
 """
 from __future__ import annotations
 
+import argparse
+import cProfile
+import io
 import os
+import pstats
+import statistics
+import sys
+import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import fastvae
+from fastvae import _plan
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import fastvae  # noqa: E402
-
-from . import common  # noqa: E402
+from . import common
 
 B, D, L, K = 4, 8, 2, 5
 LOG2PI = 1.8378770664093453
 
 
-def _setup():
-    """(cases {name: (fastvae loss, hand-written loss, baseline, leaves)}, launch counter). The
-    "halves" case takes mu and logvar as encoders return them, the strided halves
-    of one output (h.chunk(2, -1), inside the loss), with a baseline of its own;
-    "mean alone" is a Gaussian decoder that returns its mean (unit variance);
-    "autocast" runs the three steps under torch.autocast (bfloat16)."""
+# launches per call on the CPU measure: through Triton's run (stubbed), directly
+_COUNTS = {"run": 0, "direct": 0}
+
+
+class _NoOpCompiled:
+    """What a stubbed launch returns in place of Triton's CompiledKernel: a
+    launcher that does nothing (the CPU measure's direct launches)."""
+
+    function = packed_metadata = None
+
+    @staticmethod
+    def run(*args) -> None:
+        _COUNTS["direct"] += 1
+
+
+class _NoOpRuntime:
+    """Triton's driver calls as _plan.Launch makes them (no CUDA driver here)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+        self.knobs = SimpleNamespace(runtime=SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None))
+
+    @staticmethod
+    def current_device() -> int:
+        return 0
+
+    @staticmethod
+    def current_stream(device) -> int:
+        return 0
+
+    @staticmethod
+    def is_compiled(kernel) -> bool:
+        return isinstance(kernel, _NoOpCompiled)
+
+
+def _stub_launches() -> None:
+    """Every interpreted launch a no-op that returns a _NoOpCompiled (counted
+    in _COUNTS["run"]: a plan's first launches, and the general path's)."""
     from triton.runtime import interpreter
 
-    launches = [0]
-
     def stub(self, *args, **kwargs):
-        launches[0] += 1
+        _COUNTS["run"] += 1
+        return _NoOpCompiled()
 
     interpreter.InterpretedFunction.run = stub
+    _plan._runtime = _NoOpRuntime()
+
+
+def _setup(device: torch.device):
+    """cases {name: (fastvae loss, hand-written loss, baseline, leaves)} on
+    ``device``. The "halves" case takes mu and logvar as encoders return them,
+    the strided halves of one output (h.chunk(2, -1), inside the loss), with a
+    baseline of its own; "mean alone" is a Gaussian decoder that returns its
+    mean (unit variance); "autocast" runs the three steps under torch.autocast
+    (bfloat16)."""
     torch.manual_seed(0)
-    x = (torch.rand(B, D) > 0.5).float()
-    W, W2 = torch.randn(L, D) * 0.3, torch.randn(L, 2 * D) * 0.3
-    mu, lv = torch.randn(B, L, requires_grad=True), torch.randn(B, L, requires_grad=True)
+    x = (torch.rand(B, D) > 0.5).float().to(device)
+    W, W2 = (torch.randn(L, D) * 0.3).to(device), (torch.randn(L, 2 * D) * 0.3).to(device)
+    mu, lv = (torch.randn(B, L).to(device).requires_grad_() for _ in range(2))
     h = torch.cat([mu, lv], -1).detach().requires_grad_()
 
     def dec(z):
@@ -81,7 +136,7 @@ def _setup():
         return -(rec - kl(mu, lv)).mean()
 
     def hand_iwae():
-        eps = torch.randn(K, *mu.shape)
+        eps = torch.randn(K, *mu.shape, device=device)
         z = mu + (0.5 * lv).exp() * eps
         rec = -F.binary_cross_entropy_with_logits(dec(z), x.expand(K, -1, -1), reduction="none").sum(-1)
         lw = rec + (-0.5 * z * z).sum(-1) - (-0.5 * eps * eps - 0.5 * lv).sum(-1)
@@ -117,19 +172,45 @@ def _setup():
     }
     def autocast(loss):  # mixed precision, as most GPU training runs: bfloat16 matmuls
         def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 return loss()
         return run
 
     cases["elbo bernoulli, autocast"] = (autocast(cases["elbo bernoulli"][0]), autocast(hand_elbo), autocast(base),
                                          leaves)
-    return cases, launches
+    return cases
 
 
-def measure(rounds: int, n: int) -> list[dict]:
+def _direct(plans) -> tuple[int, int]:
+    """(launches that launch directly, launches called) of these plans."""
+    called = [launch for plan in plans for launch in _plan.launches(plan) if launch.direct is not None]
+    return sum(bool(launch.direct) for launch in called), len(called)
+
+
+def _profile(run, n: int) -> str:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n):
+        run()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+    return out.getvalue()
+
+
+def measure(rounds: int, n: int, device: torch.device | None = None, profile: bool = False) -> list[dict]:
+    """One record per case: the loss's own host time (us) on the CUDA code
+    path, the CPU path (CPU only) and written by hand, their ratios, the
+    launches of a call (CPU: through Triton's run and direct) and how many of
+    the plans' launches launch directly."""
+    device = torch.device("cpu") if device is None else device
     torch.set_num_threads(1)
     fastvae.set_value_checks("never")  # on CUDA they run on the first call of each kind only
-    cases, launches = _setup()
+    cuda = device.type == "cuda"
+    if not cuda:
+        _stub_launches()
+    cases = _setup(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(loss, backend, leaves):
         def run():
@@ -139,55 +220,85 @@ def measure(rounds: int, n: int) -> list[dict]:
 
     records = []
     for name, (fv, hand, baseline, leaves) in cases.items():
-        steps = {"cuda_path": step(fv, "triton", leaves), "cpu_path": step(fv, "cpp", leaves),
-                 "hand": step(hand, None, leaves), "base": step(baseline, None, leaves)}
+        steps = {"cuda_path": step(fv, "triton", leaves), "hand": step(hand, None, leaves),
+                 "base": step(baseline, None, leaves)}
+        if not cuda:
+            steps["cpu_path"] = step(fv, "cpp", leaves)
+        _plan.clear()
         for s in steps.values():
             for _ in range(30):
                 s()
-        launches[0] = 0
+        sync()
+        _COUNTS.update(run=0, direct=0)
         steps["cuda_path"]()
-        n_launch = launches[0]
+        counts = dict(_COUNTS)
         times = {k: [] for k in steps}
         for _ in range(rounds):  # interleaved, so drift hits all alike
             for k, s in steps.items():
+                sync()
                 t = time.perf_counter()
                 for _ in range(n):
                     s()
-                times[k].append((time.perf_counter() - t) / n * 1e6)
+                times[k].append((time.perf_counter() - t) / n * 1e6)  # enqueued: no sync before the clock stops
+        sync()
         med = {k: statistics.median(v) - statistics.median(times["base"]) for k, v in times.items()}
-        records.append({"case": name, "cuda_path_us": round(med["cuda_path"], 1),
-                        "cpu_path_us": round(med["cpu_path"], 1), "hand_us": round(med["hand"], 1),
-                        "triton_launches": n_launch,
-                        "cuda_path_vs_hand": round(med["cuda_path"] / med["hand"], 2),
-                        "cpu_path_vs_hand": round(med["cpu_path"] / med["hand"], 2)})
-        common.log(f"{name}: {records[-1]}")
+        direct, called = _direct(_plan.PLANS.values())
+        record = {"case": name, "cuda_path_us": round(med["cuda_path"], 1), "hand_us": round(med["hand"], 1),
+                  "cuda_path_vs_hand": round(med["cuda_path"] / med["hand"], 2),
+                  "direct_launches": f"{direct}/{called}"}
+        if not cuda:
+            record.update(cpu_path_us=round(med["cpu_path"], 1),
+                          cpu_path_vs_hand=round(med["cpu_path"] / med["hand"], 2),
+                          triton_launches=counts["run"] + counts["direct"], launches_through_run=counts["run"])
+        if profile and name == "elbo bernoulli":
+            record["profile"] = _profile(steps["cuda_path"], 200)
+        records.append(record)
+        common.log(f"{name}: { {k: v for k, v in record.items() if k != 'profile'} }")
     return records
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| call (forward + backward) | fastvae, CUDA code path (us) | fastvae, CPU path (us) | hand-written (us) "
-             "| CUDA path / hand | CPU path / hand | Triton launches |",
-             "|---|---|---|---|---|---|---|"]
+    cpu = "cpu_path_us" in records[0]
+    head = "| call (forward + backward) | fastvae, CUDA code path (us) |"
+    head += " fastvae, CPU path (us) |" if cpu else ""
+    head += " hand-written (us) | CUDA path / hand |"
+    head += " CPU path / hand | Triton launches |" if cpu else ""
+    head += " direct launches |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
-        lines.append(f"| {r['case']} | {r['cuda_path_us']} | {r['cpu_path_us']} | {r['hand_us']} | "
-                     f"{r['cuda_path_vs_hand']} | {r['cpu_path_vs_hand']} | {r['triton_launches']} |")
+        row = f"| {r['case']} | {r['cuda_path_us']} |"
+        row += f" {r['cpu_path_us']} |" if cpu else ""
+        row += f" {r['hand_us']} | {r['cuda_path_vs_hand']} |"
+        row += f" {r['cpu_path_vs_hand']} | {r['triton_launches']} |" if cpu else ""
+        lines.append(row + f" {r['direct_launches']} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="3 rounds of 20 calls: a smoke run, not figures")
-    p.add_argument("--device", default="cpu", help="ignored: the measure runs on CPU tensors by design")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: the CUDA code path with stubbed launches (no GPU needed); cuda: real launches")
+    p.add_argument("--profile", action="store_true", help="cProfile of the Bernoulli elbo's CUDA-path calls")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    records = measure(3, 20) if args.quick else measure(15, 200)
-    payload = {"op": "host_cost", **common.metadata(torch.device("cpu")),
-               "title": ("Host time per forward + backward call, the loss's own (a baseline step subtracted), "
-                         "tiny CPU tensors, 1 thread; the CUDA code path with stubbed Triton launches"),
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("the CPU measure needs TRITON_INTERPRET=1 before Triton is imported: run it alone")
+        os.environ["TRITON_INTERPRET"] = "1"
+    records = measure(3, 20, device, args.profile) if args.quick else measure(15, 200, device, args.profile)
+    where = ("tiny CPU tensors, 1 thread; the CUDA code path with stubbed Triton launches" if device.type == "cpu"
+             else "tiny CUDA tensors, 1 thread; calls enqueued without a sync")
+    payload = {"op": "host_cost", **common.metadata(device),
+               "title": f"Host time per forward + backward call, the loss's own (a baseline step subtracted), {where}",
                "records": records, "table_markdown": table(records)}
-    path = common.write_json(common.result_path("host_cost", torch.device("cpu"), args.quick, args.out), payload)
+    path = common.write_json(common.result_path("host_cost", device, args.quick, args.out), payload)
     common.log(f"wrote {path}")
     print(payload["table_markdown"])
+    for r in records:
+        if "profile" in r:
+            print(f"\ncProfile, {r['case']}, the CUDA code path, 200 calls:\n{r['profile']}")
     return payload
 
 

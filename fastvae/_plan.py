@@ -201,13 +201,40 @@ def _direct_launch(kernel, compiled, args: tuple, kwargs: dict):
 # -- before the decoder: the sampler ----------------------------------------------
 
 
+def in_stride(mu: Tensor, logvar: Tensor) -> int | None:
+    """The stride, in elements, of the rows of L at which the sampler's kernels
+    read mu and logvar (..., L) in place: L for contiguous tensors, 2 L for the
+    halves of an encoder's output (h.chunk(2, -1)), any stride shared by both
+    whose leading dimensions collapse into one; None where they do not (the
+    plan copies them). The objectives' plan key holds both tensors' strides."""
+    stride = mu.stride()
+    if stride != logvar.stride() or mu.dim() == 0:
+        return None
+    shape = mu.shape
+    if shape[-1] > 1 and stride[-1] != 1:
+        return None
+    row = step = None
+    for size, st in zip(reversed(shape[:-1]), reversed(stride[:-1])):
+        if size == 1:  # any stride: never stepped over
+            continue
+        if step is None:
+            row = st
+        elif st != step:
+            return None
+        step = st * size
+    return shape[-1] if row is None else row
+
+
 class SamplePlan:
     """The sampler's launches for mu, logvar (N, L) (any leading shape, one
     dtype: float32, float64, or half precision under autocast, whose z and
-    KL are ``z_dtype``, float32) and K samples."""
+    KL are ``z_dtype``, float32) and K samples. The kernels read mu and
+    logvar in place when their rows are ``in_stride`` elements apart (an
+    encoder's halves, h.chunk(2, -1): 2 L; see ``in_stride``), else from
+    contiguous copies made per call (``in_stride`` None)."""
 
     def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device, n_samples: int | None,
-                 with_ratio: bool, stop_score: bool, z_dtype: torch.dtype | None = None):
+                 with_ratio: bool, stop_score: bool, z_dtype: torch.dtype | None = None, in_stride: int | None = None):
         kern = _kernels("sample_normal")
         self.kern = kern
         L = shape[-1]
@@ -216,6 +243,8 @@ class SamplePlan:
         self.N, self.L, self.K, self.n_samples = N, L, K, n_samples
         self.dtype, self.device = dtype, device
         self.with_ratio, self.stop_score = with_ratio, stop_score
+        self.in_place = in_stride is not None
+        self.mu_like = torch.empty(shape, dtype=dtype, device=device)  # the gradients' template: contiguous
         z_shape = shape if n_samples is None else torch.Size((K, *shape))
         # z, the KL and the log-ratio in the compute dtype: mu's, or float32 for
         # a half-precision encoder under autocast (ops/sample_normal/op.py's z_dtype)
@@ -223,7 +252,9 @@ class SamplePlan:
         self.z_like = torch.empty(z_shape, dtype=z_dtype, device=device)
         self.kl_like = torch.empty(shape[:-1], dtype=z_dtype, device=device)
         self.ratio_like = torch.empty((K, *shape[:-1]), dtype=z_dtype, device=device) if with_ratio else None
-        self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
+        # offset0, sample_stride, row_stride (the noise's), N, KN, L, in_stride (mu's rows in memory)
+        self.in_stride = in_stride if self.in_place else L
+        self.ints = (0, N * L, L, N, K * N, L, self.in_stride)
         self.forward = None
         if N * L > 0:
             grid, meta = kern.forward_plan(K, N, L, dtype, device, with_ratio, 0, N * L, L)
@@ -231,10 +262,13 @@ class SamplePlan:
         self._backward: dict = {}
 
     def backward(self, has_grad_z: bool, has_grad_kl: bool, has_grad_ratio: bool, z_scale: bool = False):
-        """(launch, part, counters, samples per split, samples) of the backward kernel
-        for the gradients given (``z_scale``: grad_z's rows weighted, DReG);
-        None where the samples are split (per-call buffers:
-        sample_normal_backward allocates them)."""
+        """(launch, part, counters, samples per split, splits, samples) of the
+        backward kernel for the gradients given (``z_scale``: grad_z's rows
+        weighted, DReG). Where a GPU splits the samples over programs (few
+        rows, many samples: an IWAE at training sizes), the splits' partial
+        sums and arrival counters are the plan's own, made once: zero between
+        launches, so the plan serves one stream at a time, as the tail's
+        reductions do. Otherwise they are placeholders the kernel never touches."""
         key = has_grad_z, has_grad_kl, has_grad_ratio, z_scale
         try:
             return self._backward[key]
@@ -244,11 +278,9 @@ class SamplePlan:
         K = self.K if has_grad_z or has_grad_ratio else 0
         grid, meta, blocks, splits, per_split = kern.backward_plan(
             K, N, L, self.dtype, self.device, has_grad_z, has_grad_kl, has_grad_ratio, self.stop_score, z_scale)
-        plan = None
-        if splits == 1:  # placeholders the kernel never touches, made once
-            part, counters = kern.split_buffers(N, L, self.dtype, self.device, blocks, 1, has_grad_ratio,
-                                                self.stop_score)
-            plan = Launch(kern._sample_normal_bwd_kernel, grid, meta), part, counters, per_split, K
+        part, counters = kern.split_buffers(N, L, self.dtype, self.device, blocks, splits, has_grad_ratio,
+                                            self.stop_score)
+        plan = Launch(kern._sample_normal_bwd_kernel, grid, meta), part, counters, per_split, splits, K
         self._backward[key] = plan
         return plan
 
@@ -270,10 +302,10 @@ class Sample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, plan, link):
-        # an encoder's halves (h.chunk(2, -1)) are strided: the kernels read
-        # contiguous copies, made once here and kept for the backward, as the
-        # general path's SampleNormal does (mu itself when contiguous)
-        mu2, lv2 = mu.contiguous(), logvar.contiguous()
+        # an encoder's halves (h.chunk(2, -1)) are read in place (the plan key
+        # holds their strides); other strided inputs from contiguous copies,
+        # made once here and kept for the backward (mu itself when contiguous)
+        mu2, lv2 = (mu, logvar) if plan.in_place else (mu.contiguous(), logvar.contiguous())
         z, kl = empty(plan.z_like), empty(plan.kl_like)
         ratio = empty(plan.ratio_like) if plan.with_ratio else None
         if plan.forward is not None:
@@ -297,22 +329,17 @@ class Sample(torch.autograd.Function):
             if scale is not None:  # DReG: the path derivative weighted by w~^2
                 grad_z = _double_backward.dreg_once(grad_z * scale.unsqueeze(-1))
             return (*sample_normal_double_backward(grad_z, grad_kl, grad_ratio, plan.stop_score, mu, logvar, seed,
-                                                   mu2.view(plan.N, plan.L), plan.K), None, None, None)
-        dmu, dlogvar = empty(mu2), empty(lv2)
+                                                   plan.mu_like.view(plan.N, plan.L), plan.K), None, None, None)
+        dmu, dlogvar = empty(plan.mu_like), empty(plan.mu_like)
         if plan.N * plan.L == 0:
             return dmu, dlogvar, None, None, None
         grad_z = None if grad_z is None else grad_z.contiguous()
         # DReG: the kernel weights grad_z's rows by w~ (the tail's ``link.scale``)
-        launch = plan.backward(grad_z is not None, grad_kl is not None, grad_ratio is not None, scale is not None)
-        if launch is None:
-            plan.kern.sample_normal_backward(
-                None if grad_z is None else grad_z.view(plan.K, plan.N, plan.L), grad_kl, grad_ratio,
-                mu2.view(plan.N, plan.L), lv2.view(plan.N, plan.L), seed, plan.stop_score, dmu, dlogvar, scale)
-        else:
-            run, part, counters, per_split, K = launch
-            run(mu2 if grad_z is None else grad_z, mu2 if grad_kl is None else grad_kl,
-                mu2 if grad_ratio is None else grad_ratio.contiguous(), mu2, lv2, seed, dmu, dlogvar, part, counters,
-                mu2 if scale is None else scale, plan.N, plan.L, plan.N * plan.L, K, per_split, 1)
+        run, part, counters, per_split, splits, K = plan.backward(grad_z is not None, grad_kl is not None,
+                                                                  grad_ratio is not None, scale is not None)
+        run(mu2 if grad_z is None else grad_z, mu2 if grad_kl is None else grad_kl,
+            mu2 if grad_ratio is None else grad_ratio.contiguous(), mu2, lv2, seed, dmu, dlogvar, part, counters,
+            mu2 if scale is None else scale, plan.N, plan.L, plan.N * plan.L, plan.in_stride, K, per_split, splits)
         return dmu, dlogvar, None, None, None
 
 
@@ -631,6 +658,28 @@ class Plan:
 
 
 NO_LINK = Link()  # no DReG weight: never written
+
+
+def launches(plan: Plan) -> list[Launch]:
+    """Every Launch ``plan`` holds, made or not yet called: tests/test_plan.py
+    and benchmarks/bench_host_cost.py read from each whether it launches
+    directly (``direct``) after its first call."""
+    found: list[Launch] = []
+
+    def walk(value) -> None:
+        if isinstance(value, Launch):
+            found.append(value)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    for part in (plan.sample, plan.tail):
+        if part is not None:
+            walk(list(vars(part).values()))
+    return found
 
 
 def _seed(device: torch.device, generator) -> Tensor:

@@ -269,8 +269,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
             or (beta := _lean_beta(beta)) is None):
         return None
     device, triton, autocast = lean
-    key = ("elbo", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, autocast, likelihood, n_samples,
-           reduction)
+    key = ("elbo", x.shape, mu.shape, mu.stride(), logvar.shape, logvar.stride(), mu.dtype, device, triton,
+           autocast, likelihood, n_samples, reduction)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
@@ -283,7 +283,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
         sample = tail = None  # the cpp backend: the checks are its plan
         dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
         if triton:
-            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False, dtype)
+            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False, dtype,
+                                      _plan.in_stride(mu, logvar))
         if triton and n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
                                   _general_elbo_tail, x.shape, out_dtype)
@@ -306,8 +307,8 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
             or alpha != 0 or type(beta) not in (float, int) or beta != 1):
         return None
     device, triton, autocast = lean
-    key = ("iwae", x.shape, mu.shape, logvar.shape, mu.dtype, device, triton, autocast, likelihood, k, estimator,
-           reduction)
+    key = ("iwae", x.shape, mu.shape, mu.stride(), logvar.shape, logvar.stride(), mu.dtype, device, triton,
+           autocast, likelihood, k, estimator, reduction)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         q, decode = posterior_args(mu, logvar, decode)
@@ -320,7 +321,8 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
         sample = tail = None  # the cpp backend: the checks are its plan
         dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
         if triton:
-            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae", dtype)
+            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae", dtype,
+                                      _plan.in_stride(mu, logvar))
         if triton and P > 0 and x.numel() > 0:
             tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, dtype, device, reduction, batch, True,
                                   _general_iwae_tail, torch.Size((k, *x.shape)), out_dtype)

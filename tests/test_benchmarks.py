@@ -378,3 +378,37 @@ def test_path_trace_counts_the_stops_of_a_training_call(backend):
         assert next(iter(r["modules"])) == "fastvae/objectives.py"
         if backend == "triton":
             assert r["modules"] == {"fastvae/objectives.py": 2, "fastvae/_plan.py": 2}, r
+
+
+def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_path):
+    """benchmarks/bench_host_cost.py --quick, in a child (it needs the Triton
+    interpreter): every case has its three figures and their ratios; the
+    CUDA code path's launches, stubbed, are the launch counts of
+    tests/test_launches.py's lean path, and after a plan's first call every
+    one goes to the (stand-in) compiled kernel directly, as on a GPU."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastvae import _backend
+
+    if importlib.util.find_spec("triton") is None or not _backend.cpp_available():
+        pytest.skip("needs Triton (its interpreter) and the C++ extension")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("FASTVAE_BACKEND", None)
+    out = tmp_path / "host_cost.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_host_cost", "--quick", "--out", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = {r["case"]: r for r in json.loads(out.read_text())["records"]}
+    launches = {"elbo bernoulli": 4, "elbo bernoulli, halves": 4, "elbo gaussian": 4, "elbo gaussian, mean alone": 4,
+                "iwae k=5": 6, "iwae k=5 dreg": 7, "elbo bernoulli, autocast": 4}
+    assert set(records) == set(launches)
+    for name, r in records.items():
+        n = launches[name]
+        assert r["triton_launches"] == n and r["launches_through_run"] == 0 and r["direct_launches"] == f"{n}/{n}"
+        assert r["hand_us"] > 0 and r["cuda_path_us"] > 0 and r["cpu_path_us"] > 0
+        assert r["cuda_path_vs_hand"] == pytest.approx(r["cuda_path_us"] / r["hand_us"], abs=0.011)

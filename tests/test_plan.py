@@ -165,10 +165,14 @@ def test_autocast_takes_the_cpp_plan_bit_for_bit(encoder, likelihood, case):
 @pytest.mark.parametrize("case", ["elbo", "iwae", "dreg"])
 def test_an_encoders_halves_take_the_plans_bit_for_bit(triton_device, likelihood, case):
     """mu and logvar as the strided halves of one encoder output, the usual
-    encoder: the plans copy them once, as the general path does, with the same
-    values and gradients bit for bit (their first and second derivatives)."""
+    encoder: the plans' kernels read them in place (rows 2 L apart; the
+    general path copies them), with the same values and gradients bit for bit
+    (their first and second derivatives)."""
+    _plan.clear()
     _run(triton_device, torch.float64, likelihood, case, True, halves=True)
     lean, lean_grads, node = _run(triton_device, torch.float64, likelihood, case, True, halves=True)
+    (plan,) = _plan.PLANS.values()
+    assert plan.sample.in_place and plan.sample.in_stride == 2 * L
     general, general_grads, general_node = _run(triton_device, torch.float64, likelihood, case, False, halves=True)
     assert node == ("ElboTailBackward" if case == "elbo" else "IwaeTailBackward") != general_node
     assert not torch.isnan(lean).any() and _same(lean, general)
@@ -193,6 +197,70 @@ def test_an_encoders_halves_take_the_plans_bit_for_bit(triton_device, likelihood
     for a, b in zip(*second):
         assert not torch.isnan(a).any() and a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_sampler_reads_rows_in_place_where_they_sit_one_stride_apart():
+    """_plan.in_stride: the row stride at which the sampler's kernels read mu
+    and logvar without copies (contiguous, an encoder's halves, rows of a wider
+    output, a broadcast batch), None where the rows are not one stride apart
+    or the two differ (the plan copies them)."""
+    h = torch.empty(6, 4, 2 * L, device="meta")
+    cases = [
+        (torch.empty(B, L, device="meta"), None, L),
+        (*torch.empty(B, 2 * L, device="meta").chunk(2, -1), 2 * L),
+        (*h.chunk(2, -1), 2 * L),  # leading dims that collapse: (6, 4) rows 2 L apart
+        (h[:, 1:3, :L], h[:, 1:3, L:], None),  # (6, 2) rows of a (6, 4) grid: not one stride
+        (h[:1, 1:3, :L], h[:1, 1:3, L:], 2 * L),  # a leading size-1 dim: any stride
+        (torch.empty(1, L, device="meta").expand(B, L), None, 0),  # one row read B times
+        (torch.empty(L, B, device="meta").t(), None, None),  # columns, not rows
+        (torch.empty(B, L, device="meta"), torch.empty(B, 2 * L, device="meta")[:, :L], None),  # strides differ
+        (torch.empty(L, device="meta"), None, L),
+        (torch.empty(B, 1, device="meta"), torch.empty(B, 3, device="meta")[:, 1:2], None),  # strides differ
+        (torch.empty(B, 3, device="meta")[:, :1], torch.empty(B, 3, device="meta")[:, 1:2], 3),  # L = 1
+    ]
+    for mu, logvar, expected in cases:
+        logvar = torch.empty_like(mu) if logvar is None and mu.is_contiguous() else mu if logvar is None else logvar
+        assert _plan.in_stride(mu, logvar) == expected, (mu.shape, mu.stride(), logvar.stride())
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["rows of a wider output", "halves of a 3-d output", "columns"])
+@pytest.mark.parametrize("case", ["elbo", "dreg"])
+def test_strided_encoder_outputs_give_the_general_path_bit_for_bit(triton_device, layout, case):
+    """mu and logvar rows 3 L apart (a wider encoder output's slices) and the
+    halves of a (2, B, 2 L) output are read in place; columns of a transposed
+    output are copied: each gives the general path's values and gradients bit
+    for bit."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(2, B, D, generator=g) > 0.5).double().to(triton_device)
+    W = (torch.randn(L, D, generator=g) * 0.5).double().to(triton_device).requires_grad_()
+    if layout == "rows of a wider output":
+        h = torch.randn(2, B, 3 * L, generator=g).double().to(triton_device).requires_grad_()
+        split, in_place, stride = (lambda t: (t[..., :L], t[..., 2 * L:])), True, 3 * L
+    elif layout == "halves of a 3-d output":
+        h = torch.randn(2, B, 2 * L, generator=g).double().to(triton_device).requires_grad_()
+        split, in_place, stride = (lambda t: t.chunk(2, -1)), True, 2 * L
+    else:
+        h = torch.randn(2 * L, B * 2, generator=g).double().to(triton_device).requires_grad_()
+        split, in_place, stride = (lambda t: (t[:L].t().unflatten(0, (2, B)), t[L:].t().unflatten(0, (2, B)))), False, L
+    kw = dict(CASES[case])
+    fn = getattr(fastvae, kw.pop("fn"))
+    results = []
+    _plan.clear()
+    for enabled in (True, True, False):
+        mu, logvar = split(h)
+        _plan.ENABLED = enabled
+        try:
+            bound = fn(x, mu, logvar, lambda z: z @ W, likelihood="bernoulli",
+                       generator=torch.Generator(triton_device).manual_seed(7), **kw)
+        finally:
+            _plan.ENABLED = True
+        results.append((bound, *torch.autograd.grad(bound, (h, W))))
+    (plan,) = _plan.PLANS.values()
+    assert plan.sample.in_place == in_place and plan.sample.in_stride == stride
+    assert not torch.isnan(results[1][0]).any()
+    for a, b in zip(results[1], results[2]):
+        assert _same(a, b)
 
 
 @pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
@@ -377,13 +445,12 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     assert record(sample.forward, mu, lv, seed, z, kl, ratio, *sample.ints) == record(
         sn.sample_normal_forward, mu, lv, seed, 0, B_ * L, L, z, kl, ratio)
     for dreg in (False, True):  # DReG: the kernel weights grad_z's rows
-        planned = sample.backward(True, False, True, dreg)
-        assert planned is not None or K_ > 1  # None: samples split over programs, per-call buffers
-        if planned is not None:  # else the plan calls the general launcher itself
-            run, part, counters, per_split, K = planned
-            assert record(run, z, mu, ratio, mu, lv, seed, mu, lv, part, counters, ratio if dreg else mu, B_, L,
-                          B_ * L, K, per_split, 1) == record(
-                sn.sample_normal_backward, z, None, ratio, mu, lv, seed, True, mu, lv, ratio if dreg else None)
+        # samples split over programs where few rows leave a GPU idle (all three sizes here): the plan's own buffers
+        run, part, counters, per_split, splits, K = sample.backward(True, False, True, dreg)
+        assert (splits > 1) == (K_ > 1) and K == K_
+        assert record(run, z, mu, ratio, mu, lv, seed, mu, lv, part, counters, ratio if dreg else mu, B_, L,
+                      B_ * L, L, K, per_split, splits) == record(
+            sn.sample_normal_backward, z, None, ratio, mu, lv, seed, True, mu, lv, ratio if dreg else None)
 
     x, logits, rec, term, scalar = t(B_, D), t(K_, B_, D), t(K_, B_), t(K_, B_), t()
     batch = torch.Size((B_,))
@@ -535,6 +602,59 @@ def test_direct_launches_of_the_compiled_kernels_give_the_same_numbers(triton_de
         again, _, _ = _run(triton_device, torch.float64, likelihood, case, True)
         assert len(calls) == before and torch.equal(again, general)
         runtime.device, hooks.launch_enter_hook, hooks.launch_exit_hook = 0, HookChain(), None
+
+
+@needs_triton
+@pytest.mark.parametrize("halves", [False, True])
+@pytest.mark.parametrize("case", ["iwae", "dreg", "stl"])
+def test_samples_split_over_programs_take_the_plans_own_buffers(triton_device, monkeypatch, case, halves):
+    """Where a GPU splits the sampler's backward over samples (few rows, many
+    samples: an IWAE at training sizes), the plan launches it with buffers of
+    its own, made once (forced here with small blocks, several per launch):
+    the general path's values and gradients bit for bit, on every call (the
+    arrival counters back at 0 after each)."""
+    from fastvae.kernels import _common
+    from fastvae.ops.sample_normal import triton as kernels
+
+    monkeypatch.setattr(_common, "FORCE_SPLITS", 3)
+    if INTERPRET:
+        monkeypatch.setattr(kernels, "backward_geometry", lambda device, fp64: (4, 4))
+    _plan.clear()
+    general, general_grads, _ = _run(triton_device, torch.float64, "bernoulli", case, False, halves=halves)
+    for _ in range(3):
+        lean, lean_grads, node = _run(triton_device, torch.float64, "bernoulli", case, True, halves=halves)
+        assert node == "IwaeTailBackward" and not torch.isnan(lean).any() and _same(lean, general)
+        for a, b in zip(lean_grads, general_grads):
+            assert _same(a, b)
+    (plan,) = _plan.PLANS.values()
+    (launch, part, counters, per_split, splits, k), = (b for b in plan.sample._backward.values())
+    assert splits == 2 and per_split == 2 and k == K and part.shape[1] == splits
+    assert not counters.any()  # back at 0 after each launch
+    _plan.clear()
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="Triton's compiled kernels: on a GPU")
+@pytest.mark.parametrize("halves", [False, True])
+@pytest.mark.parametrize("case", ["elbo", "iwae", "dreg"])
+def test_plans_launch_the_compiled_kernels_directly_on_a_gpu(monkeypatch, case, halves):
+    """On a GPU, after a plan's first call each of its launches goes to the
+    compiled kernel's launcher itself, none through JITFunction.run: the host
+    cost the lean path was built for (issue 33). A Triton whose compiled
+    kernels differ would fall back silently, and fail here."""
+    from triton.runtime.jit import JITFunction
+
+    _plan.clear()
+    for _ in range(2):  # the value checks' first call, then the plans' first launches
+        _run("cuda", torch.float32, "bernoulli", case, True, halves=halves)
+    through_run = []
+    run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: through_run.append(self.fn.__name__)
+                        or run(self, *a, **kw))
+    bound, _, node = _run("cuda", torch.float32, "bernoulli", case, True, halves=halves)
+    assert node.endswith("TailBackward") and not torch.isnan(bound).any()
+    assert through_run == []
+    called = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan) if launch.direct is not None]
+    assert len(called) >= (4 if case == "elbo" else 6) and all(launch.direct for launch in called)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")

@@ -54,8 +54,8 @@ INTERPRETER_BACKWARD_TILE = 1 << 16
 
 @triton.jit(do_not_specialize=["N", "KN", "offset0", "sample_stride", "row_stride"])
 def _sample_normal_fwd_kernel(
-    mu_ptr,  # (N, L)
-    logvar_ptr,  # (N, L)
+    mu_ptr,  # (N, L), rows in_stride elements apart
+    logvar_ptr,  # (N, L), rows in_stride elements apart
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L) = (KN, L) sample rows
     kl_ptr,  # (N,)
@@ -66,6 +66,7 @@ def _sample_normal_fwd_kernel(
     N,
     KN,  # K * N
     L,
+    in_stride,  # mu's and logvar's row stride: L, or 2 L for an encoder's halves (h.chunk(2, -1))
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -86,7 +87,7 @@ def _sample_normal_fwd_kernel(
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + 4 * g + j
         mask = (rr < KN) & (cols < L)
-        idx = n[:, None, None] * L + cols
+        idx = n[:, None, None] * in_stride + cols
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
@@ -133,8 +134,8 @@ def _sample_normal_bwd_kernel(
     grad_z_ptr,  # (K, N, L), read when HAS_GRAD_Z
     grad_kl_ptr,  # (N,), read when HAS_GRAD_KL
     grad_ratio_ptr,  # (K, N), read when HAS_GRAD_RATIO
-    mu_ptr,  # (N, L)
-    logvar_ptr,  # (N, L)
+    mu_ptr,  # (N, L), rows in_stride elements apart
+    logvar_ptr,  # (N, L), rows in_stride elements apart
     seed_ptr,  # (): int64
     dmu_ptr,  # (N, L)
     dlv_ptr,  # (N, L)
@@ -144,6 +145,7 @@ def _sample_normal_bwd_kernel(
     N,
     L,
     NL,  # N * L: the flat elements of mu, and the noise offset of one sample
+    in_stride,  # mu's and logvar's row stride (the forward's)
     K,  # samples to sum over (0 when neither grad_z nor grad_log_ratio is given)
     K_PER,  # samples per split
     SPLITS,
@@ -163,17 +165,18 @@ def _sample_normal_bwd_kernel(
     i = start + 4 * g4 + tl.arange(0, 4)[None, :]  # int64 flat index n * L + l
     mask = i < NL
     seed = tl.load(seed_ptr)
-    lv = tl.load(logvar_ptr + i, mask=mask, other=0.0).to(ACC)
+    n = i // L
+    src = i + n * (in_stride - L)  # mu's and logvar's element n, l
+    lv = tl.load(logvar_ptr + src, mask=mask, other=0.0).to(ACC)
     s = tl.exp(0.5 * lv)
     acc_mu = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz
     acc_lv = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz * eps
     # sum_k grad_log_ratio (its direct logvar term), or with STOP_SCORE sum_k grad_log_ratio eps^2
     acc_g = tl.zeros([BLOCK // 4, 4], dtype=ACC)
     acc_score = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k grad_log_ratio eps (STOP_SCORE)
-    n = i // L
     mu = tl.zeros([BLOCK // 4, 4], dtype=ACC)
     if HAS_GRAD_RATIO or HAS_GRAD_KL:
-        mu = tl.load(mu_ptr + i, mask=mask, other=0.0).to(ACC)
+        mu = tl.load(mu_ptr + src, mask=mask, other=0.0).to(ACC)
     for k in range(k0, k1):
         base = k * NL
         if ALIGNED:
@@ -280,7 +283,8 @@ def sample_normal_forward(mu, logvar, seed, offset0, sample_stride, row_stride, 
     with_ratio = log_ratio is not None and log_ratio.numel() > 0
     grid, meta = forward_plan(z.shape[0], N, L, mu.dtype, mu.device, with_ratio, offset0, sample_stride, row_stride)
     _sample_normal_fwd_kernel[grid](
-        mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L, **meta)
+        mu, logvar, seed, z, kl, log_ratio if with_ratio else kl, offset0, sample_stride, row_stride, N, KN, L, L,
+        **meta)
 
 
 def backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, has_grad_z: bool,
@@ -335,4 +339,4 @@ def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, st
     _sample_normal_bwd_kernel[grid](
         grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu,
         grad_log_ratio if grad_log_ratio is not None else mu, mu, logvar, seed, dmu, dlogvar, part,
-        counters, mu if z_scale is None else z_scale, N, L, N * L, K, per_split, splits, **meta)
+        counters, mu if z_scale is None else z_scale, N, L, N * L, L, K, per_split, splits, **meta)
