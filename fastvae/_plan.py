@@ -424,14 +424,20 @@ class TailPlan:
             self.value_like = torch.empty(batch_shape, dtype=dtype, device=device)
             self.state_like = torch.empty((P,), dtype=acc, device=device)
             lme = _kernels("logmeanexp")
-            self.lme_kern = lme
             planned = lme.forward_plan(K, P, dtype, device, self.reduced)
-            self.lme_forward = None  # None: columns split over programs, the general launcher
+            self.lme_forward = self.lme_split = None
             if planned is not None:
                 grid, meta, rows = planned
                 self.lme_forward = Launch(lme._logmeanexp_fwd_kernel, grid, meta)
                 self.lme_ints = (K, P, rows, 1, self.divisor)
                 self.lme_parts = common.bound_parts(grid[0], dtype, device) if self.reduced else None
+            else:  # a GPU splits the columns over programs (many samples, few rows): two launches
+                grid, meta, finish_grid, finish_meta, splits, rows = lme.split_plan(K, P, dtype, device)
+                self.lme_split = (Launch(lme._logmeanexp_fwd_kernel, grid, meta),
+                                  Launch(lme._logmeanexp_finish_kernel, finish_grid, finish_meta))
+                self.lme_split_ints = (K, P, rows, 1, 1), (K, P, splits, 1)
+                # the splits' partial column states (max, sum of exp): the plan's own, as its other buffers
+                self.lme_split_parts = torch.empty((2, splits, P), dtype=acc, device=device)
             # the backward at a gradient per column (DReG's weights, reduction="none") or at the
             # bound's scalar gradient; with DReG's weighted dlw or without: (g_scalar, weighted) -> launch
             self.lme_backward = {}
@@ -593,7 +599,10 @@ class IwaeTail(torch.autograd.Function):
                              plan.counter if plan.reduced else sumexp, *plan.lme_ints)
         else:  # columns split over programs: two launches, then the reduction
             value = empty(plan.value_like)
-            plan.lme_kern.logmeanexp_forward(lw.view(plan.K, M), lw_max, sumexp, value.view(M), None)
+            (split, finish), (split_ints, finish_ints) = plan.lme_split, plan.lme_split_ints
+            part_m, part_s = plan.lme_split_parts
+            split(lw, lw, part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, sumexp, *split_ints)
+            finish(part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, *finish_ints)
             if plan.reduced:
                 value = value.mean() if plan.reduction == "mean" else value.sum()
         if dreg and latent.requires_grad:

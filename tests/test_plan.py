@@ -414,7 +414,7 @@ def test_one_plan_per_call_signature(triton_device):
 
 @pytest.mark.skipif(INTERPRET, reason="records compiled GPU variants (JITFunction), not the interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("B_, K_", [(3, 4), (300, 5), (4096, 1)])
+@pytest.mark.parametrize("B_, K_", [(3, 4), (300, 5), (4096, 1), (256, 50)])
 def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
     """The plans' launches on a GPU, recorded without one (kernels/aot.py's
     recording, meta tensors, sm_90): the same kernels, grids, signatures and
@@ -493,6 +493,16 @@ def test_plans_launch_the_general_launchers_gpu_variants(dtype, B_, K_):
             assert record(tail.lme_forward, rec, rec, part, state, state, state, state, bound, state, state, state,
                           tail.counter if reduced else state, *tail.lme_ints) == record(
                 lme.logmeanexp_forward, rec, state, state, bound, None, lme_divisor)
+        else:  # columns split over programs (K = 50 of 256 rows): two launches, the columns reduced in torch
+            assert K_ == 50
+
+            def split(tail, state, value):
+                (fwd, finish), (fwd_ints, finish_ints) = tail.lme_split, tail.lme_split_ints
+                parts = (*tail.lme_split_parts, tail.lme_split_parts[1])
+                fwd(rec, rec, *parts, state, state, value, state, state, state, state, *fwd_ints)
+                finish(*parts, state, state, value, state, state, state, *finish_ints)
+
+            assert record(split, tail, state, value) == record(lme.logmeanexp_forward, rec, state, state, value, None)
         for weighted in (False, True):  # DReG: also dlw times the weights
             dlw_weighted = rec if weighted else None
             assert record(tail.lme_backward[reduced, weighted], rec, state, state, bound, bound, bound, rec, rec,
@@ -635,14 +645,17 @@ def test_samples_split_over_programs_take_the_plans_own_buffers(triton_device, m
 
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="Triton's compiled kernels: on a GPU")
 @pytest.mark.parametrize("halves", [False, True])
-@pytest.mark.parametrize("case", ["elbo", "iwae", "dreg"])
+@pytest.mark.parametrize("case", ["elbo", "iwae", "dreg", "dreg k=50"])
 def test_plans_launch_the_compiled_kernels_directly_on_a_gpu(monkeypatch, case, halves):
     """On a GPU, after a plan's first call each of its launches goes to the
     compiled kernel's launcher itself, none through JITFunction.run: the host
     cost the lean path was built for (issue 33). A Triton whose compiled
-    kernels differ would fall back silently, and fail here."""
+    kernels differ would fall back silently, and fail here. At these few rows
+    the sampler's backward splits its samples over programs, and at k = 50
+    the log-mean-exp its columns too: launched from the plan all the same."""
     from triton.runtime.jit import JITFunction
 
+    monkeypatch.setitem(CASES, "dreg k=50", dict(fn="iwae", k=50, estimator="dreg"))
     _plan.clear()
     for _ in range(2):  # the value checks' first call, then the plans' first launches
         _run("cuda", torch.float32, "bernoulli", case, True, halves=halves)
@@ -653,8 +666,10 @@ def test_plans_launch_the_compiled_kernels_directly_on_a_gpu(monkeypatch, case, 
     bound, _, node = _run("cuda", torch.float32, "bernoulli", case, True, halves=halves)
     assert node.endswith("TailBackward") and not torch.isnan(bound).any()
     assert through_run == []
-    called = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan) if launch.direct is not None]
+    (plan,) = _plan.PLANS.values()
+    called = [launch for launch in _plan.launches(plan) if launch.direct is not None]
     assert len(called) >= (4 if case == "elbo" else 6) and all(launch.direct for launch in called)
+    assert (getattr(plan.tail, "lme_split", None) is not None) == (case == "dreg k=50")
 
 
 @pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
@@ -864,19 +879,24 @@ def test_the_samplers_weighted_grad_z_is_the_product(triton_device, dtype):
 @pytest.mark.parametrize("case", ["iwae", "iwae sum", "dreg"])
 def test_iwae_columns_split_over_programs_give_the_same_bound(triton_device, monkeypatch, case):
     """Where a GPU splits the log-mean-exp's columns over programs (K = 50 at a
-    batch of 256, say: forward_plan says None), the iwae tail runs the general
-    launcher's two launches and reduces the columns in torch; its backward is
-    the same fused one. Forced here by that answer, the values and gradients
-    are the general path's (as test_plans_give_the_general_path_bit_for_bit)."""
+    batch of 256, say: forward_plan says None), the iwae tail launches the
+    general launcher's two kernels (split_plan) from the plan, with partial
+    states of its own, and reduces the columns in torch; its backward is the
+    same fused one. Forced here (two splits of two rows), the values and
+    gradients are the general path's (as test_plans_give_the_general_path_bit_for_bit),
+    on every call."""
     from fastvae.ops.logmeanexp import triton as lme
-    monkeypatch.setattr(lme, "forward_plan", lambda *a, **k: None)
+    monkeypatch.setattr(lme, "_tile", lambda K, M, device: (2, 4))
+    monkeypatch.setattr(lme, "_splits", lambda K, M, block_k, block_m, device: min(2, -(-K // block_k)))
     _plan.clear()
     try:
-        _run(triton_device, torch.float64, "bernoulli", case, True)
-        lean, lean_grads, node = _run(triton_device, torch.float64, "bernoulli", case, True)
         general, general_grads, _ = _run(triton_device, torch.float64, "bernoulli", case, False)
+        for _ in range(2):
+            lean, lean_grads, node = _run(triton_device, torch.float64, "bernoulli", case, True)
+        (plan,) = _plan.PLANS.values()
     finally:
         _plan.clear()
+    assert plan.tail.lme_forward is None and plan.tail.lme_split_parts.shape == (2, 2, B)
     assert node == "IwaeTailBackward"
     assert not torch.isnan(lean).any()
     torch.testing.assert_close(lean, general, rtol=1e-12, atol=1e-12)

@@ -395,11 +395,32 @@ def backward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_
     )
 
 
+def split_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_latent: bool = False,
+               accumulate: bool = False, has_s2: bool = False, has_out: bool = True, has_ess: bool = False
+               ) -> tuple[tuple[int], dict, tuple[int], dict, int, int]:
+    """(the forward's grid and meta, the finish kernel's grid and meta, splits,
+    rows per split) of the two launches that reduce lw (K, M) where its
+    columns are split over programs (forward_plan's None; M > 0): what the
+    objectives' plans (fastvae/_plan.py) work out once, and _reduce per call."""
+    BLOCK_K, BLOCK_M, splits, rows_per_split = _geometry(K, M, device)
+    gpu = device.type != "cpu"
+    flags = dict(ACCUMULATE=accumulate, HAS_S2=has_s2, HAS_OUT=has_out, HAS_ESS=has_ess, ACC=acc_dtype(dtype))
+    warps = 8 if gpu else 1  # a 4096-element tile: 16 float32 elements a thread
+    if gpu:
+        block_s, block_m = FINISH_BLOCK_S, FINISH_BLOCK_M
+    else:
+        block_s, block_m = 16, min(triton.next_power_of_2(M), INTERPRETER_TILE // 16)
+    return ((triton.cdiv(M, BLOCK_M) * splits,), dict(SPLIT=True, REDUCE=False, HAS_LATENT=has_latent, **flags,
+                                                      BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, num_warps=warps),
+            (triton.cdiv(M, block_m),), dict(**flags, BLOCK_S=block_s, BLOCK_M=block_m, num_warps=4 if gpu else 1),
+            splits, rows_per_split)
+
+
 def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool, accumulate: bool) -> None:
     """The column states of lw (+ latent) (K, M), finished by _emit: one launch
     when every column is one program's (few rows or many columns), else the
     split programs' partial states and one finish launch, one program per
-    FINISH_BLOCK_M columns."""
+    FINISH_BLOCK_M columns (split_plan)."""
     K, M = lw.shape
     if M == 0:
         return
@@ -413,30 +434,21 @@ def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool
             sumexp if sq_max is None else sq_max, sumexp if sq_sumexp is None else sq_sumexp)
     first = int(bool(first))
     lat = lw if latent is None else latent
-    warps = 8 if gpu else 1  # a 4096-element tile: 16 float32 elements a thread
     if splits == 1:
         _logmeanexp_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
             lw, lat, sumexp, sumexp, sumexp, *outs, sumexp, K, M, rows_per_split, first, 1,
             SPLIT=False, REDUCE=False, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-            num_warps=warps,
+            num_warps=8 if gpu else 1,  # a 4096-element tile: 16 float32 elements a thread
         )
         return
+    grid, meta, finish_grid, finish_meta, splits, rows_per_split = split_plan(
+        K, M, lw.dtype, lw.device, latent is not None, accumulate, has_s2, out is not None, ess is not None)
     part_m = torch.empty((splits, M), dtype=sumexp.dtype, device=lw.device)
     part_s = torch.empty_like(part_m)
     part_s2 = torch.empty_like(part_m) if has_s2 else part_s
-    _logmeanexp_fwd_kernel[(triton.cdiv(M, BLOCK_M) * splits,)](
-        lw, lat, part_m, part_s, part_s2, *outs, sumexp, K, M, rows_per_split, first, 1,
-        SPLIT=True, REDUCE=False, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        num_warps=warps,
-    )
-    if gpu:
-        block_s, block_m = FINISH_BLOCK_S, FINISH_BLOCK_M
-    else:
-        block_s, block_m = 16, min(triton.next_power_of_2(M), INTERPRETER_TILE // 16)
-    _logmeanexp_finish_kernel[(triton.cdiv(M, block_m),)](
-        part_m, part_s, part_s2, *outs, K, M, splits, first, **flags, BLOCK_S=block_s, BLOCK_M=block_m,
-        num_warps=4 if gpu else 1,
-    )
+    _logmeanexp_fwd_kernel[grid](lw, lat, part_m, part_s, part_s2, *outs, sumexp, K, M, rows_per_split, first, 1,
+                                 **meta)
+    _logmeanexp_finish_kernel[finish_grid](part_m, part_s, part_s2, *outs, K, M, splits, first, **finish_meta)
 
 
 def logmeanexp_forward(lw, lw_max, sumexp, out, ess, divisor: int | None = None) -> None:
