@@ -6,9 +6,10 @@
 #
 # PROBE_DIR: a copy of ../shared/tools/gpu-probe inside the checkout (../shared
 # does not travel to the GPU machine). OUT_DIR: where the logs go. Budgets in
-# seconds: PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests,
-# default 190). A budget ends its step with SIGINT, so pytest still prints the
-# failures it found. What the 2026-11-26 H200 run taught:
+# seconds: HOST_S (benchmarks/bench_host_cost.py --device cuda, default 120),
+# PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests, default
+# 190). A budget ends its step with SIGINT, so pytest still prints the failures
+# it found. What the 2026-11-26 H200 run taught:
 # - install editable: fastvae.kernels is kernels/ (setup.py's package_dir), which
 #   `setup.py build_ext --inplace` alone does not map (every CUDA test failed);
 # - the probe and the tests need the GPU alone: they run one after the other;
@@ -28,6 +29,11 @@ FASTVAE_BUILD_JOBS=$(nproc) python3 -m pip install -q --no-build-isolation --no-
   || { tail -20 "$out/build.log"; exit 1; }
 python3 -c "import fastvae.kernels, fastvae._C" || exit 1
 stamp "installed"
+# the loss's own host time per call with real launches, whether every planned
+# launch went to the compiled kernel directly, and where the time goes (cProfile)
+timeout -s INT "${HOST_S:-120}" python3 -m benchmarks.bench_host_cost --device cuda --profile \
+  --out "$out/host_cost-cuda.json" > "$out/host-cost.log" 2>&1
+stamp "host cost rc $?"
 for section in $sections; do
   timeout -s INT "${PROBE_S:-170}" python3 "$probe/probe.py" "$section" --out "$out" > "$out/probe-$section.log" 2>&1
   stamp "probe $section rc $?"
@@ -38,5 +44,6 @@ timeout -s INT "${TEST_S:-190}" python3 -m pytest -q -n "$(nproc)" -p no:cachepr
   -rfE --tb=short --timeout 150 -k "cuda or plan" --ignore=tests/test_triton_interpreter.py \
   --ignore=tests/test_aot.py > "$out/tests-cuda.log" 2>&1
 stamp "tests rc $?"
+sed -n '/^| call/,/^$/p' "$out/host-cost.log"
 cat "$out/summary.txt"
 tail -3 "$out/tests-cuda.log"
