@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "half.h"
 #include "ops.h"
 #include "outputs.h"
 
@@ -36,16 +37,20 @@ inline void check_float(const Tensor& t, const char* name) {
               ": the cpp backend supports float32 and float64, got ", t.scalar_type());
 }
 
-// t as a contiguous, aligned tensor of `like`'s dtype and the given shape.
-inline Tensor input(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef shape) {
+// t as a contiguous, aligned tensor of the given dtype and shape.
+inline Tensor input(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
   check_float(t, name);
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   Tensor c = t.contiguous();
   // a view of a byte buffer at an odd offset: the kernels' loads assume alignment
   if (reinterpret_cast<uintptr_t>(c.data_ptr()) % c.element_size() != 0) c = c.clone();
   return c;
+}
+
+// t as a contiguous, aligned tensor of `like`'s dtype and the given shape.
+inline Tensor input(const Tensor& t, const char* name, const Tensor& like, at::IntArrayRef shape) {
+  return input(t, name, like.scalar_type(), shape);
 }
 
 inline Tensor output(at::IntArrayRef shape, const Tensor& like) {
@@ -69,6 +74,42 @@ void by_dtype(const Tensor& t, F f) {
 
 template <typename T>
 T* ptr(const Tensor& t) { return t.data_ptr<T>(); }
+
+// A decoder output of float32 or float64, or of bfloat16 / float16 read as it
+// is stored (the likelihoods' kernels take H = bf16 / fp16 from half.h with a
+// float32 compute type T, as autocast gives them): f(T{}, H{}).
+template <typename F>
+void by_storage_dtype(const Tensor& t, F f) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: return f(float{}, bf16{});
+    case at::kHalf: return f(float{}, fp16{});
+    case at::kFloat: return f(float{}, float{});
+    default: return f(double{}, double{});
+  }
+}
+
+// The stored elements of a tensor by_storage_dtype dispatched on.
+template <typename H>
+H* stored(const Tensor& t) { return static_cast<H*>(t.data_ptr()); }
+
+// A decoder output's compute dtype: float32 for half precision, else its own.
+inline at::ScalarType compute_dtype(const Tensor& t) {
+  const auto st = t.scalar_type();
+  return st == at::kBFloat16 || st == at::kHalf ? at::kFloat : st;
+}
+
+// t (a decoder output) as a contiguous, aligned tensor of the given shape:
+// float32, float64, or bfloat16 / float16 (by_storage_dtype).
+inline Tensor storage_input(const Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got one on ", t.device());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, name,
+              ": the cpp backend supports float32, float64, bfloat16 and float16, got ", st);
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % c.element_size() != 0) c = c.clone();
+  return c;
+}
 
 // An output in its user's shape: the tensor itself where it has it already
 // (so it stays modifiable in place, as the Python Function's outputs are),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from . import _backend
@@ -142,11 +143,20 @@ def unfold_rows(t: Tensor, K: int, P: int) -> Tensor:
     return t.reshape(K, P, t.shape[-1]).sum(0)
 
 
-def likelihood_torch_ops(x: Tensor, out: Tensor, *others: Tensor):
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def likelihood_torch_ops(x: Tensor, out: Tensor, *others: Tensor, half_out: bool = False):
     """_backend.torch_ops(out) for a likelihood op whose x is broadcast_x's
     result, or None where the folded layout (few x rows against many samples)
-    applies: that stays with the op's Function."""
-    ops = _backend.torch_ops(out, x, *others)
+    applies: that stays with the op's Function. With ``half_out`` the
+    operator also reads a bfloat16 / float16 ``out`` against float32 x (and
+    ``others``), as autocast's decoder gives it."""
+    if (half_out and out.dtype in _HALF and x.dtype is torch.float32 and type(out) is Tensor
+            and out.device.type == "cpu"):
+        ops = _backend.torch_ops(x, *others)
+    else:
+        ops = _backend.torch_ops(out, x, *others)
     if ops is None or x.dim() == out.dim():
         return ops
     return None if fold_samples("cpp", kernel_shape(x, out)) else ops

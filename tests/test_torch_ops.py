@@ -109,6 +109,43 @@ def test_bernoulli_log_prob_matches_the_function(function_path, dtype, x_shape, 
     _both_paths(lambda lg: fastvae.bernoulli_log_prob(x, lg), (logits,), function_path)  # no dx wanted
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_shape,logits_shape", [((6, 9), (6, 9)), ((6, 9), (4, 6, 9)), ((1, 9), (3, 1, 9))])
+def test_bernoulli_log_prob_of_half_precision_logits_matches_the_function(function_path, dtype, x_shape,
+                                                                           logits_shape):
+    """Half-precision logits against float32 x (autocast's decoder output on
+    the CPU) take the C++ operator too, read as stored: the Function's values
+    and gradients bit for bit (a float32 result, dlogits in the logits' dtype),
+    and its second derivatives."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(x_shape, generator=g)
+    logits = (5 * torch.randn(logits_shape, generator=g)).to(dtype)
+    logits.view(-1)[0] = float("inf")
+    x.view(-1)[0] = 1.0
+    for fn, inputs in ((fastvae.bernoulli_log_prob, (x, logits)),
+                       (lambda lg: fastvae.bernoulli_log_prob(x, lg), (logits,))):
+        fast = _grads(fn, inputs)
+        with function_path():
+            slow = _grads(fn, inputs)
+        assert any("fastvae::torch_ops" in n for n in fast[2]), fast[2]
+        assert not any("fastvae::torch_ops" in n for n in slow[2]), slow[2]
+        assert fast[0][0].dtype == torch.float32 and fast[1][-1].dtype == dtype
+        _assert_same(fast[0], slow[0])
+        _assert_same(fast[1], slow[1])
+    second = []
+    for path in (contextlib.nullcontext, function_path):
+        finite = logits.clone()
+        finite.view(-1)[0] = 2.0
+        xl, ll = x.clone().requires_grad_(), finite.requires_grad_()
+        with path():
+            out = fastvae.bernoulli_log_prob(xl, ll)
+        gx, gl = torch.autograd.grad(out.sum(), (xl, ll), create_graph=True)
+        second.append(torch.autograd.grad((gx * gx).sum() + (gl.float() * gl.float()).sum(), (xl, ll)))
+    for a, b in zip(*second):
+        assert a.dtype == b.dtype and not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("x_shape,mean_shape", [((6, 9), (6, 9)), ((6, 9), (4, 6, 9)), ((2, 3, 5), (7, 2, 3, 5))])
 @pytest.mark.parametrize("variance", ["unit", "scale", "per_dim", "per_row", "per_element", "softplus", "softplus_row"])
@@ -233,6 +270,12 @@ def test_the_boundary_checks_before_touching_memory():
         ops.bernoulli_log_prob(torch.zeros(4, 2), torch.zeros(3, 4, 3))
     with pytest.raises(RuntimeError, match="x: expected dtype"):
         ops.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3))
+    with pytest.raises(RuntimeError, match="x: expected dtype"):  # half-precision logits: float32 x
+        ops.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="x: the cpp backend supports float32 and float64"):
+        ops.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.bfloat16), torch.zeros(4, 3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="logits: the cpp backend supports float32, float64, bfloat16"):
+        ops.bernoulli_log_prob(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="first .sample. dimension"):
         ops.bernoulli_log_prob(torch.zeros(()), torch.zeros(3))
     with pytest.raises(RuntimeError, match="neither per element, per x row nor per dimension"):

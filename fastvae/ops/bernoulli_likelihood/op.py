@@ -211,7 +211,7 @@ def bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dims: int = 1)
     if event_dims != 1:
         x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
     x = broadcast_x(x, logits, "logits")
-    ops = likelihood_torch_ops(x, logits)
+    ops = likelihood_torch_ops(x, logits, half_out=True)
     if ops is not None:
         return ops.bernoulli_log_prob(x, logits)
     return BernoulliLogProb.apply(x, logits)

@@ -14,16 +14,18 @@ namespace {
 
 // sum(x * logits - softplus(logits)) over the last dimension, x broadcast
 // against the logits (torch_ops.h, likelihood_layout); as op.py's BernoulliLogProb.
+// The logits may be bfloat16 or float16 against float32 x (autocast's decoder
+// output): read as stored, the result float32, dlogits in the logits' dtype.
 struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& logits) {
-    check_float(logits, "logits");
     const auto [K, P, D] = likelihood_layout(x, logits, "logits");
-    const Tensor l = input(logits.reshape({K, P, D}), "logits", logits, {K, P, D});
-    const Tensor x2 = input(x.reshape({P, D}), "x", logits, {P, D});
-    Tensor out = output({K, P}, l);
-    by_dtype(l, [&](auto tag) {
-      using T = decltype(tag);
-      bernoulli_log_prob_forward<T>(ptr<T>(x2), ptr<T>(l), K, P, D, ptr<T>(out), threads(K * P * D));
+    const Tensor l = storage_input(logits.reshape({K, P, D}), "logits", {K, P, D});
+    const Tensor x2 = input(x.reshape({P, D}), "x", compute_dtype(l), {P, D});
+    Tensor out = output({K, P}, x2);
+    by_storage_dtype(l, [&](auto t, auto h) {
+      using T = decltype(t);
+      using H = decltype(h);
+      bernoulli_log_prob_forward<T, H>(ptr<T>(x2), stored<H>(l), K, P, D, ptr<T>(out), threads(K * P * D));
     });
     ctx->save_for_backward({x2, l, x, logits});  // the inputs, for a double backward
     ctx->saved_data["x_shape"] = x.sizes().vec();
@@ -37,17 +39,19 @@ struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
     const bool need_dx = ctx->needs_input_grad(0);
     if (double_backward()) {  // sum(x * logits - softplus(logits)) differentiated by ATen ops
       const Tensor &x = saved[2], &logits = saved[3], g = grads[0].unsqueeze(-1);
-      return {need_dx ? (g * logits).sum_to_size(x.sizes()) : Tensor(),
-              (g * (x - at::sigmoid(logits))).sum_to_size(logits.sizes())};
+      const Tensor lc = logits.to(x.scalar_type());  // half-precision logits: computed in x's dtype
+      return {need_dx ? (g * lc).sum_to_size(x.sizes()) : Tensor(),
+              (g * (x - at::sigmoid(lc))).sum_to_size(logits.sizes()).to(logits.scalar_type())};
     }
     const int64_t K = l.size(0), P = l.size(1), D = l.size(2);
-    const Tensor g = input(grads[0].reshape({K, P}), "grad_out", l, {K, P});
+    const Tensor g = input(grads[0].reshape({K, P}), "grad_out", x2, {K, P});
     Tensor dlogits = output({K, P, D}, l);
-    Tensor dx = need_dx ? output({P, D}, l) : Tensor();
-    by_dtype(l, [&](auto tag) {
-      using T = decltype(tag);
-      bernoulli_log_prob_backward<T>(ptr<T>(g), ptr<T>(x2), ptr<T>(l), K, P, D, need_dx ? ptr<T>(dx) : nullptr,
-                                     ptr<T>(dlogits), threads(K * P * D));
+    Tensor dx = need_dx ? output({P, D}, x2) : Tensor();
+    by_storage_dtype(l, [&](auto t, auto h) {
+      using T = decltype(t);
+      using H = decltype(h);
+      bernoulli_log_prob_backward<T, H>(ptr<T>(g), ptr<T>(x2), stored<H>(l), K, P, D,
+                                        need_dx ? ptr<T>(dx) : nullptr, stored<H>(dlogits), threads(K * P * D));
     });
     return {need_dx ? dx.view(ctx->saved_data["x_shape"].toIntVector()) : Tensor(),
             dlogits.view(ctx->saved_data["logits_shape"].toIntVector())};
