@@ -111,6 +111,11 @@ inline Tensor storage_input(const Tensor& t, const char* name, at::IntArrayRef s
   return c;
 }
 
+// t in the given shape (a view or a copy, as Tensor::reshape): t itself where
+// it has it already, without the dispatcher's call (the per-call host time of
+// these operators is mostly such calls at training sizes).
+inline Tensor as_shape(const Tensor& t, at::IntArrayRef shape) { return t.sizes() == shape ? t : t.reshape(shape); }
+
 // An output in its user's shape: the tensor itself where it has it already
 // (so it stays modifiable in place, as the Python Function's outputs are),
 // else a view.

@@ -350,3 +350,23 @@ def test_graph_ops_check_their_arguments():
         ops.gaussian_log_prob(mu, mu[None], torch.zeros(1, 1, 4, 3), False, 1e-6)
     with pytest.raises(RuntimeError, match="grad_kl: expected shape"):
         ops.kl_normal_backward(torch.zeros(3), mu, mu, None, None)
+
+
+def test_graph_ops_read_the_seed_where_it_lies():
+    """The graph ops read their 0-d seed tensor's element in place (no
+    dispatcher call): a seed that is a view into a larger tensor (an offset
+    into its storage) draws the same noise as the same value alone, forward
+    and backward."""
+    ops = torch.ops.fastvae_cpu
+    g = torch.Generator().manual_seed(8)
+    mu, lv = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    alone, view = torch.tensor(123), torch.tensor([7, 123, 9])[1]
+    assert view.storage_offset() == 1 and view.dim() == 0
+    z, kl = ops.sample_normal(mu, lv, alone, 2)
+    z2, kl2 = ops.sample_normal(mu, lv, view, 2)
+    assert torch.equal(z, z2) and torch.equal(kl, kl2)
+    assert not torch.equal(z, ops.sample_normal(mu, lv, torch.tensor(124), 2)[0])
+    gz = torch.randn(2, 5, 3, generator=g)
+    for a, b in zip(ops.sample_normal_backward(mu, lv, alone, gz, kl, None, False),
+                    ops.sample_normal_backward(mu, lv, view, gz, kl, None, False)):
+        assert torch.equal(a, b) and not torch.isnan(a).any()

@@ -19,8 +19,8 @@ namespace {
 struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& logits) {
     const auto [K, P, D] = likelihood_layout(x, logits, "logits");
-    const Tensor l = storage_input(logits.reshape({K, P, D}), "logits", {K, P, D});
-    const Tensor x2 = input(x.reshape({P, D}), "x", compute_dtype(l), {P, D});
+    const Tensor l = storage_input(as_shape(logits, {K, P, D}), "logits", {K, P, D});
+    const Tensor x2 = input(as_shape(x, {P, D}), "x", compute_dtype(l), {P, D});
     Tensor out = output({K, P}, x2);
     by_storage_dtype(l, [&](auto t, auto h) {
       using T = decltype(t);
@@ -44,7 +44,7 @@ struct BernoulliLogProb : torch::autograd::Function<BernoulliLogProb> {
               (g * (x - at::sigmoid(lc))).sum_to_size(logits.sizes()).to(logits.scalar_type())};
     }
     const int64_t K = l.size(0), P = l.size(1), D = l.size(2);
-    const Tensor g = input(grads[0].reshape({K, P}), "grad_out", x2, {K, P});
+    const Tensor g = input(as_shape(grads[0], {K, P}), "grad_out", x2, {K, P});
     Tensor dlogits = output({K, P, D}, l);
     Tensor dx = need_dx ? output({P, D}, x2) : Tensor();
     by_storage_dtype(l, [&](auto t, auto h) {
@@ -75,7 +75,7 @@ std::vector<Tensor> graph_bernoulli_log_prob_backward(const Tensor& grad_out, co
                                                       bool need_dx) {
   const auto [K, P, D] = graph_layout(x, logits, "logits");
   const Tensor l = input(logits, "logits", logits, {K, P, D}), x2 = input(x, "x", logits, {P, D});
-  const Tensor g = input(grad_out.reshape({K, P}), "grad_out", l, {K, P});
+  const Tensor g = input(as_shape(grad_out, {K, P}), "grad_out", l, {K, P});
   Tensor dlogits = output({K, P, D}, l), dx = need_dx ? output({P, D}, l) : Tensor();
   by_dtype(l, [&](auto tag) {
     using T = decltype(tag);

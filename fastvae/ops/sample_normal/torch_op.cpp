@@ -41,9 +41,10 @@ std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& gr
                                           bool stop_score, const Tensor& m, const Tensor& lv, int64_t seed,
                                           int64_t K) {
   const int64_t N = m.size(0), L = m.size(1);
-  const Tensor g = grad_z.defined() ? input(grad_z.reshape({K, N, L}), "grad_z", m, {K, N, L}) : Tensor();
-  const Tensor gk = grad_kl.defined() ? input(grad_kl.reshape({N}), "grad_kl", m, {N}) : Tensor();
-  const Tensor gr = grad_ratio.defined() ? input(grad_ratio.reshape({K, N}), "grad_log_ratio", m, {K, N}) : Tensor();
+  const Tensor g = grad_z.defined() ? input(as_shape(grad_z, {K, N, L}), "grad_z", m, {K, N, L}) : Tensor();
+  const Tensor gk = grad_kl.defined() ? input(as_shape(grad_kl, {N}), "grad_kl", m, {N}) : Tensor();
+  const Tensor gr =
+      grad_ratio.defined() ? input(as_shape(grad_ratio, {K, N}), "grad_log_ratio", m, {K, N}) : Tensor();
   Tensor dmu = output({N, L}, m), dlv = output({N, L}, m);
   by_dtype(m, [&](auto tag) {
     using T = decltype(tag);
@@ -111,8 +112,8 @@ std::pair<Tensor, Tensor> latent_rows(const Tensor& mu, const Tensor& logvar, in
   TORCH_CHECK(N * L == 0 || K <= std::numeric_limits<int64_t>::max() / (N * L),
               "n_samples x mu.numel() overflows int64");
   TORCH_CHECK(logvar.sizes() == mu.sizes(), "logvar: expected shape ", mu.sizes(), ", got ", logvar.sizes());
-  const Tensor m = input(mu.reshape({N, L}), "mu", mu, {N, L});
-  return {m, input(logvar.reshape({N, L}), "logvar", mu, {N, L})};
+  const Tensor m = input(as_shape(mu, {N, L}), "mu", mu, {N, L});
+  return {m, input(as_shape(logvar, {N, L}), "logvar", mu, {N, L})};
 }
 
 // n_samples None (stored as K = 1 with no sample dimension) gives z shaped like mu.
@@ -244,7 +245,7 @@ int64_t seed_value(const Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
               "seed: expected a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(), " on ",
               seed.device());
-  return seed.item<int64_t>();
+  return *seed.data_ptr<int64_t>();  // a CPU scalar: read in place, no dispatcher call (item's)
 }
 
 std::vector<Tensor> graph_sample(const Tensor& mu, const Tensor& logvar, const Tensor& seed, int64_t K,
