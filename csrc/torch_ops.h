@@ -37,15 +37,20 @@ inline void check_float(const Tensor& t, const char* name) {
               ": the cpp backend supports float32 and float64, got ", t.scalar_type());
 }
 
-// t as a contiguous, aligned tensor of the given dtype and shape.
-inline Tensor input(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
-  check_float(t, name);
-  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+// t of the given shape as a contiguous, aligned tensor (input and storage_input's end).
+inline Tensor contiguous_input(const Tensor& t, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
   Tensor c = t.contiguous();
   // a view of a byte buffer at an odd offset: the kernels' loads assume alignment
   if (reinterpret_cast<uintptr_t>(c.data_ptr()) % c.element_size() != 0) c = c.clone();
   return c;
+}
+
+// t as a contiguous, aligned tensor of the given dtype and shape.
+inline Tensor input(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape) {
+  check_float(t, name);
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", t.scalar_type());
+  return contiguous_input(t, name, shape);
 }
 
 // t as a contiguous, aligned tensor of `like`'s dtype and the given shape.
@@ -105,10 +110,7 @@ inline Tensor storage_input(const Tensor& t, const char* name, at::IntArrayRef s
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, name,
               ": the cpp backend supports float32, float64, bfloat16 and float16, got ", st);
-  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
-  Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % c.element_size() != 0) c = c.clone();
-  return c;
+  return contiguous_input(t, name, shape);
 }
 
 // t in the given shape (a view or a copy, as Tensor::reshape): t itself where
