@@ -2,6 +2,7 @@
 
   python -m benchmarks.bench_host_cost [--quick] [--out FILE]                 # no GPU needed
   python -m benchmarks.bench_host_cost --device cuda [--profile] [--out FILE] # on a GPU
+  python -m benchmarks.bench_host_cost --compiled [--device cuda] [--profile]  # under torch.compile
 
 On the CPU (the default), the method of ../shared/tools/host-cost/host_cost.py:
 the triton backend runs on tiny CPU tensors under TRITON_INTERPRET=1 with every
@@ -23,6 +24,14 @@ these sizes finish faster than the host enqueues them), the CPU path left out.
 Each record says how many of the plans' launches went to the compiled kernel
 directly (``direct_launches``: all of them, where the lean path holds);
 ``--profile`` adds cProfile's top functions of the Bernoulli elbo's calls.
+
+With ``--compiled`` each case also runs under ``torch.compile(fullgraph=True)``:
+fastvae's loss on the CUDA code path (``compiled_us``; on the CPU with the same
+stubbed launches, so the graph's fastvae nodes are timed as far as the
+launcher) and the hand-written loss compiled (``hand_compiled_us``; on the CPU
+Inductor's kernels are C++ functions, so its launches cost less than a GPU's).
+The step around the loss (autograd.grad) is not compiled, as in a training
+loop that compiles the model's loss; the baseline step subtracted is eager.
 benchmarks/README.md says how to read them.
 """
 from __future__ import annotations
@@ -198,7 +207,8 @@ def _profile(run, n: int) -> str:
     return out.getvalue()
 
 
-def measure(rounds: int, n: int, device: torch.device | None = None, profile: bool = False) -> list[dict]:
+def measure(rounds: int, n: int, device: torch.device | None = None, profile: bool = False,
+            compiled: bool = False) -> list[dict]:
     """One record per case: the loss's own host time (us) on the CUDA code
     path, the CPU path (CPU only) and written by hand, their ratios, the
     launches of a call (CPU: through Triton's run and direct) and how many of
@@ -224,6 +234,10 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
                  "base": step(baseline, None, leaves)}
         if not cuda:
             steps["cpu_path"] = step(fv, "cpp", leaves)
+        if compiled:
+            torch._dynamo.reset()
+            steps["compiled"] = step(torch.compile(fv, fullgraph=True), "triton", leaves)
+            steps["hand_compiled"] = step(torch.compile(hand, fullgraph=True), None, leaves)
         _plan.clear()
         for s in steps.values():
             for _ in range(30):
@@ -250,8 +264,14 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
             record.update(cpu_path_us=round(med["cpu_path"], 1),
                           cpu_path_vs_hand=round(med["cpu_path"] / med["hand"], 2),
                           triton_launches=counts["run"] + counts["direct"], launches_through_run=counts["run"])
+        if compiled:
+            record.update(compiled_us=round(med["compiled"], 1), hand_compiled_us=round(med["hand_compiled"], 1),
+                          compiled_vs_cuda_path=round(med["compiled"] / med["cuda_path"], 2),
+                          compiled_vs_hand_compiled=round(med["compiled"] / med["hand_compiled"], 2))
         if profile and name == "elbo bernoulli":
             record["profile"] = _profile(steps["cuda_path"], 200)
+            if compiled:
+                record["profile_compiled"] = _profile(steps["compiled"], 200)
         records.append(record)
         common.log(f"{name}: { {k: v for k, v in record.items() if k != 'profile'} }")
     return records
@@ -264,13 +284,20 @@ def table(records: list[dict]) -> str:
     head += " hand-written (us) | CUDA path / hand |"
     head += " CPU path / hand | Triton launches |" if cpu else ""
     head += " direct launches |"
+    if "compiled_us" in records[0]:
+        head += " compiled fastvae (us) | compiled hand-written (us) | compiled / eager CUDA path |"
+        head += " compiled fastvae / compiled hand |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         row = f"| {r['case']} | {r['cuda_path_us']} |"
         row += f" {r['cpu_path_us']} |" if cpu else ""
         row += f" {r['hand_us']} | {r['cuda_path_vs_hand']} |"
         row += f" {r['cpu_path_vs_hand']} | {r['triton_launches']} |" if cpu else ""
-        lines.append(row + f" {r['direct_launches']} |")
+        row += f" {r['direct_launches']} |"
+        if "compiled_us" in r:
+            row += (f" {r['compiled_us']} | {r['hand_compiled_us']} | {r['compiled_vs_cuda_path']} |"
+                    f" {r['compiled_vs_hand_compiled']} |")
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -280,6 +307,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="cpu: the CUDA code path with stubbed launches (no GPU needed); cuda: real launches")
     p.add_argument("--profile", action="store_true", help="cProfile of the Bernoulli elbo's CUDA-path calls")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time fastvae's loss and the hand-written one under torch.compile(fullgraph=True)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -287,7 +316,8 @@ def main(argv=None) -> dict:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("the CPU measure needs TRITON_INTERPRET=1 before Triton is imported: run it alone")
         os.environ["TRITON_INTERPRET"] = "1"
-    records = measure(3, 20, device, args.profile) if args.quick else measure(15, 200, device, args.profile)
+    rounds, n = (3, 20) if args.quick else (15, 200)
+    records = measure(rounds, n, device, args.profile, args.compiled)
     where = ("tiny CPU tensors, 1 thread; the CUDA code path with stubbed Triton launches" if device.type == "cpu"
              else "tiny CUDA tensors, 1 thread; calls enqueued without a sync")
     payload = {"op": "host_cost", **common.metadata(device),
@@ -299,6 +329,8 @@ def main(argv=None) -> dict:
     for r in records:
         if "profile" in r:
             print(f"\ncProfile, {r['case']}, the CUDA code path, 200 calls:\n{r['profile']}")
+        if "profile_compiled" in r:
+            print(f"\ncProfile, {r['case']}, compiled, the CUDA code path, 200 calls:\n{r['profile_compiled']}")
     return payload
 
 

@@ -669,8 +669,9 @@ class Plan:
 NO_LINK = Link()  # no DReG weight: never written
 
 
-def launches(plan: Plan) -> list[Launch]:
-    """Every Launch ``plan`` holds, made or not yet called: tests/test_plan.py
+def launches(plan) -> list[Launch]:
+    """Every Launch ``plan`` holds (a Plan, or the SamplePlan or TailPlan that
+    a graph op of fastvae/_plan_ops.py keeps), made or not yet called: tests/test_plan.py
     and benchmarks/bench_host_cost.py read from each whether it launches
     directly (``direct``) after its first call."""
     found: list[Launch] = []
@@ -685,7 +686,7 @@ def launches(plan: Plan) -> list[Launch]:
             for v in value.values():
                 walk(v)
 
-    for part in (plan.sample, plan.tail):
+    for part in (plan.sample, plan.tail) if isinstance(plan, Plan) else (plan,):
         if part is not None:
             walk(list(vars(part).values()))
     return found

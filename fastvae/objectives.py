@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from . import _backend, _op, _plan, _validate
+from . import _backend, _op, _plan, _plan_ops, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
@@ -33,7 +33,7 @@ from .ops.logmeanexp.op import (
     importance_weights_from_state,
     logmeanexp_with_state,
 )
-from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
+from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked, z_dtype
 from .ops.sample_normal_tril.op import SampleNormalTril
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 
@@ -354,6 +354,15 @@ def _compiled_head_checks(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str
     check_likelihood(likelihood)
 
 
+def _static(count: Any) -> Any:
+    """A sample count (k, n_samples) as a Python int. Called again with another
+    count, Dynamo recompiles with the count symbolic (its automatic dynamic
+    shapes); the sampler's launch and its plan take a fixed count, so the
+    symbol is specialized here (a guard on its value: the next count
+    recompiles once more) rather than refused as not an int."""
+    return int(count) if isinstance(count, torch.SymInt) else count
+
+
 @_op.opaque
 def _compiled_elbo_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, beta: float, n_samples: int,
                         reduction: str, backend: str) -> tuple[Tensor, Tensor]:
@@ -361,8 +370,12 @@ def _compiled_elbo_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, 
     ``backend``: the requested backend ("" for automatic), unused here; an argument so that
     Dynamo guards on it (set_backend then recompiles, as the ops choose by it)."""
     _compiled_head_checks(x, mu, logvar, likelihood, reduction)
-    n = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
+    n = _validate.sample_count("n_samples", _static(n_samples), max(mu.numel(), x.numel()), mu)
     _validate.real("beta", beta, minimum=0.0)
+    dtype = z_dtype(mu, logvar)
+    if _plan_ops.serves_sample(mu, logvar, dtype):  # the triton backend: the plans' kernels as graph ops
+        z, kl, _ = _plan_ops.sample(mu, logvar, draw_seed(mu.device, None), 0 if n == 1 else n, False, False, dtype)
+        return z, kl
     return sample_normal_unchecked(mu, logvar, None if n == 1 else n, None)
 
 
@@ -388,9 +401,12 @@ def _compiled_iwae_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, 
     """fastvae.iwae's checks and its draw (z, the KL, the latent term) under
     torch.compile; ``backend`` as _compiled_elbo_head's."""
     _compiled_head_checks(x, mu, logvar, likelihood, reduction)
-    k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
+    k = _validate.sample_count("k", _static(k), max(mu.numel(), x.numel()), mu)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    dtype = z_dtype(mu, logvar)
+    if _plan_ops.serves_sample(mu, logvar, dtype):  # the triton backend: the plans' kernels as graph ops
+        return _plan_ops.sample(mu, logvar, draw_seed(mu.device, None), k, True, estimator != "iwae", dtype)
     return sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", None)
 
 
@@ -412,7 +428,27 @@ def _iwae_tail(x: Tensor, out: Any, latent: Tensor, kl: Tensor | None, likelihoo
     return (*result, importance_weights_from_state(lw, *state)) if dreg else result
 
 
-_op.opaque(_general_elbo_tail)
+@_op.opaque
+def _compiled_elbo_tail(x: Tensor, out: Any, kl: Tensor, likelihood: str, beta: float, reduction: str,
+                        n_samples: int) -> Tensor:
+    """fastvae.elbo's bound from the decoder output under torch.compile: on the
+    triton backend, where the eager call would take the tail plan, the plan's
+    kernels as graph ops (fastvae/_plan_ops.py); else the general tail."""
+    if n_samples == 1 and _plan_ops.serves_tail(x, out, kl, likelihood, False):
+        return _plan_ops.elbo_tail(x, out, kl, beta, likelihood, reduction)
+    return _general_elbo_tail(x, out, kl, likelihood, beta, reduction, n_samples)
+
+
+@_op.opaque
+def _compiled_iwae_tail(x: Tensor, out: Any, latent: Tensor, kl: Tensor | None, likelihood: str, reduction: str,
+                        terms: bool, dreg: bool) -> tuple[Tensor, ...]:
+    """_iwae_tail under torch.compile: on the triton backend, where the eager
+    call would take the tail plan, the plan's kernels as graph ops
+    (fastvae/_plan_ops.py), with DReG's weights from the same kernels."""
+    if not terms and _plan_ops.serves_tail(x, out, latent, likelihood, True):
+        bound, scale = _plan_ops.iwae_tail(x, out, latent, likelihood, reduction, dreg)
+        return (bound, scale) if dreg else (bound,)
+    return _iwae_tail(x, out, latent, kl, likelihood, reduction, terms, dreg)
 
 
 def _simple_call(x: Any, mu: Any, logvar: Any, likelihood: Any, reduction: Any, generator: Any, prior: Any) -> bool:
@@ -444,11 +480,11 @@ def _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples
     if terms:
         name, args = "_compiled_elbo_terms_tail", (x, out, kl, per_dim, likelihood, beta, reduction, n_samples)
     else:
-        name, args = "_general_elbo_tail", (x, out, kl, likelihood, beta, reduction, n_samples)
+        name, args = "_compiled_elbo_tail", (x, out, kl, likelihood, beta, reduction, n_samples)
     if _tensors(out):
         result = _opaque.call(name, args)
     else:  # a decoder's torch distribution cannot enter an opaque call: Dynamo traces the tail
-        result = (_compiled_elbo_terms_tail if terms else _general_elbo_tail)(*args)
+        result = (_compiled_elbo_terms_tail if terms else _compiled_elbo_tail)(*args)
     return ELBOTerms(*result, True) if terms else result
 
 
@@ -471,7 +507,7 @@ def _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta,
     dreg = estimator == "dreg"
     args = (x, out, latent, kl, likelihood, reduction, terms, dreg)
     # a decoder's torch distribution cannot enter an opaque call: Dynamo traces the tail
-    result = _opaque.call("_iwae_tail", args) if _tensors(out) else _iwae_tail(*args)
+    result = _opaque.call("_compiled_iwae_tail", args) if _tensors(out) else _iwae_tail(*args)
     if dreg:
         *result, scale = result
         if z.requires_grad:
@@ -829,7 +865,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
     prior = check_prior(prior, q.latent_size, q.mu.device)
     mu = q.mu
     # decode(z) must return (k, *x.shape): usually the largest K-fold tensor
-    k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
+    k = _validate.sample_count("k", _static(k), max(mu.numel(), x.numel()), mu)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     alpha = _validate.real("alpha", alpha)
