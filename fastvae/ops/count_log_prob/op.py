@@ -250,7 +250,8 @@ def from_named(out: dict, likelihood: str | None, what: str = "decode(z)[{key!r}
         given = [n for n in (log_name, name) if n is not None and n in out]
         if len(given) != 1:
             choice = f"exactly one of {log_name!r} or {name!r}" if name else repr(log_name)
-            raise ValueError(f"decode's dict for likelihood={likelihood!r} must hold {choice}, got {given or 'neither'}")
+            raise ValueError(f"decode's dict for likelihood={likelihood!r} must hold {choice}, "
+                             f"got {given or 'neither'}")
         (key,) = given
         t = out[key]
         if not isinstance(t, Tensor):
