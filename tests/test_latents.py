@@ -320,7 +320,8 @@ def _every_family(loc, scale, W):
         "weibull": (td.Weibull(scale, scale + 0.5), dec, None),
         "kumaraswamy": (td.Kumaraswamy(scale + 0.5, scale + 1.0), dec, td.Beta(ones, ones)),
         "lognormal": (td.LogNormal(loc, scale), dec, td.LogNormal(zeros, ones)),
-        "logisticnormal": (fastvae.LogisticNormal(loc[..., :2], 2 * torch.log(scale[..., :2])), dec, None),
+        "logisticnormal": (fastvae.LogisticNormal(loc[..., :2], 2 * torch.log(scale[..., :2])), dec,
+                           td.LogisticNormal(zeros[:2], ones[:2])),
         "concrete": (td.Independent(td.RelaxedOneHotCategorical(lam, logits=logits), 1), cat_dec,
                      td.Independent(td.OneHotCategorical(logits=torch.zeros_like(logits[0])), 1)),
         "relaxed_bernoulli": (td.Independent(td.RelaxedBernoulli(lam, logits=loc), 1), dec,
@@ -344,7 +345,7 @@ def test_every_family_compiles_in_elbo_and_iwae(backend, family):
         e = fastvae.elbo(x, q, dec, likelihood="bernoulli", n_samples=2, prior=prior)
         if family == "concrete":  # iwae needs a relaxed prior's density
             return unused - e
-        return unused - (e + fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli"))
+        return unused - (e + fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli", prior=prior))
 
     assert_compiled_matches_eager(loss, (loc, scale), (loc, scale))
 
@@ -416,10 +417,15 @@ def test_reconstruction_probability_and_evaluate(backend, name):
     got = fastvae.reconstruction_probability(x, lambda _: q, _decode(W), n_samples=K, likelihood="bernoulli",
                                              chunk_size=2, generator=gen(6))
     torch.testing.assert_close(got, torch.logsumexp(rec, 0) - math.log(K), rtol=1e-10, atol=1e-10)
-    ll = fastvae.log_likelihood(x, lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+    # the logistic-normal's z lies on a simplex: no N(0, I) default, its family's standard prior
+    prior = td.LogisticNormal(torch.zeros(L, device=device), torch.ones(L, device=device)) \
+        if name == "logisticnormal" else None
+    ll = fastvae.log_likelihood(x, lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6),
+                                prior=prior)
     with warnings.catch_warnings():  # K = 5: the low-ESS and Pareto warnings are not the point here
         warnings.simplefilter("ignore")
-        result = fastvae.evaluate([x], lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+        result = fastvae.evaluate([x], lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6),
+                                  prior=prior)
     torch.testing.assert_close(result.per_example.to(ll.device), ll, rtol=1e-10, atol=1e-10)
 
 
