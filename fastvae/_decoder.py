@@ -17,7 +17,10 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 - likelihood="poisson" / "negative_binomial" / "zinb" (counts): decode(z)
   returns the log rate, (log mean, log theta) or (log mean, log theta,
   zero-inflation logits) as in scvi-tools (log theta per element or per
-  gene; fastvae/ops/count_log_prob/op.py).
+  gene; fastvae/ops/count_log_prob/op.py), or a dict that names each
+  parameter's form ({"mean": mu, "theta": theta}, {"log_mean": ...,
+  "log_theta": ..., "zi_logits": ...}, {"rate": ...}), which also implies the
+  likelihood: a theta can then never be read as a log theta.
 - likelihood="discretized_logistic_mixture": decode(z) returns PixelCNN++'s
   packed parameters (..., 10 M, H, W) for x (..., 3, H, W), or a
   (logit_probs, means, log_scales) tuple ((..., M, H, W), (..., M, C, H, W)
@@ -25,8 +28,9 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   (fastvae/ops/discretized_logistic_mixture_log_prob/op.py).
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
   Normal, Categorical, ContinuousBernoulli, Poisson, NegativeBinomial, or
-  Independent of any, and the likelihood follows from it (likelihood= may
-  then be omitted).
+  Independent of any, or scvi-tools' Poisson, NegativeBinomial or
+  ZeroInflatedNegativeBinomial, and the likelihood follows from it
+  (likelihood= may then be omitted).
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from .ops.bernoulli_likelihood.op import bernoulli_log_prob_unchecked, continuou
 from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
 from .ops.count_log_prob.op import decoder_log_prob as count_decoder_log_prob
 from .ops.count_log_prob.op import from_distribution as counts_from_distribution
+from .ops.count_log_prob.op import from_named as counts_from_named
 from .ops.count_log_prob.op import (
     negative_binomial_log_prob_unchecked,
     poisson_log_prob_unchecked,
@@ -165,8 +170,9 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
         raise TypeError(
             f"decode returned a {type(base).__name__} distribution; the fused likelihoods compute "
             f"Bernoulli (logits or probs), Normal, Categorical, ContinuousBernoulli, Poisson, "
-            f"NegativeBinomial and Independent of one exactly. For others, e.g. Beta, compute the loss "
-            f"with torch.distributions"
+            f"NegativeBinomial and Independent of one exactly (and read scvi-tools' Poisson, "
+            f"NegativeBinomial and ZeroInflatedNegativeBinomial through their parameters). For others, "
+            f"e.g. Beta, compute the loss with torch.distributions"
         )
     if likelihood is not None and likelihood != implied:
         raise ValueError(f"decode returned {type(d).__name__} but likelihood={likelihood!r}: drop likelihood= "
@@ -189,6 +195,8 @@ def output_numel(out: Any, likelihood: str | None, event_ndim: int) -> int:
         _, out = _from_distribution(out, likelihood, event_ndim)
     if isinstance(out, Tensor):
         return out.numel()
+    if isinstance(out, dict):  # named parameters
+        out = tuple(out.values())
     if isinstance(out, (tuple, list)):
         return sum(t.numel() for t in out if isinstance(t, Tensor))
     return 0
@@ -276,6 +284,8 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
         # itself, so logits the user passed are checked like a raw output
         probs_given = not _built_from_logits(out)
         likelihood, out = _from_distribution(out, likelihood, events)
+    elif isinstance(out, dict):  # the count likelihoods' named parameters: each one's form by its key
+        likelihood, out = counts_from_named(out, likelihood)
     elif likelihood is None:
         raise ValueError(_REQUIRED)
     if (entry := _TABLE.get(likelihood)) is None:  # the objectives checked it already: a direct caller's error

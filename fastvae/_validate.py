@@ -176,11 +176,16 @@ def broadcasts_to(shape, target) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
+# the likelihoods whose x may be an integer tensor: class indices, counts (the
+# count ops read integer counts in the parameters' compute dtype); None: a
+# decoder's torch distribution decides
+INTEGER_DATA = (None, "categorical", "poisson", "negative_binomial", "zinb")
+
+
 def data_tensor(name: str, t, likelihood=None) -> None:
     """The data x of an objective or evaluation: a floating-point tensor, or
-    an integer one (class indices) for likelihood="categorical" or None (a
-    decoder's torch distribution decides; issue 27)."""
-    if (likelihood in (None, "categorical") and isinstance(t, torch.Tensor) and not t.dtype.is_floating_point
+    an integer one (class indices, counts) for the likelihoods of INTEGER_DATA."""
+    if (likelihood in INTEGER_DATA and isinstance(t, torch.Tensor) and not t.dtype.is_floating_point
             and not t.dtype.is_complex and t.dtype != torch.bool):
         return
     float_tensors(**{name: t})

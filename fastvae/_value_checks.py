@@ -221,14 +221,16 @@ def finite_log_param(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be finite (a log-space parameter), got values in [{lo:.3g}, {hi:.3g}]")
 
 
-def positive_param(t: Tensor, name: str) -> None:
+def positive_param(t: Tensor, name: str, zero_ok: bool = False) -> None:
     """Raise when a torch distribution's positive parameter (rate, scale,
-    concentration) is <= 0 or NaN: its log would be NaN or -inf (issue 35)."""
+    concentration) is <= 0 or NaN: its log would be NaN or -inf (issue 35).
+    zero_ok: only < 0 or NaN raises (a mean or rate of 0, whose log -inf the
+    count likelihoods take as the limit)."""
     if not _should_check("positive parameter", t):
         return
     lo = torch.min(_prefix(t)).item()
-    if not lo > 0.0:
-        raise ValueError(f"{name} must be > 0, got a value of {lo:.3g}")
+    if not (lo >= 0.0 if zero_ok else lo > 0.0):
+        raise ValueError(f"{name} must be {'>=' if zero_ok else '>'} 0, got a value of {lo:.3g}")
 
 
 def concrete_logits(t: Tensor, name: str = "logits") -> None:

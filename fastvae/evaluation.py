@@ -219,7 +219,7 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
 
 
 def _check_x(x: Any, what: str = "x", likelihood: Any = None) -> None:
-    _validate.data_tensor(what, x, likelihood)  # integer x: class indices (likelihood="categorical")
+    _validate.data_tensor(what, x, likelihood)  # integer x: class indices or counts
     if x.dim() < 2:
         raise ValueError(f"{what} must have shape (B, *event), e.g. (B, D) or (B, C, H, W); got {tuple(x.shape)}")
 
@@ -254,7 +254,8 @@ def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tens
     L = q.latent_size
     offset0 = (g * cfg.k + c0) * L
     if isinstance(q, LATENTS):  # the other latent families, at the same offsets (fastvae/latents.py)
-        return q.draw_at(seed, c1 - c0, offset0, L, cfg.k * L, cfg.prior if cfg.with_ratio else None)
+        return q.draw_at(seed, c1 - c0, offset0, L, cfg.k * L,
+                         q.resolve_prior(cfg.prior, "evaluation") if cfg.with_ratio else None)
     if isinstance(q, DiagonalNormal):
         drawn = sample_at(q.mu, q.logvar, seed, c1 - c0, offset0=offset0, sample_stride=L,
                           row_stride=cfg.k * L, with_ratio=cfg.with_ratio)

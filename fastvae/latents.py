@@ -80,7 +80,7 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 from . import _backend, _validate, _value_checks
 from . import priors as _priors
 from ._families import POSITIVE_FAMILIES
-from .distributions import widened
+from .distributions import DiagonalNormal, widened
 from .ops.kl_normal.op import kl_normal
 from .ops.sample_concrete.op import check_args as _concrete_args
 from .ops.sample_concrete.op import concrete_at, sample_concrete_unchecked
@@ -92,11 +92,17 @@ from .ops.sample_location_scale.op import (
 )
 from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_positive.op import PARAMETERS, check_params, positive_at, sample_positive_unchecked
-from .priors import TorchPrior
+from .priors import MixtureOfGaussians, StandardNormal, TorchPrior, VampPrior
 
 LOG_2PI = math.log(2.0 * math.pi)
 EULER_GAMMA = 0.5772156649015329
 _TORCH_CLASSES = {Uniform: "uniform", Laplace: "laplace", Gumbel: "gumbel", Cauchy: "cauchy"}
+_GAUSSIAN_PRIORS = (StandardNormal, DiagonalNormal, MixtureOfGaussians, VampPrior)  # densities on R^L
+
+
+def _gaussian_prior_name(prior) -> str:
+    """How an error names a Gaussian prior: prior=None's default, or the class passed."""
+    return "the default prior N(0, I) (prior=None)" if prior is _priors.DEFAULT else f"a {type(prior).__name__} prior"
 
 
 def _per_sample(n_samples: int | None, z: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,6 +158,13 @@ class _Latent:
         """A z of the latent space's shape (..., Lz) with no noise drawn: the
         transform of the location (the evaluation's decoder-width probe)."""
         return self.mu
+
+    def resolve_prior(self, prior, use: str):
+        """The prior this posterior takes in ``use`` ("elbo", "iwae" or
+        "evaluation"), given check_prior's answer: the prior itself here (the
+        default N(0, I) has a density wherever z lies). The families on a
+        simplex put their own default in place of N(0, I), or refuse it by name."""
+        return prior
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
@@ -470,6 +483,18 @@ class LogisticNormal(_NormalTransform):
 
     def point(self) -> Tensor:
         return StickBreakingTransform()(self.mu)
+
+    def resolve_prior(self, prior, use: str):
+        """A Gaussian prior (prior=None's N(0, I) included) is refused by name:
+        z lies on a simplex of L + 1 components, a set of no volume in R^(L+1),
+        so log q(z) - log p(z) would mix densities of two dimensions."""
+        if isinstance(prior, _GAUSSIAN_PRIORS):
+            L = self.latent_size
+            raise ValueError(f"prior: a LogisticNormal posterior's z lies on the simplex of L + 1 = {L + 1} "
+                             f"components, where {_gaussian_prior_name(prior)} has no density; pass "
+                             f"prior=torch.distributions.LogisticNormal(torch.zeros({L}), torch.ones({L})) (the "
+                             f"family's standard prior) or another prior on the simplex")
+        return prior
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log q(z) for a given z on the simplex (..., L + 1)."""
@@ -825,6 +850,42 @@ class Concrete(_Latent):
         """The decoder's z of the sampler's simplex point z (..., L, C): itself here."""
         return z
 
+    def _uniform_pmf(self) -> Distribution:
+        """The uniform categorical prior over the C categories of every latent."""
+        (logits,) = widened(self.logits.detach())
+        return OneHotCategorical(logits=torch.zeros(self.categories, dtype=logits.dtype, device=logits.device))
+
+    def _relaxed_prior_code(self) -> str:
+        """The uniform relaxed prior of this shape, as code for an error message."""
+        L, C = self.logits.shape[-2:]
+        return f"torch.distributions.RelaxedOneHotCategorical(torch.tensor(temperature), logits=torch.zeros({L}, {C}))"
+
+    def resolve_prior(self, prior, use: str):
+        """prior=None gives the uniform categorical prior (docs/latents.md: a
+        uniform OneHotCategorical, a BinaryConcrete's Bernoulli(1/2)) where it
+        applies: elbo (the analytic categorical KL) and, with hard=True, the
+        evaluation's weights of the one-hot z. iwae, and the evaluation of a
+        relaxed posterior, need a density at the relaxed z: no default is
+        taken there (the relaxed prior's temperature is the model's choice)
+        and a ValueError says which prior to pass. A Gaussian prior passed on
+        purpose is refused by name: it has no density on the simplex."""
+        if not isinstance(prior, _GAUSSIAN_PRIORS):
+            return prior
+        name, pmf, relaxed = type(self).__name__, self._pmf_prior, self._relaxed_prior
+        if prior is not _priors.DEFAULT:
+            raise ValueError(f"prior: a {name} posterior's z lies on the simplex, where a {type(prior).__name__} "
+                             f"prior has no density; pass a {pmf} prior (the analytic categorical KL) or a "
+                             f"{relaxed} prior, e.g. prior={self._relaxed_prior_code()}")
+        if use == "iwae" and self.hard:
+            self.rsample_with_log_q(1, None, False)  # the named error: no density at the one-hot z
+        if use == "elbo" or self.hard:
+            return TorchPrior(self._uniform_pmf())
+        use = "log_likelihood / evaluate" if use == "evaluation" else use
+        raise ValueError(f"prior: {use} of a relaxed {name} posterior needs a prior with a density at the relaxed "
+                         f"z, and prior=None's uniform {pmf} prior (elbo's default) has none; pass a {relaxed} "
+                         f"prior, e.g. the uniform prior={self._relaxed_prior_code()} (its temperature is part "
+                         f"of the model: the posterior's is a common choice)")
+
     def _prior_pmf(self, prior) -> Tensor | None:
         """log p (C,) or (L, C) of the categorical prior this record takes, else None."""
         return _prior_categorical(prior)
@@ -1008,6 +1069,15 @@ class BinaryConcrete(Concrete):
     def _out(self, z: Tensor) -> Tensor:
         return z[..., 0]
 
+    def _uniform_pmf(self) -> Distribution:
+        """Bernoulli(1/2) for every latent."""
+        (logits,) = widened(self.binary_logits.detach())
+        return Bernoulli(logits=torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device))
+
+    def _relaxed_prior_code(self) -> str:
+        L = self.binary_logits.shape[-1]
+        return f"torch.distributions.RelaxedBernoulli(torch.tensor(temperature), logits=torch.zeros({L}))"
+
     def _prior_pmf(self, prior) -> Tensor | None:
         """log (p, 1 - p) (2,) or (L, 2) of a Bernoulli prior (or Independent of one), else None."""
         base = _torch_base(prior)
@@ -1045,15 +1115,24 @@ def _concrete_from_torch(q: Distribution) -> Concrete | None:
         logits = base.logits
         if logits.dim() < 1:
             logits = logits.unsqueeze(0)
-        lam = base.temperature.detach()
-        return BinaryConcrete(logits, lam if lam.dim() else float(lam), False)
+        return BinaryConcrete(logits, _torch_temperature(base.temperature), False)
     if type(base) is not RelaxedOneHotCategorical or n > 1:
         return None
     logits = base.logits
     if logits.dim() < 2:
         logits = logits.unsqueeze(0)
-    lam = base.temperature.detach()
-    return Concrete(logits, lam if lam.dim() else float(lam), False)
+    return Concrete(logits, _torch_temperature(base.temperature), False)
+
+
+def _torch_temperature(temperature):
+    """A torch relaxed distribution's temperature as the records take it. torch
+    keeps what it was given: a tensor (detached here: the temperature gets no
+    gradient; a 0-d one as a float) or a Python or NumPy float (an annealing
+    schedule's), which the record's checks take as they are."""
+    if isinstance(temperature, Tensor):
+        lam = temperature.detach()
+        return lam if lam.dim() else float(lam)
+    return temperature
 
 
 # -- every family -------------------------------------------------------------------

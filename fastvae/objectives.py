@@ -91,7 +91,7 @@ class IWAETerms(NamedTuple):
 
 
 def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, reduction: Any, likelihood: Any = None) -> None:
-    _validate.data_tensor("x", x, likelihood)  # integer x: class indices (likelihood="categorical")
+    _validate.data_tensor("x", x, likelihood)  # integer x: class indices or counts
     _validate.event_dim("x", x)
     mu = q.mu
     batch = mu.shape[:-1]
@@ -580,6 +580,8 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     _check_decode(decode)
     check_likelihood(likelihood)
     prior = check_prior(prior, q.latent_size, q.mu.device)
+    if isinstance(q, LATENTS):  # a family on a simplex takes its own default (fastvae/latents.py)
+        prior = q.resolve_prior(prior, "elbo")
     mu = q.mu
     # decode(z) must return (n_samples, *x.shape): usually the largest K-fold tensor
     n_samples = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
@@ -863,6 +865,8 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
     _check_decode(decode)
     check_likelihood(likelihood)
     prior = check_prior(prior, q.latent_size, q.mu.device)
+    if isinstance(q, LATENTS):
+        prior = q.resolve_prior(prior, "iwae")
     mu = q.mu
     # decode(z) must return (k, *x.shape): usually the largest K-fold tensor
     k = _validate.sample_count("k", _static(k), max(mu.numel(), x.numel()), mu)

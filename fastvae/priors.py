@@ -35,6 +35,7 @@ from torch.distributions import (
     Independent,
     Normal,
     OneHotCategorical,
+    RelaxedBernoulli,
     RelaxedOneHotCategorical,
 )
 
@@ -159,6 +160,12 @@ class TorchPrior:
 
     def __init__(self, dist: Distribution):
         base = dist.base_dist if isinstance(dist, Independent) else dist
+        if type(base) in (RelaxedOneHotCategorical, RelaxedBernoulli) and not isinstance(base.temperature, Tensor):
+            # torch keeps a Python or NumPy float temperature as given, and its
+            # own log_prob then fails (it takes the temperature's full_like)
+            lam = torch.tensor(float(base.temperature), dtype=base.logits.dtype, device=base.logits.device)
+            base = type(base)(lam, logits=base.logits)
+            dist = Independent(base, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else base
         # a categorical's z (..., L, C) has two latent dimensions (issue 35's Concrete)
         self.z_dims = 2 if isinstance(base, (RelaxedOneHotCategorical, OneHotCategorical)) else 1
         self.categorical = type(base) in (OneHotCategorical, Bernoulli)  # pmfs: no density at a relaxed z
@@ -212,6 +219,12 @@ def _torch_prior(prior: Distribution, latent_size: int | None, device: torch.dev
     return TorchPrior(prior)
 
 
+# check_prior's answer to prior=None: the standard normal as this one object, so
+# that a latent family on a simplex (a Concrete, a LogisticNormal), where N(0, I)
+# has no density, can tell the default from a StandardNormal passed on purpose
+# and put its own default in its place (fastvae/latents.py, resolve_prior)
+DEFAULT = StandardNormal()
+
 _RECORDS: tuple = ()  # the latent families' records (fastvae/latents.py registers them: no import cycle)
 
 
@@ -219,7 +232,7 @@ def check_prior(prior: Any, latent_size: int | None = None, device: torch.device
     """The prior itself (None is the standard normal; a torch distribution is
     mapped by _torch_prior, on the posterior's ``device``), or a TypeError naming the choices."""
     if prior is None:
-        return StandardNormal()
+        return DEFAULT
     if isinstance(prior, Distribution):
         prior = _torch_prior(prior, latent_size, device)
     if isinstance(prior, _RECORDS):

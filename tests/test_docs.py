@@ -144,3 +144,62 @@ def test_architecture_quotes_the_launch_limits_the_launch_test_asserts():
     assert (f"elbo {lim['elbo bernoulli']} (Bernoulli) and {lim['elbo gaussian']} (Gaussian with the halves of "
             f"one output), iwae k=5 {lim['iwae']}, DReG {lim['iwae dreg']}") in text
     assert not test_launches.NOT_YET
+
+
+_BAD_INPUTS = PAGE.parent / "bad-inputs.md"
+
+
+def _bad_input_rows() -> list[tuple[str, str]]:
+    """(code, what you get) of every row of docs/bad-inputs.md's tables: a
+    code cell in backticks, and the message quoted first in the last cell
+    (None where the row's code asserts its outcome itself)."""
+    rows = []
+    for line in _BAD_INPUTS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 3 or not cells[1].startswith("`") or cells[1] == "code":
+            continue
+        code = cells[1][1:-1]
+        quoted = re.search(r"`(\w+(?:Error|Warning)): ([^`]*)`", cells[2])
+        rows.append((code, quoted.groups() if quoted else None))
+    return rows
+
+
+def _matches(message: str, quoted: str) -> bool:
+    """The quoted text's pieces between '...' appear in the message in order."""
+    pattern = ".*?".join(re.escape(piece.strip()) for piece in quoted.split("..."))
+    return re.search(pattern, message, re.S) is not None
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test (backend-independent)")
+def test_bad_inputs_rows_run_as_written():
+    """Each row of docs/bad-inputs.md, after the page's own setup block: the
+    message it quotes (an exception, or a warning), or its own assert with
+    no warning at all."""
+    import warnings
+
+    import fastvae
+
+    rows = _bad_input_rows()
+    assert len(rows) >= 40
+    (setup,) = re.findall(r"```python\n(.*?)```", _BAD_INPUTS.read_text(), re.S)
+    for code, expected in rows:
+        namespace: dict = {}
+        exec(setup, namespace)  # noqa: S102 (the page's own setup)
+        fastvae.set_value_checks("auto")  # each row warns afresh (a warning is given once per kind)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                exec(compile(code, str(_BAD_INPUTS), "exec"), namespace)  # noqa: S102 (the page's rows)
+            except Exception as e:  # noqa: BLE001 (the row says which)
+                assert expected is not None, f"{code!r} raised {e!r}"
+                kind, quoted = expected
+                assert type(e).__name__ == kind or kind in [c.__name__ for c in type(e).__mro__], (code, e)
+                assert _matches(str(e), quoted), (code, str(e), quoted)
+                continue
+        if expected is None:
+            assert not caught, (code, [str(w.message) for w in caught])
+            continue
+        kind, quoted = expected
+        assert kind.endswith("Warning"), f"{code!r} ran without the {kind} the page quotes"
+        assert any(type(w.message).__name__ == kind and _matches(str(w.message), quoted) for w in caught), \
+            (code, [str(w.message) for w in caught], quoted)

@@ -7,6 +7,7 @@ as torch objects; torch.compile; errors."""
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.distributions as td
@@ -319,7 +320,8 @@ def _every_family(loc, scale, W):
         "weibull": (td.Weibull(scale, scale + 0.5), dec, None),
         "kumaraswamy": (td.Kumaraswamy(scale + 0.5, scale + 1.0), dec, td.Beta(ones, ones)),
         "lognormal": (td.LogNormal(loc, scale), dec, td.LogNormal(zeros, ones)),
-        "logisticnormal": (fastvae.LogisticNormal(loc[..., :2], 2 * torch.log(scale[..., :2])), dec, None),
+        "logisticnormal": (fastvae.LogisticNormal(loc[..., :2], 2 * torch.log(scale[..., :2])), dec,
+                           td.LogisticNormal(zeros[:2], ones[:2])),
         "concrete": (td.Independent(td.RelaxedOneHotCategorical(lam, logits=logits), 1), cat_dec,
                      td.Independent(td.OneHotCategorical(logits=torch.zeros_like(logits[0])), 1)),
         "relaxed_bernoulli": (td.Independent(td.RelaxedBernoulli(lam, logits=loc), 1), dec,
@@ -343,7 +345,7 @@ def test_every_family_compiles_in_elbo_and_iwae(backend, family):
         e = fastvae.elbo(x, q, dec, likelihood="bernoulli", n_samples=2, prior=prior)
         if family == "concrete":  # iwae needs a relaxed prior's density
             return unused - e
-        return unused - (e + fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli"))
+        return unused - (e + fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli", prior=prior))
 
     assert_compiled_matches_eager(loss, (loc, scale), (loc, scale))
 
@@ -415,10 +417,15 @@ def test_reconstruction_probability_and_evaluate(backend, name):
     got = fastvae.reconstruction_probability(x, lambda _: q, _decode(W), n_samples=K, likelihood="bernoulli",
                                              chunk_size=2, generator=gen(6))
     torch.testing.assert_close(got, torch.logsumexp(rec, 0) - math.log(K), rtol=1e-10, atol=1e-10)
-    ll = fastvae.log_likelihood(x, lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+    # the logistic-normal's z lies on a simplex: no N(0, I) default, its family's standard prior
+    prior = td.LogisticNormal(torch.zeros(L, device=device), torch.ones(L, device=device)) \
+        if name == "logisticnormal" else None
+    ll = fastvae.log_likelihood(x, lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6),
+                                prior=prior)
     with warnings.catch_warnings():  # K = 5: the low-ESS and Pareto warnings are not the point here
         warnings.simplefilter("ignore")
-        result = fastvae.evaluate([x], lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6))
+        result = fastvae.evaluate([x], lambda _: q, _decode(W), k=K, likelihood="bernoulli", generator=gen(6),
+                                  prior=prior)
     torch.testing.assert_close(result.per_example.to(ll.device), ll, rtol=1e-10, atol=1e-10)
 
 
@@ -1219,3 +1226,139 @@ def test_binary_concrete_reconstruction_probability_matches_handwritten(backend,
                                              _binary_decode(W), n_samples=K, likelihood="bernoulli",
                                              generator=gen(9))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+# -- every family without prior=; temperatures as torch takes them -------------------
+
+C = 3  # the categories of the Concrete cases
+_DEFAULT_CASES = ["normal", "tril", *FAMILIES, "lognormal", "logisticnormal", "exponential", "weibull", "kumaraswamy",
+                  "concrete", "concrete-hard", "binary", "binary-hard"]
+
+
+def _default_case(name, device):
+    """(posterior, decode, what prior=None means in elbo: a prior, or the start of the ValueError)."""
+    g = torch.Generator().manual_seed(2)
+    a = (torch.randn(B, L, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()
+    b = (torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3).to(device)
+    W = (torch.randn(L * C, D, generator=g, dtype=torch.float64) * 0.5).to(device)
+    zeros = torch.zeros(L, dtype=torch.float64, device=device)
+    dec = _decode(W)
+    normal = fastvae.priors.StandardNormal()
+    if name == "normal":
+        return td.Normal(a, b.exp()), dec, normal
+    if name == "tril":
+        return td.MultivariateNormal(a, scale_tril=torch.diag_embed(b.exp())), dec, normal
+    if name in FAMILIES:
+        return fastvae.LocationScale(name, a, b), dec, normal
+    if name == "lognormal":
+        return fastvae.LogNormal(a, b), dec, normal
+    if name == "logisticnormal":
+        return fastvae.LogisticNormal(a, b), dec, "prior: a LogisticNormal posterior's z lies on the simplex"
+    if name in ("exponential", "weibull", "kumaraswamy"):
+        return fastvae.Positive(name, a, None if name == "exponential" else b), dec, normal
+    hard = name.endswith("hard")
+    if name.startswith("concrete"):
+        logits = (torch.randn(B, L, C, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+        q = fastvae.Concrete(logits, 0.5, hard=hard)
+        return q, lambda z: z.flatten(-2) @ W, td.OneHotCategorical(logits=torch.zeros(C, dtype=torch.float64,
+                                                                                         device=device))
+    return fastvae.BinaryConcrete(a, 0.5, hard=hard), dec, td.Bernoulli(logits=zeros)
+
+
+@pytest.mark.parametrize("name", _DEFAULT_CASES)
+def test_every_family_without_a_prior(backend, name):
+    """prior=None in elbo and iwae: N(0, I) where z lies in R^L or (0, inf)
+    (the same bound as prior=StandardNormal(), value and gradient); the uniform
+    categorical prior for a Concrete or BinaryConcrete in elbo (docs/latents.md);
+    a ValueError saying which prior to pass where no default has a density at z
+    (a LogisticNormal's simplex; iwae of a relaxed z; a one-hot z in iwae)."""
+    _, device = backend
+    x = _data(device)[0]
+    q, dec, default = _default_case(name, device)
+    leaf = q.logits if name.startswith("concrete") else q.binary_logits if name.startswith("binary") else \
+        q.loc if isinstance(q, td.Distribution) else q.mu
+    if isinstance(default, str):
+        with pytest.raises(ValueError, match=default):
+            fastvae.elbo(x, q, dec, likelihood="bernoulli")
+    else:
+        got = fastvae.elbo(x, q, dec, likelihood="bernoulli", n_samples=2, generator=gen(4))
+        want = fastvae.elbo(x, q, dec, likelihood="bernoulli", n_samples=2, generator=gen(4), prior=default)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(got, leaf)[0], torch.autograd.grad(want, leaf)[0],
+                                   rtol=0, atol=0)
+    if name in ("concrete", "binary"):
+        relaxed = "RelaxedOneHotCategorical" if name == "concrete" else "RelaxedBernoulli"
+        with pytest.raises(ValueError, match=rf"prior: iwae of a relaxed \w+ posterior needs .* {relaxed}"):
+            fastvae.iwae(x, q, dec, likelihood="bernoulli")
+        with pytest.raises(ValueError, match=r"prior: log_likelihood / evaluate of a relaxed"):
+            fastvae.log_likelihood(x, lambda x_: q, dec, k=4, likelihood="bernoulli")
+    elif name.endswith("hard"):
+        with pytest.raises(ValueError, match="hard=True has no density at its one-hot z"):
+            fastvae.iwae(x, q, dec, likelihood="bernoulli")
+        got = fastvae.log_likelihood(x, lambda x_: q, dec, k=4, likelihood="bernoulli", generator=gen(4))
+        want = fastvae.log_likelihood(x, lambda x_: q, dec, k=4, likelihood="bernoulli", generator=gen(4),
+                                      prior=default)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    elif isinstance(default, str):
+        with pytest.raises(ValueError, match=default):
+            fastvae.iwae(x, q, dec, likelihood="bernoulli")
+    else:
+        got = fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli", generator=gen(4))
+        want = fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli", generator=gen(4), prior=default)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_gaussian_prior_passed_for_a_simplex_posterior_is_refused_by_name():
+    x = _data("cpu")[0]
+    q = fastvae.Concrete(torch.randn(B, L, C, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match=r"prior: a Concrete posterior's z lies on the simplex, where a "
+                                         r"StandardNormal prior has no density; .*logits=torch.zeros\(3, 3\)"):
+        fastvae.elbo(x, q, lambda z: z.flatten(-2) @ torch.ones(L * C, D, dtype=torch.float64), likelihood="bernoulli",
+                     prior=fastvae.priors.StandardNormal())
+    with pytest.raises(ValueError, match=r"prior: a LogisticNormal posterior.* a DiagonalNormal prior"):
+        fastvae.iwae(x, fastvae.LogisticNormal(torch.zeros(B, L), torch.zeros(B, L)),
+                     lambda z: z @ torch.ones(L + 1, D), likelihood="bernoulli",
+                     prior=fastvae.DiagonalNormal(torch.zeros(L), torch.zeros(L)))
+
+
+TEMPERATURES = [0.5, np.float32(0.3), np.float64(0.7), torch.tensor(0.5, dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES, ids=["float", "np.float32", "np.float64", "0-d tensor"])
+@pytest.mark.parametrize("binary", [False, True], ids=["RelaxedOneHotCategorical", "RelaxedBernoulli"])
+def test_temperatures_as_torch_takes_them(backend, binary, temperature):
+    """A Python or NumPy float temperature, or a 0-d tensor, in torch's relaxed
+    posteriors and priors and in fastvae's records: the values of a float64
+    tensor temperature, in elbo and iwae (an annealing schedule's np.float32
+    crashed before)."""
+    _, device = backend
+    x = _data(device)[0]
+    g = torch.Generator().manual_seed(5)
+    shape = (B, L) if binary else (B, L, C)
+    logits = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+    W = (torch.randn(L * C, D, generator=g, dtype=torch.float64) * 0.5).to(device)
+    dec = _decode(W) if binary else (lambda z: z.flatten(-2) @ W)
+    Relaxed, Record = (td.RelaxedBernoulli, fastvae.BinaryConcrete) if binary else (td.RelaxedOneHotCategorical,
+                                                                                   fastvae.Concrete)
+    exact = torch.tensor(float(temperature), dtype=torch.float64, device=device)
+    lam = temperature.to(device) if isinstance(temperature, torch.Tensor) else temperature
+    prior_logits = torch.zeros(shape[1:], dtype=torch.float64, device=device)
+    for q, want_q in ((Relaxed(lam, logits=logits), Relaxed(exact, logits=logits)),
+                      (Record(logits, lam), Record(logits, exact))):
+        got = fastvae.elbo(x, q, dec, likelihood="bernoulli", generator=gen(1), prior=Relaxed(lam, logits=prior_logits))
+        want = fastvae.elbo(x, want_q, dec, likelihood="bernoulli", generator=gen(1),
+                            prior=Relaxed(exact, logits=prior_logits))
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got = fastvae.iwae(x, q, dec, k=3, likelihood="bernoulli", generator=gen(1),
+                           prior=Relaxed(lam, logits=prior_logits))
+        want = fastvae.iwae(x, want_q, dec, k=3, likelihood="bernoulli", generator=gen(1),
+                            prior=Relaxed(exact, logits=prior_logits))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if not binary:
+        z, log_q = fastvae.sample_concrete(logits, lam, 2, generator=gen(1))
+        z_ref, log_q_ref = fastvae.sample_concrete(logits, exact, 2, generator=gen(1))
+        torch.testing.assert_close((z, log_q), (z_ref, log_q_ref), rtol=0, atol=0)

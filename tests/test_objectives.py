@@ -1176,3 +1176,174 @@ def test_a_wrong_decoder_shape_names_both_remedies():
         x, likelihood, decode, folded = folded_decoder_case(form, "cpu")
         with pytest.raises(ValueError, match=match):
             fastvae.iwae(x, mu, logvar, lambda z, folded=folded: folded(z)[:-1], k=4, likelihood=likelihood)
+
+
+# -- counts: integer x, named parameters, scvi-tools' distributions ----------------------
+
+_COUNT_DECODERS = {
+    "poisson": lambda h: h,
+    "negative_binomial": lambda h: (h, torch.linspace(-1.0, 2.0, h.shape[-1], dtype=h.dtype)),
+    "zinb": lambda h: (h, torch.linspace(-1.0, 2.0, h.shape[-1], dtype=h.dtype), 0.5 - h),
+}
+
+
+def _count_model(device, B=4, L=3, D_=6):
+    g = torch.Generator().manual_seed(7)
+    counts = torch.poisson(torch.full((B, D_), 2.5), generator=g).to(device)
+    mu = torch.randn(B, L, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    logvar = (torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3).to(device)
+    W = (torch.randn(L, D_, generator=g, dtype=torch.float64) * 0.4).to(device)
+    return counts.double(), mu, logvar, W
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("likelihood", ["poisson", "negative_binomial", "zinb"])
+def test_integer_counts_in_the_objectives_and_the_evaluation(backend, likelihood, dtype):
+    """Integer counts, as single-cell data come, give the float counts' values
+    and gradients in elbo, iwae, their terms, log_likelihood and
+    reconstruction_probability (the count ops took them already); a negative
+    integer count is still refused by name."""
+    _, device = backend
+    counts, mu, logvar, W = _count_model(device)
+    out = _COUNT_DECODERS[likelihood]
+    dec = lambda z: out(z @ W)  # noqa: E731
+    ints = counts.to(dtype)
+    for fn, kw in ((fastvae.elbo, dict(n_samples=2)), (fastvae.iwae, dict(k=3)),
+                   (lambda *a, **k: fastvae.elbo_terms(*a, **k).bound, {}),
+                   (lambda *a, **k: fastvae.iwae_terms(*a, **k).bound, dict(k=3))):
+        got = fn(ints, mu, logvar, dec, likelihood=likelihood, generator=gen(2), **kw)
+        want = fn(counts, mu, logvar, dec, likelihood=likelihood, generator=gen(2), **kw)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(got, mu)[0], torch.autograd.grad(want, mu)[0], rtol=0, atol=0)
+    enc = lambda x_: (mu.detach(), logvar)  # noqa: E731
+    for fn, kw in ((fastvae.log_likelihood, dict(k=6)), (fastvae.reconstruction_probability, dict(n_samples=6))):
+        got = fn(ints, enc, dec, likelihood=likelihood, generator=gen(3), **kw)
+        assert torch.isfinite(got).all()
+        want = fn(counts, enc, dec, likelihood=likelihood, generator=gen(3), **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    fastvae.set_value_checks("always")  # checked on every call (the triton backend checks the first of a kind)
+    if dtype.is_signed:
+        with pytest.raises(ValueError, match=r"x \(likelihood=.*\) must hold counts >= 0"):
+            fastvae.elbo(ints - 5, mu, logvar, dec, likelihood=likelihood)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        fastvae.elbo(ints, mu, logvar, lambda z: z @ W, likelihood="gaussian")
+
+
+_NAMED = {  # likelihood -> (the named dict of h, the tuple form of h)
+    "poisson": (lambda h: {"rate": h.exp()}, lambda h: h),
+    "negative_binomial": (lambda h: {"mean": h.exp(), "theta": torch.full_like(h[0, 0], 2.5)},
+                          lambda h: (h, torch.full_like(h[0, 0], 2.5).log())),
+    "zinb": (lambda h: {"log_mean": h, "theta": torch.full_like(h, 0.7), "zi_logits": 0.5 - h},
+             lambda h: (h, torch.full_like(h, 0.7).log(), 0.5 - h)),
+}
+
+
+@pytest.mark.parametrize("likelihood", ["poisson", "negative_binomial", "zinb"])
+def test_count_parameters_by_name(backend, likelihood):
+    """A decoder may name each count parameter's form ({"mean", "theta"},
+    {"log_mean", "log_theta"}, ...): the tuple form's values and gradients, in
+    the objectives and the evaluation; the keys imply the likelihood."""
+    _, device = backend
+    counts, mu, logvar, W = _count_model(device)
+    named, plain = _NAMED[likelihood]
+    for lik in (likelihood, None):
+        got = fastvae.iwae(counts, mu, logvar, lambda z: named(z @ W), k=3, likelihood=lik, generator=gen(2))
+        want = fastvae.iwae(counts, mu, logvar, lambda z: plain(z @ W), k=3, likelihood=likelihood, generator=gen(2))
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, mu)[0], torch.autograd.grad(want, mu)[0],
+                                   rtol=1e-10, atol=1e-12)
+    enc = lambda x_: (mu.detach(), logvar)  # noqa: E731
+    got = fastvae.log_likelihood(counts, enc, lambda z: named(z @ W), k=6, generator=gen(3))
+    want = fastvae.log_likelihood(counts, enc, lambda z: plain(z @ W), k=6, likelihood=likelihood, generator=gen(3))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_named_count_parameters_are_checked_by_name():
+    counts, mu, logvar, W = _count_model("cpu")
+    h = lambda z: z @ W  # noqa: E731
+    cases = [
+        (lambda z: {"mean": h(z).exp(), "theta": h(z), "log_theta": h(z)}, "negative_binomial",
+         ValueError, r"must hold exactly one of 'log_theta' or 'theta', got \['log_theta', 'theta'\]"),
+        (lambda z: {"mean": h(z).exp()}, "negative_binomial", ValueError,
+         r"must hold exactly one of 'log_theta' or 'theta', got neither"),
+        (lambda z: {"mean": h(z).exp(), "theta": h(z).exp(), "dispersion": h(z)}, None, ValueError,
+         r"keys \['dispersion'\] that likelihood='negative_binomial' does not take"),
+        (lambda z: {"mean": h(z).exp(), "theta": h(z)}, "negative_binomial", ValueError,
+         r"decode\(z\)\['theta'\] \(likelihood='negative_binomial'\) must be > 0"),
+        (lambda z: {"mean": h(z).exp(), "log_theta": h(z)}, "zinb", ValueError,
+         r"must hold 'zi_logits', got neither"),
+        (lambda z: {"mean": -h(z).exp(), "log_theta": h(z)}, "negative_binomial", ValueError,
+         r"decode\(z\)\['mean'\] \(likelihood='negative_binomial'\) must be >= 0"),
+        (lambda z: {"logits": h(z)}, "bernoulli", ValueError, r"named outputs are the count likelihoods'"),
+        (lambda z: {"rate": 2.0}, "poisson", TypeError, r"decode must return a tensor as 'rate', got float"),
+    ]
+    for dec, lik, error, message in cases:
+        with pytest.raises(error, match=message):
+            fastvae.elbo(counts, mu, logvar, dec, likelihood=lik)
+
+
+def _scvi_classes():
+    """Stand-ins for scvi-tools' distributions (scvi.distributions), which
+    fastvae reads by their module and name and their parameters: a
+    NegativeBinomial (mu, theta), its zero-inflated subclass (zi_logits), a
+    Poisson subclassing torch's, and a class fastvae does not read."""
+    module = "scvi.distributions._negative_binomial"
+
+    class NegativeBinomial(D.Distribution):
+        arg_constraints: dict = {}
+
+        def __init__(self, mu, theta):
+            self.mu, self.theta = torch.broadcast_tensors(mu, theta)
+            super().__init__(validate_args=False)
+
+    class ZeroInflatedNegativeBinomial(NegativeBinomial):
+        def __init__(self, mu, theta, zi_logits):
+            super().__init__(mu, theta)
+            self.zi_logits = zi_logits
+
+    class Poisson(D.Poisson):
+        pass
+
+    class NegativeBinomialMixture(D.Distribution):
+        arg_constraints: dict = {}
+
+    for cls in (NegativeBinomial, ZeroInflatedNegativeBinomial, Poisson, NegativeBinomialMixture):
+        cls.__module__ = module
+    return NegativeBinomial, ZeroInflatedNegativeBinomial, Poisson, NegativeBinomialMixture
+
+
+def test_scvi_tools_distributions_are_read_through_their_parameters(backend):
+    """A decoder that returns scvi-tools' NegativeBinomial(mu, theta),
+    ZeroInflatedNegativeBinomial(mu, theta, zi_logits) or Poisson(rate) gives
+    the tuple form's bound and gradient (log mu, log theta), likelihood=
+    implied; scvi-tools' other classes are refused with an error naming
+    scvi-tools and the fix."""
+    _, device = backend
+    counts, mu, logvar, W = _count_model(device)
+    NB, ZINB, Poisson, Mixture = _scvi_classes()
+    theta = torch.linspace(0.5, 3.0, counts.shape[-1], dtype=torch.float64, device=device)
+    cases = [
+        (lambda h: NB(h.exp(), theta), "negative_binomial", lambda h: (h, theta.log())),
+        (lambda h: ZINB(h.exp(), theta, 0.5 - h), "zinb", lambda h: (h, theta.log(), 0.5 - h)),
+        (lambda h: Poisson(h.exp()), "poisson", lambda h: h),
+    ]
+    for scvi, likelihood, plain in cases:
+        for lik in (None, likelihood):
+            got = fastvae.elbo(counts, mu, logvar, lambda z: scvi(z @ W), n_samples=2,  # noqa: B023
+                               likelihood=lik, generator=gen(2))
+            want = fastvae.elbo(counts, mu, logvar, lambda z: plain(z @ W), n_samples=2,  # noqa: B023
+                                likelihood=likelihood, generator=gen(2))
+            assert torch.isfinite(got)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(torch.autograd.grad(got, mu)[0], torch.autograd.grad(want, mu)[0],
+                                   rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"decode returned NegativeBinomial but likelihood='zinb'"):
+        fastvae.elbo(counts, mu, logvar, lambda z: NB((z @ W).exp(), theta), likelihood="zinb")
+    fastvae.set_value_checks("always")  # checked on every call (the triton backend checks the first of a kind)
+    with pytest.raises(ValueError, match=r"the theta of scvi-tools' NegativeBinomial \(likelihood="):
+        fastvae.elbo(counts, mu, logvar, lambda z: NB((z @ W).exp(), theta - 1.0))
+    with pytest.raises(TypeError, match=r"decode returned scvi-tools' NegativeBinomialMixture "
+                                        r"\(scvi\.distributions\._negative_binomial\); .* with a likelihood= name"):
+        fastvae.elbo(counts, mu, logvar, lambda z: Mixture(validate_args=False))

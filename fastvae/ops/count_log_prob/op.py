@@ -204,11 +204,107 @@ _OUTPUTS = {"poisson": ("log_rate",), "negative_binomial": ("log_mean", "log_the
             "zinb": ("log_mean", "log_theta", "zi_logits")}
 
 
+# The named decoder outputs: a dict whose keys say each parameter's form, so a
+# theta is never read as a log theta (any real number is a valid log theta,
+# and most thetas are too: no check of the values can tell the two apart).
+# Per likelihood, each parameter's (log form, natural form or None), in the
+# order of the tuple form's items.
+NAMED = {
+    "poisson": (("log_rate", "rate"),),
+    "negative_binomial": (("log_mean", "mean"), ("log_theta", "theta")),
+    "zinb": (("log_mean", "mean"), ("log_theta", "theta"), ("zi_logits", None)),
+}
+
+
+def _named_likelihood(keys: set) -> str | None:
+    """The count likelihood a dict's keys imply (zi_logits: zinb; a theta: NB; a rate: Poisson)."""
+    if "zi_logits" in keys:
+        return "zinb"
+    if keys & {"theta", "log_theta"}:
+        return "negative_binomial"
+    if keys & {"rate", "log_rate"}:
+        return "poisson"
+    return None
+
+
+def from_named(out: dict, likelihood: str | None, what: str = "decode(z)[{key!r}]") -> tuple[str, Any]:
+    """(likelihood, the tuple form's output) of a dict of named parameters:
+    "log_mean" or "mean", "log_theta" or "theta", "log_rate" or "rate",
+    "zi_logits"; a natural form is logged here (a theta or rate <= 0, a mean
+    < 0, raise by name: ``what``, formatted with the key). likelihood=None:
+    the keys imply it."""
+    keys = set(out)
+    if likelihood is None:
+        likelihood = _named_likelihood(keys)
+    if likelihood not in NAMED:
+        raise ValueError(f"decode returned a dict (named parameters) with keys {sorted(keys)}: named outputs are "
+                         f"the count likelihoods' ('poisson': log_rate or rate; 'negative_binomial': log_mean or "
+                         f"mean, log_theta or theta; 'zinb': those and zi_logits), got likelihood={likelihood!r}")
+    forms = NAMED[likelihood]
+    allowed = [n for form in forms for n in form if n is not None]
+    if unknown := sorted(keys - set(allowed)):
+        raise ValueError(f"decode returned a dict with keys {unknown} that likelihood={likelihood!r} does not take; "
+                         f"its keys are {allowed} (one of each pair)")
+    items = []
+    for log_name, name in forms:
+        given = [n for n in (log_name, name) if n is not None and n in out]
+        if len(given) != 1:
+            choice = f"exactly one of {log_name!r} or {name!r}" if name else repr(log_name)
+            raise ValueError(f"decode's dict for likelihood={likelihood!r} must hold {choice}, "
+                             f"got {given or 'neither'}")
+        (key,) = given
+        t = out[key]
+        if not isinstance(t, Tensor):
+            raise TypeError(f"decode must return a tensor as {key!r}, got {type(t).__name__}")
+        if key == name:  # the natural form, logged
+            _value_checks.positive_param(t, f"{what.format(key=key)} (likelihood={likelihood!r})",
+                                         zero_ok=key == "mean")
+            t = torch.log(t)
+        items.append(t)
+    return likelihood, items[0] if len(items) == 1 else tuple(items)
+
+
+# scvi-tools' distributions (duck-typed: scvi-tools is not a dependency): the
+# class name -> (likelihood, the parameter attributes read, in NAMED's order)
+_SCVI = {
+    "Poisson": ("poisson", ("rate",)),
+    "NegativeBinomial": ("negative_binomial", ("mu", "theta")),
+    "ZeroInflatedNegativeBinomial": ("zinb", ("mu", "theta", "zi_logits")),
+}
+
+
+def _from_scvi(base) -> tuple[str, Any] | None:
+    """(likelihood, decoder output) of scvi-tools' Poisson, NegativeBinomial or
+    ZeroInflatedNegativeBinomial (scvi.distributions), read through their
+    parameters (mu, theta: the mean and inverse dispersion; zi_logits); None for
+    a class from elsewhere; a TypeError naming scvi-tools for its other classes."""
+    cls = type(base)
+    if cls.__module__.split(".")[0] != "scvi":
+        return None
+    if cls.__name__ not in _SCVI:
+        raise TypeError(f"decode returned scvi-tools' {cls.__name__} ({cls.__module__}); fastvae reads scvi-tools' "
+                        f"{', '.join(_SCVI)} through their parameters. For this one, return its parameters "
+                        f"with a likelihood= name (docs/likelihoods.md), or compute the loss with its log_prob")
+    likelihood, attributes = _SCVI[cls.__name__]
+    params = {}
+    for attribute, (log_name, name) in zip(attributes, NAMED[likelihood]):
+        value = getattr(base, attribute, None)
+        if not isinstance(value, Tensor):
+            raise TypeError(f"decode returned scvi-tools' {cls.__name__} whose {attribute} is "
+                            f"{type(value).__name__}, not a tensor; fastvae reads its {', '.join(attributes)}")
+        params[name or log_name] = value
+    return from_named(params, likelihood, f"the {{key}} of scvi-tools' {cls.__name__}")
+
+
 def from_distribution(base) -> tuple[str, Any] | None:
     """(likelihood, decoder output) of a torch Poisson or NegativeBinomial
-    (NB's total_count is theta and its logits log mu - log theta), else None."""
+    (NB's total_count is theta and its logits log mu - log theta), or of
+    scvi-tools' Poisson, NegativeBinomial or ZeroInflatedNegativeBinomial
+    (their mu, theta, zi_logits), else None."""
     from torch.distributions import NegativeBinomial, Poisson
 
+    if (scvi := _from_scvi(base)) is not None:
+        return scvi
     if type(base) is Poisson:
         return "poisson", torch.log(base.rate)
     if type(base) is NegativeBinomial:

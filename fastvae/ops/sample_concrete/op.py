@@ -31,6 +31,7 @@ k * N * L * C + n * L * C + l * C + c (sample_location_scale's uniforms).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -170,8 +171,10 @@ def check_args(logits: Tensor, temperature) -> Tensor:
                 raise ValueError(f"temperature must be > 0 and finite, got values in "
                                  f"[{lo.item():.3g}, {hi.item():.3g}]")
     else:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        # a Python or NumPy number (an annealing schedule's np.float32), as torch's relaxed distributions take
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
             raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+        temperature = float(temperature)
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
         lam = torch.full(logits.shape[:-1], float(temperature), dtype=dtype, device=logits.device)
