@@ -42,15 +42,16 @@ ELEMENT, ROW, DIM = 0, 1, 2
 
 
 @triton.jit
-def _dev_over_scale(diff, inv):
-    """|x - loc| / b, 0 where x == loc even if 1/b overflowed."""
-    return tl.where(diff == 0.0, 0.0, tl.abs(diff) * inv)
+def _inv_off_ties(diff, inv):
+    """1/b, 0 where x == loc: |x - loc| times it is 0 there even if 1/b
+    overflowed, and sign(0) = 0 times it too."""
+    return tl.where(diff == 0.0, 0.0, inv)
 
 
 @triton.jit
-def _sign_over_scale(diff, inv):
-    """sign(x - loc) / b, 0 where x == loc (sign(0) = 0, and no 0 * inf)."""
-    return tl.where(diff > 0.0, inv, tl.where(diff < 0.0, -inv, 0.0))
+def _dev_over_scale(diff, inv):
+    """|x - loc| / b, 0 where x == loc even if 1/b overflowed."""
+    return tl.abs(diff) * _inv_off_ties(diff, inv)
 
 
 @triton.jit
@@ -143,16 +144,18 @@ def _laplace_log_prob_bwd_kernel(
         m = tl.load(loc_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         diff = x - m
         if LAYOUT == 0:
-            inv = tl.exp(-_load_scale(s_ptr, r, x_rows, cols, mask, D, LAYOUT, ACC))
-            if HAS_DS:
-                ds = g[:, None] * (_dev_over_scale(diff, inv) - 1.0)
-                tl.store(ds_ptr + r[:, None] * D + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=mask)
+            t = _inv_off_ties(diff, tl.exp(-_load_scale(s_ptr, r, x_rows, cols, mask, D, LAYOUT, ACC)))
         else:
-            inv = inv_shared
-            if HAS_DS:
-                a_acc += g[:, None] * _dev_over_scale(diff, inv)
+            t = _inv_off_ties(diff, inv_shared)
+        q = tl.where(diff > 0.0, t, -t)  # sign(x - loc) / b, 0 at x == loc (t = 0 there)
+        gl = g[:, None] * q
+        if HAS_DS:  # |x - loc| / b = (x - loc) q
+            if LAYOUT == 0:
+                ds = g[:, None] * (diff * q - 1.0)
+                tl.store(ds_ptr + r[:, None] * D + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=mask)
+            else:
+                a_acc += diff * gl
                 g_acc += g
-        gl = g[:, None] * _sign_over_scale(diff, inv)
         tl.store(dloc_ptr + r[:, None] * D + cols[None, :], gl.to(dloc_ptr.dtype.element_ty), mask=mask)
         if HAS_DX:
             dx_acc -= gl
