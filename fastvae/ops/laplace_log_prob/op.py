@@ -5,7 +5,9 @@ autograd Function and its double backward (a closed form, below).
 The Laplace reconstruction term log Laplace(x; loc, b) = -|x - loc| / b -
 log(2 b), summed over the event, fused forward and backward, with x broadcast
 over decoder samples; fastvae/_decoder.py's route of likelihood="laplace"
-(and of a decoder that returns a torch Laplace) calls it."""
+(and of a decoder that returns a torch Laplace) calls it. On the cpp backend
+an eager call goes to the C++ operator fastvae_cpp::laplace_log_prob
+(torch_op.cpp)."""
 from __future__ import annotations
 
 import functools
@@ -22,6 +24,7 @@ from ..._likelihood_layout import (
     folded,
     kernel_var,
     kernel_views,
+    likelihood_torch_ops,
     unfold_rows,
 )
 from ..._op import define, run, shaped
@@ -87,6 +90,7 @@ laplace_log_prob_op = define(
     "laplace_log_prob(Tensor x, Tensor loc, Tensor log_scale) -> Tensor",
     _forward,
     lambda x, loc, log_scale: loc.new_empty(loc.shape[:2], dtype=_backend.compute_dtype(x, loc, log_scale)),
+    cpu=lambda x, loc, log_scale: None if fold_samples("cpp", loc.shape) else (loc, x, log_scale),
 )
 laplace_log_prob_backward_op = define(
     "laplace_log_prob_backward(Tensor grad_out, Tensor x, Tensor loc, Tensor log_scale, bool need_dx,"
@@ -95,6 +99,8 @@ laplace_log_prob_backward_op = define(
     lambda grad_out, x, loc, log_scale, need_dx, need_dlog_scale: (
         [torch.empty_like(loc)] + ([torch.empty_like(x)] if need_dx else [])
         + ([torch.empty_like(log_scale)] if need_dlog_scale else [])),
+    cpu=lambda grad_out, x, loc, log_scale, need_dx, need_dlog_scale: (
+        None if fold_samples("cpp", loc.shape) else (loc, x, log_scale, grad_out)),
 )
 
 
@@ -235,5 +241,8 @@ def laplace_log_prob(
             s = torch.full((loc.shape[-1],), value, dtype=dtype, device=loc.device)
         else:  # in the compute dtype: a bfloat16 loc does not round the scale
             s = fixed_log_scale(loc.shape[-1], value, dtype, loc.device)
+    ops = likelihood_torch_ops(x_b, loc, s)
+    if ops is not None:
+        return ops.laplace_log_prob(x_b, loc, s)
     return LaplaceLogProb.apply(x_b, loc, s)
 

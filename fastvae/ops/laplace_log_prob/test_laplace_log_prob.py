@@ -13,6 +13,7 @@ import fastvae
 from fastvae.ops import laplace_log_prob as oracle
 from fastvae.ops.laplace_log_prob.op import LaplaceLogProb, laplace_log_prob_backward_op, laplace_log_prob_op
 
+from conftest import INTERPRET
 from helpers import assert_close
 
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
@@ -251,7 +252,8 @@ def test_gradcheck_float64(backend):
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731
     x, loc = r(3, 5), r(2, 3, 5)
     for s in (r(2, 3, 5), r(3, 5), r(5)):
-        assert torch.autograd.gradcheck(LaplaceLogProb.apply, (x, loc, s))
+        # fast_mode under the interpreter, where each of the full check's evaluations runs interpreted kernels
+        assert torch.autograd.gradcheck(LaplaceLogProb.apply, (x, loc, s), fast_mode=INTERPRET)
 
 
 def test_opcheck(backend):
@@ -405,13 +407,48 @@ def fallback_call(leaf, run):
 def double_backward_cases(r):
     """tests/test_double_backward.py: name -> (function of the leaves, their
     values, whether a C++ operator serves it) for gradgradcheck: every
-    log-scale layout, and a scale tensor. (The Laplace's second derivative in
+    log-scale layout, no sample dimension, a scale tensor and a fixed scale. (The Laplace's second derivative in
     loc is 0 away from x == loc; its derivatives through the scale are not.)"""
     laplace = lambda x, m, s: fastvae.laplace_log_prob(x, m, s)  # noqa: E731
     return {
-        "laplace_log_prob_per_element": (laplace, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], False),
-        "laplace_log_prob_per_row": (laplace, [r(3, 5), r(2, 3, 5), r(3, 5)], False),
-        "laplace_log_prob_per_dim": (laplace, [r(3, 5), r(2, 3, 5), r(5)], False),
+        "laplace_log_prob_per_element": (laplace, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+        "laplace_log_prob_per_row": (laplace, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
+        "laplace_log_prob_per_dim": (laplace, [r(3, 5), r(2, 3, 5), r(5)], True),
+        "laplace_log_prob_no_samples": (laplace, [r(3, 5), r(3, 5), r(3, 5)], True),
         "laplace_log_prob_scale_tensor": (lambda x, m, s: fastvae.laplace_log_prob(x, m, scale=s.exp()),
-                                          [r(3, 5), r(2, 3, 5), r(())], False),
+                                          [r(3, 5), r(2, 3, 5), r(())], True),
+        "laplace_log_prob_fixed_scale": (lambda x, m: fastvae.laplace_log_prob(x, m, scale=0.7),
+                                         [r(3, 5), r(2, 3, 5)], True),
     }
+
+
+def _twin_inputs(seed, P, D, K):
+    """x (P, D) and a decoder location (K, P, D), from their own generator,
+    with x == loc at every third element of the first sample (sign(0) = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x, loc = torch.randn(P, D, generator=g), torch.randn(K, P, D, generator=g)
+    loc[0, :, ::3] = x[:, ::3]
+    return x, loc
+
+
+def compile_cases(mu, lv):
+    """tests/test_compile.py: (name, function, float inputs) whose compiled graph
+    calls the C++ twins, forward and backward (mu, lv: (5, 2, 3), unused: the
+    likelihood takes x (6, 7) against a location (4, 6, 7))."""
+    x, loc = _twin_inputs(3, 6, 7, 4)
+    return [("laplace_log_prob (log_scale per element)", lambda a, m, s: fastvae.laplace_log_prob(a, m, log_scale=s),
+             (x, loc, loc.flip(0) * 0.5)),
+            ("laplace_log_prob (log_scale per dimension)", lambda a, m, s: fastvae.laplace_log_prob(a, m, s),
+             (x, loc, loc[0, 0]))]
+
+
+def twin_op_cases(m2, l2):
+    """tests/test_torch_ops.py: (twin, arguments) in the Python op's layout, each
+    checked bit for bit against fastvae::<twin> and by opcheck (m2, l2: (12, 6),
+    unused: x (5, 7) against a location (3, 5, 7))."""
+    x, loc = _twin_inputs(8, 5, 7, 3)
+    return [("laplace_log_prob", (x, loc, loc.flip(0))),
+            ("laplace_log_prob", (x, loc, x.flip(1))),
+            ("laplace_log_prob_backward", (torch.randn(3, 5), x, loc, loc[0, 0], True, True)),
+            ("laplace_log_prob_backward", (torch.randn(3, 5), x, loc, x, False, True)),
+            ("laplace_log_prob_backward", (torch.randn(3, 5), x, loc, loc.flip(0), True, False))]
