@@ -8,6 +8,7 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - kl_normal(mu, logvar, prior_mu=None, prior_logvar=None) -> kl
 - gaussian_log_prob(x, mean, logvar=None, *, scale=None, softplus_var=None, delta=1e-6)
 - bernoulli_log_prob(x, logits)
+- laplace_log_prob(x, loc, log_scale=None, *, scale=None): the Laplace (L1) likelihood
 - logmeanexp(lw, dim=0, keepdim=False), importance_weights(lw, dim=0),
   effective_sample_size(lw, dim=0, keepdim=False)
 - logmeanexp_state(lw, dim=0), merge_logmeanexp_states(*states),
@@ -73,6 +74,7 @@ from .ops.count_log_prob.op import negative_binomial_log_prob, poisson_log_prob,
 from .ops.discretized_logistic_mixture_log_prob.op import discretized_logistic_mixture_log_prob
 from .ops.gaussian_log_prob.op import gaussian_log_prob
 from .ops.kl_normal.op import kl_normal
+from .ops.laplace_log_prob.op import laplace_log_prob
 from .ops.latent_log_ratio.op import latent_log_ratio
 from .ops.logmeanexp.op import (
     LogMeanExpState,
@@ -98,6 +100,7 @@ __all__ = [
     "kl_normal",
     "gaussian_log_prob",
     "bernoulli_log_prob",
+    "laplace_log_prob",
     "logmeanexp",
     "importance_weights",
     "effective_sample_size",

@@ -7,6 +7,11 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   The second item is the log-variance: a (mean, std) pair gives a finite,
   wrong number that no check can detect (return (mean, 2 * std.log()), or a
   torch Normal(mean, std)).
+- likelihood="laplace": decode(z) returns the location (scale 1: the L1 loss)
+  or a (loc, log_scale) pair (a learned scale, b = exp(log_scale); per
+  element or broadcastable to loc). The second item is the log-scale, as the
+  Gaussian's is the log-variance (a torch Laplace(loc, scale) passes the
+  scale itself; fastvae/ops/laplace_log_prob/op.py).
 - likelihood="bernoulli": decode(z) returns the logits (before any sigmoid:
   fastvae warns when every value it reads lies in [0, 1]), for x binary or in
   [0, 1] (it warns when x leaves [0, 1]).
@@ -27,8 +32,8 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   twice), for images x in [-1, 1] with 256 levels
   (fastvae/ops/discretized_logistic_mixture_log_prob/op.py).
 - or decode(z) returns a torch.distributions Bernoulli (logits or probs),
-  Normal, Categorical, ContinuousBernoulli, Poisson, NegativeBinomial, or
-  Independent of any, or scvi-tools' Poisson, NegativeBinomial or
+  Normal, Laplace, Categorical, ContinuousBernoulli, Poisson, NegativeBinomial,
+  or Independent of any, or scvi-tools' Poisson, NegativeBinomial or
   ZeroInflatedNegativeBinomial, and the likelihood follows from it
   (likelihood= may then be omitted).
 """
@@ -46,6 +51,7 @@ from torch.distributions import (
     ContinuousBernoulli,
     Distribution,
     Independent,
+    Laplace,
     MultivariateNormal,
     Normal,
 )
@@ -65,6 +71,7 @@ from .ops.count_log_prob.op import (
 )
 from .ops.discretized_logistic_mixture_log_prob.op import decoder_log_prob as discretized_logistic_mixture_decoder
 from .ops.gaussian_log_prob.op import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
+from .ops.laplace_log_prob.op import laplace_log_prob
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -134,12 +141,13 @@ def _posterior_sequence_hint(mu: Any) -> str:
 
 _REQUIRED = (
     "likelihood= is required: 'bernoulli' if decode returns logits (binary or [0, 1] data), "
-    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair, 'categorical' if it "
+    "'gaussian' if it returns the mean (unit variance) or a (mean, logvar) pair, 'laplace' if it returns "
+    "the location (scale 1: the L1 loss) or a (loc, log_scale) pair, 'categorical' if it "
     "returns logits (*x.shape, C) for integer class indices x, 'continuous_bernoulli' if it returns "
     "logits for [0, 1] data under the normalized continuous Bernoulli; for counts 'poisson' (log rate), "
     "'negative_binomial' ((log mean, log theta)) or 'zinb' ((log mean, log theta, zero-inflation logits)); "
     "'discretized_logistic_mixture' if it returns PixelCNN++'s mixture parameters (images in [-1, 1]); "
-    "or let decode return a torch.distributions Bernoulli, Normal, Categorical, ContinuousBernoulli, "
+    "or let decode return a torch.distributions Bernoulli, Normal, Laplace, Categorical, ContinuousBernoulli, "
     "Poisson, NegativeBinomial or Independent of one"
 )
 
@@ -162,6 +170,8 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
         implied, out = "bernoulli", base.logits
     elif type(base) is Normal:
         implied, out = "gaussian", (base.loc, 2.0 * torch.log(base.scale))
+    elif type(base) is Laplace:
+        implied, out = "laplace", (base.loc, torch.log(base.scale))
     elif type(base) in (Categorical, ContinuousBernoulli):  # their logits (probs mapped by torch)
         implied, out = ("categorical" if type(base) is Categorical else "continuous_bernoulli"), base.logits
     elif (counts := counts_from_distribution(base)) is not None:
@@ -169,7 +179,7 @@ def _from_distribution(d: Distribution, likelihood: str | None, event_ndim: int)
     else:
         raise TypeError(
             f"decode returned a {type(base).__name__} distribution; the fused likelihoods compute "
-            f"Bernoulli (logits or probs), Normal, Categorical, ContinuousBernoulli, Poisson, "
+            f"Bernoulli (logits or probs), Normal, Laplace, Categorical, ContinuousBernoulli, Poisson, "
             f"NegativeBinomial and Independent of one exactly (and read scvi-tools' Poisson, "
             f"NegativeBinomial and ZeroInflatedNegativeBinomial through their parameters). For others, "
             f"e.g. Beta, compute the loss with torch.distributions"
@@ -332,6 +342,26 @@ def _gaussian(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: in
     return gaussian_log_prob(_flat(x, batch_ndim, events), _flat(mean, lead, events))
 
 
+def _laplace(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """The location (scale 1) or a (loc, log_scale) pair."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(
+                f"for likelihood='laplace' decode returns the location or a (loc, log_scale) pair, "
+                f"got a sequence of {len(out)} items"
+            )
+        loc = _check_output("loc", out[0], x, sample_shape, batch_ndim)
+        log_scale = out[1]
+        if not isinstance(log_scale, Tensor):
+            raise TypeError(f"decode must return a tensor as the log_scale, got {type(log_scale).__name__}")
+        if events > 1 and log_scale.dim() > 1:  # a per-pixel or per-channel log-scale: spread over the event
+            log_scale = _flat(log_scale.expand(loc.shape) if log_scale.shape != loc.shape else log_scale, lead, events)
+        return laplace_log_prob(_flat(x, batch_ndim, events), _flat(loc, lead, events), log_scale)
+    loc = _check_output("loc", out, x, sample_shape, batch_ndim)
+    return laplace_log_prob(_flat(x, batch_ndim, events), _flat(loc, lead, events))
+
+
 def _bernoulli(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
     """Logits; the op's checks run here (its unchecked function is called)."""
     events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
@@ -390,6 +420,7 @@ class Likelihood:
 _TABLE: dict[str, Likelihood] = {entry.name: entry for entry in (
     Likelihood("gaussian", "gaussian_log_prob", _gaussian),
     Likelihood("bernoulli", "bernoulli_log_prob", _bernoulli),
+    Likelihood("laplace", "laplace_log_prob", _laplace),
     Likelihood("categorical", "categorical_log_prob", _categorical, class_dims=1),
     Likelihood("continuous_bernoulli", "continuous_bernoulli_log_prob", _continuous_bernoulli),
     Likelihood("poisson", "poisson_log_prob", _counts("poisson", poisson_log_prob_unchecked)),

@@ -598,11 +598,12 @@ def log_likelihood(
             or a torch Normal / MultivariateNormal.
         decode: z (K_c, B, L) -> the decoder output for every sample, shape
             (K_c, B, D): for likelihood="gaussian" the mean (unit variance) or a
-            (mean, logvar) pair, for "bernoulli" the logits, for "poisson" the
+            (mean, logvar) pair, for "laplace" the location or a (loc,
+            log_scale) pair, for "bernoulli" the logits, for "poisson" the
             log rate, for "negative_binomial" (log mean, log theta), for "zinb"
             (log mean, log theta, zero-inflation logits).
         k: samples per example (K >= 1; 5000 is the usual report).
-        likelihood: "gaussian", "bernoulli", "categorical" (logits (..., C) for
+        likelihood: "gaussian", "laplace", "bernoulli", "categorical" (logits (..., C) for
             x of integer class indices), "continuous_bernoulli" (logits, x in
             [0, 1]), "poisson", "negative_binomial", "zinb" or
             "discretized_logistic_mixture" (PixelCNN++'s mixture parameters for

@@ -709,14 +709,15 @@ def elbo(
             (B, L), or (n_samples, B, L) when n_samples > 1, and returns, for
             likelihood="gaussian", the mean (unit variance: squared error) or a
             (mean, logvar) pair (learned variance; logvar, not std: a (mean,
-            std) pair is not detected); for "bernoulli", the logits, before
+            std) pair is not detected); for "laplace", the location (scale 1:
+            the L1 loss) or a (loc, log_scale) pair; for "bernoulli", the logits, before
             any sigmoid (fastvae warns when every value it reads lies in
             [0, 1], and when x leaves [0, 1]); for counts, "poisson": the log
             rate, "negative_binomial": (log mean, log theta), "zinb": (log mean,
             log theta, zero-inflation logits), scvi-tools' parameterization
             (log theta per element or per gene).
             Outputs have x's shape with the sample dimension in front.
-        likelihood: "gaussian", "bernoulli", "categorical" (logits (..., C) for
+        likelihood: "gaussian", "laplace", "bernoulli", "categorical" (logits (..., C) for
             x of integer class indices), "continuous_bernoulli" (logits, x in
             [0, 1]), "poisson", "negative_binomial", "zinb" or
             "discretized_logistic_mixture" (PixelCNN++'s mixture parameters for

@@ -13,8 +13,8 @@ from conftest import INTERPRET
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for a GPU target; not an interpreter test")
 aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
 
-HEAVY = ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob", "sample_location_scale",
-         "sample_positive", "sample_concrete")
+HEAVY = ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob", "laplace_log_prob",
+         "sample_location_scale", "sample_positive", "sample_concrete")
 # the plain noise fills (evaluation's optional strided fill, the uniforms' test hook) are not heavy ops
 NOT_HEAVY_KERNELS = ("_randn_kernel", "_uniform_kernel")
 SHAPES = [dict(K=50, B=256, L=32, D=784), dict(K=5, B=256, L=16, D=64), dict(K=5000, B=1, L=32, D=784)]
@@ -27,14 +27,17 @@ TILE_ELEMENTS = 4096
 WAVE_ELEMENTS = SMS * TILE_ELEMENTS
 # The forward kernels that stream contiguous rows of decoder outputs (D) or latents (L).
 VECTOR_LOAD_LAUNCHERS = {"gaussian_log_prob_forward": "D", "bernoulli_log_prob_forward": "D",
+                         "laplace_log_prob_forward": "D",
                          "sample_normal_forward": "L", "sample_location_scale_forward": "L",
                          "sample_positive_forward": "L"}
+# the likelihoods, whose largest tensor is K x B x D
+LIKELIHOOD_OPS = ("gaussian_log_prob", "bernoulli_log_prob", "laplace_log_prob")
 
 
 def problem_elements(launch) -> int:
     """The elements of the op's largest tensor: K x B x D for a likelihood, K x B x L otherwise."""
     s = launch.shape
-    return s["K"] * s["B"] * (s["D"] if launch.op in ("gaussian_log_prob", "bernoulli_log_prob") else s["L"])
+    return s["K"] * s["B"] * (s["D"] if launch.op in LIKELIHOOD_OPS else s["L"])
 
 
 def heavy(compiled):

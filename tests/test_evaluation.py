@@ -433,7 +433,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="memory_budget must be >= 1"):
         log_likelihood(x, encode, decode, k=4, memory_budget=0, likelihood="gaussian")
     with pytest.raises(ValueError, match="likelihood must be one of"):
-        log_likelihood(x, encode, decode, k=4, likelihood="laplace")
+        log_likelihood(x, encode, decode, k=4, likelihood="cauchy")
     with pytest.raises(ValueError, match="shard must be one of"):
         log_likelihood(x, encode, decode, k=4, shard="both", likelihood="gaussian")
     with pytest.raises(ValueError, match=r"shape \(B, \*event\)"):

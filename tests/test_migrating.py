@@ -153,6 +153,31 @@ def test_mse_plus_kld_weight_is_a_scaled_gaussian_elbo():
     assert not torch.allclose(other, before, rtol=1e-3)
 
 
+def test_l1_loss_is_a_unit_scale_laplace_elbo():
+    """F.l1_loss(reduction="sum") per example + beta KL = -ELBO_beta under a
+    Laplace decoder of scale 1, minus D log 2; the learned scale at log b = 0
+    (returned as a pair or as a torch Laplace) is the same likelihood."""
+    ns = run_section("`F.l1_loss`: a Laplace likelihood")
+    x = to_float64(ns)
+    shape = (x.shape[0], 8)
+    torch.manual_seed(16)
+    after = ns["loss_after"](x)
+    with fed_noise(drawn_noise(16, 1, shape)[0]):
+        before = ns["loss_before"](x)
+    close(after, before)
+    beta, D = ns["beta"], x.shape[1]
+    torch.manual_seed(16)
+    unit = fastvae.elbo(x, *ns["encoder"](x).chunk(2, -1), ns["decoder"], likelihood="laplace")
+    for name in ("loss_learned_scale", "loss_learned_scale_torch"):
+        torch.manual_seed(16)
+        close(ns[name](x), -unit)
+    # and beta is the script's weight, not another
+    torch.manual_seed(16)
+    other = -fastvae.elbo(x, *ns["encoder"](x).chunk(2, -1), ns["decoder"], likelihood="laplace",
+                          beta=2 * beta) - D * math.log(2)
+    assert not torch.allclose(other, before, rtol=1e-3)
+
+
 def test_iwae_of_expanded_copies_equals_encoding_once():
     ns = run_section("IWAE: encode once, not k copies of x")
     x = to_float64(ns)
@@ -234,6 +259,7 @@ CHECKED = {
     "The classic MLP VAE: BCE + KLD": test_classic_bce_kld_vae,
     "Decoders that end in a sigmoid": test_sigmoid_decoder_warns_then_works_as_bernoulli_probs,
     "`F.mse_loss` + `kld_weight`: a Gaussian likelihood": test_mse_plus_kld_weight_is_a_scaled_gaussian_elbo,
+    "`F.l1_loss`: a Laplace likelihood": test_l1_loss_is_a_unit_scale_laplace_elbo,
     "IWAE: encode once, not k copies of x": test_iwae_of_expanded_copies_equals_encoding_once,
     "Encoders that sample": test_encoders_that_sample,
     "KL warm-up with `beta=`": test_kl_warmup_with_beta,

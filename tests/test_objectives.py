@@ -901,7 +901,7 @@ def test_likelihood_has_no_default():
             call()
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian-pair"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "gaussian-pair", "laplace", "laplace-pair"])
 def test_image_shaped_data_equals_flattened(backend, likelihood):
     """x of shape (B, C, H, W) with a conv-style decoder (the one-line pattern of
     the docstring) gives the bound of the same data and decoder flattened."""
@@ -918,13 +918,13 @@ def test_image_shaped_data_equals_flattened(backend, likelihood):
 
     def image_decode(z):
         out = net(z.reshape(-1, L)).reshape(*z.shape[:-1], C, H, W)
-        return (out, lv) if likelihood == "gaussian-pair" else out
+        return (out, lv) if likelihood.endswith("-pair") else out
 
     def flat_decode(z):
         out = z @ weight
-        return (out, lv.expand(C, H, W).reshape(-1)) if likelihood == "gaussian-pair" else out
+        return (out, lv.expand(C, H, W).reshape(-1)) if likelihood.endswith("-pair") else out
 
-    lik = "gaussian" if likelihood.startswith("gaussian") else "bernoulli"
+    lik = likelihood.removesuffix("-pair")
     for fn, kw in ((fastvae.elbo, dict(n_samples=2)), (fastvae.iwae, dict(k=3))):
         got = fn(x, mu, logvar, image_decode, likelihood=lik, generator=gen(1), reduction="none", **kw)
         want = fn(x.reshape(B, -1), mu, logvar, flat_decode, likelihood=lik, generator=gen(1), reduction="none",
@@ -1109,6 +1109,65 @@ def test_categorical_and_continuous_bernoulli_objectives_match_torch_distributio
         got = fastvae.elbo(x, mu, logvar, decode, likelihood=likelihood, n_samples=k, reduction="none",
                            generator=gen(4))
         assert_close(got, want_elbo, 1 + want_elbo.abs(), f"elbo {likelihood} k={k}")
+
+
+def test_laplace_objectives_match_torch_distributions(backend):
+    """elbo, iwae and log_likelihood with likelihood="laplace" equal the same
+    bounds written with torch.distributions.Laplace and the same noise, values
+    and gradients (the decoder's and a learned log-scale's included), for a
+    decoder that returns the location (scale 1), a (loc, log_scale) pair, a
+    torch Laplace or an Independent of one (the last two without likelihood=);
+    a torch Laplace with likelihood="gaussian" is refused by name."""
+    import torch.distributions as dist
+
+    _, device = backend
+    g = torch.Generator().manual_seed(7)
+    B, L, D_ = 4, 3, 9
+    x = torch.randn(B, D_, generator=g, dtype=torch.float64).to(device)
+    mu = torch.randn(B, L, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    logvar = (0.3 * torch.randn(B, L, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    weight = torch.randn(L, D_, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    log_b = (0.4 * torch.randn(D_, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    params = [mu, logvar, weight, log_b]
+    decoders = {
+        "loc": (lambda z: z @ weight, dict(likelihood="laplace"), lambda z: dist.Laplace(z @ weight, 1.0)),
+        "pair": (lambda z: (z @ weight, log_b), dict(likelihood="laplace"),
+                 lambda z: dist.Laplace(z @ weight, log_b.exp())),
+        "torch": (lambda z: dist.Laplace(z @ weight, log_b.exp()), {}, None),
+        "independent": (lambda z: dist.Independent(dist.Laplace(z @ weight, log_b.exp()), 1), {}, None),
+    }
+    for k in (1, 3):
+        eps = same_noise(5, k, mu.shape, device)
+        z = mu + torch.exp(logvar / 2) * eps
+        log_q = D.Normal(mu, torch.exp(logvar / 2)).log_prob(z).sum(-1)
+        kl = D.kl_divergence(D.Normal(mu, torch.exp(logvar / 2)), D.Normal(0.0, 1.0)).sum(-1)
+        for name, (decode, kw, twin) in decoders.items():
+            twin = twin or decode
+            ps = params[:3] if name == "loc" else params  # the unit scale has no log-scale
+            log_lik = twin(z).log_prob(x)
+            log_lik = log_lik if log_lik.dim() == 2 else log_lik.sum(-1)
+            lw = log_lik + D.Normal(0.0, 1.0).log_prob(z).sum(-1) - log_q
+            want_iwae = torch.logsumexp(lw, 0) - math.log(k)
+            got = fastvae.iwae(x, mu, logvar, decode, k=k, reduction="none", generator=gen(5), **kw)
+            assert_close(got, want_iwae, 1 + want_iwae.abs(), f"iwae laplace {name} k={k}")
+            check_all(f"iwae laplace {name} grads", torch.autograd.grad(got.sum(), ps),
+                      torch.autograd.grad(want_iwae.sum(), ps, retain_graph=True))
+            want_elbo = log_lik.mean(0) - kl
+            got = fastvae.elbo(x, mu, logvar, decode, n_samples=k, reduction="none", generator=gen(5), **kw)
+            assert_close(got, want_elbo, 1 + want_elbo.abs(), f"elbo laplace {name} k={k}")
+            check_all(f"elbo laplace {name} grads", torch.autograd.grad(got.sum(), ps),
+                      torch.autograd.grad(want_elbo.sum(), ps, retain_graph=True))
+    ll = fastvae.log_likelihood(x, lambda a: (mu.detach(), logvar.detach()),
+                                lambda z: dist.Laplace(z @ weight.detach(), log_b.detach().exp()), k=4,
+                                generator=gen(2))
+    want = fastvae.log_likelihood(x, lambda a: (mu.detach(), logvar.detach()),
+                                  lambda z: (z @ weight.detach(), log_b.detach()), k=4, likelihood="laplace",
+                                  generator=gen(2))
+    assert_close(ll, want, 1 + want.abs(), "log_likelihood, Laplace")
+    with pytest.raises(ValueError, match="likelihood='gaussian'.*implies 'laplace'"):
+        fastvae.elbo(x, mu, logvar, lambda z: dist.Laplace(z @ weight, 1.0), likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"\(loc, log_scale\) pair, got a sequence of 3 items"):
+        fastvae.elbo(x, mu, logvar, lambda z: (z @ weight, log_b, log_b), likelihood="laplace")
 
 
 def test_categorical_likelihood_is_refused_with_float_x_and_named_errors(backend):

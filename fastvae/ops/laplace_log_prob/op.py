@@ -1,0 +1,248 @@
+"""laplace_log_prob's front end: the public function, the torch.library ops
+fastvae::laplace_log_prob and fastvae::laplace_log_prob_backward, their
+autograd Function and its double backward (a closed form, below).
+
+The Laplace reconstruction term log Laplace(x; loc, b) = -|x - loc| / b -
+log(2 b), summed over the event, fused forward and backward, with x broadcast
+over decoder samples; fastvae/_decoder.py's route of likelihood="laplace"
+(and of a decoder that returns a torch Laplace) calls it. On the cpp backend
+an eager call goes to the C++ operator fastvae_cpp::laplace_log_prob
+(torch_op.cpp)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from ... import _backend, _validate, _value_checks
+from ..._likelihood_layout import (
+    broadcast_var,
+    broadcast_x,
+    fold_samples,
+    folded,
+    kernel_var,
+    kernel_views,
+    likelihood_torch_ops,
+    unfold_rows,
+)
+from ..._op import define, run, shaped
+
+
+def _kernel_inputs(backend: str, dtype: torch.dtype, *tensors: Tensor) -> list[Tensor]:
+    """The tensors as the kernels read them (_backend.kernel_input): Triton and
+    the reference in their own dtype; the cpp kernels in the compute dtype (a
+    half-precision decoder output is cast to float32 first), contiguous."""
+    tensors = [_backend.kernel_input(backend, t, dtype) for t in tensors]
+    return tensors if backend == "triton" else [t.contiguous() for t in tensors]
+
+
+def _forward(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+    """log Laplace(x; loc, exp(log_scale)) summed over D, shape (K, P), for the
+    kernels' layout: x (P, D), loc (K, P, D), log_scale (K, P, D), (P, D) or
+    (D,), all contiguous."""
+    backend = _backend.backend_for(loc.device)
+    dtype = _backend.compute_dtype(x, loc, log_scale)
+    x, loc, log_scale = _kernel_inputs(backend, dtype, x, loc, log_scale)
+    K, P, _ = loc.shape
+    if fold_samples(backend, loc):
+        x, loc, log_scale = folded(x, loc, log_scale)
+    out = _backend.empty_output(loc.shape[:2], like=loc, dtype=dtype)
+    _backend.launch(backend, "laplace_log_prob_forward", loc.numel(), x=x, loc=loc, log_scale=log_scale, out=out)
+    return out.view(K, P)
+
+
+def _backward(grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, need_dx: bool,
+              need_dlog_scale: bool) -> list[Tensor]:
+    """[dloc], then dx if need_dx, then dlog_scale if need_dlog_scale, in the
+    shapes of loc, x and log_scale (the layout of _forward). A gradient not
+    asked for is not computed or allocated (a fixed scale needs none, which
+    saves its reductions). Each gradient in its input's dtype."""
+    backend = _backend.backend_for(loc.device)
+    K, P, D = loc.shape
+    dtype = _backend.compute_dtype(x, loc, log_scale)
+    dtypes = x.dtype, loc.dtype, log_scale.dtype
+    x, loc, log_scale, grad_out = _kernel_inputs(backend, dtype, x, loc, log_scale, grad_out)
+    x2, l3, s = x, loc, log_scale
+    fold = fold_samples(backend, loc)
+    if fold:
+        x2, l3, s = folded(x, loc, log_scale)
+    dloc = _backend.empty_output(l3.shape, like=loc)
+    dx = _backend.empty_output((l3.shape[1], D), like=x) if need_dx else None
+    ds = _backend.empty_output(s.shape, like=log_scale) if need_dlog_scale else None
+    _backend.launch(
+        backend, "laplace_log_prob_backward", dloc.numel(),
+        grad_out=shaped(grad_out, l3.shape[:2]).contiguous(), x=x2, loc=l3, log_scale=s, dx=dx, dloc=dloc,
+        dlog_scale=ds,
+    )
+    grads = [_backend.in_dtype(dloc.view(K, P, D) if fold else dloc, dtypes[1])]
+    if need_dx:
+        grads.append(_backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, dtypes[0]))
+    if need_dlog_scale:
+        if fold and log_scale.dim() == 2:  # per x row, unfolded per sample and row
+            ds = unfold_rows(ds, K, P)
+        grads.append(_backend.in_dtype(shaped(ds, log_scale.shape), dtypes[2]))
+    return grads
+
+
+laplace_log_prob_op = define(
+    "laplace_log_prob(Tensor x, Tensor loc, Tensor log_scale) -> Tensor",
+    _forward,
+    lambda x, loc, log_scale: loc.new_empty(loc.shape[:2], dtype=_backend.compute_dtype(x, loc, log_scale)),
+    cpu=lambda x, loc, log_scale: None if fold_samples("cpp", loc.shape) else (loc, x, log_scale),
+)
+laplace_log_prob_backward_op = define(
+    "laplace_log_prob_backward(Tensor grad_out, Tensor x, Tensor loc, Tensor log_scale, bool need_dx,"
+    " bool need_dlog_scale) -> Tensor[]",
+    _backward,
+    lambda grad_out, x, loc, log_scale, need_dx, need_dlog_scale: (
+        [torch.empty_like(loc)] + ([torch.empty_like(x)] if need_dx else [])
+        + ([torch.empty_like(log_scale)] if need_dlog_scale else [])),
+    cpu=lambda grad_out, x, loc, log_scale, need_dx, need_dlog_scale: (
+        None if fold_samples("cpp", loc.shape) else (loc, x, log_scale, grad_out)),
+)
+
+
+def _double_backward(grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, needs) -> tuple:
+    """dx, dloc, dlog_scale from differentiable torch ops on the Function's
+    inputs (create_graph=True), in the accumulation dtype: d/dloc = g sign(x -
+    loc) / b (sign(0) = 0), d/dlog_scale = g (|x - loc| / b - 1), d/dx = -d/dloc."""
+    acc = _backend.accumulation_dtype(loc.dtype)
+    g = grad_out.to(acc).unsqueeze(-1)
+    diff = x.to(acc) - loc.to(acc)
+    # x == loc: both terms are 0 whatever the scale; exp(-0) there keeps an
+    # underflowing scale's inf (and its 0 * inf gradient) out of the graph
+    inv = torch.exp(-torch.where(diff == 0, 0.0, log_scale.to(acc)))
+    gl = g * torch.sign(diff) * inv
+    gs = g * (diff.abs() * inv - 1.0)
+
+    def like(t: Tensor, grad: Tensor, need: bool) -> Tensor | None:
+        return grad.sum_to_size(t.shape).to(t.dtype) if need else None
+
+    return like(x, -gl, needs[0]), like(loc, gl, needs[1]), like(log_scale, gs, needs[2])
+
+
+class LaplaceLogProb(torch.autograd.Function):
+    """Autograd of fastvae::laplace_log_prob. The op takes the kernels' layout
+    (x (P, D), loc (K, P, D), log_scale in a kernel_var form); made here once,
+    and saved, so the backward reuses it (the inputs too, for a double
+    backward)."""
+
+    @staticmethod
+    def forward(ctx, x, loc, log_scale):
+        x2, l3 = kernel_views(x, loc)
+        s = kernel_var(log_scale, *l3.shape)
+        ctx.shapes = x.shape, loc.shape, log_scale.shape
+        ctx.save_for_backward(x2, l3, s, x, loc, log_scale)
+        return shaped(run(laplace_log_prob_op, x2, l3, s), loc.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, l3, s, *inputs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return _double_backward(grad_out, *inputs, ctx.needs_input_grad)
+        need_dx, need_ds = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grads = run(laplace_log_prob_backward_op, grad_out, x2, l3, s, need_dx, need_ds)
+        x_shape, loc_shape, s_shape = ctx.shapes
+        dx = shaped(grads[1], x_shape) if need_dx else None
+        ds = shaped(grads[-1], s_shape) if need_ds else None
+        return dx, shaped(grads[0], loc_shape), ds
+
+
+# -- public function -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def fixed_log_scale(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (D,) log-scale of a fixed scale, made once per shape. Never written
+    to: the op only reads it and it gets no gradient."""
+    return torch.full((D,), value, dtype=dtype, device=device)
+
+
+def laplace_log_prob(
+    x: Tensor,
+    loc: Tensor,
+    log_scale: Tensor | None = None,
+    *,
+    scale: float | Tensor | None = None,
+    event_dims: int = 1,
+) -> Tensor:
+    """log Laplace(x; loc, b) = -|x - loc| / b - log(2 b) summed over the last
+    dimension D (the last ``event_dims`` dimensions, e.g. 3 for (..., C, H, W)
+    images): the L1 reconstruction term. Under b = 1 it is
+    -(F.l1_loss(loc, x, reduction='sum') + D log 2) per row.
+
+    The scale b is given in one of two ways:
+
+    - ``log_scale``: b = exp(log_scale), a tensor broadcastable to ``loc``: per
+      element (a decoder that predicts its scale), per dimension (D,), or a
+      scalar tensor. The log of the scale: a scale passed here gives a
+      finite, wrong number that no check can tell from a real log-scale (pass
+      it as ``scale=`` instead);
+    - ``scale``: b itself (float or tensor), > 0: a float <= 0 raises, and so
+      does a tensor with a value <= 0 (on CPU at every call, on CUDA at the
+      first, ``fastvae.set_value_checks``); the default when neither is given
+      is ``scale=1.0``, the L1 case.
+
+    Where x == loc exactly, loc's gradient is 0 (sign(0) = 0, as torch's abs
+    and torch.distributions.Laplace give it) and log_scale's is -1 per element.
+
+    Args:
+        x: data of shape (..., D); broadcasts against ``loc`` of shape
+            (K, ..., D) without being copied K times.
+        loc: decoder location (the median), shape (K, ..., D) or (..., D).
+
+    Returns:
+        -sum(|x - loc| / b + log b + log 2) over D, with ``loc``'s leading
+        shape (K, ...). Differentiable in loc, the scale argument (when it is
+        a tensor) and x (when it requires grad).
+    """
+    if log_scale is not None and scale is not None:
+        raise ValueError("give at most one of log_scale, scale; got log_scale, scale")
+    tensors = {"x": x, "loc": loc}
+    if log_scale is not None:
+        tensors["log_scale"] = log_scale
+    if isinstance(scale, Tensor):
+        tensors["scale"] = scale
+    _validate.float_tensors(**tensors)
+    _validate.event_dim("loc", loc)
+    if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
+        event_dims = _validate.positive_int("event_dims", event_dims)
+    if event_dims != 1:
+        full = loc.shape  # the shape everything broadcasts against, before it is flattened
+        event = full[len(full) - event_dims:] if len(full) >= event_dims else None
+
+        def flat_events(t: Tensor, name: str) -> Tensor:
+            if t.numel() == 1 or t.dim() < event_dims or t.shape[t.dim() - event_dims:] != event:
+                t = t.expand(torch.broadcast_shapes(t.shape, full)) if t.numel() != 1 else t.reshape(())
+                if t.dim() == 0:
+                    return t
+            return _validate.flatten_events(t, name, event_dims)
+
+        x, loc = flat_events(x, "x"), _validate.flatten_events(loc, "loc", event_dims)
+        log_scale = None if log_scale is None else flat_events(log_scale, "log_scale")
+        if isinstance(scale, Tensor):
+            scale = flat_events(scale, "scale")
+    dtype = _backend.compute_dtype(*tensors.values())
+    x_b = broadcast_x(x, loc, "loc")
+    if log_scale is not None:
+        s = broadcast_var(log_scale, "log_scale", x_b, loc)
+    elif isinstance(scale, Tensor):
+        _value_checks.positive_param(scale, "scale")
+        # the log-scale in the compute dtype: a half-precision scale is not rounded again
+        s = broadcast_var(torch.log(scale.to(dtype)), "scale", x_b, loc)
+    else:
+        scale = 1.0 if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
+        value = math.log(scale)
+        if _backend.compiling():  # a constant of the graph: nothing to cache
+            s = torch.full((loc.shape[-1],), value, dtype=dtype, device=loc.device)
+        else:  # in the compute dtype: a bfloat16 loc does not round the scale
+            s = fixed_log_scale(loc.shape[-1], value, dtype, loc.device)
+    ops = likelihood_torch_ops(x_b, loc, s)
+    if ops is not None:
+        return ops.laplace_log_prob(x_b, loc, s)
+    return LaplaceLogProb.apply(x_b, loc, s)
+

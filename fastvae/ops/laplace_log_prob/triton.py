@@ -1,0 +1,262 @@
+"""Triton kernels of laplace_log_prob:
+    out[k, p] = -sum_d(|x[p, d] - loc[k, p, d]| / b + log b + log 2),  b = exp(s)
+and the fused backward.
+
+Layout (set up by fastvae/_likelihood_layout.py, as gaussian_log_prob's):
+loc (K, P, D); x (P, D), broadcast over K by indexing, never copied; the
+log-scale s (K, P, D) per element (LAYOUT 0), (P, D) per x row (LAYOUT 1) or
+(D,) per dimension (LAYOUT 2; a fixed scale). One launch forward, one
+backward. The forward tiles the K * P decoder rows (about 4096 elements, 8
+warps; loops over D). The backward, when nothing is summed over K (no dx, a
+per-element or no scale gradient), tiles the decoder rows too; otherwise each
+program owns a tile of x's rows x columns and loops over the samples: dloc
+(and a per-element ds) per sample, dx and a per-row ds summed in registers and
+written once. A per-dimension ds sums over every row: each program stores its
+tile's partial, and the last program of each column block to finish adds them
+in a fixed order. Where the tiles do not fill a wave the samples are split and
+the last program of a tile adds the splits' partials in split order
+(deterministic, no float atomics; _common.arrive_last).
+
+Where x == loc exactly, |x - loc| / b is 0 whatever the scale (an underflowing
+scale gives 1/b = inf: no 0 * inf = NaN), and sign(0) = 0: loc's gradient is
+0 there, as torch's abs gives it.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastvae.kernels._common import (
+    acc_dtype,
+    accumulation_dtype,
+    arrive_last,
+    split_samples,
+    split_tile,
+    tile_counters,
+    tile_geometry,
+)
+
+LOG_2: tl.constexpr = tl.constexpr(0.6931471805599453)
+ELEMENT, ROW, DIM = 0, 1, 2
+
+# -- math helpers -------------------------------------------------------------
+
+
+@triton.jit
+def _inv_off_ties(diff, inv):
+    """1/b, 0 where x == loc: |x - loc| times it is 0 there even if 1/b
+    overflowed, and sign(0) = 0 times it too."""
+    return tl.where(diff == 0.0, 0.0, inv)
+
+
+@triton.jit
+def _dev_over_scale(diff, inv):
+    """|x - loc| / b, 0 where x == loc even if 1/b overflowed."""
+    return tl.abs(diff) * _inv_off_ties(diff, inv)
+
+
+@triton.jit
+def _load_scale(s_ptr, r, p, cols, mask, D, LAYOUT: tl.constexpr, ACC: tl.constexpr):
+    """The log-scale of decoder rows r (x rows p) at cols, per LAYOUT."""
+    if LAYOUT == 0:
+        return tl.load(s_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    elif LAYOUT == 1:
+        return tl.load(s_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    else:
+        return tl.load(s_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+
+
+# -- kernels ------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["P", "KP"])
+def _laplace_log_prob_fwd_kernel(
+    x_ptr,  # (P, D)
+    loc_ptr,  # (K, P, D) = (KP, D) decoder rows
+    s_ptr,  # (K, P, D) | (P, D) | (D,)
+    out_ptr,  # (K, P) = (KP,)
+    P,
+    KP,
+    D,
+    LAYOUT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r_ok = r < KP
+    p = r % P
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = r_ok[:, None] & (cols < D)[None, :]
+        x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        m = tl.load(loc_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        s = _load_scale(s_ptr, r, p, cols, mask, D, LAYOUT, ACC)
+        acc += tl.sum(tl.where(mask, _dev_over_scale(x - m, tl.exp(-s)) + s, 0.0), axis=1)
+    out = -(acc + D * tl.full([BLOCK_R], LOG_2, ACC))  # log 2 in ACC, not float32
+    tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
+
+
+@triton.jit(do_not_specialize=["P", "R", "K", "K_PER", "SPLITS"])
+def _laplace_log_prob_bwd_kernel(
+    grad_out_ptr,  # (K, P)
+    x_ptr,  # (P, D)
+    loc_ptr,  # (K, P, D)
+    s_ptr,  # (K, P, D) | (P, D) | (D,)
+    dloc_ptr,  # (K, P, D)
+    dx_ptr,  # (P, D), when HAS_DX
+    ds_ptr,  # log_scale's shape, when HAS_DS
+    part_dx_ptr,  # (SPLITS, P, D) ACC: partial dx of each split (SPLITS > 1)
+    part_ds_ptr,  # LAYOUT 1: (SPLITS, P, D); LAYOUT 2: (row blocks * SPLITS, D): partial ds, ACC
+    counter_ptr,  # int32: tiles counters, then (LAYOUT 2) column-block counters; 0 between launches
+    P,
+    D,
+    R,  # rows the programs tile: P (LOOP_K) or K * P
+    K,  # samples each program loops over: K (LOOP_K) or 1
+    K_PER,  # samples per split
+    SPLITS,
+    LAYOUT: tl.constexpr,
+    HAS_DX: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    LOOP_K: tl.constexpr,  # programs own x rows and loop over the samples (something sums over K)
+    TILE_SUMS: tl.constexpr,  # dx or a per-row ds: a sum over samples per tile element
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
+    col_blocks = tl.cdiv(D, BLOCK_D)
+    row_blocks = tl.cdiv(R, BLOCK_R)
+    tiles = row_blocks * col_blocks
+    rb = tile // col_blocks
+    cb = tile % col_blocks
+    x_rows = rows if LOOP_K else rows % P
+    x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    if LAYOUT != 0:
+        inv_shared = tl.exp(-_load_scale(s_ptr, x_rows, x_rows, cols, mask, D, LAYOUT, ACC))
+    dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    a_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)  # sum_k g |x - loc| / b, for a shared scale
+    g_acc = tl.zeros([BLOCK_R], dtype=ACC)  # sum_k g, for a shared scale
+    for k in range(k0, k1):
+        r = k * R + rows
+        g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)
+        m = tl.load(loc_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        diff = x - m
+        if LAYOUT == 0:
+            t = _inv_off_ties(diff, tl.exp(-_load_scale(s_ptr, r, x_rows, cols, mask, D, LAYOUT, ACC)))
+        else:
+            t = _inv_off_ties(diff, inv_shared)
+        q = tl.where(diff > 0.0, t, -t)  # sign(x - loc) / b, 0 at x == loc (t = 0 there)
+        gl = g[:, None] * q
+        if HAS_DS:  # |x - loc| / b = (x - loc) q
+            if LAYOUT == 0:
+                ds = g[:, None] * (diff * q - 1.0)
+                tl.store(ds_ptr + r[:, None] * D + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=mask)
+            else:
+                a_acc += diff * gl
+                g_acc += g
+        tl.store(dloc_ptr + r[:, None] * D + cols[None, :], gl.to(dloc_ptr.dtype.element_ty), mask=mask)
+        if HAS_DX:
+            dx_acc -= gl
+    idx = rows[:, None] * D + cols[None, :]
+    if LAYOUT == 1 and HAS_DS:
+        ds_acc = tl.where(mask, a_acc - g_acc[:, None], 0.0)
+    if TILE_SUMS:
+        if SPLITS == 1:
+            if HAS_DX:
+                tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
+            if LAYOUT == 1 and HAS_DS:
+                tl.store(ds_ptr + idx, ds_acc.to(ds_ptr.dtype.element_ty), mask=mask)
+        else:
+            part = split * R * D + idx
+            if HAS_DX:
+                tl.store(part_dx_ptr + part, dx_acc, mask=mask)
+            if LAYOUT == 1 and HAS_DS:
+                tl.store(part_ds_ptr + part, ds_acc, mask=mask)
+            if arrive_last(counter_ptr + tile, SPLITS):
+                dx_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+                ds_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+                for s in range(0, SPLITS):
+                    if HAS_DX:
+                        dx_sum += tl.load(part_dx_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                    if LAYOUT == 1 and HAS_DS:
+                        ds_sum += tl.load(part_ds_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_DX:
+                    tl.store(dx_ptr + idx, dx_sum.to(dx_ptr.dtype.element_ty), mask=mask)
+                if LAYOUT == 1 and HAS_DS:
+                    tl.store(ds_ptr + idx, ds_sum.to(ds_ptr.dtype.element_ty), mask=mask)
+    if LAYOUT == 2 and HAS_DS:
+        # this program's share of ds[d] = sum g |x - loc| / b[d] - sum g over its rows
+        a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
+        ds_col = tl.where(col_ok, a_col - tl.sum(g_acc, axis=0), 0.0)
+        parts = row_blocks * SPLITS
+        if parts == 1:
+            tl.store(ds_ptr + cols, ds_col.to(ds_ptr.dtype.element_ty), mask=col_ok)
+        else:
+            tl.store(part_ds_ptr + (split * row_blocks + rb) * D + cols, ds_col, mask=col_ok)
+            if arrive_last(counter_ptr + tiles + cb, parts):
+                total = tl.zeros([BLOCK_D], dtype=ACC)
+                for j in range(0, parts):
+                    total += tl.load(part_ds_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                tl.store(ds_ptr + cols, total.to(ds_ptr.dtype.element_ty), mask=col_ok)
+
+
+# -- launchers ----------------------------------------------------------------
+
+
+def _layout(s) -> int:
+    return {3: ELEMENT, 2: ROW, 1: DIM}[s.dim()]
+
+
+def laplace_log_prob_forward(x, loc, log_scale, out) -> None:
+    """out (K, P) <- log Laplace(x; loc, exp(log_scale)) summed over D; see the
+    module docstring for shapes (every tensor contiguous)."""
+    K, P, D = loc.shape
+    if K * P == 0:
+        return
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, loc.device, loc.dtype == torch.float64)
+    _laplace_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
+        x, loc, log_scale, out, P, K * P, D, LAYOUT=_layout(log_scale), ACC=acc_dtype(loc.dtype),
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
+
+
+# Backward tiles where programs loop over samples: the sums stay live across the loop.
+BACKWARD_TILE = 1024
+BACKWARD_MAX_COLS = 256
+
+
+def laplace_log_prob_backward(grad_out, x, loc, log_scale, dx, dloc, dlog_scale) -> None:
+    """dloc (K, P, D) and, when they are not None, dlog_scale (log_scale's
+    shape) and dx (P, D) <- gradients given grad_out (K, P)."""
+    K, P, D = loc.shape
+    if K * P * D == 0:
+        for t in (dx, dlog_scale):
+            if t is not None and t.numel():
+                t.zero_()  # a sum over no samples or rows
+        return
+    layout = _layout(log_scale)
+    has_dx, has_ds = dx is not None, dlog_scale is not None
+    loop_k = has_dx or (has_ds and layout != ELEMENT)
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, loc.device, loc.dtype == torch.float64,
+                                            BACKWARD_TILE if loop_k else 4096, BACKWARD_MAX_COLS if loop_k else 1024)
+    R, k_loop = (P, K) if loop_k else (K * P, 1)
+    row_blocks, col_blocks = triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    tiles = row_blocks * col_blocks
+    splits, per_split = split_samples(tiles, K, loc.device) if loop_k else (1, 1)
+    acc, device = accumulation_dtype(loc.dtype), loc.device
+    tile_sums = has_dx or (has_ds and layout == ROW)
+    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
+    if has_ds and layout == ROW and splits > 1:
+        part_ds = torch.empty((splits, P, D), dtype=acc, device=device)
+    elif has_ds and layout == DIM and row_blocks * splits > 1:
+        part_ds = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
+    else:
+        part_ds = torch.empty((1,), dtype=acc, device=device)
+    counting = (tile_sums and splits > 1) or (has_ds and layout == DIM and row_blocks * splits > 1)
+    _laplace_log_prob_bwd_kernel[(tiles * splits,)](
+        grad_out, x, loc, log_scale, dloc, dx if has_dx else dloc, dlog_scale if has_ds else dloc, part_dx, part_ds,
+        tile_counters(device, tiles + col_blocks, 2 if counting else 1), P, D, R, k_loop, per_split, splits,
+        LAYOUT=layout, HAS_DX=has_dx, HAS_DS=has_ds, LOOP_K=loop_k, TILE_SUMS=tile_sums,
+        ACC=acc_dtype(loc.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
+    )
