@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_and
 
 from . import _backend, _plan
 from ._op import LIB
@@ -263,17 +264,21 @@ def serves_tail(x: Tensor, out, term: Tensor, likelihood: str, iwae: bool) -> bo
     the triton backend, a "bernoulli" decoder's logits or a "gaussian"
     decoder's mean alone (unit variance) as one tensor of x's shape (with the
     samples in front for iwae), x of the latent term's dtype, without a
-    gradient, and a non-empty batch."""
+    gradient, and a non-empty batch. The shapes are compared as the trace
+    knows them (symbolic under dynamic shapes): a comparison that would need
+    a guard takes the general tail, so a dynamic batch stays dynamic."""
     if (not _plan.ENABLED or not isinstance(out, Tensor) or likelihood not in ("bernoulli", "gaussian")
+            or _backend.backend_for(x.device, warn=False) != "triton"
             or x.requires_grad or x.dtype is not term.dtype or term.dtype not in _FLOATS
             or not (out.dtype is term.dtype or out.dtype in _HALF) or out.device != x.device
-            or term.device != x.device or term.dim() < (2 if iwae else 1) or x.numel() == 0):
+            or term.device != x.device or term.dim() < (2 if iwae else 1)):
         return False
     batch = term.shape[1:] if iwae else term.shape
-    if batch.numel() == 0 or x.shape[:len(batch)] != batch:
-        return False
-    want = (term.shape[0], *x.shape) if iwae else x.shape
-    return out.shape == want and _backend.backend_for(x.device, warn=False) == "triton"
+    want = (term.shape[0], *x.shape) if iwae else tuple(x.shape)
+    return (len(batch) <= x.dim() and len(out.shape) == len(want)
+            and statically_known_true(sym_and(*(a == b for a, b in zip(x.shape, batch)),
+                                              *(a == b for a, b in zip(out.shape, want)),
+                                              x.numel() > 0)))
 
 
 def elbo_tail(x: Tensor, out: Tensor, kl: Tensor, beta: float, likelihood: str, reduction: str) -> Tensor:

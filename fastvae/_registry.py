@@ -79,7 +79,7 @@ CPP_CONTROLS = ("noise_isa", "noise_isas", "set_noise_isa", "philox_words")
 # test_double_backward.py checks every op's create_graph gradient (issue 25).
 INTERPRETED_TESTS = tuple(f"tests/test_{name}.py" for name in (
     "philox", "objectives", "evaluation", "priors", "launches", "double_backward", "value_checks", "autocast",
-    "layouts", "plan", "latents"))
+    "layouts", "plan", "latents", "compile_changes"))
 
 
 def interpreter_test_modules() -> list[str]:
