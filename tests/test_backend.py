@@ -484,3 +484,21 @@ def test_compiling_covers_what_is_compiling_misses():
     with FakeTensorMode():
         assert _backend.compiling()
     assert not _backend.compiling()
+
+
+@pytest.mark.skipif(INTERPRET, reason="main process")
+def test_fastvae_imported_first_makes_openmp_threads_wait_passively():
+    """fastvae/_openmp.py: imported before torch, fastvae sets OMP_WAIT_POLICY=PASSIVE
+    for the OpenMP runtime torch then loads; it keeps a policy the environment
+    set, and changes nothing once torch is loaded (the runtime has read it)."""
+    import subprocess
+
+    def policy(code: str, **env) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+        out = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                             env=environ, capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert policy("import fastvae") == "PASSIVE"
+    assert policy("import fastvae", OMP_WAIT_POLICY="active") == "active"
+    assert policy("import torch, fastvae") == "None"
