@@ -132,6 +132,36 @@ def pytest_collection_finish(session):
             return
 
 
+_terminal_reporter = [None]  # pytest's, once configured (None with -p no:terminal)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    _terminal_reporter[0] = config.pluginmanager.get_plugin("terminalreporter")
+
+
+_noted = set()  # the test modules whose NOTE was printed
+
+
+@pytest.hookimpl(tryfirst=True)  # before the terminal reporter writes the test's file name
+def pytest_runtest_protocol(item, nextitem):
+    """A test module's NOTE, a line saying what its tests wait for (tests/test_aot.py:
+    minutes of compiling for a GPU), is printed once, before its first test."""
+    note = getattr(getattr(item, "module", None), "NOTE", None)
+    if note and item.module not in _noted and _terminal_reporter[0] is not None:
+        _noted.add(item.module)
+        _terminal_reporter[0].write_line(note)
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter has ended the test's line
+def pytest_runtest_logfinish(nodeid, location):
+    """Between the main process's tests, the interpreter child's progress so far
+    (tests/test_triton_interpreter.py's show_progress: every half minute at most)."""
+    if _terminal_reporter[0] is not None:
+        for module in _interpreter_launcher:
+            module.show_progress(_terminal_reporter[0])
+
+
 def pytest_sessionfinish(session):
     """A session that ends before the launcher test waited for the child (-x
     after a failure, Ctrl-C) stops it: no test run outlives its session."""

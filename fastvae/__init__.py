@@ -54,7 +54,7 @@ use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
 does at import. set_value_checks(mode) sets how argument values are checked
 for the common silent mistakes (fastvae/_value_checks.py).
 """
-from . import priors
+from . import _openmp, priors  # noqa: F401 (_openmp first: before anything imports torch)
 from ._backend import backend_info, set_backend, use_backend
 from ._value_checks import set_value_checks
 from .distributions import DiagonalNormal, TrilNormal

@@ -5,13 +5,19 @@ shape set compiles, nothing spills in fp32/bf16/fp16, the heavy ops run at least
 launch at least one wave over an H100's 132 SMs, the forward kernels of the
 likelihoods and the sampler read contiguous float32 rows 128 bits at a time, and
 a new batch size or K compiles nothing new. Speed itself is judged by measured
-bandwidth on a GPU, which no test here can do."""
+bandwidth on a GPU, which no test here can do.
+
+Compiling every variant takes minutes of CPU: the tests that compile are
+marked ``gpu_compile`` (``-m "not gpu_compile"`` leaves them out) and split by
+op, dtype and shape, each case's compile in one test of seconds, so that
+pytest reports progress as they go."""
 import pytest
 
 from conftest import INTERPRET
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for a GPU target; not an interpreter test")
 aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
+gpu_compile = pytest.mark.gpu_compile
 
 HEAVY = ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob", "laplace_log_prob",
          "sample_location_scale", "sample_positive", "sample_concrete")
@@ -50,57 +56,80 @@ def describe(launch, *extra):
     return (launch.launcher, launch.kernel, launch.dtype, shape, *extra)
 
 
-@pytest.fixture(scope="module")
-def cache():
-    return {}
+# one op of each folder (a family's folder compiles all its ops' launches), dtype and shape: one case each
+FAMILIES = list(dict.fromkeys(aot._registry.FOLDER_OF[op] for op in aot._registry.OPS))
+DTYPES = ["float32", "bfloat16", "float16"]
+SHAPE_IDS = ["_".join(f"{k}{v}" for k, v in shape.items()) for shape in SHAPES]
+CASES = [pytest.param(folder, dtype, i, id=f"{folder}-{dtype}-{SHAPE_IDS[i]}")
+         for folder in FAMILIES for dtype in DTYPES for i in range(len(SHAPES))]
+_CACHE: dict = {}  # compile_variant's results by variant, shared by the cases (some kernels serve several ops)
+_COMPILED: dict = {}  # (folder, dtype, shape index): [(launch, info)]
+# pytest's progress shows only this file's name: conftest.py prints this line before its first test
+NOTE = (f"tests/test_aot.py: compiling the Triton kernels for an H100 (sm_90) on the CPU, no GPU used: "
+        f"{len(CASES)} cases of an op, dtype and shape, seconds each")
 
 
-@pytest.fixture(scope="module")
-def compiled(cache):
-    launches = aot.collect(["sm_90"], list(aot._registry.OPS), SHAPES, ["float32", "bfloat16", "float16"])
-    return [(launch, aot.compile_variant(launch, cache)) for launch in launches]
+def compiled(folder: str, dtype: str, shape: int):
+    """Every launch of the folder's ops at SHAPES[shape] in dtype, compiled for
+    sm_90, with compile_variant's report (compiled by the first test that asks)."""
+    if (folder, dtype, shape) not in _COMPILED:
+        op = next(op for op in aot._registry.OPS if aot._registry.FOLDER_OF[op] == folder)
+        launches = aot.collect(["sm_90"], [op], [SHAPES[shape]], [dtype])
+        _COMPILED[folder, dtype, shape] = [(launch, aot.compile_variant(launch, _CACHE)) for launch in launches]
+    return _COMPILED[folder, dtype, shape]
 
 
-def test_every_launch_compiles_without_spills(compiled):
-    assert compiled
-    failed = {(launch.kernel, launch.dtype): info["error"] for launch, info in compiled if not info["ok"]}
+@gpu_compile
+@pytest.mark.parametrize(("folder", "dtype", "shape"), CASES)
+def test_gpu_compile_without_spills(folder, dtype, shape):
+    launches = compiled(folder, dtype, shape)
+    assert launches
+    failed = {(launch.kernel, launch.dtype): info["error"] for launch, info in launches if not info["ok"]}
     assert not failed, failed
-    spilling = {(launch.kernel, launch.dtype, info["spill_bytes"]) for launch, info in compiled if info["spill_bytes"]}
+    spilling = {(launch.kernel, launch.dtype, info["spill_bytes"]) for launch, info in launches if info["spill_bytes"]}
     assert not spilling, spilling
 
 
-def test_heavy_ops_run_enough_warps(compiled):
+@gpu_compile
+@pytest.mark.parametrize(("folder", "dtype", "shape"), CASES)
+def test_gpu_compile_heavy_ops_run_enough_warps(folder, dtype, shape):
     """sample_normal, latent_log_ratio and both likelihoods, forward and backward:
     at least 4 warps a program wherever the problem has a tile's worth of
     elements (K x B x L or D >= 4096): fewer warps cannot keep enough loads in
     flight to reach the memory bandwidth."""
     few = sorted({describe(launch, f"elements={problem_elements(launch)}", f"warps={launch.num_warps}")
-                  for launch, _ in heavy(compiled)
+                  for launch, _ in heavy(compiled(folder, dtype, shape))
                   if problem_elements(launch) >= TILE_ELEMENTS and launch.num_warps < MIN_WARPS})
     assert not few, few
 
 
-def test_big_problems_launch_a_wave(compiled):
+@gpu_compile
+@pytest.mark.parametrize(("folder", "dtype", "shape"), CASES)
+def test_gpu_compile_big_problems_launch_a_wave(folder, dtype, shape):
     """Where the problem has at least a tile per SM (132 x 4096 elements), a heavy
     op's launch has at least one program per SM (one wave)."""
     small = sorted({describe(launch, f"elements={problem_elements(launch)}", f"programs={launch.programs}")
-                    for launch, _ in heavy(compiled)
+                    for launch, _ in heavy(compiled(folder, dtype, shape))
                     if problem_elements(launch) >= WAVE_ELEMENTS and launch.programs < SMS})
     assert not small, small
 
 
-def test_forward_kernels_load_128_bits_at_a_time(compiled, cache):
+@gpu_compile
+@pytest.mark.parametrize("folder", sorted({aot._registry.FOLDER_OF[launcher.removesuffix("_forward")]
+                                            for launcher in VECTOR_LOAD_LAUNCHERS}))
+@pytest.mark.parametrize("shape", range(len(SHAPES)), ids=SHAPE_IDS)
+def test_gpu_compile_forward_kernels_load_128_bits_at_a_time(folder, shape):
     """The likelihoods' and the sampler's forward kernels read contiguous float32
     rows whose length (D or L) is a multiple of 4 with 128-bit loads (LDG.E.128
     in their SASS): 4 floats a thread a load, the widest a GPU has."""
     checked, scalar = 0, set()
-    for launch, info in compiled:
+    for launch, info in compiled(folder, "float32", shape):
         dim = VECTOR_LOAD_LAUNCHERS.get(launch.launcher)
         if dim is None or launch.dtype != "float32" or launch.shape[dim] % 4 or not info["ok"]:
             continue
         checked += 1
-        if not aot.has_128bit_global_loads(launch, cache):
-            text = aot.launch_sass(launch, cache)
+        if not aot.has_128bit_global_loads(launch, _CACHE):
+            text = aot.launch_sass(launch, _CACHE)
             scalar.add(describe(launch, f"LDG bits={aot.global_load_widths(text)}"))
     assert checked
     assert not scalar, sorted(scalar)

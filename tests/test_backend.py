@@ -371,13 +371,16 @@ def test_cpp_likelihoods_read_half_precision_decoder_outputs():
 def _setup_function(name: str):
     """A function of setup.py, defined alone (setup.py builds when run)."""
     import ast
+    import hashlib
     import json
     import subprocess
+    import sysconfig
     from pathlib import Path
 
     source = (Path(__file__).parent.parent / "setup.py").read_text()
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == name)
-    space = {"json": json, "subprocess": subprocess, "sys": sys}
+    space = {"json": json, "subprocess": subprocess, "sys": sys, "os": os, "hashlib": hashlib,
+             "sysconfig": sysconfig}
     exec(compile(ast.Module([node], []), "setup.py", "exec"), space)
     return space
 
@@ -392,9 +395,9 @@ def test_setup_builds_the_operators_with_the_installed_torch_and_stops_on_a_brok
     space = _setup_function("installed_torch")
     import torch.utils.cpp_extension as cpp
 
-    includes, libraries, abi = space["installed_torch"]()
+    includes, libraries, abi, version = space["installed_torch"]()
     assert includes == cpp.include_paths() and libraries == cpp.library_paths()
-    assert abi == int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    assert abi == int(torch._C._GLIBCXX_USE_CXX11_ABI) and version == torch.__version__
 
     def interpreter(stderr: str):
         script = tmp_path / "python"
@@ -409,6 +412,58 @@ def test_setup_builds_the_operators_with_the_installed_torch_and_stops_on_a_brok
         space["installed_torch"]()
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
     assert space["installed_torch"]() is None
+
+
+@pytest.mark.skipif(INTERPRET, reason="main process")
+def test_setup_recompiles_an_object_only_when_what_it_includes_changed(tmp_path):
+    """setup.py's stale: a kept object is compiled again when its source, any
+    header of the repository, or (a generated unit) a file it includes is
+    newer than it; otherwise the second build reuses it."""
+    space = _setup_function("stale")
+    files = {name: tmp_path / name for name in ("kernel.cpp", "kernel.o", "header.h", "unit.cpp", "member.cpp")}
+    for t, name in enumerate(("kernel.cpp", "header.h", "member.cpp", "unit.cpp", "kernel.o")):
+        files[name].write_text("")
+        os.utime(files[name], (100 + t, 100 + t))
+    space["HEADERS"] = [str(files["header.h"])]
+    space["UNIT_FILES"] = {str(files["unit.cpp"]): [str(files["member.cpp"])]}
+    obj = str(files["kernel.o"])
+    assert not space["stale"](obj, str(files["kernel.cpp"]))
+    assert not space["stale"](obj, str(files["unit.cpp"]))
+    os.utime(files["member.cpp"], (200, 200))  # a file the unit includes changed: the unit only
+    assert space["stale"](obj, str(files["unit.cpp"])) and not space["stale"](obj, str(files["kernel.cpp"]))
+    os.utime(files["header.h"], (300, 300))  # a header changed: every object
+    assert space["stale"](obj, str(files["kernel.cpp"]))
+    os.utime(obj, (400, 400))
+    os.utime(files["kernel.cpp"], (500, 500))  # the source itself changed
+    assert space["stale"](obj, str(files["kernel.cpp"])) and not space["stale"](obj, str(files["unit.cpp"]))
+
+
+@pytest.mark.skipif(INTERPRET, reason="main process")
+def test_setup_keeps_one_build_directory_per_configuration(monkeypatch):
+    """setup.py's build_key names the kept build directory: the same for the
+    same configuration (pybind11 in a new temporary build environment each
+    time included), another for other flags (FASTVAE_SANITIZE=1), another
+    torch, another source list or another compiler."""
+    from types import SimpleNamespace
+
+    space = _setup_function("build_key")
+
+    def key(env="/tmp/pip-build-env-a", torch_version="2.13.0", flags=("-O3",), sources=("csrc/a.cpp",), cxx=None):
+        monkeypatch.setitem(sys.modules, "pybind11", SimpleNamespace(
+            get_include=lambda: f"{env}/site-packages/pybind11/include", __version__="3.1.0"))
+        if cxx:
+            monkeypatch.setenv("CXX", cxx)
+        else:
+            monkeypatch.delenv("CXX", raising=False)
+        ext = SimpleNamespace(sources=list(sources), extra_compile_args=list(flags), extra_link_args=["-fopenmp"],
+                              define_macros=[], libraries=["torch"], library_dirs=["/venv/torch/lib"],
+                              runtime_library_dirs=["/venv/torch/lib"],
+                              include_dirs=["csrc", f"{env}/site-packages/pybind11/include"])
+        return space["build_key"](ext, torch_version)
+
+    assert key() == key(env="/tmp/pip-build-env-b")
+    assert len({key(), key(flags=("-O3", "-fsanitize=address,undefined")), key(torch_version="2.14.0"),
+                key(sources=("csrc/a.cpp", "csrc/b.cpp")), key(cxx="clang++")}) == 5
 
 
 def test_compiling_covers_what_is_compiling_misses():
@@ -429,3 +484,21 @@ def test_compiling_covers_what_is_compiling_misses():
     with FakeTensorMode():
         assert _backend.compiling()
     assert not _backend.compiling()
+
+
+@pytest.mark.skipif(INTERPRET, reason="main process")
+def test_fastvae_imported_first_makes_openmp_threads_wait_passively():
+    """fastvae/_openmp.py: imported before torch, fastvae sets OMP_WAIT_POLICY=PASSIVE
+    for the OpenMP runtime torch then loads; it keeps a policy the environment
+    set, and changes nothing once torch is loaded (the runtime has read it)."""
+    import subprocess
+
+    def policy(code: str, **env) -> str:
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+        out = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                             env=environ, capture_output=True, text=True, check=True)
+        return out.stdout.split()[-1]
+
+    assert policy("import fastvae") == "PASSIVE"
+    assert policy("import fastvae", OMP_WAIT_POLICY="active") == "active"
+    assert policy("import torch, fastvae") == "None"

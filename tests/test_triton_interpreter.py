@@ -5,7 +5,8 @@ imported, and interpreted and compiled kernels must not share a process, so
 the kernels are tested in a child pytest process; this file only launches it
 and, in the child, the cross-backend comparison of cpp and triton samples.
 conftest.py starts the child at the end of collection, so that it runs beside
-the main process's tests (2 cores: about 7 minutes off the suite's wall time).
+the main process's tests (2 cores: about 7 minutes off the suite's wall time),
+and prints the child's progress lines among the main process's as they come.
 """
 import importlib.util
 import os
@@ -28,13 +29,18 @@ OP_TESTS = interpreter_test_modules()  # every op's test module, and those above
 
 
 def _interpreter_env():
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTVAE_BACKEND="triton")
+    # unbuffered: each line of the child's progress reaches its file when written
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTVAE_BACKEND="triton", PYTHONUNBUFFERED="1")
     return env
 
 
 _PREFIX = "[triton interpreter] "
 _TIMEOUT_S = 2700
-_child: dict = {}  # the running child: "proc", "log" (its output file), "started" (time.monotonic())
+_PROGRESS_EVERY_S = 30  # the child's lines among the main process's: at most this often, not after every test
+# the running child: "proc", "log" (its output file), "out" (that file, open for reading), "started" and
+# "shown" (time.monotonic() of its start and of the last progress shown), "lines" (its complete lines read so far),
+# "pending" (a line it has not finished writing: pytest's dots come a few at a time)
+_child: dict = {}
 
 
 def start_child() -> None:
@@ -49,7 +55,31 @@ def start_child() -> None:
     log = tempfile.NamedTemporaryFile("w+", prefix="fastvae-interpreter-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             text=True)
-    _child.update(proc=proc, log=log, started=time.monotonic())
+    now = time.monotonic()
+    _child.update(proc=proc, log=log, out=open(log.name), started=now, shown=now, lines=[], pending="")
+
+
+def _new_lines(final: bool = False) -> list[str]:
+    """The child's complete output lines written since the last call (all of
+    it, once the child has exited: ``final``), kept in _child["lines"] too."""
+    *complete, _child["pending"] = (_child["pending"] + _child["out"].read()).split("\n")
+    if final and _child["pending"]:
+        complete.append(_child["pending"])
+        _child["pending"] = ""
+    _child["lines"].extend(complete)
+    return complete
+
+
+def show_progress(reporter) -> None:
+    """Writes the child's new output lines through pytest's terminal reporter,
+    at most every _PROGRESS_EVERY_S: conftest.py calls this after each test of
+    the main process, so the interpreter run shows its progress as it goes,
+    not only once the main process reaches the launcher test."""
+    if not _child or time.monotonic() - _child["shown"] < _PROGRESS_EVERY_S:
+        return
+    _child["shown"] = time.monotonic()
+    for line in _new_lines():
+        reporter.write_line(_PREFIX + line)
 
 
 def stop_child() -> None:
@@ -60,31 +90,27 @@ def stop_child() -> None:
     if _child["proc"].poll() is None:
         _child["proc"].kill()
         _child["proc"].wait()
+    _child["out"].close()
     if os.path.exists(_child["log"].name):
         os.unlink(_child["log"].name)
 
 
 @pytest.mark.skipif(INTERPRET, reason="this is the launcher; the child process runs the tests")
 def test_op_tests_under_triton_interpreter(capsys):
-    """The child's output streams to the terminal from its file while this
-    waits (it takes minutes: a silent test looked hung), and its tail is kept
-    for the failure message; a child running past _TIMEOUT_S is killed."""
+    """The child's output streams to the terminal while this waits (what the
+    main process's tests have not shown yet first, then each line as it comes:
+    it takes minutes, and a silent test looked hung), and its tail is kept for
+    the failure message; a child running past _TIMEOUT_S is killed."""
     pytest.importorskip("triton")
     start_child()  # already running when conftest started it
-    proc, log, started = _child["proc"], _child["log"], _child["started"]
+    proc, started = _child["proc"], _child["started"]
     timed_out = False
-    with open(log.name) as out, capsys.disabled():  # past pytest's capture, straight to the terminal
+    with capsys.disabled():  # past pytest's capture, straight to the terminal
         print(f"\n{_PREFIX}the op tests on the Triton kernels, in a child process started at collection "
               f"({len(OP_TESTS)} modules; minutes on 2 cores):", flush=True)
-        lines: list[str] = []
-        pending = ""  # a line the child has not finished writing (pytest's dots come a few at a time)
         while True:
             done = proc.poll() is not None
-            *complete, pending = (pending + out.read()).split("\n")  # what the child wrote since the last read
-            if done and pending:
-                complete.append(pending)
-            for line in complete:
-                lines.append(line + "\n")
+            for line in _new_lines(final=done):
                 print(_PREFIX + line, flush=True)
             if done:
                 break
@@ -94,12 +120,46 @@ def test_op_tests_under_triton_interpreter(capsys):
                 proc.wait()
                 break
             time.sleep(1.0)
-    output = "".join(lines)
+    output = "".join(line + "\n" for line in _child["lines"])
     tail = output[-6000:]
     assert not timed_out, f"interpreter tests killed after {_TIMEOUT_S} s:\n{tail}"
     # exit 5 means no test ran: the interpreter run must have tested something
     assert proc.returncode == 0, f"interpreter tests failed (exit {proc.returncode}):\n{tail}"
     assert " passed" in output, tail
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test of the launcher")
+def test_child_progress_shows_its_complete_lines_every_half_minute(tmp_path, monkeypatch):
+    """show_progress, called after each main-process test: the child's new
+    complete lines, each once, marked as the child's, at most every
+    _PROGRESS_EVERY_S; a line the child is still writing waits for its end
+    (or for the child's exit)."""
+    log = tmp_path / "child.log"
+    log.write_text("")
+    with open(log) as out:
+        child = dict(out=out, shown=time.monotonic(), lines=[], pending="")
+        monkeypatch.setattr(sys.modules[__name__], "_child", child)
+        shown = []
+        reporter = type("Reporter", (), {"write_line": lambda self, line: shown.append(line)})()
+
+        def later():  # as if the interval had passed since the last progress shown
+            child["shown"] -= _PROGRESS_EVERY_S + 1
+
+        log.write_text("tests/a.py ....\n....")
+        show_progress(reporter)
+        assert shown == []  # too soon
+        later()
+        show_progress(reporter)
+        assert shown == [_PREFIX + "tests/a.py ...."]
+        with open(log, "a") as f:
+            f.write("..  [100%]\n1 passed")
+        show_progress(reporter)
+        assert len(shown) == 1  # too soon again
+        later()
+        show_progress(reporter)
+        assert shown[1:] == [_PREFIX + "......  [100%]"]
+        assert _new_lines(final=True) == ["1 passed"]  # the child has exited: its last line, unfinished
+        assert child["lines"] == ["tests/a.py ....", "......  [100%]", "1 passed"]
 
 
 _CHILD_SCRIPT = """
