@@ -28,7 +28,7 @@ OP_MODULES = tuple(sorted({_registry.KERNELS[k].module for op in _registry.OPS.v
 
 # Bottom to top; a module may import its own layer (without a cycle) or any below.
 LAYERS = {
-    "base": ("_dtypes", "_spec", "_families", "_philox", "_oracle_math", "ops"),
+    "base": ("_openmp", "_dtypes", "_spec", "_families", "_philox", "_oracle_math", "ops"),
     "op descriptions": tuple(f"ops.{n}" for n in _registry.FOLDERS),  # each with its oracle (the reference backend's)
     "registry": ("_registry",),
     "backends": ("reference",),  # with kernels/ (Triton) and fastvae._C (C++), outside this package
@@ -37,7 +37,7 @@ LAYERS = {
                    "_noise", "_pareto"),
     "ops": OP_MODULES,
     "distributions": ("distributions", "priors", "latents"),
-    "objectives": ("_decoder", "_plan", "objectives", "evaluation"),
+    "objectives": ("_decoder", "_plan", "_plan_ops", "objectives", "evaluation"),
     "application": ("demo", "__init__", "__main__"),
 }
 

@@ -902,3 +902,124 @@ def test_iwae_columns_split_over_programs_give_the_same_bound(triton_device, mon
     torch.testing.assert_close(lean, general, rtol=1e-12, atol=1e-12)
     for a, b in zip(lean_grads, general_grads):
         assert not torch.isnan(a).any() and _same(a, b)
+
+
+# -- under torch.compile: the plans as graph ops (fastvae/_plan_ops.py) ---------------------
+
+COMPILED_CASES = ("elbo", "elbo sum beta", "elbo none", "iwae", "iwae none k1", "dreg", "stl")
+
+
+def _bound_and_grads(fn, x, leaves):
+    torch.manual_seed(7)  # the compiled objectives draw their seed from torch's generator, as eager ones do
+    bound = fn(x, *leaves)
+    return bound, torch.autograd.grad(bound, leaves, torch.ones_like(bound))
+
+
+@needs_triton
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian mean", "gaussian"])
+@pytest.mark.parametrize("case", COMPILED_CASES)
+def test_compiled_objectives_run_the_plans_kernels(triton_device, likelihood, case):
+    """Under torch.compile on the triton backend the objectives' draw and
+    fused tail are the plan ops: the graph keeps their plans, not the eager
+    path's, and gives the eager plans' bound and gradients (the same kernels;
+    DReG's weights applied by hooks in the graph, by the sampler's kernel in
+    eager mode: the same products). A Gaussian decoder's (mean, logvar) pair
+    takes the general tail after the planned draw."""
+    if case == "dreg" and not objectives.DREG_COMPILES:
+        pytest.skip("estimator='dreg' compiles from torch 2.13 on")
+    kw = dict(CASES[case])
+    fn = getattr(fastvae, kw.pop("fn"))
+
+    def loss(x, mu, logvar, W):
+        return fn(x, mu, logvar, _decoders(W)[likelihood], likelihood=likelihood.split()[0], **kw)
+
+    torch._dynamo.reset()
+    x, leaves = _problem(triton_device, torch.float32)
+    _plan.clear()
+    try:
+        want, want_grads = _bound_and_grads(loss, x, leaves)  # eager: the plans
+        _plan.clear()
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        for _ in range(2):  # the second call: the plans made
+            got, got_grads = _bound_and_grads(compiled, x, leaves)
+        kinds = {key[0] for key in _plan.PLANS}
+    finally:
+        _plan.clear()
+    assert kinds == ({"plan_sample"} if likelihood == "gaussian" else {"plan_sample", "plan_tail"})
+    assert torch.isfinite(got).all() and _same(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.isfinite(a).all() and _same(a, b)
+
+
+@needs_triton
+def test_an_inductor_compiled_step_runs_the_plans_kernels(triton_device):
+    """The same through Inductor, whose generated code calls the plan ops, on a
+    batch that changes (a recompile with a dynamic batch, then plans per size)."""
+    _, (mu0, logvar0, W) = _problem(triton_device, torch.float32)
+
+    def loss(x, mu, logvar):
+        return fastvae.iwae(x, mu, logvar, _decoders(W)["bernoulli"], k=K, likelihood="bernoulli")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    _plan.clear()
+    try:
+        for batch in (B, B - 1):
+            x = (torch.rand(batch, D, generator=torch.Generator().manual_seed(batch)) > 0.5).float().to(triton_device)
+            leaves = [mu0[:batch].detach().clone().requires_grad_(), logvar0[:batch].detach().clone().requires_grad_()]
+            want, want_grads = _bound_and_grads(loss, x, leaves)
+            got, got_grads = _bound_and_grads(compiled, x, leaves)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            for a, b in zip(got_grads, want_grads):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        kinds = [key[0] for key in _plan.PLANS if key[0].startswith("plan_")]
+    finally:
+        _plan.clear()
+    assert sorted(kinds) == ["plan_sample", "plan_sample", "plan_tail", "plan_tail"]
+
+
+@needs_triton
+def test_the_plan_ops_fake_implementations_match_their_kernels(triton_device):
+    """torch.library.opcheck of each plan op: the schema, the fake (meta)
+    implementation's shapes, dtypes and strides against the kernels' outputs."""
+    from fastvae import _plan_ops  # noqa: F401 (registers the ops)
+    ops = torch.ops.fastvae
+    g = torch.Generator().manual_seed(2)
+    mu, logvar = (torch.randn(B, L, generator=g).to(triton_device) for _ in range(2))
+    seed = torch.tensor(5, device=triton_device)
+    x = (torch.rand(B, D, generator=g) > 0.5).float().to(triton_device)
+    out = torch.randn(K, B, D, generator=g).to(triton_device)
+    latent = torch.randn(K, B, generator=g).to(triton_device)
+    kl = torch.rand(B, generator=g).to(triton_device)
+    _plan.clear()
+    try:
+        for k, with_ratio in ((0, False), (K, False), (K, True)):
+            torch.library.opcheck(ops.plan_sample, (mu, logvar, seed, k, with_ratio, True, torch.float32),
+                                  test_utils=("test_schema", "test_faketensor"))
+        grad_z = torch.randn(K, B, L, generator=g).to(triton_device)
+        torch.library.opcheck(ops.plan_sample_backward,
+                              (mu, logvar, seed, grad_z, kl, latent, K, True, True, torch.float32),
+                              test_utils=("test_schema", "test_faketensor"))
+        for reduction in ("mean", "none"):
+            torch.library.opcheck(ops.plan_elbo_tail, (x, out[0], kl, 0.5, "bernoulli", reduction),
+                                  test_utils=("test_schema", "test_faketensor"))
+            torch.library.opcheck(ops.plan_iwae_tail, (x, out, latent, "bernoulli", reduction, True),
+                                  test_utils=("test_schema", "test_faketensor"))
+    finally:
+        _plan.clear()
+
+
+def test_compiled_objectives_take_no_plan_ops_off_the_triton_backend():
+    """On the cpp backend the compiled objectives keep their C++ operators:
+    the plan ops serve the triton backend only."""
+    if INTERPRET:
+        pytest.skip("the cpp backend runs in the main process")
+    fastvae.set_backend(None)
+    torch._dynamo.reset()
+    x, (mu, logvar, W) = _problem("cpu", torch.float32)
+    _plan.clear()
+    compiled = torch.compile(lambda x, mu, logvar: fastvae.elbo(x, mu, logvar, _decoders(W)["bernoulli"],
+                                                                  likelihood="bernoulli"), fullgraph=True)
+    bound = compiled(x, mu, logvar)
+    torch.autograd.grad(bound, (mu, logvar))
+    assert not any(key[0].startswith("plan_") for key in _plan.PLANS)
