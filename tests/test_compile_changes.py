@@ -110,21 +110,25 @@ def _cases():
     likelihoods' shape changes, and mark_dynamic: what can break where (the
     heads take the counts, the tails the shapes), in a few minutes on 2 cores."""
     counts = ("k", "n_samples", "all at once")
-    if INTERPRET:  # the plans' graph ops: every objective they serve after a new k; the shapes for two
-        return ([(o, "bernoulli", "k", False) for o in PLANNED]
-                + [(o, "bernoulli", c, False) for o, c in itertools.product(("elbo", "iwae dreg"), ("batch", "dtype"))]
-                + [(o, "bernoulli", "batch", True) for o in ("elbo", "iwae iwae")])
-    return ([(o, "bernoulli", c, False) for o, c in itertools.product(("elbo", "iwae dreg"), CHANGES)]
-            + [(o, "bernoulli", c, False) for o, c in itertools.product(PLANNED[1:], counts) if o != "iwae dreg"]
-            + [(o, "bernoulli", c, False) for o, c in itertools.product(GENERAL, ("k", "all at once"))]
-            + [(o, lik, c, False) for o, lik, c in itertools.product(("elbo", "iwae dreg"), ("gaussian", "poisson"),
-                                                                      ("batch", "image shape", "all at once"))]
-            + [(o, "bernoulli", "batch", True) for o in ("elbo", "iwae iwae", "iwae dreg")])
+    # the plans' graph ops (triton backend): every objective they serve after a new k; the shapes for two
+    planned = ([(o, "bernoulli", "k", False) for o in PLANNED]
+               + [(o, "bernoulli", c, False) for o, c in itertools.product(("elbo", "iwae dreg"), ("batch", "dtype"))]
+               + [(o, "bernoulli", "batch", True) for o in ("elbo", "iwae iwae")])
+    if INTERPRET:
+        return [(*case, "cpu") for case in planned]
+    cuda = [(*case, "cuda") for case in planned] if torch.cuda.is_available() else []
+    cpp = ([(o, "bernoulli", c, False) for o, c in itertools.product(("elbo", "iwae dreg"), CHANGES)]
+           + [(o, "bernoulli", c, False) for o, c in itertools.product(PLANNED[1:], counts) if o != "iwae dreg"]
+           + [(o, "bernoulli", c, False) for o, c in itertools.product(GENERAL, ("k", "all at once"))]
+           + [(o, lik, c, False) for o, lik, c in itertools.product(("elbo", "iwae dreg"), ("gaussian", "poisson"),
+                                                                     ("batch", "image shape", "all at once"))]
+           + [(o, "bernoulli", "batch", True) for o in ("elbo", "iwae iwae", "iwae dreg")])
+    return cuda + [(*case, "cpu") for case in cpp]
 
 
-@pytest.mark.parametrize("objective,likelihood,change,mark_dynamic", _cases(),
+@pytest.mark.parametrize("objective,likelihood,change,mark_dynamic,device", _cases(),
                          ids=lambda v: v if isinstance(v, str) else ("mark_dynamic" if v is True else None))
-def test_a_compiled_objective_survives_a_change_between_calls(objective, likelihood, change, mark_dynamic):
+def test_a_compiled_objective_survives_a_change_between_calls(objective, likelihood, change, mark_dynamic, device):
     if "dreg" in objective and not objectives.DREG_COMPILES:
         pytest.skip("estimator='dreg' compiles from torch 2.13 on")
     fastvae.set_backend("triton" if INTERPRET else None)
@@ -139,8 +143,9 @@ def test_a_compiled_objective_survives_a_change_between_calls(objective, likelih
         for e in event:
             size *= e
         torch.manual_seed(0)
-        encoder, decoder = Encoder(size, latent).to(dtype), Decoder(latent, event, likelihood, folded).to(dtype)
-        x = _data(batch, event, likelihood, dtype)
+        encoder = Encoder(size, latent).to(device, dtype)
+        decoder = Decoder(latent, event, likelihood, folded).to(device, dtype)
+        x = _data(batch, event, likelihood, dtype).to(device)
         if mark_dynamic:
             torch._dynamo.mark_dynamic(x, 0)
         params = [*encoder.parameters(), *decoder.parameters()]
