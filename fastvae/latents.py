@@ -1128,10 +1128,11 @@ def _torch_temperature(temperature):
     """A torch relaxed distribution's temperature as the records take it. torch
     keeps what it was given: a tensor (detached here: the temperature gets no
     gradient; a 0-d one as a float) or a Python or NumPy float (an annealing
-    schedule's), which the record's checks take as they are."""
+    schedule's), which the record's checks take as they are. Under torch.compile
+    a 0-d one stays a tensor: float() of it is a graph break on torch 2.7."""
     if isinstance(temperature, Tensor):
         lam = temperature.detach()
-        return lam if lam.dim() else float(lam)
+        return lam if lam.dim() or _backend.compiling() else float(lam)
     return temperature
 
 

@@ -824,14 +824,26 @@ def _dreg_z_scale(z: Tensor, latent: Tensor | None, lw: Tensor, alpha: float,
 DREG_COMPILES = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 
 
+@_op.opaque
+def _refuse_compiled_dreg(scale: Tensor) -> None:
+    """The error of estimator='dreg' under torch.compile before torch 2.13
+    (DREG_COMPILES). It is raised inside an opaque call: Dynamo of torch 2.7
+    replaces an exception raised in the code it traces by its own "Observed
+    exception" error, which drops the message; one raised in an opaque call
+    reaches the user as the cause of Dynamo's error, on every version."""
+    raise RuntimeError(
+        f"estimator='dreg' under torch.compile needs torch 2.13 or newer (this is torch {torch.__version__}, "
+        "whose Dynamo cannot trace the gradient hooks DReG registers). Compile the rest of the step and run "
+        "fastvae.iwae outside it (torch.compiler.disable), or use estimator='iwae' or 'stl', which compile")
+
+
 def _dreg_hooks(z: Tensor, latent: Tensor | None, scale: Tensor) -> None:
     """Scales the gradients of z and of the latent term by DReG's ``scale``
     (K, ...) of each sample (_dreg_z_scale says why)."""
     if not DREG_COMPILES and _backend.compiling():
-        raise RuntimeError(
-            f"estimator='dreg' under torch.compile needs torch 2.13 or newer (this is torch {torch.__version__}, "
-            "whose Dynamo cannot trace the gradient hooks DReG registers). Compile the rest of the step and run "
-            "fastvae.iwae outside it (torch.compiler.disable), or use estimator='iwae' or 'stl', which compile")
+        from . import _opaque  # imports torch._dynamo, which fastvae's import does not
+
+        _opaque.call("_refuse_compiled_dreg", (scale,))
     # one trailing dimension per latent event dimension (two for a Concrete z (K, ..., L, C))
     scale_z = scale.reshape(*scale.shape, *(1,) * (z.dim() - scale.dim()))
     if (latent is not None and latent.requires_grad and z.dtype == scale.dtype

@@ -203,3 +203,15 @@ def test_bad_inputs_rows_run_as_written():
         assert kind.endswith("Warning"), f"{code!r} ran without the {kind} the page quotes"
         assert any(type(w.message).__name__ == kind and _matches(str(w.message), quoted) for w in caught), \
             (code, [str(w.message) for w in caught], quoted)
+
+
+def test_the_readme_states_the_torch_floor_that_ci_tests():
+    """The README's supported torch versions start at pyproject.toml's floor,
+    which .ci/compat installs and runs the compile tests on, from .ci/run."""
+    root = PAGE.parents[1]
+    (floor,) = re.findall(r'"torch>=(\d+\.\d+)"', (root / "pyproject.toml").read_text())
+    readme = (root / "README.md").read_text()
+    assert f"**Torch versions.** torch {floor} or newer." in readme
+    assert f"# any torch >= {floor};" in readme
+    assert "bash .ci/compat" in (root / ".ci" / "run").read_text()
+    assert 'torch>=(' in (root / ".ci" / "compat").read_text()  # it reads the floor from pyproject.toml
