@@ -223,7 +223,7 @@ def finite_log_param(t: Tensor, name: str) -> None:
 
 def positive_param(t: Tensor, name: str, zero_ok: bool = False) -> None:
     """Raise when a torch distribution's positive parameter (rate, scale,
-    concentration) is <= 0 or NaN: its log would be NaN or -inf (issue 35).
+    concentration) is <= 0 or NaN: its log would be NaN or -inf.
     zero_ok: only < 0 or NaN raises (a mean or rate of 0, whose log -inf the
     count likelihoods take as the limit)."""
     if not _should_check("positive parameter", t):
