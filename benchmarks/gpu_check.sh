@@ -6,7 +6,8 @@
 #
 # PROBE_DIR: a copy of ../shared/tools/gpu-probe inside the checkout (../shared
 # does not travel to the GPU machine). OUT_DIR: where the logs go. Budgets in
-# seconds: HOST_S (benchmarks/bench_host_cost.py --device cuda --compiled, default 200),
+# seconds: HOST_S (benchmarks/bench_host_cost.py --device cuda --compiled, default 200;
+# HOST_ARGS adds its options, e.g. "--rounds 5 --calls 100"),
 # PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests, default
 # 190). A budget ends its step with SIGINT, so pytest still prints the failures
 # it found. What the 2026-11-26 H200 run taught:
@@ -31,7 +32,7 @@ python3 -c "import fastvae.kernels, fastvae._C" || exit 1
 stamp "installed"
 # the loss's own host time per call with real launches, eager and compiled, whether
 # every planned launch went to the compiled kernel directly, and where the time goes (cProfile)
-timeout -s INT "${HOST_S:-200}" python3 -m benchmarks.bench_host_cost --device cuda --compiled --profile \
+timeout -s INT "${HOST_S:-200}" python3 -m benchmarks.bench_host_cost --device cuda --compiled --profile ${HOST_ARGS:-} \
   --out "$out/host_cost-cuda.json" > "$out/host-cost.log" 2>&1
 stamp "host cost rc $?"
 for section in $sections; do

@@ -1241,8 +1241,8 @@ def test_a_wrong_decoder_shape_names_both_remedies():
 
 _COUNT_DECODERS = {
     "poisson": lambda h: h,
-    "negative_binomial": lambda h: (h, torch.linspace(-1.0, 2.0, h.shape[-1], dtype=h.dtype)),
-    "zinb": lambda h: (h, torch.linspace(-1.0, 2.0, h.shape[-1], dtype=h.dtype), 0.5 - h),
+    "negative_binomial": lambda h: (h, torch.linspace(-1.0, 2.0, h.shape[-1], dtype=h.dtype, device=h.device)),
+    "zinb": lambda h: (h, torch.linspace(-1.0, 2.0, h.shape[-1], dtype=h.dtype, device=h.device), 0.5 - h),
 }
 
 
