@@ -23,12 +23,14 @@ B, L, D, K = 3, 5, 7, 4  # odd sizes: no tile is full
 
 def _same(a, b) -> bool:
     """a equals b bit for bit under the interpreter (IEEE arithmetic in
-    numpy, the reduction's order that of torch's on these sizes). On a GPU the
+    numpy), a reduced bound to 4 ulp (the rows' sum may take another order). On a GPU the
     plans' kernels reduce the bound and divide its gradient themselves
     (kernels/_common.py's bound_epilogue), in an order and with a division of
     their own: there to a few ulp."""
-    if INTERPRET:
+    if INTERPRET and a.dim() > 0:
         return torch.equal(a, b)
+    if INTERPRET:  # a reduced bound: numpy's sum and torch's may add the rows in another order
+        return abs(float(a) - float(b)) <= 4 * torch.finfo(a.dtype).eps * abs(float(b))
     eps = torch.finfo(a.dtype).eps
     torch.testing.assert_close(a, b, rtol=8 * eps, atol=8 * eps * float(b.abs().max()) if b.numel() else 0.0)
     return True
