@@ -10,6 +10,7 @@ and prints the child's progress lines among the main process's as they come.
 """
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,9 @@ def start_child() -> None:
     them; the launcher test then waits for it. Once per session."""
     if _child or INTERPRET or importlib.util.find_spec("triton") is None:
         return
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *[str(ROOT / t) for t in OP_TESTS]]
+    # FASTVAE_INTERPRETER_ARGS: more pytest options for the child (e.g. "--durations=50")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           *shlex.split(os.environ.get("FASTVAE_INTERPRETER_ARGS", "")), *[str(ROOT / t) for t in OP_TESTS]]
     log = tempfile.NamedTemporaryFile("w+", prefix="fastvae-interpreter-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, env=_interpreter_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             text=True)
