@@ -917,8 +917,11 @@ def _bound_and_grads(fn, x, leaves):
     return bound, torch.autograd.grad(bound, leaves, torch.ones_like(bound))
 
 
+LIKELIHOODS = ("bernoulli", "gaussian mean", "gaussian")
+
+
 @needs_triton
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian mean", "gaussian"])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
 @pytest.mark.parametrize("case", COMPILED_CASES)
 def test_compiled_objectives_run_the_plans_kernels(triton_device, likelihood, case):
     """Under torch.compile on the triton backend the objectives' draw and
@@ -929,6 +932,8 @@ def test_compiled_objectives_run_the_plans_kernels(triton_device, likelihood, ca
     takes the general tail after the planned draw."""
     if case == "dreg" and not objectives.DREG_COMPILES:
         pytest.skip("estimator='dreg' compiles from torch 2.13 on")
+    if INTERPRET and (COMPILED_CASES.index(case) + LIKELIHOODS.index(likelihood)) % len(LIKELIHOODS):
+        pytest.skip("the interpreter takes each case with one decoder form (a compile each): on a GPU, all")
     kw = dict(CASES[case])
     fn = getattr(fastvae, kw.pop("fn"))
 
