@@ -59,7 +59,7 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     acc = accumulation_dtype(dtype)
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
     # bounds, KL terms, log-probabilities and log-weights (and their incoming
-    # gradients) are float32 for half-precision inputs (issue 24)
+    # gradients) are float32 for half-precision inputs
     r = lambda *shape: meta(*shape, dtype=acc)  # noqa: E731
     yield from _registry.FOLDERS[_registry.FOLDER_OF[op]].aot_calls(s, m, r)
 
