@@ -34,8 +34,7 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime import jit
 
 from fastvae import _registry
-
-from ._common import accumulation_dtype
+from fastvae._dtypes import accumulation_dtype
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 SMS = {"sm_90": 132, "sm_80": 108}
