@@ -1,10 +1,10 @@
-"""Host time per training call of the objectives (issue 33).
+"""Host time per training call of the objectives.
 
   python -m benchmarks.bench_host_cost [--quick] [--out FILE]                 # no GPU needed
   python -m benchmarks.bench_host_cost --device cuda [--profile] [--out FILE] # on a GPU
   python -m benchmarks.bench_host_cost --compiled [--device cuda] [--profile]  # under torch.compile
 
-On the CPU (the default), the method of ../shared/tools/host-cost/host_cost.py:
+On the CPU (the default), the method of the host-cost tool (benchmarks/README.md):
 the triton backend runs on tiny CPU tensors under TRITON_INTERPRET=1 with every
 Triton launch replaced by a no-op, so what is timed is what the host does
 around the kernels on a GPU (fastvae's Python, the dispatcher, autograd, the

@@ -6,8 +6,8 @@ fastvae._C.randn_fill of 2**22 float32 normals (2**18 with --quick) on one
 thread, interleaved with torch.randn of the same size and with the whole
 sampling op ("sample_normal forward": fastvae.sample_normal's training forward
 of (2**17, 32), inputs requiring grad, outputs allocated), medians in ns per
-normal or element (issue 13's target: <= 0.7 ns; issue 36's: the forward at
-<= 2 ns and at least 2x faster than torch.randn on AVX2). "fastvae" is the
+normal or element (targets: <= 0.7 ns for the noise; the forward at <= 2 ns and at least
+2x faster than torch.randn on AVX2). "fastvae" is the
 noise path the loader picked (fastvae._C.noise_isa()), and every other path
 this CPU runs is timed too, forced (fastvae[portable], ...). The stream is
 shared by every sampler (kernels/philox.py, csrc/philox.cpp); sample_normal's

@@ -1,6 +1,6 @@
 """Benchmark of the log-normal and logistic-normal latents (fastvae.LogNormal,
-fastvae.LogisticNormal: transforms of a normal drawn by the fused sample_normal,
-issue 35): reparameterized sampling, log q(z) and the KL to a standard prior
+fastvae.LogisticNormal: transforms of a normal drawn by the fused sample_normal):
+reparameterized sampling, log q(z) and the KL to a standard prior
 of the same family.
 
 What is measured

@@ -20,7 +20,7 @@ interleaved round-robin in one run, medians in microseconds per call:
              step's: the compiled graph calls the same C++ operators, so it
              should be no slower), and the hand-written loss compiled the same
              way ("eager+compile"), against which the compiled fastvae step's
-             "compiled_over_compiled_eager" is taken (issue 33: at least as
+             "compiled_over_compiled_eager" is taken (the target: at least as
              fast); the compiled rows are left out with --quick, as compiling
              takes most of a minute.
 

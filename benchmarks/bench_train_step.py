@@ -6,7 +6,7 @@ What is measured
 Two models, float32 (and each step again under torch.autocast in bfloat16:
 the "... autocast" cases), decoders returning Bernoulli logits, on random inputs
 (speed does not depend on the values); they are the training steps of the GPU
-probe (../shared/tools/gpu-probe/probe.py), so the suite and the probe time the
+probe (benchmarks/README.md, "Columns"), so the suite and the probe time the
 same steps:
   mlp   the MLP VAE of PyTorch's examples (784-400-20-400-784, ReLU) on
         binarized 784-pixel images. Bernoulli because that is the likelihood
@@ -158,8 +158,8 @@ LOSSES = {"elbo": (handwritten_elbo, fastvae_elbo), "iwae": (handwritten_iwae, f
 
 def under_autocast(loss):
     """The loss with its forward under torch.autocast in bfloat16 (the backward
-    follows the forward's dtypes), on x's device: the mixed-precision step of
-    issue 24, for the hand-written loss and fastvae alike."""
+    follows the forward's dtypes), on x's device: the usual mixed-precision
+    step, for the hand-written loss and fastvae alike."""
     def step(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
             return loss(model, x, k)

@@ -1,7 +1,7 @@
 """Shared pieces of the fastvae benchmarks: timing, the copy-bandwidth roofline,
 memory, run metadata, and the markdown / JSON output.
 
-Conventions (see /work/shared/guide/perf.md): every figure is a median taken in
+Conventions: every figure is a median taken in
 the same run as the baselines and the copy bandwidth it is compared with, because
 these machines are shared and absolute times drift between runs.
 
@@ -191,8 +191,8 @@ def iqr(xs: list[float]) -> float | None:
 
 
 # -- per-call figures ------------------------------------------------------------
-# What ../shared/tools/gpu-probe/probe.py records beside the wall time, so that
-# the suite measures what the probe measures (issue 23): the host's share of a
+# What the GPU probe (benchmarks/README.md, "Columns") records beside the wall
+# time, so that the suite measures what the probe measures: the host's share of a
 # call, what it launches, and the GPU time alone. Written anew for the suite;
 # the method (calls without a sync, torch.profiler's CUDA activity, a CUDA graph
 # captured on a side stream after warm-up and replayed under do_bench) is the probe's.

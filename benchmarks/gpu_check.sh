@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks of a session that is lent a GPU, as one command on that machine
-# (device time is short: one start, then everything). From the repository root:
+# The GPU checks as one command on a GPU machine (device time is short: one
+# start, then everything). From the repository root:
 #
 #   bash benchmarks/gpu_check.sh PROBE_DIR OUT_DIR [probe sections, default: eval train]
 #
-# PROBE_DIR: a copy of ../shared/tools/gpu-probe inside the checkout (../shared
-# does not travel to the GPU machine). OUT_DIR: where the logs go. Budgets in
-# seconds: HOST_S (benchmarks/bench_host_cost.py --device cuda --compiled, default 200;
-# HOST_ARGS adds its options, e.g. "--rounds 5 --calls 100"),
-# PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests, default
-# 190). A budget ends its step with SIGINT, so pytest still prints the failures
-# it found. What the 2026-11-26 H200 run taught:
+# PROBE_DIR: a directory inside the checkout that holds the GPU probe
+# (probe.py, summarize.py; not part of this repository, benchmarks/README.md),
+# so that it travels with the checkout to the GPU machine. OUT_DIR: where the
+# logs go. Budgets in seconds: HOST_S (benchmarks/bench_host_cost.py --device
+# cuda --compiled, default 200; HOST_ARGS adds its options, e.g. "--rounds 5
+# --calls 100"), PROBE_S (each probe section, default 170) and TEST_S (the CUDA
+# tests, default 190). A budget ends its step with SIGINT, so pytest still
+# prints the failures it found. Why the steps are as they are:
 # - install editable: fastvae.kernels is kernels/ (setup.py's package_dir), which
-#   `setup.py build_ext --inplace` alone does not map (every CUDA test failed);
+#   `setup.py build_ext --inplace` alone does not map (every CUDA test would fail);
 # - the probe and the tests need the GPU alone: they run one after the other;
 # - the tests run on every core (pytest-xdist is on the machine's image).
 set -u

@@ -1,4 +1,4 @@
-"""The modules one training call passes through (issue 33's "stops").
+"""The modules one training call passes through (its "stops").
 
   python -m benchmarks.path_trace [--backend triton|cpp] [--json]
 
@@ -10,7 +10,7 @@ module the call had already left is a return. Fewer stops and returns mean a
 path a reader can follow top to bottom.
 
 ``--backend triton`` (default) runs the CUDA code path as
-../shared/tools/host-cost/host_cost.py does: TRITON_INTERPRET=1 with every
+bench_host_cost.py does on the CPU: TRITON_INTERPRET=1 with every
 Triton launch replaced by a no-op. ``--backend cpp`` follows the CPU path.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // Hand-vectorized AVX2 + FMA (8 float lanes) versions of fast_exp and of the
-// Box-Muller transform of philox.h, for the AVX2 noise path (issue 36).
+// Box-Muller transform of philox.h, for the AVX2 noise path.
 //
 // Bit for bit the functions of fastmath.h / philox.h as GCC compiles them in
 // the x86-64-v3 clones: every a * b + c that GCC contracts there is an FMA here

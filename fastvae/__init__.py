@@ -140,13 +140,13 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# the positive latent families (issue 35)
+# the positive latent families
 from .latents import Positive  # noqa: E402
 from .ops.sample_positive.op import sample_positive  # noqa: E402
 
 __all__ += ["sample_positive", "Positive"]
 
-# the relaxed categorical (Concrete / Gumbel-softmax) latents (issue 35)
+# the relaxed categorical (Concrete / Gumbel-softmax) latents
 from .latents import BinaryConcrete, Concrete  # noqa: E402
 from .ops.sample_concrete.op import sample_concrete  # noqa: E402
 

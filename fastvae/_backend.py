@@ -53,10 +53,10 @@ MIN_WORK_PER_THREAD: int | None = None
 # How many functions of fastvae._opaque.call are running. Dynamo runs such a
 # function outside its own trace (on fake tensors), and AOT autograd traces it
 # again, with the backward of its autograd Functions: torch.compiler.is_compiling()
-# is True there only from torch 2.13 on, which holds a flag for the whole compile
-# session. torch 2.11 answered False, and the Triton path launched on a FakeTensor
-# (the H200 probe, issue 33). So compiling() also asks whether a fake tensor mode
-# is active (AOT autograd traces the backward under one), about 0.1 us.
+# is True there only from torch 2.13 on (a flag held for the whole compile); on
+# earlier torch it is False, and a kernel would launch on a FakeTensor. So
+# compiling() also asks whether a fake tensor mode is active (AOT autograd traces
+# the backward under one), about 0.1 us.
 opaque_depth = 0
 _FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 # bound once: compiling() runs on every eager op call, and the attribute lookups were most of its cost
@@ -155,7 +155,7 @@ def use_backend(name: str | None):
 
 # (backend, device type) pairs an override was checked for: set_backend clears
 # _chosen, and a loop that enters use_backend every step (as the host-cost
-# tool does) would otherwise check again on every call (issue 33)
+# tool does) would otherwise check again on every call
 _VALID: set[tuple[str, str]] = set()
 
 

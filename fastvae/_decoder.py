@@ -16,7 +16,7 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
   fastvae warns when every value it reads lies in [0, 1]), for x binary or in
   [0, 1] (it warns when x leaves [0, 1]).
 - likelihood="categorical": decode(z) returns logits (*x.shape, C) for x of
-  integer class indices (issue 27; fastvae/ops/categorical_log_prob/op.py).
+  integer class indices (fastvae/ops/categorical_log_prob/op.py).
 - likelihood="continuous_bernoulli": decode(z) returns logits, for x in
   [0, 1] (the normalized continuous Bernoulli; fastvae/ops/bernoulli_likelihood/op.py).
 - likelihood="poisson" / "negative_binomial" / "zinb" (counts): decode(z)

@@ -1,4 +1,4 @@
-"""The samplers' families (issue 35): a kernel's ``family`` argument is the
+"""The samplers' families: a kernel's ``family`` argument is the
 position of the family's name in these tuples, a compile-time variant of the
 C++ and Triton kernels.
 

@@ -6,7 +6,7 @@ reads, and a compiled step checks those guards at every call. Traced whole,
 the digits ELBO step (fastvae.demo) guarded on 224 sources, 170 of them
 fastvae's (the modules, tables and helpers of its checks and of the op
 dispatch); the hand-written step guards on 34, and the difference cost the
-compiled step about 4% (issue 33). So the objectives call
+compiled step about 4%. So the objectives call
 the steps before and after the decoder through ``call``, which Dynamo puts
 in its graph as one opaque call (torch._dynamo.nonstrict_trace) with a guard
 on each argument only; AOT autograd then traces the function, fastvae's

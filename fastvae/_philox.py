@@ -3,8 +3,8 @@
 with int64 tensor arithmetic so that the oracles draw exactly the kernels'
 bits; the normals of Box-Muller on them (``philox_randn``, and the reference
 backend's ``randn_fill`` and ``uniform_fill``, which fastvae.reference
-serves); and the one word per element the samplers of issue 35 map into the
-open (0, 1) (``philox_word``, ``open_uniforms``: csrc/philox.h's in C++).
+serves); and the one word per element that the other latent families'
+samplers map into the open (0, 1) (``philox_word``, ``open_uniforms``: csrc/philox.h's in C++).
 
 The base layer (docs/architecture.md, "Layers"): it imports nothing of
 fastvae, so the reference backend (sample_normal's normals) and the op

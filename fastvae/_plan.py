@@ -1,4 +1,4 @@
-"""The objectives' lean per-call path on the triton backend (issue 33): plans.
+"""The objectives' lean per-call path on the triton backend: plans.
 
 A training loop calls ``fastvae.elbo`` / ``fastvae.iwae`` with the same
 metadata step after step: the same shapes, dtypes and device, the same
@@ -40,7 +40,7 @@ float32, the likelihood kernels' variants of the decoder output's dtype.
 
 Launches go through each kernel's ``run`` with the planned grid and
 parameters: ``InterpretedFunction.run`` under TRITON_INTERPRET=1 (the CPU
-proxy, ../shared/tools/host-cost), ``JITFunction.run`` on CUDA for the first
+proxy of the host cost, benchmarks/bench_host_cost.py), ``JITFunction.run`` on CUDA for the first
 call of a plan, then the compiled kernel's launcher directly (``Launch``).
 """
 from __future__ import annotations

@@ -75,8 +75,8 @@ CPP_CONTROLS = ("noise_isa", "noise_isas", "set_noise_isa", "philox_words")
 
 # Test modules above the ops that reach a Triton kernel: run under the
 # interpreter too, next to every op's own test module.
-# test_launches.py counts what each call launches on the CUDA path (issue 23);
-# test_double_backward.py checks every op's create_graph gradient (issue 25).
+# test_launches.py counts what each call launches on the CUDA path;
+# test_double_backward.py checks every op's create_graph gradient.
 INTERPRETED_TESTS = tuple(f"tests/test_{name}.py" for name in (
     "philox", "objectives", "evaluation", "priors", "launches", "double_backward", "value_checks", "autocast",
     "layouts", "plan", "latents", "compile_changes"))

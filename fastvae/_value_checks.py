@@ -1,4 +1,4 @@
-"""Checks of argument values that catch the common silent mistakes (issue 26):
+"""Checks of argument values that catch the common silent mistakes:
 probabilities passed as Bernoulli logits (a decoder that ends in a sigmoid),
 data outside [0, 1] under the Bernoulli likelihood, a non-positive ``scale``.
 
@@ -213,7 +213,7 @@ def positive_scale(scale: Tensor, name: str = "scale") -> None:
 def finite_log_param(t: Tensor, name: str) -> None:
     """Raise when a log-space parameter (a positive latent family's log rate,
     log scale, log concentration, log a or log b) holds a NaN or an infinity:
-    the sample and log q would be NaN or infinite (issue 35)."""
+    the sample and log q would be NaN or infinite."""
     if not _should_check("log parameter", t):
         return
     lo, hi = _range(t)
@@ -235,7 +235,7 @@ def positive_param(t: Tensor, name: str, zero_ok: bool = False) -> None:
 
 def concrete_logits(t: Tensor, name: str = "logits") -> None:
     """Raise when a relaxed categorical's logits hold a NaN or +inf, or when a
-    latent has every category masked (-inf): z would be NaN (issue 35)."""
+    latent has every category masked (-inf): z would be NaN."""
     if not _should_check("concrete logits", t) or t.numel() == 0:
         return
     d = t.detach()

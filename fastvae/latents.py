@@ -1,4 +1,4 @@
-"""Latent families beyond the Gaussian (issue 35): posteriors (and priors)
+"""Latent families beyond the Gaussian: posteriors (and priors)
 that the objectives and the evaluation take wherever a DiagonalNormal goes.
 
 - ``LocationScale(family, loc, log_scale)``: z = loc + exp(log_scale) * e with
@@ -558,7 +558,7 @@ def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | L
 
 
 # --------------------------------------------------------------------------
-# The positive inverse-CDF families (issue 35): exponential, Weibull, Kumaraswamy
+# The positive inverse-CDF families: exponential, Weibull, Kumaraswamy
 # --------------------------------------------------------------------------
 
 
@@ -781,7 +781,7 @@ def _positive_from_torch(q: Distribution) -> Positive | None:
 
 
 # --------------------------------------------------------------------------
-# The relaxed categorical (issue 35): Concrete / Gumbel-softmax, straight-through
+# The relaxed categorical: Concrete / Gumbel-softmax, straight-through
 # --------------------------------------------------------------------------
 
 

@@ -129,7 +129,7 @@ class _ReducedDifference(torch.autograd.Function):
     division, g / (n, -n), that gives both gradients as two contiguous rows of
     one tensor: autograd's own backward of sub and mean is two launches (the
     mean's division, then the sub's negation), and on the CUDA path every
-    launch costs host time (issue 23)."""
+    launch costs host time."""
 
     @staticmethod
     def forward(ctx, a, b, n):

@@ -10,7 +10,7 @@
   seed 000), differentiable in both; the encoder runs on the pseudo-inputs once
   per log_prob call.
 - a learned diagonal prior is a ``fastvae.DiagonalNormal`` of shape (L,).
-- a torch.distributions object (``TorchPrior`` wraps it; issue 35): a torch
+- a torch.distributions object (``TorchPrior`` wraps it): a torch
   ``Normal`` or ``Independent(Normal, 1)`` over L becomes a DiagonalNormal of
   shape (L,) (so Gaussian posteriors keep the fused analytic KL), any other
   (Laplace(0, 1), Uniform, Gumbel, LogNormal, ...) is used through its
@@ -166,7 +166,7 @@ class TorchPrior:
             lam = torch.tensor(float(base.temperature), dtype=base.logits.dtype, device=base.logits.device)
             base = type(base)(lam, logits=base.logits)
             dist = Independent(base, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else base
-        # a categorical's z (..., L, C) has two latent dimensions (issue 35's Concrete)
+        # a categorical's z (..., L, C) has two latent dimensions (a Concrete's)
         self.z_dims = 2 if isinstance(base, (RelaxedOneHotCategorical, OneHotCategorical)) else 1
         self.categorical = type(base) in (OneHotCategorical, Bernoulli)  # pmfs: no density at a relaxed z
         if len(dist.event_shape) > self.z_dims:

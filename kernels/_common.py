@@ -1,7 +1,7 @@
 """What the Triton kernels share: the accumulation dtype, the launch geometry,
 and the numerically safe softplus / sigmoid.
 
-Geometry (docs/triton.md, issue 23). Tiles of a few thousand elements at 4-8
+Geometry (docs/triton.md). Tiles of a few thousand elements at 4-8
 warps a program, so that each thread keeps several independent loads in
 flight; at least one wave over an H100's 132 SMs where the problem has a tile
 per SM, and fewer, full programs below that rather than many near-empty ones;
@@ -123,7 +123,7 @@ def sigmoid(r):
     return tl.where(r >= 0.0, s, e * s)
 
 
-# -- issue 23: one launch a pass (appended helpers) ----------------------------
+# -- one launch a pass ------------------------------------------------------------
 
 # One program per SM of an H100: a backward whose tiles over rows reach this
 # many programs loops over every sample in one program (no split over samples).
@@ -235,7 +235,7 @@ def arrive_last(counter_ptr, splits):
 # a sum. On the plans' path (fastvae/_plan.py) the likelihood and log-mean-exp
 # kernels do that in their epilogue instead of three torch ops after them (a
 # subtraction, a mean, and in the backward a division), each a launch and
-# about 10 us of host time on a GPU (issue 33). TERM and REDUCE are
+# about 10 us of host time on a GPU. TERM and REDUCE are
 # compile-time switches: off, the epilogue is the plain store the kernels
 # always made, so the ops' own launches are unchanged. The rows' sum is
 # deterministic: each program stores its partial sum, and the last to arrive

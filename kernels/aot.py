@@ -34,8 +34,7 @@ from triton.compiler.compiler import ASTSource, make_backend
 from triton.runtime import jit
 
 from fastvae import _registry
-
-from ._common import accumulation_dtype
+from fastvae._dtypes import accumulation_dtype
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 SMS = {"sm_90": 132, "sm_80": 108}
@@ -59,7 +58,7 @@ def calls(op: str, s: dict, dtype: torch.dtype):
     acc = accumulation_dtype(dtype)
     m = lambda *shape: meta(*shape, dtype=dtype)  # noqa: E731
     # bounds, KL terms, log-probabilities and log-weights (and their incoming
-    # gradients) are float32 for half-precision inputs (issue 24)
+    # gradients) are float32 for half-precision inputs
     r = lambda *shape: meta(*shape, dtype=acc)  # noqa: E731
     yield from _registry.FOLDERS[_registry.FOLDER_OF[op]].aot_calls(s, m, r)
 

@@ -107,7 +107,7 @@ def assert_compiled_matches_eager(fn, args, params, *, torch_seed=0, rtol=1e-5, 
         torch.testing.assert_close(a, b, rtol=grad_rtol, atol=atol)
 
 
-# -- decoders that fold the samples into the batch (issue 39) -------------------
+# -- decoders that fold the samples into the batch ------------------------------
 
 FOLDED_FORMS = ("mean", "mean_logvar", "mean_channel_logvar", "normal", "independent_normal", "logits",
                 "bernoulli_probs", "continuous_bernoulli", "categorical", "poisson", "negative_binomial", "zinb",

@@ -1,5 +1,5 @@
 """Every objective and evaluation function under torch.autocast("cpu",
-torch.bfloat16) (issue 24): float32 bounds, KL terms and log-weights, gradients
+torch.bfloat16): float32 bounds, KL terms and log-weights, gradients
 in each input's dtype, and the bound equal to the float32 bound computed on the
 same half-precision-rounded encoder and decoder outputs, to float32
 accumulation error (not to bfloat16 rounding).
@@ -294,7 +294,7 @@ def test_compiled_iwae_under_autocast_matches_eager():
         torch.testing.assert_close(b, a, rtol=3e-2, atol=1e-2)
 
 
-# -- the latent families beyond the Gaussian (issue 35) ---------------------------
+# -- the latent families beyond the Gaussian ----------------------------------------
 # The encoder's bfloat16 outputs become a location-scale (Laplace), a positive
 # (Weibull) or a relaxed-categorical (Concrete, relaxed and straight-through)
 # posterior; the decoder takes z (flattened over the categories for the

@@ -258,10 +258,11 @@ def test_every_op_has_thread_count_and_fallback_cases():
 @pytest.mark.skipif(not _backend.cpp_available(), reason="needs the cpp extension")
 @pytest.mark.parametrize("path", ["eager", "function"])
 def test_cpp_results_do_not_depend_on_the_thread_count(monkeypatch, path):
-    """Issue 25: logmeanexp, importance_weights, effective_sample_size and the
-    mixture_log_prob backward differed in the last bits between 1 and 2 threads
-    (the ESS by up to 0.055), so a DataLoader worker (one thread) disagreed with
-    its parent. Every reduction now cuts its work by the shape alone: identical
+    """A reduction that split its work by the thread count would differ in the
+    last bits between 1 and 2 threads (the ESS by up to 0.055), and a
+    DataLoader worker (one thread) would disagree with its parent. Every
+    reduction (logmeanexp, importance_weights, effective_sample_size, the
+    mixture_log_prob backward) cuts its work by the shape alone: identical
     bits for 1, 2 and 4 threads, values and gradients, on the C++ operators'
     eager path and through the Functions."""
     if path == "function":
@@ -313,13 +314,13 @@ def _every_op_call():
 
 @pytest.mark.parametrize("path", ["cpu", "cuda-python"])
 def test_every_op_falls_back_without_the_extension(monkeypatch, path):
-    """Issue 25: gaussian_log_prob and bernoulli_log_prob asked fastvae._C for
-    the thread count before looking at the backend, so without the extension
-    they raised (with more than one thread) instead of falling back, on CUDA
-    tensors too. Every op and objective now runs without _C: on the CPU on the
-    reference backend (with the missing-extension warning), and through the
-    CUDA path's Python (backend "triton", its kernels replaced here by the
-    reference's, since no GPU is needed to reach them), matching the reference."""
+    """No op asks fastvae._C for anything (the thread count, say) before
+    looking at the backend, which would raise without the extension instead of
+    falling back, on CUDA tensors too. Every op and objective runs without _C:
+    on the CPU on the reference backend (with the missing-extension warning),
+    and through the CUDA path's Python (backend "triton", its kernels replaced
+    here by the reference's, since no GPU is needed to reach them), matching
+    the reference."""
     expected = {}
     with fastvae.use_backend("reference"):
         expected = {name: call() for name, call in _every_op_call().items()}

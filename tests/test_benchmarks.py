@@ -346,10 +346,10 @@ def test_the_suite_runs_every_benchmark_file():
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_path_trace_counts_the_stops_of_a_training_call(backend):
-    """benchmarks/path_trace.py (issue 33's stops): every stop is at a fastvae
+    """benchmarks/path_trace.py (the stops of a call): every stop is at a fastvae
     module, the per-module counts add up to the stops, the call starts and ends
     in objectives.py, and the CUDA code path (plans) enters no module more than
-    twice (issue 33's target: down to the plan and back, then the backward),
+    twice (the target: down to the plan and back, then the backward),
     the numbers docs/architecture.md quotes."""
     import importlib.util
     import os

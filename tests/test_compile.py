@@ -73,7 +73,7 @@ def test_full_covariance_step_compiles_fullgraph_and_matches_eager():
 
 
 def test_both_terms_objects_name_the_bound_bound_and_elbo_stays_an_alias():
-    """ELBOTerms and IWAETerms share .bound (issue 26); ELBOTerms.elbo is a
+    """ELBOTerms and IWAETerms share .bound; ELBOTerms.elbo is a
     deprecated alias that warns in eager mode and traces under fullgraph."""
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ def test_compiled_objectives_match_eager(objective):
 def test_compiled_objectives_guard_on_few_fastvae_globals(objective):
     """Dynamo traces the decoder and a few lines of fastvae: its guards name
     none of the modules of the checks and the ops (traced whole, the digits
-    ELBO step guarded on 170 fastvae sources, which cost it 4%, issue 33)."""
+    ELBO step guarded on 170 fastvae sources, which cost it 4%)."""
     fastvae._backend.set_backend(None)
     torch._dynamo.reset()
     model, x = TinyVAE(), torch.randn(8, 12)

@@ -47,7 +47,7 @@ def test_readme_code_blocks_run():
 
 
 def test_ci_runs_the_readmes_test_command_in_a_fresh_venv():
-    """CI on a clean machine (issue 22): .ci/run runs the README's test command
+    """CI on a clean machine: .ci/run runs the README's test command
     word for word, inside a venv it makes itself, and .ci/sanitize installs the
     build requirements its own setup.py call needs."""
     root = PAGE.parents[1]

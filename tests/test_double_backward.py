@@ -1,4 +1,4 @@
-"""Double backward (create_graph=True), issue 25 item 1: every op with a closed
+"""Double backward (create_graph=True): every op with a closed
 form passes torch.autograd.gradgradcheck in float64 on every backend, through
 the C++ operators (eager cpp) and the Python Functions alike; mixture_log_prob
 and the DReG encoder gradient raise an error that names them when
@@ -148,7 +148,7 @@ def test_sampler_stop_score_matches_a_detached_reference(backend, path):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-def test_the_issue_reproducer(backend, path):
+def test_a_gradient_penalty_on_the_kl_gradient(backend, path):
     """A gradient penalty on the KL's gradient: (kl + |g|^2) gives 3 mu, as torch does."""
     _, device = backend
     mu = _leaf(torch.randn(3, 4, dtype=F64), device)
@@ -326,7 +326,7 @@ def test_discretized_logistic_mixture_log_prob_raises_a_named_error_when_differe
 
 
 def test_sample_concrete_raises_a_named_error_when_differentiated_twice(backend):
-    """issue 35: the relaxed categorical's backward is a kernel
+    """The relaxed categorical's backward is a kernel
     (fastvae/ops/sample_concrete/test_sample_concrete.py)."""
     _, device = backend
     g = torch.Generator().manual_seed(8)

@@ -655,7 +655,7 @@ def test_degenerate_weights_are_flagged():
         log_likelihood(x, bad_encode, decode, k=200, likelihood="gaussian", generator=gen(0), return_stats=True)
 
 
-# -- chunk sizing and what a chunk launches (issue 23) ----------------------------------
+# -- chunk sizing and what a chunk launches -------------------------------------------
 
 
 @main_process_only
@@ -796,7 +796,7 @@ def test_a_chunk_merges_its_states_in_one_launch(monkeypatch):
     assert sorted(five_k[1]) == sorted(one_k[1] + ["cat"] * 4), (sorted(five_k[1]), sorted(one_k[1]))
 
 
-# -- Pareto k̂ (issue 26) ------------------------------------------------------------------
+# -- Pareto k̂ ----------------------------------------------------------------------------
 
 
 @main_process_only
@@ -901,7 +901,7 @@ def test_gaussian_halves_of_one_decoder_output_read_in_place(backend):
     assert torch.equal(got, want)
 
 
-# -- issue 27: the categorical and continuous Bernoulli likelihoods -----------------
+# -- the categorical and continuous Bernoulli likelihoods --------------------------
 
 
 @pytest.mark.parametrize("likelihood", ["categorical", "continuous_bernoulli"])
@@ -945,7 +945,7 @@ def test_categorical_and_continuous_bernoulli_log_likelihood_match_oracle(backen
 
 @pytest.mark.parametrize("form", INTERPRETER_FOLDED_FORMS if INTERPRET else FOLDED_FORMS)
 def test_evaluation_reads_decoders_that_fold_the_samples(backend, form):
-    """Issue 39: a decoder that returns (S·B, *event) rows for z (S, B, L), in
+    """A decoder that returns (S·B, *event) rows for z (S, B, L), in
     any output form, gives log_likelihood (chunked, with a last chunk of one
     sample and the decoder-width probe), reconstruction_probability and
     evaluate exactly what the contract's shape gives."""
@@ -971,7 +971,7 @@ def test_evaluation_reads_decoders_that_fold_the_samples(backend, form):
         assert torch.equal(got, want), (form, i, got, want)
 
 
-# -- warnings a user sees (issue 37, 39) ------------------------------------------------
+# -- warnings a user sees ----------------------------------------------------------------
 
 
 def _degenerate(backend_device="cpu"):

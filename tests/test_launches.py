@@ -1,4 +1,4 @@
-"""What one call launches on the CUDA path, counted without a GPU (issue 23).
+"""What one call launches on the CUDA path, counted without a GPU.
 
 On a GPU every launch costs host time (on the H100's host about 18 us for a
 Triton launch and 10 us for a torch op), and at training sizes the count of
@@ -120,7 +120,7 @@ def _cases():
         "elbo gaussian": objective(fastvae.elbo, decode=dec_gaussian, likelihood="gaussian"),
         "iwae": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli"),
         "iwae dreg": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg"),
-        # issue 39: a KL warm-up's 0-d tensor beta (beta=1.0, the default, is the untempered path above)
+        # a KL warm-up's 0-d tensor beta (beta=1.0, the default, is the untempered path above)
         "iwae tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", beta=torch.tensor(0.5)),
         "iwae dreg tempered": objective(fastvae.iwae, decode=dec, k=K, likelihood="bernoulli", estimator="dreg",
                                         beta=torch.tensor(0.5)),
@@ -129,7 +129,7 @@ def _cases():
 
 CASES = _cases()
 
-# Issue 23's targets, lowered by issue 33's fused bound: all launches of one
+# The targets (the bound fused into the kernels): all launches of one
 # forward + backward (Triton and other kernels).
 OBJECTIVE_LIMITS = {"elbo bernoulli": 5, "elbo gaussian": 5, "iwae": 7, "iwae dreg": 8}
 # Where a target is not met yet, what is launched today (a ceiling that must not
@@ -187,7 +187,7 @@ def test_objective_launches_do_not_grow(counter, name):
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(n in NOT_YET, reason="issue 23 target not met yet", strict=True))
+    pytest.param(n, marks=pytest.mark.xfail(n in NOT_YET, reason="launch target not met yet", strict=True))
     for n in OBJECTIVE_LIMITS])
 def test_objective_launches_meet_the_target(counter, name):
     total, detail = _objective_total(counter, name)

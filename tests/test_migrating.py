@@ -1,5 +1,5 @@
 """docs/migrating.md runs as written, and each of its patterns gives the
-script's own loss (issue 39).
+script's own loss.
 
 Each section's blocks run after the page's first block, in a namespace of
 their own. The check then feeds the noise fastvae drew (for a call made after
@@ -110,7 +110,7 @@ def test_classic_bce_kld_vae():
 
 
 def test_sigmoid_decoder_warns_then_works_as_bernoulli_probs():
-    """Issue point 1: the sigmoid decoder under likelihood="bernoulli" warns,
+    """The sigmoid decoder under likelihood="bernoulli" warns,
     naming both fixes; the Bernoulli(probs=) fix gives the script's loss."""
     ns = run_section("The classic MLP VAE: BCE + KLD", "Decoders that end in a sigmoid")
     x = to_float64(ns)
@@ -126,7 +126,7 @@ def test_sigmoid_decoder_warns_then_works_as_bernoulli_probs():
 
 
 def test_mse_plus_kld_weight_is_a_scaled_gaussian_elbo():
-    """Issue point 3: mse + w KL = (2/D)(-ELBO_beta) - log 2 pi with beta = w D / 2,
+    """mse + w KL = (2/D)(-ELBO_beta) - log 2 pi with beta = w D / 2,
     and = w (-ELBO) - (w D / 2) log(2 pi sigma^2) at the fixed sigma^2 = w D / 2;
     the learned variance at that value is the same likelihood."""
     ns = run_section("`F.mse_loss` + `kld_weight`: a Gaussian likelihood")
@@ -190,7 +190,7 @@ def test_iwae_of_expanded_copies_equals_encoding_once():
 
 
 def test_encoders_that_sample():
-    """Issue point 5: the restructured step gives the script's loss, and the
+    """The restructured step gives the script's loss, and the
     sampling encoder passed as it is gets an error naming the fix."""
     ns = run_section("Encoders that sample")
     x = to_float64(ns)
@@ -213,7 +213,7 @@ def test_encoders_that_sample():
 
 
 def test_kl_warmup_with_beta():
-    """Issue point 2: fastvae.iwae(beta=) gives the warm-up script's tempered
+    """fastvae.iwae(beta=) gives the warm-up script's tempered
     IWAE loss; fastvae.elbo(beta=) the warm-up ELBO."""
     ns = run_section("KL warm-up with `beta=`")
     x = to_float64(ns)
@@ -234,7 +234,7 @@ def test_kl_warmup_with_beta():
 
 
 def test_conv_decoder_folding_the_samples():
-    """Issue point 4: the folded conv decoder gives the reshaped one's bound bit
+    """The folded conv decoder gives the reshaped one's bound bit
     for bit, and both the hand-written IWAE's."""
     ns = run_section("Convolutional decoders that fold the samples into the batch")
     x = to_float64(ns)

@@ -136,7 +136,7 @@ def test_elbo_matches_torch_distributions(backend, p, n_samples, beta, reduction
               sum(grads(expected[0], mu, logvar, model), ()))
 
 
-# beta: the tempered log-weights (issue 39), as a Python float or a 0-d tensor schedule
+# beta: the tempered log-weights, as a Python float or a 0-d tensor schedule
 betas = st.tuples(st.sampled_from([1.0, 1.0, 0.3, 0.0, 2.5]), st.booleans())
 
 
@@ -196,7 +196,7 @@ def test_dreg_matches_explicit_formula_and_hooked_reference(backend, p, k, alpha
     check_all("dreg encoder", [dmu, dlv], [emu, elv])
     check_all("dreg decoder", ddec, edec)
 
-    # the reference the issue names: the IWAE objective with a hook on z
+    # the usual hand-written DReG: the IWAE objective with a hook on z
     z = mu + torch.exp(logvar / 2) * eps
     log_q_stopped = D.Normal(mu.detach(), torch.exp(logvar.detach() / 2)).log_prob(z).sum(-1)
     lw_h = ref_log_lik(model, x, z) + beta * (D.Normal(0.0, 1.0).log_prob(z).sum(-1) - log_q_stopped)
@@ -307,7 +307,7 @@ def test_dreg_is_unbiased_with_lower_variance(k):
                     "checks it; the Triton DReG gradients match the formula in test_dreg_matches_explicit_formula")
 @pytest.mark.parametrize("beta", [0.3, 2.0])
 def test_dreg_stays_unbiased_for_the_tempered_bound(beta):
-    """Issue 39: with beta != 1 DReG's encoder gradient has the plain IWAE
+    """With beta != 1 DReG's encoder gradient has the plain IWAE
     gradient's mean for the tempered bound, which the factor (1 - beta) + beta
     w~ needs: the untempered w~^2 alone would be biased (checked too)."""
     n, k = 20000, 8
@@ -502,8 +502,8 @@ def test_shape_errors_name_the_argument():
     ("cpu", TypeError, "generator must be a torch.Generator or None, got str"),
 ])
 def test_a_bad_generator_is_named(bad, err, match):
-    """Issue 25: generator=5 or "cpu" gave AttributeError: 'int' object has no
-    attribute 'device'. Every function that takes a generator names it."""
+    """generator=5 or "cpu" is not an AttributeError ('int' object has no
+    attribute 'device'): every function that takes a generator names it."""
     x, mu, logvar, model = make_problem(3, 2, 4, "gaussian")
     mu, logvar = mu.detach(), logvar.detach()
     calls = [
@@ -520,8 +520,9 @@ def test_a_bad_generator_is_named(bad, err, match):
 
 
 def test_scalar_flags_are_checked():
-    """Issue 25: event_dims="3" gave a TypeError about '>=' between int and str,
-    and keepdim="yes", event_dims=True and event_dims=1.0 passed silently."""
+    """event_dims="3" is no TypeError about '>=' between int and str, and
+    keepdim="yes", event_dims=True and event_dims=1.0 do not pass silently:
+    each is named."""
     x = torch.rand(2, 3, 4, dtype=torch.float64)
     for bad, err in (("3", TypeError), (True, TypeError), (1.0, TypeError), (0, ValueError)):
         for call in (lambda bad=bad: fastvae.gaussian_log_prob(x, x, event_dims=bad),
@@ -539,10 +540,10 @@ def test_scalar_flags_are_checked():
 
 
 def test_a_prior_of_another_latent_size_gets_one_message(backend):
-    """Issue 25: a prior over the wrong latent size said "the prior is over 4
-    latent dimensions..." in the objectives but "z of shape (4, 5, 3) must end in
-    the latent dim L=4 of means (4, 4)" in log_likelihood, and a VampPrior whose
-    encoder returns L + 1 gave the mixture op's message. One message everywhere."""
+    """A prior over the wrong latent size gets one message everywhere: in the
+    objectives, in log_likelihood (not "z of shape (4, 5, 3) must end in the
+    latent dim L=4 of means (4, 4)"), and for a VampPrior whose encoder returns
+    L + 1 (not the mixture op's message)."""
     _, device = backend
     x, mu, logvar, model = make_problem(3, 2, 4, "gaussian", device=device)
     mu, logvar = mu.detach(), logvar.detach()
@@ -590,10 +591,10 @@ def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimat
 def test_objectives_compile_where_is_compiling_is_false_in_traced_functions(backend, objective, monkeypatch):
     """torch before 2.13 answers torch.compiler.is_compiling() False inside a
     nonstrict_trace-d function and in AOT autograd's trace of its backward:
-    with torch 2.11 on an H200 the compiled objectives launched Triton on a
-    FakeTensor (issue 33). With torch 2.13's compile-session flag switched
-    off, the compiled objectives still give eager's bound and gradients, on
-    every backend (under the interpreter: the CUDA path's Triton ops)."""
+    a check of it alone would launch Triton on a FakeTensor. With torch 2.13's
+    flag for the whole compile (_compile_session_context) switched off, the
+    compiled objectives still give eager's bound and gradients, on every
+    backend (under the interpreter: the CUDA path's Triton ops)."""
     if hasattr(torch.compiler, "_compile_session_context"):
         monkeypatch.setattr(torch.compiler, "_compile_session_context", contextlib.nullcontext)
     device = backend[1]
@@ -679,7 +680,7 @@ def test_evaluation_refuses_a_k_beyond_the_noise_stream():
                                k=2**63, likelihood="gaussian")
 
 
-# -- the latent log-ratio from the sampler (issue 15: a collapsed posterior) ---------
+# -- the latent log-ratio from the sampler (a collapsed posterior) ------------------
 
 
 def _linear_decoder(D, L, dtype, seed=5, device="cpu"):
@@ -788,11 +789,12 @@ def _exact_stop_score_gradients(x, W, mu, logvar, eps, weight, dtype):
                                                  (torch.float64, -100.0), (torch.float64, -1e4)])
 @pytest.mark.parametrize("estimator", ["dreg", "stl"])
 def test_dreg_and_stl_gradients_of_a_collapsed_posterior(backend, estimator, dtype, logvar_value):
-    """Issue 25: DReG's and STL's encoder gradients were NaN for float32 logvar <=
-    -89 (float64: -1e4), from (z - mu) * exp(-logvar) = 0 * inf, and wrong at -35
-    (dlogvar 0.063 against 0.095). The score term comes from the regenerated eps:
-    dlogvar equals the exact float64 value from eps, and so does dmu, whose exact
-    value grows as 1 / sigma (its rounding, +-inf, once that overflows)."""
+    """DReG's and STL's encoder gradients are finite and right for a collapsed
+    posterior: (z - mu) * exp(-logvar) would be 0 * inf = NaN for float32
+    logvar <= -89 (float64: -1e4), and wrong at -35 (dlogvar 0.063 against
+    0.095). The score term comes from the regenerated eps: dlogvar equals the
+    exact float64 value from eps, and so does dmu, whose exact value grows as
+    1 / sigma (its rounding, +-inf, once that overflows)."""
     name, device = backend
     B, L, D, k = 4, 3, 6, 7
     g = torch.Generator().manual_seed(0)
@@ -842,7 +844,7 @@ def test_scalars_as_users_have_them():
 @pytest.mark.parametrize("objective", dreg_compile_cases(["elbo", "iwae dreg"]))
 def test_a_tensor_beta_recompiles_nothing(objective):
     """An annealing schedule passes beta as a 0-d tensor: a new value reuses the
-    compiled graph, for elbo and for iwae's beta (issue 39), DReG's tempered
+    compiled graph, for elbo and for iwae's beta, DReG's tempered
     weights included."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
@@ -1005,7 +1007,7 @@ def test_posterior_may_be_a_torch_normal(backend):
         mvn = dist.MultivariateNormal(loc, scale_tril=torch.diag_embed(scale))
         got = fn(x, mvn, decode, likelihood="bernoulli", generator=gen(1), **kw)
         assert_close(got, want, 1 + want.abs(), f"{fn.__name__} with a MultivariateNormal")
-    # a Laplace posterior is supported since issue 35 (tests/test_latents.py); a Beta is not
+    # a Laplace posterior is supported (tests/test_latents.py); a Beta is not
     with pytest.raises(TypeError, match="Independent\\(Normal, 1\\), MultivariateNormal, Laplace"):
         fastvae.elbo(x, dist.Beta(scale, scale), decode, likelihood="bernoulli")
 
@@ -1026,8 +1028,8 @@ def test_sampler_log_ratio_of_an_empty_latent_is_zero(backend, nan_poisoned_outp
 @pytest.mark.parametrize("n_samples", [1, 3])
 def test_elbo_glue_and_packed_decoder_halves_change_no_value(backend, reduction, beta, n_samples):
     """On the Triton path the bound's combination and reduction are fused into
-    the likelihood kernel (issue 33) and a decoder's (mean, logvar) halves of
-    one output are read in place with one gradient for the output (issue 23):
+    the likelihood kernel and a decoder's (mean, logvar) halves of
+    one output are read in place with one gradient for the output:
     the bound and every gradient equal, to float32 rounding of the mean's 1/N
     and of the kernel's order of summation, those of plain autograd on copies
     of the halves, for every reduction and beta."""
@@ -1060,10 +1062,10 @@ def test_elbo_glue_and_packed_decoder_halves_change_no_value(backend, reduction,
         torch.testing.assert_close(a, e, rtol=2e-7, atol=0, msg=name)
 
 
-# -- issue 27: the categorical and continuous Bernoulli likelihoods -----------------
+# -- the categorical and continuous Bernoulli likelihoods --------------------------
 
 
-def _issue27_problem(likelihood, device, B=3, L=2, D_=5, C=4):
+def _categorical_problem(likelihood, device, B=3, L=2, D_=5, C=4):
     """x (integer classes or [0, 1] values), leaf mu, logvar, a linear decoder
     (logits (..., D, C) or (..., D)) and its torch.distributions twin."""
     g = torch.Generator().manual_seed(11)
@@ -1090,7 +1092,7 @@ def test_categorical_and_continuous_bernoulli_objectives_match_torch_distributio
     decoder's included); a decoder returning the torch distribution gives the
     same without likelihood=."""
     _, device = backend
-    x, mu, logvar, lin, decode, twin = _issue27_problem(likelihood, device)
+    x, mu, logvar, lin, decode, twin = _categorical_problem(likelihood, device)
     params = [mu, logvar, *lin.parameters()]
     for k in (1, 3):
         eps = same_noise(4, k, mu.shape, device)
@@ -1174,7 +1176,7 @@ def test_categorical_likelihood_is_refused_with_float_x_and_named_errors(backend
     """Integer x reaches only the categorical likelihood; shapes and class
     ranges are checked with x named."""
     _, device = backend
-    x, mu, logvar, lin, decode, _ = _issue27_problem("categorical", device)
+    x, mu, logvar, lin, decode, _ = _categorical_problem("categorical", device)
     with pytest.raises(TypeError, match="x must be a floating-point"):
         fastvae.elbo(x, mu, logvar, lambda z: decode(z)[..., 0], likelihood="bernoulli")
     with pytest.raises(TypeError, match="integer tensor of class indices"):
@@ -1185,7 +1187,7 @@ def test_categorical_likelihood_is_refused_with_float_x_and_named_errors(backend
         fastvae.elbo(x, mu, logvar, lambda z: decode(z)[:, :4], likelihood="categorical")
 
 
-# -- decoders that fold the samples into the batch (issue 39) ----------------------
+# -- decoders that fold the samples into the batch ---------------------------------
 
 
 @pytest.mark.parametrize("form", INTERPRETER_FOLDED_FORMS if INTERPRET else FOLDED_FORMS)
@@ -1320,7 +1322,8 @@ def test_count_parameters_by_name(backend, likelihood):
 
 
 def test_named_count_parameters_are_checked_by_name():
-    fastvae.set_value_checks("always")  # the value rules too on every call (the triton backend checks the first of a kind)
+    # the value rules too on every call (the triton backend checks the first of a kind)
+    fastvae.set_value_checks("always")
     counts, mu, logvar, W = _count_model("cpu")
     h = lambda z: z @ W  # noqa: E731
     cases = [

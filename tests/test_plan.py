@@ -1,4 +1,4 @@
-"""The objectives' plans (fastvae/_plan.py, issue 33): the lean per-call path of
+"""The objectives' plans (fastvae/_plan.py): the lean per-call path of
 fastvae.elbo / fastvae.iwae on the triton backend gives the general
 composition's values and gradients bit for bit under the interpreter (on a
 GPU to a few ulp: _same), takes two autograd nodes, and is chosen only where
@@ -651,7 +651,7 @@ def test_samples_split_over_programs_take_the_plans_own_buffers(triton_device, m
 def test_plans_launch_the_compiled_kernels_directly_on_a_gpu(monkeypatch, case, halves):
     """On a GPU, after a plan's first call each of its launches goes to the
     compiled kernel's launcher itself, none through JITFunction.run: the host
-    cost the lean path was built for (issue 33). A Triton whose compiled
+    cost the lean path was built for. A Triton whose compiled
     kernels differ would fall back silently, and fail here. At these few rows
     the sampler's backward splits its samples over programs, and at k = 50
     the log-mean-exp its columns too: launched from the plan all the same."""

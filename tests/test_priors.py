@@ -109,7 +109,7 @@ def test_objects_reject_bad_input():
         VampPrior(3, torch.zeros(5, 2))
     x = torch.zeros(3, 6)
     decode = lambda z: z.new_zeros(*z.shape[:-1], 6)  # noqa: E731
-    # a torch Normal is a prior since issue 35 (tests/test_latents.py); other objects are not
+    # a torch Normal is a prior (tests/test_latents.py); other objects are not
     with pytest.raises(TypeError, match="prior must be fastvae.priors.StandardNormal"):
         fastvae.elbo(x, mu, mu, decode, likelihood="gaussian", prior="normal")
     with pytest.raises(ValueError, match="a DiagonalNormal prior has shape \\(L,\\)"):
@@ -188,10 +188,10 @@ def test_exact_full_covariance_posterior_in_evaluation(backend):
 @pytest.mark.parametrize("dtype, log_scale", [(torch.float32, -1.0), (torch.float32, -12.0), (torch.float32, -20.0),
                                                (torch.float64, -50.0)])
 def test_diagonal_tril_matches_the_diagonal_path_at_tiny_scales(backend, dtype, log_scale):
-    """Issue 25: a diagonal TrilNormal draws the diagonal path's eps, but took log q
-    from a triangular solve of z - mu, which loses z's bits: 0.033 nats off at
-    S_ii = e^-12 in float32, 2.9 at e^-20 (float64: 2.9 at e^-50), in iwae and in
-    elbo's Monte Carlo KL (mixture prior, VampPrior). Now log q comes from eps:
+    """A diagonal TrilNormal draws the diagonal path's eps; log q from a
+    triangular solve of z - mu would lose z's bits: 0.033 nats off at S_ii =
+    e^-12 in float32, 2.9 at e^-20 (float64: 2.9 at e^-50), in iwae and in
+    elbo's Monte Carlo KL (mixture prior, VampPrior). So log q comes from eps:
     the same bound and gradients as (mu, logvar = 2 log S_ii)."""
     name, device = backend
     g = torch.Generator().manual_seed(0)

@@ -184,7 +184,7 @@ def test_kernels_accumulation_rule_is_the_front_ends():
         assert common.accumulation_dtype(dtype) == _backend.accumulation_dtype(dtype), dtype
 
 
-# -- the per-op facts of each Op entry, and the lists derived from them (issue 33) --------------
+# -- the per-op facts of each Op entry, and the lists derived from them -----------------------
 
 
 @pytest.mark.parametrize("op", _registry.OPS.values(), ids=lambda op: op.name)

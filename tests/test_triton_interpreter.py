@@ -49,7 +49,7 @@ def start_child() -> None:
     output going to a file. conftest.py calls this at the end of collection
     when the launcher test below is selected, so the child (the longest part of
     the suite, one core) runs beside the main process's tests instead of after
-    them; the launcher test then waits for it. Once per session."""
+    them; the launcher test then waits for it. Once per pytest run."""
     if _child or INTERPRET or importlib.util.find_spec("triton") is None:
         return
     # FASTVAE_INTERPRETER_ARGS: more pytest options for the child (e.g. "--durations=50")
@@ -86,7 +86,7 @@ def show_progress(reporter) -> None:
 
 
 def stop_child() -> None:
-    """Kills the child if it still runs (the session ended before the launcher
+    """Kills the child if it still runs (the pytest run ended before the launcher
     test waited for it) and removes its output file."""
     if not _child:
         return

@@ -1,4 +1,4 @@
-"""The common silent mistakes of issue 26 warn or raise, naming the argument
+"""The common silent mistakes warn or raise, naming the argument
 and the fix, without a host sync in the steady state of the CUDA path
 (tests/test_launches.py counts none there)."""
 import warnings
@@ -156,8 +156,9 @@ def test_the_check_reads_a_bounded_prefix():
             assert head.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
 
 
-def test_the_digits_mistakes_of_the_issue(backend):
-    """The issue's first two rows on a model of the demo's shape: each warns."""
+def test_the_digits_mistakes_warn(backend):
+    """Probabilities as Bernoulli logits and data outside [0, 1], on a model of
+    the demo's shape: each warns."""
     torch.manual_seed(0)
     device = backend[1]
     enc, dec = nn.Linear(64, 8).to(device), nn.Linear(4, 64).to(device)

@@ -1,5 +1,5 @@
 """The ops that live in a folder of their own: fastvae/ops/<op>/ holds
-everything of one op (issue 33, "one op, one place"; docs/architecture.md,
+everything of one op ("one op, one place"; docs/architecture.md,
 "Adding an op"), or fastvae/ops/<family>/ everything of a family of ops that
 share kernels or code (its description's ``OPS`` in place of ``OP``; its files
 named after the family):

@@ -164,7 +164,7 @@ def aot_calls(s: dict, m, r):
     (kernels/aot.py). x in the logits' dtype (a model cast to half precision),
     and for half logits float32 x (autocast: a half decoder output against
     float32 data); continuous_bernoulli_log_prob's launches are
-    bernoulli_log_prob's (issue 27). Then bernoulli_log_prob's with the
+    bernoulli_log_prob's. Then bernoulli_log_prob's with the
     objectives' bound (Kernel.bound), as their plans launch them."""
     K, B, D = s["K"], s["B"], s["D"]
     x_dtypes = (m,) if m().dtype == r().dtype else (m, r)

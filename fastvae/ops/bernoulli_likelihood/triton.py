@@ -13,7 +13,7 @@ the branch points are 1 for float32 and 0.25 for float64). Each op's launchers,
 <op>_forward and <op>_backward, are at the end.
 
 Layout: logits (K, P, D); x (P, D) broadcast over K by indexing, never copied.
-One launch forward, one backward, no torch work around them (issue 23):
+One launch forward, one backward, no torch work around them:
 - forward: programs of BLOCK_R decoder rows x BLOCK_D columns (about 4096
   elements, 8 warps; _common.tile_geometry), looping over D;
 - backward: without dx, programs tile the K * P decoder rows x D (nothing is

@@ -66,7 +66,7 @@ def categorical_log_prob_backward(grad_out, x, logits, dlogits) -> None:
 
 # -- ahead-of-time compilation (python -m fastvae.kernels.aot --op categorical_log_prob) --
 
-# C at every ahead-of-time shape (issue 27: a binary class, 256-way pixels and a
+# C at every ahead-of-time shape (a binary class, 256-way pixels and a
 # 4096-class vocabulary); copied from kernels/aot.py's CATEGORICAL_CLASSES, whose
 # shapes give K, B and D
 AOT_CLASSES = (2, 256, 4096)

@@ -1,4 +1,4 @@
-"""The count likelihoods, described once (issue 27): a family of three ops
+"""The count likelihoods, described once: a family of three ops
 that share their kernels and code (fastvae/ops/__init__.py), each the decoder
 likelihood of its likelihood= name:
 - poisson_log_prob (likelihood="poisson"): log Poisson(x; e^log_rate);
@@ -326,8 +326,8 @@ def aot_calls(s: dict, m, r):
 
 # -- the benchmark row (python -m benchmarks.bench_op count_log_prob) -------------
 # x (B, D) scRNA-like counts broadcast against (K, B, D) decoder outputs, with
-# a per-gene log theta (scVI's dispersion="gene") for NB and ZINB: the issue's
-# size, B=512 cells, D=2000 genes, K=50 samples (Poisson also K=1), float32.
+# a per-gene log theta (scVI's dispersion="gene") for NB and ZINB: an scRNA-seq
+# batch, B=512 cells, D=2000 genes, K=50 samples (Poisson also K=1), float32.
 # A size's "op" picks the family's op; the eager formulas are as users write
 # them (torch.distributions' Poisson, scvi-tools' log_nb_positive and
 # log_zinb_positive), summed over genes.

@@ -6,7 +6,7 @@ zero-inflation logits, the theta -> inf (Poisson) limit, large counts; and the
 family's cases of the suite-wide checks.
 
 The helpers come first: scvi-tools' NB and ZINB formulas reimplemented in
-float64 (the peers the issue names), torch.distributions peers, random count
+float64 (the peers users compare against), torch.distributions peers, random count
 problems, the condition-aware tolerance scales and the comparison of an op
 against the float64 oracle. scvi-tools (scvi/distributions/_negative_binomial.py)
 adds eps = 1e-8 inside its logs and uses F.softplus, which is linear above 20
@@ -698,7 +698,7 @@ def thread_count_calls(leaf, run):
     """tests/test_backend.py: calls with enough work for several threads, whose
     bits must not depend on the thread count: few x rows against many samples
     (the folded layout) and many rows; the per-gene log theta gradient sums
-    over slabs of rows (issue 27)."""
+    over slabs of rows."""
     x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
     x_many, mean_many = leaf(600, 40), leaf(4, 600, 40)
     lg = leaf(1000, 8, 16, scale=4)

@@ -251,7 +251,7 @@ def _bench_min_bytes(size: dict) -> dict[str, int]:
 
 
 # x (B, 3, H, W) broadcast against the packed params (K, B, 10 M, H, W), float32:
-# the size (B = 64, 3x32x32, M = 10, K = 16) and a single sample; 3 timed
+# a CIFAR-sized PixelCNN++ head (B = 64, 3x32x32, M = 10, K = 16) and a single sample; 3 timed
 # repeats (the eager baseline is slow at that size)
 BENCH = Bench("discretized_logistic_mixture_log_prob, B={B}, 3x{H}x{W}, M={M}, float32",
               sizes=tuple({"B": 64, "C": 3, "H": 32, "W": 32, "M": 10, "K": K} for K in (1, 16)),

@@ -193,7 +193,7 @@ class GaussianLogProbPacked(torch.autograd.Function):
     decoder output packed (..., 2 D), as decoders return them
     (``h[..., :D], h[..., D:]``): the kernels read the halves in place (no
     copies) and the backward writes one gradient for packed, so autograd
-    runs no slice backward per half and no add to join them (issue 23)."""
+    runs no slice backward per half and no add to join them (a launch each on CUDA)."""
 
     @staticmethod
     def forward(ctx, x, packed):

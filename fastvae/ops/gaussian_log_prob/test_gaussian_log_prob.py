@@ -497,7 +497,7 @@ def double_backward_cases(r):
     """tests/test_double_backward.py: name -> (function of the leaves, their
     values, whether a C++ operator serves it) for gradgradcheck: every variance
     layout, a fixed scale (float and tensor), the softplus variance, and
-    (mean, logvar) as the halves of one decoder output, read in place (issue 23)."""
+    (mean, logvar) as the halves of one decoder output, read in place."""
     gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)  # noqa: E731
     return {
         "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),

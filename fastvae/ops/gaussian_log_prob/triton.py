@@ -5,7 +5,7 @@ with var = exp(v) or softplus(v) + delta, and the fused backward.
 Layout (set up by fastvae/_likelihood_layout.py): mean (K, P, D); x (P, D),
 broadcast over K by indexing, never copied; v (K, P, D) per element
 (LAYOUT 0), (P, D) per x row (LAYOUT 1) or (D,) per dimension (LAYOUT 2).
-One launch forward, one backward, no torch work around them (issue 23): the
+One launch forward, one backward, no torch work around them: the
 variance floor delta goes to the kernels as the bits of a float64 (read
 exactly in float64, rounded once in float32). The forward tiles the K * P
 decoder rows (BLOCK_R x BLOCK_D, about 4096 elements, 8 warps; loops over D).

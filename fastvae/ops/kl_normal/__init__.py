@@ -106,7 +106,7 @@ def _bench_min_bytes(size: dict, itemsize: int = 4) -> dict[str, int]:
     return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}
 
 
-# (100, 8): the per-call cost of the op layer is most of the time (issue 11's
+# (100, 8): the per-call cost of the op layer is most of the time (the
 # target: within 1.25x of the eager formula, forward+backward); (65536, 32): bandwidth
 BENCH = Bench("kl_normal, float32", sizes=({"B": 100, "L": 8}, {"B": 65536, "L": 32}),
               quick=({"B": 100, "L": 8}, {"B": 4096, "L": 32}), inputs=_bench_inputs, eager=kl_normal,

@@ -131,8 +131,8 @@ def test_sums_over_samples_in_one_backward(backend, sample_splits, stop_score, K
 
 @pytest.mark.parametrize("L", [3, 1025])  # short rows and cpp's long-row path
 def test_overflowing_z_gives_the_rounded_exact_value(backend, L):
-    """Issue 25: z = +-1e30 in float32 gave NaN on reference and Triton (eps^2 and
-    z^2 both inf) and -inf on cpp. Every backend now gives the float64 value of
+    """z = +-1e30 in float32: the naive formula gives NaN (eps^2 and z^2 both
+    inf) or -inf. Every backend gives the float64 value of
     the same float32 inputs rounded to float32: -inf where it overflows, a finite
     value where eps = z (logvar = 0 and mu below z's rounding), never NaN."""
     _, device = backend

@@ -4,7 +4,7 @@ and its gradient in full or in the "stop the score" mode (dz only).
 
 Layout: z, dz (K, N, L) contiguous; mu, logvar, dmu, dlogvar (N, L), shared by
 the K samples (read per sample, never broadcast in memory); out, grad_out (K, N).
-One launch forward, one backward, no torch work around them (issue 23). The
+One launch forward, one backward, no torch work around them. The
 forward tiles the K * N sample rows (about 4096 elements, 8 warps). The
 backward in the stop-score mode tiles the sample rows too (nothing is summed);
 in full, each program owns a tile of mu's rows x columns and loops over the

@@ -5,7 +5,7 @@
 
 and its gradient. The kernels compute c and inv_var = exp(-logvars) from the
 parameters themselves (the logits' log-sum-exp in a short loop over U per
-program): no torch work around them (issue 23; 1 launch forward, 2 backward).
+program): no torch work around them (1 launch forward, 2 backward).
 
 Layout: z, dz (N, L) contiguous; means, logvars, dmeans, dlogvars (U, L);
 logits, dlogits (U,) or None; out, grad_out (N,).

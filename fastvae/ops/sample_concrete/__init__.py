@@ -1,4 +1,4 @@
-"""sample_concrete, described once (issue 35): reparameterized relaxed-categorical
+"""sample_concrete, described once: reparameterized relaxed-categorical
 (Concrete / Gumbel-softmax) samples of logits (N, L, C) at a temperature per
 latent, from C consecutive Philox uniforms per latent, with log q(z) summed
 over L from the same Exp(1) noise t = -log u (sample_positive's

@@ -1,6 +1,6 @@
 """sample_concrete's front end: reparameterized relaxed-categorical (Concrete /
-Gumbel-softmax) samples with log q(z) from the noise that drew them, fused
-(issue 35); the public function, the torch.library ops and their autograd
+Gumbel-softmax) samples with log q(z) from the noise that drew them, fused;
+the public function, the torch.library ops and their autograd
 Function (whose double backward is refused by name).
 
 For logits (..., L, C) and a temperature lambda, each latent draws C Exp(1)

@@ -1,4 +1,4 @@
-// sample_concrete on the CPU (issue 35): relaxed one-hot (Concrete /
+// sample_concrete on the CPU: relaxed one-hot (Concrete /
 // Gumbel-softmax) samples of logits (N, L, C) at a temperature per latent,
 // from C consecutive Philox uniforms per latent (one word per element: lane
 // i % 4 of counter i // 4), and log q(z) summed over L from the same Exp(1)

@@ -7,7 +7,7 @@
 
 namespace fastvae {
 
-// sample_concrete (issue 35): logits (N, L, C); temperature (N, L); z (K, N, L, C);
+// sample_concrete: logits (N, L, C); temperature (N, L); z (K, N, L, C);
 // log_q (K, N) or null. z[k, n, l, c] uses the uniform at offset0 + k * sample_stride
 // + n * row_stride + l * C + c (training: 0, N * L * C, L * C).
 template <typename T>

@@ -1,4 +1,4 @@
-"""Triton kernels of sample_concrete (issue 35): relaxed one-hot (Concrete /
+"""Triton kernels of sample_concrete: relaxed one-hot (Concrete /
 Gumbel-softmax) samples of logits (N, L, C) at a temperature per latent, from
 C consecutive Philox uniforms per latent (sample_location_scale's uniforms),
 and log q(z) summed over L from the same Exp(1) noise t = -log u; the backward

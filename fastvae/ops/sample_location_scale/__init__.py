@@ -1,4 +1,4 @@
-"""sample_location_scale, described once (issue 35): reparameterized samples
+"""sample_location_scale, described once: reparameterized samples
 of a location-scale latent, z = loc + exp(log_scale) * e with e = F^-1(u) the
 standardized family's inverse CDF (uniform, Laplace, logistic, Gumbel, Cauchy:
 LOCATION_SCALE_FAMILIES, fastvae/_families.py, whose position is the kernels'

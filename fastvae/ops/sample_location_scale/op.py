@@ -1,6 +1,6 @@
 """sample_location_scale's front end: reparameterized samples of a
 location-scale latent family with log q(z) from the noise that drew them,
-fused (issue 35); the public function, the torch.library ops and their
+fused; the public function, the torch.library ops and their
 autograd Function (its double backward included).
 
 z = loc + exp(log_scale) * e with e = F^-1(u) the standardized family's

@@ -1,4 +1,4 @@
-// sample_location_scale on the CPU (issue 35): z = loc + exp(log_scale) * e
+// sample_location_scale on the CPU: z = loc + exp(log_scale) * e
 // with e = F^-1(u) of a standardized family (uniform, Laplace, logistic,
 // Gumbel, Cauchy), u the element's Philox uniform (one word per element: lane
 // i % 4 of counter i // 4), and log q(z) = sum_l(log f(e) - log_scale) from

@@ -7,7 +7,7 @@
 
 namespace fastvae {
 
-// sample_location_scale (issue 35): loc, log_scale (N, L); z (K, N, L); log_q
+// sample_location_scale: loc, log_scale (N, L); z (K, N, L); log_q
 // (K, N) or null. family: 0 uniform, 1 Laplace, 2 logistic, 3 Gumbel, 4
 // Cauchy (LOCATION_SCALE_FAMILIES, fastvae/_families.py); offsets as sample_normal's.
 template <typename T>

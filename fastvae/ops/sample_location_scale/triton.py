@@ -1,4 +1,4 @@
-"""Triton kernels of sample_location_scale (issue 35): z = loc + exp(log_scale) * e
+"""Triton kernels of sample_location_scale: z = loc + exp(log_scale) * e
 for K samples, e = F^-1(u) of a standardized family, and log q(z) =
 sum_l(log f(e) - log_scale) per sample row from the same e; the backward
 regenerates e from (seed, offset) instead of storing it.

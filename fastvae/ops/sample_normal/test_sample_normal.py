@@ -332,7 +332,7 @@ def test_sampling_kernel_at_strided_offsets(backend, dtype):
                   sample_stride=L, row_stride=L)
 
 
-# -- the backward kernel: optional upstream gradients and the log-ratio's terms (issue 23) --------
+# -- the backward kernel: optional upstream gradients and the log-ratio's terms ---------------------
 
 OUTPUT_SUBSETS = [("z",), ("kl",), ("ratio",), ("z", "kl"), ("z", "ratio"), ("kl", "ratio"), ("z", "kl", "ratio")]
 
@@ -445,7 +445,7 @@ def test_with_ratio_full_mode_is_the_autograd_gradient(backend, stop_score):
 
 @pytest.mark.parametrize("stop_score", [False, True])
 def test_collapsed_posterior_gradients_are_finite(backend, stop_score):
-    """logvar = -100 in float32 (issue 25): exp(-logvar) overflows, and (z - mu) *
+    """logvar = -100 in float32: exp(-logvar) overflows, and (z - mu) *
     exp(-logvar) would be 0 * inf = NaN. The kernel takes (z - mu) / s^2 as
     eps * exp(-logvar / 2) from its regenerated eps: finite, and equal to the
     float64 formula from that eps."""

@@ -6,7 +6,7 @@ Layout: mu, logvar (N, L) contiguous; z, grad_z (K, N, L); kl, grad_kl (N,);
 log_ratio, grad_log_ratio (K, N). The offset of z[k, n, l] is k * N * L + n * L + l
 (int64) in training.
 
-One launch forward, one backward, no torch work around them (issue 23).
+One launch forward, one backward, no torch work around them.
 Geometry (docs/triton.md): the forward tiles the K * N sample rows of z in
 tiles of about FORWARD_TILE elements (rows x columns, columns in fours so that
 a thread holds whole Philox counters), so a large-K evaluation of one example

@@ -198,9 +198,8 @@ def sample_normal_tril(
     mu + S @ eps for any values. Where grad_kl is 0 (kl unused) the KL adds
     nothing to the gradients.
 
-    The lecture notes (../shared/seeds, seed 000, Part II "Full covariance
-    encoders") write q(z | x) = N(mu, L^T L) with L lower triangular and
-    z = mu + L^T eps: their factor of the covariance is the upper-triangular
+    Some texts on full-covariance encoders write q(z | x) = N(mu, L^T L) with
+    L lower triangular and z = mu + L^T eps: their factor of the covariance is the upper-triangular
     L^T. Here the factor is the lower-triangular S with covariance S S^T.
     Passing their L as scale_tril gives covariance L L^T, which differs from
     L^T L unless L is diagonal; their L^T cannot be passed (its strict upper
@@ -211,7 +210,7 @@ def sample_normal_tril(
         z_rev, kl = sample_normal_tril(mu.flip(-1), L.transpose(-2, -1).flip(-2, -1))
         z = z_rev.flip(-1)        # = mu + L^T @ eps.flip(-1): their z, their KL
 
-    An encoder that just emits a lower-triangular matrix (the notes' Trig(.))
+    An encoder that just emits a lower-triangular matrix (such a text's Trig(.))
     may as well pass it as scale_tril: every positive-definite covariance has
     exactly one lower-triangular factor with a positive diagonal, so the family
     of encoders is the same, parameterized as S S^T instead of L^T L. (Their L

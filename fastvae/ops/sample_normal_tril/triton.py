@@ -14,7 +14,7 @@ row-by-row reduction. Longer rows loop over BL x BL chunks of the triangle
 (the noise of a chunk of columns is drawn again for each chunk of rows). The
 forward splits the samples over programs on a GPU (_common.sample_splits:
 nothing is summed over them; the first split writes kl). The backward is one
-launch with no torch work around it (issue 23): each program owns a block of
+launch with no torch work around it: each program owns a block of
 rows, loops over every sample accumulating sum_k grad_z eps^T in registers in
 the same tiles, adds the KL's terms (when kl has a gradient) and writes dmu
 and dS once (deterministic, no atomics, no partial sums).

@@ -1,4 +1,4 @@
-"""sample_positive, described once (issue 35): reparameterized samples of the
+"""sample_positive, described once: reparameterized samples of the
 positive inverse-CDF latent families (exponential, Weibull, Kumaraswamy:
 POSITIVE_FAMILIES, fastvae/_families.py, whose position is the kernels'
 ``family``), each a transform of the Exp(1) variate t = -log u of the

@@ -1,6 +1,6 @@
 """sample_positive's front end: reparameterized samples of the positive
 inverse-CDF latent families with log q(z) from the noise that drew them,
-fused (issue 35); the public function, the torch.library ops and their
+fused; the public function, the torch.library ops and their
 autograd Function (its double backward included).
 
 Every family is a transform of the Exp(1) variate t = -log u of the element's

@@ -1,4 +1,4 @@
-// sample_positive on the CPU (issue 35): the positive inverse-CDF families
+// sample_positive on the CPU: the positive inverse-CDF families
 // (exponential, Weibull, Kumaraswamy) as transforms of the Exp(1) variate
 // t = -log u of the element's Philox uniform (one word per element: lane i % 4
 // of counter i // 4), log q(z) summed over L from the same t. The backward

@@ -7,7 +7,7 @@
 
 namespace fastvae {
 
-// sample_positive (issue 35): log_p0, log_p1 (N, L); z (K, N, L); log_q (K, N)
+// sample_positive: log_p0, log_p1 (N, L); z (K, N, L); log_q (K, N)
 // or null. family: 0 exponential, 1 Weibull, 2 Kumaraswamy
 // (POSITIVE_FAMILIES, fastvae/_families.py); offsets as sample_normal's.
 template <typename T>

@@ -1,4 +1,4 @@
-"""Triton kernels of sample_positive (issue 35): the positive inverse-CDF
+"""Triton kernels of sample_positive: the positive inverse-CDF
 families (exponential, Weibull, Kumaraswamy: fastvae/_families.py's
 POSITIVE_FAMILIES order, a constexpr FAMILY) as transforms of the Exp(1)
 variate t = -log u of the element's Philox uniform; log q(z) summed per sample
