@@ -40,6 +40,8 @@ Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
   progress, return_stats, memory_budget, shard, group) -> (B,) or LogLikelihoodStats
 - evaluate(data, encode, decode, *, k=5000, ...) -> EvaluationResult
 - reconstruction_probability(x, encode, decode, *, n_samples=100, ...): the anomaly score
+- importance_log_likelihood(x, log_weight_fn, *, k=5000, chunk_size, ...): log p(x) of any
+  model (a hierarchical VAE, a flow) from its own log-weights, streamed over K (docs/hierarchical.md)
 
 Posteriors and priors: DiagonalNormal(mu, logvar), TrilNormal(mu, scale_tril)
 (fastvae/distributions.py); LocationScale(family, loc, log_scale), LogNormal(mu,
@@ -63,6 +65,7 @@ from .evaluation import (
     EvaluationWarning,
     LogLikelihoodStats,
     evaluate,
+    importance_log_likelihood,
     log_likelihood,
     reconstruction_probability,
 )
@@ -124,6 +127,7 @@ __all__ = [
     "log_likelihood",
     "evaluate",
     "reconstruction_probability",
+    "importance_log_likelihood",
     "LogLikelihoodStats",
     "EvaluationResult",
     "EvaluationWarning",
