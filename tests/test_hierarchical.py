@@ -2,6 +2,8 @@
 each formula: NVAE's kl_balancer and kl_coeff (transcribed from its code),
 VDVAE's per-pixel ELBO, free bits per group; values and gradients."""
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +248,16 @@ def test_bad_arguments_name_themselves():
         args = dict(x=None, decoder_output=None, kls=kls, log_px=log_px) | kwargs
         with pytest.raises(err, match=msg):
             hierarchical_elbo(args.pop("x"), args.pop("decoder_output"), args.pop("kls"), **args)
+
+
+def test_the_page_runs_as_written():
+    """docs/hierarchical.md's code blocks, in order: VDVAE's and NVAE's losses
+    equal the hierarchical_elbo calls that replace them (the page asserts it)."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "hierarchical.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert len(blocks) >= 6
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 (the page's own examples)
+    assert namespace["model_stats"].log_likelihood.shape == (8,)
+    assert torch.isfinite(namespace["model_stats"].log_likelihood).all()
