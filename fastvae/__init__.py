@@ -33,6 +33,9 @@ Objectives (fastvae/objectives.py), higher is better:
 - iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, reduction, generator, prior)
   (or elbo(x, q, decode, ...) with q a DiagonalNormal, TrilNormal or torch Normal / MultivariateNormal)
 - elbo_terms(...) -> ELBOTerms, iwae_terms(...) -> IWAETerms: the bound and its terms
+- hierarchical_elbo(x, decoder_output, kls, *, likelihood, log_px, beta, kl_weight, balance,
+  group_sizes, free_bits, reduction) -> HierarchicalTerms: a hierarchical VAE's bound with its
+  terms per latent group, NVAE's KL balancing; kl_warmup(step, warmup_steps) (docs/hierarchical.md)
 
 Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
 
@@ -40,6 +43,8 @@ Large-K evaluation (fastvae/evaluation.py, docs/evaluation.md):
   progress, return_stats, memory_budget, shard, group) -> (B,) or LogLikelihoodStats
 - evaluate(data, encode, decode, *, k=5000, ...) -> EvaluationResult
 - reconstruction_probability(x, encode, decode, *, n_samples=100, ...): the anomaly score
+- importance_log_likelihood(x, log_weight_fn, *, k=5000, chunk_size, ...): log p(x) of any
+  model (a hierarchical VAE, a flow) from its own log-weights, streamed over K (docs/hierarchical.md)
 
 Posteriors and priors: DiagonalNormal(mu, logvar), TrilNormal(mu, scale_tril)
 (fastvae/distributions.py); LocationScale(family, loc, log_scale), LogNormal(mu,
@@ -63,6 +68,7 @@ from .evaluation import (
     EvaluationWarning,
     LogLikelihoodStats,
     evaluate,
+    importance_log_likelihood,
     log_likelihood,
     reconstruction_probability,
 )
@@ -124,6 +130,7 @@ __all__ = [
     "log_likelihood",
     "evaluate",
     "reconstruction_probability",
+    "importance_log_likelihood",
     "LogLikelihoodStats",
     "EvaluationResult",
     "EvaluationWarning",
@@ -151,3 +158,8 @@ from .latents import BinaryConcrete, Concrete  # noqa: E402
 from .ops.sample_concrete.op import sample_concrete  # noqa: E402
 
 __all__ += ["sample_concrete", "Concrete", "BinaryConcrete"]
+
+# hierarchical VAEs: the objective with its terms per latent group (docs/hierarchical.md)
+from .hierarchical import HierarchicalTerms, hierarchical_elbo, kl_warmup  # noqa: E402
+
+__all__ += ["hierarchical_elbo", "HierarchicalTerms", "kl_warmup"]

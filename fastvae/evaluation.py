@@ -35,6 +35,7 @@ from torch import Tensor
 from . import _pareto, _validate
 from ._backend import compute_dtype
 from ._decoder import as_posterior, check_likelihood, decoder_log_prob, output_numel
+from ._dtypes import accumulation_dtype
 from ._noise import evaluation_noise
 from ._op import draw_seed
 from .distributions import DiagonalNormal, TrilNormal, widened
@@ -792,3 +793,259 @@ def evaluate(
         pareto_k_high=(pareto_k > _pareto.HIGH_K).double().mean().item(),
         per_example_pareto_k=pareto_k,
     )
+
+
+# -- log p(x) of any model ------------------------------------------------------------
+
+# Bytes importance_log_likelihood's chunk plan counts per sample of one example
+# when bytes_per_sample=None: this many times the example's size in float32
+# (or x's wider itemsize). A model's activations are not measurable on the CPU;
+# 16 copies of the data covers an MLP or a small conv net's forward pass
+# under no_grad, and a wide hierarchical model passes its own figure.
+DEFAULT_ACTIVATION_FACTOR = 16
+_MASK64 = 2**64 - 1
+
+
+def _chunk_seed(seed: int, first: int) -> int:
+    """The seed of torch's generators for the chunk whose first sample has
+    global index ``first`` (example g, sample c: g·K + c): splitmix64 of the
+    call's seed and that index, so each chunk draws its own stream and a
+    chunk starting at the same sample always draws the same one."""
+    z = (seed + 0x9E3779B97F4A7C15 * (first + 1)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1  # below 2**63: any torch generator takes it
+
+
+def _call_seeded(fn: Callable, x_rep: Tensor, seed: int) -> Any:
+    """fn(x_rep) with torch's default generators (the CPU one, and x_rep's
+    CUDA device's) seeded with ``seed``, and restored afterwards: the call
+    leaves the user's random state as it found it."""
+    device = x_rep.device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        return fn(x_rep)
+
+
+_SHAPE_HINT = ("a model run on the samples folded into the batch, x_rep.reshape(n * B, *event), gives "
+               "(n * B,) values, which .reshape(n, B) restores")
+
+
+def _log_weights(out: Any, n: int, b: int, device: torch.device, g0: int, c0: int) -> Tensor:
+    """The log-weights (n, b) of one chunk from log_weight_fn's result: a
+    tensor, or a dict, tuple or list of tensors (its parts) that are summed in
+    the accumulation dtype. Raises on a wrong type, shape or device, and on a
+    +inf or NaN log-weight (one host sync per chunk), naming the part and the
+    (example, sample) where it is."""
+    what = "log_weight_fn(x_rep)"
+    if isinstance(out, Tensor):
+        items = [(what, out)]
+    elif isinstance(out, dict):
+        items = [(f"{what}[{key!r}]", t) for key, t in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [(f"{what}[{i}]", t) for i, t in enumerate(out)]
+    else:
+        raise TypeError(f"{what} must return a tensor of log-weights (n, B), or a dict, tuple or list of "
+                        f"tensors (n, B) that are summed; got {type(out).__name__}")
+    if not items:
+        raise ValueError(f"{what} returned an empty {type(out).__name__}: it must hold at least one (n, B) tensor")
+    for name, t in items:
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            kind = f"a {t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {kind}")
+        if t.shape != (n, b):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected (n, B) = ({n}, {b}) for x_rep of shape "
+                             f"({n}, {b}, ...): one log-weight per sample and example ({_SHAPE_HINT})")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}; x is on {device}")
+    dtype = accumulation_dtype(compute_dtype(*(t for _, t in items)))
+    lw = items[0][1].to(dtype)
+    for _, t in items[1:]:
+        lw = lw + t.to(dtype)
+    if bool((torch.isnan(lw) | (lw == math.inf)).any()):
+        for name, t in [*items, (what + "'s sum", lw)]:  # the part at fault, else the sum (inf - inf)
+            bad = torch.isnan(t) | (t == math.inf)
+            if bool(bad.any()):
+                i, j = (int(v) for v in bad.nonzero()[0])
+                value = t[i, j].item()
+                why = ("+inf: a density that is unbounded there" if value > 0
+                       else "NaN: usually inf - inf, or a NaN parameter")
+                raise ValueError(
+                    f"{name} is {value} at sample {c0 + i} of example {g0 + j}: a log-weight must be finite, "
+                    f"or -inf for a weight of 0 (a sample the model cannot produce); {why} in the model")
+    return lw
+
+
+def _weight_states(x: Tensor, fn: Callable, cfg: _Config, seed: int, g0: int, k0: int, k1: int,
+                   per_sample: int, bar) -> tuple[LogMeanExpState, LogMeanExpState, Tensor | None]:
+    """_states for a user's log-weight function: states of log w and 2 log w
+    over samples [k0, k1) for the n examples of x (global indices from g0),
+    and the largest log-weights with cfg.pareto."""
+    n = x.shape[0]
+    dtype = accumulation_dtype(x.dtype) if x.dtype.is_floating_point else torch.float32
+    if k1 <= k0 or n == 0:
+        tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=dtype, device=x.device) if cfg.pareto else None
+        return _empty_state(n, max(0, k1 - k0), x, dtype), _empty_state(n, max(0, k1 - k0), x, dtype), tail
+    if cfg.chunk_size is not None:
+        kc, nb = max(1, min(cfg.chunk_size, k1 - k0)), n
+    else:
+        budget = memory_budget_for(x.device, cfg.memory_budget)
+        kc = max(1, min(k1 - k0, budget // (per_sample * n)))
+        nb = max(1, min(n, budget // (per_sample * kc)))
+    firsts, seconds, tails = [], [], []
+    for b0 in range(0, n, nb):
+        xb = x[b0:min(n, b0 + nb)]
+        b = xb.shape[0]
+        run1 = run2 = tail = None
+        for c0 in range(k0, k1, kc):
+            c1 = min(k1, c0 + kc)
+            x_rep = xb.unsqueeze(0).expand(c1 - c0, *xb.shape)  # a view: x is not copied
+            out = _call_seeded(fn, x_rep, _chunk_seed(seed, (g0 + b0) * cfg.k + c0))
+            lw = _log_weights(out, c1 - c0, b, x.device, g0 + b0, c0)
+            run1, run2 = accumulate_states(lw, None, run1, run2)
+            if cfg.pareto:
+                tail = _pareto.merge_tail(tail, lw.to(run1.max.dtype), _tail_rows(cfg))
+            if bar is not None:
+                bar.update(1)
+        firsts.append(LogMeanExpState(run1.max.to(dtype), run1.sumexp.to(dtype), k1 - k0))
+        seconds.append(LogMeanExpState(run2.max.to(dtype), run2.sumexp.to(dtype), k1 - k0))
+        if cfg.pareto:
+            tails.append(_pareto.pad_tail(tail.to(dtype), _tail_rows(cfg)))
+    if len(firsts) == 1:
+        return firsts[0], seconds[0], tails[0] if cfg.pareto else None
+    st1 = LogMeanExpState(torch.cat([s.max for s in firsts]), torch.cat([s.sumexp for s in firsts]), k1 - k0)
+    st2 = LogMeanExpState(torch.cat([s.max for s in seconds]), torch.cat([s.sumexp for s in seconds]), k1 - k0)
+    return st1, st2, torch.cat(tails, dim=1) if cfg.pareto else None
+
+
+def importance_log_likelihood(
+    x: Tensor,
+    log_weight_fn: Callable[[Tensor], Any],
+    *,
+    k: int = 5000,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    return_stats: bool = False,
+    memory_budget: int | None = None,
+    bytes_per_sample: int | None = None,
+    shard: str | None = "examples",
+    group=None,
+) -> Tensor | LogLikelihoodStats:
+    """log p(x) of any model with a tractable proposal, by importance
+    sampling streamed over K: log p̂(x) = log (1/K) Σ_k w_k per example, where
+    the model draws each sample and gives its log-weight log w_k. For a
+    hierarchical VAE, log w = log p(x | z) + Σ_l [log p(z_l | z_<l) − log q(z_l | x, z_<l)]
+    with z_l drawn from q top-down; for a flow, log p(x) itself (K = 1).
+    :func:`log_likelihood` is this function for a single-level VAE whose
+    encoder and decoder fastvae calls itself.
+
+    Args:
+        x: the batch (B, *event), any dtype (the model's input as it takes it).
+        log_weight_fn: x_rep -> log-weights. x_rep is the batch repeated for
+            a chunk of n samples, shape (n, B', *event): a read-only view of
+            x (stride 0 over n; ``x_rep.reshape(n * B', *event)`` folds the
+            samples into the batch, in a copy). B' = B unless the batch is
+            split (a memory budget too small for one sample of every example,
+            or shard="examples" over torch.distributed): rows are always
+            whole examples, so the function must treat each example on its
+            own (no batch statistics; put the model in eval mode). It draws
+            its own samples with torch's random functions (torch.randn and
+            the like, on x's device), and returns each sample's log-weight,
+            shape (n, B'), or its parts as a dict, tuple or list of (n, B')
+            tensors that are summed, e.g. ``{"log_px_z": ..., "group_1":
+            log_p1 - log_q1, ...}``. A log-weight must be finite, or -inf
+            for a weight of 0; +inf or NaN raises ValueError naming the part,
+            the sample and the example. Any floating dtype: the log-mean-exp
+            accumulates in float32 (float64 for float64 log-weights).
+        k: samples per example (K >= 1; 5000 is the usual report).
+        chunk_size: samples per call of log_weight_fn. None picks the largest
+            n for which n · B · bytes_per_sample fits ``memory_budget`` (and
+            splits the batch when one sample of every example does not). So
+            memory is bounded by one chunk whatever K is.
+        generator: the torch.Generator the call's one seed is drawn from
+            (default: torch's default generator of x's device). Each chunk
+            runs with torch's default generators (the CPU one and x's CUDA
+            device's) seeded from that seed and the chunk's first sample, and
+            restored after it: the same seed, k and chunking give the same
+            result, and the caller's random state is left as it was. Another
+            chunk size draws other, equally valid samples.
+        progress: show a tqdm bar over the chunks.
+        return_stats: return a :class:`LogLikelihoodStats` (estimate, its
+            standard error, ESS, Pareto k̂) instead of the estimate alone.
+        memory_budget: bytes per chunk for chunk_size=None; default as in
+            :func:`log_likelihood` (``memory_budget_for``).
+        bytes_per_sample: bytes log_weight_fn holds per sample of one example
+            (its largest activations under no_grad). Default
+            ``DEFAULT_ACTIVATION_FACTOR`` (16) times the example's size in
+            float32 (or in x's dtype, if wider); a wide model (VDVAE's
+            hundreds of channels per pixel) passes its own.
+        shard: under torch.distributed, as in :func:`log_likelihood`:
+            "examples" splits the batch over the ranks, "samples" splits K,
+            None computes everything on every rank. Every rank passes the
+            same x and gets the whole batch's result; ranks draw from rank
+            0's seed, chunk by chunk, so shard="samples" gives each rank its
+            own samples.
+        group: the torch.distributed process group (default: the world).
+
+    Returns:
+        (B,) estimates log p̂(x) in nats (float32, or float64 for float64 x),
+        or LogLikelihoodStats with return_stats=True. Warns
+        (EvaluationWarning) when the weights are degenerate (mean ESS/K
+        below 5%) and, with return_stats, when an example's Pareto k̂
+        exceeds 0.7.
+
+    Runs under torch.no_grad().
+    """
+    k = _validate.positive_int("k", k)
+    if not callable(log_weight_fn):
+        raise TypeError(f"log_weight_fn must be callable (x_rep -> log-weights (n, B)), got "
+                        f"{type(log_weight_fn).__name__}")
+    if chunk_size is not None:
+        chunk_size = _validate.positive_int("chunk_size", chunk_size)
+    if memory_budget is not None:
+        memory_budget = _validate.positive_int("memory_budget", memory_budget)
+    if bytes_per_sample is not None:
+        bytes_per_sample = _validate.positive_int("bytes_per_sample", bytes_per_sample)
+    if shard not in SHARDS:
+        raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor (B, *event), got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have shape (B, *event) with B >= 1, got {tuple(x.shape)}")
+    cfg = _Config(k, "k", None, True, chunk_size, memory_budget, shard, group, None, pareto=bool(return_stats))
+    if bytes_per_sample is None:
+        bytes_per_sample = DEFAULT_ACTIVATION_FACTOR * max(1, math.prod(x.shape[1:])) * max(4, x.element_size())
+    B = x.shape[0]
+    with torch.no_grad():
+        seed = int(_shared_seed(x, generator, cfg))
+        dist_info = _distributed(cfg)
+        rank, world = dist_info if dist_info is not None else (0, 1)
+        b0, b1 = _split(B, rank, world) if dist_info is not None and shard == "examples" else (0, B)
+        k0, k1 = _split(k, rank, world) if dist_info is not None and shard == "samples" else (0, k)
+        bar = None
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(unit="chunk", desc="log-likelihood", leave=False)
+        try:
+            st1, st2, tail = _weight_states(x[b0:b1], log_weight_fn, cfg, seed, b0, k0, k1, bytes_per_sample, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        if dist_info is None:
+            stats = _stats(st1, st2, k, tail)
+        elif shard == "samples":
+            tail = None if tail is None else _all_gather_tails(tail, cfg)
+            stats = _stats(*_all_reduce_states(st1, st2, cfg), k, tail)
+        else:
+            stats = _all_gather_examples(_stats(st1, st2, k, tail), B, world, cfg)
+    if stats.ess.numel() > 0:
+        _warn_low_ess(stats.ess.double().mean().item() / k, k, stacklevel=3)
+        if return_stats:
+            _warn_high_k(stats.pareto_k, stacklevel=3)
+    return stats if return_stats else stats.log_likelihood
