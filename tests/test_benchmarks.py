@@ -412,3 +412,36 @@ def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_p
         assert r["triton_launches"] == n and r["launches_through_run"] == 0 and r["direct_launches"] == f"{n}/{n}"
         assert r["hand_us"] > 0 and r["cuda_path_us"] > 0 and r["cpu_path_us"] > 0
         assert r["cuda_path_vs_hand"] == pytest.approx(r["cuda_path_us"] / r["hand_us"], abs=0.011)
+
+
+def test_families_benchmark_compares_like_with_like(tmp_path):
+    import fastvae
+    """benchmarks/bench_families.py: the hand-written objective's closed-form KL
+    is fastvae's analytic KL on the same torch objects (so the rows compare the
+    same objective), and a quick eager run of two families gives both
+    implementations' figures and their ratio for the ELBO and the IWAE."""
+    import torch.distributions as td
+
+    from benchmarks import bench_families
+
+    closed = ("normal", "laplace", "gumbel", "cauchy", "exponential", "lognormal", "uniform")
+    cases = bench_families._cases(64, 6, 3, torch.device("cpu"), torch.float64, closed)
+    families = bench_families._families(6, 3, "cpu", torch.float64)
+    for name in closed:
+        make_q, prior, _ = families[name]
+        _, _, (a, s), _ = cases[f"{name} elbo"]
+        q = make_q(a, s)
+        x = torch.zeros(a.shape, dtype=torch.float64)
+        terms = fastvae.elbo_terms(x, q, lambda z: z, prior=prior, likelihood="bernoulli")
+        assert terms.kl_analytic, name
+        want = td.kl_divergence(q, prior).sum(-1).mean()
+        torch.testing.assert_close(terms.kl, want, rtol=1e-10, atol=1e-10, msg=name)
+    out = tmp_path / "families.json"
+    payload = bench_families.main(["--quick", "--eager", "--families", "laplace", "concrete", "--out", str(out)])
+    records = {r["case"] for r in payload["records"]}
+    assert records == {"laplace elbo", "laplace iwae k=5", "concrete elbo", "concrete iwae k=5"}
+    for r in payload["records"]:
+        for key in ("hand ms", "fastvae ms"):  # the compiled rows: tests/test_compile.py compiles the objectives
+            assert r[key] > 0, (r["case"], key)
+        assert r["vs hand"] == pytest.approx(r["hand ms"] / r["fastvae ms"], abs=0.011)
+    assert json.loads(out.read_text())["records"] == payload["records"]
