@@ -29,8 +29,11 @@ from fastvae.kernels._common import (
 )
 from fastvae.kernels.philox import randn
 
-# Elements per program on a GPU: 8 float32 values a thread per live tile at 8 warps.
+# Elements per program on a GPU: 8 float32 values a thread per live tile at 8
+# warps (4 warps spilled the forward's noise registers, ptxas sm_90); a quarter
+# for float64, whose math holds more registers.
 TILE = 2048
+NUM_WARPS = 8
 # Under the interpreter (CPU tensors) a program costs about 1 ms whatever its
 # size: few, large programs.
 INTERPRETER_TILE = 1 << 18
@@ -195,6 +198,12 @@ def _column_splits(row_tiles: int, L: int, block_c: int, device: torch.device) -
     return max(1, min(col_blocks, triton.cdiv(TARGET_PROGRAMS, row_tiles)))
 
 
+def _tile(mu) -> int:
+    if mu.device.type == "cpu":
+        return INTERPRETER_TILE
+    return TILE // 4 if mu.dtype == torch.float64 else TILE
+
+
 def sample_normal_kl_forward(mu, log_scale, prior_mu, prior_log_scale, seed, logvar, residual, z, kl) -> None:
     """z (N, L) and kl ((N, L), or (N,) row sums) <- one group's draw and KL."""
     N, L = mu.shape
@@ -203,7 +212,7 @@ def sample_normal_kl_forward(mu, log_scale, prior_mu, prior_log_scale, seed, log
         kl.zero_()
         return
     block_c = block_cols(L)
-    tile = INTERPRETER_TILE if mu.device.type == "cpu" else TILE
+    tile = _tile(mu)
     block_r = max(1, min(INTERPRETER_BLOCK_ROWS if mu.device.type == "cpu" else tile, tile // block_c))
     block_r = min(block_r, triton.next_power_of_2(N))
     row_tiles = triton.cdiv(N, block_r)
@@ -216,7 +225,7 @@ def sample_normal_kl_forward(mu, log_scale, prior_mu, prior_log_scale, seed, log
     _sample_normal_kl_fwd_kernel[(row_tiles * splits,)](
         mu, log_scale, prior_mu, prior_log_scale, seed, z, kl, partial, counters, N, L, cols_per, splits,
         LOGVAR=bool(logvar), RESIDUAL=bool(residual), REDUCE=reduce, ACC=acc_dtype(mu.dtype), BLOCK_R=block_r,
-        BLOCK_C=block_c,
+        BLOCK_C=block_c, num_warps=NUM_WARPS,
     )
 
 
@@ -228,11 +237,11 @@ def sample_normal_kl_backward(grad_z, grad_kl, mu, log_scale, prior_mu, prior_lo
     N, L = mu.shape
     if N * L == 0:
         return
-    block = triton.next_power_of_2(min(N * L, INTERPRETER_TILE if mu.device.type == "cpu" else TILE))
+    block = triton.next_power_of_2(min(N * L, _tile(mu)))
     _sample_normal_kl_bwd_kernel[(triton.cdiv(N * L, block),)](
         mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl, mu, log_scale, prior_mu,
         prior_log_scale, seed, dmu, dlog_scale, dprior_mu, dprior_log_scale, N * L, L,
         LOGVAR=bool(logvar), RESIDUAL=bool(residual), HAS_GRAD_Z=grad_z is not None,
         HAS_GRAD_KL=grad_kl is not None, KL_ROWS=grad_kl is not None and grad_kl.dim() == 1,
-        ACC=acc_dtype(mu.dtype), BLOCK=block,
+        ACC=acc_dtype(mu.dtype), BLOCK=block, num_warps=NUM_WARPS,
     )
