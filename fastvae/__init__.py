@@ -6,6 +6,9 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - sample_normal(mu, logvar, n_samples=None, *, generator=None) -> (z, kl)
 - sample_normal_tril(mu, scale_tril, n_samples=None, *, generator=None) -> (z, kl): full covariance
 - kl_normal(mu, logvar, prior_mu=None, prior_logvar=None) -> kl
+- sample_normal_kl(mu, log_scale, prior_mu, prior_log_scale, *, param, residual=False, reduce=False,
+  free_bits=0.0, generator=None) -> (z, kl): one latent group of a hierarchical VAE against its
+  conditional prior (VDVAE's log-std, log-variances, NVAE's residual form)
 - gaussian_log_prob(x, mean, logvar=None, *, scale=None, softplus_var=None, delta=1e-6)
 - bernoulli_log_prob(x, logits)
 - laplace_log_prob(x, loc, log_scale=None, *, scale=None): the Laplace (L1) likelihood
@@ -95,6 +98,7 @@ from .ops.logmeanexp.op import (
 from .ops.mixture_log_prob.op import mixture_log_prob
 from .ops.sample_location_scale.op import sample_location_scale
 from .ops.sample_normal.op import sample_normal
+from .ops.sample_normal_kl.op import sample_normal_kl
 from .ops.sample_normal_tril.op import sample_normal_tril
 
 __all__ = [
@@ -141,6 +145,7 @@ __all__ = [
     "continuous_bernoulli_log_prob",
     "discretized_logistic_mixture_log_prob",
     "sample_location_scale",
+    "sample_normal_kl",
     "LocationScale",
     "LogNormal",
     "LogisticNormal",

@@ -57,6 +57,8 @@ LAYERS = {
 # tests of what they serve do not rest on them (gradgradcheck, closed forms).
 DECLARED = {
     ("ops.kl_normal.op", "ops.kl_normal"): "kl_normal_grad, differentiable, for its own double backward",
+    ("ops.sample_normal_kl.op", "ops.sample_normal_kl"): "sample_normal_kl_grad, differentiable, for its own "
+                                                         "double backward",
     ("ops.count_log_prob.op", "ops.count_log_prob"): "the count likelihoods' second derivative is autograd of "
                                                       "their oracle's stable formula (create_graph=True only)",
     ("ops.bernoulli_likelihood.op", "ops.bernoulli_likelihood"): "the continuous Bernoulli's d log C / d logit "

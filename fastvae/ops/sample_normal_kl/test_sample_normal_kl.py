@@ -1,0 +1,392 @@
+"""sample_normal_kl against its float64 oracle (fastvae/ops/sample_normal_kl/__init__.py),
+per backend (the root conftest.py): z and the KL per element and reduced, in
+every form (log-std, log-variance, NVAE's residual form), forward and
+backward, a broadcast prior, extreme scales, half-precision inputs, the
+noise (sample_normal's), z's moments, VDVAE's and NVAE's own formulas, free
+bits, errors, gradcheck and the double backward; and its cases of the
+suite-wide checks."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae import _philox
+from fastvae.ops.sample_normal_kl import group_kl, group_terms, row_sums, vdvae_group
+from fastvae.ops.sample_normal_kl.op import SampleNormalKL
+
+from conftest import INTERPRET
+from helpers import assert_close, gen, seed_tensor
+
+# the interpreter runs each Triton program as Python (~1 ms): fewer examples there
+EXAMPLES = 8 if INTERPRET else 40
+
+SHAPES = [(7,), (3, 5), (1, 3), (2, 3, 5, 7), (1, 16, 4, 4), (3, 1, 1, 1), (2, 1025)]
+
+
+@st.composite
+def problems(draw):
+    """(shape, param, residual, reduce, data seed, log-scale bound)."""
+    shape = draw(st.sampled_from(SHAPES))
+    B = draw(st.sampled_from([1, 2, 5]))
+    return ((B, *shape[1:]) if len(shape) > 1 else (B,), draw(st.sampled_from(["logvar", "logstd"])),
+            draw(st.booleans()), draw(st.booleans()), draw(st.integers(0, 2**31 - 1)),
+            draw(st.sampled_from([0.5, 3.0, 8.0])))
+
+
+def make_inputs(shape, data_seed, bound, dtype, device, requires_grad=False):
+    g = torch.Generator().manual_seed(data_seed)
+    out = []
+    for i in range(4):
+        if i % 2 == 0:
+            t = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+        else:
+            t = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        out.append(t.to(dtype).to(device).requires_grad_(requires_grad))
+    return out
+
+
+def noise(seed, shape, dtype):
+    """eps (float64) as a `dtype` op draws it: float32 normals for float32 and half inputs."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return _philox.sample_noise(seed, 1, torch.Size(shape), acc, "cpu")[0].double()
+
+
+def oracle(inputs64, eps, param, residual, reduce):
+    """(z, kl) in float64, differentiable in the four inputs, from the given eps."""
+    logvar = param == "logvar"
+    m, ls, pm, pls = inputs64
+    mq, a, d, delta = group_terms(m, ls, pm, pls, logvar, residual)
+    kl = group_kl(d, delta, (0.5 if logvar else 1.0) * pls)
+    return mq + torch.exp(a) * eps, row_sums(kl) if reduce else kl
+
+
+def kl_scale(inputs64, param, residual, reduce):
+    """The size of the terms each KL value sums (its tolerance's scale)."""
+    logvar = param == "logvar"
+    m, ls, pm, pls = (t.detach() for t in inputs64)
+    _, _, d, delta = group_terms(m, ls, pm, pls, logvar, residual)
+    u = d * torch.exp(-(0.5 if logvar else 1.0) * pls)
+    s = 0.5 * (torch.exp(2 * delta) + u * u + 1) + delta.abs() + 1.0
+    return row_sums(s) if reduce else s
+
+
+def call(inputs, seed, device, param, residual, reduce):
+    return SampleNormalKL.apply(*inputs, seed_tensor(seed, device), param == "logvar", residual, reduce)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=EXAMPLES)
+@given(problem=problems())
+def test_forward_matches_reference(backend, dtype, problem):
+    _, device = backend
+    shape, param, residual, reduce, data_seed, bound = problem
+    inputs = make_inputs(shape, data_seed, bound, dtype, device)
+    seed = data_seed * 31 + 7
+    z, kl = call(inputs, seed, device, param, residual, reduce)
+    inputs64 = [t.double().cpu() for t in inputs]
+    eps = noise(seed, shape, dtype)
+    z_ref, kl_ref = oracle(inputs64, eps, param, residual, reduce)
+    assert z.dtype == dtype and kl.dtype == dtype
+    assert z.shape == shape and kl.shape == (shape[:1] if reduce else shape)
+    mq, a, _, _ = group_terms(*inputs64, param == "logvar", residual)
+    assert_close(z, z_ref, mq.abs() + torch.exp(a) * eps.abs() + 1e-30, "z")
+    assert_close(kl, kl_ref, kl_scale(inputs64, param, residual, reduce), "kl")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@settings(max_examples=EXAMPLES)
+@given(problem=problems(), which=st.sampled_from(["both", "z", "kl"]))
+def test_backward_matches_reference_autograd(backend, dtype, problem, which):
+    _, device = backend
+    shape, param, residual, reduce, data_seed, bound = problem
+    inputs = make_inputs(shape, data_seed, bound, dtype, device, requires_grad=True)
+    seed = data_seed * 31 + 7
+    z, kl = call(inputs, seed, device, param, residual, reduce)
+    g = torch.Generator().manual_seed(data_seed + 1)
+    gz = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    gk = torch.randn(kl.shape, generator=g, dtype=torch.float64)
+    if which == "z":
+        loss = (z * gz.to(dtype).to(device)).sum()
+    elif which == "kl":
+        loss = (kl * gk.to(dtype).to(device)).sum()
+    else:
+        loss = (z * gz.to(dtype).to(device)).sum() + (kl * gk.to(dtype).to(device)).sum()
+    grads = torch.autograd.grad(loss, inputs)
+    inputs64 = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    z_ref, kl_ref = oracle(inputs64, noise(seed, shape, dtype), param, residual, reduce)
+    loss_ref = ((z_ref * gz.to(dtype).double()).sum() if which != "kl" else 0.0) + (
+        (kl_ref * gk.to(dtype).double()).sum() if which != "z" else 0.0)
+    refs = [torch.zeros_like(t) if r is None else r
+            for t, r in zip(inputs64, torch.autograd.grad(loss_ref, inputs64, allow_unused=True))]
+    # the gradients' terms are bounded by the KL's terms and |grad_z| (sigma_q eps) per element
+    gk_elem = gk.abs().reshape(shape[0], *([1] * (len(shape) - 1))) if reduce else gk.abs()
+    mq, a, d, delta = group_terms(*[t.detach() for t in inputs64], param == "logvar", residual)
+    pls = inputs64[3].detach() * (0.5 if param == "logvar" else 1.0)
+    u = d * torch.exp(-pls)
+    terms = gk_elem * (torch.exp(2 * delta) + u * u + u.abs() * torch.exp(-pls) + 1) + gz.abs() * (
+        1 + torch.exp(a) * noise(seed, shape, dtype).abs())
+    for name, grad, ref in zip(("dmu", "dlog_scale", "dprior_mu", "dprior_log_scale"), grads, refs):
+        assert grad.dtype == dtype
+        assert_close(grad, ref, terms + ref.abs(), name)
+
+
+def test_prior_broadcasts_and_its_gradient_is_summed(backend):
+    """A prior of shape (C, 1, 1) against q (B, C, H, W): the prior's gradient
+    sums over the batch and the spatial positions, as autograd's expand does."""
+    _, device = backend
+    mu, ls, _, _ = make_inputs((3, 4, 5, 5), 2, 2.0, torch.float64, device, requires_grad=True)
+    pm = torch.randn(4, 1, 1, dtype=torch.float64, device=device).requires_grad_()
+    pls = (0.3 * torch.randn(4, 1, 1, dtype=torch.float64, device=device)).requires_grad_()
+    z, kl = fastvae.sample_normal_kl(mu, ls, pm, pls, param="logstd", reduce=True, generator=gen(4))
+    (z.sum() + kl.sum()).backward()
+    leaves64 = [t.detach().cpu().requires_grad_() for t in (mu, ls, pm, pls)]
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=gen(4)))
+    z_ref, kl_ref = oracle([leaves64[0], leaves64[1], leaves64[2].expand(3, 4, 5, 5),
+                            leaves64[3].expand(3, 4, 5, 5)], noise(seed, (3, 4, 5, 5), torch.float64),
+                           "logstd", False, True)
+    (z_ref.sum() + kl_ref.sum()).backward()
+    for t, ref in zip((mu, ls, pm, pls), leaves64):
+        assert t.grad.shape == ref.shape
+        assert_close(t.grad, ref.grad, ref.grad.abs() + 1.0)
+    assert_close(kl, kl_ref, kl_ref.abs() + 1.0)
+
+
+def test_noise_is_sample_normal_s(backend):
+    """The RNG contract: for the same seed, z is sample_normal's one sample of
+    N(mu, e^logvar) (the log-variance form, q given directly)."""
+    _, device = backend
+    mu, lv, pm, pls = make_inputs((2, 3, 5, 6), 5, 2.0, torch.float32, device)
+    z, _ = fastvae.sample_normal_kl(mu, lv, pm, pls, param="logvar", generator=gen(9))
+    z_sn, _ = fastvae.sample_normal(mu, lv, generator=gen(9))
+    assert_close(z, z_sn, z_sn.abs() + 1.0, "z")
+
+
+def test_z_has_q_s_moments(backend):
+    """z - mu_q over sigma_q: mean 0 and variance 1 over 2**17 draws, within 5 standard errors."""
+    _, device = backend
+    shape = (2, 16, 64, 64)
+    mu = torch.full(shape, 1.5, device=device)
+    lsd = torch.full(shape, -0.7, device=device)
+    for residual in (False, True):
+        prior_mu = torch.full(shape, -0.5, device=device)
+        z, _ = fastvae.sample_normal_kl(mu, lsd, prior_mu, torch.full(shape, 0.2, device=device), param="logstd",
+                                        residual=residual, generator=gen(3))
+        mean_q = 1.0 if residual else 1.5
+        std_q = math.exp(0.2 - 0.7) if residual else math.exp(-0.7)
+        e = ((z.double().cpu() - mean_q) / std_q).flatten()
+        n = e.numel()
+        assert abs(e.mean().item()) < 5 / math.sqrt(n)
+        assert abs(e.var().item() - 1.0) < 5 * math.sqrt(2 / n)
+
+
+def test_matches_vdvae_and_nvae_formulas(backend):
+    """VDVAE's gaussian_analytical_kl (log-std) and NVAE's residual KL,
+    written as their papers' code does."""
+    _, device = backend
+    qm, qs, pm, ps = make_inputs((3, 4, 5, 5), 7, 1.5, torch.float64, device)
+    torch.manual_seed(0)
+    _, kl_v = vdvae_group(qm, qs, pm, ps)
+    _, kl = fastvae.sample_normal_kl(qm, qs, pm, ps, param="logstd", reduce=True)
+    assert_close(kl, kl_v, kl_v.abs() + 1.0, "vdvae")
+    dmu, dls = qm, qs  # NVAE: q = N(mu_p + dmu, sigma_p e^dls)
+    nvae = 0.5 * (dmu ** 2 / torch.exp(ps) ** 2 + torch.exp(dls) ** 2) - dls - 0.5
+    _, kl_r = fastvae.sample_normal_kl(dmu, dls, pm, ps, param="logstd", residual=True)
+    assert_close(kl_r, nvae, nvae.abs() + 1.0, "nvae")
+    # the residual form is q given directly at mu_p + dmu, log sigma_p + dls; log-variances halve
+    _, kl_d = fastvae.sample_normal_kl(pm + dmu, 2 * (ps + dls), pm, 2 * ps, param="logvar")
+    assert_close(kl_d, nvae, nvae.abs() + 1.0, "direct")
+
+
+@pytest.mark.parametrize("value", [-30.0, 30.0])
+@pytest.mark.parametrize("param", ["logvar", "logstd"])
+def test_extreme_scales_match_reference(backend, param, value):
+    """A collapsed (log-scale -30) or huge (+30) q against a prior of scale 1:
+    KL, z and the gradients stay finite and match the oracle (float32)."""
+    _, device = backend
+    shape = (2, 9)
+    c = 0.5 if param == "logvar" else 1.0
+    if c * value > 40:  # e^(2 * 30) overflows float32: the KL is infinite
+        value = 40.0 / c
+    mu = torch.linspace(-2, 2, 18, device=device).reshape(shape).requires_grad_()
+    ls = torch.full(shape, value * 0.5 if param == "logstd" else value, device=device).requires_grad_()
+    pm = torch.zeros(shape, device=device).requires_grad_()
+    pls = torch.zeros(shape, device=device).requires_grad_()
+    z, kl = call([mu, ls, pm, pls], 11, device, param, False, True)
+    (z.sum() + kl.sum()).backward()
+    inputs64 = [t.detach().double().cpu().requires_grad_() for t in (mu, ls, pm, pls)]
+    z_ref, kl_ref = oracle(inputs64, noise(11, shape, torch.float32), param, False, True)
+    (z_ref.sum() + kl_ref.sum()).backward()
+    assert_close(kl, kl_ref, kl_scale(inputs64, param, False, True), "kl")
+    assert_close(z, z_ref, z_ref.abs() + 1.0, "z")
+    for t, ref in zip((mu, ls, pm, pls), inputs64):
+        assert torch.isfinite(t.grad).all()
+        assert_close(t.grad, ref.grad, ref.grad.abs() + 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(backend, dtype):
+    """Half-precision parameters: z in their dtype, the KL in float32, the
+    gradients in their dtype, against the float64 oracle of the rounded inputs."""
+    _, device = backend
+    inputs = make_inputs((3, 4, 3, 5), 8, 2.0, dtype, device, requires_grad=True)
+    z, kl = call(inputs, 5, device, "logstd", True, True)
+    assert z.dtype == dtype and kl.dtype == torch.float32
+    (z.float().sum() + kl.sum()).backward()
+    inputs64 = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    z_ref, kl_ref = oracle(inputs64, noise(5, (3, 4, 3, 5), dtype), "logstd", True, True)
+    (z_ref.sum() + kl_ref.sum()).backward()
+    assert_close(z, z_ref, z_ref.abs() + 1.0, "z")
+    assert_close(kl, kl_ref, kl_scale(inputs64, "logstd", True, True), "kl")
+    for t, ref in zip(inputs, inputs64):
+        assert t.grad.dtype == dtype
+        assert_close(t.grad, ref.grad, ref.grad.abs() + 1.0)
+
+
+def test_reduced_kl_split_over_programs(backend, sample_splits):
+    """Rows of thousands of elements (a 64 x 64 group): on Triton the columns
+    split over programs, whose row sums the last to arrive adds."""
+    _, device = backend
+    shape = (2, 3, 40, 41)
+    inputs = make_inputs(shape, 12, 2.0, torch.float32, device)
+    z, kl = call(inputs, 13, device, "logvar", False, True)
+    inputs64 = [t.double().cpu() for t in inputs]
+    z_ref, kl_ref = oracle(inputs64, noise(13, shape, torch.float32), "logvar", False, True)
+    assert_close(kl, kl_ref, kl_scale(inputs64, "logvar", False, True), "kl")
+    assert_close(z, z_ref, z_ref.abs() + 1.0, "z")
+
+
+def test_free_bits_floor_the_batch_mean(backend):
+    _, device = backend
+    mu, ls, pm, pls = make_inputs((4, 6), 3, 0.5, torch.float64, device, requires_grad=True)
+    _, kl = fastvae.sample_normal_kl(mu, ls, pm, pls, param="logstd", reduce=True, generator=gen(1))
+    mean = kl.mean().item()
+    _, low = fastvae.sample_normal_kl(mu, ls, pm, pls, param="logstd", reduce=True, free_bits=mean / 2,
+                                      generator=gen(1))
+    assert torch.equal(low, kl)  # above the floor: the KL itself
+    _, high = fastvae.sample_normal_kl(mu, ls, pm, pls, param="logstd", reduce=True, free_bits=2 * mean,
+                                       generator=gen(1))
+    assert torch.equal(high, torch.full_like(kl, 2 * mean))  # below: the floor, with no gradient
+    assert all(g is None or (g == 0).all() for g in torch.autograd.grad(high.sum(), (mu, ls, pm, pls),
+                                                                         allow_unused=True))
+    _, tensor_floor = fastvae.sample_normal_kl(mu, ls, pm, pls, param="logstd", reduce=True,
+                                               free_bits=torch.tensor(2 * mean, dtype=torch.float64), generator=gen(1))
+    assert torch.equal(tensor_floor, high)
+
+
+def test_empty_inputs(backend):
+    _, device = backend
+    for shape in ((0, 3, 2), (2, 0)):
+        x = torch.zeros(shape, device=device, requires_grad=True)
+        z, kl = fastvae.sample_normal_kl(x, x, x, x, param="logvar", reduce=True)
+        assert z.shape == shape and kl.shape == shape[:1] and (kl == 0).all()
+        (z.sum() + kl.sum()).backward()
+        assert x.grad.shape == shape
+
+
+def test_errors_name_the_argument():
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="param"):
+        fastvae.sample_normal_kl(x, x, x, x)
+    with pytest.raises(ValueError, match="param must be one of"):
+        fastvae.sample_normal_kl(x, x, x, x, param="std")
+    with pytest.raises(ValueError, match="shape mismatch: mu"):
+        fastvae.sample_normal_kl(x, torch.zeros(2, 4), x, x, param="logvar")
+    with pytest.raises(ValueError, match="prior_log_scale of shape"):
+        fastvae.sample_normal_kl(x, x, x, torch.zeros(4), param="logvar")
+    with pytest.raises(TypeError, match="prior_mu must be a floating-point"):
+        fastvae.sample_normal_kl(x, x, torch.zeros(2, 3, dtype=torch.int64), x, param="logvar")
+    with pytest.raises(ValueError, match="batch dimension"):
+        fastvae.sample_normal_kl(torch.zeros(()), torch.zeros(()), torch.zeros(()), torch.zeros(()), param="logvar")
+    with pytest.raises(ValueError, match="free_bits .*reduce=True"):
+        fastvae.sample_normal_kl(x, x, x, x, param="logvar", free_bits=0.5)
+    with pytest.raises(ValueError, match="free_bits must be >= 0"):
+        fastvae.sample_normal_kl(x, x, x, x, param="logvar", reduce=True, free_bits=-1.0)
+
+
+FORMS = [(p, r, red) for p in ("logvar", "logstd") for r in (False, True) for red in (False, True)]
+
+
+@pytest.mark.parametrize("param, residual, reduce", FORMS[::3] if INTERPRET else FORMS)
+def test_gradcheck(backend, param, residual, reduce):
+    _, device = backend
+    inputs = make_inputs((2, 3, 2), 9, 1.0, torch.float64, device, requires_grad=True)
+    seed = seed_tensor(21, device)
+
+    def f(*t):
+        return SampleNormalKL.apply(*t, seed, param == "logvar", residual, reduce)
+
+    assert torch.autograd.gradcheck(f, tuple(inputs), atol=1e-7, rtol=1e-6)
+
+
+# the closed form is torch code on every backend, which only draws eps: fewer cases under the interpreter
+@pytest.mark.parametrize("param, residual, reduce", FORMS[::3] if INTERPRET else FORMS)
+def test_double_backward(backend, param, residual, reduce):
+    """create_graph=True: the closed form's second derivative (gradgradcheck, float64)."""
+    _, device = backend
+    inputs = make_inputs((2, 3, 2), 10, 1.0, torch.float64, device, requires_grad=True)
+    seed = seed_tensor(22, device)
+
+    def f(*t):
+        return SampleNormalKL.apply(*t, seed, param == "logvar", residual, reduce)
+
+    assert torch.autograd.gradgradcheck(f, tuple(inputs), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile of the op: the cpp and reference backends")
+def test_compiled_matches_eager(backend):
+    _, device = backend
+    inputs = make_inputs((2, 4, 3, 3), 14, 1.0, torch.float32, device, requires_grad=True)
+
+    def f(*t):
+        z, kl = fastvae.sample_normal_kl(*t, param="logstd", residual=True, reduce=True)
+        return (z * z).sum() + kl.sum()
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        torch.manual_seed(3)
+        loss = fn(*inputs)
+        results.append((loss.detach(), *torch.autograd.grad(loss, inputs)))
+    for eager, compiled in zip(*results):
+        assert_close(compiled, eager, eager.abs() + 1.0)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+# The checks that run over every op read these (tests/helpers.py, op_cases), so
+# that no list outside this folder names the op: test_registry.py fails when
+# one is missing.
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size; ``op``
+    makes the call from the function and its leaves' shapes."""
+    return op(lambda m, s, pm, ps: fastvae.sample_normal_kl(m, s, pm, ps, param="logstd", reduce=True),
+              (B, L), (B, L), (B, L), (B, L))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (the row sums)."""
+    m, s, pm, ps = (leaf(8, 16, 40, 40) for _ in range(4))
+    return [lambda reduce=reduce: run(lambda a, b, c, d: fastvae.sample_normal_kl(
+        a, b, c, d, param="logvar", reduce=reduce, generator=gen(2)), m, s, pm, ps) for reduce in (False, True)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    m, s, pm, ps = (leaf(3, 4) for _ in range(4))
+    return lambda: run(lambda a, b, c, d: fastvae.sample_normal_kl(a, b, c, d, param="logstd", residual=True,
+                                                                   generator=gen(1)), m, s, pm, ps)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck (every form:
+    test_double_backward above)."""
+    return {
+        "sample_normal_kl": (lambda m, s, pm, ps: fastvae.sample_normal_kl(m, s, pm, ps, param="logvar",
+                                                                           reduce=True, generator=gen(3)),
+                             [r(3, 4), r(3, 4), r(3, 4), r(3, 4)], False),
+    }
