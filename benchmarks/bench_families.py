@@ -140,9 +140,10 @@ def _cases(B: int, L: int, C: int, device, dtype, names):
     return cases
 
 
-def measure(quick: bool, names, device, compiled: bool = True) -> list[dict]:
+def measure(quick: bool, names, device, compiled: bool = True, rounds: int | None = None,
+            n: int | None = None) -> list[dict]:
     B, L, C = (256, 8, 4) if quick else (65536, 32, 16)
-    rounds, n = (2, 2) if quick else (5, 3)
+    rounds, n = rounds or (2 if quick else 5), n or (2 if quick else 3)
     dtype = torch.float32
     records = []
     for case, (hand, fv, leaves, shape) in _cases(B, L, C, device, dtype, names).items():
@@ -193,11 +194,13 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--memory", action="store_true", help="accepted for the suite; no memory figures here")
     p.add_argument("--eager", action="store_true", help="leave the torch.compile rows out")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)")
+    p.add_argument("--calls", type=int, default=None, help="calls per round (default 3; 2 with --quick)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     names = args.families or list(_families(1, 1, "cpu", torch.float32))
-    records = measure(args.quick, names, device, compiled=not args.eager)
+    records = measure(args.quick, names, device, compiled=not args.eager, rounds=args.rounds, n=args.calls)
     payload = {"op": "families", **common.metadata(device),
                "title": "Each latent family's whole objective, forward + backward, fastvae against torch.distributions",
                "records": records, "table_markdown": table(records)}
