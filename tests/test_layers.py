@@ -48,7 +48,7 @@ LAYERS = {
                    "_noise", "_pareto"),
     "ops": OP_MODULES,
     "distributions": ("distributions", "priors", "latents"),
-    "objectives": ("_decoder", "_plan", "_plan_ops", "objectives", "evaluation"),
+    "objectives": ("_decoder", "_plan", "_plan_ops", "objectives", "evaluation", "hierarchical"),
     "application": ("demo", "__init__", "__main__", "kernels.aot"),
 }
 
