@@ -214,7 +214,8 @@ def sample_normal_kl_forward(mu, log_scale, prior_mu, prior_log_scale, seed, log
     block_c = block_cols(L)
     tile = _tile(mu)
     block_r = max(1, min(INTERPRETER_BLOCK_ROWS if mu.device.type == "cpu" else tile, tile // block_c))
-    block_r = min(block_r, triton.next_power_of_2(N))
+    if mu.device.type == "cpu":  # the interpreter: no lanes past the rows (a GPU keeps one variant per row length)
+        block_r = min(block_r, triton.next_power_of_2(N))
     row_tiles = triton.cdiv(N, block_r)
     splits = _column_splits(row_tiles, L, block_c, mu.device)
     cols_per = triton.cdiv(triton.cdiv(L, splits), block_c) * block_c
@@ -237,7 +238,8 @@ def sample_normal_kl_backward(grad_z, grad_kl, mu, log_scale, prior_mu, prior_lo
     N, L = mu.shape
     if N * L == 0:
         return
-    block = triton.next_power_of_2(min(N * L, _tile(mu)))
+    # one variant whatever the size on a GPU (the tail masked); the interpreter sizes it to the problem
+    block = _tile(mu) if mu.device.type != "cpu" else triton.next_power_of_2(min(N * L, _tile(mu)))
     _sample_normal_kl_bwd_kernel[(triton.cdiv(N * L, block),)](
         mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl, mu, log_scale, prior_mu,
         prior_log_scale, seed, dmu, dlog_scale, dprior_mu, dprior_log_scale, N * L, L,
