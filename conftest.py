@@ -121,6 +121,14 @@ def nan_poisoned_outputs(monkeypatch):
 _interpreter_launcher = []  # the module of tests/test_triton_interpreter.py, once its child is started
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The interpreter's launcher test runs last: it waits for the child, and
+    the main process's other tests run beside the child meanwhile, each on
+    one core, instead of waiting with it."""
+    launchers = [item for item in items if item.name == "test_op_tests_under_triton_interpreter"]
+    items[:] = [item for item in items if item not in launchers] + launchers
+
+
 def pytest_collection_finish(session):
     """Starts the interpreter child (tests/test_triton_interpreter.py) as soon
     as the session knows its launcher test will run, so that it runs beside
