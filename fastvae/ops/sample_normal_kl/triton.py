@@ -201,7 +201,7 @@ def _column_splits(row_tiles: int, L: int, block_c: int, device: torch.device) -
 def _tile(mu) -> int:
     if mu.device.type == "cpu":
         return INTERPRETER_TILE
-    return TILE // 4 if mu.dtype == torch.float64 else TILE
+    return TILE // 8 if mu.dtype == torch.float64 else TILE
 
 
 def sample_normal_kl_forward(mu, log_scale, prior_mu, prior_log_scale, seed, logvar, residual, z, kl) -> None:
