@@ -16,10 +16,11 @@ pytestmark = pytest.mark.skipif(INTERPRET, reason="main-process test (backend-in
 ROOT = Path(__file__).resolve().parent.parent
 
 # every text file under these folders, at any depth
-FOLDERS = ("fastvae", "kernels", "csrc", "tests", "docs")
+FOLDERS = ("fastvae", "kernels", "csrc", "tests", "docs", "examples")
 SUFFIXES = {".py", ".h", ".hpp", ".cpp", ".cu", ".md", ".sh", ".txt", ".toml", ".cfg"}
-# and these files of the top level and of benchmarks/ (not its results/)
-GLOBS = ("README.md", "benchmarks/*.py", "benchmarks/*.sh", "benchmarks/README.md")
+# and these files of the top level, of benchmarks/ (not its results/) and the CI scripts
+GLOBS = ("README.md", "setup.py", "pyproject.toml", "benchmarks/*.py", "benchmarks/*.sh",
+         "benchmarks/README.md", ".ci/*")
 
 FORBIDDEN = {
     "an issue number": re.compile(r"\b" + "iss" + r"ues?[ -]?#?\d", re.IGNORECASE),
