@@ -115,7 +115,8 @@ def _setup(device: torch.device):
     ``device``. The "halves" case takes mu and logvar as encoders return them,
     the strided halves of one output (h.chunk(2, -1), inside the loss), with a
     baseline of its own; "mean alone" is a Gaussian decoder that returns its
-    mean (unit variance); "autocast" runs the three steps under torch.autocast
+    mean (unit variance); "laplace" a Laplace posterior against a Laplace
+    prior, both torch distributions made in the loss; "autocast" runs the three steps under torch.autocast
     (bfloat16)."""
     torch.manual_seed(0)
     x = (torch.rand(B, D) > 0.5).float().to(device)
@@ -184,6 +185,20 @@ def _setup(device: torch.device):
         "iwae k=5 dreg": (lambda: -fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli", estimator="dreg"),
                           hand_iwae, base, leaves),
     }
+    # a latent family as users pass it: torch distributions built in the loss, a same-family prior
+    p_loc, p_scale = torch.zeros(L, device=device), torch.ones(L, device=device)
+
+    def elbo_laplace():
+        q = torch.distributions.Laplace(mu, lv.exp())
+        return -fastvae.elbo(x, q, dec, likelihood="bernoulli", prior=torch.distributions.Laplace(p_loc, p_scale))
+
+    def hand_elbo_laplace():
+        q, p = torch.distributions.Laplace(mu, lv.exp()), torch.distributions.Laplace(p_loc, p_scale)
+        rec = -F.binary_cross_entropy_with_logits(dec(q.rsample()), x, reduction="none").sum(-1)
+        return -(rec - torch.distributions.kl_divergence(q, p).sum(-1)).mean()
+
+    cases["elbo laplace, laplace prior"] = (elbo_laplace, hand_elbo_laplace, base, leaves)
+
     def autocast(loss):  # mixed precision, as most GPU training runs: bfloat16 matmuls
         def run():
             with torch.autocast(device.type, dtype=torch.bfloat16):
