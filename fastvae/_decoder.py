@@ -39,6 +39,7 @@ shared by fastvae.elbo, fastvae.iwae and the evaluation functions.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,22 +57,12 @@ from torch.distributions import (
     Normal,
 )
 
-from . import _backend, _validate, _value_checks
+from . import _registry
+from . import ops as _ops
 from .distributions import DiagonalNormal, TrilNormal
 from .latents import LATENTS, from_torch
-from .ops.bernoulli_likelihood.op import bernoulli_log_prob_unchecked, continuous_bernoulli_decoder_log_prob
-from .ops.categorical_log_prob.op import decoder_log_prob as categorical_decoder_log_prob
-from .ops.count_log_prob.op import decoder_log_prob as count_decoder_log_prob
 from .ops.count_log_prob.op import from_distribution as counts_from_distribution
 from .ops.count_log_prob.op import from_named as counts_from_named
-from .ops.count_log_prob.op import (
-    negative_binomial_log_prob_unchecked,
-    poisson_log_prob_unchecked,
-    zinb_log_prob_unchecked,
-)
-from .ops.discretized_logistic_mixture_log_prob.op import decoder_log_prob as discretized_logistic_mixture_decoder
-from .ops.gaussian_log_prob.op import gaussian_log_prob, gaussian_log_prob_packed, packed_mean_logvar
-from .ops.laplace_log_prob.op import laplace_log_prob
 
 
 def torch_posterior(q: Distribution) -> DiagonalNormal | TrilNormal:
@@ -212,17 +203,6 @@ def output_numel(out: Any, likelihood: str | None, event_ndim: int) -> int:
     return 0
 
 
-def _check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...], batch_ndim: int = 1) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise TypeError(f"decode must return a tensor as the {name}, got {type(out).__name__}")
-    want = (*sample_shape, *x.shape)
-    if tuple(out.shape) != want:
-        raise ValueError(
-            f"decode returned {'' if name == 'logits' else 'a '}{name} of shape {tuple(out.shape)}; expected {want} "
-            f"(sample shape {sample_shape} followed by x's shape {tuple(x.shape)})."
-            + _validate.decoder_shape_hint(x, sample_shape, batch_ndim, tuple(x.shape[batch_ndim:]))
-        )
-    return out
 
 
 def unfold_samples(out: Any, x: Tensor, likelihood: str, sample_shape: tuple[int, ...], batch_ndim: int) -> Any:
@@ -263,10 +243,6 @@ def unfold_samples(out: Any, x: Tensor, likelihood: str, sample_shape: tuple[int
     return unfold(out) if isinstance(out, Tensor) else type(out)(unfold(t) for t in out)
 
 
-def _flat_events(t: Tensor, lead: int) -> Tensor:
-    """t with every dimension after the first ``lead`` merged into one: a view
-    of a contiguous tensor (a conv decoder's output), a copy otherwise."""
-    return t.reshape(*t.shape[:lead], -1)
 
 
 def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[int, ...],
@@ -315,100 +291,21 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
 # check); only the Bernoulli likelihoods read it.
 
 
-def _flat(t: Tensor, lead_dims: int, events: int) -> Tensor:
-    return t if events == 1 else _flat_events(t, lead_dims)
 
 
-def _gaussian(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
-    """The mean (unit variance) or a (mean, logvar) pair."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    if isinstance(out, (tuple, list)):
-        if len(out) != 2:
-            raise ValueError(
-                f"for likelihood='gaussian' decode returns the mean or a (mean, logvar) pair, "
-                f"got a sequence of {len(out)} items"
-            )
-        mean = _check_output("mean", out[0], x, sample_shape, batch_ndim)
-        logvar = out[1]
-        if not isinstance(logvar, Tensor):
-            raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
-        if (_backend.backend_for(mean.device, warn=False) == "triton" and not _backend.compiling()
-                and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
-            return gaussian_log_prob_packed(_flat(x, batch_ndim, events), packed)  # the halves of one output, in place
-        if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
-            logvar = _flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead, events)
-        return gaussian_log_prob(_flat(x, batch_ndim, events), _flat(mean, lead, events), logvar)
-    mean = _check_output("mean", out, x, sample_shape, batch_ndim)
-    return gaussian_log_prob(_flat(x, batch_ndim, events), _flat(mean, lead, events))
 
 
-def _laplace(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
-    """The location (scale 1) or a (loc, log_scale) pair."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    if isinstance(out, (tuple, list)):
-        if len(out) != 2:
-            raise ValueError(
-                f"for likelihood='laplace' decode returns the location or a (loc, log_scale) pair, "
-                f"got a sequence of {len(out)} items"
-            )
-        loc = _check_output("loc", out[0], x, sample_shape, batch_ndim)
-        log_scale = out[1]
-        if not isinstance(log_scale, Tensor):
-            raise TypeError(f"decode must return a tensor as the log_scale, got {type(log_scale).__name__}")
-        if events > 1 and log_scale.dim() > 1:  # a per-pixel or per-channel log-scale: spread over the event
-            log_scale = _flat(log_scale.expand(loc.shape) if log_scale.shape != loc.shape else log_scale, lead, events)
-        return laplace_log_prob(_flat(x, batch_ndim, events), _flat(loc, lead, events), log_scale)
-    loc = _check_output("loc", out, x, sample_shape, batch_ndim)
-    return laplace_log_prob(_flat(x, batch_ndim, events), _flat(loc, lead, events))
 
 
-def _bernoulli(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
-    """Logits; the op's checks run here (its unchecked function is called)."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    logits = _check_output("logits", out, x, sample_shape, batch_ndim)
-    _validate.float_tensors(x=x, logits=logits)
-    _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
-    if not probs_given:
-        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
-    return bernoulli_log_prob_unchecked(_flat(x, batch_ndim, events), _flat(logits, lead, events))
 
-
-def _categorical(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
-    """Logits (*x.shape, C) for integer classes x: the op's own decoder step."""
-    return categorical_decoder_log_prob(x, out, sample_shape, batch_ndim)
-
-
-def _continuous_bernoulli(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int,
-                          probs_given: bool) -> Tensor:
-    """Logits for x in [0, 1]."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    logits = _check_output("logits", out, x, sample_shape, batch_ndim)
-    return continuous_bernoulli_decoder_log_prob(_flat(x, batch_ndim, events), _flat(logits, lead, events),
-                                                 probs_given)
-
-
-def _counts(likelihood: str, log_prob: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The route of a count likelihood: the count likelihoods' decoder step
-    (fastvae/ops/count_log_prob/op.py), given the op's function after its checks."""
-    def route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
-        return count_decoder_log_prob(
-            x, out, likelihood, sample_shape, x.dim() - batch_ndim,
-            lambda name, t, x_, shape: _check_output(name, t, x_, shape, batch_ndim), log_prob)
-    return route
-
-
-def _discretized_logistic_mixture(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int,
-                                  probs_given: bool) -> Tensor:
-    """PixelCNN++'s packed parameters or their (logit_probs, means, log_scales): the op's own decoder step."""
-    return discretized_logistic_mixture_decoder(x, out, sample_shape, batch_ndim)
 
 
 @dataclass(frozen=True)
 class Likelihood:
-    """One likelihood= name: the registry's op that computes it (whose Op entry
-    names it back in ``likelihood``; tests/test_registry.py checks both ways),
-    the route from the decoder output to that op, and the dimensions the output
-    has beyond x's (the categorical's classes: what unfold_samples allows for)."""
+    """One likelihood= name: the registry's op that computes it (its Op entry's
+    ``likelihood``), the route from the decoder output to that op (the Op's
+    ``route``, in its folder's op.py), and the dimensions the output has beyond
+    x's (the categorical's classes: what unfold_samples allows for)."""
 
     name: str
     op: str
@@ -416,18 +313,16 @@ class Likelihood:
     class_dims: int = 0
 
 
+def _table() -> dict[str, Likelihood]:
+    """Every op the registry describes with a likelihood, by that name."""
+    table = {}
+    for op in _registry.OPS.values():
+        if op.likelihood is not None:
+            module = importlib.import_module(f"{_ops.__name__}.{_registry.FOLDER_OF[op.name]}.op")
+            table[op.likelihood] = Likelihood(op.likelihood, op.name, getattr(module, op.route), op.class_dims)
+    return table
+
+
 # The one list of likelihoods: LIKELIHOODS (the accepted names, in this order in the error) derives from it.
-_TABLE: dict[str, Likelihood] = {entry.name: entry for entry in (
-    Likelihood("gaussian", "gaussian_log_prob", _gaussian),
-    Likelihood("bernoulli", "bernoulli_log_prob", _bernoulli),
-    Likelihood("laplace", "laplace_log_prob", _laplace),
-    Likelihood("categorical", "categorical_log_prob", _categorical, class_dims=1),
-    Likelihood("continuous_bernoulli", "continuous_bernoulli_log_prob", _continuous_bernoulli),
-    Likelihood("poisson", "poisson_log_prob", _counts("poisson", poisson_log_prob_unchecked)),
-    Likelihood("negative_binomial", "negative_binomial_log_prob",
-               _counts("negative_binomial", negative_binomial_log_prob_unchecked)),
-    Likelihood("zinb", "zinb_log_prob", _counts("zinb", zinb_log_prob_unchecked)),
-    Likelihood("discretized_logistic_mixture", "discretized_logistic_mixture_log_prob",
-               _discretized_logistic_mixture),
-)}
+_TABLE: dict[str, Likelihood] = _table()
 LIKELIHOODS = tuple(_TABLE)

@@ -16,12 +16,13 @@ The Gaussian variance parameter v goes to the kernel as
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _backend
-from ._validate import broadcasts_to
+from ._validate import broadcasts_to, decoder_shape_hint
 
 
 def _broadcast_error(name: str, t: Tensor, out_name: str, out: Tensor) -> ValueError:
@@ -160,3 +161,32 @@ def likelihood_torch_ops(x: Tensor, out: Tensor, *others: Tensor, half_out: bool
     if ops is None or x.dim() == out.dim():
         return ops
     return None if fold_samples("cpp", kernel_shape(x, out)) else ops
+
+
+# -- the decoder output, before a likelihood op: its shape checked, its event flattened --
+
+def check_output(name: str, out: Any, x: Tensor, sample_shape: tuple[int, ...], batch_ndim: int = 1) -> Tensor:
+    """The decoder output ``name`` as a tensor of shape (*sample_shape, *x.shape),
+    else a TypeError or ValueError naming it and the shape expected."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"decode must return a tensor as the {name}, got {type(out).__name__}")
+    want = (*sample_shape, *x.shape)
+    if tuple(out.shape) != want:
+        raise ValueError(
+            f"decode returned {'' if name == 'logits' else 'a '}{name} of shape {tuple(out.shape)}; expected {want} "
+            f"(sample shape {sample_shape} followed by x's shape {tuple(x.shape)})."
+            + decoder_shape_hint(x, sample_shape, batch_ndim, tuple(x.shape[batch_ndim:]))
+        )
+    return out
+
+
+def flat_events(t: Tensor, lead: int) -> Tensor:
+    """t with every dimension after the first ``lead`` merged into one: a view
+    of a contiguous tensor (a conv decoder's output), a copy otherwise."""
+    return t.reshape(*t.shape[:lead], -1)
+
+
+def flat(t: Tensor, lead_dims: int, events: int) -> Tensor:
+    """t (lead_dims dimensions, then an event of ``events`` dimensions) with the
+    event as one dimension, as the likelihood kernels read it."""
+    return t if events == 1 else flat_events(t, lead_dims)

@@ -403,7 +403,7 @@ class TailPlan:
                                                          not iwae)
             self.lik_backward = Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta)
             self.lik_backward_ints = ints
-        else:  # (mean, logvar) as the halves of one output; the mean alone: unit variance
+        elif likelihood == "gaussian":  # (mean, logvar) as the halves of one output; the mean alone: unit variance
             kern = _kernels("gaussian_log_prob")
             grid, meta = kern.forward_plan(K, P, D, odt, device, kern.ELEMENT, False, True, reduce)
             self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
@@ -418,6 +418,8 @@ class TailPlan:
             self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
             grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.DIM, False, reduce, not iwae)
             self.unit_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
+        else:  # an Op with plan_tail=True whose tail is not written here
+            raise NotImplementedError(f"the plans have no fused tail for likelihood={likelihood!r}")
         # the elbo's partial sums: one a program of the likelihood's forward
         self.parts = common.bound_parts(self.lik_forward.kwargs["grid"][0], dtype, device) if reduce else None
         if iwae:  # the log-mean-exp's value (or the bound) and column state

@@ -73,6 +73,59 @@ TORCH_OPS = tuple(name for op in OPS.values() for name in op.torch_ops)
 # benchmarks) and the raw Philox words that check each path bit for bit.
 CPP_CONTROLS = ("noise_isa", "noise_isas", "set_noise_isa", "philox_words")
 
+# Where code outside an op's folder names the op or something of its folder, and why
+# (tests/test_op_ownership.py fails on a use not declared here and on a declaration no code
+# makes). A distribution or objective calling an op's public function is the layering at work;
+# the rest is what the op record does not yet own: the plans' launches of the training path's
+# kernels, the samplers' shared pieces, closed forms another op's backward reuses.
+USES: dict[tuple[str, str], str] = {
+    # the objectives and distributions call the ops' front ends
+    ("distributions", "sample_normal"): "DiagonalNormal's rsample and sample_with_kl are the op",
+    ("distributions", "sample_normal_tril"): "TrilNormal's rsample and sample_with_kl are the op",
+    ("distributions", "kl_normal"): "DiagonalNormal's closed-form KL against a Gaussian prior is the op",
+    ("distributions", "gaussian_log_prob"): "DiagonalNormal.log_prob is the op on z",
+    ("latents", "sample_normal"): "the normal transforms (log-normal, logistic-normal) sample through it",
+    ("latents", "kl_normal"): "the normal transforms' KL is their normals' KL",
+    ("latents", "sample_location_scale"): "LocationScale's samples, its family table and evaluation draws",
+    ("latents", "sample_positive"): "Positive's samples, parameter table, evaluation draws and median",
+    ("latents", "sample_concrete"): "Concrete's samples, argument checks and evaluation draws",
+    ("priors", "kl_normal"): "a Gaussian prior's closed-form KL is the op",
+    ("priors", "mixture_log_prob"): "MixturePrior.log_prob is the op, with its component checks",
+    ("objectives", "sample_normal"): "the general path's Gaussian posterior samples through the op's "
+                                     "unchecked functions (checked once per call) and its z dtype",
+    ("objectives", "sample_normal_tril"): "a full-covariance posterior's Function for the DReG weight",
+    ("objectives", "kl_normal"): "the per-dimension KL of free bits against a Gaussian prior",
+    ("objectives", "logmeanexp"): "the IWAE bound's log-mean-exp with its state and the weights' Functions",
+    ("evaluation", "logmeanexp"): "log p(x) streams the log-mean-exp state over chunks and ranks",
+    ("evaluation", "sample_normal"): "the evaluation draws at its own offsets (sample_at) within the op's "
+                                     "offset range and z dtype",
+    ("_decoder", "count_log_prob"): "a dict of named count parameters and scvi-tools' distributions imply "
+                                    "their count likelihood",
+    ("demo", "sample_normal"): "the demo prints which backend runs the sampler",
+    ("demo", "logmeanexp"): "the demo prints which ops its bound runs",
+    # the plans launch the training path's kernels themselves
+    ("_plan", "sample_normal"): "SamplePlan launches the sampler's kernels; a create_graph backward replays "
+                                "the op's double backward",
+    ("_plan", "bernoulli_likelihood"): "TailPlan launches the Bernoulli kernels with the fused bound",
+    ("_plan", "gaussian_log_prob"): "TailPlan launches the Gaussian kernels, reading a (mean, logvar) "
+                                    "decoder's packed halves",
+    ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
+    ("_plan_ops", "sample_normal"): "the graph ops of the compiled path launch the sampler's kernel",
+    ("kernels.aot", "sample_normal"): "the noise fills' ahead-of-time cases take the sampler's shapes",
+    # the samplers share pieces that one sampler holds
+    ("ops.sample_location_scale.op", "sample_normal"): "the Philox offset range and the z dtype",
+    ("ops.sample_positive.op", "sample_normal"): "the Philox offset range and the z dtype",
+    ("ops.sample_concrete.op", "sample_normal"): "the Philox offset range and the z dtype",
+    ("ops.sample_normal_kl.op", "sample_normal"): "the noise draw and the z dtype",
+    ("ops.sample_normal_tril.op", "sample_normal"): "the noise draw and the z dtype",
+    ("ops.sample_positive.triton", "sample_location_scale"): "the Philox words and open uniforms",
+    ("ops.sample_concrete.triton", "sample_location_scale"): "the Philox words and open uniforms",
+    ("ops.sample_concrete", "sample_positive"): "the oracle's Exp(1) draw from the same uniforms",
+    ("ops.sample_normal", "kl_normal"): "the oracle's KL gradient is kl_normal's",
+    ("ops.sample_normal.op", "kl_normal"): "the double backward's KL gradient is kl_normal's",
+    ("ops/sample_normal/sample_normal.cpp", "kl_normal"): "the fused KL's C++ gradient is kl_normal's",
+}
+
 # Test modules above the ops that reach a Triton kernel: run under the
 # interpreter too, next to every op's own test module.
 # test_launches.py counts what each call launches on the CUDA path;

@@ -62,6 +62,15 @@ class Op(NamedTuple):
     # _decoder's likelihood table; tests/test_registry.py checks the two agree), None for an op
     # that is no decoder likelihood (mixture_log_prob is a prior's log p(z))
     likelihood: str | None = None
+    # with a likelihood: the function of the folder's op.py that takes a decoder output there,
+    # route(x, out, sample_shape, batch_ndim, probs_given) -> log p(x | z) (its shape checked, its
+    # event flattened: fastvae/_likelihood_layout.py), and the dimensions that output has beyond
+    # x's (the categorical's classes); fastvae/_decoder.py builds its likelihood table from these
+    route: str = "decoder_route"
+    class_dims: int = 0
+    # a likelihood the objectives' plans fuse into their tail (fastvae/_plan.py's TailPlan
+    # launches its kernels with the bound's epilogue): calls with it take the plans' short path
+    plan_tail: bool = False
 
 
 class Bench(NamedTuple):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from . import _backend, _op, _plan, _plan_ops, _validate
+from . import _backend, _op, _plan, _plan_ops, _registry, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
@@ -156,7 +156,8 @@ def _reduced_difference(a: Tensor, b: Tensor, reduction: str) -> Tensor:
 # -- the lean path (fastvae/_plan.py) ---------------------------------------------------
 
 _LEAN_DTYPES = (torch.float32, torch.float64)
-_LEAN_LIKELIHOODS = ("bernoulli", "gaussian")
+# the likelihoods whose op the plans fuse into their tail (the registry says which)
+_LEAN_LIKELIHOODS = tuple(op.likelihood for op in _registry.OPS.values() if op.plan_tail)
 # The cpp backend's plan is the checks alone, once per call signature: after
 # them its C++ operators are already the short path to the kernels.
 _LEAN_BACKENDS = ("triton", "cpp")

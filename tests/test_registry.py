@@ -295,3 +295,7 @@ def test_every_likelihood_op_has_its_entry_in_the_decoder_table():
     log_prob_ops = {name for name in _registry.OPS if name.endswith("_log_prob")}
     assert log_prob_ops == set(serving.values()) | NOT_DECODER_LIKELIHOODS
     assert NOT_DECODER_LIKELIHOODS <= set(_registry.OPS)
+    # each route is its op folder's own function (the folder owns the step from a decoder output to its op)
+    for entry in _decoder._TABLE.values():
+        assert entry.route.__module__ == f"fastvae.ops.{_registry.FOLDER_OF[entry.op]}.op", entry
+        assert entry.class_dims == _registry.OPS[entry.op].class_dims

@@ -40,10 +40,12 @@ KERNELS = (
 _TEST = "fastvae/ops/bernoulli_likelihood/test_bernoulli_likelihood.py"
 OPS = (
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"), _TEST,
-       "bernoulli_likelihood", torch_ops=("bernoulli_log_prob",), likelihood="bernoulli"),
+       "bernoulli_likelihood", torch_ops=("bernoulli_log_prob",), likelihood="bernoulli",
+       route="bernoulli_route", plan_tail=True),
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"), _TEST,
-       "bernoulli_likelihood", likelihood="continuous_bernoulli"),
+       "bernoulli_likelihood", likelihood="continuous_bernoulli",
+       route="continuous_bernoulli_route"),
 )
 
 

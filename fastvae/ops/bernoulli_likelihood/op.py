@@ -28,13 +28,23 @@ log C = log|l| - log(1 - e^-|l|) + log1p(e^-|l|), exact as |l| grows.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc, _like
-from ..._likelihood_layout import broadcast_x, fold_samples, folded, kernel_views, likelihood_torch_ops, unfold_rows
+from ..._likelihood_layout import (
+    broadcast_x,
+    check_output,
+    flat,
+    fold_samples,
+    folded,
+    kernel_views,
+    likelihood_torch_ops,
+    unfold_rows,
+)
 from ..._op import define, run, shaped
 from . import _cb_log_norm_grad
 
@@ -281,3 +291,26 @@ def continuous_bernoulli_decoder_log_prob(x: Tensor, logits: Tensor, probs_given
         _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='continuous_bernoulli')",
                                       "continuous_bernoulli")
     return continuous_bernoulli_log_prob_unchecked(x, logits)
+
+
+# -- the decoder route: likelihood= of the objectives and evaluation (fastvae/_decoder.py) --
+
+
+def bernoulli_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """Logits; the op's checks run here (its unchecked function is called)."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    logits = check_output("logits", out, x, sample_shape, batch_ndim)
+    _validate.float_tensors(x=x, logits=logits)
+    _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
+    if not probs_given:
+        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
+    return bernoulli_log_prob_unchecked(flat(x, batch_ndim, events), flat(logits, lead, events))
+
+
+def continuous_bernoulli_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int,
+                          probs_given: bool) -> Tensor:
+    """Logits for x in [0, 1]."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    logits = check_output("logits", out, x, sample_shape, batch_ndim)
+    return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim, events), flat(logits, lead, events),
+                                                 probs_given)

@@ -23,7 +23,7 @@ KERNELS = (
 
 OP = Op("categorical_log_prob", tuple(k.name for k in KERNELS),
         "fastvae/ops/categorical_log_prob/test_categorical_log_prob.py", "categorical_log_prob",
-        likelihood="categorical")
+        likelihood="categorical", class_dims=1)
 
 
 # -- the oracle ------------------------------------------------------------------

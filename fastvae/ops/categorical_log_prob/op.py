@@ -191,3 +191,11 @@ def decoder_log_prob(x: Tensor, logits: Any, sample_shape: tuple[int, ...], batc
         x = x.reshape(*x.shape[:batch_ndim], -1)
         logits = logits.reshape(*logits.shape[:lead], -1, logits.shape[-1])
     return categorical_log_prob_unchecked(x, logits)
+
+
+# -- the decoder route: likelihood= of the objectives and evaluation (fastvae/_decoder.py) --
+
+
+def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """Logits (*x.shape, C) for integer classes x."""
+    return decoder_log_prob(x, out, sample_shape, batch_ndim)

@@ -42,11 +42,12 @@ KERNELS = (
 _TEST = "fastvae/ops/count_log_prob/test_count_log_prob.py"
 OPS = (
     Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"), _TEST, "count_log_prob",
-       likelihood="poisson"),
+       likelihood="poisson", route="poisson_route"),
     Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),
-       _TEST, "count_log_prob", likelihood="negative_binomial"),
+       _TEST, "count_log_prob", likelihood="negative_binomial",
+       route="negative_binomial_route"),
     Op("zinb_log_prob", ("zinb_log_prob_forward", "zinb_log_prob_backward"), _TEST, "count_log_prob",
-       likelihood="zinb"),
+       likelihood="zinb", route="zinb_route"),
 )
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
-from ..._likelihood_layout import _strip_leading_ones, broadcast_x, fold_samples, folded, kernel_views
+from ..._likelihood_layout import _strip_leading_ones, broadcast_x, check_output, fold_samples, folded, kernel_views
 from ..._op import define, run, shaped
 from ..._validate import broadcasts_to
 
@@ -321,7 +321,7 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
     shape (*sample_shape, *x.shape) (``check_output``, _decoder's check), the
     others broadcast against it (log theta per gene: shape x.shape[-1:]).
     ``log_prob`` is the op's unchecked function (``poisson_log_prob_unchecked``
-    etc.), which the route in _decoder's table passes in."""
+    etc.), which its route (below) passes in."""
     names = _OUTPUTS[likelihood]
     items = (out,) if len(names) == 1 else out
     if len(names) > 1 and (not isinstance(out, (tuple, list)) or len(out) != len(names)):
@@ -577,3 +577,20 @@ def zinb_log_prob_unchecked(x: Tensor, log_mean: Tensor, log_theta: Tensor, zi_l
     log_theta = broadcast_param(log_theta, "log_theta", log_mean, "log_mean", per_gene=True)
     zi_logits = broadcast_param(zi_logits, "zi_logits", log_mean, "log_mean", per_gene=False)
     return ZinbLogProb.apply(x, log_mean, log_theta, zi_logits)
+
+
+# -- the decoder route: likelihood= of the objectives and evaluation (fastvae/_decoder.py) --
+
+
+def _route(likelihood: str, log_prob):
+    """The route of one count likelihood: decoder_log_prob with its checked output
+    and its unchecked function."""
+    def route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+        return decoder_log_prob(x, out, likelihood, sample_shape, x.dim() - batch_ndim,
+                                lambda name, t, x_, shape: check_output(name, t, x_, shape, batch_ndim), log_prob)
+    return route
+
+
+poisson_route = _route("poisson", poisson_log_prob_unchecked)
+negative_binomial_route = _route("negative_binomial", negative_binomial_log_prob_unchecked)
+zinb_route = _route("zinb", zinb_log_prob_unchecked)

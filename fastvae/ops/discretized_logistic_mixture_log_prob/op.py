@@ -245,3 +245,11 @@ def decoder_log_prob(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_n
                          f"{want} (sample shape {sample_shape} followed by x's batch shape)."
                          + _validate.decoder_shape_hint(x, sample_shape, batch_ndim, tuple(tensors[0].shape[-3:])))
     return discretized_logistic_mixture_log_prob_unchecked(x, tensors, 256)
+
+
+# -- the decoder route: likelihood= of the objectives and evaluation (fastvae/_decoder.py) --
+
+
+def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """PixelCNN++'s packed parameters or their (logit_probs, means, log_scales)."""
+    return decoder_log_prob(x, out, sample_shape, batch_ndim)

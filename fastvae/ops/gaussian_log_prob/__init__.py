@@ -30,7 +30,8 @@ KERNELS = (
 )
 
 OP = Op("gaussian_log_prob", tuple(k.name for k in KERNELS), "fastvae/ops/gaussian_log_prob/test_gaussian_log_prob.py",
-        "gaussian_log_prob", torch_ops=("gaussian_log_prob",), likelihood="gaussian")
+        "gaussian_log_prob", torch_ops=("gaussian_log_prob",), likelihood="gaussian",
+        plan_tail=True)
 
 
 # -- the oracle ------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """gaussian_log_prob's front end: the public function, the torch.library ops
 fastvae::gaussian_log_prob and fastvae::gaussian_log_prob_backward, their
-autograd Function (its double backward: fastvae/_double_backward.py's closed
-form), the packed form of (mean, logvar) as the two halves of one decoder
-output (packed_mean_logvar, gaussian_log_prob_packed) and the fixed scale's
-cached log-variance (fixed_logvar), which fastvae/_decoder.py's route of
-likelihood="gaussian" and fastvae/_plan.py's lean tail take from here.
+autograd Function (its double backward: the closed form below), the packed
+form of (mean, logvar) as the two halves of one decoder output
+(packed_mean_logvar, gaussian_log_prob_packed) and the fixed scale's cached
+log-variance (fixed_logvar), which fastvae/_plan.py's lean tail takes from
+here, and the route of likelihood="gaussian" (decoder_route).
 
 The Gaussian reconstruction term log N(x; mean, diag(var)), fused forward and
 backward, with x broadcast over decoder samples. On the cpp backend an eager
@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ... import _backend, _double_backward, _validate, _value_checks
+from ... import _backend, _validate, _value_checks
+from ..._double_backward import _acc, _like
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
+    check_output,
+    flat,
     fold_samples,
     folded,
     kernel_shape,
@@ -122,6 +125,26 @@ gaussian_log_prob_backward_op = define(
 )
 
 
+
+def _double_backward_grads(grad_out, x, mean, var_param, softplus_mode, delta, needs):
+    """dx, dmean, dvar_param of -0.5 sum((x - mean)^2 / var + log var + log 2 pi) for the
+    Function's inputs (x, mean and var_param broadcast against mean: any kernel_var form)."""
+    g = _acc(grad_out).unsqueeze(-1)
+    v = _acc(var_param)
+    r = _acc(x) - _acc(mean)
+    if softplus_mode:
+        inv = 1.0 / (torch.logaddexp(torch.zeros_like(v), v) + delta)  # softplus without torch's cut-off at 20
+        gv = 0.5 * g * (r * r * inv - 1.0) * inv * torch.sigmoid(v)
+    else:
+        inv = torch.exp(-v)
+        # x == mean under an underflowing variance: the squared term is 0, not 0 * inf
+        inv = torch.where((r == 0) & inv.isinf(), 0.0, inv)
+        gv = 0.5 * g * (r * r * inv - 1.0)
+    gm = g * r * inv
+    return (_like((-gm).sum_to_size(x.shape), x, needs[0]), _like(gm.sum_to_size(mean.shape), mean, needs[1]),
+            _like(gv.sum_to_size(var_param.shape), var_param, needs[2]))
+
+
 class GaussianLogProb(torch.autograd.Function):
     """Autograd of fastvae::gaussian_log_prob. The op takes the kernels'
     layout (x (P, D), mean (K, P, D), var_param in a kernel_var form); made
@@ -141,7 +164,7 @@ class GaussianLogProb(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, m3, v, *inputs = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            return (*_double_backward.gaussian_log_prob(grad_out, *inputs, ctx.softplus_mode, ctx.delta,
+            return (*_double_backward_grads(grad_out, *inputs, ctx.softplus_mode, ctx.delta,
                                                         ctx.needs_input_grad), None, None)
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grads = run(
@@ -211,7 +234,7 @@ class GaussianLogProbPacked(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph, from the halves
             mean, logvar = _halves(packed)
-            dx, dmean, dlogvar = _double_backward.gaussian_log_prob(
+            dx, dmean, dlogvar = _double_backward_grads(
                 grad_out, x, mean, logvar, False, 1.0, (need_dx, True, True))
             return dx, torch.cat((dmean, dlogvar), -1)
         grads = run(gaussian_log_prob_packed_backward_op, grad_out, x2, p3, need_dx)
@@ -449,3 +472,29 @@ def gaussian_log_prob(
     if ops is not None:
         return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))
     return GaussianLogProb.apply(x_b, mean, v, softplus, float(delta))
+
+
+# -- the decoder route: likelihood= of the objectives and evaluation (fastvae/_decoder.py) --
+
+
+def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """The mean (unit variance) or a (mean, logvar) pair."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(
+                f"for likelihood='gaussian' decode returns the mean or a (mean, logvar) pair, "
+                f"got a sequence of {len(out)} items"
+            )
+        mean = check_output("mean", out[0], x, sample_shape, batch_ndim)
+        logvar = out[1]
+        if not isinstance(logvar, Tensor):
+            raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
+        if (_backend.backend_for(mean.device, warn=False) == "triton" and not _backend.compiling()
+                and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
+            return gaussian_log_prob_packed(flat(x, batch_ndim, events), packed)  # the halves of one output, in place
+        if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
+            logvar = flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead, events)
+        return gaussian_log_prob(flat(x, batch_ndim, events), flat(mean, lead, events), logvar)
+    mean = check_output("mean", out, x, sample_shape, batch_ndim)
+    return gaussian_log_prob(flat(x, batch_ndim, events), flat(mean, lead, events))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,6 +21,8 @@ from ... import _backend, _validate, _value_checks
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
+    check_output,
+    flat,
     fold_samples,
     folded,
     kernel_var,
@@ -246,3 +249,25 @@ def laplace_log_prob(
         return ops.laplace_log_prob(x_b, loc, s)
     return LaplaceLogProb.apply(x_b, loc, s)
 
+
+# -- the decoder route: likelihood= of the objectives and evaluation (fastvae/_decoder.py) --
+
+
+def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
+    """The location (scale 1) or a (loc, log_scale) pair."""
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(
+                f"for likelihood='laplace' decode returns the location or a (loc, log_scale) pair, "
+                f"got a sequence of {len(out)} items"
+            )
+        loc = check_output("loc", out[0], x, sample_shape, batch_ndim)
+        log_scale = out[1]
+        if not isinstance(log_scale, Tensor):
+            raise TypeError(f"decode must return a tensor as the log_scale, got {type(log_scale).__name__}")
+        if events > 1 and log_scale.dim() > 1:  # a per-pixel or per-channel log-scale: spread over the event
+            log_scale = flat(log_scale.expand(loc.shape) if log_scale.shape != loc.shape else log_scale, lead, events)
+        return laplace_log_prob(flat(x, batch_ndim, events), flat(loc, lead, events), log_scale)
+    loc = check_output("loc", out, x, sample_shape, batch_ndim)
+    return laplace_log_prob(flat(x, batch_ndim, events), flat(loc, lead, events))
