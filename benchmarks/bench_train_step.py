@@ -18,6 +18,15 @@ same steps:
         4x4 convolutions 3-64-128-256-512, a linear layer to 2 x 128 latents,
         and the mirror image with transposed convolutions; x in [0, 1].
         Cases "conv elbo" (batch 128) and "conv iwae k=8" (batch 64).
+  gumbel a Gumbel-softmax VAE as public training scripts write it
+        (784-512-256 MLP, 30 latents of 10 categories, temperature 1,
+        batch 100, binarized 784-pixel images), only when asked (--models
+        gumbel). Cases "gumbel elbo" (the relaxed sample) and "gumbel elbo
+        hard" (straight-through one-hot); the hand-written loss draws the
+        Gumbel noise with rand_like and two logs, softmaxes, takes BCE with
+        logits and the analytic categorical KL against the uniform prior
+        (the ELBO those scripts optimize); fastvae takes
+        fastvae.Concrete(logits, 1.0, hard) with its default uniform prior.
         On CPU the conv cases run only when asked (--models mlp conv): on 2
         cores one step takes 5 s (ELBO) and 11 s (IWAE), 0.3-0.7 s at the
         --quick sizes (batch 4 for ELBO, batch 2 and k=2 for IWAE), and each
@@ -107,10 +116,28 @@ class ConvVAE(nn.Module):
         return self.decoder(h).view(*z.shape[:-1], 3, 64, 64)
 
 
+class GumbelVAE(nn.Module):
+    """A Gumbel-softmax VAE: 784-512-256 to ``latents`` x ``categories`` logits, and back."""
+
+    def __init__(self, d: int = 784, latents: int = 30, categories: int = 10):
+        super().__init__()
+        self.shape = (latents, categories)
+        self.encoder = nn.Sequential(nn.Linear(d, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                                     nn.Linear(256, latents * categories))
+        self.decoder = nn.Sequential(nn.Linear(latents * categories, 256), nn.ReLU(), nn.Linear(256, 512),
+                                     nn.ReLU(), nn.Linear(512, d))
+
+    def encode(self, x):  # logits (B, L, C)
+        return self.encoder(x).view(*x.shape[:-1], *self.shape)
+
+    def decode(self, z):  # z (..., L, C) -> logits (..., 784)
+        return self.decoder(z.flatten(-2))
+
+
 def make_x(model: str, batch: int, device: torch.device) -> torch.Tensor:
-    """Binarized 784-pixel vectors (mlp) or [0, 1] images (conv), (batch, *event)."""
+    """Binarized 784-pixel vectors (mlp, gumbel) or [0, 1] images (conv), (batch, *event)."""
     g = torch.Generator().manual_seed(0)
-    if model == "mlp":
+    if model in ("mlp", "gumbel"):
         return (torch.rand(batch, 784, generator=g) > 0.5).float().to(device)
     return torch.rand(batch, 3, 64, 64, generator=g).to(device)
 
@@ -153,6 +180,27 @@ def fastvae_iwae(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
     return -fastvae.iwae(x, mu, logvar, model.decode, k=k, likelihood="bernoulli")
 
 
+TEMPERATURE = 1.0
+
+
+def handwritten_gumbel(model: nn.Module, x: torch.Tensor, k: int, hard: bool = False) -> torch.Tensor:
+    logits = model.encode(x)
+    u = torch.rand_like(logits)
+    y = F.softmax((logits - torch.log(-torch.log(u + 1e-20) + 1e-20)) / TEMPERATURE, dim=-1)
+    if hard:  # straight-through: the one-hot forward, the relaxed sample's gradient
+        one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
+        y = (one_hot - y).detach() + y
+    reconstruction = -F.binary_cross_entropy_with_logits(model.decode(y), x, reduction="none").sum(-1)
+    log_q = F.log_softmax(logits, dim=-1)
+    kl = (log_q.exp() * (log_q + math.log(logits.shape[-1]))).sum((-2, -1))
+    return -(reconstruction - kl).mean()
+
+
+def fastvae_gumbel(model: nn.Module, x: torch.Tensor, k: int, hard: bool = False) -> torch.Tensor:
+    q = fastvae.Concrete(model.encode(x), TEMPERATURE, hard=hard)
+    return -fastvae.elbo(x, q, model.decode, likelihood="bernoulli")
+
+
 LOSSES = {"elbo": (handwritten_elbo, fastvae_elbo), "iwae": (handwritten_iwae, fastvae_iwae)}
 
 
@@ -167,6 +215,10 @@ def under_autocast(loss):
 
 
 LOSSES.update({f"{o} autocast": (under_autocast(h), under_autocast(f)) for o, (h, f) in list(LOSSES.items())})
+# the Gumbel-softmax model's own objectives (its encoder returns logits)
+LOSSES.update({"gumbel elbo": (handwritten_gumbel, fastvae_gumbel),
+               "gumbel elbo hard": (lambda m, x, k: handwritten_gumbel(m, x, k, hard=True),
+                                    lambda m, x, k: fastvae_gumbel(m, x, k, hard=True))})
 
 
 def compile_fullgraph(fn, notes: dict, key: str):
@@ -195,7 +247,7 @@ def make_impls(models: dict[str, nn.Module], backends: list[str], notes: dict) -
 
     def per_loss(which: int, wrap=lambda fn, key: fn):  # which: 0 handwritten, 1 fastvae
         return {(m, o): wrap(lambda x, k, f=fs[which], model=model: f(model, x, k), f"{m} {o}")
-                for m, model in models.items() for o, fs in LOSSES.items()}
+                for m, model in models.items() for o, fs in LOSSES.items() if o.startswith("gumbel") == (m == "gumbel")}
 
     eager = per_loss(0)
     hand = per_loss(0, lambda fn, key: torch.compile(fn, dynamic=False))
@@ -225,6 +277,10 @@ def sizes(quick: bool, models: list[str], batch: int | None, k: int | None) -> l
         out += [("conv elbo", "conv", "elbo", eb, 1), (f"conv iwae k={kk}", "conv", "iwae", ib, kk),
                 ("conv elbo autocast", "conv", "elbo autocast", eb, 1),
                 (f"conv iwae k={kk} autocast", "conv", "iwae autocast", ib, kk)]
+    if "gumbel" in models:
+        b = 16 if quick else 100
+        out += [("gumbel elbo", "gumbel", "gumbel elbo", b, 1),
+                ("gumbel elbo hard", "gumbel", "gumbel elbo hard", b, 1)]
     return out
 
 
@@ -239,7 +295,7 @@ def cases(models: dict[str, nn.Module], case_sizes: list[tuple]) -> list[harness
                          make(model, objective, batch, k)) for label, model, objective, batch, k in case_sizes]
 
 
-MODELS = {"mlp": MLPVAE, "conv": ConvVAE}
+MODELS = {"mlp": MLPVAE, "conv": ConvVAE, "gumbel": GumbelVAE}
 
 
 def default_models(device: torch.device) -> list[str]:
@@ -247,7 +303,8 @@ def default_models(device: torch.device) -> list[str]:
     return ["mlp", "conv"] if device.type == "cuda" else ["mlp"]
 
 
-TITLES = {"mlp": "MLP VAE 784-400-20-400-784", "conv": "conv VAE 3x64x64, latent 128"}
+TITLES = {"mlp": "MLP VAE 784-400-20-400-784", "conv": "conv VAE 3x64x64, latent 128",
+          "gumbel": "Gumbel-softmax VAE 784-512-256-30x10-256-512-784"}
 
 
 def main(argv=None) -> dict | None:
