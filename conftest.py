@@ -32,6 +32,13 @@ settings.register_profile(
     "ci", max_examples=20 if INTERPRET else 40, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+# Under ASan and UBSan (.ci/sanitize) the examples look for memory errors, which the
+# shapes decide (odd sizes, one row, broadcasting): the fixed first examples of each
+# test cover them, and the values were checked by the main run's 40.
+settings.register_profile(
+    "sanitize", max_examples=15, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 settings.register_profile(
     "dev", max_examples=100, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
