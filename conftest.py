@@ -26,8 +26,8 @@ import fastvae._plan  # noqa: E402
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The interpreter child runs each Triton program as a Python loop, about 1 ms a
-# program: half the examples there keep CI's whole run near 25 minutes on 2 cores
-# (a GPU run, and the cpp and reference backends, take all 40).
+# program: it takes half the examples, so that it ends about when the main process
+# does on 2 cores (a GPU run, and the cpp and reference backends, take all 40).
 settings.register_profile(
     "ci", max_examples=20 if INTERPRET else 40, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
