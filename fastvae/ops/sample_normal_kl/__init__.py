@@ -189,12 +189,15 @@ def aot_calls(s: dict, m, r):
 
 def _bench_inputs(size: dict, device):
     B, C, H = size["B"], size["C"], size["H"]
+    dtype = getattr(torch, size.get("dtype", "float32"))
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = (B, C, H, H)
-    qm, pm = (torch.randn(shape, generator=g).to(device).requires_grad_() for _ in range(2))
-    qs, ps = ((0.3 * torch.randn(shape, generator=g) - 0.5).to(device).requires_grad_() for _ in range(2))
-    gz = torch.randn(shape, generator=g).to(device)
-    gk = torch.randn(B, generator=g).to(device)
+    qm, pm = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
+    qs, ps = ((0.3 * torch.randn(shape, generator=g) - 0.5).to(device, dtype).requires_grad_() for _ in range(2))
+    gz = torch.randn(shape, generator=g).to(device, dtype)
+    # the KL's gradient in its dtype: float32 for bfloat16 inputs (fastvae's), which the eager
+    # formula's bfloat16 KL takes as it is
+    gk = torch.randn(B, generator=g).to(device, torch.float32 if dtype == torch.bfloat16 else dtype)
     return (qm, qs, pm, ps), [qm, qs, pm, ps], (gz, gk)
 
 
@@ -213,15 +216,17 @@ def _bench_call(fn, qm, qs, pm, ps):
     return fn(qm, qs, pm, ps, param="logstd", reduce=True)
 
 
-def _bench_min_bytes(size: dict, itemsize: int = 4) -> dict[str, int]:
+def _bench_min_bytes(size: dict) -> dict[str, int]:
+    itemsize = 2 if size.get("dtype") == "bfloat16" else 4
     n = size["B"] * size["C"] * size["H"] ** 2
     fwd = (4 * n + n + size["B"]) * itemsize  # q's and p's parameters -> z, kl
     bwd = (n + size["B"] + 4 * n + 4 * n) * itemsize  # dz, dkl, the parameters -> their gradients
     return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}
 
 
-# VDVAE's group shapes: B = 32, C = 16 channels, 32 x 32 and 64 x 64
-BENCH = Bench("sample_normal_kl (one latent group, log-std), float32",
-              sizes=({"B": 32, "C": 16, "H": 32}, {"B": 32, "C": 16, "H": 64}),
+# VDVAE's group shapes: B = 32, C = 16 channels, 32 x 32 and 64 x 64, in float32 and bfloat16
+BENCH = Bench("sample_normal_kl (one latent group, log-std)",
+              sizes=tuple({"B": 32, "C": 16, "H": H, "dtype": dtype} for dtype in ("float32", "bfloat16")
+                          for H in (32, 64)),
               quick=({"B": 4, "C": 16, "H": 16},), inputs=_bench_inputs, eager=vdvae_group,
               min_bytes=_bench_min_bytes, fastvae="sample_normal_kl", call=_bench_call, repeats=20)
