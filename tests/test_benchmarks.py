@@ -2,6 +2,7 @@
 saved-tensor measure and one per-op benchmark end to end in --quick mode.
 Nothing here checks a speed (benchmarks measure; tests never time anything)."""
 import json
+import math
 
 import pytest
 import torch
@@ -442,8 +443,11 @@ def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_p
             assert r["triton_launches"] == n and r["launches_through_run"] == n and r["direct_launches"] == "0/0"
         else:
             assert r["triton_launches"] == n and r["launches_through_run"] == 0 and r["direct_launches"] == f"{n}/{n}"
-        assert r["hand_us"] > 0 and r["cuda_path_us"] > 0 and r["cpu_path_us"] > 0
-        assert r["cuda_path_vs_hand"] == pytest.approx(r["cuda_path_us"] / r["hand_us"], abs=0.011)
+        # the figures of a quick run (3 rounds of 20 calls, less a baseline) are noise on a loaded
+        # machine, even below 0: only that each was measured, and the ratio's arithmetic, are checked
+        assert all(math.isfinite(r[k]) for k in ("hand_us", "cuda_path_us", "cpu_path_us"))
+        if r["hand_us"] > 1:
+            assert r["cuda_path_vs_hand"] == pytest.approx(r["cuda_path_us"] / r["hand_us"], abs=0.011)
 
 
 def test_families_benchmark_compares_like_with_like(tmp_path):
