@@ -104,13 +104,13 @@ def test_the_readme_says_how_to_get_the_cpu_build_and_links_the_changelog():
     assert not re.search(r"\(issue \d+\)", readme), "the README speaks to users: no internal issue numbers"
 
 
-def test_architecture_quotes_the_recorded_overhead_figures():
-    """Every microsecond figure docs/architecture.md quotes from
+def test_benchmarks_readme_quotes_the_recorded_overhead_figures():
+    """Every microsecond figure benchmarks/README.md quotes from
     results/overhead-cpu.json is that file's median, to 0.1 us."""
     import json
 
     root = PAGE.parents[1]
-    text = " ".join((root / "docs" / "architecture.md").read_text().split())
+    text = " ".join((root / "benchmarks" / "README.md").read_text().split())
     results = json.loads((root / "benchmarks" / "results" / "overhead-cpu.json").read_text())["results"]
     median = {(r["case"], r["impl"], r["mode"]): r["median_us"] for r in results}
     quoted = {
