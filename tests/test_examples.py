@@ -89,9 +89,9 @@ def test_hierarchical_vae_example_runs(capsys):
     pytest.importorskip("sklearn")
     fastvae._backend.set_backend(None)
     digits, k = 20, 40
-    # a chunk of 10 samples of the 20 digits (the example's 131072 bytes per sample at width 16)
-    results = load("hierarchical_vae").main(steps=4, warmup=2, k=k, n_test=digits,
-                                          memory_budget=10 * digits * 131072)
+    ex = load("hierarchical_vae")
+    # a chunk of 10 samples of the 20 digits at the default width, 16
+    results = ex.main(steps=4, warmup=2, k=k, n_test=digits, memory_budget=10 * digits * ex.bytes_per_sample(16))
     init, trained = results["agreement_at_init"], results["agreement_trained"]
     for a in (init, trained):
         # -ELBO per dimension: near log 17 = 2.83 nats for an untrained model of 17 levels
