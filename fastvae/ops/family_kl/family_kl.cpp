@@ -134,6 +134,14 @@ FASTVAE_INLINE const T* prior_block(const T* p, bool shared, int64_t e0, int64_t
   return buf;
 }
 
+// One block's KL terms, the pointers as restrict parameters (which GCC
+// vectorizes across, as it does not every local restrict pointer).
+template <int F, typename T>
+FASTVAE_INLINE void term_block(const T* __restrict qm, const T* __restrict qs, const T* __restrict pm,
+                               const T* ps, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = kl_term<F>(qm[i], qs[i], pm[i], ps[i]);
+}
+
 template <int F, typename T>
 FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& in, int64_t r0, int64_t r1, bool reduce, T* kl) {
   const int64_t L = in.L;
@@ -146,13 +154,27 @@ FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& in, int64_t r0, int64_t 
   RowSums sums(r0, L);
   for (int64_t e0 = r0 * L; e0 < r1 * L; e0 += kBlock) {
     const int64_t n = std::min(kBlock, r1 * L - e0);
-    const T* __restrict qs = in.q_log_param + e0;
-    const T* __restrict qm = kLoc ? in.q_loc + e0 : qs;
-    const T* __restrict ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
-    const T* __restrict pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
-    T* __restrict out = reduce ? t : kl + e0;
-    for (int64_t i = 0; i < n; ++i) out[i] = kl_term<F>(qm[i], qs[i], pm[i], ps[i]);
+    const T* qs = in.q_log_param + e0;
+    const T* qm = kLoc ? in.q_loc + e0 : qs;
+    const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
+    const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
+    T* out = reduce ? t : kl + e0;
+    term_block<F>(qm, qs, pm, ps, n, out);
     if (reduce) sums.feed(t, n, [&](int64_t row, double acc) { kl[row] = static_cast<T>(acc); });
+  }
+}
+
+// One block's gradients, the pointers restrict as term_block's.
+template <int F, typename T>
+FASTVAE_INLINE void grad_block(const T* __restrict g, const T* __restrict qm, const T* __restrict qs,
+                               const T* pm, const T* ps, int64_t n, T* gm,
+                               T* gs, T* gps) {
+  for (int64_t i = 0; i < n; ++i) {
+    T dm1, ds1, ds2;
+    kl_grad<F>(g[i], qm[i], qs[i], pm[i], ps[i], dm1, ds1, ds2);
+    gm[i] = dm1;
+    gs[i] = ds1;
+    gps[i] = ds2;
   }
 }
 
@@ -164,20 +186,20 @@ FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& in, i
   T gs_buf[kBlock], pm_buf[kBlock], ps_buf[kBlock], dm_buf[kBlock], dp_buf[kBlock];
   for (int64_t e0 = r0 * L; e0 < r1 * L; e0 += kBlock) {
     const int64_t n = std::min(kBlock, r1 * L - e0);
-    const T* __restrict g = grad_kl + e0;
+    const T* g = grad_kl + e0;
     if (reduce) {
       spread_rows(grad_kl, e0, n, L, gs_buf);
       g = gs_buf;
     }
-    const T* __restrict qs = in.q_log_param + e0;
-    const T* __restrict qm = kLoc ? in.q_loc + e0 : qs;
-    const T* __restrict ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
-    const T* __restrict pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
+    const T* qs = in.q_log_param + e0;
+    const T* qm = kLoc ? in.q_loc + e0 : qs;
+    const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
+    const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
     // the gradients that are not wanted go to scratch, so that the loop has no branch
-    T* __restrict gm = kLoc ? dqm + e0 : dm_buf;
-    T* __restrict gs = dqs + e0;
-    T* __restrict gps = dps != nullptr ? dps + e0 : dp_buf;
-    for (int64_t i = 0; i < n; ++i) kl_grad<F>(g[i], qm[i], qs[i], pm[i], ps[i], gm[i], gs[i], gps[i]);
+    T* gm = kLoc ? dqm + e0 : dm_buf;
+    T* gs = dqs + e0;
+    T* gps = dps != nullptr ? dps + e0 : dp_buf;
+    grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gps);
     if (kLoc && dpm != nullptr) {
       T* __restrict gpm = dpm + e0;
       for (int64_t i = 0; i < n; ++i) gpm[i] = -gm[i];
