@@ -6,6 +6,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
 - sample_normal(mu, logvar, n_samples=None, *, generator=None) -> (z, kl)
 - sample_normal_tril(mu, scale_tril, n_samples=None, *, generator=None) -> (z, kl): full covariance
 - kl_normal(mu, logvar, prior_mu=None, prior_logvar=None) -> kl
+- family_kl(family, q, p, *, reduce=True) -> kl: the closed-form KL of a latent family (Laplace,
+  uniform, Gumbel, Cauchy, exponential) against a prior of its own family
 - sample_normal_kl(mu, log_scale, prior_mu, prior_log_scale, *, param, residual=False, reduce=False,
   free_bits=0.0, generator=None) -> (z, kl): one latent group of a hierarchical VAE against its
   conditional prior (VDVAE's log-std, log-variances, NVAE's residual form)
@@ -81,6 +83,7 @@ from .ops.bernoulli_likelihood.op import bernoulli_log_prob, continuous_bernoull
 from .ops.categorical_log_prob.op import categorical_log_prob
 from .ops.count_log_prob.op import negative_binomial_log_prob, poisson_log_prob, zinb_log_prob
 from .ops.discretized_logistic_mixture_log_prob.op import discretized_logistic_mixture_log_prob
+from .ops.family_kl.op import family_kl
 from .ops.gaussian_log_prob.op import gaussian_log_prob
 from .ops.kl_normal.op import kl_normal
 from .ops.laplace_log_prob.op import laplace_log_prob
@@ -108,6 +111,7 @@ __all__ = [
     "sample_normal",
     "sample_normal_tril",
     "kl_normal",
+    "family_kl",
     "gaussian_log_prob",
     "bernoulli_log_prob",
     "laplace_log_prob",

@@ -11,3 +11,5 @@ from __future__ import annotations
 
 LOCATION_SCALE_FAMILIES = ("uniform", "laplace", "logistic", "gumbel", "cauchy")
 POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
+# the closed-form KLs of family_kl, each against a prior of its own family
+KL_FAMILIES = ("laplace", "uniform", "gumbel", "cauchy", "exponential")

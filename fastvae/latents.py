@@ -79,8 +79,9 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 
 from . import _backend, _validate, _value_checks
 from . import priors as _priors
-from ._families import POSITIVE_FAMILIES
+from ._families import KL_FAMILIES, POSITIVE_FAMILIES
 from .distributions import DiagonalNormal, widened
+from .ops.family_kl.op import family_kl
 from .ops.kl_normal.op import kl_normal
 from .ops.sample_concrete.op import check_args as _concrete_args
 from .ops.sample_concrete.op import concrete_at, sample_concrete_unchecked
@@ -238,34 +239,23 @@ class LocationScale(_Latent):
             base = {"laplace": Laplace, "gumbel": Gumbel, "cauchy": Cauchy}[self.family](self.loc, scale)
         return Independent(base, 1)
 
-    def _kl_terms(self, prior) -> Tensor | None:
-        """The closed-form KL of each dimension (..., L) against a same-family prior, else None."""
+    def _kl(self, prior, reduce: bool) -> Tensor | None:
+        """The closed-form KL against a same-family prior, summed over L
+        (reduce) or per dimension (..., L), from the fused family_kl; None for
+        any other prior and for the logistic (no closed form)."""
+        if self.family not in KL_FAMILIES:
+            return None
         p = _prior_location_scale(prior, self.family)
         if p is None:
             return None
-        q_loc, q_ls, p_loc, p_ls = widened(self.loc, self.log_scale, *p)
-        q_s, p_s = torch.exp(q_ls), torch.exp(p_ls)
-        if self.family == "laplace":  # log(b2 / b1) + d / b2 + (b1 / b2) e^(-d / b1) - 1, d = |m1 - m2|
-            d = (q_loc - p_loc).abs()
-            return p_ls - q_ls + d / p_s + torch.exp(q_ls - p_ls - d / q_s) - 1.0
-        if self.family == "uniform":  # log(w2 / w1) where q's support lies inside p's, else inf
-            inside = (q_loc >= p_loc) & (q_loc + q_s <= p_loc + p_s)
-            return torch.where(inside, p_ls - q_ls, math.inf)
-        if self.family == "gumbel":  # torch's _kl_gumbel_gumbel, in log-scales
-            r = q_s / p_s
-            return (p_ls - q_ls + (q_loc - p_loc) / p_s + r * EULER_GAMMA
-                    + torch.exp((p_loc - q_loc) / p_s + torch.lgamma(1.0 + r)) - (1.0 + EULER_GAMMA))
-        if self.family == "cauchy":  # log(((s1 + s2)^2 + (m1 - m2)^2) / (4 s1 s2)) (Chyzak & Nielsen 2019)
-            d = q_loc - p_loc
-            return torch.log((q_s + p_s) ** 2 + d * d) - math.log(4.0) - q_ls - p_ls
-        return None  # logistic: no closed form
+        return family_kl(self.family, (self.loc, self.log_scale), p, reduce=reduce)
 
     def analytic_kl(self, prior) -> Tensor | None:
-        terms = self._kl_terms(prior)
-        return None if terms is None else terms.sum(-1)
+        return self._kl(prior, True)
 
     def kl_per_dim(self, prior) -> Tensor | None:
-        return self._kl_terms(prior)
+        return self._kl(prior, False)
+
 
 
 def _standard_normal_prior(p_mu: Tensor, p_lv: Tensor) -> bool:
@@ -684,29 +674,27 @@ class Positive(_Latent):
         _validate.float_tensors(z=z)
         return self.torch_distribution().log_prob(widened(z)[0])
 
-    def _kl_terms(self, prior) -> Tensor | None:
-        """Per-dimension KL (..., L): exponential-exponential in closed form,
+    def _kl(self, prior, reduce: bool) -> Tensor | None:
+        """The KL summed over L (reduce) or per dimension (..., L):
+        exponential-exponential in closed form (the fused family_kl),
         Kumaraswamy-Beta by the truncated series; None otherwise (Monte Carlo)."""
         _check_prior_support(self.family, prior)
         if self.index == 0:
             lp = _prior_log_rate(prior)
-            if lp is None:
-                return None
-            lq, lp = widened(self.log_p0, lp)
-            return (lq - lp) + torch.exp(lp - lq) - 1.0  # log(rq / rp) + rp / rq - 1
+            return None if lp is None else family_kl("exponential", (self.log_p0,), (lp,), reduce=reduce)
         if self.index == 2:
             beta = _prior_beta(prior)
             if beta is None:
                 return None
-            return kumaraswamy_beta_kl(self.log_p0, self.log_p1, *beta)
+            terms = kumaraswamy_beta_kl(self.log_p0, self.log_p1, *beta)
+            return terms.sum(-1) if reduce else terms
         return None  # Weibull: Monte Carlo
 
     def analytic_kl(self, prior) -> Tensor | None:
-        terms = self._kl_terms(prior)
-        return None if terms is None else terms.sum(-1)
+        return self._kl(prior, True)
 
     def kl_per_dim(self, prior) -> Tensor | None:
-        return self._kl_terms(prior)
+        return self._kl(prior, False)
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
         _check_prior_support(self.family, prior)

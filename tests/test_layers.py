@@ -61,6 +61,8 @@ DECLARED = {
                                                          "double backward",
     ("ops.count_log_prob.op", "ops.count_log_prob"): "the count likelihoods' second derivative is autograd of "
                                                       "their oracle's stable formula (create_graph=True only)",
+    ("ops.family_kl.op", "ops.family_kl"): "the family KLs' second derivative is autograd of their oracle's "
+                                            "formula (create_graph=True only)",
     ("ops.bernoulli_likelihood.op", "ops.bernoulli_likelihood"): "the continuous Bernoulli's d log C / d logit "
                                                                  "with its Taylor branch near 0 (_cb_log_norm_grad), "
                                                                  "differentiable, for its own double backward",

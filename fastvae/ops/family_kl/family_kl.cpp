@@ -1,0 +1,294 @@
+// family_kl on the CPU: the closed-form KL of a latent family against a prior
+// of the same family per element, summed over L or not, and its gradients,
+// each in one pass over flat blocks of elements (as kl_normal.cpp: a loop per
+// short row never fills a vector). The formulas are the oracle's
+// (fastvae/ops/family_kl/__init__.py) in forms that stay finite where the KL
+// is: no scale is exponentiated alone where a ratio of scales is meant.
+#include <algorithm>
+#include <cmath>
+
+#include "count_log_prob/count_log_prob.h"  // lgamma_pos, digamma_pos, log_pos_t
+#include "family_kl.h"
+#include "fastmath.h"
+#include "ops.h"
+#include "rows.h"
+
+namespace fastvae {
+namespace {
+
+// KL_FAMILIES' positions (fastvae/_families.py)
+constexpr int kLaplace = 0, kUniform = 1, kGumbel = 2, kCauchy = 3, kExponential = 4;
+constexpr int64_t kRowsPerTask = 256;
+constexpr int64_t kBlock = 512;  // elements per vector block (stack buffers)
+constexpr double kEulerGamma = 0.5772156649015329;
+constexpr double kLog4 = 1.3862943611198906;
+
+// The Cauchy's scales relative to the larger one, m = max(s1, s2):
+// a = (b1 + b2) / e^m in [1, 2], dd = (m1 - m2) / e^m, big = max(a, |dd|),
+// and (b1 + b2)^2 + (m1 - m2)^2 = e^(2m) big^2 s with s in [1, 2].
+template <typename T>
+struct CauchyParts {
+  T m, big, ra, rd, s;
+};
+
+template <typename T>
+FASTVAE_INLINE CauchyParts<T> cauchy_parts(T m1, T s1, T m2, T s2) {
+  const T m = s1 > s2 ? s1 : s2;
+  const T a = exp_t(s1 - m) + exp_t(s2 - m);
+  const T d = m1 - m2;
+  const T dd = d == T(0) ? T(0) : d * exp_t(-m);  // no 0 * inf below the normal range
+  const T ad = std::fabs(dd);
+  const T big = a > ad ? a : ad;
+  const T ra = a / big, rd = dd / big;
+  return {m, big, ra, rd, ra * ra + rd * rd};
+}
+
+template <int F, typename T>
+FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
+  if constexpr (F == kExponential) {  // log-rates s1, s2
+    return (s1 - s2) + exp_t(s2 - s1) - T(1);
+  } else if constexpr (F == kLaplace) {
+    const T d = std::fabs(m1 - m2);
+    const bool exact = d == T(0);  // the d terms are 0 whatever the scales
+    const T u = exact ? T(0) : d * exp_t(-s1);
+    const T v = exact ? T(0) : d * exp_t(-s2);
+    return s2 - s1 + v + exp_t(s1 - s2 - u) - T(1);
+  } else if constexpr (F == kUniform) {
+    const bool inside = (m1 >= m2) & (m1 + exp_t(s1) <= m2 + exp_t(s2));
+    return inside ? s2 - s1 : T(INFINITY);
+  } else if constexpr (F == kGumbel) {
+    const T t = (m1 - m2) * exp_t(-s2);
+    const T r = exp_t(s1 - s2);
+    const T kl = s2 - s1 + t + r * T(kEulerGamma) + exp_t(lgamma_pos(T(1) + r) - t) - (T(1) + T(kEulerGamma));
+    return r == T(INFINITY) ? r : kl;  // b1 / b2 past the dtype's range (lgamma_pos takes finite arguments)
+  } else {
+    const CauchyParts<T> c = cauchy_parts(m1, s1, m2, s2);
+    const T kl = T(2) * (c.m + log_pos_t(c.big)) + log_pos_t(c.s) - T(kLog4) - s1 - s2;
+    // a location distance past the dtype's range relative to the scales: the
+    // KL exceeds 2 log(max finite); NaN stays NaN (log_pos_t would hide it)
+    return c.big == T(INFINITY) ? T(INFINITY) : (c.big == c.big ? kl : c.big);
+  }
+}
+
+// g times the gradient in (m1, s1, m2, s2); the prior's location gradient is -dm1.
+template <int F, typename T>
+FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& ds2) {
+  if constexpr (F == kExponential) {
+    ds1 = g * (T(1) - exp_t(s2 - s1));
+    ds2 = -ds1;
+    dm1 = T(0);
+  } else if constexpr (F == kLaplace) {
+    const T diff = m1 - m2;
+    const T d = std::fabs(diff);
+    const bool exact = d == T(0);
+    const T ip = exp_t(-s2);
+    const T u = exact ? T(0) : d * exp_t(-s1);
+    const T e = exp_t(s1 - s2 - u);
+    ds1 = g * ((e == T(0) ? T(0) : e * (T(1) + u)) - T(1));  // u = inf: e (1 + u) -> 0
+    ds2 = g * (T(1) - (exact ? T(0) : d * ip) - e);
+    // sign(0) = 0, as torch's abs: no gradient in the location where d = 0
+    const T sgn = diff > T(0) ? T(1) : T(-1);
+    dm1 = exact ? T(0) : g * sgn * ip * (T(1) - exp_t(-u));
+  } else if constexpr (F == kUniform) {
+    const bool inside = (m1 >= m2) & (m1 + exp_t(s1) <= m2 + exp_t(s2));
+    ds1 = inside ? -g : T(0);
+    ds2 = inside ? g : T(0);
+    dm1 = T(0);
+  } else if constexpr (F == kGumbel) {
+    const T ip = exp_t(-s2);
+    const T t = (m1 - m2) * ip;
+    const T r = exp_t(s1 - s2);
+    const T big_g = exp_t(lgamma_pos(T(1) + r) - t);
+    const T psi_r = digamma_pos(T(1) + r) * r;
+    const T rg = r * T(kEulerGamma);
+    dm1 = g * ip * (T(1) - big_g);
+    ds1 = g * (rg + big_g * psi_r - T(1));
+    ds2 = g * (T(1) - t - rg + big_g * (t - psi_r));
+  } else {
+    const CauchyParts<T> c = cauchy_parts(m1, s1, m2, s2);
+    const bool far = c.big == T(INFINITY);  // the KL's limit: its gradients are 0 and -1
+    const T w = T(2) / (c.big * c.s);
+    dm1 = far | (c.rd == T(0)) ? T(0) : g * w * c.rd * exp_t(-c.m);  // m1 = m2: no 0 * inf
+    ds1 = far ? -g : g * (w * c.ra * exp_t(s1 - c.m) - T(1));
+    ds2 = far ? -g : g * (w * c.ra * exp_t(s2 - c.m) - T(1));
+  }
+}
+
+// out[i] = p[column of element first_elem + i]: a shared (L,) prior laid out
+// like the block of q, one copy per row run.
+template <typename T>
+FASTVAE_INLINE void tile_columns(const T* p, int64_t first_elem, int64_t n, int64_t L, T* out) {
+  int64_t col = first_elem % L;
+  for (int64_t i = 0; i < n; col = 0) {
+    const int64_t len = n - i < L - col ? n - i : L - col;
+    for (int64_t j = 0; j < len; ++j) out[i + j] = p[col + j];
+    i += len;
+  }
+}
+
+// The block's prior: its own rows, or the shared (L,) prior tiled into buf.
+template <typename T>
+FASTVAE_INLINE const T* prior_block(const T* p, bool shared, int64_t e0, int64_t n, int64_t L, T* buf) {
+  if (!shared) return p + e0;
+  tile_columns(p, e0, n, L, buf);
+  return buf;
+}
+
+// One block's KL terms, the pointers as restrict parameters (which GCC
+// vectorizes across, as it does not every local restrict pointer).
+template <int F, typename T>
+FASTVAE_INLINE void term_block(const T* __restrict qm, const T* __restrict qs, const T* __restrict pm,
+                               const T* ps, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = kl_term<F>(qm[i], qs[i], pm[i], ps[i]);
+}
+
+template <int F, typename T>
+FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& in, int64_t r0, int64_t r1, bool reduce, T* kl) {
+  const int64_t L = in.L;
+  if (L == 0) {
+    if (reduce) std::fill(kl + r0, kl + r1, T(0));
+    return;
+  }
+  constexpr bool kLoc = F != kExponential;
+  T t[kBlock], pm_buf[kBlock], ps_buf[kBlock];
+  RowSums sums(r0, L);
+  for (int64_t e0 = r0 * L; e0 < r1 * L; e0 += kBlock) {
+    const int64_t n = std::min(kBlock, r1 * L - e0);
+    const T* qs = in.q_log_param + e0;
+    const T* qm = kLoc ? in.q_loc + e0 : qs;
+    const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
+    const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
+    T* out = reduce ? t : kl + e0;
+    term_block<F>(qm, qs, pm, ps, n, out);
+    if (reduce) sums.feed(t, n, [&](int64_t row, double acc) { kl[row] = static_cast<T>(acc); });
+  }
+}
+
+// One block's gradients, the pointers restrict as term_block's.
+template <int F, typename T>
+FASTVAE_INLINE void grad_block(const T* __restrict g, const T* __restrict qm, const T* __restrict qs,
+                               const T* pm, const T* ps, int64_t n, T* gm,
+                               T* gs, T* gps) {
+  for (int64_t i = 0; i < n; ++i) {
+    T dm1, ds1, ds2;
+    kl_grad<F>(g[i], qm[i], qs[i], pm[i], ps[i], dm1, ds1, ds2);
+    gm[i] = dm1;
+    gs[i] = ds1;
+    gps[i] = ds2;
+  }
+}
+
+template <int F, typename T>
+FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& in, int64_t r0, int64_t r1, bool reduce,
+                                    T* dqm, T* dqs, T* dpm, T* dps) {
+  const int64_t L = in.L;
+  constexpr bool kLoc = F != kExponential;
+  T gs_buf[kBlock], pm_buf[kBlock], ps_buf[kBlock], dm_buf[kBlock], dp_buf[kBlock];
+  for (int64_t e0 = r0 * L; e0 < r1 * L; e0 += kBlock) {
+    const int64_t n = std::min(kBlock, r1 * L - e0);
+    const T* g = grad_kl + e0;
+    if (reduce) {
+      spread_rows(grad_kl, e0, n, L, gs_buf);
+      g = gs_buf;
+    }
+    const T* qs = in.q_log_param + e0;
+    const T* qm = kLoc ? in.q_loc + e0 : qs;
+    const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
+    const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
+    // the gradients that are not wanted go to scratch, so that the loop has no branch
+    T* gm = kLoc ? dqm + e0 : dm_buf;
+    T* gs = dqs + e0;
+    T* gps = dps != nullptr ? dps + e0 : dp_buf;
+    grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gps);
+    if (kLoc && dpm != nullptr) {
+      T* __restrict gpm = dpm + e0;
+      for (int64_t i = 0; i < n; ++i) gpm[i] = -gm[i];
+    }
+  }
+}
+
+template <typename T>
+FASTVAE_INLINE void forward_rows_any(int family, const FamilyKLIn<T>& in, int64_t r0, int64_t r1, bool reduce,
+                                     T* kl) {
+  switch (family) {
+    case kLaplace: forward_rows_t<kLaplace>(in, r0, r1, reduce, kl); break;
+    case kUniform: forward_rows_t<kUniform>(in, r0, r1, reduce, kl); break;
+    case kGumbel: forward_rows_t<kGumbel>(in, r0, r1, reduce, kl); break;
+    case kCauchy: forward_rows_t<kCauchy>(in, r0, r1, reduce, kl); break;
+    default: forward_rows_t<kExponential>(in, r0, r1, reduce, kl); break;
+  }
+}
+
+template <typename T>
+FASTVAE_INLINE void backward_rows_any(int family, const T* grad_kl, const FamilyKLIn<T>& in, int64_t r0, int64_t r1,
+                                      bool reduce, T* dqm, T* dqs, T* dpm, T* dps) {
+  switch (family) {
+    case kLaplace: backward_rows_t<kLaplace>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
+    case kUniform: backward_rows_t<kUniform>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
+    case kGumbel: backward_rows_t<kGumbel>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
+    case kCauchy: backward_rows_t<kCauchy>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
+    default: backward_rows_t<kExponential>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
+  }
+}
+
+// float runs in the ISA clones; double is the precise (libm) path.
+FASTVAE_CLONES void forward_rows_f32(int family, const FamilyKLIn<float>& in, int64_t r0, int64_t r1, bool reduce,
+                                     float* kl) {
+  forward_rows_any(family, in, r0, r1, reduce, kl);
+}
+
+FASTVAE_CLONES void backward_rows_f32(int family, const float* grad_kl, const FamilyKLIn<float>& in, int64_t r0,
+                                      int64_t r1, bool reduce, float* dqm, float* dqs, float* dpm, float* dps) {
+  backward_rows_any(family, grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps);
+}
+
+void forward_rows(int family, const FamilyKLIn<float>& in, int64_t r0, int64_t r1, bool reduce, float* kl) {
+  forward_rows_f32(family, in, r0, r1, reduce, kl);
+}
+
+void forward_rows(int family, const FamilyKLIn<double>& in, int64_t r0, int64_t r1, bool reduce, double* kl) {
+  forward_rows_any(family, in, r0, r1, reduce, kl);
+}
+
+void backward_rows(int family, const float* grad_kl, const FamilyKLIn<float>& in, int64_t r0, int64_t r1,
+                   bool reduce, float* dqm, float* dqs, float* dpm, float* dps) {
+  backward_rows_f32(family, grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps);
+}
+
+void backward_rows(int family, const double* grad_kl, const FamilyKLIn<double>& in, int64_t r0, int64_t r1,
+                   bool reduce, double* dqm, double* dqs, double* dpm, double* dps) {
+  backward_rows_any(family, grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps);
+}
+
+}  // namespace
+
+template <typename T>
+void family_kl_forward(int family, const FamilyKLIn<T>& in, bool reduce, T* kl, int n_threads) {
+  const int64_t n_tasks = (in.N + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    const int64_t r0 = t * kRowsPerTask;
+    forward_rows(family, in, r0, std::min(in.N, r0 + kRowsPerTask), reduce, kl);
+  }
+}
+
+template <typename T>
+void family_kl_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, bool reduce, T* dq_loc,
+                        T* dq_log_param, T* dp_loc, T* dp_log_param, int n_threads) {
+  const int64_t n_tasks = (in.N + kRowsPerTask - 1) / kRowsPerTask;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t t = 0; t < n_tasks; ++t) {
+    const int64_t r0 = t * kRowsPerTask;
+    backward_rows(family, grad_kl, in, r0, std::min(in.N, r0 + kRowsPerTask), reduce, dq_loc, dq_log_param,
+                  dp_loc, dp_log_param);
+  }
+}
+
+template void family_kl_forward<float>(int, const FamilyKLIn<float>&, bool, float*, int);
+template void family_kl_forward<double>(int, const FamilyKLIn<double>&, bool, double*, int);
+template void family_kl_backward<float>(int, const float*, const FamilyKLIn<float>&, bool, float*, float*, float*,
+                                        float*, int);
+template void family_kl_backward<double>(int, const double*, const FamilyKLIn<double>&, bool, double*, double*,
+                                         double*, double*, int);
+
+}  // namespace fastvae

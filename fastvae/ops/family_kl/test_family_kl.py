@@ -1,0 +1,429 @@
+"""family_kl against its float64 oracle (fastvae/ops/family_kl/__init__.py), per
+backend (the root conftest.py), the oracle against torch.distributions, and
+the op's cases of the suite-wide checks."""
+import math
+
+import pytest
+import torch
+import torch.distributions as td
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import fastvae
+from fastvae._families import KL_FAMILIES
+from fastvae.ops import family_kl as oracle
+from fastvae.ops.family_kl.op import FamilyKL, family_kl_backward_op, family_kl_op
+
+from helpers import RTOL, assert_close
+
+LATENT = [1, 2, 3, 7, 32, 33, 100, 1025]
+F64 = torch.float64
+
+
+@st.composite
+def problems(draw):
+    family = draw(st.sampled_from(KL_FAMILIES))
+    L = draw(st.sampled_from(LATENT))
+    batch = tuple(draw(st.lists(st.integers(1, 7), min_size=0, max_size=2)))
+    while math.prod(batch) > max(1, 6000 // L):
+        batch = batch[1:]
+    prior = draw(st.sampled_from(["full", "per_dim", "broadcast"]))
+    # "extreme": log-scales far from 0 (both sides of float32's exp range) but
+    # near each other, with locations on the scales' own scale, where the KL
+    # is of order one: a form that exponentiates a scale alone overflows
+    spread = draw(st.sampled_from(["normal", "wide", "extreme"]))
+    reduce = draw(st.booleans())
+    return family, batch, L, prior, spread, reduce, draw(st.integers(0, 2**31 - 1))
+
+
+def make_params(family, batch, L, prior, spread, g):
+    """(q, p) in float64: q (*batch, L), p of the prior's layout."""
+    pshape = {"full": (*batch, L), "per_dim": (L,), "broadcast": (1,) * len(batch) + (L,)}[prior]
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, dtype=F64)
+
+    # log-scales about a centre per dimension that q and p share, so that the
+    # KL stays within float32's range; the Gumbel's e^lgamma(1 + b1/b2) grows
+    # as (b1/b2)^(b1/b2): its scales stay within a factor of about 10
+    width = {"normal": 1.0, "wide": 4.0, "extreme": 80.0}[spread]
+    centre = (torch.rand(L, generator=g, dtype=F64) * 2 - 1) * width
+    jitter = 0.5 if family == "gumbel" else 1.0
+    q_ls, p_ls = centre + randn((*batch, L)) * jitter, centre + randn(pshape) * jitter
+    if family == "exponential":
+        return (q_ls,), (p_ls,)
+    q_loc, p_loc = randn((*batch, L)) * q_ls.exp(), randn(pshape) * p_ls.exp()
+    if family == "uniform":  # about half the boxes inside the prior's
+        p_ls = p_ls.expand_as(q_ls) if prior == "full" else p_ls
+        p_ls = torch.maximum(p_ls, q_ls.reshape(-1, L).max(0).values + 0.5) if prior != "full" else \
+            torch.maximum(p_ls, q_ls + 0.5)
+        p_loc = (randn(pshape) * 0.2 - 0.3) * p_ls.exp()
+        q_loc = p_loc + (torch.rand((*batch, L), generator=g, dtype=F64) * 1.4 - 0.2) * (p_ls.exp() - q_ls.exp())
+    return (q_loc, q_ls), (p_loc, p_ls)
+
+
+def check_against_reference(backend, dtype, problem):
+    _, device = backend
+    family, batch, L, prior, spread, reduce, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    q64, p64 = make_params(family, batch, L, prior, spread, g)
+    if dtype in (torch.float16, torch.bfloat16) and spread != "normal":
+        # half precision's range is e^+-11 (float16): the wide cases are float32's and float64's
+        q64, p64 = make_params(family, batch, L, prior, "normal", g)
+    q = [t.to(dtype).to(device).requires_grad_() for t in q64]
+    p = [t.to(dtype).to(device).requires_grad_() for t in p64]
+    kl = fastvae.family_kl(family, tuple(q), tuple(p), reduce=reduce)
+    acc = F64 if dtype == F64 else torch.float32
+    assert kl.dtype == acc and kl.shape == ((*batch,) if reduce else (*batch, L))
+
+    # the reference, in float64 from the inputs as rounded to dtype
+    q_r = [t.detach().double().cpu().requires_grad_() for t in q]
+    p_r = [t.detach().double().cpu().requires_grad_() for t in p]
+    args = ((None, *q_r, None, *p_r) if family == "exponential" else (*q_r, *p_r))
+    fam = KL_FAMILIES.index(family)
+    terms = oracle.family_kl_terms(fam, *args)
+    ref = terms.sum(-1) if reduce else terms
+    w = torch.randn(ref.shape, generator=g, dtype=F64)
+    grads = torch.autograd.grad(kl, q + p, w.to(kl.dtype).to(device))
+    assert all(d.dtype == dtype for d in grads)
+    refs = torch.autograd.grad(ref, q_r + p_r, w, allow_unused=True)
+    refs = [torch.zeros_like(t) if r is None else r for r, t in zip(refs, q_r + p_r)]
+    # a gradient past the dtype's range is inf there, rightly: not this test's case
+    assume(all(r.abs().max() < torch.finfo(dtype).max / 4 for r in refs if r.numel()))
+
+    # inf exactly where the reference has it (the uniform's boxes outside the prior's)
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(kl.detach().cpu()), inf), "kl: inf pattern"
+    assert not torch.isnan(kl).any()
+    # the tolerance: the magnitude of the terms summed, each of which carries
+    # its argument's relative error (exp(x) of a rounded x: |x| eps)
+    size = term_size(fam, *(None if t is None else t.detach() for t in args))
+    kl_scale = size.sum(-1) if reduce else size
+    finite = ~inf
+    assert_close(kl.detach().cpu()[finite], ref.detach()[finite], kl_scale[finite], "kl")
+    # gradients: each term's derivative is of its size, times the arguments' and the upstream weight's
+    wd = (w[..., None] if reduce else w).abs()
+    gscale = wd * size * (1.0 + grad_size(fam, *(None if t is None else t.detach() for t in args)))
+    names = ["dq_loc", "dq_log_scale", "dp_loc", "dp_log_scale"] if len(q) == 2 else ["dq_log_rate", "dp_log_rate"]
+    for name, got, want, t in zip(names, grads, refs, q_r + p_r):
+        scale = gscale
+        if name.endswith("_loc"):  # a location's gradient is per unit of scale
+            scale = scale * (torch.exp(-args[1].detach()) + torch.exp(-args[3].detach()))
+        scale = scale.sum_to_size(t.shape) if scale.shape != t.shape else scale
+        assert_close(got, want, scale, name)
+
+
+def term_size(family, m1, s1, m2, s2):
+    """An upper bound of the size of each additive term of the KL, per element
+    (broadcast to q's shape), in float64: rounding errors are relative to these."""
+    s1, s2 = torch.broadcast_tensors(s1, s2)
+    name = KL_FAMILIES[family]
+    if name == "exponential":
+        return (s1 - s2).abs() + torch.exp(s2 - s1) + 1.0
+    d = (m1 - m2).abs()
+    if name == "laplace":
+        return s1.abs() + s2.abs() + d * torch.exp(-s2) + torch.exp(s1 - s2) + 1.0
+    if name == "uniform":
+        return s1.abs() + s2.abs()
+    if name == "gumbel":
+        r, t = torch.exp(s1 - s2), d * torch.exp(-s2)
+        return s1.abs() + s2.abs() + 2 * t + 2 * r + torch.exp(torch.lgamma(1 + r) + t) + 2.0
+    m = torch.maximum(s1, s2)
+    return 2 * m.abs() + s1.abs() + s2.abs() + 2 * torch.log1p(d * torch.exp(-m)) + 4.0
+
+
+def grad_size(family, m1, s1, m2, s2):
+    """The size of the arguments of the exponentials in a gradient: exp of a
+    rounded x is off by |x| eps."""
+    s1, s2 = torch.broadcast_tensors(s1, s2)
+    if KL_FAMILIES[family] == "exponential":
+        return (s1 - s2).abs()
+    d = (m1 - m2).abs()
+    return (s1 - s2).abs() + d * (torch.exp(-s1) + torch.exp(-s2)) + torch.exp(s1 - s2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(problem=problems())
+def test_forward_backward_match_reference(backend, dtype, problem):
+    check_against_reference(backend, dtype, problem)
+
+
+@settings(max_examples=10)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(problem=problems())
+def test_half_precision_matches_reference(backend, dtype, problem):
+    """Half-precision inputs: a float32 KL equal to the float64 one of the same
+    rounded inputs to float32 error; gradients in the inputs' dtype."""
+    check_against_reference(backend, dtype, problem)
+
+
+@pytest.mark.parametrize("family", KL_FAMILIES)
+def test_oracle_matches_torch_distributions(family):
+    """The oracle against torch.distributions.kl_divergence (float64), and the
+    Cauchy's against its textbook formula, which torch does not register."""
+    g = torch.Generator().manual_seed(1)
+    q_loc, q_ls, p_loc, p_ls = (torch.randn(50, 6, generator=g, dtype=F64) for _ in range(4))
+    fam = KL_FAMILIES.index(family)
+    if family == "exponential":
+        got = oracle.family_kl_terms(fam, None, q_ls, None, p_ls)
+        want = td.kl_divergence(td.Exponential(q_ls.exp()), td.Exponential(p_ls.exp()))
+    elif family == "cauchy":
+        got = oracle.family_kl_terms(fam, q_loc, q_ls, p_loc, p_ls)
+        b1, b2 = q_ls.exp(), p_ls.exp()
+        want = torch.log(((b1 + b2) ** 2 + (q_loc - p_loc) ** 2) / (4 * b1 * b2))
+    elif family == "uniform":
+        p_ls = p_ls.abs() + 1.0
+        q_loc = p_loc + torch.rand(50, 6, generator=g, dtype=F64) * 1.2 * (p_ls.exp() - q_ls.exp())
+        got = oracle.family_kl_terms(fam, q_loc, q_ls, p_loc, p_ls)
+        want = td.kl_divergence(td.Uniform(q_loc, q_loc + q_ls.exp()), td.Uniform(p_loc, p_loc + p_ls.exp()))
+        assert 0 < int(torch.isinf(want).sum()) < want.numel()
+    else:
+        cls = {"laplace": td.Laplace, "gumbel": td.Gumbel}[family]
+        got = oracle.family_kl_terms(fam, q_loc, q_ls, p_loc, p_ls)
+        want = td.kl_divergence(cls(q_loc, q_ls.exp()), cls(p_loc, p_ls.exp()))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", KL_FAMILIES)
+def test_oracle_gradient_formulas_match_autograd(family):
+    """The oracle's closed-form gradients (the reference backend's backward,
+    the kernels' formulas) against autograd of its KL, float64."""
+    g = torch.Generator().manual_seed(5)
+    fam = KL_FAMILIES.index(family)
+    q, p = make_params(family, (40,), 6, "full", "normal", g)
+    q_loc, q_ls = (None, *q) if family == "exponential" else q
+    p_loc, p_ls = (None, *p) if family == "exponential" else p
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (q_loc, q_ls, p_loc, p_ls)]
+    terms = oracle.family_kl_terms(fam, *leaves)
+    w = torch.randn(terms.shape, generator=g, dtype=F64)
+    used = [t for t in leaves if t is not None]
+    auto = torch.autograd.grad(terms, used, w, allow_unused=True)
+    auto = [torch.zeros_like(t) if a is None else a for a, t in zip(auto, used)]
+    dm1, ds1, ds2 = oracle.family_kl_grads(fam, w, q_loc, q_ls, p_loc, p_ls)
+    closed = [ds1, ds2] if family == "exponential" else [dm1, ds1, -dm1, ds2]
+    for a, c in zip(auto, closed):
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", KL_FAMILIES)
+def test_same_distribution_has_zero_kl(backend, family):
+    """KL(q || q) = 0 (the terms cancel to rounding), the uniform's included
+    (its support inside its own), with zero gradients in q at this minimum
+    (the uniform's log(w2 / w1) has -1 in q's log-scale: no minimum there)."""
+    _, device = backend
+    g = torch.Generator().manual_seed(2)
+    params = [(torch.randn(4, 9, generator=g) * 2).to(device).requires_grad_() for _ in range(2)]
+    q = tuple(params[1:] if family == "exponential" else params)
+    kl = fastvae.family_kl(family, q, tuple(t.detach() for t in q), reduce=False)
+    assert torch.isfinite(kl).all()
+    assert kl.abs().max() < 1e-5
+    grads = torch.autograd.grad(kl.sum(), q)
+    if family == "uniform":
+        assert torch.equal(grads[0].cpu(), torch.zeros(4, 9)) and torch.equal(grads[1].cpu(), -torch.ones(4, 9))
+    else:
+        assert all(d.abs().max() < 1e-4 for d in grads)
+
+
+@pytest.mark.parametrize("family", ["laplace", "cauchy"])
+def test_equal_locations_with_scales_past_float32_exp_range(backend, family):
+    """m1 = m2 with log-scales of +-100 (exp over- or underflows in float32):
+    the KL and its gradients are those of the scales alone, finite (no 0 * inf,
+    no (b1 + b2)^2 overflow), where the float64 reference is too."""
+    _, device = backend
+    s1 = torch.tensor([[-100.0, 100.0, -100.0, 100.0]], device=device, requires_grad=True)
+    s2 = torch.tensor([[-101.0, 99.5, -100.0, 100.0]], device=device, requires_grad=True)
+    m = torch.tensor([[0.5, -2.0, 0.0, 3.0]], device=device, requires_grad=True)
+    kl = fastvae.family_kl(family, (m, s1), (m.detach(), s2), reduce=False)
+    args = [t.detach().double().cpu() for t in (m, s1, m, s2)]
+    leaves = [a.requires_grad_() for a in args]
+    ref = oracle.family_kl_terms(KL_FAMILIES.index(family), *leaves)
+    assert_close(kl, ref.detach(), 2 + 200 + ref.detach().abs(), "kl")
+    grads = torch.autograd.grad(kl.sum(), [m, s1, s2])
+    refs = torch.autograd.grad(ref.sum(), [leaves[0], leaves[1], leaves[3]], allow_unused=True)
+    for name, got, want in zip(["dm", "ds1", "ds2"], grads, refs):
+        assert_close(got, want, torch.full_like(want, 4.0), name)
+
+
+def test_uniform_outside_the_prior_is_inf_with_zero_gradient(backend):
+    """The uniform's KL is inf where q's box leaves p's (below, above, wider),
+    as torch.distributions' is, and its gradients there are 0; inside, log(w2 / w1)."""
+    _, device = backend
+    q_loc = torch.tensor([-1.5, 0.5, -0.5, 0.0], device=device, requires_grad=True)
+    q_ls = torch.log(torch.tensor([1.0, 1.0, 3.0, 0.5], device=device)).requires_grad_()
+    p_loc, p_ls = torch.tensor(-1.0, device=device), torch.tensor(math.log(2.0), device=device)
+    p_ls.requires_grad_()
+    kl = fastvae.family_kl("uniform", (q_loc, q_ls), (p_loc.expand(4), p_ls.expand(4)), reduce=False)
+    want = torch.tensor([math.inf, math.inf, math.inf, math.log(4.0)])
+    assert torch.isinf(kl.cpu()[:3]).all() and abs(float(kl[3]) - math.log(4.0)) < 1e-6
+    assert torch.equal(torch.isinf(kl.cpu()), torch.isinf(want))
+    dq_loc, dq_ls, dp_ls = torch.autograd.grad(kl[3] + (kl[:3] * 0).nan_to_num(0.0).sum(), [q_loc, q_ls, p_ls])
+    assert torch.equal(dq_loc.cpu(), torch.zeros(4))
+    assert torch.equal(dq_ls.cpu(), torch.tensor([0.0, 0.0, 0.0, -1.0]))
+    assert float(dp_ls) == 1.0
+
+
+def test_gradcheck_float64(backend):
+    _, device = backend
+    g = torch.Generator().manual_seed(0)
+    for family in ("laplace", "gumbel", "cauchy", "exponential"):
+        fam = KL_FAMILIES.index(family)
+        args = [torch.randn(3, 4, generator=g, dtype=F64).to(device).requires_grad_() for _ in range(3)]
+        args.append(torch.randn(4, generator=g, dtype=F64).to(device).requires_grad_())  # a shared prior
+        if family == "exponential":
+            assert torch.autograd.gradcheck(lambda s1, s2, fam=fam: FamilyKL.apply(fam, True, None, s1, None, s2),
+                                            [args[1], args[3]])
+        else:
+            assert torch.autograd.gradcheck(lambda *a, fam=fam: FamilyKL.apply(fam, False, *a), args)
+
+
+def test_opcheck(backend):
+    _, device = backend
+    q = [torch.randn(6, 5, device=device) for _ in range(2)]
+    p = [torch.randn(5, device=device) for _ in range(2)]
+    torch.library.opcheck(family_kl_op, (q[1], q[0], p[1], p[0], 0, True))
+    torch.library.opcheck(family_kl_op, (q[1], None, q[0], None, 4, False))
+    torch.library.opcheck(family_kl_backward_op, (torch.randn(6, device=device), q[1], q[0], p[1], p[0], 2, True))
+    torch.library.opcheck(family_kl_backward_op, (torch.randn(6, 5, device=device), None, q[1], None, q[0], 4, False))
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
+@pytest.mark.parametrize("reduce", [True, False])
+def test_empty(backend, shape, reduce):
+    _, device = backend
+    q_loc = torch.zeros(shape, device=device, requires_grad=True)
+    p = torch.zeros(shape[-1], device=device, requires_grad=True)
+    kl = fastvae.family_kl("laplace", (q_loc, torch.zeros(shape, device=device)), (p, p), reduce=reduce)
+    assert kl.shape == (shape[:-1] if reduce else shape)
+    assert torch.equal(kl.cpu(), torch.zeros(kl.shape))
+    kl.sum().backward()
+    assert q_loc.grad.shape == shape and torch.equal(p.grad.cpu(), torch.zeros(shape[-1]))
+
+
+def test_non_contiguous_and_one_row(backend):
+    _, device = backend
+    g = torch.Generator().manual_seed(3)
+    q_loc, q_ls = (torch.randn(7, 5, generator=g).to(device).t() for _ in range(2))
+    p_loc, p_ls = torch.randn(7, device=device), torch.randn(7, device=device)
+    a = fastvae.family_kl("gumbel", (q_loc, q_ls), (p_loc, p_ls))
+    b = fastvae.family_kl("gumbel", (q_loc.contiguous(), q_ls.contiguous()), (p_loc, p_ls))
+    assert torch.equal(a, b)
+    one = fastvae.family_kl("gumbel", (q_loc[2:3], q_ls[2:3]), (p_loc, p_ls))
+    assert one.shape == (1,)
+    assert_close(one, a[2:3].double(), a[2:3].abs() + 10.0, "one row")
+
+
+def test_errors_on_bad_input(backend):
+    _, device = backend
+    t = torch.zeros(4, 3, device=device)
+    with pytest.raises(ValueError, match="family must be one of .*'laplace'.*got 'normal'"):
+        fastvae.family_kl("normal", (t, t), (t, t))
+    with pytest.raises(ValueError, match=r"q: the exponential family takes \(log_rate\)"):
+        fastvae.family_kl("exponential", (t, t), (t,))
+    with pytest.raises(ValueError, match=r"p: the laplace family takes \(loc, log_scale\)"):
+        fastvae.family_kl("laplace", (t, t), t)
+    with pytest.raises(ValueError, match=r"p's log_scale of shape \(2,\) does not broadcast"):
+        fastvae.family_kl("laplace", (t, t), (t, torch.zeros(2, device=device)))
+    with pytest.raises(ValueError, match=r"q's loc has shape \(4, 3\), q's log_scale has shape \(3, 4\)"):
+        fastvae.family_kl("laplace", (t, torch.zeros(3, 4, device=device)), (t, t))
+    with pytest.raises(TypeError, match="int32"):
+        fastvae.family_kl("cauchy", (t, t.int()), (t, t))
+    with pytest.raises(TypeError, match="reduce must be True or False"):
+        fastvae.family_kl("cauchy", (t, t), (t, t), reduce="sum")
+    with pytest.raises(ValueError, match="0-d"):
+        fastvae.family_kl("exponential", (torch.zeros((), device=device),), (torch.zeros((), device=device),))
+
+
+def test_matches_torch_distributions_at_float32(backend):
+    """The fused KL against torch.distributions.kl_divergence in float32, as a
+    user compares them."""
+    _, device = backend
+    g = torch.Generator().manual_seed(4)
+    loc, ls = torch.randn(64, 8, generator=g).to(device), (torch.randn(64, 8, generator=g) * 0.5).to(device)
+    for family, cls in (("laplace", td.Laplace), ("gumbel", td.Gumbel)):
+        got = fastvae.family_kl(family, (loc, ls), (torch.zeros(8, device=device), torch.zeros(8, device=device)))
+        want = td.kl_divergence(cls(loc, ls.exp()), cls(torch.zeros_like(loc), torch.ones_like(loc))).sum(-1)
+        torch.testing.assert_close(got, want, rtol=RTOL[torch.float32], atol=1e-4)
+
+
+# -- the op's cases of the suite-wide checks -----------------------------------------
+
+
+def launch_case(op, B, L, K, D):
+    """tests/test_launches.py: one forward + backward at a training size, a
+    learned (L,) prior."""
+    return op(lambda ql, qs, pl, ps: fastvae.family_kl("laplace", (ql, qs), (pl, ps)), (B, L), (B, L), (L,), (L,))
+
+
+def thread_count_calls(leaf, run):
+    """tests/test_backend.py: calls with enough work for several threads, whose
+    bits must not depend on the thread count (a learned (L,) prior: its
+    gradients are sums over rows)."""
+    ql, qs, pl, ps = leaf(20000, 8), leaf(20000, 8), leaf(8), leaf(8)
+    return [lambda: run(lambda *a: fastvae.family_kl("cauchy", a[:2], a[2:]), ql, qs, pl, ps),
+            lambda: run(lambda *a: fastvae.family_kl("laplace", a[:2], a[2:], reduce=False), ql, qs, pl, ps)]
+
+
+def fallback_call(leaf, run):
+    """tests/test_backend.py: a small call, run with and without the extension."""
+    ql, qs = leaf(3, 4), leaf(3, 4)
+    return lambda: run(lambda a, b: fastvae.family_kl("cauchy", (a, b), (b[0], a[1])), ql, qs)
+
+
+def double_backward_cases(r):
+    """tests/test_double_backward.py: name -> (function of the leaves, their
+    values, whether a C++ operator serves it) for gradgradcheck. The
+    parameters are scaled to 0.3: the Gumbel's KL grows as (b1/b2)^(b1/b2),
+    past what finite differences resolve at unit log-scales."""
+    def kl(family):
+        return lambda ql, qs, pl, ps: fastvae.family_kl(family, (0.3 * ql, 0.3 * qs), (0.3 * pl, 0.3 * ps))
+
+    cases = {f"family_kl_{family}": (kl(family), [r(3, 4), r(3, 4), r(4), r(4)], False)
+             for family in ("laplace", "gumbel", "cauchy")}
+    cases["family_kl_exponential"] = (
+        lambda qs, ps: fastvae.family_kl("exponential", (qs,), (ps,), reduce=False), [r(3, 4), r(3, 4)], False)
+    return cases
+
+
+@pytest.mark.parametrize("family", ["laplace", "uniform", "gumbel", "cauchy", "exponential"])
+def test_latent_records_take_the_fused_kl(backend, family):
+    """A torch posterior and a same-family torch prior, through fastvae.latents:
+    the record's KL (summed and per dimension) and its gradients are the
+    oracle's, the torch formulas the records computed before the fused op."""
+    from fastvae import latents
+    from fastvae.priors import TorchPrior
+
+    _, device = backend
+    g = torch.Generator().manual_seed(6)
+    loc = (torch.randn(5, 3, generator=g) * 0.2).to(device).requires_grad_()
+    ls = (torch.randn(5, 3, generator=g) * 0.3 - 1.0).to(device).requires_grad_()
+    p_loc, p_ls = torch.full((3,), -0.5, device=device), torch.zeros(3, device=device)
+    if family == "exponential":
+        q, prior = latents.Positive("exponential", ls), td.Exponential(p_ls.exp())
+    elif family == "uniform":
+        q = latents.LocationScale("uniform", loc, ls)
+        prior = td.Uniform(p_loc - 1.0, p_loc + 2.0)
+    else:
+        cls = {"laplace": td.Laplace, "gumbel": td.Gumbel, "cauchy": td.Cauchy}[family]
+        q, prior = latents.LocationScale(family, loc, ls), cls(p_loc, p_ls.exp())
+    prior = TorchPrior(td.Independent(prior, 1))
+    kl, per_dim = q.analytic_kl(prior), q.kl_per_dim(prior)
+    leaves = [t.detach().double().requires_grad_() for t in (loc, ls)]
+    fam = KL_FAMILIES.index(family)
+    if family == "exponential":
+        ref = oracle.family_kl_terms(fam, None, leaves[1], None, p_ls.double().cpu())
+    elif family == "uniform":
+        p_width = torch.full((3,), math.log(3.0), dtype=F64)
+        ref = oracle.family_kl_terms(fam, *leaves, p_loc.double().cpu() - 1.0, p_width)
+    else:
+        ref = oracle.family_kl_terms(fam, *leaves, p_loc.double().cpu(), p_ls.double().cpu())
+    assert torch.isfinite(ref).all()
+    assert_close(per_dim, ref.detach(), ref.detach().abs() + 2.0, "kl per dim")
+    assert_close(kl, ref.detach().sum(-1), ref.detach().abs().sum(-1) + 6.0, "kl")
+    wanted = [ls] if family == "exponential" else [loc, ls]
+    got = torch.autograd.grad(kl.sum(), wanted)
+    want = torch.autograd.grad(ref.sum(), leaves[1:] if family == "exponential" else leaves, allow_unused=True)
+    for name, a, b in zip(["d first", "d second"], got, want):
+        b = torch.zeros_like(a, dtype=F64) if b is None else b
+        assert_close(a, b, torch.full_like(b, 10.0), name)

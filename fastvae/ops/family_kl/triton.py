@@ -1,0 +1,234 @@
+"""Triton kernels of family_kl: the closed-form KL of a latent family against
+a prior of the same family (FAMILY, KL_FAMILIES' position), per element,
+summed over L (REDUCE) or not, and its gradients; the formulas of the C++
+kernels (family_kl.cpp), in the same forms.
+
+Layout: q_loc, q_log_param (N, L) contiguous; p_loc, p_log_param (N, L), or
+(L,) for a prior every row shares (P_SHARED); the locations unused for the
+exponential (its log-rates sit in the log_param arrays); kl, grad_kl (N,)
+when REDUCE, else (N, L); every gradient (N, L).
+"""
+import triton
+import triton.language as tl
+
+from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
+from fastvae.kernels._common import acc_dtype, blocks
+from fastvae.ops.count_log_prob.triton import _digamma_pos, _lgamma_pos
+
+# 1024 elements a program, as kl_normal's: the backward keeps eight tiles live
+KL_TILE = 1024
+EULER_GAMMA = tl.constexpr(0.5772156649015329)
+LOG_4 = tl.constexpr(1.3862943611198906)
+
+# -- math helpers -------------------------------------------------------------
+
+
+@triton.jit
+def _cauchy_parts(m1, s1, m2, s2):
+    """m = max(s1, s2), big = max(a, |dd|), a / big, dd / big and
+    s = (a^2 + dd^2) / big^2 in [1, 2], for a = (b1 + b2) / e^m in [1, 2] and
+    dd = (m1 - m2) / e^m: the scales relative to the larger one."""
+    m = tl.maximum(s1, s2)
+    a = tl.exp(s1 - m) + tl.exp(s2 - m)
+    d = m1 - m2
+    dd = tl.where(d == 0.0, 0.0, d * tl.exp(-m))
+    big = tl.maximum(a, tl.abs(dd))
+    ra = a / big
+    rd = dd / big
+    return m, big, ra, rd, ra * ra + rd * rd
+
+
+@triton.jit
+def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr):
+    if FAMILY == 4:  # exponential, log-rates
+        kl = (s1 - s2) + tl.exp(s2 - s1) - 1.0
+    elif FAMILY == 0:  # laplace
+        d = tl.abs(m1 - m2)
+        exact = d == 0.0  # the d terms are 0 whatever the scales
+        u = tl.where(exact, 0.0, d * tl.exp(-s1))
+        v = tl.where(exact, 0.0, d * tl.exp(-s2))
+        kl = s2 - s1 + v + tl.exp(s1 - s2 - u) - 1.0
+    elif FAMILY == 1:  # uniform
+        inside = (m1 >= m2) & (m1 + tl.exp(s1) <= m2 + tl.exp(s2))
+        kl = tl.where(inside, s2 - s1, float("inf"))
+    elif FAMILY == 2:  # gumbel
+        t = (m1 - m2) * tl.exp(-s2)
+        r = tl.exp(s1 - s2)
+        kl = s2 - s1 + t + r * EULER_GAMMA + tl.exp(_lgamma_pos(1.0 + r) - t) - (1.0 + EULER_GAMMA)
+        kl = tl.where(r == float("inf"), r, kl)
+    else:  # cauchy
+        m, big, ra, rd, s = _cauchy_parts(m1, s1, m2, s2)
+        kl = 2.0 * (m + tl.log(big)) + tl.log(s) - LOG_4 - s1 - s2
+    return kl
+
+
+@triton.jit
+def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr):
+    """g times the gradient in (m1, s1, s2); the prior's location gradient is -dm1."""
+    if FAMILY == 4:
+        ds1 = g * (1.0 - tl.exp(s2 - s1))
+        ds2 = -ds1
+        dm1 = tl.zeros_like(g)
+    elif FAMILY == 0:
+        diff = m1 - m2
+        d = tl.abs(diff)
+        exact = d == 0.0
+        ip = tl.exp(-s2)
+        u = tl.where(exact, 0.0, d * tl.exp(-s1))
+        e = tl.exp(s1 - s2 - u)
+        ds1 = g * (tl.where(e == 0.0, 0.0, e * (1.0 + u)) - 1.0)
+        ds2 = g * (1.0 - tl.where(exact, 0.0, d * ip) - e)
+        sgn = tl.where(diff > 0.0, 1.0, -1.0)
+        dm1 = tl.where(exact, 0.0, g * sgn * ip * (1.0 - tl.exp(-u)))  # sign(0) = 0
+    elif FAMILY == 1:
+        inside = (m1 >= m2) & (m1 + tl.exp(s1) <= m2 + tl.exp(s2))
+        ds1 = tl.where(inside, -g, 0.0)
+        ds2 = tl.where(inside, g, 0.0)
+        dm1 = tl.zeros_like(g)
+    elif FAMILY == 2:
+        ip = tl.exp(-s2)
+        t = (m1 - m2) * ip
+        r = tl.exp(s1 - s2)
+        big_g = tl.exp(_lgamma_pos(1.0 + r) - t)
+        psi_r = _digamma_pos(1.0 + r) * r
+        rg = r * EULER_GAMMA
+        dm1 = g * ip * (1.0 - big_g)
+        ds1 = g * (rg + big_g * psi_r - 1.0)
+        ds2 = g * (1.0 - t - rg + big_g * (t - psi_r))
+    else:
+        m, big, ra, rd, s = _cauchy_parts(m1, s1, m2, s2)
+        far = big == float("inf")  # the KL's limit: its gradients are 0 and -1
+        w = 2.0 / (big * s)
+        dm1 = tl.where(far | (rd == 0.0), 0.0, g * w * rd * tl.exp(-m))  # m1 = m2: no 0 * inf
+        ds1 = tl.where(far, -g, g * (w * ra * tl.exp(s1 - m) - 1.0))
+        ds2 = tl.where(far, -g, g * (w * ra * tl.exp(s2 - m) - 1.0))
+    return dm1, ds1, ds2
+
+
+@triton.jit
+def _load_params(q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr, idx, cols, mask, FAMILY: tl.constexpr,
+                 P_SHARED: tl.constexpr, ACC: tl.constexpr):
+    s1 = tl.load(q_lp_ptr + idx, mask=mask, other=0.0).to(ACC)
+    if P_SHARED:
+        p_idx = tl.zeros_like(idx) + cols[None, :]
+    else:
+        p_idx = idx
+    s2 = tl.load(p_lp_ptr + p_idx, mask=mask, other=0.0).to(ACC)
+    if FAMILY == 4:
+        m1 = s1
+        m2 = s2
+    else:
+        m1 = tl.load(q_loc_ptr + idx, mask=mask, other=0.0).to(ACC)
+        m2 = tl.load(p_loc_ptr + p_idx, mask=mask, other=0.0).to(ACC)
+    return m1, s1, m2, s2
+
+
+# -- kernels ------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N"])
+def _family_kl_fwd_kernel(
+    q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr,  # the layout above
+    kl_ptr,  # (N,) when REDUCE, else (N, L)
+    N,
+    L,
+    FAMILY: tl.constexpr,
+    P_SHARED: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < N
+    acc = tl.zeros([BLOCK_N], dtype=ACC)
+    for l0 in range(0, L, BLOCK_L):
+        cols = l0 + tl.arange(0, BLOCK_L)
+        mask = row_ok[:, None] & (cols < L)[None, :]
+        idx = rows[:, None] * L + cols[None, :]
+        m1, s1, m2, s2 = _load_params(q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr, idx, cols, mask, FAMILY, P_SHARED,
+                                      ACC)
+        kl = _kl_term(m1, s1, m2, s2, FAMILY)
+        if REDUCE:
+            acc += tl.sum(tl.where(mask, kl, 0.0), axis=1)
+        else:
+            tl.store(kl_ptr + idx, kl.to(kl_ptr.dtype.element_ty), mask=mask)
+    if REDUCE:
+        tl.store(kl_ptr + rows, acc.to(kl_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _family_kl_bwd_kernel(
+    grad_kl_ptr,  # (N,) when REDUCE, else (N, L)
+    q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr,  # the layout above
+    dq_loc_ptr, dq_lp_ptr, dp_loc_ptr, dp_lp_ptr,  # (N, L); the prior's unused unless HAS_DP
+    N,
+    L,
+    FAMILY: tl.constexpr,
+    P_SHARED: tl.constexpr,
+    REDUCE: tl.constexpr,
+    HAS_DP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < N
+    if REDUCE:
+        g_row = tl.load(grad_kl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
+    for l0 in range(0, L, BLOCK_L):
+        cols = l0 + tl.arange(0, BLOCK_L)
+        mask = row_ok[:, None] & (cols < L)[None, :]
+        idx = rows[:, None] * L + cols[None, :]
+        if REDUCE:
+            g = g_row + tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)
+        else:
+            g = tl.load(grad_kl_ptr + idx, mask=mask, other=0.0).to(ACC)
+        m1, s1, m2, s2 = _load_params(q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr, idx, cols, mask, FAMILY, P_SHARED,
+                                      ACC)
+        dm1, ds1, ds2 = _kl_grad(g, m1, s1, m2, s2, FAMILY)
+        tl.store(dq_lp_ptr + idx, ds1.to(dq_lp_ptr.dtype.element_ty), mask=mask)
+        if FAMILY != 4:
+            tl.store(dq_loc_ptr + idx, dm1.to(dq_loc_ptr.dtype.element_ty), mask=mask)
+        if HAS_DP:
+            tl.store(dp_lp_ptr + idx, ds2.to(dp_lp_ptr.dtype.element_ty), mask=mask)
+            if FAMILY != 4:
+                tl.store(dp_loc_ptr + idx, (-dm1).to(dp_loc_ptr.dtype.element_ty), mask=mask)
+
+
+# -- launchers ----------------------------------------------------------------
+
+
+def family_kl_forward(q_loc, q_log_param, p_loc, p_log_param, family, kl) -> None:
+    """kl (N,) or (N, L) <- the closed-form KL of the layout above."""
+    N, L = q_log_param.shape
+    if N * L == 0:
+        kl.zero_()
+        return
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
+    _family_kl_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+        q_log_param if q_loc is None else q_loc, q_log_param,
+        p_log_param if p_loc is None else p_loc, p_log_param, kl, N, L,
+        FAMILY=family, P_SHARED=p_log_param.dim() == 1, REDUCE=kl.dim() == 1, ACC=acc_dtype(q_log_param.dtype),
+        BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+    )
+
+
+def family_kl_backward(grad_kl, q_loc, q_log_param, p_loc, p_log_param, family,
+                       dq_loc, dq_log_param, dp_loc, dp_log_param) -> None:
+    """dq_loc, dq_log_param (and dp_loc, dp_log_param when given) <- the gradients of family_kl."""
+    N, L = q_log_param.shape
+    if N * L == 0:
+        return
+    has_dp = dp_log_param is not None
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
+    _family_kl_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+        grad_kl, q_log_param if q_loc is None else q_loc, q_log_param,
+        p_log_param if p_loc is None else p_loc, p_log_param,
+        dq_log_param if dq_loc is None else dq_loc, dq_log_param,
+        dq_log_param if dp_loc is None else dp_loc, dp_log_param if has_dp else dq_log_param, N, L,
+        FAMILY=family, P_SHARED=p_log_param.dim() == 1, REDUCE=grad_kl.dim() == 1, HAS_DP=has_dp,
+        ACC=acc_dtype(q_log_param.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+    )
