@@ -89,6 +89,7 @@ USES: dict[tuple[str, str], str] = {
     ("latents", "sample_location_scale"): "LocationScale's samples, its family table and evaluation draws",
     ("latents", "sample_positive"): "Positive's samples, parameter table, evaluation draws and median",
     ("latents", "sample_concrete"): "Concrete's samples, argument checks and evaluation draws",
+    ("latents", "family_kl"): "the location-scale and exponential records' closed-form KL is the op",
     ("priors", "kl_normal"): "a Gaussian prior's closed-form KL is the op",
     ("priors", "mixture_log_prob"): "MixturePrior.log_prob is the op, with its component checks",
     ("objectives", "sample_normal"): "the general path's Gaussian posterior samples through the op's "
@@ -122,6 +123,9 @@ USES: dict[tuple[str, str], str] = {
     ("ops.sample_concrete.triton", "sample_location_scale"): "the Philox words and open uniforms",
     ("ops.sample_concrete", "sample_positive"): "the oracle's Exp(1) draw from the same uniforms",
     ("ops.sample_normal", "kl_normal"): "the oracle's KL gradient is kl_normal's",
+    # shared math that one op holds
+    ("ops.family_kl.triton", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",
+    ("ops/family_kl/family_kl.cpp", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",
     ("ops.sample_normal.op", "kl_normal"): "the double backward's KL gradient is kl_normal's",
     ("ops/sample_normal/sample_normal.cpp", "kl_normal"): "the fused KL's C++ gradient is kl_normal's",
 }
