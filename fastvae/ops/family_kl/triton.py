@@ -15,8 +15,11 @@ from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
 from fastvae.kernels._common import acc_dtype, blocks
 from fastvae.ops.count_log_prob.triton import _digamma_pos, _lgamma_pos
 
-# 1024 elements a program, as kl_normal's: the backward keeps eight tiles live
+# 1024 elements a program, as kl_normal's; the backward keeps eight tiles live and
+# the Gumbel's lgamma and digamma besides: half the tile, or a half-precision
+# backward spills on sm_90
 KL_TILE = 1024
+KL_BACKWARD_TILE = 512
 EULER_GAMMA = tl.constexpr(0.5772156649015329)
 LOG_4 = tl.constexpr(1.3862943611198906)
 
@@ -223,7 +226,7 @@ def family_kl_backward(grad_kl, q_loc, q_log_param, p_loc, p_log_param, family,
     if N * L == 0:
         return
     has_dp = dp_log_param is not None
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_BACKWARD_TILE)
     _family_kl_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         grad_kl, q_log_param if q_loc is None else q_loc, q_log_param,
         p_log_param if p_loc is None else p_loc, p_log_param,
