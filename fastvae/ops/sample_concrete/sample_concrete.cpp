@@ -16,10 +16,20 @@
 namespace fastvae {
 namespace {
 
-using sampler::exp1;
 using sampler::exp_t;
 using sampler::kTileElems;
+using sampler::log1m;
 using sampler::log_t;
+
+// The Exp(1) variate of a folded word: -log u below 1/2, -log1p(-v) above.
+// A branch here, not sampler::exp1's select: GCC vectorizes the two forms
+// differently, and the float32 bits follow the form.
+template <typename T>
+FASTVAE_INLINE T exp1(int32_t x) {
+  T u, v;
+  open_uniforms(x, u, v);
+  return x < kHalfWord ? -log_t(u) : -log1m(v);
+}
 
 // The per-element transcendentals run in flat loops over a whole tile (ISA
 // clones for float32, as sample_positive's): t and log t of every element,

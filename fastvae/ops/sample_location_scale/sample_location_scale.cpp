@@ -16,8 +16,16 @@ namespace fastvae {
 namespace {
 
 using sampler::kBlock;
-using sampler::log1m;
 using sampler::log_t;
+
+// log(1 - v) for v in (0, 1/2], to v's relative precision: log w corrected by
+// the rounding of w = 1 - v (Goldberg), or -v where w rounds to 1. (Not
+// sampler::log1m's guarded division: the float32 bits follow the form.)
+FASTVAE_INLINE float log1m(float v) {
+  const float w = 1.0f - v;
+  return w == 1.0f ? -v : fast_log_positive(w) * (-v / (w - 1.0f));
+}
+FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
 
 enum Family : int { kUniform = 0, kLaplace = 1, kLogistic = 2, kGumbel = 3, kCauchy = 4 };
 
