@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype
+from fastvae.kernels._common import acc_dtype, program_rows
 from fastvae.kernels.sampler import exp1, gradient_samples, words
 
 MAX_C = 1 << 14
@@ -72,9 +72,7 @@ def _sample_concrete_fwd_kernel(
     BLOCK_C: tl.constexpr,
     WITH_LOG_Q: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = r < KN
+    r, rmask = program_rows(BLOCK_R, KN)
     n = r % N
     k = r // N
     seed = tl.load(seed_ptr)
@@ -118,9 +116,7 @@ def _sample_concrete_bwd_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    j = pid * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
-    jmask = j < NL
+    j, jmask = program_rows(BLOCK_J, NL)
     n = j // L
     seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK_C)
