@@ -80,6 +80,7 @@ class FamilySampler:
         self.name = name
         self.params = params
         self.grads = tuple(f"d{p}" for p in params)
+        self.kernels = f"{name}_forward", f"{name}_backward"
         a, b = params
         self.op = define(
             f"{name}(Tensor {a}, Tensor {b}, Tensor seed, int family, int n_samples) -> (Tensor, Tensor)",
@@ -94,11 +95,12 @@ class FamilySampler:
                                                                            torch.empty_like(p1)),
         )
 
-    def draw(self, p0: Tensor, p1: Tensor, seed: Tensor, family: int, n_samples: int, offset0: int = 0,
-             sample_stride: int | None = None, row_stride: int | None = None) -> tuple[Tensor, Tensor]:
+    def draw(self, p0: Tensor, p1: Tensor, seed: Tensor, family: int, n_samples: int,
+             offsets: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
         """(z (n_samples, N, L), log q (n_samples, N)) for p0, p1 (N, L) at the
-        noise offsets offset0 + k * sample_stride + n * row_stride + l (by
-        default the training layout's)."""
+        noise offsets offset0 + k * sample_stride + n * row_stride + l of
+        ``offsets`` (offset0, sample_stride, row_stride), checked, or by
+        default the training layout's."""
         backend = _backend.backend_for(p0.device)
         dtype = _backend.compute_dtype(p0, p1)
         a = _backend.kernel_input(backend, flat(p0), dtype)
@@ -107,10 +109,18 @@ class FamilySampler:
         z_type = z_dtype(p0, p1)
         z = empty_z(backend, (n_samples, N, L), p0, dtype, z_type)
         log_q = _backend.empty_output((n_samples, N), like=p0, dtype=dtype)
-        _backend.launch(backend, f"{self.name}_forward", z.numel(), **{self.params[0]: a, self.params[1]: b},
-                        seed=seed, family=family, offset0=offset0,
-                        sample_stride=N * L if sample_stride is None else sample_stride,
-                        row_stride=L if row_stride is None else row_stride, z=z, log_q=log_q)
+        if offsets is None:
+            offset0, sample_stride, row_stride = 0, N * L, L
+        else:
+            if z.numel() == 0:
+                return _backend.in_dtype(z, z_type), log_q.zero_()
+            offset0, sample_stride, row_stride = offsets
+            check_offsets(offset0, sample_stride, row_stride,
+                          offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1)
+        p0_name, p1_name = self.params
+        _backend.launch(backend, self.kernels[0], z.numel(), **{
+            p0_name: a, p1_name: b, "seed": seed, "family": family, "offset0": offset0,
+            "sample_stride": sample_stride, "row_stride": row_stride, "z": z, "log_q": log_q})
         return _backend.in_dtype(z, z_type), log_q
 
     def _backward(self, p0: Tensor, p1: Tensor, seed: Tensor, family: int, grad_z: Tensor | None,
@@ -126,7 +136,7 @@ class FamilySampler:
         da = _backend.empty_output((N, L), like=a)
         db = _backend.empty_output((N, L), like=b)
         _backend.launch(
-            backend, f"{self.name}_backward", max(K, 1) * N * L,
+            backend, self.kernels[1], max(K, 1) * N * L,
             grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
             grad_log_q=None if grad_log_q is None else grad_log_q.reshape(K, N).contiguous(),
             **{self.params[0]: a, self.params[1]: b}, seed=seed, family=family, stop_score=stop_score,
@@ -145,14 +155,7 @@ class FamilySampler:
         """(z (n_samples, N, L), log q (n_samples, N)) for p0, p1 (N, L) at the
         noise offsets offset0 + k * sample_stride + n * row_stride + l: the
         evaluation's example-major layout, drawn where it is used. No gradient."""
-        p0, p1 = p0.detach(), p1.detach()
-        N, L = flat(p0).shape
-        if n_samples * N * L == 0:
-            return (_backend.empty_output((n_samples, N, L), like=p0, dtype=z_dtype(p0, p1)),
-                    _backend.empty_output((n_samples, N), like=p0, dtype=_backend.compute_dtype(p0, p1)).zero_())
-        check_offsets(offset0, sample_stride, row_stride,
-                      offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1)
-        return self.draw(p0, p1, seed, family, n_samples, offset0, sample_stride, row_stride)
+        return self.draw(p0.detach(), p1.detach(), seed, family, n_samples, (offset0, sample_stride, row_stride))
 
     def function(self, name: str, double_backward, stand_in_second: int | None = None) -> type:
         """The autograd Function ``name`` of the sampler: (z (K, ..., L),

@@ -131,10 +131,6 @@ def sample_location_scale_unchecked(family: int, loc: Tensor, log_scale: Tensor,
     return SampleLocationScale.apply(loc, log_scale, seed, family, n_samples, stop_score)
 
 
-def location_scale_at(family: int, loc: Tensor, log_scale: Tensor, seed: Tensor, n_samples: int, *, offset0: int,
-                      sample_stride: int, row_stride: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, N, L), log q (n_samples, N)) for loc, log_scale (N, L) at the
-    noise offsets offset0 + k * sample_stride + n * row_stride + l: the
-    evaluation's example-major layout, drawn where it is used. No gradient."""
-    return SAMPLER.at(family, loc, log_scale, seed, n_samples, offset0=offset0, sample_stride=sample_stride,
-                      row_stride=row_stride)
+# (z (n_samples, N, L), log q (n_samples, N)) for loc, log_scale (N, L) at the noise offsets
+# offset0 + k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient.
+location_scale_at = SAMPLER.at

@@ -144,9 +144,6 @@ def sample_positive_unchecked(family: int, log_p0: Tensor, log_p1: Tensor, n_sam
     return SamplePositive.apply(log_p0, log_p1, seed, family, n_samples, stop_score)
 
 
-def positive_at(family: int, log_p0: Tensor, log_p1: Tensor, seed: Tensor, n_samples: int, *, offset0: int,
-                sample_stride: int, row_stride: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, N, L), log q (n_samples, N)) at the noise offsets offset0 +
-    k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient."""
-    return SAMPLER.at(family, log_p0, log_p1, seed, n_samples, offset0=offset0, sample_stride=sample_stride,
-                      row_stride=row_stride)
+# (z (n_samples, N, L), log q (n_samples, N)) for log_p0, log_p1 (N, L) at the noise offsets
+# offset0 + k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient.
+positive_at = SAMPLER.at
