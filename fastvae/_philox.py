@@ -94,6 +94,17 @@ _UNIFORM_SCALE = 4.6566127342e-10  # Triton's: INT32_MAX * scale rounds below 1.
 _MIN_U1 = 1.0e-7
 
 
+def exp1(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(t, log t) of the Exp(1) variate t = -log u of the folded words x, in
+    float64 from the `dtype` uniforms: -log u below 1/2, -log1p(-v) above (the
+    upper tail keeps its bits). t lies in [-log(1 - 2**-32), 32 log 2] (float64
+    uniforms) or [-log1p(-2**-32), 32 log 2] (float32: v >= 2**-32 too). The
+    positive families and the Concrete draw from it."""
+    u, v = (w.double() for w in open_uniforms(x, dtype))
+    t = torch.where(x < HALF_WORD, -torch.log(u), -torch.log1p(-v))
+    return t, torch.log(t)
+
+
 def philox_bits(seed: int, offsets: Tensor) -> tuple[Tensor, Tensor]:
     """The two Philox words behind the normal at each element offset: words
     (0, 1) of counter offset // 4 for lanes 0 and 1, words (2, 3) for lanes 2

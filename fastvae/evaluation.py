@@ -38,6 +38,7 @@ from ._decoder import as_posterior, check_likelihood, decoder_log_prob, output_n
 from ._dtypes import accumulation_dtype
 from ._noise import evaluation_noise
 from ._op import draw_seed
+from ._sampler import MAX_OFFSET, z_dtype
 from .distributions import DiagonalNormal, TrilNormal, widened
 from .latents import LATENTS
 from .ops.logmeanexp.op import (
@@ -46,7 +47,7 @@ from .ops.logmeanexp.op import (
     all_reduce_logmeanexp_state,
     logmeanexp_from_state,
 )
-from .ops.sample_normal.op import _MAX_OFFSET, sample_at, z_dtype
+from .ops.sample_normal.op import sample_at
 from .priors import StandardNormal, check_prior, log_ratio_to_standard
 
 # Bytes one chunk may use when chunk_size=None and memory_budget=None on the
@@ -353,11 +354,11 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=dtype, device=mu.device)
         return _empty_state(n, max(0, k1 - k0), mu, dtype), _empty_state(n, max(0, k1 - k0), mu, dtype), tail
     last = (g0 + n) * cfg.k * L - 1
-    if last > _MAX_OFFSET:
+    if last > MAX_OFFSET:
         raise ValueError(
             f"{cfg.k_name}={cfg.k} is too large: the noise of {g0 + n} examples x {cfg.k_name} samples x {L} "
             f"latents runs to Philox offset {last}, beyond 2**63 - 1; use {cfg.k_name} <= "
-            f"{(_MAX_OFFSET + 1) // ((g0 + n) * L)}"
+            f"{(MAX_OFFSET + 1) // ((g0 + n) * L)}"
         )
     kc, nb = _chunk_plan(cfg, n, k1 - k0, W, D, L, x.element_size(), x.device)
     firsts, seconds, tails = [], [], []

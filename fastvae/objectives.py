@@ -24,6 +24,7 @@ from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
 from ._op import draw_seed
+from ._sampler import z_dtype
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
 from .latents import LATENTS
 from .ops.kl_normal.op import kl_normal
@@ -33,7 +34,7 @@ from .ops.logmeanexp.op import (
     importance_weights_from_state,
     logmeanexp_with_state,
 )
-from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked, z_dtype
+from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_normal_tril.op import SampleNormalTril
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 

@@ -103,6 +103,23 @@ def blocks(rows: int, cols: int, max_cols: int, tile: int = 4096) -> tuple[int, 
 
 
 @triton.jit
+def program_rows(BLOCK: tl.constexpr, R):
+    """(rows, ok) of the program's tile of BLOCK consecutive rows (int64
+    indices, so that row * D cannot overflow) and which of them lie in the R."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return rows, rows < R
+
+
+@triton.jit
+def tile_columns(c0, C, row_ok, BLOCK: tl.constexpr):
+    """(cols, mask) of the BLOCK columns from c0 of a row tile: the columns,
+    and which elements lie in a valid row and in the C columns."""
+    cols = c0 + tl.arange(0, BLOCK)
+    return cols, row_ok[:, None] & (cols < C)[None, :]
+
+
+@triton.jit
 def log1p_unit(t):
     """log(1 + t) for t in [0, 1] (Goldberg's correction; libdevice log1p is
     missing under the interpreter)."""

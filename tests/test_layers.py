@@ -45,7 +45,7 @@ LAYERS = {
     "backends": ("reference",) + KERNEL_MODULES,  # and fastvae._C (C++), which imports no Python
     "dispatch": ("_backend",),
     "op support": ("_validate", "_value_checks", "_op", "_opaque", "_double_backward", "_likelihood_layout",
-                   "_noise", "_pareto"),
+                   "_noise", "_pareto", "_sampler"),
     "ops": OP_MODULES,
     "distributions": ("distributions", "priors", "latents"),
     "objectives": ("_decoder", "_plan", "_plan_ops", "objectives", "evaluation", "hierarchical"),
@@ -234,7 +234,7 @@ def test_the_checker_follows_import_module_and_sees_the_kernels():
     assert _targets(ast.parse(source), "_plan", False, modules) == {"reference": 4, "kernels.philox": 5}
     assert {"ops.kl_normal.triton", "kernels._common", "kernels.philox", "kernels.aot"} <= modules
     assert "kernels._common" in EDGES["ops.kl_normal.triton"] and "_registry" in EDGES["kernels.aot"]
-    assert "ops.sample_location_scale.triton" in EDGES["ops.sample_positive.triton"]
+    assert "kernels.sampler" in EDGES["ops.sample_positive.triton"]
 
 
 def test_the_docs_name_the_layers_in_order():

@@ -37,11 +37,13 @@ from fastvae.kernels._common import (
     bound_grad,
     float64_bits,
     log1p_unit,
+    program_rows,
     sigmoid,
     softplus,
     split_samples,
     split_tile,
     store_dterm,
+    tile_columns,
     tile_counters,
     tile_geometry,
 )
@@ -169,14 +171,11 @@ def _bernoulli_log_prob_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_ok = r < KP
+    r, r_ok = program_rows(BLOCK_R, KP)
     p = r % P
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = r_ok[:, None] & (cols < D)[None, :]
+        cols, mask = tile_columns(d0, D, r_ok, BLOCK_D)
         x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         lg = tl.load(logits_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         acc += tl.sum(tl.where(mask, _log_prob_term(x, lg, KIND, TAYLOR_BELOW), 0.0), axis=1)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import INTERPRETER_BLOCK_ROWS, acc_dtype
+from fastvae.kernels._common import INTERPRETER_BLOCK_ROWS, acc_dtype, program_rows
 
 # Class tiles: a row of C classes is read in tiles of at most MAX_BLOCK_C.
 MAX_BLOCK_C = 1024
@@ -110,9 +110,7 @@ def _categorical_log_prob_bwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    ok = row < R
+    row, ok = program_rows(BLOCK_R, R)
     kp = row // D
     d = row % D
     cls = tl.load(x_ptr + (kp % P) * D + d, mask=ok, other=0)

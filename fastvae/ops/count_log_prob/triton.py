@@ -34,6 +34,7 @@ from fastvae.kernels._common import (
     accumulation_dtype,
     arrive_last,
     log1p_unit,
+    program_rows,
     sigmoid,
     softplus,
     tile_counters,
@@ -289,9 +290,7 @@ def _count_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_ok = r < KP
+    r, r_ok = program_rows(BLOCK_R, KP)
     p = r % P
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):

@@ -36,11 +36,13 @@ from fastvae.kernels._common import (
     bound_grad,
     float64_arg,
     float64_bits,
+    program_rows,
     sigmoid,
     softplus,
     split_samples,
     split_tile,
     store_dterm,
+    tile_columns,
     tile_counters,
     tile_geometry,
 )
@@ -115,15 +117,12 @@ def _gaussian_log_prob_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_ok = r < KP
+    r, r_ok = program_rows(BLOCK_R, KP)
     p = r % P
     delta = float64_arg(delta_bits, ACC)
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = r_ok[:, None] & (cols < D)[None, :]
+        cols, mask = tile_columns(d0, D, r_ok, BLOCK_D)
         x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         m = tl.load(mean_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
         inv, log_var = _inv_and_log_var(_load_var(v_ptr, r, p, cols, mask, D, S, LAYOUT, ACC), delta, SOFTPLUS)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
-from fastvae.kernels._common import acc_dtype, blocks
+from fastvae.kernels._common import acc_dtype, blocks, program_rows, tile_columns
 
 # 1024 elements a program at 4 warps: 8 a thread, which ptxas keeps in
 # registers for the backward's five live tiles (4096 spilled).
@@ -42,13 +42,10 @@ def _kl_normal_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
+    rows, row_ok = program_rows(BLOCK_N, N)
     kl = tl.zeros([BLOCK_N], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        mask = row_ok[:, None] & (cols < L)[None, :]
+        cols, mask = tile_columns(l0, L, row_ok, BLOCK_L)
         idx = rows[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
@@ -79,13 +76,10 @@ def _kl_normal_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
+    rows, row_ok = program_rows(BLOCK_N, N)
     g = tl.load(dkl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        mask = row_ok[:, None] & (cols < L)[None, :]
+        cols, mask = tile_columns(l0, L, row_ok, BLOCK_L)
         idx = rows[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)

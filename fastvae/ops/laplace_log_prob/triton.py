@@ -29,8 +29,10 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    program_rows,
     split_samples,
     split_tile,
+    tile_columns,
     tile_counters,
     tile_geometry,
 )
@@ -82,14 +84,11 @@ def _laplace_log_prob_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_ok = r < KP
+    r, r_ok = program_rows(BLOCK_R, KP)
     p = r % P
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        mask = r_ok[:, None] & (cols < D)[None, :]
+        cols, mask = tile_columns(d0, D, r_ok, BLOCK_D)
         x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         m = tl.load(loc_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
         s = _load_scale(s_ptr, r, p, cols, mask, D, LAYOUT, ACC)

@@ -21,8 +21,10 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    program_rows,
     split_samples,
     split_tile,
+    tile_columns,
     tile_counters,
     tile_geometry,
 )
@@ -43,14 +45,11 @@ def _latent_log_ratio_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    r_ok = r < KN
+    r, r_ok = program_rows(BLOCK_R, KN)
     n = r % N
     acc = tl.zeros([BLOCK_R], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        mask = r_ok[:, None] & (cols < L)[None, :]
+        cols, mask = tile_columns(l0, L, r_ok, BLOCK_L)
         idx = n[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)

@@ -34,6 +34,7 @@ from fastvae.kernels._common import (
     bound_epilogue,
     bound_grad,
     bound_parts,
+    program_rows,
     tile_counters,
 )
 
@@ -218,9 +219,7 @@ def _logmeanexp_finish_kernel(
 ):
     # one program per block of BLOCK_M columns: the partial states of BLOCK_S
     # splits at a time, reduced as a tile (a fixed order: deterministic)
-    pid = tl.program_id(0).to(tl.int64)
-    cols = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    col_ok = cols < M
+    cols, col_ok = program_rows(BLOCK_M, M)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     s = tl.zeros([BLOCK_M], dtype=ACC)
     s2 = tl.zeros([BLOCK_M], dtype=ACC)
@@ -310,9 +309,7 @@ def _importance_weights_bwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    cols = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    col_ok = cols < M
+    cols, col_ok = program_rows(BLOCK_M, M)
     dot = tl.zeros([BLOCK_M], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K).to(tl.int64)

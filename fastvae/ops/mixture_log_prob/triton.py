@@ -36,7 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters
+from fastvae.kernels._common import (
+    acc_dtype,
+    accumulation_dtype,
+    arrive_last,
+    program_rows,
+    split_samples,
+    tile_counters,
+)
 
 # Geometry on a GPU: 16 rows x 16 components x up to 32 latent dims per step
 # (8192 elements over 4 warps); K = 30 x B = 1024 rows launch 1920 programs.
@@ -162,9 +169,7 @@ def _mixture_fwd_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
+    rows, row_ok = program_rows(BLOCK_N, N)
     log_norm = _log_norm(logits_ptr, U, HAS_LOGITS, ACC, BLOCK_U)
     run_max = tl.full([BLOCK_N], float("-inf"), ACC)
     run_sum = tl.zeros([BLOCK_N], dtype=ACC)
@@ -209,9 +214,7 @@ def _mixture_dz_kernel(
     BLOCK_U: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_ok = rows < N
+    rows, row_ok = program_rows(BLOCK_N, N)
     g, o, live = _row_state(g_ptr, out_ptr, rows, row_ok, ACC)
     log_norm = _log_norm(logits_ptr, U, HAS_LOGITS, ACC, BLOCK_U)
     acc = tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)

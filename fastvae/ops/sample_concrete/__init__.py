@@ -1,8 +1,8 @@
 """sample_concrete, described once: reparameterized relaxed-categorical
 (Concrete / Gumbel-softmax) samples of logits (N, L, C) at a temperature per
 latent, from C consecutive Philox uniforms per latent, with log q(z) summed
-over L from the same Exp(1) noise t = -log u (sample_positive's
-``positive_exp1``); ``hard`` is the straight-through one-hot.
+over L from the same Exp(1) noise t = -log u (fastvae/_philox.py's
+``exp1``); ``hard`` is the straight-through one-hot.
 
 This file is the op's description (its registry entry, its kernels' argument
 names, its ahead-of-time cases and its benchmark row) and its oracle: the
@@ -19,9 +19,8 @@ import torch.distributions as td
 from torch import Tensor
 
 from ..._dtypes import accumulation_dtype
-from ..._philox import philox_word
+from ..._philox import exp1, philox_word
 from ..._spec import Bench, Kernel, Op
-from ..sample_positive import positive_exp1
 
 # logits (N, L, C), C consecutive uniforms per latent
 KERNELS = (
@@ -42,7 +41,7 @@ OP = Op("sample_concrete", tuple(k.name for k in KERNELS), "fastvae/ops/sample_c
 def concrete_noise(seed: int, offsets: Tensor, dtype: torch.dtype) -> Tensor:
     """The Exp(1) variates t = -log u (-log1p(-v) above 1/2) of the element
     offsets in float64 from the `dtype` uniforms; the Gumbel is g = -log t."""
-    return positive_exp1(philox_word(seed, offsets), accumulation_dtype(dtype))[0]
+    return exp1(philox_word(seed, offsets), accumulation_dtype(dtype))[0]
 
 
 def concrete_terms(logits: Tensor, temperature: Tensor, t: Tensor):

@@ -1,7 +1,6 @@
 // Python bindings of sample_concrete (checked buffers -> sample_concrete.cpp).
-#include "buffers.h"
-#include "optional_buffers.h"
 #include "sample_concrete.h"
+#include "sampler_bind.h"
 
 namespace fastvae::bind {
 namespace {
@@ -32,16 +31,7 @@ void concrete_backward_t(py::object dz, py::object dq, py::array logits, py::arr
                          bool stop_score, py::array dlogits, int n_threads) {
   check_3d(logits, "logits");
   const int64_t N = logits.shape(0), L = logits.shape(1), C = logits.shape(2);
-  int64_t K = 0;
-  const py::object& samples = dz.is_none() ? dq : dz;
-  if (!samples.is_none()) {
-    const int dims = dz.is_none() ? 2 : 4;
-    if (!py::isinstance<py::array>(samples) || py::reinterpret_borrow<py::array>(samples).ndim() != dims) {
-      throw py::value_error(dz.is_none() ? "grad_log_q: expected a 2-d (K, N) array or None"
-                                         : "grad_z: expected a 4-d (K, N, L, C) array or None");
-    }
-    K = py::reinterpret_borrow<py::array>(samples).shape(0);
-  }
+  const int64_t K = gradient_samples(dz, dq, 4, "(K, N, L, C)", "grad_log_q");
   py::array dz_holder, dq_holder;
   const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L, C}, false);
   const T* gq = checked_or_null<T>(dq, dq_holder, "grad_log_q", {K, N}, false);

@@ -39,7 +39,7 @@ from torch import Tensor
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import not_twice
 from ..._op import define, draw_seed, run, shaped
-from ..sample_normal.op import _MAX_OFFSET, z_dtype
+from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 
 _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentiate it once, or use "
               "fastvae.ops.sample_concrete.sample_concrete (plain PyTorch) where a second derivative is needed")
@@ -64,7 +64,7 @@ def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_sa
     a = _backend.kernel_input(backend, logits.contiguous(), dtype)
     lam = temperature.to(dtype).contiguous()
     N, L, C = a.shape
-    z = _backend.empty_output((n_samples, N, L, C), like=logits, dtype=dtype if backend == "cpp" else _z_dtype(logits))
+    z = empty_z(backend, (n_samples, N, L, C), logits, dtype, _z_dtype(logits))
     log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
     _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
                     offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q)
@@ -81,8 +81,7 @@ def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor 
     grad_z, grad_log_q = (None if g is None else _backend.kernel_input(backend, g, dtype).contiguous()
                           for g in (grad_z, grad_log_q))
     d = _backend.empty_output(a.shape, like=a)
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
+    K = gradient_samples(grad_z, grad_log_q)
     _backend.launch(backend, "sample_concrete_backward", max(K, 1) * a.numel(), grad_z=grad_z,
                     grad_log_q=grad_log_q, logits=a, temperature=lam, seed=seed, stop_score=stop_score, dlogits=d)
     return _backend.in_dtype(d, logits.dtype)
@@ -232,13 +231,12 @@ def concrete_at(logits: Tensor, temperature: Tensor, seed: Tensor, n_samples: in
     a = _backend.kernel_input(backend, _flat3(logits.detach()), dtype)
     lam = temperature.detach().reshape(a.shape[:2]).to(dtype).contiguous()
     N, L, C = a.shape
-    z = _backend.empty_output((n_samples, N, L, C), like=logits, dtype=dtype if backend == "cpp" else _z_dtype(logits))
+    z = empty_z(backend, (n_samples, N, L, C), logits, dtype, _z_dtype(logits))
     log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
     if z.numel() == 0:
         return _backend.in_dtype(z, _z_dtype(logits)), log_q.zero_()
-    last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L * C - 1
-    if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
-        raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
+    check_offsets(offset0, sample_stride, row_stride,
+                  offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L * C - 1)
     _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
                     offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z, log_q=log_q)
     return _backend.in_dtype(z, _z_dtype(logits)), log_q

@@ -10,35 +10,25 @@
 #include <limits>
 #include <vector>
 
-#include "fastmath.h"
-#include "ops.h"
-#include "philox.h"
 #include "sample_concrete.h"
+#include "sampler.h"
 
 namespace fastvae {
 namespace {
 
-constexpr int64_t kTileElems = 8192;
-
-FASTVAE_INLINE float log_c(float x) { return fast_log_positive(x); }
-FASTVAE_INLINE double log_c(double x) { return std::log(x); }
-FASTVAE_INLINE float exp_c(float x) { return fast_exp(x); }
-FASTVAE_INLINE double exp_c(double x) { return std::exp(x); }
-
-// log(1 - v) for v in [0, 1/2] to v's relative precision.
-FASTVAE_INLINE float log1m(float v) {
-  const float w = 1.0f - v;
-  const bool one = w == 1.0f;
-  return one ? -v : fast_log_positive(w) * (-v / (one ? -1.0f : w - 1.0f));
-}
-FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
+using sampler::exp_t;
+using sampler::kTileElems;
+using sampler::log1m;
+using sampler::log_t;
 
 // The Exp(1) variate of a folded word: -log u below 1/2, -log1p(-v) above.
+// A branch here, not sampler::exp1's select: GCC vectorizes the two forms
+// differently, and the float32 bits follow the form.
 template <typename T>
 FASTVAE_INLINE T exp1(int32_t x) {
   T u, v;
   open_uniforms(x, u, v);
-  return x < kHalfWord ? -log_c(u) : -log1m(v);
+  return x < kHalfWord ? -log_t(u) : -log1m(v);
 }
 
 // The per-element transcendentals run in flat loops over a whole tile (ISA
@@ -51,14 +41,14 @@ FASTVAE_INLINE void noise_terms_t(const int32_t* x, int64_t n, T* t, T* lt) {
   for (int64_t i = 0; i < n; ++i) {
     const T tc = exp1<T>(x[i]);
     t[i] = tc;
-    lt[i] = log_c(tc);
+    lt[i] = log_t(tc);
   }
 }
 
 // z = exp(y - m) of n elements.
 template <typename T>
 FASTVAE_INLINE void exp_shifted_t(const T* y, const T* m, int64_t n, T* z) {
-  for (int64_t i = 0; i < n; ++i) z[i] = exp_c(y[i] - m[i]);
+  for (int64_t i = 0; i < n; ++i) z[i] = exp_t(y[i] - m[i]);
 }
 
 FASTVAE_CLONES void noise_terms_f32(const int32_t* x, int64_t n, float* t, float* lt) { noise_terms_t(x, n, t, lt); }
@@ -121,9 +111,9 @@ FASTVAE_INLINE double latent_finish(const LatentSums<T>& r, T lam, int64_t C, bo
   }
   if (!want_log_q) return 0.0;
   const T cn = static_cast<T>(r.cnt);
-  return std::lgamma(double(r.cnt)) + double(cn - T(1)) * double(log_c(lam)) +
-         double(cn) * (double(r.m) + double(log_c(s))) - double(r.sum_y) + double(r.sum_lt) -
-         double(cn) * double(log_c(r.sum_t));
+  return std::lgamma(double(r.cnt)) + double(cn - T(1)) * double(log_t(lam)) +
+         double(cn) * (double(r.m) + double(log_t(s))) - double(r.sum_y) + double(r.sum_lt) -
+         double(cn) * double(log_t(r.sum_t));
 }
 
 // Scratch of one tile of n elements.

@@ -1,6 +1,6 @@
 """Triton kernels of sample_concrete: relaxed one-hot (Concrete /
 Gumbel-softmax) samples of logits (N, L, C) at a temperature per latent, from
-C consecutive Philox uniforms per latent (sample_location_scale's uniforms),
+C consecutive Philox uniforms per latent (the samplers' words, kernels/sampler.py),
 and log q(z) summed over L from the same Exp(1) noise t = -log u; the backward
 regenerates t from (seed, offset) instead of storing it.
 The oracle's concrete_terms (__init__.py) gives the closed forms; -inf logits mask their
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype
-from fastvae.ops.sample_location_scale.triton import _log1m, _open_uniforms, _words
+from fastvae.kernels._common import acc_dtype, program_rows
+from fastvae.kernels.sampler import exp1, gradient_samples, words
 
 MAX_C = 1 << 14
 FORWARD_TILE = 2048
@@ -28,8 +28,7 @@ def _latents(x, a, lam, cols, C, ACC: tl.constexpr):
     """(z, log q, w, count) of a (rows, BLOCK_C) tile of latents: folded words
     x, logits a (-inf: masked or padding), temperatures lam (rows,)."""
     valid = (a > float("-inf")) & (cols < C)
-    u, v = _open_uniforms(x, ACC)
-    t = tl.where(x < 1073741824, -tl.log(u), -_log1m(v))
+    t = exp1(x, ACC)
     t = tl.where(valid, t, 1.0)
     lt = tl.log(t)
     # shifted by the latent's largest logit (only differences matter): y stays
@@ -73,9 +72,7 @@ def _sample_concrete_fwd_kernel(
     BLOCK_C: tl.constexpr,
     WITH_LOG_Q: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    rmask = r < KN
+    r, rmask = program_rows(BLOCK_R, KN)
     n = r % N
     k = r // N
     seed = tl.load(seed_ptr)
@@ -88,7 +85,7 @@ def _sample_concrete_fwd_kernel(
         a = tl.where(rmask[:, None], a, tl.where(cols[None, :] == 0, 0.0, float("-inf")))  # dead rows: finite
         lam = tl.load(lam_ptr + j, mask=rmask, other=1.0).to(ACC)
         offs = (offset0 + k * sample_stride + n * row_stride + li * C)[:, None] + cols[None, :]
-        x = _words(seed, offs)
+        x = words(seed, offs)
         z, lq, w, count, y, m, valid = _latents(x, a, lam, cols[None, :], C, ACC)
         if HARD:
             first = tl.min(tl.where(valid & (y == m[:, None]), cols[None, :], BLOCK_C), axis=1)
@@ -119,9 +116,7 @@ def _sample_concrete_bwd_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    j = pid * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
-    jmask = j < NL
+    j, jmask = program_rows(BLOCK_J, NL)
     n = j // L
     seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK_C)
@@ -133,7 +128,7 @@ def _sample_concrete_bwd_kernel(
     acc = tl.zeros([BLOCK_J, BLOCK_C], dtype=ACC)
     NLC = NL * C
     for k in range(0, K):
-        x = _words(seed, k * NLC + idx)
+        x = words(seed, k * NLC + idx)
         z, lq, w, count, y, m, valid = _latents(x, a, lam, cols[None, :], C, ACC)
         if HAS_GRAD_Z:
             g = tl.load(grad_z_ptr + k * NLC + idx, mask=cmask, other=0.0).to(ACC)
@@ -185,8 +180,7 @@ def sample_concrete_backward(grad_z, grad_log_q, logits, temperature, seed, stop
     N, L, C = logits.shape
     if N * L * C == 0:
         return
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
+    K = gradient_samples(grad_z, grad_log_q)
     BLOCK_J, BLOCK_C = _geometry(C, logits.device, logits.dtype == torch.float64)
     _sample_concrete_bwd_kernel[(triton.cdiv(N * L, BLOCK_J),)](
         grad_z if grad_z is not None else logits, grad_log_q if grad_log_q is not None else logits, logits,

@@ -6,34 +6,28 @@
 //
 // The family is a template parameter (the standardized inverse CDF as a
 // compile-time variant); one runtime switch per call picks the instantiation.
-#include <algorithm>
+// The loops over (K, N, L) are the family samplers' (csrc/sampler.h).
 #include <cmath>
-#include <stdexcept>
-#include <vector>
 
-#include "ops.h"
-#include "philox.h"
-#include "rows.h"
 #include "sample_location_scale.h"
+#include "sampler.h"
 
 namespace fastvae {
 namespace {
 
-constexpr int64_t kBlock = 512;       // elements per vector block (stack buffers)
-constexpr int64_t kTileElems = 8192;  // elements per parallel work item
-
-enum Family : int { kUniform = 0, kLaplace = 1, kLogistic = 2, kGumbel = 3, kCauchy = 4 };
-
-FASTVAE_INLINE float log_t(float x) { return fast_log_positive(x); }
-FASTVAE_INLINE double log_t(double x) { return std::log(x); }
+using sampler::kBlock;
+using sampler::log_t;
 
 // log(1 - v) for v in (0, 1/2], to v's relative precision: log w corrected by
-// the rounding of w = 1 - v (Goldberg), or -v where w rounds to 1.
+// the rounding of w = 1 - v (Goldberg), or -v where w rounds to 1. (Not
+// sampler::log1m's guarded division: the float32 bits follow the form.)
 FASTVAE_INLINE float log1m(float v) {
   const float w = 1.0f - v;
   return w == 1.0f ? -v : fast_log_positive(w) * (-v / (w - 1.0f));
 }
 FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
+
+enum Family : int { kUniform = 0, kLaplace = 1, kLogistic = 2, kGumbel = 3, kCauchy = 4 };
 
 // cos and sin of pi w for w in (0, 1/2].
 FASTVAE_INLINE void cos_sin_pi(float w, float& c, float& s) { cos_sin_turns(0.5f * w, c, s); }
@@ -114,92 +108,68 @@ FASTVAE_INLINE void noise_block(const int32_t* x, int64_t n, float* e, float* lo
   else noise_block_f32_4(x, n, e, log_f, psi);
 }
 
+// z = loc + s e and log f(e) - log_scale of a block in one sample; s = exp(log_scale) once per block.
 template <int F, typename T>
-void forward_tiles(const T* loc, const T* log_scale, uint64_t seed, uint64_t offset0, uint64_t sample_stride,
-                   uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z, T* log_q, int n_threads) {
-  const int64_t NL = N * L;
-  const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
-  const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-  for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    const int64_t r0 = tile * tile_rows;
-    const int64_t r1 = std::min(N, r0 + tile_rows);
-    // per (sample, row of the tile) sums of log f(e) - log_scale, in double
-    std::vector<double> acc(log_q ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
-    alignas(64) int32_t x[kBlock];
-    alignas(64) T s[kBlock], e[kBlock], log_f[kBlock], psi[kBlock];
-    for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
-      const int64_t n = std::min(kBlock, r1 * L - b0);
-      exp_block(log_scale + b0, n, s);
-      const T* m = loc + b0;
-      for (int64_t k = 0; k < K; ++k) {
-        folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
-        noise_block<F>(x, n, e, log_f, psi);
-        T* zk = z + k * NL + b0;
-        for (int64_t i = 0; i < n; ++i) zk[i] = m[i] + s[i] * e[i];
-        if (log_q) {
-          const T* ls = log_scale + b0;
-          for (int64_t i = 0; i < n; ++i) log_f[i] -= ls[i];
-          double* a = acc.data() + k * (r1 - r0);
-          for (int64_t i = 0; i < n;) {  // row runs of the block
-            const int64_t row = (b0 + i) / L;
-            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
-            double sum = 0.0;
-            for (int64_t j = i; j < i + len; ++j) sum += double(log_f[j]);
-            a[row - r0] += sum;
-            i += len;
-          }
-        }
-      }
-    }
-    if (log_q) {
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t row = r0; row < r1; ++row) log_q[k * N + row] = static_cast<T>(acc[size_t(k * (r1 - r0) + row - r0)]);
-      }
+struct ForwardBlock {
+  ForwardBlock(const T* loc, const T* log_scale) : loc(loc), log_scale(log_scale) {}
+  const T* loc;
+  const T* log_scale;
+  alignas(64) T s[kBlock], e[kBlock], psi[kBlock];
+
+  void prepare(int64_t b0, int64_t n) { exp_block(log_scale + b0, n, s); }
+
+  void draw(const int32_t* x, int64_t b0, int64_t n, T* z, T* log_f, bool with_log_q) {
+    noise_block<F>(x, n, e, log_f, psi);
+    const T* m = loc + b0;
+    for (int64_t i = 0; i < n; ++i) z[i] = m[i] + s[i] * e[i];
+    if (with_log_q) {
+      const T* ls = log_scale + b0;
+      for (int64_t i = 0; i < n; ++i) log_f[i] -= ls[i];
     }
   }
-}
+};
 
 // dloc = sum_k dz_k (+ (sum_k dq_k psi_k) / s with stop_score),
 // dlog_scale = s sum_k dz_k e_k + (sum_k dq_k psi_k e_k with stop_score, else -sum_k dq_k).
 // The score's 1 / s multiplies the sum once: a zero sum stays 0 where 1 / s overflows.
 template <int F, typename T>
-void backward_blocks(const T* dz, const T* dq, const T* loc, const T* log_scale, uint64_t seed, bool stop_score,
-                     int64_t K, int64_t N, int64_t L, T* dloc, T* dlog_scale, int n_threads) {
-  (void)loc;  // z's path does not need loc: dz/dloc = 1, dz/dlog_scale = s e
-  const int64_t NL = N * L;
-  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-  for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    const int64_t b0 = blk * kBlock;
-    const int64_t n = std::min(kBlock, NL - b0);
-    alignas(64) int32_t x[kBlock];
-    alignas(64) T e[kBlock], log_f[kBlock], psi[kBlock], gq[kBlock];
-    alignas(64) T acc_z[kBlock], acc_ze[kBlock], acc_psi[kBlock], acc_q[kBlock];
+struct BackwardBlock {
+  BackwardBlock(const T* dz, const T* log_scale, bool stop_score, T* dloc, T* dlog_scale)
+      : dz(dz), log_scale(log_scale), stop_score(stop_score), dloc(dloc), dlog_scale(dlog_scale) {}
+  const T* dz;
+  const T* log_scale;
+  bool stop_score;
+  T* dloc;
+  T* dlog_scale;
+  alignas(64) T e[kBlock], log_f[kBlock], psi[kBlock];
+  alignas(64) T acc_z[kBlock], acc_ze[kBlock], acc_psi[kBlock], acc_q[kBlock];
+
+  void start(int64_t n) {
     for (int64_t i = 0; i < n; ++i) acc_z[i] = acc_ze[i] = acc_psi[i] = acc_q[i] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t base = k * NL + b0;
-      folded_words(seed, static_cast<uint64_t>(base), n, x);
-      noise_block<F>(x, n, e, log_f, psi);
-      if (dz) {
-        const T* g = dz + base;
-        for (int64_t i = 0; i < n; ++i) {
-          acc_z[i] += g[i];
-          acc_ze[i] += g[i] * e[i];
-        }
-      }
-      if (dq) {
-        spread_rows(dq + k * N, b0, n, L, gq);
-        if (stop_score) {
-          for (int64_t i = 0; i < n; ++i) {
-            acc_psi[i] += gq[i] * psi[i];
-            acc_q[i] += gq[i] * psi[i] * e[i];
-          }
-        } else {
-          for (int64_t i = 0; i < n; ++i) acc_q[i] -= gq[i];
-        }
+  }
+
+  void step(const int32_t* x, int64_t, int64_t base, int64_t n, const T* gq) {
+    noise_block<F>(x, n, e, log_f, psi);
+    if (dz) {
+      const T* g = dz + base;
+      for (int64_t i = 0; i < n; ++i) {
+        acc_z[i] += g[i];
+        acc_ze[i] += g[i] * e[i];
       }
     }
+    if (gq) {
+      if (stop_score) {
+        for (int64_t i = 0; i < n; ++i) {
+          acc_psi[i] += gq[i] * psi[i];
+          acc_q[i] += gq[i] * psi[i] * e[i];
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) acc_q[i] -= gq[i];
+      }
+    }
+  }
+
+  void finish(int64_t b0, int64_t n) {
     alignas(64) T s[kBlock];
     exp_block(log_scale + b0, n, s);
     for (int64_t i = 0; i < n; ++i) {
@@ -208,62 +178,7 @@ void backward_blocks(const T* dz, const T* dq, const T* loc, const T* log_scale,
       dlog_scale[b0 + i] = s[i] * acc_ze[i] + acc_q[i];
     }
   }
-}
-
-template <int F>
-struct Entry {
-  static void forward_f32(const float* loc, const float* ls, uint64_t seed, uint64_t o, uint64_t ss,
-                                         uint64_t rs, int64_t K, int64_t N, int64_t L, float* z, float* q, int t) {
-    forward_tiles<F, float>(loc, ls, seed, o, ss, rs, K, N, L, z, q, t);
-  }
-  static void forward_f64(const double* loc, const double* ls, uint64_t seed, uint64_t o, uint64_t ss,
-                          uint64_t rs, int64_t K, int64_t N, int64_t L, double* z, double* q, int t) {
-    forward_tiles<F, double>(loc, ls, seed, o, ss, rs, K, N, L, z, q, t);
-  }
-  static void backward_f32(const float* dz, const float* dq, const float* loc, const float* ls,
-                                          uint64_t seed, bool stop, int64_t K, int64_t N, int64_t L, float* dl,
-                                          float* dls, int t) {
-    backward_blocks<F, float>(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
-  }
-  static void backward_f64(const double* dz, const double* dq, const double* loc, const double* ls,
-                           uint64_t seed, bool stop, int64_t K, int64_t N, int64_t L, double* dl, double* dls,
-                           int t) {
-    backward_blocks<F, double>(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
-  }
 };
-
-template <typename Fn>
-void by_family(int family, Fn fn) {
-  switch (family) {
-    case kUniform: return fn(std::integral_constant<int, kUniform>{});
-    case kLaplace: return fn(std::integral_constant<int, kLaplace>{});
-    case kLogistic: return fn(std::integral_constant<int, kLogistic>{});
-    case kGumbel: return fn(std::integral_constant<int, kGumbel>{});
-    case kCauchy: return fn(std::integral_constant<int, kCauchy>{});
-    default: throw std::invalid_argument("family must be in [0, 5) (uniform, laplace, logistic, gumbel, cauchy)");
-  }
-}
-
-void fwd(const float* loc, const float* ls, uint64_t seed, int family, uint64_t o, uint64_t ss, uint64_t rs,
-         int64_t K, int64_t N, int64_t L, float* z, float* q, int t) {
-  by_family(family, [&](auto f) { Entry<decltype(f)::value>::forward_f32(loc, ls, seed, o, ss, rs, K, N, L, z, q, t); });
-}
-void fwd(const double* loc, const double* ls, uint64_t seed, int family, uint64_t o, uint64_t ss, uint64_t rs,
-         int64_t K, int64_t N, int64_t L, double* z, double* q, int t) {
-  by_family(family, [&](auto f) { Entry<decltype(f)::value>::forward_f64(loc, ls, seed, o, ss, rs, K, N, L, z, q, t); });
-}
-void bwd(const float* dz, const float* dq, const float* loc, const float* ls, uint64_t seed, int family, bool stop,
-         int64_t K, int64_t N, int64_t L, float* dl, float* dls, int t) {
-  by_family(family, [&](auto f) {
-    Entry<decltype(f)::value>::backward_f32(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
-  });
-}
-void bwd(const double* dz, const double* dq, const double* loc, const double* ls, uint64_t seed, int family,
-         bool stop, int64_t K, int64_t N, int64_t L, double* dl, double* dls, int t) {
-  by_family(family, [&](auto f) {
-    Entry<decltype(f)::value>::backward_f64(dz, dq, loc, ls, seed, stop, K, N, L, dl, dls, t);
-  });
-}
 
 }  // namespace
 
@@ -271,14 +186,22 @@ template <typename T>
 void sample_location_scale_forward(const T* loc, const T* log_scale, uint64_t seed, int family, uint64_t offset0,
                                    uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L,
                                    T* z, T* log_q, int n_threads) {
-  fwd(loc, log_scale, seed, family, offset0, sample_stride, row_stride, K, N, L, z, log_q, n_threads);
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::forward_rows<T>(seed, offset0, sample_stride, row_stride, K, N, L, z, log_q, n_threads,
+                             [&] { return ForwardBlock<decltype(f)::value, T>(loc, log_scale); });
+  });
 }
 
 template <typename T>
 void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale, uint64_t seed,
                                     int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc,
                                     T* dlog_scale, int n_threads) {
-  bwd(dz, dlog_q, loc, log_scale, seed, family, stop_score, K, N, L, dloc, dlog_scale, n_threads);
+  (void)loc;  // z's path does not need loc: dz/dloc = 1, dz/dlog_scale = s e
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::backward_blocks<T>(dlog_q, seed, K, N, L, n_threads, [&] {
+      return BackwardBlock<decltype(f)::value, T>(dz, log_scale, stop_score, dloc, dlog_scale);
+    });
+  });
 }
 
 template void sample_location_scale_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,

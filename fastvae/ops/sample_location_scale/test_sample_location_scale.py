@@ -252,6 +252,43 @@ def test_errors_name_the_argument():
         fastvae.sample_location_scale("laplace", x, x, 0)
 
 
+
+def test_evaluation_layout_refuses_offsets_out_of_range():
+    """The draw's offsets are checked by name before any kernel runs."""
+    x = torch.zeros(2, 3)
+    seed = seed_tensor(5, x.device)
+    with pytest.raises(ValueError, match="the noise offsets run from 0 to"):
+        location_scale_at(1, x, x, seed, 3, offset0=0, sample_stride=2**62, row_stride=3)
+    with pytest.raises(ValueError, match="the noise offsets run from -1 to"):
+        location_scale_at(1, x, x, seed, 2, offset0=-1, sample_stride=6, row_stride=3)
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process tests (cpp backend)")
+@pytest.mark.parametrize("op, families, p0", [("sample_location_scale", 5, "loc"), ("sample_positive", 3, "log_p0")])
+def test_family_binding_checks_by_name(op, families, p0):
+    """The family samplers' shared C++ binding names what it refuses: the family
+    index (with the choices), a gradient of the wrong rank, a parameter's shape."""
+    from fastvae import _backend
+    if not _backend.cpp_available():
+        pytest.skip("the cpp backend is not built")
+    cpp = _backend.cpp_module()
+    a = torch.zeros(2, 3).numpy()
+    z, q = torch.zeros(1, 2, 3).numpy(), torch.zeros(1, 2).numpy()
+    forward, backward = getattr(cpp, f"{op}_forward"), getattr(cpp, f"{op}_backward")
+    with pytest.raises(ValueError, match=f"family: expected 0-{families - 1} .*got {families}"):
+        forward(a, a, 5, families, 0, 6, 3, z, q, 1)
+    with pytest.raises(ValueError, match="z: expected a 3-d"):
+        forward(a, a, 5, 0, 0, 6, 3, a, q, 1)
+    with pytest.raises(ValueError, match=f"{p0}: expected a 2-d"):
+        forward(z, a, 5, 0, 0, 6, 3, z, q, 1)
+    with pytest.raises(ValueError, match="grad_z: expected a 3-d"):
+        backward(a, None, a, a, 5, 0, False, a.copy(), a.copy(), 1)
+    with pytest.raises(ValueError, match="grad_log_q: expected a 2-d"):
+        backward(None, z, a, a, 5, 0, False, a.copy(), a.copy(), 1)
+    d0, d1 = a + float("nan"), a + float("nan")
+    backward(z + 1.0, q, a, a, 5, 0, True, d0, d1, 1)  # well-formed: both gradients written
+    assert torch.isfinite(torch.from_numpy(d0)).all() and torch.isfinite(torch.from_numpy(d1)).all()
+
 # the closed form is torch code on every backend, which only draws e: one case under the interpreter
 @pytest.mark.parametrize("stop_score", [True] if INTERPRET else [False, True])
 @pytest.mark.parametrize("family", ("gumbel",) if INTERPRET else FAMILIES)

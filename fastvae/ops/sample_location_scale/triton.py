@@ -5,79 +5,37 @@ regenerates e from (seed, offset) instead of storing it.
 
 The family (uniform, Laplace, logistic, Gumbel, Cauchy: fastvae/_families.py's
 LOCATION_SCALE_FAMILIES order) is a constexpr FAMILY: the standardized
-inverse CDF is a compile-time variant of one kernel pair. Element i's uniform
-is the folded word of lane i % 4 of Philox counter i // 4, mapped into the open
-(0, 1) from the integer (both u and v = 1 - u, so the upper tail keeps its
-bits): docs/architecture.md, "The RNG contract".
+inverse CDF is a compile-time variant of one kernel pair. The words, their
+uniforms and the launch geometry are the samplers' (kernels/sampler.py).
 
-Layout and geometry are sample_normal's: loc, log_scale (N, L); z, grad_z
-(K, N, L); log_q, grad_log_q (K, N); z[k, n, l] uses the uniform at
-offset0 + k * sample_stride + n * row_stride + l. The forward tiles the K * N
-sample rows (columns in fours: whole Philox counters per thread); the backward
-owns BLOCK flat elements of loc, loops over the samples in registers and, where
-the blocks alone do not fill a wave, splits them (_common.split_samples,
-arrive_last), as sample_normal's does.
+Layout: loc, log_scale (N, L); z, grad_z (K, N, L); log_q, grad_log_q (K, N);
+z[k, n, l] uses the uniform at offset0 + k * sample_stride + n * row_stride + l.
 """
-import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import (
-    INTERPRETER_BLOCK_ROWS,
-    MAX_BLOCK_COLS,
-    acc_dtype,
-    accumulation_dtype,
-    arrive_last,
-    block_cols,
-    split_samples,
-    tile_and_split,
-    tile_counters,
+from fastvae.kernels._common import arrive_last
+from fastvae.kernels.philox import _cos_sin_turns
+from fastvae.kernels.sampler import (
+    block_words,
+    launch_family_backward,
+    launch_family_forward,
+    log1m,
+    open_uniforms,
+    parameter_block,
+    row_columns,
+    row_words,
+    sample_rows,
 )
-from fastvae.kernels.philox import _cos_sin_turns, aligned
 
-FORWARD_TILE = 2048
-BACKWARD_TILE = 2048
-INTERPRETER_BACKWARD_TILE = 1 << 16
-
-# -- math helpers -------------------------------------------------------------
-
-
-@triton.jit
-def _folded(bits):
-    """The word as int32, negatives folded by ~x: an integer in [0, 2**31)."""
-    x = bits.to(tl.int32, bitcast=True)
-    return tl.where(x < 0, -x - 1, x)
-
-
-@triton.jit
-def _open_uniforms(x, ACC: tl.constexpr):
-    """(u, v = 1 - u) of folded words, each from the integer: (x + 1/2) / 2**31
-    and (2**31 - 1/2 - x) / 2**31. float32 in float32 arithmetic, at most
-    1 - 2**-24, bit for bit the reference's and the C++ kernel's; float64 exact."""
-    if ACC == tl.float64:
-        u = (x.to(tl.float64) + 0.5) * 4.656612873077393e-10
-        v = (2147483647.5 - x.to(tl.float64)) * 4.656612873077393e-10
-    else:
-        u = tl.minimum((x.to(tl.float32) + 0.5) * 4.656612873077393e-10, 0.9999999403953552)
-        v = tl.minimum(((2147483647 - x).to(tl.float32) + 0.5) * 4.656612873077393e-10, 0.9999999403953552)
-    return u, v
-
-
-@triton.jit
-def _log1m(v):
-    """log(1 - v) for v in (0, 1/2] to v's relative precision: log w corrected
-    by the rounding of w = 1 - v (Goldberg), -v where w rounds to 1 (the
-    interpreter has no log1p)."""
-    w = 1.0 - v
-    one = w == 1.0
-    return tl.where(one, -v, tl.log(w) * (-v / tl.where(one, -1.0, w - 1.0)))
+# -- the family's transform and density -------------------------------------
 
 
 @triton.jit
 def _standardized(x, FAMILY: tl.constexpr, ACC: tl.constexpr):
     """(e, log f(e), psi(e) = d log f / de) of the standardized family at
     folded words x (the oracle's standardized gives the formulas)."""
-    u, v = _open_uniforms(x, ACC)
+    u, v = open_uniforms(x, ACC)
     lower = x < 1073741824  # u < 1/2, decided on the integer
     if FAMILY == 0:  # uniform
         e = u
@@ -95,7 +53,7 @@ def _standardized(x, FAMILY: tl.constexpr, ACC: tl.constexpr):
         log_f = lu + lv
         psi = v - u
     elif FAMILY == 3:  # Gumbel: t = -log u, the Exp(1) variate
-        t = tl.where(lower, -tl.log(u), -_log1m(v))
+        t = tl.where(lower, -tl.log(u), -log1m(v))
         e = -tl.log(t)
         log_f = -e - t
         psi = t - 1.0
@@ -111,23 +69,6 @@ def _standardized(x, FAMILY: tl.constexpr, ACC: tl.constexpr):
         log_f = 2.0 * tl.log(s) - 1.1447298858494002
         psi = -2.0 * sign * c * s
     return e, log_f, psi
-
-
-@triton.jit
-def _words4(seed, counters):
-    """The folded words of each Philox counter (..., 1) -> (..., 4): lane j at [..., j]."""
-    w0, w1, w2, w3 = tl.randint4x(seed, counters)
-    lane = tl.arange(0, 4)
-    w = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
-    return _folded(w)
-
-
-@triton.jit
-def _words(seed, offsets):
-    """The folded word at each int64 element offset (one Philox call each)."""
-    w0, w1, w2, w3 = tl.randint4x(seed, offsets >> 2)
-    lane = offsets & 3
-    return _folded(tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3))))
 
 
 # -- kernels ------------------------------------------------------------------
@@ -153,25 +94,17 @@ def _sample_location_scale_fwd_kernel(
     WITH_LOG_Q: tl.constexpr,
     ALIGNED: tl.constexpr,  # every row's uniforms start a Philox counter
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # sample rows k * N + n
+    r, g, j = sample_rows(BLOCK_R, BLOCK_L)  # sample rows k * N + n
     n = r % N
     seed = tl.load(seed_ptr)
     log_q = tl.zeros([BLOCK_R], dtype=ACC)
-    g = tl.arange(0, BLOCK_L // 4)[None, :, None]
-    j = tl.arange(0, 4)[None, None, :]
     rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + 4 * g + j
-        mask = (rr < KN) & (cols < L)
-        idx = n[:, None, None] * L + cols
+        cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, L)
         loc = tl.load(loc_ptr + idx, mask=mask, other=0.0).to(ACC)
         ls = tl.load(log_scale_ptr + idx, mask=mask, other=0.0).to(ACC)
         first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
-        if ALIGNED:
-            x = _words4(seed, (first >> 2) + g)
-        else:
-            x = _words(seed, first + 4 * g + j)
+        x = row_words(seed, first, g, j, ALIGNED)
         e, log_f, psi = _standardized(x, FAMILY, ACC)
         tl.store(z_ptr + rr * L + cols, (loc + tl.exp(ls) * e).to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_LOG_Q:
@@ -195,6 +128,7 @@ def _finish(acc_z, acc_ze, acc_psi, acc_q, i, mask, log_scale_ptr, dloc_ptr, dlo
 def _sample_location_scale_bwd_kernel(
     grad_z_ptr,  # (K, N, L), read when HAS_GRAD_Z
     grad_q_ptr,  # (K, N), read when HAS_GRAD_Q
+    loc_ptr,  # (N, L): not read (z's path does not need loc)
     log_scale_ptr,  # (N, L)
     seed_ptr,  # (): int64
     dloc_ptr,  # (N, L)
@@ -215,12 +149,7 @@ def _sample_location_scale_bwd_kernel(
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,  # L divisible by 4: each sample's block starts a Philox counter
 ):
-    tile, split, k0, k1 = tile_and_split(tl.cdiv(NL, BLOCK), K, K_PER)
-    start = tile * BLOCK
-    g4 = tl.arange(0, BLOCK // 4)[:, None]
-    i = start + 4 * g4 + tl.arange(0, 4)[None, :]
-    mask = i < NL
-    n = i // L
+    tile, split, k0, k1, start, g4, i, mask, n = parameter_block(NL, L, K, K_PER, BLOCK)
     seed = tl.load(seed_ptr)
     acc_z = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz
     acc_ze = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz e
@@ -228,10 +157,7 @@ def _sample_location_scale_bwd_kernel(
     acc_q = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dq psi e (STOP_SCORE), else -sum_k dq
     for k in range(k0, k1):
         base = k * NL
-        if ALIGNED:
-            x = _words4(seed, ((base + start) >> 2) + g4)
-        else:
-            x = _words(seed, base + i)
+        x = block_words(seed, base, start, g4, i, ALIGNED)
         e, log_f, psi = _standardized(x, FAMILY, ACC)
         if HAS_GRAD_Z:
             dz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0).to(ACC)
@@ -269,35 +195,13 @@ def _sample_location_scale_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def forward_geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_L, num_warps) from the row length only, as sample_normal's."""
-    cols = max(4, block_cols(L, MAX_BLOCK_COLS))
-    if device.type == "cpu":
-        return INTERPRETER_BLOCK_ROWS, cols, 4
-    tile = FORWARD_TILE // 4 if fp64 else FORWARD_TILE
-    rows = max(1, tile // cols)
-    return rows, cols, 8 if rows * cols >= tile else 4
-
-
 def sample_location_scale_forward(loc, log_scale, seed, family, offset0, sample_stride, row_stride, z,
                                   log_q) -> None:
     """z (K, N, L) <- loc + exp(log_scale) * e of loc, log_scale (N, L), e the
     family's standardized variate at offset0 + k * sample_stride + n * row_stride + l;
     log_q (K, N), when not None, <- sum_l(log f(e) - log_scale)."""
-    K, N, L = z.shape
-    if K * N == 0:
-        return
-    if L == 0:
-        if log_q is not None:
-            log_q.zero_()
-        return
-    BLOCK_R, BLOCK_L, warps = forward_geometry(L, loc.device, loc.dtype == torch.float64)
-    with_log_q = log_q is not None
-    _sample_location_scale_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
-        loc, log_scale, seed, z, log_q if with_log_q else z, offset0, sample_stride, row_stride, N, K * N, L,
-        FAMILY=int(family), ACC=acc_dtype(loc.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_LOG_Q=with_log_q,
-        ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps,
-    )
+    launch_family_forward(_sample_location_scale_fwd_kernel, loc, log_scale, seed, family, offset0, sample_stride,
+                          row_stride, z, log_q)
 
 
 def sample_location_scale_backward(grad_z, grad_log_q, loc, log_scale, seed, family, stop_score, dloc,
@@ -307,22 +211,5 @@ def sample_location_scale_backward(grad_z, grad_log_q, loc, log_scale, seed, fam
     dloc = sum_k grad_z_k (+ (sum_k grad_log_q_k psi_k) / s with stop_score),
     dlog_scale = s sum_k grad_z_k e_k + (sum_k grad_log_q_k psi_k e_k with
     stop_score, else -sum_k grad_log_q_k); e regenerated, s = exp(log_scale)."""
-    N, L = loc.shape
-    if N * L == 0:
-        return
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    fp64 = loc.dtype == torch.float64
-    BLOCK = INTERPRETER_BACKWARD_TILE if loc.device.type == "cpu" else (BACKWARD_TILE // 4 if fp64 else BACKWARD_TILE)
-    NL = N * L
-    blocks = triton.cdiv(NL, BLOCK)
-    splits, per_split = split_samples(blocks, K, loc.device)
-    part = torch.empty((4, splits, NL) if splits > 1 else (1,), dtype=accumulation_dtype(loc.dtype),
-                       device=loc.device)
-    _sample_location_scale_bwd_kernel[(blocks * splits,)](
-        grad_z if grad_z is not None else loc, grad_log_q if grad_log_q is not None else loc, log_scale, seed,
-        dloc, dlog_scale, part, tile_counters(loc.device, blocks, splits), N, L, NL, K, per_split, splits,
-        FAMILY=int(family), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_Q=grad_log_q is not None,
-        STOP_SCORE=bool(stop_score), ACC=acc_dtype(loc.dtype), BLOCK=BLOCK, ALIGNED=aligned(L),
-        num_warps=4 if loc.device.type == "cpu" else 8,
-    )
+    launch_family_backward(_sample_location_scale_bwd_kernel, 4, grad_z, grad_log_q, loc, log_scale, seed, family,
+                           stop_score, dloc, dlog_scale)

@@ -1,7 +1,6 @@
 // Python bindings of sample_normal (checked buffers -> sample_normal.cpp).
-#include "buffers.h"
-#include "optional_buffers.h"
 #include "sample_normal.h"
+#include "sampler_bind.h"
 
 namespace fastvae::bind {
 namespace {
@@ -32,16 +31,7 @@ void sample_normal_backward_t(py::object dz, py::object dkl, py::object dratio, 
   check_2d(mu, "mu");
   const int64_t N = mu.shape(0), L = mu.shape(1);
   // K from whichever per-sample gradient is given (none: only the KL's terms)
-  int64_t K = 0;
-  const py::object& samples = dz.is_none() ? dratio : dz;
-  if (!samples.is_none()) {
-    const int dims = dz.is_none() ? 2 : 3;
-    if (!py::isinstance<py::array>(samples) || py::reinterpret_borrow<py::array>(samples).ndim() != dims) {
-      throw py::value_error(dz.is_none() ? "grad_log_ratio: expected a 2-d (K, N) array or None"
-                                         : "grad_z: expected a 3-d (K, N, L) array or None");
-    }
-    K = py::reinterpret_borrow<py::array>(samples).shape(0);
-  }
+  const int64_t K = gradient_samples(dz, dratio, 3, "(K, N, L)", "grad_log_ratio");
   py::array dz_holder, dkl_holder, dratio_holder;  // keep the arrays alive while their pointers are used
   const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L}, false);
   const T* gk = checked_or_null<T>(dkl, dkl_holder, "grad_kl", {N}, false);

@@ -17,9 +17,8 @@ from torch import Tensor
 from ... import _backend, _validate
 from ..._dtypes import accumulation_dtype
 from ..._op import define, draw_seed, flat, run, shaped
+from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 from ..kl_normal import kl_normal_grad
-
-_MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
 
 
 def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, with_ratio: bool = False) -> list[Tensor]:
@@ -31,7 +30,7 @@ def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, with_rati
     mu2, lv2 = _backend.kernel_input(backend, flat(mu), dtype), _backend.kernel_input(backend, flat(logvar), dtype)
     N, L = mu2.shape
     # the cpp kernel writes z in its compute type: cast after (z is encoder-sized)
-    z = _backend.empty_output((n_samples, N, L), like=mu, dtype=dtype if backend == "cpp" else z_dtype(mu, logvar))
+    z = empty_z(backend, (n_samples, N, L), mu, dtype, z_dtype(mu, logvar))
     kl = _backend.empty_output((N,), like=mu, dtype=dtype)
     ratio = _backend.empty_output((n_samples, N), like=mu, dtype=dtype) if with_ratio else None
     # the training layout: z[k, n, l] uses the noise at its own flat offset
@@ -56,8 +55,7 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
     grad_z, grad_kl, grad_log_ratio = (_backend.kernel_input(backend, g, dtype)
                                        for g in (grad_z, grad_kl, grad_log_ratio))
     N, L = mu2.shape
-    samples = grad_z if grad_z is not None else grad_log_ratio
-    K = 0 if samples is None else samples.shape[0]
+    K = gradient_samples(grad_z, grad_log_ratio)
     dmu = _backend.empty_output((N, L), like=mu2)
     dlv = _backend.empty_output((N, L), like=lv2)
     _backend.launch(
@@ -71,26 +69,6 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
     if mu.dim() == 2:
         return dmu, dlv
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape)
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda")
-
-
-def z_dtype(mu: Tensor, logvar: Tensor) -> torch.dtype:
-    """z's dtype. z is an activation the decoder consumes, and also the point
-    where a prior's log p(z) is evaluated:
-    - under torch.autocast (on mu's device type), the compute dtype (float32):
-      the decoder's autocast matmuls round z to half precision themselves (a
-      copy of K x B x L, small beside the decoder output), while a prior's
-      log p(z) and log q(z) see the same unrounded z as the KL and the
-      sampler's log-ratio, so the bound is the float32 bound of the rounded
-      encoder and decoder outputs;
-    - otherwise the encoder's dtype (mu's and logvar's, promoted): a model
-      cast to half precision takes z as it is (its matmuls refuse float32)."""
-    # (meta tensors have no autocast state to ask about)
-    if mu.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(mu.device.type):
-        return _backend.compute_dtype(mu, logvar)
-    return mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
 
 
 def _fake_outputs(mu: Tensor, logvar: Tensor, n_samples: int, with_ratio: bool):
@@ -297,15 +275,13 @@ def sample_at(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, *, offse
     mu2 = _backend.kernel_input(backend, flat(mu.detach()), dtype)
     lv2 = _backend.kernel_input(backend, flat(logvar.detach()), dtype)
     N, L = mu2.shape
-    z = _backend.empty_output((n_samples, N, L), like=mu,
-                              dtype=dtype if backend == "cpp" else z_dtype(mu, logvar))
+    z = empty_z(backend, (n_samples, N, L), mu, dtype, z_dtype(mu, logvar))
     ratio = _backend.empty_output((n_samples, N), like=mu, dtype=dtype) if with_ratio else None
     if z.numel() == 0:
         z = _backend.in_dtype(z, z_dtype(mu, logvar))
         return (z, ratio.zero_()) if with_ratio else z
-    last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1
-    if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
-        raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
+    check_offsets(offset0, sample_stride, row_stride,
+                  offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1)
     _backend.launch(backend, "sample_normal_forward", z.numel(), mu=mu2, logvar=lv2, seed=seed, offset0=offset0,
                     sample_stride=sample_stride, row_stride=row_stride, z=z,
                     kl=_backend.empty_output((N,), like=mu, dtype=dtype), log_ratio=ratio)

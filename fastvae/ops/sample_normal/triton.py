@@ -7,12 +7,11 @@ log_ratio, grad_log_ratio (K, N). The offset of z[k, n, l] is k * N * L + n * L 
 (int64) in training.
 
 One launch forward, one backward, no torch work around them.
-Geometry (docs/triton.md): the forward tiles the K * N sample rows of z in
-tiles of about FORWARD_TILE elements (rows x columns, columns in fours so that
-a thread holds whole Philox counters), so a large-K evaluation of one example
-is as parallel as a training batch. The backward sums over K: mu is flat
+Geometry: the samplers' (kernels/sampler.py, docs/triton.md). The forward
+tiles the K * N sample rows of z, so a large-K evaluation of one example is as
+parallel as a training batch. The backward sums over K: mu is flat
 (N * L elements, whose noise offsets are contiguous within a sample), each
-program owns BACKWARD_TILE consecutive elements and loops over every sample,
+program owns a block of consecutive elements and loops over every sample,
 accumulating in registers, then adds the KL's terms and writes dmu and dlogvar
 once (deterministic, no atomics, no partial sums). Where the blocks alone do
 not fill a wave (small N * L against many samples) the samples are split: each
@@ -24,30 +23,20 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import (
-    INTERPRETER_BLOCK_ROWS,
-    MAX_BLOCK_COLS,
-    acc_dtype,
-    accumulation_dtype,
-    arrive_last,
-    block_cols,
-    split_samples,
-    tile_and_split,
-    tile_counters,
-)
+from fastvae.kernels._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters
 from fastvae.kernels.philox import aligned, randn, randn4
+from fastvae.kernels.sampler import (
+    backward_geometry,
+    forward_geometry,
+    gradient_samples,
+    parameter_block,
+    row_columns,
+    sample_rows,
+)
 
-# Elements per forward program on a GPU (a quarter for float64): 8 float32
-# values a thread per live tile at 8 warps. 4096 spilled in bfloat16 (ptxas,
-# sm_90: 8-36 bytes, the noise's registers); 2048 spills in no dtype but float64.
-FORWARD_TILE = 2048
-# Elements of mu per backward program (a quarter for float64) at 8 warps; the
-# sums over samples stay in registers.
-BACKWARD_TILE = 2048
+# ptxas's own choice of registers for the backward spilled one across the
+# sample loop (backward_plan)
 BACKWARD_MAXNREG = 128
-# Under the interpreter (CPU tensors) a program costs about 1 ms whatever its
-# size: few, large programs.
-INTERPRETER_BACKWARD_TILE = 1 << 16
 
 # -- kernels ------------------------------------------------------------------
 
@@ -73,21 +62,15 @@ def _sample_normal_fwd_kernel(
     WITH_RATIO: tl.constexpr,
     ALIGNED: tl.constexpr,  # every row's noise starts a Philox counter: four normals per call
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # sample rows k * N + n
+    # sample rows k * N + n; with ALIGNED each thread holds whole Philox counters (philox.randn4)
+    r, g, j = sample_rows(BLOCK_R, BLOCK_L)
     n = r % N
     seed = tl.load(seed_ptr)
     kl = tl.zeros([BLOCK_R], dtype=ACC)
     ratio = tl.zeros([BLOCK_R], dtype=ACC)
-    # a block of columns as (BLOCK_L // 4, 4): column l0 + 4g + j, so that with
-    # ALIGNED each thread holds whole Philox counters (philox.randn4)
-    g = tl.arange(0, BLOCK_L // 4)[None, :, None]
-    j = tl.arange(0, 4)[None, None, :]
     rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + 4 * g + j
-        mask = (rr < KN) & (cols < L)
-        idx = n[:, None, None] * in_stride + cols
+        cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, in_stride)
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
@@ -158,14 +141,9 @@ def _sample_normal_bwd_kernel(
     BLOCK: tl.constexpr,  # elements of mu per program, a multiple of 4
     ALIGNED: tl.constexpr,  # L (so NL) divisible by 4: each sample's block starts a Philox counter
 ):
-    tile, split, k0, k1 = tile_and_split(tl.cdiv(NL, BLOCK), K, K_PER)
-    start = tile * BLOCK
-    # the block as (BLOCK // 4, 4): element start + 4 g + j, whole Philox counters per thread
-    g4 = tl.arange(0, BLOCK // 4)[:, None]
-    i = start + 4 * g4 + tl.arange(0, 4)[None, :]  # int64 flat index n * L + l
-    mask = i < NL
+    # element i = start + 4 g4 + j (int64 flat index n * L + l), whole Philox counters per thread
+    tile, split, k0, k1, start, g4, i, mask, n = parameter_block(NL, L, K, K_PER, BLOCK)
     seed = tl.load(seed_ptr)
-    n = i // L
     src = i + n * (in_stride - L)  # mu's and logvar's element n, l
     lv = tl.load(logvar_ptr + src, mask=mask, other=0.0).to(ACC)
     s = tl.exp(0.5 * lv)
@@ -232,27 +210,6 @@ def _sample_normal_bwd_kernel(
 
 
 # -- launchers ----------------------------------------------------------------
-
-
-def forward_geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_L, num_warps) of the forward from the row length only (no
-    variant per batch size or K): columns in fours (whole Philox counters), up
-    to MAX_BLOCK_COLS, and rows for a tile of about FORWARD_TILE elements (a
-    quarter for float64, whose noise holds twice the registers) at 8 warps, 4
-    for a smaller tile. Under the interpreter INTERPRETER_BLOCK_ROWS rows."""
-    cols = max(4, block_cols(L, MAX_BLOCK_COLS))
-    if device.type == "cpu":
-        return INTERPRETER_BLOCK_ROWS, cols, 4
-    tile = FORWARD_TILE // 4 if fp64 else FORWARD_TILE
-    rows = max(1, tile // cols)
-    return rows, cols, 8 if rows * cols >= tile else 4
-
-
-def backward_geometry(device: torch.device, fp64: bool) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the backward: elements of mu per program."""
-    if device.type == "cpu":
-        return INTERPRETER_BACKWARD_TILE, 4
-    return (BACKWARD_TILE // 4 if fp64 else BACKWARD_TILE), 8
 
 
 def forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, with_ratio: bool,
@@ -330,8 +287,7 @@ def sample_normal_backward(grad_z, grad_kl, grad_log_ratio, mu, logvar, seed, st
     N, L = mu.shape
     if N * L == 0:
         return
-    samples = grad_z if grad_z is not None else grad_log_ratio
-    K = 0 if samples is None else samples.shape[0]
+    K = gradient_samples(grad_z, grad_log_ratio)
     grid, meta, blocks, splits, per_split = backward_plan(
         K, N, L, mu.dtype, mu.device, grad_z is not None, grad_kl is not None, grad_log_ratio is not None, stop_score,
         z_scale is not None)

@@ -20,7 +20,8 @@ from torch import Tensor
 from ... import _backend, _validate
 from ..._double_backward import _acc
 from ..._op import define, draw_seed, run, shaped
-from ..sample_normal.op import noise, z_dtype
+from ..._sampler import z_dtype
+from ..sample_normal.op import noise
 from . import sample_normal_kl_grad
 
 PARAMS = ("logvar", "logstd")  # what the scale tensors hold: log-variances or log standard deviations

@@ -25,6 +25,7 @@ from fastvae.kernels._common import (
     accumulation_dtype,
     arrive_last,
     block_cols,
+    tile_columns,
     tile_counters,
 )
 from fastvae.kernels.philox import randn
@@ -93,8 +94,7 @@ def _sample_normal_kl_fwd_kernel(
     c1 = tl.minimum(c0 + COLS_PER, L)
     kl = tl.zeros([BLOCK_R], dtype=ACC)
     for l0 in range(c0, c1, BLOCK_C):
-        cols = l0 + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (cols < c1)[None, :]
+        cols, mask = tile_columns(l0, c1, row_ok, BLOCK_C)
         idx = rows[:, None] * L + cols[None, :]
         m = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         ls = tl.load(ls_ptr + idx, mask=mask, other=0.0).to(ACC)

@@ -23,7 +23,8 @@ from torch import Tensor
 from ... import _backend, _validate
 from ..._dtypes import accumulation_dtype
 from ..._op import define, draw_seed, flat, run, shaped
-from ..sample_normal.op import noise, z_dtype
+from ..._sampler import z_dtype
+from ..sample_normal.op import noise
 
 
 def _flat_tril(scale_tril: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype, sample_splits, tile_and_split
+from fastvae.kernels._common import acc_dtype, program_rows, sample_splits, tile_and_split
 from fastvae.kernels.philox import randn
 
 # Rows of up to 64 latents keep their whole triangle in registers (64 x 64 =
@@ -174,9 +174,7 @@ def _sample_normal_tril_bwd_kernel(
     BLOCK_L: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < N
+    rows, row_ok = program_rows(BLOCK_R, N)
     seed = tl.load(seed_ptr)
     NL = N * L
     ci = tl.arange(0, BLOCK_L)

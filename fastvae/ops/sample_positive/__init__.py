@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..._dtypes import accumulation_dtype
 from ..._families import POSITIVE_FAMILIES
-from ..._philox import F32_BELOW_ONE, HALF_WORD, open_uniforms, philox_word
+from ..._philox import F32_BELOW_ONE, exp1, philox_word
 from ..._spec import Bench, Kernel, Op
 
 # `family` picks exponential, Weibull or Kumaraswamy (POSITIVE_FAMILIES), a
@@ -48,14 +48,7 @@ OP = Op("sample_positive", tuple(k.name for k in KERNELS), "fastvae/ops/sample_p
 _LOG2 = math.log(2.0)
 
 
-def positive_exp1(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(t, log t) of the Exp(1) variate t = -log u of the folded words x, in
-    float64 from the `dtype` uniforms: -log u below 1/2, -log1p(-v) above (the
-    upper tail keeps its bits). t lies in [-log(1 - 2**-32), 32 log 2] (float64
-    uniforms) or [-log1p(-2**-32), 32 log 2] (float32: v >= 2**-32 too)."""
-    u, v = (w.double() for w in open_uniforms(x, dtype))
-    t = torch.where(x < HALF_WORD, -torch.log(u), -torch.log1p(-v))
-    return t, torch.log(t)
+positive_exp1 = exp1  # the positive families' noise (the samplers' Exp(1) variate)
 
 
 def _kumaraswamy_clamp(dtype: torch.dtype) -> tuple[float, float]:

@@ -33,8 +33,8 @@ from torch import Tensor
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc
 from ..._families import POSITIVE_FAMILIES
-from ..._op import define, draw_seed, flat, run, shaped
-from ..sample_normal.op import _MAX_OFFSET, z_dtype
+from ..._op import draw_seed, flat, run
+from ..._sampler import FamilySampler, family_index_of
 
 # a declared use (docs/architecture.md, "Layers"): the double backward's closed forms
 from . import positive_terms
@@ -46,66 +46,11 @@ PARAMETERS = {"exponential": ("log_rate",), "weibull": ("log_scale", "log_concen
 
 def family_index(family) -> int:
     """The kernels' index of a family name, or a ValueError naming the choices."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    return FAMILIES.index(family)
+    return family_index_of(FAMILIES, family)
 
 
-def _forward(log_p0: Tensor, log_p1: Tensor, seed: Tensor, family: int, n_samples: int) -> list[Tensor]:
-    """[z (K, N, L), log_q (K, N)] for log_p0, log_p1 (N, L) in the training layout."""
-    backend = _backend.backend_for(log_p0.device)
-    dtype = _backend.compute_dtype(log_p0, log_p1)
-    p0 = _backend.kernel_input(backend, flat(log_p0), dtype)
-    p1 = _backend.kernel_input(backend, flat(log_p1), dtype)
-    N, L = p0.shape
-    z = _backend.empty_output((n_samples, N, L), like=log_p0,
-                              dtype=dtype if backend == "cpp" else z_dtype(log_p0, log_p1))
-    log_q = _backend.empty_output((n_samples, N), like=log_p0, dtype=dtype)
-    _backend.launch(backend, "sample_positive_forward", z.numel(), log_p0=p0, log_p1=p1, seed=seed,
-                    family=family, offset0=0, sample_stride=N * L, row_stride=L, z=z, log_q=log_q)
-    return [_backend.in_dtype(z, z_dtype(log_p0, log_p1)), log_q]
-
-
-def _backward(log_p0: Tensor, log_p1: Tensor, seed: Tensor, family: int, grad_z: Tensor | None,
-              grad_log_q: Tensor | None, stop_score: bool) -> tuple[Tensor, Tensor]:
-    """dlog_p0, dlog_p1 (N, L) from grad_z (K, N, L) and grad_log_q (K, N) (None: no gradient)."""
-    backend = _backend.backend_for(log_p0.device)
-    dtype = _backend.compute_dtype(log_p0, log_p1)
-    p0 = _backend.kernel_input(backend, flat(log_p0), dtype)
-    p1 = _backend.kernel_input(backend, flat(log_p1), dtype)
-    grad_z, grad_log_q = (_backend.kernel_input(backend, g, dtype) for g in (grad_z, grad_log_q))
-    N, L = p0.shape
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    d0 = _backend.empty_output((N, L), like=p0)
-    d1 = _backend.empty_output((N, L), like=p1)
-    _backend.launch(
-        backend, "sample_positive_backward", max(K, 1) * N * L,
-        grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
-        grad_log_q=None if grad_log_q is None else grad_log_q.reshape(K, N).contiguous(),
-        log_p0=p0, log_p1=p1, seed=seed, family=family, stop_score=stop_score, dlog_p0=d0, dlog_p1=d1,
-    )
-    return _backend.in_dtype(d0, log_p0.dtype), _backend.in_dtype(d1, log_p1.dtype)
-
-
-def _fake(log_p0: Tensor, log_p1: Tensor, seed: Tensor, family: int, n_samples: int):
-    dtype = _backend.compute_dtype(log_p0, log_p1)
-    return (log_p0.new_empty((n_samples, *log_p0.shape), dtype=z_dtype(log_p0, log_p1)),
-            log_p0.new_empty((n_samples, *log_p0.shape[:-1]), dtype=dtype))
-
-
-sample_positive_op = define(
-    "sample_positive(Tensor log_p0, Tensor log_p1, Tensor seed, int family, int n_samples) -> (Tensor, Tensor)",
-    lambda log_p0, log_p1, seed, family, n_samples: tuple(_forward(log_p0, log_p1, seed, family, n_samples)),
-    _fake,
-)
-sample_positive_backward_op = define(
-    "sample_positive_backward(Tensor log_p0, Tensor log_p1, Tensor seed, int family, Tensor? grad_z,"
-    " Tensor? grad_log_q, bool stop_score) -> (Tensor, Tensor)",
-    _backward,
-    lambda log_p0, log_p1, seed, family, grad_z, grad_log_q, stop_score: (torch.empty_like(log_p0),
-                                                                           torch.empty_like(log_p1)),
-)
+SAMPLER = FamilySampler("sample_positive", ("log_p0", "log_p1"))
+sample_positive_op, sample_positive_backward_op = SAMPLER.op, SAMPLER.backward_op
 
 
 def _double_backward(grad_z, grad_log_q, stop_score, family, log_p0, log_p1, seed, n_samples, shape):
@@ -131,38 +76,10 @@ def _double_backward(grad_z, grad_log_q, stop_score, family, log_p0, log_p1, see
     return d0.to(log_p0.dtype), d1.to(log_p1.dtype)
 
 
-class SamplePositive(torch.autograd.Function):
-    """Autograd of fastvae::sample_positive: (z (K, ..., L), log q (K, ...)),
-    saving the log parameters as (N, L) and the seed only. ``stop_score``
-    (STL / DReG): log q's gradient reaches the parameters only along z."""
-
-    @staticmethod
-    def forward(ctx, log_p0, log_p1, seed, family, n_samples, stop_score):
-        p0, p1 = flat(log_p0), flat(log_p1)
-        z, log_q = run(sample_positive_op, p0, p1, seed, family, n_samples)
-        ctx.save_for_backward(p0, p1, seed, log_p0, log_p1)
-        ctx.set_materialize_grads(False)
-        ctx.shape, ctx.family, ctx.n_samples, ctx.stop_score = log_p0.shape, family, n_samples, stop_score
-        return shaped(z, (n_samples, *log_p0.shape)), shaped(log_q, (n_samples, *log_p0.shape[:-1]))
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_log_q):
-        if grad_z is None and grad_log_q is None:
-            return None, None, None, None, None, None
-        p0, p1, seed, log_p0, log_p1 = ctx.saved_tensors
-        K = ctx.n_samples
-        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
-            d0, d1 = _double_backward(grad_z, grad_log_q, bool(ctx.stop_score), ctx.family, log_p0, log_p1, seed,
-                                      K, ctx.shape)
-        else:
-            N, L = p0.shape
-            d0, d1 = run(sample_positive_backward_op, p0, p1, seed, ctx.family,
-                         None if grad_z is None else shaped(grad_z, (K, N, L)),
-                         None if grad_log_q is None else shaped(grad_log_q, (K, N)), bool(ctx.stop_score))
-            d0, d1 = shaped(d0, ctx.shape), shaped(d1, ctx.shape)
-        if ctx.family == 0:  # exponential: the second parameter is a stand-in
-            d1 = None
-        return d0, d1, None, None, None, None
+# Autograd of fastvae::sample_positive: (z (K, ..., L), log q (K, ...)), saving the
+# log parameters as (N, L) and the seed only; the exponential's second
+# parameter is a stand-in and gets no gradient.
+SamplePositive = SAMPLER.function("SamplePositive", _double_backward, stand_in_second=0)
 
 
 def check_params(family: str, log_param: Tensor, log_param2: Tensor | None) -> tuple[int, Tensor, Tensor]:
@@ -227,24 +144,6 @@ def sample_positive_unchecked(family: int, log_p0: Tensor, log_p1: Tensor, n_sam
     return SamplePositive.apply(log_p0, log_p1, seed, family, n_samples, stop_score)
 
 
-def positive_at(family: int, log_p0: Tensor, log_p1: Tensor, seed: Tensor, n_samples: int, *, offset0: int,
-                sample_stride: int, row_stride: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, N, L), log q (n_samples, N)) at the noise offsets offset0 +
-    k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient."""
-    backend = _backend.backend_for(log_p0.device)
-    dtype = _backend.compute_dtype(log_p0, log_p1)
-    p0 = _backend.kernel_input(backend, flat(log_p0.detach()), dtype)
-    p1 = _backend.kernel_input(backend, flat(log_p1.detach()), dtype)
-    N, L = p0.shape
-    z = _backend.empty_output((n_samples, N, L), like=log_p0,
-                              dtype=dtype if backend == "cpp" else z_dtype(log_p0, log_p1))
-    log_q = _backend.empty_output((n_samples, N), like=log_p0, dtype=dtype)
-    if z.numel() == 0:
-        return _backend.in_dtype(z, z_dtype(log_p0, log_p1)), log_q.zero_()
-    last = offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1
-    if min(offset0, sample_stride, row_stride) < 0 or last > _MAX_OFFSET:
-        raise ValueError(f"the noise offsets run from {offset0} to {last}: they must lie in [0, 2**63 - 1]")
-    _backend.launch(backend, "sample_positive_forward", z.numel(), log_p0=p0, log_p1=p1, seed=seed,
-                    family=family, offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z,
-                    log_q=log_q)
-    return _backend.in_dtype(z, z_dtype(log_p0, log_p1)), log_q
+# (z (n_samples, N, L), log q (n_samples, N)) for log_p0, log_p1 (N, L) at the noise offsets
+# offset0 + k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient.
+positive_at = SAMPLER.at

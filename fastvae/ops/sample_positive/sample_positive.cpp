@@ -4,38 +4,24 @@
 // of counter i // 4), log q(z) summed over L from the same t. The backward
 // regenerates t instead of reading it. The oracle's positive_terms (__init__.py)
 // gives the closed forms; the family is a template parameter (a compile-time
-// variant), one runtime switch per call picks the instantiation.
+// variant), one runtime switch per call picks the instantiation. The loops
+// over (K, N, L) are the family samplers' (csrc/sampler.h).
 #include <algorithm>
 #include <cmath>
-#include <stdexcept>
-#include <vector>
 
-#include "fastmath.h"
-#include "ops.h"
-#include "philox.h"
-#include "rows.h"
 #include "sample_positive.h"
+#include "sampler.h"
 
 namespace fastvae {
 namespace {
 
-constexpr int64_t kBlock = 512;
-constexpr int64_t kTileElems = 8192;
+using sampler::exp1;
+using sampler::exp_t;
+using sampler::kBlock;
+using sampler::log1m;
+using sampler::log_t;
 
 enum Family : int { kExponential = 0, kWeibull = 1, kKumaraswamy = 2 };
-
-FASTVAE_INLINE float log_p(float x) { return fast_log_positive(x); }
-FASTVAE_INLINE double log_p(double x) { return std::log(x); }
-FASTVAE_INLINE float exp_p(float x) { return fast_exp(x); }
-FASTVAE_INLINE double exp_p(double x) { return std::exp(x); }
-
-// log(1 - v) for v in [0, 1/2] to v's relative precision.
-FASTVAE_INLINE float log1m(float v) {
-  const float w = 1.0f - v;
-  const bool one = w == 1.0f;
-  return one ? -v : fast_log_positive(w) * (-v / (one ? -1.0f : w - 1.0f));
-}
-FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
 
 // expm1(x) for x <= 0 (Kahan's form in float32; libm in float64).
 FASTVAE_INLINE float expm1_neg(float x) {
@@ -54,31 +40,28 @@ template <> constexpr double kTop<double> = 1.0 - 0x1p-53;
 // (z, log f, c0, c1, f0, f1, s0, s1) of the family (the oracle's positive_terms).
 template <int F, typename T>
 FASTVAE_INLINE void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T& f1, T& s0, T& s1) {
-  T u, v;
-  open_uniforms(x, u, v);
-  const T t_lo = -log_p(u), t_hi = -log1m(v);  // both, then a select (vectorizes)
-  const T t = x < kHalfWord ? t_lo : t_hi;
-  const T log_t = log_p(t);
+  const T t = exp1<T>(x);
+  const T lt = log_t(t);
   if constexpr (F == kExponential) {
-    z = t * exp_p(-p0);
+    z = t * exp_t(-p0);
     log_f = p0 - t;
     c0 = T(-1); c1 = T(0); f0 = T(1); f1 = T(0); s0 = t; s1 = T(0);
   } else if constexpr (F == kWeibull) {
-    const T ik = exp_p(-p1), k = exp_p(p1);
-    c1 = -log_t * ik;
+    const T ik = exp_t(-p1), k = exp_t(p1);
+    c1 = -lt * ik;
     const T w = (k - T(1)) - k * t;
-    z = exp_p(p0 - c1);
-    log_f = p1 - p0 + (T(1) - ik) * log_t - t;
+    z = exp_t(p0 - c1);
+    log_f = p1 - p0 + (T(1) - ik) * lt - t;
     c0 = T(1); f0 = T(-1); f1 = T(1) - c1; s0 = w; s1 = w * c1;
   } else {
-    const T a = exp_p(p0), b = exp_p(p1), ia = exp_p(-p0);
-    const T s = t * exp_p(-p1);
-    const T y = exp_p(-s);
+    const T a = exp_t(p0), b = exp_t(p1), ia = exp_t(-p0);
+    const T s = t * exp_t(-p1);
+    const T y = exp_t(-s);
     const T m = -expm1_neg(-s);
-    const T lm_hi = log1m(std::min(y, T(0.5))), lm_lo = log_p(m);
+    const T lm_hi = log1m(std::min(y, T(0.5))), lm_lo = log_t(m);
     const T log_m = s > T(0.6931471805599453) ? lm_hi : lm_lo;
     const T log_z = log_m * ia;
-    z = std::min(std::max(exp_p(log_z), kTiny<T>), kTop<T>);
+    z = std::min(std::max(exp_t(log_z), kTiny<T>), kTop<T>);
     const T r = s * y / m;
     const bool y0 = y == T(0);
     const T q = y0 ? -m : m * log_m / (y0 ? T(1) : y);
@@ -177,80 +160,43 @@ FASTVAE_INLINE void bwd_block(const int32_t* x, const double* p0, const double* 
   bwd_loop<F, double>(x, p0, p1, dz, gq, stop, n, a0, a1);
 }
 
+// z and log f of a block in one sample.
 template <int F, typename T>
-void forward_tiles(const T* p0, const T* p1, uint64_t seed, uint64_t offset0, uint64_t sample_stride,
-                   uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z, T* log_q, int n_threads) {
-  const int64_t NL = N * L;
-  const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
-  const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-  for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    const int64_t r0 = tile * tile_rows;
-    const int64_t r1 = std::min(N, r0 + tile_rows);
-    std::vector<double> acc(log_q ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
-    alignas(64) int32_t x[kBlock];
-    alignas(64) T lf[kBlock];
-    for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
-      const int64_t n = std::min(kBlock, r1 * L - b0);
-      for (int64_t k = 0; k < K; ++k) {
-        folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
-        fwd_block<F>(x, p0 + b0, p1 + b0, n, z + k * NL + b0, lf);
-        if (log_q) {
-          double* a = acc.data() + k * (r1 - r0);
-          for (int64_t i = 0; i < n;) {
-            const int64_t row = (b0 + i) / L;
-            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
-            double sum = 0.0;
-            for (int64_t j = i; j < i + len; ++j) sum += double(lf[j]);
-            a[row - r0] += sum;
-            i += len;
-          }
-        }
-      }
-    }
-    if (log_q) {
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t row = r0; row < r1; ++row) log_q[k * N + row] = static_cast<T>(acc[size_t(k * (r1 - r0) + row - r0)]);
-      }
-    }
+struct ForwardBlock {
+  const T* p0;
+  const T* p1;
+  void prepare(int64_t, int64_t) {}
+  void draw(const int32_t* x, int64_t b0, int64_t n, T* z, T* lf, bool) {
+    fwd_block<F>(x, p0 + b0, p1 + b0, n, z, lf);
   }
-}
+};
 
 // dlog_p_j = sum_k dz_k z_k c_j + dq_k (s_j with stop_score, else f_j).
 template <int F, typename T>
-void backward_blocks(const T* dz, const T* dq, const T* p0, const T* p1, uint64_t seed, bool stop_score, int64_t K,
-                     int64_t N, int64_t L, T* d0, T* d1, int n_threads) {
-  const int64_t NL = N * L;
-  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-  for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    const int64_t b0 = blk * kBlock;
-    const int64_t n = std::min(kBlock, NL - b0);
-    alignas(64) int32_t x[kBlock];
-    alignas(64) T gq[kBlock], a0[kBlock], a1[kBlock];
+struct BackwardBlock {
+  BackwardBlock(const T* dz, const T* p0, const T* p1, bool stop_score, T* d0, T* d1)
+      : dz(dz), p0(p0), p1(p1), stop_score(stop_score), d0(d0), d1(d1) {}
+  const T* dz;
+  const T* p0;
+  const T* p1;
+  bool stop_score;
+  T* d0;
+  T* d1;
+  alignas(64) T a0[kBlock], a1[kBlock];
+
+  void start(int64_t n) {
     for (int64_t i = 0; i < n; ++i) a0[i] = a1[i] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t base = k * NL + b0;
-      folded_words(seed, static_cast<uint64_t>(base), n, x);
-      if (dq) spread_rows(dq + k * N, b0, n, L, gq);
-      bwd_block<F>(x, p0 + b0, p1 + b0, dz ? dz + base : nullptr, dq ? gq : nullptr, stop_score, n, a0, a1);
-    }
+  }
+  void step(const int32_t* x, int64_t b0, int64_t base, int64_t n, const T* gq) {
+    bwd_block<F>(x, p0 + b0, p1 + b0, dz ? dz + base : nullptr, gq, stop_score, n, a0, a1);
+  }
+  void finish(int64_t b0, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
       d0[b0 + i] = a0[i];
       d1[b0 + i] = a1[i];
     }
   }
-}
-
-template <typename Fn>
-void by_family(int family, Fn fn) {
-  switch (family) {
-    case kExponential: return fn(std::integral_constant<int, kExponential>{});
-    case kWeibull: return fn(std::integral_constant<int, kWeibull>{});
-    case kKumaraswamy: return fn(std::integral_constant<int, kKumaraswamy>{});
-    default: throw std::invalid_argument("family must be in [0, 3) (exponential, weibull, kumaraswamy)");
-  }
-}
+};
 
 }  // namespace
 
@@ -258,9 +204,9 @@ template <typename T>
 void sample_positive_forward(const T* log_p0, const T* log_p1, uint64_t seed, int family, uint64_t offset0,
                              uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z,
                              T* log_q, int n_threads) {
-  by_family(family, [&](auto f) {
-    forward_tiles<decltype(f)::value, T>(log_p0, log_p1, seed, offset0, sample_stride, row_stride, K, N, L, z,
-                                         log_q, n_threads);
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::forward_rows<T>(seed, offset0, sample_stride, row_stride, K, N, L, z, log_q, n_threads,
+                             [&] { return ForwardBlock<decltype(f)::value, T>{log_p0, log_p1}; });
   });
 }
 
@@ -268,9 +214,10 @@ template <typename T>
 void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, const T* log_p1, uint64_t seed,
                               int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
                               int n_threads) {
-  by_family(family, [&](auto f) {
-    backward_blocks<decltype(f)::value, T>(dz, dlog_q, log_p0, log_p1, seed, stop_score, K, N, L, dlog_p0,
-                                           dlog_p1, n_threads);
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::backward_blocks<T>(dlog_q, seed, K, N, L, n_threads, [&] {
+      return BackwardBlock<decltype(f)::value, T>(dz, log_p0, log_p1, stop_score, dlog_p0, dlog_p1);
+    });
   });
 }
 

@@ -5,32 +5,27 @@ variate t = -log u of the element's Philox uniform; log q(z) summed per sample
 row from the same t; the backward regenerates t from (seed, offset) instead
 of storing it. The oracle's positive_terms (__init__.py) gives the closed forms.
 
-Layout, uniforms and geometry are sample_location_scale's: log_p0, log_p1
-(N, L); z, grad_z (K, N, L); log_q, grad_log_q (K, N); z[k, n, l] uses the
-uniform at offset0 + k * sample_stride + n * row_stride + l. The exponential
-reads log_p1 not at all (its gradient is written as 0).
+The words, their uniforms and the launch geometry are the samplers'
+(kernels/sampler.py). Layout: log_p0, log_p1 (N, L); z, grad_z (K, N, L);
+log_q, grad_log_q (K, N); z[k, n, l] uses the uniform at offset0 + k *
+sample_stride + n * row_stride + l. The exponential reads log_p1 not at all
+(its gradient is written as 0).
 """
-import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import (
-    INTERPRETER_BLOCK_ROWS,
-    MAX_BLOCK_COLS,
-    acc_dtype,
-    accumulation_dtype,
-    arrive_last,
-    block_cols,
-    split_samples,
-    tile_and_split,
-    tile_counters,
+from fastvae.kernels._common import arrive_last
+from fastvae.kernels.sampler import (
+    block_words,
+    exp1,
+    launch_family_backward,
+    launch_family_forward,
+    log1m,
+    parameter_block,
+    row_columns,
+    row_words,
+    sample_rows,
 )
-from fastvae.kernels.philox import aligned
-from fastvae.ops.sample_location_scale.triton import _log1m, _open_uniforms, _words, _words4
-
-FORWARD_TILE = 2048
-BACKWARD_TILE = 2048
-INTERPRETER_BACKWARD_TILE = 1 << 16
 
 
 @triton.jit
@@ -48,9 +43,7 @@ def _expm1_neg(x):
 def _terms(x, p0, p1, FAMILY: tl.constexpr, ACC: tl.constexpr):
     """(z, log f, c0, c1, f0, f1, s0, s1) of the family at folded words x and
     log parameters p0, p1 (the oracle's positive_terms)."""
-    u, v = _open_uniforms(x, ACC)
-    lower = x < 1073741824  # u < 1/2, decided on the integer
-    t = tl.where(lower, -tl.log(u), -_log1m(v))  # Exp(1)
+    t = exp1(x, ACC)
     log_t = tl.log(t)
     zero = tl.zeros_like(t)
     one = zero + 1.0
@@ -82,7 +75,7 @@ def _terms(x, p0, p1, FAMILY: tl.constexpr, ACC: tl.constexpr):
         s = t * tl.exp(-p1)
         y = tl.exp(-s)
         m = -_expm1_neg(-s)
-        log_m = tl.where(s > 0.6931471805599453, _log1m(tl.minimum(y, 0.5)), tl.log(m))
+        log_m = tl.where(s > 0.6931471805599453, log1m(tl.minimum(y, 0.5)), tl.log(m))
         log_z = log_m * ia
         if ACC == tl.float64:
             # bounds made in float64: a Python float within float32's range is a float32 constant in a
@@ -124,28 +117,20 @@ def _sample_positive_fwd_kernel(
     WITH_LOG_Q: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    r, g, j = sample_rows(BLOCK_R, BLOCK_L)  # sample rows k * N + n
     n = r % N
     seed = tl.load(seed_ptr)
     log_q = tl.zeros([BLOCK_R], dtype=ACC)
-    g = tl.arange(0, BLOCK_L // 4)[None, :, None]
-    j = tl.arange(0, 4)[None, None, :]
     rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + 4 * g + j
-        mask = (rr < KN) & (cols < L)
-        idx = n[:, None, None] * L + cols
+        cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, L)
         p0 = tl.load(p0_ptr + idx, mask=mask, other=0.0).to(ACC)
         if FAMILY == 0:
             p1 = p0
         else:
             p1 = tl.load(p1_ptr + idx, mask=mask, other=0.0).to(ACC)
         first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
-        if ALIGNED:
-            x = _words4(seed, (first >> 2) + g)
-        else:
-            x = _words(seed, first + 4 * g + j)
+        x = row_words(seed, first, g, j, ALIGNED)
         z, log_f, c0, c1, f0, f1, s0, s1 = _terms(x, p0, p1, FAMILY, ACC)
         tl.store(z_ptr + rr * L + cols, z.to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_LOG_Q:
@@ -179,12 +164,7 @@ def _sample_positive_bwd_kernel(
     BLOCK: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    tile, split, k0, k1 = tile_and_split(tl.cdiv(NL, BLOCK), K, K_PER)
-    start = tile * BLOCK
-    g4 = tl.arange(0, BLOCK // 4)[:, None]
-    i = start + 4 * g4 + tl.arange(0, 4)[None, :]
-    mask = i < NL
-    n = i // L
+    tile, split, k0, k1, start, g4, i, mask, n = parameter_block(NL, L, K, K_PER, BLOCK)
     seed = tl.load(seed_ptr)
     p0 = tl.load(p0_ptr + i, mask=mask, other=0.0).to(ACC)
     if FAMILY == 0:
@@ -195,10 +175,7 @@ def _sample_positive_bwd_kernel(
     acc1 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
     for k in range(k0, k1):
         base = k * NL
-        if ALIGNED:
-            x = _words4(seed, ((base + start) >> 2) + g4)
-        else:
-            x = _words(seed, base + i)
+        x = block_words(seed, base, start, g4, i, ALIGNED)
         z, log_f, c0, c1, f0, f1, s0, s1 = _terms(x, p0, p1, FAMILY, ACC)
         if HAS_GRAD_Z:
             gz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0).to(ACC) * z
@@ -230,34 +207,12 @@ def _sample_positive_bwd_kernel(
             tl.store(d1_ptr + i, t1.to(d1_ptr.dtype.element_ty), mask=mask)
 
 
-def forward_geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_L, num_warps) from the row length only, as sample_location_scale's."""
-    cols = max(4, block_cols(L, MAX_BLOCK_COLS))
-    if device.type == "cpu":
-        return INTERPRETER_BLOCK_ROWS, cols, 4
-    tile = FORWARD_TILE // 4 if fp64 else FORWARD_TILE
-    rows = max(1, tile // cols)
-    return rows, cols, 8 if rows * cols >= tile else 4
-
-
 def sample_positive_forward(log_p0, log_p1, seed, family, offset0, sample_stride, row_stride, z, log_q) -> None:
     """z (K, N, L) <- the family's sample from t = -log u at offset0 + k *
     sample_stride + n * row_stride + l with log parameters log_p0, log_p1 (N, L);
     log_q (K, N), when not None, <- sum_l log f from the same t."""
-    K, N, L = z.shape
-    if K * N == 0:
-        return
-    if L == 0:
-        if log_q is not None:
-            log_q.zero_()
-        return
-    BLOCK_R, BLOCK_L, warps = forward_geometry(L, log_p0.device, log_p0.dtype == torch.float64)
-    with_log_q = log_q is not None
-    _sample_positive_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
-        log_p0, log_p1, seed, z, log_q if with_log_q else z, offset0, sample_stride, row_stride, N, K * N, L,
-        FAMILY=int(family), ACC=acc_dtype(log_p0.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_LOG_Q=with_log_q,
-        ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps,
-    )
+    launch_family_forward(_sample_positive_fwd_kernel, log_p0, log_p1, seed, family, offset0, sample_stride,
+                          row_stride, z, log_q)
 
 
 def sample_positive_backward(grad_z, grad_log_q, log_p0, log_p1, seed, family, stop_score, dlog_p0,
@@ -265,23 +220,5 @@ def sample_positive_backward(grad_z, grad_log_q, log_p0, log_p1, seed, family, s
     """dlog_p0, dlog_p1 (N, L) <- sum_k grad_z_k z_k c_j + grad_log_q_k (s_j with
     stop_score, else f_j) of the oracle's positive_terms, t regenerated; grad_z
     (K, N, L) and grad_log_q (K, N) each None when its output has no gradient."""
-    N, L = log_p0.shape
-    if N * L == 0:
-        return
-    samples = grad_z if grad_z is not None else grad_log_q
-    K = 0 if samples is None else samples.shape[0]
-    fp64 = log_p0.dtype == torch.float64
-    on_cpu = log_p0.device.type == "cpu"
-    BLOCK = INTERPRETER_BACKWARD_TILE if on_cpu else (BACKWARD_TILE // 4 if fp64 else BACKWARD_TILE)
-    NL = N * L
-    blocks = triton.cdiv(NL, BLOCK)
-    splits, per_split = split_samples(blocks, K, log_p0.device)
-    part = torch.empty((2, splits, NL) if splits > 1 else (1,), dtype=accumulation_dtype(log_p0.dtype),
-                       device=log_p0.device)
-    _sample_positive_bwd_kernel[(blocks * splits,)](
-        grad_z if grad_z is not None else log_p0, grad_log_q if grad_log_q is not None else log_p0, log_p0, log_p1,
-        seed, dlog_p0, dlog_p1, part, tile_counters(log_p0.device, blocks, splits), N, L, NL, K, per_split, splits,
-        FAMILY=int(family), HAS_GRAD_Z=grad_z is not None, HAS_GRAD_Q=grad_log_q is not None,
-        STOP_SCORE=bool(stop_score), ACC=acc_dtype(log_p0.dtype), BLOCK=BLOCK, ALIGNED=aligned(L),
-        num_warps=4 if on_cpu else 8,
-    )
+    launch_family_backward(_sample_positive_bwd_kernel, 2, grad_z, grad_log_q, log_p0, log_p1, seed, family,
+                           stop_score, dlog_p0, dlog_p1)
