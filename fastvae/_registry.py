@@ -93,13 +93,12 @@ USES: dict[tuple[str, str], str] = {
     ("priors", "kl_normal"): "a Gaussian prior's closed-form KL is the op",
     ("priors", "mixture_log_prob"): "MixturePrior.log_prob is the op, with its component checks",
     ("objectives", "sample_normal"): "the general path's Gaussian posterior samples through the op's "
-                                     "unchecked functions (checked once per call) and its z dtype",
+                                     "unchecked functions (checked once per call)",
     ("objectives", "sample_normal_tril"): "a full-covariance posterior's Function for the DReG weight",
     ("objectives", "kl_normal"): "the per-dimension KL of free bits against a Gaussian prior",
     ("objectives", "logmeanexp"): "the IWAE bound's log-mean-exp with its state and the weights' Functions",
     ("evaluation", "logmeanexp"): "log p(x) streams the log-mean-exp state over chunks and ranks",
-    ("evaluation", "sample_normal"): "the evaluation draws at its own offsets (sample_at) within the op's "
-                                     "offset range and z dtype",
+    ("evaluation", "sample_normal"): "the evaluation draws at its own offsets (sample_at)",
     ("_decoder", "count_log_prob"): "a dict of named count parameters and scvi-tools' distributions imply "
                                     "their count likelihood",
     ("demo", "sample_normal"): "the demo prints which backend runs the sampler",
@@ -113,21 +112,15 @@ USES: dict[tuple[str, str], str] = {
     ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
     ("_plan_ops", "sample_normal"): "the graph ops of the compiled path launch the sampler's kernel",
     ("kernels.aot", "sample_normal"): "the noise fills' ahead-of-time cases take the sampler's shapes",
-    # the samplers share pieces that one sampler holds
-    ("ops.sample_location_scale.op", "sample_normal"): "the Philox offset range and the z dtype",
-    ("ops.sample_positive.op", "sample_normal"): "the Philox offset range and the z dtype",
-    ("ops.sample_concrete.op", "sample_normal"): "the Philox offset range and the z dtype",
-    ("ops.sample_normal_kl.op", "sample_normal"): "the noise draw and the z dtype",
-    ("ops.sample_normal_tril.op", "sample_normal"): "the noise draw and the z dtype",
-    ("ops.sample_positive.triton", "sample_location_scale"): "the Philox words and open uniforms",
-    ("ops.sample_concrete.triton", "sample_location_scale"): "the Philox words and open uniforms",
-    ("ops.sample_concrete", "sample_positive"): "the oracle's Exp(1) draw from the same uniforms",
+    # the sampler's noise and kl_normal's gradient, which other ops reuse
+    ("ops.sample_normal_kl.op", "sample_normal"): "the double backward regenerates eps with the sampler's noise",
+    ("ops.sample_normal_tril.op", "sample_normal"): "the double backward regenerates eps with the sampler's noise",
     ("ops.sample_normal", "kl_normal"): "the oracle's KL gradient is kl_normal's",
+    ("ops.sample_normal.op", "kl_normal"): "the double backward's KL gradient is kl_normal's",
+    ("ops/sample_normal/sample_normal.cpp", "kl_normal"): "the fused KL's C++ gradient is kl_normal's",
     # shared math that one op holds
     ("ops.family_kl.triton", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",
     ("ops/family_kl/family_kl.cpp", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",
-    ("ops.sample_normal.op", "kl_normal"): "the double backward's KL gradient is kl_normal's",
-    ("ops/sample_normal/sample_normal.cpp", "kl_normal"): "the fused KL's C++ gradient is kl_normal's",
 }
 
 # Test modules above the ops that reach a Triton kernel: run under the
