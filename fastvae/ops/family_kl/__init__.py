@@ -36,7 +36,10 @@ KERNELS = (
             "dq_loc", "dq_log_param", "dp_loc", "dp_log_param")),
 )
 
-OP = Op("family_kl", tuple(k.name for k in KERNELS), "fastvae/ops/family_kl/test_family_kl.py", "family_kl")
+# a learned prior shared by the rows, (L,): its two gradients are the per-row gradients
+# summed back to its shape, one torch sum each in the backward
+OP = Op("family_kl", tuple(k.name for k in KERNELS), "fastvae/ops/family_kl/test_family_kl.py", "family_kl",
+        launches=(1, 1, 2), other_kernels=("sum",))
 
 EULER_GAMMA = 0.5772156649015329
 LOG_4 = math.log(4.0)
