@@ -203,8 +203,6 @@ def output_numel(out: Any, likelihood: str | None, event_ndim: int) -> int:
     return 0
 
 
-
-
 def unfold_samples(out: Any, x: Tensor, likelihood: str, sample_shape: tuple[int, ...], batch_ndim: int) -> Any:
     """A decoder output whose samples are folded into the batch, viewed with
     z's leading shape: decode(z) for z (S, *B, L) may return (S·B, *event)
@@ -241,8 +239,6 @@ def unfold_samples(out: Any, x: Tensor, likelihood: str, sample_shape: tuple[int
         return t.unflatten(0, lead_shape) if isinstance(t, Tensor) and t.dim() > events and t.shape[0] == n else t
 
     return unfold(out) if isinstance(out, Tensor) else type(out)(unfold(t) for t in out)
-
-
 
 
 def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[int, ...],
@@ -286,18 +282,10 @@ def decoder_log_prob(x: Tensor, out: Any, likelihood: str, sample_shape: tuple[i
 # -- the likelihoods: one route per likelihood= name, one signature ------------------------------
 # A route takes (x, out, sample_shape, batch_ndim, probs_given) after decoder_log_prob has
 # mapped a distribution to its output and unfolded folded samples: it checks the output's
-# shape (_check_output, or the op's own decoder step), maps it to its op's arguments and
-# calls the op. probs_given: the logits came from a distribution's probabilities (no raw-output
-# check); only the Bernoulli likelihoods read it.
-
-
-
-
-
-
-
-
-
+# shape (_likelihood_layout.check_output, or the op's own decoder step), maps it to its op's
+# arguments and calls the op; each is its op folder's (Op.route, in its op.py). probs_given:
+# the logits came from a distribution's probabilities (no raw-output check); only the
+# Bernoulli likelihoods read it.
 
 
 @dataclass(frozen=True)

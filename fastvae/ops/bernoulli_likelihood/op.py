@@ -308,7 +308,7 @@ def bernoulli_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_nd
 
 
 def continuous_bernoulli_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int,
-                          probs_given: bool) -> Tensor:
+                               probs_given: bool) -> Tensor:
     """Logits for x in [0, 1]."""
     events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
     logits = check_output("logits", out, x, sample_shape, batch_ndim)
