@@ -10,7 +10,7 @@ Triton launch replaced by a no-op, so what is timed is what the host does
 around the kernels on a GPU (fastvae's Python, the dispatcher, autograd, the
 torch ops the path issues). Each stubbed launch returns a stand-in for the
 compiled kernel whose launcher does nothing, so that, as on a GPU, a plan's
-second call launches directly (_plan.Launch's check of the tensors' alignment,
+second call launches directly (_launch.Launch's check of the tensors' alignment,
 the device and the hooks is timed; Triton's C launcher and the driver are not).
 Beside it, the CPU path (the cpp backend: the C++ operators of
 csrc/torch_ops.cpp, kernels included, at these tiny sizes nearly all host time)
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvae
-from fastvae import _plan
+from fastvae import _launch, _plan
 
 from . import common
 
@@ -78,7 +78,7 @@ class _NoOpCompiled:
 
 
 class _NoOpRuntime:
-    """Triton's driver calls as _plan.Launch makes them (no CUDA driver here)."""
+    """Triton's driver calls as _launch.Launch makes them (no CUDA driver here)."""
 
     def __init__(self):
         from types import SimpleNamespace
@@ -107,7 +107,7 @@ def _stub_launches() -> None:
         return _NoOpCompiled()
 
     interpreter.InterpretedFunction.run = stub
-    _plan._runtime = _NoOpRuntime()
+    _launch._runtime = _NoOpRuntime()
 
 
 def _setup(device: torch.device):

@@ -43,7 +43,7 @@ LAYERS = {
     "op descriptions": tuple(f"ops.{n}" for n in _registry.FOLDERS),  # each with its oracle (the reference backend's)
     "registry": ("_registry",),
     "backends": ("reference",) + KERNEL_MODULES,  # and fastvae._C (C++), which imports no Python
-    "dispatch": ("_backend",),
+    "dispatch": ("_backend", "_launch"),
     "op support": ("_validate", "_value_checks", "_op", "_opaque", "_double_backward", "_likelihood_layout",
                    "_noise", "_pareto", "_sampler"),
     "ops": OP_MODULES,

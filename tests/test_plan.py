@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae import _plan, objectives
+from fastvae import _launch, _plan, objectives
 
 from conftest import INTERPRET
 
@@ -573,7 +573,7 @@ def compiled_stand_in(monkeypatch):
 
     runtime = _FakeRuntime()
     monkeypatch.setattr(InterpretedFunction, "run", run_returning_a_compiled_kernel)
-    monkeypatch.setattr(_plan, "_runtime", runtime)
+    monkeypatch.setattr(_launch, "_runtime", runtime)
     _plan.clear()
     yield calls, jit_calls, runtime
     _plan.clear()
@@ -684,7 +684,7 @@ def test_a_direct_launch_checks_the_tensors_alignment(triton_device, compiled_st
     x = torch.randn(5, 9, dtype=torch.float64)
     planned = kern.forward_plan(5, 9, torch.float64, torch.device("cpu"))
     assert planned is not None
-    launch = _plan.Launch(kern._logmeanexp_fwd_kernel, planned[0], planned[1])
+    launch = _launch.Launch(kern._logmeanexp_fwd_kernel, planned[0], planned[1])
     assert launch.direct is None
     state = [torch.empty(9, dtype=torch.float64) for _ in range(2)]
     value = torch.empty(9, dtype=torch.float64)
