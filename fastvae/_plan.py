@@ -238,6 +238,125 @@ class Sample(torch.autograd.Function):
         return dmu, dlogvar, None, None, None
 
 
+class FamilySamplePlan:
+    """The launches before the decoder for a location-scale family's
+    posterior (loc, log_scale) (N, L), N L > 0 (float32 or float64), and K samples,
+    against a prior of its own family (loc, log_scale), one for every row
+    ((L,): ``p_shared``) or one per row ((N, L)): the family sampler's forward
+    and backward kernels (z alone: the bound needs no log q) and family_kl's
+    (the KL summed over L, its backward adding q's gradients to the
+    sampler's). The same variants as the general launchers' (kernels/sampler.py's
+    family_*_plan, family_kl's *_plan). ``q_scale``: the posterior comes as
+    its scale, whose log the plan takes (a torch object's), else as its log-scale."""
+
+    def __init__(self, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+                 n_samples: int | None, p_shared: bool, q_scale: bool, general):
+        sampler = _kernels("sampler")
+        kern = _kernels("sample_location_scale")
+        self.kl = _kernels("family_kl")
+        L = shape[-1]
+        N = shape.numel() // L
+        K = 1 if n_samples is None else n_samples
+        self.N, self.L, self.K, self.n_samples = N, L, K, n_samples
+        self.family, self.kl_family, self.p_shared, self.q_scale = family, kl_family, p_shared, q_scale
+        self.dtype, self.device = dtype, device
+        self.general = general  # the general composition (objectives), which a create_graph backward replays
+        self.mu_like = torch.empty(shape, dtype=dtype, device=device)
+        self.z_like = torch.empty(shape if n_samples is None else (K, *shape), dtype=dtype, device=device)
+        self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
+        self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
+        grid, meta = sampler.family_forward_plan(K, N, L, dtype, device, family, False, 0, N * L, L)
+        self.forward = Launch(kern._sample_location_scale_fwd_kernel, grid, meta)
+        grid, meta = self.kl.forward_plan(N, L, dtype, kl_family, p_shared, True)
+        self.kl_forward = Launch(self.kl._family_kl_fwd_kernel, grid, meta)
+        self._backward = None
+        self._kl_backward: dict = {}
+
+    def backward(self):
+        """(launch, partial sums, counters, samples per split, splits) of the
+        sampler's backward from grad_z: made at the first backward, kept."""
+        if self._backward is None:
+            sampler, kern = _kernels("sampler"), _kernels("sample_location_scale")
+            grid, meta, blocks, splits, per_split = sampler.family_backward_plan(
+                self.K, self.N, self.L, self.dtype, self.device, self.family, True, False, False)
+            part, counters = sampler.family_split_buffers(4, self.N, self.L, self.dtype, self.device, blocks, splits)
+            self._backward = (Launch(kern._sample_location_scale_bwd_kernel, grid, meta), part, counters, per_split,
+                              splits)
+        return self._backward
+
+    def kl_backward(self, has_dp: bool, accumulate: bool) -> Launch:
+        """family_kl's backward, with the prior's gradients (``has_dp``) or
+        without, adding q's to the sampler's (``accumulate``) or not."""
+        launch = self._kl_backward.get((has_dp, accumulate))
+        if launch is None:
+            grid, meta = self.kl.backward_plan(self.N, self.L, self.dtype, self.kl_family, self.p_shared, True,
+                                               has_dp, accumulate)
+            launch = self._kl_backward[has_dp, accumulate] = Launch(self.kl._family_kl_bwd_kernel, grid, meta)
+        return launch
+
+
+class FamilySample(torch.autograd.Function):
+    """z and the closed-form KL of a FamilySamplePlan: the family sampler's
+    and family_kl's kernels, the general path's (SampleLocationScale and
+    FamilyKL) without their per-call layout work. q comes as (loc, its scale
+    or, without the plan's q_scale, its log-scale), the prior as (loc, its
+    scale: ``p_scale``, or its log-scale) in the kernels' layout ((L,) or
+    (N, L), contiguous); the logs are taken here and differentiated as
+    autograd would (grad / scale), and q's gradients are the sampler's plus
+    the KL's, added in the KL's backward kernel."""
+
+    @staticmethod
+    def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale):
+        log_scale = torch.log(q_b) if plan.q_scale else q_b
+        p_log_scale = torch.log(p_b) if p_scale else p_b
+        z, kl = empty(plan.z_like), empty(plan.kl_like)
+        plan.forward(loc, log_scale, seed, z, z, *plan.ints)
+        plan.kl_forward(loc, log_scale, p_loc, p_log_scale, kl, plan.N, plan.L)
+        ctx.save_for_backward(loc, log_scale, p_loc, p_log_scale, seed, q_b, p_b)
+        ctx.set_materialize_grads(False)
+        ctx.plan, ctx.p_scale = plan, p_scale
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        loc, log_scale, p_loc, p_log_scale, seed, q_b, p_b = ctx.saved_tensors
+        plan, needs = ctx.plan, ctx.needs_input_grad
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
+            with torch.enable_grad():
+                ls = torch.log(q_b) if plan.q_scale else q_b
+                p_ls = torch.log(p_b) if ctx.p_scale else p_b
+                z, kl = plan.general(plan.family, plan.kl_family, loc, ls, p_loc, p_ls, seed, plan.n_samples)
+            outs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
+            inputs = (loc, q_b, p_loc, p_b)
+            wrt = [t for t, need in zip(inputs, needs[:4]) if need]
+            got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [g for _, g in outs], create_graph=True,
+                                           allow_unused=True))
+            return (*(next(got) if need else None for need in needs[:4]), None, None, None)
+        dloc, dls = empty(plan.mu_like), empty(plan.mu_like)
+        dp_loc = dp_ls = None
+        if grad_z is not None:
+            run, part, counters, per_split, splits = plan.backward()
+            run(grad_z.contiguous(), loc, loc, log_scale, seed, dloc, dls, part, counters, plan.N, plan.L,
+                plan.N * plan.L, plan.K, per_split, splits)
+        if grad_kl is not None:
+            has_dp = needs[2] or needs[3]
+            if has_dp:
+                dp_loc, dp_ls = empty(plan.mu_like), empty(plan.mu_like)
+            plan.kl_backward(has_dp, grad_z is not None)(
+                grad_kl.contiguous(), loc, log_scale, p_loc, p_log_scale, dloc, dls,
+                dls if dp_loc is None else dp_loc, dls if dp_ls is None else dp_ls, plan.N, plan.L)
+            if has_dp and plan.p_shared:  # the prior's, summed back to its (L,)
+                dp_loc, dp_ls = dp_loc.sum(0), dp_ls.sum(0)
+            if dp_ls is not None and ctx.p_scale:
+                dp_ls = dp_ls / p_b
+        if plan.q_scale:
+            dls = dls / q_b
+        return (dloc if needs[0] else None, dls if needs[1] else None, dp_loc if needs[2] else None,
+                dp_ls if needs[3] else None, None, None, None)
+
+
 # -- after the decoder: likelihood, log-mean-exp, reduction, the bound ----------------
 
 
@@ -621,9 +740,24 @@ def run_iwae(plan: Plan, x: Tensor, mu: Tensor, logvar: Tensor, decode, generato
     return plan.general(x, out, latent, plan.likelihood, plan.reduction, z if plan.dreg else None)
 
 
+def run_family_elbo(plan: Plan, x: Tensor, loc: Tensor, q_b: Tensor, p_loc: Tensor, p_b: Tensor, p_scale: bool,
+                    decode, beta: float, generator) -> Tensor:
+    """fastvae.elbo of a location-scale family's posterior against a prior of
+    its own family once the objectives found its plan (triton backend): the
+    sampler's and the KL's node, the decoder, the tail's node (FamilySample
+    says what q_b, p_b and p_scale are)."""
+    z, kl = family_sample(loc, q_b, p_loc, p_b, _seed(loc.device, generator), plan.sample, p_scale)
+    out = decode(z)
+    tail = plan.tail
+    if tail is not None and (fit := tail.fit(out)) is not None:
+        return elbo_tail(x, fit[0], kl, tail, beta, fit[1])
+    return plan.general(x, out, kl, plan.likelihood, beta, plan.reduction, plan.n)
+
+
 # Function.apply without its Python wrapper (which binds default arguments and
 # unwraps dead functorch wrappers, a third of a small Function's cost): the
 # objectives call these only outside functorch transforms, with plain tensors.
 sample = super(torch.autograd.Function, Sample).apply
 elbo_tail = super(torch.autograd.Function, ElboTail).apply
 iwae_tail = super(torch.autograd.Function, IwaeTail).apply
+family_sample = super(torch.autograd.Function, FamilySample).apply

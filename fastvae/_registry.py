@@ -110,6 +110,13 @@ USES: dict[tuple[str, str], str] = {
     ("_plan", "gaussian_log_prob"): "TailPlan launches the Gaussian kernels, reading a (mean, logvar) "
                                     "decoder's packed halves",
     ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
+    ("_plan", "sample_location_scale"): "FamilySamplePlan launches a location-scale family's sampler kernels",
+    ("_plan", "family_kl"): "FamilySamplePlan launches the family's closed-form KL kernels, adding q's gradient "
+                            "to the sampler's",
+    ("objectives", "sample_location_scale"): "the family plans' first call and create_graph replay, and the cpp "
+                                             "backend's family path, run the op's Function unchecked",
+    ("objectives", "family_kl"): "the family plans' replay and the cpp backend's family path run the op's "
+                                 "Function with the prior in its layout",
     ("_plan_ops", "sample_normal"): "the graph ops of the compiled path launch the sampler's kernel",
     ("kernels.aot", "sample_normal"): "the noise fills' ahead-of-time cases take the sampler's shapes",
     # the sampler's noise and kl_normal's gradient, which other ops reuse

@@ -545,6 +545,39 @@ def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | L
     return None
 
 
+# How location_scale_form's second tensor gives the log-scale (log_scale_of)
+LOG_SCALE, SCALE, HIGH = 0, 1, 2
+
+
+def location_scale_form(d) -> tuple[str, Tensor, Tensor, int] | None:
+    """(family, loc, b, form) of a location-scale family's distribution,
+    read with no torch op (the objectives' plans read it on every call): a
+    record (b its log-scale, form LOG_SCALE), a torch Laplace, Gumbel or
+    Cauchy (b its scale, SCALE) or Uniform (loc its low, b its high, HIGH),
+    or an Independent of one over the last dimension; None for anything else."""
+    if type(d) is LocationScale:
+        return d.family, d.loc, d.log_scale, LOG_SCALE
+    if type(d) is Independent:
+        if d.reinterpreted_batch_ndims != 1:
+            return None
+        d = d.base_dist
+    family = _TORCH_CLASSES.get(type(d))
+    if family is None:
+        return None
+    if family == "uniform":
+        return family, d.low, d.high, HIGH
+    return family, d.loc, d.scale, SCALE
+
+
+def log_scale_of(loc: Tensor, b: Tensor, form: int) -> Tensor:
+    """The log-scale of location_scale_form's (loc, b, form), float32 or
+    float64: the same ops as the records' (_location_scale_from_torch's,
+    _prior_location_scale's)."""
+    if form == LOG_SCALE:
+        return b
+    return torch.log(b - loc if form == HIGH else b)
+
+
 
 
 # --------------------------------------------------------------------------

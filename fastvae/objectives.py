@@ -23,10 +23,13 @@ from . import _backend, _op, _plan, _plan_ops, _registry, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
+from ._families import KL_FAMILIES
 from ._op import draw_seed
 from ._sampler import z_dtype
+from ._value_checks import settled as _checks_settled
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
-from .latents import LATENTS
+from .latents import HIGH, LATENTS, LOG_SCALE, SCALE, location_scale_form, log_scale_of
+from .ops.family_kl.op import FamilyKL, prior_layout
 from .ops.kl_normal.op import kl_normal
 from .ops.logmeanexp.op import (
     EffectiveSampleSize,
@@ -34,6 +37,7 @@ from .ops.logmeanexp.op import (
     importance_weights_from_state,
     logmeanexp_with_state,
 )
+from .ops.sample_location_scale.op import SampleLocationScale, family_index, sample_location_scale_unchecked
 from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_normal_tril.op import SampleNormalTril
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
@@ -266,6 +270,10 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     if torch.compiler.is_compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                               prior, False)
+    if type(mu) is not Tensor:  # (x, q, decode): decode arrives in logvar's place
+        if decode is not None:
+            return None
+        return _lean_family_elbo(x, mu, logvar, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
     lean = _lean_device(x, mu, logvar, decode, prior, generator, likelihood, reduction)
     if (lean is None or type(n_samples) is not int or type(free_bits) not in (float, int) or free_bits != 0
             or (beta := _lean_beta(beta)) is None):
@@ -335,6 +343,93 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
     # the cpp backend: the general path's own calls, without its checks
     z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", generator)
     return _general_iwae_tail(x, decode(z), latent, likelihood, reduction, z if estimator == "dreg" else None)
+
+
+def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
+    """fastvae.elbo through the plans for a location-scale family's posterior
+    (a torch Laplace, Gumbel, Cauchy or Uniform, an Independent of one, or a
+    LocationScale record) against a prior of its own family given the same
+    way, with its closed-form KL; None where they do not apply (the general
+    path). The same conditions as the Gaussian's (_lean_device), on every
+    tensor of both distributions: one float32 or float64 dtype and device,
+    no autocast; and a torch object's value checks settled (they run on the
+    general path; a record's log-scale needs none)."""
+    if (not _plan.ENABLED or (posterior := location_scale_form(q)) is None
+            or (p := location_scale_form(prior)) is None or posterior[0] != p[0]
+            or posterior[0] not in KL_FAMILIES or type(x) is not Tensor or likelihood not in _LEAN_LIKELIHOODS
+            or reduction not in REDUCTIONS or not callable(decode) or type(n_samples) is not int
+            or type(free_bits) not in (float, int) or free_bits != 0 or (beta := _lean_beta(beta)) is None
+            or (generator is not None and type(generator) is not torch.Generator)):
+        return None
+    family, loc, b, form = posterior
+    _, p_loc, p_b, p_form = p
+    if type(loc) is not Tensor or type(b) is not Tensor or type(p_loc) is not Tensor or type(p_b) is not Tensor:
+        return None
+    device, dtype = loc.device, loc.dtype
+    backend = _backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)
+    if (backend not in _LEAN_BACKENDS or torch._C._get_tracing_state() is not None
+            or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()
+            or dtype not in _LEAN_DTYPES or b.dtype is not dtype or p_loc.dtype is not dtype
+            or p_b.dtype is not dtype or x.dtype is not dtype or b.device != device or p_loc.device != device
+            or p_b.device != device or x.device != device or x.requires_grad or not x.is_contiguous()
+            or loc.dim() == 0 or (form != LOG_SCALE and not _checks_settled("scale"))):
+        return None
+    triton = backend == "triton"
+    key = ("family elbo", family, form, p_form, x.shape, loc.shape, loc.stride(), b.shape, b.stride(), p_loc.shape,
+           p_b.shape, dtype, device, triton, likelihood, n_samples, reduction)
+    plan = _plan.PLANS.get(key)
+    if plan is None:  # the checks of the general path, once per call signature
+        q_record, decode = posterior_args(q, decode, None)
+        _check_inputs(x, q_record, reduction, likelihood)
+        _check_decode(decode)
+        check_likelihood(likelihood)
+        check_prior(prior, q_record.latent_size, device)  # of q's family: the closed form is family_kl's
+        n = _validate.sample_count("n_samples", n_samples, max(loc.numel(), x.numel()), loc)
+        batch = loc.shape[:-1]
+        P = batch.numel()
+        if loc.shape != b.shape or P * loc.shape[-1] == 0 or x.numel() == 0:
+            return None
+        sample = tail = None  # the cpp backend: the checks are its plan
+        p_shared = all(n == 1 for t in (p_loc, p_b) for n in t.shape[:-1])
+        if triton:
+            sample = _plan.FamilySamplePlan(family_index(family), KL_FAMILIES.index(family), loc.shape, dtype, device,
+                                            None if n == 1 else n, p_shared, form == SCALE, _general_family_sample)
+        if triton and n == 1:  # several samples: the general tail
+            tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
+                                  _general_elbo_tail, x.shape, dtype)
+        plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
+    if not triton:  # the cpp backend: the general path's own calls, without its checks
+        log_scale, p_log_scale = log_scale_of(loc, b, form), log_scale_of(p_loc, p_b, p_form)
+        z, _ = sample_location_scale_unchecked(family_index(family), loc, log_scale, n_samples, False, generator)
+        kl = FamilyKL.apply(KL_FAMILIES.index(family), True, loc, log_scale, p_loc, p_log_scale)
+        return _general_elbo_tail(x, decode(z[0] if n_samples == 1 else z), kl, likelihood, beta, reduction,
+                                  n_samples)
+    # the logs of torch objects' scales are taken in the plan's node; the
+    # uniform's width (high - low) first here, as a log-scale
+    if form == HIGH:
+        b = log_scale_of(loc, b, form)
+    p_scale = p_form == SCALE
+    if p_loc.dim() != 1 or p_b.dim() != 1 or not p_loc.is_contiguous() or not p_b.is_contiguous():
+        # (L,) contiguous is the kernels' layout already
+        p_loc, p_b = prior_layout(p_loc, log_scale_of(p_loc, p_b, p_form), loc.shape)
+        p_scale = False
+    elif p_form == HIGH:
+        p_b = log_scale_of(p_loc, p_b, p_form)
+    if not loc.is_contiguous() or not b.is_contiguous():  # (a log keeps its input's layout)
+        loc, b = loc.contiguous(), b.contiguous()
+    return _plan.run_family_elbo(plan, x, loc, b, p_loc, p_b, p_scale, decode, beta, generator)
+
+
+def _general_family_sample(family: int, kl_family: int, loc: Tensor, log_scale: Tensor, p_loc: Tensor,
+                           p_log_scale: Tensor, seed: Tensor, n_samples: int | None) -> tuple[Tensor, Tensor]:
+    """z and the closed-form KL of a location-scale family from the general
+    path's Functions, for the prior in the kernels' layout ((L,) or (N, L),
+    family_kl's prior_layout): what _plan.FamilySample fuses, and its
+    create_graph replay."""
+    z, _ = SampleLocationScale.apply(loc, log_scale, seed, family, 1 if n_samples is None else n_samples, False)
+    L = loc.shape[-1]
+    kl = FamilyKL.apply(kl_family, True, loc.reshape(-1, L), log_scale.reshape(-1, L), p_loc, p_log_scale)
+    return z[0] if n_samples is None else z, kl.reshape(loc.shape[:-1])
 
 
 # -- under torch.compile ----------------------------------------------------------

@@ -200,6 +200,17 @@ def gradient_samples(grad_z, grad_log_q) -> int:
 # -- the launchers of a family sampler (two (N, L) parameters, a constexpr FAMILY) --
 
 
+def family_forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, family: int,
+                        with_log_q: bool, offset0: int, sample_stride: int, row_stride: int) -> tuple[tuple, dict]:
+    """(grid, compile-time parameters) of a family sampler's forward over (K, N,
+    L), K * N * L > 0: what launch_family_forward launches, and the objectives'
+    plans (fastvae/_plan.py) launch with the same variants."""
+    BLOCK_R, BLOCK_L, warps = forward_geometry(L, device, dtype == torch.float64)
+    meta = dict(FAMILY=int(family), ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_LOG_Q=with_log_q,
+                ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps)
+    return (triton.cdiv(K * N, BLOCK_R),), meta
+
+
 def launch_family_forward(kernel, p0, p1, seed, family, offset0, sample_stride, row_stride, z, log_q) -> None:
     """z (K, N, L) and log_q (K, N) (None: not written) <- ``kernel`` of a family
     sampler over p0, p1 (N, L), the noise of z[k, n, l] at offset0 + k *
@@ -211,13 +222,33 @@ def launch_family_forward(kernel, p0, p1, seed, family, offset0, sample_stride, 
         if log_q is not None:
             log_q.zero_()
         return
-    BLOCK_R, BLOCK_L, warps = forward_geometry(L, p0.device, p0.dtype == torch.float64)
     with_log_q = log_q is not None
-    kernel[(triton.cdiv(K * N, BLOCK_R),)](
-        p0, p1, seed, z, log_q if with_log_q else z, offset0, sample_stride, row_stride, N, K * N, L,
-        FAMILY=int(family), ACC=acc_dtype(p0.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_LOG_Q=with_log_q,
-        ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps,
-    )
+    grid, meta = family_forward_plan(K, N, L, p0.dtype, p0.device, family, with_log_q, offset0, sample_stride,
+                                     row_stride)
+    kernel[grid](p0, p1, seed, z, log_q if with_log_q else z, offset0, sample_stride, row_stride, N, K * N, L,
+                 **meta)
+
+
+def family_backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, family: int,
+                         has_grad_z: bool, has_grad_log_q: bool, stop_score: bool) -> tuple[tuple, dict, int, int, int]:
+    """(grid, compile-time parameters, blocks, splits, samples per split) of a
+    family sampler's backward over parameters (N, L), N * L > 0, and K samples."""
+    BLOCK, warps = backward_geometry(device, dtype == torch.float64)
+    blocks = triton.cdiv(N * L, BLOCK)
+    splits, per_split = split_samples(blocks, K, device)
+    meta = dict(FAMILY=int(family), HAS_GRAD_Z=has_grad_z, HAS_GRAD_Q=has_grad_log_q, STOP_SCORE=bool(stop_score),
+                ACC=acc_dtype(dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps)
+    return (blocks * splits,), meta, blocks, splits, per_split
+
+
+def family_split_buffers(sums: int, N: int, L: int, dtype: torch.dtype, device: torch.device, blocks: int,
+                         splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial sums, arrival counters) of a family sampler's backward: each
+    split's ``sums`` partial sums where the samples split, else placeholders
+    the kernel never touches."""
+    part = torch.empty((sums, splits, N * L) if splits > 1 else (1,), dtype=accumulation_dtype(dtype),
+                       device=device)
+    return part, tile_counters(device, blocks, splits)
 
 
 def launch_family_backward(kernel, sums: int, grad_z, grad_log_q, p0, p1, seed, family, stop_score, d0,
@@ -230,15 +261,10 @@ def launch_family_backward(kernel, sums: int, grad_z, grad_log_q, p0, p1, seed, 
     if N * L == 0:
         return
     K = gradient_samples(grad_z, grad_log_q)
-    BLOCK, warps = backward_geometry(p0.device, p0.dtype == torch.float64)
-    NL = N * L
-    blocks = triton.cdiv(NL, BLOCK)
-    splits, per_split = split_samples(blocks, K, p0.device)
-    part = torch.empty((sums, splits, NL) if splits > 1 else (1,), dtype=accumulation_dtype(p0.dtype),
-                       device=p0.device)
-    kernel[(blocks * splits,)](
+    grid, meta, blocks, splits, per_split = family_backward_plan(
+        K, N, L, p0.dtype, p0.device, family, grad_z is not None, grad_log_q is not None, stop_score)
+    part, counters = family_split_buffers(sums, N, L, p0.dtype, p0.device, blocks, splits)
+    kernel[grid](
         grad_z if grad_z is not None else p0, grad_log_q if grad_log_q is not None else p0, p0, p1, seed, d0, d1,
-        part, tile_counters(p0.device, blocks, splits), N, L, NL, K, per_split, splits, FAMILY=int(family),
-        HAS_GRAD_Z=grad_z is not None, HAS_GRAD_Q=grad_log_q is not None, STOP_SCORE=bool(stop_score),
-        ACC=acc_dtype(p0.dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps,
+        part, counters, N, L, N * L, K, per_split, splits, **meta,
     )

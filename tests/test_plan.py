@@ -1030,3 +1030,226 @@ def test_compiled_objectives_take_no_plan_ops_off_the_triton_backend():
     bound = compiled(x, mu, logvar)
     torch.autograd.grad(bound, (mu, logvar))
     assert not any(key[0].startswith("plan_") for key in _plan.PLANS)
+
+
+# -- a location-scale family's posterior against a prior of its own family ---------------
+
+FAMILIES = {"laplace": torch.distributions.Laplace, "gumbel": torch.distributions.Gumbel,
+            "cauchy": torch.distributions.Cauchy, "uniform": torch.distributions.Uniform}
+
+
+def _family_problem(device, dtype, family, q_form="torch", p_form="shared", seed=0, batch=(B,)):
+    """x, the leaves (loc, raw scale, the prior's loc and raw scale, W) and a
+    builder of (q, prior) from them, as a training step writes it: the scale
+    exp(raw) each call, q a torch object (``q_form`` "torch", "independent")
+    or fastvae's record ("record"), the prior one for every row ("shared",
+    (L,)), a learned one ("learned": its parameters require a gradient), one
+    per row ("per row", (..., L)) or a record ("record")."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(*batch, D, generator=g) > 0.5).to(dtype).to(device)
+    loc = torch.randn(*batch, L, generator=g).to(dtype)
+    raw = (torch.randn(*batch, L, generator=g) * 0.5).to(dtype)
+    p_shape = (*batch, L) if p_form == "per row" else (L,)
+    p_loc = (torch.randn(p_shape, generator=g) * 0.3).to(dtype)
+    p_raw = (torch.randn(p_shape, generator=g) * 0.3 + (1.5 if family == "uniform" else 0.0)).to(dtype)
+    W = (torch.randn(L, 2 * D, generator=g) * 0.5).to(dtype)
+    leaves = [t.to(device).requires_grad_() for t in (loc, raw, W)]
+    p_leaves = [t.to(device).requires_grad_(p_form == "learned") for t in (p_loc, p_raw)]
+
+    def dist(m, r, form):
+        if form == "record":
+            return fastvae.LocationScale(family, m, r)
+        if family == "uniform":  # wide enough a prior that q's support lies inside it
+            d = FAMILIES[family](m - 3.0 * r.exp(), m + 3.0 * r.exp()) if form != "q" else FAMILIES[family](
+                m, m + r.exp())
+        else:
+            d = FAMILIES[family](m, r.exp())
+        return torch.distributions.Independent(d, 1) if form == "independent" else d
+
+    def build(loc, raw, p_loc, p_raw):
+        q = dist(loc, raw, "record" if q_form == "record" else ("independent" if q_form == "independent" else "q"))
+        return q, dist(p_loc, p_raw, "record" if p_form == "record" else "p")
+
+    return x, leaves, p_leaves, build
+
+
+def _family_run(device, dtype, family, enabled, q_form="torch", p_form="shared", likelihood="bernoulli",
+                create_graph=False, **kw):
+    """(bound, its gradients in every leaf that takes one, the grad_fn's name)."""
+    x, (loc, raw, W), (p_loc, p_raw), build = _family_problem(device, dtype, family, q_form, p_form)
+    q, prior = build(loc, raw, p_loc, p_raw)
+    previous = _plan.ENABLED
+    _plan.ENABLED = enabled
+    try:
+        bound = fastvae.elbo(x, q, _decoders(W)[likelihood], likelihood=likelihood.split()[0], prior=prior,
+                             generator=torch.Generator(device).manual_seed(7), **kw)
+    finally:
+        _plan.ENABLED = previous
+    wrt = [t for t in (loc, raw, W, p_loc, p_raw) if t.requires_grad]
+    grads = torch.autograd.grad(bound, wrt, torch.ones_like(bound), create_graph=create_graph)
+    return bound, grads, type(bound.grad_fn).__name__
+
+
+FAMILY_CASES = [  # (family, q_form, p_form, likelihood, dtype, keywords)
+    ("laplace", "torch", "shared", "bernoulli", torch.float32, {}),
+    ("laplace", "independent", "learned", "gaussian", torch.float64, dict(reduction="sum", beta=0.3)),
+    ("laplace", "record", "record", "gaussian mean", torch.float32, dict(reduction="none")),
+    ("gumbel", "torch", "per row", "bernoulli", torch.float64, {}),
+    ("gumbel", "torch", "learned", "bernoulli", torch.float32, dict(n_samples=3)),
+    ("cauchy", "torch", "shared", "gaussian", torch.float32, dict(reduction="sum")),
+    ("cauchy", "independent", "learned", "bernoulli", torch.float64, dict(reduction="none")),
+    ("uniform", "torch", "shared", "bernoulli", torch.float32, {}),
+    ("uniform", "torch", "learned", "gaussian", torch.float64, dict(n_samples=2, reduction="sum")),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("family, q_form, p_form, likelihood, dtype, kw", FAMILY_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[4])[6:]}-{'-'.join(c[5])}" for c in FAMILY_CASES])
+def test_family_plans_give_the_general_path_bit_for_bit(triton_device, family, q_form, p_form, likelihood, dtype,
+                                                         kw):
+    """A Laplace, Gumbel, Cauchy or uniform posterior against a prior of its
+    own family (torch objects or records, one prior for every row, a learned
+    one or one per row) takes the plans: the family's sampler and closed-form
+    KL in one node, then the tail's (one sample), with the general path's
+    values and gradients, the prior's included."""
+    run = dict(q_form=q_form, p_form=p_form, likelihood=likelihood, **kw)
+    _family_run(triton_device, dtype, family, True, **run)  # the first call: value checks run, plans made
+    lean, lean_grads, node = _family_run(triton_device, dtype, family, True, **run)
+    general, general_grads, general_node = _family_run(triton_device, dtype, family, False, **run)
+    if kw.get("n_samples", 1) == 1:
+        assert node == "ElboTailBackward" and general_node != node
+    assert not torch.isnan(lean).any() and torch.isfinite(lean).all()
+    assert _same(lean, general)
+    assert len(lean_grads) == len(general_grads) == (5 if p_form == "learned" else 3)
+    for a, b in zip(lean_grads, general_grads):
+        assert a.dtype == b.dtype and not torch.isnan(a).any() and _same(a, b)
+
+
+@needs_triton
+def test_the_family_plan_holds_one_node_before_the_decoder(triton_device):
+    x, (loc, raw, W), (p_loc, p_raw), build = _family_problem(triton_device, torch.float32, "laplace")
+    seen = []
+    for _ in range(2):
+        q, prior = build(loc, raw, p_loc, p_raw)
+        fastvae.elbo(x, q, lambda z: seen.append(z.grad_fn) or z @ W[:, :D], likelihood="bernoulli", prior=prior)
+    assert type(seen[-1]).__name__ == "FamilySampleBackward"
+    assert type(seen[0]).__name__ != "FamilySampleBackward"  # the first call checks values: the general path
+
+
+@needs_triton
+def test_family_plans_differentiate_twice_as_the_general_path(triton_device):
+    results = []
+    for enabled in (True, False):
+        _family_run(triton_device, torch.float64, "laplace", enabled, p_form="learned")
+        _, grads, _ = _family_run(triton_device, torch.float64, "laplace", enabled, p_form="learned",
+                                  create_graph=True)
+        penalty = sum((g * g).sum() for g in grads)
+        results.append((grads, torch.autograd.grad(penalty, [g for g in grads if g.requires_grad][0])))
+    (lean, lean2), (general, general2) = results
+    for a, b in zip(lean, general):
+        assert _same(a, b)
+    assert torch.allclose(lean2[0], general2[0], rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+def test_family_plans_follow_changing_shapes_and_families(triton_device):
+    """A loop whose batch size, latent family or prior changes between calls:
+    one plan per signature, each call the general path's values."""
+    _plan.clear()
+    for batch in [(B,), (1,), (B, 2), (B,)]:
+        for family in ("laplace", "gumbel"):
+            x, (loc, raw, W), (p_loc, p_raw), build = _family_problem(triton_device, torch.float32, family,
+                                                                      batch=batch)
+            values, dec = [], _decoders(W)["bernoulli"]
+            for enabled in (True, True, False):
+                _plan.ENABLED = enabled
+                try:
+                    q, prior = build(loc, raw, p_loc, p_raw)
+                    values.append(fastvae.elbo(x, q, dec, likelihood="bernoulli", prior=prior,
+                                               generator=torch.Generator().manual_seed(1)))
+                finally:
+                    _plan.ENABLED = True
+            assert _same(values[1], values[2]) and torch.isfinite(values[1])
+    assert len([k for k in _plan.PLANS if k[0] == "family elbo"]) == 6
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
+def test_family_plans_launch_the_compiled_kernels_directly(triton_device, compiled_stand_in):
+    calls, jit_calls, _ = compiled_stand_in
+    for _ in range(2):
+        _family_run(triton_device, torch.float64, "cauchy", True, p_form="learned")
+    jit_calls.clear(), calls.clear()
+    lean, lean_grads, _ = _family_run(triton_device, torch.float64, "cauchy", True, p_form="learned")
+    assert len(calls) == 6 and not jit_calls  # sampler, KL, likelihood: forward and backward, all direct
+    general, general_grads, _ = _family_run(triton_device, torch.float64, "cauchy", False, p_form="learned")
+    assert _same(lean, general)
+    for a, b in zip(lean_grads, general_grads):
+        assert _same(a, b)
+
+
+@pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
+@pytest.mark.parametrize("family, q_form, p_form, likelihood, dtype, kw", FAMILY_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[4])[6:]}-{'-'.join(c[5])}" for c in FAMILY_CASES])
+def test_the_cpp_family_plan_gives_the_general_path_bit_for_bit(family, q_form, p_form, likelihood, dtype, kw):
+    run = dict(q_form=q_form, p_form=p_form, likelihood=likelihood, **kw)
+    with fastvae.use_backend("cpp"):
+        _family_run("cpu", dtype, family, True, **run)
+        lean, lean_grads, _ = _family_run("cpu", dtype, family, True, **run)
+        general, general_grads, _ = _family_run("cpu", dtype, family, False, **run)
+    assert torch.isfinite(lean).all() and torch.equal(lean, general)
+    for a, b in zip(lean_grads, general_grads):
+        assert torch.equal(a, b)
+
+
+def test_family_calls_the_plans_do_not_serve_take_the_general_path(backend):
+    """Selection (every backend): another family's prior, a Gaussian prior, the
+    logistic (no closed form), mixed dtypes, half precision, autocast and
+    the reference backend take the general path (None here); the plans'
+    backends take a same-family call."""
+    name, device = backend
+    x, (loc, raw, W), (p_loc, p_raw), build = _family_problem(device, torch.float32, "laplace")
+    q, prior = build(loc, raw, p_loc, p_raw)
+    dec = _decoders(W)["bernoulli"]
+
+    def lean(q, prior, x=x, likelihood="bernoulli", **kw):
+        args = dict(beta=1.0, free_bits=0.0, n_samples=1, reduction="mean", generator=None) | kw
+        return objectives._lean_family_elbo(x, q, dec, likelihood, args["beta"], args["free_bits"],
+                                            args["n_samples"], args["reduction"], args["generator"], prior)
+
+    fastvae.set_value_checks("never")
+    try:
+        assert (lean(q, prior) is not None) == (name in ("triton", "cpp"))
+        td = torch.distributions
+        assert lean(q, td.Gumbel(p_loc, p_raw.exp())) is None  # another family
+        assert lean(q, None) is None and lean(q, fastvae.priors.StandardNormal()) is None
+        logistic = fastvae.LocationScale("logistic", loc, raw)
+        assert lean(logistic, fastvae.LocationScale("logistic", p_loc, p_raw)) is None  # no closed form
+        assert lean(q, td.Laplace(p_loc.double(), p_raw.exp().double())) is None  # mixed dtypes
+        assert lean(td.Laplace(loc.half(), raw.exp().half()), td.Laplace(p_loc.half(), p_raw.exp().half()),
+                    x=x.half()) is None
+        assert lean(q, prior, free_bits=0.5) is None and lean(q, prior, likelihood="poisson") is None
+        assert lean(td.Independent(td.Laplace(loc.unsqueeze(-1), raw.exp().unsqueeze(-1)), 2), prior) is None
+        with torch.autocast(device, dtype=torch.bfloat16):
+            assert lean(q, prior) is None
+    finally:
+        fastvae.set_value_checks("auto")
+
+
+def test_a_family_call_checks_its_values_before_any_plan(backend):
+    """A scale <= 0 (torch's own check off) is refused by name on a call that
+    would take the plans, and "always" keeps every call on the checked path."""
+    name, device = backend
+    x, (loc, raw, W), (p_loc, p_raw), build = _family_problem(device, torch.float32, "laplace")
+    dec = _decoders(W)["bernoulli"]
+    td = torch.distributions
+    prior = td.Laplace(p_loc, p_raw.exp())
+    for _ in range(2):
+        fastvae.elbo(x, td.Laplace(loc, raw.exp()), dec, likelihood="bernoulli", prior=prior)
+    bad = td.Laplace(loc, raw.exp() * torch.tensor([1.0] * (L - 1) + [-1.0], device=device), validate_args=False)
+    fastvae.set_value_checks("always")
+    try:
+        with pytest.raises(ValueError, match="scale"):
+            fastvae.elbo(x, bad, dec, likelihood="bernoulli", prior=prior)
+    finally:
+        fastvae.set_value_checks("auto")

@@ -115,7 +115,7 @@ class FamilyKL(torch.autograd.Function):
         q_shape = q_log_param.shape
         ctx.family, ctx.q_shape, ctx.p_shape = family, q_shape, p_log_param.shape
         q2 = [None if t is None else flat(t) for t in (q_loc, q_log_param)]
-        p2 = _prior_layout(p_loc, p_log_param, q_shape)
+        p2 = prior_layout(p_loc, p_log_param, q_shape)
         ctx.save_for_backward(*q2, *p2, q_loc, q_log_param, p_loc, p_log_param)
         kl = run(family_kl_op, q2[1], q2[0], p2[1], p2[0], family, reduce)
         return shaped(kl, q_shape[:-1] if reduce else q_shape)
@@ -146,7 +146,7 @@ class FamilyKL(torch.autograd.Function):
         return (None, None, *out)
 
 
-def _prior_layout(p_loc: Tensor | None, p_log_param: Tensor, q_shape: torch.Size) -> list:
+def prior_layout(p_loc: Tensor | None, p_log_param: Tensor, q_shape: torch.Size) -> list:
     """The prior's parameters as the kernels take them: (L,) each when both
     are the same for every row (no copy: the kernels read them per column),
     else each expanded to q's shape and flattened to (N, L)."""

@@ -8,6 +8,7 @@ Layout: q_loc, q_log_param (N, L) contiguous; p_loc, p_log_param (N, L), or
 exponential (its log-rates sit in the log_param arrays); kl, grad_kl (N,)
 when REDUCE, else (N, L); every gradient (N, L).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -175,6 +176,7 @@ def _family_kl_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    ACCUMULATE: tl.constexpr = False,  # add q's gradients to what dq_loc, dq_lp hold (the plans' sampler's)
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -192,9 +194,15 @@ def _family_kl_bwd_kernel(
         m1, s1, m2, s2 = _load_params(q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr, idx, cols, mask, FAMILY, P_SHARED,
                                       ACC)
         dm1, ds1, ds2 = _kl_grad(g, m1, s1, m2, s2, FAMILY)
-        tl.store(dq_lp_ptr + idx, ds1.to(dq_lp_ptr.dtype.element_ty), mask=mask)
+        ds1 = ds1.to(dq_lp_ptr.dtype.element_ty)
+        if ACCUMULATE:
+            ds1 = tl.load(dq_lp_ptr + idx, mask=mask, other=0.0) + ds1
+        tl.store(dq_lp_ptr + idx, ds1, mask=mask)
         if FAMILY != 4:
-            tl.store(dq_loc_ptr + idx, dm1.to(dq_loc_ptr.dtype.element_ty), mask=mask)
+            dm1_out = dm1.to(dq_loc_ptr.dtype.element_ty)
+            if ACCUMULATE:
+                dm1_out = tl.load(dq_loc_ptr + idx, mask=mask, other=0.0) + dm1_out
+            tl.store(dq_loc_ptr + idx, dm1_out, mask=mask)
         if HAS_DP:
             tl.store(dp_lp_ptr + idx, ds2.to(dp_lp_ptr.dtype.element_ty), mask=mask)
             if FAMILY != 4:
@@ -204,18 +212,39 @@ def _family_kl_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
+def forward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: bool, reduce: bool) -> tuple[tuple, dict]:
+    """(grid, compile-time parameters) of the forward over q's (N, L), N * L > 0:
+    what family_kl_forward launches, and the objectives' plans (fastvae/_plan.py)
+    launch with the same variants."""
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
+    meta = dict(FAMILY=family, P_SHARED=p_shared, REDUCE=reduce, ACC=acc_dtype(dtype), BLOCK_N=BLOCK_N,
+                BLOCK_L=BLOCK_L)
+    return (triton.cdiv(N, BLOCK_N),), meta
+
+
+def backward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: bool, reduce: bool,
+                  has_dp: bool, accumulate: bool = False) -> tuple[tuple, dict]:
+    """(grid, compile-time parameters) of the backward over q's (N, L), N * L > 0;
+    ``accumulate``: q's gradients added to what their outputs hold, in their
+    dtype (the objectives' plans add the sampler's gradient so, as autograd would)."""
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_BACKWARD_TILE)
+    meta = dict(FAMILY=family, P_SHARED=p_shared, REDUCE=reduce, HAS_DP=has_dp, ACC=acc_dtype(dtype),
+                BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
+    if accumulate:
+        meta["ACCUMULATE"] = True
+    return (triton.cdiv(N, BLOCK_N),), meta
+
+
 def family_kl_forward(q_loc, q_log_param, p_loc, p_log_param, family, kl) -> None:
     """kl (N,) or (N, L) <- the closed-form KL of the layout above."""
     N, L = q_log_param.shape
     if N * L == 0:
         kl.zero_()
         return
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
-    _family_kl_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    grid, meta = forward_plan(N, L, q_log_param.dtype, family, p_log_param.dim() == 1, kl.dim() == 1)
+    _family_kl_fwd_kernel[grid](
         q_log_param if q_loc is None else q_loc, q_log_param,
-        p_log_param if p_loc is None else p_loc, p_log_param, kl, N, L,
-        FAMILY=family, P_SHARED=p_log_param.dim() == 1, REDUCE=kl.dim() == 1, ACC=acc_dtype(q_log_param.dtype),
-        BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        p_log_param if p_loc is None else p_loc, p_log_param, kl, N, L, **meta,
     )
 
 
@@ -226,12 +255,10 @@ def family_kl_backward(grad_kl, q_loc, q_log_param, p_loc, p_log_param, family,
     if N * L == 0:
         return
     has_dp = dp_log_param is not None
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_BACKWARD_TILE)
-    _family_kl_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    grid, meta = backward_plan(N, L, q_log_param.dtype, family, p_log_param.dim() == 1, grad_kl.dim() == 1, has_dp)
+    _family_kl_bwd_kernel[grid](
         grad_kl, q_log_param if q_loc is None else q_loc, q_log_param,
         p_log_param if p_loc is None else p_loc, p_log_param,
         dq_log_param if dq_loc is None else dq_loc, dq_log_param,
-        dq_log_param if dp_loc is None else dp_loc, dp_log_param if has_dp else dq_log_param, N, L,
-        FAMILY=family, P_SHARED=p_log_param.dim() == 1, REDUCE=grad_kl.dim() == 1, HAS_DP=has_dp,
-        ACC=acc_dtype(q_log_param.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
+        dq_log_param if dp_loc is None else dp_loc, dp_log_param if has_dp else dq_log_param, N, L, **meta,
     )
