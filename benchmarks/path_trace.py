@@ -7,7 +7,8 @@ tensors after a warm-up call (so the triton backend's plan exists), and
 records every time control enters a module of fastvae/ or kernels/: a call
 into it, or a return to it from a callee. Each entry is a stop; a stop at a
 module the call had already left is a return. Fewer stops and returns mean a
-path a reader can follow top to bottom.
+path a reader can follow top to bottom. A planned launch (fastvae/_launch.py,
+with Triton's launcher behind it) is a call's leaf, as a kernel is: not a stop.
 
 ``--backend triton`` (default) runs the CUDA code path as
 bench_host_cost.py does on the CPU: TRITON_INTERPRET=1 with every
@@ -19,6 +20,8 @@ import argparse
 import json
 import os
 import sys
+
+LEAF = os.path.join("fastvae", "_launch.py")  # the planned launch: a leaf of the call, not a stop
 
 
 def trace(backend: str) -> dict:
@@ -42,7 +45,8 @@ def trace(backend: str) -> dict:
         path = os.path.realpath(frame.f_code.co_filename) if frame is not None else ""
         for root in roots:
             if path.startswith(root + os.sep):
-                return os.path.relpath(path, os.path.dirname(package))
+                name = os.path.relpath(path, os.path.dirname(package))
+                return None if name == LEAF else name
         return None
 
     torch.manual_seed(0)

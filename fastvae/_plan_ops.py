@@ -7,7 +7,7 @@ into the ops of this module wherever the eager call would take the plans
 the decoder (``plan_elbo_tail``, ``plan_iwae_tail``), with a backward op each.
 Each op's implementation looks its plan up by its arguments' metadata (the
 shapes, strides, dtypes and device, and the options), makes it once as the
-eager path does, and launches the plan's kernels directly (``_plan.Launch``).
+eager path does, and launches the plan's kernels directly (``_launch.Launch``).
 
 So a compiled step's fastvae nodes run what an eager step's plans run, the
 same kernels with the same arguments, bit for bit, and no more: Dynamo's
