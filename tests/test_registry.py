@@ -348,7 +348,8 @@ def _cpp_positions(text: str) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("families", FAMILY_COPIES)
 def test_the_cpp_and_triton_kernels_spell_the_families_order(families):
     """The C++ constants name each family at its position in fastvae/_families.py,
-    the C++ dispatch counts as many families, and every Triton branch on FAMILY
+    the binding and the C++ dispatch count as many families (a sampler's binding
+    lists their names in that order), and every Triton branch on FAMILY
     is a position of the tuple and, where its comment names a family, that
     family's: so the order cannot drift in one copy unnoticed."""
     from fastvae import _families
@@ -357,9 +358,14 @@ def test_the_cpp_and_triton_kernels_spell_the_families_order(families):
     cpp_path, triton_path = (ROOT / "fastvae" / "ops" / p for p in FAMILY_COPIES[families])
     cpp = cpp_path.read_text()
     assert _cpp_positions(cpp) == [(name, i) for i, name in enumerate(order)]
+    # the binding's check of the index: a sampler's names in order with their count
+    # (csrc/sampler_bind.h's FamilySamplerNames), family_kl's count
+    bind = (cpp_path.parent / "bind.cpp").read_text()
+    listed = re.findall(r'(\d+),\s*"(\w+(?:, \w+)+)"', bind)
+    assert all(tuple(names.split(", ")) == order for _, names in listed), listed
+    bound = [int(n) for n, _ in listed] + [int(n) for n in re.findall(r"kFamilyKLFamilies = (\d+)", bind)]
     counts = [int(n) for n in re.findall(r"by_family<(\d+)>", cpp)]
-    counts += [int(n) for n in re.findall(r"kFamilyKLFamilies = (\d+)", (cpp_path.parent / "bind.cpp").read_text())]
-    assert counts and set(counts) == {len(order)}
+    assert bound and set(bound + counts) == {len(order)}
     triton = triton_path.read_text()
     branches = [int(n) for n in re.findall(r"\bFAMILY == (\d+)", triton)]
     assert branches and set(branches) <= set(range(len(order)))
