@@ -1,8 +1,9 @@
-"""GPU model of the heavy ops: model, not measured.
+"""GPU model of the training path's ops: model, not measured.
 
-For each op, direction and shape: the fewest bytes the op must move (every
-input read once, every output written once, in the op's dtype; the noise is
-never stored), the time that takes at a stated HBM bandwidth (H100 SXM:
+For each op of the training path, direction and shape: the fewest bytes the
+op must move (every input read once, every output written once; the noise is
+never stored: its benchmark row's min_bytes, read from the op's registry
+record), the time that takes at a stated HBM bandwidth (H100 SXM:
 3.35 TB/s), and the programs the Triton launchers launch against the 132 SMs
 of an H100 (recorded by python -m fastvae.kernels.aot on meta tensors: no GPU
 needed, nothing compiled). A kernel at the predicted time would run at the
@@ -18,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
+from fastvae import _registry
 
 from . import common
 
@@ -26,28 +27,13 @@ HBM_BYTES_PER_S = 3.35e12  # H100 SXM
 SMS = 132
 SHAPES = [dict(K=K, B=B, L=32, D=784) for K, B in ((1, 256), (5, 256), (50, 256), (50, 1024))] + [
     dict(K=5000, B=B, L=32, D=784) for B in (1, 64, 256)]
-HEAVY = ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob", "logmeanexp", "kl_normal")
 
 
-def min_elements(op: str, direction: str, K: int, B: int, L: int, D: int) -> int:
-    """Elements read + written once (a shared-variance Gaussian; latent size L, data size D)."""
-    forward = {
-        "sample_normal": 2 * B * L + K * B * L + B,  # mu, logvar -> z, kl
-        "latent_log_ratio": K * B * L + 2 * B * L + K * B,  # z, mu, logvar -> out
-        "gaussian_log_prob": B * D + K * B * D + D + K * B,  # x, mean, scale -> out
-        "bernoulli_log_prob": B * D + K * B * D + K * B,  # x, logits -> out
-        "logmeanexp": K * B + 3 * B,  # lw -> out, max, sumexp
-        "kl_normal": 2 * B * L + B,  # mu, logvar -> kl
-    }
-    backward = {
-        "sample_normal": K * B * L + B + 2 * B * L + 2 * B * L,  # grad_z, grad_kl, mu, logvar -> dmu, dlogvar
-        "latent_log_ratio": K * B + K * B * L + 2 * B * L + K * B * L + 2 * B * L,
-        "gaussian_log_prob": K * B + B * D + K * B * D + D + K * B * D,  # grad, x, mean, scale -> dmean
-        "bernoulli_log_prob": K * B + B * D + K * B * D + K * B * D,  # grad, x, logits -> dlogits
-        "logmeanexp": K * B + 3 * B + K * B,  # lw, state, grad -> dlw
-        "kl_normal": B + 2 * B * L + 2 * B * L,
-    }
-    return (forward if direction == "forward" else backward)[op]
+def modelled() -> list[str]:
+    """The ops of the training path, which the model tabulates: those whose
+    registry record gives its fewest bytes (Op.model_bytes, its benchmark row's
+    min_bytes at a K x B x L x D problem), in the registry's order."""
+    return [name for name, op in _registry.OPS.items() if op.model_bytes is not None]
 
 
 def programs(op: str, shape: dict, dtype: str) -> dict[str, int]:
@@ -69,13 +55,13 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     rows = []
-    for op in HEAVY:
+    for op in modelled():
         for shape in SHAPES:
             grid = programs(op, shape, args.dtype)
+            min_bytes = _registry.OPS[op].model_bytes(shape, args.dtype)
             for direction in ("forward", "backward"):
-                nbytes = min_elements(op, direction, **shape) * itemsize
+                nbytes = min_bytes[direction]
                 rows.append({"op": op, "direction": direction, "shape": shape, "min_bytes": nbytes,
                              "predicted_us": nbytes / HBM_BYTES_PER_S * 1e6, "programs": grid.get(direction),
                              "programs_per_sm": (grid.get(direction) or 0) / SMS})

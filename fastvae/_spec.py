@@ -28,6 +28,14 @@ class Kernel(NamedTuple):
     # objectives' bound fused into the kernel (kernels/_common.py's
     # bound_epilogue), which only their plans (fastvae/_plan.py) pass
     bound: tuple[str, ...] = ()
+    # a heavy kernel: one of a K x B x rows problem, bound by memory bandwidth on a GPU; the
+    # rows' length ("D", a decoder output's, or "L", a latent's). tests/test_aot.py asserts that
+    # it runs at least 4 warps a program and a wave over the SMs wherever the problem has the
+    # elements for them. None: a light kernel (a reduction over B rows, the noise fills)
+    heavy: str | None = None
+    # a heavy kernel that reads its contiguous float32 rows 128 bits at a time wherever their
+    # length is a multiple of 4 (tests/test_aot.py finds LDG.E.128 in its SASS)
+    vector_loads: bool = False
 
 
 # Kernel.bound of a likelihood's forward and backward: the latent term, its
@@ -71,6 +79,11 @@ class Op(NamedTuple):
     # a likelihood the objectives' plans fuse into their tail (fastvae/_plan.py's TailPlan
     # launches its kernels with the bound's epilogue): calls with it take the plans' short path
     plan_tail: bool = False
+    # an op of the training path, which benchmarks/gpu_model.py models on an H100:
+    # (shape, dtype) -> its fewest bytes "forward" and "backward" at a K x B x L x D problem
+    # (shape: a dict of those four) in a dtype (its name), which is its folder's Bench.min_bytes
+    # at that problem; None: an op the model leaves out
+    model_bytes: Callable | None = None
 
 
 class Bench(NamedTuple):

@@ -1,6 +1,9 @@
-"""Checks of argument values that catch the common silent mistakes:
-probabilities passed as Bernoulli logits (a decoder that ends in a sigmoid),
-data outside [0, 1] under the Bernoulli likelihood, a non-positive ``scale``.
+"""Checks of argument values that catch the common silent mistakes: the policy
+of when a value is read, and the rules that several ops share (a non-positive
+``scale``, a positive parameter, a non-finite log-space parameter). A rule of
+one op lives in its folder (probabilities passed as Bernoulli logits, data
+outside [0, 1] under the Bernoulli likelihood: fastvae/ops/bernoulli_likelihood/
+op.py) and asks ``should_check`` first, ``warn`` to warn.
 
 Reading a value costs a host sync on a GPU, which the training step must not
 pay. So, under the default policy ("auto"):
@@ -65,7 +68,7 @@ def set_value_checks(mode: str) -> None:
     _warned.clear()
 
 
-def _warn(kind: str, message: str) -> None:
+def warn(kind: str, message: str) -> None:
     """Warn once per kind, attributed to the first frame outside fastvae (the
     user's call, however deep inside fastvae the check ran)."""
     global epoch
@@ -77,7 +80,10 @@ def _warn(kind: str, message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
-def _should_check(kind: str, t: Tensor) -> bool:
+def should_check(kind: str, t: Tensor) -> bool:
+    """Whether a rule of this kind (its slot: once checked on the sync-costly
+    path, or once warned, it is not checked again) reads t's values now, by
+    the policy above; a True on the sync-costly path marks the kind checked."""
     global epoch
     if _mode == "never" or kind in _warned or t.numel() == 0 or t.device.type == "meta":
         return False
@@ -103,7 +109,7 @@ def settled(*kinds: str) -> bool:
     return _mode == "auto" and all(k in _checked_once or k in _warned for k in kinds)
 
 
-def _prefix(t: Tensor) -> Tensor:
+def prefix(t: Tensor) -> Tensor:
     """t itself up to WHOLE values, else at most PREFIX leading values of t,
     as a view (narrowed along the leading dimensions, so it never copies,
     contiguous or not)."""
@@ -118,92 +124,17 @@ def _prefix(t: Tensor) -> Tensor:
     return t if t.numel() <= PREFIX else t[:PREFIX]
 
 
-def _range(t: Tensor) -> tuple[float, float]:
-    lo, hi = torch.aminmax(_prefix(t))
+def value_range(t: Tensor) -> tuple[float, float]:
+    lo, hi = torch.aminmax(prefix(t))
     return lo.item(), hi.item()
-
-
-# The [0, 1]-data likelihoods' words: each has its own slot (a Bernoulli warning
-# must not silence the continuous Bernoulli's check) and names its own fix.
-_UNIT_DATA = {
-    "bernoulli": ("the Bernoulli likelihood takes binary data or values in [0, 1]",
-                  "torch.distributions.Bernoulli(probs=...)"),
-    "continuous_bernoulli": ("the continuous Bernoulli likelihood is a density on [0, 1]",
-                             "torch.distributions.ContinuousBernoulli(probs=...)"),
-}
-
-
-def bernoulli_logits(logits: Tensor, name: str = "logits", likelihood: str = "bernoulli") -> None:
-    """Warn when every value read lies in [0, 1]: probabilities, not logits
-    (a fresh decoder's logits straddle 0; one that ends in a sigmoid gives
-    values in (0, 1), which, read as logits, give a wrong likelihood).
-    ``likelihood``: "bernoulli" or "continuous_bernoulli" (its own slot and words)."""
-    kind = f"{likelihood} logits"
-    if not _should_check(kind, logits):
-        return
-    lo, hi = _range(logits)
-    if 0.0 <= lo and 0.0 < hi <= 1.0:  # all zeros: a zero-initialized last layer, not a sigmoid
-        _warn(kind,
-            f"{name}: logits expected, but the values lie in [0, 1] (min {lo:.3g}, max {hi:.3g}): did you "
-            f"apply a sigmoid? Pass the pre-sigmoid output (drop the final Sigmoid), or return "
-            f"{_UNIT_DATA[likelihood][1]} from decode (docs/migrating.md)")
-
-
-def bernoulli_data(x: Tensor, name: str = "x", likelihood: str = "bernoulli") -> None:
-    """Warn when data under the Bernoulli or continuous Bernoulli likelihood
-    leaves [0, 1] (raw pixel values, say, or standardized data): the result
-    is then no log-likelihood. ``likelihood`` picks the slot and the words."""
-    kind = f"{likelihood} data"
-    if not _should_check(kind, x):
-        return
-    lo, hi = _range(x)
-    if lo < 0.0 or hi > 1.0:
-        _warn(kind,
-            f"{name} lies outside [0, 1] (min {lo:.3g}, max {hi:.3g}): {_UNIT_DATA[likelihood][0]}. Scale the "
-            f"data into [0, 1] (e.g. pixels / 255), or use likelihood='gaussian' for real-valued data")
-
-
-def count_data(x: Tensor, name: str, likelihood: str) -> None:
-    """Raise for a negative or NaN count among the values read (the result
-    would be NaN: lgamma(x + 1) of a negative x); warn, in ``likelihood``'s
-    own slot, for a non-integer one (normalized or log1p-transformed
-    expression gives a finite number that is no likelihood of the data, which
-    torch's ``Poisson(validate_args=True)`` refuses)."""
-    kind = f"{likelihood} data"
-    if not _should_check(kind, x):
-        return
-    p = _prefix(x)
-    lo = torch.min(p).item()
-    if not lo >= 0:  # also NaN
-        raise ValueError(f"{name} must hold counts >= 0 (the count likelihoods' data), got a value of {lo:.3g}")
-    if x.is_floating_point() and bool(torch.any(p != torch.round(p))):
-        frac = p[p != torch.round(p)][0].item()
-        _warn(kind,
-            f"{name} holds a non-integer value ({frac:.4g}): likelihood={likelihood!r} is a distribution of "
-            f"counts, so normalized or log-transformed data gives a number that is no log-likelihood. Pass the "
-            f"raw counts (e.g. adata.layers['counts'] in scanpy), or use likelihood='gaussian' for "
-            f"continuous data")
-
-
-def discretized_data(x: Tensor, name: str = "x") -> None:
-    """Warn when images under the discretized logistic mixture leave [-1, 1]
-    (raw 8-bit pixels, or pixels scaled into [0, 1]): every value past 0.999
-    falls in the last bin and the result is no log-likelihood of the images."""
-    if not _should_check("discretized data", x):
-        return
-    lo, hi = _range(x)
-    if lo < -1.0 or hi > 1.0:
-        _warn("discretized data",
-            f"{name} lies outside [-1, 1] (min {lo:.3g}, max {hi:.3g}): the discretized logistic mixture takes "
-            f"pixels scaled as p / 127.5 - 1 (8 bits); values outside [-1, 1] all fall in an edge bin")
 
 
 def positive_scale(scale: Tensor, name: str = "scale") -> None:
     """Raise when a tensor standard deviation has a non-positive value (its
     log would be NaN), as a float scale <= 0 does."""
-    if not _should_check("scale", scale):
+    if not should_check("scale", scale):
         return
-    lo = torch.min(_prefix(scale)).item()
+    lo = torch.min(prefix(scale)).item()
     if not lo > 0.0:  # also NaN
         raise ValueError(
             f"{name} must be > 0 (a standard deviation), got a value of {lo:.3g}; for a learned scale use "
@@ -214,9 +145,9 @@ def finite_log_param(t: Tensor, name: str) -> None:
     """Raise when a log-space parameter (a positive latent family's log rate,
     log scale, log concentration, log a or log b) holds a NaN or an infinity:
     the sample and log q would be NaN or infinite."""
-    if not _should_check("log parameter", t):
+    if not should_check("log parameter", t):
         return
-    lo, hi = _range(t)
+    lo, hi = value_range(t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} must be finite (a log-space parameter), got values in [{lo:.3g}, {hi:.3g}]")
 
@@ -226,24 +157,8 @@ def positive_param(t: Tensor, name: str, zero_ok: bool = False) -> None:
     concentration) is <= 0 or NaN: its log would be NaN or -inf.
     zero_ok: only < 0 or NaN raises (a mean or rate of 0, whose log -inf the
     count likelihoods take as the limit)."""
-    if not _should_check("positive parameter", t):
+    if not should_check("positive parameter", t):
         return
-    lo = torch.min(_prefix(t)).item()
+    lo = torch.min(prefix(t)).item()
     if not (lo >= 0.0 if zero_ok else lo > 0.0):
         raise ValueError(f"{name} must be {'>=' if zero_ok else '>'} 0, got a value of {lo:.3g}")
-
-
-def concrete_logits(t: Tensor, name: str = "logits") -> None:
-    """Raise when a relaxed categorical's logits hold a NaN or +inf, or when a
-    latent has every category masked (-inf): z would be NaN."""
-    if not _should_check("concrete logits", t) or t.numel() == 0:
-        return
-    d = t.detach()
-    # one reduction in the common case: each latent's max is finite exactly
-    # when it has no NaN (amax propagates it), no +inf and a finite category
-    if bool(torch.isfinite(d.amax(-1)).all()):
-        return
-    if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
-        raise ValueError(f"{name} must be finite or -inf (a masked category): got a NaN or +inf")
-    if bool((d == -math.inf).all(-1).any()):
-        raise ValueError(f"{name} has a latent with every category -inf (masked): at least one must be finite")

@@ -19,10 +19,6 @@ pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for a GPU target; no
 aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
 gpu_compile = pytest.mark.gpu_compile
 
-HEAVY = ("sample_normal", "latent_log_ratio", "gaussian_log_prob", "bernoulli_log_prob", "laplace_log_prob",
-         "sample_location_scale", "sample_positive", "sample_concrete")
-# the plain noise fills (evaluation's optional strided fill, the uniforms' test hook) are not heavy ops
-NOT_HEAVY_KERNELS = ("_randn_kernel", "_uniform_kernel")
 SHAPES = [dict(K=50, B=256, L=32, D=784), dict(K=5, B=256, L=16, D=64), dict(K=5000, B=1, L=32, D=784)]
 SMS = aot.SMS["sm_90"]  # 132 on an H100
 MIN_WARPS = 4
@@ -31,24 +27,22 @@ MIN_WARPS = 4
 TILE_ELEMENTS = 4096
 # A problem of at least one tile per SM can fill a wave over every SM.
 WAVE_ELEMENTS = SMS * TILE_ELEMENTS
-# The forward kernels that stream contiguous rows of decoder outputs (D) or latents (L).
-VECTOR_LOAD_LAUNCHERS = {"gaussian_log_prob_forward": "D", "bernoulli_log_prob_forward": "D",
-                         "laplace_log_prob_forward": "D",
-                         "sample_normal_forward": "L", "sample_location_scale_forward": "L",
-                         "sample_positive_forward": "L"}
-# the likelihoods, whose largest tensor is K x B x D
-LIKELIHOOD_OPS = ("gaussian_log_prob", "bernoulli_log_prob", "laplace_log_prob")
+
+
+def rows(launch) -> str | None:
+    """The rows' dimension of the launch's kernel where it is heavy ("D" or "L"), else None
+    (its registry record: Kernel.heavy)."""
+    return aot._registry.KERNELS[launch.launcher].heavy
 
 
 def problem_elements(launch) -> int:
-    """The elements of the op's largest tensor: K x B x D for a likelihood, K x B x L otherwise."""
+    """The elements of the heavy kernel's problem: K x B x D or K x B x L."""
     s = launch.shape
-    return s["K"] * s["B"] * (s["D"] if launch.op in LIKELIHOOD_OPS else s["L"])
+    return s["K"] * s["B"] * s[rows(launch)]
 
 
 def heavy(compiled):
-    return [(launch, info) for launch, info in compiled
-            if launch.op in HEAVY and launch.kernel not in NOT_HEAVY_KERNELS]
+    return [(launch, info) for launch, info in compiled if rows(launch)]
 
 
 def describe(launch, *extra):
@@ -93,10 +87,10 @@ def test_gpu_compile_without_spills(folder, dtype, shape):
 @gpu_compile
 @pytest.mark.parametrize(("folder", "dtype", "shape"), CASES)
 def test_gpu_compile_heavy_ops_run_enough_warps(folder, dtype, shape):
-    """sample_normal, latent_log_ratio and both likelihoods, forward and backward:
-    at least 4 warps a program wherever the problem has a tile's worth of
-    elements (K x B x L or D >= 4096): fewer warps cannot keep enough loads in
-    flight to reach the memory bandwidth."""
+    """Every heavy kernel (the registry's Kernel.heavy: the likelihoods and the
+    samplers, forward and backward): at least 4 warps a program wherever the
+    problem has a tile's worth of elements (K x B x L or D >= 4096): fewer warps
+    cannot keep enough loads in flight to reach the memory bandwidth."""
     few = sorted({describe(launch, f"elements={problem_elements(launch)}", f"warps={launch.num_warps}")
                   for launch, _ in heavy(compiled(folder, dtype, shape))
                   if problem_elements(launch) >= TILE_ELEMENTS and launch.num_warps < MIN_WARPS})
@@ -115,17 +109,18 @@ def test_gpu_compile_big_problems_launch_a_wave(folder, dtype, shape):
 
 
 @gpu_compile
-@pytest.mark.parametrize("folder", sorted({aot._registry.FOLDER_OF[launcher.removesuffix("_forward")]
-                                            for launcher in VECTOR_LOAD_LAUNCHERS}))
+@pytest.mark.parametrize("folder", sorted({kernel.module for kernel in aot._registry.KERNELS.values()
+                                            if kernel.vector_loads}))
 @pytest.mark.parametrize("shape", range(len(SHAPES)), ids=SHAPE_IDS)
 def test_gpu_compile_forward_kernels_load_128_bits_at_a_time(folder, shape):
-    """The likelihoods' and the sampler's forward kernels read contiguous float32
-    rows whose length (D or L) is a multiple of 4 with 128-bit loads (LDG.E.128
+    """The kernels whose registry record says vector_loads (the likelihoods' and
+    the samplers' forward kernels) read contiguous float32 rows whose length (D
+    or L, their Kernel.heavy) is a multiple of 4 with 128-bit loads (LDG.E.128
     in their SASS): 4 floats a thread a load, the widest a GPU has."""
     checked, scalar = 0, set()
     for launch, info in compiled(folder, "float32", shape):
-        dim = VECTOR_LOAD_LAUNCHERS.get(launch.launcher)
-        if dim is None or launch.dtype != "float32" or launch.shape[dim] % 4 or not info["ok"]:
+        kernel = aot._registry.KERNELS[launch.launcher]
+        if not kernel.vector_loads or launch.dtype != "float32" or launch.shape[kernel.heavy] % 4 or not info["ok"]:
             continue
         checked += 1
         if not aot.has_128bit_global_loads(launch, _CACHE):

@@ -165,14 +165,14 @@ def test_noise_benchmark_reports_every_noise_path(tmp_path):
 
 
 def test_overhead_benchmark_reports_the_floor_and_every_op(tmp_path):
-    """A smoke run: the rows exist and are positive times (speed is never asserted)."""
-    from benchmarks import bench_overhead
+    """A smoke run: the rows exist and are positive times (speed is never asserted), one
+    for every op of the training path."""
+    from benchmarks import bench_overhead, gpu_model
 
     payload = bench_overhead.main(["--quick", "--out", str(tmp_path / "overhead.json")])
     cases = {r["case"] for r in payload["results"]}
     assert {"floor: x * 2", "floor: empty op (define + Function)"} <= cases
-    for op in ("sample_normal", "kl_normal", "bernoulli_log_prob", "gaussian_log_prob", "latent_log_ratio",
-               "logmeanexp"):
+    for op in gpu_model.modelled():  # the training path's ops (the registry's Op.model_bytes)
         assert any(c.startswith(op) for c in cases), op
     assert all(r["median_us"] > 0 for r in payload["results"])
     assert json.loads((tmp_path / "overhead.json").read_text())["vector_isa"] == common.cpu_vector_isa()
@@ -180,22 +180,28 @@ def test_overhead_benchmark_reports_the_floor_and_every_op(tmp_path):
 
 def test_gpu_model_is_labelled_and_fills_the_gpu(tmp_path):
     """The model's rows say they are a model, and its programs column comes from
-    the launchers: where a heavy op has 132 tiles of 4096 elements of work, it
+    the launchers: where a heavy kernel has 132 tiles of 4096 elements of work, it
     launches at least one wave over the H100's 132 SMs (docs/triton.md: tiles
     are sized by bandwidth, not to fill a program count), sample_normal's
     backward too (it splits the samples where B * L is small)."""
     pytest.importorskip("triton")
     from benchmarks import gpu_model
+    from fastvae import _registry
 
     payload = gpu_model.main(["--out", str(tmp_path / "model.json")])
     assert payload["label"] == "model, not measured"
+    assert {row["op"] for row in payload["rows"]} == set(gpu_model.modelled()) >= {"sample_normal", "logmeanexp"}
     for row in payload["rows"]:
         assert row["min_bytes"] > 0 and row["predicted_us"] > 0
         shape = row["shape"]
-        width = {"sample_normal": shape["L"], "latent_log_ratio": shape["L"],
-                 "gaussian_log_prob": shape["D"], "bernoulli_log_prob": shape["D"]}.get(row["op"])
-        if width is not None and shape["K"] * shape["B"] * width >= 132 * 4096:
+        # a heavy kernel's rows (the registry's Kernel.heavy: "L" or "D"), None for a light one
+        rows = _registry.KERNELS[f"{row['op']}_{row['direction']}"].heavy
+        if rows is not None and shape["K"] * shape["B"] * shape[rows] >= 132 * 4096:
             assert row["programs"] >= 132, row
+    # the bytes are the op's benchmark row's: sample_normal at K=1, B=256, L=32 in float32 reads mu and
+    # logvar (B x L each) and writes z (K x B x L) and the KL (B)
+    first = next(row for row in payload["rows"] if row["op"] == "sample_normal" and row["shape"]["K"] == 1)
+    assert first["direction"] == "forward" and first["min_bytes"] == (2 * 256 * 32 + 256 * 32 + 256) * 4
 
 
 # -- the per-call figures of a CUDA run (host us, kernels, GPU us, graph ms) -----

@@ -199,6 +199,29 @@ def test_every_op_describes_its_launches_and_double_backward(op):
     assert all(type(k) is str for k in op.other_kernels)
 
 
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_a_heavy_kernel_names_its_rows(kernel):
+    """Kernel.heavy (tests/test_aot.py's warps and wave, and its K x B x rows problem)
+    is the rows' dimension, "D" or "L", or None; a kernel that reads its rows 128
+    bits at a time (vector_loads) is a heavy forward kernel, whose rows' length
+    tests/test_aot.py checks is a multiple of 4."""
+    assert kernel.heavy in (None, "D", "L")
+    assert not kernel.vector_loads or (kernel.heavy is not None and kernel.name.endswith("_forward"))
+
+
+@pytest.mark.parametrize("op", [op for op in _registry.OPS.values() if op.model_bytes is not None],
+                         ids=lambda op: op.name)
+def test_the_gpu_model_s_ops_give_their_bytes(op):
+    """Op.model_bytes (benchmarks/gpu_model.py's rows) gives positive bytes for both
+    directions, no fewer for more samples (kl_normal has none), and fewer in
+    bfloat16 than in float32."""
+    shape = dict(K=5, B=256, L=32, D=784)
+    f32, bf16 = op.model_bytes(shape, "float32"), op.model_bytes(shape, "bfloat16")
+    more = op.model_bytes({**shape, "K": 50}, "float32")
+    for direction in ("forward", "backward"):
+        assert type(f32[direction]) is int and 0 < bf16[direction] < f32[direction] <= more[direction], direction
+
+
 def _torch_library_block(namespace: str) -> str:
     """The bodies of csrc/torch_ops.cpp's TORCH_LIBRARY(namespace, m) { ... } and
     of each op folder's TORCH_LIBRARY_FRAGMENT(namespace, m) { ... } in torch_op.cpp
@@ -299,3 +322,61 @@ def test_every_likelihood_op_has_its_entry_in_the_decoder_table():
     for entry in _decoder._TABLE.values():
         assert entry.route.__module__ == f"fastvae.ops.{_registry.FOLDER_OF[entry.op]}.op", entry
         assert entry.class_dims == _registry.OPS[entry.op].class_dims
+
+
+# -- the family order that Python, C++ and Triton each spell --------------------------------
+# A kernel's `family` argument is a family's position in fastvae/_families.py; the C++ kernels
+# name the positions in an enum (or constants) and the Triton kernels branch on a constexpr
+# FAMILY, a comment naming the family at each branch. Each family tuple: its C++ source, where
+# the positions are named, and its Triton module.
+FAMILY_COPIES = {
+    "LOCATION_SCALE_FAMILIES": ("sample_location_scale/sample_location_scale.cpp", "sample_location_scale/triton.py"),
+    "POSITIVE_FAMILIES": ("sample_positive/sample_positive.cpp", "sample_positive/triton.py"),
+    "KL_FAMILIES": ("family_kl/family_kl.cpp", "family_kl/triton.py"),
+}
+
+
+def _cpp_positions(text: str) -> list[tuple[str, int]]:
+    """(family, position) of a C++ source's ``enum Family : int { kUniform = 0, ... }`` or
+    ``constexpr int kLaplace = 0, ...;``, the family's name lower-cased from its constant's."""
+    found = (re.search(r"enum Family : int \{([^}]*)\}", text)
+             or re.search(r"constexpr int (k\w+ = \d+(?:, k\w+ = \d+)+);", text))
+    assert found, "no enum Family and no constexpr int list of positions"
+    return [(name.lower(), int(n)) for name, n in re.findall(r"k(\w+) = (\d+)", found.group(1))]
+
+
+@pytest.mark.parametrize("families", FAMILY_COPIES)
+def test_the_cpp_and_triton_kernels_spell_the_families_order(families):
+    """The C++ constants name each family at its position in fastvae/_families.py,
+    the binding and the C++ dispatch count as many families (a sampler's binding
+    lists their names in that order), and every Triton branch on FAMILY
+    is a position of the tuple and, where its comment names a family, that
+    family's: so the order cannot drift in one copy unnoticed."""
+    from fastvae import _families
+
+    order = getattr(_families, families)
+    cpp_path, triton_path = (ROOT / "fastvae" / "ops" / p for p in FAMILY_COPIES[families])
+    cpp = cpp_path.read_text()
+    assert _cpp_positions(cpp) == [(name, i) for i, name in enumerate(order)]
+    # the binding's check of the index: a sampler's names in order with their count
+    # (csrc/sampler_bind.h's FamilySamplerNames), family_kl's count
+    bind = (cpp_path.parent / "bind.cpp").read_text()
+    listed = re.findall(r'(\d+),\s*"(\w+(?:, \w+)+)"', bind)
+    assert all(tuple(names.split(", ")) == order for _, names in listed), listed
+    bound = [int(n) for n, _ in listed] + [int(n) for n in re.findall(r"kFamilyKLFamilies = (\d+)", bind)]
+    counts = [int(n) for n in re.findall(r"by_family<(\d+)>", cpp)]
+    assert bound and set(bound + counts) == {len(order)}
+    triton = triton_path.read_text()
+    branches = [int(n) for n in re.findall(r"\bFAMILY == (\d+)", triton)]
+    assert branches and set(branches) <= set(range(len(order)))
+    named = re.findall(r"\bFAMILY == (\d+):\s*#\s*([A-Za-z]+)", triton)
+    assert named and all(order[int(n)] == name.lower() for n, name in named), named
+
+
+def test_family_kl_names_the_exponential_s_position():
+    """family_kl's binding tells the exponential (no location) by a constant of its own:
+    the exponential's position in KL_FAMILIES."""
+    from fastvae._families import KL_FAMILIES
+
+    bind = (ROOT / "fastvae" / "ops" / "family_kl" / "bind.cpp").read_text()
+    assert int(re.search(r"kFamilyKLExponential = (\d+)", bind).group(1)) == KL_FAMILIES.index("exponential")

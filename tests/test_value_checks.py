@@ -151,7 +151,7 @@ def test_the_check_reads_a_bounded_prefix():
     for shape in [(3, 5000), (7, 300, 64), (20000,), (2, 3), (100, 64)]:
         t = torch.randn(*shape)
         for view in (t, t.transpose(0, -1) if t.dim() > 1 else t):
-            head = _value_checks._prefix(view)
+            head = _value_checks.prefix(view)
             assert 0 < head.numel() <= (t.numel() if t.numel() <= _value_checks.WHOLE else _value_checks.PREFIX)
             assert head.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
 

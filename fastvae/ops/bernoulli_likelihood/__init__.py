@@ -29,19 +29,21 @@ from ..._oracle_math import softplus, sum_to
 from ..._spec import BOUND_BACKWARD, BOUND_FORWARD, Bench, Kernel, Op
 
 KERNELS = (
-    Kernel("bernoulli_log_prob_forward", "bernoulli_likelihood", ("x", "logits", "out"), BOUND_FORWARD),
+    Kernel("bernoulli_log_prob_forward", "bernoulli_likelihood", ("x", "logits", "out"), BOUND_FORWARD,
+           heavy="D", vector_loads=True),
     Kernel("bernoulli_log_prob_backward", "bernoulli_likelihood", ("grad_out", "x", "logits", "dx", "dlogits"),
-           BOUND_BACKWARD),
-    Kernel("continuous_bernoulli_log_prob_forward", "bernoulli_likelihood", ("x", "logits", "out")),
+           BOUND_BACKWARD, heavy="D"),
+    Kernel("continuous_bernoulli_log_prob_forward", "bernoulli_likelihood", ("x", "logits", "out"), heavy="D"),
     Kernel("continuous_bernoulli_log_prob_backward", "bernoulli_likelihood",
-           ("grad_out", "x", "logits", "dx", "dlogits")),
+           ("grad_out", "x", "logits", "dx", "dlogits"), heavy="D"),
 )
 
 _TEST = "fastvae/ops/bernoulli_likelihood/test_bernoulli_likelihood.py"
 OPS = (
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"), _TEST,
        "bernoulli_likelihood", torch_ops=("bernoulli_log_prob",), likelihood="bernoulli",
-       route="bernoulli_route", plan_tail=True),
+       route="bernoulli_route", plan_tail=True,
+       model_bytes=lambda shape, dtype: _bench_min_bytes({**shape, "logits": dtype})),
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"), _TEST,
        "bernoulli_likelihood", likelihood="continuous_bernoulli",

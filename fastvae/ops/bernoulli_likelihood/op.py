@@ -169,6 +169,48 @@ def _bernoulli_kind(grad_out, x, logits, needs, log_norm_grad):
     return (_like((g * lg).sum_to_size(x.shape), x, needs[0]), _like(dl.sum_to_size(logits.shape), logits, needs[1]))
 
 
+# -- the value checks: data in [0, 1], logits that are no probabilities (fastvae/_value_checks.py) --
+
+# The [0, 1]-data likelihoods' words: each has its own slot (a Bernoulli warning
+# must not silence the continuous Bernoulli's check) and names its own fix.
+_UNIT_DATA = {
+    "bernoulli": ("the Bernoulli likelihood takes binary data or values in [0, 1]",
+                  "torch.distributions.Bernoulli(probs=...)"),
+    "continuous_bernoulli": ("the continuous Bernoulli likelihood is a density on [0, 1]",
+                             "torch.distributions.ContinuousBernoulli(probs=...)"),
+}
+
+
+def bernoulli_logits(logits: Tensor, name: str = "logits", likelihood: str = "bernoulli") -> None:
+    """Warn when every value read lies in [0, 1]: probabilities, not logits
+    (a fresh decoder's logits straddle 0; one that ends in a sigmoid gives
+    values in (0, 1), which, read as logits, give a wrong likelihood).
+    ``likelihood``: "bernoulli" or "continuous_bernoulli" (its own slot and words)."""
+    kind = f"{likelihood} logits"
+    if not _value_checks.should_check(kind, logits):
+        return
+    lo, hi = _value_checks.value_range(logits)
+    if 0.0 <= lo and 0.0 < hi <= 1.0:  # all zeros: a zero-initialized last layer, not a sigmoid
+        _value_checks.warn(kind,
+            f"{name}: logits expected, but the values lie in [0, 1] (min {lo:.3g}, max {hi:.3g}): did you "
+            f"apply a sigmoid? Pass the pre-sigmoid output (drop the final Sigmoid), or return "
+            f"{_UNIT_DATA[likelihood][1]} from decode (docs/migrating.md)")
+
+
+def bernoulli_data(x: Tensor, name: str = "x", likelihood: str = "bernoulli") -> None:
+    """Warn when data under the Bernoulli or continuous Bernoulli likelihood
+    leaves [0, 1] (raw pixel values, say, or standardized data): the result
+    is then no log-likelihood. ``likelihood`` picks the slot and the words."""
+    kind = f"{likelihood} data"
+    if not _value_checks.should_check(kind, x):
+        return
+    lo, hi = _value_checks.value_range(x)
+    if lo < 0.0 or hi > 1.0:
+        _value_checks.warn(kind,
+            f"{name} lies outside [0, 1] (min {lo:.3g}, max {hi:.3g}): {_UNIT_DATA[likelihood][0]}. Scale the "
+            f"data into [0, 1] (e.g. pixels / 255), or use likelihood='gaussian' for real-valued data")
+
+
 # -- bernoulli_log_prob ------------------------------------------------------------
 # The Bernoulli reconstruction term with logits, fused forward and backward,
 # with x broadcast over decoder samples.
@@ -210,8 +252,8 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int = 1) -> Ten
     _validate.event_dim("logits", logits)
     if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
         event_dims = _validate.positive_int("event_dims", event_dims)
-    _value_checks.bernoulli_data(x)
-    _value_checks.bernoulli_logits(logits)
+    bernoulli_data(x)
+    bernoulli_logits(logits)
     return bernoulli_log_prob_unchecked(x, logits, event_dims)
 
 
@@ -268,8 +310,8 @@ def continuous_bernoulli_log_prob(x: Tensor, logits: Tensor, *, event_dims: int 
     _validate.event_dim("logits", logits)
     if type(event_dims) is not int or event_dims < 1:
         event_dims = _validate.positive_int("event_dims", event_dims)
-    _value_checks.bernoulli_data(x, likelihood="continuous_bernoulli")
-    _value_checks.bernoulli_logits(logits, likelihood="continuous_bernoulli")
+    bernoulli_data(x, likelihood="continuous_bernoulli")
+    bernoulli_logits(logits, likelihood="continuous_bernoulli")
     return continuous_bernoulli_log_prob_unchecked(x, logits, event_dims)
 
 
@@ -286,9 +328,9 @@ def continuous_bernoulli_decoder_log_prob(x: Tensor, logits: Tensor, probs_given
     (*batch, D) against decode(z)'s logits (*sample_shape, *batch, D), shapes
     checked and events flattened by fastvae._decoder."""
     _validate.float_tensors(x=x, logits=logits)
-    _value_checks.bernoulli_data(x, "x (likelihood='continuous_bernoulli')", "continuous_bernoulli")
+    bernoulli_data(x, "x (likelihood='continuous_bernoulli')", "continuous_bernoulli")
     if not probs_given:  # logits derived from a distribution's probs= may lie in [0, 1]
-        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='continuous_bernoulli')",
+        bernoulli_logits(logits, "decode(z) (likelihood='continuous_bernoulli')",
                                       "continuous_bernoulli")
     return continuous_bernoulli_log_prob_unchecked(x, logits)
 
@@ -301,9 +343,9 @@ def bernoulli_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_nd
     events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
     logits = check_output("logits", out, x, sample_shape, batch_ndim)
     _validate.float_tensors(x=x, logits=logits)
-    _value_checks.bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
+    bernoulli_data(x, "x (likelihood='bernoulli')", "bernoulli")
     if not probs_given:
-        _value_checks.bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
+        bernoulli_logits(logits, "decode(z) (likelihood='bernoulli')")
     return bernoulli_log_prob_unchecked(flat(x, batch_ndim, events), flat(logits, lead, events))
 
 

@@ -110,7 +110,7 @@ def check_classes(x: Tensor, C: int, name: str = "x") -> None:
     is read (it is the decoder output's size / C). Unchecked, the cpp kernels
     refuse such an index themselves and the Triton kernels give NaN; neither
     reads outside a row."""
-    if not _value_checks._should_check("categorical classes", x):
+    if not _value_checks.should_check("categorical classes", x):
         return
     lo, hi = (v.item() for v in torch.aminmax(x))
     if lo < 0 or hi >= C:

@@ -47,9 +47,25 @@ PARAMS = {
 
 
 def check_counts(x: Tensor, name: str = "x", likelihood: str = "poisson") -> None:
-    """The count likelihoods' data check (_value_checks.count_data): negative
-    counts raise, non-integer ones warn, in ``likelihood``'s own slot."""
-    _value_checks.count_data(x, name, likelihood)
+    """Raise for a negative or NaN count among the values read (the result
+    would be NaN: lgamma(x + 1) of a negative x); warn, in ``likelihood``'s
+    own slot, for a non-integer one (normalized or log1p-transformed
+    expression gives a finite number that is no likelihood of the data, which
+    torch's ``Poisson(validate_args=True)`` refuses)."""
+    kind = f"{likelihood} data"
+    if not _value_checks.should_check(kind, x):
+        return
+    p = _value_checks.prefix(x)
+    lo = torch.min(p).item()
+    if not lo >= 0:  # also NaN
+        raise ValueError(f"{name} must hold counts >= 0 (the count likelihoods' data), got a value of {lo:.3g}")
+    if x.is_floating_point() and bool(torch.any(p != torch.round(p))):
+        frac = p[p != torch.round(p)][0].item()
+        _value_checks.warn(kind,
+            f"{name} holds a non-integer value ({frac:.4g}): likelihood={likelihood!r} is a distribution of "
+            f"counts, so normalized or log-transformed data gives a number that is no log-likelihood. Pass the "
+            f"raw counts (e.g. adata.layers['counts'] in scanpy), or use likelihood='gaussian' for "
+            f"continuous data")
 
 
 def counts_as(x: Tensor, dtype: torch.dtype) -> Tensor:

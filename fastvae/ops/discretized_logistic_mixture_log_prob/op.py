@@ -111,10 +111,23 @@ class DiscretizedLogisticMixtureLogProb(torch.autograd.Function):
 # -- public function -----------------------------------------------------------
 
 
+def _check_data(x: Tensor, name: str = "x") -> None:
+    """Warn when images under the discretized logistic mixture leave [-1, 1]
+    (raw 8-bit pixels, or pixels scaled into [0, 1]): every value past 0.999
+    falls in the last bin and the result is no log-likelihood of the images."""
+    if not _value_checks.should_check("discretized data", x):
+        return
+    lo, hi = _value_checks.value_range(x)
+    if lo < -1.0 or hi > 1.0:
+        _value_checks.warn("discretized data",
+            f"{name} lies outside [-1, 1] (min {lo:.3g}, max {hi:.3g}): the discretized logistic mixture takes "
+            f"pixels scaled as p / 127.5 - 1 (8 bits); values outside [-1, 1] all fall in an edge bin")
+
+
 def _check_params(x: Tensor, params: Any, x_name: str = "x") -> tuple[Tensor, ...]:
     """The parameter tensors (one packed tensor, or the three of the tuple)
     after the metadata checks, naming what is wrong, and the value check of x."""
-    _value_checks.discretized_data(x, x_name)
+    _check_data(x, x_name)
     if isinstance(params, Tensor):
         _validate.float_tensors(x=x, params=params)
         if x.dim() < 3 or params.dim() < 3:

@@ -23,15 +23,17 @@ from ..._spec import BOUND_BACKWARD, BOUND_FORWARD, Bench, Kernel, Op
 
 KERNELS = (
     Kernel("gaussian_log_prob_forward", "gaussian_log_prob",
-           ("x", "mean", "var_param", "softplus_mode", "delta", "out"), BOUND_FORWARD),
+           ("x", "mean", "var_param", "softplus_mode", "delta", "out"), BOUND_FORWARD, heavy="D", vector_loads=True),
     Kernel("gaussian_log_prob_backward", "gaussian_log_prob",
            ("grad_out", "x", "mean", "var_param", "softplus_mode", "delta", "dx", "dmean", "dvar_param"),
-           BOUND_BACKWARD),
+           BOUND_BACKWARD, heavy="D"),
 )
 
 OP = Op("gaussian_log_prob", tuple(k.name for k in KERNELS), "fastvae/ops/gaussian_log_prob/test_gaussian_log_prob.py",
         "gaussian_log_prob", torch_ops=("gaussian_log_prob",), likelihood="gaussian",
-        plan_tail=True)
+        plan_tail=True,
+        # the model's Gaussian: a fixed standard deviation, decoder outputs in the model's dtype
+        model_bytes=lambda shape, dtype: _bench_min_bytes({**shape, "variance": "scale", "decoder_dtype": dtype}))
 
 
 # -- the oracle ------------------------------------------------------------------

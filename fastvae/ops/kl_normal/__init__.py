@@ -22,7 +22,8 @@ KERNELS = (
 )
 
 OP = Op("kl_normal", tuple(k.name for k in KERNELS), "fastvae/ops/kl_normal/test_kl_normal.py", "kl_normal",
-        torch_ops=("kl_normal",))
+        torch_ops=("kl_normal",),
+        model_bytes=lambda shape, dtype: _bench_min_bytes(shape, getattr(torch, dtype).itemsize))
 
 
 # -- the oracle ------------------------------------------------------------------

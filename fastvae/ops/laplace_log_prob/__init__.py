@@ -23,9 +23,10 @@ from ..._oracle_math import sum_to
 from ..._spec import Bench, Kernel, Op
 
 KERNELS = (
-    Kernel("laplace_log_prob_forward", "laplace_log_prob", ("x", "loc", "log_scale", "out")),
+    Kernel("laplace_log_prob_forward", "laplace_log_prob", ("x", "loc", "log_scale", "out"), heavy="D",
+           vector_loads=True),
     Kernel("laplace_log_prob_backward", "laplace_log_prob",
-           ("grad_out", "x", "loc", "log_scale", "dx", "dloc", "dlog_scale")),
+           ("grad_out", "x", "loc", "log_scale", "dx", "dloc", "dlog_scale"), heavy="D"),
 )
 
 OP = Op("laplace_log_prob", tuple(k.name for k in KERNELS), "fastvae/ops/laplace_log_prob/test_laplace_log_prob.py",

@@ -16,13 +16,14 @@ from ..._dtypes import accumulation_dtype
 from ..._spec import Bench, Kernel, Op
 
 KERNELS = (
-    Kernel("latent_log_ratio_forward", "latent_log_ratio", ("z", "mu", "logvar", "out")),
+    Kernel("latent_log_ratio_forward", "latent_log_ratio", ("z", "mu", "logvar", "out"), heavy="L"),
     Kernel("latent_log_ratio_backward", "latent_log_ratio",
-           ("grad_out", "z", "mu", "logvar", "dz", "dmu", "dlogvar")),
+           ("grad_out", "z", "mu", "logvar", "dz", "dmu", "dlogvar"), heavy="L"),
 )
 
 OP = Op("latent_log_ratio", tuple(k.name for k in KERNELS),
-        "fastvae/ops/latent_log_ratio/test_latent_log_ratio.py", "latent_log_ratio")
+        "fastvae/ops/latent_log_ratio/test_latent_log_ratio.py", "latent_log_ratio",
+        model_bytes=lambda shape, dtype: _bench_min_bytes(shape, getattr(torch, dtype).itemsize))
 
 
 # -- the oracle ------------------------------------------------------------------

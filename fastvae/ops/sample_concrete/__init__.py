@@ -25,9 +25,10 @@ from ..._spec import Bench, Kernel, Op
 # logits (N, L, C), C consecutive uniforms per latent
 KERNELS = (
     Kernel("sample_concrete_forward", "sample_concrete",
-           ("logits", "temperature", "seed", "hard", "offset0", "sample_stride", "row_stride", "z", "log_q")),
+           ("logits", "temperature", "seed", "hard", "offset0", "sample_stride", "row_stride", "z", "log_q"),
+           heavy="L"),
     Kernel("sample_concrete_backward", "sample_concrete",
-           ("grad_z", "grad_log_q", "logits", "temperature", "seed", "stop_score", "dlogits")),
+           ("grad_z", "grad_log_q", "logits", "temperature", "seed", "stop_score", "dlogits"), heavy="L"),
 )
 
 # other kernels: the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)

@@ -138,6 +138,22 @@ class SampleConcrete(torch.autograd.Function):
         return d, None, None, None, None, None
 
 
+def _check_logits(t: Tensor, name: str = "logits") -> None:
+    """Raise when a relaxed categorical's logits hold a NaN or +inf, or when a
+    latent has every category masked (-inf): z would be NaN."""
+    if not _value_checks.should_check("concrete logits", t) or t.numel() == 0:
+        return
+    d = t.detach()
+    # one reduction in the common case: each latent's max is finite exactly
+    # when it has no NaN (amax propagates it), no +inf and a finite category
+    if bool(torch.isfinite(d.amax(-1)).all()):
+        return
+    if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
+        raise ValueError(f"{name} must be finite or -inf (a masked category): got a NaN or +inf")
+    if bool((d == -math.inf).all(-1).any()):
+        raise ValueError(f"{name} has a latent with every category -inf (masked): at least one must be finite")
+
+
 def check_args(logits: Tensor, temperature) -> Tensor:
     """The temperature as a tensor of logits.shape[:-1] in the logits' compute
     dtype, after the checks by name: logits a float tensor (..., L, C) with
@@ -177,7 +193,7 @@ def check_args(logits: Tensor, temperature) -> Tensor:
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
         lam = torch.full(logits.shape[:-1], float(temperature), dtype=dtype, device=logits.device)
-    _value_checks.concrete_logits(logits, "logits")
+    _check_logits(logits, "logits")
     return lam
 
 

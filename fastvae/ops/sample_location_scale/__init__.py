@@ -29,9 +29,11 @@ from ..._spec import Bench, Kernel, Op
 # compile-time variant in the C++ and Triton kernels
 KERNELS = (
     Kernel("sample_location_scale_forward", "sample_location_scale",
-           ("loc", "log_scale", "seed", "family", "offset0", "sample_stride", "row_stride", "z", "log_q")),
+           ("loc", "log_scale", "seed", "family", "offset0", "sample_stride", "row_stride", "z", "log_q"),
+           heavy="L", vector_loads=True),
     Kernel("sample_location_scale_backward", "sample_location_scale",
-           ("grad_z", "grad_log_q", "loc", "log_scale", "seed", "family", "stop_score", "dloc", "dlog_scale")),
+           ("grad_z", "grad_log_q", "loc", "log_scale", "seed", "family", "stop_score", "dloc", "dlog_scale"),
+           heavy="L"),
 )
 
 OP = Op("sample_location_scale", tuple(k.name for k in KERNELS),

@@ -24,16 +24,18 @@ from ..kl_normal import kl_normal_grad
 
 KERNELS = (
     Kernel("sample_normal_forward", "sample_normal",
-           ("mu", "logvar", "seed", "offset0", "sample_stride", "row_stride", "z", "kl", "log_ratio")),
+           ("mu", "logvar", "seed", "offset0", "sample_stride", "row_stride", "z", "kl", "log_ratio"),
+           heavy="L", vector_loads=True),
     Kernel("sample_normal_backward", "sample_normal",
            ("grad_z", "grad_kl", "grad_log_ratio", "mu", "logvar", "seed", "stop_score", "dmu", "dlogvar"),
-           ("z_scale",)),  # the objectives' DReG (fastvae/_plan.py): Triton only
+           ("z_scale",), heavy="L"),  # z_scale: the objectives' DReG (fastvae/_plan.py), Triton only
 )
 
 OP = Op("sample_normal", tuple(k.name for k in KERNELS), "fastvae/ops/sample_normal/test_sample_normal.py",
         "sample_normal", launches=(1, 1, 1),
         # and the DReG weights' hooks on sample_normal_with_ratio's z and log-ratio (objectives._dreg_z_scale)
-        torch_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_dreg_hooks"))
+        torch_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_dreg_hooks"),
+        model_bytes=lambda shape, dtype: _bench_min_bytes(shape, getattr(torch, dtype).itemsize))
 
 
 # -- the oracle ------------------------------------------------------------------

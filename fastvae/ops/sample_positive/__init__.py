@@ -30,9 +30,11 @@ from ..._spec import Bench, Kernel, Op
 # compile-time variant; log_p1 unused by the exponential
 KERNELS = (
     Kernel("sample_positive_forward", "sample_positive",
-           ("log_p0", "log_p1", "seed", "family", "offset0", "sample_stride", "row_stride", "z", "log_q")),
+           ("log_p0", "log_p1", "seed", "family", "offset0", "sample_stride", "row_stride", "z", "log_q"),
+           heavy="L", vector_loads=True),
     Kernel("sample_positive_backward", "sample_positive",
-           ("grad_z", "grad_log_q", "log_p0", "log_p1", "seed", "family", "stop_score", "dlog_p0", "dlog_p1")),
+           ("grad_z", "grad_log_q", "log_p0", "log_p1", "seed", "family", "stop_score", "dlog_p0", "dlog_p1"),
+           heavy="L"),
 )
 
 OP = Op("sample_positive", tuple(k.name for k in KERNELS), "fastvae/ops/sample_positive/test_sample_positive.py",
