@@ -433,7 +433,8 @@ def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_p
     assert proc.returncode == 0, proc.stderr
     records = {r["case"]: r for r in json.loads(out.read_text())["records"]}
     launches = {"elbo bernoulli": 4, "elbo bernoulli, halves": 4, "elbo gaussian": 4, "elbo gaussian, mean alone": 4,
-                "iwae k=5": 6, "iwae k=5 dreg": 7, "elbo bernoulli, autocast": 4, "elbo laplace, laplace prior": 6}
+                "iwae k=5": 6, "iwae k=5 dreg": 7, "elbo bernoulli, autocast": 4, "elbo laplace, laplace prior": 6,
+                "sample_normal_kl, one group": 2}
     # the latent families take the general path (no plan): every launch through Triton's run
     general = {"elbo laplace, laplace prior"}
     assert set(records) == set(launches)

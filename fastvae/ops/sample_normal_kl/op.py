@@ -202,6 +202,11 @@ class KLPlan:
         self.ints = (N, L, cols_per, splits)
         self._backward: dict = {}
 
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *self._backward.values()]
+
     def backward(self, has_grad_z: bool, has_grad_kl: bool) -> Launch:
         """The backward kernel's launch for the gradients given (made at first use)."""
         key = has_grad_z, has_grad_kl

@@ -559,7 +559,7 @@ def test_direct_launches_give_the_general_path_s_numbers(triton_device, monkeypa
     monkeypatch.setattr(_launch, "_runtime", _RuntimeStandIn())
     planned_and_general(monkeypatch, triton_device, shapes, torch.float32, **kw)  # the plan's first launches
     (plan,) = kl_op.PLANS.values()
-    launches = [plan.forward, *plan._backward.values()]
+    launches = plan.launches()
     assert len(launches) == 2 and all(launch.direct for launch in launches)
     direct.clear(), through_run.clear()
     (z, kl, grads), (z0, kl0, grads0) = planned_and_general(monkeypatch, triton_device, shapes, torch.float32, **kw)
