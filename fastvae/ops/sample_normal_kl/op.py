@@ -272,7 +272,7 @@ def _plan_for(mu, log_scale, prior_mu, prior_log_scale, param, residual, reduce,
             or type(reduce) is not bool
             or type(free_bits) not in (float, int) or (free_bits != 0 and not (reduce and 0 < free_bits < math.inf))
             or (generator is not None and type(generator) is not torch.Generator)
-            or torch.compiler.is_compiling()):
+            or _backend.compiling()):
         return None
     device = mu.device
     if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
