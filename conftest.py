@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import fastvae._backend  # noqa: E402
 import fastvae._plan  # noqa: E402
+from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op  # noqa: E402 (its plans, as the objectives')
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -81,8 +82,10 @@ def sample_splits(request, monkeypatch):
     common = pytest.importorskip("fastvae.kernels._common")
     monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
     fastvae._plan.clear()  # the objectives' plans hold the geometry they were made with
+    sample_normal_kl_op.clear_plans()  # and so do the op's
     yield request.param
     fastvae._plan.clear()
+    sample_normal_kl_op.clear_plans()
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +119,7 @@ def nan_poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(fastvae._backend, "empty_output", poisoned)
     monkeypatch.setattr(fastvae._plan, "empty", poisoned_plan_output)
+    monkeypatch.setattr(sample_normal_kl_op, "empty", poisoned_plan_output)
     # the C++ operators (csrc/torch_ops.cpp) allocate their outputs themselves
     cpp = fastvae._backend.cpp_module() if fastvae._backend.cpp_available() else None
     if cpp is not None:

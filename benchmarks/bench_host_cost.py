@@ -1,4 +1,5 @@
-"""Host time per training call of the objectives.
+"""Host time per training call of the objectives, and of one latent group of a
+hierarchical VAE (fastvae.sample_normal_kl, called 20-60 times a step).
 
   python -m benchmarks.bench_host_cost [--quick] [--out FILE]                 # no GPU needed
   python -m benchmarks.bench_host_cost --device cuda [--profile] [--out FILE] # on a GPU
@@ -55,11 +56,24 @@ import torch.nn.functional as F
 
 import fastvae
 from fastvae import _launch, _plan
+from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
 
 from . import common
 
 B, D, L, K = 4, 8, 2, 5
 LOG2PI = 1.8378770664093453
+GROUP = (B, 2, 2, 2)  # one latent group of a hierarchical VAE: (B, C, H, W), tiny
+
+
+def gaussian_analytical_kl(mu1, mu2, logsigma1, logsigma2):
+    """VDVAE's (vae_helpers.py): KL(N(mu1, sigma1) || N(mu2, sigma2)) per element."""
+    return -0.5 + logsigma2 - logsigma1 + 0.5 * (logsigma1.exp() ** 2 + (mu1 - mu2) ** 2) / (logsigma2.exp() ** 2)
+
+
+def draw_gaussian_diag_samples(mu, logsigma):
+    """VDVAE's (vae_helpers.py)."""
+    eps = torch.empty_like(mu).normal_(0., 1.)
+    return torch.exp(logsigma) * eps + mu
 
 
 # launches per call on the CPU measure: through Triton's run (stubbed), directly
@@ -118,7 +132,8 @@ def _setup(device: torch.device):
     mean (unit variance); "laplace" a Laplace posterior against a Laplace
     prior, both torch distributions made in the loss (validated, torch's
     default, and with validate_args=False); "autocast" runs the three steps under torch.autocast
-    (bfloat16)."""
+    (bfloat16); "one group" is sample_normal_kl against VDVAE's two functions,
+    with a baseline of its own."""
     torch.manual_seed(0)
     x = (torch.rand(B, D) > 0.5).float().to(device)
     W, W2 = (torch.randn(L, D) * 0.3).to(device), (torch.randn(L, 2 * D) * 0.3).to(device)
@@ -213,6 +228,27 @@ def _setup(device: torch.device):
     cases["elbo laplace, validate_args=False"] = (elbo_laplace_unvalidated, hand_elbo_laplace_unvalidated, base,
                                                   leaves)
 
+    # one group of a hierarchical VAE, called 20-60 times a step: fastvae's fused
+    # draw and KL against VDVAE's two functions, the KL summed over (C, H, W) as
+    # VDVAE's decoder does; z meets a fixed weight in place of the next block
+    qm, pm = (torch.randn(GROUP).to(device).requires_grad_() for _ in range(2))
+    qs, ps = ((0.3 * torch.randn(GROUP)).to(device).requires_grad_() for _ in range(2))
+    w = torch.randn(GROUP).to(device)
+
+    def group():
+        z, kl = fastvae.sample_normal_kl(qm, qs, pm, ps, param="logstd", reduce=True)
+        return (z * w).sum() + kl.sum()
+
+    def hand_group():
+        z = draw_gaussian_diag_samples(qm, qs)
+        kl = gaussian_analytical_kl(qm, pm, qs, ps).sum(dim=(1, 2, 3))
+        return (z * w).sum() + kl.sum()
+
+    def base_group():
+        return (qm * w).sum() + (qs + pm + ps).sum()
+
+    cases["sample_normal_kl, one group"] = (group, hand_group, base_group, (qm, qs, pm, ps))
+
     def autocast(loss):  # mixed precision, as most GPU training runs: bfloat16 matmuls
         def run():
             with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -224,9 +260,13 @@ def _setup(device: torch.device):
     return cases
 
 
-def _direct(plans) -> tuple[int, int]:
-    """(launches that launch directly, launches called) of these plans."""
-    called = [launch for plan in plans for launch in _plan.launches(plan) if launch.direct is not None]
+def _direct() -> tuple[int, int]:
+    """(launches that launch directly, launches called) of the plans kept:
+    the objectives' and sample_normal_kl's."""
+    launches = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan)]
+    launches += [launch for plan in sample_normal_kl_op.PLANS.values() if plan is not None
+                 for launch in plan.launches()]
+    called = [launch for launch in launches if launch.direct is not None]
     return sum(bool(launch.direct) for launch in called), len(called)
 
 
@@ -275,6 +315,7 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
             steps["hand_compiled"] = step(torch.compile(hand, fullgraph=True), None, leaves)
             steps["base_compiled"] = step(torch.compile(baseline, fullgraph=True), None, leaves)
         _plan.clear()
+        sample_normal_kl_op.clear_plans()
         for s in steps.values():
             with fastvae.use_backend(s.backend):
                 for _ in range(30):
@@ -299,7 +340,7 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
         # compiles its model and loss together pays it with or without the loss)
         med = {k: statistics.median(v) - statistics.median(times["base_compiled" if k.endswith("compiled") else "base"])
                for k, v in times.items()}
-        direct, called = _direct(_plan.PLANS.values())
+        direct, called = _direct()
         record = {"case": name, "cuda_path_us": round(med["cuda_path"], 1), "hand_us": round(med["hand"], 1),
                   "cuda_path_vs_hand": round(med["cuda_path"] / med["hand"], 2),
                   "direct_launches": f"{direct}/{called}"}

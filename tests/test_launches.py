@@ -19,6 +19,7 @@ import fastvae
 import fastvae._backend
 import fastvae._plan
 from fastvae import _registry
+from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
 
 from conftest import INTERPRET
 from helpers import op_cases
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.skipif(not INTERPRET, reason="counts the Triton launche
 
 _REAL_EMPTY_OUTPUT = fastvae._backend.empty_output  # before the NaN-poisoning fixture wraps it
 _REAL_PLAN_EMPTY = fastvae._plan.empty  # the objectives' plans' allocator, likewise
+_REAL_KL_PLAN_EMPTY = sample_normal_kl_op.empty  # sample_normal_kl's plans' allocator, likewise
 
 NOT_KERNELS = {
     "view", "_unsafe_view", "reshape", "as_strided", "expand", "t", "transpose", "unsqueeze", "squeeze", "permute",
@@ -61,6 +63,7 @@ def counter(monkeypatch):
 
     monkeypatch.setattr(fastvae._backend, "empty_output", _REAL_EMPTY_OUTPUT)
     monkeypatch.setattr(fastvae._plan, "empty", _REAL_PLAN_EMPTY)
+    monkeypatch.setattr(sample_normal_kl_op, "empty", _REAL_KL_PLAN_EMPTY)
     launches, inside = [0], [False]
     real_run = interpreter.InterpretedFunction.run
 

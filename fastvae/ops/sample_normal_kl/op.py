@@ -9,6 +9,21 @@ with N the batch and L the product of the other dimensions (all the work is
 elementwise, so the latent dimension may be any of them), and the Philox
 seed as a 0-d int64 tensor: the backward regenerates eps, so nothing but the
 four parameter tensors and the seed is saved.
+
+A hierarchical VAE calls this 20-60 times a training step at small sizes,
+where on a GPU the host's work per call, not the kernels, sets the step
+time. So eager calls on the triton backend keep a plan per call signature
+(the tensors' shapes, strides, dtypes and devices, the form, the reduction,
+autocast): its first call runs the general path's checks and works out the
+outputs' templates and both kernels' grids and compile-time parameters (the
+``forward_plan`` / ``backward_plan`` of triton.py, which the general
+launchers call on every call, so both paths launch the same variants); later
+calls look the plan up, draw the seed, allocate and launch through
+``fastvae._launch.Launch`` (on CUDA the compiled kernel's launcher directly),
+with one autograd node of their own (``PlannedSampleNormalKL``). Values and
+gradients are the general path's bit for bit (test_sample_normal_kl.py).
+Other backends, torch.compile, functorch transforms, tracing and tensor
+subclasses take the general path.
 """
 from __future__ import annotations
 
@@ -19,7 +34,8 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._double_backward import _acc
-from ..._op import define, draw_seed, run, shaped
+from ..._launch import Launch
+from ..._op import SEED_HIGH, define, draw_seed, run, shaped
 from ..._sampler import z_dtype
 from ..sample_normal.op import noise
 from . import sample_normal_kl_grad
@@ -132,7 +148,196 @@ class SampleNormalKL(torch.autograd.Function):
         return (*(shaped(g, ctx.shape) for g in grads), *none)
 
 
+# -- the plans: eager calls on the triton backend ---------------------------------
+
+# call signature -> KLPlan, or None where the plan does not apply (the general
+# path serves those signatures, checks included, on every call)
+PLANS: dict = {}
+# False: every call takes the general path (the tests compare the two)
+ENABLED = True
+# Plans kept at most (as the objectives' plans): a loop whose shapes keep
+# changing makes no unbounded cache
+MAX_PLANS = 64
+# The plans' allocator: every output is empty_like a template of its shape,
+# dtype and device that the plan keeps (a third of torch.empty's cost with a
+# shape); the tests' fixture poisons it with NaN (conftest.py)
+empty = torch.empty_like
+
+
+def clear_plans() -> None:
+    """Forget every plan (tests that change the kernels' geometry: FORCE_SPLITS)."""
+    PLANS.clear()
+
+
+class KLPlan:
+    """The launches of one call signature: mu, log_scale (N, ...) and the
+    prior's tensors (broadcast to mu's shape: ``expand``), all of one dtype,
+    with N * L > 0. The kernels read the inputs in place where contiguous
+    (``copy``: which to copy, as the general path's _rows does); the
+    forward's split partial sums and arrival counters are the plan's own,
+    made once (the counters are zero between launches, so a plan serves one
+    stream at a time, as the objectives' plans do)."""
+
+    __slots__ = ("kern", "N", "L", "dtype", "device", "logvar", "residual", "reduce", "expand", "copy", "shape",
+                 "z_like", "kl_like", "grad_like", "rows_like", "forward", "partial", "counters", "ints",
+                 "_backward")
+
+    def __init__(self, mu: Tensor, log_scale: Tensor, prior_mu: Tensor, prior_log_scale: Tensor, logvar: bool,
+                 residual: bool, reduce: bool):
+        kern = self.kern = _backend.triton_module("sample_normal_kl")
+        shape, dtype, device = mu.shape, mu.dtype, mu.device
+        N, L = shape[0], math.prod(shape[1:])
+        self.N, self.L, self.dtype, self.device, self.shape = N, L, dtype, device, shape
+        self.logvar, self.residual, self.reduce = logvar, residual, reduce
+        self.expand = (prior_mu.shape != shape, prior_log_scale.shape != shape)
+        inputs = (mu, log_scale, prior_mu.expand(shape), prior_log_scale.expand(shape))
+        self.copy = tuple(not t.is_contiguous() for t in inputs)
+        self.z_like = torch.empty(shape, dtype=z_dtype(mu, log_scale), device=device)
+        self.kl_like = torch.empty((N,) if reduce else shape, dtype=_backend.compute_dtype(mu), device=device)
+        self.grad_like = torch.empty(shape, dtype=dtype, device=device)
+        self.rows_like = self.grad_like.view(N, L)  # the double backward's noise: its shape and dtype
+        grid, meta, cols_per, splits, row_tiles = kern.forward_plan(N, L, dtype, device, logvar, residual, reduce)
+        self.forward = Launch(kern._sample_normal_kl_fwd_kernel, grid, meta)
+        self.partial, self.counters = kern.forward_buffers(N, dtype, device, row_tiles, splits, reduce)
+        self.ints = (N, L, cols_per, splits)
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *self._backward.values()]
+
+    def backward(self, has_grad_z: bool, has_grad_kl: bool) -> Launch:
+        """The backward kernel's launch for the gradients given (made at first use)."""
+        key = has_grad_z, has_grad_kl
+        launch = self._backward.get(key)
+        if launch is None:
+            grid, meta = self.kern.backward_plan(self.N, self.L, self.dtype, self.device, self.logvar, self.residual,
+                                                 has_grad_z, has_grad_kl, self.reduce)
+            launch = self._backward[key] = Launch(self.kern._sample_normal_kl_bwd_kernel, grid, meta)
+        return launch
+
+
+class PlannedSampleNormalKL(torch.autograd.Function):
+    """SampleNormalKL's forward and backward kernels launched from a KLPlan,
+    without its per-call layout work (the plan did it). A create_graph=True
+    backward is SampleNormalKL's (the same closed form)."""
+
+    @staticmethod
+    def forward(ctx, mu, log_scale, prior_mu, prior_log_scale, seed, plan):
+        inputs = (mu, log_scale, prior_mu, prior_log_scale)
+        m, ls, pm, pls = (t.contiguous() for t in inputs) if any(plan.copy) else inputs
+        z, kl = empty(plan.z_like), empty(plan.kl_like)
+        plan.forward(m, ls, pm, pls, seed, z, kl, kl if plan.partial is None else plan.partial, plan.counters,
+                     *plan.ints)
+        ctx.save_for_backward(m, ls, pm, pls, seed, mu, log_scale, prior_mu, prior_log_scale)
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        return z, kl
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        if grad_z is None and grad_kl is None:
+            return (None,) * 6
+        m, ls, pm, pls, seed, *inputs = ctx.saved_tensors
+        plan = ctx.plan
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return (*_double_backward(grad_z, grad_kl, inputs, seed, plan.rows_like, plan.logvar, plan.residual,
+                                      plan.reduce, ctx.needs_input_grad), None, None)
+        grads = [empty(plan.grad_like) for _ in range(4)]
+        gz = m if grad_z is None else grad_z.contiguous()
+        gk = m if grad_kl is None else grad_kl.contiguous()
+        plan.backward(grad_z is not None, grad_kl is not None)(gz, gk, m, ls, pm, pls, seed, *grads,
+                                                               plan.N * plan.L, plan.L)
+        return (*grads, None, None)
+
+
+# Function.apply without its Python wrapper (which binds default arguments and
+# unwraps dead functorch wrappers): the plans serve only plain tensors outside
+# functorch transforms
+planned_apply = super(torch.autograd.Function, PlannedSampleNormalKL).apply
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# the tensor types the plans serve: plain tensors, and parameters (a learned prior)
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _plan_for(mu, log_scale, prior_mu, prior_log_scale, param, residual, reduce, free_bits, generator):
+    """The plan of this call's signature, or None (the general path): plain
+    tensors (or parameters) on the triton backend in eager mode, one dtype, N * L > 0, a
+    number free_bits (valid for the call), the default or a torch.Generator.
+    A signature's first call runs the general path's checks (which raise
+    what the general path raises) before the plan is made."""
+    if (type(mu) not in _PLAIN or type(log_scale) not in _PLAIN or type(prior_mu) not in _PLAIN
+            or type(prior_log_scale) not in _PLAIN or type(param) is not str or type(residual) is not bool
+            or type(reduce) is not bool
+            or type(free_bits) not in (float, int) or (free_bits != 0 and not (reduce and 0 < free_bits < math.inf))
+            or (generator is not None and type(generator) is not torch.Generator)
+            or _backend.compiling()):
+        return None
+    device = mu.device
+    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+            or torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+            or _wrapped(mu) or _wrapped(log_scale) or _wrapped(prior_mu) or _wrapped(prior_log_scale)):
+        return None
+    autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type)
+    key = (mu.shape, mu.stride(), log_scale.shape, log_scale.stride(), prior_mu.shape, prior_mu.stride(),
+           prior_log_scale.shape, prior_log_scale.stride(), mu.dtype, log_scale.dtype, prior_mu.dtype,
+           prior_log_scale.dtype, device, log_scale.device, prior_mu.device, prior_log_scale.device, param, residual,
+           reduce, autocast)
+    try:
+        return PLANS[key]
+    except KeyError:
+        pass
+    _check(mu, log_scale, prior_mu, prior_log_scale, param, residual, reduce, free_bits)
+    dtype = mu.dtype
+    plan = None
+    if (log_scale.dtype is dtype and prior_mu.dtype is dtype and prior_log_scale.dtype is dtype
+            and mu.numel() > 0):
+        plan = KLPlan(mu, log_scale, prior_mu, prior_log_scale, param == "logvar", residual, reduce)
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plan
+    return plan
+
+
+def _planned(plan: KLPlan, mu, log_scale, prior_mu, prior_log_scale, free_bits, generator):
+    """sample_normal_kl once its plan is found."""
+    device = plan.device
+    if generator is None:  # draw_seed's draw, without its checks of the generator (the default one)
+        seed = torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=device)
+    else:
+        seed = draw_seed(device, generator)
+    shape = plan.shape
+    expand_mu, expand_ls = plan.expand
+    z, kl = planned_apply(mu, log_scale, prior_mu.expand(shape) if expand_mu else prior_mu,
+                          prior_log_scale.expand(shape) if expand_ls else prior_log_scale, seed, plan)
+    if free_bits > 0:
+        floor = torch.as_tensor(free_bits, dtype=kl.dtype, device=kl.device)
+        kl = torch.where(kl.mean() < floor, floor, kl)
+    return z, kl
+
+
 # -- public function -----------------------------------------------------------
+
+
+def _check(mu, log_scale, prior_mu, prior_log_scale, param, residual, reduce, free_bits) -> tuple[bool, bool, object]:
+    """The arguments' checks, each error naming its argument: (residual,
+    reduce, free_bits) as validated (free_bits a float or a 0-d tensor)."""
+    _validate.float_tensors(mu=mu, log_scale=log_scale, prior_mu=prior_mu, prior_log_scale=prior_log_scale)
+    if mu.dim() == 0:
+        raise ValueError("mu must have a batch dimension first, got a 0-d tensor")
+    _validate.same_shape(mu=mu, log_scale=log_scale)
+    for name, p in (("prior_mu", prior_mu), ("prior_log_scale", prior_log_scale)):
+        if not _validate.broadcasts_to(p.shape, mu.shape):
+            raise ValueError(f"{name} of shape {tuple(p.shape)} does not broadcast to mu's shape {tuple(mu.shape)}")
+    if param not in PARAMS:
+        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+    residual = _validate.boolean("residual", residual)
+    reduce = _validate.boolean("reduce", reduce)
+    free_bits = _validate.real("free_bits", free_bits, minimum=0.0, tensor_ok=True)
+    if not reduce and (isinstance(free_bits, Tensor) or free_bits > 0):
+        raise ValueError("free_bits floors the group's summed KL: it needs reduce=True")
+    return residual, reduce, free_bits
 
 
 def sample_normal_kl(
@@ -185,20 +390,10 @@ def sample_normal_kl(
         differentiable in all four tensors; a create_graph=True backward
         gives exact second derivatives.
     """
-    _validate.float_tensors(mu=mu, log_scale=log_scale, prior_mu=prior_mu, prior_log_scale=prior_log_scale)
-    if mu.dim() == 0:
-        raise ValueError("mu must have a batch dimension first, got a 0-d tensor")
-    _validate.same_shape(mu=mu, log_scale=log_scale)
-    for name, p in (("prior_mu", prior_mu), ("prior_log_scale", prior_log_scale)):
-        if not _validate.broadcasts_to(p.shape, mu.shape):
-            raise ValueError(f"{name} of shape {tuple(p.shape)} does not broadcast to mu's shape {tuple(mu.shape)}")
-    if param not in PARAMS:
-        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
-    residual = _validate.boolean("residual", residual)
-    reduce = _validate.boolean("reduce", reduce)
-    free_bits = _validate.real("free_bits", free_bits, minimum=0.0, tensor_ok=True)
-    if not reduce and (isinstance(free_bits, Tensor) or free_bits > 0):
-        raise ValueError("free_bits floors the group's summed KL: it needs reduce=True")
+    if ENABLED and (plan := _plan_for(mu, log_scale, prior_mu, prior_log_scale, param, residual, reduce, free_bits,
+                                      generator)) is not None:
+        return _planned(plan, mu, log_scale, prior_mu, prior_log_scale, free_bits, generator)
+    residual, reduce, free_bits = _check(mu, log_scale, prior_mu, prior_log_scale, param, residual, reduce, free_bits)
     seed = draw_seed(mu.device, generator)
     # expand is a view; the op makes it contiguous, and autograd's expand
     # backward sums the prior gradients back to the prior's own shape

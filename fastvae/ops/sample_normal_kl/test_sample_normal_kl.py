@@ -3,8 +3,9 @@ per backend (the root conftest.py): z and the KL per element and reduced, in
 every form (log-std, log-variance, NVAE's residual form), forward and
 backward, a broadcast prior, extreme scales, half-precision inputs, the
 noise (sample_normal's), z's moments, VDVAE's and NVAE's own formulas, free
-bits, errors, gradcheck and the double backward; and its cases of the
-suite-wide checks."""
+bits, errors, gradcheck and the double backward; the triton backend's plans
+(the general path's numbers bit for bit, one plan per call signature, the
+same errors, direct launches); and its cases of the suite-wide checks."""
 import math
 
 import pytest
@@ -13,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae import _philox
+from fastvae import _launch, _philox
 from fastvae.ops.sample_normal_kl import group_kl, group_terms, row_sums, vdvae_group
+from fastvae.ops.sample_normal_kl import op as kl_op
 from fastvae.ops.sample_normal_kl.op import SampleNormalKL
 
 from conftest import INTERPRET
@@ -351,6 +353,229 @@ def test_compiled_matches_eager(backend):
         results.append((loss.detach(), *torch.autograd.grad(loss, inputs)))
     for eager, compiled in zip(*results):
         assert_close(compiled, eager, eager.abs() + 1.0)
+
+
+# -- the plans (op.py): eager calls on the triton backend ------------------------------
+# The planned path launches the general path's kernel variants (triton.py's
+# forward_plan / backward_plan) on the same inputs, so under the interpreter
+# its values and gradients are the general path's bit for bit; on a GPU too
+# (the same compiled kernels). The interpreter costs about 1 ms a program:
+# few, small calls.
+
+TRITON = INTERPRET or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not TRITON, reason="the plans serve the triton backend (interpreter child, GPU)")
+
+
+@pytest.fixture
+def triton_device():
+    """The device the triton backend runs on here (CPU tensors under the interpreter), no plan kept."""
+    device = "cpu" if INTERPRET else "cuda"
+    fastvae.set_backend(None if device == "cuda" else "triton")
+    kl_op.clear_plans()
+    yield device
+    kl_op.clear_plans()
+
+
+def planned_and_general(monkeypatch, device, shapes, dtype, create_graph=False, **kw):
+    """[(z, kl, grads) of the planned path, of the general path] of one call
+    with q of shapes[0] and the prior of shapes[1] (a broadcast prior), the
+    gradients of a loss of z and the KL; the same seed and inputs for both.
+    ``kw`` goes to sample_normal_kl (``which``: "both", "z" or "kl" take the loss's part)."""
+    which = kw.pop("which", "both")
+    shape, prior_shape = shapes
+    g = torch.Generator().manual_seed(3)
+    mu, ls = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+              for _ in range(2))
+    pm, pls = (torch.randn(prior_shape, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+               for _ in range(2))
+    out = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kl_op, "ENABLED", enabled)
+        z, kl = fastvae.sample_normal_kl(mu, ls, pm, pls, generator=gen(5), **kw)
+        loss = (z * z).sum() if which != "kl" else 0.0
+        loss = loss + (kl * torch.arange(kl.numel(), device=device).reshape(kl.shape)).sum() if which != "z" else loss
+        grads = torch.autograd.grad(loss, (mu, ls, pm, pls), create_graph=create_graph)
+        out.append((z, kl, grads))
+    return out
+
+
+def assert_same(a, b):
+    """Bit for bit under the interpreter and on a GPU (the same kernels on the same inputs)."""
+    assert a.dtype == b.dtype and a.shape == b.shape and not torch.isnan(a).any()
+    assert torch.equal(a, b)
+
+
+PLAN_CASES = [  # (shapes of q and of the prior, keywords)
+    (((3, 2, 5, 7), (3, 2, 5, 7)), dict(param="logstd", reduce=True)),  # VDVAE's group
+    (((3, 2, 5, 7), (2, 1, 1)), dict(param="logvar", residual=True)),  # a learned prior, broadcast
+    (((4, 9), (4, 9)), dict(param="logstd", residual=True, reduce=True, free_bits=50.0, which="z")),
+    (((4, 9), (4, 9)), dict(param="logvar", which="kl")),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("shapes, kw", PLAN_CASES)
+def test_planned_path_equals_the_general_path(triton_device, monkeypatch, shapes, kw):
+    """The plan's launches give the general path's z, KL and gradients bit
+    for bit, in each form, from the signature's first call (which makes the
+    plan) and from its second (which finds it)."""
+    for _ in range(2):
+        (z, kl, grads), (z0, kl0, grads0) = planned_and_general(monkeypatch, triton_device, shapes, torch.float32,
+                                                                **kw)
+        for a, b in zip((z, kl, *grads), (z0, kl0, *grads0)):
+            assert_same(a, b)
+        assert len(kl_op.PLANS) == 1 and next(iter(kl_op.PLANS.values())) is not None
+
+
+@needs_triton
+def test_each_signature_has_its_plan(triton_device, monkeypatch):
+    """A call with another shape (as a compiled model's next batch size) or
+    strides makes another plan, with correct values (the oracle's); a
+    signature the plans do not serve (mixed dtypes) is kept as None and takes
+    the general path; past MAX_PLANS the plans are forgotten, not grown."""
+    for shape, make in [((2, 3, 4), lambda t: t), ((5, 3, 4), lambda t: t),
+                        ((5, 3, 4), lambda t: t.transpose(1, 2).contiguous().transpose(1, 2))]:
+        inputs = [make(t) for t in make_inputs(shape, 4, 2.0, torch.float64, triton_device)]
+        z, kl = fastvae.sample_normal_kl(*inputs, param="logvar", reduce=True, generator=gen(6))
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=gen(6)))
+        inputs64 = [t.cpu() for t in inputs]
+        z_ref, kl_ref = oracle(inputs64, noise(seed, shape, torch.float64), "logvar", False, True)
+        assert_close(z, z_ref, z_ref.abs() + 1.0, "z")
+        assert_close(kl, kl_ref, kl_scale(inputs64, "logvar", False, True), "kl")
+    assert len(kl_op.PLANS) == 3 and all(p is not None for p in kl_op.PLANS.values())
+    mixed = make_inputs((2, 3), 4, 2.0, torch.float32, triton_device)
+    mixed[3] = mixed[3].double()
+    z, kl = fastvae.sample_normal_kl(*mixed, param="logvar")
+    assert kl.dtype == torch.float64 and len(kl_op.PLANS) == 4 and None in kl_op.PLANS.values()
+    monkeypatch.setattr(kl_op, "MAX_PLANS", 4)
+    fastvae.sample_normal_kl(*mixed[:3], mixed[2], param="logvar")
+    assert len(kl_op.PLANS) == 1
+
+
+@needs_triton
+def test_planned_double_backward(triton_device, monkeypatch):
+    """create_graph=True through the plan: the general path's gradients with
+    their graph (the same closed form), and its second derivatives."""
+    shapes = ((2, 3, 2), (2, 3, 2))
+    (z, kl, grads), (z0, kl0, grads0) = planned_and_general(monkeypatch, triton_device, shapes, torch.float64,
+                                                            create_graph=True, param="logstd", reduce=True)
+    assert type(z.grad_fn).__name__ == "PlannedSampleNormalKLBackward"
+    for a, b in zip(grads, grads0):
+        assert a.requires_grad
+        assert_same(a, b)
+    monkeypatch.setattr(kl_op, "ENABLED", True)
+    inputs = make_inputs((2, 3, 2), 10, 1.0, torch.float64, triton_device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda *t: fastvae.sample_normal_kl(*t, param="logvar", residual=True, reduce=True, generator=gen(2)),
+        tuple(inputs), atol=1e-6, rtol=1e-5)
+    assert len(kl_op.PLANS) == 2
+
+
+@needs_triton
+def test_planned_signature_errors_as_the_general_path(triton_device):
+    """A bad argument raises the general path's error on the first call of
+    its signature, and keeps no plan; a per-call value (free_bits) is checked
+    on every call, planned or not."""
+    x = torch.zeros(2, 3, device=triton_device)
+    fastvae.sample_normal_kl(x, x, x, x, param="logvar", reduce=True)  # a plan for these tensors
+    assert len(kl_op.PLANS) == 1
+    with pytest.raises(ValueError, match="param must be one of"):
+        fastvae.sample_normal_kl(x, x, x, x, param="std")
+    with pytest.raises(ValueError, match="shape mismatch: mu"):
+        fastvae.sample_normal_kl(x, torch.zeros(2, 4, device=triton_device), x, x, param="logvar")
+    with pytest.raises(ValueError, match="prior_log_scale of shape"):
+        fastvae.sample_normal_kl(x, x, x, torch.zeros(4, device=triton_device), param="logvar")
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        fastvae.sample_normal_kl(x, x, x, x, param="logvar", residual=1, reduce=True)
+    with pytest.raises(ValueError, match="free_bits must be >= 0"):
+        fastvae.sample_normal_kl(x, x, x, x, param="logvar", reduce=True, free_bits=-1.0)
+    with pytest.raises(ValueError, match="free_bits must be finite"):
+        fastvae.sample_normal_kl(x, x, x, x, param="logvar", reduce=True, free_bits=math.nan)
+    with pytest.raises(ValueError, match="free_bits .*reduce=True"):
+        fastvae.sample_normal_kl(x, x, x, x, param="logvar", free_bits=0.5)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        fastvae.sample_normal_kl(x, x, x, x, param="logvar", reduce=True, generator=3)
+    assert len(kl_op.PLANS) == 1
+
+
+class _CompiledStandIn:
+    """Stands in for the CompiledKernel a CUDA launch returns (no CUDA here):
+    its launcher runs the interpreted kernel with every argument, constexprs
+    included, bound by position, so an argument out of place gives other
+    numbers or an error."""
+
+    function = packed_metadata = object()
+
+    def __init__(self, kernel, run, calls):
+        self.kernel, self.interpreted_run, self.calls = kernel, run, calls
+
+    def run(self, g0, g1, g2, stream, function, packed, launch_metadata, enter_hook, exit_hook, *args):
+        self.calls.append(self.kernel)
+        self.interpreted_run(self.kernel, *args, grid=(g0, g1, g2), warmup=False)
+
+
+class _RuntimeStandIn:
+    """Triton's driver calls as _launch.Launch makes them."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+        self.knobs = SimpleNamespace(runtime=SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None))
+
+    @staticmethod
+    def current_device():
+        return 0
+
+    @staticmethod
+    def current_stream(device):
+        return 0
+
+    @staticmethod
+    def is_compiled(kernel):
+        return isinstance(kernel, _CompiledStandIn)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
+@pytest.mark.parametrize("shapes, kw", PLAN_CASES[:2])
+def test_direct_launches_give_the_general_path_s_numbers(triton_device, monkeypatch, shapes, kw):
+    """After a plan's first launches, each goes to the compiled kernel's
+    launcher directly (as on CUDA; here a stand-in around the interpreter),
+    every argument where Triton's binder puts it: the general path's values
+    and gradients bit for bit."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreted_run = InterpretedFunction.run
+    direct, through_run = [], []
+
+    def run_returning_a_compiled_kernel(self, *args, **kwargs):
+        through_run.append(self)
+        interpreted_run(self, *args, **kwargs)
+        return _CompiledStandIn(self, interpreted_run, direct)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run_returning_a_compiled_kernel)
+    monkeypatch.setattr(_launch, "_runtime", _RuntimeStandIn())
+    planned_and_general(monkeypatch, triton_device, shapes, torch.float32, **kw)  # the plan's first launches
+    (plan,) = kl_op.PLANS.values()
+    launches = plan.launches()
+    assert len(launches) == 2 and all(launch.direct for launch in launches)
+    direct.clear(), through_run.clear()
+    (z, kl, grads), (z0, kl0, grads0) = planned_and_general(monkeypatch, triton_device, shapes, torch.float32, **kw)
+    assert len(direct) == 2 and len(through_run) == 2  # the planned call's two, then the general path's
+    for a, b in zip((z, kl, *grads), (z0, kl0, *grads0)):
+        assert_same(a, b)
+
+
+def test_other_backends_keep_the_general_path(backend):
+    """The plans serve the triton backend's eager calls only (parameters
+    included: a learned prior); the cpp and reference backends keep their path."""
+    name, device = backend
+    kl_op.clear_plans()
+    x = torch.randn(2, 3, device=device)
+    prior = torch.nn.Parameter(torch.zeros(3, device=device))
+    _, kl = fastvae.sample_normal_kl(x, x, prior, prior, param="logstd", reduce=True)
+    kl.sum().backward()
+    assert [p is not None for p in kl_op.PLANS.values()] == ([True] if name == "triton" else [])
+    assert prior.grad.shape == (3,)
+    kl_op.clear_plans()
 
 
 # -- the op's cases of the suite-wide checks -----------------------------------------

@@ -198,10 +198,41 @@ def _column_splits(row_tiles: int, L: int, block_c: int, device: torch.device) -
     return max(1, min(col_blocks, triton.cdiv(TARGET_PROGRAMS, row_tiles)))
 
 
-def _tile(mu) -> int:
-    if mu.device.type == "cpu":
+def _tile(dtype: torch.dtype, device: torch.device) -> int:
+    if device.type == "cpu":
         return INTERPRETER_TILE
-    return TILE // 8 if mu.dtype == torch.float64 else TILE
+    return TILE // 8 if dtype == torch.float64 else TILE
+
+
+def forward_plan(N: int, L: int, dtype: torch.dtype, device: torch.device, logvar: bool, residual: bool,
+                 reduce: bool) -> tuple[tuple[int], dict, int, int, int]:
+    """(grid, meta, columns per split, splits, row tiles) of the forward kernel
+    for inputs (N, L) of ``dtype`` (N * L > 0): what depends on the shapes
+    alone, worked out once per call signature by the op's plans
+    (fastvae/ops/sample_normal_kl/op.py) and on every call by
+    sample_normal_kl_forward, so both launch the same variants."""
+    block_c = block_cols(L)
+    tile = _tile(dtype, device)
+    block_r = max(1, min(INTERPRETER_BLOCK_ROWS if device.type == "cpu" else tile, tile // block_c))
+    if device.type == "cpu":  # the interpreter: no lanes past the rows (a GPU keeps one variant per row length)
+        block_r = min(block_r, triton.next_power_of_2(N))
+    row_tiles = triton.cdiv(N, block_r)
+    splits = _column_splits(row_tiles, L, block_c, device)
+    cols_per = triton.cdiv(triton.cdiv(L, splits), block_c) * block_c
+    splits = triton.cdiv(L, cols_per)
+    meta = dict(LOGVAR=bool(logvar), RESIDUAL=bool(residual), REDUCE=reduce, ACC=acc_dtype(dtype), BLOCK_R=block_r,
+                BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return (row_tiles * splits,), meta, cols_per, splits, row_tiles
+
+
+def forward_buffers(N: int, dtype: torch.dtype, device: torch.device, row_tiles: int, splits: int,
+                    reduce: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(partial, counters) of the forward: the splits' row sums (None where the
+    KL is not summed over split columns: the kernel never touches it, and the
+    launch passes kl in its place) and the arrival counters (_common.tile_counters)."""
+    split = reduce and splits > 1
+    partial = torch.empty((splits, N), dtype=accumulation_dtype(dtype), device=device) if split else None
+    return partial, tile_counters(device, row_tiles, splits if reduce else 1)
 
 
 def sample_normal_kl_forward(mu, log_scale, prior_mu, prior_log_scale, seed, logvar, residual, z, kl) -> None:
@@ -211,23 +242,24 @@ def sample_normal_kl_forward(mu, log_scale, prior_mu, prior_log_scale, seed, log
     if N * L == 0:
         kl.zero_()
         return
-    block_c = block_cols(L)
-    tile = _tile(mu)
-    block_r = max(1, min(INTERPRETER_BLOCK_ROWS if mu.device.type == "cpu" else tile, tile // block_c))
-    if mu.device.type == "cpu":  # the interpreter: no lanes past the rows (a GPU keeps one variant per row length)
-        block_r = min(block_r, triton.next_power_of_2(N))
-    row_tiles = triton.cdiv(N, block_r)
-    splits = _column_splits(row_tiles, L, block_c, mu.device)
-    cols_per = triton.cdiv(triton.cdiv(L, splits), block_c) * block_c
-    splits = triton.cdiv(L, cols_per)
-    acc = accumulation_dtype(mu.dtype)
-    partial = torch.empty((splits, N), dtype=acc, device=mu.device) if reduce and splits > 1 else kl
-    counters = tile_counters(mu.device, row_tiles, splits if reduce else 1)
-    _sample_normal_kl_fwd_kernel[(row_tiles * splits,)](
-        mu, log_scale, prior_mu, prior_log_scale, seed, z, kl, partial, counters, N, L, cols_per, splits,
-        LOGVAR=bool(logvar), RESIDUAL=bool(residual), REDUCE=reduce, ACC=acc_dtype(mu.dtype), BLOCK_R=block_r,
-        BLOCK_C=block_c, num_warps=NUM_WARPS,
-    )
+    grid, meta, cols_per, splits, row_tiles = forward_plan(N, L, mu.dtype, mu.device, logvar, residual, reduce)
+    partial, counters = forward_buffers(N, mu.dtype, mu.device, row_tiles, splits, reduce)
+    _sample_normal_kl_fwd_kernel[grid](
+        mu, log_scale, prior_mu, prior_log_scale, seed, z, kl, kl if partial is None else partial, counters, N, L,
+        cols_per, splits, **meta)
+
+
+def backward_plan(N: int, L: int, dtype: torch.dtype, device: torch.device, logvar: bool, residual: bool,
+                  has_grad_z: bool, has_grad_kl: bool, kl_rows: bool) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the backward kernel for inputs (N, L) of ``dtype`` (N * L
+    > 0) and the gradients given (``kl_rows``: grad_kl is per row, (N,)):
+    the op's plans' and sample_normal_kl_backward's, as forward_plan."""
+    # one variant whatever the size on a GPU (the tail masked); the interpreter sizes it to the problem
+    tile = _tile(dtype, device)
+    block = tile if device.type != "cpu" else triton.next_power_of_2(min(N * L, tile))
+    return (triton.cdiv(N * L, block),), dict(
+        LOGVAR=bool(logvar), RESIDUAL=bool(residual), HAS_GRAD_Z=has_grad_z, HAS_GRAD_KL=has_grad_kl,
+        KL_ROWS=has_grad_kl and kl_rows, ACC=acc_dtype(dtype), BLOCK=block, num_warps=NUM_WARPS)
 
 
 def sample_normal_kl_backward(grad_z, grad_kl, mu, log_scale, prior_mu, prior_log_scale, seed, logvar, residual,
@@ -238,12 +270,8 @@ def sample_normal_kl_backward(grad_z, grad_kl, mu, log_scale, prior_mu, prior_lo
     N, L = mu.shape
     if N * L == 0:
         return
-    # one variant whatever the size on a GPU (the tail masked); the interpreter sizes it to the problem
-    block = _tile(mu) if mu.device.type != "cpu" else triton.next_power_of_2(min(N * L, _tile(mu)))
-    _sample_normal_kl_bwd_kernel[(triton.cdiv(N * L, block),)](
+    grid, meta = backward_plan(N, L, mu.dtype, mu.device, logvar, residual, grad_z is not None, grad_kl is not None,
+                               grad_kl is not None and grad_kl.dim() == 1)
+    _sample_normal_kl_bwd_kernel[grid](
         mu if grad_z is None else grad_z, mu if grad_kl is None else grad_kl, mu, log_scale, prior_mu,
-        prior_log_scale, seed, dmu, dlog_scale, dprior_mu, dprior_log_scale, N * L, L,
-        LOGVAR=bool(logvar), RESIDUAL=bool(residual), HAS_GRAD_Z=grad_z is not None,
-        HAS_GRAD_KL=grad_kl is not None, KL_ROWS=grad_kl is not None and grad_kl.dim() == 1,
-        ACC=acc_dtype(mu.dtype), BLOCK=block, num_warps=NUM_WARPS,
-    )
+        prior_log_scale, seed, dmu, dlog_scale, dprior_mu, dprior_log_scale, N * L, L, **meta)
