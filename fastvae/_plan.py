@@ -239,21 +239,27 @@ class Sample(torch.autograd.Function):
 
 
 class FamilySamplePlan:
-    """The launches before the decoder for a location-scale family's
-    posterior (loc, log_scale) (N, L), N L > 0 (float32 or float64), and K samples,
-    against a prior of its own family (loc, log_scale), one for every row
-    ((L,): ``p_shared``) or one per row ((N, L)): the family sampler's forward
-    and backward kernels (z alone: the bound needs no log q) and family_kl's
-    (the KL summed over L, its backward adding q's gradients to the
-    sampler's). The same variants as the general launchers' (kernels/sampler.py's
-    family_*_plan, family_kl's *_plan). ``q_scale``: the posterior comes as
-    its scale, whose log the plan takes (a torch object's), else as its log-scale."""
+    """The launches before the decoder for a latent family's posterior, a
+    location-scale family's (loc, log_scale) or the exponential's log-rate
+    (N, L), N L > 0 (float32 or float64), and K samples, against a prior of
+    its own family, one for every row ((L,): ``p_shared``) or one per row
+    ((N, L)): the family sampler's forward and backward kernels (z alone: the
+    bound needs no log q) and family_kl's (the KL summed over L, its backward
+    adding q's gradients to the sampler's). The same variants as the general
+    launchers' (kernels/sampler.py's family_*_plan, family_kl's *_plan).
+    ``q_scale``: the posterior comes as its scale (or rate), whose log the
+    plan takes (a torch object's), else as its log."""
 
-    def __init__(self, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-                 n_samples: int | None, p_shared: bool, q_scale: bool, general):
-        sampler = _kernels("sampler")
-        kern = _kernels("sample_location_scale")
+    # the family samplers the plans launch: (kernels' module, partial sums of a split backward)
+    SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
+
+    def __init__(self, sampler: str, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype,
+                 device: torch.device, n_samples: int | None, p_shared: bool, q_scale: bool, general):
+        kernels = _kernels("sampler")
+        self.sampler, self.sums = _kernels(sampler), self.SAMPLERS[sampler]
+        self.kernel_names = f"_{sampler}_fwd_kernel", f"_{sampler}_bwd_kernel"
         self.kl = _kernels("family_kl")
+        self.has_loc = sampler == "sample_location_scale"  # else one log parameter (the exponential's)
         L = shape[-1]
         N = shape.numel() // L
         K = 1 if n_samples is None else n_samples
@@ -265,8 +271,8 @@ class FamilySamplePlan:
         self.z_like = torch.empty(shape if n_samples is None else (K, *shape), dtype=dtype, device=device)
         self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
-        grid, meta = sampler.family_forward_plan(K, N, L, dtype, device, family, False, 0, N * L, L)
-        self.forward = Launch(kern._sample_location_scale_fwd_kernel, grid, meta)
+        grid, meta = kernels.family_forward_plan(K, N, L, dtype, device, family, False, 0, N * L, L)
+        self.forward = Launch(getattr(self.sampler, self.kernel_names[0]), grid, meta)
         grid, meta = self.kl.forward_plan(N, L, dtype, kl_family, p_shared, True)
         self.kl_forward = Launch(self.kl._family_kl_fwd_kernel, grid, meta)
         self._backward = None
@@ -276,12 +282,13 @@ class FamilySamplePlan:
         """(launch, partial sums, counters, samples per split, splits) of the
         sampler's backward from grad_z: made at the first backward, kept."""
         if self._backward is None:
-            sampler, kern = _kernels("sampler"), _kernels("sample_location_scale")
-            grid, meta, blocks, splits, per_split = sampler.family_backward_plan(
+            kernels = _kernels("sampler")
+            grid, meta, blocks, splits, per_split = kernels.family_backward_plan(
                 self.K, self.N, self.L, self.dtype, self.device, self.family, True, False, False)
-            part, counters = sampler.family_split_buffers(4, self.N, self.L, self.dtype, self.device, blocks, splits)
-            self._backward = (Launch(kern._sample_location_scale_bwd_kernel, grid, meta), part, counters, per_split,
-                              splits)
+            part, counters = kernels.family_split_buffers(self.sums, self.N, self.L, self.dtype, self.device, blocks,
+                                                          splits)
+            self._backward = (Launch(getattr(self.sampler, self.kernel_names[1]), grid, meta), part, counters,
+                              per_split, splits)
         return self._backward
 
     def kl_backward(self, has_dp: bool, accumulate: bool) -> Launch:
@@ -297,21 +304,23 @@ class FamilySamplePlan:
 
 class FamilySample(torch.autograd.Function):
     """z and the closed-form KL of a FamilySamplePlan: the family sampler's
-    and family_kl's kernels, the general path's (SampleLocationScale and
-    FamilyKL) without their per-call layout work. q comes as (loc, its scale
-    or, without the plan's q_scale, its log-scale), the prior as (loc, its
-    scale: ``p_scale``, or its log-scale) in the kernels' layout ((L,) or
-    (N, L), contiguous); the logs are taken here and differentiated as
-    autograd would (grad / scale), and q's gradients are the sampler's plus
-    the KL's, added in the KL's backward kernel."""
+    and family_kl's kernels, the general path's (SampleLocationScale or
+    SamplePositive, and FamilyKL) without their per-call layout work. q comes
+    as (loc, its scale or, without the plan's q_scale, its log-scale), or
+    (None, the exponential's rate or log-rate), the prior likewise (its scale:
+    ``p_scale``) in the kernels' layout ((L,) or (N, L), contiguous); the logs
+    are taken here and differentiated as autograd would (grad / scale), and
+    q's gradients are the sampler's plus the KL's, added in the KL's backward
+    kernel."""
 
     @staticmethod
     def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale):
         log_scale = torch.log(q_b) if plan.q_scale else q_b
         p_log_scale = torch.log(p_b) if p_scale else p_b
         z, kl = empty(plan.z_like), empty(plan.kl_like)
-        plan.forward(loc, log_scale, seed, z, z, *plan.ints)
-        plan.kl_forward(loc, log_scale, p_loc, p_log_scale, kl, plan.N, plan.L)
+        first = loc if plan.has_loc else log_scale  # the sampler's two parameters (the exponential's: one, twice)
+        plan.forward(first, log_scale, seed, z, z, *plan.ints)
+        plan.kl_forward(first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, kl, plan.N, plan.L)
         ctx.save_for_backward(loc, log_scale, p_loc, p_log_scale, seed, q_b, p_b)
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.p_scale = plan, p_scale
@@ -334,21 +343,24 @@ class FamilySample(torch.autograd.Function):
             got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [g for _, g in outs], create_graph=True,
                                            allow_unused=True))
             return (*(next(got) if need else None for need in needs[:4]), None, None, None)
+        # the exponential's sampler writes a second gradient no parameter takes: scratch in loc's place
         dloc, dls = empty(plan.mu_like), empty(plan.mu_like)
         dp_loc = dp_ls = None
+        first = loc if plan.has_loc else log_scale
         if grad_z is not None:
             run, part, counters, per_split, splits = plan.backward()
-            run(grad_z.contiguous(), loc, loc, log_scale, seed, dloc, dls, part, counters, plan.N, plan.L,
-                plan.N * plan.L, plan.K, per_split, splits)
+            run(grad_z.contiguous(), first, first, log_scale, seed, dls if not plan.has_loc else dloc,
+                dloc if not plan.has_loc else dls, part, counters, plan.N, plan.L, plan.N * plan.L, plan.K,
+                per_split, splits)
         if grad_kl is not None:
             has_dp = needs[2] or needs[3]
             if has_dp:
                 dp_loc, dp_ls = empty(plan.mu_like), empty(plan.mu_like)
             plan.kl_backward(has_dp, grad_z is not None)(
-                grad_kl.contiguous(), loc, log_scale, p_loc, p_log_scale, dloc, dls,
-                dls if dp_loc is None else dp_loc, dls if dp_ls is None else dp_ls, plan.N, plan.L)
+                grad_kl.contiguous(), first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, dloc,
+                dls, dls if dp_loc is None else dp_loc, dls if dp_ls is None else dp_ls, plan.N, plan.L)
             if has_dp and plan.p_shared:  # the prior's, summed back to its (L,)
-                dp_loc, dp_ls = dp_loc.sum(0), dp_ls.sum(0)
+                dp_loc, dp_ls = (None if p_loc is None else dp_loc.sum(0)), dp_ls.sum(0)
             if dp_ls is not None and ctx.p_scale:
                 dp_ls = dp_ls / p_b
         if plan.q_scale:
@@ -740,13 +752,13 @@ def run_iwae(plan: Plan, x: Tensor, mu: Tensor, logvar: Tensor, decode, generato
     return plan.general(x, out, latent, plan.likelihood, plan.reduction, z if plan.dreg else None)
 
 
-def run_family_elbo(plan: Plan, x: Tensor, loc: Tensor, q_b: Tensor, p_loc: Tensor, p_b: Tensor, p_scale: bool,
-                    decode, beta: float, generator) -> Tensor:
-    """fastvae.elbo of a location-scale family's posterior against a prior of
-    its own family once the objectives found its plan (triton backend): the
+def run_family_elbo(plan: Plan, x: Tensor, loc: Tensor | None, q_b: Tensor, p_loc: Tensor | None, p_b: Tensor,
+                    p_scale: bool, decode, beta: float, generator) -> Tensor:
+    """fastvae.elbo of a latent family's posterior against a prior of its
+    own family once the objectives found its plan (triton backend): the
     sampler's and the KL's node, the decoder, the tail's node (FamilySample
-    says what q_b, p_b and p_scale are)."""
-    z, kl = family_sample(loc, q_b, p_loc, p_b, _seed(loc.device, generator), plan.sample, p_scale)
+    says what loc, q_b, p_b and p_scale are)."""
+    z, kl = family_sample(loc, q_b, p_loc, p_b, _seed(q_b.device, generator), plan.sample, p_scale)
     out = decode(z)
     tail = plan.tail
     if tail is not None and (fit := tail.fit(out)) is not None:

@@ -569,6 +569,20 @@ def location_scale_form(d) -> tuple[str, Tensor, Tensor, int] | None:
     return family, d.loc, d.scale, SCALE
 
 
+def exponential_form(d) -> tuple[str, None, Tensor, int] | None:
+    """("exponential", None, b, form) of an exponential distribution, read with
+    no torch op: a record (b its log-rate, LOG_SCALE) or a torch Exponential
+    (b its rate, SCALE), or an Independent of one over the last dimension;
+    None for anything else."""
+    if type(d) is Positive:
+        return ("exponential", None, d.log_p0, LOG_SCALE) if d.index == 0 else None
+    if type(d) is Independent:
+        if d.reinterpreted_batch_ndims != 1:
+            return None
+        d = d.base_dist
+    return ("exponential", None, d.rate, SCALE) if type(d) is Exponential else None
+
+
 def log_scale_of(loc: Tensor, b: Tensor, form: int) -> Tensor:
     """The log-scale of location_scale_form's (loc, b, form), float32 or
     float64: the same ops as the records' (_location_scale_from_torch's,

@@ -28,7 +28,7 @@ from ._op import draw_seed
 from ._sampler import z_dtype
 from ._value_checks import settled as _checks_settled
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
-from .latents import HIGH, LATENTS, LOG_SCALE, SCALE, location_scale_form, log_scale_of
+from .latents import HIGH, LATENTS, LOG_SCALE, SCALE, exponential_form, location_scale_form, log_scale_of
 from .ops.family_kl.op import FamilyKL, prior_layout
 from .ops.kl_normal.op import kl_normal
 from .ops.logmeanexp.op import (
@@ -40,6 +40,7 @@ from .ops.logmeanexp.op import (
 from .ops.sample_location_scale.op import SampleLocationScale, family_index, sample_location_scale_unchecked
 from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_normal_tril.op import SampleNormalTril
+from .ops.sample_positive.op import SamplePositive, sample_positive_unchecked
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -348,14 +349,16 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
 def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans for a location-scale family's posterior
     (a torch Laplace, Gumbel, Cauchy or Uniform, an Independent of one, or a
-    LocationScale record) against a prior of its own family given the same
-    way, with its closed-form KL; None where they do not apply (the general
+    LocationScale record) or an exponential one (a torch Exponential or
+    Positive record) against a prior of its own family given the same way,
+    with its closed-form KL; None where they do not apply (the general
     path). The same conditions as the Gaussian's (_lean_device), on every
     tensor of both distributions: one float32 or float64 dtype and device,
     no autocast; and a torch object's value checks settled (they run on the
     general path; a record's log-scale needs none)."""
-    if (not _plan.ENABLED or (posterior := location_scale_form(q)) is None
-            or (p := location_scale_form(prior)) is None or posterior[0] != p[0]
+    if (not _plan.ENABLED or (posterior := location_scale_form(q) or exponential_form(q)) is None
+            or (p := (location_scale_form if posterior[1] is not None else exponential_form)(prior)) is None
+            or posterior[0] != p[0]
             or posterior[0] not in KL_FAMILIES or type(x) is not Tensor or likelihood not in _LEAN_LIKELIHOODS
             or reduction not in REDUCTIONS or not callable(decode) or type(n_samples) is not int
             or type(free_bits) not in (float, int) or free_bits != 0 or (beta := _lean_beta(beta)) is None
@@ -363,6 +366,9 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         return None
     family, loc, b, form = posterior
     _, p_loc, p_b, p_form = p
+    exponential = loc is None  # one log parameter, the rate's
+    if exponential:
+        loc, p_loc = b, p_b  # (read for their dtype, device and shape alone)
     if type(loc) is not Tensor or type(b) is not Tensor or type(p_loc) is not Tensor or type(p_b) is not Tensor:
         return None
     device, dtype = loc.device, loc.dtype
@@ -372,7 +378,7 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
             or dtype not in _LEAN_DTYPES or b.dtype is not dtype or p_loc.dtype is not dtype
             or p_b.dtype is not dtype or x.dtype is not dtype or b.device != device or p_loc.device != device
             or p_b.device != device or x.device != device or x.requires_grad or not x.is_contiguous()
-            or loc.dim() == 0 or (form != LOG_SCALE and not _checks_settled("scale"))):
+            or loc.dim() == 0 or not _family_checks_settled(exponential, form)):
         return None
     triton = backend == "triton"
     key = ("family elbo", family, form, p_form, x.shape, loc.shape, loc.stride(), b.shape, b.stride(), p_loc.shape,
@@ -391,16 +397,24 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
             return None
         sample = tail = None  # the cpp backend: the checks are its plan
         p_shared = all(n == 1 for t in (p_loc, p_b) for n in t.shape[:-1])
+        if exponential:
+            p_loc = None
         if triton:
-            sample = _plan.FamilySamplePlan(family_index(family), KL_FAMILIES.index(family), loc.shape, dtype, device,
+            sampler, index = ("sample_positive", 0) if exponential else ("sample_location_scale", family_index(family))
+            sample = _plan.FamilySamplePlan(sampler, index, KL_FAMILIES.index(family), loc.shape, dtype, device,
                                             None if n == 1 else n, p_shared, form == SCALE, _general_family_sample)
         if triton and n == 1:  # several samples: the general tail
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
                                   _general_elbo_tail, x.shape, dtype)
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
+    if exponential:
+        loc = p_loc = None
     if not triton:  # the cpp backend: the general path's own calls, without its checks
         log_scale, p_log_scale = log_scale_of(loc, b, form), log_scale_of(p_loc, p_b, p_form)
-        z, _ = sample_location_scale_unchecked(family_index(family), loc, log_scale, n_samples, False, generator)
+        if exponential:
+            z, _ = sample_positive_unchecked(0, log_scale, log_scale.detach(), n_samples, False, generator)
+        else:
+            z, _ = sample_location_scale_unchecked(family_index(family), loc, log_scale, n_samples, False, generator)
         kl = FamilyKL.apply(KL_FAMILIES.index(family), True, loc, log_scale, p_loc, p_log_scale)
         return _general_elbo_tail(x, decode(z[0] if n_samples == 1 else z), kl, likelihood, beta, reduction,
                                   n_samples)
@@ -409,15 +423,25 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
     if form == HIGH:
         b = log_scale_of(loc, b, form)
     p_scale = p_form == SCALE
-    if p_loc.dim() != 1 or p_b.dim() != 1 or not p_loc.is_contiguous() or not p_b.is_contiguous():
+    if (p_b.dim() != 1 or not p_b.is_contiguous()
+            or (p_loc is not None and (p_loc.dim() != 1 or not p_loc.is_contiguous()))):
         # (L,) contiguous is the kernels' layout already
-        p_loc, p_b = prior_layout(p_loc, log_scale_of(p_loc, p_b, p_form), loc.shape)
+        p_loc, p_b = prior_layout(p_loc, log_scale_of(p_loc, p_b, p_form), b.shape)
         p_scale = False
     elif p_form == HIGH:
         p_b = log_scale_of(p_loc, p_b, p_form)
-    if not loc.is_contiguous() or not b.is_contiguous():  # (a log keeps its input's layout)
-        loc, b = loc.contiguous(), b.contiguous()
+    if not b.is_contiguous() or (loc is not None and not loc.is_contiguous()):  # (a log keeps its input's layout)
+        loc, b = None if loc is None else loc.contiguous(), b.contiguous()
     return _plan.run_family_elbo(plan, x, loc, b, p_loc, p_b, p_scale, decode, beta, generator)
+
+
+def _family_checks_settled(exponential: bool, form: int) -> bool:
+    """Whether the value checks the general path runs on this posterior would
+    run no more: a torch object's scale (or rate and log-rate); a record's
+    log-scale needs none, an exponential record's log-rate its finiteness."""
+    if exponential:
+        return (form == LOG_SCALE or _checks_settled("positive parameter")) and _checks_settled("log parameter")
+    return form == LOG_SCALE or _checks_settled("scale")
 
 
 def _general_family_sample(family: int, kl_family: int, loc: Tensor, log_scale: Tensor, p_loc: Tensor,
@@ -426,10 +450,15 @@ def _general_family_sample(family: int, kl_family: int, loc: Tensor, log_scale: 
     path's Functions, for the prior in the kernels' layout ((L,) or (N, L),
     family_kl's prior_layout): what _plan.FamilySample fuses, and its
     create_graph replay."""
-    z, _ = SampleLocationScale.apply(loc, log_scale, seed, family, 1 if n_samples is None else n_samples, False)
-    L = loc.shape[-1]
-    kl = FamilyKL.apply(kl_family, True, loc.reshape(-1, L), log_scale.reshape(-1, L), p_loc, p_log_scale)
-    return z[0] if n_samples is None else z, kl.reshape(loc.shape[:-1])
+    K = 1 if n_samples is None else n_samples
+    if loc is None:  # the exponential: its log-rate, and a second parameter no formula reads
+        z, _ = SamplePositive.apply(log_scale, log_scale.detach(), seed, family, K, False)
+    else:
+        z, _ = SampleLocationScale.apply(loc, log_scale, seed, family, K, False)
+    L = log_scale.shape[-1]
+    kl = FamilyKL.apply(kl_family, True, None if loc is None else loc.reshape(-1, L), log_scale.reshape(-1, L),
+                        p_loc, p_log_scale)
+    return z[0] if n_samples is None else z, kl.reshape(log_scale.shape[:-1])
 
 
 # -- under torch.compile ----------------------------------------------------------

@@ -1035,7 +1035,8 @@ def test_compiled_objectives_take_no_plan_ops_off_the_triton_backend():
 # -- a location-scale family's posterior against a prior of its own family ---------------
 
 FAMILIES = {"laplace": torch.distributions.Laplace, "gumbel": torch.distributions.Gumbel,
-            "cauchy": torch.distributions.Cauchy, "uniform": torch.distributions.Uniform}
+            "cauchy": torch.distributions.Cauchy, "uniform": torch.distributions.Uniform,
+            "exponential": torch.distributions.Exponential}
 
 
 def _family_problem(device, dtype, family, q_form="torch", p_form="shared", seed=0, batch=(B,)):
@@ -1057,6 +1058,11 @@ def _family_problem(device, dtype, family, q_form="torch", p_form="shared", seed
     p_leaves = [t.to(device).requires_grad_(p_form == "learned") for t in (p_loc, p_raw)]
 
     def dist(m, r, form):
+        if family == "exponential":  # its log-rate alone: raw (the location is left out)
+            if form == "record":
+                return fastvae.Positive("exponential", r)
+            d = FAMILIES[family](r.exp())
+            return torch.distributions.Independent(d, 1) if form == "independent" else d
         if form == "record":
             return fastvae.LocationScale(family, m, r)
         if family == "uniform":  # wide enough a prior that q's support lies inside it
@@ -1085,7 +1091,9 @@ def _family_run(device, dtype, family, enabled, q_form="torch", p_form="shared",
                              generator=torch.Generator(device).manual_seed(7), **kw)
     finally:
         _plan.ENABLED = previous
-    wrt = [t for t in (loc, raw, W, p_loc, p_raw) if t.requires_grad]
+    # (the exponential has no location: its loc leaves take no part)
+    params = (raw, W, p_raw) if family == "exponential" else (loc, raw, W, p_loc, p_raw)
+    wrt = [t for t in params if t.requires_grad]
     grads = torch.autograd.grad(bound, wrt, torch.ones_like(bound), create_graph=create_graph)
     return bound, grads, type(bound.grad_fn).__name__
 
@@ -1100,6 +1108,9 @@ FAMILY_CASES = [  # (family, q_form, p_form, likelihood, dtype, keywords)
     ("cauchy", "independent", "learned", "bernoulli", torch.float64, dict(reduction="none")),
     ("uniform", "torch", "shared", "bernoulli", torch.float32, {}),
     ("uniform", "torch", "learned", "gaussian", torch.float64, dict(n_samples=2, reduction="sum")),
+    ("exponential", "torch", "shared", "bernoulli", torch.float32, {}),
+    ("exponential", "independent", "learned", "gaussian", torch.float64, dict(reduction="none")),
+    ("exponential", "record", "record", "bernoulli", torch.float64, dict(n_samples=2)),
 ]
 
 
@@ -1121,7 +1132,8 @@ def test_family_plans_give_the_general_path_bit_for_bit(triton_device, family, q
         assert node == "ElboTailBackward" and general_node != node
     assert not torch.isnan(lean).any() and torch.isfinite(lean).all()
     assert _same(lean, general)
-    assert len(lean_grads) == len(general_grads) == (5 if p_form == "learned" else 3)
+    assert len(lean_grads) == len(general_grads) == (5 if p_form == "learned" else 3) - (family == "exponential") * (
+        2 if p_form == "learned" else 1)
     for a, b in zip(lean_grads, general_grads):
         assert a.dtype == b.dtype and not torch.isnan(a).any() and _same(a, b)
 
@@ -1222,6 +1234,9 @@ def test_family_calls_the_plans_do_not_serve_take_the_general_path(backend):
         assert (lean(q, prior) is not None) == (name in ("triton", "cpp"))
         td = torch.distributions
         assert lean(q, td.Gumbel(p_loc, p_raw.exp())) is None  # another family
+        rate = td.Exponential(raw.exp())
+        assert (lean(rate, td.Exponential(p_raw.exp())) is not None) == (name in ("triton", "cpp"))
+        assert lean(rate, prior) is None and lean(q, td.Exponential(p_raw.exp())) is None
         assert lean(q, None) is None and lean(q, fastvae.priors.StandardNormal()) is None
         logistic = fastvae.LocationScale("logistic", loc, raw)
         assert lean(logistic, fastvae.LocationScale("logistic", p_loc, p_raw)) is None  # no closed form
