@@ -11,5 +11,11 @@ from __future__ import annotations
 
 LOCATION_SCALE_FAMILIES = ("uniform", "laplace", "logistic", "gumbel", "cauchy")
 POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
-# the closed-form KLs of family_kl, each against a prior of its own family
-KL_FAMILIES = ("laplace", "uniform", "gumbel", "cauchy", "exponential")
+# the closed-form KLs of family_kl, each against a prior of its own family but
+# the Kumaraswamy's, against a Beta
+KL_FAMILIES = ("laplace", "uniform", "gumbel", "cauchy", "exponential", "kumaraswamy")
+# The Kumaraswamy-Beta KL: Nalisnick and Smyth's (2017) series, truncated at
+# this many terms (its tail, ~ sum_m m^(-1-b), is what the truncation leaves
+# out: small for b >~ 2, slow to converge for b < 1; docs/latents.md). The C++
+# and Triton kernels unroll the same count.
+KUMARASWAMY_KL_TERMS = 10

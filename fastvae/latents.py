@@ -79,7 +79,7 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 
 from . import _backend, _validate, _value_checks
 from . import priors as _priors
-from ._families import KL_FAMILIES, POSITIVE_FAMILIES
+from ._families import KL_FAMILIES, KUMARASWAMY_KL_TERMS, POSITIVE_FAMILIES
 from .distributions import DiagonalNormal, widened
 from .ops.family_kl.op import family_kl
 from .ops.kl_normal.op import kl_normal
@@ -600,10 +600,6 @@ def log_scale_of(loc: Tensor, b: Tensor, form: int) -> Tensor:
 
 
 _POSITIVE_TORCH = {Exponential: "exponential", Weibull: "weibull", Kumaraswamy: "kumaraswamy"}
-# The Kumaraswamy-Beta KL: Nalisnick and Smyth's (2017) series, truncated at
-# this many terms (its tail, ~ sum_m m^(-1-b), is what the truncation leaves
-# out: small for b >~ 2, slow to converge for b < 1; docs/latents.md).
-KUMARASWAMY_KL_TERMS = 10
 
 
 def _support_error(family: str, prior) -> ValueError:
@@ -723,8 +719,8 @@ class Positive(_Latent):
 
     def _kl(self, prior, reduce: bool) -> Tensor | None:
         """The KL summed over L (reduce) or per dimension (..., L):
-        exponential-exponential in closed form (the fused family_kl),
-        Kumaraswamy-Beta by the truncated series; None otherwise (Monte Carlo)."""
+        exponential-exponential in closed form, Kumaraswamy-Beta by the
+        truncated series (each the fused family_kl); None otherwise (Monte Carlo)."""
         _check_prior_support(self.family, prior)
         if self.index == 0:
             lp = _prior_log_rate(prior)
@@ -733,8 +729,7 @@ class Positive(_Latent):
             beta = _prior_beta(prior)
             if beta is None:
                 return None
-            terms = kumaraswamy_beta_kl(self.log_p0, self.log_p1, *beta)
-            return terms.sum(-1) if reduce else terms
+            return family_kl("kumaraswamy", (self.log_p0, self.log_p1), tuple(_log(c) for c in beta), reduce=reduce)
         return None  # Weibull: Monte Carlo
 
     def analytic_kl(self, prior) -> Tensor | None:
@@ -781,17 +776,10 @@ def kumaraswamy_beta_kl(log_a: Tensor, log_b: Tensor, alpha: Tensor, beta: Tenso
     """KL(Kumaraswamy(a, b) || Beta(alpha, beta)) per element (Nalisnick and
     Smyth 2017, appendix), its infinite sum truncated at `terms`:
     (a - alpha) / a (-gamma - psi(b) - 1/b) + log ab + log B(alpha, beta)
-    - (b - 1) / b + (beta - 1) b sum_{m=1}^{terms} B(m / a, b) / (m + ab)."""
-    la, lb, al, be = widened(log_a, log_b, alpha, beta)
-    a, b = torch.exp(la), torch.exp(lb)
-    log_beta_fn = torch.lgamma(al) + torch.lgamma(be) - torch.lgamma(al + be)
-    kl = (a - al) / a * (-EULER_GAMMA - torch.digamma(b) - 1.0 / b) + la + lb + log_beta_fn - (b - 1.0) / b
-    series = torch.zeros_like(kl)
-    lg_b = torch.lgamma(b)
-    for m in range(1, terms + 1):
-        x = m / a
-        series = series + torch.exp(torch.lgamma(x) + lg_b - torch.lgamma(x + b)) / (m + a * b)
-    return kl + (be - 1.0) * b * series
+    - (b - 1) / b + (beta - 1) b sum_{m=1}^{terms} B(m / a, b) / (m + ab).
+    In torch ops, the fused family_kl's oracle: the records' KL is family_kl."""
+    from .ops.family_kl import kumaraswamy_beta_terms  # declared use (docs/architecture.md, "Layers")
+    return kumaraswamy_beta_terms(*widened(log_a, log_b, alpha, beta), terms=terms)
 
 
 def _positive_from_torch(q: Distribution) -> Positive | None:

@@ -72,6 +72,8 @@ DECLARED = {
                                                         "differentiable, for its own double backward",
     ("latents", "ops.sample_positive"): "positive_terms at the median (Positive.point): one closed form, not a "
                                         "second copy",
+    ("latents", "ops.family_kl"): "kumaraswamy_beta_kl, the public torch form of the truncated series (any "
+                                  "number of terms): the oracle's formula, not a second copy",
 }
 
 

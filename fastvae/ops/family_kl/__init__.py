@@ -1,14 +1,17 @@
 """family_kl, described once: the closed-form KL(q || p) between two
 distributions of one latent family, per latent dimension, summed over the last
 dimension or not: Laplace, uniform, Gumbel and Cauchy against the same
-family (each as (loc, log_scale)) and the exponential against the exponential
-(as its log-rate). The families' positions in KL_FAMILIES
+family (each as (loc, log_scale)), the exponential against the exponential
+(as its log-rate) and the Kumaraswamy (as (log a, log b)) against a Beta (as
+(log alpha, log beta)). The families' positions in KL_FAMILIES
 (fastvae/_families.py) are the kernels' ``family``.
 
 The kernels take the posterior's parameters as (N, L) and the prior's as
 (N, L) or (L,) (a prior shared by every row); ``q_loc`` and ``p_loc`` are
 None for the exponential, whose one parameter, the log-rate, sits in
-``q_log_param`` and ``p_log_param`` (the log-scale of the others). ``kl`` is
+``q_log_param`` and ``p_log_param`` (the log-scale of the others); the
+Kumaraswamy's log a and log b sit in ``q_loc`` and ``q_log_param``, the Beta
+prior's log alpha and log beta in ``p_loc`` and ``p_log_param``. ``kl`` is
 (N,) (summed over L) or (N, L) (per dimension), and so is ``grad_kl``; the
 prior's gradients are written (N, L) whatever its layout, for the front end
 to sum.
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..._dtypes import accumulation_dtype
-from ..._families import KL_FAMILIES
+from ..._families import KL_FAMILIES, KUMARASWAMY_KL_TERMS
 from ..._spec import Bench, Kernel, Op
 
 KERNELS = (
@@ -62,11 +65,15 @@ def family_kl_terms(family: int, q_loc: Tensor | None, q_log_param: Tensor, p_lo
     - cauchy: log(((b1 + b2)^2 + (m1 - m2)^2) / (4 b1 b2)) (Chyzak and
       Nielsen 2019), with every scale taken relative to the larger one, so
       neither (b1 + b2)^2 overflows nor underflows where the KL is finite;
-    - exponential: (s1 - s2) + e^(s2 - s1) - 1 for log-rates s1, s2.
+    - exponential: (s1 - s2) + e^(s2 - s1) - 1 for log-rates s1, s2;
+    - kumaraswamy: kumaraswamy_beta_terms of q = (log a, log b) and the Beta
+      prior's (alpha, beta) = (e^m2, e^s2).
     """
     name = KL_FAMILIES[family]
     if name == "exponential":
         return (q_log_param - p_log_param) + torch.exp(p_log_param - q_log_param) - 1.0
+    if name == "kumaraswamy":
+        return kumaraswamy_beta_terms(q_loc, q_log_param, torch.exp(p_loc), torch.exp(p_log_param))
     s1, s2 = q_log_param, p_log_param
     if name == "laplace":
         d = (q_loc - p_loc).abs()
@@ -89,6 +96,56 @@ def family_kl_terms(family: int, q_loc: Tensor | None, q_log_param: Tensor, p_lo
     raise ValueError(f"family must be in [0, {len(KL_FAMILIES)}), got {family}")
 
 
+def kumaraswamy_beta_terms(log_a: Tensor, log_b: Tensor, alpha: Tensor, beta: Tensor,
+                           terms: int = KUMARASWAMY_KL_TERMS) -> Tensor:
+    """KL(Kumaraswamy(a, b) || Beta(alpha, beta)) per element, broadcasting,
+    differentiable (Nalisnick and Smyth 2017, appendix), its infinite sum
+    truncated at `terms`:
+    (a - alpha) / a (-gamma - psi(b) - 1/b) + log ab + log B(alpha, beta)
+    - (b - 1) / b + (beta - 1) b sum_{m=1}^{terms} B(m / a, b) / (m + ab)."""
+    a, b = torch.exp(log_a), torch.exp(log_b)
+    log_beta_fn = torch.lgamma(alpha) + torch.lgamma(beta) - torch.lgamma(alpha + beta)
+    kl = (a - alpha) / a * (-EULER_GAMMA - torch.digamma(b) - 1.0 / b) + log_a + log_b + log_beta_fn - (b - 1.0) / b
+    series = torch.zeros_like(kl)
+    lg_b = torch.lgamma(b)
+    for m in range(1, terms + 1):
+        x = m / a
+        series = series + torch.exp(torch.lgamma(x) + lg_b - torch.lgamma(x + b)) / (m + a * b)
+    return kl + (beta - 1.0) * b * series
+
+
+def kumaraswamy_beta_grads(g: Tensor, log_a: Tensor, log_b: Tensor, log_alpha: Tensor,
+                           log_beta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """g times the gradient of kumaraswamy_beta_terms in (log a, log b, log
+    alpha, log beta), the kernels' closed form: with C = -gamma - psi(b) - 1/b,
+    T_m = B(x_m, b) / (m + ab), x_m = m / a, S = sum T_m,
+    d/dlog a = (alpha/a) C + 1 + (beta - 1) b sum T_m (x_m (psi(x_m + b) - psi(x_m)) - ab/(m + ab)),
+    d/dlog b = (1 - alpha/a) (1/b - b psi'(b)) + 1 - 1/b
+               + (beta - 1) b (S + sum T_m (b (psi(b) - psi(x_m + b)) - ab/(m + ab))),
+    d/dlog alpha = -(alpha/a) C + alpha (psi(alpha) - psi(alpha + beta)),
+    d/dlog beta = beta (psi(beta) - psi(alpha + beta)) + beta b S."""
+    a, b, al, be = (torch.exp(t) for t in (log_a, log_b, log_alpha, log_beta))
+    c = -EULER_GAMMA - torch.digamma(b) - 1.0 / b
+    ratio = al / a
+    lg_b, psi_b, ab = torch.lgamma(b), torch.digamma(b), a * b
+    s = sa = sb = torch.zeros_like(c)
+    for m in range(1, KUMARASWAMY_KL_TERMS + 1):
+        x = m / a
+        t = torch.exp(torch.lgamma(x) + lg_b - torch.lgamma(x + b)) / (m + ab)
+        e = ab / (m + ab)
+        psi_xb = torch.digamma(x + b)
+        s = s + t
+        sa = sa + t * (x * (psi_xb - torch.digamma(x)) - e)
+        sb = sb + t * (b * (psi_b - psi_xb) - e)
+    w = (be - 1.0) * b
+    psi_sum = torch.digamma(al + be)
+    da = ratio * c + 1.0 + w * sa
+    db = (1.0 - ratio) * (1.0 / b - b * torch.polygamma(1, b)) + 1.0 - 1.0 / b + w * (s + sb)
+    dal = al * (torch.digamma(al) - psi_sum) - ratio * c
+    dbe = be * (torch.digamma(be) - psi_sum) + be * b * s
+    return g * da, g * db, g * dal, g * dbe
+
+
 def _up(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype)
 
@@ -100,17 +157,19 @@ def family_kl_forward(q_loc, q_log_param, p_loc, p_log_param, family, kl) -> Non
 
 
 def family_kl_grads(family: int, g: Tensor, q_loc: Tensor | None, q_log_param: Tensor, p_loc: Tensor | None,
-                    p_log_param: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                    p_log_param: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """g times the gradient of family_kl_terms per element: (dq_loc, dq_log_param,
-    dp_log_param); the prior's location gradient is -dq_loc (zeros for the
-    exponential, which has none, and the uniform, whose location enters only
-    a comparison). The closed forms of the kernels; the tests check them
-    against autograd of family_kl_terms."""
+    dp_loc, dp_log_param); the prior's location gradient is -dq_loc but the
+    Kumaraswamy's (zeros for the exponential, which has none, and the uniform,
+    whose location enters only a comparison). The closed forms of the kernels;
+    the tests check them against autograd of family_kl_terms."""
     name = KL_FAMILIES[family]
     s1, s2 = q_log_param, p_log_param
     if name == "exponential":
         ds1 = g * (1.0 - torch.exp(s2 - s1))
-        return torch.zeros_like(ds1), ds1, -ds1
+        return torch.zeros_like(ds1), ds1, torch.zeros_like(ds1), -ds1
+    if name == "kumaraswamy":
+        return kumaraswamy_beta_grads(g, q_loc, s1, p_loc, s2)
     diff = q_loc - p_loc
     if name == "laplace":
         d = diff.abs()
@@ -120,11 +179,11 @@ def family_kl_grads(family: int, g: Tensor, q_loc: Tensor | None, q_log_param: T
         ds1 = g * (torch.where(e == 0, 0.0, e * (1.0 + u)) - 1.0)  # u = inf: e (1 + u) -> 0
         ds2 = g * (1.0 - d * torch.exp(-torch.where(exact, 0.0, s2)) - e)
         dm1 = torch.where(exact, 0.0, g * torch.sign(diff) * torch.exp(-s2) * -torch.expm1(-u))
-        return dm1, ds1, ds2
+        return dm1, ds1, -dm1, ds2
     if name == "uniform":
         inside = (q_loc >= p_loc) & (q_loc + torch.exp(s1) <= p_loc + torch.exp(s2))
         zero = torch.zeros_like(g * s1)
-        return zero, torch.where(inside, -g, zero), torch.where(inside, g, zero)
+        return zero, torch.where(inside, -g, zero), zero, torch.where(inside, g, zero)
     if name == "gumbel":
         ip = torch.exp(-s2)
         t = diff * ip
@@ -132,15 +191,16 @@ def family_kl_grads(family: int, g: Tensor, q_loc: Tensor | None, q_log_param: T
         big_g = torch.exp(torch.lgamma(1.0 + r) - t)
         psi_r = torch.digamma(1.0 + r) * r
         rg = r * EULER_GAMMA
-        return g * ip * (1.0 - big_g), g * (rg + big_g * psi_r - 1.0), g * (1.0 - t - rg + big_g * (t - psi_r))
+        dm1 = g * ip * (1.0 - big_g)
+        return dm1, g * (rg + big_g * psi_r - 1.0), -dm1, g * (1.0 - t - rg + big_g * (t - psi_r))
     m = torch.maximum(s1, s2)
     a = torch.exp(s1 - m) + torch.exp(s2 - m)
     exact = diff == 0
     e_m = torch.exp(-torch.where(exact, 0.0, m))
     dd = diff * e_m
     w = 2.0 / (a * a + dd * dd)
-    return (torch.where(exact, 0.0, g * w * dd * e_m), g * (w * a * torch.exp(s1 - m) - 1.0),
-            g * (w * a * torch.exp(s2 - m) - 1.0))
+    dm1 = torch.where(exact, 0.0, g * w * dd * e_m)
+    return dm1, g * (w * a * torch.exp(s1 - m) - 1.0), -dm1, g * (w * a * torch.exp(s2 - m) - 1.0)
 
 
 def family_kl_backward(grad_kl, q_loc, q_log_param, p_loc, p_log_param, family,
@@ -148,10 +208,9 @@ def family_kl_backward(grad_kl, q_loc, q_log_param, p_loc, p_log_param, family,
     acc = accumulation_dtype(q_log_param.dtype)
     g = grad_kl.to(acc)
     g = g[:, None] if g.dim() == 1 else g
-    dm1, ds1, ds2 = family_kl_grads(family, g, _up(q_loc, acc), q_log_param.to(acc), _up(p_loc, acc),
-                                    p_log_param.to(acc))
+    grads = family_kl_grads(family, g, _up(q_loc, acc), q_log_param.to(acc), _up(p_loc, acc), p_log_param.to(acc))
     shape = q_log_param.shape
-    for out, grad in ((dq_loc, dm1), (dq_log_param, ds1), (dp_loc, -dm1), (dp_log_param, ds2)):
+    for out, grad in zip((dq_loc, dq_log_param, dp_loc, dp_log_param), grads):
         if out is not None:
             out.copy_(grad.expand(shape))
 
@@ -189,6 +248,8 @@ def _bench_inputs(size: dict, device):
     p_loc, p_ls = torch.zeros(L, device=device), torch.zeros(L, device=device)
     if family == "uniform":  # q inside p's support: a finite KL
         p_loc, p_ls = p_loc - 10.0, p_ls + math.log(20.0)
+    if family == "kumaraswamy":  # Beta(1, 2): beta != 1, so that the series counts
+        p_ls = p_ls + math.log(2.0)
     if family == "exponential":
         return (family, (q_ls,), (p_ls,)), [q_ls], torch.randn(B, generator=g).to(device)
     return (family, (q_loc, q_ls), (p_loc, p_ls)), [q_loc, q_ls], torch.randn(B, generator=g).to(device)

@@ -6,7 +6,7 @@
 namespace fastvae::bind {
 namespace {
 
-constexpr int kFamilyKLFamilies = 5;  // KL_FAMILIES (fastvae/_families.py)
+constexpr int kFamilyKLFamilies = 6;  // KL_FAMILIES (fastvae/_families.py)
 constexpr int kFamilyKLExponential = 4;
 
 // The checked inputs of a call; keep holds the optional arrays alive.

@@ -1,9 +1,10 @@
 // family_kl on the CPU: the closed-form KL of a latent family against a prior
-// of the same family per element, summed over L or not, and its gradients,
-// each in one pass over flat blocks of elements (as kl_normal.cpp: a loop per
-// short row never fills a vector). The formulas are the oracle's
-// (fastvae/ops/family_kl/__init__.py) in forms that stay finite where the KL
-// is: no scale is exponentiated alone where a ratio of scales is meant.
+// of the same family (the Kumaraswamy's against a Beta) per element, summed
+// over L or not, and its gradients, each in one pass over flat blocks of
+// elements (as kl_normal.cpp: a loop per short row never fills a vector). The
+// formulas are the oracle's (fastvae/ops/family_kl/__init__.py) in forms that
+// stay finite where the KL is: no scale is exponentiated alone where a ratio
+// of scales is meant (the Kumaraswamy-Beta series takes a and b themselves).
 #include <algorithm>
 #include <cmath>
 
@@ -17,11 +18,98 @@ namespace fastvae {
 namespace {
 
 // KL_FAMILIES' positions (fastvae/_families.py)
-constexpr int kLaplace = 0, kUniform = 1, kGumbel = 2, kCauchy = 3, kExponential = 4;
+constexpr int kLaplace = 0, kUniform = 1, kGumbel = 2, kCauchy = 3, kExponential = 4, kKumaraswamy = 5;
 constexpr int64_t kRowsPerTask = 256;
 constexpr int64_t kBlock = 512;  // elements per vector block (stack buffers)
 constexpr double kEulerGamma = 0.5772156649015329;
 constexpr double kLog4 = 1.3862943611198906;
+constexpr int kKumaraswamyTerms = 10;  // KUMARASWAMY_KL_TERMS (fastvae/_families.py)
+
+// lgamma(z) and psi(z), z > 0, from one shift to w >= 10 (lgamma_pos and
+// digamma_pos of count_log_prob.h together): the shift's sum of 1/(z + i) is
+// d/dz log prod, the product's derivative over the product, one division.
+template <typename T>
+FASTVAE_INLINE void lgamma_digamma_pos(T z, T& lg, T& psi) {
+  T w = z, prod = T(1), dprod = T(0);
+  for (int i = 0; i < kShift; ++i) {
+    const bool c = w < T(kShift);
+    dprod = c ? dprod * w + prod : dprod;
+    prod = c ? prod * w : prod;
+    w = c ? w + T(1) : w;
+  }
+  const T lw = log_pos_t(w);
+  lg = (w - T(0.5)) * lw - w + T(0.91893853320467274178) + stirling_corr(w) - log_pos_t(prod);
+  psi = lw - T(0.5) / w - digamma_corr(w) - dprod / prod;
+}
+
+// psi'(z), z > 0: shifted to w >= 10 by psi'(z) = psi'(w) + sum 1/(z + i)^2,
+// then the asymptotic series (its next term, 7/(6 w^15), is below 2e-15 there).
+template <typename T>
+FASTVAE_INLINE T trigamma_pos(T z) {
+  T w = z, acc = T(0);
+  for (int i = 0; i < kShift; ++i) {
+    const bool c = w < T(kShift);
+    acc = c ? acc + T(1) / (w * w) : acc;
+    w = c ? w + T(1) : w;
+  }
+  const T iw = T(1) / w, iw2 = iw * iw;
+  const T tail = T(1.0 / 42) - iw2 * (T(1.0 / 30) - iw2 * (T(5.0 / 66) - iw2 * T(691.0 / 2730)));
+  return acc + iw + iw2 * (T(0.5) + iw * (T(1.0 / 6) - iw2 * (T(1.0 / 30) - iw2 * tail)));
+}
+
+// The Kumaraswamy(a, b)-Beta(alpha, beta) KL of the oracle's kumaraswamy_beta_terms,
+// a = e^la, b = e^lb, alpha = e^lal, beta = e^lbe. psi(b) + 1/b and lgamma(b) come
+// from psi(1 + b) and lgamma(1 + b) - log b: C = -gamma - psi(b) - 1/b
+// = -gamma - psi(1 + b) has no cancellation at small b.
+template <typename T>
+FASTVAE_INLINE T kumaraswamy_kl(T la, T lb, T lal, T lbe) {
+  const T a = exp_t(la), b = exp_t(lb), al = exp_t(lal), be = exp_t(lbe);
+  T lg_1b, psi_1b;
+  lgamma_digamma_pos(T(1) + b, lg_1b, psi_1b);
+  const T lg_b = lg_1b - lb;
+  const T c = -T(kEulerGamma) - psi_1b;
+  const T log_beta_fn = lgamma_pos(al) + lgamma_pos(be) - lgamma_pos(al + be);
+  const T ia = T(1) / a, ab = a * b;
+  T s = T(0);
+#pragma GCC unroll 10
+  for (int m = 1; m <= kKumaraswamyTerms; ++m) {
+    const T x = T(m) * ia;
+    s += exp_t(lgamma_pos(x) + lg_b - lgamma_pos(x + b)) / (T(m) + ab);
+  }
+  return (T(1) - al * ia) * c + la + lb + log_beta_fn - (b - T(1)) / b + (be - T(1)) * b * s;
+}
+
+// g times its gradient in (la, lb, lal, lbe) (the oracle's kumaraswamy_beta_grads),
+// with 1/b - b psi'(b) = -b psi'(1 + b).
+template <typename T>
+FASTVAE_INLINE void kumaraswamy_kl_grad(T g, T la, T lb, T lal, T lbe, T& da, T& db, T& dal, T& dbe) {
+  const T a = exp_t(la), b = exp_t(lb), al = exp_t(lal), be = exp_t(lbe);
+  T lg_1b, psi_1b;
+  lgamma_digamma_pos(T(1) + b, lg_1b, psi_1b);
+  const T lg_b = lg_1b - lb;
+  const T c = -T(kEulerGamma) - psi_1b;
+  const T ia = T(1) / a, ab = a * b, ratio = al * ia;
+  T s = T(0), sa = T(0), sb = T(0);
+#pragma GCC unroll 10
+  for (int m = 1; m <= kKumaraswamyTerms; ++m) {
+    const T x = T(m) * ia;
+    T lg_x, psi_x, lg_xb, psi_xb;
+    lgamma_digamma_pos(x, lg_x, psi_x);
+    lgamma_digamma_pos(x + b, lg_xb, psi_xb);
+    const T r = T(1) / (T(m) + ab);
+    const T t = exp_t(lg_x + lg_b - lg_xb) * r;
+    const T e = ab * r;
+    s += t;
+    sa += t * (x * (psi_xb - psi_x) - e);
+    sb += t * (b * (psi_1b - psi_xb) - T(1) - e);  // b (psi(b) - psi(x + b)) - e
+  }
+  const T w = (be - T(1)) * b;
+  const T psi_sum = digamma_pos(al + be);
+  da = g * (ratio * c + T(1) + w * sa);
+  db = g * (-(T(1) - ratio) * b * trigamma_pos(T(1) + b) + T(1) - T(1) / b + w * (s + sb));
+  dal = g * (al * (digamma_pos(al) - psi_sum) - ratio * c);
+  dbe = g * (be * (digamma_pos(be) - psi_sum) + be * b * s);
+}
 
 // The Cauchy's scales relative to the larger one, m = max(s1, s2):
 // a = (b1 + b2) / e^m in [1, 2], dd = (m1 - m2) / e^m, big = max(a, |dd|),
@@ -47,6 +135,8 @@ template <int F, typename T>
 FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
   if constexpr (F == kExponential) {  // log-rates s1, s2
     return (s1 - s2) + exp_t(s2 - s1) - T(1);
+  } else if constexpr (F == kKumaraswamy) {  // (log a, log b) against the Beta's (log alpha, log beta)
+    return kumaraswamy_kl(m1, s1, m2, s2);
   } else if constexpr (F == kLaplace) {
     const T d = std::fabs(m1 - m2);
     const bool exact = d == T(0);  // the d terms are 0 whatever the scales
@@ -70,9 +160,14 @@ FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
   }
 }
 
-// g times the gradient in (m1, s1, m2, s2); the prior's location gradient is -dm1.
+// g times the gradient in (m1, s1, m2, s2); the prior's location gradient
+// dm2 is -dm1 but the Kumaraswamy's (its m2 is the Beta's log alpha).
 template <int F, typename T>
-FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& ds2) {
+FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& dm2, T& ds2) {
+  if constexpr (F == kKumaraswamy) {
+    kumaraswamy_kl_grad(g, m1, s1, m2, s2, dm1, ds1, dm2, ds2);
+    return;
+  }
   if constexpr (F == kExponential) {
     ds1 = g * (T(1) - exp_t(s2 - s1));
     ds2 = -ds1;
@@ -112,6 +207,7 @@ FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& ds2)
     ds1 = far ? -g : g * (w * c.ra * exp_t(s1 - c.m) - T(1));
     ds2 = far ? -g : g * (w * c.ra * exp_t(s2 - c.m) - T(1));
   }
+  dm2 = -dm1;
 }
 
 // out[i] = p[column of element first_elem + i]: a shared (L,) prior laid out
@@ -168,12 +264,13 @@ FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& in, int64_t r0, int64_t 
 template <int F, typename T>
 FASTVAE_INLINE void grad_block(const T* __restrict g, const T* __restrict qm, const T* __restrict qs,
                                const T* pm, const T* ps, int64_t n, T* gm,
-                               T* gs, T* gps) {
+                               T* gs, T* gpm, T* gps) {
   for (int64_t i = 0; i < n; ++i) {
-    T dm1, ds1, ds2;
-    kl_grad<F>(g[i], qm[i], qs[i], pm[i], ps[i], dm1, ds1, ds2);
+    T dm1, ds1, dm2, ds2;
+    kl_grad<F>(g[i], qm[i], qs[i], pm[i], ps[i], dm1, ds1, dm2, ds2);
     gm[i] = dm1;
     gs[i] = ds1;
+    gpm[i] = dm2;
     gps[i] = ds2;
   }
 }
@@ -183,7 +280,7 @@ FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& in, i
                                     T* dqm, T* dqs, T* dpm, T* dps) {
   const int64_t L = in.L;
   constexpr bool kLoc = F != kExponential;
-  T gs_buf[kBlock], pm_buf[kBlock], ps_buf[kBlock], dm_buf[kBlock], dp_buf[kBlock];
+  T gs_buf[kBlock], pm_buf[kBlock], ps_buf[kBlock], dm_buf[kBlock], dpm_buf[kBlock], dp_buf[kBlock];
   for (int64_t e0 = r0 * L; e0 < r1 * L; e0 += kBlock) {
     const int64_t n = std::min(kBlock, r1 * L - e0);
     const T* g = grad_kl + e0;
@@ -198,12 +295,9 @@ FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& in, i
     // the gradients that are not wanted go to scratch, so that the loop has no branch
     T* gm = kLoc ? dqm + e0 : dm_buf;
     T* gs = dqs + e0;
+    T* gpm = kLoc && dpm != nullptr ? dpm + e0 : dpm_buf;
     T* gps = dps != nullptr ? dps + e0 : dp_buf;
-    grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gps);
-    if (kLoc && dpm != nullptr) {
-      T* __restrict gpm = dpm + e0;
-      for (int64_t i = 0; i < n; ++i) gpm[i] = -gm[i];
-    }
+    grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
   }
 }
 
@@ -215,6 +309,7 @@ FASTVAE_INLINE void forward_rows_any(int family, const FamilyKLIn<T>& in, int64_
     case kUniform: forward_rows_t<kUniform>(in, r0, r1, reduce, kl); break;
     case kGumbel: forward_rows_t<kGumbel>(in, r0, r1, reduce, kl); break;
     case kCauchy: forward_rows_t<kCauchy>(in, r0, r1, reduce, kl); break;
+    case kKumaraswamy: forward_rows_t<kKumaraswamy>(in, r0, r1, reduce, kl); break;
     default: forward_rows_t<kExponential>(in, r0, r1, reduce, kl); break;
   }
 }
@@ -227,6 +322,7 @@ FASTVAE_INLINE void backward_rows_any(int family, const T* grad_kl, const Family
     case kUniform: backward_rows_t<kUniform>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
     case kGumbel: backward_rows_t<kGumbel>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
     case kCauchy: backward_rows_t<kCauchy>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
+    case kKumaraswamy: backward_rows_t<kKumaraswamy>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
     default: backward_rows_t<kExponential>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
   }
 }

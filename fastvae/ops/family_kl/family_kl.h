@@ -8,7 +8,9 @@ namespace fastvae {
 
 // The parameters of one call: q's (N, L); p's (N, L), or (L,) when p_shared.
 // q_loc and p_loc are null for the exponential, whose log-rates sit in the
-// log_param arrays (the log-scales of the location-scale families).
+// log_param arrays (the log-scales of the location-scale families); the
+// Kumaraswamy's (log a, log b) and its Beta prior's (log alpha, log beta) sit
+// in (loc, log_param).
 template <typename T>
 struct FamilyKLIn {
   const T* q_loc;

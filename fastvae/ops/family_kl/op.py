@@ -3,7 +3,8 @@ fastvae::family_kl and fastvae::family_kl_backward, and their autograd
 Function, whose double backward is autograd of the oracle's formula.
 
 The closed-form KL of the latent families against a prior of their own
-family (fastvae/latents.py's LocationScale and Positive call it), fused:
+family, or the Kumaraswamy's against a Beta (fastvae/latents.py's
+LocationScale and Positive call it), fused:
 one pass forward, one backward, with no full-size temporary."""
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from ... import _backend, _validate
 from ..._families import KL_FAMILIES
 from ..._op import define, flat, run, shaped
 
-# each family's parameters, in the order family_kl takes them
+# each family's parameters, in the order family_kl takes them: q's, and the prior's
 PARAMETERS = {name: ("loc", "log_scale") for name in KL_FAMILIES}
 PARAMETERS["exponential"] = ("log_rate",)
+PARAMETERS["kumaraswamy"] = ("log_a", "log_b")
+PRIOR_PARAMETERS = dict(PARAMETERS, kumaraswamy=("log_alpha", "log_beta"))  # a Beta prior
 
 
 def _forward(q_log_param: Tensor, q_loc: Tensor | None, p_log_param: Tensor, p_loc: Tensor | None,
@@ -166,7 +169,10 @@ def family_kl(family: str, q: tuple[Tensor, ...], p: tuple[Tensor, ...], *, redu
     Args:
         family: "laplace", "uniform", "gumbel", "cauchy" (each given as
             (loc, log_scale), scale = exp(log_scale); the uniform on
-            (loc, loc + scale)) or "exponential" (given as (log_rate,)).
+            (loc, loc + scale)), "exponential" (given as (log_rate,)) or
+            "kumaraswamy" (q given as (log_a, log_b), the prior a Beta given
+            as (log_alpha, log_beta): Nalisnick and Smyth's series truncated
+            at fastvae.latents.KUMARASWAMY_KL_TERMS terms).
         q: the posterior's parameters, a tuple of tensors of one shape (..., L).
         p: the prior's parameters in the same order, each broadcastable to
             q's shape: per example (..., L), or one prior for every row (L,).
@@ -182,20 +188,20 @@ def family_kl(family: str, q: tuple[Tensor, ...], p: tuple[Tensor, ...], *, redu
     """
     if family not in KL_FAMILIES:
         raise ValueError(f"family must be one of {', '.join(map(repr, KL_FAMILIES))}, got {family!r}")
-    names = PARAMETERS[family]
-    for who, params in (("q", q), ("p", p)):
-        if not isinstance(params, (tuple, list)) or len(params) != len(names):
-            raise ValueError(f"{who}: the {family} family takes ({', '.join(names)}), a tuple of "
-                             f"{len(names)} tensor{'s' * (len(names) > 1)}, got {_describe(params)}")
+    names, p_names = PARAMETERS[family], PRIOR_PARAMETERS[family]
+    for who, params, want in (("q", q, names), ("p", p, p_names)):
+        if not isinstance(params, (tuple, list)) or len(params) != len(want):
+            raise ValueError(f"{who}: the {family} family takes ({', '.join(want)}), a tuple of "
+                             f"{len(want)} tensor{'s' * (len(want) > 1)}, got {_describe(params)}")
     if not isinstance(reduce, bool):
         raise TypeError(f"reduce must be True or False, got {reduce!r}")
-    tensors = {f"q's {n}": t for n, t in zip(names, q)} | {f"p's {n}": t for n, t in zip(names, p)}
+    tensors = {f"q's {n}": t for n, t in zip(names, q)} | {f"p's {n}": t for n, t in zip(p_names, p)}
     _validate.float_tensors(**tensors)
     q_lp = q[-1]
     _validate.event_dim(f"q's {names[-1]}", q_lp)
     if len(q) == 2:
         _validate.same_shape(**{f"q's {names[0]}": q[0], f"q's {names[1]}": q_lp})
-    for n, t in zip(names, p):
+    for n, t in zip(p_names, p):
         if not _validate.broadcasts_to(t.shape, q_lp.shape):
             raise ValueError(f"p's {n} of shape {tuple(t.shape)} does not broadcast to q's shape {tuple(q_lp.shape)}")
     q_loc, p_loc = (q[0], p[0]) if len(q) == 2 else (None, None)

@@ -21,8 +21,8 @@ F64 = torch.float64
 
 
 @st.composite
-def problems(draw):
-    family = draw(st.sampled_from(KL_FAMILIES))
+def problems(draw, families=KL_FAMILIES, spreads=("normal", "wide", "extreme")):
+    family = draw(st.sampled_from(families))
     L = draw(st.sampled_from(LATENT))
     batch = tuple(draw(st.lists(st.integers(1, 7), min_size=0, max_size=2)))
     while math.prod(batch) > max(1, 6000 // L):
@@ -31,7 +31,7 @@ def problems(draw):
     # "extreme": log-scales far from 0 (both sides of float32's exp range) but
     # near each other, with locations on the scales' own scale, where the KL
     # is of order one: a form that exponentiates a scale alone overflows
-    spread = draw(st.sampled_from(["normal", "wide", "extreme"]))
+    spread = draw(st.sampled_from(spreads))
     reduce = draw(st.booleans())
     return family, batch, L, prior, spread, reduce, draw(st.integers(0, 2**31 - 1))
 
@@ -46,6 +46,8 @@ def make_params(family, batch, L, prior, spread, g):
     # log-scales about a centre per dimension that q and p share, so that the
     # KL stays within float32's range; the Gumbel's e^lgamma(1 + b1/b2) grows
     # as (b1/b2)^(b1/b2): its scales stay within a factor of about 10
+    if family == "kumaraswamy":
+        return kumaraswamy_params(batch, L, pshape, spread, g)
     width = {"normal": 1.0, "wide": 4.0, "extreme": 80.0}[spread]
     centre = (torch.rand(L, generator=g, dtype=F64) * 2 - 1) * width
     jitter = 0.5 if family == "gumbel" else 1.0
@@ -60,6 +62,20 @@ def make_params(family, batch, L, prior, spread, g):
         p_loc = (randn(pshape) * 0.2 - 0.3) * p_ls.exp()
         q_loc = p_loc + (torch.rand((*batch, L), generator=g, dtype=F64) * 1.4 - 0.2) * (p_ls.exp() - q_ls.exp())
     return (q_loc, q_ls), (p_loc, p_ls)
+
+
+def kumaraswamy_params(batch, L, pshape, spread, g):
+    """q = (log a, log b), p = (log alpha, log beta): "normal" a, b, alpha, beta
+    within a factor of about 3 of 1; "wide" a factor of e^2.5; "extreme" a
+    and b from e^-5 to e^5 (b < 1 is the series' slow-convergence region,
+    which the kernels truncate as the oracle does), the prior's from e^-3 to
+    e^3: past them float32's lgamma of m/a (a << 1) loses the series' terms."""
+    half = {"normal": 1.0, "wide": 2.5, "extreme": 5.0}[spread]
+
+    def u(shape, h):
+        return (torch.rand(shape, generator=g, dtype=F64) * 2 - 1) * h
+
+    return (u((*batch, L), half), u((*batch, L), half)), (u(pshape, min(half, 3.0)), u(pshape, min(half, 3.0)))
 
 
 def check_against_reference(backend, dtype, problem):
@@ -104,13 +120,48 @@ def check_against_reference(backend, dtype, problem):
     # gradients: each term's derivative is of its size, times the arguments' and the upstream weight's
     wd = (w[..., None] if reduce else w).abs()
     gscale = wd * size * (1.0 + grad_size(fam, *(None if t is None else t.detach() for t in args)))
-    names = ["dq_loc", "dq_log_scale", "dp_loc", "dp_log_scale"] if len(q) == 2 else ["dq_log_rate", "dp_log_rate"]
+    names = {"exponential": ["dq_log_rate", "dp_log_rate"],
+             "kumaraswamy": ["dq_log_a", "dq_log_b", "dp_log_alpha", "dp_log_beta"]}.get(
+        family, ["dq_loc", "dq_log_scale", "dp_loc", "dp_log_scale"])
     for name, got, want, t in zip(names, grads, refs, q_r + p_r):
         scale = gscale
         if name.endswith("_loc"):  # a location's gradient is per unit of scale
             scale = scale * (torch.exp(-args[1].detach()) + torch.exp(-args[3].detach()))
+        if name == "dq_log_b":  # the reference's own error: see torch_trigamma_slack
+            scale = scale + wd * torch_trigamma_slack(*(t.detach() for t in args)) / RTOL[dtype]
         scale = scale.sum_to_size(t.shape) if scale.shape != t.shape else scale
         assert_close(got, want, scale, name)
+
+
+def torch_trigamma_slack(la, lb, lal, lbe):
+    """The float64 reference's error in d/dlog b of the Kumaraswamy-Beta KL:
+    autograd of torch.digamma(b) is torch.polygamma(1, b), off by up to 5e-10
+    relative (the kernels' trigamma is good to 1e-14), times that term,
+    (1 - alpha/a) b psi'(b)."""
+    b = torch.exp(lb)
+    return 1e-9 * (1.0 + torch.exp(lal - la)) * b * torch.polygamma(1, b)
+
+
+def kumaraswamy_term_size(la, lb, lal, lbe):
+    """term_size of the Kumaraswamy-Beta KL: each term times its arguments'
+    error (e^x of a rounded x is off by |x| eps; lgamma(v) of a v off by
+    d v/v by v psi(v) d v/v), the series' terms with their lgammas' sizes."""
+    la, lb, lal, lbe = torch.broadcast_tensors(la, lb, lal, lbe)
+    a, b, al, be = (torch.exp(t) for t in (la, lb, lal, lbe))
+    ea, eb, eal, ebe = (1.0 + t.abs() for t in (la, lb, lal, lbe))
+
+    def lg(v, e):
+        return torch.lgamma(v).abs() + v * torch.digamma(v).abs() * e + 1.0
+
+    psi_1b = torch.digamma(1.0 + b).abs()
+    size = (1.0 + al / a * (ea + eal)) * (1.0 + psi_1b + eb) + ea + eb + 1.0 / b * eb
+    size = size + lg(al, eal) + lg(be, ebe) + lg(al + be, eal + ebe)
+    series = torch.zeros_like(size)
+    for m in range(1, 11):
+        x = m / a
+        t = torch.exp(torch.lgamma(x) + torch.lgamma(b) - torch.lgamma(x + b)) / (m + a * b)
+        series = series + t * (lg(x, ea) + lg(x + b, ea + eb) + lg(b, eb) + ea + eb)
+    return size + ((be - 1.0).abs() + be * ebe) * b * series
 
 
 def term_size(family, m1, s1, m2, s2):
@@ -118,6 +169,8 @@ def term_size(family, m1, s1, m2, s2):
     (broadcast to q's shape), in float64: rounding errors are relative to these."""
     s1, s2 = torch.broadcast_tensors(s1, s2)
     name = KL_FAMILIES[family]
+    if name == "kumaraswamy":
+        return kumaraswamy_term_size(m1, s1, m2, s2)
     if name == "exponential":
         return (s1 - s2).abs() + torch.exp(s2 - s1) + 1.0
     d = (m1 - m2).abs()
@@ -138,6 +191,9 @@ def grad_size(family, m1, s1, m2, s2):
     s1, s2 = torch.broadcast_tensors(s1, s2)
     if KL_FAMILIES[family] == "exponential":
         return (s1 - s2).abs()
+    if KL_FAMILIES[family] == "kumaraswamy":  # d/dv of lgamma(v), psi(v) at v = m/a, b, alpha, beta: v psi'(v)
+        vs = [10.0 * torch.exp(-m1), torch.exp(s1), torch.exp(m2), torch.exp(s2)]
+        return sum((1.0 + v * torch.polygamma(1, v)) * (1.0 + torch.digamma(v).abs()) for v in vs)
     d = (m1 - m2).abs()
     return (s1 - s2).abs() + d * (torch.exp(-s1) + torch.exp(-s2)) + torch.exp(s1 - s2)
 
@@ -157,6 +213,15 @@ def test_half_precision_matches_reference(backend, dtype, problem):
     check_against_reference(backend, dtype, problem)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(problem=problems(families=("kumaraswamy",), spreads=("extreme",)))
+def test_kumaraswamy_extreme_parameters(backend, dtype, problem):
+    """The Kumaraswamy-Beta KL at a and b from e^-5 to e^5 (b < 1: where the
+    truncated series converges slowly, truncated as the oracle is), the
+    prior's from e^-3 to e^3, in every example (not one family of six)."""
+    check_against_reference(backend, dtype, problem)
+
+
 @pytest.mark.parametrize("family", KL_FAMILIES)
 def test_oracle_matches_torch_distributions(family):
     """The oracle against torch.distributions.kl_divergence (float64), and the
@@ -171,6 +236,9 @@ def test_oracle_matches_torch_distributions(family):
         got = oracle.family_kl_terms(fam, q_loc, q_ls, p_loc, p_ls)
         b1, b2 = q_ls.exp(), p_ls.exp()
         want = torch.log(((b1 + b2) ** 2 + (q_loc - p_loc) ** 2) / (4 * b1 * b2))
+    elif family == "kumaraswamy":
+        check_kumaraswamy_oracle_by_quadrature()
+        return
     elif family == "uniform":
         p_ls = p_ls.abs() + 1.0
         q_loc = p_loc + torch.rand(50, 6, generator=g, dtype=F64) * 1.2 * (p_ls.exp() - q_ls.exp())
@@ -184,6 +252,29 @@ def test_oracle_matches_torch_distributions(family):
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     finite = torch.isfinite(want)
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-12, atol=1e-12)
+
+
+def check_kumaraswamy_oracle_by_quadrature():
+    """torch registers no Kumaraswamy-Beta KL: the oracle's series, with
+    enough terms for its tail to vanish (b >= 2.5), against E_q[log q - log p]
+    by the midpoint rule on 400000 points (log q written out: torch's
+    Kumaraswamy.log_prob is NaN within rounding of 1); with the default 10
+    terms where beta = 1 (the series is multiplied by beta - 1)."""
+    a = torch.tensor([1.5, 2.0, 3.0, 5.0, 1.7], dtype=F64)
+    b = torch.tensor([2.5, 4.0, 2.5, 3.0, 6.0], dtype=F64)
+    for alpha, beta, terms in ((torch.tensor([1.2, 0.5, 1.0, 3.0, 2.0], dtype=F64),
+                                torch.tensor([2.0, 3.0, 4.0, 0.7, 1.5], dtype=F64), 3000),
+                               (torch.tensor([1.2, 0.5, 1.0, 3.0, 2.0], dtype=F64), torch.ones(5, dtype=F64), 10)):
+        n = 400000
+        z = ((torch.arange(n, dtype=F64) + 0.5) / n)[:, None]
+        log_q = a.log() + b.log() + (a - 1) * z.log() + (b - 1) * torch.log1p(-z ** a)
+        quad = (log_q.exp() * (log_q - td.Beta(alpha, beta).log_prob(z))).mean(0)
+        got = oracle.kumaraswamy_beta_terms(a.log(), b.log(), alpha, beta, terms=terms)
+        torch.testing.assert_close(got, quad, rtol=1e-6, atol=1e-7)
+        fam = KL_FAMILIES.index("kumaraswamy")
+        if terms == 10:
+            torch.testing.assert_close(oracle.family_kl_terms(fam, a.log(), b.log(), alpha.log(), beta.log()), got,
+                                       rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("family", KL_FAMILIES)
@@ -201,13 +292,13 @@ def test_oracle_gradient_formulas_match_autograd(family):
     used = [t for t in leaves if t is not None]
     auto = torch.autograd.grad(terms, used, w, allow_unused=True)
     auto = [torch.zeros_like(t) if a is None else a for a, t in zip(auto, used)]
-    dm1, ds1, ds2 = oracle.family_kl_grads(fam, w, q_loc, q_ls, p_loc, p_ls)
-    closed = [ds1, ds2] if family == "exponential" else [dm1, ds1, -dm1, ds2]
+    dm1, ds1, dm2, ds2 = oracle.family_kl_grads(fam, w, q_loc, q_ls, p_loc, p_ls)
+    closed = [ds1, ds2] if family == "exponential" else [dm1, ds1, dm2, ds2]
     for a, c in zip(auto, closed):
         torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", KL_FAMILIES)
+@pytest.mark.parametrize("family", [f for f in KL_FAMILIES if f != "kumaraswamy"])
 def test_same_distribution_has_zero_kl(backend, family):
     """KL(q || q) = 0 (the terms cancel to rounding), the uniform's included
     (its support inside its own), with zero gradients in q at this minimum
@@ -224,6 +315,30 @@ def test_same_distribution_has_zero_kl(backend, family):
         assert torch.equal(grads[0].cpu(), torch.zeros(4, 9)) and torch.equal(grads[1].cpu(), -torch.ones(4, 9))
     else:
         assert all(d.abs().max() < 1e-4 for d in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kumaraswamy_equal_to_its_beta_has_zero_kl(backend, dtype):
+    """Kumaraswamy(a, 1) is Beta(a, 1) (both have CDF z^a): the KL is 0 (the
+    series vanishes with beta - 1), and so are its gradients in q and in the
+    prior's alpha at this minimum, for a from e^-4 to e^4. (Its gradient in
+    beta, b times the series, is the truncation's: the oracle's.)"""
+    _, device = backend
+    log_a = torch.linspace(-4.0, 4.0, 18, dtype=dtype, device=device).reshape(2, 9).requires_grad_()
+    log_b = torch.zeros(2, 9, dtype=dtype, device=device, requires_grad=True)
+    log_alpha = log_a.detach().clone().requires_grad_()
+    log_beta = torch.zeros(9, dtype=dtype, device=device, requires_grad=True)
+    kl = fastvae.family_kl("kumaraswamy", (log_a, log_b), (log_alpha, log_beta), reduce=False)
+    tol = 1e-12 if dtype == F64 else 1e-4
+    assert not torch.isnan(kl).any() and kl.abs().max() < tol
+    grads = torch.autograd.grad(kl.sum(), [log_a, log_b, log_alpha, log_beta])
+    for d in grads[:3]:
+        assert not torch.isnan(d).any() and d.abs().max() < 100 * tol
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (log_a, log_b, log_alpha, log_beta)]
+    ref = oracle.family_kl_terms(KL_FAMILIES.index("kumaraswamy"), *leaves)
+    want = torch.autograd.grad(ref.sum(), leaves[3])[0]
+    assert want.abs().min() > 0.1
+    assert_close(grads[3], want, want.abs() + 1.0, "d log_beta")
 
 
 @pytest.mark.parametrize("family", ["laplace", "cauchy"])
@@ -267,7 +382,7 @@ def test_uniform_outside_the_prior_is_inf_with_zero_gradient(backend):
 def test_gradcheck_float64(backend):
     _, device = backend
     g = torch.Generator().manual_seed(0)
-    for family in ("laplace", "gumbel", "cauchy", "exponential"):
+    for family in ("laplace", "gumbel", "cauchy", "exponential", "kumaraswamy"):
         fam = KL_FAMILIES.index(family)
         args = [torch.randn(3, 4, generator=g, dtype=F64).to(device).requires_grad_() for _ in range(3)]
         args.append(torch.randn(4, generator=g, dtype=F64).to(device).requires_grad_())  # a shared prior
@@ -289,6 +404,9 @@ def test_opcheck(backend):
                           (torch.randn(6, generator=g).to(device), q[1], q[0], p[1], p[0], 2, True))
     torch.library.opcheck(family_kl_backward_op,
                           (torch.randn(6, 5, generator=g).to(device), None, q[1], None, q[0], 4, False))
+    torch.library.opcheck(family_kl_op, (q[1], q[0], p[1], p[0], 5, False))
+    torch.library.opcheck(family_kl_backward_op,
+                          (torch.randn(6, generator=g).to(device), q[0], q[1], p[0], p[1], 5, True))
 
 
 @pytest.mark.parametrize("shape", [(0, 4), (3, 0)])
@@ -328,6 +446,10 @@ def test_errors_on_bad_input(backend):
         fastvae.family_kl("exponential", (t, t), (t,))
     with pytest.raises(ValueError, match=r"p: the laplace family takes \(loc, log_scale\)"):
         fastvae.family_kl("laplace", (t, t), t)
+    with pytest.raises(ValueError, match=r"p: the kumaraswamy family takes \(log_alpha, log_beta\)"):
+        fastvae.family_kl("kumaraswamy", (t, t), (t,))
+    with pytest.raises(ValueError, match=r"p's log_beta of shape \(2,\) does not broadcast"):
+        fastvae.family_kl("kumaraswamy", (t, t), (t, torch.zeros(2, device=device)))
     with pytest.raises(ValueError, match=r"p's log_scale of shape \(2,\) does not broadcast"):
         fastvae.family_kl("laplace", (t, t), (t, torch.zeros(2, device=device)))
     with pytest.raises(ValueError, match=r"q's loc has shape \(4, 3\), q's log_scale has shape \(3, 4\)"):
@@ -385,13 +507,13 @@ def double_backward_cases(r):
         return lambda ql, qs, pl, ps: fastvae.family_kl(family, (0.3 * ql, 0.3 * qs), (0.3 * pl, 0.3 * ps))
 
     cases = {f"family_kl_{family}": (kl(family), [r(3, 4), r(3, 4), r(4), r(4)], False)
-             for family in ("laplace", "gumbel", "cauchy")}
+             for family in ("laplace", "gumbel", "cauchy", "kumaraswamy")}
     cases["family_kl_exponential"] = (
         lambda qs, ps: fastvae.family_kl("exponential", (qs,), (ps,), reduce=False), [r(3, 4), r(3, 4)], False)
     return cases
 
 
-@pytest.mark.parametrize("family", ["laplace", "uniform", "gumbel", "cauchy", "exponential"])
+@pytest.mark.parametrize("family", KL_FAMILIES)
 def test_latent_records_take_the_fused_kl(backend, family):
     """A torch posterior and a same-family torch prior, through fastvae.latents:
     the record's KL (summed and per dimension) and its gradients are the
@@ -406,6 +528,8 @@ def test_latent_records_take_the_fused_kl(backend, family):
     p_loc, p_ls = torch.full((3,), -0.5, device=device), torch.zeros(3, device=device)
     if family == "exponential":
         q, prior = latents.Positive("exponential", ls), td.Exponential(p_ls.exp())
+    elif family == "kumaraswamy":  # against Beta(e^-0.5, 2)
+        q, prior = latents.Positive("kumaraswamy", loc, ls), td.Beta(p_loc.exp(), p_ls.exp() * 2.0)
     elif family == "uniform":
         q = latents.LocationScale("uniform", loc, ls)
         prior = td.Uniform(p_loc - 1.0, p_loc + 2.0)
@@ -418,6 +542,11 @@ def test_latent_records_take_the_fused_kl(backend, family):
     fam = KL_FAMILIES.index(family)
     if family == "exponential":
         ref = oracle.family_kl_terms(fam, None, leaves[1], None, p_ls.double().cpu())
+    elif family == "kumaraswamy":
+        ref = oracle.family_kl_terms(fam, *leaves, p_loc.double().cpu(), p_ls.double().cpu() + math.log(2.0))
+        # today's torch form, which the record computed before the fused op, to rounding
+        old = latents.kumaraswamy_beta_kl(*leaves, p_loc.double().cpu().exp(), 2 * p_ls.double().cpu().exp())
+        torch.testing.assert_close(ref, old, rtol=1e-14, atol=1e-14)
     elif family == "uniform":
         p_width = torch.full((3,), math.log(3.0), dtype=F64)
         ref = oracle.family_kl_terms(fam, *leaves, p_loc.double().cpu() - 1.0, p_width)

@@ -1,5 +1,6 @@
 """Triton kernels of family_kl: the closed-form KL of a latent family against
-a prior of the same family (FAMILY, KL_FAMILIES' position), per element,
+a prior of the same family, or the Kumaraswamy's against a Beta (FAMILY,
+KL_FAMILIES' position), per element,
 summed over L (REDUCE) or not, and its gradients; the formulas of the C++
 kernels (family_kl.cpp), in the same forms.
 
@@ -14,15 +15,22 @@ import triton.language as tl
 
 from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
 from fastvae.kernels._common import acc_dtype, blocks
-from fastvae.ops.count_log_prob.triton import _digamma_pos, _lgamma_pos
+from fastvae.ops.count_log_prob.triton import _digamma_corr, _digamma_pos, _lgamma_pos, _stirling_corr
 
 # 1024 elements a program, as kl_normal's; the backward keeps eight tiles live and
 # the Gumbel's lgamma and digamma besides: half the tile, or a half-precision
 # backward spills on sm_90
 KL_TILE = 1024
 KL_BACKWARD_TILE = 512
+# the Kumaraswamy-Beta series keeps its sums and each term's lgammas and digammas
+# live besides: a quarter of the others' forward tile, an eighth of the backward's
+# (python -m fastvae.kernels.aot --arch sm_90 --op family_kl: no spills then)
+KUMARASWAMY_TILE = 256
+KUMARASWAMY_BACKWARD_TILE = 128
+KUMARASWAMY = 5
 EULER_GAMMA = tl.constexpr(0.5772156649015329)
 LOG_4 = tl.constexpr(1.3862943611198906)
+KUMARASWAMY_TERMS = tl.constexpr(10)  # KUMARASWAMY_KL_TERMS (fastvae/_families.py)
 
 # -- math helpers -------------------------------------------------------------
 
@@ -43,9 +51,100 @@ def _cauchy_parts(m1, s1, m2, s2):
 
 
 @triton.jit
+def _lgamma_digamma_pos(z):
+    """(lgamma(z), digamma(z)), z > 0, from one shift to w >= 10: the shift's
+    sum of 1/(z + i) is the product's derivative over the product."""
+    w = z
+    prod = tl.zeros_like(z) + 1.0
+    dprod = tl.zeros_like(z)
+    for _ in tl.static_range(10):
+        c = w < 10.0
+        dprod = tl.where(c, dprod * w + prod, dprod)
+        prod = tl.where(c, prod * w, prod)
+        w = tl.where(c, w + 1.0, w)
+    lw = tl.log(w)
+    lg = (w - 0.5) * lw - w + 0.91893853320467274178 + _stirling_corr(w) - tl.log(prod)
+    return lg, lw - 0.5 / w - _digamma_corr(w) - dprod / prod
+
+
+@triton.jit
+def _trigamma_pos(z):
+    """psi'(z), z > 0: shifted to w >= 10, then the asymptotic series."""
+    w = z
+    acc = tl.zeros_like(z)
+    for _ in tl.static_range(10):
+        c = w < 10.0
+        acc = tl.where(c, acc + 1.0 / (w * w), acc)
+        w = tl.where(c, w + 1.0, w)
+    iw = 1.0 / w
+    iw2 = iw * iw
+    tail = 1.0 / 42 - iw2 * (1.0 / 30 - iw2 * (5.0 / 66 - iw2 * (691.0 / 2730)))
+    return acc + iw + iw2 * (0.5 + iw * (1.0 / 6 - iw2 * (1.0 / 30 - iw2 * tail)))
+
+
+@triton.jit
+def _kumaraswamy_kl(la, lb, lal, lbe):
+    """KL(Kumaraswamy(e^la, e^lb) || Beta(e^lal, e^lbe)), the C++ kumaraswamy_kl:
+    C = -gamma - psi(1 + b), lgamma(b) = lgamma(1 + b) - log b."""
+    a = tl.exp(la)
+    b = tl.exp(lb)
+    al = tl.exp(lal)
+    be = tl.exp(lbe)
+    lg_1b, psi_1b = _lgamma_digamma_pos(1.0 + b)
+    lg_b = lg_1b - lb
+    c = -EULER_GAMMA - psi_1b
+    log_beta_fn = _lgamma_pos(al) + _lgamma_pos(be) - _lgamma_pos(al + be)
+    ia = 1.0 / a
+    ab = a * b
+    s = tl.zeros_like(a)
+    for m in range(1, KUMARASWAMY_TERMS + 1):
+        x = m * ia
+        s += tl.exp(_lgamma_pos(x) + lg_b - _lgamma_pos(x + b)) / (m + ab)
+    return (1.0 - al * ia) * c + la + lb + log_beta_fn - (b - 1.0) / b + (be - 1.0) * b * s
+
+
+@triton.jit
+def _kumaraswamy_kl_grad(g, la, lb, lal, lbe):
+    """g times the gradient of _kumaraswamy_kl in (la, lb, lal, lbe), the C++
+    kumaraswamy_kl_grad: 1/b - b psi'(b) = -b psi'(1 + b)."""
+    a = tl.exp(la)
+    b = tl.exp(lb)
+    al = tl.exp(lal)
+    be = tl.exp(lbe)
+    lg_1b, psi_1b = _lgamma_digamma_pos(1.0 + b)
+    lg_b = lg_1b - lb
+    c = -EULER_GAMMA - psi_1b
+    ia = 1.0 / a
+    ab = a * b
+    ratio = al * ia
+    s = tl.zeros_like(a)
+    sa = tl.zeros_like(a)
+    sb = tl.zeros_like(a)
+    for m in range(1, KUMARASWAMY_TERMS + 1):
+        x = m * ia
+        lg_x, psi_x = _lgamma_digamma_pos(x)
+        lg_xb, psi_xb = _lgamma_digamma_pos(x + b)
+        r = 1.0 / (m + ab)
+        t = tl.exp(lg_x + lg_b - lg_xb) * r
+        e = ab * r
+        s += t
+        sa += t * (x * (psi_xb - psi_x) - e)
+        sb += t * (b * (psi_1b - psi_xb) - 1.0 - e)  # b (psi(b) - psi(x + b)) - e
+    w = (be - 1.0) * b
+    psi_sum = _digamma_pos(al + be)
+    da = g * (ratio * c + 1.0 + w * sa)
+    db = g * (-(1.0 - ratio) * b * _trigamma_pos(1.0 + b) + 1.0 - 1.0 / b + w * (s + sb))
+    dal = g * (al * (_digamma_pos(al) - psi_sum) - ratio * c)
+    dbe = g * (be * (_digamma_pos(be) - psi_sum) + be * b * s)
+    return da, db, dal, dbe
+
+
+@triton.jit
 def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr):
     if FAMILY == 4:  # exponential, log-rates
         kl = (s1 - s2) + tl.exp(s2 - s1) - 1.0
+    elif FAMILY == 5:  # kumaraswamy (log a, log b) against the Beta's (log alpha, log beta)
+        kl = _kumaraswamy_kl(m1, s1, m2, s2)
     elif FAMILY == 0:  # laplace
         d = tl.abs(m1 - m2)
         exact = d == 0.0  # the d terms are 0 whatever the scales
@@ -68,11 +167,14 @@ def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr):
 
 @triton.jit
 def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr):
-    """g times the gradient in (m1, s1, s2); the prior's location gradient is -dm1."""
+    """g times the gradient in (m1, s1, m2, s2); the prior's location gradient
+    is -dm1 but the Kumaraswamy's (its m2 is the Beta's log alpha)."""
     if FAMILY == 4:
         ds1 = g * (1.0 - tl.exp(s2 - s1))
         ds2 = -ds1
         dm1 = tl.zeros_like(g)
+    elif FAMILY == 5:
+        dm1, ds1, dm2, ds2 = _kumaraswamy_kl_grad(g, m1, s1, m2, s2)
     elif FAMILY == 0:
         diff = m1 - m2
         d = tl.abs(diff)
@@ -106,7 +208,9 @@ def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr):
         dm1 = tl.where(far | (rd == 0.0), 0.0, g * w * rd * tl.exp(-m))  # m1 = m2: no 0 * inf
         ds1 = tl.where(far, -g, g * (w * ra * tl.exp(s1 - m) - 1.0))
         ds2 = tl.where(far, -g, g * (w * ra * tl.exp(s2 - m) - 1.0))
-    return dm1, ds1, ds2
+    if FAMILY != 5:
+        dm2 = -dm1
+    return dm1, ds1, dm2, ds2
 
 
 @triton.jit
@@ -193,7 +297,7 @@ def _family_kl_bwd_kernel(
             g = tl.load(grad_kl_ptr + idx, mask=mask, other=0.0).to(ACC)
         m1, s1, m2, s2 = _load_params(q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr, idx, cols, mask, FAMILY, P_SHARED,
                                       ACC)
-        dm1, ds1, ds2 = _kl_grad(g, m1, s1, m2, s2, FAMILY)
+        dm1, ds1, dm2, ds2 = _kl_grad(g, m1, s1, m2, s2, FAMILY)
         ds1 = ds1.to(dq_lp_ptr.dtype.element_ty)
         if ACCUMULATE:
             ds1 = tl.load(dq_lp_ptr + idx, mask=mask, other=0.0) + ds1
@@ -206,7 +310,7 @@ def _family_kl_bwd_kernel(
         if HAS_DP:
             tl.store(dp_lp_ptr + idx, ds2.to(dp_lp_ptr.dtype.element_ty), mask=mask)
             if FAMILY != 4:
-                tl.store(dp_loc_ptr + idx, (-dm1).to(dp_loc_ptr.dtype.element_ty), mask=mask)
+                tl.store(dp_loc_ptr + idx, dm2.to(dp_loc_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -216,7 +320,7 @@ def forward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: bool
     """(grid, compile-time parameters) of the forward over q's (N, L), N * L > 0:
     what family_kl_forward launches, and the objectives' plans (fastvae/_plan.py)
     launch with the same variants."""
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KUMARASWAMY_TILE if family == KUMARASWAMY else KL_TILE)
     meta = dict(FAMILY=family, P_SHARED=p_shared, REDUCE=reduce, ACC=acc_dtype(dtype), BLOCK_N=BLOCK_N,
                 BLOCK_L=BLOCK_L)
     return (triton.cdiv(N, BLOCK_N),), meta
@@ -227,7 +331,8 @@ def backward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: boo
     """(grid, compile-time parameters) of the backward over q's (N, L), N * L > 0;
     ``accumulate``: q's gradients added to what their outputs hold, in their
     dtype (the objectives' plans add the sampler's gradient so, as autograd would)."""
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_BACKWARD_TILE)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L,
+                              tile=KUMARASWAMY_BACKWARD_TILE if family == KUMARASWAMY else KL_BACKWARD_TILE)
     meta = dict(FAMILY=family, P_SHARED=p_shared, REDUCE=reduce, HAS_DP=has_dp, ACC=acc_dtype(dtype),
                 BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
     if accumulate:
