@@ -111,6 +111,9 @@ USES: dict[tuple[str, str], str] = {
                                     "decoder's packed halves",
     ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
     ("_plan", "sample_location_scale"): "FamilySamplePlan launches a location-scale family's sampler kernels",
+    ("_plan", "sample_positive"): "FamilySamplePlan launches the exponential's sampler kernels",
+    ("objectives", "sample_positive"): "the exponential's plan replays and the cpp backend's path run the op's "
+                                       "Function unchecked",
     ("_plan", "family_kl"): "FamilySamplePlan launches the family's closed-form KL kernels, adding q's gradient "
                             "to the sampler's",
     ("objectives", "sample_location_scale"): "the family plans' first call and create_graph replay, and the cpp "
