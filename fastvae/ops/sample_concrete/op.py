@@ -97,12 +97,14 @@ sample_concrete_op = define(
     "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples) -> (Tensor, Tensor)",
     lambda logits, temperature, seed, hard, n_samples: tuple(_forward(logits, temperature, seed, hard, n_samples)),
     _fake,
+    cpu=lambda logits, temperature, seed, hard, n_samples: (logits, temperature),
 )
 sample_concrete_backward_op = define(
     "sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
     " bool stop_score) -> Tensor",
     _backward,
     lambda logits, temperature, seed, grad_z, grad_log_q, stop_score: torch.empty_like(logits),
+    cpu=lambda logits, temperature, seed, grad_z, grad_log_q, stop_score: (logits, temperature, grad_z, grad_log_q),
 )
 
 
@@ -233,8 +235,13 @@ def sample_concrete(
 def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: int, hard: bool, stop_score: bool,
                               generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """(z (K, ..., L, C), log q (K, ...)) for arguments the caller has validated
-    (temperature a tensor of logits.shape[:-1])."""
+    (temperature a tensor of logits.shape[:-1]). Eager CPU calls take the C++
+    operator (csrc/torch_ops.cpp), the same kernels without the Python
+    Function's host path."""
     seed = draw_seed(logits.device, generator)
+    ops = _backend.torch_ops(logits, temperature)
+    if ops is not None:
+        return ops.sample_concrete(logits, temperature, int(seed), bool(hard), n_samples, stop_score)
     return SampleConcrete.apply(logits, temperature, seed, bool(hard), n_samples, stop_score)
 
 
