@@ -80,7 +80,7 @@ Tensor concrete_backward(const Tensor& grad_z, const Tensor& grad_log_q, bool st
 }
 
 // d passed through as a view, on a node linked to the op's inputs and upstream
-// gradients (`links`, undefined allowed) whose backward raises kConcreteNotTwice:
+// gradients (`links`) whose backward raises kConcreteNotTwice:
 // fastvae/_double_backward.py's not_twice.
 struct ConcreteNotTwice : torch::autograd::Function<ConcreteNotTwice> {
   static Tensor forward(AutogradContext*, const Tensor& d, const Tensor&, const Tensor&, const Tensor&) {
@@ -124,7 +124,9 @@ struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
     d = d.view(ctx->saved_data["shape"].toIntVector());
     if (double_backward() && (saved[2].requires_grad() || (grads[0].defined() && grads[0].requires_grad()) ||
                               (grads[1].defined() && grads[1].requires_grad()))) {
-      d = ConcreteNotTwice::apply(d, saved[2], grads[0], grads[1]);
+      // an absent upstream gradient is linked as the logits again (an input must be defined)
+      auto link = [&](const Tensor& t) { return t.defined() ? t : saved[2]; };
+      d = ConcreteNotTwice::apply(d, saved[2], link(grads[0]), link(grads[1]));
     }
     variable_list out = none;
     out[0] = d;
