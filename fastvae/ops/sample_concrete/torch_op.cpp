@@ -93,10 +93,12 @@ struct ConcreteNotTwice : torch::autograd::Function<ConcreteNotTwice> {
   }
 };
 
+// n_samples None (stored as K = 1 with no sample dimension) gives z shaped like
+// the logits and log_q like their batch: no indexing op (and its backward) after.
 struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& temperature, int64_t seed,
-                               bool hard, int64_t n_samples, bool stop_score) {
-    const int64_t K = n_samples;
+                               bool hard, std::optional<int64_t> n_samples, bool stop_score) {
+    const int64_t K = n_samples.value_or(1);
     const ConcreteRows r = concrete_rows(logits, seed, K);
     const auto [a, lam] = concrete_inputs(logits, temperature, r);
     auto [z, log_q] = concrete_forward(a, lam, seed, hard, K);
@@ -107,6 +109,7 @@ struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
     ctx->saved_data["stop_score"] = stop_score;
     ctx->saved_data["shape"] = logits.sizes().vec();
     const auto batch = logits.sizes().slice(0, logits.dim() - 2);
+    if (!n_samples) return {shaped(z, logits.sizes()), shaped(log_q, batch)};
     return {shaped(z, with_samples(K, logits.sizes())), shaped(log_q, with_samples(K, batch))};
   }
 
@@ -135,7 +138,7 @@ struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
 };
 
 std::tuple<Tensor, Tensor> sample_concrete(const Tensor& logits, const Tensor& temperature, int64_t seed, bool hard,
-                                           int64_t n_samples, bool stop_score) {
+                                           std::optional<int64_t> n_samples, bool stop_score) {
   auto out = SampleConcrete::apply(logits, temperature, seed, hard, n_samples, stop_score);
   return {out[0], out[1]};
 }
@@ -173,7 +176,7 @@ Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temper
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
-  m.def("sample_concrete(Tensor logits, Tensor temperature, int seed, bool hard, int n_samples, bool stop_score)"
+  m.def("sample_concrete(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples, bool stop_score)"
         " -> (Tensor, Tensor)");
 }
 
