@@ -33,7 +33,8 @@ KERNELS = (
 
 # other kernels: the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
 OP = Op("sample_concrete", tuple(k.name for k in KERNELS), "fastvae/ops/sample_concrete/test_sample_concrete.py",
-        "sample_concrete", launches=(1, 1, 2), double_backward="not_twice", other_kernels=("full",))
+        "sample_concrete", launches=(1, 1, 2), double_backward="not_twice", other_kernels=("full",),
+        torch_ops=("sample_concrete",))
 
 
 # -- the oracle ------------------------------------------------------------------

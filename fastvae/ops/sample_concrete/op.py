@@ -97,12 +97,14 @@ sample_concrete_op = define(
     "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples) -> (Tensor, Tensor)",
     lambda logits, temperature, seed, hard, n_samples: tuple(_forward(logits, temperature, seed, hard, n_samples)),
     _fake,
+    cpu=lambda logits, temperature, seed, hard, n_samples: (logits, temperature),
 )
 sample_concrete_backward_op = define(
     "sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
     " bool stop_score) -> Tensor",
     _backward,
     lambda logits, temperature, seed, grad_z, grad_log_q, stop_score: torch.empty_like(logits),
+    cpu=lambda logits, temperature, seed, grad_z, grad_log_q, stop_score: (logits, temperature, grad_z, grad_log_q),
 )
 
 
@@ -144,9 +146,11 @@ def _check_logits(t: Tensor, name: str = "logits") -> None:
     if not _value_checks.should_check("concrete logits", t) or t.numel() == 0:
         return
     d = t.detach()
-    # one reduction in the common case: each latent's max is finite exactly
-    # when it has no NaN (amax propagates it), no +inf and a finite category
-    if bool(torch.isfinite(d.amax(-1)).all()):
+    # one reduction and a sum in the common case: each latent's max is finite
+    # exactly when it has no NaN (amax propagates it), no +inf and a finite
+    # category, and then so is their sum (unless it overflows, which only
+    # sends the call to the exact checks below)
+    if math.isfinite(d.amax(-1).sum().item()):
         return
     if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
         raise ValueError(f"{name} must be finite or -inf (a masked category): got a NaN or +inf")
@@ -225,17 +229,25 @@ def sample_concrete(
         the logits; the noise is regenerated in the backward, never stored.
     """
     lam = check_args(logits, temperature)
-    K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, logits.numel(), logits)
-    z, log_q = sample_concrete_unchecked(logits, lam, K, hard, False, generator)
-    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+    if n_samples is not None:
+        n_samples = _validate.sample_count("n_samples", n_samples, logits.numel(), logits)
+    return sample_concrete_unchecked(logits, lam, n_samples, hard, False, generator)
 
 
-def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: int, hard: bool, stop_score: bool,
-                              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: int | None, hard: bool,
+                              stop_score: bool, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """(z (K, ..., L, C), log q (K, ...)) for arguments the caller has validated
-    (temperature a tensor of logits.shape[:-1])."""
+    (temperature a tensor of logits.shape[:-1]); n_samples None: one sample,
+    (..., L, C) and (...). Eager CPU calls take the C++ operator
+    (csrc/torch_ops.cpp), the same kernels without the Python Function's host
+    path (and with no indexing op for n_samples None)."""
     seed = draw_seed(logits.device, generator)
-    return SampleConcrete.apply(logits, temperature, seed, bool(hard), n_samples, stop_score)
+    ops = _backend.torch_ops(logits, temperature)
+    if ops is not None:
+        return ops.sample_concrete(logits, temperature, int(seed), bool(hard), n_samples, stop_score)
+    z, log_q = SampleConcrete.apply(logits, temperature, seed, bool(hard), 1 if n_samples is None else n_samples,
+                                    stop_score)
+    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
 
 
 def concrete_at(logits: Tensor, temperature: Tensor, seed: Tensor, n_samples: int, hard: bool, *, offset0: int,

@@ -95,11 +95,13 @@ FASTVAE_INLINE LatentSums<T> latent_scores(const T* a, T lam, int64_t C, T* t, c
 }
 
 // z /= its sum (then the one-hot of its argmax when hard); returns log q of
-// the latent when asked (lgamma and two logs: the forward only):
+// the latent when asked (lgammas given: the forward only), lgammas[cnt] =
+// lgamma(cnt) looked up (std::lgamma is a costly call, and a latent's count
+// takes at most C + 1 values), and three logs:
 // -sum_c log z_c = cnt (m + log s) - sum_c y_c over the unmasked categories.
 template <typename T>
-FASTVAE_INLINE double latent_finish(const LatentSums<T>& r, T lam, int64_t C, bool hard, bool want_log_q, const T* y,
-                                    T* z) {
+FASTVAE_INLINE double latent_finish(const LatentSums<T>& r, T lam, int64_t C, bool hard, const double* lgammas,
+                                    const T* y, T* z) {
   T s = T(0);
   for (int64_t c = 0; c < C; ++c) s += z[c];
   const T is = T(1) / s;
@@ -109,9 +111,9 @@ FASTVAE_INLINE double latent_finish(const LatentSums<T>& r, T lam, int64_t C, bo
     for (int64_t c = 1; c < C; ++c) arg = y[c] > y[arg] ? c : arg;
     for (int64_t c = 0; c < C; ++c) z[c] = c == arg ? T(1) : T(0);
   }
-  if (!want_log_q) return 0.0;
+  if (!lgammas) return 0.0;
   const T cn = static_cast<T>(r.cnt);
-  return std::lgamma(double(r.cnt)) + double(cn - T(1)) * double(log_t(lam)) +
+  return lgammas[r.cnt] + double(cn - T(1)) * double(log_t(lam)) +
          double(cn) * (double(r.m) + double(log_t(s))) - double(r.sum_y) + double(r.sum_lt) -
          double(cn) * double(log_t(r.sum_t));
 }
@@ -139,9 +141,9 @@ FASTVAE_INLINE void tile_scores_t(const T* logits, const T* temperature, int64_t
 
 template <typename T>
 FASTVAE_INLINE void tile_finish_t(const LatentSums<T>* sums, const T* temperature, int64_t n, int64_t C, bool hard,
-                                  const T* y, T* z, double* lq) {
+                                  const T* y, T* z, double* lq, const double* lgammas) {
   for (int64_t j = 0, e = 0; e < n; ++j, e += C) {
-    const double q = latent_finish(sums[j], temperature[j], C, hard, lq != nullptr, y + e, z + e);
+    const double q = latent_finish(sums[j], temperature[j], C, hard, lq ? lgammas : nullptr, y + e, z + e);
     if (lq) lq[j] = q;
   }
 }
@@ -151,8 +153,8 @@ FASTVAE_CLONES void tile_scores_f32(const float* logits, const float* temperatur
   tile_scores_t(logits, temperature, n, C, t, lt, y, mm, sums);
 }
 FASTVAE_CLONES void tile_finish_f32(const LatentSums<float>* sums, const float* temperature, int64_t n, int64_t C,
-                                    bool hard, const float* y, float* z, double* lq) {
-  tile_finish_t(sums, temperature, n, C, hard, y, z, lq);
+                                    bool hard, const float* y, float* z, double* lq, const double* lgammas) {
+  tile_finish_t(sums, temperature, n, C, hard, y, z, lq, lgammas);
 }
 FASTVAE_INLINE void tile_scores(const float* logits, const float* temperature, int64_t n, int64_t C, float* t,
                                 const float* lt, float* y, float* mm, LatentSums<float>* sums) {
@@ -163,24 +165,25 @@ FASTVAE_INLINE void tile_scores(const double* logits, const double* temperature,
   tile_scores_t(logits, temperature, n, C, t, lt, y, mm, sums);
 }
 FASTVAE_INLINE void tile_finish(const LatentSums<float>* sums, const float* temperature, int64_t n, int64_t C,
-                                bool hard, const float* y, float* z, double* lq) {
-  tile_finish_f32(sums, temperature, n, C, hard, y, z, lq);
+                                bool hard, const float* y, float* z, double* lq, const double* lgammas) {
+  tile_finish_f32(sums, temperature, n, C, hard, y, z, lq, lgammas);
 }
 FASTVAE_INLINE void tile_finish(const LatentSums<double>* sums, const double* temperature, int64_t n, int64_t C,
-                                bool hard, const double* y, double* z, double* lq) {
-  tile_finish_t(sums, temperature, n, C, hard, y, z, lq);
+                                bool hard, const double* y, double* z, double* lq, const double* lgammas) {
+  tile_finish_t(sums, temperature, n, C, hard, y, z, lq, lgammas);
 }
 
 // z (n elements, whole latents of C), normalized (one-hot when hard), and
 // the per-latent sums and (lq given) log q of the latents [j0, j0 + n / C)
-// from the words in w.x; temperature and logits at latent j0.
+// from the words in w.x; temperature and logits at latent j0; lgammas[i] =
+// lgamma(i) for i <= C, read when lq is given.
 template <typename T>
 FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* temperature, int64_t n, int64_t C,
-                                 bool hard, T* z, LatentSums<T>* sums, double* lq) {
+                                 bool hard, T* z, LatentSums<T>* sums, double* lq, const double* lgammas = nullptr) {
   noise_terms(w.x.data(), n, w.t.data(), w.lt.data());
   tile_scores(logits, temperature, n, C, w.t.data(), w.lt.data(), w.y.data(), w.mm.data(), sums);
   exp_shifted(w.y.data(), w.mm.data(), n, z);
-  tile_finish(sums, temperature, n, C, hard, w.y.data(), z, lq);
+  tile_finish(sums, temperature, n, C, hard, w.y.data(), z, lq, lgammas);
 }
 
 }  // namespace
@@ -197,6 +200,8 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
   }
   const int64_t tile_rows = std::max<int64_t>(1, kTileElems / LC);
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
+  std::vector<double> lgammas(static_cast<size_t>(C + 1));  // lgamma of a latent's count of unmasked categories
+  for (int64_t i = 0; i <= C; ++i) lgammas[static_cast<size_t>(i)] = std::lgamma(double(i));
 #pragma omp parallel for num_threads(n_threads) schedule(static) collapse(2)
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
@@ -207,7 +212,7 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
       std::vector<double> lq(log_q ? static_cast<size_t>((r1 - r0) * L) : 0);
       folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, r0 * LC, n, LC, row_stride, w.x.data());
       tile_samples(w, logits + r0 * LC, temperature + r0 * L, n, C, hard, z + k * NLC + r0 * LC, sums.data(),
-                   log_q ? lq.data() : nullptr);
+                   log_q ? lq.data() : nullptr, lgammas.data());
       if (log_q) {
         for (int64_t row = r0; row < r1; ++row) {
           double acc = 0.0;

@@ -429,3 +429,118 @@ def fallback_call(leaf, run):
     """tests/test_backend.py: a small call, run with and without the extension."""
     logits = leaf(3, 4, 3)
     return lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 5, generator=gen(1)), logits)
+
+
+def compile_cases(mu, lv):
+    """tests/test_compile.py: (name, function, float inputs) whose compiled graph
+    calls the C++ twins, forward and backward (mu, read as logits: (5, 2, 3))."""
+    return [
+        ("sample_concrete", lambda a: fastvae.sample_concrete(a, 0.5, 3), (mu,)),
+        ("sample_concrete (hard)", lambda a: fastvae.sample_concrete(a, 2.0, hard=True), (mu,)),
+    ]
+
+
+def twin_op_cases(m2, l2):
+    """tests/test_torch_ops.py: (twin, arguments) in the Python op's layout, each
+    checked bit for bit against fastvae::<twin> and by opcheck (m2, l2: (12, 6),
+    read here as logits (4, 3, 6) and a temperature (4, 3))."""
+    logits, lam, seed = m2.reshape(4, 3, 6), l2[:, 0].reshape(4, 3).exp(), torch.tensor(2024)
+    return [
+        ("sample_concrete", (logits, lam, seed, False, 3)),
+        ("sample_concrete", (logits, lam, seed, True, 1)),
+        ("sample_concrete_backward", (logits, lam, seed, torch.randn(3, 4, 3, 6), torch.randn(3, 4), False)),
+        ("sample_concrete_backward", (logits, lam, seed, None, torch.randn(2, 4), True)),
+        ("sample_concrete_backward", (logits, lam, seed, torch.randn(2, 4, 3, 6), None, False)),
+    ]
+
+
+# -- the eager C++ operator (fastvae_cpp::sample_concrete) -----------------------------
+
+needs_torch_ops = pytest.mark.skipif(
+    not fastvae._backend.cpp_available() or not fastvae._backend.cpp_module().HAS_TORCH_OPS,
+    reason="built without torch headers: no C++ operators")
+
+
+def _draw_with_grads(logits, temperature, K, hard, stop_score):
+    """(z, log q, dlogits, the node's name) of one seeded draw and backward."""
+    from fastvae.ops.sample_concrete.op import check_args, sample_concrete_unchecked
+    a = logits.detach().clone().requires_grad_()
+    torch.manual_seed(5)
+    z, log_q = sample_concrete_unchecked(a, check_args(a, temperature), K, hard, stop_score, None)
+    g = torch.Generator().manual_seed(6)
+    gz, gq = torch.randn(z.shape, generator=g, dtype=z.dtype), torch.randn(log_q.shape, generator=g, dtype=z.dtype)
+    ((z * gz).sum() + (log_q * gq).sum()).backward()
+    return z.detach(), log_q.detach(), a.grad, z.grad_fn.name()
+
+
+@needs_torch_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hard,stop_score", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape,K,temperature", [((100, 30, 10), None, 0.5), ((100, 30, 10), 1, 0.5),
+                                                 ((3, 4, 5, 2), 3, 1e-3),
+                                                 ((7, 16), 2, "tensor"), ((0, 3, 4), 2, 1.0)])
+def test_eager_cpu_calls_take_the_cpp_operator_with_the_functions_bits(monkeypatch, dtype, hard, stop_score, shape,
+                                                                        K, temperature):
+    """On the cpp backend an eager float32/float64 CPU call runs the C++
+    operator, whose values and gradients equal the Python Function's bit for
+    bit (same kernels), with masked categories, a per-latent temperature and
+    non-contiguous logits; n_samples None gives one sample with no sample
+    dimension either way."""
+    fastvae._backend.set_backend(None)
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(*shape, generator=g, dtype=dtype) * 3).transpose(-1, -2).contiguous().transpose(-1, -2)
+    if logits.numel():
+        logits[..., 0, 1] = -math.inf
+    if temperature == "tensor":
+        temperature = torch.rand(shape[:-1], generator=g, dtype=dtype) + 0.1
+    ours = _draw_with_grads(logits, temperature, K, hard, stop_score)
+    monkeypatch.setattr(fastvae._backend, "torch_ops", lambda *t: None)
+    function = _draw_with_grads(logits, temperature, K, hard, stop_score)
+    assert "CppNode" in ours[3] and "SampleConcrete" in ours[3] and "CppNode" not in function[3]
+    for a, b in zip(ours[:3], function[:3]):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    samples = () if K is None else (K,)
+    assert ours[0].shape == (*samples, *shape) and ours[1].shape == (*samples, *shape[:-2])
+
+
+@needs_torch_ops
+def test_the_cpp_operator_refuses_a_double_backward_as_the_function_does(monkeypatch):
+    """create_graph=True gives the kernel's gradient, and differentiating it
+    again raises the Python Function's error, by name."""
+    logits = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    messages = []
+    for path in ("cpp", "function"):
+        if path == "function":
+            monkeypatch.setattr(fastvae._backend, "torch_ops", lambda *t: None)
+        z, _ = fastvae.sample_concrete(logits, 0.5, generator=gen(1))
+        (d,) = torch.autograd.grad((z * torch.arange(5.0, dtype=z.dtype)).sum(), logits, create_graph=True)
+        assert d.requires_grad
+        with pytest.raises(RuntimeError) as err:
+            d.sum().backward()
+        messages.append(str(err.value).splitlines()[0])
+    assert "fastvae.sample_concrete does not support double backward" in messages[0]
+    assert messages[0] == messages[1]
+
+
+@needs_torch_ops
+def test_the_cpp_operator_checks_its_arguments():
+    """The boundary's checks by name (the public function's own checks run first)."""
+    op = torch.ops.fastvae_cpp.sample_concrete
+    logits = torch.zeros(4, 3, 5)
+    lam = torch.ones(4, 3)
+    with pytest.raises(RuntimeError, match="temperature: expected shape"):
+        op(logits, torch.ones(4, 5), 1, False, 1, False)
+    with pytest.raises(RuntimeError, match="temperature: expected dtype"):
+        op(logits, lam.double(), 1, False, 1, False)
+    with pytest.raises(RuntimeError, match="logits: the cpp backend supports float32 and float64"):
+        op(logits.half(), lam, 1, False, 1, False)
+    with pytest.raises(RuntimeError, match="logits: expected a tensor"):
+        op(torch.zeros(5), torch.ones(()), 1, False, 1, False)
+    with pytest.raises(RuntimeError, match="n_samples must be >= 1"):
+        op(logits, lam, 1, False, 0, False)
+    with pytest.raises(RuntimeError, match="seed must be >= 0"):
+        op(logits, lam, -1, False, 1, False)
+    with pytest.raises(RuntimeError, match="seed: expected a 0-d int64 CPU tensor"):
+        torch.ops.fastvae_cpu.sample_concrete(logits, lam, torch.tensor(1.0), False, 1)
+    with pytest.raises(ValueError, match="logits must be finite or -inf"):
+        fastvae.sample_concrete(torch.full((4, 3, 5), math.nan, requires_grad=True), 0.5)

@@ -1,0 +1,197 @@
+// sample_concrete's eager CPU operator, fastvae_cpp::sample_concrete (a C++
+// autograd Function around the kernels of sample_concrete.cpp), and the graph
+// twins fastvae_cpu::sample_concrete / sample_concrete_backward, which a
+// torch.compile graph calls (csrc/torch_ops.cpp says what these are). At a
+// small model's sizes (100 x 30 latents of 10 categories) the kernels take a
+// few microseconds, the Python Function's host path several times that.
+// Compiled in one unit with csrc/torch_ops.cpp, which defines the libraries.
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "sample_concrete.h"
+#include "torch_ops.h"
+
+namespace fastvae::torch_ops {
+namespace {
+
+// op.py's not_twice message for this op: the backward is a kernel with no
+// differentiable form (tests/test_torch_ops.py compares the two paths' errors).
+constexpr const char* kConcreteNotTwice =
+    "fastvae.sample_concrete does not support double backward (create_graph=True): its backward is a kernel with "
+    "no differentiable form. Differentiate it once, or use fastvae.ops.sample_concrete.sample_concrete (plain "
+    "PyTorch) where a second derivative is needed";
+
+// (N, L, C) of logits (..., L, C), checked, with the sample count.
+struct ConcreteRows {
+  int64_t N, L, C;
+};
+
+ConcreteRows concrete_rows(const Tensor& logits, int64_t seed, int64_t K) {
+  check_float(logits, "logits");
+  TORCH_CHECK(logits.dim() >= 2, "logits: expected a tensor (..., L, C), got shape ", logits.sizes());
+  TORCH_CHECK(K >= 1, "n_samples must be >= 1, got ", K);
+  TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
+  const int64_t L = logits.size(-2), C = logits.size(-1);
+  const int64_t N = c10::multiply_integers(logits.sizes().slice(0, logits.dim() - 2));
+  TORCH_CHECK(N * L * C == 0 || K <= std::numeric_limits<int64_t>::max() / (N * L * C),
+              "n_samples x logits.numel() overflows int64");
+  return {N, L, C};
+}
+
+// logits (N, L, C) and temperature (N, L) as the kernels' contiguous inputs.
+std::pair<Tensor, Tensor> concrete_inputs(const Tensor& logits, const Tensor& temperature, const ConcreteRows& r) {
+  const Tensor a = input(as_shape(logits, {r.N, r.L, r.C}), "logits", logits, {r.N, r.L, r.C});
+  TORCH_CHECK(temperature.sizes() == logits.sizes().slice(0, logits.dim() - 1), "temperature: expected shape ",
+              logits.sizes().slice(0, logits.dim() - 1), ", got ", temperature.sizes());
+  return {a, input(as_shape(temperature, {r.N, r.L}), "temperature", logits, {r.N, r.L})};
+}
+
+// z (K, N, L, C) and log_q (K, N) of the contiguous inputs, in the training layout.
+std::pair<Tensor, Tensor> concrete_forward(const Tensor& a, const Tensor& lam, int64_t seed, bool hard, int64_t K) {
+  const int64_t N = a.size(0), L = a.size(1), C = a.size(2);
+  Tensor z = output({K, N, L, C}, a), log_q = output({K, N}, a);
+  by_dtype(a, [&](auto tag) {
+    using T = decltype(tag);
+    sample_concrete_forward<T>(ptr<T>(a), ptr<T>(lam), uint64_t(seed), hard, 0, uint64_t(N * L * C), uint64_t(L * C),
+                               K, N, L, C, ptr<T>(z), ptr<T>(log_q), threads(K * N * L * C));
+  });
+  return {z, log_q};
+}
+
+// dlogits (N, L, C) from the upstream gradients of z (K, ..., L, C) and log_q
+// (K, ...), each undefined when its output has none; K is 0 with neither.
+Tensor concrete_backward(const Tensor& grad_z, const Tensor& grad_log_q, bool stop_score, const Tensor& a,
+                         const Tensor& lam, int64_t seed, int64_t K) {
+  const int64_t N = a.size(0), L = a.size(1), C = a.size(2);
+  const Tensor g = grad_z.defined() ? input(as_shape(grad_z, {K, N, L, C}), "grad_z", a, {K, N, L, C}) : Tensor();
+  const Tensor gq = grad_log_q.defined() ? input(as_shape(grad_log_q, {K, N}), "grad_log_q", a, {K, N}) : Tensor();
+  Tensor d = output({N, L, C}, a);
+  by_dtype(a, [&](auto tag) {
+    using T = decltype(tag);
+    auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
+    sample_concrete_backward<T>(opt(g), opt(gq), ptr<T>(a), ptr<T>(lam), uint64_t(seed), stop_score, K, N, L, C,
+                                ptr<T>(d), threads(std::max<int64_t>(K, 1) * N * L * C));
+  });
+  return d;
+}
+
+// d passed through as a view, on a node linked to the op's inputs and upstream
+// gradients (`links`) whose backward raises kConcreteNotTwice:
+// fastvae/_double_backward.py's not_twice.
+struct ConcreteNotTwice : torch::autograd::Function<ConcreteNotTwice> {
+  static Tensor forward(AutogradContext*, const Tensor& d, const Tensor&, const Tensor&, const Tensor&) {
+    return d.view_as(d);
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, kConcreteNotTwice);
+    return {};
+  }
+};
+
+// n_samples None (stored as K = 1 with no sample dimension) gives z shaped like
+// the logits and log_q like their batch: no indexing op (and its backward) after.
+struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& temperature, int64_t seed,
+                               bool hard, std::optional<int64_t> n_samples, bool stop_score) {
+    const int64_t K = n_samples.value_or(1);
+    const ConcreteRows r = concrete_rows(logits, seed, K);
+    const auto [a, lam] = concrete_inputs(logits, temperature, r);
+    auto [z, log_q] = concrete_forward(a, lam, seed, hard, K);
+    ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
+    ctx->save_for_backward({a, lam, logits});  // the logits link a double backward's error node
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["stop_score"] = stop_score;
+    ctx->saved_data["shape"] = logits.sizes().vec();
+    const auto batch = logits.sizes().slice(0, logits.dim() - 2);
+    if (!n_samples) return {shaped(z, logits.sizes()), shaped(log_q, batch)};
+    return {shaped(z, with_samples(K, logits.sizes())), shaped(log_q, with_samples(K, batch))};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list none{Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    if (!grads[0].defined() && !grads[1].defined()) return none;
+    const auto saved = ctx->get_saved_variables();
+    Tensor d;
+    {
+      at::NoGradGuard no_grad;  // the kernel's numbers; a double backward's error node is added below
+      d = concrete_backward(grads[0].defined() ? grads[0].detach() : Tensor(),
+                            grads[1].defined() ? grads[1].detach() : Tensor(), ctx->saved_data["stop_score"].toBool(),
+                            saved[0], saved[1], ctx->saved_data["seed"].toInt(), ctx->saved_data["K"].toInt());
+    }
+    d = d.view(ctx->saved_data["shape"].toIntVector());
+    if (double_backward() && (saved[2].requires_grad() || (grads[0].defined() && grads[0].requires_grad()) ||
+                              (grads[1].defined() && grads[1].requires_grad()))) {
+      // an absent upstream gradient is linked as the logits again (an input must be defined)
+      auto link = [&](const Tensor& t) { return t.defined() ? t : saved[2]; };
+      d = ConcreteNotTwice::apply(d, saved[2], link(grads[0]), link(grads[1]));
+    }
+    variable_list out = none;
+    out[0] = d;
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor> sample_concrete(const Tensor& logits, const Tensor& temperature, int64_t seed, bool hard,
+                                           std::optional<int64_t> n_samples, bool stop_score) {
+  auto out = SampleConcrete::apply(logits, temperature, seed, hard, n_samples, stop_score);
+  return {out[0], out[1]};
+}
+
+// -- the graph twins (fastvae_cpu::*): op.py's layout, logits (N, L, C) ------------
+
+int64_t concrete_seed(const Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "seed: expected a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(), " on ",
+              seed.device());
+  return *seed.data_ptr<int64_t>();  // a CPU scalar: read in place, no dispatcher call (item's)
+}
+
+std::tuple<Tensor, Tensor> graph_sample_concrete(const Tensor& logits, const Tensor& temperature, const Tensor& seed,
+                                                 bool hard, int64_t n_samples) {
+  const int64_t s = concrete_seed(seed);
+  const ConcreteRows r = concrete_rows(logits, s, n_samples);
+  const auto [a, lam] = concrete_inputs(logits, temperature, r);
+  auto [z, log_q] = concrete_forward(a, lam, s, hard, n_samples);
+  const auto batch = logits.sizes().slice(0, logits.dim() - 2);
+  return {shaped(z, with_samples(n_samples, logits.sizes())), shaped(log_q, with_samples(n_samples, batch))};
+}
+
+Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temperature, const Tensor& seed,
+                                      const std::optional<Tensor>& grad_z, const std::optional<Tensor>& grad_log_q,
+                                      bool stop_score) {
+  const int64_t s = concrete_seed(seed);
+  const Tensor gz = grad_z.value_or(Tensor()), gq = grad_log_q.value_or(Tensor());
+  const int64_t K = gz.defined() ? gz.size(0) : gq.defined() ? gq.size(0) : 0;
+  const ConcreteRows r = concrete_rows(logits, s, std::max<int64_t>(K, 1));
+  const auto [a, lam] = concrete_inputs(logits, temperature, r);
+  return shaped(concrete_backward(gz, gq, stop_score, a, lam, s, K), logits.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
+  m.def("sample_concrete(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples, bool stop_score)"
+        " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("sample_concrete", &sample_concrete); }
+
+TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
+  m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples)"
+        " -> (Tensor, Tensor)");
+  m.def("sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z,"
+        " Tensor? grad_log_q, bool stop_score) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
+  m.impl("sample_concrete", &graph_sample_concrete);
+  m.impl("sample_concrete_backward", &graph_sample_concrete_backward);
+}
+
+}  // namespace fastvae::torch_ops
