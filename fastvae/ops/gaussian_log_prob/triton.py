@@ -30,7 +30,6 @@ import triton.language as tl
 from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
-    arrive_last,
     bound_buffers,
     bound_epilogue,
     bound_grad,
@@ -41,7 +40,9 @@ from fastvae.kernels._common import (
     softplus,
     split_samples,
     split_tile,
+    store_column_sum,
     store_dterm,
+    store_split_sums,
     tile_columns,
     tile_counters,
     tile_geometry,
@@ -212,46 +213,19 @@ def _gaussian_log_prob_bwd_kernel(
     idx = rows[:, None] * D + cols[None, :]
     if LAYOUT == 1 and HAS_DV:
         dv_acc = tl.where(mask, _shared_dv(a_acc, g_acc[:, None], v_shared, inv_shared, SOFTPLUS), 0.0)
+    else:
+        dv_acc = dx_acc  # not stored
     if TILE_SUMS:
-        if SPLITS == 1:
-            if HAS_DX:
-                tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
-            if LAYOUT == 1 and HAS_DV:
-                tl.store(dv_ptr + idx, dv_acc.to(dv_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = split * R * D + idx
-            if HAS_DX:
-                tl.store(part_dx_ptr + part, dx_acc, mask=mask)
-            if LAYOUT == 1 and HAS_DV:
-                tl.store(part_dv_ptr + part, dv_acc, mask=mask)
-            if arrive_last(counter_ptr + tile, SPLITS):
-                dx_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                dv_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                for s in range(0, SPLITS):
-                    if HAS_DX:
-                        dx_sum += tl.load(part_dx_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                    if LAYOUT == 1 and HAS_DV:
-                        dv_sum += tl.load(part_dv_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_DX:
-                    tl.store(dx_ptr + idx, dx_sum.to(dx_ptr.dtype.element_ty), mask=mask)
-                if LAYOUT == 1 and HAS_DV:
-                    tl.store(dv_ptr + idx, dv_sum.to(dv_ptr.dtype.element_ty), mask=mask)
+        store_split_sums(dx_acc, dv_acc, dx_ptr, dv_ptr, part_dx_ptr, part_dv_ptr, idx, mask, split, R * D,
+                         counter_ptr + tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DV)
     if LAYOUT == 2 and HAS_DV:
         # this program's share of dv[d] = 0.5 (A[d] / var[d] - G) ..., linear in (A, G)
         v_col = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         inv_col, log_var_unused = _inv_and_log_var(v_col, delta, SOFTPLUS)
         a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
         dv_col = tl.where(col_ok, _shared_dv(a_col, tl.sum(g_acc, axis=0), v_col, inv_col, SOFTPLUS), 0.0)
-        parts = row_blocks * SPLITS
-        if parts == 1:
-            tl.store(dv_ptr + cols, dv_col.to(dv_ptr.dtype.element_ty), mask=col_ok)
-        else:
-            tl.store(part_dv_ptr + (split * row_blocks + rb) * D + cols, dv_col, mask=col_ok)
-            if arrive_last(counter_ptr + tiles + cb, parts):
-                total = tl.zeros([BLOCK_D], dtype=ACC)
-                for j in range(0, parts):
-                    total += tl.load(part_dv_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-                tl.store(dv_ptr + cols, total.to(dv_ptr.dtype.element_ty), mask=col_ok)
+        store_column_sum(dv_col, cols, col_ok, D, dv_ptr, part_dv_ptr, counter_ptr + tiles + cb,
+                         split * row_blocks + rb, row_blocks * SPLITS, ACC, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------

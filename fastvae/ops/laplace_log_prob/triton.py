@@ -28,10 +28,11 @@ import triton.language as tl
 from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
-    arrive_last,
     program_rows,
     split_samples,
     split_tile,
+    store_column_sum,
+    store_split_sums,
     tile_columns,
     tile_counters,
     tile_geometry,
@@ -161,44 +162,17 @@ def _laplace_log_prob_bwd_kernel(
     idx = rows[:, None] * D + cols[None, :]
     if LAYOUT == 1 and HAS_DS:
         ds_acc = tl.where(mask, a_acc - g_acc[:, None], 0.0)
+    else:
+        ds_acc = dx_acc  # not stored
     if TILE_SUMS:
-        if SPLITS == 1:
-            if HAS_DX:
-                tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
-            if LAYOUT == 1 and HAS_DS:
-                tl.store(ds_ptr + idx, ds_acc.to(ds_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = split * R * D + idx
-            if HAS_DX:
-                tl.store(part_dx_ptr + part, dx_acc, mask=mask)
-            if LAYOUT == 1 and HAS_DS:
-                tl.store(part_ds_ptr + part, ds_acc, mask=mask)
-            if arrive_last(counter_ptr + tile, SPLITS):
-                dx_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                ds_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                for s in range(0, SPLITS):
-                    if HAS_DX:
-                        dx_sum += tl.load(part_dx_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                    if LAYOUT == 1 and HAS_DS:
-                        ds_sum += tl.load(part_ds_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_DX:
-                    tl.store(dx_ptr + idx, dx_sum.to(dx_ptr.dtype.element_ty), mask=mask)
-                if LAYOUT == 1 and HAS_DS:
-                    tl.store(ds_ptr + idx, ds_sum.to(ds_ptr.dtype.element_ty), mask=mask)
+        store_split_sums(dx_acc, ds_acc, dx_ptr, ds_ptr, part_dx_ptr, part_ds_ptr, idx, mask, split, R * D,
+                         counter_ptr + tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DS)
     if LAYOUT == 2 and HAS_DS:
         # this program's share of ds[d] = sum g |x - loc| / b[d] - sum g over its rows
         a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
         ds_col = tl.where(col_ok, a_col - tl.sum(g_acc, axis=0), 0.0)
-        parts = row_blocks * SPLITS
-        if parts == 1:
-            tl.store(ds_ptr + cols, ds_col.to(ds_ptr.dtype.element_ty), mask=col_ok)
-        else:
-            tl.store(part_ds_ptr + (split * row_blocks + rb) * D + cols, ds_col, mask=col_ok)
-            if arrive_last(counter_ptr + tiles + cb, parts):
-                total = tl.zeros([BLOCK_D], dtype=ACC)
-                for j in range(0, parts):
-                    total += tl.load(part_ds_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-                tl.store(ds_ptr + cols, total.to(ds_ptr.dtype.element_ty), mask=col_ok)
+        store_column_sum(ds_col, cols, col_ok, D, ds_ptr, part_ds_ptr, counter_ptr + tiles + cb,
+                         split * row_blocks + rb, row_blocks * SPLITS, ACC, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------
