@@ -215,6 +215,35 @@ def launch_backward(backend: str, kernel: str, grad_out: Tensor, x: Tensor, out:
     return grads
 
 
+def location_scale_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, likelihood: str,
+                         names: tuple[str, str], what: str, log_prob, packed=None) -> Tensor:
+    """The decoder route of a location-scale likelihood (fastvae/_decoder.py):
+    decode returns the location (unit scale) or a (location, scale
+    parameter) pair, named ``names`` in messages; ``what`` names the location
+    alone. Each is checked against x and its event flattened for
+    ``log_prob(x, loc[, param])``. ``packed(x, loc, param, lead, events)``,
+    where given, may take a pair in place of that (None: it does not)."""
+    loc_name, param_name = names
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(
+                f"for likelihood={likelihood!r} decode returns the {what} or a ({loc_name}, {param_name}) pair, "
+                f"got a sequence of {len(out)} items"
+            )
+        loc = check_output(loc_name, out[0], x, sample_shape, batch_ndim)
+        param = out[1]
+        if not isinstance(param, Tensor):
+            raise TypeError(f"decode must return a tensor as the {param_name}, got {type(param).__name__}")
+        if packed is not None and (result := packed(x, loc, param, lead, events)) is not None:
+            return result
+        if events > 1 and param.dim() > 1:  # a per-pixel or per-channel parameter: spread over the event
+            param = flat(param.expand(loc.shape) if param.shape != loc.shape else param, lead, events)
+        return log_prob(flat(x, batch_ndim, events), flat(loc, lead, events), param)
+    loc = check_output(loc_name, out, x, sample_shape, batch_ndim)
+    return log_prob(flat(x, batch_ndim, events), flat(loc, lead, events))
+
+
 def flatten_event_args(event_dims: Any, x: Tensor, out_name: str, out: Tensor,
                        **params: Tensor | float | None) -> tuple[Tensor, Tensor, dict]:
     """(x, out, params) with the last ``event_dims`` dimensions of each tensor

@@ -23,7 +23,6 @@ from ..._double_backward import _acc, _like
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
-    check_output,
     fixed_scale,
     flat,
     flatten_event_args,
@@ -34,6 +33,7 @@ from ..._likelihood_layout import (
     launch_backward,
     launch_forward,
     likelihood_torch_ops,
+    location_scale_route,
 )
 from ..._op import define, run, shaped
 
@@ -436,22 +436,14 @@ def gaussian_log_prob(
 
 def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
     """The mean (unit variance) or a (mean, logvar) pair."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    if isinstance(out, (tuple, list)):
-        if len(out) != 2:
-            raise ValueError(
-                f"for likelihood='gaussian' decode returns the mean or a (mean, logvar) pair, "
-                f"got a sequence of {len(out)} items"
-            )
-        mean = check_output("mean", out[0], x, sample_shape, batch_ndim)
-        logvar = out[1]
-        if not isinstance(logvar, Tensor):
-            raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
-        if (_backend.backend_for(mean.device, warn=False) == "triton" and not _backend.compiling()
-                and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
-            return gaussian_log_prob_packed(flat(x, batch_ndim, events), packed)  # the halves of one output, in place
-        if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
-            logvar = flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead, events)
-        return gaussian_log_prob(flat(x, batch_ndim, events), flat(mean, lead, events), logvar)
-    mean = check_output("mean", out, x, sample_shape, batch_ndim)
-    return gaussian_log_prob(flat(x, batch_ndim, events), flat(mean, lead, events))
+    return location_scale_route(x, out, sample_shape, batch_ndim, "gaussian", ("mean", "logvar"), "mean",
+                                gaussian_log_prob, _packed_route)
+
+
+def _packed_route(x: Tensor, mean: Tensor, logvar: Tensor, lead: int, events: int) -> Tensor | None:
+    """gaussian_log_prob_packed where (mean, logvar) are the halves of one
+    decoder output on Triton (read in place), else None."""
+    if (_backend.backend_for(mean.device, warn=False) == "triton" and not _backend.compiling()
+            and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
+        return gaussian_log_prob_packed(flat(x, x.dim() - events, events), packed)
+    return None

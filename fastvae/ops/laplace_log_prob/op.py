@@ -20,9 +20,7 @@ from ... import _backend, _validate, _value_checks
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
-    check_output,
     fixed_scale,
-    flat,
     flatten_event_args,
     fold_samples,
     kernel_var,
@@ -30,6 +28,7 @@ from ..._likelihood_layout import (
     launch_backward,
     launch_forward,
     likelihood_torch_ops,
+    location_scale_route,
 )
 from ..._op import define, run, shaped
 
@@ -212,19 +211,4 @@ def laplace_log_prob(
 
 def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
     """The location (scale 1) or a (loc, log_scale) pair."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    if isinstance(out, (tuple, list)):
-        if len(out) != 2:
-            raise ValueError(
-                f"for likelihood='laplace' decode returns the location or a (loc, log_scale) pair, "
-                f"got a sequence of {len(out)} items"
-            )
-        loc = check_output("loc", out[0], x, sample_shape, batch_ndim)
-        log_scale = out[1]
-        if not isinstance(log_scale, Tensor):
-            raise TypeError(f"decode must return a tensor as the log_scale, got {type(log_scale).__name__}")
-        if events > 1 and log_scale.dim() > 1:  # a per-pixel or per-channel log-scale: spread over the event
-            log_scale = flat(log_scale.expand(loc.shape) if log_scale.shape != loc.shape else log_scale, lead, events)
-        return laplace_log_prob(flat(x, batch_ndim, events), flat(loc, lead, events), log_scale)
-    loc = check_output("loc", out, x, sample_shape, batch_ndim)
-    return laplace_log_prob(flat(x, batch_ndim, events), flat(loc, lead, events))
+    return location_scale_route(x, out, sample_shape, batch_ndim, "laplace", _NAMES, "location", laplace_log_prob)
