@@ -15,6 +15,7 @@ The Gaussian variance parameter v goes to the kernel as
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -268,19 +269,27 @@ def flatten_event_args(event_dims: Any, x: Tensor, out_name: str, out: Tensor,
     return x, out, {n: flat_args(t, n) if isinstance(t, Tensor) else t for n, t in params.items()}
 
 
-def fixed_scale(scale: float | None, factor: float, out: Tensor, dtype: torch.dtype, cached) -> Tensor:
+@functools.lru_cache(maxsize=64)
+def fixed_param(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (D,) scale parameter of a fixed scale, made once per shape: creating
+    it cost as much as a small kernel on every call. Never written to: the ops
+    only read it and it gets no gradient."""
+    return torch.full((D,), value, dtype=dtype, device=device)
+
+
+def fixed_scale(scale: float | None, factor: float, out: Tensor, dtype: torch.dtype) -> Tensor:
     """The (D,) parameter factor * log(scale) of a fixed float ``scale`` (1.0
     when None) for ``out`` (..., D), in the compute dtype (a bfloat16 decoder
-    output does not round the scale): ``cached(D, value, dtype, device)``
-    outside torch.compile, where it is a constant of the graph. A scale that is
-    not a finite float > 0 raises."""
+    output does not round the scale): fixed_param's outside torch.compile,
+    where it is a constant of the graph. A scale that is not a finite float >
+    0 raises."""
     scale = 1.0 if scale is None else scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
         raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
     value = factor * math.log(scale)
     if _backend.compiling():  # a constant of the graph: nothing to cache
         return torch.full((out.shape[-1],), value, dtype=dtype, device=out.device)
-    return cached(out.shape[-1], value, dtype, out.device)
+    return fixed_param(out.shape[-1], value, dtype, out.device)
 
 
 # -- the decoder output, before a likelihood op: its shape checked, its event flattened --

@@ -383,3 +383,51 @@ def bound_buffers(programs: int, dtype: torch.dtype, out: torch.Tensor, reduce: 
     if not reduce:
         return out, out
     return bound_parts(programs, dtype, out.device), tile_counters(out.device, 1)
+
+
+# -- the location-scale likelihoods' backward (gaussian_log_prob, laplace_log_prob) --
+# The scale parameter's layouts: per element, per x row, per dimension.
+ELEMENT, ROW, DIM = 0, 1, 2
+# Backward tiles where programs loop over samples: the sums stay live across the loop.
+SCALE_BACKWARD_TILE = 1024
+SCALE_BACKWARD_MAX_COLS = 256
+
+
+def scale_layout(param: torch.Tensor) -> int:
+    """The layout of a scale parameter (K, P, D), (P, D) or (D,)."""
+    return {3: ELEMENT, 2: ROW, 1: DIM}[param.dim()]
+
+
+def scale_backward_plan(K: int, P: int, D: int, layout: int, has_dx: bool, has_dparam: bool, like: torch.Tensor):
+    """The launch of a location-scale likelihood's backward for a decoder
+    output ``like`` (K, P, D): (grid, part_dx, part_dparam, counters, ints,
+    meta). Where nothing sums over the samples (no dx, a per-element or no
+    parameter gradient) the programs tile the K * P decoder rows; otherwise
+    each owns a tile of x's rows x columns and loops over the samples, split
+    where the tiles do not fill a wave (split_samples), with the splits'
+    partial dx and per-row parameter gradients in part_dx and part_dparam. A
+    per-dimension gradient's partials, one per row block and split, go to
+    part_dparam too. ``ints`` are the kernel's (R, K, K_PER, SPLITS); ``meta``
+    its LAYOUT, HAS_DX, LOOP_K, TILE_SUMS, ACC, blocks and warps."""
+    loop_k = has_dx or (has_dparam and layout != ELEMENT)
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, like.device, like.dtype == torch.float64,
+                                            SCALE_BACKWARD_TILE if loop_k else 4096,
+                                            SCALE_BACKWARD_MAX_COLS if loop_k else 1024)
+    R, k_loop = (P, K) if loop_k else (K * P, 1)
+    row_blocks, col_blocks = triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    tiles = row_blocks * col_blocks
+    splits, per_split = split_samples(tiles, K, like.device) if loop_k else (1, 1)
+    acc, device = accumulation_dtype(like.dtype), like.device
+    tile_sums = has_dx or (has_dparam and layout == ROW)
+    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
+    if has_dparam and layout == ROW and splits > 1:
+        part_dparam = torch.empty((splits, P, D), dtype=acc, device=device)
+    elif has_dparam and layout == DIM and row_blocks * splits > 1:
+        part_dparam = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
+    else:
+        part_dparam = torch.empty((1,), dtype=acc, device=device)
+    counting = (tile_sums and splits > 1) or (has_dparam and layout == DIM and row_blocks * splits > 1)
+    counters = tile_counters(device, tiles + col_blocks, 2 if counting else 1)
+    meta = dict(LAYOUT=layout, HAS_DX=has_dx, LOOP_K=loop_k, TILE_SUMS=tile_sums, ACC=acc_dtype(like.dtype),
+                BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
+    return (tiles * splits,), part_dx, part_dparam, counters, (R, k_loop, per_split, splits), meta

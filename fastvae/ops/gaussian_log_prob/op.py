@@ -11,7 +11,6 @@ backward, with x broadcast over decoder samples. On the cpp backend an eager
 call goes to the C++ operator fastvae_cpp::gaussian_log_prob (torch_op.cpp)."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -23,6 +22,7 @@ from ..._double_backward import _acc, _like
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
+    fixed_param,
     fixed_scale,
     flat,
     flatten_event_args,
@@ -341,12 +341,8 @@ def gaussian_log_prob_packed(x: Tensor, packed: Tensor) -> Tensor:
 # -- public function -----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def fixed_logvar(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (D,) log-variance of a fixed scale, made once per shape: creating it
-    cost as much as a small kernel on every call. Never written to: the op
-    only reads it and it gets no gradient."""
-    return torch.full((D,), value, dtype=dtype, device=device)
+# The (D,) log-variance of a fixed scale, made once per shape (the objectives' plans take it from here).
+fixed_logvar = fixed_param
 
 
 def gaussian_log_prob(
@@ -424,7 +420,7 @@ def gaussian_log_prob(
         # the log-variance in the compute dtype: a half-precision scale is not rounded again
         v = broadcast_var(2.0 * torch.log(scale.to(dtype)), "scale", x_b, mean)
     else:  # the log-variance 2 log(scale)
-        v = fixed_scale(scale, 2.0, mean, dtype, fixed_logvar)
+        v = fixed_scale(scale, 2.0, mean, dtype)
     ops = likelihood_torch_ops(x_b, mean, v)
     if ops is not None:
         return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))

@@ -28,28 +28,30 @@ import triton
 import triton.language as tl
 
 from fastvae.kernels._common import (
+    DIM,
+    ELEMENT,
+    ROW,
     acc_dtype,
-    accumulation_dtype,
     bound_buffers,
     bound_epilogue,
     bound_grad,
     float64_arg,
     float64_bits,
     program_rows,
+    scale_backward_plan,
+    scale_layout,
     sigmoid,
     softplus,
-    split_samples,
     split_tile,
     store_column_sum,
     store_dterm,
     store_split_sums,
     tile_columns,
-    tile_counters,
     tile_geometry,
 )
 
 LOG_2PI: tl.constexpr = tl.constexpr(1.8378770664093453)
-ELEMENT, ROW, DIM = 0, 1, 2
+LAYOUTS = ELEMENT, ROW, DIM  # the variance parameter's, which the objectives' plans name from here
 
 # -- math helpers -------------------------------------------------------------
 
@@ -231,10 +233,6 @@ def _gaussian_log_prob_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def _layout(v) -> int:
-    return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
-
-
 def _row_stride(mean, *per_element) -> int:
     """The stride of the decoder rows of mean (K, P, D), which every
     per-element tensor (v, dmean, dv of LAYOUT 0) shares: D when contiguous,
@@ -259,8 +257,8 @@ def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: fl
     if K * P == 0:
         return
     reduce = divisor is not None
-    grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, _layout(var_param), softplus_mode, term is not None,
-                              reduce)
+    grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, scale_layout(var_param), softplus_mode,
+                              term is not None, reduce)
     part, counter = bound_buffers(grid[0], mean.dtype, out, reduce)
     _gaussian_log_prob_fwd_kernel[grid](
         x, mean, var_param, float64_bits(delta), out, out if term is None else term, part, counter, P, K * P, D,
@@ -280,11 +278,6 @@ def forward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.devic
         BLOCK_D=BLOCK_D, num_warps=warps)
 
 
-# Backward tiles where programs loop over samples: the sums stay live across the loop.
-BACKWARD_TILE = 1024
-BACKWARD_MAX_COLS = 256
-
-
 def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool, delta: float, dx, dmean,
                                dvar_param, dterm=None, weight: float = 0.0, g_divisor: int | None = None) -> None:
     """dmean (K, P, D) and, when they are not None, dvar_param (var_param's shape) and dx (P, D)
@@ -297,40 +290,20 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
             if t is not None and t.numel():
                 t.zero_()  # a sum over no samples or rows: no training shape takes this path
         return
-    layout = _layout(var_param)
+    layout = scale_layout(var_param)
     has_dx, has_dv = dx is not None, dvar_param is not None
-    loop_k = has_dx or (has_dv and layout != ELEMENT)
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, mean.device, mean.dtype == torch.float64,
-                                            BACKWARD_TILE if loop_k else 4096, BACKWARD_MAX_COLS if loop_k else 1024)
-    R, k_loop = (P, K) if loop_k else (K * P, 1)
-    row_blocks, col_blocks = triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D)
-    tiles = row_blocks * col_blocks
-    splits, per_split = split_samples(tiles, K, mean.device) if loop_k else (1, 1)
-    acc, device = accumulation_dtype(mean.dtype), mean.device
-    tile_sums = has_dx or (has_dv and layout == ROW)
-    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
-    if has_dv and layout == ROW and splits > 1:
-        part_dv = torch.empty((splits, P, D), dtype=acc, device=device)
-    elif has_dv and layout == DIM and row_blocks * splits > 1:
-        part_dv = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
-    else:
-        part_dv = torch.empty((1,), dtype=acc, device=device)
-    counting = (tile_sums and splits > 1) or (has_dv and layout == DIM and row_blocks * splits > 1)
+    grid, part_dx, part_dv, counters, ints, meta = scale_backward_plan(K, P, D, layout, has_dx, has_dv, mean)
     dv, dv_offset = dvar_param if has_dv else dmean, 0
     if (has_dv and layout == ELEMENT and dvar_param._base is not None and dvar_param._base is dmean._base
             and dvar_param.storage_offset() > dmean.storage_offset()):
         # dmean and dvar_param the halves of one buffer: dv addressed from dmean's
         # start, as the objectives' plans do (one pointer alignment, one variant)
         dv, dv_offset = dmean, dvar_param.storage_offset() - dmean.storage_offset()
-    _gaussian_log_prob_bwd_kernel[(tiles * splits,)](
+    _gaussian_log_prob_bwd_kernel[grid](
         grad_out, x, mean, var_param, float64_bits(delta), dmean, dx if has_dx else dmean, dv, part_dx, part_dv,
-        tile_counters(device, tiles + col_blocks, 2 if counting else 1), dmean if dterm is None else dterm,
-        P, D, _row_stride(mean, var_param, dmean, dvar_param), R, k_loop, per_split, splits,
+        counters, dmean if dterm is None else dterm, P, D, _row_stride(mean, var_param, dmean, dvar_param), *ints,
         0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor, dv_offset,
-        G_SCALAR=g_divisor is not None, HAS_DTERM=dterm is not None, LAYOUT=layout, SOFTPLUS=softplus_mode,
-        HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
-        ACC=acc_dtype(mean.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+        G_SCALAR=g_divisor is not None, HAS_DTERM=dterm is not None, SOFTPLUS=softplus_mode, HAS_DV=has_dv, **meta)
 
 
 def pointwise_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, layout: int,

@@ -10,7 +10,6 @@ an eager call goes to the C++ operator fastvae_cpp::laplace_log_prob
 (torch_op.cpp)."""
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -134,13 +133,6 @@ class LaplaceLogProb(torch.autograd.Function):
 # -- public function -----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def fixed_log_scale(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (D,) log-scale of a fixed scale, made once per shape. Never written
-    to: the op only reads it and it gets no gradient."""
-    return torch.full((D,), value, dtype=dtype, device=device)
-
-
 def laplace_log_prob(
     x: Tensor,
     loc: Tensor,
@@ -199,7 +191,7 @@ def laplace_log_prob(
         # the log-scale in the compute dtype: a half-precision scale is not rounded again
         s = broadcast_var(torch.log(scale.to(dtype)), "scale", x_b, loc)
     else:
-        s = fixed_scale(scale, 1.0, loc, dtype, fixed_log_scale)
+        s = fixed_scale(scale, 1.0, loc, dtype)
     ops = likelihood_torch_ops(x_b, loc, s)
     if ops is not None:
         return ops.laplace_log_prob(x_b, loc, s)
