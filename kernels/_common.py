@@ -247,32 +247,33 @@ def arrive_last(counter_ptr, splits):
 
 
 @triton.jit
-def store_split_sums(a, b, a_ptr, b_ptr, part_a_ptr, part_b_ptr, at, mask, split, stride, counter_ptr, SPLITS,
+def store_split_sums(a, b, a_ptr, b_ptr, part_a_ptr, part_b_ptr, at, mask, split, R, C, counter_ptr, tile, SPLITS,
                      HAS_A: tl.constexpr, HAS_B: tl.constexpr):
     """Stores a tile's sums over samples a and b (ACC; each where HAS_ it) at
-    ``at`` of a_ptr and b_ptr. With one split straight; otherwise each split
-    stores its partials (part_*_ptr, ``stride`` apart per split) and the last
-    of the tile's programs to arrive (one counter at counter_ptr) adds them in
-    split order: deterministic, no float atomics."""
+    ``at`` of a_ptr and b_ptr, (R, C) matrices. With one split straight;
+    otherwise each split stores its partials (part_*_ptr, one (R, C) matrix
+    per split) and the last of the tile's programs to arrive (its counter
+    counter_ptr[tile]) adds them in split order: deterministic, no float
+    atomics."""
     if SPLITS == 1:
         if HAS_A:
             tl.store(a_ptr + at, a.to(a_ptr.dtype.element_ty), mask=mask)
         if HAS_B:
             tl.store(b_ptr + at, b.to(b_ptr.dtype.element_ty), mask=mask)
     else:
-        part = split * stride + at
+        part = split * R * C + at
         if HAS_A:
             tl.store(part_a_ptr + part, a, mask=mask)
         if HAS_B:
             tl.store(part_b_ptr + part, b, mask=mask)
-        if arrive_last(counter_ptr, SPLITS):
+        if arrive_last(counter_ptr + tile, SPLITS):
             a_sum = tl.zeros_like(a)
             b_sum = tl.zeros_like(b)
             for s in range(0, SPLITS):
                 if HAS_A:
-                    a_sum += tl.load(part_a_ptr + s * stride + at, mask=mask, other=0.0, cache_modifier=".cg")
+                    a_sum += tl.load(part_a_ptr + s * R * C + at, mask=mask, other=0.0, cache_modifier=".cg")
                 if HAS_B:
-                    b_sum += tl.load(part_b_ptr + s * stride + at, mask=mask, other=0.0, cache_modifier=".cg")
+                    b_sum += tl.load(part_b_ptr + s * R * C + at, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_A:
                 tl.store(a_ptr + at, a_sum.to(a_ptr.dtype.element_ty), mask=mask)
             if HAS_B:
@@ -280,18 +281,20 @@ def store_split_sums(a, b, a_ptr, b_ptr, part_a_ptr, part_b_ptr, at, mask, split
 
 
 @triton.jit
-def store_column_sum(col, cols, col_ok, D, out_ptr, part_ptr, counter_ptr, part, parts, ACC: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-    """Stores a sum over every row of a column block: ``col`` (ACC), this
-    program's share, goes to out_ptr[cols] when it is the only one (parts ==
-    1); otherwise to its slot ``part`` of the (parts, D) partials, and the
-    last of the column block's programs to arrive (one counter at
-    counter_ptr) adds them in slot order."""
+def store_column_sum(col, cols, col_ok, D, out_ptr, part_ptr, counter_ptr, tiles, cb, rb, row_blocks, split, SPLITS,
+                     ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stores a sum over every row of column block cb: ``col`` (ACC), the
+    share of this program (row block rb of row_blocks, a split of SPLITS),
+    goes to out_ptr[cols] when it is the only one; otherwise to its row of
+    the (row_blocks * SPLITS, D) partials, and the last of the column block's
+    programs to arrive (its counter counter_ptr[tiles + cb], after the tiles')
+    adds them in row order."""
+    parts = row_blocks * SPLITS
     if parts == 1:
         tl.store(out_ptr + cols, col.to(out_ptr.dtype.element_ty), mask=col_ok)
     else:
-        tl.store(part_ptr + part * D + cols, col, mask=col_ok)
-        if arrive_last(counter_ptr, parts):
+        tl.store(part_ptr + (split * row_blocks + rb) * D + cols, col, mask=col_ok)
+        if arrive_last(counter_ptr + tiles + cb, parts):
             total = tl.zeros([BLOCK_D], dtype=ACC)
             for j in range(0, parts):
                 total += tl.load(part_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")

@@ -227,8 +227,8 @@ def _bernoulli_log_prob_bwd_kernel(
             dx_acc += g * lg
     if HAS_DX:
         idx = rows[:, None] * D + cols[None, :]
-        store_split_sums(dx_acc, dx_acc, dx_ptr, dx_ptr, part_ptr, part_ptr, idx, mask, split, R * D,
-                         counter_ptr + tile, SPLITS, True, False)
+        store_split_sums(dx_acc, dx_acc, dx_ptr, dx_ptr, part_ptr, part_ptr, idx, mask, split, R, D,
+                         counter_ptr, tile, SPLITS, True, False)
 
 
 # -- launchers ----------------------------------------------------------------

@@ -218,16 +218,16 @@ def _gaussian_log_prob_bwd_kernel(
     else:
         dv_acc = dx_acc  # not stored
     if TILE_SUMS:
-        store_split_sums(dx_acc, dv_acc, dx_ptr, dv_ptr, part_dx_ptr, part_dv_ptr, idx, mask, split, R * D,
-                         counter_ptr + tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DV)
+        store_split_sums(dx_acc, dv_acc, dx_ptr, dv_ptr, part_dx_ptr, part_dv_ptr, idx, mask, split, R, D,
+                         counter_ptr, tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DV)
     if LAYOUT == 2 and HAS_DV:
         # this program's share of dv[d] = 0.5 (A[d] / var[d] - G) ..., linear in (A, G)
         v_col = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         inv_col, log_var_unused = _inv_and_log_var(v_col, delta, SOFTPLUS)
         a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
         dv_col = tl.where(col_ok, _shared_dv(a_col, tl.sum(g_acc, axis=0), v_col, inv_col, SOFTPLUS), 0.0)
-        store_column_sum(dv_col, cols, col_ok, D, dv_ptr, part_dv_ptr, counter_ptr + tiles + cb,
-                         split * row_blocks + rb, row_blocks * SPLITS, ACC, BLOCK_D)
+        store_column_sum(dv_col, cols, col_ok, D, dv_ptr, part_dv_ptr, counter_ptr, tiles, cb, rb, row_blocks,
+                         split, SPLITS, ACC, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------

@@ -163,14 +163,14 @@ def _laplace_log_prob_bwd_kernel(
     else:
         ds_acc = dx_acc  # not stored
     if TILE_SUMS:
-        store_split_sums(dx_acc, ds_acc, dx_ptr, ds_ptr, part_dx_ptr, part_ds_ptr, idx, mask, split, R * D,
-                         counter_ptr + tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DS)
+        store_split_sums(dx_acc, ds_acc, dx_ptr, ds_ptr, part_dx_ptr, part_ds_ptr, idx, mask, split, R, D,
+                         counter_ptr, tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DS)
     if LAYOUT == 2 and HAS_DS:
         # this program's share of ds[d] = sum g |x - loc| / b[d] - sum g over its rows
         a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
         ds_col = tl.where(col_ok, a_col - tl.sum(g_acc, axis=0), 0.0)
-        store_column_sum(ds_col, cols, col_ok, D, ds_ptr, part_ds_ptr, counter_ptr + tiles + cb,
-                         split * row_blocks + rb, row_blocks * SPLITS, ACC, BLOCK_D)
+        store_column_sum(ds_col, cols, col_ok, D, ds_ptr, part_ds_ptr, counter_ptr, tiles, cb, rb, row_blocks,
+                         split, SPLITS, ACC, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------

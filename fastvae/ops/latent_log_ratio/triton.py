@@ -102,9 +102,9 @@ def _latent_log_ratio_bwd_kernel(
     if not STOP_SCORE:
         dmu = -acc_mu * inv_s
         dlv = 0.5 * acc_lv
-        NL = N * L  # the dlogvar partials follow the dmu partials
-        store_split_sums(dmu, dlv, dmu_ptr, dlv_ptr, part_ptr, part_ptr + SPLITS * NL, idx, mask, split, NL,
-                         counter_ptr + tile, SPLITS, True, True)
+        # the dlogvar partials follow the dmu partials
+        store_split_sums(dmu, dlv, dmu_ptr, dlv_ptr, part_ptr, part_ptr + SPLITS * N * L, idx, mask, split, N, L,
+                         counter_ptr, tile, SPLITS, True, True)
 
 
 # -- launchers ----------------------------------------------------------------
