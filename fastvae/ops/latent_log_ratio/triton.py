@@ -20,10 +20,10 @@ import triton.language as tl
 from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
+    arrive_last,
     program_rows,
     split_samples,
     split_tile,
-    store_split_sums,
     tile_columns,
     tile_counters,
     tile_geometry,
@@ -102,9 +102,22 @@ def _latent_log_ratio_bwd_kernel(
     if not STOP_SCORE:
         dmu = -acc_mu * inv_s
         dlv = 0.5 * acc_lv
-        # the dlogvar partials follow the dmu partials
-        store_split_sums(dmu, dlv, dmu_ptr, dlv_ptr, part_ptr, part_ptr + SPLITS * N * L, idx, mask, split, N, L,
-                         counter_ptr, tile, SPLITS, True, True)
+        if SPLITS == 1:
+            tl.store(dmu_ptr + idx, dmu.to(dmu_ptr.dtype.element_ty), mask=mask)
+            tl.store(dlv_ptr + idx, dlv.to(dlv_ptr.dtype.element_ty), mask=mask)
+        else:
+            NL = N * L
+            tl.store(part_ptr + split * NL + idx, dmu, mask=mask)
+            tl.store(part_ptr + (SPLITS + split) * NL + idx, dlv, mask=mask)
+            if arrive_last(counter_ptr + tile, SPLITS):
+                sum_mu = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+                sum_lv = tl.zeros([BLOCK_R, BLOCK_L], dtype=ACC)
+                for s in range(0, SPLITS):
+                    sum_mu += tl.load(part_ptr + s * NL + idx, mask=mask, other=0.0, cache_modifier=".cg")
+                    sum_lv += tl.load(part_ptr + (SPLITS + s) * NL + idx, mask=mask, other=0.0,
+                                      cache_modifier=".cg")
+                tl.store(dmu_ptr + idx, sum_mu.to(dmu_ptr.dtype.element_ty), mask=mask)
+                tl.store(dlv_ptr + idx, sum_lv.to(dlv_ptr.dtype.element_ty), mask=mask)
 
 
 # -- launchers ----------------------------------------------------------------
