@@ -15,13 +15,15 @@ The Gaussian variance parameter v goes to the kernel as
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _backend
+from . import _backend, _validate
+from ._op import shaped
 from ._validate import broadcasts_to, decoder_shape_hint
 
 
@@ -161,6 +163,133 @@ def likelihood_torch_ops(x: Tensor, out: Tensor, *others: Tensor, half_out: bool
     if ops is None or x.dim() == out.dim():
         return ops
     return None if fold_samples("cpp", kernel_shape(x, out)) else ops
+
+
+# -- the location-scale likelihoods' front ends (gaussian_log_prob, laplace_log_prob) --
+# Each takes x (P, D), a decoder output (K, P, D) and its scale parameter in a
+# kernel_var form, in the kernels' dtypes; their kernels take the arguments
+# (x, out, param, *extra, out) forward and (grad_out, x, out, param, *extra,
+# dx, dout, dparam) backward, named by the op.
+
+
+def launch_forward(backend: str, kernel: str, dtype: torch.dtype, x: Tensor, out: Tensor, param: Tensor,
+                   names: tuple[str, str], **extra) -> Tensor:
+    """The (K, P) log-likelihood of ``out`` (K, P, D) and ``param`` (named
+    ``names`` in the kernel's arguments) at x (P, D), in ``dtype``: one
+    launch of ``kernel``, on the folded problem where fold_samples says so."""
+    K, P, _ = out.shape
+    if fold_samples(backend, out):
+        x, out, param = folded(x, out, param)
+    result = _backend.empty_output(out.shape[:2], like=out, dtype=dtype)
+    _backend.launch(backend, kernel, out.numel(), x=x, **{names[0]: out, names[1]: param}, **extra, out=result)
+    return result.view(K, P)
+
+
+def launch_backward(backend: str, kernel: str, grad_out: Tensor, x: Tensor, out: Tensor, param: Tensor,
+                    dtypes: tuple[torch.dtype, torch.dtype, torch.dtype], need_dx: bool, need_dparam: bool,
+                    names: tuple[str, str], **extra) -> list[Tensor]:
+    """[dout], then dx if need_dx, then dparam if need_dparam, in the shapes of
+    out, x and param (launch_forward's layout) and in ``dtypes`` (x's, out's,
+    param's as the caller got them): one launch of ``kernel``. A gradient not
+    asked for is not computed or allocated (x's gradient is summed over K in
+    the kernel; a fixed scale needs no gradient, which saves its reductions)."""
+    K, P, D = out.shape
+    x2, o3, p = x, out, param
+    fold = fold_samples(backend, out)
+    if fold:
+        x2, o3, p = folded(x, out, param)
+    dout = _backend.empty_output(o3.shape, like=out)
+    dx = _backend.empty_output((o3.shape[1], D), like=x) if need_dx else None
+    dp = _backend.empty_output(p.shape, like=param) if need_dparam else None
+    out_name, param_name = names
+    _backend.launch(
+        backend, kernel, dout.numel(), grad_out=shaped(grad_out, o3.shape[:2]).contiguous(), x=x2,
+        **{out_name: o3, param_name: p}, **extra, dx=dx, **{"d" + out_name: dout, "d" + param_name: dp},
+    )
+    grads = [_backend.in_dtype(dout.view(K, P, D) if fold else dout, dtypes[1])]
+    if need_dx:
+        grads.append(_backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, dtypes[0]))
+    if need_dparam:
+        if fold and param.dim() == 2:  # per x row, unfolded per sample and row
+            dp = unfold_rows(dp, K, P)
+        grads.append(_backend.in_dtype(shaped(dp, param.shape), dtypes[2]))
+    return grads
+
+
+def location_scale_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, likelihood: str,
+                         names: tuple[str, str], what: str, log_prob, packed=None) -> Tensor:
+    """The decoder route of a location-scale likelihood (fastvae/_decoder.py):
+    decode returns the location (unit scale) or a (location, scale
+    parameter) pair, named ``names`` in messages; ``what`` names the location
+    alone. Each is checked against x and its event flattened for
+    ``log_prob(x, loc[, param])``. ``packed(x, loc, param, lead, events)``,
+    where given, may take a pair in place of that (None: it does not)."""
+    loc_name, param_name = names
+    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
+    if isinstance(out, (tuple, list)):
+        if len(out) != 2:
+            raise ValueError(
+                f"for likelihood={likelihood!r} decode returns the {what} or a ({loc_name}, {param_name}) pair, "
+                f"got a sequence of {len(out)} items"
+            )
+        loc = check_output(loc_name, out[0], x, sample_shape, batch_ndim)
+        param = out[1]
+        if not isinstance(param, Tensor):
+            raise TypeError(f"decode must return a tensor as the {param_name}, got {type(param).__name__}")
+        if packed is not None and (result := packed(x, loc, param, lead, events)) is not None:
+            return result
+        if events > 1 and param.dim() > 1:  # a per-pixel or per-channel parameter: spread over the event
+            param = flat(param.expand(loc.shape) if param.shape != loc.shape else param, lead, events)
+        return log_prob(flat(x, batch_ndim, events), flat(loc, lead, events), param)
+    loc = check_output(loc_name, out, x, sample_shape, batch_ndim)
+    return log_prob(flat(x, batch_ndim, events), flat(loc, lead, events))
+
+
+def flatten_event_args(event_dims: Any, x: Tensor, out_name: str, out: Tensor,
+                       **params: Tensor | float | None) -> tuple[Tensor, Tensor, dict]:
+    """(x, out, params) with the last ``event_dims`` dimensions of each tensor
+    merged into one (the event): ``out``'s event sets the shape; x and each
+    tensor of ``params`` broadcast against ``out`` (a scalar stays a scalar);
+    None and floats pass as they are. event_dims must be a positive int."""
+    if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
+        event_dims = _validate.positive_int("event_dims", event_dims)
+    if event_dims == 1:
+        return x, out, params
+    full = out.shape  # the shape everything broadcasts against, before it is flattened
+    event = full[len(full) - event_dims:] if len(full) >= event_dims else None
+
+    def flat_args(t: Tensor, name: str) -> Tensor:
+        if t.numel() == 1 or t.dim() < event_dims or t.shape[t.dim() - event_dims:] != event:
+            t = t.expand(torch.broadcast_shapes(t.shape, full)) if t.numel() != 1 else t.reshape(())
+            if t.dim() == 0:
+                return t
+        return _validate.flatten_events(t, name, event_dims)
+
+    x, out = flat_args(x, "x"), _validate.flatten_events(out, out_name, event_dims)
+    return x, out, {n: flat_args(t, n) if isinstance(t, Tensor) else t for n, t in params.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def fixed_param(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The (D,) scale parameter of a fixed scale, made once per shape: creating
+    it cost as much as a small kernel on every call. Never written to: the ops
+    only read it and it gets no gradient."""
+    return torch.full((D,), value, dtype=dtype, device=device)
+
+
+def fixed_scale(scale: float | None, factor: float, out: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (D,) parameter factor * log(scale) of a fixed float ``scale`` (1.0
+    when None) for ``out`` (..., D), in the compute dtype (a bfloat16 decoder
+    output does not round the scale): fixed_param's outside torch.compile,
+    where it is a constant of the graph. A scale that is not a finite float >
+    0 raises."""
+    scale = 1.0 if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
+    value = factor * math.log(scale)
+    if _backend.compiling():  # a constant of the graph: nothing to cache
+        return torch.full((out.shape[-1],), value, dtype=dtype, device=out.device)
+    return fixed_param(out.shape[-1], value, dtype, out.device)
 
 
 # -- the decoder output, before a likelihood op: its shape checked, its event flattened --

@@ -246,6 +246,61 @@ def arrive_last(counter_ptr, splits):
     return last
 
 
+@triton.jit
+def store_split_sums(a, b, a_ptr, b_ptr, part_a_ptr, part_b_ptr, at, mask, split, R, C, counter_ptr, tile, SPLITS,
+                     HAS_A: tl.constexpr, HAS_B: tl.constexpr):
+    """Stores a tile's sums over samples a and b (ACC; each where HAS_ it) at
+    ``at`` of a_ptr and b_ptr, (R, C) matrices. With one split straight;
+    otherwise each split stores its partials (part_*_ptr, one (R, C) matrix
+    per split) and the last of the tile's programs to arrive (its counter
+    counter_ptr[tile]) adds them in split order: deterministic, no float
+    atomics."""
+    if SPLITS == 1:
+        if HAS_A:
+            tl.store(a_ptr + at, a.to(a_ptr.dtype.element_ty), mask=mask)
+        if HAS_B:
+            tl.store(b_ptr + at, b.to(b_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = split * R * C + at
+        if HAS_A:
+            tl.store(part_a_ptr + part, a, mask=mask)
+        if HAS_B:
+            tl.store(part_b_ptr + part, b, mask=mask)
+        if arrive_last(counter_ptr + tile, SPLITS):
+            a_sum = tl.zeros_like(a)
+            b_sum = tl.zeros_like(b)
+            for s in range(0, SPLITS):
+                if HAS_A:
+                    a_sum += tl.load(part_a_ptr + s * R * C + at, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_B:
+                    b_sum += tl.load(part_b_ptr + s * R * C + at, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_A:
+                tl.store(a_ptr + at, a_sum.to(a_ptr.dtype.element_ty), mask=mask)
+            if HAS_B:
+                tl.store(b_ptr + at, b_sum.to(b_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_column_sum(col, cols, col_ok, D, out_ptr, part_ptr, counter_ptr, tiles, cb, rb, row_blocks, split, SPLITS,
+                     ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stores a sum over every row of column block cb: ``col`` (ACC), the
+    share of this program (row block rb of row_blocks, a split of SPLITS),
+    goes to out_ptr[cols] when it is the only one; otherwise to its row of
+    the (row_blocks * SPLITS, D) partials, and the last of the column block's
+    programs to arrive (its counter counter_ptr[tiles + cb], after the tiles')
+    adds them in row order."""
+    parts = row_blocks * SPLITS
+    if parts == 1:
+        tl.store(out_ptr + cols, col.to(out_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(part_ptr + (split * row_blocks + rb) * D + cols, col, mask=col_ok)
+        if arrive_last(counter_ptr + tiles + cb, parts):
+            total = tl.zeros([BLOCK_D], dtype=ACC)
+            for j in range(0, parts):
+                total += tl.load(part_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
 # -- the objectives' bound, fused into the kernels that finish it -------------------
 # fastvae.elbo / fastvae.iwae combine each row's log-likelihood with a latent
 # term (- beta KL, or + the latent log-ratio) and reduce the rows to a mean or
@@ -331,3 +386,51 @@ def bound_buffers(programs: int, dtype: torch.dtype, out: torch.Tensor, reduce: 
     if not reduce:
         return out, out
     return bound_parts(programs, dtype, out.device), tile_counters(out.device, 1)
+
+
+# -- the location-scale likelihoods' backward (gaussian_log_prob, laplace_log_prob) --
+# The scale parameter's layouts: per element, per x row, per dimension.
+ELEMENT, ROW, DIM = 0, 1, 2
+# Backward tiles where programs loop over samples: the sums stay live across the loop.
+SCALE_BACKWARD_TILE = 1024
+SCALE_BACKWARD_MAX_COLS = 256
+
+
+def scale_layout(param: torch.Tensor) -> int:
+    """The layout of a scale parameter (K, P, D), (P, D) or (D,)."""
+    return {3: ELEMENT, 2: ROW, 1: DIM}[param.dim()]
+
+
+def scale_backward_plan(K: int, P: int, D: int, layout: int, has_dx: bool, has_dparam: bool, like: torch.Tensor):
+    """The launch of a location-scale likelihood's backward for a decoder
+    output ``like`` (K, P, D): (grid, part_dx, part_dparam, counters, ints,
+    meta). Where nothing sums over the samples (no dx, a per-element or no
+    parameter gradient) the programs tile the K * P decoder rows; otherwise
+    each owns a tile of x's rows x columns and loops over the samples, split
+    where the tiles do not fill a wave (split_samples), with the splits'
+    partial dx and per-row parameter gradients in part_dx and part_dparam. A
+    per-dimension gradient's partials, one per row block and split, go to
+    part_dparam too. ``ints`` are the kernel's (R, K, K_PER, SPLITS); ``meta``
+    its LAYOUT, HAS_DX, LOOP_K, TILE_SUMS, ACC, blocks and warps."""
+    loop_k = has_dx or (has_dparam and layout != ELEMENT)
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, like.device, like.dtype == torch.float64,
+                                            SCALE_BACKWARD_TILE if loop_k else 4096,
+                                            SCALE_BACKWARD_MAX_COLS if loop_k else 1024)
+    R, k_loop = (P, K) if loop_k else (K * P, 1)
+    row_blocks, col_blocks = triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D)
+    tiles = row_blocks * col_blocks
+    splits, per_split = split_samples(tiles, K, like.device) if loop_k else (1, 1)
+    acc, device = accumulation_dtype(like.dtype), like.device
+    tile_sums = has_dx or (has_dparam and layout == ROW)
+    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
+    if has_dparam and layout == ROW and splits > 1:
+        part_dparam = torch.empty((splits, P, D), dtype=acc, device=device)
+    elif has_dparam and layout == DIM and row_blocks * splits > 1:
+        part_dparam = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
+    else:
+        part_dparam = torch.empty((1,), dtype=acc, device=device)
+    counting = (tile_sums and splits > 1) or (has_dparam and layout == DIM and row_blocks * splits > 1)
+    counters = tile_counters(device, tiles + col_blocks, 2 if counting else 1)
+    meta = dict(LAYOUT=layout, HAS_DX=has_dx, LOOP_K=loop_k, TILE_SUMS=tile_sums, ACC=acc_dtype(like.dtype),
+                BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
+    return (tiles * splits,), part_dx, part_dparam, counters, (R, k_loop, per_split, splits), meta

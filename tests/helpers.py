@@ -42,6 +42,32 @@ def assert_close(actual, expected, scale, name=""):
         )
 
 
+def grads_and_float64_leaves(out, inputs, seed, dtype, device):
+    """(g, grads, leaves, as64) of a check against the float64 oracle: g, a
+    float64 incoming gradient drawn from ``seed``; grads, out's gradients in
+    ``inputs`` given g in ``dtype``; leaves, a float64 CPU leaf of each input
+    by id; as64(t), t's leaf (t itself in float64 where it is not an input;
+    None for None)."""
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, g.to(dtype).to(device))
+    leaves = {id(t): t.detach().double().cpu().requires_grad_() for t in inputs}
+    as64 = lambda t: None if t is None else leaves.get(id(t), t.detach().double().cpu())  # noqa: E731
+    return g, grads, leaves, as64
+
+
+def summed_like(elem, want):
+    """elem (K, ..., D), per-element error scales, summed down to the shape of
+    the gradient ``want`` (summed over samples and rows, per dimension, or a
+    scalar): the error scale of a gradient that sums elem's terms."""
+    scale = elem
+    while scale.dim() > max(want.dim(), 1):
+        scale = scale.sum(0)
+    if want.dim() <= 1 and scale.shape != want.shape:
+        scale = scale.reshape(-1, scale.shape[-1]).sum(0)
+        scale = scale.sum() if want.dim() == 0 else scale
+    return scale
+
+
 def seed_tensor(value, device):
     return torch.tensor(value, dtype=torch.int64, device=device)
 

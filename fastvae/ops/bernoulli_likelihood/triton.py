@@ -31,7 +31,6 @@ import triton.language as tl
 from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
-    arrive_last,
     bound_buffers,
     bound_epilogue,
     bound_grad,
@@ -43,6 +42,7 @@ from fastvae.kernels._common import (
     split_samples,
     split_tile,
     store_dterm,
+    store_split_sums,
     tile_columns,
     tile_counters,
     tile_geometry,
@@ -227,15 +227,8 @@ def _bernoulli_log_prob_bwd_kernel(
             dx_acc += g * lg
     if HAS_DX:
         idx = rows[:, None] * D + cols[None, :]
-        if SPLITS == 1:
-            tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(part_ptr + split * R * D + idx, dx_acc, mask=mask)
-            if arrive_last(counter_ptr + tile, SPLITS):
-                total = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                for s in range(0, SPLITS):
-                    total += tl.load(part_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(dx_ptr + idx, total.to(dx_ptr.dtype.element_ty), mask=mask)
+        store_split_sums(dx_acc, dx_acc, dx_ptr, dx_ptr, part_ptr, part_ptr, idx, mask, split, R, D,
+                         counter_ptr, tile, SPLITS, True, False)
 
 
 # -- launchers ----------------------------------------------------------------

@@ -17,7 +17,7 @@
 #include "fastmath.h"
 #include "gaussian_log_prob.h"
 #include "half.h"
-#include "rows.h"  // slab_count, slab_begin
+#include "scale_rows.h"
 
 namespace fastvae {
 namespace {
@@ -285,8 +285,6 @@ void backward_task(const double* g, const double* x, const double* mean, const d
                         inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);
 }
 
-int64_t n_tasks(int64_t P) { return (P + kRowsPerTask - 1) / kRowsPerTask; }
-
 }  // namespace
 
 template <typename T, typename H, typename V>
@@ -297,18 +295,11 @@ void gaussian_log_prob_forward(const T* x, const H* mean, const V* v, VarLayout 
   std::vector<T> dim_inv(layout == VarLayout::kDim ? D : 0);
   double dim_log_var = 0.0;
   if (layout == VarLayout::kDim) dim_log_var = shared_inv_row(v, softplus, T(delta), D, dim_inv.data());
-  const int64_t tasks = n_tasks(P);
-#pragma omp parallel num_threads(n_threads)
-  {
-    std::vector<T> inv_row(layout == VarLayout::kRow ? D : 0);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t p0 = t * kRowsPerTask;
-      forward_task(x, mean, v, layout, softplus, T(delta), K, P, D, p0,
-                   std::min(P, p0 + kRowsPerTask), dim_inv.data(), dim_log_var, inv_row.data(),
-                   out);
-    }
-  }
+  scale_forward_tasks<T>(P, D, kRowsPerTask, layout == VarLayout::kRow, n_threads,
+                         [&](int64_t p0, int64_t p1, T* inv_row) {
+                           forward_task(x, mean, v, layout, softplus, T(delta), K, P, D, p0, p1,
+                                        dim_inv.data(), dim_log_var, inv_row, out);
+                         });
 }
 
 template <typename T, typename H, typename V>
@@ -319,37 +310,13 @@ void gaussian_log_prob_backward(const T* g, const T* x, const H* mean, const V* 
   const bool dim_dv = dim && dv != nullptr;
   std::vector<T> dim_inv(dim ? D : 0);
   if (dim) shared_inv_row(v, softplus, T(delta), D, dim_inv.data());
-  // Per-dimension dv sums over every row: each slab of tasks (rows.h) keeps its
-  // own partial sums, added in slab order afterwards, so the bits do not depend
-  // on the thread count.
-  const int64_t tasks = n_tasks(P);
-  const int64_t slabs = slab_count(tasks);
-  std::vector<double> dim_a(dim_dv ? size_t(slabs) * D : 0, 0.0);
-  std::vector<double> dim_g(size_t(slabs), 0.0);
-#pragma omp parallel num_threads(n_threads)
-  {
-    std::vector<T> inv_row(layout == VarLayout::kRow ? D : 0);
-    std::vector<T> a_row(layout == VarLayout::kElement ? 0 : D);
-#pragma omp for schedule(static)
-    for (int64_t sl = 0; sl < slabs; ++sl) {
-      double* my_a = dim_dv ? dim_a.data() + size_t(sl) * D : nullptr;
-      for (int64_t t = slab_begin(tasks, slabs, sl); t < slab_begin(tasks, slabs, sl + 1); ++t) {
-        const int64_t p0 = t * kRowsPerTask;
-        backward_task(g, x, mean, v, layout, softplus, T(delta), K, P, D, p0,
-                      std::min(P, p0 + kRowsPerTask), dim_inv.data(), inv_row.data(),
-                      a_row.data(), my_a, dim_g[size_t(sl)], dx, dmean, dv);
-      }
-    }
-  }
-  if (dim_dv) {
-    std::vector<double> a(D, 0.0);
-    double G = 0.0;
-    for (int64_t sl = 0; sl < slabs; ++sl) {
-      for (int64_t d = 0; d < D; ++d) a[d] += dim_a[size_t(sl) * D + d];
-      G += dim_g[size_t(sl)];
-    }
-    shared_dv_row(v, dim_inv.data(), a.data(), G, softplus, D, dv);
-  }
+  scale_backward_tasks<T>(
+      P, D, kRowsPerTask, layout == VarLayout::kRow, layout == VarLayout::kElement, dim_dv, n_threads,
+      [&](int64_t p0, int64_t p1, T* inv_row, T* a_row, double* dim_a, double& dim_g) {
+        backward_task(g, x, mean, v, layout, softplus, T(delta), K, P, D, p0, p1, dim_inv.data(), inv_row,
+                      a_row, dim_a, dim_g, dx, dmean, dv);
+      },
+      [&](const double* a, double G) { shared_dv_row(v, dim_inv.data(), a, G, softplus, D, dv); });
 }
 
 #define FASTVAE_GAUSSIAN_INSTANTIATE(T, H, V)                                                   \

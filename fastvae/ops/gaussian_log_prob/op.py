@@ -11,7 +11,6 @@ backward, with x broadcast over decoder samples. On the cpp backend an eager
 call goes to the C++ operator fastvae_cpp::gaussian_log_prob (torch_op.cpp)."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -23,15 +22,18 @@ from ..._double_backward import _acc, _like
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
-    check_output,
+    fixed_param,
+    fixed_scale,
     flat,
+    flatten_event_args,
     fold_samples,
-    folded,
     kernel_shape,
     kernel_var,
     kernel_views,
+    launch_backward,
+    launch_forward,
     likelihood_torch_ops,
-    unfold_rows,
+    location_scale_route,
 )
 from ..._op import define, run, shaped
 
@@ -44,17 +46,10 @@ def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, de
     backend = _backend.backend_for(mean.device)
     dtype = _backend.compute_dtype(x, mean, var_param)
     x, mean, var_param = _kernel_inputs(backend, dtype, x, mean, var_param)
-    K, P, _ = mean.shape
     if backend != "triton":  # only the Triton kernels read rows at a stride (packed halves)
         mean, var_param = mean.contiguous(), var_param.contiguous()
-    if fold_samples(backend, mean):
-        x, mean, var_param = folded(x, mean, var_param)
-    out = _backend.empty_output(mean.shape[:2], like=mean, dtype=dtype)
-    _backend.launch(
-        backend, "gaussian_log_prob_forward", mean.numel(),
-        x=x, mean=mean, var_param=var_param, softplus_mode=softplus_mode, delta=delta, out=out,
-    )
-    return out.view(K, P)
+    return launch_forward(backend, "gaussian_log_prob_forward", dtype, x, mean, var_param, _NAMES,
+                          softplus_mode=softplus_mode, delta=delta)
 
 
 def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float,
@@ -65,31 +60,15 @@ def _backward(grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, soft
     the kernel; a fixed scale needs no variance gradient, which saves its
     reductions). Each gradient in its input's dtype."""
     backend = _backend.backend_for(mean.device)
-    K, P, D = mean.shape
     dtype = _backend.compute_dtype(x, mean, var_param)
     dtypes = x.dtype, mean.dtype, var_param.dtype
     x, mean, var_param = _kernel_inputs(backend, dtype, x, mean, var_param)
     grad_out = _backend.kernel_input(backend, grad_out, dtype)
-    x2, m3, v = x, mean, var_param
-    fold = fold_samples(backend, mean)
-    if fold:
-        x2, m3, v = folded(x, mean, var_param)
-    dmean = _backend.empty_output(m3.shape, like=mean)
-    dx = _backend.empty_output((m3.shape[1], D), like=x) if need_dx else None
-    dv = _backend.empty_output(v.shape, like=var_param) if need_dvar_param else None
-    _backend.launch(
-        backend, "gaussian_log_prob_backward", dmean.numel(),
-        grad_out=shaped(grad_out, m3.shape[:2]).contiguous(), x=x2, mean=m3, var_param=v,
-        softplus_mode=softplus_mode, delta=delta, dx=dx, dmean=dmean, dvar_param=dv,
-    )
-    grads = [_backend.in_dtype(dmean.view(K, P, D) if fold else dmean, dtypes[1])]
-    if need_dx:
-        grads.append(_backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, dtypes[0]))
-    if need_dvar_param:
-        if fold and var_param.dim() == 2:  # per x row, unfolded per sample and row
-            dv = unfold_rows(dv, K, P)
-        grads.append(_backend.in_dtype(shaped(dv, var_param.shape), dtypes[2]))
-    return grads
+    return launch_backward(backend, "gaussian_log_prob_backward", grad_out, x, mean, var_param, dtypes, need_dx,
+                           need_dvar_param, _NAMES, softplus_mode=softplus_mode, delta=delta)
+
+
+_NAMES = "mean", "var_param"  # the kernels' names of the decoder output and its variance parameter
 
 
 def _kernel_inputs(backend: str, dtype: torch.dtype, x: Tensor, mean: Tensor, var_param: Tensor):
@@ -362,12 +341,8 @@ def gaussian_log_prob_packed(x: Tensor, packed: Tensor) -> Tensor:
 # -- public function -----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def fixed_logvar(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (D,) log-variance of a fixed scale, made once per shape: creating it
-    cost as much as a small kernel on every call. Never written to: the op
-    only reads it and it gets no gradient."""
-    return torch.full((D,), value, dtype=dtype, device=device)
+# The (D,) log-variance of a fixed scale, made once per shape (the objectives' plans take it from here).
+fixed_logvar = fixed_param
 
 
 def gaussian_log_prob(
@@ -425,24 +400,9 @@ def gaussian_log_prob(
         tensors["scale"] = scale
     _validate.float_tensors(**tensors)
     _validate.event_dim("mean", mean)
-    if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
-        event_dims = _validate.positive_int("event_dims", event_dims)
-    if event_dims != 1:
-        full = mean.shape  # the shape everything broadcasts against, before it is flattened
-        event = full[len(full) - event_dims:] if len(full) >= event_dims else None
-
-        def flat_events(t: Tensor, name: str) -> Tensor:
-            if t.numel() == 1 or t.dim() < event_dims or t.shape[t.dim() - event_dims:] != event:
-                t = t.expand(torch.broadcast_shapes(t.shape, full)) if t.numel() != 1 else t.reshape(())
-                if t.dim() == 0:
-                    return t
-            return _validate.flatten_events(t, name, event_dims)
-
-        x, mean = flat_events(x, "x"), _validate.flatten_events(mean, "mean", event_dims)
-        logvar = None if logvar is None else flat_events(logvar, "logvar")
-        softplus_var = None if softplus_var is None else flat_events(softplus_var, "softplus_var")
-        if isinstance(scale, Tensor):
-            scale = flat_events(scale, "scale")
+    x, mean, params = flatten_event_args(event_dims, x, "mean", mean, logvar=logvar, softplus_var=softplus_var,
+                                         scale=scale)
+    logvar, softplus_var, scale = params["logvar"], params["softplus_var"], params["scale"]
     # var >= delta must be a normal number in the kernels' compute dtype
     dtype = _backend.compute_dtype(*tensors.values())
     tiny = torch.finfo(dtype).tiny
@@ -459,15 +419,8 @@ def gaussian_log_prob(
         _value_checks.positive_scale(scale)
         # the log-variance in the compute dtype: a half-precision scale is not rounded again
         v = broadcast_var(2.0 * torch.log(scale.to(dtype)), "scale", x_b, mean)
-    else:
-        scale = 1.0 if scale is None else scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-            raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
-        value = 2.0 * math.log(scale)
-        if _backend.compiling():  # a constant of the graph: nothing to cache
-            v = torch.full((mean.shape[-1],), value, dtype=dtype, device=mean.device)
-        else:  # in the compute dtype: a bfloat16 mean does not round the scale
-            v = fixed_logvar(mean.shape[-1], value, dtype, mean.device)
+    else:  # the log-variance 2 log(scale)
+        v = fixed_scale(scale, 2.0, mean, dtype)
     ops = likelihood_torch_ops(x_b, mean, v)
     if ops is not None:
         return ops.gaussian_log_prob(x_b, mean, v, softplus, float(delta))
@@ -479,22 +432,14 @@ def gaussian_log_prob(
 
 def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
     """The mean (unit variance) or a (mean, logvar) pair."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    if isinstance(out, (tuple, list)):
-        if len(out) != 2:
-            raise ValueError(
-                f"for likelihood='gaussian' decode returns the mean or a (mean, logvar) pair, "
-                f"got a sequence of {len(out)} items"
-            )
-        mean = check_output("mean", out[0], x, sample_shape, batch_ndim)
-        logvar = out[1]
-        if not isinstance(logvar, Tensor):
-            raise TypeError(f"decode must return a tensor as the logvar, got {type(logvar).__name__}")
-        if (_backend.backend_for(mean.device, warn=False) == "triton" and not _backend.compiling()
-                and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
-            return gaussian_log_prob_packed(flat(x, batch_ndim, events), packed)  # the halves of one output, in place
-        if events > 1 and logvar.dim() > 1:  # a per-pixel or per-channel logvar: spread over the event
-            logvar = flat(logvar.expand(mean.shape) if logvar.shape != mean.shape else logvar, lead, events)
-        return gaussian_log_prob(flat(x, batch_ndim, events), flat(mean, lead, events), logvar)
-    mean = check_output("mean", out, x, sample_shape, batch_ndim)
-    return gaussian_log_prob(flat(x, batch_ndim, events), flat(mean, lead, events))
+    return location_scale_route(x, out, sample_shape, batch_ndim, "gaussian", ("mean", "logvar"), "mean",
+                                gaussian_log_prob, _packed_route)
+
+
+def _packed_route(x: Tensor, mean: Tensor, logvar: Tensor, lead: int, events: int) -> Tensor | None:
+    """gaussian_log_prob_packed where (mean, logvar) are the halves of one
+    decoder output on Triton (read in place), else None."""
+    if (_backend.backend_for(mean.device, warn=False) == "triton" and not _backend.compiling()
+            and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
+        return gaussian_log_prob_packed(flat(x, x.dim() - events, events), packed)
+    return None

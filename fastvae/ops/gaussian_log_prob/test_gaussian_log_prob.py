@@ -17,7 +17,7 @@ from fastvae.ops.gaussian_log_prob.op import (
     gaussian_log_prob_packed,
 )
 
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, grads_and_float64_leaves, summed_like
 
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
 DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025, 1537]
@@ -106,11 +106,7 @@ def check_against_reference(p, dtype, device):
     """Value and every gradient asked for in p against the float64 oracle."""
     x, mean, v, kw, inputs = build(p, dtype, device)
     out = fastvae.gaussian_log_prob(x, mean, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, inputs, g.to(dtype).to(device))
-
-    leaves = {id(t): t.detach().double().cpu().requires_grad_() for t in inputs}
-    as64 = lambda t: None if t is None else leaves.get(id(t), t.detach().double().cpu())  # noqa: E731
+    g, grads, leaves, as64 = grads_and_float64_leaves(out, inputs, p["seed"] + 1, dtype, device)
     kw64 = {k: as64(a) if isinstance(a, torch.Tensor) else a for k, a in kw.items()}
     ref, terms, var = reference_of(as64(x), as64(mean), as64(v), kw64)
     # never a half-precision bound: float32 for half inputs
@@ -123,12 +119,7 @@ def check_against_reference(p, dtype, device):
     # a scale tensor's gradient is the log-variance one times d(2 log s)/ds = 2/s
     chain = 2.0 / v.detach().double().cpu() if "scale" in kw and v is not None else 1.0
     for t, got, want in zip(inputs, grads, ref_grads):
-        scale = elem
-        while scale.dim() > max(want.dim(), 1):
-            scale = scale.sum(0)
-        if want.dim() <= 1 and scale.shape != want.shape:
-            scale = scale.reshape(-1, scale.shape[-1]).sum(0)
-            scale = scale.sum() if want.dim() == 0 else scale
+        scale = summed_like(elem, want)
         name = "dx" if t is x else "dmean" if t is mean else "dvar"
         got, want, scale = overflowed_to_inf(got, want, scale * (chain if t is v else 1.0), name)
         assert_close(got, want, scale, name)
@@ -151,17 +142,6 @@ def overflowed_to_inf(got, want, scale, name):
         f"{name}: a gradient past the dtype's range is {g[b].tolist()}, expected {w[b].tolist()}"
     keep = ~b
     return got.detach().cpu()[keep], want.cpu()[keep], scale.detach().cpu().expand_as(want)[keep]
-
-
-@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
-def sample_splits(request, monkeypatch):
-    """How the Triton backward splits a sum over samples: None (the launcher's
-    choice: one pass, every sample in one program, under the interpreter) or
-    3 splits forced, whose partials the last program of a tile adds (the GPU's
-    path when the rows alone do not fill a wave). Other backends ignore it."""
-    common = pytest.importorskip("fastvae.kernels._common")
-    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("variance", ["element", "row", "dim", "scalar", "softplus_element", "softplus_row",

@@ -28,27 +28,30 @@ import triton
 import triton.language as tl
 
 from fastvae.kernels._common import (
+    DIM,
+    ELEMENT,
+    ROW,
     acc_dtype,
-    accumulation_dtype,
-    arrive_last,
     bound_buffers,
     bound_epilogue,
     bound_grad,
     float64_arg,
     float64_bits,
     program_rows,
+    scale_backward_plan,
+    scale_layout,
     sigmoid,
     softplus,
-    split_samples,
     split_tile,
+    store_column_sum,
     store_dterm,
+    store_split_sums,
     tile_columns,
-    tile_counters,
     tile_geometry,
 )
 
 LOG_2PI: tl.constexpr = tl.constexpr(1.8378770664093453)
-ELEMENT, ROW, DIM = 0, 1, 2
+LAYOUTS = ELEMENT, ROW, DIM  # the variance parameter's, which the objectives' plans name from here
 
 # -- math helpers -------------------------------------------------------------
 
@@ -212,53 +215,22 @@ def _gaussian_log_prob_bwd_kernel(
     idx = rows[:, None] * D + cols[None, :]
     if LAYOUT == 1 and HAS_DV:
         dv_acc = tl.where(mask, _shared_dv(a_acc, g_acc[:, None], v_shared, inv_shared, SOFTPLUS), 0.0)
+    else:
+        dv_acc = dx_acc  # not stored
     if TILE_SUMS:
-        if SPLITS == 1:
-            if HAS_DX:
-                tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
-            if LAYOUT == 1 and HAS_DV:
-                tl.store(dv_ptr + idx, dv_acc.to(dv_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = split * R * D + idx
-            if HAS_DX:
-                tl.store(part_dx_ptr + part, dx_acc, mask=mask)
-            if LAYOUT == 1 and HAS_DV:
-                tl.store(part_dv_ptr + part, dv_acc, mask=mask)
-            if arrive_last(counter_ptr + tile, SPLITS):
-                dx_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                dv_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                for s in range(0, SPLITS):
-                    if HAS_DX:
-                        dx_sum += tl.load(part_dx_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                    if LAYOUT == 1 and HAS_DV:
-                        dv_sum += tl.load(part_dv_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_DX:
-                    tl.store(dx_ptr + idx, dx_sum.to(dx_ptr.dtype.element_ty), mask=mask)
-                if LAYOUT == 1 and HAS_DV:
-                    tl.store(dv_ptr + idx, dv_sum.to(dv_ptr.dtype.element_ty), mask=mask)
+        store_split_sums(dx_acc, dv_acc, dx_ptr, dv_ptr, part_dx_ptr, part_dv_ptr, idx, mask, split, R, D,
+                         counter_ptr, tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DV)
     if LAYOUT == 2 and HAS_DV:
         # this program's share of dv[d] = 0.5 (A[d] / var[d] - G) ..., linear in (A, G)
         v_col = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         inv_col, log_var_unused = _inv_and_log_var(v_col, delta, SOFTPLUS)
         a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
         dv_col = tl.where(col_ok, _shared_dv(a_col, tl.sum(g_acc, axis=0), v_col, inv_col, SOFTPLUS), 0.0)
-        parts = row_blocks * SPLITS
-        if parts == 1:
-            tl.store(dv_ptr + cols, dv_col.to(dv_ptr.dtype.element_ty), mask=col_ok)
-        else:
-            tl.store(part_dv_ptr + (split * row_blocks + rb) * D + cols, dv_col, mask=col_ok)
-            if arrive_last(counter_ptr + tiles + cb, parts):
-                total = tl.zeros([BLOCK_D], dtype=ACC)
-                for j in range(0, parts):
-                    total += tl.load(part_dv_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-                tl.store(dv_ptr + cols, total.to(dv_ptr.dtype.element_ty), mask=col_ok)
+        store_column_sum(dv_col, cols, col_ok, D, dv_ptr, part_dv_ptr, counter_ptr, tiles, cb, rb, row_blocks,
+                         split, SPLITS, ACC, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------
-
-
-def _layout(v) -> int:
-    return {3: ELEMENT, 2: ROW, 1: DIM}[v.dim()]
 
 
 def _row_stride(mean, *per_element) -> int:
@@ -285,8 +257,8 @@ def gaussian_log_prob_forward(x, mean, var_param, softplus_mode: bool, delta: fl
     if K * P == 0:
         return
     reduce = divisor is not None
-    grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, _layout(var_param), softplus_mode, term is not None,
-                              reduce)
+    grid, meta = forward_plan(K, P, D, mean.dtype, mean.device, scale_layout(var_param), softplus_mode,
+                              term is not None, reduce)
     part, counter = bound_buffers(grid[0], mean.dtype, out, reduce)
     _gaussian_log_prob_fwd_kernel[grid](
         x, mean, var_param, float64_bits(delta), out, out if term is None else term, part, counter, P, K * P, D,
@@ -306,11 +278,6 @@ def forward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.devic
         BLOCK_D=BLOCK_D, num_warps=warps)
 
 
-# Backward tiles where programs loop over samples: the sums stay live across the loop.
-BACKWARD_TILE = 1024
-BACKWARD_MAX_COLS = 256
-
-
 def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool, delta: float, dx, dmean,
                                dvar_param, dterm=None, weight: float = 0.0, g_divisor: int | None = None) -> None:
     """dmean (K, P, D) and, when they are not None, dvar_param (var_param's shape) and dx (P, D)
@@ -323,40 +290,20 @@ def gaussian_log_prob_backward(grad_out, x, mean, var_param, softplus_mode: bool
             if t is not None and t.numel():
                 t.zero_()  # a sum over no samples or rows: no training shape takes this path
         return
-    layout = _layout(var_param)
+    layout = scale_layout(var_param)
     has_dx, has_dv = dx is not None, dvar_param is not None
-    loop_k = has_dx or (has_dv and layout != ELEMENT)
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, mean.device, mean.dtype == torch.float64,
-                                            BACKWARD_TILE if loop_k else 4096, BACKWARD_MAX_COLS if loop_k else 1024)
-    R, k_loop = (P, K) if loop_k else (K * P, 1)
-    row_blocks, col_blocks = triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D)
-    tiles = row_blocks * col_blocks
-    splits, per_split = split_samples(tiles, K, mean.device) if loop_k else (1, 1)
-    acc, device = accumulation_dtype(mean.dtype), mean.device
-    tile_sums = has_dx or (has_dv and layout == ROW)
-    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
-    if has_dv and layout == ROW and splits > 1:
-        part_dv = torch.empty((splits, P, D), dtype=acc, device=device)
-    elif has_dv and layout == DIM and row_blocks * splits > 1:
-        part_dv = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
-    else:
-        part_dv = torch.empty((1,), dtype=acc, device=device)
-    counting = (tile_sums and splits > 1) or (has_dv and layout == DIM and row_blocks * splits > 1)
+    grid, part_dx, part_dv, counters, ints, meta = scale_backward_plan(K, P, D, layout, has_dx, has_dv, mean)
     dv, dv_offset = dvar_param if has_dv else dmean, 0
     if (has_dv and layout == ELEMENT and dvar_param._base is not None and dvar_param._base is dmean._base
             and dvar_param.storage_offset() > dmean.storage_offset()):
         # dmean and dvar_param the halves of one buffer: dv addressed from dmean's
         # start, as the objectives' plans do (one pointer alignment, one variant)
         dv, dv_offset = dmean, dvar_param.storage_offset() - dmean.storage_offset()
-    _gaussian_log_prob_bwd_kernel[(tiles * splits,)](
+    _gaussian_log_prob_bwd_kernel[grid](
         grad_out, x, mean, var_param, float64_bits(delta), dmean, dx if has_dx else dmean, dv, part_dx, part_dv,
-        tile_counters(device, tiles + col_blocks, 2 if counting else 1), dmean if dterm is None else dterm,
-        P, D, _row_stride(mean, var_param, dmean, dvar_param), R, k_loop, per_split, splits,
+        counters, dmean if dterm is None else dterm, P, D, _row_stride(mean, var_param, dmean, dvar_param), *ints,
         0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor, dv_offset,
-        G_SCALAR=g_divisor is not None, HAS_DTERM=dterm is not None, LAYOUT=layout, SOFTPLUS=softplus_mode,
-        HAS_DX=has_dx, HAS_DV=has_dv, LOOP_K=loop_k, TILE_SUMS=tile_sums,
-        ACC=acc_dtype(mean.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+        G_SCALAR=g_divisor is not None, HAS_DTERM=dterm is not None, SOFTPLUS=softplus_mode, HAS_DV=has_dv, **meta)
 
 
 def pointwise_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, layout: int,

@@ -14,7 +14,7 @@
 #include "fastmath.h"
 #include "laplace_log_prob.h"
 #include "ops.h"
-#include "rows.h"  // slab_count, slab_begin
+#include "scale_rows.h"
 
 namespace fastvae {
 namespace {
@@ -208,8 +208,6 @@ void backward_task(const double* g, const double* x, const double* loc, const do
                         dx, dloc, ds);
 }
 
-int64_t n_tasks(int64_t P) { return (P + kRowsPerTask - 1) / kRowsPerTask; }
-
 }  // namespace
 
 template <typename T>
@@ -219,17 +217,11 @@ void laplace_log_prob_forward(const T* x, const T* loc, const T* s, ScaleLayout 
   std::vector<T> dim_inv(layout == ScaleLayout::kDim ? D : 0);
   double dim_sum_s = 0.0;
   if (layout == ScaleLayout::kDim) dim_sum_s = shared_inv_row(s, D, dim_inv.data());
-  const int64_t tasks = n_tasks(P);
-#pragma omp parallel num_threads(n_threads)
-  {
-    std::vector<T> inv_row(layout == ScaleLayout::kRow ? D : 0);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t p0 = t * kRowsPerTask;
-      forward_task(x, loc, s, layout, K, P, D, p0, std::min(P, p0 + kRowsPerTask), dim_inv.data(),
-                   dim_sum_s, inv_row.data(), out);
-    }
-  }
+  scale_forward_tasks<T>(P, D, kRowsPerTask, layout == ScaleLayout::kRow, n_threads,
+                         [&](int64_t p0, int64_t p1, T* inv_row) {
+                           forward_task(x, loc, s, layout, K, P, D, p0, p1, dim_inv.data(), dim_sum_s,
+                                        inv_row, out);
+                         });
 }
 
 template <typename T>
@@ -240,37 +232,15 @@ void laplace_log_prob_backward(const T* g, const T* x, const T* loc, const T* s,
   const bool dim_ds = dim && ds != nullptr;
   std::vector<T> dim_inv(dim ? D : 0);
   if (dim) shared_inv_row(s, D, dim_inv.data());
-  // A per-dimension ds sums over every row: each slab of tasks (rows.h) keeps
-  // its own partial sums, added in slab order afterwards, so the bits do not
-  // depend on the thread count.
-  const int64_t tasks = n_tasks(P);
-  const int64_t slabs = slab_count(tasks);
-  std::vector<double> dim_a(dim_ds ? size_t(slabs) * D : 0, 0.0);
-  std::vector<double> dim_g(size_t(slabs), 0.0);
-#pragma omp parallel num_threads(n_threads)
-  {
-    std::vector<T> inv_row(layout == ScaleLayout::kRow ? D : 0);
-    std::vector<T> a_row(layout == ScaleLayout::kElement ? 0 : D);
-#pragma omp for schedule(static)
-    for (int64_t sl = 0; sl < slabs; ++sl) {
-      double* my_a = dim_ds ? dim_a.data() + size_t(sl) * D : nullptr;
-      for (int64_t t = slab_begin(tasks, slabs, sl); t < slab_begin(tasks, slabs, sl + 1); ++t) {
-        const int64_t p0 = t * kRowsPerTask;
-        backward_task(g, x, loc, s, layout, K, P, D, p0, std::min(P, p0 + kRowsPerTask),
-                      dim_inv.data(), inv_row.data(), a_row.data(), my_a, dim_g[size_t(sl)], dx, dloc,
-                      ds);
-      }
-    }
-  }
-  if (dim_ds) {
-    std::vector<double> a(D, 0.0);
-    double G = 0.0;
-    for (int64_t sl = 0; sl < slabs; ++sl) {
-      for (int64_t d = 0; d < D; ++d) a[d] += dim_a[size_t(sl) * D + d];
-      G += dim_g[size_t(sl)];
-    }
-    for (int64_t d = 0; d < D; ++d) ds[d] = T(a[d] - G);
-  }
+  scale_backward_tasks<T>(
+      P, D, kRowsPerTask, layout == ScaleLayout::kRow, layout == ScaleLayout::kElement, dim_ds, n_threads,
+      [&](int64_t p0, int64_t p1, T* inv_row, T* a_row, double* dim_a, double& dim_g) {
+        backward_task(g, x, loc, s, layout, K, P, D, p0, p1, dim_inv.data(), inv_row, a_row, dim_a, dim_g,
+                      dx, dloc, ds);
+      },
+      [&](const double* a, double G) {
+        for (int64_t d = 0; d < D; ++d) ds[d] = T(a[d] - G);
+      });
 }
 
 #define FASTVAE_LAPLACE_INSTANTIATE(T)                                                            \

@@ -10,8 +10,6 @@ an eager call goes to the C++ operator fastvae_cpp::laplace_log_prob
 (torch_op.cpp)."""
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any
 
 import torch
@@ -21,16 +19,19 @@ from ... import _backend, _validate, _value_checks
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
-    check_output,
-    flat,
+    fixed_scale,
+    flatten_event_args,
     fold_samples,
-    folded,
     kernel_var,
     kernel_views,
+    launch_backward,
+    launch_forward,
     likelihood_torch_ops,
-    unfold_rows,
+    location_scale_route,
 )
 from ..._op import define, run, shaped
+
+_NAMES = "loc", "log_scale"  # the kernels' names of the decoder output and its scale parameter
 
 
 def _kernel_inputs(backend: str, dtype: torch.dtype, *tensors: Tensor) -> list[Tensor]:
@@ -48,12 +49,7 @@ def _forward(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
     backend = _backend.backend_for(loc.device)
     dtype = _backend.compute_dtype(x, loc, log_scale)
     x, loc, log_scale = _kernel_inputs(backend, dtype, x, loc, log_scale)
-    K, P, _ = loc.shape
-    if fold_samples(backend, loc):
-        x, loc, log_scale = folded(x, loc, log_scale)
-    out = _backend.empty_output(loc.shape[:2], like=loc, dtype=dtype)
-    _backend.launch(backend, "laplace_log_prob_forward", loc.numel(), x=x, loc=loc, log_scale=log_scale, out=out)
-    return out.view(K, P)
+    return launch_forward(backend, "laplace_log_prob_forward", dtype, x, loc, log_scale, _NAMES)
 
 
 def _backward(grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, need_dx: bool,
@@ -63,30 +59,11 @@ def _backward(grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, need_
     asked for is not computed or allocated (a fixed scale needs none, which
     saves its reductions). Each gradient in its input's dtype."""
     backend = _backend.backend_for(loc.device)
-    K, P, D = loc.shape
     dtype = _backend.compute_dtype(x, loc, log_scale)
     dtypes = x.dtype, loc.dtype, log_scale.dtype
     x, loc, log_scale, grad_out = _kernel_inputs(backend, dtype, x, loc, log_scale, grad_out)
-    x2, l3, s = x, loc, log_scale
-    fold = fold_samples(backend, loc)
-    if fold:
-        x2, l3, s = folded(x, loc, log_scale)
-    dloc = _backend.empty_output(l3.shape, like=loc)
-    dx = _backend.empty_output((l3.shape[1], D), like=x) if need_dx else None
-    ds = _backend.empty_output(s.shape, like=log_scale) if need_dlog_scale else None
-    _backend.launch(
-        backend, "laplace_log_prob_backward", dloc.numel(),
-        grad_out=shaped(grad_out, l3.shape[:2]).contiguous(), x=x2, loc=l3, log_scale=s, dx=dx, dloc=dloc,
-        dlog_scale=ds,
-    )
-    grads = [_backend.in_dtype(dloc.view(K, P, D) if fold else dloc, dtypes[1])]
-    if need_dx:
-        grads.append(_backend.in_dtype(unfold_rows(dx, K, P) if fold else dx, dtypes[0]))
-    if need_dlog_scale:
-        if fold and log_scale.dim() == 2:  # per x row, unfolded per sample and row
-            ds = unfold_rows(ds, K, P)
-        grads.append(_backend.in_dtype(shaped(ds, log_scale.shape), dtypes[2]))
-    return grads
+    return launch_backward(backend, "laplace_log_prob_backward", grad_out, x, loc, log_scale, dtypes, need_dx,
+                           need_dlog_scale, _NAMES)
 
 
 laplace_log_prob_op = define(
@@ -156,13 +133,6 @@ class LaplaceLogProb(torch.autograd.Function):
 # -- public function -----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def fixed_log_scale(D: int, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The (D,) log-scale of a fixed scale, made once per shape. Never written
-    to: the op only reads it and it gets no gradient."""
-    return torch.full((D,), value, dtype=dtype, device=device)
-
-
 def laplace_log_prob(
     x: Tensor,
     loc: Tensor,
@@ -210,23 +180,8 @@ def laplace_log_prob(
         tensors["scale"] = scale
     _validate.float_tensors(**tensors)
     _validate.event_dim("loc", loc)
-    if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
-        event_dims = _validate.positive_int("event_dims", event_dims)
-    if event_dims != 1:
-        full = loc.shape  # the shape everything broadcasts against, before it is flattened
-        event = full[len(full) - event_dims:] if len(full) >= event_dims else None
-
-        def flat_events(t: Tensor, name: str) -> Tensor:
-            if t.numel() == 1 or t.dim() < event_dims or t.shape[t.dim() - event_dims:] != event:
-                t = t.expand(torch.broadcast_shapes(t.shape, full)) if t.numel() != 1 else t.reshape(())
-                if t.dim() == 0:
-                    return t
-            return _validate.flatten_events(t, name, event_dims)
-
-        x, loc = flat_events(x, "x"), _validate.flatten_events(loc, "loc", event_dims)
-        log_scale = None if log_scale is None else flat_events(log_scale, "log_scale")
-        if isinstance(scale, Tensor):
-            scale = flat_events(scale, "scale")
+    x, loc, params = flatten_event_args(event_dims, x, "loc", loc, log_scale=log_scale, scale=scale)
+    log_scale, scale = params["log_scale"], params["scale"]
     dtype = _backend.compute_dtype(*tensors.values())
     x_b = broadcast_x(x, loc, "loc")
     if log_scale is not None:
@@ -236,14 +191,7 @@ def laplace_log_prob(
         # the log-scale in the compute dtype: a half-precision scale is not rounded again
         s = broadcast_var(torch.log(scale.to(dtype)), "scale", x_b, loc)
     else:
-        scale = 1.0 if scale is None else scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-            raise ValueError(f"scale must be a finite float > 0 or a tensor, got {scale!r}")
-        value = math.log(scale)
-        if _backend.compiling():  # a constant of the graph: nothing to cache
-            s = torch.full((loc.shape[-1],), value, dtype=dtype, device=loc.device)
-        else:  # in the compute dtype: a bfloat16 loc does not round the scale
-            s = fixed_log_scale(loc.shape[-1], value, dtype, loc.device)
+        s = fixed_scale(scale, 1.0, loc, dtype)
     ops = likelihood_torch_ops(x_b, loc, s)
     if ops is not None:
         return ops.laplace_log_prob(x_b, loc, s)
@@ -255,19 +203,4 @@ def laplace_log_prob(
 
 def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
     """The location (scale 1) or a (loc, log_scale) pair."""
-    events, lead = x.dim() - batch_ndim, len(sample_shape) + batch_ndim
-    if isinstance(out, (tuple, list)):
-        if len(out) != 2:
-            raise ValueError(
-                f"for likelihood='laplace' decode returns the location or a (loc, log_scale) pair, "
-                f"got a sequence of {len(out)} items"
-            )
-        loc = check_output("loc", out[0], x, sample_shape, batch_ndim)
-        log_scale = out[1]
-        if not isinstance(log_scale, Tensor):
-            raise TypeError(f"decode must return a tensor as the log_scale, got {type(log_scale).__name__}")
-        if events > 1 and log_scale.dim() > 1:  # a per-pixel or per-channel log-scale: spread over the event
-            log_scale = flat(log_scale.expand(loc.shape) if log_scale.shape != loc.shape else log_scale, lead, events)
-        return laplace_log_prob(flat(x, batch_ndim, events), flat(loc, lead, events), log_scale)
-    loc = check_output("loc", out, x, sample_shape, batch_ndim)
-    return laplace_log_prob(flat(x, batch_ndim, events), flat(loc, lead, events))
+    return location_scale_route(x, out, sample_shape, batch_ndim, "laplace", _NAMES, "location", laplace_log_prob)

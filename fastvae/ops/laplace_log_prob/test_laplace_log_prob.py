@@ -14,7 +14,7 @@ from fastvae.ops import laplace_log_prob as oracle
 from fastvae.ops.laplace_log_prob.op import LaplaceLogProb, laplace_log_prob_backward_op, laplace_log_prob_op
 
 from conftest import INTERPRET
-from helpers import assert_close
+from helpers import assert_close, grads_and_float64_leaves, summed_like
 
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
 DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025]
@@ -90,11 +90,7 @@ def check_against_reference(p, dtype, device):
     the value against torch.distributions.Laplace."""
     x, loc, s, kw, inputs = build(p, dtype, device)
     out = fastvae.laplace_log_prob(x, loc, **kw)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
-    grads = torch.autograd.grad(out, inputs, g.to(dtype).to(device))
-
-    leaves = {id(t): t.detach().double().cpu().requires_grad_() for t in inputs}
-    as64 = lambda t: None if t is None else leaves.get(id(t), t.detach().double().cpu())  # noqa: E731
+    g, grads, leaves, as64 = grads_and_float64_leaves(out, inputs, p["seed"] + 1, dtype, device)
     x64, l64 = as64(x), as64(loc)
     ls64 = log_scale_of(as64(s), kw)
     ref = oracle.laplace_log_prob(x64, l64, ls64)
@@ -109,27 +105,12 @@ def check_against_reference(p, dtype, device):
     # every gradient element is a sum over K (and rows) of g * O(|x - loc| / b + 1 / b + 1)
     elem = g.abs()[..., None] * ((x64.detach() - l64.detach()).abs() / b + 1.0 / b + 1.0)
     for t, got, want in zip(inputs, grads, ref_grads):
-        scale = elem
-        while scale.dim() > max(want.dim(), 1):
-            scale = scale.sum(0)
-        if want.dim() <= 1 and scale.shape != want.shape:
-            scale = scale.reshape(-1, scale.shape[-1]).sum(0)
-            scale = scale.sum() if want.dim() == 0 else scale
+        scale = summed_like(elem, want)
         if t is s and "scale" in kw:  # d log b / db = 1 / b
             scale = scale / s.detach().double().cpu()
         name = "dx" if t is x else "dloc" if t is loc else "dscale"
         assert_close(got, want, scale, name)
     return out, grads
-
-
-@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
-def sample_splits(request, monkeypatch):
-    """How the Triton backward splits a sum over samples: None (the launcher's
-    choice) or 3 splits forced, whose partials the last program of a tile adds.
-    Other backends ignore it."""
-    common = pytest.importorskip("fastvae.kernels._common")
-    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("scale", ["element", "row", "dim", "scalar", "scale_float", "scale_tensor_dim"])

@@ -27,18 +27,17 @@ import triton.language as tl
 
 from fastvae.kernels._common import (
     acc_dtype,
-    accumulation_dtype,
-    arrive_last,
     program_rows,
-    split_samples,
+    scale_backward_plan,
+    scale_layout,
     split_tile,
+    store_column_sum,
+    store_split_sums,
     tile_columns,
-    tile_counters,
     tile_geometry,
 )
 
 LOG_2: tl.constexpr = tl.constexpr(0.6931471805599453)
-ELEMENT, ROW, DIM = 0, 1, 2
 
 # -- math helpers -------------------------------------------------------------
 
@@ -161,51 +160,20 @@ def _laplace_log_prob_bwd_kernel(
     idx = rows[:, None] * D + cols[None, :]
     if LAYOUT == 1 and HAS_DS:
         ds_acc = tl.where(mask, a_acc - g_acc[:, None], 0.0)
+    else:
+        ds_acc = dx_acc  # not stored
     if TILE_SUMS:
-        if SPLITS == 1:
-            if HAS_DX:
-                tl.store(dx_ptr + idx, dx_acc.to(dx_ptr.dtype.element_ty), mask=mask)
-            if LAYOUT == 1 and HAS_DS:
-                tl.store(ds_ptr + idx, ds_acc.to(ds_ptr.dtype.element_ty), mask=mask)
-        else:
-            part = split * R * D + idx
-            if HAS_DX:
-                tl.store(part_dx_ptr + part, dx_acc, mask=mask)
-            if LAYOUT == 1 and HAS_DS:
-                tl.store(part_ds_ptr + part, ds_acc, mask=mask)
-            if arrive_last(counter_ptr + tile, SPLITS):
-                dx_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                ds_sum = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-                for s in range(0, SPLITS):
-                    if HAS_DX:
-                        dx_sum += tl.load(part_dx_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                    if LAYOUT == 1 and HAS_DS:
-                        ds_sum += tl.load(part_ds_ptr + s * R * D + idx, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_DX:
-                    tl.store(dx_ptr + idx, dx_sum.to(dx_ptr.dtype.element_ty), mask=mask)
-                if LAYOUT == 1 and HAS_DS:
-                    tl.store(ds_ptr + idx, ds_sum.to(ds_ptr.dtype.element_ty), mask=mask)
+        store_split_sums(dx_acc, ds_acc, dx_ptr, ds_ptr, part_dx_ptr, part_ds_ptr, idx, mask, split, R, D,
+                         counter_ptr, tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DS)
     if LAYOUT == 2 and HAS_DS:
         # this program's share of ds[d] = sum g |x - loc| / b[d] - sum g over its rows
         a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
         ds_col = tl.where(col_ok, a_col - tl.sum(g_acc, axis=0), 0.0)
-        parts = row_blocks * SPLITS
-        if parts == 1:
-            tl.store(ds_ptr + cols, ds_col.to(ds_ptr.dtype.element_ty), mask=col_ok)
-        else:
-            tl.store(part_ds_ptr + (split * row_blocks + rb) * D + cols, ds_col, mask=col_ok)
-            if arrive_last(counter_ptr + tiles + cb, parts):
-                total = tl.zeros([BLOCK_D], dtype=ACC)
-                for j in range(0, parts):
-                    total += tl.load(part_ds_ptr + j * D + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-                tl.store(ds_ptr + cols, total.to(ds_ptr.dtype.element_ty), mask=col_ok)
+        store_column_sum(ds_col, cols, col_ok, D, ds_ptr, part_ds_ptr, counter_ptr, tiles, cb, rb, row_blocks,
+                         split, SPLITS, ACC, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------
-
-
-def _layout(s) -> int:
-    return {3: ELEMENT, 2: ROW, 1: DIM}[s.dim()]
 
 
 def laplace_log_prob_forward(x, loc, log_scale, out) -> None:
@@ -216,13 +184,8 @@ def laplace_log_prob_forward(x, loc, log_scale, out) -> None:
         return
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, loc.device, loc.dtype == torch.float64)
     _laplace_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
-        x, loc, log_scale, out, P, K * P, D, LAYOUT=_layout(log_scale), ACC=acc_dtype(loc.dtype),
+        x, loc, log_scale, out, P, K * P, D, LAYOUT=scale_layout(log_scale), ACC=acc_dtype(loc.dtype),
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
-
-
-# Backward tiles where programs loop over samples: the sums stay live across the loop.
-BACKWARD_TILE = 1024
-BACKWARD_MAX_COLS = 256
 
 
 def laplace_log_prob_backward(grad_out, x, loc, log_scale, dx, dloc, dlog_scale) -> None:
@@ -234,28 +197,9 @@ def laplace_log_prob_backward(grad_out, x, loc, log_scale, dx, dloc, dlog_scale)
             if t is not None and t.numel():
                 t.zero_()  # a sum over no samples or rows
         return
-    layout = _layout(log_scale)
     has_dx, has_ds = dx is not None, dlog_scale is not None
-    loop_k = has_dx or (has_ds and layout != ELEMENT)
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, loc.device, loc.dtype == torch.float64,
-                                            BACKWARD_TILE if loop_k else 4096, BACKWARD_MAX_COLS if loop_k else 1024)
-    R, k_loop = (P, K) if loop_k else (K * P, 1)
-    row_blocks, col_blocks = triton.cdiv(R, BLOCK_R), triton.cdiv(D, BLOCK_D)
-    tiles = row_blocks * col_blocks
-    splits, per_split = split_samples(tiles, K, loc.device) if loop_k else (1, 1)
-    acc, device = accumulation_dtype(loc.dtype), loc.device
-    tile_sums = has_dx or (has_ds and layout == ROW)
-    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
-    if has_ds and layout == ROW and splits > 1:
-        part_ds = torch.empty((splits, P, D), dtype=acc, device=device)
-    elif has_ds and layout == DIM and row_blocks * splits > 1:
-        part_ds = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
-    else:
-        part_ds = torch.empty((1,), dtype=acc, device=device)
-    counting = (tile_sums and splits > 1) or (has_ds and layout == DIM and row_blocks * splits > 1)
-    _laplace_log_prob_bwd_kernel[(tiles * splits,)](
+    grid, part_dx, part_ds, counters, ints, meta = scale_backward_plan(K, P, D, scale_layout(log_scale), has_dx,
+                                                                       has_ds, loc)
+    _laplace_log_prob_bwd_kernel[grid](
         grad_out, x, loc, log_scale, dloc, dx if has_dx else dloc, dlog_scale if has_ds else dloc, part_dx, part_ds,
-        tile_counters(device, tiles + col_blocks, 2 if counting else 1), P, D, R, k_loop, per_split, splits,
-        LAYOUT=layout, HAS_DX=has_dx, HAS_DS=has_ds, LOOP_K=loop_k, TILE_SUMS=tile_sums,
-        ACC=acc_dtype(loc.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+        counters, P, D, *ints, HAS_DS=has_ds, **meta)

@@ -103,17 +103,6 @@ def check_against_reference(p, dtype, device):
     return r, grads
 
 
-@pytest.fixture(params=[None, 3], ids=["one-pass", "split-3"])
-def sample_splits(request, monkeypatch):
-    """How the Triton backward splits dmu's and dlogvar's sums over samples:
-    None (one pass under the interpreter) or 3 splits forced, whose partials
-    the last program of a tile adds (the GPU's path when the rows alone do not
-    fill a wave). Other backends ignore it."""
-    common = pytest.importorskip("fastvae.kernels._common")
-    monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("stop_score", [False, True])
 @pytest.mark.parametrize("K,batch,L", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (4, (300,), 3), (None, (2, 3), 5)])
 def test_sums_over_samples_in_one_backward(backend, sample_splits, stop_score, K, batch, L):

@@ -98,6 +98,20 @@ def test_logmeanexp_forward_backward(backend, dtype, p):
     check_logmeanexp(backend, dtype, p)
 
 
+def grads_against_oracle(out, lw, lw64, fn, p, dtype, device, front):
+    """(dlw, ref, g64, dref): out's gradient in lw given g, a float64 gradient
+    drawn from p's seed and rounded to ``dtype``; the oracle ``fn``'s value at
+    lw64 (samples first) and its gradient given g64 = front(g), g in the
+    oracle's layout."""
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
+    (dlw,) = torch.autograd.grad(out, lw, g.to(dtype).to(device))
+    x = lw64.clone().requires_grad_()
+    ref = fn(x)
+    g64 = front(g.to(dtype).double())
+    (dref,) = torch.autograd.grad(ref, x, g64)
+    return dlw, ref, g64, dref
+
+
 def check_logmeanexp(backend, dtype, p):
     _, device = backend
     lw, lw64 = make_lw(p, dtype, device)
@@ -110,13 +124,8 @@ def check_logmeanexp(backend, dtype, p):
     else:
         del expected_shape[dim]
     assert list(out.shape) == expected_shape
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
-    (dlw,) = torch.autograd.grad(out, lw, g.to(dtype).to(device))
-
-    x = lw64.clone().requires_grad_()
-    ref = oracle.logmeanexp(x)
-    g64 = to_front(g.to(dtype).double(), dim, p["keepdim"])
-    (dref,) = torch.autograd.grad(ref, x, g64)
+    dlw, ref, g64, dref = grads_against_oracle(out, lw, lw64, oracle.logmeanexp, p, dtype, device,
+                                               lambda g: to_front(g, dim, p["keepdim"]))
     shift, dist = state_terms(lw64)
     assert_close_or_inf(to_front(out, dim, p["keepdim"]), ref.detach(), shift.abs() + math.log(K) + 1.0, "out")
     w = oracle.importance_weights(lw64)
@@ -140,13 +149,8 @@ def test_importance_weights_forward_backward(backend, dtype, p):
     K, dim = p["K"], p["dim"]
     w = fastvae.importance_weights(lw, dim=dim)
     assert w.shape == lw.shape and w.dtype == dtype
-    gw = torch.randn(lw.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
-    (dlw,) = torch.autograd.grad(w, lw, gw.to(dtype).to(device))
-
-    x = lw64.clone().requires_grad_()
-    w_ref = oracle.importance_weights(x)
-    gw64 = gw.to(dtype).double().movedim(dim, 0)
-    (dref,) = torch.autograd.grad(w_ref, x, gw64)
+    dlw, w_ref, gw64, dref = grads_against_oracle(w, lw, lw64, oracle.importance_weights, p, dtype, device,
+                                                  lambda g: g.movedim(dim, 0))
     _, dist = state_terms(lw64)
     w_ref = w_ref.detach()
     cond = 1.0 + dist + math.log(K)
@@ -163,13 +167,8 @@ def test_effective_sample_size_forward_backward(backend, dtype, p):
     lw, lw64 = make_lw(p, dtype, device)
     K, dim = p["K"], p["dim"]
     ess = fastvae.effective_sample_size(lw, dim=dim, keepdim=p["keepdim"])
-    g = torch.randn(ess.shape, generator=torch.Generator().manual_seed(p["seed"] + 1), dtype=torch.float64)
-    (dlw,) = torch.autograd.grad(ess, lw, g.to(dtype).to(device))
-
-    x = lw64.clone().requires_grad_()
-    ess_ref = oracle.effective_sample_size(x)
-    g64 = to_front(g.to(dtype).double(), dim, p["keepdim"])
-    (dref,) = torch.autograd.grad(ess_ref, x, g64)
+    dlw, ess_ref, g64, dref = grads_against_oracle(ess, lw, lw64, oracle.effective_sample_size, p, dtype, device,
+                                                   lambda g: to_front(g, dim, p["keepdim"]))
     ess_ref = ess_ref.detach()
     assert ((ess_ref == 0) | ((ess_ref >= 1 - 1e-9) & (ess_ref <= K + 1e-9))).all()
     _, dist = state_terms(lw64)
