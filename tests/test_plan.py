@@ -325,11 +325,18 @@ def test_the_bernoulli_plan_runs_the_value_checks_again_when_their_state_changes
 @pytest.mark.parametrize("likelihood, case", [("bernoulli", "elbo"), ("gaussian", "iwae"), ("bernoulli", "stl")])
 def test_plans_differentiate_twice_as_the_general_path(triton_device, likelihood, case):
     """create_graph=True replays the general composition: the same first and second derivatives."""
+    _assert_second_derivatives_agree(lambda enabled, **kw: _run(triton_device, torch.float64, likelihood, case,
+                                                                 enabled, **kw))
+
+
+def _assert_second_derivatives_agree(run):
+    """``run(enabled, create_graph=...)`` -> (bound, gradients, node): with the
+    plans and without, the same gradients and the same derivative of their
+    squared norm (the first call of each makes the plan and runs the checks)."""
     results = []
     for enabled in (True, False):
-        _run(triton_device, torch.float64, likelihood, case, enabled)
-        x, (mu, logvar, W) = _problem(triton_device, torch.float64)
-        _, grads, _ = _run(triton_device, torch.float64, likelihood, case, enabled, create_graph=True)
+        run(enabled)
+        _, grads, _ = run(enabled, create_graph=True)
         penalty = sum((g * g).sum() for g in grads)
         results.append((grads, torch.autograd.grad(penalty, [g for g in grads if g.requires_grad][0])))
     (lean, lean2), (general, general2) = results
@@ -1151,17 +1158,8 @@ def test_the_family_plan_holds_one_node_before_the_decoder(triton_device):
 
 @needs_triton
 def test_family_plans_differentiate_twice_as_the_general_path(triton_device):
-    results = []
-    for enabled in (True, False):
-        _family_run(triton_device, torch.float64, "laplace", enabled, p_form="learned")
-        _, grads, _ = _family_run(triton_device, torch.float64, "laplace", enabled, p_form="learned",
-                                  create_graph=True)
-        penalty = sum((g * g).sum() for g in grads)
-        results.append((grads, torch.autograd.grad(penalty, [g for g in grads if g.requires_grad][0])))
-    (lean, lean2), (general, general2) = results
-    for a, b in zip(lean, general):
-        assert _same(a, b)
-    assert torch.allclose(lean2[0], general2[0], rtol=1e-12, atol=1e-12)
+    _assert_second_derivatives_agree(lambda enabled, **kw: _family_run(triton_device, torch.float64, "laplace",
+                                                                        enabled, p_form="learned", **kw))
 
 
 @needs_triton
