@@ -331,8 +331,10 @@ def backward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: boo
     """(grid, compile-time parameters) of the backward over q's (N, L), N * L > 0;
     ``accumulate``: q's gradients added to what their outputs hold, in their
     dtype (the objectives' plans add the sampler's gradient so, as autograd would)."""
-    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L,
-                              tile=KUMARASWAMY_BACKWARD_TILE if family == KUMARASWAMY else KL_BACKWARD_TILE)
+    tile = KUMARASWAMY_BACKWARD_TILE if family == KUMARASWAMY else KL_BACKWARD_TILE
+    if accumulate and dtype == torch.float64 and family != KUMARASWAMY:
+        tile //= 2  # the loads of q's gradients spilled 8 bytes on sm_90 (the uniform's)
+    BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=tile)
     meta = dict(FAMILY=family, P_SHARED=p_shared, REDUCE=reduce, HAS_DP=has_dp, ACC=acc_dtype(dtype),
                 BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
     if accumulate:
