@@ -1177,7 +1177,7 @@ def test_family_plans_follow_changing_shapes_and_families(triton_device):
                 try:
                     q, prior = build(loc, raw, p_loc, p_raw)
                     values.append(fastvae.elbo(x, q, dec, likelihood="bernoulli", prior=prior,
-                                               generator=torch.Generator().manual_seed(1)))
+                                               generator=torch.Generator(triton_device).manual_seed(1)))
                 finally:
                     _plan.ENABLED = True
             assert _same(values[1], values[2]) and torch.isfinite(values[1])
