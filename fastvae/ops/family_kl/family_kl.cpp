@@ -234,7 +234,7 @@ FASTVAE_INLINE const T* prior_block(const T* p, bool shared, int64_t e0, int64_t
 // vectorizes across, as it does not every local restrict pointer).
 template <int F, typename T>
 FASTVAE_INLINE void term_block(const T* __restrict qm, const T* __restrict qs, const T* __restrict pm,
-                               const T* ps, int64_t n, T* out) {
+                               const T* __restrict ps, int64_t n, T* __restrict out) {
   for (int64_t i = 0; i < n; ++i) out[i] = kl_term<F>(qm[i], qs[i], pm[i], ps[i]);
 }
 
@@ -263,8 +263,8 @@ FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& in, int64_t r0, int64_t 
 // One block's gradients, the pointers restrict as term_block's.
 template <int F, typename T>
 FASTVAE_INLINE void grad_block(const T* __restrict g, const T* __restrict qm, const T* __restrict qs,
-                               const T* pm, const T* ps, int64_t n, T* gm,
-                               T* gs, T* gpm, T* gps) {
+                               const T* __restrict pm, const T* __restrict ps, int64_t n, T* __restrict gm,
+                               T* __restrict gs, T* __restrict gpm, T* __restrict gps) {
   for (int64_t i = 0; i < n; ++i) {
     T dm1, ds1, dm2, ds2;
     kl_grad<F>(g[i], qm[i], qs[i], pm[i], ps[i], dm1, ds1, dm2, ds2);
