@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
 
 from . import _backend, _op, _plan, _plan_ops, _registry, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
@@ -266,8 +267,71 @@ def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, red
     return bound
 
 
+def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tuple | None:
+    """(mu, logvar, decode, None) when a call is the Gaussian's against the
+    standard normal prior in another form than (x, mu, logvar, decode) with
+    no prior: q a torch Normal, an Independent(Normal, 1) or a DiagonalNormal
+    (the (x, q, decode) form, decode in logvar's place), or a prior that is
+    N(0, I) given as a torch Normal or a DiagonalNormal. The plans then take
+    it as the default prior's call. None for anything else (unchanged: the
+    plans' other routes and the general path)."""
+    if type(mu) is Tensor:
+        if prior is None or not _standard_normal_prior(prior, mu.shape[-1:]):
+            return None
+        return mu, logvar, decode, None
+    if decode is not None:
+        return None
+    q = mu.base_dist if type(mu) is Independent and mu.reinterpreted_batch_ndims == 1 else mu
+    if type(q) is DiagonalNormal:
+        loc, log_variance = q.mu, q.logvar
+    elif type(q) is Normal and type(q.loc) is Tensor:
+        loc, log_variance = q.loc, None
+    else:
+        return None
+    if loc.dim() == 0 or (prior is not None and not _standard_normal_prior(prior, loc.shape[-1:])):
+        return None
+    if log_variance is None:  # torch_posterior's logvar (the general path's, and its gradient)
+        log_variance = 2.0 * torch.log(q.scale)
+    return loc, log_variance, logvar, None
+
+
+# the priors found to be N(0, I), with their parameters' versions: a prior is
+# built once, and its values are read once (a host sync on a GPU), again only
+# when a parameter was written in place
+_STANDARD_PRIORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _standard_normal_prior(prior: Any, latent: torch.Size) -> bool:
+    """Whether ``prior`` is N(0, I) over latents of shape ``latent`` (L,) with
+    no gradient to its parameters: StandardNormal, or a torch Normal /
+    Independent(Normal, 1) or DiagonalNormal whose parameters broadcast to
+    (L,) and are zeros (loc, logvar) and ones (scale). Under torch.compile
+    only StandardNormal (reading the values would break the graph)."""
+    if type(prior) is StandardNormal:
+        return True
+    base = prior.base_dist if type(prior) is Independent and prior.reinterpreted_batch_ndims == 1 else prior
+    if type(base) is Normal:
+        params, ones = (base.loc, base.scale), True
+    elif type(base) is DiagonalNormal:
+        params, ones = (base.mu, base.logvar), False
+    else:
+        return False
+    if (torch.compiler.is_compiling() or any(type(t) is not Tensor or t.requires_grad or t.dim() > 1
+                                             or t.shape not in ((), (1,), latent) for t in params)):
+        return False
+    versions = tuple((id(t), t._version) for t in params)
+    seen = _STANDARD_PRIORS.get(prior)
+    if seen is not None and seen[0] == versions:
+        return seen[1]
+    standard = not bool(params[0].any()) and bool((params[1] == 1 if ones else params[1] == 0).all())
+    _STANDARD_PRIORS[prior] = (versions, standard)
+    return standard
+
+
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans, or None where they do not apply."""
+    if (normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
+        mu, logvar, decode, prior = normal
     if torch.compiler.is_compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                               prior, False)
@@ -310,6 +374,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
 def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
     """fastvae.iwae through the plans, or None where they do not apply (a
     tempered bound, beta != 1, takes the general path)."""
+    if (normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
+        mu, logvar, decode, prior = normal
     if torch.compiler.is_compiling():
         return _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
                               prior, False)

@@ -1266,3 +1266,130 @@ def test_a_family_call_checks_its_values_before_any_plan(backend):
             fastvae.elbo(x, bad, dec, likelihood="bernoulli", prior=prior)
     finally:
         fastvae.set_value_checks("auto")
+
+
+# -- a torch Normal posterior, and N(0, I) priors given as objects ------------------------
+
+
+def _normal_priors(dtype):
+    z, o = torch.zeros(L, dtype=dtype), torch.ones(L, dtype=dtype)
+    return {
+        "none": None,
+        "StandardNormal": fastvae.priors.StandardNormal(),
+        "Normal (L,)": torch.distributions.Normal(z, o),
+        "Independent Normal": torch.distributions.Independent(torch.distributions.Normal(z, o), 1),
+        "Normal scalars": torch.distributions.Normal(torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)),
+        "DiagonalNormal": fastvae.DiagonalNormal(z.clone(), z.clone()),
+    }
+
+
+def _normal_call(fn, x, mu, scale, W, prior, form, enabled):
+    """fastvae.<fn> of q = N(mu, scale) given in ``form`` with ``prior``, the plans on or off."""
+    q = {"Normal": lambda: torch.distributions.Normal(mu, scale),
+         "Independent": lambda: torch.distributions.Independent(torch.distributions.Normal(mu, scale), 1),
+         "DiagonalNormal": lambda: fastvae.DiagonalNormal(mu, 2 * scale.log()),
+         "tensors": None}[form]
+    kw = dict(k=K) if fn == "iwae" else {}
+    previous = _plan.ENABLED
+    _plan.ENABLED = enabled
+    try:
+        args = (x, mu, 2 * scale.log(), _decoders(W)["bernoulli"]) if q is None else (x, q(), _decoders(W)["bernoulli"])
+        bound = getattr(fastvae, fn)(*args, likelihood="bernoulli", prior=prior,
+                                     generator=torch.Generator(mu.device).manual_seed(3), **kw)
+    finally:
+        _plan.ENABLED = previous
+    return bound, torch.autograd.grad(bound, (mu, scale, W))
+
+
+NORMAL_CASES = ([(dtype, fn, form, "Normal (L,)") for dtype in (torch.float32, torch.float64) for fn in ("elbo", "iwae")
+                 for form in ("Normal", "Independent", "DiagonalNormal", "tensors")]
+                + [(torch.float64, "elbo", "Normal", prior) for prior in _normal_priors(torch.float64)
+                   if prior != "Normal (L,)"])
+
+
+@pytest.mark.parametrize("dtype, fn, form, prior", NORMAL_CASES)
+def test_a_normal_posterior_against_the_standard_prior_takes_the_plans(backend, dtype, fn, form, prior):
+    """q a torch Normal (or Independent, or DiagonalNormal) and a prior that is
+    N(0, I) in any of its forms take the Gaussian's plan, one per call
+    signature, and give the general path's bound and gradients (the KL
+    without a prior's terms: to rounding)."""
+    name, device = backend
+    x, (mu, logvar, W) = _problem(device, dtype)
+    scale = (0.5 * logvar.detach()).exp().requires_grad_()
+    p = _normal_priors(dtype)[prior]
+    general, g_grads = _normal_call(fn, x, mu, scale, W, p, form, False)
+    _plan.clear()
+    for _ in range(2):
+        bound, grads = _normal_call(fn, x, mu, scale, W, p, form, True)
+    assert len(_plan.PLANS) == (1 if name in ("triton", "cpp") else 0)
+    if name in ("triton", "cpp"):
+        assert next(iter(_plan.PLANS))[0] == fn  # the Gaussian's plan
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bound, general, **tol)
+    for a, b in zip(grads, g_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_priors_that_are_not_the_standard_normal_keep_their_own_path(backend):
+    """A prior with another location or scale, a learned one, or one of
+    another size is not taken for N(0, I); one written in place after a call
+    is read again."""
+    _, device = backend
+    x, (mu, logvar, W) = _problem(device, torch.float32)
+    z, o = torch.zeros(L), torch.ones(L)
+    Normal = torch.distributions.Normal
+    q = Normal(mu, (0.5 * logvar).exp())
+    for p in (Normal(z + 0.5, o), Normal(z, 2 * o), Normal(z.requires_grad_(), o), Normal(torch.zeros(L + 1), 1.0),
+              fastvae.DiagonalNormal(torch.zeros(L), torch.ones(L)), torch.distributions.Laplace(z.detach(), o)):
+        assert objectives._standard_normal_call(q, _decoders(W)["bernoulli"], None, p) is None
+    with pytest.raises((ValueError, RuntimeError)):  # the general path's error for the wrong size (not taken for L)
+        fastvae.elbo(x, q, _decoders(W)["bernoulli"], likelihood="bernoulli", prior=Normal(torch.zeros(L + 1), 1.0))
+    p = Normal(torch.zeros(L), torch.ones(L))
+    assert objectives._standard_normal_call(q, _decoders(W)["bernoulli"], None, p) is not None
+    p.loc.add_(1.0)  # in place: its version changes, and it is read again
+    assert objectives._standard_normal_call(q, _decoders(W)["bernoulli"], None, p) is None
+    args = (x, q, _decoders(W)["bernoulli"])
+    kw = dict(likelihood="bernoulli", prior=p)
+    shifted = fastvae.elbo(*args, generator=torch.Generator(device).manual_seed(1), **kw)
+    standard = fastvae.elbo(*args, generator=torch.Generator(device).manual_seed(1), likelihood="bernoulli")
+    assert torch.isfinite(shifted) and shifted < standard  # N(1, I) is further from q than N(0, I)
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process")
+def test_a_compiled_normal_posterior_takes_the_compiled_plans_as_shapes_change():
+    """Under torch.compile, q a torch Normal with the default prior traces
+    into the Gaussian's compiled path; batch sizes and k change between calls."""
+    torch._dynamo.reset()
+    W = torch.randn(L, D, dtype=torch.float64)
+
+    def step(x, mu, scale, k):
+        q = torch.distributions.Normal(mu, scale)
+        return fastvae.iwae(x, q, lambda z: z @ W, k=k, likelihood="bernoulli",
+                            generator=None) + fastvae.elbo(x, q, lambda z: z @ W, likelihood="bernoulli")
+
+    compiled = torch.compile(step, dynamic=None)
+    for n, k in ((3, 4), (6, 4), (5, 2)):
+        g = torch.Generator().manual_seed(n)
+        x = (torch.rand(n, D, generator=g) > 0.5).double()
+        mu = torch.randn(n, L, generator=g, dtype=torch.float64).requires_grad_()
+        scale = torch.rand(n, L, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+        torch.manual_seed(0)
+        eager = step(x, mu, scale, k)
+        e_grads = torch.autograd.grad(eager, (mu, scale))
+        torch.manual_seed(0)
+        out = compiled(x, mu, scale, k)
+        grads = torch.autograd.grad(out, (mu, scale))
+        torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-10)
+        for a, b in zip(grads, e_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(step, backend=record)(x, mu, scale, 2)
+    calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    # the compiled path's opaque head and tail (fastvae/_opaque.py), twice: nothing of the general path
+    assert sum("nonstrict_traceable" in c for c in calls) == 4, calls
