@@ -372,6 +372,11 @@ class FamilySample(torch.autograd.Function):
 # -- after the decoder: likelihood, log-mean-exp, reduction, the bound ----------------
 
 
+# the value checks' kinds that the Bernoulli likelihood's general tail runs
+# (ops/bernoulli_likelihood/op.py; tests/test_plan.py checks the names)
+BERNOULLI_CHECKS = ("bernoulli data", "bernoulli logits")
+
+
 class TailPlan:
     """The launches after the decoder for x (P, D) against a decoder output
     (K, P, D) of one dtype: "bernoulli" (logits) or "gaussian" ((mean, logvar)
@@ -487,7 +492,7 @@ class TailPlan:
                     or out.device != self.device or not out.is_contiguous() or _wrapped(out)):
                 return None
             if self.checks_epoch != _value_checks.epoch:  # the checks' state changed: ask again
-                self.checks_settled = _value_checks.settled("bernoulli data", "bernoulli logits")
+                self.checks_settled = _value_checks.settled(*BERNOULLI_CHECKS)
                 self.checks_epoch = _value_checks.epoch
             return (out, None) if self.checks_settled else None
         if type(out) is Tensor:  # the Gaussian's mean alone (unit variance)

@@ -506,8 +506,14 @@ def _family_checks_settled(exponential: bool, form: int) -> bool:
     run no more: a torch object's scale (or rate and log-rate); a record's
     log-scale needs none, an exponential record's log-rate its finiteness."""
     if exponential:
-        return (form == LOG_SCALE or _checks_settled("positive parameter")) and _checks_settled("log parameter")
-    return form == LOG_SCALE or _checks_settled("scale")
+        rate, log_rate = FAMILY_CHECKS["exponential"]
+        return (form == LOG_SCALE or _checks_settled(rate)) and _checks_settled(log_rate)
+    return form == LOG_SCALE or _checks_settled(*FAMILY_CHECKS["location-scale"])
+
+
+# the value checks' kinds that the general path runs on a torch object's
+# parameters (fastvae/_value_checks.py; tests/test_plan.py checks the names)
+FAMILY_CHECKS = {"location-scale": ("scale",), "exponential": ("positive parameter", "log parameter")}
 
 
 def _general_family_sample(family: int, kl_family: int, loc: Tensor, log_scale: Tensor, p_loc: Tensor,

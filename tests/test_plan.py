@@ -1393,3 +1393,31 @@ def test_a_compiled_normal_posterior_takes_the_compiled_plans_as_shapes_change()
     calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     # the compiled path's opaque head and tail (fastvae/_opaque.py), twice: nothing of the general path
     assert sum("nonstrict_traceable" in c for c in calls) == 4, calls
+
+
+def test_the_check_kinds_the_plans_wait_for_are_the_general_paths(monkeypatch):
+    """The plans skip the value checks once settled() says their kinds ran:
+    those kinds must be the ones the general path's checks run under, or the
+    plans would wait for ever (or, misspelled the other way, never)."""
+    from fastvae import _value_checks
+
+    seen = set()
+    should_check = _value_checks.should_check
+
+    def spy(kind, t):
+        seen.add(kind)
+        return should_check(kind, t)
+
+    monkeypatch.setattr(_value_checks, "should_check", spy)
+    monkeypatch.setattr(_plan, "ENABLED", False)
+    x, (mu, logvar, W) = _problem("cpu", torch.float32)
+    dec = _decoders(W)["bernoulli"]
+    fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
+    assert set(_plan.BERNOULLI_CHECKS) <= seen, seen
+    td = torch.distributions
+    laplace = td.Laplace(mu, logvar.exp())
+    fastvae.elbo(x, laplace, dec, likelihood="bernoulli", prior=td.Laplace(torch.zeros(L), torch.ones(L)))
+    assert set(objectives.FAMILY_CHECKS["location-scale"]) <= seen, seen
+    exponential = td.Exponential(logvar.exp())
+    fastvae.elbo(x, exponential, dec, likelihood="bernoulli", prior=td.Exponential(torch.ones(L)))
+    assert set(objectives.FAMILY_CHECKS["exponential"]) <= seen, seen
