@@ -316,7 +316,7 @@ def _standard_normal_prior(prior: Any, latent: torch.Size) -> bool:
         params, ones = (base.mu, base.logvar), False
     else:
         return False
-    if (torch.compiler.is_compiling() or any(type(t) is not Tensor or t.requires_grad or t.dim() > 1
+    if (_backend.compiling() or any(type(t) is not Tensor or t.requires_grad or t.dim() > 1
                                              or t.shape not in ((), (1,), latent) for t in params)):
         return False
     versions = tuple((id(t), t._version) for t in params)
