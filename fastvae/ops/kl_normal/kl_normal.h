@@ -19,7 +19,7 @@ void kl_rows(const double* mu, const double* logvar, const double* prior_mu,
              const double* prior_logvar, int64_t r0, int64_t r1, int64_t L, double* kl);
 
 // dkl: (N,); the rest (N, L). dprior_* are written only when the prior is given;
-// null (both) with a prior given, only dmu and dlogvar are formed.
+// with a prior they may both be null: then only dmu and dlogvar are formed.
 template <typename T>
 void kl_normal_backward(const T* dkl, const T* mu, const T* logvar, const T* prior_mu,
                         const T* prior_logvar, int64_t N, int64_t L, T* dmu, T* dlogvar,
