@@ -301,6 +301,25 @@ FASTVAE_INLINE double forward_chunk(const Layout<T>& L, const T* x, const Bins<T
   return acc;
 }
 
+// d log p / d raw coefficient of one component's chunk from the channels'
+// mean gradients: d tanh(a) / da = 1 - tanh^2. The pointers are restrict
+// parameters: GCC vectorizes across those, while with ordinary pointers this
+// loop (three outputs, seven inputs) needs more run-time alias checks than it
+// allows and stays scalar. The three outputs are distinct rows of the
+// coefficients, which the means rows read here never overlap.
+template <typename T>
+FASTVAE_INLINE void coeff_grads(const T* __restrict a0, const T* __restrict a1, const T* __restrict a2,
+                                const T* __restrict dmu1, const T* __restrict dmu2, const T* __restrict x0,
+                                const T* __restrict x1, int64_t n, T* __restrict d0, T* __restrict d1,
+                                T* __restrict d2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T t0 = tanh_t(a0[i]), t1 = tanh_t(a1[i]), t2 = tanh_t(a2[i]);
+    d0[i] = dmu1[i] * x0[i] * (T(1) - t0 * t0);
+    d1[i] = dmu2[i] * x0[i] * (T(1) - t1 * t1);
+    d2[i] = dmu2[i] * x1[i] * (T(1) - t2 * t2);
+  }
+}
+
 // The gradients of one chunk of one image, given g = grad_out[r]. dmeans and
 // dlog_scales (or dparams' rows of them) first receive dlp/dmu' and dlp/dls,
 // then are scaled by g w_m once the pixel's posterior weights w_m are known.
@@ -337,12 +356,8 @@ FASTVAE_INLINE void backward_chunk(const Layout<T>& L, const T* x, const Bins<T>
       const T* dmu2 = dmeans + L.at(r, m, 2, s0);
       const int64_t c0 = L.at(r, m, 0, s0), c1 = L.at(r, m, 1, s0), c2 = L.at(r, m, 2, s0);
       T* dcoeffs = dmeans + 2 * M * S;  // coefficients lie 2 M rows after the means in each block
-      for (int64_t i = 0; i < n; ++i) {
-        const T t0 = tanh_t(L.coeffs[c0 + i]), t1 = tanh_t(L.coeffs[c1 + i]), t2 = tanh_t(L.coeffs[c2 + i]);
-        dcoeffs[c0 + i] = dmu1[i] * x0[i] * (T(1) - t0 * t0);
-        dcoeffs[c1 + i] = dmu2[i] * x0[i] * (T(1) - t1 * t1);
-        dcoeffs[c2 + i] = dmu2[i] * x1[i] * (T(1) - t2 * t2);
-      }
+      coeff_grads(L.coeffs + c0, L.coeffs + c1, L.coeffs + c2, dmu1, dmu2, x0, x1, n, dcoeffs + c0,
+                  dcoeffs + c1, dcoeffs + c2);
     }
   }
 }

@@ -77,8 +77,23 @@ FASTVAE_INLINE void grad_block(const T* __restrict gs, const T* __restrict m, co
   }
 }
 
+// A prior whose own gradients are not wanted (a fixed prior): dmu and dlogvar only.
+template <typename T>
+FASTVAE_INLINE void grad_block(const T* __restrict gs, const T* __restrict m, const T* __restrict v,
+                               const T* __restrict p, const T* __restrict pv, int64_t n, T* __restrict gm,
+                               T* __restrict gv) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T inv_pvar = exp_t(-pv[i]);
+    const T d = m[i] - p[i];
+    const T var = exp_t(v[i]);
+    gm[i] = gs[i] * d * inv_pvar;
+    gv[i] = T(0.5) * gs[i] * (var * inv_pvar - T(1));
+  }
+}
+
 // Gradients of rows [r0, r1); g = dkl, spread over each row's elements first
-// so that the arithmetic is one flat loop.
+// so that the arithmetic is one flat loop. dpm and dplv null with a prior
+// given: the prior's gradients are not formed.
 template <typename T>
 FASTVAE_INLINE void kl_grad_rows_t(const T* g, const T* mu, const T* lv, const T* pm, const T* plv,
                                    int64_t r0, int64_t r1, int64_t L, T* dmu, T* dlv, T* dpm,
@@ -89,6 +104,8 @@ FASTVAE_INLINE void kl_grad_rows_t(const T* g, const T* mu, const T* lv, const T
     spread_rows(g, e0, n, L, gs);
     if (pm == nullptr) {
       grad_block(gs, mu + e0, lv + e0, n, dmu + e0, dlv + e0);
+    } else if (dpm == nullptr) {
+      grad_block(gs, mu + e0, lv + e0, pm + e0, plv + e0, n, dmu + e0, dlv + e0);
     } else {
       grad_block(gs, mu + e0, lv + e0, pm + e0, plv + e0, n, dmu + e0, dlv + e0, dpm + e0, dplv + e0);
     }

@@ -18,7 +18,8 @@ void kl_rows(const float* mu, const float* logvar, const float* prior_mu,
 void kl_rows(const double* mu, const double* logvar, const double* prior_mu,
              const double* prior_logvar, int64_t r0, int64_t r1, int64_t L, double* kl);
 
-// dkl: (N,); the rest (N, L). dprior_* are written only when the prior is given.
+// dkl: (N,); the rest (N, L). dprior_* are written only when the prior is given;
+// with a prior they may both be null: then only dmu and dlogvar are formed.
 template <typename T>
 void kl_normal_backward(const T* dkl, const T* mu, const T* logvar, const T* prior_mu,
                         const T* prior_logvar, int64_t N, int64_t L, T* dmu, T* dlogvar,

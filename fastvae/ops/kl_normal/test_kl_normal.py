@@ -96,6 +96,39 @@ def check_against_reference(backend, dtype, problem):
         assert_close(got, ref, scale, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pshape", [(5, 3, 37), (37,)], ids=["full", "per_dim"])
+@pytest.mark.parametrize("wanted", ["none", "prior_logvar"])
+def test_fixed_prior_gradients(backend, dtype, pshape, wanted):
+    """A prior that needs no gradient (or only one of its two): dmu and dlogvar
+    match the float64 oracle and equal, bit for bit, those of the same call
+    with the prior's gradients formed; the prior gets no gradient it did not ask for."""
+    _, device = backend
+    g = torch.Generator().manual_seed(7)
+    mu = make((5, 3, 37), 0, g, dtype, device, "normal")
+    lv = make((5, 3, 37), 5.0, g, dtype, device, "uniform")
+    pm = make(pshape, 0, g, dtype, device, "normal").detach()
+    plv = make(pshape, 5.0, g, dtype, device, "uniform").detach().requires_grad_(wanted == "prior_logvar")
+    gk = torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    kl = fastvae.kl_normal(mu, lv, pm, plv)
+    kl.backward(gk.to(dtype).to(device))
+    assert pm.grad is None
+    assert (plv.grad is not None) == (wanted == "prior_logvar")
+
+    args64 = [a.detach().double().cpu().requires_grad_() for a in (mu, lv)]
+    pm64, plv64 = (a.detach().double().cpu().expand(5, 3, 37) for a in (pm, plv))
+    grads_ref = torch.autograd.grad(oracle.kl_normal(*args64, pm64, plv64), args64, gk)
+    m, v, ip = args64[0].detach(), torch.exp(args64[1].detach()), torch.exp(-plv64)
+    scale = gk.abs()[..., None] * ((v + (m - pm64).abs() + (m - pm64) ** 2) * ip + 1.0)
+    for name, got, ref in zip(["dmu", "dlogvar"], (mu.grad, lv.grad), grads_ref):
+        assert_close(got, ref, scale, name)
+
+    full = [t.detach().clone().requires_grad_() for t in (mu, lv, pm, plv)]
+    fastvae.kl_normal(*full).backward(gk.to(dtype).to(device))
+    assert torch.equal(mu.grad, full[0].grad) and torch.equal(lv.grad, full[1].grad)
+
+
 def test_standard_prior_equals_explicit_zero_prior(backend):
     _, device = backend
     mu = torch.randn(4, 9, device=device)

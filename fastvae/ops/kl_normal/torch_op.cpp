@@ -60,16 +60,21 @@ struct KLNormal : torch::autograd::Function<KLNormal> {
     }
     const int64_t N = m.size(0), L = m.size(1);
     const Tensor g = input(grads[0].reshape({N}), "grad_kl", m, {N});
+    // a fixed prior (no gradient wanted for either parameter) gets no
+    // full-size gradients: the kernel then writes dmu and dlogvar only
+    const bool prior_grads = prior && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
     Tensor dmu = output({N, L}, m), dlv = output({N, L}, m);
-    Tensor dpm = prior ? output({N, L}, m) : Tensor(), dplv = prior ? output({N, L}, m) : Tensor();
+    Tensor dpm = prior_grads ? output({N, L}, m) : Tensor(), dplv = prior_grads ? output({N, L}, m) : Tensor();
     by_dtype(m, [&](auto tag) {
       using T = decltype(tag);
       kl_normal_backward<T>(ptr<T>(g), ptr<T>(m), ptr<T>(lv), prior ? ptr<T>(saved[2]) : nullptr,
                             prior ? ptr<T>(saved[3]) : nullptr, N, L, ptr<T>(dmu), ptr<T>(dlv),
-                            prior ? ptr<T>(dpm) : nullptr, prior ? ptr<T>(dplv) : nullptr, threads(N * L));
+                            prior_grads ? ptr<T>(dpm) : nullptr, prior_grads ? ptr<T>(dplv) : nullptr,
+                            threads(N * L));
     });
     const auto shape = ctx->saved_data["shape"].toIntVector();
-    return {dmu.view(shape), dlv.view(shape), prior ? dpm.view(shape) : Tensor(), prior ? dplv.view(shape) : Tensor()};
+    return {dmu.view(shape), dlv.view(shape), prior_grads ? dpm.view(shape) : Tensor(),
+            prior_grads ? dplv.view(shape) : Tensor()};
   }
 };
 
