@@ -45,16 +45,21 @@ struct Shifted {
 };
 
 template <typename T, bool kPsi>
-FASTVAE_INLINE Shifted<T> shifted(T z) {
+FASTVAE_INLINE void shift_up(T z, T& w, T& prod, T& dprod) {
   constexpr int n = kKumaShift<T>;
-  T w = z, prod = T(1), dprod = T(0);
+  w = z, prod = T(1), dprod = T(0);
   for (int i = 0; i < n; ++i) {
     const bool c = w < T(n);
     if constexpr (kPsi) dprod = c ? dprod * w + prod : dprod;
     prod = c ? prod * w : prod;
     w = c ? w + T(1) : w;
   }
-  const T lw = log_pos_t(w), iw = T(1) / w, iw2 = iw * iw;
+}
+
+// The Stirling parts at w >= kKumaShift<T>, iw = 1/w.
+template <typename T, bool kPsi>
+FASTVAE_INLINE Shifted<T> stirling(T w, T iw, T prod, T dprod) {
+  const T lw = log_pos_t(w), iw2 = iw * iw;
   // stirling_corr and digamma_corr of count_log_prob.h, from one reciprocal
   const T corr =
       iw * (T(1.0 / 12) - iw2 * (T(1.0 / 360) - iw2 * (T(1.0 / 1260) - iw2 * (T(1.0 / 1680) - iw2 * T(1.0 / 1188)))));
@@ -65,6 +70,27 @@ FASTVAE_INLINE Shifted<T> shifted(T z) {
     s.psi = lw - T(0.5) * iw - dcorr;
   }
   return s;
+}
+
+template <typename T, bool kPsi>
+FASTVAE_INLINE Shifted<T> shifted(T z) {
+  T w, prod, dprod;
+  shift_up<T, kPsi>(z, w, prod, dprod);
+  return stirling<T, kPsi>(w, T(1) / w, prod, dprod);
+}
+
+// x and y shifted, their 1/w from one division. Each w is capped at 1e18 in
+// it, so that the product stays finite: past that, 1/w's terms (1/(12 w) in
+// lgamma(w) > 4e19, 1/(2 w) in psi(w) > 41) are far below their rounding.
+template <typename T, bool kPsi>
+FASTVAE_INLINE void shifted_pair(T x, T y, Shifted<T>& sx, Shifted<T>& sy) {
+  T wx, px, dpx, wy, py, dpy;
+  shift_up<T, kPsi>(x, wx, px, dpx);
+  shift_up<T, kPsi>(y, wy, py, dpy);
+  const T cx = std::min(wx, T(1e18)), cy = std::min(wy, T(1e18));
+  const T ixy = T(1) / (cx * cy);
+  sx = stirling<T, kPsi>(wx, cy * ixy, px, dpx);
+  sy = stirling<T, kPsi>(wy, cx * ixy, py, dpy);
 }
 
 template <typename T>
@@ -133,7 +159,8 @@ FASTVAE_INLINE T kumaraswamy_kl(T la, T lb, T lal, T lbe) {
 #pragma GCC unroll 10
   for (int m = 1; m <= kKumaraswamyTerms; ++m) {
     const T x = T(m) * k.ia;
-    const Shifted<T> sx = shifted<T, false>(x), sxb = shifted<T, false>(x + k.b);
+    Shifted<T> sx, sxb;
+    shifted_pair<T, false>(x, x + k.b, sx, sxb);
     s += kuma_beta_fn(k.lg_b, sx, sxb, T(1) / (sx.prod * (T(m) + k.ab)));
   }
   return (T(1) - k.al * k.ia) * k.c + la + lb + log_beta_fn - (k.b - T(1)) / k.b + (k.be - T(1)) * k.b * s;
@@ -149,7 +176,8 @@ FASTVAE_INLINE void kumaraswamy_kl_grad(T g, T la, T lb, T lal, T lbe, T& da, T&
 #pragma GCC unroll 10
   for (int m = 1; m <= kKumaraswamyTerms; ++m) {
     const T x = T(m) * k.ia;
-    const Shifted<T> sx = shifted<T, true>(x), sxb = shifted<T, true>(x + b);
+    Shifted<T> sx, sxb;
+    shifted_pair<T, true>(x, x + b, sx, sxb);
     const T ip = T(1) / (sx.prod * sxb.prod);  // both products' reciprocals from one division
     const T psi_x = sx.psi - sx.dprod * (sxb.prod * ip);
     const T psi_xb = sxb.psi - sxb.dprod * (sx.prod * ip);
