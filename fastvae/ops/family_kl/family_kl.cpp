@@ -31,14 +31,16 @@ constexpr int kKumaraswamyTerms = 10;  // KUMARASWAMY_KL_TERMS (fastvae/_familie
 // float, where the series' next terms (691/(360360 w^11) of lgamma's,
 // 691/(32760 w^12) of psi's, 7/(6 w^15) of psi''s) are below 2e-9, so a shift
 // of 4 steps does what count_log_prob.h's 10 do at float precision; 10 in
-// double (count_log_prob.h's kShift).
+// double (count_log_prob.h's kShift). The series takes 20 such arguments per
+// element, which makes the shift most of the KL's work.
 template <typename T>
 inline constexpr int kKumaShift = std::is_same_v<T, float> ? 4 : kShift;
 
 // z shifted to w: prod = z (z + 1) ... (w - 1), dprod its derivative in z
 // (kPsi), lg = lgamma(w) and psi = psi(w) (kPsi) by Stirling. Then lgamma(z) =
 // lg - log prod and psi(z) = psi - dprod / prod, and a ratio of gammas takes
-// the products' ratio with no log at all.
+// the products' ratio with no log at all. Each factor of prod is below the
+// shift, so prod < kKumaShift^kKumaShift and a product of two stays finite.
 template <typename T>
 struct Shifted {
   T prod, dprod, lg, psi;
