@@ -7,8 +7,9 @@
 // of scales is meant (the Kumaraswamy-Beta series takes a and b themselves).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
-#include "count_log_prob/count_log_prob.h"  // lgamma_pos, digamma_pos, log_pos_t
+#include "count_log_prob/count_log_prob.h"  // lgamma_pos, digamma_pos, log_pos_t, kShift
 #include "family_kl.h"
 #include "fastmath.h"
 #include "ops.h"
@@ -25,30 +26,95 @@ constexpr double kEulerGamma = 0.5772156649015329;
 constexpr double kLog4 = 1.3862943611198906;
 constexpr int kKumaraswamyTerms = 10;  // KUMARASWAMY_KL_TERMS (fastvae/_families.py)
 
-// lgamma(z) and psi(z), z > 0, from one shift to w >= 10 (lgamma_pos and
-// digamma_pos of count_log_prob.h together): the shift's sum of 1/(z + i) is
-// d/dz log prod, the product's derivative over the product, one division.
+// The Kumaraswamy's lgamma, psi and psi' shift their argument z > 0 up to
+// w >= kKumaShift<T> by the recurrences, then take the asymptotic series: 4 in
+// float, where the series' next terms (691/(360360 w^11) of lgamma's,
+// 691/(32760 w^12) of psi's, 7/(6 w^15) of psi''s) are below 2e-9, so a shift
+// of 4 steps does what count_log_prob.h's 10 do at float precision; 10 in
+// double (count_log_prob.h's kShift). The series takes 20 such arguments per
+// element, which makes the shift most of the KL's work.
 template <typename T>
-FASTVAE_INLINE void lgamma_digamma_pos(T z, T& lg, T& psi) {
-  T w = z, prod = T(1), dprod = T(0);
-  for (int i = 0; i < kShift; ++i) {
-    const bool c = w < T(kShift);
-    dprod = c ? dprod * w + prod : dprod;
+inline constexpr int kKumaShift = std::is_same_v<T, float> ? 4 : kShift;
+
+// z shifted to w: prod = z (z + 1) ... (w - 1), dprod its derivative in z
+// (kPsi), lg = lgamma(w) and psi = psi(w) (kPsi) by Stirling. Then lgamma(z) =
+// lg - log prod and psi(z) = psi - dprod / prod, and a ratio of gammas takes
+// the products' ratio with no log at all. Each factor of prod is below the
+// shift, so prod < kKumaShift^kKumaShift and a product of two stays finite.
+template <typename T>
+struct Shifted {
+  T prod, dprod, lg, psi;
+};
+
+template <typename T, bool kPsi>
+FASTVAE_INLINE void shift_up(T z, T& w, T& prod, T& dprod) {
+  constexpr int n = kKumaShift<T>;
+  w = z, prod = T(1), dprod = T(0);
+  for (int i = 0; i < n; ++i) {
+    const bool c = w < T(n);
+    if constexpr (kPsi) dprod = c ? dprod * w + prod : dprod;
     prod = c ? prod * w : prod;
     w = c ? w + T(1) : w;
   }
-  const T lw = log_pos_t(w);
-  lg = (w - T(0.5)) * lw - w + T(0.91893853320467274178) + stirling_corr(w) - log_pos_t(prod);
-  psi = lw - T(0.5) / w - digamma_corr(w) - dprod / prod;
 }
 
-// psi'(z), z > 0: shifted to w >= 10 by psi'(z) = psi'(w) + sum 1/(z + i)^2,
-// then the asymptotic series (its next term, 7/(6 w^15), is below 2e-15 there).
+// The Stirling parts at w >= kKumaShift<T>, iw = 1/w.
+template <typename T, bool kPsi>
+FASTVAE_INLINE Shifted<T> stirling(T w, T iw, T prod, T dprod) {
+  const T lw = log_pos_t(w), iw2 = iw * iw;
+  // stirling_corr and digamma_corr of count_log_prob.h, from one reciprocal
+  const T corr =
+      iw * (T(1.0 / 12) - iw2 * (T(1.0 / 360) - iw2 * (T(1.0 / 1260) - iw2 * (T(1.0 / 1680) - iw2 * T(1.0 / 1188)))));
+  Shifted<T> s{prod, dprod, (w - T(0.5)) * lw - w + T(0.91893853320467274178) + corr, T(0)};
+  if constexpr (kPsi) {
+    const T dcorr = iw2 * (T(1.0 / 12) - iw2 * (T(1.0 / 120) - iw2 * (T(1.0 / 252) - iw2 * (T(1.0 / 240) -
+                                                                                          iw2 * T(1.0 / 132)))));
+    s.psi = lw - T(0.5) * iw - dcorr;
+  }
+  return s;
+}
+
+template <typename T, bool kPsi>
+FASTVAE_INLINE Shifted<T> shifted(T z) {
+  T w, prod, dprod;
+  shift_up<T, kPsi>(z, w, prod, dprod);
+  return stirling<T, kPsi>(w, T(1) / w, prod, dprod);
+}
+
+// x and y shifted, their 1/w from one division. Each w is capped at 1e18 in
+// it, so that the product stays finite: past that, 1/w's terms (1/(12 w) in
+// lgamma(w) > 4e19, 1/(2 w) in psi(w) > 41) are far below their rounding.
+template <typename T, bool kPsi>
+FASTVAE_INLINE void shifted_pair(T x, T y, Shifted<T>& sx, Shifted<T>& sy) {
+  T wx, px, dpx, wy, py, dpy;
+  shift_up<T, kPsi>(x, wx, px, dpx);
+  shift_up<T, kPsi>(y, wy, py, dpy);
+  const T cx = std::min(wx, T(1e18)), cy = std::min(wy, T(1e18));
+  const T ixy = T(1) / (cx * cy);
+  sx = stirling<T, kPsi>(wx, cy * ixy, px, dpx);
+  sy = stirling<T, kPsi>(wy, cx * ixy, py, dpy);
+}
+
+template <typename T>
+FASTVAE_INLINE T kuma_lgamma(T z) {
+  const Shifted<T> s = shifted<T, false>(z);
+  return s.lg - log_pos_t(s.prod);
+}
+
+template <typename T>
+FASTVAE_INLINE T kuma_digamma(T z) {
+  const Shifted<T> s = shifted<T, true>(z);
+  return s.psi - s.dprod / s.prod;
+}
+
+// psi'(z), z > 0: shifted by psi'(z) = psi'(w) + sum 1/(z + i)^2, then the
+// asymptotic series.
 template <typename T>
 FASTVAE_INLINE T trigamma_pos(T z) {
+  constexpr int n = kKumaShift<T>;
   T w = z, acc = T(0);
-  for (int i = 0; i < kShift; ++i) {
-    const bool c = w < T(kShift);
+  for (int i = 0; i < n; ++i) {
+    const bool c = w < T(n);
     acc = c ? acc + T(1) / (w * w) : acc;
     w = c ? w + T(1) : w;
   }
@@ -57,58 +123,79 @@ FASTVAE_INLINE T trigamma_pos(T z) {
   return acc + iw + iw2 * (T(0.5) + iw * (T(1.0 / 6) - iw2 * (T(1.0 / 30) - iw2 * tail)));
 }
 
+// What the KL and its gradient share per element: lgamma(b) and psi(1 + b)
+// from lgamma(1 + b) - log b and psi(1 + b) (C = -gamma - psi(b) - 1/b =
+// -gamma - psi(1 + b) has no cancellation at small b).
+template <typename T>
+struct KumaElement {
+  T a, b, al, be, ia, ab, lg_b, psi_1b, c;
+};
+
+template <typename T>
+FASTVAE_INLINE KumaElement<T> kuma_element(T la, T lb, T lal, T lbe) {
+  KumaElement<T> k;
+  k.a = exp_t(la), k.b = exp_t(lb), k.al = exp_t(lal), k.be = exp_t(lbe);
+  const Shifted<T> s = shifted<T, true>(T(1) + k.b);
+  k.lg_b = s.lg - log_pos_t(s.prod) - lb;
+  k.psi_1b = s.psi - s.dprod / s.prod;
+  k.c = -T(kEulerGamma) - k.psi_1b;
+  k.ia = T(1) / k.a;
+  k.ab = k.a * k.b;
+  return k;
+}
+
+// B(x, b) = Gamma(x) Gamma(b) / Gamma(x + b) from the shifted x and x + b:
+// exp of the Stirling parts times the shift products' ratio.
+template <typename T>
+FASTVAE_INLINE T kuma_beta_fn(T lg_b, const Shifted<T>& sx, const Shifted<T>& sxb, T inv_prod_x) {
+  return exp_t(lg_b + sx.lg - sxb.lg) * sxb.prod * inv_prod_x;
+}
+
 // The Kumaraswamy(a, b)-Beta(alpha, beta) KL of the oracle's kumaraswamy_beta_terms,
-// a = e^la, b = e^lb, alpha = e^lal, beta = e^lbe. psi(b) + 1/b and lgamma(b) come
-// from psi(1 + b) and lgamma(1 + b) - log b: C = -gamma - psi(b) - 1/b
-// = -gamma - psi(1 + b) has no cancellation at small b.
+// a = e^la, b = e^lb, alpha = e^lal, beta = e^lbe.
 template <typename T>
 FASTVAE_INLINE T kumaraswamy_kl(T la, T lb, T lal, T lbe) {
-  const T a = exp_t(la), b = exp_t(lb), al = exp_t(lal), be = exp_t(lbe);
-  T lg_1b, psi_1b;
-  lgamma_digamma_pos(T(1) + b, lg_1b, psi_1b);
-  const T lg_b = lg_1b - lb;
-  const T c = -T(kEulerGamma) - psi_1b;
-  const T log_beta_fn = lgamma_pos(al) + lgamma_pos(be) - lgamma_pos(al + be);
-  const T ia = T(1) / a, ab = a * b;
+  const KumaElement<T> k = kuma_element(la, lb, lal, lbe);
+  const T log_beta_fn = kuma_lgamma(k.al) + kuma_lgamma(k.be) - kuma_lgamma(k.al + k.be);
   T s = T(0);
 #pragma GCC unroll 10
   for (int m = 1; m <= kKumaraswamyTerms; ++m) {
-    const T x = T(m) * ia;
-    s += exp_t(lgamma_pos(x) + lg_b - lgamma_pos(x + b)) / (T(m) + ab);
+    const T x = T(m) * k.ia;
+    Shifted<T> sx, sxb;
+    shifted_pair<T, false>(x, x + k.b, sx, sxb);
+    s += kuma_beta_fn(k.lg_b, sx, sxb, T(1) / (sx.prod * (T(m) + k.ab)));
   }
-  return (T(1) - al * ia) * c + la + lb + log_beta_fn - (b - T(1)) / b + (be - T(1)) * b * s;
+  return (T(1) - k.al * k.ia) * k.c + la + lb + log_beta_fn - (k.b - T(1)) / k.b + (k.be - T(1)) * k.b * s;
 }
 
 // g times its gradient in (la, lb, lal, lbe) (the oracle's kumaraswamy_beta_grads),
 // with 1/b - b psi'(b) = -b psi'(1 + b).
 template <typename T>
 FASTVAE_INLINE void kumaraswamy_kl_grad(T g, T la, T lb, T lal, T lbe, T& da, T& db, T& dal, T& dbe) {
-  const T a = exp_t(la), b = exp_t(lb), al = exp_t(lal), be = exp_t(lbe);
-  T lg_1b, psi_1b;
-  lgamma_digamma_pos(T(1) + b, lg_1b, psi_1b);
-  const T lg_b = lg_1b - lb;
-  const T c = -T(kEulerGamma) - psi_1b;
-  const T ia = T(1) / a, ab = a * b, ratio = al * ia;
+  const KumaElement<T> k = kuma_element(la, lb, lal, lbe);
+  const T b = k.b, ab = k.ab, ratio = k.al * k.ia;
   T s = T(0), sa = T(0), sb = T(0);
 #pragma GCC unroll 10
   for (int m = 1; m <= kKumaraswamyTerms; ++m) {
-    const T x = T(m) * ia;
-    T lg_x, psi_x, lg_xb, psi_xb;
-    lgamma_digamma_pos(x, lg_x, psi_x);
-    lgamma_digamma_pos(x + b, lg_xb, psi_xb);
+    const T x = T(m) * k.ia;
+    Shifted<T> sx, sxb;
+    shifted_pair<T, true>(x, x + b, sx, sxb);
+    const T ip = T(1) / (sx.prod * sxb.prod);  // both products' reciprocals from one division
+    const T psi_x = sx.psi - sx.dprod * (sxb.prod * ip);
+    const T psi_xb = sxb.psi - sxb.dprod * (sx.prod * ip);
     const T r = T(1) / (T(m) + ab);
-    const T t = exp_t(lg_x + lg_b - lg_xb) * r;
+    const T t = kuma_beta_fn(k.lg_b, sx, sxb, sxb.prod * ip) * r;
     const T e = ab * r;
     s += t;
     sa += t * (x * (psi_xb - psi_x) - e);
-    sb += t * (b * (psi_1b - psi_xb) - T(1) - e);  // b (psi(b) - psi(x + b)) - e
+    sb += t * (b * (k.psi_1b - psi_xb) - T(1) - e);  // b (psi(b) - psi(x + b)) - e
   }
-  const T w = (be - T(1)) * b;
-  const T psi_sum = digamma_pos(al + be);
-  da = g * (ratio * c + T(1) + w * sa);
+  const T w = (k.be - T(1)) * b;
+  const T psi_sum = kuma_digamma(k.al + k.be);
+  da = g * (ratio * k.c + T(1) + w * sa);
   db = g * (-(T(1) - ratio) * b * trigamma_pos(T(1) + b) + T(1) - T(1) / b + w * (s + sb));
-  dal = g * (al * (digamma_pos(al) - psi_sum) - ratio * c);
-  dbe = g * (be * (digamma_pos(be) - psi_sum) + be * b * s);
+  dal = g * (k.al * (kuma_digamma(k.al) - psi_sum) - ratio * k.c);
+  dbe = g * (k.be * (kuma_digamma(k.be) - psi_sum) + k.be * b * s);
 }
 
 // The Cauchy's scales relative to the larger one, m = max(s1, s2):

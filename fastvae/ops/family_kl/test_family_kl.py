@@ -78,11 +78,13 @@ def kumaraswamy_params(batch, L, pshape, spread, g):
     return (u((*batch, L), half), u((*batch, L), half)), (u(pshape, min(half, 3.0)), u(pshape, min(half, 3.0)))
 
 
-def check_against_reference(backend, dtype, problem):
+def check_against_reference(backend, dtype, problem, params=None):
+    """family_kl of the problem's parameters (or ``params``, (q, p) in float64)
+    against the oracle, values and gradients."""
     _, device = backend
     family, batch, L, prior, spread, reduce, seed = problem
     g = torch.Generator().manual_seed(seed)
-    q64, p64 = make_params(family, batch, L, prior, spread, g)
+    q64, p64 = make_params(family, batch, L, prior, spread, g) if params is None else params
     if dtype in (torch.float16, torch.bfloat16) and spread != "normal":
         # half precision's range is e^+-11 (float16): the wide cases are float32's and float64's
         q64, p64 = make_params(family, batch, L, prior, "normal", g)
@@ -105,7 +107,11 @@ def check_against_reference(backend, dtype, problem):
     refs = torch.autograd.grad(ref, q_r + p_r, w, allow_unused=True)
     refs = [torch.zeros_like(t) if r is None else r for r, t in zip(refs, q_r + p_r)]
     # a gradient past the dtype's range is inf there, rightly: not this test's case
-    assume(all(r.abs().max() < torch.finfo(dtype).max / 4 for r in refs if r.numel()))
+    in_range = all(r.abs().max() < torch.finfo(dtype).max / 4 for r in refs if r.numel())
+    if params is None:
+        assume(in_range)
+    else:
+        assert in_range, "the given parameters' gradients are past the dtype's range"
 
     # inf exactly where the reference has it (the uniform's boxes outside the prior's)
     inf = torch.isinf(ref)
@@ -220,6 +226,22 @@ def test_kumaraswamy_extreme_parameters(backend, dtype, problem):
     truncated series converges slowly, truncated as the oracle is), the
     prior's from e^-3 to e^3, in every example (not one family of six)."""
     check_against_reference(backend, dtype, problem)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kumaraswamy_across_the_shift_boundaries(backend, dtype):
+    """The kernels' lgamma and psi shift their arguments (m/a, m/a + b, 1 + b,
+    alpha, beta, alpha + beta) up to 4 in float and 10 in double: arguments
+    just below, at and above each, and far from them, every pair of a and b."""
+    near = [v * (1 + d) for v in (4.0, 10.0) for d in (-1e-3, 0.0, 1e-3)]
+    v = torch.tensor([0.02, 0.5, 1.0, 3.0, 9.0, 40.0, *near], dtype=F64)
+    n = len(v)
+    la = (1.0 / v).log()[:, None].expand(n, n).contiguous()  # m/a = m v
+    lb = v.log()[None, :].expand(n, n).contiguous()
+    prior = v.clamp(max=20.0).log()  # the prior's from e^-3 to e^3, as the other tests'
+    params = ((la, lb), (prior, prior.flip(0)))
+    check_against_reference(backend, dtype, ("kumaraswamy", (n,), n, "per_dim", "", False, 0), params)
+    check_against_reference(backend, dtype, ("kumaraswamy", (n,), n, "per_dim", "", True, 1), params)
 
 
 @pytest.mark.parametrize("family", KL_FAMILIES)

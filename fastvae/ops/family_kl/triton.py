@@ -15,7 +15,7 @@ import triton.language as tl
 
 from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
 from fastvae.kernels._common import acc_dtype, blocks
-from fastvae.ops.count_log_prob.triton import _digamma_corr, _digamma_pos, _lgamma_pos, _stirling_corr
+from fastvae.ops.count_log_prob.triton import _digamma_pos, _lgamma_pos
 
 # 1024 elements a program, as kl_normal's; the backward keeps eight tiles live and
 # the Gumbel's lgamma and digamma besides: half the tile, or a half-precision
@@ -31,6 +31,9 @@ KUMARASWAMY = 5
 EULER_GAMMA = tl.constexpr(0.5772156649015329)
 LOG_4 = tl.constexpr(1.3862943611198906)
 KUMARASWAMY_TERMS = tl.constexpr(10)  # KUMARASWAMY_KL_TERMS (fastvae/_families.py)
+# the Kumaraswamy's lgamma/psi shifts (the C++ kKumaShift): to w >= 4 in float32, 10 in float64
+KUMARASWAMY_SHIFT = tl.constexpr(4)
+KUMARASWAMY_SHIFT_F64 = tl.constexpr(10)
 
 # -- math helpers -------------------------------------------------------------
 
@@ -51,29 +54,70 @@ def _cauchy_parts(m1, s1, m2, s2):
 
 
 @triton.jit
-def _lgamma_digamma_pos(z):
-    """(lgamma(z), digamma(z)), z > 0, from one shift to w >= 10: the shift's
-    sum of 1/(z + i) is the product's derivative over the product."""
+def _shift_up(z, SHIFT: tl.constexpr, PSI: tl.constexpr):
+    """z > 0 shifted to w >= SHIFT by the recurrences (the C++ shift_up):
+    (w, prod = z (z + 1) ... (w - 1), its derivative in z (PSI))."""
     w = z
     prod = tl.zeros_like(z) + 1.0
     dprod = tl.zeros_like(z)
-    for _ in tl.static_range(10):
-        c = w < 10.0
-        dprod = tl.where(c, dprod * w + prod, dprod)
+    for _ in tl.static_range(SHIFT):
+        c = w < SHIFT
+        if PSI:
+            dprod = tl.where(c, dprod * w + prod, dprod)
         prod = tl.where(c, prod * w, prod)
         w = tl.where(c, w + 1.0, w)
-    lw = tl.log(w)
-    lg = (w - 0.5) * lw - w + 0.91893853320467274178 + _stirling_corr(w) - tl.log(prod)
-    return lg, lw - 0.5 / w - _digamma_corr(w) - dprod / prod
+    return w, prod, dprod
 
 
 @triton.jit
-def _trigamma_pos(z):
-    """psi'(z), z > 0: shifted to w >= 10, then the asymptotic series."""
+def _stirling(w, iw, PSI: tl.constexpr):
+    """(lgamma(w), psi(w) (PSI)) by the asymptotic series, iw = 1/w (the C++ stirling)."""
+    lw = tl.log(w)
+    iw2 = iw * iw
+    corr = iw * (1.0 / 12 - iw2 * (1.0 / 360 - iw2 * (1.0 / 1260 - iw2 * (1.0 / 1680 - iw2 * (1.0 / 1188)))))
+    lg = (w - 0.5) * lw - w + 0.91893853320467274178 + corr
+    psi = tl.zeros_like(w)
+    if PSI:
+        dcorr = iw2 * (1.0 / 12 - iw2 * (1.0 / 120 - iw2 * (1.0 / 252 - iw2 * (1.0 / 240 - iw2 * (1.0 / 132)))))
+        psi = lw - 0.5 * iw - dcorr
+    return lg, psi
+
+
+@triton.jit
+def _kuma_lgamma(z, SHIFT: tl.constexpr):
+    w, prod, dprod = _shift_up(z, SHIFT, False)
+    lg, psi = _stirling(w, 1.0 / w, False)
+    return lg - tl.log(prod)
+
+
+@triton.jit
+def _kuma_digamma(z, SHIFT: tl.constexpr):
+    w, prod, dprod = _shift_up(z, SHIFT, True)
+    lg, psi = _stirling(w, 1.0 / w, True)
+    return psi - dprod / prod
+
+
+@triton.jit
+def _shifted_pair(x, y, SHIFT: tl.constexpr, PSI: tl.constexpr):
+    """x and y shifted, their 1/w from one division, each w capped at 1e18 in
+    it (the C++ shifted_pair): (prod, dprod, lgamma, psi of x's w, then y's)."""
+    wx, px, dpx = _shift_up(x, SHIFT, PSI)
+    wy, py, dpy = _shift_up(y, SHIFT, PSI)
+    cx = tl.minimum(wx, 1e18)
+    cy = tl.minimum(wy, 1e18)
+    ixy = 1.0 / (cx * cy)
+    lgx, psix = _stirling(wx, cy * ixy, PSI)
+    lgy, psiy = _stirling(wy, cx * ixy, PSI)
+    return px, dpx, lgx, psix, py, dpy, lgy, psiy
+
+
+@triton.jit
+def _trigamma_pos(z, SHIFT: tl.constexpr):
+    """psi'(z), z > 0: shifted to w >= SHIFT, then the asymptotic series."""
     w = z
     acc = tl.zeros_like(z)
-    for _ in tl.static_range(10):
-        c = w < 10.0
+    for _ in tl.static_range(SHIFT):
+        c = w < SHIFT
         acc = tl.where(c, acc + 1.0 / (w * w), acc)
         w = tl.where(c, w + 1.0, w)
     iw = 1.0 / w
@@ -83,68 +127,74 @@ def _trigamma_pos(z):
 
 
 @triton.jit
-def _kumaraswamy_kl(la, lb, lal, lbe):
-    """KL(Kumaraswamy(e^la, e^lb) || Beta(e^lal, e^lbe)), the C++ kumaraswamy_kl:
-    C = -gamma - psi(1 + b), lgamma(b) = lgamma(1 + b) - log b."""
+def _kuma_element(la, lb, SHIFT: tl.constexpr):
+    """(b, lgamma(b), psi(1 + b), C = -gamma - psi(1 + b), 1/a, a b), the C++
+    kuma_element: lgamma(b) = lgamma(1 + b) - log b."""
     a = tl.exp(la)
     b = tl.exp(lb)
+    w, prod, dprod = _shift_up(1.0 + b, SHIFT, True)
+    lg, psi = _stirling(w, 1.0 / w, True)
+    psi_1b = psi - dprod / prod
+    return b, lg - tl.log(prod) - lb, psi_1b, -EULER_GAMMA - psi_1b, 1.0 / a, a * b
+
+
+@triton.jit
+def _kumaraswamy_kl(la, lb, lal, lbe, SHIFT: tl.constexpr):
+    """KL(Kumaraswamy(e^la, e^lb) || Beta(e^lal, e^lbe)), the C++ kumaraswamy_kl:
+    SHIFT is the C++ kKumaShift (4 in float32, 10 in float64)."""
+    b, lg_b, psi_1b, c, ia, ab = _kuma_element(la, lb, SHIFT)
     al = tl.exp(lal)
     be = tl.exp(lbe)
-    lg_1b, psi_1b = _lgamma_digamma_pos(1.0 + b)
-    lg_b = lg_1b - lb
-    c = -EULER_GAMMA - psi_1b
-    log_beta_fn = _lgamma_pos(al) + _lgamma_pos(be) - _lgamma_pos(al + be)
-    ia = 1.0 / a
-    ab = a * b
-    s = tl.zeros_like(a)
+    log_beta_fn = _kuma_lgamma(al, SHIFT) + _kuma_lgamma(be, SHIFT) - _kuma_lgamma(al + be, SHIFT)
+    s = tl.zeros_like(la)
     for m in range(1, KUMARASWAMY_TERMS + 1):
         x = m * ia
-        s += tl.exp(_lgamma_pos(x) + lg_b - _lgamma_pos(x + b)) / (m + ab)
+        px, dpx, lgx, psix, pxb, dpxb, lgxb, psixb = _shifted_pair(x, x + b, SHIFT, False)
+        s += tl.exp(lg_b + lgx - lgxb) * pxb / (px * (m + ab))
     return (1.0 - al * ia) * c + la + lb + log_beta_fn - (b - 1.0) / b + (be - 1.0) * b * s
 
 
 @triton.jit
-def _kumaraswamy_kl_grad(g, la, lb, lal, lbe):
+def _kumaraswamy_kl_grad(g, la, lb, lal, lbe, SHIFT: tl.constexpr):
     """g times the gradient of _kumaraswamy_kl in (la, lb, lal, lbe), the C++
     kumaraswamy_kl_grad: 1/b - b psi'(b) = -b psi'(1 + b)."""
-    a = tl.exp(la)
-    b = tl.exp(lb)
+    b, lg_b, psi_1b, c, ia, ab = _kuma_element(la, lb, SHIFT)
     al = tl.exp(lal)
     be = tl.exp(lbe)
-    lg_1b, psi_1b = _lgamma_digamma_pos(1.0 + b)
-    lg_b = lg_1b - lb
-    c = -EULER_GAMMA - psi_1b
-    ia = 1.0 / a
-    ab = a * b
     ratio = al * ia
-    s = tl.zeros_like(a)
-    sa = tl.zeros_like(a)
-    sb = tl.zeros_like(a)
+    s = tl.zeros_like(la)
+    sa = tl.zeros_like(la)
+    sb = tl.zeros_like(la)
     for m in range(1, KUMARASWAMY_TERMS + 1):
         x = m * ia
-        lg_x, psi_x = _lgamma_digamma_pos(x)
-        lg_xb, psi_xb = _lgamma_digamma_pos(x + b)
+        px, dpx, lgx, psix, pxb, dpxb, lgxb, psixb = _shifted_pair(x, x + b, SHIFT, True)
+        ip = 1.0 / (px * pxb)  # both products' reciprocals from one division
+        psi_x = psix - dpx * (pxb * ip)
+        psi_xb = psixb - dpxb * (px * ip)
         r = 1.0 / (m + ab)
-        t = tl.exp(lg_x + lg_b - lg_xb) * r
+        t = tl.exp(lg_b + lgx - lgxb) * pxb * (pxb * ip) * r
         e = ab * r
         s += t
         sa += t * (x * (psi_xb - psi_x) - e)
         sb += t * (b * (psi_1b - psi_xb) - 1.0 - e)  # b (psi(b) - psi(x + b)) - e
     w = (be - 1.0) * b
-    psi_sum = _digamma_pos(al + be)
+    psi_sum = _kuma_digamma(al + be, SHIFT)
     da = g * (ratio * c + 1.0 + w * sa)
-    db = g * (-(1.0 - ratio) * b * _trigamma_pos(1.0 + b) + 1.0 - 1.0 / b + w * (s + sb))
-    dal = g * (al * (_digamma_pos(al) - psi_sum) - ratio * c)
-    dbe = g * (be * (_digamma_pos(be) - psi_sum) + be * b * s)
+    db = g * (-(1.0 - ratio) * b * _trigamma_pos(1.0 + b, SHIFT) + 1.0 - 1.0 / b + w * (s + sb))
+    dal = g * (al * (_kuma_digamma(al, SHIFT) - psi_sum) - ratio * c)
+    dbe = g * (be * (_kuma_digamma(be, SHIFT) - psi_sum) + be * b * s)
     return da, db, dal, dbe
 
 
 @triton.jit
-def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr):
+def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
     if FAMILY == 4:  # exponential, log-rates
         kl = (s1 - s2) + tl.exp(s2 - s1) - 1.0
     elif FAMILY == 5:  # kumaraswamy (log a, log b) against the Beta's (log alpha, log beta)
-        kl = _kumaraswamy_kl(m1, s1, m2, s2)
+        if ACC == tl.float64:
+            kl = _kumaraswamy_kl(m1, s1, m2, s2, KUMARASWAMY_SHIFT_F64)
+        else:
+            kl = _kumaraswamy_kl(m1, s1, m2, s2, KUMARASWAMY_SHIFT)
     elif FAMILY == 0:  # laplace
         d = tl.abs(m1 - m2)
         exact = d == 0.0  # the d terms are 0 whatever the scales
@@ -166,7 +216,7 @@ def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr):
 
 
 @triton.jit
-def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr):
+def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
     """g times the gradient in (m1, s1, m2, s2); the prior's location gradient
     is -dm1 but the Kumaraswamy's (its m2 is the Beta's log alpha)."""
     if FAMILY == 4:
@@ -174,7 +224,10 @@ def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr):
         ds2 = -ds1
         dm1 = tl.zeros_like(g)
     elif FAMILY == 5:
-        dm1, ds1, dm2, ds2 = _kumaraswamy_kl_grad(g, m1, s1, m2, s2)
+        if ACC == tl.float64:
+            dm1, ds1, dm2, ds2 = _kumaraswamy_kl_grad(g, m1, s1, m2, s2, KUMARASWAMY_SHIFT_F64)
+        else:
+            dm1, ds1, dm2, ds2 = _kumaraswamy_kl_grad(g, m1, s1, m2, s2, KUMARASWAMY_SHIFT)
     elif FAMILY == 0:
         diff = m1 - m2
         d = tl.abs(diff)
@@ -257,7 +310,7 @@ def _family_kl_fwd_kernel(
         idx = rows[:, None] * L + cols[None, :]
         m1, s1, m2, s2 = _load_params(q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr, idx, cols, mask, FAMILY, P_SHARED,
                                       ACC)
-        kl = _kl_term(m1, s1, m2, s2, FAMILY)
+        kl = _kl_term(m1, s1, m2, s2, FAMILY, ACC)
         if REDUCE:
             acc += tl.sum(tl.where(mask, kl, 0.0), axis=1)
         else:
@@ -297,7 +350,7 @@ def _family_kl_bwd_kernel(
             g = tl.load(grad_kl_ptr + idx, mask=mask, other=0.0).to(ACC)
         m1, s1, m2, s2 = _load_params(q_loc_ptr, q_lp_ptr, p_loc_ptr, p_lp_ptr, idx, cols, mask, FAMILY, P_SHARED,
                                       ACC)
-        dm1, ds1, dm2, ds2 = _kl_grad(g, m1, s1, m2, s2, FAMILY)
+        dm1, ds1, dm2, ds2 = _kl_grad(g, m1, s1, m2, s2, FAMILY, ACC)
         ds1 = ds1.to(dq_lp_ptr.dtype.element_ty)
         if ACCUMULATE:
             ds1 = tl.load(dq_lp_ptr + idx, mask=mask, other=0.0) + ds1
