@@ -272,11 +272,12 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tupl
     standard normal prior in another form than (x, mu, logvar, decode) with
     no prior: q a torch Normal, an Independent(Normal, 1) or a DiagonalNormal
     (the (x, q, decode) form, decode in logvar's place), or a prior that is
-    N(0, I) given as a torch Normal or a DiagonalNormal. The plans then take
-    it as the default prior's call. None for anything else (unchanged: the
-    plans' other routes and the general path)."""
+    N(0, I) given as a torch Normal or a DiagonalNormal. The call then goes
+    on as the default prior's: to the plans, and to the general path where
+    they decline (which makes the same logvar, 2 log(scale), from a torch
+    Normal). None for anything else (unchanged)."""
     if type(mu) is Tensor:
-        if prior is None or not _standard_normal_prior(prior, mu.shape[-1:]):
+        if prior is None or not _standard_normal_prior(prior, mu.shape[-1:], mu.device):
             return None
         return mu, logvar, decode, None
     if decode is not None:
@@ -288,25 +289,29 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tupl
         loc, log_variance = q.loc, None
     else:
         return None
-    if loc.dim() == 0 or (prior is not None and not _standard_normal_prior(prior, loc.shape[-1:])):
+    if loc.dim() == 0 or (prior is not None and not _standard_normal_prior(prior, loc.shape[-1:], loc.device)):
         return None
     if log_variance is None:  # torch_posterior's logvar (the general path's, and its gradient)
         log_variance = 2.0 * torch.log(q.scale)
     return loc, log_variance, logvar, None
 
 
-# the priors found to be N(0, I), with their parameters' versions: a prior is
-# built once, and its values are read once (a host sync on a GPU), again only
-# when a parameter was written in place
+# the priors found to be N(0, I) (or not), with their parameters' versions. A
+# prior built once is read once (on a GPU a host sync), and again only after
+# an in-place write. Parameters off the CPU are read at a prior's second call
+# only: a prior made anew in every call (whose first call is its last) would
+# otherwise stall the GPU's queue on every call; it keeps the general path.
 _STANDARD_PRIORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _standard_normal_prior(prior: Any, latent: torch.Size) -> bool:
-    """Whether ``prior`` is N(0, I) over latents of shape ``latent`` (L,) with
-    no gradient to its parameters: StandardNormal, or a torch Normal /
-    Independent(Normal, 1) or DiagonalNormal whose parameters broadcast to
-    (L,) and are zeros (loc, logvar) and ones (scale). Under torch.compile
-    only StandardNormal (reading the values would break the graph)."""
+def _standard_normal_prior(prior: Any, latent: torch.Size, device: torch.device) -> bool:
+    """Whether ``prior`` is N(0, I) over latents of shape ``latent`` (L,) on
+    ``device`` with no gradient to its parameters: StandardNormal, or a torch
+    Normal / Independent(Normal, 1) or DiagonalNormal whose parameters
+    broadcast to (L,), sit on the latents' device (0-d ones anywhere, as the
+    general path takes them) and are zeros (loc, logvar) and ones (scale).
+    Under torch.compile only StandardNormal (reading the values would break
+    the graph)."""
     if type(prior) is StandardNormal:
         return True
     base = prior.base_dist if type(prior) is Independent and prior.reinterpreted_batch_ndims == 1 else prior
@@ -317,12 +322,16 @@ def _standard_normal_prior(prior: Any, latent: torch.Size) -> bool:
     else:
         return False
     if (_backend.compiling() or any(type(t) is not Tensor or t.requires_grad or t.dim() > 1
-                                             or t.shape not in ((), (1,), latent) for t in params)):
+                                    or t.shape not in ((), (1,), latent) or (t.dim() and t.device != device)
+                                    for t in params)):
         return False
     versions = tuple((id(t), t._version) for t in params)
     seen = _STANDARD_PRIORS.get(prior)
-    if seen is not None and seen[0] == versions:
+    if seen is not None and seen[0] == versions and seen[1] is not None:
         return seen[1]
+    if seen is None and any(t.device.type != "cpu" for t in params):
+        _STANDARD_PRIORS[prior] = (versions, None)  # seen once: read at its next call
+        return False
     standard = not bool(params[0].any()) and bool((params[1] == 1 if ones else params[1] == 0).all())
     _STANDARD_PRIORS[prior] = (versions, standard)
     return standard
@@ -330,8 +339,6 @@ def _standard_normal_prior(prior: Any, latent: torch.Size) -> bool:
 
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans, or None where they do not apply."""
-    if (normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
-        mu, logvar, decode, prior = normal
     if torch.compiler.is_compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                               prior, False)
@@ -374,8 +381,6 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
 def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
     """fastvae.iwae through the plans, or None where they do not apply (a
     tempered bound, beta != 1, takes the general path)."""
-    if (normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
-        mu, logvar, decode, prior = normal
     if torch.compiler.is_compiling():
         return _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator,
                               prior, False)
@@ -969,6 +974,9 @@ def elbo(
     torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
     use fastvae.elbo_terms.
     """
+    if (prior is not None or type(mu) is not Tensor) and (
+            normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
+        mu, logvar, decode, prior = normal  # the plans' form, and the general path's if they decline
     bound = _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
     if bound is not None:
         return bound
@@ -1228,6 +1236,9 @@ def iwae(
     For the terms as well (reconstruction, KL, ESS, log-weights), use
     fastvae.iwae_terms.
     """
+    if (prior is not None or type(mu) is not Tensor) and (
+            normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
+        mu, logvar, decode, prior = normal  # the plans' form, and the general path's if they decline
     bound = _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior)
     if bound is not None:
         return bound

@@ -1271,14 +1271,15 @@ def test_a_family_call_checks_its_values_before_any_plan(backend):
 # -- a torch Normal posterior, and N(0, I) priors given as objects ------------------------
 
 
-def _normal_priors(dtype):
-    z, o = torch.zeros(L, dtype=dtype), torch.ones(L, dtype=dtype)
+def _normal_priors(dtype, device="cpu"):
+    z, o = torch.zeros(L, dtype=dtype, device=device), torch.ones(L, dtype=dtype, device=device)
     return {
         "none": None,
         "StandardNormal": fastvae.priors.StandardNormal(),
         "Normal (L,)": torch.distributions.Normal(z, o),
         "Independent Normal": torch.distributions.Independent(torch.distributions.Normal(z, o), 1),
-        "Normal scalars": torch.distributions.Normal(torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)),
+        "Normal scalars": torch.distributions.Normal(torch.tensor(0.0, dtype=dtype, device=device),
+                                                     torch.tensor(1.0, dtype=dtype, device=device)),
         "DiagonalNormal": fastvae.DiagonalNormal(z.clone(), z.clone()),
     }
 
@@ -1316,10 +1317,10 @@ def test_a_normal_posterior_against_the_standard_prior_takes_the_plans(backend, 
     name, device = backend
     x, (mu, logvar, W) = _problem(device, dtype)
     scale = (0.5 * logvar.detach()).exp().requires_grad_()
-    p = _normal_priors(dtype)[prior]
+    p = _normal_priors(dtype, device)[prior]
     general, g_grads = _normal_call(fn, x, mu, scale, W, p, form, False)
     _plan.clear()
-    for _ in range(2):
+    for _ in range(2):  # (a prior on a GPU is read at its second call: call twice more)
         bound, grads = _normal_call(fn, x, mu, scale, W, p, form, True)
     assert len(_plan.PLANS) == (1 if name in ("triton", "cpp") else 0)
     if name in ("triton", "cpp"):
@@ -1331,57 +1332,82 @@ def test_a_normal_posterior_against_the_standard_prior_takes_the_plans(backend, 
 
 
 def test_priors_that_are_not_the_standard_normal_keep_their_own_path(backend):
-    """A prior with another location or scale, a learned one, or one of
-    another size is not taken for N(0, I); one written in place after a call
-    is read again."""
+    """A prior with another location or scale, a learned one, one of another
+    size or on another device is not taken for N(0, I); one written in place
+    after a call is read again."""
     _, device = backend
     x, (mu, logvar, W) = _problem(device, torch.float32)
-    z, o = torch.zeros(L), torch.ones(L)
+    dec = _decoders(W)["bernoulli"]
+    z, o = torch.zeros(L, device=device), torch.ones(L, device=device)
     Normal = torch.distributions.Normal
     q = Normal(mu, (0.5 * logvar).exp())
-    for p in (Normal(z + 0.5, o), Normal(z, 2 * o), Normal(z.requires_grad_(), o), Normal(torch.zeros(L + 1), 1.0),
-              fastvae.DiagonalNormal(torch.zeros(L), torch.ones(L)), torch.distributions.Laplace(z.detach(), o)):
-        assert objectives._standard_normal_call(q, _decoders(W)["bernoulli"], None, p) is None
+    others = [Normal(z + 0.5, o), Normal(z, 2 * o), Normal(z.clone().requires_grad_(), o),
+              Normal(torch.zeros(L + 1, device=device), 1.0), fastvae.DiagonalNormal(z.clone(), o.clone()),
+              torch.distributions.Laplace(z, o)]
+    if device != "cpu":
+        others.append(Normal(torch.zeros(L), torch.ones(L)))  # on the CPU, q on the GPU: the general path's error
+    for p in others:
+        for _ in range(2):
+            assert objectives._standard_normal_call(q, dec, None, p) is None
     with pytest.raises((ValueError, RuntimeError)):  # the general path's error for the wrong size (not taken for L)
-        fastvae.elbo(x, q, _decoders(W)["bernoulli"], likelihood="bernoulli", prior=Normal(torch.zeros(L + 1), 1.0))
-    p = Normal(torch.zeros(L), torch.ones(L))
-    assert objectives._standard_normal_call(q, _decoders(W)["bernoulli"], None, p) is not None
+        fastvae.elbo(x, q, dec, likelihood="bernoulli", prior=Normal(torch.zeros(L + 1, device=device), 1.0))
+    p = Normal(z.clone(), o.clone())
+    if device != "cpu":  # off the CPU a prior is read at its second call, not at its first
+        assert objectives._standard_normal_call(q, dec, None, p) is None
+    assert objectives._standard_normal_call(q, dec, None, p) is not None
     p.loc.add_(1.0)  # in place: its version changes, and it is read again
-    assert objectives._standard_normal_call(q, _decoders(W)["bernoulli"], None, p) is None
-    args = (x, q, _decoders(W)["bernoulli"])
-    kw = dict(likelihood="bernoulli", prior=p)
-    shifted = fastvae.elbo(*args, generator=torch.Generator(device).manual_seed(1), **kw)
-    standard = fastvae.elbo(*args, generator=torch.Generator(device).manual_seed(1), likelihood="bernoulli")
+    assert objectives._standard_normal_call(q, dec, None, p) is None
+    kw = dict(likelihood="bernoulli")
+    shifted = fastvae.elbo(x, q, dec, generator=torch.Generator(device).manual_seed(1), prior=p, **kw)
+    standard = fastvae.elbo(x, q, dec, generator=torch.Generator(device).manual_seed(1), **kw)
     assert torch.isfinite(shifted) and shifted < standard  # N(1, I) is further from q than N(0, I)
+
+
+def test_a_prior_off_the_cpu_is_read_at_its_second_call_only():
+    """A prior whose parameters are not on the CPU is not read at its first
+    call (a prior made anew in every call would stall a GPU's queue on each):
+    meta tensors, which cannot be read, stand in for a GPU's here."""
+    p = torch.distributions.Normal(torch.zeros(L, device="meta"), torch.ones(L, device="meta"), validate_args=False)
+    assert not objectives._standard_normal_prior(p, torch.Size([L]), torch.device("meta"))
+    assert objectives._STANDARD_PRIORS[p][1] is None  # seen, not read
+    with pytest.raises(RuntimeError, match="meta"):  # the second call reads the values (meta has none)
+        objectives._standard_normal_prior(p, torch.Size([L]), torch.device("meta"))
 
 
 @pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process")
 def test_a_compiled_normal_posterior_takes_the_compiled_plans_as_shapes_change():
     """Under torch.compile, q a torch Normal with the default prior traces
-    into the Gaussian's compiled path; batch sizes and k change between calls."""
+    into the Gaussian's compiled path; the batch size, the latent width, k and
+    the dtype change between calls."""
     torch._dynamo.reset()
-    W = torch.randn(L, D, dtype=torch.float64)
 
-    def step(x, mu, scale, k):
+    def step(x, mu, scale, W, k):
         q = torch.distributions.Normal(mu, scale)
-        return fastvae.iwae(x, q, lambda z: z @ W, k=k, likelihood="bernoulli",
-                            generator=None) + fastvae.elbo(x, q, lambda z: z @ W, likelihood="bernoulli")
+        return fastvae.iwae(x, q, lambda z: z @ W, k=k, likelihood="bernoulli") + fastvae.elbo(
+            x, q, lambda z: z @ W, likelihood="bernoulli")
 
-    compiled = torch.compile(step, dynamic=None)
-    for n, k in ((3, 4), (6, 4), (5, 2)):
+    def inputs(n, width, dtype):
         g = torch.Generator().manual_seed(n)
-        x = (torch.rand(n, D, generator=g) > 0.5).double()
-        mu = torch.randn(n, L, generator=g, dtype=torch.float64).requires_grad_()
-        scale = torch.rand(n, L, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+        x = (torch.rand(n, D, generator=g) > 0.5).to(dtype)
+        W = torch.randn(width, D, generator=g, dtype=dtype)
+        mu = torch.randn(n, width, generator=g, dtype=dtype).requires_grad_()
+        scale = torch.rand(n, width, generator=g, dtype=dtype).add(0.5).requires_grad_()
+        return x, mu, scale, W
+
+    compiled = torch.compile(step)
+    for n, width, k, dtype in ((3, L, 4, torch.float64), (6, L, 4, torch.float64), (5, L + 2, 2, torch.float64),
+                               (4, L, 3, torch.float32)):
+        x, mu, scale, W = inputs(n, width, dtype)
         torch.manual_seed(0)
-        eager = step(x, mu, scale, k)
+        eager = step(x, mu, scale, W, k)
         e_grads = torch.autograd.grad(eager, (mu, scale))
         torch.manual_seed(0)
-        out = compiled(x, mu, scale, k)
+        out = compiled(x, mu, scale, W, k)
         grads = torch.autograd.grad(out, (mu, scale))
-        torch.testing.assert_close(out, eager, rtol=1e-10, atol=1e-10)
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype is torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, eager, **tol)
         for a, b in zip(grads, e_grads):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(a, b, **tol)
     graphs = []
 
     def record(gm, example_inputs):
@@ -1389,7 +1415,7 @@ def test_a_compiled_normal_posterior_takes_the_compiled_plans_as_shapes_change()
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(step, backend=record)(x, mu, scale, 2)
+    torch.compile(step, backend=record)(*inputs(3, L, torch.float64), 2)
     calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     # the compiled path's opaque head and tail (fastvae/_opaque.py), twice: nothing of the general path
     assert sum("nonstrict_traceable" in c for c in calls) == 4, calls
