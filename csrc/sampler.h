@@ -65,6 +65,11 @@ void by_family(int family, Fn fn) {
   }
 }
 
+// A hook that does nothing: forward_rows' after_tile, backward_blocks' after_block.
+struct NoHook {
+  void operator()(int64_t, int64_t) const {}
+};
+
 // The forward of a family sampler: z (K, N, L) and log_q (K, N) or null, at
 // the noise offsets offset0 + k * sample_stride + n * row_stride + l, in
 // tiles of whole rows (about kTileElems elements, one parallel work item
@@ -74,9 +79,11 @@ void by_family(int family, Fn fn) {
 //   draw(x, b0, n, z, lf, with_log_q): z of the block in one sample from its
 //     folded words x, and with_log_q the log-density terms lf, which are
 //     summed per sample row in double.
-template <typename T, typename Make>
+// after_tile(r0, r1) runs once a tile's rows r0 .. r1 - 1 are drawn, while
+// their parameters are in cache (a closed-form KL of the same parameters).
+template <typename T, typename Make, typename AfterTile = NoHook>
 void forward_rows(uint64_t seed, uint64_t offset0, uint64_t sample_stride, uint64_t row_stride, int64_t K,
-                  int64_t N, int64_t L, T* z, T* log_q, int n_threads, Make make) {
+                  int64_t N, int64_t L, T* z, T* log_q, int n_threads, Make make, AfterTile after_tile = {}) {
   const int64_t NL = N * L;
   const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
@@ -115,6 +122,7 @@ void forward_rows(uint64_t seed, uint64_t offset0, uint64_t sample_stride, uint6
         }
       }
     }
+    after_tile(r0, r1);
   }
 }
 
@@ -127,8 +135,11 @@ void forward_rows(uint64_t seed, uint64_t offset0, uint64_t sample_stride, uint6
 //     words x (base = k * N * L + b0, grad_z's offset) and each element's
 //     dlog_q[k, row] (gq; null when dlog_q is);
 //   finish(b0, n): the gradients of elements b0 .. b0 + n - 1 from the sums.
-template <typename T, typename Make>
-void backward_blocks(const T* dlog_q, uint64_t seed, int64_t K, int64_t N, int64_t L, int n_threads, Make make) {
+// after_block(b0, n) runs once they are written, while they are in cache (a
+// closed-form KL's gradients added to them).
+template <typename T, typename Make, typename AfterBlock = NoHook>
+void backward_blocks(const T* dlog_q, uint64_t seed, int64_t K, int64_t N, int64_t L, int n_threads, Make make,
+                     AfterBlock after_block = {}) {
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
@@ -146,6 +157,7 @@ void backward_blocks(const T* dlog_q, uint64_t seed, int64_t K, int64_t N, int64
       block.step(x, b0, base, n, dlog_q ? gq : nullptr);
     }
     block.finish(b0, n);
+    after_block(b0, n);
   }
 }
 

@@ -1,13 +1,16 @@
 // The samplers' shared pybind11 binding: the checks of their per-sample
 // gradients, and the whole binding of a family sampler of two (N, L)
 // parameters (sample_location_scale, sample_positive), whose kernels take the
-// family as an int and differ only in their transform and density. Each op's
-// bind.cpp names its kernels, its parameters and its families.
+// family as an int and differ only in their transform and density, with the
+// closed-form KL fused into the draw where the op has it (family_kl's). Each
+// op's bind.cpp names its kernels, its parameters and its families.
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "buffers.h"
+#include "family_kl/family_kl.h"
 #include "optional_buffers.h"
 
 namespace fastvae::bind {
@@ -39,6 +42,13 @@ struct FamilySamplerNames {
   const char* dp1;
   int families;
   const char* family_names;  // "uniform, laplace, ..."
+  // the prior's parameters and their gradients, of an op with <op>_kl_forward
+  // and <op>_kl_backward (the KL of (p0, p1) against a prior of a family with a
+  // location); null for one without
+  const char* prior0 = nullptr;
+  const char* prior1 = nullptr;
+  const char* dprior0 = nullptr;
+  const char* dprior1 = nullptr;
 };
 
 // A family sampler's C++ kernels in one dtype, which trust every extent checked here.
@@ -50,6 +60,13 @@ struct FamilyKernels {
   // (dz or null, dlog_q or null, p0, p1, seed, family, stop_score, K, N, L, dp0, dp1, n_threads)
   void (*backward)(const T*, const T*, const T*, const T*, uint64_t, int, bool, int64_t, int64_t, int64_t, T*, T*,
                    int);
+  // (p0, p1, prior0, prior1, prior_shared, seed, family, kl_family, K, N, L, z, kl, n_threads), or null
+  void (*kl_forward)(const T*, const T*, const T*, const T*, bool, uint64_t, int, int, int64_t, int64_t, int64_t, T*,
+                     T*, int) = nullptr;
+  // (dz or null, grad_kl or null, p0, p1, prior0, prior1, prior_shared, seed, family, kl_family, K, N, L,
+  //  dp0, dp1, dprior0 or null, dprior1 or null, n_threads), or null
+  void (*kl_backward)(const T*, const T*, const T*, const T*, const T*, const T*, bool, uint64_t, int, int, int64_t,
+                      int64_t, int64_t, T*, T*, T*, T*, int) = nullptr;
 };
 
 template <typename T>
@@ -85,6 +102,75 @@ void family_backward(const FamilySamplerNames& names, const FamilyKernels<T>& ke
   T* db = checked<T>(dp1, names.dp1, {N, L}, true);
   py::gil_scoped_release release;
   kernels.backward(g, gq, a, b, seed, family, stop_score, K, N, L, da, db, n_threads);
+}
+
+// The prior of a fused KL, checked: (prior0, prior1) (L,) (shared by the
+// rows) or (N, L); kl_family one of family_kl's with a location.
+struct FusedPrior {
+  bool shared;
+  std::vector<int64_t> shape;
+};
+
+inline FusedPrior fused_prior(const FamilySamplerNames& names, int kl_family, const py::array& prior1, int64_t N,
+                              int64_t L) {
+  if (kl_family < 0 || kl_family >= kFamilyKLFamilies || !family_kl_has_loc(kl_family)) {
+    throw py::value_error("kl_family: expected one of family_kl's families with a location (0-" +
+                          std::to_string(kFamilyKLFamilies - 1) + " but " + std::to_string(kFamilyKLExponential) +
+                          "), got " + std::to_string(kl_family));
+  }
+  const bool shared = prior1.ndim() == 1;
+  if (!shared && prior1.ndim() != 2) {
+    throw py::value_error(std::string(names.prior1) + ": expected a 1-d (L,) or 2-d (N, L) array, got " +
+                          shape_str(prior1));
+  }
+  return {shared, shared ? std::vector<int64_t>{L} : std::vector<int64_t>{N, L}};
+}
+
+template <typename T>
+void fused_kl_forward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::array p0, py::array p1,
+                       py::array prior0, py::array prior1, uint64_t seed, int family, int kl_family, py::array z,
+                       py::array kl, int n_threads) {
+  check_2d(p0, names.p0);
+  const int64_t N = p0.shape(0), L = p0.shape(1);
+  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
+  const int64_t K = z.shape(0);
+  const FusedPrior prior = fused_prior(names, kl_family, prior1, N, L);
+  const T* a = checked<T>(p0, names.p0, {N, L}, false);
+  const T* b = checked<T>(p1, names.p1, {N, L}, false);
+  const T* pa = checked<T>(prior0, names.prior0, prior.shape, false);
+  const T* pb = checked<T>(prior1, names.prior1, prior.shape, false);
+  T* zp = checked<T>(z, "z", {K, N, L}, true);
+  T* klp = checked<T>(kl, "kl", {N}, true);
+  py::gil_scoped_release release;
+  kernels.kl_forward(a, b, pa, pb, prior.shared, seed, family, kl_family, K, N, L, zp, klp, n_threads);
+}
+
+template <typename T>
+void fused_kl_backward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::object dz,
+                        py::object dkl, py::array p0, py::array p1, py::array prior0, py::array prior1, uint64_t seed,
+                        int family, int kl_family, py::array dp0, py::array dp1, py::object dprior0,
+                        py::object dprior1, int n_threads) {
+  check_2d(p0, names.p0);
+  const int64_t N = p0.shape(0), L = p0.shape(1);
+  const int64_t K = gradient_samples(dz, py::none(), 3, "(K, N, L)", "grad_kl");
+  const FusedPrior prior = fused_prior(names, kl_family, prior1, N, L);
+  if (dprior0.is_none() != dprior1.is_none()) {
+    throw py::value_error(std::string(names.dprior0) + " and " + names.dprior1 + ": expected both or neither");
+  }
+  py::array dz_holder, dkl_holder, dprior_holder[2];
+  const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L}, false);
+  const T* gkl = checked_or_null<T>(dkl, dkl_holder, "grad_kl", {N}, false);
+  const T* a = checked<T>(p0, names.p0, {N, L}, false);
+  const T* b = checked<T>(p1, names.p1, {N, L}, false);
+  const T* pa = checked<T>(prior0, names.prior0, prior.shape, false);
+  const T* pb = checked<T>(prior1, names.prior1, prior.shape, false);
+  T* da = checked<T>(dp0, names.dp0, {N, L}, true);
+  T* db = checked<T>(dp1, names.dp1, {N, L}, true);
+  T* dpa = checked_or_null<T>(dprior0, dprior_holder[0], names.dprior0, {N, L}, true);
+  T* dpb = checked_or_null<T>(dprior1, dprior_holder[1], names.dprior1, {N, L}, true);
+  py::gil_scoped_release release;
+  kernels.kl_backward(g, gkl, a, b, pa, pb, prior.shared, seed, family, kl_family, K, N, L, da, db, dpa, dpb,
+                      n_threads);
 }
 
 // Binds <op>_forward and <op>_backward, which check the family index and the
@@ -127,6 +213,39 @@ inline void bind_family_sampler(py::module_& m, const FamilySamplerNames& names,
         py::arg("grad_z").none(true), py::arg("grad_log_q").none(true), py::arg(names.p0), py::arg(names.p1),
         py::arg("seed"), py::arg("family"), py::arg("stop_score"), py::arg(names.dp0), py::arg(names.dp1),
         py::arg("n_threads"));
+
+  if (f32.kl_forward == nullptr) return;
+
+  m.def((std::string(names.op) + "_kl_forward").c_str(),
+        [=](py::array p0, py::array p1, py::array prior0, py::array prior1, uint64_t seed, int family, int kl_family,
+            py::array z, py::array kl, int n_threads) {
+          check_threads(n_threads);
+          check_family(family);
+          by_dtype(p0,
+                   [&] { fused_kl_forward(names, f32, p0, p1, prior0, prior1, seed, family, kl_family, z, kl,
+                                           n_threads); },
+                   [&] { fused_kl_forward(names, f64, p0, p1, prior0, prior1, seed, family, kl_family, z, kl,
+                                           n_threads); });
+        },
+        py::arg(names.p0), py::arg(names.p1), py::arg(names.prior0), py::arg(names.prior1), py::arg("seed"),
+        py::arg("family"), py::arg("kl_family"), py::arg("z"), py::arg("kl"), py::arg("n_threads"));
+
+  m.def((std::string(names.op) + "_kl_backward").c_str(),
+        [=](py::object dz, py::object dkl, py::array p0, py::array p1, py::array prior0, py::array prior1,
+            uint64_t seed, int family, int kl_family, py::array dp0, py::array dp1, py::object dprior0,
+            py::object dprior1, int n_threads) {
+          check_threads(n_threads);
+          check_family(family);
+          by_dtype(p0,
+                   [&] { fused_kl_backward(names, f32, dz, dkl, p0, p1, prior0, prior1, seed, family, kl_family,
+                                            dp0, dp1, dprior0, dprior1, n_threads); },
+                   [&] { fused_kl_backward(names, f64, dz, dkl, p0, p1, prior0, prior1, seed, family, kl_family,
+                                            dp0, dp1, dprior0, dprior1, n_threads); });
+        },
+        py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg(names.p0), py::arg(names.p1),
+        py::arg(names.prior0), py::arg(names.prior1), py::arg("seed"), py::arg("family"), py::arg("kl_family"),
+        py::arg(names.dp0), py::arg(names.dp1), py::arg(names.dprior0).none(true),
+        py::arg(names.dprior1).none(true), py::arg("n_threads"));
 }
 
 }  // namespace fastvae::bind

@@ -248,18 +248,19 @@ class FamilySamplePlan:
     adding q's gradients to the sampler's). The same variants as the general
     launchers' (kernels/sampler.py's family_*_plan, family_kl's *_plan).
     ``q_scale``: the posterior comes as its scale (or rate), whose log the
-    plan takes (a torch object's), else as its log."""
+    plan takes (a torch object's), else as its log. ``cpp``: the cpp
+    backend's, a location-scale family's: one C++ call each way,
+    sample_location_scale's _kl kernels, which run the KL inside the
+    sampler's loops (nothing to plan but the layout)."""
 
     # the family samplers the plans launch: (kernels' module, partial sums of a split backward)
     SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
 
     def __init__(self, sampler: str, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype,
-                 device: torch.device, n_samples: int | None, p_shared: bool, q_scale: bool, general):
-        kernels = _kernels("sampler")
-        self.sampler, self.sums = _kernels(sampler), self.SAMPLERS[sampler]
-        self.kernel_names = f"_{sampler}_fwd_kernel", f"_{sampler}_bwd_kernel"
-        self.kl = _kernels("family_kl")
+                 device: torch.device, n_samples: int | None, p_shared: bool, q_scale: bool, general,
+                 cpp: bool = False):
         self.has_loc = sampler == "sample_location_scale"  # else one log parameter (the exponential's)
+        self.cpp = cpp
         L = shape[-1]
         N = shape.numel() // L
         K = 1 if n_samples is None else n_samples
@@ -271,6 +272,14 @@ class FamilySamplePlan:
         self.z_like = torch.empty(shape if n_samples is None else (K, *shape), dtype=dtype, device=device)
         self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
+        if cpp:
+            if not self.has_loc:
+                raise ValueError("the cpp backend's family plan takes a location-scale family")
+            return
+        kernels = _kernels("sampler")
+        self.sampler, self.sums = _kernels(sampler), self.SAMPLERS[sampler]
+        self.kernel_names = f"_{sampler}_fwd_kernel", f"_{sampler}_bwd_kernel"
+        self.kl = _kernels("family_kl")
         grid, meta = kernels.family_forward_plan(K, N, L, dtype, device, family, False, 0, N * L, L)
         self.forward = Launch(getattr(self.sampler, self.kernel_names[0]), grid, meta)
         grid, meta = self.kl.forward_plan(N, L, dtype, kl_family, p_shared, True)
@@ -318,9 +327,16 @@ class FamilySample(torch.autograd.Function):
         log_scale = torch.log(q_b) if plan.q_scale else q_b
         p_log_scale = torch.log(p_b) if p_scale else p_b
         z, kl = empty(plan.z_like), empty(plan.kl_like)
-        first = loc if plan.has_loc else log_scale  # the sampler's two parameters (the exponential's: one, twice)
-        plan.forward(first, log_scale, seed, z, z, *plan.ints)
-        plan.kl_forward(first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, kl, plan.N, plan.L)
+        if plan.cpp:
+            N, L = plan.N, plan.L
+            _backend.launch("cpp", "sample_location_scale_kl_forward", z.numel(), loc=loc.view(N, L),
+                            log_scale=log_scale.view(N, L), prior_loc=p_loc, prior_log_scale=p_log_scale, seed=seed,
+                            family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L), kl=kl.view(N))
+        else:
+            first = loc if plan.has_loc else log_scale  # the sampler's two parameters (the exponential's: one, twice)
+            plan.forward(first, log_scale, seed, z, z, *plan.ints)
+            plan.kl_forward(first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, kl, plan.N,
+                            plan.L)
         ctx.save_for_backward(loc, log_scale, p_loc, p_log_scale, seed, q_b, p_b)
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.p_scale = plan, p_scale
@@ -343,26 +359,35 @@ class FamilySample(torch.autograd.Function):
             got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [g for _, g in outs], create_graph=True,
                                            allow_unused=True))
             return (*(next(got) if need else None for need in needs[:4]), None, None, None)
-        # the exponential's sampler writes a second gradient no parameter takes: scratch in loc's place
         dloc, dls = empty(plan.mu_like), empty(plan.mu_like)
-        dp_loc = dp_ls = None
-        first = loc if plan.has_loc else log_scale
-        if grad_z is not None:
-            run, part, counters, per_split, splits = plan.backward()
-            run(grad_z.contiguous(), first, first, log_scale, seed, dls if not plan.has_loc else dloc,
-                dloc if not plan.has_loc else dls, part, counters, plan.N, plan.L, plan.N * plan.L, plan.K,
-                per_split, splits)
-        if grad_kl is not None:
-            has_dp = needs[2] or needs[3]
-            if has_dp:
-                dp_loc, dp_ls = empty(plan.mu_like), empty(plan.mu_like)
-            plan.kl_backward(has_dp, grad_z is not None)(
-                grad_kl.contiguous(), first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, dloc,
-                dls, dls if dp_loc is None else dp_loc, dls if dp_ls is None else dp_ls, plan.N, plan.L)
-            if has_dp and plan.p_shared:  # the prior's, summed back to its (L,)
-                dp_loc, dp_ls = (None if p_loc is None else dp_loc.sum(0)), dp_ls.sum(0)
-            if dp_ls is not None and ctx.p_scale:
-                dp_ls = dp_ls / p_b
+        has_dp = grad_kl is not None and (needs[2] or needs[3])
+        dp_loc, dp_ls = (empty(plan.mu_like), empty(plan.mu_like)) if has_dp else (None, None)
+        if plan.cpp:
+            N, L, K = plan.N, plan.L, plan.K
+            _backend.launch(
+                "cpp", "sample_location_scale_kl_backward", max(K, 1) * N * L,
+                grad_z=None if grad_z is None else grad_z.contiguous().view(K, N, L),
+                grad_kl=None if grad_kl is None else grad_kl.contiguous().view(N), loc=loc.view(N, L),
+                log_scale=log_scale.view(N, L), prior_loc=p_loc, prior_log_scale=p_log_scale, seed=seed,
+                family=plan.family, kl_family=plan.kl_family, dloc=dloc.view(N, L), dlog_scale=dls.view(N, L),
+                dprior_loc=None if dp_loc is None else dp_loc.view(N, L),
+                dprior_log_scale=None if dp_ls is None else dp_ls.view(N, L))
+        else:
+            # the exponential's sampler writes a second gradient no parameter takes: scratch in loc's place
+            first = loc if plan.has_loc else log_scale
+            if grad_z is not None:
+                run, part, counters, per_split, splits = plan.backward()
+                run(grad_z.contiguous(), first, first, log_scale, seed, dls if not plan.has_loc else dloc,
+                    dloc if not plan.has_loc else dls, part, counters, plan.N, plan.L, plan.N * plan.L, plan.K,
+                    per_split, splits)
+            if grad_kl is not None:
+                plan.kl_backward(has_dp, grad_z is not None)(
+                    grad_kl.contiguous(), first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale,
+                    dloc, dls, dls if dp_loc is None else dp_loc, dls if dp_ls is None else dp_ls, plan.N, plan.L)
+        if has_dp and plan.p_shared:  # the prior's, summed back to its (L,)
+            dp_loc, dp_ls = (None if p_loc is None else dp_loc.sum(0)), dp_ls.sum(0)
+        if dp_ls is not None and ctx.p_scale:
+            dp_ls = dp_ls / p_b
         if plan.q_scale:
             dls = dls / q_b
         return (dloc if needs[0] else None, dls if needs[1] else None, dp_loc if needs[2] else None,

@@ -110,7 +110,8 @@ USES: dict[tuple[str, str], str] = {
     ("_plan", "gaussian_log_prob"): "TailPlan launches the Gaussian kernels, reading a (mean, logvar) "
                                     "decoder's packed halves",
     ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
-    ("_plan", "sample_location_scale"): "FamilySamplePlan launches a location-scale family's sampler kernels",
+    ("_plan", "sample_location_scale"): "FamilySamplePlan launches a location-scale family's sampler kernels "
+                                        "(on the cpp backend, its fused KL kernels)",
     ("_plan", "sample_positive"): "FamilySamplePlan launches the exponential's sampler kernels",
     ("objectives", "sample_positive"): "the exponential's plan replays and the cpp backend's path run the op's "
                                        "Function unchecked",
@@ -128,6 +129,13 @@ USES: dict[tuple[str, str], str] = {
     ("ops.sample_normal", "kl_normal"): "the oracle's KL gradient is kl_normal's",
     ("ops.sample_normal.op", "kl_normal"): "the double backward's KL gradient is kl_normal's",
     ("ops/sample_normal/sample_normal.cpp", "kl_normal"): "the fused KL's C++ gradient is kl_normal's",
+    ("ops.sample_location_scale", "family_kl"): "the fused KL kernels' oracle is family_kl's after the draw",
+    ("ops.sample_location_scale.op", "family_kl"): "the fused draw and KL take the prior in family_kl's layout "
+                                                   "and replay FamilyKL for a create_graph backward",
+    ("ops.sample_location_scale.triton", "family_kl"): "the fused KL kernels launch family_kl's after the draw",
+    ("ops/sample_location_scale/sample_location_scale.cpp", "family_kl"): "the fused KL runs family_kl's rows and "
+                                                                          "gradients inside the sampler's loops",
+    ("csrc/sampler_bind.h", "family_kl"): "the samplers' fused KL bindings check family_kl's families",
     # shared math that one op holds
     ("ops.family_kl.triton", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",
     ("ops/family_kl/family_kl.cpp", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",

@@ -89,6 +89,7 @@ from .ops.sample_location_scale.op import (
     FAMILIES,
     family_index,
     location_scale_at,
+    sample_location_scale_kl_unchecked,
     sample_location_scale_unchecked,
 )
 from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
@@ -255,6 +256,31 @@ class LocationScale(_Latent):
 
     def kl_per_dim(self, prior) -> Tensor | None:
         return self._kl(prior, False)
+
+    def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        """The ELBO's draw: against a prior of this family with a closed form,
+        z and the KL from one fused call each way (sample_location_scale_kl:
+        the sampler's z, family_kl's KL, the same bits), no log q formed;
+        else the general draw (_Latent.sample_with_kl)."""
+        p = _prior_location_scale(prior, self.family) if self.family in KL_FAMILIES else None
+        if p is None or not _fuses(self.loc, self.log_scale, *p):
+            return super().sample_with_kl(n_samples, prior, generator)
+        z, kl = sample_location_scale_kl_unchecked(self.index, KL_FAMILIES.index(self.family), self.loc,
+                                                   self.log_scale, *p, 1 if n_samples is None else n_samples,
+                                                   generator)
+        return (z[0] if n_samples is None else z), kl, True
+
+
+def _fuses(loc: Tensor, log_scale: Tensor, p_loc, p_log_scale) -> bool:
+    """Whether the fused draw and KL take these parameters: tensors of one
+    float32 or float64 dtype and one device (its kernels' types), the prior's
+    broadcastable to q's shape, outside autocast; else the two ops (which
+    widen half precision, and name a prior that does not broadcast)."""
+    return (type(p_loc) is Tensor and type(p_log_scale) is Tensor and loc.dtype in (torch.float32, torch.float64)
+            and log_scale.dtype is loc.dtype and p_loc.dtype is loc.dtype and p_log_scale.dtype is loc.dtype
+            and log_scale.device == loc.device and p_loc.device == loc.device and p_log_scale.device == loc.device
+            and not torch.is_autocast_enabled(loc.device.type)
+            and all(_validate.broadcasts_to(t.shape, loc.shape) for t in (p_loc, p_log_scale)))
 
 
 
@@ -520,6 +546,18 @@ def _log(scale: Tensor) -> Tensor:
     return torch.log(widened(scale)[0])
 
 
+def check_torch_scale(base: Distribution) -> Tensor:
+    """The value check of a torch Laplace's, Gumbel's or Cauchy's scale, or a
+    Uniform's high - low, by name (its log would be NaN); returns what it checked."""
+    name = type(base).__name__
+    if type(base) is Uniform:
+        width = base.high - base.low
+        _value_checks.positive_scale(width, f"the posterior's high - low (torch {name})")
+        return width
+    _value_checks.positive_scale(base.scale, f"the posterior's scale (torch {name})")
+    return base.scale
+
+
 def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | LogisticNormal | None:
     """The record of a torch Laplace, Uniform, Gumbel, Cauchy, LogNormal or
     LogisticNormal (or Independent of one over the last dimension),
@@ -527,14 +565,11 @@ def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | L
     high - low) <= 0 is refused by name (its log would be NaN): torch's own
     validation catches it unless validate_args=False."""
     base, n = (q.base_dist, q.reinterpreted_batch_ndims) if isinstance(q, Independent) else (q, 0)
-    name = type(base).__name__
     if type(base) in _TORCH_CLASSES and n <= 1:
         family = _TORCH_CLASSES[type(base)]
+        width = check_torch_scale(base)
         if family == "uniform":
-            width = base.high - base.low
-            _value_checks.positive_scale(width, f"the posterior's high - low (torch {name})")
             return LocationScale(family, base.low, _log(width))
-        _value_checks.positive_scale(base.scale, f"the posterior's scale (torch {name})")
         return LocationScale(family, base.loc, _log(base.scale))
     if type(base) is TorchLogNormal and n <= 1:
         _value_checks.positive_scale(base.scale, "the posterior's scale (torch LogNormal)")

@@ -29,7 +29,16 @@ from ._op import draw_seed
 from ._sampler import z_dtype
 from ._value_checks import settled as _checks_settled
 from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
-from .latents import HIGH, LATENTS, LOG_SCALE, SCALE, exponential_form, location_scale_form, log_scale_of
+from .latents import (
+    HIGH,
+    LATENTS,
+    LOG_SCALE,
+    SCALE,
+    check_torch_scale,
+    exponential_form,
+    location_scale_form,
+    log_scale_of,
+)
 from .ops.family_kl.op import FamilyKL, prior_layout
 from .ops.kl_normal.op import kl_normal
 from .ops.logmeanexp.op import (
@@ -362,7 +371,7 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
         n = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
         batch = mu.shape[:-1]
         P = batch.numel()
-        sample = tail = None  # the cpp backend: the checks are its plan
+        sample = tail = None  # the cpp backend's exponential: the checks are its plan
         dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
         if triton:
             sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False, dtype,
@@ -449,9 +458,15 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
             or dtype not in _LEAN_DTYPES or b.dtype is not dtype or p_loc.dtype is not dtype
             or p_b.dtype is not dtype or x.dtype is not dtype or b.device != device or p_loc.device != device
             or p_b.device != device or x.device != device or x.requires_grad or not x.is_contiguous()
-            or loc.dim() == 0 or not _family_checks_settled(exponential, form)):
+            or loc.dim() == 0):
         return None
     triton = backend == "triton"
+    if not _family_checks_settled(exponential, form):
+        # on the cpp backend a torch posterior's scale is checked on every call (on the CPU a check
+        # costs no sync), here as on the general path; on the triton backend, until it has been once
+        if triton or exponential:
+            return None
+        check_torch_scale(q.base_dist if type(q) is Independent else q)
     key = ("family elbo", family, form, p_form, x.shape, loc.shape, loc.stride(), b.shape, b.stride(), p_loc.shape,
            p_b.shape, dtype, device, triton, likelihood, n_samples, reduction)
     plan = _plan.PLANS.get(key)
@@ -470,17 +485,18 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         p_shared = all(n == 1 for t in (p_loc, p_b) for n in t.shape[:-1])
         if exponential:
             p_loc = None
-        if triton:
+        if triton or not exponential:  # the cpp backend's: a location-scale family's fused C++ call
             sampler, index = ("sample_positive", 0) if exponential else ("sample_location_scale", family_index(family))
             sample = _plan.FamilySamplePlan(sampler, index, KL_FAMILIES.index(family), loc.shape, dtype, device,
-                                            None if n == 1 else n, p_shared, form == SCALE, _general_family_sample)
+                                            None if n == 1 else n, p_shared, form == SCALE, _general_family_sample,
+                                            cpp=not triton)
         if triton and n == 1:  # several samples: the general tail
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
                                   _general_elbo_tail, x.shape, dtype)
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
     if exponential:
         loc = p_loc = None
-    if not triton:  # the cpp backend: the general path's own calls, without its checks
+    if plan.sample is None:  # the cpp backend's exponential: the general path's own calls, without its checks
         log_scale, p_log_scale = log_scale_of(loc, b, form), log_scale_of(p_loc, p_b, p_form)
         if exponential:
             z, _ = sample_positive_unchecked(0, log_scale, log_scale.detach(), n_samples, False, generator)

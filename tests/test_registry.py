@@ -359,8 +359,9 @@ def test_the_cpp_and_triton_kernels_spell_the_families_order(families):
     cpp = cpp_path.read_text()
     assert _cpp_positions(cpp) == [(name, i) for i, name in enumerate(order)]
     # the binding's check of the index: a sampler's names in order with their count
-    # (csrc/sampler_bind.h's FamilySamplerNames), family_kl's count
-    bind = (cpp_path.parent / "bind.cpp").read_text()
+    # (csrc/sampler_bind.h's FamilySamplerNames), family_kl's count (in its header, which the
+    # samplers' fused KL bindings read too)
+    bind = (cpp_path.parent / "bind.cpp").read_text() + cpp_path.with_suffix(".h").read_text()
     listed = re.findall(r'(\d+),\s*"(\w+(?:, \w+)+)"', bind)
     assert all(tuple(names.split(", ")) == order for _, names in listed), listed
     bound = [int(n) for n, _ in listed] + [int(n) for n in re.findall(r"kFamilyKLFamilies = (\d+)", bind)]
@@ -374,9 +375,10 @@ def test_the_cpp_and_triton_kernels_spell_the_families_order(families):
 
 
 def test_family_kl_names_the_exponential_s_position():
-    """family_kl's binding tells the exponential (no location) by a constant of its own:
-    the exponential's position in KL_FAMILIES."""
+    """family_kl's header, which its binding and the samplers' fused KL bindings read, tells
+    the exponential (no location) by a constant of its own: the exponential's position in
+    KL_FAMILIES."""
     from fastvae._families import KL_FAMILIES
 
-    bind = (ROOT / "fastvae" / "ops" / "family_kl" / "bind.cpp").read_text()
-    assert int(re.search(r"kFamilyKLExponential = (\d+)", bind).group(1)) == KL_FAMILIES.index("exponential")
+    header = (ROOT / "fastvae" / "ops" / "family_kl" / "family_kl.h").read_text()
+    assert int(re.search(r"kFamilyKLExponential = (\d+)", header).group(1)) == KL_FAMILIES.index("exponential")

@@ -6,9 +6,6 @@
 namespace fastvae::bind {
 namespace {
 
-constexpr int kFamilyKLFamilies = 6;  // KL_FAMILIES (fastvae/_families.py)
-constexpr int kFamilyKLExponential = 4;
-
 // The checked inputs of a call; keep holds the optional arrays alive.
 template <typename T>
 FamilyKLIn<T> family_kl_inputs(py::object q_loc, py::array q_log_param, py::object p_loc, py::array p_log_param,
@@ -19,7 +16,7 @@ FamilyKLIn<T> family_kl_inputs(py::object q_loc, py::array q_log_param, py::obje
   }
   check_2d(q_log_param, "q_log_param");
   const int64_t N = q_log_param.shape(0), L = q_log_param.shape(1);
-  const bool has_loc = family != kFamilyKLExponential;
+  const bool has_loc = family_kl_has_loc(family);
   if (q_loc.is_none() == has_loc || p_loc.is_none() == has_loc) {
     throw py::value_error(has_loc ? "q_loc and p_loc are required for this family"
                                   : "q_loc and p_loc must be None for the exponential");
@@ -55,7 +52,7 @@ void family_kl_backward_t(py::array grad_kl, py::object q_loc, py::array q_log_p
   py::array keep[2], dkeep[3];
   const FamilyKLIn<T> in = family_kl_inputs<T>(q_loc, q_log_param, p_loc, p_log_param, family, keep);
   const bool reduce = grad_kl.ndim() == 1;
-  const bool has_loc = family != kFamilyKLExponential;
+  const bool has_loc = family_kl_has_loc(family);
   if (dq_loc.is_none() == has_loc || (has_loc && dp_loc.is_none() != dp_log_param.is_none()) ||
       (!has_loc && !dp_loc.is_none())) {
     throw py::value_error("dq_loc (and dp_loc with dp_log_param) go with q_loc: given for a location family only");

@@ -414,6 +414,46 @@ FASTVAE_INLINE void backward_rows_any(int family, const T* grad_kl, const Family
   }
 }
 
+// dst[i] += src[i]: dst + src, as autograd adds two gradients (one rounding).
+template <typename T>
+FASTVAE_INLINE void add_block(const T* __restrict src, int64_t n, T* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// The gradients of elements e0 .. e0 + n - 1 (n <= kBlock) from the row
+// gradients grad_kl (N,): q's added to dqm, dqs (a sampler's, which autograd
+// would add them to), p's written where dpm, dps are not null.
+template <int F, typename T>
+FASTVAE_INLINE void add_backward_t(const T* grad_kl, const FamilyKLIn<T>& in, int64_t e0, int64_t n, T* dqm, T* dqs,
+                                   T* dpm, T* dps) {
+  const int64_t L = in.L;
+  constexpr bool kLoc = F != kExponential;
+  T g[kBlock], pm_buf[kBlock], ps_buf[kBlock], gm[kBlock], gs[kBlock], gpm_buf[kBlock], gps_buf[kBlock];
+  spread_rows(grad_kl, e0, n, L, g);
+  const T* qs = in.q_log_param + e0;
+  const T* qm = kLoc ? in.q_loc + e0 : qs;
+  const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
+  const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
+  T* gpm = kLoc && dpm != nullptr ? dpm + e0 : gpm_buf;
+  T* gps = dps != nullptr ? dps + e0 : gps_buf;
+  grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
+  add_block(gs, n, dqs + e0);
+  if constexpr (kLoc) add_block(gm, n, dqm + e0);
+}
+
+template <typename T>
+FASTVAE_INLINE void add_backward_any(int family, const T* grad_kl, const FamilyKLIn<T>& in, int64_t e0, int64_t n,
+                                     T* dqm, T* dqs, T* dpm, T* dps) {
+  switch (family) {
+    case kLaplace: add_backward_t<kLaplace>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
+    case kUniform: add_backward_t<kUniform>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
+    case kGumbel: add_backward_t<kGumbel>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
+    case kCauchy: add_backward_t<kCauchy>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
+    case kKumaraswamy: add_backward_t<kKumaraswamy>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
+    default: add_backward_t<kExponential>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
+  }
+}
+
 // float runs in the ISA clones; double is the precise (libm) path.
 FASTVAE_CLONES void forward_rows_f32(int family, const FamilyKLIn<float>& in, int64_t r0, int64_t r1, bool reduce,
                                      float* kl) {
@@ -441,6 +481,21 @@ void backward_rows(int family, const float* grad_kl, const FamilyKLIn<float>& in
 void backward_rows(int family, const double* grad_kl, const FamilyKLIn<double>& in, int64_t r0, int64_t r1,
                    bool reduce, double* dqm, double* dqs, double* dpm, double* dps) {
   backward_rows_any(family, grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps);
+}
+
+FASTVAE_CLONES void add_backward_f32(int family, const float* grad_kl, const FamilyKLIn<float>& in, int64_t e0,
+                                     int64_t n, float* dqm, float* dqs, float* dpm, float* dps) {
+  add_backward_any(family, grad_kl, in, e0, n, dqm, dqs, dpm, dps);
+}
+
+void add_backward(int family, const float* grad_kl, const FamilyKLIn<float>& in, int64_t e0, int64_t n, float* dqm,
+                  float* dqs, float* dpm, float* dps) {
+  add_backward_f32(family, grad_kl, in, e0, n, dqm, dqs, dpm, dps);
+}
+
+void add_backward(int family, const double* grad_kl, const FamilyKLIn<double>& in, int64_t e0, int64_t n,
+                  double* dqm, double* dqs, double* dpm, double* dps) {
+  add_backward_any(family, grad_kl, in, e0, n, dqm, dqs, dpm, dps);
 }
 
 }  // namespace
@@ -473,5 +528,23 @@ template void family_kl_backward<float>(int, const float*, const FamilyKLIn<floa
                                         float*, int);
 template void family_kl_backward<double>(int, const double*, const FamilyKLIn<double>&, bool, double*, double*,
                                          double*, double*, int);
+
+template <typename T>
+void family_kl_forward_rows(int family, const FamilyKLIn<T>& in, int64_t r0, int64_t r1, T* kl) {
+  forward_rows(family, in, r0, r1, true, kl);
+}
+
+template <typename T>
+void family_kl_add_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, int64_t e0, int64_t n,
+                            T* dq_loc, T* dq_log_param, T* dp_loc, T* dp_log_param) {
+  add_backward(family, grad_kl, in, e0, n, dq_loc, dq_log_param, dp_loc, dp_log_param);
+}
+
+template void family_kl_forward_rows<float>(int, const FamilyKLIn<float>&, int64_t, int64_t, float*);
+template void family_kl_forward_rows<double>(int, const FamilyKLIn<double>&, int64_t, int64_t, double*);
+template void family_kl_add_backward<float>(int, const float*, const FamilyKLIn<float>&, int64_t, int64_t, float*,
+                                            float*, float*, float*);
+template void family_kl_add_backward<double>(int, const double*, const FamilyKLIn<double>&, int64_t, int64_t,
+                                             double*, double*, double*, double*);
 
 }  // namespace fastvae

@@ -6,6 +6,12 @@
 
 namespace fastvae {
 
+constexpr int kFamilyKLFamilies = 6;  // KL_FAMILIES (fastvae/_families.py)
+constexpr int kFamilyKLExponential = 4;
+
+// Whether a KL family's q and p have a location (q_loc, p_loc): all but the exponential.
+inline bool family_kl_has_loc(int family) { return family != kFamilyKLExponential; }
+
 // The parameters of one call: q's (N, L); p's (N, L), or (L,) when p_shared.
 // q_loc and p_loc are null for the exponential, whose log-rates sit in the
 // log_param arrays (the log-scales of the location-scale families); the
@@ -31,5 +37,17 @@ void family_kl_forward(int family, const FamilyKLIn<T>& in, bool reduce, T* kl, 
 template <typename T>
 void family_kl_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, bool reduce, T* dq_loc,
                         T* dq_log_param, T* dp_loc, T* dp_log_param, int n_threads);
+
+// The pieces a sampler runs inside its own loops, so that the KL reads q
+// while the sampler's tile or block is in cache (csrc/sampler.h's hooks):
+// kl[r0 .. r1) summed over L; and the gradients of elements e0 .. e0 + n - 1
+// (n <= 512) from grad_kl (N,), q's added to what dq_loc, dq_log_param hold
+// (the sampler's), p's written where dp_* are not null.
+template <typename T>
+void family_kl_forward_rows(int family, const FamilyKLIn<T>& in, int64_t r0, int64_t r1, T* kl);
+
+template <typename T>
+void family_kl_add_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, int64_t e0, int64_t n,
+                            T* dq_loc, T* dq_log_param, T* dp_loc, T* dp_log_param);
 
 }  // namespace fastvae

@@ -24,6 +24,7 @@ from ..._dtypes import accumulation_dtype
 from ..._families import LOCATION_SCALE_FAMILIES
 from ..._philox import HALF_WORD, open_uniforms, philox_word
 from ..._spec import Bench, Kernel, Op
+from ..family_kl import family_kl_backward, family_kl_forward
 
 # `family` picks the standardized inverse CDF (LOCATION_SCALE_FAMILIES), a
 # compile-time variant in the C++ and Triton kernels
@@ -34,6 +35,13 @@ KERNELS = (
     Kernel("sample_location_scale_backward", "sample_location_scale",
            ("grad_z", "grad_log_q", "loc", "log_scale", "seed", "family", "stop_score", "dloc", "dlog_scale"),
            heavy="L"),
+    # the training layout's draw with family_kl's closed form of (loc, log_scale) against a prior
+    # of a family with a location ((L,) or (N, L)), summed over L: one pass over q each way
+    Kernel("sample_location_scale_kl_forward", "sample_location_scale",
+           ("loc", "log_scale", "prior_loc", "prior_log_scale", "seed", "family", "kl_family", "z", "kl")),
+    Kernel("sample_location_scale_kl_backward", "sample_location_scale",
+           ("grad_z", "grad_kl", "loc", "log_scale", "prior_loc", "prior_log_scale", "seed", "family",
+            "kl_family", "dloc", "dlog_scale", "dprior_loc", "dprior_log_scale")),
 )
 
 OP = Op("sample_location_scale", tuple(k.name for k in KERNELS),
@@ -137,6 +145,38 @@ def sample_location_scale_backward(grad_z: Tensor | None, grad_log_q: Tensor | N
             d_ls = d_ls - g.sum(0)
     dloc.copy_(d_loc)
     dlog_scale.copy_(d_ls)
+
+
+def sample_location_scale_kl_forward(loc: Tensor, log_scale: Tensor, prior_loc: Tensor, prior_log_scale: Tensor,
+                                     seed: int, family: int, kl_family: int, z: Tensor, kl: Tensor) -> None:
+    """z (K, N, L) as sample_location_scale_forward draws it at the training
+    layout's offsets, and kl (N,) <- family_kl's closed form of (loc, log_scale)
+    against (prior_loc, prior_log_scale) ((L,) or (N, L)) summed over L."""
+    N, L = loc.shape
+    sample_location_scale_forward(loc, log_scale, seed, family, 0, N * L, L, z, None)
+    family_kl_forward(loc, log_scale, prior_loc, prior_log_scale, kl_family, kl)
+
+
+def sample_location_scale_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, loc: Tensor, log_scale: Tensor,
+                                      prior_loc: Tensor, prior_log_scale: Tensor, seed: int, family: int,
+                                      kl_family: int, dloc: Tensor, dlog_scale: Tensor, dprior_loc: Tensor | None,
+                                      dprior_log_scale: Tensor | None) -> None:
+    """dloc, dlog_scale (N, L) <- the sampler's gradients from grad_z (K, N, L)
+    plus the KL's from grad_kl (N,) (None: no such term); dprior_loc,
+    dprior_log_scale (N, L), when given, <- the KL's gradients of the prior,
+    per row (a shared (L,) prior's are their column sums)."""
+    dloc.zero_()
+    dlog_scale.zero_()
+    if grad_z is not None:
+        sample_location_scale_backward(grad_z, None, loc, log_scale, seed, family, False, dloc, dlog_scale)
+    if grad_kl is not None:
+        d = [torch.empty_like(dloc), torch.empty_like(dlog_scale), dprior_loc, dprior_log_scale]
+        family_kl_backward(grad_kl, loc, log_scale, prior_loc, prior_log_scale, kl_family, *d)
+        dloc.add_(d[0])
+        dlog_scale.add_(d[1])
+    elif dprior_loc is not None:
+        dprior_loc.zero_()
+        dprior_log_scale.zero_()
 
 
 # -- ahead-of-time compilation (python -m fastvae.kernels.aot --op sample_location_scale)

@@ -7,8 +7,16 @@
 // The family is a template parameter (the standardized inverse CDF as a
 // compile-time variant); one runtime switch per call picks the instantiation.
 // The loops over (K, N, L) are the family samplers' (csrc/sampler.h).
+//
+// The _kl variants add a closed-form KL of (loc, log_scale) against a prior
+// (family_kl's, in its layout) inside the same loops: its row sums once a
+// tile of z is drawn, its gradients added to each block of the sampler's
+// while they are in cache. One pass over q each way instead of two, and no
+// separate sum of the two gradients.
+#include <algorithm>
 #include <cmath>
 
+#include "family_kl/family_kl.h"
 #include "sample_location_scale.h"
 #include "sampler.h"
 
@@ -204,6 +212,41 @@ void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, 
   });
 }
 
+template <typename T>
+void sample_location_scale_kl_forward(const T* loc, const T* log_scale, const T* prior_loc,
+                                      const T* prior_log_scale, bool prior_shared, uint64_t seed, int family,
+                                      int kl_family, int64_t K, int64_t N, int64_t L, T* z, T* kl, int n_threads) {
+  const FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::forward_rows<T>(
+        seed, 0, N * L, L, K, N, L, z, nullptr, n_threads,
+        [&] { return ForwardBlock<decltype(f)::value, T>(loc, log_scale); },
+        [&](int64_t r0, int64_t r1) { family_kl_forward_rows<T>(kl_family, in, r0, r1, kl); });
+  });
+}
+
+template <typename T>
+void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* loc, const T* log_scale,
+                                       const T* prior_loc, const T* prior_log_scale, bool prior_shared,
+                                       uint64_t seed, int family, int kl_family, int64_t K, int64_t N, int64_t L,
+                                       T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads) {
+  const FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::backward_blocks<T>(
+        nullptr, seed, dz ? K : 0, N, L, n_threads,  // no grad_z: no sample's terms, the KL's gradients alone
+        [&] { return BackwardBlock<decltype(f)::value, T>(dz, log_scale, false, dloc, dlog_scale); },
+        [&](int64_t b0, int64_t n) {
+          if (grad_kl) {
+            family_kl_add_backward<T>(kl_family, grad_kl, in, b0, n, dloc, dlog_scale, dprior_loc,
+                                      dprior_log_scale);
+          } else {  // no KL term: the prior's gradients are 0
+            if (dprior_loc) std::fill(dprior_loc + b0, dprior_loc + b0 + n, T(0));
+            if (dprior_log_scale) std::fill(dprior_log_scale + b0, dprior_log_scale + b0 + n, T(0));
+          }
+        });
+  });
+}
+
 template void sample_location_scale_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
                                                    uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
 template void sample_location_scale_forward<double>(const double*, const double*, uint64_t, int, uint64_t,
@@ -215,5 +258,19 @@ template void sample_location_scale_backward<float>(const float*, const float*, 
 template void sample_location_scale_backward<double>(const double*, const double*, const double*, const double*,
                                                      uint64_t, int, bool, int64_t, int64_t, int64_t, double*,
                                                      double*, int);
+
+template void sample_location_scale_kl_forward<float>(const float*, const float*, const float*, const float*, bool,
+                                                      uint64_t, int, int, int64_t, int64_t, int64_t, float*, float*,
+                                                      int);
+template void sample_location_scale_kl_forward<double>(const double*, const double*, const double*, const double*,
+                                                       bool, uint64_t, int, int, int64_t, int64_t, int64_t, double*,
+                                                       double*, int);
+template void sample_location_scale_kl_backward<float>(const float*, const float*, const float*, const float*,
+                                                       const float*, const float*, bool, uint64_t, int, int, int64_t,
+                                                       int64_t, int64_t, float*, float*, float*, float*, int);
+template void sample_location_scale_kl_backward<double>(const double*, const double*, const double*, const double*,
+                                                        const double*, const double*, bool, uint64_t, int, int,
+                                                        int64_t, int64_t, int64_t, double*, double*, double*,
+                                                        double*, int);
 
 }  // namespace fastvae

@@ -338,3 +338,269 @@ def double_backward_cases(r):
                                                                                 generator=gen(3)),
                                   [r(3, 4), r(3, 4)], False),
     }
+
+
+# -- the closed-form KL fused into the draw (sample_location_scale_kl_*) -------------------
+
+KL_CASES = [  # (N, L, K, prior shared, log-scale bound)
+    (1, 1, 1, True, 0.5), (37, 5, 1, False, 3.0), (13, 33, 3, True, 3.0), (3, 1025, 2, False, 0.5),
+    (5, 7, 1, True, 20.0),
+]
+KL_LOCATION_FAMILIES = ("laplace", "uniform", "gumbel", "cauchy")
+
+
+def _kl_problem(name, N, L, K, shared, bound, dtype, device):
+    """(q (loc, log_scale), prior (loc, log_scale), grad_z, grad_kl): a uniform
+    prior wide enough that q's support lies inside it (a finite KL)."""
+    loc, ls = make_inputs((N,), L, N * L + K, bound, dtype, device)
+    g = torch.Generator().manual_seed(N + L)
+    p_shape = (L,) if shared else (N, L)
+    p_loc = (0.5 * torch.randn(p_shape, generator=g, dtype=torch.float64))
+    p_ls = (0.3 * torch.randn(p_shape, generator=g, dtype=torch.float64))
+    if name == "uniform":
+        p_loc, p_ls = p_loc - 60.0 - 2 * math.exp(bound), p_ls + math.log(120.0) + bound + 1.0
+    grad_z = torch.randn(K, N, L, generator=g, dtype=torch.float64)
+    grad_kl = torch.randn(N, generator=g, dtype=torch.float64)
+    return (loc, ls), tuple(t.to(dtype).to(device) for t in (p_loc, p_ls, grad_z, grad_kl))
+
+
+def _fused(backend_name, q, p, seed, family, kl_family, K, grad_z, grad_kl, need_dp):
+    """The fused kernels' (z, kl) and (dloc, dlog_scale, dprior_loc, dprior_log_scale)."""
+    (loc, ls), (p_loc, p_ls) = q, p
+    N, L = loc.shape
+    z, kl = loc.new_empty(K, N, L), loc.new_empty(N)
+    fastvae._backend.launch(backend_name, "sample_location_scale_kl_forward", z.numel(), loc=loc, log_scale=ls,
+                            prior_loc=p_loc, prior_log_scale=p_ls, seed=seed, family=family, kl_family=kl_family,
+                            z=z, kl=kl)
+    d = [torch.full_like(loc, float("nan")) for _ in range(4 if need_dp else 2)] + [None] * (0 if need_dp else 2)
+    fastvae._backend.launch(backend_name, "sample_location_scale_kl_backward", z.numel(), grad_z=grad_z,
+                            grad_kl=grad_kl, loc=loc, log_scale=ls, prior_loc=p_loc, prior_log_scale=p_ls, seed=seed,
+                            family=family, kl_family=kl_family, dloc=d[0], dlog_scale=d[1], dprior_loc=d[2],
+                            dprior_log_scale=d[3])
+    return (z, kl), d
+
+
+def _separate(backend_name, q, p, seed, family, kl_family, K, grad_z, grad_kl, need_dp):
+    """The same from the sampler's and family_kl's own kernels, their q
+    gradients added as autograd adds them."""
+    (loc, ls), (p_loc, p_ls) = q, p
+    N, L = loc.shape
+    launch = fastvae._backend.launch
+    z, kl = loc.new_empty(K, N, L), loc.new_empty(N)
+    launch(backend_name, "sample_location_scale_forward", z.numel(), loc=loc, log_scale=ls, seed=seed, family=family,
+           offset0=0, sample_stride=N * L, row_stride=L, z=z, log_q=None)
+    launch(backend_name, "family_kl_forward", N * L, q_loc=loc, q_log_param=ls, p_loc=p_loc, p_log_param=p_ls,
+           family=kl_family, kl=kl)
+    ds = [torch.empty_like(loc) for _ in range(2)]
+    dk = [torch.empty_like(loc) for _ in range(4 if need_dp else 2)] + [None] * (0 if need_dp else 2)
+    if grad_z is not None:
+        launch(backend_name, "sample_location_scale_backward", z.numel(), grad_z=grad_z, grad_log_q=None, loc=loc,
+               log_scale=ls, seed=seed, family=family, stop_score=False, dloc=ds[0], dlog_scale=ds[1])
+    if grad_kl is not None:
+        launch(backend_name, "family_kl_backward", N * L, grad_kl=grad_kl, q_loc=loc, q_log_param=ls, p_loc=p_loc,
+               p_log_param=p_ls, family=kl_family, dq_loc=dk[0], dq_log_param=dk[1], dp_loc=dk[2],
+               dp_log_param=dk[3])
+    if grad_z is None:
+        ds = dk[:2]
+    elif grad_kl is not None:
+        ds = [a + b for a, b in zip(ds, dk[:2])]
+    return (z, kl), ds + (dk[2:] if grad_kl is not None else [torch.zeros_like(loc)] * 2 if need_dp else [None] * 2)
+
+
+@pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K, shared, bound", KL_CASES)
+def test_the_fused_kl_is_the_sampler_and_family_kl_bit_for_bit(backend, family, dtype, N, L, K, shared, bound):
+    """z and the KL's row sums, and the gradients (q's the sampler's plus the
+    KL's, the prior's per row): the same bits as the sampler's and
+    family_kl's kernels run one after the other, with both upstream
+    gradients, either alone, and with or without the prior's."""
+    from fastvae._families import KL_FAMILIES
+
+    name, device = backend
+    q, (p_loc, p_ls, grad_z, grad_kl) = _kl_problem(family, N, L, K, shared, bound, dtype, device)
+    seed = seed_tensor(N * 1000 + L, device)
+    index, kl_index = FAMILIES.index(family), KL_FAMILIES.index(family)
+    for gz, gkl, need_dp in ((grad_z, grad_kl, True), (grad_z, grad_kl, False), (None, grad_kl, True),
+                             (grad_z, None, False), (grad_z, None, True)):
+        fused = _fused(name, q, (p_loc, p_ls), seed, index, kl_index, K, gz, gkl, need_dp)
+        separate = _separate(name, q, (p_loc, p_ls), seed, index, kl_index, K, gz, gkl, need_dp)
+        for a, b in zip((*fused[0], *fused[1]), (*separate[0], *separate[1])):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert not torch.isnan(a).any() and torch.equal(a, b)  # (a Gumbel KL at scale ratio e^20 is inf)
+
+
+@pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K, shared, bound", KL_CASES[:4])
+def test_the_fused_kl_matches_the_float64_oracle(backend, family, dtype, N, L, K, shared, bound):
+    """Values and every gradient against plain float64 autograd of the draw
+    and family_kl's formula, with the prior's gradients summed back to a
+    shared prior's (L,) as the objectives do."""
+    from fastvae._families import KL_FAMILIES
+    from fastvae.ops.family_kl import family_kl_terms
+    from fastvae.ops.family_kl.test_family_kl import grad_size, term_size
+
+    name, device = backend
+    if family == "gumbel":  # family_kl's domain: e^lgamma(1 + b1/b2) grows as (b1/b2)^(b1/b2), scales within ~10x
+        bound = min(bound, 1.0)
+    (loc, ls), (p_loc, p_ls, grad_z, grad_kl) = _kl_problem(family, N, L, K, shared, bound, dtype, device)
+    seed = N * 1000 + L
+    (z, kl), d = _fused(name, (loc, ls), (p_loc, p_ls), seed_tensor(seed, device), FAMILIES.index(family),
+                        KL_FAMILIES.index(family), K, grad_z, grad_kl, True)
+    leaves = [t.double().cpu().requires_grad_() for t in (loc, ls, p_loc, p_ls)]
+    z_ref, _ = oracle(family, leaves[0], leaves[1], seed, K, dtype)
+    terms = family_kl_terms(KL_FAMILIES.index(family), *leaves)
+    kl_ref = terms.sum(-1)
+    gz, gkl = grad_z.double().cpu(), grad_kl.double().cpu()
+    refs = torch.autograd.grad((z_ref * gz).sum() + (kl_ref * gkl).sum(), leaves, allow_unused=True)
+    refs = [torch.zeros_like(t) if r is None else r for r, t in zip(refs, leaves)]  # (the uniform's prior loc)
+    e, _, _ = oracle_noise(family, seed, (K, N, L), dtype)
+    args = [t.detach() for t in leaves]
+    s = torch.exp(args[1])
+    assert_close(z, z_ref, args[0].abs() + s * (e.abs() + 2.0), "z")
+    # the KL's part: family_kl's own tolerance (its terms' sizes, their arguments' relative errors)
+    size = term_size(KL_FAMILIES.index(family), *args)
+    assert_close(kl, kl_ref, size.sum(-1), "kl")
+    kl_scale = gkl.abs()[:, None] * size * (1.0 + grad_size(KL_FAMILIES.index(family), *args))
+    per_unit = torch.exp(-args[1]) + torch.exp(-args[3].expand_as(args[1]))  # a location's: per unit of scale
+    sampler = (gz.abs().sum(0), (gz * e).abs().sum(0) * s)
+    for name, got, want, scale in (("dloc", d[0], refs[0], sampler[0] + kl_scale * per_unit),
+                                   ("dlog_scale", d[1], refs[1], sampler[1] + kl_scale),
+                                   ("dprior_loc", d[2], refs[2], kl_scale * per_unit),
+                                   ("dprior_log_scale", d[3], refs[3], kl_scale)):
+        if shared and name.startswith("dprior"):  # per row: summed back to the (L,) prior
+            got, scale = got.sum(0), scale.sum(0)
+        assert_close(got, want, scale, name)
+
+
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ binding's checks")
+def test_the_fused_kl_binding_names_a_wrong_argument():
+    C = fastvae._backend.cpp_module()
+    loc, ls = torch.zeros(4, 3).numpy(), torch.zeros(4, 3).numpy()
+    p = torch.zeros(3).numpy()
+    z, kl = torch.zeros(1, 4, 3).numpy(), torch.zeros(4).numpy()
+    C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 0, z, kl, 1)  # the valid call
+    with pytest.raises(ValueError, match="kl_family"):  # the exponential has no location
+        C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 4, z, kl, 1)
+    with pytest.raises(ValueError, match="kl_family"):
+        C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 6, z, kl, 1)
+    with pytest.raises(ValueError, match="prior_loc"):
+        C.sample_location_scale_kl_forward(loc, ls, torch.zeros(4).numpy(), p, 1, 1, 0, z, kl, 1)
+    with pytest.raises(ValueError, match="prior_log_scale"):
+        C.sample_location_scale_kl_forward(loc, ls, torch.zeros(4, 3).numpy(), torch.zeros(4, 2).numpy(), 1, 1, 0,
+                                           z, kl, 1)
+    with pytest.raises(ValueError, match="kl"):
+        C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 0, z, torch.zeros(5).numpy(), 1)
+    with pytest.raises(ValueError, match="family"):
+        C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 5, 0, z, kl, 1)
+    d = [torch.zeros(4, 3).numpy() for _ in range(4)]
+    with pytest.raises(ValueError, match="dprior_loc and dprior_log_scale"):
+        C.sample_location_scale_kl_backward(z, kl, loc, ls, p, p, 1, 1, 0, d[0], d[1], d[2], None, 1)
+    with pytest.raises(ValueError, match="grad_kl"):
+        C.sample_location_scale_kl_backward(z, torch.zeros(3).numpy(), loc, ls, p, p, 1, 1, 0, d[0], d[1], None,
+                                            None, 1)
+    with pytest.raises((ValueError, TypeError), match="float"):
+        C.sample_location_scale_kl_forward(loc.astype("float16"), ls.astype("float16"), p.astype("float16"),
+                                           p.astype("float16"), 1, 1, 0, z.astype("float16"),
+                                           kl.astype("float16"), 1)
+
+
+FUSED_PRIORS = [(), (1,), (5,), (1, 5), (3, 5), (2, 3, 5)]  # every form that broadcasts to q's (2, 3, 5)
+
+
+def _fused_and_separate(family, p_shape, dtype, device, K, create_graph=False):
+    """SampleLocationScaleKL and the two Functions it fuses, on the same leaves:
+    (their outputs, their gradients in q's and the prior's parameters)."""
+    from fastvae._families import KL_FAMILIES
+    from fastvae.ops.family_kl.op import FamilyKL
+    from fastvae.ops.sample_location_scale.op import SampleLocationScaleKL
+
+    g = torch.Generator().manual_seed(len(p_shape) * 7 + K)
+    loc = torch.randn(2, 3, 5, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    ls = (0.5 * torch.randn(2, 3, 5, generator=g, dtype=torch.float64)).to(dtype).to(device).requires_grad_()
+    p_loc = (0.3 * torch.randn(p_shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+    p_ls = (0.3 * torch.randn(p_shape, generator=g, dtype=torch.float64)).to(dtype).to(device)
+    if family == "uniform":
+        p_loc, p_ls = p_loc - 20.0, p_ls + math.log(60.0)
+    p_loc, p_ls = p_loc.requires_grad_(), p_ls.requires_grad_()
+    leaves = [loc, ls, p_loc, p_ls]
+    index, kl_index = FAMILIES.index(family), KL_FAMILIES.index(family)
+    w_z = torch.randn(K, 2, 3, 5, generator=g, dtype=torch.float64).to(dtype).to(device)
+    w_kl = torch.randn(2, 3, generator=g, dtype=torch.float64).to(dtype).to(device)
+    results = []
+    for fused in (True, False):
+        seed = seed_tensor(11, device)
+        if fused:
+            z, kl = SampleLocationScaleKL.apply(loc, ls, p_loc, p_ls, seed, index, kl_index, K)
+        else:
+            z, _ = SampleLocationScale.apply(loc, ls, seed, index, K, False)
+            kl = FamilyKL.apply(kl_index, True, loc, ls, p_loc, p_ls)
+        grads = torch.autograd.grad((z * w_z).sum() + (kl * w_kl).sum(), leaves, create_graph=create_graph,
+                                    allow_unused=True)
+        results.append(((z, kl), grads))
+    return results, leaves
+
+
+@pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p_shape", FUSED_PRIORS)
+def test_the_fused_function_is_the_two_functions_bit_for_bit(backend, family, dtype, p_shape):
+    """SampleLocationScaleKL (the records' ELBO draw against a prior of their
+    family) gives SampleLocationScale's z and FamilyKL's KL, and their summed
+    gradients, the prior's summed back to each shape a prior takes."""
+    _, device = backend
+    for K in (1, 3):
+        (fused, separate), leaves = _fused_and_separate(family, p_shape, dtype, device, K)
+        for a, b in zip((*fused[0], *fused[1]), (*separate[0], *separate[1])):
+            if b is None:  # the uniform's KL does not read the prior's location
+                assert a is None or torch.equal(a, torch.zeros_like(a))
+                continue
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert not torch.isnan(a).any() and torch.equal(a, b)
+
+
+def test_the_fused_function_differentiates_twice_as_the_two_functions(backend):
+    _, device = backend
+    (fused, separate), leaves = _fused_and_separate("laplace", (5,), torch.float64, device, 2, create_graph=True)
+    for a, b in zip(fused[1], separate[1]):
+        second = [torch.autograd.grad(x.sum(), leaves, retain_graph=True, allow_unused=True) for x in (a, b)]
+        for u, v in zip(*second):
+            assert (u is None) == (v is None)
+            if u is not None:
+                torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile traces the main process's ops")
+def test_the_fused_function_compiles_with_changing_shapes(backend):
+    """Under torch.compile the fused op takes batch, width, sample count and
+    dtype changes between calls, as a training and evaluation loop makes
+    them, with eager's values and gradients."""
+    from fastvae.ops.sample_location_scale.op import sample_location_scale_kl_unchecked
+
+    _, device = backend
+    torch._dynamo.reset()
+
+    def step(loc, ls, p_loc, p_ls, k):
+        z, kl = sample_location_scale_kl_unchecked(1, 0, loc, ls, p_loc, p_ls, k, None)
+        return (z * z).sum() + kl.sum()
+
+    compiled = torch.compile(step)
+    for N, L, k, dtype in [(8, 4, 1, torch.float32), (13, 4, 1, torch.float32), (13, 6, 3, torch.float32),
+                           (5, 6, 1, torch.float64)]:
+        g = torch.Generator().manual_seed(N + L)
+        leaves = [(torch.randn(N, L, generator=g) * 0.5).to(dtype).to(device).requires_grad_() for _ in range(2)]
+        leaves += [(torch.randn(L, generator=g) * 0.3).to(dtype).to(device).requires_grad_() for _ in range(2)]
+        values = []
+        for fn in (compiled, step):
+            torch.manual_seed(3)  # the seed comes from torch's generator
+            out = fn(*leaves, k)
+            values.append((out, torch.autograd.grad(out, leaves)))
+        (a, ga), (b, gb) = values
+        # (Inductor may sum z * z, and the prior's per-row gradients, in another order)
+        eps = torch.finfo(dtype).eps
+        assert torch.isfinite(a)
+        torch.testing.assert_close(a, b, rtol=64 * eps, atol=0.0)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v, rtol=16 * eps, atol=16 * eps)

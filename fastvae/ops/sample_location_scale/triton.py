@@ -27,6 +27,7 @@ from fastvae.kernels.sampler import (
     row_words,
     sample_rows,
 )
+from fastvae.ops.family_kl.triton import _family_kl_bwd_kernel, backward_plan, family_kl_forward
 
 # -- the family's transform and density -------------------------------------
 
@@ -213,3 +214,36 @@ def sample_location_scale_backward(grad_z, grad_log_q, loc, log_scale, seed, fam
     stop_score, else -sum_k grad_log_q_k); e regenerated, s = exp(log_scale)."""
     launch_family_backward(_sample_location_scale_bwd_kernel, 4, grad_z, grad_log_q, loc, log_scale, seed, family,
                            stop_score, dloc, dlog_scale)
+
+
+def sample_location_scale_kl_forward(loc, log_scale, prior_loc, prior_log_scale, seed, family, kl_family, z,
+                                     kl) -> None:
+    """The draw at the training layout's offsets, then family_kl's forward:
+    two kernels (the objectives' plans launch the same pair)."""
+    N, L = loc.shape
+    sample_location_scale_forward(loc, log_scale, seed, family, 0, N * L, L, z, None)
+    family_kl_forward(loc, log_scale, prior_loc, prior_log_scale, kl_family, kl)
+
+
+def sample_location_scale_kl_backward(grad_z, grad_kl, loc, log_scale, prior_loc, prior_log_scale, seed, family,
+                                      kl_family, dloc, dlog_scale, dprior_loc, dprior_log_scale) -> None:
+    """The sampler's backward, then family_kl's adding q's gradients to it
+    (ACCUMULATE): two kernels, as the objectives' plans launch them."""
+    N, L = loc.shape
+    if grad_z is not None:
+        sample_location_scale_backward(grad_z, None, loc, log_scale, seed, family, False, dloc, dlog_scale)
+    else:
+        dloc.zero_()
+        dlog_scale.zero_()
+    if grad_kl is None:
+        if dprior_loc is not None:
+            dprior_loc.zero_()
+            dprior_log_scale.zero_()
+        return
+    if N * L == 0:
+        return
+    has_dp = dprior_log_scale is not None
+    grid, meta = backward_plan(N, L, loc.dtype, kl_family, prior_log_scale.dim() == 1, True, has_dp, True)
+    _family_kl_bwd_kernel[grid](grad_kl, loc, log_scale, prior_loc, prior_log_scale, dloc, dlog_scale,
+                                dloc if dprior_loc is None else dprior_loc,
+                                dlog_scale if dprior_log_scale is None else dprior_log_scale, N, L, **meta)
