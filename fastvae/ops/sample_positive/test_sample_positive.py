@@ -61,16 +61,26 @@ def torch_q(family, p0, p1):
 
 def oracle(family, p0, p1, seed, K, dtype, stop_score=False):
     """(z, log q) differentiable in float64 p0, p1 (plain autograd of the
-    reference); with stop_score log q is torch's log_prob of z with the
-    parameters detached (the score reaches them along z only)."""
+    reference); with stop_score log q is the family's log density of z with
+    the parameters detached (the score reaches them along z only): torch's
+    log_prob, the Kumaraswamy's written in log z."""
     shape = (K, *p0.shape)
     x = _philox.philox_word(seed, torch.arange(math.prod(shape), dtype=torch.int64)).reshape(shape)
     t, log_t = described.positive_exp1(x, torch.float64 if dtype == torch.float64 else torch.float32)
     # z clamped at float64's limits: torch's log_prob of a z clamped at float32's
     # (a Kumaraswamy z within 2**-24 of 1) would not be the density the noise drew
-    z, log_f = described.positive_terms(FAMILIES.index(family), t, log_t, p0, p1, torch.float64)[:2]
+    z, log_f, c0 = described.positive_terms(FAMILIES.index(family), t, log_t, p0, p1, torch.float64)[:3]
     log_q = log_f.sum(-1)
-    if stop_score:
+    if stop_score and family == "kumaraswamy":
+        # log a + log b + (a - 1) log z + (b - 1) log(1 - z^a) along log z = -c0:
+        # torch's log_prob forms 1 - z^a from z rounded near 1, which costs
+        # eps z^a / (1 - z^a) relative (2e-11 at 1 - z = 5e-6), more than the op's
+        # float64 tolerance; -expm1(a log z) keeps every digit of 1 - z^a
+        a, b = torch.exp(p0.detach()), torch.exp(p1.detach())
+        log_z = -c0
+        log_q = (p0.detach() + p1.detach() + (a - 1.0) * log_z
+                 + (b - 1.0) * torch.log(-torch.expm1(a * log_z))).sum(-1)
+    elif stop_score:
         log_q = torch_q(family, p0.detach(), p1.detach()).log_prob(z).sum(-1)
     return z, log_q
 
