@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 from fastvae.objectives import DREG_COMPILES
 
@@ -66,6 +67,40 @@ def summed_like(elem, want):
         scale = scale.reshape(-1, scale.shape[-1]).sum(0)
         scale = scale.sum() if want.dim() == 0 else scale
     return scale
+
+
+def reference_tests(check, problems, half_examples=8, float16_caps=None):
+    """An op's two Hypothesis tests against its float64 oracle, for a test
+    module to bind: check(problem, dtype, device) on float32 and float64
+    inputs, and on bfloat16 and float16 ones with ``half_examples`` examples;
+    float16_caps {key: bound} caps those keys of a float16 problem (where a
+    gradient's 1 / variance must fit float16's 65504)."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @given(p=problems)
+    def test_forward_backward_match_reference(backend, dtype, p):
+        check(p, dtype, backend[1])
+
+    @settings(max_examples=half_examples)
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @given(p=problems)
+    def test_half_precision_matches_reference(backend, dtype, p):
+        """The problems in half precision: float32 results (gradients in the
+        inputs' dtype) against the float64 oracle of the same rounded inputs."""
+        if dtype == torch.float16 and float16_caps:
+            p = dict(p, **{k: min(p[k], bound) for k, bound in float16_caps.items()})
+        check(p, dtype, backend[1])
+
+    return test_forward_backward_match_reference, test_half_precision_matches_reference
+
+
+def assert_refuses_bad_x(log_prob, param, device, shape, dtype):
+    """log_prob(x, param) with an x of ``shape`` (not param's rows), or of
+    ``dtype`` (not a floating-point one): errors that name x's shape and the dtype."""
+    with pytest.raises(ValueError, match=r"x of shape \(" + ", ".join(map(str, shape)) + r"\)"):
+        log_prob(torch.zeros(shape, device=device), param)
+    with pytest.raises(TypeError, match=str(dtype).removeprefix("torch.")):
+        log_prob(torch.zeros(param.shape[-2:], dtype=dtype, device=device), param)
 
 
 def seed_tensor(value, device):
