@@ -98,21 +98,166 @@ def reference_tests(check, problems, half_examples=8, float16_caps=None, half_pr
     return test_forward_backward_match_reference, test_half_precision_matches_reference
 
 
-def half_precision_leaves(dtype, x_dtype, device, x, *params):
-    """The leaves of a half-precision likelihood check, from float32 draws: x in
-    ``x_dtype`` ("same": ``dtype``; float32 as under autocast), the
-    distribution's parameters in ``dtype``."""
-    x_dtype = dtype if x_dtype == "same" else x_dtype
-    return x.to(x_dtype).to(device).requires_grad_(), *(t.to(dtype).to(device).requires_grad_() for t in params)
+class likelihood_checks:
+    """A namespace (read as likelihood_checks.<check>) of the checks the
+    likelihood ops' tests share: the leaves of a half-precision
+    check, the refusal of a bad x, and those of every location-scale likelihood
+    (x against a location and a scale parameter: gaussian_log_prob, laplace_log_prob)."""
+
+    @staticmethod
+    def half_precision_leaves(dtype, x_dtype, device, x, *params):
+        """The leaves of a half-precision likelihood check, from float32 draws: x in
+        ``x_dtype`` ("same": ``dtype``; float32 as under autocast), the
+        distribution's parameters in ``dtype``."""
+        x_dtype = dtype if x_dtype == "same" else x_dtype
+        return x.to(x_dtype).to(device).requires_grad_(), *(t.to(dtype).to(device).requires_grad_() for t in params)
+
+    @staticmethod
+    def refuses_bad_x(log_prob, param, device, shape, dtype):
+        """log_prob(x, param) with an x of ``shape`` (not param's rows), or of
+        ``dtype`` (one it cannot read): errors that name x's shape and the dtype."""
+        with pytest.raises(ValueError, match=r"x of shape \(" + ", ".join(map(str, shape)) + r"\)"):
+            log_prob(torch.zeros(shape, device=device), param)
+        with pytest.raises(TypeError, match="x must .*got dtype " + re.escape(str(dtype))):
+            log_prob(torch.zeros(param.shape[-2:], dtype=dtype, device=device), param)
+
+    @staticmethod
+    def refuses_bad_location_scale_input(log_prob, param, device):
+        """log_prob(x, loc, <param>): errors that name a bad x, the scale parameter
+        ``param`` (its keyword) of another shape, both it and a scale, and another
+        device; a float64 x with a float32 location gives float64. Returns the
+        float32 (x (4, 3), loc (2, 4, 3)) it tried."""
+        x = torch.zeros(4, 3, device=device)
+        loc = torch.zeros(2, 4, 3, device=device)
+        likelihood_checks.refuses_bad_x(log_prob, loc, device, (5, 3), torch.int64)
+        with pytest.raises(ValueError, match=param + r" of shape \(2,\)"):
+            log_prob(x, loc, torch.zeros(2, device=device))
+        assert log_prob(x.double(), loc).dtype == torch.float64  # mixed dtypes: float64 wins
+        with pytest.raises(ValueError, match=f"at most one of {param}, scale"):
+            log_prob(x, loc, torch.zeros(3, device=device), scale=2.0)
+        with pytest.raises(ValueError, match="device"):
+            log_prob(torch.zeros(4, 3, device="meta"), loc)
+        return x, loc
+
+    @staticmethod
+    def x_is_not_copied_per_sample(log_prob, device):
+        """x (B, D) against a location (K, B, D), float64: the op saves x at its own
+        size (nothing of K * B * D elements but the location). Returns x, the
+        location and dx of the summed log-probability."""
+        x = torch.randn(4, 9, device=device, dtype=torch.float64, requires_grad=True)
+        loc = torch.randn(3, 4, 9, device=device, dtype=torch.float64, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = log_prob(x, loc)
+        assert (4, 9) in saved and (3, 4, 9) in saved and max(math.prod(s) for s in saved) == 3 * 4 * 9
+        (dx,) = torch.autograd.grad(out.sum(), [x])
+        return x, loc, dx
+
+    @staticmethod
+    def event_dims_flatten(log_prob, device, name):
+        """event_dims=3 on x (B, C, H, W) against a location (K, B, C, H, W) and a
+        per-channel scale parameter equals the flattened (K, B, C*H*W) call, x
+        broadcast over K; event_dims=0 is refused. Returns x and the location."""
+        g = torch.Generator().manual_seed(0)
+        K, B, C, H, W = 2, 3, 2, 3, 4
+        x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device)
+        loc = torch.randn(K, B, C, H, W, generator=g, dtype=torch.float64).to(device)
+        s = torch.randn(C, 1, 1, generator=g, dtype=torch.float64).to(device)
+        got = log_prob(x, loc, s, event_dims=3)
+        want = log_prob(x.reshape(B, -1), loc.reshape(K, B, -1), s.expand(C, H, W).reshape(-1))
+        assert got.shape == (K, B)
+        assert_close(got, want, 1 + want.abs(), f"{name} event_dims=3")
+        with pytest.raises(ValueError, match="event_dims must be >= 1"):
+            log_prob(x, loc, event_dims=0)
+        return x, loc
 
 
-def assert_refuses_bad_x(log_prob, param, device, shape, dtype):
-    """log_prob(x, param) with an x of ``shape`` (not param's rows), or of
-    ``dtype`` (one it cannot read): errors that name x's shape and the dtype."""
-    with pytest.raises(ValueError, match=r"x of shape \(" + ", ".join(map(str, shape)) + r"\)"):
-        log_prob(torch.zeros(shape, device=device), param)
-    with pytest.raises(TypeError, match="x must .*got dtype " + re.escape(str(dtype))):
-        log_prob(torch.zeros(param.shape[-2:], dtype=dtype, device=device), param)
+def float_dtype_examples(examples, **strategies):
+    """The decorators of a test over float32 and float64 inputs with
+    ``examples`` Hypothesis examples of ``strategies`` (its keyword arguments)."""
+    def decorate(test):
+        test = settings(max_examples=examples)(given(**strategies)(test))
+        return pytest.mark.parametrize("dtype", [torch.float32, torch.float64])(test)
+    return decorate
+
+
+class sampler_checks:
+    """A namespace (read as sampler_checks.<check>) of the checks the samplers
+    of two log-parameters per element share (sample_location_scale,
+    sample_positive): ``apply`` is the op's Function.apply(p0, p1, seed,
+    family index, K, stop_score), ``oracle`` its float64 oracle(family, p0,
+    p1, seed, K, dtype, stop_score) -> (z, log q), differentiable in p0, p1."""
+
+    @staticmethod
+    def forward(apply, families, make_inputs, problem, dtype, device):
+        """The op's samples of a Hypothesis problem (family, batch, L, K, data
+        seed, bound), their dtype and shapes checked: (seed, p0, p1, z, log q),
+        p0, p1 make_inputs' two parameters."""
+        family, batch, L, K, data_seed, bound = problem
+        p0, p1 = make_inputs(batch, L, data_seed, bound, dtype, device)
+        seed = data_seed * 31 + 7
+        z, log_q = apply(p0, p1, seed_tensor(seed, device), families.index(family), K, False)
+        assert z.dtype == dtype and log_q.dtype == dtype
+        assert z.shape == (K, *batch, L) and log_q.shape == (K, *batch)
+        return seed, p0, p1, z, log_q
+
+    @staticmethod
+    def backward(apply, families, make_inputs, problem, dtype, device, stop_score):
+        """The op's gradients of a Hypothesis problem (family, batch, L, K, data
+        seed, bound): (seed, gz, gq, grads, leaves), grads those of make_inputs'
+        two parameters given incoming gradients gz, gq (float64 draws from data
+        seed + 1, rounded to dtype; None where unused), leaves the parameters'
+        float64 CPU copies, leaves for the oracle."""
+        family, batch, L, K, data_seed, bound = problem
+        p0, p1 = make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=True)
+        seed = data_seed * 13 + 5
+        g = torch.Generator().manual_seed(data_seed + 1)
+        gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64).to(dtype)
+        gq = torch.randn((K, *batch), generator=g, dtype=torch.float64).to(dtype)
+        z, log_q = apply(p0, p1, seed_tensor(seed, device), families.index(family), K, stop_score)
+        grads = torch.autograd.grad((z, log_q), (p0, p1), (gz.to(device), gq.to(device)), allow_unused=True)
+        leaves = tuple(p.detach().double().cpu().requires_grad_() for p in (p0, p1))
+        return seed, gz, gq, grads, leaves
+
+    @staticmethod
+    def split_over_samples(apply, oracle, families, family, p0, p1):
+        """K = 7 samples of p0, p1 (one short row, so that the Triton backward's
+        split path, when forced, splits them) with stop_score: the gradients of
+        z.sum() + sum_k k log q_k land in p0.grad, p1.grad; returns the float64
+        oracle's (p0's, p1's)."""
+        device = p0.device
+        z, log_q = apply(p0, p1, seed_tensor(99, device), families.index(family), 7, True)
+        (z.sum() + (log_q * torch.arange(7, device=device)[:, None]).sum()).backward()
+        a, b = (p.detach().double().cpu().requires_grad_() for p in (p0, p1))
+        z_ref, q_ref = oracle(family, a, b, 99, 7, p0.dtype, True)
+        (z_ref.sum() + (q_ref * torch.arange(7)[:, None]).sum()).backward()
+        return a.grad, b.grad
+
+    @staticmethod
+    def double_backward(apply, families, family, p0, p1, stop_score, reads_p1=True):
+        """Whether gradgradcheck (float64) passes the op's closed-form second
+        derivative at p0, p1, K = 2, Philox seed 17 (p1 not a leaf, p0's value,
+        where the family does not read it)."""
+        seed = seed_tensor(17, p0.device)
+        index = families.index(family)
+        if not reads_p1:
+            return torch.autograd.gradgradcheck(lambda a: apply(a, a.detach(), seed, index, 2, stop_score), (p0,),
+                                                atol=1e-6, rtol=1e-5)
+        return torch.autograd.gradgradcheck(lambda a, b: apply(a, b, seed, index, 2, stop_score), (p0, p1),
+                                            atol=1e-6, rtol=1e-5)
+
+    @staticmethod
+    def evaluation_layout(at, forward, families, p0, p1):
+        """Yields (family, z, log q, the oracle's z, log q) of every family in the
+        evaluation's layout: 4 samples of p0, p1 (3, 6) from offset 7 (not
+        divisible by 4), sample stride 6, row stride 24, Philox seed 5; ``at``
+        is the op's <op>_at, ``forward`` its oracle's forward (float64)."""
+        for index, family in enumerate(families):
+            z, log_q = at(index, p0, p1, seed_tensor(5, p0.device), 4, offset0=7, sample_stride=6, row_stride=4 * 6)
+            zr = torch.empty(4, 3, 6, dtype=torch.float64)
+            qr = torch.empty(4, 3, dtype=torch.float64)
+            forward(p0.double().cpu(), p1.double().cpu(), 5, index, 7, 6, 24, zr, qr)
+            yield family, z, log_q, zr, qr
 
 
 def seed_tensor(value, device):

@@ -26,7 +26,7 @@ from fastvae.ops.bernoulli_likelihood.op import (
     continuous_bernoulli_log_prob_op,
 )
 
-from helpers import assert_close, assert_refuses_bad_x, half_precision_leaves
+from helpers import assert_close, likelihood_checks
 
 # -- shared by the two ops' tests ---------------------------------------------------
 
@@ -164,7 +164,7 @@ def test_opcheck(backend, ops):
 def test_bernoulli_errors_on_bad_input(backend):
     _, device = backend
     logits = torch.zeros(2, 4, 3, device=device)
-    assert_refuses_bad_x(fastvae.bernoulli_log_prob, logits, device, (4, 2), torch.bool)
+    likelihood_checks.refuses_bad_x(fastvae.bernoulli_log_prob, logits, device, (4, 2), torch.bool)
     # mixed dtypes are read as they are; a float64 input makes the result float64
     assert fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64, device=device), logits).dtype == \
         torch.float64
@@ -175,13 +175,11 @@ def test_bernoulli_errors_on_bad_input(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_dtype", ["same", torch.float32])
 def test_bernoulli_half_precision(backend, dtype, x_dtype):
-    """Half-precision logits, x in half precision or float32 (as under
-    autocast), on every backend: the float32 log-probability of the float64
-    oracle at the same rounded inputs, to float32 accumulation error; each
-    input's gradient in its dtype."""
+    """Logits in half precision and x in it or in float32 (autocast's): the
+    oracle's value to float32 accumulation error, gradients in the inputs' dtypes."""
     g = torch.Generator().manual_seed(5)
-    x, logits = half_precision_leaves(dtype, x_dtype, backend[1], torch.rand(4, 37, generator=g) > 0.5,
-                                      torch.randn(3, 4, 37, generator=g) * 5)
+    x, logits = likelihood_checks.half_precision_leaves(
+        dtype, x_dtype, backend[1], torch.rand(4, 37, generator=g) > 0.5, torch.randn(3, 4, 37, generator=g) * 5)
     out = fastvae.bernoulli_log_prob(x, logits)
     assert out.dtype == torch.float32
     x64, l64 = x.detach().double().cpu(), logits.detach().double().cpu()
@@ -367,7 +365,7 @@ def test_continuous_bernoulli_errors_on_bad_input(backend):
     logits = torch.zeros(2, 4, 3, device=device)
     with pytest.warns(UserWarning, match="outside"):  # first: on the triton backend only the first call is read
         fastvae.continuous_bernoulli_log_prob(torch.full((4, 3), 2.0, device=device), logits)
-    assert_refuses_bad_x(fastvae.continuous_bernoulli_log_prob, logits, device, (4, 2), torch.int64)
+    likelihood_checks.refuses_bad_x(fastvae.continuous_bernoulli_log_prob, logits, device, (4, 2), torch.int64)
 
 
 def test_continuous_bernoulli_compiles_without_graph_breaks(backend):

@@ -37,7 +37,7 @@ from fastvae.ops.count_log_prob.op import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, assert_compiled_matches_eager, assert_refuses_bad_x, gen, reference_tests
+from helpers import assert_close, assert_compiled_matches_eager, gen, likelihood_checks, reference_tests
 
 F64 = torch.float64
 POISSON, NB, ZINB = "poisson_log_prob", "negative_binomial_log_prob", "zinb_log_prob"
@@ -308,7 +308,7 @@ def test_poisson_opcheck(backend):
 def test_poisson_errors_on_bad_input(backend):
     _, device = backend
     lr = torch.zeros(2, 4, 3, device=device)
-    assert_refuses_bad_x(fastvae.poisson_log_prob, lr, device, (4, 2), torch.bool)
+    likelihood_checks.refuses_bad_x(fastvae.poisson_log_prob, lr, device, (4, 2), torch.bool)
     fastvae.set_value_checks("always")  # on the Triton path only the first call of a kind is checked
     with pytest.raises(ValueError, match="counts >= 0"):
         fastvae.poisson_log_prob(torch.full((4, 3), -2.0, device=device), lr)
