@@ -174,19 +174,79 @@ class likelihood_checks:
 
 def float_dtype_examples(examples, **strategies):
     """The decorators of a test over float32 and float64 inputs with
-    ``examples`` Hypothesis examples of ``strategies`` (its keyword arguments)."""
+    ``examples`` Hypothesis examples (None: the profile's) of ``strategies``
+    (its keyword arguments)."""
     def decorate(test):
-        test = settings(max_examples=examples)(given(**strategies)(test))
+        test = given(**strategies)(test)
+        if examples is not None:
+            test = settings(max_examples=examples)(test)
         return pytest.mark.parametrize("dtype", [torch.float32, torch.float64])(test)
     return decorate
 
 
 class sampler_checks:
     """A namespace (read as sampler_checks.<check>) of the checks the samplers
-    of two log-parameters per element share (sample_location_scale,
-    sample_positive): ``apply`` is the op's Function.apply(p0, p1, seed,
-    family index, K, stop_score), ``oracle`` its float64 oracle(family, p0,
-    p1, seed, K, dtype, stop_score) -> (z, log q), differentiable in p0, p1."""
+    share. In those of the samplers of two log-parameters per element
+    (sample_location_scale, sample_positive), ``apply`` is the op's
+    Function.apply(p0, p1, seed, family index, K, stop_score), ``oracle`` its
+    float64 oracle(family, p0, p1, seed, K, dtype, stop_score) -> (z, log q),
+    differentiable in p0, p1."""
+
+    @staticmethod
+    def refuses_bad_arguments(sample, mu, param, device):
+        """sample(mu, param, n_samples): errors that name a param on another
+        device, n_samples of 0 or a float, 0-d inputs and a mu that is a list."""
+        with pytest.raises(ValueError, match="device"):
+            sample(mu, torch.zeros(param.shape, device="meta"))
+        with pytest.raises(ValueError, match="n_samples"):
+            sample(mu, param, 0)
+        with pytest.raises(TypeError, match="n_samples"):
+            sample(mu, param, 2.0)
+        with pytest.raises(ValueError, match="0-d"):
+            sample(torch.zeros((), device=device), torch.zeros((), device=device))
+        with pytest.raises(TypeError, match="Tensor"):
+            sample([1.0], param)
+
+    @staticmethod
+    def normal_call(sample, mu, param, n_samples, data_seed):
+        """(z, kl, seed, K) of a Normal posterior's sampler (sample_normal,
+        sample_normal_tril) called as users call it, with a generator seeded
+        data_seed + 1 on mu's device: seed is the Philox seed it drew, K the
+        samples drawn (1 where n_samples is None)."""
+        device = mu.device
+        gen_seed = data_seed + 1
+        z, kl = sample(mu, param, n_samples, generator=torch.Generator(device).manual_seed(gen_seed))
+        from fastvae._op import draw_seed
+
+        seed = int(draw_seed(device, torch.Generator(device).manual_seed(gen_seed)))
+        return z, kl, seed, 1 if n_samples is None else n_samples
+
+    @staticmethod
+    def n_samples_none_is_first_sample(sample, mu, param):
+        """sample(mu, param) without n_samples draws, bit for bit, the first of
+        n_samples=1's samples and its KL, without the sample dimension."""
+        device = mu.device
+        z1, kl1 = sample(mu, param, generator=torch.Generator(device).manual_seed(3))
+        zk, klk = sample(mu, param, 1, generator=torch.Generator(device).manual_seed(3))
+        assert z1.shape == mu.shape and zk.shape == (1, *mu.shape)
+        assert torch.equal(z1, zk[0]) and torch.equal(kl1, klk)
+
+    @staticmethod
+    def normal_backward(apply, mu, param, data_seed, K, dtype):
+        """A Normal posterior's sampler's gradients in mu and its second
+        parameter, apply(mu, param, seed, K) the op's Function.apply, given
+        incoming gradients of z (K, ..., L) and the KL (...) drawn in float64 from
+        data_seed + 2 and rounded to dtype: (seed, those gradients in float64,
+        the op's gradients, float64 CPU leaves of mu and param for the oracle)."""
+        device = mu.device
+        seed = data_seed * 7919 + 13
+        g = torch.Generator().manual_seed(data_seed + 2)
+        gz = torch.randn((K, *mu.shape), generator=g, dtype=torch.float64).to(dtype)
+        gk = torch.randn(mu.shape[:-1], generator=g, dtype=torch.float64).to(dtype)
+        z, kl = apply(mu, param, seed_tensor(seed, device), K)
+        grads = torch.autograd.grad((z, kl), (mu, param), (gz.to(device), gk.to(device)))
+        leaves = tuple(t.detach().double().cpu().requires_grad_() for t in (mu, param))
+        return seed, gz.double(), gk.double(), grads, leaves
 
     @staticmethod
     def forward(apply, families, make_inputs, problem, dtype, device):
