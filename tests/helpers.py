@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastvae.objectives import DREG_COMPILES
 
@@ -120,6 +121,103 @@ class likelihood_checks:
             log_prob(torch.zeros(shape, device=device), param)
         with pytest.raises(TypeError, match="x must .*got dtype " + re.escape(str(dtype))):
             log_prob(torch.zeros(param.shape[-2:], dtype=dtype, device=device), param)
+
+    @staticmethod
+    def same_bits_twice(check, *args):
+        """check(*args) -> (value, gradients), run twice: the same bits both
+        times (a split backward's arrival counters are back at 0). Returns the
+        first run's."""
+        out, grads = check(*args)
+        again, grads_again = check(*args)
+        assert torch.equal(out, again)
+        for a, b in zip(grads, grads_again):
+            assert torch.equal(a, b)
+        return out, grads
+
+    @staticmethod
+    def against_oracle(log_prob, oracle, x, loc, param):
+        """log_prob(x, loc, param) and its summed gradients in loc and param,
+        and the same of the float64 oracle at the same values: (out, grads,
+        ref, ref_grads, the float64 x, loc, param)."""
+        out = log_prob(x, loc, param)
+        grads = torch.autograd.grad(out.sum(), [loc, param])
+        x64 = x.double().cpu()
+        l64, p64 = (t.detach().double().cpu().requires_grad_() for t in (loc, param))
+        ref = oracle(x64, l64, p64)
+        ref_grads = torch.autograd.grad(ref.sum(), [l64, p64])
+        return out, grads, ref, ref_grads, (x64, l64.detach(), p64.detach())
+
+    @staticmethod
+    def location_scale_half_precision(log_prob, dtype, x_dtype, device):
+        """(x, loc, param, out) of a half-precision check of a location-scale
+        likelihood: x (4, 37) and loc (3, 4, 37) standard normal, the scale
+        parameter uniform in [-1, 1), as half_precision_leaves rounds them;
+        out = log_prob(x, loc, param), float32."""
+        g = torch.Generator().manual_seed(5)
+        x, loc, param = likelihood_checks.half_precision_leaves(
+            dtype, x_dtype, device, torch.randn(4, 37, generator=g), torch.randn(3, 4, 37, generator=g),
+            torch.rand(3, 4, 37, generator=g) * 2 - 1)
+        out = log_prob(x, loc, param)
+        assert out.dtype == torch.float32
+        return x, loc, param, out
+
+    @staticmethod
+    def location_scale_shapes(draw, dims):
+        """(D, batch, K) of a location-scale likelihood's Hypothesis problem: D
+        from dims, up to two batch dimensions, K None (no sample dimension: x
+        has the location's shape), 1, 2 or 5, and K * B * D at most 12000."""
+        D = draw(st.sampled_from(dims))
+        batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
+        K = draw(st.sampled_from([None, 1, 2, 5]))
+        while math.prod(batch) * (K or 1) * D > 12000 and batch:
+            batch = batch[1:]
+        return D, batch, K
+
+    @staticmethod
+    def location_scale_cases(log_prob, param):
+        """A location-scale likelihood's (launch_case, thread_count_calls,
+        fallback_call) for tests/test_launches.py and tests/test_backend.py;
+        ``param`` is its scale parameter's keyword."""
+
+        def launch_case(op, B, L, K, D):
+            """One forward + backward at a training size; ``op`` makes the call
+            from the function and its leaves' shapes (x binary, made without a
+            draw; a per-element scale parameter)."""
+            x = (torch.arange(B * D).reshape(B, D) % 2).float()
+            return op(lambda m, s: log_prob(x, m, s), (K, B, D), (K, B, D))
+
+        def thread_count_calls(leaf, run):
+            """Calls with enough work for several threads, whose bits must not
+            depend on the thread count: few x rows against many samples with a
+            per-dimension scale parameter (the folded layout; its gradient sums
+            over every row), and many rows with a per-row one."""
+            x_few, loc_few, s_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
+            x_many, loc_many, s_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
+            call = lambda a, b, c: log_prob(a, b, **{param: c})  # noqa: E731
+            return [lambda: run(call, x_few, loc_few, s_dim), lambda: run(call, x_many, loc_many, s_row)]
+
+        def fallback_call(leaf, run):
+            """A small call, run with and without the extension (few x rows
+            against many samples)."""
+            x, loc = leaf(2, 16), leaf(2048, 2, 16)
+            return lambda: run(lambda a, b: log_prob(a, b), x, loc)
+
+        return launch_case, thread_count_calls, fallback_call
+
+    @staticmethod
+    def location_scale_double_backward_cases(name, log_prob, r):
+        """tests/test_double_backward.py's cases of every scale-parameter
+        layout, each served by a C++ operator: per element, per row, per
+        dimension, no sample dimension, a scale tensor and a fixed scale."""
+        f = lambda x, m, s: log_prob(x, m, s)  # noqa: E731
+        return {
+            f"{name}_per_element": (f, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+            f"{name}_per_row": (f, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
+            f"{name}_per_dim": (f, [r(3, 5), r(2, 3, 5), r(5)], True),
+            f"{name}_no_samples": (f, [r(3, 5), r(3, 5), r(3, 5)], True),
+            f"{name}_scale_tensor": (lambda x, m, s: log_prob(x, m, scale=s.exp()), [r(3, 5), r(2, 3, 5), r(())], True),
+            f"{name}_fixed_scale": (lambda x, m: log_prob(x, m, scale=0.7), [r(3, 5), r(2, 3, 5)], True),
+        }
 
     @staticmethod
     def refuses_bad_location_scale_input(log_prob, param, device):

@@ -26,11 +26,7 @@ VARIANCES = ["element", "row", "dim", "scalar", "scale_float", "scale_tensor", "
 
 @st.composite
 def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))  # None: no sample dim, x has mean's shape
-    while math.prod(batch) * (K or 1) * D > 12000 and batch:
-        batch = batch[1:]
+    D, batch, K = likelihood_checks.location_scale_shapes(draw, DIMS)
     return dict(
         D=D, batch=batch, K=K, variance=draw(st.sampled_from(VARIANCES)),
         x_grad=draw(st.booleans()), v_grad=draw(st.booleans()), lv_bound=draw(st.sampled_from([1.0, 5.0, 20.0])),
@@ -151,13 +147,8 @@ def test_sums_over_samples_in_one_backward(backend, sample_splits, variance, K, 
     and more rows than one interpreter program: against the float64 reference,
     with the samples in one pass or split; a second call gives the same bits
     (the split's arrival counters are back at 0)."""
-    _, device = backend
     p = dict(D=D, batch=batch, K=K, variance=variance, x_grad=True, v_grad=True, lv_bound=2.0, seed=K or 0)
-    out, grads = check_against_reference(p, torch.float32, device)
-    again, grads_again = check_against_reference(p, torch.float32, device)
-    assert torch.equal(out, again)
-    for a, b in zip(grads, grads_again):
-        assert torch.equal(a, b)
+    likelihood_checks.same_bits_twice(check_against_reference, p, torch.float32, backend[1])
 
 
 def test_x_is_not_copied_per_sample(backend):
@@ -195,13 +186,9 @@ def test_extreme_log_variance_matches_reference(backend):
     mean = torch.randn(2, 5, 33, device=device, requires_grad=True)
     for lv in (-30.0, 30.0):
         logvar = torch.full((2, 5, 33), lv, device=device, requires_grad=True)
-        out = fastvae.gaussian_log_prob(x, mean, logvar)
-        grads = torch.autograd.grad(out.sum(), [mean, logvar])
-        x64, m64 = x.double().cpu(), mean.detach().double().cpu().requires_grad_()
-        lv64 = logvar.detach().double().cpu().requires_grad_()
-        ref = oracle.gaussian_log_prob(x64, m64, lv64)
-        ref_grads = torch.autograd.grad(ref.sum(), [m64, lv64])
-        terms = (x64 - m64.detach()) ** 2 * torch.exp(-lv64.detach()) + lv64.detach().abs() + 2.0
+        out, grads, ref, ref_grads, (x64, m64, lv64) = likelihood_checks.against_oracle(
+            fastvae.gaussian_log_prob, oracle.gaussian_log_prob, x, mean, logvar)
+        terms = (x64 - m64) ** 2 * torch.exp(-lv64) + lv64.abs() + 2.0
         assert_close(out, ref, terms.sum(-1), f"log_prob, logvar {lv}")
         assert_close(grads[0], ref_grads[0], ref_grads[0].abs() + 1e-30, f"dmean, logvar {lv}")
         assert_close(grads[1], ref_grads[1], terms, f"dlogvar, logvar {lv}")
@@ -245,12 +232,8 @@ def test_half_precision(backend, dtype, x_dtype):
     autocast), on every backend: the float32 log-probability of the float64
     oracle at the same rounded inputs, to float32 accumulation error; each
     input's gradient in its dtype."""
-    g = torch.Generator().manual_seed(5)
-    x, mean, logvar = likelihood_checks.half_precision_leaves(
-        dtype, x_dtype, backend[1], torch.randn(4, 37, generator=g), torch.randn(3, 4, 37, generator=g),
-        torch.rand(3, 4, 37, generator=g) * 2 - 1)
-    out = fastvae.gaussian_log_prob(x, mean, logvar)
-    assert out.dtype == torch.float32
+    x, mean, logvar, out = likelihood_checks.location_scale_half_precision(fastvae.gaussian_log_prob, dtype, x_dtype,
+                                                                          backend[1])
     ref, terms, _ = reference_of(x.detach(), mean.detach(), logvar.detach(), dict(logvar=logvar))
     assert_close(out, ref, terms, "log_prob")
     grads = torch.autograd.grad(out.sum(), [x, mean, logvar])
@@ -404,30 +387,12 @@ def test_packed_halves_refuse_views_a_custom_function_returned(backend, finder):
 # one is missing.
 
 
-def launch_case(op, B, L, K, D):
-    """tests/test_launches.py: one forward + backward at a training size; ``op``
-    makes the call from the function and its leaves' shapes (x binary, made
-    without a draw; a per-element log-variance)."""
-    x = (torch.arange(B * D).reshape(B, D) % 2).float()
-    return op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D))
-
-
-def thread_count_calls(leaf, run):
-    """tests/test_backend.py: calls with enough work for several threads, whose
-    bits must not depend on the thread count: few x rows against many samples
-    with a per-dimension log-variance (the folded layout; its gradient sums
-    over every row), and many rows with a per-row one."""
-    x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
-    x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
-    return [lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c), x_few, mean_few, var_dim),
-            lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c), x_many, mean_many, var_row)]
-
-
-def fallback_call(leaf, run):
-    """tests/test_backend.py: a small call, run with and without the extension
-    (few x rows against many samples)."""
-    x, mean = leaf(2, 16), leaf(2048, 2, 16)
-    return lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean)
+# tests/test_launches.py: a training-size call (a per-element log-variance);
+# tests/test_backend.py: calls whose bits must not depend on the thread count (a
+# per-dimension log-variance's gradient sums over every row), and a small call
+# run with and without the extension
+launch_case, thread_count_calls, fallback_call = likelihood_checks.location_scale_cases(fastvae.gaussian_log_prob,
+                                                                                         "logvar")
 
 
 def double_backward_cases(r):
@@ -435,16 +400,8 @@ def double_backward_cases(r):
     values, whether a C++ operator serves it) for gradgradcheck: every variance
     layout, a fixed scale (float and tensor), the softplus variance, and
     (mean, logvar) as the halves of one decoder output, read in place."""
-    gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)  # noqa: E731
     return {
-        "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "gaussian_log_prob_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
-        "gaussian_log_prob_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
-        "gaussian_log_prob_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
-        "gaussian_log_prob_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
-                                           [r(3, 5), r(2, 3, 5), r(())], True),
-        "gaussian_log_prob_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7),
-                                          [r(3, 5), r(2, 3, 5)], True),
+        **likelihood_checks.location_scale_double_backward_cases("gaussian_log_prob", fastvae.gaussian_log_prob, r),
         "gaussian_log_prob_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
         "gaussian_log_prob_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
                                        [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),

@@ -22,11 +22,7 @@ SCALES = ["element", "row", "dim", "scalar", "scale_float", "scale_tensor", "sca
 
 @st.composite
 def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))  # None: no sample dim, x has loc's shape
-    while math.prod(batch) * (K or 1) * D > 12000 and batch:
-        batch = batch[1:]
+    D, batch, K = likelihood_checks.location_scale_shapes(draw, DIMS)
     return dict(
         D=D, batch=batch, K=K, scale=draw(st.sampled_from(SCALES)), x_grad=draw(st.booleans()),
         s_grad=draw(st.booleans()), s_bound=draw(st.sampled_from([1.0, 5.0, 20.0])), ties=draw(st.booleans()),
@@ -119,13 +115,8 @@ def test_sums_over_samples_in_one_backward(backend, sample_splits, scale, K, bat
     D, and more rows than one interpreter program: against the float64
     reference, with the samples in one pass or split; a second call gives the
     same bits."""
-    _, device = backend
     p = dict(D=D, batch=batch, K=K, scale=scale, x_grad=True, s_grad=True, s_bound=2.0, ties=True, seed=K or 0)
-    out, grads = check_against_reference(p, torch.float32, device)
-    again, grads_again = check_against_reference(p, torch.float32, device)
-    assert torch.equal(out, again)
-    for a, b in zip(grads, grads_again):
-        assert torch.equal(a, b)
+    likelihood_checks.same_bits_twice(check_against_reference, p, torch.float32, backend[1])
 
 
 def test_gradient_at_x_equal_to_loc_uses_sign_zero(backend):
@@ -184,13 +175,9 @@ def test_extreme_scales_match_reference(backend):
     for lv in (-30.0, 30.0):
         for shape in ((2, 5, 33), (33,)):
             log_scale = torch.full(shape, lv, device=device, requires_grad=True)
-            out = fastvae.laplace_log_prob(x, loc, log_scale)
-            grads = torch.autograd.grad(out.sum(), [loc, log_scale])
-            x64, l64 = x.double().cpu(), loc.detach().double().cpu().requires_grad_()
-            s64 = log_scale.detach().double().cpu().requires_grad_()
-            ref = oracle.laplace_log_prob(x64, l64, s64)
-            ref_grads = torch.autograd.grad(ref.sum(), [l64, s64])
-            terms = (x64 - l64.detach()).abs() * torch.exp(-s64.detach()) + abs(lv) + 1.0
+            out, grads, ref, ref_grads, (x64, l64, s64) = likelihood_checks.against_oracle(
+                fastvae.laplace_log_prob, oracle.laplace_log_prob, x, loc, log_scale)
+            terms = (x64 - l64).abs() * torch.exp(-s64) + abs(lv) + 1.0
             assert_close(out, ref, terms.sum(-1), f"log_prob, log_scale {lv}")
             assert_close(grads[0], ref_grads[0], ref_grads[0].abs() + 1e-30, f"dloc, log_scale {lv}")
             assert_close(grads[1], ref_grads[1], terms.sum_to_size(shape), f"dlog_scale, log_scale {lv}")
@@ -284,12 +271,8 @@ def test_half_precision(backend, dtype, x_dtype):
     under autocast): the float32 log-probability of the float64 oracle at the
     same rounded inputs, to float32 accumulation error; each input's gradient
     in its dtype."""
-    g = torch.Generator().manual_seed(5)
-    x, loc, log_scale = likelihood_checks.half_precision_leaves(
-        dtype, x_dtype, backend[1], torch.randn(4, 37, generator=g), torch.randn(3, 4, 37, generator=g),
-        torch.rand(3, 4, 37, generator=g) * 2 - 1)
-    out = fastvae.laplace_log_prob(x, loc, log_scale)
-    assert out.dtype == torch.float32
+    x, loc, log_scale, out = likelihood_checks.location_scale_half_precision(fastvae.laplace_log_prob, dtype,
+                                                                            x_dtype, backend[1])
     x64, l64, s64 = (t.detach().double().cpu() for t in (x, loc, log_scale))
     ref = oracle.laplace_log_prob(x64, l64, s64)
     terms = ((x64 - l64).abs() * torch.exp(-s64) + s64.abs() + 1.0).sum(-1)
@@ -314,30 +297,10 @@ def test_event_dims_sum_over_image_dimensions(backend):
 # one is missing.
 
 
-def launch_case(op, B, L, K, D):
-    """tests/test_launches.py: one forward + backward at a training size; ``op``
-    makes the call from the function and its leaves' shapes (x binary, made
-    without a draw; a per-element log-scale)."""
-    x = (torch.arange(B * D).reshape(B, D) % 2).float()
-    return op(lambda m, s: fastvae.laplace_log_prob(x, m, s), (K, B, D), (K, B, D))
-
-
-def thread_count_calls(leaf, run):
-    """tests/test_backend.py: calls with enough work for several threads, whose
-    bits must not depend on the thread count: few x rows against many samples
-    with a per-dimension log-scale (the folded layout; its gradient sums over
-    every row), and many rows with a per-row one."""
-    x_few, loc_few, s_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
-    x_many, loc_many, s_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
-    return [lambda: run(lambda a, b, c: fastvae.laplace_log_prob(a, b, log_scale=c), x_few, loc_few, s_dim),
-            lambda: run(lambda a, b, c: fastvae.laplace_log_prob(a, b, log_scale=c), x_many, loc_many, s_row)]
-
-
-def fallback_call(leaf, run):
-    """tests/test_backend.py: a small call, run with and without the extension
-    (few x rows against many samples)."""
-    x, loc = leaf(2, 16), leaf(2048, 2, 16)
-    return lambda: run(lambda a, b: fastvae.laplace_log_prob(a, b), x, loc)
+# tests/test_launches.py's and tests/test_backend.py's calls, as every
+# location-scale likelihood's, with the log-scale as the scale parameter
+launch_case, thread_count_calls, fallback_call = likelihood_checks.location_scale_cases(fastvae.laplace_log_prob,
+                                                                                         "log_scale")
 
 
 def double_backward_cases(r):
@@ -345,17 +308,7 @@ def double_backward_cases(r):
     values, whether a C++ operator serves it) for gradgradcheck: every
     log-scale layout, no sample dimension, a scale tensor and a fixed scale. (The Laplace's second derivative in
     loc is 0 away from x == loc; its derivatives through the scale are not.)"""
-    laplace = lambda x, m, s: fastvae.laplace_log_prob(x, m, s)  # noqa: E731
-    return {
-        "laplace_log_prob_per_element": (laplace, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "laplace_log_prob_per_row": (laplace, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
-        "laplace_log_prob_per_dim": (laplace, [r(3, 5), r(2, 3, 5), r(5)], True),
-        "laplace_log_prob_no_samples": (laplace, [r(3, 5), r(3, 5), r(3, 5)], True),
-        "laplace_log_prob_scale_tensor": (lambda x, m, s: fastvae.laplace_log_prob(x, m, scale=s.exp()),
-                                          [r(3, 5), r(2, 3, 5), r(())], True),
-        "laplace_log_prob_fixed_scale": (lambda x, m: fastvae.laplace_log_prob(x, m, scale=0.7),
-                                         [r(3, 5), r(2, 3, 5)], True),
-    }
+    return likelihood_checks.location_scale_double_backward_cases("laplace_log_prob", fastvae.laplace_log_prob, r)
 
 
 def _twin_inputs(seed, P, D, K):
