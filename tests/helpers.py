@@ -4,9 +4,12 @@ the terms that produced the value (so a sum of large terms that cancels is
 judged against the terms, not against its small result). NaN never passes."""
 import functools
 import math
+import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastvae.objectives import DREG_COMPILES
 
@@ -66,6 +69,353 @@ def summed_like(elem, want):
         scale = scale.reshape(-1, scale.shape[-1]).sum(0)
         scale = scale.sum() if want.dim() == 0 else scale
     return scale
+
+
+def reference_tests(check, problems, half_examples=8, float16_caps=None, half_problem=None):
+    """An op's two Hypothesis tests against its float64 oracle, for a test
+    module to bind: check(problem, dtype, device) on float32 and float64
+    inputs, and on bfloat16 and float16 ones with ``half_examples`` examples;
+    float16_caps {key: bound} caps those keys of a float16 problem (where a
+    gradient's 1 / variance must fit float16's 65504), and half_problem(problem)
+    gives the problem both half dtypes take instead."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @given(p=problems)
+    def test_forward_backward_match_reference(backend, dtype, p):
+        check(p, dtype, backend[1])
+
+    @settings(max_examples=half_examples)
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @given(p=problems)
+    def test_half_precision_matches_reference(backend, dtype, p):
+        """The problems in half precision: float32 results (gradients in the
+        inputs' dtype) against the float64 oracle of the same rounded inputs."""
+        if half_problem is not None:
+            p = half_problem(p)
+        if dtype == torch.float16 and float16_caps:
+            p = dict(p, **{k: min(p[k], bound) for k, bound in float16_caps.items()})
+        check(p, dtype, backend[1])
+
+    return test_forward_backward_match_reference, test_half_precision_matches_reference
+
+
+class likelihood_checks:
+    """A namespace (read as likelihood_checks.<check>) of the checks the
+    likelihood ops' tests share: the leaves of a half-precision
+    check, the refusal of a bad x, and those of every location-scale likelihood
+    (x against a location and a scale parameter: gaussian_log_prob, laplace_log_prob)."""
+
+    @staticmethod
+    def half_precision_leaves(dtype, x_dtype, device, x, *params):
+        """The leaves of a half-precision likelihood check, from float32 draws: x in
+        ``x_dtype`` ("same": ``dtype``; float32 as under autocast), the
+        distribution's parameters in ``dtype``."""
+        x_dtype = dtype if x_dtype == "same" else x_dtype
+        return x.to(x_dtype).to(device).requires_grad_(), *(t.to(dtype).to(device).requires_grad_() for t in params)
+
+    @staticmethod
+    def refuses_bad_x(log_prob, param, device, shape, dtype):
+        """log_prob(x, param) with an x of ``shape`` (not param's rows), or of
+        ``dtype`` (one it cannot read): errors that name x's shape and the dtype."""
+        with pytest.raises(ValueError, match=r"x of shape \(" + ", ".join(map(str, shape)) + r"\)"):
+            log_prob(torch.zeros(shape, device=device), param)
+        with pytest.raises(TypeError, match="x must .*got dtype " + re.escape(str(dtype))):
+            log_prob(torch.zeros(param.shape[-2:], dtype=dtype, device=device), param)
+
+    @staticmethod
+    def same_bits_twice(check, *args):
+        """check(*args) -> (value, gradients), run twice: the same bits both
+        times (a split backward's arrival counters are back at 0). Returns the
+        first run's."""
+        out, grads = check(*args)
+        again, grads_again = check(*args)
+        assert torch.equal(out, again)
+        for a, b in zip(grads, grads_again):
+            assert torch.equal(a, b)
+        return out, grads
+
+    @staticmethod
+    def against_oracle(log_prob, oracle, x, loc, param):
+        """log_prob(x, loc, param) and its summed gradients in loc and param,
+        and the same of the float64 oracle at the same values: (out, grads,
+        ref, ref_grads, the float64 x, loc, param)."""
+        out = log_prob(x, loc, param)
+        grads = torch.autograd.grad(out.sum(), [loc, param])
+        x64 = x.double().cpu()
+        l64, p64 = (t.detach().double().cpu().requires_grad_() for t in (loc, param))
+        ref = oracle(x64, l64, p64)
+        ref_grads = torch.autograd.grad(ref.sum(), [l64, p64])
+        return out, grads, ref, ref_grads, (x64, l64.detach(), p64.detach())
+
+    @staticmethod
+    def location_scale_half_precision(log_prob, dtype, x_dtype, device):
+        """(x, loc, param, out) of a half-precision check of a location-scale
+        likelihood: x (4, 37) and loc (3, 4, 37) standard normal, the scale
+        parameter uniform in [-1, 1), as half_precision_leaves rounds them;
+        out = log_prob(x, loc, param), float32."""
+        g = torch.Generator().manual_seed(5)
+        x, loc, param = likelihood_checks.half_precision_leaves(
+            dtype, x_dtype, device, torch.randn(4, 37, generator=g), torch.randn(3, 4, 37, generator=g),
+            torch.rand(3, 4, 37, generator=g) * 2 - 1)
+        out = log_prob(x, loc, param)
+        assert out.dtype == torch.float32
+        return x, loc, param, out
+
+    @staticmethod
+    def location_scale_shapes(draw, dims):
+        """(D, batch, K) of a location-scale likelihood's Hypothesis problem: D
+        from dims, up to two batch dimensions, K None (no sample dimension: x
+        has the location's shape), 1, 2 or 5, and K * B * D at most 12000."""
+        D = draw(st.sampled_from(dims))
+        batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
+        K = draw(st.sampled_from([None, 1, 2, 5]))
+        while math.prod(batch) * (K or 1) * D > 12000 and batch:
+            batch = batch[1:]
+        return D, batch, K
+
+    @staticmethod
+    def location_scale_cases(log_prob, param):
+        """A location-scale likelihood's (launch_case, thread_count_calls,
+        fallback_call) for tests/test_launches.py and tests/test_backend.py;
+        ``param`` is its scale parameter's keyword."""
+
+        def launch_case(op, B, L, K, D):
+            """One forward + backward at a training size; ``op`` makes the call
+            from the function and its leaves' shapes (x binary, made without a
+            draw; a per-element scale parameter)."""
+            x = (torch.arange(B * D).reshape(B, D) % 2).float()
+            return op(lambda m, s: log_prob(x, m, s), (K, B, D), (K, B, D))
+
+        def thread_count_calls(leaf, run):
+            """Calls with enough work for several threads, whose bits must not
+            depend on the thread count: few x rows against many samples with a
+            per-dimension scale parameter (the folded layout; its gradient sums
+            over every row), and many rows with a per-row one."""
+            x_few, loc_few, s_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
+            x_many, loc_many, s_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
+            call = lambda a, b, c: log_prob(a, b, **{param: c})  # noqa: E731
+            return [lambda: run(call, x_few, loc_few, s_dim), lambda: run(call, x_many, loc_many, s_row)]
+
+        def fallback_call(leaf, run):
+            """A small call, run with and without the extension (few x rows
+            against many samples)."""
+            x, loc = leaf(2, 16), leaf(2048, 2, 16)
+            return lambda: run(lambda a, b: log_prob(a, b), x, loc)
+
+        return launch_case, thread_count_calls, fallback_call
+
+    @staticmethod
+    def location_scale_double_backward_cases(name, log_prob, r):
+        """tests/test_double_backward.py's cases of every scale-parameter
+        layout, each served by a C++ operator: per element, per row, per
+        dimension, no sample dimension, a scale tensor and a fixed scale."""
+        f = lambda x, m, s: log_prob(x, m, s)  # noqa: E731
+        return {
+            f"{name}_per_element": (f, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
+            f"{name}_per_row": (f, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
+            f"{name}_per_dim": (f, [r(3, 5), r(2, 3, 5), r(5)], True),
+            f"{name}_no_samples": (f, [r(3, 5), r(3, 5), r(3, 5)], True),
+            f"{name}_scale_tensor": (lambda x, m, s: log_prob(x, m, scale=s.exp()), [r(3, 5), r(2, 3, 5), r(())], True),
+            f"{name}_fixed_scale": (lambda x, m: log_prob(x, m, scale=0.7), [r(3, 5), r(2, 3, 5)], True),
+        }
+
+    @staticmethod
+    def refuses_bad_location_scale_input(log_prob, param, device):
+        """log_prob(x, loc, <param>): errors that name a bad x, the scale parameter
+        ``param`` (its keyword) of another shape, both it and a scale, and another
+        device; a float64 x with a float32 location gives float64. Returns the
+        float32 (x (4, 3), loc (2, 4, 3)) it tried."""
+        x = torch.zeros(4, 3, device=device)
+        loc = torch.zeros(2, 4, 3, device=device)
+        likelihood_checks.refuses_bad_x(log_prob, loc, device, (5, 3), torch.int64)
+        with pytest.raises(ValueError, match=param + r" of shape \(2,\)"):
+            log_prob(x, loc, torch.zeros(2, device=device))
+        assert log_prob(x.double(), loc).dtype == torch.float64  # mixed dtypes: float64 wins
+        with pytest.raises(ValueError, match=f"at most one of {param}, scale"):
+            log_prob(x, loc, torch.zeros(3, device=device), scale=2.0)
+        with pytest.raises(ValueError, match="device"):
+            log_prob(torch.zeros(4, 3, device="meta"), loc)
+        return x, loc
+
+    @staticmethod
+    def x_is_not_copied_per_sample(log_prob, device):
+        """x (B, D) against a location (K, B, D), float64: the op saves x at its own
+        size (nothing of K * B * D elements but the location). Returns x, the
+        location and dx of the summed log-probability."""
+        x = torch.randn(4, 9, device=device, dtype=torch.float64, requires_grad=True)
+        loc = torch.randn(3, 4, 9, device=device, dtype=torch.float64, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = log_prob(x, loc)
+        assert (4, 9) in saved and (3, 4, 9) in saved and max(math.prod(s) for s in saved) == 3 * 4 * 9
+        (dx,) = torch.autograd.grad(out.sum(), [x])
+        return x, loc, dx
+
+    @staticmethod
+    def event_dims_flatten(log_prob, device, name):
+        """event_dims=3 on x (B, C, H, W) against a location (K, B, C, H, W) and a
+        per-channel scale parameter equals the flattened (K, B, C*H*W) call, x
+        broadcast over K; event_dims=0 is refused. Returns x and the location."""
+        g = torch.Generator().manual_seed(0)
+        K, B, C, H, W = 2, 3, 2, 3, 4
+        x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device)
+        loc = torch.randn(K, B, C, H, W, generator=g, dtype=torch.float64).to(device)
+        s = torch.randn(C, 1, 1, generator=g, dtype=torch.float64).to(device)
+        got = log_prob(x, loc, s, event_dims=3)
+        want = log_prob(x.reshape(B, -1), loc.reshape(K, B, -1), s.expand(C, H, W).reshape(-1))
+        assert got.shape == (K, B)
+        assert_close(got, want, 1 + want.abs(), f"{name} event_dims=3")
+        with pytest.raises(ValueError, match="event_dims must be >= 1"):
+            log_prob(x, loc, event_dims=0)
+        return x, loc
+
+
+def float_dtype_examples(examples, **strategies):
+    """The decorators of a test over float32 and float64 inputs with
+    ``examples`` Hypothesis examples (None: the profile's) of ``strategies``
+    (its keyword arguments)."""
+    def decorate(test):
+        test = given(**strategies)(test)
+        if examples is not None:
+            test = settings(max_examples=examples)(test)
+        return pytest.mark.parametrize("dtype", [torch.float32, torch.float64])(test)
+    return decorate
+
+
+class sampler_checks:
+    """A namespace (read as sampler_checks.<check>) of the checks the samplers
+    share. In those of the samplers of two log-parameters per element
+    (sample_location_scale, sample_positive), ``apply`` is the op's
+    Function.apply(p0, p1, seed, family index, K, stop_score), ``oracle`` its
+    float64 oracle(family, p0, p1, seed, K, dtype, stop_score) -> (z, log q),
+    differentiable in p0, p1."""
+
+    @staticmethod
+    def refuses_bad_arguments(sample, mu, param, device):
+        """sample(mu, param, n_samples): errors that name a param on another
+        device, n_samples of 0 or a float, 0-d inputs and a mu that is a list."""
+        with pytest.raises(ValueError, match="device"):
+            sample(mu, torch.zeros(param.shape, device="meta"))
+        with pytest.raises(ValueError, match="n_samples"):
+            sample(mu, param, 0)
+        with pytest.raises(TypeError, match="n_samples"):
+            sample(mu, param, 2.0)
+        with pytest.raises(ValueError, match="0-d"):
+            sample(torch.zeros((), device=device), torch.zeros((), device=device))
+        with pytest.raises(TypeError, match="Tensor"):
+            sample([1.0], param)
+
+    @staticmethod
+    def normal_call(sample, mu, param, n_samples, data_seed):
+        """(z, kl, seed, K) of a Normal posterior's sampler (sample_normal,
+        sample_normal_tril) called as users call it, with a generator seeded
+        data_seed + 1 on mu's device: seed is the Philox seed it drew, K the
+        samples drawn (1 where n_samples is None)."""
+        device = mu.device
+        gen_seed = data_seed + 1
+        z, kl = sample(mu, param, n_samples, generator=torch.Generator(device).manual_seed(gen_seed))
+        from fastvae._op import draw_seed
+
+        seed = int(draw_seed(device, torch.Generator(device).manual_seed(gen_seed)))
+        return z, kl, seed, 1 if n_samples is None else n_samples
+
+    @staticmethod
+    def n_samples_none_is_first_sample(sample, mu, param):
+        """sample(mu, param) without n_samples draws, bit for bit, the first of
+        n_samples=1's samples and its KL, without the sample dimension."""
+        device = mu.device
+        z1, kl1 = sample(mu, param, generator=torch.Generator(device).manual_seed(3))
+        zk, klk = sample(mu, param, 1, generator=torch.Generator(device).manual_seed(3))
+        assert z1.shape == mu.shape and zk.shape == (1, *mu.shape)
+        assert torch.equal(z1, zk[0]) and torch.equal(kl1, klk)
+
+    @staticmethod
+    def normal_backward(apply, mu, param, data_seed, K, dtype):
+        """A Normal posterior's sampler's gradients in mu and its second
+        parameter, apply(mu, param, seed, K) the op's Function.apply, given
+        incoming gradients of z (K, ..., L) and the KL (...) drawn in float64 from
+        data_seed + 2 and rounded to dtype: (seed, those gradients in float64,
+        the op's gradients, float64 CPU leaves of mu and param for the oracle)."""
+        device = mu.device
+        seed = data_seed * 7919 + 13
+        g = torch.Generator().manual_seed(data_seed + 2)
+        gz = torch.randn((K, *mu.shape), generator=g, dtype=torch.float64).to(dtype)
+        gk = torch.randn(mu.shape[:-1], generator=g, dtype=torch.float64).to(dtype)
+        z, kl = apply(mu, param, seed_tensor(seed, device), K)
+        grads = torch.autograd.grad((z, kl), (mu, param), (gz.to(device), gk.to(device)))
+        leaves = tuple(t.detach().double().cpu().requires_grad_() for t in (mu, param))
+        return seed, gz.double(), gk.double(), grads, leaves
+
+    @staticmethod
+    def forward(apply, families, make_inputs, problem, dtype, device):
+        """The op's samples of a Hypothesis problem (family, batch, L, K, data
+        seed, bound), their dtype and shapes checked: (seed, p0, p1, z, log q),
+        p0, p1 make_inputs' two parameters."""
+        family, batch, L, K, data_seed, bound = problem
+        p0, p1 = make_inputs(batch, L, data_seed, bound, dtype, device)
+        seed = data_seed * 31 + 7
+        z, log_q = apply(p0, p1, seed_tensor(seed, device), families.index(family), K, False)
+        assert z.dtype == dtype and log_q.dtype == dtype
+        assert z.shape == (K, *batch, L) and log_q.shape == (K, *batch)
+        return seed, p0, p1, z, log_q
+
+    @staticmethod
+    def backward(apply, families, make_inputs, problem, dtype, device, stop_score):
+        """The op's gradients of a Hypothesis problem (family, batch, L, K, data
+        seed, bound): (seed, gz, gq, grads, leaves), grads those of make_inputs'
+        two parameters given incoming gradients gz, gq (float64 draws from data
+        seed + 1, rounded to dtype; None where unused), leaves the parameters'
+        float64 CPU copies, leaves for the oracle."""
+        family, batch, L, K, data_seed, bound = problem
+        p0, p1 = make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=True)
+        seed = data_seed * 13 + 5
+        g = torch.Generator().manual_seed(data_seed + 1)
+        gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64).to(dtype)
+        gq = torch.randn((K, *batch), generator=g, dtype=torch.float64).to(dtype)
+        z, log_q = apply(p0, p1, seed_tensor(seed, device), families.index(family), K, stop_score)
+        grads = torch.autograd.grad((z, log_q), (p0, p1), (gz.to(device), gq.to(device)), allow_unused=True)
+        leaves = tuple(p.detach().double().cpu().requires_grad_() for p in (p0, p1))
+        return seed, gz, gq, grads, leaves
+
+    @staticmethod
+    def split_over_samples(apply, oracle, families, family, p0, p1):
+        """K = 7 samples of p0, p1 (one short row, so that the Triton backward's
+        split path, when forced, splits them) with stop_score: the gradients of
+        z.sum() + sum_k k log q_k land in p0.grad, p1.grad; returns the float64
+        oracle's (p0's, p1's)."""
+        device = p0.device
+        z, log_q = apply(p0, p1, seed_tensor(99, device), families.index(family), 7, True)
+        (z.sum() + (log_q * torch.arange(7, device=device)[:, None]).sum()).backward()
+        a, b = (p.detach().double().cpu().requires_grad_() for p in (p0, p1))
+        z_ref, q_ref = oracle(family, a, b, 99, 7, p0.dtype, True)
+        (z_ref.sum() + (q_ref * torch.arange(7)[:, None]).sum()).backward()
+        return a.grad, b.grad
+
+    @staticmethod
+    def double_backward(apply, families, family, p0, p1, stop_score, reads_p1=True):
+        """Whether gradgradcheck (float64) passes the op's closed-form second
+        derivative at p0, p1, K = 2, Philox seed 17 (p1 not a leaf, p0's value,
+        where the family does not read it)."""
+        seed = seed_tensor(17, p0.device)
+        index = families.index(family)
+        if not reads_p1:
+            return torch.autograd.gradgradcheck(lambda a: apply(a, a.detach(), seed, index, 2, stop_score), (p0,),
+                                                atol=1e-6, rtol=1e-5)
+        return torch.autograd.gradgradcheck(lambda a, b: apply(a, b, seed, index, 2, stop_score), (p0, p1),
+                                            atol=1e-6, rtol=1e-5)
+
+    @staticmethod
+    def evaluation_layout(at, forward, families, p0, p1):
+        """Yields (family, z, log q, the oracle's z, log q) of every family in the
+        evaluation's layout: 4 samples of p0, p1 (3, 6) from offset 7 (not
+        divisible by 4), sample stride 6, row stride 24, Philox seed 5; ``at``
+        is the op's <op>_at, ``forward`` its oracle's forward (float64)."""
+        for index, family in enumerate(families):
+            z, log_q = at(index, p0, p1, seed_tensor(5, p0.device), 4, offset0=7, sample_stride=6, row_stride=4 * 6)
+            zr = torch.empty(4, 3, 6, dtype=torch.float64)
+            qr = torch.empty(4, 3, dtype=torch.float64)
+            forward(p0.double().cpu(), p1.double().cpu(), 5, index, 7, 6, 24, zr, qr)
+            yield family, z, log_q, zr, qr
 
 
 def seed_tensor(value, device):

@@ -26,7 +26,7 @@ from fastvae.ops.bernoulli_likelihood.op import (
     continuous_bernoulli_log_prob_op,
 )
 
-from helpers import assert_close
+from helpers import assert_close, likelihood_checks
 
 # -- shared by the two ops' tests ---------------------------------------------------
 
@@ -145,24 +145,26 @@ def test_bernoulli_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(BernoulliLogProb.apply, (x, logits[0]))
 
 
-def test_bernoulli_opcheck(backend):
+@pytest.mark.parametrize("ops", [(bernoulli_log_prob_op, bernoulli_log_prob_backward_op),
+                                 (continuous_bernoulli_log_prob_op, continuous_bernoulli_log_prob_backward_op)],
+                         ids=["bernoulli", "continuous_bernoulli"])
+def test_opcheck(backend, ops):
+    """Each likelihood's operator and its backward, x with and without a gradient."""
     _, device = backend
+    forward, backward = ops
     x = torch.rand(3, 7, device=device, requires_grad=True)
     logits = torch.randn(2, 3, 7, device=device, requires_grad=True)
-    torch.library.opcheck(bernoulli_log_prob_op, (x, logits))
-    torch.library.opcheck(bernoulli_log_prob_op, (x.detach(), logits))
+    torch.library.opcheck(forward, (x, logits))
+    torch.library.opcheck(forward, (x.detach(), logits))
     for need_dx in (False, True):
         args = (torch.randn(2, 3, device=device), x.detach(), logits.detach(), need_dx)
-        torch.library.opcheck(bernoulli_log_prob_backward_op, args)
+        torch.library.opcheck(backward, args)
 
 
 def test_bernoulli_errors_on_bad_input(backend):
     _, device = backend
     logits = torch.zeros(2, 4, 3, device=device)
-    with pytest.raises(ValueError, match=r"x of shape \(4, 2\)"):
-        fastvae.bernoulli_log_prob(torch.zeros(4, 2, device=device), logits)
-    with pytest.raises(TypeError, match="bool"):
-        fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.bool, device=device), logits)
+    likelihood_checks.refuses_bad_x(fastvae.bernoulli_log_prob, logits, device, (4, 2), torch.bool)
     # mixed dtypes are read as they are; a float64 input makes the result float64
     assert fastvae.bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.float64, device=device), logits).dtype == \
         torch.float64
@@ -173,22 +175,18 @@ def test_bernoulli_errors_on_bad_input(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_dtype", ["same", torch.float32])
 def test_bernoulli_half_precision(backend, dtype, x_dtype):
-    """Half-precision logits (with x in half precision, or float32 x as under
-    autocast) on every backend: a float32 log-probability equal to the float64
-    one of the same rounded inputs to float32 accumulation error, gradients in
-    each input's dtype."""
-    _, device = backend
-    x_dtype = dtype if x_dtype == "same" else x_dtype
+    """Logits in half precision and x in it or in float32 (autocast's): the
+    oracle's value to float32 accumulation error, gradients in the inputs' dtypes."""
     g = torch.Generator().manual_seed(5)
-    x = (torch.rand(4, 37, generator=g) > 0.5).to(x_dtype).to(device).requires_grad_()
-    logits = (torch.randn(3, 4, 37, generator=g) * 5).to(dtype).to(device).requires_grad_()
+    x, logits = likelihood_checks.half_precision_leaves(
+        dtype, x_dtype, backend[1], torch.rand(4, 37, generator=g) > 0.5, torch.randn(3, 4, 37, generator=g) * 5)
     out = fastvae.bernoulli_log_prob(x, logits)
     assert out.dtype == torch.float32
     x64, l64 = x.detach().double().cpu(), logits.detach().double().cpu()
     terms = ((x64 * l64).abs() + oracle.softplus(l64)).sum(-1)
     assert_close(out, oracle.bernoulli_log_prob(x64, l64), terms, "log_prob")
     dx, dl = torch.autograd.grad(out.sum(), [x, logits])
-    assert (dx.dtype, dl.dtype) == (x_dtype, dtype)
+    assert (dx.dtype, dl.dtype) == (x.dtype, dtype)
     assert_close(dl, x64 - torch.sigmoid(l64), torch.ones_like(l64), "dlogits")
     assert_close(dx, l64.sum(0), l64.abs().sum(0) + 1, "dx")
 
@@ -362,25 +360,12 @@ def test_continuous_bernoulli_gradcheck_float64(backend):
     assert torch.autograd.gradgradcheck(fastvae.continuous_bernoulli_log_prob, (x, logits))
 
 
-def test_continuous_bernoulli_opcheck(backend):
-    _, device = backend
-    x = torch.rand(3, 7, device=device, requires_grad=True)
-    logits = torch.randn(2, 3, 7, device=device, requires_grad=True)
-    torch.library.opcheck(continuous_bernoulli_log_prob_op, (x, logits))
-    for need_dx in (False, True):
-        args = (torch.randn(2, 3, device=device), x.detach(), logits.detach(), need_dx)
-        torch.library.opcheck(continuous_bernoulli_log_prob_backward_op, args)
-
-
 def test_continuous_bernoulli_errors_on_bad_input(backend):
     _, device = backend
     logits = torch.zeros(2, 4, 3, device=device)
     with pytest.warns(UserWarning, match="outside"):  # first: on the triton backend only the first call is read
         fastvae.continuous_bernoulli_log_prob(torch.full((4, 3), 2.0, device=device), logits)
-    with pytest.raises(ValueError, match=r"x of shape \(4, 2\)"):
-        fastvae.continuous_bernoulli_log_prob(torch.zeros(4, 2, device=device), logits)
-    with pytest.raises(TypeError, match="x must be a floating-point"):
-        fastvae.continuous_bernoulli_log_prob(torch.zeros(4, 3, dtype=torch.int64, device=device), logits)
+    likelihood_checks.refuses_bad_x(fastvae.continuous_bernoulli_log_prob, logits, device, (4, 2), torch.int64)
 
 
 def test_continuous_bernoulli_compiles_without_graph_breaks(backend):

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -17,7 +16,7 @@ from fastvae.ops.categorical_log_prob.op import (
     categorical_log_prob_op,
 )
 
-from helpers import assert_close
+from helpers import assert_close, reference_tests
 
 DIMS = [1, 2, 3, 17, 64, 100]
 CLASSES = [1, 2, 3, 10, 256, 1025, 3000]  # 3000: several class tiles of the Triton kernels
@@ -76,21 +75,9 @@ def check_against_reference(p, dtype, device):
     return out, dl
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
-def test_forward_backward_match_reference(backend, dtype, p):
-    check_against_reference(p, dtype, backend[1])
-
-
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
-def test_half_precision_matches_reference(backend, dtype, p):
-    """Half-precision logits: a float32 result equal to the float64 one of the
-    same rounded logits; the gradient in their dtype."""
-    if dtype == torch.float16:
-        p = dict(p, bound=min(p["bound"], 5e3))  # float16 tops out at 65504
-    check_against_reference(p, dtype, backend[1])
+# float16 tops out at 65504
+test_forward_backward_match_reference, test_half_precision_matches_reference = reference_tests(
+    check_against_reference, problems(), float16_caps={"bound": 5e3})
 
 
 @pytest.mark.parametrize("K,batch,D,C", [(1, (1,), 1, 2), (3, (5,), 7, 2), (2, (3,), 5, 4000), (None, (4,), 1, 1)])

@@ -15,11 +15,11 @@ only guards log(0)) and softplus is exact, so the formulas are theirs without
 those two approximations."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -37,7 +37,7 @@ from fastvae.ops.count_log_prob.op import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, assert_compiled_matches_eager, gen
+from helpers import assert_close, assert_compiled_matches_eager, gen, likelihood_checks, reference_tests
 
 F64 = torch.float64
 POISSON, NB, ZINB = "poisson_log_prob", "negative_binomial_log_prob", "zinb_log_prob"
@@ -246,19 +246,20 @@ def check_objectives(device, likelihood, decode, ref_log_lik, torch_decode=None)
 # -- poisson_log_prob: against the oracle and torch.distributions.Poisson -----------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@given(p=problems(POISSON))
-def test_poisson_forward_backward_match_reference(backend, dtype, p):
-    check_against_reference(POISSON, p, dtype, backend[1])
+def _moderate_counts(p):
+    """A problem whose counts fit float16's range (it ends at 65504)."""
+    return dict(p, counts="moderate") if p["counts"] == "large" else p
 
 
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems(POISSON))
-def test_poisson_half_precision_matches_reference(backend, dtype, p):
-    if p["counts"] == "large":
-        p = dict(p, counts="moderate")  # float16's range ends at 65504
-    check_against_reference(POISSON, p, dtype, backend[1])
+def _sparse_counts_moderate_theta(p):
+    """A problem whose counts and theta fit float16's range (it ends at 65504)."""
+    if p["lt_range"][1] > 11 or p["counts"] == "large":
+        return dict(p, lt_range=(-3.0, 3.0), counts="sparse")
+    return p
+
+
+test_poisson_forward_backward_match_reference, test_poisson_half_precision_matches_reference = reference_tests(
+    functools.partial(check_against_reference, POISSON), problems(POISSON), half_problem=_moderate_counts)
 
 
 @pytest.mark.parametrize("K,batch,D", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (None, (2, 3), 5), (64, (1,), 40)])
@@ -307,10 +308,7 @@ def test_poisson_opcheck(backend):
 def test_poisson_errors_on_bad_input(backend):
     _, device = backend
     lr = torch.zeros(2, 4, 3, device=device)
-    with pytest.raises(ValueError, match=r"x of shape \(4, 2\)"):
-        fastvae.poisson_log_prob(torch.zeros(4, 2, device=device), lr)
-    with pytest.raises(TypeError, match="bool"):
-        fastvae.poisson_log_prob(torch.zeros(4, 3, dtype=torch.bool, device=device), lr)
+    likelihood_checks.refuses_bad_x(fastvae.poisson_log_prob, lr, device, (4, 2), torch.bool)
     fastvae.set_value_checks("always")  # on the Triton path only the first call of a kind is checked
     with pytest.raises(ValueError, match="counts >= 0"):
         fastvae.poisson_log_prob(torch.full((4, 3), -2.0, device=device), lr)
@@ -329,21 +327,9 @@ def test_poisson_objectives_and_evaluation_take_the_likelihood(backend):
 # log_nb_positive, torch.distributions.NegativeBinomial) ---------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@given(p=problems(NB))
-def test_negative_binomial_forward_backward_match_reference(backend, dtype, p):
-    check_against_reference(NB, p, dtype, backend[1])
-
-
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems(NB))
-def test_negative_binomial_half_precision_matches_reference(backend, dtype, p):
-    """Half-precision parameters: a float32 result equal to the float64 one of
-    the same rounded inputs, gradients in the inputs' dtype."""
-    if p["lt_range"][1] > 11 or p["counts"] == "large":
-        p = dict(p, lt_range=(-3.0, 3.0), counts="sparse")  # float16's range ends at 65504
-    check_against_reference(NB, p, dtype, backend[1])
+test_negative_binomial_forward_backward_match_reference, test_negative_binomial_half_precision_matches_reference = \
+    reference_tests(functools.partial(check_against_reference, NB), problems(NB),
+                    half_problem=_sparse_counts_moderate_theta)
 
 
 @pytest.mark.parametrize("theta", ["element", "gene"])
@@ -521,19 +507,8 @@ def test_negative_binomial_objectives_and_evaluation_take_the_likelihood(backend
 # -- zinb_log_prob: against the oracle and scvi-tools' log_zinb_positive ------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64])
-@given(p=problems(ZINB))
-def test_zinb_forward_backward_match_reference(backend, dtype, p):
-    check_against_reference(ZINB, p, dtype, backend[1])
-
-
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems(ZINB))
-def test_zinb_half_precision_matches_reference(backend, dtype, p):
-    if p["lt_range"][1] > 11 or p["counts"] == "large":
-        p = dict(p, lt_range=(-3.0, 3.0), counts="sparse")  # float16's range ends at 65504
-    check_against_reference(ZINB, p, dtype, backend[1])
+test_zinb_forward_backward_match_reference, test_zinb_half_precision_matches_reference = reference_tests(
+    functools.partial(check_against_reference, ZINB), problems(ZINB), half_problem=_sparse_counts_moderate_theta)
 
 
 @pytest.mark.parametrize("theta", ["element", "gene"])

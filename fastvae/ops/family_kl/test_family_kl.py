@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.distributions as td
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastvae
@@ -14,7 +14,7 @@ from fastvae._families import KL_FAMILIES
 from fastvae.ops import family_kl as oracle
 from fastvae.ops.family_kl.op import FamilyKL, family_kl_backward_op, family_kl_op
 
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, reference_tests
 
 LATENT = [1, 2, 3, 7, 32, 33, 100, 1025]
 F64 = torch.float64
@@ -78,10 +78,9 @@ def kumaraswamy_params(batch, L, pshape, spread, g):
     return (u((*batch, L), half), u((*batch, L), half)), (u(pshape, min(half, 3.0)), u(pshape, min(half, 3.0)))
 
 
-def check_against_reference(backend, dtype, problem, params=None):
+def check_against_reference(problem, dtype, device, params=None):
     """family_kl of the problem's parameters (or ``params``, (q, p) in float64)
     against the oracle, values and gradients."""
-    _, device = backend
     family, batch, L, prior, spread, reduce, seed = problem
     g = torch.Generator().manual_seed(seed)
     q64, p64 = make_params(family, batch, L, prior, spread, g) if params is None else params
@@ -204,19 +203,8 @@ def grad_size(family, m1, s1, m2, s2):
     return (s1 - s2).abs() + d * (torch.exp(-s1) + torch.exp(-s2)) + torch.exp(s1 - s2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(problem=problems())
-def test_forward_backward_match_reference(backend, dtype, problem):
-    check_against_reference(backend, dtype, problem)
-
-
-@settings(max_examples=10)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(problem=problems())
-def test_half_precision_matches_reference(backend, dtype, problem):
-    """Half-precision inputs: a float32 KL equal to the float64 one of the same
-    rounded inputs to float32 error; gradients in the inputs' dtype."""
-    check_against_reference(backend, dtype, problem)
+test_forward_backward_match_reference, test_half_precision_matches_reference = reference_tests(
+    check_against_reference, problems(), half_examples=10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -225,7 +213,7 @@ def test_kumaraswamy_extreme_parameters(backend, dtype, problem):
     """The Kumaraswamy-Beta KL at a and b from e^-5 to e^5 (b < 1: where the
     truncated series converges slowly, truncated as the oracle is), the
     prior's from e^-3 to e^3, in every example (not one family of six)."""
-    check_against_reference(backend, dtype, problem)
+    check_against_reference(problem, dtype, backend[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -240,8 +228,8 @@ def test_kumaraswamy_across_the_shift_boundaries(backend, dtype):
     lb = v.log()[None, :].expand(n, n).contiguous()
     prior = v.clamp(max=20.0).log()  # the prior's from e^-3 to e^3, as the other tests'
     params = ((la, lb), (prior, prior.flip(0)))
-    check_against_reference(backend, dtype, ("kumaraswamy", (n,), n, "per_dim", "", False, 0), params)
-    check_against_reference(backend, dtype, ("kumaraswamy", (n,), n, "per_dim", "", True, 1), params)
+    check_against_reference(("kumaraswamy", (n,), n, "per_dim", "", False, 0), dtype, backend[1], params)
+    check_against_reference(("kumaraswamy", (n,), n, "per_dim", "", True, 1), dtype, backend[1], params)
 
 
 @pytest.mark.parametrize("family", KL_FAMILIES)

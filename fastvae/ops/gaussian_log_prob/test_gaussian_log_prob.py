@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -17,7 +16,7 @@ from fastvae.ops.gaussian_log_prob.op import (
     gaussian_log_prob_packed,
 )
 
-from helpers import RTOL, assert_close, grads_and_float64_leaves, summed_like
+from helpers import RTOL, assert_close, grads_and_float64_leaves, likelihood_checks, reference_tests, summed_like
 
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
 DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025, 1537]
@@ -27,11 +26,7 @@ VARIANCES = ["element", "row", "dim", "scalar", "scale_float", "scale_tensor", "
 
 @st.composite
 def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))  # None: no sample dim, x has mean's shape
-    while math.prod(batch) * (K or 1) * D > 12000 and batch:
-        batch = batch[1:]
+    D, batch, K = likelihood_checks.location_scale_shapes(draw, DIMS)
     return dict(
         D=D, batch=batch, K=K, variance=draw(st.sampled_from(VARIANCES)),
         x_grad=draw(st.booleans()), v_grad=draw(st.booleans()), lv_bound=draw(st.sampled_from([1.0, 5.0, 20.0])),
@@ -96,12 +91,6 @@ def reference_of(x, mean, v, kw):
     return out, terms, var
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
-def test_forward_backward_match_reference(backend, dtype, p):
-    check_against_reference(p, dtype, backend[1])
-
-
 def check_against_reference(p, dtype, device):
     """Value and every gradient asked for in p against the float64 oracle."""
     x, mean, v, kw, inputs = build(p, dtype, device)
@@ -144,6 +133,11 @@ def overflowed_to_inf(got, want, scale, name):
     return got.detach().cpu()[keep], want.cpu()[keep], scale.detach().cpu().expand_as(want)[keep]
 
 
+# the gradients' 1/var must fit float16's 65504
+test_forward_backward_match_reference, test_half_precision_matches_reference = reference_tests(
+    check_against_reference, problems(), float16_caps={"lv_bound": 5.0})
+
+
 @pytest.mark.parametrize("variance", ["element", "row", "dim", "scalar", "softplus_element", "softplus_row",
                                       "softplus_dim", "scale_float"])
 @pytest.mark.parametrize("K,batch,D", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (4, (300,), 3), (None, (2, 3), 5)])
@@ -153,25 +147,13 @@ def test_sums_over_samples_in_one_backward(backend, sample_splits, variance, K, 
     and more rows than one interpreter program: against the float64 reference,
     with the samples in one pass or split; a second call gives the same bits
     (the split's arrival counters are back at 0)."""
-    _, device = backend
     p = dict(D=D, batch=batch, K=K, variance=variance, x_grad=True, v_grad=True, lv_bound=2.0, seed=K or 0)
-    out, grads = check_against_reference(p, torch.float32, device)
-    again, grads_again = check_against_reference(p, torch.float32, device)
-    assert torch.equal(out, again)
-    for a, b in zip(grads, grads_again):
-        assert torch.equal(a, b)
+    likelihood_checks.same_bits_twice(check_against_reference, p, torch.float32, backend[1])
 
 
 def test_x_is_not_copied_per_sample(backend):
     """x (B, D) against mean (K, B, D): the op sees x at its own size, and dx sums over K."""
-    _, device = backend
-    x = torch.randn(4, 9, device=device, dtype=torch.float64, requires_grad=True)
-    mean = torch.randn(3, 4, 9, device=device, dtype=torch.float64, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        out = fastvae.gaussian_log_prob(x, mean)
-    assert (4, 9) in saved and (3, 4, 9) in saved and max(math.prod(s) for s in saved) == 3 * 4 * 9
-    (dx,) = torch.autograd.grad(out.sum(), [x])
+    x, mean, dx = likelihood_checks.x_is_not_copied_per_sample(fastvae.gaussian_log_prob, backend[1])
     torch.testing.assert_close(dx, (mean - x).detach().sum(0), rtol=1e-12, atol=1e-12)
 
 
@@ -204,13 +186,9 @@ def test_extreme_log_variance_matches_reference(backend):
     mean = torch.randn(2, 5, 33, device=device, requires_grad=True)
     for lv in (-30.0, 30.0):
         logvar = torch.full((2, 5, 33), lv, device=device, requires_grad=True)
-        out = fastvae.gaussian_log_prob(x, mean, logvar)
-        grads = torch.autograd.grad(out.sum(), [mean, logvar])
-        x64, m64 = x.double().cpu(), mean.detach().double().cpu().requires_grad_()
-        lv64 = logvar.detach().double().cpu().requires_grad_()
-        ref = oracle.gaussian_log_prob(x64, m64, lv64)
-        ref_grads = torch.autograd.grad(ref.sum(), [m64, lv64])
-        terms = (x64 - m64.detach()) ** 2 * torch.exp(-lv64.detach()) + lv64.detach().abs() + 2.0
+        out, grads, ref, ref_grads, (x64, m64, lv64) = likelihood_checks.against_oracle(
+            fastvae.gaussian_log_prob, oracle.gaussian_log_prob, x, mean, logvar)
+        terms = (x64 - m64) ** 2 * torch.exp(-lv64) + lv64.abs() + 2.0
         assert_close(out, ref, terms.sum(-1), f"log_prob, logvar {lv}")
         assert_close(grads[0], ref_grads[0], ref_grads[0].abs() + 1e-30, f"dmean, logvar {lv}")
         assert_close(grads[1], ref_grads[1], terms, f"dlogvar, logvar {lv}")
@@ -238,61 +216,32 @@ def test_empty(backend):
 
 def test_errors_on_bad_input(backend):
     _, device = backend
-    x = torch.zeros(4, 3, device=device)
-    mean = torch.zeros(2, 4, 3, device=device)
-    with pytest.raises(ValueError, match=r"x of shape \(5, 3\)"):
-        fastvae.gaussian_log_prob(torch.zeros(5, 3, device=device), mean)
-    with pytest.raises(ValueError, match=r"logvar of shape \(2,\)"):
-        fastvae.gaussian_log_prob(x, mean, torch.zeros(2, device=device))
-    assert fastvae.gaussian_log_prob(x.double(), mean).dtype == torch.float64  # mixed dtypes: float64 wins
-    with pytest.raises(TypeError, match="int64"):
-        fastvae.gaussian_log_prob(torch.zeros(4, 3, dtype=torch.int64, device=device), mean)
-    with pytest.raises(ValueError, match="at most one"):
-        fastvae.gaussian_log_prob(x, mean, torch.zeros(3, device=device), scale=2.0)
+    x, mean = likelihood_checks.refuses_bad_location_scale_input(fastvae.gaussian_log_prob, "logvar", device)
     with pytest.raises(ValueError, match="scale"):
         fastvae.gaussian_log_prob(x, mean, scale=-1.0)
     with pytest.raises(ValueError, match="delta"):
         fastvae.gaussian_log_prob(x, mean, softplus_var=torch.zeros(3, device=device), delta=0.0)
     with pytest.raises(ValueError, match="smallest normal"):
         fastvae.gaussian_log_prob(x, mean, softplus_var=torch.zeros(3, device=device), delta=1e-45)
-    with pytest.raises(ValueError, match="device"):
-        fastvae.gaussian_log_prob(torch.zeros(4, 3, device="meta"), mean)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_dtype", ["same", torch.float32])
 def test_half_precision(backend, dtype, x_dtype):
-    """Half-precision mean and logvar (x in half precision, or float32 as under
-    autocast) on every backend: a float32 log-probability equal to the float64
-    one of the same rounded inputs to float32 accumulation error, gradients in
-    each input's dtype."""
-    _, device = backend
-    x_dtype = dtype if x_dtype == "same" else x_dtype
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 37, generator=g).to(x_dtype).to(device).requires_grad_()
-    mean = torch.randn(3, 4, 37, generator=g).to(dtype).to(device).requires_grad_()
-    logvar = (torch.rand(3, 4, 37, generator=g) * 2 - 1).to(dtype).to(device).requires_grad_()
-    out = fastvae.gaussian_log_prob(x, mean, logvar)
-    assert out.dtype == torch.float32
+    """Half-precision mean and logvar, x in half precision or float32 (as under
+    autocast), on every backend: the float32 log-probability of the float64
+    oracle at the same rounded inputs, to float32 accumulation error; each
+    input's gradient in its dtype."""
+    x, mean, logvar, out = likelihood_checks.location_scale_half_precision(fastvae.gaussian_log_prob, dtype, x_dtype,
+                                                                          backend[1])
     ref, terms, _ = reference_of(x.detach(), mean.detach(), logvar.detach(), dict(logvar=logvar))
     assert_close(out, ref, terms, "log_prob")
     grads = torch.autograd.grad(out.sum(), [x, mean, logvar])
-    assert [t.dtype for t in grads] == [x_dtype, dtype, dtype]
+    assert [t.dtype for t in grads] == [x.dtype, dtype, dtype]
     # a float32 mean with a half logvar: both are read in float32 on cpp
     out2 = fastvae.gaussian_log_prob(x, mean.float(), logvar)
     assert out2.dtype == torch.float32
     assert_close(out2, ref, terms, "log_prob (float32 mean)")
-
-
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
-def test_half_precision_matches_reference(backend, dtype, p):
-    """The Hypothesis problems in half precision: every variance form, float32
-    results against the float64 reference of the same rounded inputs."""
-    if dtype == torch.float16:  # the gradients' 1/var must fit float16's 65504
-        p = dict(p, lv_bound=min(p["lv_bound"], 5.0))
-    check_against_reference(p, dtype, backend[1])
 
 
 def test_underflowing_variance_at_an_exact_match_is_finite(backend):
@@ -326,18 +275,9 @@ def test_infinite_or_invalid_delta_and_scale_are_refused_on_every_backend(backen
 
 def test_event_dims_sum_over_image_dimensions(backend):
     """event_dims=3 on (K, B, C, H, W) equals the flattened (K, B, C*H*W) call,
-    with x broadcast over K and a per-channel log-variance."""
-    _, device = backend
-    g = torch.Generator().manual_seed(0)
-    K, B, C, H, W = 2, 3, 2, 3, 4
-    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device)
-    mean = torch.randn(K, B, C, H, W, generator=g, dtype=torch.float64).to(device)
-    lv = torch.randn(C, 1, 1, generator=g, dtype=torch.float64).to(device)
-    got = fastvae.gaussian_log_prob(x, mean, lv, event_dims=3)
-    want = fastvae.gaussian_log_prob(x.reshape(B, -1), mean.reshape(K, B, -1), lv.expand(C, H, W).reshape(-1))
-    assert got.shape == (K, B)
-    assert_close(got, want, 1 + want.abs(), "gaussian event_dims=3")
-    logits = mean
+    with x broadcast over K and a per-channel log-variance; and the Bernoulli's."""
+    x, logits = likelihood_checks.event_dims_flatten(fastvae.gaussian_log_prob, backend[1], "gaussian")
+    K, B = logits.shape[:2]
     got = fastvae.bernoulli_log_prob(torch.sigmoid(x), logits, event_dims=3)
     want = fastvae.bernoulli_log_prob(torch.sigmoid(x).reshape(B, -1), logits.reshape(K, B, -1))
     assert_close(got, want, 1 + want.abs(), "bernoulli event_dims=3")
@@ -447,30 +387,12 @@ def test_packed_halves_refuse_views_a_custom_function_returned(backend, finder):
 # one is missing.
 
 
-def launch_case(op, B, L, K, D):
-    """tests/test_launches.py: one forward + backward at a training size; ``op``
-    makes the call from the function and its leaves' shapes (x binary, made
-    without a draw; a per-element log-variance)."""
-    x = (torch.arange(B * D).reshape(B, D) % 2).float()
-    return op(lambda m, v: fastvae.gaussian_log_prob(x, m, v), (K, B, D), (K, B, D))
-
-
-def thread_count_calls(leaf, run):
-    """tests/test_backend.py: calls with enough work for several threads, whose
-    bits must not depend on the thread count: few x rows against many samples
-    with a per-dimension log-variance (the folded layout; its gradient sums
-    over every row), and many rows with a per-row one."""
-    x_few, mean_few, var_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
-    x_many, mean_many, var_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
-    return [lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c), x_few, mean_few, var_dim),
-            lambda: run(lambda a, b, c: fastvae.gaussian_log_prob(a, b, logvar=c), x_many, mean_many, var_row)]
-
-
-def fallback_call(leaf, run):
-    """tests/test_backend.py: a small call, run with and without the extension
-    (few x rows against many samples)."""
-    x, mean = leaf(2, 16), leaf(2048, 2, 16)
-    return lambda: run(lambda a, b: fastvae.gaussian_log_prob(a, b), x, mean)
+# tests/test_launches.py: a training-size call (a per-element log-variance);
+# tests/test_backend.py: calls whose bits must not depend on the thread count (a
+# per-dimension log-variance's gradient sums over every row), and a small call
+# run with and without the extension
+launch_case, thread_count_calls, fallback_call = likelihood_checks.location_scale_cases(fastvae.gaussian_log_prob,
+                                                                                         "logvar")
 
 
 def double_backward_cases(r):
@@ -478,16 +400,8 @@ def double_backward_cases(r):
     values, whether a C++ operator serves it) for gradgradcheck: every variance
     layout, a fixed scale (float and tensor), the softplus variance, and
     (mean, logvar) as the halves of one decoder output, read in place."""
-    gaussian = lambda x, m, lv: fastvae.gaussian_log_prob(x, m, lv)  # noqa: E731
     return {
-        "gaussian_log_prob_per_element": (gaussian, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "gaussian_log_prob_per_row": (gaussian, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
-        "gaussian_log_prob_per_dim": (gaussian, [r(3, 5), r(2, 3, 5), r(5)], True),
-        "gaussian_log_prob_no_samples": (gaussian, [r(3, 5), r(3, 5), r(3, 5)], True),
-        "gaussian_log_prob_scale_tensor": (lambda x, m, s: fastvae.gaussian_log_prob(x, m, scale=s.exp()),
-                                           [r(3, 5), r(2, 3, 5), r(())], True),
-        "gaussian_log_prob_fixed_scale": (lambda x, m: fastvae.gaussian_log_prob(x, m, scale=0.7),
-                                          [r(3, 5), r(2, 3, 5)], True),
+        **likelihood_checks.location_scale_double_backward_cases("gaussian_log_prob", fastvae.gaussian_log_prob, r),
         "gaussian_log_prob_packed": (lambda x, h: gaussian_log_prob_packed(x, h), [r(3, 5), r(2, 3, 10)], False),
         "gaussian_log_prob_softplus": (lambda x, m, v: fastvae.gaussian_log_prob(x, m, softplus_var=v, delta=1e-3),
                                        [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),

@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import kl_normal as oracle
 from fastvae.ops.kl_normal.op import KLNormal, kl_normal_backward_op, kl_normal_op
 
-from helpers import assert_close
+from helpers import assert_close, reference_tests
 
 LATENT = [1, 2, 3, 7, 32, 33, 100, 1025, 1537]
 
@@ -35,23 +34,7 @@ def make(shape, bound, g, dtype, device, kind):
     return t.to(dtype).to(device).requires_grad_()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(problem=problems())
-def test_forward_backward_match_reference(backend, dtype, problem):
-    check_against_reference(backend, dtype, problem)
-
-
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(problem=problems())
-def test_half_precision_matches_reference(backend, dtype, problem):
-    """Half-precision inputs: a float32 KL equal to the float64 one of the same
-    rounded inputs to float32 error; gradients in the inputs' dtype."""
-    check_against_reference(backend, dtype, problem)
-
-
-def check_against_reference(backend, dtype, problem):
-    _, device = backend
+def check_against_reference(problem, dtype, device):
     batch, L, prior, lv_bound, data_seed = problem
     if dtype == torch.float16:  # exp(logvar) in the gradient must fit float16's 65504
         lv_bound = min(lv_bound, 5.0)
@@ -94,6 +77,10 @@ def check_against_reference(backend, dtype, problem):
         # a per-dimension prior's gradient sums over the batch
         scale = gscale if ref.shape == gscale.shape else gscale.reshape(-1, L).sum(0)
         assert_close(got, ref, scale, name)
+
+
+test_forward_backward_match_reference, test_half_precision_matches_reference = reference_tests(
+    check_against_reference, problems())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -14,7 +13,7 @@ from fastvae.ops import laplace_log_prob as oracle
 from fastvae.ops.laplace_log_prob.op import LaplaceLogProb, laplace_log_prob_backward_op, laplace_log_prob_op
 
 from conftest import INTERPRET
-from helpers import assert_close, grads_and_float64_leaves, summed_like
+from helpers import assert_close, grads_and_float64_leaves, likelihood_checks, reference_tests, summed_like
 
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
 DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025]
@@ -23,11 +22,7 @@ SCALES = ["element", "row", "dim", "scalar", "scale_float", "scale_tensor", "sca
 
 @st.composite
 def problems(draw):
-    D = draw(st.sampled_from(DIMS))
-    batch = tuple(draw(st.lists(st.integers(1, 6), min_size=0, max_size=2)))
-    K = draw(st.sampled_from([None, 1, 2, 5]))  # None: no sample dim, x has loc's shape
-    while math.prod(batch) * (K or 1) * D > 12000 and batch:
-        batch = batch[1:]
+    D, batch, K = likelihood_checks.location_scale_shapes(draw, DIMS)
     return dict(
         D=D, batch=batch, K=K, scale=draw(st.sampled_from(SCALES)), x_grad=draw(st.booleans()),
         s_grad=draw(st.booleans()), s_bound=draw(st.sampled_from([1.0, 5.0, 20.0])), ties=draw(st.booleans()),
@@ -79,12 +74,6 @@ def log_scale_of(s, kw):
     return torch.tensor(math.log(kw.get("scale", 1.0)), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
-def test_forward_backward_match_reference(backend, dtype, p):
-    check_against_reference(p, dtype, backend[1])
-
-
 def check_against_reference(p, dtype, device):
     """Value and every gradient asked for in p against the float64 oracle, and
     the value against torch.distributions.Laplace."""
@@ -113,6 +102,11 @@ def check_against_reference(p, dtype, device):
     return out, grads
 
 
+# the gradients' 1/b must fit float16's 65504
+test_forward_backward_match_reference, test_half_precision_matches_reference = reference_tests(
+    check_against_reference, problems(), float16_caps={"s_bound": 5.0})
+
+
 @pytest.mark.parametrize("scale", ["element", "row", "dim", "scalar", "scale_float", "scale_tensor_dim"])
 @pytest.mark.parametrize("K,batch,D", [(7, (5,), 33), (1, (3,), 1), (5, (1,), 300), (4, (300,), 3), (None, (2, 3), 5)])
 def test_sums_over_samples_in_one_backward(backend, sample_splits, scale, K, batch, D):
@@ -121,13 +115,8 @@ def test_sums_over_samples_in_one_backward(backend, sample_splits, scale, K, bat
     D, and more rows than one interpreter program: against the float64
     reference, with the samples in one pass or split; a second call gives the
     same bits."""
-    _, device = backend
     p = dict(D=D, batch=batch, K=K, scale=scale, x_grad=True, s_grad=True, s_bound=2.0, ties=True, seed=K or 0)
-    out, grads = check_against_reference(p, torch.float32, device)
-    again, grads_again = check_against_reference(p, torch.float32, device)
-    assert torch.equal(out, again)
-    for a, b in zip(grads, grads_again):
-        assert torch.equal(a, b)
+    likelihood_checks.same_bits_twice(check_against_reference, p, torch.float32, backend[1])
 
 
 def test_gradient_at_x_equal_to_loc_uses_sign_zero(backend):
@@ -186,13 +175,9 @@ def test_extreme_scales_match_reference(backend):
     for lv in (-30.0, 30.0):
         for shape in ((2, 5, 33), (33,)):
             log_scale = torch.full(shape, lv, device=device, requires_grad=True)
-            out = fastvae.laplace_log_prob(x, loc, log_scale)
-            grads = torch.autograd.grad(out.sum(), [loc, log_scale])
-            x64, l64 = x.double().cpu(), loc.detach().double().cpu().requires_grad_()
-            s64 = log_scale.detach().double().cpu().requires_grad_()
-            ref = oracle.laplace_log_prob(x64, l64, s64)
-            ref_grads = torch.autograd.grad(ref.sum(), [l64, s64])
-            terms = (x64 - l64.detach()).abs() * torch.exp(-s64.detach()) + abs(lv) + 1.0
+            out, grads, ref, ref_grads, (x64, l64, s64) = likelihood_checks.against_oracle(
+                fastvae.laplace_log_prob, oracle.laplace_log_prob, x, loc, log_scale)
+            terms = (x64 - l64).abs() * torch.exp(-s64) + abs(lv) + 1.0
             assert_close(out, ref, terms.sum(-1), f"log_prob, log_scale {lv}")
             assert_close(grads[0], ref_grads[0], ref_grads[0].abs() + 1e-30, f"dloc, log_scale {lv}")
             assert_close(grads[1], ref_grads[1], terms.sum_to_size(shape), f"dlog_scale, log_scale {lv}")
@@ -216,14 +201,7 @@ def test_underflowing_scale_at_an_exact_match_is_finite(backend):
 
 def test_x_is_not_copied_per_sample(backend):
     """x (B, D) against loc (K, B, D): the op sees x at its own size, and dx sums over K."""
-    _, device = backend
-    x = torch.randn(4, 9, device=device, dtype=torch.float64, requires_grad=True)
-    loc = torch.randn(3, 4, 9, device=device, dtype=torch.float64, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        out = fastvae.laplace_log_prob(x, loc)
-    assert (4, 9) in saved and (3, 4, 9) in saved and max(math.prod(s) for s in saved) == 3 * 4 * 9
-    (dx,) = torch.autograd.grad(out.sum(), [x])
+    x, loc, dx = likelihood_checks.x_is_not_copied_per_sample(fastvae.laplace_log_prob, backend[1])
     torch.testing.assert_close(dx, torch.sign(loc - x).detach().sum(0), rtol=1e-12, atol=1e-12)
 
 
@@ -273,21 +251,9 @@ def test_empty(backend):
 
 def test_errors_on_bad_input(backend):
     _, device = backend
-    x = torch.zeros(4, 3, device=device)
-    loc = torch.zeros(2, 4, 3, device=device)
-    with pytest.raises(ValueError, match=r"x of shape \(5, 3\)"):
-        fastvae.laplace_log_prob(torch.zeros(5, 3, device=device), loc)
-    with pytest.raises(ValueError, match=r"log_scale of shape \(2,\)"):
-        fastvae.laplace_log_prob(x, loc, torch.zeros(2, device=device))
-    assert fastvae.laplace_log_prob(x.double(), loc).dtype == torch.float64  # mixed dtypes: float64 wins
-    with pytest.raises(TypeError, match="int64"):
-        fastvae.laplace_log_prob(torch.zeros(4, 3, dtype=torch.int64, device=device), loc)
-    with pytest.raises(ValueError, match="at most one of log_scale, scale"):
-        fastvae.laplace_log_prob(x, loc, torch.zeros(3, device=device), scale=2.0)
+    x, loc = likelihood_checks.refuses_bad_location_scale_input(fastvae.laplace_log_prob, "log_scale", device)
     with pytest.raises(ValueError, match=r"scale must be > 0, got a value of -1"):
         fastvae.laplace_log_prob(x, loc, scale=torch.tensor([1.0, -1.0, 2.0], device=device))
-    with pytest.raises(ValueError, match="device"):
-        fastvae.laplace_log_prob(torch.zeros(4, 3, device="meta"), loc)
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan, 0.0, -1.0, True])
@@ -301,56 +267,28 @@ def test_invalid_float_scale_is_refused_on_every_backend(backend, bad):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_dtype", ["same", torch.float32])
 def test_half_precision(backend, dtype, x_dtype):
-    """Half-precision loc and log_scale (x in half precision, or float32 as
-    under autocast): a float32 log-probability equal to the float64 one of the
-    same rounded inputs to float32 accumulation error, gradients in each
-    input's dtype."""
-    _, device = backend
-    x_dtype = dtype if x_dtype == "same" else x_dtype
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 37, generator=g).to(x_dtype).to(device).requires_grad_()
-    loc = torch.randn(3, 4, 37, generator=g).to(dtype).to(device).requires_grad_()
-    log_scale = (torch.rand(3, 4, 37, generator=g) * 2 - 1).to(dtype).to(device).requires_grad_()
-    out = fastvae.laplace_log_prob(x, loc, log_scale)
-    assert out.dtype == torch.float32
+    """Half-precision loc and log_scale, x in half precision or float32 (as
+    under autocast): the float32 log-probability of the float64 oracle at the
+    same rounded inputs, to float32 accumulation error; each input's gradient
+    in its dtype."""
+    x, loc, log_scale, out = likelihood_checks.location_scale_half_precision(fastvae.laplace_log_prob, dtype,
+                                                                            x_dtype, backend[1])
     x64, l64, s64 = (t.detach().double().cpu() for t in (x, loc, log_scale))
     ref = oracle.laplace_log_prob(x64, l64, s64)
     terms = ((x64 - l64).abs() * torch.exp(-s64) + s64.abs() + 1.0).sum(-1)
     assert_close(out, ref, terms, "log_prob")
     grads = torch.autograd.grad(out.sum(), [x, loc, log_scale])
-    assert [t.dtype for t in grads] == [x_dtype, dtype, dtype]
+    assert [t.dtype for t in grads] == [x.dtype, dtype, dtype]
     leaves = [t.requires_grad_() for t in (x64, l64, s64)]
     ref_grads = torch.autograd.grad(oracle.laplace_log_prob(*leaves).sum(), leaves)
     for got, want, name in zip(grads, ref_grads, ("dx", "dloc", "dlog_scale")):
         assert_close(got, want, want.abs() + 3 * torch.exp(-s64).sum(0) * (want.dim() < 3) + 1.0, name)
 
 
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
-def test_half_precision_matches_reference(backend, dtype, p):
-    """The Hypothesis problems in half precision: every scale form, float32
-    results against the float64 reference of the same rounded inputs."""
-    if dtype == torch.float16:  # the gradients' 1/b must fit float16's 65504
-        p = dict(p, s_bound=min(p["s_bound"], 5.0))
-    check_against_reference(p, dtype, backend[1])
-
-
 def test_event_dims_sum_over_image_dimensions(backend):
     """event_dims=3 on (K, B, C, H, W) equals the flattened (K, B, C*H*W) call,
     with x broadcast over K and a per-channel log-scale."""
-    _, device = backend
-    g = torch.Generator().manual_seed(0)
-    K, B, C, H, W = 2, 3, 2, 3, 4
-    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(device)
-    loc = torch.randn(K, B, C, H, W, generator=g, dtype=torch.float64).to(device)
-    s = torch.randn(C, 1, 1, generator=g, dtype=torch.float64).to(device)
-    got = fastvae.laplace_log_prob(x, loc, s, event_dims=3)
-    want = fastvae.laplace_log_prob(x.reshape(B, -1), loc.reshape(K, B, -1), s.expand(C, H, W).reshape(-1))
-    assert got.shape == (K, B)
-    assert_close(got, want, 1 + want.abs(), "laplace event_dims=3")
-    with pytest.raises(ValueError, match="event_dims must be >= 1"):
-        fastvae.laplace_log_prob(x, loc, event_dims=0)
+    likelihood_checks.event_dims_flatten(fastvae.laplace_log_prob, backend[1], "laplace")
 
 
 # -- the op's cases of the suite-wide checks -----------------------------------------
@@ -359,30 +297,10 @@ def test_event_dims_sum_over_image_dimensions(backend):
 # one is missing.
 
 
-def launch_case(op, B, L, K, D):
-    """tests/test_launches.py: one forward + backward at a training size; ``op``
-    makes the call from the function and its leaves' shapes (x binary, made
-    without a draw; a per-element log-scale)."""
-    x = (torch.arange(B * D).reshape(B, D) % 2).float()
-    return op(lambda m, s: fastvae.laplace_log_prob(x, m, s), (K, B, D), (K, B, D))
-
-
-def thread_count_calls(leaf, run):
-    """tests/test_backend.py: calls with enough work for several threads, whose
-    bits must not depend on the thread count: few x rows against many samples
-    with a per-dimension log-scale (the folded layout; its gradient sums over
-    every row), and many rows with a per-row one."""
-    x_few, loc_few, s_dim = leaf(8, 16), leaf(1000, 8, 16), leaf(16)
-    x_many, loc_many, s_row = leaf(600, 40), leaf(4, 600, 40), leaf(600, 40)
-    return [lambda: run(lambda a, b, c: fastvae.laplace_log_prob(a, b, log_scale=c), x_few, loc_few, s_dim),
-            lambda: run(lambda a, b, c: fastvae.laplace_log_prob(a, b, log_scale=c), x_many, loc_many, s_row)]
-
-
-def fallback_call(leaf, run):
-    """tests/test_backend.py: a small call, run with and without the extension
-    (few x rows against many samples)."""
-    x, loc = leaf(2, 16), leaf(2048, 2, 16)
-    return lambda: run(lambda a, b: fastvae.laplace_log_prob(a, b), x, loc)
+# tests/test_launches.py's and tests/test_backend.py's calls, as every
+# location-scale likelihood's, with the log-scale as the scale parameter
+launch_case, thread_count_calls, fallback_call = likelihood_checks.location_scale_cases(fastvae.laplace_log_prob,
+                                                                                         "log_scale")
 
 
 def double_backward_cases(r):
@@ -390,17 +308,7 @@ def double_backward_cases(r):
     values, whether a C++ operator serves it) for gradgradcheck: every
     log-scale layout, no sample dimension, a scale tensor and a fixed scale. (The Laplace's second derivative in
     loc is 0 away from x == loc; its derivatives through the scale are not.)"""
-    laplace = lambda x, m, s: fastvae.laplace_log_prob(x, m, s)  # noqa: E731
-    return {
-        "laplace_log_prob_per_element": (laplace, [r(3, 5), r(2, 3, 5), r(2, 3, 5)], True),
-        "laplace_log_prob_per_row": (laplace, [r(3, 5), r(2, 3, 5), r(3, 5)], True),
-        "laplace_log_prob_per_dim": (laplace, [r(3, 5), r(2, 3, 5), r(5)], True),
-        "laplace_log_prob_no_samples": (laplace, [r(3, 5), r(3, 5), r(3, 5)], True),
-        "laplace_log_prob_scale_tensor": (lambda x, m, s: fastvae.laplace_log_prob(x, m, scale=s.exp()),
-                                          [r(3, 5), r(2, 3, 5), r(())], True),
-        "laplace_log_prob_fixed_scale": (lambda x, m: fastvae.laplace_log_prob(x, m, scale=0.7),
-                                         [r(3, 5), r(2, 3, 5)], True),
-    }
+    return likelihood_checks.location_scale_double_backward_cases("laplace_log_prob", fastvae.laplace_log_prob, r)
 
 
 def _twin_inputs(seed, P, D, K):

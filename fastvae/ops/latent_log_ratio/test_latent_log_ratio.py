@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -14,7 +13,7 @@ from fastvae.ops.latent_log_ratio.op import LatentLogRatio, latent_log_ratio_bac
 from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
-from helpers import assert_close, assert_compiled_matches_eager, seed_tensor
+from helpers import assert_close, assert_compiled_matches_eager, reference_tests, seed_tensor
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)
 LATENT = [1, 2, 3, 7, 32, 33, 100, 1025, 1537]
@@ -57,23 +56,6 @@ def scales(z, mu, lv, g):
     return r, dz, dmu, dlv
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
-def test_forward_backward_match_reference(backend, dtype, p):
-    check_against_reference(p, dtype, backend[1])
-
-
-@settings(max_examples=8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@given(p=problems())
-def test_half_precision_matches_reference(backend, dtype, p):
-    """Half-precision z, mu, logvar: a float32 log-ratio against the float64
-    one of the same rounded inputs; gradients in the inputs' dtype."""
-    if dtype == torch.float16:  # exp(-logvar) in the gradient must fit float16's 65504
-        p = dict(p, lv_bound=min(p["lv_bound"], 5.0))
-    check_against_reference(p, dtype, backend[1])
-
-
 def check_against_reference(p, dtype, device):
     """r and its gradients in p's mode against the float64 reference."""
     z, mu, lv = make(p, dtype, device)
@@ -101,6 +83,11 @@ def check_against_reference(p, dtype, device):
         assert_close(grads[1], refs[1], dmu_scale, "dmu")
         assert_close(grads[2], refs[2], dlv_scale, "dlogvar")
     return r, grads
+
+
+# exp(-logvar) in the gradient must fit float16's 65504
+test_forward_backward_match_reference, test_half_precision_matches_reference = reference_tests(
+    check_against_reference, problems(), float16_caps={"lv_bound": 5.0})
 
 
 @pytest.mark.parametrize("stop_score", [False, True])

@@ -26,7 +26,7 @@ from fastvae.ops.logmeanexp.op import (
 from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, assert_compiled_matches_eager, run_gloo_ranks
+from helpers import RTOL, assert_close, assert_compiled_matches_eager, float_dtype_examples, run_gloo_ranks
 
 INF = math.inf
 # K: one sample, small odd, a power of two, and past one Triton tile of rows
@@ -50,7 +50,8 @@ def problems(draw):
 
 
 def make_lw(p, dtype, device):
-    """(lw with the samples along p["dim"], the same as float64 (K, ...) for the reference)."""
+    """(lw with the samples along p["dim"], the same as float64 (K, ...) for the
+    reference, K, the dim)."""
     g = torch.Generator().manual_seed(p["seed"])
     K, batch = p["K"], p["batch"]
     lw = (torch.rand((K, *batch), generator=g, dtype=torch.float64) * 2 - 1) * p["bound"]
@@ -60,7 +61,7 @@ def make_lw(p, dtype, device):
         cols = torch.rand(lw.shape[1:], generator=g) < 0.4
         lw[:, cols] = -INF
     lw = lw.to(dtype)
-    return lw.movedim(0, p["dim"]).to(device).requires_grad_(), lw.double()
+    return lw.movedim(0, p["dim"]).to(device).requires_grad_(), lw.double(), K, p["dim"]
 
 
 def state_terms(lw64):
@@ -92,8 +93,7 @@ def to_front(t, dim, keepdim):
     return t.squeeze(dim) if keepdim else t
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
+@float_dtype_examples(None, p=problems())
 def test_logmeanexp_forward_backward(backend, dtype, p):
     check_logmeanexp(backend, dtype, p)
 
@@ -114,8 +114,7 @@ def grads_against_oracle(out, lw, lw64, fn, p, dtype, device, front):
 
 def check_logmeanexp(backend, dtype, p):
     _, device = backend
-    lw, lw64 = make_lw(p, dtype, device)
-    K, dim = p["K"], p["dim"]
+    lw, lw64, K, dim = make_lw(p, dtype, device)
     out = fastvae.logmeanexp(lw, dim=dim, keepdim=p["keepdim"])
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # a bound is never half
     expected_shape = list(lw.shape)
@@ -141,12 +140,10 @@ def test_logmeanexp_half_precision(backend, dtype, p):
     check_logmeanexp(backend, dtype, p)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
+@float_dtype_examples(None, p=problems())
 def test_importance_weights_forward_backward(backend, dtype, p):
     _, device = backend
-    lw, lw64 = make_lw(p, dtype, device)
-    K, dim = p["K"], p["dim"]
+    lw, lw64, K, dim = make_lw(p, dtype, device)
     w = fastvae.importance_weights(lw, dim=dim)
     assert w.shape == lw.shape and w.dtype == dtype
     dlw, w_ref, gw64, dref = grads_against_oracle(w, lw, lw64, oracle.importance_weights, p, dtype, device,
@@ -160,12 +157,10 @@ def test_importance_weights_forward_backward(backend, dtype, p):
     assert_close(dlw.movedim(dim, 0), dref, dlw_scale, "dlw")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems())
+@float_dtype_examples(None, p=problems())
 def test_effective_sample_size_forward_backward(backend, dtype, p):
     _, device = backend
-    lw, lw64 = make_lw(p, dtype, device)
-    K, dim = p["K"], p["dim"]
+    lw, lw64, K, dim = make_lw(p, dtype, device)
     ess = fastvae.effective_sample_size(lw, dim=dim, keepdim=p["keepdim"])
     dlw, ess_ref, g64, dref = grads_against_oracle(ess, lw, lw64, oracle.effective_sample_size, p, dtype, device,
                                                    lambda g: to_front(g, dim, p["keepdim"]))
@@ -179,14 +174,12 @@ def test_effective_sample_size_forward_backward(backend, dtype, p):
     assert_close(dlw.movedim(dim, 0), dref, dlw_scale, "dlw")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(p=problems(), cuts=st.lists(st.floats(0, 1), min_size=0, max_size=3), data=st.data())
+@float_dtype_examples(None, p=problems(), cuts=st.lists(st.floats(0, 1), min_size=0, max_size=3), data=st.data())
 def test_state_merge_equals_logmeanexp(backend, dtype, p, cuts, data):
     """Chunks of K folded into states, merged in any grouping, give logmeanexp
     over all samples, gradient included."""
     _, device = backend
-    lw, lw64 = make_lw(p, dtype, device)
-    K, dim = p["K"], p["dim"]
+    lw, lw64, K, dim = make_lw(p, dtype, device)
     bounds = sorted({0, K, *(int(c * K) for c in cuts)})
     chunks = [lw.narrow(dim, a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     states = [fastvae.logmeanexp_state(c, dim=dim) for c in chunks]
@@ -562,6 +555,17 @@ def _merged_reference(chunks, latents):
     return run1, run2
 
 
+def _accumulated(chunks, latents):
+    """(the two states accumulate_states leaves, chunk by chunk; the merged
+    reference's two)."""
+    from fastvae.ops.logmeanexp.op import accumulate_states
+
+    run1 = run2 = None
+    for lw, lat in zip(chunks, latents):
+        run1, run2 = accumulate_states(lw, lat, run1, run2)
+    return run1, run2, *_merged_reference(chunks, latents)
+
+
 def _assert_state_close(state, ref, K, name):
     m, s = state.max.double().cpu(), state.sumexp.double().cpu()
     nan = torch.isnan(ref.sumexp)
@@ -599,14 +603,9 @@ def test_accumulate_matches_merged_states(backend, dtype, with_latent, K, M, cut
     """accumulate_states, chunk by chunk, equals merge_logmeanexp_states of the
     chunks' states of lw + latent and of twice that: all -inf columns stay
     (-inf, 0), a NaN in any chunk makes its column NaN, counts add up."""
-    from fastvae.ops.logmeanexp.op import accumulate_states
-
     _, device = backend
     chunks, lats = _accumulate_case(dtype, device, K, M, cuts, with_latent, seed=K + M)
-    run1 = run2 = None
-    for lw, lat in zip(chunks, lats):
-        run1, run2 = accumulate_states(lw, lat, run1, run2)
-    ref1, ref2 = _merged_reference(chunks, lats)
+    run1, run2, ref1, ref2 = _accumulated(chunks, lats)
     assert run1.count == run2.count == K
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert run1.max.dtype == run1.sumexp.dtype == run2.sumexp.dtype == acc
@@ -620,14 +619,9 @@ def test_accumulate_matches_merged_states(backend, dtype, with_latent, K, M, cut
 def test_accumulate_half_precision_widens_before_adding(backend, dtype):
     """Half-precision log-weights and latent terms are added in float32 (the
     evaluation's rule), on the triton backend in the kernel."""
-    from fastvae.ops.logmeanexp.op import accumulate_states
-
     _, device = backend
     chunks, lats = _accumulate_case(dtype, device, 40, 3, [17], True, seed=3)
-    run1 = run2 = None
-    for lw, lat in zip(chunks, lats):
-        run1, run2 = accumulate_states(lw, lat, run1, run2)
-    ref1, ref2 = _merged_reference(chunks, lats)
+    run1, run2, ref1, ref2 = _accumulated(chunks, lats)
     _assert_state_close(run1, ref1, 40, "w")
     _assert_state_close(run2, ref2, 40, "w^2")
 
@@ -640,7 +634,6 @@ def test_split_k_and_the_finish_kernel(backend, monkeypatch, accumulate):
     splits at a time, several column blocks): the same states, logmeanexp and
     ESS as without splitting."""
     from fastvae.ops.logmeanexp import triton as klme
-    from fastvae.ops.logmeanexp.op import accumulate_states
 
     _, device = backend
     chunks, lats = _accumulate_case(torch.float32, device, 300, 9, [130], True, seed=7)
@@ -658,10 +651,7 @@ def test_split_k_and_the_finish_kernel(backend, monkeypatch, accumulate):
 
     monkeypatch.setattr(klme._logmeanexp_finish_kernel, "run", spy)
     if accumulate:
-        run1 = run2 = None
-        for c, lat in zip(chunks, lats):
-            run1, run2 = accumulate_states(c, lat, run1, run2)
-        ref1, ref2 = _merged_reference(chunks, lats)
+        run1, run2, ref1, ref2 = _accumulated(chunks, lats)
         _assert_state_close(run1, ref1, 300, "w")
         _assert_state_close(run2, ref2, 300, "w^2")
     else:

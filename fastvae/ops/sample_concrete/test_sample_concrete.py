@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 import torch.distributions as td
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -19,7 +18,7 @@ from fastvae.ops import sample_concrete as described
 from fastvae.ops.sample_concrete.op import SampleConcrete, concrete_at
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, gen, seed_tensor
+from helpers import RTOL, assert_close, float_dtype_examples, gen, seed_tensor
 
 EXAMPLES = 6 if INTERPRET else 30
 TEMPERATURES = [1e-3, 0.1, 0.5, 1.0, 3.0, 1e3]
@@ -92,9 +91,7 @@ def check_forward(z, log_q, logits, lam, seed, K, dtype, hard=False):
     assert_close(log_q, q_ref.sum(-1), q_scale, "log_q")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems(), hard=st.booleans())
+@float_dtype_examples(EXAMPLES, problem=problems(), hard=st.booleans())
 def test_forward_matches_reference(backend, dtype, problem, hard):
     _, device = backend
     batch, L, C, K, data_seed, lam = problem
@@ -107,9 +104,7 @@ def test_forward_matches_reference(backend, dtype, problem, hard):
     check_forward(z, log_q, logits, lam, seed, K, dtype, hard)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems(), stop_score=st.booleans(), hard=st.booleans())
+@float_dtype_examples(EXAMPLES, problem=problems(), stop_score=st.booleans(), hard=st.booleans())
 def test_backward_matches_reference_autograd(backend, dtype, problem, stop_score, hard):
     """Gradients of z (relaxed, and straight-through: the same) and log q."""
     _, device = backend

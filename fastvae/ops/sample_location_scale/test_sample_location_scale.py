@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -16,7 +15,7 @@ from fastvae.ops.sample_location_scale import sample_location_scale_forward, sta
 from fastvae.ops.sample_location_scale.op import FAMILIES, SampleLocationScale, location_scale_at
 
 from conftest import INTERPRET
-from helpers import assert_close, gen, seed_tensor
+from helpers import assert_close, float_dtype_examples, gen, sampler_checks, seed_tensor
 
 # the interpreter runs each Triton program as Python (~1 ms): fewer examples there
 EXAMPLES = 8 if INTERPRET else 40
@@ -63,40 +62,24 @@ def oracle(family, loc64, ls64, seed, K, dtype, stop_score=False):
     return z, value + (psi * torch.exp(-ls64.detach()) * (z - z.detach())).sum(-1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems())
+@float_dtype_examples(EXAMPLES, problem=problems())
 def test_forward_matches_reference(backend, dtype, problem):
-    _, device = backend
-    family, batch, L, K, data_seed, bound = problem
-    loc, ls = make_inputs(batch, L, data_seed, bound, dtype, device)
-    seed = data_seed * 31 + 7
-    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(seed, device), FAMILIES.index(family), K, False)
+    family, K = problem[0], problem[3]
+    seed, loc, ls, z, log_q = sampler_checks.forward(SampleLocationScale.apply, FAMILIES, make_inputs, problem, dtype,
+                                                     backend[1])
     loc64, ls64 = loc.double().cpu(), ls.double().cpu()
     e, log_f, _ = oracle_noise(family, seed, (K, *loc64.shape), dtype)
     z_ref, q_ref = oracle(family, loc64, ls64, seed, K, dtype)
-    assert z.dtype == dtype and log_q.dtype == dtype
-    assert z.shape == (K, *batch, L) and log_q.shape == (K, *batch)
     s = torch.exp(ls64)
     assert_close(z, z_ref, loc64.abs() + s * (e.abs() + 2.0), "z")
     assert_close(log_q, q_ref, (log_f.abs() + ls64.abs() + 2.0).sum(-1), "log_q")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems(), stop_score=st.booleans())
+@float_dtype_examples(EXAMPLES, problem=problems(), stop_score=st.booleans())
 def test_backward_matches_reference_autograd(backend, dtype, problem, stop_score):
-    _, device = backend
-    family, batch, L, K, data_seed, bound = problem
-    loc, ls = make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=True)
-    seed = data_seed * 13 + 5
-    g = torch.Generator().manual_seed(data_seed + 1)
-    gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64).to(dtype)
-    gq = torch.randn((K, *batch), generator=g, dtype=torch.float64).to(dtype)
-    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(seed, device), FAMILIES.index(family), K, stop_score)
-    dloc, dls = torch.autograd.grad((z, log_q), (loc, ls), (gz.to(device), gq.to(device)))
-    loc64 = loc.detach().double().cpu().requires_grad_()
-    ls64 = ls.detach().double().cpu().requires_grad_()
+    family, K = problem[0], problem[3]
+    seed, gz, gq, (dloc, dls), (loc64, ls64) = sampler_checks.backward(
+        SampleLocationScale.apply, FAMILIES, make_inputs, problem, dtype, backend[1], stop_score)
     z_ref, q_ref = oracle(family, loc64, ls64, seed, K, dtype, stop_score)
     dloc_ref, dls_ref = torch.autograd.grad((z_ref, q_ref), (loc64, ls64), (gz.double(), gq.double()))
     e, _, psi = oracle_noise(family, seed, (K, *loc64.shape), dtype)
@@ -112,16 +95,10 @@ def test_backward_matches_reference_autograd(backend, dtype, problem, stop_score
 @pytest.mark.parametrize("family", FAMILIES)
 def test_backward_split_over_samples(backend, family, sample_splits):
     """K = 7 samples of one short row: the Triton backward's split path (forced), every family."""
-    _, device = backend
-    loc, ls = make_inputs((2,), 5, 3, 1.0, torch.float32, device, requires_grad=True)
-    z, log_q = SampleLocationScale.apply(loc, ls, seed_tensor(99, device), FAMILIES.index(family), 7, True)
-    (z.sum() + (log_q * torch.arange(7, device=device)[:, None]).sum()).backward()
-    loc64 = loc.detach().double().cpu().requires_grad_()
-    ls64 = ls.detach().double().cpu().requires_grad_()
-    z_ref, q_ref = oracle(family, loc64, ls64, 99, 7, torch.float32, True)
-    (z_ref.sum() + (q_ref * torch.arange(7)[:, None]).sum()).backward()
-    assert_close(loc.grad, loc64.grad, loc64.grad.abs() + 50.0, "dloc")
-    assert_close(ls.grad, ls64.grad, ls64.grad.abs() + 50.0, "dlog_scale")
+    loc, ls = make_inputs((2,), 5, 3, 1.0, torch.float32, backend[1], requires_grad=True)
+    dloc, dls = sampler_checks.split_over_samples(SampleLocationScale.apply, oracle, FAMILIES, family, loc, ls)
+    assert_close(loc.grad, dloc, dloc.abs() + 50.0, "dloc")
+    assert_close(ls.grad, dls, dls.abs() + 50.0, "dlog_scale")
 
 
 def test_uniforms_are_bit_exact(backend):
@@ -152,15 +129,9 @@ def test_open_uniforms_clip_the_tails():
 
 def test_evaluation_layout_matches_the_reference(backend):
     """location_scale_at at an offset not divisible by 4 and a row stride (the evaluation's layout)."""
-    _, device = backend
-    loc, ls = make_inputs((3,), 6, 11, 2.0, torch.float32, device)
-    for family in FAMILIES:
-        index = FAMILIES.index(family)
-        z, log_q = location_scale_at(index, loc, ls, seed_tensor(5, device), 4, offset0=7, sample_stride=6,
-                                     row_stride=4 * 6)
-        zr = torch.empty(4, 3, 6, dtype=torch.float64)
-        qr = torch.empty(4, 3, dtype=torch.float64)
-        sample_location_scale_forward(loc.double().cpu(), ls.double().cpu(), 5, index, 7, 6, 24, zr, qr)
+    loc, ls = make_inputs((3,), 6, 11, 2.0, torch.float32, backend[1])
+    for family, z, log_q, zr, qr in sampler_checks.evaluation_layout(location_scale_at, sample_location_scale_forward,
+                                                                     FAMILIES, loc, ls):
         # the reference above drew float64 uniforms: compare at the float32 uniforms' rounding
         assert_close(z, zr, zr.abs() + 1.0, f"z ({family})")
         assert_close(log_q, qr, qr.abs() + 10.0, f"log_q ({family})")
@@ -294,14 +265,8 @@ def test_family_binding_checks_by_name(op, families, p0):
 @pytest.mark.parametrize("family", ("gumbel",) if INTERPRET else FAMILIES)
 def test_double_backward(backend, family, stop_score):
     """create_graph=True: the closed form's second derivative (gradgradcheck, float64)."""
-    _, device = backend
-    loc, ls = make_inputs((3,), 4, 6, 1.0, torch.float64, device, requires_grad=True)
-    seed = seed_tensor(17, device)
-
-    def f(loc, ls):
-        return SampleLocationScale.apply(loc, ls, seed, FAMILIES.index(family), 2, stop_score)
-
-    assert torch.autograd.gradgradcheck(f, (loc, ls), atol=1e-6, rtol=1e-5)
+    loc, ls = make_inputs((3,), 4, 6, 1.0, torch.float64, backend[1], requires_grad=True)
+    assert sampler_checks.double_backward(SampleLocationScale.apply, FAMILIES, family, loc, ls, stop_score)
 
 
 # -- the op's cases of the suite-wide checks -----------------------------------------

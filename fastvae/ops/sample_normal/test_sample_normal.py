@@ -21,7 +21,7 @@ from fastvae.ops.sample_normal.op import (
     sample_normal_with_ratio_unchecked,
 )
 
-from helpers import assert_close, gen, seed_tensor
+from helpers import assert_close, float_dtype_examples, gen, sampler_checks, seed_tensor
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)
 LATENT = [1, 2, 3, 7, 31, 32, 33, 100, 1025, 1537]
@@ -62,16 +62,12 @@ def reference_pieces(mu, logvar, seed, K):
     return eps, s, z, kl, z_scale, kl_scale
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(problem=problems())
+@float_dtype_examples(None, problem=problems())
 def test_forward_matches_reference(backend, dtype, problem):
     _, device = backend
     batch, L, n_samples, data_seed, lv_bound = problem
     mu, logvar = make_inputs(batch, L, data_seed, lv_bound, dtype, device)
-    gen_seed = data_seed + 1
-    z, kl = fastvae.sample_normal(mu, logvar, n_samples, generator=torch.Generator(device).manual_seed(gen_seed))
-    seed = int(draw_seed(torch.device(device), torch.Generator(device).manual_seed(gen_seed)))
-    K = 1 if n_samples is None else n_samples
+    z, kl, seed, K = sampler_checks.normal_call(fastvae.sample_normal, mu, logvar, n_samples, data_seed)
     _, _, z_ref, kl_ref, z_scale, kl_scale = reference_pieces(mu, logvar, seed, K)
     if n_samples is None:
         z_ref, z_scale = z_ref[0], z_scale[0]
@@ -80,26 +76,16 @@ def test_forward_matches_reference(backend, dtype, problem):
     assert_close(kl, kl_ref, kl_scale, "kl")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(problem=problems())
+@float_dtype_examples(None, problem=problems())
 def test_backward_matches_reference_autograd(backend, dtype, problem):
     """Gradients of the op against autograd through the differentiable reference."""
     _, device = backend
     batch, L, n_samples, data_seed, lv_bound = problem
     K = 1 if n_samples is None else n_samples
     mu, logvar = make_inputs(batch, L, data_seed, lv_bound, dtype, device, requires_grad=True)
-    seed = data_seed * 7919 + 13
-    g = torch.Generator().manual_seed(data_seed + 2)
-    gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64)
-    gk = torch.randn(batch, generator=g, dtype=torch.float64)
-
-    z, kl = SampleNormal.apply(mu, logvar, seed_tensor(seed, device), K)
-    dmu, dlv = torch.autograd.grad((z, kl), (mu, logvar), (gz.to(dtype).to(device), gk.to(dtype).to(device)))
-
-    mu64 = mu.detach().double().cpu().requires_grad_()
-    lv64 = logvar.detach().double().cpu().requires_grad_()
+    seed, gz_r, gk_r, (dmu, dlv), (mu64, lv64) = sampler_checks.normal_backward(SampleNormal.apply, mu, logvar,
+                                                                                data_seed, K, dtype)
     z_ref, kl_ref = oracle.sample_normal(mu64, lv64, seed, K)
-    gz_r, gk_r = gz.to(dtype).double(), gk.to(dtype).double()
     dmu_ref, dlv_ref = torch.autograd.grad((z_ref, kl_ref), (mu64, lv64), (gz_r, gk_r))
 
     eps = reference.sample_noise(seed, K, mu64.shape, torch.float64, "cpu")
@@ -177,10 +163,7 @@ def test_reproducible_and_independent(backend):
 def test_n_samples_none_is_first_sample(backend):
     _, device = backend
     mu, logvar = make_inputs((4,), 5, 0, 1.0, torch.float32, device)
-    z1, kl1 = fastvae.sample_normal(mu, logvar, generator=torch.Generator(device).manual_seed(3))
-    zk, klk = fastvae.sample_normal(mu, logvar, 1, generator=torch.Generator(device).manual_seed(3))
-    assert z1.shape == (4, 5) and zk.shape == (1, 4, 5)
-    assert torch.equal(z1, zk[0]) and torch.equal(kl1, klk)
+    sampler_checks.n_samples_none_is_first_sample(fastvae.sample_normal, mu, logvar)
 
 
 def test_non_contiguous_inputs(backend):
@@ -248,16 +231,7 @@ def test_errors_on_bad_input(backend):
     assert z.dtype == kl.dtype == torch.float64
     with pytest.raises(TypeError, match="int64"):
         fastvae.sample_normal(torch.zeros(4, 3, dtype=torch.int64, device=device), mu)
-    with pytest.raises(ValueError, match="device"):
-        fastvae.sample_normal(mu, torch.zeros(4, 3, device="meta"))
-    with pytest.raises(ValueError, match="n_samples"):
-        fastvae.sample_normal(mu, mu, 0)
-    with pytest.raises(TypeError, match="n_samples"):
-        fastvae.sample_normal(mu, mu, 2.0)
-    with pytest.raises(ValueError, match="0-d"):
-        fastvae.sample_normal(torch.zeros((), device=device), torch.zeros((), device=device))
-    with pytest.raises(TypeError, match="Tensor"):
-        fastvae.sample_normal([1.0], mu)
+    sampler_checks.refuses_bad_arguments(fastvae.sample_normal, mu, mu, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

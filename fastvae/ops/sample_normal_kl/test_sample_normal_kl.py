@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -20,7 +19,7 @@ from fastvae.ops.sample_normal_kl import op as kl_op
 from fastvae.ops.sample_normal_kl.op import SampleNormalKL
 
 from conftest import INTERPRET
-from helpers import assert_close, gen, seed_tensor
+from helpers import assert_close, float_dtype_examples, gen, seed_tensor
 
 # the interpreter runs each Triton program as Python (~1 ms): fewer examples there
 EXAMPLES = 8 if INTERPRET else 40
@@ -79,9 +78,7 @@ def call(inputs, seed, device, param, residual, reduce):
     return SampleNormalKL.apply(*inputs, seed_tensor(seed, device), param == "logvar", residual, reduce)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems())
+@float_dtype_examples(EXAMPLES, problem=problems())
 def test_forward_matches_reference(backend, dtype, problem):
     _, device = backend
     shape, param, residual, reduce, data_seed, bound = problem
@@ -98,9 +95,7 @@ def test_forward_matches_reference(backend, dtype, problem):
     assert_close(kl, kl_ref, kl_scale(inputs64, param, residual, reduce), "kl")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems(), which=st.sampled_from(["both", "z", "kl"]))
+@float_dtype_examples(EXAMPLES, problem=problems(), which=st.sampled_from(["both", "z", "kl"]))
 def test_backward_matches_reference_autograd(backend, dtype, problem, which):
     _, device = backend
     shape, param, residual, reduce, data_seed, bound = problem
@@ -311,30 +306,26 @@ def test_errors_name_the_argument():
 FORMS = [(p, r, red) for p in ("logvar", "logstd") for r in (False, True) for red in (False, True)]
 
 
-@pytest.mark.parametrize("param, residual, reduce", FORMS[::3] if INTERPRET else FORMS)
-def test_gradcheck(backend, param, residual, reduce):
-    _, device = backend
-    inputs = make_inputs((2, 3, 2), 9, 1.0, torch.float64, device, requires_grad=True)
-    seed = seed_tensor(21, device)
-
-    def f(*t):
-        return SampleNormalKL.apply(*t, seed, param == "logvar", residual, reduce)
-
-    assert torch.autograd.gradcheck(f, tuple(inputs), atol=1e-7, rtol=1e-6)
+# check -> (its function, data seed, Philox seed, atol, rtol)
+GRADCHECKS = {"gradcheck": (torch.autograd.gradcheck, 9, 21, 1e-7, 1e-6),
+              "double_backward": (torch.autograd.gradgradcheck, 10, 22, 1e-6, 1e-5)}
 
 
 # the closed form is torch code on every backend, which only draws eps: fewer cases under the interpreter
+@pytest.mark.parametrize("check", GRADCHECKS)
 @pytest.mark.parametrize("param, residual, reduce", FORMS[::3] if INTERPRET else FORMS)
-def test_double_backward(backend, param, residual, reduce):
-    """create_graph=True: the closed form's second derivative (gradgradcheck, float64)."""
+def test_gradcheck(backend, check, param, residual, reduce):
+    """float64 gradcheck, and gradgradcheck (create_graph=True: the closed
+    form's second derivative)."""
     _, device = backend
-    inputs = make_inputs((2, 3, 2), 10, 1.0, torch.float64, device, requires_grad=True)
-    seed = seed_tensor(22, device)
+    run, data_seed, philox_seed, atol, rtol = GRADCHECKS[check]
+    inputs = make_inputs((2, 3, 2), data_seed, 1.0, torch.float64, device, requires_grad=True)
+    seed = seed_tensor(philox_seed, device)
 
     def f(*t):
         return SampleNormalKL.apply(*t, seed, param == "logvar", residual, reduce)
 
-    assert torch.autograd.gradgradcheck(f, tuple(inputs), atol=1e-6, rtol=1e-5)
+    assert run(f, tuple(inputs), atol=atol, rtol=rtol)
 
 
 @pytest.mark.skipif(INTERPRET, reason="torch.compile of the op: the cpp and reference backends")

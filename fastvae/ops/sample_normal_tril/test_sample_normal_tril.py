@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
 from torch.distributions import MultivariateNormal, kl_divergence
 
@@ -15,7 +14,7 @@ from fastvae._op import draw_seed
 from fastvae.ops import sample_normal_tril as oracle
 from fastvae.ops.sample_normal_tril.op import SampleNormalTril, sample_normal_tril_backward_op, sample_normal_tril_op
 
-from helpers import assert_close, gen, seed_tensor
+from helpers import assert_close, float_dtype_examples, gen, sampler_checks, seed_tensor
 
 # odd, one, powers of two and +-1 around the register-tile limit (64) of the
 # Triton kernels, and longer rows (chunked there)
@@ -65,17 +64,13 @@ def forward_scales(mu64, S64, eps):
     return z, z_scale, kl_scale
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(problem=problems())
+@float_dtype_examples(None, problem=problems())
 def test_forward_matches_torch_distributions(backend, dtype, problem):
     """z = mu + S @ eps with the reference's eps; kl = torch's kl_divergence in float64."""
     _, device = backend
     batch, L, n_samples, data_seed, log_diag, off = problem
     mu, S = make_inputs(batch, L, data_seed, log_diag, off, dtype, device)
-    gen_seed = data_seed + 1
-    z, kl = fastvae.sample_normal_tril(mu, S, n_samples, generator=torch.Generator(device).manual_seed(gen_seed))
-    seed = int(draw_seed(torch.device(device), torch.Generator(device).manual_seed(gen_seed)))
-    K = 1 if n_samples is None else n_samples
+    z, kl, seed, K = sampler_checks.normal_call(fastvae.sample_normal_tril, mu, S, n_samples, data_seed)
     mu64, S64 = mu.double().cpu(), S.double().cpu()
     eps = reference.sample_noise(seed, K, mu64.shape, torch.float64, "cpu")
     z_ref, z_scale, kl_scale = forward_scales(mu64, S64, eps)
@@ -88,26 +83,16 @@ def test_forward_matches_torch_distributions(backend, dtype, problem):
     assert_close(kl, kl_ref, kl_scale, "kl")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@given(problem=problems())
+@float_dtype_examples(None, problem=problems())
 def test_backward_matches_reference_autograd(backend, dtype, problem):
     """Gradients of z and kl for mu and S against autograd through the float64 reference."""
     _, device = backend
     batch, L, n_samples, data_seed, log_diag, off = problem
     K = 1 if n_samples is None else n_samples
     mu, S = make_inputs(batch, L, data_seed, log_diag, off, dtype, device, requires_grad=True)
-    seed = data_seed * 7919 + 13
-    g = torch.Generator().manual_seed(data_seed + 2)
-    gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64).to(dtype)
-    gk = torch.randn(batch, generator=g, dtype=torch.float64).to(dtype)
-
-    z, kl = SampleNormalTril.apply(mu, S, seed_tensor(seed, device), K)
-    dmu, dS = torch.autograd.grad((z, kl), (mu, S), (gz.to(device), gk.to(device)))
-
-    mu64 = mu.detach().double().cpu().requires_grad_()
-    S64 = S.detach().double().cpu().requires_grad_()
+    seed, gz_r, gk_r, (dmu, dS), (mu64, S64) = sampler_checks.normal_backward(SampleNormalTril.apply, mu, S, data_seed,
+                                                                              K, dtype)
     z_ref, kl_ref = oracle.sample_normal_tril(mu64, S64, seed, K)
-    gz_r, gk_r = gz.double(), gk.double()
     dmu_ref, dS_ref = torch.autograd.grad((z_ref, kl_ref), (mu64, S64), (gz_r, gk_r))
 
     eps = reference.sample_noise(seed, K, mu64.shape, torch.float64, "cpu")
@@ -235,10 +220,7 @@ def test_reproducible_and_independent(backend):
 def test_n_samples_none_is_first_sample(backend):
     _, device = backend
     mu, S = make_inputs((4,), 5, 0, 1.0, 1.0, torch.float32, device)
-    z1, kl1 = fastvae.sample_normal_tril(mu, S, generator=torch.Generator(device).manual_seed(3))
-    zk, klk = fastvae.sample_normal_tril(mu, S, 1, generator=torch.Generator(device).manual_seed(3))
-    assert z1.shape == (4, 5) and zk.shape == (1, 4, 5)
-    assert torch.equal(z1, zk[0]) and torch.equal(kl1, klk)
+    sampler_checks.n_samples_none_is_first_sample(fastvae.sample_normal_tril, mu, S)
 
 
 def test_unbatched_and_non_contiguous_inputs(backend):
@@ -324,16 +306,7 @@ def test_errors_on_bad_input(backend):
     assert fastvae.sample_normal_tril(mu, S.double())[1].dtype == torch.float64  # mixed dtypes: float64 wins
     with pytest.raises(TypeError, match="int64"):
         fastvae.sample_normal_tril(mu.long(), S)
-    with pytest.raises(ValueError, match="device"):
-        fastvae.sample_normal_tril(mu, torch.zeros(4, 3, 3, device="meta"))
-    with pytest.raises(ValueError, match="n_samples"):
-        fastvae.sample_normal_tril(mu, S, 0)
-    with pytest.raises(TypeError, match="n_samples"):
-        fastvae.sample_normal_tril(mu, S, 2.0)
-    with pytest.raises(ValueError, match="0-d"):
-        fastvae.sample_normal_tril(torch.zeros((), device=device), torch.zeros((), device=device))
-    with pytest.raises(TypeError, match="Tensor"):
-        fastvae.sample_normal_tril([1.0], S)
+    sampler_checks.refuses_bad_arguments(fastvae.sample_normal_tril, mu, S, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

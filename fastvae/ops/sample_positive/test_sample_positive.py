@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.distributions as td
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
@@ -18,7 +17,7 @@ from fastvae.ops import sample_positive as described
 from fastvae.ops.sample_positive.op import FAMILIES, SamplePositive, positive_at
 
 from conftest import INTERPRET
-from helpers import assert_close, gen, seed_tensor
+from helpers import assert_close, float_dtype_examples, gen, sampler_checks, seed_tensor
 
 EXAMPLES = 6 if INTERPRET else 30
 LATENT = [1, 3, 7, 32, 33]
@@ -61,16 +60,26 @@ def torch_q(family, p0, p1):
 
 def oracle(family, p0, p1, seed, K, dtype, stop_score=False):
     """(z, log q) differentiable in float64 p0, p1 (plain autograd of the
-    reference); with stop_score log q is torch's log_prob of z with the
-    parameters detached (the score reaches them along z only)."""
+    reference); with stop_score log q is the family's log density of z with
+    the parameters detached (the score reaches them along z only): torch's
+    log_prob, the Kumaraswamy's written in log z."""
     shape = (K, *p0.shape)
     x = _philox.philox_word(seed, torch.arange(math.prod(shape), dtype=torch.int64)).reshape(shape)
     t, log_t = described.positive_exp1(x, torch.float64 if dtype == torch.float64 else torch.float32)
     # z clamped at float64's limits: torch's log_prob of a z clamped at float32's
     # (a Kumaraswamy z within 2**-24 of 1) would not be the density the noise drew
-    z, log_f = described.positive_terms(FAMILIES.index(family), t, log_t, p0, p1, torch.float64)[:2]
+    z, log_f, c0 = described.positive_terms(FAMILIES.index(family), t, log_t, p0, p1, torch.float64)[:3]
     log_q = log_f.sum(-1)
-    if stop_score:
+    if stop_score and family == "kumaraswamy":
+        # log a + log b + (a - 1) log z + (b - 1) log(1 - z^a) along log z = -c0:
+        # torch's log_prob forms 1 - z^a from z rounded near 1, which costs
+        # eps z^a / (1 - z^a) relative (2e-11 at 1 - z = 5e-6), more than the op's
+        # float64 tolerance; -expm1(a log z) keeps every digit of 1 - z^a
+        a, b = torch.exp(p0.detach()), torch.exp(p1.detach())
+        log_z = -c0
+        log_q = (p0.detach() + p1.detach() + (a - 1.0) * log_z
+                 + (b - 1.0) * torch.log(-torch.expm1(a * log_z))).sum(-1)
+    elif stop_score:
         log_q = torch_q(family, p0.detach(), p1.detach()).log_prob(z).sum(-1)
     return z, log_q
 
@@ -82,41 +91,25 @@ def _log_q_scale(terms, p0, p1):
     return ((log_f.abs() + p0.abs() + p1.abs() + z.log().abs() + 4.0) * amp).sum(-1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems())
+@float_dtype_examples(EXAMPLES, problem=problems())
 def test_forward_matches_reference(backend, dtype, problem):
-    _, device = backend
-    family, batch, L, K, data_seed, bound = problem
-    p0, p1 = make_inputs(batch, L, data_seed, bound, dtype, device)
-    seed = data_seed * 31 + 7
-    z, log_q = SamplePositive.apply(p0, p1, seed_tensor(seed, device), FAMILIES.index(family), K, False)
+    family, K = problem[0], problem[3]
+    seed, p0, p1, z, log_q = sampler_checks.forward(SamplePositive.apply, FAMILIES, make_inputs, problem, dtype,
+                                                    backend[1])
     terms = oracle_terms(family, seed, K, p0, p1, dtype)
-    assert z.dtype == dtype and log_q.dtype == dtype
-    assert z.shape == (K, *batch, L) and log_q.shape == (K, *batch)
     z_ref = terms[0]
     assert_close(z, z_ref, z_ref * (z_ref.log().abs() + p0.double().cpu().abs() + 4.0), "z")
     assert_close(log_q, terms[1].sum(-1), _log_q_scale(terms, p0, p1), "log_q")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@settings(max_examples=EXAMPLES)
-@given(problem=problems(), stop_score=st.booleans())
+@float_dtype_examples(EXAMPLES, problem=problems(), stop_score=st.booleans())
 def test_backward_matches_reference_autograd(backend, dtype, problem, stop_score):
-    _, device = backend
-    family, batch, L, K, data_seed, bound = problem
-    p0, p1 = make_inputs(batch, L, data_seed, bound, dtype, device, requires_grad=True)
-    seed = data_seed * 13 + 5
-    g = torch.Generator().manual_seed(data_seed + 1)
-    gz = torch.randn((K, *batch, L), generator=g, dtype=torch.float64).to(dtype)
-    gq = torch.randn((K, *batch), generator=g, dtype=torch.float64).to(dtype)
-    z, log_q = SamplePositive.apply(p0, p1, seed_tensor(seed, device), FAMILIES.index(family), K, stop_score)
-    grads = torch.autograd.grad((z, log_q), (p0, p1), (gz.to(device), gq.to(device)), allow_unused=True)
-    a = p0.detach().double().cpu().requires_grad_()
-    b = p1.detach().double().cpu().requires_grad_()
+    family, K = problem[0], problem[3]
+    seed, gz, gq, grads, (a, b) = sampler_checks.backward(SamplePositive.apply, FAMILIES, make_inputs, problem, dtype,
+                                                          backend[1], stop_score)
     z_ref, q_ref = oracle(family, a, b, seed, K, dtype, stop_score)
     expected = torch.autograd.grad((z_ref, q_ref), (a, b), (gz.double(), gq.double()), allow_unused=True)
-    zz, _, c0, c1, f0, f1, s0, s1 = oracle_terms(family, seed, K, p0, p1, dtype)
+    zz, _, c0, c1, f0, f1, s0, s1 = oracle_terms(family, seed, K, a, b, dtype)
     gza, gqa = gz.double().abs() * zz, gq.double().abs()[..., None]
     scales = [(gza * (c.abs() + 1.0)).sum(0) + (gqa * (f.abs() + s.abs() + 1.0)).sum(0) + 1.0
               for c, f, s in ((c0, f0, s0), (c1, f1, s1))]
@@ -131,17 +124,11 @@ def test_backward_matches_reference_autograd(backend, dtype, problem, stop_score
 @pytest.mark.parametrize("family", FAMILIES)
 def test_backward_split_over_samples(backend, family, sample_splits):
     """K = 7 samples of one short row: the Triton backward's split path (forced)."""
-    _, device = backend
-    p0, p1 = make_inputs((2,), 5, 3, 1.0, torch.float64, device, requires_grad=True)
-    z, log_q = SamplePositive.apply(p0, p1, seed_tensor(99, device), FAMILIES.index(family), 7, True)
-    (z.sum() + (log_q * torch.arange(7, device=device)[:, None]).sum()).backward()
-    a = p0.detach().cpu().requires_grad_()
-    b = p1.detach().cpu().requires_grad_()
-    z_ref, q_ref = oracle(family, a, b, 99, 7, torch.float64, True)
-    (z_ref.sum() + (q_ref * torch.arange(7)[:, None]).sum()).backward()
-    assert_close(p0.grad, a.grad, a.grad.abs() + 50.0, "dlog_p0")
+    p0, p1 = make_inputs((2,), 5, 3, 1.0, torch.float64, backend[1], requires_grad=True)
+    d0, d1 = sampler_checks.split_over_samples(SamplePositive.apply, oracle, FAMILIES, family, p0, p1)
+    assert_close(p0.grad, d0, d0.abs() + 50.0, "dlog_p0")
     if family != "exponential":
-        assert_close(p1.grad, b.grad, b.grad.abs() + 50.0, "dlog_p1")
+        assert_close(p1.grad, d1, d1.abs() + 50.0, "dlog_p1")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -228,15 +215,9 @@ def test_exponential_is_weibull_with_concentration_one(backend):
 
 def test_evaluation_layout_matches_the_reference(backend):
     """positive_at at an offset not divisible by 4 and a row stride (the evaluation's layout)."""
-    _, device = backend
-    p0, p1 = make_inputs((3,), 6, 11, 1.0, torch.float32, device)
-    for family in FAMILIES:
-        index = FAMILIES.index(family)
-        z, log_q = positive_at(index, p0, p1, seed_tensor(5, device), 4, offset0=7, sample_stride=6,
-                               row_stride=4 * 6)
-        zr = torch.empty(4, 3, 6, dtype=torch.float64)
-        qr = torch.empty(4, 3, dtype=torch.float64)
-        described.sample_positive_forward(p0.double().cpu(), p1.double().cpu(), 5, index, 7, 6, 24, zr, qr)
+    p0, p1 = make_inputs((3,), 6, 11, 1.0, torch.float32, backend[1])
+    for family, z, log_q, zr, qr in sampler_checks.evaluation_layout(positive_at, described.sample_positive_forward,
+                                                                     FAMILIES, p0, p1):
         assert_close(z, zr, zr * (zr.log().abs() + 4.0), f"z ({family})")
         assert_close(log_q, qr, qr.abs() + 100.0, f"log_q ({family})")
 
@@ -278,20 +259,9 @@ def test_errors_name_the_argument():
 @pytest.mark.parametrize("family", ("kumaraswamy",) if INTERPRET else FAMILIES)
 def test_double_backward(backend, family, stop_score):
     """create_graph=True: the closed form's second derivative (gradgradcheck, float64)."""
-    _, device = backend
-    p0, p1 = make_inputs((3,), 4, 6, 0.7, torch.float64, device, requires_grad=True)
-    seed = seed_tensor(17, device)
-    index = FAMILIES.index(family)
-
-    if family == "exponential":
-        def f(p0):
-            return SamplePositive.apply(p0, p0.detach(), seed, index, 2, stop_score)
-        args = (p0,)
-    else:
-        def f(p0, p1):
-            return SamplePositive.apply(p0, p1, seed, index, 2, stop_score)
-        args = (p0, p1)
-    assert torch.autograd.gradgradcheck(f, args, atol=1e-6, rtol=1e-5)
+    p0, p1 = make_inputs((3,), 4, 6, 0.7, torch.float64, backend[1], requires_grad=True)
+    assert sampler_checks.double_backward(SamplePositive.apply, FAMILIES, family, p0, p1, stop_score,
+                                          reads_p1=family != "exponential")
 
 
 # -- the op's cases of the suite-wide checks -----------------------------------------
