@@ -245,16 +245,31 @@ def location_scale_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], bat
     return log_prob(flat(x, batch_ndim, events), flat(loc, lead, events))
 
 
-def flatten_event_args(event_dims: Any, x: Tensor, out_name: str, out: Tensor,
-                       **params: Tensor | float | None) -> tuple[Tensor, Tensor, dict]:
-    """(x, out, params) with the last ``event_dims`` dimensions of each tensor
-    merged into one (the event): ``out``'s event sets the shape; x and each
-    tensor of ``params`` broadcast against ``out`` (a scalar stays a scalar);
-    None and floats pass as they are. event_dims must be a positive int."""
+def flatten_event_args(event_dims: Any, x: Tensor, out_name: str, out: Tensor, scale: Tensor | float | None,
+                       **params: Tensor | None) -> tuple[Tensor, Tensor, dict, torch.dtype]:
+    """A location-scale likelihood's arguments checked and flattened: x, the
+    decoder output ``out``, each of ``params`` given (not None) and ``scale``
+    when it is a tensor (a float is a fixed scale) must be float tensors
+    (checked in that order), ``out`` with an event dimension. Returns (x, out,
+    params with "scale", their compute dtype), with the last ``event_dims``
+    dimensions of each tensor merged into one (the event): ``out``'s event
+    sets the shape; x and each tensor of params broadcast against ``out`` (a
+    scalar stays a scalar); None and floats pass as they are. event_dims must
+    be a positive int."""
+    tensors = {"x": x, out_name: out}
+    for name, t in params.items():
+        if t is not None:
+            tensors[name] = t
+    params["scale"] = scale
+    if isinstance(scale, Tensor):
+        tensors["scale"] = scale
+    _validate.float_tensors(**tensors)
+    _validate.event_dim(out_name, out)
+    dtype = _backend.compute_dtype(*tensors.values())
     if type(event_dims) is not int or event_dims < 1:  # True and 1.0 must not pass as 1
         event_dims = _validate.positive_int("event_dims", event_dims)
     if event_dims == 1:
-        return x, out, params
+        return x, out, params, dtype
     full = out.shape  # the shape everything broadcasts against, before it is flattened
     event = full[len(full) - event_dims:] if len(full) >= event_dims else None
 
@@ -266,7 +281,7 @@ def flatten_event_args(event_dims: Any, x: Tensor, out_name: str, out: Tensor,
         return _validate.flatten_events(t, name, event_dims)
 
     x, out = flat_args(x, "x"), _validate.flatten_events(out, out_name, event_dims)
-    return x, out, {n: flat_args(t, n) if isinstance(t, Tensor) else t for n, t in params.items()}
+    return x, out, {n: flat_args(t, n) if isinstance(t, Tensor) else t for n, t in params.items()}, dtype
 
 
 @functools.lru_cache(maxsize=64)

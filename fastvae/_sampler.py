@@ -2,7 +2,7 @@
 offsets of a forward, the samples of a backward, and the whole front end of a
 family sampler of two (N, L) parameters (sample_location_scale,
 sample_positive): its torch.library ops, the launches of their kernels, the
-evaluation's strided draw and the autograd Function. A family's folder keeps
+evaluation's strided draw, the autograd Function and the public function's draw. A family's folder keeps
 only its transform and its density (its kernels and oracle), its double
 backward and its checks of the public arguments.
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _backend
-from ._op import define, flat, run, shaped
+from . import _backend, _validate
+from ._op import define, draw_seed, flat, run, shaped
 
 MAX_OFFSET = 2**63 - 1  # Philox offsets are int64 in the Triton kernels
 
@@ -198,4 +198,20 @@ class FamilySampler:
                 return d0, d1, None, None, None, None
 
         Function.__name__ = Function.__qualname__ = name
+        self.autograd = Function
         return Function
+
+    def unchecked(self, family: int, p0: Tensor, p1: Tensor, n_samples: int, stop_score: bool,
+                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(z (K, ..., L), log q (K, ...)) through the autograd Function, for
+        arguments the caller has validated (the latents' records)."""
+        return self.autograd.apply(p0, p1, draw_seed(p0.device, generator), family, n_samples, stop_score)
+
+    def sample(self, family: int, p0: Tensor, p1: Tensor, n_samples: int | None,
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """The public function's draw after its checks of the family and the
+        parameters: (z, log q), one sample shaped like p0 for n_samples None,
+        else K of them, (K, ..., L) and (K, ...)."""
+        K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, p0.numel(), p0)
+        z, log_q = self.autograd.apply(p0, p1, draw_seed(p0.device, generator), family, K, False)
+        return (z[0], log_q[0]) if n_samples is None else (z, log_q)

@@ -115,3 +115,28 @@ class Bench(NamedTuple):
     # timed repeats (--repeats overrides): a count for every size, or size -> its count;
     # None: 200 below 10,000 elements (the product of a size's integers), else 20
     repeats: int | Callable | None = None
+
+
+def family_sampler_kernels(name: str, params: tuple[str, str]) -> tuple[Kernel, Kernel]:
+    """The two kernels of a family sampler ``name`` of two (N, L) parameters
+    (fastvae/_sampler.py's FamilySampler, whose arguments these name):
+    <name>_forward draws z (K, N, L) and log q (K, N) at the noise offsets,
+    <name>_backward gives the two parameters' gradients; ``family`` picks
+    the family, a compile-time variant of the C++ and Triton kernels."""
+    a, b = params
+    return (
+        Kernel(f"{name}_forward", name, (a, b, "seed", "family", "offset0", "sample_stride", "row_stride", "z",
+                                         "log_q"), heavy="L", vector_loads=True),
+        Kernel(f"{name}_backward", name, ("grad_z", "grad_log_q", a, b, "seed", "family", "stop_score", f"d{a}",
+                                          f"d{b}"), heavy="L"),
+    )
+
+
+def family_sampler_min_bytes(size: dict, itemsize: int = 4) -> dict[str, int]:
+    """Bench.min_bytes of a family sampler at size B, L, K: the two (B, L)
+    parameters in, z (K, B, L) and log q (K, B) out; their gradients in, the
+    parameters read again and their gradients out."""
+    B, L, K = size["B"], size["L"], size["K"]
+    fwd = (2 * B * L + K * B * L + K * B) * itemsize
+    bwd = (K * B * L + K * B + 2 * B * L + 2 * B * L) * itemsize
+    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}

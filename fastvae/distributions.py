@@ -28,18 +28,24 @@ from .ops.sample_normal_tril.op import sample_normal_tril
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-class _Gaussian:
-    """What the two posteriors share: mu (..., L) and the checks on z."""
+class PosteriorShapes:
+    """The shapes every posterior (these and fastvae/latents.py's records)
+    reads from its mu (..., L)."""
 
     mu: Tensor
 
     @property
     def latent_size(self) -> int:
+        """L, the noise dimensions per example (a LogisticNormal's z has L + 1)."""
         return self.mu.shape[-1]
 
     @property
     def batch_shape(self) -> torch.Size:
         return self.mu.shape[:-1]
+
+
+class _Gaussian(PosteriorShapes):
+    """What the two posteriors share: mu (..., L) and the checks on z."""
 
     def _check_z(self, z: Tensor) -> None:
         _validate.float_tensors(z=z)

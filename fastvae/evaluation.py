@@ -605,12 +605,9 @@ def log_likelihood(
             log rate, for "negative_binomial" (log mean, log theta), for "zinb"
             (log mean, log theta, zero-inflation logits).
         k: samples per example (K >= 1; 5000 is the usual report).
-        likelihood: "gaussian", "laplace", "bernoulli", "categorical" (logits (..., C) for
-            x of integer class indices), "continuous_bernoulli" (logits, x in
-            [0, 1]), "poisson", "negative_binomial", "zinb" or
-            "discretized_logistic_mixture" (PixelCNN++'s mixture parameters for
-            images in [-1, 1]); docs/likelihoods.md. Required (there is no default:
-            a wrong one gives a plausible but meaningless number).
+        likelihood: one of fastvae.elbo's (docs/likelihoods.md). Required
+            (there is no default: a wrong one gives a plausible but
+            meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
             every example does not). The result does not depend on it (to
@@ -645,22 +642,13 @@ def log_likelihood(
     return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
 
 
-def reconstruction_probability(
-    x: Tensor,
-    encode: Callable[[Tensor], tuple[Tensor, Tensor]],
-    decode: Callable[[Tensor], Any],
-    *,
-    n_samples: int = 100,
-    likelihood: str | None = None,
-    chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    return_stats: bool = False,
-    memory_budget: int | None = None,
-    shard: str | None = "examples",
-    group=None,
-    prior: Any = None,
-) -> Tensor | LogLikelihoodStats:
+def reconstruction_probability(x: Tensor, encode: Callable[[Tensor], tuple[Tensor, Tensor]],
+                               decode: Callable[[Tensor], Any], *, n_samples: int = 100,
+                               likelihood: str | None = None, chunk_size: int | None = None,
+                               generator: torch.Generator | None = None, progress: bool = False,
+                               return_stats: bool = False, memory_budget: int | None = None,
+                               shard: str | None = "examples", group=None,
+                               prior: Any = None) -> Tensor | LogLikelihoodStats:
     """The anomaly score of An & Cho (2015): log (1/L) Σ_l p(x|z_l) with
     z_l ~ q(z|x), per example; low values flag anomalies.
 
@@ -696,21 +684,11 @@ def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
     return stats if return_stats else stats.log_likelihood
 
 
-def evaluate(
-    data: Iterable,
-    encode: Callable[[Tensor], tuple[Tensor, Tensor]],
-    decode: Callable[[Tensor], Any],
-    *,
-    k: int = 5000,
-    likelihood: str | None = None,
-    chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
-    progress: bool | None = None,
-    memory_budget: int | None = None,
-    shard: str | None = "examples",
-    group=None,
-    prior: Any = None,
-) -> EvaluationResult:
+def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], decode: Callable[[Tensor], Any], *,
+             k: int = 5000, likelihood: str | None = None, chunk_size: int | None = None,
+             generator: torch.Generator | None = None, progress: bool | None = None,
+             memory_budget: int | None = None, shard: str | None = "examples", group=None,
+             prior: Any = None) -> EvaluationResult:
     """Dataset log-likelihood: :func:`log_likelihood` over every batch of
     ``data`` (a DataLoader or any iterable of (B, *event) tensors, or of tuples
     whose first element is that tensor, e.g. (x, y)).

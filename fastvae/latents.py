@@ -80,7 +80,7 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 from . import _backend, _validate, _value_checks
 from . import priors as _priors
 from ._families import KL_FAMILIES, KUMARASWAMY_KL_TERMS, POSITIVE_FAMILIES
-from .distributions import DiagonalNormal, widened
+from .distributions import DiagonalNormal, PosteriorShapes, widened
 from .ops.family_kl.op import family_kl
 from .ops.kl_normal.op import kl_normal
 from .ops.sample_concrete.op import check_args as _concrete_args
@@ -111,19 +111,8 @@ def _per_sample(n_samples: int | None, z: Tensor, log_q: Tensor) -> tuple[Tensor
     return (z[0], log_q[0]) if n_samples is None else (z, log_q)
 
 
-class _Latent:
+class _Latent(PosteriorShapes):
     """What every record shares: mu (..., L), its shapes and the generic ELBO draw."""
-
-    mu: Tensor
-
-    @property
-    def latent_size(self) -> int:
-        """L, the noise dimensions per example (a LogisticNormal's z has L + 1)."""
-        return self.mu.shape[-1]
-
-    @property
-    def batch_shape(self) -> torch.Size:
-        return self.mu.shape[:-1]
 
     def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
         """Reparameterized z: (..., Lz), or (K, ..., Lz) for n_samples=K (fused)."""
@@ -296,6 +285,14 @@ def _standard_normal_prior(p_mu: Tensor, p_lv: Tensor) -> bool:
     return not bool(p_mu.any()) and not bool(p_lv.any())
 
 
+def _saved(ctx, y: Tensor, z: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """The end of a transform's (z, log q(z)) forward: y and z saved, the
+    outputs returned; an output without a gradient reaches the backward as None."""
+    ctx.save_for_backward(y, z)
+    ctx.set_materialize_grads(False)
+    return z, log_q
+
+
 class _LogNormalTerms(torch.autograd.Function):
     """(z, log q(z)) = (exp(y), log N(y; 0, I) - ratio - sum_l y) from the
     sampler's y and exact log-ratio log N(y; 0, I) - log q(y): one pass over y
@@ -308,9 +305,7 @@ class _LogNormalTerms(torch.autograd.Function):
         z = torch.exp(y)
         # sum_l (y + y^2 / 2): log N(y; 0, I) - sum_l y = -that - L log(2 pi) / 2
         log_q = -torch.addcmul(yw, yw, yw, value=0.5).sum(-1) - (0.5 * y.shape[-1] * LOG_2PI) - ratio
-        ctx.save_for_backward(y, z)
-        ctx.set_materialize_grads(False)
-        return z, log_q
+        return _saved(ctx, y, z, log_q)
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_q):
@@ -353,9 +348,7 @@ class _StickBreakingTerms(torch.autograd.Function):
         # -log N(y; 0, I) + log|det|, per element: y^2 / 2 + x - (w) softplus(x), w = M + 1 - j
         per = torch.addcmul(x, yw, yw, value=0.5).sub_(sp * (steps + 1.0))
         log_q = -per.sum(-1) - (0.5 * M * LOG_2PI) - ratio
-        ctx.save_for_backward(y, z)
-        ctx.set_materialize_grads(False)
-        return z, log_q
+        return _saved(ctx, y, z, log_q)
 
     @staticmethod
     def backward(ctx, grad_z, grad_log_q):

@@ -346,6 +346,35 @@ def _standard_normal_prior(prior: Any, latent: torch.Size, device: torch.device)
     return standard
 
 
+def _gaussian_plans(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, likelihood: Any, reduction: Any,
+                    count_name: str, count: int, device: torch.device, triton: bool, autocast: bool, iwae: bool,
+                    stop_score: bool) -> tuple[int, Any, Any]:
+    """The general path's checks of a Gaussian elbo (iwae False) or iwae call,
+    and its plans: (the checked sample count, the SamplePlan, the TailPlan).
+    The cpp backend gets no plans (the checks are its plan); the TailPlan is
+    None where the general tail runs (no example, or several ELBO samples)."""
+    q, decode = posterior_args(mu, logvar, decode)
+    _check_inputs(x, q, reduction, likelihood)
+    _check_decode(decode)
+    check_likelihood(likelihood)
+    n = _validate.sample_count(count_name, count, max(mu.numel(), x.numel()), mu)
+    if not triton:
+        return n, None, None
+    batch = mu.shape[:-1]
+    P = batch.numel()
+    dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
+    # the ELBO's one sample is drawn without its sample dimension
+    sample = _plan.SamplePlan(mu.shape, mu.dtype, device, n if iwae or n != 1 else None, iwae, stop_score, dtype,
+                              _plan.in_stride(mu, logvar))
+    if P == 0 or x.numel() == 0 or (not iwae and n != 1):
+        return n, sample, None
+    if iwae:
+        return n, sample, _plan.TailPlan(likelihood, n, P, x.numel() // P, dtype, device, reduction, batch, True,
+                                         _general_iwae_tail, torch.Size((n, *x.shape)), out_dtype)
+    return n, sample, _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
+                                     _general_elbo_tail, x.shape, out_dtype)
+
+
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans, or None where they do not apply."""
     if torch.compiler.is_compiling():
@@ -364,21 +393,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
            autocast, likelihood, n_samples, reduction)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
-        q, decode = posterior_args(mu, logvar, decode)
-        _check_inputs(x, q, reduction, likelihood)
-        _check_decode(decode)
-        check_likelihood(likelihood)
-        n = _validate.sample_count("n_samples", n_samples, max(mu.numel(), x.numel()), mu)
-        batch = mu.shape[:-1]
-        P = batch.numel()
-        sample = tail = None  # the cpp backend's exponential: the checks are its plan
-        dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
-        if triton:
-            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, None if n == 1 else n, False, False, dtype,
-                                      _plan.in_stride(mu, logvar))
-        if triton and n == 1 and P > 0 and x.numel() > 0:  # several samples: the general tail
-            tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
-                                  _general_elbo_tail, x.shape, out_dtype)
+        n, sample, tail = _gaussian_plans(x, mu, logvar, decode, likelihood, reduction, "n_samples", n_samples,
+                                          device, triton, autocast, False, False)
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
     if triton:
         return _plan.run_elbo(plan, x, mu, logvar, decode, beta, generator)
@@ -402,21 +418,8 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
            autocast, likelihood, k, estimator, reduction)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
-        q, decode = posterior_args(mu, logvar, decode)
-        _check_inputs(x, q, reduction, likelihood)
-        _check_decode(decode)
-        check_likelihood(likelihood)
-        k = _validate.sample_count("k", k, max(mu.numel(), x.numel()), mu)
-        batch = mu.shape[:-1]
-        P = batch.numel()
-        sample = tail = None  # the cpp backend: the checks are its plan
-        dtype, out_dtype = _lean_dtypes(mu, x, device, autocast)
-        if triton:
-            sample = _plan.SamplePlan(mu.shape, mu.dtype, device, k, True, estimator != "iwae", dtype,
-                                      _plan.in_stride(mu, logvar))
-        if triton and P > 0 and x.numel() > 0:
-            tail = _plan.TailPlan(likelihood, k, P, x.numel() // P, dtype, device, reduction, batch, True,
-                                  _general_iwae_tail, torch.Size((k, *x.shape)), out_dtype)
+        k, sample, tail = _gaussian_plans(x, mu, logvar, decode, likelihood, reduction, "k", k, device, triton,
+                                          autocast, True, estimator != "iwae")
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, k, estimator == "dreg",
                                            _general_iwae_tail))
     if triton:
@@ -481,7 +484,7 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         P = batch.numel()
         if loc.shape != b.shape or P * loc.shape[-1] == 0 or x.numel() == 0:
             return None
-        sample = tail = None  # the cpp backend: the checks are its plan
+        sample = tail = None  # the cpp backend's exponential: the checks are its plan
         p_shared = all(n == 1 for t in (p_loc, p_b) for n in t.shape[:-1])
         if exponential:
             p_loc = None
@@ -852,20 +855,10 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
     return weighted, reconstruction, kl, q, prior, analytic, per_dim
 
 
-def elbo_terms(
-    x: Tensor,
-    mu: Tensor | Distribution,
-    logvar: Tensor | Callable[[Tensor], Any] | None = None,
-    decode: Callable[[Tensor], Any] | None = None,
-    *,
-    likelihood: str | None = None,
-    beta: float | Tensor = 1.0,
-    free_bits: float = 0.0,
-    n_samples: int = 1,
-    reduction: str = "mean",
-    generator: torch.Generator | None = None,
-    prior: Any = None,
-) -> ELBOTerms:
+def elbo_terms(x: Tensor, mu: Tensor | Distribution, logvar: Tensor | Callable[[Tensor], Any] | None = None,
+               decode: Callable[[Tensor], Any] | None = None, *, likelihood: str | None = None,
+               beta: float | Tensor = 1.0, free_bits: float = 0.0, n_samples: int = 1, reduction: str = "mean",
+               generator: torch.Generator | None = None, prior: Any = None) -> ELBOTerms:
     """fastvae.elbo, returning the bound with its reconstruction and KL terms
     (one pass; for logging). Arguments as fastvae.elbo."""
     if torch.compiler.is_compiling():
@@ -1145,21 +1138,10 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
     return bound, reconstruction, kl, lw
 
 
-def iwae_terms(
-    x: Tensor,
-    mu: Tensor | Distribution,
-    logvar: Tensor | Callable[[Tensor], Any] | None = None,
-    decode: Callable[[Tensor], Any] | None = None,
-    *,
-    k: int = 5,
-    likelihood: str | None = None,
-    estimator: str = "iwae",
-    alpha: float = 0.0,
-    beta: float | Tensor = 1.0,
-    reduction: str = "mean",
-    generator: torch.Generator | None = None,
-    prior: Any = None,
-) -> IWAETerms:
+def iwae_terms(x: Tensor, mu: Tensor | Distribution, logvar: Tensor | Callable[[Tensor], Any] | None = None,
+               decode: Callable[[Tensor], Any] | None = None, *, k: int = 5, likelihood: str | None = None,
+               estimator: str = "iwae", alpha: float = 0.0, beta: float | Tensor = 1.0, reduction: str = "mean",
+               generator: torch.Generator | None = None, prior: Any = None) -> IWAETerms:
     """fastvae.iwae, returning the bound with its terms (reconstruction, KL,
     ESS, log-weights) from the same pass, for logging. Arguments as fastvae.iwae."""
     if torch.compiler.is_compiling():

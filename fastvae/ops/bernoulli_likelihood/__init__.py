@@ -70,18 +70,29 @@ def bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
     return -torch.sum(_times(x, softplus(-logits)) + _times(1.0 - x, softplus(logits)), dim=-1)
 
 
-def bernoulli_log_prob_forward(x, logits, out) -> None:
+def _log_prob_into(log_prob, x, logits, out) -> None:
+    """out <- log_prob(x, logits) in the accumulation dtype: both likelihoods' forward kernel."""
     acc = accumulation_dtype(logits.dtype)
-    out.copy_(bernoulli_log_prob(x.to(acc), logits.to(acc)))
+    out.copy_(log_prob(x.to(acc), logits.to(acc)))
+
+
+def _gradients_into(dlogits_of, grad_out, x, logits, dx, dlogits) -> None:
+    """dlogits <- dlogits_of(g, x, l) and dx (if given) <- g l summed to its
+    shape, in the accumulation dtype: both likelihoods' backward kernel."""
+    acc = accumulation_dtype(logits.dtype)
+    x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
+    dlogits.copy_(dlogits_of(g, x, logits))
+    if dx is not None:
+        dx.copy_(sum_to(g * logits, dx.shape))
+
+
+def bernoulli_log_prob_forward(x, logits, out) -> None:
+    _log_prob_into(bernoulli_log_prob, x, logits, out)
 
 
 def bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     """d/dlogits = g (x - sigmoid(l));  d/dx = g l."""
-    acc = accumulation_dtype(logits.dtype)
-    x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
-    dlogits.copy_(_times(g, x - torch.sigmoid(logits)))
-    if dx is not None:
-        dx.copy_(sum_to(g * logits, dx.shape))
+    _gradients_into(lambda g, x, lg: _times(g, x - torch.sigmoid(lg)), grad_out, x, logits, dx, dlogits)
 
 
 # -- the continuous Bernoulli ------------------------------------------------------
@@ -145,17 +156,13 @@ def continuous_bernoulli_log_prob(x: Tensor, logits: Tensor) -> Tensor:
 
 
 def continuous_bernoulli_log_prob_forward(x, logits, out) -> None:
-    acc = accumulation_dtype(logits.dtype)
-    out.copy_(continuous_bernoulli_log_prob(x.to(acc), logits.to(acc)))
+    _log_prob_into(continuous_bernoulli_log_prob, x, logits, out)
 
 
 def continuous_bernoulli_log_prob_backward(grad_out, x, logits, dx, dlogits) -> None:
     """d/dlogits = g (x - sigmoid(l) + 1/l - 1/sinh(l));  d/dx = g l (summed over samples)."""
-    acc = accumulation_dtype(logits.dtype)
-    x, logits, g = x.to(acc), logits.to(acc), grad_out.to(acc)[..., None]
-    dlogits.copy_(g * (x - torch.sigmoid(logits) + _cb_log_norm_grad(logits)))
-    if dx is not None:
-        dx.copy_(sum_to(g * logits, dx.shape))
+    _gradients_into(lambda g, x, lg: g * (x - torch.sigmoid(lg) + _cb_log_norm_grad(lg)), grad_out, x, logits, dx,
+              dlogits)
 
 
 # -- ahead-of-time compilation (python -m fastvae.kernels.aot --op bernoulli_log_prob) --

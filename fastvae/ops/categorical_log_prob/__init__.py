@@ -3,10 +3,8 @@ logits, log p(x | l) = sum_d log softmax(l[..., d, :])[x[..., d]], for x of
 integer class indices (..., D) against decoder logits (K, ..., D, C), the C
 classes innermost; the decoder likelihood of likelihood="categorical".
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

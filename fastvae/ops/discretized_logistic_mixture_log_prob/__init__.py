@@ -5,10 +5,8 @@ for images x (..., C, H, W) in [-1, 1] against the packed params
 (K, ..., 10 M, H, W) or a (logit_probs, means, log_scales) tuple; the decoder
 likelihood of likelihood="discretized_logistic_mixture".
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

@@ -16,10 +16,8 @@ prior's log alpha and log beta in ``p_loc`` and ``p_log_param``. ``kl`` is
 prior's gradients are written (N, L) whatever its layout, for the front end
 to sum.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

@@ -4,10 +4,8 @@ broadcast against the decoder mean (K, ..., D), var = exp(logvar), a fixed
 scale^2, or softplus(softplus_var) + delta; the decoder likelihood of
 likelihood="gaussian".
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

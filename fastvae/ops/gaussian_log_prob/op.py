@@ -391,20 +391,10 @@ def gaussian_log_prob(
     # otherwise raise on one and return -inf on another)
     if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0 < delta < math.inf:
         raise ValueError(f"delta must be a finite float > 0, got {delta!r}")
-    tensors = {"x": x, "mean": mean}
-    if logvar is not None:
-        tensors["logvar"] = logvar
-    if softplus_var is not None:
-        tensors["softplus_var"] = softplus_var
-    if isinstance(scale, Tensor):
-        tensors["scale"] = scale
-    _validate.float_tensors(**tensors)
-    _validate.event_dim("mean", mean)
-    x, mean, params = flatten_event_args(event_dims, x, "mean", mean, logvar=logvar, softplus_var=softplus_var,
-                                         scale=scale)
+    x, mean, params, dtype = flatten_event_args(event_dims, x, "mean", mean, scale, logvar=logvar,
+                                                softplus_var=softplus_var)
     logvar, softplus_var, scale = params["logvar"], params["softplus_var"], params["scale"]
     # var >= delta must be a normal number in the kernels' compute dtype
-    dtype = _backend.compute_dtype(*tensors.values())
     tiny = torch.finfo(dtype).tiny
     if delta < tiny:
         raise ValueError(f"delta must be at least {tiny} (the smallest normal {dtype} number), got {delta!r}")

@@ -2,10 +2,8 @@
 KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) summed over the last
 dimension, with the standard normal prior when no prior is given.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

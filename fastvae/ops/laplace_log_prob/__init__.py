@@ -5,10 +5,8 @@ with b = exp(log_scale) or a fixed scale; the decoder likelihood of
 likelihood="laplace" (the L1 loss: -log p under b = 1 is
 F.l1_loss(reduction='sum') plus D log 2).
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

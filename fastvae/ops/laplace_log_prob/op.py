@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ... import _backend, _validate, _value_checks
+from ... import _backend, _value_checks
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
@@ -173,16 +173,8 @@ def laplace_log_prob(
     """
     if log_scale is not None and scale is not None:
         raise ValueError("give at most one of log_scale, scale; got log_scale, scale")
-    tensors = {"x": x, "loc": loc}
-    if log_scale is not None:
-        tensors["log_scale"] = log_scale
-    if isinstance(scale, Tensor):
-        tensors["scale"] = scale
-    _validate.float_tensors(**tensors)
-    _validate.event_dim("loc", loc)
-    x, loc, params = flatten_event_args(event_dims, x, "loc", loc, log_scale=log_scale, scale=scale)
+    x, loc, params, dtype = flatten_event_args(event_dims, x, "loc", loc, scale, log_scale=log_scale)
     log_scale, scale = params["log_scale"], params["scale"]
-    dtype = _backend.compute_dtype(*tensors.values())
     x_b = broadcast_x(x, loc, "loc")
     if log_scale is not None:
         s = broadcast_var(log_scale, "log_scale", x_b, loc)

@@ -2,10 +2,8 @@
 prior N(0, I) and the encoder's q = N(mu, diag(exp(logvar))), summed over the
 last dimension; z carries K samples (K, ..., L) of the (..., L) encoder outputs.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

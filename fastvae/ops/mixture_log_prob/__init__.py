@@ -3,10 +3,8 @@ mixture, log sum_u softmax(logits)_u N(z; means_u, diag(exp(logvars_u))), for
 z (..., L) against U components with means, logvars (U, L) and logits (U,) or
 None (equal weights); a VampPrior's or a mixture-of-Gaussians prior's log p(z).
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

@@ -4,11 +4,8 @@ latent, from C consecutive Philox uniforms per latent, with log q(z) summed
 over L from the same Exp(1) noise t = -log u (fastvae/_philox.py's
 ``exp1``); ``hard`` is the straight-through one-hot.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with,
-from the uniforms of fastvae/_philox.py. The rest of the op sits beside it
-(fastvae/ops/__init__.py lists the files).
+The op's description and its oracle, from the uniforms of
+fastvae/_philox.py (fastvae/ops/__init__.py lists the folder's files).
 """
 from __future__ import annotations
 

@@ -5,11 +5,8 @@ LOCATION_SCALE_FAMILIES, fastvae/_families.py, whose position is the kernels'
 ``family``) of the element's Philox uniform, and log q(z) =
 sum_l(log f(e) - log_scale) from the same e.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with,
-from the uniforms of fastvae/_philox.py. The rest of the op sits beside it
-(fastvae/ops/__init__.py lists the files).
+The op's description and its oracle, from the uniforms of
+fastvae/_philox.py (fastvae/ops/__init__.py lists the folder's files).
 """
 from __future__ import annotations
 
@@ -23,20 +20,15 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform
 from ..._dtypes import accumulation_dtype
 from ..._families import LOCATION_SCALE_FAMILIES
 from ..._philox import HALF_WORD, open_uniforms, philox_word
-from ..._spec import Bench, Kernel, Op
+from ..._spec import Bench, Kernel, Op, family_sampler_kernels, family_sampler_min_bytes
 from ..family_kl import family_kl_backward, family_kl_forward
 
 # `family` picks the standardized inverse CDF (LOCATION_SCALE_FAMILIES), a
-# compile-time variant in the C++ and Triton kernels
-KERNELS = (
-    Kernel("sample_location_scale_forward", "sample_location_scale",
-           ("loc", "log_scale", "seed", "family", "offset0", "sample_stride", "row_stride", "z", "log_q"),
-           heavy="L", vector_loads=True),
-    Kernel("sample_location_scale_backward", "sample_location_scale",
-           ("grad_z", "grad_log_q", "loc", "log_scale", "seed", "family", "stop_score", "dloc", "dlog_scale"),
-           heavy="L"),
-    # the training layout's draw with family_kl's closed form of (loc, log_scale) against a prior
-    # of a family with a location ((L,) or (N, L)), summed over L: one pass over q each way
+# compile-time variant in the C++ and Triton kernels; then the training
+# layout's draw with family_kl's closed form of (loc, log_scale) against a
+# prior of a family with a location ((L,) or (N, L)), summed over L: one pass
+# over q each way
+KERNELS = family_sampler_kernels("sample_location_scale", ("loc", "log_scale")) + (
     Kernel("sample_location_scale_kl_forward", "sample_location_scale",
            ("loc", "log_scale", "prior_loc", "prior_log_scale", "seed", "family", "kl_family", "z", "kl")),
     Kernel("sample_location_scale_kl_backward", "sample_location_scale",
@@ -238,15 +230,9 @@ def _bench_inputs(size: dict, device):
     return (size["family"], loc, log_scale, K), [loc, log_scale], (gz, gq)
 
 
-def _bench_min_bytes(size: dict, itemsize: int = 4) -> dict[str, int]:
-    B, L, K = size["B"], size["L"], size["K"]
-    fwd = (2 * B * L + K * B * L + K * B) * itemsize  # loc, log_scale -> z, log q
-    bwd = (K * B * L + K * B + 2 * B * L + 2 * B * L) * itemsize  # dz, dlog_q, loc, log_scale -> dloc, dlog_scale
-    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}
-
-
 BENCH = Bench("sample_location_scale, float32",
               sizes=tuple({"family": f, "B": 65536, "L": 32, "K": 1} for f in LOCATION_SCALE_FAMILIES),
               quick=tuple({"family": f, "B": 4096, "L": 32, "K": 1} for f in LOCATION_SCALE_FAMILIES),
-              inputs=_bench_inputs, eager=_bench_eager, min_bytes=_bench_min_bytes, fastvae="sample_location_scale",
+              inputs=_bench_inputs, eager=_bench_eager, min_bytes=family_sampler_min_bytes,
+              fastvae="sample_location_scale",
               repeats=15)

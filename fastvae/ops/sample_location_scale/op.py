@@ -120,16 +120,12 @@ def sample_location_scale(
     _validate.float_tensors(loc=loc, log_scale=log_scale)
     _validate.event_dim("loc", loc)
     _validate.same_shape(loc=loc, log_scale=log_scale)
-    K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, loc.numel(), loc)
-    z, log_q = sample_location_scale_unchecked(index, loc, log_scale, K, False, generator)
-    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+    return SAMPLER.sample(index, loc, log_scale, n_samples, generator)
 
 
-def sample_location_scale_unchecked(family: int, loc: Tensor, log_scale: Tensor, n_samples: int, stop_score: bool,
-                                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(z (K, ..., L), log q (K, ...)) for arguments the caller has validated (the latents' records)."""
-    seed = draw_seed(loc.device, generator)
-    return SampleLocationScale.apply(loc, log_scale, seed, family, n_samples, stop_score)
+# (z (K, ..., L), log q (K, ...)) of (family, loc, log_scale, n_samples, stop_score, generator)
+# for arguments the caller has validated (the latents' records)
+sample_location_scale_unchecked = SAMPLER.unchecked
 
 
 # (z (n_samples, N, L), log q (n_samples, N)) for loc, log_scale (N, L) at the noise offsets

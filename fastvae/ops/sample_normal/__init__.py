@@ -3,14 +3,11 @@ Gaussian q = N(mu, diag(e^logvar)), z = mu + e^(logvar / 2) * eps (K, ..., L),
 with the analytic KL(q || N(0, I)) (...) fused, and for the IWAE's latent term
 (sample_normal_with_ratio) log N(z; 0, I) - log q(z) (K, ...) from the same eps.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The oracle draws the kernels' noise from the Philox emulation in
-fastvae/_philox.py (the one the reference backend serves too). The noise
-stream itself (the Philox words, normals and fills: kernels/philox.py,
+The op's description and its oracle, which draws the kernels' noise from the
+Philox emulation in fastvae/_philox.py (the one the reference backend serves
+too); fastvae/ops/__init__.py lists the folder's files. The noise stream
+itself (the Philox words, normals and fills: kernels/philox.py,
 csrc/philox.cpp) is shared by every sampler and stays outside this folder.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
 """
 from __future__ import annotations
 

@@ -23,10 +23,8 @@ offset i, so ``sample_normal(mu, logvar)`` and this op draw the same z for
 the same seed. Elementwise throughout: the latent dimension may be any
 dimension (the channels of (B, C, H, W), or the last).
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The rest of the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle (fastvae/ops/__init__.py lists the
+folder's files).
 """
 from __future__ import annotations
 

@@ -4,12 +4,9 @@ with the analytic KL(q || N(0, I)) (...), for mu (..., L) and S = scale_tril
 (..., L, L), of which only the lower triangle is read; eps is sample_normal's
 noise.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with.
-The oracle draws the kernels' noise from the Philox emulation in
-fastvae/_philox.py (the one the reference backend serves too). The rest of
-the op sits beside it (fastvae/ops/__init__.py lists the files).
+The op's description and its oracle, which draws the kernels' noise from the
+Philox emulation in fastvae/_philox.py (the one the reference backend serves
+too); fastvae/ops/__init__.py lists the folder's files.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ... import _backend, _validate
 from ..._dtypes import accumulation_dtype
 from ..._op import define, draw_seed, flat, run, shaped
-from ..._sampler import z_dtype
+from ..._sampler import empty_z, z_dtype
 from ..sample_normal.op import noise
 
 
@@ -45,13 +45,11 @@ def _forward(mu: Tensor, scale_tril: Tensor, seed: Tensor, n_samples: int) -> li
     """[z (n_samples, ..., L), kl (...)] for mu (..., L), scale_tril (..., L, L)."""
     backend = _backend.backend_for(mu.device)
     dtype = _backend.compute_dtype(mu, scale_tril)
-    mu2 = _backend.kernel_input(backend, flat(mu), dtype)
-    s3 = _backend.kernel_input(backend, _flat_tril(scale_tril), dtype)
+    mu2, s3 = (_backend.kernel_input(backend, t, dtype) for t in (flat(mu), _flat_tril(scale_tril)))
     N, L = mu2.shape
-    # z in the encoder's dtype, as sample_normal's (sample_normal.z_dtype); the
-    # cpp kernel writes it in its compute type
+    # z in the encoder's dtype, as sample_normal's (z_dtype)
     z_type = z_dtype(mu, scale_tril)
-    z = _backend.empty_output((n_samples, N, L), like=mu, dtype=dtype if backend == "cpp" else z_type)
+    z = empty_z(backend, (n_samples, N, L), mu, dtype, z_type)
     kl = _backend.empty_output((N,), like=mu, dtype=dtype)
     _backend.launch(backend, "sample_normal_tril_forward", _work(n_samples, N, L), mu=mu2, scale_tril=s3,
                     seed=seed, z=z, kl=kl)

@@ -4,14 +4,11 @@ POSITIVE_FAMILIES, fastvae/_families.py, whose position is the kernels'
 ``family``), each a transform of the Exp(1) variate t = -log u of the
 element's Philox uniform, with log q(z) summed over L from the same t.
 
-This file is the op's description (its registry entry, its kernels' argument
-names, its ahead-of-time cases and its benchmark row) and its oracle: the
-plain-PyTorch formulas the reference backend runs and the tests compare with,
-from the uniforms of fastvae/_philox.py. ``positive_terms`` (the families'
-closed forms, differentiable) also serves the op's double backward (op.py)
-and ``Positive.point`` (fastvae/latents.py), and ``positive_exp1`` the relaxed
-categorical's oracle (sample_concrete). The rest of the op sits beside it
-(fastvae/ops/__init__.py lists the files).
+The op's description and its oracle, from the uniforms of fastvae/_philox.py
+(fastvae/ops/__init__.py lists the folder's files). ``positive_terms`` (the
+families' closed forms, differentiable) also serves the op's double backward
+(op.py) and ``Positive.point`` (fastvae/latents.py), and ``positive_exp1`` the
+relaxed categorical's oracle (sample_concrete).
 """
 from __future__ import annotations
 
@@ -24,18 +21,11 @@ from torch import Tensor
 from ..._dtypes import accumulation_dtype
 from ..._families import POSITIVE_FAMILIES
 from ..._philox import F32_BELOW_ONE, exp1, philox_word
-from ..._spec import Bench, Kernel, Op
+from ..._spec import Bench, Op, family_sampler_kernels, family_sampler_min_bytes
 
 # `family` picks exponential, Weibull or Kumaraswamy (POSITIVE_FAMILIES), a
 # compile-time variant; log_p1 unused by the exponential
-KERNELS = (
-    Kernel("sample_positive_forward", "sample_positive",
-           ("log_p0", "log_p1", "seed", "family", "offset0", "sample_stride", "row_stride", "z", "log_q"),
-           heavy="L", vector_loads=True),
-    Kernel("sample_positive_backward", "sample_positive",
-           ("grad_z", "grad_log_q", "log_p0", "log_p1", "seed", "family", "stop_score", "dlog_p0", "dlog_p1"),
-           heavy="L"),
-)
+KERNELS = family_sampler_kernels("sample_positive", ("log_p0", "log_p1"))
 
 OP = Op("sample_positive", tuple(k.name for k in KERNELS), "fastvae/ops/sample_positive/test_sample_positive.py",
         "sample_positive", launches=(1, 1, 1))
@@ -210,15 +200,8 @@ def _bench_inputs(size: dict, device):
     return (family, p0, p1, K), [p0, p1], (gz, gq)
 
 
-def _bench_min_bytes(size: dict, itemsize: int = 4) -> dict[str, int]:
-    B, L, K = size["B"], size["L"], size["K"]
-    fwd = (2 * B * L + K * B * L + K * B) * itemsize  # log parameters -> z, log q
-    bwd = (K * B * L + K * B + 2 * B * L + 2 * B * L) * itemsize  # dz, dlog_q, parameters -> their gradients
-    return {"forward": fwd, "backward": bwd, "fwd+bwd": fwd + bwd}
-
-
 BENCH = Bench("sample_positive, float32",
               sizes=tuple({"family": f, "B": 65536, "L": 32, "K": 1} for f in POSITIVE_FAMILIES),
               quick=tuple({"family": f, "B": 4096, "L": 32, "K": 1} for f in POSITIVE_FAMILIES),
-              inputs=_bench_inputs, eager=_bench_eager, min_bytes=_bench_min_bytes, fastvae="sample_positive",
+              inputs=_bench_inputs, eager=_bench_eager, min_bytes=family_sampler_min_bytes, fastvae="sample_positive",
               repeats=15)

@@ -33,7 +33,7 @@ from torch import Tensor
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc
 from ..._families import POSITIVE_FAMILIES
-from ..._op import draw_seed, flat, run
+from ..._op import flat, run
 from ..._sampler import FamilySampler, family_index_of
 
 # a declared use (docs/architecture.md, "Layers"): the double backward's closed forms
@@ -132,16 +132,12 @@ def sample_positive(
         the backward, never stored.
     """
     index, p0, p1 = check_params(family, log_param, log_param2)
-    K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, p0.numel(), p0)
-    z, log_q = sample_positive_unchecked(index, p0, p1, K, False, generator)
-    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+    return SAMPLER.sample(index, p0, p1, n_samples, generator)
 
 
-def sample_positive_unchecked(family: int, log_p0: Tensor, log_p1: Tensor, n_samples: int, stop_score: bool,
-                              generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(z (K, ..., L), log q (K, ...)) for arguments the caller has validated (the latents' records)."""
-    seed = draw_seed(log_p0.device, generator)
-    return SamplePositive.apply(log_p0, log_p1, seed, family, n_samples, stop_score)
+# (z (K, ..., L), log q (K, ...)) of (family, log_p0, log_p1, n_samples, stop_score, generator)
+# for arguments the caller has validated (the latents' records)
+sample_positive_unchecked = SAMPLER.unchecked
 
 
 # (z (n_samples, N, L), log q (n_samples, N)) for log_p0, log_p1 (N, L) at the noise offsets
