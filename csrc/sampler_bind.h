@@ -7,6 +7,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "buffers.h"
@@ -29,6 +30,12 @@ inline int64_t gradient_samples(const py::object& dz, const py::object& dq, int 
                                              " array or None");
   }
   return py::reinterpret_borrow<py::array>(samples).shape(0);
+}
+
+// (N, L) of a sampler's first (N, L) parameter, checked 2-d.
+inline std::pair<int64_t, int64_t> extents(const py::array& p0, const char* name) {
+  check_2d(p0, name);
+  return {p0.shape(0), p0.shape(1)};
 }
 
 // The names a family sampler is bound with: its kernels' prefix, its two
@@ -73,8 +80,7 @@ template <typename T>
 void family_forward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::array p0, py::array p1,
                     uint64_t seed, int family, uint64_t offset0, uint64_t sample_stride, uint64_t row_stride,
                     py::array z, py::object log_q, int n_threads) {
-  check_2d(p0, names.p0);
-  const int64_t N = p0.shape(0), L = p0.shape(1);
+  const auto [N, L] = extents(p0, names.p0);
   if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
   const int64_t K = z.shape(0);
   const T* a = checked<T>(p0, names.p0, {N, L}, false);
@@ -90,8 +96,7 @@ template <typename T>
 void family_backward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::object dz, py::object dq,
                      py::array p0, py::array p1, uint64_t seed, int family, bool stop_score, py::array dp0,
                      py::array dp1, int n_threads) {
-  check_2d(p0, names.p0);
-  const int64_t N = p0.shape(0), L = p0.shape(1);
+  const auto [N, L] = extents(p0, names.p0);
   const int64_t K = gradient_samples(dz, dq, 3, "(K, N, L)", "grad_log_q");
   py::array dz_holder, dq_holder;
   const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L}, false);
@@ -130,8 +135,7 @@ template <typename T>
 void fused_kl_forward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::array p0, py::array p1,
                        py::array prior0, py::array prior1, uint64_t seed, int family, int kl_family, py::array z,
                        py::array kl, int n_threads) {
-  check_2d(p0, names.p0);
-  const int64_t N = p0.shape(0), L = p0.shape(1);
+  const auto [N, L] = extents(p0, names.p0);
   if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
   const int64_t K = z.shape(0);
   const FusedPrior prior = fused_prior(names, kl_family, prior1, N, L);
@@ -150,8 +154,7 @@ void fused_kl_backward(const FamilySamplerNames& names, const FamilyKernels<T>& 
                         py::object dkl, py::array p0, py::array p1, py::array prior0, py::array prior1, uint64_t seed,
                         int family, int kl_family, py::array dp0, py::array dp1, py::object dprior0,
                         py::object dprior1, int n_threads) {
-  check_2d(p0, names.p0);
-  const int64_t N = p0.shape(0), L = p0.shape(1);
+  const auto [N, L] = extents(p0, names.p0);
   const int64_t K = gradient_samples(dz, py::none(), 3, "(K, N, L)", "grad_kl");
   const FusedPrior prior = fused_prior(names, kl_family, prior1, N, L);
   if (dprior0.is_none() != dprior1.is_none()) {
@@ -177,23 +180,23 @@ void fused_kl_backward(const FamilySamplerNames& names, const FamilyKernels<T>& 
 // buffers by name and run the kernels of the arrays' dtype.
 inline void bind_family_sampler(py::module_& m, const FamilySamplerNames& names, FamilyKernels<float> f32,
                                 FamilyKernels<double> f64) {
-  auto check_family = [names](int family) {
+  // the thread count and family checked, then run(the kernels of p0's dtype)
+  auto dispatch = [names, f32, f64](const py::array& p0, int family, int n_threads, auto run) {
+    check_threads(n_threads);
     if (family < 0 || family >= names.families) {
       throw py::value_error("family: expected 0-" + std::to_string(names.families - 1) + " (" +
                             names.family_names + "), got " + std::to_string(family));
     }
+    by_dtype(p0, [&] { run(f32); }, [&] { run(f64); });
   };
 
   m.def((std::string(names.op) + "_forward").c_str(),
         [=](py::array p0, py::array p1, uint64_t seed, int family, uint64_t offset0, uint64_t sample_stride,
             uint64_t row_stride, py::array z, py::object log_q, int n_threads) {
-          check_threads(n_threads);
-          check_family(family);
-          by_dtype(p0,
-                   [&] { family_forward(names, f32, p0, p1, seed, family, offset0, sample_stride, row_stride, z,
-                                        log_q, n_threads); },
-                   [&] { family_forward(names, f64, p0, p1, seed, family, offset0, sample_stride, row_stride, z,
-                                        log_q, n_threads); });
+          dispatch(p0, family, n_threads, [&](const auto& kernels) {
+            family_forward(names, kernels, p0, p1, seed, family, offset0, sample_stride, row_stride, z, log_q,
+                           n_threads);
+          });
         },
         py::arg(names.p0), py::arg(names.p1), py::arg("seed"), py::arg("family"), py::arg("offset0"),
         py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("log_q").none(true),
@@ -202,13 +205,9 @@ inline void bind_family_sampler(py::module_& m, const FamilySamplerNames& names,
   m.def((std::string(names.op) + "_backward").c_str(),
         [=](py::object dz, py::object dq, py::array p0, py::array p1, uint64_t seed, int family, bool stop_score,
             py::array dp0, py::array dp1, int n_threads) {
-          check_threads(n_threads);
-          check_family(family);
-          by_dtype(p0,
-                   [&] { family_backward(names, f32, dz, dq, p0, p1, seed, family, stop_score, dp0, dp1,
-                                         n_threads); },
-                   [&] { family_backward(names, f64, dz, dq, p0, p1, seed, family, stop_score, dp0, dp1,
-                                         n_threads); });
+          dispatch(p0, family, n_threads, [&](const auto& kernels) {
+            family_backward(names, kernels, dz, dq, p0, p1, seed, family, stop_score, dp0, dp1, n_threads);
+          });
         },
         py::arg("grad_z").none(true), py::arg("grad_log_q").none(true), py::arg(names.p0), py::arg(names.p1),
         py::arg("seed"), py::arg("family"), py::arg("stop_score"), py::arg(names.dp0), py::arg(names.dp1),
@@ -219,13 +218,9 @@ inline void bind_family_sampler(py::module_& m, const FamilySamplerNames& names,
   m.def((std::string(names.op) + "_kl_forward").c_str(),
         [=](py::array p0, py::array p1, py::array prior0, py::array prior1, uint64_t seed, int family, int kl_family,
             py::array z, py::array kl, int n_threads) {
-          check_threads(n_threads);
-          check_family(family);
-          by_dtype(p0,
-                   [&] { fused_kl_forward(names, f32, p0, p1, prior0, prior1, seed, family, kl_family, z, kl,
-                                           n_threads); },
-                   [&] { fused_kl_forward(names, f64, p0, p1, prior0, prior1, seed, family, kl_family, z, kl,
-                                           n_threads); });
+          dispatch(p0, family, n_threads, [&](const auto& kernels) {
+            fused_kl_forward(names, kernels, p0, p1, prior0, prior1, seed, family, kl_family, z, kl, n_threads);
+          });
         },
         py::arg(names.p0), py::arg(names.p1), py::arg(names.prior0), py::arg(names.prior1), py::arg("seed"),
         py::arg("family"), py::arg("kl_family"), py::arg("z"), py::arg("kl"), py::arg("n_threads"));
@@ -234,13 +229,10 @@ inline void bind_family_sampler(py::module_& m, const FamilySamplerNames& names,
         [=](py::object dz, py::object dkl, py::array p0, py::array p1, py::array prior0, py::array prior1,
             uint64_t seed, int family, int kl_family, py::array dp0, py::array dp1, py::object dprior0,
             py::object dprior1, int n_threads) {
-          check_threads(n_threads);
-          check_family(family);
-          by_dtype(p0,
-                   [&] { fused_kl_backward(names, f32, dz, dkl, p0, p1, prior0, prior1, seed, family, kl_family,
-                                            dp0, dp1, dprior0, dprior1, n_threads); },
-                   [&] { fused_kl_backward(names, f64, dz, dkl, p0, p1, prior0, prior1, seed, family, kl_family,
-                                            dp0, dp1, dprior0, dprior1, n_threads); });
+          dispatch(p0, family, n_threads, [&](const auto& kernels) {
+            fused_kl_backward(names, kernels, dz, dkl, p0, p1, prior0, prior1, seed, family, kl_family, dp0, dp1,
+                              dprior0, dprior1, n_threads);
+          });
         },
         py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg(names.p0), py::arg(names.p1),
         py::arg(names.prior0), py::arg(names.prior1), py::arg("seed"), py::arg("family"), py::arg("kl_family"),
