@@ -143,6 +143,28 @@ def sample_rows(BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
+def family_rows(seed_ptr, N, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(r, g, j, n, seed, log_q) of a forward's program: sample_rows, the
+    parameter rows n of its sample rows r = k * N + n, the seed, and a zeroed
+    ACC sum per row."""
+    r, g, j = sample_rows(BLOCK_R, BLOCK_L)
+    return r, g, j, r % N, tl.load(seed_ptr), tl.zeros([BLOCK_R], dtype=ACC)
+
+
+@triton.jit
+def noise_start(offset0, sample_stride, row_stride, r, n, N, l0):
+    """The noise offset of column l0 of sample rows r = k * N + n, as (rows, 1, 1):
+    offset0 + k * sample_stride + n * row_stride + l0."""
+    return (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
+
+
+@triton.jit
+def store_rows(ptr, r, val, R):
+    """Stores the per-row val at ptr[r], in ptr's dtype, for the rows r < R."""
+    tl.store(ptr + r, val.to(ptr.dtype.element_ty), mask=r < R)
+
+
+@triton.jit
 def row_columns(r, n, g, j, l0, KN, L, in_stride):
     """(cols, mask, idx) of the columns l0 + 4 g + j of sample rows r (of
     parameter rows n, in_stride elements apart): the columns, which of them

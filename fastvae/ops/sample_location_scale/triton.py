@@ -18,14 +18,16 @@ from fastvae.kernels._common import arrive_last
 from fastvae.kernels.philox import _cos_sin_turns
 from fastvae.kernels.sampler import (
     block_words,
+    family_rows,
     launch_family_backward,
     launch_family_forward,
     log1m,
+    noise_start,
     open_uniforms,
     parameter_block,
     row_columns,
     row_words,
-    sample_rows,
+    store_rows,
 )
 
 # -- the family's transform and density -------------------------------------
@@ -81,12 +83,8 @@ def _sample_location_scale_fwd_kernel(
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L) = (KN, L) sample rows
     log_q_ptr,  # (KN,): log q(z) per sample row, written when WITH_LOG_Q
-    offset0,
-    sample_stride,
-    row_stride,
-    N,
-    KN,  # K * N
-    L,
+    offset0, sample_stride, row_stride,  # z[k, n, l]'s noise at offset0 + k * sample_stride + n * row_stride + l
+    N, KN, L,  # KN = K * N
     FAMILY: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -94,23 +92,19 @@ def _sample_location_scale_fwd_kernel(
     WITH_LOG_Q: tl.constexpr,
     ALIGNED: tl.constexpr,  # every row's uniforms start a Philox counter
 ):
-    r, g, j = sample_rows(BLOCK_R, BLOCK_L)  # sample rows k * N + n
-    n = r % N
-    seed = tl.load(seed_ptr)
-    log_q = tl.zeros([BLOCK_R], dtype=ACC)
+    r, g, j, n, seed, log_q = family_rows(seed_ptr, N, ACC, BLOCK_R, BLOCK_L)  # sample rows r = k * N + n
     rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
         cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, L)
         loc = tl.load(loc_ptr + idx, mask=mask, other=0.0).to(ACC)
         ls = tl.load(log_scale_ptr + idx, mask=mask, other=0.0).to(ACC)
-        first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
-        x = row_words(seed, first, g, j, ALIGNED)
+        x = row_words(seed, noise_start(offset0, sample_stride, row_stride, r, n, N, l0), g, j, ALIGNED)
         e, log_f, psi = _standardized(x, FAMILY, ACC)
         tl.store(z_ptr + rr * L + cols, (loc + tl.exp(ls) * e).to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_LOG_Q:
             log_q += tl.sum(tl.sum(tl.where(mask, log_f - ls, 0.0), axis=2), axis=1)
     if WITH_LOG_Q:
-        tl.store(log_q_ptr + r, log_q.to(log_q_ptr.dtype.element_ty), mask=r < KN)
+        store_rows(log_q_ptr, r, log_q, KN)
 
 
 @triton.jit
@@ -135,12 +129,7 @@ def _sample_location_scale_bwd_kernel(
     dls_ptr,  # (N, L)
     part_ptr,  # (4, SPLITS, N * L) ACC: each split's sums (SPLITS > 1)
     counter_ptr,  # (blocks,) int32 arrival counters, 0 between launches (SPLITS > 1)
-    N,
-    L,
-    NL,
-    K,
-    K_PER,
-    SPLITS,
+    N, L, NL, K, K_PER, SPLITS,  # launch_family_backward's geometry: NL = N * L, samples K, K_PER per split
     FAMILY: tl.constexpr,
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_Q: tl.constexpr,

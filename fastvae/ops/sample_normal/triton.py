@@ -29,9 +29,11 @@ from fastvae.kernels.sampler import (
     backward_geometry,
     forward_geometry,
     gradient_samples,
+    noise_start,
     parameter_block,
     row_columns,
     sample_rows,
+    store_rows,
 )
 
 # ptxas's own choice of registers for the backward spilled one across the
@@ -75,7 +77,7 @@ def _sample_normal_fwd_kernel(
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
         kl += tl.sum(tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=2), axis=1)
-        first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
+        first = noise_start(offset0, sample_stride, row_stride, r, n, N, l0)
         if ALIGNED:
             eps = randn4(seed, (first >> 2) + g, ACC)
         else:
@@ -85,9 +87,9 @@ def _sample_normal_fwd_kernel(
         if WITH_RATIO:  # from the eps just drawn, never divided back out of z
             ratio += tl.sum(tl.sum(tl.where(mask, eps * eps + lv - z * z, 0.0), axis=2), axis=1)
     # the first sample's rows carry the KL of their row
-    tl.store(kl_ptr + r, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=r < N)
+    store_rows(kl_ptr, r, 0.5 * kl, N)
     if WITH_RATIO:
-        tl.store(ratio_ptr + r, (0.5 * ratio).to(ratio_ptr.dtype.element_ty), mask=r < KN)
+        store_rows(ratio_ptr, r, 0.5 * ratio, KN)
 
 
 @triton.jit
