@@ -175,23 +175,11 @@ Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temper
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
-  m.def("sample_concrete(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples, bool stop_score)"
-        " -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("sample_concrete", &sample_concrete); }
-
-TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
-  m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples)"
-        " -> (Tensor, Tensor)");
-  m.def("sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z,"
-        " Tensor? grad_log_q, bool stop_score) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
-  m.impl("sample_concrete", &graph_sample_concrete);
-  m.impl("sample_concrete_backward", &graph_sample_concrete_backward);
-}
+FASTVAE_TORCH_OP(sample_concrete,
+                 "(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples,"
+                 " bool stop_score) -> (Tensor, Tensor)",
+                 "(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples) -> (Tensor, Tensor)",
+                 "(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
+                 " bool stop_score) -> Tensor")
 
 }  // namespace fastvae::torch_ops
