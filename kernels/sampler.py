@@ -189,6 +189,40 @@ def parameter_block(NL, L, K, K_PER, BLOCK: tl.constexpr):
     return tile, split, k0, k1, start, g4, i, i < NL, i // L
 
 
+@triton.jit
+def store_split_parts(part_ptr, split, SPLITS, NL, i, mask, a, b, c, d, HAS_C: tl.constexpr, HAS_D: tl.constexpr):
+    """Stores a backward block's sums over its split's samples: a and b, and c
+    and d where HAS_, each in its (SPLITS, N * L) slice of part_ptr."""
+    part = split * NL + i
+    tl.store(part_ptr + part, a, mask=mask)
+    tl.store(part_ptr + SPLITS * NL + part, b, mask=mask)
+    if HAS_C:
+        tl.store(part_ptr + 2 * SPLITS * NL + part, c, mask=mask)
+    if HAS_D:
+        tl.store(part_ptr + 3 * SPLITS * NL + part, d, mask=mask)
+
+
+@triton.jit
+def sum_split_parts(part_ptr, SPLITS, NL, i, mask, HAS_C: tl.constexpr, HAS_D: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """(a, b, c, d): the sums of store_split_parts' partials over every split,
+    in split order (c and d 0 unless HAS_), read past the cache (.cg): the
+    last program of a block to arrive (arrive_last) calls it."""
+    sa = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    sb = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    sc = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    sd = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    for sp in range(0, SPLITS):
+        at = sp * NL + i
+        sa += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
+        sb += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_C:
+            sc += tl.load(part_ptr + 2 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_D:
+            sd += tl.load(part_ptr + 3 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+    return sa, sb, sc, sd
+
+
 # -- launch geometry -----------------------------------------------------------
 
 

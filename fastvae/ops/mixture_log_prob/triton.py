@@ -118,20 +118,26 @@ def _inv_var(lv_ptr, comps, cols, cm, L, ACC: tl.constexpr):
 
 
 @triton.jit
+def _differences(z_ptr, m_ptr, lv_ptr, rows, z_ok, comps, u_ok, l0, L, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(cols, cm, d, iv) of the BLOCK_L latent dims from l0: the dims, the
+    components' mask there, z[row] - means[comp] as [rows, comps, dims] (z 0 in
+    the rows not z_ok) and the components' inv_var (0 where masked)."""
+    cols = l0 + tl.arange(0, BLOCK_L)
+    l_ok = cols < L
+    z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=z_ok[:, None] & l_ok[None, :], other=0.0).to(ACC)
+    cm = u_ok[:, None] & l_ok[None, :]
+    m = load_tile(m_ptr, comps, cols, cm, L, ACC)
+    return cols, cm, z[:, None, :] - m[None, :, :], _inv_var(lv_ptr, comps, cols, cm, L, ACC)
+
+
+@triton.jit
 def _quad(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, L,
           ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_L: tl.constexpr):
     """sum_l (z[row, l] - means[comp, l])^2 inv_var[comp, l] as [BLOCK_N, BLOCK_U];
     masked lanes load 0 (mean and inv_var 0: they add 0)."""
     q = tl.zeros([BLOCK_N, BLOCK_U], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        l_ok = cols < L
-        z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=row_ok[:, None] & l_ok[None, :],
-                    other=0.0).to(ACC)
-        cm = u_ok[:, None] & l_ok[None, :]
-        m = load_tile(m_ptr, comps, cols, cm, L, ACC)
-        iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
-        d = z[:, None, :] - m[None, :, :]
+        cols, cm, d, iv = _differences(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, l0, L, ACC, BLOCK_L)
         q += tl.sum(d * d * iv[None, :, :], axis=2)
     return q
 
@@ -320,15 +326,8 @@ def _mixture_params_kernel(
         acc_s += tl.sum(gw, axis=0)
         if PARAMS:
             for l0 in range(0, L, BLOCK_L):
-                cols = l0 + tl.arange(0, BLOCK_L)
-                l_ok = cols < L
                 # dead rows read as 0: their z may be inf, and 0 * inf is NaN
-                z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=live[:, None] & l_ok[None, :],
-                            other=0.0).to(ACC)
-                cm = u_ok[:, None] & l_ok[None, :]
-                m = load_tile(m_ptr, comps, cols, cm, L, ACC)
-                iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
-                d = z[:, None, :] - m[None, :, :]
+                cols, cm, d, iv = _differences(z_ptr, m_ptr, lv_ptr, rows, live, comps, u_ok, l0, L, ACC, BLOCK_L)
                 t = gw[:, :, None] * d * iv[None, :, :]
                 pm = tl.sum(t, axis=0)
                 pv = tl.sum(t * d, axis=0)

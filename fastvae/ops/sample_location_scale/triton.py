@@ -28,6 +28,8 @@ from fastvae.kernels.sampler import (
     row_columns,
     row_words,
     store_rows,
+    store_split_parts,
+    sum_split_parts,
 )
 
 # -- the family's transform and density -------------------------------------
@@ -162,22 +164,9 @@ def _sample_location_scale_bwd_kernel(
     if SPLITS == 1:
         _finish(acc_z, acc_ze, acc_psi, acc_q, i, mask, log_scale_ptr, dloc_ptr, dls_ptr, ACC)
     else:
-        part = split * NL + i
-        tl.store(part_ptr + part, acc_z, mask=mask)
-        tl.store(part_ptr + SPLITS * NL + part, acc_ze, mask=mask)
-        tl.store(part_ptr + 2 * SPLITS * NL + part, acc_psi, mask=mask)
-        tl.store(part_ptr + 3 * SPLITS * NL + part, acc_q, mask=mask)
+        store_split_parts(part_ptr, split, SPLITS, NL, i, mask, acc_z, acc_ze, acc_psi, acc_q, True, True)
         if arrive_last(counter_ptr + tile, SPLITS):
-            s_z = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            s_ze = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            s_psi = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            s_q = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            for sp in range(0, SPLITS):
-                at = sp * NL + i
-                s_z += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
-                s_ze += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
-                s_psi += tl.load(part_ptr + 2 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
-                s_q += tl.load(part_ptr + 3 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+            s_z, s_ze, s_psi, s_q = sum_split_parts(part_ptr, SPLITS, NL, i, mask, True, True, ACC, BLOCK)
             _finish(s_z, s_ze, s_psi, s_q, i, mask, log_scale_ptr, dloc_ptr, dls_ptr, ACC)
 
 

@@ -27,6 +27,8 @@ from fastvae.kernels.sampler import (
     row_columns,
     row_words,
     store_rows,
+    store_split_parts,
+    sum_split_parts,
 )
 
 
@@ -182,16 +184,9 @@ def _sample_positive_bwd_kernel(
         tl.store(d0_ptr + i, acc0.to(d0_ptr.dtype.element_ty), mask=mask)
         tl.store(d1_ptr + i, acc1.to(d1_ptr.dtype.element_ty), mask=mask)
     else:
-        part = split * NL + i
-        tl.store(part_ptr + part, acc0, mask=mask)
-        tl.store(part_ptr + SPLITS * NL + part, acc1, mask=mask)
+        store_split_parts(part_ptr, split, SPLITS, NL, i, mask, acc0, acc1, acc0, acc1, False, False)
         if arrive_last(counter_ptr + tile, SPLITS):
-            t0 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            t1 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            for sp in range(0, SPLITS):
-                at = sp * NL + i
-                t0 += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
-                t1 += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+            t0, t1, _, _ = sum_split_parts(part_ptr, SPLITS, NL, i, mask, False, False, ACC, BLOCK)
             tl.store(d0_ptr + i, t0.to(d0_ptr.dtype.element_ty), mask=mask)
             tl.store(d1_ptr + i, t1.to(d1_ptr.dtype.element_ty), mask=mask)
 
