@@ -164,10 +164,16 @@ std::vector<Tensor> graph_gaussian_log_prob_backward(const Tensor& grad_out, con
 
 }  // namespace
 
-FASTVAE_TORCH_OP(gaussian_log_prob,
-                 "(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor",
-                 "(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor",
-                 "(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta,"
-                 " bool need_dx, bool need_dvar_param) -> Tensor[]")
+TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
+  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
+}
+
+TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
+  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
+  m.def("gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
+        " float delta, bool need_dx, bool need_dvar_param) -> Tensor[]");
+}
+
+FASTVAE_TORCH_OP_IMPLS(gaussian_log_prob)
 
 }  // namespace fastvae::torch_ops

@@ -132,9 +132,16 @@ std::vector<Tensor> graph_kl_normal_backward(const Tensor& grad_kl, const Tensor
 
 }  // namespace
 
-FASTVAE_TORCH_OP(kl_normal,
-                 "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
-                 "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
-                 "(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor[]")
+TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
+  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
+}
+
+TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
+  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
+  m.def("kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
+        " -> Tensor[]");
+}
+
+FASTVAE_TORCH_OP_IMPLS(kl_normal)
 
 }  // namespace fastvae::torch_ops

@@ -139,10 +139,16 @@ std::vector<Tensor> graph_laplace_log_prob_backward(const Tensor& grad_out, cons
 
 }  // namespace
 
-FASTVAE_TORCH_OP(laplace_log_prob,
-                 "(Tensor x, Tensor loc, Tensor log_scale) -> Tensor",
-                 "(Tensor x, Tensor loc, Tensor log_scale) -> Tensor",
-                 "(Tensor grad_out, Tensor x, Tensor loc, Tensor log_scale, bool need_dx,"
-                 " bool need_dlog_scale) -> Tensor[]")
+TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
+  m.def("laplace_log_prob(Tensor x, Tensor loc, Tensor log_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
+  m.def("laplace_log_prob(Tensor x, Tensor loc, Tensor log_scale) -> Tensor");
+  m.def("laplace_log_prob_backward(Tensor grad_out, Tensor x, Tensor loc, Tensor log_scale, bool need_dx,"
+        " bool need_dlog_scale) -> Tensor[]");
+}
+
+FASTVAE_TORCH_OP_IMPLS(laplace_log_prob)
 
 }  // namespace fastvae::torch_ops

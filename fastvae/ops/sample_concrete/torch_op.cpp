@@ -175,11 +175,18 @@ Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temper
 
 }  // namespace
 
-FASTVAE_TORCH_OP(sample_concrete,
-                 "(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples,"
-                 " bool stop_score) -> (Tensor, Tensor)",
-                 "(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples) -> (Tensor, Tensor)",
-                 "(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
-                 " bool stop_score) -> Tensor")
+TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
+  m.def("sample_concrete(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples, bool stop_score)"
+        " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
+  m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples)"
+        " -> (Tensor, Tensor)");
+  m.def("sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z,"
+        " Tensor? grad_log_q, bool stop_score) -> Tensor");
+}
+
+FASTVAE_TORCH_OP_IMPLS(sample_concrete)
 
 }  // namespace fastvae::torch_ops
