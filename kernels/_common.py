@@ -256,8 +256,9 @@ def split_block(BLOCK: tl.constexpr, N):
     pid = tl.program_id(0).to(tl.int64)
     blocks = tl.cdiv(N, BLOCK)
     block = pid % blocks
+    split = pid // blocks
     idx = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    return block, pid // blocks, idx, idx < N
+    return block, split, idx, idx < N
 
 
 @triton.jit

@@ -251,8 +251,13 @@ def _logmeanexp_bwd_kernel(
     HAS_ESS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    col_block, row_block, cols, col_ok = split_block(BLOCK_M, M)  # flat, as in the partial kernel
-    rows = row_block * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # flat, as in the partial kernel
+    n_col_blocks = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % n_col_blocks
+    pid_k = pid // n_col_blocks
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    col_ok = cols < M
     mask = (rows < K)[:, None] & col_ok[None, :]
     m = tl.load(max_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     s = tl.load(sumexp_ptr + cols, mask=col_ok, other=1.0).to(ACC)

@@ -127,7 +127,8 @@ def _differences(z_ptr, m_ptr, lv_ptr, rows, z_ok, comps, u_ok, l0, L, ACC: tl.c
     z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=z_ok[:, None] & l_ok[None, :], other=0.0).to(ACC)
     cm = u_ok[:, None] & l_ok[None, :]
     m = load_tile(m_ptr, comps, cols, cm, L, ACC)
-    return cols, cm, z[:, None, :] - m[None, :, :], _inv_var(lv_ptr, comps, cols, cm, L, ACC)
+    iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
+    return cols, cm, z[:, None, :] - m[None, :, :], iv
 
 
 @triton.jit
