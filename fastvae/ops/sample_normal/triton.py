@@ -33,7 +33,6 @@ from fastvae.kernels.sampler import (
     parameter_block,
     row_columns,
     sample_rows,
-    store_rows,
     store_split_parts,
     sum_split_parts,
 )
@@ -89,9 +88,9 @@ def _sample_normal_fwd_kernel(
         if WITH_RATIO:  # from the eps just drawn, never divided back out of z
             ratio += tl.sum(tl.sum(tl.where(mask, eps * eps + lv - z * z, 0.0), axis=2), axis=1)
     # the first sample's rows carry the KL of their row
-    store_rows(kl_ptr, r, 0.5 * kl, N)
+    tl.store(kl_ptr + r, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=r < N)
     if WITH_RATIO:
-        store_rows(ratio_ptr, r, 0.5 * ratio, KN)
+        tl.store(ratio_ptr + r, (0.5 * ratio).to(ratio_ptr.dtype.element_ty), mask=r < KN)
 
 
 @triton.jit
