@@ -28,6 +28,17 @@
 
 namespace fastvae::avx2 {
 
+// c[0] x^(N-1) + ... + c[N-1] on 8 lanes by Horner's rule, one FMA a step,
+// as GCC contracts fastmath.h's polynomials (its p * x - c is the FMA with
+// -c: the same bits).
+template <int N>
+FASTVAE_AVX2_INLINE __m256 horner8(__m256 x, const float (&c)[N]) {
+  __m256 p = _mm256_set1_ps(c[0]);
+#pragma GCC unroll 16
+  for (int i = 1; i < N; ++i) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(c[i]));
+  return p;
+}
+
 // fast_exp on 8 lanes. For x in (-87, 88) (NaN fails both tests) n lies in
 // [-125, 127], so p * 2^n is a normal float and equals fast_exp's p * s1 * s2,
 // and none of its clamps or selects changes anything: the short path below.
@@ -44,12 +55,9 @@ FASTVAE_AVX2_INLINE __m256 exp8(__m256 x) {
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);  // r - n * -2.12194440e-4
   const __m256 r2 = _mm256_mul_ps(r, r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
+  static constexpr float kExp[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(horner8(r, kExp), r2, r), _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
@@ -72,14 +80,10 @@ FASTVAE_AVX2_INLINE __m256 log8(__m256 u) {
   e = _mm256_sub_epi32(e, _mm256_castps_si256(big));  // + 1 where big (the mask is -1)
   const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
   const __m256 z = _mm256_mul_ps(f, f);
-  __m256 p = _mm256_fmsub_ps(_mm256_set1_ps(7.0376836292e-2f), f, _mm256_set1_ps(1.1514610310e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
-  p = _mm256_fmsub_ps(p, f, _mm256_set1_ps(1.2420140846e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
-  p = _mm256_fmsub_ps(p, f, _mm256_set1_ps(1.6668057665e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
-  p = _mm256_fmsub_ps(p, f, _mm256_set1_ps(2.4999993993e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  static constexpr float kLog[] = {7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f,
+                                   -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f,
+                                   2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f};
+  const __m256 p = horner8(f, kLog);
   const __m256 fe = _mm256_cvtepi32_ps(e);
   // y = f z p + fe * -2.12194440e-4: GCC fuses the first product into the add
   __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(f, z), p, _mm256_mul_ps(fe, _mm256_set1_ps(-2.12194440e-4f)));

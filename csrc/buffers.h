@@ -138,6 +138,21 @@ inline DecoderDims decoder_dims(const py::array& mean, const char* name = "mean"
   return {mean.shape(0), mean.shape(1), mean.shape(2)};
 }
 
+// The layout of a location-scale likelihood's scale parameter (gaussian_log_prob's
+// var_param, laplace_log_prob's log_scale) from its rank, as the op's layout enum
+// numbers it: 0 per element (K, P, D), 1 per x row (P, D), 2 per dimension (D,);
+// `shape` receives the extents it must have.
+inline int scale_param_layout(const py::array& s, const DecoderDims& dims, std::vector<int64_t>& shape,
+                              const char* name) {
+  switch (s.ndim()) {
+    case 3: shape = {dims.K, dims.P, dims.D}; return 0;
+    case 2: shape = {dims.P, dims.D}; return 1;
+    case 1: shape = {dims.D}; return 2;
+    default:
+      throw py::value_error(std::string(name) + ": expected (K, P, D), (P, D) or (D,), got " + shape_str(s));
+  }
+}
+
 
 // Each binding file registers its bind function when the library loads
 // (FASTVAE_BIND(bind_x) after its definition), and PYBIND11_MODULE in

@@ -1,4 +1,4 @@
-// Branch-free float32 exp/log/log1p/cos/sigmoid (Cephes polynomials, about
+// Branch-free float32 exp/log/log1p/sigmoid (Cephes polynomials, about
 // 1 ulp) that GCC vectorizes: libm calls would keep every hot loop scalar.
 // Header-only and inline, so each ISA clone (FASTVAE_CLONES) inlines them.
 #pragma once
@@ -83,29 +83,6 @@ FASTVAE_INLINE float fast_log_positive(float u) {
   y += fe * -2.12194440e-4f;
   y += -0.5f * z;
   return f + y + fe * 0.693359375f;
-}
-
-// cos(x) for finite x in [0, 8192] (Cephes cosf, about 1 ulp). Both
-// polynomials are evaluated and selected so the loop stays branch-free; the
-// three-part pi/4 keeps the reduced argument accurate near the zeros of cos.
-FASTVAE_INLINE float fast_cos_nonneg(float x) {
-  int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // 4/pi
-  j += j & 1;
-  const float y = static_cast<float>(j);
-  j &= 7;
-  const bool flip_j = j > 3;
-  j = flip_j ? j - 4 : j;
-  const bool negate = flip_j != (j > 1);
-  const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) -
-                  y * 3.77489497744594108e-8f;
-  const float z = r * r;
-  const float c = 1.0f - 0.5f * z +
-                  z * z * ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z +
-                           4.166664568298827e-2f);
-  const float s =
-      r + r * z * ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f);
-  const float v = ((j == 1) | (j == 2)) ? s : c;
-  return negate ? -v : v;
 }
 
 // log(1 + t) for t in [0, 1]: log of u = 1 + t plus the rounding of u,

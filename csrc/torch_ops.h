@@ -20,6 +20,17 @@
 #include "ops.h"
 #include "outputs.h"
 
+// The implementations of an op's operators, which its torch_op.cpp defines
+// in TORCH_LIBRARY_FRAGMENTs: fastvae_cpp::NAME, its eager operator (the
+// function NAME), and the graph twins fastvae_cpu::NAME and NAME_backward
+// that a torch.compile graph calls (graph_NAME and graph_NAME_backward).
+#define FASTVAE_TORCH_OP_IMPLS(NAME)                                                      \
+  TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl(#NAME, &NAME); } \
+  TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {                                               \
+    m.impl(#NAME, &graph_##NAME);                                                         \
+    m.impl(#NAME "_backward", &graph_##NAME##_backward);                                  \
+  }
+
 namespace fastvae::torch_ops {
 
 using at::Tensor;

@@ -112,6 +112,40 @@ def program_rows(BLOCK: tl.constexpr, R):
 
 
 @triton.jit
+def sample_rows_of(BLOCK: tl.constexpr, KP, P, ACC: tl.constexpr):
+    """(rows, ok, p, acc) of the program's tile of a (K, P) grid of rows
+    (program_rows of the KP): the rows, which lie in the KP, each row's row
+    p in P (the sample's data row), and a zeroed ACC sum per row."""
+    rows, ok = program_rows(BLOCK, KP)
+    return rows, ok, rows % P, tl.zeros([BLOCK], dtype=ACC)
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, mask, C, ACC: tl.constexpr):
+    """ptr[rows, cols] of a row-major tensor of C columns, in ACC; 0 outside mask."""
+    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def store_tile(ptr, rows, cols, val, mask, C):
+    """Stores val at ptr[rows, cols] of a row-major tensor of C columns, in its dtype, where mask."""
+    tl.store(ptr + rows[:, None] * C + cols[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_layout(ptr, r, p, cols, mask, D, S, LAYOUT: tl.constexpr, ACC: tl.constexpr):
+    """A decoder parameter at cols, in ACC, per its scale_layout: LAYOUT 0 one
+    per decoder row r (rows S apart), 1 one per data row p (rows D apart),
+    2 one per column."""
+    if LAYOUT == 0:
+        return load_tile(ptr, r, cols, mask, S, ACC)
+    elif LAYOUT == 1:
+        return load_tile(ptr, p, cols, mask, D, ACC)
+    else:
+        return tl.load(ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+
+
+@triton.jit
 def tile_columns(c0, C, row_ok, BLOCK: tl.constexpr):
     """(cols, mask) of the BLOCK columns from c0 of a row tile: the columns,
     and which elements lie in a valid row and in the C columns."""
@@ -214,6 +248,20 @@ def tile_and_split(tiles, K, K_PER):
 
 
 @triton.jit
+def split_block(BLOCK: tl.constexpr, N):
+    """(block, split, idx, ok) of a program of a flat grid of blocks x splits,
+    blocks fastest (one grid dimension: a GPU's second and third allow only
+    65535 programs): its block of BLOCK of the N indices, its split, the
+    block's int64 indices and which of them lie in the N."""
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(N, BLOCK)
+    block = pid % blocks
+    split = pid // blocks
+    idx = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return block, split, idx, idx < N
+
+
+@triton.jit
 def split_tile(R, C, K, K_PER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The prologue of a backward program that owns a tile of R rows x C
     columns and a split of the samples (the grid is tiles x splits, tiles
@@ -228,6 +276,16 @@ def split_tile(R, C, K, K_PER, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     col_ok = cols < C
     mask = row_ok[:, None] & col_ok[None, :]
     return tile, split, rows, cols, row_ok, col_ok, mask, k0, k1
+
+
+@triton.jit
+def tile_blocks(tile, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(row_blocks, tiles, rb, cb) of split_tile's tile of an (R, C) matrix:
+    the row blocks, the tiles, and the tile's row and column block, as
+    store_column_sum takes them."""
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    row_blocks = tl.cdiv(R, BLOCK_R)
+    return row_blocks, row_blocks * col_blocks, tile // col_blocks, tile % col_blocks
 
 
 @triton.jit

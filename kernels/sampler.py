@@ -143,6 +143,28 @@ def sample_rows(BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
+def family_rows(seed_ptr, N, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(r, g, j, n, seed, log_q) of a forward's program: sample_rows, the
+    parameter rows n of its sample rows r = k * N + n, the seed, and a zeroed
+    ACC sum per row."""
+    r, g, j = sample_rows(BLOCK_R, BLOCK_L)
+    return r, g, j, r % N, tl.load(seed_ptr), tl.zeros([BLOCK_R], dtype=ACC)
+
+
+@triton.jit
+def noise_start(offset0, sample_stride, row_stride, r, n, N, l0):
+    """The noise offset of column l0 of sample rows r = k * N + n, as (rows, 1, 1):
+    offset0 + k * sample_stride + n * row_stride + l0."""
+    return (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
+
+
+@triton.jit
+def store_rows(ptr, r, val, R):
+    """Stores the per-row val at ptr[r], in ptr's dtype, for the rows r < R."""
+    tl.store(ptr + r, val.to(ptr.dtype.element_ty), mask=r < R)
+
+
+@triton.jit
 def row_columns(r, n, g, j, l0, KN, L, in_stride):
     """(cols, mask, idx) of the columns l0 + 4 g + j of sample rows r (of
     parameter rows n, in_stride elements apart): the columns, which of them
@@ -165,6 +187,40 @@ def parameter_block(NL, L, K, K_PER, BLOCK: tl.constexpr):
     g4 = tl.arange(0, BLOCK // 4)[:, None]
     i = start + 4 * g4 + tl.arange(0, 4)[None, :]
     return tile, split, k0, k1, start, g4, i, i < NL, i // L
+
+
+@triton.jit
+def store_split_parts(part_ptr, split, SPLITS, NL, i, mask, a, b, c, d, HAS_C: tl.constexpr, HAS_D: tl.constexpr):
+    """Stores a backward block's sums over its split's samples: a and b, and c
+    and d where HAS_, each in its (SPLITS, N * L) slice of part_ptr."""
+    part = split * NL + i
+    tl.store(part_ptr + part, a, mask=mask)
+    tl.store(part_ptr + SPLITS * NL + part, b, mask=mask)
+    if HAS_C:
+        tl.store(part_ptr + 2 * SPLITS * NL + part, c, mask=mask)
+    if HAS_D:
+        tl.store(part_ptr + 3 * SPLITS * NL + part, d, mask=mask)
+
+
+@triton.jit
+def sum_split_parts(part_ptr, SPLITS, NL, i, mask, HAS_C: tl.constexpr, HAS_D: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """(a, b, c, d): the sums of store_split_parts' partials over every split,
+    in split order (c and d 0 unless HAS_), read past the cache (.cg): the
+    last program of a block to arrive (arrive_last) calls it."""
+    sa = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    sb = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    sc = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    sd = tl.zeros([BLOCK // 4, 4], dtype=ACC)
+    for sp in range(0, SPLITS):
+        at = sp * NL + i
+        sa += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
+        sb += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_C:
+            sc += tl.load(part_ptr + 2 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_D:
+            sd += tl.load(part_ptr + 3 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+    return sa, sb, sc, sd
 
 
 # -- launch geometry -----------------------------------------------------------

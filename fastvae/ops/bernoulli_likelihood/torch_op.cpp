@@ -91,16 +91,11 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
   m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("bernoulli_log_prob", &bernoulli_log_prob); }
-
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
   m.def("bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
-  m.impl("bernoulli_log_prob", &graph_bernoulli_log_prob);
-  m.impl("bernoulli_log_prob_backward", &graph_bernoulli_log_prob_backward);
-}
+FASTVAE_TORCH_OP_IMPLS(bernoulli_log_prob)
 
 }  // namespace fastvae::torch_ops

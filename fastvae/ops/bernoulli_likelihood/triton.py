@@ -35,14 +35,16 @@ from fastvae.kernels._common import (
     bound_epilogue,
     bound_grad,
     float64_bits,
+    load_tile,
     log1p_unit,
-    program_rows,
+    sample_rows_of,
     sigmoid,
     softplus,
     split_samples,
     split_tile,
     store_dterm,
     store_split_sums,
+    store_tile,
     tile_columns,
     tile_counters,
     tile_geometry,
@@ -171,13 +173,11 @@ def _bernoulli_log_prob_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    r, r_ok = program_rows(BLOCK_R, KP)
-    p = r % P
-    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    r, r_ok, p, acc = sample_rows_of(BLOCK_R, KP, P, ACC)
     for d0 in range(0, D, BLOCK_D):
         cols, mask = tile_columns(d0, D, r_ok, BLOCK_D)
-        x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        lg = tl.load(logits_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        x = load_tile(x_ptr, p, cols, mask, D, ACC)
+        lg = load_tile(logits_ptr, r, cols, mask, D, ACC)
         acc += tl.sum(tl.where(mask, _log_prob_term(x, lg, KIND, TAYLOR_BELOW), 0.0), axis=1)
     bound_epilogue(acc, r, r_ok, out_ptr, term_ptr, term_bits, part_ptr, counter_ptr, divisor, TERM, REDUCE, ACC)
 
@@ -211,7 +211,7 @@ def _bernoulli_log_prob_bwd_kernel(
 ):
     tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
     x_rows = rows if HAS_DX else rows % P
-    x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    x = load_tile(x_ptr, x_rows, cols, mask, D, ACC)
     dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     col_block = tile % tl.cdiv(D, BLOCK_D)
     for k in range(k0, k1):
@@ -220,9 +220,9 @@ def _bernoulli_log_prob_bwd_kernel(
         if HAS_DTERM:
             store_dterm(g_row, r, row_ok, col_block, dterm_ptr, term_bits, ACC)
         g = g_row[:, None]
-        lg = tl.load(logits_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        lg = load_tile(logits_ptr, r, cols, mask, D, ACC)
         dl = _dlogit(g, x, lg, KIND, TAYLOR_BELOW)
-        tl.store(dlogits_ptr + r[:, None] * D + cols[None, :], dl.to(dlogits_ptr.dtype.element_ty), mask=mask)
+        store_tile(dlogits_ptr, r, cols, dl, mask, D)
         if HAS_DX:
             dx_acc += g * lg
     if HAS_DX:

@@ -106,9 +106,7 @@ def _categorical_log_prob_bwd_kernel(
     D,
     R,
     C,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row, ok = program_rows(BLOCK_R, R)
     kp = row // D

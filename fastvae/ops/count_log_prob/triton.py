@@ -33,8 +33,9 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    load_tile,
     log1p_unit,
-    program_rows,
+    sample_rows_of,
     sigmoid,
     softplus,
     tile_counters,
@@ -258,7 +259,7 @@ def _tile(r, r_ok, cols, P, D):
 @triton.jit
 def _load_x_lm(x_ptr, lm_ptr, p, cols, idx, mask, D, ACC: tl.constexpr):
     """x at rows p = r % P (broadcast over K) and the log mean at idx."""
-    x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    x = load_tile(x_ptr, p, cols, mask, D, ACC)
     return x, tl.load(lm_ptr + idx, mask=mask, other=0.0).to(ACC)
 
 
@@ -286,13 +287,9 @@ def _count_fwd_kernel(
     D,
     KIND: tl.constexpr,
     THETA_DIM: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r, r_ok = program_rows(BLOCK_R, KP)
-    p = r % P
-    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    r, r_ok, p, acc = sample_rows_of(BLOCK_R, KP, P, ACC)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok, mask, _, idx = _tile(r, r_ok, cols, P, D)  # p, loop-invariant, is taken once above
@@ -328,9 +325,7 @@ def _count_bwd_kernel(
     HAS_DLM: tl.constexpr,
     HAS_DLT: tl.constexpr,
     HAS_DZL: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     col_blocks = tl.cdiv(D, BLOCK_D)
     pid = tl.program_id(0).to(tl.int64)

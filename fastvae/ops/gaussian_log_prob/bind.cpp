@@ -12,13 +12,7 @@ namespace {
 
 // The variance layout follows from v's rank: (K, P, D), (P, D) or (D,).
 VarLayout var_layout(const py::array& v, const DecoderDims& s, std::vector<int64_t>& shape) {
-  switch (v.ndim()) {
-    case 3: shape = {s.K, s.P, s.D}; return VarLayout::kElement;
-    case 2: shape = {s.P, s.D}; return VarLayout::kRow;
-    case 1: shape = {s.D}; return VarLayout::kDim;
-    default:
-      throw py::value_error("var_param: expected (K, P, D), (P, D) or (D,), got " + shape_str(v));
-  }
+  return static_cast<VarLayout>(scale_param_layout(v, s, shape, "var_param"));
 }
 
 template <typename T>

@@ -261,11 +261,15 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* x, const H* mean, const V
                            inv_row, a_acc, dim_a, dim_g, dx, dmean, dv);                        \
   }
 
-FASTVAE_GAUSSIAN_F32(float, float, f32)
-FASTVAE_GAUSSIAN_F32(bf16, bf16, bf16)
-FASTVAE_GAUSSIAN_F32(bf16, float, bf16_shared)
-FASTVAE_GAUSSIAN_F32(fp16, fp16, fp16)
-FASTVAE_GAUSSIAN_F32(fp16, float, fp16_shared)
+// The storage of mean (H) and v (V) under a float32 compute type: float32, or
+// half precision with v per element (V = H) or shared (V = float).
+#define FASTVAE_GAUSSIAN_F32_STORAGE(X) \
+  X(float, float, f32)                  \
+  X(bf16, bf16, bf16)                   \
+  X(bf16, float, bf16_shared)           \
+  X(fp16, fp16, fp16)                   \
+  X(fp16, float, fp16_shared)
+FASTVAE_GAUSSIAN_F32_STORAGE(FASTVAE_GAUSSIAN_F32)
 #undef FASTVAE_GAUSSIAN_F32
 
 void forward_task(const double* x, const double* mean, const double* v, VarLayout layout,
@@ -325,12 +329,11 @@ void gaussian_log_prob_backward(const T* g, const T* x, const H* mean, const V* 
   template void gaussian_log_prob_backward<T, H, V>(const T*, const T*, const H*, const V*,       \
                                                     VarLayout, bool, double, int64_t, int64_t,   \
                                                     int64_t, T*, H*, V*, int);
-FASTVAE_GAUSSIAN_INSTANTIATE(float, float, float)
-FASTVAE_GAUSSIAN_INSTANTIATE(float, bf16, bf16)
-FASTVAE_GAUSSIAN_INSTANTIATE(float, bf16, float)
-FASTVAE_GAUSSIAN_INSTANTIATE(float, fp16, fp16)
-FASTVAE_GAUSSIAN_INSTANTIATE(float, fp16, float)
+#define FASTVAE_GAUSSIAN_INSTANTIATE_F32(H, V, suffix) FASTVAE_GAUSSIAN_INSTANTIATE(float, H, V)
+FASTVAE_GAUSSIAN_F32_STORAGE(FASTVAE_GAUSSIAN_INSTANTIATE_F32)
 FASTVAE_GAUSSIAN_INSTANTIATE(double, double, double)
+#undef FASTVAE_GAUSSIAN_INSTANTIATE_F32
 #undef FASTVAE_GAUSSIAN_INSTANTIATE
+#undef FASTVAE_GAUSSIAN_F32_STORAGE
 
 }  // namespace fastvae

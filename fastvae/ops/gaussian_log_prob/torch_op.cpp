@@ -168,17 +168,12 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("gaussian_log_prob", &gaussian_log_prob); }
-
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor var_param, bool softplus_mode, float delta) -> Tensor");
   m.def("gaussian_log_prob_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor var_param, bool softplus_mode,"
         " float delta, bool need_dx, bool need_dvar_param) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
-  m.impl("gaussian_log_prob", &graph_gaussian_log_prob);
-  m.impl("gaussian_log_prob_backward", &graph_gaussian_log_prob_backward);
-}
+FASTVAE_TORCH_OP_IMPLS(gaussian_log_prob)
 
 }  // namespace fastvae::torch_ops

@@ -37,7 +37,9 @@ from fastvae.kernels._common import (
     bound_grad,
     float64_arg,
     float64_bits,
-    program_rows,
+    load_layout,
+    load_tile,
+    sample_rows_of,
     scale_backward_plan,
     scale_layout,
     sigmoid,
@@ -46,6 +48,8 @@ from fastvae.kernels._common import (
     store_column_sum,
     store_dterm,
     store_split_sums,
+    store_tile,
+    tile_blocks,
     tile_columns,
     tile_geometry,
 )
@@ -81,18 +85,6 @@ def _shared_dv(a, gsum, v, inv, SOFTPLUS: tl.constexpr):
         return 0.5 * (tl.where(a == 0.0, 0.0, inv * a) - gsum)
 
 
-@triton.jit
-def _load_var(v_ptr, r, p, cols, mask, D, S, LAYOUT: tl.constexpr, ACC: tl.constexpr):
-    """The variance parameter of decoder rows r (x rows p) at cols, per LAYOUT
-    (decoder rows S apart)."""
-    if LAYOUT == 0:
-        return tl.load(v_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
-    elif LAYOUT == 1:
-        return tl.load(v_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    else:
-        return tl.load(v_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-
-
 # -- kernels ------------------------------------------------------------------
 
 
@@ -116,19 +108,15 @@ def _gaussian_log_prob_fwd_kernel(
     REDUCE: tl.constexpr,
     LAYOUT: tl.constexpr,
     SOFTPLUS: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r, r_ok = program_rows(BLOCK_R, KP)
-    p = r % P
+    r, r_ok, p, acc = sample_rows_of(BLOCK_R, KP, P, ACC)
     delta = float64_arg(delta_bits, ACC)
-    acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         cols, mask = tile_columns(d0, D, r_ok, BLOCK_D)
-        x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        m = tl.load(mean_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
-        inv, log_var = _inv_and_log_var(_load_var(v_ptr, r, p, cols, mask, D, S, LAYOUT, ACC), delta, SOFTPLUS)
+        x = load_tile(x_ptr, p, cols, mask, D, ACC)
+        m = load_tile(mean_ptr, r, cols, mask, S, ACC)
+        inv, log_var = _inv_and_log_var(load_layout(v_ptr, r, p, cols, mask, D, S, LAYOUT, ACC), delta, SOFTPLUS)
         diff = x - m
         acc += tl.sum(tl.where(mask, diff * _over_var(diff, inv) + log_var, 0.0), axis=1)
     out = -0.5 * (acc + D * tl.full([BLOCK_R], LOG_2PI, ACC))  # log 2 pi in ACC, not float32
@@ -167,22 +155,16 @@ def _gaussian_log_prob_bwd_kernel(
     HAS_DV: tl.constexpr,
     LOOP_K: tl.constexpr,  # programs own x rows and loop over the samples (something sums over K)
     TILE_SUMS: tl.constexpr,  # dx or a per-row dv: a sum over samples per tile element
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
     dv_ptr += dv_offset
-    col_blocks = tl.cdiv(D, BLOCK_D)
-    row_blocks = tl.cdiv(R, BLOCK_R)
-    tiles = row_blocks * col_blocks
-    rb = tile // col_blocks
-    cb = tile % col_blocks
+    row_blocks, tiles, rb, cb = tile_blocks(tile, R, D, BLOCK_R, BLOCK_D)
     x_rows = rows if LOOP_K else rows % P
     delta = float64_arg(delta_bits, ACC)
-    x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    x = load_tile(x_ptr, x_rows, cols, mask, D, ACC)
     if LAYOUT != 0:
-        v_shared = _load_var(v_ptr, x_rows, x_rows, cols, mask, D, S, LAYOUT, ACC)
+        v_shared = load_layout(v_ptr, x_rows, x_rows, cols, mask, D, S, LAYOUT, ACC)
         inv_shared, log_var_unused = _inv_and_log_var(v_shared, delta, SOFTPLUS)
     dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     a_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)  # sum_k g (x - m)^2, for a shared variance
@@ -192,24 +174,24 @@ def _gaussian_log_prob_bwd_kernel(
         g = bound_grad(grad_out_ptr, r, row_ok, g_divisor, G_SCALAR, ACC)
         if HAS_DTERM:
             store_dterm(g, r, row_ok, cb, dterm_ptr, term_bits, ACC)
-        m = tl.load(mean_ptr + r[:, None] * S + cols[None, :], mask=mask, other=0.0).to(ACC)
+        m = load_tile(mean_ptr, r, cols, mask, S, ACC)
         diff = x - m
         if LAYOUT == 0:
-            v = _load_var(v_ptr, r, x_rows, cols, mask, D, S, LAYOUT, ACC)
+            v = load_layout(v_ptr, r, x_rows, cols, mask, D, S, LAYOUT, ACC)
             inv, log_var_unused = _inv_and_log_var(v, delta, SOFTPLUS)
             if HAS_DV:
                 if SOFTPLUS:
                     dv = 0.5 * g[:, None] * (diff * diff * inv * inv - inv) * sigmoid(v)
                 else:
                     dv = 0.5 * g[:, None] * (diff * _over_var(diff, inv) - 1.0)
-                tl.store(dv_ptr + r[:, None] * S + cols[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+                store_tile(dv_ptr, r, cols, dv, mask, S)
         else:
             inv = inv_shared
             if HAS_DV:
                 a_acc += g[:, None] * diff * diff
                 g_acc += g
         gm = g[:, None] * _over_var(diff, inv)
-        tl.store(dmean_ptr + r[:, None] * S + cols[None, :], gm.to(dmean_ptr.dtype.element_ty), mask=mask)
+        store_tile(dmean_ptr, r, cols, gm, mask, S)
         if HAS_DX:
             dx_acc -= gm
     idx = rows[:, None] * D + cols[None, :]

@@ -136,17 +136,12 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
   m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("kl_normal", &kl_normal); }
-
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
   m.def("kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
         " -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
-  m.impl("kl_normal", &graph_kl_normal);
-  m.impl("kl_normal_backward", &graph_kl_normal_backward);
-}
+FASTVAE_TORCH_OP_IMPLS(kl_normal)
 
 }  // namespace fastvae::torch_ops

@@ -38,9 +38,7 @@ def _kl_normal_fwd_kernel(
     N,
     L,
     HAS_PRIOR: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     rows, row_ok = program_rows(BLOCK_N, N)
     kl = tl.zeros([BLOCK_N], dtype=ACC)
@@ -72,9 +70,7 @@ def _kl_normal_bwd_kernel(
     N,
     L,
     HAS_PRIOR: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     rows, row_ok = program_rows(BLOCK_N, N)
     g = tl.load(dkl_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]

@@ -8,13 +8,7 @@ namespace {
 
 // The log-scale's layout follows from its rank: (K, P, D), (P, D) or (D,).
 ScaleLayout laplace_scale_layout(const py::array& s, const DecoderDims& dims, std::vector<int64_t>& shape) {
-  switch (s.ndim()) {
-    case 3: shape = {dims.K, dims.P, dims.D}; return ScaleLayout::kElement;
-    case 2: shape = {dims.P, dims.D}; return ScaleLayout::kRow;
-    case 1: shape = {dims.D}; return ScaleLayout::kDim;
-    default:
-      throw py::value_error("log_scale: expected (K, P, D), (P, D) or (D,), got " + shape_str(s));
-  }
+  return static_cast<ScaleLayout>(scale_param_layout(s, dims, shape, "log_scale"));
 }
 
 template <typename T>

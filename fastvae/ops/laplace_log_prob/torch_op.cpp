@@ -42,6 +42,18 @@ variable_list laplace_backward_graph(const Tensor& grad_out, const Tensor& x, co
           need_ds ? gs.sum_to_size(s.sizes()) : Tensor()};
 }
 
+// out (K, P) <- the kernel's log-densities of x2 (P, D) under loc m (K, P, D)
+// and log-scale s (the layout's shape), each a contiguous input of m's dtype.
+Tensor laplace_forward(const Tensor& x2, const Tensor& m, const Tensor& s, ScaleLayout layout, const Layout& l) {
+  Tensor out = output({l.K, l.P}, m);
+  by_dtype(m, [&](auto tag) {
+    using T = decltype(tag);
+    laplace_log_prob_forward<T>(ptr<T>(x2), ptr<T>(m), ptr<T>(s), layout, l.K, l.P, l.D, ptr<T>(out),
+                                threads(m.numel()));
+  });
+  return out;
+}
+
 struct LaplaceLogProb : torch::autograd::Function<LaplaceLogProb> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& loc, const Tensor& log_scale) {
     check_float(loc, "loc");
@@ -49,12 +61,7 @@ struct LaplaceLogProb : torch::autograd::Function<LaplaceLogProb> {
     const Tensor m = input(loc.reshape({l.K, l.P, l.D}), "loc", loc, {l.K, l.P, l.D});
     const Tensor x2 = input(x.reshape({l.P, l.D}), "x", loc, {l.P, l.D});
     const auto [s, layout] = laplace_scale_layout(log_scale, loc, l);
-    Tensor out = output({l.K, l.P}, m);
-    by_dtype(m, [&](auto tag) {
-      using T = decltype(tag);
-      laplace_log_prob_forward<T>(ptr<T>(x2), ptr<T>(m), ptr<T>(s), layout, l.K, l.P, l.D, ptr<T>(out),
-                                  threads(m.numel()));
-    });
+    Tensor out = laplace_forward(x2, m, s, layout, l);
     ctx->save_for_backward({x2, m, s, x, loc, log_scale});  // the inputs, for a double backward
     ctx->saved_data["layout"] = int64_t(layout);
     ctx->saved_data["x_shape"] = x.sizes().vec();
@@ -107,13 +114,7 @@ Tensor graph_laplace_log_prob(const Tensor& x, const Tensor& loc, const Tensor& 
   const Layout l = graph_layout(x, loc, "loc");
   const Tensor m = input(loc, "loc", loc, {l.K, l.P, l.D}), x2 = input(x, "x", loc, {l.P, l.D});
   const auto [s, layout] = graph_scale(log_scale, loc, l);
-  Tensor out = output({l.K, l.P}, m);
-  by_dtype(m, [&](auto tag) {
-    using T = decltype(tag);
-    laplace_log_prob_forward<T>(ptr<T>(x2), ptr<T>(m), ptr<T>(s), layout, l.K, l.P, l.D, ptr<T>(out),
-                                threads(m.numel()));
-  });
-  return out;
+  return laplace_forward(x2, m, s, layout, l);
 }
 
 std::vector<Tensor> graph_laplace_log_prob_backward(const Tensor& grad_out, const Tensor& x, const Tensor& loc,
@@ -142,17 +143,12 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
   m.def("laplace_log_prob(Tensor x, Tensor loc, Tensor log_scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("laplace_log_prob", &laplace_log_prob); }
-
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("laplace_log_prob(Tensor x, Tensor loc, Tensor log_scale) -> Tensor");
   m.def("laplace_log_prob_backward(Tensor grad_out, Tensor x, Tensor loc, Tensor log_scale, bool need_dx,"
         " bool need_dlog_scale) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
-  m.impl("laplace_log_prob", &graph_laplace_log_prob);
-  m.impl("laplace_log_prob_backward", &graph_laplace_log_prob_backward);
-}
+FASTVAE_TORCH_OP_IMPLS(laplace_log_prob)
 
 }  // namespace fastvae::torch_ops

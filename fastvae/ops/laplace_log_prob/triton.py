@@ -27,12 +27,16 @@ import triton.language as tl
 
 from fastvae.kernels._common import (
     acc_dtype,
-    program_rows,
+    load_layout,
+    load_tile,
+    sample_rows_of,
     scale_backward_plan,
     scale_layout,
     split_tile,
     store_column_sum,
     store_split_sums,
+    store_tile,
+    tile_blocks,
     tile_columns,
     tile_geometry,
 )
@@ -55,17 +59,6 @@ def _dev_over_scale(diff, inv):
     return tl.abs(diff) * _inv_off_ties(diff, inv)
 
 
-@triton.jit
-def _load_scale(s_ptr, r, p, cols, mask, D, LAYOUT: tl.constexpr, ACC: tl.constexpr):
-    """The log-scale of decoder rows r (x rows p) at cols, per LAYOUT."""
-    if LAYOUT == 0:
-        return tl.load(s_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    elif LAYOUT == 1:
-        return tl.load(s_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-    else:
-        return tl.load(s_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-
-
 # -- kernels ------------------------------------------------------------------
 
 
@@ -79,18 +72,14 @@ def _laplace_log_prob_fwd_kernel(
     KP,
     D,
     LAYOUT: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    r, r_ok = program_rows(BLOCK_R, KP)
-    p = r % P
-    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    r, r_ok, p, acc = sample_rows_of(BLOCK_R, KP, P, ACC)
     for d0 in range(0, D, BLOCK_D):
         cols, mask = tile_columns(d0, D, r_ok, BLOCK_D)
-        x = tl.load(x_ptr + p[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        m = tl.load(loc_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
-        s = _load_scale(s_ptr, r, p, cols, mask, D, LAYOUT, ACC)
+        x = load_tile(x_ptr, p, cols, mask, D, ACC)
+        m = load_tile(loc_ptr, r, cols, mask, D, ACC)
+        s = load_layout(s_ptr, r, p, cols, mask, D, D, LAYOUT, ACC)
         acc += tl.sum(tl.where(mask, _dev_over_scale(x - m, tl.exp(-s)) + s, 0.0), axis=1)
     out = -(acc + D * tl.full([BLOCK_R], LOG_2, ACC))  # log 2 in ACC, not float32
     tl.store(out_ptr + r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
@@ -119,30 +108,24 @@ def _laplace_log_prob_bwd_kernel(
     HAS_DS: tl.constexpr,
     LOOP_K: tl.constexpr,  # programs own x rows and loop over the samples (something sums over K)
     TILE_SUMS: tl.constexpr,  # dx or a per-row ds: a sum over samples per tile element
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
-    col_blocks = tl.cdiv(D, BLOCK_D)
-    row_blocks = tl.cdiv(R, BLOCK_R)
-    tiles = row_blocks * col_blocks
-    rb = tile // col_blocks
-    cb = tile % col_blocks
+    row_blocks, tiles, rb, cb = tile_blocks(tile, R, D, BLOCK_R, BLOCK_D)
     x_rows = rows if LOOP_K else rows % P
-    x = tl.load(x_ptr + x_rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+    x = load_tile(x_ptr, x_rows, cols, mask, D, ACC)
     if LAYOUT != 0:
-        inv_shared = tl.exp(-_load_scale(s_ptr, x_rows, x_rows, cols, mask, D, LAYOUT, ACC))
+        inv_shared = tl.exp(-load_layout(s_ptr, x_rows, x_rows, cols, mask, D, D, LAYOUT, ACC))
     dx_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
     a_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)  # sum_k g |x - loc| / b, for a shared scale
     g_acc = tl.zeros([BLOCK_R], dtype=ACC)  # sum_k g, for a shared scale
     for k in range(k0, k1):
         r = k * R + rows
         g = tl.load(grad_out_ptr + r, mask=row_ok, other=0.0).to(ACC)
-        m = tl.load(loc_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0).to(ACC)
+        m = load_tile(loc_ptr, r, cols, mask, D, ACC)
         diff = x - m
         if LAYOUT == 0:
-            t = _inv_off_ties(diff, tl.exp(-_load_scale(s_ptr, r, x_rows, cols, mask, D, LAYOUT, ACC)))
+            t = _inv_off_ties(diff, tl.exp(-load_layout(s_ptr, r, x_rows, cols, mask, D, D, LAYOUT, ACC)))
         else:
             t = _inv_off_ties(diff, inv_shared)
         q = tl.where(diff > 0.0, t, -t)  # sign(x - loc) / b, 0 at x == loc (t = 0 there)
@@ -150,11 +133,11 @@ def _laplace_log_prob_bwd_kernel(
         if HAS_DS:  # |x - loc| / b = (x - loc) q
             if LAYOUT == 0:
                 ds = g[:, None] * (diff * q - 1.0)
-                tl.store(ds_ptr + r[:, None] * D + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=mask)
+                store_tile(ds_ptr, r, cols, ds, mask, D)
             else:
                 a_acc += diff * gl
                 g_acc += g
-        tl.store(dloc_ptr + r[:, None] * D + cols[None, :], gl.to(dloc_ptr.dtype.element_ty), mask=mask)
+        store_tile(dloc_ptr, r, cols, gl, mask, D)
         if HAS_DX:
             dx_acc -= gl
     idx = rows[:, None] * D + cols[None, :]

@@ -21,7 +21,8 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
-    program_rows,
+    load_tile,
+    sample_rows_of,
     split_samples,
     split_tile,
     tile_columns,
@@ -41,19 +42,15 @@ def _latent_log_ratio_fwd_kernel(
     N,
     KN,
     L,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    r, r_ok = program_rows(BLOCK_R, KN)
-    n = r % N
-    acc = tl.zeros([BLOCK_R], dtype=ACC)
+    r, r_ok, n, acc = sample_rows_of(BLOCK_R, KN, N, ACC)
     for l0 in range(0, L, BLOCK_L):
         cols, mask = tile_columns(l0, L, r_ok, BLOCK_L)
         idx = n[:, None] * L + cols[None, :]
         mu = tl.load(mu_ptr + idx, mask=mask, other=0.0).to(ACC)
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
-        z = tl.load(z_ptr + r[:, None] * L + cols[None, :], mask=mask, other=0.0).to(ACC)
+        z = load_tile(z_ptr, r, cols, mask, L, ACC)
         eps = (z - mu) * tl.exp(-0.5 * lv)
         # eps^2 - z^2 as (eps - z)(eps + z): +-inf, not inf - inf, for an overflowing z
         acc += tl.sum(tl.where(mask, (eps - z) * (eps + z) + lv, 0.0), axis=1)
@@ -78,9 +75,7 @@ def _latent_log_ratio_bwd_kernel(
     K_PER,  # samples per split
     SPLITS,
     STOP_SCORE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_L: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, L, K, K_PER, BLOCK_R, BLOCK_L)
     n = rows % N if STOP_SCORE else rows

@@ -113,16 +113,11 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
   m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("logmeanexp", &logmeanexp); }
-
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
   m.def("logmeanexp_backward(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
-  m.impl("logmeanexp", &graph_logmeanexp);
-  m.impl("logmeanexp_backward", &graph_logmeanexp_backward);
-}
+FASTVAE_TORCH_OP_IMPLS(logmeanexp)
 
 }  // namespace fastvae::torch_ops

@@ -35,6 +35,7 @@ from fastvae.kernels._common import (
     bound_grad,
     bound_parts,
     program_rows,
+    split_block,
     tile_counters,
 )
 
@@ -165,17 +166,9 @@ def _logmeanexp_fwd_kernel(
     HAS_S2: tl.constexpr,
     HAS_OUT: tl.constexpr,
     HAS_ESS: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    # one flat grid dimension: a GPU's second and third allow only 65535 programs
-    pid = tl.program_id(0).to(tl.int64)
-    n_col_blocks = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % n_col_blocks
-    split = pid // n_col_blocks
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    col_ok = cols < M
+    _, split, cols, col_ok = split_block(BLOCK_M, M)
     k_begin = split * ROWS_PER_SPLIT
     k_end = tl.minimum(k_begin + ROWS_PER_SPLIT, K)
     m, s, s2 = _fold(lw_ptr, latent_ptr, cols, col_ok, k_begin, k_end, M,
@@ -213,9 +206,7 @@ def _logmeanexp_finish_kernel(
     HAS_S2: tl.constexpr,
     HAS_OUT: tl.constexpr,
     HAS_ESS: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # one program per block of BLOCK_M columns: the partial states of BLOCK_S
     # splits at a time, reduced as a tile (a fixed order: deterministic)
@@ -258,9 +249,7 @@ def _logmeanexp_bwd_kernel(
     WEIGHTED: tl.constexpr,
     HAS_G_SUMEXP: tl.constexpr,
     HAS_ESS: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # flat, as in the partial kernel
     n_col_blocks = tl.cdiv(M, BLOCK_M)
@@ -298,6 +287,17 @@ def _logmeanexp_bwd_kernel(
                  mask=mask)
 
 
+@triton.jit
+def _weights_tile(gw_ptr, w_ptr, k0, cols, col_ok, K, M, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(idx, mask, g, w) of the BLOCK_K rows from k0 of the weights' (K, M) tile at cols: the
+    elements' offsets and mask, and the incoming gradient and the weights there, in ACC."""
+    rows = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    mask = (rows < K)[:, None] & col_ok[None, :]
+    idx = rows[:, None] * M + cols[None, :]
+    return idx, mask, tl.load(gw_ptr + idx, mask=mask, other=0.0).to(ACC), tl.load(w_ptr + idx, mask=mask,
+                                                                                  other=0.0).to(ACC)
+
+
 @triton.jit(do_not_specialize=["K", "M"])
 def _importance_weights_bwd_kernel(
     gw_ptr,  # (K, M)
@@ -305,25 +305,15 @@ def _importance_weights_bwd_kernel(
     dlw_ptr,  # (K, M)
     K,
     M,
-    ACC: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     cols, col_ok = program_rows(BLOCK_M, M)
     dot = tl.zeros([BLOCK_M], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask = (rows < K)[:, None] & col_ok[None, :]
-        idx = rows[:, None] * M + cols[None, :]
-        g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(ACC)
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
+        idx, mask, g, w = _weights_tile(gw_ptr, w_ptr, k0, cols, col_ok, K, M, ACC, BLOCK_K)
         dot += tl.sum(g * w, axis=0)
     for k0 in range(0, K, BLOCK_K):
-        rows = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask = (rows < K)[:, None] & col_ok[None, :]
-        idx = rows[:, None] * M + cols[None, :]
-        g = tl.load(gw_ptr + idx, mask=mask, other=0.0).to(ACC)
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(ACC)
+        idx, mask, g, w = _weights_tile(gw_ptr, w_ptr, k0, cols, col_ok, K, M, ACC, BLOCK_K)
         tl.store(dlw_ptr + idx, (w * (g - dot[None, :])).to(dlw_ptr.dtype.element_ty), mask=mask)
 
 

@@ -214,41 +214,23 @@ FASTVAE_INLINE void backward_task(const T* g, const T* z, const T* out, const Co
         const T* __restrict iv = cp.iv.data() + u * L;
         const T *__restrict z0 = zr[0], *__restrict z1 = zr[1], *__restrict z2 = zr[2],
                 *__restrict z3 = zr[3];
-        if (DZ && PARAMS) {
-          T *__restrict d0 = dzb + g0 * L, *__restrict d1 = d0 + L, *__restrict d2 = d0 + 2 * L,
-            *__restrict d3 = d0 + 3 * L;
-          T* __restrict dmu = dm + u * L;
-          T* __restrict dlvu = dlv + u * L;
+        // the rows' dz (DZ) and the component's dmeans and dlogvars (PARAMS)
+        T *__restrict d0 = DZ ? dzb + g0 * L : nullptr, *__restrict d1 = DZ ? d0 + L : nullptr,
+          *__restrict d2 = DZ ? d0 + 2 * L : nullptr, *__restrict d3 = DZ ? d0 + 3 * L : nullptr;
+        T* __restrict dmu = PARAMS ? dm + u * L : nullptr;
+        T* __restrict dlvu = PARAMS ? dlv + u * L : nullptr;
 #pragma omp simd
-          for (int64_t l = 0; l < L; ++l) {
-            const T e0 = z0[l] - m[l], e1 = z1[l] - m[l], e2 = z2[l] - m[l], e3 = z3[l] - m[l];
-            const T t0_ = w0 * e0 * iv[l], t1 = w1 * e1 * iv[l], t2 = w2 * e2 * iv[l],
-                    t3 = w3 * e3 * iv[l];
+        for (int64_t l = 0; l < L; ++l) {
+          const T e0 = z0[l] - m[l], e1 = z1[l] - m[l], e2 = z2[l] - m[l], e3 = z3[l] - m[l];
+          const T t0_ = w0 * e0 * iv[l], t1 = w1 * e1 * iv[l], t2 = w2 * e2 * iv[l],
+                  t3 = w3 * e3 * iv[l];
+          if (DZ) {
             d0[l] -= t0_;
             d1[l] -= t1;
             d2[l] -= t2;
             d3[l] -= t3;
-            dmu[l] += (t0_ + t1) + (t2 + t3);
-            dlvu[l] += (t0_ * e0 + t1 * e1) + (t2 * e2 + t3 * e3);
           }
-        } else if (DZ) {
-          T *__restrict d0 = dzb + g0 * L, *__restrict d1 = d0 + L, *__restrict d2 = d0 + 2 * L,
-            *__restrict d3 = d0 + 3 * L;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) {
-            d0[l] -= w0 * (z0[l] - m[l]) * iv[l];
-            d1[l] -= w1 * (z1[l] - m[l]) * iv[l];
-            d2[l] -= w2 * (z2[l] - m[l]) * iv[l];
-            d3[l] -= w3 * (z3[l] - m[l]) * iv[l];
-          }
-        } else {
-          T* __restrict dmu = dm + u * L;
-          T* __restrict dlvu = dlv + u * L;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) {
-            const T e0 = z0[l] - m[l], e1 = z1[l] - m[l], e2 = z2[l] - m[l], e3 = z3[l] - m[l];
-            const T t0_ = w0 * e0 * iv[l], t1 = w1 * e1 * iv[l], t2 = w2 * e2 * iv[l],
-                    t3 = w3 * e3 * iv[l];
+          if (PARAMS) {
             dmu[l] += (t0_ + t1) + (t2 + t3);
             dlvu[l] += (t0_ * e0 + t1 * e1) + (t2 * e2 + t3 * e3);
           }

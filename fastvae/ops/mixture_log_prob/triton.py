@@ -40,8 +40,10 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    load_tile,
     program_rows,
     split_samples,
+    store_tile,
     tile_counters,
 )
 
@@ -99,7 +101,7 @@ def _component_c(lv_ptr, logits_ptr, comps, u_ok, L, log_norm, HAS_LOGITS: tl.co
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
         cm = u_ok[:, None] & (cols < L)[None, :]
-        slv += tl.sum(tl.load(lv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC), axis=1)
+        slv += tl.sum(load_tile(lv_ptr, comps, cols, cm, L, ACC), axis=1)
     if HAS_LOGITS:
         log_w = tl.load(logits_ptr + comps, mask=u_ok, other=0.0).to(ACC) - log_norm
     else:
@@ -111,8 +113,22 @@ def _component_c(lv_ptr, logits_ptr, comps, u_ok, L, log_norm, HAS_LOGITS: tl.co
 @triton.jit
 def _inv_var(lv_ptr, comps, cols, cm, L, ACC: tl.constexpr):
     """exp(-logvars) of the components at cols, 0 where masked (adds nothing)."""
-    lv = tl.load(lv_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
+    lv = load_tile(lv_ptr, comps, cols, cm, L, ACC)
     return tl.where(cm, tl.exp(-lv), 0.0)
+
+
+@triton.jit
+def _differences(z_ptr, m_ptr, lv_ptr, rows, z_ok, comps, u_ok, l0, L, ACC: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(cols, cm, d, iv) of the BLOCK_L latent dims from l0: the dims, the
+    components' mask there, z[row] - means[comp] as [rows, comps, dims] (z 0 in
+    the rows not z_ok) and the components' inv_var (0 where masked)."""
+    cols = l0 + tl.arange(0, BLOCK_L)
+    l_ok = cols < L
+    z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=z_ok[:, None] & l_ok[None, :], other=0.0).to(ACC)
+    cm = u_ok[:, None] & l_ok[None, :]
+    m = load_tile(m_ptr, comps, cols, cm, L, ACC)
+    iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
+    return cols, cm, z[:, None, :] - m[None, :, :], iv
 
 
 @triton.jit
@@ -122,14 +138,7 @@ def _quad(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, L,
     masked lanes load 0 (mean and inv_var 0: they add 0)."""
     q = tl.zeros([BLOCK_N, BLOCK_U], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L)
-        l_ok = cols < L
-        z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=row_ok[:, None] & l_ok[None, :],
-                    other=0.0).to(ACC)
-        cm = u_ok[:, None] & l_ok[None, :]
-        m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
-        iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
-        d = z[:, None, :] - m[None, :, :]
+        cols, cm, d, iv = _differences(z_ptr, m_ptr, lv_ptr, rows, row_ok, comps, u_ok, l0, L, ACC, BLOCK_L)
         q += tl.sum(d * d * iv[None, :, :], axis=2)
     return q
 
@@ -230,7 +239,7 @@ def _mixture_dz_kernel(
             zmask = row_ok[:, None] & l_ok[None, :]
             z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=zmask & live[:, None], other=0.0).to(ACC)
             cm = u_ok[:, None] & l_ok[None, :]
-            m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
+            m = load_tile(m_ptr, comps, cols, cm, L, ACC)
             iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
             t = (z[:, None, :] - m[None, :, :]) * iv[None, :, :]
             contrib = -tl.sum(gw[:, :, None] * t, axis=1)
@@ -244,13 +253,13 @@ def _mixture_dz_kernel(
     if SINGLE_L:
         cols = tl.arange(0, BLOCK_L)
         zmask = row_ok[:, None] & (cols < L)[None, :]
-        tl.store(dz_ptr + rows[:, None] * L + cols[None, :], acc.to(dz_ptr.dtype.element_ty), mask=zmask)
+        store_tile(dz_ptr, rows, cols, acc, zmask, L)
     elif CAST:
         for l0 in range(0, L, BLOCK_L):
             cols = l0 + tl.arange(0, BLOCK_L)
             zmask = row_ok[:, None] & (cols < L)[None, :]
             total = tl.load(buf_ptr + rows[:, None] * L + cols[None, :], mask=zmask, other=0.0)
-            tl.store(dz_ptr + rows[:, None] * L + cols[None, :], total.to(dz_ptr.dtype.element_ty), mask=zmask)
+            store_tile(dz_ptr, rows, cols, total, zmask, L)
 
 
 @triton.jit(do_not_specialize=["N", "U", "ROWS_PER", "SPLITS"])
@@ -318,15 +327,8 @@ def _mixture_params_kernel(
         acc_s += tl.sum(gw, axis=0)
         if PARAMS:
             for l0 in range(0, L, BLOCK_L):
-                cols = l0 + tl.arange(0, BLOCK_L)
-                l_ok = cols < L
                 # dead rows read as 0: their z may be inf, and 0 * inf is NaN
-                z = tl.load(z_ptr + rows[:, None] * L + cols[None, :], mask=live[:, None] & l_ok[None, :],
-                            other=0.0).to(ACC)
-                cm = u_ok[:, None] & l_ok[None, :]
-                m = tl.load(m_ptr + comps[:, None] * L + cols[None, :], mask=cm, other=0.0).to(ACC)
-                iv = _inv_var(lv_ptr, comps, cols, cm, L, ACC)
-                d = z[:, None, :] - m[None, :, :]
+                cols, cm, d, iv = _differences(z_ptr, m_ptr, lv_ptr, rows, live, comps, u_ok, l0, L, ACC, BLOCK_L)
                 t = gw[:, :, None] * d * iv[None, :, :]
                 pm = tl.sum(t, axis=0)
                 pv = tl.sum(t * d, axis=0)

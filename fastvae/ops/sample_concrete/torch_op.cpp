@@ -180,8 +180,6 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
         " -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpp, CompositeImplicitAutograd, m) { m.impl("sample_concrete", &sample_concrete); }
-
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples)"
         " -> (Tensor, Tensor)");
@@ -189,9 +187,6 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
         " Tensor? grad_log_q, bool stop_score) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastvae_cpu, CPU, m) {
-  m.impl("sample_concrete", &graph_sample_concrete);
-  m.impl("sample_concrete_backward", &graph_sample_concrete_backward);
-}
+FASTVAE_TORCH_OP_IMPLS(sample_concrete)
 
 }  // namespace fastvae::torch_ops

@@ -112,9 +112,7 @@ def _sample_concrete_bwd_kernel(
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_Q: tl.constexpr,
     STOP_SCORE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     j, jmask = program_rows(BLOCK_J, NL)
     n = j // L

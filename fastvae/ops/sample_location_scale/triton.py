@@ -18,14 +18,18 @@ from fastvae.kernels._common import arrive_last
 from fastvae.kernels.philox import _cos_sin_turns
 from fastvae.kernels.sampler import (
     block_words,
+    family_rows,
     launch_family_backward,
     launch_family_forward,
     log1m,
+    noise_start,
     open_uniforms,
     parameter_block,
     row_columns,
     row_words,
-    sample_rows,
+    store_rows,
+    store_split_parts,
+    sum_split_parts,
 )
 from fastvae.ops.family_kl.triton import _family_kl_bwd_kernel, backward_plan, family_kl_forward
 
@@ -82,12 +86,8 @@ def _sample_location_scale_fwd_kernel(
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L) = (KN, L) sample rows
     log_q_ptr,  # (KN,): log q(z) per sample row, written when WITH_LOG_Q
-    offset0,
-    sample_stride,
-    row_stride,
-    N,
-    KN,  # K * N
-    L,
+    offset0, sample_stride, row_stride,  # z[k, n, l]'s noise at offset0 + k * sample_stride + n * row_stride + l
+    N, KN, L,  # KN = K * N
     FAMILY: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -95,23 +95,19 @@ def _sample_location_scale_fwd_kernel(
     WITH_LOG_Q: tl.constexpr,
     ALIGNED: tl.constexpr,  # every row's uniforms start a Philox counter
 ):
-    r, g, j = sample_rows(BLOCK_R, BLOCK_L)  # sample rows k * N + n
-    n = r % N
-    seed = tl.load(seed_ptr)
-    log_q = tl.zeros([BLOCK_R], dtype=ACC)
+    r, g, j, n, seed, log_q = family_rows(seed_ptr, N, ACC, BLOCK_R, BLOCK_L)  # sample rows r = k * N + n
     rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
         cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, L)
         loc = tl.load(loc_ptr + idx, mask=mask, other=0.0).to(ACC)
         ls = tl.load(log_scale_ptr + idx, mask=mask, other=0.0).to(ACC)
-        first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
-        x = row_words(seed, first, g, j, ALIGNED)
+        x = row_words(seed, noise_start(offset0, sample_stride, row_stride, r, n, N, l0), g, j, ALIGNED)
         e, log_f, psi = _standardized(x, FAMILY, ACC)
         tl.store(z_ptr + rr * L + cols, (loc + tl.exp(ls) * e).to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_LOG_Q:
             log_q += tl.sum(tl.sum(tl.where(mask, log_f - ls, 0.0), axis=2), axis=1)
     if WITH_LOG_Q:
-        tl.store(log_q_ptr + r, log_q.to(log_q_ptr.dtype.element_ty), mask=r < KN)
+        store_rows(log_q_ptr, r, log_q, KN)
 
 
 @triton.jit
@@ -136,12 +132,7 @@ def _sample_location_scale_bwd_kernel(
     dls_ptr,  # (N, L)
     part_ptr,  # (4, SPLITS, N * L) ACC: each split's sums (SPLITS > 1)
     counter_ptr,  # (blocks,) int32 arrival counters, 0 between launches (SPLITS > 1)
-    N,
-    L,
-    NL,
-    K,
-    K_PER,
-    SPLITS,
+    N, L, NL, K, K_PER, SPLITS,  # launch_family_backward's geometry: NL = N * L, samples K, K_PER per split
     FAMILY: tl.constexpr,
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_Q: tl.constexpr,
@@ -174,22 +165,9 @@ def _sample_location_scale_bwd_kernel(
     if SPLITS == 1:
         _finish(acc_z, acc_ze, acc_psi, acc_q, i, mask, log_scale_ptr, dloc_ptr, dls_ptr, ACC)
     else:
-        part = split * NL + i
-        tl.store(part_ptr + part, acc_z, mask=mask)
-        tl.store(part_ptr + SPLITS * NL + part, acc_ze, mask=mask)
-        tl.store(part_ptr + 2 * SPLITS * NL + part, acc_psi, mask=mask)
-        tl.store(part_ptr + 3 * SPLITS * NL + part, acc_q, mask=mask)
+        store_split_parts(part_ptr, split, SPLITS, NL, i, mask, acc_z, acc_ze, acc_psi, acc_q, True, True)
         if arrive_last(counter_ptr + tile, SPLITS):
-            s_z = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            s_ze = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            s_psi = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            s_q = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            for sp in range(0, SPLITS):
-                at = sp * NL + i
-                s_z += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
-                s_ze += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
-                s_psi += tl.load(part_ptr + 2 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
-                s_q += tl.load(part_ptr + 3 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+            s_z, s_ze, s_psi, s_q = sum_split_parts(part_ptr, SPLITS, NL, i, mask, True, True, ACC, BLOCK)
             _finish(s_z, s_ze, s_psi, s_q, i, mask, log_scale_ptr, dloc_ptr, dls_ptr, ACC)
 
 

@@ -29,9 +29,12 @@ from fastvae.kernels.sampler import (
     backward_geometry,
     forward_geometry,
     gradient_samples,
+    noise_start,
     parameter_block,
     row_columns,
     sample_rows,
+    store_split_parts,
+    sum_split_parts,
 )
 
 # ptxas's own choice of registers for the backward spilled one across the
@@ -75,7 +78,7 @@ def _sample_normal_fwd_kernel(
         lv = tl.load(logvar_ptr + idx, mask=mask, other=0.0).to(ACC)
         s = tl.exp(0.5 * lv)
         kl += tl.sum(tl.sum(tl.where(mask, s * s + mu * mu - 1.0 - lv, 0.0), axis=2), axis=1)
-        first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
+        first = noise_start(offset0, sample_stride, row_stride, r, n, N, l0)
         if ALIGNED:
             eps = randn4(seed, (first >> 2) + g, ACC)
         else:
@@ -184,27 +187,11 @@ def _sample_normal_bwd_kernel(
                 HAS_GRAD_KL, HAS_GRAD_RATIO, STOP_SCORE, ACC)
     else:
         # each split's sums; the last program of the block to arrive adds them in split order
-        part = split * NL + i
-        tl.store(part_ptr + part, acc_mu, mask=mask)
-        tl.store(part_ptr + SPLITS * NL + part, acc_lv, mask=mask)
-        if HAS_GRAD_RATIO:
-            tl.store(part_ptr + 2 * SPLITS * NL + part, acc_g, mask=mask)
-            if STOP_SCORE:
-                tl.store(part_ptr + 3 * SPLITS * NL + part, acc_score, mask=mask)
+        store_split_parts(part_ptr, split, SPLITS, NL, i, mask, acc_mu, acc_lv, acc_g, acc_score, HAS_GRAD_RATIO,
+                          HAS_GRAD_RATIO and STOP_SCORE)
         if arrive_last(counter_ptr + tile, SPLITS):
-            sum_mu = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            sum_lv = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            sum_g = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            sum_score = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            for sp in range(0, SPLITS):
-                at = sp * NL + i
-                sum_mu += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
-                sum_lv += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_GRAD_RATIO:
-                    sum_g += tl.load(part_ptr + 2 * SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
-                    if STOP_SCORE:
-                        sum_score += tl.load(part_ptr + 3 * SPLITS * NL + at, mask=mask, other=0.0,
-                                             cache_modifier=".cg")
+            sum_mu, sum_lv, sum_g, sum_score = sum_split_parts(part_ptr, SPLITS, NL, i, mask, HAS_GRAD_RATIO,
+                                                               HAS_GRAD_RATIO and STOP_SCORE, ACC, BLOCK)
             _finish(sum_mu, sum_lv, sum_g, sum_score, i, mask, n, mu, lv, grad_kl_ptr, dmu_ptr, dlv_ptr,
                     HAS_GRAD_KL, HAS_GRAD_RATIO, STOP_SCORE, ACC)
 

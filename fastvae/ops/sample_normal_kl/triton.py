@@ -25,6 +25,7 @@ from fastvae.kernels._common import (
     accumulation_dtype,
     arrive_last,
     block_cols,
+    split_block,
     tile_columns,
     tile_counters,
 )
@@ -63,10 +64,7 @@ def _group_terms(m, ls, pm, pls, LOGVAR: tl.constexpr, RESIDUAL: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N", "L", "COLS_PER", "SPLITS"])
 def _sample_normal_kl_fwd_kernel(
-    mu_ptr,  # (N, L)
-    ls_ptr,  # (N, L)
-    pm_ptr,  # (N, L)
-    pls_ptr,  # (N, L)
+    mu_ptr, ls_ptr, pm_ptr, pls_ptr,  # (N, L) each: the posterior's and the prior's location and scale parameter
     seed_ptr,  # (): int64
     z_ptr,  # (N, L)
     kl_ptr,  # (N, L), or (N,) when REDUCE
@@ -79,16 +77,9 @@ def _sample_normal_kl_fwd_kernel(
     LOGVAR: tl.constexpr,
     RESIDUAL: tl.constexpr,
     REDUCE: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row_tiles = tl.cdiv(N, BLOCK_R)
-    tile = pid % row_tiles
-    split = pid // row_tiles
-    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < N
+    tile, split, rows, row_ok = split_block(BLOCK_R, N)
     seed = tl.load(seed_ptr)
     c0 = split * COLS_PER
     c1 = tl.minimum(c0 + COLS_PER, L)
@@ -125,15 +116,9 @@ def _sample_normal_kl_fwd_kernel(
 def _sample_normal_kl_bwd_kernel(
     grad_z_ptr,  # (N, L), read when HAS_GRAD_Z
     grad_kl_ptr,  # (N, L), or (N,) when KL_ROWS; read when HAS_GRAD_KL
-    mu_ptr,  # (N, L)
-    ls_ptr,  # (N, L)
-    pm_ptr,  # (N, L)
-    pls_ptr,  # (N, L)
+    mu_ptr, ls_ptr, pm_ptr, pls_ptr,  # (N, L) each, as in the forward
     seed_ptr,  # (): int64
-    dmu_ptr,  # (N, L)
-    dls_ptr,  # (N, L)
-    dpm_ptr,  # (N, L)
-    dpls_ptr,  # (N, L)
+    dmu_ptr, dls_ptr, dpm_ptr, dpls_ptr,  # (N, L) each: their gradients
     NL,
     L,
     LOGVAR: tl.constexpr,

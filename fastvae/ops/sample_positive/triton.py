@@ -18,13 +18,17 @@ from fastvae.kernels._common import arrive_last
 from fastvae.kernels.sampler import (
     block_words,
     exp1,
+    family_rows,
     launch_family_backward,
     launch_family_forward,
     log1m,
+    noise_start,
     parameter_block,
     row_columns,
     row_words,
-    sample_rows,
+    store_rows,
+    store_split_parts,
+    sum_split_parts,
 )
 
 
@@ -104,12 +108,8 @@ def _sample_positive_fwd_kernel(
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L) = (KN, L) sample rows
     log_q_ptr,  # (KN,): written when WITH_LOG_Q
-    offset0,
-    sample_stride,
-    row_stride,
-    N,
-    KN,
-    L,
+    offset0, sample_stride, row_stride,  # z[k, n, l]'s noise at offset0 + k * sample_stride + n * row_stride + l
+    N, KN, L,  # KN = K * N
     FAMILY: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -117,10 +117,7 @@ def _sample_positive_fwd_kernel(
     WITH_LOG_Q: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    r, g, j = sample_rows(BLOCK_R, BLOCK_L)  # sample rows k * N + n
-    n = r % N
-    seed = tl.load(seed_ptr)
-    log_q = tl.zeros([BLOCK_R], dtype=ACC)
+    r, g, j, n, seed, log_q = family_rows(seed_ptr, N, ACC, BLOCK_R, BLOCK_L)  # sample rows r = k * N + n
     rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
         cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, L)
@@ -129,14 +126,13 @@ def _sample_positive_fwd_kernel(
             p1 = p0
         else:
             p1 = tl.load(p1_ptr + idx, mask=mask, other=0.0).to(ACC)
-        first = (offset0 + (r // N) * sample_stride + n * row_stride + l0)[:, None, None]
-        x = row_words(seed, first, g, j, ALIGNED)
+        x = row_words(seed, noise_start(offset0, sample_stride, row_stride, r, n, N, l0), g, j, ALIGNED)
         z, log_f, c0, c1, f0, f1, s0, s1 = _terms(x, p0, p1, FAMILY, ACC)
         tl.store(z_ptr + rr * L + cols, z.to(z_ptr.dtype.element_ty), mask=mask)
         if WITH_LOG_Q:
             log_q += tl.sum(tl.sum(tl.where(mask, log_f, 0.0), axis=2), axis=1)
     if WITH_LOG_Q:
-        tl.store(log_q_ptr + r, log_q.to(log_q_ptr.dtype.element_ty), mask=r < KN)
+        store_rows(log_q_ptr, r, log_q, KN)
 
 
 @triton.jit(do_not_specialize=["N", "NL", "K", "K_PER", "SPLITS"])
@@ -150,12 +146,7 @@ def _sample_positive_bwd_kernel(
     d1_ptr,  # (N, L)
     part_ptr,  # (2, SPLITS, N * L) ACC: each split's sums (SPLITS > 1)
     counter_ptr,  # (blocks,) int32 arrival counters (SPLITS > 1)
-    N,
-    L,
-    NL,
-    K,
-    K_PER,
-    SPLITS,
+    N, L, NL, K, K_PER, SPLITS,  # launch_family_backward's geometry: NL = N * L, samples K, K_PER per split
     FAMILY: tl.constexpr,
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_Q: tl.constexpr,
@@ -193,16 +184,9 @@ def _sample_positive_bwd_kernel(
         tl.store(d0_ptr + i, acc0.to(d0_ptr.dtype.element_ty), mask=mask)
         tl.store(d1_ptr + i, acc1.to(d1_ptr.dtype.element_ty), mask=mask)
     else:
-        part = split * NL + i
-        tl.store(part_ptr + part, acc0, mask=mask)
-        tl.store(part_ptr + SPLITS * NL + part, acc1, mask=mask)
+        store_split_parts(part_ptr, split, SPLITS, NL, i, mask, acc0, acc1, acc0, acc1, False, False)
         if arrive_last(counter_ptr + tile, SPLITS):
-            t0 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            t1 = tl.zeros([BLOCK // 4, 4], dtype=ACC)
-            for sp in range(0, SPLITS):
-                at = sp * NL + i
-                t0 += tl.load(part_ptr + at, mask=mask, other=0.0, cache_modifier=".cg")
-                t1 += tl.load(part_ptr + SPLITS * NL + at, mask=mask, other=0.0, cache_modifier=".cg")
+            t0, t1, _, _ = sum_split_parts(part_ptr, SPLITS, NL, i, mask, False, False, ACC, BLOCK)
             tl.store(d0_ptr + i, t0.to(d0_ptr.dtype.element_ty), mask=mask)
             tl.store(d1_ptr + i, t1.to(d1_ptr.dtype.element_ty), mask=mask)
 
