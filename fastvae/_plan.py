@@ -243,15 +243,16 @@ class FamilySamplePlan:
     location-scale family's (loc, log_scale) or the exponential's log-rate
     (N, L), N L > 0 (float32 or float64), and K samples, against a prior of
     its own family, one for every row ((L,): ``p_shared``) or one per row
-    ((N, L)): the family sampler's forward and backward kernels (z alone: the
-    bound needs no log q) and family_kl's (the KL summed over L, its backward
-    adding q's gradients to the sampler's). The same variants as the general
-    launchers' (kernels/sampler.py's family_*_plan, family_kl's *_plan).
-    ``q_scale``: the posterior comes as its scale (or rate), whose log the
-    plan takes (a torch object's), else as its log. ``cpp``: the cpp
-    backend's, a location-scale family's: one C++ call each way,
-    sample_location_scale's _kl kernels, which run the KL inside the
-    sampler's loops (nothing to plan but the layout)."""
+    ((N, L)). A location-scale family's: sample_location_scale's _kl kernels,
+    the draw (z alone: the bound needs no log q) and family_kl's closed form
+    summed over L in one kernel each way. The exponential's: the sampler's
+    forward and backward kernels and family_kl's, its backward adding q's
+    gradients to the sampler's. The same variants as the general launchers'
+    (sample_location_scale's kl_*_plan; kernels/sampler.py's family_*_plan,
+    family_kl's *_plan). ``q_scale``: the posterior comes as its scale (or
+    rate), whose log the plan takes (a torch object's), else as its log.
+    ``cpp``: the cpp backend's, a location-scale family's: the same _kl
+    kernels in C++, one call each way (nothing to plan but the layout)."""
 
     # the family samplers the plans launch: (kernels' module, partial sums of a split backward)
     SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
@@ -276,16 +277,20 @@ class FamilySamplePlan:
             if not self.has_loc:
                 raise ValueError("the cpp backend's family plan takes a location-scale family")
             return
-        kernels = _kernels("sampler")
         self.sampler, self.sums = _kernels(sampler), self.SAMPLERS[sampler]
+        self._backward = None
+        self._kl_backward: dict = {}
+        if self.has_loc:  # the draw and the KL in one kernel each way
+            grid, meta = self.sampler.kl_forward_plan(K, N, L, dtype, device, family, kl_family, p_shared)
+            self.forward = Launch(self.sampler._sample_location_scale_kl_fwd_kernel, grid, meta)
+            return
+        kernels = _kernels("sampler")
         self.kernel_names = f"_{sampler}_fwd_kernel", f"_{sampler}_bwd_kernel"
         self.kl = _kernels("family_kl")
         grid, meta = kernels.family_forward_plan(K, N, L, dtype, device, family, False, 0, N * L, L)
         self.forward = Launch(getattr(self.sampler, self.kernel_names[0]), grid, meta)
         grid, meta = self.kl.forward_plan(N, L, dtype, kl_family, p_shared, True)
         self.kl_forward = Launch(self.kl._family_kl_fwd_kernel, grid, meta)
-        self._backward = None
-        self._kl_backward: dict = {}
 
     def backward(self):
         """(launch, partial sums, counters, samples per split, splits) of the
@@ -300,6 +305,22 @@ class FamilySamplePlan:
                               per_split, splits)
         return self._backward
 
+    def fused_backward(self, has_grad_z: bool, has_grad_kl: bool, has_dp: bool):
+        """(launch, partial sums, counters, samples per split, splits) of a
+        location-scale family's draw and KL gradients in one kernel, per
+        variant: made at its first backward, kept."""
+        key = has_grad_z, has_grad_kl, has_dp
+        made = self._kl_backward.get(key)
+        if made is None:
+            K = self.K if has_grad_z else 0
+            grid, meta, blocks, splits, per_split = self.sampler.kl_backward_plan(
+                K, self.N, self.L, self.dtype, self.device, self.family, self.kl_family, self.p_shared, *key)
+            part, counters = _kernels("sampler").family_split_buffers(2, self.N, self.L, self.dtype, self.device,
+                                                                      blocks, splits)
+            made = self._kl_backward[key] = (Launch(self.sampler._sample_location_scale_kl_bwd_kernel, grid, meta),
+                                             part, counters, K, per_split, splits)
+        return made
+
     def kl_backward(self, has_dp: bool, accumulate: bool) -> Launch:
         """family_kl's backward, with the prior's gradients (``has_dp``) or
         without, adding q's to the sampler's (``accumulate``) or not."""
@@ -312,15 +333,15 @@ class FamilySamplePlan:
 
 
 class FamilySample(torch.autograd.Function):
-    """z and the closed-form KL of a FamilySamplePlan: the family sampler's
-    and family_kl's kernels, the general path's (SampleLocationScale or
-    SamplePositive, and FamilyKL) without their per-call layout work. q comes
+    """z and the closed-form KL of a FamilySamplePlan: its kernels, the
+    general path's (SampleLocationScaleKL, or SamplePositive and FamilyKL)
+    without their per-call layout work. q comes
     as (loc, its scale or, without the plan's q_scale, its log-scale), or
     (None, the exponential's rate or log-rate), the prior likewise (its scale:
     ``p_scale``) in the kernels' layout ((L,) or (N, L), contiguous); the logs
     are taken here and differentiated as autograd would (grad / scale), and
-    q's gradients are the sampler's plus the KL's, added in the KL's backward
-    kernel."""
+    q's gradients are the sampler's plus the KL's, added in the backward
+    kernel that writes them last."""
 
     @staticmethod
     def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale):
@@ -332,8 +353,11 @@ class FamilySample(torch.autograd.Function):
             _backend.launch("cpp", "sample_location_scale_kl_forward", z.numel(), loc=loc.view(N, L),
                             log_scale=log_scale.view(N, L), prior_loc=p_loc, prior_log_scale=p_log_scale, seed=seed,
                             family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L), kl=kl.view(N))
-        else:
-            first = loc if plan.has_loc else log_scale  # the sampler's two parameters (the exponential's: one, twice)
+        elif plan.has_loc:
+            plan.forward(loc, log_scale, p_loc, p_log_scale, seed, z, kl, plan.N * plan.L, plan.N, plan.K * plan.N,
+                         plan.L)
+        else:  # the exponential's sampler takes its one parameter twice
+            first = log_scale
             plan.forward(first, log_scale, seed, z, z, *plan.ints)
             plan.kl_forward(first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, kl, plan.N,
                             plan.L)
@@ -372,6 +396,13 @@ class FamilySample(torch.autograd.Function):
                 family=plan.family, kl_family=plan.kl_family, dloc=dloc.view(N, L), dlog_scale=dls.view(N, L),
                 dprior_loc=None if dp_loc is None else dp_loc.view(N, L),
                 dprior_log_scale=None if dp_ls is None else dp_ls.view(N, L))
+        elif plan.has_loc:
+            run, part, counters, K, per_split, splits = plan.fused_backward(grad_z is not None, grad_kl is not None,
+                                                                            has_dp)
+            run(loc if grad_z is None else grad_z.contiguous(), loc if grad_kl is None else grad_kl.contiguous(), loc,
+                log_scale, p_loc, p_log_scale, seed, dloc, dls, dloc if dp_loc is None else dp_loc,
+                dls if dp_ls is None else dp_ls, part, counters, plan.N, plan.L, plan.N * plan.L, K, per_split,
+                splits)
         else:
             # the exponential's sampler writes a second gradient no parameter takes: scratch in loc's place
             first = loc if plan.has_loc else log_scale

@@ -286,10 +286,13 @@ def launch_family_forward(kernel, p0, p1, seed, family, offset0, sample_stride, 
 
 
 def family_backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, family: int,
-                         has_grad_z: bool, has_grad_log_q: bool, stop_score: bool) -> tuple[tuple, dict, int, int, int]:
+                         has_grad_z: bool, has_grad_log_q: bool, stop_score: bool,
+                         narrow: int = 1) -> tuple[tuple, dict, int, int, int]:
     """(grid, compile-time parameters, blocks, splits, samples per split) of a
-    family sampler's backward over parameters (N, L), N * L > 0, and K samples."""
+    family sampler's backward over parameters (N, L), N * L > 0, and K
+    samples; ``narrow``: the block divided so (a kernel that keeps more live)."""
     BLOCK, warps = backward_geometry(device, dtype == torch.float64)
+    BLOCK //= narrow
     blocks = triton.cdiv(N * L, BLOCK)
     splits, per_split = split_samples(blocks, K, device)
     meta = dict(FAMILY=int(family), HAS_GRAD_Z=has_grad_z, HAS_GRAD_Q=has_grad_log_q, STOP_SCORE=bool(stop_score),

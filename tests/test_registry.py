@@ -374,6 +374,18 @@ def test_the_cpp_and_triton_kernels_spell_the_families_order(families):
     assert named and all(order[int(n)] == name.lower() for n, name in named), named
 
 
+def test_the_triton_kernels_name_kl_families_by_their_positions():
+    """The Triton modules' constants of a KL family (kernels import nothing of
+    the front end, so they spell the position): KL_FAMILIES' own."""
+    pytest.importorskip("triton")
+    from fastvae._families import KL_FAMILIES
+    from fastvae.ops.family_kl import triton as family_kl
+    from fastvae.ops.sample_location_scale import triton as sample_location_scale
+
+    assert family_kl.KUMARASWAMY == KL_FAMILIES.index("kumaraswamy")
+    assert sample_location_scale.GUMBEL_KL == KL_FAMILIES.index("gumbel")
+
+
 def test_family_kl_names_the_exponential_s_position():
     """family_kl's header, which its binding and the samplers' fused KL bindings read, tells
     the exponential (no location) by a constant of its own: the exponential's position in

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributions.transforms import AffineTransform, SigmoidTransform
 
 from ..._dtypes import accumulation_dtype
-from ..._families import LOCATION_SCALE_FAMILIES
+from ..._families import KL_FAMILIES, LOCATION_SCALE_FAMILIES
 from ..._philox import HALF_WORD, open_uniforms, philox_word
 from ..._spec import Bench, Kernel, Op, family_sampler_kernels, family_sampler_min_bytes
 from ..family_kl import family_kl_backward, family_kl_forward
@@ -189,6 +189,20 @@ def aot_calls(s: dict, m, r):
             yield "sample_location_scale_backward", dict(grad_z=m(K, B, L), grad_log_q=r(K, B), loc=m(B, L),
                                                          log_scale=m(B, L), seed=seed, family=family,
                                                          stop_score=stop, dloc=m(B, L), dlog_scale=m(B, L))
+    # the ELBO's draw and KL against a prior of the posterior's family, shared (L,) or per row
+    # (float32 and float64 only: the front end fuses no other dtype, LocationScale.sample_with_kl)
+    for kl_family, name in enumerate(KL_FAMILIES):
+        if name not in LOCATION_SCALE_FAMILIES or m(1).dtype not in (torch.float32, torch.float64):
+            continue
+        family = LOCATION_SCALE_FAMILIES.index(name)
+        for p_shape in ((L,), (B, L)):
+            yield "sample_location_scale_kl_forward", dict(
+                loc=m(B, L), log_scale=m(B, L), prior_loc=m(*p_shape), prior_log_scale=m(*p_shape), seed=seed,
+                family=family, kl_family=kl_family, z=m(K, B, L), kl=r(B))
+            yield "sample_location_scale_kl_backward", dict(
+                grad_z=m(K, B, L), grad_kl=r(B), loc=m(B, L), log_scale=m(B, L), prior_loc=m(*p_shape),
+                prior_log_scale=m(*p_shape), seed=seed, family=family, kl_family=kl_family, dloc=m(B, L),
+                dlog_scale=m(B, L), dprior_loc=m(B, L), dprior_log_scale=m(B, L))
     # evaluation: the example-major layout of a chunk at an odd offset (the unaligned path)
     yield "sample_location_scale_forward", dict(loc=m(B, L), log_scale=m(B, L), seed=seed, family=1,
                                                 offset0=7 * L + 1, sample_stride=L, row_stride=K * L,

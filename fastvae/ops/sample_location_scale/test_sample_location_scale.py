@@ -379,7 +379,8 @@ def test_the_fused_kl_is_the_sampler_and_family_kl_bit_for_bit(backend, family, 
     """z and the KL's row sums, and the gradients (q's the sampler's plus the
     KL's, the prior's per row): the same bits as the sampler's and
     family_kl's kernels run one after the other, with both upstream
-    gradients, either alone, and with or without the prior's."""
+    gradients, either alone, and with or without the prior's (the Triton
+    kernel's KL row sums: up to the order of the sum, assert_same)."""
     from fastvae._families import KL_FAMILIES
 
     name, device = backend
@@ -390,10 +391,27 @@ def test_the_fused_kl_is_the_sampler_and_family_kl_bit_for_bit(backend, family, 
                              (grad_z, None, False), (grad_z, None, True)):
         fused = _fused(name, q, (p_loc, p_ls), seed, index, kl_index, K, gz, gkl, need_dp)
         separate = _separate(name, q, (p_loc, p_ls), seed, index, kl_index, K, gz, gkl, need_dp)
-        for a, b in zip((*fused[0], *fused[1]), (*separate[0], *separate[1])):
+        for i, (a, b) in enumerate(zip((*fused[0], *fused[1]), (*separate[0], *separate[1]))):
             assert (a is None) == (b is None)
             if a is not None:
-                assert not torch.isnan(a).any() and torch.equal(a, b)  # (a Gumbel KL at scale ratio e^20 is inf)
+                assert not torch.isnan(a).any()  # (a Gumbel KL at scale ratio e^20 is inf)
+                assert_same(a, b, i == 1 and name == "triton", L)
+
+
+def assert_same(got, want, row_sums: bool, L: int) -> None:
+    """The same bits; or, for the Triton kernel's KL row sums (``row_sums``),
+    the same up to the order of the sum: the fused kernel adds the L terms in
+    its draw's tiles, family_kl's kernel in its own. Each order is within
+    (L - 1) eps of the sum of the terms' magnitudes, and every term of a KL is
+    >= 0 up to its own rounding, so 2 L eps |kl| bounds their difference; the
+    infinite sums must agree exactly."""
+    if not row_sums:
+        assert torch.equal(got, want)
+        return
+    finite = torch.isfinite(want)
+    assert torch.equal(got[~finite], want[~finite])
+    eps = torch.finfo(want.dtype).eps
+    assert ((got[finite] - want[finite]).abs() <= 2 * L * eps * want[finite].abs() + eps).all()
 
 
 @pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
@@ -513,17 +531,19 @@ def _fused_and_separate(family, p_shape, dtype, device, K, create_graph=False):
 @pytest.mark.parametrize("p_shape", FUSED_PRIORS)
 def test_the_fused_function_is_the_two_functions_bit_for_bit(backend, family, dtype, p_shape):
     """SampleLocationScaleKL (the records' ELBO draw against a prior of their
-    family) gives SampleLocationScale's z and FamilyKL's KL, and their summed
-    gradients, the prior's summed back to each shape a prior takes."""
-    _, device = backend
+    family) gives SampleLocationScale's z and FamilyKL's KL (on Triton up to
+    the order of its row sums), and their summed gradients, the prior's
+    summed back to each shape a prior takes."""
+    name, device = backend
     for K in (1, 3):
         (fused, separate), leaves = _fused_and_separate(family, p_shape, dtype, device, K)
-        for a, b in zip((*fused[0], *fused[1]), (*separate[0], *separate[1])):
+        for i, (a, b) in enumerate(zip((*fused[0], *fused[1]), (*separate[0], *separate[1]))):
             if b is None:  # the uniform's KL does not read the prior's location
                 assert a is None or torch.equal(a, torch.zeros_like(a))
                 continue
             assert a.shape == b.shape and a.dtype == b.dtype
-            assert not torch.isnan(a).any() and torch.equal(a, b)
+            assert not torch.isnan(a).any()
+            assert_same(a, b, i == 1 and name == "triton", 5)
 
 
 def test_the_fused_function_differentiates_twice_as_the_two_functions(backend):

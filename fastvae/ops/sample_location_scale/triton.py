@@ -11,6 +11,7 @@ uniforms and the launch geometry are the samplers' (kernels/sampler.py).
 Layout: loc, log_scale (N, L); z, grad_z (K, N, L); log_q, grad_log_q (K, N);
 z[k, n, l] uses the uniform at offset0 + k * sample_stride + n * row_stride + l.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -18,7 +19,10 @@ from fastvae.kernels._common import arrive_last
 from fastvae.kernels.philox import _cos_sin_turns
 from fastvae.kernels.sampler import (
     block_words,
+    family_backward_plan,
+    family_forward_plan,
     family_rows,
+    family_split_buffers,
     launch_family_backward,
     launch_family_forward,
     log1m,
@@ -31,7 +35,9 @@ from fastvae.kernels.sampler import (
     store_split_parts,
     sum_split_parts,
 )
-from fastvae.ops.family_kl.triton import _family_kl_bwd_kernel, backward_plan, family_kl_forward
+from fastvae.ops.family_kl.triton import _kl_grad, _kl_term
+
+GUMBEL_KL = 2  # the Gumbel's position in KL_FAMILIES (fastvae/_families.py; tests/test_registry.py checks it)
 
 # -- the family's transform and density -------------------------------------
 
@@ -79,6 +85,20 @@ def _standardized(x, FAMILY: tl.constexpr, ACC: tl.constexpr):
 # -- kernels ------------------------------------------------------------------
 
 
+@triton.jit
+def _draw_columns(loc_ptr, log_scale_ptr, z_ptr, seed, offset0, sample_stride, row_stride, r, n, g, j, l0, N, KN, L,
+                  FAMILY: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Stores z at the columns l0 + 4 g + j of sample rows r (parameter rows
+    n); returns (loc, log_scale, log f(e), cols, mask, idx) there."""
+    cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, L)
+    loc = tl.load(loc_ptr + idx, mask=mask, other=0.0).to(ACC)
+    ls = tl.load(log_scale_ptr + idx, mask=mask, other=0.0).to(ACC)
+    x = row_words(seed, noise_start(offset0, sample_stride, row_stride, r, n, N, l0), g, j, ALIGNED)
+    e, log_f, psi = _standardized(x, FAMILY, ACC)
+    tl.store(z_ptr + r[:, None, None] * L + cols, (loc + tl.exp(ls) * e).to(z_ptr.dtype.element_ty), mask=mask)
+    return loc, ls, log_f, cols, mask, idx
+
+
 @triton.jit(do_not_specialize=["N", "KN", "offset0", "sample_stride", "row_stride"])
 def _sample_location_scale_fwd_kernel(
     loc_ptr,  # (N, L)
@@ -96,14 +116,9 @@ def _sample_location_scale_fwd_kernel(
     ALIGNED: tl.constexpr,  # every row's uniforms start a Philox counter
 ):
     r, g, j, n, seed, log_q = family_rows(seed_ptr, N, ACC, BLOCK_R, BLOCK_L)  # sample rows r = k * N + n
-    rr = r[:, None, None]
     for l0 in range(0, L, BLOCK_L):
-        cols, mask, idx = row_columns(r, n, g, j, l0, KN, L, L)
-        loc = tl.load(loc_ptr + idx, mask=mask, other=0.0).to(ACC)
-        ls = tl.load(log_scale_ptr + idx, mask=mask, other=0.0).to(ACC)
-        x = row_words(seed, noise_start(offset0, sample_stride, row_stride, r, n, N, l0), g, j, ALIGNED)
-        e, log_f, psi = _standardized(x, FAMILY, ACC)
-        tl.store(z_ptr + rr * L + cols, (loc + tl.exp(ls) * e).to(z_ptr.dtype.element_ty), mask=mask)
+        loc, ls, log_f, cols, mask, idx = _draw_columns(loc_ptr, log_scale_ptr, z_ptr, seed, offset0, sample_stride,
+                                                        row_stride, r, n, g, j, l0, N, KN, L, FAMILY, ACC, ALIGNED)
         if WITH_LOG_Q:
             log_q += tl.sum(tl.sum(tl.where(mask, log_f - ls, 0.0), axis=2), axis=1)
     if WITH_LOG_Q:
@@ -111,14 +126,90 @@ def _sample_location_scale_fwd_kernel(
 
 
 @triton.jit
-def _finish(acc_z, acc_ze, acc_psi, acc_q, i, mask, log_scale_ptr, dloc_ptr, dlog_scale_ptr, ACC: tl.constexpr):
-    """dloc = sum dz + (sum dq psi) / s (0 stays 0 where 1 / s overflows);
-    dlog_scale = s sum dz e + acc_q."""
-    ls = tl.load(log_scale_ptr + i, mask=mask, other=0.0).to(ACC)
+def _prior_index(idx, cols, P_SHARED: tl.constexpr):
+    """The prior's index of the parameters' idx: its column where every row shares it."""
+    if P_SHARED:
+        return cols + tl.zeros_like(idx)
+    return idx
+
+
+@triton.jit(do_not_specialize=["N", "KN", "sample_stride"])
+def _sample_location_scale_kl_fwd_kernel(
+    loc_ptr, log_scale_ptr,  # (N, L)
+    p_loc_ptr, p_ls_ptr,  # the prior's: (L,) when P_SHARED, else (N, L)
+    seed_ptr,  # (): int64
+    z_ptr,  # (K, N, L) = (KN, L) sample rows, the training layout: noise at k * N L + n L + l
+    kl_ptr,  # (N,): family_kl's KL_FAMILY closed form of row n, summed over L
+    sample_stride,  # N * L
+    N, KN, L,
+    FAMILY: tl.constexpr,
+    KL_FAMILY: tl.constexpr,
+    P_SHARED: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    r, g, j, n, seed, kl = family_rows(seed_ptr, N, ACC, BLOCK_R, BLOCK_L)
+    first = r < N  # sample 0's rows: the KL's, once per parameter row
+    with_kl = tl.program_id(0) * BLOCK_R < N
+    for l0 in range(0, L, BLOCK_L):
+        loc, ls, log_f, cols, mask, idx = _draw_columns(loc_ptr, log_scale_ptr, z_ptr, seed, 0, sample_stride, L, r,
+                                                        n, g, j, l0, N, KN, L, FAMILY, ACC, ALIGNED)
+        if with_kl:
+            p_idx = _prior_index(idx, cols, P_SHARED)
+            m2 = tl.load(p_loc_ptr + p_idx, mask=mask, other=0.0).to(ACC)
+            s2 = tl.load(p_ls_ptr + p_idx, mask=mask, other=0.0).to(ACC)
+            term = _kl_term(loc, ls, m2, s2, KL_FAMILY, ACC)
+            kl += tl.sum(tl.sum(tl.where(mask & first[:, None, None], term, 0.0), axis=2), axis=1)
+    if with_kl:
+        store_rows(kl_ptr, r, kl, N)
+
+
+@triton.jit
+def _gradients(acc_z, acc_ze, acc_psi, acc_q, ls):
+    """(dloc, dlog_scale) at log-scales ls: dloc = sum dz + (sum dq psi) / s
+    (0 stays 0 where 1 / s overflows); dlog_scale = s sum dz e + acc_q."""
     dloc = acc_z + tl.where(acc_psi == 0, 0.0, acc_psi * tl.exp(-ls))
-    dls = tl.exp(ls) * acc_ze + acc_q
+    return dloc, tl.exp(ls) * acc_ze + acc_q
+
+
+@triton.jit
+def _finish(acc_z, acc_ze, acc_psi, acc_q, i, mask, log_scale_ptr, dloc_ptr, dlog_scale_ptr, ACC: tl.constexpr):
+    """Stores _gradients of the block's sums."""
+    ls = tl.load(log_scale_ptr + i, mask=mask, other=0.0).to(ACC)
+    dloc, dls = _gradients(acc_z, acc_ze, acc_psi, acc_q, ls)
     tl.store(dloc_ptr + i, dloc.to(dloc_ptr.dtype.element_ty), mask=mask)
     tl.store(dlog_scale_ptr + i, dls.to(dlog_scale_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _draw_sums(grad_z_ptr, grad_q_ptr, seed, k0, k1, NL, N, start, g4, i, mask, n, FAMILY: tl.constexpr,
+               HAS_GRAD_Z: tl.constexpr, HAS_GRAD_Q: tl.constexpr, STOP_SCORE: tl.constexpr, ACC: tl.constexpr,
+               BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """The block's sums over the samples [k0, k1) (e regenerated): sum dz,
+    sum dz e, and of the log-q gradients sum dq psi, sum dq psi e (STOP_SCORE)
+    or -sum dq."""
+    acc_z = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz
+    acc_ze = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz e
+    acc_psi = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dq psi (STOP_SCORE)
+    acc_q = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dq psi e (STOP_SCORE), else -sum_k dq
+    for k in range(k0, k1):
+        base = k * NL
+        x = block_words(seed, base, start, g4, i, ALIGNED)
+        e, log_f, psi = _standardized(x, FAMILY, ACC)
+        if HAS_GRAD_Z:
+            dz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0).to(ACC)
+            acc_z += dz
+            acc_ze += dz * e
+        if HAS_GRAD_Q:
+            gq = tl.load(grad_q_ptr + k * N + n, mask=mask, other=0.0).to(ACC)
+            if STOP_SCORE:
+                acc_psi += gq * psi
+                acc_q += gq * psi * e
+            else:
+                acc_q -= gq
+    return acc_z, acc_ze, acc_psi, acc_q
 
 
 @triton.jit(do_not_specialize=["N", "NL", "K", "K_PER", "SPLITS"])
@@ -142,26 +233,8 @@ def _sample_location_scale_bwd_kernel(
     ALIGNED: tl.constexpr,  # L divisible by 4: each sample's block starts a Philox counter
 ):
     tile, split, k0, k1, start, g4, i, mask, n = parameter_block(NL, L, K, K_PER, BLOCK)
-    seed = tl.load(seed_ptr)
-    acc_z = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz
-    acc_ze = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dz e
-    acc_psi = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dq psi (STOP_SCORE)
-    acc_q = tl.zeros([BLOCK // 4, 4], dtype=ACC)  # sum_k dq psi e (STOP_SCORE), else -sum_k dq
-    for k in range(k0, k1):
-        base = k * NL
-        x = block_words(seed, base, start, g4, i, ALIGNED)
-        e, log_f, psi = _standardized(x, FAMILY, ACC)
-        if HAS_GRAD_Z:
-            dz = tl.load(grad_z_ptr + base + i, mask=mask, other=0.0).to(ACC)
-            acc_z += dz
-            acc_ze += dz * e
-        if HAS_GRAD_Q:
-            gq = tl.load(grad_q_ptr + k * N + n, mask=mask, other=0.0).to(ACC)
-            if STOP_SCORE:
-                acc_psi += gq * psi
-                acc_q += gq * psi * e
-            else:
-                acc_q -= gq
+    acc_z, acc_ze, acc_psi, acc_q = _draw_sums(grad_z_ptr, grad_q_ptr, tl.load(seed_ptr), k0, k1, NL, N, start, g4, i,
+                                               mask, n, FAMILY, HAS_GRAD_Z, HAS_GRAD_Q, STOP_SCORE, ACC, BLOCK, ALIGNED)
     if SPLITS == 1:
         _finish(acc_z, acc_ze, acc_psi, acc_q, i, mask, log_scale_ptr, dloc_ptr, dls_ptr, ACC)
     else:
@@ -169,6 +242,73 @@ def _sample_location_scale_bwd_kernel(
         if arrive_last(counter_ptr + tile, SPLITS):
             s_z, s_ze, s_psi, s_q = sum_split_parts(part_ptr, SPLITS, NL, i, mask, True, True, ACC, BLOCK)
             _finish(s_z, s_ze, s_psi, s_q, i, mask, log_scale_ptr, dloc_ptr, dls_ptr, ACC)
+
+
+@triton.jit
+def _finish_kl(acc_z, acc_ze, i, mask, n, grad_kl_ptr, loc_ptr, log_scale_ptr, p_loc_ptr, p_ls_ptr, dloc_ptr,
+               dlog_scale_ptr, dp_loc_ptr, dp_ls_ptr, L, KL_FAMILY: tl.constexpr, P_SHARED: tl.constexpr,
+               HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_DP: tl.constexpr, ACC: tl.constexpr):
+    """Stores the draw's gradients plus the KL's, each rounded to the
+    gradients' dtype before the sum (as family_kl's ACCUMULATE adds them),
+    and the prior's per element (HAS_DP)."""
+    ls = tl.load(log_scale_ptr + i, mask=mask, other=0.0).to(ACC)
+    if HAS_GRAD_Z:
+        dloc, dls = _gradients(acc_z, acc_ze, tl.zeros_like(acc_z), tl.zeros_like(acc_z), ls)
+    else:  # no draw's gradient: 0, not exp(ls) * 0 (NaN where the scale overflows)
+        dloc, dls = acc_z, acc_ze
+    dloc = dloc.to(dloc_ptr.dtype.element_ty)
+    dls = dls.to(dlog_scale_ptr.dtype.element_ty)
+    if HAS_GRAD_KL:
+        g = tl.load(grad_kl_ptr + n, mask=mask, other=0.0).to(ACC)
+        loc = tl.load(loc_ptr + i, mask=mask, other=0.0).to(ACC)
+        p_idx = _prior_index(i, i % L, P_SHARED)
+        m2 = tl.load(p_loc_ptr + p_idx, mask=mask, other=0.0).to(ACC)
+        s2 = tl.load(p_ls_ptr + p_idx, mask=mask, other=0.0).to(ACC)
+        dm1, ds1, dm2, ds2 = _kl_grad(g, loc, ls, m2, s2, KL_FAMILY, ACC)
+        dloc = dloc + dm1.to(dloc_ptr.dtype.element_ty)
+        dls = dls + ds1.to(dlog_scale_ptr.dtype.element_ty)
+        if HAS_DP:
+            tl.store(dp_loc_ptr + i, dm2.to(dp_loc_ptr.dtype.element_ty), mask=mask)
+            tl.store(dp_ls_ptr + i, ds2.to(dp_ls_ptr.dtype.element_ty), mask=mask)
+    tl.store(dloc_ptr + i, dloc, mask=mask)
+    tl.store(dlog_scale_ptr + i, dls, mask=mask)
+
+
+@triton.jit(do_not_specialize=["N", "NL", "K", "K_PER", "SPLITS"])
+def _sample_location_scale_kl_bwd_kernel(
+    grad_z_ptr,  # (K, N, L), read when HAS_GRAD_Z
+    grad_kl_ptr,  # (N,), read when HAS_GRAD_KL
+    loc_ptr, log_scale_ptr,  # (N, L)
+    p_loc_ptr, p_ls_ptr,  # (L,) when P_SHARED, else (N, L)
+    seed_ptr,  # (): int64
+    dloc_ptr, dls_ptr,  # (N, L)
+    dp_loc_ptr, dp_ls_ptr,  # (N, L): the prior's per element, written when HAS_DP
+    part_ptr, counter_ptr,  # the split samples' partial sums and arrival counters (SPLITS > 1)
+    N, L, NL, K, K_PER, SPLITS,
+    FAMILY: tl.constexpr,
+    KL_FAMILY: tl.constexpr,
+    P_SHARED: tl.constexpr,
+    HAS_GRAD_Z: tl.constexpr,
+    HAS_GRAD_KL: tl.constexpr,
+    HAS_DP: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    tile, split, k0, k1, start, g4, i, mask, n = parameter_block(NL, L, K, K_PER, BLOCK)
+    acc_z, acc_ze, _, _ = _draw_sums(grad_z_ptr, grad_z_ptr, tl.load(seed_ptr), k0, k1, NL, N, start, g4, i, mask, n,
+                                     FAMILY, HAS_GRAD_Z, False, False, ACC, BLOCK, ALIGNED)
+    if SPLITS == 1:
+        _finish_kl(acc_z, acc_ze, i, mask, n, grad_kl_ptr, loc_ptr, log_scale_ptr, p_loc_ptr, p_ls_ptr, dloc_ptr,
+                   dls_ptr, dp_loc_ptr, dp_ls_ptr, L, KL_FAMILY, P_SHARED, HAS_GRAD_Z, HAS_GRAD_KL,
+                   HAS_DP, ACC)
+    else:
+        store_split_parts(part_ptr, split, SPLITS, NL, i, mask, acc_z, acc_ze, acc_z, acc_z, False, False)
+        if arrive_last(counter_ptr + tile, SPLITS):
+            s_z, s_ze, _, _ = sum_split_parts(part_ptr, SPLITS, NL, i, mask, False, False, ACC, BLOCK)
+            _finish_kl(s_z, s_ze, i, mask, n, grad_kl_ptr, loc_ptr, log_scale_ptr, p_loc_ptr, p_ls_ptr, dloc_ptr,
+                       dls_ptr, dp_loc_ptr, dp_ls_ptr, L, KL_FAMILY, P_SHARED, HAS_GRAD_Z, HAS_GRAD_KL,
+                   HAS_DP, ACC)
 
 
 # -- launchers ----------------------------------------------------------------
@@ -194,34 +334,69 @@ def sample_location_scale_backward(grad_z, grad_log_q, loc, log_scale, seed, fam
                            stop_score, dloc, dlog_scale)
 
 
+def kl_forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, family: int, kl_family: int,
+                    p_shared: bool) -> tuple[tuple, dict]:
+    """(grid, compile-time parameters) of the draw and KL in one forward over
+    (K, N, L), K N L > 0: what sample_location_scale_kl_forward launches, and
+    the objectives' plans (fastvae/_plan.py) launch with the same variants."""
+    grid, meta = family_forward_plan(K, N, L, dtype, device, family, False, 0, N * L, L)
+    del meta["WITH_LOG_Q"]
+    return grid, dict(meta, KL_FAMILY=int(kl_family), P_SHARED=bool(p_shared))
+
+
+def kl_backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, family: int, kl_family: int,
+                     p_shared: bool, has_grad_z: bool, has_grad_kl: bool,
+                     has_dp: bool) -> tuple[tuple, dict, int, int, int]:
+    """(grid, compile-time parameters, blocks, splits, samples per split) of
+    the draw's and the KL's gradients in one backward over (N, L), N L > 0,
+    and K samples (0 without grad_z)."""
+    # the Gumbel KL's lgamma and digamma beside the draw's sums spill in float64
+    # (python -m fastvae.kernels.aot --arch sm_90 sm_80 --dtype float64): half the block
+    narrow = 2 if dtype == torch.float64 and kl_family == GUMBEL_KL else 1
+    grid, meta, blocks, splits, per_split = family_backward_plan(K, N, L, dtype, device, family, has_grad_z, False,
+                                                                 False, narrow)
+    del meta["HAS_GRAD_Q"], meta["STOP_SCORE"]
+    meta.update(KL_FAMILY=int(kl_family), P_SHARED=bool(p_shared), HAS_GRAD_KL=has_grad_kl, HAS_DP=has_dp)
+    return grid, meta, blocks, splits, per_split
+
+
 def sample_location_scale_kl_forward(loc, log_scale, prior_loc, prior_log_scale, seed, family, kl_family, z,
                                      kl) -> None:
-    """The draw at the training layout's offsets, then family_kl's forward:
-    two kernels (the objectives' plans launch the same pair)."""
-    N, L = loc.shape
-    sample_location_scale_forward(loc, log_scale, seed, family, 0, N * L, L, z, None)
-    family_kl_forward(loc, log_scale, prior_loc, prior_log_scale, kl_family, kl)
+    """z (K, N, L) at the training layout's noise and kl (N,) <- the draw and
+    family_kl's closed form against the prior (L,) or (N, L), summed over L:
+    one kernel, the KL from sample 0's rows as they are drawn."""
+    K, N, L = z.shape
+    if K * N * L == 0:
+        kl.zero_()
+        return
+    grid, meta = kl_forward_plan(K, N, L, loc.dtype, loc.device, family, kl_family, prior_log_scale.dim() == 1)
+    _sample_location_scale_kl_fwd_kernel[grid](loc, log_scale, prior_loc, prior_log_scale, seed, z, kl, N * L, N,
+                                               K * N, L, **meta)
 
 
 def sample_location_scale_kl_backward(grad_z, grad_kl, loc, log_scale, prior_loc, prior_log_scale, seed, family,
                                       kl_family, dloc, dlog_scale, dprior_loc, dprior_log_scale) -> None:
-    """The sampler's backward, then family_kl's adding q's gradients to it
-    (ACCUMULATE): two kernels, as the objectives' plans launch them."""
+    """dloc, dlog_scale (N, L) <- the draw's gradients plus the KL's, and
+    dprior_* (N, L) <- the prior's per element where given and grad_kl is: one
+    kernel. grad_z (K, N, L) and grad_kl (N,) are None where absent."""
     N, L = loc.shape
-    if grad_z is not None:
-        sample_location_scale_backward(grad_z, None, loc, log_scale, seed, family, False, dloc, dlog_scale)
-    else:
-        dloc.zero_()
-        dlog_scale.zero_()
-    if grad_kl is None:
-        if dprior_loc is not None:
-            dprior_loc.zero_()
-            dprior_log_scale.zero_()
-        return
     if N * L == 0:
         return
-    has_dp = dprior_log_scale is not None
-    grid, meta = backward_plan(N, L, loc.dtype, kl_family, prior_log_scale.dim() == 1, True, has_dp, True)
-    _family_kl_bwd_kernel[grid](grad_kl, loc, log_scale, prior_loc, prior_log_scale, dloc, dlog_scale,
-                                dloc if dprior_loc is None else dprior_loc,
-                                dlog_scale if dprior_log_scale is None else dprior_log_scale, N, L, **meta)
+    if grad_z is None and grad_kl is None:
+        for t in (dloc, dlog_scale, dprior_loc, dprior_log_scale):
+            if t is not None:
+                t.zero_()
+        return
+    has_dp = dprior_log_scale is not None and grad_kl is not None
+    if dprior_log_scale is not None and not has_dp:
+        dprior_loc.zero_()
+        dprior_log_scale.zero_()
+    K = 0 if grad_z is None else grad_z.shape[0]
+    grid, meta, blocks, splits, per_split = kl_backward_plan(K, N, L, loc.dtype, loc.device, family, kl_family,
+                                                             prior_log_scale.dim() == 1, grad_z is not None,
+                                                             grad_kl is not None, has_dp)
+    part, counters = family_split_buffers(2, N, L, loc.dtype, loc.device, blocks, splits)
+    _sample_location_scale_kl_bwd_kernel[grid](
+        loc if grad_z is None else grad_z, loc if grad_kl is None else grad_kl, loc, log_scale, prior_loc,
+        prior_log_scale, seed, dloc, dlog_scale, dloc if not has_dp else dprior_loc,
+        dlog_scale if not has_dp else dprior_log_scale, part, counters, N, L, N * L, K, per_split, splits, **meta)
