@@ -9,9 +9,10 @@
 # so that it travels with the checkout to the GPU machine. OUT_DIR: where the
 # logs go. Budgets in seconds: HOST_S (benchmarks/bench_host_cost.py --device
 # cuda --compiled, default 200; HOST_ARGS adds its options, e.g. "--rounds 5
-# --calls 100"), PROBE_S (each probe section, default 170) and TEST_S (the CUDA
-# tests, default 190). A budget ends its step with SIGINT, so pytest still
-# prints the failures it found. Why the steps are as they are:
+# --calls 100"), FAMILIES_S (benchmarks/bench_families.py, eager, default 90),
+# PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests,
+# default 190). A budget ends its step with SIGINT, so pytest still prints
+# the failures it found. Why the steps are as they are:
 # - install editable: fastvae.kernels is kernels/ (setup.py's package_dir), which
 #   `setup.py build_ext --inplace` alone does not map (every CUDA test would fail);
 # - the probe and the tests need the GPU alone: they run one after the other;
@@ -36,6 +37,10 @@ stamp "installed"
 timeout -s INT "${HOST_S:-200}" python3 -m benchmarks.bench_host_cost --device cuda --compiled --profile ${HOST_ARGS:-} \
   --out "$out/host_cost-cuda.json" > "$out/host-cost.log" 2>&1
 stamp "host cost rc $?"
+# the latent families' whole objective, eager (the compiled rows compile 16 graphs: too long here)
+timeout -s INT "${FAMILIES_S:-90}" python3 -m benchmarks.bench_families --device cuda --eager --rounds 3 --calls 5 \
+  --families laplace uniform gumbel cauchy --out "$out/families-cuda.json" > "$out/families.log" 2>&1
+stamp "families rc $?"
 for section in $sections; do
   timeout -s INT "${PROBE_S:-170}" python3 "$probe/probe.py" "$section" --out "$out" > "$out/probe-$section.log" 2>&1
   stamp "probe $section rc $?"
