@@ -249,9 +249,10 @@ class FamilySamplePlan:
     launchers' (kernels/sampler.py's family_*_plan, family_kl's *_plan).
     ``q_scale``: the posterior comes as its scale (or rate), whose log the
     plan takes (a torch object's), else as its log. ``cpp``: the cpp
-    backend's, a location-scale family's: one C++ call each way,
-    sample_location_scale's _kl kernels, which run the KL inside the
-    sampler's loops (nothing to plan but the layout)."""
+    backend's: one C++ call each way, the sampler's _kl kernels
+    (sample_location_scale's, or sample_positive's for the exponential),
+    which run the KL inside the sampler's loops (nothing to plan but the
+    layout)."""
 
     # the family samplers the plans launch: (kernels' module, partial sums of a split backward)
     SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
@@ -273,8 +274,7 @@ class FamilySamplePlan:
         self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
         if cpp:
-            if not self.has_loc:
-                raise ValueError("the cpp backend's family plan takes a location-scale family")
+            self.kl_kernels = f"{sampler}_kl_forward", f"{sampler}_kl_backward"
             return
         kernels = _kernels("sampler")
         self.sampler, self.sums = _kernels(sampler), self.SAMPLERS[sampler]
@@ -329,9 +329,11 @@ class FamilySample(torch.autograd.Function):
         z, kl = empty(plan.z_like), empty(plan.kl_like)
         if plan.cpp:
             N, L = plan.N, plan.L
-            _backend.launch("cpp", "sample_location_scale_kl_forward", z.numel(), loc=loc.view(N, L),
-                            log_scale=log_scale.view(N, L), prior_loc=p_loc, prior_log_scale=p_log_scale, seed=seed,
-                            family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L), kl=kl.view(N))
+            _backend.launch("cpp", plan.kl_kernels[0], z.numel(),
+                            **_cpp_parameters(plan.has_loc, _rows(loc, N, L), _rows(log_scale, N, L), p_loc,
+                                              p_log_scale),
+                            seed=seed, family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L),
+                            kl=kl.view(N))
         else:
             first = loc if plan.has_loc else log_scale  # the sampler's two parameters (the exponential's: one, twice)
             plan.forward(first, log_scale, seed, z, z, *plan.ints)
@@ -365,13 +367,12 @@ class FamilySample(torch.autograd.Function):
         if plan.cpp:
             N, L, K = plan.N, plan.L, plan.K
             _backend.launch(
-                "cpp", "sample_location_scale_kl_backward", max(K, 1) * N * L,
+                "cpp", plan.kl_kernels[1], max(K, 1) * N * L,
                 grad_z=None if grad_z is None else grad_z.contiguous().view(K, N, L),
-                grad_kl=None if grad_kl is None else grad_kl.contiguous().view(N), loc=loc.view(N, L),
-                log_scale=log_scale.view(N, L), prior_loc=p_loc, prior_log_scale=p_log_scale, seed=seed,
-                family=plan.family, kl_family=plan.kl_family, dloc=dloc.view(N, L), dlog_scale=dls.view(N, L),
-                dprior_loc=None if dp_loc is None else dp_loc.view(N, L),
-                dprior_log_scale=None if dp_ls is None else dp_ls.view(N, L))
+                grad_kl=None if grad_kl is None else grad_kl.contiguous().view(N),
+                **_cpp_parameters(plan.has_loc, _rows(loc, N, L), _rows(log_scale, N, L), p_loc, p_log_scale),
+                seed=seed, family=plan.family, kl_family=plan.kl_family,
+                **_cpp_gradients(plan.has_loc, *(_rows(t, N, L) for t in (dloc, dls, dp_loc, dp_ls))))
         else:
             # the exponential's sampler writes a second gradient no parameter takes: scratch in loc's place
             first = loc if plan.has_loc else log_scale
@@ -392,6 +393,28 @@ class FamilySample(torch.autograd.Function):
             dls = dls / q_b
         return (dloc if needs[0] else None, dls if needs[1] else None, dp_loc if needs[2] else None,
                 dp_ls if needs[3] else None, None, None, None)
+
+
+def _rows(t: Tensor | None, N: int, L: int) -> Tensor | None:
+    """A q-shaped tensor as the kernels' (N, L) view."""
+    return None if t is None else t.view(N, L)
+
+
+def _cpp_parameters(has_loc: bool, loc, log_scale, p_loc, p_log_scale) -> dict:
+    """The fused C++ kernels' parameters by name: sample_location_scale_kl's,
+    or sample_positive_kl's, whose first are the exponential's log-rates and
+    whose second stand-ins that no formula reads (the log-rates again)."""
+    if has_loc:
+        return dict(loc=loc, log_scale=log_scale, prior_loc=p_loc, prior_log_scale=p_log_scale)
+    return dict(log_p0=log_scale, log_p1=log_scale, prior_log_p0=p_log_scale, prior_log_p1=p_log_scale)
+
+
+def _cpp_gradients(has_loc: bool, dloc, dls, dp_loc, dp_ls) -> dict:
+    """The fused C++ backward's gradients by name, as _cpp_parameters; the
+    exponential's stand-ins' (0) go to the buffers of the locations it has not."""
+    if has_loc:
+        return dict(dloc=dloc, dlog_scale=dls, dprior_loc=dp_loc, dprior_log_scale=dp_ls)
+    return dict(dlog_p0=dls, dlog_p1=dloc, dprior_log_p0=dp_ls, dprior_log_p1=dp_loc)
 
 
 # -- after the decoder: likelihood, log-mean-exp, reduction, the bound ----------------
