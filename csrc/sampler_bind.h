@@ -50,12 +50,15 @@ struct FamilySamplerNames {
   int families;
   const char* family_names;  // "uniform, laplace, ..."
   // the prior's parameters and their gradients, of an op with <op>_kl_forward
-  // and <op>_kl_backward (the KL of (p0, p1) against a prior of a family with a
-  // location); null for one without
+  // and <op>_kl_backward (family_kl's KL of (p0, p1) against the prior); null
+  // for one without
   const char* prior0 = nullptr;
   const char* prior1 = nullptr;
   const char* dprior0 = nullptr;
   const char* dprior1 = nullptr;
+  // per family, the one KL family its fused KL takes (-1: none); null: any of
+  // family_kl's with a location
+  const int* kl_families = nullptr;
 };
 
 // A family sampler's C++ kernels in one dtype, which trust every extent checked here.
@@ -110,15 +113,26 @@ void family_backward(const FamilySamplerNames& names, const FamilyKernels<T>& ke
 }
 
 // The prior of a fused KL, checked: (prior0, prior1) (L,) (shared by the
-// rows) or (N, L); kl_family one of family_kl's with a location.
+// rows) or (N, L); kl_family the family's (names.kl_families), or else one of
+// family_kl's with a location.
 struct FusedPrior {
   bool shared;
   std::vector<int64_t> shape;
 };
 
-inline FusedPrior fused_prior(const FamilySamplerNames& names, int kl_family, const py::array& prior1, int64_t N,
-                              int64_t L) {
-  if (kl_family < 0 || kl_family >= kFamilyKLFamilies || !family_kl_has_loc(kl_family)) {
+inline FusedPrior fused_prior(const FamilySamplerNames& names, int family, int kl_family, const py::array& prior1,
+                              int64_t N, int64_t L) {
+  if (names.kl_families != nullptr) {
+    const int want = names.kl_families[family];
+    if (want < 0) {
+      throw py::value_error("family: " + std::to_string(family) + " has no fused closed-form KL (families " +
+                            names.family_names + ")");
+    }
+    if (kl_family != want) {
+      throw py::value_error("kl_family: expected " + std::to_string(want) + " (family_kl's of family " +
+                            std::to_string(family) + "), got " + std::to_string(kl_family));
+    }
+  } else if (kl_family < 0 || kl_family >= kFamilyKLFamilies || !family_kl_has_loc(kl_family)) {
     throw py::value_error("kl_family: expected one of family_kl's families with a location (0-" +
                           std::to_string(kFamilyKLFamilies - 1) + " but " + std::to_string(kFamilyKLExponential) +
                           "), got " + std::to_string(kl_family));
@@ -138,7 +152,7 @@ void fused_kl_forward(const FamilySamplerNames& names, const FamilyKernels<T>& k
   const auto [N, L] = extents(p0, names.p0);
   if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
   const int64_t K = z.shape(0);
-  const FusedPrior prior = fused_prior(names, kl_family, prior1, N, L);
+  const FusedPrior prior = fused_prior(names, family, kl_family, prior1, N, L);
   const T* a = checked<T>(p0, names.p0, {N, L}, false);
   const T* b = checked<T>(p1, names.p1, {N, L}, false);
   const T* pa = checked<T>(prior0, names.prior0, prior.shape, false);
@@ -156,7 +170,7 @@ void fused_kl_backward(const FamilySamplerNames& names, const FamilyKernels<T>& 
                         py::object dprior1, int n_threads) {
   const auto [N, L] = extents(p0, names.p0);
   const int64_t K = gradient_samples(dz, py::none(), 3, "(K, N, L)", "grad_kl");
-  const FusedPrior prior = fused_prior(names, kl_family, prior1, N, L);
+  const FusedPrior prior = fused_prior(names, family, kl_family, prior1, N, L);
   if (dprior0.is_none() != dprior1.is_none()) {
     throw py::value_error(std::string(names.dprior0) + " and " + names.dprior1 + ": expected both or neither");
   }

@@ -251,8 +251,10 @@ class FamilySamplePlan:
     (sample_location_scale's kl_*_plan; kernels/sampler.py's family_*_plan,
     family_kl's *_plan). ``q_scale``: the posterior comes as its scale (or
     rate), whose log the plan takes (a torch object's), else as its log.
-    ``cpp``: the cpp backend's, a location-scale family's: the same _kl
-    kernels in C++, one call each way (nothing to plan but the layout)."""
+    ``cpp``: the cpp backend's: one C++ call each way, the sampler's _kl
+    kernels (sample_location_scale's, or sample_positive's for the
+    exponential), which run the KL inside the sampler's loops (nothing to
+    plan but the layout)."""
 
     # the family samplers the plans launch: (kernels' module, partial sums of a split backward)
     SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
@@ -274,8 +276,7 @@ class FamilySamplePlan:
         self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
         if cpp:
-            if not self.has_loc:
-                raise ValueError("the cpp backend's family plan takes a location-scale family")
+            self.kl_kernels = f"{sampler}_kl_forward", f"{sampler}_kl_backward"
             return
         self.sampler, self.sums = _kernels(sampler), self.SAMPLERS[sampler]
         self._backward = None
@@ -350,16 +351,17 @@ class FamilySample(torch.autograd.Function):
         z, kl = empty(plan.z_like), empty(plan.kl_like)
         if plan.cpp:
             N, L = plan.N, plan.L
-            _backend.launch("cpp", "sample_location_scale_kl_forward", z.numel(), loc=loc.view(N, L),
-                            log_scale=log_scale.view(N, L), prior_loc=p_loc, prior_log_scale=p_log_scale, seed=seed,
-                            family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L), kl=kl.view(N))
+            _backend.launch("cpp", plan.kl_kernels[0], z.numel(),
+                            **_cpp_parameters(plan.has_loc, _rows(loc, N, L), _rows(log_scale, N, L), p_loc,
+                                              p_log_scale),
+                            seed=seed, family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L),
+                            kl=kl.view(N))
         elif plan.has_loc:
             plan.forward(loc, log_scale, p_loc, p_log_scale, seed, z, kl, plan.N * plan.L, plan.N, plan.K * plan.N,
                          plan.L)
         else:  # the exponential's sampler takes its one parameter twice
-            first = log_scale
-            plan.forward(first, log_scale, seed, z, z, *plan.ints)
-            plan.kl_forward(first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, kl, plan.N,
+            plan.forward(log_scale, log_scale, seed, z, z, *plan.ints)
+            plan.kl_forward(log_scale, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, kl, plan.N,
                             plan.L)
         ctx.save_for_backward(loc, log_scale, p_loc, p_log_scale, seed, q_b, p_b)
         ctx.set_materialize_grads(False)
@@ -389,13 +391,12 @@ class FamilySample(torch.autograd.Function):
         if plan.cpp:
             N, L, K = plan.N, plan.L, plan.K
             _backend.launch(
-                "cpp", "sample_location_scale_kl_backward", max(K, 1) * N * L,
+                "cpp", plan.kl_kernels[1], max(K, 1) * N * L,
                 grad_z=None if grad_z is None else grad_z.contiguous().view(K, N, L),
-                grad_kl=None if grad_kl is None else grad_kl.contiguous().view(N), loc=loc.view(N, L),
-                log_scale=log_scale.view(N, L), prior_loc=p_loc, prior_log_scale=p_log_scale, seed=seed,
-                family=plan.family, kl_family=plan.kl_family, dloc=dloc.view(N, L), dlog_scale=dls.view(N, L),
-                dprior_loc=None if dp_loc is None else dp_loc.view(N, L),
-                dprior_log_scale=None if dp_ls is None else dp_ls.view(N, L))
+                grad_kl=None if grad_kl is None else grad_kl.contiguous().view(N),
+                **_cpp_parameters(plan.has_loc, _rows(loc, N, L), _rows(log_scale, N, L), p_loc, p_log_scale),
+                seed=seed, family=plan.family, kl_family=plan.kl_family,
+                **_cpp_gradients(plan.has_loc, *(_rows(t, N, L) for t in (dloc, dls, dp_loc, dp_ls))))
         elif plan.has_loc:
             run, part, counters, K, per_split, splits = plan.fused_backward(grad_z is not None, grad_kl is not None,
                                                                             has_dp)
@@ -403,17 +404,14 @@ class FamilySample(torch.autograd.Function):
                 log_scale, p_loc, p_log_scale, seed, dloc, dls, dloc if dp_loc is None else dp_loc,
                 dls if dp_ls is None else dp_ls, part, counters, plan.N, plan.L, plan.N * plan.L, K, per_split,
                 splits)
-        else:
-            # the exponential's sampler writes a second gradient no parameter takes: scratch in loc's place
-            first = loc if plan.has_loc else log_scale
+        else:  # the exponential's sampler takes its one parameter twice and writes a second gradient to scratch
             if grad_z is not None:
                 run, part, counters, per_split, splits = plan.backward()
-                run(grad_z.contiguous(), first, first, log_scale, seed, dls if not plan.has_loc else dloc,
-                    dloc if not plan.has_loc else dls, part, counters, plan.N, plan.L, plan.N * plan.L, plan.K,
-                    per_split, splits)
+                run(grad_z.contiguous(), log_scale, log_scale, log_scale, seed, dls, dloc, part, counters, plan.N,
+                    plan.L, plan.N * plan.L, plan.K, per_split, splits)
             if grad_kl is not None:
                 plan.kl_backward(has_dp, grad_z is not None)(
-                    grad_kl.contiguous(), first, log_scale, log_scale if p_loc is None else p_loc, p_log_scale,
+                    grad_kl.contiguous(), log_scale, log_scale, log_scale if p_loc is None else p_loc, p_log_scale,
                     dloc, dls, dls if dp_loc is None else dp_loc, dls if dp_ls is None else dp_ls, plan.N, plan.L)
         if has_dp and plan.p_shared:  # the prior's, summed back to its (L,)
             dp_loc, dp_ls = (None if p_loc is None else dp_loc.sum(0)), dp_ls.sum(0)
@@ -423,6 +421,28 @@ class FamilySample(torch.autograd.Function):
             dls = dls / q_b
         return (dloc if needs[0] else None, dls if needs[1] else None, dp_loc if needs[2] else None,
                 dp_ls if needs[3] else None, None, None, None)
+
+
+def _rows(t: Tensor | None, N: int, L: int) -> Tensor | None:
+    """A q-shaped tensor as the kernels' (N, L) view."""
+    return None if t is None else t.view(N, L)
+
+
+def _cpp_parameters(has_loc: bool, loc, log_scale, p_loc, p_log_scale) -> dict:
+    """The fused C++ kernels' parameters by name: sample_location_scale_kl's,
+    or sample_positive_kl's, whose first are the exponential's log-rates and
+    whose second stand-ins that no formula reads (the log-rates again)."""
+    if has_loc:
+        return dict(loc=loc, log_scale=log_scale, prior_loc=p_loc, prior_log_scale=p_log_scale)
+    return dict(log_p0=log_scale, log_p1=log_scale, prior_log_p0=p_log_scale, prior_log_p1=p_log_scale)
+
+
+def _cpp_gradients(has_loc: bool, dloc, dls, dp_loc, dp_ls) -> dict:
+    """The fused C++ backward's gradients by name, as _cpp_parameters; the
+    exponential's stand-ins' (0) go to the buffers of the locations it has not."""
+    if has_loc:
+        return dict(dloc=dloc, dlog_scale=dls, dprior_loc=dp_loc, dprior_log_scale=dp_ls)
+    return dict(dlog_p0=dls, dlog_p1=dloc, dprior_log_p0=dp_ls, dprior_log_p1=dp_loc)
 
 
 # -- after the decoder: likelihood, log-mean-exp, reduction, the bound ----------------

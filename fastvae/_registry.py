@@ -87,7 +87,8 @@ USES: dict[tuple[str, str], str] = {
     ("latents", "sample_normal"): "the normal transforms (log-normal, logistic-normal) sample through it",
     ("latents", "kl_normal"): "the normal transforms' KL is their normals' KL",
     ("latents", "sample_location_scale"): "LocationScale's samples, its family table and evaluation draws",
-    ("latents", "sample_positive"): "Positive's samples, parameter table, evaluation draws and median",
+    ("latents", "sample_positive"): "Positive's samples (and its fused draw and KL), parameter table, "
+                                    "evaluation draws and median",
     ("latents", "sample_concrete"): "Concrete's samples, argument checks and evaluation draws",
     ("latents", "family_kl"): "the location-scale and exponential records' closed-form KL is the op",
     ("priors", "kl_normal"): "a Gaussian prior's closed-form KL is the op",
@@ -112,15 +113,14 @@ USES: dict[tuple[str, str], str] = {
     ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
     ("_plan", "sample_location_scale"): "FamilySamplePlan launches a location-scale family's sampler kernels "
                                         "(on the cpp backend, its fused KL kernels)",
-    ("_plan", "sample_positive"): "FamilySamplePlan launches the exponential's sampler kernels",
-    ("objectives", "sample_positive"): "the exponential's plan replays and the cpp backend's path run the op's "
-                                       "Function unchecked",
+    ("_plan", "sample_positive"): "FamilySamplePlan launches the exponential's sampler kernels (on the cpp "
+                                  "backend, its fused KL kernels)",
+    ("objectives", "sample_positive"): "the exponential's plan replays the op's Function",
     ("_plan", "family_kl"): "FamilySamplePlan launches the family's closed-form KL kernels, adding q's gradient "
                             "to the sampler's",
-    ("objectives", "sample_location_scale"): "the family plans' first call and create_graph replay, and the cpp "
-                                             "backend's family path, run the op's Function unchecked",
-    ("objectives", "family_kl"): "the family plans' replay and the cpp backend's family path run the op's "
-                                 "Function with the prior in its layout",
+    ("objectives", "sample_location_scale"): "the family plans' create_graph replay runs the op's Function, "
+                                             "and their key its family index",
+    ("objectives", "family_kl"): "the family plans' replay runs the op's Function with the prior in its layout",
     ("_plan_ops", "sample_normal"): "the graph ops of the compiled path launch the sampler's kernel",
     ("kernels.aot", "sample_normal"): "the noise fills' ahead-of-time cases take the sampler's shapes",
     # the sampler's noise and kl_normal's gradient, which other ops reuse
@@ -136,6 +136,12 @@ USES: dict[tuple[str, str], str] = {
     ("ops/sample_location_scale/sample_location_scale.cpp", "family_kl"): "the fused KL runs family_kl's rows and "
                                                                           "gradients inside the sampler's loops",
     ("csrc/sampler_bind.h", "family_kl"): "the samplers' fused KL bindings check family_kl's families",
+    ("ops.sample_positive", "family_kl"): "the fused KL kernels' oracle is family_kl's after the draw",
+    ("ops.sample_positive.op", "family_kl"): "the fused draw and KL take the prior in family_kl's layout and "
+                                             "replay FamilyKL for a create_graph backward",
+    ("ops.sample_positive.triton", "family_kl"): "the fused KL kernels launch family_kl's after the draw",
+    ("ops/sample_positive/sample_positive.cpp", "family_kl"): "the fused KL runs family_kl's rows and gradients "
+                                                              "inside the sampler's loops",
     # shared math that one op holds
     ("ops.family_kl.triton", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",
     ("ops/family_kl/family_kl.cpp", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",

@@ -93,7 +93,13 @@ from .ops.sample_location_scale.op import (
     sample_location_scale_unchecked,
 )
 from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
-from .ops.sample_positive.op import PARAMETERS, check_params, positive_at, sample_positive_unchecked
+from .ops.sample_positive.op import (
+    PARAMETERS,
+    check_params,
+    positive_at,
+    sample_positive_kl_unchecked,
+    sample_positive_unchecked,
+)
 from .priors import MixtureOfGaussians, StandardNormal, TorchPrior, VampPrior
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -745,20 +751,30 @@ class Positive(_Latent):
         _validate.float_tensors(z=z)
         return self.torch_distribution().log_prob(widened(z)[0])
 
+    def _kl_prior(self, prior) -> tuple[Tensor, Tensor] | None:
+        """The prior's parameters of a closed-form KL, in sample_positive_kl's
+        order: an exponential prior's log-rate for the exponential (and a
+        detached alias of it, the stand-in second that no formula reads), a
+        Beta's (log alpha, log beta) for the Kumaraswamy; None otherwise."""
+        if self.index == 0:
+            lp = _prior_log_rate(prior)
+            return None if lp is None else (lp, lp.detach())
+        if self.index == 2:
+            beta = _prior_beta(prior)
+            return None if beta is None else (_log(beta[0]), _log(beta[1]))
+        return None  # Weibull: Monte Carlo
+
     def _kl(self, prior, reduce: bool) -> Tensor | None:
         """The KL summed over L (reduce) or per dimension (..., L):
         exponential-exponential in closed form, Kumaraswamy-Beta by the
         truncated series (each the fused family_kl); None otherwise (Monte Carlo)."""
         _check_prior_support(self.family, prior)
+        p = self._kl_prior(prior)
+        if p is None:
+            return None
         if self.index == 0:
-            lp = _prior_log_rate(prior)
-            return None if lp is None else family_kl("exponential", (self.log_p0,), (lp,), reduce=reduce)
-        if self.index == 2:
-            beta = _prior_beta(prior)
-            if beta is None:
-                return None
-            return family_kl("kumaraswamy", (self.log_p0, self.log_p1), tuple(_log(c) for c in beta), reduce=reduce)
-        return None  # Weibull: Monte Carlo
+            return family_kl("exponential", (self.log_p0,), p[:1], reduce=reduce)
+        return family_kl("kumaraswamy", (self.log_p0, self.log_p1), p, reduce=reduce)
 
     def analytic_kl(self, prior) -> Tensor | None:
         return self._kl(prior, True)
@@ -767,8 +783,18 @@ class Positive(_Latent):
         return self._kl(prior, False)
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        """The ELBO's draw: against a prior with a closed-form KL (the
+        exponential's exponential, the Kumaraswamy's Beta), z and the KL from
+        one fused call each way (sample_positive_kl: the sampler's z,
+        family_kl's KL, the same bits), no log q formed; else the general
+        draw (_Latent.sample_with_kl)."""
         _check_prior_support(self.family, prior)
-        return super().sample_with_kl(n_samples, prior, generator)
+        p = self._kl_prior(prior)
+        if p is None or not _fuses(self.log_p0, self.log_p1, *p):
+            return super().sample_with_kl(n_samples, prior, generator)
+        z, kl = sample_positive_kl_unchecked(self.index, KL_FAMILIES.index(self.family), self.log_p0, self.log_p1,
+                                             *p, 1 if n_samples is None else n_samples, generator)
+        return (z[0] if n_samples is None else z), kl, True
 
 
 def _torch_base(prior):

@@ -47,10 +47,10 @@ from .ops.logmeanexp.op import (
     importance_weights_from_state,
     logmeanexp_with_state,
 )
-from .ops.sample_location_scale.op import SampleLocationScale, family_index, sample_location_scale_unchecked
+from .ops.sample_location_scale.op import SampleLocationScale, family_index
 from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_normal_tril.op import SampleNormalTril
-from .ops.sample_positive.op import SamplePositive, sample_positive_unchecked
+from .ops.sample_positive.op import SamplePositive
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -484,30 +484,21 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         P = batch.numel()
         if loc.shape != b.shape or P * loc.shape[-1] == 0 or x.numel() == 0:
             return None
-        sample = tail = None  # the cpp backend's exponential: the checks are its plan
+        tail = None
         p_shared = all(n == 1 for t in (p_loc, p_b) for n in t.shape[:-1])
         if exponential:
             p_loc = None
-        if triton or not exponential:  # the cpp backend's: a location-scale family's fused C++ call
-            sampler, index = ("sample_positive", 0) if exponential else ("sample_location_scale", family_index(family))
-            sample = _plan.FamilySamplePlan(sampler, index, KL_FAMILIES.index(family), loc.shape, dtype, device,
-                                            None if n == 1 else n, p_shared, form == SCALE, _general_family_sample,
-                                            cpp=not triton)
+        # on the cpp backend, the sampler's fused C++ draw and KL
+        sampler, index = ("sample_positive", 0) if exponential else ("sample_location_scale", family_index(family))
+        sample = _plan.FamilySamplePlan(sampler, index, KL_FAMILIES.index(family), loc.shape, dtype, device,
+                                        None if n == 1 else n, p_shared, form == SCALE, _general_family_sample,
+                                        cpp=not triton)
         if triton and n == 1:  # several samples: the general tail
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
                                   _general_elbo_tail, x.shape, dtype)
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
     if exponential:
         loc = p_loc = None
-    if plan.sample is None:  # the cpp backend's exponential: the general path's own calls, without its checks
-        log_scale, p_log_scale = log_scale_of(loc, b, form), log_scale_of(p_loc, p_b, p_form)
-        if exponential:
-            z, _ = sample_positive_unchecked(0, log_scale, log_scale.detach(), n_samples, False, generator)
-        else:
-            z, _ = sample_location_scale_unchecked(family_index(family), loc, log_scale, n_samples, False, generator)
-        kl = FamilyKL.apply(KL_FAMILIES.index(family), True, loc, log_scale, p_loc, p_log_scale)
-        return _general_elbo_tail(x, decode(z[0] if n_samples == 1 else z), kl, likelihood, beta, reduction,
-                                  n_samples)
     # the logs of torch objects' scales are taken in the plan's node; the
     # uniform's width (high - low) first here, as a log-scale
     if form == HIGH:

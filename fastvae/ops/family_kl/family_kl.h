@@ -8,6 +8,7 @@ namespace fastvae {
 
 constexpr int kFamilyKLFamilies = 6;  // KL_FAMILIES (fastvae/_families.py)
 constexpr int kFamilyKLExponential = 4;
+constexpr int kFamilyKLKumaraswamy = 5;
 
 // Whether a KL family's q and p have a location (q_loc, p_loc): all but the exponential.
 inline bool family_kl_has_loc(int family) { return family != kFamilyKLExponential; }

@@ -27,6 +27,7 @@ KL_BACKWARD_TILE = 512
 # (python -m fastvae.kernels.aot --arch sm_90 --op family_kl: no spills then)
 KUMARASWAMY_TILE = 256
 KUMARASWAMY_BACKWARD_TILE = 128
+EXPONENTIAL = 4  # KL_FAMILIES' positions (fastvae/_families.py): the family without a location
 KUMARASWAMY = 5
 EULER_GAMMA = tl.constexpr(0.5772156649015329)
 LOG_4 = tl.constexpr(1.3862943611198906)

@@ -19,13 +19,23 @@ import torch.distributions as td
 from torch import Tensor
 
 from ..._dtypes import accumulation_dtype
-from ..._families import POSITIVE_FAMILIES
+from ..._families import KL_FAMILIES, POSITIVE_FAMILIES
 from ..._philox import F32_BELOW_ONE, exp1, philox_word
-from ..._spec import Bench, Op, family_sampler_kernels, family_sampler_min_bytes
+from ..._spec import Bench, Kernel, Op, family_sampler_kernels, family_sampler_min_bytes
+from ..family_kl import family_kl_backward, family_kl_forward
 
 # `family` picks exponential, Weibull or Kumaraswamy (POSITIVE_FAMILIES), a
-# compile-time variant; log_p1 unused by the exponential
-KERNELS = family_sampler_kernels("sample_positive", ("log_p0", "log_p1"))
+# compile-time variant; log_p1 unused by the exponential. Then the training
+# layout's draw with family_kl's closed form against a prior ((L,) or (N, L))
+# of the family's KL (the exponential's against an exponential, the
+# Kumaraswamy's against a Beta), summed over L: one pass over q each way
+KERNELS = family_sampler_kernels("sample_positive", ("log_p0", "log_p1")) + (
+    Kernel("sample_positive_kl_forward", "sample_positive",
+           ("log_p0", "log_p1", "prior_log_p0", "prior_log_p1", "seed", "family", "kl_family", "z", "kl")),
+    Kernel("sample_positive_kl_backward", "sample_positive",
+           ("grad_z", "grad_kl", "log_p0", "log_p1", "prior_log_p0", "prior_log_p1", "seed", "family",
+            "kl_family", "dlog_p0", "dlog_p1", "dprior_log_p0", "dprior_log_p1")),
+)
 
 OP = Op("sample_positive", tuple(k.name for k in KERNELS), "fastvae/ops/sample_positive/test_sample_positive.py",
         "sample_positive", launches=(1, 1, 1))
@@ -143,6 +153,56 @@ def sample_positive_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, l
         d1 = d1 + (g * (s1 if stop_score else f1)).sum(0)
     dlog_p0.copy_(d0)
     dlog_p1.copy_(d1)
+
+
+def kl_layout(kl_family: int, p0, p1, prior0, prior1) -> tuple:
+    """family_kl's (q_loc, q_log_param, p_loc, p_log_param) of the sampler's
+    parameters and the prior's: the exponential's log-rates alone (no
+    location; the second parameters are stand-ins), the Kumaraswamy's (log a,
+    log b) and its Beta prior's (log alpha, log beta) as (loc, log_param)."""
+    if kl_family == KL_FAMILIES.index("exponential"):
+        return None, p0, None, prior0
+    return p0, p1, prior0, prior1
+
+
+def sample_positive_kl_forward(log_p0: Tensor, log_p1: Tensor, prior_log_p0: Tensor, prior_log_p1: Tensor,
+                               seed: int, family: int, kl_family: int, z: Tensor, kl: Tensor) -> None:
+    """z (K, N, L) as sample_positive_forward draws it at the training layout's
+    offsets, and kl (N,) <- family_kl's closed form of (log_p0, log_p1) against
+    (prior_log_p0, prior_log_p1) ((L,) or (N, L)) summed over L (kl_layout)."""
+    N, L = log_p0.shape
+    sample_positive_forward(log_p0, log_p1, seed, family, 0, N * L, L, z, None)
+    family_kl_forward(*kl_layout(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1), kl_family, kl)
+
+
+def sample_positive_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, log_p0: Tensor, log_p1: Tensor,
+                                prior_log_p0: Tensor, prior_log_p1: Tensor, seed: int, family: int, kl_family: int,
+                                dlog_p0: Tensor, dlog_p1: Tensor, dprior_log_p0: Tensor | None,
+                                dprior_log_p1: Tensor | None) -> None:
+    """dlog_p0, dlog_p1 (N, L) <- the sampler's gradients from grad_z (K, N, L)
+    plus the KL's from grad_kl (N,) (None: no such term); dprior_log_p0,
+    dprior_log_p1 (N, L), when given, <- the KL's gradients of the prior, per
+    row (the exponential's second: 0)."""
+    dlog_p0.zero_()
+    dlog_p1.zero_()
+    if grad_z is not None:
+        sample_positive_backward(grad_z, None, log_p0, log_p1, seed, family, False, dlog_p0, dlog_p1)
+    if dprior_log_p0 is not None:
+        dprior_log_p0.zero_()
+        dprior_log_p1.zero_()
+    if grad_kl is None:
+        return
+    q_loc, q_lp, p_loc, p_lp = kl_layout(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1)
+    dq_loc, dq_lp = torch.empty_like(dlog_p0), torch.empty_like(dlog_p1)
+    dp_loc, dp_lp = dprior_log_p0, dprior_log_p1
+    if q_loc is None:  # the exponential: its log-rates' gradients alone
+        dq_loc, dp_loc, dp_lp = None, None, dprior_log_p0
+    family_kl_backward(grad_kl, q_loc, q_lp, p_loc, p_lp, kl_family, dq_loc, dq_lp, dp_loc, dp_lp)
+    if q_loc is None:
+        dlog_p0.add_(dq_lp)
+    else:
+        dlog_p0.add_(dq_loc)
+        dlog_p1.add_(dq_lp)
 
 
 # -- ahead-of-time compilation (python -m fastvae.kernels.aot --op sample_positive) --

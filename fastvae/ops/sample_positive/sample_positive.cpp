@@ -6,9 +6,16 @@
 // gives the closed forms; the family is a template parameter (a compile-time
 // variant), one runtime switch per call picks the instantiation. The loops
 // over (K, N, L) are the family samplers' (csrc/sampler.h).
+//
+// The _kl variants add family_kl's closed-form KL (the exponential's against
+// an exponential, the Kumaraswamy's against a Beta) inside the same loops:
+// its row sums once a tile of z is drawn, its gradients added to each block
+// of the sampler's while they are in cache. One pass over q each way instead
+// of two, and no separate sum of the two gradients.
 #include <algorithm>
 #include <cmath>
 
+#include "family_kl/family_kl.h"
 #include "sample_positive.h"
 #include "sampler.h"
 
@@ -221,6 +228,60 @@ void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, con
   });
 }
 
+// family_kl's layout of the parameters: the exponential's log-rates alone (no
+// location), the Kumaraswamy's (log a, log b) and its Beta prior's (log alpha,
+// log beta) as (loc, log_param).
+namespace {
+template <typename T>
+FamilyKLIn<T> kl_in(int kl_family, const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
+                    bool prior_shared, int64_t N, int64_t L) {
+  if (!family_kl_has_loc(kl_family)) return {nullptr, log_p0, nullptr, prior_log_p0, prior_shared, N, L};
+  return {log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L};
+}
+}  // namespace
+
+template <typename T>
+void sample_positive_kl_forward(const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
+                                bool prior_shared, uint64_t seed, int family, int kl_family, int64_t K, int64_t N,
+                                int64_t L, T* z, T* kl, int n_threads) {
+  const FamilyKLIn<T> in = kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::forward_rows<T>(
+        seed, 0, N * L, L, K, N, L, z, nullptr, n_threads,
+        [&] { return ForwardBlock<decltype(f)::value, T>{log_p0, log_p1}; },
+        [&](int64_t r0, int64_t r1) { family_kl_forward_rows<T>(kl_family, in, r0, r1, kl); });
+  });
+}
+
+template <typename T>
+void sample_positive_kl_backward(const T* dz, const T* grad_kl, const T* log_p0, const T* log_p1,
+                                 const T* prior_log_p0, const T* prior_log_p1, bool prior_shared, uint64_t seed,
+                                 int family, int kl_family, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
+                                 T* dprior_log_p0, T* dprior_log_p1, int n_threads) {
+  const FamilyKLIn<T> in = kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
+  const bool has_loc = family_kl_has_loc(kl_family);
+  // family_kl's gradients in its layout: the exponential's go to the log-rates' alone
+  T* dq_loc = has_loc ? dlog_p0 : nullptr;
+  T* dq_log_param = has_loc ? dlog_p1 : dlog_p0;
+  T* dp_loc = has_loc ? dprior_log_p0 : nullptr;
+  T* dp_log_param = has_loc ? dprior_log_p1 : dprior_log_p0;
+  T* unwritten = has_loc ? nullptr : dprior_log_p1;  // the exponential's stand-in: 0
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::backward_blocks<T>(
+        nullptr, seed, dz ? K : 0, N, L, n_threads,  // no grad_z: no sample's terms, the KL's gradients alone
+        [&] { return BackwardBlock<decltype(f)::value, T>(dz, log_p0, log_p1, false, dlog_p0, dlog_p1); },
+        [&](int64_t b0, int64_t n) {
+          if (grad_kl) {
+            family_kl_add_backward<T>(kl_family, grad_kl, in, b0, n, dq_loc, dq_log_param, dp_loc, dp_log_param);
+          } else {  // no KL term: the prior's gradients are 0
+            if (dprior_log_p0) std::fill(dprior_log_p0 + b0, dprior_log_p0 + b0 + n, T(0));
+            if (dprior_log_p1) std::fill(dprior_log_p1 + b0, dprior_log_p1 + b0 + n, T(0));
+          }
+          if (grad_kl && unwritten) std::fill(unwritten + b0, unwritten + b0 + n, T(0));
+        });
+  });
+}
+
 template void sample_positive_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
                                              uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
 template void sample_positive_forward<double>(const double*, const double*, uint64_t, int, uint64_t, uint64_t,
@@ -230,5 +291,17 @@ template void sample_positive_backward<float>(const float*, const float*, const 
 template void sample_positive_backward<double>(const double*, const double*, const double*, const double*,
                                                uint64_t, int, bool, int64_t, int64_t, int64_t, double*, double*,
                                                int);
+
+template void sample_positive_kl_forward<float>(const float*, const float*, const float*, const float*, bool,
+                                                uint64_t, int, int, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_kl_forward<double>(const double*, const double*, const double*, const double*, bool,
+                                                 uint64_t, int, int, int64_t, int64_t, int64_t, double*, double*,
+                                                 int);
+template void sample_positive_kl_backward<float>(const float*, const float*, const float*, const float*,
+                                                 const float*, const float*, bool, uint64_t, int, int, int64_t,
+                                                 int64_t, int64_t, float*, float*, float*, float*, int);
+template void sample_positive_kl_backward<double>(const double*, const double*, const double*, const double*,
+                                                  const double*, const double*, bool, uint64_t, int, int, int64_t,
+                                                  int64_t, int64_t, double*, double*, double*, double*, int);
 
 }  // namespace fastvae

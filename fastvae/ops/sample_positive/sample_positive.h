@@ -21,4 +21,25 @@ void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, con
                               int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
                               int n_threads);
 
+// The same draw (K samples at the training layout's offsets) with family_kl's
+// closed form against the prior (prior_log_p0, prior_log_p1: (L,) when
+// prior_shared, else (N, L)) summed over L into kl (N,), in the sampler's
+// loops. kl_family: KL_FAMILIES' index, the exponential's (the log-rates in
+// log_p0 and prior_log_p0 alone) or the Kumaraswamy's (its (log a, log b) and
+// the Beta prior's (log alpha, log beta)).
+template <typename T>
+void sample_positive_kl_forward(const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
+                                bool prior_shared, uint64_t seed, int family, int kl_family, int64_t K, int64_t N,
+                                int64_t L, T* z, T* kl, int n_threads);
+
+// dlog_p0, dlog_p1 (N, L): the sampler's gradients from dz (K, N, L; null:
+// none) plus the KL's from grad_kl (N,; null: none); the prior's (N, L, before
+// any sum to a shared prior's shape; the exponential's second: 0) written
+// where dprior_* are not null.
+template <typename T>
+void sample_positive_kl_backward(const T* dz, const T* grad_kl, const T* log_p0, const T* log_p1,
+                                 const T* prior_log_p0, const T* prior_log_p1, bool prior_shared, uint64_t seed,
+                                 int family, int kl_family, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
+                                 T* dprior_log_p0, T* dprior_log_p1, int n_threads);
+
 }  // namespace fastvae

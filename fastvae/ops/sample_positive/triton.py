@@ -30,6 +30,7 @@ from fastvae.kernels.sampler import (
     store_split_parts,
     sum_split_parts,
 )
+from fastvae.ops.family_kl.triton import EXPONENTIAL, _family_kl_bwd_kernel, backward_plan, family_kl_forward
 
 
 @triton.jit
@@ -206,3 +207,43 @@ def sample_positive_backward(grad_z, grad_log_q, log_p0, log_p1, seed, family, s
     (K, N, L) and grad_log_q (K, N) each None when its output has no gradient."""
     launch_family_backward(_sample_positive_bwd_kernel, 2, grad_z, grad_log_q, log_p0, log_p1, seed, family,
                            stop_score, dlog_p0, dlog_p1)
+
+
+def sample_positive_kl_forward(log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family, kl_family, z, kl) -> None:
+    """The draw at the training layout's offsets, then family_kl's forward
+    (the exponential's log-rates alone; the Kumaraswamy's two parameters as
+    its (loc, log_param)): two kernels."""
+    N, L = log_p0.shape
+    sample_positive_forward(log_p0, log_p1, seed, family, 0, N * L, L, z, None)
+    if kl_family == EXPONENTIAL:
+        family_kl_forward(None, log_p0, None, prior_log_p0, kl_family, kl)
+    else:
+        family_kl_forward(log_p0, log_p1, prior_log_p0, prior_log_p1, kl_family, kl)
+
+
+def sample_positive_kl_backward(grad_z, grad_kl, log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family,
+                                kl_family, dlog_p0, dlog_p1, dprior_log_p0, dprior_log_p1) -> None:
+    """The sampler's backward, then family_kl's adding q's gradients to it
+    (ACCUMULATE): two kernels. The exponential's second parameters are
+    stand-ins: the sampler writes 0 to dlog_p1, and dprior_log_p1 is 0."""
+    N, L = log_p0.shape
+    if grad_z is not None:
+        sample_positive_backward(grad_z, None, log_p0, log_p1, seed, family, False, dlog_p0, dlog_p1)
+    else:
+        dlog_p0.zero_()
+        dlog_p1.zero_()
+    has_dp = dprior_log_p0 is not None
+    exponential = kl_family == EXPONENTIAL
+    if grad_kl is None or exponential:
+        if has_dp:
+            dprior_log_p0.zero_()
+            dprior_log_p1.zero_()
+    if grad_kl is None or N * L == 0:
+        return
+    # the exponential's kernel reads and writes no location: its pointers are the log-rates'
+    q = (log_p0, log_p0) if exponential else (log_p0, log_p1)
+    p = (prior_log_p0, prior_log_p0) if exponential else (prior_log_p0, prior_log_p1)
+    dq = (dlog_p0, dlog_p0) if exponential else (dlog_p0, dlog_p1)
+    dp = (dprior_log_p0, dprior_log_p0) if exponential else (dprior_log_p0, dprior_log_p1)
+    grid, meta = backward_plan(N, L, log_p0.dtype, kl_family, prior_log_p0.dim() == 1, True, has_dp, True)
+    _family_kl_bwd_kernel[grid](grad_kl, *q, *p, *dq, *(dp if has_dp else dq), N, L, **meta)
