@@ -89,6 +89,19 @@ inline void check_2d(const py::array& a, const char* name) {
   }
 }
 
+// The extents of a sampler's rows mu (N, L) and its samples z (K, N, L):
+// mu's rank checked and K read from z (whose other extents its buffer's check
+// compares).
+struct SampleDims {
+  int64_t K, N, L;
+};
+
+inline SampleDims sample_dims(const py::array& mu, const py::array& z) {
+  check_2d(mu, "mu");
+  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
+  return {z.shape(0), mu.shape(0), mu.shape(1)};
+}
+
 inline int check_threads(int n_threads) {
   if (n_threads < 1) throw py::value_error("n_threads must be >= 1");
   return n_threads;
@@ -105,6 +118,13 @@ auto by_dtype(const py::array& first, F32 f32, F64 f64) {
   if (first.dtype().is(py::dtype::of<double>())) return f64();
   throw py::type_error("cpp backend supports float32 and float64, got " +
                        std::string(py::str(first.dtype())));
+}
+
+// The same with one generic function: f(float{}) or f(double{}), so that a
+// binding names its kernel's arguments once (f<decltype(t)>(...)).
+template <typename F>
+auto by_dtype(const py::array& first, F f) {
+  return by_dtype(first, [&] { return f(float{}); }, [&] { return f(double{}); });
 }
 
 // The compute type T and storage type H of a likelihood's decoder output.
@@ -136,6 +156,22 @@ inline DecoderDims decoder_dims(const py::array& mean, const char* name = "mean"
     throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(mean));
   }
   return {mean.shape(0), mean.shape(1), mean.shape(2)};
+}
+
+// The checked inputs of a decoder likelihood's kernels: x (P, D), of the
+// compute type T, and the decoder output (K, P, D) of storage type H, named
+// `name` (and `dims_name` in a rank error).
+template <typename T, typename H>
+struct DecoderInputs {
+  DecoderDims dims;
+  const T* x;
+  const H* decoder;
+};
+
+template <typename T, typename H = T>
+DecoderInputs<T, H> decoder_inputs(py::array& x, py::array& decoder, const char* name, const char* dims_name) {
+  const DecoderDims s = decoder_dims(decoder, dims_name);
+  return {s, checked<T>(x, "x", {s.P, s.D}, false), checked<H>(decoder, name, {s.K, s.P, s.D}, false)};
 }
 
 // The layout of a location-scale likelihood's scale parameter (gaussian_log_prob's

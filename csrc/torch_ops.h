@@ -31,6 +31,18 @@
     m.impl(#NAME "_backward", &graph_##NAME##_backward);                                  \
   }
 
+// An op's operators with their schemas, where the eager operator and its graph
+// twin take the same arguments: fastvae_cpp::NAME and fastvae_cpu::NAME
+// SCHEMA ("(Tensor x, ...) -> Tensor"), fastvae_cpu::NAME_backward
+// BACKWARD_SCHEMA; and their implementations (FASTVAE_TORCH_OP_IMPLS).
+#define FASTVAE_TORCH_OP(NAME, SCHEMA, BACKWARD_SCHEMA)                                   \
+  TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) { m.def(#NAME SCHEMA); }                         \
+  TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {                                                \
+    m.def(#NAME SCHEMA);                                                                  \
+    m.def(#NAME "_backward" BACKWARD_SCHEMA);                                             \
+  }                                                                                       \
+  FASTVAE_TORCH_OP_IMPLS(NAME)
+
 namespace fastvae::torch_ops {
 
 using at::Tensor;
@@ -176,6 +188,124 @@ inline Layout graph_layout(const Tensor& x, const Tensor& out, const char* out_n
   TORCH_CHECK(out.dim() == 3, out_name, ": expected a 3-d (K, P, D) tensor, got shape ", out.sizes());
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-d (P, D) tensor, got shape ", x.sizes());
   return {out.size(0), out.size(1), out.size(2)};
+}
+
+// -- the location-scale likelihoods (gaussian_log_prob's and laplace_log_prob's torch_op.cpp) --
+
+// A location-scale likelihood's scale parameter `v` (named `name`) against its
+// decoder output `like` (named `like_name`), in the kernels' layout, as the
+// op's layout enum E numbers it (kElement, kRow, kDim), of like's dtype:
+// - scale_param, as fastvae/_likelihood_layout.py's kernel_var lays it out:
+//   (D,) one per dimension, (K, P, D) per element, else (P, D) per x row;
+// - graph_scale_param, in a graph op: told apart by rank as the binding does.
+template <typename E>
+std::pair<Tensor, E> scale_param(const Tensor& v, const char* name, const Tensor& like, const char* like_name,
+                                 const Layout& s) {
+  if (v.dim() == 1 && v.size(0) == s.D && s.K * s.P * s.D != s.D) {
+    return {input(v, name, like, {s.D}), E::kDim};
+  }
+  if (v.numel() == s.K * s.P * s.D) {
+    return {input(v.reshape({s.K, s.P, s.D}), name, like, {s.K, s.P, s.D}), E::kElement};
+  }
+  TORCH_CHECK(v.numel() == s.P * s.D, name, " of shape ", v.sizes(), " is neither per element, per x row nor per "
+              "dimension of ", like_name, " ", like.sizes());
+  return {input(v.reshape({s.P, s.D}), name, like, {s.P, s.D}), E::kRow};
+}
+
+template <typename E>
+std::pair<Tensor, E> graph_scale_param(const Tensor& v, const char* name, const Tensor& like, const Layout& s) {
+  switch (v.dim()) {
+    case 3: return {input(v, name, like, {s.K, s.P, s.D}), E::kElement};
+    case 2: return {input(v, name, like, {s.P, s.D}), E::kRow};
+    case 1: return {input(v, name, like, {s.D}), E::kDim};
+    default: TORCH_CHECK(false, name, ": expected (K, P, D), (P, D) or (D,), got shape ", v.sizes());
+  }
+}
+
+// The kernels' inputs: x (P, D), the decoder output loc (K, P, D) and its
+// scale parameter in `layout`, contiguous tensors of loc's dtype.
+template <typename E>
+struct LocScaleInputs {
+  Layout s;
+  Tensor x, loc, scale;
+  E layout;
+};
+
+// An eager call's inputs (x and the scale parameter broadcasting against loc)
+// in the kernels' layout.
+template <typename E>
+LocScaleInputs<E> loc_scale_inputs(const Tensor& x, const Tensor& loc, const char* loc_name, const Tensor& scale,
+                                   const char* scale_name) {
+  check_float(loc, loc_name);
+  const Layout s = likelihood_layout(x, loc, loc_name);
+  const Tensor m = input(loc.reshape({s.K, s.P, s.D}), loc_name, loc, {s.K, s.P, s.D});
+  const Tensor x2 = input(x.reshape({s.P, s.D}), "x", loc, {s.P, s.D});
+  auto [v, layout] = scale_param<E>(scale, scale_name, loc, loc_name, s);
+  return {s, x2, m, v, layout};
+}
+
+// A graph op's inputs, which are in the kernels' layout already.
+template <typename E>
+LocScaleInputs<E> graph_loc_scale_inputs(const Tensor& x, const Tensor& loc, const char* loc_name,
+                                         const Tensor& scale, const char* scale_name) {
+  const Layout s = graph_layout(x, loc, loc_name);
+  const Tensor m = input(loc, loc_name, loc, {s.K, s.P, s.D}), x2 = input(x, "x", loc, {s.P, s.D});
+  auto [v, layout] = graph_scale_param<E>(scale, scale_name, loc, s);
+  return {s, x2, m, v, layout};
+}
+
+// An eager Function's saved state: the kernels' inputs for its backward, the
+// user's for a double backward (saved[3..5]), the layout and the user's
+// shapes, which the gradients take (eager_grads).
+template <typename E>
+void save_loc_scale(AutogradContext* ctx, const LocScaleInputs<E>& in, const Tensor& x, const Tensor& loc,
+                    const Tensor& scale) {
+  ctx->save_for_backward({in.x, in.loc, in.scale, x, loc, scale});
+  ctx->saved_data["layout"] = int64_t(in.layout);
+  ctx->saved_data["x_shape"] = x.sizes().vec();
+  ctx->saved_data["loc_shape"] = loc.sizes().vec();
+  ctx->saved_data["scale_shape"] = scale.sizes().vec();
+}
+
+template <typename E>
+LocScaleInputs<E> saved_loc_scale(AutogradContext* ctx, const variable_list& saved) {
+  const Tensor& m = saved[1];
+  return {{m.size(0), m.size(1), m.size(2)}, saved[0], m, saved[2], E(ctx->saved_data["layout"].toInt())};
+}
+
+// grad_out (K, P) of the rows, checked against loc.
+template <typename E>
+Tensor grad_rows(const Tensor& grad_out, const LocScaleInputs<E>& in) {
+  return input(grad_out.reshape({in.s.K, in.s.P}), "grad_out", in.loc, {in.s.K, in.s.P});
+}
+
+// The backward kernel's outputs: dloc (K, P, D), and dx (P, D) and dscale (the
+// scale parameter's shape) where asked for, else undefined.
+struct LocScaleGrads {
+  Tensor dloc, dx, dscale;
+};
+
+template <typename E>
+LocScaleGrads loc_scale_grads(const LocScaleInputs<E>& in, bool need_dx, bool need_dscale) {
+  const auto [K, P, D] = in.s;
+  return {output({K, P, D}, in.loc), need_dx ? output({P, D}, in.loc) : Tensor(),
+          need_dscale ? output(in.scale.sizes(), in.loc) : Tensor()};
+}
+
+// The gradients of an eager Function's (x, loc, scale) in the user's shapes.
+inline variable_list eager_grads(AutogradContext* ctx, const LocScaleGrads& d) {
+  const auto view = [&](const Tensor& t, const char* key) {
+    return t.defined() ? t.view(ctx->saved_data[key].toIntVector()) : Tensor();
+  };
+  return {view(d.dx, "x_shape"), view(d.dloc, "loc_shape"), view(d.dscale, "scale_shape")};
+}
+
+// A graph backward's Tensor[]: dloc, then dx and dscale where asked for.
+inline std::vector<Tensor> graph_grads(const LocScaleGrads& d) {
+  std::vector<Tensor> grads{d.dloc};
+  if (d.dx.defined()) grads.push_back(d.dx);
+  if (d.dscale.defined()) grads.push_back(d.dscale);
+  return grads;
 }
 
 // acc + t, where an undefined acc is 0.

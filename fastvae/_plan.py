@@ -639,6 +639,34 @@ class TailPlan:
                               *tail, self.D)
         return dout
 
+    def log_mean_exp(self, lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """iwae: the bound (reduced, or per column) of the rows ``lw`` (K, P),
+        with the log-mean-exp's state (lw_max, sumexp) that its backward reads."""
+        lw_max, sumexp = empty(self.state_like), empty(self.state_like)
+        if self.lme_forward is not None:
+            if self.reduced:
+                value, part = empty(self.bound_like), self.lme_parts
+            else:  # no reduction: a placeholder the kernel never touches, as the launcher passes
+                value, part = empty(self.value_like), sumexp
+            self.lme_forward(lw, lw, part, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
+                             self.counter if self.reduced else sumexp, *self.lme_ints)
+        else:  # columns split over programs: two launches, then the reduction
+            value = empty(self.value_like)
+            (split, finish), (split_ints, finish_ints) = self.lme_split, self.lme_split_ints
+            part_m, part_s = self.lme_split_parts
+            split(lw, lw, part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, sumexp, *split_ints)
+            finish(part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, *finish_ints)
+            if self.reduced:
+                value = value.mean() if self.reduction == "mean" else value.sum()
+        return value, lw_max, sumexp
+
+    def dreg_weights(self, lw: Tensor, lw_max: Tensor, sumexp: Tensor) -> Tensor:
+        """DReG's normalized weights (K, P): the log-mean-exp's backward at gradient 1."""
+        scale = empty(lw)
+        self.lme_backward[False, False](lw, lw_max, sumexp, self.ones, self.ones, self.ones, scale, scale,
+                                        self.K, self.P, 1)
+        return scale
+
 
 def _halves(packed: Tensor) -> tuple[Tensor, Tensor]:
     """(mean, logvar) as halves of a copy of packed for the create_graph replay:
@@ -697,28 +725,9 @@ class IwaeTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out, latent, plan, link, dreg, logvar):
         lw = plan.log_prob(x, out, logvar, latent, ONE_BITS, False)
-        M = plan.P
-        lw_max, sumexp = empty(plan.state_like), empty(plan.state_like)
-        if plan.lme_forward is not None:
-            if plan.reduced:
-                value, part = empty(plan.bound_like), plan.lme_parts
-            else:  # no reduction: a placeholder the kernel never touches, as the launcher passes
-                value, part = empty(plan.value_like), sumexp
-            plan.lme_forward(lw, lw, part, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
-                             plan.counter if plan.reduced else sumexp, *plan.lme_ints)
-        else:  # columns split over programs: two launches, then the reduction
-            value = empty(plan.value_like)
-            (split, finish), (split_ints, finish_ints) = plan.lme_split, plan.lme_split_ints
-            part_m, part_s = plan.lme_split_parts
-            split(lw, lw, part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, sumexp, *split_ints)
-            finish(part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, *finish_ints)
-            if plan.reduced:
-                value = value.mean() if plan.reduction == "mean" else value.sum()
+        value, lw_max, sumexp = plan.log_mean_exp(lw)
         if dreg and latent.requires_grad:
-            scale = empty(lw)
-            plan.lme_backward[False, False](lw, lw_max, sumexp, plan.ones, plan.ones, plan.ones, scale, scale,
-                                            plan.K, M, 1)
-            link.scale = scale
+            link.scale = plan.dreg_weights(lw, lw_max, sumexp)
         ctx.save_for_backward(x, out, latent, lw, lw_max, sumexp)
         ctx.plan, ctx.link, ctx.logvar = plan, link, logvar
         return value

@@ -188,28 +188,8 @@ def _iwae_tail(x: Tensor, out: Tensor, latent: Tensor, likelihood: str, reductio
     plan = _tail_plan(x, out, latent, likelihood, reduction, True)
     out, latent = out.contiguous(), latent.contiguous()
     lw = plan.log_prob(x, out, None, latent, _plan.ONE_BITS, False)
-    lw_max, sumexp = _plan.empty(plan.state_like), _plan.empty(plan.state_like)
-    if plan.lme_forward is not None:
-        if plan.reduced:
-            value, part = _plan.empty(plan.bound_like), plan.lme_parts
-        else:  # no reduction: a placeholder the kernel never touches, as the launcher passes
-            value, part = _plan.empty(plan.value_like), sumexp
-        plan.lme_forward(lw, lw, part, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp,
-                         plan.counter if plan.reduced else sumexp, *plan.lme_ints)
-    else:  # columns split over programs: two launches, then the reduction
-        value = _plan.empty(plan.value_like)
-        (split, finish), (split_ints, finish_ints) = plan.lme_split, plan.lme_split_ints
-        part_m, part_s = plan.lme_split_parts
-        split(lw, lw, part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, sumexp, *split_ints)
-        finish(part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, *finish_ints)
-        if plan.reduced:
-            value = value.mean() if plan.reduction == "mean" else value.sum()
-    if dreg:  # DReG's normalized weights: the log-mean-exp's backward at gradient 1
-        scale = _plan.empty(lw)
-        plan.lme_backward[False, False](lw, lw_max, sumexp, plan.ones, plan.ones, plan.ones, scale, scale,
-                                        plan.K, plan.P, 1)
-    else:
-        scale = lw.new_empty((0,))
+    value, lw_max, sumexp = plan.log_mean_exp(lw)
+    scale = plan.dreg_weights(lw, lw_max, sumexp) if dreg else lw.new_empty((0,))
     return value, lw, lw_max, sumexp, scale
 
 

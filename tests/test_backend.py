@@ -83,6 +83,9 @@ def test_cpp_boundary_checks_shapes_and_dtypes():
     x = torch.zeros(4, 3).numpy()
     with pytest.raises(ValueError, match="delta"):
         _C.gaussian_log_prob_forward(x, z, torch.zeros(3).numpy(), True, 1e-45, torch.zeros(2, 4).numpy(), 1)
+    # a decoder output of another rank is named as the binding names it
+    with pytest.raises(ValueError, match=r"^loc: expected a 3-d \(K, P, D\) array"):
+        _C.laplace_log_prob_forward(x, x, torch.zeros(3).numpy(), torch.zeros(2, 4).numpy(), 1)
     # the last Philox offset must fit in int64, for the uniforms too
     with pytest.raises(ValueError, match=r"2\*\*63"):
         _C.uniform_fill(1, 2**63 - 2, torch.zeros(4).numpy(), torch.zeros(4).numpy())

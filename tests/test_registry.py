@@ -225,7 +225,9 @@ def test_the_gpu_model_s_ops_give_their_bytes(op):
 def _torch_library_block(namespace: str) -> str:
     """The bodies of csrc/torch_ops.cpp's TORCH_LIBRARY(namespace, m) { ... } and
     of each op folder's TORCH_LIBRARY_FRAGMENT(namespace, m) { ... } in torch_op.cpp
-    (a body ends at its first closing brace: a schema has none), on one line or several."""
+    (a body ends at its first closing brace: a schema has none), on one line or several,
+    with the definitions each FASTVAE_TORCH_OP(NAME, ...) there makes: NAME in
+    both namespaces, NAME_backward in fastvae_cpu."""
     blocks = []
     for path in [ROOT / "csrc" / "torch_ops.cpp", *sorted((ROOT / "fastvae" / "ops").glob("*/torch_op.cpp"))]:
         text = path.read_text()
@@ -233,6 +235,10 @@ def _torch_library_block(namespace: str) -> str:
             if head in text:
                 start = text.index(head)
                 blocks.append(text[start:text.index("}", start + len(head))])
+        for name in re.findall(r"^FASTVAE_TORCH_OP\((\w+),", text, re.M):
+            blocks.append(f'm.def("{name}(')
+            if namespace == "fastvae_cpu":
+                blocks.append(f'm.def("{name}_backward(')
     return "\n".join(blocks)
 
 

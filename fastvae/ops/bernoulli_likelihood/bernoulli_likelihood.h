@@ -206,26 +206,17 @@ void for_row_tasks(int64_t P, int n_threads, const Task& task) {
 }  // namespace bernoulli
 
 // One ISA-cloned pair of row loops per float32 storage type of the logits
-// (used by FASTVAE_BERNOULLI_OP; the clones cannot be templates), with
-// overloads forward_task / backward_task that the entry points pick by type.
-#define FASTVAE_BERNOULLI_F32(kind, H, suffix)                                                  \
-  FASTVAE_CLONES void forward_rows_##suffix(const float* x, const H* logits, int64_t K,        \
-                                            int64_t P, int64_t D, int64_t p0, int64_t p1,      \
-                                            float* out) {                                      \
+// (used by FASTVAE_BERNOULLI_OP; the clones cannot be templates): overloads
+// forward_task / backward_task that the entry points pick by type.
+#define FASTVAE_BERNOULLI_F32(kind, H)                                                          \
+  FASTVAE_CLONES void forward_task(const float* x, const H* logits, int64_t K, int64_t P,      \
+                                   int64_t D, int64_t p0, int64_t p1, float* out) {            \
     bernoulli::forward_rows<kind, float, H>(x, logits, K, P, D, p0, p1, out);                  \
   }                                                                                            \
-  FASTVAE_CLONES void backward_rows_##suffix(const float* g, const float* x, const H* logits,  \
-                                             int64_t K, int64_t P, int64_t D, int64_t p0,      \
-                                             int64_t p1, float* dx, H* dlogits) {              \
+  FASTVAE_CLONES void backward_task(const float* g, const float* x, const H* logits, int64_t K, \
+                                    int64_t P, int64_t D, int64_t p0, int64_t p1, float* dx,   \
+                                    H* dlogits) {                                              \
     bernoulli::backward_rows<kind, float, H>(g, x, logits, K, P, D, p0, p1, dx, dlogits);      \
-  }                                                                                            \
-  void forward_task(const float* x, const H* l, int64_t K, int64_t P, int64_t D, int64_t p0,   \
-                    int64_t p1, float* out) {                                                  \
-    forward_rows_##suffix(x, l, K, P, D, p0, p1, out);                                         \
-  }                                                                                            \
-  void backward_task(const float* g, const float* x, const H* l, int64_t K, int64_t P,         \
-                     int64_t D, int64_t p0, int64_t p1, float* dx, H* dl) {                    \
-    backward_rows_##suffix(g, x, l, K, P, D, p0, p1, dx, dl);                                  \
   }
 
 // One op's instantiations (in bernoulli_likelihood.cpp, once per op): the row
@@ -236,9 +227,9 @@ void for_row_tasks(int64_t P, int n_threads, const Task& task) {
 #define FASTVAE_BERNOULLI_OP(name, kind)                                                        \
   namespace {                                                                                  \
   namespace name##_rows {                                                                      \
-  FASTVAE_BERNOULLI_F32(kind, float, f32)                                                      \
-  FASTVAE_BERNOULLI_F32(kind, bf16, bf16)                                                      \
-  FASTVAE_BERNOULLI_F32(kind, fp16, fp16)                                                      \
+  FASTVAE_BERNOULLI_F32(kind, float)                                                           \
+  FASTVAE_BERNOULLI_F32(kind, bf16)                                                            \
+  FASTVAE_BERNOULLI_F32(kind, fp16)                                                            \
   void forward_task(const double* x, const double* l, int64_t K, int64_t P, int64_t D,         \
                     int64_t p0, int64_t p1, double* out) {                                     \
     bernoulli::forward_rows<kind, double, double>(x, l, K, P, D, p0, p1, out);                 \

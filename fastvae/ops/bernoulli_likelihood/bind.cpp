@@ -9,17 +9,6 @@
 namespace fastvae::bind {
 namespace {
 
-struct BernoulliDims {
-  int64_t K, P, D;
-};
-
-BernoulliDims bernoulli_dims(const py::array& logits, const char* name) {
-  if (logits.ndim() != 3) {
-    throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(logits));
-  }
-  return {logits.shape(0), logits.shape(1), logits.shape(2)};
-}
-
 // bernoulli_log_prob and continuous_bernoulli_log_prob take the same buffers:
 // `forward` and `backward` call the op's kernels (generic over T and H), and
 // `dims_name` names the logits in a rank error (bernoulli_log_prob's has
@@ -32,13 +21,11 @@ void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims
     // half-precision logits with float32 x and out: read as they are
     by_storage_dtype(logits, [&](auto storage) {
       using T = typename decltype(storage)::compute;
-      using H = typename decltype(storage)::stored;
-      const BernoulliDims s = bernoulli_dims(logits, dims_name);
-      const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-      const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
-      T* o = checked<T>(out, "out", {s.K, s.P}, true);
+      const auto in = decoder_inputs<T, typename decltype(storage)::stored>(x, logits, "logits", dims_name);
+      const auto [K, P, D] = in.dims;
+      T* o = checked<T>(out, "out", {K, P}, true);
       py::gil_scoped_release release;
-      forward(xp, lp, s.K, s.P, s.D, o, n_threads);
+      forward(in.x, in.decoder, K, P, D, o, n_threads);
     });
   }, py::arg("x"), py::arg("logits"), py::arg("out"), py::arg("n_threads"));
 
@@ -48,15 +35,14 @@ void bind_bernoulli_kind(py::module_& m, const std::string& op, const char* dims
     by_storage_dtype(logits, [&](auto storage) {
       using T = typename decltype(storage)::compute;
       using H = typename decltype(storage)::stored;
-      const BernoulliDims s = bernoulli_dims(logits, dims_name);
-      const T* gp = checked<T>(g, "grad_out", {s.K, s.P}, false);
-      const T* xp = checked<T>(x, "x", {s.P, s.D}, false);
-      const H* lp = checked<H>(logits, "logits", {s.K, s.P, s.D}, false);
+      const auto in = decoder_inputs<T, H>(x, logits, "logits", dims_name);
+      const auto [K, P, D] = in.dims;
+      const T* gp = checked<T>(g, "grad_out", {K, P}, false);
       py::array dx_holder;
-      T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {s.P, s.D}, true);
-      H* dlp = checked<H>(dlogits, "dlogits", {s.K, s.P, s.D}, true);
+      T* dxp = checked_or_null<T>(dx, dx_holder, "dx", {P, D}, true);
+      H* dlp = checked<H>(dlogits, "dlogits", {K, P, D}, true);
       py::gil_scoped_release release;
-      backward(gp, xp, lp, s.K, s.P, s.D, dxp, dlp, n_threads);
+      backward(gp, in.x, in.decoder, K, P, D, dxp, dlp, n_threads);
     });
   }, py::arg("grad_out"), py::arg("x"), py::arg("logits"), py::arg("dx").none(true),
      py::arg("dlogits"), py::arg("n_threads"));

@@ -87,15 +87,7 @@ std::vector<Tensor> graph_bernoulli_log_prob_backward(const Tensor& grad_out, co
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
-}
-
-TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits) -> Tensor");
-  m.def("bernoulli_log_prob_backward(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]");
-}
-
-FASTVAE_TORCH_OP_IMPLS(bernoulli_log_prob)
+FASTVAE_TORCH_OP(bernoulli_log_prob, "(Tensor x, Tensor logits) -> Tensor",
+                 "(Tensor grad_out, Tensor x, Tensor logits, bool need_dx) -> Tensor[]")
 
 }  // namespace fastvae::torch_ops

@@ -85,29 +85,22 @@ FASTVAE_INLINE void backward_rows(const T* g, const int64_t* x, const H* logits,
   }
 }
 
-#define FASTVAE_CATEGORICAL_F32(H, suffix)                                                      \
-  FASTVAE_CLONES void forward_rows_##suffix(const int64_t* x, const H* logits, int64_t P,      \
-                                            int64_t D, int64_t C, int64_t r0, int64_t r1,      \
-                                            float* out) {                                      \
-    forward_rows<float, H>(x, logits, P, D, C, r0, r1, out);                                   \
-  }                                                                                            \
-  FASTVAE_CLONES void backward_rows_##suffix(const float* g, const int64_t* x, const H* logits, \
-                                             int64_t P, int64_t D, int64_t C, int64_t r0,      \
-                                             int64_t r1, H* dlogits) {                         \
-    backward_rows<float, H>(g, x, logits, P, D, C, r0, r1, dlogits);                           \
-  }                                                                                            \
-  void forward_task(const int64_t* x, const H* l, int64_t P, int64_t D, int64_t C, int64_t r0, \
-                    int64_t r1, float* out) {                                                  \
-    forward_rows_##suffix(x, l, P, D, C, r0, r1, out);                                         \
-  }                                                                                            \
-  void backward_task(const float* g, const int64_t* x, const H* l, int64_t P, int64_t D,       \
-                     int64_t C, int64_t r0, int64_t r1, H* dl) {                               \
-    backward_rows_##suffix(g, x, l, P, D, C, r0, r1, dl);                                      \
+// One ISA-cloned pair of row loops per float32 storage type of the logits
+// (the clones cannot be templates): overloads that the entry points pick by type.
+#define FASTVAE_CATEGORICAL_F32(H)                                                              \
+  FASTVAE_CLONES void forward_task(const int64_t* x, const H* logits, int64_t P, int64_t D,     \
+                                   int64_t C, int64_t r0, int64_t r1, float* out) {             \
+    forward_rows<float, H>(x, logits, P, D, C, r0, r1, out);                                    \
+  }                                                                                             \
+  FASTVAE_CLONES void backward_task(const float* g, const int64_t* x, const H* logits,          \
+                                    int64_t P, int64_t D, int64_t C, int64_t r0, int64_t r1,    \
+                                    H* dlogits) {                                               \
+    backward_rows<float, H>(g, x, logits, P, D, C, r0, r1, dlogits);                            \
   }
 
-FASTVAE_CATEGORICAL_F32(float, f32)
-FASTVAE_CATEGORICAL_F32(bf16, bf16)
-FASTVAE_CATEGORICAL_F32(fp16, fp16)
+FASTVAE_CATEGORICAL_F32(float)
+FASTVAE_CATEGORICAL_F32(bf16)
+FASTVAE_CATEGORICAL_F32(fp16)
 #undef FASTVAE_CATEGORICAL_F32
 
 void forward_task(const int64_t* x, const double* l, int64_t P, int64_t D, int64_t C, int64_t r0,

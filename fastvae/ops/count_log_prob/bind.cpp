@@ -9,20 +9,9 @@ namespace fastvae::bind {
 namespace {
 
 // (K, P, D) from log_mean / log_rate; log_theta is (K, P, D) or (D,).
-struct CountDims {
-  int64_t K, P, D;
-};
-
-CountDims dims_of(const py::array& lm, const char* name) {
-  if (lm.ndim() != 3) {
-    throw py::value_error(std::string(name) + ": expected a 3-d (K, P, D) array, got " + shape_str(lm));
-  }
-  return {lm.shape(0), lm.shape(1), lm.shape(2)};
-}
-
 template <typename T>
 CountIn<T> count_in(py::array& x, py::array& lm, const char* lm_name, py::array* lt, py::array* zi) {
-  const CountDims s = dims_of(lm, lm_name);
+  const DecoderDims s = decoder_dims(lm, lm_name);
   CountIn<T> in{nullptr, nullptr, nullptr, nullptr, false, s.K, s.P, s.D};
   in.x = checked<T>(x, "x", {s.P, s.D}, false);
   in.lm = checked<T>(lm, lm_name, {s.K, s.P, s.D}, false);

@@ -85,8 +85,8 @@ void bind_discretized_logistic_mixture_log_prob(py::module_& m) {
         [](py::array x, py::array params, py::object means, py::object log_scales, int num_bins, py::array out,
            int n_threads) {
           check_threads(n_threads);
-          by_dtype(params, [&] { dlm_forward_t<float>(x, params, means, log_scales, num_bins, out, n_threads); },
-                   [&] { dlm_forward_t<double>(x, params, means, log_scales, num_bins, out, n_threads); });
+          by_dtype(params, [&](auto t) { dlm_forward_t<decltype(t)>(x, params, means, log_scales, num_bins, out,
+                                                                    n_threads); });
         },
         py::arg("x"), py::arg("params"), py::arg("means").none(true), py::arg("log_scales").none(true),
         py::arg("num_bins"), py::arg("out"), py::arg("n_threads"));
@@ -95,11 +95,8 @@ void bind_discretized_logistic_mixture_log_prob(py::module_& m) {
         [](py::array g, py::array x, py::array params, py::object means, py::object log_scales, int num_bins,
            py::array dparams, py::object dmeans, py::object dlog_scales, int n_threads) {
           check_threads(n_threads);
-          by_dtype(params,
-                   [&] { dlm_backward_t<float>(g, x, params, means, log_scales, num_bins, dparams, dmeans,
-                                           dlog_scales, n_threads); },
-                   [&] { dlm_backward_t<double>(g, x, params, means, log_scales, num_bins, dparams, dmeans,
-                                            dlog_scales, n_threads); });
+          by_dtype(params, [&](auto t) { dlm_backward_t<decltype(t)>(g, x, params, means, log_scales, num_bins, dparams,
+                                                                     dmeans, dlog_scales, n_threads); });
         },
         py::arg("grad_out"), py::arg("x"), py::arg("params"), py::arg("means").none(true),
         py::arg("log_scales").none(true), py::arg("num_bins"), py::arg("dparams"), py::arg("dmeans").none(true),

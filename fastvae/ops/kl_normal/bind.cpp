@@ -55,8 +55,7 @@ void bind_kl_normal(py::module_& m) {
   m.def("kl_normal_forward", [](py::array mu, py::array logvar, py::object prior_mu,
                                 py::object prior_logvar, py::array kl, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu, [&] { kl_normal_forward_t<float>(mu, logvar, prior_mu, prior_logvar, kl, n_threads); },
-             [&] { kl_normal_forward_t<double>(mu, logvar, prior_mu, prior_logvar, kl, n_threads); });
+    by_dtype(mu, [&](auto t) { kl_normal_forward_t<decltype(t)>(mu, logvar, prior_mu, prior_logvar, kl, n_threads); });
   }, py::arg("mu"), py::arg("logvar"), py::arg("prior_mu").none(true),
      py::arg("prior_logvar").none(true), py::arg("kl"), py::arg("n_threads"));
 
@@ -65,11 +64,8 @@ void bind_kl_normal(py::module_& m) {
                                  py::array dlogvar, py::object dprior_mu,
                                  py::object dprior_logvar, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { kl_normal_backward_t<float>(dkl, mu, logvar, prior_mu, prior_logvar, dmu,
-                                               dlogvar, dprior_mu, dprior_logvar, n_threads); },
-             [&] { kl_normal_backward_t<double>(dkl, mu, logvar, prior_mu, prior_logvar, dmu,
-                                                dlogvar, dprior_mu, dprior_logvar, n_threads); });
+    by_dtype(mu, [&](auto t) { kl_normal_backward_t<decltype(t)>(dkl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar,
+                                                                 dprior_mu, dprior_logvar, n_threads); });
   }, py::arg("grad_kl"), py::arg("mu"), py::arg("logvar"), py::arg("prior_mu").none(true),
      py::arg("prior_logvar").none(true), py::arg("dmu"), py::arg("dlogvar"),
      py::arg("dprior_mu").none(true), py::arg("dprior_logvar").none(true),

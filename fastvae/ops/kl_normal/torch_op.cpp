@@ -132,16 +132,7 @@ std::vector<Tensor> graph_kl_normal_backward(const Tensor& grad_kl, const Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
-  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
-}
-
-TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
-  m.def("kl_normal(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor");
-  m.def("kl_normal_backward(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar)"
-        " -> Tensor[]");
-}
-
-FASTVAE_TORCH_OP_IMPLS(kl_normal)
+FASTVAE_TORCH_OP(kl_normal, "(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor",
+                 "(Tensor grad_kl, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar) -> Tensor[]")
 
 }  // namespace fastvae::torch_ops

@@ -8,10 +8,7 @@ namespace {
 template <typename T>
 void latent_log_ratio_forward_t(py::array z, py::array mu, py::array logvar, py::array r,
                                 int n_threads) {
-  check_2d(mu, "mu");
-  const int64_t N = mu.shape(0), L = mu.shape(1);
-  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
-  const int64_t K = z.shape(0);
+  const auto [K, N, L] = sample_dims(mu, z);
   const T* zp = checked<T>(z, "z", {K, N, L}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
@@ -24,10 +21,7 @@ template <typename T>
 void latent_log_ratio_backward_t(py::array g, py::array z, py::array mu, py::array logvar,
                                  py::array dz, const py::object& dmu,
                                  const py::object& dlogvar, int n_threads) {
-  check_2d(mu, "mu");
-  const int64_t N = mu.shape(0), L = mu.shape(1);
-  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
-  const int64_t K = z.shape(0);
+  const auto [K, N, L] = sample_dims(mu, z);
   const T* gp = checked<T>(g, "grad_out", {K, N}, false);
   const T* zp = checked<T>(z, "z", {K, N, L}, false);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
@@ -49,17 +43,15 @@ void bind_latent_log_ratio(py::module_& m) {
   m.def("latent_log_ratio_forward", [](py::array z, py::array mu, py::array logvar, py::array r,
                                        int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu, [&] { latent_log_ratio_forward_t<float>(z, mu, logvar, r, n_threads); },
-             [&] { latent_log_ratio_forward_t<double>(z, mu, logvar, r, n_threads); });
+    by_dtype(mu, [&](auto t) { latent_log_ratio_forward_t<decltype(t)>(z, mu, logvar, r, n_threads); });
   }, py::arg("z"), py::arg("mu"), py::arg("logvar"), py::arg("out"), py::arg("n_threads"));
 
   m.def("latent_log_ratio_backward", [](py::array g, py::array z, py::array mu,
                                         py::array logvar, py::array dz, py::object dmu,
                                         py::object dlogvar, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { latent_log_ratio_backward_t<float>(g, z, mu, logvar, dz, dmu, dlogvar, n_threads); },
-             [&] { latent_log_ratio_backward_t<double>(g, z, mu, logvar, dz, dmu, dlogvar, n_threads); });
+    by_dtype(mu, [&](auto t) { latent_log_ratio_backward_t<decltype(t)>(g, z, mu, logvar, dz, dmu, dlogvar,
+                                                                        n_threads); });
   }, py::arg("grad_out"), py::arg("z"), py::arg("mu"), py::arg("logvar"), py::arg("dz"),
      py::arg("dmu").none(true), py::arg("dlogvar").none(true), py::arg("n_threads"));
 }

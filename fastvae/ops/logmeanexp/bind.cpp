@@ -83,8 +83,7 @@ void bind_logmeanexp(py::module_& m) {
   m.def("logmeanexp_forward", [](py::array lw, py::array max, py::array sumexp, py::object out,
                                  py::object ess, int n_threads) {
     check_threads(n_threads);
-    by_dtype(lw, [&] { logmeanexp_forward_t<float>(lw, max, sumexp, out, ess, n_threads); },
-             [&] { logmeanexp_forward_t<double>(lw, max, sumexp, out, ess, n_threads); });
+    by_dtype(lw, [&](auto t) { logmeanexp_forward_t<decltype(t)>(lw, max, sumexp, out, ess, n_threads); });
   }, py::arg("lw"), py::arg("lw_max"), py::arg("sumexp"), py::arg("out").none(true),
      py::arg("ess").none(true), py::arg("n_threads"),
      "Column states (max, sumexp) of (K, M) log-weights; out = logmeanexp and ess when given.");
@@ -93,9 +92,8 @@ void bind_logmeanexp(py::module_& m) {
                                     py::array sumexp, py::array sq_max, py::array sq_sumexp,
                                     bool first, int n_threads) {
     check_threads(n_threads);
-    by_dtype(lw,
-             [&] { logmeanexp_accumulate_t<float>(lw, latent, max, sumexp, sq_max, sq_sumexp, first, n_threads); },
-             [&] { logmeanexp_accumulate_t<double>(lw, latent, max, sumexp, sq_max, sq_sumexp, first, n_threads); });
+    by_dtype(lw, [&](auto t) { logmeanexp_accumulate_t<decltype(t)>(lw, latent, max, sumexp, sq_max, sq_sumexp, first,
+                                                                    n_threads); });
   }, py::arg("lw"), py::arg("latent").none(true), py::arg("lw_max"), py::arg("sumexp"),
      py::arg("sq_max"), py::arg("sq_sumexp"), py::arg("first"), py::arg("n_threads"),
      "Running states of lw + latent and of twice that, merged with the chunk's in place.");
@@ -104,9 +102,8 @@ void bind_logmeanexp(py::module_& m) {
                                   py::object g_sumexp, py::object ess, py::array dlw,
                                   int n_threads) {
     check_threads(n_threads);
-    by_dtype(lw,
-             [&] { logmeanexp_backward_t<float>(lw, max, sumexp, g, g_sumexp, ess, dlw, n_threads); },
-             [&] { logmeanexp_backward_t<double>(lw, max, sumexp, g, g_sumexp, ess, dlw, n_threads); });
+    by_dtype(lw, [&](auto t) { logmeanexp_backward_t<decltype(t)>(lw, max, sumexp, g, g_sumexp, ess, dlw,
+                                                                  n_threads); });
   }, py::arg("lw"), py::arg("lw_max"), py::arg("sumexp"), py::arg("grad_out"),
      py::arg("grad_sumexp").none(true), py::arg("ess").none(true), py::arg("dlw"),
      py::arg("n_threads"),
@@ -115,8 +112,7 @@ void bind_logmeanexp(py::module_& m) {
   m.def("importance_weights_backward", [](py::array gw, py::array w, py::array dlw,
                                           int n_threads) {
     check_threads(n_threads);
-    by_dtype(w, [&] { importance_weights_backward_t<float>(gw, w, dlw, n_threads); },
-             [&] { importance_weights_backward_t<double>(gw, w, dlw, n_threads); });
+    by_dtype(w, [&](auto t) { importance_weights_backward_t<decltype(t)>(gw, w, dlw, n_threads); });
   }, py::arg("grad_w"), py::arg("w"), py::arg("dlw"), py::arg("n_threads"),
      "Softmax backward over K: dlw = w * (gw - sum_k gw * w).");
 }

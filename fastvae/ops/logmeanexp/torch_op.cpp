@@ -109,15 +109,7 @@ Tensor graph_logmeanexp_backward(const Tensor& grad_out, const std::optional<Ten
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
-  m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
-  m.def("logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)");
-  m.def("logmeanexp_backward(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor");
-}
-
-FASTVAE_TORCH_OP_IMPLS(logmeanexp)
+FASTVAE_TORCH_OP(logmeanexp, "(Tensor lw) -> (Tensor, Tensor, Tensor)",
+                 "(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor")
 
 }  // namespace fastvae::torch_ops

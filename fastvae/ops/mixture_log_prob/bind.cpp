@@ -63,8 +63,8 @@ void bind_mixture_log_prob(py::module_& m) {
   m.def("mixture_log_prob_forward", [](py::array z, py::array means, py::array logvars,
                                        py::object logits, py::array out, int n_threads) {
     check_threads(n_threads);
-    by_dtype(means, [&] { mixture_log_prob_forward_t<float>(z, means, logvars, logits, out, n_threads); },
-             [&] { mixture_log_prob_forward_t<double>(z, means, logvars, logits, out, n_threads); });
+    by_dtype(means, [&](auto t) { mixture_log_prob_forward_t<decltype(t)>(z, means, logvars, logits, out,
+                                                                          n_threads); });
   }, py::arg("z"), py::arg("means"), py::arg("logvars"), py::arg("logits").none(true), py::arg("out"),
      py::arg("n_threads"));
 
@@ -73,11 +73,8 @@ void bind_mixture_log_prob(py::module_& m) {
                                         py::object dmeans, py::object dlogvars, py::object dlogits,
                                         int n_threads) {
     check_threads(n_threads);
-    by_dtype(means,
-             [&] { mixture_log_prob_backward_t<float>(g, z, means, logvars, logits, out, dz, dmeans, dlogvars,
-                                                      dlogits, n_threads); },
-             [&] { mixture_log_prob_backward_t<double>(g, z, means, logvars, logits, out, dz, dmeans, dlogvars,
-                                                       dlogits, n_threads); });
+    by_dtype(means, [&](auto t) { mixture_log_prob_backward_t<decltype(t)>(g, z, means, logvars, logits, out, dz,
+                                                                           dmeans, dlogvars, dlogits, n_threads); });
   }, py::arg("grad_out"), py::arg("z"), py::arg("means"), py::arg("logvars"), py::arg("logits").none(true),
      py::arg("out"), py::arg("dz").none(true), py::arg("dmeans").none(true), py::arg("dlogvars").none(true),
      py::arg("dlogits").none(true), py::arg("n_threads"));

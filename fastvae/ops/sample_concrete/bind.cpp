@@ -49,11 +49,8 @@ void bind_sample_concrete(py::module_& m) {
                                       uint64_t offset0, uint64_t sample_stride, uint64_t row_stride, py::array z,
                                       py::object log_q, int n_threads) {
     check_threads(n_threads);
-    by_dtype(logits,
-             [&] { concrete_forward_t<float>(logits, temperature, seed, hard, offset0, sample_stride, row_stride, z,
-                                             log_q, n_threads); },
-             [&] { concrete_forward_t<double>(logits, temperature, seed, hard, offset0, sample_stride, row_stride, z,
-                                              log_q, n_threads); });
+    by_dtype(logits, [&](auto t) { concrete_forward_t<decltype(t)>(logits, temperature, seed, hard, offset0,
+                                                                   sample_stride, row_stride, z, log_q, n_threads); });
   }, py::arg("logits"), py::arg("temperature"), py::arg("seed"), py::arg("hard"), py::arg("offset0"),
      py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("log_q").none(true),
      py::arg("n_threads"));
@@ -61,9 +58,8 @@ void bind_sample_concrete(py::module_& m) {
   m.def("sample_concrete_backward", [](py::object dz, py::object dq, py::array logits, py::array temperature,
                                        uint64_t seed, bool stop_score, py::array dlogits, int n_threads) {
     check_threads(n_threads);
-    by_dtype(logits,
-             [&] { concrete_backward_t<float>(dz, dq, logits, temperature, seed, stop_score, dlogits, n_threads); },
-             [&] { concrete_backward_t<double>(dz, dq, logits, temperature, seed, stop_score, dlogits, n_threads); });
+    by_dtype(logits, [&](auto t) { concrete_backward_t<decltype(t)>(dz, dq, logits, temperature, seed, stop_score,
+                                                                    dlogits, n_threads); });
   }, py::arg("grad_z").none(true), py::arg("grad_log_q").none(true), py::arg("logits"), py::arg("temperature"),
      py::arg("seed"), py::arg("stop_score"), py::arg("dlogits"), py::arg("n_threads"));
 }

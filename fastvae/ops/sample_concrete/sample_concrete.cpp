@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "sample_concrete.h"
@@ -53,10 +54,6 @@ FASTVAE_INLINE void exp_shifted_t(const T* y, const T* m, int64_t n, T* z) {
 
 FASTVAE_CLONES void noise_terms_f32(const int32_t* x, int64_t n, float* t, float* lt) { noise_terms_t(x, n, t, lt); }
 FASTVAE_CLONES void exp_shifted_f32(const float* y, const float* m, int64_t n, float* z) { exp_shifted_t(y, m, n, z); }
-FASTVAE_INLINE void noise_terms(const int32_t* x, int64_t n, float* t, float* lt) { noise_terms_f32(x, n, t, lt); }
-FASTVAE_INLINE void noise_terms(const int32_t* x, int64_t n, double* t, double* lt) { noise_terms_t(x, n, t, lt); }
-FASTVAE_INLINE void exp_shifted(const float* y, const float* m, int64_t n, float* z) { exp_shifted_f32(y, m, n, z); }
-FASTVAE_INLINE void exp_shifted(const double* y, const double* m, int64_t n, double* z) { exp_shifted_t(y, m, n, z); }
 
 // What one latent's density needs besides z.
 template <typename T>
@@ -156,22 +153,6 @@ FASTVAE_CLONES void tile_finish_f32(const LatentSums<float>* sums, const float* 
                                     bool hard, const float* y, float* z, double* lq, const double* lgammas) {
   tile_finish_t(sums, temperature, n, C, hard, y, z, lq, lgammas);
 }
-FASTVAE_INLINE void tile_scores(const float* logits, const float* temperature, int64_t n, int64_t C, float* t,
-                                const float* lt, float* y, float* mm, LatentSums<float>* sums) {
-  tile_scores_f32(logits, temperature, n, C, t, lt, y, mm, sums);
-}
-FASTVAE_INLINE void tile_scores(const double* logits, const double* temperature, int64_t n, int64_t C, double* t,
-                                const double* lt, double* y, double* mm, LatentSums<double>* sums) {
-  tile_scores_t(logits, temperature, n, C, t, lt, y, mm, sums);
-}
-FASTVAE_INLINE void tile_finish(const LatentSums<float>* sums, const float* temperature, int64_t n, int64_t C,
-                                bool hard, const float* y, float* z, double* lq, const double* lgammas) {
-  tile_finish_f32(sums, temperature, n, C, hard, y, z, lq, lgammas);
-}
-FASTVAE_INLINE void tile_finish(const LatentSums<double>* sums, const double* temperature, int64_t n, int64_t C,
-                                bool hard, const double* y, double* z, double* lq, const double* lgammas) {
-  tile_finish_t(sums, temperature, n, C, hard, y, z, lq, lgammas);
-}
 
 // z (n elements, whole latents of C), normalized (one-hot when hard), and
 // the per-latent sums and (lq given) log q of the latents [j0, j0 + n / C)
@@ -180,10 +161,17 @@ FASTVAE_INLINE void tile_finish(const LatentSums<double>* sums, const double* te
 template <typename T>
 FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* temperature, int64_t n, int64_t C,
                                  bool hard, T* z, LatentSums<T>* sums, double* lq, const double* lgammas = nullptr) {
-  noise_terms(w.x.data(), n, w.t.data(), w.lt.data());
-  tile_scores(logits, temperature, n, C, w.t.data(), w.lt.data(), w.y.data(), w.mm.data(), sums);
-  exp_shifted(w.y.data(), w.mm.data(), n, z);
-  tile_finish(sums, temperature, n, C, hard, w.y.data(), z, lq, lgammas);
+  if constexpr (std::is_same_v<T, float>) {  // the loops compiled per ISA level
+    noise_terms_f32(w.x.data(), n, w.t.data(), w.lt.data());
+    tile_scores_f32(logits, temperature, n, C, w.t.data(), w.lt.data(), w.y.data(), w.mm.data(), sums);
+    exp_shifted_f32(w.y.data(), w.mm.data(), n, z);
+    tile_finish_f32(sums, temperature, n, C, hard, w.y.data(), z, lq, lgammas);
+  } else {
+    noise_terms_t(w.x.data(), n, w.t.data(), w.lt.data());
+    tile_scores_t(logits, temperature, n, C, w.t.data(), w.lt.data(), w.y.data(), w.mm.data(), sums);
+    exp_shifted_t(w.y.data(), w.mm.data(), n, z);
+    tile_finish_t(sums, temperature, n, C, hard, w.y.data(), z, lq, lgammas);
+  }
 }
 
 }  // namespace

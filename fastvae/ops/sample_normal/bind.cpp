@@ -9,10 +9,7 @@ template <typename T>
 void sample_normal_forward_t(py::array mu, py::array logvar, uint64_t seed, uint64_t offset0,
                              uint64_t sample_stride, uint64_t row_stride, py::array z,
                              py::array kl, py::object log_ratio, int n_threads) {
-  check_2d(mu, "mu");
-  const int64_t N = mu.shape(0), L = mu.shape(1);
-  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
-  const int64_t K = z.shape(0);
+  const auto [K, N, L] = sample_dims(mu, z);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* lv = checked<T>(logvar, "logvar", {N, L}, false);
   T* zp = checked<T>(z, "z", {K, N, L}, true);
@@ -51,11 +48,8 @@ void bind_sample_normal(py::module_& m) {
                                     uint64_t offset0, uint64_t sample_stride, uint64_t row_stride,
                                     py::array z, py::array kl, py::object log_ratio, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { sample_normal_forward_t<float>(mu, logvar, seed, offset0, sample_stride,
-                                                  row_stride, z, kl, log_ratio, n_threads); },
-             [&] { sample_normal_forward_t<double>(mu, logvar, seed, offset0, sample_stride,
-                                                   row_stride, z, kl, log_ratio, n_threads); });
+    by_dtype(mu, [&](auto t) { sample_normal_forward_t<decltype(t)>(mu, logvar, seed, offset0, sample_stride,
+                                                                    row_stride, z, kl, log_ratio, n_threads); });
   }, py::arg("mu"), py::arg("logvar"), py::arg("seed"), py::arg("offset0"),
      py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("kl"),
      py::arg("log_ratio").none(true), py::arg("n_threads"));
@@ -64,11 +58,8 @@ void bind_sample_normal(py::module_& m) {
                                      py::array logvar, uint64_t seed, bool stop_score, py::array dmu,
                                      py::array dlogvar, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { sample_normal_backward_t<float>(dz, dkl, dratio, mu, logvar, seed, stop_score, dmu, dlogvar,
-                                                   n_threads); },
-             [&] { sample_normal_backward_t<double>(dz, dkl, dratio, mu, logvar, seed, stop_score, dmu, dlogvar,
-                                                    n_threads); });
+    by_dtype(mu, [&](auto t) { sample_normal_backward_t<decltype(t)>(dz, dkl, dratio, mu, logvar, seed, stop_score, dmu,
+                                                                     dlogvar, n_threads); });
   }, py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg("grad_log_ratio").none(true),
      py::arg("mu"), py::arg("logvar"), py::arg("seed"), py::arg("stop_score"), py::arg("dmu"),
      py::arg("dlogvar"), py::arg("n_threads"));

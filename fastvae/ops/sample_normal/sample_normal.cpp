@@ -178,6 +178,17 @@ void noise_block(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L,
   }
 }
 
+// Whether the element work runs in the AVX2 loops above too: float32 on the AVX2
+// noise path.
+template <typename T>
+bool avx2_elements() {
+#if defined(FASTVAE_AVX2_MATH)
+  return sizeof(T) == sizeof(float) && noise_isa() == NoiseIsa::kAvx2;
+#else
+  return false;
+#endif
+}
+
 // log_ratio (K, N), when not null, gets log N(z; 0, I) - log q(z) = 0.5 *
 // sum_l(eps^2 + logvar - z^2) from the eps just drawn: dividing it back out of
 // z, (z - mu) * exp(-logvar / 2), loses its bits or overflows when the
@@ -189,12 +200,7 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
   const int64_t NL = N * L;
   const int64_t tile_rows = rows_per_tile(L);
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
-#if defined(FASTVAE_AVX2_MATH)
-  // the AVX2 noise path does the element work in AVX2 too (float32)
-  const bool avx2 = sizeof(T) == sizeof(float) && noise_isa() == NoiseIsa::kAvx2 && L > 0;
-#else
-  constexpr bool avx2 = false;
-#endif
+  const bool avx2 = avx2_elements<T>() && L > 0;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     const int64_t r0 = tile * tile_rows;
@@ -268,11 +274,7 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
   if (!dz && !dratio) K = 0;  // nothing to sum over the samples
-#if defined(FASTVAE_AVX2_MATH)
-  const bool avx2 = sizeof(T) == sizeof(float) && noise_isa() == NoiseIsa::kAvx2;
-#else
-  constexpr bool avx2 = false;
-#endif
+  const bool avx2 = avx2_elements<T>();
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t b0 = blk * kBlock;

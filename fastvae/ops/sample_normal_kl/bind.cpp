@@ -67,11 +67,8 @@ void bind_sample_normal_kl(py::module_& m) {
                                        py::array prior_log_scale, uint64_t seed, bool logvar, bool residual,
                                        py::array z, py::array kl, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { sample_normal_kl_forward_t<float>(mu, log_scale, prior_mu, prior_log_scale, seed, logvar,
-                                                     residual, z, kl, n_threads); },
-             [&] { sample_normal_kl_forward_t<double>(mu, log_scale, prior_mu, prior_log_scale, seed, logvar,
-                                                      residual, z, kl, n_threads); });
+    by_dtype(mu, [&](auto t) { sample_normal_kl_forward_t<decltype(t)>(mu, log_scale, prior_mu, prior_log_scale, seed,
+                                                                       logvar, residual, z, kl, n_threads); });
   }, py::arg("mu"), py::arg("log_scale"), py::arg("prior_mu"), py::arg("prior_log_scale"), py::arg("seed"),
      py::arg("logvar"), py::arg("residual"), py::arg("z"), py::arg("kl"), py::arg("n_threads"));
 
@@ -80,13 +77,10 @@ void bind_sample_normal_kl(py::module_& m) {
                                         bool residual, py::array dmu, py::array dlog_scale, py::array dprior_mu,
                                         py::array dprior_log_scale, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { sample_normal_kl_backward_t<float>(dz, dkl, mu, log_scale, prior_mu, prior_log_scale, seed,
-                                                      logvar, residual, dmu, dlog_scale, dprior_mu,
-                                                      dprior_log_scale, n_threads); },
-             [&] { sample_normal_kl_backward_t<double>(dz, dkl, mu, log_scale, prior_mu, prior_log_scale, seed,
-                                                       logvar, residual, dmu, dlog_scale, dprior_mu,
-                                                       dprior_log_scale, n_threads); });
+    by_dtype(mu, [&](auto t) { sample_normal_kl_backward_t<decltype(t)>(dz, dkl, mu, log_scale, prior_mu,
+                                                                        prior_log_scale, seed, logvar, residual, dmu,
+                                                                        dlog_scale, dprior_mu, dprior_log_scale,
+                                                                        n_threads); });
   }, py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg("mu"), py::arg("log_scale"),
      py::arg("prior_mu"), py::arg("prior_log_scale"), py::arg("seed"), py::arg("logvar"), py::arg("residual"),
      py::arg("dmu"), py::arg("dlog_scale"), py::arg("dprior_mu"), py::arg("dprior_log_scale"),

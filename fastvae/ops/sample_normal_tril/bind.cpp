@@ -9,10 +9,7 @@ namespace {
 template <typename T>
 void sample_normal_tril_forward_t(py::array mu, py::array scale_tril, uint64_t seed, py::array z,
                                   py::array kl, int n_threads) {
-  check_2d(mu, "mu");
-  const int64_t N = mu.shape(0), L = mu.shape(1);
-  if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
-  const int64_t K = z.shape(0);
+  const auto [K, N, L] = sample_dims(mu, z);
   const T* m = checked<T>(mu, "mu", {N, L}, false);
   const T* s = checked<T>(scale_tril, "scale_tril", {N, L, L}, false);
   T* zp = checked<T>(z, "z", {K, N, L}, true);
@@ -52,9 +49,7 @@ void bind_sample_normal_tril(py::module_& m) {
   m.def("sample_normal_tril_forward", [](py::array mu, py::array scale_tril, uint64_t seed,
                                          py::array z, py::array kl, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { sample_normal_tril_forward_t<float>(mu, scale_tril, seed, z, kl, n_threads); },
-             [&] { sample_normal_tril_forward_t<double>(mu, scale_tril, seed, z, kl, n_threads); });
+    by_dtype(mu, [&](auto t) { sample_normal_tril_forward_t<decltype(t)>(mu, scale_tril, seed, z, kl, n_threads); });
   }, py::arg("mu"), py::arg("scale_tril"), py::arg("seed"), py::arg("z"), py::arg("kl"),
      py::arg("n_threads"));
 
@@ -62,11 +57,8 @@ void bind_sample_normal_tril(py::module_& m) {
                                           py::array scale_tril, uint64_t seed, py::array dmu,
                                           py::array dscale_tril, int n_threads) {
     check_threads(n_threads);
-    by_dtype(mu,
-             [&] { sample_normal_tril_backward_t<float>(dz, dkl, mu, scale_tril, seed, dmu,
-                                                        dscale_tril, n_threads); },
-             [&] { sample_normal_tril_backward_t<double>(dz, dkl, mu, scale_tril, seed, dmu,
-                                                         dscale_tril, n_threads); });
+    by_dtype(mu, [&](auto t) { sample_normal_tril_backward_t<decltype(t)>(dz, dkl, mu, scale_tril, seed, dmu,
+                                                                          dscale_tril, n_threads); });
   }, py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg("mu"), py::arg("scale_tril"),
      py::arg("seed"),
      py::arg("dmu"), py::arg("dscale_tril"), py::arg("n_threads"));
