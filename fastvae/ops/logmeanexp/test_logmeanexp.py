@@ -412,8 +412,6 @@ def test_gradcheck_float64(backend):
     # gradient); what is derived from it is
     chunks = lambda x: fastvae.logmeanexp_from_state(  # noqa: E731
         fastvae.merge_logmeanexp_states(fastvae.logmeanexp_state(x[:2]), fastvae.logmeanexp_state(x[2:])))
-    # fast_mode (one random projection of the Jacobian) under the interpreter, where each of the full
-    # check's evaluations runs interpreted kernels; the main process checks every entry on cpp and reference
     assert torch.autograd.gradcheck(chunks, (lw,), fast_mode=INTERPRET)
 
 
