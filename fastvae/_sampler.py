@@ -2,7 +2,8 @@
 offsets of a forward, the samples of a backward, and the whole front end of a
 family sampler of two (N, L) parameters (sample_location_scale,
 sample_positive): its torch.library ops, the launches of their kernels, the
-evaluation's strided draw, the autograd Function and the public function's draw. A family's folder keeps
+evaluation's strided draw, the autograd Function and the public function's
+draw, and the ELBO's draw fused with a closed-form KL. A family's folder keeps
 only its transform and its density (its kernels and oracle), its double
 backward and its checks of the public arguments.
 
@@ -215,3 +216,132 @@ class FamilySampler:
         K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, p0.numel(), p0)
         z, log_q = self.autograd.apply(p0, p1, draw_seed(p0.device, generator), family, K, False)
         return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+
+
+class FamilyKLSampler:
+    """The front end of a family sampler's ELBO draw fused with family_kl's
+    closed form (its kernels <name>_kl_forward and <name>_kl_backward, named
+    as _spec.family_sampler_kl_kernels names them): the torch.library ops
+    ``fastvae::<name>_kl`` (z (K, N, L), the KL summed over L (N,)) and
+    ``fastvae::<name>_kl_backward`` (q's gradients, the sampler's plus the
+    KL's, then the prior's per row where asked), and their autograd Function.
+
+    ``sampler``: the FamilySampler (its Function replays a create_graph
+    backward); ``kl_apply``, ``prior_layout``: family_kl's Function's apply
+    and its prior layout (the ops layer above passes them in);
+    ``kl_parameters(kl_family, p0, p1, prior0, prior1)``: FamilyKL's
+    (q_loc, q_log_param, p_loc, p_log_param) of the sampler's parameters."""
+
+    def __init__(self, sampler: FamilySampler, kl_apply, prior_layout, kl_parameters):
+        self.sampler, self.kl_apply, self.prior_layout, self.kl_parameters = sampler, kl_apply, prior_layout, \
+            kl_parameters
+        name, (a, b) = sampler.name, sampler.params
+        self.kernels = f"{name}_kl_forward", f"{name}_kl_backward"
+        self.names = (a, b, f"prior_{a}", f"prior_{b}")
+        self.op = define(
+            f"{name}_kl(Tensor {a}, Tensor {b}, Tensor prior_{a}, Tensor prior_{b}, Tensor seed, int family,"
+            " int kl_family, int n_samples) -> (Tensor, Tensor)",
+            self._forward,
+            lambda p0, p1, prior0, prior1, seed, family, kl_family, n_samples: (
+                p0.new_empty((n_samples, *p0.shape)), p0.new_empty(p0.shape[:1])),
+        )
+        self.backward_op = define(
+            f"{name}_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor {a}, Tensor {b}, Tensor prior_{a},"
+            f" Tensor prior_{b}, Tensor seed, int family, int kl_family, bool need_dp) -> Tensor[]",
+            self._backward,
+            lambda grad_z, grad_kl, p0, p1, prior0, prior1, seed, family, kl_family, need_dp: [
+                torch.empty_like(p0) for _ in range(4 if need_dp else 2)],
+        )
+
+    def _forward(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor, seed: Tensor, family: int,
+                 kl_family: int, n_samples: int) -> tuple[Tensor, Tensor]:
+        """(z (n_samples, N, L), kl (N,)) for q's (N, L) and the prior's (L,) or
+        (N, L), one float32 or float64 dtype: the draw at the training layout's
+        offsets and family_kl's closed form summed over L."""
+        backend = _backend.backend_for(p0.device)
+        N, L = p0.shape
+        z = _backend.empty_output((n_samples, N, L), like=p0)
+        kl = _backend.empty_output((N,), like=p0)
+        _backend.launch(backend, self.kernels[0], z.numel(), **dict(zip(self.names, (p0, p1, prior0, prior1))),
+                        seed=seed, family=family, kl_family=kl_family, z=z, kl=kl)
+        return z, kl
+
+    def _backward(self, grad_z: Tensor | None, grad_kl: Tensor | None, p0: Tensor, p1: Tensor, prior0: Tensor,
+                  prior1: Tensor, seed: Tensor, family: int, kl_family: int, need_dp: bool) -> list[Tensor]:
+        """[d p0, d p1] (N, L), the sampler's plus the KL's, then (need_dp) the
+        prior's per row (N, L), whatever its layout."""
+        backend = _backend.backend_for(p0.device)
+        grads = [_backend.empty_output(p0.shape, like=p0) for _ in range(4 if need_dp else 2)]
+        grads_by_name = dict(zip((f"d{n}" for n in self.names), grads + [None, None]))
+        _backend.launch(backend, self.kernels[1], p0.numel() * (1 if grad_z is None else grad_z.shape[0]),
+                        grad_z=None if grad_z is None else grad_z.contiguous(),
+                        grad_kl=None if grad_kl is None else grad_kl.contiguous(),
+                        **dict(zip(self.names, (p0, p1, prior0, prior1))), seed=seed, family=family,
+                        kl_family=kl_family, **grads_by_name)
+        return grads
+
+    def function(self, name: str) -> type:
+        """The autograd Function ``name``: (z (K, ..., L), KL(q || p) (...)) of
+        (p0, p1, prior0, prior1, seed, family, kl_family, n_samples), the
+        prior's each broadcastable to q's shape, drawn and computed in one
+        pass each way: z is the sampler's Function's, the KL FamilyKL's, the
+        gradients their sum, bit for bit. Saves q and the prior in the
+        kernels' layout and the seed; a create_graph backward replays the two
+        Functions."""
+        fused = self
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, p0, p1, prior0, prior1, seed, family, kl_family, n_samples):
+                shape = p0.shape
+                a, b = flat(p0), flat(p1)
+                _, _, p_loc, p_lp = fused.kl_parameters(kl_family, None, None, prior0, prior1)
+                pa, pb = fused.prior_layout(p_loc, p_lp, shape)
+                if pa is None:  # a family with no location: its one prior parameter twice (the kernels read one)
+                    pa = pb
+                z, kl = run(fused.op, a, b, pa, pb, seed, family, kl_family, n_samples)
+                ctx.save_for_backward(a, b, pa, pb, seed, p0, p1, prior0, prior1)
+                ctx.set_materialize_grads(False)
+                ctx.family, ctx.kl_family, ctx.n_samples, ctx.shape = family, kl_family, n_samples, shape
+                return shaped(z, (n_samples, *shape)), shaped(kl, shape[:-1])
+
+            @staticmethod
+            def backward(ctx, grad_z, grad_kl):
+                none = (None,) * 4
+                if grad_z is None and grad_kl is None:
+                    return (None,) * 4 + none
+                a, b, pa, pb, seed, *inputs = ctx.saved_tensors
+                needs, K, shape = ctx.needs_input_grad[:4], ctx.n_samples, ctx.shape
+                if torch.is_grad_enabled():  # create_graph=True: the two Functions, whose gradients have a graph
+                    with torch.enable_grad():
+                        z, _ = fused.sampler.autograd.apply(inputs[0], inputs[1], seed, ctx.family, K, False)
+                        kl = fused.kl_apply(ctx.kl_family, True, *fused.kl_parameters(ctx.kl_family, *inputs))
+                    outs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
+                    wanted = [t for t, need in zip(inputs, needs) if need]
+                    got = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs],
+                                                   create_graph=True, allow_unused=True))
+                    grads = [next(got) if need else None for need in needs]
+                    return (*(torch.zeros_like(t) if need and d is None else d
+                              for t, d, need in zip(inputs, grads, needs)), *none)
+                N, L = a.shape
+                need_dp = grad_kl is not None and (needs[2] or needs[3])
+                grads = run(fused.backward_op, None if grad_z is None else shaped(grad_z, (K, N, L)),
+                            None if grad_kl is None else shaped(grad_kl, (N,)), a, b, pa, pb, seed, ctx.family,
+                            ctx.kl_family, need_dp)
+                out = [shaped(grads[0], shape), shaped(grads[1], shape), None, None]
+                if need_dp:  # the prior's, summed back to its shape
+                    out[2:] = [shaped(d, shape).sum_to_size(t.shape) for d, t in zip(grads[2:], inputs[2:])]
+                return (*(d if need else None for d, need in zip(out, needs)), *none)
+
+        Function.__name__ = Function.__qualname__ = name
+        self.autograd = Function
+        return Function
+
+    def unchecked(self, family: int, kl_family: int, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor,
+                  n_samples: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(z (K, ..., L), KL (...)) through the autograd Function, for
+        arguments the caller has validated (the latents' records): every
+        tensor float32 or float64, one dtype and device, the prior's
+        broadcastable to q's shape."""
+        return self.autograd.apply(p0, p1, prior0, prior1, draw_seed(p0.device, generator), family, kl_family,
+                                   n_samples)

@@ -132,6 +132,24 @@ def family_sampler_kernels(name: str, params: tuple[str, str]) -> tuple[Kernel, 
     )
 
 
+def family_sampler_kl_kernels(name: str, params: tuple[str, str]) -> tuple[Kernel, Kernel]:
+    """The two kernels of a family sampler's ELBO draw fused with family_kl's
+    closed form (fastvae/_sampler.py's FamilyKLSampler, whose arguments these
+    name): <name>_kl_forward draws z (K, N, L) at the training layout's noise
+    and the KL against the prior's prior_<param>s ((L,) or (N, L)) summed
+    over L, kl (N,); <name>_kl_backward gives q's gradients (the draw's plus
+    the KL's) and the prior's per row where asked. ``kl_family`` picks the
+    KL's family (family_kl's)."""
+    a, b = params
+    return (
+        Kernel(f"{name}_kl_forward", name, (a, b, f"prior_{a}", f"prior_{b}", "seed", "family", "kl_family", "z",
+                                            "kl")),
+        Kernel(f"{name}_kl_backward", name, ("grad_z", "grad_kl", a, b, f"prior_{a}", f"prior_{b}", "seed",
+                                             "family", "kl_family", f"d{a}", f"d{b}", f"dprior_{a}",
+                                             f"dprior_{b}")),
+    )
+
+
 def family_sampler_min_bytes(size: dict, itemsize: int = 4) -> dict[str, int]:
     """Bench.min_bytes of a family sampler at size B, L, K: the two (B, L)
     parameters in, z (K, B, L) and log q (K, B) out; their gradients in, the

@@ -418,6 +418,71 @@ class sampler_checks:
             yield family, z, log_q, zr, qr
 
 
+class fused_kl_checks:
+    """The checks a family sampler's ELBO draw fused with its closed-form KL
+    shares with every such sampler (sample_location_scale_kl, sample_positive_kl)."""
+
+    @staticmethod
+    def fused_and_separate(fused, separate, leaves, K, shape, g, dtype, device, create_graph=False):
+        """[(outputs, gradients)] of ``fused(seed)`` and ``separate(seed)``,
+        each (z (K, *shape), kl (shape[:-1])), at the same seed: the gradients
+        in ``leaves`` of z and the KL weighted by random weights (from
+        generator g), with a graph where ``create_graph``."""
+        w_z = torch.randn(K, *shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        w_kl = torch.randn(shape[:-1], generator=g, dtype=torch.float64).to(dtype).to(device)
+        results = []
+        for draw in (fused, separate):
+            z, kl = draw(seed_tensor(11, device))
+            grads = torch.autograd.grad((z * w_z).sum() + (kl * w_kl).sum(), leaves, create_graph=create_graph,
+                                        allow_unused=True)
+            results.append(((z, kl), grads))
+        return results
+
+    @staticmethod
+    def differentiates_twice(fused_and_separate):
+        """A create_graph backward of the fused Function: the second
+        derivatives of the two Functions it fuses. ``fused_and_separate``:
+        ((fused, separate), leaves), each (outputs, gradients with a graph)."""
+        (fused, separate), leaves = fused_and_separate
+        for a, b in zip(fused[1], separate[1]):
+            second = [torch.autograd.grad(x.sum(), leaves, retain_graph=True, allow_unused=True) for x in (a, b)]
+            for u, v in zip(*second):
+                assert (u is None) == (v is None)
+                if u is not None:
+                    torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+    @staticmethod
+    def compiles_with_changing_shapes(unchecked, family, kl_family, device):
+        """Under torch.compile the fused op (``unchecked(family, kl_family, p0,
+        p1, prior0, prior1, k, generator)``) takes batch, width, sample count
+        and dtype changes between calls, as a training and evaluation loop
+        makes them, with eager's values and gradients."""
+        torch._dynamo.reset()
+
+        def step(p0, p1, r0, r1, k):
+            z, kl = unchecked(family, kl_family, p0, p1, r0, r1, k, None)
+            return (z * z).sum() + kl.sum()
+
+        compiled = torch.compile(step)
+        for N, L, k, dtype in [(8, 4, 1, torch.float32), (13, 4, 1, torch.float32), (13, 6, 3, torch.float32),
+                               (5, 6, 1, torch.float64)]:
+            g = torch.Generator().manual_seed(N + L)
+            leaves = [(torch.randn(N, L, generator=g) * 0.5).to(dtype).to(device).requires_grad_() for _ in range(2)]
+            leaves += [(torch.randn(L, generator=g) * 0.3).to(dtype).to(device).requires_grad_() for _ in range(2)]
+            values = []
+            for fn in (compiled, step):
+                torch.manual_seed(3)  # the seed comes from torch's generator
+                out = fn(*leaves, k)
+                values.append((out, torch.autograd.grad(out, leaves)))
+            (a, ga), (b, gb) = values
+            # (Inductor may sum z * z, and the prior's per-row gradients, in another order)
+            eps = torch.finfo(dtype).eps
+            assert torch.isfinite(a)
+            torch.testing.assert_close(a, b, rtol=64 * eps, atol=0.0)
+            for u, v in zip(ga, gb):
+                torch.testing.assert_close(u, v, rtol=16 * eps, atol=16 * eps)
+
+
 def seed_tensor(value, device):
     return torch.tensor(value, dtype=torch.int64, device=device)
 

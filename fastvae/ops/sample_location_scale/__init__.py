@@ -20,7 +20,7 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform
 from ..._dtypes import accumulation_dtype
 from ..._families import KL_FAMILIES, LOCATION_SCALE_FAMILIES
 from ..._philox import HALF_WORD, open_uniforms, philox_word
-from ..._spec import Bench, Kernel, Op, family_sampler_kernels, family_sampler_min_bytes
+from ..._spec import Bench, Op, family_sampler_kernels, family_sampler_kl_kernels, family_sampler_min_bytes
 from ..family_kl import family_kl_backward, family_kl_forward
 
 # `family` picks the standardized inverse CDF (LOCATION_SCALE_FAMILIES), a
@@ -28,13 +28,9 @@ from ..family_kl import family_kl_backward, family_kl_forward
 # layout's draw with family_kl's closed form of (loc, log_scale) against a
 # prior of a family with a location ((L,) or (N, L)), summed over L: one pass
 # over q each way
-KERNELS = family_sampler_kernels("sample_location_scale", ("loc", "log_scale")) + (
-    Kernel("sample_location_scale_kl_forward", "sample_location_scale",
-           ("loc", "log_scale", "prior_loc", "prior_log_scale", "seed", "family", "kl_family", "z", "kl")),
-    Kernel("sample_location_scale_kl_backward", "sample_location_scale",
-           ("grad_z", "grad_kl", "loc", "log_scale", "prior_loc", "prior_log_scale", "seed", "family",
-            "kl_family", "dloc", "dlog_scale", "dprior_loc", "dprior_log_scale")),
-)
+PARAMS = ("loc", "log_scale")
+KERNELS = family_sampler_kernels("sample_location_scale", PARAMS) + family_sampler_kl_kernels(
+    "sample_location_scale", PARAMS)
 
 OP = Op("sample_location_scale", tuple(k.name for k in KERNELS),
         "fastvae/ops/sample_location_scale/test_sample_location_scale.py", "sample_location_scale",

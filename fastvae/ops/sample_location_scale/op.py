@@ -28,8 +28,8 @@ from torch import Tensor
 from ... import _backend, _validate
 from ..._double_backward import _acc
 from ..._families import LOCATION_SCALE_FAMILIES
-from ..._op import define, draw_seed, flat, run, shaped
-from ..._sampler import FamilySampler, family_index_of
+from ..._op import flat, run
+from ..._sampler import FamilyKLSampler, FamilySampler, family_index_of
 from ..family_kl.op import FamilyKL, prior_layout
 
 FAMILIES = LOCATION_SCALE_FAMILIES  # the kernels' `family` index is the position here
@@ -136,109 +136,12 @@ location_scale_at = SAMPLER.at
 # -- the draw with the closed-form KL fused (sample_location_scale_kl_*) -------------
 
 
-def _kl_forward(loc: Tensor, log_scale: Tensor, prior_loc: Tensor, prior_log_scale: Tensor, seed: Tensor,
-                family: int, kl_family: int, n_samples: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, N, L), kl (N,)) for q's (N, L) and the prior's (L,) or
-    (N, L), one float32 or float64 dtype: the draw at the training layout's
-    offsets and family_kl's closed form summed over L."""
-    backend = _backend.backend_for(loc.device)
-    N, L = loc.shape
-    z = _backend.empty_output((n_samples, N, L), like=loc)
-    kl = _backend.empty_output((N,), like=loc)
-    _backend.launch(backend, "sample_location_scale_kl_forward", z.numel(), loc=loc, log_scale=log_scale,
-                    prior_loc=prior_loc, prior_log_scale=prior_log_scale, seed=seed, family=family,
-                    kl_family=kl_family, z=z, kl=kl)
-    return z, kl
+# the ELBO's draw against a prior of a family with a location (family_kl's (loc,
+# log_scale) against (prior_loc, prior_log_scale)): z is SampleLocationScale's, the
+# KL FamilyKL's, the gradients their sum, bit for bit, in one pass each way
+KL_SAMPLER = FamilyKLSampler(SAMPLER, FamilyKL.apply, prior_layout, lambda kl_family, *params: params)
+SampleLocationScaleKL = KL_SAMPLER.function("SampleLocationScaleKL")
 
-
-def _kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, loc: Tensor, log_scale: Tensor, prior_loc: Tensor,
-                 prior_log_scale: Tensor, seed: Tensor, family: int, kl_family: int,
-                 need_dp: bool) -> list[Tensor]:
-    """[dloc, dlog_scale] (N, L), the sampler's plus the KL's, then (need_dp)
-    the prior's per row (N, L), whatever its layout."""
-    backend = _backend.backend_for(loc.device)
-    grads = [_backend.empty_output(loc.shape, like=loc) for _ in range(4 if need_dp else 2)]
-    _backend.launch(backend, "sample_location_scale_kl_backward", loc.numel() * (1 if grad_z is None else
-                                                                                 grad_z.shape[0]),
-                    grad_z=None if grad_z is None else grad_z.contiguous(),
-                    grad_kl=None if grad_kl is None else grad_kl.contiguous(), loc=loc, log_scale=log_scale,
-                    prior_loc=prior_loc, prior_log_scale=prior_log_scale, seed=seed, family=family,
-                    kl_family=kl_family, dloc=grads[0], dlog_scale=grads[1],
-                    dprior_loc=grads[2] if need_dp else None, dprior_log_scale=grads[3] if need_dp else None)
-    return grads
-
-
-sample_location_scale_kl_op = define(
-    "sample_location_scale_kl(Tensor loc, Tensor log_scale, Tensor prior_loc, Tensor prior_log_scale, Tensor seed,"
-    " int family, int kl_family, int n_samples) -> (Tensor, Tensor)",
-    _kl_forward,
-    lambda loc, log_scale, prior_loc, prior_log_scale, seed, family, kl_family, n_samples: (
-        loc.new_empty((n_samples, *loc.shape)), loc.new_empty(loc.shape[:1])),
-)
-sample_location_scale_kl_backward_op = define(
-    "sample_location_scale_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor loc, Tensor log_scale,"
-    " Tensor prior_loc, Tensor prior_log_scale, Tensor seed, int family, int kl_family, bool need_dp) -> Tensor[]",
-    _kl_backward,
-    lambda grad_z, grad_kl, loc, log_scale, prior_loc, prior_log_scale, seed, family, kl_family, need_dp: [
-        torch.empty_like(loc) for _ in range(4 if need_dp else 2)],
-)
-
-
-class SampleLocationScaleKL(torch.autograd.Function):
-    """(z (K, ..., L), KL(q || p) (...)) of a location-scale family's q =
-    (loc, log_scale) against a prior of a family with a location ((prior_loc,
-    prior_log_scale), each broadcastable to q's shape), drawn and computed in
-    one pass each way (fastvae::sample_location_scale_kl): z is
-    SampleLocationScale's, the KL FamilyKL's, the gradients their sum, bit
-    for bit. Saves q and the prior in the kernels' layout and the seed; a
-    create_graph backward replays the two ops' Functions."""
-
-    @staticmethod
-    def forward(ctx, loc, log_scale, prior_loc, prior_log_scale, seed, family, kl_family, n_samples):
-        shape = loc.shape
-        a, b = flat(loc), flat(log_scale)
-        pa, pb = prior_layout(prior_loc, prior_log_scale, shape)
-        z, kl = run(sample_location_scale_kl_op, a, b, pa, pb, seed, family, kl_family, n_samples)
-        ctx.save_for_backward(a, b, pa, pb, seed, loc, log_scale, prior_loc, prior_log_scale)
-        ctx.set_materialize_grads(False)
-        ctx.family, ctx.kl_family, ctx.n_samples, ctx.shape = family, kl_family, n_samples, shape
-        return shaped(z, (n_samples, *shape)), shaped(kl, shape[:-1])
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_kl):
-        none = (None,) * 4
-        if grad_z is None and grad_kl is None:
-            return (None,) * 4 + none
-        a, b, pa, pb, seed, *inputs = ctx.saved_tensors
-        needs, K, shape = ctx.needs_input_grad[:4], ctx.n_samples, ctx.shape
-        if torch.is_grad_enabled():  # create_graph=True: the two ops' Functions, whose gradients have a graph
-            with torch.enable_grad():
-                z, _ = SampleLocationScale.apply(inputs[0], inputs[1], seed, ctx.family, K, False)
-                kl = FamilyKL.apply(ctx.kl_family, True, *inputs)
-            outs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
-            wanted = [t for t, need in zip(inputs, needs) if need]
-            got = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], create_graph=True,
-                                           allow_unused=True))
-            grads = [next(got) if need else None for need in needs]
-            return (*(torch.zeros_like(t) if need and d is None else d for t, d, need in zip(inputs, grads, needs)),
-                    *none)
-        N, L = a.shape
-        need_dp = grad_kl is not None and (needs[2] or needs[3])
-        grads = run(sample_location_scale_kl_backward_op, None if grad_z is None else shaped(grad_z, (K, N, L)),
-                    None if grad_kl is None else shaped(grad_kl, (N,)), a, b, pa, pb, seed, ctx.family,
-                    ctx.kl_family, need_dp)
-        out = [shaped(grads[0], shape), shaped(grads[1], shape), None, None]
-        if need_dp:  # the prior's, summed back to its shape
-            out[2:] = [shaped(d, shape).sum_to_size(t.shape) for d, t in zip(grads[2:], inputs[2:])]
-        return (*(d if need else None for d, need in zip(out, needs)), *none)
-
-
-def sample_location_scale_kl_unchecked(family: int, kl_family: int, loc: Tensor, log_scale: Tensor,
-                                       prior_loc: Tensor, prior_log_scale: Tensor, n_samples: int,
-                                       generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(z (K, ..., L), KL (...)) for arguments the caller has validated (the
-    latents' records): every tensor float32 or float64, one dtype and device,
-    the prior's broadcastable to q's shape."""
-    seed = draw_seed(loc.device, generator)
-    return SampleLocationScaleKL.apply(loc, log_scale, prior_loc, prior_log_scale, seed, family, kl_family,
-                                       n_samples)
+# (z (K, ..., L), KL (...)) of (family, kl_family, loc, log_scale, prior_loc,
+# prior_log_scale, n_samples, generator) for arguments the caller has validated
+sample_location_scale_kl_unchecked = KL_SAMPLER.unchecked

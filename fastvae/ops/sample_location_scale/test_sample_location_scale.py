@@ -15,7 +15,7 @@ from fastvae.ops.sample_location_scale import sample_location_scale_forward, sta
 from fastvae.ops.sample_location_scale.op import FAMILIES, SampleLocationScale, location_scale_at
 
 from conftest import INTERPRET
-from helpers import assert_close, float_dtype_examples, gen, sampler_checks, seed_tensor
+from helpers import assert_close, float_dtype_examples, fused_kl_checks, gen, sampler_checks, seed_tensor
 
 # the interpreter runs each Triton program as Python (~1 ms): fewer examples there
 EXAMPLES = 8 if INTERPRET else 40
@@ -510,20 +510,14 @@ def _fused_and_separate(family, p_shape, dtype, device, K, create_graph=False):
     p_loc, p_ls = p_loc.requires_grad_(), p_ls.requires_grad_()
     leaves = [loc, ls, p_loc, p_ls]
     index, kl_index = FAMILIES.index(family), KL_FAMILIES.index(family)
-    w_z = torch.randn(K, 2, 3, 5, generator=g, dtype=torch.float64).to(dtype).to(device)
-    w_kl = torch.randn(2, 3, generator=g, dtype=torch.float64).to(dtype).to(device)
-    results = []
-    for fused in (True, False):
-        seed = seed_tensor(11, device)
-        if fused:
-            z, kl = SampleLocationScaleKL.apply(loc, ls, p_loc, p_ls, seed, index, kl_index, K)
-        else:
-            z, _ = SampleLocationScale.apply(loc, ls, seed, index, K, False)
-            kl = FamilyKL.apply(kl_index, True, loc, ls, p_loc, p_ls)
-        grads = torch.autograd.grad((z * w_z).sum() + (kl * w_kl).sum(), leaves, create_graph=create_graph,
-                                    allow_unused=True)
-        results.append(((z, kl), grads))
-    return results, leaves
+
+    def separate(seed):
+        z, _ = SampleLocationScale.apply(loc, ls, seed, index, K, False)
+        return z, FamilyKL.apply(kl_index, True, loc, ls, p_loc, p_ls)
+
+    return fused_kl_checks.fused_and_separate(
+        lambda seed: SampleLocationScaleKL.apply(loc, ls, p_loc, p_ls, seed, index, kl_index, K), separate, leaves,
+        K, (2, 3, 5), g, dtype, device, create_graph), leaves
 
 
 @pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
@@ -547,45 +541,14 @@ def test_the_fused_function_is_the_two_functions_bit_for_bit(backend, family, dt
 
 
 def test_the_fused_function_differentiates_twice_as_the_two_functions(backend):
-    _, device = backend
-    (fused, separate), leaves = _fused_and_separate("laplace", (5,), torch.float64, device, 2, create_graph=True)
-    for a, b in zip(fused[1], separate[1]):
-        second = [torch.autograd.grad(x.sum(), leaves, retain_graph=True, allow_unused=True) for x in (a, b)]
-        for u, v in zip(*second):
-            assert (u is None) == (v is None)
-            if u is not None:
-                torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+    fused_kl_checks.differentiates_twice(_fused_and_separate("laplace", (5,), torch.float64, backend[1], 2,
+                                                             create_graph=True))
 
 
 @pytest.mark.skipif(INTERPRET, reason="torch.compile traces the main process's ops")
 def test_the_fused_function_compiles_with_changing_shapes(backend):
-    """Under torch.compile the fused op takes batch, width, sample count and
-    dtype changes between calls, as a training and evaluation loop makes
-    them, with eager's values and gradients."""
+    """A Laplace draw and KL against a Laplace prior (family 1, KL family 0),
+    compiled while the shapes change (fused_kl_checks)."""
     from fastvae.ops.sample_location_scale.op import sample_location_scale_kl_unchecked
 
-    _, device = backend
-    torch._dynamo.reset()
-
-    def step(loc, ls, p_loc, p_ls, k):
-        z, kl = sample_location_scale_kl_unchecked(1, 0, loc, ls, p_loc, p_ls, k, None)
-        return (z * z).sum() + kl.sum()
-
-    compiled = torch.compile(step)
-    for N, L, k, dtype in [(8, 4, 1, torch.float32), (13, 4, 1, torch.float32), (13, 6, 3, torch.float32),
-                           (5, 6, 1, torch.float64)]:
-        g = torch.Generator().manual_seed(N + L)
-        leaves = [(torch.randn(N, L, generator=g) * 0.5).to(dtype).to(device).requires_grad_() for _ in range(2)]
-        leaves += [(torch.randn(L, generator=g) * 0.3).to(dtype).to(device).requires_grad_() for _ in range(2)]
-        values = []
-        for fn in (compiled, step):
-            torch.manual_seed(3)  # the seed comes from torch's generator
-            out = fn(*leaves, k)
-            values.append((out, torch.autograd.grad(out, leaves)))
-        (a, ga), (b, gb) = values
-        # (Inductor may sum z * z, and the prior's per-row gradients, in another order)
-        eps = torch.finfo(dtype).eps
-        assert torch.isfinite(a)
-        torch.testing.assert_close(a, b, rtol=64 * eps, atol=0.0)
-        for u, v in zip(ga, gb):
-            torch.testing.assert_close(u, v, rtol=16 * eps, atol=16 * eps)
+    fused_kl_checks.compiles_with_changing_shapes(sample_location_scale_kl_unchecked, 1, 0, backend[1])

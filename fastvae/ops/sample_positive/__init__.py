@@ -21,7 +21,7 @@ from torch import Tensor
 from ..._dtypes import accumulation_dtype
 from ..._families import KL_FAMILIES, POSITIVE_FAMILIES
 from ..._philox import F32_BELOW_ONE, exp1, philox_word
-from ..._spec import Bench, Kernel, Op, family_sampler_kernels, family_sampler_min_bytes
+from ..._spec import Bench, Op, family_sampler_kernels, family_sampler_kl_kernels, family_sampler_min_bytes
 from ..family_kl import family_kl_backward, family_kl_forward
 
 # `family` picks exponential, Weibull or Kumaraswamy (POSITIVE_FAMILIES), a
@@ -29,13 +29,9 @@ from ..family_kl import family_kl_backward, family_kl_forward
 # layout's draw with family_kl's closed form against a prior ((L,) or (N, L))
 # of the family's KL (the exponential's against an exponential, the
 # Kumaraswamy's against a Beta), summed over L: one pass over q each way
-KERNELS = family_sampler_kernels("sample_positive", ("log_p0", "log_p1")) + (
-    Kernel("sample_positive_kl_forward", "sample_positive",
-           ("log_p0", "log_p1", "prior_log_p0", "prior_log_p1", "seed", "family", "kl_family", "z", "kl")),
-    Kernel("sample_positive_kl_backward", "sample_positive",
-           ("grad_z", "grad_kl", "log_p0", "log_p1", "prior_log_p0", "prior_log_p1", "seed", "family",
-            "kl_family", "dlog_p0", "dlog_p1", "dprior_log_p0", "dprior_log_p1")),
-)
+PARAMS = ("log_p0", "log_p1")
+KERNELS = family_sampler_kernels("sample_positive", PARAMS) + family_sampler_kl_kernels(
+    "sample_positive", PARAMS)
 
 OP = Op("sample_positive", tuple(k.name for k in KERNELS), "fastvae/ops/sample_positive/test_sample_positive.py",
         "sample_positive", launches=(1, 1, 1))

@@ -33,8 +33,8 @@ from torch import Tensor
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc
 from ..._families import KL_FAMILIES, POSITIVE_FAMILIES
-from ..._op import define, draw_seed, flat, run, shaped
-from ..._sampler import FamilySampler, family_index_of
+from ..._op import flat, run
+from ..._sampler import FamilyKLSampler, FamilySampler, family_index_of
 from ..family_kl.op import FamilyKL, prior_layout
 
 # a declared use (docs/architecture.md, "Layers"): the double backward's closed forms
@@ -149,54 +149,6 @@ positive_at = SAMPLER.at
 # -- the draw with the closed-form KL fused (sample_positive_kl_*) -------------------
 
 
-def _kl_forward(log_p0: Tensor, log_p1: Tensor, prior_log_p0: Tensor, prior_log_p1: Tensor, seed: Tensor,
-                family: int, kl_family: int, n_samples: int) -> tuple[Tensor, Tensor]:
-    """(z (n_samples, N, L), kl (N,)) for q's (N, L) and the prior's (L,) or
-    (N, L), one float32 or float64 dtype: the draw at the training layout's
-    offsets and family_kl's closed form summed over L."""
-    backend = _backend.backend_for(log_p0.device)
-    N, L = log_p0.shape
-    z = _backend.empty_output((n_samples, N, L), like=log_p0)
-    kl = _backend.empty_output((N,), like=log_p0)
-    _backend.launch(backend, "sample_positive_kl_forward", z.numel(), log_p0=log_p0, log_p1=log_p1,
-                    prior_log_p0=prior_log_p0, prior_log_p1=prior_log_p1, seed=seed, family=family,
-                    kl_family=kl_family, z=z, kl=kl)
-    return z, kl
-
-
-def _kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, log_p0: Tensor, log_p1: Tensor,
-                 prior_log_p0: Tensor, prior_log_p1: Tensor, seed: Tensor, family: int, kl_family: int,
-                 need_dp: bool) -> list[Tensor]:
-    """[dlog_p0, dlog_p1] (N, L), the sampler's plus the KL's, then (need_dp)
-    the prior's per row (N, L), whatever its layout."""
-    backend = _backend.backend_for(log_p0.device)
-    grads = [_backend.empty_output(log_p0.shape, like=log_p0) for _ in range(4 if need_dp else 2)]
-    _backend.launch(backend, "sample_positive_kl_backward", log_p0.numel() * (1 if grad_z is None else
-                                                                              grad_z.shape[0]),
-                    grad_z=None if grad_z is None else grad_z.contiguous(),
-                    grad_kl=None if grad_kl is None else grad_kl.contiguous(), log_p0=log_p0, log_p1=log_p1,
-                    prior_log_p0=prior_log_p0, prior_log_p1=prior_log_p1, seed=seed, family=family,
-                    kl_family=kl_family, dlog_p0=grads[0], dlog_p1=grads[1],
-                    dprior_log_p0=grads[2] if need_dp else None, dprior_log_p1=grads[3] if need_dp else None)
-    return grads
-
-
-sample_positive_kl_op = define(
-    "sample_positive_kl(Tensor log_p0, Tensor log_p1, Tensor prior_log_p0, Tensor prior_log_p1, Tensor seed,"
-    " int family, int kl_family, int n_samples) -> (Tensor, Tensor)",
-    _kl_forward,
-    lambda log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family, kl_family, n_samples: (
-        log_p0.new_empty((n_samples, *log_p0.shape)), log_p0.new_empty(log_p0.shape[:1])),
-)
-sample_positive_kl_backward_op = define(
-    "sample_positive_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor log_p0, Tensor log_p1,"
-    " Tensor prior_log_p0, Tensor prior_log_p1, Tensor seed, int family, int kl_family, bool need_dp)"
-    " -> Tensor[]",
-    _kl_backward,
-    lambda grad_z, grad_kl, log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family, kl_family, need_dp: [
-        torch.empty_like(log_p0) for _ in range(4 if need_dp else 2)],
-)
-
 _EXPONENTIAL_KL = KL_FAMILIES.index("exponential")
 
 
@@ -207,66 +159,14 @@ def _kl_parameters(kl_family: int, p0, p1, prior0, prior1) -> tuple:
     return (None, p0, None, prior0) if kl_family == _EXPONENTIAL_KL else (p0, p1, prior0, prior1)
 
 
-class SamplePositiveKL(torch.autograd.Function):
-    """(z (K, ..., L), KL(q || p) (...)) of a positive family's q = (log_p0,
-    log_p1) against a prior of its KL family ((prior_log_p0, prior_log_p1),
-    each broadcastable to q's shape: the exponential's log-rate, or a Beta's
-    (log alpha, log beta) for the Kumaraswamy), drawn and computed in one pass
-    each way (fastvae::sample_positive_kl): z is SamplePositive's, the KL
-    FamilyKL's, the gradients their sum, bit for bit. The exponential's second
-    parameters are stand-ins (detached aliases of the first), which get no
-    gradient. Saves q and the prior in the kernels' layout and the seed; a
-    create_graph backward replays the two ops' Functions."""
+# the ELBO's draw against a prior of the family's KL (the exponential's log-rate, or a
+# Beta's (log alpha, log beta) for the Kumaraswamy): z is SamplePositive's, the KL
+# FamilyKL's, the gradients their sum, bit for bit, in one pass each way. The
+# exponential's second parameters are stand-ins (detached aliases of the first),
+# which get no gradient
+KL_SAMPLER = FamilyKLSampler(SAMPLER, FamilyKL.apply, prior_layout, _kl_parameters)
+SamplePositiveKL = KL_SAMPLER.function("SamplePositiveKL")
 
-    @staticmethod
-    def forward(ctx, log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family, kl_family, n_samples):
-        shape = log_p0.shape
-        a, b = flat(log_p0), flat(log_p1)
-        _, _, p_loc, p_lp = _kl_parameters(kl_family, None, None, prior_log_p0, prior_log_p1)
-        pa, pb = prior_layout(p_loc, p_lp, shape)
-        if pa is None:  # the exponential: the log-rate twice (the kernels read the first alone)
-            pa = pb
-        z, kl = run(sample_positive_kl_op, a, b, pa, pb, seed, family, kl_family, n_samples)
-        ctx.save_for_backward(a, b, pa, pb, seed, log_p0, log_p1, prior_log_p0, prior_log_p1)
-        ctx.set_materialize_grads(False)
-        ctx.family, ctx.kl_family, ctx.n_samples, ctx.shape = family, kl_family, n_samples, shape
-        return shaped(z, (n_samples, *shape)), shaped(kl, shape[:-1])
-
-    @staticmethod
-    def backward(ctx, grad_z, grad_kl):
-        none = (None,) * 4
-        if grad_z is None and grad_kl is None:
-            return (None,) * 4 + none
-        a, b, pa, pb, seed, *inputs = ctx.saved_tensors
-        needs, K, shape = ctx.needs_input_grad[:4], ctx.n_samples, ctx.shape
-        if torch.is_grad_enabled():  # create_graph=True: the two ops' Functions, whose gradients have a graph
-            with torch.enable_grad():
-                z, _ = SamplePositive.apply(inputs[0], inputs[1], seed, ctx.family, K, False)
-                kl = FamilyKL.apply(ctx.kl_family, True, *_kl_parameters(ctx.kl_family, *inputs))
-            outs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
-            wanted = [t for t, need in zip(inputs, needs) if need]
-            got = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], create_graph=True,
-                                           allow_unused=True))
-            grads = [next(got) if need else None for need in needs]
-            return (*(torch.zeros_like(t) if need and d is None else d for t, d, need in zip(inputs, grads, needs)),
-                    *none)
-        N, L = a.shape
-        need_dp = grad_kl is not None and (needs[2] or needs[3])
-        grads = run(sample_positive_kl_backward_op, None if grad_z is None else shaped(grad_z, (K, N, L)),
-                    None if grad_kl is None else shaped(grad_kl, (N,)), a, b, pa, pb, seed, ctx.family,
-                    ctx.kl_family, need_dp)
-        out = [shaped(grads[0], shape), shaped(grads[1], shape), None, None]
-        if need_dp:  # the prior's, summed back to its shape
-            out[2:] = [shaped(d, shape).sum_to_size(t.shape) for d, t in zip(grads[2:], inputs[2:])]
-        return (*(d if need else None for d, need in zip(out, needs)), *none)
-
-
-def sample_positive_kl_unchecked(family: int, kl_family: int, log_p0: Tensor, log_p1: Tensor, prior_log_p0: Tensor,
-                                 prior_log_p1: Tensor, n_samples: int,
-                                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """(z (K, ..., L), KL (...)) for arguments the caller has validated (the
-    latents' records): every tensor float32 or float64, one dtype and device,
-    the prior's broadcastable to q's shape; the exponential's second
-    parameters detached aliases of the first."""
-    seed = draw_seed(log_p0.device, generator)
-    return SamplePositiveKL.apply(log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family, kl_family, n_samples)
+# (z (K, ..., L), KL (...)) of (family, kl_family, log_p0, log_p1, prior_log_p0,
+# prior_log_p1, n_samples, generator) for arguments the caller has validated
+sample_positive_kl_unchecked = KL_SAMPLER.unchecked
