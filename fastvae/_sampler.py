@@ -233,8 +233,8 @@ class FamilyKLSampler:
     (q_loc, q_log_param, p_loc, p_log_param) of the sampler's parameters."""
 
     def __init__(self, sampler: FamilySampler, kl_apply, prior_layout, kl_parameters):
-        self.sampler, self.kl_apply, self.prior_layout, self.kl_parameters = sampler, kl_apply, prior_layout, \
-            kl_parameters
+        self.sampler, self.kl_apply = sampler, kl_apply
+        self.prior_layout, self.kl_parameters = prior_layout, kl_parameters
         name, (a, b) = sampler.name, sampler.params
         self.kernels = f"{name}_kl_forward", f"{name}_kl_backward"
         self.names = (a, b, f"prior_{a}", f"prior_{b}")
@@ -307,9 +307,9 @@ class FamilyKLSampler:
 
             @staticmethod
             def backward(ctx, grad_z, grad_kl):
-                none = (None,) * 4
+                none = (None,) * 4  # seed, family, kl_family, n_samples
                 if grad_z is None and grad_kl is None:
-                    return (None,) * 4 + none
+                    return (None,) * 8
                 a, b, pa, pb, seed, *inputs = ctx.saved_tensors
                 needs, K, shape = ctx.needs_input_grad[:4], ctx.n_samples, ctx.shape
                 if torch.is_grad_enabled():  # create_graph=True: the two Functions, whose gradients have a graph

@@ -152,7 +152,7 @@ def _sample_location_scale_kl_fwd_kernel(
 ):
     r, g, j, n, seed, kl = family_rows(seed_ptr, N, ACC, BLOCK_R, BLOCK_L)
     first = r < N  # sample 0's rows: the KL's, once per parameter row
-    with_kl = tl.program_id(0) * BLOCK_R < N
+    with_kl = tl.program_id(0).to(tl.int64) * BLOCK_R < N  # (K N rows may pass 2**31)
     for l0 in range(0, L, BLOCK_L):
         loc, ls, log_f, cols, mask, idx = _draw_columns(loc_ptr, log_scale_ptr, z_ptr, seed, 0, sample_stride, L, r,
                                                         n, g, j, l0, N, KN, L, FAMILY, ACC, ALIGNED)
@@ -300,15 +300,13 @@ def _sample_location_scale_kl_bwd_kernel(
                                      FAMILY, HAS_GRAD_Z, False, False, ACC, BLOCK, ALIGNED)
     if SPLITS == 1:
         _finish_kl(acc_z, acc_ze, i, mask, n, grad_kl_ptr, loc_ptr, log_scale_ptr, p_loc_ptr, p_ls_ptr, dloc_ptr,
-                   dls_ptr, dp_loc_ptr, dp_ls_ptr, L, KL_FAMILY, P_SHARED, HAS_GRAD_Z, HAS_GRAD_KL,
-                   HAS_DP, ACC)
+                   dls_ptr, dp_loc_ptr, dp_ls_ptr, L, KL_FAMILY, P_SHARED, HAS_GRAD_Z, HAS_GRAD_KL, HAS_DP, ACC)
     else:
         store_split_parts(part_ptr, split, SPLITS, NL, i, mask, acc_z, acc_ze, acc_z, acc_z, False, False)
         if arrive_last(counter_ptr + tile, SPLITS):
             s_z, s_ze, _, _ = sum_split_parts(part_ptr, SPLITS, NL, i, mask, False, False, ACC, BLOCK)
             _finish_kl(s_z, s_ze, i, mask, n, grad_kl_ptr, loc_ptr, log_scale_ptr, p_loc_ptr, p_ls_ptr, dloc_ptr,
-                       dls_ptr, dp_loc_ptr, dp_ls_ptr, L, KL_FAMILY, P_SHARED, HAS_GRAD_Z, HAS_GRAD_KL,
-                   HAS_DP, ACC)
+                       dls_ptr, dp_loc_ptr, dp_ls_ptr, L, KL_FAMILY, P_SHARED, HAS_GRAD_Z, HAS_GRAD_KL, HAS_DP, ACC)
 
 
 # -- launchers ----------------------------------------------------------------
