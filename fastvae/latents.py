@@ -871,6 +871,29 @@ def _prior_categorical(prior) -> Tensor | None:
     return None
 
 
+# prior=None's uniform pmf priors by (family, size, dtype, device): built once,
+# as building a torch distribution normalizes and validates its logits (about
+# 25 torch ops and 4 host reads), more than the Gumbel-softmax ELBO's KL itself
+# costs at a small model's sizes
+_UNIFORM_PRIORS: dict = {}
+
+
+def _uniform_prior(family: type, size: int, logits: Tensor) -> TorchPrior:
+    """The uniform ``family`` (OneHotCategorical or Bernoulli) prior of logits
+    zeros (size,) in the compute dtype of ``logits`` and on its device, as a
+    TorchPrior; cached outside a compiled graph (which builds it in the graph)."""
+    dtype = _backend.compute_dtype(logits)
+    if _backend.compiling():
+        return TorchPrior(family(logits=torch.zeros(size, dtype=dtype, device=logits.device)))
+    key = (family, size, dtype, logits.device)
+    prior = _UNIFORM_PRIORS.get(key)
+    if prior is None:
+        with torch.inference_mode(False):  # a plain tensor, which later calls with autograd may use
+            prior = TorchPrior(family(logits=torch.zeros(size, dtype=dtype, device=logits.device)))
+        _UNIFORM_PRIORS[key] = prior
+    return prior
+
+
 def _hard_relaxed_error(q=None) -> ValueError:
     name, pmf = (type(q).__name__, q._pmf_prior) if q is not None else ("Concrete", "OneHotCategorical")
     return ValueError(f"a {name} posterior with hard=True takes a {pmf} prior (the analytic "
@@ -927,10 +950,9 @@ class Concrete(_Latent):
         """The decoder's z of the sampler's simplex point z (..., L, C): itself here."""
         return z
 
-    def _uniform_pmf(self) -> Distribution:
+    def _uniform_pmf(self) -> TorchPrior:
         """The uniform categorical prior over the C categories of every latent."""
-        (logits,) = widened(self.logits.detach())
-        return OneHotCategorical(logits=torch.zeros(self.categories, dtype=logits.dtype, device=logits.device))
+        return _uniform_prior(OneHotCategorical, self.categories, self.logits)
 
     def _relaxed_prior_code(self) -> str:
         """The uniform relaxed prior of this shape, as code for an error message."""
@@ -956,7 +978,7 @@ class Concrete(_Latent):
         if use == "iwae" and self.hard:
             self.rsample_with_log_q(1, None, False)  # the named error: no density at the one-hot z
         if use == "elbo" or self.hard:
-            return TorchPrior(self._uniform_pmf())
+            return self._uniform_pmf()
         use = "log_likelihood / evaluate" if use == "evaluation" else use
         raise ValueError(f"prior: {use} of a relaxed {name} posterior needs a prior with a density at the relaxed "
                          f"z, and prior=None's uniform {pmf} prior (elbo's default) has none; pass a {relaxed} "
@@ -1063,7 +1085,7 @@ class Concrete(_Latent):
         log_pi = torch.log_softmax(logits, -1)
         pi = torch.exp(log_pi)
         log_p = log_p.to(log_pi.dtype)
-        terms = torch.where(pi > 0, pi * (log_pi - log_p), torch.zeros_like(pi))
+        terms = torch.where(pi > 0, pi * (log_pi - log_p), 0.0)
         return terms.sum(-1)
 
     def analytic_kl(self, prior) -> Tensor | None:
@@ -1146,10 +1168,9 @@ class BinaryConcrete(Concrete):
     def _out(self, z: Tensor) -> Tensor:
         return z[..., 0]
 
-    def _uniform_pmf(self) -> Distribution:
+    def _uniform_pmf(self) -> TorchPrior:
         """Bernoulli(1/2) for every latent."""
-        (logits,) = widened(self.binary_logits.detach())
-        return Bernoulli(logits=torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device))
+        return _uniform_prior(Bernoulli, self.binary_logits.shape[-1], self.binary_logits)
 
     def _relaxed_prior_code(self) -> str:
         L = self.binary_logits.shape[-1]

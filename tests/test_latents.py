@@ -350,6 +350,31 @@ def test_every_family_compiles_in_elbo_and_iwae(backend, family):
     assert_compiled_matches_eager(loss, (loc, scale), (loc, scale))
 
 
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+def test_concrete_default_prior_compiles_across_batch_sizes(backend):
+    """prior=None's uniform categorical prior inside a compiled graph (built in
+    the graph, not read from the eager cache), at two batch sizes in turn as a
+    training loop's last batch gives: eager's values and gradients."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+
+    def loss(x, logits):
+        return -fastvae.elbo(x, fastvae.Concrete(logits, LAM), _concrete_decode(W), likelihood="bernoulli")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    for rows in (B, B - 2, B):
+        ls = logits.detach()[:rows].requires_grad_()
+        results = []
+        for f in (loss, compiled):
+            torch.manual_seed(rows)  # the same Philox seed drawn
+            value = f(x[:rows], ls)
+            results.append((value, torch.autograd.grad(value, ls)[0]))
+        (v, g), (cv, cg) = results
+        torch.testing.assert_close(cv, v, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(cg, g, rtol=1e-8, atol=1e-10)
+
+
 def test_free_bits_and_per_dim_kl(backend):
     _, device = backend
     x, W, loc, scale = _data(device)
@@ -703,6 +728,45 @@ def test_concrete_elbo_matches_handwritten(backend, torch_object, prior_kind):
     torch.testing.assert_close(terms.bound, bound, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(terms.kl, kl.sum(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(grad, torch.autograd.grad(bound, logits)[0], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["concrete", "binary"])
+def test_the_default_uniform_prior_is_built_once_and_equals_the_explicit_one(backend, binary, monkeypatch):
+    """prior=None's uniform OneHotCategorical (BinaryConcrete: Bernoulli(1/2))
+    gives the explicit prior's bound and gradient; it is built once per size,
+    dtype and device (not on every call), and one first built under
+    inference_mode serves a later call that differentiates."""
+    _, device = backend
+    x, W, logits = _concrete_data(device)
+    if binary:
+        logits = logits[..., 0].detach().requires_grad_()
+        make, pmf = fastvae.BinaryConcrete, td.Bernoulli(logits=torch.zeros(L, dtype=torch.float64, device=device))
+
+        def decode(z):
+            return z @ W[:L]
+    else:
+        make, decode = fastvae.Concrete, _concrete_decode(W)
+        pmf = td.OneHotCategorical(logits=torch.zeros(CC, dtype=torch.float64, device=device))
+    monkeypatch.setattr(fastvae.latents, "_UNIFORM_PRIORS", {})
+    with torch.inference_mode():  # the first call, building the cached prior, in inference mode
+        fastvae.elbo(x, make(logits.detach(), LAM), decode, likelihood="bernoulli", generator=gen(2))
+    built = []
+    family = td.Bernoulli if binary else td.OneHotCategorical
+    init = family.__init__
+    monkeypatch.setattr(family, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    bounds = {}
+    for prior in (None, pmf):
+        bound = fastvae.elbo(x, make(logits, LAM), decode, likelihood="bernoulli", prior=prior, generator=gen(2),
+                             reduction="sum")
+        bounds[prior is None] = (bound, torch.autograd.grad(bound, logits)[0])
+    assert not built, "the default prior was built again"
+    torch.testing.assert_close(bounds[True][0], bounds[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(bounds[True][1], bounds[False][1], rtol=0, atol=0)
+    # another dtype gets its own prior, in that dtype
+    half = fastvae.elbo(x.float(), make(logits.detach().float(), LAM), lambda z: decode(z.double()).float(),
+                        likelihood="bernoulli", generator=gen(2), reduction="sum")
+    assert half.dtype == torch.float32 and len(built) == 1
+    torch.testing.assert_close(half.double(), bounds[True][0].detach(), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
