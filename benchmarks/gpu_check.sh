@@ -10,6 +10,8 @@
 # logs go. Budgets in seconds: HOST_S (benchmarks/bench_host_cost.py --device
 # cuda --compiled, default 200; HOST_ARGS adds its options, e.g. "--rounds 5
 # --calls 100"), FAMILIES_S (benchmarks/bench_families.py, eager, default 90),
+# GUMBEL_S (the Gumbel-softmax VAE's training step and the Concrete sampler at
+# its size, eager and compiled, default 120; 0 skips it),
 # PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests,
 # default 190). A budget ends its step with SIGINT, so pytest still prints
 # the failures it found. Why the steps are as they are:
@@ -41,6 +43,15 @@ stamp "host cost rc $?"
 timeout -s INT "${FAMILIES_S:-90}" python3 -m benchmarks.bench_families --device cuda --eager --rounds 3 --calls 5 \
   --families laplace uniform gumbel cauchy --out "$out/families-cuda.json" > "$out/families.log" 2>&1
 stamp "families rc $?"
+# a Gumbel-softmax VAE's step (batch 100, 30 latents of 10 categories) against its own hand-written
+# loss, relaxed and hard, then the Concrete sampler alone at that size: eager and compiled
+if [ "${GUMBEL_S:-120}" -gt 0 ]; then
+  timeout -s INT "${GUMBEL_S:-120}" sh -c "python3 -m benchmarks.bench_train_step --device cuda --models gumbel \
+    --repeats 20 --out '$out/train_step-gumbel-cuda.json' && python3 -m benchmarks.bench_op sample_concrete \
+    --device cuda --set B=100 L=30 C=10 K=1 --repeats 20 --out '$out/sample_concrete-small-cuda.json'" \
+    > "$out/gumbel.log" 2>&1
+  stamp "gumbel rc $?"
+fi
 for section in $sections; do
   timeout -s INT "${PROBE_S:-170}" python3 "$probe/probe.py" "$section" --out "$out" > "$out/probe-$section.log" 2>&1
   stamp "probe $section rc $?"
