@@ -50,9 +50,8 @@ import itertools
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _op, _value_checks
+from . import _backend, _double_backward, _op, _registry
 from ._launch import Launch
-from .ops.gaussian_log_prob.op import fixed_logvar, packed_halves, packed_layout, packed_mean_logvar
 from .ops.sample_normal.op import double_backward as sample_normal_double_backward
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
@@ -448,25 +447,22 @@ def _cpp_gradients(has_loc: bool, dloc, dls, dp_loc, dp_ls) -> dict:
 # -- after the decoder: likelihood, log-mean-exp, reduction, the bound ----------------
 
 
-# the value checks' kinds that the Bernoulli likelihood's general tail runs
-# (ops/bernoulli_likelihood/op.py; tests/test_plan.py checks the names)
-BERNOULLI_CHECKS = ("bernoulli data", "bernoulli logits")
-
-
 class TailPlan:
     """The launches after the decoder for x (P, D) against a decoder output
-    (K, P, D) of one dtype: "bernoulli" (logits) or "gaussian" ((mean, logvar)
-    as the halves of one (K, P, 2 D) output, or the mean alone: unit
-    variance; which one, fit() tells per call), and for iwae the log-mean-exp
-    over K. The likelihood kernel adds the latent term to each row's
-    log-likelihood (- beta KL, or + the latent log-ratio), and the last kernel
-    (the likelihood's for elbo, the log-mean-exp's for iwae) reduces the rows
-    to the bound's mean or sum (kernels/_common.py's bound_epilogue); their
-    backward kernels read the reduced bound's scalar gradient and write the
-    latent term's. ``general`` is the general composition of the same tail
-    (objectives._general_elbo_tail / _general_iwae_tail), which a
-    create_graph=True backward replays: passed in by the objectives, the layer
-    above this one."""
+    (K, P, D) of one dtype: the likelihood's fused tail (its op's
+    ``plan_tail`` class, _spec.FusedTail: its kernels, and which decoder
+    outputs fit them, which ``fit`` tells per call) and for iwae the
+    log-mean-exp over K. The likelihood kernel adds the latent term to each
+    row's log-likelihood (- beta KL, or + the latent log-ratio), and the last
+    kernel (the likelihood's for elbo, the log-mean-exp's for iwae) reduces the
+    rows to the bound's mean or sum (kernels/_common.py's bound_epilogue);
+    their backward kernels read the reduced bound's scalar gradient and write
+    the latent term's. This plan keeps what every likelihood shares: the
+    reduction's buffers and counter, the latent term's weight, the
+    log-mean-exp's launches and DReG's weights. ``general`` is the general
+    composition of the same tail (objectives._general_elbo_tail /
+    _general_iwae_tail), which a create_graph=True backward replays: passed in
+    by the objectives, the layer above this one."""
 
     def __init__(self, likelihood: str, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
                  reduction: str, batch_shape: torch.Size, iwae: bool, general=None, out_shape=None,
@@ -477,11 +473,6 @@ class TailPlan:
         # (x's, the log-probabilities', the bound's)
         self.out_dtype = odt = dtype if out_dtype is None else out_dtype
         self.general = general
-        # the decoder output the tail reads: x's shape, with K in front for iwae
-        self.out_shape, self.lead = out_shape, len(batch_shape) + iwae
-        # (mean, logvar) as the halves of one contiguous output, the usual Gaussian decoder's
-        self.layout = None if out_shape is None or likelihood != "gaussian" else packed_layout(out_shape, self.lead)
-        self.checks_epoch, self.checks_settled = -1, False  # fit's reading of _value_checks
         self.dtype, self.device, self.reduction, self.iwae = dtype, device, reduction, iwae
         # the bound reduced to a scalar in a kernel: its rows' (or columns') sum over divisor
         self.reduced = reduction != "none"
@@ -494,41 +485,23 @@ class TailPlan:
         # the likelihood kernel's own reduction: elbo's; iwae's is the log-mean-exp's
         reduce = self.reduced and not iwae
         acc = _backend.accumulation_dtype(dtype)
-        self.placeholder = torch.empty((1,), dtype=acc, device=device)
-        self.counters = torch.empty((1,), dtype=torch.int32, device=device)
+        # the stand-ins for the buffers a likelihood kernel's variant never touches
+        placeholder = torch.empty((1,), dtype=acc, device=device)
+        counters = torch.empty((1,), dtype=torch.int32, device=device)
         # the reductions' arrival counter, zero between launches, and (below) their
         # partial sums: the plan's own, so a plan serves one stream at a time (a
         # training loop's; a CUDA graph captures their addresses, as it does the
         # templates')
         self.counter = common.tile_counters(device, 1)
-        if likelihood == "bernoulli":
-            kern = _kernels("bernoulli_likelihood")
-            grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, odt, device, True, reduce)
-            self.lik_forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
-            self.lik_ints = (P, K * P, D)
-            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, odt, device, False, reduce,
-                                                         not iwae)
-            self.lik_backward = Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta)
-            self.lik_backward_ints = ints
-        elif likelihood == "gaussian":  # (mean, logvar) as the halves of one output; the mean alone: unit variance
-            kern = _kernels("gaussian_log_prob")
-            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.ELEMENT, False, True, reduce)
-            self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
-            self.delta_bits = common.float64_bits(1.0)
-            self.lik_ints = (P, K * P, D, 2 * D)
-            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.ELEMENT, True, reduce, not iwae)
-            self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
-            self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
-            # the unit variance: gaussian_log_prob's fixed (D,) log-variance 0, the same cached tensor
-            self.unit_logvar = fixed_logvar(D, 0.0, dtype, device)
-            grid, meta = kern.forward_plan(K, P, D, odt, device, kern.DIM, False, True, reduce)
-            self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
-            grid, meta = kern.pointwise_backward_plan(K, P, D, odt, device, kern.DIM, False, reduce, not iwae)
-            self.unit_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
-        else:  # an Op with plan_tail=True whose tail is not written here
-            raise NotImplementedError(f"the plans have no fused tail for likelihood={likelihood!r}")
+        # the likelihood's own part, from its op folder (KeyError: a likelihood
+        # the objectives' checks let through without a plan_tail)
+        self.lik = lik = _registry.plan_tail(likelihood)(
+            K, P, D, dtype, odt, device, reduce, iwae, out_shape, len(batch_shape) + iwae, placeholder, counters)
+        # the steady-state call's question, asked of the likelihood's tail without a layer between
+        self.fit = lik.fit
+        self.lik_forward, self.lik_backward = lik.forward, lik.backward
         # the elbo's partial sums: one a program of the likelihood's forward
-        self.parts = common.bound_parts(self.lik_forward.kwargs["grid"][0], dtype, device) if reduce else None
+        self.parts = common.bound_parts(lik.programs, dtype, device) if reduce else None
         if iwae:  # the log-mean-exp's value (or the bound) and column state
             self.value_like = torch.empty(batch_shape, dtype=dtype, device=device)
             self.state_like = torch.empty((P,), dtype=acc, device=device)
@@ -555,68 +528,27 @@ class TailPlan:
                 self.lme_backward[g_scalar, weighted] = Launch(lme._logmeanexp_bwd_kernel, grid, meta)
             self.ones = torch.ones((P,), dtype=acc, device=device)  # DReG's weights: the backward at grad 1
 
-    def fit(self, out) -> tuple[Tensor, Tensor | None] | None:
-        """(the decoder output as the tail reads it, the Gaussian's logvar
-        half or None) when ``out`` fits this plan: logits or a Gaussian's mean
-        alone of out_shape, or (mean, logvar) as the halves of one output,
-        contiguous and of the plan's out_dtype and device; else None (the
-        general tail). The Bernoulli tail also waits until its value checks are
-        settled (the general tail runs them: the first call of each kind on
-        this path)."""
-        if self.likelihood == "bernoulli":
-            if (type(out) is not Tensor or out.shape != self.out_shape or out.dtype is not self.out_dtype
-                    or out.device != self.device or not out.is_contiguous() or _wrapped(out)):
-                return None
-            if self.checks_epoch != _value_checks.epoch:  # the checks' state changed: ask again
-                self.checks_settled = _value_checks.settled(*BERNOULLI_CHECKS)
-                self.checks_epoch = _value_checks.epoch
-            return (out, None) if self.checks_settled else None
-        if type(out) is Tensor:  # the Gaussian's mean alone (unit variance)
-            if (out.shape != self.out_shape or out.dtype is not self.out_dtype or out.device != self.device
-                    or not out.is_contiguous() or _wrapped(out)):
-                return None
-            return out, None
-        if type(out) not in (tuple, list) or len(out) != 2:
-            return None
-        mean, logvar = out
-        # halves share their base's dtype and device: checked on mean alone
-        if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.dtype is not self.out_dtype
-                or mean.device != self.device or _wrapped(mean) or _wrapped(logvar)):
-            return None
-        packed = packed_halves(mean, logvar, self.layout)
-        if packed is None and mean.shape == self.out_shape:  # halves with other strides of size-1 dimensions
-            packed = packed_mean_logvar(mean, logvar, self.lead)
-        return None if packed is None else (packed, logvar)
-
     def weight_bits(self, beta: float) -> int:
         """The float64 bits of -beta, the KL's weight (elbo), kept for the last beta."""
         if beta != self.beta:
             self.beta, self.term_bits = beta, self.float64_bits(-beta)
         return self.term_bits
 
-    def log_prob(self, x: Tensor, out: Tensor, logvar: Tensor | None, term: Tensor, term_bits: int,
+    def log_prob(self, x: Tensor, out: Tensor, aux: Tensor | None, term: Tensor, term_bits: int,
                  reduce: bool) -> Tensor:
-        """log p(x | z) + w term for the decoder output ``out`` (the logits,
-        a Gaussian's mean alone: ``logvar`` None, unit variance, or the packed
-        (..., 2 D) Gaussian output whose second half is ``logvar``), w the
-        float64 of term_bits: per row (K, P), or with ``reduce`` their sum over
-        divisor, a scalar."""
+        """log p(x | z) + w term for the decoder output ``out`` and ``aux``
+        as fit gives them (aux None: a tensor the likelihood reads alone, as
+        the logits), w the float64 of term_bits: per row (K, P), or with
+        ``reduce`` their sum over divisor, a scalar."""
         if reduce:
             res, part, counter = empty(self.bound_like), self.parts, self.counter
         else:
             res = empty(self.term_like)
             part = counter = res  # placeholders the kernel never touches, as the launchers pass
-        tail = (term_bits, self.divisor)
-        if self.likelihood == "bernoulli":
-            self.lik_forward(x, out, res, term, part, counter, *self.lik_ints, *tail)
-        elif logvar is None:  # the mean alone: unit variance
-            P, KP, D, _ = self.lik_ints
-            self.unit_forward(x, out, self.unit_logvar, self.delta_bits, res, term, part, counter, P, KP, D, D, *tail)
-        else:
-            self.lik_forward(x, out, logvar, self.delta_bits, res, term, part, counter, *self.lik_ints, *tail)
+        self.lik_forward(x, out, aux, res, term, part, counter, term_bits, self.divisor)
         return res
 
-    def log_prob_backward(self, grad: Tensor, x: Tensor, out: Tensor, logvar: Tensor | None, dterm: Tensor | None,
+    def log_prob_backward(self, grad: Tensor, x: Tensor, out: Tensor, aux: Tensor | None, dterm: Tensor | None,
                           term_bits: int) -> Tensor:
         """The gradient of the decoder output ``out`` (log_prob's) given the
         rows' gradient ``grad`` (K, P), or (elbo, reduced) the bound's scalar
@@ -624,19 +556,7 @@ class TailPlan:
         dout = empty(out)
         if dterm is None:
             dterm = dout  # a placeholder the kernel never touches, as the launchers pass
-        tail = (term_bits, self.divisor)
-        if self.likelihood == "bernoulli":
-            self.lik_backward(grad, x, out, dout, dout, self.placeholder, self.counters, dterm,
-                              *self.lik_backward_ints, *tail)
-        elif logvar is None:  # the mean alone: no gradient of the fixed variance, no dx
-            P, D, _, KP = self.lik_backward_ints[:4]
-            self.unit_backward(grad, x, out, self.unit_logvar, self.delta_bits, dout, dout, dout,
-                               self.placeholder, self.placeholder, self.counters, dterm, P, D, D, KP, 1, 1, 1, *tail,
-                               0)
-        else:  # dmean starts where dout does, dlogvar D further (dv_offset): one buffer, written in place
-            self.lik_backward(grad, x, out, logvar, self.delta_bits, dout, dout, dout,
-                              self.placeholder, self.placeholder, self.counters, dterm, *self.lik_backward_ints,
-                              *tail, self.D)
+        self.lik_backward(grad, x, out, aux, dout, dterm, term_bits, self.divisor)
         return dout
 
     def log_mean_exp(self, lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -668,15 +588,6 @@ class TailPlan:
         return scale
 
 
-def _halves(packed: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, logvar) as halves of a copy of packed for the create_graph replay:
-    of packed itself they would be views of the decoder's own output, which the
-    general path reads whole, and the replay's gradient would bypass packed."""
-    packed = packed.clone()
-    D = packed.shape[-1] // 2
-    return packed[..., :D], packed[..., D:]
-
-
 def _replay_grads(bound: Tensor, inputs: tuple, needs: tuple, grad: Tensor) -> list:
     """create_graph=True: the gradients of the general composition's ``bound``
     (rebuilt from the saved inputs), with their graph."""
@@ -692,11 +603,11 @@ class ElboTail(torch.autograd.Function):
     bound's gradient among the rows and writes the KL's."""
 
     @staticmethod
-    def forward(ctx, x, out, kl, plan, beta, logvar):
+    def forward(ctx, x, out, kl, plan, beta, aux):
         bits = plan.weight_bits(beta)
-        bound = plan.log_prob(x, out, logvar, kl, bits, plan.reduced)
+        bound = plan.log_prob(x, out, aux, kl, bits, plan.reduced)
         ctx.save_for_backward(x, out, kl)
-        ctx.plan, ctx.beta, ctx.bits, ctx.logvar = plan, beta, bits, logvar
+        ctx.plan, ctx.beta, ctx.bits, ctx.aux = plan, beta, bits, aux
         return bound
 
     @staticmethod
@@ -705,12 +616,12 @@ class ElboTail(torch.autograd.Function):
         x, out, kl = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
             with torch.enable_grad():
-                dec = out if ctx.logvar is None else _halves(out)
+                dec = plan.lik.general_output(out, ctx.aux)
                 bound = plan.general(x, dec, kl, plan.likelihood, beta, plan.reduction)
             dx, dout, dkl = _replay_grads(bound, (x, out, kl), ctx.needs_input_grad[:3], g)
             return dx, dout, dkl, None, None, None
         dkl = empty(kl)  # written whether or not asked for: one kernel variant
-        dout = plan.log_prob_backward(g.contiguous(), x, out, ctx.logvar, dkl, ctx.bits)
+        dout = plan.log_prob_backward(g.contiguous(), x, out, ctx.aux, dkl, ctx.bits)
         needs = ctx.needs_input_grad
         return None, dout if needs[1] else None, dkl if needs[2] else None, None, None, None
 
@@ -723,13 +634,13 @@ class IwaeTail(torch.autograd.Function):
     scale the encoder's gradients (``link.scale``)."""
 
     @staticmethod
-    def forward(ctx, x, out, latent, plan, link, dreg, logvar):
-        lw = plan.log_prob(x, out, logvar, latent, ONE_BITS, False)
+    def forward(ctx, x, out, latent, plan, link, dreg, aux):
+        lw = plan.log_prob(x, out, aux, latent, ONE_BITS, False)
         value, lw_max, sumexp = plan.log_mean_exp(lw)
         if dreg and latent.requires_grad:
             link.scale = plan.dreg_weights(lw, lw_max, sumexp)
         ctx.save_for_backward(x, out, latent, lw, lw_max, sumexp)
-        ctx.plan, ctx.link, ctx.logvar = plan, link, logvar
+        ctx.plan, ctx.link, ctx.aux = plan, link, aux
         return value
 
     @staticmethod
@@ -738,7 +649,7 @@ class IwaeTail(torch.autograd.Function):
         x, out, latent, lw, lw_max, sumexp = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
             with torch.enable_grad():
-                dec = out if ctx.logvar is None else _halves(out)
+                dec = plan.lik.general_output(out, ctx.aux)
                 bound = plan.general(x, dec, latent, plan.likelihood, plan.reduction)
             dx, dout, dlatent = _replay_grads(bound, (x, out, latent), ctx.needs_input_grad[:3], g)
             if scale is not None and dlatent is not None:
@@ -754,14 +665,11 @@ class IwaeTail(torch.autograd.Function):
                                                   plan.divisor)
         if not ctx.needs_input_grad[2]:
             dlatent = None
-        dout = plan.log_prob_backward(dlw, x, out, ctx.logvar, None, 0) if ctx.needs_input_grad[1] else None
+        dout = plan.log_prob_backward(dlw, x, out, ctx.aux, None, 0) if ctx.needs_input_grad[1] else None
         return None, dout, dlatent, None, None, None, None
 
 
 ONE_BITS = 0x3FF0000000000000  # iwae: the latent term's weight, +1 (kernels._common.float64_bits(1.0))
-
-
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 # -- the steady-state call -------------------------------------------------------------
@@ -807,6 +715,8 @@ def launches(plan) -> list[Launch]:
     for part in (plan.sample, plan.tail) if isinstance(plan, Plan) else (plan,):
         if part is not None:
             walk(list(vars(part).values()))
+            if isinstance(part, TailPlan):  # the likelihood's own launches
+                walk(list(vars(part.lik).values()))
     return found
 
 

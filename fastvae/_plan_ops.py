@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_and
 
-from . import _backend, _plan
+from . import _backend, _plan, _registry
 from ._op import LIB
 
 _FLOATS = (torch.float32, torch.float64)
@@ -241,13 +241,14 @@ class PlannedIwaeTail(torch.autograd.Function):
 
 def serves_tail(x: Tensor, out, term: Tensor, likelihood: str, iwae: bool) -> bool:
     """Whether the plan ops serve the tail (the eager tail plan's conditions):
-    the triton backend, a "bernoulli" decoder's logits or a "gaussian"
-    decoder's mean alone (unit variance) as one tensor of x's shape (with the
-    samples in front for iwae), x of the latent term's dtype, without a
+    the triton backend, a likelihood with a fused tail (the registry's
+    PLAN_TAILS) whose decoder output is one tensor of x's shape (with the
+    samples in front for iwae; the tail reads it alone, with aux None:
+    _spec.FusedTail), x of the latent term's dtype, without a
     gradient, and a non-empty batch. The shapes are compared as the trace
     knows them (symbolic under dynamic shapes): a comparison that would need
     a guard takes the general tail, so a dynamic batch stays dynamic."""
-    if (not _plan.ENABLED or not isinstance(out, Tensor) or likelihood not in ("bernoulli", "gaussian")
+    if (not _plan.ENABLED or not isinstance(out, Tensor) or likelihood not in _registry.PLAN_TAILS
             or _backend.backend_for(x.device, warn=False) != "triton"
             or x.requires_grad or x.dtype is not term.dtype or term.dtype not in _FLOATS
             or not (out.dtype is term.dtype or out.dtype in _HALF) or out.device != x.device

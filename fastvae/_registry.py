@@ -68,6 +68,20 @@ for _name, _description in FOLDERS.items():
 # Derived lists: the C++ operators by name (fastvae/_backend.py loads them).
 TORCH_OPS = tuple(name for op in OPS.values() for name in op.torch_ops)
 
+# The likelihoods the objectives' plans fuse into their tail: likelihood= name -> the op
+# that declares it (Op.plan_tail). The plans read these and nothing else of the op.
+PLAN_TAILS: dict[str, Op] = {op.likelihood: op for op in OPS.values()
+                             if op.likelihood is not None and op.plan_tail is not None}
+
+
+def plan_tail(likelihood: str) -> type:
+    """The fused tail class of ``likelihood`` (its op's ``plan_tail``, in its
+    folder's op.py: _spec.FusedTail says what it provides), imported on the
+    first plan that asks; KeyError where no op declares one."""
+    op = PLAN_TAILS[likelihood]
+    module = importlib.import_module(f"{_ops.__name__}.{FOLDER_OF[op.name]}.op")
+    return getattr(module, op.plan_tail)
+
 # What fastvae._C binds besides the kernels: the CPU noise's instruction-set
 # switch (which path runs, which paths this CPU has, forcing one for tests and
 # benchmarks) and the raw Philox words that check each path bit for bit.
@@ -107,9 +121,6 @@ USES: dict[tuple[str, str], str] = {
     # the plans launch the training path's kernels themselves
     ("_plan", "sample_normal"): "SamplePlan launches the sampler's kernels; a create_graph backward replays "
                                 "the op's double backward",
-    ("_plan", "bernoulli_likelihood"): "TailPlan launches the Bernoulli kernels with the fused bound",
-    ("_plan", "gaussian_log_prob"): "TailPlan launches the Gaussian kernels, reading a (mean, logvar) "
-                                    "decoder's packed halves",
     ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
     ("_plan", "sample_location_scale"): "FamilySamplePlan launches a location-scale family's sampler kernels "
                                         "(on the cpp backend, its fused KL kernels)",

@@ -76,14 +76,65 @@ class Op(NamedTuple):
     # x's (the categorical's classes); fastvae/_decoder.py builds its likelihood table from these
     route: str = "decoder_route"
     class_dims: int = 0
-    # a likelihood the objectives' plans fuse into their tail (fastvae/_plan.py's TailPlan
-    # launches its kernels with the bound's epilogue): calls with it take the plans' short path
-    plan_tail: bool = False
+    # with a likelihood: the class of the folder's op.py that fuses it into the objectives' plans'
+    # tail (its kernels launched with the bound's epilogue, kernels/_common.py's bound_epilogue):
+    # fastvae/_plan.py's TailPlan makes one per plan and calls it, and calls with this likelihood
+    # take the plans' short path. None: the general tail. What the class provides is FusedTail's
+    # (below); tests/test_plan.py checks every declared one
+    plan_tail: str | None = None
     # an op of the training path, which benchmarks/gpu_model.py models on an H100:
     # (shape, dtype) -> its fewest bytes "forward" and "backward" at a K x B x L x D problem
     # (shape: a dict of those four) in a dtype (its name), which is its folder's Bench.min_bytes
     # at that problem; None: an op the model leaves out
     model_bytes: Callable | None = None
+
+
+class FusedTail:
+    """What an Op's ``plan_tail`` class provides: the fused tail of its
+    likelihood, for x (P, D) against a decoder output of K samples ((K, P, D)
+    as the kernels read it), in one dtype. fastvae/_plan.py's TailPlan makes
+    one per plan and keeps what every likelihood shares (the bound's reduction
+    buffers and counter, the latent term's weight, the log-mean-exp); the
+    class holds its own kernels' Launches and their integer arguments.
+    Documentation only: a tail need not derive from it.
+
+    ``__init__(K, P, D, dtype, out_dtype, device, reduce, iwae, out_shape,
+    lead, placeholder, counters)``: plans the launches. dtype is the compute
+    dtype (x's, the rows', the bound's), out_dtype the decoder output's (a
+    half-precision one under autocast picks its kernels' variants); reduce:
+    the forward reduces the rows to the bound (the elbo's), else it writes
+    them; iwae: the backward reads a gradient per row (the log-mean-exp's),
+    else the bound's scalar gradient; out_shape (None where the plan only
+    launches, as tests do) the decoder output's shape the call passes, of
+    which the first ``lead`` dimensions are rows; placeholder (an
+    accumulation-dtype (1,) tensor) and counters (an int32 (1,) tensor) are
+    the plan's stand-ins for the buffers a kernel variant never touches.
+
+    ``programs``: the programs of its reducing forward, one partial sum each.
+
+    ``fit(out)``: (the tensor the kernels read, ``aux`` or None) where the
+    call's decoder output ``out`` fits the plan, else None (the general tail
+    runs). The steady-state call's one question per call: keep it flat. The
+    compiled path's graph ops (fastvae/_plan_ops.py) skip it and pass one
+    contiguous tensor of out_shape with aux None: that must be a decoder
+    output the likelihood takes alone.
+
+    ``forward(x, out, aux, res, term, part, counter, term_bits, divisor)``:
+    launches the forward on fit's pair, writing log p(x | z) + w term per row
+    to res, or (reduce) their sum over divisor, with the partial sums ``part``
+    and the arrival ``counter`` (placeholders otherwise); w: the float64 of
+    term_bits.
+
+    ``backward(grad, x, out, aux, dout, dterm, term_bits, divisor)``: launches
+    the backward: dout, the decoder output's gradient, and (dterm not dout)
+    the latent term's.
+
+    ``general_output(out, aux)``: the decoder output as the general tail
+    reads it, from fit's pair (a create_graph=True backward replays that)."""
+
+
+# the methods every plan_tail class defines (FusedTail's; tests/test_plan.py)
+FUSED_TAIL_METHODS = ("fit", "forward", "backward", "general_output")
 
 
 class Bench(NamedTuple):

@@ -173,7 +173,7 @@ def _reduced_difference(a: Tensor, b: Tensor, reduction: str) -> Tensor:
 
 _LEAN_DTYPES = (torch.float32, torch.float64)
 # the likelihoods whose op the plans fuse into their tail (the registry says which)
-_LEAN_LIKELIHOODS = tuple(op.likelihood for op in _registry.OPS.values() if op.plan_tail)
+_LEAN_LIKELIHOODS = tuple(_registry.PLAN_TAILS)
 # The cpp backend's plan is the checks alone, once per call signature: after
 # them its C++ operators are already the short path to the kernels.
 _LEAN_BACKENDS = ("triton", "cpp")

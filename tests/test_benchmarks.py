@@ -382,16 +382,17 @@ def test_the_suite_runs_every_benchmark_file():
 def test_path_trace_counts_the_stops_of_a_training_call(backend):
     """benchmarks/path_trace.py (the stops of a call): every stop is at a fastvae
     module, the per-module counts add up to the stops, the call starts and ends
-    in objectives.py, and the CUDA code path (plans) enters no module more than
-    twice (the target: down to the plan and back, then the backward),
-    the numbers docs/architecture.md quotes."""
+    in objectives.py, and the CUDA code path (plans) goes down to the plan and
+    back, then the backward, leaving the plan only for its likelihood's fused
+    tail (the op folder's: fit and forward, then backward), the numbers
+    docs/architecture.md quotes."""
     import importlib.util
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from fastvae import _backend
+    from fastvae import _backend, _registry
 
     if backend == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
@@ -411,7 +412,8 @@ def test_path_trace_counts_the_stops_of_a_training_call(backend):
         assert all(m.startswith(("fastvae/", "kernels/")) for m in r["modules"])
         assert next(iter(r["modules"])) == "fastvae/objectives.py"
         if backend == "triton":
-            assert r["modules"] == {"fastvae/objectives.py": 2, "fastvae/_plan.py": 2}, r
+            tail = f"fastvae/ops/{_registry.FOLDER_OF[_registry.PLAN_TAILS['bernoulli'].name]}/op.py"
+            assert r["modules"] == {"fastvae/objectives.py": 2, "fastvae/_plan.py": 5, tail: 3}, r
 
 
 def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_path):

@@ -1426,6 +1426,7 @@ def test_the_check_kinds_the_plans_wait_for_are_the_general_paths(monkeypatch):
     those kinds must be the ones the general path's checks run under, or the
     plans would wait for ever (or, misspelled the other way, never)."""
     from fastvae import _value_checks
+    from fastvae.ops.bernoulli_likelihood.op import BERNOULLI_CHECKS
 
     seen = set()
     should_check = _value_checks.should_check
@@ -1439,7 +1440,7 @@ def test_the_check_kinds_the_plans_wait_for_are_the_general_paths(monkeypatch):
     x, (mu, logvar, W) = _problem("cpu", torch.float32)
     dec = _decoders(W)["bernoulli"]
     fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli")
-    assert set(_plan.BERNOULLI_CHECKS) <= seen, seen
+    assert set(BERNOULLI_CHECKS) <= seen, seen
     td = torch.distributions
     laplace = td.Laplace(mu, logvar.exp())
     fastvae.elbo(x, laplace, dec, likelihood="bernoulli", prior=td.Laplace(torch.zeros(L), torch.ones(L)))
@@ -1447,3 +1448,160 @@ def test_the_check_kinds_the_plans_wait_for_are_the_general_paths(monkeypatch):
     exponential = td.Exponential(logvar.exp())
     fastvae.elbo(x, exponential, dec, likelihood="bernoulli", prior=td.Exponential(torch.ones(L)))
     assert set(objectives.FAMILY_CHECKS["exponential"]) <= seen, seen
+
+
+# -- the fused tail: a capability of the likelihood's op record (Op.plan_tail) ------------
+
+
+def _code_words(path) -> set[str]:
+    """The identifiers, attribute names, imported modules and string constants
+    of a module's code (not its comments or docstrings), lower-cased."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    words = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr)
+        elif isinstance(node, ast.ImportFrom):
+            words.add(node.module or "")
+            words.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.add(node.value)
+    return {w.lower() for w in words}
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test (reads the source)")
+def test_the_plans_name_no_likelihood():
+    """The plans' tail is generic: the likelihoods' own parts live in their
+    op folders (Op.plan_tail), so no likelihood's name, nor an import of a
+    likelihood op's folder, is left in the plans' code."""
+    from pathlib import Path
+
+    from fastvae import _decoder, _registry
+
+    package = Path(_plan.__file__).parent
+    likelihoods = set(_decoder.LIKELIHOODS)
+    folders = {_registry.FOLDER_OF[op.name] for op in _registry.OPS.values() if op.likelihood is not None}
+    for name in ("_plan.py", "_plan_ops.py"):
+        words = _code_words(package / name)
+        named = sorted(w for w in words for n in likelihoods | folders if n in w)
+        assert not named, f"{name} names a likelihood or its op folder: {named}"
+    uses = {(place, folder) for place, folder in _registry.USES if place in ("_plan", "_plan_ops")}
+    assert not {use for use in uses if use[1] in folders}, uses
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test (reads the registry)")
+def test_every_declared_plan_tail_is_its_folders_and_complete():
+    """Every op that declares a fused tail names a class of its own folder's
+    op.py that has every method the plans call (_spec.FusedTail), built
+    from the arguments TailPlan passes."""
+    import inspect
+
+    from fastvae import _registry, _spec
+
+    assert _registry.PLAN_TAILS, "no op declares a fused tail"
+    params = ["K", "P", "D", "dtype", "out_dtype", "device", "reduce", "iwae", "out_shape", "lead", "placeholder",
+              "counters"]
+    for likelihood, op in _registry.PLAN_TAILS.items():
+        assert op.likelihood == likelihood and isinstance(op.plan_tail, str), op
+        tail = _registry.plan_tail(likelihood)
+        assert tail.__module__ == f"fastvae.ops.{_registry.FOLDER_OF[op.name]}.op", tail
+        for method in _spec.FUSED_TAIL_METHODS:
+            assert callable(getattr(tail, method, None)), f"{tail.__name__} lacks {method}"
+        assert list(inspect.signature(tail).parameters) == params, tail
+    # a likelihood without one: the general tail
+    assert "laplace" not in _registry.PLAN_TAILS and "laplace" not in objectives._LEAN_LIKELIHOODS
+    assert set(objectives._LEAN_LIKELIHOODS) == set(_registry.PLAN_TAILS)
+
+
+def _unpack_bits(bits: int) -> float:
+    import struct
+
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+class _ToyTail:
+    """A likelihood's fused tail written in torch (log p = sum x out over D),
+    declared by a toy op record: what TailPlan asks of it and passes it."""
+
+    def __init__(self, K, P, D, dtype, out_dtype, device, reduce, iwae, out_shape, lead, placeholder, counters):
+        self.made = dict(K=K, P=P, D=D, dtype=dtype, out_dtype=out_dtype, device=device, reduce=reduce, iwae=iwae,
+                         out_shape=out_shape, lead=lead)
+        self.programs = 3
+        self.launch = _launch.Launch(None, (3,), {})  # never called: the plan's launches() must find it
+        self.calls = []
+
+    def fit(self, out):
+        return (out, None) if type(out) is torch.Tensor and out.shape == self.made["out_shape"] else None
+
+    def forward(self, x, out, aux, res, term, part, counter, term_bits, divisor):
+        self.calls.append(("forward", part, counter, divisor))
+        rows = (x * out).sum(-1) + _unpack_bits(term_bits) * term
+        res.copy_(rows.sum() / divisor if self.made["reduce"] else rows)
+
+    def backward(self, grad, x, out, aux, dout, dterm, term_bits, divisor):
+        self.calls.append(("backward", divisor))
+        g = grad / divisor if grad.dim() == 0 else grad
+        dout.copy_(g.unsqueeze(-1) * x)
+        if dterm is not dout:
+            dterm.copy_(_unpack_bits(term_bits) * g.expand(dterm.shape))
+
+    def general_output(self, out, aux):
+        return out
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test (a toy tail in torch)")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_likelihood_that_declares_a_tail_gets_the_plans(monkeypatch, reduction):
+    """A new likelihood op whose record declares plan_tail (its class in its
+    folder's op.py) is served by TailPlan and the compiled path's check with
+    no edit outside its folder: the plan makes the op's tail, asks it to fit
+    the output, launches it with the shared reduction buffers, beta's bits
+    and the divisor, and the bound and gradients are the tail's."""
+    import sys
+    import types
+
+    from fastvae import _backend, _plan_ops, _registry
+
+    module = types.ModuleType("fastvae.ops.toy_likelihood.op")
+    module.ToyTail = _ToyTail
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    op = _registry.Op("toy_log_prob", (), "toy", None, likelihood="toy", plan_tail="ToyTail")
+    monkeypatch.setitem(_registry.PLAN_TAILS, "toy", op)
+    monkeypatch.setitem(_registry.FOLDER_OF, op.name, "toy_likelihood")
+
+    P_, D_ = 5, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(P_, D_, generator=g, dtype=torch.float64)
+    out = torch.randn(P_, D_, generator=g, dtype=torch.float64, requires_grad=True)
+    kl = torch.rand(P_, generator=g, dtype=torch.float64, requires_grad=True)
+    tail = _plan.TailPlan("toy", 1, P_, D_, torch.float64, torch.device("cpu"), reduction, torch.Size((P_,)), False,
+                          None, x.shape)
+    toy = tail.lik
+    assert type(toy) is _ToyTail and toy.made == dict(
+        K=1, P=P_, D=D_, dtype=torch.float64, out_dtype=torch.float64, device=torch.device("cpu"),
+        reduce=reduction != "none", iwae=False, out_shape=x.shape, lead=1)
+    assert tail.fit(out) == (out, None) and tail.fit(out[:2]) is None
+    assert toy.launch in _plan.launches(tail)
+    beta = 0.3
+    bound = _plan.elbo_tail(x, out, kl, tail, beta, None)
+    rows = (x * out).sum(-1) - beta * kl
+    want = {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
+    torch.testing.assert_close(bound, want, rtol=1e-15, atol=0)
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(bound, (out, kl), grad)
+    torch.testing.assert_close(got, torch.autograd.grad(want, (out, kl), grad), rtol=1e-15, atol=0)
+    (_, part, counter, divisor), backward = toy.calls
+    assert divisor == (P_ if reduction == "mean" else 1) and backward == ("backward", divisor)
+    if reduction != "none":  # the plan's own partial sums (one a program) and arrival counter
+        assert part is tail.parts and part.numel() == toy.programs and counter is tail.counter
+    # the compiled path serves it where its backend is triton, and no likelihood without a tail
+    monkeypatch.setattr(_backend, "backend_for", lambda device, warn=True: "triton")
+    assert _plan_ops.serves_tail(x, out.detach(), kl.detach(), "toy", False)
+    assert not _plan_ops.serves_tail(x, out.detach(), kl.detach(), "laplace", False)

@@ -42,7 +42,7 @@ _TEST = "fastvae/ops/bernoulli_likelihood/test_bernoulli_likelihood.py"
 OPS = (
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"), _TEST,
        "bernoulli_likelihood", torch_ops=("bernoulli_log_prob",), likelihood="bernoulli",
-       route="bernoulli_route", plan_tail=True,
+       route="bernoulli_route", plan_tail="BernoulliTail",
        model_bytes=lambda shape, dtype: _bench_min_bytes({**shape, "logits": dtype})),
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"), _TEST,

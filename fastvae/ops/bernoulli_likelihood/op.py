@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc, _like
+from ..._launch import Launch
 from ..._likelihood_layout import (
     broadcast_x,
     check_output,
@@ -356,3 +357,56 @@ def continuous_bernoulli_route(x: Tensor, out: Any, sample_shape: tuple[int, ...
     logits = check_output("logits", out, x, sample_shape, batch_ndim)
     return continuous_bernoulli_decoder_log_prob(flat(x, batch_ndim, events), flat(logits, lead, events),
                                                  probs_given)
+
+
+# -- the objectives' plans: likelihood="bernoulli" fused into their tail (Op.plan_tail) --
+
+# the value checks' kinds that the Bernoulli likelihood's general tail runs
+# (bernoulli_route's; tests/test_plan.py checks the names)
+BERNOULLI_CHECKS = ("bernoulli data", "bernoulli logits")
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+class BernoulliTail:
+    """The Bernoulli likelihood of logits in the plans' tail
+    (fastvae/_spec.py's FusedTail says what each method does): the
+    bernoulli_log_prob kernels with the bound's epilogue. The logits fit as
+    one contiguous tensor of the call's shape, once the general tail has run
+    the value checks (its first call of each kind)."""
+
+    def __init__(self, K: int, P: int, D: int, dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device,
+                 reduce: bool, iwae: bool, out_shape, lead: int, placeholder: Tensor, counters: Tensor):
+        self.out_shape, self.out_dtype, self.device = out_shape, out_dtype, device
+        self.placeholder, self.counters = placeholder, counters
+        self.checks_epoch, self.checks_settled = -1, False  # fit's reading of _value_checks
+        kern = _backend.triton_module("bernoulli_likelihood")
+        grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, out_dtype, device, True, reduce)
+        self.lik_forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
+        self.programs = grid[0]
+        self.lik_ints = (P, K * P, D)
+        grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, K, P, D, out_dtype, device, False, reduce,
+                                                     not iwae)
+        self.lik_backward = Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta)
+        self.lik_backward_ints = ints
+
+    def fit(self, out) -> tuple[Tensor, None] | None:
+        if (type(out) is not Tensor or out.shape != self.out_shape or out.dtype is not self.out_dtype
+                or out.device != self.device or not out.is_contiguous() or _wrapped(out)):
+            return None
+        if self.checks_epoch != _value_checks.epoch:  # the checks' state changed: ask again
+            self.checks_settled = _value_checks.settled(*BERNOULLI_CHECKS)
+            self.checks_epoch = _value_checks.epoch
+        return (out, None) if self.checks_settled else None
+
+    def forward(self, x: Tensor, out: Tensor, aux: None, res: Tensor, term: Tensor, part: Tensor, counter: Tensor,
+                term_bits: int, divisor: int) -> None:
+        self.lik_forward(x, out, res, term, part, counter, *self.lik_ints, term_bits, divisor)
+
+    def backward(self, grad: Tensor, x: Tensor, out: Tensor, aux: None, dout: Tensor, dterm: Tensor,
+                 term_bits: int, divisor: int) -> None:
+        self.lik_backward(grad, x, out, dout, dout, self.placeholder, self.counters, dterm,
+                          *self.lik_backward_ints, term_bits, divisor)
+
+    def general_output(self, out: Tensor, aux: None) -> Tensor:
+        return out

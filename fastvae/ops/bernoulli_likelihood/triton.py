@@ -67,29 +67,35 @@ def taylor_below(kind: int, dtype: torch.dtype) -> float:
 # -- the continuous Bernoulli's log normalizer ----------------------------------
 
 
+# The series' coefficients for Horner's rule, highest power first: log C(l) - log 2 =
+# u sum_n a_n u^(n-1) (_series) and (d log C / dl) / l = sum_n 2 n a_n u^(n-1) (_series_grad), n = 1..8
+_SERIES: tl.constexpr = tl.constexpr((
+    -1.3883706783700259e-09, 1.565947953183403e-08, -1.8027895356488832e-07, 2.1336045641601195e-06,
+    -2.6248346560846562e-05, 3.4171075837742505e-04, -4.861111111111111e-03, 8.333333333333333e-02))
+_SERIES_GRAD: tl.constexpr = tl.constexpr((
+    -2.2213930853920414e-08, 2.192327134456764e-07, -2.1633474427786596e-06, 2.1336045641601196e-05,
+    -2.099867724867725e-04, 2.05026455026455e-03, -1.9444444444444445e-02, 1.6666666666666666e-01))
+
+
+@triton.jit
+def _horner(u, COEFFS: tl.constexpr):
+    """sum_i COEFFS[i] u^(7-i) of the 8 coefficients, highest power first."""
+    p = COEFFS[0] * u + COEFFS[1]
+    for i in tl.static_range(2, 8):
+        p = p * u + COEFFS[i]
+    return p
+
+
 @triton.jit
 def _series(u):
     """sum_n a_n u^n, n = 1..8: log C(l) - log 2 at u = l^2."""
-    p = -1.3883706783700259e-09 * u + 1.565947953183403e-08
-    p = p * u - 1.8027895356488832e-07
-    p = p * u + 2.1336045641601195e-06
-    p = p * u - 2.6248346560846562e-05
-    p = p * u + 3.4171075837742505e-04
-    p = p * u - 4.861111111111111e-03
-    p = p * u + 8.333333333333333e-02
-    return p * u
+    return _horner(u, _SERIES) * u
 
 
 @triton.jit
 def _series_grad(u):
     """sum_n 2n a_n u^(n-1): (d log C / dl) / l at u = l^2."""
-    p = -2.2213930853920414e-08 * u + 2.192327134456764e-07
-    p = p * u - 2.1633474427786596e-06
-    p = p * u + 2.1336045641601196e-05
-    p = p * u - 2.099867724867725e-04
-    p = p * u + 2.05026455026455e-03
-    p = p * u - 1.9444444444444445e-02
-    return p * u + 1.6666666666666666e-01
+    return _horner(u, _SERIES_GRAD)
 
 
 @triton.jit

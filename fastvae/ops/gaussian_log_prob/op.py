@@ -3,8 +3,8 @@ fastvae::gaussian_log_prob and fastvae::gaussian_log_prob_backward, their
 autograd Function (its double backward: the closed form below), the packed
 form of (mean, logvar) as the two halves of one decoder output
 (packed_mean_logvar, gaussian_log_prob_packed) and the fixed scale's cached
-log-variance (fixed_logvar), which fastvae/_plan.py's lean tail takes from
-here, and the route of likelihood="gaussian" (decoder_route).
+log-variance (fixed_logvar), the route of likelihood="gaussian"
+(decoder_route) and its fused tail in the objectives' plans (GaussianTail).
 
 The Gaussian reconstruction term log N(x; mean, diag(var)), fused forward and
 backward, with x broadcast over decoder samples. On the cpp backend an eager
@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc, _like
+from ..._launch import Launch
 from ..._likelihood_layout import (
     broadcast_var,
     broadcast_x,
@@ -341,7 +342,7 @@ def gaussian_log_prob_packed(x: Tensor, packed: Tensor) -> Tensor:
 # -- public function -----------------------------------------------------------
 
 
-# The (D,) log-variance of a fixed scale, made once per shape (the objectives' plans take it from here).
+# The (D,) log-variance of a fixed scale, made once per shape (the plans' unit variance: GaussianTail).
 fixed_logvar = fixed_param
 
 
@@ -433,3 +434,90 @@ def _packed_route(x: Tensor, mean: Tensor, logvar: Tensor, lead: int, events: in
             and (packed := packed_mean_logvar(mean, logvar, lead)) is not None):
         return gaussian_log_prob_packed(flat(x, x.dim() - events, events), packed)
     return None
+
+
+# -- the objectives' plans: likelihood="gaussian" fused into their tail (Op.plan_tail) --
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+class GaussianTail:
+    """The Gaussian likelihood in the plans' tail (fastvae/_spec.py's
+    FusedTail says what each method does): the gaussian_log_prob kernels with
+    the bound's epilogue, for (mean, logvar) as the halves of one contiguous
+    decoder output, the usual Gaussian decoder's (fit's aux: the logvar half),
+    or the mean alone (aux None): unit variance, the fixed (D,) log-variance
+    0 of fixed_logvar."""
+
+    def __init__(self, K: int, P: int, D: int, dtype: torch.dtype, out_dtype: torch.dtype, device: torch.device,
+                 reduce: bool, iwae: bool, out_shape, lead: int, placeholder: Tensor, counters: Tensor):
+        self.out_shape, self.out_dtype, self.device, self.lead, self.D = out_shape, out_dtype, device, lead, D
+        self.placeholder, self.counters = placeholder, counters
+        # (mean, logvar) as the halves of one contiguous output: the layout, worked out once
+        self.layout = None if out_shape is None else packed_layout(out_shape, lead)
+        kern = _backend.triton_module("gaussian_log_prob")
+        self.delta_bits = _backend.triton_module("_common").float64_bits(1.0)
+        grid, meta = kern.forward_plan(K, P, D, out_dtype, device, kern.ELEMENT, False, True, reduce)
+        self.lik_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
+        self.programs = grid[0]
+        self.lik_ints = (P, K * P, D, 2 * D)
+        grid, meta = kern.pointwise_backward_plan(K, P, D, out_dtype, device, kern.ELEMENT, True, reduce, not iwae)
+        self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
+        self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
+        # the unit variance: the fixed (D,) log-variance 0, the same cached tensor as the general path's
+        self.unit_logvar = fixed_logvar(D, 0.0, dtype, device)
+        grid, meta = kern.forward_plan(K, P, D, out_dtype, device, kern.DIM, False, True, reduce)
+        self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
+        self.unit_ints = (P, K * P, D, D)
+        grid, meta = kern.pointwise_backward_plan(K, P, D, out_dtype, device, kern.DIM, False, reduce, not iwae)
+        self.unit_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
+        self.unit_backward_ints = (P, D, D, K * P, 1, 1, 1)
+
+    def fit(self, out) -> tuple[Tensor, Tensor | None] | None:
+        if type(out) is Tensor:  # the mean alone (unit variance)
+            if (out.shape != self.out_shape or out.dtype is not self.out_dtype or out.device != self.device
+                    or not out.is_contiguous() or _wrapped(out)):
+                return None
+            return out, None
+        if type(out) not in (tuple, list) or len(out) != 2:
+            return None
+        mean, logvar = out
+        # halves share their base's dtype and device: checked on mean alone
+        if (type(mean) is not Tensor or type(logvar) is not Tensor or mean.dtype is not self.out_dtype
+                or mean.device != self.device or _wrapped(mean) or _wrapped(logvar)):
+            return None
+        packed = packed_halves(mean, logvar, self.layout)
+        if packed is None and mean.shape == self.out_shape:  # halves with other strides of size-1 dimensions
+            packed = packed_mean_logvar(mean, logvar, self.lead)
+        return None if packed is None else (packed, logvar)
+
+    def forward(self, x: Tensor, out: Tensor, logvar: Tensor | None, res: Tensor, term: Tensor, part: Tensor,
+                counter: Tensor, term_bits: int, divisor: int) -> None:
+        if logvar is None:  # the mean alone: unit variance
+            self.unit_forward(x, out, self.unit_logvar, self.delta_bits, res, term, part, counter, *self.unit_ints,
+                              term_bits, divisor)
+        else:
+            self.lik_forward(x, out, logvar, self.delta_bits, res, term, part, counter, *self.lik_ints, term_bits,
+                             divisor)
+
+    def backward(self, grad: Tensor, x: Tensor, out: Tensor, logvar: Tensor | None, dout: Tensor, dterm: Tensor,
+                 term_bits: int, divisor: int) -> None:
+        if logvar is None:  # the mean alone: no gradient of the fixed variance, no dx
+            self.unit_backward(grad, x, out, self.unit_logvar, self.delta_bits, dout, dout, dout, self.placeholder,
+                               self.placeholder, self.counters, dterm, *self.unit_backward_ints, term_bits, divisor,
+                               0)
+        else:  # dmean starts where dout does, dlogvar D further (dv_offset): one buffer, written in place
+            self.lik_backward(grad, x, out, logvar, self.delta_bits, dout, dout, dout, self.placeholder,
+                              self.placeholder, self.counters, dterm, *self.lik_backward_ints, term_bits, divisor,
+                              self.D)
+
+    def general_output(self, out: Tensor, logvar: Tensor | None):
+        """The mean, or (mean, logvar) as halves of a copy of the packed output:
+        of the output itself they would be views of the decoder's own output,
+        which the general path reads whole, and the replay's gradient would
+        bypass it."""
+        if logvar is None:
+            return out
+        packed = out.clone()
+        D = packed.shape[-1] // 2
+        return packed[..., :D], packed[..., D:]
