@@ -660,7 +660,8 @@ def test_latent_records_take_the_fused_kl(backend, family):
     elif family == "uniform":
         q = latents.LocationScale("uniform", loc, ls)
         prior = td.Uniform(p_loc - 1.0, p_loc + 2.0)
-    elif family == "weibull":  # (log scale, log concentration) against Weibull(e^-0.5, 1)
+    elif family == "weibull":  # (log scale, log concentration) against Weibull(e^-0.5, e^-1): k2/k1 near 1
+        p_ls = p_ls - 1.0
         q, prior = latents.Positive("weibull", loc, ls), td.Weibull(p_loc.exp(), p_ls.exp())
     else:
         cls = {"laplace": td.Laplace, "gumbel": td.Gumbel, "cauchy": td.Cauchy}[family]
