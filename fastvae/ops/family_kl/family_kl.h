@@ -14,6 +14,10 @@ constexpr int kFamilyKLWeibull = 6;
 // Whether a KL family's q and p have a location (q_loc, p_loc): all but the exponential.
 inline bool family_kl_has_loc(int family) { return family != kFamilyKLExponential; }
 
+// Whether a KL family is a location-scale one's (the families before the
+// exponential in KL_FAMILIES; the positive families' come after it).
+inline bool family_kl_location_scale(int family) { return family >= 0 && family < kFamilyKLExponential; }
+
 // The parameters of one call: q's (N, L); p's (N, L), or (L,) when p_shared.
 // q_loc and p_loc are null for the exponential, whose log-rates sit in the
 // log_param arrays (the log-scales of the location-scale families); the
