@@ -573,6 +573,13 @@ def test_weibull_elbo_s_closed_form_kl_is_the_monte_carlo_kl_in_expectation(back
     assert float(se.max()) < 0.05  # a test that tells a wrong KL of this size apart
     closed = _weibull_kl_by_hand(p0, p1, p.base_dist.scale, p.base_dist.concentration).sum(-1)
     torch.testing.assert_close(terms.kl, closed, rtol=1e-12, atol=1e-12)
+    # the prior as a record: the same closed form, the same bound
+    record = fastvae.Positive("weibull", torch.log(p.base_dist.scale), torch.log(p.base_dist.concentration))
+    same = fastvae.elbo_terms(x, user_q, _decode(W), likelihood="bernoulli", n_samples=1, prior=record,
+                              generator=gen(7), reduction="none")
+    assert same.kl_analytic
+    torch.testing.assert_close(same.kl, terms.kl, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(same.bound, terms.bound, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])

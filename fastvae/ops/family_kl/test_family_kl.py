@@ -387,6 +387,24 @@ def test_weibull_across_concentration_ratios(backend, dtype):
     check_against_reference(("weibull", (n,), len(us), "full", "", True, 1), dtype, backend[1], params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduce", [True, False])
+def test_weibull_half_precision(backend, dtype, reduce):
+    """Half-precision Weibull parameters (computed in float32, the gradients
+    in the inputs' dtype) at an odd size, a per-row and a shared prior."""
+    for seed, prior in ((0, "full"), (1, "per_dim"), (2, "broadcast")):
+        check_against_reference(("weibull", (3, 5), 7, prior, "normal", reduce, seed), dtype, backend[1],
+                                _weibull_problem(seed, (3, 5), 7, prior))
+
+
+def _weibull_problem(seed, batch, L, prior):
+    g = torch.Generator().manual_seed(seed)
+    pshape = {"full": (*batch, L), "per_dim": (L,), "broadcast": (1,) * len(batch) + (L,)}[prior]
+    # the "normal" parameters drawn closer together: KLs and gradients of order one to a hundred,
+    # within half precision's range (float16's 65504)
+    return tuple((0.3 * a, 0.5 * c) for a, c in weibull_params(batch, L, pshape, "normal", g))
+
+
 def test_weibull_is_the_gumbel_of_log_z():
     """log z of a Weibull(lambda, k) is a minimum-Gumbel of location log lambda
     and scale 1/k, and a KL is invariant under the bijection: the oracle's
