@@ -57,7 +57,7 @@ struct FamilySamplerNames {
   const char* dprior0 = nullptr;
   const char* dprior1 = nullptr;
   // per family, the one KL family its fused KL takes (-1: none); null: any of
-  // family_kl's with a location
+  // family_kl's location-scale families
   const int* kl_families = nullptr;
 };
 
@@ -114,7 +114,7 @@ void family_backward(const FamilySamplerNames& names, const FamilyKernels<T>& ke
 
 // The prior of a fused KL, checked: (prior0, prior1) (L,) (shared by the
 // rows) or (N, L); kl_family the family's (names.kl_families), or else one of
-// family_kl's with a location.
+// family_kl's location-scale families.
 struct FusedPrior {
   bool shared;
   std::vector<int64_t> shape;
@@ -132,10 +132,9 @@ inline FusedPrior fused_prior(const FamilySamplerNames& names, int family, int k
       throw py::value_error("kl_family: expected " + std::to_string(want) + " (family_kl's of family " +
                             std::to_string(family) + "), got " + std::to_string(kl_family));
     }
-  } else if (kl_family < 0 || kl_family >= kFamilyKLFamilies || !family_kl_has_loc(kl_family)) {
-    throw py::value_error("kl_family: expected one of family_kl's families with a location (0-" +
-                          std::to_string(kFamilyKLFamilies - 1) + " but " + std::to_string(kFamilyKLExponential) +
-                          "), got " + std::to_string(kl_family));
+  } else if (!family_kl_location_scale(kl_family)) {
+    throw py::value_error("kl_family: expected one of family_kl's location-scale families (0-" +
+                          std::to_string(kFamilyKLExponential - 1) + "), got " + std::to_string(kl_family));
   }
   const bool shared = prior1.ndim() == 1;
   if (!shared && prior1.ndim() != 2) {

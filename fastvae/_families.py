@@ -12,8 +12,9 @@ from __future__ import annotations
 LOCATION_SCALE_FAMILIES = ("uniform", "laplace", "logistic", "gumbel", "cauchy")
 POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
 # the closed-form KLs of family_kl, each against a prior of its own family but
-# the Kumaraswamy's, against a Beta
-KL_FAMILIES = ("laplace", "uniform", "gumbel", "cauchy", "exponential", "kumaraswamy")
+# the Kumaraswamy's, against a Beta (a family added goes at the end: the
+# kernels' `family` of the others stays)
+KL_FAMILIES = ("laplace", "uniform", "gumbel", "cauchy", "exponential", "kumaraswamy", "weibull")
 # The Kumaraswamy-Beta KL: Nalisnick and Smyth's (2017) series, truncated at
 # this many terms (its tail, ~ sum_m m^(-1-b), is what the truncation leaves
 # out: small for b >~ 2, slow to converge for b < 1; docs/latents.md). The C++

@@ -755,26 +755,28 @@ class Positive(_Latent):
         """The prior's parameters of a closed-form KL, in sample_positive_kl's
         order: an exponential prior's log-rate for the exponential (and a
         detached alias of it, the stand-in second that no formula reads), a
-        Beta's (log alpha, log beta) for the Kumaraswamy; None otherwise."""
+        Weibull's (log scale, log concentration) for the Weibull, a Beta's
+        (log alpha, log beta) for the Kumaraswamy; None otherwise."""
         if self.index == 0:
             lp = _prior_log_rate(prior)
             return None if lp is None else (lp, lp.detach())
-        if self.index == 2:
-            beta = _prior_beta(prior)
-            return None if beta is None else (_log(beta[0]), _log(beta[1]))
-        return None  # Weibull: Monte Carlo
+        if self.index == 1:
+            return _prior_weibull(prior)
+        beta = _prior_beta(prior)
+        return None if beta is None else (_log(beta[0]), _log(beta[1]))
 
     def _kl(self, prior, reduce: bool) -> Tensor | None:
         """The KL summed over L (reduce) or per dimension (..., L):
-        exponential-exponential in closed form, Kumaraswamy-Beta by the
-        truncated series (each the fused family_kl); None otherwise (Monte Carlo)."""
+        exponential-exponential and Weibull-Weibull in closed form,
+        Kumaraswamy-Beta by the truncated series (each the fused family_kl);
+        None otherwise (Monte Carlo)."""
         _check_prior_support(self.family, prior)
         p = self._kl_prior(prior)
         if p is None:
             return None
         if self.index == 0:
             return family_kl("exponential", (self.log_p0,), p[:1], reduce=reduce)
-        return family_kl("kumaraswamy", (self.log_p0, self.log_p1), p, reduce=reduce)
+        return family_kl(self.family, (self.log_p0, self.log_p1), p, reduce=reduce)
 
     def analytic_kl(self, prior) -> Tensor | None:
         return self._kl(prior, True)
@@ -784,7 +786,8 @@ class Positive(_Latent):
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
         """The ELBO's draw: against a prior with a closed-form KL (the
-        exponential's exponential, the Kumaraswamy's Beta), z and the KL from
+        exponential's exponential, the Weibull's Weibull, the Kumaraswamy's
+        Beta), z and the KL from
         one fused call each way (sample_positive_kl: the sampler's z,
         family_kl's KL, the same bits), no log q formed; else the general
         draw (_Latent.sample_with_kl)."""
@@ -812,6 +815,19 @@ def _prior_log_rate(prior) -> Tensor | None:
     if type(base) is Exponential:
         _value_checks.positive_param(base.rate, "the prior's rate (torch Exponential)")
         return _log(base.rate)
+    return None
+
+
+def _prior_weibull(prior) -> tuple[Tensor, Tensor] | None:
+    """(log scale, log concentration) of a Weibull prior (a record or a torch
+    Weibull), else None."""
+    if isinstance(prior, Positive):
+        return (prior.log_p0, prior.log_p1) if prior.index == 1 else None
+    base = _torch_base(prior)
+    if type(base) is Weibull:
+        _value_checks.positive_param(base.scale, "the prior's scale (torch Weibull)")
+        _value_checks.positive_param(base.concentration, "the prior's concentration (torch Weibull)")
+        return _log(base.scale), _log(base.concentration)
     return None
 
 

@@ -394,13 +394,14 @@ def test_the_triton_kernels_name_kl_families_by_their_positions():
 
 def test_family_kl_names_the_exponential_s_position():
     """family_kl's header, which its binding and the samplers' fused KL bindings read, tells
-    the exponential (no location) and the Kumaraswamy (sample_positive's fused KL against a
-    Beta) by constants of their own: their positions in KL_FAMILIES."""
+    the exponential (no location), the Kumaraswamy (sample_positive's fused KL against a
+    Beta) and the Weibull by constants of their own: their positions in KL_FAMILIES."""
     from fastvae._families import KL_FAMILIES
 
     header = (ROOT / "fastvae" / "ops" / "family_kl" / "family_kl.h").read_text()
     assert int(re.search(r"kFamilyKLExponential = (\d+)", header).group(1)) == KL_FAMILIES.index("exponential")
     assert int(re.search(r"kFamilyKLKumaraswamy = (\d+)", header).group(1)) == KL_FAMILIES.index("kumaraswamy")
+    assert int(re.search(r"kFamilyKLWeibull = (\d+)", header).group(1)) == KL_FAMILIES.index("weibull")
     triton = (ROOT / "fastvae" / "ops" / "family_kl" / "triton.py").read_text()  # which imports no front end
-    for name in ("exponential", "kumaraswamy"):
+    for name in ("exponential", "kumaraswamy", "weibull"):
         assert int(re.search(rf"^{name.upper()} = (\d+)", triton, re.M).group(1)) == KL_FAMILIES.index(name)

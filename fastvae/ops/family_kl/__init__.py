@@ -2,8 +2,9 @@
 distributions of one latent family, per latent dimension, summed over the last
 dimension or not: Laplace, uniform, Gumbel and Cauchy against the same
 family (each as (loc, log_scale)), the exponential against the exponential
-(as its log-rate) and the Kumaraswamy (as (log a, log b)) against a Beta (as
-(log alpha, log beta)). The families' positions in KL_FAMILIES
+(as its log-rate), the Kumaraswamy (as (log a, log b)) against a Beta (as
+(log alpha, log beta)) and the Weibull against the Weibull (as (log scale,
+log concentration)). The families' positions in KL_FAMILIES
 (fastvae/_families.py) are the kernels' ``family``.
 
 The kernels take the posterior's parameters as (N, L) and the prior's as
@@ -11,7 +12,9 @@ The kernels take the posterior's parameters as (N, L) and the prior's as
 None for the exponential, whose one parameter, the log-rate, sits in
 ``q_log_param`` and ``p_log_param`` (the log-scale of the others); the
 Kumaraswamy's log a and log b sit in ``q_loc`` and ``q_log_param``, the Beta
-prior's log alpha and log beta in ``p_loc`` and ``p_log_param``. ``kl`` is
+prior's log alpha and log beta in ``p_loc`` and ``p_log_param``; the
+Weibull's log scale in the loc arrays and its log concentration in the
+log_param ones (the order of sample_positive's parameters). ``kl`` is
 (N,) (summed over L) or (N, L) (per dimension), and so is ``grad_kl``; the
 prior's gradients are written (N, L) whatever its layout, for the front end
 to sum.
@@ -65,13 +68,16 @@ def family_kl_terms(family: int, q_loc: Tensor | None, q_log_param: Tensor, p_lo
       neither (b1 + b2)^2 overflows nor underflows where the KL is finite;
     - exponential: (s1 - s2) + e^(s2 - s1) - 1 for log-rates s1, s2;
     - kumaraswamy: kumaraswamy_beta_terms of q = (log a, log b) and the Beta
-      prior's (alpha, beta) = (e^m2, e^s2).
+      prior's (alpha, beta) = (e^m2, e^s2);
+    - weibull: weibull_terms of q = (log scale, log concentration) and p's.
     """
     name = KL_FAMILIES[family]
     if name == "exponential":
         return (q_log_param - p_log_param) + torch.exp(p_log_param - q_log_param) - 1.0
     if name == "kumaraswamy":
         return kumaraswamy_beta_terms(q_loc, q_log_param, torch.exp(p_loc), torch.exp(p_log_param))
+    if name == "weibull":
+        return weibull_terms(q_loc, q_log_param, p_loc, p_log_param)
     s1, s2 = q_log_param, p_log_param
     if name == "laplace":
         d = (q_loc - p_loc).abs()
@@ -110,6 +116,22 @@ def kumaraswamy_beta_terms(log_a: Tensor, log_b: Tensor, alpha: Tensor, beta: Te
         x = m / a
         series = series + torch.exp(torch.lgamma(x) + lg_b - torch.lgamma(x + b)) / (m + a * b)
     return kl + (beta - 1.0) * b * series
+
+
+def weibull_terms(a1: Tensor, s1: Tensor, a2: Tensor, s2: Tensor) -> Tensor:
+    """KL(Weibull(e^a1, e^s1) || Weibull(e^a2, e^s2)) per element (scale
+    lambda = e^a, concentration k = e^s), broadcasting, differentiable.
+    Bauckhage's (2013) closed form,
+    log(k1 / lambda1^k1) - log(k2 / lambda2^k2) + (k1 - k2)(log lambda1 - gamma/k1)
+    + (lambda1/lambda2)^k2 Gamma(k2/k1 + 1) - 1,
+    in log parameters: with r = k2/k1 = e^(s2 - s1) and u = k2 (a1 - a2),
+    s1 - s2 + gamma (r - 1) - u + e^(u + lgamma(1 + r)) - 1 (the -k1 a1 + k2 a2
+    + (k1 - k2) a1 of the first form cancel to -u). log z of a Weibull is a
+    (minimum) Gumbel of location log lambda and scale 1/k: this is the Gumbel
+    KL with the scales' logs negated and the location's sign flipped."""
+    r = torch.exp(s2 - s1)
+    u = (a1 - a2) * torch.exp(s2)
+    return s1 - s2 + EULER_GAMMA * (r - 1.0) - u + torch.exp(u + torch.lgamma(1.0 + r)) - 1.0
 
 
 def kumaraswamy_beta_grads(g: Tensor, log_a: Tensor, log_b: Tensor, log_alpha: Tensor,
@@ -157,8 +179,8 @@ def family_kl_forward(q_loc, q_log_param, p_loc, p_log_param, family, kl) -> Non
 def family_kl_grads(family: int, g: Tensor, q_loc: Tensor | None, q_log_param: Tensor, p_loc: Tensor | None,
                     p_log_param: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """g times the gradient of family_kl_terms per element: (dq_loc, dq_log_param,
-    dp_loc, dp_log_param); the prior's location gradient is -dq_loc but the
-    Kumaraswamy's (zeros for the exponential, which has none, and the uniform,
+    dp_loc, dp_log_param); the prior's location gradient is -dq_loc (the
+    Weibull's log scale's too) but the Kumaraswamy's (zeros for the exponential, which has none, and the uniform,
     whose location enters only a comparison). The closed forms of the kernels;
     the tests check them against autograd of family_kl_terms."""
     name = KL_FAMILIES[family]
@@ -168,6 +190,17 @@ def family_kl_grads(family: int, g: Tensor, q_loc: Tensor | None, q_log_param: T
         return torch.zeros_like(ds1), ds1, torch.zeros_like(ds1), -ds1
     if name == "kumaraswamy":
         return kumaraswamy_beta_grads(g, q_loc, s1, p_loc, s2)
+    if name == "weibull":
+        # G = e^(u + lgamma(1 + r)): d/da1 = k2 (G - 1), d/ds1 = 1 - r gamma - G r psi(1 + r),
+        # d/ds2 = -1 + r gamma - u + G (u + r psi(1 + r)), d/da2 = -d/da1
+        k2 = torch.exp(s2)
+        r = torch.exp(s2 - s1)
+        u = (q_loc - p_loc) * k2
+        big_g = torch.exp(u + torch.lgamma(1.0 + r))
+        psi_r = torch.digamma(1.0 + r) * r
+        rg = r * EULER_GAMMA
+        da1 = g * k2 * (big_g - 1.0)
+        return da1, g * (1.0 - rg - big_g * psi_r), -da1, g * (rg - 1.0 - u + big_g * (u + psi_r))
     diff = q_loc - p_loc
     if name == "laplace":
         d = diff.abs()

@@ -19,7 +19,7 @@ namespace fastvae {
 namespace {
 
 // KL_FAMILIES' positions (fastvae/_families.py)
-constexpr int kLaplace = 0, kUniform = 1, kGumbel = 2, kCauchy = 3, kExponential = 4, kKumaraswamy = 5;
+constexpr int kLaplace = 0, kUniform = 1, kGumbel = 2, kCauchy = 3, kExponential = 4, kKumaraswamy = 5, kWeibull = 6;
 constexpr int64_t kRowsPerTask = 256;
 constexpr int64_t kBlock = 512;  // elements per vector block (stack buffers)
 constexpr double kEulerGamma = 0.5772156649015329;
@@ -198,6 +198,39 @@ FASTVAE_INLINE void kumaraswamy_kl_grad(T g, T la, T lb, T lal, T lbe, T& da, T&
   dbe = g * (k.be * (kuma_digamma(k.be) - psi_sum) + k.be * b * s);
 }
 
+// The Weibull-Weibull KL of the oracle's weibull_terms for (log scale, log
+// concentration) pairs (a1, s1), (a2, s2): with r = k2/k1 = e^(s2 - s1) and
+// u = k2 (a1 - a2), s1 - s2 + gamma (r - 1) - u + e^(u + lgamma(1 + r)) - 1
+// (the Gumbel's of log z). lgamma(1 + r) by the Kumaraswamy's shifted
+// Stirling series; r past the dtype's range: the KL is inf (lgamma takes
+// finite arguments).
+template <typename T>
+FASTVAE_INLINE T weibull_kl(T a1, T s1, T a2, T s2) {
+  const T r = exp_t(s2 - s1);
+  const T u = (a1 - a2) * exp_t(s2);
+  const T kl = s1 - s2 + T(kEulerGamma) * (r - T(1)) - u + exp_t(u + kuma_lgamma(T(1) + r)) - T(1);
+  return r == T(INFINITY) ? r : kl;
+}
+
+// g times its gradient in (a1, s1, a2, s2) (the oracle's), lgamma(1 + r) and
+// psi(1 + r) from one shift: with G = e^(u + lgamma(1 + r)),
+// d/da1 = k2 (G - 1) = -d/da2, d/ds1 = 1 - r gamma - G r psi(1 + r),
+// d/ds2 = -1 + r gamma - u + G (u + r psi(1 + r)).
+template <typename T>
+FASTVAE_INLINE void weibull_kl_grad(T g, T a1, T s1, T a2, T s2, T& da1, T& ds1, T& da2, T& ds2) {
+  const T k2 = exp_t(s2);
+  const T r = exp_t(s2 - s1);
+  const T u = (a1 - a2) * k2;
+  const Shifted<T> s = shifted<T, true>(T(1) + r);
+  const T big_g = exp_t(u + s.lg - log_pos_t(s.prod));
+  const T psi_r = (s.psi - s.dprod / s.prod) * r;
+  const T rg = r * T(kEulerGamma);
+  da1 = g * k2 * (big_g - T(1));
+  ds1 = g * (T(1) - rg - big_g * psi_r);
+  ds2 = g * (rg - T(1) - u + big_g * (u + psi_r));
+  da2 = -da1;
+}
+
 // The Cauchy's scales relative to the larger one, m = max(s1, s2):
 // a = (b1 + b2) / e^m in [1, 2], dd = (m1 - m2) / e^m, big = max(a, |dd|),
 // and (b1 + b2)^2 + (m1 - m2)^2 = e^(2m) big^2 s with s in [1, 2].
@@ -224,6 +257,8 @@ FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
     return (s1 - s2) + exp_t(s2 - s1) - T(1);
   } else if constexpr (F == kKumaraswamy) {  // (log a, log b) against the Beta's (log alpha, log beta)
     return kumaraswamy_kl(m1, s1, m2, s2);
+  } else if constexpr (F == kWeibull) {  // (log scale, log concentration) pairs
+    return weibull_kl(m1, s1, m2, s2);
   } else if constexpr (F == kLaplace) {
     const T d = std::fabs(m1 - m2);
     const bool exact = d == T(0);  // the d terms are 0 whatever the scales
@@ -248,11 +283,15 @@ FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
 }
 
 // g times the gradient in (m1, s1, m2, s2); the prior's location gradient
-// dm2 is -dm1 but the Kumaraswamy's (its m2 is the Beta's log alpha).
+// dm2 is -dm1 (the Weibull's log scale's too) but the Kumaraswamy's (its m2 is the Beta's log alpha).
 template <int F, typename T>
 FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& dm2, T& ds2) {
   if constexpr (F == kKumaraswamy) {
     kumaraswamy_kl_grad(g, m1, s1, m2, s2, dm1, ds1, dm2, ds2);
+    return;
+  }
+  if constexpr (F == kWeibull) {
+    weibull_kl_grad(g, m1, s1, m2, s2, dm1, ds1, dm2, ds2);
     return;
   }
   if constexpr (F == kExponential) {
@@ -397,6 +436,7 @@ FASTVAE_INLINE void forward_rows_any(int family, const FamilyKLIn<T>& in, int64_
     case kGumbel: forward_rows_t<kGumbel>(in, r0, r1, reduce, kl); break;
     case kCauchy: forward_rows_t<kCauchy>(in, r0, r1, reduce, kl); break;
     case kKumaraswamy: forward_rows_t<kKumaraswamy>(in, r0, r1, reduce, kl); break;
+    case kWeibull: forward_rows_t<kWeibull>(in, r0, r1, reduce, kl); break;
     default: forward_rows_t<kExponential>(in, r0, r1, reduce, kl); break;
   }
 }
@@ -410,6 +450,7 @@ FASTVAE_INLINE void backward_rows_any(int family, const T* grad_kl, const Family
     case kGumbel: backward_rows_t<kGumbel>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
     case kCauchy: backward_rows_t<kCauchy>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
     case kKumaraswamy: backward_rows_t<kKumaraswamy>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
+    case kWeibull: backward_rows_t<kWeibull>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
     default: backward_rows_t<kExponential>(grad_kl, in, r0, r1, reduce, dqm, dqs, dpm, dps); break;
   }
 }
@@ -450,6 +491,7 @@ FASTVAE_INLINE void add_backward_any(int family, const T* grad_kl, const FamilyK
     case kGumbel: add_backward_t<kGumbel>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
     case kCauchy: add_backward_t<kCauchy>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
     case kKumaraswamy: add_backward_t<kKumaraswamy>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
+    case kWeibull: add_backward_t<kWeibull>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
     default: add_backward_t<kExponential>(grad_kl, in, e0, n, dqm, dqs, dpm, dps); break;
   }
 }

@@ -6,18 +6,23 @@
 
 namespace fastvae {
 
-constexpr int kFamilyKLFamilies = 6;  // KL_FAMILIES (fastvae/_families.py)
+constexpr int kFamilyKLFamilies = 7;  // KL_FAMILIES (fastvae/_families.py)
 constexpr int kFamilyKLExponential = 4;
 constexpr int kFamilyKLKumaraswamy = 5;
+constexpr int kFamilyKLWeibull = 6;
 
 // Whether a KL family's q and p have a location (q_loc, p_loc): all but the exponential.
 inline bool family_kl_has_loc(int family) { return family != kFamilyKLExponential; }
 
+// Whether a KL family is a location-scale one's (the families before the
+// exponential in KL_FAMILIES; the positive families' come after it).
+inline bool family_kl_location_scale(int family) { return family >= 0 && family < kFamilyKLExponential; }
+
 // The parameters of one call: q's (N, L); p's (N, L), or (L,) when p_shared.
 // q_loc and p_loc are null for the exponential, whose log-rates sit in the
 // log_param arrays (the log-scales of the location-scale families); the
-// Kumaraswamy's (log a, log b) and its Beta prior's (log alpha, log beta) sit
-// in (loc, log_param).
+// Kumaraswamy's (log a, log b) and its Beta prior's (log alpha, log beta), and
+// the Weibull's (log scale, log concentration), sit in (loc, log_param).
 template <typename T>
 struct FamilyKLIn {
   const T* q_loc;

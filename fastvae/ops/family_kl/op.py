@@ -3,7 +3,7 @@ fastvae::family_kl and fastvae::family_kl_backward, and their autograd
 Function, whose double backward is autograd of the oracle's formula.
 
 The closed-form KL of the latent families against a prior of their own
-family, or the Kumaraswamy's against a Beta (fastvae/latents.py's
+family (the Weibull's against a Weibull), or the Kumaraswamy's against a Beta (fastvae/latents.py's
 LocationScale and Positive call it), fused:
 one pass forward, one backward, with no full-size temporary."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..._op import define, flat, run, shaped
 PARAMETERS = {name: ("loc", "log_scale") for name in KL_FAMILIES}
 PARAMETERS["exponential"] = ("log_rate",)
 PARAMETERS["kumaraswamy"] = ("log_a", "log_b")
+PARAMETERS["weibull"] = ("log_scale", "log_concentration")
 PRIOR_PARAMETERS = dict(PARAMETERS, kumaraswamy=("log_alpha", "log_beta"))  # a Beta prior
 
 
@@ -172,7 +173,9 @@ def family_kl(family: str, q: tuple[Tensor, ...], p: tuple[Tensor, ...], *, redu
             (loc, loc + scale)), "exponential" (given as (log_rate,)) or
             "kumaraswamy" (q given as (log_a, log_b), the prior a Beta given
             as (log_alpha, log_beta): Nalisnick and Smyth's series truncated
-            at fastvae.latents.KUMARASWAMY_KL_TERMS terms).
+            at fastvae.latents.KUMARASWAMY_KL_TERMS terms) or "weibull"
+            (given as (log_scale, log_concentration), against a Weibull:
+            Bauckhage's closed form).
         q: the posterior's parameters, a tuple of tensors of one shape (..., L).
         p: the prior's parameters in the same order, each broadcastable to
             q's shape: per example (..., L), or one prior for every row (L,).

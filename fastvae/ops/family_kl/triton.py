@@ -6,7 +6,8 @@ kernels (family_kl.cpp), in the same forms.
 
 Layout: q_loc, q_log_param (N, L) contiguous; p_loc, p_log_param (N, L), or
 (L,) for a prior every row shares (P_SHARED); the locations unused for the
-exponential (its log-rates sit in the log_param arrays); kl, grad_kl (N,)
+exponential (its log-rates sit in the log_param arrays; the Weibull's log
+scales in the loc arrays, its log concentrations in the log_param ones); kl, grad_kl (N,)
 when REDUCE, else (N, L); every gradient (N, L).
 """
 import torch
@@ -29,6 +30,7 @@ KUMARASWAMY_TILE = 256
 KUMARASWAMY_BACKWARD_TILE = 128
 EXPONENTIAL = 4  # KL_FAMILIES' positions (fastvae/_families.py): the family without a location
 KUMARASWAMY = 5
+WEIBULL = 6
 EULER_GAMMA = tl.constexpr(0.5772156649015329)
 LOG_4 = tl.constexpr(1.3862943611198906)
 KUMARASWAMY_TERMS = tl.constexpr(10)  # KUMARASWAMY_KL_TERMS (fastvae/_families.py)
@@ -188,6 +190,34 @@ def _kumaraswamy_kl_grad(g, la, lb, lal, lbe, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _weibull_kl(a1, s1, a2, s2, SHIFT: tl.constexpr):
+    """The Weibull-Weibull KL of (log scale, log concentration) pairs, the C++
+    weibull_kl: s1 - s2 + gamma (r - 1) - u + e^(u + lgamma(1 + r)) - 1 with
+    r = e^(s2 - s1), u = e^s2 (a1 - a2); inf where r is (lgamma takes finite
+    arguments)."""
+    r = tl.exp(s2 - s1)
+    u = (a1 - a2) * tl.exp(s2)
+    kl = s1 - s2 + EULER_GAMMA * (r - 1.0) - u + tl.exp(u + _kuma_lgamma(1.0 + r, SHIFT)) - 1.0
+    return tl.where(r == float("inf"), r, kl)
+
+
+@triton.jit
+def _weibull_kl_grad(g, a1, s1, a2, s2, SHIFT: tl.constexpr):
+    """g times the gradient of _weibull_kl in (a1, s1, a2, s2), the C++
+    weibull_kl_grad: lgamma(1 + r) and psi(1 + r) from one shift."""
+    k2 = tl.exp(s2)
+    r = tl.exp(s2 - s1)
+    u = (a1 - a2) * k2
+    w, prod, dprod = _shift_up(1.0 + r, SHIFT, True)
+    lg, psi = _stirling(w, 1.0 / w, True)
+    big_g = tl.exp(u + lg - tl.log(prod))
+    psi_r = (psi - dprod / prod) * r
+    rg = r * EULER_GAMMA
+    da1 = g * k2 * (big_g - 1.0)
+    return da1, g * (1.0 - rg - big_g * psi_r), -da1, g * (rg - 1.0 - u + big_g * (u + psi_r))
+
+
+@triton.jit
 def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
     if FAMILY == 4:  # exponential, log-rates
         kl = (s1 - s2) + tl.exp(s2 - s1) - 1.0
@@ -196,6 +226,11 @@ def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
             kl = _kumaraswamy_kl(m1, s1, m2, s2, KUMARASWAMY_SHIFT_F64)
         else:
             kl = _kumaraswamy_kl(m1, s1, m2, s2, KUMARASWAMY_SHIFT)
+    elif FAMILY == 6:  # weibull (log scale, log concentration) pairs
+        if ACC == tl.float64:
+            kl = _weibull_kl(m1, s1, m2, s2, KUMARASWAMY_SHIFT_F64)
+        else:
+            kl = _weibull_kl(m1, s1, m2, s2, KUMARASWAMY_SHIFT)
     elif FAMILY == 0:  # laplace
         d = tl.abs(m1 - m2)
         exact = d == 0.0  # the d terms are 0 whatever the scales
@@ -219,7 +254,8 @@ def _kl_term(m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
     """g times the gradient in (m1, s1, m2, s2); the prior's location gradient
-    is -dm1 but the Kumaraswamy's (its m2 is the Beta's log alpha)."""
+    is -dm1 but the Kumaraswamy's (its m2 is the Beta's log alpha; the
+    Weibull's, -dm1 too, comes from its own helper)."""
     if FAMILY == 4:
         ds1 = g * (1.0 - tl.exp(s2 - s1))
         ds2 = -ds1
@@ -229,6 +265,11 @@ def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
             dm1, ds1, dm2, ds2 = _kumaraswamy_kl_grad(g, m1, s1, m2, s2, KUMARASWAMY_SHIFT_F64)
         else:
             dm1, ds1, dm2, ds2 = _kumaraswamy_kl_grad(g, m1, s1, m2, s2, KUMARASWAMY_SHIFT)
+    elif FAMILY == 6:  # weibull
+        if ACC == tl.float64:
+            dm1, ds1, dm2, ds2 = _weibull_kl_grad(g, m1, s1, m2, s2, KUMARASWAMY_SHIFT_F64)
+        else:
+            dm1, ds1, dm2, ds2 = _weibull_kl_grad(g, m1, s1, m2, s2, KUMARASWAMY_SHIFT)
     elif FAMILY == 0:
         diff = m1 - m2
         d = tl.abs(diff)
@@ -262,7 +303,7 @@ def _kl_grad(g, m1, s1, m2, s2, FAMILY: tl.constexpr, ACC: tl.constexpr):
         dm1 = tl.where(far | (rd == 0.0), 0.0, g * w * rd * tl.exp(-m))  # m1 = m2: no 0 * inf
         ds1 = tl.where(far, -g, g * (w * ra * tl.exp(s1 - m) - 1.0))
         ds2 = tl.where(far, -g, g * (w * ra * tl.exp(s2 - m) - 1.0))
-    if FAMILY != 5:
+    if FAMILY != 5 and FAMILY != 6:
         dm2 = -dm1
     return dm1, ds1, dm2, ds2
 

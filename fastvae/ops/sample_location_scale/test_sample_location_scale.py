@@ -467,8 +467,9 @@ def test_the_fused_kl_binding_names_a_wrong_argument():
     C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 0, z, kl, 1)  # the valid call
     with pytest.raises(ValueError, match="kl_family"):  # the exponential has no location
         C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 4, z, kl, 1)
-    with pytest.raises(ValueError, match="kl_family"):
-        C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 6, z, kl, 1)
+    for kl_family in (5, 6, 7):  # the Kumaraswamy's and the Weibull's (positive families), none
+        with pytest.raises(ValueError, match="kl_family: expected one of family_kl's location-scale"):
+            C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, kl_family, z, kl, 1)
     with pytest.raises(ValueError, match="prior_loc"):
         C.sample_location_scale_kl_forward(loc, ls, torch.zeros(4).numpy(), p, 1, 1, 0, z, kl, 1)
     with pytest.raises(ValueError, match="prior_log_scale"):

@@ -27,8 +27,9 @@ from ..family_kl import family_kl_backward, family_kl_forward
 # `family` picks exponential, Weibull or Kumaraswamy (POSITIVE_FAMILIES), a
 # compile-time variant; log_p1 unused by the exponential. Then the training
 # layout's draw with family_kl's closed form against a prior ((L,) or (N, L))
-# of the family's KL (the exponential's against an exponential, the
-# Kumaraswamy's against a Beta), summed over L: one pass over q each way
+# of the family's KL (the exponential's against an exponential, the Weibull's
+# against a Weibull, the Kumaraswamy's against a Beta), summed over L: one pass
+# over q each way
 PARAMS = ("log_p0", "log_p1")
 KERNELS = family_sampler_kernels("sample_positive", PARAMS) + family_sampler_kl_kernels(
     "sample_positive", PARAMS)
@@ -154,8 +155,9 @@ def sample_positive_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, l
 def kl_layout(kl_family: int, p0, p1, prior0, prior1) -> tuple:
     """family_kl's (q_loc, q_log_param, p_loc, p_log_param) of the sampler's
     parameters and the prior's: the exponential's log-rates alone (no
-    location; the second parameters are stand-ins), the Kumaraswamy's (log a,
-    log b) and its Beta prior's (log alpha, log beta) as (loc, log_param)."""
+    location; the second parameters are stand-ins), the Weibull's (log scale,
+    log concentration) and the Kumaraswamy's (log a, log b) with their priors'
+    pairs (a Weibull's, a Beta's (log alpha, log beta)) as (loc, log_param)."""
     if kl_family == KL_FAMILIES.index("exponential"):
         return None, p0, None, prior0
     return p0, p1, prior0, prior1

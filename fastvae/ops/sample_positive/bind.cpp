@@ -5,9 +5,9 @@
 
 namespace fastvae::bind {
 
-// the KL family each family's fused KL takes: the exponential's, none for the
-// Weibull, the Kumaraswamy's (against a Beta)
-constexpr int kPositiveKLFamilies[3] = {kFamilyKLExponential, -1, kFamilyKLKumaraswamy};
+// the KL family each family's fused KL takes: the exponential's, the Weibull's,
+// the Kumaraswamy's (against a Beta)
+constexpr int kPositiveKLFamilies[3] = {kFamilyKLExponential, kFamilyKLWeibull, kFamilyKLKumaraswamy};
 
 void bind_sample_positive(py::module_& m) {
   bind_family_sampler(

@@ -154,13 +154,14 @@ _EXPONENTIAL_KL = KL_FAMILIES.index("exponential")
 
 def _kl_parameters(kl_family: int, p0, p1, prior0, prior1) -> tuple:
     """FamilyKL's (q_loc, q_log_param, p_loc, p_log_param): the exponential's
-    log-rates alone, the Kumaraswamy's and its Beta prior's pairs as (loc,
-    log_param)."""
+    log-rates alone, the Weibull's and the Kumaraswamy's pairs with their
+    priors' (a Weibull's, a Beta's) as (loc, log_param)."""
     return (None, p0, None, prior0) if kl_family == _EXPONENTIAL_KL else (p0, p1, prior0, prior1)
 
 
-# the ELBO's draw against a prior of the family's KL (the exponential's log-rate, or a
-# Beta's (log alpha, log beta) for the Kumaraswamy): z is SamplePositive's, the KL
+# the ELBO's draw against a prior of the family's KL (the exponential's log-rate, a
+# Weibull's (log scale, log concentration) for the Weibull, or a Beta's (log alpha,
+# log beta) for the Kumaraswamy): z is SamplePositive's, the KL
 # FamilyKL's, the gradients their sum, bit for bit, in one pass each way. The
 # exponential's second parameters are stand-ins (detached aliases of the first),
 # which get no gradient

@@ -8,7 +8,8 @@
 // over (K, N, L) are the family samplers' (csrc/sampler.h).
 //
 // The _kl variants add family_kl's closed-form KL (the exponential's against
-// an exponential, the Kumaraswamy's against a Beta) inside the same loops:
+// an exponential, the Weibull's against a Weibull, the Kumaraswamy's against
+// a Beta) inside the same loops:
 // its row sums once a tile of z is drawn, its gradients added to each block
 // of the sampler's while they are in cache. One pass over q each way instead
 // of two, and no separate sum of the two gradients.
@@ -229,8 +230,8 @@ void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, con
 }
 
 // family_kl's layout of the parameters: the exponential's log-rates alone (no
-// location), the Kumaraswamy's (log a, log b) and its Beta prior's (log alpha,
-// log beta) as (loc, log_param).
+// location), the Weibull's (log scale, log concentration) and the Kumaraswamy's
+// (log a, log b) with their priors' pairs as (loc, log_param).
 namespace {
 template <typename T>
 FamilyKLIn<T> kl_in(int kl_family, const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,

@@ -25,8 +25,9 @@ void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, con
 // closed form against the prior (prior_log_p0, prior_log_p1: (L,) when
 // prior_shared, else (N, L)) summed over L into kl (N,), in the sampler's
 // loops. kl_family: KL_FAMILIES' index, the exponential's (the log-rates in
-// log_p0 and prior_log_p0 alone) or the Kumaraswamy's (its (log a, log b) and
-// the Beta prior's (log alpha, log beta)).
+// log_p0 and prior_log_p0 alone), the Weibull's (its (log scale, log
+// concentration) and the Weibull prior's) or the Kumaraswamy's (its (log a,
+// log b) and the Beta prior's (log alpha, log beta)).
 template <typename T>
 void sample_positive_kl_forward(const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
                                 bool prior_shared, uint64_t seed, int family, int kl_family, int64_t K, int64_t N,

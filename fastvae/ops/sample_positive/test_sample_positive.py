@@ -306,7 +306,7 @@ KL_CASES = [  # (N, L, K, prior shared)
     (1, 1, 1, True), (1, 1, 3, False), (37, 5, 1, False), (37, 5, 3, True), (13, 33, 3, True), (13, 33, 1, False),
     (3, 1025, 1, True), (3, 1025, 3, False),
 ]
-KL_POSITIVE_FAMILIES = ("exponential", "kumaraswamy")  # against an exponential, against a Beta
+KL_POSITIVE_FAMILIES = ("exponential", "kumaraswamy", "weibull")  # against an exponential, a Beta, a Weibull
 # the interpreter (~1 ms a program): every size, both sample counts and both priors' layouts still
 INTERPRET_KL_CASES = KL_CASES[::2]
 
@@ -457,9 +457,10 @@ def test_the_fused_kl_binding_names_a_wrong_argument():
     p0, p1 = torch.zeros(4, 3).numpy(), torch.zeros(4, 3).numpy()
     r = torch.zeros(3).numpy()
     z, kl = torch.zeros(1, 4, 3).numpy(), torch.zeros(4).numpy()
-    C.sample_positive_kl_forward(p0, p1, r, r, 1, 0, 4, z, kl, 1)  # the valid calls: exponential, Kumaraswamy
+    C.sample_positive_kl_forward(p0, p1, r, r, 1, 0, 4, z, kl, 1)  # the valid calls: exponential, Kumaraswamy,
     C.sample_positive_kl_forward(p0, p1, r, r, 1, 2, 5, z, kl, 1)
-    with pytest.raises(ValueError, match="family: 1 has no fused closed-form KL"):  # the Weibull
+    C.sample_positive_kl_forward(p0, p1, r, r, 1, 1, 6, z, kl, 1)  # Weibull
+    with pytest.raises(ValueError, match="kl_family: expected 6"):  # the Weibull's is the Weibull's
         C.sample_positive_kl_forward(p0, p1, r, r, 1, 1, 4, z, kl, 1)
     with pytest.raises(ValueError, match="kl_family: expected 5"):
         C.sample_positive_kl_forward(p0, p1, r, r, 1, 2, 4, z, kl, 1)
@@ -555,9 +556,8 @@ def test_the_fused_function_compiles_with_changing_shapes(backend):
 @pytest.mark.parametrize("family", ("exponential", "kumaraswamy", "weibull"))
 def test_the_records_elbo_draw_is_the_general_draw_bit_for_bit(backend, family):
     """Positive.sample_with_kl against a prior with a closed form (a torch
-    Exponential, a Beta) runs the fused op: z, the KL and every gradient are
-    the general draw's (sampler, then family_kl) bit for bit; the Weibull,
-    with none, takes the general draw (Monte Carlo)."""
+    Exponential, a Beta, a Weibull) runs the fused op: z, the KL and every
+    gradient are the general draw's (sampler, then family_kl) bit for bit."""
     from fastvae.latents import Positive, _Latent
     from fastvae.priors import TorchPrior
 
@@ -578,7 +578,7 @@ def test_the_records_elbo_draw_is_the_general_draw_bit_for_bit(backend, family):
     for draw in (q.sample_with_kl, lambda *args: _Latent.sample_with_kl(q, *args)):
         for n_samples in (None, 2):
             z, kl, analytic = draw(n_samples, prior(), gen(9))
-            assert analytic == (family != "weibull")
+            assert analytic
             results.append((z, kl, torch.autograd.grad(z.sum() + (kl * kl).sum(), leaves, allow_unused=True)))
     for (z, kl, grads), (z2, kl2, grads2) in zip(results[:2], results[2:]):
         assert torch.equal(z, z2) and torch.equal(kl, kl2)

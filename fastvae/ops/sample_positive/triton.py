@@ -211,8 +211,8 @@ def sample_positive_backward(grad_z, grad_log_q, log_p0, log_p1, seed, family, s
 
 def sample_positive_kl_forward(log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family, kl_family, z, kl) -> None:
     """The draw at the training layout's offsets, then family_kl's forward
-    (the exponential's log-rates alone; the Kumaraswamy's two parameters as
-    its (loc, log_param)): two kernels."""
+    (the exponential's log-rates alone; the Weibull's and the Kumaraswamy's
+    two parameters as its (loc, log_param)): two kernels."""
     N, L = log_p0.shape
     sample_positive_forward(log_p0, log_p1, seed, family, 0, N * L, L, z, None)
     if kl_family == EXPONENTIAL:
