@@ -268,6 +268,7 @@ class FamilySamplePlan:
         K = 1 if n_samples is None else n_samples
         self.N, self.L, self.K, self.n_samples = N, L, K, n_samples
         self.family, self.kl_family, self.p_shared, self.q_scale = family, kl_family, p_shared, q_scale
+        self.prior_log = None  # _prior_log's kept (key, the prior's scale, its log)
         self.dtype, self.device = dtype, device
         self.general = general  # the general composition (objectives), which a create_graph backward replays
         self.mu_like = torch.empty(shape, dtype=dtype, device=device)
@@ -332,6 +333,27 @@ class FamilySamplePlan:
         return launch
 
 
+def _prior_log(plan: FamilySamplePlan, p_b: Tensor) -> Tensor:
+    """log of a torch prior's scale (or rate) ``p_b``, kept on the plan for the
+    next call while p_b holds the same values: a training loop's prior is a
+    fixed tensor, which torch's distribution hands back as a new view of it at
+    every construction, so its log would otherwise cost a torch op (a launch,
+    on a GPU) a step. The same values: the same memory (the plan keeps p_b, so
+    its memory is not reused) and the same version of it (an in-place write
+    bumps the version that every view of the memory shares). A prior that
+    requires grad (a learned one: new values every step) or an inference
+    tensor (no version kept) is not kept."""
+    key = None if p_b.requires_grad or p_b.is_inference() else (p_b.data_ptr(), p_b._version, p_b.shape,
+                                                                  p_b.stride(), p_b.dtype)
+    kept = plan.prior_log
+    if key is not None and kept is not None and kept[0] == key:
+        return kept[2]
+    log = torch.log(p_b)
+    if key is not None and not torch.is_inference_mode_enabled():
+        plan.prior_log = (key, p_b, log)
+    return log
+
+
 class FamilySample(torch.autograd.Function):
     """z and the closed-form KL of a FamilySamplePlan: its kernels, the
     general path's (SampleLocationScaleKL, or SamplePositive and FamilyKL)
@@ -346,7 +368,7 @@ class FamilySample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale):
         log_scale = torch.log(q_b) if plan.q_scale else q_b
-        p_log_scale = torch.log(p_b) if p_scale else p_b
+        p_log_scale = _prior_log(plan, p_b) if p_scale else p_b
         z, kl = empty(plan.z_like), empty(plan.kl_like)
         if plan.cpp:
             N, L = plan.N, plan.L

@@ -1184,6 +1184,60 @@ def test_family_plans_follow_changing_shapes_and_families(triton_device):
     assert len([k for k in _plan.PLANS if k[0] == "family elbo"]) == 6
 
 
+@pytest.mark.parametrize("cpp", [False, True], ids=["triton", "cpp"])
+def test_a_fixed_priors_log_is_kept_until_its_values_change(request, cpp):
+    """A torch prior made anew each call around the same scale tensor: its
+    log is taken once (no log op at the next calls), an in-place write to the
+    scale is seen at the next call (the general path's bound again), and a
+    learned prior's (requires grad) is never kept."""
+    if cpp and (INTERPRET or not fastvae._backend.cpp_available()):
+        pytest.skip("the cpp backend's plan")
+    if not cpp and not TRITON:
+        pytest.skip("the plans serve the triton backend (interpreter child, GPU)")
+    device = "cpu" if cpp else request.getfixturevalue("triton_device")
+    x, (loc, raw, W), _, _ = _family_problem(device, torch.float32, "laplace")
+    p_loc, p_scale = torch.zeros(L, device=device), torch.full((L,), 1.5, device=device)
+    dec = _decoders(W)["bernoulli"]
+
+    def call(enabled):
+        previous = _plan.ENABLED
+        _plan.ENABLED = enabled
+        try:
+            return fastvae.elbo(x, torch.distributions.Laplace(loc, raw.exp()), dec, likelihood="bernoulli",
+                                prior=torch.distributions.Laplace(p_loc, p_scale),
+                                generator=torch.Generator(device).manual_seed(3))
+        finally:
+            _plan.ENABLED = previous
+
+    logs = []
+
+    class CountLogs(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.log.default and args[0] is not None and args[0].shape == (L,):
+                logs.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    with fastvae.use_backend("cpp" if cpp else "triton"):
+        for _ in range(2):
+            call(True)  # the first call checks values (the general path), the second makes the plan
+        with CountLogs():
+            kept = call(True)
+        assert not logs, "the fixed prior's log was taken again"
+        assert _same(kept, call(False))
+        with torch.no_grad():
+            p_scale.mul_(2.0)  # an in-place write: new values at the same memory
+        with CountLogs():
+            changed = call(True)
+        assert len(logs) == 1 and _same(changed, call(False)) and not torch.equal(changed, kept)
+        p_scale.requires_grad_()  # a learned prior: its log is taken every call
+        for _ in range(2):
+            call(True)
+        logs.clear()
+        with CountLogs():
+            call(True)
+        assert len(logs) == 1
+
+
 @pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
 def test_family_plans_launch_the_compiled_kernels_directly(triton_device, compiled_stand_in):
     calls, jit_calls, _ = compiled_stand_in
