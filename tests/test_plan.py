@@ -1219,14 +1219,18 @@ def test_family_plans_follow_changing_shapes_and_families(triton_device):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
-def test_family_plans_launch_the_compiled_kernels_directly(triton_device, compiled_stand_in):
+@pytest.mark.parametrize("family, launches", [("cauchy", 4), ("weibull", 6), ("kumaraswamy", 6)])
+def test_family_plans_launch_the_compiled_kernels_directly(triton_device, compiled_stand_in, family, launches):
+    """A location-scale family's draw with its KL and the likelihood, forward
+    and backward (4 launches); a positive family's draw, its KL and the
+    likelihood each way (6): all direct."""
     calls, jit_calls, _ = compiled_stand_in
     for _ in range(2):
-        _family_run(triton_device, torch.float64, "cauchy", True, p_form="learned")
+        _family_run(triton_device, torch.float64, family, True, p_form="learned")
     jit_calls.clear(), calls.clear()
-    lean, lean_grads, _ = _family_run(triton_device, torch.float64, "cauchy", True, p_form="learned")
-    assert len(calls) == 4 and not jit_calls  # the draw with its KL, the likelihood: forward and backward, all direct
-    general, general_grads, _ = _family_run(triton_device, torch.float64, "cauchy", False, p_form="learned")
+    lean, lean_grads, _ = _family_run(triton_device, torch.float64, family, True, p_form="learned")
+    assert len(calls) == launches and not jit_calls
+    general, general_grads, _ = _family_run(triton_device, torch.float64, family, False, p_form="learned")
     assert _same(lean, general)
     for a, b in zip(lean_grads, general_grads):
         assert _same(a, b)
