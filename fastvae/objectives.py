@@ -435,10 +435,11 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
     LocationScale record) or a positive one (a torch Exponential, Weibull or
     Kumaraswamy, or a Positive record) against a prior of its closed-form KL
     given the same way (its own family; a torch Beta for the Kumaraswamy);
-    None where they do not apply (the general path). The same conditions as the Gaussian's (_lean_device), on every
-    tensor of both distributions: one float32 or float64 dtype and device,
-    no autocast; and a torch object's value checks settled (they run on the
-    general path; a record's log-scale needs none)."""
+    None where they do not apply (the general path). The same conditions as
+    the Gaussian's (_lean_device), on every tensor of both distributions: one
+    float32 or float64 dtype and device, no autocast; and a torch object's
+    value checks settled (they run on the general path; a record's log-scale
+    needs none)."""
     if not _plan.ENABLED:
         return None
     positive = (posterior := location_scale_form(q)) is None
@@ -545,10 +546,11 @@ FAMILY_CHECKS = {"location-scale": ("scale",), "positive": ("positive parameter"
 
 def _general_family_sample(family: int, kl_family: int, loc: Tensor, log_scale: Tensor, p_loc: Tensor,
                            p_log_scale: Tensor, seed: Tensor, n_samples: int | None) -> tuple[Tensor, Tensor]:
-    """z and the closed-form KL of a location-scale family from the general
-    path's Functions, for the prior in the kernels' layout ((L,) or (N, L),
-    family_kl's prior_layout): what _plan.FamilySample fuses, and its
-    create_graph replay."""
+    """z and the closed-form KL of a location-scale or positive family from
+    the general path's Functions (q as (loc, log_scale): a positive pair's
+    (log p0, log p1), the exponential's (None, log-rate)), for the prior in
+    the kernels' layout ((L,) or (N, L), family_kl's prior_layout): what
+    _plan.FamilySample fuses, and its create_graph replay."""
     K = 1 if n_samples is None else n_samples
     if loc is None:  # the exponential: its log-rate, and a second parameter no formula reads
         z, _ = SamplePositive.apply(log_scale, log_scale.detach(), seed, family, K, False)
