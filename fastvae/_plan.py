@@ -239,21 +239,23 @@ class Sample(torch.autograd.Function):
 
 class FamilySamplePlan:
     """The launches before the decoder for a latent family's posterior, a
-    location-scale family's (loc, log_scale) or the exponential's log-rate
-    (N, L), N L > 0 (float32 or float64), and K samples, against a prior of
-    its own family, one for every row ((L,): ``p_shared``) or one per row
-    ((N, L)). A location-scale family's: sample_location_scale's _kl kernels,
-    the draw (z alone: the bound needs no log q) and family_kl's closed form
-    summed over L in one kernel each way. The exponential's: the sampler's
-    forward and backward kernels and family_kl's, its backward adding q's
-    gradients to the sampler's. The same variants as the general launchers'
-    (sample_location_scale's kl_*_plan; kernels/sampler.py's family_*_plan,
-    family_kl's *_plan). ``q_scale``: the posterior comes as its scale (or
-    rate), whose log the plan takes (a torch object's), else as its log.
-    ``cpp``: the cpp backend's: one C++ call each way, the sampler's _kl
-    kernels (sample_location_scale's, or sample_positive's for the
-    exponential), which run the KL inside the sampler's loops (nothing to
-    plan but the layout)."""
+    location-scale family's (loc, log_scale), the exponential's log-rate or
+    a Weibull's or Kumaraswamy's (log p0, log p1) (N, L), N L > 0 (float32
+    or float64), and K samples, against a prior of its closed-form KL (its
+    own family; a Beta for the Kumaraswamy), one for every row ((L,):
+    ``p_shared``) or one per row ((N, L)). A location-scale family's:
+    sample_location_scale's _kl kernels, the draw (z alone: the bound needs
+    no log q) and family_kl's closed form summed over L in one kernel each
+    way. A positive family's: the sampler's forward and backward kernels and
+    family_kl's, its backward adding q's gradients to the sampler's (the
+    general launchers' sample_positive_kl). The same variants as the general
+    launchers' (sample_location_scale's kl_*_plan; kernels/sampler.py's
+    family_*_plan, family_kl's *_plan). ``q_scale``: the posterior comes as
+    its scale (or rate; a positive pair's two parameters), whose log the plan
+    takes (a torch object's), else as its log. ``cpp``: the cpp backend's:
+    one C++ call each way, the sampler's _kl kernels (sample_location_scale's,
+    or sample_positive's), which run the KL inside the sampler's loops
+    (nothing to plan but the layout)."""
 
     # the family samplers the plans launch: (kernels' module, partial sums of a split backward)
     SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
@@ -261,14 +263,17 @@ class FamilySamplePlan:
     def __init__(self, sampler: str, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype,
                  device: torch.device, n_samples: int | None, p_shared: bool, q_scale: bool, general,
                  cpp: bool = False):
-        self.has_loc = sampler == "sample_location_scale"  # else one log parameter (the exponential's)
+        self.has_loc = sampler == "sample_location_scale"  # else the positive families' log parameters
+        # two log parameters (the Weibull's, the Kumaraswamy's), the first in the location's place: a torch
+        # object's two parameters are logged, as the exponential's rate and a location-scale family's scale
+        self.pair = not self.has_loc and family != 0
         self.cpp = cpp
         L = shape[-1]
         N = shape.numel() // L
         K = 1 if n_samples is None else n_samples
         self.N, self.L, self.K, self.n_samples = N, L, K, n_samples
         self.family, self.kl_family, self.p_shared, self.q_scale = family, kl_family, p_shared, q_scale
-        self.prior_log = None  # _prior_log's kept (key, the prior's scale, its log)
+        self.prior_log = [None, None]  # _prior_log's kept (key, the prior's parameter, its log) by slot
         self.dtype, self.device = dtype, device
         self.general = general  # the general composition (objectives), which a create_graph backward replays
         self.mu_like = torch.empty(shape, dtype=dtype, device=device)
@@ -333,8 +338,9 @@ class FamilySamplePlan:
         return launch
 
 
-def _prior_log(plan: FamilySamplePlan, p_b: Tensor) -> Tensor:
-    """log of a torch prior's scale (or rate) ``p_b``, kept on the plan for the
+def _prior_log(plan: FamilySamplePlan, p_b: Tensor, slot: int) -> Tensor:
+    """log of a torch prior's parameter ``p_b`` (its scale or rate: slot 0; a
+    positive pair's first parameter: slot 1), kept on the plan for the
     next call while p_b holds the same values: a training loop's prior is a
     fixed tensor, which torch's distribution hands back as a new view of it at
     every construction, so its log would otherwise cost a torch op (a launch,
@@ -345,53 +351,59 @@ def _prior_log(plan: FamilySamplePlan, p_b: Tensor) -> Tensor:
     tensor (no version kept) is not kept."""
     key = None if p_b.requires_grad or p_b.is_inference() else (p_b.data_ptr(), p_b._version, p_b.shape,
                                                                   p_b.stride(), p_b.dtype)
-    kept = plan.prior_log
+    kept = plan.prior_log[slot]
     if key is not None and kept is not None and kept[0] == key:
         return kept[2]
     log = torch.log(p_b)
     if key is not None and not torch.is_inference_mode_enabled():
-        plan.prior_log = (key, p_b, log)
+        plan.prior_log[slot] = (key, p_b, log)
     return log
 
 
 class FamilySample(torch.autograd.Function):
     """z and the closed-form KL of a FamilySamplePlan: its kernels, the
-    general path's (SampleLocationScaleKL, or SamplePositive and FamilyKL)
-    without their per-call layout work. q comes
-    as (loc, its scale or, without the plan's q_scale, its log-scale), or
-    (None, the exponential's rate or log-rate), the prior likewise (its scale:
-    ``p_scale``) in the kernels' layout ((L,) or (N, L), contiguous); the logs
-    are taken here and differentiated as autograd would (grad / scale), and
-    q's gradients are the sampler's plus the KL's, added in the backward
-    kernel that writes them last."""
+    general path's (SampleLocationScaleKL, or SamplePositiveKL) without their
+    per-call layout work. q comes
+    as (loc, its scale or, without the plan's q_scale, its log-scale),
+    (None, the exponential's rate or log-rate) or a positive pair's (p0, p1)
+    (with q_scale both logged, as the general path's records log a torch
+    object's), the prior likewise (its scales: ``p_scale``) in the kernels'
+    layout ((L,) or (N, L), contiguous); the logs are taken here and
+    differentiated as autograd would (grad / scale), and q's gradients are
+    the sampler's plus the KL's, added in the backward kernel that writes
+    them last."""
 
     @staticmethod
     def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale):
         log_scale = torch.log(q_b) if plan.q_scale else q_b
-        p_log_scale = _prior_log(plan, p_b) if p_scale else p_b
+        p_log_scale = _prior_log(plan, p_b, 0) if p_scale else p_b
+        # a positive pair's first log parameter, in the location's place
+        log_loc = torch.log(loc) if plan.pair and plan.q_scale else loc
+        p_log_loc = _prior_log(plan, p_loc, 1) if plan.pair and p_scale else p_loc
         z, kl = empty(plan.z_like), empty(plan.kl_like)
         if plan.cpp:
             N, L = plan.N, plan.L
             _backend.launch("cpp", plan.kl_kernels[0], z.numel(),
-                            **_cpp_parameters(plan.has_loc, _rows(loc, N, L), _rows(log_scale, N, L), p_loc,
+                            **_cpp_parameters(plan.has_loc, _rows(log_loc, N, L), _rows(log_scale, N, L), p_log_loc,
                                               p_log_scale),
                             seed=seed, family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L),
                             kl=kl.view(N))
         elif plan.has_loc:
             plan.forward(loc, log_scale, p_loc, p_log_scale, seed, z, kl, plan.N * plan.L, plan.N, plan.K * plan.N,
                          plan.L)
-        else:  # the exponential's sampler takes its one parameter twice
-            plan.forward(log_scale, log_scale, seed, z, z, *plan.ints)
-            plan.kl_forward(log_scale, log_scale, log_scale if p_loc is None else p_loc, p_log_scale, kl, plan.N,
+        else:  # the positive sampler: (log p0, log p1), the exponential's one parameter twice
+            q0 = log_scale if log_loc is None else log_loc
+            plan.forward(q0, log_scale, seed, z, z, *plan.ints)
+            plan.kl_forward(q0, log_scale, log_scale if p_log_loc is None else p_log_loc, p_log_scale, kl, plan.N,
                             plan.L)
-        ctx.save_for_backward(loc, log_scale, p_loc, p_log_scale, seed, q_b, p_b)
+        ctx.save_for_backward(log_loc, log_scale, p_log_loc, p_log_scale, seed, loc, q_b, p_loc, p_b)
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.p_scale = plan, p_scale
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        loc, log_scale, p_loc, p_log_scale, seed, q_b, p_b = ctx.saved_tensors
+        log_loc, log_scale, p_log_loc, p_log_scale, seed, loc, q_b, p_loc, p_b = ctx.saved_tensors
         plan, needs = ctx.plan, ctx.needs_input_grad
         if grad_z is None and grad_kl is None:
             return None, None, None, None, None, None, None
@@ -399,7 +411,9 @@ class FamilySample(torch.autograd.Function):
             with torch.enable_grad():
                 ls = torch.log(q_b) if plan.q_scale else q_b
                 p_ls = torch.log(p_b) if ctx.p_scale else p_b
-                z, kl = plan.general(plan.family, plan.kl_family, loc, ls, p_loc, p_ls, seed, plan.n_samples)
+                q0 = torch.log(loc) if plan.pair and plan.q_scale else loc
+                p0 = torch.log(p_loc) if plan.pair and ctx.p_scale else p_loc
+                z, kl = plan.general(plan.family, plan.kl_family, q0, ls, p0, p_ls, seed, plan.n_samples)
             outs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
             inputs = (loc, q_b, p_loc, p_b)
             wrt = [t for t, need in zip(inputs, needs[:4]) if need]
@@ -415,9 +429,10 @@ class FamilySample(torch.autograd.Function):
                 "cpp", plan.kl_kernels[1], max(K, 1) * N * L,
                 grad_z=None if grad_z is None else grad_z.contiguous().view(K, N, L),
                 grad_kl=None if grad_kl is None else grad_kl.contiguous().view(N),
-                **_cpp_parameters(plan.has_loc, _rows(loc, N, L), _rows(log_scale, N, L), p_loc, p_log_scale),
+                **_cpp_parameters(plan.has_loc, _rows(log_loc, N, L), _rows(log_scale, N, L), p_log_loc,
+                                  p_log_scale),
                 seed=seed, family=plan.family, kl_family=plan.kl_family,
-                **_cpp_gradients(plan.has_loc, *(_rows(t, N, L) for t in (dloc, dls, dp_loc, dp_ls))))
+                **_cpp_gradients(plan.has_loc, plan.pair, *(_rows(t, N, L) for t in (dloc, dls, dp_loc, dp_ls))))
         elif plan.has_loc:
             run, part, counters, K, per_split, splits = plan.fused_backward(grad_z is not None, grad_kl is not None,
                                                                             has_dp)
@@ -425,21 +440,28 @@ class FamilySample(torch.autograd.Function):
                 log_scale, p_loc, p_log_scale, seed, dloc, dls, dloc if dp_loc is None else dp_loc,
                 dls if dp_ls is None else dp_ls, part, counters, plan.N, plan.L, plan.N * plan.L, K, per_split,
                 splits)
-        else:  # the exponential's sampler takes its one parameter twice and writes a second gradient to scratch
+        else:  # the positive sampler: the exponential's takes its one parameter twice and writes a second
+            # gradient to scratch (dloc)
+            q0 = log_scale if log_loc is None else log_loc
             if grad_z is not None:
                 run, part, counters, per_split, splits = plan.backward()
-                run(grad_z.contiguous(), log_scale, log_scale, log_scale, seed, dls, dloc, part, counters, plan.N,
+                d0, d1 = (dls, dloc) if log_loc is None else (dloc, dls)
+                run(grad_z.contiguous(), q0, q0, log_scale, seed, d0, d1, part, counters, plan.N,
                     plan.L, plan.N * plan.L, plan.K, per_split, splits)
             if grad_kl is not None:
                 plan.kl_backward(has_dp, grad_z is not None)(
-                    grad_kl.contiguous(), log_scale, log_scale, log_scale if p_loc is None else p_loc, p_log_scale,
+                    grad_kl.contiguous(), q0, log_scale, log_scale if p_log_loc is None else p_log_loc, p_log_scale,
                     dloc, dls, dls if dp_loc is None else dp_loc, dls if dp_ls is None else dp_ls, plan.N, plan.L)
         if has_dp and plan.p_shared:  # the prior's, summed back to its (L,)
             dp_loc, dp_ls = (None if p_loc is None else dp_loc.sum(0)), dp_ls.sum(0)
         if dp_ls is not None and ctx.p_scale:
             dp_ls = dp_ls / p_b
+            if plan.pair:
+                dp_loc = dp_loc / p_loc
         if plan.q_scale:
             dls = dls / q_b
+            if plan.pair:
+                dloc = dloc / loc
         return (dloc if needs[0] else None, dls if needs[1] else None, dp_loc if needs[2] else None,
                 dp_ls if needs[3] else None, None, None, None)
 
@@ -451,18 +473,23 @@ def _rows(t: Tensor | None, N: int, L: int) -> Tensor | None:
 
 def _cpp_parameters(has_loc: bool, loc, log_scale, p_loc, p_log_scale) -> dict:
     """The fused C++ kernels' parameters by name: sample_location_scale_kl's,
-    or sample_positive_kl's, whose first are the exponential's log-rates and
-    whose second stand-ins that no formula reads (the log-rates again)."""
+    or sample_positive_kl's: a positive pair's (loc: its first log
+    parameter), or the exponential's log-rates (loc None) and stand-ins that
+    no formula reads (the log-rates again)."""
     if has_loc:
         return dict(loc=loc, log_scale=log_scale, prior_loc=p_loc, prior_log_scale=p_log_scale)
+    if loc is not None:
+        return dict(log_p0=loc, log_p1=log_scale, prior_log_p0=p_loc, prior_log_p1=p_log_scale)
     return dict(log_p0=log_scale, log_p1=log_scale, prior_log_p0=p_log_scale, prior_log_p1=p_log_scale)
 
 
-def _cpp_gradients(has_loc: bool, dloc, dls, dp_loc, dp_ls) -> dict:
+def _cpp_gradients(has_loc: bool, pair: bool, dloc, dls, dp_loc, dp_ls) -> dict:
     """The fused C++ backward's gradients by name, as _cpp_parameters; the
     exponential's stand-ins' (0) go to the buffers of the locations it has not."""
     if has_loc:
         return dict(dloc=dloc, dlog_scale=dls, dprior_loc=dp_loc, dprior_log_scale=dp_ls)
+    if pair:
+        return dict(dlog_p0=dloc, dlog_p1=dls, dprior_log_p0=dp_loc, dprior_log_p1=dp_ls)
     return dict(dlog_p0=dls, dlog_p1=dloc, dprior_log_p0=dp_ls, dprior_log_p1=dp_loc)
 
 

@@ -603,18 +603,33 @@ def location_scale_form(d) -> tuple[str, Tensor, Tensor, int] | None:
     return family, d.loc, d.scale, SCALE
 
 
-def exponential_form(d) -> tuple[str, None, Tensor, int] | None:
-    """("exponential", None, b, form) of an exponential distribution, read with
-    no torch op: a record (b its log-rate, LOG_SCALE) or a torch Exponential
-    (b its rate, SCALE), or an Independent of one over the last dimension;
-    None for anything else."""
+def positive_form(d, prior: bool = False) -> tuple[str, Tensor, Tensor | None, int] | None:
+    """(family, p0, p1, form) of a positive family's distribution, read with
+    no torch op (the objectives' plans read it on every call): a record (its
+    log parameters, form LOG_SCALE) or a torch Exponential (its rate),
+    Weibull (scale, concentration) or Kumaraswamy (concentration1,
+    concentration0), each SCALE (the plan's node takes their logs), or an
+    Independent of one over the last dimension; p1 None for the
+    exponential. ``prior``: the priors with a closed-form KL instead: an
+    exponential or a Weibull (a record or a torch object) or a torch Beta
+    (concentration1, concentration0), read as the Kumaraswamy's (its KL's
+    family); a Kumaraswamy is no prior of a closed form. None for anything else."""
     if type(d) is Positive:
-        return ("exponential", None, d.log_p0, LOG_SCALE) if d.index == 0 else None
+        if prior and d.index == 2:
+            return None
+        return d.family, d.log_p0, None if d.index == 0 else d.log_p1, LOG_SCALE
     if type(d) is Independent:
         if d.reinterpreted_batch_ndims != 1:
             return None
         d = d.base_dist
-    return ("exponential", None, d.rate, SCALE) if type(d) is Exponential else None
+    kind = type(d)
+    if kind is Exponential:
+        return "exponential", d.rate, None, SCALE
+    if kind is Weibull:
+        return "weibull", d.scale, d.concentration, SCALE
+    if kind is (Beta if prior else Kumaraswamy):
+        return "kumaraswamy", d.concentration1, d.concentration0, SCALE
+    return None
 
 
 def log_scale_of(loc: Tensor, b: Tensor, form: int) -> Tensor:

@@ -24,7 +24,7 @@ from . import _backend, _op, _plan, _plan_ops, _registry, _validate
 from ._decoder import check_likelihood, decoder_log_prob, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
-from ._families import KL_FAMILIES
+from ._families import KL_FAMILIES, POSITIVE_FAMILIES
 from ._op import draw_seed
 from ._sampler import z_dtype
 from ._value_checks import settled as _checks_settled
@@ -35,9 +35,9 @@ from .latents import (
     LOG_SCALE,
     SCALE,
     check_torch_scale,
-    exponential_form,
     location_scale_form,
     log_scale_of,
+    positive_form,
 )
 from .ops.family_kl.op import FamilyKL, prior_layout
 from .ops.kl_normal.op import kl_normal
@@ -432,15 +432,19 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
 def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
     """fastvae.elbo through the plans for a location-scale family's posterior
     (a torch Laplace, Gumbel, Cauchy or Uniform, an Independent of one, or a
-    LocationScale record) or an exponential one (a torch Exponential or
-    Positive record) against a prior of its own family given the same way,
-    with its closed-form KL; None where they do not apply (the general
-    path). The same conditions as the Gaussian's (_lean_device), on every
-    tensor of both distributions: one float32 or float64 dtype and device,
-    no autocast; and a torch object's value checks settled (they run on the
-    general path; a record's log-scale needs none)."""
-    if (not _plan.ENABLED or (posterior := location_scale_form(q) or exponential_form(q)) is None
-            or (p := (location_scale_form if posterior[1] is not None else exponential_form)(prior)) is None
+    LocationScale record) or a positive one (a torch Exponential, Weibull or
+    Kumaraswamy, or a Positive record) against a prior of its closed-form KL
+    given the same way (its own family; a torch Beta for the Kumaraswamy);
+    None where they do not apply (the general path). The same conditions as
+    the Gaussian's (_lean_device), on every tensor of both distributions: one
+    float32 or float64 dtype and device, no autocast; and a torch object's
+    value checks settled (they run on the general path; a record's log-scale
+    needs none)."""
+    if not _plan.ENABLED:
+        return None
+    positive = (posterior := location_scale_form(q)) is None
+    if ((positive and (posterior := positive_form(q)) is None)
+            or (p := positive_form(prior, True) if positive else location_scale_form(prior)) is None
             or posterior[0] != p[0]
             or posterior[0] not in KL_FAMILIES or type(x) is not Tensor or likelihood not in _LEAN_LIKELIHOODS
             or reduction not in REDUCTIONS or not callable(decode) or type(n_samples) is not int
@@ -449,7 +453,10 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         return None
     family, loc, b, form = posterior
     _, p_loc, p_b, p_form = p
+    if positive and family == "exponential":  # its one parameter in the scale's place; a pair's (p0, p1) as is
+        loc, b, p_loc, p_b = None, loc, None, p_loc
     exponential = loc is None  # one log parameter, the rate's
+    pair = positive and not exponential  # two log parameters: the Weibull's, the Kumaraswamy's
     if exponential:
         loc, p_loc = b, p_b  # (read for their dtype, device and shape alone)
     if type(loc) is not Tensor or type(b) is not Tensor or type(p_loc) is not Tensor or type(p_b) is not Tensor:
@@ -464,10 +471,10 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
             or loc.dim() == 0):
         return None
     triton = backend == "triton"
-    if not _family_checks_settled(exponential, form):
+    if not _family_checks_settled(positive, form, p_form):
         # on the cpp backend a torch posterior's scale is checked on every call (on the CPU a check
         # costs no sync), here as on the general path; on the triton backend, until it has been once
-        if triton or exponential:
+        if triton or positive:
             return None
         check_torch_scale(q.base_dist if type(q) is Independent else q)
     key = ("family elbo", family, form, p_form, x.shape, loc.shape, loc.stride(), b.shape, b.stride(), p_loc.shape,
@@ -489,7 +496,8 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         if exponential:
             p_loc = None
         # on the cpp backend, the sampler's fused C++ draw and KL
-        sampler, index = ("sample_positive", 0) if exponential else ("sample_location_scale", family_index(family))
+        sampler, index = (("sample_positive", POSITIVE_FAMILIES.index(family)) if positive
+                          else ("sample_location_scale", family_index(family)))
         sample = _plan.FamilySamplePlan(sampler, index, KL_FAMILIES.index(family), loc.shape, dtype, device,
                                         None if n == 1 else n, p_shared, form == SCALE, _general_family_sample,
                                         cpp=not triton)
@@ -499,15 +507,17 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
     if exponential:
         loc = p_loc = None
-    # the logs of torch objects' scales are taken in the plan's node; the
-    # uniform's width (high - low) first here, as a log-scale
+    # the logs of torch objects' scales (a positive family's parameters) are
+    # taken in the plan's node; the uniform's width (high - low) first here,
+    # as a log-scale
     if form == HIGH:
         b = log_scale_of(loc, b, form)
     p_scale = p_form == SCALE
     if (p_b.dim() != 1 or not p_b.is_contiguous()
             or (p_loc is not None and (p_loc.dim() != 1 or not p_loc.is_contiguous()))):
         # (L,) contiguous is the kernels' layout already
-        p_loc, p_b = prior_layout(p_loc, log_scale_of(p_loc, p_b, p_form), b.shape)
+        p_loc, p_b = prior_layout(log_scale_of(None, p_loc, p_form) if pair else p_loc,
+                                  log_scale_of(p_loc, p_b, p_form), b.shape)
         p_scale = False
     elif p_form == HIGH:
         p_b = log_scale_of(p_loc, p_b, p_form)
@@ -516,30 +526,36 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
     return _plan.run_family_elbo(plan, x, loc, b, p_loc, p_b, p_scale, decode, beta, generator)
 
 
-def _family_checks_settled(exponential: bool, form: int) -> bool:
-    """Whether the value checks the general path runs on this posterior would
-    run no more: a torch object's scale (or rate and log-rate); a record's
-    log-scale needs none, an exponential record's log-rate its finiteness."""
-    if exponential:
-        rate, log_rate = FAMILY_CHECKS["exponential"]
-        return (form == LOG_SCALE or _checks_settled(rate)) and _checks_settled(log_rate)
+def _family_checks_settled(positive: bool, form: int, p_form: int) -> bool:
+    """Whether the value checks the general path runs on this posterior and
+    prior would run no more: a torch location-scale posterior's scale; a
+    positive family's torch parameters (q's or the prior's: rate, scale,
+    concentration) and its log parameters' finiteness. A location-scale
+    record's log-scale needs none (nor a torch location-scale prior, which
+    the general path does not check)."""
+    if positive:
+        param, log_param = FAMILY_CHECKS["positive"]
+        return ((form == LOG_SCALE and p_form == LOG_SCALE) or _checks_settled(param)) and _checks_settled(log_param)
     return form == LOG_SCALE or _checks_settled(*FAMILY_CHECKS["location-scale"])
 
 
 # the value checks' kinds that the general path runs on a torch object's
 # parameters (fastvae/_value_checks.py; tests/test_plan.py checks the names)
-FAMILY_CHECKS = {"location-scale": ("scale",), "exponential": ("positive parameter", "log parameter")}
+FAMILY_CHECKS = {"location-scale": ("scale",), "positive": ("positive parameter", "log parameter")}
 
 
 def _general_family_sample(family: int, kl_family: int, loc: Tensor, log_scale: Tensor, p_loc: Tensor,
                            p_log_scale: Tensor, seed: Tensor, n_samples: int | None) -> tuple[Tensor, Tensor]:
-    """z and the closed-form KL of a location-scale family from the general
-    path's Functions, for the prior in the kernels' layout ((L,) or (N, L),
-    family_kl's prior_layout): what _plan.FamilySample fuses, and its
-    create_graph replay."""
+    """z and the closed-form KL of a location-scale or positive family from
+    the general path's Functions (q as (loc, log_scale): a positive pair's
+    (log p0, log p1), the exponential's (None, log-rate)), for the prior in
+    the kernels' layout ((L,) or (N, L), family_kl's prior_layout): what
+    _plan.FamilySample fuses, and its create_graph replay."""
     K = 1 if n_samples is None else n_samples
     if loc is None:  # the exponential: its log-rate, and a second parameter no formula reads
         z, _ = SamplePositive.apply(log_scale, log_scale.detach(), seed, family, K, False)
+    elif KL_FAMILIES[kl_family] in POSITIVE_FAMILIES:  # the Weibull's, the Kumaraswamy's (log p0, log p1)
+        z, _ = SamplePositive.apply(loc, log_scale, seed, family, K, False)
     else:
         z, _ = SampleLocationScale.apply(loc, log_scale, seed, family, K, False)
     L = log_scale.shape[-1]

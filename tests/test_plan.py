@@ -1039,11 +1039,13 @@ def test_compiled_objectives_take_no_plan_ops_off_the_triton_backend():
     assert not any(key[0].startswith("plan_") for key in _plan.PLANS)
 
 
-# -- a location-scale family's posterior against a prior of its own family ---------------
+# -- a latent family's posterior against a prior of its closed-form KL ---------------
 
 FAMILIES = {"laplace": torch.distributions.Laplace, "gumbel": torch.distributions.Gumbel,
             "cauchy": torch.distributions.Cauchy, "uniform": torch.distributions.Uniform,
-            "exponential": torch.distributions.Exponential}
+            "exponential": torch.distributions.Exponential, "weibull": torch.distributions.Weibull,
+            "kumaraswamy": torch.distributions.Kumaraswamy}
+PAIRS = ("weibull", "kumaraswamy")  # two log parameters, (loc, raw) read as (log p0, log p1)
 
 
 def _family_problem(device, dtype, family, q_form="torch", p_form="shared", seed=0, batch=(B,)):
@@ -1052,7 +1054,9 @@ def _family_problem(device, dtype, family, q_form="torch", p_form="shared", seed
     exp(raw) each call, q a torch object (``q_form`` "torch", "independent")
     or fastvae's record ("record"), the prior one for every row ("shared",
     (L,)), a learned one ("learned": its parameters require a gradient), one
-    per row ("per row", (..., L)) or a record ("record")."""
+    per row ("per row", (..., L)) or a record ("record"). A Weibull's or
+    Kumaraswamy's (log p0, log p1) are (loc, raw), exponentiated for a torch
+    object; the Kumaraswamy's prior is a torch Beta."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.rand(*batch, D, generator=g) > 0.5).to(dtype).to(device)
     loc = torch.randn(*batch, L, generator=g).to(dtype)
@@ -1069,6 +1073,12 @@ def _family_problem(device, dtype, family, q_form="torch", p_form="shared", seed
             if form == "record":
                 return fastvae.Positive("exponential", r)
             d = FAMILIES[family](r.exp())
+            return torch.distributions.Independent(d, 1) if form == "independent" else d
+        if family in PAIRS:
+            if form == "record":
+                return fastvae.Positive(family, m, r)
+            d = (torch.distributions.Beta if family == "kumaraswamy" and form == "p" else FAMILIES[family])(
+                m.exp(), r.exp())
             return torch.distributions.Independent(d, 1) if form == "independent" else d
         if form == "record":
             return fastvae.LocationScale(family, m, r)
@@ -1118,6 +1128,14 @@ FAMILY_CASES = [  # (family, q_form, p_form, likelihood, dtype, keywords)
     ("exponential", "torch", "shared", "bernoulli", torch.float32, {}),
     ("exponential", "independent", "learned", "gaussian", torch.float64, dict(reduction="none")),
     ("exponential", "record", "record", "bernoulli", torch.float64, dict(n_samples=2)),
+    ("weibull", "torch", "shared", "bernoulli", torch.float32, {}),
+    ("weibull", "independent", "learned", "gaussian", torch.float64, dict(reduction="sum", beta=0.3)),
+    ("weibull", "record", "record", "bernoulli", torch.float64, dict(n_samples=2)),
+    ("weibull", "torch", "per row", "gaussian mean", torch.float32, dict(reduction="none")),
+    ("kumaraswamy", "torch", "shared", "bernoulli", torch.float32, {}),
+    ("kumaraswamy", "independent", "learned", "bernoulli", torch.float64, dict(reduction="none")),
+    ("kumaraswamy", "record", "learned", "gaussian", torch.float64, dict(n_samples=2)),
+    ("kumaraswamy", "torch", "per row", "bernoulli", torch.float64, {}),
 ]
 
 
@@ -1126,23 +1144,38 @@ FAMILY_CASES = [  # (family, q_form, p_form, likelihood, dtype, keywords)
                          ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[4])[6:]}-{'-'.join(c[5])}" for c in FAMILY_CASES])
 def test_family_plans_give_the_general_path_bit_for_bit(triton_device, family, q_form, p_form, likelihood, dtype,
                                                          kw):
-    """A Laplace, Gumbel, Cauchy or uniform posterior against a prior of its
-    own family (torch objects or records, one prior for every row, a learned
-    one or one per row) takes the plans: the family's sampler and closed-form
-    KL in one node, then the tail's (one sample), with the general path's
-    values and gradients, the prior's included."""
+    """A Laplace, Gumbel, Cauchy, uniform, exponential or Weibull posterior
+    against a prior of its own family, a Kumaraswamy against a Beta (torch
+    objects or records, one prior for every row, a learned one or one per
+    row) takes the plans: the family's sampler and closed-form KL in one
+    node, then the tail's (one sample), with the general path's values and
+    gradients, the prior's included."""
     run = dict(q_form=q_form, p_form=p_form, likelihood=likelihood, **kw)
     _family_run(triton_device, dtype, family, True, **run)  # the first call: value checks run, plans made
     lean, lean_grads, node = _family_run(triton_device, dtype, family, True, **run)
     general, general_grads, general_node = _family_run(triton_device, dtype, family, False, **run)
     if kw.get("n_samples", 1) == 1:
         assert node == "ElboTailBackward" and general_node != node
+    assert "FamilySampleBackward" in _graph_names(lean) and "FamilySampleBackward" not in _graph_names(general)
     assert not torch.isnan(lean).any() and torch.isfinite(lean).all()
     assert _same(lean, general)
     assert len(lean_grads) == len(general_grads) == (5 if p_form == "learned" else 3) - (family == "exponential") * (
         2 if p_form == "learned" else 1)
     for a, b in zip(lean_grads, general_grads):
         assert a.dtype == b.dtype and not torch.isnan(a).any() and _same(a, b)
+
+
+def _graph_names(t: torch.Tensor) -> set[str]:
+    """The names of the nodes of t's autograd graph."""
+    seen, names, stack = set(), set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(f for f, _ in node.next_functions)
+    return names
 
 
 @needs_triton
@@ -1157,8 +1190,9 @@ def test_the_family_plan_holds_one_node_before_the_decoder(triton_device):
 
 
 @needs_triton
-def test_family_plans_differentiate_twice_as_the_general_path(triton_device):
-    _assert_second_derivatives_agree(lambda enabled, **kw: _family_run(triton_device, torch.float64, "laplace",
+@pytest.mark.parametrize("family", ["laplace", *PAIRS])
+def test_family_plans_differentiate_twice_as_the_general_path(triton_device, family):
+    _assert_second_derivatives_agree(lambda enabled, **kw: _family_run(triton_device, torch.float64, family,
                                                                         enabled, p_form="learned", **kw))
 
 
@@ -1239,14 +1273,18 @@ def test_a_fixed_priors_log_is_kept_until_its_values_change(request, cpp):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="a stand-in for CUDA's compiled kernels around the interpreter")
-def test_family_plans_launch_the_compiled_kernels_directly(triton_device, compiled_stand_in):
+@pytest.mark.parametrize("family, launches", [("cauchy", 4), ("weibull", 6), ("kumaraswamy", 6)])
+def test_family_plans_launch_the_compiled_kernels_directly(triton_device, compiled_stand_in, family, launches):
+    """A location-scale family's draw with its KL and the likelihood, forward
+    and backward (4 launches); a positive family's draw, its KL and the
+    likelihood each way (6): all direct."""
     calls, jit_calls, _ = compiled_stand_in
     for _ in range(2):
-        _family_run(triton_device, torch.float64, "cauchy", True, p_form="learned")
+        _family_run(triton_device, torch.float64, family, True, p_form="learned")
     jit_calls.clear(), calls.clear()
-    lean, lean_grads, _ = _family_run(triton_device, torch.float64, "cauchy", True, p_form="learned")
-    assert len(calls) == 4 and not jit_calls  # the draw with its KL, the likelihood: forward and backward, all direct
-    general, general_grads, _ = _family_run(triton_device, torch.float64, "cauchy", False, p_form="learned")
+    lean, lean_grads, _ = _family_run(triton_device, torch.float64, family, True, p_form="learned")
+    assert len(calls) == launches and not jit_calls
+    general, general_grads, _ = _family_run(triton_device, torch.float64, family, False, p_form="learned")
     assert _same(lean, general)
     for a, b in zip(lean_grads, general_grads):
         assert _same(a, b)
@@ -1264,6 +1302,35 @@ def test_the_cpp_family_plan_gives_the_general_path_bit_for_bit(family, q_form, 
     assert torch.isfinite(lean).all() and torch.equal(lean, general)
     for a, b in zip(lean_grads, general_grads):
         assert torch.equal(a, b)
+
+
+POSITIVE_CASES = [c for c in FAMILY_CASES if c[0] in ("exponential", *PAIRS)]
+
+
+@pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
+@pytest.mark.parametrize("family, q_form, p_form, likelihood, dtype, kw", POSITIVE_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-{str(c[4])[6:]}-{'-'.join(c[5])}" for c in POSITIVE_CASES])
+def test_the_cpp_positive_family_plan_is_taken_and_gives_the_general_path_bit_for_bit(family, q_form, p_form,
+                                                                                      likelihood, dtype, kw):
+    """On the cpp backend a positive family's parameters are checked on the
+    general path (on the CPU every call); with the checks off the plan runs
+    sample_positive_kl's fused C++ draw and KL in its one node before the
+    decoder, with the general path's values and gradients."""
+    run = dict(q_form=q_form, p_form=p_form, likelihood=likelihood, **kw)
+    _plan.clear()
+    fastvae.set_value_checks("never")
+    try:
+        with fastvae.use_backend("cpp"):
+            lean, lean_grads, _ = _family_run("cpu", dtype, family, True, **run)
+            general, general_grads, _ = _family_run("cpu", dtype, family, False, **run)
+    finally:
+        fastvae.set_value_checks("auto")
+    assert [k[1] for k in _plan.PLANS if k[0] == "family elbo"] == [family]
+    assert "FamilySampleBackward" in _graph_names(lean) and "FamilySampleBackward" not in _graph_names(general)
+    assert torch.isfinite(lean).all() and torch.equal(lean, general)
+    assert len(lean_grads) == len(general_grads) > 0
+    for a, b in zip(lean_grads, general_grads):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
 
 
 def test_family_calls_the_plans_do_not_serve_take_the_general_path(backend):
@@ -1289,6 +1356,19 @@ def test_family_calls_the_plans_do_not_serve_take_the_general_path(backend):
         rate = td.Exponential(raw.exp())
         assert (lean(rate, td.Exponential(p_raw.exp())) is not None) == (name in ("triton", "cpp"))
         assert lean(rate, prior) is None and lean(q, td.Exponential(p_raw.exp())) is None
+        weibull, kumaraswamy = td.Weibull(loc.exp(), raw.exp()), td.Kumaraswamy(loc.exp(), raw.exp())
+        p_weibull, beta = td.Weibull(p_loc.exp(), p_raw.exp()), td.Beta(p_loc.exp(), p_raw.exp())
+        assert (lean(weibull, p_weibull) is not None) == (name in ("triton", "cpp"))
+        assert (lean(kumaraswamy, beta) is not None) == (name in ("triton", "cpp"))
+        assert (lean(fastvae.Positive("kumaraswamy", loc, raw), td.Independent(beta, 1)) is not None) == (
+            name in ("triton", "cpp"))
+        # no closed form: a Kumaraswamy prior (a record or torch's), another positive family, a Laplace
+        assert lean(kumaraswamy, td.Kumaraswamy(p_loc.exp(), p_raw.exp())) is None
+        assert lean(kumaraswamy, fastvae.Positive("kumaraswamy", p_loc, p_raw)) is None
+        assert lean(weibull, beta) is None and lean(weibull, td.Exponential(p_raw.exp())) is None
+        assert lean(kumaraswamy, p_weibull) is None and lean(rate, p_weibull) is None
+        assert lean(weibull, prior) is None and lean(q, p_weibull) is None and lean(q, beta) is None
+        assert lean(weibull, td.Weibull(p_loc.double().exp(), p_raw.double().exp())) is None  # mixed dtypes
         assert lean(q, None) is None and lean(q, fastvae.priors.StandardNormal()) is None
         logistic = fastvae.LocationScale("logistic", loc, raw)
         assert lean(logistic, fastvae.LocationScale("logistic", p_loc, p_raw)) is None  # no closed form
@@ -1318,6 +1398,32 @@ def test_a_family_call_checks_its_values_before_any_plan(backend):
     try:
         with pytest.raises(ValueError, match="scale"):
             fastvae.elbo(x, bad, dec, likelihood="bernoulli", prior=prior)
+    finally:
+        fastvae.set_value_checks("auto")
+
+
+@pytest.mark.parametrize("family", PAIRS)
+def test_a_positive_family_call_checks_its_values_before_any_plan(backend, family):
+    """A Weibull's or Kumaraswamy's parameter <= 0, or its prior's (a
+    Weibull's, a Beta's), torch's own check off, is refused by name on a call
+    that would take the plans, as on the general path."""
+    name, device = backend
+    x, (loc, raw, W), (p_loc, p_raw), build = _family_problem(device, torch.float32, family)
+    dec = _decoders(W)["bernoulli"]
+    q, prior = build(loc, raw, p_loc, p_raw)
+    for _ in range(2):
+        fastvae.elbo(x, q, dec, likelihood="bernoulli", prior=prior)
+    td = torch.distributions
+    sign = torch.tensor([1.0] * (L - 1) + [-1.0], device=device)
+    bad_q = FAMILIES[family](loc.exp(), raw.exp() * sign, validate_args=False)
+    bad_prior = (td.Beta if family == "kumaraswamy" else td.Weibull)(p_loc.exp() * sign, p_raw.exp(),
+                                                                      validate_args=False)
+    fastvae.set_value_checks("always")
+    try:
+        with pytest.raises(ValueError, match=r"the posterior's concentration0? \(torch"):
+            fastvae.elbo(x, bad_q, dec, likelihood="bernoulli", prior=prior)
+        with pytest.raises(ValueError, match=r"the prior's (scale|concentration1) \(torch"):
+            fastvae.elbo(x, fastvae.Positive(family, loc, raw), dec, likelihood="bernoulli", prior=bad_prior)
     finally:
         fastvae.set_value_checks("auto")
 
@@ -1499,9 +1605,12 @@ def test_the_check_kinds_the_plans_wait_for_are_the_general_paths(monkeypatch):
     laplace = td.Laplace(mu, logvar.exp())
     fastvae.elbo(x, laplace, dec, likelihood="bernoulli", prior=td.Laplace(torch.zeros(L), torch.ones(L)))
     assert set(objectives.FAMILY_CHECKS["location-scale"]) <= seen, seen
-    exponential = td.Exponential(logvar.exp())
-    fastvae.elbo(x, exponential, dec, likelihood="bernoulli", prior=td.Exponential(torch.ones(L)))
-    assert set(objectives.FAMILY_CHECKS["exponential"]) <= seen, seen
+    for q, prior in ((td.Exponential(logvar.exp()), td.Exponential(torch.ones(L))),
+                     (td.Weibull(mu.exp(), logvar.exp()), td.Weibull(torch.ones(L), torch.ones(L))),
+                     (td.Kumaraswamy(mu.exp(), logvar.exp()), td.Beta(torch.ones(L), torch.ones(L)))):
+        seen.clear()
+        fastvae.elbo(x, q, dec, likelihood="bernoulli", prior=prior)
+        assert set(objectives.FAMILY_CHECKS["positive"]) <= seen, (q, seen)
 
 
 # -- the fused tail: a capability of the likelihood's op record (Op.plan_tail) ------------
