@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributions as td
+from torch import Tensor
 
 import fastvae
 from fastvae import _philox, reference
@@ -1503,3 +1504,57 @@ def test_compiled_normal_transforms_through_their_normals(backend, name, prior_k
         torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-10)
         for a, b in zip(compiled_grads, eager_grads):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_through_their_normals_twice(backend, name, objective):
+    """create_graph=True on the normals' route: the second derivative (a
+    Hessian-vector product in q's parameters and a learned prior's) equals
+    the record's route's (elbo_terms / iwae_terms)."""
+    _, device = backend
+    x, W, mu, s, prior, _, wrt = _transform_case(name, device, 3, 2, "tensor")
+    user_q = _normal_transform(name, mu, s, True)[0]
+    decode = lambda z: z @ W  # noqa: E731
+
+    def hvp(f):
+        value = f(x, user_q, decode, likelihood="bernoulli", prior=prior, generator=gen(2), reduction="sum",
+                  **({"k": 3} if objective == "iwae" else {}))
+        value = value if isinstance(value, Tensor) else value.bound
+        grads = torch.autograd.grad(value, wrt, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)
+
+    new = fastvae.elbo if objective == "elbo" else fastvae.iwae
+    old = fastvae.elbo_terms if objective == "elbo" else fastvae.iwae_terms
+    for a, b in zip(hvp(new), hvp(old)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_through_their_normals_under_autocast(backend, name):
+    """Under CPU autocast (a bfloat16 encoder) the normals' route gives the
+    record's route's float32 bound and gradients."""
+    _, device = backend
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    g = torch.Generator().manual_seed(5)
+    mu = (0.5 * torch.randn(4, 3, generator=g)).to(torch.bfloat16).requires_grad_()
+    s = (torch.rand(4, 3, generator=g) + 0.4).to(torch.bfloat16).requires_grad_()
+    W = torch.randn(3 + (name == "logisticnormal"), 6, generator=g).requires_grad_()
+    x = (torch.rand(4, 6, generator=g) < 0.5).float()
+    prior = _normal_transform(name, torch.full((3,), 0.2), torch.full((3,), 0.8), True)[1]
+    for objective, old in ((fastvae.elbo, fastvae.elbo_terms), (fastvae.iwae, fastvae.iwae_terms)):
+        got = []
+        for f in (objective, old):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                v = f(x, _normal_transform(name, mu, s, True)[0], lambda z: z @ W, likelihood="bernoulli",
+                      prior=prior, generator=gen(1))
+            v = v if isinstance(v, Tensor) else v.bound
+            assert v.dtype == torch.float32
+            got.append((v, torch.autograd.grad(v, (mu, s, W))))
+        (a, ga), (b, gb) = got
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for p, q in zip(ga, gb):
+            assert p.dtype == q.dtype
+            torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-2)
