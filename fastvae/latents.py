@@ -377,6 +377,43 @@ class _StickBreakingTerms(torch.autograd.Function):
         return (None if dy is None else dy.to(y.dtype)), (None if grad_log_q is None else -grad_log_q)
 
 
+class _StickBreaking(torch.autograd.Function):
+    """z = stick_breaking(y) (..., M + 1) alone: _StickBreakingTerms' z, the
+    same bits, with no log q, for the objectives that need no log-Jacobian
+    (a closed-form KL; IWAE's latent term taken from the normals, where the
+    log-Jacobians cancel). One exp of the log-space z; backward, with
+    g_j = dz_j z_j and R_j = sum_{i >= j} g_i, dy_j = g_j - sigmoid(x_j) R_j
+    (x_j = y_j - log(M - j), recomputed from y: y and z are saved, so a
+    create_graph=True backward is differentiable in y)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor) -> Tensor:
+        (yw,) = widened(y)
+        M = yw.shape[-1]
+        x = yw - torch.arange(M, 0, -1, dtype=yw.dtype, device=yw.device).log_()
+        S = torch.cumsum(torch.nn.functional.softplus(x), -1)
+        z = torch.cat((x - S, -S[..., -1:]), -1).exp_().to(y.dtype)
+        ctx.save_for_backward(y, z)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        y, z = ctx.saved_tensors
+        (yw,) = widened(y)
+        M = yw.shape[-1]
+        (g,) = widened(grad_z * z)
+        head = g[..., :M]
+        R = g.sum(-1, keepdim=True) - torch.cumsum(head, -1) + head  # sum_{i >= j} g_i
+        sigma = torch.sigmoid(yw - torch.arange(M, 0, -1, dtype=yw.dtype, device=yw.device).log())
+        return torch.addcmul(head, sigma, R, value=-1.0).to(y.dtype)
+
+
+def stick_breaking(y: Tensor) -> Tensor:
+    """z = stick_breaking(y) on the simplex of M + 1 components for y (..., M):
+    torch's StickBreakingTransform in log space, one autograd node."""
+    return _StickBreaking.apply(y)
+
+
 class _NormalTransform(_Latent):
     """z = T(y), y ~ N(mu, diag(exp(logvar))): y and log q(y) from the fused sampler."""
 
@@ -493,8 +530,7 @@ class LogisticNormal(_NormalTransform):
     _terms = _StickBreakingTerms
 
     def _z(self, y: Tensor) -> Tensor:  # the same log-space z as rsample_with_log_q's
-        return _StickBreakingTerms.apply(y, torch.zeros(y.shape[:-1], dtype=widened(y)[0].dtype,
-                                                        device=y.device))[0]
+        return _StickBreaking.apply(y)
 
     def point(self) -> Tensor:
         return StickBreakingTransform()(self.mu)
@@ -577,6 +613,40 @@ def _location_scale_from_torch(q: Distribution) -> LocationScale | LogNormal | L
         _value_checks.positive_scale(base.scale, "the posterior's scale (torch LogisticNormal)")
         return LogisticNormal(base.loc, 2.0 * _log(base.scale))
     return None
+
+
+def normal_transform_class(q) -> type | None:
+    """LogNormal or LogisticNormal when q is a record of that class or the torch
+    object _location_scale_from_torch maps to one (a LogNormal or an
+    Independent of one over the last dimension, a LogisticNormal), read with
+    no torch op; None for anything else."""
+    if type(q) in (LogNormal, LogisticNormal):
+        return type(q)
+    base, n = (q.base_dist, q.reinterpreted_batch_ndims) if type(q) is Independent else (q, 0)
+    if type(base) is TorchLogNormal and n <= 1:
+        return LogNormal
+    if type(base) is TorchLogisticNormal and n == 0:
+        return LogisticNormal
+    return None
+
+
+def normal_transform_record(q) -> LogNormal | LogisticNormal:
+    """The record of a posterior normal_transform_class accepts: itself, or
+    _location_scale_from_torch's (the torch scale's value check, logvar = 2 log scale)."""
+    return q if type(q) in (LogNormal, LogisticNormal) else _location_scale_from_torch(q)
+
+
+def normal_transform_prior(prior, cls: type) -> tuple[Tensor, Tensor, bool] | None:
+    """(loc, b, b_is_scale) of the underlying normal of a prior of ``cls``'s
+    family, as given (no torch op): a record (b its logvar), a torch object
+    of the family (b its scale), as normal_transform_class reads a posterior;
+    None for anything else."""
+    if type(prior) is cls:
+        return prior.mu, prior.logvar, False
+    if normal_transform_class(prior) is not cls:
+        return None
+    base = prior.base_dist if type(prior) is Independent else prior
+    return base.loc, base.scale, True
 
 
 # How location_scale_form's second tensor gives the log-scale (log_scale_of)

@@ -28,16 +28,21 @@ from ._families import KL_FAMILIES, POSITIVE_FAMILIES
 from ._op import draw_seed
 from ._sampler import z_dtype
 from ._value_checks import settled as _checks_settled
-from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q
+from .distributions import DiagonalNormal, TrilNormal, sample_tril_with_log_q, widened
 from .latents import (
     HIGH,
     LATENTS,
     LOG_SCALE,
     SCALE,
+    LogNormal,
     check_torch_scale,
     location_scale_form,
     log_scale_of,
+    normal_transform_class,
+    normal_transform_prior,
+    normal_transform_record,
     positive_form,
+    stick_breaking,
 )
 from .ops.family_kl.op import FamilyKL, prior_layout
 from .ops.kl_normal.op import kl_normal
@@ -305,6 +310,44 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tupl
     return loc, log_variance, logvar, None
 
 
+def _normal_transform_call(q: Any, decode: Any, prior: Any) -> tuple | None:
+    """(mu, logvar, decode', prior') when a call (x, q, decode) is a LogNormal
+    or LogisticNormal posterior's (a record, or the torch object from_torch
+    maps to one) against a prior of its own family whose underlying normal is
+    over (L,) (parameters of shape (), (1,) or (L,); 0-d ones on any device):
+    the Gaussian's call on the underlying normals, y ~ N(mu, diag(exp(logvar))),
+    with decode' = decode(T(y)) (T = exp, or the stick-breaking) and prior'
+    the prior's normal (None for N(0, I), read as _standard_normal_prior
+    reads; else a DiagonalNormal of shape (L,)). The transform is a
+    bijection, so KL(q || p) is the normals' KL, and log q(z) - log p(z) is
+    log q(y) - log p(y) (the log-Jacobians cancel): the bound, its value and
+    its gradients, is the general path's, which the Gaussian's plans and
+    fused ops then serve (no log-Jacobian, no log p(z) of z). None for
+    anything else (unchanged: the general path, which says what is wrong)."""
+    if (transform := normal_transform_class(q)) is None or not callable(decode) or prior is None \
+            or (p := normal_transform_prior(prior, transform)) is None:
+        return None
+    p_loc, p_b, p_scale = p
+    record = normal_transform_record(q)
+    mu, logvar = record.mu, record.logvar
+    L = mu.shape[-1]
+    device = mu.device
+    if any(type(t) is not Tensor or t.dim() > 1 or t.shape not in ((), (1,), (L,)) or (t.dim() and t.device != device)
+           for t in (p_loc, p_b)):
+        return None
+    T = torch.exp if transform is LogNormal else stick_breaking
+
+    def transformed(y: Tensor) -> Any:
+        return decode(T(y))
+
+    if _standard_normal_prior(prior, mu.shape[-1:], device, transform):
+        return mu, logvar, transformed, None
+    if p_loc.dim() == 0 and p_b.dim() == 0:  # as _torch_prior: a scalar prior follows the latents' device
+        p_loc, p_b = p_loc.to(device), p_b.to(device)
+    p_logvar = 2.0 * torch.log(widened(p_b)[0]) if p_scale else p_b
+    return mu, logvar, transformed, DiagonalNormal(p_loc.expand(L), p_logvar.expand(L))
+
+
 # the priors found to be N(0, I) (or not), with their parameters' versions. A
 # prior built once is read once (on a GPU a host sync), and again only after
 # an in-place write. Parameters off the CPU are read at a prior's second call
@@ -313,23 +356,32 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tupl
 _STANDARD_PRIORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _standard_normal_prior(prior: Any, latent: torch.Size, device: torch.device) -> bool:
+def _standard_normal_prior(prior: Any, latent: torch.Size, device: torch.device,
+                           transform: type | None = None) -> bool:
     """Whether ``prior`` is N(0, I) over latents of shape ``latent`` (L,) on
     ``device`` with no gradient to its parameters: StandardNormal, or a torch
     Normal / Independent(Normal, 1) or DiagonalNormal whose parameters
     broadcast to (L,), sit on the latents' device (0-d ones anywhere, as the
     general path takes them) and are zeros (loc, logvar) and ones (scale).
+    With ``transform`` (LogNormal or LogisticNormal): whether the prior is of
+    that family with N(0, I) underneath (a record of zeros, torch's
+    LogNormal(0, 1) / LogisticNormal(0, 1)), by the same rules.
     Under torch.compile only StandardNormal (reading the values would break
     the graph)."""
-    if type(prior) is StandardNormal:
+    if transform is not None:
+        if (p := normal_transform_prior(prior, transform)) is None:
+            return False
+        params, ones = p[:2], p[2]
+    elif type(prior) is StandardNormal:
         return True
-    base = prior.base_dist if type(prior) is Independent and prior.reinterpreted_batch_ndims == 1 else prior
-    if type(base) is Normal:
-        params, ones = (base.loc, base.scale), True
-    elif type(base) is DiagonalNormal:
-        params, ones = (base.mu, base.logvar), False
     else:
-        return False
+        base = prior.base_dist if type(prior) is Independent and prior.reinterpreted_batch_ndims == 1 else prior
+        if type(base) is Normal:
+            params, ones = (base.loc, base.scale), True
+        elif type(base) is DiagonalNormal:
+            params, ones = (base.mu, base.logvar), False
+        else:
+            return False
     if (_backend.compiling() or any(type(t) is not Tensor or t.requires_grad or t.dim() > 1
                                     or t.shape not in ((), (1,), latent) or (t.dim() and t.device != device)
                                     for t in params)):
@@ -990,7 +1042,10 @@ def elbo(
     torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
     use fastvae.elbo_terms.
     """
-    if (prior is not None or type(mu) is not Tensor) and (
+    if type(mu) is not Tensor and decode is None and (
+            normal := _normal_transform_call(mu, logvar, prior)) is not None:
+        mu, logvar, decode, prior = normal  # a LogNormal / LogisticNormal: the Gaussian's call on its normals
+    elif (prior is not None or type(mu) is not Tensor) and (
             normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
         mu, logvar, decode, prior = normal  # the plans' form, and the general path's if they decline
     bound = _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
@@ -1241,7 +1296,10 @@ def iwae(
     For the terms as well (reconstruction, KL, ESS, log-weights), use
     fastvae.iwae_terms.
     """
-    if (prior is not None or type(mu) is not Tensor) and (
+    if type(mu) is not Tensor and decode is None and (
+            normal := _normal_transform_call(mu, logvar, prior)) is not None:
+        mu, logvar, decode, prior = normal  # a LogNormal / LogisticNormal: the Gaussian's call on its normals
+    elif (prior is not None or type(mu) is not Tensor) and (
             normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
         mu, logvar, decode, prior = normal  # the plans' form, and the general path's if they decline
     bound = _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributions as td
+from torch import Tensor
 
 import fastvae
 from fastvae import _philox, reference
@@ -1474,3 +1475,194 @@ def test_temperatures_as_torch_takes_them(backend, binary, temperature):
         z, log_q = fastvae.sample_concrete(logits, lam, 2, generator=gen(1))
         z_ref, log_q_ref = fastvae.sample_concrete(logits, exact, 2, generator=gen(1))
         torch.testing.assert_close((z, log_q), (z_ref, log_q_ref), rtol=0, atol=0)
+
+
+def _transform_case(name, device, batch, latent, prior_kind):
+    """(x, W, mu, s, the prior as passed, the torch prior of the hand-written
+    version, the tensors whose gradients are compared) in float64."""
+    g = torch.Generator().manual_seed(11)
+    M = latent + (name == "logisticnormal")
+    x = (torch.rand(batch, 7, generator=g) < 0.5).double().to(device)
+    W = (torch.randn(M, 7, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()
+    mu = (torch.randn(batch, latent, generator=g, dtype=torch.float64) * 0.5).to(device).requires_grad_()
+    s = (torch.rand(batch, latent, generator=g, dtype=torch.float64) * 0.8 + 0.3).to(device).requires_grad_()
+    if prior_kind == "standard":
+        p_loc, p_scale = torch.zeros(latent, dtype=torch.float64, device=device), \
+            torch.ones(latent, dtype=torch.float64, device=device)
+        wrt = (mu, s, W)
+    else:  # a learned prior: tensor parameters with gradients
+        p_loc = (0.3 * torch.randn(latent, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+        p_scale = (torch.rand(latent, generator=g, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+        wrt = (mu, s, W, p_loc, p_scale)
+    _, p = _normal_transform(name, p_loc, p_scale, True)
+    prior = p if prior_kind != "record" else type(_normal_transform(name, p_loc, p_scale, False)[0])(
+        p_loc, 2 * torch.log(p_scale))
+    return x, W, mu, s, prior, p, wrt
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("prior_kind", ["standard", "tensor", "record"])
+@pytest.mark.parametrize("batch,latent,K", [(5, 3, 1), (1, 7, 5), (3, 1, 5)])
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_through_their_normals(backend, name, objective, batch, latent, K, prior_kind,
+                                                 reduction):
+    """elbo and iwae of a LogNormal / LogisticNormal posterior against a prior
+    of its family take the Gaussian's route on the underlying normals (the KL
+    and the latent log-ratio of the normals, z = T(y) before the decoder):
+    values and gradients (to q, the decoder and a learned prior) against a
+    float64 torch.distributions objective on the same noise, and against the
+    record's route (elbo_terms / iwae_terms, which keep it)."""
+    _, device = backend
+    x, W, mu, s, prior, p, wrt = _transform_case(name, device, batch, latent, prior_kind)
+    user_q, q = _normal_transform(name, mu, s, True)
+    decode = lambda z: z @ W  # noqa: E731
+    y = mu + s * reference.sample_noise(philox_seed_of(4), K, mu.shape, torch.float64, "cpu").to(device)
+    z = _transform(name, y)
+    rec = td.Independent(td.Bernoulli(logits=decode(z)), 1).log_prob(x)
+    if objective == "elbo":
+        got = fastvae.elbo(x, user_q, decode, likelihood="bernoulli", n_samples=K, prior=prior, generator=gen(4),
+                           reduction=reduction)
+        old = fastvae.elbo_terms(x, user_q, decode, likelihood="bernoulli", n_samples=K, prior=prior,
+                                 generator=gen(4), reduction=reduction).bound
+        want = rec.mean(0) - td.kl_divergence(q, p)
+    else:
+        got = fastvae.iwae(x, user_q, decode, k=K, likelihood="bernoulli", prior=prior, generator=gen(4),
+                           reduction=reduction)
+        old = fastvae.iwae_terms(x, user_q, decode, k=K, likelihood="bernoulli", prior=prior, generator=gen(4),
+                                 reduction=reduction).bound
+        want = torch.logsumexp(rec + p.log_prob(z) - q.log_prob(z), 0) - math.log(K)
+    want = {"none": want, "sum": want.sum(), "mean": want.mean()}[reduction]
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, old, rtol=1e-10, atol=1e-10)
+    v = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+    grads = torch.autograd.grad((got * v).sum(), wrt, retain_graph=True)  # a record prior's graph is shared
+    for g_got, g_want, g_old in zip(grads, torch.autograd.grad((want * v).sum(), wrt, retain_graph=True),
+                                    torch.autograd.grad((old * v).sum(), wrt)):
+        assert torch.isfinite(g_got).all()
+        torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(g_got, g_old, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_through_their_normals_stop_score(backend, name, estimator):
+    """STL and DReG on the normals' route: the encoder's gradient of the
+    hand-written surrogate (q's score stopped, weights w~ or w~^2), the
+    decoder's and a learned prior's the plain IWAE gradient's."""
+    _, device = backend
+    x, W, mu, s, prior, p, wrt = _transform_case(name, device, 4, 3, "tensor")
+    user_q, q = _normal_transform(name, mu, s, True)
+    decode = lambda z: z @ W  # noqa: E731
+    bound = fastvae.iwae(x, user_q, decode, k=5, likelihood="bernoulli", estimator=estimator, prior=prior,
+                         generator=gen(9), reduction="sum")
+    y = mu + s * reference.sample_noise(philox_seed_of(9), 5, mu.shape, torch.float64, "cpu").to(device)
+    z = _transform(name, y)
+    rec = td.Independent(td.Bernoulli(logits=decode(z)), 1).log_prob(x)
+    lw = rec + p.log_prob(z) - q.log_prob(z)
+    torch.testing.assert_close(bound, (torch.logsumexp(lw, 0) - math.log(5)).sum(), rtol=1e-10, atol=1e-10)
+    q_stop = _normal_transform(name, mu.detach(), s.detach(), True)[1]
+    v = torch.softmax(lw.detach(), 0)
+    c = v if estimator == "stl" else v * v
+    encoder = (c * (rec + p.log_prob(z) - q_stop.log_prob(z))).sum()
+    want = (*torch.autograd.grad(encoder, (mu, s), retain_graph=True),
+            *torch.autograd.grad(torch.logsumexp(lw, 0).sum(), wrt[2:]))
+    for got, expected in zip(torch.autograd.grad(bound, wrt), want):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_stick_breaking_matches_torch_and_differentiates_twice():
+    """The decoder's z of a LogisticNormal (one node): torch's
+    StickBreakingTransform, its gradient and its second derivative."""
+    from fastvae.latents import stick_breaking
+
+    y = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True) * 2
+    y.retain_grad()
+    torch.testing.assert_close(stick_breaking(y), td.transforms.StickBreakingTransform()(y), rtol=1e-12,
+                               atol=1e-14)
+    torch.autograd.gradcheck(stick_breaking, (y.detach().requires_grad_(),))
+    torch.autograd.gradgradcheck(stick_breaking, (y.detach().requires_grad_(),))
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+@pytest.mark.parametrize("prior_kind", ["standard", "tensor"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_compiled_normal_transforms_through_their_normals(backend, name, prior_kind):
+    """torch.compile(fullgraph=True) of elbo and iwae on the normals' route,
+    against eager, as the batch changes between calls (a recompile)."""
+    _, device = backend
+    torch._dynamo.reset()
+    for batch in (4, 3):
+        x, W, mu, s, prior, _, wrt = _transform_case(name, device, batch, 3, prior_kind)
+
+        def loss(mu, s, W, prior=prior, x=x):
+            q = _normal_transform(name, mu, s, True)[0]
+            e = fastvae.elbo(x, q, lambda z: z @ W, likelihood="bernoulli", prior=prior)
+            i = fastvae.iwae(x, q, lambda z: z @ W, k=3, likelihood="bernoulli", prior=prior, reduction="sum")
+            return -(e + i)
+
+        def run(f, mu=mu, s=s, W=W, wrt=wrt):
+            torch.manual_seed(0)
+            out = f(mu, s, W)
+            return out, torch.autograd.grad(out, wrt)
+
+        eager, eager_grads = run(loss)
+        compiled, compiled_grads = run(torch.compile(loss, fullgraph=True))
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-10)
+        for a, b in zip(compiled_grads, eager_grads):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_through_their_normals_twice(backend, name, objective):
+    """create_graph=True on the normals' route: the second derivative (a
+    Hessian-vector product in q's parameters and a learned prior's) equals
+    the record's route's (elbo_terms / iwae_terms)."""
+    _, device = backend
+    x, W, mu, s, prior, _, wrt = _transform_case(name, device, 3, 2, "tensor")
+    user_q = _normal_transform(name, mu, s, True)[0]
+    decode = lambda z: z @ W  # noqa: E731
+
+    def hvp(f):
+        value = f(x, user_q, decode, likelihood="bernoulli", prior=prior, generator=gen(2), reduction="sum",
+                  **({"k": 3} if objective == "iwae" else {}))
+        value = value if isinstance(value, Tensor) else value.bound
+        grads = torch.autograd.grad(value, wrt, create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)
+
+    new = fastvae.elbo if objective == "elbo" else fastvae.iwae
+    old = fastvae.elbo_terms if objective == "elbo" else fastvae.iwae_terms
+    for a, b in zip(hvp(new), hvp(old)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
+def test_normal_transforms_through_their_normals_under_autocast(backend, name):
+    """Under CPU autocast (a bfloat16 encoder) the normals' route gives the
+    record's route's float32 bound and gradients."""
+    _, device = backend
+    if device != "cpu":
+        pytest.skip("CPU autocast")
+    g = torch.Generator().manual_seed(5)
+    mu = (0.5 * torch.randn(4, 3, generator=g)).to(torch.bfloat16).requires_grad_()
+    s = (torch.rand(4, 3, generator=g) + 0.4).to(torch.bfloat16).requires_grad_()
+    W = torch.randn(3 + (name == "logisticnormal"), 6, generator=g).requires_grad_()
+    x = (torch.rand(4, 6, generator=g) < 0.5).float()
+    prior = _normal_transform(name, torch.full((3,), 0.2), torch.full((3,), 0.8), True)[1]
+    for objective, old in ((fastvae.elbo, fastvae.elbo_terms), (fastvae.iwae, fastvae.iwae_terms)):
+        got = []
+        for f in (objective, old):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                v = f(x, _normal_transform(name, mu, s, True)[0], lambda z: z @ W, likelihood="bernoulli",
+                      prior=prior, generator=gen(1))
+            v = v if isinstance(v, Tensor) else v.bound
+            assert v.dtype == torch.float32
+            got.append((v, torch.autograd.grad(v, (mu, s, W))))
+        (a, ga), (b, gb) = got
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for p, q in zip(ga, gb):
+            assert p.dtype == q.dtype
+            torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-2)
