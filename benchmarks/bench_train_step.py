@@ -27,6 +27,13 @@ same steps:
         logits and the analytic categorical KL against the uniform prior
         (the ELBO those scripts optimize); fastvae takes
         fastvae.Concrete(logits, 1.0, hard) with its default uniform prior.
+  concrete the same model's sampler alone, only when asked (--models
+        concrete): logits (100, 30, 10) as the parameter, and the loss
+        sum(z * w) for fixed random weights w, so the backward reaches the
+        sampler with a dense gradient. Cases "gumbel sampler" and "gumbel
+        sampler hard": the hand-written Gumbel-softmax (rand_like, two logs,
+        softmax; the straight-through one-hot for hard) against
+        fastvae.sample_concrete(logits, 1.0, hard=hard).
         On CPU the conv cases run only when asked (--models mlp conv): on 2
         cores one step takes 5 s (ELBO) and 11 s (IWAE), 0.3-0.7 s at the
         --quick sizes (batch 4 for ELBO, batch 2 and k=2 for IWAE), and each
@@ -116,6 +123,14 @@ class ConvVAE(nn.Module):
         return self.decoder(h).view(*z.shape[:-1], 3, 64, 64)
 
 
+class ConcreteLogits(nn.Module):
+    """The Gumbel-softmax model's encoder output alone: logits (batch, latents, categories) as a parameter."""
+
+    def __init__(self, batch: int = 100, latents: int = 30, categories: int = 10):
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(batch, latents, categories))
+
+
 class GumbelVAE(nn.Module):
     """A Gumbel-softmax VAE: 784-512-256 to ``latents`` x ``categories`` logits, and back."""
 
@@ -135,8 +150,11 @@ class GumbelVAE(nn.Module):
 
 
 def make_x(model: str, batch: int, device: torch.device) -> torch.Tensor:
-    """Binarized 784-pixel vectors (mlp, gumbel) or [0, 1] images (conv), (batch, *event)."""
+    """Binarized 784-pixel vectors (mlp, gumbel), [0, 1] images (conv), (batch, *event);
+    for the sampler alone (concrete), the loss's weights w (batch, 30, 10)."""
     g = torch.Generator().manual_seed(0)
+    if model == "concrete":
+        return torch.randn(batch, 30, 10, generator=g).to(device)
     if model in ("mlp", "gumbel"):
         return (torch.rand(batch, 784, generator=g) > 0.5).float().to(device)
     return torch.rand(batch, 3, 64, 64, generator=g).to(device)
@@ -201,6 +219,21 @@ def fastvae_gumbel(model: nn.Module, x: torch.Tensor, k: int, hard: bool = False
     return -fastvae.elbo(x, q, model.decode, likelihood="bernoulli")
 
 
+def handwritten_gumbel_sampler(model: nn.Module, w: torch.Tensor, k: int, hard: bool = False) -> torch.Tensor:
+    logits = model.logits
+    u = torch.rand_like(logits)
+    y = F.softmax((logits - torch.log(-torch.log(u + 1e-20) + 1e-20)) / TEMPERATURE, dim=-1)
+    if hard:
+        one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
+        y = (one_hot - y).detach() + y
+    return (y * w).sum()
+
+
+def fastvae_gumbel_sampler(model: nn.Module, w: torch.Tensor, k: int, hard: bool = False) -> torch.Tensor:
+    z, _ = fastvae.sample_concrete(model.logits, TEMPERATURE, hard=hard)
+    return (z * w).sum()
+
+
 LOSSES = {"elbo": (handwritten_elbo, fastvae_elbo), "iwae": (handwritten_iwae, fastvae_iwae)}
 
 
@@ -218,7 +251,13 @@ LOSSES.update({f"{o} autocast": (under_autocast(h), under_autocast(f)) for o, (h
 # the Gumbel-softmax model's own objectives (its encoder returns logits)
 LOSSES.update({"gumbel elbo": (handwritten_gumbel, fastvae_gumbel),
                "gumbel elbo hard": (lambda m, x, k: handwritten_gumbel(m, x, k, hard=True),
-                                    lambda m, x, k: fastvae_gumbel(m, x, k, hard=True))})
+                                    lambda m, x, k: fastvae_gumbel(m, x, k, hard=True)),
+               "gumbel sampler": (handwritten_gumbel_sampler, fastvae_gumbel_sampler),
+               "gumbel sampler hard": (lambda m, w, k: handwritten_gumbel_sampler(m, w, k, hard=True),
+                                       lambda m, w, k: fastvae_gumbel_sampler(m, w, k, hard=True))})
+# the model each objective runs on (mlp and conv: the rest)
+LOSS_MODELS = {"gumbel elbo": "gumbel", "gumbel elbo hard": "gumbel", "gumbel sampler": "concrete",
+               "gumbel sampler hard": "concrete"}
 
 
 def compile_fullgraph(fn, notes: dict, key: str):
@@ -247,7 +286,8 @@ def make_impls(models: dict[str, nn.Module], backends: list[str], notes: dict) -
 
     def per_loss(which: int, wrap=lambda fn, key: fn):  # which: 0 handwritten, 1 fastvae
         return {(m, o): wrap(lambda x, k, f=fs[which], model=model: f(model, x, k), f"{m} {o}")
-                for m, model in models.items() for o, fs in LOSSES.items() if o.startswith("gumbel") == (m == "gumbel")}
+                for m, model in models.items() for o, fs in LOSSES.items() if LOSS_MODELS.get(o, m) == m
+                and (o in LOSS_MODELS or m in ("mlp", "conv"))}
 
     eager = per_loss(0)
     hand = per_loss(0, lambda fn, key: torch.compile(fn, dynamic=False))
@@ -281,6 +321,9 @@ def sizes(quick: bool, models: list[str], batch: int | None, k: int | None) -> l
         b = 16 if quick else 100
         out += [("gumbel elbo", "gumbel", "gumbel elbo", b, 1),
                 ("gumbel elbo hard", "gumbel", "gumbel elbo hard", b, 1)]
+    if "concrete" in models:  # (100, 30, 10) at --quick too: a call is mostly its host cost
+        out += [("gumbel sampler", "concrete", "gumbel sampler", 100, 1),
+                ("gumbel sampler hard", "concrete", "gumbel sampler hard", 100, 1)]
     return out
 
 
@@ -295,7 +338,7 @@ def cases(models: dict[str, nn.Module], case_sizes: list[tuple]) -> list[harness
                          make(model, objective, batch, k)) for label, model, objective, batch, k in case_sizes]
 
 
-MODELS = {"mlp": MLPVAE, "conv": ConvVAE, "gumbel": GumbelVAE}
+MODELS = {"mlp": MLPVAE, "conv": ConvVAE, "gumbel": GumbelVAE, "concrete": ConcreteLogits}
 
 
 def default_models(device: torch.device) -> list[str]:
@@ -304,7 +347,8 @@ def default_models(device: torch.device) -> list[str]:
 
 
 TITLES = {"mlp": "MLP VAE 784-400-20-400-784", "conv": "conv VAE 3x64x64, latent 128",
-          "gumbel": "Gumbel-softmax VAE 784-512-256-30x10-256-512-784"}
+          "gumbel": "Gumbel-softmax VAE 784-512-256-30x10-256-512-784",
+          "concrete": "the Gumbel-softmax sampler alone, logits (100, 30, 10)"}
 
 
 def main(argv=None) -> dict | None:

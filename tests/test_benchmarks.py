@@ -338,6 +338,29 @@ def test_train_step_has_the_probes_four_steps():
             assert all(g is not None for g in torch.autograd.grad(value, list(model.parameters())))
 
 
+def test_train_step_gumbel_sampler_cases():
+    """The sampler-alone cases (--models concrete): (100, 30, 10) at every
+    size, and both losses, relaxed and straight-through, are finite scalars
+    that differentiate the logits; the relaxed z lies on the simplex either
+    way, so with w = 1 both losses are the number of latents."""
+    from benchmarks import bench_train_step as ts
+
+    assert ts.sizes(True, ["concrete"], None, None) == ts.sizes(False, ["concrete"], None, None) == [
+        ("gumbel sampler", "concrete", "gumbel sampler", 100, 1),
+        ("gumbel sampler hard", "concrete", "gumbel sampler hard", 100, 1)]
+    torch.manual_seed(0)
+    model = ts.ConcreteLogits()
+    w = ts.make_x("concrete", 100, torch.device("cpu"))
+    assert w.shape == model.logits.shape == (100, 30, 10)
+    for objective in ("gumbel sampler", "gumbel sampler hard"):
+        for loss in ts.LOSSES[objective]:
+            value = loss(model, w, 1)
+            assert value.dim() == 0 and torch.isfinite(value)
+            (grad,) = torch.autograd.grad(value, [model.logits])
+            assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+            assert loss(model, torch.ones_like(w), 1).item() == pytest.approx(100 * 30, rel=1e-5)
+
+
 def test_train_step_gumbel_softmax_losses_are_the_same_objective():
     """The Gumbel-softmax model's hand-written loss and fastvae's optimize the
     same ELBO: with the decoder's weights zeroed the reconstruction does not
