@@ -392,33 +392,34 @@ def sample_positive_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, l
 
 # -- ahead-of-time compilation (python -m fastvae.kernels.aot --op sample_location_scale) --
 
+# each op's kernel prefix, parameters, families and the family of its evaluation case
+_SAMPLERS = (("sample_location_scale", LOCATION_SCALE_PARAMS, LOCATION_SCALE_FAMILIES, 1),
+             ("sample_positive", POSITIVE_PARAMS, POSITIVE_FAMILIES, 2))
+
 
 def aot_calls(s: dict, m, r):
     """(kernel, arguments) of every launch the family's ops make at shape s (K
-    samples of B rows of L): sample_location_scale's, then sample_positive's;
-    m makes a tensor of the input dtype, r one of its accumulation dtype
-    (kernels/aot.py)."""
-    yield from _location_scale_aot_calls(s, m, r)
-    yield from _positive_aot_calls(s, m, r)
-
-
-def _location_scale_aot_calls(s: dict, m, r):
-    """(kernel, arguments) of every launch the op makes at shape s (K samples of
-    B rows of L): every family (a constexpr) as the objectives launch it, and
-    the evaluation's layout; m makes a tensor of the input dtype, r one of its
-    accumulation dtype (kernels/aot.py)."""
+    samples of B rows of L): each op's every family (a constexpr), both
+    backward modes (iwae / elbo; STL and DReG) and the evaluation's layout,
+    and sample_location_scale's draw fused with its KL; m makes a tensor of
+    the input dtype, r one of its accumulation dtype (kernels/aot.py)."""
     K, B, L = s["K"], s["B"], s["L"]
     seed = torch.empty((), dtype=torch.int64, device="meta")
-    for family in range(len(LOCATION_SCALE_FAMILIES)):
-        yield "sample_location_scale_forward", dict(loc=m(B, L), log_scale=m(B, L), seed=seed, family=family,
-                                                    offset0=0, sample_stride=B * L, row_stride=L, z=m(K, B, L),
-                                                    log_q=r(K, B))
-        for stop in (False, True):  # iwae / elbo; STL and DReG
-            yield "sample_location_scale_backward", dict(grad_z=m(K, B, L), grad_log_q=r(K, B), loc=m(B, L),
-                                                         log_scale=m(B, L), seed=seed, family=family,
-                                                         stop_score=stop, dloc=m(B, L), dlog_scale=m(B, L))
+    for name, (a, b), families, eval_family in _SAMPLERS:
+        for family in range(len(families)):
+            yield f"{name}_forward", {a: m(B, L), b: m(B, L), "seed": seed, "family": family, "offset0": 0,
+                                      "sample_stride": B * L, "row_stride": L, "z": m(K, B, L), "log_q": r(K, B)}
+            for stop in (False, True):
+                yield f"{name}_backward", {"grad_z": m(K, B, L), "grad_log_q": r(K, B), a: m(B, L), b: m(B, L),
+                                           "seed": seed, "family": family, "stop_score": stop,
+                                           f"d{a}": m(B, L), f"d{b}": m(B, L)}
+        # evaluation: the example-major layout of a chunk at an odd offset (the unaligned path)
+        yield f"{name}_forward", {a: m(B, L), b: m(B, L), "seed": seed, "family": eval_family,
+                                  "offset0": 7 * L + 1, "sample_stride": L, "row_stride": K * L, "z": m(K, B, L),
+                                  "log_q": r(K, B)}
     # the ELBO's draw and KL against a prior of the posterior's family, shared (L,) or per row
-    # (float32 and float64 only: the front end fuses no other dtype, LocationScale.sample_with_kl)
+    # (float32 and float64 only: the front end fuses no other dtype, LocationScale.sample_with_kl);
+    # sample_positive's fused KL launches the sampler's kernels and family_kl's
     for kl_family, name in enumerate(KL_FAMILIES):
         if name not in LOCATION_SCALE_FAMILIES or m(1).dtype not in (torch.float32, torch.float64):
             continue
@@ -431,29 +432,6 @@ def _location_scale_aot_calls(s: dict, m, r):
                 grad_z=m(K, B, L), grad_kl=r(B), loc=m(B, L), log_scale=m(B, L), prior_loc=m(*p_shape),
                 prior_log_scale=m(*p_shape), seed=seed, family=family, kl_family=kl_family, dloc=m(B, L),
                 dlog_scale=m(B, L), dprior_loc=m(B, L), dprior_log_scale=m(B, L))
-    # evaluation: the example-major layout of a chunk at an odd offset (the unaligned path)
-    yield "sample_location_scale_forward", dict(loc=m(B, L), log_scale=m(B, L), seed=seed, family=1,
-                                                offset0=7 * L + 1, sample_stride=L, row_stride=K * L,
-                                                z=m(K, B, L), log_q=r(K, B))
-
-
-def _positive_aot_calls(s: dict, m, r):
-    """(kernel, arguments) of every launch the op makes at shape s (K samples of
-    B rows of L): every family (a constexpr), both backward modes, and the
-    evaluation's layout; m makes a tensor of the input dtype, r one of its
-    accumulation dtype (kernels/aot.py)."""
-    K, B, L = s["K"], s["B"], s["L"]
-    seed = torch.empty((), dtype=torch.int64, device="meta")
-    for family in range(len(POSITIVE_FAMILIES)):
-        yield "sample_positive_forward", dict(log_p0=m(B, L), log_p1=m(B, L), seed=seed, family=family, offset0=0,
-                                              sample_stride=B * L, row_stride=L, z=m(K, B, L), log_q=r(K, B))
-        for stop in (False, True):
-            yield "sample_positive_backward", dict(grad_z=m(K, B, L), grad_log_q=r(K, B), log_p0=m(B, L),
-                                                   log_p1=m(B, L), seed=seed, family=family, stop_score=stop,
-                                                   dlog_p0=m(B, L), dlog_p1=m(B, L))
-    yield "sample_positive_forward", dict(log_p0=m(B, L), log_p1=m(B, L), seed=seed, family=2,
-                                          offset0=7 * L + 1, sample_stride=L, row_stride=K * L, z=m(K, B, L),
-                                          log_q=r(K, B))
 
 
 # -- the benchmark row (python -m benchmarks.bench_op sample_family) ---------------

@@ -26,6 +26,16 @@ from fastvae.ops.sample_family.op import SampleLocationScale, SamplePositive, lo
 from conftest import INTERPRET
 from helpers import assert_close, float_dtype_examples, fused_kl_checks, gen, sampler_checks, seed_tensor
 
+FUSED_PRIORS = [(), (1,), (5,), (1, 5), (3, 5), (2, 3, 5)]  # every form that broadcasts to q's (2, 3, 5)
+
+
+def _kl_binding_arrays():
+    """The fused KL bindings' valid arrays: q's two parameters (4, 3), a
+    shared prior parameter (3,), z (1, 4, 3) and kl (4,)."""
+    return (torch.zeros(4, 3).numpy(), torch.zeros(4, 3).numpy(), torch.zeros(3).numpy(),
+            torch.zeros(1, 4, 3).numpy(), torch.zeros(4).numpy())
+
+
 # -- sample_location_scale ---------------------------------------------------------
 
 # the interpreter runs each Triton program as Python (~1 ms): fewer examples there
@@ -475,10 +485,7 @@ def test_location_scale_fused_kl_matches_the_float64_oracle(backend, family, dty
 
 @pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ binding's checks")
 def test_location_scale_fused_kl_binding_names_a_wrong_argument():
-    C = fastvae._backend.cpp_module()
-    loc, ls = torch.zeros(4, 3).numpy(), torch.zeros(4, 3).numpy()
-    p = torch.zeros(3).numpy()
-    z, kl = torch.zeros(1, 4, 3).numpy(), torch.zeros(4).numpy()
+    C, (loc, ls, p, z, kl) = fastvae._backend.cpp_module(), _kl_binding_arrays()
     C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 0, z, kl, 1)  # the valid call
     with pytest.raises(ValueError, match="kl_family"):  # the exponential has no location
         C.sample_location_scale_kl_forward(loc, ls, p, p, 1, 1, 4, z, kl, 1)
@@ -504,9 +511,6 @@ def test_location_scale_fused_kl_binding_names_a_wrong_argument():
         C.sample_location_scale_kl_forward(loc.astype("float16"), ls.astype("float16"), p.astype("float16"),
                                            p.astype("float16"), 1, 1, 0, z.astype("float16"),
                                            kl.astype("float16"), 1)
-
-
-LOCATION_SCALE_FUSED_PRIORS = [(), (1,), (5,), (1, 5), (3, 5), (2, 3, 5)]  # every form that broadcasts to q's (2, 3, 5)
 
 
 def _location_scale_fused_and_separate(family, p_shape, dtype, device, K, create_graph=False):
@@ -538,7 +542,7 @@ def _location_scale_fused_and_separate(family, p_shape, dtype, device, K, create
 
 @pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("p_shape", LOCATION_SCALE_FUSED_PRIORS)
+@pytest.mark.parametrize("p_shape", FUSED_PRIORS)
 def test_location_scale_fused_function_is_the_two_functions_bit_for_bit(backend, family, dtype, p_shape):
     """SampleLocationScaleKL (the records' ELBO draw against a prior of their
     family) gives SampleLocationScale's z and FamilyKL's KL (on Triton up to
@@ -562,12 +566,15 @@ def test_location_scale_fused_function_differentiates_twice_as_the_two_functions
 
 
 @pytest.mark.skipif(INTERPRET, reason="torch.compile traces the main process's ops")
-def test_location_scale_fused_function_compiles_with_changing_shapes(backend):
-    """A Laplace draw and KL against a Laplace prior (family 1, KL family 0),
-    compiled while the shapes change (fused_kl_checks)."""
-    from fastvae.ops.sample_family.op import sample_location_scale_kl_unchecked
+@pytest.mark.parametrize("op, family, kl_family", [("sample_location_scale", 1, 0), ("sample_positive", 2, 5)])
+def test_fused_function_compiles_with_changing_shapes(backend, op, family, kl_family):
+    """Each op's fused draw and KL, compiled while the shapes change
+    (fused_kl_checks): a Laplace against a Laplace prior (family 1, KL family
+    0); a Kumaraswamy against a Beta prior (family 2, KL family 5)."""
+    from fastvae.ops.sample_family import op as front_end
 
-    fused_kl_checks.compiles_with_changing_shapes(sample_location_scale_kl_unchecked, 1, 0, backend[1])
+    unchecked = getattr(front_end, f"{op}_kl_unchecked")
+    fused_kl_checks.compiles_with_changing_shapes(unchecked, family, kl_family, backend[1])
 
 
 # -- sample_positive ---------------------------------------------------------------
@@ -1003,10 +1010,7 @@ def test_positive_fused_kl_matches_the_float64_oracle(backend, family, dtype, N,
 
 @pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ binding's checks")
 def test_positive_fused_kl_binding_names_a_wrong_argument():
-    C = fastvae._backend.cpp_module()
-    p0, p1 = torch.zeros(4, 3).numpy(), torch.zeros(4, 3).numpy()
-    r = torch.zeros(3).numpy()
-    z, kl = torch.zeros(1, 4, 3).numpy(), torch.zeros(4).numpy()
+    C, (p0, p1, r, z, kl) = fastvae._backend.cpp_module(), _kl_binding_arrays()
     C.sample_positive_kl_forward(p0, p1, r, r, 1, 0, 4, z, kl, 1)  # the valid calls: exponential, Kumaraswamy,
     C.sample_positive_kl_forward(p0, p1, r, r, 1, 2, 5, z, kl, 1)
     C.sample_positive_kl_forward(p0, p1, r, r, 1, 1, 6, z, kl, 1)  # Weibull
@@ -1042,9 +1046,6 @@ def test_positive_fused_kl_binding_names_a_wrong_argument():
                                      r.astype("float16"), 1, 2, 5, z.astype("float16"), kl.astype("float16"), 1)
 
 
-POSITIVE_FUSED_PRIORS = [(), (1,), (5,), (1, 5), (3, 5), (2, 3, 5)]  # every form that broadcasts to q's (2, 3, 5)
-
-
 def _positive_fused_and_separate(family, p_shape, dtype, device, K, create_graph=False):
     """SamplePositiveKL and the two Functions it fuses, on the same leaves:
     (their outputs, their gradients in q's and the prior's parameters); the
@@ -1075,7 +1076,7 @@ def _positive_fused_and_separate(family, p_shape, dtype, device, K, create_graph
 
 @pytest.mark.parametrize("family", KL_POSITIVE_FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("p_shape", POSITIVE_FUSED_PRIORS[::2] if INTERPRET else POSITIVE_FUSED_PRIORS)
+@pytest.mark.parametrize("p_shape", FUSED_PRIORS[::2] if INTERPRET else FUSED_PRIORS)
 def test_positive_fused_function_is_the_two_functions_bit_for_bit(backend, family, dtype, p_shape):
     """SamplePositiveKL (the records' ELBO draw against a prior with a closed
     form) gives SamplePositive's z and FamilyKL's KL, and their summed
@@ -1092,15 +1093,6 @@ def test_positive_fused_function_is_the_two_functions_bit_for_bit(backend, famil
 def test_positive_fused_function_differentiates_twice_as_the_two_functions(backend, family):
     fused_kl_checks.differentiates_twice(_positive_fused_and_separate(family, (5,), torch.float64, backend[1], 2,
                                                              create_graph=True))
-
-
-@pytest.mark.skipif(INTERPRET, reason="torch.compile traces the main process's ops")
-def test_positive_fused_function_compiles_with_changing_shapes(backend):
-    """A Kumaraswamy draw and KL against a Beta prior (family 2, KL family 5),
-    compiled while the shapes change (fused_kl_checks)."""
-    from fastvae.ops.sample_family.op import sample_positive_kl_unchecked
-
-    fused_kl_checks.compiles_with_changing_shapes(sample_positive_kl_unchecked, 2, 5, backend[1])
 
 
 @pytest.mark.parametrize("family", ("exponential", "kumaraswamy", "weibull"))
