@@ -99,7 +99,7 @@ from .ops.logmeanexp.op import (
     merge_logmeanexp_states,
 )
 from .ops.mixture_log_prob.op import mixture_log_prob
-from .ops.sample_location_scale.op import sample_location_scale
+from .ops.sample_family.op import sample_location_scale
 from .ops.sample_normal.op import sample_normal
 from .ops.sample_normal_kl.op import sample_normal_kl
 from .ops.sample_normal_tril.op import sample_normal_tril
@@ -158,7 +158,7 @@ __version__ = "0.1.0"
 
 # the positive latent families
 from .latents import Positive  # noqa: E402
-from .ops.sample_positive.op import sample_positive  # noqa: E402
+from .ops.sample_family.op import sample_positive  # noqa: E402
 
 __all__ += ["sample_positive", "Positive"]
 

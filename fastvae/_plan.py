@@ -257,7 +257,8 @@ class FamilySamplePlan:
     or sample_positive's), which run the KL inside the sampler's loops
     (nothing to plan but the layout)."""
 
-    # the family samplers the plans launch: (kernels' module, partial sums of a split backward)
+    # the family samplers the plans launch (their kernels in sample_family's module): partial
+    # sums of a split backward
     SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
 
     def __init__(self, sampler: str, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype,
@@ -283,7 +284,7 @@ class FamilySamplePlan:
         if cpp:
             self.kl_kernels = f"{sampler}_kl_forward", f"{sampler}_kl_backward"
             return
-        self.sampler, self.sums = _kernels(sampler), self.SAMPLERS[sampler]
+        self.sampler, self.sums = _kernels("sample_family"), self.SAMPLERS[sampler]
         self._backward = None
         self._kl_backward: dict = {}
         if self.has_loc:  # the draw and the KL in one kernel each way

@@ -100,9 +100,8 @@ USES: dict[tuple[str, str], str] = {
     ("distributions", "gaussian_log_prob"): "DiagonalNormal.log_prob is the op on z",
     ("latents", "sample_normal"): "the normal transforms (log-normal, logistic-normal) sample through it",
     ("latents", "kl_normal"): "the normal transforms' KL is their normals' KL",
-    ("latents", "sample_location_scale"): "LocationScale's samples, its family table and evaluation draws",
-    ("latents", "sample_positive"): "Positive's samples (and its fused draw and KL), parameter table, "
-                                    "evaluation draws and median",
+    ("latents", "sample_family"): "LocationScale's and Positive's samples (and their fused draw and KL), family "
+                                  "index and parameter table, evaluation draws and Positive's median",
     ("latents", "sample_concrete"): "Concrete's samples, argument checks and evaluation draws",
     ("latents", "family_kl"): "the location-scale and exponential records' closed-form KL is the op",
     ("priors", "kl_normal"): "a Gaussian prior's closed-form KL is the op",
@@ -122,15 +121,12 @@ USES: dict[tuple[str, str], str] = {
     ("_plan", "sample_normal"): "SamplePlan launches the sampler's kernels; a create_graph backward replays "
                                 "the op's double backward",
     ("_plan", "logmeanexp"): "the IWAE tail launches the log-mean-exp kernels",
-    ("_plan", "sample_location_scale"): "FamilySamplePlan launches a location-scale family's sampler kernels "
-                                        "(on the cpp backend, its fused KL kernels)",
-    ("_plan", "sample_positive"): "FamilySamplePlan launches the exponential's sampler kernels (on the cpp "
-                                  "backend, its fused KL kernels)",
-    ("objectives", "sample_positive"): "the exponential's plan replays the op's Function",
+    ("_plan", "sample_family"): "FamilySamplePlan launches a location-scale family's or the exponential's "
+                                "sampler kernels (on the cpp backend, their fused KL kernels)",
     ("_plan", "family_kl"): "FamilySamplePlan launches the family's closed-form KL kernels, adding q's gradient "
                             "to the sampler's",
-    ("objectives", "sample_location_scale"): "the family plans' create_graph replay runs the op's Function, "
-                                             "and their key its family index",
+    ("objectives", "sample_family"): "the family plans' create_graph replay runs the samplers' Functions, and "
+                                     "their key a location-scale family's index",
     ("objectives", "family_kl"): "the family plans' replay runs the op's Function with the prior in its layout",
     ("_plan_ops", "sample_normal"): "the graph ops of the compiled path launch the sampler's kernel",
     ("kernels.aot", "sample_normal"): "the noise fills' ahead-of-time cases take the sampler's shapes",
@@ -140,19 +136,13 @@ USES: dict[tuple[str, str], str] = {
     ("ops.sample_normal", "kl_normal"): "the oracle's KL gradient is kl_normal's",
     ("ops.sample_normal.op", "kl_normal"): "the double backward's KL gradient is kl_normal's",
     ("ops/sample_normal/sample_normal.cpp", "kl_normal"): "the fused KL's C++ gradient is kl_normal's",
-    ("ops.sample_location_scale", "family_kl"): "the fused KL kernels' oracle is family_kl's after the draw",
-    ("ops.sample_location_scale.op", "family_kl"): "the fused draw and KL take the prior in family_kl's layout "
-                                                   "and replay FamilyKL for a create_graph backward",
-    ("ops.sample_location_scale.triton", "family_kl"): "the fused KL kernels launch family_kl's after the draw",
-    ("ops/sample_location_scale/sample_location_scale.cpp", "family_kl"): "the fused KL runs family_kl's rows and "
-                                                                          "gradients inside the sampler's loops",
-    ("csrc/sampler_bind.h", "family_kl"): "the samplers' fused KL bindings check family_kl's families",
-    ("ops.sample_positive", "family_kl"): "the fused KL kernels' oracle is family_kl's after the draw",
-    ("ops.sample_positive.op", "family_kl"): "the fused draw and KL take the prior in family_kl's layout and "
-                                             "replay FamilyKL for a create_graph backward",
-    ("ops.sample_positive.triton", "family_kl"): "the fused KL kernels launch family_kl's after the draw",
-    ("ops/sample_positive/sample_positive.cpp", "family_kl"): "the fused KL runs family_kl's rows and gradients "
-                                                              "inside the sampler's loops",
+    ("ops.sample_family", "family_kl"): "the fused KL kernels' oracle is family_kl's after the draw",
+    ("ops.sample_family.op", "family_kl"): "the fused draw and KL take the prior in family_kl's layout and "
+                                           "replay FamilyKL for a create_graph backward",
+    ("ops.sample_family.triton", "family_kl"): "the fused KL kernels launch family_kl's after the draw",
+    ("ops/sample_family/sample_family.cpp", "family_kl"): "the fused KL runs family_kl's rows and gradients "
+                                                          "inside the sampler's loops",
+    ("ops/sample_family/bind.cpp", "family_kl"): "the fused KL bindings check family_kl's families",
     # shared math that one op holds
     ("ops.family_kl.triton", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",
     ("ops/family_kl/family_kl.cpp", "count_log_prob"): "the Gumbel KL's lgamma and digamma of positive arguments",

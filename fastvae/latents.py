@@ -80,26 +80,24 @@ from torch.distributions.transforms import AffineTransform, SigmoidTransform, St
 from . import _backend, _validate, _value_checks
 from . import priors as _priors
 from ._families import KL_FAMILIES, KUMARASWAMY_KL_TERMS, POSITIVE_FAMILIES
+from ._families import LOCATION_SCALE_FAMILIES as FAMILIES  # the location-scale families, exported
 from .distributions import DiagonalNormal, PosteriorShapes, widened
 from .ops.family_kl.op import family_kl
 from .ops.kl_normal.op import kl_normal
 from .ops.sample_concrete.op import check_args as _concrete_args
 from .ops.sample_concrete.op import concrete_at, sample_concrete_unchecked
-from .ops.sample_location_scale.op import (
-    FAMILIES,
-    family_index,
-    location_scale_at,
-    sample_location_scale_kl_unchecked,
-    sample_location_scale_unchecked,
-)
-from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
-from .ops.sample_positive.op import (
+from .ops.sample_family.op import (
     PARAMETERS,
     check_params,
+    location_scale_at,
+    location_scale_index,
     positive_at,
+    sample_location_scale_kl_unchecked,
+    sample_location_scale_unchecked,
     sample_positive_kl_unchecked,
     sample_positive_unchecked,
 )
+from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .priors import MixtureOfGaussians, StandardNormal, TorchPrior, VampPrior
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -178,7 +176,7 @@ class LocationScale(_Latent):
     """
 
     def __init__(self, family: str, loc: Tensor, log_scale: Tensor):
-        self.index = family_index(family)
+        self.index = location_scale_index(family)
         _validate.float_tensors(loc=loc, log_scale=log_scale)
         _validate.event_dim("loc", loc)
         _validate.same_shape(loc=loc, log_scale=log_scale)
@@ -817,7 +815,7 @@ class Positive(_Latent):
         """The median (t = log 2): a z with no noise drawn."""
         p0, p1 = widened(self.log_p0, self.log_p1)
         t = torch.full_like(p0, math.log(2.0))
-        from .ops.sample_positive import positive_terms  # declared use (docs/architecture.md, "Layers")
+        from .ops.sample_family import positive_terms  # declared use (docs/architecture.md, "Layers")
         return positive_terms(self.index, t, torch.log(t), p0, p1, p0.dtype)[0].to(self.log_p0.dtype)
 
     def torch_distribution(self) -> Distribution:

@@ -52,10 +52,9 @@ from .ops.logmeanexp.op import (
     importance_weights_from_state,
     logmeanexp_with_state,
 )
-from .ops.sample_location_scale.op import SampleLocationScale, family_index
+from .ops.sample_family.op import SampleLocationScale, SamplePositive, location_scale_index
 from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .ops.sample_normal_tril.op import SampleNormalTril
-from .ops.sample_positive.op import SamplePositive
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -549,7 +548,7 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
             p_loc = None
         # on the cpp backend, the sampler's fused C++ draw and KL
         sampler, index = (("sample_positive", POSITIVE_FAMILIES.index(family)) if positive
-                          else ("sample_location_scale", family_index(family)))
+                          else ("sample_location_scale", location_scale_index(family)))
         sample = _plan.FamilySamplePlan(sampler, index, KL_FAMILIES.index(family), loc.shape, dtype, device,
                                         None if n == 1 else n, p_shared, form == SCALE, _general_family_sample,
                                         cpp=not triton)

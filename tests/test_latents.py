@@ -15,9 +15,9 @@ from torch import Tensor
 
 import fastvae
 from fastvae import _philox, reference
+from fastvae._families import LOCATION_SCALE_FAMILIES as FAMILIES
 from fastvae.ops.sample_concrete import concrete_noise
-from fastvae.ops.sample_location_scale import standardized
-from fastvae.ops.sample_location_scale.op import FAMILIES
+from fastvae.ops.sample_family import standardized
 
 from conftest import INTERPRET
 from helpers import NEEDS_DREG_COMPILE, assert_compiled_matches_eager, gen, philox_seed_of
@@ -480,9 +480,9 @@ def test_autocast_matches_float32_on_the_rounded_encoder(backend):
 
 # -- the positive families (exponential, Weibull, Kumaraswamy) ---------------------
 
+from fastvae._families import POSITIVE_FAMILIES as POSITIVE  # noqa: E402
 from fastvae.latents import KUMARASWAMY_KL_TERMS, kumaraswamy_beta_kl  # noqa: E402
-from fastvae.ops.sample_positive import positive_exp1, positive_terms  # noqa: E402
-from fastvae.ops.sample_positive.op import FAMILIES as POSITIVE  # noqa: E402
+from fastvae.ops.sample_family import positive_exp1, positive_terms  # noqa: E402
 
 
 def _positive_data(device):

@@ -68,10 +68,10 @@ DECLARED = {
                                                                  "differentiable, for its own double backward",
     ("ops.sample_normal.op", "ops.kl_normal"): "kl_normal_grad (kl_normal's one gradient formula in Python) in "
                                                "sample_normal's double backward",
-    ("ops.sample_positive.op", "ops.sample_positive"): "positive_terms: the positive families' closed forms, "
-                                                        "differentiable, for its own double backward",
-    ("latents", "ops.sample_positive"): "positive_terms at the median (Positive.point): one closed form, not a "
-                                        "second copy",
+    ("ops.sample_family.op", "ops.sample_family"): "positive_terms: the positive families' closed forms, "
+                                                    "differentiable, for sample_positive's own double backward",
+    ("latents", "ops.sample_family"): "positive_terms at the median (Positive.point): one closed form, not a "
+                                      "second copy",
     ("latents", "ops.family_kl"): "kumaraswamy_beta_kl, the public torch form of the truncated series (any "
                                   "number of terms): the oracle's formula, not a second copy",
 }
@@ -236,7 +236,7 @@ def test_the_checker_follows_import_module_and_sees_the_kernels():
     assert _targets(ast.parse(source), "_plan", False, modules) == {"reference": 4, "kernels.philox": 5}
     assert {"ops.kl_normal.triton", "kernels._common", "kernels.philox", "kernels.aot"} <= modules
     assert "kernels._common" in EDGES["ops.kl_normal.triton"] and "_registry" in EDGES["kernels.aot"]
-    assert "kernels.sampler" in EDGES["ops.sample_positive.triton"]
+    assert "kernels.sampler" in EDGES["ops.sample_family.triton"]
 
 
 def test_the_docs_name_the_layers_in_order():

@@ -289,9 +289,9 @@ def test_each_noise_path_draws_the_families_uniforms(noise_isa):
     family at loc 0, scale 1 returns the contract's float32 uniforms bit for
     bit, in the training layout (whole groups, an unaligned tail) and in the
     evaluation's (an offset not divisible by 4, a row stride)."""
-    from fastvae.ops.sample_location_scale.op import location_scale_at
+    from fastvae.ops.sample_family.op import location_scale_at
 
-    uniform = 0  # sample_location_scale.FAMILIES.index("uniform")
+    uniform = 0  # LOCATION_SCALE_FAMILIES.index("uniform")
     for seed, offset0, rows, cols, row_stride in [(2024, 0, 29, 37, 37), (7, 5, 11, 300, 1000),
                                                   (2**63 - 1, 4 * (2**32 - 40) + 1, 3, 700, 700)]:
         zero = torch.zeros(rows, cols)

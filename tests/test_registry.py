@@ -334,12 +334,26 @@ def test_every_likelihood_op_has_its_entry_in_the_decoder_table():
 # A kernel's `family` argument is a family's position in fastvae/_families.py; the C++ kernels
 # name the positions in an enum (or constants) and the Triton kernels branch on a constexpr
 # FAMILY, a comment naming the family at each branch. Each family tuple: its C++ source, where
-# the positions are named, and its Triton module.
+# the positions are named, its Triton module, and the op whose section of them it is where the
+# folder holds a family of ops (each op's part begins at a "-- <op>" heading).
 FAMILY_COPIES = {
-    "LOCATION_SCALE_FAMILIES": ("sample_location_scale/sample_location_scale.cpp", "sample_location_scale/triton.py"),
-    "POSITIVE_FAMILIES": ("sample_positive/sample_positive.cpp", "sample_positive/triton.py"),
-    "KL_FAMILIES": ("family_kl/family_kl.cpp", "family_kl/triton.py"),
+    "LOCATION_SCALE_FAMILIES": ("sample_family/sample_family.cpp", "sample_family/triton.py",
+                                "sample_location_scale"),
+    "POSITIVE_FAMILIES": ("sample_family/sample_family.cpp", "sample_family/triton.py", "sample_positive"),
+    "KL_FAMILIES": ("family_kl/family_kl.cpp", "family_kl/triton.py", None),
 }
+_SECTION = re.compile(r"^(?://|#) -- (sample_location_scale|sample_positive)\b", re.M)
+
+
+def _section(text: str, op: str | None) -> str:
+    """The part of a family folder's source that is ``op``'s: from its heading to
+    the next op's (the whole text for None)."""
+    if op is None:
+        return text
+    starts = [(m.start(), m.group(1)) for m in _SECTION.finditer(text)] + [(len(text), None)]
+    parts = [text[a:b] for (a, name), (b, _) in zip(starts, starts[1:]) if name == op]
+    assert parts, f"no section of {op}"
+    return "".join(parts)
 
 
 def _cpp_positions(text: str) -> list[tuple[str, int]]:
@@ -361,19 +375,22 @@ def test_the_cpp_and_triton_kernels_spell_the_families_order(families):
     from fastvae import _families
 
     order = getattr(_families, families)
-    cpp_path, triton_path = (ROOT / "fastvae" / "ops" / p for p in FAMILY_COPIES[families])
-    cpp = cpp_path.read_text()
+    cpp_file, triton_file, op = FAMILY_COPIES[families]
+    cpp_path, triton_path = (ROOT / "fastvae" / "ops" / p for p in (cpp_file, triton_file))
+    cpp = _section(cpp_path.read_text(), op)
     assert _cpp_positions(cpp) == [(name, i) for i, name in enumerate(order)]
     # the binding's check of the index: a sampler's names in order with their count
-    # (csrc/sampler_bind.h's FamilySamplerNames), family_kl's count (in its header, which the
+    # (sample_family's bind.cpp, FamilySamplerNames), family_kl's count (in its header, which the
     # samplers' fused KL bindings read too)
     bind = (cpp_path.parent / "bind.cpp").read_text() + cpp_path.with_suffix(".h").read_text()
     listed = re.findall(r'(\d+),\s*"(\w+(?:, \w+)+)"', bind)
-    assert all(tuple(names.split(", ")) == order for _, names in listed), listed
-    bound = [int(n) for n, _ in listed] + [int(n) for n in re.findall(r"kFamilyKLFamilies = (\d+)", bind)]
+    known = [getattr(_families, f) for f in FAMILY_COPIES]
+    assert all(tuple(names.split(", ")) in known for _, names in listed), listed
+    bound = [int(n) for n, names in listed if tuple(names.split(", ")) == order]
+    bound += [int(n) for n in re.findall(r"kFamilyKLFamilies = (\d+)", bind)]
     counts = [int(n) for n in re.findall(r"by_family<(\d+)>", cpp)]
     assert bound and set(bound + counts) == {len(order)}
-    triton = triton_path.read_text()
+    triton = _section(triton_path.read_text(), op)
     branches = [int(n) for n in re.findall(r"\bFAMILY == (\d+)", triton)]
     assert branches and set(branches) <= set(range(len(order)))
     named = re.findall(r"\bFAMILY == (\d+):\s*#\s*([A-Za-z]+)", triton)
@@ -386,10 +403,10 @@ def test_the_triton_kernels_name_kl_families_by_their_positions():
     pytest.importorskip("triton")
     from fastvae._families import KL_FAMILIES
     from fastvae.ops.family_kl import triton as family_kl
-    from fastvae.ops.sample_location_scale import triton as sample_location_scale
+    from fastvae.ops.sample_family import triton as sample_family
 
     assert family_kl.KUMARASWAMY == KL_FAMILIES.index("kumaraswamy")
-    assert sample_location_scale.GUMBEL_KL == KL_FAMILIES.index("gumbel")
+    assert sample_family.GUMBEL_KL == KL_FAMILIES.index("gumbel")
 
 
 def test_family_kl_names_the_exponential_s_position():

@@ -45,7 +45,7 @@ void family_kl_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, b
                         T* dq_log_param, T* dp_loc, T* dp_log_param, int n_threads);
 
 // The pieces a sampler runs inside its own loops, so that the KL reads q
-// while the sampler's tile or block is in cache (csrc/sampler.h's hooks):
+// while the sampler's tile or block is in cache (sample_family.cpp's hooks):
 // kl[r0 .. r1) summed over L; and the gradients of elements e0 .. e0 + n - 1
 // (n <= 512) from grad_kl (N,), q's added to what dq_loc, dq_log_param hold
 // (the sampler's), p's written where dp_* are not null.

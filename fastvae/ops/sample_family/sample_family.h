@@ -1,11 +1,43 @@
-// sample_positive's C++ kernels (sample_positive.cpp), for its binding
-// (bind.cpp). As in csrc/ops.h, the callers have checked every extent; these
-// trust them.
+// sample_location_scale's and sample_positive's C++ kernels
+// (sample_family.cpp), for their binding (bind.cpp). As in csrc/ops.h, the
+// callers have checked every extent; these trust them.
 #pragma once
 
 #include <cstdint>
 
 namespace fastvae {
+
+// sample_location_scale: loc, log_scale (N, L); z (K, N, L); log_q
+// (K, N) or null. family: 0 uniform, 1 Laplace, 2 logistic, 3 Gumbel, 4
+// Cauchy (LOCATION_SCALE_FAMILIES, fastvae/_families.py); offsets as sample_normal's.
+template <typename T>
+void sample_location_scale_forward(const T* loc, const T* log_scale, uint64_t seed, int family, uint64_t offset0,
+                                   uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L,
+                                   T* z, T* log_q, int n_threads);
+
+// dz (K, N, L) and dlog_q (K, N) may be null (no gradient); dloc, dlog_scale (N, L).
+template <typename T>
+void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale, uint64_t seed,
+                                    int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc,
+                                    T* dlog_scale, int n_threads);
+
+// The same draw (K samples at the training layout's offsets) with family_kl's
+// closed form of (loc, log_scale) against the prior (prior_loc, prior_log_scale:
+// (L,) when prior_shared, else (N, L)) summed over L into kl (N,), in the
+// sampler's loops (kl_family: KL_FAMILIES' index, a family with a location).
+template <typename T>
+void sample_location_scale_kl_forward(const T* loc, const T* log_scale, const T* prior_loc,
+                                      const T* prior_log_scale, bool prior_shared, uint64_t seed, int family,
+                                      int kl_family, int64_t K, int64_t N, int64_t L, T* z, T* kl, int n_threads);
+
+// dloc, dlog_scale (N, L): the sampler's gradients from dz (K, N, L; null: none)
+// plus the KL's from grad_kl (N,; null: none); the prior's (N, L, before any
+// sum to a shared prior's shape) written where dprior_* are not null.
+template <typename T>
+void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* loc, const T* log_scale,
+                                       const T* prior_loc, const T* prior_log_scale, bool prior_shared,
+                                       uint64_t seed, int family, int kl_family, int64_t K, int64_t N, int64_t L,
+                                       T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads);
 
 // sample_positive: log_p0, log_p1 (N, L); z (K, N, L); log_q (K, N)
 // or null. family: 0 exponential, 1 Weibull, 2 Kumaraswamy

@@ -1,0 +1,608 @@
+"""The front ends of sample_location_scale and sample_positive: their
+public functions, torch.library ops and autograd Functions (double backwards
+included), on one shared front end of a family sampler of two (N, L)
+parameters (``FamilySampler``: its ops, the launches of their kernels, the
+evaluation's strided draw, the Function and the public function's draw;
+``FamilyKLSampler``: the ELBO's draw fused with family_kl's closed form).
+Each op adds only its double backward and its checks of the public
+arguments.
+
+Element (k, n, l) of a draw takes the noise at offset0 + k * sample_stride +
+n * row_stride + l (the training layout: offset0 = 0, sample_stride = N * L,
+row_stride = L); docs/architecture.md, "The RNG contract".
+
+sample_location_scale: reparameterized samples of a location-scale latent
+family with log q(z) from the noise that drew them, fused.
+z = loc + exp(log_scale) * e with e = F^-1(u) the standardized family's
+inverse CDF (uniform on (0, 1), Laplace, logistic, Gumbel, Cauchy) of the
+element's Philox uniform, and log q(z) = sum_l(log f(e) - log_scale) per
+sample from that e: exact however small the scale, never (z - loc) / scale
+divided back out. The custom ops ``fastvae::sample_location_scale`` and
+``fastvae::sample_location_scale_backward`` take the family as an int (a
+compile-time variant of one C++ and one Triton kernel pair) and the Philox
+seed as a 0-d int64 tensor: the backward regenerates e and nothing of size
+K x N x L is saved (only loc, log_scale and the seed).
+
+The uniforms (docs/architecture.md, "The RNG contract"): element i takes the
+folded word x of lane i % 4 of Philox counter i // 4 and maps it into the
+open (0, 1) as u = (x + 1/2) / 2**31 and v = 1 - u = (2**31 - 1/2 - x) / 2**31,
+each from the integer (float32: in float32 arithmetic, at most 1 - 2**-24), so
+u and v lie in [2**-32, 1 - 2**-32] and the tails are clipped there
+(docs/latents.md gives each family's largest |e|).
+
+sample_positive: reparameterized samples of the positive inverse-CDF latent
+families with log q(z) from the noise that drew them, fused. Every family is
+a transform of the Exp(1) variate t = -log u of the element's Philox uniform
+(-log1p(-v) above 1/2, so the upper tail keeps its bits):
+
+- "exponential" (log_rate): z = t / rate, log f = log rate - t;
+- "weibull" (log_scale, log_concentration k): z = scale * t^(1/k),
+  log f = log k - log scale + (1 - 1/k) log t - t;
+- "kumaraswamy" (log_a, log_b) on (0, 1): z = (1 - u^(1/b))^(1/a) in log
+  space, log z = log(m) / a with m = -expm1(-t / b) (log1p(-e^(-t/b)) above
+  t / b = log 2), log f = log a + log b + (1 - 1/a) log m - t + t / b. log q is
+  taken from log z, never from z, so it is finite for every a, b; z itself is
+  exp(log z) clamped into [tiny, 1 - ulp] of the compute dtype (float32:
+  [2**-126, 1 - 2**-24]), which a, b in [1e-3, 1e3] reach at the extreme
+  uniforms (docs/latents.md).
+
+The custom ops ``fastvae::sample_positive`` and ``fastvae::sample_positive_backward``
+take the family as an int (a compile-time variant of one C++ and one Triton
+kernel pair), the two log parameters (exponential ignores the second) and the
+Philox seed as a 0-d int64 tensor: the backward regenerates t and nothing of
+size K x N x L is saved. The uniforms are sample_location_scale's (element i:
+lane i % 4 of Philox counter i // 4, u = (x + 1/2) / 2**31 in [2**-32, 1 - 2**-32]):
+t lies in [2.3e-10, 22.18], the tails clipped there.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ... import _backend, _validate, _value_checks
+from ..._double_backward import _acc
+from ..._families import KL_FAMILIES, LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
+from ..._op import define, draw_seed, flat, run, shaped
+from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
+from ..family_kl.op import FamilyKL, prior_layout
+
+# a declared use (docs/architecture.md, "Layers"): sample_positive's double backward's closed forms
+from . import positive_terms
+
+
+def _family_index_of(families: tuple[str, ...], family) -> int:
+    """The kernels' index of a family name (its position in ``families``), or
+    a ValueError naming the choices."""
+    if family not in families:
+        raise ValueError(f"family must be one of {families}, got {family!r}")
+    return families.index(family)
+
+
+class FamilySampler:
+    """The front end of a family sampler ``name`` of two (N, L) parameters
+    ``params`` (their gradients ``d<param>``), whose kernels <name>_forward and
+    <name>_backward take the family as an int: the torch.library ops
+    ``fastvae::<name>`` (z (K, N, L), log q (K, N)) and
+    ``fastvae::<name>_backward`` (the two gradients), and the evaluation's
+    strided draw (``at``)."""
+
+    def __init__(self, name: str, params: tuple[str, str]):
+        self.name = name
+        self.params = params
+        self.grads = tuple(f"d{p}" for p in params)
+        self.kernels = f"{name}_forward", f"{name}_backward"
+        a, b = params
+        self.op = define(
+            f"{name}(Tensor {a}, Tensor {b}, Tensor seed, int family, int n_samples) -> (Tensor, Tensor)",
+            lambda p0, p1, seed, family, n_samples: self.draw(p0, p1, seed, family, n_samples),
+            self._fake,
+        )
+        self.backward_op = define(
+            f"{name}_backward(Tensor {a}, Tensor {b}, Tensor seed, int family, Tensor? grad_z,"
+            " Tensor? grad_log_q, bool stop_score) -> (Tensor, Tensor)",
+            self._backward,
+            lambda p0, p1, seed, family, grad_z, grad_log_q, stop_score: (torch.empty_like(p0),
+                                                                           torch.empty_like(p1)),
+        )
+
+    def draw(self, p0: Tensor, p1: Tensor, seed: Tensor, family: int, n_samples: int,
+             offsets: tuple[int, int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """(z (n_samples, N, L), log q (n_samples, N)) for p0, p1 (N, L) at the
+        noise offsets offset0 + k * sample_stride + n * row_stride + l of
+        ``offsets`` (offset0, sample_stride, row_stride), checked, or by
+        default the training layout's."""
+        backend = _backend.backend_for(p0.device)
+        dtype = _backend.compute_dtype(p0, p1)
+        a = _backend.kernel_input(backend, flat(p0), dtype)
+        b = _backend.kernel_input(backend, flat(p1), dtype)
+        N, L = a.shape
+        z_type = z_dtype(p0, p1)
+        z = empty_z(backend, (n_samples, N, L), p0, dtype, z_type)
+        log_q = _backend.empty_output((n_samples, N), like=p0, dtype=dtype)
+        if offsets is None:
+            offset0, sample_stride, row_stride = 0, N * L, L
+        else:
+            if z.numel() == 0:
+                return _backend.in_dtype(z, z_type), log_q.zero_()
+            offset0, sample_stride, row_stride = offsets
+            check_offsets(offset0, sample_stride, row_stride,
+                          offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1)
+        p0_name, p1_name = self.params
+        _backend.launch(backend, self.kernels[0], z.numel(), **{
+            p0_name: a, p1_name: b, "seed": seed, "family": family, "offset0": offset0,
+            "sample_stride": sample_stride, "row_stride": row_stride, "z": z, "log_q": log_q})
+        return _backend.in_dtype(z, z_type), log_q
+
+    def _backward(self, p0: Tensor, p1: Tensor, seed: Tensor, family: int, grad_z: Tensor | None,
+                  grad_log_q: Tensor | None, stop_score: bool) -> tuple[Tensor, Tensor]:
+        """The two gradients (N, L) from grad_z (K, N, L) and grad_log_q (K, N) (None: no gradient)."""
+        backend = _backend.backend_for(p0.device)
+        dtype = _backend.compute_dtype(p0, p1)
+        a = _backend.kernel_input(backend, flat(p0), dtype)
+        b = _backend.kernel_input(backend, flat(p1), dtype)
+        grad_z, grad_log_q = (_backend.kernel_input(backend, g, dtype) for g in (grad_z, grad_log_q))
+        N, L = a.shape
+        K = gradient_samples(grad_z, grad_log_q)
+        da = _backend.empty_output((N, L), like=a)
+        db = _backend.empty_output((N, L), like=b)
+        _backend.launch(
+            backend, self.kernels[1], max(K, 1) * N * L,
+            grad_z=None if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
+            grad_log_q=None if grad_log_q is None else grad_log_q.reshape(K, N).contiguous(),
+            **{self.params[0]: a, self.params[1]: b}, seed=seed, family=family, stop_score=stop_score,
+            **{self.grads[0]: da, self.grads[1]: db},
+        )
+        return _backend.in_dtype(da, p0.dtype), _backend.in_dtype(db, p1.dtype)
+
+    @staticmethod
+    def _fake(p0: Tensor, p1: Tensor, seed: Tensor, family: int, n_samples: int):
+        dtype = _backend.compute_dtype(p0, p1)
+        return (p0.new_empty((n_samples, *p0.shape), dtype=z_dtype(p0, p1)),
+                p0.new_empty((n_samples, *p0.shape[:-1]), dtype=dtype))
+
+    def at(self, family: int, p0: Tensor, p1: Tensor, seed: Tensor, n_samples: int, *, offset0: int,
+           sample_stride: int, row_stride: int) -> tuple[Tensor, Tensor]:
+        """(z (n_samples, N, L), log q (n_samples, N)) for p0, p1 (N, L) at the
+        noise offsets offset0 + k * sample_stride + n * row_stride + l: the
+        evaluation's example-major layout, drawn where it is used. No gradient."""
+        return self.draw(p0.detach(), p1.detach(), seed, family, n_samples, (offset0, sample_stride, row_stride))
+
+    def function(self, name: str, double_backward, stand_in_second: int | None = None) -> type:
+        """The autograd Function ``name`` of the sampler: (z (K, ..., L),
+        log q (K, ...)) of (p0, p1, seed, family, n_samples, stop_score),
+        saving the parameters as (N, L) and the seed only. ``stop_score``
+        (STL / DReG): log q's gradient reaches the parameters only along z.
+        ``double_backward(grad_z, grad_log_q, stop_score, family, p0, p1, seed,
+        n_samples, shape)`` gives the gradients with a graph (create_graph=True);
+        the family ``stand_in_second``, if any, reads no second parameter (it
+        gets no gradient)."""
+        sampler = self
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, p0, p1, seed, family, n_samples, stop_score):
+                a, b = flat(p0), flat(p1)
+                z, log_q = run(sampler.op, a, b, seed, family, n_samples)
+                ctx.save_for_backward(a, b, seed, p0, p1)
+                ctx.set_materialize_grads(False)
+                ctx.shape, ctx.family, ctx.n_samples, ctx.stop_score = p0.shape, family, n_samples, stop_score
+                return shaped(z, (n_samples, *p0.shape)), shaped(log_q, (n_samples, *p0.shape[:-1]))
+
+            @staticmethod
+            def backward(ctx, grad_z, grad_log_q):
+                if grad_z is None and grad_log_q is None:
+                    return None, None, None, None, None, None
+                a, b, seed, p0, p1 = ctx.saved_tensors
+                K = ctx.n_samples
+                if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+                    d0, d1 = double_backward(grad_z, grad_log_q, bool(ctx.stop_score), ctx.family, p0, p1, seed,
+                                             K, ctx.shape)
+                else:
+                    N, L = a.shape
+                    d0, d1 = run(sampler.backward_op, a, b, seed, ctx.family,
+                                 None if grad_z is None else shaped(grad_z, (K, N, L)),
+                                 None if grad_log_q is None else shaped(grad_log_q, (K, N)), bool(ctx.stop_score))
+                    d0, d1 = shaped(d0, ctx.shape), shaped(d1, ctx.shape)
+                if ctx.family == stand_in_second:
+                    d1 = None
+                return d0, d1, None, None, None, None
+
+        Function.__name__ = Function.__qualname__ = name
+        self.autograd = Function
+        return Function
+
+    def unchecked(self, family: int, p0: Tensor, p1: Tensor, n_samples: int, stop_score: bool,
+                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(z (K, ..., L), log q (K, ...)) through the autograd Function, for
+        arguments the caller has validated (the latents' records)."""
+        return self.autograd.apply(p0, p1, draw_seed(p0.device, generator), family, n_samples, stop_score)
+
+    def sample(self, family: int, p0: Tensor, p1: Tensor, n_samples: int | None,
+               generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """The public function's draw after its checks of the family and the
+        parameters: (z, log q), one sample shaped like p0 for n_samples None,
+        else K of them, (K, ..., L) and (K, ...)."""
+        K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, p0.numel(), p0)
+        z, log_q = self.autograd.apply(p0, p1, draw_seed(p0.device, generator), family, K, False)
+        return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+
+
+class FamilyKLSampler:
+    """The front end of a family sampler's ELBO draw fused with family_kl's
+    closed form (its kernels <name>_kl_forward and <name>_kl_backward, named
+    as _spec.family_sampler_kl_kernels names them): the torch.library ops
+    ``fastvae::<name>_kl`` (z (K, N, L), the KL summed over L (N,)) and
+    ``fastvae::<name>_kl_backward`` (q's gradients, the sampler's plus the
+    KL's, then the prior's per row where asked), and their autograd Function.
+
+    ``sampler``: the FamilySampler (its Function replays a create_graph
+    backward); ``kl_apply``, ``prior_layout``: family_kl's Function's apply
+    and its prior layout (the ops layer above passes them in);
+    ``kl_parameters(kl_family, p0, p1, prior0, prior1)``: FamilyKL's
+    (q_loc, q_log_param, p_loc, p_log_param) of the sampler's parameters."""
+
+    def __init__(self, sampler: FamilySampler, kl_apply, prior_layout, kl_parameters):
+        self.sampler, self.kl_apply = sampler, kl_apply
+        self.prior_layout, self.kl_parameters = prior_layout, kl_parameters
+        name, (a, b) = sampler.name, sampler.params
+        self.kernels = f"{name}_kl_forward", f"{name}_kl_backward"
+        self.names = (a, b, f"prior_{a}", f"prior_{b}")
+        self.op = define(
+            f"{name}_kl(Tensor {a}, Tensor {b}, Tensor prior_{a}, Tensor prior_{b}, Tensor seed, int family,"
+            " int kl_family, int n_samples) -> (Tensor, Tensor)",
+            self._forward,
+            lambda p0, p1, prior0, prior1, seed, family, kl_family, n_samples: (
+                p0.new_empty((n_samples, *p0.shape)), p0.new_empty(p0.shape[:1])),
+        )
+        self.backward_op = define(
+            f"{name}_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor {a}, Tensor {b}, Tensor prior_{a},"
+            f" Tensor prior_{b}, Tensor seed, int family, int kl_family, bool need_dp) -> Tensor[]",
+            self._backward,
+            lambda grad_z, grad_kl, p0, p1, prior0, prior1, seed, family, kl_family, need_dp: [
+                torch.empty_like(p0) for _ in range(4 if need_dp else 2)],
+        )
+
+    def _forward(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor, seed: Tensor, family: int,
+                 kl_family: int, n_samples: int) -> tuple[Tensor, Tensor]:
+        """(z (n_samples, N, L), kl (N,)) for q's (N, L) and the prior's (L,) or
+        (N, L), one float32 or float64 dtype: the draw at the training layout's
+        offsets and family_kl's closed form summed over L."""
+        backend = _backend.backend_for(p0.device)
+        N, L = p0.shape
+        z = _backend.empty_output((n_samples, N, L), like=p0)
+        kl = _backend.empty_output((N,), like=p0)
+        _backend.launch(backend, self.kernels[0], z.numel(), **dict(zip(self.names, (p0, p1, prior0, prior1))),
+                        seed=seed, family=family, kl_family=kl_family, z=z, kl=kl)
+        return z, kl
+
+    def _backward(self, grad_z: Tensor | None, grad_kl: Tensor | None, p0: Tensor, p1: Tensor, prior0: Tensor,
+                  prior1: Tensor, seed: Tensor, family: int, kl_family: int, need_dp: bool) -> list[Tensor]:
+        """[d p0, d p1] (N, L), the sampler's plus the KL's, then (need_dp) the
+        prior's per row (N, L), whatever its layout."""
+        backend = _backend.backend_for(p0.device)
+        grads = [_backend.empty_output(p0.shape, like=p0) for _ in range(4 if need_dp else 2)]
+        grads_by_name = dict(zip((f"d{n}" for n in self.names), grads + [None, None]))
+        _backend.launch(backend, self.kernels[1], p0.numel() * (1 if grad_z is None else grad_z.shape[0]),
+                        grad_z=None if grad_z is None else grad_z.contiguous(),
+                        grad_kl=None if grad_kl is None else grad_kl.contiguous(),
+                        **dict(zip(self.names, (p0, p1, prior0, prior1))), seed=seed, family=family,
+                        kl_family=kl_family, **grads_by_name)
+        return grads
+
+    def function(self, name: str) -> type:
+        """The autograd Function ``name``: (z (K, ..., L), KL(q || p) (...)) of
+        (p0, p1, prior0, prior1, seed, family, kl_family, n_samples), the
+        prior's each broadcastable to q's shape, drawn and computed in one
+        pass each way: z is the sampler's Function's, the KL FamilyKL's, the
+        gradients their sum, bit for bit. Saves q and the prior in the
+        kernels' layout and the seed; a create_graph backward replays the two
+        Functions."""
+        fused = self
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, p0, p1, prior0, prior1, seed, family, kl_family, n_samples):
+                shape = p0.shape
+                a, b = flat(p0), flat(p1)
+                _, _, p_loc, p_lp = fused.kl_parameters(kl_family, None, None, prior0, prior1)
+                pa, pb = fused.prior_layout(p_loc, p_lp, shape)
+                if pa is None:  # a family with no location: its one prior parameter twice (the kernels read one)
+                    pa = pb
+                z, kl = run(fused.op, a, b, pa, pb, seed, family, kl_family, n_samples)
+                ctx.save_for_backward(a, b, pa, pb, seed, p0, p1, prior0, prior1)
+                ctx.set_materialize_grads(False)
+                ctx.family, ctx.kl_family, ctx.n_samples, ctx.shape = family, kl_family, n_samples, shape
+                return shaped(z, (n_samples, *shape)), shaped(kl, shape[:-1])
+
+            @staticmethod
+            def backward(ctx, grad_z, grad_kl):
+                none = (None,) * 4  # seed, family, kl_family, n_samples
+                if grad_z is None and grad_kl is None:
+                    return (None,) * 8
+                a, b, pa, pb, seed, *inputs = ctx.saved_tensors
+                needs, K, shape = ctx.needs_input_grad[:4], ctx.n_samples, ctx.shape
+                if torch.is_grad_enabled():  # create_graph=True: the two Functions, whose gradients have a graph
+                    with torch.enable_grad():
+                        z, _ = fused.sampler.autograd.apply(inputs[0], inputs[1], seed, ctx.family, K, False)
+                        kl = fused.kl_apply(ctx.kl_family, True, *fused.kl_parameters(ctx.kl_family, *inputs))
+                    outs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
+                    wanted = [t for t, need in zip(inputs, needs) if need]
+                    got = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs],
+                                                   create_graph=True, allow_unused=True))
+                    grads = [next(got) if need else None for need in needs]
+                    return (*(torch.zeros_like(t) if need and d is None else d
+                              for t, d, need in zip(inputs, grads, needs)), *none)
+                N, L = a.shape
+                need_dp = grad_kl is not None and (needs[2] or needs[3])
+                grads = run(fused.backward_op, None if grad_z is None else shaped(grad_z, (K, N, L)),
+                            None if grad_kl is None else shaped(grad_kl, (N,)), a, b, pa, pb, seed, ctx.family,
+                            ctx.kl_family, need_dp)
+                out = [shaped(grads[0], shape), shaped(grads[1], shape), None, None]
+                if need_dp:  # the prior's, summed back to its shape
+                    out[2:] = [shaped(d, shape).sum_to_size(t.shape) for d, t in zip(grads[2:], inputs[2:])]
+                return (*(d if need else None for d, need in zip(out, needs)), *none)
+
+        Function.__name__ = Function.__qualname__ = name
+        self.autograd = Function
+        return Function
+
+    def unchecked(self, family: int, kl_family: int, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor,
+                  n_samples: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """(z (K, ..., L), KL (...)) through the autograd Function, for
+        arguments the caller has validated (the latents' records): every
+        tensor float32 or float64, one dtype and device, the prior's
+        broadcastable to q's shape."""
+        return self.autograd.apply(p0, p1, prior0, prior1, draw_seed(p0.device, generator), family, kl_family,
+                                   n_samples)
+
+
+# -- sample_location_scale ---------------------------------------------------------
+
+
+def location_scale_index(family) -> int:
+    """The kernels' index of a family name, or a ValueError naming the choices."""
+    return _family_index_of(LOCATION_SCALE_FAMILIES, family)
+
+
+LOCATION_SCALE_SAMPLER = FamilySampler("sample_location_scale", ("loc", "log_scale"))
+sample_location_scale_op = LOCATION_SCALE_SAMPLER.op
+sample_location_scale_backward_op = LOCATION_SCALE_SAMPLER.backward_op
+
+
+def _score(family: int, e: Tensor) -> Tensor:
+    """psi(e) = d log f / de of the standardized family, from e (the double
+    backward's closed form; the kernels take it from the uniforms)."""
+    if family == 0:
+        return torch.zeros_like(e)
+    if family == 1:
+        return -torch.sign(e)
+    if family == 2:
+        return -torch.tanh(0.5 * e)
+    if family == 3:
+        return torch.expm1(-e)
+    return -2.0 * e / (1.0 + e * e)
+
+
+def _location_scale_double_backward(grad_z, grad_log_q, stop_score, family, loc, log_scale, seed, n_samples, shape):
+    """The gradients as differentiable torch ops (create_graph=True): e comes
+    from the sampling op itself at loc = 0, log_scale = 0 (z is e bit for bit)
+    and enters as a constant; the same closed forms as the kernels."""
+    acc = _backend.compute_dtype(loc, log_scale)
+    zero = torch.zeros(flat(loc).shape, dtype=acc, device=loc.device)
+    with torch.no_grad():
+        e = run(sample_location_scale_op, zero, zero, seed, family, n_samples)[0].to(acc)
+    e = e.reshape(n_samples, *shape)
+    ls = _acc(log_scale)
+    s = torch.exp(ls)
+    dloc = torch.zeros_like(s)
+    dls = torch.zeros_like(s)
+    if grad_z is not None:
+        gz = _acc(grad_z).reshape(n_samples, *shape)
+        dloc = dloc + gz.sum(0)
+        dls = dls + s * (gz * e).sum(0)
+    if grad_log_q is not None:
+        gq = _acc(grad_log_q).reshape(n_samples, *shape[:-1]).unsqueeze(-1)
+        if stop_score:
+            psi = _score(family, e)
+            score = (gq * psi).sum(0)
+            dloc = dloc + torch.where(score == 0, 0.0, score * torch.exp(-ls))
+            dls = dls + (gq * psi * e).sum(0)
+        else:
+            dls = dls - gq.sum(0).expand_as(dls)
+    return dloc.to(loc.dtype), dls.to(log_scale.dtype)
+
+
+# Autograd of fastvae::sample_location_scale: (z (K, ..., L), log q (K, ...)), saving
+# loc and log_scale as (N, L) and the seed only; with stop_score (STL / DReG)
+# d/dz log q = psi(e) / scale from the regenerated e.
+SampleLocationScale = LOCATION_SCALE_SAMPLER.function("SampleLocationScale", _location_scale_double_backward)
+
+
+def sample_location_scale(
+    family: str,
+    loc: Tensor,
+    log_scale: Tensor,
+    n_samples: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reparameterized samples of a location-scale family and their log-density.
+
+    Args:
+        family: "uniform" (on (loc, loc + scale)), "laplace", "logistic",
+            "gumbel" or "cauchy".
+        loc, log_scale: (..., L) on one device; scale = exp(log_scale).
+        n_samples: None for one sample shaped like loc; an int K >= 1 for (K, ..., L).
+        generator: torch.Generator the Philox seed is drawn from.
+
+    Returns:
+        (z, log_q): z = loc + exp(log_scale) * F^-1(u), and log q(z) summed
+        over L (shape (...) or (K, ...)) from the e that drew z. Both are
+        differentiable in loc and log_scale; the noise is regenerated in the
+        backward, never stored.
+    """
+    index = location_scale_index(family)
+    _validate.float_tensors(loc=loc, log_scale=log_scale)
+    _validate.event_dim("loc", loc)
+    _validate.same_shape(loc=loc, log_scale=log_scale)
+    return LOCATION_SCALE_SAMPLER.sample(index, loc, log_scale, n_samples, generator)
+
+
+# (z (K, ..., L), log q (K, ...)) of (family, loc, log_scale, n_samples, stop_score, generator)
+# for arguments the caller has validated (the latents' records)
+sample_location_scale_unchecked = LOCATION_SCALE_SAMPLER.unchecked
+
+
+# (z (n_samples, N, L), log q (n_samples, N)) for loc, log_scale (N, L) at the noise offsets
+# offset0 + k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient.
+location_scale_at = LOCATION_SCALE_SAMPLER.at
+
+
+# -- the draw with the closed-form KL fused (sample_location_scale_kl_*) -------------
+
+
+# the ELBO's draw against a prior of a family with a location (family_kl's (loc,
+# log_scale) against (prior_loc, prior_log_scale)): z is SampleLocationScale's, the
+# KL FamilyKL's, the gradients their sum, bit for bit, in one pass each way
+LOCATION_SCALE_KL = FamilyKLSampler(LOCATION_SCALE_SAMPLER, FamilyKL.apply, prior_layout,
+                                    lambda kl_family, *params: params)
+SampleLocationScaleKL = LOCATION_SCALE_KL.function("SampleLocationScaleKL")
+
+# (z (K, ..., L), KL (...)) of (family, kl_family, loc, log_scale, prior_loc,
+# prior_log_scale, n_samples, generator) for arguments the caller has validated
+sample_location_scale_kl_unchecked = LOCATION_SCALE_KL.unchecked
+
+
+# -- sample_positive ---------------------------------------------------------------
+
+
+PARAMETERS = {"exponential": ("log_rate",), "weibull": ("log_scale", "log_concentration"),
+              "kumaraswamy": ("log_a", "log_b")}
+
+
+def positive_index(family) -> int:
+    """The kernels' index of a family name, or a ValueError naming the choices."""
+    return _family_index_of(POSITIVE_FAMILIES, family)
+
+
+POSITIVE_SAMPLER = FamilySampler("sample_positive", ("log_p0", "log_p1"))
+sample_positive_op, sample_positive_backward_op = POSITIVE_SAMPLER.op, POSITIVE_SAMPLER.backward_op
+
+
+def _positive_double_backward(grad_z, grad_log_q, stop_score, family, log_p0, log_p1, seed, n_samples, shape):
+    """The gradients as differentiable torch ops (create_graph=True): t comes
+    from the sampling op itself (exponential at log_rate = 0: z is t bit for
+    bit) and enters as a constant; the oracle's positive_terms' closed forms."""
+    acc = _backend.compute_dtype(log_p0, log_p1)
+    zero = torch.zeros(flat(log_p0).shape, dtype=acc, device=log_p0.device)
+    with torch.no_grad():
+        t = run(sample_positive_op, zero, zero, seed, 0, n_samples)[0].to(acc)
+    t = t.reshape(n_samples, *shape)
+    p0, p1 = _acc(log_p0), _acc(log_p1)
+    z, _, c0, c1, f0, f1, s0, s1 = positive_terms(family, t, torch.log(t), p0, p1, acc)
+    d0 = torch.zeros_like(p0 + p1)
+    d1 = torch.zeros_like(d0)
+    if grad_z is not None:
+        gz = _acc(grad_z).reshape(n_samples, *shape) * z
+        d0, d1 = d0 + (gz * c0).sum(0), d1 + (gz * c1).sum(0)
+    if grad_log_q is not None:
+        gq = _acc(grad_log_q).reshape(n_samples, *shape[:-1]).unsqueeze(-1)
+        d0 = d0 + (gq * (s0 if stop_score else f0)).sum(0)
+        d1 = d1 + (gq * (s1 if stop_score else f1)).sum(0)
+    return d0.to(log_p0.dtype), d1.to(log_p1.dtype)
+
+
+# Autograd of fastvae::sample_positive: (z (K, ..., L), log q (K, ...)), saving the
+# log parameters as (N, L) and the seed only; the exponential's second
+# parameter is a stand-in and gets no gradient.
+SamplePositive = POSITIVE_SAMPLER.function("SamplePositive", _positive_double_backward, stand_in_second=0)
+
+
+def check_params(family: str, log_param: Tensor, log_param2: Tensor | None) -> tuple[int, Tensor, Tensor]:
+    """(index, log_p0, log_p1) of a family's log parameters, checked by name
+    (dtype, shape, finite values); exponential's second is a detached alias
+    of log_p0 (read by no formula; not log_p0 itself, which torch.compile
+    cannot trace into one Function twice)."""
+    index = positive_index(family)
+    names = PARAMETERS[family]
+    if len(names) == 1:
+        if log_param2 is not None:
+            raise ValueError(f"the {family} family takes one parameter ({names[0]}), got a second")
+        _validate.float_tensors(**{names[0]: log_param})
+        _validate.event_dim(names[0], log_param)
+        _value_checks.finite_log_param(log_param, names[0])
+        return index, log_param, log_param.detach()
+    if log_param2 is None:
+        raise ValueError(f"the {family} family takes two parameters ({', '.join(names)}), got one")
+    _validate.float_tensors(**{names[0]: log_param, names[1]: log_param2})
+    _validate.event_dim(names[0], log_param)
+    _validate.same_shape(**{names[0]: log_param, names[1]: log_param2})
+    _value_checks.finite_log_param(log_param, names[0])
+    _value_checks.finite_log_param(log_param2, names[1])
+    return index, log_param, log_param2
+
+
+def sample_positive(
+    family: str,
+    log_param: Tensor,
+    log_param2: Tensor | None = None,
+    n_samples: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reparameterized samples of a positive family and their log-density.
+
+    Args:
+        family: "exponential" (log_param = log rate), "weibull" (log scale,
+            log concentration) or "kumaraswamy" (log a, log b), as an encoder
+            outputs them.
+        log_param, log_param2: (..., L) on one device (log_param2 None for
+            the exponential); every finite value is valid.
+        n_samples: None for one sample shaped like log_param; an int K >= 1 for (K, ..., L).
+        generator: torch.Generator the Philox seed is drawn from.
+
+    Returns:
+        (z, log_q): z the family's inverse CDF of the uniforms, and log q(z)
+        summed over L (shape (...) or (K, ...)) from the t that drew z. Both
+        are differentiable in the log parameters; the noise is regenerated in
+        the backward, never stored.
+    """
+    index, p0, p1 = check_params(family, log_param, log_param2)
+    return POSITIVE_SAMPLER.sample(index, p0, p1, n_samples, generator)
+
+
+# (z (K, ..., L), log q (K, ...)) of (family, log_p0, log_p1, n_samples, stop_score, generator)
+# for arguments the caller has validated (the latents' records)
+sample_positive_unchecked = POSITIVE_SAMPLER.unchecked
+
+
+# (z (n_samples, N, L), log q (n_samples, N)) for log_p0, log_p1 (N, L) at the noise offsets
+# offset0 + k * sample_stride + n * row_stride + l: the evaluation's layout. No gradient.
+positive_at = POSITIVE_SAMPLER.at
+
+
+# -- the draw with the closed-form KL fused (sample_positive_kl_*) -------------------
+
+
+_EXPONENTIAL_KL = KL_FAMILIES.index("exponential")
+
+
+def _kl_parameters(kl_family: int, p0, p1, prior0, prior1) -> tuple:
+    """FamilyKL's (q_loc, q_log_param, p_loc, p_log_param): the exponential's
+    log-rates alone, the Weibull's and the Kumaraswamy's pairs with their
+    priors' (a Weibull's, a Beta's) as (loc, log_param)."""
+    return (None, p0, None, prior0) if kl_family == _EXPONENTIAL_KL else (p0, p1, prior0, prior1)
+
+
+# the ELBO's draw against a prior of the family's KL (the exponential's log-rate, a
+# Weibull's (log scale, log concentration) for the Weibull, or a Beta's (log alpha,
+# log beta) for the Kumaraswamy): z is SamplePositive's, the KL
+# FamilyKL's, the gradients their sum, bit for bit, in one pass each way. The
+# exponential's second parameters are stand-ins (detached aliases of the first),
+# which get no gradient
+POSITIVE_KL = FamilyKLSampler(POSITIVE_SAMPLER, FamilyKL.apply, prior_layout, _kl_parameters)
+SamplePositiveKL = POSITIVE_KL.function("SamplePositiveKL")
+
+# (z (K, ..., L), KL (...)) of (family, kl_family, log_p0, log_p1, prior_log_p0,
+# prior_log_p1, n_samples, generator) for arguments the caller has validated
+sample_positive_kl_unchecked = POSITIVE_KL.unchecked

@@ -1,0 +1,716 @@
+// sample_location_scale and sample_positive on the CPU: a family sampler of
+// two (N, L) parameters draws z (K, N, L) and log q (K, N) at the noise
+// offsets and regenerates the noise in its backward; the family is a template
+// parameter (a compile-time variant), one runtime switch per call picks the
+// instantiation. The loops over (K, N, L) (namespace sampler, below) are the
+// two ops'; each adds only its transform and its density.
+//
+// sample_location_scale: z = loc + exp(log_scale) * e with e = F^-1(u) of a
+// standardized family (uniform, Laplace, logistic, Gumbel, Cauchy), u the
+// element's Philox uniform (one word per element: lane i % 4 of counter
+// i // 4), and log q(z) = sum_l(log f(e) - log_scale) from the same e.
+//
+// sample_positive: the positive inverse-CDF families (exponential, Weibull,
+// Kumaraswamy) as transforms of the Exp(1) variate t = -log u of the
+// element's Philox uniform, log q(z) summed over L from the same t. The
+// oracle's positive_terms (__init__.py) gives the closed forms.
+//
+// The _kl variants add family_kl's closed-form KL of the parameters against
+// a prior (in family_kl's layout: a family with a location for
+// sample_location_scale; the exponential's against an exponential, the
+// Weibull's against a Weibull, the Kumaraswamy's against a Beta) inside the
+// same loops: its row sums once a tile of z is drawn, its gradients added to
+// each block of the sampler's while they are in cache. One pass over q each
+// way instead of two, and no separate sum of the two gradients.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "family_kl/family_kl.h"
+#include "ops.h"
+#include "philox.h"
+#include "rows.h"
+#include "sample_family.h"
+#include "sampler.h"
+
+namespace fastvae {
+namespace sampler {
+
+constexpr int64_t kBlock = 512;  // elements per vector block (stack buffers)
+
+// The Exp(1) variate of a folded word: -log u below 1/2, -log1p(-v) above, so
+// that the upper tail keeps its bits; both, then a select (vectorizes).
+template <typename T>
+FASTVAE_INLINE T exp1(int32_t x) {
+  T u, v;
+  open_uniforms(x, u, v);
+  const T t_lo = -log_t(u), t_hi = -log1m(v);
+  return x < kHalfWord ? t_lo : t_hi;
+}
+
+// fn(std::integral_constant<int, family>) for a family index in [0, Count):
+// the family as a compile-time variant, one runtime switch per call.
+template <int Count, int F = 0, typename Fn>
+void by_family(int family, Fn fn) {
+  if constexpr (F < Count) {
+    if (family == F) return fn(std::integral_constant<int, F>{});
+    return by_family<Count, F + 1>(family, fn);
+  } else {
+    throw std::invalid_argument("family must be in [0, " + std::to_string(Count) + "), got " +
+                                std::to_string(family));
+  }
+}
+
+// A hook that does nothing: forward_rows' after_tile, backward_blocks' after_block.
+struct NoHook {
+  void operator()(int64_t, int64_t) const {}
+};
+
+// The forward of a family sampler: z (K, N, L) and log_q (K, N) or null, at
+// the noise offsets offset0 + k * sample_stride + n * row_stride + l, in
+// tiles of whole rows (about kTileElems elements, one parallel work item
+// each). make() gives each tile its Block, which has:
+//   prepare(b0, n): once per block of elements b0 .. b0 + n - 1 of the
+//     parameters, before its samples (what they share, such as the scale);
+//   draw(x, b0, n, z, lf, with_log_q): z of the block in one sample from its
+//     folded words x, and with_log_q the log-density terms lf, which are
+//     summed per sample row in double.
+// after_tile(r0, r1) runs once a tile's rows r0 .. r1 - 1 are drawn, while
+// their parameters are in cache (a closed-form KL of the same parameters).
+template <typename T, typename Make, typename AfterTile = NoHook>
+void forward_rows(uint64_t seed, uint64_t offset0, uint64_t sample_stride, uint64_t row_stride, int64_t K,
+                  int64_t N, int64_t L, T* z, T* log_q, int n_threads, Make make, AfterTile after_tile = {}) {
+  const int64_t NL = N * L;
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElems / std::max<int64_t>(L, 1));
+  const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    const int64_t r0 = tile * tile_rows;
+    const int64_t r1 = std::min(N, r0 + tile_rows);
+    auto block = make();
+    // per (sample, row of the tile) sums of the log-density terms, in double
+    std::vector<double> acc(log_q ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T lf[kBlock];
+    for (int64_t b0 = r0 * L; b0 < r1 * L; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, r1 * L - b0);
+      block.prepare(b0, n);
+      for (int64_t k = 0; k < K; ++k) {
+        folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, b0, n, L, row_stride, x);
+        block.draw(x, b0, n, z + k * NL + b0, lf, log_q != nullptr);
+        if (log_q) {
+          double* a = acc.data() + k * (r1 - r0);
+          for (int64_t i = 0; i < n;) {  // row runs of the block
+            const int64_t row = (b0 + i) / L;
+            const int64_t len = std::min(n - i, (row + 1) * L - (b0 + i));
+            double sum = 0.0;
+            for (int64_t j = i; j < i + len; ++j) sum += double(lf[j]);
+            a[row - r0] += sum;
+            i += len;
+          }
+        }
+      }
+    }
+    if (log_q) {
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t row = r0; row < r1; ++row) {
+          log_q[k * N + row] = static_cast<T>(acc[size_t(k * (r1 - r0) + row - r0)]);
+        }
+      }
+    }
+    after_tile(r0, r1);
+  }
+}
+
+// The backward of a family sampler over the flat elements of its (N, L)
+// parameters in blocks of kBlock (one parallel work item each), with the noise
+// regenerated at the training layout's offsets k * N * L + i. make() gives
+// each block its Block, which has:
+//   start(n): its sums set to 0;
+//   step(x, b0, base, n, gq): sample k's terms of the block from its folded
+//     words x (base = k * N * L + b0, grad_z's offset) and each element's
+//     dlog_q[k, row] (gq; null when dlog_q is);
+//   finish(b0, n): the gradients of elements b0 .. b0 + n - 1 from the sums.
+// after_block(b0, n) runs once they are written, while they are in cache (a
+// closed-form KL's gradients added to them).
+template <typename T, typename Make, typename AfterBlock = NoHook>
+void backward_blocks(const T* dlog_q, uint64_t seed, int64_t K, int64_t N, int64_t L, int n_threads, Make make,
+                     AfterBlock after_block = {}) {
+  const int64_t NL = N * L;
+  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t b0 = blk * kBlock;
+    const int64_t n = std::min(kBlock, NL - b0);
+    auto block = make();
+    block.start(n);
+    alignas(64) int32_t x[kBlock];
+    alignas(64) T gq[kBlock];
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t base = k * NL + b0;
+      folded_words(seed, static_cast<uint64_t>(base), n, x);
+      if (dlog_q) spread_rows(dlog_q + k * N, b0, n, L, gq);
+      block.step(x, b0, base, n, dlog_q ? gq : nullptr);
+    }
+    block.finish(b0, n);
+    after_block(b0, n);
+  }
+}
+
+}  // namespace sampler
+
+// -- sample_location_scale ----------------------------------------------------
+namespace {
+namespace location_scale {
+
+using sampler::kBlock;
+using sampler::log_t;
+
+// log(1 - v) for v in (0, 1/2], to v's relative precision: log w corrected by
+// the rounding of w = 1 - v (Goldberg), or -v where w rounds to 1. (Not
+// sampler::log1m's guarded division: the float32 bits follow the form.)
+FASTVAE_INLINE float log1m(float v) {
+  const float w = 1.0f - v;
+  return w == 1.0f ? -v : fast_log_positive(w) * (-v / (w - 1.0f));
+}
+FASTVAE_INLINE double log1m(double v) { return std::log1p(-v); }
+
+enum Family : int { kUniform = 0, kLaplace = 1, kLogistic = 2, kGumbel = 3, kCauchy = 4 };
+
+// cos and sin of pi w for w in (0, 1/2].
+FASTVAE_INLINE void cos_sin_pi(float w, float& c, float& s) { cos_sin_turns(0.5f * w, c, s); }
+FASTVAE_INLINE void cos_sin_pi(double w, double& c, double& s) {
+  c = std::cos(3.141592653589793 * w);
+  s = std::sin(3.141592653589793 * w);
+}
+
+// e = F^-1(u), log f(e) and psi(e) = d log f / de of the standardized family,
+// from the word x (so the tails keep their bits: see the oracle's standardized, __init__.py).
+template <int F, typename T>
+FASTVAE_INLINE void standardized(int32_t x, T& e, T& log_f, T& psi) {
+  T u, v;
+  open_uniforms(x, u, v);
+  const bool lower = x < kHalfWord;
+  if constexpr (F == kUniform) {
+    e = u;
+    log_f = T(0);
+    psi = T(0);
+  } else if constexpr (F == kLaplace) {
+    const T a = log_t(T(2) * (lower ? u : v));  // <= 0
+    e = lower ? a : -a;
+    log_f = a - T(0.6931471805599453);
+    psi = lower ? T(1) : T(-1);
+  } else if constexpr (F == kLogistic) {
+    const T lu = log_t(u), lv = log_t(v);
+    e = lu - lv;
+    log_f = lu + lv;
+    psi = v - u;
+  } else if constexpr (F == kGumbel) {
+    const T t = lower ? -log_t(u) : -log1m(v);  // the Exp(1) variate -log u
+    e = -log_t(t);
+    log_f = -e - t;
+    psi = t - T(1);
+  } else {  // Cauchy: e = -/+ cot(pi w), w = min(u, v); 1 + e^2 = 1 / sin^2
+    T c, s;
+    cos_sin_pi(lower ? u : v, c, s);
+    const T sign = lower ? T(-1) : T(1);
+    e = sign * c / s;
+    log_f = T(2) * log_t(s) - T(1.1447298858494002);  // log pi
+    psi = T(-2) * sign * c * s;
+  }
+}
+
+// exp for a block
+FASTVAE_CLONES void exp_block(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = fast_exp(x[i]);
+}
+FASTVAE_INLINE void exp_block(const double* x, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i]);
+}
+
+// The transform of a block of words. The float32 loops are ISA-cloned entry
+// points (clones cannot be templates: one per family, by macro); float64 runs
+// libm and is the precise path, not the fast one.
+template <int F>
+FASTVAE_INLINE void noise_block(const int32_t* x, int64_t n, double* e, double* log_f, double* psi) {
+  for (int64_t i = 0; i < n; ++i) standardized<F, double>(x[i], e[i], log_f[i], psi[i]);
+}
+
+#define FASTVAE_LS_NOISE_F32(F)                                                                        \
+  FASTVAE_CLONES void noise_block_f32_##F(const int32_t* x, int64_t n, float* e, float* log_f, float* psi) { \
+    for (int64_t i = 0; i < n; ++i) standardized<F, float>(x[i], e[i], log_f[i], psi[i]);              \
+  }
+FASTVAE_LS_NOISE_F32(0)
+FASTVAE_LS_NOISE_F32(1)
+FASTVAE_LS_NOISE_F32(2)
+FASTVAE_LS_NOISE_F32(3)
+FASTVAE_LS_NOISE_F32(4)
+#undef FASTVAE_LS_NOISE_F32
+
+template <int F>
+FASTVAE_INLINE void noise_block(const int32_t* x, int64_t n, float* e, float* log_f, float* psi) {
+  if constexpr (F == 0) noise_block_f32_0(x, n, e, log_f, psi);
+  else if constexpr (F == 1) noise_block_f32_1(x, n, e, log_f, psi);
+  else if constexpr (F == 2) noise_block_f32_2(x, n, e, log_f, psi);
+  else if constexpr (F == 3) noise_block_f32_3(x, n, e, log_f, psi);
+  else noise_block_f32_4(x, n, e, log_f, psi);
+}
+
+// z = loc + s e and log f(e) - log_scale of a block in one sample; s = exp(log_scale) once per block.
+template <int F, typename T>
+struct ForwardBlock {
+  ForwardBlock(const T* loc, const T* log_scale) : loc(loc), log_scale(log_scale) {}
+  const T* loc;
+  const T* log_scale;
+  alignas(64) T s[kBlock], e[kBlock], psi[kBlock];
+
+  void prepare(int64_t b0, int64_t n) { exp_block(log_scale + b0, n, s); }
+
+  void draw(const int32_t* x, int64_t b0, int64_t n, T* z, T* log_f, bool with_log_q) {
+    noise_block<F>(x, n, e, log_f, psi);
+    const T* m = loc + b0;
+    for (int64_t i = 0; i < n; ++i) z[i] = m[i] + s[i] * e[i];
+    if (with_log_q) {
+      const T* ls = log_scale + b0;
+      for (int64_t i = 0; i < n; ++i) log_f[i] -= ls[i];
+    }
+  }
+};
+
+// dloc = sum_k dz_k (+ (sum_k dq_k psi_k) / s with stop_score),
+// dlog_scale = s sum_k dz_k e_k + (sum_k dq_k psi_k e_k with stop_score, else -sum_k dq_k).
+// The score's 1 / s multiplies the sum once: a zero sum stays 0 where 1 / s overflows.
+template <int F, typename T>
+struct BackwardBlock {
+  BackwardBlock(const T* dz, const T* log_scale, bool stop_score, T* dloc, T* dlog_scale)
+      : dz(dz), log_scale(log_scale), stop_score(stop_score), dloc(dloc), dlog_scale(dlog_scale) {}
+  const T* dz;
+  const T* log_scale;
+  bool stop_score;
+  T* dloc;
+  T* dlog_scale;
+  alignas(64) T e[kBlock], log_f[kBlock], psi[kBlock];
+  alignas(64) T acc_z[kBlock], acc_ze[kBlock], acc_psi[kBlock], acc_q[kBlock];
+
+  void start(int64_t n) {
+    for (int64_t i = 0; i < n; ++i) acc_z[i] = acc_ze[i] = acc_psi[i] = acc_q[i] = T(0);
+  }
+
+  void step(const int32_t* x, int64_t, int64_t base, int64_t n, const T* gq) {
+    noise_block<F>(x, n, e, log_f, psi);
+    if (dz) {
+      const T* g = dz + base;
+      for (int64_t i = 0; i < n; ++i) {
+        acc_z[i] += g[i];
+        acc_ze[i] += g[i] * e[i];
+      }
+    }
+    if (gq) {
+      if (stop_score) {
+        for (int64_t i = 0; i < n; ++i) {
+          acc_psi[i] += gq[i] * psi[i];
+          acc_q[i] += gq[i] * psi[i] * e[i];
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) acc_q[i] -= gq[i];
+      }
+    }
+  }
+
+  void finish(int64_t b0, int64_t n) {
+    alignas(64) T s[kBlock];
+    exp_block(log_scale + b0, n, s);
+    for (int64_t i = 0; i < n; ++i) {
+      const T score = acc_psi[i] == T(0) ? T(0) : acc_psi[i] / s[i];
+      dloc[b0 + i] = acc_z[i] + score;
+      dlog_scale[b0 + i] = s[i] * acc_ze[i] + acc_q[i];
+    }
+  }
+};
+
+}  // namespace location_scale
+}  // namespace
+
+template <typename T>
+void sample_location_scale_forward(const T* loc, const T* log_scale, uint64_t seed, int family, uint64_t offset0,
+                                   uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L,
+                                   T* z, T* log_q, int n_threads) {
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::forward_rows<T>(seed, offset0, sample_stride, row_stride, K, N, L, z, log_q, n_threads,
+                             [&] { return location_scale::ForwardBlock<decltype(f)::value, T>(loc, log_scale); });
+  });
+}
+
+template <typename T>
+void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale, uint64_t seed,
+                                    int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc,
+                                    T* dlog_scale, int n_threads) {
+  (void)loc;  // z's path does not need loc: dz/dloc = 1, dz/dlog_scale = s e
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::backward_blocks<T>(dlog_q, seed, K, N, L, n_threads, [&] {
+      return location_scale::BackwardBlock<decltype(f)::value, T>(dz, log_scale, stop_score, dloc, dlog_scale);
+    });
+  });
+}
+
+template <typename T>
+void sample_location_scale_kl_forward(const T* loc, const T* log_scale, const T* prior_loc,
+                                      const T* prior_log_scale, bool prior_shared, uint64_t seed, int family,
+                                      int kl_family, int64_t K, int64_t N, int64_t L, T* z, T* kl, int n_threads) {
+  const FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::forward_rows<T>(
+        seed, 0, N * L, L, K, N, L, z, nullptr, n_threads,
+        [&] { return location_scale::ForwardBlock<decltype(f)::value, T>(loc, log_scale); },
+        [&](int64_t r0, int64_t r1) { family_kl_forward_rows<T>(kl_family, in, r0, r1, kl); });
+  });
+}
+
+template <typename T>
+void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* loc, const T* log_scale,
+                                       const T* prior_loc, const T* prior_log_scale, bool prior_shared,
+                                       uint64_t seed, int family, int kl_family, int64_t K, int64_t N, int64_t L,
+                                       T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads) {
+  const FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::backward_blocks<T>(
+        nullptr, seed, dz ? K : 0, N, L, n_threads,  // no grad_z: no sample's terms, the KL's gradients alone
+        [&] {
+          return location_scale::BackwardBlock<decltype(f)::value, T>(dz, log_scale, false, dloc, dlog_scale);
+        },
+        [&](int64_t b0, int64_t n) {
+          if (grad_kl) {
+            family_kl_add_backward<T>(kl_family, grad_kl, in, b0, n, dloc, dlog_scale, dprior_loc,
+                                      dprior_log_scale);
+          } else {  // no KL term: the prior's gradients are 0
+            if (dprior_loc) std::fill(dprior_loc + b0, dprior_loc + b0 + n, T(0));
+            if (dprior_log_scale) std::fill(dprior_log_scale + b0, dprior_log_scale + b0 + n, T(0));
+          }
+        });
+  });
+}
+
+template void sample_location_scale_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
+                                                   uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_location_scale_forward<double>(const double*, const double*, uint64_t, int, uint64_t,
+                                                    uint64_t, uint64_t, int64_t, int64_t, int64_t, double*,
+                                                    double*, int);
+template void sample_location_scale_backward<float>(const float*, const float*, const float*, const float*,
+                                                    uint64_t, int, bool, int64_t, int64_t, int64_t, float*,
+                                                    float*, int);
+template void sample_location_scale_backward<double>(const double*, const double*, const double*, const double*,
+                                                     uint64_t, int, bool, int64_t, int64_t, int64_t, double*,
+                                                     double*, int);
+
+template void sample_location_scale_kl_forward<float>(const float*, const float*, const float*, const float*, bool,
+                                                      uint64_t, int, int, int64_t, int64_t, int64_t, float*, float*,
+                                                      int);
+template void sample_location_scale_kl_forward<double>(const double*, const double*, const double*, const double*,
+                                                       bool, uint64_t, int, int, int64_t, int64_t, int64_t, double*,
+                                                       double*, int);
+template void sample_location_scale_kl_backward<float>(const float*, const float*, const float*, const float*,
+                                                       const float*, const float*, bool, uint64_t, int, int, int64_t,
+                                                       int64_t, int64_t, float*, float*, float*, float*, int);
+template void sample_location_scale_kl_backward<double>(const double*, const double*, const double*, const double*,
+                                                        const double*, const double*, bool, uint64_t, int, int,
+                                                        int64_t, int64_t, int64_t, double*, double*, double*,
+                                                        double*, int);
+
+// -- sample_positive ----------------------------------------------------------
+namespace {
+namespace positive {
+
+using sampler::exp1;
+using sampler::exp_t;
+using sampler::kBlock;
+using sampler::log1m;
+using sampler::log_t;
+
+enum Family : int { kExponential = 0, kWeibull = 1, kKumaraswamy = 2 };
+
+// expm1(x) for x <= 0 (Kahan's form in float32; libm in float64).
+FASTVAE_INLINE float expm1_neg(float x) {
+  const float w = fast_exp(x);
+  const bool one = w == 1.0f, zero = w == 0.0f;
+  const float l = fast_log_positive(one || zero ? 0.5f : w);
+  return one ? x : (zero ? -1.0f : (w - 1.0f) * x / l);
+}
+FASTVAE_INLINE double expm1_neg(double x) { return std::expm1(x); }
+
+template <typename T> constexpr T kTiny = T(0x1p-126f);
+template <> constexpr double kTiny<double> = 0x1p-1022;
+template <typename T> constexpr T kTop = T(kBelowOne);
+template <> constexpr double kTop<double> = 1.0 - 0x1p-53;
+
+// (z, log f, c0, c1, f0, f1, s0, s1) of the family (the oracle's positive_terms).
+template <int F, typename T>
+FASTVAE_INLINE void terms(int32_t x, T p0, T p1, T& z, T& log_f, T& c0, T& c1, T& f0, T& f1, T& s0, T& s1) {
+  const T t = exp1<T>(x);
+  const T lt = log_t(t);
+  if constexpr (F == kExponential) {
+    z = t * exp_t(-p0);
+    log_f = p0 - t;
+    c0 = T(-1); c1 = T(0); f0 = T(1); f1 = T(0); s0 = t; s1 = T(0);
+  } else if constexpr (F == kWeibull) {
+    const T ik = exp_t(-p1), k = exp_t(p1);
+    c1 = -lt * ik;
+    const T w = (k - T(1)) - k * t;
+    z = exp_t(p0 - c1);
+    log_f = p1 - p0 + (T(1) - ik) * lt - t;
+    c0 = T(1); f0 = T(-1); f1 = T(1) - c1; s0 = w; s1 = w * c1;
+  } else {
+    const T a = exp_t(p0), b = exp_t(p1), ia = exp_t(-p0);
+    const T s = t * exp_t(-p1);
+    const T y = exp_t(-s);
+    const T m = -expm1_neg(-s);
+    const T lm_hi = log1m(std::min(y, T(0.5))), lm_lo = log_t(m);
+    const T log_m = s > T(0.6931471805599453) ? lm_hi : lm_lo;
+    const T log_z = log_m * ia;
+    z = std::min(std::max(exp_t(log_z), kTiny<T>), kTop<T>);
+    const T r = s * y / m;
+    const bool y0 = y == T(0);
+    const T q = y0 ? -m : m * log_m / (y0 ? T(1) : y);
+    log_f = p0 + p1 + (T(1) - ia) * log_m - t + s;
+    c0 = -log_z;
+    c1 = -r * ia;
+    f0 = T(1) + log_z;
+    f1 = T(1) - s - (T(1) - ia) * r;
+    s0 = (b - T(1)) * q - (a - T(1)) * log_z;
+    s1 = (b - T(1)) * s - (a - T(1)) * r * ia;
+  }
+}
+
+// The per-element loops over a block: the float32 ones are ISA-cloned entry
+// points (one per family, by macro: clones cannot be templates); float64 runs
+// libm, the precise path.
+template <int F, typename T>
+FASTVAE_INLINE void fwd_loop(const int32_t* x, const T* p0, const T* p1, int64_t n, T* z, T* lf) {
+  for (int64_t i = 0; i < n; ++i) {
+    T c0, c1, f0, f1, s0, s1;
+    terms<F, T>(x[i], p0[i], F == kExponential ? T(0) : p1[i], z[i], lf[i], c0, c1, f0, f1, s0, s1);
+  }
+}
+
+template <int F, typename T, bool HZ, bool HQ, bool STOP>
+FASTVAE_INLINE void bwd_loop_t(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, int64_t n,
+                               T* a0, T* a1) {
+  for (int64_t i = 0; i < n; ++i) {
+    T z, lf, c0, c1, f0, f1, s0, s1;
+    terms<F, T>(x[i], p0[i], F == kExponential ? T(0) : p1[i], z, lf, c0, c1, f0, f1, s0, s1);
+    T d0 = T(0), d1 = T(0);
+    if constexpr (HZ) {
+      const T g = dz[i] * z;
+      d0 += g * c0;
+      d1 += g * c1;
+    }
+    if constexpr (HQ) {
+      d0 += gq[i] * (STOP ? s0 : f0);
+      d1 += gq[i] * (STOP ? s1 : f1);
+    }
+    a0[i] += d0;
+    a1[i] += d1;
+  }
+}
+
+// One branch-free loop per (grad_z given, grad_log_q given, stop_score).
+template <int F, typename T>
+FASTVAE_INLINE void bwd_loop(const int32_t* x, const T* p0, const T* p1, const T* dz, const T* gq, bool stop,
+                             int64_t n, T* a0, T* a1) {
+  if (dz && gq) {
+    if (stop) bwd_loop_t<F, T, true, true, true>(x, p0, p1, dz, gq, n, a0, a1);
+    else bwd_loop_t<F, T, true, true, false>(x, p0, p1, dz, gq, n, a0, a1);
+  } else if (dz) {
+    bwd_loop_t<F, T, true, false, false>(x, p0, p1, dz, gq, n, a0, a1);
+  } else if (gq) {
+    if (stop) bwd_loop_t<F, T, false, true, true>(x, p0, p1, dz, gq, n, a0, a1);
+    else bwd_loop_t<F, T, false, true, false>(x, p0, p1, dz, gq, n, a0, a1);
+  }
+}
+
+#define FASTVAE_POS_BLOCKS(F)                                                                                  \
+  FASTVAE_CLONES void fwd_f32_##F(const int32_t* x, const float* p0, const float* p1, int64_t n, float* z,     \
+                                  float* lf) {                                                                  \
+    fwd_loop<F, float>(x, p0, p1, n, z, lf);                                                                    \
+  }                                                                                                             \
+  FASTVAE_CLONES void bwd_f32_##F(const int32_t* x, const float* p0, const float* p1, const float* dz,         \
+                                  const float* gq, bool stop, int64_t n, float* a0, float* a1) {               \
+    bwd_loop<F, float>(x, p0, p1, dz, gq, stop, n, a0, a1);                                                     \
+  }
+FASTVAE_POS_BLOCKS(0)
+FASTVAE_POS_BLOCKS(1)
+FASTVAE_POS_BLOCKS(2)
+#undef FASTVAE_POS_BLOCKS
+
+template <int F>
+FASTVAE_INLINE void fwd_block(const int32_t* x, const float* p0, const float* p1, int64_t n, float* z, float* lf) {
+  if constexpr (F == 0) fwd_f32_0(x, p0, p1, n, z, lf);
+  else if constexpr (F == 1) fwd_f32_1(x, p0, p1, n, z, lf);
+  else fwd_f32_2(x, p0, p1, n, z, lf);
+}
+template <int F>
+FASTVAE_INLINE void fwd_block(const int32_t* x, const double* p0, const double* p1, int64_t n, double* z,
+                              double* lf) {
+  fwd_loop<F, double>(x, p0, p1, n, z, lf);
+}
+template <int F>
+FASTVAE_INLINE void bwd_block(const int32_t* x, const float* p0, const float* p1, const float* dz, const float* gq,
+                              bool stop, int64_t n, float* a0, float* a1) {
+  if constexpr (F == 0) bwd_f32_0(x, p0, p1, dz, gq, stop, n, a0, a1);
+  else if constexpr (F == 1) bwd_f32_1(x, p0, p1, dz, gq, stop, n, a0, a1);
+  else bwd_f32_2(x, p0, p1, dz, gq, stop, n, a0, a1);
+}
+template <int F>
+FASTVAE_INLINE void bwd_block(const int32_t* x, const double* p0, const double* p1, const double* dz,
+                              const double* gq, bool stop, int64_t n, double* a0, double* a1) {
+  bwd_loop<F, double>(x, p0, p1, dz, gq, stop, n, a0, a1);
+}
+
+// z and log f of a block in one sample.
+template <int F, typename T>
+struct ForwardBlock {
+  const T* p0;
+  const T* p1;
+  void prepare(int64_t, int64_t) {}
+  void draw(const int32_t* x, int64_t b0, int64_t n, T* z, T* lf, bool) {
+    fwd_block<F>(x, p0 + b0, p1 + b0, n, z, lf);
+  }
+};
+
+// dlog_p_j = sum_k dz_k z_k c_j + dq_k (s_j with stop_score, else f_j).
+template <int F, typename T>
+struct BackwardBlock {
+  BackwardBlock(const T* dz, const T* p0, const T* p1, bool stop_score, T* d0, T* d1)
+      : dz(dz), p0(p0), p1(p1), stop_score(stop_score), d0(d0), d1(d1) {}
+  const T* dz;
+  const T* p0;
+  const T* p1;
+  bool stop_score;
+  T* d0;
+  T* d1;
+  alignas(64) T a0[kBlock], a1[kBlock];
+
+  void start(int64_t n) {
+    for (int64_t i = 0; i < n; ++i) a0[i] = a1[i] = T(0);
+  }
+  void step(const int32_t* x, int64_t b0, int64_t base, int64_t n, const T* gq) {
+    bwd_block<F>(x, p0 + b0, p1 + b0, dz ? dz + base : nullptr, gq, stop_score, n, a0, a1);
+  }
+  void finish(int64_t b0, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      d0[b0 + i] = a0[i];
+      d1[b0 + i] = a1[i];
+    }
+  }
+};
+
+}  // namespace positive
+}  // namespace
+
+template <typename T>
+void sample_positive_forward(const T* log_p0, const T* log_p1, uint64_t seed, int family, uint64_t offset0,
+                             uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z,
+                             T* log_q, int n_threads) {
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::forward_rows<T>(seed, offset0, sample_stride, row_stride, K, N, L, z, log_q, n_threads,
+                             [&] { return positive::ForwardBlock<decltype(f)::value, T>{log_p0, log_p1}; });
+  });
+}
+
+template <typename T>
+void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, const T* log_p1, uint64_t seed,
+                              int family, bool stop_score, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
+                              int n_threads) {
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::backward_blocks<T>(dlog_q, seed, K, N, L, n_threads, [&] {
+      return positive::BackwardBlock<decltype(f)::value, T>(dz, log_p0, log_p1, stop_score, dlog_p0, dlog_p1);
+    });
+  });
+}
+
+// family_kl's layout of the parameters: the exponential's log-rates alone (no
+// location), the Weibull's (log scale, log concentration) and the Kumaraswamy's
+// (log a, log b) with their priors' pairs as (loc, log_param).
+namespace {
+namespace positive {
+template <typename T>
+FamilyKLIn<T> kl_in(int kl_family, const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
+                    bool prior_shared, int64_t N, int64_t L) {
+  if (!family_kl_has_loc(kl_family)) return {nullptr, log_p0, nullptr, prior_log_p0, prior_shared, N, L};
+  return {log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L};
+}
+}  // namespace positive
+}  // namespace
+
+template <typename T>
+void sample_positive_kl_forward(const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
+                                bool prior_shared, uint64_t seed, int family, int kl_family, int64_t K, int64_t N,
+                                int64_t L, T* z, T* kl, int n_threads) {
+  const FamilyKLIn<T> in =
+      positive::kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::forward_rows<T>(
+        seed, 0, N * L, L, K, N, L, z, nullptr, n_threads,
+        [&] { return positive::ForwardBlock<decltype(f)::value, T>{log_p0, log_p1}; },
+        [&](int64_t r0, int64_t r1) { family_kl_forward_rows<T>(kl_family, in, r0, r1, kl); });
+  });
+}
+
+template <typename T>
+void sample_positive_kl_backward(const T* dz, const T* grad_kl, const T* log_p0, const T* log_p1,
+                                 const T* prior_log_p0, const T* prior_log_p1, bool prior_shared, uint64_t seed,
+                                 int family, int kl_family, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
+                                 T* dprior_log_p0, T* dprior_log_p1, int n_threads) {
+  const FamilyKLIn<T> in =
+      positive::kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
+  const bool has_loc = family_kl_has_loc(kl_family);
+  // family_kl's gradients in its layout: the exponential's go to the log-rates' alone
+  T* dq_loc = has_loc ? dlog_p0 : nullptr;
+  T* dq_log_param = has_loc ? dlog_p1 : dlog_p0;
+  T* dp_loc = has_loc ? dprior_log_p0 : nullptr;
+  T* dp_log_param = has_loc ? dprior_log_p1 : dprior_log_p0;
+  T* unwritten = has_loc ? nullptr : dprior_log_p1;  // the exponential's stand-in: 0
+  sampler::by_family<3>(family, [&](auto f) {
+    sampler::backward_blocks<T>(
+        nullptr, seed, dz ? K : 0, N, L, n_threads,  // no grad_z: no sample's terms, the KL's gradients alone
+        [&] {
+          return positive::BackwardBlock<decltype(f)::value, T>(dz, log_p0, log_p1, false, dlog_p0, dlog_p1);
+        },
+        [&](int64_t b0, int64_t n) {
+          if (grad_kl) {
+            family_kl_add_backward<T>(kl_family, grad_kl, in, b0, n, dq_loc, dq_log_param, dp_loc, dp_log_param);
+          } else {  // no KL term: the prior's gradients are 0
+            if (dprior_log_p0) std::fill(dprior_log_p0 + b0, dprior_log_p0 + b0 + n, T(0));
+            if (dprior_log_p1) std::fill(dprior_log_p1 + b0, dprior_log_p1 + b0 + n, T(0));
+          }
+          if (grad_kl && unwritten) std::fill(unwritten + b0, unwritten + b0 + n, T(0));
+        });
+  });
+}
+
+template void sample_positive_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
+                                             uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_forward<double>(const double*, const double*, uint64_t, int, uint64_t, uint64_t,
+                                              uint64_t, int64_t, int64_t, int64_t, double*, double*, int);
+template void sample_positive_backward<float>(const float*, const float*, const float*, const float*, uint64_t,
+                                              int, bool, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_backward<double>(const double*, const double*, const double*, const double*,
+                                               uint64_t, int, bool, int64_t, int64_t, int64_t, double*, double*,
+                                               int);
+
+template void sample_positive_kl_forward<float>(const float*, const float*, const float*, const float*, bool,
+                                                uint64_t, int, int, int64_t, int64_t, int64_t, float*, float*, int);
+template void sample_positive_kl_forward<double>(const double*, const double*, const double*, const double*, bool,
+                                                 uint64_t, int, int, int64_t, int64_t, int64_t, double*, double*,
+                                                 int);
+template void sample_positive_kl_backward<float>(const float*, const float*, const float*, const float*,
+                                                 const float*, const float*, bool, uint64_t, int, int, int64_t,
+                                                 int64_t, int64_t, float*, float*, float*, float*, int);
+template void sample_positive_kl_backward<double>(const double*, const double*, const double*, const double*,
+                                                  const double*, const double*, bool, uint64_t, int, int, int64_t,
+                                                  int64_t, int64_t, double*, double*, double*, double*, int);
+
+}  // namespace fastvae
