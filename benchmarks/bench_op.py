@@ -78,11 +78,12 @@ def main(argv=None) -> dict | None:
                           lambda device, size=size: bench.inputs(size, device), bench.min_bytes(size),
                           repeats=_repeats(bench, size))
              for size in sizes]
-    fn = getattr(fastvae, bench.fastvae)
+    names = (bench.fastvae,) if isinstance(bench.fastvae, str) else bench.fastvae
+    fn = getattr(fastvae, names[0])
     if bench.call is not None:
-        fn = functools.partial(bench.call, fn)
-    # the backend that serves the row's op (a family's folder name is no op of backend_info)
-    impls = harness.baseline_impls(bench.eager, fn, bench.fastvae, device, args.fastvae_backends)
+        fn = functools.partial(bench.call, *(getattr(fastvae, name) for name in names))
+    # the backend that serves the row's (first) op (a family's folder name is no op of backend_info)
+    impls = harness.baseline_impls(bench.eager, fn, names[0], device, args.fastvae_backends)
     return harness.run(__spec__.name, args.op, bench.title.format(**sizes[0]), cases, impls, args)
 
 

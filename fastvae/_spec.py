@@ -156,7 +156,9 @@ class Bench(NamedTuple):
     eager: Callable  # the formula in eager torch, called with the same arguments
     # size -> the bytes a kernel must move at least, for "forward", "backward" and "fwd+bwd"
     min_bytes: Callable
-    fastvae: str  # the public function, fastvae.<fastvae>
+    # the public function, fastvae.<fastvae>; a family's row may name several, which
+    # ``call`` then takes first, in order
+    fastvae: str | tuple[str, ...]
     # the names of a size that label its case ("K=1"); None: all of them ("B=100,L=8")
     label_keys: tuple[str, ...] | None = None
     # how the arguments call it where that is not fastvae.<fastvae>(*arguments) (a
