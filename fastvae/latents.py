@@ -1219,8 +1219,17 @@ class Concrete(_Latent):
         return (z[0], kl[0], per_dim) if n_samples is None else (z, kl, per_dim)
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        """(z, kl, analytic): against a categorical prior (a BinaryConcrete's
+        Bernoulli: its log-pmf stacked as (log p, log(1 - p)), as the logits are)
+        the analytic KL (...) comes from the sampler's own launch, next to z;
+        against a relaxed prior, log q(z) - log p(z) per sample."""
         K = 1 if n_samples is None else n_samples
-        kl = self.analytic_kl(prior)
+        log_p = self._prior_pmf(prior)
+        if log_p is not None and log_p.dim() <= 2 and _validate.broadcasts_to(log_p.shape, self.logits.shape[-2:]):
+            z, _, kl = sample_concrete_unchecked(self.logits, self.temperature, n_samples, self.hard, False,
+                                                 generator, log_p)
+            return self._out(z), kl, True
+        kl = self.analytic_kl(prior)  # a prior pmf with a batch shape of its own: torch's formula
         if kl is None:
             if self.hard:
                 raise _hard_relaxed_error(self)
