@@ -1186,7 +1186,10 @@ class Concrete(_Latent):
         log_pi = torch.log_softmax(logits, -1)
         pi = torch.exp(log_pi)
         log_p = log_p.to(log_pi.dtype)
-        terms = torch.where(pi > 0, pi * (log_pi - log_p), 0.0)
+        # log pi and log p of a category with pi = 0 (a -inf logit) replaced by 0
+        # before the product: 0 * -inf there would make the latent's gradient NaN
+        live = pi > 0
+        terms = torch.where(live, pi * (torch.where(live, log_pi, 0.0) - torch.where(live, log_p, 0.0)), 0.0)
         return terms.sum(-1)
 
     def analytic_kl(self, prior) -> Tensor | None:
