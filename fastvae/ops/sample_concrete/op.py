@@ -77,7 +77,9 @@ def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_sa
     N, L, C = a.shape
     z = empty_z(backend, (n_samples, N, L, C), logits, dtype, _z_dtype(logits))
     log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
-    lp = None if log_p is None else _backend.kernel_input(backend, log_p.contiguous(), dtype)
+    # the Triton kernels read a prior expanded over the latents in place (no copy launched)
+    lp = None if log_p is None else _backend.kernel_input(
+        backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
     kl = (logits.new_empty((0,), dtype=dtype) if lp is None
           else _backend.empty_output((N,), like=logits, dtype=dtype))
     _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
@@ -98,7 +100,8 @@ def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor 
     lam = temperature.to(dtype).contiguous()
     grad_z, grad_log_q, grad_kl = (None if g is None else _backend.kernel_input(backend, g, dtype).contiguous()
                                    for g in (grad_z, grad_log_q, grad_kl))
-    lp = None if grad_kl is None else _backend.kernel_input(backend, log_p.contiguous(), dtype)
+    lp = None if grad_kl is None else _backend.kernel_input(
+        backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
     d = _backend.empty_output(a.shape, like=a)
     K = gradient_samples(grad_z, grad_log_q)
     _backend.launch(backend, "sample_concrete_backward", max(K, 1) * a.numel(), grad_z=grad_z,

@@ -73,14 +73,14 @@ def _categorical_kl(a, lp, valid):
     return kl, pi, diff, live
 
 
-@triton.jit(do_not_specialize=["N", "KN", "L", "C", "offset0", "sample_stride", "row_stride"])
+@triton.jit(do_not_specialize=["N", "KN", "L", "C", "offset0", "sample_stride", "row_stride", "lp_stride"])
 def _sample_concrete_fwd_kernel(
     a_ptr,  # (N, L, C)
     lam_ptr,  # (N, L)
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L, C)
     log_q_ptr,  # (K, N): written when WITH_LOG_Q
-    log_p_ptr,  # (L, C): read when WITH_KL
+    log_p_ptr,  # (L, C), rows lp_stride apart (0: one (C,) prior for every latent): read when WITH_KL
     kl_ptr,  # (N,): written when WITH_KL
     offset0,
     sample_stride,
@@ -89,6 +89,7 @@ def _sample_concrete_fwd_kernel(
     KN,
     L,
     C,
+    lp_stride,
     HARD: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -118,7 +119,7 @@ def _sample_concrete_fwd_kernel(
         tl.store(z_ptr + (r * L + li)[:, None] * C + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=cmask)
         log_q += lq
         if WITH_KL:
-            lp = tl.load(log_p_ptr + li * C + cols, mask=cols < C, other=0.0).to(ACC)
+            lp = tl.load(log_p_ptr + li * lp_stride + cols, mask=cols < C, other=0.0).to(ACC)
             kl += _categorical_kl(a, lp[None, :], valid)[0]
     if WITH_LOG_Q:
         tl.store(log_q_ptr + r, log_q.to(log_q_ptr.dtype.element_ty), mask=rmask)
@@ -126,7 +127,7 @@ def _sample_concrete_fwd_kernel(
         tl.store(kl_ptr + n, kl.to(kl_ptr.dtype.element_ty), mask=rmask & (k == 0))
 
 
-@triton.jit(do_not_specialize=["N", "L", "NL", "C", "K"])
+@triton.jit(do_not_specialize=["N", "L", "NL", "C", "K", "lp_stride"])
 def _sample_concrete_bwd_kernel(
     grad_z_ptr,  # (K, N, L, C), read when HAS_GRAD_Z
     grad_q_ptr,  # (K, N), read when HAS_GRAD_Q
@@ -135,12 +136,13 @@ def _sample_concrete_bwd_kernel(
     seed_ptr,  # (): int64
     d_ptr,  # (N, L, C)
     grad_kl_ptr,  # (N,), read when HAS_GRAD_KL
-    log_p_ptr,  # (L, C), read when HAS_GRAD_KL
+    log_p_ptr,  # (L, C), rows lp_stride apart: read when HAS_GRAD_KL
     N,
     L,
     NL,
     C,
     K,
+    lp_stride,
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_Q: tl.constexpr,
     HAS_GRAD_KL: tl.constexpr,
@@ -175,7 +177,7 @@ def _sample_concrete_bwd_kernel(
     ok = a > float("-inf")
     d = tl.where(ok, acc / lam[:, None], 0.0)
     if HAS_GRAD_KL:  # d KL_l / d a_c = pi_c ((log pi_c - log p_c) - KL_l), after the noise terms' 1 / lam
-        lp = tl.load(log_p_ptr + (j % L)[:, None] * C + cols[None, :], mask=cmask, other=0.0).to(ACC)
+        lp = tl.load(log_p_ptr + (j % L)[:, None] * lp_stride + cols[None, :], mask=cmask, other=0.0).to(ACC)
         kl, pi, diff, live = _categorical_kl(a, lp, ok & (cols[None, :] < C))
         gk = tl.load(grad_kl_ptr + n, mask=jmask, other=0.0).to(ACC)
         d += tl.where(live, gk[:, None] * pi * (diff - kl[:, None]), 0.0)
@@ -188,6 +190,12 @@ def _geometry(C: int, device: torch.device, fp64: bool) -> tuple[int, int]:
     block_c = triton.next_power_of_2(max(C, 2))
     tile = INTERPRETER_TILE if device.type == "cpu" else (FORWARD_TILE // 2 if fp64 else FORWARD_TILE)
     return max(1, tile // block_c), block_c
+
+
+def _rows_of(log_p):
+    """log_p (L, C) with unit column stride, its rows at any stride: a (C,)
+    prior expanded over L (row stride 0) is read in place, with no copy launched."""
+    return log_p if log_p.stride(1) == 1 else log_p.contiguous()
 
 
 def sample_concrete_forward(logits, temperature, seed, hard, offset0, sample_stride, row_stride, z, log_q, log_p,
@@ -208,9 +216,10 @@ def sample_concrete_forward(logits, temperature, seed, hard, offset0, sample_str
         return
     BLOCK_R, BLOCK_C = _geometry(C, logits.device, logits.dtype == torch.float64)
     with_log_q, with_kl = log_q is not None, kl is not None
+    log_p = _rows_of(log_p) if with_kl else logits
     _sample_concrete_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
-        logits, temperature, seed, z, log_q if with_log_q else z, log_p if with_kl else logits, kl if with_kl else z,
-        offset0, sample_stride, row_stride, N, K * N, L, C,
+        logits, temperature, seed, z, log_q if with_log_q else z, log_p, kl if with_kl else z,
+        offset0, sample_stride, row_stride, N, K * N, L, C, log_p.stride(0) if with_kl else 0,
         HARD=bool(hard), ACC=acc_dtype(logits.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, WITH_LOG_Q=with_log_q,
         WITH_KL=with_kl,
         num_warps=4 if logits.device.type == "cpu" else 8,  # 4 spills on sm_90 (tests/test_aot.py)
@@ -227,10 +236,11 @@ def sample_concrete_backward(grad_z, grad_log_q, logits, temperature, seed, stop
         return
     K = gradient_samples(grad_z, grad_log_q)
     BLOCK_J, BLOCK_C = _geometry(C, logits.device, logits.dtype == torch.float64)
+    log_p = _rows_of(log_p) if grad_kl is not None else logits
     _sample_concrete_bwd_kernel[(triton.cdiv(N * L, BLOCK_J),)](
         grad_z if grad_z is not None else logits, grad_log_q if grad_log_q is not None else logits, logits,
         temperature, seed, dlogits, grad_kl if grad_kl is not None else logits,
-        log_p if grad_kl is not None else logits, N, L, N * L, C, K, HAS_GRAD_Z=grad_z is not None,
+        log_p, N, L, N * L, C, K, log_p.stride(0) if grad_kl is not None else 0, HAS_GRAD_Z=grad_z is not None,
         HAS_GRAD_Q=grad_log_q is not None, HAS_GRAD_KL=grad_kl is not None, STOP_SCORE=bool(stop_score),
         ACC=acc_dtype(logits.dtype),
         BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, num_warps=4,
