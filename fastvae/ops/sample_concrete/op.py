@@ -55,8 +55,8 @@ _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentia
 
 
 def _flat3(t: Tensor) -> Tensor:
-    """(..., L, C) -> contiguous (N, L, C)."""
-    return t.reshape(-1, *t.shape[-2:]).contiguous()
+    """(..., L, C) -> contiguous (N, L, C) (N spelled out: -1 is ambiguous when L = 0)."""
+    return t.reshape(math.prod(t.shape[:-2]), *t.shape[-2:]).contiguous()
 
 
 def _z_dtype(logits: Tensor) -> torch.dtype:

@@ -598,6 +598,12 @@ def test_the_public_function_takes_log_p_and_checks_it(backend):
         z0, log_q0 = fastvae.sample_concrete(logits, 0.5, K, generator=gen(2))
         assert torch.equal(z, z0) and torch.equal(log_q, log_q0) and kl.shape == (5,)
         assert_close(kl, torch_kl(logits.double(), log_p.double()).sum(-1), kl_scale(logits, log_p), "kl")
+    for shape in ((0, 3, 4), (2, 0, 4)):  # no rows; no latents (a KL of 0)
+        a = torch.zeros(shape, device=device, requires_grad=True)
+        z, log_q, kl = fastvae.sample_concrete(a, 0.5, 2, log_p=log_p)
+        assert kl.shape == shape[:1] and (kl == 0).all()
+        (kl.sum() + log_q.sum()).backward()
+        assert a.grad.shape == shape
     fastvae.set_value_checks("always")
     with pytest.raises(ValueError, match="log_p must be a prior log-pmf of shape"):
         fastvae.sample_concrete(logits, 0.5, log_p=torch.zeros(5, device=device))
