@@ -29,8 +29,9 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   uniform, Laplace, logistic, Gumbel and Cauchy latents (docs/latents.md)
 - sample_positive(family, log_param, log_param2=None, n_samples=None, *, generator=None) -> (z, log_q):
   exponential, Weibull and Kumaraswamy latents (docs/latents.md)
-- sample_concrete(logits, temperature, n_samples=None, *, hard=False, generator=None) -> (z, log_q):
-  relaxed categorical (Concrete / Gumbel-softmax, straight-through with hard=True) latents
+- sample_concrete(logits, temperature, n_samples=None, *, hard=False, generator=None, log_p=None) -> (z, log_q):
+  relaxed categorical (Concrete / Gumbel-softmax, straight-through with hard=True) latents;
+  with a prior log-pmf log_p also the analytic categorical KL, (z, log_q, kl)
 
 Objectives (fastvae/objectives.py), higher is better:
 

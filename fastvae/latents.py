@@ -1184,7 +1184,10 @@ class Concrete(_Latent):
         log_pi = torch.log_softmax(logits, -1)
         pi = torch.exp(log_pi)
         log_p = log_p.to(log_pi.dtype)
-        terms = torch.where(pi > 0, pi * (log_pi - log_p), 0.0)
+        # log pi and log p of a category with pi = 0 (a -inf logit) replaced by 0
+        # before the product: 0 * -inf there would make the latent's gradient NaN
+        live = pi > 0
+        terms = torch.where(live, pi * (torch.where(live, log_pi, 0.0) - torch.where(live, log_p, 0.0)), 0.0)
         return terms.sum(-1)
 
     def analytic_kl(self, prior) -> Tensor | None:
@@ -1217,8 +1220,17 @@ class Concrete(_Latent):
         return (z[0], kl[0], per_dim) if n_samples is None else (z, kl, per_dim)
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
+        """(z, kl, analytic): against a categorical prior (a BinaryConcrete's
+        Bernoulli: its log-pmf stacked as (log p, log(1 - p)), as the logits are)
+        the analytic KL (...) comes from the sampler's own launch, next to z;
+        against a relaxed prior, log q(z) - log p(z) per sample."""
         K = 1 if n_samples is None else n_samples
-        kl = self.analytic_kl(prior)
+        log_p = self._prior_pmf(prior)
+        if log_p is not None and log_p.dim() <= 2 and _validate.broadcasts_to(log_p.shape, self.logits.shape[-2:]):
+            z, _, kl = sample_concrete_unchecked(self.logits, self.temperature, n_samples, self.hard, False,
+                                                 generator, log_p)
+            return self._out(z), kl, True
+        kl = self.analytic_kl(prior)  # a prior pmf with a batch shape of its own: torch's formula
         if kl is None:
             if self.hard:
                 raise _hard_relaxed_error(self)

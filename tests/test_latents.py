@@ -1086,6 +1086,138 @@ def test_concrete_reconstruction_probability_matches_handwritten(backend, hard):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+def _categorical_case(device, binary, per_latent, masked, learned=False):
+    """(posterior, decode, prior, logits leaf, prior leaf or None, the prior's
+    log-pmf (L, C') as the sampler takes it) of a non-uniform categorical prior:
+    a OneHotCategorical of logits (C,) or (L, C) for a Concrete, a Bernoulli of
+    probabilities () or (L,) for a BinaryConcrete (its log-pmf (log p, log(1 - p)))."""
+    g = torch.Generator().manual_seed(11)
+    x, W, _ = _concrete_data(device)
+    if binary:
+        logits = torch.randn(B, L, generator=g, dtype=torch.float64).to(device)
+        if masked:
+            logits[0, 1] = -math.inf  # z = 0 there
+        raw = torch.randn((L,) if per_latent else (), generator=g, dtype=torch.float64).to(device)
+        raw.requires_grad_(learned)
+        prior = td.Bernoulli(logits=raw)
+        log_p = torch.stack((torch.nn.functional.logsigmoid(raw), torch.nn.functional.logsigmoid(-raw)), -1)
+        logits.requires_grad_()
+        return (fastvae.BinaryConcrete(logits, LAM), lambda z: z @ W[:L], prior, logits, raw if learned else None,
+                log_p)
+    logits = torch.randn(B, L, CC, generator=g, dtype=torch.float64).to(device)
+    if masked:
+        logits[0, 1, 2] = -math.inf
+    raw = torch.randn((L, CC) if per_latent else (CC,), generator=g, dtype=torch.float64).to(device) * 2
+    raw.requires_grad_(learned)
+    prior = td.OneHotCategorical(logits=raw)
+    logits.requires_grad_()
+    return (fastvae.Concrete(logits, LAM), _concrete_decode(W), prior, logits, raw if learned else None,
+            torch.log_softmax(raw, -1))
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+@pytest.mark.parametrize("per_latent", [False, True], ids=["shared", "per-latent"])
+@pytest.mark.parametrize("binary", [False, True], ids=["concrete", "binary"])
+def test_the_categorical_kl_comes_from_the_sampler(backend, binary, per_latent, masked, K, monkeypatch):
+    """elbo against a non-uniform categorical prior takes the analytic KL from
+    the sampler's own launch (the record's torch formula is not called): the
+    bound and its gradient those of the same z by hand with the float64
+    oracle's KL, the KL torch's kl_divergence (where no category is masked)."""
+    from fastvae.ops.sample_concrete import concrete_kl
+    _, device = backend
+    x = _concrete_data(device)[0]
+    q, decode, prior, logits, _, log_p = _categorical_case(device, binary, per_latent, masked)
+
+    def refused(*args):
+        raise AssertionError("the torch formula ran: the sampler's KL was not used")
+
+    monkeypatch.setattr(fastvae.latents.Concrete, "kl_per_dim", refused)
+    got = fastvae.elbo(x, q, decode, likelihood="bernoulli", n_samples=K, prior=prior, generator=gen(7),
+                       reduction="none")
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    monkeypatch.undo()
+    # elbo_terms' kl is the sampler's too (its per-latent terms, for logging, torch's formula)
+    terms = fastvae.elbo_terms(x, q, decode, likelihood="bernoulli", n_samples=K, prior=prior, generator=gen(7),
+                               reduction="none")
+    assert terms.kl_analytic and terms.kl.shape == (B,)
+    torch.testing.assert_close(terms.bound, got, rtol=0, atol=0)
+    torch.testing.assert_close(terms.kl_per_dim.sum(-1), terms.kl, rtol=1e-12, atol=1e-12)
+    # free bits take the per-latent KL (the record's torch formula): finite gradients beside a masked category
+    floored = fastvae.elbo(x, q, decode, likelihood="bernoulli", n_samples=K, prior=prior, generator=gen(7),
+                           free_bits=0.01)
+    assert torch.isfinite(torch.autograd.grad(floored, logits)[0]).all()
+    z = q.rsample(K, generator=gen(7))  # the same seed: the same z
+    rec = td.Independent(td.Bernoulli(logits=decode(z)), 1).log_prob(x).mean(0)
+    stacked = torch.stack((logits, torch.zeros_like(logits)), -1) if binary else logits
+    kl = concrete_kl(stacked, log_p).sum(-1)
+    torch.testing.assert_close(terms.kl, kl, rtol=1e-12, atol=1e-12)
+    if not masked:
+        want = td.kl_divergence(td.Bernoulli(logits=logits), td.Bernoulli(logits=prior.logits.expand(B, L))) \
+            if binary else \
+            td.kl_divergence(td.Categorical(logits=logits), td.Categorical(logits=prior.logits))
+        torch.testing.assert_close(terms.kl, want.sum(-1), rtol=1e-12, atol=1e-12)
+    bound = rec - kl
+    torch.testing.assert_close(terms.bound, bound, rtol=1e-10, atol=1e-10)
+    (want_grad,) = torch.autograd.grad(bound.sum(), logits)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, want_grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["concrete", "binary"])
+def test_a_learned_categorical_prior_gets_its_gradient(backend, binary):
+    """A prior whose logits are learned: elbo's gradient to them (and to the
+    posterior's logits) is the float64 oracle's, one-row batch included."""
+    from fastvae.ops.sample_concrete import concrete_kl
+    _, device = backend
+    x = _concrete_data(device)[0]
+    q, decode, _, logits, raw, _ = _categorical_case(device, binary, True, False, learned=True)
+    for rows in (B, 1):
+        sub = q.rows(0, rows)
+        prior = td.Bernoulli(logits=raw) if binary else td.OneHotCategorical(logits=raw)  # its graph: each call's
+        log_p = torch.stack((torch.nn.functional.logsigmoid(raw), torch.nn.functional.logsigmoid(-raw)), -1) \
+            if binary else torch.log_softmax(raw, -1)
+        bound = fastvae.elbo(x[:rows], sub, decode, likelihood="bernoulli", n_samples=2, prior=prior,
+                             generator=gen(3), reduction="sum")
+        got = torch.autograd.grad(bound, (logits, raw))
+        z = sub.rsample(2, generator=gen(3))
+        rec = td.Independent(td.Bernoulli(logits=decode(z)), 1).log_prob(x[:rows]).mean(0)
+        stacked = torch.stack((logits, torch.zeros_like(logits)), -1) if binary else logits
+        want_bound = (rec - concrete_kl(stacked[:rows], log_p).sum(-1)).sum()
+        torch.testing.assert_close(bound, want_bound, rtol=1e-10, atol=1e-10)
+        want = torch.autograd.grad(want_bound, (logits, raw), retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+@pytest.mark.parametrize("binary", [False, True], ids=["concrete", "binary"])
+def test_the_categorical_kl_compiles_across_batch_sizes_and_sample_counts(backend, binary):
+    """torch.compile(fullgraph=True) of elbo against a non-uniform categorical
+    prior (the sampler's KL in the graph), as the batch (B, B - 2, B) and the
+    sample count change between calls: eager's values and gradients."""
+    _, device = backend
+    x = _concrete_data(device)[0]
+    q, decode, prior, logits, _, _ = _categorical_case(device, binary, True, False)
+    make = fastvae.BinaryConcrete if binary else fastvae.Concrete
+
+    def loss(x, logits, K):
+        return -fastvae.elbo(x, make(logits, LAM), decode, likelihood="bernoulli", prior=prior, n_samples=K)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    for rows, K in ((B, 1), (B - 2, 1), (B, 1), (B, 3)):
+        ls = logits.detach()[:rows].requires_grad_()
+        results = []
+        for f in (loss, compiled):
+            torch.manual_seed(rows + K)  # the same Philox seed drawn
+            value = f(x[:rows], ls, K)
+            results.append((value, torch.autograd.grad(value, ls)[0]))
+        (v, g), (cv, cg) = results
+        torch.testing.assert_close(cv, v, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(cg, g, rtol=1e-8, atol=1e-10)
+
+
 # -- the relaxed Bernoulli (BinaryConcrete, torch's RelaxedBernoulli) --------------------------------------------
 
 

@@ -2,7 +2,11 @@
 (Concrete / Gumbel-softmax) samples of logits (N, L, C) at a temperature per
 latent, from C consecutive Philox uniforms per latent, with log q(z) summed
 over L from the same Exp(1) noise t = -log u (fastvae/_philox.py's
-``exp1``); ``hard`` is the straight-through one-hot.
+``exp1``); ``hard`` is the straight-through one-hot. Given a prior
+log-pmf log_p (L, C), the same launch also gives the analytic categorical KL
+of each row, sum_l sum_c pi_c (log pi_c - log p_c) with pi = softmax(logits)
+(noise-free: one value per row whatever the sample count), which an ELBO with a
+OneHotCategorical (or Bernoulli) prior takes instead of ~8 separate torch ops.
 
 The op's description and its oracle, from the uniforms of
 fastvae/_philox.py (fastvae/ops/__init__.py lists the folder's files).
@@ -22,10 +26,12 @@ from ..._spec import Bench, Kernel, Op
 # logits (N, L, C), C consecutive uniforms per latent
 KERNELS = (
     Kernel("sample_concrete_forward", "sample_concrete",
-           ("logits", "temperature", "seed", "hard", "offset0", "sample_stride", "row_stride", "z", "log_q"),
+           ("logits", "temperature", "seed", "hard", "offset0", "sample_stride", "row_stride", "z", "log_q",
+            "log_p", "kl"),
            heavy="L"),
     Kernel("sample_concrete_backward", "sample_concrete",
-           ("grad_z", "grad_log_q", "logits", "temperature", "seed", "stop_score", "dlogits"), heavy="L"),
+           ("grad_z", "grad_log_q", "logits", "temperature", "seed", "stop_score", "dlogits", "grad_kl", "log_p"),
+           heavy="L"),
 )
 
 # other kernels: the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
@@ -74,6 +80,33 @@ def concrete_terms(logits: Tensor, temperature: Tensor, t: Tensor):
     return z, log_q, tm / sum_t[..., None], count
 
 
+def concrete_kl(logits: Tensor, log_p: Tensor) -> Tensor:
+    """The analytic categorical KL of each latent (..., L), sum_c pi_c (log pi_c
+    - log p_c) with pi = softmax(logits (..., L, C)) and log_p broadcasting to
+    (L, C), differentiable in both with plain autograd: a category with pi_c = 0
+    (masked, -inf, or underflowed) adds 0, as torch's where(pi > 0, ...) does
+    (its log pi and log p are replaced by 0 first, so no 0 * inf reaches a
+    gradient); log p_c = -inf where pi_c > 0 gives +inf."""
+    log_pi = torch.log_softmax(logits, -1)
+    pi = torch.exp(log_pi)
+    live = pi > 0
+    log_p = log_p.to(log_pi.dtype).expand(log_pi.shape)
+    terms = pi * (torch.where(live, log_pi, 0.0) - torch.where(live, log_p, 0.0))
+    return torch.where(live, terms, 0.0).sum(-1)
+
+
+def concrete_kl_grad(logits: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
+    """(d KL_l / d logits_c, d KL_l / d log_p_c) (..., L, C) in closed form:
+    pi_c ((log pi_c - log p_c) - KL_l) and -pi_c, 0 where pi_c = 0."""
+    log_pi = torch.log_softmax(logits, -1)
+    pi = torch.exp(log_pi)
+    live = pi > 0
+    kl = concrete_kl(logits, log_p)[..., None]
+    log_p = log_p.to(log_pi.dtype).expand(log_pi.shape)
+    d = torch.where(live, pi * ((torch.where(live, log_pi, 0.0) - torch.where(live, log_p, 0.0)) - kl), 0.0)
+    return d, -pi
+
+
 def sample_concrete(logits: Tensor, temperature: Tensor, seed: int, n_samples: int,
                     hard: bool = False) -> tuple[Tensor, Tensor]:
     """(z (n_samples, ..., L, C), log q(z) (n_samples, ...)) in float64,
@@ -90,12 +123,14 @@ def sample_concrete(logits: Tensor, temperature: Tensor, seed: int, n_samples: i
 
 
 def sample_concrete_forward(logits: Tensor, temperature: Tensor, seed: int, hard: bool, offset0: int,
-                            sample_stride: int, row_stride: int, z: Tensor, log_q: Tensor | None) -> None:
+                            sample_stride: int, row_stride: int, z: Tensor, log_q: Tensor | None,
+                            log_p: Tensor | None = None, kl: Tensor | None = None) -> None:
     """z (K, N, L, C) <- softmax((logits - log t) / temperature) (one-hot of its
     argmax when hard) with t the Exp(1) variate of the uniform at offset0 +
     k * sample_stride + n * row_stride + l * C + c; logits (N, L, C),
     temperature (N, L); log_q (K, N), when given, <- the Concrete log-density
-    summed over L from the same t (concrete_terms)."""
+    summed over L from the same t (concrete_terms); kl (N,), with the prior
+    log-pmf log_p (L, C), <- the analytic categorical KL summed over L (concrete_kl)."""
     acc = accumulation_dtype(logits.dtype)
     K, N, L, C = z.shape
     k, n, lc = (torch.arange(d, dtype=torch.int64, device=logits.device) for d in (K, N, L * C))
@@ -107,16 +142,20 @@ def sample_concrete_forward(logits: Tensor, temperature: Tensor, seed: int, hard
     z.copy_(zz)
     if log_q is not None:
         log_q.copy_(lq.sum(-1))
+    if kl is not None:
+        kl.copy_(concrete_kl(logits.double(), log_p.double()).sum(-1))
 
 
 def sample_concrete_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, logits: Tensor, temperature: Tensor,
-                             seed: int, stop_score: bool, dlogits: Tensor) -> None:
+                             seed: int, stop_score: bool, dlogits: Tensor, grad_kl: Tensor | None = None,
+                             log_p: Tensor | None = None) -> None:
     """dlogits (N, L, C) from grad_z (K, N, L, C) and grad_log_q (K, N) (None: no
     gradient), t regenerated, z the relaxed sample (hard or not: straight-through):
     sum_k (z (grad_z - <z, grad_z>) + grad_log_q h) / temperature, with
     h = C' z - 1 (plain autograd) or, with stop_score (the score through z
     only), h = C' z + C' temperature w - (temperature + 1), w = t / sum t;
-    masked categories get 0."""
+    masked categories get 0. grad_kl (N,), with log_p (L, C), adds the analytic
+    KL's grad_kl pi_c ((log pi_c - log p_c) - KL_l) (concrete_kl_grad)."""
     samples = grad_z if grad_z is not None else grad_log_q
     K = 0 if samples is None else samples.shape[0]
     N, L, C = logits.shape
@@ -134,7 +173,10 @@ def sample_concrete_backward(grad_z: Tensor | None, grad_log_q: Tensor | None, l
         c = count[..., None]
         h = c * z + c * lam[..., None] * w - (lam[..., None] + 1.0) if stop_score else c * z - 1.0
         d = d + gq * h
-    dlogits.copy_(torch.where(mask, d.sum(0) / lam[..., None], 0.0))
+    d = torch.where(mask, d.sum(0) / lam[..., None], 0.0)
+    if grad_kl is not None:
+        d = d + grad_kl.double()[:, None, None] * concrete_kl_grad(logits.double(), log_p.double())[0]
+    dlogits.copy_(d)
 
 
 # -- ahead-of-time compilation (python -m fastvae.kernels.aot --op sample_concrete) --
@@ -152,14 +194,21 @@ def aot_calls(s: dict, m, r):
     for hard in (False, True):
         yield "sample_concrete_forward", dict(logits=m(B, L, C), temperature=m(B, L), seed=seed, hard=hard,
                                               offset0=0, sample_stride=B * L * C, row_stride=L * C,
-                                              z=m(K, B, L, C), log_q=r(K, B))
+                                              z=m(K, B, L, C), log_q=r(K, B), log_p=None, kl=None)
     for stop in (False, True):
         yield "sample_concrete_backward", dict(grad_z=m(K, B, L, C), grad_log_q=r(K, B), logits=m(B, L, C),
                                                temperature=m(B, L), seed=seed, stop_score=stop,
-                                               dlogits=m(B, L, C))
+                                               dlogits=m(B, L, C), grad_kl=None, log_p=None)
+    # the ELBO's draw with the analytic categorical KL (a OneHotCategorical prior)
+    yield "sample_concrete_forward", dict(logits=m(B, L, C), temperature=m(B, L), seed=seed, hard=False,
+                                          offset0=0, sample_stride=B * L * C, row_stride=L * C,
+                                          z=m(K, B, L, C), log_q=r(K, B), log_p=r(L, C), kl=r(B))
+    yield "sample_concrete_backward", dict(grad_z=m(K, B, L, C), grad_log_q=None, logits=m(B, L, C),
+                                           temperature=m(B, L), seed=seed, stop_score=False,
+                                           dlogits=m(B, L, C), grad_kl=r(B), log_p=r(L, C))
     yield "sample_concrete_forward", dict(logits=m(B, L, C), temperature=m(B, L), seed=seed, hard=False,
                                           offset0=7 * L * C + 1, sample_stride=L * C, row_stride=K * L * C,
-                                          z=m(K, B, L, C), log_q=r(K, B))
+                                          z=m(K, B, L, C), log_q=r(K, B), log_p=None, kl=None)
 
 
 # -- the benchmark row (python -m benchmarks.bench_op sample_concrete) -------------

@@ -27,6 +27,15 @@ take the logits (N, L, C), the temperature (N, L) (no gradient) and the Philox
 seed as a 0-d int64 tensor: the backward regenerates t and nothing of size
 K x N x L x C is saved. Element (k, n, l, c) uses the uniform at offset
 k * N * L * C + n * L * C + l * C + c (sample_location_scale's uniforms).
+
+Given a prior log-pmf ``log_p`` ((C,) or (L, C); the ops take it as (L, C)),
+the same launches also give and differentiate the analytic categorical KL of
+each row, kl = sum_l sum_c pi_c (log pi_c - log p_c), pi = softmax(logits): what
+an ELBO against a OneHotCategorical (or a BinaryConcrete's Bernoulli) prior
+optimizes, otherwise about 8 torch ops forward and as many backward. It has no
+noise: one value per row of the batch, whatever the sample count. A learned
+prior (log_p requiring grad) gets d log_p_c = -sum_rows grad_kl pi_c from two
+torch ops in the Python Function's backward; the C++ operator serves the others.
 """
 from __future__ import annotations
 
@@ -46,8 +55,8 @@ _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentia
 
 
 def _flat3(t: Tensor) -> Tensor:
-    """(..., L, C) -> contiguous (N, L, C)."""
-    return t.reshape(-1, *t.shape[-2:]).contiguous()
+    """(..., L, C) -> contiguous (N, L, C) (N spelled out: -1 is ambiguous when L = 0)."""
+    return t.reshape(math.prod(t.shape[:-2]), *t.shape[-2:]).contiguous()
 
 
 def _z_dtype(logits: Tensor) -> torch.dtype:
@@ -57,8 +66,10 @@ def _z_dtype(logits: Tensor) -> torch.dtype:
     return z_dtype(logits, logits)
 
 
-def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int) -> list[Tensor]:
-    """[z (K, N, L, C), log_q (K, N)] for logits (N, L, C), temperature (N, L)."""
+def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int,
+             log_p: Tensor | None = None) -> list[Tensor]:
+    """[z (K, N, L, C), log_q (K, N), kl] for logits (N, L, C), temperature (N, L):
+    kl (N,) with the prior log-pmf log_p (L, C), else an empty (0,) tensor."""
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
     a = _backend.kernel_input(backend, logits.contiguous(), dtype)
@@ -66,78 +77,103 @@ def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_sa
     N, L, C = a.shape
     z = empty_z(backend, (n_samples, N, L, C), logits, dtype, _z_dtype(logits))
     log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
+    # the Triton kernels read a prior expanded over the latents in place (no copy launched)
+    lp = None if log_p is None else _backend.kernel_input(
+        backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
+    kl = (logits.new_empty((0,), dtype=dtype) if lp is None
+          else _backend.empty_output((N,), like=logits, dtype=dtype))
     _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
-                    offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q)
-    return [_backend.in_dtype(z, _z_dtype(logits)), log_q]
+                    offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q, log_p=lp,
+                    kl=None if lp is None else kl)
+    return [_backend.in_dtype(z, _z_dtype(logits)), log_q, kl]
 
 
 def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor | None, grad_log_q: Tensor | None,
-              stop_score: bool) -> Tensor:
-    """dlogits (N, L, C) from grad_z (K, N, L, C) and grad_log_q (K, N) (None: no gradient)."""
+              stop_score: bool, grad_kl: Tensor | None = None, log_p: Tensor | None = None) -> Tensor:
+    """dlogits (N, L, C) from grad_z (K, N, L, C), grad_log_q (K, N) and grad_kl
+    (N,) (None: no gradient; grad_kl needs the prior log-pmf log_p (L, C))."""
+    if grad_kl is not None and log_p is None:
+        raise ValueError("grad_kl: the KL's gradient needs the prior's log_p")
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
     a = _backend.kernel_input(backend, logits.contiguous(), dtype)
     lam = temperature.to(dtype).contiguous()
-    grad_z, grad_log_q = (None if g is None else _backend.kernel_input(backend, g, dtype).contiguous()
-                          for g in (grad_z, grad_log_q))
+    grad_z, grad_log_q, grad_kl = (None if g is None else _backend.kernel_input(backend, g, dtype).contiguous()
+                                   for g in (grad_z, grad_log_q, grad_kl))
+    lp = None if grad_kl is None else _backend.kernel_input(
+        backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
     d = _backend.empty_output(a.shape, like=a)
     K = gradient_samples(grad_z, grad_log_q)
     _backend.launch(backend, "sample_concrete_backward", max(K, 1) * a.numel(), grad_z=grad_z,
-                    grad_log_q=grad_log_q, logits=a, temperature=lam, seed=seed, stop_score=stop_score, dlogits=d)
+                    grad_log_q=grad_log_q, logits=a, temperature=lam, seed=seed, stop_score=stop_score, dlogits=d,
+                    grad_kl=grad_kl, log_p=lp)
     return _backend.in_dtype(d, logits.dtype)
 
 
-def _fake(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int):
+def _fake(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int, log_p: Tensor | None = None):
     dtype = _backend.compute_dtype(logits)
     return (logits.new_empty((n_samples, *logits.shape), dtype=_z_dtype(logits)),
-            logits.new_empty((n_samples, logits.shape[0]), dtype=dtype))
+            logits.new_empty((n_samples, logits.shape[0]), dtype=dtype),
+            logits.new_empty((logits.shape[0],) if log_p is not None else (0,), dtype=dtype))
 
 
 sample_concrete_op = define(
-    "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples) -> (Tensor, Tensor)",
-    lambda logits, temperature, seed, hard, n_samples: tuple(_forward(logits, temperature, seed, hard, n_samples)),
+    "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples, Tensor? log_p=None)"
+    " -> (Tensor, Tensor, Tensor)",
+    lambda logits, temperature, seed, hard, n_samples, log_p=None: tuple(
+        _forward(logits, temperature, seed, hard, n_samples, log_p)),
     _fake,
-    cpu=lambda logits, temperature, seed, hard, n_samples: (logits, temperature),
+    cpu=lambda logits, temperature, seed, hard, n_samples, log_p=None: (logits, temperature, log_p),
 )
 sample_concrete_backward_op = define(
     "sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
-    " bool stop_score) -> Tensor",
+    " bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None) -> Tensor",
     _backward,
-    lambda logits, temperature, seed, grad_z, grad_log_q, stop_score: torch.empty_like(logits),
-    cpu=lambda logits, temperature, seed, grad_z, grad_log_q, stop_score: (logits, temperature, grad_z, grad_log_q),
+    lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None: torch.empty_like(
+        logits),
+    cpu=lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None: (
+        logits, temperature, grad_z, grad_log_q, grad_kl, log_p),
 )
 
 
 class SampleConcrete(torch.autograd.Function):
     """Autograd of fastvae::sample_concrete: (z (K, ..., L, C), log q (K, ...)),
-    saving the logits, the temperature and the seed only. ``stop_score``
+    and with a prior log-pmf log_p (L, C) the analytic categorical KL (...),
+    saving the logits, the temperature, the seed and log_p only. ``stop_score``
     (STL / DReG): log q's gradient reaches the logits only along z."""
 
     @staticmethod
-    def forward(ctx, logits, temperature, seed, hard, n_samples, stop_score):
+    def forward(ctx, logits, temperature, seed, hard, n_samples, stop_score, log_p=None):
         a = _flat3(logits)
         lam = temperature.reshape(a.shape[:2])
-        z, log_q = run(sample_concrete_op, a, lam, seed, hard, n_samples)
-        ctx.save_for_backward(a, lam, seed)
+        z, log_q, kl = run(sample_concrete_op, a, lam, seed, hard, n_samples, log_p)
+        ctx.save_for_backward(a, lam, seed, log_p)
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.n_samples, ctx.stop_score = logits.shape, n_samples, stop_score
-        return shaped(z, (n_samples, *logits.shape)), shaped(log_q, (n_samples, *logits.shape[:-2]))
+        z, log_q = shaped(z, (n_samples, *logits.shape)), shaped(log_q, (n_samples, *logits.shape[:-2]))
+        return (z, log_q) if log_p is None else (z, log_q, shaped(kl, logits.shape[:-2]))
 
     @staticmethod
-    def backward(ctx, grad_z, grad_log_q):
-        if grad_z is None and grad_log_q is None:
-            return None, None, None, None, None, None
-        a, lam, seed = ctx.saved_tensors
+    def backward(ctx, grad_z, grad_log_q, grad_kl=None):
+        if grad_z is None and grad_log_q is None and grad_kl is None:
+            return None, None, None, None, None, None, None
+        a, lam, seed, log_p = ctx.saved_tensors
         K = ctx.n_samples
         N, L, C = a.shape
+        gk = None if grad_kl is None else shaped(grad_kl.detach(), (N,))
         with torch.no_grad():
             d = run(sample_concrete_backward_op, a.detach(), lam, seed,
                     None if grad_z is None else shaped(grad_z.detach(), (K, N, L, C)),
-                    None if grad_log_q is None else shaped(grad_log_q.detach(), (K, N)), bool(ctx.stop_score))
+                    None if grad_log_q is None else shaped(grad_log_q.detach(), (K, N)), bool(ctx.stop_score),
+                    gk, None if gk is None else log_p.detach())
+            dlog_p = None
+            if gk is not None and ctx.needs_input_grad[6]:  # a learned prior: -sum over rows of grad_kl pi
+                pi = torch.softmax(a.detach().to(_backend.compute_dtype(a)), -1)
+                dlog_p = -torch.einsum("n,nlc->lc", gk.to(pi.dtype), pi).to(log_p.dtype)
         d = shaped(d, ctx.shape)
         if torch.is_grad_enabled():  # create_graph=True: the kernel's numbers, then a named error
-            d = not_twice("sample_concrete", (d,), (a, grad_z, grad_log_q), _NOT_TWICE)[0]
-        return d, None, None, None, None, None
+            d, dlog_p = not_twice("sample_concrete", (d, dlog_p), (a, grad_z, grad_log_q, grad_kl, log_p), _NOT_TWICE)
+        return d, None, None, None, None, None, dlog_p
 
 
 def _check_logits(t: Tensor, name: str = "logits") -> None:
@@ -201,6 +237,24 @@ def check_args(logits: Tensor, temperature) -> Tensor:
     return lam
 
 
+def check_log_p(log_p: Tensor, logits: Tensor) -> Tensor:
+    """A prior log-pmf as the ops take it: log_p broadcast to (L, C) (a view),
+    after the checks by name: a float tensor on the logits' device of shape
+    (C,) or (L, C), no NaN or +inf (-inf: a category the prior rules out)."""
+    _validate.float_tensors(log_p=log_p)
+    L, C = logits.shape[-2:]
+    if log_p.device != logits.device:
+        raise ValueError(f"log_p is on {log_p.device}, logits on {logits.device}")
+    if log_p.dim() not in (1, 2) or not _validate.broadcasts_to(log_p.shape, (L, C)):
+        raise ValueError(f"log_p must be a prior log-pmf of shape (C,) or (L, C) = ({L}, {C}), "
+                         f"got {tuple(log_p.shape)}")
+    if _value_checks.should_check("concrete log_p", log_p) and log_p.numel():
+        d = log_p.detach()
+        if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
+            raise ValueError("log_p must be finite or -inf (a category the prior rules out): got a NaN or +inf")
+    return log_p.expand(L, C)
+
+
 def sample_concrete(
     logits: Tensor,
     temperature: float | Tensor,
@@ -208,7 +262,8 @@ def sample_concrete(
     *,
     hard: bool = False,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+    log_p: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Reparameterized relaxed one-hot samples (Concrete / Gumbel-softmax) and their log-density.
 
     Args:
@@ -221,33 +276,49 @@ def sample_concrete(
         hard: straight-through: z is the one-hot of the relaxed sample's
             argmax, its gradient the relaxed sample's; log q is the relaxed one.
         generator: torch.Generator the Philox seed is drawn from.
+        log_p: a categorical prior's log-pmf, (C,) or (L, C) (normalized; -inf
+            rules a category out): adds the analytic KL(Cat(softmax(logits)) || p)
+            summed over the L latents, computed in the same kernels.
 
     Returns:
         (z, log_q): z on the simplex, (..., L, C) or (K, ..., L, C), and log q(z)
         of the relaxed sample summed over the L latents, (...) or (K, ...),
         computed from the Gumbel noise that drew z. Both are differentiable in
         the logits; the noise is regenerated in the backward, never stored.
+        With log_p, (z, log_q, kl): kl = sum_l sum_c pi_c (log pi_c - log p_c),
+        pi = softmax(logits), of shape (...) (no noise: one value per row
+        whatever n_samples), differentiable in the logits and in log_p.
     """
     lam = check_args(logits, temperature)
     if n_samples is not None:
         n_samples = _validate.sample_count("n_samples", n_samples, logits.numel(), logits)
-    return sample_concrete_unchecked(logits, lam, n_samples, hard, False, generator)
+    if log_p is not None:
+        log_p = check_log_p(log_p, logits)
+    return sample_concrete_unchecked(logits, lam, n_samples, hard, False, generator, log_p)
 
 
 def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: int | None, hard: bool,
-                              stop_score: bool, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                              stop_score: bool, generator: torch.Generator | None,
+                              log_p: Tensor | None = None) -> tuple[Tensor, ...]:
     """(z (K, ..., L, C), log q (K, ...)) for arguments the caller has validated
     (temperature a tensor of logits.shape[:-1]); n_samples None: one sample,
-    (..., L, C) and (...). Eager CPU calls take the C++ operator
+    (..., L, C) and (...). With log_p (a prior log-pmf broadcasting to (L, C)),
+    (z, log q, kl (...)). Eager CPU calls take the C++ operator
     (csrc/torch_ops.cpp), the same kernels without the Python Function's host
-    path (and with no indexing op for n_samples None)."""
+    path (and with no indexing op for n_samples None); a learned prior (log_p
+    requiring grad) takes the Python Function, whose backward gives d log_p."""
     seed = draw_seed(logits.device, generator)
+    if log_p is not None:
+        log_p = log_p.to(temperature.dtype).expand(logits.shape[-2:])
     ops = _backend.torch_ops(logits, temperature)
-    if ops is not None:
-        return ops.sample_concrete(logits, temperature, int(seed), bool(hard), n_samples, stop_score)
-    z, log_q = SampleConcrete.apply(logits, temperature, seed, bool(hard), 1 if n_samples is None else n_samples,
-                                    stop_score)
-    return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+    if ops is not None and (log_p is None or not log_p.requires_grad):
+        out = ops.sample_concrete(logits, temperature, int(seed), bool(hard), n_samples, stop_score, log_p)
+        return out[:2] if log_p is None else out
+    out = SampleConcrete.apply(logits, temperature, seed, bool(hard), 1 if n_samples is None else n_samples,
+                               stop_score, log_p)
+    if n_samples is None:
+        return (out[0][0], out[1][0], *out[2:])
+    return out
 
 
 def concrete_at(logits: Tensor, temperature: Tensor, seed: Tensor, n_samples: int, hard: bool, *, offset0: int,
@@ -266,5 +337,6 @@ def concrete_at(logits: Tensor, temperature: Tensor, seed: Tensor, n_samples: in
     check_offsets(offset0, sample_stride, row_stride,
                   offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L * C - 1)
     _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
-                    offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z, log_q=log_q)
+                    offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z, log_q=log_q,
+                    log_p=None, kl=None)
     return _backend.in_dtype(z, _z_dtype(logits)), log_q

@@ -174,16 +174,52 @@ FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* te
   }
 }
 
+// The analytic categorical KL of one latent, sum_c pi_c (log pi_c - log p_c)
+// with log pi = a - max a - log sum_c exp(a_c - max a); a category with pi_c = 0
+// (masked, or underflowed) adds 0, as torch's where(pi > 0, ...) does, even
+// where log p_c = -inf. lpi[c] <- log pi_c, pi[c] <- pi_c (the backward's).
+// The noise plays no part: the sampler's kernels compute it only because they
+// already hold the logits (one launch for z, log q and the KL).
+template <typename T>
+FASTVAE_INLINE T latent_kl(const T* a, const T* lp, int64_t C, T* lpi, T* pi) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T top = ninf;
+  for (int64_t c = 0; c < C; ++c) top = std::max(top, a[c]);
+  T s = T(0);
+  for (int64_t c = 0; c < C; ++c) s += a[c] == ninf ? T(0) : std::exp(a[c] - top);
+  const T ls = std::log(s);
+  T kl = T(0);
+  for (int64_t c = 0; c < C; ++c) {
+    lpi[c] = a[c] == ninf ? ninf : (a[c] - top) - ls;
+    pi[c] = a[c] == ninf ? T(0) : std::exp(lpi[c]);
+    kl += pi[c] > T(0) ? pi[c] * (lpi[c] - lp[c]) : T(0);
+  }
+  return kl;
+}
+
+// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over L in double.
+template <typename T>
+void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L, int64_t C, T* kl) {
+  std::vector<T> lpi(static_cast<size_t>(C)), pi(static_cast<size_t>(C));
+  for (int64_t row = r0; row < r1; ++row) {
+    double acc = 0.0;
+    for (int64_t l = 0; l < L; ++l) acc += double(latent_kl(logits + (row * L + l) * C, log_p + l * C, C, lpi.data(),
+                                                            pi.data()));
+    kl[row] = static_cast<T>(acc);
+  }
+}
+
 }  // namespace
 
 template <typename T>
 void sample_concrete_forward(const T* logits, const T* temperature, uint64_t seed, bool hard, uint64_t offset0,
                              uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, int64_t C,
-                             T* z, T* log_q, int n_threads) {
+                             T* z, T* log_q, const T* log_p, T* kl, int n_threads) {
   const int64_t LC = L * C, NLC = N * LC;
   if (K * N == 0) return;
   if (LC == 0) {
     if (log_q) std::fill(log_q, log_q + K * N, T(0));
+    if (kl) std::fill(kl, kl + N, T(0));
     return;
   }
   const int64_t tile_rows = std::max<int64_t>(1, kTileElems / LC);
@@ -208,6 +244,7 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
           log_q[k * N + row] = static_cast<T>(acc);
         }
       }
+      if (kl && k == 0) rows_kl(logits, log_p, r0, r1, L, C, kl);  // per row, not per sample
     }
   }
 }
@@ -215,7 +252,7 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
 template <typename T>
 void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, const T* temperature, uint64_t seed,
                               bool stop_score, int64_t K, int64_t N, int64_t L, int64_t C, T* dlogits,
-                              int n_threads) {
+                              const T* dkl, const T* log_p, int n_threads) {
   const int64_t NL = N * L, NLC = NL * C;
   if (NLC == 0) return;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -263,16 +300,31 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
         dlogits[e] = logits[e] == ninf ? T(0) : acc[e - j0 * C] * ilam;
       }
     }
+    if (dkl) {  // d KL_l / d a_c = pi_c ((log pi_c - log p_c) - KL_l), added after the noise terms' 1 / lam
+      std::vector<T> lpi(static_cast<size_t>(C)), pi(static_cast<size_t>(C));
+      for (int64_t j = j0; j < j1; ++j) {
+        const T* lp = log_p + (j % L) * C;
+        const T kl = latent_kl(logits + j * C, lp, C, lpi.data(), pi.data());
+        const T g = dkl[j / L];
+        for (int64_t c = 0; c < C; ++c) {
+          if (pi[c] > T(0)) dlogits[j * C + c] += g * pi[c] * ((lpi[c] - lp[c]) - kl);
+        }
+      }
+    }
   }
 }
 
 template void sample_concrete_forward<float>(const float*, const float*, uint64_t, bool, uint64_t, uint64_t, uint64_t,
-                                             int64_t, int64_t, int64_t, int64_t, float*, float*, int);
+                                             int64_t, int64_t, int64_t, int64_t, float*, float*, const float*, float*,
+                                             int);
 template void sample_concrete_forward<double>(const double*, const double*, uint64_t, bool, uint64_t, uint64_t,
-                                              uint64_t, int64_t, int64_t, int64_t, int64_t, double*, double*, int);
+                                              uint64_t, int64_t, int64_t, int64_t, int64_t, double*, double*,
+                                              const double*, double*, int);
 template void sample_concrete_backward<float>(const float*, const float*, const float*, const float*, uint64_t, bool,
-                                              int64_t, int64_t, int64_t, int64_t, float*, int);
+                                              int64_t, int64_t, int64_t, int64_t, float*, const float*, const float*,
+                                              int);
 template void sample_concrete_backward<double>(const double*, const double*, const double*, const double*, uint64_t,
-                                               bool, int64_t, int64_t, int64_t, int64_t, double*, int);
+                                               bool, int64_t, int64_t, int64_t, int64_t, double*, const double*,
+                                               const double*, int);
 
 }  // namespace fastvae

@@ -50,31 +50,50 @@ std::pair<Tensor, Tensor> concrete_inputs(const Tensor& logits, const Tensor& te
   return {a, input(as_shape(temperature, {r.N, r.L}), "temperature", logits, {r.N, r.L})};
 }
 
-// z (K, N, L, C) and log_q (K, N) of the contiguous inputs, in the training layout.
-std::pair<Tensor, Tensor> concrete_forward(const Tensor& a, const Tensor& lam, int64_t seed, bool hard, int64_t K) {
+// A prior log-pmf broadcasting to (L, C) (given as (C,) or (L, C)) as the
+// kernels' contiguous (L, C) input; undefined stays undefined.
+Tensor concrete_log_p(const Tensor& log_p, const Tensor& a) {
+  if (!log_p.defined()) return log_p;
+  const int64_t L = a.size(1), C = a.size(2);
+  TORCH_CHECK((log_p.dim() == 1 || log_p.dim() == 2) && log_p.size(-1) == C &&
+                  (log_p.dim() == 1 || log_p.size(0) == L || log_p.size(0) == 1),
+              "log_p: expected a prior log-pmf of shape (C,) or (L, C) = (", L, ", ", C, "), got ", log_p.sizes());
+  return input(log_p.expand({L, C}), "log_p", a, {L, C});
+}
+
+// z (K, N, L, C), log_q (K, N) and kl (N,) (with log_p (L, C); else an empty
+// (0,) tensor) of the contiguous inputs, in the training layout.
+std::tuple<Tensor, Tensor, Tensor> concrete_forward(const Tensor& a, const Tensor& lam, int64_t seed, bool hard,
+                                                    int64_t K, const Tensor& log_p) {
   const int64_t N = a.size(0), L = a.size(1), C = a.size(2);
   Tensor z = output({K, N, L, C}, a), log_q = output({K, N}, a);
+  Tensor kl = log_p.defined() ? output({N}, a) : at::empty({0}, a.options());
   by_dtype(a, [&](auto tag) {
     using T = decltype(tag);
     sample_concrete_forward<T>(ptr<T>(a), ptr<T>(lam), uint64_t(seed), hard, 0, uint64_t(N * L * C), uint64_t(L * C),
-                               K, N, L, C, ptr<T>(z), ptr<T>(log_q), threads(K * N * L * C));
+                               K, N, L, C, ptr<T>(z), ptr<T>(log_q), log_p.defined() ? ptr<T>(log_p) : nullptr,
+                               log_p.defined() ? ptr<T>(kl) : nullptr, threads(K * N * L * C));
   });
-  return {z, log_q};
+  return {z, log_q, kl};
 }
 
-// dlogits (N, L, C) from the upstream gradients of z (K, ..., L, C) and log_q
-// (K, ...), each undefined when its output has none; K is 0 with neither.
+// dlogits (N, L, C) from the upstream gradients of z (K, ..., L, C), log_q
+// (K, ...) and kl (...), each undefined when its output has none; K is 0
+// with neither of the first two. The KL's gradient needs log_p (L, C).
 Tensor concrete_backward(const Tensor& grad_z, const Tensor& grad_log_q, bool stop_score, const Tensor& a,
-                         const Tensor& lam, int64_t seed, int64_t K) {
+                         const Tensor& lam, int64_t seed, int64_t K, const Tensor& grad_kl, const Tensor& log_p) {
   const int64_t N = a.size(0), L = a.size(1), C = a.size(2);
   const Tensor g = grad_z.defined() ? input(as_shape(grad_z, {K, N, L, C}), "grad_z", a, {K, N, L, C}) : Tensor();
   const Tensor gq = grad_log_q.defined() ? input(as_shape(grad_log_q, {K, N}), "grad_log_q", a, {K, N}) : Tensor();
+  TORCH_CHECK(!grad_kl.defined() || log_p.defined(), "grad_kl: the KL's gradient needs log_p");
+  const Tensor gk = grad_kl.defined() ? input(as_shape(grad_kl, {N}), "grad_kl", a, {N}) : Tensor();
+  const Tensor lp = gk.defined() ? concrete_log_p(log_p, a) : Tensor();
   Tensor d = output({N, L, C}, a);
   by_dtype(a, [&](auto tag) {
     using T = decltype(tag);
     auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
     sample_concrete_backward<T>(opt(g), opt(gq), ptr<T>(a), ptr<T>(lam), uint64_t(seed), stop_score, K, N, L, C,
-                                ptr<T>(d), threads(std::max<int64_t>(K, 1) * N * L * C));
+                                ptr<T>(d), opt(gk), opt(lp), threads(std::max<int64_t>(K, 1) * N * L * C));
   });
   return d;
 }
@@ -95,38 +114,53 @@ struct ConcreteNotTwice : torch::autograd::Function<ConcreteNotTwice> {
 
 // n_samples None (stored as K = 1 with no sample dimension) gives z shaped like
 // the logits and log_q like their batch: no indexing op (and its backward) after.
+// log_p (a prior log-pmf, (C,) or (L, C), no gradient: op.py takes a learned
+// prior to the Python Function) adds the analytic categorical KL (batch,),
+// else kl is an empty (0,) tensor with no gradient. An absent log_p is passed
+// as the temperature with has_log_p false (an autograd Function's inputs must
+// be defined tensors).
 struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& temperature, int64_t seed,
-                               bool hard, std::optional<int64_t> n_samples, bool stop_score) {
+                               bool hard, std::optional<int64_t> n_samples, bool stop_score, const Tensor& log_p,
+                               bool has_log_p) {
     const int64_t K = n_samples.value_or(1);
     const ConcreteRows r = concrete_rows(logits, seed, K);
     const auto [a, lam] = concrete_inputs(logits, temperature, r);
-    auto [z, log_q] = concrete_forward(a, lam, seed, hard, K);
+    TORCH_CHECK(!has_log_p || !log_p.requires_grad(), "log_p: the C++ operator takes a prior log-pmf without gradient");
+    const Tensor lp = has_log_p ? concrete_log_p(log_p, a) : Tensor();
+    auto [z, log_q, kl] = concrete_forward(a, lam, seed, hard, K, lp);
+    if (!lp.defined()) ctx->mark_non_differentiable({kl});
     ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
-    ctx->save_for_backward({a, lam, logits});  // the logits link a double backward's error node
+    ctx->save_for_backward({a, lam, logits, lp.defined() ? lp : a});  // the logits link a double backward's error node
+    ctx->saved_data["has_kl"] = lp.defined();
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["K"] = K;
     ctx->saved_data["stop_score"] = stop_score;
     ctx->saved_data["shape"] = logits.sizes().vec();
     const auto batch = logits.sizes().slice(0, logits.dim() - 2);
-    if (!n_samples) return {shaped(z, logits.sizes()), shaped(log_q, batch)};
-    return {shaped(z, with_samples(K, logits.sizes())), shaped(log_q, with_samples(K, batch))};
+    const Tensor kl_out = lp.defined() ? shaped(kl, batch) : kl;
+    if (!n_samples) return {shaped(z, logits.sizes()), shaped(log_q, batch), kl_out};
+    return {shaped(z, with_samples(K, logits.sizes())), shaped(log_q, with_samples(K, batch)), kl_out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list none{Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    if (!grads[0].defined() && !grads[1].defined()) return none;
+    const variable_list none{Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const bool has_kl = ctx->saved_data["has_kl"].toBool() && grads[2].defined();
+    if (!grads[0].defined() && !grads[1].defined() && !has_kl) return none;
     const auto saved = ctx->get_saved_variables();
     Tensor d;
     {
       at::NoGradGuard no_grad;  // the kernel's numbers; a double backward's error node is added below
       d = concrete_backward(grads[0].defined() ? grads[0].detach() : Tensor(),
                             grads[1].defined() ? grads[1].detach() : Tensor(), ctx->saved_data["stop_score"].toBool(),
-                            saved[0], saved[1], ctx->saved_data["seed"].toInt(), ctx->saved_data["K"].toInt());
+                            saved[0], saved[1], ctx->saved_data["seed"].toInt(),
+                            grads[0].defined() || grads[1].defined() ? ctx->saved_data["K"].toInt() : 0,
+                            has_kl ? grads[2].detach() : Tensor(), has_kl ? saved[3] : Tensor());
     }
     d = d.view(ctx->saved_data["shape"].toIntVector());
     if (double_backward() && (saved[2].requires_grad() || (grads[0].defined() && grads[0].requires_grad()) ||
-                              (grads[1].defined() && grads[1].requires_grad()))) {
+                              (grads[1].defined() && grads[1].requires_grad()) ||
+                              (has_kl && grads[2].requires_grad()))) {
       // an absent upstream gradient is linked as the logits again (an input must be defined)
       auto link = [&](const Tensor& t) { return t.defined() ? t : saved[2]; };
       d = ConcreteNotTwice::apply(d, saved[2], link(grads[0]), link(grads[1]));
@@ -137,10 +171,13 @@ struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
   }
 };
 
-std::tuple<Tensor, Tensor> sample_concrete(const Tensor& logits, const Tensor& temperature, int64_t seed, bool hard,
-                                           std::optional<int64_t> n_samples, bool stop_score) {
-  auto out = SampleConcrete::apply(logits, temperature, seed, hard, n_samples, stop_score);
-  return {out[0], out[1]};
+std::tuple<Tensor, Tensor, Tensor> sample_concrete(const Tensor& logits, const Tensor& temperature, int64_t seed,
+                                                   bool hard, std::optional<int64_t> n_samples, bool stop_score,
+                                                   const std::optional<Tensor>& log_p) {
+  auto out = SampleConcrete::apply(logits, temperature, seed, hard, n_samples, stop_score,
+                                   log_p.has_value() && log_p->defined() ? *log_p : temperature,
+                                   log_p.has_value() && log_p->defined());
+  return {out[0], out[1], out[2]};
 }
 
 // -- the graph twins (fastvae_cpu::*): op.py's layout, logits (N, L, C) ------------
@@ -152,39 +189,44 @@ int64_t concrete_seed(const Tensor& seed) {
   return *seed.data_ptr<int64_t>();  // a CPU scalar: read in place, no dispatcher call (item's)
 }
 
-std::tuple<Tensor, Tensor> graph_sample_concrete(const Tensor& logits, const Tensor& temperature, const Tensor& seed,
-                                                 bool hard, int64_t n_samples) {
+std::tuple<Tensor, Tensor, Tensor> graph_sample_concrete(const Tensor& logits, const Tensor& temperature,
+                                                         const Tensor& seed, bool hard, int64_t n_samples,
+                                                         const std::optional<Tensor>& log_p) {
   const int64_t s = concrete_seed(seed);
   const ConcreteRows r = concrete_rows(logits, s, n_samples);
   const auto [a, lam] = concrete_inputs(logits, temperature, r);
-  auto [z, log_q] = concrete_forward(a, lam, s, hard, n_samples);
+  auto [z, log_q, kl] = concrete_forward(a, lam, s, hard, n_samples, concrete_log_p(log_p.value_or(Tensor()), a));
   const auto batch = logits.sizes().slice(0, logits.dim() - 2);
-  return {shaped(z, with_samples(n_samples, logits.sizes())), shaped(log_q, with_samples(n_samples, batch))};
+  return {shaped(z, with_samples(n_samples, logits.sizes())), shaped(log_q, with_samples(n_samples, batch)),
+          log_p.has_value() ? shaped(kl, batch) : kl};
 }
 
 Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temperature, const Tensor& seed,
                                       const std::optional<Tensor>& grad_z, const std::optional<Tensor>& grad_log_q,
-                                      bool stop_score) {
+                                      bool stop_score, const std::optional<Tensor>& grad_kl,
+                                      const std::optional<Tensor>& log_p) {
   const int64_t s = concrete_seed(seed);
   const Tensor gz = grad_z.value_or(Tensor()), gq = grad_log_q.value_or(Tensor());
   const int64_t K = gz.defined() ? gz.size(0) : gq.defined() ? gq.size(0) : 0;
   const ConcreteRows r = concrete_rows(logits, s, std::max<int64_t>(K, 1));
   const auto [a, lam] = concrete_inputs(logits, temperature, r);
-  return shaped(concrete_backward(gz, gq, stop_score, a, lam, s, K), logits.sizes());
+  return shaped(concrete_backward(gz, gq, stop_score, a, lam, s, K, grad_kl.value_or(Tensor()),
+                                  log_p.value_or(Tensor())),
+                logits.sizes());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
-  m.def("sample_concrete(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples, bool stop_score)"
-        " -> (Tensor, Tensor)");
+  m.def("sample_concrete(Tensor logits, Tensor temperature, int seed, bool hard, int? n_samples, bool stop_score,"
+        " Tensor? log_p=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
-  m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples)"
-        " -> (Tensor, Tensor)");
+  m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples,"
+        " Tensor? log_p=None) -> (Tensor, Tensor, Tensor)");
   m.def("sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z,"
-        " Tensor? grad_log_q, bool stop_score) -> Tensor");
+        " Tensor? grad_log_q, bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None) -> Tensor");
 }
 
 FASTVAE_TORCH_OP_IMPLS(sample_concrete)

@@ -9,7 +9,10 @@ category (z_c = 0, left out of the density).
 One latent's C categories are one row of a (rows, BLOCK_C) tile, BLOCK_C the
 next power of two of C (C up to MAX_C). The forward's programs take BLOCK_R
 sample rows (k, n) and loop over the L latents; the backward's take BLOCK_J
-latents and loop over the K samples.
+latents and loop over the K samples. With a prior log-pmf (WITH_KL) the
+forward also sums the analytic categorical KL of each row over its latents
+(stored by the rows of sample 0 only: it has no noise), and the backward adds
+its gradient to each latent's.
 """
 import torch
 import triton
@@ -52,13 +55,33 @@ def _latents(x, a, lam, cols, C, ACC: tl.constexpr):
     return z, log_q, w, count, y, m, valid
 
 
-@triton.jit(do_not_specialize=["N", "KN", "L", "C", "offset0", "sample_stride", "row_stride"])
+@triton.jit
+def _categorical_kl(a, lp, valid):
+    """(KL per row, pi, log pi, live) of a (rows, BLOCK_C) tile of logits a and
+    prior log-pmf lp: sum_c pi_c (log pi_c - log p_c) over the categories with
+    pi_c > 0 (masked ones, and underflowed ones, add 0 as in torch's
+    where(pi > 0, ...), even where log p_c = -inf)."""
+    top = tl.max(tl.where(valid, a, float("-inf")), axis=1)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    s = tl.where(valid, tl.exp(a - top[:, None]), 0.0)
+    ls = tl.log(tl.sum(s, axis=1))
+    lpi = tl.where(valid, (a - top[:, None]) - ls[:, None], 0.0)
+    pi = tl.where(valid, tl.exp(lpi), 0.0)
+    live = pi > 0.0
+    diff = lpi - tl.where(live, lp, 0.0)
+    kl = tl.sum(tl.where(live, pi * diff, 0.0), axis=1)
+    return kl, pi, diff, live
+
+
+@triton.jit(do_not_specialize=["N", "KN", "L", "C", "offset0", "sample_stride", "row_stride", "lp_stride"])
 def _sample_concrete_fwd_kernel(
     a_ptr,  # (N, L, C)
     lam_ptr,  # (N, L)
     seed_ptr,  # (): int64
     z_ptr,  # (K, N, L, C)
     log_q_ptr,  # (K, N): written when WITH_LOG_Q
+    log_p_ptr,  # (L, C), rows lp_stride apart (0: one (C,) prior for every latent): read when WITH_KL
+    kl_ptr,  # (N,): written when WITH_KL
     offset0,
     sample_stride,
     row_stride,
@@ -66,11 +89,13 @@ def _sample_concrete_fwd_kernel(
     KN,
     L,
     C,
+    lp_stride,
     HARD: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     WITH_LOG_Q: tl.constexpr,
+    WITH_KL: tl.constexpr,
 ):
     r, rmask = program_rows(BLOCK_R, KN)
     n = r % N
@@ -79,6 +104,7 @@ def _sample_concrete_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     cmask = rmask[:, None] & (cols[None, :] < C)
     log_q = tl.zeros([BLOCK_R], dtype=ACC)
+    kl = tl.zeros([BLOCK_R], dtype=ACC)
     for li in range(0, L):
         j = n * L + li
         a = tl.load(a_ptr + j[:, None] * C + cols[None, :], mask=cmask, other=float("-inf")).to(ACC)
@@ -92,11 +118,16 @@ def _sample_concrete_fwd_kernel(
             z = tl.where(cols[None, :] == first[:, None], 1.0, 0.0)
         tl.store(z_ptr + (r * L + li)[:, None] * C + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=cmask)
         log_q += lq
+        if WITH_KL:
+            lp = tl.load(log_p_ptr + li * lp_stride + cols, mask=cols < C, other=0.0).to(ACC)
+            kl += _categorical_kl(a, lp[None, :], valid)[0]
     if WITH_LOG_Q:
         tl.store(log_q_ptr + r, log_q.to(log_q_ptr.dtype.element_ty), mask=rmask)
+    if WITH_KL:
+        tl.store(kl_ptr + n, kl.to(kl_ptr.dtype.element_ty), mask=rmask & (k == 0))
 
 
-@triton.jit(do_not_specialize=["N", "L", "NL", "C", "K"])
+@triton.jit(do_not_specialize=["N", "L", "NL", "C", "K", "lp_stride"])
 def _sample_concrete_bwd_kernel(
     grad_z_ptr,  # (K, N, L, C), read when HAS_GRAD_Z
     grad_q_ptr,  # (K, N), read when HAS_GRAD_Q
@@ -104,13 +135,17 @@ def _sample_concrete_bwd_kernel(
     lam_ptr,  # (N, L)
     seed_ptr,  # (): int64
     d_ptr,  # (N, L, C)
+    grad_kl_ptr,  # (N,), read when HAS_GRAD_KL
+    log_p_ptr,  # (L, C), rows lp_stride apart: read when HAS_GRAD_KL
     N,
     L,
     NL,
     C,
     K,
+    lp_stride,
     HAS_GRAD_Z: tl.constexpr,
     HAS_GRAD_Q: tl.constexpr,
+    HAS_GRAD_KL: tl.constexpr,
     STOP_SCORE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -140,7 +175,13 @@ def _sample_concrete_bwd_kernel(
                 h = count[:, None] * z - 1.0
             acc += gq[:, None] * h
     ok = a > float("-inf")
-    tl.store(d_ptr + idx, tl.where(ok, acc / lam[:, None], 0.0).to(d_ptr.dtype.element_ty), mask=cmask)
+    d = tl.where(ok, acc / lam[:, None], 0.0)
+    if HAS_GRAD_KL:  # d KL_l / d a_c = pi_c ((log pi_c - log p_c) - KL_l), after the noise terms' 1 / lam
+        lp = tl.load(log_p_ptr + (j % L)[:, None] * lp_stride + cols[None, :], mask=cmask, other=0.0).to(ACC)
+        kl, pi, diff, live = _categorical_kl(a, lp, ok & (cols[None, :] < C))
+        gk = tl.load(grad_kl_ptr + n, mask=jmask, other=0.0).to(ACC)
+        d += tl.where(live, gk[:, None] * pi * (diff - kl[:, None]), 0.0)
+    tl.store(d_ptr + idx, d.to(d_ptr.dtype.element_ty), mask=cmask)
 
 
 def _geometry(C: int, device: torch.device, fp64: bool) -> tuple[int, int]:
@@ -151,38 +192,56 @@ def _geometry(C: int, device: torch.device, fp64: bool) -> tuple[int, int]:
     return max(1, tile // block_c), block_c
 
 
-def sample_concrete_forward(logits, temperature, seed, hard, offset0, sample_stride, row_stride, z, log_q) -> None:
+def _rows_of(log_p):
+    """log_p (L, C) with unit column stride, its rows at any stride: a (C,)
+    prior expanded over L (row stride 0) is read in place, with no copy launched."""
+    return log_p if log_p.stride(1) == 1 else log_p.contiguous()
+
+
+def sample_concrete_forward(logits, temperature, seed, hard, offset0, sample_stride, row_stride, z, log_q, log_p,
+                            kl) -> None:
     """z (K, N, L, C) <- softmax((logits - log t) / temperature) (one-hot of its
     argmax when hard), t the Exp(1) variate at offset0 + k * sample_stride +
     n * row_stride + l * C + c; log_q (K, N), when not None, <- the Concrete
-    log-density summed over L from the same t."""
+    log-density summed over L from the same t; kl (N,), with the prior
+    log-pmf log_p (L, C), <- the analytic categorical KL summed over L."""
     K, N, L, C = z.shape
     if K * N == 0:
         return
     if L * C == 0:
         if log_q is not None:
             log_q.zero_()
+        if kl is not None:
+            kl.zero_()
         return
     BLOCK_R, BLOCK_C = _geometry(C, logits.device, logits.dtype == torch.float64)
-    with_log_q = log_q is not None
+    with_log_q, with_kl = log_q is not None, kl is not None
+    log_p = _rows_of(log_p) if with_kl else logits
     _sample_concrete_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
-        logits, temperature, seed, z, log_q if with_log_q else z, offset0, sample_stride, row_stride, N, K * N, L, C,
+        logits, temperature, seed, z, log_q if with_log_q else z, log_p, kl if with_kl else z,
+        offset0, sample_stride, row_stride, N, K * N, L, C, log_p.stride(0) if with_kl else 0,
         HARD=bool(hard), ACC=acc_dtype(logits.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, WITH_LOG_Q=with_log_q,
+        WITH_KL=with_kl,
         num_warps=4 if logits.device.type == "cpu" else 8,  # 4 spills on sm_90 (tests/test_aot.py)
     )
 
 
-def sample_concrete_backward(grad_z, grad_log_q, logits, temperature, seed, stop_score, dlogits) -> None:
+def sample_concrete_backward(grad_z, grad_log_q, logits, temperature, seed, stop_score, dlogits, grad_kl,
+                             log_p) -> None:
     """dlogits (N, L, C) <- sum_k (z (grad_z - <z, grad_z>) + grad_log_q h) /
-    temperature with t regenerated (the oracle's sample_concrete_backward)."""
+    temperature with t regenerated, plus grad_kl's analytic-KL term with the
+    prior log-pmf log_p (L, C) (the oracle's sample_concrete_backward)."""
     N, L, C = logits.shape
     if N * L * C == 0:
         return
     K = gradient_samples(grad_z, grad_log_q)
     BLOCK_J, BLOCK_C = _geometry(C, logits.device, logits.dtype == torch.float64)
+    log_p = _rows_of(log_p) if grad_kl is not None else logits
     _sample_concrete_bwd_kernel[(triton.cdiv(N * L, BLOCK_J),)](
         grad_z if grad_z is not None else logits, grad_log_q if grad_log_q is not None else logits, logits,
-        temperature, seed, dlogits, N, L, N * L, C, K, HAS_GRAD_Z=grad_z is not None,
-        HAS_GRAD_Q=grad_log_q is not None, STOP_SCORE=bool(stop_score), ACC=acc_dtype(logits.dtype),
+        temperature, seed, dlogits, grad_kl if grad_kl is not None else logits,
+        log_p, N, L, N * L, C, K, log_p.stride(0) if grad_kl is not None else 0, HAS_GRAD_Z=grad_z is not None,
+        HAS_GRAD_Q=grad_log_q is not None, HAS_GRAD_KL=grad_kl is not None, STOP_SCORE=bool(stop_score),
+        ACC=acc_dtype(logits.dtype),
         BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, num_warps=4,
     )
