@@ -3,7 +3,8 @@
 // from C consecutive Philox uniforms per latent (one word per element: lane
 // i % 4 of counter i // 4), and log q(z) summed over L from the same Exp(1)
 // noise t = -log u (the Gumbel is -log t). The backward regenerates t instead
-// of reading it. The oracle's concrete_terms (__init__.py) gives the closed forms;
+// of reading it, or reads the forward's relaxed z when its caller kept it
+// (the eager operator: the noise is the costly part on the CPU). The oracle's concrete_terms (__init__.py) gives the closed forms;
 // -inf logits mask their category (z_c = 0, left out of the density).
 #include <algorithm>
 #include <cmath>
@@ -252,27 +253,41 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
 template <typename T>
 void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, const T* temperature, uint64_t seed,
                               bool stop_score, int64_t K, int64_t N, int64_t L, int64_t C, T* dlogits,
-                              const T* dkl, const T* log_p, int n_threads) {
+                              const T* dkl, const T* log_p, int n_threads, const T* z_saved) {
   const int64_t NL = N * L, NLC = NL * C;
   if (NLC == 0) return;
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t block = std::max<int64_t>(1, kTileElems / C);  // latents per block
   const int64_t n_blocks = (NL + block - 1) / block;
+  // the forward's relaxed z (K, N, L, C), when given, is the z that
+  // regenerating the noise gives, bit for bit: read instead, unless the
+  // stop-score term, which needs the noise itself, is asked
+  const bool from_z = z_saved != nullptr && !(stop_score && dlog_q);
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * block, j1 = std::min(NL, j0 + block);
     const int64_t n = (j1 - j0) * C;
-    TileScratch<T> w(n);
-    std::vector<T> acc(static_cast<size_t>(n), T(0)), z(static_cast<size_t>(n));
+    TileScratch<T> w(from_z ? 0 : n);
+    std::vector<T> acc(static_cast<size_t>(n), T(0)), z(static_cast<size_t>(from_z ? 0 : n));
     std::vector<LatentSums<T>> sums(static_cast<size_t>(j1 - j0));
+    if (from_z) {  // only each latent's count of unmasked categories is left to find
+      for (int64_t j = j0; j < j1; ++j) {
+        int64_t cnt = 0;
+        for (int64_t c = 0; c < C; ++c) cnt += logits[j * C + c] != ninf;
+        sums[j - j0].cnt = cnt;
+      }
+    }
     for (int64_t k = 0; k < K; ++k) {
-      folded_words(seed, static_cast<uint64_t>(k * NLC + j0 * C), n, w.x.data());
-      tile_samples(w, logits + j0 * C, temperature + j0, n, C, false, z.data(), sums.data(), nullptr);
+      if (!from_z) {
+        folded_words(seed, static_cast<uint64_t>(k * NLC + j0 * C), n, w.x.data());
+        tile_samples(w, logits + j0 * C, temperature + j0, n, C, false, z.data(), sums.data(), nullptr);
+      }
+      const T* zk = from_z ? z_saved + k * NLC + j0 * C : z.data();
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t e = (j - j0) * C;
         const LatentSums<T>& r = sums[j - j0];
         const T lam = temperature[j];
-        const T* zj = z.data() + e;
+        const T* zj = zk + e;
         T* d = acc.data() + e;
         if (dz) {
           const T* g = dz + k * NLC + j * C;
@@ -322,9 +337,9 @@ template void sample_concrete_forward<double>(const double*, const double*, uint
                                               const double*, double*, int);
 template void sample_concrete_backward<float>(const float*, const float*, const float*, const float*, uint64_t, bool,
                                               int64_t, int64_t, int64_t, int64_t, float*, const float*, const float*,
-                                              int);
+                                              int, const float*);
 template void sample_concrete_backward<double>(const double*, const double*, const double*, const double*, uint64_t,
                                                bool, int64_t, int64_t, int64_t, int64_t, double*, const double*,
-                                               const double*, int);
+                                               const double*, int, const double*);
 
 }  // namespace fastvae

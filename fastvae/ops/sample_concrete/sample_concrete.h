@@ -19,9 +19,11 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
 
 // dz (K, N, L, C) and dlog_q (K, N) may be null (no gradient); dlogits (N, L, C).
 // dkl (N,) with log_p (L, C): the analytic KL's gradient added (both or neither).
+// z_saved (K, N, L, C): the forward's relaxed z (hard=false), read in place of
+// regenerating the noise where the stop-score term is not asked; may be null.
 template <typename T>
 void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, const T* temperature, uint64_t seed,
                               bool stop_score, int64_t K, int64_t N, int64_t L, int64_t C, T* dlogits,
-                              const T* dkl, const T* log_p, int n_threads);
+                              const T* dkl, const T* log_p, int n_threads, const T* z_saved = nullptr);
 
 }  // namespace fastvae

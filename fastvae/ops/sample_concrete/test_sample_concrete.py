@@ -781,6 +781,38 @@ def test_the_cpp_operator_gives_the_kl_with_the_functions_bits(monkeypatch, dtyp
 
 
 @needs_torch_ops
+@pytest.mark.parametrize("stop_score", [False, True])
+@pytest.mark.parametrize("K", [None, 3])
+def test_the_cpp_operators_backward_reads_the_relaxed_z_with_the_functions_bits(monkeypatch, stop_score, K):
+    """The eager operator's backward reads the forward's relaxed z instead of
+    regenerating the noise: a gradient through z alone (which the stop-score
+    term does not touch) equals the Python Function's, which regenerates,
+    bit for bit, masked category included. The z it reads cannot change
+    under it: an in-place write to the returned z is refused."""
+    fastvae._backend.set_backend(None)
+    logits = torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(8)) * 2
+    logits[1, 2, 3] = -math.inf
+
+    def grad():
+        a = logits.clone().requires_grad_()
+        torch.manual_seed(2)
+        z, _ = fastvae.ops.sample_concrete.op.sample_concrete_unchecked(
+            a, torch.full(a.shape[:-1], 0.7), K, False, stop_score, None)
+        (z * torch.linspace(-1, 1, z.numel()).reshape(z.shape)).sum().backward()
+        return a.grad
+
+    ours = grad()
+    monkeypatch.setattr(fastvae._backend, "torch_ops", lambda *t: None)
+    assert torch.equal(ours, grad()) and torch.isfinite(ours).all() and ours[1, 2, 3] == 0
+    monkeypatch.undo()
+    fastvae._backend.set_backend(None)
+    a = logits.clone().requires_grad_()
+    z, _ = fastvae.sample_concrete(a, 0.7)
+    with pytest.raises(RuntimeError, match="inplace"):
+        z.mul_(2.0)
+
+
+@needs_torch_ops
 def test_the_cpp_operator_refuses_a_double_backward_as_the_function_does(monkeypatch):
     """create_graph=True gives the kernel's gradient, and differentiating it
     again raises the Python Function's error, by name."""

@@ -80,20 +80,24 @@ std::tuple<Tensor, Tensor, Tensor> concrete_forward(const Tensor& a, const Tenso
 // dlogits (N, L, C) from the upstream gradients of z (K, ..., L, C), log_q
 // (K, ...) and kl (...), each undefined when its output has none; K is 0
 // with neither of the first two. The KL's gradient needs log_p (L, C).
+// z_saved, when defined, is the forward's relaxed z (K, N, L, C), which the
+// kernel reads in place of regenerating the noise.
 Tensor concrete_backward(const Tensor& grad_z, const Tensor& grad_log_q, bool stop_score, const Tensor& a,
-                         const Tensor& lam, int64_t seed, int64_t K, const Tensor& grad_kl, const Tensor& log_p) {
+                         const Tensor& lam, int64_t seed, int64_t K, const Tensor& grad_kl, const Tensor& log_p,
+                         const Tensor& z_saved = Tensor()) {
   const int64_t N = a.size(0), L = a.size(1), C = a.size(2);
   const Tensor g = grad_z.defined() ? input(as_shape(grad_z, {K, N, L, C}), "grad_z", a, {K, N, L, C}) : Tensor();
   const Tensor gq = grad_log_q.defined() ? input(as_shape(grad_log_q, {K, N}), "grad_log_q", a, {K, N}) : Tensor();
   TORCH_CHECK(!grad_kl.defined() || log_p.defined(), "grad_kl: the KL's gradient needs log_p");
   const Tensor gk = grad_kl.defined() ? input(as_shape(grad_kl, {N}), "grad_kl", a, {N}) : Tensor();
   const Tensor lp = gk.defined() ? concrete_log_p(log_p, a) : Tensor();
+  const Tensor zs = z_saved.defined() && K > 0 ? input(z_saved, "z_saved", a, {K, N, L, C}) : Tensor();
   Tensor d = output({N, L, C}, a);
   by_dtype(a, [&](auto tag) {
     using T = decltype(tag);
     auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
     sample_concrete_backward<T>(opt(g), opt(gq), ptr<T>(a), ptr<T>(lam), uint64_t(seed), stop_score, K, N, L, C,
-                                ptr<T>(d), opt(gk), opt(lp), threads(std::max<int64_t>(K, 1) * N * L * C));
+                                ptr<T>(d), opt(gk), opt(lp), threads(std::max<int64_t>(K, 1) * N * L * C), opt(zs));
   });
   return d;
 }
@@ -131,7 +135,11 @@ struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
     auto [z, log_q, kl] = concrete_forward(a, lam, seed, hard, K, lp);
     if (!lp.defined()) ctx->mark_non_differentiable({kl});
     ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
-    ctx->save_for_backward({a, lam, logits, lp.defined() ? lp : a});  // the logits link a double backward's error node
+    // the logits link a double backward's error node; the relaxed z (hard=False)
+    // spares the backward the noise's regeneration, at no memory cost where
+    // the decoder keeps z for its own backward anyway
+    ctx->save_for_backward({a, lam, logits, lp.defined() ? lp : a, hard ? a : z});
+    ctx->saved_data["z_saved"] = !hard;
     ctx->saved_data["has_kl"] = lp.defined();
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["K"] = K;
@@ -155,7 +163,8 @@ struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
                             grads[1].defined() ? grads[1].detach() : Tensor(), ctx->saved_data["stop_score"].toBool(),
                             saved[0], saved[1], ctx->saved_data["seed"].toInt(),
                             grads[0].defined() || grads[1].defined() ? ctx->saved_data["K"].toInt() : 0,
-                            has_kl ? grads[2].detach() : Tensor(), has_kl ? saved[3] : Tensor());
+                            has_kl ? grads[2].detach() : Tensor(), has_kl ? saved[3] : Tensor(),
+                            ctx->saved_data["z_saved"].toBool() ? saved[4] : Tensor());
     }
     d = d.view(ctx->saved_data["shape"].toIntVector());
     if (double_backward() && (saved[2].requires_grad() || (grads[0].defined() && grads[0].requires_grad()) ||
