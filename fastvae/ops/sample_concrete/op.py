@@ -25,10 +25,11 @@ forward, the relaxed z's gradient backward (log q stays the relaxed one).
 The custom ops ``fastvae::sample_concrete`` and ``fastvae::sample_concrete_backward``
 take the logits (N, L, C), the temperature (N, L) (no gradient) and the Philox
 seed as a 0-d int64 tensor: the backward regenerates t and nothing of size
-K x N x L x C is saved. (The eager C++ operator of the cpp backend, csrc's
-SampleConcrete, keeps the relaxed z it returns, which the decoder holds for
-its own backward anyway, and its backward reads z in place of regenerating
-the noise: on the CPU the noise costs about as much as the rest.) Element (k, n, l, c) uses the uniform at offset
+K x N x L x C is saved. (The eager C++ operator of the cpp backend, the
+folder's torch_op.cpp, keeps the relaxed z it returns, which the decoder
+holds for its own backward anyway, and its backward reads z in place of
+regenerating the noise: on the CPU the noise costs about as much as the
+rest.) Element (k, n, l, c) uses the uniform at offset
 k * N * L * C + n * L * C + l * C + c (sample_location_scale's uniforms).
 
 Given a prior log-pmf ``log_p`` ((C,) or (L, C); the ops take it as (L, C)),
@@ -288,7 +289,7 @@ def sample_concrete(
         of the relaxed sample summed over the L latents, (...) or (K, ...),
         computed from the Gumbel noise that drew z. Both are differentiable in
         the logits; the noise is regenerated in the backward, never stored
-            (eager on the CPU, the backward of a relaxed z reads z instead).
+        (eager on the CPU, the backward of a relaxed z reads z instead).
         With log_p, (z, log_q, kl): kl = sum_l sum_c pi_c (log pi_c - log p_c),
         pi = softmax(logits), of shape (...) (no noise: one value per row
         whatever n_samples), differentiable in the logits and in log_p.
