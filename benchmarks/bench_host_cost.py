@@ -47,6 +47,7 @@ import cProfile
 import io
 import os
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -283,11 +284,12 @@ def _profile(run, n: int) -> str:
 
 
 def measure(rounds: int, n: int, device: torch.device | None = None, profile: bool = False,
-            compiled: bool = False) -> list[dict]:
+            compiled: bool = False, only: str | None = None) -> list[dict]:
     """One record per case: the loss's own host time (us) on the CUDA code
     path, the CPU path (CPU only) and written by hand, their ratios, the
     launches of a call (CPU: through Triton's run and direct) and how many of
-    the plans' launches launch directly."""
+    the plans' launches launch directly. ``only``, a regular expression,
+    keeps the cases whose name it matches (re.search)."""
     device = torch.device("cpu") if device is None else device
     torch.set_num_threads(1)
     fastvae.set_value_checks("never")  # on CUDA they run on the first call of each kind only
@@ -295,6 +297,10 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
     if not cuda:
         _stub_launches()
     cases = _setup(device)
+    if only is not None:
+        cases = {name: case for name, case in cases.items() if re.search(only, name)}
+        if not cases:
+            raise SystemExit(f"--cases {only!r} matches none of: {', '.join(_setup(device))}")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(loss, backend, leaves):
@@ -399,6 +405,8 @@ def main(argv=None) -> dict:
                    help="also time fastvae's loss and the hand-written one under torch.compile(fullgraph=True)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15; 3 with --quick)")
     p.add_argument("--calls", type=int, default=None, help="calls per round (default 200; 20 with --quick)")
+    p.add_argument("--cases", default=None, metavar="REGEX",
+                   help="only the cases whose name matches (re.search), e.g. '^elbo.bernoulli$|laplace'")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -408,7 +416,7 @@ def main(argv=None) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"
     rounds, n = (3, 20) if args.quick else (15, 200)
     rounds, n = args.rounds or rounds, args.calls or n
-    records = measure(rounds, n, device, args.profile, args.compiled)
+    records = measure(rounds, n, device, args.profile, args.compiled, args.cases)
     where = ("tiny CPU tensors, 1 thread; the CUDA code path with stubbed Triton launches" if device.type == "cpu"
              else "tiny CUDA tensors, 1 thread; calls enqueued without a sync")
     payload = {"op": "host_cost", **common.metadata(device),

@@ -13,7 +13,8 @@
 # GUMBEL_S (the Gumbel-softmax VAE's training step and the Concrete sampler at
 # its size, eager and compiled, default 120; 0 skips it),
 # PROBE_S (each probe section, default 170) and TEST_S (the CUDA tests,
-# default 190). A budget ends its step with SIGINT, so pytest still prints
+# default 190; TEST_K, pytest's -k, default "cuda or plan or compile", and
+# TEST_PATHS, default the whole suite, narrow them). A budget ends its step with SIGINT, so pytest still prints
 # the failures it found; a budget of 0 skips its step. Why the steps are as they are:
 # - install editable: fastvae.kernels is kernels/ (setup.py's package_dir), which
 #   `setup.py build_ext --inplace` alone does not map (every CUDA test would fail);
@@ -63,8 +64,8 @@ done
 [ -f "$out/probe.jsonl" ] && python3 "$probe/summarize.py" "$out/probe.jsonl" > "$out/summary.txt" 2>&1
 # the triton-cuda cases (and the CUDA-only tests); the CPU backends are CI's
 [ "${TEST_S:-190}" -gt 0 ] && timeout -s INT "${TEST_S:-190}" python3 -m pytest -q -n "$(nproc)" -p no:cacheprovider -p no:benchmark -o addopts="" \
-  -rfE --tb=short --timeout 150 -k "cuda or plan or compile" --ignore=tests/test_triton_interpreter.py \
-  --ignore=tests/test_aot.py > "$out/tests-cuda.log" 2>&1
+  -rfE --tb=short --timeout 150 -k "${TEST_K:-cuda or plan or compile}" --ignore=tests/test_triton_interpreter.py \
+  --ignore=tests/test_aot.py ${TEST_PATHS:-} > "$out/tests-cuda.log" 2>&1
 stamp "tests rc $?"
 [ -f "$out/host-cost.log" ] && sed -n '/^| call/,/^$/p' "$out/host-cost.log"
 [ -f "$out/summary.txt" ] && cat "$out/summary.txt"

@@ -479,6 +479,37 @@ def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_p
             assert r["cuda_path_vs_hand"] == pytest.approx(r["cuda_path_us"] / r["hand_us"], abs=0.011)
 
 
+def test_host_cost_benchmark_runs_the_cases_asked_for(tmp_path):
+    """bench_host_cost --cases REGEX keeps the cases whose name matches, and
+    a pattern that matches none fails naming the cases there are."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastvae import _backend
+
+    if importlib.util.find_spec("triton") is None or not _backend.cpp_available():
+        pytest.skip("needs Triton (its interpreter) and the C++ extension")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("FASTVAE_BACKEND", None)
+    out = tmp_path / "host_cost.json"
+
+    def run(pattern):
+        return subprocess.run([sys.executable, "-m", "benchmarks.bench_host_cost", "--quick", "--rounds", "1",
+                               "--calls", "2", "--cases", pattern, "--out", str(out)],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = run("^elbo laplace")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["case"] for r in json.loads(out.read_text())["records"]] == [
+        "elbo laplace, laplace prior", "elbo laplace, validate_args=False"]
+    proc = run("no such case")
+    assert proc.returncode != 0 and "matches none of" in proc.stderr and "elbo bernoulli" in proc.stderr
+
+
 def test_families_benchmark_compares_like_with_like(tmp_path):
     import fastvae
     """benchmarks/bench_families.py: the hand-written objective's closed-form KL
