@@ -25,11 +25,11 @@ forward, the relaxed z's gradient backward (log q stays the relaxed one).
 The custom ops ``fastvae::sample_concrete`` and ``fastvae::sample_concrete_backward``
 take the logits (N, L, C), the temperature (N, L) (no gradient) and the Philox
 seed as a 0-d int64 tensor: the backward regenerates t and nothing of size
-K x N x L x C is saved. (The eager C++ operator of the cpp backend, the
-folder's torch_op.cpp, keeps the relaxed z it returns, which the decoder
-holds for its own backward anyway, and its backward reads z in place of
-regenerating the noise: on the CPU the noise costs about as much as the
-rest.) Element (k, n, l, c) uses the uniform at offset
+K x N x L x C is saved. (On the CPU the relaxed z it returns, which the
+decoder holds for its own backward anyway, is kept and read in place of
+regenerating the noise, which there costs about as much as the rest: by the
+eager C++ operator (the folder's torch_op.cpp) and, through the backward op's
+``z``, by the compiled graph's C++ twin.) Element (k, n, l, c) uses the uniform at offset
 k * N * L * C + n * L * C + l * C + c (sample_location_scale's uniforms).
 
 Given a prior log-pmf ``log_p`` ((C,) or (L, C); the ops take it as (L, C)),
@@ -93,9 +93,12 @@ def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_sa
 
 
 def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor | None, grad_log_q: Tensor | None,
-              stop_score: bool, grad_kl: Tensor | None = None, log_p: Tensor | None = None) -> Tensor:
+              stop_score: bool, grad_kl: Tensor | None = None, log_p: Tensor | None = None,
+              z: Tensor | None = None) -> Tensor:
     """dlogits (N, L, C) from grad_z (K, N, L, C), grad_log_q (K, N) and grad_kl
-    (N,) (None: no gradient; grad_kl needs the prior log-pmf log_p (L, C))."""
+    (N,) (None: no gradient; grad_kl needs the prior log-pmf log_p (L, C)).
+    ``z``, the forward's relaxed z (K, N, L, C), is what the kernels would
+    regenerate, bit for bit: the C++ twin reads it, these backends regenerate."""
     if grad_kl is not None and log_p is None:
         raise ValueError("grad_kl: the KL's gradient needs the prior's log_p")
     backend = _backend.backend_for(logits.device)
@@ -131,12 +134,12 @@ sample_concrete_op = define(
 )
 sample_concrete_backward_op = define(
     "sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
-    " bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None) -> Tensor",
+    " bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None, Tensor? z=None) -> Tensor",
     _backward,
-    lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None: torch.empty_like(
-        logits),
-    cpu=lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None: (
-        logits, temperature, grad_z, grad_log_q, grad_kl, log_p),
+    lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None, z=None:
+        torch.empty_like(logits),
+    cpu=lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None, z=None: (
+        logits, temperature, grad_z, grad_log_q, grad_kl, log_p, z),
 )
 
 
@@ -151,7 +154,11 @@ class SampleConcrete(torch.autograd.Function):
         a = _flat3(logits)
         lam = temperature.reshape(a.shape[:2])
         z, log_q, kl = run(sample_concrete_op, a, lam, seed, hard, n_samples, log_p)
-        ctx.save_for_backward(a, lam, seed, log_p)
+        # on the CPU the relaxed z spares the backward the noise's regeneration (about
+        # half its time), at no memory cost where the decoder keeps z anyway; CUDA
+        # regenerates (Philox costs less there than reading z back)
+        keep_z = not hard and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+        ctx.save_for_backward(a, lam, seed, log_p, z if keep_z else None)
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.n_samples, ctx.stop_score = logits.shape, n_samples, stop_score
         z, log_q = shaped(z, (n_samples, *logits.shape)), shaped(log_q, (n_samples, *logits.shape[:-2]))
@@ -161,7 +168,7 @@ class SampleConcrete(torch.autograd.Function):
     def backward(ctx, grad_z, grad_log_q, grad_kl=None):
         if grad_z is None and grad_log_q is None and grad_kl is None:
             return None, None, None, None, None, None, None
-        a, lam, seed, log_p = ctx.saved_tensors
+        a, lam, seed, log_p, z = ctx.saved_tensors
         K = ctx.n_samples
         N, L, C = a.shape
         gk = None if grad_kl is None else shaped(grad_kl.detach(), (N,))
@@ -169,7 +176,8 @@ class SampleConcrete(torch.autograd.Function):
             d = run(sample_concrete_backward_op, a.detach(), lam, seed,
                     None if grad_z is None else shaped(grad_z.detach(), (K, N, L, C)),
                     None if grad_log_q is None else shaped(grad_log_q.detach(), (K, N)), bool(ctx.stop_score),
-                    gk, None if gk is None else log_p.detach())
+                    gk, None if gk is None else log_p.detach(),
+                    None if z is None or (grad_z is None and grad_log_q is None) else z.detach())
             dlog_p = None
             if gk is not None and ctx.needs_input_grad[6]:  # a learned prior: -sum over rows of grad_kl pi
                 pi = torch.softmax(a.detach().to(_backend.compute_dtype(a)), -1)

@@ -696,6 +696,11 @@ def twin_op_cases(m2, l2):
                                       torch.randn(4), torch.log_softmax(m2[:3], -1))),
         ("sample_concrete_backward", (logits, lam, seed, None, None, False, torch.randn(4),
                                       torch.log_softmax(m2[:3], -1))),
+        # the forward's relaxed z, which the twin reads in place of the noise it would regenerate
+        ("sample_concrete_backward", (logits, lam, seed, torch.randn(3, 4, 3, 6), torch.randn(3, 4), False, None,
+                                      None, torch.ops.fastvae.sample_concrete(logits, lam, seed, False, 3)[0])),
+        ("sample_concrete_backward", (logits, lam, seed, torch.randn(2, 4, 3, 6), torch.randn(2, 4), True, None,
+                                      None, torch.ops.fastvae.sample_concrete(logits, lam, seed, False, 2)[0])),
     ]
 
 
@@ -810,6 +815,45 @@ def test_the_cpp_operators_backward_reads_the_relaxed_z_with_the_functions_bits(
     z, _ = fastvae.sample_concrete(a, 0.7)
     with pytest.raises(RuntimeError, match="inplace"):
         z.mul_(2.0)
+
+
+@needs_torch_ops
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+@pytest.mark.parametrize("hard", [False, True])
+def test_the_compiled_backward_reads_the_relaxed_z(hard):
+    """Under torch.compile on the CPU the graph's backward twin is handed the
+    forward's relaxed z (none when hard: the one-hot is not it), and the
+    gradients equal eager's bit for bit as the batch and K change."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    fastvae._backend.set_backend(None)
+    seen = []
+
+    def backward_graph(gm, example_inputs):
+        seen.extend(n for n in gm.graph.nodes if n.target is torch.ops.fastvae_cpu.sample_concrete_backward.default)
+        return make_boxed_func(gm)
+
+    def f(a, K):
+        z, log_q = fastvae.sample_concrete(a, 0.6, K, hard=hard)
+        return (z * torch.linspace(-1, 1, z.shape[-1])).sum() + log_q.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm),
+                                                                     bw_compiler=backward_graph))
+    logits = torch.randn(9, 4, 6, generator=torch.Generator().manual_seed(3)) * 2
+    logits[2, 1, 0] = -math.inf
+    for rows, K in ((9, 2), (7, 2), (9, 1)):
+        grads = []
+        for fn in (f, compiled):
+            a = logits[:rows].clone().requires_grad_()
+            torch.manual_seed(rows + K)
+            grads.append(torch.autograd.grad(fn(a, K), a)[0])
+        assert torch.equal(grads[0], grads[1]) and torch.isfinite(grads[0]).all()
+    assert seen
+    for node in seen:
+        z = node.kwargs.get("z", node.args[8] if len(node.args) > 8 else None)
+        assert (z is None) == hard, node.format_node()
 
 
 @needs_torch_ops

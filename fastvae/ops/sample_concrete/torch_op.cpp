@@ -213,14 +213,16 @@ std::tuple<Tensor, Tensor, Tensor> graph_sample_concrete(const Tensor& logits, c
 Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temperature, const Tensor& seed,
                                       const std::optional<Tensor>& grad_z, const std::optional<Tensor>& grad_log_q,
                                       bool stop_score, const std::optional<Tensor>& grad_kl,
-                                      const std::optional<Tensor>& log_p) {
+                                      const std::optional<Tensor>& log_p, const std::optional<Tensor>& z) {
   const int64_t s = concrete_seed(seed);
   const Tensor gz = grad_z.value_or(Tensor()), gq = grad_log_q.value_or(Tensor());
   const int64_t K = gz.defined() ? gz.size(0) : gq.defined() ? gq.size(0) : 0;
   const ConcreteRows r = concrete_rows(logits, s, std::max<int64_t>(K, 1));
   const auto [a, lam] = concrete_inputs(logits, temperature, r);
+  // z, the forward's relaxed z, is read in place of the regenerated noise
+  const Tensor zs = z.has_value() && z->defined() && K > 0 ? as_shape(*z, {K, r.N, r.L, r.C}) : Tensor();
   return shaped(concrete_backward(gz, gq, stop_score, a, lam, s, K, grad_kl.value_or(Tensor()),
-                                  log_p.value_or(Tensor())),
+                                  log_p.value_or(Tensor()), zs),
                 logits.sizes());
 }
 
@@ -235,7 +237,7 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples,"
         " Tensor? log_p=None) -> (Tensor, Tensor, Tensor)");
   m.def("sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z,"
-        " Tensor? grad_log_q, bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None) -> Tensor");
+        " Tensor? grad_log_q, bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None, Tensor? z=None) -> Tensor");
 }
 
 FASTVAE_TORCH_OP_IMPLS(sample_concrete)
