@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import math
 import os
 import pstats
 import re
@@ -228,6 +229,27 @@ def _setup(device: torch.device):
 
     cases["elbo laplace, validate_args=False"] = (elbo_laplace_unvalidated, hand_elbo_laplace_unvalidated, base,
                                                   leaves)
+
+    # a Gumbel-softmax VAE's loss (3 latents of 5 categories, a uniform prior), as
+    # public training scripts write it: Gumbel noise, softmax, the categorical KL
+    lg = torch.randn(B, 3, 5).to(device).requires_grad_()
+    dec_c = torch.nn.Linear(15, D).to(device)
+
+    def elbo_concrete():
+        q = fastvae.Concrete(lg, 1.0)
+        return -fastvae.elbo(x, q, lambda z: dec_c(z.flatten(-2)), likelihood="bernoulli")
+
+    def hand_elbo_concrete():
+        u = torch.rand_like(lg)
+        y = F.softmax(lg - torch.log(-torch.log(u + 1e-20) + 1e-20), dim=-1)
+        rec = -F.binary_cross_entropy_with_logits(dec_c(y.flatten(-2)), x, reduction="none").sum(-1)
+        log_q = F.log_softmax(lg, dim=-1)
+        return -(rec - (log_q.exp() * (log_q + math.log(5))).sum((-2, -1))).mean()
+
+    def base_concrete():
+        return dec_c(lg.flatten(-2) + 0.0).sum()
+
+    cases["elbo concrete (gumbel-softmax)"] = (elbo_concrete, hand_elbo_concrete, base_concrete, (lg,))
 
     # one group of a hierarchical VAE, called 20-60 times a step: fastvae's fused
     # draw and KL against VDVAE's two functions, the KL summed over (C, H, W) as

@@ -467,11 +467,19 @@ def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_p
                 "iwae k=5": 6, "iwae k=5 dreg": 7, "elbo bernoulli, autocast": 4,
                 # the family's draw with its KL, then the likelihood, forward and backward
                 "elbo laplace, laplace prior": 4, "elbo laplace, validate_args=False": 4,
-                "sample_normal_kl, one group": 2}
+                "sample_normal_kl, one group": 2,
+                # the Concrete's draw with its KL, then the likelihood: no plan yet, so
+                # every launch goes through Triton's run (the row shows what that costs)
+                "elbo concrete (gumbel-softmax)": 4}
+    unplanned = {"elbo concrete (gumbel-softmax)"}
     assert set(records) == set(launches)
     for name, r in records.items():
         n = launches[name]
-        assert r["triton_launches"] == n and r["launches_through_run"] == 0 and r["direct_launches"] == f"{n}/{n}"
+        assert r["triton_launches"] == n
+        if name in unplanned:
+            assert r["launches_through_run"] == n and r["direct_launches"] == "0/0", r
+        else:
+            assert r["launches_through_run"] == 0 and r["direct_launches"] == f"{n}/{n}", r
         # the figures of a quick run (3 rounds of 20 calls, less a baseline) are noise on a loaded
         # machine, even below 0: only that each was measured, and the ratio's arithmetic, are checked
         assert all(math.isfinite(r[k]) for k in ("hand_us", "cuda_path_us", "cpu_path_us"))
