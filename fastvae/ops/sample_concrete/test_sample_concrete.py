@@ -570,7 +570,8 @@ def test_triton_tiles_match_the_oracle(backend, batch, L, C, K, concrete_tile, d
 
 def test_triton_tiles_keep_the_bits_of_z():
     """z's bits do not follow the tile (each element keeps its Philox offset):
-    the same draw at four tiles; log q and the KL within rounding."""
+    the same draw at four tiles; log q, the KL and the backward within
+    rounding (their sums change order)."""
     kernels = pytest.importorskip("fastvae.ops.sample_concrete.triton")
     if INTERPRET:
         device = "cpu"
@@ -582,7 +583,9 @@ def test_triton_tiles_keep_the_bits_of_z():
     logits[0, 0, 3] = -math.inf
     lam = torch.full((6, 13), 0.7, device=device)
     log_p = make_log_p(13, 11, True, 4, torch.float32, device)
-    outs = []
+    g = torch.Generator().manual_seed(5)
+    gz, gq, gk = (torch.randn(shape, generator=g).to(device) for shape in ((2, 6, 13, 11), (2, 6), (6,)))
+    outs, tiles = [], (kernels.TILE, kernels.INTERPRETER_TILE)
     for tile in (16, 64, 512, 1 << 14):
         kernels.TILE = kernels.INTERPRETER_TILE = tile
         try:
@@ -592,17 +595,16 @@ def test_triton_tiles_keep_the_bits_of_z():
             kernels.sample_concrete_forward(logits, lam, seed_tensor(9, device), False, 5, 6 * 13 * 11, 13 * 11, z, q,
                                             log_p, kl)
             dz = torch.full_like(logits, math.nan)
-            kernels.sample_concrete_backward(z * 0.5, q * 0.25, logits, lam, seed_tensor(9, device), False, dz,
-                                             kl * 0 + 1.0, log_p)
+            kernels.sample_concrete_backward(gz, gq, logits, lam, seed_tensor(9, device), False, dz, gk, log_p)
         finally:
-            kernels.TILE, kernels.INTERPRETER_TILE = 512, 1 << 14
+            kernels.TILE, kernels.INTERPRETER_TILE = tiles
         assert not (z.isnan().any() or q.isnan().any() or kl.isnan().any() or dz.isnan().any())
         outs.append((z, q, kl, dz))
     for z, q, kl, dz in outs[1:]:
         assert torch.equal(z, outs[0][0])
         torch.testing.assert_close(q, outs[0][1], rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(kl, outs[0][2], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(dz, outs[0][3], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dz, outs[0][3], rtol=1e-5, atol=1e-6)  # a row's sums may change order on a GPU
 
 
 def test_triton_geometry_fills_an_h100():
