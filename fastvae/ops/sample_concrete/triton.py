@@ -15,9 +15,10 @@ the tile's per-latent terms summed over the latent axis (a reshape to
 BLOCK_L latents after another where L is longer than the tile holds. The tile
 is TILE elements (512 on a GPU: 4 a thread at 4 warps, beside Philox's state)
 filled latents first, then rows: a sampler's row of L <= 512 / BLOCK_C
-latents is one program, so the K N rows all run at once (a Gumbel-softmax
-VAE's (100, 30, 10) launches 100 programs, (4096, 32, 16) 4096) instead of
-one program walking every latent of 128 rows; a row of fewer elements shares
+latents is one program, so the K N rows all run at once, no SM walking many
+rows' latents one after another while the others wait (a Gumbel-softmax
+VAE's (100, 30, 10) launches 100 programs, (4096, 32, 16) 4096); a row of
+fewer elements shares
 a program with others, and a latent of more than TILE categories is a tile of
 one latent (the program loops over the row's latents). The block shapes follow
 L and C only, never K or N (no new variant per batch size). The backward's
