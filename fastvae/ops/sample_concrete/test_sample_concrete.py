@@ -472,7 +472,13 @@ def test_kl_matches_the_oracle_forward_and_backward(backend, dtype, problem, har
     """With a prior log-pmf ((C,) or (L, C), non-uniform) the op adds the
     analytic KL per row (no sample dimension) and its gradient; z and log q
     keep the bits they have without it."""
-    _, device = backend
+    check_with_kl(backend[1], dtype, problem, hard, stop_score, per_latent, masked)
+
+
+def check_with_kl(device, dtype, problem, hard, stop_score, per_latent, masked, forward=False):
+    """test_kl_matches_the_oracle_forward_and_backward's checks of one
+    problem (batch, L, C, K, data seed, temperature); with ``forward`` also z
+    and log q against the oracle (check_forward)."""
     batch, L, C, K, data_seed, lam = problem
     logits = make_logits((*batch, L, C), data_seed, dtype, device)
     stop_score = stop_score and not masked  # the test's stop-score oracle (log_softmax) takes no mask
@@ -487,6 +493,8 @@ def test_kl_matches_the_oracle_forward_and_backward(backend, dtype, problem, har
     z0, log_q0 = SampleConcrete.apply(logits, temperature, seed_tensor(seed, device), hard, K, stop_score)
     assert torch.equal(z, z0) and torch.equal(log_q, log_q0)
     assert kl.shape == batch and kl.dtype == dtype
+    if forward:
+        check_forward(z, log_q, logits, lam, seed, K, dtype, hard)
     a = logits.detach().double().cpu().requires_grad_()
     z_ref, q_ref, kl_ref = kl_oracle(a, lam, seed, K, dtype, log_p.double().cpu(), stop_score)
     assert_close(kl, kl_ref, kl_scale(a, log_p), "kl")
@@ -519,6 +527,112 @@ def test_kl_matches_the_oracle_forward_and_backward(backend, dtype, problem, har
         assert_close(got_kl, torch_grad, k_scale + 1e-300, "dlogits (torch's formula)")
     if masked and logits.numel():
         assert (got_kl.reshape(-1, C)[::2, C // 2] == 0).all()
+
+
+# -- the Triton forward's tiles (fastvae/ops/sample_concrete/triton.py) --------------------
+# (batch, L, C, K, tile): the tile (elements, on the GPU and under the interpreter
+# alike) shrunk so that small problems take each of the forward's forms.
+TILE_CASES = [
+    pytest.param((5,), 7, 5, 1, 64, id="two-latent-chunks-two-rows-a-program"),  # BLOCK_L 4 < L, the last chunk
+    # and program part dead
+    pytest.param((1,), 37, 16, 3, 64, id="one-row-ten-chunks"),  # BLOCK_L 4, BLOCK_R 1
+    pytest.param((3, 2), 3, 33, 2, 64, id="a-latent-a-tile"),  # BLOCK_C 64 = the tile: BLOCK_L 1
+    pytest.param((2,), 5, 100, 1, 64, id="large-C"),  # BLOCK_C 128 > the tile: one latent, a loop over L
+    pytest.param((9,), 30, 10, 1, 512, id="gpu-tile-(9,30,10)"),  # the GPU's: a row a program, L whole
+    pytest.param((3,), 5, 3, 2, 512, id="gpu-tile-rows-share"),  # the GPU's: 16 rows of 8 x 4 a program
+]
+
+
+@pytest.fixture
+def concrete_tile(request, monkeypatch):
+    """Sets the Triton kernels' tile (GPU and interpreter) to request.param."""
+    kernels = pytest.importorskip("fastvae.ops.sample_concrete.triton")
+    monkeypatch.setattr(kernels, "TILE", request.param)
+    monkeypatch.setattr(kernels, "INTERPRETER_TILE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,L,C,K,concrete_tile", TILE_CASES, indirect=["concrete_tile"])
+def test_triton_tiles_match_the_oracle(backend, batch, L, C, K, concrete_tile, dtype):
+    """Every form of the Triton forward's tile (latent chunks, rows sharing a
+    program, a latent a tile, large C) against the float64 oracle, forward
+    (z, log q, KL) and backward, relaxed and hard, with masked categories and
+    a per-latent prior; the stop-score backward on the unmasked logits."""
+    name, device = backend
+    if name != "triton":
+        pytest.skip("the tile is the Triton kernels'")
+    for hard, stop_score, per_latent, masked in ((False, False, True, True), (True, False, False, True),
+                                                 (False, True, True, False)):
+        check_with_kl(device, dtype, (batch, L, C, K, 41 + L, 0.5), hard, stop_score, per_latent, masked,
+                      forward=True)
+
+
+def test_triton_tiles_keep_the_bits_of_z():
+    """z's bits do not follow the tile (each element keeps its Philox offset):
+    the same draw at four tiles; log q, the KL and the backward within
+    rounding (their sums change order)."""
+    kernels = pytest.importorskip("fastvae.ops.sample_concrete.triton")
+    if INTERPRET:
+        device = "cpu"
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        pytest.skip("the Triton kernels run under the interpreter or on a GPU")
+    logits = make_logits((6, 13, 11), 4, torch.float32, device)
+    logits[0, 0, 3] = -math.inf
+    lam = torch.full((6, 13), 0.7, device=device)
+    log_p = make_log_p(13, 11, True, 4, torch.float32, device)
+    g = torch.Generator().manual_seed(5)
+    gz, gq, gk = (torch.randn(shape, generator=g).to(device) for shape in ((2, 6, 13, 11), (2, 6), (6,)))
+    outs, tiles = [], (kernels.TILE, kernels.INTERPRETER_TILE)
+    for tile in (16, 64, 512, 1 << 14):
+        kernels.TILE = kernels.INTERPRETER_TILE = tile
+        try:
+            z = torch.full((2, 6, 13, 11), math.nan, device=device)
+            q = torch.full((2, 6), math.nan, device=device)
+            kl = torch.full((6,), math.nan, device=device)
+            kernels.sample_concrete_forward(logits, lam, seed_tensor(9, device), False, 5, 6 * 13 * 11, 13 * 11, z, q,
+                                            log_p, kl)
+            dz = torch.full_like(logits, math.nan)
+            kernels.sample_concrete_backward(gz, gq, logits, lam, seed_tensor(9, device), False, dz, gk, log_p)
+        finally:
+            kernels.TILE, kernels.INTERPRETER_TILE = tiles
+        assert not (z.isnan().any() or q.isnan().any() or kl.isnan().any() or dz.isnan().any())
+        outs.append((z, q, kl, dz))
+    for z, q, kl, dz in outs[1:]:
+        assert torch.equal(z, outs[0][0])
+        torch.testing.assert_close(q, outs[0][1], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(kl, outs[0][2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dz, outs[0][3], rtol=1e-5, atol=1e-6)  # a row's sums may change order on a GPU
+
+
+def test_triton_geometry_fills_an_h100():
+    """The GPU launch's program counts, a function of the shape alone (nothing
+    launched): a Gumbel-softmax VAE's sampler (100, 30, 10) runs its K N = 100
+    rows at once, one program each, and (4096, 32, 16) at least 2 programs per
+    SM of an H100 (132 SMs); the backward's latents at (100, 30, 10) run in
+    tiles of 32 latents (94 programs, 24 with the forward's former tile).
+    The block shapes follow L and C only (no variant per batch size)."""
+    kernels = pytest.importorskip("fastvae.ops.sample_concrete.triton")
+    sms = 132
+    for N, L, C in ((100, 30, 10), (4096, 32, 16)):
+        programs, meta = kernels.forward_geometry(1, N, L, C)
+        assert programs >= min(2 * sms, N), (N, L, C, programs)
+        assert meta["BLOCK_L"] >= L and meta["num_warps"] >= 4
+        assert meta["BLOCK_R"] * meta["BLOCK_L"] * meta["BLOCK_C"] <= kernels.TILE
+        for K, M in ((5, 17), (50, 1023)):
+            assert kernels.forward_geometry(K, M, L, C)[1] == meta
+    assert kernels.forward_geometry(1, 100, 30, 10)[0] == 100
+    assert kernels.backward_geometry(100, 30, 10) == (94, dict(BLOCK_J=32, BLOCK_C=16, num_warps=4, maxnreg=128))
+    assert kernels.backward_geometry(4096, 32, 16)[0] >= 2 * sms
+    # L longer than the tile holds: chunks of latents; C more than it holds: one latent a tile, 8 warps
+    assert kernels.forward_geometry(1, 100, 200, 10)[1] == dict(BLOCK_R=1, BLOCK_L=32, BLOCK_C=16, num_warps=4)
+    assert kernels.forward_geometry(1, 100, 30, 2000)[1] == dict(BLOCK_R=1, BLOCK_L=1, BLOCK_C=2048, num_warps=8)
+    # the interpreter's tile: few programs
+    assert kernels.forward_geometry(1, 100, 30, 10, "cpu")[0] == 4
+    with pytest.raises(ValueError, match="C = 16385"):
+        kernels.forward_geometry(1, 2, 3, kernels.MAX_C + 1)
 
 
 @pytest.mark.parametrize("per_latent", [False, True], ids=["(C,)", "(L,C)"])

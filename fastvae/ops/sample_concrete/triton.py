@@ -6,13 +6,28 @@ regenerates t from (seed, offset) instead of storing it.
 The oracle's concrete_terms (__init__.py) gives the closed forms; -inf logits mask their
 category (z_c = 0, left out of the density).
 
-One latent's C categories are one row of a (rows, BLOCK_C) tile, BLOCK_C the
-next power of two of C (C up to MAX_C). The forward's programs take BLOCK_R
-sample rows (k, n) and loop over the L latents; the backward's take BLOCK_J
-latents and loop over the K samples. With a prior log-pmf (WITH_KL) the
-forward also sums the analytic categorical KL of each row over its latents
-(stored by the rows of sample 0 only: it has no noise), and the backward adds
-its gradient to each latent's.
+One latent's C categories are one row of a 2-D tile, BLOCK_C the next power
+of two of C (C up to MAX_C). A forward program owns BLOCK_R sample rows (k, n)
+and takes BLOCK_L of their latents at once: its tile is (BLOCK_R x BLOCK_L,
+BLOCK_C), the latents of a row consecutive, and each row's log q and KL are
+the tile's per-latent terms summed over the latent axis (a reshape to
+(BLOCK_R, BLOCK_L) and a sum: deterministic, no atomics), one chunk of
+BLOCK_L latents after another where L is longer than the tile holds. The tile
+is TILE elements (512 on a GPU: 4 a thread at 4 warps, beside Philox's state)
+filled latents first, then rows: a sampler's row of L <= 512 / BLOCK_C
+latents is one program, so the K N rows all run at once, no SM walking many
+rows' latents one after another while the others wait (a Gumbel-softmax
+VAE's (100, 30, 10) launches 100 programs, (4096, 32, 16) 4096); a row of
+fewer elements shares
+a program with others, and a latent of more than TILE categories is a tile of
+one latent (the program loops over the row's latents). The block shapes follow
+L and C only, never K or N (no new variant per batch size). The backward's
+programs take BLOCK_J = TILE / BLOCK_C latents and loop over the K samples.
+With a prior log-pmf (WITH_KL) the forward also sums the analytic categorical
+KL of each row over its latents (stored by the rows of sample 0 only: it has no
+noise), and the backward adds its gradient to each latent's. Under the
+interpreter (CPU tensors, about 1 ms a program) the tile is INTERPRETER_TILE
+elements, so that few programs run.
 """
 import torch
 import triton
@@ -22,8 +37,16 @@ from fastvae.kernels._common import acc_dtype, program_rows
 from fastvae.kernels.sampler import exp1, gradient_samples, words
 
 MAX_C = 1 << 14
-FORWARD_TILE = 2048
+# Elements of a program's tile on a GPU (forward and backward): 4 a thread at 4
+# warps, Philox's state and the noise's logs and exps holding the rest of the
+# registers; a latent of more categories is a tile alone, at 8 warps.
+TILE = 512
 INTERPRETER_TILE = 1 << 14
+# Left to itself ptxas gave the backward's grad_z + grad_kl variant 64 registers
+# and a spill (float16, sm_90; float64: 128 and 24 bytes): a cap above what
+# every variant of a TILE-element tile uses keeps them all in registers.
+BACKWARD_MAXNREG = 128
+FP64_BACKWARD_MAXNREG = 168
 
 
 @triton.jit
@@ -93,38 +116,49 @@ def _sample_concrete_fwd_kernel(
     HARD: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
     BLOCK_C: tl.constexpr,
     WITH_LOG_Q: tl.constexpr,
     WITH_KL: tl.constexpr,
 ):
-    r, rmask = program_rows(BLOCK_R, KN)
+    # tile row i is latent i % BLOCK_L of the program's row i // BLOCK_L
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    i = tl.arange(0, BLOCK_R * BLOCK_L)
+    r = pid * BLOCK_R + (i // BLOCK_L).to(tl.int64)
+    lat = i % BLOCK_L
+    rmask = r < KN
     n = r % N
     k = r // N
     seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK_C)
-    cmask = rmask[:, None] & (cols[None, :] < C)
+    first_offset = offset0 + k * sample_stride + n * row_stride
     log_q = tl.zeros([BLOCK_R], dtype=ACC)
     kl = tl.zeros([BLOCK_R], dtype=ACC)
-    for li in range(0, L):
+    for l0 in range(0, L, BLOCK_L):
+        li = l0 + lat
+        live = rmask & (li < L)
+        cmask = live[:, None] & (cols[None, :] < C)
         j = n * L + li
         a = tl.load(a_ptr + j[:, None] * C + cols[None, :], mask=cmask, other=float("-inf")).to(ACC)
-        a = tl.where(rmask[:, None], a, tl.where(cols[None, :] == 0, 0.0, float("-inf")))  # dead rows: finite
-        lam = tl.load(lam_ptr + j, mask=rmask, other=1.0).to(ACC)
-        offs = (offset0 + k * sample_stride + n * row_stride + li * C)[:, None] + cols[None, :]
-        x = words(seed, offs)
+        a = tl.where(live[:, None], a, tl.where(cols[None, :] == 0, 0.0, float("-inf")))  # dead rows: finite
+        lam = tl.load(lam_ptr + j, mask=live, other=1.0).to(ACC)
+        x = words(seed, (first_offset + li * C)[:, None] + cols[None, :])
         z, lq, w, count, y, m, valid = _latents(x, a, lam, cols[None, :], C, ACC)
         if HARD:
             first = tl.min(tl.where(valid & (y == m[:, None]), cols[None, :], BLOCK_C), axis=1)
             z = tl.where(cols[None, :] == first[:, None], 1.0, 0.0)
         tl.store(z_ptr + (r * L + li)[:, None] * C + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=cmask)
-        log_q += lq
+        log_q += tl.sum(tl.reshape(tl.where(live, lq, 0.0), (BLOCK_R, BLOCK_L)), axis=1)
         if WITH_KL:
-            lp = tl.load(log_p_ptr + li * lp_stride + cols, mask=cols < C, other=0.0).to(ACC)
-            kl += _categorical_kl(a, lp[None, :], valid)[0]
+            lp = tl.load(log_p_ptr + li[:, None] * lp_stride + cols[None, :],
+                         mask=(li < L)[:, None] & (cols[None, :] < C), other=0.0).to(ACC)
+            kl_l = _categorical_kl(a, lp, valid)[0]
+            kl += tl.sum(tl.reshape(tl.where(live, kl_l, 0.0), (BLOCK_R, BLOCK_L)), axis=1)
     if WITH_LOG_Q:
-        tl.store(log_q_ptr + r, log_q.to(log_q_ptr.dtype.element_ty), mask=rmask)
-    if WITH_KL:
-        tl.store(kl_ptr + n, kl.to(kl_ptr.dtype.element_ty), mask=rmask & (k == 0))
+        tl.store(log_q_ptr + rows, log_q.to(log_q_ptr.dtype.element_ty), mask=rows < KN)
+    if WITH_KL:  # the rows of sample 0: r < N
+        tl.store(kl_ptr + rows, kl.to(kl_ptr.dtype.element_ty), mask=rows < N)
 
 
 @triton.jit(do_not_specialize=["N", "L", "NL", "C", "K", "lp_stride"])
@@ -184,12 +218,47 @@ def _sample_concrete_bwd_kernel(
     tl.store(d_ptr + idx, d.to(d_ptr.dtype.element_ty), mask=cmask)
 
 
-def _geometry(C: int, device: torch.device, fp64: bool) -> tuple[int, int]:
+def _check_categories(C: int) -> int:
+    """BLOCK_C, the next power of two of C (at least 2)."""
     if C > MAX_C:
         raise ValueError(f"sample_concrete's Triton kernels take at most {MAX_C} categories, got C = {C}")
-    block_c = triton.next_power_of_2(max(C, 2))
-    tile = INTERPRETER_TILE if device.type == "cpu" else (FORWARD_TILE // 2 if fp64 else FORWARD_TILE)
-    return max(1, tile // block_c), block_c
+    return triton.next_power_of_2(max(C, 2))
+
+
+def _tile(device_type: str) -> int:
+    return INTERPRETER_TILE if device_type == "cpu" else TILE
+
+
+def _warps(elements: int, device_type: str) -> int:
+    return 4 if device_type == "cpu" or elements <= TILE else 8
+
+
+def forward_geometry(K: int, N: int, L: int, C: int, device_type: str = "cuda") -> tuple[int, dict]:
+    """(programs, meta) of the forward at K samples of N rows of L latents of
+    C categories on a device of this type ("cpu": the interpreter): meta's
+    BLOCK_R, BLOCK_L, BLOCK_C and num_warps follow L and C alone. The tile
+    takes as many of a row's latents as it holds (at least one), then as many
+    rows; the programs are cdiv(K N, BLOCK_R)."""
+    block_c = _check_categories(C)
+    tile = _tile(device_type)
+    block_l = min(triton.next_power_of_2(max(L, 1)), max(1, tile // block_c))
+    block_r = max(1, tile // (block_l * block_c))
+    meta = dict(BLOCK_R=block_r, BLOCK_L=block_l, BLOCK_C=block_c,
+                num_warps=_warps(block_r * block_l * block_c, device_type))
+    return triton.cdiv(K * N, block_r), meta
+
+
+def backward_geometry(N: int, L: int, C: int, device_type: str = "cuda", fp64: bool = False) -> tuple[int, dict]:
+    """(programs, meta) of the backward: BLOCK_J = the tile's latents of C
+    categories (at least one), each program looping over the samples. A GPU
+    tile of TILE elements is compiled with at most BACKWARD_MAXNREG registers
+    (FP64_BACKWARD_MAXNREG for float64)."""
+    block_c = _check_categories(C)
+    block_j = max(1, _tile(device_type) // block_c)
+    meta = dict(BLOCK_J=block_j, BLOCK_C=block_c, num_warps=_warps(block_j * block_c, device_type))
+    if device_type != "cpu" and block_j * block_c <= TILE:
+        meta["maxnreg"] = FP64_BACKWARD_MAXNREG if fp64 else BACKWARD_MAXNREG
+    return triton.cdiv(N * L, block_j), meta
 
 
 def _rows_of(log_p):
@@ -214,15 +283,13 @@ def sample_concrete_forward(logits, temperature, seed, hard, offset0, sample_str
         if kl is not None:
             kl.zero_()
         return
-    BLOCK_R, BLOCK_C = _geometry(C, logits.device, logits.dtype == torch.float64)
+    programs, meta = forward_geometry(K, N, L, C, logits.device.type)
     with_log_q, with_kl = log_q is not None, kl is not None
     log_p = _rows_of(log_p) if with_kl else logits
-    _sample_concrete_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
+    _sample_concrete_fwd_kernel[(programs,)](
         logits, temperature, seed, z, log_q if with_log_q else z, log_p, kl if with_kl else z,
         offset0, sample_stride, row_stride, N, K * N, L, C, log_p.stride(0) if with_kl else 0,
-        HARD=bool(hard), ACC=acc_dtype(logits.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, WITH_LOG_Q=with_log_q,
-        WITH_KL=with_kl,
-        num_warps=4 if logits.device.type == "cpu" else 8,  # 4 spills on sm_90 (tests/test_aot.py)
+        HARD=bool(hard), ACC=acc_dtype(logits.dtype), WITH_LOG_Q=with_log_q, WITH_KL=with_kl, **meta,
     )
 
 
@@ -235,13 +302,12 @@ def sample_concrete_backward(grad_z, grad_log_q, logits, temperature, seed, stop
     if N * L * C == 0:
         return
     K = gradient_samples(grad_z, grad_log_q)
-    BLOCK_J, BLOCK_C = _geometry(C, logits.device, logits.dtype == torch.float64)
+    programs, meta = backward_geometry(N, L, C, logits.device.type, logits.dtype == torch.float64)
     log_p = _rows_of(log_p) if grad_kl is not None else logits
-    _sample_concrete_bwd_kernel[(triton.cdiv(N * L, BLOCK_J),)](
+    _sample_concrete_bwd_kernel[(programs,)](
         grad_z if grad_z is not None else logits, grad_log_q if grad_log_q is not None else logits, logits,
         temperature, seed, dlogits, grad_kl if grad_kl is not None else logits,
         log_p, N, L, N * L, C, K, log_p.stride(0) if grad_kl is not None else 0, HAS_GRAD_Z=grad_z is not None,
         HAS_GRAD_Q=grad_log_q is not None, HAS_GRAD_KL=grad_kl is not None, STOP_SCORE=bool(stop_score),
-        ACC=acc_dtype(logits.dtype),
-        BLOCK_J=BLOCK_J, BLOCK_C=BLOCK_C, num_warps=4,
+        ACC=acc_dtype(logits.dtype), **meta,
     )
