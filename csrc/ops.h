@@ -4,6 +4,7 @@
 // Shapes are written out: N rows of L latent dimensions, K samples.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 // Hot loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2 + FMA) and the
@@ -71,5 +72,24 @@ void folded_words(uint64_t seed, uint64_t offset0, int64_t n, int32_t* out);
 // evaluation's example-major layout is a run per row).
 void folded_words(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
                   int32_t* out);
+
+// One sample's elements [b0, b0 + n) of a flat (N, L) block, whose noise sits
+// at offsets base + row * row_stride + col, as runs of contiguous offsets:
+// fill(offset, i, len) for the elements b0 + i .. b0 + i + len - 1. One run
+// where row_stride == L (the training layout); a run per row in the
+// evaluation's example-major layout.
+template <typename Fill>
+inline void row_runs(uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride, Fill fill) {
+  if (row_stride == static_cast<uint64_t>(L)) {
+    fill(base + static_cast<uint64_t>(b0), int64_t(0), n);
+    return;
+  }
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
+    const int64_t len = std::min(n - i, L - col);
+    fill(base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), i, len);
+    i += len;
+  }
+}
 
 }  // namespace fastvae

@@ -379,16 +379,8 @@ void folded_words(uint64_t seed, uint64_t offset0, int64_t n, int32_t* out) {
 
 void folded_words(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L, uint64_t row_stride,
                   int32_t* out) {
-  if (row_stride == static_cast<uint64_t>(L)) {
-    folded_words(seed, base + static_cast<uint64_t>(b0), n, out);
-    return;
-  }
-  for (int64_t i = 0; i < n;) {
-    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
-    const int64_t len = std::min(n - i, L - col);
-    folded_words(seed, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col), len, out + i);
-    i += len;
-  }
+  row_runs(base, b0, n, L, row_stride,
+           [&](uint64_t offset, int64_t i, int64_t len) { folded_words(seed, offset, len, out + i); });
 }
 
 void philox_words(uint64_t seed, uint64_t counter0, int64_t n, uint32_t* out) {

@@ -161,6 +161,15 @@ inline std::vector<int64_t> with_samples(int64_t K, at::IntArrayRef shape) {
 // Whether this backward must return gradients with a graph (create_graph=True).
 inline bool double_backward() { return at::GradMode::is_enabled(); }
 
+// The samplers' graph ops' seed: a 0-d int64 CPU tensor, read in place (a CPU
+// scalar: no dispatcher call, as item's would be).
+inline int64_t seed_value(const Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "seed: expected a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(), " on ",
+              seed.device());
+  return *seed.data_ptr<int64_t>();
+}
+
 // -- the likelihoods' layout (bernoulli_log_prob here, gaussian_log_prob's torch_op.cpp) --
 
 // x (..., D) broadcast against the decoder output (K, ..., D) or (..., D), in

@@ -139,9 +139,20 @@ class _Latent(PosteriorShapes):
             kl = kl if analytic else kl[0]
         return z, kl, analytic
 
+    def _kl(self, prior, reduce: bool) -> Tensor | None:
+        """The closed-form KL against prior, summed over L (reduce) or per
+        dimension (..., L); None where there is none (the Monte Carlo KL).
+        A family with closed forms defines this one method; the others
+        define analytic_kl and kl_per_dim themselves."""
+        return None
+
+    def analytic_kl(self, prior) -> Tensor | None:
+        """The analytic KL summed over the latent dimensions (...), or None."""
+        return self._kl(prior, True)
+
     def kl_per_dim(self, prior) -> Tensor | None:
         """The analytic KL of each latent dimension (..., L), or None."""
-        return None
+        return self._kl(prior, False)
 
     def mc_kl_splits(self, prior) -> bool:
         """Whether the Monte Carlo KL against this prior splits by latent
@@ -243,12 +254,6 @@ class LocationScale(_Latent):
         if p is None:
             return None
         return family_kl(self.family, (self.loc, self.log_scale), p, reduce=reduce)
-
-    def analytic_kl(self, prior) -> Tensor | None:
-        return self._kl(prior, True)
-
-    def kl_per_dim(self, prior) -> Tensor | None:
-        return self._kl(prior, False)
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
         """The ELBO's draw: against a prior of this family with a closed form,
@@ -860,12 +865,6 @@ class Positive(_Latent):
         if self.index == 0:
             return family_kl("exponential", (self.log_p0,), p[:1], reduce=reduce)
         return family_kl(self.family, (self.log_p0, self.log_p1), p, reduce=reduce)
-
-    def analytic_kl(self, prior) -> Tensor | None:
-        return self._kl(prior, True)
-
-    def kl_per_dim(self, prior) -> Tensor | None:
-        return self._kl(prior, False)
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
         """The ELBO's draw: against a prior with a closed-form KL (the

@@ -309,6 +309,19 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tupl
     return loc, log_variance, logvar, None
 
 
+def _gaussian_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tuple:
+    """elbo's and iwae's (mu, logvar, decode, prior), read as the Gaussian's
+    call where one is: a LogNormal / LogisticNormal posterior's, on its
+    normals (_normal_transform_call); the plans' form of a standard normal
+    call (_standard_normal_call), which the general path takes too if they
+    decline; else the arguments unchanged."""
+    if type(mu) is not Tensor and decode is None and (
+            normal := _normal_transform_call(mu, logvar, prior)) is not None:
+        return normal
+    normal = _standard_normal_call(mu, logvar, decode, prior)
+    return (mu, logvar, decode, prior) if normal is None else normal
+
+
 def _normal_transform_call(q: Any, decode: Any, prior: Any) -> tuple | None:
     """(mu, logvar, decode', prior') when a call (x, q, decode) is a LogNormal
     or LogisticNormal posterior's (a record, or the torch object from_torch
@@ -1041,12 +1054,8 @@ def elbo(
     torch.compile(fullgraph=True). For the terms (reconstruction, KL) as well,
     use fastvae.elbo_terms.
     """
-    if type(mu) is not Tensor and decode is None and (
-            normal := _normal_transform_call(mu, logvar, prior)) is not None:
-        mu, logvar, decode, prior = normal  # a LogNormal / LogisticNormal: the Gaussian's call on its normals
-    elif (prior is not None or type(mu) is not Tensor) and (
-            normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
-        mu, logvar, decode, prior = normal  # the plans' form, and the general path's if they decline
+    if prior is not None or type(mu) is not Tensor:  # the default call (x, mu, logvar, decode) skips the helper
+        mu, logvar, decode, prior = _gaussian_call(mu, logvar, decode, prior)
     bound = _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
     if bound is not None:
         return bound
@@ -1295,12 +1304,8 @@ def iwae(
     For the terms as well (reconstruction, KL, ESS, log-weights), use
     fastvae.iwae_terms.
     """
-    if type(mu) is not Tensor and decode is None and (
-            normal := _normal_transform_call(mu, logvar, prior)) is not None:
-        mu, logvar, decode, prior = normal  # a LogNormal / LogisticNormal: the Gaussian's call on its normals
-    elif (prior is not None or type(mu) is not Tensor) and (
-            normal := _standard_normal_call(mu, logvar, decode, prior)) is not None:
-        mu, logvar, decode, prior = normal  # the plans' form, and the general path's if they decline
+    if prior is not None or type(mu) is not Tensor:  # the default call (x, mu, logvar, decode) skips the helper
+        mu, logvar, decode, prior = _gaussian_call(mu, logvar, decode, prior)
     bound = _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior)
     if bound is not None:
         return bound

@@ -191,17 +191,10 @@ std::tuple<Tensor, Tensor, Tensor> sample_concrete(const Tensor& logits, const T
 
 // -- the graph twins (fastvae_cpu::*): op.py's layout, logits (N, L, C) ------------
 
-int64_t concrete_seed(const Tensor& seed) {
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
-              "seed: expected a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(), " on ",
-              seed.device());
-  return *seed.data_ptr<int64_t>();  // a CPU scalar: read in place, no dispatcher call (item's)
-}
-
 std::tuple<Tensor, Tensor, Tensor> graph_sample_concrete(const Tensor& logits, const Tensor& temperature,
                                                          const Tensor& seed, bool hard, int64_t n_samples,
                                                          const std::optional<Tensor>& log_p) {
-  const int64_t s = concrete_seed(seed);
+  const int64_t s = seed_value(seed);
   const ConcreteRows r = concrete_rows(logits, s, n_samples);
   const auto [a, lam] = concrete_inputs(logits, temperature, r);
   auto [z, log_q, kl] = concrete_forward(a, lam, s, hard, n_samples, concrete_log_p(log_p.value_or(Tensor()), a));
@@ -214,7 +207,7 @@ Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temper
                                       const std::optional<Tensor>& grad_z, const std::optional<Tensor>& grad_log_q,
                                       bool stop_score, const std::optional<Tensor>& grad_kl,
                                       const std::optional<Tensor>& log_p, const std::optional<Tensor>& z) {
-  const int64_t s = concrete_seed(seed);
+  const int64_t s = seed_value(seed);
   const Tensor gz = grad_z.value_or(Tensor()), gq = grad_log_q.value_or(Tensor());
   const int64_t K = gz.defined() ? gz.size(0) : gq.defined() ? gq.size(0) : 0;
   const ConcreteRows r = concrete_rows(logits, s, std::max<int64_t>(K, 1));

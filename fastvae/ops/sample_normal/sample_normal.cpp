@@ -159,23 +159,12 @@ void ratio_runs(const T* t, int64_t n, int64_t b0, int64_t L, int64_t r0, double
 }  // namespace
 
 // The noise of one sample for the elements [b0, b0 + n) of the flat (N, L)
-// block: offsets base + row * row_stride + col. With row_stride == L (the
-// training layout) they are contiguous, one call; evaluation's example-major
-// layout takes one call per row.
+// block: offsets base + row * row_stride + col (row_runs).
 template <typename T>
 void noise_block(uint64_t seed, uint64_t base, int64_t b0, int64_t n, int64_t L,
                  uint64_t row_stride, T* eps) {
-  if (row_stride == static_cast<uint64_t>(L)) {
-    randn_block(seed, base + static_cast<uint64_t>(b0), n, eps);
-    return;
-  }
-  for (int64_t i = 0; i < n;) {
-    const int64_t row = (b0 + i) / L, col = (b0 + i) % L;
-    const int64_t len = std::min(n - i, L - col);
-    randn_block(seed, base + static_cast<uint64_t>(row) * row_stride + static_cast<uint64_t>(col),
-                len, eps + i);
-    i += len;
-  }
+  row_runs(base, b0, n, L, row_stride,
+           [&](uint64_t offset, int64_t i, int64_t len) { randn_block(seed, offset, len, eps + i); });
 }
 
 // Whether the element work runs in the AVX2 loops above too: float32 on the AVX2

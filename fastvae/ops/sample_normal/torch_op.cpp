@@ -241,13 +241,6 @@ std::tuple<Tensor, Tensor, Tensor> sample_normal_with_ratio(const Tensor& mu, co
 
 // -- the graph twins (fastvae_cpu::*) ---------------------------------------------
 
-int64_t seed_value(const Tensor& seed) {
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
-              "seed: expected a 0-d int64 CPU tensor, got ", seed.scalar_type(), " of shape ", seed.sizes(), " on ",
-              seed.device());
-  return *seed.data_ptr<int64_t>();  // a CPU scalar: read in place, no dispatcher call (item's)
-}
-
 std::vector<Tensor> graph_sample(const Tensor& mu, const Tensor& logvar, const Tensor& seed, int64_t K,
                                  bool with_ratio) {
   const int64_t s = seed_value(seed);
