@@ -213,7 +213,10 @@ Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temper
   const ConcreteRows r = concrete_rows(logits, s, std::max<int64_t>(K, 1));
   const auto [a, lam] = concrete_inputs(logits, temperature, r);
   // z, the forward's relaxed z, is read in place of the regenerated noise
-  const Tensor zs = z.has_value() && z->defined() && K > 0 ? as_shape(*z, {K, r.N, r.L, r.C}) : Tensor();
+  const bool has_z = z.has_value() && z->defined() && K > 0;
+  TORCH_CHECK(!has_z || z->numel() == K * r.N * r.L * r.C, "z: expected the forward's relaxed z (", K, ", ..., ",
+              r.L, ", ", r.C, ") of ", K * r.N * r.L * r.C, " elements, got shape ", z->sizes());
+  const Tensor zs = has_z ? as_shape(*z, {K, r.N, r.L, r.C}) : Tensor();
   return shaped(concrete_backward(gz, gq, stop_score, a, lam, s, K, grad_kl.value_or(Tensor()),
                                   log_p.value_or(Tensor()), zs),
                 logits.sizes());
