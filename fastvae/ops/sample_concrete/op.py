@@ -40,6 +40,11 @@ optimizes, otherwise about 8 torch ops forward and as many backward. It has no
 noise: one value per row of the batch, whatever the sample count. A learned
 prior (log_p requiring grad) gets d log_p_c = -sum_rows grad_kl pi_c from two
 torch ops in the Python Function's backward; the C++ operator serves the others.
+
+A Gumbel-softmax VAE's step at small sizes is host-bound on a GPU, so eager
+calls on the triton backend keep a plan per call signature (ConcretePlan,
+below, as sample_normal_kl's): the same kernel variants on the same
+arguments, launched through the compiled kernel's launcher directly.
 """
 from __future__ import annotations
 
