@@ -40,6 +40,11 @@ optimizes, otherwise about 8 torch ops forward and as many backward. It has no
 noise: one value per row of the batch, whatever the sample count. A learned
 prior (log_p requiring grad) gets d log_p_c = -sum_rows grad_kl pi_c from two
 torch ops in the Python Function's backward; the C++ operator serves the others.
+
+A Gumbel-softmax VAE's step at small sizes is host-bound on a GPU, so eager
+calls on the triton backend keep a plan per call signature (ConcretePlan,
+below, as sample_normal_kl's): the same kernel variants on the same
+arguments, launched through the compiled kernel's launcher directly.
 """
 from __future__ import annotations
 
@@ -51,7 +56,8 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import not_twice
-from ..._op import define, draw_seed, run, shaped
+from ..._launch import Launch
+from ..._op import SEED_HIGH, define, draw_seed, run, shaped
 from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 
 _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentiate it once, or use "
@@ -188,6 +194,182 @@ class SampleConcrete(torch.autograd.Function):
         return d, None, None, None, None, None, dlog_p
 
 
+# -- the plans: eager calls on the triton backend ---------------------------------
+# A Gumbel-softmax VAE's step at small sizes is host-bound on a GPU: the
+# general path's per-call layout work and Triton's general launcher cost more
+# than the kernels. So eager calls of sample_concrete_unchecked (the public
+# function after its checks, and the Concrete latents) on the triton backend
+# keep a plan per call signature (the tensors' shapes, strides, dtypes and
+# devices, K, hard, stop_score): its first call works out the outputs'
+# templates and both kernels' grids and compile-time parameters (triton.py's
+# forward_launch / backward_launch, which the general launchers call too, so
+# both paths launch the same variants on the same arguments); later calls
+# allocate and launch through fastvae._launch.Launch (on CUDA the compiled
+# kernel's launcher directly), with one autograd node of their own
+# (PlannedSampleConcrete). Values and gradients are the general path's bit for
+# bit (test_sample_concrete.py). Other backends, torch.compile, functorch
+# transforms, tracing, tensor subclasses, half precision, autocast, mixed
+# dtypes, empty tensors and a learned prior (log_p requiring grad, whose
+# gradient the general Function gives) take the general path.
+
+# call signature -> ConcretePlan, or None where the plan does not apply (the
+# general path serves those signatures on every call)
+PLANS: dict = {}
+# False: every call takes the general path (the tests compare the two)
+ENABLED = True
+# Plans kept at most (as the objectives' plans): a loop whose shapes keep
+# changing makes no unbounded cache
+MAX_PLANS = 64
+# The plans' allocator: every output is empty_like a template of its shape,
+# dtype and device that the plan keeps (the tests' fixture may poison it)
+empty = torch.empty_like
+
+
+def clear_plans() -> None:
+    """Forget every plan (tests that change the kernels' geometry)."""
+    PLANS.clear()
+
+
+class ConcretePlan:
+    """The launches of one call signature: logits (..., L, C) and the
+    temperature (..., L) of one float32 or float64 dtype, read in place where
+    contiguous (``copy``: which to copy, as the general path's contiguous()
+    does), the prior log-pmf, if any, read in place at its row stride
+    (``lp_stride``, 0 for a (C,) prior)."""
+
+    __slots__ = ("kern", "N", "L", "C", "K", "dtype", "device", "copy", "with_kl", "stop_score", "z_like",
+                 "log_q_like", "kl_like", "d_like", "forward", "fwd_ints", "lp_stride", "_backward")
+
+    def __init__(self, logits: Tensor, temperature: Tensor, n_samples: int | None, hard: bool, stop_score: bool,
+                 log_p: Tensor | None):
+        kern = self.kern = _backend.triton_module("sample_concrete")
+        shape, dtype, device = logits.shape, logits.dtype, logits.device
+        N, (L, C) = math.prod(shape[:-2]), shape[-2:]
+        K = 1 if n_samples is None else n_samples
+        self.N, self.L, self.C, self.K, self.dtype, self.device = N, L, C, K, dtype, device
+        self.copy = (not logits.is_contiguous(), not temperature.is_contiguous())
+        self.with_kl, self.stop_score = log_p is not None, stop_score
+        self.lp_stride = 0 if log_p is None else log_p.expand(L, C).stride(0)
+        samples = () if n_samples is None else (K,)
+        self.z_like = torch.empty((*samples, *shape), dtype=_z_dtype(logits), device=device)
+        self.log_q_like = torch.empty((*samples, *shape[:-2]), dtype=dtype, device=device)
+        self.kl_like = torch.empty(shape[:-2], dtype=dtype, device=device)
+        self.d_like = torch.empty(shape, dtype=dtype, device=device)
+        grid, meta = kern.forward_launch(K, N, L, C, dtype, device.type, hard, True, log_p is not None)
+        self.forward = Launch(kern._sample_concrete_fwd_kernel, grid, meta)
+        self.fwd_ints = (0, N * L * C, L * C, N, K * N, L, C, self.lp_stride)
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *self._backward.values()]
+
+    def backward(self, has_grad_z: bool, has_grad_q: bool, has_grad_kl: bool) -> Launch:
+        """The backward kernel's launch for the gradients given (made at first use)."""
+        key = has_grad_z, has_grad_q, has_grad_kl
+        launch = self._backward.get(key)
+        if launch is None:
+            grid, meta = self.kern.backward_launch(self.N, self.L, self.C, self.dtype, self.device.type, has_grad_z,
+                                                   has_grad_q, has_grad_kl, self.stop_score)
+            launch = self._backward[key] = Launch(self.kern._sample_concrete_bwd_kernel, grid, meta)
+        return launch
+
+
+class PlannedSampleConcrete(torch.autograd.Function):
+    """SampleConcrete's forward and backward kernels launched from a
+    ConcretePlan, without its per-call layout work (the plan did it); its
+    double backward is refused as SampleConcrete's is."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, seed, log_p, plan):
+        a = logits.contiguous() if plan.copy[0] else logits
+        lam = temperature.contiguous() if plan.copy[1] else temperature
+        z, log_q = empty(plan.z_like), empty(plan.log_q_like)
+        kl = empty(plan.kl_like) if plan.with_kl else None
+        plan.forward(a, lam, seed, z, log_q, a if kl is None else log_p, z if kl is None else kl, *plan.fwd_ints)
+        ctx.save_for_backward(a, lam, seed, log_p)
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        return (z, log_q) if kl is None else (z, log_q, kl)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q, grad_kl=None):
+        if grad_z is None and grad_log_q is None and grad_kl is None:
+            return None, None, None, None, None
+        a, lam, seed, log_p = ctx.saved_tensors
+        plan = ctx.plan
+        gz = a if grad_z is None else grad_z.detach().contiguous()
+        gq = a if grad_log_q is None else grad_log_q.detach().contiguous()
+        gk = a if grad_kl is None else grad_kl.detach().contiguous()
+        d = empty(plan.d_like)
+        K = plan.K if grad_z is not None or grad_log_q is not None else 0
+        plan.backward(grad_z is not None, grad_log_q is not None, grad_kl is not None)(
+            gz, gq, a.detach(), lam, seed, d, gk, a if grad_kl is None else log_p, plan.N, plan.L, plan.N * plan.L,
+            plan.C, K, plan.lp_stride if grad_kl is not None else 0)
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's numbers, then a named error
+            d = not_twice("sample_concrete", (d,), (a, grad_z, grad_log_q, grad_kl, log_p), _NOT_TWICE)[0]
+        return d, None, None, None, None
+
+
+# Function.apply without its Python wrapper (which binds default arguments and
+# unwraps dead functorch wrappers): the plans serve only plain tensors outside
+# functorch transforms
+planned_apply = super(torch.autograd.Function, PlannedSampleConcrete).apply
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _plan_for(logits, temperature, n_samples, hard, stop_score, generator, log_p):
+    """The plan of this call's signature, or None (the general path): plain
+    tensors on the triton backend in eager mode, without autocast, logits,
+    temperature (of logits.shape[:-1]) and log_p (not learned, broadcasting
+    to (L, C) with unit column stride) of one float32 or float64 dtype,
+    n_samples None or an int >= 1, no empty dimension, the default or a
+    torch.Generator."""
+    if (type(logits) is not Tensor or type(temperature) is not Tensor
+            or (log_p is not None and (type(log_p) is not Tensor or log_p.requires_grad))
+            or (n_samples is not None and type(n_samples) is not int) or type(hard) is not bool
+            or type(stop_score) is not bool or (generator is not None and type(generator) is not torch.Generator)
+            or _backend.compiling()):
+        return None
+    device = logits.device
+    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+            or torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+            or _wrapped(logits) or _wrapped(temperature) or (log_p is not None and _wrapped(log_p))):
+        return None
+    autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type)
+    key = (logits.shape, logits.stride(), logits.dtype, device, temperature.shape, temperature.stride(),
+           temperature.dtype, temperature.device, n_samples, hard, stop_score, autocast,
+           None if log_p is None else (log_p.shape, log_p.stride(), log_p.dtype, log_p.device))
+    try:
+        return PLANS[key]
+    except KeyError:
+        pass
+    dtype = logits.dtype
+    plan = None
+    if (not autocast and dtype in _DTYPES and logits.dim() >= 2 and temperature.dtype is dtype
+            and temperature.device == device and temperature.shape == logits.shape[:-1] and logits.numel() > 0
+            and (n_samples is None or n_samples >= 1)
+            and (log_p is None or (log_p.dtype is dtype and log_p.device == device and log_p.dim() in (1, 2)
+                                   and _validate.broadcasts_to(log_p.shape, logits.shape[-2:])
+                                   and log_p.expand(logits.shape[-2:]).stride(1) == 1))):
+        plan = ConcretePlan(logits, temperature, n_samples, hard, stop_score, log_p)
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plan
+    return plan
+
+
+def _planned(plan: ConcretePlan, logits, temperature, generator, log_p) -> tuple[Tensor, ...]:
+    """sample_concrete_unchecked once its plan is found."""
+    if generator is None:  # draw_seed's draw, without its checks of the generator (the default one)
+        seed = torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=plan.device)
+    else:
+        seed = draw_seed(plan.device, generator)
+    return planned_apply(logits, temperature, seed, log_p, plan)
+
+
 def _check_logits(t: Tensor, name: str = "logits") -> None:
     """Raise when a relaxed categorical's logits hold a NaN or +inf, or when a
     latent has every category masked (-inf): z would be NaN."""
@@ -319,7 +501,12 @@ def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: in
     (z, log q, kl (...)). Eager CPU calls take the C++ operator
     (csrc/torch_ops.cpp), the same kernels without the Python Function's host
     path (and with no indexing op for n_samples None); a learned prior (log_p
-    requiring grad) takes the Python Function, whose backward gives d log_p."""
+    requiring grad) takes the Python Function, whose backward gives d log_p.
+    Eager calls on the triton backend launch from a plan of their call
+    signature (see the plans above)."""
+    if ENABLED and (plan := _plan_for(logits, temperature, n_samples, hard, stop_score, generator,
+                                      log_p)) is not None:
+        return _planned(plan, logits, temperature, generator, log_p)
     seed = draw_seed(logits.device, generator)
     if log_p is not None:
         log_p = log_p.to(temperature.dtype).expand(logits.shape[-2:])

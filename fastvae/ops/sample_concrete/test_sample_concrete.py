@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import sample_concrete as described
-from fastvae.ops.sample_concrete.op import SampleConcrete, concrete_at
+from fastvae.ops.sample_concrete import op as concrete_op
+from fastvae.ops.sample_concrete.op import SampleConcrete, concrete_at, sample_concrete_unchecked
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, float_dtype_examples, gen, seed_tensor
+from helpers import RTOL, assert_close, float_dtype_examples, gen, philox_seed_of, seed_tensor
 
 EXAMPLES = 6 if INTERPRET else 30
 TEMPERATURES = [1e-3, 0.1, 0.5, 1.0, 3.0, 1e3]
@@ -549,7 +550,9 @@ def concrete_tile(request, monkeypatch):
     kernels = pytest.importorskip("fastvae.ops.sample_concrete.triton")
     monkeypatch.setattr(kernels, "TILE", request.param)
     monkeypatch.setattr(kernels, "INTERPRETER_TILE", request.param)
-    return request.param
+    concrete_op.clear_plans()  # the plans hold the geometry they were made with
+    yield request.param
+    concrete_op.clear_plans()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1030,3 +1033,191 @@ def test_the_cpp_operator_checks_its_arguments():
         torch.ops.fastvae_cpu.sample_concrete(logits, lam, torch.tensor(1.0), False, 1)
     with pytest.raises(ValueError, match="logits must be finite or -inf"):
         fastvae.sample_concrete(torch.full((4, 3, 5), math.nan, requires_grad=True), 0.5)
+
+
+# -- the plans (op.py): eager calls on the triton backend ------------------------------
+# The planned path launches the general path's kernel variants (triton.py's
+# forward_launch / backward_launch) on the same inputs, so its values and
+# gradients are the general path's bit for bit, under the interpreter (which
+# runs each Launch through kernel.run, checking its grid, meta and argument
+# order) and on a GPU. About 1 ms an interpreted program: few, small calls.
+
+PLAN_TRITON = INTERPRET or torch.cuda.is_available()
+needs_plan_triton = pytest.mark.skipif(not PLAN_TRITON,
+                                       reason="the plans serve the triton backend (interpreter child, GPU)")
+
+
+@pytest.fixture
+def plan_device(monkeypatch):
+    """The device the triton backend runs on here (CPU tensors under the
+    interpreter), no plan kept, the plans' outputs allocated full of NaN (a
+    value a launch failed to write shows)."""
+    device = "cpu" if INTERPRET else "cuda"
+    fastvae.set_backend(None if device == "cuda" else "triton")
+    monkeypatch.setattr(concrete_op, "empty", lambda like: torch.full_like(like, math.nan))
+    concrete_op.clear_plans()
+    yield device
+    concrete_op.clear_plans()
+
+
+def planned_and_general(monkeypatch, device, shape, dtype, n_samples, hard, stop_score, prior, masked,
+                        public=True):
+    """[(outputs, dlogits) of the planned path, of the general path] of one
+    call (the public function, or sample_concrete_unchecked as the latents
+    call it) on the same logits with the same seed; the loss weighs every
+    output, so each gradient's kernel term is taken."""
+    L, C = shape[-2:]
+    logits = make_logits(shape, 7, dtype, device, requires_grad=True)
+    if masked:
+        with torch.no_grad():
+            logits[..., 0, 1] = -math.inf
+    log_p = None if prior is None else make_log_p(L, C, prior == "per-latent", 7, dtype, device)
+    lam = torch.full(shape[:-1], 0.6, dtype=dtype, device=device)
+    out = []
+    for enabled in (True, False):
+        monkeypatch.setattr(concrete_op, "ENABLED", enabled)
+        if public:
+            res = fastvae.sample_concrete(logits, 0.6, n_samples, hard=hard, generator=gen(11), log_p=log_p)
+        else:
+            res = sample_concrete_unchecked(logits, lam, n_samples, hard, stop_score, gen(11), log_p)
+        g = torch.Generator().manual_seed(2)
+        loss = sum((r * torch.randn(r.shape, generator=g, dtype=torch.float64).to(dtype).to(device)).sum()
+                   for r in res)
+        d, = torch.autograd.grad(loss, logits)
+        out.append((res, d))
+    return out
+
+
+def assert_same(a, b):
+    """Bit for bit (the same kernels on the same inputs), no NaN."""
+    assert a.dtype == b.dtype and a.shape == b.shape and not torch.isnan(a).any()
+    assert torch.equal(a, b)
+
+
+PLAN_CASES = [  # (shape, n_samples, hard, stop_score, prior, masked, public)
+    pytest.param((4, 3, 5), None, False, False, None, False, True, id="relaxed"),
+    pytest.param((2, 3, 3, 5), 3, True, False, "shared", True, True, id="hard-K3-shared-prior-masked"),
+    pytest.param((4, 3, 5), 3, False, True, "per-latent", False, False, id="stop-score-K3-per-latent"),
+    pytest.param((1, 6, 4), None, True, True, "shared", True, False, id="one-row-hard-stop-score"),
+    pytest.param((4, 3, 5), None, False, False, "per-latent", True, False, id="unchecked-per-latent-masked"),
+]
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, n_samples, hard, stop_score, prior, masked, public", PLAN_CASES)
+def test_planned_path_equals_the_general_path(plan_device, monkeypatch, dtype, shape, n_samples, hard, stop_score,
+                                              prior, masked, public):
+    """The plan's launches give the general path's z, log q, KL and
+    gradients bit for bit, from the signature's first call (which makes the
+    plan) and from its second (which finds it); one plan serves both."""
+    for _ in range(2):
+        (res, d), (res0, d0) = planned_and_general(monkeypatch, plan_device, shape, dtype, n_samples, hard,
+                                                   stop_score, prior, masked, public)
+        assert len(res) == len(res0) == (2 if prior is None else 3)
+        for a, b in zip((*res, d), (*res0, d0)):
+            assert_same(a, b)
+        assert type(res[0].grad_fn).__name__ == "PlannedSampleConcreteBackward"
+        assert len(concrete_op.PLANS) == 1 and next(iter(concrete_op.PLANS.values())) is not None
+
+
+@needs_plan_triton
+def test_planned_gradient_of_one_output(plan_device, monkeypatch):
+    """A backward given z's gradient alone, log q's alone or the KL's alone
+    (each a backward variant of the plan) gives the general path's bits."""
+    logits = make_logits((3, 4, 5), 2, torch.float32, plan_device, requires_grad=True)
+    log_p = make_log_p(4, 5, False, 2, torch.float32, plan_device)
+    for which in range(3):
+        grads = []
+        for enabled in (True, False):
+            monkeypatch.setattr(concrete_op, "ENABLED", enabled)
+            res = fastvae.sample_concrete(logits, 0.5, 2, generator=gen(4), log_p=log_p)
+            grads.append(torch.autograd.grad((res[which] * res[which]).sum(), logits)[0])
+        assert_same(*grads)
+    assert len(next(iter(concrete_op.PLANS.values())).launches()) == 4
+
+
+@needs_plan_triton
+def test_planned_double_backward_is_refused_as_the_general_path(plan_device, monkeypatch):
+    """create_graph=True through the plan: the kernel's gradient, then the
+    general path's named error at a second backward."""
+    logits = make_logits((2, 3, 4), 1, torch.float32, plan_device, requires_grad=True)
+    messages = []
+    for enabled in (True, False):
+        monkeypatch.setattr(concrete_op, "ENABLED", enabled)
+        z, log_q = fastvae.sample_concrete(logits, 0.5, generator=gen(3))
+        d, = torch.autograd.grad((z * z).sum() + log_q.sum(), logits, create_graph=True)
+        assert d.requires_grad
+        with pytest.raises(RuntimeError) as err:
+            d.sum().backward()
+        messages.append(str(err.value).splitlines()[0])
+    assert "fastvae.sample_concrete does not support double backward" in messages[0]
+    assert messages[0] == messages[1]
+
+
+@needs_plan_triton
+def test_planned_signature_errors_as_the_general_path(plan_device):
+    """A bad argument on a planned signature raises the general path's error
+    (the public function checks every call: its values as the value-check
+    policy says, here "always")."""
+    x = torch.zeros(2, 3, 4, device=plan_device)
+    fastvae.sample_concrete(x, 0.5)
+    assert len(concrete_op.PLANS) == 1
+    bad = x.clone()
+    bad[0, 0, 0] = math.nan
+    fastvae.set_value_checks("always")
+    try:
+        with pytest.raises(ValueError, match="logits must be finite or -inf"):
+            fastvae.sample_concrete(bad, 0.5)
+    finally:
+        fastvae.set_value_checks("auto")
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastvae.sample_concrete(x, -1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastvae.sample_concrete(x, torch.zeros(2, 3, device=plan_device))
+    with pytest.raises(ValueError, match="log_p must be a prior log-pmf"):
+        fastvae.sample_concrete(x, 0.5, log_p=torch.zeros(5, device=plan_device))
+
+
+@needs_plan_triton
+def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monkeypatch):
+    """Another shape or strides make another plan (the oracle's values); a
+    signature the plans do not serve (half precision) is kept as None and
+    takes the general path, as does a learned prior; past MAX_PLANS the plans are
+    forgotten, not grown."""
+    for shape, make in [((2, 3, 4), lambda t: t), ((5, 3, 4), lambda t: t),
+                        ((5, 3, 4), lambda t: t.transpose(0, 1).contiguous().transpose(0, 1))]:
+        logits = make(make_logits(shape, 5, torch.float64, plan_device))
+        z, log_q = fastvae.sample_concrete(logits, 0.5, generator=gen(6))
+        seed = philox_seed_of(6)
+        offsets = torch.arange(logits.numel(), dtype=torch.int64).reshape(shape)
+        z_ref, lq_ref = described.concrete_terms(logits.detach().double().cpu(), torch.full(shape[:-1], 0.5,
+                                                 dtype=torch.float64),
+                                                 described.concrete_noise(seed, offsets, torch.float64))[:2]
+        assert_close(z, z_ref, z_ref.abs() + 1e-3, "z")
+        assert_close(log_q, lq_ref.sum(-1), lq_ref.abs().sum(-1) + 1.0, "log_q")
+    assert len(concrete_op.PLANS) == 3 and all(p is not None for p in concrete_op.PLANS.values())
+    logits = make_logits((2, 3, 4), 5, torch.float32, plan_device, requires_grad=True)
+    learned = make_log_p(3, 4, False, 5, torch.float32, plan_device, requires_grad=True)
+    z, log_q, kl = fastvae.sample_concrete(logits, 0.5, log_p=learned)
+    assert type(z.grad_fn).__name__ != "PlannedSampleConcreteBackward"
+    kl.sum().backward()
+    assert learned.grad is not None and torch.isfinite(learned.grad).all()
+    assert len(concrete_op.PLANS) == 3  # a learned prior is refused before any look-up
+    z, log_q = fastvae.sample_concrete(logits.detach().half(), 0.5)
+    assert type(z.grad_fn).__name__ != "PlannedSampleConcreteBackward" and z.dtype == torch.float16
+    assert len(concrete_op.PLANS) == 4 and None in concrete_op.PLANS.values()
+    monkeypatch.setattr(concrete_op, "MAX_PLANS", 4)
+    fastvae.sample_concrete(make_logits((3, 3, 4), 5, torch.float64, plan_device), 0.5)  # a fifth signature
+    assert len(concrete_op.PLANS) == 1
+
+
+@needs_plan_triton
+def test_a_compiling_call_takes_the_general_path(plan_device, monkeypatch):
+    """Under torch.compile (here: _backend.compiling() made true) no plan is
+    looked up or made."""
+    monkeypatch.setattr(fastvae._backend, "compiling", lambda: True)
+    x = make_logits((2, 3, 4), 1, torch.float32, plan_device)
+    lam = torch.full((2, 3), 0.5, device=plan_device)
+    assert concrete_op._plan_for(x, lam, None, False, False, None, None) is None
+    assert len(concrete_op.PLANS) == 0

@@ -261,6 +261,24 @@ def backward_geometry(N: int, L: int, C: int, device_type: str = "cuda", fp64: b
     return triton.cdiv(N * L, block_j), meta
 
 
+def forward_launch(K: int, N: int, L: int, C: int, dtype: torch.dtype, device_type: str, hard: bool,
+                   with_log_q: bool, with_kl: bool) -> tuple[tuple, dict]:
+    """(grid, meta) of one forward variant: forward_geometry's programs and
+    blocks with the compile-time flags. sample_concrete_forward launches
+    with these and op.py's plans keep them, so the two launch the same variant."""
+    programs, meta = forward_geometry(K, N, L, C, device_type)
+    return (programs,), dict(HARD=bool(hard), ACC=acc_dtype(dtype), WITH_LOG_Q=with_log_q, WITH_KL=with_kl, **meta)
+
+
+def backward_launch(N: int, L: int, C: int, dtype: torch.dtype, device_type: str, has_grad_z: bool,
+                    has_grad_q: bool, has_grad_kl: bool, stop_score: bool) -> tuple[tuple, dict]:
+    """(grid, meta) of one backward variant (backward_geometry's with the
+    compile-time flags), shared by sample_concrete_backward and op.py's plans."""
+    programs, meta = backward_geometry(N, L, C, device_type, dtype == torch.float64)
+    return (programs,), dict(HAS_GRAD_Z=has_grad_z, HAS_GRAD_Q=has_grad_q, HAS_GRAD_KL=has_grad_kl,
+                             STOP_SCORE=bool(stop_score), ACC=acc_dtype(dtype), **meta)
+
+
 def _rows_of(log_p):
     """log_p (L, C) with unit column stride, its rows at any stride: a (C,)
     prior expanded over L (row stride 0) is read in place, with no copy launched."""
@@ -283,13 +301,13 @@ def sample_concrete_forward(logits, temperature, seed, hard, offset0, sample_str
         if kl is not None:
             kl.zero_()
         return
-    programs, meta = forward_geometry(K, N, L, C, logits.device.type)
     with_log_q, with_kl = log_q is not None, kl is not None
+    grid, meta = forward_launch(K, N, L, C, logits.dtype, logits.device.type, hard, with_log_q, with_kl)
     log_p = _rows_of(log_p) if with_kl else logits
-    _sample_concrete_fwd_kernel[(programs,)](
+    _sample_concrete_fwd_kernel.run(
         logits, temperature, seed, z, log_q if with_log_q else z, log_p, kl if with_kl else z,
         offset0, sample_stride, row_stride, N, K * N, L, C, log_p.stride(0) if with_kl else 0,
-        HARD=bool(hard), ACC=acc_dtype(logits.dtype), WITH_LOG_Q=with_log_q, WITH_KL=with_kl, **meta,
+        grid=grid, warmup=False, **meta,
     )
 
 
@@ -302,12 +320,11 @@ def sample_concrete_backward(grad_z, grad_log_q, logits, temperature, seed, stop
     if N * L * C == 0:
         return
     K = gradient_samples(grad_z, grad_log_q)
-    programs, meta = backward_geometry(N, L, C, logits.device.type, logits.dtype == torch.float64)
+    grid, meta = backward_launch(N, L, C, logits.dtype, logits.device.type, grad_z is not None,
+                                 grad_log_q is not None, grad_kl is not None, stop_score)
     log_p = _rows_of(log_p) if grad_kl is not None else logits
-    _sample_concrete_bwd_kernel[(programs,)](
+    _sample_concrete_bwd_kernel.run(
         grad_z if grad_z is not None else logits, grad_log_q if grad_log_q is not None else logits, logits,
         temperature, seed, dlogits, grad_kl if grad_kl is not None else logits,
-        log_p, N, L, N * L, C, K, log_p.stride(0) if grad_kl is not None else 0, HAS_GRAD_Z=grad_z is not None,
-        HAS_GRAD_Q=grad_log_q is not None, HAS_GRAD_KL=grad_kl is not None, STOP_SCORE=bool(stop_score),
-        ACC=acc_dtype(logits.dtype), **meta,
+        log_p, N, L, N * L, C, K, log_p.stride(0) if grad_kl is not None else 0, grid=grid, warmup=False, **meta,
     )
