@@ -395,7 +395,15 @@ class _StickBreaking(torch.autograd.Function):
         M = yw.shape[-1]
         x = yw - torch.arange(M, 0, -1, dtype=yw.dtype, device=yw.device).log_()
         S = torch.cumsum(torch.nn.functional.softplus(x), -1)
-        z = torch.cat((x - S, -S[..., -1:]), -1).exp_().to(y.dtype)
+        # out of place, and cast only where the dtype changes (half precision):
+        # a Function whose output is the tensor an op returned as itself (an
+        # in-place op's, a no-op .to()'s) gets a zero gradient under
+        # torch.compile on torch 2.11 (Dynamo returns it twice from the traced
+        # forward, and autograd routes its gradient to the copy that backward
+        # ignores)
+        z = torch.cat((x - S, -S[..., -1:]), -1).exp()
+        if z.dtype != y.dtype:
+            z = z.to(y.dtype)
         ctx.save_for_backward(y, z)
         return z
 

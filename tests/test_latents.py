@@ -1718,6 +1718,29 @@ def test_stick_breaking_matches_torch_and_differentiates_twice():
 
 
 @pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_compiled_stick_breaking_gradient(compiler, dtype):
+    """stick_breaking traced by Dynamo (the LogisticNormal's decoder input on
+    the normals' route) has eager's gradient: its Function returns no tensor
+    of a no-op cast, whose gradient torch 2.11's Dynamo lost (all zeros)."""
+    from fastvae.latents import stick_breaking
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(3, 2, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    W = torch.randn(5, 3, generator=g, dtype=torch.float64).to(dtype)
+
+    def f(y):
+        return (stick_breaking(y) @ W).float().sin().sum()
+
+    torch._dynamo.reset()
+    want = torch.autograd.grad(f(y), y)[0]
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend=compiler)(y), y)[0]
+    assert want.abs().min() > 0  # a gradient that the lost one (zeros) cannot match
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
 @pytest.mark.parametrize("prior_kind", ["standard", "tensor"])
 @pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])
 def test_compiled_normal_transforms_through_their_normals(backend, name, prior_kind):
