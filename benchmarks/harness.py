@@ -106,6 +106,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes and 3 repeats: a smoke run")
     p.add_argument("--host-calls", type=int, default=None,
                    help="CUDA: calls without a sync behind host us (default 200, 20 with --quick)")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="CUDA: skip each call's CUDA-graph replay (graph_ms); a training step whose capture fails "
+                        "can leave the CUDA context unusable for the calls timed after it")
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/<name>-<device>.json; --quick: a temporary folder)")
     # How run() tells a memory subprocess which measurement it is for.
@@ -157,11 +160,12 @@ def saved_bytes(impl: Impl, args: tuple, wrt: list[torch.Tensor]) -> dict:
 # -- per-call figures (CUDA) ----------------------------------------------------
 
 
-def call_figures(impl: Impl, inputs, device: torch.device, *, host_calls: int = 200) -> dict:
+def call_figures(impl: Impl, inputs, device: torch.device, *, host_calls: int = 200, graphs: bool = True) -> dict:
     """What one fwd+bwd call costs beside its wall time, as the GPU probe
     measures it (common.py's per-call section): host_us always; on CUDA also
     kernels_per_call, gpu_us, top_kernels (torch.profiler) and graph_ms /
-    graph_error (CUDA-graph replay), None on CPU where nothing is launched."""
+    graph_error (CUDA-graph replay; None when ``graphs`` is False), None on
+    CPU where nothing is launched."""
     fn, _ = mode_callables(impl, "fwd+bwd", *inputs)
     with fastvae_backend(impl.backend):
         out = {"host_us": common.host_us_per_call(fn, device, calls=host_calls)}
@@ -171,7 +175,7 @@ def call_figures(impl: Impl, inputs, device: torch.device, *, host_calls: int = 
             except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: the other figures still count
                 out.update(kernels_per_call=None, gpu_us=None, top_kernels=None,
                            profile_error=f"{type(e).__name__}: {e}"[:300])
-            out.update(common.graph_replay_ms(fn, device))
+            out.update(common.graph_replay_ms(fn, device) if graphs else dict(graph_ms=None, graph_error=None))
         else:
             out.update(kernels_per_call=None, gpu_us=None, top_kernels=None, graph_ms=None, graph_error=None)
     return out
@@ -298,7 +302,8 @@ def run(module: str, name: str, title: str, cases: list[Case], impls: list[Impl]
         if device.type == "cuda":  # on CPU every call is synchronous: host time is the wall time
             figures = {}
             for impl in impls:
-                figures[(impl.name, case.label)] = f = call_figures(impl, inputs, device, host_calls=args.host_calls)
+                figures[(impl.name, case.label)] = f = call_figures(impl, inputs, device, host_calls=args.host_calls,
+                                                                       graphs=not args.no_graphs)
                 graph = common.fmt(f["graph_ms"], 3) if f["graph_ms"] is not None else f"failed ({f['graph_error']})"
                 common.log(f"{case.label:<10} per call {impl.name:<22} host {f['host_us']:9.1f} us, "
                            f"{common.fmt(f['kernels_per_call'], 1)} kernels, GPU {common.fmt(f['gpu_us'], 1)} us, "

@@ -550,3 +550,14 @@ def test_families_benchmark_compares_like_with_like(tmp_path):
             assert r[key] > 0, (r["case"], key)
         assert r["vs hand"] == pytest.approx(r["hand ms"] / r["fastvae ms"], abs=0.011)
     assert json.loads(out.read_text())["records"] == payload["records"]
+
+
+def test_harness_can_leave_the_cuda_graph_replay_out():
+    """--no-graphs (a training step whose capture fails on a GPU) reaches the
+    per-call figures; the replay is on by default."""
+    import inspect
+
+    p = harness.parser("x")
+    assert harness.parse_args(p, ["--no-graphs"]).no_graphs is True
+    assert harness.parse_args(p, []).no_graphs is False
+    assert inspect.signature(harness.call_figures).parameters["graphs"].default is True
