@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import fastvae._backend  # noqa: E402
 import fastvae._plan  # noqa: E402
+from fastvae.ops.bernoulli_likelihood import op as bernoulli_op  # noqa: E402 (its plans too)
 from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op  # noqa: E402 (its plans, as the objectives')
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -82,10 +83,12 @@ def sample_splits(request, monkeypatch):
     common = pytest.importorskip("fastvae.kernels._common")
     monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
     fastvae._plan.clear()  # the objectives' plans hold the geometry they were made with
-    sample_normal_kl_op.clear_plans()  # and so do the op's
+    sample_normal_kl_op.clear_plans()  # and so do the ops'
+    bernoulli_op.clear_plans()
     yield request.param
     fastvae._plan.clear()
     sample_normal_kl_op.clear_plans()
+    bernoulli_op.clear_plans()
 
 
 @pytest.fixture(autouse=True)

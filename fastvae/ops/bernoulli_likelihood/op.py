@@ -42,12 +42,15 @@ from ..._likelihood_layout import (
     flat,
     fold_samples,
     folded,
+    kernel_shape,
     kernel_views,
     likelihood_torch_ops,
     unfold_rows,
 )
 from ..._op import define, run, shaped
 from . import _cb_log_norm_grad
+
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def forward(kernel: str, x: Tensor, logits: Tensor) -> Tensor:
@@ -264,10 +267,163 @@ def bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dims: int = 1)
     if event_dims != 1:
         x, logits = _validate.flatten_events(x, "x", event_dims), _validate.flatten_events(logits, "logits", event_dims)
     x = broadcast_x(x, logits, "logits")
+    if ENABLED and (plan := _plan_for(x, logits)) is not None:
+        return planned_apply(x, logits, plan)
     ops = likelihood_torch_ops(x, logits, half_out=True)
     if ops is not None:
         return ops.bernoulli_log_prob(x, logits)
     return BernoulliLogProb.apply(x, logits)
+
+
+# -- the plans: eager calls of bernoulli_log_prob on the triton backend -------------
+# A small decoder's step (a Gumbel-softmax VAE's, whose latent has no
+# objective plan) is host-bound on a GPU: the general path's layout work per
+# call (kernel_views, the op's dtype rules, forward_plan / backward_plan and
+# tile_geometry) and Triton's general launcher cost more than the kernels. So
+# eager calls of bernoulli_log_prob_unchecked (the public function after its
+# checks, and likelihood="bernoulli" where no objective plan serves the step)
+# on the triton backend keep a plan per call signature (x's and the logits'
+# shapes, strides, dtypes and devices): its first call works out the outputs'
+# templates and the kernels' grids and compile-time parameters (triton.py's
+# forward_plan / backward_plan, which bernoulli_forward / bernoulli_backward
+# call too, so both paths launch the same variants on the same arguments);
+# later calls allocate and launch through fastvae._launch.Launch, with one
+# autograd node of their own (PlannedBernoulliLogProb). Values and gradients
+# are the general path's bit for bit (test_bernoulli_likelihood.py); a
+# create_graph=True backward differentiates the same closed form. Other
+# backends, torch.compile, functorch transforms, tracing, tensor subclasses,
+# half precision, autocast, mixed dtypes and empty tensors take the general
+# path. (The objectives' plans launch these kernels from their own tails,
+# BernoulliTail below; these plans are the op's alone.)
+
+# call signature -> BernoulliPlan, or None where the plan does not apply (the
+# general path serves those signatures on every call)
+PLANS: dict = {}
+# False: every call takes the general path (the tests compare the two)
+ENABLED = True
+# Plans kept at most (as the objectives' plans): a loop whose shapes keep
+# changing makes no unbounded cache
+MAX_PLANS = 64
+# The plans' allocator: every output is empty_like a template of its shape,
+# dtype and device that the plan keeps (the tests' fixture may poison it)
+empty = torch.empty_like
+
+
+def clear_plans() -> None:
+    """Forget every plan (tests that change the kernels' geometry)."""
+    PLANS.clear()
+
+
+class BernoulliPlan:
+    """The launches of one call signature: x (broadcast_x's form) and logits
+    (K, ..., D) of one float32 or float64 dtype, as kernel_views lays them
+    out: x as (P, D) and the logits as (K, P, D), views where contiguous,
+    copies where not (``copy``)."""
+
+    __slots__ = ("kern", "K", "P", "D", "dtype", "device", "copy", "out_like", "dlogits_like", "dx_like",
+                 "forward", "fwd_ints", "_backward")
+
+    def __init__(self, x: Tensor, logits: Tensor, K: int, P: int, D: int):
+        kern = self.kern = _backend.triton_module("bernoulli_likelihood")
+        dtype, device = logits.dtype, logits.device
+        self.K, self.P, self.D, self.dtype, self.device = K, P, D, dtype, device
+        self.copy = (not x.is_contiguous(), not logits.is_contiguous())
+        self.out_like = torch.empty(logits.shape[:-1], dtype=dtype, device=device)
+        self.dlogits_like = torch.empty(logits.shape, dtype=dtype, device=device)
+        self.dx_like = torch.empty(x.shape, dtype=dtype, device=device)
+        grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, dtype, device)
+        self.forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
+        self.fwd_ints = (P, K * P, D, 0, 1)  # P, K * P, D, no term's weight, no divisor
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *(b[0] for b in self._backward.values())]
+
+    def backward(self, has_dx: bool) -> tuple:
+        """(Launch, runtime integers, partial sums' template or None, tiles)
+        of the backward kernel with or without dx (made at first use)."""
+        entry = self._backward.get(has_dx)
+        if entry is None:
+            kern = self.kern
+            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, self.K, self.P, self.D, self.dtype,
+                                                         self.device, has_dx)
+            entry = self._backward[has_dx] = (Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta),
+                                              (*ints, 0, 1), kern.backward_part(ints, self.dtype, self.device),
+                                              tiles, ints[-1])
+        return entry
+
+
+class PlannedBernoulliLogProb(torch.autograd.Function):
+    """BernoulliLogProb's kernels launched from a BernoulliPlan, without its
+    per-call layout work (the plan did it); a create_graph=True backward
+    differentiates BernoulliLogProb's closed form."""
+
+    @staticmethod
+    def forward(ctx, x, logits, plan):
+        x2 = x.reshape(plan.P, plan.D).contiguous() if plan.copy[0] else x.view(plan.P, plan.D)
+        l3 = logits.contiguous() if plan.copy[1] else logits
+        out = empty(plan.out_like)
+        plan.forward(x2, l3, out, out, out, out, *plan.fwd_ints)
+        ctx.save_for_backward(x2, l3, x, logits)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, l3, x, logits = ctx.saved_tensors
+        plan = ctx.plan
+        if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
+            return (*bernoulli_log_prob_double_backward(grad_out, x, logits, ctx.needs_input_grad), None)
+        need_dx = ctx.needs_input_grad[0]
+        if grad_out.dtype is not plan.dtype or grad_out.device != plan.device:  # the general op's casts
+            K, P, D = plan.K, plan.P, plan.D
+            grads = run(bernoulli_log_prob_backward_op, grad_out, x2, l3.view(K, P, D), need_dx)
+            return ((shaped(grads[1], x.shape) if need_dx else None), shaped(grads[0], logits.shape), None)
+        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
+        launch, ints, part_like, tiles, splits = plan.backward(need_dx)
+        dlogits = empty(plan.dlogits_like)
+        dx = empty(plan.dx_like) if need_dx else dlogits
+        counters = plan.kern.tile_counters(plan.device, tiles, splits)
+        launch(g, x2, l3, dlogits, dx, empty(part_like), counters, dlogits, *ints)
+        return (dx if need_dx else None), dlogits, None
+
+
+# Function.apply without its Python wrapper (which binds default arguments and
+# unwraps dead functorch wrappers): the plans serve only plain tensors outside
+# functorch transforms
+planned_apply = super(torch.autograd.Function, PlannedBernoulliLogProb).apply
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _plan_for(x: Tensor, logits: Tensor) -> BernoulliPlan | None:
+    """The plan of this call's signature, or None (the general path): plain
+    tensors on the triton backend in eager mode, without autocast, x
+    (broadcast_x's form) and logits of one float32 or float64 dtype and
+    device, no empty dimension."""
+    if type(x) is not Tensor or type(logits) is not Tensor or _backend.compiling():
+        return None
+    device = logits.device
+    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+            or torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+            or _wrapped(x) or _wrapped(logits)):
+        return None
+    autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type)
+    key = (x.shape, x.stride(), x.dtype, x.device, logits.shape, logits.stride(), logits.dtype, device, autocast)
+    try:
+        return PLANS[key]
+    except KeyError:
+        pass
+    plan = None
+    if (not autocast and logits.dtype in _DTYPES and x.dtype is logits.dtype and x.device == device
+            and logits.dim() >= 1 and logits.numel() > 0):
+        K, P, D = kernel_shape(x, logits)
+        plan = BernoulliPlan(x, logits, K, P, D)
+    if len(PLANS) >= MAX_PLANS:
+        PLANS.clear()
+    PLANS[key] = plan
+    return plan
 
 
 # -- continuous_bernoulli_log_prob -------------------------------------------------
@@ -364,8 +520,6 @@ def continuous_bernoulli_route(x: Tensor, out: Any, sample_shape: tuple[int, ...
 # the value checks' kinds that the Bernoulli likelihood's general tail runs
 # (bernoulli_route's; tests/test_plan.py checks the names)
 BERNOULLI_CHECKS = ("bernoulli data", "bernoulli logits")
-
-_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 class BernoulliTail:

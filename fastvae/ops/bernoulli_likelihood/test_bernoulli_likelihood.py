@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import bernoulli_likelihood as oracle
+from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
 from fastvae.ops.bernoulli_likelihood.op import (
     BernoulliLogProb,
     ContinuousBernoulliLogProb,
@@ -445,3 +446,185 @@ def twin_op_cases(m2, l2):
     return [("bernoulli_log_prob", (x, out)),
             ("bernoulli_log_prob_backward", (torch.randn(3, 5, generator=g), x, out, True)),
             ("bernoulli_log_prob_backward", (torch.randn(3, 5, generator=g), x, out, False))]
+
+
+# -- the plans: eager bernoulli_log_prob on the triton backend (op.py's PLANS) ------
+# A plan launches the general path's kernel variants (triton.py's forward_plan
+# / backward_plan) on the same inputs, so its values and gradients are the
+# general path's bit for bit, under the interpreter (which runs each Launch
+# through kernel.run, checking its grid, meta and argument order) and on a
+# GPU. About 1 ms an interpreted program: few, small calls.
+
+PLAN_TRITON = INTERPRET or torch.cuda.is_available()
+needs_plan_triton = pytest.mark.skipif(not PLAN_TRITON,
+                                       reason="the plans serve the triton backend (interpreter child, GPU)")
+
+
+@pytest.fixture
+def plan_device(monkeypatch):
+    """The device the triton backend runs on here (CPU tensors under the
+    interpreter), no plan kept, the plans' outputs allocated full of NaN (a
+    value a launch failed to write shows)."""
+    device = "cpu" if INTERPRET else "cuda"
+    fastvae.set_backend(None if device == "cuda" else "triton")
+    monkeypatch.setattr(bernoulli_op, "empty", lambda like: torch.full_like(like, math.nan))
+    bernoulli_op.clear_plans()
+    yield device
+    bernoulli_op.clear_plans()
+
+
+def _plan_inputs(x_shape, logits_shape, dtype, device, x_grad, extreme, layout):
+    """x and logits (leaves) of the shapes asked for; ``extreme``: logits of
+    +-inf and +-1000 among finite ones; ``layout``: "transposed" logits (not
+    contiguous) or "expanded" x (a stride-0 view that the Function copies)."""
+    g = torch.Generator().manual_seed(sum(logits_shape))
+    x = (torch.rand(x_shape, generator=g, dtype=torch.float64) > 0.5).to(dtype)
+    logits = (torch.randn(logits_shape, generator=g, dtype=torch.float64) * 4).to(dtype)
+    if extreme:
+        flat = logits.view(-1)
+        flat[: min(4, flat.numel())] = torch.tensor([math.inf, -math.inf, 1000.0, -1000.0], dtype=dtype)[
+            : min(4, flat.numel())]
+    x, logits = x.to(device).requires_grad_(x_grad), logits.to(device).requires_grad_()
+    if layout == "transposed":
+        logits = logits.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+    return x, logits
+
+
+def _planned_and_general(monkeypatch, x, logits, layout, create_graph=False):
+    """[(value, gradients) with the plans, without] of one public call; the
+    incoming gradient is random, and x is expanded first where ``layout`` says."""
+    out = []
+    for enabled in (True, False):
+        monkeypatch.setattr(bernoulli_op, "ENABLED", enabled)
+        xx = x.expand(logits.shape) if layout == "expanded" else x
+        value = fastvae.bernoulli_log_prob(xx, logits)
+        up = torch.randn(value.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        inputs = [t for t in (x, logits) if t.requires_grad]
+        grads = torch.autograd.grad(value, inputs, up.to(value.dtype).to(value.device), create_graph=create_graph)
+        out.append((value, grads, type(value.grad_fn).__name__))
+    return out
+
+
+def _same_bits(a, b):
+    """Bit for bit (the same kernels on the same inputs), no NaN (infinite
+    logits give infinite values and gradients, never NaN)."""
+    assert a.dtype == b.dtype and a.shape == b.shape and not torch.isnan(a).any()
+    assert torch.equal(a, b)
+
+
+PLAN_CASES = [  # (x shape, logits shape, x requires grad, extreme logits, layout)
+    pytest.param((5, 33), (3, 5, 33), True, False, "plain", id="K3-odd-dx"),
+    pytest.param((5, 33), (5, 33), False, False, "plain", id="no-samples"),
+    pytest.param((1, 7), (4, 1, 7), True, True, "plain", id="one-row-K4-extreme"),
+    pytest.param((2, 3, 5), (2, 2, 3, 5), True, False, "transposed", id="batch2d-transposed-logits"),
+    pytest.param((1, 9), (6, 9), True, False, "expanded", id="x-expanded"),
+    pytest.param((3, 1), (7, 3, 1), False, True, "plain", id="D1-extreme"),
+]
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("x_shape, logits_shape, x_grad, extreme, layout", PLAN_CASES)
+def test_planned_path_equals_the_general_path(plan_device, monkeypatch, dtype, x_shape, logits_shape, x_grad,
+                                              extreme, layout):
+    """The plan's launches give the general path's value and gradients bit
+    for bit, from the signature's first call (which makes the plan) and from
+    its second (which finds it); one plan serves both."""
+    x, logits = _plan_inputs(x_shape, logits_shape, dtype, plan_device, x_grad, extreme, layout)
+    for _ in range(2):
+        (value, grads, node), (value0, grads0, node0) = _planned_and_general(monkeypatch, x, logits, layout)
+        assert node == "PlannedBernoulliLogProbBackward" and node0 == "BernoulliLogProbBackward"
+        _same_bits(value, value0)
+        assert len(grads) == len(grads0) == (2 if x_grad else 1)
+        for a, b in zip(grads, grads0):
+            _same_bits(a, b)
+        assert len(bernoulli_op.PLANS) == 1 and next(iter(bernoulli_op.PLANS.values())) is not None
+
+
+@needs_plan_triton
+def test_planned_backward_split_over_samples(plan_device, monkeypatch, sample_splits):
+    """Where the backward splits dx's sum over samples (forced: 3 splits), the
+    plan launches it with its partials and arrival counters: the general
+    path's bits on every call (the counters are back at 0 after each)."""
+    x, logits = _plan_inputs((2, 5), (7, 2, 5), torch.float32, plan_device, True, False, "plain")
+    for _ in range(2):
+        (value, grads, node), (value0, grads0, _) = _planned_and_general(monkeypatch, x, logits, "plain")
+        assert node == "PlannedBernoulliLogProbBackward"
+        _same_bits(value, value0)
+        for a, b in zip(grads, grads0):
+            _same_bits(a, b)
+    (plan,) = bernoulli_op.PLANS.values()
+    assert len(plan.launches()) == 2 and plan.backward(True)[-1] == (sample_splits or 1)
+
+
+@needs_plan_triton
+def test_planned_double_backward_equals_the_general_path(plan_device, monkeypatch):
+    """create_graph=True through the plan differentiates the general path's
+    closed form: the same first and second derivatives."""
+    x, logits = _plan_inputs((3, 6), (2, 3, 6), torch.float64, plan_device, True, False, "plain")
+    seconds = []
+    (_, grads, node), (_, grads0, _) = _planned_and_general(monkeypatch, x, logits, "plain", create_graph=True)
+    assert node == "PlannedBernoulliLogProbBackward"
+    for a, b in zip(grads, grads0):
+        assert a.requires_grad and b.requires_grad
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for g in (grads, grads0):
+        seconds.append(torch.autograd.grad(sum((t * t).sum() for t in g), [x, logits]))
+    for a, b in zip(*seconds):
+        _same_bits(a, b)
+
+
+@needs_plan_triton
+def test_planned_signature_errors_as_the_general_path(plan_device):
+    """A bad argument on a planned signature raises the general path's error."""
+    x, logits = torch.zeros(4, 3, device=plan_device), torch.zeros(2, 4, 3, device=plan_device)
+    fastvae.bernoulli_log_prob(x, logits)
+    assert len(bernoulli_op.PLANS) == 1
+    with pytest.raises(ValueError, match="does not broadcast"):
+        fastvae.bernoulli_log_prob(torch.zeros(5, 3, device=plan_device), logits)
+    with pytest.raises(ValueError, match="event_dims"):
+        fastvae.bernoulli_log_prob(x, logits, event_dims=0)
+    with pytest.raises(TypeError):
+        fastvae.bernoulli_log_prob(x.bool(), logits)
+
+
+@needs_plan_triton
+def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monkeypatch):
+    """Another shape or strides make another plan; a signature the plans do
+    not serve (half precision, mixed dtypes) is kept as None and takes the
+    general path; past MAX_PLANS the plans are forgotten, not grown."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, device=plan_device)
+    for logits in (torch.randn(2, 4, 3, device=plan_device), torch.randn(5, 4, 3, device=plan_device),
+                   torch.randn(3, 3, 4, device=plan_device).transpose(1, 2)):
+        out = fastvae.bernoulli_log_prob(x, logits.requires_grad_())
+        x64, l64 = x.double().cpu(), logits.detach().double().cpu()
+        assert_close(out, oracle.bernoulli_log_prob(x64, l64), _bernoulli_terms(x64, l64).sum(-1), "log_prob")
+        assert type(out.grad_fn).__name__ == "PlannedBernoulliLogProbBackward"
+    assert len(bernoulli_op.PLANS) == 3 and all(p is not None for p in bernoulli_op.PLANS.values())
+    for xx, lg in ((x.half(), torch.randn(2, 4, 3, device=plan_device).half()),
+                   (x.double(), torch.randn(2, 4, 3, device=plan_device))):
+        out = fastvae.bernoulli_log_prob(xx, lg.requires_grad_())
+        assert type(out.grad_fn).__name__ == "BernoulliLogProbBackward"
+    assert len(bernoulli_op.PLANS) == 5 and list(bernoulli_op.PLANS.values()).count(None) == 2
+    monkeypatch.setattr(bernoulli_op, "MAX_PLANS", 5)
+    fastvae.bernoulli_log_prob(x, torch.randn(6, 4, 3, device=plan_device))  # a sixth signature
+    assert len(bernoulli_op.PLANS) == 1
+
+
+@needs_plan_triton
+def test_a_compiling_or_transformed_call_takes_the_general_path(plan_device, monkeypatch):
+    """Under torch.compile (here: _backend.compiling() made true) and inside
+    a functorch transform no plan is looked up or made."""
+    torch.manual_seed(0)
+    x, logits = torch.rand(4, 3, device=plan_device), torch.randn(2, 4, 3, device=plan_device)
+
+    def probe(lg):
+        assert bernoulli_op._plan_for(x, lg) is None
+        return lg.sum()
+
+    torch.func.grad(probe)(logits)
+    assert len(bernoulli_op.PLANS) == 0
+    monkeypatch.setattr(fastvae._backend, "compiling", lambda: True)
+    assert bernoulli_op._plan_for(x, logits) is None
+    assert len(bernoulli_op.PLANS) == 0

@@ -298,6 +298,15 @@ def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device:
         P, D, R, k_loop, per_split, splits), tiles
 
 
+def backward_part(ints: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh buffer of the backward's partial sums over sample splits, for
+    backward_plan's runtime integers: (splits, P, D), or a placeholder the
+    kernel never touches where nothing is split (the op's plans take it as
+    their template)."""
+    P, D, splits = ints[0], ints[1], ints[-1]
+    return torch.empty((splits, P, D) if splits > 1 else (1,), dtype=accumulation_dtype(dtype), device=device)
+
+
 def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits, dterm=None, weight: float = 0.0,
                        g_divisor: int | None = None) -> None:
     """dlogits (K, P, D) and, when dx is not None, dx (P, D) <- gradients of
@@ -314,12 +323,10 @@ def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits, dterm=None, 
     has_dx = dx is not None
     grid, meta, ints, tiles = backward_plan(kind, K, P, D, logits.dtype, logits.device, has_dx,
                                             g_divisor is not None, dterm is not None)
-    splits = ints[-1]
-    part = torch.empty((splits, P, D) if splits > 1 else (1,), dtype=accumulation_dtype(logits.dtype),
-                       device=logits.device)
+    part = backward_part(ints, logits.dtype, logits.device)
     _bernoulli_log_prob_bwd_kernel[grid](
         grad_out, x, logits, dlogits, dx if has_dx else dlogits, part,
-        tile_counters(logits.device, tiles, splits), dlogits if dterm is None else dterm, *ints,
+        tile_counters(logits.device, tiles, ints[-1]), dlogits if dterm is None else dterm, *ints,
         0 if dterm is None else float64_bits(weight), 1 if g_divisor is None else g_divisor, **meta)
 
 
