@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 import fastvae
 from fastvae import _launch, _plan
+from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
 from fastvae.ops.sample_concrete import op as sample_concrete_op
 from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
 
@@ -286,9 +287,10 @@ def _setup(device: torch.device):
 
 def _direct() -> tuple[int, int]:
     """(launches that launch directly, launches called) of the plans kept:
-    the objectives', sample_normal_kl's and sample_concrete's."""
+    the objectives', sample_normal_kl's, sample_concrete's and bernoulli_log_prob's."""
     launches = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan)]
-    launches += [launch for op in (sample_normal_kl_op, sample_concrete_op) for plan in op.PLANS.values()
+    launches += [launch for op in (sample_normal_kl_op, sample_concrete_op, bernoulli_op)
+                 for plan in op.PLANS.values()
                  if plan is not None for launch in plan.launches()]
     called = [launch for launch in launches if launch.direct is not None]
     return sum(bool(launch.direct) for launch in called), len(called)
@@ -346,6 +348,7 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
         _plan.clear()
         sample_normal_kl_op.clear_plans()
         sample_concrete_op.clear_plans()
+        bernoulli_op.clear_plans()
         for s in steps.values():
             with fastvae.use_backend(s.backend):
                 for _ in range(30):
