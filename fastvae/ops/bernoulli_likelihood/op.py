@@ -377,10 +377,9 @@ class PlannedBernoulliLogProb(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a gradient with a graph
             return (*bernoulli_log_prob_double_backward(grad_out, x, logits, ctx.needs_input_grad), None)
         need_dx = ctx.needs_input_grad[0]
-        if grad_out.dtype is not plan.dtype or grad_out.device != plan.device:  # the general op's casts
-            K, P, D = plan.K, plan.P, plan.D
-            grads = run(bernoulli_log_prob_backward_op, grad_out, x2, l3.view(K, P, D), need_dx)
-            return ((shaped(grads[1], x.shape) if need_dx else None), shaped(grads[0], logits.shape), None)
+        # the engine hands grad_out in the output's dtype and device (it casts
+        # one given in another dtype); a sum's is an expanded scalar: copied, as
+        # the general path's contiguous() does
         g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
         launch, ints, part_like, tiles, splits = plan.backward(need_dx)
         dlogits = empty(plan.dlogits_like)

@@ -542,6 +542,24 @@ def test_planned_path_equals_the_general_path(plan_device, monkeypatch, dtype, x
 
 
 @needs_plan_triton
+def test_planned_gradient_of_a_sum_and_of_another_dtype(plan_device, monkeypatch):
+    """The backward of value.sum() (an expanded scalar comes in) and one
+    given a float64 gradient for a float32 value (the engine casts it) give
+    the general path's bits."""
+    x, logits = _plan_inputs((3, 5), (2, 3, 5), torch.float32, plan_device, True, False, "plain")
+    for up in (None, torch.linspace(-2, 2, 6, dtype=torch.float64, device=plan_device).reshape(2, 3)):
+        grads = []
+        for enabled in (True, False):
+            monkeypatch.setattr(bernoulli_op, "ENABLED", enabled)
+            value = fastvae.bernoulli_log_prob(x, logits)
+            grads.append(torch.autograd.grad(value.sum() if up is None else value, [x, logits],
+                                             None if up is None else up))
+        assert len(bernoulli_op.PLANS) == 1
+        for a, b in zip(*grads):
+            _same_bits(a, b)
+
+
+@needs_plan_triton
 def test_planned_backward_split_over_samples(plan_device, monkeypatch, sample_splits):
     """Where the backward splits dx's sum over samples (forced: 3 splits), the
     plan launches it with its partials and arrival counters: the general
