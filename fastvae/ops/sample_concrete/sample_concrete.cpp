@@ -175,37 +175,72 @@ FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* te
   }
 }
 
-// The analytic categorical KL of one latent, sum_c pi_c (log pi_c - log p_c)
-// with log pi = a - max a - log sum_c exp(a_c - max a); a category with pi_c = 0
-// (masked, or underflowed) adds 0, as torch's where(pi > 0, ...) does, even
-// where log p_c = -inf. lpi[c] <- log pi_c, pi[c] <- pi_c (the backward's).
+// The analytic categorical KL of latents, sum_c pi_c (log pi_c - log p_c)
+// with pi = softmax(a): for each latent, top = max_c a (0 when every category
+// is masked), e_c = exp(a_c - top), s = sum_c e_c, log pi_c = (a_c - top) -
+// log s and KL = sum_c e_c ((a_c - top) - log p_c) / s - log s (sum_c pi_c =
+// 1). A category with e_c = 0 (masked, or underflowed) adds 0, as torch's
+// where(pi > 0, ...) does, even where log p_c = -inf. The exps run in one flat
+// pass over the latents (the ISA clones vectorize it; libm's scalar exp per
+// category was most of the call); per latent only a max and two sums remain.
 // The noise plays no part: the sampler's kernels compute it only because they
 // already hold the logits (one launch for z, log q and the KL).
 template <typename T>
-FASTVAE_INLINE T latent_kl(const T* a, const T* lp, int64_t C, T* lpi, T* pi) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  T top = ninf;
-  for (int64_t c = 0; c < C; ++c) top = std::max(top, a[c]);
-  T s = T(0);
-  for (int64_t c = 0; c < C; ++c) s += a[c] == ninf ? T(0) : std::exp(a[c] - top);
-  const T ls = std::log(s);
-  T kl = T(0);
-  for (int64_t c = 0; c < C; ++c) {
-    lpi[c] = a[c] == ninf ? ninf : (a[c] - top) - ls;
-    pi[c] = a[c] == ninf ? T(0) : std::exp(lpi[c]);
-    kl += pi[c] > T(0) ? pi[c] * (lpi[c] - lp[c]) : T(0);
-  }
-  return kl;
+struct KLTerms {
+  T top, s, ls, kl;
+};
+
+// e[i] = exp(a[i] - top) for n elements, top[i] the element's latent's max.
+template <typename T>
+FASTVAE_INLINE void exp_centered_t(const T* a, const T* top, int64_t n, T* e) {
+  for (int64_t i = 0; i < n; ++i) e[i] = exp_t(a[i] - top[i]);
+}
+FASTVAE_CLONES void exp_centered_f32(const float* a, const float* top, int64_t n, float* e) {
+  exp_centered_t(a, top, n, e);
 }
 
-// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over L in double.
+// The KL terms of the latents j0 .. j0 + n / C - 1 of logits a (n elements,
+// whole latents, a at latent j0) against log_p (L, C) (latent j's row j % L);
+// e (n) receives exp(a - top) and tops (n) each element's latent's max.
 template <typename T>
-void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L, int64_t C, T* kl) {
-  std::vector<T> lpi(static_cast<size_t>(C)), pi(static_cast<size_t>(C));
+void latents_kl(const T* a, const T* log_p, int64_t j0, int64_t n, int64_t L, int64_t C, T* tops, T* e,
+                KLTerms<T>* terms) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0, i = 0; i < n; ++j, i += C) {
+    T top = ninf;
+    for (int64_t c = 0; c < C; ++c) top = std::max(top, a[i + c]);
+    top = top == ninf ? T(0) : top;
+    for (int64_t c = 0; c < C; ++c) tops[i + c] = top;
+    terms[j].top = top;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    exp_centered_f32(a, tops, n, e);
+  } else {
+    exp_centered_t(a, tops, n, e);
+  }
+  for (int64_t j = 0, i = 0; i < n; ++j, i += C) {
+    const T* lp = log_p + ((j0 + j) % L) * C;
+    const T top = terms[j].top;
+    T s = T(0), w = T(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const T ec = e[i + c];
+      s += ec;
+      w += ec > T(0) ? ec * ((a[i + c] - top) - lp[c]) : T(0);
+    }
+    const T ls = log_t(s);
+    terms[j] = {top, s, ls, w / s - ls};
+  }
+}
+
+// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over
+// L in double; tops, e: scratch of (r1 - r0) L C elements, terms of (r1 - r0) L.
+template <typename T>
+void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L, int64_t C, T* tops, T* e,
+             KLTerms<T>* terms, T* kl) {
+  latents_kl(logits + r0 * L * C, log_p, 0, (r1 - r0) * L * C, L, C, tops, e, terms);
   for (int64_t row = r0; row < r1; ++row) {
     double acc = 0.0;
-    for (int64_t l = 0; l < L; ++l) acc += double(latent_kl(logits + (row * L + l) * C, log_p + l * C, C, lpi.data(),
-                                                            pi.data()));
+    for (int64_t l = 0; l < L; ++l) acc += double(terms[(row - r0) * L + l].kl);
     kl[row] = static_cast<T>(acc);
   }
 }
@@ -245,7 +280,10 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
           log_q[k * N + row] = static_cast<T>(acc);
         }
       }
-      if (kl && k == 0) rows_kl(logits, log_p, r0, r1, L, C, kl);  // per row, not per sample
+      if (kl && k == 0) {  // per row, not per sample; the noise's scratch is free by now
+        std::vector<KLTerms<T>> terms(static_cast<size_t>((r1 - r0) * L));
+        rows_kl(logits, log_p, r0, r1, L, C, w.y.data(), w.mm.data(), terms.data(), kl);
+      }
     }
   }
 }
@@ -316,13 +354,18 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
       }
     }
     if (dkl) {  // d KL_l / d a_c = pi_c ((log pi_c - log p_c) - KL_l), added after the noise terms' 1 / lam
-      std::vector<T> lpi(static_cast<size_t>(C)), pi(static_cast<size_t>(C));
+      std::vector<T> tops(static_cast<size_t>(n)), e(static_cast<size_t>(n));
+      std::vector<KLTerms<T>> terms(static_cast<size_t>(j1 - j0));
+      latents_kl(logits + j0 * C, log_p, j0, n, L, C, tops.data(), e.data(), terms.data());
       for (int64_t j = j0; j < j1; ++j) {
         const T* lp = log_p + (j % L) * C;
-        const T kl = latent_kl(logits + j * C, lp, C, lpi.data(), pi.data());
-        const T g = dkl[j / L];
+        const KLTerms<T>& r = terms[j - j0];
+        const T g = dkl[j / L], is = T(1) / r.s;
+        const T* ej = e.data() + (j - j0) * C;
+        const T* aj = logits + j * C;
+        T* d = dlogits + j * C;
         for (int64_t c = 0; c < C; ++c) {
-          if (pi[c] > T(0)) dlogits[j * C + c] += g * pi[c] * ((lpi[c] - lp[c]) - kl);
+          if (ej[c] > T(0)) d[c] += g * (ej[c] * is) * ((((aj[c] - r.top) - r.ls) - lp[c]) - r.kl);
         }
       }
     }
