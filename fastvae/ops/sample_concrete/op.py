@@ -372,10 +372,16 @@ def _planned(plan: ConcretePlan, logits, temperature, generator, log_p) -> tuple
 
 def _check_logits(t: Tensor, name: str = "logits") -> None:
     """Raise when a relaxed categorical's logits hold a NaN or +inf, or when a
-    latent has every category masked (-inf): z would be NaN."""
+    latent has every category masked (-inf): z would be NaN. What is read is
+    the value checks' policy (fastvae/_value_checks.py): on the CPU the
+    leading latents (``prefix``: a view of whole rows; a mistake of the
+    encoder shows in any of them), not a pass over the whole tensor each
+    call."""
     if not _value_checks.should_check("concrete logits", t) or t.numel() == 0:
         return
-    d = t.detach()
+    d = _value_checks.prefix(t)
+    if d.dim() < 2 or d.shape[-1] != t.shape[-1]:  # more categories than the prefix: whole latents
+        d = t.detach()
     # one reduction and a sum in the common case: each latent's max is finite
     # exactly when it has no NaN (amax propagates it), no +inf and a finite
     # category, and then so is their sum (unless it overflows, which only

@@ -355,6 +355,32 @@ def test_errors_name_the_argument():
         fastvae.sample_concrete(x, 1.0, 0)
 
 
+def test_logits_checks_read_the_leading_latents_whole():
+    """On the CPU the logits' value check reads the value-check policy's
+    prefix (whole leading rows), not every value of a large batch: a NaN in
+    the leading rows is refused by name, one far past them is not read. With
+    more categories than the prefix holds, whole latents are read, so that a
+    latent masked only in its first categories is not taken for a wholly
+    masked one."""
+    big = torch.zeros(4096, 8, 16)
+    lead = big.clone()
+    lead[0, 3, 5] = math.nan
+    with pytest.raises(ValueError, match="logits must be finite or -inf"):
+        fastvae.sample_concrete(lead, 1.0)
+    far = big.clone()
+    far[-1, 3, 5] = math.inf
+    z, _ = fastvae.sample_concrete(far, 1.0)  # past the prefix: not read
+    assert torch.isfinite(z[:-1]).all()
+    wide = torch.zeros(2, 5000)
+    wide[:, :4500] = -math.inf  # every latent keeps 500 finite categories, past the prefix's 4096
+    z, log_q = fastvae.sample_concrete(wide, 1.0)
+    assert torch.isfinite(z).all() and torch.isfinite(log_q).all()
+    assert z[:, :4500].eq(0).all()
+    wide[1, 4500:] = -math.inf
+    with pytest.raises(ValueError, match="logits has a latent with every category -inf"):
+        fastvae.sample_concrete(wide, 1.0)
+
+
 def test_double_backward_is_a_named_error(backend):
     """create_graph=True: the first derivative is the kernel's (usable as a
     number); differentiating it again raises an error naming the op."""
