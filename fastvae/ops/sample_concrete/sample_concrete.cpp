@@ -180,69 +180,106 @@ FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* te
 // is masked), e_c = exp(a_c - top), s = sum_c e_c, log pi_c = (a_c - top) -
 // log s and KL = sum_c e_c ((a_c - top) - log p_c) / s - log s (sum_c pi_c =
 // 1). A category with e_c = 0 (masked, or underflowed) adds 0, as torch's
-// where(pi > 0, ...) does, even where log p_c = -inf. The exps run in one flat
-// pass over the latents (the ISA clones vectorize it; libm's scalar exp per
-// category was most of the call); per latent only a max and two sums remain.
-// The noise plays no part: the sampler's kernels compute it only because they
-// already hold the logits (one launch for z, log q and the KL).
+// where(pi > 0, ...) does, even where log p_c = -inf. The noise plays no
+// part: the sampler's kernels compute it only because they already hold the
+// logits (one launch for z, log q and the KL).
+//
+// A latent's C categories are too few for a vector, and its sums must run in
+// order, so the latents are transposed: category-major, (C, J) for J
+// latents, every pass runs across the latents (the ISA clones vectorize it),
+// each latent's max and sums still in category order.
 template <typename T>
-struct KLTerms {
-  T top, s, ls, kl;
+struct KLScratch {
+  std::vector<T> a, e, lp;         // (C, J): the logits, exp(a - top), log p of each latent's row
+  std::vector<T> top, s, ls, kl;   // (J,)
+  KLScratch(int64_t J, int64_t C)
+      : a(static_cast<size_t>(J * C)), e(static_cast<size_t>(J * C)), lp(static_cast<size_t>(J * C)),
+        top(static_cast<size_t>(J)), s(static_cast<size_t>(J)), ls(static_cast<size_t>(J)),
+        kl(static_cast<size_t>(J)) {}
 };
 
-// e[i] = exp(a[i] - top) for n elements, top[i] the element's latent's max.
+// The category-major passes over J latents (w's a and lp filled).
 template <typename T>
-FASTVAE_INLINE void exp_centered_t(const T* a, const T* top, int64_t n, T* e) {
-  for (int64_t i = 0; i < n; ++i) e[i] = exp_t(a[i] - top[i]);
+FASTVAE_INLINE void kl_passes_t(int64_t J, int64_t C, T* a, T* e, const T* lp, T* top, T* s, T* ls, T* kl) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < J; ++j) top[j] = ninf;
+  for (int64_t c = 0; c < C; ++c) {
+    const T* ac = a + c * J;
+    for (int64_t j = 0; j < J; ++j) top[j] = ac[j] > top[j] ? ac[j] : top[j];
+  }
+  for (int64_t j = 0; j < J; ++j) {
+    top[j] = top[j] == ninf ? T(0) : top[j];
+    s[j] = T(0);
+    kl[j] = T(0);  // the sum of e_c ((a_c - top) - log p_c), until the last pass
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T *ac = a + c * J, *lc = lp + c * J;
+    T* ec = e + c * J;
+    for (int64_t j = 0; j < J; ++j) {
+      const T x = exp_t(ac[j] - top[j]);
+      ec[j] = x;
+      s[j] += x;
+      kl[j] += x > T(0) ? x * ((ac[j] - top[j]) - lc[j]) : T(0);
+    }
+  }
+  for (int64_t j = 0; j < J; ++j) {
+    ls[j] = log_t(s[j]);
+    kl[j] = kl[j] / s[j] - ls[j];
+  }
 }
-FASTVAE_CLONES void exp_centered_f32(const float* a, const float* top, int64_t n, float* e) {
-  exp_centered_t(a, top, n, e);
+FASTVAE_CLONES void kl_passes_f32(int64_t J, int64_t C, float* a, float* e, const float* lp, float* top, float* s,
+                                  float* ls, float* kl) {
+  kl_passes_t(J, C, a, e, lp, top, s, ls, kl);
 }
 
-// The KL terms of the latents j0 .. j0 + n / C - 1 of logits a (n elements,
-// whole latents, a at latent j0) against log_p (L, C) (latent j's row j % L);
-// e (n) receives exp(a - top) and tops (n) each element's latent's max.
+// The KL terms of the J latents j0 .. j0 + J - 1 of logits a (latent j0 first,
+// (J, C)) against log_p (L, C) (latent j's row j % L), into w.
 template <typename T>
-void latents_kl(const T* a, const T* log_p, int64_t j0, int64_t n, int64_t L, int64_t C, T* tops, T* e,
-                KLTerms<T>* terms) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0, i = 0; i < n; ++j, i += C) {
-    T top = ninf;
-    for (int64_t c = 0; c < C; ++c) top = std::max(top, a[i + c]);
-    top = top == ninf ? T(0) : top;
-    for (int64_t c = 0; c < C; ++c) tops[i + c] = top;
-    terms[j].top = top;
+void latents_kl(const T* a, const T* log_p, int64_t j0, int64_t J, int64_t L, int64_t C, KLScratch<T>& w) {
+  for (int64_t j = 0; j < J; ++j) {
+    const T* aj = a + j * C;
+    const T* lpj = log_p + ((j0 + j) % L) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      w.a[static_cast<size_t>(c * J + j)] = aj[c];
+      w.lp[static_cast<size_t>(c * J + j)] = lpj[c];
+    }
   }
   if constexpr (std::is_same_v<T, float>) {
-    exp_centered_f32(a, tops, n, e);
+    kl_passes_f32(J, C, w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(), w.kl.data());
   } else {
-    exp_centered_t(a, tops, n, e);
-  }
-  for (int64_t j = 0, i = 0; i < n; ++j, i += C) {
-    const T* lp = log_p + ((j0 + j) % L) * C;
-    const T top = terms[j].top;
-    T s = T(0), w = T(0);
-    for (int64_t c = 0; c < C; ++c) {
-      const T ec = e[i + c];
-      s += ec;
-      w += ec > T(0) ? ec * ((a[i + c] - top) - lp[c]) : T(0);
-    }
-    const T ls = log_t(s);
-    terms[j] = {top, s, ls, w / s - ls};
+    kl_passes_t(J, C, w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(), w.kl.data());
   }
 }
 
-// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over
-// L in double; tops, e: scratch of (r1 - r0) L C elements, terms of (r1 - r0) L.
+// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over L in double.
 template <typename T>
-void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L, int64_t C, T* tops, T* e,
-             KLTerms<T>* terms, T* kl) {
-  latents_kl(logits + r0 * L * C, log_p, 0, (r1 - r0) * L * C, L, C, tops, e, terms);
+void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L, int64_t C, T* kl) {
+  KLScratch<T> w((r1 - r0) * L, C);
+  latents_kl(logits + r0 * L * C, log_p, 0, (r1 - r0) * L, L, C, w);
   for (int64_t row = r0; row < r1; ++row) {
     double acc = 0.0;
-    for (int64_t l = 0; l < L; ++l) acc += double(terms[(row - r0) * L + l].kl);
+    for (int64_t l = 0; l < L; ++l) acc += double(w.kl[static_cast<size_t>((row - r0) * L + l)]);
     kl[row] = static_cast<T>(acc);
   }
+}
+
+// d KL_j / d a_c = pi_c ((log pi_c - log p_c) - KL_j), pi_c = e_c / s, times
+// g[j], where e_c > 0 (else 0), category-major into d (C, J).
+template <typename T>
+FASTVAE_INLINE void kl_grad_t(int64_t J, int64_t C, const T* g, const T* a, const T* e, const T* lp, const T* top,
+                              const T* s, const T* ls, const T* kl, T* d) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T *ac = a + c * J, *ec = e + c * J, *lc = lp + c * J;
+    T* dc = d + c * J;
+    for (int64_t j = 0; j < J; ++j) {
+      dc[j] = ec[j] > T(0) ? g[j] * (ec[j] * (T(1) / s[j])) * ((((ac[j] - top[j]) - ls[j]) - lc[j]) - kl[j]) : T(0);
+    }
+  }
+}
+FASTVAE_CLONES void kl_grad_f32(int64_t J, int64_t C, const float* g, const float* a, const float* e,
+                                const float* lp, const float* top, const float* s, const float* ls, const float* kl,
+                                float* d) {
+  kl_grad_t(J, C, g, a, e, lp, top, s, ls, kl, d);
 }
 
 }  // namespace
@@ -280,10 +317,7 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
           log_q[k * N + row] = static_cast<T>(acc);
         }
       }
-      if (kl && k == 0) {  // per row, not per sample; the noise's scratch is free by now
-        std::vector<KLTerms<T>> terms(static_cast<size_t>((r1 - r0) * L));
-        rows_kl(logits, log_p, r0, r1, L, C, w.y.data(), w.mm.data(), terms.data(), kl);
-      }
+      if (kl && k == 0) rows_kl(logits, log_p, r0, r1, L, C, kl);  // per row, not per sample
     }
   }
 }
@@ -353,20 +387,22 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
         dlogits[e] = logits[e] == ninf ? T(0) : acc[e - j0 * C] * ilam;
       }
     }
-    if (dkl) {  // d KL_l / d a_c = pi_c ((log pi_c - log p_c) - KL_l), added after the noise terms' 1 / lam
-      std::vector<T> tops(static_cast<size_t>(n)), e(static_cast<size_t>(n));
-      std::vector<KLTerms<T>> terms(static_cast<size_t>(j1 - j0));
-      latents_kl(logits + j0 * C, log_p, j0, n, L, C, tops.data(), e.data(), terms.data());
-      for (int64_t j = j0; j < j1; ++j) {
-        const T* lp = log_p + (j % L) * C;
-        const KLTerms<T>& r = terms[j - j0];
-        const T g = dkl[j / L], is = T(1) / r.s;
-        const T* ej = e.data() + (j - j0) * C;
-        const T* aj = logits + j * C;
-        T* d = dlogits + j * C;
-        for (int64_t c = 0; c < C; ++c) {
-          if (ej[c] > T(0)) d[c] += g * (ej[c] * is) * ((((aj[c] - r.top) - r.ls) - lp[c]) - r.kl);
-        }
+    if (dkl) {  // d KL_l / d a_c, added after the noise terms' 1 / lam
+      const int64_t J = j1 - j0;
+      KLScratch<T> w(J, C);
+      latents_kl(logits + j0 * C, log_p, j0, J, L, C, w);
+      std::vector<T> g(static_cast<size_t>(J)), d(static_cast<size_t>(J * C));
+      for (int64_t j = 0; j < J; ++j) g[static_cast<size_t>(j)] = dkl[(j0 + j) / L];
+      if constexpr (std::is_same_v<T, float>) {
+        kl_grad_f32(J, C, g.data(), w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(),
+                    w.kl.data(), d.data());
+      } else {
+        kl_grad_t(J, C, g.data(), w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(),
+                  w.kl.data(), d.data());
+      }
+      for (int64_t j = 0; j < J; ++j) {
+        T* dj = dlogits + (j0 + j) * C;
+        for (int64_t c = 0; c < C; ++c) dj[c] += d[static_cast<size_t>(c * J + j)];
       }
     }
   }
