@@ -21,6 +21,9 @@
 // Helpers whose loops must be vectorized inside each clone: without forced
 // inlining GCC may compile them once, for the baseline ISA, and call that.
 #define FASTVAE_INLINE inline __attribute__((always_inline))
+// The same for a lambda with such loops (passed to a FASTVAE_INLINE driver;
+// a lambda takes no `inline`).
+#define FASTVAE_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace fastvae {
 

@@ -33,42 +33,86 @@ FASTVAE_INLINE void randn_lanes(const PhiloxKeys& keys, uint64_t offset0, int64_
 }
 
 #if defined(FASTVAE_PHILOX_X86)
-// The words of the kGroup counters c0, c0 + 1, ... in AVX-512 (philox_4x in
-// 64-bit lanes, 8 counters a vector, four vectors interleaved): a[j] = w0,
-// a[kGroup + j] = w2, b[j] = w1, b[kGroup + j] = w3 of counter c0 + j.
-// vpmuludq reads only the low half of each lane, so no masking is needed;
-// GCC 12's vectorization of philox_4x masks every operand and multiplies with
-// vpmullq. Integer arithmetic: the words are exactly philox_4x's.
-// GCC 12's own _mm512_undefined_* trips -Wuninitialized in the conversions.
+// The vector operations of philox_4x's rounds, per ISA, for philox_lanes: the
+// 32-bit words in 64-bit lanes, one vpmuludq per multiply (it reads only the
+// low half of each lane, so no masking is needed; GCC 12's vectorization of
+// philox_4x masks every operand and multiplies with vpmullq for AVX-512, and
+// builds each product from shifts and adds for AVX2: about 3x the
+// instructions). Integer arithmetic: the words are exactly philox_4x's.
+struct Avx512Lanes {
+  using V = __m512i;
+  static constexpr int kLanes = 8;
+  __attribute__((target("avx512f"))) static V set1(uint64_t x) { return _mm512_set1_epi64(static_cast<int64_t>(x)); }
+  __attribute__((target("avx512f"))) static V counters(uint64_t c0) {  // c0, c0 + 1, ..., c0 + 7
+    return _mm512_add_epi64(set1(c0), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  }
+  __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_si512(); }
+  __attribute__((target("avx512f"))) static V high_half(V x) { return _mm512_srli_epi64(x, 32); }
+  __attribute__((target("avx512f"))) static V mul_low(V x, V y) { return _mm512_mul_epu32(x, y); }
+  __attribute__((target("avx512f"))) static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+};
+
+struct Avx2Lanes {
+  using V = __m256i;
+  static constexpr int kLanes = 4;
+  __attribute__((target("avx2"))) static V set1(uint64_t x) { return _mm256_set1_epi64x(static_cast<int64_t>(x)); }
+  __attribute__((target("avx2"))) static V counters(uint64_t c0) {  // c0, c0 + 1, ..., c0 + 3
+    return _mm256_add_epi64(set1(c0), _mm256_set_epi64x(3, 2, 1, 0));
+  }
+  __attribute__((target("avx2"))) static V zero() { return _mm256_setzero_si256(); }
+  __attribute__((target("avx2"))) static V high_half(V x) { return _mm256_srli_epi64(x, 32); }
+  __attribute__((target("avx2"))) static V mul_low(V x, V y) { return _mm256_mul_epu32(x, y); }
+  __attribute__((target("avx2"))) static V xor3(V a, V b, V c) { return _mm256_xor_si256(a, _mm256_xor_si256(b, c)); }
+};
+
+// The ten rounds of philox_4x on the kVec * L::kLanes counters c0, c0 + 1,
+// ...: x0[v] .. x3[v] end with the words w0 .. w3 (in the low halves) of
+// counters c0 + L::kLanes v + lane. kVec vectors interleaved, so that the
+// multiplies' latency overlaps. Called only from the flatten functions below,
+// which inline it, and the operations of L, into their own ISA: the vectors
+// never pass a call, so GCC's note that their ABI differs outside that ISA
+// does not apply.
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-__attribute__((target("avx512f"), noinline)) void philox_group_avx512(const PhiloxKeys& keys, uint64_t c0,
-                                                                     uint32_t* a, uint32_t* b) {
-  constexpr int kVec = kGroup / 8;
-  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-  const __m512i mul_a = _mm512_set1_epi64(kPhiloxRoundA), mul_b = _mm512_set1_epi64(kPhiloxRoundB);
-  __m512i x0[kVec], x1[kVec], x2[kVec], x3[kVec];
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <typename L, int kVec>
+inline void philox_lanes(const PhiloxKeys& keys, uint64_t c0, typename L::V (&x0)[kVec], typename L::V (&x1)[kVec],
+                         typename L::V (&x2)[kVec], typename L::V (&x3)[kVec]) {
+  using V = typename L::V;
+  const V mul_a = L::set1(kPhiloxRoundA), mul_b = L::set1(kPhiloxRoundB);
   for (int v = 0; v < kVec; ++v) {
-    const __m512i c = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(c0 + 8 * v)), lane);
+    const V c = L::counters(c0 + static_cast<uint64_t>(L::kLanes * v));
     x0[v] = c;  // the low half is lo(c); the high half is never read as c0
-    x1[v] = _mm512_srli_epi64(c, 32);
-    x2[v] = _mm512_setzero_si512();
-    x3[v] = _mm512_setzero_si512();
+    x1[v] = L::high_half(c);
+    x2[v] = L::zero();
+    x3[v] = L::zero();
   }
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
-    const __m512i k0 = _mm512_set1_epi64(static_cast<int64_t>(keys.k0[round]));
-    const __m512i k1 = _mm512_set1_epi64(static_cast<int64_t>(keys.k1[round]));
+    const V k0 = L::set1(keys.k0[round]), k1 = L::set1(keys.k1[round]);
 #pragma GCC unroll 4
     for (int v = 0; v < kVec; ++v) {
-      const __m512i p0 = _mm512_mul_epu32(x0[v], mul_a);
-      const __m512i p2 = _mm512_mul_epu32(x2[v], mul_b);
-      x0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p2, 32), x1[v], k0, 0x96);
-      x2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), x3[v], k1, 0x96);
+      const V p0 = L::mul_low(x0[v], mul_a);
+      const V p2 = L::mul_low(x2[v], mul_b);
+      x0[v] = L::xor3(L::high_half(p2), x1[v], k0);
+      x2[v] = L::xor3(L::high_half(p0), x3[v], k1);
       x1[v] = p2;
       x3[v] = p0;
     }
   }
+}
+#pragma GCC diagnostic pop
+
+// The words of the kGroup counters c0, c0 + 1, ... in AVX-512 (8 counters a
+// vector, four vectors interleaved): a[j] = w0, a[kGroup + j] = w2, b[j] =
+// w1, b[kGroup + j] = w3 of counter c0 + j.
+// GCC 12's own _mm512_undefined_* trips -Wuninitialized in the conversions.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+__attribute__((target("avx512f"), noinline, flatten)) void philox_group_avx512(const PhiloxKeys& keys, uint64_t c0,
+                                                                              uint32_t* a, uint32_t* b) {
+  constexpr int kVec = kGroup / 8;
+  __m512i x0[kVec], x1[kVec], x2[kVec], x3[kVec];
+  philox_lanes<Avx512Lanes>(keys, c0, x0, x1, x2, x3);
   for (int v = 0; v < kVec; ++v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 8 * v), _mm512_cvtepi64_epi32(x0[v]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + 8 * v), _mm512_cvtepi64_epi32(x1[v]));
@@ -87,40 +131,15 @@ __attribute__((target("avx2"))) inline void store_low_halves(uint32_t* out, __m2
                       _mm256_permute4x64_epi64(_mm256_castps_si256(picked), _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
-// The same words as philox_group_avx512, in AVX2: 4 counters a vector (the
-// 32-bit words in 64-bit lanes, one vpmuludq per multiply, as above), kVec
-// vectors interleaved so that the multiplies' latency overlaps while the
-// state (4 kVec registers) and the constants fit the 16 ymm registers.
-// GCC 12's vectorization of philox_4x for AVX2 (no 64-bit vector multiply)
-// builds each product from shifts and adds: about 3x the instructions.
-__attribute__((target("avx2"), noinline)) void philox_group_avx2(const PhiloxKeys& keys, uint64_t c0,
-                                                                 uint32_t* a, uint32_t* b) {
+// The same words as philox_group_avx512, in AVX2: 4 counters a vector, kVec
+// vectors interleaved while the state (4 kVec registers) and the constants
+// fit the 16 ymm registers.
+__attribute__((target("avx2"), noinline, flatten)) void philox_group_avx2(const PhiloxKeys& keys, uint64_t c0,
+                                                                          uint32_t* a, uint32_t* b) {
   constexpr int kVec = 2;
-  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
-  const __m256i mul_a = _mm256_set1_epi64x(kPhiloxRoundA), mul_b = _mm256_set1_epi64x(kPhiloxRoundB);
   for (int g = 0; g < kGroup; g += 4 * kVec) {
     __m256i x0[kVec], x1[kVec], x2[kVec], x3[kVec];
-    for (int v = 0; v < kVec; ++v) {
-      const __m256i c = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(c0 + g + 4 * v)), lane);
-      x0[v] = c;
-      x1[v] = _mm256_srli_epi64(c, 32);
-      x2[v] = _mm256_setzero_si256();
-      x3[v] = _mm256_setzero_si256();
-    }
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      const __m256i k0 = _mm256_set1_epi64x(static_cast<int64_t>(keys.k0[round]));
-      const __m256i k1 = _mm256_set1_epi64x(static_cast<int64_t>(keys.k1[round]));
-#pragma GCC unroll 4
-      for (int v = 0; v < kVec; ++v) {
-        const __m256i p0 = _mm256_mul_epu32(x0[v], mul_a);
-        const __m256i p2 = _mm256_mul_epu32(x2[v], mul_b);
-        x0[v] = _mm256_xor_si256(_mm256_srli_epi64(p2, 32), _mm256_xor_si256(x1[v], k0));
-        x2[v] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), _mm256_xor_si256(x3[v], k1));
-        x1[v] = p2;
-        x3[v] = p0;
-      }
-    }
+    philox_lanes<Avx2Lanes>(keys, c0 + g, x0, x1, x2, x3);
     for (int v = 0; v < kVec; v += 2) {
       store_low_halves(a + g + 4 * v, x0[v], x0[v + 1]);
       store_low_halves(b + g + 4 * v, x1[v], x1[v + 1]);

@@ -7,6 +7,20 @@
 
 namespace fastvae {
 
+// Runs block(e0, n) over the flat elements [0, total) in blocks of Block
+// elements (n = Block but in the last), one OpenMP work item a block: a
+// kernel whose block keeps its sums over all the samples in stack buffers of
+// Block elements.
+template <int64_t Block, typename Body>
+inline void parallel_blocks(int64_t total, int n_threads, const Body& block) {
+  const int64_t n_blocks = (total + Block - 1) / Block;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    const int64_t e0 = blk * Block;
+    block(e0, total - e0 < Block ? total - e0 : Block);
+  }
+}
+
 // A reduction over many work items whose result must not depend on the thread
 // count (a DataLoader worker runs one thread, its parent several): the items
 // are cut into at most kMaxSlabs contiguous slabs fixed by the item count alone,

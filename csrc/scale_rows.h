@@ -3,8 +3,9 @@
 // parameter per element, per x row or per dimension. The work is cut into
 // tasks of rows_per_task x rows, each over every sample; each thread keeps one
 // row of a per-row parameter's 1/scale (inv_row) and, where a gradient is
-// summed over the samples, one row of its sums (a_row). The op's own task does
-// the math.
+// summed over the samples, one row of its sums (a_row). A task's loops over
+// its rows and samples are here too (scale_forward_rows, scale_backward_rows);
+// the op's own functions in them do the math.
 #pragma once
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include <omp.h>
 
+#include "ops.h"   // FASTVAE_INLINE
 #include "rows.h"  // slab_count, slab_begin
 
 namespace fastvae {
@@ -66,6 +68,53 @@ void scale_backward_tasks(int64_t P, int64_t D, int64_t rows_per_task, bool per_
       G += dim_g[size_t(sl)];
     }
     finish(a.data(), G);
+  }
+}
+
+// The row loops of one task of x rows [p0, p1), each against its K samples
+// (decoder rows r = k P + p): where the scale is shared by a row's samples
+// (per row or per dimension) its 1/scale is inv_row, which row_inv(p,
+// inv_row) fills for a per-row scale and returns its log-scale term for, or
+// else dim_inv with the term dim_term. The op's math is sample(). Inlined,
+// lambdas and all, into each ISA clone of the op's entry points.
+
+// Forward: sample(r, x's row, 1/scale, log-scale term) writes output row r.
+template <typename T, typename RowInv, typename Sample>
+FASTVAE_INLINE void scale_forward_rows(const T* x, int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,
+                                       bool per_row, const T* dim_inv, double dim_term, T* inv_row,
+                                       const RowInv& row_inv, const Sample& sample) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const double term = per_row ? row_inv(p, inv_row) : dim_term;
+    const T* inv = per_row ? inv_row : dim_inv;
+    for (int64_t k = 0; k < K; ++k) sample(k * P + p, x + p * D, inv, term);
+  }
+}
+
+// Backward: dx's row (where dx) and a_acc (where given: a shared scale's
+// gradient summed over the samples) start at 0, sample(r, x's row, 1/scale,
+// dx's row) adds its terms to them and returns row r's gradient g, and the
+// row ends with the sums: row_done(p, 1/scale, sum of g) for a per-row scale,
+// else (a per-dimension one, summed over every row) a_acc and the sum of g
+// added to dim_a and dim_g.
+template <typename T, typename RowInv, typename Sample, typename RowDone>
+FASTVAE_INLINE void scale_backward_rows(const T* x, T* dx, int64_t K, int64_t P, int64_t D, int64_t p0,
+                                        int64_t p1, bool per_row, const T* dim_inv, T* inv_row, T* a_acc,
+                                        double* dim_a, double& dim_g, const RowInv& row_inv,
+                                        const Sample& sample, const RowDone& row_done) {
+  for (int64_t p = p0; p < p1; ++p) {
+    T* dxp = dx ? dx + p * D : nullptr;
+    if (dxp) std::fill(dxp, dxp + D, T(0));
+    if (per_row) row_inv(p, inv_row);
+    const T* inv = per_row ? inv_row : dim_inv;
+    if (a_acc) std::fill(a_acc, a_acc + D, T(0));
+    double g_sum = 0.0;
+    for (int64_t k = 0; k < K; ++k) g_sum += double(sample(k * P + p, x + p * D, inv, dxp));
+    if (a_acc && per_row) {
+      row_done(p, inv, g_sum);
+    } else if (a_acc) {
+      for (int64_t d = 0; d < D; ++d) dim_a[d] += double(a_acc[d]);
+      dim_g += g_sum;
+    }
   }
 }
 

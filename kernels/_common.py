@@ -359,6 +359,27 @@ def store_column_sum(col, cols, col_ok, D, out_ptr, part_ptr, counter_ptr, tiles
             tl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def store_scale_sums(dx, dp_row, dp_col, dx_ptr, dp_ptr, part_dx_ptr, part_dp_ptr, counter_ptr, rows, cols, col_ok,
+                     mask, tile, split, R, D, SPLITS, LAYOUT: tl.constexpr, HAS_DX: tl.constexpr,
+                     HAS_DP: tl.constexpr, TILE_SUMS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """The end of a location-scale likelihood's backward program of
+    scale_backward_plan: its tile's sums over samples, dx and a per-row
+    (LAYOUT 1) scale parameter's gradient dp_row, stored (store_split_sums),
+    and a per-dimension (LAYOUT 2) one's share dp_col of its column block,
+    added over the row blocks (store_column_sum). dp_row and dp_col are read
+    only where the layout and HAS_DP have them (anything fills them
+    otherwise)."""
+    if TILE_SUMS:
+        store_split_sums(dx, dp_row, dx_ptr, dp_ptr, part_dx_ptr, part_dp_ptr, rows[:, None] * D + cols[None, :], mask,
+                         split, R, D, counter_ptr, tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DP)
+    if LAYOUT == 2 and HAS_DP:
+        row_blocks, tiles, rb, cb = tile_blocks(tile, R, D, BLOCK_R, BLOCK_D)
+        store_column_sum(dp_col, cols, col_ok, D, dp_ptr, part_dp_ptr, counter_ptr, tiles, cb, rb, row_blocks, split,
+                         SPLITS, ACC, BLOCK_D)
+
+
 # -- the objectives' bound, fused into the kernels that finish it -------------------
 # fastvae.elbo / fastvae.iwae combine each row's log-likelihood with a latent
 # term (- beta KL, or + the latent log-ratio) and reduce the rows to a mean or

@@ -162,27 +162,20 @@ FASTVAE_INLINE void forward_rows(const T* x, const H* mean, const V* v, VarLayou
                          T delta, int64_t K, int64_t P, int64_t D, int64_t p0, int64_t p1,
                          const T* dim_inv, double dim_log_var, T* inv_row, T* out) {
   const double log2pi = double(D) * kLog2Pi;
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* xp = x + p * D;
-    double shared_log_var = dim_log_var;
-    const T* inv = dim_inv;
-    if (layout == VarLayout::kRow) {
-      shared_log_var = shared_inv_row(v + p * D, softplus, delta, D, inv_row);
-      inv = inv_row;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t r = k * P + p;
-      const H* m = mean + r * D;
-      double s;
-      if (layout == VarLayout::kElement) {
-        s = softplus ? row_sum_element<T, true>(xp, m, v + r * D, delta, D)
-                     : row_sum_element<T, false>(xp, m, v + r * D, delta, D);
-      } else {
-        s = row_sum_shared(xp, m, inv, D) + shared_log_var;
-      }
-      out[r] = T(-0.5 * (s + log2pi));
-    }
-  }
+  scale_forward_rows(
+      x, K, P, D, p0, p1, layout == VarLayout::kRow, dim_inv, dim_log_var, inv_row,
+      [=](int64_t p, T* inv) FASTVAE_LAMBDA_INLINE { return shared_inv_row(v + p * D, softplus, delta, D, inv); },
+      [=](int64_t r, const T* xp, const T* inv, double shared_log_var) FASTVAE_LAMBDA_INLINE {
+        const H* m = mean + r * D;
+        double s;
+        if (layout == VarLayout::kElement) {
+          s = softplus ? row_sum_element<T, true>(xp, m, v + r * D, delta, D)
+                       : row_sum_element<T, false>(xp, m, v + r * D, delta, D);
+        } else {
+          s = row_sum_shared(xp, m, inv, D) + shared_log_var;
+        }
+        out[r] = T(-0.5 * (s + log2pi));
+      });
 }
 
 // dv may be null (its argument needs no gradient, e.g. a fixed scale): then
@@ -194,39 +187,24 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* x, const H* mean, const V
                                   T* a_row, double* dim_a, double& dim_g, T* dx, H* dmean, V* dv) {
   const bool shared = layout != VarLayout::kElement;
   T* a_acc = shared && dv ? a_row : nullptr;
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* xp = x + p * D;
-    T* dxp = dx ? dx + p * D : nullptr;
-    if (dxp) std::fill(dxp, dxp + D, T(0));
-    const T* inv = dim_inv;
-    if (layout == VarLayout::kRow) {
-      shared_inv_row(v + p * D, softplus, delta, D, inv_row);
-      inv = inv_row;
-    }
-    if (a_acc) std::fill(a_acc, a_acc + D, T(0));
-    double g_sum = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t r = k * P + p;
-      const T gr = g[r];
-      V* dvr = dv ? dv + r * D : nullptr;
-      if (!shared && softplus) {
-        row_grad_element<T, true>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D, dvr,
-                                  dxp);
-      } else if (!shared) {
-        row_grad_element<T, false>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D, dvr,
-                                   dxp);
-      } else {
-        row_grad_shared(xp, mean + r * D, inv, gr, D, dmean + r * D, a_acc, dxp);
-        g_sum += double(gr);
-      }
-    }
-    if (a_acc && layout == VarLayout::kRow) {
-      shared_dv_row(v + p * D, inv, a_acc, g_sum, softplus, D, dv + p * D);
-    } else if (a_acc) {
-      for (int64_t d = 0; d < D; ++d) dim_a[d] += double(a_acc[d]);
-      dim_g += g_sum;
-    }
-  }
+  scale_backward_rows(
+      x, dx, K, P, D, p0, p1, layout == VarLayout::kRow, dim_inv, inv_row, a_acc, dim_a, dim_g,
+      [=](int64_t p, T* inv) FASTVAE_LAMBDA_INLINE { shared_inv_row(v + p * D, softplus, delta, D, inv); },
+      [=](int64_t r, const T* xp, const T* inv, T* dxp) FASTVAE_LAMBDA_INLINE {
+        const T gr = g[r];
+        V* dvr = dv ? dv + r * D : nullptr;
+        if (!shared && softplus) {
+          row_grad_element<T, true>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D, dvr, dxp);
+        } else if (!shared) {
+          row_grad_element<T, false>(xp, mean + r * D, v + r * D, delta, gr, D, dmean + r * D, dvr, dxp);
+        } else {
+          row_grad_shared(xp, mean + r * D, inv, gr, D, dmean + r * D, a_acc, dxp);
+        }
+        return gr;
+      },
+      [=](int64_t p, const T* inv, double g_sum) FASTVAE_LAMBDA_INLINE {
+        shared_dv_row(v + p * D, inv, a_acc, g_sum, softplus, D, dv + p * D);
+      });
 }
 
 // One ISA-cloned entry point per (mean, v) storage pair with float32 compute.

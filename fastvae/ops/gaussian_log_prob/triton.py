@@ -45,9 +45,8 @@ from fastvae.kernels._common import (
     sigmoid,
     softplus,
     split_tile,
-    store_column_sum,
     store_dterm,
-    store_split_sums,
+    store_scale_sums,
     store_tile,
     tile_blocks,
     tile_columns,
@@ -194,22 +193,18 @@ def _gaussian_log_prob_bwd_kernel(
         store_tile(dmean_ptr, r, cols, gm, mask, S)
         if HAS_DX:
             dx_acc -= gm
-    idx = rows[:, None] * D + cols[None, :]
+    dv_row = dx_acc  # dv_row and dv_col are stored only where the layout has them
+    dv_col = dx_acc
     if LAYOUT == 1 and HAS_DV:
-        dv_acc = tl.where(mask, _shared_dv(a_acc, g_acc[:, None], v_shared, inv_shared, SOFTPLUS), 0.0)
-    else:
-        dv_acc = dx_acc  # not stored
-    if TILE_SUMS:
-        store_split_sums(dx_acc, dv_acc, dx_ptr, dv_ptr, part_dx_ptr, part_dv_ptr, idx, mask, split, R, D,
-                         counter_ptr, tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DV)
+        dv_row = tl.where(mask, _shared_dv(a_acc, g_acc[:, None], v_shared, inv_shared, SOFTPLUS), 0.0)
     if LAYOUT == 2 and HAS_DV:
         # this program's share of dv[d] = 0.5 (A[d] / var[d] - G) ..., linear in (A, G)
         v_col = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         inv_col, log_var_unused = _inv_and_log_var(v_col, delta, SOFTPLUS)
         a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
         dv_col = tl.where(col_ok, _shared_dv(a_col, tl.sum(g_acc, axis=0), v_col, inv_col, SOFTPLUS), 0.0)
-        store_column_sum(dv_col, cols, col_ok, D, dv_ptr, part_dv_ptr, counter_ptr, tiles, cb, rb, row_blocks,
-                         split, SPLITS, ACC, BLOCK_D)
+    store_scale_sums(dx_acc, dv_row, dv_col, dx_ptr, dv_ptr, part_dx_ptr, part_dv_ptr, counter_ptr, rows, cols, col_ok,
+                     mask, tile, split, R, D, SPLITS, LAYOUT, HAS_DX, HAS_DV, TILE_SUMS, ACC, BLOCK_R, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------

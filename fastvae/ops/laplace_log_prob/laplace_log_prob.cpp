@@ -106,22 +106,14 @@ FASTVAE_INLINE void forward_rows(const T* x, const T* loc, const T* s, ScaleLayo
                                  int64_t P, int64_t D, int64_t p0, int64_t p1, const T* dim_inv,
                                  double dim_sum_s, T* inv_row, T* out) {
   const double log2 = double(D) * kLog2;
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* xp = x + p * D;
-    double shared_s = dim_sum_s;
-    const T* inv = dim_inv;
-    if (layout == ScaleLayout::kRow) {
-      shared_s = shared_inv_row(s + p * D, D, inv_row);
-      inv = inv_row;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t r = k * P + p;
-      const double sum = layout == ScaleLayout::kElement
-                             ? row_sum_element(xp, loc + r * D, s + r * D, D)
-                             : row_sum_shared(xp, loc + r * D, inv, D) + shared_s;
-      out[r] = T(-(sum + log2));
-    }
-  }
+  scale_forward_rows(
+      x, K, P, D, p0, p1, layout == ScaleLayout::kRow, dim_inv, dim_sum_s, inv_row,
+      [=](int64_t p, T* inv) FASTVAE_LAMBDA_INLINE { return shared_inv_row(s + p * D, D, inv); },
+      [=](int64_t r, const T* xp, const T* inv, double shared_s) FASTVAE_LAMBDA_INLINE {
+        const double sum = layout == ScaleLayout::kElement ? row_sum_element(xp, loc + r * D, s + r * D, D)
+                                                           : row_sum_shared(xp, loc + r * D, inv, D) + shared_s;
+        out[r] = T(-(sum + log2));
+      });
 }
 
 // ds may be null (a fixed scale): then no deviation sums are formed.
@@ -132,34 +124,20 @@ FASTVAE_INLINE void backward_rows(const T* g, const T* x, const T* loc, const T*
                                   double& dim_g, T* dx, T* dloc, T* ds) {
   const bool shared = layout != ScaleLayout::kElement;
   T* a_acc = shared && ds ? a_row : nullptr;
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* xp = x + p * D;
-    T* dxp = dx ? dx + p * D : nullptr;
-    if (dxp) std::fill(dxp, dxp + D, T(0));
-    const T* inv = dim_inv;
-    if (layout == ScaleLayout::kRow) {
-      shared_inv_row(s + p * D, D, inv_row);
-      inv = inv_row;
-    }
-    if (a_acc) std::fill(a_acc, a_acc + D, T(0));
-    double g_sum = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t r = k * P + p;
-      if (shared) {
-        row_grad_shared(xp, loc + r * D, inv, g[r], D, dloc + r * D, a_acc, dxp);
-        g_sum += double(g[r]);
-      } else {
-        row_grad_element(xp, loc + r * D, s + r * D, g[r], D, dloc + r * D, ds ? ds + r * D : nullptr,
-                         dxp);
-      }
-    }
-    if (a_acc && layout == ScaleLayout::kRow) {
-      for (int64_t d = 0; d < D; ++d) ds[p * D + d] = T(double(a_acc[d]) - g_sum);
-    } else if (a_acc) {
-      for (int64_t d = 0; d < D; ++d) dim_a[d] += double(a_acc[d]);
-      dim_g += g_sum;
-    }
-  }
+  scale_backward_rows(
+      x, dx, K, P, D, p0, p1, layout == ScaleLayout::kRow, dim_inv, inv_row, a_acc, dim_a, dim_g,
+      [=](int64_t p, T* inv) FASTVAE_LAMBDA_INLINE { shared_inv_row(s + p * D, D, inv); },
+      [=](int64_t r, const T* xp, const T* inv, T* dxp) FASTVAE_LAMBDA_INLINE {
+        if (shared) {
+          row_grad_shared(xp, loc + r * D, inv, g[r], D, dloc + r * D, a_acc, dxp);
+        } else {
+          row_grad_element(xp, loc + r * D, s + r * D, g[r], D, dloc + r * D, ds ? ds + r * D : nullptr, dxp);
+        }
+        return g[r];
+      },
+      [=](int64_t p, const T*, double g_sum) FASTVAE_LAMBDA_INLINE {
+        for (int64_t d = 0; d < D; ++d) ds[p * D + d] = T(double(a_acc[d]) - g_sum);
+      });
 }
 
 // The float32 entry points, ISA-cloned under names of their own (the

@@ -16,19 +16,7 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _value_checks
-from ..._likelihood_layout import (
-    broadcast_var,
-    broadcast_x,
-    fixed_scale,
-    flatten_event_args,
-    fold_samples,
-    kernel_var,
-    kernel_views,
-    launch_backward,
-    launch_forward,
-    likelihood_torch_ops,
-    location_scale_route,
-)
+from ... import _likelihood_layout as layout
 from ..._op import define, run, shaped
 
 _NAMES = "loc", "log_scale"  # the kernels' names of the decoder output and its scale parameter
@@ -49,7 +37,7 @@ def _forward(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
     backend = _backend.backend_for(loc.device)
     dtype = _backend.compute_dtype(x, loc, log_scale)
     x, loc, log_scale = _kernel_inputs(backend, dtype, x, loc, log_scale)
-    return launch_forward(backend, "laplace_log_prob_forward", dtype, x, loc, log_scale, _NAMES)
+    return layout.launch_forward(backend, "laplace_log_prob_forward", dtype, x, loc, log_scale, _NAMES)
 
 
 def _backward(grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, need_dx: bool,
@@ -62,7 +50,7 @@ def _backward(grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, need_
     dtype = _backend.compute_dtype(x, loc, log_scale)
     dtypes = x.dtype, loc.dtype, log_scale.dtype
     x, loc, log_scale, grad_out = _kernel_inputs(backend, dtype, x, loc, log_scale, grad_out)
-    return launch_backward(backend, "laplace_log_prob_backward", grad_out, x, loc, log_scale, dtypes, need_dx,
+    return layout.launch_backward(backend, "laplace_log_prob_backward", grad_out, x, loc, log_scale, dtypes, need_dx,
                            need_dlog_scale, _NAMES)
 
 
@@ -70,7 +58,7 @@ laplace_log_prob_op = define(
     "laplace_log_prob(Tensor x, Tensor loc, Tensor log_scale) -> Tensor",
     _forward,
     lambda x, loc, log_scale: loc.new_empty(loc.shape[:2], dtype=_backend.compute_dtype(x, loc, log_scale)),
-    cpu=lambda x, loc, log_scale: None if fold_samples("cpp", loc.shape) else (loc, x, log_scale),
+    cpu=lambda x, loc, log_scale: None if layout.fold_samples("cpp", loc.shape) else (loc, x, log_scale),
 )
 laplace_log_prob_backward_op = define(
     "laplace_log_prob_backward(Tensor grad_out, Tensor x, Tensor loc, Tensor log_scale, bool need_dx,"
@@ -80,7 +68,7 @@ laplace_log_prob_backward_op = define(
         [torch.empty_like(loc)] + ([torch.empty_like(x)] if need_dx else [])
         + ([torch.empty_like(log_scale)] if need_dlog_scale else [])),
     cpu=lambda grad_out, x, loc, log_scale, need_dx, need_dlog_scale: (
-        None if fold_samples("cpp", loc.shape) else (loc, x, log_scale, grad_out)),
+        None if layout.fold_samples("cpp", loc.shape) else (loc, x, log_scale, grad_out)),
 )
 
 
@@ -111,8 +99,8 @@ class LaplaceLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, loc, log_scale):
-        x2, l3 = kernel_views(x, loc)
-        s = kernel_var(log_scale, *l3.shape)
+        x2, l3 = layout.kernel_views(x, loc)
+        s = layout.kernel_var(log_scale, *l3.shape)
         ctx.shapes = x.shape, loc.shape, log_scale.shape
         ctx.save_for_backward(x2, l3, s, x, loc, log_scale)
         return shaped(run(laplace_log_prob_op, x2, l3, s), loc.shape[:-1])
@@ -173,18 +161,18 @@ def laplace_log_prob(
     """
     if log_scale is not None and scale is not None:
         raise ValueError("give at most one of log_scale, scale; got log_scale, scale")
-    x, loc, params, dtype = flatten_event_args(event_dims, x, "loc", loc, scale, log_scale=log_scale)
+    x, loc, params, dtype = layout.flatten_event_args(event_dims, x, "loc", loc, scale, log_scale=log_scale)
     log_scale, scale = params["log_scale"], params["scale"]
-    x_b = broadcast_x(x, loc, "loc")
+    x_b = layout.broadcast_x(x, loc, "loc")
     if log_scale is not None:
-        s = broadcast_var(log_scale, "log_scale", x_b, loc)
+        s = layout.broadcast_var(log_scale, "log_scale", x_b, loc)
     elif isinstance(scale, Tensor):
         _value_checks.positive_param(scale, "scale")
         # the log-scale in the compute dtype: a half-precision scale is not rounded again
-        s = broadcast_var(torch.log(scale.to(dtype)), "scale", x_b, loc)
+        s = layout.broadcast_var(torch.log(scale.to(dtype)), "scale", x_b, loc)
     else:
-        s = fixed_scale(scale, 1.0, loc, dtype)
-    ops = likelihood_torch_ops(x_b, loc, s)
+        s = layout.fixed_scale(scale, 1.0, loc, dtype)
+    ops = layout.likelihood_torch_ops(x_b, loc, s)
     if ops is not None:
         return ops.laplace_log_prob(x_b, loc, s)
     return LaplaceLogProb.apply(x_b, loc, s)
@@ -195,4 +183,5 @@ def laplace_log_prob(
 
 def decoder_route(x: Tensor, out: Any, sample_shape: tuple[int, ...], batch_ndim: int, probs_given: bool) -> Tensor:
     """The location (scale 1) or a (loc, log_scale) pair."""
-    return location_scale_route(x, out, sample_shape, batch_ndim, "laplace", _NAMES, "location", laplace_log_prob)
+    return layout.location_scale_route(x, out, sample_shape, batch_ndim, "laplace", _NAMES, "location",
+                                       laplace_log_prob)

@@ -33,10 +33,8 @@ from fastvae.kernels._common import (
     scale_backward_plan,
     scale_layout,
     split_tile,
-    store_column_sum,
-    store_split_sums,
+    store_scale_sums,
     store_tile,
-    tile_blocks,
     tile_columns,
     tile_geometry,
 )
@@ -111,7 +109,6 @@ def _laplace_log_prob_bwd_kernel(
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile, split, rows, cols, row_ok, col_ok, mask, k0, k1 = split_tile(R, D, K, K_PER, BLOCK_R, BLOCK_D)
-    row_blocks, tiles, rb, cb = tile_blocks(tile, R, D, BLOCK_R, BLOCK_D)
     x_rows = rows if LOOP_K else rows % P
     x = load_tile(x_ptr, x_rows, cols, mask, D, ACC)
     if LAYOUT != 0:
@@ -140,20 +137,13 @@ def _laplace_log_prob_bwd_kernel(
         store_tile(dloc_ptr, r, cols, gl, mask, D)
         if HAS_DX:
             dx_acc -= gl
-    idx = rows[:, None] * D + cols[None, :]
-    if LAYOUT == 1 and HAS_DS:
-        ds_acc = tl.where(mask, a_acc - g_acc[:, None], 0.0)
-    else:
-        ds_acc = dx_acc  # not stored
-    if TILE_SUMS:
-        store_split_sums(dx_acc, ds_acc, dx_ptr, ds_ptr, part_dx_ptr, part_ds_ptr, idx, mask, split, R, D,
-                         counter_ptr, tile, SPLITS, HAS_DX, LAYOUT == 1 and HAS_DS)
-    if LAYOUT == 2 and HAS_DS:
-        # this program's share of ds[d] = sum g |x - loc| / b[d] - sum g over its rows
-        a_col = tl.sum(tl.where(mask, a_acc, 0.0), axis=0)
-        ds_col = tl.where(col_ok, a_col - tl.sum(g_acc, axis=0), 0.0)
-        store_column_sum(ds_col, cols, col_ok, D, ds_ptr, part_ds_ptr, counter_ptr, tiles, cb, rb, row_blocks,
-                         split, SPLITS, ACC, BLOCK_D)
+    # a per-row ds (LAYOUT 1), and this program's share of a per-dimension one
+    # (LAYOUT 2): ds[d] = sum g |x - loc| / b[d] - sum g over its rows; what
+    # the layout does not store, the compiler drops
+    ds_row = tl.where(mask, a_acc - g_acc[:, None], 0.0)
+    ds_col = tl.where(col_ok, tl.sum(tl.where(mask, a_acc, 0.0), axis=0) - tl.sum(g_acc, axis=0), 0.0)
+    store_scale_sums(dx_acc, ds_row, ds_col, dx_ptr, ds_ptr, part_dx_ptr, part_ds_ptr, counter_ptr, rows, cols, col_ok,
+                     mask, tile, split, R, D, SPLITS, LAYOUT, HAS_DX, HAS_DS, TILE_SUMS, ACC, BLOCK_R, BLOCK_D)
 
 
 # -- launchers ----------------------------------------------------------------

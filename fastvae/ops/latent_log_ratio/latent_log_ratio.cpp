@@ -281,11 +281,7 @@ void latent_log_ratio_backward(const T* g, const T* z, const T* mu, const T* log
   if (L >= kLongRow) return backward_long_rows(g, z, mu, logvar, K, N, L, dz, dmu, dlogvar, n_threads);
   const bool full = dmu != nullptr;
   const int64_t NL = N * L;
-  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-  for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    const int64_t e0 = blk * kBlock;
-    const int64_t n = std::min(kBlock, NL - e0);
+  parallel_blocks<kBlock>(NL, n_threads, [&](int64_t e0, int64_t n) {
     T inv_s[kBlock], gs[kBlock], acc_mu[kBlock], acc_lv[kBlock];
     inv_std_any(logvar + e0, n, inv_s);
     if (full) {
@@ -303,7 +299,7 @@ void latent_log_ratio_backward(const T* g, const T* z, const T* mu, const T* log
         dlogvar[e0 + i] = T(0.5) * acc_lv[i];
       }
     }
-  }
+  });
 }
 
 template void latent_log_ratio_forward<float>(const float*, const float*, const float*, int64_t,

@@ -141,11 +141,7 @@ template <typename T, typename Make, typename AfterBlock = NoHook>
 void backward_blocks(const T* dlog_q, uint64_t seed, int64_t K, int64_t N, int64_t L, int n_threads, Make make,
                      AfterBlock after_block = {}) {
   const int64_t NL = N * L;
-  const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-  for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    const int64_t b0 = blk * kBlock;
-    const int64_t n = std::min(kBlock, NL - b0);
+  parallel_blocks<kBlock>(NL, n_threads, [&](int64_t b0, int64_t n) {
     auto block = make();
     block.start(n);
     alignas(64) int32_t x[kBlock];
@@ -158,7 +154,7 @@ void backward_blocks(const T* dlog_q, uint64_t seed, int64_t K, int64_t N, int64
     }
     block.finish(b0, n);
     after_block(b0, n);
-  }
+  });
 }
 
 }  // namespace sampler
