@@ -199,8 +199,12 @@ struct KLScratch {
 };
 
 // The category-major passes over J latents (w's a and lp filled).
+// The scratch arrays are distinct (__restrict): else the runtime alias checks
+// GCC would need exceed what it versions a loop for, and the loops stay scalar.
 template <typename T>
-FASTVAE_INLINE void kl_passes_t(int64_t J, int64_t C, T* a, T* e, const T* lp, T* top, T* s, T* ls, T* kl) {
+FASTVAE_INLINE void kl_passes_t(int64_t J, int64_t C, const T* __restrict a, T* __restrict e,
+                                const T* __restrict lp, T* __restrict top, T* __restrict s, T* __restrict ls,
+                                T* __restrict kl) {
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < J; ++j) top[j] = ninf;
   for (int64_t c = 0; c < C; ++c) {
@@ -227,8 +231,8 @@ FASTVAE_INLINE void kl_passes_t(int64_t J, int64_t C, T* a, T* e, const T* lp, T
     kl[j] = kl[j] / s[j] - ls[j];
   }
 }
-FASTVAE_CLONES void kl_passes_f32(int64_t J, int64_t C, float* a, float* e, const float* lp, float* top, float* s,
-                                  float* ls, float* kl) {
+FASTVAE_CLONES void kl_passes_f32(int64_t J, int64_t C, const float* a, float* e, const float* lp, float* top,
+                                  float* s, float* ls, float* kl) {
   kl_passes_t(J, C, a, e, lp, top, s, ls, kl);
 }
 
@@ -266,8 +270,10 @@ void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L,
 // d KL_j / d a_c = pi_c ((log pi_c - log p_c) - KL_j), pi_c = e_c / s, times
 // g[j], where e_c > 0 (else 0), category-major into d (C, J).
 template <typename T>
-FASTVAE_INLINE void kl_grad_t(int64_t J, int64_t C, const T* g, const T* a, const T* e, const T* lp, const T* top,
-                              const T* s, const T* ls, const T* kl, T* d) {
+FASTVAE_INLINE void kl_grad_t(int64_t J, int64_t C, const T* __restrict g, const T* __restrict a,
+                              const T* __restrict e, const T* __restrict lp, const T* __restrict top,
+                              const T* __restrict s, const T* __restrict ls, const T* __restrict kl,
+                              T* __restrict d) {
   for (int64_t c = 0; c < C; ++c) {
     const T *ac = a + c * J, *ec = e + c * J, *lc = lp + c * J;
     T* dc = d + c * J;
