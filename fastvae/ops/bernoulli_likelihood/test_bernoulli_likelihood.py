@@ -468,9 +468,9 @@ def plan_device(monkeypatch):
     device = "cpu" if INTERPRET else "cuda"
     fastvae.set_backend(None if device == "cuda" else "triton")
     monkeypatch.setattr(bernoulli_op, "empty", lambda like: torch.full_like(like, math.nan))
-    bernoulli_op.clear_plans()
+    bernoulli_op.PLANS.clear()
     yield device
-    bernoulli_op.clear_plans()
+    bernoulli_op.PLANS.clear()
 
 
 def _plan_inputs(x_shape, logits_shape, dtype, device, x_grad, extreme, layout):
@@ -610,7 +610,7 @@ def test_planned_signature_errors_as_the_general_path(plan_device):
 def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monkeypatch):
     """Another shape or strides make another plan; a signature the plans do
     not serve (half precision, mixed dtypes) is kept as None and takes the
-    general path; past MAX_PLANS the plans are forgotten, not grown."""
+    general path; past PLANS.max_plans the plans are forgotten, not grown."""
     torch.manual_seed(0)
     x = torch.rand(4, 3, device=plan_device)
     for logits in (torch.randn(2, 4, 3, device=plan_device), torch.randn(5, 4, 3, device=plan_device),
@@ -625,7 +625,7 @@ def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monke
         out = fastvae.bernoulli_log_prob(xx, lg.requires_grad_())
         assert type(out.grad_fn).__name__ == "BernoulliLogProbBackward"
     assert len(bernoulli_op.PLANS) == 5 and list(bernoulli_op.PLANS.values()).count(None) == 2
-    monkeypatch.setattr(bernoulli_op, "MAX_PLANS", 5)
+    monkeypatch.setattr(bernoulli_op.PLANS, "max_plans", 5)
     fastvae.bernoulli_log_prob(x, torch.randn(6, 4, 3, device=plan_device))  # a sixth signature
     assert len(bernoulli_op.PLANS) == 1
 

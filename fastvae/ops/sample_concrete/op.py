@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import not_twice
-from ..._launch import Launch
+from ..._launch import Launch, PlanCache
 from ..._op import SEED_HIGH, define, draw_seed, run, shaped
 from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 
@@ -212,22 +212,11 @@ class SampleConcrete(torch.autograd.Function):
 # dtypes, empty tensors and a learned prior (log_p requiring grad, whose
 # gradient the general Function gives) take the general path.
 
-# call signature -> ConcretePlan, or None where the plan does not apply (the
-# general path serves those signatures on every call)
-PLANS: dict = {}
-# False: every call takes the general path (the tests compare the two)
-ENABLED = True
-# Plans kept at most (as the objectives' plans): a loop whose shapes keep
-# changing makes no unbounded cache
-MAX_PLANS = 64
-# The plans' allocator: every output is empty_like a template of its shape,
-# dtype and device that the plan keeps (the tests' fixture may poison it)
-empty = torch.empty_like
-
-
-def clear_plans() -> None:
-    """Forget every plan (tests that change the kernels' geometry)."""
-    PLANS.clear()
+# The Concrete's plans (a bounded fastvae._launch.PlanCache): None for a
+# signature the general path serves; ENABLED False turns them all off (the
+# tests compare both paths); outputs come from ``empty``, empty_like the
+# plan's templates (the tests' fixture may poison it).
+PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
 
 
 class ConcretePlan:
@@ -355,10 +344,7 @@ def _plan_for(logits, temperature, n_samples, hard, stop_score, generator, log_p
                                    and _validate.broadcasts_to(log_p.shape, logits.shape[-2:])
                                    and log_p.expand(logits.shape[-2:]).stride(1) == 1))):
         plan = ConcretePlan(logits, temperature, n_samples, hard, stop_score, log_p)
-    if len(PLANS) >= MAX_PLANS:
-        PLANS.clear()
-    PLANS[key] = plan
-    return plan
+    return PLANS.store(key, plan)
 
 
 def _planned(plan: ConcretePlan, logits, temperature, generator, log_p) -> tuple[Tensor, ...]:

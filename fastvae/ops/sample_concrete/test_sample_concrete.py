@@ -550,9 +550,9 @@ def concrete_tile(request, monkeypatch):
     kernels = pytest.importorskip("fastvae.ops.sample_concrete.triton")
     monkeypatch.setattr(kernels, "TILE", request.param)
     monkeypatch.setattr(kernels, "INTERPRETER_TILE", request.param)
-    concrete_op.clear_plans()  # the plans hold the geometry they were made with
+    concrete_op.PLANS.clear()  # the plans hold the geometry they were made with
     yield request.param
-    concrete_op.clear_plans()
+    concrete_op.PLANS.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1055,9 +1055,9 @@ def plan_device(monkeypatch):
     device = "cpu" if INTERPRET else "cuda"
     fastvae.set_backend(None if device == "cuda" else "triton")
     monkeypatch.setattr(concrete_op, "empty", lambda like: torch.full_like(like, math.nan))
-    concrete_op.clear_plans()
+    concrete_op.PLANS.clear()
     yield device
-    concrete_op.clear_plans()
+    concrete_op.PLANS.clear()
 
 
 def planned_and_general(monkeypatch, device, shape, dtype, n_samples, hard, stop_score, prior, masked,
@@ -1183,7 +1183,7 @@ def test_planned_signature_errors_as_the_general_path(plan_device):
 def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monkeypatch):
     """Another shape or strides make another plan (the oracle's values); a
     signature the plans do not serve (half precision) is kept as None and
-    takes the general path, as does a learned prior; past MAX_PLANS the plans are
+    takes the general path, as does a learned prior; past PLANS.max_plans the plans are
     forgotten, not grown."""
     for shape, make in [((2, 3, 4), lambda t: t), ((5, 3, 4), lambda t: t),
                         ((5, 3, 4), lambda t: t.transpose(0, 1).contiguous().transpose(0, 1))]:
@@ -1207,7 +1207,7 @@ def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monke
     z, log_q = fastvae.sample_concrete(logits.detach().half(), 0.5)
     assert type(z.grad_fn).__name__ != "PlannedSampleConcreteBackward" and z.dtype == torch.float16
     assert len(concrete_op.PLANS) == 4 and None in concrete_op.PLANS.values()
-    monkeypatch.setattr(concrete_op, "MAX_PLANS", 4)
+    monkeypatch.setattr(concrete_op.PLANS, "max_plans", 4)
     fastvae.sample_concrete(make_logits((3, 3, 4), 5, torch.float64, plan_device), 0.5)  # a fifth signature
     assert len(concrete_op.PLANS) == 1
 
