@@ -28,7 +28,7 @@ from fastvae.ops.bernoulli_likelihood.op import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, likelihood_checks
+from helpers import assert_close, likelihood_checks, needs_plan_triton, plan_device_fixture
 
 # -- shared by the two ops' tests ---------------------------------------------------
 
@@ -455,22 +455,7 @@ def twin_op_cases(m2, l2):
 # through kernel.run, checking its grid, meta and argument order) and on a
 # GPU. About 1 ms an interpreted program: few, small calls.
 
-PLAN_TRITON = INTERPRET or torch.cuda.is_available()
-needs_plan_triton = pytest.mark.skipif(not PLAN_TRITON,
-                                       reason="the plans serve the triton backend (interpreter child, GPU)")
-
-
-@pytest.fixture
-def plan_device(monkeypatch):
-    """The device the triton backend runs on here (CPU tensors under the
-    interpreter), no plan kept, the plans' outputs allocated full of NaN (a
-    value a launch failed to write shows)."""
-    device = "cpu" if INTERPRET else "cuda"
-    fastvae.set_backend(None if device == "cuda" else "triton")
-    monkeypatch.setattr(bernoulli_op, "empty", lambda like: torch.full_like(like, math.nan))
-    bernoulli_op.PLANS.clear()
-    yield device
-    bernoulli_op.PLANS.clear()
+plan_device = plan_device_fixture(bernoulli_op)
 
 
 def _plan_inputs(x_shape, logits_shape, dtype, device, x_grad, extreme, layout):

@@ -19,7 +19,16 @@ from fastvae.ops.sample_concrete import op as concrete_op
 from fastvae.ops.sample_concrete.op import SampleConcrete, concrete_at, sample_concrete_unchecked
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, float_dtype_examples, gen, philox_seed_of, seed_tensor
+from helpers import (
+    RTOL,
+    assert_close,
+    float_dtype_examples,
+    gen,
+    needs_plan_triton,
+    philox_seed_of,
+    plan_device_fixture,
+    seed_tensor,
+)
 
 EXAMPLES = 6 if INTERPRET else 30
 TEMPERATURES = [1e-3, 0.1, 0.5, 1.0, 3.0, 1e3]
@@ -1001,14 +1010,25 @@ def test_the_cpp_operator_refuses_a_double_backward_as_the_function_does(monkeyp
     for path in ("cpp", "function"):
         if path == "function":
             monkeypatch.setattr(fastvae._backend, "torch_ops", lambda *t: None)
-        z, _ = fastvae.sample_concrete(logits, 0.5, generator=gen(1))
-        (d,) = torch.autograd.grad((z * torch.arange(5.0, dtype=z.dtype)).sum(), logits, create_graph=True)
-        assert d.requires_grad
-        with pytest.raises(RuntimeError) as err:
-            d.sum().backward()
-        messages.append(str(err.value).splitlines()[0])
-    assert "fastvae.sample_concrete does not support double backward" in messages[0]
-    assert messages[0] == messages[1]
+        messages.append(_second_backward_error(logits, 1, lambda z, _: (z * torch.arange(5.0, dtype=z.dtype)).sum()))
+    _assert_same_double_backward_error(*messages)
+
+
+def _second_backward_error(logits, seed, loss_of):
+    """The first line of the error a second backward through a
+    create_graph=True gradient of ``loss_of(z, log_q)`` raises (the first
+    gives a gradient that requires grad)."""
+    z, log_q = fastvae.sample_concrete(logits, 0.5, generator=gen(seed))
+    (d,) = torch.autograd.grad(loss_of(z, log_q), logits, create_graph=True)
+    assert d.requires_grad
+    with pytest.raises(RuntimeError) as err:
+        d.sum().backward()
+    return str(err.value).splitlines()[0]
+
+
+def _assert_same_double_backward_error(first, second):
+    assert "fastvae.sample_concrete does not support double backward" in first
+    assert first == second
 
 
 @needs_torch_ops
@@ -1042,22 +1062,7 @@ def test_the_cpp_operator_checks_its_arguments():
 # runs each Launch through kernel.run, checking its grid, meta and argument
 # order) and on a GPU. About 1 ms an interpreted program: few, small calls.
 
-PLAN_TRITON = INTERPRET or torch.cuda.is_available()
-needs_plan_triton = pytest.mark.skipif(not PLAN_TRITON,
-                                       reason="the plans serve the triton backend (interpreter child, GPU)")
-
-
-@pytest.fixture
-def plan_device(monkeypatch):
-    """The device the triton backend runs on here (CPU tensors under the
-    interpreter), no plan kept, the plans' outputs allocated full of NaN (a
-    value a launch failed to write shows)."""
-    device = "cpu" if INTERPRET else "cuda"
-    fastvae.set_backend(None if device == "cuda" else "triton")
-    monkeypatch.setattr(concrete_op, "empty", lambda like: torch.full_like(like, math.nan))
-    concrete_op.PLANS.clear()
-    yield device
-    concrete_op.PLANS.clear()
+plan_device = plan_device_fixture(concrete_op)
 
 
 def planned_and_general(monkeypatch, device, shape, dtype, n_samples, hard, stop_score, prior, masked,
@@ -1145,14 +1150,8 @@ def test_planned_double_backward_is_refused_as_the_general_path(plan_device, mon
     messages = []
     for enabled in (True, False):
         monkeypatch.setattr(concrete_op, "ENABLED", enabled)
-        z, log_q = fastvae.sample_concrete(logits, 0.5, generator=gen(3))
-        d, = torch.autograd.grad((z * z).sum() + log_q.sum(), logits, create_graph=True)
-        assert d.requires_grad
-        with pytest.raises(RuntimeError) as err:
-            d.sum().backward()
-        messages.append(str(err.value).splitlines()[0])
-    assert "fastvae.sample_concrete does not support double backward" in messages[0]
-    assert messages[0] == messages[1]
+        messages.append(_second_backward_error(logits, 3, lambda z, log_q: (z * z).sum() + log_q.sum()))
+    _assert_same_double_backward_error(*messages)
 
 
 @needs_plan_triton
