@@ -59,7 +59,7 @@ import torch.nn.functional as F
 import fastvae
 from fastvae import _launch, _plan
 from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
-from fastvae.ops.sample_concrete import op as sample_concrete_op
+from fastvae.ops.sample_family import op as sample_concrete_op
 from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
 
 from . import common
