@@ -83,12 +83,12 @@ def sample_splits(request, monkeypatch):
     common = pytest.importorskip("fastvae.kernels._common")
     monkeypatch.setattr(common, "FORCE_SPLITS", request.param)
     fastvae._plan.clear()  # the objectives' plans hold the geometry they were made with
-    sample_normal_kl_op.clear_plans()  # and so do the ops'
-    bernoulli_op.clear_plans()
+    sample_normal_kl_op.PLANS.clear()  # and so do the ops'
+    bernoulli_op.PLANS.clear()
     yield request.param
     fastvae._plan.clear()
-    sample_normal_kl_op.clear_plans()
-    bernoulli_op.clear_plans()
+    sample_normal_kl_op.PLANS.clear()
+    bernoulli_op.PLANS.clear()
 
 
 @pytest.fixture(autouse=True)

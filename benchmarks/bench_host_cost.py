@@ -59,7 +59,7 @@ import torch.nn.functional as F
 import fastvae
 from fastvae import _launch, _plan
 from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
-from fastvae.ops.sample_concrete import op as sample_concrete_op
+from fastvae.ops.sample_family import op as sample_concrete_op
 from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
 
 from . import common
@@ -346,9 +346,9 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
             steps["hand_compiled"] = step(torch.compile(hand, fullgraph=True), None, leaves)
             steps["base_compiled"] = step(torch.compile(baseline, fullgraph=True), None, leaves)
         _plan.clear()
-        sample_normal_kl_op.clear_plans()
-        sample_concrete_op.clear_plans()
-        bernoulli_op.clear_plans()
+        sample_normal_kl_op.PLANS.clear()
+        sample_concrete_op.PLANS.clear()
+        bernoulli_op.PLANS.clear()
         for s in steps.values():
             with fastvae.use_backend(s.backend):
                 for _ in range(30):

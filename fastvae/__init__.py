@@ -165,7 +165,7 @@ __all__ += ["sample_positive", "Positive"]
 
 # the relaxed categorical (Concrete / Gumbel-softmax) latents
 from .latents import BinaryConcrete, Concrete  # noqa: E402
-from .ops.sample_concrete.op import sample_concrete  # noqa: E402
+from .ops.sample_family.op import sample_concrete  # noqa: E402
 
 __all__ += ["sample_concrete", "Concrete", "BinaryConcrete"]
 

@@ -1,11 +1,34 @@
 """Planned kernel launches: a Triton kernel's grid and compile-time
 parameters bound once (``Launch``), then launched through the compiled
-kernel's launcher directly. The objectives' plans (fastvae/_plan.py) and the
-ops that keep per-call-signature plans of their own build on it; it imports
-nothing of fastvae's, so any layer may."""
+kernel's launcher directly, and the bounded store of plans per call signature
+that holds them (``PlanCache``). The objectives' plans (fastvae/_plan.py) and
+the ops that keep per-call-signature plans of their own build on it; it
+imports nothing of fastvae's, so any layer may."""
 from __future__ import annotations
 
 from torch import Tensor
+
+
+class PlanCache(dict):
+    """Call signature -> plan (None where the general path serves the
+    signature, checks included, on every call), kept at most ``max_plans``:
+    a loop whose shapes keep changing makes no unbounded cache, so past it
+    every plan is forgotten. A dict, so that the per-call look-up is a dict's
+    own (``PLANS.get(key)`` or ``PLANS[key]``) and not a call into Python;
+    only a signature's first call stores."""
+
+    __slots__ = ("max_plans",)
+
+    def __init__(self, max_plans: int = 64):
+        super().__init__()
+        self.max_plans = max_plans
+
+    def store(self, key, plan):
+        """Keeps ``plan`` for ``key`` and returns it."""
+        if len(self) >= self.max_plans:
+            self.clear()
+        self[key] = plan
+        return plan
 
 
 class Launch:

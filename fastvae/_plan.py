@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _double_backward, _op, _registry
-from ._launch import Launch
+from ._launch import Launch, PlanCache
 from .ops.sample_normal.op import double_backward as sample_normal_double_backward
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
@@ -68,28 +68,14 @@ def _kernels(module: str):
 # call signature -> Plan. The objectives read it with PLANS.get(key), a dict
 # lookup and not a call into this module, so that the steady-state call enters
 # this module once on the way down (run_elbo / run_iwae) and once on the way back
-# up (the backward), and the objectives' module once each way
-PLANS: dict = {}
+# up (the backward), and the objectives' module once each way. Bounded (each
+# plan holds encoder-sized templates only).
+PLANS = PlanCache()
 # False: every call takes the general path (tests/test_plan.py compares the two)
 ENABLED = True
-
-
-# Plans kept at most: a loop whose shapes keep changing makes no unbounded cache
-# (each plan holds encoder-sized templates only).
-MAX_PLANS = 64
-
-
-def store(key, plans):
-    """Keeps ``plans`` for ``key`` (all are forgotten past MAX_PLANS) and returns them."""
-    if len(PLANS) >= MAX_PLANS:
-        PLANS.clear()
-    PLANS[key] = plans
-    return plans
-
-
-def clear() -> None:
-    """Forget every plan (tests that change the kernels' geometry: FORCE_SPLITS)."""
-    PLANS.clear()
+# Keeps a signature's plans and returns them; forget every plan (tests that
+# change the kernels' geometry: FORCE_SPLITS)
+store, clear = PLANS.store, PLANS.clear
 
 
 # -- before the decoder: the sampler ----------------------------------------------

@@ -100,9 +100,9 @@ USES: dict[tuple[str, str], str] = {
     ("distributions", "gaussian_log_prob"): "DiagonalNormal.log_prob is the op on z",
     ("latents", "sample_normal"): "the normal transforms (log-normal, logistic-normal) sample through it",
     ("latents", "kl_normal"): "the normal transforms' KL is their normals' KL",
-    ("latents", "sample_family"): "LocationScale's and Positive's samples (and their fused draw and KL), family "
-                                  "index and parameter table, evaluation draws and Positive's median",
-    ("latents", "sample_concrete"): "Concrete's samples, argument checks and evaluation draws",
+    ("latents", "sample_family"): "LocationScale's, Positive's and Concrete's samples (and their fused draw and "
+                                  "KL), family index and parameter table, argument checks, evaluation draws and "
+                                  "Positive's median",
     ("latents", "family_kl"): "the location-scale and exponential records' closed-form KL is the op",
     ("priors", "kl_normal"): "a Gaussian prior's closed-form KL is the op",
     ("priors", "mixture_log_prob"): "MixturePrior.log_prob is the op, with its component checks",

@@ -84,19 +84,20 @@ from ._families import LOCATION_SCALE_FAMILIES as FAMILIES  # the location-scale
 from .distributions import DiagonalNormal, PosteriorShapes, widened
 from .ops.family_kl.op import family_kl
 from .ops.kl_normal.op import kl_normal
-from .ops.sample_concrete.op import check_args as _concrete_args
-from .ops.sample_concrete.op import concrete_at, sample_concrete_unchecked
 from .ops.sample_family.op import (
     PARAMETERS,
     check_params,
+    concrete_at,
     location_scale_at,
     location_scale_index,
     positive_at,
+    sample_concrete_unchecked,
     sample_location_scale_kl_unchecked,
     sample_location_scale_unchecked,
     sample_positive_kl_unchecked,
     sample_positive_unchecked,
 )
+from .ops.sample_family.op import check_args as _concrete_args
 from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
 from .priors import MixtureOfGaussians, StandardNormal, TorchPrior, VampPrior
 

@@ -665,3 +665,36 @@ PER_OP_CASES = ("launch_case", "thread_count_calls", "fallback_call")
 
 def _family_case(cases, name, *args):
     return cases(*args)[name]
+
+
+# -- an op's own per-signature plans (its op.py's PLANS) -----------------------
+
+
+def _plan_triton() -> bool:
+    from conftest import INTERPRET
+    return INTERPRET or torch.cuda.is_available()
+
+
+needs_plan_triton = pytest.mark.skipif(not _plan_triton(),
+                                       reason="the plans serve the triton backend (interpreter child, GPU)")
+
+
+def plan_device_fixture(op_module):
+    """A fixture for the tests of ``op_module``'s plans: the device the triton
+    backend runs on here (CPU tensors under the interpreter), no plan kept,
+    the plans' outputs allocated full of NaN (a value a launch failed to write
+    shows)."""
+
+    @pytest.fixture
+    def plan_device(monkeypatch):
+        import fastvae
+
+        from conftest import INTERPRET
+        device = "cpu" if INTERPRET else "cuda"
+        fastvae.set_backend(None if device == "cuda" else "triton")
+        monkeypatch.setattr(op_module, "empty", lambda like: torch.full_like(like, math.nan))
+        op_module.PLANS.clear()
+        yield device
+        op_module.PLANS.clear()
+
+    return plan_device

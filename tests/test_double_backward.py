@@ -327,7 +327,7 @@ def test_discretized_logistic_mixture_log_prob_raises_a_named_error_when_differe
 
 def test_sample_concrete_raises_a_named_error_when_differentiated_twice(backend):
     """The relaxed categorical's backward is a kernel
-    (fastvae/ops/sample_concrete/test_sample_concrete.py)."""
+    (fastvae/ops/sample_family/test_sample_family.py)."""
     _, device = backend
     g = torch.Generator().manual_seed(8)
     logits = _leaf(torch.randn(3, 2, 4, generator=g, dtype=F64), device)

@@ -16,8 +16,7 @@ from torch import Tensor
 import fastvae
 from fastvae import _philox, reference
 from fastvae._families import LOCATION_SCALE_FAMILIES as FAMILIES
-from fastvae.ops.sample_concrete import concrete_noise
-from fastvae.ops.sample_family import standardized
+from fastvae.ops.sample_family import concrete_noise, standardized
 
 from conftest import INTERPRET
 from helpers import NEEDS_DREG_COMPILE, assert_compiled_matches_eager, gen, philox_seed_of
@@ -1124,7 +1123,7 @@ def test_the_categorical_kl_comes_from_the_sampler(backend, binary, per_latent, 
     the sampler's own launch (the record's torch formula is not called): the
     bound and its gradient those of the same z by hand with the float64
     oracle's KL, the KL torch's kl_divergence (where no category is masked)."""
-    from fastvae.ops.sample_concrete import concrete_kl
+    from fastvae.ops.sample_family import concrete_kl
     _, device = backend
     x = _concrete_data(device)[0]
     q, decode, prior, logits, _, log_p = _categorical_case(device, binary, per_latent, masked)
@@ -1168,7 +1167,7 @@ def test_the_categorical_kl_comes_from_the_sampler(backend, binary, per_latent, 
 def test_a_learned_categorical_prior_gets_its_gradient(backend, binary):
     """A prior whose logits are learned: elbo's gradient to them (and to the
     posterior's logits) is the float64 oracle's, one-row batch included."""
-    from fastvae.ops.sample_concrete import concrete_kl
+    from fastvae.ops.sample_family import concrete_kl
     _, device = backend
     x = _concrete_data(device)[0]
     q, decode, _, logits, raw, _ = _categorical_case(device, binary, True, False, learned=True)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc, _like
-from ..._launch import Launch
+from ..._launch import Launch, PlanCache
 from ..._likelihood_layout import (
     broadcast_x,
     check_output,
@@ -296,22 +296,11 @@ def bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dims: int = 1)
 # path. (The objectives' plans launch these kernels from their own tails,
 # BernoulliTail below; these plans are the op's alone.)
 
-# call signature -> BernoulliPlan, or None where the plan does not apply (the
-# general path serves those signatures on every call)
-PLANS: dict = {}
-# False: every call takes the general path (the tests compare the two)
-ENABLED = True
-# Plans kept at most (as the objectives' plans): a loop whose shapes keep
-# changing makes no unbounded cache
-MAX_PLANS = 64
-# The plans' allocator: every output is empty_like a template of its shape,
-# dtype and device that the plan keeps (the tests' fixture may poison it)
-empty = torch.empty_like
-
-
-def clear_plans() -> None:
-    """Forget every plan (tests that change the kernels' geometry)."""
-    PLANS.clear()
+# Per signature a BernoulliPlan, or None (the general path, on every call),
+# in a bounded fastvae._launch.PlanCache; ENABLED = False: no plans (the tests
+# compare the two paths); ``empty`` allocates each output like a template the
+# plan holds (the tests' fixture may poison it).
+PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
 
 
 class BernoulliPlan:
@@ -419,10 +408,7 @@ def _plan_for(x: Tensor, logits: Tensor) -> BernoulliPlan | None:
             and logits.dim() >= 1 and logits.numel() > 0):
         K, P, D = kernel_shape(x, logits)
         plan = BernoulliPlan(x, logits, K, P, D)
-    if len(PLANS) >= MAX_PLANS:
-        PLANS.clear()
-    PLANS[key] = plan
-    return plan
+    return PLANS.store(key, plan)
 
 
 # -- continuous_bernoulli_log_prob -------------------------------------------------

@@ -28,7 +28,7 @@ from fastvae.ops.bernoulli_likelihood.op import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, likelihood_checks
+from helpers import assert_close, likelihood_checks, needs_plan_triton, plan_device_fixture
 
 # -- shared by the two ops' tests ---------------------------------------------------
 
@@ -455,22 +455,7 @@ def twin_op_cases(m2, l2):
 # through kernel.run, checking its grid, meta and argument order) and on a
 # GPU. About 1 ms an interpreted program: few, small calls.
 
-PLAN_TRITON = INTERPRET or torch.cuda.is_available()
-needs_plan_triton = pytest.mark.skipif(not PLAN_TRITON,
-                                       reason="the plans serve the triton backend (interpreter child, GPU)")
-
-
-@pytest.fixture
-def plan_device(monkeypatch):
-    """The device the triton backend runs on here (CPU tensors under the
-    interpreter), no plan kept, the plans' outputs allocated full of NaN (a
-    value a launch failed to write shows)."""
-    device = "cpu" if INTERPRET else "cuda"
-    fastvae.set_backend(None if device == "cuda" else "triton")
-    monkeypatch.setattr(bernoulli_op, "empty", lambda like: torch.full_like(like, math.nan))
-    bernoulli_op.clear_plans()
-    yield device
-    bernoulli_op.clear_plans()
+plan_device = plan_device_fixture(bernoulli_op)
 
 
 def _plan_inputs(x_shape, logits_shape, dtype, device, x_grad, extreme, layout):
@@ -610,7 +595,7 @@ def test_planned_signature_errors_as_the_general_path(plan_device):
 def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monkeypatch):
     """Another shape or strides make another plan; a signature the plans do
     not serve (half precision, mixed dtypes) is kept as None and takes the
-    general path; past MAX_PLANS the plans are forgotten, not grown."""
+    general path; past PLANS.max_plans the plans are forgotten, not grown."""
     torch.manual_seed(0)
     x = torch.rand(4, 3, device=plan_device)
     for logits in (torch.randn(2, 4, 3, device=plan_device), torch.randn(5, 4, 3, device=plan_device),
@@ -625,7 +610,7 @@ def test_each_signature_has_its_plan_and_the_cache_is_bounded(plan_device, monke
         out = fastvae.bernoulli_log_prob(xx, lg.requires_grad_())
         assert type(out.grad_fn).__name__ == "BernoulliLogProbBackward"
     assert len(bernoulli_op.PLANS) == 5 and list(bernoulli_op.PLANS.values()).count(None) == 2
-    monkeypatch.setattr(bernoulli_op, "MAX_PLANS", 5)
+    monkeypatch.setattr(bernoulli_op.PLANS, "max_plans", 5)
     fastvae.bernoulli_log_prob(x, torch.randn(6, 4, 3, device=plan_device))  # a sixth signature
     assert len(bernoulli_op.PLANS) == 1
 

@@ -53,16 +53,68 @@ Philox seed as a 0-d int64 tensor: the backward regenerates t and nothing of
 size K x N x L is saved. The uniforms are sample_location_scale's (element i:
 lane i % 4 of Philox counter i // 4, u = (x + 1/2) / 2**31 in [2**-32, 1 - 2**-32]):
 t lies in [2.3e-10, 22.18], the tails clipped there.
+
+sample_concrete: reparameterized relaxed-categorical (Concrete /
+Gumbel-softmax) samples with log q(z) from the noise that drew them, fused;
+the public function, the torch.library ops and their autograd
+Function (whose double backward is refused by name).
+
+For logits (..., L, C) and a temperature lambda, each latent draws C Exp(1)
+variates t_c = -log u_c (-log1p(-v_c) above 1/2: the Gumbel g_c = -log t_c
+keeps its upper tail) from C consecutive Philox uniforms, and
+
+    y = (logits - log t) / lambda,   z = softmax(y) on the simplex,
+    log q(z) = lgamma(C) + (C - 1) log lambda - sum_c log z_c
+               + sum_c log t_c - C log sum_c t_c,
+
+(the kernels subtract the latent's largest logit before dividing by lambda:
+z and log q depend on the logits' differences only, and y stays finite for
+logits of any size at any temperature),
+
+the Concrete density (Maddison et al. 2017) written through the noise: its
+sum_c pi_c z_c^-lambda is proportional to sum_c t_c, so log q is never taken
+from z (which underflows as lambda -> 0). A -inf logit masks its category:
+z_c = 0 and the density is the Concrete's on the other C' categories.
+``hard=True`` is the straight-through estimator: the one-hot of argmax z
+forward, the relaxed z's gradient backward (log q stays the relaxed one).
+
+The custom ops ``fastvae::sample_concrete`` and ``fastvae::sample_concrete_backward``
+take the logits (N, L, C), the temperature (N, L) (no gradient) and the Philox
+seed as a 0-d int64 tensor: the backward regenerates t and nothing of size
+K x N x L x C is saved. (On the CPU the relaxed z it returns, which the
+decoder holds for its own backward anyway, is kept and read in place of
+regenerating the noise, which there costs about as much as the rest: by the
+eager C++ operator (the folder's torch_op.cpp) and, through the backward op's
+``z``, by the compiled graph's C++ twin.) Element (k, n, l, c) uses the uniform at offset
+k * N * L * C + n * L * C + l * C + c (sample_location_scale's uniforms).
+
+Given a prior log-pmf ``log_p`` ((C,) or (L, C); the ops take it as (L, C)),
+the same launches also give and differentiate the analytic categorical KL of
+each row, kl = sum_l sum_c pi_c (log pi_c - log p_c), pi = softmax(logits): what
+an ELBO against a OneHotCategorical (or a BinaryConcrete's Bernoulli) prior
+optimizes, otherwise about 8 torch ops forward and as many backward. It has no
+noise: one value per row of the batch, whatever the sample count. A learned
+prior (log_p requiring grad) gets d log_p_c = -sum_rows grad_kl pi_c from two
+torch ops in the Python Function's backward; the C++ operator serves the others.
+
+A Gumbel-softmax VAE's step at small sizes is host-bound on a GPU, so eager
+calls on the triton backend keep a plan per call signature (ConcretePlan,
+below, as sample_normal_kl's): the same kernel variants on the same
+arguments, launched through the compiled kernel's launcher directly.
 """
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
-from ..._double_backward import _acc
+from ..._double_backward import _acc, not_twice
 from ..._families import KL_FAMILIES, LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
-from ..._op import define, draw_seed, flat, run, shaped
+from ..._launch import Launch, PlanCache
+from ..._op import SEED_HIGH, define, draw_seed, flat, run, shaped
 from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 from ..family_kl.op import FamilyKL, prior_layout
 
@@ -606,3 +658,479 @@ SamplePositiveKL = POSITIVE_KL.function("SamplePositiveKL")
 # (z (K, ..., L), KL (...)) of (family, kl_family, log_p0, log_p1, prior_log_p0,
 # prior_log_p1, n_samples, generator) for arguments the caller has validated
 sample_positive_kl_unchecked = POSITIVE_KL.unchecked
+
+
+# -- sample_concrete ---------------------------------------------------------------
+
+_NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentiate it once, or use "
+              "fastvae.ops.sample_family.sample_concrete (plain PyTorch) where a second derivative is needed")
+
+
+def _flat3(t: Tensor) -> Tensor:
+    """(..., L, C) -> contiguous (N, L, C) (N spelled out: -1 is ambiguous when L = 0)."""
+    return t.reshape(math.prod(t.shape[:-2]), *t.shape[-2:]).contiguous()
+
+
+def _z_dtype(logits: Tensor) -> torch.dtype:
+    """z's dtype, sample_normal's z_dtype rule: the compute dtype under
+    torch.autocast (float32 for half-precision logits, float64 stays float64),
+    else the logits' dtype."""
+    return z_dtype(logits, logits)
+
+
+def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int,
+             log_p: Tensor | None = None) -> list[Tensor]:
+    """[z (K, N, L, C), log_q (K, N), kl] for logits (N, L, C), temperature (N, L):
+    kl (N,) with the prior log-pmf log_p (L, C), else an empty (0,) tensor."""
+    backend = _backend.backend_for(logits.device)
+    dtype = _backend.compute_dtype(logits)
+    a = _backend.kernel_input(backend, logits.contiguous(), dtype)
+    lam = temperature.to(dtype).contiguous()
+    N, L, C = a.shape
+    z = empty_z(backend, (n_samples, N, L, C), logits, dtype, _z_dtype(logits))
+    log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
+    # the Triton kernels read a prior expanded over the latents in place (no copy launched)
+    lp = None if log_p is None else _backend.kernel_input(
+        backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
+    kl = (logits.new_empty((0,), dtype=dtype) if lp is None
+          else _backend.empty_output((N,), like=logits, dtype=dtype))
+    _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
+                    offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q, log_p=lp,
+                    kl=None if lp is None else kl)
+    return [_backend.in_dtype(z, _z_dtype(logits)), log_q, kl]
+
+
+def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor | None, grad_log_q: Tensor | None,
+              stop_score: bool, grad_kl: Tensor | None = None, log_p: Tensor | None = None,
+              z: Tensor | None = None) -> Tensor:
+    """dlogits (N, L, C) from grad_z (K, N, L, C), grad_log_q (K, N) and grad_kl
+    (N,) (None: no gradient; grad_kl needs the prior log-pmf log_p (L, C)).
+    ``z``, the forward's relaxed z (K, N, L, C), is what the kernels would
+    regenerate, bit for bit: the C++ twin reads it, these backends regenerate."""
+    if grad_kl is not None and log_p is None:
+        raise ValueError("grad_kl: the KL's gradient needs the prior's log_p")
+    backend = _backend.backend_for(logits.device)
+    dtype = _backend.compute_dtype(logits)
+    a = _backend.kernel_input(backend, logits.contiguous(), dtype)
+    lam = temperature.to(dtype).contiguous()
+    grad_z, grad_log_q, grad_kl = (None if g is None else _backend.kernel_input(backend, g, dtype).contiguous()
+                                   for g in (grad_z, grad_log_q, grad_kl))
+    lp = None if grad_kl is None else _backend.kernel_input(
+        backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
+    d = _backend.empty_output(a.shape, like=a)
+    K = gradient_samples(grad_z, grad_log_q)
+    _backend.launch(backend, "sample_concrete_backward", max(K, 1) * a.numel(), grad_z=grad_z,
+                    grad_log_q=grad_log_q, logits=a, temperature=lam, seed=seed, stop_score=stop_score, dlogits=d,
+                    grad_kl=grad_kl, log_p=lp)
+    return _backend.in_dtype(d, logits.dtype)
+
+
+def _fake(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int, log_p: Tensor | None = None):
+    dtype = _backend.compute_dtype(logits)
+    return (logits.new_empty((n_samples, *logits.shape), dtype=_z_dtype(logits)),
+            logits.new_empty((n_samples, logits.shape[0]), dtype=dtype),
+            logits.new_empty((logits.shape[0],) if log_p is not None else (0,), dtype=dtype))
+
+
+sample_concrete_op = define(
+    "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples, Tensor? log_p=None)"
+    " -> (Tensor, Tensor, Tensor)",
+    lambda logits, temperature, seed, hard, n_samples, log_p=None: tuple(
+        _forward(logits, temperature, seed, hard, n_samples, log_p)),
+    _fake,
+    cpu=lambda logits, temperature, seed, hard, n_samples, log_p=None: (logits, temperature, log_p),
+)
+sample_concrete_backward_op = define(
+    "sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
+    " bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None, Tensor? z=None) -> Tensor",
+    _backward,
+    lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None, z=None:
+        torch.empty_like(logits),
+    cpu=lambda logits, temperature, seed, grad_z, grad_log_q, stop_score, grad_kl=None, log_p=None, z=None: (
+        logits, temperature, grad_z, grad_log_q, grad_kl, log_p, z),
+)
+
+
+class SampleConcrete(torch.autograd.Function):
+    """Autograd of fastvae::sample_concrete: (z (K, ..., L, C), log q (K, ...)),
+    and with a prior log-pmf log_p (L, C) the analytic categorical KL (...),
+    saving the logits, the temperature, the seed and log_p only. ``stop_score``
+    (STL / DReG): log q's gradient reaches the logits only along z."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, seed, hard, n_samples, stop_score, log_p=None):
+        a = _flat3(logits)
+        lam = temperature.reshape(a.shape[:2])
+        z, log_q, kl = run(sample_concrete_op, a, lam, seed, hard, n_samples, log_p)
+        # on the CPU the relaxed z spares the backward the noise's regeneration (about
+        # half its time), at no memory cost where the decoder keeps z anyway; CUDA
+        # regenerates (Philox costs less there than reading z back)
+        keep_z = not hard and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+        ctx.save_for_backward(a, lam, seed, log_p, z if keep_z else None)
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.n_samples, ctx.stop_score = logits.shape, n_samples, stop_score
+        z, log_q = shaped(z, (n_samples, *logits.shape)), shaped(log_q, (n_samples, *logits.shape[:-2]))
+        return (z, log_q) if log_p is None else (z, log_q, shaped(kl, logits.shape[:-2]))
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q, grad_kl=None):
+        if grad_z is None and grad_log_q is None and grad_kl is None:
+            return None, None, None, None, None, None, None
+        a, lam, seed, log_p, z = ctx.saved_tensors
+        K = ctx.n_samples
+        N, L, C = a.shape
+        gk = None if grad_kl is None else shaped(grad_kl.detach(), (N,))
+        with torch.no_grad():
+            d = run(sample_concrete_backward_op, a.detach(), lam, seed,
+                    None if grad_z is None else shaped(grad_z.detach(), (K, N, L, C)),
+                    None if grad_log_q is None else shaped(grad_log_q.detach(), (K, N)), bool(ctx.stop_score),
+                    gk, None if gk is None else log_p.detach(),
+                    None if z is None or (grad_z is None and grad_log_q is None) else z.detach())
+            dlog_p = None
+            if gk is not None and ctx.needs_input_grad[6]:  # a learned prior: -sum over rows of grad_kl pi
+                pi = torch.softmax(a.detach().to(_backend.compute_dtype(a)), -1)
+                dlog_p = -torch.einsum("n,nlc->lc", gk.to(pi.dtype), pi).to(log_p.dtype)
+        d = shaped(d, ctx.shape)
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's numbers, then a named error
+            d, dlog_p = not_twice("sample_concrete", (d, dlog_p), (a, grad_z, grad_log_q, grad_kl, log_p), _NOT_TWICE)
+        return d, None, None, None, None, None, dlog_p
+
+
+# -- the plans: eager calls on the triton backend ---------------------------------
+# A Gumbel-softmax VAE's step at small sizes is host-bound on a GPU: the
+# general path's per-call layout work and Triton's general launcher cost more
+# than the kernels. So eager calls of sample_concrete_unchecked (the public
+# function after its checks, and the Concrete latents) on the triton backend
+# keep a plan per call signature (the tensors' shapes, strides, dtypes and
+# devices, K, hard, stop_score): its first call works out the outputs'
+# templates and both kernels' grids and compile-time parameters (triton.py's
+# concrete_forward_launch / concrete_backward_launch, which the general launchers call too, so
+# both paths launch the same variants on the same arguments); later calls
+# allocate and launch through fastvae._launch.Launch (on CUDA the compiled
+# kernel's launcher directly), with one autograd node of their own
+# (PlannedSampleConcrete). Values and gradients are the general path's bit for
+# bit (test_sample_concrete.py). Other backends, torch.compile, functorch
+# transforms, tracing, tensor subclasses, half precision, autocast, mixed
+# dtypes, empty tensors and a learned prior (log_p requiring grad, whose
+# gradient the general Function gives) take the general path.
+
+# The Concrete's plans (a bounded fastvae._launch.PlanCache): None for a
+# signature the general path serves; ENABLED False turns them all off (the
+# tests compare both paths); outputs come from ``empty``, empty_like the
+# plan's templates (the tests' fixture may poison it).
+PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+
+
+class ConcretePlan:
+    """The launches of one call signature: logits (..., L, C) and the
+    temperature (..., L) of one float32 or float64 dtype, read in place where
+    contiguous (``copy``: which to copy, as the general path's contiguous()
+    does), the prior log-pmf, if any, read in place at its row stride
+    (``lp_stride``, 0 for a (C,) prior)."""
+
+    __slots__ = ("kern", "N", "L", "C", "K", "dtype", "device", "copy", "with_kl", "stop_score", "z_like",
+                 "log_q_like", "kl_like", "d_like", "forward", "fwd_ints", "lp_stride", "_backward")
+
+    def __init__(self, logits: Tensor, temperature: Tensor, n_samples: int | None, hard: bool, stop_score: bool,
+                 log_p: Tensor | None):
+        kern = self.kern = _backend.triton_module("sample_family")
+        shape, dtype, device = logits.shape, logits.dtype, logits.device
+        N, (L, C) = math.prod(shape[:-2]), shape[-2:]
+        K = 1 if n_samples is None else n_samples
+        self.N, self.L, self.C, self.K, self.dtype, self.device = N, L, C, K, dtype, device
+        self.copy = (not logits.is_contiguous(), not temperature.is_contiguous())
+        self.with_kl, self.stop_score = log_p is not None, stop_score
+        self.lp_stride = 0 if log_p is None else log_p.expand(L, C).stride(0)
+        samples = () if n_samples is None else (K,)
+        self.z_like = torch.empty((*samples, *shape), dtype=_z_dtype(logits), device=device)
+        self.log_q_like = torch.empty((*samples, *shape[:-2]), dtype=dtype, device=device)
+        self.kl_like = torch.empty(shape[:-2], dtype=dtype, device=device)
+        self.d_like = torch.empty(shape, dtype=dtype, device=device)
+        grid, meta = kern.concrete_forward_launch(K, N, L, C, dtype, device.type, hard, True, log_p is not None)
+        self.forward = Launch(kern._sample_concrete_fwd_kernel, grid, meta)
+        self.fwd_ints = (0, N * L * C, L * C, N, K * N, L, C, self.lp_stride)
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *self._backward.values()]
+
+    def backward(self, has_grad_z: bool, has_grad_q: bool, has_grad_kl: bool) -> Launch:
+        """The backward kernel's launch for the gradients given (made at first use)."""
+        key = has_grad_z, has_grad_q, has_grad_kl
+        launch = self._backward.get(key)
+        if launch is None:
+            grid, meta = self.kern.concrete_backward_launch(self.N, self.L, self.C, self.dtype, self.device.type,
+                                                            has_grad_z, has_grad_q, has_grad_kl, self.stop_score)
+            launch = self._backward[key] = Launch(self.kern._sample_concrete_bwd_kernel, grid, meta)
+        return launch
+
+
+class PlannedSampleConcrete(torch.autograd.Function):
+    """SampleConcrete's forward and backward kernels launched from a
+    ConcretePlan, without its per-call layout work (the plan did it); its
+    double backward is refused as SampleConcrete's is."""
+
+    @staticmethod
+    def forward(ctx, logits, temperature, seed, log_p, plan):
+        a = logits.contiguous() if plan.copy[0] else logits
+        lam = temperature.contiguous() if plan.copy[1] else temperature
+        z, log_q = empty(plan.z_like), empty(plan.log_q_like)
+        kl = empty(plan.kl_like) if plan.with_kl else None
+        plan.forward(a, lam, seed, z, log_q, a if kl is None else log_p, z if kl is None else kl, *plan.fwd_ints)
+        ctx.save_for_backward(a, lam, seed, log_p)
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        return (z, log_q) if kl is None else (z, log_q, kl)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q, grad_kl=None):
+        if grad_z is None and grad_log_q is None and grad_kl is None:
+            return None, None, None, None, None
+        a, lam, seed, log_p = ctx.saved_tensors
+        plan = ctx.plan
+        gz = a if grad_z is None else grad_z.detach().contiguous()
+        gq = a if grad_log_q is None else grad_log_q.detach().contiguous()
+        gk = a if grad_kl is None else grad_kl.detach().contiguous()
+        d = empty(plan.d_like)
+        K = plan.K if grad_z is not None or grad_log_q is not None else 0
+        plan.backward(grad_z is not None, grad_log_q is not None, grad_kl is not None)(
+            gz, gq, a.detach(), lam, seed, d, gk, a if grad_kl is None else log_p, plan.N, plan.L, plan.N * plan.L,
+            plan.C, K, plan.lp_stride if grad_kl is not None else 0)
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's numbers, then a named error
+            d = not_twice("sample_concrete", (d,), (a, grad_z, grad_log_q, grad_kl, log_p), _NOT_TWICE)[0]
+        return d, None, None, None, None
+
+
+# Function.apply without its Python wrapper (which binds default arguments and
+# unwraps dead functorch wrappers): the plans serve only plain tensors outside
+# functorch transforms
+planned_apply = super(torch.autograd.Function, PlannedSampleConcrete).apply
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _plan_for(logits, temperature, n_samples, hard, stop_score, generator, log_p):
+    """The plan of this call's signature, or None (the general path): plain
+    tensors on the triton backend in eager mode, without autocast, logits,
+    temperature (of logits.shape[:-1]) and log_p (not learned, broadcasting
+    to (L, C) with unit column stride) of one float32 or float64 dtype,
+    n_samples None or an int >= 1, no empty dimension, the default or a
+    torch.Generator."""
+    if (type(logits) is not Tensor or type(temperature) is not Tensor
+            or (log_p is not None and (type(log_p) is not Tensor or log_p.requires_grad))
+            or (n_samples is not None and type(n_samples) is not int) or type(hard) is not bool
+            or type(stop_score) is not bool or (generator is not None and type(generator) is not torch.Generator)
+            or _backend.compiling()):
+        return None
+    device = logits.device
+    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+            or torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+            or _wrapped(logits) or _wrapped(temperature) or (log_p is not None and _wrapped(log_p))):
+        return None
+    autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type)
+    key = (logits.shape, logits.stride(), logits.dtype, device, temperature.shape, temperature.stride(),
+           temperature.dtype, temperature.device, n_samples, hard, stop_score, autocast,
+           None if log_p is None else (log_p.shape, log_p.stride(), log_p.dtype, log_p.device))
+    try:
+        return PLANS[key]
+    except KeyError:
+        pass
+    dtype = logits.dtype
+    plan = None
+    if (not autocast and dtype in _DTYPES and logits.dim() >= 2 and temperature.dtype is dtype
+            and temperature.device == device and temperature.shape == logits.shape[:-1] and logits.numel() > 0
+            and (n_samples is None or n_samples >= 1)
+            and (log_p is None or (log_p.dtype is dtype and log_p.device == device and log_p.dim() in (1, 2)
+                                   and _validate.broadcasts_to(log_p.shape, logits.shape[-2:])
+                                   and log_p.expand(logits.shape[-2:]).stride(1) == 1))):
+        plan = ConcretePlan(logits, temperature, n_samples, hard, stop_score, log_p)
+    return PLANS.store(key, plan)
+
+
+def _planned(plan: ConcretePlan, logits, temperature, generator, log_p) -> tuple[Tensor, ...]:
+    """sample_concrete_unchecked once its plan is found."""
+    if generator is None:  # draw_seed's draw, without its checks of the generator (the default one)
+        seed = torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=plan.device)
+    else:
+        seed = draw_seed(plan.device, generator)
+    return planned_apply(logits, temperature, seed, log_p, plan)
+
+
+def _check_logits(t: Tensor, name: str = "logits") -> None:
+    """Raise when a relaxed categorical's logits hold a NaN or +inf, or when a
+    latent has every category masked (-inf): z would be NaN. What is read is
+    the value checks' policy (fastvae/_value_checks.py): on the CPU the
+    leading latents (``prefix``: a view of whole rows; a mistake of the
+    encoder shows in any of them), not a pass over the whole tensor each
+    call."""
+    if not _value_checks.should_check("concrete logits", t) or t.numel() == 0:
+        return
+    d = _value_checks.prefix(t)
+    if d.dim() < 2 or d.shape[-1] != t.shape[-1]:  # more categories than the prefix: whole latents
+        d = t.detach()
+    # one reduction and a sum in the common case: each latent's max is finite
+    # exactly when it has no NaN (amax propagates it), no +inf and a finite
+    # category, and then so is their sum (unless it overflows, which only
+    # sends the call to the exact checks below)
+    if math.isfinite(d.amax(-1).sum().item()):
+        return
+    if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
+        raise ValueError(f"{name} must be finite or -inf (a masked category): got a NaN or +inf")
+    if bool((d == -math.inf).all(-1).any()):
+        raise ValueError(f"{name} has a latent with every category -inf (masked): at least one must be finite")
+
+
+def check_args(logits: Tensor, temperature) -> Tensor:
+    """The temperature as a tensor of logits.shape[:-1] in the logits' compute
+    dtype, after the checks by name: logits a float tensor (..., L, C) with
+    C >= 2, no NaN or +inf (-inf masks a category, not all of a latent's);
+    temperature a positive finite float or tensor broadcasting to (..., L),
+    without gradient."""
+    _validate.float_tensors(logits=logits)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (..., L, C) (a latent's C categories last), "
+                         f"got {tuple(logits.shape)}")
+    if logits.shape[-1] < 2:
+        raise ValueError(f"logits must have C >= 2 categories in the last dimension, got shape {tuple(logits.shape)}")
+    dtype = _backend.compute_dtype(logits)
+    if isinstance(temperature, Tensor):
+        if temperature.requires_grad:
+            raise ValueError("temperature must not require grad: sample_concrete gives no gradient to the "
+                             "temperature (pass temperature.detach())")
+        if not temperature.is_floating_point() and temperature.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"temperature must be a float or a floating-point tensor, got {temperature.dtype}")
+        if temperature.device != logits.device:
+            raise ValueError(f"temperature is on {temperature.device}, logits on {logits.device}")
+        try:
+            lam = torch.broadcast_to(temperature.to(dtype), logits.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"temperature of shape {tuple(temperature.shape)} does not broadcast to the latents' "
+                             f"shape {tuple(logits.shape[:-1])}") from None
+        if not _backend.compiling() and lam.numel():
+            lo, hi = torch.aminmax(lam.detach())
+            if not (lo.item() > 0 and math.isfinite(hi.item())):
+                raise ValueError(f"temperature must be > 0 and finite, got values in "
+                                 f"[{lo.item():.3g}, {hi.item():.3g}]")
+    else:
+        # a Python or NumPy number (an annealing schedule's np.float32), as torch's relaxed distributions take
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+        temperature = float(temperature)
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+        lam = torch.full(logits.shape[:-1], float(temperature), dtype=dtype, device=logits.device)
+    _check_logits(logits, "logits")
+    return lam
+
+
+def check_log_p(log_p: Tensor, logits: Tensor) -> Tensor:
+    """A prior log-pmf as the ops take it: log_p broadcast to (L, C) (a view),
+    after the checks by name: a float tensor on the logits' device of shape
+    (C,) or (L, C), no NaN or +inf (-inf: a category the prior rules out)."""
+    _validate.float_tensors(log_p=log_p)
+    L, C = logits.shape[-2:]
+    if log_p.device != logits.device:
+        raise ValueError(f"log_p is on {log_p.device}, logits on {logits.device}")
+    if log_p.dim() not in (1, 2) or not _validate.broadcasts_to(log_p.shape, (L, C)):
+        raise ValueError(f"log_p must be a prior log-pmf of shape (C,) or (L, C) = ({L}, {C}), "
+                         f"got {tuple(log_p.shape)}")
+    if _value_checks.should_check("concrete log_p", log_p) and log_p.numel():
+        d = log_p.detach()
+        if bool(torch.isnan(d).any()) or bool((d == math.inf).any()):
+            raise ValueError("log_p must be finite or -inf (a category the prior rules out): got a NaN or +inf")
+    return log_p.expand(L, C)
+
+
+def sample_concrete(
+    logits: Tensor,
+    temperature: float | Tensor,
+    n_samples: int | None = None,
+    *,
+    hard: bool = False,
+    generator: torch.Generator | None = None,
+    log_p: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """Reparameterized relaxed one-hot samples (Concrete / Gumbel-softmax) and their log-density.
+
+    Args:
+        logits: (..., L, C): L latents of C >= 2 categories each, unnormalized
+            log-probabilities; -inf masks a category (z_c = 0), NaN and +inf
+            are refused.
+        temperature: > 0, a float or a tensor broadcasting to (..., L) (no
+            gradient flows to it).
+        n_samples: None for one sample shaped like logits; an int K >= 1 for (K, ..., L, C).
+        hard: straight-through: z is the one-hot of the relaxed sample's
+            argmax, its gradient the relaxed sample's; log q is the relaxed one.
+        generator: torch.Generator the Philox seed is drawn from.
+        log_p: a categorical prior's log-pmf, (C,) or (L, C) (normalized; -inf
+            rules a category out): adds the analytic KL(Cat(softmax(logits)) || p)
+            summed over the L latents, computed in the same kernels.
+
+    Returns:
+        (z, log_q): z on the simplex, (..., L, C) or (K, ..., L, C), and log q(z)
+        of the relaxed sample summed over the L latents, (...) or (K, ...),
+        computed from the Gumbel noise that drew z. Both are differentiable in
+        the logits; the noise is regenerated in the backward, never stored
+        (eager on the CPU, the backward of a relaxed z reads z instead).
+        With log_p, (z, log_q, kl): kl = sum_l sum_c pi_c (log pi_c - log p_c),
+        pi = softmax(logits), of shape (...) (no noise: one value per row
+        whatever n_samples), differentiable in the logits and in log_p.
+    """
+    lam = check_args(logits, temperature)
+    if n_samples is not None:
+        n_samples = _validate.sample_count("n_samples", n_samples, logits.numel(), logits)
+    if log_p is not None:
+        log_p = check_log_p(log_p, logits)
+    return sample_concrete_unchecked(logits, lam, n_samples, hard, False, generator, log_p)
+
+
+def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: int | None, hard: bool,
+                              stop_score: bool, generator: torch.Generator | None,
+                              log_p: Tensor | None = None) -> tuple[Tensor, ...]:
+    """(z (K, ..., L, C), log q (K, ...)) for arguments the caller has validated
+    (temperature a tensor of logits.shape[:-1]); n_samples None: one sample,
+    (..., L, C) and (...). With log_p (a prior log-pmf broadcasting to (L, C)),
+    (z, log q, kl (...)). Eager CPU calls take the C++ operator
+    (csrc/torch_ops.cpp), the same kernels without the Python Function's host
+    path (and with no indexing op for n_samples None); a learned prior (log_p
+    requiring grad) takes the Python Function, whose backward gives d log_p.
+    Eager calls on the triton backend launch from a plan of their call
+    signature (see the plans above)."""
+    if ENABLED and (plan := _plan_for(logits, temperature, n_samples, hard, stop_score, generator,
+                                      log_p)) is not None:
+        return _planned(plan, logits, temperature, generator, log_p)
+    seed = draw_seed(logits.device, generator)
+    if log_p is not None:
+        log_p = log_p.to(temperature.dtype).expand(logits.shape[-2:])
+    ops = _backend.torch_ops(logits, temperature)
+    if ops is not None and (log_p is None or not log_p.requires_grad):
+        out = ops.sample_concrete(logits, temperature, int(seed), bool(hard), n_samples, stop_score, log_p)
+        return out[:2] if log_p is None else out
+    out = SampleConcrete.apply(logits, temperature, seed, bool(hard), 1 if n_samples is None else n_samples,
+                               stop_score, log_p)
+    if n_samples is None:
+        return (out[0][0], out[1][0], *out[2:])
+    return out
+
+
+def concrete_at(logits: Tensor, temperature: Tensor, seed: Tensor, n_samples: int, hard: bool, *, offset0: int,
+                sample_stride: int, row_stride: int) -> tuple[Tensor, Tensor]:
+    """(z (n_samples, N, L, C), log q (n_samples, N)) at the noise offsets offset0 +
+    k * sample_stride + n * row_stride + l * C + c: the evaluation's layout. No gradient."""
+    backend = _backend.backend_for(logits.device)
+    dtype = _backend.compute_dtype(logits)
+    a = _backend.kernel_input(backend, _flat3(logits.detach()), dtype)
+    lam = temperature.detach().reshape(a.shape[:2]).to(dtype).contiguous()
+    N, L, C = a.shape
+    z = empty_z(backend, (n_samples, N, L, C), logits, dtype, _z_dtype(logits))
+    log_q = _backend.empty_output((n_samples, N), like=logits, dtype=dtype)
+    if z.numel() == 0:
+        return _backend.in_dtype(z, _z_dtype(logits)), log_q.zero_()
+    check_offsets(offset0, sample_stride, row_stride,
+                  offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L * C - 1)
+    _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
+                    offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z, log_q=log_q,
+                    log_p=None, kl=None)
+    return _backend.in_dtype(z, _z_dtype(logits)), log_q

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._double_backward import _acc
-from ..._launch import Launch
+from ..._launch import Launch, PlanCache
 from ..._op import SEED_HIGH, define, draw_seed, run, shaped
 from ..._sampler import z_dtype
 from ..sample_normal.op import noise
@@ -150,23 +150,12 @@ class SampleNormalKL(torch.autograd.Function):
 
 # -- the plans: eager calls on the triton backend ---------------------------------
 
-# call signature -> KLPlan, or None where the plan does not apply (the general
-# path serves those signatures, checks included, on every call)
-PLANS: dict = {}
-# False: every call takes the general path (the tests compare the two)
-ENABLED = True
-# Plans kept at most (as the objectives' plans): a loop whose shapes keep
-# changing makes no unbounded cache
-MAX_PLANS = 64
-# The plans' allocator: every output is empty_like a template of its shape,
-# dtype and device that the plan keeps (a third of torch.empty's cost with a
-# shape); the tests' fixture poisons it with NaN (conftest.py)
-empty = torch.empty_like
-
-
-def clear_plans() -> None:
-    """Forget every plan (tests that change the kernels' geometry: FORCE_SPLITS)."""
-    PLANS.clear()
+# call signature -> KLPlan, or None where the general path serves the
+# signature, checks included, on every call (bounded: fastvae._launch.PlanCache).
+# ENABLED False sends every call the general way (the tests compare the two).
+# empty, the plans' allocator: every output is empty_like a template the plan
+# keeps (a third of torch.empty's cost with a shape); the tests poison it.
+PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
 
 
 class KLPlan:
@@ -294,10 +283,7 @@ def _plan_for(mu, log_scale, prior_mu, prior_log_scale, param, residual, reduce,
     if (log_scale.dtype is dtype and prior_mu.dtype is dtype and prior_log_scale.dtype is dtype
             and mu.numel() > 0):
         plan = KLPlan(mu, log_scale, prior_mu, prior_log_scale, param == "logvar", residual, reduce)
-    if len(PLANS) >= MAX_PLANS:
-        PLANS.clear()
-    PLANS[key] = plan
-    return plan
+    return PLANS.store(key, plan)
 
 
 def _planned(plan: KLPlan, mu, log_scale, prior_mu, prior_log_scale, free_bits, generator):

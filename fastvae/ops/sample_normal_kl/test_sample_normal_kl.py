@@ -364,9 +364,9 @@ def triton_device():
     """The device the triton backend runs on here (CPU tensors under the interpreter), no plan kept."""
     device = "cpu" if INTERPRET else "cuda"
     fastvae.set_backend(None if device == "cuda" else "triton")
-    kl_op.clear_plans()
+    kl_op.PLANS.clear()
     yield device
-    kl_op.clear_plans()
+    kl_op.PLANS.clear()
 
 
 def planned_and_general(monkeypatch, device, shapes, dtype, create_graph=False, **kw):
@@ -425,7 +425,7 @@ def test_each_signature_has_its_plan(triton_device, monkeypatch):
     """A call with another shape (as a compiled model's next batch size) or
     strides makes another plan, with correct values (the oracle's); a
     signature the plans do not serve (mixed dtypes) is kept as None and takes
-    the general path; past MAX_PLANS the plans are forgotten, not grown."""
+    the general path; past PLANS.max_plans the plans are forgotten, not grown."""
     for shape, make in [((2, 3, 4), lambda t: t), ((5, 3, 4), lambda t: t),
                         ((5, 3, 4), lambda t: t.transpose(1, 2).contiguous().transpose(1, 2))]:
         inputs = [make(t) for t in make_inputs(shape, 4, 2.0, torch.float64, triton_device)]
@@ -440,7 +440,7 @@ def test_each_signature_has_its_plan(triton_device, monkeypatch):
     mixed[3] = mixed[3].double()
     z, kl = fastvae.sample_normal_kl(*mixed, param="logvar")
     assert kl.dtype == torch.float64 and len(kl_op.PLANS) == 4 and None in kl_op.PLANS.values()
-    monkeypatch.setattr(kl_op, "MAX_PLANS", 4)
+    monkeypatch.setattr(kl_op.PLANS, "max_plans", 4)
     fastvae.sample_normal_kl(*mixed[:3], mixed[2], param="logvar")
     assert len(kl_op.PLANS) == 1
 
@@ -561,14 +561,14 @@ def test_other_backends_keep_the_general_path(backend):
     """The plans serve the triton backend's eager calls only (parameters
     included: a learned prior); the cpp and reference backends keep their path."""
     name, device = backend
-    kl_op.clear_plans()
+    kl_op.PLANS.clear()
     x = torch.randn(2, 3, device=device)
     prior = torch.nn.Parameter(torch.zeros(3, device=device))
     _, kl = fastvae.sample_normal_kl(x, x, prior, prior, param="logstd", reduce=True)
     kl.sum().backward()
     assert [p is not None for p in kl_op.PLANS.values()] == ([True] if name == "triton" else [])
     assert prior.grad.shape == (3,)
-    kl_op.clear_plans()
+    kl_op.PLANS.clear()
 
 
 # -- the op's cases of the suite-wide checks -----------------------------------------

@@ -1,5 +1,5 @@
 // sample_concrete's eager CPU operator, fastvae_cpp::sample_concrete (a C++
-// autograd Function around the kernels of sample_concrete.cpp), and the graph
+// autograd Function around its kernels in sample_family.cpp), and the graph
 // twins fastvae_cpu::sample_concrete / sample_concrete_backward, which a
 // torch.compile graph calls (csrc/torch_ops.cpp says what these are). At a
 // small model's sizes (100 x 30 latents of 10 categories) the kernels take a
@@ -12,7 +12,7 @@
 #include <tuple>
 #include <vector>
 
-#include "sample_concrete.h"
+#include "sample_family.h"
 #include "torch_ops.h"
 
 namespace fastvae::torch_ops {
@@ -22,7 +22,7 @@ namespace {
 // differentiable form (tests/test_torch_ops.py compares the two paths' errors).
 constexpr const char* kConcreteNotTwice =
     "fastvae.sample_concrete does not support double backward (create_graph=True): its backward is a kernel with "
-    "no differentiable form. Differentiate it once, or use fastvae.ops.sample_concrete.sample_concrete (plain "
+    "no differentiable form. Differentiate it once, or use fastvae.ops.sample_family.sample_concrete (plain "
     "PyTorch) where a second derivative is needed";
 
 // (N, L, C) of logits (..., L, C), checked, with the sample count.
