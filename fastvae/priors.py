@@ -39,7 +39,7 @@ from torch.distributions import (
     RelaxedOneHotCategorical,
 )
 
-from . import _validate
+from . import _backend, _validate
 from .distributions import DiagonalNormal, TrilNormal, widened
 from .ops.kl_normal.op import kl_normal
 from .ops.mixture_log_prob.op import check_components, mixture_log_prob
@@ -271,6 +271,8 @@ def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     if not isinstance(prior, DiagonalNormal):
         return None
     if isinstance(q, DiagonalNormal):
+        if _backend.compiling():
+            return _diagonal_kl_terms(q.mu, q.logvar, prior.mu, prior.logvar)
         return kl_normal(q.mu, q.logvar, prior.mu, prior.logvar)
     # KL(N(mu, S S^T) || N(m, D)) = 1/2 [tr(D^-1 S S^T) + (m - mu)^T D^-1 (m - mu) - L + log|D| - log|S S^T|]
     S, q_mu, p_mu, p_logvar = widened(q.scale_tril, q.mu, prior.mu, prior.logvar)
@@ -283,9 +285,28 @@ def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
 
 
 
+def _diagonal_kl_terms(mu: Tensor, logvar: Tensor, p_mu: Tensor, p_logvar: Tensor) -> Tensor:
+    """KL(N(mu, e^logvar) || N(p_mu, e^p_logvar)) summed over L, as torch
+    expressions, the prior broadcast (no copy): what a compiled graph takes
+    instead of the fused kl_normal, which lays a shared (L,) prior out as
+    (N, L) copies. Inductor fuses these terms with the posterior's own
+    elementwise work (its logvar from a softplus, say), forward and backward,
+    so the KL costs no pass of its own."""
+    mu, logvar, p_mu, p_logvar = widened(mu, logvar, p_mu, p_logvar)
+    d = mu - p_mu
+    return 0.5 * (p_logvar - logvar + (torch.exp(logvar) + d * d) * torch.exp(-p_logvar) - 1.0).sum(-1)
+
+
 def log_ratio_to_standard(prior: Any, z: Tensor) -> Tensor | None:
     """log p(z) - log N(z; 0, I), or None for the standard normal itself: what
-    a prior adds to the sampler's exact log N(z; 0, I) - log q(z)."""
+    a prior adds to the sampler's exact log N(z; 0, I) - log q(z). Under
+    torch.compile a diagonal prior's is one expression, 0.5 sum_l (z^2 -
+    (z - m)^2 e^-logvar - logvar) (the log 2 pi terms cancel), which Inductor
+    fuses into one pass over z each way; eager, the fused gaussian_log_prob."""
     if isinstance(prior, StandardNormal):
         return None
+    if type(prior) is DiagonalNormal and _backend.compiling():
+        z, mu, logvar = widened(z, prior.mu, prior.logvar)
+        d = z - mu
+        return 0.5 * (z * z - d * d * torch.exp(-logvar) - logvar).sum(-1)
     return prior.log_prob(z) - StandardNormal().log_prob(z)

@@ -439,6 +439,50 @@ def test_priors_and_tril_posterior_compile_without_graph_breaks():
     assert_close(compiled, eager, 1 + eager.abs(), "compiled value")
 
 
+@main_process_only
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_a_diagonal_prior_compiles_to_eagers_bound_as_shapes_change(objective):
+    """Under torch.compile a diagonal prior's KL (elbo) and log-ratio to N(0, I)
+    (iwae) are torch expressions Inductor fuses, not the fused ops eager
+    calls: the compiled bound and its gradients (the prior's included) are
+    eager's, on a learned (L,) prior and on a per-example one, as the batch
+    and the latent size change between calls; and the KL is the float64
+    closed form."""
+    torch.manual_seed(0)
+
+    def loss(x, a, b, p_loc, p_scale):
+        q = dist.Normal(a, torch.nn.functional.softplus(b) + 1e-3)
+        prior = dist.Normal(p_loc, p_scale)
+        if objective == "elbo":
+            return fastvae.elbo(x, q, lambda z: 1.5 * z - 0.25, likelihood="bernoulli", prior=prior)
+        return fastvae.iwae(x, q, lambda z: 1.5 * z - 0.25, k=3, likelihood="bernoulli", prior=prior)
+
+    compiled = torch.compile(loss, fullgraph=True)
+    for B, L, per_example in ((7, 5, False), (1, 3, False), (12, 5, True)):
+        x = (torch.rand(B, L) < 0.5).float()
+        a, b = torch.randn(B, L, requires_grad=True), torch.randn(B, L, requires_grad=True)
+        shape = (B, L) if per_example else (L,)
+        p_loc = torch.randn(shape, requires_grad=True)
+        p_scale = (torch.rand(shape) + 0.5).requires_grad_()
+        params = (a, b, p_loc, p_scale)
+        torch.manual_seed(3)  # the same Philox seed drawn by both
+        want = loss(x, *params)
+        torch.manual_seed(3)
+        got = compiled(x, *params)
+        assert_close(got, want, 1 + want.abs(), "compiled bound")
+        for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+            assert g.isfinite().all()
+            assert_close(g, w, 1 + w.abs(), "compiled gradient")
+    from fastvae.priors import _diagonal_kl_terms
+    mu, lv, pm, plv = (torch.randn(4, 6, dtype=torch.float64) for _ in range(4))
+    want = dist.kl_divergence(dist.Normal(mu, (0.5 * lv).exp()), dist.Normal(pm, (0.5 * plv).exp())).sum(-1)
+    got = _diagonal_kl_terms(mu.float(), lv.float(), pm.float(), plv.float())
+    assert got.dtype == torch.float32
+    assert_close(got, want.float(), 1 + want.float().abs(), "KL terms")
+    half = _diagonal_kl_terms(*(t.half() for t in (mu, lv, pm, plv)))
+    assert half.dtype == torch.float32 and half.isfinite().all()
+
+
 def test_a_scalar_torch_normal_prior_follows_the_posteriors_device():
     """prior=torch.distributions.Normal(0.0, 1.0) holds 0-d CPU tensors, which
     torch's arithmetic lets meet tensors on any device: its DiagonalNormal
