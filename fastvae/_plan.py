@@ -50,7 +50,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from . import _backend, _double_backward, _op, _registry
+from . import _backend, _double_backward, _op, _registry, _value_checks
 from ._launch import Launch, PlanCache
 from .ops.sample_normal.op import double_backward as sample_normal_double_backward
 
@@ -238,7 +238,8 @@ class FamilySamplePlan:
     launchers' (sample_location_scale's kl_*_plan; kernels/sampler.py's
     family_*_plan, family_kl's *_plan). ``q_scale``: the posterior comes as
     its scale (or rate; a positive pair's two parameters), whose log the plan
-    takes (a torch object's), else as its log. ``cpp``: the cpp backend's:
+    takes (a torch object's), else as its log; ``q_high``: as (low, high),
+    a torch Uniform's, whose log(high - low) the plan takes. ``cpp``: the cpp backend's:
     one C++ call each way, the sampler's _kl kernels (sample_location_scale's,
     or sample_positive's), which run the KL inside the sampler's loops
     (nothing to plan but the layout)."""
@@ -249,7 +250,7 @@ class FamilySamplePlan:
 
     def __init__(self, sampler: str, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype,
                  device: torch.device, n_samples: int | None, p_shared: bool, q_scale: bool, general,
-                 cpp: bool = False):
+                 cpp: bool = False, q_high: bool = False):
         self.has_loc = sampler == "sample_location_scale"  # else the positive families' log parameters
         # two log parameters (the Weibull's, the Kumaraswamy's), the first in the location's place: a torch
         # object's two parameters are logged, as the exponential's rate and a location-scale family's scale
@@ -260,6 +261,7 @@ class FamilySamplePlan:
         K = 1 if n_samples is None else n_samples
         self.N, self.L, self.K, self.n_samples = N, L, K, n_samples
         self.family, self.kl_family, self.p_shared, self.q_scale = family, kl_family, p_shared, q_scale
+        self.q_high = q_high
         self.prior_log = [None, None]  # _prior_log's kept (key, the prior's parameter, its log) by slot
         self.dtype, self.device = dtype, device
         self.general = general  # the general composition (objectives), which a create_graph backward replays
@@ -351,7 +353,9 @@ class FamilySample(torch.autograd.Function):
     """z and the closed-form KL of a FamilySamplePlan: its kernels, the
     general path's (SampleLocationScaleKL, or SamplePositiveKL) without their
     per-call layout work. q comes
-    as (loc, its scale or, without the plan's q_scale, its log-scale),
+    as (loc, its scale or, without the plan's q_scale, its log-scale), a
+    torch Uniform's (low, high) with the plan's q_high (``check_width``: its
+    high - low's value check, the general path's, run here on the width taken),
     (None, the exponential's rate or log-rate) or a positive pair's (p0, p1)
     (with q_scale both logged, as the general path's records log a torch
     object's), the prior likewise (its scales: ``p_scale``) in the kernels'
@@ -361,8 +365,15 @@ class FamilySample(torch.autograd.Function):
     them last."""
 
     @staticmethod
-    def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale):
-        log_scale = torch.log(q_b) if plan.q_scale else q_b
+    def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale, check_width):
+        width = None
+        if plan.q_high:  # one pass for the width: the check reads the one the log takes
+            width = q_b - loc
+            if check_width:
+                _value_checks.positive_scale(width, "the posterior's high - low (torch Uniform)")
+            log_scale = torch.log(width)
+        else:
+            log_scale = torch.log(q_b) if plan.q_scale else q_b
         p_log_scale = _prior_log(plan, p_b, 0) if p_scale else p_b
         # a positive pair's first log parameter, in the location's place
         log_loc = torch.log(loc) if plan.pair and plan.q_scale else loc
@@ -383,20 +394,24 @@ class FamilySample(torch.autograd.Function):
             plan.forward(q0, log_scale, seed, z, z, *plan.ints)
             plan.kl_forward(q0, log_scale, log_scale if p_log_loc is None else p_log_loc, p_log_scale, kl, plan.N,
                             plan.L)
-        ctx.save_for_backward(log_loc, log_scale, p_log_loc, p_log_scale, seed, loc, q_b, p_loc, p_b)
+        ctx.save_for_backward(log_loc, log_scale, p_log_loc, p_log_scale, seed, loc, q_b, p_loc, p_b, width)
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.p_scale = plan, p_scale
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        log_loc, log_scale, p_log_loc, p_log_scale, seed, loc, q_b, p_loc, p_b = ctx.saved_tensors
+        log_loc, log_scale, p_log_loc, p_log_scale, seed, loc, q_b, p_loc, p_b, width = ctx.saved_tensors
         plan, needs = ctx.plan, ctx.needs_input_grad
         if grad_z is None and grad_kl is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: the general composition's graph
             with torch.enable_grad():
-                ls = torch.log(q_b) if plan.q_scale else q_b
+                # from aliases of the inputs: one input may be a function of another (a torch
+                # Uniform's high = low + width), and the gradient in an input itself must not
+                # take the paths through the other, which autograd adds to it outside this node
+                loc, q_b, p_loc, p_b = (None if t is None else t.view_as(t) for t in (loc, q_b, p_loc, p_b))
+                ls = torch.log(q_b - loc) if plan.q_high else torch.log(q_b) if plan.q_scale else q_b
                 p_ls = torch.log(p_b) if ctx.p_scale else p_b
                 q0 = torch.log(loc) if plan.pair and plan.q_scale else loc
                 p0 = torch.log(p_loc) if plan.pair and ctx.p_scale else p_loc
@@ -406,7 +421,7 @@ class FamilySample(torch.autograd.Function):
             wrt = [t for t, need in zip(inputs, needs[:4]) if need]
             got = iter(torch.autograd.grad([o for o, _ in outs], wrt, [g for _, g in outs], create_graph=True,
                                            allow_unused=True))
-            return (*(next(got) if need else None for need in needs[:4]), None, None, None)
+            return (*(next(got) if need else None for need in needs[:4]), None, None, None, None)
         dloc, dls = empty(plan.mu_like), empty(plan.mu_like)
         has_dp = grad_kl is not None and (needs[2] or needs[3])
         dp_loc, dp_ls = (empty(plan.mu_like), empty(plan.mu_like)) if has_dp else (None, None)
@@ -445,12 +460,18 @@ class FamilySample(torch.autograd.Function):
             dp_ls = dp_ls / p_b
             if plan.pair:
                 dp_loc = dp_loc / p_loc
-        if plan.q_scale:
-            dls = dls / q_b
+        # the logs' gradients as autograd's (grad / scale), in the kernels' own
+        # buffers: high - low's, d/dhigh = t = grad / width and d/dlow = dloc - t
+        # (autograd's dloc + (-t), the same bits)
+        if plan.q_high:
+            dls = dls.div_(width)
+            dloc = dloc.sub_(dls)
+        elif plan.q_scale:
+            dls = dls.div_(q_b)
             if plan.pair:
-                dloc = dloc / loc
+                dloc = dloc.div_(loc)
         return (dloc if needs[0] else None, dls if needs[1] else None, dp_loc if needs[2] else None,
-                dp_ls if needs[3] else None, None, None, None)
+                dp_ls if needs[3] else None, None, None, None, None)
 
 
 def _rows(t: Tensor | None, N: int, L: int) -> Tensor | None:
@@ -789,12 +810,12 @@ def run_iwae(plan: Plan, x: Tensor, mu: Tensor, logvar: Tensor, decode, generato
 
 
 def run_family_elbo(plan: Plan, x: Tensor, loc: Tensor | None, q_b: Tensor, p_loc: Tensor | None, p_b: Tensor,
-                    p_scale: bool, decode, beta: float, generator) -> Tensor:
+                    p_scale: bool, decode, beta: float, generator, check_width: bool = False) -> Tensor:
     """fastvae.elbo of a latent family's posterior against a prior of its
     own family once the objectives found its plan (triton backend): the
     sampler's and the KL's node, the decoder, the tail's node (FamilySample
     says what loc, q_b, p_b and p_scale are)."""
-    z, kl = family_sample(loc, q_b, p_loc, p_b, _seed(q_b.device, generator), plan.sample, p_scale)
+    z, kl = family_sample(loc, q_b, p_loc, p_b, _seed(q_b.device, generator), plan.sample, p_scale, check_width)
     out = decode(z)
     tail = plan.tail
     if tail is not None and (fit := tail.fit(out)) is not None:

@@ -535,12 +535,17 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
             or loc.dim() == 0):
         return None
     triton = backend == "triton"
+    check_width = False
     if not _family_checks_settled(positive, form, p_form):
         # on the cpp backend a torch posterior's scale is checked on every call (on the CPU a check
-        # costs no sync), here as on the general path; on the triton backend, until it has been once
+        # costs no sync), here as on the general path (a Uniform's high - low where the plan's node
+        # takes it, FamilySample); on the triton backend, until it has been once
         if triton or positive:
             return None
-        check_torch_scale(q.base_dist if type(q) is Independent else q)
+        if form == HIGH:
+            check_width = True
+        else:
+            check_torch_scale(q.base_dist if type(q) is Independent else q)
     key = ("family elbo", family, form, p_form, x.shape, loc.shape, loc.stride(), b.shape, b.stride(), p_loc.shape,
            p_b.shape, dtype, device, triton, likelihood, n_samples, reduction)
     plan = _plan.PLANS.get(key)
@@ -564,18 +569,15 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
                           else ("sample_location_scale", location_scale_index(family)))
         sample = _plan.FamilySamplePlan(sampler, index, KL_FAMILIES.index(family), loc.shape, dtype, device,
                                         None if n == 1 else n, p_shared, form == SCALE, _general_family_sample,
-                                        cpp=not triton)
+                                        cpp=not triton, q_high=form == HIGH)
         if triton and n == 1:  # several samples: the general tail
             tail = _plan.TailPlan(likelihood, 1, P, x.numel() // P, dtype, device, reduction, batch, False,
                                   _general_elbo_tail, x.shape, dtype)
         plan = _plan.store(key, _plan.Plan(sample, tail, likelihood, reduction, n, False, _general_elbo_tail))
     if exponential:
         loc = p_loc = None
-    # the logs of torch objects' scales (a positive family's parameters) are
-    # taken in the plan's node; the uniform's width (high - low) first here,
-    # as a log-scale
-    if form == HIGH:
-        b = log_scale_of(loc, b, form)
+    # the logs of torch objects' scales (a positive family's parameters, a
+    # uniform posterior's high - low) are taken in the plan's node
     p_scale = p_form == SCALE
     if (p_b.dim() != 1 or not p_b.is_contiguous()
             or (p_loc is not None and (p_loc.dim() != 1 or not p_loc.is_contiguous()))):
@@ -587,7 +589,7 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
         p_b = log_scale_of(p_loc, p_b, p_form)
     if not b.is_contiguous() or (loc is not None and not loc.is_contiguous()):  # (a log keeps its input's layout)
         loc, b = None if loc is None else loc.contiguous(), b.contiguous()
-    return _plan.run_family_elbo(plan, x, loc, b, p_loc, p_b, p_scale, decode, beta, generator)
+    return _plan.run_family_elbo(plan, x, loc, b, p_loc, p_b, p_scale, decode, beta, generator, check_width)
 
 
 def _family_checks_settled(positive: bool, form: int, p_form: int) -> bool:

@@ -1304,6 +1304,56 @@ def test_the_cpp_family_plan_gives_the_general_path_bit_for_bit(family, q_form, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
+@pytest.mark.parametrize("q_form, p_form", [("torch", "learned"), ("independent", "shared"), ("torch", "shared")])
+def test_the_cpp_uniform_plan_takes_high_minus_low_and_differentiates_twice(q_form, p_form):
+    """A torch Uniform posterior's (low, high) go to the plan's node, which
+    takes log(high - low) itself (one width for the value check and the log)
+    and its gradients in the kernels' buffers (the general path's bit for
+    bit: the cpp case above). With create_graph=True its replay gives the
+    same first derivatives (high = low + width depends on low: the replay
+    takes no path twice) and second derivatives that match the first ones'
+    finite differences (the noise is the generator's, the same each call)."""
+    x, (loc, raw, W), (p_loc, p_raw), build = _family_problem("cpu", torch.float64, "uniform", q_form, p_form)
+
+    def grads(raw_value, create_graph):
+        q, prior = build(loc, raw_value, p_loc, p_raw)
+        bound = fastvae.elbo(x, q, _decoders(W)["bernoulli"], likelihood="bernoulli", prior=prior,
+                             generator=torch.Generator().manual_seed(7))
+        assert "FamilySampleBackward" in _graph_names(bound)
+        wrt = [loc, raw_value, W] + ([p_loc, p_raw] if p_form == "learned" else [])
+        return torch.autograd.grad(bound, wrt, create_graph=create_graph)
+
+    with fastvae.use_backend("cpp"):
+        grads(raw, False)  # the plan's first call
+        plain, replayed = grads(raw, False), grads(raw, True)
+        for a, b in zip(plain, replayed):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+        penalty = sum((g * g).sum() for g in replayed)
+        (second,) = torch.autograd.grad(penalty, raw)
+        v = torch.randn(raw.shape, generator=torch.Generator().manual_seed(1), dtype=raw.dtype)
+        eps = 1e-6
+        ends = [sum((g * g).sum() for g in grads((raw + s * eps * v).detach().requires_grad_(), False))
+                for s in (1, -1)]
+    fd = (ends[0] - ends[1]) / (2 * eps)
+    assert abs(float(fd) - float((second * v).sum())) <= 1e-6 * (1.0 + abs(float(fd)))
+
+
+@pytest.mark.skipif(INTERPRET or not fastvae._backend.cpp_available(), reason="the cpp backend's plan")
+def test_the_cpp_uniform_plan_refuses_high_below_low_by_name():
+    """The width the plan's node takes is value-checked there, as the general
+    path checks a torch Uniform's: high <= low is refused by name on every call."""
+    x, (loc, raw, W), (p_loc, p_raw), build = _family_problem("cpu", torch.float32, "uniform")
+    _, prior = build(loc, raw, p_loc, p_raw)
+    with fastvae.use_backend("cpp"):
+        for _ in range(2):  # the plan's first call (made on the general path's checks) and a planned one
+            fastvae.elbo(x, torch.distributions.Uniform(loc, loc + raw.exp()), lambda z: z @ W[:, :D],
+                         likelihood="bernoulli", prior=prior)
+        bad = torch.distributions.Uniform(loc, loc - raw.exp(), validate_args=False)
+        with pytest.raises(ValueError, match=r"the posterior's high - low \(torch Uniform\) must be > 0"):
+            fastvae.elbo(x, bad, lambda z: z @ W[:, :D], likelihood="bernoulli", prior=prior)
+
+
 POSITIVE_CASES = [c for c in FAMILY_CASES if c[0] in ("exponential", *PAIRS)]
 
 

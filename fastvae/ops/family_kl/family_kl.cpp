@@ -251,6 +251,18 @@ FASTVAE_INLINE CauchyParts<T> cauchy_parts(T m1, T s1, T m2, T s2) {
   return {m, big, ra, rd, ra * ra + rd * rd};
 }
 
+// The uniform's support test of one element: q's (m1, m1 + e^s1) inside p's
+// (m2, m2 + e^s2) with two exps (kExact, the elementwise form), or
+// uniform_block_inside's form once the element's block passed it.
+template <bool kExact, typename T>
+FASTVAE_INLINE bool uniform_inside(T m1, T s1, T m2, T s2, T s1_max = T(0), T s2_min = T(0)) {
+  if constexpr (kExact) {
+    return (m1 >= m2) & (m1 + exp_t(s1) <= m2 + exp_t(s2));
+  } else {
+    return (m1 >= m2) & (s1 <= s1_max) & (s2 >= s2_min);
+  }
+}
+
 template <int F, typename T>
 FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
   if constexpr (F == kExponential) {  // log-rates s1, s2
@@ -266,8 +278,7 @@ FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
     const T v = exact ? T(0) : d * exp_t(-s2);
     return s2 - s1 + v + exp_t(s1 - s2 - u) - T(1);
   } else if constexpr (F == kUniform) {
-    const bool inside = (m1 >= m2) & (m1 + exp_t(s1) <= m2 + exp_t(s2));
-    return inside ? s2 - s1 : T(INFINITY);
+    return uniform_inside<true>(m1, s1, m2, s2) ? s2 - s1 : T(INFINITY);
   } else if constexpr (F == kGumbel) {
     const T t = (m1 - m2) * exp_t(-s2);
     const T r = exp_t(s1 - s2);
@@ -311,7 +322,7 @@ FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& dm2,
     const T sgn = diff > T(0) ? T(1) : T(-1);
     dm1 = exact ? T(0) : g * sgn * ip * (T(1) - exp_t(-u));
   } else if constexpr (F == kUniform) {
-    const bool inside = (m1 >= m2) & (m1 + exp_t(s1) <= m2 + exp_t(s2));
+    const bool inside = uniform_inside<true>(m1, s1, m2, s2);
     ds1 = inside ? -g : T(0);
     ds2 = inside ? g : T(0);
     dm1 = T(0);
@@ -348,12 +359,103 @@ FASTVAE_INLINE void tile_columns(const T* p, int64_t first_elem, int64_t n, int6
   }
 }
 
-// The block's prior: its own rows, or the shared (L,) prior tiled into buf.
+// The block's prior: its own rows, or the shared (L,) prior indexed by
+// column, read in place where the block stays in one row, from the periodic
+// copy (FamilyKLIn's p_*_periodic) where there is one, else tiled into buf.
 template <typename T>
-FASTVAE_INLINE const T* prior_block(const T* p, bool shared, int64_t e0, int64_t n, int64_t L, T* buf) {
+FASTVAE_INLINE const T* prior_block(const T* p, const T* periodic, bool shared, int64_t e0, int64_t n, int64_t L,
+                                    T* buf) {
   if (!shared) return p + e0;
+  const int64_t col = e0 % L;
+  if (col + n <= L) return p + col;
+  if (periodic != nullptr) return periodic + col;
   tile_columns(p, e0, n, L, buf);
   return buf;
+}
+
+// A pass's own periodic copy of a shared prior (FamilyKLPeriodicPrior's
+// layout) when the caller gave none and its blocks would tile it more than
+// once: one copy per pass instead of one per block.
+template <typename T>
+FASTVAE_INLINE FamilyKLIn<T> with_periodic(const FamilyKLIn<T>& in, int64_t n_elems, T* loc_buf, T* log_buf) {
+  FamilyKLIn<T> out = in;
+  if (!in.p_shared || in.p_log_param_periodic != nullptr || in.L >= kBlock || n_elems <= kBlock) return out;
+  tile_columns(in.p_log_param, 0, in.L + kBlock, in.L, log_buf);
+  out.p_log_param_periodic = log_buf;
+  if (in.p_loc != nullptr) {
+    tile_columns(in.p_loc, 0, in.L + kBlock, in.L, loc_buf);
+    out.p_loc_periodic = loc_buf;
+  }
+  return out;
+}
+
+// The uniform's support check once per block. Its elementwise form (kl_term,
+// kl_grad) decides q's (m1, m1 + e^s1) inside p's (m2, m2 + e^s2) as
+// m1 >= m2 and fl(m1 + E(s1)) <= fl(m2 + E(s2)), E = exp_t, two exps per
+// element. Take M1 = max m1, S1 = max s1, M2 = min m2, S2 = min s2 over the
+// block (NaN skipped), and bounds of E: E(s) <= e^s (1 + eta) + 2^-120 for
+// s <= 88, E(s) >= e^min(s, 88) (1 - eta) for s >= -80 (exp_t's float form
+// clamps its argument at 88.5 below its overflow to inf at 88.72), E(s) >= 0.
+// When B1 = M1 + e^S1 (1 + eta) + 2^-120 <= B2 = M2 + e^min(S2, 88) (1 - eta)
+// (S1 <= 88; e^S2's term 0 for S2 < -80), every element whose s1 and s2 are
+// not NaN has m1 + E(s1) <= B1 <= B2 <= m2 + E(s2) as real numbers, and
+// rounding to nearest is monotone, so fl(m1 + E(s1)) <= fl(m2 + E(s2))
+// whatever contractions the sums get: the elements then take m1 >= m2 &
+// s1 <= S1 & s2 >= S2, the same decision bit for bit, NaN included (a NaN s1
+// or s2 fails its comparison as it fails the sum's), with no exp. Else (q near
+// p's end or past it, infinite bounds) the block takes the elementwise form.
+// exp_t's float error is at most 2 ulps (2.4e-7, every float in [-87.3, 88.5]
+// measured against exp in double, for the baseline, AVX2 and AVX-512 builds),
+// eta = 2^-18 is 16 times that; libm's double exp is within 1 ulp, 2^-52, eta
+// = 2^-40. The test runs in double with a slack of 2^-40 of its terms'
+// magnitudes for its own roundings.
+template <typename T>
+FASTVAE_INLINE bool uniform_block_inside(const T* __restrict qm, const T* __restrict qs, const T* __restrict pm,
+                                         const T* __restrict ps, int64_t n, T& s1_max, T& s2_min) {
+  // lane-wise maxima and minima, which GCC vectorizes (a float max does not
+  // reassociate outside -ffast-math); x > a ? x : a skips a NaN x
+  constexpr int kLanes = 16;
+  T a[kLanes], b[kLanes], c[kLanes], d[kLanes];
+  for (int j = 0; j < kLanes; ++j) a[j] = b[j] = T(-INFINITY), c[j] = d[j] = T(INFINITY);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      a[j] = qm[i + j] > a[j] ? qm[i + j] : a[j];
+      b[j] = qs[i + j] > b[j] ? qs[i + j] : b[j];
+      c[j] = pm[i + j] < c[j] ? pm[i + j] : c[j];
+      d[j] = ps[i + j] < d[j] ? ps[i + j] : d[j];
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    a[j] = qm[i] > a[j] ? qm[i] : a[j];
+    b[j] = qs[i] > b[j] ? qs[i] : b[j];
+    c[j] = pm[i] < c[j] ? pm[i] : c[j];
+    d[j] = ps[i] < d[j] ? ps[i] : d[j];
+  }
+  for (int j = 1; j < kLanes; ++j) {
+    a[0] = a[j] > a[0] ? a[j] : a[0];
+    b[0] = b[j] > b[0] ? b[j] : b[0];
+    c[0] = c[j] < c[0] ? c[j] : c[0];
+    d[0] = d[j] < d[0] ? d[j] : d[0];
+  }
+  s1_max = b[0], s2_min = d[0];
+  constexpr double eta = std::is_same_v<T, float> ? 0x1p-18 : 0x1p-40;
+  if (!(double(b[0]) <= 88.0)) return false;  // E(s1) may overflow
+  const double b1 = std::exp(double(b[0])) * (1.0 + eta) + 0x1p-120;
+  const double b2 = double(d[0]) >= -80.0 ? std::exp(std::min(double(d[0]), 88.0)) * (1.0 - eta) : 0.0;
+  const double m1 = double(a[0]), m2 = double(c[0]);
+  const double lhs = m1 + b1, rhs = m2 + b2;
+  const double slack = 0x1p-40 * (std::fabs(m1) + b1 + std::fabs(m2) + b2);
+  return std::isfinite(lhs) & std::isfinite(rhs) & std::isfinite(slack) & (lhs + slack <= rhs);
+}
+
+template <bool kExact, typename T>
+FASTVAE_INLINE void uniform_term_loop(const T* __restrict qm, const T* __restrict qs, const T* __restrict pm,
+                                      const T* __restrict ps, int64_t n, T s1_max, T s2_min, T* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bool inside = uniform_inside<kExact>(qm[i], qs[i], pm[i], ps[i], s1_max, s2_min);
+    out[i] = inside ? ps[i] - qs[i] : T(INFINITY);
+  }
 }
 
 // One block's KL terms, the pointers as restrict parameters (which GCC
@@ -361,25 +463,35 @@ FASTVAE_INLINE const T* prior_block(const T* p, bool shared, int64_t e0, int64_t
 template <int F, typename T>
 FASTVAE_INLINE void term_block(const T* __restrict qm, const T* __restrict qs, const T* __restrict pm,
                                const T* __restrict ps, int64_t n, T* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = kl_term<F>(qm[i], qs[i], pm[i], ps[i]);
+  if constexpr (F == kUniform) {
+    T s1_max, s2_min;
+    if (uniform_block_inside(qm, qs, pm, ps, n, s1_max, s2_min)) {
+      uniform_term_loop<false>(qm, qs, pm, ps, n, s1_max, s2_min, out);
+    } else {
+      uniform_term_loop<true>(qm, qs, pm, ps, n, s1_max, s2_min, out);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = kl_term<F>(qm[i], qs[i], pm[i], ps[i]);
+  }
 }
 
 template <int F, typename T>
-FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& in, int64_t r0, int64_t r1, bool reduce, T* kl) {
-  const int64_t L = in.L;
+FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& given, int64_t r0, int64_t r1, bool reduce, T* kl) {
+  const int64_t L = given.L;
   if (L == 0) {
     if (reduce) std::fill(kl + r0, kl + r1, T(0));
     return;
   }
   constexpr bool kLoc = F != kExponential;
-  T t[kBlock], pm_buf[kBlock], ps_buf[kBlock];
+  T t[kBlock], pm_buf[kBlock], ps_buf[kBlock], pm_per[2 * kBlock], ps_per[2 * kBlock];
+  const FamilyKLIn<T> in = with_periodic(given, (r1 - r0) * L, pm_per, ps_per);
   RowSums sums(r0, L);
   for (int64_t e0 = r0 * L; e0 < r1 * L; e0 += kBlock) {
     const int64_t n = std::min(kBlock, r1 * L - e0);
     const T* qs = in.q_log_param + e0;
     const T* qm = kLoc ? in.q_loc + e0 : qs;
-    const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
-    const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
+    const T* ps = prior_block(in.p_log_param, in.p_log_param_periodic, in.p_shared, e0, n, L, ps_buf);
+    const T* pm = kLoc ? prior_block(in.p_loc, in.p_loc_periodic, in.p_shared, e0, n, L, pm_buf) : ps;
     T* out = reduce ? t : kl + e0;
     term_block<F>(qm, qs, pm, ps, n, out);
     if (reduce) sums.feed(t, n, [&](int64_t row, double acc) { kl[row] = static_cast<T>(acc); });
@@ -401,12 +513,55 @@ FASTVAE_INLINE void grad_block(const T* __restrict g, const T* __restrict qm, co
   }
 }
 
+// The uniform's gradients straight into the outputs: g times (0, -1, 0, 1)
+// inside the support, 0 outside (kl_grad's: dm2 = -dm1 is -0). kAdd: q's
+// log-scale gradient added to what dqs holds (add_backward's), and dqm left
+// as it is: adding kl_grad's +0 to it changes no value but a -0, which the
+// samplers' gradients never hold (their sums start at +0); else both written.
+// The prior's are written where dpm, dps are not null.
+template <bool kExact, bool kAdd, typename T>
+FASTVAE_INLINE void uniform_grad_loop(const T* __restrict g, const T* __restrict qm, const T* __restrict qs,
+                                      const T* __restrict pm, const T* __restrict ps, int64_t n, T s1_max,
+                                      T s2_min, T* __restrict dqm, T* __restrict dqs, T* __restrict dpm,
+                                      T* __restrict dps) {
+  for (int64_t i = 0; i < n; ++i) {
+    const bool inside = uniform_inside<kExact>(qm[i], qs[i], pm[i], ps[i], s1_max, s2_min);
+    const T ds1 = inside ? -g[i] : T(0);
+    if constexpr (kAdd) {
+      dqs[i] += ds1;
+    } else {
+      dqs[i] = ds1;
+    }
+  }
+  if constexpr (!kAdd) std::fill(dqm, dqm + n, T(0));
+  if (dps != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const bool inside = uniform_inside<kExact>(qm[i], qs[i], pm[i], ps[i], s1_max, s2_min);
+      dps[i] = inside ? g[i] : T(0);
+    }
+  }
+  if (dpm != nullptr) std::fill(dpm, dpm + n, T(-0.0));
+}
+
+template <bool kAdd, typename T>
+FASTVAE_INLINE void uniform_grad_block(const T* g, const T* qm, const T* qs, const T* pm, const T* ps, int64_t n,
+                                       T* dqm, T* dqs, T* dpm, T* dps) {
+  T s1_max, s2_min;
+  if (uniform_block_inside(qm, qs, pm, ps, n, s1_max, s2_min)) {
+    uniform_grad_loop<false, kAdd>(g, qm, qs, pm, ps, n, s1_max, s2_min, dqm, dqs, dpm, dps);
+  } else {
+    uniform_grad_loop<true, kAdd>(g, qm, qs, pm, ps, n, s1_max, s2_min, dqm, dqs, dpm, dps);
+  }
+}
+
 template <int F, typename T>
-FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& in, int64_t r0, int64_t r1, bool reduce,
-                                    T* dqm, T* dqs, T* dpm, T* dps) {
-  const int64_t L = in.L;
+FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& given, int64_t r0, int64_t r1,
+                                    bool reduce, T* dqm, T* dqs, T* dpm, T* dps) {
+  const int64_t L = given.L;
   constexpr bool kLoc = F != kExponential;
   T gs_buf[kBlock], pm_buf[kBlock], ps_buf[kBlock], dm_buf[kBlock], dpm_buf[kBlock], dp_buf[kBlock];
+  T pm_per[2 * kBlock], ps_per[2 * kBlock];
+  const FamilyKLIn<T> in = with_periodic(given, (r1 - r0) * L, pm_per, ps_per);
   for (int64_t e0 = r0 * L; e0 < r1 * L; e0 += kBlock) {
     const int64_t n = std::min(kBlock, r1 * L - e0);
     const T* g = grad_kl + e0;
@@ -416,8 +571,13 @@ FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& in, i
     }
     const T* qs = in.q_log_param + e0;
     const T* qm = kLoc ? in.q_loc + e0 : qs;
-    const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
-    const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
+    const T* ps = prior_block(in.p_log_param, in.p_log_param_periodic, in.p_shared, e0, n, L, ps_buf);
+    const T* pm = kLoc ? prior_block(in.p_loc, in.p_loc_periodic, in.p_shared, e0, n, L, pm_buf) : ps;
+    if constexpr (F == kUniform) {
+      uniform_grad_block<false>(g, qm, qs, pm, ps, n, dqm + e0, dqs + e0, dpm ? dpm + e0 : nullptr,
+                                dps ? dps + e0 : nullptr);
+      continue;
+    }
     // the gradients that are not wanted go to scratch, so that the loop has no branch
     T* gm = kLoc ? dqm + e0 : dm_buf;
     T* gs = dqs + e0;
@@ -469,17 +629,25 @@ FASTVAE_INLINE void add_backward_t(const T* grad_kl, const FamilyKLIn<T>& in, in
                                    T* dpm, T* dps) {
   const int64_t L = in.L;
   constexpr bool kLoc = F != kExponential;
-  T g[kBlock], pm_buf[kBlock], ps_buf[kBlock], gm[kBlock], gs[kBlock], gpm_buf[kBlock], gps_buf[kBlock];
+  T g[kBlock], pm_buf[kBlock], ps_buf[kBlock];
   spread_rows(grad_kl, e0, n, L, g);
   const T* qs = in.q_log_param + e0;
   const T* qm = kLoc ? in.q_loc + e0 : qs;
-  const T* ps = prior_block(in.p_log_param, in.p_shared, e0, n, L, ps_buf);
-  const T* pm = kLoc ? prior_block(in.p_loc, in.p_shared, e0, n, L, pm_buf) : ps;
-  T* gpm = kLoc && dpm != nullptr ? dpm + e0 : gpm_buf;
-  T* gps = dps != nullptr ? dps + e0 : gps_buf;
-  grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
-  add_block(gs, n, dqs + e0);
-  if constexpr (kLoc) add_block(gm, n, dqm + e0);
+  const T* ps = prior_block(in.p_log_param, in.p_log_param_periodic, in.p_shared, e0, n, L, ps_buf);
+  const T* pm = kLoc ? prior_block(in.p_loc, in.p_loc_periodic, in.p_shared, e0, n, L, pm_buf) : ps;
+  if constexpr (F == kUniform) {
+    uniform_grad_block<true>(g, qm, qs, pm, ps, n, dqm + e0, dqs + e0, dpm ? dpm + e0 : nullptr,
+                             dps ? dps + e0 : nullptr);
+  } else {
+    // the KL's own gradients first, then added: the sum in the loop would let GCC
+    // contract a product of the gradient into it (another rounding than autograd's)
+    T gm[kBlock], gs[kBlock], gpm_buf[kBlock], gps_buf[kBlock];
+    T* gpm = kLoc && dpm != nullptr ? dpm + e0 : gpm_buf;
+    T* gps = dps != nullptr ? dps + e0 : gps_buf;
+    grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
+    add_block(gs, n, dqs + e0);
+    if constexpr (kLoc) add_block(gm, n, dqm + e0);
+  }
 }
 
 template <typename T>

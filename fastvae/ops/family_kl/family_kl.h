@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fastvae {
 
@@ -23,6 +24,8 @@ inline bool family_kl_location_scale(int family) { return family >= 0 && family 
 // log_param arrays (the log-scales of the location-scale families); the
 // Kumaraswamy's (log a, log b) and its Beta prior's (log alpha, log beta), and
 // the Weibull's (log scale, log concentration), sit in (loc, log_param).
+// A shared prior may come with a periodic copy (FamilyKLPeriodicPrior's), so
+// that the kernels read a block's columns in place of tiling them per block.
 template <typename T>
 struct FamilyKLIn {
   const T* q_loc;
@@ -31,6 +34,33 @@ struct FamilyKLIn {
   const T* p_log_param;
   bool p_shared;
   int64_t N, L;
+  const T* p_loc_periodic = nullptr;  // p_loc[j % L] for j < L + 512, or null
+  const T* p_log_param_periodic = nullptr;
+};
+
+// The periodic copy of a shared prior with L < 512, made once per call by a
+// caller that runs family_kl_add_backward per block (the samplers' hooks),
+// and attached to its FamilyKLIn: element e of a block starting at column c
+// reads copy[c + e] (c + e < L + 512). Nothing for a prior per row or L >= 512
+// (a block of at most 512 elements then reads the prior in place unless it
+// crosses a row's end).
+template <typename T>
+class FamilyKLPeriodicPrior {
+ public:
+  explicit FamilyKLPeriodicPrior(FamilyKLIn<T>& in) {
+    if (!in.p_shared || in.L <= 0 || in.L >= 512) return;
+    const int64_t len = in.L + 512;
+    copy_.resize(static_cast<size_t>(2 * len));
+    for (int64_t j = 0; j < len; ++j) copy_[size_t(j)] = in.p_log_param[j % in.L];
+    in.p_log_param_periodic = copy_.data();
+    if (in.p_loc != nullptr) {
+      for (int64_t j = 0; j < len; ++j) copy_[size_t(len + j)] = in.p_loc[j % in.L];
+      in.p_loc_periodic = copy_.data() + len;
+    }
+  }
+
+ private:
+  std::vector<T> copy_;
 };
 
 // kl: (N,) when reduce (summed over L), else (N, L).

@@ -519,6 +519,120 @@ def test_uniform_outside_the_prior_is_inf_with_zero_gradient(backend):
     assert float(dp_ls) == 1.0
 
 
+def uniform_edge_params(N, L, shared, dtype, g):
+    """(q, p) of the uniform in dtype: q's boxes well inside a wide prior's,
+    with edges at fixed elements: q's low end on p's, q's low end one float
+    below p's, a NaN location or log-scale, a zero width (log-scale -inf),
+    which leave the kernels' block check passing (those blocks take no exp),
+    and in the first 300 elements alone q = p exactly and q's high end past
+    p's, which fail it (that block takes the elementwise form)."""
+    pshape = (L,) if shared else (N, L)
+    p_loc = (-3.0 + 0.1 * torch.randn(pshape, generator=g, dtype=F64)).to(dtype)
+    p_ls = torch.full(pshape, math.log(8.0), dtype=dtype)
+    P_loc, P_ls = p_loc.expand(N, L), p_ls.expand(N, L)
+    q_loc = P_loc + (0.1 + 0.9 * torch.rand(N, L, generator=g, dtype=F64)).to(dtype)
+    q_ls = torch.log(0.1 + 1.9 * torch.rand(N, L, generator=g, dtype=F64)).to(dtype)
+    flat = torch.arange(N * L).view(N, L)
+    edge = torch.full((N, L), -1)
+    for k, at in enumerate((0, 5, 11, 17, 23, 29, 31)):  # one edge kind per position, every 41 elements
+        edge[(flat % 41 == at) & (flat % 3 != 2) & ((k not in (0, 3)) | (flat < 300))] = k
+    q_loc = torch.where(edge == 0, P_loc, q_loc)
+    q_ls = torch.where(edge == 0, P_ls, q_ls)
+    q_loc = torch.where(edge == 1, P_loc, q_loc)
+    q_loc = torch.where(edge == 2, torch.nextafter(P_loc, torch.tensor(-math.inf, dtype=dtype)), q_loc)
+    q_ls = torch.where(edge == 3, P_ls, q_ls)  # with q_loc above p's: its high end past p's by as much
+    q_loc = torch.where(edge == 4, torch.full_like(q_loc, math.nan), q_loc)
+    q_ls = torch.where(edge == 5, torch.full_like(q_ls, math.nan), q_ls)
+    q_ls = torch.where(edge == 6, torch.full_like(q_ls, -math.inf), q_ls)
+    return (q_loc, q_ls), (p_loc, p_ls), edge
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("N, L", [(1, 1), (37, 1), (9, 7), (40, 32), (5, 33), (3, 512), (2, 513), (1, 1100)])
+def test_uniform_support_edges_against_the_oracle(backend, dtype, shared, N, L):
+    """The uniform's KL where q's box touches p's ends, leaves them by one
+    float or by a margin, or has NaN parameters, among boxes well inside (the
+    kernels decide such blocks once, with no exp per element): inf (gradient
+    0) exactly where the float64 oracle of the rounded inputs has it, NaN
+    parameters' elements outside as the oracle's comparisons put them, the
+    values and gradients (the prior's, per row or summed to its (L,)) the
+    oracle's; each row as computed alone."""
+    _, device = backend
+    g = torch.Generator().manual_seed(N * 7919 + L)
+    (q_loc, q_ls), (p_loc, p_ls), edge = uniform_edge_params(N, L, shared, dtype, g)
+    q = [t.to(device).requires_grad_() for t in (q_loc, q_ls)]
+    p = [t.to(device).requires_grad_() for t in (p_loc, p_ls)]
+    fam = KL_FAMILIES.index("uniform")
+    q_r = [t.detach().double().cpu().requires_grad_() for t in q]
+    p_r = [t.detach().double().cpu().requires_grad_() for t in p]
+    ref = oracle.family_kl_terms(fam, *q_r, *p_r)
+    outside = (edge == 2) | (edge == 3) | (edge == 4) | (edge == 5)
+    zero_width = edge == 6  # inside, log(w2 / 0) = inf, as the oracle's
+    assert torch.equal(torch.isinf(ref), outside | zero_width)
+    assert not torch.isnan(ref).any()
+    for reduce in (False, True):
+        kl = fastvae.family_kl("uniform", tuple(q), tuple(p), reduce=reduce)
+        want = ref.sum(-1) if reduce else ref
+        got = kl.detach().cpu()
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and not torch.isnan(got).any()
+        finite = torch.isfinite(want)
+        assert_close(got[finite], want.detach()[finite], torch.full_like(want.detach()[finite], 4.0), "kl")
+        w = torch.randn(want.shape, generator=g, dtype=F64)
+        grads = torch.autograd.grad(kl, q + p, w.to(kl.dtype).to(device))
+        # the oracle's gradient: -w, w in the log-scales inside (inf terms included: their
+        # gradient is the same +-w where the box is inside, 0 outside), 0 in the locations
+        wd = (w[..., None] if reduce else w).expand(N, L)
+        inside = ~outside
+        refs = [torch.zeros(N, L, dtype=F64), torch.where(inside, -wd, 0.0),
+                torch.zeros(N, L, dtype=F64), torch.where(inside, wd, 0.0)]
+        for name, got_d, want_d, t in zip(["dq_loc", "dq_log_scale", "dp_loc", "dp_log_scale"], grads, refs,
+                                          q + p):
+            want_d = want_d.sum_to_size(t.shape)
+            assert got_d.shape == t.shape and not torch.isnan(got_d).any()
+            # each element's gradient is w's rounding; a shared prior's sums N of them
+            assert_close(got_d, want_d, wd.abs().sum_to_size(t.shape) + 1e-3, name)
+        # the same elements, one row at a time
+        for row in {0, N // 2, N - 1}:
+            pr = [t if shared else t[row:row + 1] for t in p]
+            one = fastvae.family_kl("uniform", (q[0][row:row + 1], q[1][row:row + 1]), tuple(pr), reduce=reduce)
+            assert torch.equal(one, kl[row:row + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniform_rounding_ties_decide_as_alone(backend, dtype):
+    """q's high end on p's to rounding (m1 + e^s1 = m2 + e^s2 up to the last
+    bit, m1 above m2), where the decision is the kernels' float rounding's:
+    a box among boxes well inside (whose blocks the kernels decide at once)
+    gets the KL and gradients it gets alone in a call."""
+    _, device = backend
+    g = torch.Generator().manual_seed(11)
+    N, L = 64, 32
+    (q_loc, q_ls), (p_loc, p_ls), _ = uniform_edge_params(N, L, True, dtype, g)
+    q_loc, q_ls = q_loc.clone(), q_ls.clone()
+    d = 0.25 + torch.rand(N, L, generator=g, dtype=F64)
+    tie_ls = torch.log(torch.exp(p_ls.double()) - d)
+    tie = (torch.arange(N * L).view(N, L) % 13) == 4
+    q_loc = torch.where(tie, (p_loc.double() + d).to(dtype), q_loc)
+    for nudge in (-1, 0, 1):  # the log-scale one float either side as well
+        ls = tie_ls.to(dtype)
+        if nudge:
+            ls = torch.nextafter(ls, torch.tensor(nudge * math.inf, dtype=dtype))
+        qs = torch.where(tie, ls, q_ls)
+        q = [t.to(device).requires_grad_() for t in (q_loc, qs)]
+        p = [t.to(device).requires_grad_() for t in (p_loc, p_ls)]
+        kl = fastvae.family_kl("uniform", tuple(q), tuple(p), reduce=False)
+        grads = torch.autograd.grad(kl.nan_to_num(posinf=0.0).sum(), q + p)
+        for i in tie.nonzero()[:40].tolist():
+            r, c = i
+            q1 = [t[r:r + 1, c:c + 1].detach().requires_grad_() for t in q]
+            p1 = [t[c:c + 1].detach().requires_grad_() for t in p]
+            one = fastvae.family_kl("uniform", tuple(q1), tuple(p1), reduce=False)
+            assert torch.equal(one[0, 0], kl[r, c])
+            g1 = torch.autograd.grad(one.nan_to_num(posinf=0.0).sum(), q1 + p1)
+            assert torch.equal(g1[1][0, 0], grads[1][r, c])
+
+
 def test_gradcheck_float64(backend):
     _, device = backend
     g = torch.Generator().manual_seed(0)

@@ -372,7 +372,8 @@ void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* l
                                        const T* prior_loc, const T* prior_log_scale, bool prior_shared,
                                        uint64_t seed, int family, int kl_family, int64_t K, int64_t N, int64_t L,
                                        T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads) {
-  const FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
+  FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
+  const FamilyKLPeriodicPrior<T> periodic(in);  // the KL's hook runs per block: its prior's columns laid out once
   sampler::by_family<5>(family, [&](auto f) {
     sampler::backward_blocks<T>(
         nullptr, seed, dz ? K : 0, N, L, n_threads,  // no grad_z: no sample's terms, the KL's gradients alone
@@ -661,8 +662,8 @@ void sample_positive_kl_backward(const T* dz, const T* grad_kl, const T* log_p0,
                                  const T* prior_log_p0, const T* prior_log_p1, bool prior_shared, uint64_t seed,
                                  int family, int kl_family, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
                                  T* dprior_log_p0, T* dprior_log_p1, int n_threads) {
-  const FamilyKLIn<T> in =
-      positive::kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
+  FamilyKLIn<T> in = positive::kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
+  const FamilyKLPeriodicPrior<T> periodic(in);  // the KL's hook runs per block: its prior's columns laid out once
   const bool has_loc = family_kl_has_loc(kl_family);
   // family_kl's gradients in its layout: the exponential's go to the log-rates' alone
   T* dq_loc = has_loc ? dlog_p0 : nullptr;
