@@ -20,6 +20,9 @@ namespace {
 
 // KL_FAMILIES' positions (fastvae/_families.py)
 constexpr int kLaplace = 0, kUniform = 1, kGumbel = 2, kCauchy = 3, kExponential = 4, kKumaraswamy = 5, kWeibull = 6;
+// Not one of KL_FAMILIES: the Kumaraswamy's blocks whose Beta prior has beta = 1
+// (log beta = 0 in every element), which take its KL without the series.
+constexpr int kKumaraswamyUnitBeta = 7;
 constexpr int64_t kRowsPerTask = 256;
 constexpr int64_t kBlock = 512;  // elements per vector block (stack buffers)
 constexpr double kEulerGamma = 0.5772156649015329;
@@ -151,12 +154,25 @@ FASTVAE_INLINE T kuma_beta_fn(T lg_b, const Shifted<T>& sx, const Shifted<T>& sx
   return exp_t(lg_b + sx.lg - sxb.lg) * sxb.prod * inv_prod_x;
 }
 
+// The KL but its series' term (beta - 1) b S, given log B(alpha, beta).
+// kumaraswamy_kl and kumaraswamy_kl_unit_beta share it, so that an element
+// with beta = 1 has the same value bit for bit in either (a block's form
+// depends on its other elements, and blocks differ between callers).
+template <typename T>
+FASTVAE_INLINE T kuma_kl_base(const KumaElement<T>& k, T la, T lb, T log_beta_fn) {
+  return (T(1) - k.al * k.ia) * k.c + la + lb + log_beta_fn - (k.b - T(1)) / k.b;
+}
+
 // The Kumaraswamy(a, b)-Beta(alpha, beta) KL of the oracle's kumaraswamy_beta_terms,
-// a = e^la, b = e^lb, alpha = e^lal, beta = e^lbe.
+// a = e^la, b = e^lb, alpha = e^lal, beta = e^lbe. At log beta = 0, log
+// B(alpha, 1) = lgamma(alpha) - lgamma(alpha + 1) = -log alpha exactly, and
+// the series' term is left out where its factor beta - 1 is 0 (not 0 times
+// an overflowed series).
 template <typename T>
 FASTVAE_INLINE T kumaraswamy_kl(T la, T lb, T lal, T lbe) {
   const KumaElement<T> k = kuma_element(la, lb, lal, lbe);
-  const T log_beta_fn = kuma_lgamma(k.al) + kuma_lgamma(k.be) - kuma_lgamma(k.al + k.be);
+  const T lgammas = kuma_lgamma(k.al) + kuma_lgamma(k.be) - kuma_lgamma(k.al + k.be);
+  const T base = kuma_kl_base(k, la, lb, lbe == T(0) ? -lal : lgammas);
   T s = T(0);
 #pragma GCC unroll 10
   for (int m = 1; m <= kKumaraswamyTerms; ++m) {
@@ -165,15 +181,32 @@ FASTVAE_INLINE T kumaraswamy_kl(T la, T lb, T lal, T lbe) {
     shifted_pair<T, false>(x, x + k.b, sx, sxb);
     s += kuma_beta_fn(k.lg_b, sx, sxb, T(1) / (sx.prod * (T(m) + k.ab)));
   }
-  return (T(1) - k.al * k.ia) * k.c + la + lb + log_beta_fn - (k.b - T(1)) / k.b + (k.be - T(1)) * k.b * s;
+  const T w = (k.be - T(1)) * k.b;
+  return w == T(0) ? base : base + w * s;
+}
+
+// The parts of kumaraswamy_kl_grad's (la, lb, lal) gradients without the
+// series (w = (beta - 1) b = 0 drops it from the first two), given
+// alpha (psi(alpha) - psi(alpha + beta)); shared as kuma_kl_base is.
+template <typename T>
+struct KumaGradBase {
+  T da, db, dal;
+};
+
+template <typename T>
+FASTVAE_INLINE KumaGradBase<T> kuma_grad_base(const KumaElement<T>& k, T al_psi) {
+  const T b = k.b, ratio = k.al * k.ia;
+  return {ratio * k.c + T(1), -(T(1) - ratio) * b * trigamma_pos(T(1) + b) + T(1) - T(1) / b,
+          al_psi - ratio * k.c};
 }
 
 // g times its gradient in (la, lb, lal, lbe) (the oracle's kumaraswamy_beta_grads),
-// with 1/b - b psi'(b) = -b psi'(1 + b).
+// with 1/b - b psi'(b) = -b psi'(1 + b); at log beta = 0, alpha (psi(alpha)
+// - psi(alpha + 1)) = -1 exactly.
 template <typename T>
 FASTVAE_INLINE void kumaraswamy_kl_grad(T g, T la, T lb, T lal, T lbe, T& da, T& db, T& dal, T& dbe) {
   const KumaElement<T> k = kuma_element(la, lb, lal, lbe);
-  const T b = k.b, ab = k.ab, ratio = k.al * k.ia;
+  const T b = k.b, ab = k.ab;
   T s = T(0), sa = T(0), sb = T(0);
 #pragma GCC unroll 10
   for (int m = 1; m <= kKumaraswamyTerms; ++m) {
@@ -192,10 +225,34 @@ FASTVAE_INLINE void kumaraswamy_kl_grad(T g, T la, T lb, T lal, T lbe, T& da, T&
   }
   const T w = (k.be - T(1)) * b;
   const T psi_sum = kuma_digamma(k.al + k.be);
-  da = g * (ratio * k.c + T(1) + w * sa);
-  db = g * (-(T(1) - ratio) * b * trigamma_pos(T(1) + b) + T(1) - T(1) / b + w * (s + sb));
-  dal = g * (k.al * (kuma_digamma(k.al) - psi_sum) - ratio * k.c);
+  const T al_psi = k.al * (kuma_digamma(k.al) - psi_sum);
+  const KumaGradBase<T> base = kuma_grad_base(k, lbe == T(0) ? -T(1) : al_psi);
+  const bool unit = w == T(0);
+  da = g * (unit ? base.da : base.da + w * sa);
+  db = g * (unit ? base.db : base.db + w * (s + sb));
+  dal = g * base.dal;
   dbe = g * (k.be * (kuma_digamma(k.be) - psi_sum) + k.be * b * s);
+}
+
+// The KL against a Beta(alpha, 1) (a Kumaraswamy's usual prior, the uniform
+// Beta(1, 1) among them), log beta = 0: the series enters only as (beta - 1)
+// b S, so this is kumaraswamy_kl's value bit for bit in a fraction of its
+// work (the series is most of it).
+template <typename T>
+FASTVAE_INLINE T kumaraswamy_kl_unit_beta(T la, T lb, T lal) {
+  const KumaElement<T> k = kuma_element(la, lb, lal, T(0));  // its unused parts compiled away
+  return kuma_kl_base(k, la, lb, -lal);
+}
+
+// kumaraswamy_kl_grad's (la, lb, lal) gradients at log beta = 0, bit for bit.
+// Its d/dlbe = b S + ... needs the series: callers take this form only where
+// that is not wanted.
+template <typename T>
+FASTVAE_INLINE void kumaraswamy_kl_grad_unit_beta(T g, T la, T lb, T lal, T& da, T& db, T& dal) {
+  const KumaGradBase<T> base = kuma_grad_base(kuma_element(la, lb, lal, T(0)), -T(1));
+  da = g * base.da;
+  db = g * base.db;
+  dal = g * base.dal;
 }
 
 // The Weibull-Weibull KL of the oracle's weibull_terms for (log scale, log
@@ -269,6 +326,8 @@ FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
     return (s1 - s2) + exp_t(s2 - s1) - T(1);
   } else if constexpr (F == kKumaraswamy) {  // (log a, log b) against the Beta's (log alpha, log beta)
     return kumaraswamy_kl(m1, s1, m2, s2);
+  } else if constexpr (F == kKumaraswamyUnitBeta) {  // log beta = s2 = 0
+    return kumaraswamy_kl_unit_beta(m1, s1, m2);
   } else if constexpr (F == kWeibull) {  // (log scale, log concentration) pairs
     return weibull_kl(m1, s1, m2, s2);
   } else if constexpr (F == kLaplace) {
@@ -299,6 +358,11 @@ template <int F, typename T>
 FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& dm2, T& ds2) {
   if constexpr (F == kKumaraswamy) {
     kumaraswamy_kl_grad(g, m1, s1, m2, s2, dm1, ds1, dm2, ds2);
+    return;
+  }
+  if constexpr (F == kKumaraswamyUnitBeta) {  // ds2, d/dlog beta, is not wanted
+    kumaraswamy_kl_grad_unit_beta(g, m1, s1, m2, dm1, ds1, dm2);
+    ds2 = T(0);
     return;
   }
   if constexpr (F == kWeibull) {
@@ -475,6 +539,26 @@ FASTVAE_INLINE void term_block(const T* __restrict qm, const T* __restrict qs, c
   }
 }
 
+// Whether every log beta of a Kumaraswamy block is 0 (beta = 1): the block
+// then takes the form without the series, decided per block so that the
+// vector loop has no branch per lane. A NaN log beta is not 0: the general form.
+template <typename T>
+FASTVAE_INLINE bool unit_beta_block(const T* __restrict ps, int64_t n) {
+  bool unit = true;
+  for (int64_t i = 0; i < n; ++i) unit &= ps[i] == T(0);
+  return unit;
+}
+
+// term_block of family F, the Kumaraswamy's blocks against a Beta(alpha, 1)
+// in the form without the series.
+template <int F, typename T>
+FASTVAE_INLINE void family_term_block(const T* qm, const T* qs, const T* pm, const T* ps, int64_t n, T* out) {
+  if constexpr (F == kKumaraswamy) {
+    if (unit_beta_block(ps, n)) return term_block<kKumaraswamyUnitBeta>(qm, qs, pm, ps, n, out);
+  }
+  term_block<F>(qm, qs, pm, ps, n, out);
+}
+
 template <int F, typename T>
 FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& given, int64_t r0, int64_t r1, bool reduce, T* kl) {
   const int64_t L = given.L;
@@ -493,7 +577,7 @@ FASTVAE_INLINE void forward_rows_t(const FamilyKLIn<T>& given, int64_t r0, int64
     const T* ps = prior_block(in.p_log_param, in.p_log_param_periodic, in.p_shared, e0, n, L, ps_buf);
     const T* pm = kLoc ? prior_block(in.p_loc, in.p_loc_periodic, in.p_shared, e0, n, L, pm_buf) : ps;
     T* out = reduce ? t : kl + e0;
-    term_block<F>(qm, qs, pm, ps, n, out);
+    family_term_block<F>(qm, qs, pm, ps, n, out);
     if (reduce) sums.feed(t, n, [&](int64_t row, double acc) { kl[row] = static_cast<T>(acc); });
   }
 }
@@ -554,6 +638,19 @@ FASTVAE_INLINE void uniform_grad_block(const T* g, const T* qm, const T* qs, con
   }
 }
 
+// grad_block of family F, the Kumaraswamy's blocks against a Beta(alpha, 1)
+// in the form without the series where d/dlog beta (gps) is not wanted
+// (want_dps false: gps is scratch).
+template <int F, typename T>
+FASTVAE_INLINE void family_grad_block(const T* g, const T* qm, const T* qs, const T* pm, const T* ps, int64_t n,
+                                      T* gm, T* gs, T* gpm, T* gps, bool want_dps) {
+  if constexpr (F == kKumaraswamy) {
+    if (!want_dps && unit_beta_block(ps, n))
+      return grad_block<kKumaraswamyUnitBeta>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
+  }
+  grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
+}
+
 template <int F, typename T>
 FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& given, int64_t r0, int64_t r1,
                                     bool reduce, T* dqm, T* dqs, T* dpm, T* dps) {
@@ -583,7 +680,7 @@ FASTVAE_INLINE void backward_rows_t(const T* grad_kl, const FamilyKLIn<T>& given
     T* gs = dqs + e0;
     T* gpm = kLoc && dpm != nullptr ? dpm + e0 : dpm_buf;
     T* gps = dps != nullptr ? dps + e0 : dp_buf;
-    grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
+    family_grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps, dps != nullptr);
   }
 }
 
@@ -644,7 +741,7 @@ FASTVAE_INLINE void add_backward_t(const T* grad_kl, const FamilyKLIn<T>& in, in
     T gm[kBlock], gs[kBlock], gpm_buf[kBlock], gps_buf[kBlock];
     T* gpm = kLoc && dpm != nullptr ? dpm + e0 : gpm_buf;
     T* gps = dps != nullptr ? dps + e0 : gps_buf;
-    grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps);
+    family_grad_block<F>(g, qm, qs, pm, ps, n, gm, gs, gpm, gps, dps != nullptr);
     add_block(gs, n, dqs + e0);
     if constexpr (kLoc) add_block(gm, n, dqm + e0);
   }

@@ -99,9 +99,10 @@ def weibull_params(batch, L, pshape, spread, g):
     return (q_ls, q_lc), (p_ls, p_lc)
 
 
-def check_against_reference(problem, dtype, device, params=None):
+def check_against_reference(problem, dtype, device, params=None, need_dp=True):
     """family_kl of the problem's parameters (or ``params``, (q, p) in float64)
-    against the oracle, values and gradients."""
+    against the oracle, values and gradients (q's alone where not ``need_dp``:
+    the prior then wants none)."""
     family, batch, L, prior, spread, reduce, seed = problem
     g = torch.Generator().manual_seed(seed)
     q64, p64 = make_params(family, batch, L, prior, spread, g) if params is None else params
@@ -109,7 +110,7 @@ def check_against_reference(problem, dtype, device, params=None):
         # half precision's range is e^+-11 (float16): the wide cases are float32's and float64's
         q64, p64 = make_params(family, batch, L, prior, "normal", g)
     q = [t.to(dtype).to(device).requires_grad_() for t in q64]
-    p = [t.to(dtype).to(device).requires_grad_() for t in p64]
+    p = [t.to(dtype).to(device).requires_grad_(need_dp) for t in p64]
     kl = fastvae.family_kl(family, tuple(q), tuple(p), reduce=reduce)
     acc = F64 if dtype == F64 else torch.float32
     assert kl.dtype == acc and kl.shape == ((*batch,) if reduce else (*batch, L))
@@ -122,8 +123,8 @@ def check_against_reference(problem, dtype, device, params=None):
     terms = oracle.family_kl_terms(fam, *args)
     ref = terms.sum(-1) if reduce else terms
     w = torch.randn(ref.shape, generator=g, dtype=F64)
-    grads = torch.autograd.grad(kl, q + p, w.to(kl.dtype).to(device))
-    assert all(d.dtype == dtype for d in grads)
+    grads = torch.autograd.grad(kl, q + p if need_dp else q, w.to(kl.dtype).to(device))
+    assert all(d.dtype == dtype for d in grads) and len(grads) == len(q) + (len(p) if need_dp else 0)
     refs = torch.autograd.grad(ref, q_r + p_r, w, allow_unused=True)
     refs = [torch.zeros_like(t) if r is None else r for r, t in zip(refs, q_r + p_r)]
     # a gradient past the dtype's range is inf there, rightly: not this test's case
@@ -264,6 +265,75 @@ def test_kumaraswamy_across_the_shift_boundaries(backend, dtype):
     params = ((la, lb), (prior, prior.flip(0)))
     check_against_reference(("kumaraswamy", (n,), n, "per_dim", "", False, 0), dtype, backend[1], params)
     check_against_reference(("kumaraswamy", (n,), n, "per_dim", "", True, 1), dtype, backend[1], params)
+
+
+def unit_beta_params(N, L, per_row, mixed, g):
+    """Kumaraswamy parameters against a Beta(alpha, 1) prior (log beta = 0),
+    per row (N, L) or shared (L,), q and alpha spread as the "wide" cases';
+    ``mixed``: some log betas not 0, in one of the kernels' 512-element blocks
+    (per row) or one column (shared: in every block)."""
+    q = kumaraswamy_params((N,), L, (N, L), "wide", g)[0]
+    shape = (N, L) if per_row else (L,)
+    log_alpha = (torch.rand(shape, generator=g, dtype=F64) * 2 - 1) * 2.5
+    log_beta = torch.zeros(shape, dtype=F64)
+    if mixed:
+        flat = log_beta.view(-1)
+        idx = torch.arange(600, 1000, 7) if per_row else torch.tensor([3])
+        flat[idx] = (torch.rand(len(idx), generator=g, dtype=F64) * 2 - 1) * 2.5
+    return q, (log_alpha, log_beta)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["unit", "mixed"])
+def test_kumaraswamy_against_a_beta_with_unit_beta(backend, dtype, per_row, mixed):
+    """Against a Beta(alpha, 1) (the usual prior of a Kumaraswamy posterior)
+    the C++ kernels take a block of elements whose log betas are all 0, where
+    d/dlog beta is not wanted, in a form without the series: the KL and
+    every gradient against the float64 oracle, with and without the prior's
+    gradients, reduced or not, at odd sizes (37 rows of 29: three blocks, the
+    last partial), blocks of beta = 1 alone and blocks mixing beta = 1 with
+    other betas."""
+    g = torch.Generator().manual_seed(11 + 2 * per_row + mixed)
+    N, L = 37, 29
+    params = unit_beta_params(N, L, per_row, mixed, g)
+    prior = "full" if per_row else "per_dim"
+    for reduce in (False, True):
+        for need_dp in (False, True):
+            problem = ("kumaraswamy", (N,), L, prior, "wide", reduce, 5 + reduce)
+            check_against_reference(problem, dtype, backend[1], params, need_dp=need_dp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
+def test_kumaraswamy_unit_beta_form_is_the_series_form_bit_for_bit(backend, dtype, per_row):
+    """An element against beta = 1 has the same KL and q gradients whether its
+    block takes the form without the series (no d/dlog beta wanted, every
+    log beta of the block 0) or the general one (d/dlog beta wanted; or a
+    block with other betas): the fused samplers' blocks differ from
+    family_kl's own, and each must give the other's bits."""
+    g = torch.Generator().manual_seed(3 + per_row)
+    N, L = 37, 29
+    (la, lb), (lal, lbe) = unit_beta_params(N, L, per_row, False, g)
+    lbe_mixed = lbe.clone()
+    lbe_mixed.view(-1)[-1] = 0.5  # the last element: every block mixed (shared), the last (per row)
+    device = backend[1]
+    runs = []
+    for log_beta, need_dp in ((lbe, False), (lbe, True), (lbe_mixed, False)):
+        q = [t.to(dtype).to(device).requires_grad_() for t in (la, lb)]
+        p = [t.to(dtype).to(device).requires_grad_(need_dp) for t in (lal, log_beta)]
+        kl = fastvae.family_kl("kumaraswamy", tuple(q), tuple(p), reduce=False)
+        w = torch.randn(kl.shape, generator=torch.Generator().manual_seed(0), dtype=F64).to(kl.dtype).to(device)
+        runs.append([kl.detach(), *torch.autograd.grad(kl, q, w)])
+    keep = torch.ones(N, L, dtype=torch.bool, device=device)
+    keep.view(-1)[-1] = False  # per row: the mixed run's element with beta != 1
+    if not per_row:
+        keep[:, -1] = False
+    for i, t in enumerate(runs[0]):
+        assert not torch.isnan(t).any()
+        assert torch.equal(t, runs[1][i]), f"output {i}: the general form (prior's gradients wanted)"
+        assert torch.equal(t[keep], runs[2][i][keep]), f"output {i}: a mixed block"
+    assert not torch.equal(runs[0][0], runs[2][0])  # the mixed run did differ where beta != 1
 
 
 @pytest.mark.parametrize("family", KL_FAMILIES)
