@@ -86,6 +86,17 @@ def dreg_once(g: Tensor) -> Tensor:
     return not_twice("iwae(estimator='dreg')", (g,), (g,), _DREG_WHY)[0]
 
 
+def replay_inputs(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The inputs of a create_graph=True replay (autograd.grad of a formula
+    on a Function's inputs) as aliases, views of themselves: a gradient with
+    respect to an alias takes only the paths through that input, not those
+    through another input computed from it (a torch Uniform's high = low +
+    width, a prior's scale made from its location), which autograd adds
+    outside the node, so the replay must not; the gradients keep their
+    graph to the inputs themselves."""
+    return [None if t is None else t.view_as(t) for t in tensors]
+
+
 def _acc(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(accumulation_dtype(t.dtype))
 

@@ -338,3 +338,55 @@ def test_sample_concrete_raises_a_named_error_when_differentiated_twice(backend)
     torch.testing.assert_close(d, plain, rtol=0, atol=0)  # the kernel's, usable as a number
     with pytest.raises(RuntimeError, match=r"fastvae\.sample_concrete does not support double backward"):
         torch.autograd.grad((d**2).sum(), [logits])
+
+
+def _first_derivatives_agree(loss, params):
+    """create_graph=True's first derivatives are those of a plain backward."""
+    plain = torch.autograd.grad(loss(), params)
+    graphed = torch.autograd.grad(loss(), params, create_graph=True)
+    for name, a, b in zip(range(len(params)), graphed, plain):
+        assert a.isfinite().all(), name
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"parameter {name}")
+
+
+@pytest.mark.parametrize("general", [False, True])
+def test_a_replay_with_inputs_made_from_one_another_counts_each_path_once(backend, path, general, monkeypatch):
+    """The ops whose create_graph=True gradient is autograd of a formula on
+    their inputs replay it on aliases of them: where one input is computed
+    from another (a torch Uniform's high = low + width, a prior's log-scale
+    made from its location, a count likelihood's log theta from its log
+    mean), the first derivatives are a plain backward's, not the shared
+    path counted twice; the second derivatives too (gradgradcheck)."""
+    if general:  # the general composition, not the objectives' plans
+        monkeypatch.setattr(fastvae._plan, "ENABLED", False)
+    g = gen(0)
+    low = torch.randn(5, 3, generator=g, dtype=F64).mul(0.1).requires_grad_()
+    width = torch.rand(5, 3, generator=g, dtype=F64).add(0.5).requires_grad_()
+    p_low = torch.randn(3, generator=g, dtype=F64).requires_grad_()
+    p_raw = torch.randn(3, generator=g, dtype=F64).requires_grad_()
+    x = (torch.rand(5, 3, generator=g) < 0.5).to(F64)
+
+    def kl(family):
+        return lambda: fastvae.family_kl(family, (low, width.log()), (p_low, 0.3 * p_low + p_raw)).sum()
+
+    for family in ("laplace", "gumbel", "cauchy"):
+        _first_derivatives_agree(kl(family), (low, width, p_low, p_raw))
+
+    def uniform_elbo():
+        q = D.Uniform(low, low + width)
+        prior = D.Uniform(p_low - 3.0, p_low + 3.0 + p_raw.exp())
+        return fastvae.elbo(x, q, lambda z: 2.0 * z, likelihood="bernoulli", prior=prior,
+                            generator=gen(1)).sum()
+
+    _first_derivatives_agree(uniform_elbo, (low, width, p_low, p_raw))
+
+    counts = torch.poisson(torch.full((4, 3), 3.0, dtype=F64), generator=gen(2))
+    log_mean = torch.randn(4, 3, generator=g, dtype=F64).requires_grad_()
+
+    def nb():
+        return fastvae.negative_binomial_log_prob(counts, log_mean, 0.5 * log_mean + 0.2).sum()
+
+    _first_derivatives_agree(nb, (log_mean,))
+    assert gradgradcheck(lambda m: fastvae.negative_binomial_log_prob(counts, m, 0.5 * m + 0.2), (log_mean,))
+    assert gradgradcheck(lambda m, r: fastvae.family_kl("laplace", (m, r), (m[0] * 0.5, r[0] + m[0])),
+                         (low, width.detach().log().requires_grad_()))

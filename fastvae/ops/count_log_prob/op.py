@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
+from ..._double_backward import replay_inputs
 from ..._likelihood_layout import _strip_leading_ones, broadcast_x, check_output, fold_samples, folded, kernel_views
 from ..._op import define, run, shaped
 from ..._validate import broadcasts_to
@@ -206,7 +207,7 @@ def double_backward(op: str, grad_out: Tensor, x: Tensor, params: tuple[Tensor, 
     from .. import count_log_prob as oracle
 
     acc = _backend.compute_dtype(x, *params)
-    cast = [p.to(acc) for p in params]
+    cast = replay_inputs(*(p.to(acc) for p in params))
     with torch.enable_grad():
         value = getattr(oracle, op)(x.detach().to(acc), *cast)
         wanted = [c for c, n in zip(cast, needs) if n]

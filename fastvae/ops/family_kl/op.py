@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _validate
+from ..._double_backward import replay_inputs
 from ..._families import KL_FAMILIES
 from ..._op import define, flat, run, shaped
 
@@ -91,7 +92,7 @@ def _double_backward(grad_kl: Tensor, family: int, inputs: tuple, needs: tuple) 
     from .. import family_kl as oracle
 
     acc = _backend.compute_dtype(*inputs)
-    cast = [None if t is None else t.to(acc) for t in inputs]
+    cast = replay_inputs(*(None if t is None else t.to(acc) for t in inputs))
     with torch.enable_grad():
         terms = oracle.family_kl_terms(family, *cast)
         g = grad_kl.to(acc)

@@ -111,7 +111,7 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
-from ..._double_backward import _acc, not_twice
+from ..._double_backward import _acc, not_twice, replay_inputs
 from ..._families import KL_FAMILIES, LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
 from ..._launch import Launch, PlanCache
 from ..._op import SEED_HIGH, define, draw_seed, flat, run, shaped
@@ -375,6 +375,7 @@ class FamilyKLSampler:
                 needs, K, shape = ctx.needs_input_grad[:4], ctx.n_samples, ctx.shape
                 if torch.is_grad_enabled():  # create_graph=True: the two Functions, whose gradients have a graph
                     with torch.enable_grad():
+                        inputs = replay_inputs(*inputs)
                         z, _ = fused.sampler.autograd.apply(inputs[0], inputs[1], seed, ctx.family, K, False)
                         kl = fused.kl_apply(ctx.kl_family, True, *fused.kl_parameters(ctx.kl_family, *inputs))
                     outs = [(o, g) for o, g in ((z, grad_z), (kl, grad_kl)) if g is not None]
