@@ -41,6 +41,7 @@ from torch.distributions import (
 
 from . import _backend, _validate
 from .distributions import DiagonalNormal, TrilNormal, widened
+from .ops.kl_normal import kl_normal as kl_normal_formula
 from .ops.kl_normal.op import kl_normal
 from .ops.mixture_log_prob.op import check_components, mixture_log_prob
 
@@ -272,7 +273,11 @@ def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
         return None
     if isinstance(q, DiagonalNormal):
         if _backend.compiling():
-            return _diagonal_kl_terms(q.mu, q.logvar, prior.mu, prior.logvar)
+            # The fused kl_normal lays a shared (L,) prior out as (N, L) copies;
+            # kl_normal's formula in torch expressions broadcasts it instead,
+            # and Inductor fuses it with the posterior's own elementwise work
+            # (its logvar from a softplus, say), forward and backward.
+            return kl_normal_formula(*widened(q.mu, q.logvar, prior.mu, prior.logvar))
         return kl_normal(q.mu, q.logvar, prior.mu, prior.logvar)
     # KL(N(mu, S S^T) || N(m, D)) = 1/2 [tr(D^-1 S S^T) + (m - mu)^T D^-1 (m - mu) - L + log|D| - log|S S^T|]
     S, q_mu, p_mu, p_logvar = widened(q.scale_tril, q.mu, prior.mu, prior.logvar)
@@ -284,17 +289,6 @@ def analytic_kl(q: DiagonalNormal | TrilNormal, prior: Any) -> Tensor | None:
     return 0.5 * (trace + (diff * diff * inv_var).sum(-1) - q.latent_size + p_logvar.sum(-1) - log_det_q)
 
 
-
-def _diagonal_kl_terms(mu: Tensor, logvar: Tensor, p_mu: Tensor, p_logvar: Tensor) -> Tensor:
-    """KL(N(mu, e^logvar) || N(p_mu, e^p_logvar)) summed over L, as torch
-    expressions, the prior broadcast (no copy): what a compiled graph takes
-    instead of the fused kl_normal, which lays a shared (L,) prior out as
-    (N, L) copies. Inductor fuses these terms with the posterior's own
-    elementwise work (its logvar from a softplus, say), forward and backward,
-    so the KL costs no pass of its own."""
-    mu, logvar, p_mu, p_logvar = widened(mu, logvar, p_mu, p_logvar)
-    d = mu - p_mu
-    return 0.5 * (p_logvar - logvar + (torch.exp(logvar) + d * d) * torch.exp(-p_logvar) - 1.0).sum(-1)
 
 
 def log_ratio_to_standard(prior: Any, z: Tensor) -> Tensor | None:

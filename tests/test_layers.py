@@ -72,6 +72,8 @@ DECLARED = {
                                                     "differentiable, for sample_positive's own double backward",
     ("latents", "ops.sample_family"): "positive_terms at the median (Positive.point): one closed form, not a "
                                       "second copy",
+    ("priors", "ops.kl_normal"): "kl_normal's formula as torch expressions for a diagonal prior under "
+                                 "torch.compile, which Inductor fuses: not a second copy",
     ("latents", "ops.family_kl"): "kumaraswamy_beta_kl, the public torch form of the truncated series (any "
                                   "number of terms): the oracle's formula, not a second copy",
 }
