@@ -69,6 +69,14 @@ test_forward_backward_match_reference, test_half_precision_matches_reference = r
     check_against_reference, problems())
 
 
+@pytest.mark.parametrize("M", [1024, 1025, 2100])
+def test_rows_longer_than_a_chunk(backend, M):
+    """Rows of one chunk (the Triton kernels' 1024 columns), one more, and
+    three chunks: the running sums carry across the chunks, forward (the prefix
+    sums, from the first) and backward (the suffix sums, from the last)."""
+    check_against_reference(((3,), M, 5.0, M), torch.float32, backend[1])
+
+
 def test_oracle_gradient_is_autograd_of_the_oracle():
     """The oracle's backward formula against autograd of its forward (away
     from x_j = 0, where autograd's derivative of |x| is one-sided), at odd
@@ -183,6 +191,25 @@ def test_errors_on_bad_input(backend):
         fastvae.stick_breaking(torch.tensor(0.5, device=device))
     with pytest.raises(ValueError, match=r"y must have a last dimension of at least 1.*\(4, 0\)"):
         fastvae.stick_breaking(torch.zeros(4, 0, device=device))
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles: the main process checks it on cpp and reference")
+def test_compiles_fullgraph_with_changing_shapes(backend):
+    """torch.compile(fullgraph=True) of the op and its backward: shapes that
+    change between calls (rows, width, batch dimensions) recompile or take a
+    dynamic graph, never break it, and give eager's values and gradients."""
+    _, device = backend
+    torch._dynamo.reset()
+    fn = torch.compile(lambda y: fastvae.stick_breaking(y) * 2.0, fullgraph=True)
+    g = torch.Generator().manual_seed(5)
+    for shape in [(4, 3), (7, 3), (5, 6), (2, 3, 9), (11, 1), (9,)]:
+        y = torch.randn(shape, generator=g).to(device)
+        gz = torch.randn((*shape[:-1], shape[-1] + 1), generator=g).to(device)
+        leaves = [y.clone().requires_grad_(), y.clone().requires_grad_()]
+        outs = [f(t) for f, t in zip((fn, lambda t: fastvae.stick_breaking(t) * 2.0), leaves)]
+        grads = [torch.autograd.grad(o, t, gz)[0] for o, t in zip(outs, leaves)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
 
 
 def test_latents_stick_breaking_is_the_op(backend):
