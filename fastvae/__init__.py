@@ -29,6 +29,8 @@ Ops (each a torch.library custom op in the namespace "fastvae" with Triton
   uniform, Laplace, logistic, Gumbel and Cauchy latents (docs/latents.md)
 - sample_positive(family, log_param, log_param2=None, n_samples=None, *, generator=None) -> (z, log_q):
   exponential, Weibull and Kumaraswamy latents (docs/latents.md)
+- stick_breaking(y) -> z: z (..., M + 1) on the simplex from y (..., M), torch's
+  StickBreakingTransform in log space (the logistic-normal posterior's transform)
 - sample_concrete(logits, temperature, n_samples=None, *, hard=False, generator=None, log_p=None) -> (z, log_q):
   relaxed categorical (Concrete / Gumbel-softmax, straight-through with hard=True) latents;
   with a prior log-pmf log_p also the analytic categorical KL, (z, log_q, kl)
@@ -104,6 +106,7 @@ from .ops.sample_family.op import sample_location_scale
 from .ops.sample_normal.op import sample_normal
 from .ops.sample_normal_kl.op import sample_normal_kl
 from .ops.sample_normal_tril.op import sample_normal_tril
+from .ops.stick_breaking.op import stick_breaking
 
 __all__ = [
     "DiagonalNormal",
@@ -126,6 +129,7 @@ __all__ = [
     "LogMeanExpState",
     "latent_log_ratio",
     "mixture_log_prob",
+    "stick_breaking",
     "backend_info",
     "set_backend",
     "use_backend",

@@ -103,6 +103,7 @@ USES: dict[tuple[str, str], str] = {
     ("latents", "sample_family"): "LocationScale's, Positive's and Concrete's samples (and their fused draw and "
                                   "KL), family index and parameter table, argument checks, evaluation draws and "
                                   "Positive's median",
+    ("latents", "stick_breaking"): "the logistic-normal posterior's z is the op (latents.stick_breaking)",
     ("latents", "family_kl"): "the location-scale and exponential records' closed-form KL is the op",
     ("priors", "kl_normal"): "a Gaussian prior's closed-form KL is the op",
     ("priors", "mixture_log_prob"): "MixturePrior.log_prob is the op, with its component checks",
@@ -127,6 +128,8 @@ USES: dict[tuple[str, str], str] = {
                             "to the sampler's",
     ("objectives", "sample_family"): "the family plans' create_graph replay runs the samplers' Functions, and "
                                      "their key a location-scale family's index",
+    ("objectives", "stick_breaking"): "a logistic-normal posterior's decoder input on the Gaussian plans is the op "
+                                      "(latents.stick_breaking)",
     ("objectives", "family_kl"): "the family plans' replay runs the op's Function with the prior in its layout",
     ("_plan_ops", "sample_normal"): "the graph ops of the compiled path launch the sampler's kernel",
     ("kernels.aot", "sample_normal"): "the noise fills' ahead-of-time cases take the sampler's shapes",

@@ -99,6 +99,7 @@ from .ops.sample_family.op import (
 )
 from .ops.sample_family.op import check_args as _concrete_args
 from .ops.sample_normal.op import sample_at, sample_normal_unchecked, sample_normal_with_ratio_unchecked
+from .ops.stick_breaking.op import stick_breaking_unchecked
 from .priors import MixtureOfGaussians, StandardNormal, TorchPrior, VampPrior
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -381,49 +382,12 @@ class _StickBreakingTerms(torch.autograd.Function):
         return (None if dy is None else dy.to(y.dtype)), (None if grad_log_q is None else -grad_log_q)
 
 
-class _StickBreaking(torch.autograd.Function):
-    """z = stick_breaking(y) (..., M + 1) alone: _StickBreakingTerms' z, the
-    same bits, with no log q, for the objectives that need no log-Jacobian
-    (a closed-form KL; IWAE's latent term taken from the normals, where the
-    log-Jacobians cancel). One exp of the log-space z; backward, with
-    g_j = dz_j z_j and R_j = sum_{i >= j} g_i, dy_j = g_j - sigmoid(x_j) R_j
-    (x_j = y_j - log(M - j), recomputed from y: y and z are saved, so a
-    create_graph=True backward is differentiable in y)."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor) -> Tensor:
-        (yw,) = widened(y)
-        M = yw.shape[-1]
-        x = yw - torch.arange(M, 0, -1, dtype=yw.dtype, device=yw.device).log_()
-        S = torch.cumsum(torch.nn.functional.softplus(x), -1)
-        # out of place, and cast only where the dtype changes (half precision):
-        # a Function whose output is the tensor an op returned as itself (an
-        # in-place op's, a no-op .to()'s) gets a zero gradient under
-        # torch.compile on torch 2.11 (Dynamo returns it twice from the traced
-        # forward, and autograd routes its gradient to the copy that backward
-        # ignores)
-        z = torch.cat((x - S, -S[..., -1:]), -1).exp()
-        if z.dtype != y.dtype:
-            z = z.to(y.dtype)
-        ctx.save_for_backward(y, z)
-        return z
-
-    @staticmethod
-    def backward(ctx, grad_z):
-        y, z = ctx.saved_tensors
-        (yw,) = widened(y)
-        M = yw.shape[-1]
-        (g,) = widened(grad_z * z)
-        head = g[..., :M]
-        R = g.sum(-1, keepdim=True) - torch.cumsum(head, -1) + head  # sum_{i >= j} g_i
-        sigma = torch.sigmoid(yw - torch.arange(M, 0, -1, dtype=yw.dtype, device=yw.device).log())
-        return torch.addcmul(head, sigma, R, value=-1.0).to(y.dtype)
-
-
 def stick_breaking(y: Tensor) -> Tensor:
     """z = stick_breaking(y) on the simplex of M + 1 components for y (..., M):
-    torch's StickBreakingTransform in log space, one autograd node."""
-    return _StickBreaking.apply(y)
+    torch's StickBreakingTransform in log space, one fused op
+    (fastvae.stick_breaking, without its argument checks: y is a sample of
+    the checked posterior)."""
+    return stick_breaking_unchecked(y)
 
 
 class _NormalTransform(_Latent):
@@ -542,7 +506,7 @@ class LogisticNormal(_NormalTransform):
     _terms = _StickBreakingTerms
 
     def _z(self, y: Tensor) -> Tensor:  # the same log-space z as rsample_with_log_q's
-        return _StickBreaking.apply(y)
+        return stick_breaking_unchecked(y)
 
     def point(self) -> Tensor:
         return StickBreakingTransform()(self.mu)

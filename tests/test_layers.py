@@ -57,6 +57,8 @@ LAYERS = {
 # tests of what they serve do not rest on them (gradgradcheck, closed forms).
 DECLARED = {
     ("ops.kl_normal.op", "ops.kl_normal"): "kl_normal_grad, differentiable, for its own double backward",
+    ("ops.stick_breaking.op", "ops.stick_breaking"): "stick_breaking_grad, differentiable, for its own double "
+                                                      "backward",
     ("ops.sample_normal_kl.op", "ops.sample_normal_kl"): "sample_normal_kl_grad, differentiable, for its own "
                                                          "double backward",
     ("ops.count_log_prob.op", "ops.count_log_prob"): "the count likelihoods' second derivative is autograd of "
