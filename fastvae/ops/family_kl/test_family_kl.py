@@ -336,6 +336,35 @@ def test_kumaraswamy_unit_beta_form_is_the_series_form_bit_for_bit(backend, dtyp
     assert not torch.equal(runs[0][0], runs[2][0])  # the mixed run did differ where beta != 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kumaraswamy_unit_beta_forms_agree_in_the_sign_of_zero(backend, dtype):
+    """Bit for bit means the sign of a zero too (torch.equal takes -0 for +0):
+    q = Kumaraswamy(1, 1) given as log a = log b = -0 against Beta(1, 1) has
+    the KL -0 in the form without the series, and the general form (which
+    drops its series' term where beta = 1) must give -0 as well, in a block
+    of beta = 1 alone and in a mixed one. The C++ kernels', which choose the
+    form per block."""
+    if backend[0] != "cpp":
+        pytest.skip("the C++ kernels' forms")
+    N, L = 3, 5
+    device = backend[1]
+    neg_zero = torch.full((N, L), -0.0, dtype=dtype, device=device)
+    log_alpha = torch.zeros(L, dtype=dtype, device=device)
+    mixed = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5], dtype=dtype, device=device)
+    runs = []
+    for log_beta, need_dp in ((torch.zeros_like(log_alpha), False), (torch.zeros_like(log_alpha), True),
+                              (mixed, False)):
+        q = [neg_zero.clone().requires_grad_() for _ in range(2)]
+        p = [t.clone().requires_grad_(need_dp) for t in (log_alpha, log_beta)]
+        kl = fastvae.family_kl("kumaraswamy", tuple(q), tuple(p), reduce=False)
+        runs.append([kl.detach(), *torch.autograd.grad(kl, q, torch.ones_like(kl))])
+    ints = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.signbit(runs[0][0][:, :4]).all() and (runs[0][0][:, :4] == 0).all()
+    for run in runs[1:]:
+        for i, (want, got) in enumerate(zip(runs[0], run)):
+            assert torch.equal(want[:, :4].view(ints), got[:, :4].view(ints)), f"output {i}"
+
+
 @pytest.mark.parametrize("family", KL_FAMILIES)
 def test_oracle_matches_torch_distributions(family):
     """The oracle against torch.distributions.kl_divergence (float64), and the
