@@ -907,6 +907,37 @@ struct KLScratch {
         kl(static_cast<size_t>(J)) {}
 };
 
+// out (cols, rows) <- in (rows, cols). The loop runs along out (contiguous
+// stores, strided loads), which the ISA clones vectorize with gathers.
+template <typename T>
+FASTVAE_INLINE void transpose_t(const T* __restrict in, int64_t rows, int64_t cols, T* __restrict out) {
+  for (int64_t c = 0; c < cols; ++c) {
+    T* oc = out + c * rows;
+    for (int64_t r = 0; r < rows; ++r) oc[r] = in[r * cols + c];
+  }
+}
+FASTVAE_CLONES void transpose_f32(const float* in, int64_t rows, int64_t cols, float* out) {
+  transpose_t(in, rows, cols, out);
+}
+template <typename T>
+FASTVAE_INLINE void transpose(const T* in, int64_t rows, int64_t cols, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    transpose_f32(in, rows, cols, out);
+  } else {
+    transpose_t(in, rows, cols, out);
+  }
+}
+
+// log_p (L, C) category-major, (C, L): each latent's category row of the
+// scratch is then whole runs of one row of it (latent j's row is j % L), copied
+// instead of read element by element with an index per latent.
+template <typename T>
+std::vector<T> log_p_by_category(const T* log_p, int64_t L, int64_t C) {
+  std::vector<T> out(static_cast<size_t>(L * C));
+  transpose(log_p, L, C, out.data());
+  return out;
+}
+
 // The category-major passes over J latents (w's a and lp filled).
 // The scratch arrays are distinct (__restrict): else the runtime alias checks
 // GCC would need exceed what it versions a loop for, and the loops stay scalar.
@@ -946,15 +977,17 @@ FASTVAE_CLONES void kl_passes_f32(int64_t J, int64_t C, const float* a, float* e
 }
 
 // The KL terms of the J latents j0 .. j0 + J - 1 of logits a (latent j0 first,
-// (J, C)) against log_p (L, C) (latent j's row j % L), into w.
+// (J, C)) against log_p, given category-major (C, L) (log_p_by_category), into w.
 template <typename T>
-void latents_kl(const T* a, const T* log_p, int64_t j0, int64_t J, int64_t L, int64_t C, KLScratch<T>& w) {
-  for (int64_t j = 0; j < J; ++j) {
-    const T* aj = a + j * C;
-    const T* lpj = log_p + ((j0 + j) % L) * C;
-    for (int64_t c = 0; c < C; ++c) {
-      w.a[static_cast<size_t>(c * J + j)] = aj[c];
-      w.lp[static_cast<size_t>(c * J + j)] = lpj[c];
+void latents_kl(const T* a, const T* lp_cl, int64_t j0, int64_t J, int64_t L, int64_t C, KLScratch<T>& w) {
+  transpose(a, J, C, w.a.data());
+  for (int64_t c = 0; c < C; ++c) {  // row c of w.lp: row c of lp_cl repeated from column j0 % L
+    const T* src = lp_cl + c * L;
+    T* dst = w.lp.data() + c * J;
+    for (int64_t j = 0, l = j0 % L; j < J; l = 0) {
+      const int64_t len = std::min(J - j, L - l);
+      std::copy(src + l, src + l + len, dst + j);
+      j += len;
     }
   }
   if constexpr (std::is_same_v<T, float>) {
@@ -964,11 +997,12 @@ void latents_kl(const T* a, const T* log_p, int64_t j0, int64_t J, int64_t L, in
   }
 }
 
-// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over L in double.
+// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over L in
+// double; log_p category-major (C, L).
 template <typename T>
-void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L, int64_t C, T* kl) {
+void rows_kl(const T* logits, const T* lp_cl, int64_t r0, int64_t r1, int64_t L, int64_t C, T* kl) {
   KLScratch<T> w((r1 - r0) * L, C);
-  latents_kl(logits + r0 * L * C, log_p, 0, (r1 - r0) * L, L, C, w);
+  latents_kl(logits + r0 * L * C, lp_cl, 0, (r1 - r0) * L, L, C, w);
   for (int64_t row = r0; row < r1; ++row) {
     double acc = 0.0;
     for (int64_t l = 0; l < L; ++l) acc += double(w.kl[static_cast<size_t>((row - r0) * L + l)]);
@@ -1017,6 +1051,7 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
   std::vector<double> lgammas(static_cast<size_t>(C + 1));  // lgamma of a latent's count of unmasked categories
   for (int64_t i = 0; i <= C; ++i) lgammas[static_cast<size_t>(i)] = std::lgamma(double(i));
+  const std::vector<T> lp_cl = kl ? log_p_by_category(log_p, L, C) : std::vector<T>();
 #pragma omp parallel for num_threads(n_threads) schedule(static) collapse(2)
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
@@ -1035,7 +1070,7 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
           log_q[k * N + row] = static_cast<T>(acc);
         }
       }
-      if (kl && k == 0) rows_kl(logits, log_p, r0, r1, L, C, kl);  // per row, not per sample
+      if (kl && k == 0) rows_kl(logits, lp_cl.data(), r0, r1, L, C, kl);  // per row, not per sample
     }
   }
 }
@@ -1053,6 +1088,7 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
   // regenerating the noise gives, bit for bit: read instead, unless the
   // stop-score term, which needs the noise itself, is asked
   const bool from_z = z_saved != nullptr && !(stop_score && dlog_q);
+  const std::vector<T> lp_cl = dkl ? log_p_by_category(log_p, L, C) : std::vector<T>();
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * block, j1 = std::min(NL, j0 + block);
@@ -1108,7 +1144,7 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
     if (dkl) {  // d KL_l / d a_c, added after the noise terms' 1 / lam
       const int64_t J = j1 - j0;
       KLScratch<T> w(J, C);
-      latents_kl(logits + j0 * C, log_p, j0, J, L, C, w);
+      latents_kl(logits + j0 * C, lp_cl.data(), j0, J, L, C, w);
       std::vector<T> g(static_cast<size_t>(J)), d(static_cast<size_t>(J * C));
       for (int64_t j = 0; j < J; ++j) g[static_cast<size_t>(j)] = dkl[(j0 + j) / L];
       if constexpr (std::is_same_v<T, float>) {
@@ -1118,10 +1154,9 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
         kl_grad_t(J, C, g.data(), w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(),
                   w.kl.data(), d.data());
       }
-      for (int64_t j = 0; j < J; ++j) {
-        T* dj = dlogits + (j0 + j) * C;
-        for (int64_t c = 0; c < C; ++c) dj[c] += d[static_cast<size_t>(c * J + j)];
-      }
+      transpose(d.data(), C, J, w.e.data());  // back to latent-major (J, C), into a scratch no longer read
+      T* dl = dlogits + j0 * C;
+      for (int64_t i = 0; i < J * C; ++i) dl[i] += w.e[static_cast<size_t>(i)];
     }
   }
 }
