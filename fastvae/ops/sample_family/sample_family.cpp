@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -773,29 +774,61 @@ struct Scratch {
 template <typename T>
 using Count = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
 
-// out (cols, rows) <- in (rows, cols). The loop runs along out (contiguous
-// stores, strided loads), which the ISA clones vectorize.
-template <typename T>
-FASTVAE_INLINE void transpose_t(const T* __restrict in, int64_t rows, int64_t cols, T* __restrict out) {
-  for (int64_t c = 0; c < cols; ++c) {
-    T* oc = out + c * rows;
-    for (int64_t r = 0; r < rows; ++r) oc[r] = in[r * cols + c];
+// out (cols, rows) <- in (rows, cols): in blocks of 8 x 8 (eight row loads,
+// three rounds of shuffles, eight column stores), the edges element by
+// element. A plain loop would not vectorize (its loads are strided by cols,
+// which GCC gives up on), and the tiles pass every element through two or
+// three of these. Only moves: the bits are the input's.
+using Lanes8 = uint32_t __attribute__((vector_size(32)));
+
+FASTVAE_INLINE void transpose_8x8(const uint32_t* in, int64_t in_stride, uint32_t* out, int64_t out_stride) {
+  Lanes8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], in + i * in_stride, sizeof(Lanes8));
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved, per 128-bit half
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then quads: u[i + k] holds columns k and k + 4 of four rows
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int k = 0; k < 4; ++k) {  // the halves of rows 0-3 and 4-7 joined
+    const Lanes8 lo = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const Lanes8 hi = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(out + k * out_stride, &lo, sizeof(Lanes8));
+    std::memcpy(out + (k + 4) * out_stride, &hi, sizeof(Lanes8));
   }
 }
-FASTVAE_CLONES void transpose_f32(const float* in, int64_t rows, int64_t cols, float* out) {
-  transpose_t(in, rows, cols, out);
+
+FASTVAE_INLINE void transpose_u32(const uint32_t* __restrict in, int64_t rows, int64_t cols,
+                                  uint32_t* __restrict out) {
+  const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
+  for (int64_t r = 0; r < rows8; r += 8) {
+    for (int64_t c = 0; c < cols8; c += 8) transpose_8x8(in + r * cols + c, cols, out + c * rows + r, rows);
+    for (int64_t c = cols8; c < cols; ++c) {
+      for (int64_t i = r; i < r + 8; ++i) std::memcpy(out + c * rows + i, in + i * cols + c, 4);
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t i = rows8; i < rows; ++i) std::memcpy(out + c * rows + i, in + i * cols + c, 4);
+  }
 }
-FASTVAE_CLONES void transpose_i32(const int32_t* in, int64_t rows, int64_t cols, int32_t* out) {
-  transpose_t(in, rows, cols, out);
+FASTVAE_CLONES void transpose_u32_clones(const uint32_t* in, int64_t rows, int64_t cols, uint32_t* out) {
+  transpose_u32(in, rows, cols, out);
 }
+
+// The same for any T: 4-byte elements (float32, the words) by their bits
+// (every access a memcpy, so no type is read as another).
 template <typename T>
 FASTVAE_INLINE void transpose(const T* in, int64_t rows, int64_t cols, T* out) {
-  if constexpr (std::is_same_v<T, float>) {
-    transpose_f32(in, rows, cols, out);
-  } else if constexpr (std::is_same_v<T, int32_t>) {
-    transpose_i32(in, rows, cols, out);
+  if constexpr (sizeof(T) == 4) {
+    transpose_u32_clones(reinterpret_cast<const uint32_t*>(in), rows, cols, reinterpret_cast<uint32_t*>(out));
   } else {
-    transpose_t(in, rows, cols, out);
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < rows; ++r) out[c * rows + r] = in[r * cols + c];
+    }
   }
 }
 
@@ -834,7 +867,7 @@ FASTVAE_INLINE void tile_scores_t(int64_t J, int64_t C, const T* __restrict a, c
   for (int64_t j = 0; j < J; ++j) top[j] = ninf;
   for (int64_t c = 0; c < C; ++c) {
     const T* ac = a + c * J;
-    for (int64_t j = 0; j < J; ++j) top[j] = std::max(top[j], ac[j]);
+    for (int64_t j = 0; j < J; ++j) top[j] = top[j] < ac[j] ? ac[j] : top[j];  // std::max's select
   }
   for (int64_t j = 0; j < J; ++j) {
     top[j] = top[j] == ninf ? T(0) : top[j];
@@ -854,8 +887,9 @@ FASTVAE_INLINE void tile_scores_t(int64_t J, int64_t C, const T* __restrict a, c
       sum_y[j] += ok ? v : T(0);
       cnt[j] += ok;
       tc[j] = ok ? tc[j] : T(0);
-      yc[j] = ok ? v : ninf;
-      m[j] = std::max(m[j], yc[j]);
+      const T yv = ok ? v : ninf;
+      yc[j] = yv;
+      m[j] = m[j] < yv ? yv : m[j];  // std::max's select, written out: its reference stops the vectorizer
     }
   }
 }
