@@ -25,7 +25,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -742,9 +744,9 @@ FASTVAE_INLINE T exp1(int32_t x) {
   return x < kHalfWord ? -log_t(u) : -log1m(v);
 }
 
-// The per-element transcendentals run in flat loops over a whole tile (ISA
-// clones for float32, as sample_positive's): t and log t of every element,
-// then exp(y - m) of every element; only the sums and the max run per latent.
+// The per-element transcendentals run in loops over a whole tile (ISA clones
+// for float32, as sample_positive's): t and log t of every element, then
+// exp(y - m) of every element.
 
 // t = the Exp(1) variate, lt = log t, of n folded words.
 template <typename T>
@@ -756,131 +758,239 @@ FASTVAE_INLINE void noise_terms_t(const int32_t* x, int64_t n, T* t, T* lt) {
   }
 }
 
-// z = exp(y - m) of n elements.
-template <typename T>
-FASTVAE_INLINE void exp_shifted_t(const T* y, const T* m, int64_t n, T* z) {
-  for (int64_t i = 0; i < n; ++i) z[i] = exp_t(y[i] - m[i]);
-}
-
 FASTVAE_CLONES void noise_terms_f32(const int32_t* x, int64_t n, float* t, float* lt) { noise_terms_t(x, n, t, lt); }
-FASTVAE_CLONES void exp_shifted_f32(const float* y, const float* m, int64_t n, float* z) { exp_shifted_t(y, m, n, z); }
 
-// What one latent's density needs besides z.
+// A scratch buffer left uninitialized: std::vector would first zero it, a
+// pass over memory that its users overwrite anyway.
 template <typename T>
-struct LatentSums {
-  T m, sum_t, sum_lt, sum_y;
-  int64_t cnt;
+struct Scratch {
+  std::unique_ptr<T[]> p;
+  explicit Scratch(int64_t n) : p(new T[static_cast<size_t>(n)]) {}
+  T* data() const { return p.get(); }
 };
 
-// One latent's scores y = (a - max a - log t) / lam, its max and sums; masked
-// (-inf) categories get y = -inf and t = 0 (so exp(y - m) = 0 needs no
-// branch), and are left out of the sums. mm[c] = the max, for the flat exp
-// pass. The shift by the largest logit changes neither z nor log q (only the
+// A latent's count of unmasked categories (at most C), in an integer as wide
+// as T, so that the loops across latents vectorize.
+template <typename T>
+using Count = std::conditional_t<std::is_same_v<T, float>, int32_t, int64_t>;
+
+// out (cols, rows) <- in (rows, cols): in blocks of 8 x 8 (eight row loads,
+// three rounds of shuffles, eight column stores), the edges element by
+// element. A plain loop would not vectorize (its loads are strided by cols,
+// which GCC gives up on), and the tiles pass every element through two or
+// three of these. Only moves: the bits are the input's.
+using Lanes8 = uint32_t __attribute__((vector_size(32)));
+
+FASTVAE_INLINE void transpose_8x8(const uint32_t* in, int64_t in_stride, uint32_t* out, int64_t out_stride) {
+  Lanes8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], in + i * in_stride, sizeof(Lanes8));
+  for (int i = 0; i < 8; i += 2) {  // pairs of rows interleaved, per 128-bit half
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {  // then quads: u[i + k] holds columns k and k + 4 of four rows
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int k = 0; k < 4; ++k) {  // the halves of rows 0-3 and 4-7 joined
+    const Lanes8 lo = __builtin_shufflevector(u[k], u[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const Lanes8 hi = __builtin_shufflevector(u[k], u[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(out + k * out_stride, &lo, sizeof(Lanes8));
+    std::memcpy(out + (k + 4) * out_stride, &hi, sizeof(Lanes8));
+  }
+}
+
+FASTVAE_INLINE void transpose_u32(const uint32_t* __restrict in, int64_t rows, int64_t cols,
+                                  uint32_t* __restrict out) {
+  const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
+  for (int64_t r = 0; r < rows8; r += 8) {
+    for (int64_t c = 0; c < cols8; c += 8) transpose_8x8(in + r * cols + c, cols, out + c * rows + r, rows);
+    for (int64_t c = cols8; c < cols; ++c) {
+      for (int64_t i = r; i < r + 8; ++i) std::memcpy(out + c * rows + i, in + i * cols + c, 4);
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t i = rows8; i < rows; ++i) std::memcpy(out + c * rows + i, in + i * cols + c, 4);
+  }
+}
+FASTVAE_CLONES void transpose_u32_clones(const uint32_t* in, int64_t rows, int64_t cols, uint32_t* out) {
+  transpose_u32(in, rows, cols, out);
+}
+
+// The same for any T: 4-byte elements (float32, the words) by their bits
+// (every access a memcpy, so no type is read as another).
+template <typename T>
+FASTVAE_INLINE void transpose(const T* in, int64_t rows, int64_t cols, T* out) {
+  if constexpr (sizeof(T) == 4) {
+    transpose_u32_clones(reinterpret_cast<const uint32_t*>(in), rows, cols, reinterpret_cast<uint32_t*>(out));
+  } else {
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < rows; ++r) out[c * rows + r] = in[r * cols + c];
+    }
+  }
+}
+
+// A latent's C categories are too few for a vector, and its sums must run in
+// category order (no -ffast-math: the bits follow the order), so a tile of J
+// latents is held category-major, (C, J): every pass runs across the latents
+// (vectorized), each latent's max and sums still in category order.
+//
+// The scratch of a tile: the words (latent-major, as drawn, then
+// category-major), t, log t, the scores y and z, (C, J); per latent (J,) the
+// max of the logits, 1 / lam, the max of y, the sums (of the unmasked
+// categories: t, log t, y, z) and the count of unmasked categories.
+template <typename T>
+struct TileScratch {
+  Scratch<int32_t> x, xc;
+  Scratch<T> t, lt, y, z;
+  Scratch<T> top, ilam, m, sum_t, sum_lt, sum_y, s;
+  Scratch<Count<T>> cnt, arg;
+  TileScratch(int64_t J, int64_t C)
+      : x(J * C), xc(J * C), t(J * C), lt(J * C), y(J * C), z(J * C), top(J), ilam(J), m(J), sum_t(J), sum_lt(J),
+        sum_y(J), s(J), cnt(J), arg(J) {}
+};
+
+// The scores y = (a - max a - log t) / lam of J latents (category-major a,
+// t, lt, y), their max m and sums; masked (-inf) categories get y = -inf and
+// t = 0 (so exp(y - m) = 0 needs no branch), and are left out of the sums.
+// The shift by the largest logit changes neither z nor log q (only the
 // logits' differences matter) but keeps y finite: (a - log t) / lam overflows
 // for float32 logits above about 3e35 at lam = 1e-3.
 template <typename T>
-FASTVAE_INLINE LatentSums<T> latent_scores(const T* a, T lam, int64_t C, T* t, const T* lt, T* y, T* mm) {
+FASTVAE_INLINE void tile_scores_t(int64_t J, int64_t C, const T* __restrict a, const T* __restrict lam,
+                                  T* __restrict t, const T* __restrict lt, T* __restrict y, T* __restrict top,
+                                  T* __restrict ilam, T* __restrict m, T* __restrict sum_t, T* __restrict sum_lt,
+                                  T* __restrict sum_y, Count<T>* __restrict cnt) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  const T ilam = T(1) / lam;
-  T top = ninf;
-  for (int64_t c = 0; c < C; ++c) top = std::max(top, a[c]);
-  top = top == ninf ? T(0) : top;
-  LatentSums<T> r{ninf, T(0), T(0), T(0), 0};
+  for (int64_t j = 0; j < J; ++j) top[j] = ninf;
   for (int64_t c = 0; c < C; ++c) {
-    const bool ok = a[c] != ninf;
-    const T yc = ((a[c] - top) - lt[c]) * ilam;
-    r.sum_t += ok ? t[c] : T(0);
-    r.sum_lt += ok ? lt[c] : T(0);
-    r.sum_y += ok ? yc : T(0);
-    r.cnt += ok;
-    t[c] = ok ? t[c] : T(0);
-    y[c] = ok ? yc : ninf;
-    r.m = std::max(r.m, y[c]);
+    const T* ac = a + c * J;
+    for (int64_t j = 0; j < J; ++j) top[j] = top[j] < ac[j] ? ac[j] : top[j];  // std::max's select
   }
-  for (int64_t c = 0; c < C; ++c) mm[c] = r.m;
-  return r;
+  for (int64_t j = 0; j < J; ++j) {
+    top[j] = top[j] == ninf ? T(0) : top[j];
+    ilam[j] = T(1) / lam[j];
+    m[j] = ninf;
+    sum_t[j] = sum_lt[j] = sum_y[j] = T(0);
+    cnt[j] = 0;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const T *ac = a + c * J, *lc = lt + c * J;
+    T *tc = t + c * J, *yc = y + c * J;
+    for (int64_t j = 0; j < J; ++j) {
+      const bool ok = ac[j] != ninf;
+      const T v = ((ac[j] - top[j]) - lc[j]) * ilam[j];
+      sum_t[j] += ok ? tc[j] : T(0);
+      sum_lt[j] += ok ? lc[j] : T(0);
+      sum_y[j] += ok ? v : T(0);
+      cnt[j] += ok;
+      tc[j] = ok ? tc[j] : T(0);
+      const T yv = ok ? v : ninf;
+      yc[j] = yv;
+      m[j] = m[j] < yv ? yv : m[j];  // std::max's select, written out: its reference stops the vectorizer
+    }
+  }
 }
 
-// z /= its sum (then the one-hot of its argmax when hard); returns log q of
-// the latent when asked (lgammas given: the forward only), lgammas[cnt] =
+// z = exp(y - m) of J latents, category-major.
+template <typename T>
+FASTVAE_INLINE void exp_shifted_t(int64_t J, int64_t C, const T* __restrict y, const T* __restrict m,
+                                  T* __restrict z) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T* yc = y + c * J;
+    T* zc = z + c * J;
+    for (int64_t j = 0; j < J; ++j) zc[j] = exp_t(yc[j] - m[j]);
+  }
+}
+
+// z /= its sum s (then the one-hot of its argmax when hard), category-major;
+// lq given (the forward only), each latent's log q: lgammas[cnt] =
 // lgamma(cnt) looked up (std::lgamma is a costly call, and a latent's count
 // takes at most C + 1 values), and three logs:
 // -sum_c log z_c = cnt (m + log s) - sum_c y_c over the unmasked categories.
+// is, best and arg: scratch (J,).
 template <typename T>
-FASTVAE_INLINE double latent_finish(const LatentSums<T>& r, T lam, int64_t C, bool hard, const double* lgammas,
-                                    const T* y, T* z) {
-  T s = T(0);
-  for (int64_t c = 0; c < C; ++c) s += z[c];
-  const T is = T(1) / s;
-  for (int64_t c = 0; c < C; ++c) z[c] *= is;
-  if (hard) {
-    int64_t arg = 0;
-    for (int64_t c = 1; c < C; ++c) arg = y[c] > y[arg] ? c : arg;
-    for (int64_t c = 0; c < C; ++c) z[c] = c == arg ? T(1) : T(0);
+FASTVAE_INLINE void tile_finish_t(int64_t J, int64_t C, bool hard, const T* __restrict lam,
+                                  const T* __restrict y, T* __restrict z, T* __restrict s, T* __restrict is,
+                                  const T* __restrict m, const T* __restrict sum_t, const T* __restrict sum_lt,
+                                  const T* __restrict sum_y, const Count<T>* __restrict cnt, T* __restrict best,
+                                  Count<T>* __restrict arg, double* __restrict lq, const double* __restrict lgammas) {
+  for (int64_t j = 0; j < J; ++j) s[j] = T(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const T* zc = z + c * J;
+    for (int64_t j = 0; j < J; ++j) s[j] += zc[j];
   }
-  if (!lgammas) return 0.0;
-  const T cn = static_cast<T>(r.cnt);
-  return lgammas[r.cnt] + double(cn - T(1)) * double(log_t(lam)) +
-         double(cn) * (double(r.m) + double(log_t(s))) - double(r.sum_y) + double(r.sum_lt) -
-         double(cn) * double(log_t(r.sum_t));
-}
-
-// Scratch of one tile of n elements.
-template <typename T>
-struct TileScratch {
-  std::vector<int32_t> x;
-  std::vector<T> t, lt, y, mm;
-  explicit TileScratch(int64_t n)
-      : x(static_cast<size_t>(n)), t(static_cast<size_t>(n)), lt(static_cast<size_t>(n)), y(static_cast<size_t>(n)),
-        mm(static_cast<size_t>(n)) {}
-};
-
-// The per-latent passes over a tile's latents (short loops over C, which the
-// ISA clones vectorize too): the scores, then z's normalization and (when
-// lq is given) each latent's log q.
-template <typename T>
-FASTVAE_INLINE void tile_scores_t(const T* logits, const T* temperature, int64_t n, int64_t C, T* t, const T* lt, T* y,
-                                  T* mm, LatentSums<T>* sums) {
-  for (int64_t j = 0, e = 0; e < n; ++j, e += C) {
-    sums[j] = latent_scores(logits + e, temperature[j], C, t + e, lt + e, y + e, mm + e);
+  for (int64_t j = 0; j < J; ++j) is[j] = T(1) / s[j];
+  for (int64_t c = 0; c < C; ++c) {
+    T* zc = z + c * J;
+    for (int64_t j = 0; j < J; ++j) zc[j] *= is[j];
   }
-}
-
-template <typename T>
-FASTVAE_INLINE void tile_finish_t(const LatentSums<T>* sums, const T* temperature, int64_t n, int64_t C, bool hard,
-                                  const T* y, T* z, double* lq, const double* lgammas) {
-  for (int64_t j = 0, e = 0; e < n; ++j, e += C) {
-    const double q = latent_finish(sums[j], temperature[j], C, hard, lq ? lgammas : nullptr, y + e, z + e);
-    if (lq) lq[j] = q;
+  if (hard) {  // the first category of the largest score (y's argmax is z's)
+    for (int64_t j = 0; j < J; ++j) {
+      best[j] = y[j];
+      arg[j] = 0;
+    }
+    for (int64_t c = 1; c < C; ++c) {
+      const T* yc = y + c * J;
+      for (int64_t j = 0; j < J; ++j) {
+        const bool above = yc[j] > best[j];
+        arg[j] = above ? Count<T>(c) : arg[j];
+        best[j] = above ? yc[j] : best[j];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      T* zc = z + c * J;
+      for (int64_t j = 0; j < J; ++j) zc[j] = arg[j] == c ? T(1) : T(0);
+    }
+  }
+  if (!lq) return;
+  for (int64_t j = 0; j < J; ++j) {
+    const T cn = static_cast<T>(cnt[j]);
+    lq[j] = lgammas[cnt[j]] + double(cn - T(1)) * double(log_t(lam[j])) +
+            double(cn) * (double(m[j]) + double(log_t(s[j]))) - double(sum_y[j]) + double(sum_lt[j]) -
+            double(cn) * double(log_t(sum_t[j]));
   }
 }
 
-FASTVAE_CLONES void tile_scores_f32(const float* logits, const float* temperature, int64_t n, int64_t C, float* t,
-                                    const float* lt, float* y, float* mm, LatentSums<float>* sums) {
-  tile_scores_t(logits, temperature, n, C, t, lt, y, mm, sums);
+FASTVAE_CLONES void tile_scores_f32(int64_t J, int64_t C, const float* a, const float* lam, float* t,
+                                    const float* lt, float* y, float* top, float* ilam, float* m, float* sum_t,
+                                    float* sum_lt, float* sum_y, int32_t* cnt) {
+  tile_scores_t(J, C, a, lam, t, lt, y, top, ilam, m, sum_t, sum_lt, sum_y, cnt);
 }
-FASTVAE_CLONES void tile_finish_f32(const LatentSums<float>* sums, const float* temperature, int64_t n, int64_t C,
-                                    bool hard, const float* y, float* z, double* lq, const double* lgammas) {
-  tile_finish_t(sums, temperature, n, C, hard, y, z, lq, lgammas);
+FASTVAE_CLONES void exp_shifted_f32(int64_t J, int64_t C, const float* y, const float* m, float* z) {
+  exp_shifted_t(J, C, y, m, z);
+}
+FASTVAE_CLONES void tile_finish_f32(int64_t J, int64_t C, bool hard, const float* lam, const float* y, float* z,
+                                    float* s, float* is, const float* m, const float* sum_t, const float* sum_lt,
+                                    const float* sum_y, const int32_t* cnt, float* best, int32_t* arg, double* lq,
+                                    const double* lgammas) {
+  tile_finish_t(J, C, hard, lam, y, z, s, is, m, sum_t, sum_lt, sum_y, cnt, best, arg, lq, lgammas);
 }
 
-// z (n elements, whole latents of C), normalized (one-hot when hard), and
-// the per-latent sums and (lq given) log q of the latents [j0, j0 + n / C)
-// from the words in w.x; temperature and logits at latent j0; lgammas[i] =
-// lgamma(i) for i <= C, read when lq is given.
+// w.z (C, J), normalized (one-hot when hard), with the per-latent sums and
+// (lq given) log q of J latents from the words in w.x; a the latents'
+// logits, category-major; lgammas[i] = lgamma(i) for i <= C, read when lq is
+// given.
 template <typename T>
-FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* temperature, int64_t n, int64_t C,
-                                 bool hard, T* z, LatentSums<T>* sums, double* lq, const double* lgammas = nullptr) {
+FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* a, const T* lam, int64_t J, int64_t C, bool hard,
+                                 double* lq, const double* lgammas = nullptr) {
+  transpose(w.x.data(), J, C, w.xc.data());
   if constexpr (std::is_same_v<T, float>) {  // the loops compiled per ISA level
-    noise_terms_f32(w.x.data(), n, w.t.data(), w.lt.data());
-    tile_scores_f32(logits, temperature, n, C, w.t.data(), w.lt.data(), w.y.data(), w.mm.data(), sums);
-    exp_shifted_f32(w.y.data(), w.mm.data(), n, z);
-    tile_finish_f32(sums, temperature, n, C, hard, w.y.data(), z, lq, lgammas);
+    noise_terms_f32(w.xc.data(), J * C, w.t.data(), w.lt.data());
+    tile_scores_f32(J, C, a, lam, w.t.data(), w.lt.data(), w.y.data(), w.top.data(), w.ilam.data(), w.m.data(),
+                    w.sum_t.data(), w.sum_lt.data(), w.sum_y.data(), w.cnt.data());
+    exp_shifted_f32(J, C, w.y.data(), w.m.data(), w.z.data());
+    tile_finish_f32(J, C, hard, lam, w.y.data(), w.z.data(), w.s.data(), w.ilam.data(), w.m.data(), w.sum_t.data(),
+                    w.sum_lt.data(), w.sum_y.data(), w.cnt.data(), w.top.data(), w.arg.data(), lq, lgammas);
   } else {
-    noise_terms_t(w.x.data(), n, w.t.data(), w.lt.data());
-    tile_scores_t(logits, temperature, n, C, w.t.data(), w.lt.data(), w.y.data(), w.mm.data(), sums);
-    exp_shifted_t(w.y.data(), w.mm.data(), n, z);
-    tile_finish_t(sums, temperature, n, C, hard, w.y.data(), z, lq, lgammas);
+    noise_terms_t(w.xc.data(), J * C, w.t.data(), w.lt.data());
+    tile_scores_t(J, C, a, lam, w.t.data(), w.lt.data(), w.y.data(), w.top.data(), w.ilam.data(), w.m.data(),
+                  w.sum_t.data(), w.sum_lt.data(), w.sum_y.data(), w.cnt.data());
+    exp_shifted_t(J, C, w.y.data(), w.m.data(), w.z.data());
+    tile_finish_t(J, C, hard, lam, w.y.data(), w.z.data(), w.s.data(), w.ilam.data(), w.m.data(), w.sum_t.data(),
+                  w.sum_lt.data(), w.sum_y.data(), w.cnt.data(), w.top.data(), w.arg.data(), lq, lgammas);
   }
 }
 
@@ -893,19 +1003,23 @@ FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* logits, const T* te
 // part: the sampler's kernels compute it only because they already hold the
 // logits (one launch for z, log q and the KL).
 //
-// A latent's C categories are too few for a vector, and its sums must run in
-// order, so the latents are transposed: category-major, (C, J) for J
-// latents, every pass runs across the latents (the ISA clones vectorize it),
-// each latent's max and sums still in category order.
+// Category-major, as the tiles: (C, J) for J latents.
 template <typename T>
 struct KLScratch {
-  std::vector<T> a, e, lp;         // (C, J): the logits, exp(a - top), log p of each latent's row
-  std::vector<T> top, s, ls, kl;   // (J,)
-  KLScratch(int64_t J, int64_t C)
-      : a(static_cast<size_t>(J * C)), e(static_cast<size_t>(J * C)), lp(static_cast<size_t>(J * C)),
-        top(static_cast<size_t>(J)), s(static_cast<size_t>(J)), ls(static_cast<size_t>(J)),
-        kl(static_cast<size_t>(J)) {}
+  Scratch<T> e, lp;                // (C, J): exp(a - top), log p of each latent's row
+  Scratch<T> top, s, ls, kl;       // (J,)
+  KLScratch(int64_t J, int64_t C) : e(J * C), lp(J * C), top(J), s(J), ls(J), kl(J) {}
 };
+
+// log_p (L, C) category-major, (C, L): each latent's category row of the
+// scratch is then whole runs of one row of it (latent j's row is j % L), copied
+// instead of read element by element with an index per latent.
+template <typename T>
+std::vector<T> log_p_by_category(const T* log_p, int64_t L, int64_t C) {
+  std::vector<T> out(static_cast<size_t>(L * C));
+  transpose(log_p, L, C, out.data());
+  return out;
+}
 
 // The category-major passes over J latents (w's a and lp filled).
 // The scratch arrays are distinct (__restrict): else the runtime alias checks
@@ -945,33 +1059,35 @@ FASTVAE_CLONES void kl_passes_f32(int64_t J, int64_t C, const float* a, float* e
   kl_passes_t(J, C, a, e, lp, top, s, ls, kl);
 }
 
-// The KL terms of the J latents j0 .. j0 + J - 1 of logits a (latent j0 first,
-// (J, C)) against log_p (L, C) (latent j's row j % L), into w.
+// The KL terms of the J latents j0 .. j0 + J - 1 of logits a (category-major,
+// (C, J)) against log_p, given category-major (C, L) (log_p_by_category), into w.
 template <typename T>
-void latents_kl(const T* a, const T* log_p, int64_t j0, int64_t J, int64_t L, int64_t C, KLScratch<T>& w) {
-  for (int64_t j = 0; j < J; ++j) {
-    const T* aj = a + j * C;
-    const T* lpj = log_p + ((j0 + j) % L) * C;
-    for (int64_t c = 0; c < C; ++c) {
-      w.a[static_cast<size_t>(c * J + j)] = aj[c];
-      w.lp[static_cast<size_t>(c * J + j)] = lpj[c];
+void latents_kl(const T* a, const T* lp_cl, int64_t j0, int64_t J, int64_t L, int64_t C, KLScratch<T>& w) {
+  for (int64_t c = 0; c < C; ++c) {  // row c of w.lp: row c of lp_cl repeated from column j0 % L
+    const T* src = lp_cl + c * L;
+    T* dst = w.lp.data() + c * J;
+    for (int64_t j = 0, l = j0 % L; j < J; l = 0) {
+      const int64_t len = std::min(J - j, L - l);
+      std::copy(src + l, src + l + len, dst + j);
+      j += len;
     }
   }
   if constexpr (std::is_same_v<T, float>) {
-    kl_passes_f32(J, C, w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(), w.kl.data());
+    kl_passes_f32(J, C, a, w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(), w.kl.data());
   } else {
-    kl_passes_t(J, C, w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(), w.kl.data());
+    kl_passes_t(J, C, a, w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(), w.kl.data());
   }
 }
 
-// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over L in double.
+// kl[row] <- the analytic KL of rows [r0, r1) of logits (N, L, C), summed over L in
+// double; a the rows' logits category-major ((C, (r1 - r0) L)), log_p (C, L).
 template <typename T>
-void rows_kl(const T* logits, const T* log_p, int64_t r0, int64_t r1, int64_t L, int64_t C, T* kl) {
+void rows_kl(const T* a, const T* lp_cl, int64_t r0, int64_t r1, int64_t L, int64_t C, T* kl) {
   KLScratch<T> w((r1 - r0) * L, C);
-  latents_kl(logits + r0 * L * C, log_p, 0, (r1 - r0) * L, L, C, w);
+  latents_kl(a, lp_cl, 0, (r1 - r0) * L, L, C, w);
   for (int64_t row = r0; row < r1; ++row) {
     double acc = 0.0;
-    for (int64_t l = 0; l < L; ++l) acc += double(w.kl[static_cast<size_t>((row - r0) * L + l)]);
+    for (int64_t l = 0; l < L; ++l) acc += double(w.kl.data()[(row - r0) * L + l]);
     kl[row] = static_cast<T>(acc);
   }
 }
@@ -1017,29 +1133,35 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
   std::vector<double> lgammas(static_cast<size_t>(C + 1));  // lgamma of a latent's count of unmasked categories
   for (int64_t i = 0; i <= C; ++i) lgammas[static_cast<size_t>(i)] = std::lgamma(double(i));
+  const std::vector<T> lp_cl = kl ? log_p_by_category(log_p, L, C) : std::vector<T>();
 #pragma omp parallel for num_threads(n_threads) schedule(static) collapse(2)
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
       const int64_t r0 = tile * tile_rows, r1 = std::min(N, r0 + tile_rows);
-      const int64_t n = (r1 - r0) * LC;
-      TileScratch<T> w(n);
-      std::vector<LatentSums<T>> sums(static_cast<size_t>((r1 - r0) * L));
-      std::vector<double> lq(log_q ? static_cast<size_t>((r1 - r0) * L) : 0);
+      const int64_t J = (r1 - r0) * L, n = J * C;
+      TileScratch<T> w(J, C);
+      Scratch<T> a(n);  // the tile's logits, category-major
+      transpose(logits + r0 * LC, J, C, a.data());
+      Scratch<double> lq(log_q ? J : 0);
       folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, r0 * LC, n, LC, row_stride, w.x.data());
-      tile_samples(w, logits + r0 * LC, temperature + r0 * L, n, C, hard, z + k * NLC + r0 * LC, sums.data(),
-                   log_q ? lq.data() : nullptr, lgammas.data());
+      tile_samples(w, a.data(), temperature + r0 * L, J, C, hard, log_q ? lq.data() : nullptr, lgammas.data());
+      transpose(w.z.data(), C, J, z + k * NLC + r0 * LC);
       if (log_q) {
         for (int64_t row = r0; row < r1; ++row) {
           double acc = 0.0;
-          for (int64_t l = 0; l < L; ++l) acc += lq[static_cast<size_t>((row - r0) * L + l)];
+          for (int64_t l = 0; l < L; ++l) acc += lq.data()[(row - r0) * L + l];
           log_q[k * N + row] = static_cast<T>(acc);
         }
       }
-      if (kl && k == 0) rows_kl(logits, log_p, r0, r1, L, C, kl);  // per row, not per sample
+      if (kl && k == 0) rows_kl(a.data(), lp_cl.data(), r0, r1, L, C, kl);  // per row, not per sample
     }
   }
 }
 
+// The backward's per-latent terms run category-major as the forward's, across
+// the latents of a block, in this function's own (baseline ISA) code: the
+// ISA clones would contract its multiply-adds (FMA), and the bits would
+// follow the CPU.
 template <typename T>
 void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, const T* temperature, uint64_t seed,
                               bool stop_score, int64_t K, int64_t N, int64_t L, int64_t C, T* dlogits,
@@ -1053,76 +1175,94 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
   // regenerating the noise gives, bit for bit: read instead, unless the
   // stop-score term, which needs the noise itself, is asked
   const bool from_z = z_saved != nullptr && !(stop_score && dlog_q);
+  const std::vector<T> lp_cl = dkl ? log_p_by_category(log_p, L, C) : std::vector<T>();
 #pragma omp parallel for num_threads(n_threads) schedule(static)
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     const int64_t j0 = blk * block, j1 = std::min(NL, j0 + block);
-    const int64_t n = (j1 - j0) * C;
-    TileScratch<T> w(from_z ? 0 : n);
-    std::vector<T> acc(static_cast<size_t>(n), T(0)), z(static_cast<size_t>(from_z ? 0 : n));
-    std::vector<LatentSums<T>> sums(static_cast<size_t>(j1 - j0));
+    const int64_t J = j1 - j0, n = J * C;
+    const T* lam = temperature + j0;
+    // category-major (C, J): the logits, the gradient so far, dz of a sample;
+    // per latent (J,): sums of a sample's terms, and the row of each latent
+    TileScratch<T> w(J, C);
+    Scratch<T> a(n), acc(n), g(dz ? n : 0), zg(J), gq(J), cn(J), cl(J), it(J), b(J);
+    Scratch<int64_t> row(J);
+    transpose(logits + j0 * C, J, C, a.data());
+    std::fill(acc.data(), acc.data() + n, T(0));
+    for (int64_t j = 0; j < J; ++j) row.data()[j] = (j0 + j) / L;
     if (from_z) {  // only each latent's count of unmasked categories is left to find
-      for (int64_t j = j0; j < j1; ++j) {
-        int64_t cnt = 0;
-        for (int64_t c = 0; c < C; ++c) cnt += logits[j * C + c] != ninf;
-        sums[j - j0].cnt = cnt;
+      Count<T>* cnt = w.cnt.data();
+      for (int64_t j = 0; j < J; ++j) cnt[j] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const T* ac = a.data() + c * J;
+        for (int64_t j = 0; j < J; ++j) cnt[j] += ac[j] != ninf;
       }
     }
     for (int64_t k = 0; k < K; ++k) {
-      if (!from_z) {
+      if (from_z) {
+        transpose(z_saved + k * NLC + j0 * C, J, C, w.z.data());
+      } else {
         folded_words(seed, static_cast<uint64_t>(k * NLC + j0 * C), n, w.x.data());
-        tile_samples(w, logits + j0 * C, temperature + j0, n, C, false, z.data(), sums.data(), nullptr);
+        tile_samples(w, a.data(), lam, J, C, false, nullptr);
       }
-      const T* zk = from_z ? z_saved + k * NLC + j0 * C : z.data();
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t e = (j - j0) * C;
-        const LatentSums<T>& r = sums[j - j0];
-        const T lam = temperature[j];
-        const T* zj = zk + e;
-        T* d = acc.data() + e;
-        if (dz) {
-          const T* g = dz + k * NLC + j * C;
-          T zg = T(0);
-          for (int64_t c = 0; c < C; ++c) zg += zj[c] * g[c];
-          for (int64_t c = 0; c < C; ++c) d[c] += zj[c] * (g[c] - zg);
+      const T* zk = w.z.data();
+      T* d = acc.data();
+      if (dz) {  // d_c += z_c (g_c - sum_c' z_c' g_c')
+        transpose(dz + k * NLC + j0 * C, J, C, g.data());
+        for (int64_t j = 0; j < J; ++j) zg.data()[j] = T(0);
+        for (int64_t e = 0; e < n; e += J) {
+          for (int64_t j = 0; j < J; ++j) zg.data()[j] += zk[e + j] * g.data()[e + j];
         }
-        if (dlog_q) {
-          const T gq = dlog_q[k * N + j / L];
-          const T cnt = static_cast<T>(r.cnt);
-          if (stop_score) {
-            const T b = lam + T(1), cl = cnt * lam, it = T(1) / r.sum_t;
-            const T* t = w.t.data() + e;
-            for (int64_t c = 0; c < C; ++c) d[c] += gq * (cnt * zj[c] + cl * (t[c] * it) - b);
-          } else {
-            for (int64_t c = 0; c < C; ++c) d[c] += gq * (cnt * zj[c] - T(1));
+        for (int64_t e = 0; e < n; e += J) {
+          for (int64_t j = 0; j < J; ++j) d[e + j] += zk[e + j] * (g.data()[e + j] - zg.data()[j]);
+        }
+      }
+      if (dlog_q) {
+        for (int64_t j = 0; j < J; ++j) {
+          gq.data()[j] = dlog_q[k * N + row.data()[j]];
+          cn.data()[j] = static_cast<T>(w.cnt.data()[j]);
+        }
+        if (stop_score) {
+          for (int64_t j = 0; j < J; ++j) {
+            b.data()[j] = lam[j] + T(1);
+            cl.data()[j] = cn.data()[j] * lam[j];
+            it.data()[j] = T(1) / w.sum_t.data()[j];
+          }
+          const T* t = w.t.data();
+          for (int64_t e = 0; e < n; e += J) {
+            for (int64_t j = 0; j < J; ++j) {
+              d[e + j] += gq.data()[j] * (cn.data()[j] * zk[e + j] + cl.data()[j] * (t[e + j] * it.data()[j]) -
+                                          b.data()[j]);
+            }
+          }
+        } else {
+          for (int64_t e = 0; e < n; e += J) {
+            for (int64_t j = 0; j < J; ++j) d[e + j] += gq.data()[j] * (cn.data()[j] * zk[e + j] - T(1));
           }
         }
       }
     }
-    for (int64_t j = j0; j < j1; ++j) {
-      const T ilam = T(1) / temperature[j];
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t e = j * C + c;
-        dlogits[e] = logits[e] == ninf ? T(0) : acc[e - j0 * C] * ilam;
-      }
-    }
-    if (dkl) {  // d KL_l / d a_c, added after the noise terms' 1 / lam
-      const int64_t J = j1 - j0;
-      KLScratch<T> w(J, C);
-      latents_kl(logits + j0 * C, log_p, j0, J, L, C, w);
-      std::vector<T> g(static_cast<size_t>(J)), d(static_cast<size_t>(J * C));
-      for (int64_t j = 0; j < J; ++j) g[static_cast<size_t>(j)] = dkl[(j0 + j) / L];
-      if constexpr (std::is_same_v<T, float>) {
-        kl_grad_f32(J, C, g.data(), w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(),
-                    w.kl.data(), d.data());
-      } else {
-        kl_grad_t(J, C, g.data(), w.a.data(), w.e.data(), w.lp.data(), w.top.data(), w.s.data(), w.ls.data(),
-                  w.kl.data(), d.data());
-      }
+    // the noise terms' 1 / lam (masked categories: 0), then d KL_l / d a_c
+    for (int64_t j = 0; j < J; ++j) it.data()[j] = T(1) / lam[j];
+    for (int64_t e = 0; e < n; e += J) {
       for (int64_t j = 0; j < J; ++j) {
-        T* dj = dlogits + (j0 + j) * C;
-        for (int64_t c = 0; c < C; ++c) dj[c] += d[static_cast<size_t>(c * J + j)];
+        acc.data()[e + j] = a.data()[e + j] == ninf ? T(0) : acc.data()[e + j] * it.data()[j];
       }
     }
+    if (dkl) {
+      KLScratch<T> kw(J, C);
+      latents_kl(a.data(), lp_cl.data(), j0, J, L, C, kw);
+      for (int64_t j = 0; j < J; ++j) gq.data()[j] = dkl[row.data()[j]];
+      T* dk = w.y.data();  // a scratch (C, J) no longer read
+      if constexpr (std::is_same_v<T, float>) {
+        kl_grad_f32(J, C, gq.data(), a.data(), kw.e.data(), kw.lp.data(), kw.top.data(), kw.s.data(),
+                    kw.ls.data(), kw.kl.data(), dk);
+      } else {
+        kl_grad_t(J, C, gq.data(), a.data(), kw.e.data(), kw.lp.data(), kw.top.data(), kw.s.data(), kw.ls.data(),
+                  kw.kl.data(), dk);
+      }
+      for (int64_t i = 0; i < n; ++i) acc.data()[i] += dk[i];
+    }
+    transpose(acc.data(), C, J, dlogits + j0 * C);
   }
 }
 
