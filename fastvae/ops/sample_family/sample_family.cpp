@@ -879,6 +879,7 @@ FASTVAE_INLINE void tile_scores_t(int64_t J, int64_t C, const T* __restrict a, c
   for (int64_t c = 0; c < C; ++c) {
     const T *ac = a + c * J, *lc = lt + c * J;
     T *tc = t + c * J, *yc = y + c * J;
+#pragma GCC ivdep
     for (int64_t j = 0; j < J; ++j) {
       const bool ok = ac[j] != ninf;
       const T v = ((ac[j] - top[j]) - lc[j]) * ilam[j];
