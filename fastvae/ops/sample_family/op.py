@@ -276,7 +276,7 @@ class FamilySampler:
         else K of them, (K, ..., L) and (K, ...)."""
         K = 1 if n_samples is None else _validate.sample_count("n_samples", n_samples, p0.numel(), p0)
         z, log_q = self.autograd.apply(p0, p1, draw_seed(p0.device, generator), family, K, False)
-        return (z[0], log_q[0]) if n_samples is None else (z, log_q)
+        return (z.squeeze(0), log_q.squeeze(0)) if n_samples is None else (z, log_q)  # views backward as views
 
 
 class FamilyKLSampler:
@@ -667,6 +667,11 @@ _NOT_TWICE = ("its backward is a kernel with no differentiable form. Differentia
               "fastvae.ops.sample_family.sample_concrete (plain PyTorch) where a second derivative is needed")
 
 
+# The elements each element counts as in the cpp backend's thread rule
+# (_backend.num_threads): sample_family.h's kConcreteWork, which says why.
+_CONCRETE_WORK = 4
+
+
 def _flat3(t: Tensor) -> Tensor:
     """(..., L, C) -> contiguous (N, L, C) (N spelled out: -1 is ambiguous when L = 0)."""
     return t.reshape(math.prod(t.shape[:-2]), *t.shape[-2:]).contiguous()
@@ -695,9 +700,9 @@ def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_sa
         backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
     kl = (logits.new_empty((0,), dtype=dtype) if lp is None
           else _backend.empty_output((N,), like=logits, dtype=dtype))
-    _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
-                    offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q, log_p=lp,
-                    kl=None if lp is None else kl)
+    _backend.launch(backend, "sample_concrete_forward", _CONCRETE_WORK * z.numel(), logits=a, temperature=lam,
+                    seed=seed, hard=hard, offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q,
+                    log_p=lp, kl=None if lp is None else kl)
     return [_backend.in_dtype(z, _z_dtype(logits)), log_q, kl]
 
 
@@ -720,7 +725,7 @@ def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor 
         backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
     d = _backend.empty_output(a.shape, like=a)
     K = gradient_samples(grad_z, grad_log_q)
-    _backend.launch(backend, "sample_concrete_backward", max(K, 1) * a.numel(), grad_z=grad_z,
+    _backend.launch(backend, "sample_concrete_backward", _CONCRETE_WORK * max(K, 1) * a.numel(), grad_z=grad_z,
                     grad_log_q=grad_log_q, logits=a, temperature=lam, seed=seed, stop_score=stop_score, dlogits=d,
                     grad_kl=grad_kl, log_p=lp)
     return _backend.in_dtype(d, logits.dtype)
@@ -1111,8 +1116,8 @@ def sample_concrete_unchecked(logits: Tensor, temperature: Tensor, n_samples: in
         return out[:2] if log_p is None else out
     out = SampleConcrete.apply(logits, temperature, seed, bool(hard), 1 if n_samples is None else n_samples,
                                stop_score, log_p)
-    if n_samples is None:
-        return (out[0][0], out[1][0], *out[2:])
+    if n_samples is None:  # squeeze, not [0]: a view whose backward is a view too, not a zero-filled scatter
+        return (out[0].squeeze(0), out[1].squeeze(0), *out[2:])
     return out
 
 
@@ -1131,7 +1136,7 @@ def concrete_at(logits: Tensor, temperature: Tensor, seed: Tensor, n_samples: in
         return _backend.in_dtype(z, _z_dtype(logits)), log_q.zero_()
     check_offsets(offset0, sample_stride, row_stride,
                   offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L * C - 1)
-    _backend.launch(backend, "sample_concrete_forward", z.numel(), logits=a, temperature=lam, seed=seed, hard=hard,
-                    offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z, log_q=log_q,
-                    log_p=None, kl=None)
+    _backend.launch(backend, "sample_concrete_forward", _CONCRETE_WORK * z.numel(), logits=a, temperature=lam,
+                    seed=seed, hard=hard, offset0=offset0, sample_stride=sample_stride, row_stride=row_stride, z=z,
+                    log_q=log_q, log_p=None, kl=None)
     return _backend.in_dtype(z, _z_dtype(logits)), log_q

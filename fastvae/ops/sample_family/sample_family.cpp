@@ -1114,6 +1114,40 @@ FASTVAE_CLONES void kl_grad_f32(int64_t J, int64_t C, const float* g, const floa
   kl_grad_t(J, C, g, a, e, lp, top, s, ls, kl, d);
 }
 
+// Each latent's count of unmasked categories, of J latents (category-major
+// logits a).
+template <typename T>
+FASTVAE_INLINE void unmasked_counts_t(int64_t J, int64_t C, const T* __restrict a, Count<T>* __restrict cnt) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < J; ++j) cnt[j] = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const T* ac = a + c * J;
+    for (int64_t j = 0; j < J; ++j) cnt[j] += ac[j] != ninf;
+  }
+}
+FASTVAE_CLONES void unmasked_counts_f32(int64_t J, int64_t C, const float* a, int32_t* cnt) {
+  unmasked_counts_t(J, C, a, cnt);
+}
+
+// The noise terms' factor 1 / lam: acc (C, J) <- acc * (1 / lam) per latent,
+// 0 for a masked category. A division and a multiply, nothing to contract
+// (FMA): the ISA clones give every CPU the same bits.
+template <typename T>
+FASTVAE_INLINE void scale_unmasked_t(int64_t J, int64_t C, const T* __restrict a, const T* __restrict lam,
+                                     T* __restrict il, T* __restrict acc) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < J; ++j) il[j] = T(1) / lam[j];
+  for (int64_t c = 0; c < C; ++c) {
+    const T* ac = a + c * J;
+    T* dc = acc + c * J;
+    for (int64_t j = 0; j < J; ++j) dc[j] = ac[j] == ninf ? T(0) : dc[j] * il[j];
+  }
+}
+FASTVAE_CLONES void scale_unmasked_f32(int64_t J, int64_t C, const float* a, const float* lam, float* il,
+                                       float* acc) {
+  scale_unmasked_t(J, C, a, lam, il, acc);
+}
+
 }  // namespace concrete
 }  // namespace
 
@@ -1169,7 +1203,6 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
                               const T* dkl, const T* log_p, int n_threads, const T* z_saved) {
   const int64_t NL = N * L, NLC = NL * C;
   if (NLC == 0) return;
-  const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t block = std::max<int64_t>(1, kTileElems / C);  // latents per block
   const int64_t n_blocks = (NL + block - 1) / block;
   // the forward's relaxed z (K, N, L, C), when given, is the z that
@@ -1189,13 +1222,17 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
     Scratch<int64_t> row(J);
     transpose(logits + j0 * C, J, C, a.data());
     std::fill(acc.data(), acc.data() + n, T(0));
-    for (int64_t j = 0; j < J; ++j) row.data()[j] = (j0 + j) / L;
+    if (dlog_q || dkl) {  // each latent's row, counted on (a division per latent costs more than the loops)
+      for (int64_t j = 0, r = j0 / L, l = j0 % L; j < J; ++j) {
+        row.data()[j] = r;
+        if (++l == L) l = 0, ++r;
+      }
+    }
     if (from_z) {  // only each latent's count of unmasked categories is left to find
-      Count<T>* cnt = w.cnt.data();
-      for (int64_t j = 0; j < J; ++j) cnt[j] = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        const T* ac = a.data() + c * J;
-        for (int64_t j = 0; j < J; ++j) cnt[j] += ac[j] != ninf;
+      if constexpr (std::is_same_v<T, float>) {
+        unmasked_counts_f32(J, C, a.data(), w.cnt.data());
+      } else {
+        unmasked_counts_t(J, C, a.data(), w.cnt.data());
       }
     }
     for (int64_t k = 0; k < K; ++k) {
@@ -1243,11 +1280,10 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
       }
     }
     // the noise terms' 1 / lam (masked categories: 0), then d KL_l / d a_c
-    for (int64_t j = 0; j < J; ++j) it.data()[j] = T(1) / lam[j];
-    for (int64_t e = 0; e < n; e += J) {
-      for (int64_t j = 0; j < J; ++j) {
-        acc.data()[e + j] = a.data()[e + j] == ninf ? T(0) : acc.data()[e + j] * it.data()[j];
-      }
+    if constexpr (std::is_same_v<T, float>) {
+      scale_unmasked_f32(J, C, a.data(), lam, it.data(), acc.data());
+    } else {
+      scale_unmasked_t(J, C, a.data(), lam, it.data(), acc.data());
     }
     if (dkl) {
       KLScratch<T> kw(J, C);

@@ -75,6 +75,13 @@ void sample_positive_kl_backward(const T* dz, const T* grad_kl, const T* log_p0,
                                  int family, int kl_family, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
                                  T* dprior_log_p0, T* dprior_log_p1, int n_threads);
 
+// The elements each of sample_concrete's elements counts as in the thread rule
+// (kMinWorkPerThread): its kernels take about four times a plain elementwise
+// kernel's time per element (two logs and an exp, and the moves to and from
+// category-major order), so a Gumbel-softmax VAE's (100, 30, 10) call is
+// worth a second thread. op.py's _CONCRETE_WORK is the same number.
+constexpr int64_t kConcreteWork = 4;
+
 // sample_concrete: logits (N, L, C); temperature (N, L); z (K, N, L, C);
 // log_q (K, N) or null. z[k, n, l, c] uses the uniform at offset0 + k * sample_stride
 // + n * row_stride + l * C + c (training: 0, N * L * C, L * C). log_p (L, C) a

@@ -1977,6 +1977,34 @@ def concrete_thread_count_calls(leaf, run):
     return [lambda: run(lambda a: fastvae.sample_concrete(a, 0.5, 4, generator=gen(2)), logits)]
 
 
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the cpp kernels' thread counts")
+def test_concrete_kernels_take_a_second_thread_at_a_small_models_size(monkeypatch):
+    """The Concrete's kernels count each element as sample_family.h's
+    kConcreteWork elements in the thread rule (they cost about that many
+    elementwise kernels' time per element): a Gumbel-softmax VAE's
+    (100, 30, 10) call, which the unweighted rule would give one thread (under
+    2 x MIN_WORK_PER_THREAD elements), runs forward and backward on two threads; a tiny call stays on the calling thread. (Watched
+    through the Function path; torch_op.cpp applies the same weight.)"""
+    monkeypatch.setattr(fastvae._backend, "torch_ops", lambda *t: None)
+    seen = {}
+    for name in ("sample_concrete_forward", "sample_concrete_backward"):
+        real = fastvae._backend.kernel_function("cpp", name)
+        monkeypatch.setitem(fastvae._backend._functions, ("cpp", name),
+                            lambda *args, name=name, real=real: (seen.__setitem__(name, args[-1]), real(*args)))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with fastvae.use_backend("cpp"):
+            for shape, threads in (((100, 30, 10), 2), ((2, 3, 4), 1)):
+                assert math.prod(shape) < 2 * fastvae._backend.cpp_module().MIN_WORK_PER_THREAD
+                a = torch.randn(shape, requires_grad=True)
+                z, _ = fastvae.sample_concrete(a, 1.0, generator=gen(0))
+                z.sum().backward()
+                assert seen == {"sample_concrete_forward": threads, "sample_concrete_backward": threads}, shape
+    finally:
+        torch.set_num_threads(previous)
+
+
 def concrete_fallback_call(leaf, run):
     """tests/test_backend.py: a small call, run with and without the extension."""
     logits = leaf(3, 4, 3)

@@ -2,8 +2,8 @@
 // autograd Function around its kernels in sample_family.cpp), and the graph
 // twins fastvae_cpu::sample_concrete / sample_concrete_backward, which a
 // torch.compile graph calls (csrc/torch_ops.cpp says what these are). At a
-// small model's sizes (100 x 30 latents of 10 categories) the kernels take a
-// few microseconds, the Python Function's host path several times that.
+// small model's sizes (100 x 30 latents of 10 categories) the Python
+// Function's host path would cost about as much as the kernels.
 // Compiled in one unit with csrc/torch_ops.cpp, which defines the libraries.
 #include <cstdint>
 #include <limits>
@@ -72,7 +72,7 @@ std::tuple<Tensor, Tensor, Tensor> concrete_forward(const Tensor& a, const Tenso
     using T = decltype(tag);
     sample_concrete_forward<T>(ptr<T>(a), ptr<T>(lam), uint64_t(seed), hard, 0, uint64_t(N * L * C), uint64_t(L * C),
                                K, N, L, C, ptr<T>(z), ptr<T>(log_q), log_p.defined() ? ptr<T>(log_p) : nullptr,
-                               log_p.defined() ? ptr<T>(kl) : nullptr, threads(K * N * L * C));
+                               log_p.defined() ? ptr<T>(kl) : nullptr, threads(kConcreteWork * K * N * L * C));
   });
   return {z, log_q, kl};
 }
@@ -97,7 +97,8 @@ Tensor concrete_backward(const Tensor& grad_z, const Tensor& grad_log_q, bool st
     using T = decltype(tag);
     auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
     sample_concrete_backward<T>(opt(g), opt(gq), ptr<T>(a), ptr<T>(lam), uint64_t(seed), stop_score, K, N, L, C,
-                                ptr<T>(d), opt(gk), opt(lp), threads(std::max<int64_t>(K, 1) * N * L * C), opt(zs));
+                                ptr<T>(d), opt(gk), opt(lp), threads(kConcreteWork * std::max<int64_t>(K, 1) * N * L * C),
+                                opt(zs));
   });
   return d;
 }
