@@ -63,6 +63,13 @@ _FAKE_MODE = torch._C._TorchDispatchModeKey.FAKE
 _is_compiling, _dispatch_mode = torch.compiler.is_compiling, torch._C._get_dispatch_mode
 
 
+# The tensor types the kernels and the plans take as they are: a plain tensor,
+# and nn.Parameter (a plain tensor marked as a module's: a learned prior's
+# location, logits learned directly). Other subclasses (FakeTensor, functorch
+# wrappers, DTensor, a user's __torch_function__) take the ops' general path.
+PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 def compiling() -> bool:
     """Whether torch.compile is tracing this code, on any torch version:
     Dynamo's own trace, the function of one of the objectives' opaque calls
@@ -346,7 +353,7 @@ def torch_ops(t: torch.Tensor, *others: torch.Tensor | None):
     take as an int, the other backends, tensor subclasses such as FakeTensor,
     half precision and mixed dtypes). Same kernels, so the same numbers either way."""
     if (compiling() or torch._C._get_tracing_state() is not None
-            or type(t) is not torch.Tensor or t.device.type != "cpu"
+            or type(t) not in PLAIN_TYPES or t.device.type != "cpu"
             or t.dtype not in _TORCH_OPS_DTYPES or (_chosen.get("cpu") or backend_for("cpu")) != "cpp"):
         return None
     for o in others:

@@ -268,7 +268,7 @@ class LocationScale(_Latent):
         z, kl = sample_location_scale_kl_unchecked(self.index, KL_FAMILIES.index(self.family), self.loc,
                                                    self.log_scale, *p, 1 if n_samples is None else n_samples,
                                                    generator)
-        return (z[0] if n_samples is None else z), kl, True
+        return (z.squeeze(0) if n_samples is None else z), kl, True
 
 
 def _fuses(loc: Tensor, log_scale: Tensor, p_loc, p_log_scale) -> bool:
@@ -276,7 +276,8 @@ def _fuses(loc: Tensor, log_scale: Tensor, p_loc, p_log_scale) -> bool:
     float32 or float64 dtype and one device (its kernels' types), the prior's
     broadcastable to q's shape, outside autocast; else the two ops (which
     widen half precision, and name a prior that does not broadcast)."""
-    return (type(p_loc) is Tensor and type(p_log_scale) is Tensor and loc.dtype in (torch.float32, torch.float64)
+    plain = _backend.PLAIN_TYPES
+    return (type(p_loc) in plain and type(p_log_scale) in plain and loc.dtype in (torch.float32, torch.float64)
             and log_scale.dtype is loc.dtype and p_loc.dtype is loc.dtype and p_log_scale.dtype is loc.dtype
             and log_scale.device == loc.device and p_loc.device == loc.device and p_log_scale.device == loc.device
             and not torch.is_autocast_enabled(loc.device.type)
@@ -852,7 +853,7 @@ class Positive(_Latent):
             return super().sample_with_kl(n_samples, prior, generator)
         z, kl = sample_positive_kl_unchecked(self.index, KL_FAMILIES.index(self.family), self.log_p0, self.log_p1,
                                              *p, 1 if n_samples is None else n_samples, generator)
-        return (z[0] if n_samples is None else z), kl, True
+        return (z.squeeze(0) if n_samples is None else z), kl, True
 
 
 def _torch_base(prior):
@@ -1092,7 +1093,7 @@ class Concrete(_Latent):
     def rsample(self, n_samples: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:
         K = 1 if n_samples is None else _validate.positive_int("n_samples", n_samples)
         z = self._draw(K, generator, False)[0]
-        return z[0] if n_samples is None else z
+        return z.squeeze(0) if n_samples is None else z
 
     def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
                 prior) -> tuple[Tensor, Tensor | None]:
@@ -1210,7 +1211,7 @@ class Concrete(_Latent):
             kl = log_q - prior.log_prob(z)
             return (z[0], kl[0], False) if n_samples is None else (z, kl, False)
         z = self._draw(K, generator, False)[0]
-        return (z[0] if n_samples is None else z), kl, True
+        return (z.squeeze(0) if n_samples is None else z), kl, True
 
 
 class BinaryConcrete(Concrete):

@@ -344,8 +344,8 @@ def _normal_transform_call(q: Any, decode: Any, prior: Any) -> tuple | None:
     mu, logvar = record.mu, record.logvar
     L = mu.shape[-1]
     device = mu.device
-    if any(type(t) is not Tensor or t.dim() > 1 or t.shape not in ((), (1,), (L,)) or (t.dim() and t.device != device)
-           for t in (p_loc, p_b)):
+    if any(type(t) not in _backend.PLAIN_TYPES or t.dim() > 1 or t.shape not in ((), (1,), (L,))
+           or (t.dim() and t.device != device) for t in (p_loc, p_b)):
         return None
     T = torch.exp if transform is LogNormal else stick_breaking
 
@@ -394,7 +394,7 @@ def _standard_normal_prior(prior: Any, latent: torch.Size, device: torch.device,
             params, ones = (base.mu, base.logvar), False
         else:
             return False
-    if (_backend.compiling() or any(type(t) is not Tensor or t.requires_grad or t.dim() > 1
+    if (_backend.compiling() or any(type(t) not in _backend.PLAIN_TYPES or t.requires_grad or t.dim() > 1
                                     or t.shape not in ((), (1,), latent) or (t.dim() and t.device != device)
                                     for t in params)):
         return False
@@ -523,7 +523,7 @@ def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, redu
     pair = positive and not exponential  # two log parameters: the Weibull's, the Kumaraswamy's
     if exponential:
         loc, p_loc = b, p_b  # (read for their dtype, device and shape alone)
-    if type(loc) is not Tensor or type(b) is not Tensor or type(p_loc) is not Tensor or type(p_b) is not Tensor:
+    if any(type(t) not in _backend.PLAIN_TYPES for t in (loc, b, p_loc, p_b)):
         return None
     device, dtype = loc.device, loc.dtype
     backend = _backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)
@@ -627,7 +627,7 @@ def _general_family_sample(family: int, kl_family: int, loc: Tensor, log_scale: 
     L = log_scale.shape[-1]
     kl = FamilyKL.apply(kl_family, True, None if loc is None else loc.reshape(-1, L), log_scale.reshape(-1, L),
                         p_loc, p_log_scale)
-    return z[0] if n_samples is None else z, kl.reshape(log_scale.shape[:-1])
+    return z.squeeze(0) if n_samples is None else z, kl.reshape(log_scale.shape[:-1])
 
 
 # -- under torch.compile ----------------------------------------------------------

@@ -1820,3 +1820,31 @@ def test_normal_transforms_through_their_normals_under_autocast(backend, name):
         for p, q in zip(ga, gb):
             assert p.dtype == q.dtype
             torch.testing.assert_close(p, q, rtol=1e-2, atol=1e-2)
+
+
+def test_a_learned_prior_of_parameters_takes_the_fused_draw(monkeypatch):
+    """A learned prior's location held as an nn.Parameter (a module's) is a
+    plain tensor to the kernels: a Laplace ELBO against it draws z and the
+    closed-form KL fused, never through the general draw, with the values and
+    gradients of the same prior made of plain tensors."""
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 6, 4, 5
+    x = (torch.rand(B, D, generator=g) > 0.5).double()
+    W = torch.randn(L, D, generator=g, dtype=torch.float64)
+    loc = torch.randn(B, L, generator=g, dtype=torch.float64)
+    scale = torch.rand(B, L, generator=g, dtype=torch.float64) + 0.5
+    p_loc, p_raw = torch.randn(L, generator=g, dtype=torch.float64), torch.randn(L, generator=g, dtype=torch.float64)
+
+    def general_draw(*args, **kwargs):
+        raise AssertionError("the general (unfused) draw was taken")
+
+    monkeypatch.setattr(fastvae.latents._Latent, "sample_with_kl", general_draw)
+    results = []
+    for make in (torch.nn.Parameter, lambda t: t.clone().requires_grad_()):
+        leaves = [make(t.clone()) for t in (loc, p_loc, p_raw)]
+        prior = td.Laplace(leaves[1], torch.nn.functional.softplus(leaves[2]))
+        bound = fastvae.elbo(x, td.Laplace(leaves[0], scale), _decode(W), likelihood="bernoulli", prior=prior,
+                             generator=gen(3), reduction="sum")
+        results.append([bound.detach(), *torch.autograd.grad(bound, leaves)])
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

@@ -216,11 +216,31 @@ def test_objectives_match_the_function_path(function_path):
                 (mu, lv, log_sigma), function_path)
 
 
+class _Subclass(torch.Tensor):
+    """A tensor subclass: the operators leave it to the Functions."""
+
+
+def test_parameters_take_the_operators():
+    """An nn.Parameter (logits learned directly, a learned prior's location)
+    is a plain tensor to the kernels: the C++ operator serves it, with the
+    values and gradients of the same call on a plain tensor."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, 3, generator=g)
+    results = []
+    for leaf in (torch.nn.Parameter(logits.clone()), logits.clone().requires_grad_()):
+        z, log_q = fastvae.sample_concrete(leaf, 0.5, generator=torch.Generator().manual_seed(1))
+        assert any("fastvae::torch_ops" in n for n in _graph_nodes(z.grad_fn))
+        (z * torch.arange(3.0)).sum().add(log_q.sum()).backward()
+        results.append((z.detach(), log_q.detach(), leaf.grad))
+    _assert_same(results[0], results[1])
+
+
 def test_the_function_path_serves_what_the_operators_do_not():
     cpu = torch.zeros(2, 3)
     assert _backend.torch_ops(cpu) is not None
     assert _backend.torch_ops(cpu.half()) is None  # dtypes the kernels do not take
-    assert _backend.torch_ops(torch.nn.Parameter(cpu)) is None  # tensor subclasses
+    assert _backend.torch_ops(torch.nn.Parameter(cpu)) is not None  # a plain tensor marked as a module's
+    assert _backend.torch_ops(cpu.as_subclass(_Subclass)) is None  # tensor subclasses
     assert _backend.torch_ops(torch.zeros(2, 3, device="meta")) is None
     with fastvae.use_backend("reference"):
         assert _backend.torch_ops(cpu) is None

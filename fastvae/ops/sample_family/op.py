@@ -924,8 +924,9 @@ def _plan_for(logits, temperature, n_samples, hard, stop_score, generator, log_p
     to (L, C) with unit column stride) of one float32 or float64 dtype,
     n_samples None or an int >= 1, no empty dimension, the default or a
     torch.Generator."""
-    if (type(logits) is not Tensor or type(temperature) is not Tensor
-            or (log_p is not None and (type(log_p) is not Tensor or log_p.requires_grad))
+    plain = _backend.PLAIN_TYPES
+    if (type(logits) not in plain or type(temperature) not in plain
+            or (log_p is not None and (type(log_p) not in plain or log_p.requires_grad))
             or (n_samples is not None and type(n_samples) is not int) or type(hard) is not bool
             or type(stop_score) is not bool or (generator is not None and type(generator) is not torch.Generator)
             or _backend.compiling()):

@@ -1983,8 +1983,9 @@ def test_concrete_kernels_take_a_second_thread_at_a_small_models_size(monkeypatc
     kConcreteWork elements in the thread rule (they cost about that many
     elementwise kernels' time per element): a Gumbel-softmax VAE's
     (100, 30, 10) call, which the unweighted rule would give one thread (under
-    2 x MIN_WORK_PER_THREAD elements), runs forward and backward on two threads; a tiny call stays on the calling thread. (Watched
-    through the Function path; torch_op.cpp applies the same weight.)"""
+    2 x MIN_WORK_PER_THREAD elements), runs forward and backward on two
+    threads; a tiny call stays on the calling thread. (Watched through the
+    Function path; torch_op.cpp applies the same weight.)"""
     monkeypatch.setattr(fastvae._backend, "torch_ops", lambda *t: None)
     seen = {}
     for name in ("sample_concrete_forward", "sample_concrete_backward"):
