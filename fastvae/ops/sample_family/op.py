@@ -685,9 +685,13 @@ def _z_dtype(logits: Tensor) -> torch.dtype:
 
 
 def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int,
-             log_p: Tensor | None = None) -> list[Tensor]:
-    """[z (K, N, L, C), log_q (K, N), kl] for logits (N, L, C), temperature (N, L):
-    kl (N,) with the prior log-pmf log_p (L, C), else an empty (0,) tensor."""
+             log_p: Tensor | None = None, keep_relaxed: bool = False) -> list[Tensor]:
+    """[z (K, N, L, C), log_q (K, N), kl, relaxed] for logits (N, L, C),
+    temperature (N, L): kl (N,) with the prior log-pmf log_p (L, C), else an
+    empty (0,) tensor; relaxed, with hard and keep_relaxed, the relaxed z
+    (K, N, L, C) whose argmax the one-hot z is (the backward's z; the C++
+    twin writes it in the same pass, here a relaxed launch on the same noise
+    draws it), else an empty (0,) tensor."""
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
     a = _backend.kernel_input(backend, logits.contiguous(), dtype)
@@ -703,7 +707,13 @@ def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_sa
     _backend.launch(backend, "sample_concrete_forward", _CONCRETE_WORK * z.numel(), logits=a, temperature=lam,
                     seed=seed, hard=hard, offset0=0, sample_stride=N * L * C, row_stride=L * C, z=z, log_q=log_q,
                     log_p=lp, kl=None if lp is None else kl)
-    return [_backend.in_dtype(z, _z_dtype(logits)), log_q, kl]
+    relaxed = logits.new_empty((0,), dtype=dtype)
+    if hard and keep_relaxed:
+        relaxed = _backend.empty_output((n_samples, N, L, C), like=logits, dtype=dtype)
+        _backend.launch(backend, "sample_concrete_forward", _CONCRETE_WORK * relaxed.numel(), logits=a,
+                        temperature=lam, seed=seed, hard=False, offset0=0, sample_stride=N * L * C,
+                        row_stride=L * C, z=relaxed, log_q=torch.empty_like(log_q), log_p=None, kl=None)
+    return [_backend.in_dtype(z, _z_dtype(logits)), log_q, kl, relaxed]
 
 
 def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor | None, grad_log_q: Tensor | None,
@@ -731,20 +741,24 @@ def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor 
     return _backend.in_dtype(d, logits.dtype)
 
 
-def _fake(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int, log_p: Tensor | None = None):
+def _fake(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_samples: int, log_p: Tensor | None = None,
+          keep_relaxed: bool = False):
     dtype = _backend.compute_dtype(logits)
+    relaxed = (n_samples, *logits.shape) if hard and keep_relaxed else (0,)
     return (logits.new_empty((n_samples, *logits.shape), dtype=_z_dtype(logits)),
             logits.new_empty((n_samples, logits.shape[0]), dtype=dtype),
-            logits.new_empty((logits.shape[0],) if log_p is not None else (0,), dtype=dtype))
+            logits.new_empty((logits.shape[0],) if log_p is not None else (0,), dtype=dtype),
+            logits.new_empty(relaxed, dtype=dtype))
 
 
 sample_concrete_op = define(
-    "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples, Tensor? log_p=None)"
-    " -> (Tensor, Tensor, Tensor)",
-    lambda logits, temperature, seed, hard, n_samples, log_p=None: tuple(
-        _forward(logits, temperature, seed, hard, n_samples, log_p)),
+    "sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples, Tensor? log_p=None,"
+    " bool keep_relaxed=False) -> (Tensor, Tensor, Tensor, Tensor)",
+    lambda logits, temperature, seed, hard, n_samples, log_p=None, keep_relaxed=False: tuple(
+        _forward(logits, temperature, seed, hard, n_samples, log_p, keep_relaxed)),
     _fake,
-    cpu=lambda logits, temperature, seed, hard, n_samples, log_p=None: (logits, temperature, log_p),
+    cpu=lambda logits, temperature, seed, hard, n_samples, log_p=None, keep_relaxed=False: (
+        logits, temperature, log_p),
 )
 sample_concrete_backward_op = define(
     "sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z, Tensor? grad_log_q,"
@@ -767,12 +781,14 @@ class SampleConcrete(torch.autograd.Function):
     def forward(ctx, logits, temperature, seed, hard, n_samples, stop_score, log_p=None):
         a = _flat3(logits)
         lam = temperature.reshape(a.shape[:2])
-        z, log_q, kl = run(sample_concrete_op, a, lam, seed, hard, n_samples, log_p)
         # on the CPU the relaxed z spares the backward the noise's regeneration (about
-        # half its time), at no memory cost where the decoder keeps z anyway; CUDA
+        # 60% of its time): z itself when relaxed, at no memory cost where the decoder
+        # keeps z anyway; a copy the C++ twin writes beside the one-hot when hard. CUDA
         # regenerates (Philox costs less there than reading z back)
-        keep_z = not hard and a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
-        ctx.save_for_backward(a, lam, seed, log_p, z if keep_z else None)
+        keep_z = a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64)
+        keep_relaxed = keep_z and hard and ctx.needs_input_grad[0]
+        z, log_q, kl, relaxed = run(sample_concrete_op, a, lam, seed, hard, n_samples, log_p, keep_relaxed)
+        ctx.save_for_backward(a, lam, seed, log_p, relaxed if keep_relaxed else z if keep_z and not hard else None)
         ctx.set_materialize_grads(False)
         ctx.shape, ctx.n_samples, ctx.stop_score = logits.shape, n_samples, stop_score
         z, log_q = shaped(z, (n_samples, *logits.shape)), shaped(log_q, (n_samples, *logits.shape[:-2]))

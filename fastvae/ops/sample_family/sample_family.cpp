@@ -906,18 +906,17 @@ FASTVAE_INLINE void exp_shifted_t(int64_t J, int64_t C, const T* __restrict y, c
   }
 }
 
-// z /= its sum s (then the one-hot of its argmax when hard), category-major;
-// lq given (the forward only), each latent's log q: lgammas[cnt] =
-// lgamma(cnt) looked up (std::lgamma is a costly call, and a latent's count
-// takes at most C + 1 values), and three logs:
+// z /= its sum s, category-major; lq given (the forward only), each latent's
+// log q: lgammas[cnt] = lgamma(cnt) looked up (std::lgamma is a costly call,
+// and a latent's count takes at most C + 1 values), and three logs:
 // -sum_c log z_c = cnt (m + log s) - sum_c y_c over the unmasked categories.
-// is, best and arg: scratch (J,).
+// is: scratch (J,).
 template <typename T>
-FASTVAE_INLINE void tile_finish_t(int64_t J, int64_t C, bool hard, const T* __restrict lam,
-                                  const T* __restrict y, T* __restrict z, T* __restrict s, T* __restrict is,
-                                  const T* __restrict m, const T* __restrict sum_t, const T* __restrict sum_lt,
-                                  const T* __restrict sum_y, const Count<T>* __restrict cnt, T* __restrict best,
-                                  Count<T>* __restrict arg, double* __restrict lq, const double* __restrict lgammas) {
+FASTVAE_INLINE void tile_finish_t(int64_t J, int64_t C, const T* __restrict lam, T* __restrict z,
+                                  T* __restrict s, T* __restrict is, const T* __restrict m,
+                                  const T* __restrict sum_t, const T* __restrict sum_lt, const T* __restrict sum_y,
+                                  const Count<T>* __restrict cnt, double* __restrict lq,
+                                  const double* __restrict lgammas) {
   for (int64_t j = 0; j < J; ++j) s[j] = T(0);
   for (int64_t c = 0; c < C; ++c) {
     const T* zc = z + c * J;
@@ -927,24 +926,6 @@ FASTVAE_INLINE void tile_finish_t(int64_t J, int64_t C, bool hard, const T* __re
   for (int64_t c = 0; c < C; ++c) {
     T* zc = z + c * J;
     for (int64_t j = 0; j < J; ++j) zc[j] *= is[j];
-  }
-  if (hard) {  // the first category of the largest score (y's argmax is z's)
-    for (int64_t j = 0; j < J; ++j) {
-      best[j] = y[j];
-      arg[j] = 0;
-    }
-    for (int64_t c = 1; c < C; ++c) {
-      const T* yc = y + c * J;
-      for (int64_t j = 0; j < J; ++j) {
-        const bool above = yc[j] > best[j];
-        arg[j] = above ? Count<T>(c) : arg[j];
-        best[j] = above ? yc[j] : best[j];
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      T* zc = z + c * J;
-      for (int64_t j = 0; j < J; ++j) zc[j] = arg[j] == c ? T(1) : T(0);
-    }
   }
   if (!lq) return;
   for (int64_t j = 0; j < J; ++j) {
@@ -963,35 +944,65 @@ FASTVAE_CLONES void tile_scores_f32(int64_t J, int64_t C, const float* a, const 
 FASTVAE_CLONES void exp_shifted_f32(int64_t J, int64_t C, const float* y, const float* m, float* z) {
   exp_shifted_t(J, C, y, m, z);
 }
-FASTVAE_CLONES void tile_finish_f32(int64_t J, int64_t C, bool hard, const float* lam, const float* y, float* z,
-                                    float* s, float* is, const float* m, const float* sum_t, const float* sum_lt,
-                                    const float* sum_y, const int32_t* cnt, float* best, int32_t* arg, double* lq,
-                                    const double* lgammas) {
-  tile_finish_t(J, C, hard, lam, y, z, s, is, m, sum_t, sum_lt, sum_y, cnt, best, arg, lq, lgammas);
+FASTVAE_CLONES void tile_finish_f32(int64_t J, int64_t C, const float* lam, float* z, float* s, float* is,
+                                    const float* m, const float* sum_t, const float* sum_lt, const float* sum_y,
+                                    const int32_t* cnt, double* lq, const double* lgammas) {
+  tile_finish_t(J, C, lam, z, s, is, m, sum_t, sum_lt, sum_y, cnt, lq, lgammas);
+}
+
+// z (C, J) <- the one-hot of each latent's first largest score y (y's argmax
+// is the relaxed z's): the hard sample. best and arg: scratch (J,).
+template <typename T>
+FASTVAE_INLINE void tile_one_hot_t(int64_t J, int64_t C, const T* __restrict y, T* __restrict z,
+                                   T* __restrict best, Count<T>* __restrict arg) {
+  for (int64_t j = 0; j < J; ++j) {
+    best[j] = y[j];
+    arg[j] = 0;
+  }
+  for (int64_t c = 1; c < C; ++c) {
+    const T* yc = y + c * J;
+    for (int64_t j = 0; j < J; ++j) {
+      const bool above = yc[j] > best[j];
+      arg[j] = above ? Count<T>(c) : arg[j];
+      best[j] = above ? yc[j] : best[j];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    T* zc = z + c * J;
+    for (int64_t j = 0; j < J; ++j) zc[j] = arg[j] == c ? T(1) : T(0);
+  }
+}
+FASTVAE_CLONES void tile_one_hot_f32(int64_t J, int64_t C, const float* y, float* z, float* best, int32_t* arg) {
+  tile_one_hot_t(J, C, y, z, best, arg);
 }
 
 // w.z (C, J), normalized (one-hot when hard), with the per-latent sums and
 // (lq given) log q of J latents from the words in w.x; a the latents'
 // logits, category-major; lgammas[i] = lgamma(i) for i <= C, read when lq is
-// given.
+// given. relaxed given (hard only): the relaxed z, latent-major (J, C), is
+// written there before the one-hot replaces it (the backward's z).
 template <typename T>
 FASTVAE_INLINE void tile_samples(TileScratch<T>& w, const T* a, const T* lam, int64_t J, int64_t C, bool hard,
-                                 double* lq, const double* lgammas = nullptr) {
+                                 double* lq, const double* lgammas = nullptr, T* relaxed = nullptr) {
   transpose(w.x.data(), J, C, w.xc.data());
   if constexpr (std::is_same_v<T, float>) {  // the loops compiled per ISA level
     noise_terms_f32(w.xc.data(), J * C, w.t.data(), w.lt.data());
     tile_scores_f32(J, C, a, lam, w.t.data(), w.lt.data(), w.y.data(), w.top.data(), w.ilam.data(), w.m.data(),
                     w.sum_t.data(), w.sum_lt.data(), w.sum_y.data(), w.cnt.data());
     exp_shifted_f32(J, C, w.y.data(), w.m.data(), w.z.data());
-    tile_finish_f32(J, C, hard, lam, w.y.data(), w.z.data(), w.s.data(), w.ilam.data(), w.m.data(), w.sum_t.data(),
-                    w.sum_lt.data(), w.sum_y.data(), w.cnt.data(), w.top.data(), w.arg.data(), lq, lgammas);
+    tile_finish_f32(J, C, lam, w.z.data(), w.s.data(), w.ilam.data(), w.m.data(), w.sum_t.data(), w.sum_lt.data(),
+                    w.sum_y.data(), w.cnt.data(), lq, lgammas);
+    if (relaxed) transpose(w.z.data(), C, J, relaxed);
+    if (hard) tile_one_hot_f32(J, C, w.y.data(), w.z.data(), w.top.data(), w.arg.data());
   } else {
     noise_terms_t(w.xc.data(), J * C, w.t.data(), w.lt.data());
     tile_scores_t(J, C, a, lam, w.t.data(), w.lt.data(), w.y.data(), w.top.data(), w.ilam.data(), w.m.data(),
                   w.sum_t.data(), w.sum_lt.data(), w.sum_y.data(), w.cnt.data());
     exp_shifted_t(J, C, w.y.data(), w.m.data(), w.z.data());
-    tile_finish_t(J, C, hard, lam, w.y.data(), w.z.data(), w.s.data(), w.ilam.data(), w.m.data(), w.sum_t.data(),
-                  w.sum_lt.data(), w.sum_y.data(), w.cnt.data(), w.top.data(), w.arg.data(), lq, lgammas);
+    tile_finish_t(J, C, lam, w.z.data(), w.s.data(), w.ilam.data(), w.m.data(), w.sum_t.data(), w.sum_lt.data(),
+                  w.sum_y.data(), w.cnt.data(), lq, lgammas);
+    if (relaxed) transpose(w.z.data(), C, J, relaxed);
+    if (hard) tile_one_hot_t(J, C, w.y.data(), w.z.data(), w.top.data(), w.arg.data());
   }
 }
 
@@ -1156,7 +1167,7 @@ using namespace concrete;
 template <typename T>
 void sample_concrete_forward(const T* logits, const T* temperature, uint64_t seed, bool hard, uint64_t offset0,
                              uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, int64_t C,
-                             T* z, T* log_q, const T* log_p, T* kl, int n_threads) {
+                             T* z, T* log_q, const T* log_p, T* kl, int n_threads, T* z_relaxed) {
   const int64_t LC = L * C, NLC = N * LC;
   if (K * N == 0) return;
   if (LC == 0) {
@@ -1179,7 +1190,8 @@ void sample_concrete_forward(const T* logits, const T* temperature, uint64_t see
       transpose(logits + r0 * LC, J, C, a.data());
       Scratch<double> lq(log_q ? J : 0);
       folded_words(seed, offset0 + static_cast<uint64_t>(k) * sample_stride, r0 * LC, n, LC, row_stride, w.x.data());
-      tile_samples(w, a.data(), temperature + r0 * L, J, C, hard, log_q ? lq.data() : nullptr, lgammas.data());
+      tile_samples(w, a.data(), temperature + r0 * L, J, C, hard, log_q ? lq.data() : nullptr, lgammas.data(),
+                   hard && z_relaxed ? z_relaxed + k * NLC + r0 * LC : nullptr);
       transpose(w.z.data(), C, J, z + k * NLC + r0 * LC);
       if (log_q) {
         for (int64_t row = r0; row < r1; ++row) {
@@ -1305,10 +1317,10 @@ void sample_concrete_backward(const T* dz, const T* dlog_q, const T* logits, con
 
 template void sample_concrete_forward<float>(const float*, const float*, uint64_t, bool, uint64_t, uint64_t, uint64_t,
                                              int64_t, int64_t, int64_t, int64_t, float*, float*, const float*, float*,
-                                             int);
+                                             int, float*);
 template void sample_concrete_forward<double>(const double*, const double*, uint64_t, bool, uint64_t, uint64_t,
                                               uint64_t, int64_t, int64_t, int64_t, int64_t, double*, double*,
-                                              const double*, double*, int);
+                                              const double*, double*, int, double*);
 template void sample_concrete_backward<float>(const float*, const float*, const float*, const float*, uint64_t, bool,
                                               int64_t, int64_t, int64_t, int64_t, float*, const float*, const float*,
                                               int, const float*);

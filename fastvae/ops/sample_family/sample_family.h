@@ -87,10 +87,12 @@ constexpr int64_t kConcreteWork = 4;
 // + n * row_stride + l * C + c (training: 0, N * L * C, L * C). log_p (L, C) a
 // prior log-pmf and kl (N,), both or neither: kl[n] <- sum_l sum_c pi_c (log pi_c -
 // log p_c), pi = softmax(logits[n, l]) (no noise: one value per row whatever K).
+// z_relaxed (K, N, L, C) or null, read when hard: the relaxed sample the
+// one-hot z is the argmax of (what the backward differentiates).
 template <typename T>
 void sample_concrete_forward(const T* logits, const T* temperature, uint64_t seed, bool hard, uint64_t offset0,
                              uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N, int64_t L, int64_t C,
-                             T* z, T* log_q, const T* log_p, T* kl, int n_threads);
+                             T* z, T* log_q, const T* log_p, T* kl, int n_threads, T* z_relaxed = nullptr);
 
 // dz (K, N, L, C) and dlog_q (K, N) may be null (no gradient); dlogits (N, L, C).
 // dkl (N,) with log_p (L, C): the analytic KL's gradient added (both or neither).

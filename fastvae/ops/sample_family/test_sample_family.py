@@ -2273,6 +2273,39 @@ def test_the_cpp_operator_checks_its_arguments():
         fastvae.sample_concrete(torch.full((4, 3, 5), math.nan, requires_grad=True), 0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_hard_sample_keeps_its_relaxed_z_for_the_backward(backend, dtype):
+    """keep_relaxed: the op returns, beside the one-hot z, the relaxed z it is
+    the argmax of, bit for bit the relaxed sample of the same noise (the C++
+    twin in the same pass, the other backends by a relaxed launch); the
+    backward that reads it gives the gradients of the one that regenerates
+    the noise, bit for bit (odd sizes, masked categories, K = 3)."""
+    from fastvae.ops.sample_family.op import _forward, sample_concrete_backward_op
+
+    name, device = backend
+    g = torch.Generator().manual_seed(4)
+    a = (torch.randn(5, 7, 9, generator=g, dtype=torch.float64) * 3).to(dtype)
+    a[0, 0, :4] = -math.inf
+    a, lam = a.to(device), (torch.rand(5, 7, generator=g, dtype=torch.float64) + 0.2).to(dtype).to(device)
+    seed = seed_tensor(11, device)
+    with fastvae.use_backend(name):
+        relaxed = _forward(a, lam, seed, False, 3)[0]
+        one_hot, _, _, kept = _forward(a, lam, seed, True, 3, None, True)
+        assert _forward(a, lam, seed, True, 3)[3].numel() == 0  # not asked: nothing kept
+        assert torch.equal(kept, relaxed)
+        assert torch.equal(one_hot, torch.nn.functional.one_hot(relaxed.argmax(-1), 9).to(dtype))
+        twins = [torch.ops.fastvae_cpu.sample_concrete] if name == "cpp" else []
+        for op in twins:
+            out = op(a, lam, seed, True, 3, None, True)
+            assert torch.equal(out[0], one_hot) and torch.equal(out[3], relaxed)
+        gz = torch.randn(relaxed.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+        gq = torch.randn(3, 5, generator=g, dtype=torch.float64).to(dtype).to(device)
+        for op in [sample_concrete_backward_op, *(torch.ops.fastvae_cpu.sample_concrete_backward for _ in twins)]:
+            read = op(a, lam, seed, gz, gq, False, None, None, kept)
+            regenerated = op(a, lam, seed, gz, gq, False)
+            assert torch.isfinite(read).all() and torch.equal(read, regenerated)
+
+
 # -- the plans (op.py): eager calls on the triton backend ------------------------------
 # The planned path launches the general path's kernel variants (triton.py's
 # forward_launch / backward_launch) on the same inputs, so its values and

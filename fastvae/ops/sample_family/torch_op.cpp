@@ -61,20 +61,25 @@ Tensor concrete_log_p(const Tensor& log_p, const Tensor& a) {
   return input(log_p.expand({L, C}), "log_p", a, {L, C});
 }
 
-// z (K, N, L, C), log_q (K, N) and kl (N,) (with log_p (L, C); else an empty
-// (0,) tensor) of the contiguous inputs, in the training layout.
-std::tuple<Tensor, Tensor, Tensor> concrete_forward(const Tensor& a, const Tensor& lam, int64_t seed, bool hard,
-                                                    int64_t K, const Tensor& log_p) {
+// z (K, N, L, C), log_q (K, N), kl (N,) (with log_p (L, C); else an empty
+// (0,) tensor) and, hard with keep_relaxed, the relaxed z (K, N, L, C) the
+// one-hot is the argmax of (else an empty (0,) tensor), of the contiguous
+// inputs, in the training layout.
+std::tuple<Tensor, Tensor, Tensor, Tensor> concrete_forward(const Tensor& a, const Tensor& lam, int64_t seed,
+                                                            bool hard, int64_t K, const Tensor& log_p,
+                                                            bool keep_relaxed = false) {
   const int64_t N = a.size(0), L = a.size(1), C = a.size(2);
   Tensor z = output({K, N, L, C}, a), log_q = output({K, N}, a);
   Tensor kl = log_p.defined() ? output({N}, a) : at::empty({0}, a.options());
+  Tensor relaxed = hard && keep_relaxed ? output({K, N, L, C}, a) : at::empty({0}, a.options());
   by_dtype(a, [&](auto tag) {
     using T = decltype(tag);
     sample_concrete_forward<T>(ptr<T>(a), ptr<T>(lam), uint64_t(seed), hard, 0, uint64_t(N * L * C), uint64_t(L * C),
                                K, N, L, C, ptr<T>(z), ptr<T>(log_q), log_p.defined() ? ptr<T>(log_p) : nullptr,
-                               log_p.defined() ? ptr<T>(kl) : nullptr, threads(kConcreteWork * K * N * L * C));
+                               log_p.defined() ? ptr<T>(kl) : nullptr, threads(kConcreteWork * K * N * L * C),
+                               relaxed.numel() ? ptr<T>(relaxed) : nullptr);
   });
-  return {z, log_q, kl};
+  return {z, log_q, kl, relaxed};
 }
 
 // dlogits (N, L, C) from the upstream gradients of z (K, ..., L, C), log_q
@@ -133,14 +138,16 @@ struct SampleConcrete : torch::autograd::Function<SampleConcrete> {
     const auto [a, lam] = concrete_inputs(logits, temperature, r);
     TORCH_CHECK(!has_log_p || !log_p.requires_grad(), "log_p: the C++ operator takes a prior log-pmf without gradient");
     const Tensor lp = has_log_p ? concrete_log_p(log_p, a) : Tensor();
-    auto [z, log_q, kl] = concrete_forward(a, lam, seed, hard, K, lp);
+    // the relaxed z spares the backward the noise's regeneration (about 60% of
+    // its time): the output itself when relaxed (no memory cost where the
+    // decoder keeps z for its own backward anyway), a copy the kernel writes
+    // beside the one-hot when hard
+    auto [z, log_q, kl, relaxed] = concrete_forward(a, lam, seed, hard, K, lp, logits.requires_grad());
     if (!lp.defined()) ctx->mark_non_differentiable({kl});
     ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
-    // the logits link a double backward's error node; the relaxed z (hard=False)
-    // spares the backward the noise's regeneration, at no memory cost where
-    // the decoder keeps z for its own backward anyway
-    ctx->save_for_backward({a, lam, logits, lp.defined() ? lp : a, hard ? a : z});
-    ctx->saved_data["z_saved"] = !hard;
+    // the logits link a double backward's error node
+    ctx->save_for_backward({a, lam, logits, lp.defined() ? lp : a, hard ? (relaxed.numel() ? relaxed : a) : z});
+    ctx->saved_data["z_saved"] = !hard || relaxed.numel() > 0;
     ctx->saved_data["has_kl"] = lp.defined();
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["K"] = K;
@@ -192,16 +199,19 @@ std::tuple<Tensor, Tensor, Tensor> sample_concrete(const Tensor& logits, const T
 
 // -- the graph twins (fastvae_cpu::*): op.py's layout, logits (N, L, C) ------------
 
-std::tuple<Tensor, Tensor, Tensor> graph_sample_concrete(const Tensor& logits, const Tensor& temperature,
-                                                         const Tensor& seed, bool hard, int64_t n_samples,
-                                                         const std::optional<Tensor>& log_p) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> graph_sample_concrete(const Tensor& logits, const Tensor& temperature,
+                                                                 const Tensor& seed, bool hard, int64_t n_samples,
+                                                                 const std::optional<Tensor>& log_p,
+                                                                 bool keep_relaxed) {
   const int64_t s = seed_value(seed);
   const ConcreteRows r = concrete_rows(logits, s, n_samples);
   const auto [a, lam] = concrete_inputs(logits, temperature, r);
-  auto [z, log_q, kl] = concrete_forward(a, lam, s, hard, n_samples, concrete_log_p(log_p.value_or(Tensor()), a));
+  auto [z, log_q, kl, relaxed] = concrete_forward(a, lam, s, hard, n_samples,
+                                                  concrete_log_p(log_p.value_or(Tensor()), a), keep_relaxed);
   const auto batch = logits.sizes().slice(0, logits.dim() - 2);
-  return {shaped(z, with_samples(n_samples, logits.sizes())), shaped(log_q, with_samples(n_samples, batch)),
-          log_p.has_value() ? shaped(kl, batch) : kl};
+  const auto z_shape = with_samples(n_samples, logits.sizes());
+  return {shaped(z, z_shape), shaped(log_q, with_samples(n_samples, batch)),
+          log_p.has_value() ? shaped(kl, batch) : kl, relaxed.numel() ? shaped(relaxed, z_shape) : relaxed};
 }
 
 Tensor graph_sample_concrete_backward(const Tensor& logits, const Tensor& temperature, const Tensor& seed,
@@ -232,7 +242,7 @@ TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
 
 TORCH_LIBRARY_FRAGMENT(fastvae_cpu, m) {
   m.def("sample_concrete(Tensor logits, Tensor temperature, Tensor seed, bool hard, int n_samples,"
-        " Tensor? log_p=None) -> (Tensor, Tensor, Tensor)");
+        " Tensor? log_p=None, bool keep_relaxed=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("sample_concrete_backward(Tensor logits, Tensor temperature, Tensor seed, Tensor? grad_z,"
         " Tensor? grad_log_q, bool stop_score, Tensor? grad_kl=None, Tensor? log_p=None, Tensor? z=None) -> Tensor");
 }
