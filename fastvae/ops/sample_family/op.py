@@ -1095,8 +1095,9 @@ def sample_concrete(
         (z, log_q): z on the simplex, (..., L, C) or (K, ..., L, C), and log q(z)
         of the relaxed sample summed over the L latents, (...) or (K, ...),
         computed from the Gumbel noise that drew z. Both are differentiable in
-        the logits; the noise is regenerated in the backward, never stored
-        (eager on the CPU, the backward of a relaxed z reads z instead).
+        the logits. On CUDA the backward regenerates the noise; on the CPU
+        it reads the relaxed z (z itself, or with hard=True a copy kept
+        beside the one-hot).
         With log_p, (z, log_q, kl): kl = sum_l sum_c pi_c (log pi_c - log p_c),
         pi = softmax(logits), of shape (...) (no noise: one value per row
         whatever n_samples), differentiable in the logits and in log_p.
