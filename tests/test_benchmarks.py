@@ -556,3 +556,38 @@ def test_harness_can_leave_the_cuda_graph_replay_out():
     assert harness.parse_args(p, ["--no-graphs"]).no_graphs is True
     assert harness.parse_args(p, []).no_graphs is False
     assert inspect.signature(harness.call_figures).parameters["graphs"].default is True
+
+
+def test_bench_triton_op_registers_the_concrete_as_triton_ops(tmp_path, capsys):
+    """benchmarks/bench_triton_op.py: its two triton_op nodes give the shapes
+    and dtypes of fastvae's CUDA ops for (fake) CUDA tensors, and their
+    backward's shape; with no GPU (or --device cpu, as the suite passes on a
+    CPU) it says that it measures nothing, writes nothing and exits cleanly;
+    its table shows each record's figures and whether the bits agreed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pytest.importorskip("triton")
+    from benchmarks import bench_triton_op as bench
+
+    bench.register()
+    bench.register()  # once a process
+    with FakeTensorMode():
+        logits = torch.empty(7, 3, 5, device="cuda")
+        lam = torch.empty(7, 3, device="cuda")
+        seed = torch.empty((), dtype=torch.int64, device="cuda")
+        for hard in (False, True):
+            z, log_q = torch.ops.fastvae_exp.concrete(logits, lam, seed, hard)
+            want_z, want_q = torch.ops.fastvae.sample_concrete(logits, lam, seed, hard, 1, None, False)[:2]
+            assert (z.shape, z.dtype, log_q.shape, log_q.dtype) == (want_z.shape, want_z.dtype, want_q.shape,
+                                                                  want_q.dtype)
+            d = torch.ops.fastvae_exp.concrete_backward(z, logits, lam, seed)
+            assert d.shape == logits.shape and d.device.type == "cuda"
+    out = tmp_path / "triton_op.json"
+    if not torch.cuda.is_available():
+        assert bench.main(["--quick", "--out", str(out)]) is None
+    assert bench.main(["--device", "cpu", "--quick", "--memory", "--out", str(out)]) is None
+    assert not out.exists() and "nothing to measure" in capsys.readouterr().out
+    record = {"hard": True, "z_equal": True, "log_q_equal": True, "dlogits_equal": False,
+              "ms_per_step": {"hand compiled": 0.5, "triton_op compiled": 0.25},
+              "vs_hand_compiled": {"hand compiled": 1.0, "triton_op compiled": 2.0}}
+    assert bench.table([record]).splitlines()[2] == "| hard | 0.500 (1.00x) | 0.250 (2.00x) | False |"
