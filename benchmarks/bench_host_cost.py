@@ -289,9 +289,9 @@ def _direct() -> tuple[int, int]:
     """(launches that launch directly, launches called) of the plans kept:
     the objectives', sample_normal_kl's, sample_concrete's and bernoulli_log_prob's."""
     launches = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan)]
-    launches += [launch for op in (sample_normal_kl_op, sample_concrete_op, bernoulli_op)
-                 for plan in op.PLANS.values()
-                 if plan is not None for launch in plan.launches()]
+    launches += [launch for plans in (sample_normal_kl_op.PLANS, sample_concrete_op.PLANS,
+                                      sample_concrete_op.OP_PLANS, bernoulli_op.PLANS)
+                 for plan in plans.values() if plan is not None for launch in plan.launches()]
     called = [launch for launch in launches if launch.direct is not None]
     return sum(bool(launch.direct) for launch in called), len(called)
 
@@ -348,6 +348,7 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
         _plan.clear()
         sample_normal_kl_op.PLANS.clear()
         sample_concrete_op.PLANS.clear()
+        sample_concrete_op.OP_PLANS.clear()
         bernoulli_op.PLANS.clear()
         for s in steps.values():
             with fastvae.use_backend(s.backend):

@@ -12,6 +12,8 @@ constexpr).
 import triton
 import triton.language as tl
 
+from ._common import cdiv
+
 # -- math helpers -----------------------------------------------------------
 
 
@@ -149,7 +151,7 @@ def uniform_fill(seed, offset0: int, u1, u2) -> None:
     """u1, u2 (n,) float32 <- the two uniforms behind each normal at offset0 + i."""
     n = u1.numel()
     BLOCK = 1024
-    _uniform_kernel[(triton.cdiv(n, BLOCK),)](seed, u1, u2, offset0, n, BLOCK=BLOCK)
+    _uniform_kernel[(cdiv(n, BLOCK),)](seed, u1, u2, offset0, n, BLOCK=BLOCK)
 
 
 def randn_fill(seed, offset0: int, out, row_stride: int | None = None) -> None:
@@ -159,7 +161,7 @@ def randn_fill(seed, offset0: int, out, row_stride: int | None = None) -> None:
     if row_stride is None:
         row_stride = cols
     BLOCK = 1024
-    col_blocks = triton.cdiv(cols, BLOCK)
+    col_blocks = cdiv(cols, BLOCK)
     if rows * col_blocks == 0:
         return
     _randn_kernel[(rows * col_blocks,)](seed, out, offset0, cols, row_stride, col_blocks, BLOCK=BLOCK,

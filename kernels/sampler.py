@@ -26,6 +26,7 @@ from ._common import (
     acc_dtype,
     accumulation_dtype,
     block_cols,
+    cdiv,
     split_samples,
     tile_and_split,
     tile_counters,
@@ -264,7 +265,7 @@ def family_forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torc
     BLOCK_R, BLOCK_L, warps = forward_geometry(L, device, dtype == torch.float64)
     meta = dict(FAMILY=int(family), ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_LOG_Q=with_log_q,
                 ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps)
-    return (triton.cdiv(K * N, BLOCK_R),), meta
+    return (cdiv(K * N, BLOCK_R),), meta
 
 
 def launch_family_forward(kernel, p0, p1, seed, family, offset0, sample_stride, row_stride, z, log_q) -> None:
@@ -293,7 +294,7 @@ def family_backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: tor
     samples; ``narrow``: the block divided so (a kernel that keeps more live)."""
     BLOCK, warps = backward_geometry(device, dtype == torch.float64)
     BLOCK //= narrow
-    blocks = triton.cdiv(N * L, BLOCK)
+    blocks = cdiv(N * L, BLOCK)
     splits, per_split = split_samples(blocks, K, device)
     meta = dict(FAMILY=int(family), HAS_GRAD_Z=has_grad_z, HAS_GRAD_Q=has_grad_log_q, STOP_SCORE=bool(stop_score),
                 ACC=acc_dtype(dtype), BLOCK=BLOCK, ALIGNED=aligned(L), num_warps=warps)

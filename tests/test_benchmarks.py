@@ -591,3 +591,31 @@ def test_bench_triton_op_registers_the_concrete_as_triton_ops(tmp_path, capsys):
               "ms_per_step": {"hand compiled": 0.5, "triton_op compiled": 0.25},
               "vs_hand_compiled": {"hand compiled": 1.0, "triton_op compiled": 2.0}}
     assert bench.table([record]).splitlines()[2] == "| hard | 0.500 (1.00x) | 0.250 (2.00x) | False |"
+
+
+def test_op_plans_ab_times_both_paths():
+    """benchmarks/op_plans_ab.py (the ops' own plans under torch.compile on
+    the CPU stand-in, A/B in one process): with TRITON_INTERPRET=1 it prints
+    both figures of each step and leaves the plans on; without it, it says
+    how to run it."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "TRITON_INTERPRET": "1"}
+    env.pop("FASTVAE_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.op_plans_ab", "--rounds", "1", "--calls", "2"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("compiled ")]
+    assert [line.split(":")[0] for line in lines] == ["compiled sampler", "compiled elbo"]
+    assert all("with the general launch" in line and "with the ops' plans" in line for line in lines)
+    env.pop("TRITON_INTERPRET")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.op_plans_ab"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr

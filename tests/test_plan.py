@@ -1818,3 +1818,29 @@ def test_a_likelihood_that_declares_a_tail_gets_the_plans(monkeypatch, reduction
     monkeypatch.setattr(_backend, "backend_for", lambda device, warn=True: "triton")
     assert _plan_ops.serves_tail(x, out.detach(), kl.detach(), "toy", False)
     assert not _plan_ops.serves_tail(x, out.detach(), kl.detach(), "laplace", False)
+
+
+def test_the_launchers_host_arithmetic_is_tritons():
+    """The launchers size grids and tiles with kernels/_common's cdiv and
+    next_power_of_2, which give Triton's values without the call cost of its
+    constexpr_functions (a few us a launch on the host): the same values from
+    0 up, and no launcher's host code calls Triton's own."""
+    import ast
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    from fastvae.kernels._common import cdiv, next_power_of_2
+
+    for n in [*range(0, 4100), *(2 ** k + d for k in range(13, 40) for d in (-1, 0, 1))]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 16, 64, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    root = Path(__file__).resolve().parents[1]
+    called = []
+    for path in [*root.glob("fastvae/ops/*/triton.py"), *root.glob("kernels/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "triton"
+                    and node.func.attr in ("cdiv", "next_power_of_2")):
+                called.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not called, called

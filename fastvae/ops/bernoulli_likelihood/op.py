@@ -55,7 +55,13 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def forward(kernel: str, x: Tensor, logits: Tensor) -> Tensor:
     """``kernel``'s sum over D, shape (K, P), for x (P, D) and logits (K, P, D),
-    both contiguous (kernel_views makes them so)."""
+    both contiguous (kernel_views makes them so). bernoulli_log_prob's own
+    calls (a compiled graph's nodes) launch from a plan where _op_plan takes
+    them."""
+    if kernel == "bernoulli_log_prob_forward" and (plan := _op_plan(x, logits)) is not None:
+        out = empty(plan.out_like)
+        plan.forward(x, logits, out, out, out, out, *plan.fwd_ints)
+        return out
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(x, logits)
     # logits are read in their own dtype (a bfloat16 decoder output is never
@@ -75,7 +81,16 @@ def forward(kernel: str, x: Tensor, logits: Tensor) -> Tensor:
 def backward(kernel: str, grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: bool) -> list[Tensor]:
     """[dlogits (K, P, D)], and dx (P, D) when need_dx, for grad_out (K, P)
     and the layout of forward (an unwanted gradient is not allocated at all:
-    that cost as much as a small kernel). Each gradient in its input's dtype."""
+    that cost as much as a small kernel). Each gradient in its input's dtype;
+    from a plan as the forward's."""
+    if (kernel == "bernoulli_log_prob_backward" and grad_out.dtype is logits.dtype
+            and (plan := _op_plan(x, logits)) is not None):
+        launch, ints, part_like, tiles, splits = plan.backward(need_dx)
+        dlogits = empty(plan.dlogits_like)
+        dx = empty(plan.dx_like) if need_dx else dlogits
+        launch(shaped(grad_out, logits.shape[:2]).contiguous(), x, logits, dlogits, dx, empty(part_like),
+               plan.kern.tile_counters(plan.device, tiles, splits), dlogits, *ints)
+        return [dlogits, dx] if need_dx else [dlogits]
     backend = _backend.backend_for(logits.device)
     K, P, D = logits.shape
     dtype = _backend.compute_dtype(x, logits)
@@ -301,6 +316,8 @@ def bernoulli_log_prob_unchecked(x: Tensor, logits: Tensor, event_dims: int = 1)
 # compare the two paths); ``empty`` allocates each output like a template the
 # plan holds (the tests' fixture may poison it).
 PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+# the ops' own calls' plans (_op_plan): a compiled graph's nodes
+OP_PLANS = PlanCache()
 
 
 class BernoulliPlan:
@@ -409,6 +426,29 @@ def _plan_for(x: Tensor, logits: Tensor) -> BernoulliPlan | None:
         K, P, D = kernel_shape(x, logits)
         plan = BernoulliPlan(x, logits, K, P, D)
     return PLANS.store(key, plan)
+
+
+def _op_plan(x: Tensor, logits: Tensor) -> BernoulliPlan | None:
+    """The plan of a call of bernoulli_log_prob's ops themselves, x (P, D) and
+    logits (K, P, D) as the Function hands them (a compiled graph calls the
+    ops so), or None (the general launch, which on CUDA pays the launch
+    geometry and Triton's binding of the arguments at every call): on the
+    triton backend, outside autocast, contiguous float32 or float64 tensors
+    of one dtype and device, no empty dimension. The launches are the eager
+    plans' (the same kernels and arguments as the general launch)."""
+    if (not ENABLED or logits.dtype not in _DTYPES or x.dtype is not logits.dtype or logits.dim() != 3
+            or x.shape != logits.shape[1:] or logits.numel() == 0 or not x.is_contiguous()
+            or not logits.is_contiguous() or x.device != logits.device):
+        return None
+    device = logits.device
+    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+            or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
+        return None
+    key = (logits.shape, logits.dtype, device)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, BernoulliPlan(x, logits, *logits.shape))
 
 
 # -- continuous_bernoulli_log_prob -------------------------------------------------

@@ -631,3 +631,37 @@ def test_a_compiling_or_transformed_call_takes_the_general_path(plan_device, mon
     monkeypatch.setattr(fastvae._backend, "compiling", lambda: True)
     assert bernoulli_op._plan_for(x, logits) is None
     assert len(bernoulli_op.PLANS) == 0
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, P, D", [(1, 3, 7), (4, 2, 5), (7, 2, 5)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, sample_splits, dtype,
+                                                                     K, P, D):
+    """bernoulli_log_prob and its backward called as a compiled graph calls
+    them (x (P, D), logits (K, P, D), contiguous): on the triton backend they
+    launch from a plan of the signature (OP_PLANS), with the general
+    launch's values and gradients bit for bit, from the first call and the
+    second, with and without dx and with a split sum over samples; the
+    continuous Bernoulli's ops, half precision and a strided x take the
+    general launch and make no plan."""
+    bernoulli_op.OP_PLANS.clear()
+    x, logits = _plan_inputs((P, D), (K, P, D), dtype, plan_device, False, True, "plain")
+    x, logits = x.detach(), logits.detach()
+    g = torch.randn(K, P, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype).to(plan_device)
+    runs = []
+    for enabled in (True, True, False):
+        monkeypatch.setattr(bernoulli_op, "ENABLED", enabled)
+        out = bernoulli_log_prob_op(x, logits)
+        runs.append([out, *bernoulli_log_prob_backward_op(g, x, logits, True),
+                     *bernoulli_log_prob_backward_op(g, x, logits, False)])
+    assert len(bernoulli_op.OP_PLANS) == 1 and None not in bernoulli_op.OP_PLANS.values()
+    for planned in runs[:2]:
+        for a, b in zip(planned, runs[2], strict=True):
+            _same_bits(a, b)
+    monkeypatch.setattr(bernoulli_op, "ENABLED", True)
+    bernoulli_op.OP_PLANS.clear()
+    continuous_bernoulli_log_prob_op(x.clamp(0.1, 0.9), logits)
+    bernoulli_log_prob_op(x.half(), logits.half())
+    bernoulli_log_prob_op(torch.cat([x, x], -1)[:, ::2], logits)
+    assert len(bernoulli_op.OP_PLANS) == 0

@@ -34,6 +34,7 @@ from fastvae.kernels._common import (
     bound_buffers,
     bound_epilogue,
     bound_grad,
+    cdiv,
     float64_bits,
     load_tile,
     log1p_unit,
@@ -253,7 +254,7 @@ def forward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: 
         # float64 log C (a polynomial and three libdevice logs) spilled 16 bytes
         # on sm_80 at 4 elements a thread: 2 a thread (8 warps over 512)
         BLOCK_R, BLOCK_D, warps = 1, min(BLOCK_D, 512), 8
-    return (triton.cdiv(K * P, BLOCK_R),), dict(
+    return (cdiv(K * P, BLOCK_R),), dict(
         KIND=kind, TERM=term, REDUCE=reduce, ACC=acc_dtype(dtype), TAYLOR_BELOW=taylor_below(kind, dtype),
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
 
@@ -290,7 +291,7 @@ def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device:
                                             BACKWARD_TILE if has_dx else 4096,
                                             BACKWARD_MAX_COLS if has_dx else 1024)
     R, k_loop = (P, K) if has_dx else (K * P, 1)
-    tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(D, BLOCK_D)
+    tiles = cdiv(R, BLOCK_R) * cdiv(D, BLOCK_D)
     splits, per_split = split_samples(tiles, K, device) if has_dx else (1, 1)
     return (tiles * splits,), dict(
         KIND=kind, G_SCALAR=g_scalar, HAS_DTERM=has_dterm, HAS_DX=has_dx, ACC=acc_dtype(dtype),

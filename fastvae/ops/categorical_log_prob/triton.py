@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import INTERPRETER_BLOCK_ROWS, acc_dtype, program_rows
+from fastvae.kernels._common import INTERPRETER_BLOCK_ROWS, acc_dtype, cdiv, next_power_of_2, program_rows
 
 # Class tiles: a row of C classes is read in tiles of at most MAX_BLOCK_C.
 MAX_BLOCK_C = 1024
@@ -135,14 +135,14 @@ def _geometry(D: int, C: int, device: torch.device, fp64: bool) -> tuple[int, in
     MAX_BLOCK_C, and as many class rows as fill a tile of TILE elements (a
     quarter for float64); under the interpreter (cpu) INTERPRETER_BLOCK_ROWS
     rows whatever C. From D and C only: no variant per batch size or K."""
-    block_c = min(triton.next_power_of_2(max(C, 1)), MAX_BLOCK_C)
+    block_c = min(next_power_of_2(max(C, 1)), MAX_BLOCK_C)
     if device.type == "cpu":
         rows, warps = INTERPRETER_BLOCK_ROWS, 4
     else:
         tile = TILE // 4 if fp64 else TILE
         rows = max(1, min(MAX_ROWS, tile // block_c))
         warps = 8 if rows * block_c * (8 if fp64 else 4) >= (8192 if fp64 else 16384) else 4
-    block_d = min(triton.next_power_of_2(max(D, 1)), rows)
+    block_d = min(next_power_of_2(max(D, 1)), rows)
     return max(1, rows // block_d), block_d, block_c, warps
 
 
@@ -152,7 +152,7 @@ def categorical_log_prob_forward(x, logits, out) -> None:
     if K * P == 0:
         return
     block_kp, block_d, block_c, warps = _geometry(D, C, logits.device, logits.dtype == torch.float64)
-    _categorical_log_prob_fwd_kernel[(triton.cdiv(K * P, block_kp),)](
+    _categorical_log_prob_fwd_kernel[(cdiv(K * P, block_kp),)](
         x, logits, out, P, K * P, D, C, ACC=acc_dtype(logits.dtype), BLOCK_KP=block_kp, BLOCK_D=block_d,
         BLOCK_C=block_c, num_warps=warps,
     )
@@ -165,7 +165,7 @@ def categorical_log_prob_backward(grad_out, x, logits, dlogits) -> None:
     if R == 0:
         return
     block_kp, block_d, block_c, warps = _geometry(1, C, logits.device, logits.dtype == torch.float64)
-    _categorical_log_prob_bwd_kernel[(triton.cdiv(R, block_kp),)](
+    _categorical_log_prob_bwd_kernel[(cdiv(R, block_kp),)](
         grad_out, x, logits, dlogits, P, D, R, C, ACC=acc_dtype(logits.dtype), BLOCK_R=block_kp,
         BLOCK_C=block_c, num_warps=warps,
     )

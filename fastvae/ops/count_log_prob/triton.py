@@ -33,6 +33,7 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    cdiv,
     load_tile,
     log1p_unit,
     sample_rows_of,
@@ -403,7 +404,7 @@ def count_forward(kind: int, x, lm, lt, zl, out) -> None:
         return
     BLOCK_R, BLOCK_D, warps = _geometry(lm, FORWARD_TILE // 2 if kind == ZINB else FORWARD_TILE)
     theta_dim = lt is not None and lt.dim() == 1
-    _count_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
+    _count_fwd_kernel[(cdiv(K * P, BLOCK_R),)](
         x, lm, *_or_lm(lm, lt, zl), out, P, K * P, D,
         KIND=kind, THETA_DIM=theta_dim, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
     )
@@ -420,8 +421,8 @@ def count_backward(kind: int, grad_out, x, lm, lt, zl, dlm, dlt, dzl) -> None:
             dlt.zero_()  # a sum over no rows; not a path of any training shape
         return
     BLOCK_R, BLOCK_D, warps = _geometry(lm, BACKWARD_TILE)
-    row_tiles = triton.cdiv(K * P, BLOCK_R)
-    col_blocks = triton.cdiv(D, BLOCK_D)
+    row_tiles = cdiv(K * P, BLOCK_R)
+    col_blocks = cdiv(D, BLOCK_D)
     reduce = dlt is not None and theta_dim and row_tiles > 1
     part = torch.empty((row_tiles, D) if reduce else (1,), dtype=accumulation_dtype(lm.dtype), device=lm.device)
     _count_bwd_kernel[(row_tiles * col_blocks,)](

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype, log1p_unit, sigmoid, softplus
+from fastvae.kernels._common import acc_dtype, cdiv, log1p_unit, next_power_of_2, sigmoid, softplus
 
 # Pixels per program tile, at 4 warps: 2 per thread, each with its two
 # running (max, sumexp) states and the packed layout's three channels and
@@ -353,13 +353,13 @@ def _geometry(x, params, means):
         layout = dict(mean0=0, ls0=0, coef0=0, img_logits=M * S, img_means=M * C * S, mean_m=C * S, mean_c=S)
     fp64 = params.dtype == torch.float64
     if x.device.type == "cpu":
-        tile = min(INTERPRETER_TILE, triton.next_power_of_2(max(S, 1)))
+        tile = min(INTERPRETER_TILE, next_power_of_2(max(S, 1)))
     else:
         tile = FP64_TILE if fp64 else TILE
     options = dict(num_warps=NUM_WARPS)
     if x.device.type != "cpu":
         options["maxnreg"] = FP64_MAXNREG if fp64 else MAXNREG
-    bm = triton.next_power_of_2(max(M, 1)) if x.device.type == "cpu" else 1
+    bm = next_power_of_2(max(M, 1)) if x.device.type == "cpu" else 1
     return P, M, C, S, packed, layout, tile, dict(options, BM=bm)
 
 
@@ -384,7 +384,7 @@ def discretized_logistic_mixture_log_prob_backward(grad_out, x, params, means, l
     gradients of the forward's out given grad_out (K, P)."""
     K = params.shape[0]
     P, M, C, S, packed, layout, tile, options = _geometry(x, params, means)
-    tiles = triton.cdiv(S, tile)
+    tiles = cdiv(S, tile)
     if K * P * tiles == 0:
         return
     _dlm_bwd_kernel[(K * P * tiles,)](

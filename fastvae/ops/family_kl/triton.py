@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
-from fastvae.kernels._common import acc_dtype, blocks
+from fastvae.kernels._common import acc_dtype, blocks, cdiv
 from fastvae.ops.count_log_prob.triton import _digamma_pos, _lgamma_pos
 
 # 1024 elements a program, as kl_normal's; the backward keeps eight tiles live and
@@ -416,7 +416,7 @@ def forward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: bool
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KUMARASWAMY_TILE if family == KUMARASWAMY else KL_TILE)
     meta = dict(FAMILY=family, P_SHARED=p_shared, REDUCE=reduce, ACC=acc_dtype(dtype), BLOCK_N=BLOCK_N,
                 BLOCK_L=BLOCK_L)
-    return (triton.cdiv(N, BLOCK_N),), meta
+    return (cdiv(N, BLOCK_N),), meta
 
 
 def backward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: bool, reduce: bool,
@@ -432,7 +432,7 @@ def backward_plan(N: int, L: int, dtype: torch.dtype, family: int, p_shared: boo
                 BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L)
     if accumulate:
         meta["ACCUMULATE"] = True
-    return (triton.cdiv(N, BLOCK_N),), meta
+    return (cdiv(N, BLOCK_N),), meta
 
 
 def family_kl_forward(q_loc, q_log_param, p_loc, p_log_param, family, kl) -> None:

@@ -35,6 +35,7 @@ from fastvae.kernels._common import (
     bound_buffers,
     bound_epilogue,
     bound_grad,
+    cdiv,
     float64_arg,
     float64_bits,
     load_layout,
@@ -250,7 +251,7 @@ def forward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.devic
     objectives' plans (fastvae/_plan.py). ``term`` and ``reduce``: the
     objectives' bound (_common.bound_epilogue)."""
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64)
-    return (triton.cdiv(K * P, BLOCK_R),), dict(
+    return (cdiv(K * P, BLOCK_R),), dict(
         TERM=term, REDUCE=reduce, LAYOUT=layout, SOFTPLUS=softplus_mode, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R,
         BLOCK_D=BLOCK_D, num_warps=warps)
 
@@ -296,7 +297,7 @@ def pointwise_backward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: 
     store_dterm)."""
     assert layout == ELEMENT or not has_dv, "a DIM or ROW variance gradient sums over rows"
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64, 4096, 1024)
-    tiles = triton.cdiv(K * P, BLOCK_R) * triton.cdiv(D, BLOCK_D)
+    tiles = cdiv(K * P, BLOCK_R) * cdiv(D, BLOCK_D)
     return (tiles,), dict(
         G_SCALAR=g_scalar, HAS_DTERM=has_dterm, LAYOUT=layout, SOFTPLUS=False, HAS_DX=False, HAS_DV=has_dv,
         LOOP_K=False, TILE_SUMS=False, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_L
-from fastvae.kernels._common import acc_dtype, blocks, program_rows, tile_columns
+from fastvae.kernels._common import acc_dtype, blocks, cdiv, program_rows, tile_columns
 
 # 1024 elements a program at 4 warps: 8 a thread, which ptxas keeps in
 # registers for the backward's five live tiles (4096 spilled).
@@ -108,7 +108,7 @@ def kl_normal_forward(mu, logvar, prior_mu, prior_logvar, kl) -> None:
         return
     has_prior = prior_mu is not None
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
-    _kl_normal_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _kl_normal_fwd_kernel[(cdiv(N, BLOCK_N),)](
         mu, logvar, prior_mu if has_prior else mu, prior_logvar if has_prior else logvar, kl,
         N, L, HAS_PRIOR=has_prior, ACC=acc_dtype(mu.dtype), BLOCK_N=BLOCK_N, BLOCK_L=BLOCK_L,
     )
@@ -121,7 +121,7 @@ def kl_normal_backward(grad_kl, mu, logvar, prior_mu, prior_logvar, dmu, dlogvar
         return
     has_prior = prior_mu is not None
     BLOCK_N, BLOCK_L = blocks(N, L, MAX_BLOCK_L, tile=KL_TILE)
-    _kl_normal_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _kl_normal_bwd_kernel[(cdiv(N, BLOCK_N),)](
         grad_kl, mu, logvar,
         prior_mu if has_prior else mu, prior_logvar if has_prior else logvar,
         dmu, dlogvar,

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from fastvae.kernels._common import (
     acc_dtype,
+    cdiv,
     load_layout,
     load_tile,
     sample_rows_of,
@@ -156,7 +157,7 @@ def laplace_log_prob_forward(x, loc, log_scale, out) -> None:
     if K * P == 0:
         return
     BLOCK_R, BLOCK_D, warps = tile_geometry(D, loc.device, loc.dtype == torch.float64)
-    _laplace_log_prob_fwd_kernel[(triton.cdiv(K * P, BLOCK_R),)](
+    _laplace_log_prob_fwd_kernel[(cdiv(K * P, BLOCK_R),)](
         x, loc, log_scale, out, P, K * P, D, LAYOUT=scale_layout(log_scale), ACC=acc_dtype(loc.dtype),
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
 

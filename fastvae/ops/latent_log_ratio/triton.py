@@ -21,6 +21,7 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    cdiv,
     load_tile,
     sample_rows_of,
     split_samples,
@@ -124,7 +125,7 @@ def latent_log_ratio_forward(z, mu, logvar, out) -> None:
     if K * N == 0:
         return
     BLOCK_R, BLOCK_L, warps = tile_geometry(L, z.device, mu.dtype == torch.float64)
-    _latent_log_ratio_fwd_kernel[(triton.cdiv(K * N, BLOCK_R),)](
+    _latent_log_ratio_fwd_kernel[(cdiv(K * N, BLOCK_R),)](
         z, mu, logvar, out, N, K * N, L, ACC=acc_dtype(mu.dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L,
         num_warps=warps,
     )
@@ -149,7 +150,7 @@ def latent_log_ratio_backward(grad_out, z, mu, logvar, dz, dmu, dlogvar) -> None
     BLOCK_R, BLOCK_L, warps = tile_geometry(L, z.device, mu.dtype == torch.float64,
                                             4096 if stop_score else BACKWARD_TILE)
     R, k_loop = (K * N, 1) if stop_score else (N, K)
-    tiles = triton.cdiv(R, BLOCK_R) * triton.cdiv(L, BLOCK_L)
+    tiles = cdiv(R, BLOCK_R) * cdiv(L, BLOCK_L)
     splits, per_split = (1, 1) if stop_score else split_samples(tiles, K, z.device)
     part = torch.empty((2, splits, N, L) if splits > 1 else (1,), dtype=accumulation_dtype(mu.dtype),
                        device=z.device)

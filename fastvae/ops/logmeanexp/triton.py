@@ -34,6 +34,8 @@ from fastvae.kernels._common import (
     bound_epilogue,
     bound_grad,
     bound_parts,
+    cdiv,
+    next_power_of_2,
     program_rows,
     split_block,
     tile_counters,
@@ -336,10 +338,10 @@ def _splits(K: int, M: int, BLOCK_K: int, BLOCK_M: int, device: torch.device) ->
     TARGET_PROGRAMS programs. The geometry follows from the shapes alone, so
     the ahead-of-time tool (meta tensors) sees what a GPU runs; the
     interpreter, at about 1 ms a program, keeps the fewest."""
-    chunks = triton.cdiv(max(K, 1), BLOCK_K)
-    splits = triton.cdiv(chunks, CHUNKS_PER_SPLIT)
+    chunks = cdiv(max(K, 1), BLOCK_K)
+    splits = cdiv(chunks, CHUNKS_PER_SPLIT)
     if device.type != "cpu":
-        splits = max(splits, triton.cdiv(TARGET_PROGRAMS, triton.cdiv(M, BLOCK_M)))
+        splits = max(splits, cdiv(TARGET_PROGRAMS, cdiv(M, BLOCK_M)))
     return max(1, min(splits, chunks))
 
 
@@ -347,8 +349,8 @@ def _geometry(K: int, M: int, device: torch.device) -> tuple[int, int, int, int]
     """(BLOCK_K, BLOCK_M, splits, rows per split) of the forward."""
     BLOCK_K, BLOCK_M = _tile(K, M, device)
     splits = _splits(K, M, BLOCK_K, BLOCK_M, device)
-    rows_per_split = triton.cdiv(triton.cdiv(max(K, 1), BLOCK_K), splits) * BLOCK_K
-    return BLOCK_K, BLOCK_M, triton.cdiv(max(K, 1), rows_per_split), rows_per_split
+    rows_per_split = cdiv(cdiv(max(K, 1), BLOCK_K), splits) * BLOCK_K
+    return BLOCK_K, BLOCK_M, cdiv(max(K, 1), rows_per_split), rows_per_split
 
 
 def forward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, reduce: bool = False
@@ -362,7 +364,7 @@ def forward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, reduc
     BLOCK_K, BLOCK_M, splits, rows_per_split = _geometry(K, M, device)
     if splits != 1:
         return None
-    return (triton.cdiv(M, BLOCK_M),), dict(
+    return (cdiv(M, BLOCK_M),), dict(
         SPLIT=False, REDUCE=reduce, HAS_LATENT=False, ACCUMULATE=False, HAS_S2=False, HAS_OUT=not reduce,
         HAS_ESS=False,
         ACC=acc_dtype(dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, num_warps=1 if device.type == "cpu" else 8,
@@ -375,7 +377,7 @@ def backward_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_
     ``g_scalar``: the reduced bound's gradient (_common.bound_grad); ``weighted``:
     also dlw times the normalized weights (DReG)."""
     BLOCK_K, BLOCK_M = _tile(K, M, device)
-    return (triton.cdiv(M, BLOCK_M) * triton.cdiv(K, BLOCK_K),), dict(
+    return (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_K),), dict(
         G_SCALAR=g_scalar, WEIGHTED=weighted, HAS_G_SUMEXP=has_grad_sumexp, HAS_ESS=has_ess, ACC=acc_dtype(dtype),
         BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
         num_warps=8,  # 16 elements a thread: 4 warps spilled in fp16
@@ -396,10 +398,10 @@ def split_plan(K: int, M: int, dtype: torch.dtype, device: torch.device, has_lat
     if gpu:
         block_s, block_m = FINISH_BLOCK_S, FINISH_BLOCK_M
     else:
-        block_s, block_m = 16, min(triton.next_power_of_2(M), INTERPRETER_TILE // 16)
-    return ((triton.cdiv(M, BLOCK_M) * splits,), dict(SPLIT=True, REDUCE=False, HAS_LATENT=has_latent, **flags,
+        block_s, block_m = 16, min(next_power_of_2(M), INTERPRETER_TILE // 16)
+    return ((cdiv(M, BLOCK_M) * splits,), dict(SPLIT=True, REDUCE=False, HAS_LATENT=has_latent, **flags,
                                                       BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, num_warps=warps),
-            (triton.cdiv(M, block_m),), dict(**flags, BLOCK_S=block_s, BLOCK_M=block_m, num_warps=4 if gpu else 1),
+            (cdiv(M, block_m),), dict(**flags, BLOCK_S=block_s, BLOCK_M=block_m, num_warps=4 if gpu else 1),
             splits, rows_per_split)
 
 
@@ -422,7 +424,7 @@ def _reduce(lw, latent, lw_max, sumexp, out, ess, sq_max, sq_sumexp, first: bool
     first = int(bool(first))
     lat = lw if latent is None else latent
     if splits == 1:
-        _logmeanexp_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+        _logmeanexp_fwd_kernel[(cdiv(M, BLOCK_M),)](
             lw, lat, sumexp, sumexp, sumexp, *outs, sumexp, K, M, rows_per_split, first, 1,
             SPLIT=False, REDUCE=False, HAS_LATENT=latent is not None, **flags, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
             num_warps=8 if gpu else 1,  # a 4096-element tile: 16 float32 elements a thread
@@ -491,6 +493,6 @@ def importance_weights_backward(grad_w, w, dlw) -> None:
     if K * M == 0:
         return
     BLOCK_K, BLOCK_M = _tile(K, M, w.device)
-    _importance_weights_bwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+    _importance_weights_bwd_kernel[(cdiv(M, BLOCK_M),)](
         grad_w, w, dlw, K, M, ACC=acc_dtype(w.dtype), BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
     )

@@ -40,7 +40,9 @@ from fastvae.kernels._common import (
     acc_dtype,
     accumulation_dtype,
     arrive_last,
+    cdiv,
     load_tile,
+    next_power_of_2,
     program_rows,
     split_samples,
     store_tile,
@@ -63,9 +65,9 @@ LOG_2PI: tl.constexpr = tl.constexpr(math.log(2.0 * math.pi))
 def _geometry(L: int, device: torch.device, fp64: bool) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_U, BLOCK_L): depends on L only (no variant per batch size)."""
     if device.type == "cpu":
-        return INTERPRETER_BLOCK_N, BLOCK_U, min(triton.next_power_of_2(max(L, 1)), INTERPRETER_MAX_BLOCK_L)
+        return INTERPRETER_BLOCK_N, BLOCK_U, min(next_power_of_2(max(L, 1)), INTERPRETER_MAX_BLOCK_L)
     max_l = MAX_BLOCK_L // 2 if fp64 else MAX_BLOCK_L
-    return BLOCK_N, BLOCK_U, min(triton.next_power_of_2(max(L, 1)), max_l)
+    return BLOCK_N, BLOCK_U, min(next_power_of_2(max(L, 1)), max_l)
 
 
 # -- kernels ------------------------------------------------------------------
@@ -397,7 +399,7 @@ def mixture_log_prob_forward(z, means, logvars, logits, out) -> None:
     if N == 0:
         return
     bn, bu, bl = _geometry(L, z.device, means.dtype == torch.float64)
-    _mixture_fwd_kernel[(triton.cdiv(N, bn),)](
+    _mixture_fwd_kernel[(cdiv(N, bn),)](
         z, means, logvars, means if logits is None else logits, out, N, U, L, HAS_LOGITS=logits is not None,
         ACC=acc_dtype(means.dtype), BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
     )
@@ -417,15 +419,15 @@ def mixture_log_prob_backward(grad_out, z, means, logvars, logits, out, dz, dmea
     if dz is not None and N > 0:
         cast = not single_l and dz.dtype != acc
         buf = torch.empty((N, L), dtype=acc, device=z.device) if cast else dz
-        _mixture_dz_kernel[(triton.cdiv(N, bn),)](
+        _mixture_dz_kernel[(cdiv(N, bn),)](
             grad_out, z, means, logvars, lg, out, dz, buf, N, U, L, HAS_LOGITS=has_logits, SINGLE_L=single_l,
             CAST=cast, ACC=ACC, BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
         )
     params = dmeans is not None or dlogvars is not None
     if not params and dlogits is None:
         return
-    u_blocks = triton.cdiv(U, bu)
-    splits, per_split = split_samples(u_blocks, triton.cdiv(N, bn), z.device)
+    u_blocks = cdiv(U, bu)
+    splits, per_split = split_samples(u_blocks, cdiv(N, bn), z.device)
     part_m = torch.empty((splits, U, L) if params else (1,), dtype=acc, device=z.device)
     part_v = torch.empty((splits, U, L) if params else (1,), dtype=acc, device=z.device)
     part_s = torch.empty((splits, U), dtype=acc, device=z.device)

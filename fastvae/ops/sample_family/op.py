@@ -691,7 +691,14 @@ def _forward(logits: Tensor, temperature: Tensor, seed: Tensor, hard: bool, n_sa
     empty (0,) tensor; relaxed, with hard and keep_relaxed, the relaxed z
     (K, N, L, C) whose argmax the one-hot z is (the backward's z; the C++
     twin writes it in the same pass, here a relaxed launch on the same noise
-    draws it), else an empty (0,) tensor."""
+    draws it), else an empty (0,) tensor. A call _op_plan takes (a compiled
+    graph's node on CUDA) launches from its plan."""
+    if (plan := _op_plan(logits, temperature, n_samples, hard, False, log_p, keep_relaxed)) is not None:
+        z, log_q = empty(plan.z_like), empty(plan.log_q_like)
+        kl = empty(plan.kl_like) if plan.with_kl else logits.new_empty((0,))
+        plan.forward(logits, temperature, seed, z, log_q, logits if log_p is None else log_p,
+                     z if log_p is None else kl, *plan.fwd_ints)
+        return [z, log_q, kl, logits.new_empty((0,))]
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
     a = _backend.kernel_input(backend, logits.contiguous(), dtype)
@@ -722,9 +729,22 @@ def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor 
     """dlogits (N, L, C) from grad_z (K, N, L, C), grad_log_q (K, N) and grad_kl
     (N,) (None: no gradient; grad_kl needs the prior log-pmf log_p (L, C)).
     ``z``, the forward's relaxed z (K, N, L, C), is what the kernels would
-    regenerate, bit for bit: the C++ twin reads it, these backends regenerate."""
+    regenerate, bit for bit: the C++ twin reads it, these backends regenerate.
+    A call _op_plan takes launches from its plan, as the forward's."""
     if grad_kl is not None and log_p is None:
         raise ValueError("grad_kl: the KL's gradient needs the prior's log_p")
+    K = gradient_samples(grad_z, grad_log_q)
+    grads = [g for g in (grad_z, grad_log_q, grad_kl) if g is not None]
+    if (all(g.dtype is logits.dtype for g in grads)  # (z: these backends regenerate it)
+            and (plan := _op_plan(logits, temperature, max(K, 1), False, stop_score, log_p if grad_kl is not None
+                                  else None, False)) is not None):
+        a = logits
+        gz, gq, gk = (a if g is None else g.contiguous() for g in (grad_z, grad_log_q, grad_kl))
+        d = empty(plan.d_like)
+        plan.backward(grad_z is not None, grad_log_q is not None, grad_kl is not None)(
+            gz, gq, a, temperature, seed, d, gk, a if grad_kl is None else log_p, plan.N, plan.L, plan.N * plan.L,
+            plan.C, K, plan.lp_stride if grad_kl is not None else 0)
+        return d
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
     a = _backend.kernel_input(backend, logits.contiguous(), dtype)
@@ -734,7 +754,6 @@ def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor 
     lp = None if grad_kl is None else _backend.kernel_input(
         backend, log_p if backend == "triton" else log_p.contiguous(), dtype)
     d = _backend.empty_output(a.shape, like=a)
-    K = gradient_samples(grad_z, grad_log_q)
     _backend.launch(backend, "sample_concrete_backward", _CONCRETE_WORK * max(K, 1) * a.numel(), grad_z=grad_z,
                     grad_log_q=grad_log_q, logits=a, temperature=lam, seed=seed, stop_score=stop_score, dlogits=d,
                     grad_kl=grad_kl, log_p=lp)
@@ -841,6 +860,8 @@ class SampleConcrete(torch.autograd.Function):
 # tests compare both paths); outputs come from ``empty``, empty_like the
 # plan's templates (the tests' fixture may poison it).
 PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+# the op's own calls' plans (_op_plan): a compiled graph's nodes
+OP_PLANS = PlanCache()
 
 
 class ConcretePlan:
@@ -970,6 +991,33 @@ def _plan_for(logits, temperature, n_samples, hard, stop_score, generator, log_p
                                    and log_p.expand(logits.shape[-2:]).stride(1) == 1))):
         plan = ConcretePlan(logits, temperature, n_samples, hard, stop_score, log_p)
     return PLANS.store(key, plan)
+
+
+def _op_plan(a: Tensor, lam: Tensor, n_samples: int, hard: bool, stop_score: bool, log_p: Tensor | None,
+             keep_relaxed: bool) -> ConcretePlan | None:
+    """The plan of a call of the op itself, or None (its general launch). A
+    compiled graph calls the op with what SampleConcrete hands it, the
+    contiguous logits (N, L, C) and temperature (N, L): on CUDA its general
+    launch would pay, at every step, the launch geometry, the layout work
+    and Triton's binding of the arguments, which the plan did once. Taken
+    on the triton backend, outside autocast, for float32 or float64 tensors
+    of one dtype, contiguous, with n_samples >= 1, no relaxed z to keep and
+    log_p (L, C) of unit column stride; the launches are the eager plans'
+    (the same kernels and arguments as the general launch: the same bits)."""
+    if (not ENABLED or keep_relaxed or a.dtype not in _DTYPES or lam.dtype is not a.dtype or a.dim() != 3
+            or not a.is_contiguous() or not lam.is_contiguous() or a.numel() == 0 or n_samples < 1
+            or (log_p is not None and (log_p.dtype is not a.dtype or log_p.stride(1) != 1))):
+        return None
+    device = a.device
+    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+            or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
+        return None
+    key = (a.shape, a.dtype, device, lam.shape, n_samples, hard, stop_score,
+           None if log_p is None else log_p.stride(0))
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, ConcretePlan(a, lam, n_samples, hard, stop_score, log_p))
 
 
 def _planned(plan: ConcretePlan, logits, temperature, generator, log_p) -> tuple[Tensor, ...]:

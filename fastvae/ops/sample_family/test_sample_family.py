@@ -2475,3 +2475,55 @@ def test_a_compiling_call_takes_the_general_path(plan_device, monkeypatch):
     lam = torch.full((2, 3), 0.5, device=plan_device)
     assert family_op._plan_for(x, lam, None, False, False, None, None) is None
     assert len(family_op.PLANS) == 0
+
+
+OP_PLAN_CASES = [  # (N, L, C, n_samples, hard, stop_score, prior, grads)
+    pytest.param(4, 3, 5, 1, False, False, None, "zq", id="relaxed"),
+    pytest.param(2, 3, 5, 3, True, False, "shared", "zqk", id="hard-K3-shared-prior"),
+    pytest.param(3, 4, 6, 2, False, True, "per-latent", "zk", id="stop-score-per-latent"),
+    pytest.param(1, 6, 4, 1, True, True, "shared", "k", id="one-row-kl-alone"),
+]
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, C, n_samples, hard, stop_score, prior, grads", OP_PLAN_CASES)
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, N, L, C,
+                                                                     n_samples, hard, stop_score, prior, grads):
+    """fastvae::sample_concrete and its backward called as a compiled graph
+    calls them (flat contiguous logits and temperature): on the triton
+    backend they launch from a plan of the call's signature (OP_PLANS), with
+    the general launch's z, log q, KL and dlogits bit for bit, from the first
+    call and from the second; signatures the plans do not serve (half
+    precision, a strided temperature, a kept relaxed z) take the general
+    launch and make no plan."""
+    family_op.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(3)
+    a = make_logits((N, L, C), 8, dtype, plan_device)
+    lam = torch.full((N, L), 0.7, dtype=dtype, device=plan_device)
+    log_p = None if prior is None else make_log_p(L, C, prior == "per-latent", 8, dtype, plan_device).expand(L, C)
+    seed = seed_tensor(99, plan_device)
+    gz = torch.randn(n_samples, N, L, C, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    gq = torch.randn(n_samples, N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    gk = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    given = (gz if "z" in grads else None, gq if "q" in grads else None, gk if "k" in grads else None)
+    runs = []
+    for enabled in (True, True, False):
+        monkeypatch.setattr(family_op, "ENABLED", enabled)
+        out = family_op.sample_concrete_op(a, lam, seed, hard, n_samples, log_p, False)
+        d = family_op.sample_concrete_backward_op(a, lam, seed, *given[:2], stop_score, given[2],
+                                                  None if given[2] is None else log_p, None)
+        runs.append((*out, d))
+    assert family_op.OP_PLANS and None not in family_op.OP_PLANS.values()  # made, and kept: the first two runs
+    for planned in runs[:2]:
+        for x, y in zip(planned, runs[2]):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            if x.numel():
+                assert_same_bits(x, y)
+    monkeypatch.setattr(family_op, "ENABLED", True)
+    family_op.OP_PLANS.clear()
+    family_op.sample_concrete_op(a.half(), lam.half(), seed, hard, n_samples, None, False)
+    family_op.sample_concrete_op(a, torch.full((N, 2 * L), 0.7, dtype=dtype, device=plan_device)[:, ::2], seed,
+                                 hard, n_samples, None, False)
+    family_op.sample_concrete_op(a, lam, seed, True, n_samples, None, True)
+    assert len(family_op.OP_PLANS) == 0

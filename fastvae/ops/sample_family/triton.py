@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype, arrive_last, program_rows
+from fastvae.kernels._common import acc_dtype, arrive_last, cdiv, next_power_of_2, program_rows
 from fastvae.kernels.philox import _cos_sin_turns
 from fastvae.kernels.sampler import (
     block_words,
@@ -838,7 +838,7 @@ def _check_categories(C: int) -> int:
     """BLOCK_C, the next power of two of C (at least 2)."""
     if C > CONCRETE_MAX_C:
         raise ValueError(f"sample_concrete's Triton kernels take at most {CONCRETE_MAX_C} categories, got C = {C}")
-    return triton.next_power_of_2(max(C, 2))
+    return next_power_of_2(max(C, 2))
 
 
 def _concrete_tile(device_type: str) -> int:
@@ -857,11 +857,11 @@ def concrete_forward_geometry(K: int, N: int, L: int, C: int, device_type: str =
     rows; the programs are cdiv(K N, BLOCK_R)."""
     block_c = _check_categories(C)
     tile = _concrete_tile(device_type)
-    block_l = min(triton.next_power_of_2(max(L, 1)), max(1, tile // block_c))
+    block_l = min(next_power_of_2(max(L, 1)), max(1, tile // block_c))
     block_r = max(1, tile // (block_l * block_c))
     meta = dict(BLOCK_R=block_r, BLOCK_L=block_l, BLOCK_C=block_c,
                 num_warps=_concrete_warps(block_r * block_l * block_c, device_type))
-    return triton.cdiv(K * N, block_r), meta
+    return cdiv(K * N, block_r), meta
 
 
 def concrete_backward_geometry(N: int, L: int, C: int, device_type: str = "cuda",
@@ -875,7 +875,7 @@ def concrete_backward_geometry(N: int, L: int, C: int, device_type: str = "cuda"
     meta = dict(BLOCK_J=block_j, BLOCK_C=block_c, num_warps=_concrete_warps(block_j * block_c, device_type))
     if device_type != "cpu" and block_j * block_c <= CONCRETE_TILE:
         meta["maxnreg"] = CONCRETE_FP64_BACKWARD_MAXNREG if fp64 else CONCRETE_BACKWARD_MAXNREG
-    return triton.cdiv(N * L, block_j), meta
+    return cdiv(N * L, block_j), meta
 
 
 def concrete_forward_launch(K: int, N: int, L: int, C: int, dtype: torch.dtype, device_type: str, hard: bool,

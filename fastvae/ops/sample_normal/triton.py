@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype, accumulation_dtype, arrive_last, split_samples, tile_counters
+from fastvae.kernels._common import acc_dtype, accumulation_dtype, arrive_last, cdiv, split_samples, tile_counters
 from fastvae.kernels.philox import aligned, randn, randn4
 from fastvae.kernels.sampler import (
     backward_geometry,
@@ -206,7 +206,7 @@ def forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.devic
     out once per call signature by the objectives' plans (fastvae/_plan.py)
     and on every call by sample_normal_forward."""
     BLOCK_R, BLOCK_L, warps = forward_geometry(L, device, dtype == torch.float64)
-    return (triton.cdiv(K * N, BLOCK_R),), dict(
+    return (cdiv(K * N, BLOCK_R),), dict(
         ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, WITH_RATIO=with_ratio,
         ALIGNED=aligned(offset0, sample_stride, row_stride), num_warps=warps)
 
@@ -238,7 +238,7 @@ def backward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.devi
     (N * L > 0), from the shapes and which gradients are given alone;
     ``z_scale``: grad_z's rows weighted (DReG)."""
     BLOCK, warps = backward_geometry(device, dtype == torch.float64)
-    blocks = triton.cdiv(N * L, BLOCK)
+    blocks = cdiv(N * L, BLOCK)
     splits, per_split = split_samples(blocks, K, device)
     return (blocks * splits,), dict(
         Z_SCALE=z_scale, HAS_GRAD_Z=has_grad_z, HAS_GRAD_KL=has_grad_kl, HAS_GRAD_RATIO=has_grad_ratio,

@@ -25,6 +25,8 @@ from fastvae.kernels._common import (
     accumulation_dtype,
     arrive_last,
     block_cols,
+    cdiv,
+    next_power_of_2,
     split_block,
     tile_columns,
     tile_counters,
@@ -175,12 +177,12 @@ def _sample_normal_kl_bwd_kernel(
 def _column_splits(row_tiles: int, L: int, block_c: int, device: torch.device) -> int:
     """Splits of the columns: one under the interpreter (or FORCE_SPLITS, the
     tests' switch), else enough for TARGET_PROGRAMS programs."""
-    col_blocks = triton.cdiv(max(L, 1), block_c)
+    col_blocks = cdiv(max(L, 1), block_c)
     if _common.FORCE_SPLITS is not None:
         return min(col_blocks, _common.FORCE_SPLITS)
     if device.type == "cpu":
         return 1
-    return max(1, min(col_blocks, triton.cdiv(TARGET_PROGRAMS, row_tiles)))
+    return max(1, min(col_blocks, cdiv(TARGET_PROGRAMS, row_tiles)))
 
 
 def _tile(dtype: torch.dtype, device: torch.device) -> int:
@@ -200,11 +202,11 @@ def forward_plan(N: int, L: int, dtype: torch.dtype, device: torch.device, logva
     tile = _tile(dtype, device)
     block_r = max(1, min(INTERPRETER_BLOCK_ROWS if device.type == "cpu" else tile, tile // block_c))
     if device.type == "cpu":  # the interpreter: no lanes past the rows (a GPU keeps one variant per row length)
-        block_r = min(block_r, triton.next_power_of_2(N))
-    row_tiles = triton.cdiv(N, block_r)
+        block_r = min(block_r, next_power_of_2(N))
+    row_tiles = cdiv(N, block_r)
     splits = _column_splits(row_tiles, L, block_c, device)
-    cols_per = triton.cdiv(triton.cdiv(L, splits), block_c) * block_c
-    splits = triton.cdiv(L, cols_per)
+    cols_per = cdiv(cdiv(L, splits), block_c) * block_c
+    splits = cdiv(L, cols_per)
     meta = dict(LOGVAR=bool(logvar), RESIDUAL=bool(residual), REDUCE=reduce, ACC=acc_dtype(dtype), BLOCK_R=block_r,
                 BLOCK_C=block_c, num_warps=NUM_WARPS)
     return (row_tiles * splits,), meta, cols_per, splits, row_tiles
@@ -241,8 +243,8 @@ def backward_plan(N: int, L: int, dtype: torch.dtype, device: torch.device, logv
     the op's plans' and sample_normal_kl_backward's, as forward_plan."""
     # one variant whatever the size on a GPU (the tail masked); the interpreter sizes it to the problem
     tile = _tile(dtype, device)
-    block = tile if device.type != "cpu" else triton.next_power_of_2(min(N * L, tile))
-    return (triton.cdiv(N * L, block),), dict(
+    block = tile if device.type != "cpu" else next_power_of_2(min(N * L, tile))
+    return (cdiv(N * L, block),), dict(
         LOGVAR=bool(logvar), RESIDUAL=bool(residual), HAS_GRAD_Z=has_grad_z, HAS_GRAD_KL=has_grad_kl,
         KL_ROWS=has_grad_kl and kl_rows, ACC=acc_dtype(dtype), BLOCK=block, num_warps=NUM_WARPS)
 

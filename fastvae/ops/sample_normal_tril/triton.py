@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.kernels._common import acc_dtype, program_rows, sample_splits, tile_and_split
+from fastvae.kernels._common import acc_dtype, cdiv, next_power_of_2, program_rows, sample_splits, tile_and_split
 from fastvae.kernels.philox import randn
 
 # Rows of up to 64 latents keep their whole triangle in registers (64 x 64 =
@@ -43,7 +43,7 @@ def geometry(L: int, device: torch.device) -> tuple[int, int, bool, int]:
     """(BLOCK_R, BLOCK_L, SINGLE, num_warps) for rows of L latents. Depends on L
     and the device type only, never on N or K (no recompilation per batch)."""
     single = L <= MAX_SINGLE_L
-    bl = triton.next_power_of_2(max(L, 1)) if single else CHUNK_L
+    bl = next_power_of_2(max(L, 1)) if single else CHUNK_L
     interp = device.type == "cpu"
     tile, max_rows = (TILE_INTERPRETER, MAX_ROWS_INTERPRETER) if interp else (TILE_GPU, MAX_ROWS_GPU)
     br = max(1, min(max_rows, tile // (bl * bl)))
@@ -251,7 +251,7 @@ def sample_normal_tril_forward(mu, scale_tril, seed, z, kl) -> None:
         kl.zero_()
         return
     br, bl, single, warps = geometry(L, mu.device)
-    row_blocks = triton.cdiv(N, br)
+    row_blocks = cdiv(N, br)
     splits, per_split = sample_splits(K, row_blocks, mu.device)
     _sample_normal_tril_fwd_kernel[(row_blocks * splits,)](
         mu, scale_tril, seed, z, kl, N, L, K, per_split,
@@ -270,7 +270,7 @@ def sample_normal_tril_backward(grad_z, grad_kl, mu, scale_tril, seed, dmu, dsca
         return
     K = 0 if grad_z is None else grad_z.shape[0]
     br, bl, single, warps = geometry(L, mu.device)
-    _sample_normal_tril_bwd_kernel[(triton.cdiv(N, br),)](
+    _sample_normal_tril_bwd_kernel[(cdiv(N, br),)](
         grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu, mu, scale_tril, seed, dmu,
         dscale_tril, N, L, K, HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
         ACC=acc_dtype(mu.dtype), BLOCK_R=br, BLOCK_L=bl, SINGLE=single, num_warps=warps,

@@ -14,6 +14,7 @@ from fastvae.kernels._common import MAX_BLOCK_COLS as MAX_BLOCK_M
 from fastvae.kernels._common import (
     acc_dtype,
     blocks,
+    cdiv,
     load_tile,
     program_rows,
     sigmoid,
@@ -87,7 +88,7 @@ def stick_breaking_forward(y, z) -> None:
     if N == 0:
         return
     BLOCK_N, BLOCK_M = blocks(N, M, MAX_BLOCK_M, tile=SB_TILE)
-    _stick_breaking_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _stick_breaking_fwd_kernel[(cdiv(N, BLOCK_N),)](
         y, z, N, M, ACC=acc_dtype(y.dtype), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
     )
 
@@ -98,6 +99,6 @@ def stick_breaking_backward(grad_z, y, z, dy) -> None:
     if N == 0:
         return
     BLOCK_N, BLOCK_M = blocks(N, M, MAX_BLOCK_M, tile=SB_TILE)
-    _stick_breaking_bwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _stick_breaking_bwd_kernel[(cdiv(N, BLOCK_N),)](
         grad_z, y, z, dy, N, M, ACC=acc_dtype(y.dtype), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
     )

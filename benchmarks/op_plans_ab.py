@@ -1,0 +1,88 @@
+"""The ops' own plans under torch.compile, A/B in one process, on the CPU
+stand-in for the CUDA path (bench_host_cost's: every Triton launch stubbed,
+so the figures are host time alone).
+
+A compiled graph calls fastvae::sample_concrete and fastvae::bernoulli_log_prob
+(and their backwards) itself; with the plans on, those calls launch from
+per-signature plans (docs/architecture.md, "The ops' own plans"). This
+switches the plans off and on (the ops' ENABLED) between interleaved rounds
+of the same compiled steps and prints each step's host time less its
+compiled baseline:
+
+    TRITON_INTERPRET=1 python -m benchmarks.op_plans_ab [--rounds 9] [--calls 200]
+
+The steps: the Concrete sampler at a Gumbel-softmax VAE's size (100, 30, 10),
+forward + backward, and bench_host_cost's Gumbel-softmax ELBO.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import fastvae
+from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
+from fastvae.ops.sample_family import op as sample_family_op
+
+from . import bench_host_cost
+
+
+def _use_plans(on: bool) -> None:
+    sample_family_op.ENABLED = bernoulli_op.ENABLED = on  # (compiled calls never take the eager plans)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--calls", type=int, default=200)
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (the triton backend on CPU tensors)")
+    torch.set_num_threads(1)
+    fastvae.set_value_checks("never")
+    bench_host_cost._stub_launches()
+    logits = torch.randn(100, 30, 10, requires_grad=True)
+    w = torch.randn(100, 30, 10)
+
+    def sampler():
+        z, _ = fastvae.sample_concrete(logits, 1.0)
+        return (z * w).sum()
+
+    def sampler_base():
+        return (logits * w).sum()
+
+    elbo, _, elbo_base, leaves = bench_host_cost._setup(torch.device("cpu"))["elbo concrete (gumbel-softmax)"]
+    steps = {"sampler": (sampler, (logits,)), "sampler base": (sampler_base, (logits,)),
+             "elbo": (elbo, leaves), "elbo base": (elbo_base, leaves)}
+    steps = {k: (torch.compile(f, fullgraph=True), leaves) for k, (f, leaves) in steps.items()}
+    times = {(k, on): [] for k in steps for on in (False, True)}
+    with fastvae.use_backend("triton"):
+        for f, leaves in steps.values():
+            for on in (False, True):
+                _use_plans(on)
+                for _ in range(30):
+                    torch.autograd.grad(f(), leaves)
+        for _ in range(args.rounds):
+            for k, (f, leaves) in steps.items():
+                for on in (False, True):
+                    _use_plans(on)
+                    t = time.perf_counter()
+                    for _ in range(args.calls):
+                        torch.autograd.grad(f(), leaves)
+                    times[(k, on)].append((time.perf_counter() - t) / args.calls * 1e6)
+    _use_plans(True)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    result = {}
+    for name in ("sampler", "elbo"):
+        own = {on: round(med[(name, on)] - med[(f"{name} base", on)], 1) for on in (False, True)}
+        result[name] = {"general_us": own[False], "op_plans_us": own[True]}
+        print(f"compiled {name}: {own[False]} us a step with the general launch, {own[True]} us with the ops' "
+              f"plans (less the compiled baseline)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
