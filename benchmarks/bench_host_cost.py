@@ -287,10 +287,11 @@ def _setup(device: torch.device):
 
 def _direct() -> tuple[int, int]:
     """(launches that launch directly, launches called) of the plans kept:
-    the objectives', sample_normal_kl's, sample_concrete's and bernoulli_log_prob's."""
+    the objectives', sample_normal_kl's, sample_concrete's and bernoulli_log_prob's
+    (eager), and the ops' own (OP_PLANS: the nodes of a compiled graph)."""
     launches = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan)]
     launches += [launch for plans in (sample_normal_kl_op.PLANS, sample_concrete_op.PLANS,
-                                      sample_concrete_op.OP_PLANS, bernoulli_op.PLANS)
+                                      sample_concrete_op.OP_PLANS, bernoulli_op.PLANS, bernoulli_op.OP_PLANS)
                  for plan in plans.values() if plan is not None for launch in plan.launches()]
     called = [launch for launch in launches if launch.direct is not None]
     return sum(bool(launch.direct) for launch in called), len(called)
@@ -350,6 +351,7 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
         sample_concrete_op.PLANS.clear()
         sample_concrete_op.OP_PLANS.clear()
         bernoulli_op.PLANS.clear()
+        bernoulli_op.OP_PLANS.clear()
         for s in steps.values():
             with fastvae.use_backend(s.backend):
                 for _ in range(30):

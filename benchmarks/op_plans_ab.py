@@ -2,8 +2,10 @@
 stand-in for the CUDA path (bench_host_cost's: every Triton launch stubbed,
 so the figures are host time alone).
 
-A compiled graph calls fastvae::sample_concrete and fastvae::bernoulli_log_prob
-(and their backwards) itself; with the plans on, those calls launch from
+A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob
+and the location-scale families' fused draw and KL
+(fastvae::sample_location_scale_kl), and their backwards, itself; with the
+plans on, those calls launch from
 per-signature plans (docs/architecture.md, "The ops' own plans"). This
 switches the plans off and on (the ops' ENABLED) between interleaved rounds
 of the same compiled steps and prints each step's host time less its
@@ -12,7 +14,8 @@ compiled baseline:
     TRITON_INTERPRET=1 python -m benchmarks.op_plans_ab [--rounds 9] [--calls 200]
 
 The steps: the Concrete sampler at a Gumbel-softmax VAE's size (100, 30, 10),
-forward + backward, and bench_host_cost's Gumbel-softmax ELBO.
+forward + backward, and bench_host_cost's Gumbel-softmax ELBO and Laplace
+ELBO with a Laplace prior.
 """
 from __future__ import annotations
 
@@ -54,9 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
     def sampler_base():
         return (logits * w).sum()
 
-    elbo, _, elbo_base, leaves = bench_host_cost._setup(torch.device("cpu"))["elbo concrete (gumbel-softmax)"]
+    cases = bench_host_cost._setup(torch.device("cpu"))
+    elbo, _, elbo_base, leaves = cases["elbo concrete (gumbel-softmax)"]
+    laplace, _, laplace_base, laplace_leaves = cases["elbo laplace, laplace prior"]
     steps = {"sampler": (sampler, (logits,)), "sampler base": (sampler_base, (logits,)),
-             "elbo": (elbo, leaves), "elbo base": (elbo_base, leaves)}
+             "elbo": (elbo, leaves), "elbo base": (elbo_base, leaves),
+             "laplace elbo": (laplace, laplace_leaves), "laplace elbo base": (laplace_base, laplace_leaves)}
     steps = {k: (torch.compile(f, fullgraph=True), leaves) for k, (f, leaves) in steps.items()}
     times = {(k, on): [] for k in steps for on in (False, True)}
     with fastvae.use_backend("triton"):
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     _use_plans(True)
     med = {key: statistics.median(v) for key, v in times.items()}
     result = {}
-    for name in ("sampler", "elbo"):
+    for name in ("sampler", "elbo", "laplace elbo"):
         own = {on: round(med[(name, on)] - med[(f"{name} base", on)], 1) for on in (False, True)}
         result[name] = {"general_us": own[False], "op_plans_us": own[True]}
         print(f"compiled {name}: {own[False]} us a step with the general launch, {own[True]} us with the ops' "

@@ -279,6 +279,49 @@ class FamilySampler:
         return (z.squeeze(0), log_q.squeeze(0)) if n_samples is None else (z, log_q)  # views backward as views
 
 
+class _LocationScaleKLPlan:
+    """The launches of one signature of the location-scale sampler's fused
+    draw and KL ops (FamilyKLSampler._op_plan): the forward kernel's, and a
+    backward's per variant with its partial sums and arrival counters (the
+    counters are back at 0 after each launch, as _plan.FamilySamplePlan's)."""
+
+    __slots__ = ("kern", "N", "L", "K", "dtype", "device", "family", "kl_family", "p_shared", "z_like",
+                 "kl_like", "d_like", "forward", "fwd_ints", "_backward")
+
+    def __init__(self, p0: Tensor, family: int, kl_family: int, n_samples: int, p_shared: bool):
+        kern = self.kern = _backend.triton_module("sample_family")
+        (N, L), dtype, device = p0.shape, p0.dtype, p0.device
+        self.N, self.L, self.K, self.dtype, self.device = N, L, n_samples, dtype, device
+        self.family, self.kl_family, self.p_shared = family, kl_family, p_shared
+        self.z_like = torch.empty((n_samples, N, L), dtype=dtype, device=device)
+        self.kl_like = torch.empty((N,), dtype=dtype, device=device)
+        self.d_like = torch.empty((N, L), dtype=dtype, device=device)
+        grid, meta = kern.kl_forward_plan(n_samples, N, L, dtype, device, family, kl_family, p_shared)
+        self.forward = Launch(kern._sample_location_scale_kl_fwd_kernel, grid, meta)
+        self.fwd_ints = (N * L, N, n_samples * N, L)
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *(b[0] for b in self._backward.values())]
+
+    def backward(self, K: int, has_grad_z: bool, has_grad_kl: bool, has_dp: bool) -> tuple:
+        """(Launch, partial sums, counters, samples per split, splits) of one
+        backward variant over K samples (0 without grad_z), made at first use."""
+        key = K, has_grad_z, has_grad_kl, has_dp
+        made = self._backward.get(key)
+        if made is None:
+            kern = self.kern
+            grid, meta, blocks, splits, per_split = kern.kl_backward_plan(
+                K, self.N, self.L, self.dtype, self.device, self.family, self.kl_family, self.p_shared,
+                has_grad_z, has_grad_kl, has_dp)
+            part, counters = _backend.triton_module("sampler").family_split_buffers(
+                2, self.N, self.L, self.dtype, self.device, blocks, splits)
+            made = self._backward[key] = (Launch(kern._sample_location_scale_kl_bwd_kernel, grid, meta), part,
+                                          counters, per_split, splits)
+        return made
+
+
 class FamilyKLSampler:
     """The front end of a family sampler's ELBO draw fused with family_kl's
     closed form (its kernels <name>_kl_forward and <name>_kl_backward, named
@@ -319,6 +362,10 @@ class FamilyKLSampler:
         """(z (n_samples, N, L), kl (N,)) for q's (N, L) and the prior's (L,) or
         (N, L), one float32 or float64 dtype: the draw at the training layout's
         offsets and family_kl's closed form summed over L."""
+        if (plan := self._op_plan(p0, p1, prior0, prior1, family, kl_family, n_samples)) is not None:
+            z, kl = empty(plan.z_like), empty(plan.kl_like)
+            plan.forward(p0, p1, prior0, prior1, seed, z, kl, *plan.fwd_ints)
+            return z, kl
         backend = _backend.backend_for(p0.device)
         N, L = p0.shape
         z = _backend.empty_output((n_samples, N, L), like=p0)
@@ -331,6 +378,20 @@ class FamilyKLSampler:
                   prior1: Tensor, seed: Tensor, family: int, kl_family: int, need_dp: bool) -> list[Tensor]:
         """[d p0, d p1] (N, L), the sampler's plus the KL's, then (need_dp) the
         prior's per row (N, L), whatever its layout."""
+        if (grad_kl is not None or not need_dp) and (grad_z is not None or grad_kl is not None) and all(
+                g is None or g.dtype is p0.dtype for g in (grad_z, grad_kl)):
+            K = 0 if grad_z is None else grad_z.shape[0]
+            plan = self._op_plan(p0, p1, prior0, prior1, family, kl_family, max(K, 1))
+            if plan is not None:
+                run_backward, part, counters, per_split, splits = plan.backward(K, grad_z is not None,
+                                                                                grad_kl is not None, need_dp)
+                grads = [empty(plan.d_like) for _ in range(4 if need_dp else 2)]
+                d_loc, d_ls = grads[:2]
+                run_backward(p0 if grad_z is None else grad_z.contiguous(),
+                             p0 if grad_kl is None else grad_kl.contiguous(), p0, p1, prior0, prior1, seed,
+                             d_loc, d_ls, *(grads[2:] if need_dp else (d_loc, d_ls)), part, counters, plan.N,
+                             plan.L, plan.N * plan.L, K, per_split, splits)
+                return grads
         backend = _backend.backend_for(p0.device)
         grads = [_backend.empty_output(p0.shape, like=p0) for _ in range(4 if need_dp else 2)]
         grads_by_name = dict(zip((f"d{n}" for n in self.names), grads + [None, None]))
@@ -340,6 +401,32 @@ class FamilyKLSampler:
                         **dict(zip(self.names, (p0, p1, prior0, prior1))), seed=seed, family=family,
                         kl_family=kl_family, **grads_by_name)
         return grads
+
+    def _op_plan(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor, family: int, kl_family: int,
+                 n_samples: int) -> _LocationScaleKLPlan | None:
+        """The plan of a call of the location-scale sampler's fused ops
+        themselves (a compiled graph's nodes: q's (N, L) and the prior's (L,)
+        or (N, L) as the Function lays them out), or None (the general
+        launch): on the triton backend, outside autocast, contiguous float32
+        or float64 tensors of one dtype and device, N L > 0, n_samples >= 1.
+        The launches are the general launchers' variants (kl_forward_plan,
+        kl_backward_plan) on the same arguments: the same bits."""
+        if (not ENABLED or self.sampler.name != "sample_location_scale" or p0.dtype not in _DTYPES
+                or p0.dim() != 2 or p0.numel() == 0 or n_samples < 1 or prior1.dim() not in (1, 2)
+                or any(t.dtype is not p0.dtype or t.device != p0.device or not t.is_contiguous()
+                       for t in (p0, p1, prior0, prior1))
+                or p1.shape != p0.shape or prior0.shape != prior1.shape
+                or prior1.shape != (p0.shape if prior1.dim() == 2 else p0.shape[1:])):
+            return None
+        device = p0.device
+        if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+                or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
+            return None
+        key = (p0.shape, p0.dtype, device, prior1.dim(), family, kl_family, n_samples)
+        try:
+            return OP_PLANS[key]
+        except KeyError:
+            return OP_PLANS.store(key, _LocationScaleKLPlan(p0, family, kl_family, n_samples, prior1.dim() == 1))
 
     def function(self, name: str) -> type:
         """The autograd Function ``name``: (z (K, ..., L), KL(q || p) (...)) of

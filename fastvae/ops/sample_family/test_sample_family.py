@@ -2527,3 +2527,47 @@ def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, 
                                  hard, n_samples, None, False)
     family_op.sample_concrete_op(a, lam, seed, True, n_samples, None, True)
     assert len(family_op.OP_PLANS) == 0
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K, shared, bound", [(5, 7, 1, True, 0.5), (13, 6, 3, False, 3.0)])
+def test_the_fused_location_scale_ops_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, family,
+                                                                                dtype, N, L, K, shared, bound):
+    """fastvae::sample_location_scale_kl and its backward called as a
+    compiled graph calls them: on the triton backend from a plan of the
+    call's signature (OP_PLANS), with the general launch's z, KL and every
+    gradient bit for bit (both upstream gradients, either alone, with and
+    without the prior's), from the first call and the second; the positive
+    families' fused ops, half precision and a prior's gradient without the
+    KL's take the general launch and make no plan."""
+    from fastvae._families import KL_FAMILIES
+
+    family_op.OP_PLANS.clear()
+    fused = family_op.LOCATION_SCALE_KL
+    (loc, ls), (p_loc, p_ls, grad_z, grad_kl) = _location_scale_kl_problem(family, N, L, K, shared, bound, dtype,
+                                                                           plan_device)
+    loc, ls = loc.detach(), ls.detach()
+    seed = seed_tensor(N * 1000 + L, plan_device)
+    index, kl_index = LOCATION_SCALE_FAMILIES.index(family), KL_FAMILIES.index(family)
+    cases = ((grad_z, grad_kl, True), (grad_z, grad_kl, False), (None, grad_kl, True), (grad_z, None, False))
+    runs = []
+    for enabled in (True, True, False):
+        monkeypatch.setattr(family_op, "ENABLED", enabled)
+        out = list(fused.op(loc, ls, p_loc, p_ls, seed, index, kl_index, K))
+        for gz, gkl, need_dp in cases:
+            out += fused.backward_op(gz, gkl, loc, ls, p_loc, p_ls, seed, index, kl_index, need_dp)
+        runs.append(out)
+    assert family_op.OP_PLANS and None not in family_op.OP_PLANS.values()
+    for planned in runs[:2]:
+        for a, b in zip(planned, runs[2], strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and not torch.isnan(a).any()
+            assert torch.equal(a, b)
+    monkeypatch.setattr(family_op, "ENABLED", True)
+    family_op.OP_PLANS.clear()
+    fused.op(loc.half(), ls.half(), p_loc.half(), p_ls.half(), seed, index, kl_index, K)
+    fused.backward_op(grad_z, None, loc, ls, p_loc, p_ls, seed, index, kl_index, True)
+    exp = KL_FAMILIES.index("exponential")
+    family_op.POSITIVE_KL.op(ls, ls, p_ls, p_ls, seed, POSITIVE_FAMILIES.index("exponential"), exp, K)
+    assert len(family_op.OP_PLANS) == 0
