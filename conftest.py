@@ -91,6 +91,24 @@ def sample_splits(request, monkeypatch):
     bernoulli_op.PLANS.clear()
 
 
+def _op_plan_stores() -> list:
+    """Every loaded op module's OP_PLANS (the plans of the ops' own calls)."""
+    import sys
+
+    from fastvae import _registry
+    modules = (sys.modules.get(f"fastvae.ops.{folder}.op") for folder in _registry.FOLDERS)
+    return [m.OP_PLANS for m in modules if m is not None and hasattr(m, "OP_PLANS")]
+
+
+@pytest.fixture(autouse=True)
+def fresh_op_plans():
+    """The ops' own plans hold the launch geometry they were made with, which
+    tests patch (FORCE_SPLITS, a kernel's geometry): each test starts without them."""
+    for plans in _op_plan_stores():
+        plans.clear()
+    yield
+
+
 @pytest.fixture(autouse=True)
 def restore_backend():
     """A test that picks a backend must not leak the choice into the next one."""

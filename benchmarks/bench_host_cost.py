@@ -60,6 +60,7 @@ import fastvae
 from fastvae import _launch, _plan
 from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
 from fastvae.ops.sample_family import op as sample_concrete_op
+from fastvae.ops.sample_normal import op as sample_normal_op
 from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
 
 from . import common
@@ -291,7 +292,8 @@ def _direct() -> tuple[int, int]:
     (eager), and the ops' own (OP_PLANS: the nodes of a compiled graph)."""
     launches = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan)]
     launches += [launch for plans in (sample_normal_kl_op.PLANS, sample_concrete_op.PLANS,
-                                      sample_concrete_op.OP_PLANS, bernoulli_op.PLANS, bernoulli_op.OP_PLANS)
+                                      sample_concrete_op.OP_PLANS, bernoulli_op.PLANS, bernoulli_op.OP_PLANS,
+                                      sample_normal_op.OP_PLANS)
                  for plan in plans.values() if plan is not None for launch in plan.launches()]
     called = [launch for launch in launches if launch.direct is not None]
     return sum(bool(launch.direct) for launch in called), len(called)
@@ -352,6 +354,7 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
         sample_concrete_op.OP_PLANS.clear()
         bernoulli_op.PLANS.clear()
         bernoulli_op.OP_PLANS.clear()
+        sample_normal_op.OP_PLANS.clear()
         for s in steps.values():
             with fastvae.use_backend(s.backend):
                 for _ in range(30):

@@ -2,8 +2,8 @@
 stand-in for the CUDA path (bench_host_cost's: every Triton launch stubbed,
 so the figures are host time alone).
 
-A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob
-and the location-scale families' fused draw and KL
+A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob,
+fastvae::sample_normal and the location-scale families' fused draw and KL
 (fastvae::sample_location_scale_kl), and their backwards, itself; with the
 plans on, those calls launch from
 per-signature plans (docs/architecture.md, "The ops' own plans"). This
@@ -29,12 +29,14 @@ import torch
 import fastvae
 from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
 from fastvae.ops.sample_family import op as sample_family_op
+from fastvae.ops.sample_normal import op as sample_normal_op
 
 from . import bench_host_cost
 
 
 def _use_plans(on: bool) -> None:
-    sample_family_op.ENABLED = bernoulli_op.ENABLED = on  # (compiled calls never take the eager plans)
+    # (compiled calls never take the eager plans these flags also switch)
+    sample_family_op.ENABLED = bernoulli_op.ENABLED = sample_normal_op.ENABLED = on
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -698,8 +698,8 @@ needs_plan_triton = pytest.mark.skipif(not _plan_triton(),
 
 
 def plan_device_fixture(op_module):
-    """A fixture for the tests of ``op_module``'s plans: the device the triton
-    backend runs on here (CPU tensors under the interpreter), no plan kept,
+    """A fixture for the tests of ``op_module``'s plans (its PLANS and OP_PLANS):
+    the device the triton backend runs on here (CPU tensors under the interpreter), no plan kept,
     the plans' outputs allocated full of NaN (a value a launch failed to write
     shows)."""
 
@@ -711,8 +711,11 @@ def plan_device_fixture(op_module):
         device = "cpu" if INTERPRET else "cuda"
         fastvae.set_backend(None if device == "cuda" else "triton")
         monkeypatch.setattr(op_module, "empty", lambda like: torch.full_like(like, math.nan))
-        op_module.PLANS.clear()
+        stores = [getattr(op_module, name) for name in ("PLANS", "OP_PLANS") if hasattr(op_module, name)]
+        for plans in stores:
+            plans.clear()
         yield device
-        op_module.PLANS.clear()
+        for plans in stores:
+            plans.clear()
 
     return plan_device

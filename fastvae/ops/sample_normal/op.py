@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._dtypes import accumulation_dtype
+from ..._launch import Launch, PlanCache
 from ..._op import define, draw_seed, flat, run, shaped
 from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 from ..kl_normal import kl_normal_grad
@@ -24,7 +25,13 @@ from ..kl_normal import kl_normal_grad
 def _forward(mu: Tensor, logvar: Tensor, seed: Tensor, n_samples: int, with_ratio: bool = False) -> list[Tensor]:
     """[z (n_samples, ..., L), kl (...)] for mu, logvar (..., L), and with_ratio
     the log-ratio log N(z; 0, I) - log q(z) (n_samples, ...) from the same eps.
-    z has the encoder's dtype (z_dtype), kl and the log-ratio the compute dtype."""
+    z has the encoder's dtype (z_dtype), kl and the log-ratio the compute dtype.
+    A call _op_plan takes (a compiled graph's node on CUDA) launches from its plan."""
+    if (plan := _op_plan(mu, logvar, n_samples)) is not None:
+        z, kl = empty(plan.z_like), empty(plan.kl_like)
+        ratio = empty(plan.ratio_like) if with_ratio else None
+        plan.forward(with_ratio)(mu, logvar, seed, z, kl, kl if ratio is None else ratio, *plan.fwd_ints)
+        return [z, kl] if ratio is None else [z, kl, ratio]
     backend = _backend.backend_for(mu.device)
     dtype = _backend.compute_dtype(mu, logvar)
     mu2, lv2 = _backend.kernel_input(backend, flat(mu), dtype), _backend.kernel_input(backend, flat(logvar), dtype)
@@ -48,14 +55,27 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
               grad_log_ratio: Tensor | None, stop_score: bool) -> tuple[Tensor, Tensor]:
     """dmu, dlogvar (..., L) from grad_z (K, ..., L), grad_kl (...) and grad_log_ratio
     (K, ...), each None when its output has no gradient; eps is regenerated from
-    seed, and the log-ratio's terms are added in the same kernel."""
+    seed, and the log-ratio's terms are added in the same kernel; from a plan
+    as the forward's."""
+    K = gradient_samples(grad_z, grad_log_ratio)
+    if (all(g is None or g.dtype is mu.dtype for g in (grad_z, grad_kl, grad_log_ratio))
+            and (grad_z is not None or grad_kl is not None or grad_log_ratio is not None)
+            and (plan := _op_plan(mu, logvar, max(K, 1))) is not None):
+        launch, part, counters, per_split, splits = plan.backward(K, grad_z is not None, grad_kl is not None,
+                                                                  grad_log_ratio is not None, stop_score)
+        dmu, dlv = empty(plan.d_like), empty(plan.d_like)
+        N, L = plan.N, plan.L
+        launch(mu if grad_z is None else grad_z.reshape(K, N, L).contiguous(),
+               mu if grad_kl is None else grad_kl.reshape(N).contiguous(),
+               mu if grad_log_ratio is None else grad_log_ratio.reshape(K, N).contiguous(),
+               mu, logvar, seed, dmu, dlv, part, counters, mu, N, L, N * L, L, K, per_split, splits)
+        return dmu, dlv
     backend = _backend.backend_for(mu.device)
     dtype = _backend.compute_dtype(mu, logvar)
     mu2, lv2 = _backend.kernel_input(backend, flat(mu), dtype), _backend.kernel_input(backend, flat(logvar), dtype)
     grad_z, grad_kl, grad_log_ratio = (_backend.kernel_input(backend, g, dtype)
                                        for g in (grad_z, grad_kl, grad_log_ratio))
     N, L = mu2.shape
-    K = gradient_samples(grad_z, grad_log_ratio)
     dmu = _backend.empty_output((N, L), like=mu2)
     dlv = _backend.empty_output((N, L), like=lv2)
     _backend.launch(
@@ -69,6 +89,85 @@ def _backward(mu: Tensor, logvar: Tensor, seed: Tensor, grad_z: Tensor | None, g
     if mu.dim() == 2:
         return dmu, dlv
     return dmu.reshape(mu.shape), dlv.reshape(mu.shape)
+
+
+# The ops' own calls' plans (_op_plan): a compiled graph's nodes on CUDA. ENABLED
+# False: none (the tests compare both launches); ``empty`` allocates each output
+# like a template the plan holds (the tests' fixture may poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+
+
+class SampleNormalPlan:
+    """The launches of one signature of the ops' own calls, mu and logvar
+    (N, L) contiguous of one float32 or float64 dtype and K samples at the
+    training layout's noise: the forward kernel's (with and without the
+    log-ratio) and a backward's per variant with its partial sums and arrival
+    counters (back at 0 after each launch), the general launchers' variants
+    (forward_plan, backward_plan) on the same arguments."""
+
+    __slots__ = ("kern", "N", "L", "K", "dtype", "device", "z_like", "kl_like", "ratio_like", "d_like",
+                 "fwd_ints", "_forward", "_backward")
+
+    def __init__(self, mu: Tensor, n_samples: int):
+        self.kern = _backend.triton_module("sample_normal")
+        (N, L), dtype, device = mu.shape, mu.dtype, mu.device
+        self.N, self.L, self.K, self.dtype, self.device = N, L, n_samples, dtype, device
+        self.z_like = torch.empty((n_samples, N, L), dtype=dtype, device=device)
+        self.kl_like = torch.empty((N,), dtype=dtype, device=device)
+        self.ratio_like = torch.empty((n_samples, N), dtype=dtype, device=device)
+        self.d_like = torch.empty((N, L), dtype=dtype, device=device)
+        self.fwd_ints = (0, N * L, L, N, n_samples * N, L, L)  # offset0, strides, N, K N, L, L
+        self._forward: dict = {}
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [*self._forward.values(), *(b[0] for b in self._backward.values())]
+
+    def forward(self, with_ratio: bool) -> Launch:
+        launch = self._forward.get(with_ratio)
+        if launch is None:
+            N, L = self.N, self.L
+            grid, meta = self.kern.forward_plan(self.K, N, L, self.dtype, self.device, with_ratio, 0, N * L, L)
+            launch = self._forward[with_ratio] = Launch(self.kern._sample_normal_fwd_kernel, grid, meta)
+        return launch
+
+    def backward(self, K: int, has_grad_z: bool, has_grad_kl: bool, has_grad_ratio: bool, stop_score: bool):
+        """(Launch, partial sums, counters, samples per split, splits) of one backward variant."""
+        key = K, has_grad_z, has_grad_kl, has_grad_ratio, bool(stop_score)
+        made = self._backward.get(key)
+        if made is None:
+            kern = self.kern
+            grid, meta, blocks, splits, per_split = kern.backward_plan(
+                K, self.N, self.L, self.dtype, self.device, has_grad_z, has_grad_kl, has_grad_ratio, stop_score)
+            part, counters = kern.split_buffers(self.N, self.L, self.dtype, self.device, blocks, splits,
+                                                has_grad_ratio, stop_score)
+            made = self._backward[key] = (Launch(kern._sample_normal_bwd_kernel, grid, meta), part, counters,
+                                          per_split, splits)
+        return made
+
+
+def _op_plan(mu: Tensor, logvar: Tensor, n_samples: int) -> SampleNormalPlan | None:
+    """The plan of a call of the ops themselves (mu, logvar (N, L) as the
+    Functions hand them to a compiled graph), or None (the general launch,
+    which on CUDA pays the launch geometry and Triton's binding of the
+    arguments at every call): on the triton backend, outside autocast,
+    contiguous float32 or float64 tensors of one dtype and device, N L > 0,
+    n_samples >= 1."""
+    if (not ENABLED or mu.dtype not in _DTYPES or logvar.dtype is not mu.dtype or mu.dim() != 2
+            or logvar.shape != mu.shape or mu.numel() == 0 or n_samples < 1 or not mu.is_contiguous()
+            or not logvar.is_contiguous() or logvar.device != mu.device):
+        return None
+    device = mu.device
+    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
+            or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
+        return None
+    key = (mu.shape, mu.dtype, device, n_samples)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, SampleNormalPlan(mu, n_samples))
 
 
 def _fake_outputs(mu: Tensor, logvar: Tensor, n_samples: int, with_ratio: bool):

@@ -12,17 +12,27 @@ from fastvae import reference
 from fastvae._op import draw_seed
 from fastvae.ops import sample_normal as oracle
 from fastvae.ops.kl_normal import kl_normal as kl_normal_oracle
+from fastvae.ops.sample_normal import op as sample_normal_module
 from fastvae.ops.sample_normal.op import (
     SampleNormal,
     SampleNormalWithRatio,
     sample_normal_backward_op,
     sample_normal_op,
     sample_normal_unchecked,
+    sample_normal_with_ratio_op,
     sample_normal_with_ratio_unchecked,
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, float_dtype_examples, gen, sampler_checks, seed_tensor
+from helpers import (
+    assert_close,
+    float_dtype_examples,
+    gen,
+    needs_plan_triton,
+    plan_device_fixture,
+    sampler_checks,
+    seed_tensor,
+)
 
 # L values: odd, powers of two and +-1, and longer than one Triton block (1024)
 LATENT = [1, 2, 3, 7, 31, 32, 33, 100, 1025, 1537]
@@ -649,3 +659,49 @@ def twin_op_cases(m2, l2):
         ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), torch.randn(3, 4, 3), True)),
         ("sample_normal_backward", (mu, lv, seed, None, torch.randn(4, 3), None, False)),
     ]
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(sample_normal_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K", [(1, 1, 1), (5, 7, 1), (6, 33, 3)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, N, L, K):
+    """fastvae::sample_normal, ::sample_normal_with_ratio and their backward
+    called as a compiled graph calls them (mu, logvar (N, L)): on the triton
+    backend from a plan of the call's signature (OP_PLANS), with the general
+    launch's z, KL, log-ratio and gradients bit for bit, for every gradient
+    variant, with and without stop_score, from the first call and the
+    second; half precision, a strided logvar and an empty batch take the
+    general launch and make no plan."""
+    sample_normal_module.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(N + L + K)
+    mu, lv = (torch.randn(N, L, generator=g, dtype=torch.float64).to(dtype).to(plan_device) for _ in range(2))
+    gz = torch.randn(K, N, L, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    gk = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    gr = torch.randn(K, N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    seed = seed_tensor(17, plan_device)
+    variants = [(gz, gk, None, False), (gz, None, gr, True), (None, gk, gr, False), (None, gk, None, False),
+                (None, None, gr, True)]
+    runs = []
+    for enabled in (True, True, False):
+        monkeypatch.setattr(sample_normal_module, "ENABLED", enabled)
+        out = [*sample_normal_op(mu, lv, seed, K), *sample_normal_with_ratio_op(mu, lv, seed, K)]
+        for grad_z, grad_kl, grad_ratio, stop in variants:
+            out += sample_normal_backward_op(mu, lv, seed, grad_z, grad_kl, grad_ratio, stop)
+        runs.append(out)
+    assert sample_normal_module.OP_PLANS and None not in sample_normal_module.OP_PLANS.values()
+    for planned in runs[:2]:
+        for a, b in zip(planned, runs[2], strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype and not torch.isnan(a).any()
+            assert torch.equal(a, b)
+    monkeypatch.setattr(sample_normal_module, "ENABLED", True)
+    sample_normal_module.OP_PLANS.clear()
+    sample_normal_op(mu.half(), lv.half(), seed, K)
+    if L > 1:  # (a (N, 1) view is contiguous whatever its strides)
+        sample_normal_op(mu, torch.cat([lv, lv], -1)[:, ::2], seed, K)
+    sample_normal_op(mu[:0], lv[:0], seed, K)
+    assert len(sample_normal_module.OP_PLANS) == 0
