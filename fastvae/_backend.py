@@ -191,6 +191,16 @@ def _choose(device_type: str, warn: bool) -> str:
     return name
 
 
+def op_plans_serve(device: torch.device) -> bool:
+    """Whether an op's own plans (its OP_PLANS: the per-signature launches of
+    the calls a compiled graph makes) serve a call on ``device``: the triton
+    backend, outside autocast there (autocast picks dtypes per call, which a
+    plan fixes). The first check an op's _op_plan makes, so that a call on
+    another backend leaves after one dict look-up."""
+    return ((_chosen.get(device.type) or backend_for(device, warn=False)) == "triton"
+            and not (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type)))
+
+
 def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
     """The backend that runs ops on tensors of this device."""
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type

@@ -436,13 +436,10 @@ def _op_plan(x: Tensor, logits: Tensor) -> BernoulliPlan | None:
     triton backend, outside autocast, contiguous float32 or float64 tensors
     of one dtype and device, no empty dimension. The launches are the eager
     plans' (the same kernels and arguments as the general launch)."""
-    if (not ENABLED or logits.dtype not in _DTYPES or x.dtype is not logits.dtype or logits.dim() != 3
-            or x.shape != logits.shape[1:] or logits.numel() == 0 or not x.is_contiguous()
-            or not logits.is_contiguous() or x.device != logits.device):
-        return None
     device = logits.device
-    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
-            or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
+    if (not ENABLED or not _backend.op_plans_serve(device) or logits.dtype not in _DTYPES
+            or x.dtype is not logits.dtype or logits.dim() != 3 or x.shape != logits.shape[1:]
+            or logits.numel() == 0 or not x.is_contiguous() or not logits.is_contiguous() or x.device != device):
         return None
     key = (logits.shape, logits.dtype, device)
     try:

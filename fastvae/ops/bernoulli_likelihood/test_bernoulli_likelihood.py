@@ -28,7 +28,13 @@ from fastvae.ops.bernoulli_likelihood.op import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, likelihood_checks, needs_plan_triton, plan_device_fixture
+from helpers import (
+    assert_close,
+    likelihood_checks,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+)
 
 # -- shared by the two ops' tests ---------------------------------------------------
 
@@ -649,17 +655,10 @@ def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, 
     x, logits = _plan_inputs((P, D), (K, P, D), dtype, plan_device, False, True, "plain")
     x, logits = x.detach(), logits.detach()
     g = torch.randn(K, P, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype).to(plan_device)
-    runs = []
-    for enabled in (True, True, False):
-        monkeypatch.setattr(bernoulli_op, "ENABLED", enabled)
-        out = bernoulli_log_prob_op(x, logits)
-        runs.append([out, *bernoulli_log_prob_backward_op(g, x, logits, True),
-                     *bernoulli_log_prob_backward_op(g, x, logits, False)])
-    assert len(bernoulli_op.OP_PLANS) == 1 and None not in bernoulli_op.OP_PLANS.values()
-    for planned in runs[:2]:
-        for a, b in zip(planned, runs[2], strict=True):
-            _same_bits(a, b)
-    monkeypatch.setattr(bernoulli_op, "ENABLED", True)
+    op_plans_match_the_general_launch(monkeypatch, bernoulli_op, lambda: (
+        bernoulli_log_prob_op(x, logits), *bernoulli_log_prob_backward_op(g, x, logits, True),
+        *bernoulli_log_prob_backward_op(g, x, logits, False)))
+    assert len(bernoulli_op.OP_PLANS) == 1  # one plan serves the forward and both backwards
     bernoulli_op.OP_PLANS.clear()
     continuous_bernoulli_log_prob_op(x.clamp(0.1, 0.9), logits)
     bernoulli_log_prob_op(x.half(), logits.half())

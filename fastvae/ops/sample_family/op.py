@@ -411,16 +411,14 @@ class FamilyKLSampler:
         or float64 tensors of one dtype and device, N L > 0, n_samples >= 1.
         The launches are the general launchers' variants (kl_forward_plan,
         kl_backward_plan) on the same arguments: the same bits."""
-        if (not ENABLED or self.sampler.name != "sample_location_scale" or p0.dtype not in _DTYPES
-                or p0.dim() != 2 or p0.numel() == 0 or n_samples < 1 or prior1.dim() not in (1, 2)
-                or any(t.dtype is not p0.dtype or t.device != p0.device or not t.is_contiguous()
+        device = p0.device
+        if (not ENABLED or self.sampler.name != "sample_location_scale" or not _backend.op_plans_serve(device)
+                or p0.dtype not in _DTYPES or p0.dim() != 2 or p0.numel() == 0 or n_samples < 1
+                or prior1.dim() not in (1, 2)
+                or any(t.dtype is not p0.dtype or t.device != device or not t.is_contiguous()
                        for t in (p0, p1, prior0, prior1))
                 or p1.shape != p0.shape or prior0.shape != prior1.shape
                 or prior1.shape != (p0.shape if prior1.dim() == 2 else p0.shape[1:])):
-            return None
-        device = p0.device
-        if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
-                or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
             return None
         key = (p0.shape, p0.dtype, device, prior1.dim(), family, kl_family, n_samples)
         try:
@@ -821,16 +819,14 @@ def _backward(logits: Tensor, temperature: Tensor, seed: Tensor, grad_z: Tensor 
     if grad_kl is not None and log_p is None:
         raise ValueError("grad_kl: the KL's gradient needs the prior's log_p")
     K = gradient_samples(grad_z, grad_log_q)
-    grads = [g for g in (grad_z, grad_log_q, grad_kl) if g is not None]
-    if (all(g.dtype is logits.dtype for g in grads)  # (z: these backends regenerate it)
-            and (plan := _op_plan(logits, temperature, max(K, 1), False, stop_score, log_p if grad_kl is not None
-                                  else None, False)) is not None):
-        a = logits
-        gz, gq, gk = (a if g is None else g.contiguous() for g in (grad_z, grad_log_q, grad_kl))
+    if (all(g is None or g.dtype is logits.dtype for g in (grad_z, grad_log_q, grad_kl))  # (z: regenerated here)
+            and (plan := _op_plan(logits, temperature, max(K, 1), False, stop_score,
+                                  None if grad_kl is None else log_p, False)) is not None):
+        gz, gq, gk = (logits if g is None else g.contiguous() for g in (grad_z, grad_log_q, grad_kl))
         d = empty(plan.d_like)
         plan.backward(grad_z is not None, grad_log_q is not None, grad_kl is not None)(
-            gz, gq, a, temperature, seed, d, gk, a if grad_kl is None else log_p, plan.N, plan.L, plan.N * plan.L,
-            plan.C, K, plan.lp_stride if grad_kl is not None else 0)
+            gz, gq, logits, temperature, seed, d, gk, logits if grad_kl is None else log_p, plan.N, plan.L,
+            plan.N * plan.L, plan.C, K, plan.lp_stride if grad_kl is not None else 0)
         return d
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
@@ -1091,13 +1087,11 @@ def _op_plan(a: Tensor, lam: Tensor, n_samples: int, hard: bool, stop_score: boo
     of one dtype, contiguous, with n_samples >= 1, no relaxed z to keep and
     log_p (L, C) of unit column stride; the launches are the eager plans'
     (the same kernels and arguments as the general launch: the same bits)."""
-    if (not ENABLED or keep_relaxed or a.dtype not in _DTYPES or lam.dtype is not a.dtype or a.dim() != 3
-            or not a.is_contiguous() or not lam.is_contiguous() or a.numel() == 0 or n_samples < 1
-            or (log_p is not None and (log_p.dtype is not a.dtype or log_p.stride(1) != 1))):
-        return None
     device = a.device
-    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
-            or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
+    if (not ENABLED or keep_relaxed or not _backend.op_plans_serve(device) or a.dtype not in _DTYPES
+            or lam.dtype is not a.dtype or a.dim() != 3 or not a.is_contiguous() or not lam.is_contiguous()
+            or a.numel() == 0 or n_samples < 1
+            or (log_p is not None and (log_p.dtype is not a.dtype or log_p.stride(1) != 1))):
         return None
     key = (a.shape, a.dtype, device, lam.shape, n_samples, hard, stop_score,
            None if log_p is None else log_p.stride(0))

@@ -47,6 +47,7 @@ from helpers import (
     fused_kl_checks,
     gen,
     needs_plan_triton,
+    op_plans_match_the_general_launch,
     philox_seed_of,
     plan_device_fixture,
     sampler_checks,
@@ -2507,20 +2508,10 @@ def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, 
     gq = torch.randn(n_samples, N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
     gk = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
     given = (gz if "z" in grads else None, gq if "q" in grads else None, gk if "k" in grads else None)
-    runs = []
-    for enabled in (True, True, False):
-        monkeypatch.setattr(family_op, "ENABLED", enabled)
-        out = family_op.sample_concrete_op(a, lam, seed, hard, n_samples, log_p, False)
-        d = family_op.sample_concrete_backward_op(a, lam, seed, *given[:2], stop_score, given[2],
-                                                  None if given[2] is None else log_p, None)
-        runs.append((*out, d))
-    assert family_op.OP_PLANS and None not in family_op.OP_PLANS.values()  # made, and kept: the first two runs
-    for planned in runs[:2]:
-        for x, y in zip(planned, runs[2]):
-            assert x.shape == y.shape and x.dtype == y.dtype
-            if x.numel():
-                assert_same_bits(x, y)
-    monkeypatch.setattr(family_op, "ENABLED", True)
+    op_plans_match_the_general_launch(monkeypatch, family_op, lambda: (
+        *family_op.sample_concrete_op(a, lam, seed, hard, n_samples, log_p, False),
+        family_op.sample_concrete_backward_op(a, lam, seed, *given[:2], stop_score, given[2],
+                                              None if given[2] is None else log_p, None)))
     family_op.OP_PLANS.clear()
     family_op.sample_concrete_op(a.half(), lam.half(), seed, hard, n_samples, None, False)
     family_op.sample_concrete_op(a, torch.full((N, 2 * L), 0.7, dtype=dtype, device=plan_device)[:, ::2], seed,
@@ -2552,19 +2543,10 @@ def test_the_fused_location_scale_ops_launch_from_plans_with_the_general_bits(pl
     seed = seed_tensor(N * 1000 + L, plan_device)
     index, kl_index = LOCATION_SCALE_FAMILIES.index(family), KL_FAMILIES.index(family)
     cases = ((grad_z, grad_kl, True), (grad_z, grad_kl, False), (None, grad_kl, True), (grad_z, None, False))
-    runs = []
-    for enabled in (True, True, False):
-        monkeypatch.setattr(family_op, "ENABLED", enabled)
-        out = list(fused.op(loc, ls, p_loc, p_ls, seed, index, kl_index, K))
-        for gz, gkl, need_dp in cases:
-            out += fused.backward_op(gz, gkl, loc, ls, p_loc, p_ls, seed, index, kl_index, need_dp)
-        runs.append(out)
-    assert family_op.OP_PLANS and None not in family_op.OP_PLANS.values()
-    for planned in runs[:2]:
-        for a, b in zip(planned, runs[2], strict=True):
-            assert a.shape == b.shape and a.dtype == b.dtype and not torch.isnan(a).any()
-            assert torch.equal(a, b)
-    monkeypatch.setattr(family_op, "ENABLED", True)
+    op_plans_match_the_general_launch(monkeypatch, family_op, lambda: (
+        *fused.op(loc, ls, p_loc, p_ls, seed, index, kl_index, K),
+        *(d for gz, gkl, need_dp in cases
+          for d in fused.backward_op(gz, gkl, loc, ls, p_loc, p_ls, seed, index, kl_index, need_dp))))
     family_op.OP_PLANS.clear()
     fused.op(loc.half(), ls.half(), p_loc.half(), p_ls.half(), seed, index, kl_index, K)
     fused.backward_op(grad_z, None, loc, ls, p_loc, p_ls, seed, index, kl_index, True)

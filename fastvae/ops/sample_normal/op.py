@@ -155,13 +155,10 @@ def _op_plan(mu: Tensor, logvar: Tensor, n_samples: int) -> SampleNormalPlan | N
     arguments at every call): on the triton backend, outside autocast,
     contiguous float32 or float64 tensors of one dtype and device, N L > 0,
     n_samples >= 1."""
-    if (not ENABLED or mu.dtype not in _DTYPES or logvar.dtype is not mu.dtype or mu.dim() != 2
-            or logvar.shape != mu.shape or mu.numel() == 0 or n_samples < 1 or not mu.is_contiguous()
-            or not logvar.is_contiguous() or logvar.device != mu.device):
-        return None
     device = mu.device
-    if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
-            or (torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type))):
+    if (not ENABLED or not _backend.op_plans_serve(device) or mu.dtype not in _DTYPES
+            or logvar.dtype is not mu.dtype or mu.dim() != 2 or logvar.shape != mu.shape or mu.numel() == 0
+            or n_samples < 1 or not mu.is_contiguous() or not logvar.is_contiguous() or logvar.device != device):
         return None
     key = (mu.shape, mu.dtype, device, n_samples)
     try:

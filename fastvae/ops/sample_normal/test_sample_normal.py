@@ -29,6 +29,7 @@ from helpers import (
     float_dtype_examples,
     gen,
     needs_plan_triton,
+    op_plans_match_the_general_launch,
     plan_device_fixture,
     sampler_checks,
     seed_tensor,
@@ -686,19 +687,10 @@ def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, 
     seed = seed_tensor(17, plan_device)
     variants = [(gz, gk, None, False), (gz, None, gr, True), (None, gk, gr, False), (None, gk, None, False),
                 (None, None, gr, True)]
-    runs = []
-    for enabled in (True, True, False):
-        monkeypatch.setattr(sample_normal_module, "ENABLED", enabled)
-        out = [*sample_normal_op(mu, lv, seed, K), *sample_normal_with_ratio_op(mu, lv, seed, K)]
-        for grad_z, grad_kl, grad_ratio, stop in variants:
-            out += sample_normal_backward_op(mu, lv, seed, grad_z, grad_kl, grad_ratio, stop)
-        runs.append(out)
-    assert sample_normal_module.OP_PLANS and None not in sample_normal_module.OP_PLANS.values()
-    for planned in runs[:2]:
-        for a, b in zip(planned, runs[2], strict=True):
-            assert a.shape == b.shape and a.dtype == b.dtype and not torch.isnan(a).any()
-            assert torch.equal(a, b)
-    monkeypatch.setattr(sample_normal_module, "ENABLED", True)
+    op_plans_match_the_general_launch(monkeypatch, sample_normal_module, lambda: (
+        *sample_normal_op(mu, lv, seed, K), *sample_normal_with_ratio_op(mu, lv, seed, K),
+        *(d for grad_z, grad_kl, grad_ratio, stop in variants
+          for d in sample_normal_backward_op(mu, lv, seed, grad_z, grad_kl, grad_ratio, stop))))
     sample_normal_module.OP_PLANS.clear()
     sample_normal_op(mu.half(), lv.half(), seed, K)
     if L > 1:  # (a (N, 1) view is contiguous whatever its strides)
