@@ -110,6 +110,25 @@ def fresh_op_plans():
 
 
 @pytest.fixture(autouse=True)
+def plans_keep_one_element_templates():
+    """The plans a test left (the objectives' and the ops') keep templates of
+    one element: a plan outlives its call, so a template of an output's size
+    would hold that memory for as long as the signature stays cached."""
+    yield
+    from helpers import assert_plans_keep_one_element_templates
+    assert_plans_keep_one_element_templates([fastvae._plan.PLANS, *_op_plan_stores(), *_op_eager_plan_stores()])
+
+
+def _op_eager_plan_stores() -> list:
+    """Every loaded op module's PLANS (its eager calls' plans)."""
+    import sys
+
+    from fastvae import _registry
+    modules = (sys.modules.get(f"fastvae.ops.{folder}.op") for folder in _registry.FOLDERS)
+    return [m.PLANS for m in modules if m is not None and hasattr(m, "PLANS")]
+
+
+@pytest.fixture(autouse=True)
 def restore_backend():
     """A test that picks a backend must not leak the choice into the next one."""
     previous = fastvae._backend.requested_backend()

@@ -3,10 +3,22 @@ parameters bound once (``Launch``), then launched through the compiled
 kernel's launcher directly, and the bounded store of plans per call signature
 that holds them (``PlanCache``). The objectives' plans (fastvae/_plan.py) and
 the ops that keep per-call-signature plans of their own build on it; it
-imports nothing of fastvae's, so any layer may."""
+imports nothing of fastvae's, so any layer may. A plan's outputs are
+``torch.empty_like`` a ``template`` the plan keeps."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+
+def template(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A plan's output template: what ``torch.empty_like`` reads (the shape,
+    dtype and device; its result is contiguous, as of a contiguous template)
+    with one element behind it. A plan lives as long as its signature stays
+    in its cache, so a template of the output's own size would hold a second
+    output's memory the whole time (a decoder output's gradient at k = 5000
+    samples: gigabytes); empty_like of the expanded element costs the same."""
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
 
 
 class PlanCache(dict):

@@ -51,13 +51,14 @@ import torch
 from torch import Tensor
 
 from . import _backend, _double_backward, _op, _registry, _value_checks
-from ._launch import Launch, PlanCache
+from ._launch import Launch, PlanCache, template
 from .ops.sample_normal.op import double_backward as sample_normal_double_backward
 
 # Every output the plans allocate is empty_like a template of its shape, dtype
 # and device that the plan keeps (torch.empty_like costs about a third of
-# torch.empty with a shape); the tests' fixture poisons them with NaN
-# (conftest.py), as it does _backend.empty_output's.
+# torch.empty with a shape; _launch.template: one element behind it); the
+# tests' fixture poisons them with NaN (conftest.py), as it does
+# _backend.empty_output's.
 empty = torch.empty_like
 
 
@@ -124,14 +125,14 @@ class SamplePlan:
         self.dtype, self.device = dtype, device
         self.with_ratio, self.stop_score = with_ratio, stop_score
         self.in_place = in_stride is not None
-        self.mu_like = torch.empty(shape, dtype=dtype, device=device)  # the gradients' template: contiguous
+        self.mu_like = template(shape, dtype, device)  # the gradients' template: contiguous
         z_shape = shape if n_samples is None else torch.Size((K, *shape))
         # z, the KL and the log-ratio in the compute dtype: mu's, or float32 for
         # a half-precision encoder under autocast (ops/sample_normal/op.py's z_dtype)
         z_dtype = dtype if z_dtype is None else z_dtype
-        self.z_like = torch.empty(z_shape, dtype=z_dtype, device=device)
-        self.kl_like = torch.empty(shape[:-1], dtype=z_dtype, device=device)
-        self.ratio_like = torch.empty((K, *shape[:-1]), dtype=z_dtype, device=device) if with_ratio else None
+        self.z_like = template(z_shape, z_dtype, device)
+        self.kl_like = template(shape[:-1], z_dtype, device)
+        self.ratio_like = template((K, *shape[:-1]), z_dtype, device) if with_ratio else None
         # offset0, sample_stride, row_stride (the noise's), N, KN, L, in_stride (mu's rows in memory)
         self.in_stride = in_stride if self.in_place else L
         self.ints = (0, N * L, L, N, K * N, L, self.in_stride)
@@ -265,9 +266,9 @@ class FamilySamplePlan:
         self.prior_log = [None, None]  # _prior_log's kept (key, the prior's parameter, its log) by slot
         self.dtype, self.device = dtype, device
         self.general = general  # the general composition (objectives), which a create_graph backward replays
-        self.mu_like = torch.empty(shape, dtype=dtype, device=device)
-        self.z_like = torch.empty(shape if n_samples is None else (K, *shape), dtype=dtype, device=device)
-        self.kl_like = torch.empty(shape[:-1], dtype=dtype, device=device)
+        self.mu_like = template(shape, dtype, device)
+        self.z_like = template(shape if n_samples is None else (K, *shape), dtype, device)
+        self.kl_like = template(shape[:-1], dtype, device)
         self.ints = (0, N * L, L, N, K * N, L)  # offset0, sample_stride, row_stride, N, KN, L
         if cpp:
             self.kl_kernels = f"{sampler}_kl_forward", f"{sampler}_kl_backward"
@@ -534,8 +535,8 @@ class TailPlan:
         # the bound reduced to a scalar in a kernel: its rows' (or columns') sum over divisor
         self.reduced = reduction != "none"
         self.divisor = P if reduction == "mean" else 1
-        self.bound_like = torch.empty((), dtype=dtype, device=device) if self.reduced else None
-        self.term_like = torch.empty((K, *batch_shape) if iwae else batch_shape, dtype=dtype, device=device)
+        self.bound_like = template((), dtype, device) if self.reduced else None
+        self.term_like = template((K, *batch_shape) if iwae else batch_shape, dtype, device)
         common = _kernels("_common")  # the kernels' shared helpers (Triton: imported by the first plan)
         self.float64_bits = common.float64_bits
         self.beta, self.term_bits = 1.0, common.float64_bits(-1.0)  # elbo: the KL's weight -beta, float64 bits
@@ -560,8 +561,8 @@ class TailPlan:
         # the elbo's partial sums: one a program of the likelihood's forward
         self.parts = common.bound_parts(lik.programs, dtype, device) if reduce else None
         if iwae:  # the log-mean-exp's value (or the bound) and column state
-            self.value_like = torch.empty(batch_shape, dtype=dtype, device=device)
-            self.state_like = torch.empty((P,), dtype=acc, device=device)
+            self.value_like = template(batch_shape, dtype, device)
+            self.state_like = template((P,), acc, device)
             lme = _kernels("logmeanexp")
             planned = lme.forward_plan(K, P, dtype, device, self.reduced)
             self.lme_forward = self.lme_split = None

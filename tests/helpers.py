@@ -724,6 +724,43 @@ def op_plans_match_the_general_launch(monkeypatch, op_module, call) -> list:
     return runs[0]
 
 
+def plan_templates(obj, path: str = "", depth: int = 0):
+    """(path, tensor) of each output template a plan keeps (an attribute
+    named ``*_like``), in the plan and in the fastvae objects, tuples, lists
+    and dicts it holds (an objectives' Plan's SamplePlan and TailPlan)."""
+    if isinstance(obj, (tuple, list)):
+        items = enumerate(obj)
+    elif isinstance(obj, dict):
+        items = obj.items()
+    elif type(obj).__module__.startswith("fastvae") and type(obj).__name__ != "Launch":
+        names = [n for k in type(obj).__mro__ for n in getattr(k, "__slots__", ())]
+        items = ((n, getattr(obj, n, None)) for n in [*names, *getattr(obj, "__dict__", {})])
+    else:
+        return
+    for name, value in items:
+        where = f"{path}.{name}" if path else f"{type(obj).__name__}.{name}"
+        if isinstance(value, torch.Tensor):
+            if isinstance(name, str) and name.endswith("_like"):
+                yield where, value
+        elif depth < 3 and value is not None:
+            yield from plan_templates(value, where, depth + 1)
+
+
+def assert_plans_keep_one_element_templates(stores) -> int:
+    """Every output template the plans in ``stores`` (PlanCaches) keep holds
+    one element (fastvae._launch.template), not an output's memory; returns
+    how many were checked."""
+    checked = 0
+    for plans in stores:
+        for plan in plans.values():
+            for where, t in plan_templates(plan):
+                held = t.untyped_storage().nbytes()
+                assert held <= t.element_size(), (
+                    f"{where} {tuple(t.shape)} holds {held} bytes: a plan's template must hold one element")
+                checked += 1
+    return checked
+
+
 def plan_device_fixture(op_module):
     """A fixture for the tests of ``op_module``'s plans (its PLANS and OP_PLANS):
     the device the triton backend runs on here (CPU tensors under the interpreter), no plan kept,
@@ -742,6 +779,7 @@ def plan_device_fixture(op_module):
         for plans in stores:
             plans.clear()
         yield device
+        assert_plans_keep_one_element_templates(stores)
         for plans in stores:
             plans.clear()
 

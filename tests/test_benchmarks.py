@@ -619,3 +619,31 @@ def test_op_plans_ab_times_both_paths():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.op_plans_ab"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_plan_memory_reports_what_the_plans_hold():
+    """benchmarks/plan_memory.py (the bytes the cached launch plans keep
+    after an IWAE step and an evaluation, under the interpreter): it names
+    each plan class, and the plans hold no output-sized template (a few
+    hundred bytes of counters and partial sums at these sizes)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "TRITON_INTERPRET": "1"}
+    env.pop("FASTVAE_BACKEND", None)
+    args = ["--k", "64", "--eval-k", "64", "--batch", "8"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.plan_memory", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reports = proc.stdout.split("after ")[1:]
+    assert [r.split(" at ")[0] for r in reports] == ["an IWAE step and an evaluation", "log_likelihood"]
+    for report in reports:
+        held = dict(line.strip().split(": ") for line in report.splitlines()[1:])
+        assert "BernoulliPlan" in held and "every plan" in held
+        assert float(held["every plan"].split()[0]) < 0.01  # MiB; one (64, 8, 784) float32 output is 1.5

@@ -1844,3 +1844,53 @@ def test_the_launchers_host_arithmetic_is_tritons():
                     and node.func.attr in ("cdiv", "next_power_of_2")):
                 called.append(f"{path.relative_to(root)}:{node.lineno}")
     assert not called, called
+
+
+def test_plans_keep_one_element_templates(backend):
+    """A plan outlives its call (it stays cached for its signature), so the
+    templates it allocates its outputs from hold one element, not an output's
+    memory: a template of z at k = 5000 samples would be that many samples'
+    memory, held for as long as the plan. The outputs the templates give are
+    full, contiguous tensors: the bounds equal the general path's."""
+    from helpers import assert_plans_keep_one_element_templates
+
+    name, device = backend
+    if name == "reference":
+        pytest.skip("the reference backend takes no plans")
+    _plan.clear()
+    x, (mu, logvar, W) = _problem(device, torch.float32)
+    dec = _decoders(W)["bernoulli"]
+    fx, (loc, raw, fW), (p_loc, p_raw), build = _family_problem(device, torch.float32, "laplace")
+    fdec = _decoders(fW)["bernoulli"]
+    k = 64  # the samples' outputs (K, B, ...) are the largest a plan allocates
+
+    def bounds():
+        g = torch.Generator(device)
+        q, p = build(loc, raw, p_loc, p_raw)
+        out = [fastvae.iwae(x, mu, logvar, dec, k=k, likelihood="bernoulli", generator=g.manual_seed(1)),
+               fastvae.elbo(x, mu, logvar, dec, likelihood="bernoulli", generator=g.manual_seed(2)),
+               fastvae.elbo(fx, q, fdec, prior=p, likelihood="bernoulli", generator=g.manual_seed(3))[None]]
+        grads = torch.autograd.grad(sum(b.sum() for b in out), (mu, logvar, W, loc, raw))
+        return [*out, *grads]
+
+    planned = bounds()
+    assert len(_plan.PLANS) >= 2 and None not in _plan.PLANS.values()
+    stores = [_plan.PLANS]
+    if name == "triton":  # the ops' own eager plans: the Bernoulli likelihood's, its split partial sums included
+        from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
+        logits = torch.randn(k, *x.shape, device=device, requires_grad=True)
+        bernoulli_op.PLANS.clear()
+        torch.autograd.grad(fastvae.bernoulli_log_prob(x, logits).sum(), logits)
+        (plan,) = bernoulli_op.PLANS.values()
+        for entry in plan._backward.values():
+            assert entry[2].untyped_storage().nbytes() <= entry[2].element_size()
+        stores.append(bernoulli_op.PLANS)
+    assert assert_plans_keep_one_element_templates(stores) >= (8 if name == "triton" else 3)
+    previous = _plan.ENABLED
+    _plan.ENABLED = False
+    try:
+        general = bounds()
+    finally:
+        _plan.ENABLED = previous
+    for a, b in zip(planned, general, strict=True):
+        assert a.is_contiguous() and a.shape == b.shape and _same(a, b)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc, _like
-from ..._launch import Launch, PlanCache
+from ..._launch import Launch, PlanCache, template
 from ..._likelihood_layout import (
     broadcast_x,
     check_output,
@@ -334,9 +334,9 @@ class BernoulliPlan:
         dtype, device = logits.dtype, logits.device
         self.K, self.P, self.D, self.dtype, self.device = K, P, D, dtype, device
         self.copy = (not x.is_contiguous(), not logits.is_contiguous())
-        self.out_like = torch.empty(logits.shape[:-1], dtype=dtype, device=device)
-        self.dlogits_like = torch.empty(logits.shape, dtype=dtype, device=device)
-        self.dx_like = torch.empty(x.shape, dtype=dtype, device=device)
+        self.out_like = template(logits.shape[:-1], dtype, device)
+        self.dlogits_like = template(logits.shape, dtype, device)
+        self.dx_like = template(x.shape, dtype, device)
         grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, dtype, device)
         self.forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
         self.fwd_ints = (P, K * P, D, 0, 1)  # P, K * P, D, no term's weight, no divisor
@@ -356,7 +356,9 @@ class BernoulliPlan:
             grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, self.K, self.P, self.D, self.dtype,
                                                          self.device, has_dx)
             entry = self._backward[has_dx] = (Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta),
-                                              (*ints, 0, 1), kern.backward_part(ints, self.dtype, self.device),
+                                              (*ints, 0, 1),
+                                              template(kern.backward_part_shape(ints),
+                                                       _backend.accumulation_dtype(self.dtype), self.device),
                                               tiles, ints[-1])
         return entry
 

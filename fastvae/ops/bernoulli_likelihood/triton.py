@@ -299,13 +299,18 @@ def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device:
         P, D, R, k_loop, per_split, splits), tiles
 
 
-def backward_part(ints: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A fresh buffer of the backward's partial sums over sample splits, for
-    backward_plan's runtime integers: (splits, P, D), or a placeholder the
-    kernel never touches where nothing is split (the op's plans take it as
-    their template)."""
+def backward_part_shape(ints: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the backward's partial sums over sample splits, for
+    backward_plan's runtime integers: (splits, P, D), or (1,), a placeholder
+    the kernel never touches, where nothing is split."""
     P, D, splits = ints[0], ints[1], ints[-1]
-    return torch.empty((splits, P, D) if splits > 1 else (1,), dtype=accumulation_dtype(dtype), device=device)
+    return (splits, P, D) if splits > 1 else (1,)
+
+
+def backward_part(ints: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh buffer of backward_part_shape, in the accumulation dtype (the
+    op's plans keep a template of it instead: fastvae._launch.template)."""
+    return torch.empty(backward_part_shape(ints), dtype=accumulation_dtype(dtype), device=device)
 
 
 def bernoulli_backward(kind: int, grad_out, x, logits, dx, dlogits, dterm=None, weight: float = 0.0,

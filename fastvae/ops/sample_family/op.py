@@ -113,7 +113,7 @@ from torch import Tensor
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc, not_twice, replay_inputs
 from ..._families import KL_FAMILIES, LOCATION_SCALE_FAMILIES, POSITIVE_FAMILIES
-from ..._launch import Launch, PlanCache
+from ..._launch import Launch, PlanCache, template
 from ..._op import SEED_HIGH, define, draw_seed, flat, run, shaped
 from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 from ..family_kl.op import FamilyKL, prior_layout
@@ -293,9 +293,9 @@ class _LocationScaleKLPlan:
         (N, L), dtype, device = p0.shape, p0.dtype, p0.device
         self.N, self.L, self.K, self.dtype, self.device = N, L, n_samples, dtype, device
         self.family, self.kl_family, self.p_shared = family, kl_family, p_shared
-        self.z_like = torch.empty((n_samples, N, L), dtype=dtype, device=device)
-        self.kl_like = torch.empty((N,), dtype=dtype, device=device)
-        self.d_like = torch.empty((N, L), dtype=dtype, device=device)
+        self.z_like = template((n_samples, N, L), dtype, device)
+        self.kl_like = template((N,), dtype, device)
+        self.d_like = template((N, L), dtype, device)
         grid, meta = kern.kl_forward_plan(n_samples, N, L, dtype, device, family, kl_family, p_shared)
         self.forward = Launch(kern._sample_location_scale_kl_fwd_kernel, grid, meta)
         self.fwd_ints = (N * L, N, n_samples * N, L)
@@ -968,10 +968,10 @@ class ConcretePlan:
         self.with_kl, self.stop_score = log_p is not None, stop_score
         self.lp_stride = 0 if log_p is None else log_p.expand(L, C).stride(0)
         samples = () if n_samples is None else (K,)
-        self.z_like = torch.empty((*samples, *shape), dtype=_z_dtype(logits), device=device)
-        self.log_q_like = torch.empty((*samples, *shape[:-2]), dtype=dtype, device=device)
-        self.kl_like = torch.empty(shape[:-2], dtype=dtype, device=device)
-        self.d_like = torch.empty(shape, dtype=dtype, device=device)
+        self.z_like = template((*samples, *shape), _z_dtype(logits), device)
+        self.log_q_like = template((*samples, *shape[:-2]), dtype, device)
+        self.kl_like = template(shape[:-2], dtype, device)
+        self.d_like = template(shape, dtype, device)
         grid, meta = kern.concrete_forward_launch(K, N, L, C, dtype, device.type, hard, True, log_p is not None)
         self.forward = Launch(kern._sample_concrete_fwd_kernel, grid, meta)
         self.fwd_ints = (0, N * L * C, L * C, N, K * N, L, C, self.lp_stride)

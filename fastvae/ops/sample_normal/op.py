@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._dtypes import accumulation_dtype
-from ..._launch import Launch, PlanCache
+from ..._launch import Launch, PlanCache, template
 from ..._op import define, draw_seed, flat, run, shaped
 from ..._sampler import check_offsets, empty_z, gradient_samples, z_dtype
 from ..kl_normal import kl_normal_grad
@@ -113,10 +113,10 @@ class SampleNormalPlan:
         self.kern = _backend.triton_module("sample_normal")
         (N, L), dtype, device = mu.shape, mu.dtype, mu.device
         self.N, self.L, self.K, self.dtype, self.device = N, L, n_samples, dtype, device
-        self.z_like = torch.empty((n_samples, N, L), dtype=dtype, device=device)
-        self.kl_like = torch.empty((N,), dtype=dtype, device=device)
-        self.ratio_like = torch.empty((n_samples, N), dtype=dtype, device=device)
-        self.d_like = torch.empty((N, L), dtype=dtype, device=device)
+        self.z_like = template((n_samples, N, L), dtype, device)
+        self.kl_like = template((N,), dtype, device)
+        self.ratio_like = template((n_samples, N), dtype, device)
+        self.d_like = template((N, L), dtype, device)
         self.fwd_ints = (0, N * L, L, N, n_samples * N, L, L)  # offset0, strides, N, K N, L, L
         self._forward: dict = {}
         self._backward: dict = {}

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._double_backward import _acc
-from ..._launch import Launch, PlanCache
+from ..._launch import Launch, PlanCache, template
 from ..._op import SEED_HIGH, define, draw_seed, run, shaped
 from ..._sampler import z_dtype
 from ..sample_normal.op import noise
@@ -181,9 +181,9 @@ class KLPlan:
         self.expand = (prior_mu.shape != shape, prior_log_scale.shape != shape)
         inputs = (mu, log_scale, prior_mu.expand(shape), prior_log_scale.expand(shape))
         self.copy = tuple(not t.is_contiguous() for t in inputs)
-        self.z_like = torch.empty(shape, dtype=z_dtype(mu, log_scale), device=device)
-        self.kl_like = torch.empty((N,) if reduce else shape, dtype=_backend.compute_dtype(mu), device=device)
-        self.grad_like = torch.empty(shape, dtype=dtype, device=device)
+        self.z_like = template(shape, z_dtype(mu, log_scale), device)
+        self.kl_like = template((N,) if reduce else shape, _backend.compute_dtype(mu), device)
+        self.grad_like = template(shape, dtype, device)
         self.rows_like = self.grad_like.view(N, L)  # the double backward's noise: its shape and dtype
         grid, meta, cols_per, splits, row_tiles = kern.forward_plan(N, L, dtype, device, logvar, residual, reduce)
         self.forward = Launch(kern._sample_normal_kl_fwd_kernel, grid, meta)
