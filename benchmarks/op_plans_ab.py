@@ -3,8 +3,9 @@ stand-in for the CUDA path (bench_host_cost's: every Triton launch stubbed,
 so the figures are host time alone).
 
 A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob,
-fastvae::sample_normal and the location-scale families' fused draw and KL
-(fastvae::sample_location_scale_kl), and their backwards, itself; with the
+fastvae::sample_normal and the latent families' fused draw and KL
+(fastvae::sample_location_scale_kl, fastvae::sample_positive_kl),
+fastvae::stick_breaking, and their backwards, itself; with the
 plans on, those calls launch from
 per-signature plans (docs/architecture.md, "The ops' own plans"). This
 switches the plans off and on (the ops' ENABLED) between interleaved rounds
@@ -14,8 +15,9 @@ compiled baseline:
     TRITON_INTERPRET=1 python -m benchmarks.op_plans_ab [--rounds 9] [--calls 200]
 
 The steps: the Concrete sampler at a Gumbel-softmax VAE's size (100, 30, 10),
-forward + backward, and bench_host_cost's Gumbel-softmax ELBO and Laplace
-ELBO with a Laplace prior.
+forward + backward, bench_host_cost's Gumbel-softmax ELBO and Laplace
+ELBO with a Laplace prior, a Weibull ELBO with a Weibull prior and a
+logistic-normal ELBO with a logistic-normal prior at the same sizes.
 """
 from __future__ import annotations
 
@@ -30,13 +32,14 @@ import fastvae
 from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
 from fastvae.ops.sample_family import op as sample_family_op
 from fastvae.ops.sample_normal import op as sample_normal_op
+from fastvae.ops.stick_breaking import op as stick_breaking_op
 
 from . import bench_host_cost
 
 
 def _use_plans(on: bool) -> None:
     # (compiled calls never take the eager plans these flags also switch)
-    sample_family_op.ENABLED = bernoulli_op.ENABLED = sample_normal_op.ENABLED = on
+    sample_family_op.ENABLED = bernoulli_op.ENABLED = sample_normal_op.ENABLED = stick_breaking_op.ENABLED = on
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,9 +65,33 @@ def main(argv: list[str] | None = None) -> dict:
     cases = bench_host_cost._setup(torch.device("cpu"))
     elbo, _, elbo_base, leaves = cases["elbo concrete (gumbel-softmax)"]
     laplace, _, laplace_base, laplace_leaves = cases["elbo laplace, laplace prior"]
+    B, L, D = bench_host_cost.B, bench_host_cost.L, bench_host_cost.D
+    x = (torch.rand(B, D) > 0.5).float()
+    W = torch.randn(L, D) * 0.3
+    a, b = (0.3 * torch.randn(B, L).requires_grad_() for _ in range(2))
+    ones = torch.ones(L)
+
+    def weibull():  # a positive family: the sampler's and family_kl's kernels, two each way
+        q = torch.distributions.Weibull(a.exp(), b.exp())
+        return -fastvae.elbo(x, q, lambda z: z @ W, likelihood="bernoulli",
+                             prior=torch.distributions.Weibull(ones, ones))
+
+    def weibull_base():
+        return (a.exp() + b.exp()).sum()
+
+    W1 = torch.randn(L + 1, D) * 0.3
+    zeros = torch.zeros(L)
+
+    def logistic_normal():  # the Gaussian sampler's and the stick-breaking's nodes
+        q = torch.distributions.LogisticNormal(a, b.exp())
+        return -fastvae.elbo(x, q, lambda z: z @ W1, likelihood="bernoulli",
+                             prior=torch.distributions.LogisticNormal(zeros, ones))
+
     steps = {"sampler": (sampler, (logits,)), "sampler base": (sampler_base, (logits,)),
              "elbo": (elbo, leaves), "elbo base": (elbo_base, leaves),
-             "laplace elbo": (laplace, laplace_leaves), "laplace elbo base": (laplace_base, laplace_leaves)}
+             "laplace elbo": (laplace, laplace_leaves), "laplace elbo base": (laplace_base, laplace_leaves),
+             "weibull elbo": (weibull, (a, b)), "weibull elbo base": (weibull_base, (a, b)),
+             "logistic-normal elbo": (logistic_normal, (a, b)), "logistic-normal elbo base": (weibull_base, (a, b))}
     steps = {k: (torch.compile(f, fullgraph=True), leaves) for k, (f, leaves) in steps.items()}
     times = {(k, on): [] for k in steps for on in (False, True)}
     with fastvae.use_backend("triton"):
@@ -84,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     _use_plans(True)
     med = {key: statistics.median(v) for key, v in times.items()}
     result = {}
-    for name in ("sampler", "elbo", "laplace elbo"):
+    for name in ("sampler", "elbo", "laplace elbo", "weibull elbo", "logistic-normal elbo"):
         own = {on: round(med[(name, on)] - med[(f"{name} base", on)], 1) for on in (False, True)}
         result[name] = {"general_us": own[False], "op_plans_us": own[True]}
         print(f"compiled {name}: {own[False]} us a step with the general launch, {own[True]} us with the ops' "

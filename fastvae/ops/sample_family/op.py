@@ -321,6 +321,111 @@ class _LocationScaleKLPlan:
                                           counters, per_split, splits)
         return made
 
+    def run_forward(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor, seed: Tensor):
+        """(z, kl): the general launcher's one kernel."""
+        z, kl = empty(self.z_like), empty(self.kl_like)
+        self.forward(p0, p1, prior0, prior1, seed, z, kl, *self.fwd_ints)
+        return z, kl
+
+    def run_backward(self, grad_z: Tensor | None, grad_kl: Tensor | None, p0: Tensor, p1: Tensor, prior0: Tensor,
+                     prior1: Tensor, seed: Tensor, need_dp: bool) -> list[Tensor]:
+        """[d loc, d log_scale] (+ the prior's with need_dp): the general launcher's one kernel."""
+        K = 0 if grad_z is None else grad_z.shape[0]
+        run_backward, part, counters, per_split, splits = self.backward(K, grad_z is not None, grad_kl is not None,
+                                                                        need_dp)
+        grads = [empty(self.d_like) for _ in range(4 if need_dp else 2)]
+        d_loc, d_ls = grads[:2]
+        run_backward(p0 if grad_z is None else grad_z.contiguous(), p0 if grad_kl is None else grad_kl.contiguous(),
+                     p0, p1, prior0, prior1, seed, d_loc, d_ls, *(grads[2:] if need_dp else (d_loc, d_ls)), part,
+                     counters, self.N, self.L, self.N * self.L, K, per_split, splits)
+        return grads
+
+
+class _PositiveKLPlan:
+    """The launches of one signature of the positive sampler's fused draw and
+    KL ops (FamilyKLSampler._op_plan): the general launchers'
+    (sample_positive_kl_forward, _backward in triton.py) two kernels each
+    way, the sampler's and family_kl's, on the same arguments: the draw's
+    forward, family_kl's forward, the sampler's backward (its partial sums
+    and arrival counters, back at 0 after each launch) and family_kl's
+    backward adding q's gradients to the sampler's. The exponential reads its
+    log-rates alone: its second parameters are stand-ins, as the general
+    launchers take them."""
+
+    __slots__ = ("N", "L", "K", "dtype", "device", "exponential", "p_shared", "kl_kern", "kl_family", "z_like",
+                 "kl_like", "d_like", "forward", "kl_forward", "fwd_ints", "_backward", "_kl_backward")
+
+    def __init__(self, p0: Tensor, family: int, kl_family: int, n_samples: int, p_shared: bool):
+        kern = _backend.triton_module("sample_family")
+        sampler = _backend.triton_module("sampler")
+        self.kl_kern = _backend.triton_module("family_kl")
+        (N, L), dtype, device = p0.shape, p0.dtype, p0.device
+        self.N, self.L, self.K, self.dtype, self.device = N, L, n_samples, dtype, device
+        self.exponential, self.p_shared, self.kl_family = kl_family == _EXPONENTIAL_KL, p_shared, kl_family
+        self.z_like = template((n_samples, N, L), dtype, device)
+        self.kl_like = template((N,), dtype, device)
+        self.d_like = template((N, L), dtype, device)
+        grid, meta = sampler.family_forward_plan(n_samples, N, L, dtype, device, family, False, 0, N * L, L)
+        self.forward = Launch(kern._sample_positive_fwd_kernel, grid, meta)
+        self.fwd_ints = (0, N * L, L, N, n_samples * N, L)  # offset0, sample_stride, row_stride, N, K N, L
+        grid, meta = self.kl_kern.forward_plan(N, L, dtype, kl_family, p_shared, True)
+        self.kl_forward = Launch(self.kl_kern._family_kl_fwd_kernel, grid, meta)
+        self._backward: dict = {}
+        self._kl_backward: dict = {}
+        made = sampler.family_backward_plan(n_samples, N, L, dtype, device, family, True, False, False)
+        grid, meta, blocks, splits, per_split = made
+        part, counters = sampler.family_split_buffers(2, N, L, dtype, device, blocks, splits)
+        self._backward = (Launch(kern._sample_positive_bwd_kernel, grid, meta), part, counters, per_split, splits)
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, self.kl_forward, self._backward[0], *self._kl_backward.values()]
+
+    def _kl_args(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor) -> tuple:
+        """family_kl's (q_loc, q_log_param, p_loc, p_log_param): the exponential's log-rates in both places."""
+        if self.exponential:
+            return p0, p0, prior0, prior0
+        return p0, p1, prior0, prior1
+
+    def run_forward(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor, seed: Tensor):
+        """(z, kl): the draw (no log q: z stands in for it), then the KL summed over L."""
+        z, kl = empty(self.z_like), empty(self.kl_like)
+        self.forward(p0, p1, seed, z, z, *self.fwd_ints)
+        self.kl_forward(*self._kl_args(p0, p1, prior0, prior1), kl, self.N, self.L)
+        return z, kl
+
+    def run_backward(self, grad_z: Tensor | None, grad_kl: Tensor | None, p0: Tensor, p1: Tensor, prior0: Tensor,
+                     prior1: Tensor, seed: Tensor, need_dp: bool) -> list[Tensor]:
+        """[d log_p0, d log_p1] (+ the prior's with need_dp), as
+        sample_positive_kl_backward writes them: the sampler's (0 without
+        grad_z), then family_kl's added (the prior's 0 without grad_kl, and
+        the exponential's second 0)."""
+        grads = [empty(self.d_like) for _ in range(4 if need_dp else 2)]
+        d0, d1 = grads[:2]
+        if grad_z is not None:
+            run, part, counters, per_split, splits = self._backward
+            run(grad_z.contiguous(), p0, p0, p1, seed, d0, d1, part, counters, self.N, self.L, self.N * self.L,
+                self.K, per_split, splits)
+        else:
+            d0.zero_()
+            d1.zero_()
+        if need_dp and (grad_kl is None or self.exponential):
+            grads[2].zero_()
+            grads[3].zero_()
+        if grad_kl is None:
+            return grads
+        launch = self._kl_backward.get(need_dp)
+        if launch is None:
+            grid, meta = self.kl_kern.backward_plan(self.N, self.L, self.dtype, self.kl_family, self.p_shared, True,
+                                                    need_dp, True)
+            launch = self._kl_backward[need_dp] = Launch(self.kl_kern._family_kl_bwd_kernel, grid, meta)
+        dq = (d0, d0) if self.exponential else (d0, d1)
+        dp = grads[2:] if need_dp else dq
+        if self.exponential and need_dp:
+            dp = (grads[2], grads[2])
+        launch(grad_kl.contiguous(), *self._kl_args(p0, p1, prior0, prior1), *dq, *dp, self.N, self.L)
+        return grads
+
 
 class FamilyKLSampler:
     """The front end of a family sampler's ELBO draw fused with family_kl's
@@ -363,9 +468,7 @@ class FamilyKLSampler:
         (N, L), one float32 or float64 dtype: the draw at the training layout's
         offsets and family_kl's closed form summed over L."""
         if (plan := self._op_plan(p0, p1, prior0, prior1, family, kl_family, n_samples)) is not None:
-            z, kl = empty(plan.z_like), empty(plan.kl_like)
-            plan.forward(p0, p1, prior0, prior1, seed, z, kl, *plan.fwd_ints)
-            return z, kl
+            return plan.run_forward(p0, p1, prior0, prior1, seed)
         backend = _backend.backend_for(p0.device)
         N, L = p0.shape
         z = _backend.empty_output((n_samples, N, L), like=p0)
@@ -383,15 +486,7 @@ class FamilyKLSampler:
             K = 0 if grad_z is None else grad_z.shape[0]
             plan = self._op_plan(p0, p1, prior0, prior1, family, kl_family, max(K, 1))
             if plan is not None:
-                run_backward, part, counters, per_split, splits = plan.backward(K, grad_z is not None,
-                                                                                grad_kl is not None, need_dp)
-                grads = [empty(plan.d_like) for _ in range(4 if need_dp else 2)]
-                d_loc, d_ls = grads[:2]
-                run_backward(p0 if grad_z is None else grad_z.contiguous(),
-                             p0 if grad_kl is None else grad_kl.contiguous(), p0, p1, prior0, prior1, seed,
-                             d_loc, d_ls, *(grads[2:] if need_dp else (d_loc, d_ls)), part, counters, plan.N,
-                             plan.L, plan.N * plan.L, K, per_split, splits)
-                return grads
+                return plan.run_backward(grad_z, grad_kl, p0, p1, prior0, prior1, seed, need_dp)
         backend = _backend.backend_for(p0.device)
         grads = [_backend.empty_output(p0.shape, like=p0) for _ in range(4 if need_dp else 2)]
         grads_by_name = dict(zip((f"d{n}" for n in self.names), grads + [None, None]))
@@ -403,16 +498,17 @@ class FamilyKLSampler:
         return grads
 
     def _op_plan(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor, family: int, kl_family: int,
-                 n_samples: int) -> _LocationScaleKLPlan | None:
-        """The plan of a call of the location-scale sampler's fused ops
-        themselves (a compiled graph's nodes: q's (N, L) and the prior's (L,)
-        or (N, L) as the Function lays them out), or None (the general
-        launch): on the triton backend, outside autocast, contiguous float32
-        or float64 tensors of one dtype and device, N L > 0, n_samples >= 1.
-        The launches are the general launchers' variants (kl_forward_plan,
-        kl_backward_plan) on the same arguments: the same bits."""
+                 n_samples: int) -> _LocationScaleKLPlan | _PositiveKLPlan | None:
+        """The plan of a call of the sampler's fused ops themselves (a
+        compiled graph's nodes: q's (N, L) and the prior's (L,) or (N, L) as
+        the Function lays them out), or None (the general launch): on the
+        triton backend, outside autocast, contiguous float32 or float64
+        tensors of one dtype and device, N L > 0, n_samples >= 1. The
+        launches are the general launchers' variants on the same arguments
+        (the location-scale sampler's one kernel each way, the positive
+        sampler's and family_kl's two): the same bits."""
         device = p0.device
-        if (not ENABLED or self.sampler.name != "sample_location_scale" or not _backend.op_plans_serve(device)
+        if (not ENABLED or not _backend.op_plans_serve(device)
                 or p0.dtype not in _DTYPES or p0.dim() != 2 or p0.numel() == 0 or n_samples < 1
                 or prior1.dim() not in (1, 2)
                 or any(t.dtype is not p0.dtype or t.device != device or not t.is_contiguous()
@@ -420,11 +516,12 @@ class FamilyKLSampler:
                 or p1.shape != p0.shape or prior0.shape != prior1.shape
                 or prior1.shape != (p0.shape if prior1.dim() == 2 else p0.shape[1:])):
             return None
-        key = (p0.shape, p0.dtype, device, prior1.dim(), family, kl_family, n_samples)
+        key = (self.sampler.name, p0.shape, p0.dtype, device, prior1.dim(), family, kl_family, n_samples)
         try:
             return OP_PLANS[key]
         except KeyError:
-            return OP_PLANS.store(key, _LocationScaleKLPlan(p0, family, kl_family, n_samples, prior1.dim() == 1))
+            cls = _LocationScaleKLPlan if self.sampler.name == "sample_location_scale" else _PositiveKLPlan
+            return OP_PLANS.store(key, cls(p0, family, kl_family, n_samples, prior1.dim() == 1))
 
     def function(self, name: str) -> type:
         """The autograd Function ``name``: (z (K, ..., L), KL(q || p) (...)) of

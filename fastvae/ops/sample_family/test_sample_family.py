@@ -2530,9 +2530,9 @@ def test_the_fused_location_scale_ops_launch_from_plans_with_the_general_bits(pl
     compiled graph calls them: on the triton backend from a plan of the
     call's signature (OP_PLANS), with the general launch's z, KL and every
     gradient bit for bit (both upstream gradients, either alone, with and
-    without the prior's), from the first call and the second; the positive
-    families' fused ops, half precision and a prior's gradient without the
-    KL's take the general launch and make no plan."""
+    without the prior's), from the first call and the second; half
+    precision and a prior's gradient without the KL's take the general
+    launch and make no plan."""
     from fastvae._families import KL_FAMILIES
 
     family_op.OP_PLANS.clear()
@@ -2550,6 +2550,38 @@ def test_the_fused_location_scale_ops_launch_from_plans_with_the_general_bits(pl
     family_op.OP_PLANS.clear()
     fused.op(loc.half(), ls.half(), p_loc.half(), p_ls.half(), seed, index, kl_index, K)
     fused.backward_op(grad_z, None, loc, ls, p_loc, p_ls, seed, index, kl_index, True)
-    exp = KL_FAMILIES.index("exponential")
-    family_op.POSITIVE_KL.op(ls, ls, p_ls, p_ls, seed, POSITIVE_FAMILIES.index("exponential"), exp, K)
+    assert len(family_op.OP_PLANS) == 0
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("family", KL_POSITIVE_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K, shared", [(1, 1, 1, True), (13, 6, 3, False)])
+def test_the_fused_positive_ops_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, family, dtype,
+                                                                       N, L, K, shared):
+    """fastvae::sample_positive_kl and its backward called as a compiled
+    graph calls them: on the triton backend from a plan of the call's
+    signature (OP_PLANS; the sampler's and family_kl's kernels), with the
+    general launch's z, KL and every gradient bit for bit (both upstream
+    gradients, either alone, with and without the prior's; the
+    exponential's second parameters' 0), from the first call and the
+    second, K = 1 and 3, one element and a batch, the prior shared and per
+    row; half precision and a prior's gradient without the KL's take the
+    general launch and make no plan."""
+    family_op.OP_PLANS.clear()
+    fused = family_op.POSITIVE_KL
+    (p0, p1), (r0, r1, grad_z, grad_kl) = _positive_kl_problem(N, L, K, shared, dtype, plan_device)
+    if family == "exponential":  # the Function's stand-ins: the first parameters again
+        p1, r1 = p0, r0
+    seed = seed_tensor(N * 1000 + L, plan_device)
+    index, kl_index = _kl_indices(family)
+    cases = ((grad_z, grad_kl, True), (grad_z, grad_kl, False), (None, grad_kl, True), (grad_z, None, False),
+             (None, grad_kl, False))
+    op_plans_match_the_general_launch(monkeypatch, family_op, lambda: (
+        *fused.op(p0, p1, r0, r1, seed, index, kl_index, K),
+        *(d for gz, gkl, need_dp in cases for d in fused.backward_op(gz, gkl, p0, p1, r0, r1, seed, index,
+                                                                        kl_index, need_dp))))
+    family_op.OP_PLANS.clear()
+    fused.op(p0.half(), p1.half(), r0.half(), r1.half(), seed, index, kl_index, K)
+    fused.backward_op(grad_z, None, p0, p1, r0, r1, seed, index, kl_index, True)
     assert len(family_op.OP_PLANS) == 0

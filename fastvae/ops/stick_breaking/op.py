@@ -8,13 +8,66 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._dtypes import accumulation_dtype
+from ..._launch import Launch, PlanCache, template
 from ..._op import define, flat, run, shaped
 from . import stick_breaking_grad
+
+# The plans of the op's own calls (a compiled graph's nodes) on the triton
+# backend, per signature (bounded: fastvae._launch.PlanCache); ENABLED False
+# sends every call the general way (the tests compare the two); ``empty``
+# allocates each output like a template the plan holds (the tests' fixture may
+# poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+
+
+class StickBreakingPlan:
+    """The launches of one signature, y (N, M) contiguous of one float32 or
+    float64 dtype, N > 0: the forward kernel's and the backward kernel's, the
+    general launchers' variants (triton.py's launch_plan) on the same
+    arguments."""
+
+    __slots__ = ("N", "M", "z_like", "dy_like", "forward", "backward")
+
+    def __init__(self, y: Tensor):
+        kern = _backend.triton_module("stick_breaking")
+        (N, M), dtype, device = y.shape, y.dtype, y.device
+        self.N, self.M = N, M
+        self.z_like = template((N, M + 1), dtype, device)
+        self.dy_like = template((N, M), dtype, device)
+        grid, meta = kern.launch_plan(N, M, dtype)
+        self.forward = Launch(kern._stick_breaking_fwd_kernel, grid, meta)
+        self.backward = Launch(kern._stick_breaking_bwd_kernel, grid, meta)
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, self.backward]
+
+
+def _op_plan(y: Tensor) -> StickBreakingPlan | None:
+    """The plan of a call of the op itself (y (N, M) as StickBreaking hands it
+    to a compiled graph), or None (the general launch, which on CUDA pays the
+    launch geometry and Triton's binding of the arguments at every call): on
+    the triton backend, outside autocast, a contiguous float32 or float64 y
+    with N > 0."""
+    device = y.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or y.dtype not in _DTYPES or y.dim() != 2
+            or y.shape[0] == 0 or not y.is_contiguous()):
+        return None
+    key = (y.shape, y.dtype, device)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, StickBreakingPlan(y))
 
 
 def _forward(y: Tensor) -> Tensor:
     """z (N, M + 1) in y's dtype for y (N, M) contiguous; computed in
     float32 for half precision (the cpp kernels read it widened)."""
+    if (plan := _op_plan(y)) is not None:
+        z = empty(plan.z_like)
+        plan.forward(y, z, plan.N, plan.M)
+        return z
     backend = _backend.backend_for(y.device)
     yk = _backend.kernel_input(backend, y, _backend.compute_dtype(y))
     z = _backend.empty_output((y.shape[0], y.shape[1] + 1), like=yk)
@@ -24,6 +77,10 @@ def _forward(y: Tensor) -> Tensor:
 
 def _backward(grad_z: Tensor, y: Tensor, z: Tensor) -> Tensor:
     """dy (N, M) in y's dtype, for grad_z and z (N, M + 1) and y (N, M)."""
+    if grad_z.dtype is y.dtype and z.dtype is y.dtype and (plan := _op_plan(y)) is not None:
+        dy = empty(plan.dy_like)
+        plan.backward(grad_z.contiguous(), y, z.contiguous(), dy, plan.N, plan.M)
+        return dy
     backend = _backend.backend_for(y.device)
     dtype = _backend.compute_dtype(y)
     yk, zk, gk = (_backend.kernel_input(backend, t, dtype) for t in (y, z, grad_z.contiguous()))

@@ -9,10 +9,17 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import stick_breaking as oracle
+from fastvae.ops.stick_breaking import op as stick_breaking_module
 from fastvae.ops.stick_breaking.op import StickBreaking, stick_breaking_backward_op, stick_breaking_op
 
 from conftest import INTERPRET
-from helpers import assert_close, reference_tests
+from helpers import (
+    assert_close,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+    reference_tests,
+)
 
 WIDTHS = [1, 2, 3, 7, 32, 33, 100, 1025, 1537]
 BATCHES = [(), (1,), (3,), (2, 5), (7, 3), (64,)]
@@ -270,3 +277,39 @@ def twin_op_cases(m2, l2):
     checked bit for bit against fastvae::<twin> and by opcheck (m2, l2: (12, 6))."""
     return [("stick_breaking", (m2,)),
             ("stick_breaking_backward", (torch.randn(12, 7), m2, oracle.stick_breaking(m2.detach())))]
+
+
+# -- the op's own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(stick_breaking_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, M", [(1, 1), (5, 7), (3, 700)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, N, M):
+    """fastvae::stick_breaking and its backward called as a compiled graph
+    calls them (y (N, M) contiguous): on the triton backend from a plan of
+    the call's signature (OP_PLANS), with the general launch's z and dy bit
+    for bit, from the first call and the second, one element, odd sizes and
+    an M past one chunk; half precision, a strided y, an empty batch and a
+    gradient of another dtype take the general launch and make no plan."""
+    stick_breaking_module.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(N + M)
+    y = (2 * torch.randn(N, M, generator=g, dtype=torch.float64)).to(dtype).to(plan_device)
+    grad_z = torch.randn(N, M + 1, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+
+    def calls():
+        z = stick_breaking_op(y)
+        return z, stick_breaking_backward_op(grad_z, y, z)
+
+    op_plans_match_the_general_launch(monkeypatch, stick_breaking_module, calls)
+    stick_breaking_module.OP_PLANS.clear()
+    stick_breaking_op(y.half())
+    if M > 1:
+        stick_breaking_op(torch.cat([y, y], -1)[:, ::2])
+    stick_breaking_op(y[:0])
+    z = stick_breaking_op(y)
+    stick_breaking_module.OP_PLANS.clear()
+    stick_breaking_backward_op(grad_z.to(torch.float64 if dtype is torch.float32 else torch.float32), y, z)
+    assert len(stick_breaking_module.OP_PLANS) == 0

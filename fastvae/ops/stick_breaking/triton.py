@@ -82,15 +82,21 @@ def _stick_breaking_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
+def launch_plan(N: int, M: int, dtype) -> tuple[tuple, dict]:
+    """(grid, compile-time parameters) of the forward and of the backward
+    over y (N, M), N > 0: what the launchers below launch, and the op's own
+    plans (op.py) launch with the same variants."""
+    BLOCK_N, BLOCK_M = blocks(N, M, MAX_BLOCK_M, tile=SB_TILE)
+    return (cdiv(N, BLOCK_N),), dict(ACC=acc_dtype(dtype), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M)
+
+
 def stick_breaking_forward(y, z) -> None:
     """z (N, M + 1) <- stick_breaking of y (N, M)."""
     N, M = y.shape
     if N == 0:
         return
-    BLOCK_N, BLOCK_M = blocks(N, M, MAX_BLOCK_M, tile=SB_TILE)
-    _stick_breaking_fwd_kernel[(cdiv(N, BLOCK_N),)](
-        y, z, N, M, ACC=acc_dtype(y.dtype), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
-    )
+    grid, meta = launch_plan(N, M, y.dtype)
+    _stick_breaking_fwd_kernel[grid](y, z, N, M, **meta)
 
 
 def stick_breaking_backward(grad_z, y, z, dy) -> None:
@@ -98,7 +104,5 @@ def stick_breaking_backward(grad_z, y, z, dy) -> None:
     N, M = y.shape
     if N == 0:
         return
-    BLOCK_N, BLOCK_M = blocks(N, M, MAX_BLOCK_M, tile=SB_TILE)
-    _stick_breaking_bwd_kernel[(cdiv(N, BLOCK_N),)](
-        grad_z, y, z, dy, N, M, ACC=acc_dtype(y.dtype), BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
-    )
+    grid, meta = launch_plan(N, M, y.dtype)
+    _stick_breaking_bwd_kernel[grid](grad_z, y, z, dy, N, M, **meta)
