@@ -49,9 +49,36 @@ def _rows(t: Tensor) -> Tensor:
     return t2 if t2.is_contiguous() else t2.contiguous()
 
 
+def _op_plan(mu: Tensor, log_scale: Tensor, prior_mu: Tensor, prior_log_scale: Tensor, logvar: bool,
+             residual: bool, reduce: bool) -> KLPlan | None:
+    """The plan of a call of the ops themselves (the four (N, L) tensors as
+    SampleNormalKL hands them to a compiled graph), or None (the general
+    launch, which on CUDA pays the launch geometry and Triton's binding of
+    the arguments at every call): on the triton backend, outside autocast,
+    contiguous float32 or float64 tensors of one dtype and device, N L > 0.
+    The plan is the eager plans' KLPlan, whose launches are the general
+    launcher's variants: the same bits."""
+    device = mu.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or mu.dtype not in _DTYPES or mu.dim() != 2
+            or mu.numel() == 0
+            or any(t.dtype is not mu.dtype or t.shape != mu.shape or t.device != device or not t.is_contiguous()
+                   for t in (mu, log_scale, prior_mu, prior_log_scale))):
+        return None
+    key = (mu.shape, mu.dtype, device, logvar, residual, reduce)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, KLPlan(mu, log_scale, prior_mu, prior_log_scale, logvar, residual, reduce))
+
+
 def _forward(mu: Tensor, log_scale: Tensor, prior_mu: Tensor, prior_log_scale: Tensor, seed: Tensor, logvar: bool,
              residual: bool, reduce: bool) -> tuple[Tensor, Tensor]:
     """z (N, L) in z_dtype and kl ((N, L), or (N,) with reduce) in the compute dtype."""
+    if (plan := _op_plan(mu, log_scale, prior_mu, prior_log_scale, logvar, residual, reduce)) is not None:
+        z, kl = empty(plan.z_like), empty(plan.kl_like)
+        plan.forward(mu, log_scale, prior_mu, prior_log_scale, seed, z, kl,
+                     kl if plan.partial is None else plan.partial, plan.counters, *plan.ints)
+        return z, kl
     backend = _backend.backend_for(mu.device)
     inputs = (mu, log_scale, prior_mu, prior_log_scale)
     dtype = _backend.compute_dtype(*inputs)
@@ -68,6 +95,16 @@ def _forward(mu: Tensor, log_scale: Tensor, prior_mu: Tensor, prior_log_scale: T
 def _backward(mu: Tensor, log_scale: Tensor, prior_mu: Tensor, prior_log_scale: Tensor, seed: Tensor,
               grad_z: Tensor | None, grad_kl: Tensor | None, logvar: bool, residual: bool) -> list[Tensor]:
     """[dmu, dlog_scale, dprior_mu, dprior_log_scale] (N, L), each in its input's dtype."""
+    if ((grad_z is not None or grad_kl is not None)
+            and all(g is None or g.dtype is mu.dtype for g in (grad_z, grad_kl))
+            and (plan := _op_plan(mu, log_scale, prior_mu, prior_log_scale, logvar, residual,
+                                  grad_kl is not None and grad_kl.dim() == 1)) is not None):
+        grads = [empty(plan.grad_like) for _ in range(4)]
+        gz = mu if grad_z is None else grad_z.contiguous()
+        gk = mu if grad_kl is None else grad_kl.contiguous()
+        plan.backward(grad_z is not None, grad_kl is not None)(gz, gk, mu, log_scale, prior_mu, prior_log_scale,
+                                                               seed, *grads, plan.N * plan.L, plan.L)
+        return grads
     backend = _backend.backend_for(mu.device)
     inputs = (mu, log_scale, prior_mu, prior_log_scale)
     dtype = _backend.compute_dtype(*inputs)
@@ -156,6 +193,9 @@ class SampleNormalKL(torch.autograd.Function):
 # empty, the plans' allocator: every output is empty_like a template the plan
 # keeps (a third of torch.empty's cost with a shape); the tests poison it.
 PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+# the op's own calls' plans (_op_plan): a compiled graph's nodes
+OP_PLANS = PlanCache()
+_DTYPES = (torch.float32, torch.float64)
 
 
 class KLPlan:

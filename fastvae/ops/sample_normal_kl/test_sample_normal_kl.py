@@ -19,7 +19,15 @@ from fastvae.ops.sample_normal_kl import op as kl_op
 from fastvae.ops.sample_normal_kl.op import SampleNormalKL
 
 from conftest import INTERPRET
-from helpers import assert_close, float_dtype_examples, gen, seed_tensor
+from helpers import (
+    assert_close,
+    float_dtype_examples,
+    gen,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+    seed_tensor,
+)
 
 # the interpreter runs each Triton program as Python (~1 ms): fewer examples there
 EXAMPLES = 8 if INTERPRET else 40
@@ -608,3 +616,45 @@ def double_backward_cases(r):
                                                                            reduce=True, generator=gen(3)),
                              [r(3, 4), r(3, 4), r(3, 4), r(3, 4)], False),
     }
+
+
+# -- the op's own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(kl_op)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L", [(1, 1), (5, 7), (3, 1025)])
+@pytest.mark.parametrize("logvar, residual", [(False, False), (True, True)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, N, L, logvar,
+                                                                     residual):
+    """fastvae::sample_normal_kl and its backward called as a compiled graph
+    calls them (the four (N, L) tensors SampleNormalKL hands it): on the
+    triton backend from a plan of the call's signature (OP_PLANS, the eager
+    plans' KLPlan), with the general launch's z, KL and gradients bit for
+    bit, the KL per element and per row, every gradient variant, from the
+    first call and the second; half precision, a strided input, an empty
+    batch and a gradient of another dtype take the general launch and make
+    no plan."""
+    kl_op.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(N + L)
+    m, ls, pm, pls = (torch.randn(N, L, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+                      for _ in range(4))
+    gz = torch.randn(N, L, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    gk_rows = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    gk = torch.randn(N, L, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    seed = seed_tensor(11, plan_device)
+    op, backward = kl_op.sample_normal_kl_op, kl_op.sample_normal_kl_backward_op
+    op_plans_match_the_general_launch(monkeypatch, kl_op, lambda: (
+        *op(m, ls, pm, pls, seed, logvar, residual, True), *op(m, ls, pm, pls, seed, logvar, residual, False),
+        *(d for grad_z, grad_kl in ((gz, gk_rows), (gz, gk), (None, gk_rows), (gz, None), (None, gk))
+          for d in backward(m, ls, pm, pls, seed, grad_z, grad_kl, logvar, residual))))
+    kl_op.OP_PLANS.clear()
+    op(m.half(), ls.half(), pm.half(), pls.half(), seed, logvar, residual, True)
+    if L > 1:
+        op(m, torch.cat([ls, ls], -1)[:, ::2], pm, pls, seed, logvar, residual, True)
+    op(m[:0], ls[:0], pm[:0], pls[:0], seed, logvar, residual, True)
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    backward(m, ls, pm, pls, seed, gz.to(other), None, logvar, residual)
+    assert len(kl_op.OP_PLANS) == 0
