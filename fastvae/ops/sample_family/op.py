@@ -352,34 +352,54 @@ class _PositiveKLPlan:
     log-rates alone: its second parameters are stand-ins, as the general
     launchers take them."""
 
-    __slots__ = ("N", "L", "K", "dtype", "device", "exponential", "p_shared", "kl_kern", "kl_family", "z_like",
-                 "kl_like", "d_like", "forward", "kl_forward", "fwd_ints", "_backward", "_kl_backward")
+    __slots__ = ("N", "L", "K", "dtype", "device", "family", "exponential", "p_shared", "kl_kern", "kl_family",
+                 "z_like", "kl_like", "d_like", "forward", "kl_forward", "fwd_ints", "_backward", "_kl_backward")
 
     def __init__(self, p0: Tensor, family: int, kl_family: int, n_samples: int, p_shared: bool):
         kern = _backend.triton_module("sample_family")
-        sampler = _backend.triton_module("sampler")
         self.kl_kern = _backend.triton_module("family_kl")
         (N, L), dtype, device = p0.shape, p0.dtype, p0.device
         self.N, self.L, self.K, self.dtype, self.device = N, L, n_samples, dtype, device
-        self.exponential, self.p_shared, self.kl_family = kl_family == _EXPONENTIAL_KL, p_shared, kl_family
+        self.family, self.kl_family = family, kl_family
+        self.exponential, self.p_shared = kl_family == _EXPONENTIAL_KL, p_shared
         self.z_like = template((n_samples, N, L), dtype, device)
         self.kl_like = template((N,), dtype, device)
         self.d_like = template((N, L), dtype, device)
-        grid, meta = sampler.family_forward_plan(n_samples, N, L, dtype, device, family, False, 0, N * L, L)
+        grid, meta = _backend.triton_module("sampler").family_forward_plan(n_samples, N, L, dtype, device, family,
+                                                                           False, 0, N * L, L)
         self.forward = Launch(kern._sample_positive_fwd_kernel, grid, meta)
         self.fwd_ints = (0, N * L, L, N, n_samples * N, L)  # offset0, sample_stride, row_stride, N, K N, L
         grid, meta = self.kl_kern.forward_plan(N, L, dtype, kl_family, p_shared, True)
         self.kl_forward = Launch(self.kl_kern._family_kl_fwd_kernel, grid, meta)
-        self._backward: dict = {}
+        self._backward = None
         self._kl_backward: dict = {}
-        made = sampler.family_backward_plan(n_samples, N, L, dtype, device, family, True, False, False)
-        grid, meta, blocks, splits, per_split = made
-        part, counters = sampler.family_split_buffers(2, N, L, dtype, device, blocks, splits)
-        self._backward = (Launch(kern._sample_positive_bwd_kernel, grid, meta), part, counters, per_split, splits)
 
     def launches(self) -> list[Launch]:
         """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
-        return [self.forward, self.kl_forward, self._backward[0], *self._kl_backward.values()]
+        return [self.forward, self.kl_forward, *(() if self._backward is None else self._backward[:1]),
+                *self._kl_backward.values()]
+
+    def sampler_backward(self) -> tuple:
+        """(Launch, partial sums, counters, samples per split, splits) of the
+        sampler's backward from grad_z: made at the first backward, kept."""
+        if self._backward is None:
+            sampler = _backend.triton_module("sampler")
+            grid, meta, blocks, splits, per_split = sampler.family_backward_plan(
+                self.K, self.N, self.L, self.dtype, self.device, self.family, True, False, False)
+            part, counters = sampler.family_split_buffers(2, self.N, self.L, self.dtype, self.device, blocks, splits)
+            kernel = _backend.triton_module("sample_family")._sample_positive_bwd_kernel
+            self._backward = (Launch(kernel, grid, meta), part, counters, per_split, splits)
+        return self._backward
+
+    def kl_backward(self, need_dp: bool) -> Launch:
+        """family_kl's backward adding q's gradients to the sampler's, with the
+        prior's (``need_dp``) or without: made at first use, kept."""
+        launch = self._kl_backward.get(need_dp)
+        if launch is None:
+            grid, meta = self.kl_kern.backward_plan(self.N, self.L, self.dtype, self.kl_family, self.p_shared, True,
+                                                    need_dp, True)
+            launch = self._kl_backward[need_dp] = Launch(self.kl_kern._family_kl_bwd_kernel, grid, meta)
+        return launch
 
     def _kl_args(self, p0: Tensor, p1: Tensor, prior0: Tensor, prior1: Tensor) -> tuple:
         """family_kl's (q_loc, q_log_param, p_loc, p_log_param): the exponential's log-rates in both places."""
@@ -403,7 +423,7 @@ class _PositiveKLPlan:
         grads = [empty(self.d_like) for _ in range(4 if need_dp else 2)]
         d0, d1 = grads[:2]
         if grad_z is not None:
-            run, part, counters, per_split, splits = self._backward
+            run, part, counters, per_split, splits = self.sampler_backward()
             run(grad_z.contiguous(), p0, p0, p1, seed, d0, d1, part, counters, self.N, self.L, self.N * self.L,
                 self.K, per_split, splits)
         else:
@@ -414,16 +434,14 @@ class _PositiveKLPlan:
             grads[3].zero_()
         if grad_kl is None:
             return grads
-        launch = self._kl_backward.get(need_dp)
-        if launch is None:
-            grid, meta = self.kl_kern.backward_plan(self.N, self.L, self.dtype, self.kl_family, self.p_shared, True,
-                                                    need_dp, True)
-            launch = self._kl_backward[need_dp] = Launch(self.kl_kern._family_kl_bwd_kernel, grid, meta)
+        # the exponential's kernel reads and writes no location: its pointers are the log-rates'
         dq = (d0, d0) if self.exponential else (d0, d1)
-        dp = grads[2:] if need_dp else dq
-        if self.exponential and need_dp:
-            dp = (grads[2], grads[2])
-        launch(grad_kl.contiguous(), *self._kl_args(p0, p1, prior0, prior1), *dq, *dp, self.N, self.L)
+        if not need_dp:
+            dp = dq  # stand-ins the kernel's variant never writes
+        else:
+            dp = (grads[2], grads[2]) if self.exponential else (grads[2], grads[3])
+        self.kl_backward(need_dp)(grad_kl.contiguous(), *self._kl_args(p0, p1, prior0, prior1), *dq, *dp, self.N,
+                                  self.L)
         return grads
 
 
