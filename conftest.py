@@ -91,13 +91,14 @@ def sample_splits(request, monkeypatch):
     bernoulli_op.PLANS.clear()
 
 
-def _op_plan_stores() -> list:
-    """Every loaded op module's OP_PLANS (the plans of the ops' own calls)."""
+def _op_plan_stores(name: str = "OP_PLANS") -> list:
+    """Every loaded op module's plan store ``name``: OP_PLANS (the plans of
+    the ops' own calls) or PLANS (their eager calls')."""
     import sys
 
     from fastvae import _registry
     modules = (sys.modules.get(f"fastvae.ops.{folder}.op") for folder in _registry.FOLDERS)
-    return [m.OP_PLANS for m in modules if m is not None and hasattr(m, "OP_PLANS")]
+    return [getattr(m, name) for m in modules if m is not None and hasattr(m, name)]
 
 
 @pytest.fixture(autouse=True)
@@ -116,16 +117,7 @@ def plans_keep_one_element_templates():
     would hold that memory for as long as the signature stays cached."""
     yield
     from helpers import assert_plans_keep_one_element_templates
-    assert_plans_keep_one_element_templates([fastvae._plan.PLANS, *_op_plan_stores(), *_op_eager_plan_stores()])
-
-
-def _op_eager_plan_stores() -> list:
-    """Every loaded op module's PLANS (its eager calls' plans)."""
-    import sys
-
-    from fastvae import _registry
-    modules = (sys.modules.get(f"fastvae.ops.{folder}.op") for folder in _registry.FOLDERS)
-    return [m.PLANS for m in modules if m is not None and hasattr(m, "PLANS")]
+    assert_plans_keep_one_element_templates([fastvae._plan.PLANS, *_op_plan_stores(), *_op_plan_stores("PLANS")])
 
 
 @pytest.fixture(autouse=True)
