@@ -543,7 +543,10 @@ def test_families_benchmark_compares_like_with_like(tmp_path):
     for r in payload["records"]:
         for key in ("hand ms", "fastvae ms"):  # the compiled rows: tests/test_compile.py compiles the objectives
             assert r[key] > 0, (r["case"], key)
-        assert r["vs hand"] == pytest.approx(r["hand ms"] / r["fastvae ms"], abs=0.011)
+        # the ratio is of the medians before each ms is rounded to 3 decimals: those roundings (0.0005 ms
+        # each) move the ratio of the rounded figures by up to their relative size, beside its own 0.005
+        slack = 0.0005 / r["hand ms"] + 0.0005 / r["fastvae ms"]
+        assert r["vs hand"] == pytest.approx(r["hand ms"] / r["fastvae ms"], rel=1.01 * slack, abs=0.011)
     assert json.loads(out.read_text())["records"] == payload["records"]
 
 
