@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import fastvae._backend  # noqa: E402
 import fastvae._plan  # noqa: E402
+import fastvae._registry  # noqa: E402
 from fastvae.ops.bernoulli_likelihood import op as bernoulli_op  # noqa: E402 (its plans too)
 from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op  # noqa: E402 (its plans, as the objectives')
 
@@ -91,21 +92,11 @@ def sample_splits(request, monkeypatch):
     bernoulli_op.PLANS.clear()
 
 
-def _op_plan_stores(name: str = "OP_PLANS") -> list:
-    """Every loaded op module's plan store ``name``: OP_PLANS (the plans of
-    the ops' own calls) or PLANS (their eager calls')."""
-    import sys
-
-    from fastvae import _registry
-    modules = (sys.modules.get(f"fastvae.ops.{folder}.op") for folder in _registry.FOLDERS)
-    return [getattr(m, name) for m in modules if m is not None and hasattr(m, name)]
-
-
 @pytest.fixture(autouse=True)
 def fresh_op_plans():
     """The ops' own plans hold the launch geometry they were made with, which
     tests patch (FORCE_SPLITS, a kernel's geometry): each test starts without them."""
-    for plans in _op_plan_stores():
+    for plans in fastvae._registry.plan_stores():
         plans.clear()
     yield
 
@@ -117,7 +108,8 @@ def plans_keep_one_element_templates():
     would hold that memory for as long as the signature stays cached."""
     yield
     from helpers import assert_plans_keep_one_element_templates
-    assert_plans_keep_one_element_templates([fastvae._plan.PLANS, *_op_plan_stores(), *_op_plan_stores("PLANS")])
+    stores = fastvae._registry.plan_stores
+    assert_plans_keep_one_element_templates([fastvae._plan.PLANS, *stores(), *stores("PLANS")])
 
 
 @pytest.fixture(autouse=True)

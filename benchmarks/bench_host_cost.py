@@ -57,11 +57,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvae
-from fastvae import _launch, _plan
-from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
-from fastvae.ops.sample_family import op as sample_concrete_op
-from fastvae.ops.sample_normal import op as sample_normal_op
-from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
+from fastvae import _launch, _plan, _registry
 
 from . import common
 
@@ -288,12 +284,10 @@ def _setup(device: torch.device):
 
 def _direct() -> tuple[int, int]:
     """(launches that launch directly, launches called) of the plans kept:
-    the objectives', sample_normal_kl's, sample_concrete's and bernoulli_log_prob's
-    (eager), and the ops' own (OP_PLANS: the nodes of a compiled graph)."""
+    the objectives', and every op's (PLANS: its eager calls'; OP_PLANS: its
+    own calls', the nodes of a compiled graph)."""
     launches = [launch for plan in _plan.PLANS.values() for launch in _plan.launches(plan)]
-    launches += [launch for plans in (sample_normal_kl_op.PLANS, sample_concrete_op.PLANS,
-                                      sample_concrete_op.OP_PLANS, bernoulli_op.PLANS, bernoulli_op.OP_PLANS,
-                                      sample_normal_op.OP_PLANS)
+    launches += [launch for plans in (*_registry.plan_stores("PLANS"), *_registry.plan_stores())
                  for plan in plans.values() if plan is not None for launch in plan.launches()]
     called = [launch for launch in launches if launch.direct is not None]
     return sum(bool(launch.direct) for launch in called), len(called)
@@ -349,12 +343,8 @@ def measure(rounds: int, n: int, device: torch.device | None = None, profile: bo
             steps["hand_compiled"] = step(torch.compile(hand, fullgraph=True), None, leaves)
             steps["base_compiled"] = step(torch.compile(baseline, fullgraph=True), None, leaves)
         _plan.clear()
-        sample_normal_kl_op.PLANS.clear()
-        sample_concrete_op.PLANS.clear()
-        sample_concrete_op.OP_PLANS.clear()
-        bernoulli_op.PLANS.clear()
-        bernoulli_op.OP_PLANS.clear()
-        sample_normal_op.OP_PLANS.clear()
+        for plans in (*_registry.plan_stores("PLANS"), *_registry.plan_stores()):
+            plans.clear()
         for s in steps.values():
             with fastvae.use_backend(s.backend):
                 for _ in range(30):

@@ -6,10 +6,10 @@ A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob,
 fastvae::sample_normal and the latent families' fused draw and KL
 (fastvae::sample_location_scale_kl, fastvae::sample_positive_kl),
 fastvae::stick_breaking, a hierarchical VAE's group (fastvae::sample_normal_kl),
-and their backwards, itself; with the
-plans on, those calls launch from
-per-signature plans (docs/architecture.md, "The ops' own plans"). This
-switches the plans off and on (the ops' ENABLED) between interleaved rounds
+fastvae::gaussian_log_prob, and their backwards, itself; with the plans on,
+those calls launch from per-signature plans (docs/architecture.md, "The ops'
+own plans"). This switches every op's plans off and on (their ENABLED,
+fastvae._registry.plan_switches) between interleaved rounds
 of the same compiled steps and prints each step's host time less its
 compiled baseline:
 
@@ -20,7 +20,8 @@ forward + backward, bench_host_cost's Gumbel-softmax ELBO and Laplace
 ELBO with a Laplace prior, a Weibull ELBO with a Weibull prior and a
 logistic-normal ELBO with a logistic-normal prior at the same sizes, and
 bench_host_cost's one hierarchical group (sample_normal_kl against VDVAE's
-two functions).
+two functions); bench_host_cost's Gaussian-decoder ELBOs: (mean, logvar)
+from one decoder output, and the mean alone (unit variance).
 """
 from __future__ import annotations
 
@@ -32,18 +33,14 @@ import time
 import torch
 
 import fastvae
-from fastvae.ops.bernoulli_likelihood import op as bernoulli_op
-from fastvae.ops.sample_family import op as sample_family_op
-from fastvae.ops.sample_normal import op as sample_normal_op
-from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op
-from fastvae.ops.stick_breaking import op as stick_breaking_op
+from fastvae import _registry
 
 from . import bench_host_cost
 
 
 def _use_plans(on: bool) -> None:
     # (compiled calls never take the eager plans these flags also switch)
-    for module in (sample_family_op, bernoulli_op, sample_normal_op, stick_breaking_op, sample_normal_kl_op):
+    for module in _registry.plan_switches():
         module.ENABLED = on
 
 
@@ -71,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     elbo, _, elbo_base, leaves = cases["elbo concrete (gumbel-softmax)"]
     laplace, _, laplace_base, laplace_leaves = cases["elbo laplace, laplace prior"]
     group, _, group_base, group_leaves = cases["sample_normal_kl, one group"]
+    gaussian, _, gaussian_base, gaussian_leaves = cases["elbo gaussian"]
+    unit, _, unit_base, unit_leaves = cases["elbo gaussian, mean alone"]
     B, L, D = bench_host_cost.B, bench_host_cost.L, bench_host_cost.D
     x = (torch.rand(B, D) > 0.5).float()
     W = torch.randn(L, D) * 0.3
@@ -98,7 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
              "laplace elbo": (laplace, laplace_leaves), "laplace elbo base": (laplace_base, laplace_leaves),
              "weibull elbo": (weibull, (a, b)), "weibull elbo base": (weibull_base, (a, b)),
              "logistic-normal elbo": (logistic_normal, (a, b)), "logistic-normal elbo base": (weibull_base, (a, b)),
-             "hierarchical group": (group, group_leaves), "hierarchical group base": (group_base, group_leaves)}
+             "hierarchical group": (group, group_leaves), "hierarchical group base": (group_base, group_leaves),
+             "gaussian elbo": (gaussian, gaussian_leaves), "gaussian elbo base": (gaussian_base, gaussian_leaves),
+             "gaussian elbo, mean alone": (unit, unit_leaves),
+             "gaussian elbo, mean alone base": (unit_base, unit_leaves)}
     steps = {k: (torch.compile(f, fullgraph=True), leaves) for k, (f, leaves) in steps.items()}
     times = {(k, on): [] for k in steps for on in (False, True)}
     with fastvae.use_backend("triton"):
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     _use_plans(True)
     med = {key: statistics.median(v) for key, v in times.items()}
     result = {}
-    for name in ("sampler", "elbo", "laplace elbo", "weibull elbo", "logistic-normal elbo", "hierarchical group"):
+    for name in ("sampler", "elbo", "laplace elbo", "weibull elbo", "logistic-normal elbo", "hierarchical group",
+                 "gaussian elbo", "gaussian elbo, mean alone"):
         own = {on: round(med[(name, on)] - med[(f"{name} base", on)], 1) for on in (False, True)}
         result[name] = {"general_us": own[False], "op_plans_us": own[True]}
         print(f"compiled {name}: {own[False]} us a step with the general launch, {own[True]} us with the ops' "

@@ -21,6 +21,7 @@ Outputs are written in place by the kernel; optional tensors may be None.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from . import ops as _ops
 from ._spec import Bench, Kernel, Op  # noqa: F401 (the registry's types, read from here)
@@ -72,6 +73,24 @@ TORCH_OPS = tuple(name for op in OPS.values() for name in op.torch_ops)
 # that declares it (Op.plan_tail). The plans read these and nothing else of the op.
 PLAN_TAILS: dict[str, Op] = {op.likelihood: op for op in OPS.values()
                              if op.likelihood is not None and op.plan_tail is not None}
+
+
+def plan_stores(name: str = "OP_PLANS") -> list:
+    """Every loaded op front end's (fastvae/ops/<folder>/op.py) plan store
+    ``name``: OP_PLANS, the plans of the ops' own calls (a compiled graph's
+    nodes), or PLANS, their eager calls'. An op keeps a store where it plans
+    its launches; a module not imported yet holds no plan."""
+    import sys
+    modules = (sys.modules.get(f"{_ops.__name__}.{folder}.op") for folder in FOLDERS)
+    return [getattr(m, name) for m in modules if m is not None and hasattr(m, name)]
+
+
+def plan_switches() -> list:
+    """The op front ends whose ``ENABLED`` switches their plans (the
+    benchmarks and tests compare planned and general launches), loaded or not."""
+    modules = [importlib.import_module(f"{_ops.__name__}.{folder}.op") for folder in FOLDERS
+               if importlib.util.find_spec(f"{_ops.__name__}.{folder}.op") is not None]
+    return [m for m in modules if hasattr(m, "ENABLED")]
 
 
 def plan_tail(likelihood: str) -> type:

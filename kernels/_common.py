@@ -20,6 +20,7 @@ TARGET_PROGRAMS and sample_splits are the earlier rule's (at least 2 programs
 per SM): launchers still size their splits over samples with them.
 """
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
@@ -496,36 +497,63 @@ def scale_layout(param: torch.Tensor) -> int:
     return {3: ELEMENT, 2: ROW, 1: DIM}[param.dim()]
 
 
-def scale_backward_plan(K: int, P: int, D: int, layout: int, has_dx: bool, has_dparam: bool, like: torch.Tensor):
+class ScaleBackward(NamedTuple):
+    """The shapes' part of a location-scale likelihood's backward launch
+    (scale_backward_geometry): the grid; the shapes of the splits' partial
+    dx and parameter gradients, in the accumulation dtype ((1,): a
+    placeholder the kernel never touches); the arrival counters tile_counters
+    hands out (n, splits); the kernel's (R, K, K_PER, SPLITS); its meta."""
+
+    grid: tuple[int]
+    part_dx_shape: tuple[int, ...]
+    part_dparam_shape: tuple[int, ...]
+    counters: tuple[int, int]
+    ints: tuple[int, int, int, int]
+    meta: dict
+
+
+def scale_backward_geometry(K: int, P: int, D: int, layout: int, has_dx: bool, has_dparam: bool,
+                            dtype: torch.dtype, device: torch.device) -> ScaleBackward:
     """The launch of a location-scale likelihood's backward for a decoder
-    output ``like`` (K, P, D): (grid, part_dx, part_dparam, counters, ints,
-    meta). Where nothing sums over the samples (no dx, a per-element or no
+    output (K, P, D) of ``dtype`` on ``device``, without its buffers (an op's
+    plan works it out once per call signature; scale_backward_plan allocates
+    them). Where nothing sums over the samples (no dx, a per-element or no
     parameter gradient) the programs tile the K * P decoder rows; otherwise
     each owns a tile of x's rows x columns and loops over the samples, split
     where the tiles do not fill a wave (split_samples), with the splits'
     partial dx and per-row parameter gradients in part_dx and part_dparam. A
     per-dimension gradient's partials, one per row block and split, go to
-    part_dparam too. ``ints`` are the kernel's (R, K, K_PER, SPLITS); ``meta``
-    its LAYOUT, HAS_DX, LOOP_K, TILE_SUMS, ACC, blocks and warps."""
+    part_dparam too."""
     loop_k = has_dx or (has_dparam and layout != ELEMENT)
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, like.device, like.dtype == torch.float64,
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64,
                                             SCALE_BACKWARD_TILE if loop_k else 4096,
                                             SCALE_BACKWARD_MAX_COLS if loop_k else 1024)
     R, k_loop = (P, K) if loop_k else (K * P, 1)
     row_blocks, col_blocks = cdiv(R, BLOCK_R), cdiv(D, BLOCK_D)
     tiles = row_blocks * col_blocks
-    splits, per_split = split_samples(tiles, K, like.device) if loop_k else (1, 1)
-    acc, device = accumulation_dtype(like.dtype), like.device
+    splits, per_split = split_samples(tiles, K, device) if loop_k else (1, 1)
     tile_sums = has_dx or (has_dparam and layout == ROW)
-    part_dx = torch.empty((splits, P, D) if has_dx and splits > 1 else (1,), dtype=acc, device=device)
+    part_dx = (splits, P, D) if has_dx and splits > 1 else (1,)
     if has_dparam and layout == ROW and splits > 1:
-        part_dparam = torch.empty((splits, P, D), dtype=acc, device=device)
+        part_dparam = (splits, P, D)
     elif has_dparam and layout == DIM and row_blocks * splits > 1:
-        part_dparam = torch.empty((row_blocks * splits, D), dtype=acc, device=device)
+        part_dparam = (row_blocks * splits, D)
     else:
-        part_dparam = torch.empty((1,), dtype=acc, device=device)
+        part_dparam = (1,)
     counting = (tile_sums and splits > 1) or (has_dparam and layout == DIM and row_blocks * splits > 1)
-    counters = tile_counters(device, tiles + col_blocks, 2 if counting else 1)
-    meta = dict(LAYOUT=layout, HAS_DX=has_dx, LOOP_K=loop_k, TILE_SUMS=tile_sums, ACC=acc_dtype(like.dtype),
+    meta = dict(LAYOUT=layout, HAS_DX=has_dx, LOOP_K=loop_k, TILE_SUMS=tile_sums, ACC=acc_dtype(dtype),
                 BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
-    return (tiles * splits,), part_dx, part_dparam, counters, (R, k_loop, per_split, splits), meta
+    return ScaleBackward((tiles * splits,), part_dx, part_dparam, (tiles + col_blocks, 2 if counting else 1),
+                         (R, k_loop, per_split, splits), meta)
+
+
+def scale_backward_plan(K: int, P: int, D: int, layout: int, has_dx: bool, has_dparam: bool, like: torch.Tensor):
+    """scale_backward_geometry's launch for a decoder output ``like`` (K, P,
+    D), with its buffers: (grid, part_dx, part_dparam, counters, ints, meta),
+    ``ints`` the kernel's (R, K, K_PER, SPLITS), ``meta`` its LAYOUT, HAS_DX,
+    LOOP_K, TILE_SUMS, ACC, blocks and warps."""
+    g = scale_backward_geometry(K, P, D, layout, has_dx, has_dparam, like.dtype, like.device)
+    acc, device = accumulation_dtype(like.dtype), like.device
+    part_dx = torch.empty(g.part_dx_shape, dtype=acc, device=device)
+    part_dparam = torch.empty(g.part_dparam_shape, dtype=acc, device=device)
+    return g.grid, part_dx, part_dparam, tile_counters(device, *g.counters), g.ints, g.meta
