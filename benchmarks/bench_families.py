@@ -193,7 +193,9 @@ def table(records: list[dict]) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not figures")
-    p.add_argument("--families", nargs="+", default=None, help="a subset of the families (default: all)")
+    families = list(_families(1, 1, "cpu", torch.float32))
+    p.add_argument("--families", nargs="+", default=None, choices=families, metavar="FAMILY",
+                   help=f"a subset of the families (default: all): {', '.join(families)}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--memory", action="store_true", help="accepted for the suite; no memory figures here")
     p.add_argument("--eager", action="store_true", help="leave the torch.compile rows out")
@@ -202,7 +204,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    names = args.families or list(_families(1, 1, "cpu", torch.float32))
+    names = args.families or families
     records = measure(args.quick, names, device, compiled=not args.eager, rounds=args.rounds, n=args.calls)
     payload = {"op": "families", **common.metadata(device),
                "title": "Each latent family's whole objective, forward + backward, fastvae against torch.distributions",

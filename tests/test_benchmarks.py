@@ -550,6 +550,19 @@ def test_families_benchmark_compares_like_with_like(tmp_path):
     assert json.loads(out.read_text())["records"] == payload["records"]
 
 
+def test_families_benchmark_refuses_a_family_it_does_not_have(capsys):
+    """--families with a name the benchmark has not (``log-normal`` for
+    ``lognormal``) is an error that names the argument and lists the
+    families, not a run that leaves that family out."""
+    from benchmarks import bench_families
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_families.main(["--quick", "--eager", "--families", "laplace", "log-normal"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--families" in err and "'log-normal'" in err and "lognormal" in err
+
+
 def test_harness_can_leave_the_cuda_graph_replay_out():
     """--no-graphs (a training step whose capture fails on a GPU) reaches the
     per-call figures; the replay is on by default."""
