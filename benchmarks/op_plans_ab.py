@@ -6,12 +6,12 @@ A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob,
 fastvae::sample_normal and the latent families' fused draw and KL
 (fastvae::sample_location_scale_kl, fastvae::sample_positive_kl),
 fastvae::stick_breaking, a hierarchical VAE's group (fastvae::sample_normal_kl),
-fastvae::gaussian_log_prob, and their backwards, itself; with the plans on,
-those calls launch from per-signature plans (docs/architecture.md, "The ops'
-own plans"). This switches every op's plans off and on (their ENABLED,
-fastvae._registry.plan_switches) between interleaved rounds
-of the same compiled steps and prints each step's host time less its
-compiled baseline:
+fastvae::gaussian_log_prob, fastvae::laplace_log_prob, fastvae::logmeanexp,
+and their backwards, itself; with the plans on, those calls launch from
+per-signature plans (docs/architecture.md, "The ops' own plans"). This
+switches every op's plans off and on (their ENABLED,
+fastvae._registry.plan_switches) between interleaved rounds of the same
+compiled steps and prints each step's host time less its compiled baseline:
 
     TRITON_INTERPRET=1 python -m benchmarks.op_plans_ab [--rounds 9] [--calls 200]
 
@@ -21,7 +21,10 @@ ELBO with a Laplace prior, a Weibull ELBO with a Weibull prior and a
 logistic-normal ELBO with a logistic-normal prior at the same sizes, and
 bench_host_cost's one hierarchical group (sample_normal_kl against VDVAE's
 two functions); bench_host_cost's Gaussian-decoder ELBOs: (mean, logvar)
-from one decoder output, and the mean alone (unit variance).
+from one decoder output, and the mean alone (unit variance); an IWAE (k = 5)
+with the (mean, logvar) decoder, whose tail the plans do not fuse (the
+Gaussian likelihood's and logmeanexp's nodes); an ELBO with a Laplace
+likelihood, (loc, log-scale) from one decoder output.
 """
 from __future__ import annotations
 
@@ -92,6 +95,23 @@ def main(argv: list[str] | None = None) -> dict:
         return -fastvae.elbo(x, q, lambda z: z @ W1, likelihood="bernoulli",
                              prior=torch.distributions.LogisticNormal(zeros, ones))
 
+    W2 = torch.randn(L, 2 * D) * 0.3
+
+    def gaussian_iwae():  # the Gaussian likelihood's and logmeanexp's nodes: a tail the plans do not fuse
+        def decode(z):
+            h = z @ W2
+            return h[..., :D], h[..., D:]
+        return -fastvae.iwae(x, a, b, decode, k=5, likelihood="gaussian")
+
+    def decoder_base():
+        return (a @ W2).sum() + b.sum()
+
+    def laplace_decoder():  # a Laplace likelihood's nodes: (loc, log-scale) from one decoder output
+        def decode(z):
+            h = z @ W2
+            return h[..., :D], h[..., D:]
+        return -fastvae.elbo(x, a, b, decode, likelihood="laplace")
+
     steps = {"sampler": (sampler, (logits,)), "sampler base": (sampler_base, (logits,)),
              "elbo": (elbo, leaves), "elbo base": (elbo_base, leaves),
              "laplace elbo": (laplace, laplace_leaves), "laplace elbo base": (laplace_base, laplace_leaves),
@@ -100,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
              "hierarchical group": (group, group_leaves), "hierarchical group base": (group_base, group_leaves),
              "gaussian elbo": (gaussian, gaussian_leaves), "gaussian elbo base": (gaussian_base, gaussian_leaves),
              "gaussian elbo, mean alone": (unit, unit_leaves),
-             "gaussian elbo, mean alone base": (unit_base, unit_leaves)}
+             "gaussian elbo, mean alone base": (unit_base, unit_leaves),
+             "gaussian iwae k=5": (gaussian_iwae, (a, b)), "gaussian iwae k=5 base": (decoder_base, (a, b)),
+             "laplace-decoder elbo": (laplace_decoder, (a, b)),
+             "laplace-decoder elbo base": (decoder_base, (a, b))}
     steps = {k: (torch.compile(f, fullgraph=True), leaves) for k, (f, leaves) in steps.items()}
     times = {(k, on): [] for k in steps for on in (False, True)}
     with fastvae.use_backend("triton"):
@@ -121,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     med = {key: statistics.median(v) for key, v in times.items()}
     result = {}
     for name in ("sampler", "elbo", "laplace elbo", "weibull elbo", "logistic-normal elbo", "hierarchical group",
-                 "gaussian elbo", "gaussian elbo, mean alone"):
+                 "gaussian elbo", "gaussian elbo, mean alone", "gaussian iwae k=5", "laplace-decoder elbo"):
         own = {on: round(med[(name, on)] - med[(f"{name} base", on)], 1) for on in (False, True)}
         result[name] = {"general_us": own[False], "op_plans_us": own[True]}
         print(f"compiled {name}: {own[False]} us a step with the general launch, {own[True]} us with the ops' "

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate
+from ._launch import Launch, PlanCache, template
 from ._op import shaped
 from ._validate import broadcasts_to, decoder_shape_hint
 
@@ -334,3 +335,101 @@ def flat(t: Tensor, lead_dims: int, events: int) -> Tensor:
     """t (lead_dims dimensions, then an event of ``events`` dimensions) with the
     event as one dimension, as the likelihood kernels read it."""
     return t if events == 1 else flat_events(t, lead_dims)
+
+
+# -- the location-scale likelihoods' own calls (a compiled graph's nodes) from plans --
+
+_PLAN_DTYPES = (torch.float32, torch.float64)
+
+
+class ScaleLikelihoodPlan:
+    """The launches of one signature of a location-scale likelihood's own
+    op calls (gaussian_log_prob's, laplace_log_prob's, as their Functions hand
+    them to a compiled graph): x (P, D), the decoder output ``out`` (K, P,
+    D) and its scale parameter (K, P, D), (P, D) or (D,), contiguous, of one
+    float32 or float64 dtype, K P D > 0. The general launchers' variants
+    on the same arguments: the forward kernel's (the op's triton.py
+    forward_plan), and the backward's for each set of gradients asked for
+    (_common.scale_backward_geometry, made at first use). A subclass names
+    its kernels and passes their arguments (run_forward, run_backward)."""
+
+    __slots__ = ("kern", "K", "P", "D", "dtype", "device", "layout", "out_like", "dout_like", "dx_like",
+                 "dparam_like", "forward", "tile_counters", "_backward")
+    MODULE = BACKWARD_KERNEL = ""  # the op's triton module and its backward kernel
+
+    def __init__(self, out: Tensor, param: Tensor):
+        kern = self.kern = _backend.triton_module(self.MODULE)
+        common = _backend.triton_module("_common")
+        (K, P, D), dtype, device = out.shape, out.dtype, out.device
+        self.K, self.P, self.D, self.dtype, self.device = K, P, D, dtype, device
+        self.layout, self.tile_counters = common.scale_layout(param), common.tile_counters
+        self.out_like = template((K, P), dtype, device)
+        self.dout_like = template(out.shape, dtype, device)
+        self.dx_like = template((P, D), dtype, device)
+        self.dparam_like = template(param.shape, dtype, device)
+        self.forward = Launch(*self.forward_kernel(kern))
+        self._backward: dict = {}
+
+    def forward_kernel(self, kern) -> tuple:
+        """(kernel, grid, meta) of the forward launch."""
+        raise NotImplementedError
+
+    @staticmethod
+    def empty(like: Tensor) -> Tensor:
+        """An output like the template ``like``: the op module's ``empty``
+        (which the tests' fixture poisons)."""
+        raise NotImplementedError
+
+    def backward_meta(self, need_dparam: bool) -> dict:
+        """The backward kernel's compile-time parameters beside the geometry's."""
+        raise NotImplementedError
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *(b[0] for b in self._backward.values())]
+
+    def backward(self, grad_out: Tensor, need_dx: bool, need_dparam: bool):
+        """The backward's launch and buffers: (Launch, the kernel's (R, K,
+        K_PER, SPLITS), grad_out contiguous, dout, dx (dout where not asked
+        for), dparam (likewise), the splits' partial dx and dparam, the
+        arrival counters)."""
+        entry = self._backward.get((need_dx, need_dparam))
+        if entry is None:
+            common = _backend.triton_module("_common")
+            g = common.scale_backward_geometry(self.K, self.P, self.D, self.layout, need_dx, need_dparam, self.dtype,
+                                               self.device)
+            acc = _backend.accumulation_dtype(self.dtype)
+            launch = Launch(getattr(self.kern, self.BACKWARD_KERNEL), g.grid,
+                            {**self.backward_meta(need_dparam), **g.meta})
+            entry = self._backward[(need_dx, need_dparam)] = (
+                launch, g.ints, template(g.part_dx_shape, acc, self.device),
+                template(g.part_dparam_shape, acc, self.device), g.counters)
+        launch, ints, part_dx_like, part_dparam_like, counters = entry
+        empty = self.empty
+        dout = empty(self.dout_like)
+        return (launch, ints, grad_out if grad_out.is_contiguous() else grad_out.contiguous(), dout,
+                empty(self.dx_like) if need_dx else dout, empty(self.dparam_like) if need_dparam else dout,
+                empty(part_dx_like), empty(part_dparam_like), self.tile_counters(self.device, *counters))
+
+
+def scale_likelihood_plan(plans: PlanCache, cls: type, x: Tensor, out: Tensor, param: Tensor, *options):
+    """The plan (a ``cls``, kept in ``plans`` per signature and ``options``)
+    of a call of a location-scale likelihood's ops themselves, x (P, D), out
+    (K, P, D) and param in a kernel_var form, or None (the general launch,
+    which on CUDA pays the launch geometry and Triton's binding of the
+    arguments at every call): on the triton backend, outside autocast,
+    contiguous float32 or float64 tensors of one dtype and device, no empty
+    dimension."""
+    device = out.device
+    if (not _backend.op_plans_serve(device) or out.dtype not in _PLAN_DTYPES or out.dim() != 3
+            or x.dtype is not out.dtype or param.dtype is not out.dtype or x.shape != out.shape[1:]
+            or out.numel() == 0 or param.shape not in (out.shape, x.shape, out.shape[2:])
+            or not (out.is_contiguous() and x.is_contiguous() and param.is_contiguous())
+            or x.device != device or param.device != device):
+        return None
+    key = (out.shape, param.shape, out.dtype, device, *options)
+    try:
+        return plans[key]
+    except KeyError:
+        return plans.store(key, cls(out, param, *options))

@@ -724,6 +724,61 @@ def op_plans_match_the_general_launch(monkeypatch, op_module, call) -> list:
     return runs[0]
 
 
+# the scale parameter's layouts of a location-scale likelihood's ops (_likelihood_layout.kernel_var)
+SCALE_LAYOUTS = ("element", "row", "dim")
+
+
+def scale_likelihood_op_plans_check(monkeypatch, op_module, forward_op, backward_op, options: tuple, shape,
+                                    splits, layout: str, dtype, device) -> None:
+    """The op plans of a location-scale likelihood (``op_module``'s OP_PLANS:
+    gaussian_log_prob's, laplace_log_prob's) against the general launch, its
+    ops called as a compiled graph calls them: x (P, D), the decoder output
+    (K, P, D) = ``shape`` and its scale parameter in ``layout``, contiguous,
+    with the op's ``options`` after them. The forward and the backward for
+    each set of gradients, bit for bit, the first call and the second
+    (op_plans_match_the_general_launch); ``splits`` forced (the backward's
+    partial sums over split samples) where not None. Then the calls the plans
+    refuse, which make none: half precision, a decoder output whose rows are
+    2 D apart (the halves of one output), an empty batch, a scale parameter
+    of another dtype, a gradient of another dtype."""
+    from fastvae.kernels import _common
+
+    if splits is not None:
+        monkeypatch.setattr(_common, "FORCE_SPLITS", splits)
+    op_module.OP_PLANS.clear()
+    K, P, D = shape
+    g = torch.Generator().manual_seed(K * 100 + P * 10 + D)
+
+    def rnd(*size):
+        return (2 * torch.randn(size, generator=g, dtype=torch.float64)).to(dtype).to(device)
+
+    x, out = rnd(P, D), rnd(K, P, D)
+    param = {"element": rnd(K, P, D), "row": rnd(P, D), "dim": rnd(D)}[layout]
+    grad_out = rnd(K, P)
+
+    def calls():
+        got = [forward_op(x, out, param, *options)]
+        for need_dx in (False, True):
+            for need_dparam in (False, True):
+                got += backward_op(grad_out, x, out, param, *options, need_dx, need_dparam)
+        return got
+
+    planned = op_plans_match_the_general_launch(monkeypatch, op_module, calls)
+    assert len(planned) == 1 + 1 + 2 + 2 + 3
+    (plan,) = op_module.OP_PLANS.values()
+    assert len(plan.launches()) == 1 + 4
+    op_module.OP_PLANS.clear()
+    forward_op(x.half(), out.half(), param.half(), *options)
+    if K * P > 1:  # the halves of one decoder output: rows 2 D apart
+        packed = torch.cat([out, param if layout == "element" else out], -1)
+        forward_op(x, packed[..., :D], packed[..., D:] if layout == "element" else param, *options)
+    forward_op(x[:0], out[:, :0], param[..., :0, :] if layout != "dim" else param, *options)
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    forward_op(x, out, param.to(other), *options)
+    backward_op(grad_out.to(other), x, out, param, *options, True, True)
+    assert len(op_module.OP_PLANS) == 0
+
+
 def plan_templates(obj, path: str = "", depth: int = 0):
     """(path, tensor) of each output template a plan keeps (an attribute
     named ``*_like``), in the plan and in the fastvae objects, tuples, lists

@@ -632,7 +632,9 @@ def test_op_plans_ab_times_both_paths():
     assert [line.split(":")[0] for line in lines] == ["compiled sampler", "compiled elbo", "compiled laplace elbo",
                                                          "compiled weibull elbo", "compiled logistic-normal elbo",
                                                          "compiled hierarchical group", "compiled gaussian elbo",
-                                                         "compiled gaussian elbo, mean alone"]
+                                                         "compiled gaussian elbo, mean alone",
+                                                         "compiled gaussian iwae k=5",
+                                                         "compiled laplace-decoder elbo"]
     assert all("with the general launch" in line and "with the ops' plans" in line for line in lines)
     env.pop("TRITON_INTERPRET")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.op_plans_ab"], cwd=root, env=env,

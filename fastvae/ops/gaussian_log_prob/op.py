@@ -19,8 +19,9 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc, _like
-from ..._launch import Launch, PlanCache, template
+from ..._launch import Launch, PlanCache
 from ..._likelihood_layout import (
+    ScaleLikelihoodPlan,
     broadcast_var,
     broadcast_x,
     fixed_param,
@@ -35,6 +36,7 @@ from ..._likelihood_layout import (
     launch_forward,
     likelihood_torch_ops,
     location_scale_route,
+    scale_likelihood_plan,
 )
 from ..._op import define, run, shaped
 
@@ -46,9 +48,7 @@ def _forward(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, de
     softplus_mode. A call _op_plan takes (a compiled graph's node on CUDA)
     launches from its plan."""
     if (plan := _op_plan(x, mean, var_param, softplus_mode, delta)) is not None:
-        out = empty(plan.out_like)
-        plan.forward(x, mean, var_param, plan.delta_bits, out, out, out, out, *plan.forward_ints)
-        return out
+        return plan.run_forward(x, mean, var_param)
     backend = _backend.backend_for(mean.device)
     dtype = _backend.compute_dtype(x, mean, var_param)
     x, mean, var_param = _kernel_inputs(backend, dtype, x, mean, var_param)
@@ -86,93 +86,57 @@ _NAMES = "mean", "var_param"  # the kernels' names of the decoder output and its
 # allocates each output like a template the plan holds (the tests' fixture may
 # poison it).
 OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
-_DTYPES = (torch.float32, torch.float64)
 
 
-class GaussianPlan:
-    """The launches of one signature of the ops' own calls: x (P, D), mean
-    (K, P, D) and var_param (K, P, D), (P, D) or (D,), contiguous, of one
-    float32 or float64 dtype, K * P * D > 0, the variance form and delta
-    fixed. The general launchers' variants (triton.py's forward_plan, and
-    _common.scale_backward_geometry for the backward) on the same
-    arguments: the forward's, and the backward's for each set of gradients
-    asked for (made at first use)."""
+class GaussianPlan(ScaleLikelihoodPlan):
+    """A ScaleLikelihoodPlan of gaussian_log_prob's kernels, for one variance
+    form (softplus_mode) and delta."""
 
-    __slots__ = ("K", "P", "D", "dtype", "device", "layout", "softplus_mode", "delta_bits", "out_like",
-                 "dmean_like", "dx_like", "dvar_like", "forward", "forward_ints", "tile_counters", "_backward")
+    __slots__ = ("softplus_mode", "delta_bits", "forward_ints")
+    MODULE, BACKWARD_KERNEL = "gaussian_log_prob", "_gaussian_log_prob_bwd_kernel"
 
     def __init__(self, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float):
-        kern = _backend.triton_module("gaussian_log_prob")
-        (K, P, D), dtype, device = mean.shape, mean.dtype, mean.device
-        self.K, self.P, self.D, self.dtype, self.device = K, P, D, dtype, device
-        common = _backend.triton_module("_common")
-        self.layout, self.softplus_mode = common.scale_layout(var_param), softplus_mode
-        self.delta_bits, self.tile_counters = common.float64_bits(delta), common.tile_counters
-        self.out_like = template((K, P), dtype, device)
-        self.dmean_like = template(mean.shape, dtype, device)
-        self.dx_like = template((P, D), dtype, device)
-        self.dvar_like = template(var_param.shape, dtype, device)
-        grid, meta = kern.forward_plan(K, P, D, dtype, device, self.layout, softplus_mode)
-        self.forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
+        self.softplus_mode = softplus_mode
+        self.delta_bits = _backend.triton_module("_common").float64_bits(delta)
+        super().__init__(mean, var_param)
+        K, P, D = mean.shape
         self.forward_ints = (P, K * P, D, D, 0, 1)  # P, K * P, D, the row stride, no term's weight, no divisor
-        self._backward: dict = {}
 
-    def launches(self) -> list[Launch]:
-        """Every Launch the plan holds: the forward's and the backward's made so
-        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
-        return [self.forward, *(b[0] for b in self._backward.values())]
+    def forward_kernel(self, kern) -> tuple:
+        grid, meta = kern.forward_plan(self.K, self.P, self.D, self.dtype, self.device, self.layout,
+                                       self.softplus_mode)
+        return kern._gaussian_log_prob_fwd_kernel, grid, meta
 
-    def backward(self, need_dx: bool, need_dvar_param: bool) -> tuple:
-        """(Launch, runtime integers, the partial sums' templates, the arrival
-        counters' (n, splits)) of the backward with these gradients."""
-        entry = self._backward.get((need_dx, need_dvar_param))
-        if entry is None:
-            kern, common = _backend.triton_module("gaussian_log_prob"), _backend.triton_module("_common")
-            K, P, D, dtype, device = self.K, self.P, self.D, self.dtype, self.device
-            g = common.scale_backward_geometry(K, P, D, self.layout, need_dx, need_dvar_param, dtype, device)
-            acc = _backend.accumulation_dtype(dtype)
-            launch = Launch(kern._gaussian_log_prob_bwd_kernel, g.grid,
-                            dict(G_SCALAR=False, HAS_DTERM=False, SOFTPLUS=self.softplus_mode,
-                                 HAS_DV=need_dvar_param, **g.meta))
-            # P, D, the row stride, (R, K, K_PER, SPLITS), no term's weight, no divisor, dv at its own start
-            ints = (P, D, D, *g.ints, 0, 1, 0)
-            entry = self._backward[(need_dx, need_dvar_param)] = (
-                launch, ints, template(g.part_dx_shape, acc, device), template(g.part_dparam_shape, acc, device),
-                g.counters)
-        return entry
+    def backward_meta(self, need_dvar_param: bool) -> dict:
+        return dict(G_SCALAR=False, HAS_DTERM=False, SOFTPLUS=self.softplus_mode, HAS_DV=need_dvar_param)
+
+    @staticmethod
+    def empty(like: Tensor) -> Tensor:
+        return empty(like)
+
+    def run_forward(self, x: Tensor, mean: Tensor, var_param: Tensor) -> Tensor:
+        """_forward's log-likelihood, launched from the plan."""
+        out = empty(self.out_like)  # the bound's term, partial sums and counter: unused (out as placeholder)
+        self.forward(x, mean, var_param, self.delta_bits, out, out, out, out, *self.forward_ints)
+        return out
 
     def run_backward(self, grad_out: Tensor, x: Tensor, mean: Tensor, var_param: Tensor, need_dx: bool,
                      need_dvar_param: bool) -> list[Tensor]:
         """_backward's gradients, launched from the plan."""
-        launch, ints, part_dx_like, part_dv_like, counters = self.backward(need_dx, need_dvar_param)
-        dmean = empty(self.dmean_like)
-        dx = empty(self.dx_like) if need_dx else dmean
-        dv = empty(self.dvar_like) if need_dvar_param else dmean
-        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # (K, P) in any shape: read flat
-        launch(g, x, mean, var_param, self.delta_bits, dmean, dx, dv, empty(part_dx_like), empty(part_dv_like),
-               self.tile_counters(self.device, *counters), dmean, *ints)
+        launch, ints, g, dmean, dx, dv, part_dx, part_dv, counters = self.backward(grad_out, need_dx,
+                                                                                   need_dvar_param)
+        # P, D, the row stride, (R, K, K_PER, SPLITS), no term's weight, no divisor, dv at its own start
+        launch(g, x, mean, var_param, self.delta_bits, dmean, dx, dv, part_dx, part_dv, counters, dmean, self.P,
+               self.D, self.D, *ints, 0, 1, 0)
         return [dmean] + [dx] * need_dx + [dv] * need_dvar_param
 
 
 def _op_plan(x: Tensor, mean: Tensor, var_param: Tensor, softplus_mode: bool, delta: float) -> GaussianPlan | None:
     """The plan of a call of the ops themselves (GaussianLogProb hands them x
     (P, D), mean (K, P, D) and var_param in a kernel_var form, as a compiled
-    graph calls them), or None (the general launch, which on CUDA pays the
-    launch geometry and Triton's binding of the arguments at every call): on
-    the triton backend, outside autocast, contiguous float32 or float64
-    tensors of one dtype and device, no empty dimension."""
-    device = mean.device
-    if (not ENABLED or not _backend.op_plans_serve(device) or mean.dtype not in _DTYPES or mean.dim() != 3
-            or x.dtype is not mean.dtype or var_param.dtype is not mean.dtype or x.shape != mean.shape[1:]
-            or mean.numel() == 0 or var_param.shape not in (mean.shape, x.shape, mean.shape[2:])
-            or not (mean.is_contiguous() and x.is_contiguous() and var_param.is_contiguous())
-            or x.device != device or var_param.device != device):
-        return None
-    key = (mean.shape, var_param.shape, mean.dtype, device, softplus_mode, delta)
-    try:
-        return OP_PLANS[key]
-    except KeyError:
-        return OP_PLANS.store(key, GaussianPlan(mean, var_param, softplus_mode, delta))
+    graph calls them), or None: _likelihood_layout.scale_likelihood_plan."""
+    return None if not ENABLED else scale_likelihood_plan(OP_PLANS, GaussianPlan, x, mean, var_param,
+                                                          softplus_mode, delta)
 
 
 def _kernel_inputs(backend: str, dtype: torch.dtype, x: Tensor, mean: Tensor, var_param: Tensor):

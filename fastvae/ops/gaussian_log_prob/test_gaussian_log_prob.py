@@ -8,7 +8,6 @@ import torch
 from hypothesis import strategies as st
 
 import fastvae
-from fastvae.kernels import _common
 from fastvae.ops import gaussian_log_prob as oracle
 from fastvae.ops.gaussian_log_prob import op as gaussian_module
 from fastvae.ops.gaussian_log_prob.op import (
@@ -21,13 +20,14 @@ from fastvae.ops.gaussian_log_prob.op import (
 from conftest import INTERPRET
 from helpers import (
     RTOL,
+    SCALE_LAYOUTS,
     assert_close,
     grads_and_float64_leaves,
     likelihood_checks,
     needs_plan_triton,
-    op_plans_match_the_general_launch,
     plan_device_fixture,
     reference_tests,
+    scale_likelihood_op_plans_check,
     summed_like,
 )
 
@@ -460,51 +460,19 @@ plan_device = plan_device_fixture(gaussian_module)
 @needs_plan_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("K, P, D, splits", [(1, 1, 1, None), (3, 5, 7, None), (3, 5, 7, 2), (2, 3, 1030, None)])
-@pytest.mark.parametrize("layout", ["element", "row", "dim"])
+@pytest.mark.parametrize("layout", SCALE_LAYOUTS)
 @pytest.mark.parametrize("softplus", [False, True])
 def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, K, P, D, splits,
                                                                     layout, softplus):
     """fastvae::gaussian_log_prob and its backward called as a compiled graph
     calls them (x (P, D), mean (K, P, D), the variance parameter per element,
-    per x row or per dimension, contiguous): on the triton backend from a
-    plan of the call's signature (OP_PLANS), with the general launch's
-    log-likelihood and every gradient bit for bit, for each set of
-    gradients asked for, from the first call and the second; one element,
-    odd sizes, D past one block, samples split (the splits' partial sums);
-    half precision, a mean whose rows are 2 D apart (a decoder output's half), an empty batch, a variance of another
-    dtype and a gradient of another dtype take the general launch and make
-    no plan."""
-    if splits is not None:
-        monkeypatch.setattr(_common, "FORCE_SPLITS", splits)
-    gaussian_module.OP_PLANS.clear()
-    g = torch.Generator().manual_seed(K * 100 + P * 10 + D)
-
-    def rnd(*shape):
-        return (2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).to(plan_device)
-
-    x, mean = rnd(P, D), rnd(K, P, D)
-    v = {"element": rnd(K, P, D), "row": rnd(P, D), "dim": rnd(D)}[layout]
-    grad_out = rnd(K, P)
-    delta = 1e-3 if softplus else 1e-6
-
-    def calls():
-        out = [gaussian_log_prob_op(x, mean, v, softplus, delta)]
-        for need_dx in (False, True):
-            for need_dv in (False, True):
-                out += gaussian_log_prob_backward_op(grad_out, x, mean, v, softplus, delta, need_dx, need_dv)
-        return out
-
-    planned = op_plans_match_the_general_launch(monkeypatch, gaussian_module, calls)
-    assert len(planned) == 1 + 1 + 2 + 2 + 3
-    (plan,) = gaussian_module.OP_PLANS.values()
-    assert len(plan.launches()) == 1 + 4
-    gaussian_module.OP_PLANS.clear()
-    gaussian_log_prob_op(x.half(), mean.half(), v.half(), softplus, delta)
-    if K * P > 1:  # the halves of one decoder output: rows 2 D apart
-        packed = torch.cat([mean, v if layout == "element" else mean], -1)
-        gaussian_log_prob_op(x, packed[..., :D], packed[..., D:] if layout == "element" else v, softplus, delta)
-    gaussian_log_prob_op(x[:0], mean[:, :0], v[..., :0, :] if layout != "dim" else v, softplus, delta)
-    other = torch.float64 if dtype is torch.float32 else torch.float32
-    gaussian_log_prob_op(x, mean, v.to(other), softplus, delta)
-    gaussian_log_prob_backward_op(grad_out.to(other), x, mean, v, softplus, delta, True, True)
-    assert len(gaussian_module.OP_PLANS) == 0
+    per x row or per dimension, contiguous), in either variance form: on the
+    triton backend from a plan of the call's signature (OP_PLANS), with the
+    general launch's log-likelihood and every gradient bit for bit, for each
+    set of gradients asked for, from the first call and the second; one
+    element, odd sizes, D past one block, samples split (the splits' partial
+    sums); the calls the plans refuse make none
+    (helpers.scale_likelihood_op_plans_check)."""
+    scale_likelihood_op_plans_check(monkeypatch, gaussian_module, gaussian_log_prob_op, gaussian_log_prob_backward_op,
+                                    (softplus, 1e-3 if softplus else 1e-6), (K, P, D), splits, layout, dtype,
+                                    plan_device)

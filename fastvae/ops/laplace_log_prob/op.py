@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ... import _backend, _value_checks
 from ... import _likelihood_layout as layout
+from ..._launch import PlanCache
 from ..._op import define, run, shaped
 
 _NAMES = "loc", "log_scale"  # the kernels' names of the decoder output and its scale parameter
@@ -30,10 +31,60 @@ def _kernel_inputs(backend: str, dtype: torch.dtype, *tensors: Tensor) -> list[T
     return tensors if backend == "triton" else [t.contiguous() for t in tensors]
 
 
+# The plans of the ops' own calls (a compiled graph's nodes) on the triton
+# backend, per signature (bounded: fastvae._launch.PlanCache); ENABLED False
+# sends every call the general way (the tests compare the two); ``empty``
+# allocates each output like a template the plan holds (the tests' fixture may
+# poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+
+
+class LaplacePlan(layout.ScaleLikelihoodPlan):
+    """A ScaleLikelihoodPlan of laplace_log_prob's kernels."""
+
+    __slots__ = ()
+    MODULE, BACKWARD_KERNEL = "laplace_log_prob", "_laplace_log_prob_bwd_kernel"
+
+    def forward_kernel(self, kern) -> tuple:
+        grid, meta = kern.forward_plan(self.K, self.P, self.D, self.dtype, self.device, self.layout)
+        return kern._laplace_log_prob_fwd_kernel, grid, meta
+
+    def backward_meta(self, need_dlog_scale: bool) -> dict:
+        return dict(HAS_DS=need_dlog_scale)
+
+    @staticmethod
+    def empty(like: Tensor) -> Tensor:
+        return empty(like)
+
+    def run_forward(self, x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
+        """_forward's log-likelihood, launched from the plan."""
+        out = empty(self.out_like)
+        self.forward(x, loc, log_scale, out, self.P, self.K * self.P, self.D)
+        return out
+
+    def run_backward(self, grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, need_dx: bool,
+                     need_dlog_scale: bool) -> list[Tensor]:
+        """_backward's gradients, launched from the plan."""
+        launch, ints, g, dloc, dx, ds, part_dx, part_ds, counters = self.backward(grad_out, need_dx,
+                                                                                  need_dlog_scale)
+        launch(g, x, loc, log_scale, dloc, dx, ds, part_dx, part_ds, counters, self.P, self.D, *ints)
+        return [dloc] + [dx] * need_dx + [ds] * need_dlog_scale
+
+
+def _op_plan(x: Tensor, loc: Tensor, log_scale: Tensor) -> LaplacePlan | None:
+    """The plan of a call of the ops themselves (LaplaceLogProb hands them x
+    (P, D), loc (K, P, D) and log_scale in a kernel_var form, as a compiled
+    graph calls them), or None: _likelihood_layout.scale_likelihood_plan."""
+    return None if not ENABLED else layout.scale_likelihood_plan(OP_PLANS, LaplacePlan, x, loc, log_scale)
+
+
 def _forward(x: Tensor, loc: Tensor, log_scale: Tensor) -> Tensor:
     """log Laplace(x; loc, exp(log_scale)) summed over D, shape (K, P), for the
     kernels' layout: x (P, D), loc (K, P, D), log_scale (K, P, D), (P, D) or
-    (D,), all contiguous."""
+    (D,), all contiguous. A call _op_plan takes (a compiled graph's node on
+    CUDA) launches from its plan."""
+    if (plan := _op_plan(x, loc, log_scale)) is not None:
+        return plan.run_forward(x, loc, log_scale)
     backend = _backend.backend_for(loc.device)
     dtype = _backend.compute_dtype(x, loc, log_scale)
     x, loc, log_scale = _kernel_inputs(backend, dtype, x, loc, log_scale)
@@ -45,7 +96,10 @@ def _backward(grad_out: Tensor, x: Tensor, loc: Tensor, log_scale: Tensor, need_
     """[dloc], then dx if need_dx, then dlog_scale if need_dlog_scale, in the
     shapes of loc, x and log_scale (the layout of _forward). A gradient not
     asked for is not computed or allocated (a fixed scale needs none, which
-    saves its reductions). Each gradient in its input's dtype."""
+    saves its reductions). Each gradient in its input's dtype; from a plan as
+    the forward's."""
+    if grad_out.dtype is loc.dtype and (plan := _op_plan(x, loc, log_scale)) is not None:
+        return plan.run_backward(grad_out, x, loc, log_scale, need_dx, need_dlog_scale)
     backend = _backend.backend_for(loc.device)
     dtype = _backend.compute_dtype(x, loc, log_scale)
     dtypes = x.dtype, loc.dtype, log_scale.dtype

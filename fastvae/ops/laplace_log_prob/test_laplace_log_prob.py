@@ -10,10 +10,21 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import laplace_log_prob as oracle
+from fastvae.ops.laplace_log_prob import op as laplace_module
 from fastvae.ops.laplace_log_prob.op import LaplaceLogProb, laplace_log_prob_backward_op, laplace_log_prob_op
 
 from conftest import INTERPRET
-from helpers import assert_close, grads_and_float64_leaves, likelihood_checks, reference_tests, summed_like
+from helpers import (
+    SCALE_LAYOUTS,
+    assert_close,
+    grads_and_float64_leaves,
+    likelihood_checks,
+    needs_plan_triton,
+    plan_device_fixture,
+    reference_tests,
+    scale_likelihood_op_plans_check,
+    summed_like,
+)
 
 # D values: odd, powers of two and +-1, the MNIST size, and longer than one Triton block
 DIMS = [1, 2, 3, 31, 32, 33, 100, 784, 1025]
@@ -341,3 +352,26 @@ def twin_op_cases(m2, l2):
             ("laplace_log_prob_backward", (torch.randn(3, 5), x, loc, loc[0, 0], True, True)),
             ("laplace_log_prob_backward", (torch.randn(3, 5), x, loc, x, False, True)),
             ("laplace_log_prob_backward", (torch.randn(3, 5), x, loc, loc.flip(0), True, False))]
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(laplace_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, P, D, splits", [(1, 1, 1, None), (3, 5, 7, None), (3, 5, 7, 2), (2, 3, 1030, None)])
+@pytest.mark.parametrize("layout", SCALE_LAYOUTS)
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, K, P, D, splits,
+                                                                    layout):
+    """fastvae::laplace_log_prob and its backward called as a compiled graph
+    calls them (x (P, D), loc (K, P, D), the log-scale per element, per x
+    row or per dimension, contiguous): on the triton backend from a plan of
+    the call's signature (OP_PLANS), with the general launch's
+    log-likelihood and every gradient bit for bit, for each set of gradients
+    asked for, from the first call and the second; one element, odd sizes, D
+    past one block, samples split (the splits' partial sums); the calls the
+    plans refuse make none (helpers.scale_likelihood_op_plans_check)."""
+    scale_likelihood_op_plans_check(monkeypatch, laplace_module, laplace_log_prob_op, laplace_log_prob_backward_op,
+                                    (), (K, P, D), splits, layout, dtype, plan_device)

@@ -156,10 +156,18 @@ def laplace_log_prob_forward(x, loc, log_scale, out) -> None:
     K, P, D = loc.shape
     if K * P == 0:
         return
-    BLOCK_R, BLOCK_D, warps = tile_geometry(D, loc.device, loc.dtype == torch.float64)
-    _laplace_log_prob_fwd_kernel[(cdiv(K * P, BLOCK_R),)](
-        x, loc, log_scale, out, P, K * P, D, LAYOUT=scale_layout(log_scale), ACC=acc_dtype(loc.dtype),
-        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps)
+    grid, meta = forward_plan(K, P, D, loc.dtype, loc.device, scale_layout(log_scale))
+    _laplace_log_prob_fwd_kernel[grid](x, loc, log_scale, out, P, K * P, D, **meta)
+
+
+def forward_plan(K: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
+                 layout: int) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the forward kernel for loc (K, P, D) of ``dtype`` (K * P > 0)
+    and a scale parameter of ``layout``: the shapes' part of a launch, worked
+    out once per call signature by the op's plans (op.py's LaplacePlan)."""
+    BLOCK_R, BLOCK_D, warps = tile_geometry(D, device, dtype == torch.float64)
+    return (cdiv(K * P, BLOCK_R),), dict(LAYOUT=layout, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                         num_warps=warps)
 
 
 def laplace_log_prob_backward(grad_out, x, loc, log_scale, dx, dloc, dlog_scale) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._double_backward import _acc
+from ..._launch import Launch, PlanCache, template
 from ..._op import define, run
 
 _NEG_INF = float("-inf")
@@ -82,6 +83,115 @@ def _forward_with_state(lw: Tensor, *, ess: bool) -> tuple[Tensor, Tensor, Tenso
         return value, lw_max, sumexp
     shape = lw.shape[1:]
     return value.reshape(shape), lw_max.reshape(shape), sumexp.reshape(shape)
+
+
+# The plans of logmeanexp's own calls (a compiled graph's nodes: an IWAE whose
+# likelihood the objectives' plans do not fuse) on the triton backend, per
+# signature (bounded: fastvae._launch.PlanCache); ENABLED False sends every call
+# the general way (the tests compare the two); ``empty`` allocates each output
+# like a template the plan holds (the tests' fixture may poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+
+
+class LogMeanExpPlan:
+    """The launches of one signature of fastvae::logmeanexp and its backward:
+    lw (K, ...) contiguous, float32 or float64, K > 0 and M > 0 columns. The
+    general launchers' variants (triton.py's forward_plan, or split_plan's
+    two launches where the columns are split over programs; backward_plan)
+    on the same arguments."""
+
+    __slots__ = ("K", "M", "value_like", "part_like", "dlw_like", "forward", "forward_ints", "finish",
+                 "finish_ints", "_backward")
+
+    def __init__(self, lw: Tensor):
+        kern = _backend.triton_module("logmeanexp")
+        dtype, device = lw.dtype, lw.device
+        K = lw.shape[0]
+        M = lw.numel() // K
+        self.K, self.M = K, M
+        self.value_like = template(lw.shape[1:], dtype, device)  # the value, lw_max and sumexp (dtype = ACC)
+        self.dlw_like = template(lw.shape, dtype, device)
+        planned = kern.forward_plan(K, M, dtype, device)
+        if planned is not None:  # one program a column: one launch
+            grid, meta, rows = planned
+            self.finish = self.part_like = None
+        else:  # the columns split over programs: their partial states, then the finishing launch
+            grid, meta, finish_grid, finish_meta, splits, rows = kern.split_plan(K, M, dtype, device)
+            self.finish = Launch(kern._logmeanexp_finish_kernel, finish_grid, finish_meta)
+            self.finish_ints = (K, M, splits, 1)  # K, M, splits, first
+            self.part_like = template((splits, M), dtype, device)
+        self.forward = Launch(kern._logmeanexp_fwd_kernel, grid, meta)
+        self.forward_ints = (K, M, rows, 1, 1)  # K, M, rows per split, first, no divisor
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *([self.finish] if self.finish is not None else []), *self._backward.values()]
+
+    def run_forward(self, lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """_forward_with_state's (logmeanexp, lw_max, sumexp), launched from the plan."""
+        value, lw_max, sumexp = empty(self.value_like), empty(self.value_like), empty(self.value_like)
+        if self.finish is None:  # the unused outputs and buffers: a pointer never read or written
+            self.forward(lw, lw, sumexp, sumexp, sumexp, lw_max, sumexp, value, sumexp, sumexp, sumexp, sumexp,
+                         *self.forward_ints)
+        else:
+            part_m, part_s = empty(self.part_like), empty(self.part_like)
+            self.forward(lw, lw, part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, sumexp,
+                         *self.forward_ints)
+            self.finish(part_m, part_s, part_s, lw_max, sumexp, value, sumexp, sumexp, sumexp, *self.finish_ints)
+        return value, lw_max, sumexp
+
+    def run_backward(self, lw: Tensor, lw_max: Tensor, sumexp: Tensor, grad_out: Tensor,
+                     grad_sumexp: Tensor | None) -> Tensor:
+        """_backward_with_state's dlw for logmeanexp (no ESS), launched from the plan."""
+        has_gs = grad_sumexp is not None
+        launch = self._backward.get(has_gs)
+        if launch is None:
+            kern = _backend.triton_module("logmeanexp")
+            grid, meta = kern.backward_plan(self.K, self.M, lw.dtype, lw.device, has_gs, False)
+            launch = self._backward[has_gs] = Launch(kern._logmeanexp_bwd_kernel, grid, meta)
+        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # a mean's: an expanded scalar
+        gs = g if grad_sumexp is None else grad_sumexp.contiguous()
+        dlw = empty(self.dlw_like)
+        launch(lw, lw_max.contiguous(), sumexp.contiguous(), g, gs, g, dlw, dlw, self.K, self.M, 1)
+        return dlw
+
+
+def _op_plan(lw: Tensor) -> LogMeanExpPlan | None:
+    """The plan of a call of the ops themselves (LogMeanExp hands them lw
+    (K, ...) as the caller gave it, as a compiled graph calls them), or None
+    (the general launch, which on CUDA pays the launch geometry and Triton's
+    binding of the arguments at every call): on the triton backend, outside
+    autocast, a contiguous float32 or float64 lw with K > 0 and M > 0."""
+    device = lw.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or lw.dtype not in _DTYPES or lw.dim() == 0
+            or lw.numel() == 0 or not lw.is_contiguous()):
+        return None
+    key = (lw.shape, lw.dtype, device)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, LogMeanExpPlan(lw))
+
+
+def _logmeanexp_forward(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """fastvae::logmeanexp: from a plan where _op_plan takes the call."""
+    if (plan := _op_plan(lw)) is not None:
+        return plan.run_forward(lw)
+    return _forward_with_state(lw, ess=False)
+
+
+def _logmeanexp_backward(grad_out: Tensor, grad_sumexp: Tensor | None, lw: Tensor, lw_max: Tensor,
+                         sumexp: Tensor) -> Tensor:
+    """fastvae::logmeanexp_backward: from a plan where _op_plan takes the
+    call and every gradient is in lw's dtype and shape (as the autograd engine hands them)."""
+    if (grad_out.dtype is lw.dtype and grad_out.shape == lw.shape[1:]
+            and (grad_sumexp is None or (grad_sumexp.dtype is lw.dtype and grad_sumexp.shape == lw.shape[1:]))
+            and lw_max.dtype is lw.dtype and sumexp.dtype is lw.dtype and (plan := _op_plan(lw)) is not None):
+        return plan.run_backward(lw, lw_max, sumexp, grad_out, grad_sumexp)
+    return _backward_with_state(lw, lw_max, sumexp, grad_out, grad_sumexp, None)
 
 
 def _fake_with_state(lw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -158,14 +268,13 @@ def _importance_weights_double_backward(grad_w, w):
 
 logmeanexp_op = define(
     "logmeanexp(Tensor lw) -> (Tensor, Tensor, Tensor)",
-    lambda lw: _forward_with_state(lw, ess=False),
+    _logmeanexp_forward,
     _fake_with_state,
     cpu=lambda lw: (lw,),
 )
 logmeanexp_backward_op = define(
     "logmeanexp_backward(Tensor grad_out, Tensor? grad_sumexp, Tensor lw, Tensor lw_max, Tensor sumexp) -> Tensor",
-    lambda grad_out, grad_sumexp, lw, lw_max, sumexp: _backward_with_state(
-        lw, lw_max, sumexp, grad_out, grad_sumexp, None),
+    _logmeanexp_backward,
     lambda grad_out, grad_sumexp, lw, lw_max, sumexp: torch.empty_like(lw),
     cpu=lambda grad_out, grad_sumexp, lw, lw_max, sumexp: (lw, grad_out, grad_sumexp, lw_max, sumexp),
 )

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import logmeanexp as oracle
+from fastvae.ops.logmeanexp import op as logmeanexp_module
 from fastvae.ops.logmeanexp.op import (
     EffectiveSampleSize,
     ImportanceWeights,
@@ -26,7 +27,16 @@ from fastvae.ops.logmeanexp.op import (
 from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, assert_compiled_matches_eager, float_dtype_examples, run_gloo_ranks
+from helpers import (
+    RTOL,
+    assert_close,
+    assert_compiled_matches_eager,
+    float_dtype_examples,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+    run_gloo_ranks,
+)
 
 INF = math.inf
 # K: one sample, small odd, a power of two, and past one Triton tile of rows
@@ -744,3 +754,57 @@ def twin_op_cases(m2, l2):
     return [("logmeanexp", (lw,)),
             ("logmeanexp_backward", (torch.randn(2, 3), torch.randn(2, 3), lw, lw_max, sumexp)),
             ("logmeanexp_backward", (torch.randn(2, 3), None, lw, lw_max, sumexp))]
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(logmeanexp_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, split", [((1,), False), ((1, 1), False), ((5, 3), False), ((7, 2, 3), False),
+                                          ((40000, 3), True)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, shape, split):
+    """fastvae::logmeanexp and its backward called as a compiled graph calls
+    them (an IWAE whose likelihood the objectives' plans do not fuse): on
+    the triton backend from a plan of the call's signature (OP_PLANS), with
+    the general launch's value, column state and gradient bit for bit, with
+    and without a gradient of sumexp, from the first call and the second; one
+    sample, one column, a batch of two dimensions, a column of -inf, and
+    columns split over programs (the split launch and its finishing one);
+    half precision, a transposed lw, an empty one and a gradient of another
+    dtype take the general launch and make no plan."""
+    if split:  # a split every tile of rows (the GPU's split comes from the programs it wants)
+        monkeypatch.setattr(_triton_module(), "CHUNKS_PER_SPLIT", 1)
+    logmeanexp_module.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(sum(shape))
+    lw = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).to(plan_device)
+    if lw.dim() > 1:
+        lw.view(shape[0], -1)[:, -1] = -INF  # an empty column: state (-inf, 0), value -inf, gradient 0
+    grad_out = torch.randn(shape[1:], generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    grad_sumexp = torch.randn(shape[1:], generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+
+    def calls():
+        value, lw_max, sumexp = logmeanexp_op(lw)
+        return (value, lw_max, sumexp, logmeanexp_backward_op(grad_out, None, lw, lw_max, sumexp),
+                logmeanexp_backward_op(grad_out, grad_sumexp, lw, lw_max, sumexp))
+
+    op_plans_match_the_general_launch(monkeypatch, logmeanexp_module, calls)
+    (plan,) = logmeanexp_module.OP_PLANS.values()
+    assert (plan.finish is not None) == split and len(plan.launches()) == 3 + split
+    logmeanexp_module.OP_PLANS.clear()
+    logmeanexp_op(lw.half())
+    if lw.dim() == 2 and shape[1] > 1:
+        logmeanexp_op(lw.t().contiguous().t())
+    logmeanexp_op(lw[:0])
+    value, lw_max, sumexp = logmeanexp_op(lw)
+    logmeanexp_module.OP_PLANS.clear()
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    logmeanexp_backward_op(grad_out.to(other), None, lw, lw_max, sumexp)
+    assert len(logmeanexp_module.OP_PLANS) == 0
+
+
+def _triton_module():
+    from fastvae.ops.logmeanexp import triton
+    return triton
