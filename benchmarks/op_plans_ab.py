@@ -6,7 +6,8 @@ A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob,
 fastvae::sample_normal and the latent families' fused draw and KL
 (fastvae::sample_location_scale_kl, fastvae::sample_positive_kl),
 fastvae::stick_breaking, a hierarchical VAE's group (fastvae::sample_normal_kl),
-fastvae::gaussian_log_prob, fastvae::laplace_log_prob, fastvae::logmeanexp,
+fastvae::gaussian_log_prob, fastvae::laplace_log_prob,
+fastvae::continuous_bernoulli_log_prob, fastvae::logmeanexp,
 and their backwards, itself; with the plans on, those calls launch from
 per-signature plans (docs/architecture.md, "The ops' own plans"). This
 switches every op's plans off and on (their ENABLED,
@@ -24,7 +25,8 @@ two functions); bench_host_cost's Gaussian-decoder ELBOs: (mean, logvar)
 from one decoder output, and the mean alone (unit variance); an IWAE (k = 5)
 with the (mean, logvar) decoder, whose tail the plans do not fuse (the
 Gaussian likelihood's and logmeanexp's nodes); an ELBO with a Laplace
-likelihood, (loc, log-scale) from one decoder output.
+likelihood, (loc, log-scale) from one decoder output; an ELBO with a
+continuous Bernoulli likelihood.
 """
 from __future__ import annotations
 
@@ -112,6 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
             return h[..., :D], h[..., D:]
         return -fastvae.elbo(x, a, b, decode, likelihood="laplace")
 
+    def continuous_bernoulli():  # the continuous Bernoulli likelihood's nodes (no fused tail)
+        return -fastvae.elbo(x, a, b, lambda z: z @ W, likelihood="continuous_bernoulli")
+
+    def continuous_bernoulli_base():
+        return (a @ W).sum() + b.sum()
+
     steps = {"sampler": (sampler, (logits,)), "sampler base": (sampler_base, (logits,)),
              "elbo": (elbo, leaves), "elbo base": (elbo_base, leaves),
              "laplace elbo": (laplace, laplace_leaves), "laplace elbo base": (laplace_base, laplace_leaves),
@@ -123,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
              "gaussian elbo, mean alone base": (unit_base, unit_leaves),
              "gaussian iwae k=5": (gaussian_iwae, (a, b)), "gaussian iwae k=5 base": (decoder_base, (a, b)),
              "laplace-decoder elbo": (laplace_decoder, (a, b)),
-             "laplace-decoder elbo base": (decoder_base, (a, b))}
+             "laplace-decoder elbo base": (decoder_base, (a, b)),
+             "continuous-bernoulli elbo": (continuous_bernoulli, (a, b)),
+             "continuous-bernoulli elbo base": (continuous_bernoulli_base, (a, b))}
     steps = {k: (torch.compile(f, fullgraph=True), leaves) for k, (f, leaves) in steps.items()}
     times = {(k, on): [] for k in steps for on in (False, True)}
     with fastvae.use_backend("triton"):
@@ -144,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     med = {key: statistics.median(v) for key, v in times.items()}
     result = {}
     for name in ("sampler", "elbo", "laplace elbo", "weibull elbo", "logistic-normal elbo", "hierarchical group",
-                 "gaussian elbo", "gaussian elbo, mean alone", "gaussian iwae k=5", "laplace-decoder elbo"):
+                 "gaussian elbo", "gaussian elbo, mean alone", "gaussian iwae k=5", "laplace-decoder elbo",
+                 "continuous-bernoulli elbo"):
         own = {on: round(med[(name, on)] - med[(f"{name} base", on)], 1) for on in (False, True)}
         result[name] = {"general_us": own[False], "op_plans_us": own[True]}
         print(f"compiled {name}: {own[False]} us a step with the general launch, {own[True]} us with the ops' "

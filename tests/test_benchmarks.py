@@ -634,7 +634,8 @@ def test_op_plans_ab_times_both_paths():
                                                          "compiled hierarchical group", "compiled gaussian elbo",
                                                          "compiled gaussian elbo, mean alone",
                                                          "compiled gaussian iwae k=5",
-                                                         "compiled laplace-decoder elbo"]
+                                                         "compiled laplace-decoder elbo",
+                                                         "compiled continuous-bernoulli elbo"]
     assert all("with the general launch" in line and "with the ops' plans" in line for line in lines)
     env.pop("TRITON_INTERPRET")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.op_plans_ab"], cwd=root, env=env,

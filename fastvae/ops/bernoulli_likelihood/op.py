@@ -55,10 +55,9 @@ _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def forward(kernel: str, x: Tensor, logits: Tensor) -> Tensor:
     """``kernel``'s sum over D, shape (K, P), for x (P, D) and logits (K, P, D),
-    both contiguous (kernel_views makes them so). bernoulli_log_prob's own
-    calls (a compiled graph's nodes) launch from a plan where _op_plan takes
-    them."""
-    if kernel == "bernoulli_log_prob_forward" and (plan := _op_plan(x, logits)) is not None:
+    both contiguous (kernel_views makes them so). The ops' own calls (a
+    compiled graph's nodes) launch from a plan where _op_plan takes them."""
+    if (plan := _op_plan(x, logits, _KINDS[kernel])) is not None:
         out = empty(plan.out_like)
         plan.forward(x, logits, out, out, out, out, *plan.fwd_ints)
         return out
@@ -83,8 +82,7 @@ def backward(kernel: str, grad_out: Tensor, x: Tensor, logits: Tensor, need_dx: 
     and the layout of forward (an unwanted gradient is not allocated at all:
     that cost as much as a small kernel). Each gradient in its input's dtype;
     from a plan as the forward's."""
-    if (kernel == "bernoulli_log_prob_backward" and grad_out.dtype is logits.dtype
-            and (plan := _op_plan(x, logits)) is not None):
+    if grad_out.dtype is logits.dtype and (plan := _op_plan(x, logits, _KINDS[kernel])) is not None:
         launch, ints, part_like, tiles, splits = plan.backward(need_dx)
         dlogits = empty(plan.dlogits_like)
         dx = empty(plan.dx_like) if need_dx else dlogits
@@ -324,20 +322,22 @@ class BernoulliPlan:
     """The launches of one call signature: x (broadcast_x's form) and logits
     (K, ..., D) of one float32 or float64 dtype, as kernel_views lays them
     out: x as (P, D) and the logits as (K, P, D), views where contiguous,
-    copies where not (``copy``)."""
+    copies where not (``copy``); the Bernoulli's formula, or (``kind``, the
+    ops' own plans) the continuous Bernoulli's."""
 
-    __slots__ = ("kern", "K", "P", "D", "dtype", "device", "copy", "out_like", "dlogits_like", "dx_like",
+    __slots__ = ("kern", "kind", "K", "P", "D", "dtype", "device", "copy", "out_like", "dlogits_like", "dx_like",
                  "forward", "fwd_ints", "_backward")
 
-    def __init__(self, x: Tensor, logits: Tensor, K: int, P: int, D: int):
+    def __init__(self, x: Tensor, logits: Tensor, K: int, P: int, D: int, kind: int | None = None):
         kern = self.kern = _backend.triton_module("bernoulli_likelihood")
+        self.kind = kern.BERNOULLI if kind is None else kind
         dtype, device = logits.dtype, logits.device
         self.K, self.P, self.D, self.dtype, self.device = K, P, D, dtype, device
         self.copy = (not x.is_contiguous(), not logits.is_contiguous())
         self.out_like = template(logits.shape[:-1], dtype, device)
         self.dlogits_like = template(logits.shape, dtype, device)
         self.dx_like = template(x.shape, dtype, device)
-        grid, meta = kern.forward_plan(kern.BERNOULLI, K, P, D, dtype, device)
+        grid, meta = kern.forward_plan(self.kind, K, P, D, dtype, device)
         self.forward = Launch(kern._bernoulli_log_prob_fwd_kernel, grid, meta)
         self.fwd_ints = (P, K * P, D, 0, 1)  # P, K * P, D, no term's weight, no divisor
         self._backward: dict = {}
@@ -353,7 +353,7 @@ class BernoulliPlan:
         entry = self._backward.get(has_dx)
         if entry is None:
             kern = self.kern
-            grid, meta, ints, tiles = kern.backward_plan(kern.BERNOULLI, self.K, self.P, self.D, self.dtype,
+            grid, meta, ints, tiles = kern.backward_plan(self.kind, self.K, self.P, self.D, self.dtype,
                                                          self.device, has_dx)
             entry = self._backward[has_dx] = (Launch(kern._bernoulli_log_prob_bwd_kernel, grid, meta),
                                               (*ints, 0, 1),
@@ -430,24 +430,30 @@ def _plan_for(x: Tensor, logits: Tensor) -> BernoulliPlan | None:
     return PLANS.store(key, plan)
 
 
-def _op_plan(x: Tensor, logits: Tensor) -> BernoulliPlan | None:
-    """The plan of a call of bernoulli_log_prob's ops themselves, x (P, D) and
-    logits (K, P, D) as the Function hands them (a compiled graph calls the
-    ops so), or None (the general launch, which on CUDA pays the launch
-    geometry and Triton's binding of the arguments at every call): on the
-    triton backend, outside autocast, contiguous float32 or float64 tensors
-    of one dtype and device, no empty dimension. The launches are the eager
-    plans' (the same kernels and arguments as the general launch)."""
+def _op_plan(x: Tensor, logits: Tensor, kind: int) -> BernoulliPlan | None:
+    """The plan of a call of bernoulli_log_prob's or (``kind``)
+    continuous_bernoulli_log_prob's ops themselves, x (P, D) and logits (K,
+    P, D) as the Function hands them (a compiled graph calls the ops so), or
+    None (the general launch, which on CUDA pays the launch geometry and
+    Triton's binding of the arguments at every call): on the triton backend,
+    outside autocast, contiguous float32 or float64 tensors of one dtype and
+    device, no empty dimension. The launches are the eager plans' (the same
+    kernels and arguments as the general launch)."""
     device = logits.device
     if (not ENABLED or not _backend.op_plans_serve(device) or logits.dtype not in _DTYPES
             or x.dtype is not logits.dtype or logits.dim() != 3 or x.shape != logits.shape[1:]
             or logits.numel() == 0 or not x.is_contiguous() or not logits.is_contiguous() or x.device != device):
         return None
-    key = (logits.shape, logits.dtype, device)
+    key = (logits.shape, logits.dtype, device, kind)
     try:
         return OP_PLANS[key]
     except KeyError:
-        return OP_PLANS.store(key, BernoulliPlan(x, logits, *logits.shape))
+        return OP_PLANS.store(key, BernoulliPlan(x, logits, *logits.shape, kind))
+
+
+# the formula of each op's kernels (triton.py's BERNOULLI and CONTINUOUS)
+_KINDS = {"bernoulli_log_prob_forward": 0, "bernoulli_log_prob_backward": 0,
+          "continuous_bernoulli_log_prob_forward": 1, "continuous_bernoulli_log_prob_backward": 1}
 
 
 # -- continuous_bernoulli_log_prob -------------------------------------------------

@@ -644,23 +644,40 @@ def test_a_compiling_or_transformed_call_takes_the_general_path(plan_device, mon
 @pytest.mark.parametrize("K, P, D", [(1, 3, 7), (4, 2, 5), (7, 2, 5)])
 def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, sample_splits, dtype,
                                                                      K, P, D):
-    """bernoulli_log_prob and its backward called as a compiled graph calls
-    them (x (P, D), logits (K, P, D), contiguous): on the triton backend they
-    launch from a plan of the signature (OP_PLANS), with the general
-    launch's values and gradients bit for bit, from the first call and the
-    second, with and without dx and with a split sum over samples; the
-    continuous Bernoulli's ops, half precision and a strided x take the
-    general launch and make no plan."""
+    """bernoulli_log_prob's and continuous_bernoulli_log_prob's ops and their
+    backwards called as a compiled graph calls them (x (P, D), logits (K, P,
+    D), contiguous): on the triton backend they launch from a plan of the
+    signature and formula (OP_PLANS), with the general launch's values and
+    gradients bit for bit, from the first call and the second, with and
+    without dx and with a split sum over samples; the continuous Bernoulli's
+    logits near 0 (its log C's Taylor branch) among large ones; half
+    precision and a strided x take the general launch and make no plan."""
     bernoulli_op.OP_PLANS.clear()
     x, logits = _plan_inputs((P, D), (K, P, D), dtype, plan_device, False, True, "plain")
     x, logits = x.detach(), logits.detach()
+    # finite logits for the continuous Bernoulli (its argument check), a few near 0
+    finite = logits.nan_to_num(posinf=40.0, neginf=-40.0)
+    finite.view(-1)[-2:] = torch.tensor([1e-3, -2e-4], dtype=dtype)
     g = torch.randn(K, P, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype).to(plan_device)
     op_plans_match_the_general_launch(monkeypatch, bernoulli_op, lambda: (
         bernoulli_log_prob_op(x, logits), *bernoulli_log_prob_backward_op(g, x, logits, True),
-        *bernoulli_log_prob_backward_op(g, x, logits, False)))
-    assert len(bernoulli_op.OP_PLANS) == 1  # one plan serves the forward and both backwards
+        *bernoulli_log_prob_backward_op(g, x, logits, False),
+        continuous_bernoulli_log_prob_op(x, finite), *continuous_bernoulli_log_prob_backward_op(g, x, finite, True),
+        *continuous_bernoulli_log_prob_backward_op(g, x, finite, False)))
+    # one plan per formula serves the forward and both backwards
+    assert sorted(plan.kind for plan in bernoulli_op.OP_PLANS.values()) == [0, 1]
     bernoulli_op.OP_PLANS.clear()
-    continuous_bernoulli_log_prob_op(x.clamp(0.1, 0.9), logits)
+    continuous_bernoulli_log_prob_op(x.half(), finite.half())
     bernoulli_log_prob_op(x.half(), logits.half())
     bernoulli_log_prob_op(torch.cat([x, x], -1)[:, ::2], logits)
     assert len(bernoulli_op.OP_PLANS) == 0
+
+
+@needs_plan_triton
+def test_the_plans_formulas_are_the_kernels():
+    """op.py's _KINDS names each op's formula by the Triton module's constants."""
+    from fastvae.ops.bernoulli_likelihood import triton as kern
+    assert bernoulli_op._KINDS == {"bernoulli_log_prob_forward": kern.BERNOULLI,
+                                   "bernoulli_log_prob_backward": kern.BERNOULLI,
+                                   "continuous_bernoulli_log_prob_forward": kern.CONTINUOUS,
+                                   "continuous_bernoulli_log_prob_backward": kern.CONTINUOUS}
