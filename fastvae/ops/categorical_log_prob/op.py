@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import _acc
+from ..._launch import Launch, PlanCache, template
 from ..._likelihood_layout import broadcast_x, kernel_shape
 from ..._op import define, run, shaped
 
@@ -32,8 +33,65 @@ INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64
                   torch.uint64)
 
 
+# The plans of the ops' own calls (a compiled graph's nodes) on the triton
+# backend, per signature (bounded: fastvae._launch.PlanCache); ENABLED False
+# sends every call the general way (the tests compare the two); ``empty``
+# allocates each output like a template the plan holds (the tests' fixture may
+# poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+
+
+class CategoricalPlan:
+    """The launches of one signature of the ops' own calls: x (P, D) int64
+    and logits (K, P, D, C) contiguous, float32 or float64, K P D C > 0. The
+    general launchers' variants (triton.py's forward_plan, backward_plan) on
+    the same arguments."""
+
+    __slots__ = ("out_like", "dlogits_like", "forward", "forward_ints", "backward", "backward_ints")
+
+    def __init__(self, logits: Tensor):
+        kern = _backend.triton_module("categorical_log_prob")
+        (K, P, D, C), dtype, device = logits.shape, logits.dtype, logits.device
+        self.out_like = template((K, P), dtype, device)
+        self.dlogits_like = template(logits.shape, dtype, device)
+        grid, meta = kern.forward_plan(K, P, D, C, dtype, device)
+        self.forward, self.forward_ints = Launch(kern._categorical_log_prob_fwd_kernel, grid, meta), (P, K * P, D, C)
+        grid, meta = kern.backward_plan(K, P, D, C, dtype, device)
+        self.backward, self.backward_ints = (Launch(kern._categorical_log_prob_bwd_kernel, grid, meta),
+                                             (P, D, K * P * D, C))
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, self.backward]
+
+
+def _op_plan(x: Tensor, logits: Tensor) -> CategoricalPlan | None:
+    """The plan of a call of the ops themselves (CategoricalLogProb hands them
+    x (P, D) int64 and logits (K, P, D, C), as a compiled graph calls them),
+    or None (the general launch, which on CUDA pays the launch geometry and
+    Triton's binding of the arguments at every call): on the triton backend,
+    outside autocast, contiguous float32 or float64 logits and x int64 of
+    their device, no empty dimension."""
+    device = logits.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or logits.dtype not in _DTYPES or logits.dim() != 4
+            or x.dtype is not torch.int64 or x.shape != logits.shape[1:3] or logits.numel() == 0
+            or not logits.is_contiguous() or not x.is_contiguous() or x.device != device):
+        return None
+    key = (logits.shape, logits.dtype, device)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, CategoricalPlan(logits))
+
+
 def _forward(x: Tensor, logits: Tensor) -> Tensor:
-    """out (K, P) for x (P, D) int64 and logits (K, P, D, C), both contiguous."""
+    """out (K, P) for x (P, D) int64 and logits (K, P, D, C), both contiguous;
+    from a plan where _op_plan takes the call (a compiled graph's node on CUDA)."""
+    if (plan := _op_plan(x, logits)) is not None:
+        out = empty(plan.out_like)
+        plan.forward(x, logits, out, *plan.forward_ints)
+        return out
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
     logits = _backend.kernel_input(backend, logits, dtype, True)
@@ -43,7 +101,13 @@ def _forward(x: Tensor, logits: Tensor) -> Tensor:
 
 
 def _backward(grad_out: Tensor, x: Tensor, logits: Tensor) -> Tensor:
-    """dlogits (K, P, D, C) in the logits' dtype for grad_out (K, P)."""
+    """dlogits (K, P, D, C) in the logits' dtype for grad_out (K, P); from a
+    plan as the forward's."""
+    if grad_out.dtype is logits.dtype and (plan := _op_plan(x, logits)) is not None:
+        dlogits = empty(plan.dlogits_like)
+        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # (K, P) in any shape: read flat
+        plan.backward(g, x, logits, dlogits, *plan.backward_ints)
+        return dlogits
     backend = _backend.backend_for(logits.device)
     dtype = _backend.compute_dtype(logits)
     logits_dtype = logits.dtype

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import categorical_log_prob as oracle
+from fastvae.ops.categorical_log_prob import op as categorical_module
 from fastvae.ops.categorical_log_prob.op import (
     CategoricalLogProb,
     categorical_log_prob_backward_op,
@@ -17,7 +18,13 @@ from fastvae.ops.categorical_log_prob.op import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, reference_tests
+from helpers import (
+    assert_close,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+    reference_tests,
+)
 
 DIMS = [1, 2, 3, 17, 64, 100]
 CLASSES = [1, 2, 3, 10, 256, 1025, 3000]  # 3000: several class tiles of the Triton kernels
@@ -239,3 +246,44 @@ def double_backward_cases(r):
         "categorical_log_prob": (lambda lg: fastvae.categorical_log_prob(
             torch.arange(15, device=lg.device).reshape(3, 5) % 4, lg), [r(2, 3, 5, 4)], False),
     }
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(categorical_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, P, D, C", [(1, 1, 1, 1), (3, 5, 7, 4), (2, 3, 2, 300)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, K, P, D, C):
+    """fastvae::categorical_log_prob and its backward called as a compiled
+    graph calls them (x (P, D) int64, logits (K, P, D, C), contiguous): on
+    the triton backend from a plan of the call's signature (OP_PLANS), with
+    the general launch's log-likelihood and gradient bit for bit, from the
+    first call and the second; one class, odd sizes, C past one class tile,
+    a -inf logit off the class picked; half precision, transposed logits, an
+    empty batch and a gradient of another dtype take the general launch and
+    make no plan."""
+    categorical_module.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(K + P + D + C)
+    x = torch.randint(0, C, (P, D), generator=g).to(plan_device)
+    logits = (3 * torch.randn(K, P, D, C, generator=g, dtype=torch.float64)).to(dtype).to(plan_device)
+    if C > 1:  # a class of probability 0 that x never picks
+        logits[..., (x[0, 0] + 1) % C] = -math.inf
+    grad_out = torch.randn(K, P, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+
+    def calls():
+        return categorical_log_prob_op(x, logits), categorical_log_prob_backward_op(grad_out, x, logits)
+
+    op_plans_match_the_general_launch(monkeypatch, categorical_module, calls)
+    (plan,) = categorical_module.OP_PLANS.values()
+    assert len(plan.launches()) == 2
+    categorical_module.OP_PLANS.clear()
+    categorical_log_prob_op(x, logits.half())
+    if D > 1:
+        categorical_log_prob_op(x, logits.transpose(-1, -2).contiguous().transpose(-1, -2))
+    categorical_log_prob_op(x[:0], logits[:, :0])
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    categorical_log_prob_backward_op(grad_out.to(other), x, logits)
+    assert len(categorical_module.OP_PLANS) == 0

@@ -146,26 +146,37 @@ def _geometry(D: int, C: int, device: torch.device, fp64: bool) -> tuple[int, in
     return max(1, rows // block_d), block_d, block_c, warps
 
 
+def forward_plan(K: int, P: int, D: int, C: int, dtype: torch.dtype, device: torch.device
+                 ) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the forward kernel for logits (K, P, D, C) of ``dtype``
+    (K * P > 0): the shapes' part of a launch, worked out once per call
+    signature by the op's plans (op.py's CategoricalPlan)."""
+    block_kp, block_d, block_c, warps = _geometry(D, C, device, dtype == torch.float64)
+    return (cdiv(K * P, block_kp),), dict(ACC=acc_dtype(dtype), BLOCK_KP=block_kp, BLOCK_D=block_d,
+                                          BLOCK_C=block_c, num_warps=warps)
+
+
+def backward_plan(K: int, P: int, D: int, C: int, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the backward kernel, as forward_plan's (K * P * D > 0)."""
+    block_r, _, block_c, warps = _geometry(1, C, device, dtype == torch.float64)
+    return (cdiv(K * P * D, block_r),), dict(ACC=acc_dtype(dtype), BLOCK_R=block_r, BLOCK_C=block_c,
+                                             num_warps=warps)
+
+
 def categorical_log_prob_forward(x, logits, out) -> None:
     """out (K, P) <- sum_d(l[x] - logsumexp(l)) for x (P, D) int64, logits (K, P, D, C)."""
     K, P, D, C = logits.shape
     if K * P == 0:
         return
-    block_kp, block_d, block_c, warps = _geometry(D, C, logits.device, logits.dtype == torch.float64)
-    _categorical_log_prob_fwd_kernel[(cdiv(K * P, block_kp),)](
-        x, logits, out, P, K * P, D, C, ACC=acc_dtype(logits.dtype), BLOCK_KP=block_kp, BLOCK_D=block_d,
-        BLOCK_C=block_c, num_warps=warps,
-    )
+    grid, meta = forward_plan(K, P, D, C, logits.dtype, logits.device)
+    _categorical_log_prob_fwd_kernel[grid](x, logits, out, P, K * P, D, C, **meta)
 
 
 def categorical_log_prob_backward(grad_out, x, logits, dlogits) -> None:
     """dlogits (K, P, D, C) <- g (onehot(x) - softmax(l)) given grad_out (K, P)."""
     K, P, D, C = logits.shape
-    R = K * P * D
-    if R == 0:
+    if K * P * D == 0:
         return
-    block_kp, block_d, block_c, warps = _geometry(1, C, logits.device, logits.dtype == torch.float64)
-    _categorical_log_prob_bwd_kernel[(cdiv(R, block_kp),)](
-        grad_out, x, logits, dlogits, P, D, R, C, ACC=acc_dtype(logits.dtype), BLOCK_R=block_kp,
-        BLOCK_C=block_c, num_warps=warps,
-    )
+    grid, meta = backward_plan(K, P, D, C, logits.dtype, logits.device)
+    _categorical_log_prob_bwd_kernel[grid](grad_out, x, logits, dlogits, P, D, K * P * D, C, **meta)
