@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ... import _backend, _validate, _value_checks
 from ..._double_backward import replay_inputs
+from ..._launch import Launch, PlanCache, template
 from ..._likelihood_layout import _strip_leading_ones, broadcast_x, check_output, fold_samples, folded, kernel_views
 from ..._op import define, run, shaped
 from ..._validate import broadcasts_to
@@ -135,8 +136,103 @@ def _args(op: str, x, lm, lt, zl) -> dict:
     return dict(x=x, **dict(zip(names, values)))
 
 
+# The plans of the ops' own calls (a compiled graph's nodes) on the triton
+# backend, per signature (bounded: fastvae._launch.PlanCache); ENABLED False
+# sends every call the general way (the tests compare the two); ``empty``
+# allocates each output like a template the plan holds (the tests' fixture may
+# poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+# each op's formula (triton.py's POISSON, NB, ZINB)
+KINDS = {"poisson_log_prob": 0, "negative_binomial_log_prob": 1, "zinb_log_prob": 2}
+
+
+class CountPlan:
+    """The launches of one signature of a count likelihood's own op calls: x
+    (P, D), the log mean (K, P, D), log theta (K, P, D) or (D,) per gene
+    and the zero-inflation logits (K, P, D) as the op has them, contiguous,
+    of one float32 or float64 dtype, K P D > 0. The general launchers'
+    variants (triton.py's forward_plan, backward_plan) on the same
+    arguments: the forward's, and the backward's for each set of gradients
+    asked for (made at first use)."""
+
+    __slots__ = ("kind", "K", "P", "D", "dtype", "device", "theta_dim", "out_like", "lm_like", "lt_like",
+                 "forward", "forward_ints", "_backward")
+
+    def __init__(self, kind: int, lm: Tensor, lt: Tensor | None):
+        kern = _backend.triton_module("count_log_prob")
+        (K, P, D), dtype, device = lm.shape, lm.dtype, lm.device
+        self.kind, self.K, self.P, self.D, self.dtype, self.device = kind, K, P, D, dtype, device
+        self.theta_dim = lt is not None and lt.dim() == 1
+        self.out_like = template((K, P), dtype, device)
+        self.lm_like = template(lm.shape, dtype, device)  # dlog_mean's and dzi_logits'
+        self.lt_like = None if lt is None else template(lt.shape, dtype, device)
+        grid, meta = kern.forward_plan(kind, K, P, D, dtype, device, self.theta_dim)
+        self.forward, self.forward_ints = Launch(kern._count_fwd_kernel, grid, meta), (P, K * P, D)
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *(b[0] for b in self._backward.values())]
+
+    def run_forward(self, x: Tensor, lm: Tensor, lt: Tensor | None, zl: Tensor | None) -> Tensor:
+        """forward's log p (K, P), launched from the plan."""
+        out = empty(self.out_like)  # a pointer a kernel never reads stands for an absent parameter: lm
+        self.forward(x, lm, lm if lt is None else lt, lm if zl is None else zl, out, *self.forward_ints)
+        return out
+
+    def run_backward(self, grad_out: Tensor, x: Tensor, lm: Tensor, lt: Tensor | None, zl: Tensor | None,
+                     needs: tuple[bool, ...]) -> list[Tensor]:
+        """backward's gradients, those ``needs`` asks for in PARAMS order, launched from the plan."""
+        has = (*needs, False, False)[:3]
+        entry = self._backward.get(has)
+        if entry is None:
+            kern = _backend.triton_module("count_log_prob")
+            grid, meta, row_tiles, part_shape, counters = kern.backward_plan(
+                self.kind, self.K, self.P, self.D, self.dtype, self.device, self.theta_dim, *has)
+            entry = self._backward[has] = (Launch(kern._count_bwd_kernel, grid, meta), row_tiles,
+                                           template(part_shape, _backend.accumulation_dtype(self.dtype),
+                                                    self.device), counters, kern.tile_counters)
+        launch, row_tiles, part_like, counters, tile_counters = entry
+        grads = [empty(like) if need else None for like, need in zip((self.lm_like, self.lt_like, self.lm_like), has)]
+        dlm, dlt, dzl = (lm if t is None else t for t in grads)
+        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # (K, P) in any shape: read flat
+        launch(g, x, lm, lm if lt is None else lt, lm if zl is None else zl, dlm, dlt, empty(part_like),
+               tile_counters(self.device, *counters), dzl, self.P, self.K * self.P, self.D, row_tiles)
+        return [t for t in grads if t is not None]
+
+
+def _op_plan(op: str, x: Tensor, lm: Tensor, lt: Tensor | None, zl: Tensor | None) -> CountPlan | None:
+    """The plan of a call of ``op``'s ops themselves (its Function hands them
+    the kernel layout, as a compiled graph calls them), or None (the general
+    launch, which on CUDA pays the launch geometry and Triton's binding of the
+    arguments at every call): on the triton backend, outside autocast,
+    contiguous float32 or float64 tensors of one dtype and device, log theta
+    per element or per gene, no empty dimension."""
+    device = lm.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or lm.dtype not in _DTYPES or lm.dim() != 3
+            or x.dtype is not lm.dtype or x.shape != lm.shape[1:] or lm.numel() == 0 or not lm.is_contiguous()
+            or not x.is_contiguous() or x.device != device):
+        return None
+    for t in (lt, zl):
+        if t is not None and (t.dtype is not lm.dtype or t.device != device or not t.is_contiguous()):
+            return None
+    if (lt is not None and lt.shape not in (lm.shape, lm.shape[2:])) or (zl is not None and zl.shape != lm.shape):
+        return None
+    key = (op, lm.shape, None if lt is None else lt.shape, lm.dtype, device)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, CountPlan(KINDS[op], lm, lt))
+
+
 def forward(op: str, x: Tensor, lm: Tensor, lt: Tensor | None, zl: Tensor | None) -> Tensor:
-    """The op's implementation: log p (K, P) in the compute dtype for the kernel layout."""
+    """The op's implementation: log p (K, P) in the compute dtype for the kernel
+    layout; from a plan where _op_plan takes the call (a compiled graph's
+    node on CUDA)."""
+    if (plan := _op_plan(op, x, lm, lt, zl)) is not None:
+        return plan.run_forward(x, lm, lt, zl)
     backend = _backend.backend_for(lm.device)
     dtype = _backend.compute_dtype(x, lm, lt, zl)
     x, lm, lt, zl = (_backend.kernel_input(backend, t, dtype) for t in (x, lm, lt, zl))
@@ -155,7 +251,10 @@ def forward(op: str, x: Tensor, lm: Tensor, lt: Tensor | None, zl: Tensor | None
 def backward(op: str, grad_out: Tensor, x: Tensor, lm: Tensor, lt: Tensor | None, zl: Tensor | None,
              needs: tuple[bool, ...]) -> list[Tensor]:
     """The gradients of the parameters that ``needs`` asks for (in PARAMS order),
-    each in its input's dtype and kernel-layout shape."""
+    each in its input's dtype and kernel-layout shape; from a plan as the
+    forward's."""
+    if grad_out.dtype is lm.dtype and (plan := _op_plan(op, x, lm, lt, zl)) is not None:
+        return plan.run_backward(grad_out, x, lm, lt, zl, needs)
     backend = _backend.backend_for(lm.device)
     dtype = _backend.compute_dtype(x, lm, lt, zl)
     inputs = (lm, lt, zl)[:len(PARAMS[op])]

@@ -16,6 +16,7 @@ those two approximations."""
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import pytest
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import count_log_prob as oracle
+from fastvae.ops.count_log_prob import op as count_module
 from fastvae.ops.count_log_prob.op import (
     NegativeBinomialLogProb,
     PoissonLogProb,
@@ -37,7 +39,16 @@ from fastvae.ops.count_log_prob.op import (
 )
 
 from conftest import INTERPRET
-from helpers import assert_close, assert_compiled_matches_eager, gen, likelihood_checks, reference_tests
+from helpers import (
+    assert_close,
+    assert_compiled_matches_eager,
+    gen,
+    likelihood_checks,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+    reference_tests,
+)
 
 F64 = torch.float64
 POISSON, NB, ZINB = "poisson_log_prob", "negative_binomial_log_prob", "zinb_log_prob"
@@ -714,3 +725,74 @@ def double_backward_cases(r):
         ZINB: (lambda m, t, z: fastvae.zinb_log_prob(counts.to(m.device), m, t, z),
                [r(2, 3, 5), r(2, 3, 5), r(2, 3, 5)], False),
     }
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(count_module)
+_OPS = {"poisson_log_prob": (poisson_log_prob_op, poisson_log_prob_backward_op),
+        "negative_binomial_log_prob": (negative_binomial_log_prob_op, negative_binomial_log_prob_backward_op),
+        "zinb_log_prob": (zinb_log_prob_op, zinb_log_prob_backward_op)}
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, P, D", [(1, 1, 1), (3, 5, 7), (3, 100, 7)])
+@pytest.mark.parametrize("op, theta", [("poisson_log_prob", None), ("negative_binomial_log_prob", "element"),
+                                       ("negative_binomial_log_prob", "gene"), ("zinb_log_prob", "element"),
+                                       ("zinb_log_prob", "gene")])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, K, P, D, op,
+                                                                    theta):
+    """The count likelihoods' ops and their backwards called as a compiled
+    graph calls them (x (P, D) counts, the log mean (K, P, D), log theta per
+    element or per gene, the zero-inflation logits (K, P, D), contiguous): on
+    the triton backend from a plan of the call's signature (OP_PLANS), with
+    the general launch's log-likelihood and gradients bit for bit, for every
+    set of gradients, from the first call and the second; one element, odd
+    sizes, a per-gene theta's gradient summed over two row tiles (the last
+    shape, 300 rows of the interpreter's 256-row tiles), zero counts; half precision, a strided log mean, an empty batch
+    and a gradient of another dtype take the general launch and make no plan."""
+    forward_op, backward_op = _OPS[op]
+    count_module.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(K * 100 + P * 10 + D)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+
+    lm = rnd(K, P, D)
+    x = torch.poisson(torch.full((P, D), 2.0, dtype=torch.float64), generator=g).to(dtype).to(plan_device)
+    x.view(-1)[0] = 0.0
+    params = [lm] + ([] if theta is None else [rnd(K, P, D) if theta == "element" else rnd(D)])
+    if op == "zinb_log_prob":
+        params.append(rnd(K, P, D))
+    grad_out = rnd(K, P)
+    n = len(params)
+
+    def calls():
+        got = [forward_op(x, *params)]
+        for needs in itertools.product((False, True), repeat=n):
+            if any(needs):
+                got += backward_op(grad_out, x, *params, *needs)
+        return got
+
+    op_plans_match_the_general_launch(monkeypatch, count_module, calls)
+    (plan,) = count_module.OP_PLANS.values()
+    assert len(plan.launches()) == 2 ** n
+    if theta == "gene" and K * P > 256:  # the per-gene theta's gradient summed over two row tiles' partials
+        assert any(part_like.shape == (2, D) for _, _, part_like, _, _ in plan._backward.values())
+    count_module.OP_PLANS.clear()
+    forward_op(x.half(), *(t.half() for t in params))
+    if K * P > 1:
+        forward_op(x, torch.cat([lm, lm], -1)[..., :D], *params[1:])
+    forward_op(x[:0], lm[:, :0], *(t[:, :0] if t.dim() == 3 else t for t in params[1:]))
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    backward_op(grad_out.to(other), x, *params, *([True] * n))
+    assert len(count_module.OP_PLANS) == 0
+
+
+@needs_plan_triton
+def test_the_plans_formulas_are_the_kernels():
+    """op.py's KINDS names each op's formula by the Triton module's constants."""
+    from fastvae.ops.count_log_prob import triton as kern
+    assert count_module.KINDS == {"poisson_log_prob": kern.POISSON, "negative_binomial_log_prob": kern.NB,
+                                  "zinb_log_prob": kern.ZINB}

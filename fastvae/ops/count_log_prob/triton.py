@@ -387,9 +387,9 @@ def _count_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
-def _geometry(lm, tile: int):
-    """(BLOCK_R, BLOCK_D, warps) of a launch over lm (K, P, D) with about tile elements a program."""
-    return tile_geometry(lm.shape[2], lm.device, lm.dtype == torch.float64, tile, MAX_COLS)
+def _geometry(D: int, dtype: torch.dtype, device: torch.device, tile: int):
+    """(BLOCK_R, BLOCK_D, warps) of a launch over (K, P, D) with about tile elements a program."""
+    return tile_geometry(D, device, dtype == torch.float64, tile, MAX_COLS)
 
 
 def _or_lm(lm, *tensors):
@@ -397,17 +397,39 @@ def _or_lm(lm, *tensors):
     return [lm if t is None else t for t in tensors]
 
 
+def forward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device,
+                 theta_dim: bool) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the forward kernel for the decoder outputs (K, P, D) of
+    ``dtype`` (K * P > 0), log theta per gene (``theta_dim``) or per element:
+    the shapes' part of a launch, worked out once per call signature by the
+    op's plans (op.py's CountPlan)."""
+    BLOCK_R, BLOCK_D, warps = _geometry(D, dtype, device, FORWARD_TILE // 2 if kind == ZINB else FORWARD_TILE)
+    return (cdiv(K * P, BLOCK_R),), dict(KIND=kind, THETA_DIM=theta_dim, ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R,
+                                         BLOCK_D=BLOCK_D, num_warps=warps)
+
+
+def backward_plan(kind: int, K: int, P: int, D: int, dtype: torch.dtype, device: torch.device, theta_dim: bool,
+                  has_dlm: bool, has_dlt: bool, has_dzl: bool):
+    """(grid, meta, row tiles, the per-gene dlt's partial sums' shape ((1,):
+    none), the arrival counters tile_counters hands out (n, splits)) of the
+    backward kernel, as forward_plan's (K * P * D > 0)."""
+    BLOCK_R, BLOCK_D, warps = _geometry(D, dtype, device, BACKWARD_TILE)
+    row_tiles = cdiv(K * P, BLOCK_R)
+    col_blocks = cdiv(D, BLOCK_D)
+    reduce = has_dlt and theta_dim and row_tiles > 1
+    return ((row_tiles * col_blocks,),
+            dict(KIND=kind, THETA_DIM=theta_dim, HAS_DLM=has_dlm, HAS_DLT=has_dlt, HAS_DZL=has_dzl,
+                 ACC=acc_dtype(dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps),
+            row_tiles, (row_tiles, D) if reduce else (1,), (col_blocks, row_tiles if reduce else 1))
+
+
 def count_forward(kind: int, x, lm, lt, zl, out) -> None:
     """out (K, P) <- sum_d log p for x (P, D) and the decoder outputs in the kernel layout."""
     K, P, D = lm.shape
     if K * P == 0:
         return
-    BLOCK_R, BLOCK_D, warps = _geometry(lm, FORWARD_TILE // 2 if kind == ZINB else FORWARD_TILE)
-    theta_dim = lt is not None and lt.dim() == 1
-    _count_fwd_kernel[(cdiv(K * P, BLOCK_R),)](
-        x, lm, *_or_lm(lm, lt, zl), out, P, K * P, D,
-        KIND=kind, THETA_DIM=theta_dim, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+    grid, meta = forward_plan(kind, K, P, D, lm.dtype, lm.device, lt is not None and lt.dim() == 1)
+    _count_fwd_kernel[grid](x, lm, *_or_lm(lm, lt, zl), out, P, K * P, D, **meta)
 
 
 def count_backward(kind: int, grad_out, x, lm, lt, zl, dlm, dlt, dzl) -> None:
@@ -420,18 +442,11 @@ def count_backward(kind: int, grad_out, x, lm, lt, zl, dlm, dlt, dzl) -> None:
         if dlt is not None and theta_dim and dlt.numel():
             dlt.zero_()  # a sum over no rows; not a path of any training shape
         return
-    BLOCK_R, BLOCK_D, warps = _geometry(lm, BACKWARD_TILE)
-    row_tiles = cdiv(K * P, BLOCK_R)
-    col_blocks = cdiv(D, BLOCK_D)
-    reduce = dlt is not None and theta_dim and row_tiles > 1
-    part = torch.empty((row_tiles, D) if reduce else (1,), dtype=accumulation_dtype(lm.dtype), device=lm.device)
-    _count_bwd_kernel[(row_tiles * col_blocks,)](
-        grad_out, x, lm, *_or_lm(lm, lt, zl, dlm, dlt), part,
-        tile_counters(lm.device, col_blocks, row_tiles if reduce else 1), *_or_lm(lm, dzl),
-        P, K * P, D, row_tiles, KIND=kind, THETA_DIM=theta_dim, HAS_DLM=dlm is not None,
-        HAS_DLT=dlt is not None, HAS_DZL=dzl is not None, ACC=acc_dtype(lm.dtype), BLOCK_R=BLOCK_R,
-        BLOCK_D=BLOCK_D, num_warps=warps,
-    )
+    grid, meta, row_tiles, part_shape, counters = backward_plan(
+        kind, K, P, D, lm.dtype, lm.device, theta_dim, dlm is not None, dlt is not None, dzl is not None)
+    part = torch.empty(part_shape, dtype=accumulation_dtype(lm.dtype), device=lm.device)
+    _count_bwd_kernel[grid](grad_out, x, lm, *_or_lm(lm, lt, zl, dlm, dlt), part,
+                            tile_counters(lm.device, *counters), *_or_lm(lm, dzl), P, K * P, D, row_tiles, **meta)
 
 
 # -- each op's launchers (the shared kernels with its KIND) --------------------------
