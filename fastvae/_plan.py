@@ -245,10 +245,6 @@ class FamilySamplePlan:
     or sample_positive's), which run the KL inside the sampler's loops
     (nothing to plan but the layout)."""
 
-    # the family samplers the plans launch (their kernels in sample_family's module): partial
-    # sums of a split backward
-    SAMPLERS = {"sample_location_scale": 4, "sample_positive": 2}
-
     def __init__(self, sampler: str, family: int, kl_family: int, shape: torch.Size, dtype: torch.dtype,
                  device: torch.device, n_samples: int | None, p_shared: bool, q_scale: bool, general,
                  cpp: bool = False, q_high: bool = False):
@@ -273,7 +269,8 @@ class FamilySamplePlan:
         if cpp:
             self.kl_kernels = f"{sampler}_kl_forward", f"{sampler}_kl_backward"
             return
-        self.sampler, self.sums = _kernels("sample_family"), self.SAMPLERS[sampler]
+        self.sampler = _kernels("sample_family")
+        self.sums = self.sampler.SPLIT_SUMS[sampler]  # a split backward's partial sums per element
         self._backward = None
         self._kl_backward: dict = {}
         if self.has_loc:  # the draw and the KL in one kernel each way

@@ -130,6 +130,65 @@ def _family_index_of(families: tuple[str, ...], family) -> int:
     return families.index(family)
 
 
+class _FamilySamplerPlan:
+    """The launches of one signature of a family sampler's own ops
+    (FamilySampler._op_plan: the draw with log q at the training layout's
+    offsets, and its backward): the general launchers' variants
+    (kernels/sampler.py's family_forward_plan, family_backward_plan) on the
+    same arguments, the backward's per variant with its partial sums and
+    arrival counters (back at 0 after each launch), made at first use."""
+
+    __slots__ = ("name", "N", "L", "K", "dtype", "device", "family", "z_like", "log_q_like", "d_like", "forward",
+                 "fwd_ints", "_backward")
+
+    def __init__(self, name: str, p0: Tensor, family: int, n_samples: int):
+        (N, L), dtype, device = p0.shape, p0.dtype, p0.device
+        self.name, self.N, self.L, self.K, self.dtype, self.device = name, N, L, n_samples, dtype, device
+        self.family = family
+        self.z_like = template((n_samples, N, L), dtype, device)
+        self.log_q_like = template((n_samples, N), dtype, device)
+        self.d_like = template((N, L), dtype, device)
+        grid, meta = _backend.triton_module("sampler").family_forward_plan(n_samples, N, L, dtype, device, family,
+                                                                           True, 0, N * L, L)
+        self.forward = Launch(getattr(_backend.triton_module("sample_family"), f"_{name}_fwd_kernel"), grid, meta)
+        self.fwd_ints = (0, N * L, L, N, n_samples * N, L)  # offset0, sample_stride, row_stride, N, K N, L
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *(b[0] for b in self._backward.values())]
+
+    def backward(self, has_grad_z: bool, has_grad_log_q: bool, stop_score: bool) -> tuple:
+        """(Launch, partial sums, counters, samples per split, splits) of one backward variant."""
+        key = has_grad_z, has_grad_log_q, stop_score
+        made = self._backward.get(key)
+        if made is None:
+            sampler, kern = _backend.triton_module("sampler"), _backend.triton_module("sample_family")
+            grid, meta, blocks, splits, per_split = sampler.family_backward_plan(
+                self.K, self.N, self.L, self.dtype, self.device, self.family, *key)
+            part, counters = sampler.family_split_buffers(kern.SPLIT_SUMS[self.name], self.N, self.L, self.dtype,
+                                                          self.device, blocks, splits)
+            made = self._backward[key] = (Launch(getattr(kern, f"_{self.name}_bwd_kernel"), grid, meta), part,
+                                          counters, per_split, splits)
+        return made
+
+    def run_forward(self, p0: Tensor, p1: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, log q): the general launcher's one kernel."""
+        z, log_q = empty(self.z_like), empty(self.log_q_like)
+        self.forward(p0, p1, seed, z, log_q, *self.fwd_ints)
+        return z, log_q
+
+    def run_backward(self, grad_z: Tensor | None, grad_log_q: Tensor | None, p0: Tensor, p1: Tensor, seed: Tensor,
+                     stop_score: bool) -> tuple[Tensor, Tensor]:
+        """The two gradients: the general launcher's one kernel (an absent gradient's pointer is p0's)."""
+        launch, part, counters, per_split, splits = self.backward(grad_z is not None, grad_log_q is not None,
+                                                                  stop_score)
+        d0, d1 = empty(self.d_like), empty(self.d_like)
+        launch(p0 if grad_z is None else grad_z.contiguous(), p0 if grad_log_q is None else grad_log_q.contiguous(),
+               p0, p1, seed, d0, d1, part, counters, self.N, self.L, self.N * self.L, self.K, per_split, splits)
+        return d0, d1
+
+
 class FamilySampler:
     """The front end of a family sampler ``name`` of two (N, L) parameters
     ``params`` (their gradients ``d<param>``), whose kernels <name>_forward and
@@ -162,7 +221,10 @@ class FamilySampler:
         """(z (n_samples, N, L), log q (n_samples, N)) for p0, p1 (N, L) at the
         noise offsets offset0 + k * sample_stride + n * row_stride + l of
         ``offsets`` (offset0, sample_stride, row_stride), checked, or by
-        default the training layout's."""
+        default the training layout's, where a call _op_plan takes (the op's
+        own, a compiled graph's node on CUDA) launches from its plan."""
+        if offsets is None and (plan := self._op_plan(p0, p1, family, n_samples)) is not None:
+            return plan.run_forward(p0, p1, seed)
         backend = _backend.backend_for(p0.device)
         dtype = _backend.compute_dtype(p0, p1)
         a = _backend.kernel_input(backend, flat(p0), dtype)
@@ -187,7 +249,12 @@ class FamilySampler:
 
     def _backward(self, p0: Tensor, p1: Tensor, seed: Tensor, family: int, grad_z: Tensor | None,
                   grad_log_q: Tensor | None, stop_score: bool) -> tuple[Tensor, Tensor]:
-        """The two gradients (N, L) from grad_z (K, N, L) and grad_log_q (K, N) (None: no gradient)."""
+        """The two gradients (N, L) from grad_z (K, N, L) and grad_log_q (K, N)
+        (None: no gradient); from a plan as the draw's."""
+        grads = [g for g in (grad_z, grad_log_q) if g is not None]
+        if grads and all(g.dtype is p0.dtype for g in grads) and (
+                plan := self._op_plan(p0, p1, family, gradient_samples(grad_z, grad_log_q))) is not None:
+            return plan.run_backward(grad_z, grad_log_q, p0, p1, seed, stop_score)
         backend = _backend.backend_for(p0.device)
         dtype = _backend.compute_dtype(p0, p1)
         a = _backend.kernel_input(backend, flat(p0), dtype)
@@ -205,6 +272,24 @@ class FamilySampler:
             **{self.grads[0]: da, self.grads[1]: db},
         )
         return _backend.in_dtype(da, p0.dtype), _backend.in_dtype(db, p1.dtype)
+
+    def _op_plan(self, p0: Tensor, p1: Tensor, family: int, n_samples: int) -> _FamilySamplerPlan | None:
+        """The plan of a call of the sampler's ops themselves at the training
+        layout's offsets (a compiled graph's nodes: p0, p1 (N, L) as the
+        Function lays them out), or None (the general launch, which on CUDA
+        pays the launch geometry and Triton's binding of the arguments at every
+        call): on the triton backend, outside autocast, contiguous float32 or
+        float64 parameters of one dtype and device, N L > 0, n_samples >= 1."""
+        device = p0.device
+        if (not ENABLED or not _backend.op_plans_serve(device) or p0.dtype not in _DTYPES or p0.dim() != 2
+                or p0.numel() == 0 or n_samples < 1 or p1.dtype is not p0.dtype or p1.shape != p0.shape
+                or p1.device != device or not p0.is_contiguous() or not p1.is_contiguous()):
+            return None
+        key = (self.name, "log q", p0.shape, p0.dtype, device, family, n_samples)
+        try:
+            return OP_PLANS[key]
+        except KeyError:
+            return OP_PLANS.store(key, _FamilySamplerPlan(self.name, p0, family, n_samples))
 
     @staticmethod
     def _fake(p0: Tensor, p1: Tensor, seed: Tensor, family: int, n_samples: int):

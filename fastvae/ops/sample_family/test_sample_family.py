@@ -2554,6 +2554,54 @@ def test_the_fused_location_scale_ops_launch_from_plans_with_the_general_bits(pl
 
 
 @needs_plan_triton
+@pytest.mark.parametrize("sampler, family", [*(("location_scale", f) for f in LOCATION_SCALE_FAMILIES),
+                                             *(("positive", f) for f in POSITIVE_FAMILIES)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K, splits", [(1, 1, 1, None), (13, 6, 3, None), (13, 6, 3, 2)])
+def test_the_samplers_own_ops_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, sampler, family,
+                                                                     dtype, N, L, K, splits):
+    """fastvae::sample_location_scale and fastvae::sample_positive (the draw
+    with log q: an IWAE's, a Monte Carlo KL's) and their backwards called as
+    a compiled graph calls them: on the triton backend from a plan of the
+    call's signature (OP_PLANS), with the general launch's z, log q and both
+    gradients bit for bit, for either upstream gradient and both, with and
+    without stop_score (STL, DReG), from the first call and the second, K =
+    1 and 3, one element and a batch, samples split (the splits' partial
+    sums); half precision, strided parameters and a gradient of another
+    dtype take the general launch and make no plan."""
+    from fastvae.kernels import _common
+
+    if splits is not None:
+        monkeypatch.setattr(_common, "FORCE_SPLITS", splits)
+    family_op.OP_PLANS.clear()
+    fs = family_op.LOCATION_SCALE_SAMPLER if sampler == "location_scale" else family_op.POSITIVE_SAMPLER
+    families = LOCATION_SCALE_FAMILIES if sampler == "location_scale" else POSITIVE_FAMILIES
+    make = location_scale_make_inputs if sampler == "location_scale" else positive_make_inputs
+    p0, p1 = make((N,), L, N * L + K, 0.5, dtype, plan_device)
+    index = families.index(family)
+    seed = seed_tensor(N * 1000 + L, plan_device)
+    g = torch.Generator().manual_seed(K)
+    grad_z = torch.randn(K, N, L, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    grad_log_q = torch.randn(K, N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    cases = [(gz, gq, stop) for gz, gq in ((grad_z, None), (None, grad_log_q), (grad_z, grad_log_q))
+             for stop in (False, True)]
+    op_plans_match_the_general_launch(monkeypatch, family_op, lambda: (
+        *fs.op(p0, p1, seed, index, K),
+        *(d for gz, gq, stop in cases for d in fs.backward_op(p0, p1, seed, index, gz, gq, stop))))
+    (plan,) = family_op.OP_PLANS.values()
+    assert len(plan.launches()) == 1 + len(cases)
+    if splits is not None:
+        assert all(made[-1] == 2 for made in plan._backward.values())  # the splits the partial sums add
+    family_op.OP_PLANS.clear()
+    fs.op(p0.half(), p1.half(), seed, index, K)
+    if N * L > 1:
+        fs.op(torch.cat([p0, p0], -1)[:, ::2], p1, seed, index, K)
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    fs.backward_op(p0, p1, seed, index, grad_z.to(other), None, False)
+    assert len(family_op.OP_PLANS) == 0
+
+
+@needs_plan_triton
 @pytest.mark.parametrize("family", KL_POSITIVE_FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("N, L, K, shared", [(1, 1, 1, True), (13, 6, 3, False)])

@@ -360,6 +360,12 @@ def _sample_location_scale_kl_bwd_kernel(
 # -- launchers ----------------------------------------------------------------
 
 
+# Each family sampler's partial sums a split of its backward keeps per element
+# (family_split_buffers): the location-scale sampler's four (dloc, dlog_scale
+# and the score's two), the positive sampler's two.
+SPLIT_SUMS = {"sample_location_scale": 4, "sample_positive": 2}
+
+
 def sample_location_scale_forward(loc, log_scale, seed, family, offset0, sample_stride, row_stride, z,
                                   log_q) -> None:
     """z (K, N, L) <- loc + exp(log_scale) * e of loc, log_scale (N, L), e the
@@ -376,8 +382,8 @@ def sample_location_scale_backward(grad_z, grad_log_q, loc, log_scale, seed, fam
     dloc = sum_k grad_z_k (+ (sum_k grad_log_q_k psi_k) / s with stop_score),
     dlog_scale = s sum_k grad_z_k e_k + (sum_k grad_log_q_k psi_k e_k with
     stop_score, else -sum_k grad_log_q_k); e regenerated, s = exp(log_scale)."""
-    launch_family_backward(_sample_location_scale_bwd_kernel, 4, grad_z, grad_log_q, loc, log_scale, seed, family,
-                           stop_score, dloc, dlog_scale)
+    launch_family_backward(_sample_location_scale_bwd_kernel, SPLIT_SUMS["sample_location_scale"], grad_z,
+                           grad_log_q, loc, log_scale, seed, family, stop_score, dloc, dlog_scale)
 
 
 def kl_forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device, family: int, kl_family: int,
@@ -623,8 +629,8 @@ def sample_positive_backward(grad_z, grad_log_q, log_p0, log_p1, seed, family, s
     """dlog_p0, dlog_p1 (N, L) <- sum_k grad_z_k z_k c_j + grad_log_q_k (s_j with
     stop_score, else f_j) of the oracle's positive_terms, t regenerated; grad_z
     (K, N, L) and grad_log_q (K, N) each None when its output has no gradient."""
-    launch_family_backward(_sample_positive_bwd_kernel, 2, grad_z, grad_log_q, log_p0, log_p1, seed, family,
-                           stop_score, dlog_p0, dlog_p1)
+    launch_family_backward(_sample_positive_bwd_kernel, SPLIT_SUMS["sample_positive"], grad_z, grad_log_q,
+                           log_p0, log_p1, seed, family, stop_score, dlog_p0, dlog_p1)
 
 
 def sample_positive_kl_forward(log_p0, log_p1, prior_log_p0, prior_log_p1, seed, family, kl_family, z, kl) -> None:
