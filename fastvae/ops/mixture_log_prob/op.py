@@ -25,11 +25,117 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _double_backward, _validate
+from ..._launch import Launch, PlanCache, template
 from ..._op import define, flat, run, shaped
+
+# The plans of the ops' own calls (a compiled graph's nodes: a mixture prior's
+# density) on the triton backend, per signature (bounded: fastvae._launch.PlanCache);
+# ENABLED False sends every call the general way (the tests compare the two);
+# ``empty`` allocates each output like a template the plan holds (the tests'
+# fixture may poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+
+
+class MixturePlan:
+    """The launches of one signature of the ops' own calls: z (N, L), means and
+    logvars (U, L) and logits (U,) or none, contiguous, of one float32 or
+    float64 dtype, N U L > 0. The general launchers' variants (triton.py's
+    forward_plan, dz_plan, params_plan) on the same arguments: the
+    forward's, and the backward's two kernels for each set of gradients asked
+    for (made at first use)."""
+
+    __slots__ = ("N", "U", "L", "dtype", "device", "has_logits", "out_like", "dz_like", "dp_like", "dlogits_like",
+                 "forward", "_backward")
+
+    def __init__(self, z: Tensor, means: Tensor, has_logits: bool):
+        kern = _backend.triton_module("mixture_log_prob")
+        (N, L), U, dtype, device = z.shape, means.shape[0], z.dtype, z.device
+        self.N, self.U, self.L, self.dtype, self.device, self.has_logits = N, U, L, dtype, device, has_logits
+        self.out_like = template((N,), dtype, device)
+        self.dz_like = template((N, L), dtype, device)
+        self.dp_like = template((U, L), dtype, device)
+        self.dlogits_like = template((U,), dtype, device)
+        self.forward = Launch(kern._mixture_fwd_kernel, *kern.forward_plan(N, U, L, dtype, device, has_logits))
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *(launch for b in self._backward.values() for launch in b[:2] if launch is not None)]
+
+    def backward(self, need: tuple[bool, bool, bool, bool]) -> tuple:
+        """(the dz Launch or None, the parameters' Launch or None, their
+        runtime integers, the partial sums' templates, the counters' (n,
+        splits)) of the gradients ``need`` asks for (dz, dmeans, dlogvars, dlogits)."""
+        entry = self._backward.get(need)
+        if entry is None:
+            kern = _backend.triton_module("mixture_log_prob")
+            N, U, L, dtype, device = self.N, self.U, self.L, self.dtype, self.device
+            dz = Launch(kern._mixture_dz_kernel, *kern.dz_plan(N, U, L, dtype, device, self.has_logits, False)) \
+                if need[0] else None
+            params = ints = parts = counters = None
+            if any(need[1:]):
+                grid, meta, ints, part_shapes, counters = kern.params_plan(N, U, L, dtype, device, self.has_logits,
+                                                                           *need[1:])
+                params = Launch(kern._mixture_params_kernel, grid, meta)
+                acc = _backend.accumulation_dtype(dtype)
+                parts = [template(shape, acc, device) for shape in part_shapes]
+            entry = self._backward[need] = (dz, params, ints, parts, counters, kern.tile_counters)
+        return entry
+
+    def run_forward(self, z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -> Tensor:
+        """_forward's out, launched from the plan."""
+        out = empty(self.out_like)
+        self.forward(z, means, logvars, means if logits is None else logits, out, self.N, self.U, self.L)
+        return out
+
+    def run_backward(self, grad_out: Tensor, z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None,
+                     out: Tensor, need: tuple[bool, bool, bool, bool]) -> list[Tensor]:
+        """_backward's gradients, launched from the plan."""
+        dz_launch, params, ints, parts, counters, tile_counters = self.backward(need)
+        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # (N,) in any shape: read flat
+        lg = means if logits is None else logits
+        grads = [empty(like) if n else None
+                 for like, n in zip((self.dz_like, self.dp_like, self.dp_like, self.dlogits_like), need)]
+        dz, dmeans, dlogvars, dlogits = grads
+        if dz_launch is not None:  # no cast: dz is in the accumulation dtype (float32, float64)
+            dz_launch(g, z, means, logvars, lg, out, dz, dz, self.N, self.U, self.L)
+        if params is not None:
+            params(g, z, means, logvars, lg, out, means if dmeans is None else dmeans,
+                   means if dlogvars is None else dlogvars, means if dlogits is None else dlogits,
+                   *(empty(like) for like in parts), tile_counters(self.device, *counters), self.N, self.U, self.L,
+                   *ints)
+        return [t for t in grads if t is not None]
+
+
+def _op_plan(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -> MixturePlan | None:
+    """The plan of a call of the ops themselves (MixtureLogProb hands them z
+    (N, L) and the components as given, as a compiled graph calls them), or
+    None (the general launch, which on CUDA pays the launch geometry and
+    Triton's binding of the arguments at every call): on the triton backend,
+    outside autocast, contiguous float32 or float64 tensors of one dtype and
+    device, N U L > 0."""
+    device = z.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or z.dtype not in _DTYPES or z.dim() != 2
+            or means.dim() != 2 or z.numel() == 0 or means.numel() == 0 or means.shape[1] != z.shape[1]
+            or logvars.shape != means.shape or (logits is not None and logits.shape != means.shape[:1])):
+        return None
+    for t in (z, means, logvars, logits):
+        if t is not None and (t.dtype is not z.dtype or t.device != device or not t.is_contiguous()):
+            return None
+    key = (z.shape, means.shape, logits is not None, z.dtype, device)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, MixturePlan(z, means, logits is not None))
 
 
 def _forward(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -> Tensor:
-    """out (N,) for z (N, L), means and logvars (U, L), logits (U,) or None."""
+    """out (N,) for z (N, L), means and logvars (U, L), logits (U,) or None;
+    from a plan where _op_plan takes the call (a compiled graph's node on CUDA)."""
+    if (plan := _op_plan(z, means, logvars, logits)) is not None:
+        return plan.run_forward(z, means, logvars, logits)
     backend = _backend.backend_for(z.device)
     dtype = _backend.compute_dtype(z, means, logvars, logits)
     z, means, logvars, logits = (_backend.kernel_input(backend, t, dtype) for t in (z, means, logvars, logits))
@@ -46,7 +152,12 @@ def _forward(z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None) -
 
 def _backward(grad_out: Tensor, z: Tensor, means: Tensor, logvars: Tensor, logits: Tensor | None, out: Tensor,
               need_dz: bool, need_dmeans: bool, need_dlogvars: bool, need_dlogits: bool) -> list[Tensor]:
-    """The gradients asked for, in the order dz (N, L), dmeans, dlogvars (U, L), dlogits (U,)."""
+    """The gradients asked for, in the order dz (N, L), dmeans, dlogvars (U, L),
+    dlogits (U,); from a plan as the forward's."""
+    need = (need_dz, need_dmeans, need_dlogvars, need_dlogits and logits is not None)
+    if (any(need) and grad_out.dtype is z.dtype and out.dtype is z.dtype and out.is_contiguous()
+            and (plan := _op_plan(z, means, logvars, logits)) is not None):
+        return plan.run_backward(grad_out, z, means, logvars, logits, out, need)
     backend = _backend.backend_for(z.device)
     N, L = z.shape
     U = means.shape[0]

@@ -12,11 +12,19 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 import fastvae
 from fastvae.ops import mixture_log_prob as formulas
+from fastvae.ops.mixture_log_prob import op as mixture_module
 from fastvae.ops.mixture_log_prob.op import MixtureLogProb, mixture_log_prob_backward_op, mixture_log_prob_op
 from fastvae.ops.sample_normal.op import SampleNormal
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close, assert_compiled_matches_eager
+from helpers import (
+    RTOL,
+    assert_close,
+    assert_compiled_matches_eager,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+)
 
 # L: 1, odd, powers of two and +-1, past one GPU block (32) and one
 # interpreter block (256)
@@ -461,3 +469,57 @@ def fallback_call(leaf, run):
     """tests/test_backend.py: a small call, run with and without the extension."""
     zm, means, logvars = leaf(6, 4), leaf(3, 4), leaf(3, 4)
     return lambda: run(fastvae.mixture_log_prob, zm, means, logvars)
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(mixture_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, U, L", [(1, 1, 1), (200, 5, 3), (20, 3, 300)])
+@pytest.mark.parametrize("logits", [True, False])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, row_splits, dtype, N,
+                                                                    U, L, logits):
+    """fastvae::mixture_log_prob and its backward called as a compiled graph
+    calls them (a mixture prior's density: z (N, L), the components (U, L),
+    the logits (U,) or none, contiguous): on the triton backend from a plan
+    of the call's signature (OP_PLANS), with the general launch's density
+    and every gradient bit for bit, for several sets of gradients (dz alone,
+    the parameters' alone, the logits' alone, all), from the first call and
+    the second; one component, odd sizes, L past one block, the parameters'
+    sums split over rows (200 rows: four of the interpreter's 64-row blocks);
+    half precision, a strided z and a gradient of
+    another dtype take the general launch and make no plan."""
+    mixture_module.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(N + U + L)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+
+    z, means, logvars = rnd(N, L), rnd(U, L), 0.5 * rnd(U, L)
+    lg = rnd(U) if logits else None
+    grad_out = rnd(N)
+    needs = [(True, True, True, True), (True, False, False, False), (False, True, True, False),
+             (False, False, False, True), (True, False, True, False)]
+
+    def calls():
+        out = mixture_log_prob_op(z, means, logvars, lg)
+        return [out, *(d for need in needs if any(need[:3]) or logits
+                       for d in mixture_log_prob_backward_op(grad_out, z, means, logvars, lg, out, *need))]
+
+    op_plans_match_the_general_launch(monkeypatch, mixture_module, calls)
+    (plan,) = mixture_module.OP_PLANS.values()
+    assert len(plan._backward) == (5 if logits else 4)
+    if row_splits and N > 128:  # the parameters' sums in split partials
+        assert all(entry[2][1] > 1 for entry in plan._backward.values() if entry[2] is not None)
+    mixture_module.OP_PLANS.clear()
+    out = mixture_log_prob_op(z.half(), means.half(), logvars.half(), None if lg is None else lg.half())
+    if L > 1:
+        mixture_log_prob_op(torch.cat([z, z], -1)[:, ::2], means, logvars, lg)
+    out = mixture_log_prob_op(z, means, logvars, lg)
+    mixture_module.OP_PLANS.clear()
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    mixture_log_prob_backward_op(grad_out.to(other), z, means, logvars, lg, out, True, True, True, True)
+    assert len(mixture_module.OP_PLANS) == 0

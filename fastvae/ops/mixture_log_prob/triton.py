@@ -392,17 +392,50 @@ def _params_finish(dm_ptr, dlv_ptr, dlg_ptr, logits_ptr, part_m_ptr, part_v_ptr,
 # -- launchers ----------------------------------------------------------------
 
 
+def forward_plan(N: int, U: int, L: int, dtype: torch.dtype, device: torch.device,
+                 has_logits: bool) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the forward kernel for z (N, L) against U components of
+    ``dtype`` (N > 0): the shapes' part of a launch, worked out once per call
+    signature by the op's plans (op.py's MixturePlan)."""
+    bn, bu, bl = _geometry(L, device, dtype == torch.float64)
+    return (cdiv(N, bn),), dict(HAS_LOGITS=has_logits, ACC=acc_dtype(dtype), BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl,
+                                num_warps=NUM_WARPS)
+
+
+def dz_plan(N: int, U: int, L: int, dtype: torch.dtype, device: torch.device, has_logits: bool,
+            cast: bool) -> tuple[tuple[int], dict]:
+    """(grid, meta) of the dz kernel (N > 0); ``cast``: dz is written through an
+    accumulation-dtype buffer (several blocks of L, dz in another dtype)."""
+    bn, bu, bl = _geometry(L, device, dtype == torch.float64)
+    return (cdiv(N, bn),), dict(HAS_LOGITS=has_logits, SINGLE_L=L <= bl, CAST=cast, ACC=acc_dtype(dtype),
+                                BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS)
+
+
+def params_plan(N: int, U: int, L: int, dtype: torch.dtype, device: torch.device, has_logits: bool, has_dm: bool,
+                has_dlv: bool, has_dlg: bool):
+    """(grid, meta, the runtime integers (rows per split, splits), the shapes of
+    the splits' partial sums (means', logvars', the weights', the logits'),
+    the arrival counters tile_counters hands out (n, splits)) of the
+    parameters' gradient kernel."""
+    bn, bu, bl = _geometry(L, device, dtype == torch.float64)
+    params = has_dm or has_dlv
+    u_blocks = cdiv(U, bu)
+    splits, per_split = split_samples(u_blocks, cdiv(N, bn), device)
+    part_ml = (splits, U, L) if params else (1,)
+    return ((u_blocks * splits,),
+            dict(HAS_LOGITS=has_logits, PARAMS=params, HAS_DM=has_dm, HAS_DLV=has_dlv, HAS_DLG=has_dlg,
+                 SINGLE_L=L <= bl, ACC=acc_dtype(dtype), BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS),
+            (per_split * bn, splits), (part_ml, part_ml, (splits, U), (splits, u_blocks)), (u_blocks, splits))
+
+
 def mixture_log_prob_forward(z, means, logvars, logits, out) -> None:
     """out (N,) <- mixture_log_prob of z (N, L), means, logvars (U, L), logits (U,) or None."""
     N, L = z.shape
     U = means.shape[0]
     if N == 0:
         return
-    bn, bu, bl = _geometry(L, z.device, means.dtype == torch.float64)
-    _mixture_fwd_kernel[(cdiv(N, bn),)](
-        z, means, logvars, means if logits is None else logits, out, N, U, L, HAS_LOGITS=logits is not None,
-        ACC=acc_dtype(means.dtype), BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
-    )
+    grid, meta = forward_plan(N, U, L, means.dtype, z.device, logits is not None)
+    _mixture_fwd_kernel[grid](z, means, logvars, means if logits is None else logits, out, N, U, L, **meta)
 
 
 def mixture_log_prob_backward(grad_out, z, means, logvars, logits, out, dz, dmeans, dlogvars, dlogits) -> None:
@@ -411,32 +444,20 @@ def mixture_log_prob_backward(grad_out, z, means, logvars, logits, out, dz, dmea
     N, L = z.shape
     U = means.shape[0]
     acc = accumulation_dtype(means.dtype)
-    bn, bu, bl = _geometry(L, z.device, means.dtype == torch.float64)
-    single_l = L <= bl
-    ACC = acc_dtype(means.dtype)
     has_logits = logits is not None
     lg = logits if has_logits else means
     if dz is not None and N > 0:
-        cast = not single_l and dz.dtype != acc
+        cast = L > _geometry(L, z.device, means.dtype == torch.float64)[2] and dz.dtype != acc
         buf = torch.empty((N, L), dtype=acc, device=z.device) if cast else dz
-        _mixture_dz_kernel[(cdiv(N, bn),)](
-            grad_out, z, means, logvars, lg, out, dz, buf, N, U, L, HAS_LOGITS=has_logits, SINGLE_L=single_l,
-            CAST=cast, ACC=ACC, BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl, num_warps=NUM_WARPS,
-        )
-    params = dmeans is not None or dlogvars is not None
-    if not params and dlogits is None:
+        grid, meta = dz_plan(N, U, L, means.dtype, z.device, has_logits, cast)
+        _mixture_dz_kernel[grid](grad_out, z, means, logvars, lg, out, dz, buf, N, U, L, **meta)
+    if dmeans is None and dlogvars is None and dlogits is None:
         return
-    u_blocks = cdiv(U, bu)
-    splits, per_split = split_samples(u_blocks, cdiv(N, bn), z.device)
-    part_m = torch.empty((splits, U, L) if params else (1,), dtype=acc, device=z.device)
-    part_v = torch.empty((splits, U, L) if params else (1,), dtype=acc, device=z.device)
-    part_s = torch.empty((splits, U), dtype=acc, device=z.device)
-    part_g = torch.empty((splits, u_blocks), dtype=acc, device=z.device)
-    _mixture_params_kernel[(u_blocks * splits,)](
+    grid, meta, ints, part_shapes, counters = params_plan(N, U, L, means.dtype, z.device, has_logits,
+                                                          dmeans is not None, dlogvars is not None,
+                                                          dlogits is not None)
+    parts = [torch.empty(shape, dtype=acc, device=z.device) for shape in part_shapes]
+    _mixture_params_kernel[grid](
         grad_out, z, means, logvars, lg, out, means if dmeans is None else dmeans,
-        means if dlogvars is None else dlogvars, means if dlogits is None else dlogits,
-        part_m, part_v, part_s, part_g, tile_counters(z.device, u_blocks, splits), N, U, L, per_split * bn, splits,
-        HAS_LOGITS=has_logits, PARAMS=params, HAS_DM=dmeans is not None, HAS_DLV=dlogvars is not None,
-        HAS_DLG=dlogits is not None, SINGLE_L=single_l, ACC=ACC, BLOCK_N=bn, BLOCK_U=bu, BLOCK_L=bl,
-        num_warps=NUM_WARPS,
-    )
+        means if dlogvars is None else dlogvars, means if dlogits is None else dlogits, *parts,
+        tile_counters(z.device, *counters), N, U, L, *ints, **meta)
