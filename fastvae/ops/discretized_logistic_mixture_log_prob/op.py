@@ -21,10 +21,91 @@ import torch
 from torch import Tensor
 
 from ... import _backend, _double_backward, _validate, _value_checks
+from ..._launch import Launch, PlanCache, template
 from ..._op import define, run
 from ..._validate import broadcasts_to
 
 NUM_BINS_MAX = 2001  # the second bin's centre, -1 + 2 / (num_bins - 1), must not pass PixelCNN++'s -0.999
+
+
+# The plans of the ops' own calls (a compiled graph's nodes) on the triton
+# backend, per signature (bounded: fastvae._launch.PlanCache); ENABLED False
+# sends every call the general way (the tests compare the two); ``empty``
+# allocates each output like a template the plan holds (the tests' fixture may
+# poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+
+
+class MixtureOfLogisticsPlan:
+    """The launches of one signature of the ops' own calls: x (P, C, S) and
+    params (K, P, rows, S), packed or with means and log_scales (K, P, M, C,
+    S), contiguous, of one float32 or float64 dtype, K P S > 0, and
+    num_bins. The general launchers' variants (triton.py's launch_plans) on
+    the same arguments, one kernel each way."""
+
+    __slots__ = ("packed", "out_like", "dparams_like", "dmeans_like", "forward", "forward_ints", "backward",
+                 "backward_ints")
+
+    def __init__(self, x: Tensor, params: Tensor, means: Tensor | None, num_bins: int):
+        kern = _backend.triton_module("discretized_logistic_mixture_log_prob")
+        dtype, device = params.dtype, params.device
+        self.packed = means is None
+        self.out_like = template(params.shape[:2], dtype, device)
+        self.dparams_like = template(params.shape, dtype, device)
+        self.dmeans_like = None if means is None else template(means.shape, dtype, device)  # dlog_scales' too
+        (grid, meta, self.forward_ints), (bgrid, bmeta, self.backward_ints) = kern.launch_plans(x, params, means,
+                                                                                                num_bins)
+        self.forward = Launch(kern._dlm_fwd_kernel, grid, meta)
+        self.backward = Launch(kern._dlm_bwd_kernel, bgrid, bmeta)
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, self.backward]
+
+    def run_forward(self, x: Tensor, params: Tensor, means: Tensor | None, log_scales: Tensor | None) -> Tensor:
+        """_forward's out, launched from the plan (the packed layout's means and
+        log-scales are read from params)."""
+        out = empty(self.out_like)
+        self.forward(x, params, params if self.packed else means, params if self.packed else log_scales, out,
+                     *self.forward_ints)
+        return out
+
+    def run_backward(self, grad_out: Tensor, x: Tensor, params: Tensor, means: Tensor | None,
+                     log_scales: Tensor | None) -> list[Tensor]:
+        """_backward's gradients, launched from the plan."""
+        g = grad_out if grad_out.is_contiguous() else grad_out.contiguous()  # (K, P) in any shape: read flat
+        dparams = empty(self.dparams_like)
+        if self.packed:
+            self.backward(g, x, params, params, params, dparams, dparams, dparams, *self.backward_ints)
+            return [dparams]
+        dmeans, dlog_scales = empty(self.dmeans_like), empty(self.dmeans_like)
+        self.backward(g, x, params, means, log_scales, dparams, dmeans, dlog_scales, *self.backward_ints)
+        return [dparams, dmeans, dlog_scales]
+
+
+def _op_plan(x: Tensor, params: Tensor, means: Tensor | None, log_scales: Tensor | None,
+             num_bins: int) -> MixtureOfLogisticsPlan | None:
+    """The plan of a call of the ops themselves (the Function hands them the
+    kernels' layout, as a compiled graph calls them), or None (the general
+    launch, which on CUDA pays the launch geometry and Triton's binding of
+    the arguments at every call): on the triton backend, outside autocast,
+    contiguous float32 or float64 tensors of one dtype and device, x (P, C,
+    S) against params (K, P, rows, S), no empty dimension."""
+    device = params.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or params.dtype not in _DTYPES or params.dim() != 4
+            or x.dim() != 3 or params.numel() == 0 or x.shape[0] != params.shape[1] or x.shape[2] != params.shape[3]
+            or (means is None) != (log_scales is None)
+            or (means is not None and (means.dim() != 5 or log_scales.shape != means.shape))):
+        return None
+    for t in (x, params, means, log_scales):
+        if t is not None and (t.dtype is not params.dtype or t.device != device or not t.is_contiguous()):
+            return None
+    key = (x.shape, params.shape, None if means is None else means.shape, params.dtype, device, num_bins)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, MixtureOfLogisticsPlan(x, params, means, num_bins))
 
 
 def _kernel_inputs(backend: str, dtype, x, params, means, log_scales):
@@ -34,7 +115,10 @@ def _kernel_inputs(backend: str, dtype, x, params, means, log_scales):
 def _forward(x: Tensor, params: Tensor, means: Tensor | None, log_scales: Tensor | None, num_bins: int) -> Tensor:
     """out (K, P) for x (P, C, S) and params (K, P, 10 M, S) (packed, means
     and log_scales None) or the logits (K, P, M, S) with means, log_scales
-    (K, P, M, C, S), all contiguous."""
+    (K, P, M, C, S), all contiguous; from a plan where _op_plan takes the call
+    (a compiled graph's node on CUDA)."""
+    if (plan := _op_plan(x, params, means, log_scales, num_bins)) is not None:
+        return plan.run_forward(x, params, means, log_scales)
     backend = _backend.backend_for(params.device)
     dtype = _backend.compute_dtype(x, params, means, log_scales)
     x, params, means, log_scales = _kernel_inputs(backend, dtype, x, params, means, log_scales)
@@ -46,7 +130,10 @@ def _forward(x: Tensor, params: Tensor, means: Tensor | None, log_scales: Tensor
 
 def _backward(grad_out: Tensor, x: Tensor, params: Tensor, means: Tensor | None, log_scales: Tensor | None,
               num_bins: int) -> list[Tensor]:
-    """[dparams] (packed) or [dlogits, dmeans, dlog_scales], each in its input's dtype."""
+    """[dparams] (packed) or [dlogits, dmeans, dlog_scales], each in its input's
+    dtype; from a plan as the forward's."""
+    if grad_out.dtype is params.dtype and (plan := _op_plan(x, params, means, log_scales, num_bins)) is not None:
+        return plan.run_backward(grad_out, x, params, means, log_scales)
     backend = _backend.backend_for(params.device)
     dtype = _backend.compute_dtype(x, params, means, log_scales)
     dtypes = [t.dtype for t in (params, means, log_scales) if t is not None]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import fastvae
 from fastvae.ops import discretized_logistic_mixture_log_prob as oracle
+from fastvae.ops.discretized_logistic_mixture_log_prob import op as dlm_module
 from fastvae.ops.discretized_logistic_mixture_log_prob.op import (
     DiscretizedLogisticMixtureLogProb,
     discretized_logistic_mixture_log_prob_backward_op,
@@ -20,7 +21,7 @@ from fastvae.ops.discretized_logistic_mixture_log_prob.op import (
 )
 
 from conftest import INTERPRET
-from helpers import RTOL, assert_close
+from helpers import RTOL, assert_close, needs_plan_triton, op_plans_match_the_general_launch, plan_device_fixture
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -531,3 +532,55 @@ def fallback_call(leaf, run):
     """tests/test_backend.py: a small call, run with and without the extension."""
     x_img = (torch.arange(30, dtype=torch.float64) * 17 % 256).reshape(2, 3, 1, 5) / 127.5 - 1
     return lambda: run(lambda p: fastvae.discretized_logistic_mixture_log_prob(x_img, p), leaf(2, 2, 10, 1, 5))
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(dlm_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("packed, K, P, M, C, S, num_bins", [
+    (True, 1, 1, 1, 3, 1, 256), (True, 2, 3, 5, 3, 13, 256), (True, 1, 2, 2, 3, 9, 32),  # PixelCNN++'s: C = 3
+    (False, 1, 1, 1, 1, 1, 256), (False, 2, 3, 5, 3, 13, 256), (False, 1, 2, 2, 1, 9, 32)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, packed, K, P, M,
+                                                                    C, S, num_bins):
+    """fastvae::discretized_logistic_mixture_log_prob and its backward called as
+    a compiled graph calls them (x (P, C, S); params (K, P, 10 M, S) packed,
+    or the logits (K, P, M, S) with means and log-scales (K, P, M, C, S)):
+    on the triton backend from a plan of the call's signature (OP_PLANS),
+    with the general launch's log-likelihood and every gradient bit for bit,
+    from the first call and the second; one pixel, odd sizes, another bin
+    count, x at both edges; half precision, strided params and a
+    gradient of another dtype take the general launch and make no plan."""
+    dlm_module.OP_PLANS.clear()
+    g = torch.Generator().manual_seed(K + P + M + C + S)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+
+    levels = torch.randint(0, num_bins, (P, C, S), generator=g, dtype=torch.int64)
+    levels.view(-1)[:2] = torch.tensor([0, num_bins - 1])[: levels.numel()]
+    x = (levels.to(torch.float64) / (num_bins - 1) * 2 - 1).to(dtype).to(plan_device)
+    if packed:
+        params, means, log_scales = rnd(K, P, 10 * M, S), None, None
+    else:
+        params, means, log_scales = rnd(K, P, M, S), rnd(K, P, M, C, S), rnd(K, P, M, C, S) - 2
+    grad_out = rnd(K, P)
+
+    def calls():
+        return [discretized_logistic_mixture_log_prob_op(x, params, means, log_scales, num_bins),
+                *discretized_logistic_mixture_log_prob_backward_op(grad_out, x, params, means, log_scales, num_bins)]
+
+    op_plans_match_the_general_launch(monkeypatch, dlm_module, calls)
+    assert len(dlm_module.OP_PLANS) == 1
+    dlm_module.OP_PLANS.clear()
+    discretized_logistic_mixture_log_prob_op(x.half(), params.half(), None if packed else means.half(),
+                                             None if packed else log_scales.half(), num_bins)
+    if S > 1:
+        discretized_logistic_mixture_log_prob_op(x, torch.cat([params, params], -1)[..., ::2], means, log_scales,
+                                                 num_bins)
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    discretized_logistic_mixture_log_prob_backward_op(grad_out.to(other), x, params, means, log_scales, num_bins)
+    assert len(dlm_module.OP_PLANS) == 0

@@ -363,33 +363,42 @@ def _geometry(x, params, means):
     return P, M, C, S, packed, layout, tile, dict(options, BM=bm)
 
 
+def launch_plans(x, params, means, num_bins: int) -> tuple[tuple, tuple]:
+    """((grid, meta, runtime integers) of the forward kernel, the same of the
+    backward kernel) for x (P, C, S) and params (K, P, rows, S) (means the
+    unpacked layout's, or None): the shapes' part of the launches, worked out
+    once per call signature by the op's plans (op.py's MixtureOfLogisticsPlan)
+    and at every call by the launchers below."""
+    K = params.shape[0]
+    P, M, C, S, packed, layout, tile, options = _geometry(x, params, means)
+    tiles = cdiv(S, tile)
+    meta = dict(PACKED=packed, ACC=acc_dtype(params.dtype), TILE=tile, **options)
+    offsets = (layout["mean0"], layout["ls0"], layout["coef0"], layout["img_logits"], layout["img_means"],
+               layout["mean_m"], layout["mean_c"])
+    return (((K * P,), meta, (P, M, C, S, num_bins, *offsets)),
+            ((K * P * tiles,), meta, (P, M, C, S, num_bins, tiles, *offsets)))
+
+
 def discretized_logistic_mixture_log_prob_forward(x, params, means, log_scales, num_bins, out) -> None:
     """out (K, P) <- log p(x) per image for x (P, C, S) and params (K, P, 10 M, S)
     (packed; means, log_scales None) or the logits (K, P, M, S) with means,
     log_scales (K, P, M, C, S)."""
-    K = params.shape[0]
-    P, M, C, S, packed, layout, tile, options = _geometry(x, params, means)
-    if K * P == 0:
+    (grid, meta, ints), _ = launch_plans(x, params, means, num_bins)
+    if grid[0] == 0:
         return
-    _dlm_fwd_kernel[(K * P,)](
-        x, params, params if packed else means, params if packed else log_scales, out, P, M, C, S, num_bins,
-        layout["mean0"], layout["ls0"], layout["coef0"], layout["img_logits"], layout["img_means"],
-        layout["mean_m"], layout["mean_c"], PACKED=packed, ACC=acc_dtype(params.dtype), TILE=tile, **options,
-    )
+    packed = means is None
+    _dlm_fwd_kernel[grid](x, params, params if packed else means, params if packed else log_scales, out, *ints,
+                          **meta)
 
 
 def discretized_logistic_mixture_log_prob_backward(grad_out, x, params, means, log_scales, num_bins, dparams, dmeans,
                                                    dlog_scales) -> None:
     """dparams (params' layout) and, unpacked, dmeans and dlog_scales <- the
     gradients of the forward's out given grad_out (K, P)."""
-    K = params.shape[0]
-    P, M, C, S, packed, layout, tile, options = _geometry(x, params, means)
-    tiles = cdiv(S, tile)
-    if K * P * tiles == 0:
+    _, (grid, meta, ints) = launch_plans(x, params, means, num_bins)
+    if grid[0] == 0:
         return
-    _dlm_bwd_kernel[(K * P * tiles,)](
+    packed = means is None
+    _dlm_bwd_kernel[grid](
         grad_out, x, params, params if packed else means, params if packed else log_scales, dparams,
-        dparams if packed else dmeans, dparams if packed else dlog_scales, P, M, C, S, num_bins, tiles,
-        layout["mean0"], layout["ls0"], layout["coef0"], layout["img_logits"], layout["img_means"],
-        layout["mean_m"], layout["mean_c"], PACKED=packed, ACC=acc_dtype(params.dtype), TILE=tile, **options,
-    )
+        dparams if packed else dmeans, dparams if packed else dlog_scales, *ints, **meta)
