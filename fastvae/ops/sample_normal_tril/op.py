@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ... import _backend, _validate
 from ..._dtypes import accumulation_dtype
+from ..._launch import Launch, PlanCache, template
 from ..._op import define, draw_seed, flat, run, shaped
 from ..._sampler import empty_z, z_dtype
 from ..sample_normal.op import noise
@@ -41,8 +42,88 @@ def _work(K: int, N: int, L: int) -> int:
     return K * N * L * (1 + L // 8)
 
 
+# The plans of the ops' own calls (a compiled graph's nodes) on the triton
+# backend, per signature (bounded: fastvae._launch.PlanCache); ENABLED False
+# sends every call the general way (the tests compare the two); ``empty``
+# allocates each output like a template the plan holds (the tests' fixture may
+# poison it).
+OP_PLANS, ENABLED, empty = PlanCache(), True, torch.empty_like
+_DTYPES = (torch.float32, torch.float64)
+
+
+class TrilPlan:
+    """The launches of one signature of the ops' own calls: mu (N, L) and
+    scale_tril (N, L, L) contiguous, of one float32 or float64 dtype, N L >
+    0, n_samples >= 1. The general launchers' variants (triton.py's
+    forward_plan, backward_plan) on the same arguments: the forward's, and
+    the backward's for each upstream gradient given (made at first use)."""
+
+    __slots__ = ("N", "L", "dtype", "device", "z_like", "kl_like", "dmu_like", "ds_like", "forward", "forward_ints",
+                 "_backward")
+
+    def __init__(self, mu: Tensor, n_samples: int):
+        kern = _backend.triton_module("sample_normal_tril")
+        (N, L), dtype, device = mu.shape, mu.dtype, mu.device
+        self.N, self.L, self.dtype, self.device = N, L, dtype, device
+        self.z_like = template((n_samples, N, L), dtype, device)
+        self.kl_like = template((N,), dtype, device)
+        self.dmu_like = template((N, L), dtype, device)
+        self.ds_like = template((N, L, L), dtype, device)
+        grid, meta, self.forward_ints = kern.forward_plan(n_samples, N, L, dtype, device)
+        self.forward = Launch(kern._sample_normal_tril_fwd_kernel, grid, meta)
+        self._backward: dict = {}
+
+    def launches(self) -> list[Launch]:
+        """Every Launch the plan holds: the forward's and the backward's made so
+        far (benchmarks/bench_host_cost.py reads whether each launches directly)."""
+        return [self.forward, *self._backward.values()]
+
+    def run_forward(self, mu: Tensor, scale_tril: Tensor, seed: Tensor) -> list[Tensor]:
+        """_forward's [z, kl], launched from the plan."""
+        z, kl = empty(self.z_like), empty(self.kl_like)
+        self.forward(mu, scale_tril, seed, z, kl, *self.forward_ints)
+        return [z, kl]
+
+    def run_backward(self, mu: Tensor, scale_tril: Tensor, seed: Tensor, grad_z: Tensor | None,
+                     grad_kl: Tensor | None) -> tuple[Tensor, Tensor]:
+        """_backward's (dmu, dscale_tril), launched from the plan (an absent gradient's pointer is mu's)."""
+        key = grad_z is not None, grad_kl is not None
+        launch = self._backward.get(key)
+        if launch is None:
+            kern = _backend.triton_module("sample_normal_tril")
+            launch = self._backward[key] = Launch(kern._sample_normal_tril_bwd_kernel,
+                                                  *kern.backward_plan(self.N, self.L, self.dtype, self.device, *key))
+        dmu, ds = empty(self.dmu_like), empty(self.ds_like)
+        launch(mu if grad_z is None else grad_z.contiguous(), mu if grad_kl is None else grad_kl.contiguous(), mu,
+               scale_tril, seed, dmu, ds, self.N, self.L, 0 if grad_z is None else grad_z.shape[0])
+        return dmu, ds
+
+
+def _op_plan(mu: Tensor, scale_tril: Tensor, n_samples: int) -> TrilPlan | None:
+    """The plan of a call of the ops themselves (mu (N, L) and scale_tril (N,
+    L, L), as a compiled graph calls them for a batch of one dimension), or
+    None (the general launch, which on CUDA pays the launch geometry and
+    Triton's binding of the arguments at every call): on the triton backend,
+    outside autocast, contiguous float32 or float64 tensors of one dtype and
+    device, N L > 0, n_samples >= 1."""
+    device = mu.device
+    if (not ENABLED or not _backend.op_plans_serve(device) or mu.dtype not in _DTYPES or mu.dim() != 2
+            or mu.numel() == 0 or n_samples < 1 or scale_tril.dtype is not mu.dtype or scale_tril.device != device
+            or scale_tril.shape != (*mu.shape, mu.shape[1]) or not mu.is_contiguous()
+            or not scale_tril.is_contiguous()):
+        return None
+    key = (mu.shape, mu.dtype, device, n_samples)
+    try:
+        return OP_PLANS[key]
+    except KeyError:
+        return OP_PLANS.store(key, TrilPlan(mu, n_samples))
+
+
 def _forward(mu: Tensor, scale_tril: Tensor, seed: Tensor, n_samples: int) -> list[Tensor]:
-    """[z (n_samples, ..., L), kl (...)] for mu (..., L), scale_tril (..., L, L)."""
+    """[z (n_samples, ..., L), kl (...)] for mu (..., L), scale_tril (..., L, L);
+    from a plan where _op_plan takes the call (a compiled graph's node on CUDA)."""
+    if (plan := _op_plan(mu, scale_tril, n_samples)) is not None:
+        return plan.run_forward(mu, scale_tril, seed)
     backend = _backend.backend_for(mu.device)
     dtype = _backend.compute_dtype(mu, scale_tril)
     mu2, s3 = (_backend.kernel_input(backend, t, dtype) for t in (flat(mu), _flat_tril(scale_tril)))
@@ -63,7 +144,11 @@ def _backward(mu: Tensor, scale_tril: Tensor, seed: Tensor, grad_z: Tensor | Non
               grad_kl: Tensor | None) -> tuple[Tensor, Tensor]:
     """dmu (..., L), dscale_tril (..., L, L) from grad_z (K, ..., L) and grad_kl (...),
     either None when its output has no gradient; eps is regenerated from seed;
-    dscale_tril is 0 above the diagonal."""
+    dscale_tril is 0 above the diagonal; from a plan as the forward's."""
+    grads = [g for g in (grad_z, grad_kl) if g is not None]
+    if (grads and all(g.dtype is mu.dtype for g in grads)
+            and (plan := _op_plan(mu, scale_tril, 1 if grad_z is None else grad_z.shape[0])) is not None):
+        return plan.run_backward(mu, scale_tril, seed, grad_z, grad_kl)
     backend = _backend.backend_for(mu.device)
     dtype = _backend.compute_dtype(mu, scale_tril)
     mu2 = _backend.kernel_input(backend, flat(mu), dtype)

@@ -12,10 +12,20 @@ import fastvae
 from fastvae import reference
 from fastvae._op import draw_seed
 from fastvae.ops import sample_normal_tril as oracle
+from fastvae.ops.sample_normal_tril import op as tril_module
 from fastvae.ops.sample_normal_tril.op import SampleNormalTril, sample_normal_tril_backward_op, sample_normal_tril_op
 
 from conftest import INTERPRET
-from helpers import assert_close, float_dtype_examples, gen, sampler_checks, seed_tensor
+from helpers import (
+    assert_close,
+    float_dtype_examples,
+    gen,
+    needs_plan_triton,
+    op_plans_match_the_general_launch,
+    plan_device_fixture,
+    sampler_checks,
+    seed_tensor,
+)
 
 # odd, one, powers of two and +-1 around the register-tile limit (64) of the
 # Triton kernels, and longer rows (chunked there)
@@ -395,3 +405,41 @@ def double_backward_cases(r):
         "sample_normal_tril_one_sample": (lambda m, s: fastvae.sample_normal_tril(m, s, generator=gen(3)),
                                           [r(2, 3), tril(2, 3)], False),
     }
+
+
+# -- the ops' own calls (a compiled graph's nodes) on the triton backend: OP_PLANS
+
+plan_device = plan_device_fixture(tril_module)
+
+
+@needs_plan_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K", [(1, 1, 1), (13, 5, 3), (3, 70, 2)])
+def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, monkeypatch, dtype, N, L, K):
+    """fastvae::sample_normal_tril and its backward called as a compiled graph
+    calls them (mu (N, L), scale_tril (N, L, L), contiguous): on the triton
+    backend from a plan of the call's signature (OP_PLANS), with the general
+    launch's z, KL and both gradients bit for bit, for either upstream
+    gradient and both, from the first call and the second; one element, K =
+    1 and several, L past MAX_SINGLE_L (rows in chunks); half precision, a
+    batch of two dimensions and a gradient of another dtype take the general
+    launch and make no plan."""
+    tril_module.OP_PLANS.clear()
+    mu, S = make_inputs((N,), L, N * L + K, 0.5, 0.3, dtype, plan_device)
+    seed = seed_tensor(N * 100 + L, plan_device)
+    g = torch.Generator().manual_seed(K)
+    grad_z = torch.randn(K, N, L, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+    grad_kl = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).to(plan_device)
+
+    def calls():
+        return [*sample_normal_tril_op(mu, S, seed, K),
+                *(d for gz, gk in ((grad_z, grad_kl), (grad_z, None), (None, grad_kl))
+                  for d in sample_normal_tril_backward_op(mu, S, seed, gz, gk))]
+
+    op_plans_match_the_general_launch(monkeypatch, tril_module, calls)
+    tril_module.OP_PLANS.clear()
+    sample_normal_tril_op(mu.half(), S.half(), seed, K)
+    sample_normal_tril_op(mu.unsqueeze(0), S.unsqueeze(0), seed, K)
+    other = torch.float64 if dtype is torch.float32 else torch.float32
+    sample_normal_tril_backward_op(mu, S, seed, grad_z.to(other), None)
+    assert len(tril_module.OP_PLANS) == 0

@@ -241,6 +241,26 @@ def _store_grads(mu_ptr, s_ptr, gkl_ptr, dmu_ptr, ds_ptr, acc_mu, acc, rows, row
 # -- launchers ----------------------------------------------------------------
 
 
+def forward_plan(K: int, N: int, L: int, dtype: torch.dtype, device: torch.device) -> tuple[tuple, dict, tuple]:
+    """(grid, meta, the runtime integers (N, L, K, samples per split)) of the
+    forward kernel for K samples of N rows of L latents (N L > 0): the shapes'
+    part of a launch, worked out once per call signature by the op's plans
+    (op.py's TrilPlan)."""
+    br, bl, single, warps = geometry(L, device)
+    row_blocks = cdiv(N, br)
+    splits, per_split = sample_splits(K, row_blocks, device)
+    return ((row_blocks * splits,), dict(ACC=acc_dtype(dtype), BLOCK_R=br, BLOCK_L=bl, SINGLE=single,
+                                         num_warps=warps), (N, L, K, per_split))
+
+
+def backward_plan(N: int, L: int, dtype: torch.dtype, device: torch.device, has_grad_z: bool,
+                  has_grad_kl: bool) -> tuple[tuple, dict]:
+    """(grid, meta) of the backward kernel, as forward_plan's."""
+    br, bl, single, warps = geometry(L, device)
+    return (cdiv(N, br),), dict(HAS_GRAD_Z=has_grad_z, HAS_GRAD_KL=has_grad_kl, ACC=acc_dtype(dtype), BLOCK_R=br,
+                                BLOCK_L=bl, SINGLE=single, num_warps=warps)
+
+
 def sample_normal_tril_forward(mu, scale_tril, seed, z, kl) -> None:
     """z (K, N, L), kl (N,) <- sample_normal_tril of mu (N, L), scale_tril (N, L, L);
     seed: () int64 tensor; z[k, n] uses the noise at offsets k * N * L + n * L + [0, L)."""
@@ -250,13 +270,8 @@ def sample_normal_tril_forward(mu, scale_tril, seed, z, kl) -> None:
     if L == 0:
         kl.zero_()
         return
-    br, bl, single, warps = geometry(L, mu.device)
-    row_blocks = cdiv(N, br)
-    splits, per_split = sample_splits(K, row_blocks, mu.device)
-    _sample_normal_tril_fwd_kernel[(row_blocks * splits,)](
-        mu, scale_tril, seed, z, kl, N, L, K, per_split,
-        ACC=acc_dtype(mu.dtype), BLOCK_R=br, BLOCK_L=bl, SINGLE=single, num_warps=warps,
-    )
+    grid, meta, ints = forward_plan(K, N, L, mu.dtype, mu.device)
+    _sample_normal_tril_fwd_kernel[grid](mu, scale_tril, seed, z, kl, *ints, **meta)
 
 
 def sample_normal_tril_backward(grad_z, grad_kl, mu, scale_tril, seed, dmu, dscale_tril) -> None:
@@ -269,9 +284,7 @@ def sample_normal_tril_backward(grad_z, grad_kl, mu, scale_tril, seed, dmu, dsca
     if N * L == 0:
         return
     K = 0 if grad_z is None else grad_z.shape[0]
-    br, bl, single, warps = geometry(L, mu.device)
-    _sample_normal_tril_bwd_kernel[(cdiv(N, br),)](
+    grid, meta = backward_plan(N, L, mu.dtype, mu.device, grad_z is not None, grad_kl is not None)
+    _sample_normal_tril_bwd_kernel[grid](
         grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu, mu, scale_tril, seed, dmu,
-        dscale_tril, N, L, K, HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None,
-        ACC=acc_dtype(mu.dtype), BLOCK_R=br, BLOCK_L=bl, SINGLE=single, num_warps=warps,
-    )
+        dscale_tril, N, L, K, **meta)
