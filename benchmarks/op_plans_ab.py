@@ -6,8 +6,11 @@ A compiled graph calls fastvae::sample_concrete, fastvae::bernoulli_log_prob,
 fastvae::sample_normal and the latent families' fused draw and KL
 (fastvae::sample_location_scale_kl, fastvae::sample_positive_kl),
 fastvae::stick_breaking, a hierarchical VAE's group (fastvae::sample_normal_kl),
-fastvae::gaussian_log_prob, fastvae::laplace_log_prob,
-fastvae::continuous_bernoulli_log_prob, fastvae::logmeanexp,
+the likelihoods (fastvae::gaussian_log_prob, laplace_log_prob,
+continuous_bernoulli_log_prob, categorical_log_prob, the count likelihoods,
+discretized_logistic_mixture_log_prob), fastvae::sample_normal_tril,
+fastvae::mixture_log_prob, the family samplers' draws with log q,
+fastvae::logmeanexp,
 and their backwards, itself; with the plans on, those calls launch from
 per-signature plans (docs/architecture.md, "The ops' own plans"). This
 switches every op's plans off and on (their ENABLED,
@@ -25,8 +28,11 @@ two functions); bench_host_cost's Gaussian-decoder ELBOs: (mean, logvar)
 from one decoder output, and the mean alone (unit variance); an IWAE (k = 5)
 with the (mean, logvar) decoder, whose tail the plans do not fuse (the
 Gaussian likelihood's and logmeanexp's nodes); an ELBO with a Laplace
-likelihood, (loc, log-scale) from one decoder output; an ELBO with a
-continuous Bernoulli likelihood.
+likelihood, (loc, log-scale) from one decoder output; ELBOs with a
+continuous Bernoulli likelihood, a learned Gaussian-mixture prior (10
+components), a full-covariance posterior, a categorical likelihood (16
+classes), a negative binomial likelihood with a per-gene dispersion and
+PixelCNN++'s likelihood (4 x 4 images, 2 components); a Laplace IWAE (k = 5).
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import torch
 
 import fastvae
 from fastvae import _registry
+from fastvae.distributions import TrilNormal
 
 from . import bench_host_cost
 
@@ -120,6 +127,43 @@ def main(argv: list[str] | None = None) -> dict:
     def continuous_bernoulli_base():
         return (a @ W).sum() + b.sum()
 
+    means, logvars = (0.5 * torch.randn(10, L)).requires_grad_(), (0.1 * torch.randn(10, L)).requires_grad_()
+    mog = fastvae.priors.MixtureOfGaussians(means, logvars)
+
+    def mixture_prior():  # a learned Gaussian-mixture prior's density nodes
+        return -fastvae.elbo(x, a, b, lambda z: z @ W, likelihood="bernoulli", prior=mog)
+
+    def laplace_iwae():  # the location-scale sampler's draw with log q
+        q = torch.distributions.Laplace(a, b.exp())
+        return -fastvae.iwae(x, q, lambda z: z @ W, k=5, likelihood="bernoulli",
+                             prior=torch.distributions.Laplace(zeros, ones))
+
+    tril = (torch.eye(L) + 0.1 * torch.randn(B, L, L).tril(-1)).requires_grad_()
+
+    def full_covariance():  # the full-covariance sampler's nodes
+        return -fastvae.elbo(x, TrilNormal(a, tril), lambda z: z @ W, likelihood="bernoulli")
+
+    C = 16
+    x_classes = torch.randint(0, C, (B, D))
+    Wc = torch.randn(L, D * C) * 0.3
+
+    def categorical():  # a categorical likelihood's nodes (C = 16 classes a dimension)
+        return -fastvae.elbo(x_classes, a, b, lambda z: (z @ Wc).unflatten(-1, (D, C)), likelihood="categorical")
+
+    counts = torch.poisson(torch.full((B, D), 3.0))
+    log_theta = torch.zeros(D, requires_grad=True)
+
+    def negative_binomial():  # a count likelihood's nodes, scVI's per-gene dispersion
+        return -fastvae.elbo(counts, a, b, lambda z: {"log_mean": z @ W, "log_theta": log_theta},
+                             likelihood="negative_binomial")
+
+    images = (torch.randint(0, 256, (B, 3, 4, 4)).float() / 127.5 - 1.0)
+    Wi = torch.randn(L, 10 * 2 * 16) * 0.1
+
+    def logistic_mixture():  # PixelCNN++'s likelihood's nodes (2 components, 4 x 4 images)
+        return -fastvae.elbo(images, a, b, lambda z: (z @ Wi).unflatten(-1, (20, 4, 4)),
+                             likelihood="discretized_logistic_mixture")
+
     steps = {"sampler": (sampler, (logits,)), "sampler base": (sampler_base, (logits,)),
              "elbo": (elbo, leaves), "elbo base": (elbo_base, leaves),
              "laplace elbo": (laplace, laplace_leaves), "laplace elbo base": (laplace_base, laplace_leaves),
@@ -133,7 +177,18 @@ def main(argv: list[str] | None = None) -> dict:
              "laplace-decoder elbo": (laplace_decoder, (a, b)),
              "laplace-decoder elbo base": (decoder_base, (a, b)),
              "continuous-bernoulli elbo": (continuous_bernoulli, (a, b)),
-             "continuous-bernoulli elbo base": (continuous_bernoulli_base, (a, b))}
+             "continuous-bernoulli elbo base": (continuous_bernoulli_base, (a, b)),
+             "mixture-prior elbo": (mixture_prior, (a, b, means, logvars)),
+             "mixture-prior elbo base": (continuous_bernoulli_base, (a, b)),
+             "laplace iwae k=5": (laplace_iwae, (a, b)), "laplace iwae k=5 base": (weibull_base, (a, b)),
+             "full-covariance elbo": (full_covariance, (a, tril)),
+             "full-covariance elbo base": (continuous_bernoulli_base, (a, b)),
+             "categorical-decoder elbo": (categorical, (a, b)),
+             "categorical-decoder elbo base": (continuous_bernoulli_base, (a, b)),
+             "negative-binomial elbo": (negative_binomial, (a, b)),
+             "negative-binomial elbo base": (continuous_bernoulli_base, (a, b)),
+             "logistic-mixture elbo": (logistic_mixture, (a, b)),
+             "logistic-mixture elbo base": (continuous_bernoulli_base, (a, b))}
     steps = {k: (torch.compile(f, fullgraph=True), leaves) for k, (f, leaves) in steps.items()}
     times = {(k, on): [] for k in steps for on in (False, True)}
     with fastvae.use_backend("triton"):
@@ -155,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {}
     for name in ("sampler", "elbo", "laplace elbo", "weibull elbo", "logistic-normal elbo", "hierarchical group",
                  "gaussian elbo", "gaussian elbo, mean alone", "gaussian iwae k=5", "laplace-decoder elbo",
-                 "continuous-bernoulli elbo"):
+                 "continuous-bernoulli elbo", "mixture-prior elbo", "laplace iwae k=5", "full-covariance elbo",
+                 "categorical-decoder elbo", "negative-binomial elbo", "logistic-mixture elbo"):
         own = {on: round(med[(name, on)] - med[(f"{name} base", on)], 1) for on in (False, True)}
         result[name] = {"general_us": own[False], "op_plans_us": own[True]}
         print(f"compiled {name}: {own[False]} us a step with the general launch, {own[True]} us with the ops' "

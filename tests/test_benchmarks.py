@@ -635,7 +635,12 @@ def test_op_plans_ab_times_both_paths():
                                                          "compiled gaussian elbo, mean alone",
                                                          "compiled gaussian iwae k=5",
                                                          "compiled laplace-decoder elbo",
-                                                         "compiled continuous-bernoulli elbo"]
+                                                         "compiled continuous-bernoulli elbo",
+                                                         "compiled mixture-prior elbo", "compiled laplace iwae k=5",
+                                                         "compiled full-covariance elbo",
+                                                         "compiled categorical-decoder elbo",
+                                                         "compiled negative-binomial elbo",
+                                                         "compiled logistic-mixture elbo"]
     assert all("with the general launch" in line and "with the ops' plans" in line for line in lines)
     env.pop("TRITON_INTERPRET")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.op_plans_ab"], cwd=root, env=env,
