@@ -220,3 +220,87 @@ def test_op_launches(counter, name):
     assert sum(fo.values()) + sum(bo.values()) <= max_other, detail
     if max_other:
         assert set(fo) | set(bo) <= {"randint"} | OTHER_ALLOWED.get(name, set()), detail
+
+
+# -- a compiled step's nodes: every one launches from a plan --------------------
+
+
+def _compiled_steps():
+    """(name, loss, leaves) of compiled training steps of every kind of node:
+    the objectives' likelihoods, latent families, priors and estimators."""
+    from fastvae.distributions import TrilNormal
+
+    g = torch.Generator().manual_seed(0)
+    B, L, D, K = 4, 3, 8, 3
+
+    def r(*shape):
+        return torch.randn(shape, generator=g)
+
+    x = (torch.rand(B, D, generator=g) > 0.5).float()
+    mu, lv = r(B, L).requires_grad_(), r(B, L).requires_grad_()
+    W, W2 = 0.3 * r(L, D), 0.3 * r(L, 2 * D)
+    tril = (torch.eye(L) + 0.1 * r(B, L, L).tril(-1)).requires_grad_()
+    means, logvars = r(5, L).requires_grad_(), (0.1 * r(5, L)).requires_grad_()
+    zeros, ones = torch.zeros(L), torch.ones(L)
+    classes = torch.randint(0, 6, (B, D), generator=g)
+    Wc = 0.3 * r(L, D * 6)
+    counts = torch.poisson(torch.full((B, D), 2.0), generator=g)
+    images = torch.randint(0, 256, (B, 3, 2, 2), generator=g).float() / 127.5 - 1.0
+    Wi = 0.1 * r(L, 20 * 4)
+
+    def dec(z):
+        return z @ W
+
+    def pair(z):
+        h = z @ W2
+        return h[..., :D], h[..., D:]
+
+    laplace_q = lambda: torch.distributions.Laplace(mu, lv.exp())  # noqa: E731
+    return [
+        ("bernoulli elbo", lambda: fastvae.elbo(x, mu, lv, dec, likelihood="bernoulli"), (mu, lv)),
+        ("bernoulli iwae dreg", lambda: fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli", estimator="dreg"),
+         (mu, lv)),
+        ("gaussian pair iwae", lambda: fastvae.iwae(x, mu, lv, pair, k=K, likelihood="gaussian"), (mu, lv)),
+        ("laplace pair elbo", lambda: fastvae.elbo(x, mu, lv, pair, likelihood="laplace"), (mu, lv)),
+        ("continuous bernoulli elbo", lambda: fastvae.elbo(x, mu, lv, dec, likelihood="continuous_bernoulli"),
+         (mu, lv)),
+        ("categorical elbo", lambda: fastvae.elbo(classes, mu, lv, lambda z: (z @ Wc).unflatten(-1, (D, 6)),
+                                                  likelihood="categorical"), (mu, lv)),
+        ("poisson elbo", lambda: fastvae.elbo(counts, mu, lv, lambda z: {"log_rate": z @ W}, likelihood="poisson"),
+         (mu, lv)),
+        ("logistic mixture elbo", lambda: fastvae.elbo(images, mu, lv, lambda z: (z @ Wi).unflatten(-1, (20, 2, 2)),
+                                                       likelihood="discretized_logistic_mixture"), (mu, lv)),
+        ("mixture prior iwae", lambda: fastvae.iwae(x, mu, lv, dec, k=K, likelihood="bernoulli",
+                                                    prior=fastvae.priors.MixtureOfGaussians(means, logvars)),
+         (mu, lv, means, logvars)),
+        ("full-covariance iwae", lambda: fastvae.iwae(x, TrilNormal(mu, tril), dec, k=K, likelihood="bernoulli"),
+         (mu, tril)),
+        ("laplace latent iwae", lambda: fastvae.iwae(x, laplace_q(), dec, k=K, likelihood="bernoulli",
+                                                     prior=torch.distributions.Laplace(zeros, ones)), (mu, lv)),
+        ("weibull latent elbo", lambda: fastvae.elbo(x, torch.distributions.Weibull(mu.exp(), lv.exp()), dec,
+                                                     likelihood="bernoulli",
+                                                     prior=torch.distributions.Weibull(ones, ones)), (mu, lv)),
+    ]
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in _compiled_steps()])
+def test_a_compiled_steps_nodes_launch_from_plans(monkeypatch, name):
+    """A compiled training step (torch.compile(fullgraph=True), forward and
+    backward) on the triton backend: once its plans are made (the first
+    call), no node goes through an op's general launcher
+    (fastvae._backend.launch, which on CUDA pays the launch geometry and
+    Triton's binding of the arguments at every call). Each kind of node:
+    the likelihoods outside the objectives' fused tails, logmeanexp, the
+    latent families' samplers, a full-covariance posterior, a mixture prior."""
+    (loss, leaves), = [(f, leaves) for n, f, leaves in _compiled_steps() if n == name]
+    fastvae.set_backend("triton")
+    torch._dynamo.reset()  # each test's step compiled afresh (not a recompile of the last one's)
+    step = torch.compile(lambda: -loss(), fullgraph=True)
+    torch.autograd.grad(step(), leaves)  # compiles, and makes the plans
+    general = []
+    real = fastvae._backend.launch
+    monkeypatch.setattr(fastvae._backend, "launch", lambda backend, kernel, work, **args: (
+        general.append(kernel), real(backend, kernel, work, **args))[1])
+    grads = torch.autograd.grad(step(), leaves)
+    assert general == []
+    assert all(torch.isfinite(g).all() for g in grads)
