@@ -613,6 +613,17 @@ def normal_transform_record(q) -> LogNormal | LogisticNormal:
     return q if type(q) in (LogNormal, LogisticNormal) else _location_scale_from_torch(q)
 
 
+def normal_transform_scale(q) -> tuple[Tensor, Tensor] | None:
+    """(loc, scale) of a torch posterior normal_transform_class accepts, its
+    scale checked as normal_transform_record checks it, without forming the
+    logvar; None for a record (which holds its logvar)."""
+    if type(q) in (LogNormal, LogisticNormal):
+        return None
+    base = q.base_dist if type(q) is Independent else q
+    _value_checks.positive_scale(base.scale, f"the posterior's scale (torch {type(base).__name__})")
+    return base.loc, base.scale
+
+
 def normal_transform_prior(prior, cls: type) -> tuple[Tensor, Tensor, bool] | None:
     """(loc, b, b_is_scale) of the underlying normal of a prior of ``cls``'s
     family, as given (no torch op): a record (b its logvar), a torch object

@@ -41,6 +41,7 @@ from .latents import (
     normal_transform_class,
     normal_transform_prior,
     normal_transform_record,
+    normal_transform_scale,
     positive_form,
     stick_breaking,
 )
@@ -53,7 +54,11 @@ from .ops.logmeanexp.op import (
     logmeanexp_with_state,
 )
 from .ops.sample_family.op import SampleLocationScale, SamplePositive, location_scale_index
-from .ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
+from .ops.sample_normal.op import (
+    sample_normal_of_scale_unchecked,
+    sample_normal_unchecked,
+    sample_normal_with_ratio_unchecked,
+)
 from .ops.sample_normal_tril.op import SampleNormalTril
 from .priors import StandardNormal, analytic_kl, check_prior, has_analytic_kl, log_ratio_to_standard
 
@@ -280,7 +285,27 @@ def _general_iwae_tail(x: Tensor, out: Any, latent: Tensor, likelihood: str, red
     return bound
 
 
-def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tuple | None:
+class _Scale(NamedTuple):
+    """A torch posterior's scale in logvar's place (elbo's calls that the eager
+    C++ operator serves, _backend.torch_ops): sample_normal_of_scale takes it
+    as it is, two torch ops each way fewer than its logvar; ``logvar()`` forms
+    that logvar, 2 log(scale), where the call goes elsewhere."""
+
+    scale: Tensor
+
+    def logvar(self) -> Tensor:
+        return 2.0 * torch.log(self.scale)
+
+
+def _scale_or_logvar(loc: Tensor, scale: Tensor, of_scale: bool) -> Tensor | _Scale:
+    """The scale as a _Scale where ``of_scale`` (elbo's call) and the C++
+    operator serves (loc, scale); else its logvar."""
+    if of_scale and _backend.torch_ops(loc, scale) is not None:
+        return _Scale(scale)
+    return 2.0 * torch.log(scale)
+
+
+def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any, of_scale: bool = False) -> tuple | None:
     """(mu, logvar, decode, None) when a call is the Gaussian's against the
     standard normal prior in another form than (x, mu, logvar, decode) with
     no prior: q a torch Normal, an Independent(Normal, 1) or a DiagonalNormal
@@ -288,7 +313,8 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tupl
     N(0, I) given as a torch Normal or a DiagonalNormal. The call then goes
     on as the default prior's: to the plans, and to the general path where
     they decline (which makes the same logvar, 2 log(scale), from a torch
-    Normal). None for anything else (unchanged)."""
+    Normal; with ``of_scale``, a _Scale where _scale_or_logvar gives one).
+    None for anything else (unchanged)."""
     if type(mu) is Tensor:
         if prior is None or not _standard_normal_prior(prior, mu.shape[-1:], mu.device):
             return None
@@ -305,24 +331,25 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tupl
     if loc.dim() == 0 or (prior is not None and not _standard_normal_prior(prior, loc.shape[-1:], loc.device)):
         return None
     if log_variance is None:  # torch_posterior's logvar (the general path's, and its gradient)
-        log_variance = 2.0 * torch.log(q.scale)
+        log_variance = _scale_or_logvar(loc, q.scale, of_scale)
     return loc, log_variance, logvar, None
 
 
-def _gaussian_call(mu: Any, logvar: Any, decode: Any, prior: Any) -> tuple:
+def _gaussian_call(mu: Any, logvar: Any, decode: Any, prior: Any, of_scale: bool = False) -> tuple:
     """elbo's and iwae's (mu, logvar, decode, prior), read as the Gaussian's
     call where one is: a LogNormal / LogisticNormal posterior's, on its
     normals (_normal_transform_call); the plans' form of a standard normal
     call (_standard_normal_call), which the general path takes too if they
-    decline; else the arguments unchanged."""
+    decline; else the arguments unchanged. ``of_scale`` (elbo's): a torch
+    posterior's scale may come as a _Scale in logvar's place (_scale_or_logvar)."""
     if type(mu) is not Tensor and decode is None and (
-            normal := _normal_transform_call(mu, logvar, prior)) is not None:
+            normal := _normal_transform_call(mu, logvar, prior, of_scale)) is not None:
         return normal
-    normal = _standard_normal_call(mu, logvar, decode, prior)
+    normal = _standard_normal_call(mu, logvar, decode, prior, of_scale)
     return (mu, logvar, decode, prior) if normal is None else normal
 
 
-def _normal_transform_call(q: Any, decode: Any, prior: Any) -> tuple | None:
+def _normal_transform_call(q: Any, decode: Any, prior: Any, of_scale: bool = False) -> tuple | None:
     """(mu, logvar, decode', prior') when a call (x, q, decode) is a LogNormal
     or LogisticNormal posterior's (a record, or the torch object from_torch
     maps to one) against a prior of its own family whose underlying normal is
@@ -340,8 +367,11 @@ def _normal_transform_call(q: Any, decode: Any, prior: Any) -> tuple | None:
             or (p := normal_transform_prior(prior, transform)) is None:
         return None
     p_loc, p_b, p_scale = p
-    record = normal_transform_record(q)
-    mu, logvar = record.mu, record.logvar
+    if of_scale and (given := normal_transform_scale(q)) is not None:  # a torch object's (loc, scale), checked
+        mu, logvar = given[0], _scale_or_logvar(*given, True)
+    else:
+        record = normal_transform_record(q)
+        mu, logvar = record.mu, record.logvar
     L = mu.shape[-1]
     device = mu.device
     if any(type(t) not in _backend.PLAIN_TYPES or t.dim() > 1 or t.shape not in ((), (1,), (L,))
@@ -354,6 +384,8 @@ def _normal_transform_call(q: Any, decode: Any, prior: Any) -> tuple | None:
 
     if _standard_normal_prior(prior, mu.shape[-1:], device, transform):
         return mu, logvar, transformed, None
+    if type(logvar) is _Scale:  # another prior: the general path, which takes the logvar
+        logvar = logvar.logvar()
     if p_loc.dim() == 0 and p_b.dim() == 0:  # as _torch_prior: a scalar prior follows the latents' device
         p_loc, p_b = p_loc.to(device), p_b.to(device)
     p_logvar = 2.0 * torch.log(widened(p_b)[0]) if p_scale else p_b
@@ -439,8 +471,11 @@ def _gaussian_plans(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, likeliho
                                      _general_elbo_tail, x.shape, out_dtype)
 
 
-def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
-    """fastvae.elbo through the plans, or None where they do not apply."""
+def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior,
+               of_scale=False):
+    """fastvae.elbo through the plans, or None where they do not apply.
+    ``of_scale``: logvar is a torch posterior's scale (_Scale's), which only
+    the eager C++ operator takes (sample_normal_of_scale)."""
     if torch.compiler.is_compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                               prior, False)
@@ -453,8 +488,10 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
             or (beta := _lean_beta(beta)) is None):
         return None
     device, triton, autocast = lean
+    if of_scale and (triton or autocast):
+        return None
     key = ("elbo", x.shape, mu.shape, mu.stride(), logvar.shape, logvar.stride(), mu.dtype, device, triton,
-           autocast, likelihood, n_samples, reduction)
+           autocast, likelihood, n_samples, reduction, of_scale)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         n, sample, tail = _gaussian_plans(x, mu, logvar, decode, likelihood, reduction, "n_samples", n_samples,
@@ -463,7 +500,8 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     if triton:
         return _plan.run_elbo(plan, x, mu, logvar, decode, beta, generator)
     # the cpp backend: the general path's own calls, without its checks
-    z, kl = sample_normal_unchecked(mu, logvar, None if n_samples == 1 else n_samples, generator)
+    sample = sample_normal_of_scale_unchecked if of_scale else sample_normal_unchecked
+    z, kl = sample(mu, logvar, None if n_samples == 1 else n_samples, generator)
     return _general_elbo_tail(x, decode(z), kl, likelihood, beta, reduction, n_samples)
 
 
@@ -1057,7 +1095,13 @@ def elbo(
     use fastvae.elbo_terms.
     """
     if prior is not None or type(mu) is not Tensor:  # the default call (x, mu, logvar, decode) skips the helper
-        mu, logvar, decode, prior = _gaussian_call(mu, logvar, decode, prior)
+        mu, logvar, decode, prior = _gaussian_call(mu, logvar, decode, prior, True)
+        if type(logvar) is _Scale:  # a torch posterior's scale, which the eager C++ sampler takes as it is
+            bound = _lean_elbo(x, mu, logvar.scale, decode, likelihood, beta, free_bits, n_samples, reduction,
+                               generator, prior, True)
+            if bound is not None:
+                return bound
+            logvar = logvar.logvar()
     bound = _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
     if bound is not None:
         return bound

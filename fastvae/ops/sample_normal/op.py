@@ -396,6 +396,21 @@ def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,
     return SampleNormal.apply(mu, logvar, seed, n_samples)
 
 
+def sample_normal_of_scale_unchecked(mu: Tensor, scale: Tensor, n_samples: int | None,
+                                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """sample_normal_unchecked of (mu, scale), scale = exp(logvar / 2) (a torch
+    Normal's parameters): the eager C++ operator takes logvar = 2 log(scale) in
+    its kernels' loops, and the scale's gradient as autograd would take it
+    through that logvar, two torch ops each way fewer; elsewhere that logvar
+    is formed and sample_normal_unchecked runs. The operator's log is the
+    kernels' own (float32: about 1 ulp), so the two agree to rounding, not bit
+    for bit."""
+    ops = _backend.torch_ops(mu, scale)
+    if ops is not None:
+        return ops.sample_normal_of_scale(mu, scale, int(draw_seed(mu.device, generator)), n_samples)
+    return sample_normal_unchecked(mu, 2.0 * torch.log(scale), n_samples, generator)
+
+
 def sample_normal_with_ratio_unchecked(mu: Tensor, logvar: Tensor, n_samples: int, stop_score: bool,
                                        generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
     """(z, kl, log_ratio) of SampleNormalWithRatio, for arguments the caller has validated."""

@@ -41,6 +41,29 @@ void neg_half_exp_block(const double* lv, int64_t n, double* inv_s) {
   for (int64_t i = 0; i < n; ++i) inv_s[i] = std::exp(-0.5 * lv[i]);
 }
 
+// lv[i] = 2 log(scale[i]): a torch Normal's scale read as the logvar the
+// kernels take, in their loops instead of two torch ops each way. log's values
+// at the edges: 0 gives -inf, inf gives inf, a negative scale or NaN gives NaN;
+// subnormal scales are scaled into the normal range first (fast_log_positive
+// reads the exponent bits).
+FASTVAE_CLONES void logvar_of_scale_f32(const float* scale, int64_t n, float* lv) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = scale[i];
+    const bool tiny = x < 1.17549435e-38f;  // below FLT_MIN: times 2^23, less 23 log 2
+    const float y = fast_log_positive(tiny ? x * 8388608.0f : x) - (tiny ? 15.9423851528787f : 0.0f);
+    float v = 2.0f * y;
+    v = x == 0.0f ? -INFINITY : v;
+    v = x == INFINITY ? INFINITY : v;
+    lv[i] = x >= 0.0f ? v : NAN;
+  }
+}
+
+void logvar_of_scale(const float* scale, int64_t n, float* lv) { logvar_of_scale_f32(scale, n, lv); }
+
+void logvar_of_scale(const double* scale, int64_t n, double* lv) {
+  for (int64_t i = 0; i < n; ++i) lv[i] = 2.0 * std::log(scale[i]);
+}
+
 #if defined(FASTVAE_AVX2_MATH)
 // The forward's element work on the AVX2 noise path, in 8-lane vectors with
 // the bits of the generic loops in the x86-64-v3 clones (avx2_math.h):
@@ -185,7 +208,7 @@ bool avx2_elements() {
 template <typename T>
 void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t offset0,
                            uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
-                           int64_t L, T* z, T* kl, T* log_ratio, int n_threads) {
+                           int64_t L, T* z, T* kl, T* log_ratio, int n_threads, bool of_scale) {
   const int64_t NL = N * L;
   const int64_t tile_rows = rows_per_tile(L);
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
@@ -194,8 +217,12 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
     const int64_t r0 = tile * tile_rows;
     const int64_t r1 = std::min(N, r0 + tile_rows);
+    // of_scale: the tile's logvar from its scales (`logvar` points at them), taken once here
+    std::vector<T> tile_logvar(of_scale ? static_cast<size_t>((r1 - r0) * L) : 0);
+    if (of_scale) logvar_of_scale(logvar + r0 * L, (r1 - r0) * L, tile_logvar.data());
+    const T* lvt = of_scale ? tile_logvar.data() : logvar + r0 * L;  // the tile's logvar, from its first element
     // The tile's mu and logvar stay in cache for the sampling loop below.
-    if (!avx2) kl_rows(mu, logvar, nullptr, nullptr, r0, r1, L, kl);
+    if (!avx2) kl_rows(mu + r0 * L, lvt, nullptr, nullptr, 0, r1 - r0, L, kl + r0);
     RowSums kl_sums(r0, L);
     // per (sample, row of the tile) sums of the log-ratio terms, in double
     std::vector<double> ratio(log_ratio ? static_cast<size_t>(K * (r1 - r0)) : 0, 0.0);
@@ -213,11 +240,11 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
             prefetch_block(logvar + b0 + n, next, false);
             prefetch_block(z + b0 + n, next, true);
           }
-          scale_kl_block_avx2(mu + b0, logvar + b0, n, s, kl_sums, kl);
+          scale_kl_block_avx2(mu + b0, lvt + (b0 - r0 * L), n, s, kl_sums, kl);
         }
       }
 #endif
-      if (!avx2) half_exp_block(logvar + b0, n, s);
+      if (!avx2) half_exp_block(lvt + (b0 - r0 * L), n, s);
       for (int64_t k = 0; k < K; ++k) {
         T* zk = z + k * NL + b0;
         if (k + 1 < K) prefetch_block(zk + NL, n, true);
@@ -230,7 +257,7 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
 #endif
         if (!avx2) for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
         if (log_ratio) {
-          const T* lk = logvar + b0;
+          const T* lk = lvt + (b0 - r0 * L);
           for (int64_t i = 0; i < n; ++i) t[i] = eps[i] * eps[i] + lk[i] - zk[i] * zk[i];
           ratio_runs(t, n, b0, L, r0, ratio.data() + k * (r1 - r0));  // the tile's rows of sample k
         }
@@ -259,7 +286,7 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
 template <typename T>
 void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T* mu, const T* logvar,
                             uint64_t seed, bool stop_score, int64_t K, int64_t N, int64_t L, T* dmu,
-                            T* dlogvar, int n_threads) {
+                            T* dlogvar, int n_threads, bool of_scale) {
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
   if (!dz && !dratio) K = 0;  // nothing to sum over the samples
@@ -270,13 +297,20 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
     const int64_t n = std::min(kBlock, NL - b0);
     T s[kBlock], eps[kBlock], acc_mu[kBlock], acc_lv[kBlock];
     T inv_s[kBlock], gr[kBlock], acc_g[kBlock], acc_score[kBlock];
+    if (of_scale) {  // `logvar` points at the scales, which the backward needs as they are
+      std::copy(logvar + b0, logvar + b0 + n, s);
+      if (dratio && stop_score) {
+        for (int64_t i = 0; i < n; ++i) inv_s[i] = T(1) / s[i];
+      }
+    } else {
 #if defined(FASTVAE_AVX2_MATH)
-    if constexpr (sizeof(T) == sizeof(float)) {
-      if (avx2) half_exp_block_avx2(logvar + b0, n, s);
-    }
+      if constexpr (sizeof(T) == sizeof(float)) {
+        if (avx2) half_exp_block_avx2(logvar + b0, n, s);
+      }
 #endif
-    if (!avx2) half_exp_block(logvar + b0, n, s);
-    if (dratio && stop_score) neg_half_exp_block(logvar + b0, n, inv_s);
+      if (!avx2) half_exp_block(logvar + b0, n, s);
+      if (dratio && stop_score) neg_half_exp_block(logvar + b0, n, inv_s);
+    }
     for (int64_t i = 0; i < n; ++i) acc_mu[i] = acc_lv[i] = acc_g[i] = acc_score[i] = T(0);
     const T* m = mu + b0;
     for (int64_t k = 0; k < K; ++k) {
@@ -325,20 +359,24 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
         dlogvar[b0 + i] = T(0.5) * (acc_lv[i] * s[i] + acc_g[i]);
       }
     }
+    // of_scale: the scale's gradient, as autograd takes it through logvar = 2 log(scale)
+    if (of_scale) {
+      for (int64_t i = 0; i < n; ++i) dlogvar[b0 + i] = (T(2) * dlogvar[b0 + i]) / logvar[b0 + i];
+    }
   }
 }
 
 template void sample_normal_forward<float>(const float*, const float*, uint64_t, uint64_t,
                                            uint64_t, uint64_t, int64_t, int64_t, int64_t, float*,
-                                           float*, float*, int);
+                                           float*, float*, int, bool);
 template void sample_normal_forward<double>(const double*, const double*, uint64_t, uint64_t,
                                             uint64_t, uint64_t, int64_t, int64_t, int64_t,
-                                            double*, double*, double*, int);
+                                            double*, double*, double*, int, bool);
 template void sample_normal_backward<float>(const float*, const float*, const float*, const float*,
                                             const float*, uint64_t, bool, int64_t, int64_t, int64_t,
-                                            float*, float*, int);
+                                            float*, float*, int, bool);
 template void sample_normal_backward<double>(const double*, const double*, const double*,
                                              const double*, const double*, uint64_t, bool, int64_t,
-                                             int64_t, int64_t, double*, double*, int);
+                                             int64_t, int64_t, double*, double*, int, bool);
 
 }  // namespace fastvae
