@@ -976,6 +976,53 @@ def test_decoder_may_return_torch_distributions(backend):
         run(lambda z: dist.Normal(z @ weight, 1.0), likelihood="bernoulli")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_samples", [1, 3])
+@pytest.mark.parametrize("family", ["normal", "independent normal", "lognormal", "independent lognormal",
+                                    "logistic_normal"])
+def test_a_torch_posteriors_scale_goes_to_the_sampler_as_it_is(backend, monkeypatch, family, n_samples, dtype):
+    """elbo with a torch Normal, LogNormal or LogisticNormal posterior (the
+    standard prior of its family) equals the call with its record of logvar
+    2 log(scale), value and gradients to loc and scale, to float rounding; on
+    the cpp backend the sampler takes the scale itself (sample_normal_of_scale,
+    whose kernels form the logvar), once per call."""
+    import fastvae.objectives as objectives
+
+    name, device = backend
+    calls = []
+    of_scale = objectives.sample_normal_of_scale_unchecked
+    monkeypatch.setattr(objectives, "sample_normal_of_scale_unchecked", lambda *a: calls.append(1) or of_scale(*a))
+    g = torch.Generator().manual_seed(3)
+    B, L = 17, 5
+    D_out = L + 1 if family == "logistic_normal" else L
+    x = (torch.rand(B, D_out, generator=g) < 0.5).to(device, dtype)
+    w = torch.randn(D_out, generator=g, dtype=dtype).to(device)
+    loc = torch.randn(B, L, generator=g, dtype=dtype).to(device).requires_grad_()
+    scale = (torch.rand(B, L, generator=g, dtype=dtype) * 2 + 0.05).to(device).requires_grad_()
+    zeros, ones = torch.zeros(L, dtype=dtype, device=device), torch.ones(L, dtype=dtype, device=device)
+    torch_class = {"normal": D.Normal, "lognormal": D.LogNormal, "logistic_normal": D.LogisticNormal}[
+        family.split()[-1]]
+    record_class = {"normal": fastvae.DiagonalNormal, "lognormal": fastvae.LogNormal,
+                    "logistic_normal": fastvae.LogisticNormal}[family.split()[-1]]
+    prior = None if torch_class is D.Normal else torch_class(zeros, ones)
+
+    def decode(z):
+        return z * w
+
+    def bound(q):
+        return fastvae.elbo(x, q, decode, prior=prior, likelihood="bernoulli", n_samples=n_samples,
+                            generator=gen(8))
+
+    q = torch_class(loc, scale)
+    got = bound(D.Independent(q, 1) if family.startswith("independent") else q)
+    assert len(calls) == (name == "cpp")
+    want = bound(record_class(loc, 2.0 * torch.log(scale)))
+    assert len(calls) == (name == "cpp")
+    assert_close(got, want, 1 + want.abs(), "elbo")
+    for a, b in zip(torch.autograd.grad(got, (loc, scale)), torch.autograd.grad(want, (loc, scale))):
+        assert_close(a, b, 1 + b.abs(), "gradient")
+
+
 def test_posterior_may_be_a_torch_normal(backend):
     """(x, q, decode) with q a Normal or Independent(Normal, 1) equals
     (x, mu, logvar, decode), gradients to loc and scale included; a

@@ -16,7 +16,11 @@ import torch
 
 import fastvae
 from fastvae import _backend
-from fastvae.ops.sample_normal.op import sample_normal_unchecked, sample_normal_with_ratio_unchecked
+from fastvae.ops.sample_normal.op import (
+    sample_normal_of_scale_unchecked,
+    sample_normal_unchecked,
+    sample_normal_with_ratio_unchecked,
+)
 
 from helpers import op_cases
 
@@ -94,6 +98,41 @@ def test_sample_normal_with_ratio_matches_the_function(function_path, stop_score
     g = torch.Generator().manual_seed(3)
     mu, lv = torch.randn(3, 4, 5, generator=g, dtype=dtype), torch.randn(3, 4, 5, generator=g, dtype=dtype)
     _both_paths(lambda m, v: sample_normal_with_ratio_unchecked(m, v, 6, stop_score, None), (mu, lv), function_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,n_samples", [((5, 3), None), ((2, 3, 7), 4), ((1, 1), 1), ((4, 0), 2), ((70, 33), 1)])
+def test_sample_normal_of_scale_takes_the_operator(function_path, dtype, shape, n_samples):
+    """(mu, scale) on the CPU takes fastvae_cpp::sample_normal_of_scale, which
+    the Function path serves with the logvar 2 log(scale) formed in torch: the
+    same values and gradients to the rounding of the kernels' own log (not
+    bit for bit, unlike the operators above), never NaN."""
+    g = torch.Generator().manual_seed(5)
+    mu = torch.randn(shape, generator=g, dtype=dtype)
+    scale = torch.exp(2 * torch.randn(shape, generator=g, dtype=dtype))
+    assert _backend.torch_ops(mu, scale) is not None
+
+    def fn(m, s):
+        return sample_normal_of_scale_unchecked(m, s, n_samples, torch.Generator().manual_seed(3))
+
+    fast = _grads(fn, (mu, scale))
+    with function_path():
+        slow = _grads(fn, (mu, scale))
+    assert any("SampleNormalOfScale" in n for n in fast[2]), fast[2]
+    assert not any("fastvae::torch_ops" in n for n in slow[2]), slow[2]
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
+        assert a.shape == b.shape and a.dtype == b.dtype and not torch.isnan(a).any()
+        assert ((a - b).abs() <= rtol * (1 + b.abs())).all()
+
+
+def test_sample_normal_of_scale_checks_its_arguments():
+    """The operator's boundary refuses a scale of another shape, by name."""
+    ops = _backend.torch_ops(torch.zeros(1))
+    with pytest.raises(RuntimeError, match="scale: expected shape"):
+        ops.sample_normal_of_scale(torch.zeros(3, 4), torch.ones(3, 5), 1, None)
+    with pytest.raises(RuntimeError, match="n_samples must be >= 1"):
+        ops.sample_normal_of_scale(torch.zeros(3, 4), torch.ones(3, 4), 1, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

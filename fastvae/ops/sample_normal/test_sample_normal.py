@@ -17,6 +17,7 @@ from fastvae.ops.sample_normal.op import (
     SampleNormal,
     SampleNormalWithRatio,
     sample_normal_backward_op,
+    sample_normal_of_scale_unchecked,
     sample_normal_op,
     sample_normal_unchecked,
     sample_normal_with_ratio_op,
@@ -30,6 +31,7 @@ from helpers import (
     gen,
     needs_plan_triton,
     op_plans_match_the_general_launch,
+    philox_seed_of,
     plan_device_fixture,
     sampler_checks,
     seed_tensor,
@@ -697,3 +699,108 @@ def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, 
         sample_normal_op(mu, torch.cat([lv, lv], -1)[:, ::2], seed, K)
     sample_normal_op(mu[:0], lv[:0], seed, K)
     assert len(sample_normal_module.OP_PLANS) == 0
+
+
+# -- the (mu, scale) form: a torch Normal's parameters -----------------------------
+
+
+def _of_scale_and_logvar_forms(mu, scale, n_samples, seed, gz=None, gk=None):
+    """(z, kl, dmu, dscale) of sample_normal_of_scale_unchecked and of
+    sample_normal_unchecked on logvar = 2 log(scale), autograd's gradient to
+    the scale through that logvar, on the same seed and upstream gradients."""
+    out = []
+    for form in ("scale", "logvar"):
+        m, s = mu.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
+        if form == "scale":
+            z, kl = sample_normal_of_scale_unchecked(m, s, n_samples, gen(seed))
+        else:
+            z, kl = sample_normal_unchecked(m, 2.0 * torch.log(s), n_samples, gen(seed))
+        g = torch.Generator().manual_seed(seed + 1)
+        dz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device) if gz is None else gz
+        dk = torch.randn(kl.shape, generator=g, dtype=kl.dtype).to(kl.device) if gk is None else gk
+        out.append((z.detach(), kl.detach(), *torch.autograd.grad((z, kl), (m, s), (dz, dk))))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,n_samples", [((5, 3), None), ((1, 1), None), ((1, 7), 1), ((33, 31), None),
+                                             ((2, 3, 33), 4), ((300, 1025), None), ((4, 0), 2)])
+def test_of_scale_matches_the_logvar_form(backend, dtype, shape, n_samples):
+    """sample_normal_of_scale_unchecked(mu, scale) is sample_normal of logvar =
+    2 log(scale), and its scale gradient autograd's through that logvar:
+    float64 to its rounding, float32 to the rounding of the kernels' own log
+    (the eager C++ operator's; the other backends form the logvar in torch),
+    on odd sizes, one row, several samples and empty rows; scales from 1e-3
+    to 1e3."""
+    _, device = backend
+    g = torch.Generator().manual_seed(11)
+    mu = (3 * torch.randn(shape, generator=g, dtype=dtype)).to(device)
+    scale = torch.exp(6.9 * (2 * torch.rand(shape, generator=g, dtype=dtype) - 1)).to(device)
+    got, want = _of_scale_and_logvar_forms(mu, scale, n_samples, 5)
+    for name, a, b in zip(("z", "kl", "dmu", "dscale"), got, want):
+        assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
+        assert_close(a, b, 1 + b.abs(), name)
+
+
+def test_of_scale_against_the_float64_oracle(backend):
+    """In float64 the scale form's values and gradients are the oracle's
+    (ops/sample_normal: z = mu + e^(logvar / 2) eps, its analytic KL) at
+    logvar = 2 log(scale), differentiated by plain autograd to the scale."""
+    _, device = backend
+    g = torch.Generator().manual_seed(12)
+    mu = torch.randn(9, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    scale = (torch.rand(9, 7, generator=g, dtype=torch.float64) * 4 + 0.01).to(device).requires_grad_()
+    z, kl = sample_normal_of_scale_unchecked(mu, scale, 3, gen(7))
+    seed = philox_seed_of(7)
+    want_z, want_kl = oracle.sample_normal(mu, 2.0 * torch.log(scale), seed, 3)
+    assert_close(z, want_z, 1 + want_z.abs(), "z")
+    assert_close(kl, want_kl, 1 + want_kl.abs(), "kl")
+    gz, gk = torch.randn(z.shape, generator=g, dtype=z.dtype).to(device), torch.randn(kl.shape, generator=g,
+                                                                                        dtype=kl.dtype).to(device)
+    got = torch.autograd.grad((z, kl), (mu, scale), (gz, gk))
+    want = torch.autograd.grad((want_z, want_kl), (mu, scale), (gz, gk))
+    for name, a, b in zip(("dmu", "dscale"), got, want):
+        assert_close(a, b, 1 + b.abs(), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_of_scale_at_the_edges_of_the_scale(backend, dtype):
+    """The kernels' log of the scale has log's values at its edges: a scale
+    of 0 gives z = mu and an infinite KL, inf an infinite z, a negative or
+    NaN scale NaN (the logvar form's values, never a finite number);
+    subnormal and extreme normal scales are the logvar form's to rounding."""
+    _, device = backend
+    tiny = torch.finfo(dtype).tiny
+    edge = torch.tensor([0.0, tiny / 2**10, tiny, 1e-30, 1.0, 1e30, float("inf"), -1.0, float("nan")], dtype=dtype)
+    scale = edge.repeat(3, 1).to(device)  # three rows, one edge value per column
+    mu = torch.full_like(scale, 0.5)
+    with torch.no_grad():
+        got = sample_normal_of_scale_unchecked(mu, scale, None, gen(4))
+        want = sample_normal_unchecked(mu, 2.0 * torch.log(scale), None, gen(4))
+    z, want_z = got[0].cpu(), want[0].cpu()
+    assert torch.equal(torch.isnan(z), torch.isnan(want_z)) and torch.isnan(z[:, 7:]).all()
+    assert torch.equal(z[:, 0], mu[:, 0].cpu()) and torch.isinf(z[:, 6]).all()
+    finite = torch.isfinite(want_z)
+    assert_close(z[finite], want_z[finite], 1 + want_z[finite].abs(), "z")
+    assert torch.isnan(got[1]).all() and torch.isnan(want[1]).all()  # every row holds a NaN scale
+    # rows with a scale of 0 and finite positive ones: KL = +inf, as e^logvar - logvar at logvar = -inf
+    # (an infinite scale's e^logvar - logvar is inf - inf: NaN in both forms)
+    with torch.no_grad():
+        kl = sample_normal_of_scale_unchecked(mu[:, :6], scale[:, :6], None, gen(4))[1]
+        want_kl = sample_normal_unchecked(mu[:, :6], 2.0 * torch.log(scale[:, :6]), None, gen(4))[1]
+    assert torch.isposinf(kl).all() and torch.isposinf(want_kl).all()
+
+
+def test_of_scale_second_derivatives(backend):
+    """create_graph=True through the scale form: gradcheck and gradgradcheck
+    in float64 (the operator's double backward forms logvar with ATen ops)."""
+    _, device = backend
+    g = torch.Generator().manual_seed(13)
+    mu = torch.randn(3, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    scale = (torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.3).to(device).requires_grad_()
+
+    def fn(m, s):
+        return sample_normal_of_scale_unchecked(m, s, 2, gen(3))
+
+    assert torch.autograd.gradcheck(fn, (mu, scale))
+    assert torch.autograd.gradgradcheck(fn, (mu, scale))
