@@ -289,9 +289,14 @@ class _Scale(NamedTuple):
     """A torch posterior's scale in logvar's place (elbo's calls that the eager
     C++ operator serves, _backend.torch_ops): sample_normal_of_scale takes it
     as it is, two torch ops each way fewer than its logvar; ``logvar()`` forms
-    that logvar, 2 log(scale), where the call goes elsewhere."""
+    that logvar, 2 log(scale), where the call goes elsewhere. ``exp_z``: a
+    LogNormal's, whose exp the sampler takes too, the decoder given being
+    the user's; ``decode_y`` is then the decoder of the draw y, decode(exp(y)),
+    for the paths that form the logvar."""
 
     scale: Tensor
+    exp_z: bool = False
+    decode_y: Any = None
 
     def logvar(self) -> Tensor:
         return 2.0 * torch.log(self.scale)
@@ -383,6 +388,8 @@ def _normal_transform_call(q: Any, decode: Any, prior: Any, of_scale: bool = Fal
         return decode(T(y))
 
     if _standard_normal_prior(prior, mu.shape[-1:], device, transform):
+        if type(logvar) is _Scale and transform is LogNormal:  # z = exp(y) from the sampler itself
+            return mu, logvar._replace(exp_z=True, decode_y=transformed), decode, None
         return mu, logvar, transformed, None
     if type(logvar) is _Scale:  # another prior: the general path, which takes the logvar
         logvar = logvar.logvar()
@@ -472,10 +479,11 @@ def _gaussian_plans(x: Tensor, mu: Tensor, logvar: Tensor, decode: Any, likeliho
 
 
 def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior,
-               of_scale=False):
+               of_scale=False, exp_z=False):
     """fastvae.elbo through the plans, or None where they do not apply.
     ``of_scale``: logvar is a torch posterior's scale (_Scale's), which only
-    the eager C++ operator takes (sample_normal_of_scale)."""
+    the eager C++ operator takes (sample_normal_of_scale), with ``exp_z`` a
+    LogNormal's: decode takes z = exp(y)."""
     if torch.compiler.is_compiling():
         return _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator,
                               prior, False)
@@ -491,7 +499,7 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     if of_scale and (triton or autocast):
         return None
     key = ("elbo", x.shape, mu.shape, mu.stride(), logvar.shape, logvar.stride(), mu.dtype, device, triton,
-           autocast, likelihood, n_samples, reduction, of_scale)
+           autocast, likelihood, n_samples, reduction, of_scale, exp_z)
     plan = _plan.PLANS.get(key)
     if plan is None:  # the checks of the general path, once per call signature
         n, sample, tail = _gaussian_plans(x, mu, logvar, decode, likelihood, reduction, "n_samples", n_samples,
@@ -500,8 +508,11 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
     if triton:
         return _plan.run_elbo(plan, x, mu, logvar, decode, beta, generator)
     # the cpp backend: the general path's own calls, without its checks
-    sample = sample_normal_of_scale_unchecked if of_scale else sample_normal_unchecked
-    z, kl = sample(mu, logvar, None if n_samples == 1 else n_samples, generator)
+    n = None if n_samples == 1 else n_samples
+    if of_scale:
+        z, kl = sample_normal_of_scale_unchecked(mu, logvar, n, generator, exp_z)
+    else:
+        z, kl = sample_normal_unchecked(mu, logvar, n, generator)
     return _general_elbo_tail(x, decode(z), kl, likelihood, beta, reduction, n_samples)
 
 
@@ -1098,9 +1109,11 @@ def elbo(
         mu, logvar, decode, prior = _gaussian_call(mu, logvar, decode, prior, True)
         if type(logvar) is _Scale:  # a torch posterior's scale, which the eager C++ sampler takes as it is
             bound = _lean_elbo(x, mu, logvar.scale, decode, likelihood, beta, free_bits, n_samples, reduction,
-                               generator, prior, True)
+                               generator, prior, True, logvar.exp_z)
             if bound is not None:
                 return bound
+            if logvar.exp_z:
+                decode = logvar.decode_y
             logvar = logvar.logvar()
     bound = _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior)
     if bound is not None:

@@ -100,20 +100,22 @@ def test_sample_normal_with_ratio_matches_the_function(function_path, stop_score
     _both_paths(lambda m, v: sample_normal_with_ratio_unchecked(m, v, 6, stop_score, None), (mu, lv), function_path)
 
 
+@pytest.mark.parametrize("exp_z", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,n_samples", [((5, 3), None), ((2, 3, 7), 4), ((1, 1), 1), ((4, 0), 2), ((70, 33), 1)])
-def test_sample_normal_of_scale_takes_the_operator(function_path, dtype, shape, n_samples):
+def test_sample_normal_of_scale_takes_the_operator(function_path, dtype, shape, n_samples, exp_z):
     """(mu, scale) on the CPU takes fastvae_cpp::sample_normal_of_scale, which
-    the Function path serves with the logvar 2 log(scale) formed in torch: the
-    same values and gradients to the rounding of the kernels' own log (not
-    bit for bit, unlike the operators above), never NaN."""
+    the Function path serves with the logvar 2 log(scale) (and with exp_z the
+    exp of the draw) formed in torch: the same values and gradients to the
+    rounding of the kernels' own log and exp (not bit for bit, unlike the
+    operators above), never NaN."""
     g = torch.Generator().manual_seed(5)
     mu = torch.randn(shape, generator=g, dtype=dtype)
-    scale = torch.exp(2 * torch.randn(shape, generator=g, dtype=dtype))
+    scale = torch.exp((0.5 if exp_z else 2) * torch.randn(shape, generator=g, dtype=dtype))
     assert _backend.torch_ops(mu, scale) is not None
 
     def fn(m, s):
-        return sample_normal_of_scale_unchecked(m, s, n_samples, torch.Generator().manual_seed(3))
+        return sample_normal_of_scale_unchecked(m, s, n_samples, torch.Generator().manual_seed(3), exp_z)
 
     fast = _grads(fn, (mu, scale))
     with function_path():

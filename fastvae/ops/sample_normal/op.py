@@ -397,18 +397,21 @@ def sample_normal_unchecked(mu: Tensor, logvar: Tensor, n_samples: int | None,
 
 
 def sample_normal_of_scale_unchecked(mu: Tensor, scale: Tensor, n_samples: int | None,
-                                     generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+                                     generator: torch.Generator | None, exp_z: bool = False) -> tuple[Tensor, Tensor]:
     """sample_normal_unchecked of (mu, scale), scale = exp(logvar / 2) (a torch
-    Normal's parameters): the eager C++ operator takes logvar = 2 log(scale) in
-    its kernels' loops, and the scale's gradient as autograd would take it
-    through that logvar, two torch ops each way fewer; elsewhere that logvar
-    is formed and sample_normal_unchecked runs. The operator's log is the
-    kernels' own (float32: about 1 ulp), so the two agree to rounding, not bit
-    for bit."""
+    Normal's parameters), and with ``exp_z`` z = exp of the draw (a torch
+    LogNormal's, the KL still the normals'): the eager C++ operator takes
+    logvar = 2 log(scale) and the exp in its kernels' loops, and the scale's
+    gradient as autograd would take it through that logvar, two or three
+    torch ops each way fewer; elsewhere the logvar (and the exp) are torch
+    ops around sample_normal_unchecked. The operator's log and exp are the
+    kernels' own (float32: about 1 ulp), so the two agree to rounding, not
+    bit for bit."""
     ops = _backend.torch_ops(mu, scale)
     if ops is not None:
-        return ops.sample_normal_of_scale(mu, scale, int(draw_seed(mu.device, generator)), n_samples)
-    return sample_normal_unchecked(mu, 2.0 * torch.log(scale), n_samples, generator)
+        return ops.sample_normal_of_scale(mu, scale, int(draw_seed(mu.device, generator)), n_samples, exp_z)
+    z, kl = sample_normal_unchecked(mu, 2.0 * torch.log(scale), n_samples, generator)
+    return (torch.exp(z) if exp_z else z), kl
 
 
 def sample_normal_with_ratio_unchecked(mu: Tensor, logvar: Tensor, n_samples: int, stop_score: bool,

@@ -41,6 +41,13 @@ void neg_half_exp_block(const double* lv, int64_t n, double* inv_s) {
   for (int64_t i = 0; i < n; ++i) inv_s[i] = std::exp(-0.5 * lv[i]);
 }
 
+// x[i] = exp(x[i]): a LogNormal's z = exp(y), in place (exp_z).
+void exp_in_place(float* x, int64_t n) { exp_block_f32(x, 1.0f, n, x); }
+
+void exp_in_place(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
 // lv[i] = 2 log(scale[i]): a torch Normal's scale read as the logvar the
 // kernels take, in their loops instead of two torch ops each way. log's values
 // at the edges: 0 gives -inf, inf gives inf, a negative scale or NaN gives NaN;
@@ -208,7 +215,7 @@ bool avx2_elements() {
 template <typename T>
 void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t offset0,
                            uint64_t sample_stride, uint64_t row_stride, int64_t K, int64_t N,
-                           int64_t L, T* z, T* kl, T* log_ratio, int n_threads, bool of_scale) {
+                           int64_t L, T* z, T* kl, T* log_ratio, int n_threads, bool of_scale, bool exp_z) {
   const int64_t NL = N * L;
   const int64_t tile_rows = rows_per_tile(L);
   const int64_t n_tiles = (N + tile_rows - 1) / tile_rows;
@@ -256,6 +263,7 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
         }
 #endif
         if (!avx2) for (int64_t i = 0; i < n; ++i) zk[i] = mk[i] + s[i] * eps[i];
+        if (exp_z) exp_in_place(zk, n);  // the caller asks for no log-ratio with it
         if (log_ratio) {
           const T* lk = lvt + (b0 - r0 * L);
           for (int64_t i = 0; i < n; ++i) t[i] = eps[i] * eps[i] + lk[i] - zk[i] * zk[i];
@@ -286,7 +294,7 @@ void sample_normal_forward(const T* mu, const T* logvar, uint64_t seed, uint64_t
 template <typename T>
 void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T* mu, const T* logvar,
                             uint64_t seed, bool stop_score, int64_t K, int64_t N, int64_t L, T* dmu,
-                            T* dlogvar, int n_threads, bool of_scale) {
+                            T* dlogvar, int n_threads, bool of_scale, bool exp_z) {
   const int64_t NL = N * L;
   const int64_t n_blocks = (NL + kBlock - 1) / kBlock;
   if (!dz && !dratio) K = 0;  // nothing to sum over the samples
@@ -296,7 +304,7 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
     const int64_t b0 = blk * kBlock;
     const int64_t n = std::min(kBlock, NL - b0);
     T s[kBlock], eps[kBlock], acc_mu[kBlock], acc_lv[kBlock];
-    T inv_s[kBlock], gr[kBlock], acc_g[kBlock], acc_score[kBlock];
+    T inv_s[kBlock], gr[kBlock], acc_g[kBlock], acc_score[kBlock], dy[kBlock];
     if (of_scale) {  // `logvar` points at the scales, which the backward needs as they are
       std::copy(logvar + b0, logvar + b0 + n, s);
       if (dratio && stop_score) {
@@ -324,6 +332,12 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
       }
       randn_block(seed, static_cast<uint64_t>(base), n, eps);
       const T* g = dz ? dz + base : nullptr;
+      if (exp_z && g) {  // dz is z = exp(y)'s gradient: y's is dz * z, z from y as the forward formed it
+        for (int64_t i = 0; i < n; ++i) dy[i] = m[i] + s[i] * eps[i];
+        exp_in_place(dy, n);
+        for (int64_t i = 0; i < n; ++i) dy[i] *= g[i];
+        g = dy;
+      }
       if (!dratio) {
         for (int64_t i = 0; i < n; ++i) {
           acc_mu[i] += g[i];
@@ -368,15 +382,15 @@ void sample_normal_backward(const T* dz, const T* dkl, const T* dratio, const T*
 
 template void sample_normal_forward<float>(const float*, const float*, uint64_t, uint64_t,
                                            uint64_t, uint64_t, int64_t, int64_t, int64_t, float*,
-                                           float*, float*, int, bool);
+                                           float*, float*, int, bool, bool);
 template void sample_normal_forward<double>(const double*, const double*, uint64_t, uint64_t,
                                             uint64_t, uint64_t, int64_t, int64_t, int64_t,
-                                            double*, double*, double*, int, bool);
+                                            double*, double*, double*, int, bool, bool);
 template void sample_normal_backward<float>(const float*, const float*, const float*, const float*,
                                             const float*, uint64_t, bool, int64_t, int64_t, int64_t,
-                                            float*, float*, int, bool);
+                                            float*, float*, int, bool, bool);
 template void sample_normal_backward<double>(const double*, const double*, const double*,
                                              const double*, const double*, uint64_t, bool, int64_t,
-                                             int64_t, int64_t, double*, double*, int, bool);
+                                             int64_t, int64_t, double*, double*, int, bool, bool);
 
 }  // namespace fastvae

@@ -704,39 +704,43 @@ def test_the_ops_own_calls_launch_from_plans_with_the_general_bits(plan_device, 
 # -- the (mu, scale) form: a torch Normal's parameters -----------------------------
 
 
-def _of_scale_and_logvar_forms(mu, scale, n_samples, seed, gz=None, gk=None):
+def _of_scale_and_logvar_forms(mu, scale, n_samples, seed, exp_z=False):
     """(z, kl, dmu, dscale) of sample_normal_of_scale_unchecked and of
     sample_normal_unchecked on logvar = 2 log(scale), autograd's gradient to
-    the scale through that logvar, on the same seed and upstream gradients."""
+    the scale through that logvar (with ``exp_z``, of z = exp of its draw),
+    on the same seed and upstream gradients."""
     out = []
     for form in ("scale", "logvar"):
         m, s = mu.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
         if form == "scale":
-            z, kl = sample_normal_of_scale_unchecked(m, s, n_samples, gen(seed))
+            z, kl = sample_normal_of_scale_unchecked(m, s, n_samples, gen(seed), exp_z)
         else:
             z, kl = sample_normal_unchecked(m, 2.0 * torch.log(s), n_samples, gen(seed))
+            z = torch.exp(z) if exp_z else z
         g = torch.Generator().manual_seed(seed + 1)
-        dz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device) if gz is None else gz
-        dk = torch.randn(kl.shape, generator=g, dtype=kl.dtype).to(kl.device) if gk is None else gk
+        dz = torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
+        dk = torch.randn(kl.shape, generator=g, dtype=kl.dtype).to(kl.device)
         out.append((z.detach(), kl.detach(), *torch.autograd.grad((z, kl), (m, s), (dz, dk))))
     return out
 
 
+@pytest.mark.parametrize("exp_z", [False, True], ids=["normal", "lognormal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,n_samples", [((5, 3), None), ((1, 1), None), ((1, 7), 1), ((33, 31), None),
                                              ((2, 3, 33), 4), ((300, 1025), None), ((4, 0), 2)])
-def test_of_scale_matches_the_logvar_form(backend, dtype, shape, n_samples):
+def test_of_scale_matches_the_logvar_form(backend, dtype, shape, n_samples, exp_z):
     """sample_normal_of_scale_unchecked(mu, scale) is sample_normal of logvar =
-    2 log(scale), and its scale gradient autograd's through that logvar:
-    float64 to its rounding, float32 to the rounding of the kernels' own log
-    (the eager C++ operator's; the other backends form the logvar in torch),
-    on odd sizes, one row, several samples and empty rows; scales from 1e-3
-    to 1e3."""
+    2 log(scale), and its scale gradient autograd's through that logvar; with
+    exp_z, z is exp of that draw (a LogNormal's) and the gradients go through
+    the exp: float64 to its rounding, float32 to the rounding of the kernels'
+    own log and exp (the eager C++ operator's; the other backends form the
+    logvar and the exp in torch), on odd sizes, one row, several samples and
+    empty rows; scales from 1e-3 to 1e3."""
     _, device = backend
     g = torch.Generator().manual_seed(11)
-    mu = (3 * torch.randn(shape, generator=g, dtype=dtype)).to(device)
-    scale = torch.exp(6.9 * (2 * torch.rand(shape, generator=g, dtype=dtype) - 1)).to(device)
-    got, want = _of_scale_and_logvar_forms(mu, scale, n_samples, 5)
+    mu = ((0.5 if exp_z else 3) * torch.randn(shape, generator=g, dtype=dtype)).to(device)
+    scale = torch.exp((1.0 if exp_z else 6.9) * (2 * torch.rand(shape, generator=g, dtype=dtype) - 1)).to(device)
+    got, want = _of_scale_and_logvar_forms(mu, scale, n_samples, 5, exp_z)
     for name, a, b in zip(("z", "kl", "dmu", "dscale"), got, want):
         assert a.dtype == b.dtype == dtype and a.shape == b.shape, name
         assert_close(a, b, 1 + b.abs(), name)
@@ -791,16 +795,18 @@ def test_of_scale_at_the_edges_of_the_scale(backend, dtype):
     assert torch.isposinf(kl).all() and torch.isposinf(want_kl).all()
 
 
-def test_of_scale_second_derivatives(backend):
+@pytest.mark.parametrize("exp_z", [False, True], ids=["normal", "lognormal"])
+def test_of_scale_second_derivatives(backend, exp_z):
     """create_graph=True through the scale form: gradcheck and gradgradcheck
-    in float64 (the operator's double backward forms logvar with ATen ops)."""
+    in float64 (the operator's double backward forms logvar, and the exp,
+    with ATen ops)."""
     _, device = backend
     g = torch.Generator().manual_seed(13)
     mu = torch.randn(3, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
     scale = (torch.rand(3, 4, generator=g, dtype=torch.float64) + 0.3).to(device).requires_grad_()
 
     def fn(m, s):
-        return sample_normal_of_scale_unchecked(m, s, 2, gen(3))
+        return sample_normal_of_scale_unchecked(m, s, 2, gen(3), exp_z)
 
     assert torch.autograd.gradcheck(fn, (mu, scale))
     assert torch.autograd.gradgradcheck(fn, (mu, scale))

@@ -23,14 +23,16 @@ namespace {
 // -- sample_normal and sample_normal_with_ratio --------------------------------
 
 // z (K, N, L) [and log_ratio (K, N)] for mu, logvar (N, L) as contiguous tensors.
-// of_scale: lv holds the scales exp(logvar / 2) (sample_normal_of_scale).
+// of_scale: lv holds the scales exp(logvar / 2) (sample_normal_of_scale); exp_z:
+// z is exp of the draw (a LogNormal's), with no ratio.
 void sample_forward(const Tensor& m, const Tensor& lv, int64_t seed, int64_t K, const Tensor& z, const Tensor& kl,
-                    const Tensor* ratio, bool of_scale = false) {
+                    const Tensor* ratio, bool of_scale = false, bool exp_z = false) {
   const int64_t N = m.size(0), L = m.size(1);
   by_dtype(m, [&](auto tag) {
     using T = decltype(tag);
     sample_normal_forward<T>(ptr<T>(m), ptr<T>(lv), uint64_t(seed), 0, uint64_t(N * L), uint64_t(L), K, N, L,
-                             ptr<T>(z), ptr<T>(kl), ratio ? ptr<T>(*ratio) : nullptr, threads(K * N * L), of_scale);
+                             ptr<T>(z), ptr<T>(kl), ratio ? ptr<T>(*ratio) : nullptr, threads(K * N * L), of_scale,
+                             exp_z);
   });
 }
 
@@ -38,10 +40,11 @@ void sample_forward(const Tensor& m, const Tensor& lv, int64_t seed, int64_t K, 
 // log_ratio (K, N), each undefined when its output has none (nothing is
 // materialized): one kernel, which also folds in the log-ratio's path terms.
 // K is 0 when neither z nor log_ratio has a gradient (the graph op's call).
-// of_scale: lv holds the scales, and the second gradient is the scales'.
+// of_scale: lv holds the scales, and the second gradient is the scales';
+// exp_z: grad_z is the gradient of the forward's exp_z draw.
 std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& grad_kl, const Tensor& grad_ratio,
                                           bool stop_score, const Tensor& m, const Tensor& lv, int64_t seed,
-                                          int64_t K, bool of_scale = false) {
+                                          int64_t K, bool of_scale = false, bool exp_z = false) {
   const int64_t N = m.size(0), L = m.size(1);
   const Tensor g = grad_z.defined() ? input(as_shape(grad_z, {K, N, L}), "grad_z", m, {K, N, L}) : Tensor();
   const Tensor gk = grad_kl.defined() ? input(as_shape(grad_kl, {N}), "grad_kl", m, {N}) : Tensor();
@@ -52,7 +55,8 @@ std::pair<Tensor, Tensor> sample_backward(const Tensor& grad_z, const Tensor& gr
     using T = decltype(tag);
     auto opt = [](const Tensor& t) { return t.defined() ? ptr<T>(t) : nullptr; };
     sample_normal_backward<T>(opt(g), opt(gk), opt(gr), ptr<T>(m), ptr<T>(lv), uint64_t(seed), stop_score, K, N, L,
-                              ptr<T>(dmu), ptr<T>(dlv), threads(std::max<int64_t>(K, 1) * N * L), of_scale);
+                              ptr<T>(dmu), ptr<T>(dlv), threads(std::max<int64_t>(K, 1) * N * L), of_scale,
+                              exp_z);
   });
   return {dmu, dlv};
 }
@@ -156,18 +160,20 @@ struct SampleNormal : torch::autograd::Function<SampleNormal> {
 // sample_normal of (mu, scale), scale = exp(logvar / 2): a torch Normal's
 // parameters, whose logvar 2 log(scale) the kernels take in their loops (two
 // torch ops each way fewer than forming it); the second gradient is the
-// scale's. Its double backward forms logvar with ATen ops.
+// scale's. exp_z: z = exp of the draw, a torch LogNormal's (one torch op each
+// way fewer again). Its double backward forms logvar (and exp) with ATen ops.
 struct SampleNormalOfScale : torch::autograd::Function<SampleNormalOfScale> {
   static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& scale, int64_t seed,
-                               std::optional<int64_t> n_samples) {
+                               std::optional<int64_t> n_samples, bool exp_z) {
     const int64_t K = n_samples.value_or(1);
     TORCH_CHECK(scale.sizes() == mu.sizes(), "scale: expected shape ", mu.sizes(), ", got ", scale.sizes());
     const auto [m, sc] = latent_rows(mu, scale, seed, K);
     const int64_t N = m.size(0), L = m.size(1);
     Tensor z = output({K, N, L}, m), kl = output({N}, m);
-    sample_forward(m, sc, seed, K, z, kl, nullptr, true);
+    sample_forward(m, sc, seed, K, z, kl, nullptr, true, exp_z);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({m, sc, mu, scale});
+    ctx->saved_data["exp_z"] = exp_z;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["K"] = K;
     ctx->saved_data["shape"] = mu.sizes().vec();
@@ -179,18 +185,23 @@ struct SampleNormalOfScale : torch::autograd::Function<SampleNormalOfScale> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const int64_t K = ctx->saved_data["K"].toInt();
-    if (!grads[0].defined() && !grads[1].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    const bool exp_z = ctx->saved_data["exp_z"].toBool();
+    if (!grads[0].defined() && !grads[1].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const int64_t seed = ctx->saved_data["seed"].toInt();
     if (double_backward()) {
-      const Tensor& scale = saved[3];
+      const Tensor &mu = saved[2], &scale = saved[3];
       const Tensor logvar = 2.0 * at::log(scale);
-      auto [dmu, dlv] = sample_backward_graph(grads[0], grads[1], Tensor(), false, saved[2], logvar, saved[0],
-                                              ctx->saved_data["seed"].toInt(), K);
-      return {dmu, dlv.defined() ? 2.0 * dlv / scale : dlv, Tensor(), Tensor()};
+      Tensor grad_y = grads[0];
+      if (exp_z && grad_y.defined()) {  // z = exp(y): y's gradient dz * z, z as a function of mu and scale
+        const Tensor eps = noise(saved[0], seed, K).view(with_samples(K, mu.sizes()));
+        grad_y = grad_y.reshape(eps.sizes()) * at::exp(mu + at::exp(0.5 * logvar) * eps);
+      }
+      auto [dmu, dlv] = sample_backward_graph(grad_y, grads[1], Tensor(), false, mu, logvar, saved[0], seed, K);
+      return {dmu, dlv.defined() ? 2.0 * dlv / scale : dlv, Tensor(), Tensor(), Tensor()};
     }
-    auto [dmu, dscale] = sample_backward(grads[0], grads[1], Tensor(), false, saved[0], saved[1],
-                                         ctx->saved_data["seed"].toInt(), K, true);
+    auto [dmu, dscale] = sample_backward(grads[0], grads[1], Tensor(), false, saved[0], saved[1], seed, K, true, exp_z);
     const auto shape = ctx->saved_data["shape"].toIntVector();
-    return {dmu.view(shape), dscale.view(shape), Tensor(), Tensor()};
+    return {dmu.view(shape), dscale.view(shape), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -277,8 +288,8 @@ std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar,
 }
 
 std::tuple<Tensor, Tensor> sample_normal_of_scale(const Tensor& mu, const Tensor& scale, int64_t seed,
-                                                  std::optional<int64_t> n_samples) {
-  auto out = SampleNormalOfScale::apply(mu, scale, seed, n_samples);
+                                                  std::optional<int64_t> n_samples, bool exp_z) {
+  auto out = SampleNormalOfScale::apply(mu, scale, seed, n_samples, exp_z);
   return {out[0], out[1]};
 }
 
@@ -333,7 +344,8 @@ std::tuple<Tensor, Tensor> graph_sample_normal_backward(const Tensor& mu, const 
 // are called only in eager mode, where reading it costs nothing.
 TORCH_LIBRARY_FRAGMENT(fastvae_cpp, m) {
   m.def("sample_normal(Tensor mu, Tensor logvar, int seed, int? n_samples) -> (Tensor, Tensor)");
-  m.def("sample_normal_of_scale(Tensor mu, Tensor scale, int seed, int? n_samples) -> (Tensor, Tensor)");
+  m.def("sample_normal_of_scale(Tensor mu, Tensor scale, int seed, int? n_samples, bool exp_z=False)"
+        " -> (Tensor, Tensor)");
   m.def("sample_normal_with_ratio(Tensor mu, Tensor logvar, int seed, int n_samples, bool stop_score)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("sample_normal_dreg_hooks(Tensor z, Tensor scale_z, Tensor log_ratio, Tensor scale, str message) -> ()");
