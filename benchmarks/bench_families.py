@@ -40,6 +40,7 @@ import torch.distributions as td
 import torch.nn.functional as F
 
 import fastvae
+from fastvae import objectives
 
 from . import common
 
@@ -143,14 +144,32 @@ def _cases(B: int, L: int, C: int, device, dtype, names):
     return cases
 
 
+# the families whose torch posterior's scale the eager C++ sampler takes as it is
+SCALE_FORM = ("normal", "lognormal", "logistic_normal")
+
+
+def _logvar_formed(fv):
+    """fv with the torch posterior's logvar formed in torch (objectives.SCALE_FORM off)."""
+    def call():
+        objectives.SCALE_FORM = False
+        try:
+            return fv()
+        finally:
+            objectives.SCALE_FORM = True
+    return call
+
+
 def measure(quick: bool, names, device, compiled: bool = True, rounds: int | None = None,
-            n: int | None = None) -> list[dict]:
+            n: int | None = None, scale_ab: bool = False) -> list[dict]:
     B, L, C = (256, 8, 4) if quick else (65536, 32, 16)
     rounds, n = rounds or (2 if quick else 5), n or (2 if quick else 3)
     dtype = torch.float32
     records = []
     for case, (hand, fv, leaves, shape) in _cases(B, L, C, device, dtype, names).items():
         impls = {"hand": hand, "fastvae": fv}
+        ab = scale_ab and case.endswith("elbo") and case.split()[0] in SCALE_FORM
+        if ab:
+            impls["fastvae logvar"] = _logvar_formed(fv)
         if compiled:
             impls.update({"hand compiled": torch.compile(hand), "fastvae compiled": torch.compile(fv)})
         torch._dynamo.reset()
@@ -170,6 +189,8 @@ def measure(quick: bool, names, device, compiled: bool = True, rounds: int | Non
         med = {k: statistics.median(v) for k, v in times.items()}
         record = {"case": case, "shape": list(shape), **{f"{k} ms": round(v, 3) for k, v in med.items()},
                   "vs hand": round(med["hand"] / med["fastvae"], 2)}
+        if ab:
+            record.update({"logvar formed vs hand": round(med["hand"] / med["fastvae logvar"], 2)})
         if compiled:
             record.update({"vs hand compiled": round(med["hand compiled"] / med["fastvae"], 2),
                            "compiled vs hand compiled": round(med["hand compiled"] / med["fastvae compiled"], 2)})
@@ -179,13 +200,17 @@ def measure(quick: bool, names, device, compiled: bool = True, rounds: int | Non
 
 
 def table(records: list[dict]) -> str:
+    ab = any("fastvae logvar ms" in r for r in records)
     lines = ["| case (forward + backward) | shape | hand (ms) | fastvae (ms) | hand compiled (ms) | "
-             "fastvae compiled (ms) | fastvae vs hand | fastvae vs hand compiled | compiled vs compiled |",
-             "|" + "---|" * 9]
+             "fastvae compiled (ms) | fastvae vs hand | fastvae vs hand compiled | compiled vs compiled |"
+             + (" fastvae, logvar formed in torch (ms) | logvar formed vs hand |" if ab else ""),
+             "|" + "---|" * (11 if ab else 9)]
     for r in records:
         cells = [r["case"], tuple(r["shape"]), r["hand ms"], r["fastvae ms"], r.get("hand compiled ms", "-"),
                  r.get("fastvae compiled ms", "-"), r["vs hand"], r.get("vs hand compiled", "-"),
                  r.get("compiled vs hand compiled", "-")]
+        if ab:
+            cells += [r.get("fastvae logvar ms", "-"), r.get("logvar formed vs hand", "-")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -201,11 +226,15 @@ def main(argv=None) -> dict:
     p.add_argument("--eager", action="store_true", help="leave the torch.compile rows out")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)")
     p.add_argument("--calls", type=int, default=None, help="calls per round (default 3; 2 with --quick)")
+    p.add_argument("--scale-ab", action="store_true",
+                   help="also time the ELBOs of the normal, log-normal and logistic-normal posteriors with their "
+                        "logvar formed in torch (fastvae.objectives.SCALE_FORM off), interleaved with the rest")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     names = args.families or families
-    records = measure(args.quick, names, device, compiled=not args.eager, rounds=args.rounds, n=args.calls)
+    records = measure(args.quick, names, device, compiled=not args.eager, rounds=args.rounds, n=args.calls,
+                      scale_ab=args.scale_ab)
     payload = {"op": "families", **common.metadata(device),
                "title": "Each latent family's whole objective, forward + backward, fastvae against torch.distributions",
                "records": records, "table_markdown": table(records)}

@@ -302,10 +302,15 @@ class _Scale(NamedTuple):
         return 2.0 * torch.log(self.scale)
 
 
+# False: a torch posterior's logvar is formed in torch on every path
+# (benchmarks/bench_families.py --scale-ab times both)
+SCALE_FORM = True
+
+
 def _scale_or_logvar(loc: Tensor, scale: Tensor, of_scale: bool) -> Tensor | _Scale:
     """The scale as a _Scale where ``of_scale`` (elbo's call) and the C++
     operator serves (loc, scale); else its logvar."""
-    if of_scale and _backend.torch_ops(loc, scale) is not None:
+    if of_scale and SCALE_FORM and _backend.torch_ops(loc, scale) is not None:
         return _Scale(scale)
     return 2.0 * torch.log(scale)
 

@@ -550,6 +550,33 @@ def test_families_benchmark_compares_like_with_like(tmp_path):
     assert json.loads(out.read_text())["records"] == payload["records"]
 
 
+def test_families_benchmark_times_the_logvar_formed_in_torch(tmp_path, monkeypatch):
+    """--scale-ab adds, for the ELBOs whose torch posterior's scale the eager
+    C++ sampler takes as it is (normal, log-normal, logistic-normal), the same
+    call with that logvar formed in torch: the switch is off inside those
+    calls only (the sampler then takes the logvar), and on again after."""
+    from benchmarks import bench_families
+    from fastvae import objectives
+    from fastvae.ops.sample_normal import op as sample_normal_op
+
+    seen = []
+    of_scale = objectives.sample_normal_of_scale_unchecked
+    monkeypatch.setattr(objectives, "sample_normal_of_scale_unchecked",
+                        lambda *a: seen.append(objectives.SCALE_FORM) or of_scale(*a))
+    payload = bench_families.main(["--quick", "--eager", "--scale-ab", "--families", "lognormal", "laplace",
+                                   "--rounds", "1", "--calls", "1", "--out", str(tmp_path / "ab.json")])
+    assert objectives.SCALE_FORM is True
+    by_case = {r["case"]: r for r in payload["records"]}
+    for case, r in by_case.items():
+        assert ("fastvae logvar ms" in r) == (case == "lognormal elbo"), case
+    r = by_case["lognormal elbo"]
+    assert r["fastvae logvar ms"] > 0
+    assert r["logvar formed vs hand"] == pytest.approx(r["hand ms"] / r["fastvae logvar ms"], rel=0.05, abs=0.011)
+    # the sampler took the scale only with the switch on (warm-up, and the rounds' fastvae calls)
+    assert seen == [True] * 3 and sample_normal_op.sample_normal_of_scale_unchecked is of_scale  # 2 warm-ups, 1 call
+    assert "logvar formed vs hand" in payload["table_markdown"]
+
+
 def test_families_benchmark_refuses_a_family_it_does_not_have(capsys):
     """--families with a name the benchmark has not (``log-normal`` for
     ``lognormal``) is an error that names the argument and lists the
