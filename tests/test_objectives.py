@@ -1028,6 +1028,36 @@ def test_a_torch_posteriors_scale_goes_to_the_sampler_as_it_is(backend, monkeypa
         assert_close(a, b, 1 + b.abs(), "gradient")
 
 
+@pytest.mark.parametrize("layout", ["0-d scale", "encoder halves", "transposed scale", "log-normal halves"])
+def test_a_torch_posteriors_scale_of_any_layout(backend, monkeypatch, layout):
+    """The scale handed to the sampler as it is may be a broadcast 0-d scale,
+    a view of an encoder's output or a transposed tensor: values and
+    gradients (to the leaves behind it) equal the route that forms the
+    logvar in torch (objectives.SCALE_FORM off), to float rounding."""
+    import fastvae.objectives as objectives
+
+    _, device = backend
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(9, 6, generator=g) < 0.5).float().to(device)
+    loc = torch.randn(9, 6, generator=g).to(device).requires_grad_()
+    s0 = torch.tensor(0.7, device=device, requires_grad=True)
+    h = torch.randn(9, 12, generator=g).to(device).requires_grad_()
+    make, leaves = {
+        "0-d scale": (lambda: D.Normal(loc, s0), (loc, s0)),
+        "encoder halves": (lambda: D.Normal(h[:, :6], torch.nn.functional.softplus(h[:, 6:])), (h,)),
+        "transposed scale": (lambda: D.Normal(h[:, :6], h[:, 6:].exp().t().contiguous().t()), (h,)),
+        "log-normal halves": (lambda: D.LogNormal(h[:, :6], h[:, 6:].exp()), (h,)),
+    }[layout]
+    prior = D.LogNormal(torch.zeros(6, device=device), torch.ones(6, device=device)) if "log" in layout else None
+    out = []
+    for scale_form in (True, False):
+        monkeypatch.setattr(objectives, "SCALE_FORM", scale_form)
+        bound = fastvae.elbo(x, make(), lambda z: 2.0 * z, prior=prior, likelihood="bernoulli", generator=gen(1))
+        out.append((bound, *torch.autograd.grad(bound, leaves)))
+    for a, b in zip(*out):
+        assert_close(a, b, 1 + b.abs(), layout)
+
+
 def test_posterior_may_be_a_torch_normal(backend):
     """(x, q, decode) with q a Normal or Independent(Normal, 1) equals
     (x, mu, logvar, decode), gradients to loc and scale included; a
