@@ -11,7 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "count_log_prob/count_log_prob.h"  // lgamma_pos, digamma_pos, log_pos_t, kShift
+#include "count_log_prob/count_log_prob.h"  // log_pos_t, kShift
 #include "family_kl.h"
 #include "fastmath.h"
 #include "ops.h"
@@ -364,8 +364,9 @@ FASTVAE_INLINE T kl_term(T m1, T s1, T m2, T s2) {
   } else if constexpr (F == kGumbel) {
     const T t = (m1 - m2) * exp_t(-s2);
     const T r = exp_t(s1 - s2);
-    const T kl = s2 - s1 + t + r * T(kEulerGamma) + exp_t(lgamma_pos(T(1) + r) - t) - (T(1) + T(kEulerGamma));
-    return r == T(INFINITY) ? r : kl;  // b1 / b2 past the dtype's range (lgamma_pos takes finite arguments)
+    // lgamma(1 + r) by the Kumaraswamy's shifted series (4 steps in float, not lgamma_pos's 10)
+    const T kl = s2 - s1 + t + r * T(kEulerGamma) + exp_t(kuma_lgamma(T(1) + r) - t) - (T(1) + T(kEulerGamma));
+    return r == T(INFINITY) ? r : kl;  // b1 / b2 past the dtype's range (the series takes finite arguments)
   } else {
     const CauchyParts<T> c = cauchy_parts(m1, s1, m2, s2);
     const T kl = T(2) * (c.m + log_pos_t(c.big)) + log_pos_t(c.s) - T(kLog4) - s1 - s2;
@@ -417,8 +418,10 @@ FASTVAE_INLINE void kl_grad(T g, T m1, T s1, T m2, T s2, T& dm1, T& ds1, T& dm2,
     const T ip = exp_t(-s2);
     const T t = (m1 - m2) * ip;
     const T r = exp_t(s1 - s2);
-    const T big_g = exp_t(lgamma_pos(T(1) + r) - t);
-    const T psi_r = digamma_pos(T(1) + r) * r;
+    // lgamma(1 + r) and psi(1 + r) from one shift (the Weibull's): no division per step
+    const Shifted<T> sh = shifted<T, true>(T(1) + r);
+    const T big_g = exp_t(sh.lg - log_pos_t(sh.prod) - t);
+    const T psi_r = (sh.psi - sh.dprod / sh.prod) * r;
     const T rg = r * T(kEulerGamma);
     dm1 = g * ip * (T(1) - big_g);
     ds1 = g * (rg + big_g * psi_r - T(1));
