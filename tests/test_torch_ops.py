@@ -120,7 +120,7 @@ def test_sample_normal_of_scale_takes_the_operator(function_path, dtype, shape, 
     fast = _grads(fn, (mu, scale))
     with function_path():
         slow = _grads(fn, (mu, scale))
-    assert any("SampleNormalOfScale" in n for n in fast[2]), fast[2]
+    assert any("fastvae::torch_ops" in n for n in fast[2]), fast[2]
     assert not any("fastvae::torch_ops" in n for n in slow[2]), slow[2]
     rtol = 1e-12 if dtype == torch.float64 else 2e-5
     for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):

@@ -109,73 +109,41 @@ std::pair<Tensor, Tensor> sample_backward_graph(const Tensor& grad_z, const Tens
   return {dmu, dlv};
 }
 
-// mu, logvar (..., L) -> contiguous (N, L), checked.
-std::pair<Tensor, Tensor> latent_rows(const Tensor& mu, const Tensor& logvar, int64_t seed, int64_t K) {
+// mu, logvar (..., L) -> contiguous (N, L), checked (logvar named b_name: a
+// scale in its place is checked as "scale").
+std::pair<Tensor, Tensor> latent_rows(const Tensor& mu, const Tensor& logvar, int64_t seed, int64_t K,
+                                      const char* b_name = "logvar") {
   check_float(mu, "mu");
   const auto [N, L] = rows_of(mu);
   TORCH_CHECK(K >= 1, "n_samples must be >= 1, got ", K);
   TORCH_CHECK(seed >= 0, "seed must be >= 0, got ", seed);
   TORCH_CHECK(N * L == 0 || K <= std::numeric_limits<int64_t>::max() / (N * L),
               "n_samples x mu.numel() overflows int64");
-  TORCH_CHECK(logvar.sizes() == mu.sizes(), "logvar: expected shape ", mu.sizes(), ", got ", logvar.sizes());
+  TORCH_CHECK(logvar.sizes() == mu.sizes(), b_name, ": expected shape ", mu.sizes(), ", got ", logvar.sizes());
   const Tensor m = input(as_shape(mu, {N, L}), "mu", mu, {N, L});
-  return {m, input(as_shape(logvar, {N, L}), "logvar", mu, {N, L})};
+  return {m, input(as_shape(logvar, {N, L}), b_name, mu, {N, L})};
 }
 
 // n_samples None (stored as K = 1 with no sample dimension) gives z shaped like mu.
+// of_scale: b is the scale exp(logvar / 2), a torch Normal's parameter, whose
+// logvar 2 log(scale) the kernels take in their loops (two torch ops each way
+// fewer than forming it), and b's gradient is the scale's; exp_z: z = exp of
+// the draw, a torch LogNormal's (one torch op each way fewer again). Else b
+// is logvar. The double backward forms logvar (and the exp) with ATen ops.
 struct SampleNormal : torch::autograd::Function<SampleNormal> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, int64_t seed,
-                               std::optional<int64_t> n_samples) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& b, int64_t seed,
+                               std::optional<int64_t> n_samples, bool of_scale, bool exp_z) {
     const int64_t K = n_samples.value_or(1);
-    const auto [m, lv] = latent_rows(mu, logvar, seed, K);
+    const auto [m, bb] = latent_rows(mu, b, seed, K, of_scale ? "scale" : "logvar");
     const int64_t N = m.size(0), L = m.size(1);
     Tensor z = output({K, N, L}, m), kl = output({N}, m);
-    sample_forward(m, lv, seed, K, z, kl, nullptr);
+    sample_forward(m, bb, seed, K, z, kl, nullptr, of_scale, exp_z);
     ctx->set_materialize_grads(false);  // an output with no gradient gets none: no zeros
-    ctx->save_for_backward({m, lv, mu, logvar});  // the inputs, for a double backward
+    ctx->save_for_backward({m, bb, mu, b});  // the inputs, for a double backward
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["K"] = K;
-    ctx->saved_data["shape"] = mu.sizes().vec();
-    const auto batch = mu.sizes().slice(0, mu.dim() - 1);
-    const std::vector<int64_t> z_shape = n_samples ? with_samples(K, mu.sizes()) : mu.sizes().vec();
-    return {shaped(z, z_shape), shaped(kl, batch)};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const int64_t K = ctx->saved_data["K"].toInt();
-    if (!grads[0].defined() && !grads[1].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
-    if (double_backward()) {
-      auto [dmu, dlv] = sample_backward_graph(grads[0], grads[1], Tensor(), false, saved[2], saved[3], saved[0],
-                                              ctx->saved_data["seed"].toInt(), K);
-      return {dmu, dlv, Tensor(), Tensor()};
-    }
-    auto [dmu, dlv] = sample_backward(grads[0], grads[1], Tensor(), false, saved[0], saved[1],
-                                      ctx->saved_data["seed"].toInt(), K);
-    const auto shape = ctx->saved_data["shape"].toIntVector();
-    return {dmu.view(shape), dlv.view(shape), Tensor(), Tensor()};
-  }
-};
-
-// sample_normal of (mu, scale), scale = exp(logvar / 2): a torch Normal's
-// parameters, whose logvar 2 log(scale) the kernels take in their loops (two
-// torch ops each way fewer than forming it); the second gradient is the
-// scale's. exp_z: z = exp of the draw, a torch LogNormal's (one torch op each
-// way fewer again). Its double backward forms logvar (and exp) with ATen ops.
-struct SampleNormalOfScale : torch::autograd::Function<SampleNormalOfScale> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& scale, int64_t seed,
-                               std::optional<int64_t> n_samples, bool exp_z) {
-    const int64_t K = n_samples.value_or(1);
-    TORCH_CHECK(scale.sizes() == mu.sizes(), "scale: expected shape ", mu.sizes(), ", got ", scale.sizes());
-    const auto [m, sc] = latent_rows(mu, scale, seed, K);
-    const int64_t N = m.size(0), L = m.size(1);
-    Tensor z = output({K, N, L}, m), kl = output({N}, m);
-    sample_forward(m, sc, seed, K, z, kl, nullptr, true, exp_z);
-    ctx->set_materialize_grads(false);
-    ctx->save_for_backward({m, sc, mu, scale});
+    ctx->saved_data["of_scale"] = of_scale;
     ctx->saved_data["exp_z"] = exp_z;
-    ctx->saved_data["seed"] = seed;
-    ctx->saved_data["K"] = K;
     ctx->saved_data["shape"] = mu.sizes().vec();
     const auto batch = mu.sizes().slice(0, mu.dim() - 1);
     const std::vector<int64_t> z_shape = n_samples ? with_samples(K, mu.sizes()) : mu.sizes().vec();
@@ -184,24 +152,25 @@ struct SampleNormalOfScale : torch::autograd::Function<SampleNormalOfScale> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const int64_t K = ctx->saved_data["K"].toInt();
-    const bool exp_z = ctx->saved_data["exp_z"].toBool();
-    if (!grads[0].defined() && !grads[1].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    const int64_t seed = ctx->saved_data["seed"].toInt();
+    const int64_t K = ctx->saved_data["K"].toInt(), seed = ctx->saved_data["seed"].toInt();
+    const bool of_scale = ctx->saved_data["of_scale"].toBool(), exp_z = ctx->saved_data["exp_z"].toBool();
+    if (!grads[0].defined() && !grads[1].defined()) return variable_list(6);
     if (double_backward()) {
-      const Tensor &mu = saved[2], &scale = saved[3];
-      const Tensor logvar = 2.0 * at::log(scale);
+      const Tensor &mu = saved[2], &b = saved[3];
+      const Tensor logvar = of_scale ? 2.0 * at::log(b) : b;
       Tensor grad_y = grads[0];
-      if (exp_z && grad_y.defined()) {  // z = exp(y): y's gradient dz * z, z as a function of mu and scale
+      if (exp_z && grad_y.defined()) {  // z = exp(y): y's gradient dz * z, z as a function of mu and the scale
         const Tensor eps = noise(saved[0], seed, K).view(with_samples(K, mu.sizes()));
         grad_y = grad_y.reshape(eps.sizes()) * at::exp(mu + at::exp(0.5 * logvar) * eps);
       }
       auto [dmu, dlv] = sample_backward_graph(grad_y, grads[1], Tensor(), false, mu, logvar, saved[0], seed, K);
-      return {dmu, dlv.defined() ? 2.0 * dlv / scale : dlv, Tensor(), Tensor(), Tensor()};
+      if (of_scale && dlv.defined()) dlv = 2.0 * dlv / b;
+      return {dmu, dlv, Tensor(), Tensor(), Tensor(), Tensor()};
     }
-    auto [dmu, dscale] = sample_backward(grads[0], grads[1], Tensor(), false, saved[0], saved[1], seed, K, true, exp_z);
+    auto [dmu, db] = sample_backward(grads[0], grads[1], Tensor(), false, saved[0], saved[1], seed, K, of_scale,
+                                     exp_z);
     const auto shape = ctx->saved_data["shape"].toIntVector();
-    return {dmu.view(shape), dscale.view(shape), Tensor(), Tensor(), Tensor()};
+    return {dmu.view(shape), db.view(shape), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -283,13 +252,13 @@ void sample_normal_dreg_hooks(const Tensor& z, const Tensor& scale_z, const Tens
 
 std::tuple<Tensor, Tensor> sample_normal(const Tensor& mu, const Tensor& logvar, int64_t seed,
                                          std::optional<int64_t> n_samples) {
-  auto out = SampleNormal::apply(mu, logvar, seed, n_samples);
+  auto out = SampleNormal::apply(mu, logvar, seed, n_samples, false, false);
   return {out[0], out[1]};
 }
 
 std::tuple<Tensor, Tensor> sample_normal_of_scale(const Tensor& mu, const Tensor& scale, int64_t seed,
                                                   std::optional<int64_t> n_samples, bool exp_z) {
-  auto out = SampleNormalOfScale::apply(mu, scale, seed, n_samples, exp_z);
+  auto out = SampleNormal::apply(mu, scale, seed, n_samples, true, exp_z);
   return {out[0], out[1]};
 }
 
