@@ -614,14 +614,19 @@ def normal_transform_record(q) -> LogNormal | LogisticNormal:
 
 
 def normal_transform_scale(q) -> tuple[Tensor, Tensor] | None:
-    """(loc, scale) of a torch posterior normal_transform_class accepts, its
-    scale checked as normal_transform_record checks it, without forming the
-    logvar; None for a record (which holds its logvar)."""
+    """(loc, scale) of a torch posterior normal_transform_class accepts, as
+    given (no torch op, no check: check_normal_transform_scale); None for a
+    record (which holds its logvar)."""
     if type(q) in (LogNormal, LogisticNormal):
         return None
     base = q.base_dist if type(q) is Independent else q
-    _value_checks.positive_scale(base.scale, f"the posterior's scale (torch {type(base).__name__})")
     return base.loc, base.scale
+
+
+def check_normal_transform_scale(scale: Tensor, cls: type) -> None:
+    """normal_transform_record's value check of a torch posterior's scale
+    (``cls``: LogNormal or LogisticNormal), by name."""
+    _value_checks.positive_scale(scale, f"the posterior's scale (torch {cls.__name__})")
 
 
 def normal_transform_prior(prior, cls: type) -> tuple[Tensor, Tensor, bool] | None:

@@ -35,6 +35,7 @@ from .latents import (
     LOG_SCALE,
     SCALE,
     LogNormal,
+    check_normal_transform_scale,
     check_torch_scale,
     location_scale_form,
     log_scale_of,
@@ -307,12 +308,10 @@ class _Scale(NamedTuple):
 SCALE_FORM = True
 
 
-def _scale_or_logvar(loc: Tensor, scale: Tensor, of_scale: bool) -> Tensor | _Scale:
-    """The scale as a _Scale where ``of_scale`` (elbo's call) and the C++
-    operator serves (loc, scale); else its logvar."""
-    if of_scale and SCALE_FORM and _backend.torch_ops(loc, scale) is not None:
-        return _Scale(scale)
-    return 2.0 * torch.log(scale)
+def _takes_scale(loc: Tensor, scale: Tensor, of_scale: bool) -> bool:
+    """Whether a torch posterior's scale goes on as a _Scale: ``of_scale``
+    (elbo's call) and the C++ operator serves (loc, scale)."""
+    return of_scale and SCALE_FORM and _backend.torch_ops(loc, scale) is not None
 
 
 def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any, of_scale: bool = False) -> tuple | None:
@@ -323,7 +322,7 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any, of_scal
     N(0, I) given as a torch Normal or a DiagonalNormal. The call then goes
     on as the default prior's: to the plans, and to the general path where
     they decline (which makes the same logvar, 2 log(scale), from a torch
-    Normal; with ``of_scale``, a _Scale where _scale_or_logvar gives one).
+    Normal; with ``of_scale``, a _Scale where _takes_scale says so).
     None for anything else (unchanged)."""
     if type(mu) is Tensor:
         if prior is None or not _standard_normal_prior(prior, mu.shape[-1:], mu.device):
@@ -341,7 +340,7 @@ def _standard_normal_call(mu: Any, logvar: Any, decode: Any, prior: Any, of_scal
     if loc.dim() == 0 or (prior is not None and not _standard_normal_prior(prior, loc.shape[-1:], loc.device)):
         return None
     if log_variance is None:  # torch_posterior's logvar (the general path's, and its gradient)
-        log_variance = _scale_or_logvar(loc, q.scale, of_scale)
+        log_variance = _Scale(q.scale) if _takes_scale(loc, q.scale, of_scale) else 2.0 * torch.log(q.scale)
     return loc, log_variance, logvar, None
 
 
@@ -351,7 +350,7 @@ def _gaussian_call(mu: Any, logvar: Any, decode: Any, prior: Any, of_scale: bool
     normals (_normal_transform_call); the plans' form of a standard normal
     call (_standard_normal_call), which the general path takes too if they
     decline; else the arguments unchanged. ``of_scale`` (elbo's): a torch
-    posterior's scale may come as a _Scale in logvar's place (_scale_or_logvar)."""
+    posterior's scale may come as a _Scale in logvar's place (_takes_scale)."""
     if type(mu) is not Tensor and decode is None and (
             normal := _normal_transform_call(mu, logvar, prior, of_scale)) is not None:
         return normal
@@ -377,8 +376,9 @@ def _normal_transform_call(q: Any, decode: Any, prior: Any, of_scale: bool = Fal
             or (p := normal_transform_prior(prior, transform)) is None:
         return None
     p_loc, p_b, p_scale = p
-    if of_scale and (given := normal_transform_scale(q)) is not None:  # a torch object's (loc, scale), checked
-        mu, logvar = given[0], _scale_or_logvar(*given, True)
+    if (given := normal_transform_scale(q)) is not None and _takes_scale(*given, of_scale):
+        check_normal_transform_scale(given[1], transform)  # the record's check, without its logvar
+        mu, logvar = given[0], _Scale(given[1])
     else:
         record = normal_transform_record(q)
         mu, logvar = record.mu, record.logvar

@@ -1058,6 +1058,25 @@ def test_a_torch_posteriors_scale_of_any_layout(backend, monkeypatch, layout):
         assert_close(a, b, 1 + b.abs(), layout)
 
 
+def test_a_half_precision_torch_lognormal_keeps_its_float32_logvar(backend):
+    """A bfloat16 torch LogNormal posterior is not the C++ operator's (it takes
+    float32 and float64): its logvar is formed in float32, 2 log of the
+    widened scale, as its record's route has it, not in bfloat16."""
+    _, device = backend
+    g = torch.Generator().manual_seed(6)
+    x = (torch.rand(7, 5, generator=g) < 0.5).float().to(device)
+    loc = torch.randn(7, 5, generator=g).bfloat16().to(device).requires_grad_()
+    scale = (torch.rand(7, 5, generator=g) + 0.5).bfloat16().to(device).requires_grad_()
+    prior = D.LogNormal(torch.zeros(5, device=device), torch.ones(5, device=device))
+
+    def bound(q):
+        return fastvae.elbo(x, q, lambda z: 2.0 * z.float(), prior=prior, likelihood="bernoulli", generator=gen(1))
+
+    got = bound(D.LogNormal(loc, scale))
+    assert torch.equal(got, bound(fastvae.LogNormal(loc, 2.0 * torch.log(scale.float()))))
+    assert not torch.equal(got, bound(fastvae.LogNormal(loc, 2.0 * torch.log(scale))))
+
+
 def test_posterior_may_be_a_torch_normal(backend):
     """(x, q, decode) with q a Normal or Independent(Normal, 1) equals
     (x, mu, logvar, decode), gradients to loc and scale included; a
