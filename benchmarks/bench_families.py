@@ -40,7 +40,7 @@ import torch.distributions as td
 import torch.nn.functional as F
 
 import fastvae
-from fastvae import objectives
+from fastvae import _plan, objectives
 
 from . import common
 
@@ -144,18 +144,19 @@ def _cases(B: int, L: int, C: int, device, dtype, names):
     return cases
 
 
-# the families whose torch posterior's scale the eager C++ sampler takes as it is
-SCALE_FORM = ("normal", "lognormal", "logistic_normal")
+# the families whose torch posterior's scale the eager C++ samplers take as it is
+SCALE_FORM = ("normal", "lognormal", "logistic_normal", "laplace", "uniform", "gumbel", "cauchy")
 
 
 def _logvar_formed(fv):
-    """fv with the torch posterior's logvar formed in torch (objectives.SCALE_FORM off)."""
+    """fv with the torch posterior's logvar (log-scale) formed in torch
+    (objectives.SCALE_FORM and _plan.SCALE_IN_KERNELS off)."""
     def call():
-        objectives.SCALE_FORM = False
+        objectives.SCALE_FORM = _plan.SCALE_IN_KERNELS = False
         try:
             return fv()
         finally:
-            objectives.SCALE_FORM = True
+            objectives.SCALE_FORM = _plan.SCALE_IN_KERNELS = True
     return call
 
 
@@ -227,8 +228,10 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)")
     p.add_argument("--calls", type=int, default=None, help="calls per round (default 3; 2 with --quick)")
     p.add_argument("--scale-ab", action="store_true",
-                   help="also time the ELBOs of the normal, log-normal and logistic-normal posteriors with their "
-                        "logvar formed in torch (fastvae.objectives.SCALE_FORM off), interleaved with the rest")
+                   help="also time the ELBOs of the normal, log-normal, logistic-normal, Laplace, uniform, Gumbel "
+                        "and Cauchy posteriors with their logvar (log-scale) formed in torch "
+                        "(fastvae.objectives.SCALE_FORM and fastvae._plan.SCALE_IN_KERNELS off), interleaved with "
+                        "the rest")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -536,6 +536,12 @@ TIMING_METHOD = {
 }
 
 
+# the environment a figure depends on: fastvae's and the threads', Triton's and
+# the compiler's caches, and the allocator's (glibc's MALLOC_* tunables, a
+# preloaded jemalloc or tcmalloc move every CPU figure: benchmarks/README.md)
+RECORDED_ENV = ("FASTVAE_", "OMP_", "TRITON_", "TORCHINDUCTOR_", "MALLOC_", "LD_PRELOAD")
+
+
 def metadata(device: torch.device) -> dict[str, Any]:
     """Everything needed to tell where and how a result file was produced."""
     return {
@@ -559,7 +565,7 @@ def metadata(device: torch.device) -> dict[str, Any]:
         "device_name": device_name(device),
         "timing": TIMING_METHOD[device.type],
         "versions": versions(),
-        "env": {k: v for k, v in os.environ.items() if k.startswith(("FASTVAE_", "OMP_", "TRITON_", "TORCHINDUCTOR_"))},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(RECORDED_ENV)},
     }
 
 

@@ -85,6 +85,18 @@ FASTVAE_INLINE float fast_log_positive(float u) {
   return f + y + fe * 0.693359375f;
 }
 
+// log(x) for any float x, with log's values at the edges: 0 gives -inf, inf
+// gives inf, a negative x or NaN gives NaN; subnormals are scaled into the
+// normal range first (fast_log_positive reads the exponent bits). For a torch
+// distribution's scale read as it is by a kernel that works in log-scales.
+FASTVAE_INLINE float fast_log_of_scale(float x) {
+  const bool tiny = x < 1.17549435e-38f;  // below FLT_MIN: times 2^23, less 23 log 2
+  float y = fast_log_positive(tiny ? x * 8388608.0f : x) - (tiny ? 15.9423851528787f : 0.0f);
+  y = x == 0.0f ? -INFINITY : y;
+  y = x == INFINITY ? INFINITY : y;
+  return x >= 0.0f ? y : NAN;
+}
+
 // log(1 + t) for t in [0, 1]: log of u = 1 + t plus the rounding of u,
 // log(1 + t) = log(u) + log(1 + (t - du)/u) ~ log(u) + (t - du)/u, du = u - 1
 // exact. 1/u is replaced by 2 - u: off by t^2/u, times |t - du| <= 2^-24, which

@@ -283,18 +283,7 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
         raise TypeError(f"{kernel} takes ({', '.join(_ARGS[kernel])}), got ({', '.join(args)})")
     fn = _functions.get((backend, kernel)) or kernel_function(backend, kernel)
     if backend == "cpp":
-        # positionally (pybind resolves keywords per call); detach only what
-        # requires grad: it costs as much as the view
-        values = [v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else _numpy(v)
-                  for k, v in args.items()]
-        try:
-            fn(*values, num_threads(work))
-        except cpp_module().MisalignedArrayError:
-            # an input viewing a byte buffer at an odd offset: the kernel did
-            # not start, and runs on aligned copies (outputs are always fresh,
-            # hence aligned); checking every call instead would cost each op
-            fn(*[v.copy() if isinstance(v, np.ndarray) and v.ctypes.data % v.itemsize else v
-                 for v in values], num_threads(work))
+        _run_cpp(fn, args, work)
         return
     if backend == "reference" and "seed" in args:
         args["seed"] = int(args["seed"])
@@ -302,6 +291,35 @@ def launch(backend: str, kernel: str, work: int, **args) -> None:
     # code inside a kernel must not record a graph onto the fresh outputs.
     with torch.no_grad():
         fn(**args)
+
+
+def launch_cpp(kernel: str, work: int, options: dict, **args) -> None:
+    """launch on the cpp backend, with keyword ``options`` that only the C++
+    kernel takes: a variant of its inputs' form that the other backends do
+    not have (sample_location_scale_kl_*'s of_scale, which the eager plans
+    pass)."""
+    if tuple(args) != _ARGS[kernel] or not set(options) <= set(_registry.KERNELS[kernel].cpp_options):
+        raise TypeError(f"{kernel} takes ({', '.join(_ARGS[kernel])}) and the options "
+                        f"({', '.join(_registry.KERNELS[kernel].cpp_options)}), got ({', '.join(args)}) and "
+                        f"({', '.join(options)})")
+    _run_cpp(_functions.get(("cpp", kernel)) or kernel_function("cpp", kernel), args, work, options)
+
+
+def _run_cpp(fn, args: dict, work: int, options: dict | None = None) -> None:
+    """Runs a cpp kernel on ``args`` (launch's), positionally (pybind resolves
+    keywords per call) but for ``options``."""
+    # detach only what requires grad: it costs as much as the view
+    values = [v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else _numpy(v)
+              for k, v in args.items()]
+    options = options or {}
+    try:
+        fn(*values, num_threads(work), **options)
+    except cpp_module().MisalignedArrayError:
+        # an input viewing a byte buffer at an odd offset: the kernel did
+        # not start, and runs on aligned copies (outputs are always fresh,
+        # hence aligned); checking every call instead would cost each op
+        fn(*[v.copy() if isinstance(v, np.ndarray) and v.ctypes.data % v.itemsize else v
+             for v in values], num_threads(work), **options)
 
 
 _ARGS = {name: k.args for name, k in _registry.KERNELS.items()}

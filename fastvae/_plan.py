@@ -74,6 +74,11 @@ def _kernels(module: str):
 PLANS = PlanCache()
 # False: every call takes the general path (tests/test_plan.py compares the two)
 ENABLED = True
+# The cpp backend's location-scale kernels take a torch object's scale (or a
+# Uniform's high - low) as it is, logging it per tile where the KL reads it:
+# no log forward nor division backward in torch. False: the logs in torch (the
+# benchmarks' A/B).
+SCALE_IN_KERNELS = True
 # Keeps a signature's plans and returns them; forget every plan (tests that
 # change the kernels' geometry: FORCE_SPLITS)
 store, clear = PLANS.store, PLANS.clear
@@ -365,13 +370,15 @@ class FamilySample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loc, q_b, p_loc, p_b, seed, plan, p_scale, check_width):
         width = None
+        # the cpp kernels take the scale (or width) as it is: `log_scale` then holds it
+        of_scale = plan.cpp and plan.has_loc and (plan.q_scale or plan.q_high) and SCALE_IN_KERNELS
         if plan.q_high:  # one pass for the width: the check reads the one the log takes
             width = q_b - loc
             if check_width:
                 _value_checks.positive_scale(width, "the posterior's high - low (torch Uniform)")
-            log_scale = torch.log(width)
+            log_scale = width if of_scale else torch.log(width)
         else:
-            log_scale = torch.log(q_b) if plan.q_scale else q_b
+            log_scale = torch.log(q_b) if plan.q_scale and not of_scale else q_b
         p_log_scale = _prior_log(plan, p_b, 0) if p_scale else p_b
         # a positive pair's first log parameter, in the location's place
         log_loc = torch.log(loc) if plan.pair and plan.q_scale else loc
@@ -379,11 +386,11 @@ class FamilySample(torch.autograd.Function):
         z, kl = empty(plan.z_like), empty(plan.kl_like)
         if plan.cpp:
             N, L = plan.N, plan.L
-            _backend.launch("cpp", plan.kl_kernels[0], z.numel(),
-                            **_cpp_parameters(plan.has_loc, _rows(log_loc, N, L), _rows(log_scale, N, L), p_log_loc,
-                                              p_log_scale),
-                            seed=seed, family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L),
-                            kl=kl.view(N))
+            _backend.launch_cpp(plan.kl_kernels[0], z.numel(), _SCALE_OPTIONS[of_scale],
+                                **_cpp_parameters(plan.has_loc, _rows(log_loc, N, L), _rows(log_scale, N, L),
+                                                  p_log_loc, p_log_scale),
+                                seed=seed, family=plan.family, kl_family=plan.kl_family, z=z.view(plan.K, N, L),
+                                kl=kl.view(N))
         elif plan.has_loc:
             plan.forward(loc, log_scale, p_loc, p_log_scale, seed, z, kl, plan.N * plan.L, plan.N, plan.K * plan.N,
                          plan.L)
@@ -394,7 +401,7 @@ class FamilySample(torch.autograd.Function):
                             plan.L)
         ctx.save_for_backward(log_loc, log_scale, p_log_loc, p_log_scale, seed, loc, q_b, p_loc, p_b, width)
         ctx.set_materialize_grads(False)
-        ctx.plan, ctx.p_scale = plan, p_scale
+        ctx.plan, ctx.p_scale, ctx.of_scale = plan, p_scale, of_scale
         return z, kl
 
     @staticmethod
@@ -425,8 +432,8 @@ class FamilySample(torch.autograd.Function):
         dp_loc, dp_ls = (empty(plan.mu_like), empty(plan.mu_like)) if has_dp else (None, None)
         if plan.cpp:
             N, L, K = plan.N, plan.L, plan.K
-            _backend.launch(
-                "cpp", plan.kl_kernels[1], max(K, 1) * N * L,
+            _backend.launch_cpp(
+                plan.kl_kernels[1], max(K, 1) * N * L, _SCALE_OPTIONS[ctx.of_scale],
                 grad_z=None if grad_z is None else grad_z.contiguous().view(K, N, L),
                 grad_kl=None if grad_kl is None else grad_kl.contiguous().view(N),
                 **_cpp_parameters(plan.has_loc, _rows(log_loc, N, L), _rows(log_scale, N, L), p_log_loc,
@@ -462,14 +469,18 @@ class FamilySample(torch.autograd.Function):
         # buffers: high - low's, d/dhigh = t = grad / width and d/dlow = dloc - t
         # (autograd's dloc + (-t), the same bits)
         if plan.q_high:
-            dls = dls.div_(width)
+            if not ctx.of_scale:  # (else the kernel's gradient is the width's already)
+                dls = dls.div_(width)
             dloc = dloc.sub_(dls)
-        elif plan.q_scale:
+        elif plan.q_scale and not ctx.of_scale:  # (of_scale: the kernel's gradient is the scale's already)
             dls = dls.div_(q_b)
             if plan.pair:
                 dloc = dloc.div_(loc)
         return (dloc if needs[0] else None, dls if needs[1] else None, dp_loc if needs[2] else None,
                 dp_ls if needs[3] else None, None, None, None, None)
+
+
+_SCALE_OPTIONS = ({}, {"of_scale": True})  # launch_cpp's options: the second parameter as its log, as itself
 
 
 def _rows(t: Tensor | None, N: int, L: int) -> Tensor | None:

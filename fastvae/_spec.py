@@ -28,6 +28,11 @@ class Kernel(NamedTuple):
     # objectives' bound fused into the kernel (kernels/_common.py's
     # bound_epilogue), which only their plans (fastvae/_plan.py) pass
     bound: tuple[str, ...] = ()
+    # keyword arguments of its C++ function alone, after n_threads: a form of its
+    # inputs that the other backends do not take (the family samplers' fused
+    # KL kernels' of_scale, a torch object's scale read as it is, which only
+    # the eager plans pass through _backend.launch_cpp)
+    cpp_options: tuple[str, ...] = ()
     # a heavy kernel: one of a K x B x rows problem, bound by memory bandwidth on a GPU; the
     # rows' length ("D", a decoder output's, or "L", a latent's). tests/test_aot.py asserts that
     # it runs at least 4 warps a program and a wave over the SMs wherever the problem has the

@@ -552,23 +552,34 @@ def test_families_benchmark_compares_like_with_like(tmp_path):
 
 def test_families_benchmark_times_the_logvar_formed_in_torch(tmp_path, monkeypatch):
     """--scale-ab adds, for the ELBOs whose torch posterior's scale the eager
-    C++ sampler takes as it is (normal, log-normal, logistic-normal), the same
-    call with that logvar formed in torch: the switch is off inside those
-    calls only (the sampler then takes the logvar), and on again after."""
+    C++ samplers take as it is (normal, log-normal, logistic-normal, and the
+    location-scale families), the same call with that logvar (log-scale)
+    formed in torch: the switches are off inside those calls only (the
+    samplers then take the logs), and on again after."""
     from benchmarks import bench_families
-    from fastvae import objectives
+    from fastvae import _backend, _plan, objectives
     from fastvae.ops.sample_normal import op as sample_normal_op
 
-    seen = []
+    seen, seen_laplace = [], []
     of_scale = objectives.sample_normal_of_scale_unchecked
     monkeypatch.setattr(objectives, "sample_normal_of_scale_unchecked",
                         lambda *a: seen.append(objectives.SCALE_FORM) or of_scale(*a))
+    launch_cpp = _backend.launch_cpp
+    monkeypatch.setattr(_backend, "launch_cpp", lambda kernel, work, opts, **a: seen_laplace.append(
+        (kernel, _plan.SCALE_IN_KERNELS, opts.get("of_scale", False))) or launch_cpp(kernel, work, opts, **a))
     payload = bench_families.main(["--quick", "--eager", "--scale-ab", "--families", "lognormal", "laplace",
                                    "--rounds", "1", "--calls", "1", "--out", str(tmp_path / "ab.json")])
-    assert objectives.SCALE_FORM is True
+    assert objectives.SCALE_FORM is True and _plan.SCALE_IN_KERNELS is True
     by_case = {r["case"]: r for r in payload["records"]}
     for case, r in by_case.items():
-        assert ("fastvae logvar ms" in r) == (case == "lognormal elbo"), case
+        assert ("fastvae logvar ms" in r) == (case in ("lognormal elbo", "laplace elbo")), case
+    # the Laplace ELBO's forward kernel took the scale exactly where the switch was on (both ways were
+    # timed), and each backward as its forward did (it runs after the switch is restored)
+    forwards = [(on, took) for kernel, on, took in seen_laplace if kernel.endswith("forward")]
+    assert forwards and all(on == took for on, took in forwards) and {on for on, _ in forwards} == {True, False}
+    kernels = [kernel.rsplit("_", 1)[1] for kernel, _, _ in seen_laplace]
+    assert kernels == ["forward", "backward"] * len(forwards)
+    assert [took for _, _, took in seen_laplace[1::2]] == [took for _, took in forwards]
     r = by_case["lognormal elbo"]
     assert r["fastvae logvar ms"] > 0
     assert r["logvar formed vs hand"] == pytest.approx(r["hand ms"] / r["fastvae logvar ms"], rel=0.05, abs=0.011)
@@ -701,3 +712,16 @@ def test_plan_memory_reports_what_the_plans_hold():
         held = dict(line.strip().split(": ") for line in report.splitlines()[1:])
         assert "BernoulliPlan" in held and "every plan" in held
         assert float(held["every plan"].split()[0]) < 0.01  # MiB; one (64, 8, 784) float32 output is 1.5
+
+
+def test_metadata_records_the_allocators_environment(monkeypatch):
+    """A result records the allocator's settings it ran under (glibc's MALLOC_*
+    tunables, a preloaded allocator), which move every CPU figure, beside
+    fastvae's own; nothing else of the environment."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4000000000")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    monkeypatch.setenv("FASTVAE_UNUSED_FOR_THIS_TEST", "1")
+    monkeypatch.setenv("SOME_OTHER_SETTING", "x")
+    env = common.metadata(torch.device("cpu"))["env"]
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "4000000000" and env["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert env["FASTVAE_UNUSED_FOR_THIS_TEST"] == "1" and "SOME_OTHER_SETTING" not in env

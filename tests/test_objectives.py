@@ -1028,6 +1028,59 @@ def test_a_torch_posteriors_scale_goes_to_the_sampler_as_it_is(backend, monkeypa
         assert_close(a, b, 1 + b.abs(), "gradient")
 
 
+@pytest.mark.parametrize("family", ["laplace", "gumbel", "cauchy", "uniform", "independent laplace",
+                                    "independent uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_a_torch_location_scale_posteriors_scale_goes_to_the_kernels_as_it_is(backend, monkeypatch, family, dtype,
+                                                                              n_samples):
+    """elbo with a torch Laplace, Gumbel, Cauchy or Uniform posterior against
+    its family's prior: on the cpp backend the fused kernels take the scale
+    (a Uniform's high - low) as it is and log it themselves (of_scale),
+    once each way per call; every backend's values and gradients to loc and
+    scale (low and high) equal those with the logs taken in torch
+    (_plan.SCALE_IN_KERNELS off), to float rounding."""
+    from fastvae import _backend, _plan
+
+    name, device = backend
+    options = []
+    launch_cpp = _backend.launch_cpp
+    monkeypatch.setattr(_backend, "launch_cpp", lambda kernel, work, opts, **a: options.append(
+        (kernel, opts.get("of_scale", False))) or launch_cpp(kernel, work, opts, **a))
+    g = torch.Generator().manual_seed(5)
+    B, L = 19, 7
+    x = (torch.rand(B, L, generator=g) < 0.5).to(device, dtype)
+    w = torch.randn(L, generator=g, dtype=dtype).to(device)
+    loc = torch.randn(B, L, generator=g, dtype=dtype).to(device).requires_grad_()
+    scale = (torch.rand(B, L, generator=g, dtype=dtype) * 2 + 0.05).to(device).requires_grad_()
+    zeros, ones = torch.zeros(L, dtype=dtype, device=device), torch.ones(L, dtype=dtype, device=device)
+    kind = family.split()[-1]
+    if kind == "uniform":
+        make = lambda: D.Uniform(loc, loc + scale)  # noqa: E731
+        prior = D.Uniform(zeros - 9.0, ones + 9.0)
+    else:
+        torch_class = {"laplace": D.Laplace, "gumbel": D.Gumbel, "cauchy": D.Cauchy}[kind]
+        make = lambda: torch_class(loc, scale)  # noqa: E731
+        prior = torch_class(zeros, ones)
+    independent = family.startswith("independent")
+    out = []
+    for in_kernels in (True, False):
+        monkeypatch.setattr(_plan, "SCALE_IN_KERNELS", in_kernels)
+        options.clear()
+        q = D.Independent(make(), 1) if independent else make()
+        p = D.Independent(prior, 1) if independent else prior
+        bound = fastvae.elbo(x, q, lambda z: z * w, prior=p, likelihood="bernoulli", n_samples=n_samples,
+                             generator=gen(2))
+        grads = torch.autograd.grad(bound, (loc, scale))
+        # the forward's kernel and the backward's, each with the scale as it is where the switch is on
+        assert options == ([(f"sample_location_scale_kl_{way}", in_kernels) for way in ("forward", "backward")]
+                           if name == "cpp" else [])
+        out.append((bound, *grads))
+    for a, b in zip(*out):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, 1 + b.abs(), family)
+
+
 @pytest.mark.parametrize("layout", ["0-d scale", "encoder halves", "transposed scale", "log-normal halves"])
 def test_a_torch_posteriors_scale_of_any_layout(backend, monkeypatch, layout):
     """The scale handed to the sampler as it is may be a broadcast 0-d scale,

@@ -46,9 +46,10 @@ def _cpp_params(fn) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
 def test_cpp_binding_matches_the_registry(kernel):
-    """The cpp backend adds a trailing thread count (the uniforms are a test hook, serial)."""
+    """The cpp backend adds a trailing thread count (the uniforms are a test hook, serial), then the
+    keyword options only its kernel takes."""
     extra = () if kernel.name == "uniform_fill" else ("n_threads",)
-    assert _cpp_params(getattr(_backend.cpp_module(), kernel.name)) == kernel.args + extra
+    assert _cpp_params(getattr(_backend.cpp_module(), kernel.name)) == kernel.args + extra + kernel.cpp_options
 
 
 def test_every_cpp_function_is_registered():
@@ -62,6 +63,14 @@ def test_launch_refuses_arguments_that_differ_from_the_registry():
     with pytest.raises(TypeError, match=r"kl_normal_forward takes \(mu, logvar, prior_mu, prior_logvar, kl\)"):
         _backend.launch("reference", "kl_normal_forward", 1, logvar=None, mu=None, prior_mu=None,
                         prior_logvar=None, kl=None)
+
+
+@pytest.mark.skipif(not _backend.cpp_available(), reason="the C++ kernels")
+def test_launch_cpp_refuses_an_option_the_kernel_has_not():
+    """launch_cpp passes only the options the registry lists for that kernel (kl_normal_forward has none)."""
+    with pytest.raises(TypeError, match=r"kl_normal_forward takes .* and the options \(\), got .* and \(of_scale\)"):
+        _backend.launch_cpp("kl_normal_forward", 1, {"of_scale": True}, mu=None, logvar=None, prior_mu=None,
+                            prior_logvar=None, kl=None)
 
 
 @pytest.mark.parametrize("op", _registry.OPS.values(), ids=lambda op: op.name)

@@ -75,14 +75,16 @@ def family_sampler_kl_kernels(name: str, params: tuple[str, str]) -> tuple[Kerne
     the KL against the prior's prior_<param>s ((L,) or (N, L)) summed over L,
     kl (N,); <name>_kl_backward gives q's gradients (the draw's plus the
     KL's) and the prior's per row where asked. ``kl_family`` picks the KL's
-    family (family_kl's)."""
+    family (family_kl's). The C++ kernels' ``of_scale`` takes the second
+    parameter as the scale itself (the location-scale sampler's; the
+    positive sampler's refuses it)."""
     a, b = params
     return (
         Kernel(f"{name}_kl_forward", "sample_family", (a, b, f"prior_{a}", f"prior_{b}", "seed", "family",
-                                                       "kl_family", "z", "kl")),
+                                                       "kl_family", "z", "kl"), cpp_options=("of_scale",)),
         Kernel(f"{name}_kl_backward", "sample_family", ("grad_z", "grad_kl", a, b, f"prior_{a}", f"prior_{b}",
                                                         "seed", "family", "kl_family", f"d{a}", f"d{b}",
-                                                        f"dprior_{a}", f"dprior_{b}")),
+                                                        f"dprior_{a}", f"dprior_{b}"), cpp_options=("of_scale",)),
     )
 
 

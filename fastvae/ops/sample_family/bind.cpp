@@ -53,13 +53,13 @@ struct FamilyKernels {
   // (dz or null, dlog_q or null, p0, p1, seed, family, stop_score, K, N, L, dp0, dp1, n_threads)
   void (*backward)(const T*, const T*, const T*, const T*, uint64_t, int, bool, int64_t, int64_t, int64_t, T*, T*,
                    int);
-  // (p0, p1, prior0, prior1, prior_shared, seed, family, kl_family, K, N, L, z, kl, n_threads), or null
+  // (p0, p1, prior0, prior1, prior_shared, seed, family, kl_family, K, N, L, z, kl, n_threads, of_scale), or null
   void (*kl_forward)(const T*, const T*, const T*, const T*, bool, uint64_t, int, int, int64_t, int64_t, int64_t, T*,
-                     T*, int) = nullptr;
+                     T*, int, bool) = nullptr;
   // (dz or null, grad_kl or null, p0, p1, prior0, prior1, prior_shared, seed, family, kl_family, K, N, L,
-  //  dp0, dp1, dprior0 or null, dprior1 or null, n_threads), or null
+  //  dp0, dp1, dprior0 or null, dprior1 or null, n_threads, of_scale), or null
   void (*kl_backward)(const T*, const T*, const T*, const T*, const T*, const T*, bool, uint64_t, int, int, int64_t,
-                      int64_t, int64_t, T*, T*, T*, T*, int) = nullptr;
+                      int64_t, int64_t, T*, T*, T*, T*, int, bool) = nullptr;
 };
 
 template <typename T>
@@ -130,7 +130,7 @@ inline FusedPrior fused_prior(const FamilySamplerNames& names, int family, int k
 template <typename T>
 void fused_kl_forward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::array p0, py::array p1,
                        py::array prior0, py::array prior1, uint64_t seed, int family, int kl_family, py::array z,
-                       py::array kl, int n_threads) {
+                       py::array kl, int n_threads, bool of_scale) {
   const auto [N, L] = extents(p0, names.p0);
   if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
   const int64_t K = z.shape(0);
@@ -142,14 +142,14 @@ void fused_kl_forward(const FamilySamplerNames& names, const FamilyKernels<T>& k
   T* zp = checked<T>(z, "z", {K, N, L}, true);
   T* klp = checked<T>(kl, "kl", {N}, true);
   py::gil_scoped_release release;
-  kernels.kl_forward(a, b, pa, pb, prior.shared, seed, family, kl_family, K, N, L, zp, klp, n_threads);
+  kernels.kl_forward(a, b, pa, pb, prior.shared, seed, family, kl_family, K, N, L, zp, klp, n_threads, of_scale);
 }
 
 template <typename T>
 void fused_kl_backward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::object dz,
                         py::object dkl, py::array p0, py::array p1, py::array prior0, py::array prior1, uint64_t seed,
                         int family, int kl_family, py::array dp0, py::array dp1, py::object dprior0,
-                        py::object dprior1, int n_threads) {
+                        py::object dprior1, int n_threads, bool of_scale) {
   const auto [N, L] = extents(p0, names.p0);
   const int64_t K = gradient_samples(dz, py::none(), 3, "(K, N, L)", "grad_kl");
   const FusedPrior prior = fused_prior(names, family, kl_family, prior1, N, L);
@@ -169,7 +169,7 @@ void fused_kl_backward(const FamilySamplerNames& names, const FamilyKernels<T>& 
   T* dpb = checked_or_null<T>(dprior1, dprior_holder[1], names.dprior1, {N, L}, true);
   py::gil_scoped_release release;
   kernels.kl_backward(g, gkl, a, b, pa, pb, prior.shared, seed, family, kl_family, K, N, L, da, db, dpa, dpb,
-                      n_threads);
+                      n_threads, of_scale);
 }
 
 // Binds <op>_forward and <op>_backward, which check the family index and the
@@ -213,27 +213,29 @@ inline void bind_family_sampler(py::module_& m, const FamilySamplerNames& names,
 
   m.def((std::string(names.op) + "_kl_forward").c_str(),
         [=](py::array p0, py::array p1, py::array prior0, py::array prior1, uint64_t seed, int family, int kl_family,
-            py::array z, py::array kl, int n_threads) {
+            py::array z, py::array kl, int n_threads, bool of_scale) {
           dispatch(p0, family, n_threads, [&](const auto& kernels) {
-            fused_kl_forward(names, kernels, p0, p1, prior0, prior1, seed, family, kl_family, z, kl, n_threads);
+            fused_kl_forward(names, kernels, p0, p1, prior0, prior1, seed, family, kl_family, z, kl, n_threads,
+                             of_scale);
           });
         },
         py::arg(names.p0), py::arg(names.p1), py::arg(names.prior0), py::arg(names.prior1), py::arg("seed"),
-        py::arg("family"), py::arg("kl_family"), py::arg("z"), py::arg("kl"), py::arg("n_threads"));
+        py::arg("family"), py::arg("kl_family"), py::arg("z"), py::arg("kl"), py::arg("n_threads"),
+        py::arg("of_scale") = false);
 
   m.def((std::string(names.op) + "_kl_backward").c_str(),
         [=](py::object dz, py::object dkl, py::array p0, py::array p1, py::array prior0, py::array prior1,
             uint64_t seed, int family, int kl_family, py::array dp0, py::array dp1, py::object dprior0,
-            py::object dprior1, int n_threads) {
+            py::object dprior1, int n_threads, bool of_scale) {
           dispatch(p0, family, n_threads, [&](const auto& kernels) {
             fused_kl_backward(names, kernels, dz, dkl, p0, p1, prior0, prior1, seed, family, kl_family, dp0, dp1,
-                              dprior0, dprior1, n_threads);
+                              dprior0, dprior1, n_threads, of_scale);
           });
         },
         py::arg("grad_z").none(true), py::arg("grad_kl").none(true), py::arg(names.p0), py::arg(names.p1),
         py::arg(names.prior0), py::arg(names.prior1), py::arg("seed"), py::arg("family"), py::arg("kl_family"),
         py::arg(names.dp0), py::arg(names.dp1), py::arg(names.dprior0).none(true),
-        py::arg(names.dprior1).none(true), py::arg("n_threads"));
+        py::arg(names.dprior1).none(true), py::arg("n_threads"), py::arg("of_scale") = false);
 }
 
 // sample_concrete's binding: its own extents (logits (N, L, C)), the samplers'

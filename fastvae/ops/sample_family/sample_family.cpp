@@ -259,20 +259,32 @@ FASTVAE_INLINE void noise_block(const int32_t* x, int64_t n, float* e, float* lo
   else noise_block_f32_4(x, n, e, log_f, psi);
 }
 
-// z = loc + s e and log f(e) - log_scale of a block in one sample; s = exp(log_scale) once per block.
+// z = loc + s e and log f(e) - log_scale of a block in one sample; s = exp(log_scale) once per block,
+// or with `scale` the scales as they are (no log_q then: log_scale is null).
 template <int F, typename T>
 struct ForwardBlock {
-  ForwardBlock(const T* loc, const T* log_scale) : loc(loc), log_scale(log_scale) {}
+  ForwardBlock(const T* loc, const T* log_scale, const T* scale = nullptr)
+      : loc(loc), log_scale(log_scale), scale(scale) {}
   const T* loc;
   const T* log_scale;
+  const T* scale;
+  const T* sp = nullptr;  // the block's scales: s, or scale's own
   alignas(64) T s[kBlock], e[kBlock], psi[kBlock];
 
-  void prepare(int64_t b0, int64_t n) { exp_block(log_scale + b0, n, s); }
+  void prepare(int64_t b0, int64_t n) {
+    if (scale) {
+      sp = scale + b0;
+      return;
+    }
+    exp_block(log_scale + b0, n, s);
+    sp = s;
+  }
 
   void draw(const int32_t* x, int64_t b0, int64_t n, T* z, T* log_f, bool with_log_q) {
     noise_block<F>(x, n, e, log_f, psi);
     const T* m = loc + b0;
-    for (int64_t i = 0; i < n; ++i) z[i] = m[i] + s[i] * e[i];
+    const T* __restrict st = sp;
+    for (int64_t i = 0; i < n; ++i) z[i] = m[i] + st[i] * e[i];
     if (with_log_q) {
       const T* ls = log_scale + b0;
       for (int64_t i = 0; i < n; ++i) log_f[i] -= ls[i];
@@ -283,12 +295,14 @@ struct ForwardBlock {
 // dloc = sum_k dz_k (+ (sum_k dq_k psi_k) / s with stop_score),
 // dlog_scale = s sum_k dz_k e_k + (sum_k dq_k psi_k e_k with stop_score, else -sum_k dq_k).
 // The score's 1 / s multiplies the sum once: a zero sum stays 0 where 1 / s overflows.
+// With `scale`, s is read as it is (log_scale is null).
 template <int F, typename T>
 struct BackwardBlock {
-  BackwardBlock(const T* dz, const T* log_scale, bool stop_score, T* dloc, T* dlog_scale)
-      : dz(dz), log_scale(log_scale), stop_score(stop_score), dloc(dloc), dlog_scale(dlog_scale) {}
+  BackwardBlock(const T* dz, const T* log_scale, bool stop_score, T* dloc, T* dlog_scale, const T* scale = nullptr)
+      : dz(dz), log_scale(log_scale), scale(scale), stop_score(stop_score), dloc(dloc), dlog_scale(dlog_scale) {}
   const T* dz;
   const T* log_scale;
+  const T* scale;
   bool stop_score;
   T* dloc;
   T* dlog_scale;
@@ -321,8 +335,13 @@ struct BackwardBlock {
   }
 
   void finish(int64_t b0, int64_t n) {
-    alignas(64) T s[kBlock];
-    exp_block(log_scale + b0, n, s);
+    alignas(64) T s_buf[kBlock];
+    const T* s = s_buf;
+    if (scale) {
+      s = scale + b0;
+    } else {
+      exp_block(log_scale + b0, n, s_buf);
+    }
     for (int64_t i = 0; i < n; ++i) {
       const T score = acc_psi[i] == T(0) ? T(0) : acc_psi[i] / s[i];
       dloc[b0 + i] = acc_z[i] + score;
@@ -330,6 +349,16 @@ struct BackwardBlock {
     }
   }
 };
+
+// out[i] = log(scale[i]) with log's values at the edges (fast_log_of_scale;
+// libm's in float64): the log-scales the KL reads where the kernels take scales.
+FASTVAE_CLONES void log_of_scale_f32(const float* scale, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = fast_log_of_scale(scale[i]);
+}
+FASTVAE_INLINE void log_of_scale(const float* scale, int64_t n, float* out) { log_of_scale_f32(scale, n, out); }
+FASTVAE_INLINE void log_of_scale(const double* scale, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::log(scale[i]);
+}
 
 }  // namespace location_scale
 }  // namespace
@@ -359,13 +388,32 @@ void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, 
 template <typename T>
 void sample_location_scale_kl_forward(const T* loc, const T* log_scale, const T* prior_loc,
                                       const T* prior_log_scale, bool prior_shared, uint64_t seed, int family,
-                                      int kl_family, int64_t K, int64_t N, int64_t L, T* z, T* kl, int n_threads) {
+                                      int kl_family, int64_t K, int64_t N, int64_t L, T* z, T* kl, int n_threads,
+                                      bool of_scale) {
   const FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
+  const T* scale = of_scale ? log_scale : nullptr;  // of_scale: `log_scale` points at the scales
   sampler::by_family<5>(family, [&](auto f) {
     sampler::forward_rows<T>(
         seed, 0, N * L, L, K, N, L, z, nullptr, n_threads,
-        [&] { return location_scale::ForwardBlock<decltype(f)::value, T>(loc, log_scale); },
-        [&](int64_t r0, int64_t r1) { family_kl_forward_rows<T>(kl_family, in, r0, r1, kl); });
+        [&] {
+          return location_scale::ForwardBlock<decltype(f)::value, T>(loc, of_scale ? nullptr : log_scale, scale);
+        },
+        [&](int64_t r0, int64_t r1) {
+          if (!of_scale) return family_kl_forward_rows<T>(kl_family, in, r0, r1, kl);
+          // the KL of the tile's rows from their log-scales, taken once here while the tile is in cache
+          const int64_t base = r0 * L, n = (r1 - r0) * L;
+          std::vector<T> tile_log_scale(static_cast<size_t>(n));
+          location_scale::log_of_scale(scale + base, n, tile_log_scale.data());
+          FamilyKLIn<T> tile = in;
+          tile.q_loc = loc + base;
+          tile.q_log_param = tile_log_scale.data();
+          if (!prior_shared) {
+            tile.p_loc = prior_loc + base;
+            tile.p_log_param = prior_log_scale + base;
+          }
+          tile.N = r1 - r0;
+          family_kl_forward_rows<T>(kl_family, tile, 0, r1 - r0, kl + r0);
+        });
   });
 }
 
@@ -373,22 +421,33 @@ template <typename T>
 void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* loc, const T* log_scale,
                                        const T* prior_loc, const T* prior_log_scale, bool prior_shared,
                                        uint64_t seed, int family, int kl_family, int64_t K, int64_t N, int64_t L,
-                                       T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads) {
+                                       T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads,
+                                       bool of_scale) {
   FamilyKLIn<T> in{loc, log_scale, prior_loc, prior_log_scale, prior_shared, N, L};
   const FamilyKLPeriodicPrior<T> periodic(in);  // the KL's hook runs per block: its prior's columns laid out once
+  const T* scale = of_scale ? log_scale : nullptr;  // of_scale: `log_scale` points at the scales
   sampler::by_family<5>(family, [&](auto f) {
     sampler::backward_blocks<T>(
         nullptr, seed, dz ? K : 0, N, L, n_threads,  // no grad_z: no sample's terms, the KL's gradients alone
         [&] {
-          return location_scale::BackwardBlock<decltype(f)::value, T>(dz, log_scale, false, dloc, dlog_scale);
+          return location_scale::BackwardBlock<decltype(f)::value, T>(dz, of_scale ? nullptr : log_scale, false,
+                                                                      dloc, dlog_scale, scale);
         },
         [&](int64_t b0, int64_t n) {
           if (grad_kl) {
+            alignas(64) T block_log_scale[sampler::kBlock];
+            if (of_scale) location_scale::log_of_scale(scale + b0, n, block_log_scale);
             family_kl_add_backward<T>(kl_family, grad_kl, in, b0, n, dloc, dlog_scale, dprior_loc,
-                                      dprior_log_scale);
+                                      dprior_log_scale, of_scale ? block_log_scale : nullptr);
           } else {  // no KL term: the prior's gradients are 0
             if (dprior_loc) std::fill(dprior_loc + b0, dprior_loc + b0 + n, T(0));
             if (dprior_log_scale) std::fill(dprior_log_scale + b0, dprior_log_scale + b0 + n, T(0));
+          }
+          // of_scale: the scale's gradient, as autograd takes it through log_scale = log(scale)
+          if (of_scale) {
+            T* d = dlog_scale + b0;
+            const T* sc = scale + b0;
+            for (int64_t i = 0; i < n; ++i) d[i] = d[i] / sc[i];
           }
         });
   });
@@ -408,17 +467,17 @@ template void sample_location_scale_backward<double>(const double*, const double
 
 template void sample_location_scale_kl_forward<float>(const float*, const float*, const float*, const float*, bool,
                                                       uint64_t, int, int, int64_t, int64_t, int64_t, float*, float*,
-                                                      int);
+                                                      int, bool);
 template void sample_location_scale_kl_forward<double>(const double*, const double*, const double*, const double*,
                                                        bool, uint64_t, int, int, int64_t, int64_t, int64_t, double*,
-                                                       double*, int);
+                                                       double*, int, bool);
 template void sample_location_scale_kl_backward<float>(const float*, const float*, const float*, const float*,
                                                        const float*, const float*, bool, uint64_t, int, int, int64_t,
-                                                       int64_t, int64_t, float*, float*, float*, float*, int);
+                                                       int64_t, int64_t, float*, float*, float*, float*, int, bool);
 template void sample_location_scale_kl_backward<double>(const double*, const double*, const double*, const double*,
                                                         const double*, const double*, bool, uint64_t, int, int,
                                                         int64_t, int64_t, int64_t, double*, double*, double*,
-                                                        double*, int);
+                                                        double*, int, bool);
 
 // -- sample_positive ----------------------------------------------------------
 namespace {
@@ -648,7 +707,8 @@ FamilyKLIn<T> kl_in(int kl_family, const T* log_p0, const T* log_p1, const T* pr
 template <typename T>
 void sample_positive_kl_forward(const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
                                 bool prior_shared, uint64_t seed, int family, int kl_family, int64_t K, int64_t N,
-                                int64_t L, T* z, T* kl, int n_threads) {
+                                int64_t L, T* z, T* kl, int n_threads, bool of_scale) {
+  if (of_scale) throw std::invalid_argument("of_scale: sample_positive takes its parameters as logs");
   const FamilyKLIn<T> in =
       positive::kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
   sampler::by_family<3>(family, [&](auto f) {
@@ -663,7 +723,8 @@ template <typename T>
 void sample_positive_kl_backward(const T* dz, const T* grad_kl, const T* log_p0, const T* log_p1,
                                  const T* prior_log_p0, const T* prior_log_p1, bool prior_shared, uint64_t seed,
                                  int family, int kl_family, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
-                                 T* dprior_log_p0, T* dprior_log_p1, int n_threads) {
+                                 T* dprior_log_p0, T* dprior_log_p1, int n_threads, bool of_scale) {
+  if (of_scale) throw std::invalid_argument("of_scale: sample_positive takes its parameters as logs");
   FamilyKLIn<T> in = positive::kl_in(kl_family, log_p0, log_p1, prior_log_p0, prior_log_p1, prior_shared, N, L);
   const FamilyKLPeriodicPrior<T> periodic(in);  // the KL's hook runs per block: its prior's columns laid out once
   const bool has_loc = family_kl_has_loc(kl_family);
@@ -702,16 +763,16 @@ template void sample_positive_backward<double>(const double*, const double*, con
                                                int);
 
 template void sample_positive_kl_forward<float>(const float*, const float*, const float*, const float*, bool,
-                                                uint64_t, int, int, int64_t, int64_t, int64_t, float*, float*, int);
+                                                uint64_t, int, int, int64_t, int64_t, int64_t, float*, float*, int, bool);
 template void sample_positive_kl_forward<double>(const double*, const double*, const double*, const double*, bool,
                                                  uint64_t, int, int, int64_t, int64_t, int64_t, double*, double*,
-                                                 int);
+                                                 int, bool);
 template void sample_positive_kl_backward<float>(const float*, const float*, const float*, const float*,
                                                  const float*, const float*, bool, uint64_t, int, int, int64_t,
-                                                 int64_t, int64_t, float*, float*, float*, float*, int);
+                                                 int64_t, int64_t, float*, float*, float*, float*, int, bool);
 template void sample_positive_kl_backward<double>(const double*, const double*, const double*, const double*,
                                                   const double*, const double*, bool, uint64_t, int, int, int64_t,
-                                                  int64_t, int64_t, double*, double*, double*, double*, int);
+                                                  int64_t, int64_t, double*, double*, double*, double*, int, bool);
 
 }  // namespace fastvae
 

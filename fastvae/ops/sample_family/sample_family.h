@@ -25,10 +25,13 @@ void sample_location_scale_backward(const T* dz, const T* dlog_q, const T* loc, 
 // closed form of (loc, log_scale) against the prior (prior_loc, prior_log_scale:
 // (L,) when prior_shared, else (N, L)) summed over L into kl (N,), in the
 // sampler's loops (kl_family: KL_FAMILIES' index, a family with a location).
+// of_scale: `log_scale` holds q's scales themselves (a torch object's), whose
+// logs the KL takes per tile; the backward then gives the scales' gradients.
 template <typename T>
 void sample_location_scale_kl_forward(const T* loc, const T* log_scale, const T* prior_loc,
                                       const T* prior_log_scale, bool prior_shared, uint64_t seed, int family,
-                                      int kl_family, int64_t K, int64_t N, int64_t L, T* z, T* kl, int n_threads);
+                                      int kl_family, int64_t K, int64_t N, int64_t L, T* z, T* kl, int n_threads,
+                                      bool of_scale = false);
 
 // dloc, dlog_scale (N, L): the sampler's gradients from dz (K, N, L; null: none)
 // plus the KL's from grad_kl (N,; null: none); the prior's (N, L, before any
@@ -37,7 +40,8 @@ template <typename T>
 void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* loc, const T* log_scale,
                                        const T* prior_loc, const T* prior_log_scale, bool prior_shared,
                                        uint64_t seed, int family, int kl_family, int64_t K, int64_t N, int64_t L,
-                                       T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads);
+                                       T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads,
+                                       bool of_scale = false);
 
 // sample_positive: log_p0, log_p1 (N, L); z (K, N, L); log_q (K, N)
 // or null. family: 0 exponential, 1 Weibull, 2 Kumaraswamy
@@ -60,10 +64,11 @@ void sample_positive_backward(const T* dz, const T* dlog_q, const T* log_p0, con
 // log_p0 and prior_log_p0 alone), the Weibull's (its (log scale, log
 // concentration) and the Weibull prior's) or the Kumaraswamy's (its (log a,
 // log b) and the Beta prior's (log alpha, log beta)).
+// of_scale: must be false (the positive families' parameters are logs).
 template <typename T>
 void sample_positive_kl_forward(const T* log_p0, const T* log_p1, const T* prior_log_p0, const T* prior_log_p1,
                                 bool prior_shared, uint64_t seed, int family, int kl_family, int64_t K, int64_t N,
-                                int64_t L, T* z, T* kl, int n_threads);
+                                int64_t L, T* z, T* kl, int n_threads, bool of_scale = false);
 
 // dlog_p0, dlog_p1 (N, L): the sampler's gradients from dz (K, N, L; null:
 // none) plus the KL's from grad_kl (N,; null: none); the prior's (N, L, before
@@ -73,7 +78,7 @@ template <typename T>
 void sample_positive_kl_backward(const T* dz, const T* grad_kl, const T* log_p0, const T* log_p1,
                                  const T* prior_log_p0, const T* prior_log_p1, bool prior_shared, uint64_t seed,
                                  int family, int kl_family, int64_t K, int64_t N, int64_t L, T* dlog_p0, T* dlog_p1,
-                                 T* dprior_log_p0, T* dprior_log_p1, int n_threads);
+                                 T* dprior_log_p0, T* dprior_log_p1, int n_threads, bool of_scale = false);
 
 // The elements each of sample_concrete's elements counts as in the thread rule
 // (kMinWorkPerThread): its kernels take about four times a plain elementwise

@@ -379,19 +379,24 @@ def _location_scale_kl_problem(name, N, L, K, shared, bound, dtype, device):
     return (loc, ls), tuple(t.to(dtype).to(device) for t in (p_loc, p_ls, grad_z, grad_kl))
 
 
-def _location_scale_fused(backend_name, q, p, seed, family, kl_family, K, grad_z, grad_kl, need_dp):
-    """The fused kernels' (z, kl) and (dloc, dlog_scale, dprior_loc, dprior_log_scale)."""
+def _location_scale_fused(backend_name, q, p, seed, family, kl_family, K, grad_z, grad_kl, need_dp,
+                          of_scale=False):
+    """The fused kernels' (z, kl) and (dloc, dlog_scale, dprior_loc, dprior_log_scale);
+    with ``of_scale`` (cpp alone) q as (loc, scale), and its scale's gradient in dlog_scale's place."""
     (loc, ls), (p_loc, p_ls) = q, p
     N, L = loc.shape
     z, kl = loc.new_empty(K, N, L), loc.new_empty(N)
-    fastvae._backend.launch(backend_name, "sample_location_scale_kl_forward", z.numel(), loc=loc, log_scale=ls,
-                            prior_loc=p_loc, prior_log_scale=p_ls, seed=seed, family=family, kl_family=kl_family,
-                            z=z, kl=kl)
+    if of_scale:
+        def launch(_, kernel, work, **args):
+            fastvae._backend.launch_cpp(kernel, work, {"of_scale": True}, **args)
+    else:
+        launch = fastvae._backend.launch
+    launch(backend_name, "sample_location_scale_kl_forward", z.numel(), loc=loc, log_scale=ls, prior_loc=p_loc,
+           prior_log_scale=p_ls, seed=seed, family=family, kl_family=kl_family, z=z, kl=kl)
     d = [torch.full_like(loc, float("nan")) for _ in range(4 if need_dp else 2)] + [None] * (0 if need_dp else 2)
-    fastvae._backend.launch(backend_name, "sample_location_scale_kl_backward", z.numel(), grad_z=grad_z,
-                            grad_kl=grad_kl, loc=loc, log_scale=ls, prior_loc=p_loc, prior_log_scale=p_ls, seed=seed,
-                            family=family, kl_family=kl_family, dloc=d[0], dlog_scale=d[1], dprior_loc=d[2],
-                            dprior_log_scale=d[3])
+    launch(backend_name, "sample_location_scale_kl_backward", z.numel(), grad_z=grad_z, grad_kl=grad_kl, loc=loc,
+           log_scale=ls, prior_loc=p_loc, prior_log_scale=p_ls, seed=seed, family=family, kl_family=kl_family,
+           dloc=d[0], dlog_scale=d[1], dprior_loc=d[2], dprior_log_scale=d[3])
     return (z, kl), d
 
 
@@ -472,6 +477,25 @@ def test_location_scale_fused_kl_matches_the_float64_oracle(backend, family, dty
     """Values and every gradient against plain float64 autograd of the draw
     and family_kl's formula, with the prior's gradients summed back to a
     shared prior's (L,) as the objectives do."""
+    _check_fused_kl_against_the_oracle(backend, family, dtype, N, L, K, shared, bound, False)
+
+
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ kernels' scale form")
+@pytest.mark.parametrize("family", KL_LOCATION_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# and q's of several of the forward's tiles (8192 elements each), with a prior per row and a shared one
+@pytest.mark.parametrize("N, L, K, shared, bound",
+                         LOCATION_SCALE_KL_CASES + [(301, 33, 2, False, 3.0), (263, 41, 1, True, 3.0)])
+def test_location_scale_fused_kl_of_scale_matches_the_float64_oracle(family, dtype, N, L, K, shared, bound):
+    """The C++ kernels with q's scale as it is (of_scale: a torch object's,
+    logged in the kernels): values and every gradient, the scale's own in
+    place of the log-scale's, against float64 autograd through log(scale);
+    odd sizes, several samples, rows longer than a block, several tiles,
+    scales e^-20 to e^20."""
+    _check_fused_kl_against_the_oracle(("cpp", "cpu"), family, dtype, N, L, K, shared, bound, True)
+
+
+def _check_fused_kl_against_the_oracle(backend, family, dtype, N, L, K, shared, bound, of_scale):
     from fastvae._families import KL_FAMILIES
     from fastvae.ops.family_kl import family_kl_terms
     from fastvae.ops.family_kl.test_family_kl import grad_size, term_size
@@ -482,18 +506,20 @@ def test_location_scale_fused_kl_matches_the_float64_oracle(backend, family, dty
     (loc, ls), (p_loc, p_ls, grad_z, grad_kl) = _location_scale_kl_problem(family, N, L, K, shared, bound, dtype,
                                                                            device)
     seed = N * 1000 + L
-    (z, kl), d = _location_scale_fused(name, (loc, ls), (p_loc, p_ls), seed_tensor(seed, device),
+    q_b = torch.exp(ls) if of_scale else ls  # the scale in the input dtype, as a torch object holds it
+    (z, kl), d = _location_scale_fused(name, (loc, q_b), (p_loc, p_ls), seed_tensor(seed, device),
                                        LOCATION_SCALE_FAMILIES.index(family), KL_FAMILIES.index(family), K, grad_z,
-                                       grad_kl, True)
-    leaves = [t.double().cpu().requires_grad_() for t in (loc, ls, p_loc, p_ls)]
-    z_ref, _ = location_scale_oracle(family, leaves[0], leaves[1], seed, K, dtype)
-    terms = family_kl_terms(KL_FAMILIES.index(family), *leaves)
+                                       grad_kl, True, of_scale)
+    leaves = [t.double().cpu().requires_grad_() for t in (loc, q_b, p_loc, p_ls)]
+    q_ls = torch.log(leaves[1]) if of_scale else leaves[1]
+    z_ref, _ = location_scale_oracle(family, leaves[0], q_ls, seed, K, dtype)
+    terms = family_kl_terms(KL_FAMILIES.index(family), leaves[0], q_ls, *leaves[2:])
     kl_ref = terms.sum(-1)
     gz, gkl = grad_z.double().cpu(), grad_kl.double().cpu()
     refs = torch.autograd.grad((z_ref * gz).sum() + (kl_ref * gkl).sum(), leaves, allow_unused=True)
     refs = [torch.zeros_like(t) if r is None else r for r, t in zip(refs, leaves)]  # (the uniform's prior loc)
     e, _, _ = oracle_noise(family, seed, (K, N, L), dtype)
-    args = [t.detach() for t in leaves]
+    args = [t.detach() for t in (leaves[0], q_ls, *leaves[2:])]
     s = torch.exp(args[1])
     assert_close(z, z_ref, args[0].abs() + s * (e.abs() + 2.0), "z")
     # the KL's part: family_kl's own tolerance (its terms' sizes, their arguments' relative errors)
@@ -503,7 +529,7 @@ def test_location_scale_fused_kl_matches_the_float64_oracle(backend, family, dty
     per_unit = torch.exp(-args[1]) + torch.exp(-args[3].expand_as(args[1]))  # a location's: per unit of scale
     sampler = (gz.abs().sum(0), (gz * e).abs().sum(0) * s)
     for name, got, want, scale in (("dloc", d[0], refs[0], sampler[0] + kl_scale * per_unit),
-                                   ("dlog_scale", d[1], refs[1], sampler[1] + kl_scale),
+                                   ("dlog_scale", d[1], refs[1], (sampler[1] + kl_scale) / (s if of_scale else 1.0)),
                                    ("dprior_loc", d[2], refs[2], kl_scale * per_unit),
                                    ("dprior_log_scale", d[3], refs[3], kl_scale)):
         if shared and name.startswith("dprior"):  # per row: summed back to the (L,) prior
@@ -539,6 +565,24 @@ def test_location_scale_fused_kl_binding_names_a_wrong_argument():
         C.sample_location_scale_kl_forward(loc.astype("float16"), ls.astype("float16"), p.astype("float16"),
                                            p.astype("float16"), 1, 1, 0, z.astype("float16"),
                                            kl.astype("float16"), 1)
+
+
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ binding's checks")
+def test_only_the_location_scale_fused_kl_takes_a_scale():
+    """of_scale is sample_location_scale_kl_*'s keyword (off by default); the
+    positive sampler, whose parameters are logs, refuses it by name."""
+    C, (a, b, p, z, kl) = fastvae._backend.cpp_module(), _kl_binding_arrays()
+    scale = torch.ones(4, 3).numpy()
+    kl.fill(1.0)
+    C.sample_location_scale_kl_forward(a, scale, p, p, 1, 1, 0, z, kl, 1, of_scale=True)
+    z_log, kl_log = z.copy(), kl.copy()
+    C.sample_location_scale_kl_forward(a, b, p, p, 1, 1, 0, z_log, kl_log, 1)  # log-scale 0: the same unit scales
+    assert (z == z_log).all() and (kl == 0).all() and (kl_log == 0).all()  # Laplace(0, 1) against itself
+    with pytest.raises(ValueError, match="of_scale: sample_positive takes its parameters as logs"):
+        C.sample_positive_kl_forward(a, b, p, p, 1, 0, 4, z, kl, 1, of_scale=True)
+    d = [torch.zeros(4, 3).numpy() for _ in range(2)]
+    with pytest.raises(ValueError, match="of_scale: sample_positive takes its parameters as logs"):
+        C.sample_positive_kl_backward(z, kl, a, b, p, p, 1, 0, 4, d[0], d[1], None, None, 1, of_scale=True)
 
 
 def _location_scale_fused_and_separate(family, p_shape, dtype, device, K, create_graph=False):

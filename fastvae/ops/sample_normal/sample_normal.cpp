@@ -49,20 +49,10 @@ void exp_in_place(double* x, int64_t n) {
 }
 
 // lv[i] = 2 log(scale[i]): a torch Normal's scale read as the logvar the
-// kernels take, in their loops instead of two torch ops each way. log's values
-// at the edges: 0 gives -inf, inf gives inf, a negative scale or NaN gives NaN;
-// subnormal scales are scaled into the normal range first (fast_log_positive
-// reads the exponent bits).
+// kernels take, in their loops instead of two torch ops each way, with log's
+// values at the edges (fast_log_of_scale).
 FASTVAE_CLONES void logvar_of_scale_f32(const float* scale, int64_t n, float* lv) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = scale[i];
-    const bool tiny = x < 1.17549435e-38f;  // below FLT_MIN: times 2^23, less 23 log 2
-    const float y = fast_log_positive(tiny ? x * 8388608.0f : x) - (tiny ? 15.9423851528787f : 0.0f);
-    float v = 2.0f * y;
-    v = x == 0.0f ? -INFINITY : v;
-    v = x == INFINITY ? INFINITY : v;
-    lv[i] = x >= 0.0f ? v : NAN;
-  }
+  for (int64_t i = 0; i < n; ++i) lv[i] = 2.0f * fast_log_of_scale(scale[i]);
 }
 
 void logvar_of_scale(const float* scale, int64_t n, float* lv) { logvar_of_scale_f32(scale, n, lv); }
