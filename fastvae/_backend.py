@@ -298,11 +298,14 @@ def launch_cpp(kernel: str, work: int, options: dict, **args) -> None:
     kernel takes: a variant of its inputs' form that the other backends do
     not have (sample_location_scale_kl_*'s of_scale, which the eager plans
     pass)."""
-    if tuple(args) != _ARGS[kernel] or not set(options) <= set(_registry.KERNELS[kernel].cpp_options):
+    if tuple(args) != _ARGS[kernel] or (options and not _CPP_OPTIONS[kernel].issuperset(options)):
         raise TypeError(f"{kernel} takes ({', '.join(_ARGS[kernel])}) and the options "
                         f"({', '.join(_registry.KERNELS[kernel].cpp_options)}), got ({', '.join(args)}) and "
                         f"({', '.join(options)})")
     _run_cpp(_functions.get(("cpp", kernel)) or kernel_function("cpp", kernel), args, work, options)
+
+
+_NO_OPTIONS: dict = {}  # (never written)
 
 
 def _run_cpp(fn, args: dict, work: int, options: dict | None = None) -> None:
@@ -311,7 +314,7 @@ def _run_cpp(fn, args: dict, work: int, options: dict | None = None) -> None:
     # detach only what requires grad: it costs as much as the view
     values = [v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else _numpy(v)
               for k, v in args.items()]
-    options = options or {}
+    options = options or _NO_OPTIONS
     try:
         fn(*values, num_threads(work), **options)
     except cpp_module().MisalignedArrayError:
@@ -323,6 +326,7 @@ def _run_cpp(fn, args: dict, work: int, options: dict | None = None) -> None:
 
 
 _ARGS = {name: k.args for name, k in _registry.KERNELS.items()}
+_CPP_OPTIONS = {name: frozenset(k.cpp_options) for name, k in _registry.KERNELS.items()}
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
