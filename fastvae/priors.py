@@ -31,12 +31,16 @@ import torch
 from torch import Tensor
 from torch.distributions import (
     Bernoulli,
+    Cauchy,
     Distribution,
+    Gumbel,
     Independent,
+    Laplace,
     Normal,
     OneHotCategorical,
     RelaxedBernoulli,
     RelaxedOneHotCategorical,
+    Uniform,
 )
 
 from . import _backend, _validate
@@ -192,6 +196,9 @@ class TorchPrior:
                              f"C = {self.dist.event_shape[-1]} categories, got z of shape {tuple(z.shape)} (a "
                              "BinaryConcrete's z (..., L) takes a Bernoulli or RelaxedBernoulli prior)")
         (z,) = widened(z)
+        lp = _location_scale_log_prob(self.dist, z)
+        if lp is not None:
+            return lp
         lp = self.dist.log_prob(z)
         extra = self.z_dims - len(self.dist.event_shape)
         return lp.sum(tuple(range(-extra, 0))) if extra > 0 else lp
@@ -202,6 +209,56 @@ class TorchPrior:
 
     def __repr__(self) -> str:
         return f"TorchPrior({self.dist!r})"
+
+
+LOG_PI = math.log(math.pi)
+
+
+def _location_scale_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
+    """log p(z) summed over L for a torch Laplace, Gumbel, Cauchy or Uniform
+    prior (or an Independent of one over L) whose parameters are of shape ()
+    or (L,) in z's dtype and device, in fewer passes over z (..., L) than its
+    own log_prob: the parameters' reciprocals and logs taken once on (L,), no
+    full-size tensor per term, a uniform's support test in booleans. None for
+    anything else (torch's log_prob then). Where the object validates its
+    arguments (torch's default) and the result shows a z it would refuse (a
+    NaN; a uniform's z outside [low, high]), torch's own log_prob runs and
+    raises its error. Values equal torch's to float rounding. Under
+    torch.compile, torch's log_prob as it traces it (the check here reads a
+    value on the host)."""
+    base, n = (dist.base_dist, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else (dist, 0)
+    kind = type(base)
+    if kind not in _LOCATION_SCALE_PRIORS or n > 1 or z.dim() == 0 or torch.compiler.is_compiling():
+        return None
+    L = z.shape[-1]
+    a, b = (base.low, base.high) if kind is Uniform else (base.loc, base.scale)
+    if any(t.dtype != z.dtype or t.device != z.device or t.shape not in ((), (L,)) for t in (a, b)):
+        return None
+    a, b = a.expand(L), b.expand(L)
+    if kind is Uniform:
+        inside = ((z >= a) & (z < b)).all(-1)
+        log_width = torch.log(b - a).sum()
+        lp = torch.where(inside, -log_width, -math.inf)
+        refused = base._validate_args and not bool(inside.all())
+    else:
+        d = z - a
+        inv = torch.reciprocal(b)
+        if kind is Laplace:  # -|z - loc| / b - log 2b: the sum over L as a product with 1 / b
+            lp = -(d.abs() @ inv) - torch.log(2.0 * b).sum()
+        elif kind is Gumbel:  # -(t + e^-t) - log b, t = (z - loc) / b
+            t = d * inv
+            lp = -(t + torch.exp(-t)).sum(-1) - torch.log(b).sum()
+        else:  # Cauchy: -log(pi b) - log1p(t^2)
+            t = d * inv
+            lp = -torch.log1p(t.square()).sum(-1) - (torch.log(b).sum() + L * LOG_PI)
+        refused = base._validate_args and bool(torch.isnan(lp).any())
+    if refused:  # torch's check names the value (or, a NaN from elsewhere, its log_prob gives the same NaN)
+        lp = dist.log_prob(z)
+        return lp if n == 1 else lp.sum(-1)
+    return lp
+
+
+_LOCATION_SCALE_PRIORS = (Laplace, Gumbel, Cauchy, Uniform)
 
 
 def _torch_prior(prior: Distribution, latent_size: int | None, device: torch.device | None) -> Any:

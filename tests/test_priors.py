@@ -503,3 +503,114 @@ def test_a_scalar_torch_normal_prior_follows_the_posteriors_device():
     p = check_prior(dist.Independent(dist.Normal(torch.zeros(3), torch.ones(3)), 1), 3, meta)
     assert p.mu.device.type == "cpu"
     assert check_prior(dist.Normal(0.0, 1.0), 3).mu.device.type == "cpu"  # no posterior device: as given
+
+
+def _location_scale_prior(family, shape, dtype, requires_grad=False, independent=False):
+    g = torch.Generator().manual_seed(len(family) + len(shape))
+    a = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    b = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 + 0.2).to(dtype)
+    if family == "uniform":
+        a, b = a - 6.0, a + 6.0 + b
+    a, b = a.requires_grad_(requires_grad), b.requires_grad_(requires_grad)
+    cls = {"laplace": dist.Laplace, "gumbel": dist.Gumbel, "cauchy": dist.Cauchy, "uniform": dist.Uniform}[family]
+    d = cls(a, b) if shape else cls(a, b).expand((7,))
+    return (dist.Independent(d, 1) if independent else d), (a, b)
+
+
+@pytest.mark.parametrize("family", ["laplace", "gumbel", "cauchy", "uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, independent", [((7,), False), ((7,), True), ((), False)])
+@pytest.mark.parametrize("z_shape", [(3, 5, 7), (1, 1, 7), (7,)])
+def test_a_torch_location_scale_priors_log_density_is_torchs(family, dtype, shape, independent, z_shape):
+    """A torch Laplace, Gumbel, Cauchy or Uniform prior's log p(z) summed over
+    L, as fastvae takes it in fewer passes over z: the float64 log_prob's
+    values, and its gradients to z and to learned (L,) or 0-d parameters, to
+    float rounding; z of several samples, one row, and a single latent."""
+    from fastvae.priors import TorchPrior
+
+    d, params = _location_scale_prior(family, shape, dtype, requires_grad=True, independent=independent)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(z_shape, generator=g, dtype=torch.float64) * 3
+    if family == "uniform":  # inside the prior's support (a z outside it: the test below)
+        z = z.clamp(-5.0, 5.0)
+    z = z.to(dtype).requires_grad_()
+    got = TorchPrior(d).log_prob(z)
+    d64, params64 = _location_scale_prior(family, shape, torch.float64, requires_grad=True, independent=independent)
+    z64 = z.detach().double().requires_grad_()
+    want = d64.log_prob(z64)
+    want = want if independent else want.sum(-1)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert torch.isfinite(want).all()
+    assert_close(got, want, 1 + want.abs(), family)
+    leaves, leaves64 = [z, *params], [z64, *params64]
+    grads = torch.autograd.grad(got.sum(), leaves, allow_unused=True)
+    grads64 = torch.autograd.grad(want.sum(), leaves64, allow_unused=True)
+    for name, a, b in zip(("z", "a", "b"), grads, grads64):
+        if b is None or (family == "uniform" and name == "z"):  # (a uniform's density has no z gradient)
+            assert a is None or not a.abs().any(), name
+            continue
+        assert_close(a, b, 1 + b.abs(), f"{family} d{name}")
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_torch_uniform_priors_density_outside_its_support(validate):
+    """A z outside a torch Uniform prior's [low, high): -inf for that row
+    without argument validation (torch's value); with it (torch's default),
+    torch's own error, as before. A z at high is inside torch's check and
+    outside the density: -inf either way."""
+    from fastvae.priors import TorchPrior
+
+    prior = TorchPrior(dist.Uniform(torch.zeros(3), torch.ones(3), validate_args=validate))
+    z = torch.tensor([[0.5, 0.5, 0.5], [0.5, 1.5, 0.5], [0.0, 0.25, 1.0]])
+    if validate:
+        with pytest.raises(ValueError, match="support"):
+            prior.log_prob(z)
+        assert prior.log_prob(z[[0, 2]]).tolist() == [0.0, -math.inf]
+    else:
+        assert prior.log_prob(z).tolist() == [0.0, -math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("family", ["laplace", "gumbel", "cauchy"])
+def test_a_nan_z_meets_torchs_check_of_a_location_scale_prior(family):
+    """A NaN in z: torch's argument check refuses it by name where the prior
+    validates (its default), and the density is NaN where it does not, as
+    torch's own log_prob gives them; never a finite number."""
+    from fastvae.priors import TorchPrior
+
+    cls = {"laplace": dist.Laplace, "gumbel": dist.Gumbel, "cauchy": dist.Cauchy}[family]
+    z = torch.tensor([[0.5, math.nan], [0.1, 0.2]])
+    with pytest.raises(ValueError, match="support"):
+        TorchPrior(cls(torch.zeros(2), torch.ones(2), validate_args=True)).log_prob(z)
+    lp = TorchPrior(cls(torch.zeros(2), torch.ones(2), validate_args=False)).log_prob(z)
+    assert math.isnan(lp[0]) and math.isfinite(lp[1])
+
+
+def test_a_location_scale_prior_of_other_shapes_keeps_torchs_log_prob(monkeypatch):
+    """A prior with a batch shape, or of another dtype than z, takes torch's
+    own log_prob (the faster form reads (L,) or 0-d parameters of z's dtype)."""
+    import fastvae.priors as priors
+
+    calls = []
+    fast = priors._location_scale_log_prob
+    monkeypatch.setattr(priors, "_location_scale_log_prob", lambda d, z: calls.append(fast(d, z)) or calls[-1])
+    z = torch.randn(4, 3)
+    for d in (dist.Laplace(torch.zeros(4, 3), torch.ones(4, 3)), dist.Laplace(torch.zeros(3).double(), torch.ones(3))):
+        got = priors.TorchPrior(d).log_prob(z)
+        assert calls[-1] is None
+        assert torch.allclose(got, d.log_prob(z.to(d.loc.dtype)).sum(-1).to(got.dtype))
+    priors.TorchPrior(dist.Laplace(torch.zeros(3), torch.ones(3))).log_prob(z)
+    assert calls[-1] is not None
+
+
+@pytest.mark.parametrize("family", ["laplace", "gumbel", "cauchy", "uniform"])
+def test_a_half_precision_z_takes_a_float32_location_scale_prior_density(family):
+    """A bfloat16 z (a half-precision encoder's sample) is widened to float32
+    first: a float32 log p(z), torch's log_prob of the widened z to rounding."""
+    from fastvae.priors import TorchPrior
+
+    d, _ = _location_scale_prior(family, (7,), torch.float32)
+    z = (torch.randn(4, 7, generator=torch.Generator().manual_seed(2)).clamp(-4, 4)).bfloat16()
+    got = TorchPrior(d).log_prob(z)
+    want = d.log_prob(z.float()).sum(-1)
+    assert got.dtype == torch.float32
+    assert_close(got, want, 1 + want.abs(), family)
