@@ -228,7 +228,7 @@ def _location_scale_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
     value on the host)."""
     base, n = (dist.base_dist, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else (dist, 0)
     kind = type(base)
-    if kind not in _LOCATION_SCALE_PRIORS or n > 1 or z.dim() == 0 or torch.compiler.is_compiling():
+    if kind not in _LOCATION_SCALE_PRIORS or n > 1 or z.dim() == 0 or _backend.compiling():
         return None
     L = z.shape[-1]
     a, b = (base.low, base.high) if kind is Uniform else (base.loc, base.scale)
@@ -244,7 +244,9 @@ def _location_scale_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
         d = z - a
         inv = torch.reciprocal(b)
         if kind is Laplace:  # -|z - loc| / b - log 2b: the sum over L as a product with 1 / b
-            lp = -(d.abs() @ inv) - torch.log(2.0 * b).sum()
+            # (not under autocast, which would run the product in half precision)
+            t = d.abs()
+            lp = -((t * inv).sum(-1) if torch._C._is_any_autocast_enabled() else t @ inv) - torch.log(2.0 * b).sum()
         elif kind is Gumbel:  # -(t + e^-t) - log b, t = (z - loc) / b
             t = d * inv
             lp = -(t + torch.exp(-t)).sum(-1) - torch.log(b).sum()

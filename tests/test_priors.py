@@ -614,3 +614,17 @@ def test_a_half_precision_z_takes_a_float32_location_scale_prior_density(family)
     want = d.log_prob(z.float()).sum(-1)
     assert got.dtype == torch.float32
     assert_close(got, want, 1 + want.abs(), family)
+
+
+def test_a_laplace_priors_density_under_cpu_autocast_stays_float32():
+    """Under autocast (bfloat16 matmuls) a Laplace prior's sum over L is not a
+    half-precision product: its float32 value, to float32 rounding."""
+    from fastvae.priors import TorchPrior
+
+    d, _ = _location_scale_prior("laplace", (7,), torch.float32)
+    z = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(4)) * 3
+    want = d.log_prob(z.double()).sum(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = TorchPrior(d).log_prob(z)
+    assert got.dtype == torch.float32
+    assert_close(got, want, 1 + want.abs(), "laplace under autocast")
