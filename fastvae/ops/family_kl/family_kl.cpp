@@ -877,20 +877,15 @@ void family_kl_forward_rows(int family, const FamilyKLIn<T>& in, int64_t r0, int
 
 template <typename T>
 void family_kl_add_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, int64_t e0, int64_t n,
-                            T* dq_loc, T* dq_log_param, T* dp_loc, T* dp_log_param, const T* q_log_param_block) {
-  if (q_log_param_block == nullptr) {
-    return add_backward(family, grad_kl, in, e0, n, dq_loc, dq_log_param, dp_loc, dp_log_param);
-  }
-  FamilyKLIn<T> block_in = in;
-  block_in.q_log_param_block = q_log_param_block;
-  add_backward(family, grad_kl, block_in, e0, n, dq_loc, dq_log_param, dp_loc, dp_log_param);
+                            T* dq_loc, T* dq_log_param, T* dp_loc, T* dp_log_param) {
+  add_backward(family, grad_kl, in, e0, n, dq_loc, dq_log_param, dp_loc, dp_log_param);
 }
 
 template void family_kl_forward_rows<float>(int, const FamilyKLIn<float>&, int64_t, int64_t, float*);
 template void family_kl_forward_rows<double>(int, const FamilyKLIn<double>&, int64_t, int64_t, double*);
 template void family_kl_add_backward<float>(int, const float*, const FamilyKLIn<float>&, int64_t, int64_t, float*,
-                                            float*, float*, float*, const float*);
+                                            float*, float*, float*);
 template void family_kl_add_backward<double>(int, const double*, const FamilyKLIn<double>&, int64_t, int64_t,
-                                             double*, double*, double*, double*, const double*);
+                                             double*, double*, double*, double*);
 
 }  // namespace fastvae

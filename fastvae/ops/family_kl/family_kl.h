@@ -37,7 +37,7 @@ struct FamilyKLIn {
   const T* p_loc_periodic = nullptr;  // p_loc[j % L] for j < L + 512, or null
   const T* p_log_param_periodic = nullptr;
   // family_kl_add_backward's block of q's log-params, in place of
-  // q_log_param + e0 (its q_log_param_block argument), or null
+  // q_log_param + e0, or null (a sampler that takes scales logs them per block)
   const T* q_log_param_block = nullptr;
 };
 
@@ -81,15 +81,13 @@ void family_kl_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, b
 // while the sampler's tile or block is in cache (sample_family.cpp's hooks):
 // kl[r0 .. r1) summed over L; and the gradients of elements e0 .. e0 + n - 1
 // (n <= 512) from grad_kl (N,), q's added to what dq_loc, dq_log_param hold
-// (the sampler's), p's written where dp_* are not null. q_log_param_block,
-// when not null, holds those elements' q log-params in place of
-// in.q_log_param + e0 (a sampler that takes scales logs them per block).
+// (the sampler's), p's written where dp_* are not null; q's log-params from
+// in.q_log_param_block where it is set.
 template <typename T>
 void family_kl_forward_rows(int family, const FamilyKLIn<T>& in, int64_t r0, int64_t r1, T* kl);
 
 template <typename T>
 void family_kl_add_backward(int family, const T* grad_kl, const FamilyKLIn<T>& in, int64_t e0, int64_t n,
-                            T* dq_loc, T* dq_log_param, T* dp_loc, T* dp_log_param,
-                            const T* q_log_param_block = nullptr);
+                            T* dq_loc, T* dq_log_param, T* dp_loc, T* dp_log_param);
 
 }  // namespace fastvae

@@ -436,9 +436,13 @@ void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* l
         [&](int64_t b0, int64_t n) {
           if (grad_kl) {
             alignas(64) T block_log_scale[sampler::kBlock];
-            if (of_scale) location_scale::log_of_scale(scale + b0, n, block_log_scale);
-            family_kl_add_backward<T>(kl_family, grad_kl, in, b0, n, dloc, dlog_scale, dprior_loc,
-                                      dprior_log_scale, of_scale ? block_log_scale : nullptr);
+            FamilyKLIn<T> block = in;
+            if (of_scale) {
+              location_scale::log_of_scale(scale + b0, n, block_log_scale);
+              block.q_log_param_block = block_log_scale;
+            }
+            family_kl_add_backward<T>(kl_family, grad_kl, block, b0, n, dloc, dlog_scale, dprior_loc,
+                                      dprior_log_scale);
           } else {  // no KL term: the prior's gradients are 0
             if (dprior_loc) std::fill(dprior_loc + b0, dprior_loc + b0 + n, T(0));
             if (dprior_log_scale) std::fill(dprior_log_scale + b0, dprior_log_scale + b0 + n, T(0));
