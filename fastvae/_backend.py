@@ -297,7 +297,8 @@ def launch_cpp(kernel: str, work: int, options: dict, **args) -> None:
     """launch on the cpp backend, with keyword ``options`` that only the C++
     kernel takes: a variant of its inputs' form that the other backends do
     not have (sample_location_scale_kl_*'s of_scale, which the eager plans
-    pass)."""
+    pass; sample_location_scale's prior_a, prior_b: its log-ratio to a prior
+    of its own family)."""
     if tuple(args) != _ARGS[kernel] or (options and not _CPP_OPTIONS[kernel].issuperset(options)):
         raise TypeError(f"{kernel} takes ({', '.join(_ARGS[kernel])}) and the options "
                         f"({', '.join(_registry.KERNELS[kernel].cpp_options)}), got ({', '.join(args)}) and "
@@ -314,7 +315,8 @@ def _run_cpp(fn, args: dict, work: int, options: dict | None = None) -> None:
     # detach only what requires grad: it costs as much as the view
     values = [v if not isinstance(v, torch.Tensor) else int(v) if k == "seed" else _numpy(v)
               for k, v in args.items()]
-    options = options or _NO_OPTIONS
+    options = {k: _numpy(v) if isinstance(v, torch.Tensor) else v for k, v in options.items()} if options \
+        else _NO_OPTIONS
     try:
         fn(*values, num_threads(work), **options)
     except cpp_module().MisalignedArrayError:

@@ -31,6 +31,8 @@ class: use the record).
 
 Every record offers what the objectives call (one generic branch there):
 ``rsample_with_log_q(K, generator, stop_score)`` -> (z (K, ..., Lz), log q (K, ...)),
+``rsample_with_log_ratio(K, generator, stop_score, prior, dreg)`` -> (z, log p - log q,
+the term DReG's hook scales) for the importance weights,
 ``analytic_kl(prior)`` -> KL (...) or None (no closed form: the Monte Carlo
 estimate from the same samples), ``kl_per_dim(prior)`` (free bits),
 ``draw_at(...)`` (the evaluation's noise layout), ``rows(b0, b1)``,
@@ -93,6 +95,7 @@ from .ops.sample_family.op import (
     positive_at,
     sample_concrete_unchecked,
     sample_location_scale_kl_unchecked,
+    sample_location_scale_ratio_unchecked,
     sample_location_scale_unchecked,
     sample_positive_kl_unchecked,
     sample_positive_unchecked,
@@ -125,6 +128,16 @@ class _Latent(PosteriorShapes):
         K = 1 if n_samples is None else _validate.positive_int("n_samples", n_samples)
         z, log_q = self.rsample_with_log_q(K, generator, False)
         return _per_sample(n_samples, z, log_q)[0]
+
+    def rsample_with_log_ratio(self, n_samples: int, generator, stop_score: bool, prior,
+                               dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The importance weights' draw: (z (K, ..., Lz), log p(z) - log q(z)
+        (K, ...), and the term whose gradient reaches the encoder outside z,
+        which DReG's hook scales: log q here). stop_score: log q's parameters
+        get no score (STL / DReG); ``dreg``: DReG will scale that term's
+        gradient."""
+        z, log_q = self.rsample_with_log_q(n_samples, generator, stop_score)
+        return z, prior.log_prob(z) - log_q, log_q
 
     def sample_with_kl(self, n_samples: int | None, prior, generator) -> tuple[Tensor, Tensor, bool]:
         """(z, kl, analytic) for the ELBO: the closed-form KL (...) where
@@ -178,6 +191,47 @@ class _Latent(PosteriorShapes):
         return f"{type(self).__name__}(latent_size={self.latent_size}, batch_shape={tuple(self.batch_shape)})"
 
 
+# LocationScale's importance weights take log q - log p from the sampler's kernels where
+# _own_prior allows; False: from the prior's log_prob (the benchmarks' and tests' other arm)
+RATIO_IN_KERNELS = True
+
+
+def _validates(dist) -> bool:
+    """Whether a torch distribution (or the one an Independent wraps) checks its arguments."""
+    return bool((dist.base_dist if isinstance(dist, Independent) else dist)._validate_args)
+
+
+def _own_prior(q: LocationScale, prior) -> tuple[Tensor, Tensor] | None:
+    """The (L,) parameters (location, scale; a uniform's low, high) of a prior
+    of q's own family, for the sampler's fused log-ratio: a torch Laplace,
+    Gumbel, Cauchy or Uniform (or an Independent of one over L) whose
+    parameters are of shape () or (L,), or this family's record of shape
+    (L,), in q's dtype (float32 or float64) and device, with q on the cpp
+    backend, eager, N L > 0. None for anything else (the prior's own log_prob)."""
+    loc = q.loc
+    if (loc.dtype not in (torch.float32, torch.float64) or q.log_scale.dtype is not loc.dtype or loc.numel() == 0
+            or _backend.compiling() or _backend.backend_for(loc.device) != "cpp"):
+        return None
+    L = loc.shape[-1]
+    if isinstance(prior, LocationScale):
+        if prior.family != q.family:
+            return None
+        a, b = prior.loc, torch.exp(prior.log_scale)
+        if q.family == "uniform":
+            b = a + b
+    elif isinstance(prior, TorchPrior):
+        dist = prior.dist
+        base, n = (dist.base_dist, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else (dist, 0)
+        if _TORCH_CLASSES.get(type(base)) != q.family or n > 1:
+            return None
+        a, b = (base.low, base.high) if type(base) is Uniform else (base.loc, base.scale)
+    else:
+        return None
+    if any(t.dtype is not loc.dtype or t.device != loc.device or t.shape not in ((), (L,)) for t in (a, b)):
+        return None
+    return a.expand(L), b.expand(L)
+
+
 class LocationScale(_Latent):
     """z = loc + exp(log_scale) * e per latent dimension, e of a standardized family.
 
@@ -203,6 +257,25 @@ class LocationScale(_Latent):
         """(z (K, ..., L), log q(z) (K, ...)) from the fused op; stop_score: log q's
         parameters get no score, z keeps its path (STL / DReG)."""
         return sample_location_scale_unchecked(self.index, self.loc, self.log_scale, n_samples, stop_score, generator)
+
+    def rsample_with_log_ratio(self, n_samples: int, generator, stop_score: bool, prior,
+                               dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """As _Latent's; on the cpp backend, for a prior of this family with
+        (L,) parameters (_own_prior), log q(z) - log p(z) comes from the
+        sampler's kernels in one pass each way, and the whole term reaches
+        the encoder inside them (DReG scales it all: not with a prior that
+        learns, whose gradient DReG must leave alone). A torch prior that
+        validates its arguments still raises torch's error at a z it refuses."""
+        params = _own_prior(self, prior) if RATIO_IN_KERNELS else None
+        if params is None or (dreg and any(t.requires_grad for t in params)):
+            return super().rsample_with_log_ratio(n_samples, generator, stop_score, prior, dreg)
+        z, ratio = sample_location_scale_ratio_unchecked(self.index, self.loc, self.log_scale, *params, n_samples,
+                                                         stop_score, generator)
+        if isinstance(prior, TorchPrior) and _validates(prior.dist) and not bool(torch.isfinite(ratio).all()):
+            with torch.no_grad():
+                prior.dist.log_prob(z)  # torch's error where torch refuses this z (a uniform's outside its support)
+        latent = -ratio
+        return z, latent, latent
 
     def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
                 prior) -> tuple[Tensor, Tensor | None]:

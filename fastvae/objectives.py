@@ -1240,8 +1240,7 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
 
     hooked = None  # the latent term whose gradient reaches the encoder outside z (DReG scales it too)
     if isinstance(q, LATENTS):  # the other latent families: log q from the noise that drew z (fastvae/latents.py)
-        z, hooked = q.rsample_with_log_q(k, generator, stop_score)
-        latent = prior.log_prob(z) - hooked
+        z, latent, hooked = q.rsample_with_log_ratio(k, generator, stop_score, prior, estimator == "dreg")
     elif isinstance(q, DiagonalNormal):
         # log p(z) - log q(z | x) comes from the sampler, which knows each eps: exact
         # however small the variance (recomputing eps from z overflows when the

@@ -58,13 +58,19 @@ def family_sampler_kernels(name: str, params: tuple[str, str]) -> tuple[Kernel, 
     (op.py's FamilySampler, whose arguments these name): <name>_forward draws
     z (K, N, L) and log q (K, N) at the noise offsets, <name>_backward gives
     the two parameters' gradients; ``family`` picks the family, a
-    compile-time variant of the C++ and Triton kernels."""
+    compile-time variant of the C++ and Triton kernels. The C++ kernels'
+    ``prior_a``, ``prior_b`` (the location-scale sampler's; the positive
+    sampler's refuses them) make log_q log q(z) - log p(z) for a prior of the
+    posterior's own family with (L,) parameters, and the backward's
+    ``dprior_a``, ``dprior_b`` take the prior's gradients."""
     a, b = params
     return (
         Kernel(f"{name}_forward", "sample_family", (a, b, "seed", "family", "offset0", "sample_stride",
-                                                    "row_stride", "z", "log_q"), heavy="L", vector_loads=True),
+                                                    "row_stride", "z", "log_q"), heavy="L", vector_loads=True,
+               cpp_options=("prior_a", "prior_b")),
         Kernel(f"{name}_backward", "sample_family", ("grad_z", "grad_log_q", a, b, "seed", "family", "stop_score",
-                                                     f"d{a}", f"d{b}"), heavy="L"),
+                                                     f"d{a}", f"d{b}"), heavy="L",
+               cpp_options=("prior_a", "prior_b", "dprior_a", "dprior_b")),
     )
 
 

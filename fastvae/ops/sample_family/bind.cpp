@@ -3,6 +3,7 @@
 // parameters, whose kernels take the family as an int and differ only in
 // their transform and density, with the closed-form KL fused into the draw
 // (family_kl's); each op names its kernels, its parameters and its families.
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,39 +61,87 @@ struct FamilyKernels {
   //  dp0, dp1, dprior0 or null, dprior1 or null, n_threads, of_scale), or null
   void (*kl_backward)(const T*, const T*, const T*, const T*, const T*, const T*, bool, uint64_t, int, int, int64_t,
                       int64_t, int64_t, T*, T*, T*, T*, int, bool) = nullptr;
+  // forward's with log_q <- log q - log p, the prior's (L,) (prior_a, prior_b) after p1; or null
+  void (*ratio_forward)(const T*, const T*, const T*, const T*, uint64_t, int, uint64_t, uint64_t, uint64_t, int64_t,
+                        int64_t, int64_t, T*, T*, int) = nullptr;
+  // backward's of that ratio: (dz, dlog_q, p0, p1, prior_a, prior_b, seed, family, stop_score, K, N, L, dp0, dp1,
+  //  dprior_a or null, dprior_b or null, n_threads); or null
+  void (*ratio_backward)(const T*, const T*, const T*, const T*, const T*, const T*, uint64_t, int, bool, int64_t,
+                         int64_t, int64_t, T*, T*, T*, T*, int) = nullptr;
 };
+
+// The options of a sampler's log-ratio to its own family's prior: given
+// together, and only to an op that has them.
+inline bool ratio_prior(const FamilySamplerNames& names, bool has_ratio, const py::object& prior_a,
+                        const py::object& prior_b) {
+  if (prior_a.is_none() && prior_b.is_none()) return false;
+  if (!has_ratio) {
+    throw py::value_error(std::string(names.op) + " takes no prior_a, prior_b (the log-ratio to its own family's "
+                          "prior is sample_location_scale's)");
+  }
+  if (prior_a.is_none() != prior_b.is_none()) throw py::value_error("prior_a and prior_b: give both or neither");
+  return true;
+}
 
 template <typename T>
 void family_forward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::array p0, py::array p1,
                     uint64_t seed, int family, uint64_t offset0, uint64_t sample_stride, uint64_t row_stride,
-                    py::array z, py::object log_q, int n_threads) {
+                    py::array z, py::object log_q, int n_threads, py::object prior_a, py::object prior_b) {
   const auto [N, L] = extents(p0, names.p0);
   if (z.ndim() != 3) throw py::value_error("z: expected a 3-d (K, N, L) array, got " + shape_str(z));
   const int64_t K = z.shape(0);
+  const bool ratio = ratio_prior(names, kernels.ratio_forward != nullptr, prior_a, prior_b);
   const T* a = checked<T>(p0, names.p0, {N, L}, false);
   const T* b = checked<T>(p1, names.p1, {N, L}, false);
   T* zp = checked<T>(z, "z", {K, N, L}, true);
   py::array q_holder;  // keeps the array alive while its pointer is used
   T* qp = checked_or_null<T>(log_q, q_holder, "log_q", {K, N}, true);
+  if (ratio && qp == nullptr) throw py::value_error("log_q: the log-ratio to the prior needs its output");
+  py::array prior_holder[2];
+  const T* pa = ratio ? checked_or_null<T>(prior_a, prior_holder[0], "prior_a", {L}, false) : nullptr;
+  const T* pb = ratio ? checked_or_null<T>(prior_b, prior_holder[1], "prior_b", {L}, false) : nullptr;
   py::gil_scoped_release release;
-  kernels.forward(a, b, seed, family, offset0, sample_stride, row_stride, K, N, L, zp, qp, n_threads);
+  if (ratio) {
+    kernels.ratio_forward(a, b, pa, pb, seed, family, offset0, sample_stride, row_stride, K, N, L, zp, qp, n_threads);
+  } else {
+    kernels.forward(a, b, seed, family, offset0, sample_stride, row_stride, K, N, L, zp, qp, n_threads);
+  }
 }
 
 template <typename T>
 void family_backward(const FamilySamplerNames& names, const FamilyKernels<T>& kernels, py::object dz, py::object dq,
                      py::array p0, py::array p1, uint64_t seed, int family, bool stop_score, py::array dp0,
-                     py::array dp1, int n_threads) {
+                     py::array dp1, int n_threads, py::object prior_a, py::object prior_b, py::object dprior_a,
+                     py::object dprior_b) {
   const auto [N, L] = extents(p0, names.p0);
   const int64_t K = gradient_samples(dz, dq, 3, "(K, N, L)", "grad_log_q");
-  py::array dz_holder, dq_holder;
+  const bool ratio = ratio_prior(names, kernels.ratio_backward != nullptr, prior_a, prior_b);
+  if (!ratio && !(dprior_a.is_none() && dprior_b.is_none())) {
+    throw py::value_error("dprior_a, dprior_b: the prior's gradients need prior_a, prior_b");
+  }
+  if (dprior_a.is_none() != dprior_b.is_none()) throw py::value_error("dprior_a and dprior_b: give both or neither");
+  py::array dz_holder, dq_holder, prior_holder[4];
   const T* g = checked_or_null<T>(dz, dz_holder, "grad_z", {K, N, L}, false);
   const T* gq = checked_or_null<T>(dq, dq_holder, "grad_log_q", {K, N}, false);
   const T* a = checked<T>(p0, names.p0, {N, L}, false);
   const T* b = checked<T>(p1, names.p1, {N, L}, false);
   T* da = checked<T>(dp0, names.dp0, {N, L}, true);
   T* db = checked<T>(dp1, names.dp1, {N, L}, true);
+  const T* pa = ratio ? checked_or_null<T>(prior_a, prior_holder[0], "prior_a", {L}, false) : nullptr;
+  const T* pb = ratio ? checked_or_null<T>(prior_b, prior_holder[1], "prior_b", {L}, false) : nullptr;
+  T* dpa = checked_or_null<T>(dprior_a, prior_holder[2], "dprior_a", {N, L}, true);
+  T* dpb = checked_or_null<T>(dprior_b, prior_holder[3], "dprior_b", {N, L}, true);
   py::gil_scoped_release release;
+  if (ratio && gq != nullptr) {
+    kernels.ratio_backward(g, gq, a, b, pa, pb, seed, family, stop_score, K, N, L, da, db, dpa, dpb, n_threads);
+    return;
+  }
+  // no gradient of the ratio: the draw's alone, and the prior's 0
   kernels.backward(g, gq, a, b, seed, family, stop_score, K, N, L, da, db, n_threads);
+  if (dpa != nullptr) {
+    std::fill(dpa, dpa + N * L, T(0));
+    std::fill(dpb, dpb + N * L, T(0));
+  }
 }
 
 // The prior of a fused KL, checked: (prior0, prior1) (L,) (shared by the
@@ -188,26 +237,30 @@ inline void bind_family_sampler(py::module_& m, const FamilySamplerNames& names,
 
   m.def((std::string(names.op) + "_forward").c_str(),
         [=](py::array p0, py::array p1, uint64_t seed, int family, uint64_t offset0, uint64_t sample_stride,
-            uint64_t row_stride, py::array z, py::object log_q, int n_threads) {
+            uint64_t row_stride, py::array z, py::object log_q, int n_threads, py::object prior_a,
+            py::object prior_b) {
           dispatch(p0, family, n_threads, [&](const auto& kernels) {
             family_forward(names, kernels, p0, p1, seed, family, offset0, sample_stride, row_stride, z, log_q,
-                           n_threads);
+                           n_threads, prior_a, prior_b);
           });
         },
         py::arg(names.p0), py::arg(names.p1), py::arg("seed"), py::arg("family"), py::arg("offset0"),
         py::arg("sample_stride"), py::arg("row_stride"), py::arg("z"), py::arg("log_q").none(true),
-        py::arg("n_threads"));
+        py::arg("n_threads"), py::arg("prior_a") = py::none(), py::arg("prior_b") = py::none());
 
   m.def((std::string(names.op) + "_backward").c_str(),
         [=](py::object dz, py::object dq, py::array p0, py::array p1, uint64_t seed, int family, bool stop_score,
-            py::array dp0, py::array dp1, int n_threads) {
+            py::array dp0, py::array dp1, int n_threads, py::object prior_a, py::object prior_b,
+            py::object dprior_a, py::object dprior_b) {
           dispatch(p0, family, n_threads, [&](const auto& kernels) {
-            family_backward(names, kernels, dz, dq, p0, p1, seed, family, stop_score, dp0, dp1, n_threads);
+            family_backward(names, kernels, dz, dq, p0, p1, seed, family, stop_score, dp0, dp1, n_threads, prior_a,
+                            prior_b, dprior_a, dprior_b);
           });
         },
         py::arg("grad_z").none(true), py::arg("grad_log_q").none(true), py::arg(names.p0), py::arg(names.p1),
         py::arg("seed"), py::arg("family"), py::arg("stop_score"), py::arg(names.dp0), py::arg(names.dp1),
-        py::arg("n_threads"));
+        py::arg("n_threads"), py::arg("prior_a") = py::none(), py::arg("prior_b") = py::none(),
+        py::arg("dprior_a") = py::none(), py::arg("dprior_b") = py::none());
 
   if (f32.kl_forward == nullptr) return;
 
@@ -325,9 +378,11 @@ void bind_sample_family(py::module_& m) {
        "uniform, laplace, logistic, gumbel, cauchy", "prior_loc", "prior_log_scale", "dprior_loc",
        "dprior_log_scale"},
       {fastvae::sample_location_scale_forward<float>, fastvae::sample_location_scale_backward<float>,
-       fastvae::sample_location_scale_kl_forward<float>, fastvae::sample_location_scale_kl_backward<float>},
+       fastvae::sample_location_scale_kl_forward<float>, fastvae::sample_location_scale_kl_backward<float>,
+       fastvae::sample_location_scale_ratio_forward<float>, fastvae::sample_location_scale_ratio_backward<float>},
       {fastvae::sample_location_scale_forward<double>, fastvae::sample_location_scale_backward<double>,
-       fastvae::sample_location_scale_kl_forward<double>, fastvae::sample_location_scale_kl_backward<double>});
+       fastvae::sample_location_scale_kl_forward<double>, fastvae::sample_location_scale_kl_backward<double>,
+       fastvae::sample_location_scale_ratio_forward<double>, fastvae::sample_location_scale_ratio_backward<double>});
   bind_family_sampler(
       m,
       {"sample_positive", "log_p0", "log_p1", "dlog_p0", "dlog_p1", 3, "exponential, weibull, kumaraswamy",

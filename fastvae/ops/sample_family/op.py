@@ -796,6 +796,109 @@ sample_location_scale_unchecked = LOCATION_SCALE_SAMPLER.unchecked
 location_scale_at = LOCATION_SCALE_SAMPLER.at
 
 
+# -- the draw with the log-ratio to the family's own prior (cpp) ---------------------
+
+LOG_2 = math.log(2.0)
+LOG_PI = math.log(math.pi)
+
+
+def prior_log_density(family: int, z: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """log p(z) summed over L for a prior of the location-scale family
+    ``family`` with parameters (a, b) broadcasting against z (..., L): its
+    location and scale, or the uniform's low and high (-inf outside
+    [low, high), as torch's). Torch ops: the fused ratio's oracle and its
+    create_graph replay."""
+    if family == 0:
+        inside = (z >= a) & (z < b)
+        return (torch.where(inside, 0.0, -math.inf) - torch.log(b - a)).sum(-1)
+    t = (z - a) / b
+    if family == 1:
+        log_f = -t.abs() - LOG_2
+    elif family == 2:
+        log_f = -t - 2.0 * torch.nn.functional.softplus(-t)
+    elif family == 3:
+        log_f = -t - torch.exp(-t)
+    else:
+        log_f = -LOG_PI - torch.log1p(t * t)
+    return (log_f - torch.log(b)).sum(-1)
+
+
+class SampleLocationScaleRatio(torch.autograd.Function):
+    """(z (K, ..., L), log q(z) - log p(z) (K, ...)) of a location-scale
+    posterior (loc, log_scale (..., L)) and a prior of its own family with
+    parameters (prior_a, prior_b) of shape (L,) (location and scale, or the
+    uniform's low and high), in one pass each way: sample_location_scale's
+    C++ kernels with their prior_a, prior_b options, which take the prior's
+    log-density and its gradients in the draw's own loops. z is
+    sample_location_scale's at the same seed, bit for bit. ``stop_score``
+    stops log q's parameters' score alone (STL / DReG): z's path, through
+    log q and log p, and the prior's gradients are kept. The cpp backend's,
+    float32 or float64 tensors of one dtype, N L > 0: the caller checks. A
+    create_graph backward replays sample_location_scale's Function and
+    prior_log_density."""
+
+    @staticmethod
+    def forward(ctx, loc, log_scale, prior_a, prior_b, seed, family, n_samples, stop_score):
+        a, b = flat(loc), flat(log_scale)
+        pa, pb = prior_a.contiguous(), prior_b.contiguous()
+        N, L = a.shape
+        z = _backend.empty_output((n_samples, N, L), like=a)
+        ratio = _backend.empty_output((n_samples, N), like=a)
+        _backend.launch_cpp("sample_location_scale_forward", z.numel(), {"prior_a": pa, "prior_b": pb}, loc=a,
+                            log_scale=b, seed=seed, family=family, offset0=0, sample_stride=N * L, row_stride=L,
+                            z=z, log_q=ratio)
+        ctx.save_for_backward(a, b, pa, pb, seed, loc, log_scale, prior_a, prior_b)
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.family, ctx.n_samples, ctx.stop_score = loc.shape, family, n_samples, stop_score
+        return z.view(n_samples, *loc.shape), ratio.view(n_samples, *loc.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_ratio):
+        none = (None,) * 4  # seed, family, n_samples, stop_score
+        if grad_z is None and grad_ratio is None:
+            return (None,) * 8
+        a, b, pa, pb, seed, *inputs = ctx.saved_tensors
+        needs, K, shape = ctx.needs_input_grad[:4], ctx.n_samples, ctx.shape
+        if torch.is_grad_enabled():  # create_graph=True: the composition's graph
+            with torch.enable_grad():
+                inputs = replay_inputs(*inputs)
+                z, log_q = SampleLocationScale.apply(inputs[0], inputs[1], seed, ctx.family, K, ctx.stop_score)
+                ratio = log_q - prior_log_density(ctx.family, z, inputs[2], inputs[3])
+            outs = [(o, g) for o, g in ((z, grad_z), (ratio, grad_ratio)) if g is not None]
+            wanted = [t for t, need in zip(inputs, needs) if need]
+            got = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], create_graph=True,
+                                           allow_unused=True))
+            grads = [next(got) if need else None for need in needs]
+            return (*(torch.zeros_like(t) if need and d is None else d for t, d, need in zip(inputs, grads, needs)),
+                    *none)
+        N, L = a.shape
+        need_dp = needs[2] or needs[3]
+        dloc, dls = _backend.empty_output((N, L), like=a), _backend.empty_output((N, L), like=a)
+        options = {"prior_a": pa, "prior_b": pb}
+        if need_dp:
+            options.update(dprior_a=_backend.empty_output((N, L), like=a),
+                           dprior_b=_backend.empty_output((N, L), like=a))
+        _backend.launch_cpp(
+            "sample_location_scale_backward", K * N * L, options,
+            grad_z=None if grad_z is None else grad_z.to(a.dtype).reshape(K, N, L).contiguous(),
+            grad_log_q=None if grad_ratio is None else grad_ratio.to(a.dtype).reshape(K, N).contiguous(),
+            loc=a, log_scale=b, seed=seed, family=ctx.family, stop_score=bool(ctx.stop_score), dloc=dloc,
+            dlog_scale=dls)
+        out = [dloc.view(shape), dls.view(shape), None, None]
+        if need_dp:  # per element, summed over the rows here
+            out[2:] = [options["dprior_a"].sum(0), options["dprior_b"].sum(0)]
+        return (*(d if need else None for d, need in zip(out, needs)), *none)
+
+
+def sample_location_scale_ratio_unchecked(family: int, loc: Tensor, log_scale: Tensor, prior_a: Tensor,
+                                          prior_b: Tensor, n_samples: int, stop_score: bool,
+                                          generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(z (K, ..., L), log q(z) - log p(z) (K, ...)) through
+    SampleLocationScaleRatio, for arguments the caller has checked."""
+    return SampleLocationScaleRatio.apply(loc, log_scale, prior_a, prior_b, draw_seed(loc.device, generator), family,
+                                          n_samples, stop_score)
+
+
 # -- the draw with the closed-form KL fused (sample_location_scale_kl_*) -------------
 
 

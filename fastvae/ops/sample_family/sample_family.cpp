@@ -360,6 +360,275 @@ FASTVAE_INLINE void log_of_scale(const double* scale, int64_t n, double* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::log(scale[i]);
 }
 
+// -- the log-ratio to the family's own prior ------------------------------------
+//
+// The _ratio variants write log q(z) - log p(z) in log_q's place for a prior of
+// the posterior's own family with parameters (a, b) of shape (L,) shared by the
+// rows (a torch Laplace(loc, scale), Gumbel, Cauchy, Uniform(low, high)): the
+// importance weight's latent term in the draw's own loop, instead of a second
+// pass over z for log p(z) and another for its gradient.
+
+// log(1 + x) for x >= 0, inf at inf, from one log: log(u) x / (u - 1) at
+// u = 1 + x corrects u's rounding (Goldberg; u - 1 is exact below 2^24), x
+// itself where u rounds to 1, log(u) alone above 2^24.
+FASTVAE_INLINE float log1p_nonnegative(float x) {
+  const float u = 1.0f + x;
+  const float lu = fast_log_of_scale(u);
+  const float corrected = lu * x / (u == 1.0f ? 1.0f : u - 1.0f);
+  return u == 1.0f ? x : (x > 16777216.0f ? lu : corrected);
+}
+FASTVAE_INLINE double log1p_nonnegative(double x) { return std::log1p(x); }
+
+// log f(t) and psi(t) = d log f / dt of the standardized family at t, for the
+// prior (the uniform's support is tested on z itself, by the callers).
+template <int F, typename T>
+FASTVAE_INLINE void prior_density(T t, T& log_f, T& psi) {
+  if constexpr (F == kUniform) {
+    log_f = T(0);
+    psi = T(0);
+  } else if constexpr (F == kLaplace) {
+    log_f = -std::abs(t) - T(0.6931471805599453);
+    psi = t > T(0) ? T(-1) : (t < T(0) ? T(1) : T(0));  // torch's |t|' is 0 at 0
+  } else if constexpr (F == kLogistic) {
+    log_f = -t - T(2) * softplus_t(-t);
+    psi = T(1) - T(2) * sigmoid_t(t);
+  } else if constexpr (F == kGumbel) {
+    const T et = exp_t(-t);
+    log_f = -t - et;
+    psi = et - T(1);
+  } else {  // Cauchy
+    const T t2 = t * t;
+    log_f = -T(1.1447298858494002) - log1p_nonnegative(t2);
+    psi = T(-2) * t / (T(1) + t2);
+  }
+}
+
+// The prior's (L,) parameters laid out for blocks of kBlock elements: element
+// j of a block whose first element sits at column c reads column (c + j) % L
+// at [c + j]. a: the location (the uniform's low); inv: 1 / scale (1 / (high
+// - low)); hi: the uniform's high; log_b: log scale (log(high - low)).
+template <typename T>
+class RatioPrior {
+ public:
+  RatioPrior(const T* a, const T* b, int family, int64_t L) : L_(L) {
+    const size_t len = static_cast<size_t>(L + kBlock);
+    a_.resize(len);
+    inv_.resize(len);
+    hi_.resize(len);
+    log_b_.resize(len);
+    for (size_t j = 0; j < len; ++j) {
+      const size_t l = j % static_cast<size_t>(L);
+      const T width = family == kUniform ? b[l] - a[l] : b[l];
+      a_[j] = a[l];
+      hi_[j] = b[l];
+      inv_[j] = T(1) / width;
+      log_b_[j] = std::log(width);
+    }
+  }
+  // the block's columns, its first element at flat index b0
+  const T* a(int64_t b0) const { return a_.data() + b0 % L_; }
+  const T* inv(int64_t b0) const { return inv_.data() + b0 % L_; }
+  const T* hi(int64_t b0) const { return hi_.data() + b0 % L_; }
+  const T* log_b(int64_t b0) const { return log_b_.data() + b0 % L_; }
+
+ private:
+  int64_t L_;
+  std::vector<T> a_, inv_, hi_, log_b_;
+};
+
+// log_f[i] -= log p(z[i]) for a block: log f(t) - log b at t = (z - a) / b, or
+// the uniform's -log(high - low) inside [low, high) and -inf outside.
+template <int F, typename T>
+FASTVAE_INLINE void subtract_prior(const T* z, int64_t n, const T* a, const T* inv, const T* hi, const T* log_b,
+                                   T* log_f) {
+  for (int64_t i = 0; i < n; ++i) {
+    T lp;
+    if constexpr (F == kUniform) {
+      lp = (z[i] >= a[i]) & (z[i] < hi[i]) ? -log_b[i] : -std::numeric_limits<T>::infinity();
+    } else {
+      T lf, psi;
+      prior_density<F, T>((z[i] - a[i]) * inv[i], lf, psi);
+      lp = lf - log_b[i];
+    }
+    log_f[i] -= lp;
+  }
+}
+
+// One sample's terms of a block of the ratio's backward, given z's upstream
+// gradient dz (or null) and the ratio's gq per element: z's total gradient
+// gz = dz - gq psi_p(t) / b (in the scratch gz) into acc_z, acc_ze (with e);
+// q's score terms as BackwardBlock's; with_dp, the prior's: acc_pa += gq
+// psi_p / b and acc_pb += gq (psi_p t + 1) / b (the uniform's: -gq / w and
+// gq / w). One branch-free loop per term, so that each vectorizes.
+template <int F, typename T>
+FASTVAE_INLINE void ratio_step(const T* dz, const T* gq, const T* m, const T* s, const T* e, const T* psi,
+                               const T* a, const T* inv, int64_t n, bool stop_score, bool with_dp, T* gz, T* acc_z,
+                               T* acc_ze, T* acc_psi, T* acc_q, T* acc_pa, T* acc_pb) {
+  if constexpr (F == kUniform) {  // no z gradient through the prior's density
+    if (with_dp) {
+      for (int64_t i = 0; i < n; ++i) {
+        acc_pa[i] -= gq[i] * inv[i];
+        acc_pb[i] += gq[i] * inv[i];
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) gz[i] = T(0);
+  } else if (with_dp) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T t = (m[i] + s[i] * e[i] - a[i]) * inv[i];
+      T lf, psi_p;
+      prior_density<F, T>(t, lf, psi_p);
+      const T g = gq[i] * psi_p * inv[i];
+      gz[i] = -g;
+      acc_pa[i] += g;
+      acc_pb[i] += gq[i] * (psi_p * t + T(1)) * inv[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      T lf, psi_p;
+      prior_density<F, T>((m[i] + s[i] * e[i] - a[i]) * inv[i], lf, psi_p);
+      gz[i] = -(gq[i] * psi_p * inv[i]);
+    }
+  }
+  if (dz) {
+    for (int64_t i = 0; i < n; ++i) gz[i] += dz[i];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    acc_z[i] += gz[i];
+    acc_ze[i] += gz[i] * e[i];
+  }
+  if (stop_score) {
+    for (int64_t i = 0; i < n; ++i) {
+      acc_psi[i] += gq[i] * psi[i];
+      acc_q[i] += gq[i] * psi[i] * e[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc_q[i] -= gq[i];
+  }
+}
+
+// float32: ISA-cloned entry points per family (clones cannot be templates)
+#define FASTVAE_LS_RATIO_F32(F)                                                                                   \
+  FASTVAE_CLONES void subtract_prior_f32_##F(const float* z, int64_t n, const float* a, const float* inv,          \
+                                             const float* hi, const float* log_b, float* log_f) {                 \
+    subtract_prior<F, float>(z, n, a, inv, hi, log_b, log_f);                                                     \
+  }                                                                                                               \
+  FASTVAE_CLONES void ratio_step_f32_##F(const float* dz, const float* gq, const float* m, const float* s,         \
+                                         const float* e, const float* psi, const float* a, const float* inv,      \
+                                         int64_t n, bool stop_score, bool with_dp, float* gz, float* acc_z,       \
+                                         float* acc_ze, float* acc_psi, float* acc_q, float* acc_pa,              \
+                                         float* acc_pb) {                                                         \
+    ratio_step<F, float>(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q, \
+                         acc_pa, acc_pb);                                                                         \
+  }
+FASTVAE_LS_RATIO_F32(0)
+FASTVAE_LS_RATIO_F32(1)
+FASTVAE_LS_RATIO_F32(2)
+FASTVAE_LS_RATIO_F32(3)
+FASTVAE_LS_RATIO_F32(4)
+#undef FASTVAE_LS_RATIO_F32
+
+template <int F, typename T>
+FASTVAE_INLINE void subtract_prior_block(const T* z, int64_t n, const T* a, const T* inv, const T* hi,
+                                         const T* log_b, T* log_f) {
+  if constexpr (std::is_same_v<T, double>) {
+    subtract_prior<F, double>(z, n, a, inv, hi, log_b, log_f);
+  } else if constexpr (F == 0) {
+    subtract_prior_f32_0(z, n, a, inv, hi, log_b, log_f);
+  } else if constexpr (F == 1) {
+    subtract_prior_f32_1(z, n, a, inv, hi, log_b, log_f);
+  } else if constexpr (F == 2) {
+    subtract_prior_f32_2(z, n, a, inv, hi, log_b, log_f);
+  } else if constexpr (F == 3) {
+    subtract_prior_f32_3(z, n, a, inv, hi, log_b, log_f);
+  } else {
+    subtract_prior_f32_4(z, n, a, inv, hi, log_b, log_f);
+  }
+}
+
+template <int F, typename T>
+FASTVAE_INLINE void ratio_step_block(const T* dz, const T* gq, const T* m, const T* s, const T* e, const T* psi,
+                                     const T* a, const T* inv, int64_t n, bool stop_score, bool with_dp, T* gz,
+                                     T* acc_z, T* acc_ze, T* acc_psi, T* acc_q, T* acc_pa, T* acc_pb) {
+  if constexpr (std::is_same_v<T, double>) {
+    ratio_step<F, double>(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
+                          acc_pa, acc_pb);
+  } else if constexpr (F == 0) {
+    ratio_step_f32_0(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
+                       acc_pa, acc_pb);
+  } else if constexpr (F == 1) {
+    ratio_step_f32_1(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
+                       acc_pa, acc_pb);
+  } else if constexpr (F == 2) {
+    ratio_step_f32_2(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
+                       acc_pa, acc_pb);
+  } else if constexpr (F == 3) {
+    ratio_step_f32_3(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
+                       acc_pa, acc_pb);
+  } else {
+    ratio_step_f32_4(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
+                       acc_pa, acc_pb);
+  }
+}
+
+// The forward's block: ForwardBlock's draw, then the prior's log-density
+// subtracted from each element's log q term.
+template <int F, typename T>
+struct RatioForwardBlock : ForwardBlock<F, T> {
+  RatioForwardBlock(const T* loc, const T* log_scale, const RatioPrior<T>& prior)
+      : ForwardBlock<F, T>(loc, log_scale), prior(prior) {}
+  const RatioPrior<T>& prior;
+
+  void draw(const int32_t* x, int64_t b0, int64_t n, T* z, T* log_f, bool with_log_q) {
+    ForwardBlock<F, T>::draw(x, b0, n, z, log_f, with_log_q);
+    if (with_log_q) {
+      subtract_prior_block<F, T>(z, n, prior.a(b0), prior.inv(b0), prior.hi(b0), prior.log_b(b0), log_f);
+    }
+  }
+};
+
+// The backward's block: the sums of BackwardBlock (whose finish writes dloc,
+// dlog_scale) with z's gradient through the prior added, and the prior's
+// gradients per element (summed over the samples) where dprior_a is not null.
+template <int F, typename T>
+struct RatioBackwardBlock : BackwardBlock<F, T> {
+  using Base = BackwardBlock<F, T>;
+  RatioBackwardBlock(const T* dz, const T* loc, const T* log_scale, bool stop_score, T* dloc, T* dlog_scale,
+                     const RatioPrior<T>& prior, T* dprior_a, T* dprior_b)
+      : Base(dz, log_scale, stop_score, dloc, dlog_scale), loc(loc), prior(prior), dprior_a(dprior_a),
+        dprior_b(dprior_b) {}
+  const T* loc;
+  const RatioPrior<T>& prior;
+  T* dprior_a;
+  T* dprior_b;
+  alignas(64) T s[kBlock], gz[kBlock], acc_pa[kBlock], acc_pb[kBlock];
+  int64_t s_b0 = -1;  // the block whose scales s holds
+
+  void start(int64_t n) {
+    Base::start(n);
+    for (int64_t i = 0; i < n; ++i) acc_pa[i] = acc_pb[i] = T(0);
+  }
+
+  void step(const int32_t* x, int64_t b0, int64_t base, int64_t n, const T* gq) {
+    if (gq == nullptr) return Base::step(x, b0, base, n, gq);
+    if (s_b0 != b0) {
+      exp_block(this->log_scale + b0, n, s);
+      s_b0 = b0;
+    }
+    noise_block<F>(x, n, this->e, this->log_f, this->psi);
+    ratio_step_block<F, T>(this->dz ? this->dz + base : nullptr, gq, loc + b0, s, this->e, this->psi, prior.a(b0),
+                           prior.inv(b0), n, this->stop_score, dprior_a != nullptr, gz, this->acc_z, this->acc_ze,
+                           this->acc_psi, this->acc_q, acc_pa, acc_pb);
+  }
+
+  void finish(int64_t b0, int64_t n) {
+    Base::finish(b0, n);
+    if (dprior_a) {
+      std::copy(acc_pa, acc_pa + n, dprior_a + b0);
+      std::copy(acc_pb, acc_pb + n, dprior_b + b0);
+    }
+  }
+};
+
 }  // namespace location_scale
 }  // namespace
 
@@ -457,6 +726,46 @@ void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* l
   });
 }
 
+template <typename T>
+void sample_location_scale_ratio_forward(const T* loc, const T* log_scale, const T* prior_a, const T* prior_b,
+                                         uint64_t seed, int family, uint64_t offset0, uint64_t sample_stride,
+                                         uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z, T* log_q,
+                                         int n_threads) {
+  const location_scale::RatioPrior<T> prior(prior_a, prior_b, family, L);
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::forward_rows<T>(seed, offset0, sample_stride, row_stride, K, N, L, z, log_q, n_threads, [&] {
+      return location_scale::RatioForwardBlock<decltype(f)::value, T>(loc, log_scale, prior);
+    });
+  });
+}
+
+template <typename T>
+void sample_location_scale_ratio_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale,
+                                          const T* prior_a, const T* prior_b, uint64_t seed, int family,
+                                          bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc, T* dlog_scale,
+                                          T* dprior_a, T* dprior_b, int n_threads) {
+  const location_scale::RatioPrior<T> prior(prior_a, prior_b, family, L);
+  sampler::by_family<5>(family, [&](auto f) {
+    sampler::backward_blocks<T>(dlog_q, seed, K, N, L, n_threads, [&] {
+      return location_scale::RatioBackwardBlock<decltype(f)::value, T>(dz, loc, log_scale, stop_score, dloc,
+                                                                       dlog_scale, prior, dprior_a, dprior_b);
+    });
+  });
+}
+
+template void sample_location_scale_ratio_forward<float>(const float*, const float*, const float*, const float*,
+                                                         uint64_t, int, uint64_t, uint64_t, uint64_t, int64_t,
+                                                         int64_t, int64_t, float*, float*, int);
+template void sample_location_scale_ratio_forward<double>(const double*, const double*, const double*,
+                                                          const double*, uint64_t, int, uint64_t, uint64_t, uint64_t,
+                                                          int64_t, int64_t, int64_t, double*, double*, int);
+template void sample_location_scale_ratio_backward<float>(const float*, const float*, const float*, const float*,
+                                                          const float*, const float*, uint64_t, int, bool, int64_t,
+                                                          int64_t, int64_t, float*, float*, float*, float*, int);
+template void sample_location_scale_ratio_backward<double>(const double*, const double*, const double*,
+                                                           const double*, const double*, const double*, uint64_t, int,
+                                                           bool, int64_t, int64_t, int64_t, double*, double*, double*,
+                                                           double*, int);
 template void sample_location_scale_forward<float>(const float*, const float*, uint64_t, int, uint64_t, uint64_t,
                                                    uint64_t, int64_t, int64_t, int64_t, float*, float*, int);
 template void sample_location_scale_forward<double>(const double*, const double*, uint64_t, int, uint64_t,

@@ -43,6 +43,24 @@ void sample_location_scale_kl_backward(const T* dz, const T* grad_kl, const T* l
                                        T* dloc, T* dlog_scale, T* dprior_loc, T* dprior_log_scale, int n_threads,
                                        bool of_scale = false);
 
+// The draw of sample_location_scale_forward with log_q <- log q(z) - log p(z),
+// p of the posterior's own family with (L,) parameters shared by the rows:
+// prior_a, prior_b its location and scale, or the uniform's low and high. The
+// backward takes dlog_q as that ratio's gradient (at the training layout's
+// offsets); dprior_a, dprior_b (N, L), both or neither, get the prior's
+// gradients per element summed over the K samples (the caller sums the rows).
+template <typename T>
+void sample_location_scale_ratio_forward(const T* loc, const T* log_scale, const T* prior_a, const T* prior_b,
+                                         uint64_t seed, int family, uint64_t offset0, uint64_t sample_stride,
+                                         uint64_t row_stride, int64_t K, int64_t N, int64_t L, T* z, T* log_q,
+                                         int n_threads);
+
+template <typename T>
+void sample_location_scale_ratio_backward(const T* dz, const T* dlog_q, const T* loc, const T* log_scale,
+                                          const T* prior_a, const T* prior_b, uint64_t seed, int family,
+                                          bool stop_score, int64_t K, int64_t N, int64_t L, T* dloc, T* dlog_scale,
+                                          T* dprior_a, T* dprior_b, int n_threads);
+
 // sample_positive: log_p0, log_p1 (N, L); z (K, N, L); log_q (K, N)
 // or null. family: 0 exponential, 1 Weibull, 2 Kumaraswamy
 // (POSITIVE_FAMILIES, fastvae/_families.py); offsets as sample_normal's.
