@@ -1848,3 +1848,109 @@ def test_a_learned_prior_of_parameters_takes_the_fused_draw(monkeypatch):
         results.append([bound.detach(), *torch.autograd.grad(bound, leaves)])
     for a, b in zip(*results):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+def _own_family_prior(family, form, dtype, learned):
+    """A prior of the posterior's own family: (a function that builds prior=, its parameters that may learn)."""
+    g = torch.Generator().manual_seed(4)
+    if family == "uniform":
+        a, b = -3.0 - torch.rand(L, generator=g, dtype=dtype), 4.0 + torch.rand(L, generator=g, dtype=dtype)
+    else:
+        a, b = 0.3 * torch.randn(L, generator=g, dtype=dtype), 0.7 + torch.rand(L, generator=g, dtype=dtype)
+    if form == "scalar":
+        a, b = a[0].clone(), b[0].clone()
+    a, b = a.requires_grad_(learned), b.requires_grad_(learned)
+
+    def make():
+        if form == "record" or family == "logistic":  # torch has no Logistic: fastvae's record
+            width = b - a if family == "uniform" else b
+            return fastvae.LocationScale(family, a.expand(L), torch.log(width).expand(L))
+        d = TORCH_CLASS[family](a, b)
+        return td.Independent(d, 1) if form == "independent" and d.batch_shape else d
+    return make, (a, b)
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "learned"])
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+@pytest.mark.parametrize("form", ["independent", "plain", "scalar", "record"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_iwae_weights_from_the_sampler_equal_the_priors_log_prob(backend, monkeypatch, family, dtype, form,
+                                                                        estimator, learned):
+    """On the cpp backend a location-scale posterior's IWAE takes log q - log p
+    of a prior of its own family ((L,) or () parameters: a torch object, an
+    Independent of one, or the record) from the sampler's kernels: the same
+    bound and gradients (q's, and a learned prior's) as the prior's own
+    log_prob, for every estimator. DReG with a learned prior keeps log_prob
+    (DReG scales the sampler's term, and the prior's gradient must not be)."""
+    from fastvae import latents
+
+    name, device = backend
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(B, D, generator=g) < 0.5).to(device, dtype)
+    W = (0.5 * torch.randn(L, D, generator=g, dtype=dtype)).to(device)
+    loc = (0.5 * torch.randn(B, L, generator=g, dtype=dtype)).to(device).requires_grad_()
+    raw = torch.randn(B, L, generator=g, dtype=dtype).to(device).requires_grad_()
+    make_prior, params = _own_family_prior(family, form, dtype, learned)
+    fused = []
+    real = latents.sample_location_scale_ratio_unchecked
+    monkeypatch.setattr(latents, "sample_location_scale_ratio_unchecked",
+                        lambda *args: fused.append(1) or real(*args))
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(latents, "RATIO_IN_KERNELS", on)
+        scale = torch.nn.functional.softplus(raw) + 0.1
+        q = td.Uniform(loc, loc + scale) if family == "uniform" else fastvae.LocationScale(
+            family, loc, torch.log(scale)) if family == "logistic" else TORCH_CLASS[family](loc, scale)
+        bound = fastvae.iwae(x, q, lambda z: z @ W, k=3, likelihood="bernoulli", estimator=estimator,
+                             prior=make_prior(), generator=gen(9), reduction="sum")
+        leaves = (loc, raw, *params) if learned else (loc, raw)
+        results.append((bound, *torch.autograd.grad(bound, leaves)))
+    assert len(fused) == (name == "cpp" and not (estimator == "dreg" and learned))
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("prior_kind", ["batch-shaped", "other dtype", "other family"])
+def test_family_iwae_keeps_the_priors_log_prob_where_the_sampler_cannot_take_it(backend, monkeypatch, prior_kind):
+    """A prior with a batch shape, of another dtype than q, or of another
+    family goes through its own log_prob: the sampler's kernels take (L,)
+    parameters of q's own family in q's dtype."""
+    from fastvae import latents
+
+    _, device = backend
+    calls = []
+    monkeypatch.setattr(latents, "sample_location_scale_ratio_unchecked", lambda *a: calls.append(1))
+    x, W, loc, scale = _data(device)
+    prior = {"batch-shaped": td.Laplace(torch.zeros(B, L, dtype=torch.float64, device=device), 1.0),
+             "other dtype": td.Laplace(torch.zeros(L, device=device), torch.ones(L, device=device)),
+             "other family": td.Cauchy(torch.zeros(L, dtype=torch.float64, device=device), 1.0)}[prior_kind]
+    bound = fastvae.iwae(x, td.Laplace(loc, scale), _decode(W), k=2, likelihood="bernoulli", prior=prior)
+    assert torch.isfinite(bound) and not calls
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_uniform_priors_support_holds_with_the_samplers_weights(backend, monkeypatch, validate):
+    """A z outside a torch Uniform prior's [low, high): where the prior
+    validates its arguments, torch's own error, as its log_prob raises it;
+    where not, a weight of 0 (log p = -inf), as its log_prob gives it."""
+    from fastvae import latents
+
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    prior = td.Uniform(torch.full((L,), -0.2, dtype=torch.float64, device=device),
+                       torch.full((L,), 0.2, dtype=torch.float64, device=device), validate_args=validate)
+    q = td.Uniform(loc, loc + scale)  # loc ~ 0.5 N(0, 1), width 0.3-1.1: some z fall outside (-0.2, 0.2)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(latents, "RATIO_IN_KERNELS", on)
+        if validate:
+            with pytest.raises(ValueError, match="support"):
+                fastvae.iwae(x, q, _decode(W), k=3, likelihood="bernoulli", prior=prior, generator=gen(2))
+        else:
+            results.append(fastvae.iwae_terms(x, q, _decode(W), k=3, likelihood="bernoulli", prior=prior,
+                                              generator=gen(2)).log_weights)
+    if not validate:
+        assert torch.isneginf(results[0]).any() and torch.isfinite(results[0]).any()
+        torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)

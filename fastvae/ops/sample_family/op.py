@@ -815,7 +815,8 @@ def prior_log_density(family: int, z: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if family == 1:
         log_f = -t.abs() - LOG_2
     elif family == 2:
-        log_f = -t - 2.0 * torch.nn.functional.softplus(-t)
+        a_t = t.abs()  # the density is even; torch's softplus drops log1p(e^-x) above 20
+        log_f = -a_t - 2.0 * torch.log1p(torch.exp(-a_t))
     elif family == 3:
         log_f = -t - torch.exp(-t)
     else:

@@ -585,6 +585,179 @@ def test_only_the_location_scale_fused_kl_takes_a_scale():
         C.sample_positive_kl_backward(z, kl, a, b, p, p, 1, 0, 4, d[0], d[1], None, None, 1, of_scale=True)
 
 
+# -- the log-ratio to a prior of the posterior's own family (C++ prior_a, prior_b) ----------
+
+RATIO_CASES = [  # (N, L, K): one element, odd sizes, rows across blocks, several tiles, rows longer than a block
+    (1, 1, 1), (3, 7, 2), (17, 33, 3), (301, 41, 2), (5, 600, 1)]
+
+
+def _ratio_problem(family, N, L, K, dtype, bound=2.0):
+    """q's (loc, log_scale) (N, L), the prior's (a, b) (L,) (a uniform's
+    around every z q can draw), and upstream gradients, in dtype."""
+    g = torch.Generator().manual_seed(N * 100 + L * 10 + K)
+    loc = torch.randn(N, L, generator=g, dtype=torch.float64)
+    ls = bound * (2 * torch.rand(N, L, generator=g, dtype=torch.float64) - 1)
+    if family == "uniform":
+        a = loc.min(0).values - 1.0 - torch.rand(L, generator=g, dtype=torch.float64)
+        b = (loc + ls.exp()).max(0).values + 1.0 + torch.rand(L, generator=g, dtype=torch.float64)
+    else:
+        a = 0.5 * torch.randn(L, generator=g, dtype=torch.float64)
+        b = 0.5 + torch.rand(L, generator=g, dtype=torch.float64)
+    grad_z = torch.randn(K, N, L, generator=g, dtype=torch.float64)
+    grad_r = torch.randn(K, N, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (loc, ls, a, b, grad_z, grad_r)]
+
+
+def _ratio_composite(family, loc, ls, a, b, seed, K, stop_score):
+    """(z, log q - log p) as the unfused ops compose them: sample_location_scale's
+    Function, then the prior's log-density in torch."""
+    index = LOCATION_SCALE_FAMILIES.index(family)
+    z, log_q = SampleLocationScale.apply(loc, ls, seed, index, K, stop_score)
+    return z, log_q - family_op.prior_log_density(index, z, a, b)
+
+
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ kernels' prior options")
+@pytest.mark.parametrize("family", LOCATION_SCALE_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N, L, K", RATIO_CASES)
+@pytest.mark.parametrize("stop_score", [False, True])
+@pytest.mark.parametrize("learned_prior", [False, True])
+def test_location_scale_ratio_matches_the_float64_composite(family, dtype, N, L, K, stop_score, learned_prior):
+    """SampleLocationScaleRatio (the C++ kernels with prior_a, prior_b): z is
+    sample_location_scale's bit for bit, and log q - log p and every gradient
+    (q's; the prior's where it learns) agree with the float64 composition of
+    sample_location_scale's Function and the prior's torch log-density, to
+    the kernels' rounding of each term's size."""
+    index = LOCATION_SCALE_FAMILIES.index(family)
+    loc, ls, a, b, grad_z, grad_r = _ratio_problem(family, N, L, K, dtype)
+    seed = seed_tensor(N * 7 + L, "cpu")
+    leaves = [loc.requires_grad_(), ls.requires_grad_(), a.requires_grad_(learned_prior),
+              b.requires_grad_(learned_prior)]
+    z, ratio = family_op.SampleLocationScaleRatio.apply(*leaves, seed, index, K, stop_score)
+    wrt = leaves if learned_prior else leaves[:2]
+    got = torch.autograd.grad([z, ratio], wrt, [grad_z, grad_r])
+    z_alone, _ = SampleLocationScale.apply(loc.detach(), ls.detach(), seed, index, K, stop_score)
+    assert torch.equal(z, z_alone)
+
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    z64, ratio64 = _ratio_composite(family, *ref, seed, K, stop_score)
+    want = torch.autograd.grad([z64, ratio64], ref if learned_prior else ref[:2],
+                               [grad_z.double(), grad_r.double()])
+    # the tolerances: each term's size, from float64 (e, the family's scores, t = (z - a) / b)
+    e = ((z64 - ref[0]) * torch.exp(-ref[1])).detach()
+    s, inv_b = torch.exp(ref[1]).detach(), 1.0 / (ref[3] - ref[2] if family == "uniform" else ref[3]).detach()
+    z_d = z64.detach().requires_grad_()
+    lp = family_op.prior_log_density(index, z_d, ref[2].detach(), ref[3].detach()).sum()
+    dlp = torch.autograd.grad(lp, z_d)[0] if lp.requires_grad else torch.zeros_like(z_d)  # (none: the uniform's)
+    t = (z64.detach() - ref[2].detach()) * inv_b
+    psi = family_op._score(index, e)
+    gz, gr = grad_z.double().abs(), grad_r.double().abs()[..., None]
+    log_f = family_op.prior_log_density(index, z64.detach(), ref[2].detach(), ref[3].detach())
+    size = (torch.log(s).abs() + e.abs() + 2.0 + t.abs() + torch.log(inv_b).abs()).sum(-1) + log_f.abs()
+    assert_close(ratio, ratio64, size, "log q - log p")
+    scales = [(gz + gr * (dlp.abs() + psi.abs() / s)).sum(0),
+              (s * e.abs() * (gz + gr * dlp.abs()) + gr * (1.0 + (psi * e).abs())).sum(0),
+              (gr * dlp.abs()).sum((0, 1)) + (gr * inv_b).sum((0, 1)),
+              (gr * (dlp.abs() * t.abs() + inv_b)).sum((0, 1))]
+    for name, g, w, scale in zip(("dloc", "dlog_scale", "dprior_a", "dprior_b"), got, want, scales):
+        assert_close(g, w, scale + 1e-300, name)
+
+
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ kernels' prior options")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_location_scale_ratio_is_inf_outside_a_uniform_prior(dtype):
+    """A z outside the uniform prior's [low, high) gives log q - log p = +inf
+    (torch's log p there is -inf), inside the composite's value; the
+    gradients stay finite and the composite's: the prior's -log(high - low)
+    has its gradient wherever z lies, and no z gradient passes the support's step."""
+    N, L, K = 9, 2, 3
+    g = torch.Generator().manual_seed(5)
+    # rows whose z lies inside [-0.5, 1) always, outside always, and either
+    loc = torch.tensor([0.0, -1.0, 0.8], dtype=dtype).repeat_interleave(3)[:, None].expand(N, L).contiguous()
+    ls = torch.full((N, L), math.log(0.5), dtype=dtype)
+    a = torch.full((L,), -0.5, dtype=dtype, requires_grad=True)
+    b = torch.full((L,), 1.0, dtype=dtype, requires_grad=True)
+    leaves = [loc.requires_grad_(), ls.requires_grad_(), a, b]
+    seed = seed_tensor(3, "cpu")
+    z, ratio = family_op.SampleLocationScaleRatio.apply(*leaves, seed, 0, K, False)
+    outside = ((z < a) | (z >= b)).any(-1)
+    assert outside.any() and (~outside).any()
+    assert torch.equal(torch.isinf(ratio), outside) and (ratio[outside] > 0).all()
+    z2, ratio2 = _ratio_composite("uniform", *leaves, seed, K, False)
+    assert torch.equal(z, z2)
+    assert_close(ratio[~outside], ratio2[~outside], ratio2[~outside].abs() + 1.0, "inside")
+    grad_r = torch.where(outside, 0.0, torch.randn(K, N, generator=g, dtype=dtype))  # an IWAE's weight 0 there
+    got = torch.autograd.grad(ratio, leaves, grad_r)
+    want = torch.autograd.grad(ratio2, leaves, grad_r, allow_unused=True)
+    for name, x, y in zip(("dloc", "dlog_scale", "dlow", "dhigh"), got, want):
+        y = torch.zeros_like(x) if y is None else y
+        assert torch.isfinite(x).all()
+        assert_close(x, y, y.abs() + 1.0, name)
+
+
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ kernels' prior options")
+@pytest.mark.parametrize("family", LOCATION_SCALE_FAMILIES)
+def test_location_scale_ratio_double_backward_is_the_composites(family):
+    """A create_graph backward of SampleLocationScaleRatio replays the
+    composition: its gradients' own gradients are the composite's (float64)."""
+    index = LOCATION_SCALE_FAMILIES.index(family)
+    loc, ls, a, b, grad_z, grad_r = _ratio_problem(family, 4, 3, 2, torch.float64)
+    seed = seed_tensor(11, "cpu")
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (loc, ls, a, b)]
+        if fused:
+            z, ratio = family_op.SampleLocationScaleRatio.apply(*leaves, seed, index, 2, True)
+        else:
+            z, ratio = _ratio_composite(family, *leaves, seed, 2, True)
+        first = torch.autograd.grad([z, ratio], leaves, [grad_z, grad_r], create_graph=True, allow_unused=True)
+        first = [torch.zeros_like(t) if d is None else d for d, t in zip(first, leaves)]
+        total = sum((d * d).sum() for d in first if d.requires_grad)
+        second = torch.autograd.grad(total, leaves, allow_unused=True)
+        results.append([torch.zeros_like(t) if d is None else d for d, t in zip(second, leaves)])
+    for name, x, y in zip(("loc", "log_scale", "prior_a", "prior_b"), *results):
+        assert torch.allclose(x, y, rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ binding's checks")
+def test_location_scale_ratio_binding_names_a_wrong_argument():
+    """prior_a, prior_b come together, are the location-scale sampler's
+    alone, need log_q, and are (L,); the backward's dprior_a, dprior_b come
+    together and need the prior."""
+    C = fastvae._backend.cpp_module()
+    N, L, K = 4, 3, 2
+    loc, ls = torch.zeros(N, L).numpy(), torch.zeros(N, L).numpy()
+    p = torch.ones(L).numpy()
+    z, q = torch.zeros(K, N, L).numpy(), torch.zeros(K, N).numpy()
+    C.sample_location_scale_forward(loc, ls, 1, 1, 0, N * L, L, z, q, 1, prior_a=p * 0, prior_b=p)  # the valid call
+    assert (q == 0).all()  # Laplace(0, 1) against itself
+    with pytest.raises(ValueError, match="prior_a and prior_b: give both or neither"):
+        C.sample_location_scale_forward(loc, ls, 1, 1, 0, N * L, L, z, q, 1, prior_a=p)
+    with pytest.raises(ValueError, match="log_q: the log-ratio to the prior needs its output"):
+        C.sample_location_scale_forward(loc, ls, 1, 1, 0, N * L, L, z, None, 1, prior_a=p, prior_b=p)
+    with pytest.raises(ValueError, match="prior_b"):
+        C.sample_location_scale_forward(loc, ls, 1, 1, 0, N * L, L, z, q, 1, prior_a=p,
+                                        prior_b=torch.ones(L + 1).numpy())
+    with pytest.raises(ValueError, match="sample_positive takes no prior_a, prior_b"):
+        C.sample_positive_forward(loc, ls, 1, 0, 0, N * L, L, z, q, 1, prior_a=p, prior_b=p)
+    d = [torch.zeros(N, L).numpy() for _ in range(4)]
+    C.sample_location_scale_backward(z, q, loc, ls, 1, 1, False, d[0], d[1], 1, prior_a=p, prior_b=p, dprior_a=d[2],
+                                     dprior_b=d[3])
+    with pytest.raises(ValueError, match="dprior_a, dprior_b: the prior's gradients need prior_a, prior_b"):
+        C.sample_location_scale_backward(z, q, loc, ls, 1, 1, False, d[0], d[1], 1, dprior_a=d[2], dprior_b=d[3])
+    with pytest.raises(ValueError, match="dprior_a and dprior_b: give both or neither"):
+        C.sample_location_scale_backward(z, q, loc, ls, 1, 1, False, d[0], d[1], 1, prior_a=p, prior_b=p,
+                                         dprior_a=d[2])
+    with pytest.raises(ValueError, match="sample_positive takes no prior_a, prior_b"):
+        C.sample_positive_backward(z, q, loc, ls, 1, 0, False, d[0], d[1], 1, prior_a=p, prior_b=p)
+    # no gradient of the ratio: the draw's alone, and the prior's 0
+    d[2].fill(7.0)
+    d[3].fill(7.0)
+    C.sample_location_scale_backward(z, None, loc, ls, 1, 1, False, d[0], d[1], 1, prior_a=p, prior_b=p,
+                                     dprior_a=d[2], dprior_b=d[3])
+    assert (d[2] == 0).all() and (d[3] == 0).all()
+
+
 def _location_scale_fused_and_separate(family, p_shape, dtype, device, K, create_graph=False):
     """SampleLocationScaleKL and the two Functions it fuses, on the same leaves:
     (their outputs, their gradients in q's and the prior's parameters)."""
