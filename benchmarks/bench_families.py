@@ -40,7 +40,7 @@ import torch.distributions as td
 import torch.nn.functional as F
 
 import fastvae
-from fastvae import _plan, objectives
+from fastvae import _plan, latents, objectives
 
 from . import common
 
@@ -160,17 +160,39 @@ def _logvar_formed(fv):
     return call
 
 
+# the families whose IWAE takes log q - log p of its own family's prior from the sampler's C++ kernels
+RATIO_FORM = ("laplace", "uniform", "gumbel", "cauchy")
+
+
+def _prior_log_prob(fv):
+    """fv with the IWAE's log p(z) from the prior's own log_prob (latents.RATIO_IN_KERNELS off)."""
+    def call():
+        latents.RATIO_IN_KERNELS = False
+        try:
+            return fv()
+        finally:
+            latents.RATIO_IN_KERNELS = True
+    return call
+
+
+# the extra arms: implementation name -> its ratio's key in a record and the table's column
+AB_ARMS = {"fastvae logvar": ("logvar formed vs hand", "fastvae, logvar formed in torch (ms)"),
+           "fastvae log_prob": ("prior log_prob vs hand", "fastvae, the prior's log_prob (ms)")}
+
+
 def measure(quick: bool, names, device, compiled: bool = True, rounds: int | None = None,
-            n: int | None = None, scale_ab: bool = False) -> list[dict]:
+            n: int | None = None, scale_ab: bool = False, ratio_ab: bool = False) -> list[dict]:
     B, L, C = (256, 8, 4) if quick else (65536, 32, 16)
     rounds, n = rounds or (2 if quick else 5), n or (2 if quick else 3)
     dtype = torch.float32
     records = []
     for case, (hand, fv, leaves, shape) in _cases(B, L, C, device, dtype, names).items():
         impls = {"hand": hand, "fastvae": fv}
-        ab = scale_ab and case.endswith("elbo") and case.split()[0] in SCALE_FORM
-        if ab:
+        family = case.split()[0]
+        if scale_ab and case.endswith("elbo") and family in SCALE_FORM:
             impls["fastvae logvar"] = _logvar_formed(fv)
+        if ratio_ab and "iwae" in case and family in RATIO_FORM:
+            impls["fastvae log_prob"] = _prior_log_prob(fv)
         if compiled:
             impls.update({"hand compiled": torch.compile(hand), "fastvae compiled": torch.compile(fv)})
         torch._dynamo.reset()
@@ -190,8 +212,9 @@ def measure(quick: bool, names, device, compiled: bool = True, rounds: int | Non
         med = {k: statistics.median(v) for k, v in times.items()}
         record = {"case": case, "shape": list(shape), **{f"{k} ms": round(v, 3) for k, v in med.items()},
                   "vs hand": round(med["hand"] / med["fastvae"], 2)}
-        if ab:
-            record.update({"logvar formed vs hand": round(med["hand"] / med["fastvae logvar"], 2)})
+        for arm, (key, _) in AB_ARMS.items():
+            if arm in med:
+                record[key] = round(med["hand"] / med[arm], 2)
         if compiled:
             record.update({"vs hand compiled": round(med["hand compiled"] / med["fastvae"], 2),
                            "compiled vs hand compiled": round(med["hand compiled"] / med["fastvae compiled"], 2)})
@@ -201,17 +224,17 @@ def measure(quick: bool, names, device, compiled: bool = True, rounds: int | Non
 
 
 def table(records: list[dict]) -> str:
-    ab = any("fastvae logvar ms" in r for r in records)
+    arms = [arm for arm in AB_ARMS if any(f"{arm} ms" in r for r in records)]
     lines = ["| case (forward + backward) | shape | hand (ms) | fastvae (ms) | hand compiled (ms) | "
              "fastvae compiled (ms) | fastvae vs hand | fastvae vs hand compiled | compiled vs compiled |"
-             + (" fastvae, logvar formed in torch (ms) | logvar formed vs hand |" if ab else ""),
-             "|" + "---|" * (11 if ab else 9)]
+             + "".join(f" {AB_ARMS[arm][1]} | {AB_ARMS[arm][0]} |" for arm in arms),
+             "|" + "---|" * (9 + 2 * len(arms))]
     for r in records:
         cells = [r["case"], tuple(r["shape"]), r["hand ms"], r["fastvae ms"], r.get("hand compiled ms", "-"),
                  r.get("fastvae compiled ms", "-"), r["vs hand"], r.get("vs hand compiled", "-"),
                  r.get("compiled vs hand compiled", "-")]
-        if ab:
-            cells += [r.get("fastvae logvar ms", "-"), r.get("logvar formed vs hand", "-")]
+        for arm in arms:
+            cells += [r.get(f"{arm} ms", "-"), r.get(AB_ARMS[arm][0], "-")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
@@ -232,12 +255,16 @@ def main(argv=None) -> dict:
                         "and Cauchy posteriors with their logvar (log-scale) formed in torch "
                         "(fastvae.objectives.SCALE_FORM and fastvae._plan.SCALE_IN_KERNELS off), interleaved with "
                         "the rest")
+    p.add_argument("--ratio-ab", action="store_true",
+                   help="also time the IWAEs of the Laplace, uniform, Gumbel and Cauchy posteriors with log p(z) "
+                        "from the prior's own log_prob (fastvae.latents.RATIO_IN_KERNELS off), interleaved with "
+                        "the rest")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     names = args.families or families
     records = measure(args.quick, names, device, compiled=not args.eager, rounds=args.rounds, n=args.calls,
-                      scale_ab=args.scale_ab)
+                      scale_ab=args.scale_ab, ratio_ab=args.ratio_ab)
     payload = {"op": "families", **common.metadata(device),
                "title": "Each latent family's whole objective, forward + backward, fastvae against torch.distributions",
                "records": records, "table_markdown": table(records)}

@@ -565,8 +565,9 @@ def test_families_benchmark_times_the_logvar_formed_in_torch(tmp_path, monkeypat
     monkeypatch.setattr(objectives, "sample_normal_of_scale_unchecked",
                         lambda *a: seen.append(objectives.SCALE_FORM) or of_scale(*a))
     launch_cpp = _backend.launch_cpp
-    monkeypatch.setattr(_backend, "launch_cpp", lambda kernel, work, opts, **a: seen_laplace.append(
-        (kernel, _plan.SCALE_IN_KERNELS, opts.get("of_scale", False))) or launch_cpp(kernel, work, opts, **a))
+    monkeypatch.setattr(_backend, "launch_cpp", lambda kernel, work, opts, **a: (  # the ELBO's fused kernels
+        "_kl_" in kernel and seen_laplace.append((kernel, _plan.SCALE_IN_KERNELS, opts.get("of_scale", False))))
+        or launch_cpp(kernel, work, opts, **a))
     payload = bench_families.main(["--quick", "--eager", "--scale-ab", "--families", "lognormal", "laplace",
                                    "--rounds", "1", "--calls", "1", "--out", str(tmp_path / "ab.json")])
     assert objectives.SCALE_FORM is True and _plan.SCALE_IN_KERNELS is True
@@ -586,6 +587,31 @@ def test_families_benchmark_times_the_logvar_formed_in_torch(tmp_path, monkeypat
     # the sampler took the scale only with the switch on (warm-up, and the rounds' fastvae calls)
     assert seen == [True] * 3 and sample_normal_op.sample_normal_of_scale_unchecked is of_scale  # 2 warm-ups, 1 call
     assert "logvar formed vs hand" in payload["table_markdown"]
+
+
+def test_families_benchmark_times_the_iwae_with_the_priors_log_prob(tmp_path, monkeypatch):
+    """--ratio-ab adds, for the IWAEs whose log q - log p the sampler's C++
+    kernels take (the Laplace, uniform, Gumbel and Cauchy posteriors with
+    their own family's prior), the same call with log p(z) from the prior's
+    log_prob: the switch is off inside those calls only, and on again after."""
+    from benchmarks import bench_families
+    from fastvae import latents
+
+    seen = []
+    own_prior = latents._own_prior
+    monkeypatch.setattr(latents, "_own_prior", lambda q, p: seen.append(latents.RATIO_IN_KERNELS) or own_prior(q, p))
+    payload = bench_families.main(["--quick", "--eager", "--ratio-ab", "--families", "laplace", "lognormal",
+                                   "--rounds", "1", "--calls", "1", "--out", str(tmp_path / "ab.json")])
+    assert latents.RATIO_IN_KERNELS is True
+    by_case = {r["case"]: r for r in payload["records"]}
+    for case, r in by_case.items():
+        assert ("fastvae log_prob ms" in r) == (case == "laplace iwae k=5"), case
+    # _own_prior is asked only with the switch on: the Laplace IWAE's 2 warm-ups and 1 call
+    assert seen == [True] * 3
+    r = by_case["laplace iwae k=5"]
+    assert r["prior log_prob vs hand"] == pytest.approx(r["hand ms"] / r["fastvae log_prob ms"], rel=0.05,
+                                                        abs=0.011)
+    assert "prior log_prob vs hand" in payload["table_markdown"]
 
 
 def test_families_benchmark_refuses_a_family_it_does_not_have(capsys):
