@@ -92,6 +92,7 @@ from .ops.sample_family.op import (
     concrete_at,
     location_scale_at,
     location_scale_index,
+    location_scale_ratio_at,
     positive_at,
     sample_concrete_unchecked,
     sample_location_scale_kl_unchecked,
@@ -201,6 +202,14 @@ def _validates(dist) -> bool:
     return bool((dist.base_dist if isinstance(dist, Independent) else dist)._validate_args)
 
 
+def _refuse_as_torch_would(prior, z: Tensor, ratio: Tensor) -> None:
+    """Torch's own error where a validating torch prior refuses z (a uniform's
+    z outside its support, where the sampler's log q - log p is inf)."""
+    if isinstance(prior, TorchPrior) and _validates(prior.dist) and not bool(torch.isfinite(ratio).all()):
+        with torch.no_grad():
+            prior.dist.log_prob(z)
+
+
 def _own_prior(q: LocationScale, prior) -> tuple[Tensor, Tensor] | None:
     """The (L,) parameters (location, scale; a uniform's low, high) of a prior
     of q's own family, for the sampler's fused log-ratio: a torch Laplace,
@@ -271,15 +280,20 @@ class LocationScale(_Latent):
             return super().rsample_with_log_ratio(n_samples, generator, stop_score, prior, dreg)
         z, ratio = sample_location_scale_ratio_unchecked(self.index, self.loc, self.log_scale, *params, n_samples,
                                                          stop_score, generator)
-        if isinstance(prior, TorchPrior) and _validates(prior.dist) and not bool(torch.isfinite(ratio).all()):
-            with torch.no_grad():
-                prior.dist.log_prob(z)  # torch's error where torch refuses this z (a uniform's outside its support)
+        _refuse_as_torch_would(prior, z, ratio)
         latent = -ratio
         return z, latent, latent
 
     def draw_at(self, seed: Tensor, n_samples: int, offset0: int, sample_stride: int, row_stride: int,
                 prior) -> tuple[Tensor, Tensor | None]:
-        """(z, log p(z) - log q(z) or None when prior is None) at the evaluation's offsets (no gradient)."""
+        """(z, log p(z) - log q(z) or None when prior is None) at the evaluation's offsets (no gradient);
+        for a prior of this family that _own_prior takes, from the sampler's kernels, as rsample_with_log_ratio's."""
+        params = _own_prior(self, prior) if RATIO_IN_KERNELS and prior is not None else None
+        if params is not None:
+            z, ratio = location_scale_ratio_at(self.index, self.loc, self.log_scale, *params, seed, n_samples,
+                                               offset0=offset0, sample_stride=sample_stride, row_stride=row_stride)
+            _refuse_as_torch_would(prior, z, ratio)
+            return z, -ratio
         z, log_q = location_scale_at(self.index, self.loc, self.log_scale, seed, n_samples, offset0=offset0,
                                      sample_stride=sample_stride, row_stride=row_stride)
         return z, None if prior is None else prior.log_prob(z) - log_q

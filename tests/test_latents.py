@@ -1954,3 +1954,35 @@ def test_a_uniform_priors_support_holds_with_the_samplers_weights(backend, monke
     if not validate:
         assert torch.isneginf(results[0]).any() and torch.isfinite(results[0]).any()
         torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_log_likelihood_takes_its_weights_from_the_sampler(backend, monkeypatch, family):
+    """fastvae.log_likelihood with a location-scale posterior and a prior of
+    its own family: on the cpp backend the evaluation's draw takes log q -
+    log p from the sampler's kernels (its layout's offsets, chunk by chunk),
+    with the estimate of the prior's own log_prob."""
+    from fastvae import latents
+
+    _, device = backend
+    x, W, loc, scale = _data(device)
+    make_prior, _ = _own_family_prior(family, "independent", torch.float64, False)
+    calls = []
+    real = latents.location_scale_ratio_at
+    monkeypatch.setattr(latents, "location_scale_ratio_at", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def encode(_):
+        if family == "uniform":
+            return td.Uniform(loc.detach(), (loc + scale).detach())
+        if family == "logistic":
+            return fastvae.LocationScale(family, loc.detach(), torch.log(scale).detach())
+        return TORCH_CLASS[family](loc.detach(), scale.detach())
+
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(latents, "RATIO_IN_KERNELS", on)
+        results.append(fastvae.log_likelihood(x, encode, _decode(W), k=37, chunk_size=10, likelihood="bernoulli",
+                                              prior=make_prior(), generator=gen(6)))
+    assert bool(calls) == (backend[0] == "cpp")
+    assert torch.isfinite(results[0]).all()
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-12)

@@ -891,6 +891,30 @@ class SampleLocationScaleRatio(torch.autograd.Function):
         return (*(d if need else None for d, need in zip(out, needs)), *none)
 
 
+def location_scale_ratio_at(family: int, loc: Tensor, log_scale: Tensor, prior_a: Tensor, prior_b: Tensor,
+                            seed: Tensor, n_samples: int, *, offset0: int, sample_stride: int,
+                            row_stride: int) -> tuple[Tensor, Tensor]:
+    """(z (n_samples, N, L), log q(z) - log p(z) (n_samples, N)) for loc,
+    log_scale (N, L) at the noise offsets offset0 + k * sample_stride + n *
+    row_stride + l (the evaluation's layout: location_scale_at's z, bit for
+    bit), p of the family's own with parameters (prior_a, prior_b) (L,): the
+    C++ forward with its prior options, as SampleLocationScaleRatio's (whose
+    conditions the caller checks). No gradient."""
+    a, b = flat(loc.detach()), flat(log_scale.detach())
+    N, L = a.shape
+    z = _backend.empty_output((n_samples, N, L), like=a)
+    ratio = _backend.empty_output((n_samples, N), like=a)
+    if z.numel() == 0:
+        return z, ratio.zero_()
+    check_offsets(offset0, sample_stride, row_stride,
+                  offset0 + (n_samples - 1) * sample_stride + (N - 1) * row_stride + L - 1)
+    _backend.launch_cpp("sample_location_scale_forward", z.numel(),
+                        {"prior_a": prior_a.detach().contiguous(), "prior_b": prior_b.detach().contiguous()},
+                        loc=a, log_scale=b, seed=seed, family=family, offset0=offset0, sample_stride=sample_stride,
+                        row_stride=row_stride, z=z, log_q=ratio)
+    return z, ratio
+
+
 def sample_location_scale_ratio_unchecked(family: int, loc: Tensor, log_scale: Tensor, prior_a: Tensor,
                                           prior_b: Tensor, n_samples: int, stop_score: bool,
                                           generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
