@@ -40,7 +40,7 @@ import torch.distributions as td
 import torch.nn.functional as F
 
 import fastvae
-from fastvae import _plan, latents, objectives
+from fastvae import _plan, latents, objectives, priors
 
 from . import common
 
@@ -160,18 +160,24 @@ def _logvar_formed(fv):
     return call
 
 
-# the families whose IWAE takes log q - log p of its own family's prior from the sampler's C++ kernels
+# the families whose IWAE takes log q - log p of its own family's prior from the sampler's C++ kernels,
+# and those whose torch prior's log-density fastvae takes in its own form (priors._positive_log_prob)
 RATIO_FORM = ("laplace", "uniform", "gumbel", "cauchy")
+POSITIVE_FORM = ("exponential", "weibull", "kumaraswamy")
 
 
-def _prior_log_prob(fv):
-    """fv with the IWAE's log p(z) from the prior's own log_prob (latents.RATIO_IN_KERNELS off)."""
+def _prior_log_prob(fv, family):
+    """fv with the IWAE's log p(z) from the prior's log_prob: for RATIO_FORM,
+    latents.RATIO_IN_KERNELS off; for POSITIVE_FORM, priors.POSITIVE_FORM
+    off (the torch object's own log_prob)."""
+    module, switch = (latents, "RATIO_IN_KERNELS") if family in RATIO_FORM else (priors, "POSITIVE_FORM")
+
     def call():
-        latents.RATIO_IN_KERNELS = False
+        setattr(module, switch, False)
         try:
             return fv()
         finally:
-            latents.RATIO_IN_KERNELS = True
+            setattr(module, switch, True)
     return call
 
 
@@ -191,8 +197,8 @@ def measure(quick: bool, names, device, compiled: bool = True, rounds: int | Non
         family = case.split()[0]
         if scale_ab and case.endswith("elbo") and family in SCALE_FORM:
             impls["fastvae logvar"] = _logvar_formed(fv)
-        if ratio_ab and "iwae" in case and family in RATIO_FORM:
-            impls["fastvae log_prob"] = _prior_log_prob(fv)
+        if ratio_ab and "iwae" in case and family in RATIO_FORM + POSITIVE_FORM:
+            impls["fastvae log_prob"] = _prior_log_prob(fv, family)
         if compiled:
             impls.update({"hand compiled": torch.compile(hand), "fastvae compiled": torch.compile(fv)})
         torch._dynamo.reset()
@@ -257,8 +263,9 @@ def main(argv=None) -> dict:
                         "the rest")
     p.add_argument("--ratio-ab", action="store_true",
                    help="also time the IWAEs of the Laplace, uniform, Gumbel and Cauchy posteriors with log p(z) "
-                        "from the prior's own log_prob (fastvae.latents.RATIO_IN_KERNELS off), interleaved with "
-                        "the rest")
+                        "from the prior's log_prob (fastvae.latents.RATIO_IN_KERNELS off), and of the exponential, "
+                        "Weibull and Kumaraswamy posteriors with the torch prior's own log_prob "
+                        "(fastvae.priors.POSITIVE_FORM off), interleaved with the rest")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)

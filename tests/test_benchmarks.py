@@ -614,6 +614,26 @@ def test_families_benchmark_times_the_iwae_with_the_priors_log_prob(tmp_path, mo
     assert "prior log_prob vs hand" in payload["table_markdown"]
 
 
+def test_families_benchmark_times_a_positive_iwae_with_the_torch_priors_log_prob(tmp_path, monkeypatch):
+    """--ratio-ab's arm for the exponential, Weibull and Kumaraswamy IWAEs:
+    the torch prior's own log_prob, fastvae's form off inside those calls
+    only, and on again after."""
+    from benchmarks import bench_families
+    from fastvae import priors
+
+    seen = []
+    form = priors._positive_log_prob
+    monkeypatch.setattr(priors, "_positive_log_prob", lambda d, z: seen.append(priors.POSITIVE_FORM) or form(d, z))
+    payload = bench_families.main(["--quick", "--eager", "--ratio-ab", "--families", "weibull", "--rounds", "1",
+                                   "--calls", "1", "--out", str(tmp_path / "ab.json")])
+    assert priors.POSITIVE_FORM is True
+    by_case = {r["case"]: r for r in payload["records"]}
+    assert "fastvae log_prob ms" in by_case["weibull iwae k=5"] and "fastvae log_prob ms" not in by_case[
+        "weibull elbo"]
+    # the form is asked only with the switch on: the IWAE's 2 warm-ups and 1 call (the ELBO's closed form asks none)
+    assert seen == [True] * 3
+
+
 def test_families_benchmark_refuses_a_family_it_does_not_have(capsys):
     """--families with a name the benchmark has not (``log-normal`` for
     ``lognormal``) is an error that names the argument and lists the

@@ -628,3 +628,125 @@ def test_a_laplace_priors_density_under_cpu_autocast_stays_float32():
         got = TorchPrior(d).log_prob(z)
     assert got.dtype == torch.float32
     assert_close(got, want, 1 + want.abs(), "laplace under autocast")
+
+
+def _positive_prior(family, shape, dtype, requires_grad=False, independent=False, validate=None):
+    g = torch.Generator().manual_seed(len(family) + 3 * len(shape))
+    a = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype).requires_grad_(requires_grad)
+    b = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 + 0.3).to(dtype).requires_grad_(requires_grad)
+    d = {"exponential": lambda: dist.Exponential(a, validate_args=validate),
+         "weibull": lambda: dist.Weibull(a, b, validate_args=validate),
+         "beta": lambda: dist.Beta(a, b, validate_args=validate)}[family]()
+    d = d if shape else d.expand((7,))
+    return (dist.Independent(d, 1) if independent else d), ((a,) if family == "exponential" else (a, b))
+
+
+@pytest.mark.parametrize("family", ["exponential", "weibull", "beta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, independent", [((7,), False), ((7,), True), ((), False)])
+@pytest.mark.parametrize("z_shape", [(3, 5, 7), (1, 1, 7), (7,)])
+def test_a_torch_positive_priors_log_density_is_torchs(family, dtype, shape, independent, z_shape):
+    """A torch Exponential, Weibull or Beta prior's log p(z) summed over L, as
+    fastvae takes it in fewer passes over z: the float64 log_prob's values,
+    and its gradients to z and to learned (L,) or 0-d parameters, to float
+    rounding; z of several samples, one row, and a single latent, from near
+    the support's edge to its bulk."""
+    from fastvae.priors import TorchPrior
+
+    d, params = _positive_prior(family, shape, dtype, requires_grad=True, independent=independent)
+    g = torch.Generator().manual_seed(5)
+    z = torch.rand(z_shape, generator=g, dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+    z = (z if family == "beta" else z * 4).to(dtype).requires_grad_()
+    got = TorchPrior(d).log_prob(z)
+    d64, params64 = _positive_prior(family, shape, torch.float64, requires_grad=True, independent=independent)
+    z64 = z.detach().double().requires_grad_()
+    want = d64.log_prob(z64)
+    want = want if independent else want.sum(-1)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert torch.isfinite(want).all()
+    # the terms' sizes: log z and log(1 - z) reach |log 1e-3| ~ 7 per latent
+    assert_close(got, want, 1 + want.abs() + 10 * z.shape[-1], family)
+    leaves, leaves64 = [z, *params], [z64, *params64]
+    grads = torch.autograd.grad(got.sum(), leaves)
+    grads64 = torch.autograd.grad(want.sum(), leaves64)
+    for name, a, b in zip(("z", "p0", "p1"), grads, grads64):
+        assert_close(a, b, 1 + b.abs(), f"{family} d{name}")
+
+
+@pytest.mark.parametrize("family, outside", [("exponential", -0.5), ("weibull", -0.5), ("weibull", 0.0),
+                                             ("beta", 1.5), ("beta", -0.25), ("exponential", math.nan),
+                                             ("weibull", math.nan), ("beta", math.nan)])
+def test_a_positive_priors_support_is_torchs(family, outside):
+    """A z outside an Exponential's, Weibull's or Beta's support (or a NaN):
+    where the prior validates (torch's default), torch's own error; where it
+    does not, torch's own log_prob's value or its NaN, never a finite number
+    torch would not give."""
+    from fastvae.priors import TorchPrior
+
+    z = torch.tensor([[0.5, 0.25, 0.75], [0.5, outside, 0.25]], dtype=torch.float64)
+    d, _ = _positive_prior(family, (3,), torch.float64, validate=True)
+    with pytest.raises(ValueError, match="support"):
+        TorchPrior(d).log_prob(z)
+    assert torch.isfinite(TorchPrior(d).log_prob(z[:1])).all()
+    d, _ = _positive_prior(family, (3,), torch.float64, validate=False)
+    got, want = TorchPrior(d).log_prob(z), d.log_prob(z).sum(-1)
+    assert torch.isfinite(got[0]) and torch.allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
+    if torch.isfinite(want[1]):  # an exponential's density formula holds below 0: torch's value
+        assert torch.allclose(got[1], want[1], rtol=1e-12, atol=1e-12)
+    else:
+        assert not torch.isfinite(got[1])
+
+
+def test_a_beta_priors_density_at_its_supports_edge_is_torchs():
+    """z = 0 or 1 is inside a Beta's closed support: where the density there
+    is -inf (a > 1) or finite (a = 1: torch's xlogy takes 0 log 0 as 0),
+    torch's value, with or without its argument check."""
+    from fastvae.priors import TorchPrior
+
+    z = torch.tensor([[0.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    for validate in (True, False):
+        for a in (torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 1.0], dtype=torch.float64)):
+            d = dist.Beta(a, a.flip(0), validate_args=validate)
+            assert torch.equal(TorchPrior(d).log_prob(z), d.log_prob(z).sum(-1))
+
+
+def test_a_positive_prior_of_other_shapes_or_under_compile_keeps_torchs_log_prob(monkeypatch):
+    """A prior with a batch shape, of another dtype than z, or traced by
+    torch.compile takes torch's own log_prob (the faster form reads (L,) or
+    0-d parameters of z's dtype, eagerly)."""
+    import fastvae.priors as priors
+
+    calls = []
+    fast = priors._positive_log_prob
+    monkeypatch.setattr(priors, "_positive_log_prob", lambda d, z: calls.append(fast(d, z)) or calls[-1])
+    z = torch.rand(4, 3) + 0.1
+    for d in (dist.Weibull(torch.ones(4, 3), torch.ones(4, 3)), dist.Exponential(torch.ones(3).double())):
+        got = priors.TorchPrior(d).log_prob(z)
+        assert calls[-1] is None
+        assert torch.allclose(got, d.log_prob(z.to(got.dtype)).sum(-1).to(got.dtype))
+    beta = dist.Beta(torch.ones(3) * 2, torch.ones(3))
+    priors.TorchPrior(beta).log_prob(z / 2)
+    assert calls[-1] is not None
+    monkeypatch.setattr(priors._backend, "compiling", lambda: True)
+    priors.TorchPrior(beta).log_prob(z / 2)
+    assert calls[-1] is None
+
+
+@pytest.mark.parametrize("family", ["exponential", "weibull", "beta"])
+def test_a_positive_priors_density_takes_half_precision_z_and_autocast_in_float32(family):
+    """A bfloat16 z is widened to float32 first, and under CPU autocast the
+    sums over L are not half-precision products: float32 values, torch's to
+    float32 rounding."""
+    from fastvae.priors import TorchPrior
+
+    d, _ = _positive_prior(family, (7,), torch.float32)
+    z = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(4)).clamp(0.01, 0.99)
+    want = d.log_prob(z.double()).sum(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = TorchPrior(d).log_prob(z)
+    assert got.dtype == torch.float32
+    assert_close(got, want, 1 + want.abs(), f"{family} under autocast")
+    zb = z.bfloat16()
+    got = TorchPrior(d).log_prob(zb)
+    assert got.dtype == torch.float32
+    assert_close(got, d.log_prob(zb.double()).sum(-1), 1 + want.abs(), f"{family} of bfloat16 z")
