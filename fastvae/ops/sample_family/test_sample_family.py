@@ -591,6 +591,15 @@ RATIO_CASES = [  # (N, L, K): one element, odd sizes, rows across blocks, severa
     (1, 1, 1), (3, 7, 2), (17, 33, 3), (301, 41, 2), (5, 600, 1)]
 
 
+@pytest.fixture
+def cpp_backend():
+    """The cpp backend for the test's duration: the ratio's kernels are C++
+    ones, and the composite they are checked against must draw the same z
+    (the interpreter run's triton sampler rounds its transforms otherwise)."""
+    with fastvae.use_backend("cpp"):
+        yield
+
+
 def _ratio_problem(family, N, L, K, dtype, bound=2.0):
     """q's (loc, log_scale) (N, L), the prior's (a, b) (L,) (a uniform's
     around every z q can draw), and upstream gradients, in dtype."""
@@ -622,7 +631,8 @@ def _ratio_composite(family, loc, ls, a, b, seed, K, stop_score):
 @pytest.mark.parametrize("N, L, K", RATIO_CASES)
 @pytest.mark.parametrize("stop_score", [False, True])
 @pytest.mark.parametrize("learned_prior", [False, True])
-def test_location_scale_ratio_matches_the_float64_composite(family, dtype, N, L, K, stop_score, learned_prior):
+def test_location_scale_ratio_matches_the_float64_composite(cpp_backend, family, dtype, N, L, K, stop_score,
+                                                            learned_prior):
     """SampleLocationScaleRatio (the C++ kernels with prior_a, prior_b): z is
     sample_location_scale's bit for bit, and log q - log p and every gradient
     (q's; the prior's where it learns) agree with the float64 composition of
@@ -665,7 +675,7 @@ def test_location_scale_ratio_matches_the_float64_composite(family, dtype, N, L,
 
 @pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ kernels' prior options")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_location_scale_ratio_is_inf_outside_a_uniform_prior(dtype):
+def test_location_scale_ratio_is_inf_outside_a_uniform_prior(cpp_backend, dtype):
     """A z outside the uniform prior's [low, high) gives log q - log p = +inf
     (torch's log p there is -inf), inside the composite's value; the
     gradients stay finite and the composite's: the prior's -log(high - low)
@@ -697,7 +707,7 @@ def test_location_scale_ratio_is_inf_outside_a_uniform_prior(dtype):
 
 @pytest.mark.skipif(not fastvae._backend.cpp_available(), reason="the C++ kernels' prior options")
 @pytest.mark.parametrize("family", LOCATION_SCALE_FAMILIES)
-def test_location_scale_ratio_double_backward_is_the_composites(family):
+def test_location_scale_ratio_double_backward_is_the_composites(cpp_backend, family):
     """A create_graph backward of SampleLocationScaleRatio replays the
     composition: its gradients' own gradients are the composite's (float64)."""
     index = LOCATION_SCALE_FAMILIES.index(family)
