@@ -231,15 +231,11 @@ def _location_scale_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
     raises its error. Values equal torch's to float rounding. Under
     torch.compile, torch's log_prob as it traces it (the check here reads a
     value on the host)."""
-    base, n = (dist.base_dist, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else (dist, 0)
-    kind = type(base)
-    if kind not in _LOCATION_SCALE_PRIORS or n > 1 or z.dim() == 0 or _backend.compiling():
+    found = _latent_parameters(dist, z, _LOCATION_SCALE_PRIORS)
+    if found is None:
         return None
-    L = z.shape[-1]
-    a, b = (base.low, base.high) if kind is Uniform else (base.loc, base.scale)
-    if any(t.dtype != z.dtype or t.device != z.device or t.shape not in ((), (L,)) for t in (a, b)):
-        return None
-    a, b = a.expand(L), b.expand(L)
+    base, n, (a, b) = found
+    kind, L = type(base), z.shape[-1]
     if kind is Uniform:
         inside = ((z >= a) & (z < b)).all(-1)
         log_width = torch.log(b - a).sum()
@@ -249,9 +245,7 @@ def _location_scale_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
         d = z - a
         inv = torch.reciprocal(b)
         if kind is Laplace:  # -|z - loc| / b - log 2b: the sum over L as a product with 1 / b
-            # (not under autocast, which would run the product in half precision)
-            t = d.abs()
-            lp = -((t * inv).sum(-1) if torch._C._is_any_autocast_enabled() else t @ inv) - torch.log(2.0 * b).sum()
+            lp = -_sum_over_latents(d.abs(), inv) - torch.log(2.0 * b).sum()
         elif kind is Gumbel:  # -(t + e^-t) - log b, t = (z - loc) / b
             t = d * inv
             lp = -(t + torch.exp(-t)).sum(-1) - torch.log(b).sum()
@@ -259,13 +253,43 @@ def _location_scale_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
             t = d * inv
             lp = -torch.log1p(t.square()).sum(-1) - (torch.log(b).sum() + L * LOG_PI)
         refused = base._validate_args and bool(torch.isnan(lp).any())
-    if refused:  # torch's check names the value (or, a NaN from elsewhere, its log_prob gives the same NaN)
-        lp = dist.log_prob(z)
-        return lp if n == 1 else lp.sum(-1)
-    return lp
+    # torch's check names the value (or, a NaN from elsewhere, its log_prob gives the same NaN)
+    return _torch_log_prob(dist, z, n) if refused else lp
 
 
-_LOCATION_SCALE_PRIORS = (Laplace, Gumbel, Cauchy, Uniform)
+# the torch priors whose log-density fastvae takes in its own form, and their parameters by name
+_LOCATION_SCALE_PRIORS = {Laplace: ("loc", "scale"), Gumbel: ("loc", "scale"), Cauchy: ("loc", "scale"),
+                          Uniform: ("low", "high")}
+_POSITIVE_PRIORS = {Exponential: ("rate",), Weibull: ("scale", "concentration"),
+                    Beta: ("concentration1", "concentration0")}
+
+
+def _latent_parameters(dist: Distribution, z: Tensor, kinds: dict) -> tuple | None:
+    """(the distribution, its Independent's reinterpreted dims, its parameters
+    expanded to (L,)) of a torch prior of one of ``kinds`` (or an Independent
+    of one over L) whose parameters are of shape () or (L,) in z's dtype and
+    device, eagerly (the fast forms read values on the host); None otherwise."""
+    base, n = (dist.base_dist, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else (dist, 0)
+    names = kinds.get(type(base))
+    if names is None or n > 1 or z.dim() == 0 or _backend.compiling():
+        return None
+    L = z.shape[-1]
+    params = [getattr(base, name) for name in names]
+    if any(t.dtype != z.dtype or t.device != z.device or t.shape not in ((), (L,)) for t in params):
+        return None
+    return base, n, [t.expand(L) for t in params]
+
+
+def _sum_over_latents(x: Tensor, w: Tensor) -> Tensor:
+    """sum_l x[..., l] w[l] as one product, but under autocast (which would run
+    it in half precision), where it is a float32 sum."""
+    return (x * w).sum(-1) if torch._C._is_any_autocast_enabled() else x @ w
+
+
+def _torch_log_prob(dist: Distribution, z: Tensor, n: int) -> Tensor:
+    """The object's own log_prob summed over L (its error where it refuses z)."""
+    lp = dist.log_prob(z)
+    return lp if n == 1 else lp.sum(-1)
 
 
 def _positive_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
@@ -281,43 +305,30 @@ def _positive_log_prob(dist: Distribution, z: Tensor) -> Tensor | None:
     as a Weibull's at z <= 0 or a Beta's outside [0, 1] gives), torch's own
     log_prob runs: its error, or at the support's edge its value. Values equal
     torch's to float rounding."""
-    base, n = (dist.base_dist, dist.reinterpreted_batch_ndims) if isinstance(dist, Independent) else (dist, 0)
+    found = _latent_parameters(dist, z, _POSITIVE_PRIORS)
+    if found is None:
+        return None
+    base, n, params = found
     kind = type(base)
-    if kind not in _POSITIVE_PRIORS or n > 1 or z.dim() == 0 or _backend.compiling():
-        return None
-    L = z.shape[-1]
-    params = ((base.rate,) if kind is Exponential else (base.scale, base.concentration) if kind is Weibull
-              else (base.concentration1, base.concentration0))
-    if any(t.dtype != z.dtype or t.device != z.device or t.shape not in ((), (L,)) for t in params):
-        return None
-    params = [t.expand(L) for t in params]
-    half = torch._C._is_any_autocast_enabled()  # a product over L would run in half precision: sum instead
-
-    def dot(x: Tensor, w: Tensor) -> Tensor:
-        return (x * w).sum(-1) if half else x @ w
-
     if kind is Exponential:  # log rate - rate z
         (rate,) = params
-        lp = torch.log(rate).sum() - dot(z, rate)
+        lp = torch.log(rate).sum() - _sum_over_latents(z, rate)
         refused = base._validate_args and not bool(z.amin() >= 0)  # (a NaN compares False)
     else:
         if kind is Weibull:  # log(c / s) + (c - 1) log(z / s) - (z / s)^c
             scale, c = params
             log_s = torch.log(scale)
             log_x = torch.log(z) - log_s
-            lp = dot(log_x, c - 1.0) - torch.exp(log_x * c).sum(-1) + (torch.log(c) - log_s).sum()
+            lp = _sum_over_latents(log_x, c - 1.0) - torch.exp(log_x * c).sum(-1) + (torch.log(c) - log_s).sum()
         else:  # Beta: (a - 1) log z + (b - 1) log(1 - z) - log B(a, b), as torch's xlogy takes them
             a, b = params
             lp = (torch.xlogy(a - 1.0, z) + torch.xlogy(b - 1.0, 1.0 - z)).sum(-1) - (
                 torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)).sum()
         refused = base._validate_args and not bool(torch.isfinite(lp).all())
-    if refused:  # torch's check names the value; at the support's edge, its value
-        lp = dist.log_prob(z)
-        return lp if n == 1 else lp.sum(-1)
-    return lp
+    # torch's check names the value; at the support's edge, its value
+    return _torch_log_prob(dist, z, n) if refused else lp
 
 
-_POSITIVE_PRIORS = (Exponential, Weibull, Beta)
 # TorchPrior.log_prob takes _positive_log_prob's form where it applies; False: the
 # object's own log_prob (the benchmarks' other arm)
 POSITIVE_FORM = True

@@ -1850,13 +1850,15 @@ def test_a_learned_prior_of_parameters_takes_the_fused_draw(monkeypatch):
         assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
-def _own_family_prior(family, form, dtype, learned):
-    """A prior of the posterior's own family: (a function that builds prior=, its parameters that may learn)."""
+def _own_family_prior(family, form, dtype, learned, device):
+    """A prior of the posterior's own family on ``device``: (a function that
+    builds prior=, its parameters that may learn)."""
     g = torch.Generator().manual_seed(4)
     if family == "uniform":
         a, b = -3.0 - torch.rand(L, generator=g, dtype=dtype), 4.0 + torch.rand(L, generator=g, dtype=dtype)
     else:
         a, b = 0.3 * torch.randn(L, generator=g, dtype=dtype), 0.7 + torch.rand(L, generator=g, dtype=dtype)
+    a, b = a.to(device), b.to(device)
     if form == "scalar":
         a, b = a[0].clone(), b[0].clone()
     a, b = a.requires_grad_(learned), b.requires_grad_(learned)
@@ -1891,7 +1893,7 @@ def test_family_iwae_weights_from_the_sampler_equal_the_priors_log_prob(backend,
     W = (0.5 * torch.randn(L, D, generator=g, dtype=dtype)).to(device)
     loc = (0.5 * torch.randn(B, L, generator=g, dtype=dtype)).to(device).requires_grad_()
     raw = torch.randn(B, L, generator=g, dtype=dtype).to(device).requires_grad_()
-    make_prior, params = _own_family_prior(family, form, dtype, learned)
+    make_prior, params = _own_family_prior(family, form, dtype, learned, device)
     fused = []
     real = latents.sample_location_scale_ratio_unchecked
     monkeypatch.setattr(latents, "sample_location_scale_ratio_unchecked",
@@ -1966,7 +1968,7 @@ def test_family_log_likelihood_takes_its_weights_from_the_sampler(backend, monke
 
     _, device = backend
     x, W, loc, scale = _data(device)
-    make_prior, _ = _own_family_prior(family, "independent", torch.float64, False)
+    make_prior, _ = _own_family_prior(family, "independent", torch.float64, False, device)
     calls = []
     real = latents.location_scale_ratio_at
     monkeypatch.setattr(latents, "location_scale_ratio_at", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -315,8 +315,13 @@ struct BackwardBlock {
 
   void step(const int32_t* x, int64_t, int64_t base, int64_t n, const T* gq) {
     noise_block<F>(x, n, e, log_f, psi);
-    if (dz) {
-      const T* g = dz + base;
+    add_terms(dz ? dz + base : nullptr, gq, n);
+  }
+
+  // One sample's terms from the block's e and psi: z's gradient g and log q's
+  // gq per element, each null when it has none.
+  void add_terms(const T* g, const T* gq, int64_t n) {
+    if (g) {
       for (int64_t i = 0; i < n; ++i) {
         acc_z[i] += g[i];
         acc_ze[i] += g[i] * e[i];
@@ -454,16 +459,14 @@ FASTVAE_INLINE void subtract_prior(const T* z, int64_t n, const T* a, const T* i
   }
 }
 
-// One sample's terms of a block of the ratio's backward, given z's upstream
-// gradient dz (or null) and the ratio's gq per element: z's total gradient
-// gz = dz - gq psi_p(t) / b (in the scratch gz) into acc_z, acc_ze (with e);
-// q's score terms as BackwardBlock's; with_dp, the prior's: acc_pa += gq
-// psi_p / b and acc_pb += gq (psi_p t + 1) / b (the uniform's: -gq / w and
-// gq / w). One branch-free loop per term, so that each vectorizes.
+// z's total gradient in one sample of a block of the ratio's backward, gz =
+// dz - gq psi_p(t) / b (dz null: none), from the ratio's gq per element; with_dp,
+// the prior's sums too: acc_pa += gq psi_p / b and acc_pb += gq (psi_p t + 1) / b
+// (the uniform's: -gq / w and gq / w). One branch-free loop per term, so that
+// each vectorizes.
 template <int F, typename T>
-FASTVAE_INLINE void ratio_step(const T* dz, const T* gq, const T* m, const T* s, const T* e, const T* psi,
-                               const T* a, const T* inv, int64_t n, bool stop_score, bool with_dp, T* gz, T* acc_z,
-                               T* acc_ze, T* acc_psi, T* acc_q, T* acc_pa, T* acc_pb) {
+FASTVAE_INLINE void ratio_step(const T* dz, const T* gq, const T* m, const T* s, const T* e, const T* a,
+                               const T* inv, int64_t n, bool with_dp, T* gz, T* acc_pa, T* acc_pb) {
   if constexpr (F == kUniform) {  // no z gradient through the prior's density
     if (with_dp) {
       for (int64_t i = 0; i < n; ++i) {
@@ -492,33 +495,18 @@ FASTVAE_INLINE void ratio_step(const T* dz, const T* gq, const T* m, const T* s,
   if (dz) {
     for (int64_t i = 0; i < n; ++i) gz[i] += dz[i];
   }
-  for (int64_t i = 0; i < n; ++i) {
-    acc_z[i] += gz[i];
-    acc_ze[i] += gz[i] * e[i];
-  }
-  if (stop_score) {
-    for (int64_t i = 0; i < n; ++i) {
-      acc_psi[i] += gq[i] * psi[i];
-      acc_q[i] += gq[i] * psi[i] * e[i];
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) acc_q[i] -= gq[i];
-  }
 }
 
 // float32: ISA-cloned entry points per family (clones cannot be templates)
-#define FASTVAE_LS_RATIO_F32(F)                                                                                   \
-  FASTVAE_CLONES void subtract_prior_f32_##F(const float* z, int64_t n, const float* a, const float* inv,          \
-                                             const float* hi, const float* log_b, float* log_f) {                 \
-    subtract_prior<F, float>(z, n, a, inv, hi, log_b, log_f);                                                     \
-  }                                                                                                               \
-  FASTVAE_CLONES void ratio_step_f32_##F(const float* dz, const float* gq, const float* m, const float* s,         \
-                                         const float* e, const float* psi, const float* a, const float* inv,      \
-                                         int64_t n, bool stop_score, bool with_dp, float* gz, float* acc_z,       \
-                                         float* acc_ze, float* acc_psi, float* acc_q, float* acc_pa,              \
-                                         float* acc_pb) {                                                         \
-    ratio_step<F, float>(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q, \
-                         acc_pa, acc_pb);                                                                         \
+#define FASTVAE_LS_RATIO_F32(F)                                                                                  \
+  FASTVAE_CLONES void subtract_prior_f32_##F(const float* z, int64_t n, const float* a, const float* inv,         \
+                                             const float* hi, const float* log_b, float* log_f) {                \
+    subtract_prior<F, float>(z, n, a, inv, hi, log_b, log_f);                                                    \
+  }                                                                                                              \
+  FASTVAE_CLONES void ratio_step_f32_##F(const float* dz, const float* gq, const float* m, const float* s,        \
+                                         const float* e, const float* a, const float* inv, int64_t n,            \
+                                         bool with_dp, float* gz, float* acc_pa, float* acc_pb) {                \
+    ratio_step<F, float>(dz, gq, m, s, e, a, inv, n, with_dp, gz, acc_pa, acc_pb);                               \
   }
 FASTVAE_LS_RATIO_F32(0)
 FASTVAE_LS_RATIO_F32(1)
@@ -546,27 +534,20 @@ FASTVAE_INLINE void subtract_prior_block(const T* z, int64_t n, const T* a, cons
 }
 
 template <int F, typename T>
-FASTVAE_INLINE void ratio_step_block(const T* dz, const T* gq, const T* m, const T* s, const T* e, const T* psi,
-                                     const T* a, const T* inv, int64_t n, bool stop_score, bool with_dp, T* gz,
-                                     T* acc_z, T* acc_ze, T* acc_psi, T* acc_q, T* acc_pa, T* acc_pb) {
+FASTVAE_INLINE void ratio_step_block(const T* dz, const T* gq, const T* m, const T* s, const T* e, const T* a,
+                                     const T* inv, int64_t n, bool with_dp, T* gz, T* acc_pa, T* acc_pb) {
   if constexpr (std::is_same_v<T, double>) {
-    ratio_step<F, double>(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
-                          acc_pa, acc_pb);
+    ratio_step<F, double>(dz, gq, m, s, e, a, inv, n, with_dp, gz, acc_pa, acc_pb);
   } else if constexpr (F == 0) {
-    ratio_step_f32_0(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
-                       acc_pa, acc_pb);
+    ratio_step_f32_0(dz, gq, m, s, e, a, inv, n, with_dp, gz, acc_pa, acc_pb);
   } else if constexpr (F == 1) {
-    ratio_step_f32_1(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
-                       acc_pa, acc_pb);
+    ratio_step_f32_1(dz, gq, m, s, e, a, inv, n, with_dp, gz, acc_pa, acc_pb);
   } else if constexpr (F == 2) {
-    ratio_step_f32_2(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
-                       acc_pa, acc_pb);
+    ratio_step_f32_2(dz, gq, m, s, e, a, inv, n, with_dp, gz, acc_pa, acc_pb);
   } else if constexpr (F == 3) {
-    ratio_step_f32_3(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
-                       acc_pa, acc_pb);
+    ratio_step_f32_3(dz, gq, m, s, e, a, inv, n, with_dp, gz, acc_pa, acc_pb);
   } else {
-    ratio_step_f32_4(dz, gq, m, s, e, psi, a, inv, n, stop_score, with_dp, gz, acc_z, acc_ze, acc_psi, acc_q,
-                       acc_pa, acc_pb);
+    ratio_step_f32_4(dz, gq, m, s, e, a, inv, n, with_dp, gz, acc_pa, acc_pb);
   }
 }
 
@@ -615,9 +596,9 @@ struct RatioBackwardBlock : BackwardBlock<F, T> {
       s_b0 = b0;
     }
     noise_block<F>(x, n, this->e, this->log_f, this->psi);
-    ratio_step_block<F, T>(this->dz ? this->dz + base : nullptr, gq, loc + b0, s, this->e, this->psi, prior.a(b0),
-                           prior.inv(b0), n, this->stop_score, dprior_a != nullptr, gz, this->acc_z, this->acc_ze,
-                           this->acc_psi, this->acc_q, acc_pa, acc_pb);
+    ratio_step_block<F, T>(this->dz ? this->dz + base : nullptr, gq, loc + b0, s, this->e, prior.a(b0),
+                           prior.inv(b0), n, dprior_a != nullptr, gz, acc_pa, acc_pb);
+    this->add_terms(gz, gq, n);  // z's total gradient and log q's score, as the draw's backward sums them
   }
 
   void finish(int64_t b0, int64_t n) {
