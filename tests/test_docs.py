@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import INTERPRET
 
@@ -18,32 +19,31 @@ def test_from_torch_distributions_page_runs():
         exec(compile(block, str(PAGE), "exec"), namespace)  # noqa: S102 (the page's own examples)
 
 
-# What the README's snippets take as given: a model and data of the user's.
-_README_PRELUDE = """
-import torch
-from torch import nn
-torch.manual_seed(0)
-x = (torch.rand(16, 64) > 0.5).float()
-encoder = nn.Linear(64, 2 * 4)
-decoder = nn.Linear(4, 64)
-def encode(x):
-    return encoder(x).chunk(2, dim=-1)
-decode = decoder
-test_loader = [x[:8], x[8:]]
-"""
-
-
 @pytest.mark.skipif(INTERPRET, reason="main-process test (backend-independent)")
 def test_readme_code_blocks_run():
+    """The README's training loop is complete: it runs as written, with nothing
+    given beforehand, trains, and prints the held-out log p(x) with its stats."""
     readme = PAGE.parents[1] / "README.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
-    assert len(blocks) >= 2
+    assert len(blocks) >= 1
     namespace: dict = {}
-    exec(_README_PRELUDE, namespace)  # noqa: S102
     for block in blocks:
         exec(compile(block, str(readme), "exec"), namespace)  # noqa: S102 (the README's own examples)
-    assert namespace["ll"].shape == (16,) and namespace["res"].n_examples == 16
-    assert namespace["stats"].pareto_k.shape == (16,) and namespace["terms"].bound.dim() == 0
+    stats = namespace["stats"]
+    assert stats.log_likelihood.shape == (128,) and torch.isfinite(stats.log_likelihood).all()
+    assert torch.isfinite(namespace["loss"]) and namespace["step"] > 0
+
+
+def test_the_readme_fits_on_a_few_screens_and_puts_the_cpu_build_first():
+    """The README is for users (measurements live in benchmarks/README.md, the
+    build in docs/install.md): at most 150 lines, and in "Try it" the CPU
+    wheel's install comes before the command that would otherwise pull the
+    CUDA build from the ordinary index."""
+    readme = (PAGE.parents[1] / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    try_it = readme.split("## Try it", 1)[1].split("\n## ", 1)[0]
+    cpu = try_it.index("--index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < try_it.index("python -m pip install -e")
 
 
 def test_ci_runs_the_readmes_test_command_in_a_fresh_venv():
@@ -207,11 +207,14 @@ def test_bad_inputs_rows_run_as_written():
 
 def test_the_readme_states_the_torch_floor_that_ci_tests():
     """The README's supported torch versions start at pyproject.toml's floor,
-    which .ci/compat installs and runs the compile tests on."""
+    which .ci/compat installs and runs the compile tests on (docs/install.md,
+    where the build detail lives, says how)."""
     root = PAGE.parents[1]
     (floor,) = re.findall(r'"torch>=(\d+\.\d+)"', (root / "pyproject.toml").read_text())
     readme = (root / "README.md").read_text()
-    assert f"**Torch versions.** torch {floor} or newer." in readme
-    assert f"# any torch >= {floor};" in readme
-    assert "bash .ci/compat" in readme
+    install = (root / "docs" / "install.md").read_text()
+    assert f"**Torch versions.** torch {floor} or newer" in readme
+    assert f"**Torch versions.** torch {floor} or newer." in install
+    assert f"# any torch >= {floor};" in install
+    assert "bash .ci/compat" in install
     assert 'torch>=(' in (root / ".ci" / "compat").read_text()  # it reads the floor from pyproject.toml
