@@ -17,6 +17,6 @@ POSITIVE_FAMILIES = ("exponential", "weibull", "kumaraswamy")
 KL_FAMILIES = ("laplace", "uniform", "gumbel", "cauchy", "exponential", "kumaraswamy", "weibull")
 # The Kumaraswamy-Beta KL: Nalisnick and Smyth's (2017) series, truncated at
 # this many terms (its tail, ~ sum_m m^(-1-b), is what the truncation leaves
-# out: small for b >~ 2, slow to converge for b < 1; docs/latents.md). The C++
+# out: small for b >~ 2, slow to converge for b < 1; docs/internals/latents.md). The C++
 # and Triton kernels unroll the same count.
 KUMARASWAMY_KL_TERMS = 10

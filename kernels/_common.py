@@ -1,7 +1,7 @@
 """What the Triton kernels share: the accumulation dtype, the launch geometry,
 and the numerically safe softplus / sigmoid.
 
-Geometry (docs/triton.md). Tiles of a few thousand elements at 4-8
+Geometry (docs/internals/triton.md). Tiles of a few thousand elements at 4-8
 warps a program, so that each thread keeps several independent loads in
 flight; at least one wave over an H100's 132 SMs where the problem has a tile
 per SM, and fewer, full programs below that rather than many near-empty ones;

@@ -8,7 +8,7 @@ folded word x of lane i % 4 of Philox counter i // 4 and maps it into the
 open (0, 1) from the integer, both u and v = 1 - u, so that the upper tail
 keeps its bits. A family's kernels add only its transform and its density.
 
-Geometry (docs/triton.md): the forward tiles the K * N sample rows of z in
+Geometry (docs/internals/triton.md): the forward tiles the K * N sample rows of z in
 tiles of about FORWARD_TILE elements (rows x columns, columns in fours so that
 a thread holds whole Philox counters), so a large-K evaluation of one example
 is as parallel as a training batch. The backward owns BACKWARD_TILE

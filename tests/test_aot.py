@@ -1,5 +1,5 @@
 """The Triton kernels build for a real GPU (sm_90) without one, and their code has
-the marks of a fast kernel (docs/triton.md, Geometry): every launch at a reduced
+the marks of a fast kernel (docs/internals/triton.md, Geometry): every launch at a reduced
 shape set compiles, nothing spills in fp32/bf16/fp16, the heavy ops run at least
 4 warps a program wherever the problem has the elements for it, big problems
 launch at least one wave over an H100's 132 SMs, the forward kernels of the

@@ -181,7 +181,7 @@ def test_overhead_benchmark_reports_the_floor_and_every_op(tmp_path):
 def test_gpu_model_is_labelled_and_fills_the_gpu(tmp_path):
     """The model's rows say they are a model, and its programs column comes from
     the launchers: where a heavy kernel has 132 tiles of 4096 elements of work, it
-    launches at least one wave over the H100's 132 SMs (docs/triton.md: tiles
+    launches at least one wave over the H100's 132 SMs (docs/internals/triton.md: tiles
     are sized by bandwidth, not to fill a program count), sample_normal's
     backward too (it splits the samples where B * L is small)."""
     pytest.importorskip("triton")

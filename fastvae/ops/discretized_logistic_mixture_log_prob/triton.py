@@ -33,7 +33,7 @@ from fastvae.kernels._common import acc_dtype, cdiv, log1p_unit, next_power_of_2
 # under ptxas's maximum of 255 (it takes 96-176). ptxas's own choice spilled
 # a value or more in some variant of every other shape tried (512 pixels at a
 # cap of 128 or 168, 256 in float64 at 168), and these spill nothing on sm_90
-# and sm_80 in any dtype (python -m fastvae.kernels.aot; docs/triton.md).
+# and sm_80 in any dtype (python -m fastvae.kernels.aot; docs/internals/triton.md).
 TILE = 256
 FP64_TILE = 128
 NUM_WARPS = 4

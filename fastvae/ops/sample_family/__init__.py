@@ -274,7 +274,7 @@ positive_exp1 = exp1  # the positive families' noise (the samplers' Exp(1) varia
 
 
 def _kumaraswamy_clamp(dtype: torch.dtype) -> tuple[float, float]:
-    """z's clamp [tiny, largest below 1] of the compute dtype (docs/latents.md)."""
+    """z's clamp [tiny, largest below 1] of the compute dtype (docs/internals/latents.md)."""
     if dtype == torch.float64:
         return 2.0**-1022, 1.0 - 2.0**-53
     return 2.0**-126, F32_BELOW_ONE

@@ -28,7 +28,7 @@ folded word x of lane i % 4 of Philox counter i // 4 and maps it into the
 open (0, 1) as u = (x + 1/2) / 2**31 and v = 1 - u = (2**31 - 1/2 - x) / 2**31,
 each from the integer (float32: in float32 arithmetic, at most 1 - 2**-24), so
 u and v lie in [2**-32, 1 - 2**-32] and the tails are clipped there
-(docs/latents.md gives each family's largest |e|).
+(docs/internals/latents.md gives each family's largest |e|).
 
 sample_positive: reparameterized samples of the positive inverse-CDF latent
 families with log q(z) from the noise that drew them, fused. Every family is
@@ -44,7 +44,7 @@ a transform of the Exp(1) variate t = -log u of the element's Philox uniform
   taken from log z, never from z, so it is finite for every a, b; z itself is
   exp(log z) clamped into [tiny, 1 - ulp] of the compute dtype (float32:
   [2**-126, 1 - 2**-24]), which a, b in [1e-3, 1e3] reach at the extreme
-  uniforms (docs/latents.md).
+  uniforms (docs/internals/latents.md).
 
 The custom ops ``fastvae::sample_positive`` and ``fastvae::sample_positive_backward``
 take the family as an int (a compile-time variant of one C++ and one Triton

@@ -168,7 +168,7 @@ def test_uniforms_are_bit_exact(backend):
 
 def test_open_uniforms_clip_the_tails():
     """The extreme words map to 2**-32 and 1 - 2**-32 (float64) / 1 - 2**-24
-    (float32): the stated tails (docs/latents.md)."""
+    (float32): the stated tails (docs/internals/latents.md)."""
     x = torch.tensor([0, 2**31 - 1, 2**30 - 1, 2**30])
     u64, v64 = _philox.open_uniforms(x, torch.float64)
     assert u64.tolist()[:2] == [2.0**-32, 1 - 2.0**-32] and torch.equal(u64 + v64, torch.ones(4, dtype=torch.float64))

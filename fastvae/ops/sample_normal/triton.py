@@ -7,7 +7,7 @@ log_ratio, grad_log_ratio (K, N). The offset of z[k, n, l] is k * N * L + n * L 
 (int64) in training.
 
 One launch forward, one backward, no torch work around them.
-Geometry: the samplers' (kernels/sampler.py, docs/triton.md). The forward
+Geometry: the samplers' (kernels/sampler.py, docs/internals/triton.md). The forward
 tiles the K * N sample rows of z, so a large-K evaluation of one example is as
 parallel as a training batch. The backward sums over K: mu is flat
 (N * L elements, whose noise offsets are contiguous within a sample), each

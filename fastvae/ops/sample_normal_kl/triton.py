@@ -6,7 +6,7 @@ Layout: mu, log_scale, prior_mu, prior_log_scale, z, grad_z (N, L)
 contiguous; kl, grad_kl (N, L) per element or (N,) row sums. The noise of
 element (n, l) is at offset n * L + l (sample_normal's training layout).
 
-Geometry (docs/triton.md): the forward tiles rows by columns; a group has
+Geometry (docs/internals/triton.md): the forward tiles rows by columns; a group has
 few rows (the batch) of many elements (C x H x W), so the columns are split
 over programs until a wave is full. With the KL summed, each split stores
 its rows' partial sums and the last program of a row tile to arrive adds

@@ -6,7 +6,7 @@ Layout: mu (N, L), S (N, L, L) contiguous (only the lower triangle is read);
 z, grad_z (K, N, L); kl, grad_kl (N,). eps of z[k, n, :] is sample_normal's:
 randn(seed, k * N * L + n * L + l) (int64 offsets, philox.randn).
 
-Geometry (docs/triton.md): programs cover (sample split, block of rows). For
+Geometry (docs/internals/triton.md): programs cover (sample split, block of rows). For
 L <= MAX_SINGLE_L a program holds its rows' whole triangle (BLOCK_R x BL x BL,
 BL = L rounded up to a power of two) in registers and walks its samples: S is
 read once per program, each sample costs one normal per element and a
