@@ -67,7 +67,7 @@ def test_main_job_offers_the_continuous_bernoulli(tmp_path, capsys):
         main(["--likelihood", "poisson"])
 
 
-def test_the_readme_quotes_what_the_main_job_prints(default_job):
+def test_the_benchmarks_readme_quotes_what_the_main_job_prints(default_job):
     """The held-out bounds benchmarks/README.md quotes (its "The main job", which
     the README links for what the demo prints) are what `python -m fastvae` computes with
     its defaults (the step timing, which varies by machine, is not compared;

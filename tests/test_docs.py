@@ -218,3 +218,184 @@ def test_the_readme_states_the_torch_floor_that_ci_tests():
     assert f"# any torch >= {floor};" in install
     assert "bash .ci/compat" in install
     assert 'torch>=(' in (root / ".ci" / "compat").read_text()  # it reads the floor from pyproject.toml
+
+
+_ROOT = PAGE.parents[1]
+_DOC_PAGES = [_ROOT / "README.md", _ROOT / "CONTRIBUTING.md", *sorted((_ROOT / "docs").rglob("*.md"))]
+
+
+def _closing(text: str, i: int) -> int | None:
+    """The index of the bracket that closes the one at text[i]."""
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] in "([{":
+            depth += 1
+        elif text[j] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return j
+    return None
+
+
+def _arguments(text: str) -> list[str]:
+    """An argument list split at its top-level commas."""
+    out, depth, cur = [], 0, ""
+    for c in text:
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += c
+    return out + [cur.strip()] if cur.strip() else out
+
+
+def _doc_signatures():
+    """(page, line, name, arguments) of every signature the docs write out for a
+    name in fastvae.__all__: a call written at the start of a line of a fenced
+    block without a language (the pages' signature blocks), or anywhere with a
+    bare `*` among its arguments or `->` after it, which no call has."""
+    import fastvae
+
+    names = [n for n in fastvae.__all__ if callable(getattr(fastvae, n))]
+    for page in _DOC_PAGES:
+        text = page.read_text()
+        plain = [(m.start(1), m.end(1)) for m in re.finditer(r"^```\n(.*?)^```", text, re.S | re.M)]
+        for name in names:
+            for m in re.finditer(rf"(?:(?<=fastvae\.)|(?<![\w.])){name}\(", text):
+                end = _closing(text, m.end() - 1)
+                if end is None:
+                    continue
+                args = _arguments(" ".join(text[m.end():end].split()))
+                line_start = text.rfind("\n", 0, m.start()) + 1
+                at_line_start = re.fullmatch(r"\s*(\w+ = )?(fastvae\.)?", text[line_start:m.start()]) is not None
+                in_plain = at_line_start and any(a <= m.start() < b for a, b in plain)
+                marked = "*" in args or text[end + 1:end + 5].lstrip().startswith("->")
+                if in_plain or marked:
+                    yield page.relative_to(_ROOT), text.count("\n", 0, m.start()) + 1, name, args
+
+
+def test_every_signature_in_the_docs_is_the_functions():
+    """A signature the docs write out names the function's parameters in its
+    order, with its keyword-only marker and defaults (inspect.signature), and
+    all of them unless it says `...` for the rest: a parameter added to a
+    function (a log_likelihood's prior=) fails here until the page shows it."""
+    import ast
+    import inspect
+
+    import fastvae
+
+    found = list(_doc_signatures())
+    assert {name for _, _, name, _ in found} >= {"elbo", "iwae", "log_likelihood", "evaluate",
+                                                 "hierarchical_elbo", "sample_concrete", "gaussian_log_prob"}
+    problems = []
+    for page, line, name, args in found:
+        where = f"{page}:{line}: {name}"
+        params = list(inspect.signature(getattr(fastvae, name)).parameters.values())
+        index = {p.name: i for i, p in enumerate(params)}
+        keyword_only, partial, last, seen = False, False, -1, set()
+        for arg in args:
+            if arg == "*":
+                keyword_only = True
+                continue
+            if "..." in arg:
+                partial = True
+                continue
+            star, rest = re.fullmatch(r"(\**)(.*)", arg).groups()
+            pname, _, default = (s.strip() for s in rest.partition("="))
+            pname = pname.split(":")[0].strip()
+            if pname not in index:
+                problems.append(f"{where}: no parameter {pname!r} (it has {list(index)})")
+                continue
+            p = params[index[pname]]
+            seen.add(pname)
+            if index[pname] < last:
+                problems.append(f"{where}: {pname!r} out of order")
+            last = index[pname]
+            kind = {"*": p.VAR_POSITIONAL, "**": p.VAR_KEYWORD}.get(star)
+            if kind is not None:
+                if p.kind != kind:
+                    problems.append(f"{where}: {pname!r} is {p.kind.description}")
+                keyword_only = keyword_only or star == "*"
+                continue
+            if keyword_only != (p.kind == p.KEYWORD_ONLY):
+                problems.append(f"{where}: {pname!r} is {p.kind.description}")
+            if not default:
+                if p.default is not p.empty:
+                    problems.append(f"{where}: {pname!r} has the default {p.default!r}")
+                continue
+            try:
+                same = ast.literal_eval(default) == p.default
+            except ValueError:
+                same = default == repr(p.default)
+            if not same:
+                problems.append(f"{where}: {pname!r}'s default is {p.default!r}, not {default}")
+        missing = [p.name for p in params if p.name not in seen]
+        if missing and not partial:
+            problems.append(f"{where}: leaves out {missing}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_api_reference_has_an_entry_for_every_public_name():
+    """docs/api/conf.py writes the reference's entries from fastvae.__all__
+    (.ci/docs builds it and checks the built inventory too)."""
+    import importlib.util
+
+    import fastvae
+
+    spec = importlib.util.spec_from_file_location("api_conf", _ROOT / "docs" / "api" / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    entries = conf._entries()
+    for name in fastvae.__all__:
+        assert re.search(rf"^\.\. auto(function|class|module):: (fastvae\.)?{name}$", entries, re.M), name
+    assert '"sphinx' in (_ROOT / "pyproject.toml").read_text().split("\ndocs = ", 1)[1].split("\n", 1)[0]
+
+
+# where pages, code, error messages and tests point a reader
+_LINKING = [*_DOC_PAGES, _ROOT / "benchmarks" / "README.md",
+            *[p for folder in ("fastvae", "kernels", "tests", "benchmarks", "examples")
+              for p in (_ROOT / folder).rglob("*.py")]]
+
+
+def test_every_link_to_a_page_resolves():
+    """Every docs/... path named anywhere and every relative Markdown link
+    leads to a file: text moved between the guide and the internals
+    (docs/internals/) leaves no reference behind."""
+    broken = []
+    for path in _LINKING:
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"(?<![\w/.])docs/[\w./-]+\.(md|rst|py)\b", text):
+            if not (_ROOT / m.group(0)).exists():
+                broken.append(f"{path.relative_to(_ROOT)}: {m.group(0)}")
+        if path.suffix == ".md":
+            for m in re.finditer(r"\]\(([^)#\s]+)(#[^)]*)?\)", text):
+                target = m.group(1)
+                if "://" not in target and not (path.parent / target).exists():
+                    broken.append(f"{path.relative_to(_ROOT)}: ({target})")
+    assert not broken, "\n".join(broken)
+
+
+_GUIDE = ["objectives", "likelihoods", "latents", "evaluation", "hierarchical", "migrating", "bad-inputs",
+          "from-torch-distributions"]
+
+
+@pytest.mark.skipif(INTERPRET, reason="main-process test (backend-independent)")
+@pytest.mark.parametrize("page", _GUIDE)
+def test_each_guide_page_opens_with_its_calls_and_an_example_that_runs(page):
+    """A guide page's opening, before its first section, names the fastvae
+    calls it covers and has an example that runs as written."""
+    import warnings
+
+    text = (_ROOT / "docs" / f"{page}.md").read_text()
+    head = text.split("\n## ", 1)[0]
+    assert re.search(r"fastvae\.\w+\(|`fastvae\.\w+`", head), f"docs/{page}.md does not open with its calls"
+    blocks = re.findall(r"```python\n(.*?)```", head, re.S)
+    assert blocks, f"docs/{page}.md has no example at its top"
+    if "sklearn" in blocks[0]:
+        pytest.importorskip("sklearn")
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained stand-in model's evaluation warns, as it should
+        exec(compile(blocks[0], f"docs/{page}.md", "exec"), namespace)  # noqa: S102 (the page's own example)
