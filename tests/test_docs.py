@@ -1,4 +1,6 @@
-"""The code blocks of the README and of docs/from-torch-distributions.md run as written."""
+"""The README and the guide as a user reads them: their code runs as written, the
+signatures they write are the functions', their links resolve, and what CI
+runs is what they say."""
 import re
 from pathlib import Path
 
