@@ -5,11 +5,25 @@ One pytest process tests the reference and cpp backends (and compiled Triton
 when a CUDA device is present). The Triton interpreter needs TRITON_INTERPRET=1
 before Triton is imported, so tests/test_triton_interpreter.py re-runs the op
 tests in a child process with that set; there the only backend is triton on CPU.
+
+Two tiers (CONTRIBUTING.md, Running the tests): ``python -m pytest`` runs the
+quick tier, ``python -m pytest --full`` (or FASTVAE_TESTS=full) the full one.
+The quick tier runs every test function, each of its parametrizations'
+values at least once per backend (quick_selection below), with few
+Hypothesis examples, and leaves out the GPU compiles (``gpu_compile``) and
+the tests marked ``full``; the full tier runs every parametrization with the
+"ci" profile's examples.
 """
 import atexit
 import os
 import shutil
 import tempfile
+
+# The main process and the interpreter child run side by side, each with
+# torch's OpenMP threads: threads that spin while they wait would take the
+# other process's core (fastvae/_openmp.py says why). Set before torch loads
+# its OpenMP runtime; a policy the environment sets stands.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # A fresh inductor cache per run: a cached compiled graph can outlive a change
 # to a custom op's schema and call it with the old arguments.
@@ -27,6 +41,9 @@ from fastvae.ops.bernoulli_likelihood import op as bernoulli_op  # noqa: E402 (i
 from fastvae.ops.sample_normal_kl import op as sample_normal_kl_op  # noqa: E402 (its plans, as the objectives')
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the tier: set from --full and --skip-quick by pytest_sessionstart, and inherited by the interpreter child
+FULL = os.environ.get("FASTVAE_TESTS", "quick") in ("full", "full-skip-quick")
+SKIP_QUICK = os.environ.get("FASTVAE_TESTS") == "full-skip-quick"
 
 # The interpreter child runs each Triton program as a Python loop, about 1 ms a
 # program: it takes half the examples, so that it ends about when the main process
@@ -46,7 +63,31 @@ settings.register_profile(
     "dev", max_examples=100, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# The quick tier: a test's explicit examples and a few drawn ones, the same on
+# every run. The shapes that find kernel bugs (odd sizes, one row, K = 1) come
+# from the parametrizations and the explicit examples; the many drawn examples
+# that search the rest of the space are the full tier's.
+QUICK_EXAMPLES = 3
+settings.register_profile(
+    "quick", max_examples=QUICK_EXAMPLES, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def _profile_name():
+    return os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if FULL else "quick")
+
+
+settings.load_profile(_profile_name())
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="fastvae's full tier: every parametrization, the Hypothesis 'ci' profile and the GPU "
+                          "compiles (default: the quick tier; FASTVAE_TESTS=full does the same)")
+    parser.addoption("--skip-quick", action="store_true",
+                     help="with --full: leave out the quick tier's tests without Hypothesis examples, which a "
+                          "quick run just ran exactly as the full tier would (CI runs the quick tier first)")
 
 
 def _backend_params():
@@ -154,13 +195,125 @@ def nan_poisoned_outputs(monkeypatch):
 
 
 _interpreter_launcher = []  # the module of tests/test_triton_interpreter.py, once its child is started
+LAUNCHER = "test_op_tests_under_triton_interpreter"
+
+
+# The axes a selection keeps whole: a test function runs on every backend,
+# and covers its other parameters' values within each.
+STRATA = ("backend",)
+
+
+def _parts(item):
+    """(argument, value) of each parametrized argument of the item (each
+    argument of a multi-argument parametrize on its own)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return set()
+    return {(name, repr(value)) for name, value in callspec.params.items() if name not in STRATA}
+
+
+def _pairs(item):
+    parts = sorted(_parts(item))
+    return {(a, b) for i, a in enumerate(parts) for b in parts[i + 1:]} | {(a,) for a in parts}
+
+
+def _covering(group, covers):
+    """The fewest items, picked greedily in collection order, whose covers()
+    together hold everything any item of the group covers."""
+    wanted = set().union(*(covers(item) for item in group))
+    chosen = [group[0]]
+    wanted -= covers(group[0])
+    while wanted:
+        best = max(group, key=lambda item: len(covers(item) & wanted))  # the first of the best
+        chosen.append(best)
+        wanted -= covers(best)
+    return chosen
+
+
+def each_choice(group):
+    """Every value of every parameter at least once: 20 combinations of 2
+    dtypes x 5 families x 2 sizes become 5."""
+    return _covering(group, _parts)
+
+
+def pairwise(group):
+    """Every pair of values of two parameters at least once (every family in
+    every dtype, every dtype at every size...): 20 become 10."""
+    return _covering(group, _pairs)
+
+
+def select(items, cover, *, full_only=False):
+    """The items ``cover`` picks, in collection order, from each test
+    function's parametrizations on each backend (STRATA); with ``full_only``
+    the tests marked ``full`` or ``gpu_compile`` are left out (the full tier's
+    alone)."""
+    groups: dict = {}
+    for item in items:
+        if full_only and (item.get_closest_marker("full") or item.get_closest_marker("gpu_compile")):
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is None:
+            groups[item.nodeid] = [item]
+            continue
+        stratum = tuple(repr(callspec.params.get(name)) for name in STRATA)
+        groups.setdefault((item.nodeid.split("[")[0], stratum), []).append(item)
+    keep = {id(item) for group in groups.values() for item in cover(group)}
+    return [item for item in items if id(item) in keep]
+
+
+def quick_selection(items):
+    """The quick tier: every test function but the full tier's own, each of
+    its parameters' values at least once on each backend."""
+    return select(items, each_choice, full_only=True)
+
+
+def full_selection(items):
+    """The full tier: every parametrization in the main process; under the
+    Triton interpreter, every pair of parameter values (pairwise). There the
+    parameters that only the front end reads (how a prior is passed, which
+    estimator) run the same kernel programs again at about 1 ms a program,
+    and the front end is tested whole on the cpp and reference backends;
+    every pair of the kernel's own parameters (family and dtype, dtype and
+    size, splits and dtype) still runs (docs/architecture.md, The tests)."""
+    return select(items, pairwise) if INTERPRET else list(items)
+
+
+def _has_examples(item):
+    return getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+
+
+def _cap_examples(items, cap):
+    """A test's own ``@settings(max_examples=N)`` overrides the profile: the
+    quick tier caps N too."""
+    for function in {item.obj for item in items if hasattr(item, "obj")}:
+        own = getattr(function, "_hypothesis_internal_use_settings", None)
+        if own is not None and own.max_examples > cap:
+            function._hypothesis_internal_use_settings = settings(own, max_examples=cap)
+
+
+def _keep(config, items, kept):
+    if len(kept) < len(items):
+        kept_ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+        items[:] = kept
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The interpreter's launcher test runs last: it waits for the child, and
-    the main process's other tests run beside the child meanwhile, each on
-    one core, instead of waiting with it."""
-    launchers = [item for item in items if item.name == "test_op_tests_under_triton_interpreter"]
+    """The tier's selection (quick_selection, full_selection; with
+    --skip-quick, the full tier less the quick tier's tests that ran exactly
+    so, those without Hypothesis examples); then the interpreter's launcher
+    test runs last: it waits for the child, and the main process's other
+    tests run beside the child meanwhile, each on one core."""
+    if FULL:
+        kept = full_selection(items)
+        if SKIP_QUICK:
+            quick = {id(item) for item in quick_selection(items) if not _has_examples(item)}
+            kept = [item for item in kept if id(item) not in quick or item.name == LAUNCHER]
+        _keep(config, items, kept)
+    else:
+        _keep(config, items, quick_selection(items))
+        _cap_examples(items, settings().max_examples)
+    launchers = [item for item in items if item.name == LAUNCHER]
     items[:] = [item for item in items if item not in launchers] + launchers
 
 
@@ -169,7 +322,7 @@ def pytest_collection_finish(session):
     as the session knows its launcher test will run, so that it runs beside
     the rest of the suite (CI's longest part, on one of the machine's cores)."""
     for item in session.items:
-        if item.name == "test_op_tests_under_triton_interpreter":
+        if item.name == LAUNCHER:
             item.module.start_child()
             _interpreter_launcher.append(item.module)
             return
@@ -181,6 +334,24 @@ _terminal_reporter = [None]  # pytest's, once configured (None with -p no:termin
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     _terminal_reporter[0] = config.pluginmanager.get_plugin("terminalreporter")
+    config.addinivalue_line("markers", "full: the full tier's alone (conftest.py, quick_selection)")
+
+
+def pytest_sessionstart(session):
+    """--full picks the full tier before any test module is imported (their
+    @settings take the loaded profile as their parent); the environment
+    carries it to the interpreter child. The header says which tier runs."""
+    global FULL, SKIP_QUICK
+    if session.config.getoption("full", False):
+        FULL = True
+        SKIP_QUICK = session.config.getoption("skip_quick", False)
+        os.environ["FASTVAE_TESTS"] = "full-skip-quick" if SKIP_QUICK else "full"
+        settings.load_profile(_profile_name())
+    elif session.config.getoption("skip_quick", False):
+        raise pytest.UsageError("--skip-quick goes with --full")
+    if _terminal_reporter[0] is not None and not INTERPRET:
+        tier = "full" if FULL else "quick (--full for the full tier)"
+        _terminal_reporter[0].write_line(f"fastvae tests: the {tier} tier, Hypothesis profile {_profile_name()!r}")
 
 
 _noted = set()  # the test modules whose NOTE was printed
