@@ -159,7 +159,22 @@ __all__ = [
     "LogNormal",
     "LogisticNormal",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version; "0+unknown" (PEP 440's local form,
+    lower than any release) for a source tree on sys.path that was never
+    installed, so that version comparisons still parse it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastvae")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# not in __all__: a dunder is module metadata, not part of `from fastvae import *` (as in torch, numpy)
+__version__ = _version()
 
 # the positive latent families
 from .latents import Positive  # noqa: E402

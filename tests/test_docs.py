@@ -73,6 +73,20 @@ def test_every_op_is_exported_and_listed():
     assert all(hasattr(fastvae, name) for name in fastvae.__all__)
 
 
+def test_version_is_the_installed_distributions():
+    """fastvae.__version__ is the package metadata's version (pyproject.toml's
+    once installed), and a PEP 440 fallback when the metadata is missing."""
+    import importlib.metadata
+    from unittest import mock
+
+    import fastvae
+
+    assert fastvae.__version__ == importlib.metadata.version("fastvae")
+    assert "__version__" not in fastvae.__all__
+    with mock.patch("importlib.metadata.version", side_effect=importlib.metadata.PackageNotFoundError("fastvae")):
+        assert fastvae._version() == "0+unknown"
+
+
 def test_sanitize_takes_its_tests_from_the_registry():
     """.ci/sanitize runs every test module the registry names, not a hand-kept
     list: it names only the two main-process modules that reach the C++ besides them."""
