@@ -65,10 +65,13 @@ distribution (prior= of the objectives and the evaluation functions).
 backend_info(device) reports which backend serves each op; set_backend(name) and
 use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
 does at import. set_value_checks(mode) sets how argument values are checked
-for the common silent mistakes (fastvae/_value_checks.py).
+for the common silent mistakes (fastvae/_value_checks.py). ThreadsWarning:
+given once, at the first call on CPU tensors, where torch was imported first
+and its OpenMP threads spin on a busy machine (fastvae/_openmp.py).
 """
 from . import _openmp, priors  # noqa: F401 (_openmp first: before anything imports torch)
 from ._backend import backend_info, set_backend, use_backend
+from ._openmp import ThreadsWarning
 from ._value_checks import set_value_checks
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
@@ -134,6 +137,7 @@ __all__ = [
     "set_backend",
     "use_backend",
     "set_value_checks",
+    "ThreadsWarning",
     "elbo",
     "elbo_terms",
     "ELBOTerms",

@@ -57,7 +57,7 @@ from torch.distributions import (
     Normal,
 )
 
-from . import _registry
+from . import _backend, _registry
 from . import ops as _ops
 from .distributions import DiagonalNormal, TrilNormal
 from .latents import LATENTS, from_torch
@@ -113,24 +113,33 @@ NOTE_PREFIX = "fastvae called "
 
 
 def call_user(fn: Callable, arg: Tensor, name: str, arg_name: str, samples: str | None, docs: str) -> Any:
-    """fn(arg) for the user's callable ``fn`` (decode, encode, log_weight_fn),
-    the one place fastvae calls it. An exception it raises propagates
-    unchanged (the same object, so ``except`` clauses and tracebacks keep
-    working) with a PEP 678 note of what fastvae passed: arg's shape, named
-    dimension by dimension (``samples``: the name of a leading sample
-    dimension, "k" or "n_samples"; None when there is none), its dtype, and
-    the doc section ``docs`` that explains it. Without the note a conv
-    decoder's error from inside torch does not say that iwae hands it
-    (k, B, L). Under torch.compile the call is traced as it is: the note is
-    for eager errors."""
-    if torch.compiler.is_compiling():
+    """fn(arg) for the user's callable ``fn`` (decode, encode, log_weight_fn).
+    An exception it raises propagates unchanged (the same object, so
+    ``except`` clauses and tracebacks keep working) with a PEP 678 note of
+    what fastvae passed (note_call). Without the note a conv decoder's error
+    from inside torch does not say that iwae hands it (k, B, L). Under
+    torch.compile the call is traced as it is: the note is for eager errors.
+    The hot paths (the plans, the objectives' lean calls) inline the same
+    try/except around their own call, which costs nothing until it raises."""
+    if _backend.compiling():
         return fn(arg)
     try:
         return fn(arg)
     except Exception as error:
-        if not any(str(note).startswith(NOTE_PREFIX) for note in getattr(error, "__notes__", ())):
-            error.add_note(_call_note(fn, arg, name, arg_name, samples, docs))
+        note_call(error, fn, arg, name, arg_name, samples, docs)
         raise
+
+
+def note_call(error: BaseException, fn: Any, arg: Any, name: str, arg_name: str, samples: str | None,
+              docs: str) -> None:
+    """Attach to ``error``, raised by the user's ``fn`` called on ``arg``, a note of
+    arg's shape named dimension by dimension (``samples``: the name of a
+    leading sample dimension, "k", "n_samples"; None when there is none),
+    its dtype, a dtype mismatch with an nn.Module decoder's parameters, and
+    the doc section ``docs`` that explains it. One note per error: the
+    innermost call's (a fastvae call inside the user's callable)."""
+    if not any(str(note).startswith(NOTE_PREFIX) for note in getattr(error, "__notes__", ())):
+        error.add_note(_call_note(fn, arg, name, arg_name, samples, docs))
 
 
 def _call_note(fn: Any, arg: Any, name: str, arg_name: str, samples: str | None, docs: str) -> str:

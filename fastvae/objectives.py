@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
 from . import _backend, _op, _plan, _plan_ops, _registry, _validate
-from ._decoder import DECODER_DOCS, call_user, check_likelihood, decoder_log_prob, posterior_args
+from ._decoder import DECODER_DOCS, call_user, check_likelihood, decoder_log_prob, note_call, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
 from ._families import KL_FAMILIES, POSITIVE_FAMILIES
@@ -518,7 +518,11 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
         z, kl = sample_normal_of_scale_unchecked(mu, logvar, n, generator, exp_z)
     else:
         z, kl = sample_normal_unchecked(mu, logvar, n, generator)
-    out = call_user(decode, z, "decode", "z", None if n_samples == 1 else "n_samples", DECODER_DOCS)
+    try:  # call_user's note, inline: no call on the eager hot path
+        out = decode(z)
+    except Exception as error:
+        note_call(error, decode, z, "decode", "z", None if n_samples == 1 else "n_samples", DECODER_DOCS)
+        raise
     return _general_elbo_tail(x, out, kl, likelihood, beta, reduction, n_samples)
 
 
@@ -545,7 +549,11 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
         return _plan.run_iwae(plan, x, mu, logvar, decode, generator)
     # the cpp backend: the general path's own calls, without its checks
     z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", generator)
-    out = call_user(decode, z, "decode", "z", "k", DECODER_DOCS)
+    try:  # call_user's note, inline: no call on the eager hot path
+        out = decode(z)
+    except Exception as error:
+        note_call(error, decode, z, "decode", "z", "k", DECODER_DOCS)
+        raise
     return _general_iwae_tail(x, out, latent, likelihood, reduction, z if estimator == "dreg" else None)
 
 
