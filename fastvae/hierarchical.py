@@ -234,6 +234,7 @@ def hierarchical_elbo(
             λ to every example instead, with no gradient; applied before the
             coefficients.
         reduction: "mean" over the batch (default), "sum", or "none".
+            "mean" of an empty batch is a ValueError (it would be NaN); "sum" gives 0.
 
     Returns:
         HierarchicalTerms(bound, elbo, reconstruction, kl, kl_per_group,

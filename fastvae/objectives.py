@@ -1056,7 +1056,9 @@ def elbo(
             loc and scale).
         decode: any callable z -> decoder output (an nn.Module, a lambda, a
             conditional decoder closing over labels). It gets z of shape
-            (B, L), or (n_samples, B, L) when n_samples > 1, and returns, for
+            (B, L), or (n_samples, B, L) when n_samples > 1, in the posterior's
+            dtype (an exception it raises comes out unchanged, with a note of
+            z's shape and dtype), and returns, for
             likelihood="gaussian", the mean (unit variance: squared error) or a
             (mean, logvar) pair (learned variance; logvar, not std: a (mean,
             std) pair is not detected); for "laplace", the location (scale 1:
@@ -1094,6 +1096,7 @@ def elbo(
         n_samples: z samples per example; the reconstruction term is averaged
             over them (the KL is analytic). The decoder runs once on all of them.
         reduction: "mean" over the batch (default), "sum", or "none" (per example).
+            "mean" of an empty batch is a ValueError (it would be NaN); "sum" gives 0.
         generator: torch.Generator for the noise seed (default: torch's default
             generator of mu's device, so torch.manual_seed applies).
         prior: p(z): None or ``fastvae.priors.StandardNormal()`` (the default
