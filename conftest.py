@@ -30,6 +30,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvae-inductor-")
 atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
+# torch loads its OpenMP runtime below, before fastvae: passive waiting keeps the suite's own threads
+# off the cores of the shared machines it runs on, and keeps fastvae's one-time ThreadsWarning
+# (fastvae/_openmp.py), which depends on the machine's load, out of tests that count warnings
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

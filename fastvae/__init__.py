@@ -65,10 +65,13 @@ distribution (prior= of the objectives and the evaluation functions).
 backend_info(device) reports which backend serves each op; set_backend(name) and
 use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
 does at import. set_value_checks(mode) sets how argument values are checked
-for the common silent mistakes (fastvae/_value_checks.py).
+for the common silent mistakes (fastvae/_value_checks.py). ThreadsWarning:
+given once, at the first call on CPU tensors, where torch was imported first
+and its OpenMP threads spin on a busy machine (fastvae/_openmp.py).
 """
 from . import _openmp, priors  # noqa: F401 (_openmp first: before anything imports torch)
 from ._backend import backend_info, set_backend, use_backend
+from ._openmp import ThreadsWarning
 from ._value_checks import set_value_checks
 from .distributions import DiagonalNormal, TrilNormal
 from .evaluation import (
@@ -134,6 +137,7 @@ __all__ = [
     "set_backend",
     "use_backend",
     "set_value_checks",
+    "ThreadsWarning",
     "elbo",
     "elbo_terms",
     "ELBOTerms",
@@ -159,7 +163,22 @@ __all__ = [
     "LogNormal",
     "LogisticNormal",
 ]
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version; "0+unknown" (PEP 440's local form,
+    lower than any release) for a source tree on sys.path that was never
+    installed, so that version comparisons still parse it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fastvae")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# not in __all__: a dunder is module metadata, not part of `from fastvae import *` (as in torch, numpy)
+__version__ = _version()
 
 # the positive latent families
 from .latents import Positive  # noqa: E402

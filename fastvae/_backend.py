@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import _registry
+from . import _openmp, _registry
 from ._dtypes import HALF_DTYPES, accumulation_dtype, compute_dtype  # noqa: F401 (the ops' names for them)
 
 BACKENDS = ("reference", "cpp", "triton")
@@ -207,6 +207,8 @@ def backend_for(device: torch.device | str, *, warn: bool = True) -> str:
     name = _chosen.get(device_type)
     if name is None:
         name = _chosen[device_type] = _choose(device_type, warn)
+        if device_type == "cpu" and not compiling():  # once: a CPU run on a busy machine (fastvae/_openmp.py)
+            _openmp.warn_if_spinning()
     return name
 
 

@@ -57,7 +57,7 @@ from torch.distributions import (
     Normal,
 )
 
-from . import _registry
+from . import _backend, _registry
 from . import ops as _ops
 from .distributions import DiagonalNormal, TrilNormal
 from .latents import LATENTS, from_torch
@@ -102,6 +102,72 @@ def as_posterior(q: Any, what: str = "the posterior") -> DiagonalNormal | TrilNo
 _SAMPLING_ENCODER = (". An encoder that samples z itself passes only (mu, logvar): fastvae draws z. Take "
                      "enc(x)[1:] of (z, mu, logvar), enc(x)[:2] of (mu, logvar, z); for log_likelihood and "
                      "evaluate, encode=lambda x: enc(x)[1:] (docs/migrating.md, 'Encoders that sample')")
+
+
+# The sections that explain what fastvae passes to the user's callables (a note on their errors names them)
+DECODER_DOCS = "docs/objectives.md#the-decoder-convention"
+FOLDED_DOCS = "docs/migrating.md#convolutional-decoders-that-fold-the-samples-into-the-batch"
+EVALUATION_DOCS = "docs/evaluation.md#api"
+LOG_WEIGHT_DOCS = "docs/hierarchical.md#log-px-of-any-model-streamed-over-k"
+NOTE_PREFIX = "fastvae called "
+
+
+def call_user(fn: Callable, arg: Tensor, name: str, arg_name: str, samples: str | None, docs: str) -> Any:
+    """fn(arg) for the user's callable ``fn`` (decode, encode, log_weight_fn).
+    An exception it raises propagates unchanged (the same object, so
+    ``except`` clauses and tracebacks keep working) with a PEP 678 note of
+    what fastvae passed (note_call). Without the note a conv decoder's error
+    from inside torch does not say that iwae hands it (k, B, L). Under
+    torch.compile the call is traced as it is: the note is for eager errors.
+    The hot paths (the plans, the objectives' lean calls) inline the same
+    try/except around their own call, which costs nothing until it raises."""
+    if _backend.compiling():
+        return fn(arg)
+    try:
+        return fn(arg)
+    except Exception as error:
+        note_call(error, fn, arg, name, arg_name, samples, docs)
+        raise
+
+
+def note_call(error: BaseException, fn: Any, arg: Any, name: str, arg_name: str, samples: str | None,
+              docs: str) -> None:
+    """Attach to ``error``, raised by the user's ``fn`` called on ``arg``, a note of
+    arg's shape named dimension by dimension (``samples``: the name of a
+    leading sample dimension, "k", "n_samples"; None when there is none),
+    its dtype, a dtype mismatch with an nn.Module decoder's parameters, and
+    the doc section ``docs`` that explains it. One note per error: the
+    innermost call's (a fastvae call inside the user's callable)."""
+    if not any(str(note).startswith(NOTE_PREFIX) for note in getattr(error, "__notes__", ())):
+        error.add_note(_call_note(fn, arg, name, arg_name, samples, docs))
+
+
+def _call_note(fn: Any, arg: Any, name: str, arg_name: str, samples: str | None, docs: str) -> str:
+    """The note call_user attaches: what was passed, and where the docs explain it."""
+    if not isinstance(arg, Tensor):
+        return f"{NOTE_PREFIX}{name}({arg_name}) (see {docs})"
+    lead = [samples] if samples is not None and arg.dim() >= 2 else []
+    if name == "decode":  # z (*samples, *batch, L)
+        batch = arg.dim() - 1 - len(lead)
+        dims = [*lead, *(["B"] if batch == 1 else [f"B{i + 1}" for i in range(batch)]), "L"][-arg.dim():]
+    else:  # encode's x (B, *event), log_weight_fn's x_rep (n, B, *event)
+        dims = [*lead, "B"] + (["*event"] if arg.dim() > len(lead) + 1 else [])
+    dtype = str(arg.dtype).removeprefix("torch.")
+    text = (f"{NOTE_PREFIX}{name}({arg_name}) with {arg_name} of shape ({', '.join(dims)}) = "
+            f"({', '.join(str(d) for d in arg.shape)}) {dtype}")
+    if lead:
+        text += f": the {samples} samples stacked ahead of the batch"
+        if name == "decode":
+            text += "; a decoder that takes (N, L), such as a conv net, folds them: net(z.reshape(-1, z.shape[-1]))"
+            docs = f"{docs}, {FOLDED_DOCS}"
+    param = next((p for p in fn.parameters() if p.is_floating_point()), None) \
+        if isinstance(fn, torch.nn.Module) else None
+    if name == "decode" and param is not None and param.dtype != arg.dtype:
+        wanted = str(param.dtype).removeprefix("torch.")
+        text += (f". z has the posterior's dtype, {dtype}, and decode's parameters are {wanted}: pass the "
+                 f"posterior in {wanted} (mu.to(torch.{wanted}), logvar likewise), or convert z in the decoder "
+                 f"(lambda z: net(z.to(torch.{wanted})))")
+    return text + f" (see {docs})"
 
 
 def posterior_args(mu: Any, logvar: Any, decode: Any) -> tuple[DiagonalNormal | TrilNormal, Any]:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _double_backward, _op, _registry, _value_checks
+from ._decoder import DECODER_DOCS, note_call
 from ._launch import Launch, PlanCache, template
 from .ops.sample_normal.op import double_backward as sample_normal_double_backward
 
@@ -798,7 +799,11 @@ def run_elbo(plan: Plan, x: Tensor, mu: Tensor, logvar: Tensor, decode, beta: fl
     """fastvae.elbo once the objectives found its plan (triton backend): the
     sampler's node, the decoder, the tail's node."""
     z, kl = sample(mu, logvar, _seed(mu.device, generator), plan.sample, NO_LINK)
-    out = decode(z)
+    try:  # free until it raises: no call on the hot path (benchmarks/path_trace.py)
+        out = decode(z)
+    except Exception as error:
+        note_call(error, decode, z, "decode", "z", None if plan.n == 1 else "n_samples", DECODER_DOCS)
+        raise
     tail = plan.tail
     if tail is not None and (fit := tail.fit(out)) is not None:
         return elbo_tail(x, fit[0], kl, tail, beta, fit[1])
@@ -811,7 +816,11 @@ def run_iwae(plan: Plan, x: Tensor, mu: Tensor, logvar: Tensor, decode, generato
     DReG the tail hands the sampler's backward its weights (Link)."""
     link = Link() if plan.dreg else NO_LINK
     z, _, latent = sample(mu, logvar, _seed(mu.device, generator), plan.sample, link)
-    out = decode(z)
+    try:  # free until it raises: no call on the hot path (benchmarks/path_trace.py)
+        out = decode(z)
+    except Exception as error:
+        note_call(error, decode, z, "decode", "z", "k", DECODER_DOCS)
+        raise
     tail = plan.tail
     if tail is not None and (fit := tail.fit(out)) is not None:
         return iwae_tail(x, fit[0], latent, tail, link, plan.dreg, fit[1])
@@ -825,7 +834,11 @@ def run_family_elbo(plan: Plan, x: Tensor, loc: Tensor | None, q_b: Tensor, p_lo
     sampler's and the KL's node, the decoder, the tail's node (FamilySample
     says what loc, q_b, p_b and p_scale are)."""
     z, kl = family_sample(loc, q_b, p_loc, p_b, _seed(q_b.device, generator), plan.sample, p_scale, check_width)
-    out = decode(z)
+    try:  # free until it raises: no call on the hot path (benchmarks/path_trace.py)
+        out = decode(z)
+    except Exception as error:
+        note_call(error, decode, z, "decode", "z", None if plan.n == 1 else "n_samples", DECODER_DOCS)
+        raise
     tail = plan.tail
     if tail is not None and (fit := tail.fit(out)) is not None:
         return elbo_tail(x, fit[0], kl, tail, beta, fit[1])

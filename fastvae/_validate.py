@@ -61,6 +61,26 @@ def event_dim(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a last (event) dimension, got a 0-d tensor")
 
 
+def callable_arg(name: str, value, signature: str) -> None:
+    """A callable, or a TypeError naming the argument and what it maps
+    (``signature``, e.g. "z -> decoder output"): a module or function passed
+    in the wrong place would otherwise fail deep inside fastvae as
+    "'str' object is not callable"."""
+    if not callable(value):
+        raise TypeError(f"{name} must be callable ({signature}), got {type(value).__name__}")
+
+
+def nonempty_batch(what: str, shape, batch_size: int, reduction: str) -> None:
+    """A batch of at least one example where ``reduction`` is "mean": the mean
+    of no examples is NaN, which would reach the optimizer without an error.
+    A shape check (``batch_size`` comes from a shape: static, or symbolic
+    under torch.compile), never a read of a value. "sum" (0) and "none" (an
+    empty tensor) are well defined on an empty batch and pass."""
+    if reduction == "mean" and batch_size == 0:
+        raise ValueError(f"{what} of shape {tuple(shape)} has an empty batch: reduction='mean' over no examples "
+                         f"is NaN. Skip empty batches, or pass reduction='sum' (0) or 'none' (an empty tensor)")
+
+
 def integer(name: str, value) -> int:
     """An integer scalar as users have it (int, NumPy integer, 0-d integer
     tensor) as an int; bools and floats are refused."""

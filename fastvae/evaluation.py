@@ -34,7 +34,15 @@ from torch import Tensor
 
 from . import _pareto, _validate
 from ._backend import compute_dtype
-from ._decoder import as_posterior, check_likelihood, decoder_log_prob, output_numel
+from ._decoder import (
+    EVALUATION_DOCS,
+    LOG_WEIGHT_DOCS,
+    as_posterior,
+    call_user,
+    check_likelihood,
+    decoder_log_prob,
+    output_numel,
+)
 from ._dtypes import accumulation_dtype
 from ._noise import evaluation_noise
 from ._op import draw_seed
@@ -220,6 +228,12 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
                    check_prior(prior))
 
 
+def _check_model(encode: Any, decode: Any) -> None:
+    """encode and decode are callables (named in the error, as in fastvae.elbo)."""
+    _validate.callable_arg("encode", encode, "x -> (mu, logvar) or a posterior")
+    _validate.callable_arg("decode", decode, "z -> decoder output")
+
+
 def _check_x(x: Any, what: str = "x", likelihood: Any = None) -> None:
     _validate.data_tensor(what, x, likelihood)  # integer x: class indices or counts
     if x.dim() < 2:
@@ -229,7 +243,7 @@ def _check_x(x: Any, what: str = "x", likelihood: Any = None) -> None:
 def _encode(encode: Callable, x: Tensor) -> DiagonalNormal | TrilNormal:
     """q(z|x) as a fastvae posterior: encode may return a (mu, logvar) pair, a
     DiagonalNormal or TrilNormal, or a torch Normal / MultivariateNormal."""
-    q = as_posterior(encode(x), "encode(x)'s result")
+    q = as_posterior(call_user(encode, x, "encode", "x", None, EVALUATION_DOCS), "encode(x)'s result")
     mu = q.mu
     if mu.dim() != 2 or mu.shape[0] != x.shape[0] or mu.shape[1] < 1:
         raise ValueError(f"encode(x) returned mu of shape {tuple(mu.shape)}; expected (B, L) with "
@@ -305,7 +319,8 @@ def _decoder_width(x: Tensor, q, decode: Callable, cfg: _Config) -> int:
     (mean, logvar) pair, and a chunk sized by D could run out of memory. The
     whole batch, because a decoder may close over it (scVI's library sizes
     of x). Only for chunk_size=None: one extra decoder call of one sample."""
-    out = decode((q.point() if isinstance(q, LATENTS) else q.mu).unsqueeze(0))
+    z = (q.point() if isinstance(q, LATENTS) else q.mu).unsqueeze(0)
+    out = call_user(decode, z, "decode", "z", "K_c", EVALUATION_DOCS)
     return max(1, math.ceil(output_numel(out, cfg.likelihood, x.dim() - 1) / x.shape[0]))
 
 
@@ -347,8 +362,11 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
     mu = q.mu
     L = mu.shape[1]
     check_prior(cfg.prior, L)  # the prior's latent size against the encoder's (metadata only)
+    # The result's dtype is x's and the encoder's (log_likelihood's Returns), never the decoder output's: it is
+    # then known before any decoder call, so an empty batch and a rank with no samples (whose states
+    # the other ranks' all_reduce must match) get the dtype every other path gets.
+    dtype = compute_dtype(x, mu)
     if k1 <= k0 or n == 0:
-        dtype = compute_dtype(x, mu)
         tail = None
         if cfg.pareto:
             tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=dtype, device=mu.device)
@@ -374,7 +392,10 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
             # the running ones in one kernel call: lw is formed in the
             # accumulation dtype (a half-precision model's terms are widened
             # before they are added), the states are merged on the device
-            lw = decoder_log_prob(xb, decode(z), cfg.likelihood, (c1 - c0,))
+            lw = decoder_log_prob(xb, call_user(decode, z, "decode", "z", "K_c", EVALUATION_DOCS), cfg.likelihood,
+                                  (c1 - c0,))
+            if lw.dtype != dtype:  # a float32 decoder of a float64 posterior, or the reverse
+                lw = lw.to(dtype)
             run1, run2 = accumulate_states(lw, latent, run1, run2)
             if cfg.pareto:  # the largest log-weights so far, merged on the device (no host sync)
                 full = lw.to(run1.max.dtype) if latent is None else lw.to(run1.max.dtype) + latent
@@ -543,7 +564,7 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
     b0, b1 = _split(B, rank, world) if by_examples else (0, B)
     k0, k1 = _split(cfg.k, rank, world) if dist_info is not None and cfg.shard == "samples" else (0, cfg.k)
     xs = x[b0:b1]
-    if b1 > b0:
+    if b1 > b0 or B == 0:  # an empty batch is encoded too: the result's dtype is the encoder's (log_likelihood)
         q = _encode(encode, xs)
     else:
         # No examples on this rank: nothing to encode, but the collectives still run.
@@ -632,11 +653,15 @@ def log_likelihood(
             (a mixture's, a VampPrior's pseudo-inputs) are read once per chunk.
 
     Returns:
-        (B,) estimates log p̂(x) in nats (float32, or float64 for float64 x),
-        or LogLikelihoodStats with return_stats=True.
+        (B,) estimates log p̂(x) in nats, or LogLikelihoodStats with
+        return_stats=True: float64 when x or the encoder's output is float64,
+        else float32, whatever the decoder's dtype (its log-probabilities
+        are rounded to that dtype before the log-mean-exp), on every path:
+        chunked or not, an empty batch, a rank with no samples.
 
     Runs under torch.no_grad(); put the model in eval mode first.
     """
+    _check_model(encode, decode)
     cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
                   shard=shard, group=group, with_ratio=True, prior=prior)
     return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
@@ -663,6 +688,7 @@ def reconstruction_probability(x: Tensor, encode: Callable[[Tensor], tuple[Tenso
     Same arguments, streaming path, noise layout, sharding and
     ``return_stats`` as log_likelihood, with n_samples (L) in place of k.
     """
+    _check_model(encode, decode)
     cfg = _config("n_samples", n_samples, likelihood=likelihood, chunk_size=chunk_size,
                   memory_budget=memory_budget, shard=shard, group=group, with_ratio=False, prior=prior)
     return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
@@ -703,6 +729,7 @@ def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], 
     batches, all raise the same ValueError (one small all_gather per batch).
     Other arguments as in log_likelihood; returns an :class:`EvaluationResult`.
     """
+    _check_model(encode, decode)
     cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
                   shard=shard, group=group, with_ratio=True, prior=prior)
     dist_info = _distributed(cfg)
@@ -807,7 +834,7 @@ def _call_seeded(fn: Callable, x_rep: Tensor, seed: int) -> Any:
         if cuda:
             with torch.cuda.device(cuda[0]):
                 torch.cuda.manual_seed(seed)
-        return fn(x_rep)
+        return call_user(fn, x_rep, "log_weight_fn", "x_rep", "n", LOG_WEIGHT_DOCS)
 
 
 _SHAPE_HINT = ("a model run on the samples folded into the batch, x_rep.reshape(n * B, *event), gives "
@@ -972,8 +999,11 @@ def importance_log_likelihood(
         group: the torch.distributed process group (default: the world).
 
     Returns:
-        (B,) estimates log p̂(x) in nats (float32, or float64 for float64 x),
-        or LogLikelihoodStats with return_stats=True. Warns
+        (B,) estimates log p̂(x) in nats, or LogLikelihoodStats with
+        return_stats=True: float64 when x or the encoder's output is float64,
+        else float32, whatever the decoder's dtype (its log-probabilities
+        are rounded to that dtype before the log-mean-exp), on every path:
+        chunked or not, an empty batch, a rank with no samples. Warns
         (EvaluationWarning) when the weights are degenerate (mean ESS/K
         below 5%) and, with return_stats, when an example's Pareto k̂
         exceeds 0.7.

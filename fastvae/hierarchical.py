@@ -234,6 +234,7 @@ def hierarchical_elbo(
             λ to every example instead, with no gradient; applied before the
             coefficients.
         reduction: "mean" over the batch (default), "sum", or "none".
+            "mean" of an empty batch is a ValueError (it would be NaN); "sum" gives 0.
 
     Returns:
         HierarchicalTerms(bound, elbo, reconstruction, kl, kl_per_group,
@@ -253,6 +254,8 @@ def hierarchical_elbo(
         raise TypeError(f"x must be a tensor (B, *event) or None, got {type(x).__name__}")
     reconstruction = _reconstruction(x, decoder_output, likelihood, log_px)
     B = reconstruction.shape[0]
+    _validate.nonempty_batch("x" if x is not None else "log_px", (x if x is not None else log_px).shape, B,
+                             reduction)
     per_example, sizes = _group_kls(kls, B)
     dtype = compute_dtype(reconstruction, *per_example)
     reconstruction = reconstruction.to(dtype)

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.distributions import Distribution, Independent, Normal
 
 from . import _backend, _op, _plan, _plan_ops, _registry, _validate
-from ._decoder import check_likelihood, decoder_log_prob, posterior_args
+from ._decoder import DECODER_DOCS, call_user, check_likelihood, decoder_log_prob, note_call, posterior_args
 from ._double_backward import DREG_MESSAGE
 from ._double_backward import dreg_once as _dreg_once
 from ._families import KL_FAMILIES, POSITIVE_FAMILIES
@@ -128,11 +128,11 @@ def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, reduction: Any, lik
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _validate.nonempty_batch("x", x.shape, batch.numel(), reduction)
 
 
 def _check_decode(decode: Any) -> None:
-    if not callable(decode):
-        raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
+    _validate.callable_arg("decode", decode, "z -> decoder output")
 
 
 def _reduce(t: Tensor, reduction: str) -> Tensor:
@@ -518,7 +518,12 @@ def _lean_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples, re
         z, kl = sample_normal_of_scale_unchecked(mu, logvar, n, generator, exp_z)
     else:
         z, kl = sample_normal_unchecked(mu, logvar, n, generator)
-    return _general_elbo_tail(x, decode(z), kl, likelihood, beta, reduction, n_samples)
+    try:  # call_user's note, inline: no call on the eager hot path
+        out = decode(z)
+    except Exception as error:
+        note_call(error, decode, z, "decode", "z", None if n_samples == 1 else "n_samples", DECODER_DOCS)
+        raise
+    return _general_elbo_tail(x, out, kl, likelihood, beta, reduction, n_samples)
 
 
 def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, reduction, generator, prior):
@@ -544,7 +549,12 @@ def _lean_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta, red
         return _plan.run_iwae(plan, x, mu, logvar, decode, generator)
     # the cpp backend: the general path's own calls, without its checks
     z, _, latent = sample_normal_with_ratio_unchecked(mu, logvar, k, estimator != "iwae", generator)
-    return _general_iwae_tail(x, decode(z), latent, likelihood, reduction, z if estimator == "dreg" else None)
+    try:  # call_user's note, inline: no call on the eager hot path
+        out = decode(z)
+    except Exception as error:
+        note_call(error, decode, z, "decode", "z", "k", DECODER_DOCS)
+        raise
+    return _general_iwae_tail(x, out, latent, likelihood, reduction, z if estimator == "dreg" else None)
 
 
 def _lean_family_elbo(x, q, decode, likelihood, beta, free_bits, n_samples, reduction, generator, prior):
@@ -973,7 +983,8 @@ def _elbo(x, mu, logvar, decode, *, likelihood, beta, free_bits, n_samples, redu
             kl = analytic_kl(q, prior)
     if not analytic and K is not None:
         kl = kl.mean(0)
-    reconstruction = decoder_log_prob(x, decode(z), likelihood, sample_shape, mu.dim() - 1)
+    out = call_user(decode, z, "decode", "z", None if K is None else "n_samples", DECODER_DOCS)
+    reconstruction = decoder_log_prob(x, out, likelihood, sample_shape, mu.dim() - 1)
     if n_samples > 1:
         reconstruction = reconstruction.mean(0)
     if free_bits > 0:
@@ -1045,7 +1056,9 @@ def elbo(
             loc and scale).
         decode: any callable z -> decoder output (an nn.Module, a lambda, a
             conditional decoder closing over labels). It gets z of shape
-            (B, L), or (n_samples, B, L) when n_samples > 1, and returns, for
+            (B, L), or (n_samples, B, L) when n_samples > 1, in the posterior's
+            dtype (an exception it raises comes out unchanged, with a note of
+            z's shape and dtype), and returns, for
             likelihood="gaussian", the mean (unit variance: squared error) or a
             (mean, logvar) pair (learned variance; logvar, not std: a (mean,
             std) pair is not detected); for "laplace", the location (scale 1:
@@ -1083,6 +1096,7 @@ def elbo(
         n_samples: z samples per example; the reconstruction term is averaged
             over them (the KL is analytic). The decoder runs once on all of them.
         reduction: "mean" over the batch (default), "sum", or "none" (per example).
+            "mean" of an empty batch is a ValueError (it would be NaN); "sum" gives 0.
         generator: torch.Generator for the noise seed (default: torch's default
             generator of mu's device, so torch.manual_seed applies).
         prior: p(z): None or ``fastvae.priors.StandardNormal()`` (the default
@@ -1262,7 +1276,8 @@ def _iwae(x, mu, logvar, decode, *, k, likelihood, estimator, alpha, beta, reduc
         kl = -latent.mean(0)  # the Monte Carlo KL from the same samples
     elif not isinstance(prior, StandardNormal):
         kl = analytic_kl(q, prior)
-    reconstruction = decoder_log_prob(x, decode(z), likelihood, (k,), mu.dim() - 1)
+    reconstruction = decoder_log_prob(x, call_user(decode, z, "decode", "z", "k", DECODER_DOCS), likelihood, (k,),
+                                      mu.dim() - 1)
     # beta tempers the latent term of each log-weight; at 1.0 (the IWAE bound) no launch is added
     lw = reconstruction + (latent if isinstance(beta, float) and beta == 1.0 else beta * latent)
     bound, state = _bound(lw, alpha)

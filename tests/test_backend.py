@@ -2,6 +2,7 @@
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -495,6 +496,45 @@ def test_compiling_covers_what_is_compiling_misses():
     with FakeTensorMode():
         assert _backend.compiling()
     assert not _backend.compiling()
+
+
+@pytest.mark.skipif(INTERPRET, reason="main process")
+def test_spinning_threads_on_a_busy_machine_warn_once_at_the_first_cpu_call(monkeypatch):
+    """torch loaded before fastvae (no policy set here), no wait policy in the
+    environment, 2 threads, a load average above what the cores leave: the
+    first call on CPU tensors warns once (ThreadsWarning, at the user's line)
+    with the remedies; a policy in the environment, 1 thread, an idle machine
+    or fastvae imported first give no warning."""
+    from fastvae import _openmp
+
+    monkeypatch.setattr(_openmp, "POLICY_SET_HERE", False)
+    monkeypatch.setattr(_openmp, "_warned", False)
+    for name in _openmp._WAIT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0), raising=False)
+    monkeypatch.setattr(_openmp, "_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(_backend, "_chosen", {})
+    mu = torch.zeros(2, 3)
+    with pytest.warns(fastvae.ThreadsWarning, match=r"load average 3.5 on 2 cores.*OMP_WAIT_POLICY=passive") as w:
+        fastvae.kl_normal(mu, mu)
+    assert w[0].filename == __file__
+    _backend._chosen.clear()  # the backend's choice again (set_backend clears it): still once per process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastvae.kl_normal(mu, mu)
+    assert _openmp.spinning_cost() is not None
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0), raising=False)  # only this process runs
+    assert _openmp.spinning_cost() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert _openmp.spinning_cost() is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert _openmp.spinning_cost() is None
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(_openmp, "POLICY_SET_HERE", True)
+    assert _openmp.spinning_cost() is None
 
 
 @pytest.mark.skipif(INTERPRET, reason="main process")

@@ -75,6 +75,33 @@ def test_every_op_is_exported_and_listed():
     assert all(hasattr(fastvae, name) for name in fastvae.__all__)
 
 
+def test_version_is_the_installed_distributions():
+    """fastvae.__version__ is the package metadata's version (pyproject.toml's
+    once installed), and a PEP 440 fallback when the metadata is missing."""
+    import importlib.metadata
+    from unittest import mock
+
+    import fastvae
+
+    assert fastvae.__version__ == importlib.metadata.version("fastvae")
+    assert "__version__" not in fastvae.__all__
+    with mock.patch("importlib.metadata.version", side_effect=importlib.metadata.PackageNotFoundError("fastvae")):
+        assert fastvae._version() == "0+unknown"
+
+
+def test_the_notes_on_user_errors_link_existing_sections():
+    """Each doc section a note on a user callable's error links (fastvae/_decoder.py)
+    is a heading of its page, by GitHub's anchor rule."""
+    from fastvae import _decoder
+
+    root = PAGE.parents[1]
+    for link in (_decoder.DECODER_DOCS, _decoder.FOLDED_DOCS, _decoder.EVALUATION_DOCS, _decoder.LOG_WEIGHT_DOCS):
+        page, anchor = link.split("#")
+        headings = re.findall(r"^#+ (.+)$", (root / page).read_text(), re.M)
+        anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+        assert anchor in anchors, (link, sorted(anchors))
+
+
 def test_sanitize_takes_its_tests_from_the_registry():
     """.ci/sanitize runs every test module the registry names, not a hand-kept
     list: it names only the two main-process modules that reach the C++ besides them."""

@@ -458,6 +458,66 @@ def test_validation_errors():
         evaluate([x, x[:, :5]], encode, decode, k=4, progress=False, likelihood="gaussian")
     with pytest.raises(TypeError, match="batch 0 must be a torch.Tensor"):
         evaluate([("a", "b")], encode, decode, k=4, likelihood="gaussian")
+    # a callable argument that is not one is named, before any call: never "'str' object is not callable"
+    with pytest.raises(TypeError, match="decode must be callable \\(z -> decoder output\\), got str"):
+        log_likelihood(x, encode, "net", k=4, likelihood="gaussian")
+    with pytest.raises(TypeError, match="encode must be callable .*, got NoneType"):
+        reconstruction_probability(x, None, decode, n_samples=4, likelihood="gaussian")
+    with pytest.raises(TypeError, match="decode must be callable .*, got Tensor"):
+        evaluate([x], encode, x, k=4, likelihood="gaussian")
+
+
+def test_the_users_callables_errors_carry_a_note_of_what_fastvae_passed():
+    """encode, decode and log_weight_fn raising inside the evaluation: the
+    same exception object, with a note of the argument's shape and dtype and
+    the doc section that explains it."""
+    encode, decode = mlp_model(6, 2, "mean")
+    x = make_data(3, 6, "mean")
+    error = KeyError("the model's own")
+
+    def fail(_):
+        raise error
+
+    expected = {
+        "encode(x) with x of shape (B, *event) = (3, 6)": lambda: log_likelihood(x, fail, decode, k=4,
+                                                                                 likelihood="gaussian"),
+        "decode(z) with z of shape (K_c, B, L) = (2, 3, 2)": lambda: evaluate([x], encode, fail, k=4, chunk_size=2,
+                                                                              likelihood="gaussian"),
+        "log_weight_fn(x_rep) with x_rep of shape (n, B, *event) = (4, 3, 6)": (
+            lambda: fastvae.importance_log_likelihood(x, fail, k=4)),
+    }
+    for text, call in expected.items():
+        with pytest.raises(KeyError) as info:
+            call()
+        assert info.value is error
+        assert any(text in note for note in info.value.__notes__), (text, info.value.__notes__)
+        error.__notes__.clear()
+
+
+def test_log_likelihoods_dtype_is_x_and_the_encoders_on_every_path():
+    """float64 when x or the encoder's output is float64, else float32, whatever
+    the decoder's dtype: chunked or not, with stats, reconstruction_probability,
+    an empty batch (which never calls the decoder)."""
+    net = torch.nn.Linear(2, 6)
+    for x_dtype, q_dtype, out_dtype, expected in [
+        (torch.float32, torch.float64, torch.float32, torch.float64),
+        (torch.float32, torch.float32, torch.float64, torch.float32),
+        (torch.float64, torch.float32, torch.float32, torch.float64),
+    ]:
+        for B in (3, 0):
+            x = torch.zeros(B, 6, dtype=x_dtype)
+
+            def encode(xx, q_dtype=q_dtype):
+                return torch.zeros(xx.shape[0], 2, dtype=q_dtype), torch.zeros(xx.shape[0], 2, dtype=q_dtype)
+
+            def decode(z, out_dtype=out_dtype):
+                return net(z.float()).to(out_dtype)
+
+            results = [log_likelihood(x, encode, decode, k=4, likelihood="gaussian"),
+                       log_likelihood(x, encode, decode, k=4, chunk_size=3, likelihood="gaussian",
+                                      return_stats=True).log_likelihood,
+                       reconstruction_probability(x, encode, decode, n_samples=4, likelihood="gaussian")]
+            assert [r.dtype for r in results] == [expected] * 3, (x_dtype, q_dtype, out_dtype, B)
 
 
 class _Decoded(Exception):

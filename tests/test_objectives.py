@@ -497,6 +497,69 @@ def test_shape_errors_name_the_argument():
         torch.promote_types(x.dtype, mu.dtype)
 
 
+class _DecoderError(Exception):
+    """A decoder's own error: it must come out of fastvae as the same object."""
+
+
+def test_a_decoders_error_comes_out_unchanged_with_a_note_of_what_fastvae_passed():
+    """The user's decoder raises inside elbo / iwae (the plans' path and the
+    general one): the same exception object propagates, with one PEP 678
+    note naming z's shape dimension by dimension, its dtype and the docs."""
+    x, mu, logvar, _ = make_problem(3, 2, 4, "gaussian")
+    raised = []
+
+    def decode(z):
+        raised.append(_DecoderError("the decoder's own message"))
+        raise raised[-1]
+
+    calls = {
+        "(B, L) = (3, 2)": lambda: fastvae.elbo(x, mu, logvar, decode, likelihood="gaussian"),
+        "(n_samples, B, L) = (2, 3, 2)": lambda: fastvae.elbo_terms(x, mu, logvar, decode, likelihood="gaussian",
+                                                                    n_samples=2),
+        "(k, B, L) = (5, 3, 2)": lambda: fastvae.iwae(x, mu, logvar, decode, k=5, likelihood="gaussian"),
+        # beta != 1: the general path's call
+        "(k, B, L) = (4, 3, 2)": lambda: fastvae.iwae_terms(x, mu, logvar, decode, k=4, likelihood="gaussian",
+                                                            beta=0.5),
+    }
+    for shape, call in calls.items():
+        with pytest.raises(_DecoderError) as info:
+            call()
+        assert info.value is raised[-1]
+        (note,) = info.value.__notes__
+        assert f"fastvae called decode(z) with z of shape {shape} {str(mu.dtype)[6:]}" in note, note
+        assert "docs/objectives.md#the-decoder-convention" in note
+        assert ("samples stacked ahead of the batch" in note) == ("k" in shape or "n_samples" in shape)
+
+
+def test_a_float64_posterior_with_a_float32_decoder_names_both_dtypes():
+    """z takes the posterior's dtype (fastvae cannot know a callable's): torch's
+    dtype error from an nn.Module decoder gets a note naming both dtypes and
+    the two remedies; the remedy in the decoder works."""
+    x, mu, logvar, _ = make_problem(3, 2, 4, "gaussian")
+    net = torch.nn.Linear(2, 4)
+    with pytest.raises(RuntimeError, match="dtype") as info:
+        fastvae.elbo(x.double(), mu.double(), logvar.double(), net, likelihood="gaussian")
+    (note,) = info.value.__notes__
+    assert "float64, and decode's parameters are float32" in note and "net(z.to(torch.float32))" in note
+    bound = fastvae.elbo(x, mu.double(), logvar.double(), lambda z: net(z.float()), likelihood="gaussian")
+    assert bound.dtype == torch.float64
+
+
+def test_an_empty_batch_with_reduction_mean_is_an_error():
+    """The mean over no examples is NaN: every objective refuses it by
+    naming x and its shape; "sum" (0) and "none" (empty) are well defined."""
+    x, mu, net = torch.randn(0, 5), torch.zeros(0, 2), torch.nn.Linear(2, 5)
+    for objective in (fastvae.elbo, fastvae.elbo_terms, fastvae.iwae, fastvae.iwae_terms):
+        with pytest.raises(ValueError, match=r"x of shape \(0, 5\) has an empty batch: reduction='mean'"):
+            objective(x, mu, mu, net, likelihood="gaussian")
+        total = objective(x, mu, mu, net, likelihood="gaussian", reduction="sum")
+        assert (total if isinstance(total, torch.Tensor) else total[0]).item() == 0
+    with pytest.raises(ValueError, match=r"x of shape \(0, 5\) has an empty batch"):
+        fastvae.hierarchical_elbo(x, torch.zeros(0, 5), [torch.zeros(0)], likelihood="gaussian")
+    assert fastvae.hierarchical_elbo(x, torch.zeros(0, 5), [torch.zeros(0)], likelihood="gaussian",
+                                     reduction="none").bound.shape == (0,)
+
+
 @pytest.mark.parametrize("bad, err, match", [
     (5, TypeError, "generator must be a torch.Generator or None, got int"),
     ("cpu", TypeError, "generator must be a torch.Generator or None, got str"),
