@@ -22,7 +22,9 @@ import tempfile
 # The main process and the interpreter child run side by side, each with
 # torch's OpenMP threads: threads that spin while they wait would take the
 # other process's core (fastvae/_openmp.py says why). Set before torch loads
-# its OpenMP runtime; a policy the environment sets stands.
+# its OpenMP runtime; a policy the environment sets stands. It also keeps
+# fastvae's one-time ThreadsWarning (fastvae/_openmp.py), which depends on the
+# machine's load, out of tests that count warnings.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # A fresh inductor cache per run: a cached compiled graph can outlive a change
@@ -30,10 +32,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastvae-inductor-")
 atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
-# torch loads its OpenMP runtime below, before fastvae: passive waiting keeps the suite's own threads
-# off the cores of the shared machines it runs on, and keeps fastvae's one-time ThreadsWarning
-# (fastvae/_openmp.py), which depends on the machine's load, out of tests that count warnings
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
