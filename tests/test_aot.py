@@ -13,7 +13,7 @@ op, dtype and shape, each case's compile in one test of seconds, so that
 pytest reports progress as they go."""
 import pytest
 
-from conftest import INTERPRET
+from conftest import FULL, INTERPRET
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for a GPU target; not an interpreter test")
 aot = pytest.importorskip("fastvae.kernels.aot", reason="needs triton")
@@ -60,7 +60,8 @@ _CACHE: dict = {}  # compile_variant's results by variant, shared by the cases (
 _COMPILED: dict = {}  # (folder, dtype, shape index): [(launch, info)]
 # pytest's progress shows only this file's name: conftest.py prints this line before its first test
 NOTE = (f"tests/test_aot.py: compiling the Triton kernels for an H100 (sm_90) on the CPU, no GPU used: "
-        f"{len(CASES)} cases of an op, dtype and shape, seconds each")
+        f"{len(CASES)} cases of an op, dtype and shape, seconds each" if FULL else
+        "tests/test_aot.py: the compile tool's own checks (its GPU compiles are the full tier's)")
 
 
 def compiled(folder: str, dtype: str, shape: int):

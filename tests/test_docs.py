@@ -48,16 +48,24 @@ def test_the_readme_fits_on_a_few_screens_and_puts_the_cpu_build_first():
     assert cpu < try_it.index("python -m pip install -e")
 
 
-def test_ci_runs_the_readmes_test_command_in_a_fresh_venv():
-    """CI on a clean machine: .ci/run runs the README's test command
-    word for word, inside a venv it makes itself, and .ci/sanitize installs the
-    build requirements its own setup.py call needs."""
+def test_ci_runs_the_readmes_test_commands_in_a_fresh_venv():
+    """CI on a clean machine: .ci/run runs the README's test command (the
+    quick tier) word for word, inside a venv it makes itself, then the
+    README's full tier (less what the quick run just ran, --skip-quick), as
+    CONTRIBUTING.md says; .ci/sanitize installs the build requirements its own
+    setup.py call needs."""
     root = PAGE.parents[1]
     readme = (root / "README.md").read_text()
     (command,) = re.findall(r"^# the tests.*\n(.+)$", readme, re.M)
+    (full,) = re.findall(r"^# the full tier.*\n(.+)$", readme, re.M)
     run = (root / ".ci" / "run").read_text()
     assert command.strip() in run.splitlines()
     assert run.index("python -m venv") < run.index("source") < run.index(command.strip())
+    (ci_full,) = [line for line in run.splitlines() if line.startswith(full.strip() + " ")]
+    assert run.index(command.strip()) < run.index(ci_full)
+    assert set(ci_full.split()[len(full.split()):]) <= {"--skip-quick", "--durations=25"}, ci_full
+    contributing = (root / "CONTRIBUTING.md").read_text()
+    assert command.strip() in contributing and full.strip() in contributing and "--skip-quick" in contributing
     sanitize = (root / ".ci" / "sanitize").read_text()
     assert sanitize.index('["build-system"]["requires"]') < sanitize.index("setup.py build_ext")
 
