@@ -967,6 +967,123 @@ def test_pareto_k_needs_enough_samples_and_evaluate_summarizes_it():
 
 
 @main_process_only
+def test_a_well_fitted_model_does_not_warn():
+    """Linear-Gaussian, encoder the exact posterior: every weight is p(x), k̂
+    has no tail to fit, and neither call warns or marks an example."""
+    import warnings
+
+    x, _, encode, decode, _ = ppca(B=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvae.EvaluationWarning)
+        log_likelihood(x, encode, decode, k=200, likelihood="gaussian", generator=gen(0))
+        stats = log_likelihood(x, encode, decode, k=200, likelihood="gaussian", generator=gen(0), return_stats=True)
+        res = evaluate([x], encode, decode, k=200, likelihood="gaussian", generator=gen(0), progress=False)
+    assert not stats.unreliable.any() and not res.per_example_unreliable.any()
+    assert stats.k_used.tolist() == [200] * 6 and res.per_example_k.tolist() == [200] * 6
+
+
+@main_process_only
+def test_a_poor_proposal_warns_once_on_every_path_and_marks_the_examples():
+    """A proposal ten times narrower than the posterior (k = 0.9): the plain
+    call (no return_stats) warns once, with the count, the worst k̂, that the
+    stderr understates the error, and the remedies; the stats and evaluate
+    mark the examples; importance_log_likelihood warns the same way."""
+    x, encode, decode = _linear_gaussian("cpu", 0.1, B=4)
+    text = (r"Pareto k̂ > 0.7 for 4 of 4 examples \(worst k̂ = \d+\.\d\d\): .*stderr understates the error.*"
+            r"a larger k or, better, a better proposal: an encoder trained with fastvae.iwae \(estimator='dreg'")
+    with pytest.warns(fastvae.EvaluationWarning, match=text) as record:
+        log_likelihood(x, encode, decode, k=1000, generator=gen(5), likelihood="gaussian")
+    assert sum("Pareto" in str(w.message) for w in record) == 1
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto"):
+        stats = log_likelihood(x, encode, decode, k=1000, generator=gen(5), likelihood="gaussian", return_stats=True)
+    assert stats.unreliable.dtype == torch.bool and stats.unreliable.all()
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto") as record:
+        res = evaluate([x[:2], x[2:]], encode, decode, k=1000, generator=gen(5), likelihood="gaussian")
+    assert sum("Pareto" in str(w.message) for w in record) == 1 and res.per_example_unreliable.all()
+
+    def log_weights(x_rep):  # the same model, its own draws: z ~ q = N(x/2, 0.05 I)
+        z = x_rep / 2 + math.sqrt(0.05) * torch.randn_like(x_rep)
+        normal = torch.distributions.Normal
+        return (normal(z, 1.0).log_prob(x_rep) + normal(0.0, 1.0).log_prob(z)
+                - normal(x_rep / 2, math.sqrt(0.05)).log_prob(z)).sum(-1)
+
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto k̂ > 0.7 for 4 of 4"):
+        fastvae.importance_log_likelihood(x, log_weights, k=1000, generator=gen(5))
+
+
+def _shifted_ppca(B):
+    """ppca with the posterior's mean moved by 0 to 1 posterior standard
+    deviations (by the example's first value) and its variance 1.5 times larger:
+    bounded weights (k̂ < 0.5) whose spread grows along the batch."""
+    x, exact, encode, decode, _ = ppca(B=B)
+    lo, hi = x[:, 0].min(), x[:, 0].max()
+
+    def shifted(a):  # the shift from the example itself: the same in any batch
+        mu, logvar = encode(a)
+        return mu + (a[:, :1] - lo) / (hi - lo) * torch.exp(logvar / 2), logvar + math.log(1.5)
+
+    return x, exact, shifted, decode
+
+
+@main_process_only
+def test_target_stderr_stops_each_example_at_its_target():
+    """target_stderr=0.05: every example ends at or below it, within 4 stderr
+    of the closed form, with its own K (fewer than the cap in all); later
+    rounds decode only the examples still short of the target. evaluate
+    gives the same per-example K and estimates; the return type follows
+    return_stats."""
+    import warnings
+
+    x, exact, encode, decode = _shifted_ppca(6)
+    rows = []
+
+    def watched(z):
+        rows.append(z.shape[1])
+        return decode(z)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvae.EvaluationWarning)
+        stats = log_likelihood(x, encode, watched, k=4000, likelihood="gaussian", generator=gen(1),
+                               return_stats=True, target_stderr=0.05)
+        res = evaluate([x[:4], x[4:]], encode, decode, k=4000, likelihood="gaussian", generator=gen(1),
+                       progress=False, target_stderr=0.05)
+    assert (stats.stderr <= 0.05).all() and not stats.unreliable.any(), stats.stderr
+    assert ((stats.log_likelihood - exact).abs() <= 4 * stats.stderr).all()
+    assert stats.k_used.min() >= 100 and stats.k_used.unique().numel() > 2, stats.k_used
+    assert stats.k_used.sum() < 4000 * 6 and stats.k_used.max() <= 4000
+    assert rows[0] == 6 and min(rows) < 6
+    assert torch.equal(res.per_example_k, stats.k_used)
+    torch.testing.assert_close(res.per_example, stats.log_likelihood, rtol=1e-6, atol=1e-6)
+    plain = log_likelihood(x, encode, decode, k=4000, likelihood="gaussian", generator=gen(1), target_stderr=0.05)
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, stats.log_likelihood)
+
+
+@main_process_only
+def test_target_stderr_draws_to_the_cap_where_it_cannot_trust_the_stderr():
+    """k̂ > 0.7 (a proposal ten times too narrow): those examples draw every
+    sample of k and the Pareto warning names them; a target out of reach
+    warns that the cap was hit; bad targets are refused by name."""
+    x, encode, decode = _linear_gaussian("cpu", 0.1, B=4)
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto k̂ > 0.7"):
+        stats = log_likelihood(x, encode, decode, k=800, likelihood="gaussian", generator=gen(4),
+                               return_stats=True, target_stderr=0.5)
+    assert stats.unreliable.any() and (stats.k_used[stats.unreliable] == 800).all(), stats
+    x, _, encode, decode = _shifted_ppca(3)
+    with pytest.warns(fastvae.EvaluationWarning, match=r"target_stderr=1e-05: 3 of 3 examples drew the cap k=200"):
+        stats = log_likelihood(x, encode, decode, k=200, likelihood="gaussian", generator=gen(1),
+                               return_stats=True, target_stderr=1e-5)
+    assert stats.k_used.tolist() == [200] * 3
+    for bad, err, msg in [(0.0, ValueError, "target_stderr must be > 0"),
+                          (-1, ValueError, "target_stderr must be > 0"),
+                          (float("nan"), ValueError, "target_stderr must be finite"),
+                          ("0.1", TypeError, "target_stderr must be a real number")]:
+        with pytest.raises(err, match=msg):
+            log_likelihood(x, encode, decode, k=200, likelihood="gaussian", target_stderr=bad)
+        with pytest.raises(err, match=msg):
+            evaluate([x], encode, decode, k=200, likelihood="gaussian", target_stderr=bad)
+
+
+@main_process_only
 def test_stats_repr_is_a_summary():
     x, encode, decode = _linear_gaussian("cpu", 2.0, B=300)
     stats = log_likelihood(x, encode, decode, k=50, return_stats=True, likelihood="gaussian")
