@@ -567,13 +567,6 @@ def memory_budget_for(device: torch.device, memory_budget: int | None = None) ->
     return DEFAULT_MEMORY_BUDGET
 
 
-def _empty_state(n: int, count: int, like: Tensor, dtype: torch.dtype) -> LogMeanExpState:
-    """The state of no examples (n = 0) or of no samples (count = 0, a rank
-    whose share of K is empty): (-inf, 0), which merges as nothing."""
-    return LogMeanExpState(torch.full((n,), float("-inf"), dtype=dtype, device=like.device),
-                           torch.zeros((n,), dtype=dtype, device=like.device), count)
-
-
 def _tail_rows(cfg: _Config) -> int:
     """How many of the largest log-weights per example k̂ needs: the tail and its threshold."""
     return _pareto.tail_size(cfg.k) + 1
