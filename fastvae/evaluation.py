@@ -378,6 +378,21 @@ class _PeakBytes(TorchDispatchMode):
     an operator allocates and frees inside itself (a matmul's workspace) is
     not seen; the budget's 10% margin is for that."""
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # A torch.compile'd decoder compiles and runs compiled under the mode
+        # (torch.compile skips a frame run under any other mode, and then never
+        # compiles it again); the buffers its compiled code allocates are not
+        # seen, so bytes_per_sample is the way to size its chunks.
+        return True
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable
+        # otherwise, which imports torch._dynamo (and with it triton) at the
+        # first operator: seconds of imports for a CPU evaluation
+        return False
+
     def __init__(self):
         super().__init__()
         self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors on it]
