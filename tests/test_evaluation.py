@@ -1073,6 +1073,8 @@ def test_target_stderr_draws_to_the_cap_where_it_cannot_trust_the_stderr():
         stats = log_likelihood(x, encode, decode, k=200, likelihood="gaussian", generator=gen(1),
                                return_stats=True, target_stderr=1e-5)
     assert stats.k_used.tolist() == [200] * 3
+    with pytest.raises(ValueError, match="bytes_per_sample must be >= 1"):
+        log_likelihood(x, encode, decode, k=200, likelihood="gaussian", bytes_per_sample=0)
     for bad, err, msg in [(0.0, ValueError, "target_stderr must be > 0"),
                           (-1, ValueError, "target_stderr must be > 0"),
                           (float("nan"), ValueError, "target_stderr must be finite"),
