@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _pareto, _validate
 from ._backend import compute_dtype
@@ -41,7 +44,6 @@ from ._decoder import (
     call_user,
     check_likelihood,
     decoder_log_prob,
-    output_numel,
 )
 from ._dtypes import accumulation_dtype
 from ._noise import evaluation_noise
@@ -90,11 +92,18 @@ class LogLikelihoodStats(NamedTuple):
         estimate converges slowly and the stderr understates its error,
         above 0.7 the estimate is unreliable (a warning says so). float64;
         NaN for K <= 20 (a tail of fewer than 5) or where every weight is 0.
+    unreliable: bool, pareto_k > 0.7: the examples whose stderr understates
+        the error of log p̂(x) (all False where k̂ was not fitted:
+        reconstruction_probability without return_stats).
+    k_used: int64, the samples each example drew: K, or fewer under
+        target_stderr for the examples that reached the target.
     """
     log_likelihood: Tensor
     stderr: Tensor
     ess: Tensor
     pareto_k: Tensor
+    unreliable: Tensor
+    k_used: Tensor
 
     def __repr__(self) -> str:  # a summary, not the B per-example values
         n = self.log_likelihood.numel()
@@ -102,12 +111,13 @@ class LogLikelihoodStats(NamedTuple):
             return "LogLikelihoodStats(0 examples)"
         ll, se = self.log_likelihood.double(), self.stderr.double()
         k = self.pareto_k[~torch.isnan(self.pareto_k)]
-        k_text = (f"max {k.max().item():.2f}, {int((k > _pareto.HIGH_K).sum())} above {_pareto.HIGH_K}"
+        k_text = (f"max {k.max().item():.2f}, {int(self.unreliable.sum())} above {_pareto.HIGH_K}"
                   if k.numel() else "nan")
         return (f"LogLikelihoodStats({n} examples, each field a tensor of shape {tuple(self.log_likelihood.shape)}: "
                 f"log_likelihood mean {ll.mean().item():.4f} (min {ll.min().item():.4f}, max "
                 f"{ll.max().item():.4f}), stderr mean {se.mean().item():.4f}, ess mean "
-                f"{self.ess.double().mean().item():.1f}, pareto_k {k_text})")
+                f"{self.ess.double().mean().item():.1f}, pareto_k {k_text}, k_used "
+                f"{int(self.k_used.min())}-{int(self.k_used.max())})")
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,10 @@ class EvaluationResult:
     pareto_k_high: the fraction of examples whose k̂ exceeds 0.7, where the
         estimate is unreliable (evaluate warns when there is any).
     per_example_pareto_k: the (N,) k̂, in data order.
+    per_example_unreliable: (N,) bool, k̂ > 0.7: the examples whose stderr
+        understates their error (LogLikelihoodStats.unreliable).
+    per_example_k: (N,) int64, the samples each example drew (k, or fewer
+        under target_stderr).
     """
     log_likelihood: float
     stderr: float
@@ -144,6 +158,8 @@ class EvaluationResult:
     pareto_k_max: float = float("nan")
     pareto_k_high: float = float("nan")
     per_example_pareto_k: Tensor | None = None
+    per_example_unreliable: Tensor | None = None
+    per_example_k: Tensor | None = None
 
     def __repr__(self) -> str:  # one line, not the N per-example values
         return (f"EvaluationResult(log_likelihood={self.log_likelihood:.4f} ± {self.stderr:.4f} "
@@ -181,18 +197,34 @@ def _warn_low_ess(fraction: float, k: int, stacklevel: int) -> None:
 
 
 def _warn_high_k(pareto_k: Tensor, stacklevel: int) -> None:
-    """Warn when any example's k̂ exceeds the paper's 0.7 (one host sync, at
-    the end of the evaluation), saying what it means for the figure."""
+    """Warn once per call when any example's k̂ exceeds the paper's 0.7 (one
+    host sync, at the end of the evaluation): how many, the worst k̂, that
+    their stderr understates the error, and the remedies."""
     high = pareto_k > _pareto.HIGH_K
     n_high = int(high.sum())
     if n_high:
         warnings.warn(
-            f"Pareto k̂ > {_pareto.HIGH_K} for {n_high} of {pareto_k.numel()} examples (max "
-            f"{pareto_k[high].max().item():.2f}): their importance weights are heavy-tailed. Their log p̂(x) "
-            f"is still a stochastic lower bound, so the reported figure is not inflated by them, but it may "
-            f"sit below the true log p(x) by more than its stderr says (Vehtari et al. 2024). A few flagged "
-            f"examples are common even for a well-trained VAE; to tighten them use a larger k or a "
-            f"better-fitted encoder, and report k̂ with the figure (docs/evaluation.md)",
+            f"Pareto k̂ > {_pareto.HIGH_K} for {n_high} of {pareto_k.numel()} examples (worst k̂ = "
+            f"{pareto_k[high].max().item():.2f}): their importance weights are heavy-tailed, so their stderr "
+            f"understates the error of log p̂(x), which may sit below the true log p(x) by far more than the "
+            f"stderr says (Vehtari et al. 2024; LogLikelihoodStats.unreliable marks them). Remedies: a larger k or, "
+            f"better, a better proposal: an encoder trained with fastvae.iwae (estimator='dreg' for its "
+            f"encoder gradient), which fits q(z|x) to the posterior's spread; docs/evaluation.md",
+            EvaluationWarning, stacklevel=stacklevel,
+        )
+
+
+def _warn_target_missed(stats: LogLikelihoodStats, target: float | None, k: int, stacklevel: int) -> None:
+    """target_stderr: the examples that drew the cap k without reaching the
+    target (those with k̂ > 0.7 have their own warning)."""
+    if target is None:
+        return
+    missed = ~(stats.stderr <= target) & ~stats.unreliable
+    n_missed = int(missed.sum())
+    if n_missed:
+        warnings.warn(
+            f"target_stderr={target}: {n_missed} of {missed.numel()} examples drew the cap k={k} with a stderr "
+            f"above the target (largest {stats.stderr[missed].double().max().item():.4g}); raise k to reach it",
             EvaluationWarning, stacklevel=stacklevel,
         )
 
@@ -208,14 +240,16 @@ class _Config:
     shard: str | None
     group: Any
     prior: Any  # p(z) (fastvae.priors); StandardNormal by default
-    pareto: bool = False  # keep the largest log-weights and fit k̂ (return_stats, evaluate)
+    pareto: bool = False  # keep the largest log-weights and fit k̂ (log_likelihood, evaluate, return_stats)
+    target_stderr: float | None = None  # stop an example's sampling at this standard error (_stream)
+    bytes_per_sample: int | None = None  # the user's figure for the chunk plan; None: measured (_stream)
 
 
 # -- argument checks -------------------------------------------------------------
 
 
 def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, group, with_ratio,
-            prior=None) -> _Config:
+            prior=None, target_stderr=None, bytes_per_sample=None) -> _Config:
     k = _validate.positive_int(k_name, k)
     check_likelihood(likelihood)
     if chunk_size is not None:
@@ -225,7 +259,31 @@ def _config(k_name: str, k, *, likelihood, chunk_size, memory_budget, shard, gro
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
     return _Config(k, k_name, likelihood, with_ratio, chunk_size, memory_budget, shard, group,
-                   check_prior(prior))
+                   check_prior(prior), target_stderr=_target_stderr(target_stderr),
+                   bytes_per_sample=_bytes_per_sample(bytes_per_sample))
+
+
+def _target_stderr(value) -> float | None:
+    """target_stderr: None, or a finite number > 0 (nats)."""
+    if value is None:
+        return None
+    value = _validate.real("target_stderr", value)
+    if value <= 0:
+        raise ValueError(f"target_stderr must be > 0 (the standard error of log p̂(x) in nats to stop at), "
+                         f"got {value}")
+    return value
+
+
+def _bytes_per_sample(value) -> int | None:
+    return None if value is None else _validate.positive_int("bytes_per_sample", value)
+
+
+def _check_target_sharding(cfg: _Config) -> None:
+    """target_stderr decides per example after each round; with K split over
+    ranks that would need a collective per round, which is not done."""
+    if cfg.target_stderr is not None and cfg.shard == "samples" and _distributed(cfg) is not None:
+        raise ValueError("target_stderr cannot be combined with shard='samples' under torch.distributed: "
+                         "use shard='examples' (each rank stops its own examples) or shard=None")
 
 
 def _check_model(encode: Any, decode: Any) -> None:
@@ -297,6 +355,219 @@ def _draw(q, cfg: _Config, seed: Tensor, g: int, c0: int, c1: int) -> tuple[Tens
 
 # -- the chunk loop ---------------------------------------------------------------
 
+# Samples per example before target_stderr trusts an example's standard error:
+# the delta-method stderr is estimated from the weights themselves, and k̂ needs
+# a tail (M = 20 of 100 samples) to say whether it can be trusted.
+TARGET_MIN_SAMPLES = 100
+# ... and the k̂ below which it stops an example on its stderr (Vehtari et al.
+# 2024: below 0.5 the weights have a finite variance, so the central limit
+# theorem, and the delta-method stderr, hold).
+TARGET_MAX_PARETO_K = 0.5
+
+
+class _PeakBytes(TorchDispatchMode):
+    """The peak bytes of the tensors created while the mode is active and
+    still alive, above what was alive when it started. PyTorch has no
+    allocation counter on the CPU (torch.cuda.max_memory_allocated is CUDA's
+    only, and resetting it would disturb the user's own peak), and the
+    process's RSS moves in pages and with the allocator's caching. Every
+    tensor an operator returns passes through this mode (C++ and Triton
+    kernels allocate their outputs through torch.empty): a storage not seen
+    before and not one of the operator's inputs is a new allocation, counted
+    until the last Python tensor on it is freed (a view keeps it alive). What
+    an operator allocates and frees inside itself (a matmul's workspace) is
+    not seen; the budget's 10% margin is for that."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # A torch.compile'd decoder compiles and runs compiled under the mode
+        # (torch.compile skips a frame run under any other mode, and then never
+        # compiles it again); the buffers its compiled code allocates are not
+        # seen, so bytes_per_sample is the way to size its chunks.
+        return True
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in torch._dynamo.disable
+        # otherwise, which imports torch._dynamo (and with it triton) at the
+        # first operator: seconds of imports for a CPU evaluation
+        return False
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors on it]
+        self.current = self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.live[ptr]
+                self.current -= entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = None
+        for t in _pytree.tree_leaves(out):
+            if not isinstance(t, Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0:
+                continue
+            entry = self.live.get(ptr)
+            if entry is None:
+                if inputs is None:
+                    inputs = {a.untyped_storage().data_ptr() for a in _pytree.tree_leaves((args, kwargs))
+                              if isinstance(a, Tensor) and a.device.type != "meta"}
+                if ptr in inputs:  # a view of, or an in-place result on, a tensor from before
+                    continue
+                entry = self.live[ptr] = [storage.nbytes(), 0]
+                self.current += entry[0]
+                self.peak = max(self.peak, self.current)
+            entry[1] += 1
+            weakref.finalize(t, self._release, ptr)
+        return out
+
+
+def _chunk_plan(budget: int, rows: int, n: int, fixed: float, per_sample: float, remaining: int) -> tuple[int, int]:
+    """(samples per chunk, examples per block) for ``rows`` examples with
+    ``remaining`` samples to go: the largest chunk whose modelled peak,
+    (fixed + per_sample · K_c) · rows / n bytes (the cost measured for n
+    examples, scaled to the rows decoded), stays within the budget. When
+    even one sample of every row is too much, the rows are split into blocks
+    of one sample each."""
+    scale = rows / max(n, 1)
+    per_sample = max(per_sample, 1.0)
+    kc = int((budget - fixed * scale) // (per_sample * scale)) if rows else remaining
+    if kc >= 1:
+        return min(kc, remaining), rows
+    return 1, max(1, min(rows, int(budget * n // max(fixed + per_sample, 1.0))))
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row indices as maximal runs [start, stop) of consecutive rows."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+@dataclass
+class _Streamed:
+    """What the chunk loop leaves: states of log w and 2 log w per example
+    (n,), the largest log-weights (rows, n) with cfg.pareto (else None), and
+    the samples each example drew (n,) int64."""
+    st1: LogMeanExpState
+    st2: LogMeanExpState
+    tail: Tensor | None
+    counts: Tensor
+
+
+def _stream(n: int, k0: int, k1: int, cfg: _Config, chunk: Callable, dtype: torch.dtype, device: torch.device,
+            per_sample: int | None, bar) -> _Streamed:
+    """The chunk loop shared by log_likelihood and importance_log_likelihood.
+    ``chunk(runs, c0, c1)`` gives the log-weights (c1 - c0, m) and the latent
+    term (or None) of samples [c0, c1) of the m rows in ``runs`` (row ranges
+    [start, stop), local indices). Their states are folded into per-example
+    states, and with cfg.target_stderr the examples whose standard error has
+    reached the target stop drawing (only the others are decoded).
+
+    Chunk sizes: cfg.chunk_size as given; else per_sample (bytes per sample
+    of one example) against the memory budget; else measured: the first two
+    chunks hold 1 and 2 samples of every row and run under _PeakBytes, and
+    the difference of their peaks is the cost of one sample, the rest the
+    cost of a chunk whatever its size (the decoder's and our fixed buffers)."""
+    rows_all = list(range(n))
+    dtype = accumulation_dtype(dtype)  # a half-precision model's log-weights accumulate in float32
+    m1 = torch.full((n,), float("-inf"), dtype=dtype, device=device)
+    m2 = m1.clone()
+    s1 = torch.zeros((n,), dtype=dtype, device=device)
+    s2 = s1.clone()
+    # the tail starts at its full height, so every chunk (the measured ones
+    # too) merges the same rows; -inf rows are what pad_tail adds anyway
+    tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=dtype, device=device) if cfg.pareto else None
+    counts = torch.zeros((n,), dtype=torch.int64, device=device)
+    if n == 0 or k1 <= k0:
+        return _Streamed(LogMeanExpState(m1, s1, max(0, k1 - k0)), LogMeanExpState(m2, s2, max(0, k1 - k0)),
+                         tail, counts)
+    budget = memory_budget_for(device, cfg.memory_budget) if cfg.chunk_size is None else 0
+    model = None if per_sample is None else (0.0, float(per_sample) * n)  # (fixed, per sample) for n rows
+    probes: list[int] = []  # the measured chunks' peaks
+
+    def run_chunk(rows: list[int], c0: int, c1: int) -> None:
+        runs = _runs(rows)
+        lw, latent = chunk(runs, c0, c1)
+        one = len(runs) == 1
+        idx = None if one else torch.tensor(rows, device=device)
+        sel = slice(*runs[0]) if one else idx
+        # a contiguous run's states are views the kernel updates in place;
+        # scattered rows are gathered, merged and written back
+        st1 = LogMeanExpState(m1[sel], s1[sel], 0)
+        st2 = LogMeanExpState(m2[sel], s2[sel], 0)
+        st1, st2 = accumulate_states(lw, latent, st1, st2)
+        if not one:
+            m1[idx], s1[idx], m2[idx], s2[idx] = st1.max, st1.sumexp, st2.max, st2.sumexp
+        if tail is not None:  # the largest log-weights so far, merged on the device (no host sync)
+            full = lw.to(dtype) if latent is None else lw.to(dtype) + latent.to(dtype)
+            tail[:, sel] = _pareto.merge_tail(tail[:, sel], full, tail.shape[0])
+        if bar is not None:
+            bar.update(1)
+
+    active = rows_all
+    c = k0
+    end = k1 if cfg.target_stderr is None else min(k1, k0 + TARGET_MIN_SAMPLES)
+    while True:
+        while model is None and cfg.chunk_size is None and c < end:  # measure: 1, then 2 samples of every row
+            kc = min(len(probes) + 1, end - c)
+            with _PeakBytes() as meter:
+                run_chunk(active, c, c + kc)
+            probes.append(meter.peak)
+            c += kc
+            if len(probes) == 2:
+                slope = probes[1] - probes[0]
+                if slope <= 0:  # not linear in K_c: count the larger chunk's whole peak per sample
+                    slope = probes[1] / 2
+                model = (max(0.0, probes[0] - slope), float(slope))
+        if c < end:
+            if cfg.chunk_size is not None:
+                kc, nb = min(cfg.chunk_size, end - c), len(active)
+            else:
+                kc, nb = _chunk_plan(budget, len(active), n, *model, end - c)
+            for b0 in range(0, len(active), nb):  # a block of examples, then the next
+                for c0 in range(c, end, kc):
+                    run_chunk(active[b0:b0 + nb], c0, min(end, c0 + kc))
+            c = end
+        if cfg.target_stderr is None or c >= k1:
+            break
+        # the stopping rule, one host sync per round: an example stops when its
+        # stderr is at most the target and k̂ < 0.5, where the weights' variance
+        # is finite and the stderr means what it says. Not 0.7: from the first
+        # 100 samples of weights whose k is 0.9, k̂ came out in 0.5-0.7 for most
+        # examples, which then stopped on a stderr that understated the error.
+        # NaN k̂ (a flat tail: q the exact posterior) stops on the stderr alone.
+        sel = torch.tensor(active, device=device)
+        st = _stats(LogMeanExpState(m1[sel], s1[sel], c - k0), LogMeanExpState(m2[sel], s2[sel], c - k0),
+                    c - k0, None if tail is None else tail[:, sel])
+        done = (st.stderr <= cfg.target_stderr) & ~(st.pareto_k >= TARGET_MAX_PARETO_K)
+        done_rows = sel[done]
+        counts[done_rows] = c - k0
+        active = [r for r, d in zip(active, done.tolist()) if not d]
+        if not active:
+            break
+        # doubling: a few rounds (each a k̂ fit and a host sync) up to any cap, and
+        # an example drawn at most twice the samples it needed
+        end = min(k1, k0 + 2 * (c - k0))
+    if active:
+        counts[torch.tensor(active, device=device)] = c - k0
+    # without a target every example drew k1 - k0 samples: an int count, as the collectives expect
+    count = counts if cfg.target_stderr is not None else k1 - k0
+    return _Streamed(LogMeanExpState(m1, s1, count), LogMeanExpState(m2, s2, count), tail, counts)
+
 
 def memory_budget_for(device: torch.device, memory_budget: int | None = None) -> int:
     """Bytes one chunk may use: memory_budget when given; else on a CUDA device
@@ -311,54 +582,18 @@ def memory_budget_for(device: torch.device, memory_budget: int | None = None) ->
     return DEFAULT_MEMORY_BUDGET
 
 
-def _decoder_width(x: Tensor, q, decode: Callable, cfg: _Config) -> int:
-    """Elements of decode's output per sample and example (W), measured on one
-    sample of every example (the posterior means, no noise drawn): x's D
-    undercounts what a chunk holds for categorical logits (D · C), a logistic
-    mixture's parameters (10 M per pixel for 3 channels) or a Gaussian's
-    (mean, logvar) pair, and a chunk sized by D could run out of memory. The
-    whole batch, because a decoder may close over it (scVI's library sizes
-    of x). Only for chunk_size=None: one extra decoder call of one sample."""
-    z = (q.point() if isinstance(q, LATENTS) else q.mu).unsqueeze(0)
-    out = call_user(decode, z, "decode", "z", "K_c", EVALUATION_DOCS)
-    return max(1, math.ceil(output_numel(out, cfg.likelihood, x.dim() - 1) / x.shape[0]))
-
-
-def _chunk_plan(cfg: _Config, n: int, k_count: int, W: int, D: int, L: int, itemsize: int,
-                device: torch.device) -> tuple[int, int]:
-    """(samples per chunk, examples per block). With chunk_size=None the chunk
-    is the largest that keeps K_c · n · (W + D + 3L) · itemsize bytes within
-    the memory budget (memory_budget_for): W for the decoder output
-    (_decoder_width), D more for its intermediate activations and the
-    likelihood's temporaries, 3L for eps, the scale and z. If even one sample
-    of every example is too much, the examples are split."""
-    if cfg.chunk_size is not None:
-        return max(1, min(cfg.chunk_size, k_count)), max(n, 1)
-    budget = memory_budget_for(device, cfg.memory_budget)
-    per = itemsize * (W + D + 3 * L)
-    kc = max(1, min(k_count, budget // max(1, per * n)))
-    nb = max(1, min(n, budget // (per * kc)))
-    return kc, nb
-
-
-def _empty_state(n: int, count: int, like: Tensor, dtype: torch.dtype) -> LogMeanExpState:
-    """The state of no examples (n = 0) or of no samples (count = 0, a rank
-    whose share of K is empty): (-inf, 0), which merges as nothing."""
-    return LogMeanExpState(torch.full((n,), float("-inf"), dtype=dtype, device=like.device),
-                           torch.zeros((n,), dtype=dtype, device=like.device), count)
-
-
 def _tail_rows(cfg: _Config) -> int:
     """How many of the largest log-weights per example k̂ needs: the tail and its threshold."""
     return _pareto.tail_size(cfg.k) + 1
 
 
 def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
-            g0: int, k0: int, k1: int, W: int, bar) -> tuple[LogMeanExpState, LogMeanExpState, Tensor | None]:
-    """States of log w and of 2 log w over samples [k0, k1) of K for the n
-    local examples, whose global indices start at g0, and with cfg.pareto the
-    largest log-weights (_tail_rows, n), largest first, -inf-padded; else None."""
-    n, D = x.shape[0], math.prod(x.shape[1:])
+            g0: int, k0: int, k1: int, bar) -> _Streamed:
+    """_stream over samples [k0, k1) of K for the n local examples of x, whose
+    global indices start at g0: each chunk draws z for its rows (a run of
+    consecutive rows at a time, at their noise offsets), decodes it and
+    scores x."""
+    n = x.shape[0]
     mu = q.mu
     L = mu.shape[1]
     check_prior(cfg.prior, L)  # the prior's latent size against the encoder's (metadata only)
@@ -366,81 +601,65 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
     # then known before any decoder call, so an empty batch and a rank with no samples (whose states
     # the other ranks' all_reduce must match) get the dtype every other path gets.
     dtype = compute_dtype(x, mu)
-    if k1 <= k0 or n == 0:
-        tail = None
-        if cfg.pareto:
-            tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=dtype, device=mu.device)
-        return _empty_state(n, max(0, k1 - k0), mu, dtype), _empty_state(n, max(0, k1 - k0), mu, dtype), tail
-    last = (g0 + n) * cfg.k * L - 1
-    if last > MAX_OFFSET:
-        raise ValueError(
-            f"{cfg.k_name}={cfg.k} is too large: the noise of {g0 + n} examples x {cfg.k_name} samples x {L} "
-            f"latents runs to Philox offset {last}, beyond 2**63 - 1; use {cfg.k_name} <= "
-            f"{(MAX_OFFSET + 1) // ((g0 + n) * L)}"
-        )
-    kc, nb = _chunk_plan(cfg, n, k1 - k0, W, D, L, x.element_size(), x.device)
-    firsts, seconds, tails = [], [], []
-    for b0 in range(0, n, nb):
-        b1 = min(n, b0 + nb)
-        xb, qb = x[b0:b1], _rows(q, b0, b1)
-        run1 = run2 = tail = None
-        for c0 in range(k0, k1, kc):
-            c1 = min(k1, c0 + kc)
-            # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn where it is used
-            z, latent = _draw(qb, cfg, seed, g0 + b0, c0, c1)
-            # the states of lw = log p(x|z) + latent and of 2 lw (w^2), folded into
-            # the running ones in one kernel call: lw is formed in the
-            # accumulation dtype (a half-precision model's terms are widened
-            # before they are added), the states are merged on the device
-            lw = decoder_log_prob(xb, call_user(decode, z, "decode", "z", "K_c", EVALUATION_DOCS), cfg.likelihood,
-                                  (c1 - c0,))
-            if lw.dtype != dtype:  # a float32 decoder of a float64 posterior, or the reverse
-                lw = lw.to(dtype)
-            run1, run2 = accumulate_states(lw, latent, run1, run2)
-            if cfg.pareto:  # the largest log-weights so far, merged on the device (no host sync)
-                full = lw.to(run1.max.dtype) if latent is None else lw.to(run1.max.dtype) + latent
-                tail = _pareto.merge_tail(tail, full, _tail_rows(cfg))
-            if bar is not None:
-                bar.update(1)
-        firsts.append(run1)
-        seconds.append(run2)
-        if cfg.pareto:
-            tails.append(_pareto.pad_tail(tail, _tail_rows(cfg)))
+    if n and k1 > k0:
+        last = (g0 + n) * cfg.k * L - 1
+        if last > MAX_OFFSET:
+            raise ValueError(
+                f"{cfg.k_name}={cfg.k} is too large: the noise of {g0 + n} examples x {cfg.k_name} samples x {L} "
+                f"latents runs to Philox offset {last}, beyond 2**63 - 1; use {cfg.k_name} <= "
+                f"{(MAX_OFFSET + 1) // ((g0 + n) * L)}"
+            )
 
-    def cat(states):
-        if len(states) == 1:
-            return LogMeanExpState(states[0].max, states[0].sumexp, k1 - k0)
-        return LogMeanExpState(torch.cat([s.max for s in states]), torch.cat([s.sumexp for s in states]), k1 - k0)
+    def chunk(runs: list[tuple[int, int]], c0: int, c1: int) -> tuple[Tensor, Tensor | None]:
+        # eps[g, k, l] = randn(seed, (g * K + k) * L + l), drawn where it is used
+        drawn = [_draw(_rows(q, r0, r1), cfg, seed, g0 + r0, c0, c1) for r0, r1 in runs]
+        if len(drawn) == 1:
+            (z, latent), xb = drawn[0], x[runs[0][0]:runs[0][1]]
+        else:  # the rows still sampling under target_stderr: only they are decoded
+            z = torch.cat([d[0] for d in drawn], dim=1)
+            latent = None if drawn[0][1] is None else torch.cat([d[1] for d in drawn], dim=1)
+            xb = torch.cat([x[r0:r1] for r0, r1 in runs])
+        # lw = log p(x|z); the latent term is added in the state kernel, in the
+        # accumulation dtype (a half-precision model's terms are widened first)
+        lw = decoder_log_prob(xb, call_user(decode, z, "decode", "z", "K_c", EVALUATION_DOCS), cfg.likelihood,
+                              (c1 - c0,))
+        if lw.dtype != dtype:  # a float32 decoder of a float64 posterior, or the reverse
+            lw = lw.to(dtype)
+        return lw, latent
 
-    return cat(firsts), cat(seconds), (torch.cat(tails, dim=1) if cfg.pareto else None)
+    return _stream(n, k0, k1, cfg, chunk, dtype, mu.device, cfg.bytes_per_sample, bar)
 
 
-def _n_steps(cfg: _Config, n: int, k_count: int, W: int, D: int, L: int, itemsize: int,
-             device: torch.device) -> int:
-    if n == 0 or k_count == 0:
-        return 0
-    kc, nb = _chunk_plan(cfg, n, k_count, W, D, L, itemsize, device)
-    return math.ceil(n / nb) * math.ceil(k_count / kc)
-
-
-def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int, tail: Tensor | None = None) -> LogLikelihoodStats:
+def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int | Tensor, tail: Tensor | None = None,
+           counts: Tensor | None = None) -> LogLikelihoodStats:
     """log p̂, its delta-method standard error, the ESS from the states of
     log w and 2 log w, and k̂ from the largest log-weights (NaN without them):
-    with r = mean(w²) / mean(w)² = K / ESS, se(log p̂)² = s²_w / (K mean(w)²) = (r − 1) / (K − 1)."""
+    with r = mean(w²) / mean(w)² = K / ESS, se(log p̂)² = s²_w / (K mean(w)²) = (r − 1) / (K − 1).
+    K is the samples per example: an int, or (n,) under target_stderr, when
+    k̂ is fitted per group of examples that drew the same number."""
     lme1, lme2 = logmeanexp_from_state(st1), logmeanexp_from_state(st2)
     zero = lme1 == float("-inf")
     ratio = torch.exp(torch.where(zero, 0.0, lme2 - 2 * lme1))
     ess = torch.where(zero, 0.0, K / ratio)
-    if K > 1:
+    if isinstance(K, Tensor):
+        k_f = K.to(ratio.dtype)
+        stderr = torch.sqrt(torch.clamp_min(ratio - 1, 0.0) / torch.clamp_min(k_f - 1, 1.0))
+        stderr = torch.where(zero | (K <= 1), float("nan"), stderr)
+    elif K > 1:
         stderr = torch.sqrt(torch.clamp_min(ratio - 1, 0.0) / (K - 1))
         stderr = torch.where(zero, float("nan"), stderr)
     else:
         stderr = torch.full_like(lme1, float("nan"))
-    if tail is None:
-        pareto_k = torch.full(lme1.shape, float("nan"), dtype=torch.float64, device=lme1.device)
-    else:
+    pareto_k = torch.full(lme1.shape, float("nan"), dtype=torch.float64, device=lme1.device)
+    if tail is not None and isinstance(K, Tensor):
+        for k_b in K.unique().tolist():
+            cols = (K == k_b).nonzero().flatten()
+            pareto_k[cols] = _pareto.pareto_k(tail[:, cols], int(k_b))
+    elif tail is not None:
         pareto_k = _pareto.pareto_k(tail, K)
-    return LogLikelihoodStats(lme1, stderr, ess, pareto_k)
+    if counts is None:
+        counts = torch.full(lme1.shape, K, dtype=torch.int64, device=lme1.device) if isinstance(K, int) else K
+    return LogLikelihoodStats(lme1, stderr, ess, pareto_k, pareto_k > _pareto.HIGH_K, counts)
 
 
 # -- torch.distributed --------------------------------------------------------------
@@ -569,24 +788,29 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
     else:
         # No examples on this rank: nothing to encode, but the collectives still run.
         q = DiagonalNormal(xs.new_empty((0, 1)), xs.new_empty((0, 1)))
-    D = math.prod(x.shape[1:])
-    W = _decoder_width(xs, q, decode, cfg) if cfg.chunk_size is None and b1 > b0 and k1 > k0 else D
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        total = _n_steps(cfg, b1 - b0, k1 - k0, W, D, q.latent_size, x.element_size(), x.device)
-        bar = tqdm(total=total, unit="chunk", desc="log-likelihood", leave=False)
+        # no total: the chunks are sized after the first two (_stream), and target_stderr stops early
+        bar = tqdm(unit="chunk", desc="log-likelihood", leave=False)
     try:
-        st1, st2, tail = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, W, bar)
+        out = _states(xs, q, decode, cfg, seed, g0 + b0, k0, k1, bar)
     finally:
         if bar is not None:
             bar.close()
+    return _finish(out, B, cfg, dist_info)
+
+
+def _finish(out: _Streamed, B: int, cfg: _Config, dist_info) -> LogLikelihoodStats:
+    """The batch's stats from the local states: merged over the ranks'
+    samples, or gathered over their examples, under torch.distributed."""
     if dist_info is None:
-        return _stats(st1, st2, cfg.k, tail)
-    if cfg.shard == "samples":
-        return _stats(*_all_reduce_states(st1, st2, cfg), cfg.k, None if tail is None else _all_gather_tails(tail, cfg))
-    return _all_gather_examples(_stats(st1, st2, cfg.k, tail), B, world, cfg)
+        return _stats(out.st1, out.st2, out.st1.count, out.tail)
+    if cfg.shard == "samples":  # no target_stderr here (_check_target_sharding): every count is cfg.k
+        tail = None if out.tail is None else _all_gather_tails(out.tail, cfg)
+        return _stats(*_all_reduce_states(out.st1, out.st2, cfg), cfg.k, tail)
+    return _all_gather_examples(_stats(out.st1, out.st2, out.st1.count, out.tail), B, dist_info[1], cfg)
 
 
 # -- public functions ----------------------------------------------------------------
@@ -607,6 +831,8 @@ def log_likelihood(
     shard: str | None = "examples",
     group=None,
     prior: Any = None,
+    target_stderr: float | None = None,
+    bytes_per_sample: int | None = None,
 ) -> Tensor | LogLikelihoodStats:
     """Importance-sampled estimate of log p(x) per example with K samples
     from the encoder's q(z|x) as the proposal (the IWAE bound of Burda et al.
@@ -631,8 +857,10 @@ def log_likelihood(
             meaningless number).
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
-            every example does not). The result does not depend on it (to
-            float32 rounding).
+            every example does not), from the memory a chunk really uses:
+            measured on the first two chunks (1 and 2 samples of every
+            example), or ``bytes_per_sample``. The result does not depend on
+            it (to float32 rounding).
         generator: torch.Generator the one Philox seed of the call is drawn
             from (default: torch's default generator of x's device).
         progress: show a tqdm bar over the chunks.
@@ -651,19 +879,36 @@ def log_likelihood(
         group: the torch.distributed process group (default: the world).
         prior: p(z), as in fastvae.elbo (default N(0, I)); its parameters
             (a mixture's, a VampPrior's pseudo-inputs) are read once per chunk.
+        target_stderr: stop sampling an example once the standard error of
+            its log p̂(x) is at most this (nats, > 0), or at k samples (the
+            cap). Checked after TARGET_MIN_SAMPLES (100) samples, then each
+            time the count doubles; only the examples still short of the
+            target are decoded in later rounds, so decode must treat each
+            example on its own. An example whose k̂ exceeds 0.7 (its stderr
+            cannot be trusted) draws to the cap and is flagged
+            (``unreliable``). The estimator is the same as with K fixed: the
+            samples an example draws are the first k_used of its k. The
+            return type still follows return_stats (``k_used`` says how many
+            samples each example drew).
+        bytes_per_sample: the memory one sample of one example costs the
+            decoder and the likelihood (bytes), in place of the measurement.
 
     Returns:
         (B,) estimates log p̂(x) in nats, or LogLikelihoodStats with
         return_stats=True: float64 when x or the encoder's output is float64,
         else float32, whatever the decoder's dtype (its log-probabilities
         are rounded to that dtype before the log-mean-exp), on every path:
-        chunked or not, an empty batch, a rank with no samples.
+        chunked or not, an empty batch, a rank with no samples. Warns
+        (EvaluationWarning) when the weights are degenerate (mean ESS/K
+        below 5%), when an example's Pareto k̂ exceeds 0.7 (with or without
+        return_stats), and when target_stderr is not reached by k.
 
     Runs under torch.no_grad(); put the model in eval mode first.
     """
     _check_model(encode, decode)
     cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
-                  shard=shard, group=group, with_ratio=True, prior=prior)
+                  shard=shard, group=group, with_ratio=True, prior=prior, target_stderr=target_stderr,
+                  bytes_per_sample=bytes_per_sample)
     return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
 
 
@@ -673,7 +918,7 @@ def reconstruction_probability(x: Tensor, encode: Callable[[Tensor], tuple[Tenso
                                generator: torch.Generator | None = None, progress: bool = False,
                                return_stats: bool = False, memory_budget: int | None = None,
                                shard: str | None = "examples", group=None,
-                               prior: Any = None) -> Tensor | LogLikelihoodStats:
+                               prior: Any = None, bytes_per_sample: int | None = None) -> Tensor | LogLikelihoodStats:
     """The anomaly score of An & Cho (2015): log (1/L) Σ_l p(x|z_l) with
     z_l ~ q(z|x), per example; low values flag anomalies.
 
@@ -686,17 +931,22 @@ def reconstruction_probability(x: Tensor, encode: Callable[[Tensor], tuple[Tenso
     As L grows it converges to log E_q[p(x|z)] (from below on average).
 
     Same arguments, streaming path, noise layout, sharding and
-    ``return_stats`` as log_likelihood, with n_samples (L) in place of k.
+    ``return_stats`` as log_likelihood, with n_samples (L) in place of k
+    (no target_stderr). k̂ is fitted only with return_stats, and does not warn.
     """
     _check_model(encode, decode)
     cfg = _config("n_samples", n_samples, likelihood=likelihood, chunk_size=chunk_size,
-                  memory_budget=memory_budget, shard=shard, group=group, with_ratio=False, prior=prior)
+                  memory_budget=memory_budget, shard=shard, group=group, with_ratio=False, prior=prior,
+                  bytes_per_sample=bytes_per_sample)
     return _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats)
 
 
 def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
     _check_x(x, "x", cfg.likelihood)
-    if return_stats:
+    _check_target_sharding(cfg)
+    if return_stats or cfg.with_ratio:
+        # log p̂(x) always keeps k̂'s tail (a topk per chunk): a poor proposal must
+        # be flagged on the plain call too, where the figure gets reported
         cfg = replace(cfg, pareto=True)
     with torch.no_grad():
         seed = _shared_seed(x, generator, cfg)
@@ -704,17 +954,23 @@ def _run_one_batch(x, encode, decode, cfg, generator, progress, return_stats):
     if cfg.with_ratio and stats.ess.numel() > 0:
         # the ESS comes with every estimate (the state of 2 log w): one host
         # sync per evaluation call, worth it for a figure that may be wrong
-        _warn_low_ess(stats.ess.double().mean().item() / cfg.k, cfg.k, stacklevel=4)
-        if return_stats:  # k̂ needs the tail, kept only for the stats
-            _warn_high_k(stats.pareto_k, stacklevel=4)
+        _warn_low_ess(_ess_fraction(stats), cfg.k, stacklevel=4)
+        _warn_high_k(stats.pareto_k, stacklevel=4)
+        _warn_target_missed(stats, cfg.target_stderr, cfg.k, stacklevel=4)
     return stats if return_stats else stats.log_likelihood
+
+
+def _ess_fraction(stats: LogLikelihoodStats) -> float:
+    """Mean over the examples of ESS / K, K the samples each drew."""
+    return (stats.ess.double() / stats.k_used.clamp_min(1).double()).mean().item()
 
 
 def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], decode: Callable[[Tensor], Any], *,
              k: int = 5000, likelihood: str | None = None, chunk_size: int | None = None,
              generator: torch.Generator | None = None, progress: bool | None = None,
              memory_budget: int | None = None, shard: str | None = "examples", group=None,
-             prior: Any = None) -> EvaluationResult:
+             prior: Any = None, target_stderr: float | None = None,
+             bytes_per_sample: int | None = None) -> EvaluationResult:
     """Dataset log-likelihood: :func:`log_likelihood` over every batch of
     ``data`` (a DataLoader or any iterable of (B, *event) tensors, or of tuples
     whose first element is that tensor, e.g. (x, y)).
@@ -727,11 +983,15 @@ def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], 
     and each batch is sharded as in log_likelihood; every rank gets the result.
     Ranks whose batches differ in shape, or whose data ends at different
     batches, all raise the same ValueError (one small all_gather per batch).
-    Other arguments as in log_likelihood; returns an :class:`EvaluationResult`.
+    target_stderr applies per example, as in log_likelihood
+    (EvaluationResult.per_example_k). Other arguments as in log_likelihood;
+    returns an :class:`EvaluationResult`.
     """
     _check_model(encode, decode)
     cfg = _config("k", k, likelihood=likelihood, chunk_size=chunk_size, memory_budget=memory_budget,
-                  shard=shard, group=group, with_ratio=True, prior=prior)
+                  shard=shard, group=group, with_ratio=True, prior=prior, target_stderr=target_stderr,
+                  bytes_per_sample=bytes_per_sample)
+    _check_target_sharding(cfg)
     dist_info = _distributed(cfg)
     show = progress is not False and (dist_info is None or dist_info[0] == 0)
     total = len(data) if hasattr(data, "__len__") else None
@@ -740,7 +1000,8 @@ def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], 
     bar = tqdm(total=total, unit="batch", desc="evaluate", disable=not show,
                delay=0 if progress else 2.0)
     cfg = replace(cfg, pareto=True)
-    lls, ses, esss, ks, seed, D, g = [], [], [], [], None, None, 0
+    parts: list[LogLikelihoodStats] = []
+    seed, D, g = None, None, 0
     try:
         with torch.no_grad():
             n_batches = 0
@@ -762,10 +1023,7 @@ def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], 
                                      f"{tuple(event)}")
                 stats = _estimate(x, encode, decode, cfg, seed, g, False)
                 g += x.shape[0]
-                lls.append(stats.log_likelihood)
-                ses.append(stats.stderr)
-                esss.append(stats.ess)
-                ks.append(stats.pareto_k)
+                parts.append(stats)
                 bar.update(1)
             if dist_info is not None:  # every rank's data ends at the same batch
                 _agree_on_batch(None, None, f"batch {n_batches}", cfg)
@@ -773,16 +1031,18 @@ def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], 
         bar.close()
     if g == 0:
         raise ValueError("evaluate: data yielded no examples")
-    per_example = torch.cat(lls)
+    all_stats = LogLikelihoodStats(*(torch.cat(field) for field in zip(*parts)))
+    per_example = all_stats.log_likelihood
     ll = per_example.double()
-    se = torch.cat(ses).double()
+    se = all_stats.stderr.double()
     mean = ll.mean().item()
     spread = ll.std().item() if g > 1 else float("nan")
     nll = -mean
-    ess_fraction = torch.cat(esss).double().mean().item() / cfg.k
+    ess_fraction = _ess_fraction(all_stats)
     _warn_low_ess(ess_fraction, cfg.k, stacklevel=3)
-    pareto_k = torch.cat(ks)
+    pareto_k = all_stats.pareto_k
     _warn_high_k(pareto_k, stacklevel=3)
+    _warn_target_missed(all_stats, cfg.target_stderr, cfg.k, stacklevel=3)
     fitted = pareto_k[~torch.isnan(pareto_k)]
     return EvaluationResult(
         log_likelihood=mean,
@@ -798,17 +1058,13 @@ def evaluate(data: Iterable, encode: Callable[[Tensor], tuple[Tensor, Tensor]], 
         pareto_k_max=fitted.max().item() if fitted.numel() else float("nan"),
         pareto_k_high=(pareto_k > _pareto.HIGH_K).double().mean().item(),
         per_example_pareto_k=pareto_k,
+        per_example_unreliable=all_stats.unreliable,
+        per_example_k=all_stats.k_used,
     )
 
 
 # -- log p(x) of any model ------------------------------------------------------------
 
-# Bytes importance_log_likelihood's chunk plan counts per sample of one example
-# when bytes_per_sample=None: this many times the example's size in float32
-# (or x's wider itemsize). A model's activations are not measurable on the CPU;
-# 16 copies of the data covers an MLP or a small conv net's forward pass
-# under no_grad, and a wide hierarchical model passes its own figure.
-DEFAULT_ACTIVATION_FACTOR = 16
 _MASK64 = 2**64 - 1
 
 
@@ -841,12 +1097,12 @@ _SHAPE_HINT = ("a model run on the samples folded into the batch, x_rep.reshape(
                "(n * B,) values, which .reshape(n, B) restores")
 
 
-def _log_weights(out: Any, n: int, b: int, device: torch.device, g0: int, c0: int) -> Tensor:
+def _log_weights(out: Any, n: int, b: int, device: torch.device, examples: list[int], c0: int) -> Tensor:
     """The log-weights (n, b) of one chunk from log_weight_fn's result: a
     tensor, or a dict, tuple or list of tensors (its parts) that are summed in
     the accumulation dtype. Raises on a wrong type, shape or device, and on a
     +inf or NaN log-weight (one host sync per chunk), naming the part and the
-    (example, sample) where it is."""
+    (example, sample) where it is (examples: the global index of each column)."""
     what = "log_weight_fn(x_rep)"
     if isinstance(out, Tensor):
         items = [(what, out)]
@@ -881,51 +1137,28 @@ def _log_weights(out: Any, n: int, b: int, device: torch.device, g0: int, c0: in
                 why = ("+inf: a density that is unbounded there" if value > 0
                        else "NaN: usually inf - inf, or a NaN parameter")
                 raise ValueError(
-                    f"{name} is {value} at sample {c0 + i} of example {g0 + j}: a log-weight must be finite, "
+                    f"{name} is {value} at sample {c0 + i} of example {examples[j]}: a log-weight must be finite, "
                     f"or -inf for a weight of 0 (a sample the model cannot produce); {why} in the model")
     return lw
 
 
-def _weight_states(x: Tensor, fn: Callable, cfg: _Config, seed: int, g0: int, k0: int, k1: int,
-                   per_sample: int, bar) -> tuple[LogMeanExpState, LogMeanExpState, Tensor | None]:
-    """_states for a user's log-weight function: states of log w and 2 log w
-    over samples [k0, k1) for the n examples of x (global indices from g0),
-    and the largest log-weights with cfg.pareto."""
+def _weight_states(x: Tensor, fn: Callable, cfg: _Config, seed: int, g0: int, k0: int, k1: int, bar) -> _Streamed:
+    """_stream for a user's log-weight function over samples [k0, k1) for
+    the n examples of x (global indices from g0). Each chunk's call runs with
+    torch's generators seeded from the call's seed and the chunk's first
+    (example, sample)."""
     n = x.shape[0]
     dtype = accumulation_dtype(x.dtype) if x.dtype.is_floating_point else torch.float32
-    if k1 <= k0 or n == 0:
-        tail = torch.full((_tail_rows(cfg), n), float("-inf"), dtype=dtype, device=x.device) if cfg.pareto else None
-        return _empty_state(n, max(0, k1 - k0), x, dtype), _empty_state(n, max(0, k1 - k0), x, dtype), tail
-    if cfg.chunk_size is not None:
-        kc, nb = max(1, min(cfg.chunk_size, k1 - k0)), n
-    else:
-        budget = memory_budget_for(x.device, cfg.memory_budget)
-        kc = max(1, min(k1 - k0, budget // (per_sample * n)))
-        nb = max(1, min(n, budget // (per_sample * kc)))
-    firsts, seconds, tails = [], [], []
-    for b0 in range(0, n, nb):
-        xb = x[b0:min(n, b0 + nb)]
-        b = xb.shape[0]
-        run1 = run2 = tail = None
-        for c0 in range(k0, k1, kc):
-            c1 = min(k1, c0 + kc)
-            x_rep = xb.unsqueeze(0).expand(c1 - c0, *xb.shape)  # a view: x is not copied
-            out = _call_seeded(fn, x_rep, _chunk_seed(seed, (g0 + b0) * cfg.k + c0))
-            lw = _log_weights(out, c1 - c0, b, x.device, g0 + b0, c0)
-            run1, run2 = accumulate_states(lw, None, run1, run2)
-            if cfg.pareto:
-                tail = _pareto.merge_tail(tail, lw.to(run1.max.dtype), _tail_rows(cfg))
-            if bar is not None:
-                bar.update(1)
-        firsts.append(LogMeanExpState(run1.max.to(dtype), run1.sumexp.to(dtype), k1 - k0))
-        seconds.append(LogMeanExpState(run2.max.to(dtype), run2.sumexp.to(dtype), k1 - k0))
-        if cfg.pareto:
-            tails.append(_pareto.pad_tail(tail.to(dtype), _tail_rows(cfg)))
-    if len(firsts) == 1:
-        return firsts[0], seconds[0], tails[0] if cfg.pareto else None
-    st1 = LogMeanExpState(torch.cat([s.max for s in firsts]), torch.cat([s.sumexp for s in firsts]), k1 - k0)
-    st2 = LogMeanExpState(torch.cat([s.max for s in seconds]), torch.cat([s.sumexp for s in seconds]), k1 - k0)
-    return st1, st2, torch.cat(tails, dim=1) if cfg.pareto else None
+
+    def chunk(runs: list[tuple[int, int]], c0: int, c1: int) -> tuple[Tensor, None]:
+        xb = x[runs[0][0]:runs[0][1]] if len(runs) == 1 else torch.cat([x[r0:r1] for r0, r1 in runs])
+        x_rep = xb.unsqueeze(0).expand(c1 - c0, *xb.shape)  # a view: x is not copied
+        out = _call_seeded(fn, x_rep, _chunk_seed(seed, (g0 + runs[0][0]) * cfg.k + c0))
+        examples = [g0 + r for r0, r1 in runs for r in range(r0, r1)]
+        # the states' dtype: float64 parts of float32 data are rounded once, here
+        return _log_weights(out, c1 - c0, xb.shape[0], x.device, examples, c0).to(dtype), None
+
+    return _stream(n, k0, k1, cfg, chunk, dtype, x.device, cfg.bytes_per_sample, bar)
 
 
 def importance_log_likelihood(
@@ -941,6 +1174,7 @@ def importance_log_likelihood(
     bytes_per_sample: int | None = None,
     shard: str | None = "examples",
     group=None,
+    target_stderr: float | None = None,
 ) -> Tensor | LogLikelihoodStats:
     """log p(x) of any model with a tractable proposal, by importance
     sampling streamed over K: log p̂(x) = log (1/K) Σ_k w_k per example, where
@@ -970,9 +1204,11 @@ def importance_log_likelihood(
             accumulates in float32 (float64 for float64 log-weights).
         k: samples per example (K >= 1; 5000 is the usual report).
         chunk_size: samples per call of log_weight_fn. None picks the largest
-            n for which n · B · bytes_per_sample fits ``memory_budget`` (and
-            splits the batch when one sample of every example does not). So
-            memory is bounded by one chunk whatever K is.
+            n for which a chunk fits ``memory_budget`` (and splits the batch
+            when one sample of every example does not), from the memory the
+            first two chunks (1 and 2 samples of every example) are measured
+            to use, or from bytes_per_sample. So memory is bounded by one
+            chunk whatever K is.
         generator: the torch.Generator the call's one seed is drawn from
             (default: torch's default generator of x's device). Each chunk
             runs with torch's default generators (the CPU one and x's CUDA
@@ -986,10 +1222,8 @@ def importance_log_likelihood(
         memory_budget: bytes per chunk for chunk_size=None; default as in
             :func:`log_likelihood` (``memory_budget_for``).
         bytes_per_sample: bytes log_weight_fn holds per sample of one example
-            (its largest activations under no_grad). Default
-            ``DEFAULT_ACTIVATION_FACTOR`` (16) times the example's size in
-            float32 (or in x's dtype, if wider); a wide model (VDVAE's
-            hundreds of channels per pixel) passes its own.
+            (its largest activations under no_grad), in place of the
+            measurement.
         shard: under torch.distributed, as in :func:`log_likelihood`:
             "examples" splits the batch over the ranks, "samples" splits K,
             None computes everything on every rank. Every rank passes the
@@ -997,16 +1231,18 @@ def importance_log_likelihood(
             0's seed, chunk by chunk, so shard="samples" gives each rank its
             own samples.
         group: the torch.distributed process group (default: the world).
+        target_stderr: stop sampling an example once its standard error
+            reaches this (nats), as in :func:`log_likelihood`; log_weight_fn
+            then receives only the examples still sampling.
 
     Returns:
         (B,) estimates log p̂(x) in nats, or LogLikelihoodStats with
-        return_stats=True: float64 when x or the encoder's output is float64,
-        else float32, whatever the decoder's dtype (its log-probabilities
+        return_stats=True: float32, or float64 for float64 x (log-weights
         are rounded to that dtype before the log-mean-exp), on every path:
-        chunked or not, an empty batch, a rank with no samples. Warns
-        (EvaluationWarning) when the weights are degenerate (mean ESS/K
-        below 5%) and, with return_stats, when an example's Pareto k̂
-        exceeds 0.7.
+        chunked or not, a rank with no samples. Warns (EvaluationWarning)
+        when the weights are degenerate (mean ESS/K below 5%), when an
+        example's Pareto k̂ exceeds 0.7, and when target_stderr is not
+        reached by k.
 
     Runs under torch.no_grad().
     """
@@ -1018,17 +1254,15 @@ def importance_log_likelihood(
         chunk_size = _validate.positive_int("chunk_size", chunk_size)
     if memory_budget is not None:
         memory_budget = _validate.positive_int("memory_budget", memory_budget)
-    if bytes_per_sample is not None:
-        bytes_per_sample = _validate.positive_int("bytes_per_sample", bytes_per_sample)
     if shard not in SHARDS:
         raise ValueError(f"shard must be one of {SHARDS}, got {shard!r}")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor (B, *event), got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] < 1:
         raise ValueError(f"x must have shape (B, *event) with B >= 1, got {tuple(x.shape)}")
-    cfg = _Config(k, "k", None, True, chunk_size, memory_budget, shard, group, None, pareto=bool(return_stats))
-    if bytes_per_sample is None:
-        bytes_per_sample = DEFAULT_ACTIVATION_FACTOR * max(1, math.prod(x.shape[1:])) * max(4, x.element_size())
+    cfg = _Config(k, "k", None, True, chunk_size, memory_budget, shard, group, None, pareto=True,
+                  target_stderr=_target_stderr(target_stderr), bytes_per_sample=_bytes_per_sample(bytes_per_sample))
+    _check_target_sharding(cfg)
     B = x.shape[0]
     with torch.no_grad():
         seed = int(_shared_seed(x, generator, cfg))
@@ -1042,19 +1276,13 @@ def importance_log_likelihood(
 
             bar = tqdm(unit="chunk", desc="log-likelihood", leave=False)
         try:
-            st1, st2, tail = _weight_states(x[b0:b1], log_weight_fn, cfg, seed, b0, k0, k1, bytes_per_sample, bar)
+            out = _weight_states(x[b0:b1], log_weight_fn, cfg, seed, b0, k0, k1, bar)
         finally:
             if bar is not None:
                 bar.close()
-        if dist_info is None:
-            stats = _stats(st1, st2, k, tail)
-        elif shard == "samples":
-            tail = None if tail is None else _all_gather_tails(tail, cfg)
-            stats = _stats(*_all_reduce_states(st1, st2, cfg), k, tail)
-        else:
-            stats = _all_gather_examples(_stats(st1, st2, k, tail), B, world, cfg)
+        stats = _finish(out, B, cfg, dist_info)
     if stats.ess.numel() > 0:
-        _warn_low_ess(stats.ess.double().mean().item() / k, k, stacklevel=3)
-        if return_stats:
-            _warn_high_k(stats.pareto_k, stacklevel=3)
+        _warn_low_ess(_ess_fraction(stats), k, stacklevel=3)
+        _warn_high_k(stats.pareto_k, stacklevel=3)
+        _warn_target_missed(stats, cfg.target_stderr, k, stacklevel=3)
     return stats if return_stats else stats.log_likelihood

@@ -8,12 +8,15 @@ process-count invariance; the strided noise fill on every backend.
 import math
 import os
 import textwrap
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
 from fastvae import reference
@@ -484,7 +487,7 @@ def test_the_users_callables_errors_carry_a_note_of_what_fastvae_passed():
         "decode(z) with z of shape (K_c, B, L) = (2, 3, 2)": lambda: evaluate([x], encode, fail, k=4, chunk_size=2,
                                                                               likelihood="gaussian"),
         "log_weight_fn(x_rep) with x_rep of shape (n, B, *event) = (4, 3, 6)": (
-            lambda: fastvae.importance_log_likelihood(x, fail, k=4)),
+            lambda: fastvae.importance_log_likelihood(x, fail, k=4, chunk_size=4)),
     }
     for text, call in expected.items():
         with pytest.raises(KeyError) as info:
@@ -661,6 +664,9 @@ def test_two_processes_give_the_single_process_result(tmp_path):
                 single = log_likelihood(x[:B], encode, decode, k=31, generator=gen(3), return_stats=True,
                                         likelihood="gaussian")
                 for got, want, name in zip(results[(shard, B)], single, single._fields):
+                    if name in ("unreliable", "k_used"):  # exact: flags and counts
+                        assert torch.equal(got, want), (shard, B, rank, name, got, want)
+                        continue
                     scale = 1 + want.abs() if name != "stderr" else 1 + want
                     if name == "pareto_k":  # float64 from float32 log-weights: float32's tolerance
                         got, want, scale = got.float(), want.float(), scale.float()
@@ -718,37 +724,77 @@ def test_degenerate_weights_are_flagged():
 # -- chunk sizing and what a chunk launches -------------------------------------------
 
 
+class _LiveBytes(TorchDispatchMode):
+    """The test's own count of the peak bytes of live tensors created under
+    it (a storage freed when its last Python tensor goes), written apart from
+    fastvae's _PeakBytes so the test does not check the code with itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes, self.current, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.sizes[key][1] -= 1
+        if self.sizes[key][1] == 0:
+            self.current -= self.sizes.pop(key)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        before = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                key = t.untyped_storage().data_ptr()
+                if key not in self.sizes:
+                    if key in before:
+                        continue
+                    self.sizes[key] = [t.untyped_storage().nbytes(), 0]
+                    self.current += self.sizes[key][0]
+                    self.peak = max(self.peak, self.current)
+                self.sizes[key][1] += 1
+                weakref.finalize(t, self._free, key)
+        return out
+
+
 @main_process_only
-@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
-def test_the_default_chunk_counts_the_decoders_output_not_x(likelihood):
-    """Categorical logits (K_c, n, D, C) are C times x's size: the chunk plan
-    measures the decoder's output (one probe call) and keeps a chunk of it
-    within the memory budget, where a plan from x's D alone would ask for
-    C = 1000 times too much. The estimate does not depend on the plan."""
-    B, D, L, C, budget = 3, 4, 2, 1000, 2**20
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, C, (B, D), generator=g) if likelihood == "categorical" else torch.rand(B, D, generator=g)
-    W = torch.randn(L, D * C if likelihood == "categorical" else D, generator=g)
-    mu, logvar = torch.randn(B, L, generator=g), torch.zeros(B, L)
-    shapes = []
+def test_the_default_chunk_keeps_a_wide_decoder_within_the_budget():
+    """A decoder with a 1024-wide hidden layer at D = 8: a sample costs it
+    ~8 KiB per example, 180 times what x's D counts. The chunk is sized from
+    the memory the first two chunks are measured to use, so the call's peak
+    stays within the budget (+10%), with the same estimate as a fixed chunk
+    size (the noise does not depend on the chunking). Categorical logits
+    (D · C per sample) likewise; bytes_per_sample sets the cost instead."""
+    torch.manual_seed(0)
+    B, D, L, H, K, budget = 32, 8, 2, 1024, 300, 2**22
+    decoder = torch.nn.Sequential(torch.nn.Linear(L, H), torch.nn.Tanh(), torch.nn.Linear(H, D))
+    x = torch.randn(B, D)
+    mu, logvar = 0.3 * torch.randn(B, L), torch.full((B, L), -1.0)
+    encode = lambda a: (mu, logvar)  # noqa: E731
+    sizes = []
 
     def decode(z):
-        shapes.append(tuple(z.shape))
-        out = z @ W
-        return out.unflatten(-1, (D, C)) if likelihood == "categorical" else out
+        sizes.append(z.shape[0])
+        return decoder(z)
 
-    est = log_likelihood(x, lambda a: (mu, logvar), decode, k=200, likelihood=likelihood, memory_budget=budget,
-                         generator=gen(0))
-    assert shapes[0] == (1, B, L)  # the probe: one sample (the means) of every example
-    width = D * C if likelihood == "categorical" else D
-    kc = max(s[0] for s in shapes[1:])
-    assert kc * B * (width + D + 3 * L) * 4 <= budget
-    assert (kc < 200) == (likelihood == "categorical")  # bernoulli's 200 samples fit in one chunk
-    shapes.clear()
-    fixed = log_likelihood(x, lambda a: (mu, logvar), decode, k=200, likelihood=likelihood, chunk_size=7,
-                           generator=gen(0))
-    assert all(s[0] <= 7 for s in shapes) and shapes[0][1] == B  # an explicit chunk_size: no probe
-    torch.testing.assert_close(est, fixed, rtol=1e-5, atol=1e-4)
+    with _LiveBytes() as meter, torch.no_grad():
+        est = log_likelihood(x, encode, decode, k=K, likelihood="gaussian", memory_budget=budget, generator=gen(0))
+    assert sizes[:2] == [1, 2] and sum(sizes) == K and 2 < max(sizes) < K, sizes
+    assert meter.peak <= 1.1 * budget, (meter.peak, budget)
+    fixed = log_likelihood(x, encode, decode, k=K, likelihood="gaussian", chunk_size=K, generator=gen(0))
+    torch.testing.assert_close(est, fixed, rtol=1e-5, atol=1e-5)
+
+    sizes.clear()  # the user's figure: 16 KiB a sample of one example, 8 samples a chunk
+    log_likelihood(x, encode, decode, k=K, likelihood="gaussian", memory_budget=B * 8 * 2**14,
+                   bytes_per_sample=2**14, generator=gen(0))
+    assert max(sizes) == 8 and sum(sizes) == K
+
+    C = 1000
+    W = torch.randn(L, D * C)
+    xc = torch.randint(0, C, (3, D))
+    with _LiveBytes() as meter:
+        log_likelihood(xc, lambda a: (mu[:3], logvar[:3]), lambda z: (z @ W).unflatten(-1, (D, C)), k=200,
+                       likelihood="categorical", memory_budget=2**20, generator=gen(0))
+    assert meter.peak <= 1.1 * 2**20, meter.peak
 
 
 @main_process_only
@@ -773,21 +819,12 @@ def test_default_chunk_is_sized_from_free_cuda_memory(monkeypatch):
     monkeypatch.setattr(evaluation, "DEFAULT_MEMORY_BUDGET", 2**20)  # the module attribute is read per call
     assert evaluation.memory_budget_for(cpu) == 2**20
 
-    # the MLP VAE of the H100 measurement: K = 5000, B = 256, D = 784, L = 20, float32
-    cfg = evaluation._config("k", 5000, likelihood="bernoulli", chunk_size=None, memory_budget=None,
-                             shard=None, group=None, with_ratio=True)
-    per_sample = 256 * (2 * 784 + 3 * 20) * 4
-    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cuda)
-    assert (kc, nb) == (5000, 256)  # 10 GiB of budget: one chunk
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2**30, 80 * 2**30))
-    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cuda)
-    assert kc == (2 * 2**30 // 4) // per_sample and nb == 256  # 512 MiB: 329 samples a chunk
-    kc_cpu, _ = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cpu)
-    assert kc_cpu == 2**20 // per_sample or kc_cpu == 1  # the CPU keeps the (patched) fixed budget
-    # a nearly full GPU: the examples are split into blocks, as with a small budget
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * per_sample // 256 * 10, 80 * 2**30))
-    kc, nb = evaluation._chunk_plan(cfg, 256, 5000, 784, 784, 20, 4, cuda)
-    assert kc == 1 and 1 <= nb < 256
+    # the plan: the largest chunk whose cost (fixed + per_sample * K_c, measured for n
+    # examples and scaled to the rows decoded) fits the budget, at most what remains
+    assert evaluation._chunk_plan(1000, 4, 4, 100, 90, 5000) == (10, 4)
+    assert evaluation._chunk_plan(1000, 2, 4, 100, 90, 5000) == (21, 2)  # half the rows: (1000 - 50) // 45
+    assert evaluation._chunk_plan(10**9, 4, 4, 100, 90, 7) == (7, 4)
+    assert evaluation._chunk_plan(100, 4, 4, 100, 90, 5000) == (1, 2)  # one sample of all is 190: blocks of 2
 
 
 _REAL_EMPTY_OUTPUT = fastvae._backend.empty_output  # before the NaN-poisoning fixture wraps it
@@ -930,12 +967,131 @@ def test_pareto_k_needs_enough_samples_and_evaluate_summarizes_it():
 
 
 @main_process_only
+def test_a_well_fitted_model_does_not_warn():
+    """Linear-Gaussian, encoder the exact posterior: every weight is p(x), k̂
+    has no tail to fit, and neither call warns or marks an example."""
+    import warnings
+
+    x, _, encode, decode, _ = ppca(B=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvae.EvaluationWarning)
+        log_likelihood(x, encode, decode, k=200, likelihood="gaussian", generator=gen(0))
+        stats = log_likelihood(x, encode, decode, k=200, likelihood="gaussian", generator=gen(0), return_stats=True)
+        res = evaluate([x], encode, decode, k=200, likelihood="gaussian", generator=gen(0), progress=False)
+    assert not stats.unreliable.any() and not res.per_example_unreliable.any()
+    assert stats.k_used.tolist() == [200] * 6 and res.per_example_k.tolist() == [200] * 6
+
+
+@main_process_only
+def test_a_poor_proposal_warns_once_on_every_path_and_marks_the_examples():
+    """A proposal ten times narrower than the posterior (k = 0.9): the plain
+    call (no return_stats) warns once, with the count, the worst k̂, that the
+    stderr understates the error, and the remedies; the stats and evaluate
+    mark the examples; importance_log_likelihood warns the same way."""
+    x, encode, decode = _linear_gaussian("cpu", 0.1, B=4)
+    text = (r"Pareto k̂ > 0.7 for 4 of 4 examples \(worst k̂ = \d+\.\d\d\): .*stderr understates the error.*"
+            r"a larger k or, better, a better proposal: an encoder trained with fastvae.iwae \(estimator='dreg'")
+    with pytest.warns(fastvae.EvaluationWarning, match=text) as record:
+        log_likelihood(x, encode, decode, k=1000, generator=gen(5), likelihood="gaussian")
+    assert sum("Pareto" in str(w.message) for w in record) == 1
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto"):
+        stats = log_likelihood(x, encode, decode, k=1000, generator=gen(5), likelihood="gaussian", return_stats=True)
+    assert stats.unreliable.dtype == torch.bool and stats.unreliable.all()
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto") as record:
+        res = evaluate([x[:2], x[2:]], encode, decode, k=1000, generator=gen(5), likelihood="gaussian")
+    assert sum("Pareto" in str(w.message) for w in record) == 1 and res.per_example_unreliable.all()
+
+    def log_weights(x_rep):  # the same model, its own draws: z ~ q = N(x/2, 0.05 I)
+        z = x_rep / 2 + math.sqrt(0.05) * torch.randn_like(x_rep)
+        normal = torch.distributions.Normal
+        return (normal(z, 1.0).log_prob(x_rep) + normal(0.0, 1.0).log_prob(z)
+                - normal(x_rep / 2, math.sqrt(0.05)).log_prob(z)).sum(-1)
+
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto k̂ > 0.7 for 4 of 4"):
+        fastvae.importance_log_likelihood(x, log_weights, k=1000, generator=gen(5))
+
+
+def _shifted_ppca(B):
+    """ppca with the posterior's mean moved by 0 to 1 posterior standard
+    deviations (by the example's first value) and its variance 1.5 times larger:
+    bounded weights (k̂ < 0.5) whose spread grows along the batch."""
+    x, exact, encode, decode, _ = ppca(B=B)
+    lo, hi = x[:, 0].min(), x[:, 0].max()
+
+    def shifted(a):  # the shift from the example itself: the same in any batch
+        mu, logvar = encode(a)
+        return mu + (a[:, :1] - lo) / (hi - lo) * torch.exp(logvar / 2), logvar + math.log(1.5)
+
+    return x, exact, shifted, decode
+
+
+@main_process_only
+def test_target_stderr_stops_each_example_at_its_target():
+    """target_stderr=0.05: every example ends at or below it, within 4 stderr
+    of the closed form, with its own K (fewer than the cap in all); later
+    rounds decode only the examples still short of the target. evaluate
+    gives the same per-example K and estimates; the return type follows
+    return_stats."""
+    import warnings
+
+    x, exact, encode, decode = _shifted_ppca(6)
+    rows = []
+
+    def watched(z):
+        rows.append(z.shape[1])
+        return decode(z)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastvae.EvaluationWarning)
+        stats = log_likelihood(x, encode, watched, k=4000, likelihood="gaussian", generator=gen(1),
+                               return_stats=True, target_stderr=0.05)
+        res = evaluate([x[:4], x[4:]], encode, decode, k=4000, likelihood="gaussian", generator=gen(1),
+                       progress=False, target_stderr=0.05)
+    assert (stats.stderr <= 0.05).all() and not stats.unreliable.any(), stats.stderr
+    assert ((stats.log_likelihood - exact).abs() <= 4 * stats.stderr).all()
+    assert stats.k_used.min() >= 100 and stats.k_used.unique().numel() > 2, stats.k_used
+    assert stats.k_used.sum() < 4000 * 6 and stats.k_used.max() <= 4000
+    assert rows[0] == 6 and min(rows) < 6
+    assert torch.equal(res.per_example_k, stats.k_used)
+    torch.testing.assert_close(res.per_example, stats.log_likelihood, rtol=1e-6, atol=1e-6)
+    plain = log_likelihood(x, encode, decode, k=4000, likelihood="gaussian", generator=gen(1), target_stderr=0.05)
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, stats.log_likelihood)
+
+
+@main_process_only
+def test_target_stderr_draws_to_the_cap_where_it_cannot_trust_the_stderr():
+    """k̂ > 0.7 (a proposal ten times too narrow): those examples draw every
+    sample of k and the Pareto warning names them; a target out of reach
+    warns that the cap was hit; bad targets are refused by name."""
+    x, encode, decode = _linear_gaussian("cpu", 0.1, B=4)
+    with pytest.warns(fastvae.EvaluationWarning, match="Pareto k̂ > 0.7"):
+        stats = log_likelihood(x, encode, decode, k=800, likelihood="gaussian", generator=gen(4),
+                               return_stats=True, target_stderr=0.5)
+    assert stats.unreliable.any() and (stats.k_used[stats.unreliable] == 800).all(), stats
+    x, _, encode, decode = _shifted_ppca(3)
+    with pytest.warns(fastvae.EvaluationWarning, match=r"target_stderr=1e-05: 3 of 3 examples drew the cap k=200"):
+        stats = log_likelihood(x, encode, decode, k=200, likelihood="gaussian", generator=gen(1),
+                               return_stats=True, target_stderr=1e-5)
+    assert stats.k_used.tolist() == [200] * 3
+    with pytest.raises(ValueError, match="bytes_per_sample must be >= 1"):
+        log_likelihood(x, encode, decode, k=200, likelihood="gaussian", bytes_per_sample=0)
+    for bad, err, msg in [(0.0, ValueError, "target_stderr must be > 0"),
+                          (-1, ValueError, "target_stderr must be > 0"),
+                          (float("nan"), ValueError, "target_stderr must be finite"),
+                          ("0.1", TypeError, "target_stderr must be a real number")]:
+        with pytest.raises(err, match=msg):
+            log_likelihood(x, encode, decode, k=200, likelihood="gaussian", target_stderr=bad)
+        with pytest.raises(err, match=msg):
+            evaluate([x], encode, decode, k=200, likelihood="gaussian", target_stderr=bad)
+
+
+@main_process_only
 def test_stats_repr_is_a_summary():
     x, encode, decode = _linear_gaussian("cpu", 2.0, B=300)
     stats = log_likelihood(x, encode, decode, k=50, return_stats=True, likelihood="gaussian")
     text = repr(stats)
     assert text.startswith("LogLikelihoodStats(300 examples") and "tensor(" not in text and len(text) < 400, text
-    assert stats._fields == ("log_likelihood", "stderr", "ess", "pareto_k")
+    assert stats._fields == ("log_likelihood", "stderr", "ess", "pareto_k", "unreliable", "k_used")
 
 
 def test_gaussian_halves_of_one_decoder_output_read_in_place(backend):

@@ -152,12 +152,10 @@ def test_memory_is_bounded_by_one_chunk_whatever_k():
     rec = Recorder(fn)
     importance_log_likelihood(x, rec, k=10, generator=gen(2), memory_budget=per * 4, bytes_per_sample=per)
     assert max(rec.sizes) == 1 and max(rec.rows) == 4 and sum(rec.rows) == 6 * 10
-    # the default: DEFAULT_ACTIVATION_FACTOR copies of one example per sample, in
-    # float32 or x's wider dtype (here float64: D = 4 values of 8 bytes)
-    for data, itemsize in ((x, 8), (x.float(), 4), (x.half(), 4)):
-        rec = Recorder(lambda x_rep: fn(x_rep.double()))
-        importance_log_likelihood(data, rec, k=5000, generator=gen(2), memory_budget=16 * 4 * itemsize * 6 * 25)
-        assert max(rec.sizes) == 25, data.dtype
+    # the default: the cost of a sample is measured on the first two chunks (1 and 2 samples)
+    rec = Recorder(fn)
+    importance_log_likelihood(x, rec, k=5000, generator=gen(2), memory_budget=2**20)
+    assert rec.sizes[:2] == [1, 2] and sum(rec.sizes) == 5000 and 2 < max(rec.sizes) < 5000
 
 
 def test_split_batches_give_the_hand_written_result_too():
@@ -298,6 +296,9 @@ def test_bad_arguments_name_themselves():
         (dict(memory_budget=-1), ValueError, "memory_budget must be"),
         (dict(bytes_per_sample=0), ValueError, "bytes_per_sample must be"),
         (dict(shard="rows"), ValueError, "shard must be one of"),
+        (dict(target_stderr=0.0), ValueError, "target_stderr must be > 0"),
+        (dict(target_stderr=float("nan")), ValueError, "target_stderr must be finite"),
+        (dict(target_stderr="0.1"), TypeError, "target_stderr must be a real number"),
     ]:
         with pytest.raises(err, match=msg):
             importance_log_likelihood(x, ok, **kwargs)
@@ -320,7 +321,7 @@ def test_bad_arguments_name_themselves():
          r"log_weight_fn\(x_rep\)\[1\] has shape \(2, 1\)"),
     ]:
         with pytest.raises(err, match=msg):
-            importance_log_likelihood(x, bad, k=2)
+            importance_log_likelihood(x, bad, k=2, chunk_size=2)
 
 
 def test_degenerate_weights_warn():
@@ -368,3 +369,28 @@ def test_two_processes(tmp_path):
                                    rtol=1e-12, atol=1e-12, equal_nan=True)
     by_examples = ranks[0]["examples"]
     assert torch.all((by_examples["log_likelihood"] - exact).abs() < 4 * by_examples["stderr"])
+
+
+def test_target_stderr_stops_each_example_at_its_target():
+    """target_stderr with a model's own log-weights: each example stops at
+    the target with its own K, within 4 stderr of the exact log p(x), and
+    log_weight_fn sees only the examples still sampling. The model: p(z) =
+    N(0, I), p(x|z) = N(z, I) (log p(x) = log N(x; 0, 2I)), q(z|x) 1.5 times
+    wider than the posterior N(x/2, I/2), its mean moved by 0 to 1 posterior
+    sd along the batch (so the examples need different K)."""
+    x = torch.linspace(-1.5, 1.5, 12, dtype=F64).reshape(6, 2)
+    exact = Normal(0.0, math.sqrt(2.0)).log_prob(x).sum(-1)
+
+    def fn(x_rep):
+        mean = x_rep / 2 + (x_rep[..., :1] + 1.5) / 3 * math.sqrt(0.5)
+        sd = math.sqrt(0.75)
+        z = mean + sd * torch.randn_like(x_rep)
+        return (Normal(z, 1.0).log_prob(x_rep) + Normal(0.0, 1.0).log_prob(z) - Normal(mean, sd).log_prob(z)).sum(-1)
+
+    rec = Recorder(fn)
+    stats = importance_log_likelihood(x, rec, k=4000, generator=gen(7), return_stats=True, target_stderr=0.03)
+    assert (stats.stderr <= 0.03).all() and not stats.unreliable.any(), stats.stderr
+    assert ((stats.log_likelihood - exact).abs() <= 4 * stats.stderr).all()
+    assert stats.k_used.unique().numel() > 1 and stats.k_used.sum() < 4000 * 6, stats.k_used
+    assert rec.rows[0] == 6 and min(rec.rows) < 6
+    assert sum(n * b for n, b in zip(rec.sizes, rec.rows)) == stats.k_used.sum()
