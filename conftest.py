@@ -245,14 +245,38 @@ def pairwise(group):
     return _covering(group, _pairs)
 
 
+def _full_only(item):
+    """The full tier's alone: ``gpu_compile`` (minutes of Triton compiles),
+    ``full`` (a benchmark's run, a second compile of what the quick tier
+    compiles once), ``full_interpreted`` and gradcheck and opcheck under the
+    Triton interpreter (about 1 ms a program: tests of thousands, which the
+    cpp and reference backends run in the quick tier)."""
+    return (item.get_closest_marker("full") or item.get_closest_marker("gpu_compile")
+            or (INTERPRET and (item.get_closest_marker("full_interpreted") or _checks_every_element(item))))
+
+
+def _checks_every_element(item):
+    """torch's gradcheck and opcheck: a finite difference or a dispatch check
+    per element, seconds to a minute interpreted; the reference tests check the
+    Triton kernels' values and gradients in the quick tier, and these run on the
+    cpp and reference backends."""
+    return "gradcheck" in item.name or "opcheck" in item.name
+
+
+def first_only(group):
+    """The group's first parametrization (marker ``quick_one``: the others
+    prove the same mechanism on other inputs, as the full tier checks)."""
+    return group[:1]
+
+
 def select(items, cover, *, full_only=False):
     """The items ``cover`` picks, in collection order, from each test
     function's parametrizations on each backend (STRATA); with ``full_only``
-    the tests marked ``full`` or ``gpu_compile`` are left out (the full tier's
-    alone)."""
+    the full tier's own tests (_full_only) are left out and a test marked
+    ``quick_one`` keeps its first parametrization."""
     groups: dict = {}
     for item in items:
-        if full_only and (item.get_closest_marker("full") or item.get_closest_marker("gpu_compile")):
+        if full_only and _full_only(item):
             continue
         callspec = getattr(item, "callspec", None)
         if callspec is None:
@@ -260,7 +284,10 @@ def select(items, cover, *, full_only=False):
             continue
         stratum = tuple(repr(callspec.params.get(name)) for name in STRATA)
         groups.setdefault((item.nodeid.split("[")[0], stratum), []).append(item)
-    keep = {id(item) for group in groups.values() for item in cover(group)}
+    def picks(group):
+        return first_only(group) if full_only and group[0].get_closest_marker("quick_one") else cover(group)
+
+    keep = {id(item) for group in groups.values() for item in picks(group)}
     return [item for item in items if id(item) in keep]
 
 
@@ -337,7 +364,10 @@ _terminal_reporter = [None]  # pytest's, once configured (None with -p no:termin
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     _terminal_reporter[0] = config.pluginmanager.get_plugin("terminalreporter")
-    config.addinivalue_line("markers", "full: the full tier's alone (conftest.py, quick_selection)")
+    for marker in ("full: the full tier's alone (conftest.py, _full_only)",
+                   "full_interpreted: the full tier's alone under the Triton interpreter (conftest.py, _full_only)",
+                   "quick_one: the quick tier runs the first parametrization on each backend (conftest.py)"):
+        config.addinivalue_line("markers", marker)
 
 
 def pytest_sessionstart(session):

@@ -260,6 +260,7 @@ def test_z_dtype_under_autocast_and_without():
         assert (z.dtype, kl.dtype) == (torch.float32, torch.float32)
 
 
+@pytest.mark.full  # a second compile (26 s): the quick tier compiles the objectives in test_compile*.py
 def test_compiled_iwae_under_autocast_matches_eager():
     """torch.compile(fullgraph=True) traces fastvae under autocast: the fake
     implementations give the real dtypes (float32 bounds, z, KL), and the

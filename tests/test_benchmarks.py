@@ -77,6 +77,7 @@ def test_saved_tensor_bytes_counts_activations_not_live_tensors():
     assert square["activation_mb"] == 0 and square["saved_mb"] * 2**20 == 4000
 
 
+@pytest.mark.full  # a benchmark's run, 7-90 s: the quick tier runs one op row's end to end
 def test_one_benchmark_quick_end_to_end(tmp_path):
     """bench_op bernoulli_likelihood --quick (a family's row: the size's op picks
     the op): returns its payload and writes it where --out says."""
@@ -135,6 +136,7 @@ def test_an_op_folder_s_benchmark_row_runs_end_to_end(tmp_path):
     assert m["peak_mb"] >= 0 and m["method"]
 
 
+@pytest.mark.full  # a benchmark's run, 7-90 s: the quick tier runs one op row's end to end
 def test_peak_memory_child():
     """The subprocess that --memory starts for one (case, implementation)."""
     m = common.run_child_json(["benchmarks.bench_op", "bernoulli_likelihood", "--quick", "--memory-child",
@@ -164,6 +166,7 @@ def test_noise_benchmark_reports_every_noise_path(tmp_path):
     assert payload["machine"]["fastvae_noise_path"] == _C.noise_isa()
 
 
+@pytest.mark.full  # a benchmark's run, 7-90 s: the quick tier runs one op row's end to end
 def test_overhead_benchmark_reports_the_floor_and_every_op(tmp_path):
     """A smoke run: the rows exist and are positive times (speed is never asserted), one
     for every op of the training path."""
@@ -439,6 +442,7 @@ def test_path_trace_counts_the_stops_of_a_training_call(backend):
             assert r["modules"] == {"fastvae/objectives.py": 2, "fastvae/_plan.py": 5, tail: 3}, r
 
 
+@pytest.mark.full  # a benchmark's run, 7-90 s: the quick tier runs one op row's end to end
 def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_path):
     """benchmarks/bench_host_cost.py --quick, in a child (it needs the Triton
     interpreter): every case has its three figures and their ratios; the
@@ -483,6 +487,7 @@ def test_host_cost_benchmark_times_the_cuda_code_path_with_direct_launches(tmp_p
             assert r["cuda_path_vs_hand"] == pytest.approx(r["cuda_path_us"] / r["hand_us"], abs=0.011)
 
 
+@pytest.mark.full  # a benchmark's run, 7-90 s: the quick tier runs one op row's end to end
 def test_host_cost_benchmark_runs_the_cases_asked_for(tmp_path):
     """bench_host_cost --cases REGEX keeps the cases whose name matches, and
     a pattern that matches none fails naming the cases there are."""
@@ -693,6 +698,7 @@ def test_bench_triton_op_registers_the_concrete_as_triton_ops(tmp_path, capsys):
     assert bench.table([record]).splitlines()[2] == "| hard | 0.500 (1.00x) | 0.250 (2.00x) | False |"
 
 
+@pytest.mark.full  # a benchmark's run, 7-90 s: the quick tier runs one op row's end to end
 def test_op_plans_ab_times_both_paths():
     """benchmarks/op_plans_ab.py (the ops' own plans under torch.compile on
     the CPU stand-in, A/B in one process): with TRITON_INTERPRET=1 it prints
@@ -732,6 +738,7 @@ def test_op_plans_ab_times_both_paths():
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
 
 
+@pytest.mark.full  # a benchmark's run, 7-90 s: the quick tier runs one op row's end to end
 def test_plan_memory_reports_what_the_plans_hold():
     """benchmarks/plan_memory.py (the bytes the cached launch plans keep
     after an IWAE step and an evaluation, under the interpreter): it names

@@ -316,6 +316,7 @@ def test_compiled_elbo_errors_name_the_argument(bad, message):
     assert any(isinstance(e, (ValueError, TypeError)) and message in str(e) for e in chain), chain
 
 
+@pytest.mark.quick_one  # a compile each (~20 s); test_compile_changes.py changes every objective's shapes
 @pytest.mark.parametrize("objective", dreg_compile_cases(["elbo", "iwae dreg"]))
 def test_compiled_objectives_follow_a_changing_batch(objective):
     """A smaller last batch makes Dynamo recompile with dynamic shapes: the

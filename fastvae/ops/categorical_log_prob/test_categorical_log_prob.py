@@ -202,6 +202,7 @@ def test_opcheck(backend):
     torch.library.opcheck(categorical_log_prob_backward_op, (torch.randn(2, 3, device=device), x, logits.detach()))
 
 
+@pytest.mark.full_interpreted  # a compile interpreted; test_compile_changes.py compiles the Triton path (quick)
 def test_compiles_without_graph_breaks(backend):
     _, device = backend
     x = torch.randint(0, 6, (3, 7), device=device)

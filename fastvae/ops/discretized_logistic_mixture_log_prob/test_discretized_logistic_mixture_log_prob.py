@@ -278,6 +278,7 @@ def test_half_precision_matches_pixelcnn(backend, dtype, p):
 # (the interpreter runs a program per tile in Python: K = 5 there, K = 16 here)
 @pytest.mark.parametrize("K,batch,HW", [(5 if INTERPRET else 16, (4,), (7, 9)), (1, (1,), (1, 1)), (3, (2,), (33, 35)),
                                         (None, (1,), (5, 3))])
+@pytest.mark.full_interpreted  # 4-16 s a case interpreted; the PixelCNN++ and half tests give the kernel shapes
 def test_shapes_and_x_broadcast_over_samples(backend, packed, K, batch, HW):
     """K = 1 and K > 1 with x broadcast over K, one-image batches, one pixel,
     and an image of more than 1024 pixels (several chunks / tiles), in float64

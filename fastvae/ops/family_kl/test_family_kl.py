@@ -283,6 +283,7 @@ def unit_beta_params(N, L, per_row, mixed, g):
     return q, (log_alpha, log_beta)
 
 
+@pytest.mark.full_interpreted  # 10-20 s a case interpreted; the reference tests check the Triton KL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
 @pytest.mark.parametrize("mixed", [False, True], ids=["unit", "mixed"])
@@ -304,6 +305,7 @@ def test_kumaraswamy_against_a_beta_with_unit_beta(backend, dtype, per_row, mixe
             check_against_reference(problem, dtype, backend[1], params, need_dp=need_dp)
 
 
+@pytest.mark.full_interpreted  # 10-20 s a case interpreted; the reference tests check the Triton KL
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per-row"])
 def test_kumaraswamy_unit_beta_form_is_the_series_form_bit_for_bit(backend, dtype, per_row):

@@ -177,6 +177,7 @@ def test_parameter_gradients_sum_over_rows_in_one_pass_or_split(backend, row_spl
         assert torch.equal(a, b)
 
 
+@pytest.mark.full_interpreted  # the cpp backend's threads; 16 s interpreted
 def test_many_rows_on_several_threads(backend):
     """Enough rows for many C++ tasks over every thread (per-thread partial
     sums), many Triton row blocks and a row split of the parameter kernel."""

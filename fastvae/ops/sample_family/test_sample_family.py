@@ -313,6 +313,7 @@ def test_family_binding_checks_by_name(op, families, p0):
     assert torch.isfinite(torch.from_numpy(d0)).all() and torch.isfinite(torch.from_numpy(d1)).all()
 
 # the closed form is torch code on every backend, which only draws e: one case under the interpreter
+@pytest.mark.full_interpreted  # 10-15 s interpreted; the replay is the same Functions' on every backend
 @pytest.mark.parametrize("stop_score", [True] if INTERPRET else [False, True])
 @pytest.mark.parametrize("family", ("gumbel",) if INTERPRET else LOCATION_SCALE_FAMILIES)
 def test_location_scale_double_backward(backend, family, stop_score):
@@ -1070,6 +1071,7 @@ def test_positive_errors_name_the_argument():
 
 
 # the closed form is torch code on every backend, which only draws t: one case under the interpreter
+@pytest.mark.full_interpreted  # 10-15 s interpreted; the replay is the same Functions' on every backend
 @pytest.mark.parametrize("stop_score", [True] if INTERPRET else [False, True])
 @pytest.mark.parametrize("family", ("kumaraswamy",) if INTERPRET else POSITIVE_FAMILIES)
 def test_positive_double_backward(backend, family, stop_score):
@@ -1796,6 +1798,7 @@ def test_double_backward_is_a_named_error(backend):
         torch.autograd.grad((d**2).sum(), logits)
 
 
+@pytest.mark.full_interpreted  # 26 s interpreted; test_compile_changes.py compiles the Triton path in the quick tier
 def test_compiles_without_graph_breaks(backend):
     """torch.compile(fullgraph=True) traces sample_concrete (float and tensor
     temperatures, hard or not) and gives eager's values and gradients."""

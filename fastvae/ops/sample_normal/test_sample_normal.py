@@ -795,6 +795,7 @@ def test_of_scale_at_the_edges_of_the_scale(backend, dtype):
     assert torch.isposinf(kl).all() and torch.isposinf(want_kl).all()
 
 
+@pytest.mark.full_interpreted  # 10 s a case interpreted; the replay is the same Functions' on every backend
 @pytest.mark.parametrize("exp_z", [False, True], ids=["normal", "lognormal"])
 def test_of_scale_second_derivatives(backend, exp_z):
     """create_graph=True through the scale form: gradcheck and gradgradcheck
