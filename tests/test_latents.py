@@ -332,6 +332,7 @@ def _every_family(loc, scale, W):
 @pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
 @pytest.mark.parametrize("family", ["exponential", "weibull", "kumaraswamy", "lognormal", "logisticnormal", "concrete",
                                     "relaxed_bernoulli"])
+@pytest.mark.quick_one  # a compile each (5-10 s); the quick tier compiles one, eager tests take every case
 def test_every_family_compiles_in_elbo_and_iwae(backend, family):
     """torch.compile(fullgraph=True) through each family's posterior (the torch
     object, or the record where torch has none) in elbo (with its prior) and
@@ -1189,6 +1190,7 @@ def test_a_learned_categorical_prior_gets_its_gradient(backend, binary):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.quick_one  # a compile each (5-10 s); the quick tier compiles one, eager tests take every case
 @pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
 @pytest.mark.parametrize("binary", [False, True], ids=["concrete", "binary"])
 def test_the_categorical_kl_compiles_across_batch_sizes_and_sample_counts(backend, binary):
@@ -1739,6 +1741,7 @@ def test_compiled_stick_breaking_gradient(compiler, dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.quick_one  # a compile each (5-10 s); the quick tier compiles one, eager tests take every case
 @pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process (as test_compile.py)")
 @pytest.mark.parametrize("prior_kind", ["standard", "tensor"])
 @pytest.mark.parametrize("name", ["lognormal", "logisticnormal"])

@@ -283,6 +283,7 @@ def _compiled_steps():
     ]
 
 
+@pytest.mark.quick_one  # a compile each interpreted; the full tier takes every step
 @pytest.mark.parametrize("name", [name for name, _, _ in _compiled_steps()])
 def test_a_compiled_steps_nodes_launch_from_plans(monkeypatch, name):
     """A compiled training step (torch.compile(fullgraph=True), forward and

@@ -1584,6 +1584,7 @@ def test_a_prior_off_the_cpu_is_read_at_its_second_call_only():
         objectives._standard_normal_prior(p, torch.Size([L]), torch.device("meta"))
 
 
+@pytest.mark.full  # 50 s of compiles; test_compile_changes.py changes shapes in the quick tier
 @pytest.mark.skipif(INTERPRET, reason="torch.compile runs in the main process")
 def test_a_compiled_normal_posterior_takes_the_compiled_plans_as_shapes_change():
     """Under torch.compile, q a torch Normal with the default prior traces
