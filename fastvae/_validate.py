@@ -70,13 +70,15 @@ def callable_arg(name: str, value, signature: str) -> None:
         raise TypeError(f"{name} must be callable ({signature}), got {type(value).__name__}")
 
 
-def nonempty_batch(what: str, shape, batch_size: int, reduction: str) -> None:
+def nonempty_batch(what: str, shape, batch_shape, reduction: str) -> None:
     """A batch of at least one example where ``reduction`` is "mean": the mean
     of no examples is NaN, which would reach the optimizer without an error.
-    A shape check (``batch_size`` comes from a shape: static, or symbolic
-    under torch.compile), never a read of a value. "sum" (0) and "none" (an
-    empty tensor) are well defined on an empty batch and pass."""
-    if reduction == "mean" and batch_size == 0:
+    A shape check, never a read of a value: each dimension of ``batch_shape``
+    is compared with 0 on its own, which a dimension torch.compile keeps
+    dynamic answers statically (its sizes start at 2), where their product
+    would be guarded on and the batch size made a constant. "sum" (0) and
+    "none" (an empty tensor) are well defined on an empty batch and pass."""
+    if reduction == "mean" and any(size == 0 for size in batch_shape):
         raise ValueError(f"{what} of shape {tuple(shape)} has an empty batch: reduction='mean' over no examples "
                          f"is NaN. Skip empty batches, or pass reduction='sum' (0) or 'none' (an empty tensor)")
 

@@ -254,7 +254,7 @@ def hierarchical_elbo(
         raise TypeError(f"x must be a tensor (B, *event) or None, got {type(x).__name__}")
     reconstruction = _reconstruction(x, decoder_output, likelihood, log_px)
     B = reconstruction.shape[0]
-    _validate.nonempty_batch("x" if x is not None else "log_px", (x if x is not None else log_px).shape, B,
+    _validate.nonempty_batch("x" if x is not None else "log_px", (x if x is not None else log_px).shape, (B,),
                              reduction)
     per_example, sizes = _group_kls(kls, B)
     dtype = compute_dtype(reconstruction, *per_example)

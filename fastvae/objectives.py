@@ -128,11 +128,14 @@ def _check_inputs(x: Tensor, q: DiagonalNormal | TrilNormal, reduction: Any, lik
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    _validate.nonempty_batch("x", x.shape, batch.numel(), reduction)
+    _validate.nonempty_batch("x", x.shape, batch, reduction)
 
 
 def _check_decode(decode: Any) -> None:
-    _validate.callable_arg("decode", decode, "z -> decoder output")
+    # inline, not _validate.callable_arg: dynamo traces this line, and a call
+    # into _validate would add guards on that module to every compiled step
+    if not callable(decode):
+        raise TypeError(f"decode must be callable (z -> decoder output), got {type(decode).__name__}")
 
 
 def _reduce(t: Tensor, reduction: str) -> Tensor:
