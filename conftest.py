@@ -48,7 +48,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FULL = os.environ.get("FASTVAE_TESTS", "quick") in ("full", "full-skip-quick")
 SKIP_QUICK = os.environ.get("FASTVAE_TESTS") == "full-skip-quick"
 
-# The interpreter child runs each Triton program as a Python loop, about 1 ms a
+# The full tier's profile. The interpreter child runs each Triton program as a Python loop, about 1 ms a
 # program: it takes half the examples, so that it ends about when the main process
 # does on 2 cores (a GPU run, and the cpp and reference backends, take all 40).
 settings.register_profile(
