@@ -94,6 +94,17 @@ def test_the_guide_runs_once_per_chunk_on_the_examples_not_once_per_sample():
     assert m.calls == [(6, D)] * 5
 
 
+def test_a_batch_split_by_the_memory_budget_slices_data_and_per_example_args():
+    """A budget that holds one sample of 2 examples: fastvae scores the batch 2
+    rows at a time, and each row keeps its own σ (the exact guide: the
+    closed form per example, to rounding)."""
+    m = LinearGaussian()
+    x, sigma = data()
+    out = log_likelihood(m.model, m.guide, x, sigma, k=20, bytes_per_sample=1000, memory_budget=2000)
+    torch.testing.assert_close(out, m.exact(x, sigma), atol=1e-9, rtol=0)
+    assert max(shape[0] for shape in m.calls[1:]) <= 2
+
+
 def test_target_stderr_slices_data_and_per_example_args():
     """target_stderr scores the unconverged rows only; the per-example σ
     (an extra tensor argument of B rows) is sliced with them, else the model
