@@ -271,3 +271,18 @@ def test_importing_fastvae_or_the_adapter_does_not_import_pyro():
     code = ("import sys, fastvae, fastvae.integrations, fastvae.integrations.pyro; "
             "assert 'pyro' not in sys.modules, 'pyro imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_the_docs_signature_is_the_functions():
+    """docs/integrations.md opens with the adapter's signature: its parameters
+    in order, with their defaults (tests/test_docs.py checks fastvae's own)."""
+    import inspect
+    import re
+
+    text = (REPO / "docs" / "integrations.md").read_text()
+    written = re.search(r"log_likelihood\((.*?)\) ->", text, re.S).group(1)
+    params = [p.strip() for p in " ".join(written.split()).split(",")]
+    actual = [("*" if p.kind == p.VAR_POSITIONAL else "**" if p.kind == p.VAR_KEYWORD else "") + p.name
+              + ("" if p.default is p.empty else f"={p.default!r}".replace("'", '"'))
+              for p in inspect.signature(log_likelihood).parameters.values()]
+    assert params == actual
