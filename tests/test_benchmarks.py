@@ -778,3 +778,29 @@ def test_metadata_records_the_allocators_environment(monkeypatch):
     env = common.metadata(torch.device("cpu"))["env"]
     assert env["MALLOC_TRIM_THRESHOLD_"] == "4000000000" and env["LD_PRELOAD"] == "libjemalloc.so.2"
     assert env["FASTVAE_UNUSED_FOR_THIS_TEST"] == "1" and "SOME_OTHER_SETTING" not in env
+
+
+def test_integrations_benchmark_models_and_the_pyro_loop():
+    """bench_integrations' tutorial VAE and its baseline, Pyro's importance
+    weights one example at a time, in this process: one estimate per example."""
+    pytest.importorskip("pyro", reason="bench_integrations needs pyro-ppl (pip install fastvae[integrations])")
+    from benchmarks import bench_integrations
+
+    model, guide = bench_integrations.tutorial_vae(8, 4, 2)
+    x = (torch.rand(3, 8) < 0.5).float()
+    with torch.no_grad():
+        assert bench_integrations.pyro_loop(model, guide, x, 5).shape == (3,)
+
+
+@pytest.mark.full
+def test_integrations_benchmark_end_to_end(tmp_path):
+    """bench_integrations --quick: both implementations in fresh processes, a
+    table row each, the speedup on the adapter's row."""
+    pytest.importorskip("pyro", reason="bench_integrations needs pyro-ppl (pip install fastvae[integrations])")
+    from benchmarks import bench_integrations
+
+    payload = bench_integrations.main(["--quick", "--ks", "20", "--out", str(tmp_path / "integrations.json")])
+    assert [(r["impl"], r["case"]) for r in payload["results"]] == [("fastvae[pyro]", "K=20"), ("pyro loop", "K=20")]
+    assert payload["results"][0]["speedup_vs_pyro_loop"] > 0
+    assert all(math.isfinite(r["mean_log_px"]) for r in payload["results"])
+    assert json.loads((tmp_path / "integrations.json").read_text())["op"] == "integrations"

@@ -415,7 +415,7 @@ def test_every_link_to_a_page_resolves():
 
 
 _GUIDE = ["objectives", "likelihoods", "latents", "evaluation", "hierarchical", "migrating", "bad-inputs",
-          "from-torch-distributions"]
+          "from-torch-distributions", "integrations"]
 
 
 @pytest.mark.skipif(INTERPRET, reason="main-process test (backend-independent)")
@@ -432,6 +432,8 @@ def test_each_guide_page_opens_with_its_calls_and_an_example_that_runs(page):
     assert blocks, f"docs/{page}.md has no example at its top"
     if "sklearn" in blocks[0]:
         pytest.importorskip("sklearn")
+    if "pyro" in blocks[0]:
+        pytest.importorskip("pyro", reason="docs/integrations.md's example needs pyro-ppl (fastvae[integrations])")
     namespace: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an untrained stand-in model's evaluation warns, as it should

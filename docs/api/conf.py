@@ -27,6 +27,8 @@ def _entries() -> str:
             out += [f".. autoclass:: {name}", "   :members:", ""]
         else:
             out += [f".. autofunction:: {name}", ""]
+    # the adapters, outside fastvae.__all__: each imports its framework only when called
+    out += [".. automodule:: fastvae.integrations.pyro", "   :members: log_likelihood", ""]
     return "\n".join(out)
 
 
