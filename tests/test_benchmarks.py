@@ -112,6 +112,7 @@ def test_one_benchmark_quick_end_to_end(tmp_path):
             assert r["speedup_vs_eager"] == 1.0
 
 
+@pytest.mark.full  # a benchmark's run (15-60 s): the path traces run the benchmarks' code
 def test_an_op_folder_s_benchmark_row_runs_end_to_end(tmp_path):
     """bench_op <op> --quick (an op in a folder of its own): its description's
     row, every size, mode and implementation, and the

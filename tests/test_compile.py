@@ -233,6 +233,7 @@ OBJECTIVES = ["elbo", "elbo, n_samples=3, sum, beta=0.5", "elbo, (mean, logvar) 
               "iwae dreg", "elbo_terms, n_samples=2", "iwae_terms iwae", "iwae_terms dreg"]
 
 
+@pytest.mark.quick_one  # test_compile_changes.py compiles every planned objective in the quick tier
 @pytest.mark.parametrize("objective", dreg_compile_cases(OBJECTIVES))
 def test_compiled_objectives_match_eager(objective):
     """The compiled path (opaque calls around the decoder) gives eager's bound

@@ -650,6 +650,7 @@ def test_training_step_compiles_fullgraph_and_matches_eager(monkeypatch, estimat
     assert_compiled_matches_eager(loss, (x,), params, torch_seed=5)
 
 
+@pytest.mark.quick_one  # a compile each; one proves the mechanism
 @pytest.mark.full_interpreted  # a compile each interpreted; test_compile_changes.py compiles the Triton path
 @pytest.mark.parametrize("objective", dreg_compile_cases(["elbo", "iwae", "dreg"]))
 def test_objectives_compile_where_is_compiling_is_false_in_traced_functions(backend, objective, monkeypatch):

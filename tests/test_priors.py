@@ -323,6 +323,7 @@ def mixture_model(B=5, D=4, L=2, U=3, sigma=0.6, seed=0, device="cpu"):
     return x, log_px, encode, decode, prior, torch_prior
 
 
+@pytest.mark.full_interpreted  # a convergence, 8 s interpreted; the cpp backend's in the quick tier
 def test_mixture_prior_iwae_converges_to_the_closed_form(backend):
     """Under a Gaussian-mixture prior p(x) is a closed-form mixture: the IWAE estimate
     rises toward it as K grows and is within its Monte Carlo error at K = 5000."""
@@ -439,6 +440,7 @@ def test_priors_and_tril_posterior_compile_without_graph_breaks():
     assert_close(compiled, eager, 1 + eager.abs(), "compiled value")
 
 
+@pytest.mark.quick_one  # a compile each (15 s); one proves the mechanism
 @main_process_only
 @pytest.mark.parametrize("objective", ["elbo", "iwae"])
 def test_a_diagonal_prior_compiles_to_eagers_bound_as_shapes_change(objective, monkeypatch):

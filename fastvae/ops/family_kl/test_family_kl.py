@@ -242,6 +242,7 @@ test_forward_backward_match_reference, test_half_precision_matches_reference = r
     check_against_reference, problems(), half_examples=10)
 
 
+@pytest.mark.full_interpreted  # 8 s a case interpreted; the cpp backend's in the quick tier
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @given(problem=problems(families=("kumaraswamy",), spreads=("extreme",)))
 def test_kumaraswamy_extreme_parameters(backend, dtype, problem):

@@ -821,6 +821,7 @@ def test_location_scale_fused_function_differentiates_twice_as_the_two_functions
                                                                             backend[1], 2, create_graph=True))
 
 
+@pytest.mark.quick_one  # a compile each; one proves the mechanism
 @pytest.mark.skipif(INTERPRET, reason="torch.compile traces the main process's ops")
 @pytest.mark.parametrize("op, family, kl_family", [("sample_location_scale", 1, 0), ("sample_positive", 2, 5)])
 def test_fused_function_compiles_with_changing_shapes(backend, op, family, kl_family):
