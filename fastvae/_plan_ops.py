@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_and
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import _backend, _plan, _registry
 from ._op import LIB
@@ -256,10 +256,11 @@ def serves_tail(x: Tensor, out, term: Tensor, likelihood: str, iwae: bool) -> bo
         return False
     batch = term.shape[1:] if iwae else term.shape
     want = (term.shape[0], *x.shape) if iwae else tuple(x.shape)
+    # each condition on its own: sym_and, which would join them, is newer than torch 2.7
     return (len(batch) <= x.dim() and len(out.shape) == len(want)
-            and statically_known_true(sym_and(*(a == b for a, b in zip(x.shape, batch)),
-                                              *(a == b for a, b in zip(out.shape, want)),
-                                              x.numel() > 0)))
+            and all(statically_known_true(c) for c in (*(a == b for a, b in zip(x.shape, batch)),
+                                                        *(a == b for a, b in zip(out.shape, want)),
+                                                        x.numel() > 0)))
 
 
 def elbo_tail(x: Tensor, out: Tensor, kl: Tensor, beta: float, likelihood: str, reduction: str) -> Tensor:
