@@ -1373,11 +1373,11 @@ def _plan_for(logits, temperature, n_samples, hard, stop_score, generator, log_p
     n_samples None or an int >= 1, no empty dimension, the default or a
     torch.Generator."""
     plain = _backend.PLAIN_TYPES
-    if (type(logits) not in plain or type(temperature) not in plain
+    # compiling first: Dynamo then reads no further (torch 2.7's cannot trace a frozenset's `in`)
+    if (_backend.compiling() or type(logits) not in plain or type(temperature) not in plain
             or (log_p is not None and (type(log_p) not in plain or log_p.requires_grad))
             or (n_samples is not None and type(n_samples) is not int) or type(hard) is not bool
-            or type(stop_score) is not bool or (generator is not None and type(generator) is not torch.Generator)
-            or _backend.compiling()):
+            or type(stop_score) is not bool or (generator is not None and type(generator) is not torch.Generator)):
         return None
     device = logits.device
     if ((_backend._chosen.get(device.type) or _backend.backend_for(device, warn=False)) != "triton"
