@@ -400,8 +400,11 @@ def test_a_reduce_overhead_step_is_captured_whole_and_syncs_nothing(objective):
     replays make no synchronizing CUDA call (torch.cuda.set_sync_debug_mode
     ("error") raises on one; the warm-up and the capture synchronize by
     design), and every call gives eager's values. The posterior's variance is
-    e^-30, so z is mu to float32 rounding whatever noise is drawn: the
-    graph's RNG need not be eager's for the values to compare."""
+    e^-30, so z is mu to float32 rounding whatever noise is drawn, and the
+    graph's RNG need not be eager's: the ELBO's value and gradients compare
+    whole; IWAE's value and encoder gradients hold log q(z|x) of the noise
+    itself, so of it the decoder's gradients compare (each sample's is the
+    same, and the weights sum to 1)."""
     if "dreg" in objective and not objectives.DREG_COMPILES:
         pytest.skip("estimator='dreg' compiles from torch 2.13 on")
     from torch._dynamo.utils import counters
@@ -428,10 +431,14 @@ def test_a_reduce_overhead_step_is_captured_whole_and_syncs_nothing(objective):
                 grads = torch.autograd.grad(loss, params)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
             def named(m, where=f"batch {batch}, call {call}"):
                 return f"{where}: {m}"
 
-            torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4, msg=named)
-            for got, expected in zip(grads, want_grads):
+            assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), named("not finite")
+            compared = slice(None) if objective == "elbo" else slice(-2, None)  # the decoder's weight and bias
+            if objective == "elbo":
+                torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4, msg=named)
+            for got, expected in zip(grads[compared], want_grads[compared]):
                 torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4, msg=named)
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
