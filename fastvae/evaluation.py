@@ -23,6 +23,7 @@ result equals the single-process one. See docs/evaluation.md.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -499,9 +500,20 @@ def _stream(n: int, k0: int, k1: int, cfg: _Config, chunk: Callable, dtype: torc
     model = None if per_sample is None else (0.0, float(per_sample) * n)  # (fixed, per sample) for n rows
     probes: list[int] = []  # the measured chunks' peaks
 
-    def run_chunk(rows: list[int], c0: int, c1: int) -> None:
+    def run_chunk(rows: list[int], c0: int, c1: int, measure: bool = False) -> int:
+        """Runs a chunk; with ``measure``, returns its peak bytes (else 0)."""
         runs = _runs(rows)
-        lw, latent = chunk(runs, c0, c1)
+        # measured, the model's log-weights and fastvae's merge are two meters: the
+        # sum of their peaks. One meter over both would give the larger peak alone,
+        # and where the merge's buffers (fixed in K_c) peak above a 1- or 2-sample
+        # decoder's, the decoder's cost per sample would read as nothing.
+        with _PeakBytes() if measure else contextlib.nullcontext() as meter:
+            lw, latent = chunk(runs, c0, c1)
+        with _PeakBytes() if measure else contextlib.nullcontext() as merge_meter:
+            _merge_chunk(runs, rows, lw, latent)
+        return meter.peak + merge_meter.peak if measure else 0
+
+    def _merge_chunk(runs: list[tuple[int, int]], rows: list[int], lw: Tensor, latent: Tensor | None) -> None:
         one = len(runs) == 1
         idx = None if one else torch.tensor(rows, device=device)
         sel = slice(*runs[0]) if one else idx
@@ -524,9 +536,7 @@ def _stream(n: int, k0: int, k1: int, cfg: _Config, chunk: Callable, dtype: torc
     while True:
         while model is None and cfg.chunk_size is None and c < end:  # measure: 1, then 2 samples of every row
             kc = min(len(probes) + 1, end - c)
-            with _PeakBytes() as meter:
-                run_chunk(active, c, c + kc)
-            probes.append(meter.peak)
+            probes.append(run_chunk(active, c, c + kc, measure=True))
             c += kc
             if len(probes) == 2:
                 slope = probes[1] - probes[0]

@@ -798,6 +798,29 @@ def test_the_default_chunk_keeps_a_wide_decoder_within_the_budget():
 
 
 @main_process_only
+def test_the_chunk_is_sized_from_the_models_cost_where_fastvaes_own_buffers_peak_higher():
+    """At K = 4000 the k̂ tail's merge (about 190 rows of the 256 examples,
+    sorted) holds more than a 1- or 2-sample chunk of this model's
+    log-weights: measured as one peak, the model's cost per sample would read
+    as nearly nothing and one chunk would take every sample (over 100 times
+    the budget). The model's peak and fastvae's are measured apart, so the
+    chunks stay small and the call within the budget (+10%)."""
+    B, D, K, budget = 256, 128, 4000, 2**26  # above the k̂ fit's own 32 MiB block (_pareto.gpd_fit)
+    x = torch.randn(B, D)
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+
+    def log_weight_fn(x_rep):
+        sizes.append(x_rep.shape[0])
+        return -(x_rep + torch.randn(x_rep.shape, generator=g)).square().sum(-1)
+
+    with _LiveBytes() as meter, torch.no_grad():
+        fastvae.importance_log_likelihood(x, log_weight_fn, k=K, memory_budget=budget)
+    assert sizes[:2] == [1, 2] and sum(sizes) == K and max(sizes) < K // 10, sizes
+    assert meter.peak <= 1.1 * budget, (meter.peak, budget)
+
+
+@main_process_only
 def test_default_chunk_is_sized_from_free_cuda_memory(monkeypatch):
     """On CUDA, memory_budget=None means CUDA_FREE_MEMORY_FRACTION of the free
     memory reported by torch.cuda.mem_get_info at the call; elsewhere
