@@ -10,7 +10,11 @@ bandwidth on a GPU, which no test here can do.
 Compiling every variant takes minutes of CPU: the tests that compile are
 marked ``gpu_compile`` (``-m "not gpu_compile"`` leaves them out) and split by
 op, dtype and shape, each case's compile in one test of seconds, so that
-pytest reports progress as they go."""
+pytest reports progress as they go. float16 is not compiled: its launches are
+bfloat16's with the other 16-bit element type (a test checks it, launch by
+launch), and every such pair compiled to the same registers and spills when
+measured (docs/architecture.md, The tiers); ``python -m fastvae.kernels.aot
+--dtype float16`` compiles them."""
 import pytest
 
 from conftest import FULL, INTERPRET
@@ -53,9 +57,16 @@ def describe(launch, *extra):
 # one op of each folder (a family's folder compiles all its ops' launches), dtype and shape: one case each
 FAMILIES = list(dict.fromkeys(aot._registry.FOLDER_OF[op] for op in aot._registry.OPS))
 DTYPES = ["float32", "bfloat16", "float16"]
+COMPILED_DTYPES = ["float32", "bfloat16"]  # float16: bfloat16's launches (test_float16_launches_are_bfloat16s)
 SHAPE_IDS = ["_".join(f"{k}{v}" for k, v in shape.items()) for shape in SHAPES]
-CASES = [pytest.param(folder, dtype, i, id=f"{folder}-{dtype}-{SHAPE_IDS[i]}")
-         for folder in FAMILIES for dtype in DTYPES for i in range(len(SHAPES))]
+
+
+def cases(dtypes):
+    return [pytest.param(folder, dtype, i, id=f"{folder}-{dtype}-{SHAPE_IDS[i]}")
+            for folder in FAMILIES for dtype in dtypes for i in range(len(SHAPES))]
+
+
+CASES = cases(COMPILED_DTYPES)
 _CACHE: dict = {}  # compile_variant's results by variant, shared by the cases (some kernels serve several ops)
 _COMPILED: dict = {}  # (folder, dtype, shape index): [(launch, info)]
 # pytest's progress shows only this file's name: conftest.py prints this line before its first test
@@ -64,13 +75,18 @@ NOTE = (f"tests/test_aot.py: compiling the Triton kernels for an H100 (sm_90) on
         "tests/test_aot.py: the compile tool's own checks (its GPU compiles are the full tier's)")
 
 
+def launches(folder: str, dtype: str, shape: int) -> list:
+    """Every launch of the folder's ops at SHAPES[shape] in dtype, for sm_90 (recorded, not compiled)."""
+    op = next(op for op in aot._registry.OPS if aot._registry.FOLDER_OF[op] == folder)
+    return aot.collect(["sm_90"], [op], [SHAPES[shape]], [dtype])
+
+
 def compiled(folder: str, dtype: str, shape: int):
-    """Every launch of the folder's ops at SHAPES[shape] in dtype, compiled for
-    sm_90, with compile_variant's report (compiled by the first test that asks)."""
+    """launches(), each compiled for sm_90, with compile_variant's report
+    (compiled by the first test that asks)."""
     if (folder, dtype, shape) not in _COMPILED:
-        op = next(op for op in aot._registry.OPS if aot._registry.FOLDER_OF[op] == folder)
-        launches = aot.collect(["sm_90"], [op], [SHAPES[shape]], [dtype])
-        _COMPILED[folder, dtype, shape] = [(launch, aot.compile_variant(launch, _CACHE)) for launch in launches]
+        _COMPILED[folder, dtype, shape] = [(launch, aot.compile_variant(launch, _CACHE))
+                                           for launch in launches(folder, dtype, shape)]
     return _COMPILED[folder, dtype, shape]
 
 
@@ -86,26 +102,26 @@ def test_gpu_compile_without_spills(folder, dtype, shape):
 
 
 @gpu_compile
-@pytest.mark.parametrize(("folder", "dtype", "shape"), CASES)
+@pytest.mark.parametrize(("folder", "dtype", "shape"), cases(DTYPES))
 def test_gpu_compile_heavy_ops_run_enough_warps(folder, dtype, shape):
     """Every heavy kernel (the registry's Kernel.heavy: the likelihoods and the
     samplers, forward and backward): at least 4 warps a program wherever the
     problem has a tile's worth of elements (K x B x L or D >= 4096): fewer warps
     cannot keep enough loads in flight to reach the memory bandwidth."""
     few = sorted({describe(launch, f"elements={problem_elements(launch)}", f"warps={launch.num_warps}")
-                  for launch, _ in heavy(compiled(folder, dtype, shape))
-                  if problem_elements(launch) >= TILE_ELEMENTS and launch.num_warps < MIN_WARPS})
+                  for launch in launches(folder, dtype, shape)
+                  if rows(launch) and problem_elements(launch) >= TILE_ELEMENTS and launch.num_warps < MIN_WARPS})
     assert not few, few
 
 
 @gpu_compile
-@pytest.mark.parametrize(("folder", "dtype", "shape"), CASES)
+@pytest.mark.parametrize(("folder", "dtype", "shape"), cases(DTYPES))
 def test_gpu_compile_big_problems_launch_a_wave(folder, dtype, shape):
     """Where the problem has at least a tile per SM (132 x 4096 elements), a heavy
     op's launch has at least one program per SM (one wave)."""
     small = sorted({describe(launch, f"elements={problem_elements(launch)}", f"programs={launch.programs}")
-                    for launch, _ in heavy(compiled(folder, dtype, shape))
-                    if problem_elements(launch) >= WAVE_ELEMENTS and launch.programs < SMS})
+                    for launch in launches(folder, dtype, shape)
+                    if rows(launch) and problem_elements(launch) >= WAVE_ELEMENTS and launch.programs < SMS})
     assert not small, small
 
 
@@ -129,6 +145,24 @@ def test_gpu_compile_forward_kernels_load_128_bits_at_a_time(folder, shape):
             scalar.add(describe(launch, f"LDG bits={aot.global_load_widths(text)}"))
     assert checked
     assert not scalar, sorted(scalar)
+
+
+@pytest.mark.parametrize("shape", range(len(SHAPES)), ids=SHAPE_IDS)
+def test_float16_launches_are_bfloat16s(shape):
+    """Every op's float16 launches are its bfloat16 launches, one for one, with
+    the other 16-bit element type and nothing else changed: the same kernels,
+    grids, warps, stages, constants and specializations. So compiling bfloat16
+    compiles float16's code paths, and the GPU compile tests compile one of the
+    two (both compiled to the same registers and spills where measured)."""
+    def key(launch):
+        return (launch.op, launch.kernel, launch.grid, launch.num_warps,
+                repr(launch.key).replace("bf16", "16-bit").replace("fp16", "16-bit"))
+
+    ops = list(aot._registry.OPS)
+    bf16 = [key(launch) for launch in aot.collect(["sm_90"], ops, [SHAPES[shape]], ["bfloat16"])]
+    fp16 = [key(launch) for launch in aot.collect(["sm_90"], ops, [SHAPES[shape]], ["float16"])]
+    assert bf16 and fp16 == bf16
+    assert any("16-bit" in k[-1] for k in bf16)  # the element type is in the key, and only it differed
 
 
 def test_global_load_widths_read_the_sass():
