@@ -7,13 +7,13 @@ module is imported: ``pip install fastvae[integrations]`` adds it.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..evaluation import LogLikelihoodStats, importance_log_likelihood
+from ..evaluation import LogLikelihoodStats
+from ._common import RowNoise, evaluate
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -102,7 +102,7 @@ def log_likelihood(
 
     Runs under torch.no_grad() with the model in eval mode, restored after.
     """
-    from pythae.models import BaseAE, VAE
+    from pythae.models import VAE, BaseAE
 
     _check_model(model, BaseAE, VAE)
     if not isinstance(data, Tensor):
@@ -130,11 +130,14 @@ def log_likelihood(
         half_log_var_sum = 0.5 * log_var.sum(-1)
         constant = -x.shape[1] * _HALF_LOG_2PI  # the unit-variance Gaussian's normalizer
 
+        noise = RowNoise(B, k, mu.shape[1], mu.dtype, mu.device, generator)
+
         def log_weight_fn(x_rep: Tensor) -> Tensor:
             n, b = x_rep.shape
-            take = (lambda t: t) if b == B else (lambda t: t[x_rep[0].long()])
+            rows = x_rep[0].long()
+            take = (lambda t: t) if b == B else (lambda t: t[rows])
             m, s = take(mu), take(std)
-            eps = torch.randn((n, *m.shape), dtype=m.dtype, device=m.device)
+            eps = noise(rows, n)
             z = torch.addcmul(m, s, eps)
             log_w = 0.5 * (eps.square() - z.square()).sum(-1) + take(half_log_var_sum)  # log p(z) - log q(z)
             mean = model.decoder(z.reshape(n * b, -1))["reconstruction"].reshape(n, b, -1)
@@ -145,19 +148,9 @@ def log_likelihood(
                 log_px = -0.5 * (mean - xs).square().sum(-1) + constant
             return log_w + log_px
 
-        index = torch.arange(B, device=data.device,
-                             dtype=torch.float64 if data.dtype == torch.float64 else torch.int64)
-        caught: list = []
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = importance_log_likelihood(
-                    index, log_weight_fn, k=k, chunk_size=chunk_size, generator=generator, progress=progress,
-                    return_stats=return_stats, memory_budget=memory_budget, bytes_per_sample=bytes_per_sample,
-                    target_stderr=target_stderr)
-        finally:
-            for w in caught:  # the evaluation's warnings (low ESS, k̂) at the caller's line
-                warnings.warn(w.message, stacklevel=2)
+        out = evaluate(B, data.device, torch.float64 if data.dtype == torch.float64 else torch.int64, log_weight_fn,
+                       k=k, chunk_size=chunk_size, generator=generator, progress=progress, return_stats=return_stats,
+                       memory_budget=memory_budget, bytes_per_sample=bytes_per_sample, target_stderr=target_stderr)
     finally:
         model.train(was_training)
     return out

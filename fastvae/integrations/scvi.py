@@ -6,17 +6,15 @@ module is imported: ``pip install fastvae[integrations]`` adds it.
 """
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..evaluation import LogLikelihoodStats, importance_log_likelihood
+from ..evaluation import LogLikelihoodStats
+from ._common import RowNoise, evaluate
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # per-cell inputs of the generative model besides z and the library, as
 # module._get_generative_input names them
 _COVARIATES = ("batch_index", "y", "cont_covs", "cat_covs", "size_factor")
@@ -122,18 +120,22 @@ def marginal_ll(
         transform = module.z_encoder.z_transformation
         dtype = cells["qz_loc"].dtype
 
+        L = cells["qz_loc"].shape[1]
+        noise = RowNoise(N, k, L + latent_library, dtype, cells["qz_loc"].device, generator)
+
         def log_weight_fn(x_rep: Tensor) -> Tensor:
             n, b = x_rep.shape
             rows = x_rep[0]
             every = b == N  # every cell, in order: no gather
             take = (lambda t: t) if every else (lambda t: t[rows])
             loc, scale = take(cells["qz_loc"]), take(cells["qz_scale"])
-            eps = torch.randn((n, *loc.shape), dtype=dtype, device=loc.device)
+            eps_all = noise(rows, n)
+            eps = eps_all[..., :L]
             u = torch.addcmul(loc, scale, eps)  # (n, b, L): the encoder's sample, before z_transformation
             log_w = (-0.5 * u.square() + 0.5 * eps.square()).sum(-1) + scale.log().sum(-1)  # log p(u) - log q(u)
             if latent_library:
                 l_loc, l_scale = take(cells["ql_loc"]), take(cells["ql_scale"])
-                eps_l = torch.randn((n, *l_loc.shape), dtype=dtype, device=l_loc.device)
+                eps_l = eps_all[..., L:]
                 library = torch.addcmul(l_loc, l_scale, eps_l)
                 p_mean, p_var = module._compute_local_library_params(take(cells["batch_index"]))
                 log_w = log_w + (-0.5 * (library - p_mean).square() / p_var - 0.5 * p_var.log()
@@ -149,18 +151,9 @@ def marginal_ll(
             log_px = gen["px"].log_prob(take(cells["x"]).repeat(n, 1)).sum(-1)
             return log_w + log_px.reshape(n, b)
 
-        index = torch.arange(N, device=cells["x"].device)
-        caught: list = []
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = importance_log_likelihood(
-                    index, log_weight_fn, k=k, chunk_size=chunk_size, generator=generator, progress=progress,
-                    return_stats=return_stats, memory_budget=memory_budget, bytes_per_sample=bytes_per_sample,
-                    target_stderr=target_stderr)
-        finally:
-            for w in caught:  # the evaluation's warnings (low ESS, k̂) at the caller's line
-                warnings.warn(w.message, stacklevel=2)
+        out = evaluate(N, cells["x"].device, torch.int64, log_weight_fn, k=k, chunk_size=chunk_size,
+                       generator=generator, progress=progress, return_stats=return_stats,
+                       memory_budget=memory_budget, bytes_per_sample=bytes_per_sample, target_stderr=target_stderr)
     finally:
         module.train(was_training)
     return out
