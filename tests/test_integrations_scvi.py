@@ -169,3 +169,17 @@ def test_minified_data_and_bad_arguments_are_refused_by_name(trained):
         marginal_ll(model, indices=[0], k=0)
     with pytest.raises(TypeError, match="generator must be"):
         marginal_ll(model, indices=[0], k=10, generator=0)
+
+
+def test_the_docs_signature_is_the_functions():
+    """docs/integrations.md gives the adapter's signature in its section: its
+    parameters in order, with their defaults."""
+    import inspect
+    import re
+
+    text = (REPO / "docs" / "integrations.md").read_text()
+    written = re.search(r"fastvae\.integrations\.scvi\.marginal_ll\((.*?)\) ->", text, re.S).group(1)
+    params = [p.strip() for p in " ".join(written.split()).split(",")]
+    actual = [p.name + ("" if p.default is p.empty else f"={p.default!r}".replace("'", '"'))
+              for p in inspect.signature(marginal_ll).parameters.values()]
+    assert params == actual
