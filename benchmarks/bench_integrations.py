@@ -215,13 +215,18 @@ def main(argv=None) -> dict:
     p.add_argument("--child", nargs=2, metavar=("IMPL", "K"), help=argparse.SUPPRESS)
     p.add_argument("--dims", type=int, nargs="+", default=None,
                    help="the Pyro model's D H L (default 784 400 50; 32 16 4 with --quick)")
+    p.add_argument("--scvi-dims", type=int, nargs=3, default=None, metavar=("G", "H", "L"),
+                   help="SCVI's genes, n_hidden, n_latent (default 1000 128 10; 20 8 2 with --quick)")
+    p.add_argument("--pythae-dims", type=int, nargs=2, default=None, metavar=("D", "L"),
+                   help="the pythae VAE's input and latent sizes (default 784 16; 32 2 with --quick)")
     args = p.parse_args(argv)
     args.examples = args.examples or (8 if args.quick else 256)
     if args.child:
         print(json.dumps(child(args)))
         return {}
     dims = {"pyro": args.dims or ([32, 16, 4] if args.quick else [784, 400, 50]),
-            **{f: SIZES[f][1 if args.quick else 0] for f in SIZES}}
+            "scvi": args.scvi_dims or SIZES["scvi"][1 if args.quick else 0],
+            "pythae": args.pythae_dims or SIZES["pythae"][1 if args.quick else 0]}
     ks = args.ks or ([50, 100] if args.quick else [1000, 5000])
     repeats = args.repeats or (1 if args.quick else 3)
     device = torch.device(args.device)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validate import positive_int
 from ..evaluation import LogLikelihoodStats
 from ._common import RowNoise, evaluate
 
@@ -105,6 +106,7 @@ def log_likelihood(
     from pythae.models import VAE, BaseAE
 
     _check_model(model, BaseAE, VAE)
+    k = positive_int("k", k)
     if not isinstance(data, Tensor):
         raise TypeError(f"data must be a tensor (B, *input_dim), got {type(data).__name__}")
     input_dim = tuple(model.input_dim) if getattr(model, "input_dim", None) is not None else tuple(data.shape[1:])
@@ -126,6 +128,9 @@ def log_likelihood(
                 mus.append(out.embedding.reshape(out.embedding.shape[0], -1))
                 log_vars.append(out.log_covariance.reshape(out.embedding.shape[0], -1))
             mu, log_var = torch.cat(mus), torch.cat(log_vars)
+        # binarized data (the usual case for "bce"), checked once
+        binary = recon == "bce" and bool(((x == 0) | (x == 1)).all())
+        x_bool = x.bool() if binary else None
         std = (0.5 * log_var).exp()
         half_log_var_sum = 0.5 * log_var.sum(-1)
         constant = -x.shape[1] * _HALF_LOG_2PI  # the unit-variance Gaussian's normalizer
@@ -142,7 +147,9 @@ def log_likelihood(
             log_w = 0.5 * (eps.square() - z.square()).sum(-1) + take(half_log_var_sum)  # log p(z) - log q(z)
             mean = model.decoder(z.reshape(n * b, -1))["reconstruction"].reshape(n, b, -1)
             xs = take(x).expand(n, b, -1)
-            if recon == "bce":
+            if binary:  # one log per pixel, not two: binary_cross_entropy's value for x in {0, 1}
+                log_px = torch.where(take(x_bool), mean, 1 - mean).log_().clamp_(min=-100).sum(-1)
+            elif recon == "bce":
                 log_px = -torch.nn.functional.binary_cross_entropy(mean, xs, reduction="none").sum(-1)
             else:
                 log_px = -0.5 * (mean - xs).square().sum(-1) + constant

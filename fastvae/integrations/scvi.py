@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validate import positive_int
 from ..evaluation import LogLikelihoodStats
 from ._common import RowNoise, evaluate
 
@@ -102,6 +103,7 @@ def marginal_ll(
     if getattr(module, "minified_data_type", None) is not None or getattr(model, "minified_data_type", None):
         raise ValueError("adata is minified (only the latent posterior is stored): the counts are not there to "
                          "score; pass the full AnnData")
+    k = positive_int("k", k)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
