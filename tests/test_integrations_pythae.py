@@ -41,16 +41,19 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.full  # trains four models (a few seconds)
-@pytest.mark.parametrize("name, recon", [("VAE", "bce"), ("VAE", "mse"), ("BetaVAE", "bce"), ("IWAE", "bce")])
-def test_agrees_with_get_nll_per_example(name, recon):
+@pytest.mark.full  # trains five models (a few seconds)
+@pytest.mark.parametrize("name, recon, binary", [("VAE", "bce", True), ("VAE", "bce", False),
+                                                  ("VAE", "mse", True), ("BetaVAE", "bce", True),
+                                                  ("IWAE", "bce", True)])
+def test_agrees_with_get_nll_per_example(name, recon, binary):
     """Per example, fastvae's estimate at K = 2000 and pythae's get_nll on
     that example alone at K = 8000 agree within 3 combined standard errors
     (get_nll's, which it does not report, is the same weights' at 4x the
-    samples: half of fastvae's)."""
+    samples: half of fastvae's). Binarized data take the adapter's one-log
+    path, grey levels in [0, 1] binary_cross_entropy's."""
     cls, config_cls = getattr(pythae_models, name), getattr(pythae_models, f"{name}Config")
     model = trained(cls, config_cls, reconstruction_loss=recon)
-    x = data(8, seed=1)
+    x = data(8, seed=1) if binary else torch.rand(8, D, generator=gen(1)) * 0.6
     stats = log_likelihood(model, x, k=2000, return_stats=True, generator=gen())
     assert isinstance(stats, LogLikelihoodStats) and stats.log_likelihood.shape == (8,)
     assert not bool(stats.unreliable.any()), stats.pareto_k
