@@ -150,8 +150,7 @@ def marginal_ll(
                           for name in _COVARIATES}
             gen = module.generative(z=transform(u.reshape(n * b, -1)), library=library.reshape(n * b, 1),
                                     **covariates)
-            log_px = gen["px"].log_prob(take(cells["x"]).repeat(n, 1)).sum(-1)
-            return log_w + log_px.reshape(n, b)
+            return log_w + _log_px(gen["px"], take(cells["x"]), n, b)
 
         out = evaluate(N, cells["x"].device, torch.int64, log_weight_fn, k=k, chunk_size=chunk_size,
                        generator=generator, progress=progress, return_stats=return_stats,
@@ -187,3 +186,25 @@ def _encode_cells(module: Any, loader: Any) -> dict[str, Tensor | None]:
         else:
             cells[name] = torch.cat([v.reshape(v.shape[0], -1) for v in values]).contiguous()
     return cells
+
+
+def _log_px(px: Any, x: Tensor, n: int, b: int) -> Tensor:
+    """log p(x | z, l) summed over the genes, (n, b), for px over the n * b
+    folded rows. scVI's count likelihoods go to fastvae's fused ops with x
+    broadcast over the samples (no copies of x, and lgamma terms that depend
+    on x and theta alone are not the samples' cost); any other (its "normal")
+    to px.log_prob on x tiled over the samples."""
+    from .. import negative_binomial_log_prob, poisson_log_prob, zinb_log_prob
+
+    kind = type(px).__name__
+    if kind in ("ZeroInflatedNegativeBinomial", "NegativeBinomial", "Poisson"):
+        def per_sample(t: Tensor) -> Tensor:  # (n * b, G) -> (n, b, G); a per-gene (G,) as it is
+            return t.reshape(n, b, -1) if t.dim() > 1 and t.shape[0] == n * b else t
+
+        if kind == "Poisson":
+            return poisson_log_prob(x, per_sample(px.rate).log())
+        log_mean, log_theta = per_sample(px.mu).log(), per_sample(px.theta).log()
+        if kind == "NegativeBinomial":
+            return negative_binomial_log_prob(x, log_mean, log_theta)
+        return zinb_log_prob(x, log_mean, log_theta, per_sample(px.zi_logits))
+    return px.log_prob(x.repeat(n, 1)).sum(-1).reshape(n, b)
