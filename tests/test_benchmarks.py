@@ -805,3 +805,22 @@ def test_integrations_benchmark_end_to_end(tmp_path):
     assert payload["results"][0]["speedup_vs_pyro_loop"] > 0
     assert all(math.isfinite(r["mean_log_px"]) for r in payload["results"])
     assert json.loads((tmp_path / "integrations.json").read_text())["op"] == "integrations"
+
+
+@pytest.mark.full  # imports scvi-tools (8 s) and runs four fresh processes
+def test_integrations_benchmark_scvi_and_pythae_rows(tmp_path):
+    """bench_integrations --frameworks scvi pythae --quick: each adapter's row
+    beside its framework's own estimator, with the speedup and the peak as a
+    fraction of the budget on the adapter's row."""
+    pytest.importorskip("scvi", reason="bench_integrations' scVI rows need scvi-tools (fastvae[integrations])")
+    pytest.importorskip("pythae", reason="bench_integrations' pythae rows need pythae (fastvae[integrations])")
+    from benchmarks import bench_integrations
+
+    payload = bench_integrations.main(["--quick", "--frameworks", "scvi", "pythae", "--ks", "20",
+                                       "--out", str(tmp_path / "integrations.json")])
+    assert [r["impl"] for r in payload["results"]] == ["fastvae[scvi]", "scvi get_marginal_ll", "fastvae[pythae]",
+                                                       "pythae get_nll"]
+    ours = [r for r in payload["results"] if r["impl"].startswith("fastvae")]
+    assert all(r["speedup_vs_framework"] > 0 and r["peak_over_budget"] >= 0 for r in ours)
+    assert all(math.isfinite(r["mean_log_px"]) for r in payload["results"])
+    assert payload["memory_budget_mb"] > 0
