@@ -52,17 +52,24 @@ def pad_tail(tail: Tensor, keep: int) -> Tensor:
     return torch.cat([tail, tail.new_full((keep - tail.shape[0], tail.shape[1]), float("-inf"))])
 
 
-def gpd_fit(x: Tensor) -> tuple[Tensor, Tensor]:
+# Bytes the fit's temporaries may hold at once (two float64 (rows, m_est, M)
+# tensors): the evaluation passes its memory budget instead
+FIT_BYTES = 2**26
+
+
+def gpd_fit(x: Tensor, max_bytes: int = FIT_BYTES) -> tuple[Tensor, Tensor]:
     """(k̂, σ̂) per row of x (n, M): exceedances over a threshold, sorted
     ascending, positive. Zhang & Stephens (2009) with the PSIS prior on k;
-    NaN for a row whose fit is undefined (e.g. every exceedance 0)."""
+    NaN for a row whose fit is undefined (e.g. every exceedance 0). The rows
+    are fitted in blocks whose temporaries stay within max_bytes (at least
+    one row a block)."""
     x = x.double()
     n_rows, M = x.shape
     m_est = 30 + int(math.sqrt(M))
     j = torch.arange(1, m_est + 1, dtype=x.dtype, device=x.device)
     grid = 1.0 - torch.sqrt(m_est / (j - 0.5))
     ks, sigmas = [], []
-    rows = max(1, 2**22 // (m_est * M))  # bounds the (rows, m_est, M) temporary
+    rows = max(1, max_bytes // (2 * x.element_size() * m_est * M))  # two (rows, m_est, M) temporaries
     for r0 in range(0, n_rows, rows):
         xr = x[r0:r0 + rows]
         quartile = xr[:, int(M / 4 + 0.5) - 1]
@@ -83,10 +90,10 @@ def gpd_fit(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(bad, float("nan"), k), torch.where(bad, float("nan"), sigma)
 
 
-def pareto_k(tail: Tensor, k: int) -> Tensor:
+def pareto_k(tail: Tensor, k: int, max_bytes: int = FIT_BYTES) -> Tensor:
     """k̂ per example (n,) from the largest log-weights tail (≥ M + 1, n), largest
     first (merge_tail); NaN when K gives fewer than MIN_TAIL tail points, when
-    every weight is 0, or when the tail is flat."""
+    every weight is 0, or when the tail is flat. max_bytes: as gpd_fit's."""
     M = tail_size(k)
     n = tail.shape[1]
     if M < MIN_TAIL or tail.shape[0] < M + 1 or n == 0:
@@ -98,7 +105,7 @@ def pareto_k(tail: Tensor, k: int) -> Tensor:
     # weights over the threshold (the (M+1)-th largest), relative to the largest
     threshold = torch.exp(t[M] - shift)
     exceed = (torch.exp(t[:M] - shift) - threshold).flip(0).T.clamp_min(0.0)  # (n, M), ascending
-    k_hat, _ = gpd_fit(exceed)
+    k_hat, _ = gpd_fit(exceed, max_bytes)
     # Weights tied with the threshold (quantized log-weights) are no exceedances:
     # as in ArviZ's psislw, only weights strictly above it enter the fit, which
     # a zero exceedance would otherwise break (a zero quartile: NaN). Such rows

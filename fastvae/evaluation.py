@@ -447,6 +447,17 @@ def _chunk_plan(budget: int, rows: int, n: int, fixed: float, per_sample: float,
     return 1, max(1, min(rows, int(budget * n // max(fixed + per_sample, 1.0))))
 
 
+def _fit(probes: list[tuple[int, int]]) -> tuple[float, float]:
+    """(fixed, per sample) bytes of a line at or above every measured (samples,
+    peak): its slope the steepest from the first probe (or, where no peak grew,
+    the largest peak per sample), its intercept the least that clears them all."""
+    (k1, p1), rest = probes[0], probes[1:]
+    slope = max(((p - p1) / (k - k1) for k, p in rest if k > k1), default=0.0)
+    if slope <= 0:  # not linear in K_c: count the largest chunk's whole peak per sample
+        slope = max(p / k for k, p in probes)
+    return max(0.0, *(p - slope * k for k, p in probes)), float(slope)
+
+
 def _runs(rows: list[int]) -> list[tuple[int, int]]:
     """Sorted row indices as maximal runs [start, stop) of consecutive rows."""
     runs: list[tuple[int, int]] = []
@@ -479,10 +490,12 @@ def _stream(n: int, k0: int, k1: int, cfg: _Config, chunk: Callable, dtype: torc
     reached the target stop drawing (only the others are decoded).
 
     Chunk sizes: cfg.chunk_size as given; else per_sample (bytes per sample
-    of one example) against the memory budget; else measured: the first two
-    chunks hold 1 and 2 samples of every row and run under _PeakBytes, and
-    the difference of their peaks is the cost of one sample, the rest the
-    cost of a chunk whatever its size (the decoder's and our fixed buffers)."""
+    of one example) against the memory budget; else measured: the first
+    three chunks hold 1, 2 and Q samples of every row (Q a quarter of the
+    chunk the first two predict) and run under _PeakBytes, the model's call
+    and fastvae's merge metered apart (_fit: the cost of one sample, and the
+    rest the cost of a chunk whatever its size: the decoder's and our fixed
+    buffers). The third catches a cost that grows only past a few samples."""
     rows_all = list(range(n))
     dtype = accumulation_dtype(dtype)  # a half-precision model's log-weights accumulate in float32
     m1 = torch.full((n,), float("-inf"), dtype=dtype, device=device)
@@ -498,7 +511,7 @@ def _stream(n: int, k0: int, k1: int, cfg: _Config, chunk: Callable, dtype: torc
                          tail, counts)
     budget = memory_budget_for(device, cfg.memory_budget) if cfg.chunk_size is None else 0
     model = None if per_sample is None else (0.0, float(per_sample) * n)  # (fixed, per sample) for n rows
-    probes: list[int] = []  # the measured chunks' peaks
+    probes: list[tuple[int, int]] = []  # the measured chunks: (samples, peak bytes)
 
     def run_chunk(rows: list[int], c0: int, c1: int, measure: bool = False) -> int:
         """Runs a chunk; with ``measure``, returns its peak bytes (else 0)."""
@@ -534,15 +547,21 @@ def _stream(n: int, k0: int, k1: int, cfg: _Config, chunk: Callable, dtype: torc
     c = k0
     end = k1 if cfg.target_stderr is None else min(k1, k0 + TARGET_MIN_SAMPLES)
     while True:
-        while model is None and cfg.chunk_size is None and c < end:  # measure: 1, then 2 samples of every row
-            kc = min(len(probes) + 1, end - c)
-            probes.append(run_chunk(active, c, c + kc, measure=True))
+        while model is None and cfg.chunk_size is None and c < end:  # measure: 1, 2, then Q samples of every row
+            if len(probes) < 2:
+                kc = min(len(probes) + 1, end - c)
+            else:
+                # Q, a quarter of the chunk the first two predict: an op whose buffers grow only
+                # past a few samples (a kernel's path for larger inputs) shows its cost there
+                planned, _ = _chunk_plan(budget, len(active), n, *_fit(probes), end - c)
+                kc = min(planned // 4, end - c)
+                if kc < 3:  # too small a chunk to tell more than the first two did
+                    model = _fit(probes)
+                    break
+            probes.append((kc, run_chunk(active, c, c + kc, measure=True)))
             c += kc
-            if len(probes) == 2:
-                slope = probes[1] - probes[0]
-                if slope <= 0:  # not linear in K_c: count the larger chunk's whole peak per sample
-                    slope = probes[1] / 2
-                model = (max(0.0, probes[0] - slope), float(slope))
+            if len(probes) == 3:
+                model = _fit(probes)
         if c < end:
             if cfg.chunk_size is not None:
                 kc, nb = min(cfg.chunk_size, end - c), len(active)
@@ -562,7 +581,7 @@ def _stream(n: int, k0: int, k1: int, cfg: _Config, chunk: Callable, dtype: torc
         # NaN k̂ (a flat tail: q the exact posterior) stops on the stderr alone.
         sel = torch.tensor(active, device=device)
         st = _stats(LogMeanExpState(m1[sel], s1[sel], c - k0), LogMeanExpState(m2[sel], s2[sel], c - k0),
-                    c - k0, None if tail is None else tail[:, sel])
+                    c - k0, None if tail is None else tail[:, sel], fit_bytes=budget or _pareto.FIT_BYTES)
         done = (st.stderr <= cfg.target_stderr) & ~(st.pareto_k >= TARGET_MAX_PARETO_K)
         done_rows = sel[done]
         counts[done_rows] = c - k0
@@ -641,7 +660,7 @@ def _states(x: Tensor, q, decode: Callable, cfg: _Config, seed: Tensor,
 
 
 def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int | Tensor, tail: Tensor | None = None,
-           counts: Tensor | None = None) -> LogLikelihoodStats:
+           counts: Tensor | None = None, fit_bytes: int = _pareto.FIT_BYTES) -> LogLikelihoodStats:
     """log p̂, its delta-method standard error, the ESS from the states of
     log w and 2 log w, and k̂ from the largest log-weights (NaN without them):
     with r = mean(w²) / mean(w)² = K / ESS, se(log p̂)² = s²_w / (K mean(w)²) = (r − 1) / (K − 1).
@@ -664,9 +683,9 @@ def _stats(st1: LogMeanExpState, st2: LogMeanExpState, K: int | Tensor, tail: Te
     if tail is not None and isinstance(K, Tensor):
         for k_b in K.unique().tolist():
             cols = (K == k_b).nonzero().flatten()
-            pareto_k[cols] = _pareto.pareto_k(tail[:, cols], int(k_b))
+            pareto_k[cols] = _pareto.pareto_k(tail[:, cols], int(k_b), fit_bytes)
     elif tail is not None:
-        pareto_k = _pareto.pareto_k(tail, K)
+        pareto_k = _pareto.pareto_k(tail, K, fit_bytes)
     if counts is None:
         counts = torch.full(lme1.shape, K, dtype=torch.int64, device=lme1.device) if isinstance(K, int) else K
     return LogLikelihoodStats(lme1, stderr, ess, pareto_k, pareto_k > _pareto.HIGH_K, counts)
@@ -815,12 +834,15 @@ def _estimate(x: Tensor, encode: Callable, decode: Callable, cfg: _Config, seed:
 def _finish(out: _Streamed, B: int, cfg: _Config, dist_info) -> LogLikelihoodStats:
     """The batch's stats from the local states: merged over the ranks'
     samples, or gathered over their examples, under torch.distributed."""
+    # k̂'s fit within the call's memory budget, as its chunks
+    fit_bytes = memory_budget_for(out.st1.max.device, cfg.memory_budget)
     if dist_info is None:
-        return _stats(out.st1, out.st2, out.st1.count, out.tail)
+        return _stats(out.st1, out.st2, out.st1.count, out.tail, fit_bytes=fit_bytes)
     if cfg.shard == "samples":  # no target_stderr here (_check_target_sharding): every count is cfg.k
         tail = None if out.tail is None else _all_gather_tails(out.tail, cfg)
-        return _stats(*_all_reduce_states(out.st1, out.st2, cfg), cfg.k, tail)
-    return _all_gather_examples(_stats(out.st1, out.st2, out.st1.count, out.tail), B, dist_info[1], cfg)
+        return _stats(*_all_reduce_states(out.st1, out.st2, cfg), cfg.k, tail, fit_bytes=fit_bytes)
+    return _all_gather_examples(_stats(out.st1, out.st2, out.st1.count, out.tail, fit_bytes=fit_bytes), B,
+                                dist_info[1], cfg)
 
 
 # -- public functions ----------------------------------------------------------------
@@ -868,8 +890,9 @@ def log_likelihood(
         chunk_size: samples decoded per call. None picks the largest chunk that
             fits ``memory_budget`` (and splits the batch when one sample of
             every example does not), from the memory a chunk really uses:
-            measured on the first two chunks (1 and 2 samples of every
-            example), or ``bytes_per_sample``. The result does not depend on
+            measured on the first three chunks (1, 2 and a quarter of the
+            predicted chunk's samples of every example), or
+            ``bytes_per_sample``. The result does not depend on
             it (to float32 rounding).
         generator: torch.Generator the one Philox seed of the call is drawn
             from (default: torch's default generator of x's device).
@@ -1216,8 +1239,9 @@ def importance_log_likelihood(
         chunk_size: samples per call of log_weight_fn. None picks the largest
             n for which a chunk fits ``memory_budget`` (and splits the batch
             when one sample of every example does not), from the memory the
-            first two chunks (1 and 2 samples of every example) are measured
-            to use, or from bytes_per_sample. So memory is bounded by one
+            first three chunks (1, 2 and a quarter of the predicted chunk's
+            samples of every example) are measured to use, or from
+            bytes_per_sample. So memory is bounded by one
             chunk whatever K is.
         generator: the torch.Generator the call's one seed is drawn from
             (default: torch's default generator of x's device). Each chunk

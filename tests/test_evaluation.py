@@ -760,7 +760,7 @@ class _LiveBytes(TorchDispatchMode):
 def test_the_default_chunk_keeps_a_wide_decoder_within_the_budget():
     """A decoder with a 1024-wide hidden layer at D = 8: a sample costs it
     ~8 KiB per example, 180 times what x's D counts. The chunk is sized from
-    the memory the first two chunks are measured to use, so the call's peak
+    the memory the first chunks are measured to use, so the call's peak
     stays within the budget (+10%), with the same estimate as a fixed chunk
     size (the noise does not depend on the chunking). Categorical logits
     (D · C per sample) likewise; bytes_per_sample sets the cost instead."""
@@ -817,6 +817,32 @@ def test_the_chunk_is_sized_from_the_models_cost_where_fastvaes_own_buffers_peak
     with _LiveBytes() as meter, torch.no_grad():
         fastvae.importance_log_likelihood(x, log_weight_fn, k=K, memory_budget=budget)
     assert sizes[:2] == [1, 2] and sum(sizes) == K and max(sizes) < K // 10, sizes
+    assert meter.peak <= 1.1 * budget, (meter.peak, budget)
+
+
+@main_process_only
+def test_a_cost_that_appears_past_a_few_samples_is_measured_on_the_third_chunk():
+    """A model whose buffer of 64 floats per sample and example appears only
+    from 8 samples on (as a kernel's path for larger inputs does: fastvae's
+    fused count ops): the 1- and 2-sample chunks do not see it, the third (a
+    quarter of the chunk they predict) does, and the call stays within the
+    budget (+10%)."""
+    B, D, K, budget = 64, 16, 20000, 2**24
+    x = torch.randn(B, D)
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+
+    def log_weight_fn(x_rep):
+        n = x_rep.shape[0]
+        sizes.append(n)
+        lw = -(x_rep + torch.randn(x_rep.shape, generator=g)).square().sum(-1)
+        if n >= 8:  # the large-input path's buffer
+            lw = lw + torch.zeros(n, B, 64).sum(-1)
+        return lw
+
+    with _LiveBytes() as meter, torch.no_grad():
+        fastvae.importance_log_likelihood(x, log_weight_fn, k=K, memory_budget=budget)
+    assert sizes[:2] == [1, 2] and sizes[2] >= 8 and sum(sizes) == K, sizes[:4]
     assert meter.peak <= 1.1 * budget, (meter.peak, budget)
 
 
@@ -1293,3 +1319,25 @@ def test_pareto_k_is_finite_on_tied_tails():
     flat = torch.zeros(M + 1, 1, dtype=F64)
     flat[:3] = 1.0
     assert torch.isnan(_pareto.pareto_k(flat, K)).all()
+
+
+@main_process_only
+def test_pareto_k_fits_in_blocks_within_its_bytes_and_gives_the_same_values():
+    """The k̂ fit's temporaries (two float64 tensors of rows x 30 + sqrt(M) x
+    M) stay within max_bytes, the evaluation's memory budget, fitting the
+    examples a block at a time: one row a block gives the values of one block
+    of all rows."""
+    from fastvae import _pareto
+
+    g = torch.Generator().manual_seed(4)
+    K, n = 5000, 40
+    lw = torch.log(torch.rand(K, n, generator=g, dtype=F64)) * torch.linspace(0.5, 3.0, n, dtype=F64)
+    M = _pareto.tail_size(K)
+    tail = torch.topk(lw, M + 1, dim=0).values
+    one_row = 2 * 8 * (30 + int(math.sqrt(M))) * M
+    with _LiveBytes() as meter:
+        small = _pareto.pareto_k(tail, K, max_bytes=one_row)
+    whole = _pareto.pareto_k(tail, K, max_bytes=100 * one_row)
+    torch.testing.assert_close(small, whole, rtol=1e-12, atol=0)
+    assert torch.isfinite(whole).all()
+    assert meter.peak <= 4 * one_row + 16 * M * n, meter.peak  # a block, plus the (n, M) exceedances

@@ -152,7 +152,7 @@ def test_memory_is_bounded_by_one_chunk_whatever_k():
     rec = Recorder(fn)
     importance_log_likelihood(x, rec, k=10, generator=gen(2), memory_budget=per * 4, bytes_per_sample=per)
     assert max(rec.sizes) == 1 and max(rec.rows) == 4 and sum(rec.rows) == 6 * 10
-    # the default: the cost of a sample is measured on the first two chunks (1 and 2 samples)
+    # the default: the cost of a sample is measured on the first chunks (1, 2 and a quarter of the predicted chunk)
     rec = Recorder(fn)
     importance_log_likelihood(x, rec, k=5000, generator=gen(2), memory_budget=2**20)
     assert rec.sizes[:2] == [1, 2] and sum(rec.sizes) == 5000 and 2 < max(rec.sizes) < 5000
