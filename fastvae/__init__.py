@@ -64,13 +64,17 @@ distribution (prior= of the objectives and the evaluation functions).
 
 backend_info(device) reports which backend serves each op; set_backend(name) and
 use_backend(name) (a context manager) override the choice, as FASTVAE_BACKEND
-does at import. set_value_checks(mode) sets how argument values are checked
-for the common silent mistakes (fastvae/_value_checks.py). ThreadsWarning:
+does at import. set_compiled_nodes(name) chooses what a graph compiled on CUDA
+calls where the plans serve: "graph_ops" (the default) or "triton_op" (the
+plans' kernels as torch.library.triton_op nodes, which Inductor launches), as
+FASTVAE_COMPILED_NODES does at import; compiled_nodes() reads it.
+set_value_checks(mode) sets how argument values are checked for the common
+silent mistakes (fastvae/_value_checks.py). ThreadsWarning:
 given once, at the first call on CPU tensors, where torch was imported first
 and its OpenMP threads spin on a busy machine (fastvae/_openmp.py).
 """
 from . import _openmp, priors  # noqa: F401 (_openmp first: before anything imports torch)
-from ._backend import backend_info, set_backend, use_backend
+from ._backend import backend_info, compiled_nodes, set_backend, use_backend
 from ._openmp import ThreadsWarning
 from ._value_checks import set_value_checks
 from .distributions import DiagonalNormal, TrilNormal
@@ -136,6 +140,8 @@ __all__ = [
     "backend_info",
     "set_backend",
     "use_backend",
+    "set_compiled_nodes",
+    "compiled_nodes",
     "set_value_checks",
     "ThreadsWarning",
     "elbo",
@@ -196,3 +202,10 @@ __all__ += ["sample_concrete", "Concrete", "BinaryConcrete"]
 from .hierarchical import HierarchicalTerms, hierarchical_elbo, kl_warmup  # noqa: E402
 
 __all__ += ["hierarchical_elbo", "HierarchicalTerms", "kl_warmup"]
+
+# what a graph compiled on CUDA calls (fastvae/_triton_ops.py); FASTVAE_COMPILED_NODES=triton_op at
+# import registers the twins once every op is defined
+from ._triton_ops import set_compiled_nodes  # noqa: E402
+
+if compiled_nodes() == "triton_op":
+    set_compiled_nodes("triton_op")

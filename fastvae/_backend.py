@@ -133,6 +133,42 @@ _override: str | None = _parse(os.environ.get("FASTVAE_BACKEND"))
 _chosen: dict[str, str] = {}  # device type -> backend, valid until the override changes
 
 
+# What a compiled graph calls where the plans serve (the triton backend on CUDA):
+# "graph_ops", the ops whose implementation looks up the plan and launches it
+# (fastvae/_plan_ops.py, and each op's OP_PLANS), or "triton_op", their
+# torch.library.triton_op twins (fastvae/_triton_ops.py), which Inductor
+# launches from its generated code. Off until a GPU run measures the twins ahead.
+COMPILED_NODES = ("graph_ops", "triton_op")
+
+
+def _parse_compiled_nodes(name: str | None) -> str:
+    name = (name or "").strip().lower()
+    if not name:
+        return COMPILED_NODES[0]
+    if name not in COMPILED_NODES:
+        raise ValueError(f"FASTVAE_COMPILED_NODES={name!r} is not one of {', '.join(COMPILED_NODES)}")
+    return name
+
+
+_compiled_nodes: str = _parse_compiled_nodes(os.environ.get("FASTVAE_COMPILED_NODES"))
+
+
+def compiled_nodes() -> str:
+    """The compiled nodes in force: "graph_ops" (the default) or "triton_op"
+    (FASTVAE_COMPILED_NODES at import, or fastvae.set_compiled_nodes, which
+    fastvae/_triton_ops.py defines: it registers the twins, a layer above this one)."""
+    return _compiled_nodes
+
+
+def traced_choice() -> str:
+    """The objectives' opaque calls' ``backend`` argument, on which Dynamo
+    guards (fastvae/_opaque.py): the requested backend ("" for automatic),
+    and "+triton_op" where set_compiled_nodes chose the triton_op twins, the
+    two settings their trace depends on; either change recompiles."""
+    choice = _override or ""
+    return choice if _compiled_nodes == "graph_ops" else f"{choice}+{_compiled_nodes}"
+
+
 def requested_backend() -> str | None:
     """The override in force (FASTVAE_BACKEND at import, or set_backend); None for automatic."""
     return _override

@@ -52,8 +52,14 @@ def define(schema: str, impl, fake, cpu=None):
     return op
 
 
-_IMPLS: dict = {}  # op -> its impl, for run()
+_IMPLS: dict = {}  # op -> its impl, for run() (and the triton_op twins' bodies: fastvae/_triton_ops.py)
 _CPU_TWINS: dict = {}  # op -> (fastvae_cpu::<name>, its cpu function), for run() while tracing
+# op -> its torch.library.triton_op twin, fastvae_triton::<name> (fastvae/_triton_ops.py registers
+# them when set_compiled_nodes("triton_op") asks, or FASTVAE_COMPILED_NODES=triton_op at import)
+_TRITON_TWINS: dict = {}
+# the devices whose graphs take the triton_op twins: Inductor generates the launch of a
+# user's Triton kernel for CUDA tensors only (tests add "cpu" to trace the twins on the CPU)
+TWIN_DEVICES = ("cuda",)
 _EAGER_DEVICES = ("cpu", "cuda")
 
 
@@ -90,12 +96,31 @@ def run(op, *args):
     if _backend.compiling():
         if twin is not None and _backend.cpu_twin_serves(twin[1](*args)):
             return twin[0](*args)
-        return op(*args)
+        return graph_node(op, args)(*args)
     if args[0].device.type not in _EAGER_DEVICES:
         return op(*args)
     if twin is not None and (tensors := twin[1](*args)) is not None and _backend.torch_ops(*tensors) is not None:
         return twin[0](*args)
     return _IMPLS[op](*args)
+
+
+def graph_node(op, args: tuple):
+    """What a graph that torch.compile traces calls for ``op`` on ``args``:
+    its triton_op twin (fastvae_triton::<name>) where set_compiled_nodes
+    chose "triton_op", the op has one, its tensors are on a device of
+    TWIN_DEVICES and the triton backend serves them (the automatic choice,
+    or set_backend("triton")); else ``op`` itself. Read while tracing only:
+    Dynamo guards on the setting (one guard while it is "graph_ops"), so a
+    change recompiles. The twin's body takes the op's plan where the op's
+    implementation would, and puts ``op`` in the graph where it would not
+    (fastvae/_triton_ops.py)."""
+    if _backend._compiled_nodes != "triton_op":
+        return op
+    twin = _TRITON_TWINS.get(op)
+    if twin is None or _backend._override not in (None, "triton"):
+        return op
+    device = next((a.device for a in args if isinstance(a, Tensor)), None)
+    return twin if device is not None and device.type in TWIN_DEVICES else op
 
 
 OPAQUE: dict = {}  # name -> function, for fastvae._opaque.call

@@ -17,16 +17,24 @@ that looks up a dict and launches. The general ops' implementations, which
 the graph called before, choose a backend, lay out their inputs, plan the
 kernels' geometry and go through Triton's general launcher on every call.
 
+Under ``fastvae.set_compiled_nodes("triton_op")`` a graph traced on CUDA
+calls each op's ``torch.library.triton_op`` twin instead (``TRITON_OPS``,
+fastvae/_triton_ops.py): the same implementation, its plan's launches
+through ``wrap_triton``, so that Inductor launches the kernels from its
+generated code (``_node``, _op.graph_node).
+
 Double backward (create_graph=True) is not supported by torch.compile's AOT
 autograd; the eager plans replay the general composition for it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import _backend, _plan, _registry
+from . import _backend, _op, _plan, _registry
 from ._op import LIB
 
 _FLOATS = (torch.float32, torch.float64)
@@ -97,7 +105,7 @@ class PlannedSample(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, k, with_ratio, stop_score, z_dtype):
-        z, kl, ratio = torch.ops.fastvae.plan_sample(mu, logvar, seed, k, with_ratio, stop_score, z_dtype)
+        z, kl, ratio = _node("plan_sample", mu)(mu, logvar, seed, k, with_ratio, stop_score, z_dtype)
         ctx.save_for_backward(mu, logvar, seed)
         ctx.options = k, with_ratio, stop_score, z_dtype
         ctx.set_materialize_grads(False)
@@ -107,9 +115,9 @@ class PlannedSample(torch.autograd.Function):
     def backward(ctx, grad_z, grad_kl, grad_ratio):
         mu, logvar, seed = ctx.saved_tensors
         k, with_ratio, stop_score, z_dtype = ctx.options
-        dmu, dlogvar = torch.ops.fastvae.plan_sample_backward(mu, logvar, seed, grad_z, grad_kl,
-                                                              grad_ratio if with_ratio else None, k, with_ratio,
-                                                              stop_score, z_dtype)
+        dmu, dlogvar = _node("plan_sample_backward", mu)(mu, logvar, seed, grad_z, grad_kl,
+                                                          grad_ratio if with_ratio else None, k, with_ratio,
+                                                          stop_score, z_dtype)
         return dmu, dlogvar, None, None, None, None, None
 
 
@@ -174,12 +182,12 @@ class PlannedElboTail(torch.autograd.Function):
     def forward(ctx, x, out, kl, beta, likelihood, reduction):
         ctx.save_for_backward(x, out, kl)
         ctx.options = beta, likelihood, reduction
-        return torch.ops.fastvae.plan_elbo_tail(x, out, kl, beta, likelihood, reduction)
+        return _node("plan_elbo_tail", x)(x, out, kl, beta, likelihood, reduction)
 
     @staticmethod
     def backward(ctx, grad):
         x, out, kl = ctx.saved_tensors
-        dout, dkl = torch.ops.fastvae.plan_elbo_tail_backward(grad, x, out, kl, *ctx.options)
+        dout, dkl = _node("plan_elbo_tail_backward", x)(grad, x, out, kl, *ctx.options)
         return None, dout, dkl, None, None, None
 
 
@@ -195,7 +203,7 @@ def _iwae_tail(x: Tensor, out: Tensor, latent: Tensor, likelihood: str, reductio
 
 def _iwae_tail_fake(x, out, latent, likelihood, reduction, dreg):
     acc = _backend.accumulation_dtype(latent.dtype)
-    P = latent[0].numel()
+    P = math.prod(latent.shape[1:])  # (torch.Size.numel would specialize a symbolic batch)
     value = latent.new_empty(() if reduction != "none" else latent.shape[1:])
     return (value, torch.empty_like(latent), latent.new_empty((P,), dtype=acc), latent.new_empty((P,), dtype=acc),
             torch.empty_like(latent) if dreg else latent.new_empty((0,)))
@@ -225,8 +233,7 @@ class PlannedIwaeTail(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, out, latent, likelihood, reduction, dreg):
-        value, lw, lw_max, sumexp, scale = torch.ops.fastvae.plan_iwae_tail(x, out, latent, likelihood, reduction,
-                                                                              dreg)
+        value, lw, lw_max, sumexp, scale = _node("plan_iwae_tail", x)(x, out, latent, likelihood, reduction, dreg)
         ctx.save_for_backward(x, out, lw, lw_max, sumexp)
         ctx.options = likelihood, reduction
         ctx.mark_non_differentiable(scale)
@@ -235,7 +242,7 @@ class PlannedIwaeTail(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         x, out, lw, lw_max, sumexp = ctx.saved_tensors
-        dout, dlatent = torch.ops.fastvae.plan_iwae_tail_backward(grad, x, out, lw, lw_max, sumexp, *ctx.options)
+        dout, dlatent = _node("plan_iwae_tail_backward", x)(grad, x, out, lw, lw_max, sumexp, *ctx.options)
         return None, dout, dlatent, None, None, None
 
 
@@ -288,3 +295,14 @@ for _name, _impl, _fake in (
     LIB.impl(_name, _impl, "CPU")
     LIB.impl(_name, _impl, "CUDA")
     torch.library.register_fake(f"fastvae::{_name}", _fake, lib=LIB)
+    _op._IMPLS[getattr(torch.ops.fastvae, _name).default] = _impl  # the triton_op twin's body
+
+# The ops above, each of which gets a torch.library.triton_op twin (fastvae/_triton_ops.py: the
+# same implementation, its plan's launches through wrap_triton), as an op record's triton_ops
+TRITON_OPS = ("plan_sample", "plan_sample_backward", "plan_elbo_tail", "plan_elbo_tail_backward", "plan_iwae_tail",
+              "plan_iwae_tail_backward")
+
+
+def _node(name: str, t: Tensor):
+    """fastvae::<name>, or its triton_op twin where set_compiled_nodes chose it (_op.graph_node)."""
+    return _op.graph_node(getattr(torch.ops.fastvae, name).default, (t,))

@@ -92,6 +92,12 @@ class Op(NamedTuple):
     # (shape: a dict of those four) in a dtype (its name), which is its folder's Bench.min_bytes
     # at that problem; None: an op the model leaves out
     model_bytes: Callable | None = None
+    # the op's torch.library ops (fastvae::<name>, forward and backward) whose implementation launches
+    # from its own plans (its folder's OP_PLANS) on the triton backend: each gets a torch.library.triton_op
+    # twin fastvae_triton::<name> (fastvae/_triton_ops.py), the same implementation with the plan's
+    # launches through wrap_triton, which a compiled graph on CUDA calls under
+    # set_compiled_nodes("triton_op"); tests/test_triton_ops.py checks every one
+    triton_ops: tuple[str, ...] = ()
 
 
 class FusedTail:

@@ -729,8 +729,9 @@ def _static(count: Any) -> Any:
 def _compiled_elbo_head(x: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, beta: float, n_samples: int,
                         reduction: str, backend: str) -> tuple[Tensor, Tensor]:
     """fastvae.elbo's checks and its draw (z, kl) under torch.compile.
-    ``backend``: the requested backend ("" for automatic), unused here; an argument so that
-    Dynamo guards on it (set_backend then recompiles, as the ops choose by it)."""
+    ``backend``: the requested backend ("" for automatic) and the compiled nodes
+    (_backend.traced_choice), unused here; an argument so that Dynamo guards on
+    it (set_backend and set_compiled_nodes then recompile, as the ops choose by them)."""
     _compiled_head_checks(x, mu, logvar, likelihood, reduction)
     n = _validate.sample_count("n_samples", _static(n_samples), max(mu.numel(), x.numel()), mu)
     _validate.real("beta", beta, minimum=0.0)
@@ -832,7 +833,7 @@ def _compiled_elbo(x, mu, logvar, decode, likelihood, beta, free_bits, n_samples
     from . import _opaque  # imports torch._dynamo, which fastvae's import does not
 
     beta = float(beta)
-    head = x, mu, logvar, likelihood, beta, n_samples, reduction, _backend.requested_backend() or ""
+    head = x, mu, logvar, likelihood, beta, n_samples, reduction, _backend.traced_choice()
     if terms:
         z, kl, per_dim = _opaque.call("_compiled_elbo_terms_head", head)
     else:
@@ -863,7 +864,7 @@ def _compiled_iwae(x, mu, logvar, decode, k, likelihood, estimator, alpha, beta,
     from . import _opaque  # imports torch._dynamo, which fastvae's import does not
 
     z, kl, latent = _opaque.call("_compiled_iwae_head", (x, mu, logvar, likelihood, k, estimator, reduction,
-                                                         _backend.requested_backend() or ""))
+                                                         _backend.traced_choice()))
     _check_decode(decode)
     out = decode(z)
     dreg = estimator == "dreg"

@@ -48,7 +48,7 @@ LAYERS = {
                    "_noise", "_pareto", "_sampler"),
     "ops": OP_MODULES,
     "distributions": ("distributions", "priors", "latents"),
-    "objectives": ("_decoder", "_plan", "_plan_ops", "objectives", "evaluation", "hierarchical"),
+    "objectives": ("_decoder", "_plan", "_plan_ops", "_triton_ops", "objectives", "evaluation", "hierarchical"),
     "application": ("demo", "__init__", "__main__", "kernels.aot"),
 }
 

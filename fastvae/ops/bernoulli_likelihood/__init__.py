@@ -43,11 +43,13 @@ OPS = (
     Op("bernoulli_log_prob", ("bernoulli_log_prob_forward", "bernoulli_log_prob_backward"), _TEST,
        "bernoulli_likelihood", torch_ops=("bernoulli_log_prob",), likelihood="bernoulli",
        route="bernoulli_route", plan_tail="BernoulliTail",
+       triton_ops=("bernoulli_log_prob", "bernoulli_log_prob_backward"),
        model_bytes=lambda shape, dtype: _bench_min_bytes({**shape, "logits": dtype})),
     Op("continuous_bernoulli_log_prob",
        ("continuous_bernoulli_log_prob_forward", "continuous_bernoulli_log_prob_backward"), _TEST,
        "bernoulli_likelihood", likelihood="continuous_bernoulli",
-       route="continuous_bernoulli_route"),
+       route="continuous_bernoulli_route",
+       triton_ops=("continuous_bernoulli_log_prob", "continuous_bernoulli_log_prob_backward")),
 )
 
 

@@ -21,7 +21,8 @@ KERNELS = (
 
 OP = Op("categorical_log_prob", tuple(k.name for k in KERNELS),
         "fastvae/ops/categorical_log_prob/test_categorical_log_prob.py", "categorical_log_prob",
-        likelihood="categorical", class_dims=1)
+        likelihood="categorical", class_dims=1,
+        triton_ops=("categorical_log_prob", "categorical_log_prob_backward"))
 
 
 # -- the oracle ------------------------------------------------------------------

@@ -42,12 +42,14 @@ KERNELS = (
 _TEST = "fastvae/ops/count_log_prob/test_count_log_prob.py"
 OPS = (
     Op("poisson_log_prob", ("poisson_log_prob_forward", "poisson_log_prob_backward"), _TEST, "count_log_prob",
-       likelihood="poisson", route="poisson_route"),
+       likelihood="poisson", route="poisson_route",
+       triton_ops=("poisson_log_prob", "poisson_log_prob_backward")),
     Op("negative_binomial_log_prob", ("negative_binomial_log_prob_forward", "negative_binomial_log_prob_backward"),
        _TEST, "count_log_prob", likelihood="negative_binomial",
-       route="negative_binomial_route"),
+       route="negative_binomial_route",
+       triton_ops=("negative_binomial_log_prob", "negative_binomial_log_prob_backward")),
     Op("zinb_log_prob", ("zinb_log_prob_forward", "zinb_log_prob_backward"), _TEST, "count_log_prob",
-       likelihood="zinb", route="zinb_route"),
+       likelihood="zinb", route="zinb_route", triton_ops=("zinb_log_prob", "zinb_log_prob_backward")),
 )
 
 

@@ -29,7 +29,8 @@ KERNELS = (
 
 OP = Op("discretized_logistic_mixture_log_prob", tuple(k.name for k in KERNELS),
         "fastvae/ops/discretized_logistic_mixture_log_prob/test_discretized_logistic_mixture_log_prob.py",
-        "discretized_logistic_mixture_log_prob", double_backward="not_twice", likelihood="discretized_logistic_mixture")
+        "discretized_logistic_mixture_log_prob", double_backward="not_twice", likelihood="discretized_logistic_mixture",
+        triton_ops=("discretized_logistic_mixture_log_prob", "discretized_logistic_mixture_log_prob_backward"))
 
 
 # -- the oracle ------------------------------------------------------------------

@@ -29,7 +29,7 @@ KERNELS = (
 
 OP = Op("gaussian_log_prob", tuple(k.name for k in KERNELS), "fastvae/ops/gaussian_log_prob/test_gaussian_log_prob.py",
         "gaussian_log_prob", torch_ops=("gaussian_log_prob",), likelihood="gaussian",
-        plan_tail="GaussianTail",
+        plan_tail="GaussianTail", triton_ops=("gaussian_log_prob", "gaussian_log_prob_backward"),
         # the model's Gaussian: a fixed standard deviation, decoder outputs in the model's dtype
         model_bytes=lambda shape, dtype: _bench_min_bytes({**shape, "variance": "scale", "decoder_dtype": dtype}))
 

@@ -531,8 +531,10 @@ class GaussianTail:
         grid, meta = kern.pointwise_backward_plan(K, P, D, out_dtype, device, kern.ELEMENT, True, reduce, not iwae)
         self.lik_backward = Launch(kern._gaussian_log_prob_bwd_kernel, grid, meta)
         self.lik_backward_ints = (P, D, 2 * D, K * P, 1, 1, 1)
-        # the unit variance: the fixed (D,) log-variance 0, the same cached tensor as the general path's
-        self.unit_logvar = fixed_logvar(D, 0.0, dtype, device)
+        # the unit variance: the fixed (D,) log-variance 0, the same cached tensor as the general path's;
+        # a constant of the graph where torch.compile traces the plan (a triton_op twin's: nothing cached)
+        self.unit_logvar = (torch.zeros((D,), dtype=dtype, device=device) if _backend.compiling()
+                            else fixed_logvar(D, 0.0, dtype, device))
         grid, meta = kern.forward_plan(K, P, D, out_dtype, device, kern.DIM, False, True, reduce)
         self.unit_forward = Launch(kern._gaussian_log_prob_fwd_kernel, grid, meta)
         self.unit_ints = (P, K * P, D, D)

@@ -28,7 +28,8 @@ KERNELS = (
 )
 
 OP = Op("laplace_log_prob", tuple(k.name for k in KERNELS), "fastvae/ops/laplace_log_prob/test_laplace_log_prob.py",
-        "laplace_log_prob", torch_ops=("laplace_log_prob",), likelihood="laplace")
+        "laplace_log_prob", torch_ops=("laplace_log_prob",), likelihood="laplace",
+        triton_ops=("laplace_log_prob", "laplace_log_prob_backward"))
 
 
 # -- the oracle ------------------------------------------------------------------

@@ -35,7 +35,7 @@ KERNELS = (
 _TEST = "fastvae/ops/logmeanexp/test_logmeanexp.py"
 OPS = (
     Op("logmeanexp", ("logmeanexp_forward", "logmeanexp_backward", "logmeanexp_accumulate"), _TEST, "logmeanexp",
-       launches=(1, 2, 0), torch_ops=("logmeanexp",),
+       launches=(1, 2, 0), torch_ops=("logmeanexp",), triton_ops=("logmeanexp", "logmeanexp_backward"),
        model_bytes=lambda shape, dtype: _bench_min_bytes(shape, getattr(torch, dtype).itemsize)),
     # forward: the log-mean-exp state, then its backward kernel at gradient 1 (a ones_like)
     Op("importance_weights", ("importance_weights_backward", "logmeanexp_backward"), _TEST, "logmeanexp",

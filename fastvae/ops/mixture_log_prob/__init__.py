@@ -24,7 +24,8 @@ KERNELS = (
 )
 
 OP = Op("mixture_log_prob", tuple(k.name for k in KERNELS), "fastvae/ops/mixture_log_prob/test_mixture_log_prob.py",
-        "mixture_log_prob", launches=(1, 2, 0), double_backward="not_twice")
+        "mixture_log_prob", launches=(1, 2, 0), double_backward="not_twice",
+        triton_ops=("mixture_log_prob", "mixture_log_prob_backward"))
 
 
 # -- the oracle ------------------------------------------------------------------

@@ -123,11 +123,16 @@ KERNELS = _LS_KERNELS + _POSITIVE_KERNELS + _CONCRETE_KERNELS
 
 _TEST = "fastvae/ops/sample_family/test_sample_family.py"
 OPS = (
-    Op("sample_location_scale", tuple(k.name for k in _LS_KERNELS), _TEST, "sample_family", launches=(1, 1, 1)),
-    Op("sample_positive", tuple(k.name for k in _POSITIVE_KERNELS), _TEST, "sample_family", launches=(1, 1, 1)),
+    # the draw with log q and the ELBO's fused draw and KL, each with its backward
+    Op("sample_location_scale", tuple(k.name for k in _LS_KERNELS), _TEST, "sample_family", launches=(1, 1, 1),
+       triton_ops=("sample_location_scale", "sample_location_scale_backward", "sample_location_scale_kl",
+                   "sample_location_scale_kl_backward")),
+    Op("sample_positive", tuple(k.name for k in _POSITIVE_KERNELS), _TEST, "sample_family", launches=(1, 1, 1),
+       triton_ops=("sample_positive", "sample_positive_backward", "sample_positive_kl", "sample_positive_kl_backward")),
     # other kernels: the seed's randint and a float temperature's fill (N, L) (a tensor temperature is used as it is)
     Op("sample_concrete", tuple(k.name for k in _CONCRETE_KERNELS), _TEST, "sample_family", launches=(1, 1, 2),
-       double_backward="not_twice", other_kernels=("full",), torch_ops=("sample_concrete",)),
+       double_backward="not_twice", other_kernels=("full",), torch_ops=("sample_concrete",),
+       triton_ops=("sample_concrete", "sample_concrete_backward")),
 )
 
 

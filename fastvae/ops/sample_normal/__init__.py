@@ -33,6 +33,7 @@ OP = Op("sample_normal", tuple(k.name for k in KERNELS), "fastvae/ops/sample_nor
         # and the DReG weights' hooks on sample_normal_with_ratio's z and log-ratio (objectives._dreg_z_scale)
         # and the (mu, scale) form of a torch Normal's parameters (objectives: eager CPU ELBOs)
         torch_ops=("sample_normal", "sample_normal_of_scale", "sample_normal_with_ratio", "sample_normal_dreg_hooks"),
+        triton_ops=("sample_normal", "sample_normal_with_ratio", "sample_normal_backward"),
         model_bytes=lambda shape, dtype: _bench_min_bytes(shape, getattr(torch, dtype).itemsize))
 
 

@@ -50,7 +50,7 @@ KERNELS = (
 )
 
 OP = Op("sample_normal_kl", tuple(k.name for k in KERNELS), "fastvae/ops/sample_normal_kl/test_sample_normal_kl.py",
-        "sample_normal_kl", launches=(1, 1, 1))
+        "sample_normal_kl", launches=(1, 1, 1), triton_ops=("sample_normal_kl", "sample_normal_kl_backward"))
 
 
 # -- the oracle ------------------------------------------------------------------

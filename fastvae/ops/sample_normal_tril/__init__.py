@@ -24,7 +24,8 @@ KERNELS = (
 )
 
 OP = Op("sample_normal_tril", tuple(k.name for k in KERNELS),
-        "fastvae/ops/sample_normal_tril/test_sample_normal_tril.py", "sample_normal_tril", launches=(1, 1, 1))
+        "fastvae/ops/sample_normal_tril/test_sample_normal_tril.py", "sample_normal_tril", launches=(1, 1, 1),
+        triton_ops=("sample_normal_tril", "sample_normal_tril_backward"))
 
 
 # -- the oracle ------------------------------------------------------------------

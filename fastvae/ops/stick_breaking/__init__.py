@@ -23,7 +23,7 @@ KERNELS = (
 )
 
 OP = Op("stick_breaking", tuple(k.name for k in KERNELS), "fastvae/ops/stick_breaking/test_stick_breaking.py",
-        "stick_breaking", torch_ops=("stick_breaking",))
+        "stick_breaking", torch_ops=("stick_breaking",), triton_ops=("stick_breaking", "stick_breaking_backward"))
 
 
 # -- the oracle ------------------------------------------------------------------
