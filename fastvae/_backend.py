@@ -67,7 +67,8 @@ _is_compiling, _dispatch_mode = torch.compiler.is_compiling, torch._C._get_dispa
 # and nn.Parameter (a plain tensor marked as a module's: a learned prior's
 # location, logits learned directly). Other subclasses (FakeTensor, functorch
 # wrappers, DTensor, a user's __torch_function__) take the ops' general path.
-PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+# A tuple: torch 2.7's Dynamo cannot trace `in` on a frozenset.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def compiling() -> bool:
