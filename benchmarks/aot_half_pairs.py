@@ -16,6 +16,8 @@ import argparse
 import json
 import time
 
+import torch
+
 from fastvae.kernels import aot
 from tests.test_aot import SHAPES
 
@@ -47,8 +49,7 @@ def main(argv=None) -> dict:
         "registers_differ": sum(d != 0 for d in diff), "largest_register_difference": max(map(abs, diff), default=0),
         "most_registers": max((p[d]["registers"] or 0) for p in both for d in p),
         "seconds": time.perf_counter() - start,
-        "machine": {"cpu": common.cpu_model(), "isa": common.cpu_vector_isa(), "commit": common.git_commit(),
-                    "versions": common.versions(), "command": common.command_line()},
+        "metadata": common.metadata(torch.device("cpu")),
     }
     print(json.dumps(record, indent=1))
     if args.out:

@@ -168,11 +168,9 @@ def main(argv=None) -> dict:
         "fixed_over_adaptive_samples_reached": n_reached * fixed_k / int(adaptive.k_used[reached].sum()),
         "largest_gap_in_joint_stderr_reached": float(
             ((adaptive.log_likelihood - fixed.log_likelihood)[reached].abs() / joint).max()),
-        "machine": {"cpu": common.cpu_model(), "isa": common.cpu_vector_isa(), "threads": torch.get_num_threads(),
-                    "loadavg": common.loadavg(), "commit": common.git_commit(), "versions": common.versions(),
-                    "command": common.command_line()},
+        "metadata": common.metadata(torch.device("cpu")),
     }
-    print(json.dumps({k: v for k, v in record.items() if k != "machine"}, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k != "metadata"}, indent=1))
     out = args.out or "benchmarks/results/target_stderr-cpu.json"
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
