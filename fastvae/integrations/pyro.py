@@ -95,7 +95,6 @@ def log_likelihood(
     """
     import pyro
     from pyro import poutine
-    from pyro.infer.enum import get_importance_trace
     from pyro.poutine.util import prune_subsample_sites
 
     for name, fn in (("model", model), ("guide", guide)):
@@ -142,7 +141,7 @@ def log_likelihood(
                     return fn(*fn_args, **fn_kwargs)
             return run
 
-        mt, gt = get_importance_trace("flat", nesting + 1, vectorized(model), vectorized(guide), (d, *a), kwargs)
+        mt, gt = _importance_trace(nesting + 1, vectorized(model), vectorized(guide), (d, *a), kwargs)
         _check_sites(mt, gt, data_plate, b)
         lw = x_rep.new_zeros((n, b), dtype=torch.float64 if data.dtype == torch.float64 else torch.float32)
         for tr, sign in ((mt, 1.0), (gt, -1.0)):
@@ -168,6 +167,75 @@ def log_likelihood(
         for w in caught:
             warnings.warn(w.message, stacklevel=2)
     return out
+
+
+def _importance_trace(max_plate_nesting: int, model: Callable, guide: Callable, args: tuple, kwargs: dict):
+    """pyro.infer.enum.get_importance_trace (the guide traced, the model
+    replayed on it, each sample site's log_prob), with a Bernoulli observation
+    scored by fastvae's fused op (_fused_log_prob) before Pyro computes the
+    rest: summed over its event in one pass, without the per-pixel log_prob
+    tensor, the decoder's largest cost after its own layers."""
+    from pyro import poutine
+    from pyro.infer.enum import get_importance_trace
+    from pyro.infer.util import is_validation_enabled
+    from pyro.poutine.util import prune_subsample_sites
+    from pyro.util import check_model_guide_match, check_site_shape
+
+    if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):  # a GuideMessenger: Pyro's own path
+        return get_importance_trace("flat", max_plate_nesting, model, guide, args, kwargs)
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample" and (lp := _fused_log_prob(site)) is not None:
+            site["unscaled_log_prob"] = site["log_prob"] = lp  # compute_log_prob keeps a site's log_prob
+            site["log_prob_sum"] = lp.sum()
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    if is_validation_enabled():
+        for tr in (model_trace, guide_trace):
+            for site in tr.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, max_plate_nesting)
+    return model_trace, guide_trace
+
+
+def _fused_log_prob(site: dict) -> Tensor | None:
+    """An observed Bernoulli's log_prob, ``Independent(Bernoulli(probs= or
+    logits=), r)`` with r >= 1, by fastvae.bernoulli_log_prob's kernel: its
+    batch_shape's log-densities, as Pyro's log_prob gives them to rounding.
+    Probabilities become logits by torch.logit with Pyro's clamp (eps, 1 -
+    eps), so a saturated sigmoid scores as Pyro scores it. None (Pyro
+    computes the site) for any other site: another distribution, r = 0, a
+    mask, or data that is not a trailing slice of the parameters' shape."""
+    from pyro.distributions import Independent
+
+    from ..ops.bernoulli_likelihood.op import bernoulli_log_prob_unchecked
+
+    fn, event_dims = site["fn"], 0
+    scale = site["scale"]
+    if (not site["is_observed"] or site["mask"] is not None or site["args"] or site["kwargs"]
+            or not (isinstance(scale, (int, float)) and scale == 1)):
+        return None
+    while isinstance(fn, (Independent, torch.distributions.Independent)):
+        event_dims += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    if not isinstance(fn, torch.distributions.Bernoulli) or event_dims < 1:
+        return None
+    if "logits" in fn.__dict__:  # given as logits (a lazy property otherwise)
+        logits = fn.logits
+    else:
+        logits = torch.logit(fn.probs, eps=torch.finfo(fn.probs.dtype).eps)
+    x = site["value"]
+    if (not isinstance(x, Tensor) or x.dim() < event_dims or x.dim() > logits.dim()
+            or x.shape != logits.shape[logits.dim() - x.dim():] or not x.dtype.is_floating_point
+            or not logits.dtype.is_floating_point):
+        return None
+    if fn._validate_args:  # Pyro's log_prob checks the data against the support: so does this one
+        fn._validate_sample(x)
+    return bernoulli_log_prob_unchecked(x, logits, event_dims)
 
 
 def _plate_frame(site: dict, plate: str):
