@@ -28,8 +28,10 @@ Reported: both totals, their ratio, each run's seconds (time.perf_counter,
 under torch.no_grad, one process, the runs one after the other), the worst
 standard error of each, how many examples k-hat marks unreliable, and the
 largest gap between the two estimates in units of their joint standard
-error. A sample is one (z, x) pair through the decoder, the cost the two
-totals count.
+error, how many examples the adaptive run stopped at the target stand above
+it in the fixed run, and each example's stderr, K and k-hat in both runs. A
+sample is one (z, x) pair through the decoder, the cost the two totals
+count.
 
 Reproduce (from the repository root; needs pyro-ppl and scikit-learn):
   python -m benchmarks.target_stderr                 # T = 0.01, B = 256, CAP = 2**17
@@ -182,9 +184,15 @@ def main(argv=None) -> dict:
         "fixed_over_adaptive_samples_reached": n_reached * fixed_k / int(adaptive.k_used[reached].sum()),
         "largest_gap_in_joint_stderr_reached": float(
             ((adaptive.log_likelihood - fixed.log_likelihood)[reached].abs() / joint).max()),
+        # the examples the adaptive run stopped at the target whose stderr in the fixed run (at least
+        # as many samples) stands above it: what stopping on an estimated stderr can miss
+        "reached_above_target_in_fixed": int((reached & (fixed.stderr > target)).sum()),
+        "per_example": {"adaptive_stderr": adaptive.stderr.tolist(), "adaptive_k_used": adaptive.k_used.tolist(),
+                        "adaptive_pareto_k": adaptive.pareto_k.tolist(), "fixed_stderr": fixed.stderr.tolist(),
+                        "fixed_pareto_k": fixed.pareto_k.tolist()},
         "metadata": common.metadata(torch.device("cpu")),
     }
-    print(json.dumps({k: v for k, v in record.items() if k != "metadata"}, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k not in ("metadata", "per_example")}, indent=1))
     out = args.out or ("benchmarks/results/target_stderr-cpu.json" if args.objective == "elbo"
                        else f"benchmarks/results/target_stderr-{args.objective}-cpu.json")
     with open(out, "w") as f:
