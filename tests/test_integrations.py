@@ -268,9 +268,9 @@ def test_a_bernoulli_observation_is_scored_by_the_fused_op_as_pyro_scores_it(eve
 
 
 def test_other_observations_are_left_to_pyro():
-    """A masked observation, another distribution, and a Bernoulli without
-    to_event are scored by Pyro's log_prob, as get_importance_trace scores
-    them."""
+    """A masked observation, another distribution, a Bernoulli without
+    to_event and a subclass of Bernoulli with its own log_prob are scored by
+    Pyro's log_prob, as get_importance_trace scores them."""
     from pyro.infer.enum import get_importance_trace
 
     from fastvae.integrations import pyro as adapter
@@ -288,9 +288,18 @@ def test_other_observations_are_left_to_pyro():
         with pyro.plate("data", x.shape[0], dim=-2):
             pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 1, 1), 1.0).to_event(1))
 
+    class Tempered(dist.Bernoulli):  # a subclass with its own log_prob
+        def log_prob(self, value):
+            return 0.5 * super().log_prob(value)
+
+    def tempered(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 1), 1.0).to_event(1))
+            pyro.sample("x", Tempered(logits=z * torch.linspace(-2, 2, 7)).to_event(1), obs=x)
+
     gaussian = LinearGaussian()
     for model, guide, args in [(*masked, (x,)), (per_pixel, per_pixel_guide, (x,)),
-                               (gaussian.model, gaussian.guide, data(4))]:
+                               (tempered, masked[1], (x,)), (gaussian.model, gaussian.guide, data(4))]:
         assert all(adapter._fused_log_prob(s) is None for s in
                    pyro.poutine.trace(model).get_trace(*args).nodes.values() if s["type"] == "sample")
         with torch.no_grad():

@@ -208,9 +208,10 @@ def _fused_log_prob(site: dict) -> Tensor | None:
     batch_shape's log-densities, as Pyro's log_prob gives them to rounding.
     Probabilities become logits by torch.logit with Pyro's clamp (eps, 1 -
     eps), so a saturated sigmoid scores as Pyro scores it. None (Pyro
-    computes the site) for any other site: another distribution, r = 0, a
-    mask, or data that is not a trailing slice of the parameters' shape."""
-    from pyro.distributions import Independent
+    computes the site) for any other site: another distribution (a subclass
+    of Bernoulli too), r = 0, a mask, or data that is not a trailing slice of
+    the parameters' shape."""
+    from pyro.distributions import Bernoulli, Independent
 
     from ..ops.bernoulli_likelihood.op import bernoulli_log_prob_unchecked
 
@@ -219,10 +220,11 @@ def _fused_log_prob(site: dict) -> Tensor | None:
     if (not site["is_observed"] or site["mask"] is not None or site["args"] or site["kwargs"]
             or not (isinstance(scale, (int, float)) and scale == 1)):
         return None
-    while isinstance(fn, (Independent, torch.distributions.Independent)):
+    # exact types: a subclass may define its own log_prob
+    while type(fn) in (Independent, torch.distributions.Independent):
         event_dims += fn.reinterpreted_batch_ndims
         fn = fn.base_dist
-    if not isinstance(fn, torch.distributions.Bernoulli) or event_dims < 1:
+    if type(fn) not in (Bernoulli, torch.distributions.Bernoulli) or event_dims < 1:
         return None
     if "logits" in fn.__dict__:  # given as logits (a lazy property otherwise)
         logits = fn.logits
