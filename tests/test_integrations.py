@@ -217,8 +217,8 @@ def bernoulli_model(event_shape, given, dtype, mask=None, validate=False):
             p = torch.cat([edges.expand(p.shape[:-1] + (5,)), p[..., 5:]], -1)
             if given == "probs":
                 fn = dist.Bernoulli(probs=p, validate_args=validate)
-            else:  # logits of +-100 where the probabilities are 0 and 1
-                logits = torch.logit(p, eps=1e-12)
+            else:  # logits of +-100 where the probabilities are 0 and 1, finite in every dtype
+                logits = torch.logit(p.double(), eps=1e-12).to(dtype)
                 logits[..., :2] = torch.tensor([-100.0, 100.0], dtype=dtype)
                 fn = dist.Bernoulli(logits=logits, validate_args=validate)
             pyro.sample("x", fn.to_event(len(event_shape)), obs=x, obs_mask=mask)
