@@ -333,7 +333,12 @@ def test_the_fused_bernoulli_estimate_equals_pyros_scoring():
             pyro.sample("z", dist.Normal(x[:, :2] - 0.5, 0.8).to_event(1))
 
     x = (torch.rand(5, 9) < 0.4).float()
-    fused = log_likelihood(model, guide, x, k=300, chunk_size=64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        real = adapter._fused_log_prob
+        mp.setattr(adapter, "_fused_log_prob", lambda site: calls.append(site["name"]) or real(site))
+        fused = log_likelihood(model, guide, x, k=300, chunk_size=64, generator=torch.Generator().manual_seed(1))
+    assert calls.count("x") == 5  # one per chunk of 64 samples: the observation went through the fused op
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(adapter, "_fused_log_prob", lambda site: None)
         plain = log_likelihood(model, guide, x, k=300, chunk_size=64, generator=torch.Generator().manual_seed(1))

@@ -226,17 +226,16 @@ def _fused_log_prob(site: dict) -> Tensor | None:
         fn = fn.base_dist
     if type(fn) not in (Bernoulli, torch.distributions.Bernoulli) or event_dims < 1:
         return None
-    if "logits" in fn.__dict__:  # given as logits (a lazy property otherwise)
-        logits = fn.logits
-    else:
-        logits = torch.logit(fn.probs, eps=torch.finfo(fn.probs.dtype).eps)
+    given_logits = "logits" in fn.__dict__  # the parameter as given (the other is a lazy property)
+    param = fn.logits if given_logits else fn.probs
     x = site["value"]
-    if (not isinstance(x, Tensor) or x.dim() < event_dims or x.dim() > logits.dim()
-            or x.shape != logits.shape[logits.dim() - x.dim():] or not x.dtype.is_floating_point
-            or not logits.dtype.is_floating_point):
+    if (not isinstance(x, Tensor) or x.dim() < event_dims or x.dim() > param.dim()
+            or x.shape != param.shape[param.dim() - x.dim():] or not x.dtype.is_floating_point
+            or not param.dtype.is_floating_point):
         return None
     if fn._validate_args:  # Pyro's log_prob checks the data against the support: so does this one
         fn._validate_sample(x)
+    logits = param if given_logits else torch.logit(param, eps=torch.finfo(param.dtype).eps)
     return bernoulli_log_prob_unchecked(x, logits, event_dims)
 
 
