@@ -824,3 +824,26 @@ def test_integrations_benchmark_scvi_and_pythae_rows(tmp_path):
     assert all(r["speedup_vs_framework"] > 0 and r["peak_over_budget"] >= 0 for r in ours)
     assert all(math.isfinite(r["mean_log_px"]) for r in payload["results"])
     assert payload["memory_budget_mb"] > 0
+
+
+@pytest.mark.full  # trains a small Pyro VAE, then a dozen evaluations: about 5 s
+def test_target_stderr_benchmark_finds_a_fixed_k_that_serves_every_example(tmp_path):
+    """target_stderr --quick: the fixed K it reports brings every example the
+    adaptive run brought to the target there too, on the run of all B, and the
+    record says whether every example ended at the target."""
+    pytest.importorskip("pyro", reason="target_stderr needs pyro-ppl (pip install fastvae[integrations])")
+    pytest.importorskip("sklearn", reason="target_stderr trains on scikit-learn's digits (fastvae[demo])")
+    from benchmarks import target_stderr
+
+    record = target_stderr.main(["--quick", "--out", str(tmp_path / "target.json")])
+    per = record["per_example"]
+    reached = [s <= record["target_stderr"] and not k > 0.7  # LogLikelihoodStats.unreliable: k̂ > 0.7
+               for s, k in zip(per["adaptive_stderr"], per["adaptive_pareto_k"])]
+    assert sum(reached) == record["reached"] > 0
+    assert max(s for s, r in zip(per["fixed_stderr"], reached) if r) <= record["target_stderr"]
+    assert record["fixed"]["worst_stderr_reached"] <= record["target_stderr"]
+    assert record["fixed"]["total_samples"] == record["examples"] * record["fixed"]["k"]
+    assert record["adaptive"]["total_samples"] == sum(per["adaptive_k_used"])
+    assert record["every_example_at_target"] == (record["adaptive"]["at_target"] == record["examples"]
+                                                 and record["adaptive"]["unreliable"] == 0)
+    assert json.loads((tmp_path / "target.json").read_text())["fixed"]["k"] == record["fixed"]["k"]
