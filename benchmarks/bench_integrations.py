@@ -48,7 +48,7 @@ Monte Carlo error, not exactly (random weights: the weights are degenerate and
 the evaluation warns; the timing does not depend on it).
 
 The fastvae rows use fastvae's default memory budget (recorded as
-memory_budget_mb), against which their peak is the issue's target.
+memory_budget_mb), against which their peak is measured.
 
 Reproduce (from the repository root; needs pip install -e ".[integrations]"):
   python -m benchmarks.bench_integrations               # full run: Pyro, B=256, K=1000 and 5000, 3 repeats
